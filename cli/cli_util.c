@@ -1,0 +1,126 @@
+/* cli_util.c - error lines, progress display and number parsing for the kvtrace command. */
+#include "kvt_cli.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int kvt_cli_fail(const char *cmd, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "kvtrace %s: error: %s\n", cmd, buf);
+    return 1;
+}
+
+int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what)
+{
+    const char *m = kvt_error_msg();
+    if (m && *m)
+        return kvt_cli_fail(cmd, "%s: %s", what, m);
+    return kvt_cli_fail(cmd, "%s: %s", what, kvt_status_str(s));
+}
+
+static bool progress_enabled(void)
+{
+    const char *e = getenv("KVT_PROGRESS");
+    if (e)
+        return strcmp(e, "0") != 0;
+    return isatty(2);
+}
+
+void kvt_progress_start(kvt_progress *p, const char *label)
+{
+    p->label = label;
+    p->t0_ns = kvt_now_ns();
+    p->last_ns = 0;
+    p->shown = false;
+}
+
+void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total)
+{
+    uint64_t now = kvt_now_ns();
+    bool end = done >= total;
+    if (now - p->t0_ns < 1000000000ull && !p->shown)
+        return;
+    if (!end && p->shown && now - p->last_ns < 200000000ull)
+        return;
+    if (!progress_enabled())
+        return;
+    p->last_ns = now;
+    p->shown = true;
+    double pct = total ? 100.0 * (double)done / (double)total : 100.0;
+    fprintf(stderr, "\r%s: %llu/%llu (%.0f%%) %.1fs", p->label, (unsigned long long)done,
+            (unsigned long long)total, pct, (double)(now - p->t0_ns) * 1e-9);
+    if (end)
+        fputc('\n', stderr);
+    fflush(stderr);
+}
+
+bool kvt_cli_parse_u64(const char *s, uint64_t *out)
+{
+    if (!s || !*s || *s == '-')
+        return false;
+    errno = 0;
+    char *e = NULL;
+    unsigned long long v = strtoull(s, &e, 10);
+    unsigned long long mu = 1;
+    if (errno || e == s)
+        return false;
+    if (*e == 'k' || *e == 'K')
+        mu = 1000ull, e++;
+    else if (*e == 'M')
+        mu = 1000000ull, e++;
+    else if (*e == 'G')
+        mu = 1000000000ull, e++;
+    if (*e)
+        return false;
+    if (v > ULLONG_MAX / mu)
+        return false;
+    *out = (uint64_t)(v * mu);
+    return true;
+}
+
+bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out)
+{
+    if (!s || !*s)
+        return false;
+    errno = 0;
+    char *e = NULL;
+    long v = strtol(s, &e, 10);
+    if (errno || e == s || *e || v < lo || v > hi)
+        return false;
+    *out = (int)v;
+    return true;
+}
+
+bool kvt_cli_parse_double(const char *s, double *out)
+{
+    if (!s || !*s)
+        return false;
+    errno = 0;
+    char *e = NULL;
+    double v = strtod(s, &e);
+    if (errno || e == s || *e || v != v)
+        return false;
+    *out = v;
+    return true;
+}
+
+bool kvt_cli_wants_help(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--"))
+            break;
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help"))
+            return true;
+    }
+    return false;
+}

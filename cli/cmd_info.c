@@ -1,0 +1,224 @@
+/* cmd_info.c - `kvtrace info TRACE [--json]`: model and shape, tensors present with raw and
+ * compressed bytes and the ratio per kind, modality counts, capture metadata, and anything
+ * missing or damaged (recovered traces say what the recovery found).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_cli.h"
+#include "kvt_trace.h"
+
+static void help(void)
+{
+    printf("usage: kvtrace info TRACE [--json]\n\n"
+           "Show a trace's model and shape, the tensors it holds (layers, shape, dtype, raw and\n"
+           "compressed bytes, ratio per kind), token modality counts, capture metadata, and\n"
+           "whether the trace is complete. --json prints the same as one JSON object.\n");
+}
+
+typedef struct kind_sum {
+    uint64_t n_records, raw, comp;
+    int n_layers;
+    int32_t last_layer;
+    uint32_t heads, toks, dim;
+    kvt_dtype dtype;
+} kind_sum;
+
+static int get_int(const cJSON *o, const char *k)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(x) ? x->valueint : -1;
+}
+
+static const char *get_str(const cJSON *o, const char *k)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsString(x) ? x->valuestring : NULL;
+}
+
+int kvt_cmd_info(int argc, char **argv)
+{
+    const char *path = NULL;
+    bool json = false;
+    int rc = 1;
+    if (kvt_cli_wants_help(argc, argv)) {
+        help();
+        return 0;
+    }
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--json"))
+            json = true;
+        else if (argv[i][0] == '-' && argv[i][1])
+            return kvt_cli_fail("info", "unknown option %s", argv[i]);
+        else if (!path)
+            path = argv[i];
+        else
+            return kvt_cli_fail("info", "one trace at a time");
+    }
+    if (!path)
+        return kvt_cli_fail("info", "no trace given (usage: kvtrace info TRACE [--json])");
+
+    kvt_trace_reader *r;
+    kvt_status s = kvt_trace_reader_open(path, &r);
+    if (s != KVT_OK)
+        return kvt_cli_fail_status("info", s, path);
+    cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(r));
+    cJSON *out = cJSON_CreateObject();
+    cJSON *meta = cJSON_CreateArray();
+    if (!hdr || !out || !meta) {
+        kvt_cli_fail("info", "out of memory");
+        goto out_free;
+    }
+
+    kind_sum ks[KVT_KIND_MAX + 1];
+    memset(ks, 0, sizeof(ks));
+    uint64_t mods[4] = {0}, n_tok_mod = 0;
+    size_t n = kvt_trace_reader_n_records(r);
+    for (size_t i = 0; i < n; i++) {
+        kvt_record_info in;
+        kvt_trace_reader_record(r, i, &in);
+        if (in.kind <= 0 || in.kind > KVT_KIND_MAX)
+            continue;
+        kind_sum *k = &ks[in.kind];
+        if (k->n_records == 0 || in.layer != k->last_layer)
+            k->n_layers++;
+        k->last_layer = in.layer;
+        k->n_records++;
+        k->raw += in.raw_bytes;
+        k->comp += in.comp_bytes + 96;
+        if (in.head_end > k->heads)
+            k->heads = in.head_end;
+        if (in.tok_end > k->toks)
+            k->toks = in.tok_end;
+        k->dim = in.dim;
+        k->dtype = in.dtype;
+        if (in.kind == KVT_KIND_META_JSON) {
+            char *txt = kvt_malloc((size_t)in.raw_bytes + 1);
+            if (txt && kvt_trace_reader_read_record(r, i, txt, in.raw_bytes) == KVT_OK) {
+                txt[in.raw_bytes] = '\0';
+                cJSON *m = cJSON_Parse(txt);
+                if (m)
+                    cJSON_AddItemToArray(meta, m);
+            }
+            kvt_free(txt);
+        }
+    }
+    uint32_t th, tt, td;
+    if (kvt_trace_reader_shape(r, -1, KVT_KIND_MODALITY, &th, &tt, &td, NULL) == KVT_OK) {
+        uint8_t *m = kvt_malloc((size_t)tt);
+        if (m && kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, m, tt) ==
+                     KVT_OK) {
+            for (uint32_t t = 0; t < tt; t++)
+                mods[m[t] < 4 ? m[t] : 3]++;
+            n_tok_mod = tt;
+        }
+        kvt_free(m);
+    }
+    kvt_error_clear();
+
+    int ma, mi;
+    kvt_trace_reader_version(r, &ma, &mi);
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    uint64_t tot_raw = 0, tot_comp = 0;
+    for (int k = 1; k <= KVT_KIND_MAX; k++) {
+        tot_raw += ks[k].raw;
+        tot_comp += ks[k].comp;
+    }
+    bool recovered = kvt_trace_reader_recovered(r);
+
+    if (json) {
+        cJSON *ver = cJSON_AddArrayToObject(out, "format_version");
+        cJSON_AddItemToArray(ver, cJSON_CreateNumber(ma));
+        cJSON_AddItemToArray(ver, cJSON_CreateNumber(mi));
+        cJSON_AddStringToObject(out, "path", path);
+        cJSON_AddNumberToObject(out, "file_bytes", (double)kvt_trace_reader_file_bytes(r));
+        cJSON_AddBoolToObject(out, "complete", !recovered);
+        if (recovered)
+            cJSON_AddStringToObject(out, "recovery_note", kvt_trace_reader_recovery_note(r));
+        cJSON_AddItemToObject(out, "header", cJSON_Duplicate(hdr, 1));
+        cJSON *kinds = cJSON_AddObjectToObject(out, "tensors");
+        for (int k = 1; k <= KVT_KIND_MAX; k++) {
+            if (!ks[k].n_records)
+                continue;
+            cJSON *o = cJSON_AddObjectToObject(kinds, kvt_kind_name(k));
+            cJSON_AddNumberToObject(o, "records", (double)ks[k].n_records);
+            cJSON_AddNumberToObject(o, "layers", ks[k].n_layers);
+            cJSON *shape = cJSON_AddArrayToObject(o, "shape");
+            cJSON_AddItemToArray(shape, cJSON_CreateNumber(ks[k].heads));
+            cJSON_AddItemToArray(shape, cJSON_CreateNumber(ks[k].toks));
+            cJSON_AddItemToArray(shape, cJSON_CreateNumber(ks[k].dim));
+            cJSON_AddStringToObject(o, "dtype", kvt_dtype_name(ks[k].dtype));
+            cJSON_AddNumberToObject(o, "raw_bytes", (double)ks[k].raw);
+            cJSON_AddNumberToObject(o, "stored_bytes", (double)ks[k].comp);
+            cJSON_AddNumberToObject(o, "ratio", ks[k].comp ? (double)ks[k].raw / ks[k].comp : 0);
+        }
+        if (n_tok_mod) {
+            cJSON *mo = cJSON_AddObjectToObject(out, "modality_counts");
+            for (int m = 0; m < 4; m++)
+                cJSON_AddNumberToObject(mo, kvt_modality_name(m), (double)mods[m]);
+        }
+        cJSON_AddItemToObject(out, "metadata", meta);
+        meta = NULL;
+        char *js = cJSON_Print(out);
+        if (js)
+            printf("%s\n", js);
+        cJSON_free(js);
+        rc = 0;
+        goto out_free;
+    }
+
+    const char *name = get_str(model, "name");
+    const cJSON *eng = cJSON_GetObjectItemCaseSensitive(hdr, "engine");
+    const char *gpu = get_str(hdr, "gpu");
+    printf("trace      %s (format %d.%d, %.1f MiB)%s\n", path, ma, mi,
+           (double)kvt_trace_reader_file_bytes(r) / 1048576.0,
+           recovered ? "  ** INCOMPLETE: recovered by scanning **" : "");
+    printf("model      %s (%s)\n", name ? name : "?",
+           get_str(model, "arch") ? get_str(model, "arch") : "?");
+    printf("shape      L=%d Hq=%d Hkv=%d D=%d  T=%d W=%d G=%d  kv dtype %s\n",
+           get_int(model, "n_layers"), get_int(model, "n_q_heads"), get_int(model, "n_kv_heads"),
+           get_int(model, "head_dim"), get_int(hdr, "n_tokens"), get_int(hdr, "window"),
+           get_int(hdr, "n_decode"), get_str(hdr, "kv_dtype") ? get_str(hdr, "kv_dtype") : "?");
+    printf("engine     %s %s%s%s\n", get_str(eng, "name") ? get_str(eng, "name") : "?",
+           get_str(eng, "version") ? get_str(eng, "version") : "", gpu ? "  gpu " : "",
+           gpu ? gpu : "");
+    printf("\n%-18s %6s %9s  %-18s %-5s %12s %12s %7s\n", "tensor", "layers", "records", "shape",
+           "dtype", "raw", "stored", "ratio");
+    for (int k = 1; k <= KVT_KIND_MAX; k++) {
+        if (!ks[k].n_records)
+            continue;
+        char shape[64];
+        snprintf(shape, sizeof(shape), "[%u,%u,%u]", ks[k].heads, ks[k].toks, ks[k].dim);
+        printf("%-18s %6d %9llu  %-18s %-5s %10.2fMB %10.2fMB %6.2fx\n", kvt_kind_name(k),
+               ks[k].n_layers, (unsigned long long)ks[k].n_records, shape,
+               kvt_dtype_name(ks[k].dtype), (double)ks[k].raw / 1e6, (double)ks[k].comp / 1e6,
+               ks[k].comp ? (double)ks[k].raw / (double)ks[k].comp : 0.0);
+    }
+    printf("%-18s %6s %9zu  %-18s %-5s %10.2fMB %10.2fMB %6.2fx\n", "total", "", n, "", "",
+           (double)tot_raw / 1e6, (double)tot_comp / 1e6,
+           tot_comp ? (double)tot_raw / (double)tot_comp : 0.0);
+    if (n_tok_mod)
+        printf("\nmodality   text %llu, image %llu, video %llu, other %llu (of %llu tokens)\n",
+               (unsigned long long)mods[0], (unsigned long long)mods[1],
+               (unsigned long long)mods[2], (unsigned long long)mods[3],
+               (unsigned long long)n_tok_mod);
+    for (int i = 0; i < cJSON_GetArraySize(meta); i++) {
+        char *js = cJSON_PrintUnformatted(cJSON_GetArrayItem(meta, i));
+        if (js)
+            printf("metadata   %s\n", js);
+        cJSON_free(js);
+    }
+    if (recovered)
+        printf(
+            "\nwarning    %s\n           run 'kvtrace verify %s' for the list of what was lost\n",
+            kvt_trace_reader_recovery_note(r), path);
+    rc = 0;
+out_free:
+    cJSON_Delete(meta);
+    cJSON_Delete(out);
+    cJSON_Delete(hdr);
+    kvt_trace_reader_close(r);
+    return rc;
+}

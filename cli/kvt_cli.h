@@ -1,0 +1,42 @@
+/* kvt_cli.h - shared helpers of the kvtrace command: the subcommand table entry type, one-line
+ * error reporting, progress on stderr, and small option parsers. Only cli/ includes this.
+ */
+#ifndef KVT_CLI_H
+#define KVT_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "kvt_common.h"
+
+typedef struct kvt_cli_command {
+    const char *name;
+    const char *summary;
+    int (*run)(int argc, char **argv); /* argv[0] is the command name */
+} kvt_cli_command;
+
+/** Print "kvtrace CMD: error: MSG" (one line) to stderr; returns 1 (the exit code). */
+int kvt_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/** Same, for a failed library call: appends the status name and the library's message. */
+int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what);
+
+/** Progress on stderr: shown only once the operation has run for more than a second and
+ *  stderr is a terminal or KVT_PROGRESS=1. Call with done == total to finish the line. */
+typedef struct kvt_progress {
+    const char *label;
+    uint64_t t0_ns;
+    uint64_t last_ns;
+    bool shown;
+} kvt_progress;
+void kvt_progress_start(kvt_progress *p, const char *label);
+void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total);
+
+/** Parse a non-negative integer with optional k/M/G suffix; false on junk or overflow. */
+bool kvt_cli_parse_u64(const char *s, uint64_t *out);
+bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out);
+bool kvt_cli_parse_double(const char *s, double *out);
+
+/** true if argv contains -h or --help (before any "--"). */
+bool kvt_cli_wants_help(int argc, char **argv);
+
+#endif /* KVT_CLI_H */

@@ -1,0 +1,48 @@
+/* main.c - the kvtrace command: dispatches to one cmd_<name>.c per subcommand. Adding a
+ * command is one file plus one line in the table below.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "kvt_cli.h"
+
+int kvt_cmd_info(int argc, char **argv);
+int kvt_cmd_verify(int argc, char **argv);
+
+static const kvt_cli_command commands[] = {
+    {"info", "show a trace's model, shapes, tensors and compression", kvt_cmd_info},
+    {"verify", "check every checksum of a trace; report damaged or missing records",
+     kvt_cmd_verify},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: kvtrace <command> [options]\n\n"
+               "kvtrace records the KV cache of an inference run once and replays KV-cache\n"
+               "compression policies offline.\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        fprintf(f, "  %-16s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\n'kvtrace <command> --help' describes a command. 'kvtrace --version' prints "
+               "the version.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("kvtrace %s\n", kvt_version_string());
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (!strcmp(argv[1], commands[i].name))
+            return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "kvtrace: error: unknown command '%s' (try 'kvtrace --help')\n", argv[1]);
+    return 2;
+}

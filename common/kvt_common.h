@@ -1,0 +1,133 @@
+/* kvt_common.h - status codes, logging, checked allocation with a failure hook, dtype
+ * conversion (f16/bf16/f32), and a monotonic clock. The bottom of the kvtrace stack:
+ * depends on libc only, and every other module uses it.
+ */
+#ifndef KVT_COMMON_H
+#define KVT_COMMON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status codes: fixed numbers, never renumbered (append only) ---- */
+typedef enum kvt_status {
+    KVT_OK = 0,
+    KVT_ERR_IO = -1,           /* read/write/open failed (errno is in the message) */
+    KVT_ERR_CORRUPT = -2,      /* input bytes are not a valid trace / file */
+    KVT_ERR_VERSION = -3,      /* trace format version this reader does not know */
+    KVT_ERR_NOMEM = -4,        /* an allocation failed */
+    KVT_ERR_NO_CUDA = -5,      /* built without CUDA, or no device */
+    KVT_ERR_CUDA = -6,         /* a CUDA call failed */
+    KVT_ERR_INVALID_ARG = -7,  /* caller passed a bad argument */
+    KVT_ERR_NOT_FOUND = -8,    /* requested record / tensor / key is absent */
+    KVT_ERR_STATE = -9,        /* call out of order (e.g. append after finish) */
+    KVT_ERR_OVERFLOW = -10,    /* a size computation overflowed */
+    KVT_ERR_TRUNCATED = -11,   /* input ends early */
+    KVT_ERR_CHECKSUM = -12,    /* a checksum did not match */
+    KVT_ERR_UNSUPPORTED = -13, /* valid input, but a feature this build lacks */
+    KVT_ERR_NAN = -14,         /* NaN or Inf where a finite number is required */
+} kvt_status;
+
+/** Short constant English name of a status ("corrupt input"). Never NULL. */
+const char *kvt_status_str(kvt_status s);
+
+/* ---- error messages: the last error detail of the calling thread ---- */
+/** Record a formatted message for the calling thread and return `s` (for chaining). */
+kvt_status kvt_error_set(kvt_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/** The calling thread's last error message ("" if none). Owned by the library, valid until
+ *  the next kvt call on this thread. */
+const char *kvt_error_msg(void);
+void kvt_error_clear(void);
+
+#define KVT_RETURN_IF(cond, status, ...)                                                           \
+    do {                                                                                           \
+        if (cond)                                                                                  \
+            return kvt_error_set((status), __VA_ARGS__);                                           \
+    } while (0)
+#define KVT_FORWARD(expr)                                                                          \
+    do {                                                                                           \
+        kvt_status kvt_fwd_s_ = (expr);                                                            \
+        if (kvt_fwd_s_ != KVT_OK)                                                                  \
+            return kvt_fwd_s_;                                                                     \
+    } while (0)
+
+/* ---- logging (stderr); level from KVT_LOG=error|warn|info|debug, default warn ---- */
+typedef enum { KVT_LOG_ERROR = 0, KVT_LOG_WARN, KVT_LOG_INFO, KVT_LOG_DEBUG } kvt_log_level;
+void kvt_log(kvt_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void kvt_log_set_level(kvt_log_level lvl);
+
+/* ---- allocation with a failure hook (fault injection in tests) ---- */
+void *kvt_malloc(size_t n);
+void *kvt_calloc(size_t count, size_t size);
+void *kvt_realloc(void *p, size_t n);
+void kvt_free(void *p);
+char *kvt_strdup(const char *s);
+/** Make the n-th kvt_* allocation from now fail (1 = the next one); 0 disables. Counts all
+ *  threads. Returns the number of allocations made since the last call. For tests. */
+uint64_t kvt_alloc_fail_at(uint64_t n);
+/** true if the injected failure has fired since the last kvt_alloc_fail_at(). */
+bool kvt_alloc_fail_fired(void);
+
+/** *out = a*b; returns true on overflow (and leaves *out unspecified). */
+static inline bool kvt_mul_overflow(size_t a, size_t b, size_t *out)
+{
+    return __builtin_mul_overflow(a, b, out);
+}
+static inline bool kvt_add_overflow(size_t a, size_t b, size_t *out)
+{
+    return __builtin_add_overflow(a, b, out);
+}
+
+/* ---- dtypes: codes are part of the trace format (traces/FORMAT.md), never renumber ---- */
+typedef enum kvt_dtype {
+    KVT_DTYPE_INVALID = 0,
+    KVT_DTYPE_F16 = 1,
+    KVT_DTYPE_BF16 = 2,
+    KVT_DTYPE_F32 = 3,
+    KVT_DTYPE_I32 = 4,
+    KVT_DTYPE_U8 = 5,
+} kvt_dtype;
+
+/** Bytes per element (0 for an unknown code). */
+size_t kvt_dtype_size(kvt_dtype dt);
+/** "f16", "bf16", "f32", "i32", "u8" or NULL. */
+const char *kvt_dtype_name(kvt_dtype dt);
+/** Parse "f16"/"fp16"/"float16", "bf16"/"bfloat16", "f32"/"fp32"/"float32". */
+kvt_dtype kvt_dtype_from_name(const char *name);
+bool kvt_dtype_is_float(kvt_dtype dt);
+
+float kvt_f16_to_f32(uint16_t h);
+uint16_t kvt_f32_to_f16(float f); /* round to nearest even, Inf/NaN kept */
+float kvt_bf16_to_f32(uint16_t b);
+uint16_t kvt_f32_to_bf16(float f); /* round to nearest even, NaN kept quiet */
+
+/** Convert n elements of a float dtype to f32 (dst may not alias src). */
+kvt_status kvt_convert_to_f32(kvt_dtype src_dt, const void *src, float *dst, size_t n);
+/** Convert n f32 values to a float dtype (f16/bf16 round to nearest even). */
+kvt_status kvt_convert_from_f32(kvt_dtype dst_dt, const float *src, void *dst, size_t n);
+
+/* ---- misc ---- */
+/** "0.1.0": the library version. */
+const char *kvt_version_string(void);
+/** Monotonic time in nanoseconds. */
+uint64_t kvt_now_ns(void);
+/** Number of online CPUs (>= 1). */
+int kvt_cpu_count(void);
+
+/** Deterministic xorshift64* generator (tests, synth, random policy); never rand(). */
+typedef struct kvt_rng {
+    uint64_t s;
+} kvt_rng;
+void kvt_rng_seed(kvt_rng *r, uint64_t seed);
+uint64_t kvt_rng_u64(kvt_rng *r);
+double kvt_rng_uniform(kvt_rng *r); /* [0,1) */
+double kvt_rng_normal(kvt_rng *r);  /* standard normal (Box-Muller) */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_COMMON_H */

@@ -1,0 +1,4 @@
+kvt_add_test(test_trace_roundtrip SOURCES unit/test_trace_roundtrip.c LIBS kvt_traces LABELS cpu)
+kvt_add_test(test_trace_damage SOURCES unit/test_trace_damage.c LIBS kvt_traces LABELS cpu)
+kvt_add_script_test(test_trace_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_trace_cli.sh
+                    LABELS cpu)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# test_trace_cli.sh - the info/verify commands on a good, a truncated and a damaged trace,
+# --help and bad-input exits, and `zstd -d` decoding a .kvt file (interoperability).
+set -u
+BIN=${KVT_BIN:?}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fail=0; pass=0
+check() { if eval "$2"; then pass=$((pass+1)); else echo "FAILED: $1"; fail=$((fail+1)); fi; }
+
+for c in info verify; do
+    check "$c --help exits 0" "$BIN $c --help >/dev/null"
+    check "$c without args fails" "! $BIN $c >/dev/null 2>&1"
+done
+check "unknown command fails with one line" "[ \$($BIN nosuch 2>&1 >/dev/null | wc -l) -eq 1 ]"
+
+# A trace to work on: the unit-test writer through the synth command if present, else skip
+if ! $BIN synth --help >/dev/null 2>&1; then echo "SKIP: no synth command"; exit 77; fi
+$BIN synth --shape tiny --tokens 96 --window 8 --decode 4 --seed 1 -o "$TMP/t.kvt" 2>"$TMP/err" \
+    || { cat "$TMP/err"; echo "FAILED: synth"; exit 1; }
+check "verify on a good trace exits 0" "$BIN verify $TMP/t.kvt >/dev/null"
+check "info prints the shape" "$BIN info $TMP/t.kvt | grep -q 'L='"
+check "info --json is JSON" "$BIN info --json $TMP/t.kvt | grep -q '\"tensors\"'"
+check "nonexistent trace: one error line" \
+    "[ \$($BIN info $TMP/none.kvt 2>&1 >/dev/null | wc -l) -eq 1 ] && ! $BIN info $TMP/none.kvt 2>/dev/null"
+
+size=$(stat -c %s "$TMP/t.kvt")
+head -c $((size * 2 / 3)) "$TMP/t.kvt" > "$TMP/cut.kvt"
+check "verify on a truncated trace exits 1" "$BIN verify $TMP/cut.kvt >$TMP/v.out; [ \$? -eq 1 ]"
+check "verify says the trace was not finished" "grep -q 'not finished' $TMP/v.out"
+check "verify names missing tensors" "grep -q 'missing' $TMP/v.out"
+check "info still works on a truncated trace" "$BIN info $TMP/cut.kvt | grep -q INCOMPLETE"
+printf 'garbage garbage garbage garbage' > "$TMP/g.kvt"
+check "verify on garbage exits 2" "$BIN verify $TMP/g.kvt >/dev/null 2>&1; [ \$? -eq 2 ]"
+
+if command -v zstd >/dev/null; then
+    check "zstd -t accepts a .kvt file" "zstd -q -t $TMP/t.kvt"
+    check "zstd -d decodes a .kvt file" "zstd -q -d -c $TMP/t.kvt > $TMP/raw.bin && [ -s $TMP/raw.bin ]"
+else
+    echo "note: zstd command not installed; interoperability not checked"
+fi
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]

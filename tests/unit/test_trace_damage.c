@@ -1,0 +1,265 @@
+/* test_trace_damage.c - a trace cut at every record boundary and inside every record keeps
+ * every complete record; flipped bytes in a record header or payload are named by verify
+ * while intact records still read; bad magic, future versions, oversized lengths, malformed
+ * JSON, a trailer promising too many records and random garbage give clear errors.
+ */
+#include <zlib.h>
+
+#include "trace_test_util.h"
+
+static char path[256], cut[256];
+static uint8_t *orig;
+static size_t orig_n;
+
+typedef struct {
+    uint64_t off, comp;
+    int kind, layer;
+} rec_pos;
+static rec_pos recs[64];
+static size_t n_recs;
+static uint64_t index_off;
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* Every record still in the reader decodes, and reads back the expected layer/kind. */
+static size_t count_readable(kvt_trace_reader *r)
+{
+    size_t ok = 0;
+    for (size_t i = 0; i < kvt_trace_reader_n_records(r); i++) {
+        kvt_record_info in;
+        kvt_trace_reader_record(r, i, &in);
+        uint8_t *buf = malloc(in.raw_bytes);
+        if (kvt_trace_reader_read_record(r, i, buf, in.raw_bytes) == KVT_OK)
+            ok++;
+        free(buf);
+    }
+    return ok;
+}
+
+static void truncations(void)
+{
+    for (size_t i = 0; i <= n_recs; i++) {
+        uint64_t boundary = i < n_recs ? recs[i].off : index_off;
+        uint64_t cuts[3] = {boundary, boundary + 50, 0};
+        int n_cuts = 2;
+        if (i < n_recs)
+            cuts[n_cuts++] = recs[i].off + 96 + recs[i].comp / 2;
+        for (int c = 0; c < n_cuts; c++) {
+            if (cuts[c] > orig_n)
+                continue;
+            tt_spit(cut, orig, (size_t)cuts[c]);
+            kvt_trace_reader *r;
+            kvt_status s = kvt_trace_reader_open(cut, &r);
+            KVT_EXPECT_MSG(s == KVT_OK, "cut at %llu: %s", (unsigned long long)cuts[c],
+                           kvt_error_msg());
+            if (s != KVT_OK)
+                continue;
+            size_t want = i; /* records 0..i-1 are complete */
+            KVT_EXPECT(kvt_trace_reader_recovered(r));
+            KVT_EXPECT_MSG(kvt_trace_reader_n_records(r) == want,
+                           "cut at %llu: %zu records, want %zu", (unsigned long long)cuts[c],
+                           kvt_trace_reader_n_records(r), want);
+            KVT_EXPECT_EQ_U64(count_readable(r), want);
+            kvt_trace_reader_close(r);
+
+            kvt_verify_report rep;
+            KVT_CHECK(kvt_trace_verify(cut, &rep));
+            KVT_EXPECT(!rep.trailer_ok);
+            KVT_EXPECT_EQ_U64(rep.n_records_ok, want);
+            KVT_EXPECT_EQ_U64(rep.n_records_bad, 0);
+            KVT_EXPECT_EQ_U64(rep.tail_bytes_lost, cuts[c] - boundary);
+            KVT_EXPECT(rep.n_problems >= 1);
+            /* the layers whose tensors were lost are named */
+            if (want < n_recs) {
+                bool named = false;
+                for (size_t p = 0; p < rep.n_problems; p++)
+                    if (strstr(rep.problems[p].what, "missing"))
+                        named = true;
+                KVT_EXPECT_MSG(named || recs[want].kind == KVT_KIND_TOKEN_IDS,
+                               "cut before record %zu: verify does not say what is missing", want);
+            }
+            kvt_verify_report_free(&rep);
+        }
+    }
+    /* cuts inside the index and inside the trailer keep every record */
+    uint64_t tails[2] = {index_off + 30, orig_n - 5};
+    for (int c = 0; c < 2; c++) {
+        tt_spit(cut, orig, (size_t)tails[c]);
+        kvt_trace_reader *r;
+        KVT_CHECK(kvt_trace_reader_open(cut, &r));
+        KVT_EXPECT(kvt_trace_reader_recovered(r));
+        KVT_EXPECT_EQ_U64(count_readable(r), n_recs);
+        kvt_trace_reader_close(r);
+    }
+}
+
+static void flips(void)
+{
+    for (int where = 0; where < 2; where++) {
+        size_t k = n_recs / 2;
+        uint8_t *b = malloc(orig_n);
+        memcpy(b, orig, orig_n);
+        uint64_t off = where == 0 ? recs[k].off + 8 + 20 : recs[k].off + 96 + recs[k].comp / 2;
+        b[off] ^= 0x10;
+        tt_spit(cut, b, orig_n);
+        kvt_trace_reader *r;
+        KVT_CHECK(kvt_trace_reader_open(cut, &r));
+        KVT_EXPECT(!kvt_trace_reader_recovered(r)); /* the index is intact */
+        KVT_EXPECT_EQ_U64(count_readable(r), n_recs - 1);
+        float buf[TT_HQ * TT_T * TT_D];
+        kvt_status s = kvt_trace_reader_read(r, recs[k].layer, recs[k].kind, 0,
+                                             recs[k].kind == KVT_KIND_Q_WINDOW ? TT_HQ : TT_HKV,
+                                             KVT_DTYPE_F32, buf, sizeof(buf));
+        KVT_EXPECT_STATUS(s, KVT_ERR_CHECKSUM);
+        kvt_trace_reader_close(r);
+        kvt_verify_report rep;
+        KVT_CHECK(kvt_trace_verify(cut, &rep));
+        KVT_EXPECT_EQ_U64(rep.n_records_bad, 1);
+        KVT_EXPECT_EQ_U64(rep.n_records_ok, n_recs - 1);
+        bool named = false;
+        char want[64];
+        snprintf(want, sizeof(want), "record %zu (layer %d", k, recs[k].layer);
+        for (size_t p = 0; p < rep.n_problems; p++)
+            if (strstr(rep.problems[p].what, want))
+                named = true;
+        KVT_EXPECT_MSG(named, "verify does not name %s", want);
+        kvt_verify_report_free(&rep);
+
+        /* the same damage in an unfinished file: the scan skips it and keeps the rest */
+        tt_spit(cut, b, (size_t)index_off);
+        KVT_CHECK(kvt_trace_reader_open(cut, &r));
+        KVT_EXPECT(kvt_trace_reader_recovered(r));
+        KVT_EXPECT_EQ_U64(count_readable(r), n_recs - 1);
+        kvt_trace_reader_close(r);
+        KVT_CHECK(kvt_trace_verify(cut, &rep));
+        KVT_EXPECT_EQ_U64(rep.n_records_ok + rep.n_records_bad, where == 0 ? n_recs - 1 : n_recs);
+        kvt_verify_report_free(&rep);
+        free(b);
+    }
+}
+
+static void expect_open_fails(const uint8_t *b, size_t n, kvt_status want, const char *what)
+{
+    tt_spit(cut, b, n);
+    kvt_trace_reader *r = NULL;
+    kvt_status s = kvt_trace_reader_open(cut, &r);
+    KVT_EXPECT_MSG(s == want, "%s: got %s (%s)", what, kvt_status_str(s), kvt_error_msg());
+    KVT_EXPECT_MSG(strlen(kvt_error_msg()) > 10, "%s: no message", what);
+    if (s == KVT_OK)
+        kvt_trace_reader_close(r);
+    kvt_verify_report rep;
+    KVT_EXPECT(kvt_trace_verify(cut, &rep) == want);
+}
+
+static void hostile_headers(void)
+{
+    uint8_t *b = malloc(orig_n);
+    size_t jl = strlen(tt_header_json);
+    memcpy(b, orig, orig_n);
+    b[8] ^= 0xff;
+    expect_open_fails(b, orig_n, KVT_ERR_CORRUPT, "bad magic");
+    memcpy(b, orig, orig_n);
+    b[0] = 0x28;
+    expect_open_fails(b, orig_n, KVT_ERR_CORRUPT, "bad frame magic");
+    memcpy(b, orig, orig_n);
+    b[12] = 2; /* major version 2 */
+    expect_open_fails(b, orig_n, KVT_ERR_VERSION, "future major");
+    KVT_EXPECT(strstr(kvt_error_msg(), "upgrade") != NULL);
+    memcpy(b, orig, orig_n);
+    put32(b + 20, 0xfffffff0u); /* JSON length */
+    expect_open_fails(b, orig_n, KVT_ERR_CORRUPT, "oversized JSON length");
+    memcpy(b, orig, orig_n);
+    put32(b + 4, 0x7fffffffu); /* frame size */
+    expect_open_fails(b, orig_n, KVT_ERR_CORRUPT, "oversized frame size");
+    memcpy(b, orig, orig_n);
+    b[24] = '['; /* JSON no longer an object; fix the crc so only the JSON is wrong */
+    put32(b + 24 + jl, (uint32_t)crc32(0, b + 8, (uInt)(16 + jl)));
+    expect_open_fails(b, orig_n, KVT_ERR_CORRUPT, "malformed JSON");
+    memcpy(b, orig, orig_n);
+    b[30] ^= 1; /* JSON byte changed, crc not fixed */
+    expect_open_fails(b, orig_n, KVT_ERR_CHECKSUM, "header checksum");
+    expect_open_fails(b, 0, KVT_ERR_CORRUPT, "empty file");
+    expect_open_fails(orig, 20, KVT_ERR_CORRUPT, "20-byte file");
+
+    /* a trailer that promises more records than exist: fall back to the scan, keep all */
+    memcpy(b, orig, orig_n);
+    uint8_t *t = b + orig_n - 32;
+    put32(t + 16, (uint32_t)(n_recs + 5));
+    put32(t + 24, (uint32_t)crc32(0, t + 8, 16));
+    tt_spit(cut, b, orig_n);
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(cut, &r));
+    KVT_EXPECT(kvt_trace_reader_recovered(r));
+    KVT_EXPECT_EQ_U64(count_readable(r), n_recs);
+    kvt_trace_reader_close(r);
+
+    /* a record header claiming an enormous payload (valid crc): no crash, earlier records kept */
+    memcpy(b, orig, orig_n);
+    uint8_t *h = b + recs[2].off + 8;
+    put32(h + 48, 0xfffffff0u);
+    put32(h + 52, 0x0000ffffu);
+    put32(h + 84, (uint32_t)crc32(0, h, 84));
+    tt_spit(cut, b, (size_t)index_off);
+    KVT_CHECK(kvt_trace_reader_open(cut, &r));
+    KVT_EXPECT(kvt_trace_reader_n_records(r) >= 2);
+    KVT_EXPECT(count_readable(r) == kvt_trace_reader_n_records(r));
+    kvt_trace_reader_close(r);
+
+    /* random garbage after a valid header, and pure garbage */
+    kvt_rng rng;
+    kvt_rng_seed(&rng, 99);
+    for (int it = 0; it < 200; it++) {
+        size_t n = (size_t)(kvt_rng_u64(&rng) % orig_n);
+        memcpy(b, orig, orig_n);
+        size_t start = it % 2 ? 0 : recs[0].off;
+        for (size_t i = start; i < n; i++)
+            if (kvt_rng_u64(&rng) % 4 == 0)
+                b[i] = (uint8_t)kvt_rng_u64(&rng);
+        tt_spit(cut, b, n);
+        if (kvt_trace_reader_open(cut, &r) == KVT_OK) {
+            count_readable(r);
+            kvt_trace_reader_close(r);
+        }
+        kvt_verify_report rep;
+        if (kvt_trace_verify(cut, &rep) == KVT_OK)
+            kvt_verify_report_free(&rep);
+    }
+    free(b);
+}
+
+int main(void)
+{
+    kvt_writer_opts o = {.force = true};
+    KVT_CHECK(tt_write(kvt_test_tmp(path, sizeof(path), "dmg.kvt"), &o));
+    kvt_test_tmp(cut, sizeof(cut), "dmg_cut.kvt");
+    orig = tt_slurp(path, &orig_n);
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(path, &r));
+    n_recs = kvt_trace_reader_n_records(r);
+    KVT_EXPECT_EQ_U64(n_recs, TT_LAYERS * 3 + 1);
+    for (size_t i = 0; i < n_recs; i++) {
+        kvt_record_info in;
+        kvt_trace_reader_record(r, i, &in);
+        recs[i] = (rec_pos){in.file_offset, in.comp_bytes, in.kind, in.layer};
+        KVT_EXPECT_EQ_U64(in.seq, i);
+    }
+    index_off = recs[n_recs - 1].off + 96 + recs[n_recs - 1].comp;
+    kvt_trace_reader_close(r);
+    kvt_verify_report rep;
+    KVT_CHECK(kvt_trace_verify(path, &rep));
+    KVT_EXPECT_EQ_U64(rep.n_problems, 0);
+    KVT_EXPECT_EQ_U64(rep.n_records_ok, n_recs);
+    kvt_verify_report_free(&rep);
+
+    truncations();
+    flips();
+    hostile_headers();
+    unlink(path);
+    unlink(cut);
+    free(orig);
+    return kvt_test_result("test_trace_damage");
+}

@@ -1,0 +1,216 @@
+/* test_trace_roundtrip.c - write -> read is bit-exact for every dtype, filter, odd shapes,
+ * thread counts and record splits; identical input gives identical bytes; reading one
+ * record touches only that record's bytes; f32 conversion on read; API misuse errors.
+ */
+#include "trace_test_util.h"
+
+static char p1[256], p2[256];
+
+static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, int threads,
+                            bool no_shuffle, uint64_t max_rec)
+{
+    size_t n = (size_t)H * T * D, es = kvt_dtype_size(dt);
+    uint8_t *in = malloc(n * es), *out = malloc(n * es);
+    kvt_rng rng;
+    kvt_rng_seed(&rng, (uint64_t)dt * 31 + H * 7 + T + D);
+    for (size_t i = 0; i < n * es; i++)
+        in[i] = (uint8_t)kvt_rng_u64(&rng);
+    if (dt == KVT_DTYPE_F32 || dt == KVT_DTYPE_BF16 || dt == KVT_DTYPE_F16) {
+        /* realistic float values (random bytes would include NaNs, which are fine too,
+         * but real data is what compresses) in half of the elements */
+        for (size_t i = 0; i < n; i += 2) {
+            float f = (float)kvt_rng_normal(&rng);
+            if (dt == KVT_DTYPE_F32)
+                memcpy(in + i * 4, &f, 4);
+            else {
+                uint16_t h = dt == KVT_DTYPE_BF16 ? kvt_f32_to_bf16(f) : kvt_f32_to_f16(f);
+                memcpy(in + i * 2, &h, 2);
+            }
+        }
+    }
+    kvt_writer_opts o = {
+        .n_threads = threads, .no_shuffle = no_shuffle, .max_record_bytes = max_rec, .force = true};
+    kvt_trace_writer *w;
+    KVT_CHECK(kvt_trace_writer_create(kvt_test_tmp(p1, sizeof(p1), "rt.kvt"),
+                                      "{\"format\":\"kvtrace\"}", &o, &w));
+    kvt_record_info info = {
+        .kind = KVT_KIND_K, .layer = 0, .head_end = H, .tok_end = T, .dim = D, .dtype = dt};
+    KVT_CHECK(kvt_trace_writer_append(w, &info, in));
+    KVT_CHECK(kvt_trace_writer_finish(w));
+    kvt_trace_writer_free(w);
+
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(p1, &r));
+    KVT_EXPECT(!kvt_trace_reader_recovered(r));
+    uint32_t h2, t2, d2;
+    kvt_dtype dt2;
+    KVT_CHECK(kvt_trace_reader_shape(r, 0, KVT_KIND_K, &h2, &t2, &d2, &dt2));
+    KVT_EXPECT(h2 == H && t2 == T && d2 == D && dt2 == dt);
+    memset(out, 0xAB, n * es);
+    KVT_CHECK(kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_INVALID, out, n * es));
+    KVT_EXPECT_MSG(memcmp(in, out, n * es) == 0, "dtype %s H%u T%u D%u threads %d shuffle %d",
+                   kvt_dtype_name(dt), H, T, D, threads, !no_shuffle);
+    /* a head sub-range */
+    if (H > 2) {
+        size_t per = (size_t)T * D * es;
+        memset(out, 0, n * es);
+        KVT_CHECK(
+            kvt_trace_reader_read(r, 0, KVT_KIND_K, 1, H - 1, KVT_DTYPE_INVALID, out, n * es));
+        KVT_EXPECT(memcmp(in + per, out, per * (H - 2)) == 0);
+    }
+    /* conversion to f32 */
+    if (kvt_dtype_is_float(dt)) {
+        float *f = malloc(n * 4), *ref = malloc(n * 4);
+        KVT_CHECK(kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_F32, f, n * 4));
+        kvt_convert_to_f32(dt, in, ref, n);
+        KVT_EXPECT(memcmp(f, ref, n * 4) == 0);
+        free(f);
+        free(ref);
+    } else {
+        float f[4];
+        KVT_EXPECT_STATUS(kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_F32, f, 0),
+                          KVT_ERR_INVALID_ARG);
+    }
+    KVT_EXPECT_STATUS(
+        kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_INVALID, out, n * es - 1),
+        KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_trace_reader_read(r, 1, KVT_KIND_K, 0, H, KVT_DTYPE_INVALID, out, n * es),
+                      KVT_ERR_NOT_FOUND);
+    KVT_EXPECT_STATUS(
+        kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H + 1, KVT_DTYPE_INVALID, out, n * es * 2),
+        KVT_ERR_INVALID_ARG);
+    kvt_trace_reader_close(r);
+    unlink(p1);
+    free(in);
+    free(out);
+}
+
+static void determinism_and_threads(void)
+{
+    size_t na, nb;
+    for (int threads = 0; threads <= 4; threads++) {
+        kvt_writer_opts o = {.n_threads = threads,
+                             .force = true,
+                             .max_record_bytes = 200,
+                             .max_pending_bytes = 1000};
+        KVT_CHECK(
+            tt_write(kvt_test_tmp(threads ? p2 : p1, sizeof(p1), threads ? "b.kvt" : "a.kvt"), &o));
+        if (threads == 0)
+            continue;
+        uint8_t *a = tt_slurp(p1, &na), *b = tt_slurp(p2, &nb);
+        KVT_EXPECT_MSG(a && b && na == nb && memcmp(a, b, na) == 0,
+                       "%d threads give a different file", threads);
+        free(a);
+        free(b);
+    }
+    /* contents of the split records reassemble */
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(p2, &r));
+    KVT_EXPECT(kvt_trace_reader_n_records(r) > 3 * TT_LAYERS); /* records were split */
+    float got[TT_HQ * TT_T * TT_D];
+    size_t nkv = (size_t)TT_HKV * TT_T * TT_D;
+    for (int l = 0; l < TT_LAYERS; l++) {
+        KVT_CHECK(
+            kvt_trace_reader_read(r, l, KVT_KIND_V, 0, TT_HKV, KVT_DTYPE_F32, got, sizeof(got)));
+        int bad = 0;
+        for (size_t i = 0; i < nkv; i++)
+            if (got[i] != kvt_bf16_to_f32(kvt_f32_to_bf16(tt_value(l, KVT_KIND_V, i))))
+                bad++;
+        KVT_EXPECT_EQ_U64(bad, 0);
+        KVT_CHECK(kvt_trace_reader_read(r, l, KVT_KIND_Q_WINDOW, 0, TT_HQ, KVT_DTYPE_INVALID, got,
+                                        sizeof(got)));
+        bad = 0;
+        for (size_t i = 0; i < (size_t)TT_HQ * TT_W * TT_D; i++)
+            if (got[i] != tt_value(l, KVT_KIND_Q_WINDOW, i))
+                bad++;
+        KVT_EXPECT_EQ_U64(bad, 0);
+    }
+    kvt_trace_reader_close(r);
+    unlink(p1);
+    unlink(p2);
+}
+
+static void random_access_bytes(void)
+{
+    kvt_writer_opts o = {.force = true};
+    KVT_CHECK(tt_write(kvt_test_tmp(p1, sizeof(p1), "ra.kvt"), &o));
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(p1, &r));
+    uint64_t b0 = kvt_trace_reader_bytes_read(r);
+    /* open reads the header, the trailer and the index: nothing else */
+    size_t n = kvt_trace_reader_n_records(r);
+    uint64_t expect = 24 + strlen(tt_header_json) + 4 + 32 + 8 + 16 + 96 * n + 4;
+    KVT_EXPECT_EQ_U64(b0, expect);
+    for (size_t i = 0; i < n; i++) {
+        kvt_record_info in;
+        KVT_CHECK(kvt_trace_reader_record(r, i, &in));
+        if (in.kind != KVT_KIND_V || in.layer != 1)
+            continue;
+        float buf[TT_HKV * TT_T * TT_D];
+        KVT_CHECK(
+            kvt_trace_reader_read(r, 1, KVT_KIND_V, 0, TT_HKV, KVT_DTYPE_F32, buf, sizeof(buf)));
+        KVT_EXPECT_EQ_U64(kvt_trace_reader_bytes_read(r) - b0, 96 + in.comp_bytes);
+    }
+    kvt_trace_reader_close(r);
+    unlink(p1);
+}
+
+static void misuse(void)
+{
+    kvt_trace_writer *w;
+    kvt_writer_opts o = {.force = true};
+    kvt_test_tmp(p1, sizeof(p1), "misuse.kvt");
+    KVT_EXPECT_STATUS(kvt_trace_writer_create(p1, "[1,2]", &o, &w), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_trace_writer_create(p1, "{bad json", &o, &w), KVT_ERR_INVALID_ARG);
+    KVT_CHECK(kvt_trace_writer_create(p1, "{}", &o, &w));
+    uint8_t d[16] = {0};
+    kvt_record_info in = {.kind = KVT_KIND_K,
+                          .layer = 0,
+                          .head_end = 1,
+                          .tok_end = 0,
+                          .dim = 4,
+                          .dtype = KVT_DTYPE_F32};
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &in, d), KVT_ERR_INVALID_ARG); /* empty */
+    in.tok_end = 1;
+    in.kind = 999;
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &in, d), KVT_ERR_INVALID_ARG); /* bad kind */
+    in.kind = KVT_KIND_K;
+    in.dtype = (kvt_dtype)77;
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &in, d), KVT_ERR_INVALID_ARG); /* bad dtype */
+    in.dtype = KVT_DTYPE_F32;
+    KVT_CHECK(kvt_trace_writer_append(w, &in, d));
+    KVT_CHECK(kvt_trace_writer_finish(w));
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &in, d), KVT_ERR_STATE);
+    KVT_EXPECT_STATUS(kvt_trace_writer_finish(w), KVT_ERR_STATE);
+    kvt_trace_writer_free(w);
+    /* an existing file is not overwritten without force */
+    o.force = false;
+    KVT_EXPECT_STATUS(kvt_trace_writer_create(p1, "{}", &o, &w), KVT_ERR_IO);
+    KVT_EXPECT(strstr(kvt_error_msg(), "already exists") != NULL);
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(p1, &r)); /* and is still intact */
+    KVT_EXPECT_EQ_U64(kvt_trace_reader_n_records(r), 1);
+    kvt_trace_reader_close(r);
+    unlink(p1);
+    KVT_EXPECT_STATUS(kvt_trace_reader_open("/nonexistent/x.kvt", &r), KVT_ERR_IO);
+    KVT_EXPECT_STATUS(kvt_trace_writer_create("/nonexistent/x.kvt", "{}", &o, &w), KVT_ERR_IO);
+}
+
+int main(void)
+{
+    static const kvt_dtype dts[] = {KVT_DTYPE_F16, KVT_DTYPE_BF16, KVT_DTYPE_F32, KVT_DTYPE_I32,
+                                    KVT_DTYPE_U8};
+    for (size_t i = 0; i < 5; i++) {
+        for (int shuf = 0; shuf < 2; shuf++) {
+            roundtrip_dtype(dts[i], 4, 33, 16, 0, shuf, 0);
+            roundtrip_dtype(dts[i], 1, 1, 1, 2, shuf, 0); /* T=1, D=1 */
+            roundtrip_dtype(dts[i], 3, 1, 7, 0, shuf, 0);
+            roundtrip_dtype(dts[i], 5, 17, 3, 3, shuf, 64); /* split along tokens */
+            roundtrip_dtype(dts[i], 7, 9, 8, 1, shuf, 300); /* split along heads */
+        }
+    }
+    determinism_and_threads();
+    random_access_bytes();
+    misuse();
+    return kvt_test_result("test_trace_roundtrip");
+}

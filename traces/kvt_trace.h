@@ -1,0 +1,227 @@
+/* kvt_trace.h - the .kvt trace container: a streaming writer (thread pool, bounded memory,
+ * deterministic output) and a random-access reader with crash recovery and verification.
+ * Byte layout: traces/FORMAT.md. Sits between capture/ (which writes) and replay/ (reads).
+ *
+ * Dimension letters: L layers, Hq query heads, Hkv KV heads, T prompt tokens, W window
+ * queries, G decode steps, D head dim. A tensor record holds the rectangle
+ * [head_begin, head_end) x [tok_begin, tok_end) x D of one (layer, kind) tensor.
+ */
+#ifndef KVT_TRACE_H
+#define KVT_TRACE_H
+
+#include "kvt_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Format identity. Bump KVT_FORMAT_MAJOR on any layout-breaking change (readers reject an
+ * unknown major) and KVT_FORMAT_MINOR when adding kinds/filters (readers skip unknown kinds). */
+#define KVT_FORMAT_MAJOR      1
+#define KVT_FORMAT_MINOR      0
+#define KVT_FILE_MAGIC        0x5254564Bu /* "KVTR" as bytes on disk */
+#define KVT_REC_MAGIC         0x4352564Bu /* "KVRC" */
+#define KVT_END_MAGIC         0x4554564Bu /* "KVTE" */
+#define KVT_FRAME_HEADER      0x184D2A5Au /* zstd skippable frame magics used by kvtrace */
+#define KVT_FRAME_RECORD      0x184D2A5Bu
+#define KVT_FRAME_INDEX       0x184D2A5Du
+#define KVT_FRAME_END         0x184D2A5Fu
+#define KVT_REC_HEADER_BYTES  88u /* record header (user data of a KVT_FRAME_RECORD frame) */
+#define KVT_INDEX_ENTRY_BYTES 96u
+#define KVT_TRAILER_BYTES     32u /* whole trailer frame, the last bytes of a complete file */
+
+/* Record kinds: codes are part of the format, never renumber. */
+typedef enum kvt_kind {
+    KVT_KIND_K = 1,           /* [Hkv, T, D] post-RoPE prompt keys */
+    KVT_KIND_V = 2,           /* [Hkv, T, D] prompt values */
+    KVT_KIND_Q_WINDOW = 3,    /* [Hq, W, D] last W prompt queries, post-RoPE */
+    KVT_KIND_Q_DECODE = 4,    /* [Hq, G, D] decode-step queries */
+    KVT_KIND_K_DECODE = 5,    /* [Hkv, G, D] */
+    KVT_KIND_V_DECODE = 6,    /* [Hkv, G, D] */
+    KVT_KIND_ATTN_COLSUM = 7, /* [Hq, T, 1] f32: sum over prompt queries of causal attention */
+    KVT_KIND_Q_ALL = 8,       /* [Hq, T, D] every prompt query */
+    KVT_KIND_TOKEN_IDS = 16,  /* [1, T, 1] i32, layer -1 */
+    KVT_KIND_MODALITY = 17,   /* [1, T, 1] u8 (kvt_modality), layer -1 */
+    KVT_KIND_POSITIONS = 18,  /* [P, T, 1] i32, P = 1 or 3 (M-RoPE t/h/w), layer -1 */
+    KVT_KIND_DECODE_TOKEN_IDS = 19, /* [1, G, 1] i32, layer -1 */
+    KVT_KIND_TOKEN_TEXT = 20,       /* [1, n, 1] u8: UTF-8 strings, each NUL-terminated, layer -1 */
+    KVT_KIND_META_JSON = 32,        /* [1, n, 1] u8: a JSON object (e.g. capture stats), layer -1 */
+} kvt_kind;
+#define KVT_KIND_MAX 64
+
+/** "K", "V", "Q_window", ... or NULL for an unknown code. */
+const char *kvt_kind_name(int kind);
+/** Inverse of kvt_kind_name (case-insensitive); 0 if unknown. */
+int kvt_kind_from_name(const char *name);
+
+typedef enum kvt_modality {
+    KVT_MOD_TEXT = 0,
+    KVT_MOD_IMAGE = 1,
+    KVT_MOD_VIDEO = 2,
+    KVT_MOD_OTHER = 3,
+} kvt_modality;
+const char *kvt_modality_name(int m);
+
+typedef enum kvt_filter {
+    KVT_FILTER_NONE = 0,      /* payload is the raw little-endian elements */
+    KVT_FILTER_BYTEPLANE = 1, /* byte b of every element, for b = 0..size-1, plane after plane */
+} kvt_filter;
+
+/** Describes one record: what the writer appends and what the reader lists. */
+typedef struct kvt_record_info {
+    int kind;            /* kvt_kind */
+    int32_t layer;       /* -1 for token tables and metadata */
+    uint32_t head_begin; /* first head (or row) covered */
+    uint32_t head_end;   /* one past the last */
+    uint32_t tok_begin;  /* first token covered */
+    uint32_t tok_end;
+    uint32_t dim; /* D (1 for tables) */
+    kvt_dtype dtype;
+    /* reader-filled: */
+    kvt_filter filter;
+    uint32_t seq;         /* record number in order of append */
+    uint64_t raw_bytes;   /* payload size before compression */
+    uint64_t comp_bytes;  /* zstd frame size */
+    uint64_t file_offset; /* offset of the record's header frame */
+} kvt_record_info;
+
+/* ------------------------------------------------------------------------------------- */
+/* Writer                                                                                */
+/* ------------------------------------------------------------------------------------- */
+typedef struct kvt_trace_writer kvt_trace_writer;
+
+typedef struct kvt_writer_opts {
+    int level;                  /* zstd level, default 3 (0 = default) */
+    int n_threads;              /* compression threads; 0 = compress in the caller */
+    uint64_t max_pending_bytes; /* bound on queued + in-flight raw bytes; 0 = 256 MiB */
+    bool no_shuffle;            /* disable the byte-plane filter (for benchmarks) */
+    uint64_t max_record_bytes;  /* split tensors along heads above this; 0 = 4 MiB */
+    bool force;                 /* overwrite an existing file */
+} kvt_writer_opts;
+
+typedef struct kvt_writer_stats {
+    uint64_t n_records;
+    uint64_t raw_bytes;
+    uint64_t comp_bytes; /* payload frames only */
+    uint64_t file_bytes; /* everything written so far */
+    uint64_t stall_ns;   /* time appenders waited for queue space */
+    uint64_t peak_pending_bytes;
+} kvt_writer_stats;
+
+/** Create a trace file and write its header frame.
+ * @param path        output path; fails with KVT_ERR_IO if it exists and !opts->force.
+ * @param header_json a JSON object (see FORMAT.md §JSON header); copied.
+ * @param opts        may be NULL for defaults.
+ * @param out         receives the writer; caller frees with kvt_trace_writer_free.
+ * @return KVT_OK, KVT_ERR_IO, KVT_ERR_INVALID_ARG (not a JSON object), KVT_ERR_NOMEM. */
+kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
+                                   const kvt_writer_opts *opts, kvt_trace_writer **out);
+
+/** Append a tensor or table: `data` is the row-major [head_end-head_begin, tok_end-tok_begin,
+ *  dim] block described by `info` (filter/seq/bytes fields ignored). Copied before return;
+ *  may block while the queue is full (the wait is counted in stats.stall_ns). Large blocks
+ *  are split along heads into several records. Thread-safe.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG, KVT_ERR_NOMEM, KVT_ERR_STATE (after finish), or the
+ *         sticky error of an earlier failed write (KVT_ERR_IO...). */
+kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *info,
+                                   const void *data);
+
+/** Convenience: append a JSON object as a KVT_KIND_META_JSON record. */
+kvt_status kvt_trace_writer_append_json(kvt_trace_writer *w, const char *json);
+
+/** Wait for queued records, write the index and trailer, fsync. After it, only free. */
+kvt_status kvt_trace_writer_finish(kvt_trace_writer *w);
+
+/** Snapshot of counters (thread-safe). */
+void kvt_trace_writer_get_stats(kvt_trace_writer *w, kvt_writer_stats *out);
+
+/** Free the writer. Without a successful finish, queued records are written (if possible)
+ *  but no index/trailer is: the file is what a crash leaves, recoverable by the reader. */
+void kvt_trace_writer_free(kvt_trace_writer *w);
+
+/* ------------------------------------------------------------------------------------- */
+/* Reader                                                                                */
+/* ------------------------------------------------------------------------------------- */
+typedef struct kvt_trace_reader kvt_trace_reader;
+
+/** Open a trace: header, then the index via the trailer; without a valid trailer, recover by
+ *  a forward scan up to the last complete record (kvt_trace_reader_recovered() says so).
+ * @param out caller closes with kvt_trace_reader_close.
+ * @return KVT_OK, KVT_ERR_IO, KVT_ERR_CORRUPT (bad magic/header), KVT_ERR_VERSION. */
+kvt_status kvt_trace_reader_open(const char *path, kvt_trace_reader **out);
+void kvt_trace_reader_close(kvt_trace_reader *r);
+
+/** The JSON header text. Owned by the reader, valid until close. */
+const char *kvt_trace_reader_header_json(const kvt_trace_reader *r);
+/** Format version of the file. */
+void kvt_trace_reader_version(const kvt_trace_reader *r, int *major, int *minor);
+/** true if the trailer/index was missing or bad and records were found by scanning. */
+bool kvt_trace_reader_recovered(const kvt_trace_reader *r);
+/** A one-line reason the index could not be used ("" if not recovered). */
+const char *kvt_trace_reader_recovery_note(const kvt_trace_reader *r);
+/** File size in bytes. */
+uint64_t kvt_trace_reader_file_bytes(const kvt_trace_reader *r);
+
+size_t kvt_trace_reader_n_records(const kvt_trace_reader *r);
+/** Record i in file order (0 <= i < n_records). */
+kvt_status kvt_trace_reader_record(const kvt_trace_reader *r, size_t i, kvt_record_info *out);
+
+/** Shape of the (layer, kind) tensor assembled from all its records: n_heads = max head_end,
+ *  n_tok = max tok_end, dim, stored dtype. KVT_ERR_NOT_FOUND if there is no record. */
+kvt_status kvt_trace_reader_shape(const kvt_trace_reader *r, int32_t layer, int kind,
+                                  uint32_t *n_heads, uint32_t *n_tok, uint32_t *dim,
+                                  kvt_dtype *dtype);
+
+/** Read heads [head_begin, head_end) of (layer, kind) into dst as row-major
+ *  [heads, n_tok, dim] in `as_dtype` (KVT_DTYPE_INVALID = stored dtype; KVT_DTYPE_F32 converts
+ *  float kinds). Touches only the records that intersect the range. Thread-safe.
+ * @return KVT_OK; KVT_ERR_NOT_FOUND if (layer, kind) is absent or the range is not fully
+ *         covered; KVT_ERR_INVALID_ARG if dst_cap is too small; KVT_ERR_CORRUPT or
+ *         KVT_ERR_CHECKSUM for a damaged record; KVT_ERR_IO. */
+kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, uint32_t head_begin,
+                                 uint32_t head_end, kvt_dtype as_dtype, void *dst, size_t dst_cap);
+
+/** Read one record's decoded payload (row-major rectangle, stored dtype). */
+kvt_status kvt_trace_reader_read_record(kvt_trace_reader *r, size_t i, void *dst, size_t dst_cap);
+
+/** Bytes read from the file by this reader so far (for random-access tests). */
+uint64_t kvt_trace_reader_bytes_read(const kvt_trace_reader *r);
+
+/* ------------------------------------------------------------------------------------- */
+/* Verification                                                                          */
+/* ------------------------------------------------------------------------------------- */
+typedef struct kvt_verify_problem {
+    uint64_t file_offset;
+    int32_t seq; /* record number if known, else -1 */
+    int kind;    /* record kind if known, else 0 */
+    int32_t layer;
+    char what[200];
+} kvt_verify_problem;
+
+typedef struct kvt_verify_report {
+    bool header_ok;
+    bool trailer_ok;
+    bool index_ok;
+    uint64_t n_records_ok; /* records whose header and payload verify */
+    uint64_t n_records_bad;
+    uint64_t n_records_expected; /* from the index/trailer, 0 if unknown */
+    uint64_t tail_bytes_lost;    /* bytes after the last complete unit */
+    size_t n_problems;
+    kvt_verify_problem *problems; /* owned by the report */
+} kvt_verify_report;
+
+/** Check every header, payload checksum (decompressing each payload), the index and trailer,
+ *  and record-number gaps. Returns KVT_OK if it could run (even if damage was found; see
+ *  report), or KVT_ERR_IO / KVT_ERR_CORRUPT / KVT_ERR_VERSION if the file is not a trace. */
+kvt_status kvt_trace_verify(const char *path, kvt_verify_report *report);
+void kvt_verify_report_free(kvt_verify_report *report);
+
+/* ---- byte-plane filter (exposed for capture/ and tests) ---- */
+/** dst[b*n + i] = byte b of element i; n elements of `elem` bytes. */
+void kvt_byteplane_split(const void *src, void *dst, size_t n, size_t elem);
+void kvt_byteplane_merge(const void *src, void *dst, size_t n, size_t elem);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_TRACE_H */

@@ -1,0 +1,494 @@
+/* trace_read.c - the random-access trace reader. Opens the header, finds the index through
+ * the fixed trailer at the end of the file, and reads any (layer, kind, head range) by
+ * decompressing only the records that intersect it. A file without a valid trailer (killed
+ * capture, full disk) is recovered by a forward scan up to its last complete record.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <zstd.h>
+
+#include "trace_internal.h"
+
+struct kvt_trace_reader {
+    int fd;
+    uint64_t file_size;
+    char *json;
+    uint64_t header_end;
+    int major, minor;
+    kvt_rec_hdr *recs; /* file order */
+    size_t n_recs;
+    bool recovered;
+    char note[256];
+    _Atomic uint64_t bytes_read;
+};
+
+/* ---- index via trailer ---- */
+
+static kvt_status load_index(kvt_trace_reader *r)
+{
+    uint8_t t[KVT_TRAILER_BYTES];
+    uint64_t end = r->file_size;
+    KVT_RETURN_IF(end < r->header_end + KVT_TRAILER_BYTES + 8 + 24, KVT_ERR_TRUNCATED,
+                  "file too short for an index and trailer");
+    KVT_FORWARD(kvt_pread_full(r->fd, t, sizeof(t), end - KVT_TRAILER_BYTES));
+    r->bytes_read += sizeof(t);
+    KVT_RETURN_IF(kvt_get_u32(t) != KVT_FRAME_END || kvt_get_u32(t + 4) != 24 ||
+                      kvt_get_u32(t + 28) != KVT_END_MAGIC,
+                  KVT_ERR_TRUNCATED, "no trailer at the end of the file");
+    KVT_RETURN_IF(kvt_get_u32(t + 24) != kvt_crc32(t + 8, 16), KVT_ERR_CHECKSUM,
+                  "trailer checksum mismatch");
+    uint64_t idx_off = kvt_get_u64(t + 8), n = kvt_get_u64(t + 16);
+    uint64_t idx_end = end - KVT_TRAILER_BYTES;
+    KVT_RETURN_IF(idx_off < r->header_end || idx_off >= idx_end, KVT_ERR_CORRUPT,
+                  "trailer points outside the file");
+    KVT_RETURN_IF(n > (idx_end - idx_off) / KVT_INDEX_ENTRY_BYTES, KVT_ERR_CORRUPT,
+                  "trailer promises %llu records, more than the index can hold",
+                  (unsigned long long)n);
+    uint64_t frame = idx_end - idx_off;
+    KVT_RETURN_IF(frame != 8 + 16 + n * KVT_INDEX_ENTRY_BYTES + 4, KVT_ERR_CORRUPT,
+                  "index size does not match the trailer's record count");
+    uint8_t *b = kvt_malloc((size_t)frame);
+    KVT_RETURN_IF(!b, KVT_ERR_NOMEM, "out of memory (index)");
+    kvt_status s = kvt_pread_full(r->fd, b, (size_t)frame, idx_off);
+    if (s != KVT_OK)
+        goto out_free;
+    r->bytes_read += frame;
+    size_t body = (size_t)n * KVT_INDEX_ENTRY_BYTES;
+    if (kvt_get_u32(b) != KVT_FRAME_INDEX || kvt_get_u32(b + 4) != frame - 8 ||
+        kvt_get_u32(b + 8) != KVT_INDEX_MAGIC || kvt_get_u32(b + 12) != n ||
+        kvt_get_u32(b + 16) != KVT_INDEX_ENTRY_BYTES) {
+        s = kvt_error_set(KVT_ERR_CORRUPT, "index frame header is invalid");
+        goto out_free;
+    }
+    if (kvt_get_u32(b + 24 + body) != kvt_crc32(b + 8, 16 + body)) {
+        s = kvt_error_set(KVT_ERR_CHECKSUM, "index checksum mismatch");
+        goto out_free;
+    }
+    r->recs = kvt_calloc(n ? (size_t)n : 1, sizeof(*r->recs));
+    if (!r->recs) {
+        s = kvt_error_set(KVT_ERR_NOMEM, "out of memory (index)");
+        goto out_free;
+    }
+    uint64_t prev_end = r->header_end;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *e = b + 24 + i * KVT_INDEX_ENTRY_BYTES;
+        kvt_rec_hdr *h = &r->recs[i];
+        uint64_t off = kvt_get_u64(e);
+        s = kvt_rec_decode(e + 8, h);
+        if (s != KVT_OK)
+            goto out_recs;
+        h->info.file_offset = off;
+        if (off < prev_end || off + KVT_REC_UNIT + h->info.comp_bytes > idx_off ||
+            off + KVT_REC_UNIT + h->info.comp_bytes < off) {
+            s = kvt_error_set(KVT_ERR_CORRUPT, "index entry %zu points outside the records", i);
+            goto out_recs;
+        }
+        prev_end = off + KVT_REC_UNIT + h->info.comp_bytes;
+    }
+    r->n_recs = (size_t)n;
+    kvt_free(b);
+    return KVT_OK;
+out_recs:
+    kvt_free(r->recs);
+    r->recs = NULL;
+out_free:
+    kvt_free(b);
+    return s;
+}
+
+/* ---- recovery scan ---- */
+
+static kvt_status push_rec(kvt_rec_hdr **recs, size_t *n, size_t *cap, const kvt_rec_hdr *h)
+{
+    if (*n == *cap) {
+        size_t nc = *cap ? 2 * *cap : 64;
+        kvt_rec_hdr *nr = kvt_realloc(*recs, nc * sizeof(*nr));
+        KVT_RETURN_IF(!nr, KVT_ERR_NOMEM, "out of memory (record list)");
+        *recs = nr;
+        *cap = nc;
+    }
+    (*recs)[(*n)++] = *h;
+    return KVT_OK;
+}
+
+/* Try to parse a complete record unit at `off`. KVT_OK: *h filled, *next = end of unit. */
+static kvt_status probe_record(int fd, uint64_t size, uint64_t off, kvt_rec_hdr *h, uint64_t *next,
+                               uint64_t *bytes_read)
+{
+    uint8_t u[KVT_REC_UNIT + 4];
+    KVT_RETURN_IF(off + KVT_REC_UNIT > size, KVT_ERR_TRUNCATED, "incomplete record header");
+    KVT_FORWARD(kvt_pread_full(fd, u, KVT_REC_UNIT, off));
+    *bytes_read += KVT_REC_UNIT;
+    KVT_RETURN_IF(kvt_get_u32(u) != KVT_FRAME_RECORD || kvt_get_u32(u + 4) != KVT_REC_HEADER_BYTES,
+                  KVT_ERR_CORRUPT, "not a record frame");
+    KVT_FORWARD(kvt_rec_decode(u + KVT_SKIP_HDR, h));
+    uint64_t end = off + KVT_REC_UNIT + h->info.comp_bytes;
+    KVT_RETURN_IF(end > size || end < off, KVT_ERR_TRUNCATED, "record payload is cut short");
+    KVT_FORWARD(kvt_pread_full(fd, u, 4, off + KVT_REC_UNIT));
+    *bytes_read += 4;
+    KVT_RETURN_IF(kvt_get_u32(u) != KVT_ZSTD_MAGIC, KVT_ERR_CORRUPT,
+                  "record payload is not a zstd frame");
+    h->info.file_offset = off;
+    *next = end;
+    return KVT_OK;
+}
+
+/* Find the next offset > from where a record frame magic starts; size if none. */
+static uint64_t resync(int fd, uint64_t size, uint64_t from, uint64_t *bytes_read)
+{
+    uint8_t buf[1 << 16];
+    uint64_t pos = from;
+    while (pos + 8 <= size) {
+        size_t want = sizeof(buf);
+        if (pos + want > size)
+            want = (size_t)(size - pos);
+        if (kvt_pread_full(fd, buf, want, pos) != KVT_OK)
+            return size;
+        *bytes_read += want;
+        for (size_t i = 0; i + 8 <= want; i++)
+            if (kvt_get_u32(buf + i) == KVT_FRAME_RECORD &&
+                kvt_get_u32(buf + i + 4) == KVT_REC_HEADER_BYTES)
+                return pos + i;
+        pos += want - 7;
+    }
+    return size;
+}
+
+kvt_status kvt_trace_scan(int fd, uint64_t size, uint64_t start, kvt_rec_hdr **out, size_t *n_out,
+                          uint64_t *valid_end, uint64_t *n_skipped, uint64_t *bytes_read)
+{
+    kvt_rec_hdr *recs = NULL;
+    size_t n = 0, cap = 0;
+    uint64_t pos = start, skipped = 0;
+    *valid_end = start;
+    while (pos + 8 <= size) {
+        uint8_t sk[8];
+        if (kvt_pread_full(fd, sk, 8, pos) != KVT_OK)
+            break;
+        *bytes_read += 8;
+        uint32_t m = kvt_get_u32(sk);
+        if (m == KVT_FRAME_INDEX || m == KVT_FRAME_END)
+            break; /* reached the index of a finished file */
+        kvt_rec_hdr h;
+        uint64_t next = pos;
+        kvt_status s = probe_record(fd, size, pos, &h, &next, bytes_read);
+        if (s == KVT_OK) {
+            if (push_rec(&recs, &n, &cap, &h) != KVT_OK) {
+                kvt_free(recs);
+                return KVT_ERR_NOMEM;
+            }
+            pos = next;
+            *valid_end = next;
+            continue;
+        }
+        if (s == KVT_ERR_TRUNCATED)
+            break;
+        /* damaged unit: look for the next record frame */
+        uint64_t nx = resync(fd, size, pos + 1, bytes_read);
+        if (nx >= size)
+            break;
+        skipped++;
+        pos = nx;
+    }
+    *out = recs;
+    *n_out = n;
+    *n_skipped = skipped;
+    return KVT_OK;
+}
+
+kvt_status kvt_trace_reader_open(const char *path, kvt_trace_reader **out)
+{
+    kvt_status s;
+    *out = NULL;
+    KVT_RETURN_IF(!path, KVT_ERR_INVALID_ARG, "null path");
+    kvt_trace_reader *r = kvt_calloc(1, sizeof(*r));
+    KVT_RETURN_IF(!r, KVT_ERR_NOMEM, "out of memory");
+    r->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (r->fd < 0) {
+        s = kvt_error_set(KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+        goto out_free;
+    }
+    struct stat st;
+    if (fstat(r->fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        s = kvt_error_set(KVT_ERR_IO, "%s is not a regular file", path);
+        goto out_close;
+    }
+    r->file_size = (uint64_t)st.st_size;
+    uint64_t br = 0;
+    s = kvt_read_file_header(r->fd, r->file_size, &r->json, &r->header_end, &r->major, &r->minor,
+                             &br);
+    r->bytes_read += br;
+    if (s != KVT_OK) {
+        kvt_error_set(s, "%s: %s", path, kvt_error_msg());
+        goto out_close;
+    }
+    s = load_index(r);
+    if (s == KVT_ERR_NOMEM)
+        goto out_json;
+    if (s != KVT_OK) {
+        snprintf(r->note, sizeof(r->note), "%s; records recovered by scanning", kvt_error_msg());
+        r->recovered = true;
+        uint64_t valid_end, skipped;
+        br = 0;
+        s = kvt_trace_scan(r->fd, r->file_size, r->header_end, &r->recs, &r->n_recs, &valid_end,
+                           &skipped, &br);
+        r->bytes_read += br;
+        if (s != KVT_OK) {
+            kvt_error_set(s, "out of memory scanning %s", path);
+            goto out_json;
+        }
+    }
+    kvt_error_clear();
+    *out = r;
+    return KVT_OK;
+out_json:
+    kvt_free(r->json);
+out_close:
+    close(r->fd);
+out_free:
+    kvt_free(r);
+    return s;
+}
+
+void kvt_trace_reader_close(kvt_trace_reader *r)
+{
+    if (!r)
+        return;
+    close(r->fd);
+    kvt_free(r->json);
+    kvt_free(r->recs);
+    kvt_free(r);
+}
+
+const char *kvt_trace_reader_header_json(const kvt_trace_reader *r)
+{
+    return r->json;
+}
+
+void kvt_trace_reader_version(const kvt_trace_reader *r, int *major, int *minor)
+{
+    *major = r->major;
+    *minor = r->minor;
+}
+
+bool kvt_trace_reader_recovered(const kvt_trace_reader *r)
+{
+    return r->recovered;
+}
+
+const char *kvt_trace_reader_recovery_note(const kvt_trace_reader *r)
+{
+    return r->recovered ? r->note : "";
+}
+
+uint64_t kvt_trace_reader_file_bytes(const kvt_trace_reader *r)
+{
+    return r->file_size;
+}
+
+size_t kvt_trace_reader_n_records(const kvt_trace_reader *r)
+{
+    return r->n_recs;
+}
+
+int kvt_trace_reader_fd_(const kvt_trace_reader *r)
+{
+    return r->fd;
+}
+
+uint64_t kvt_trace_reader_header_end_(const kvt_trace_reader *r)
+{
+    return r->header_end;
+}
+
+const kvt_rec_hdr *kvt_trace_reader_recs_(const kvt_trace_reader *r)
+{
+    return r->recs;
+}
+
+uint64_t kvt_trace_reader_bytes_read(const kvt_trace_reader *r)
+{
+    return r->bytes_read;
+}
+
+kvt_status kvt_trace_reader_record(const kvt_trace_reader *r, size_t i, kvt_record_info *out)
+{
+    KVT_RETURN_IF(i >= r->n_recs, KVT_ERR_INVALID_ARG, "record %zu out of range", i);
+    *out = r->recs[i].info;
+    return KVT_OK;
+}
+
+kvt_status kvt_trace_reader_shape(const kvt_trace_reader *r, int32_t layer, int kind,
+                                  uint32_t *n_heads, uint32_t *n_tok, uint32_t *dim,
+                                  kvt_dtype *dtype)
+{
+    uint32_t h = 0, t = 0, d = 0;
+    kvt_dtype dt = KVT_DTYPE_INVALID;
+    bool found = false;
+    for (size_t i = 0; i < r->n_recs; i++) {
+        const kvt_record_info *in = &r->recs[i].info;
+        if (in->layer != layer || in->kind != kind)
+            continue;
+        if (found && (in->dim != d || in->dtype != dt))
+            return kvt_error_set(KVT_ERR_CORRUPT, "records of layer %d %s disagree on shape",
+                                 (int)layer, kvt_kind_name(kind));
+        found = true;
+        d = in->dim;
+        dt = in->dtype;
+        if (in->head_end > h)
+            h = in->head_end;
+        if (in->tok_end > t)
+            t = in->tok_end;
+    }
+    if (!found)
+        return kvt_error_set(KVT_ERR_NOT_FOUND, "the trace has no %s for layer %d",
+                             kvt_kind_name(kind) ? kvt_kind_name(kind) : "record", (int)layer);
+    if (n_heads)
+        *n_heads = h;
+    if (n_tok)
+        *n_tok = t;
+    if (dim)
+        *dim = d;
+    if (dtype)
+        *dtype = dt;
+    return KVT_OK;
+}
+
+/* Read, check and decode the record described by h into a fresh buffer (caller frees). The
+ * on-disk header must agree with h (the index copy), the payload crc must match, and the zstd
+ * frame must decode (its own content checksum included) to exactly raw_bytes. */
+kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uint64_t *bytes_read)
+{
+    const kvt_record_info *in = &h->info;
+    kvt_status s;
+    *out = NULL;
+    size_t unit = KVT_REC_UNIT + (size_t)in->comp_bytes;
+    KVT_RETURN_IF(in->filter != KVT_FILTER_NONE && in->filter != KVT_FILTER_BYTEPLANE,
+                  KVT_ERR_UNSUPPORTED, "record %u uses unknown filter %d (newer kvtrace?)",
+                  (unsigned)in->seq, (int)in->filter);
+    uint8_t *buf = kvt_malloc(unit);
+    KVT_RETURN_IF(!buf, KVT_ERR_NOMEM, "out of memory reading a record");
+    uint8_t *raw = kvt_malloc((size_t)in->raw_bytes);
+    uint8_t *tmp = in->filter == KVT_FILTER_BYTEPLANE ? kvt_malloc((size_t)in->raw_bytes) : NULL;
+    if (!raw || (in->filter == KVT_FILTER_BYTEPLANE && !tmp)) {
+        s = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading a record");
+        goto out_free;
+    }
+    s = kvt_pread_full(fd, buf, unit, in->file_offset);
+    if (s != KVT_OK)
+        goto out_free;
+    *bytes_read += unit;
+    kvt_rec_hdr disk;
+    if (kvt_get_u32(buf) != KVT_FRAME_RECORD ||
+        kvt_rec_decode(buf + KVT_SKIP_HDR, &disk) != KVT_OK || disk.info.seq != in->seq ||
+        disk.payload_crc != h->payload_crc || disk.info.comp_bytes != in->comp_bytes) {
+        s = kvt_error_set(KVT_ERR_CHECKSUM, "record %u (layer %d %s): damaged record header",
+                          (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind));
+        goto out_free;
+    }
+    if (kvt_crc32(buf + KVT_REC_UNIT, (size_t)in->comp_bytes) != h->payload_crc) {
+        s = kvt_error_set(KVT_ERR_CHECKSUM, "record %u (layer %d %s): payload checksum mismatch",
+                          (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind));
+        goto out_free;
+    }
+    uint8_t *dst = tmp ? tmp : raw;
+    size_t got =
+        ZSTD_decompress(dst, (size_t)in->raw_bytes, buf + KVT_REC_UNIT, (size_t)in->comp_bytes);
+    if (ZSTD_isError(got) || got != in->raw_bytes) {
+        s = kvt_error_set(KVT_ERR_CORRUPT, "record %u (layer %d %s): payload does not decode: %s",
+                          (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind),
+                          ZSTD_isError(got) ? ZSTD_getErrorName(got) : "wrong size");
+        goto out_free;
+    }
+    if (tmp) {
+        size_t es = kvt_dtype_size(in->dtype);
+        kvt_byteplane_merge(tmp, raw, (size_t)in->raw_bytes / es, es);
+    }
+    kvt_free(tmp);
+    kvt_free(buf);
+    *out = raw;
+    return KVT_OK;
+out_free:
+    kvt_free(tmp);
+    kvt_free(raw);
+    kvt_free(buf);
+    return s;
+}
+
+static kvt_status decode_record(kvt_trace_reader *r, size_t i, uint8_t **out)
+{
+    uint64_t br = 0;
+    kvt_status s = kvt_record_decode_at(r->fd, &r->recs[i], out, &br);
+    r->bytes_read += br;
+    return s;
+}
+
+kvt_status kvt_trace_reader_read_record(kvt_trace_reader *r, size_t i, void *dst, size_t dst_cap)
+{
+    KVT_RETURN_IF(i >= r->n_recs, KVT_ERR_INVALID_ARG, "record %zu out of range", i);
+    KVT_RETURN_IF(dst_cap < r->recs[i].info.raw_bytes, KVT_ERR_INVALID_ARG,
+                  "buffer too small for record %zu", i);
+    uint8_t *raw;
+    KVT_FORWARD(decode_record(r, i, &raw));
+    memcpy(dst, raw, (size_t)r->recs[i].info.raw_bytes);
+    kvt_free(raw);
+    return KVT_OK;
+}
+
+kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, uint32_t head_begin,
+                                 uint32_t head_end, kvt_dtype as_dtype, void *dst, size_t dst_cap)
+{
+    uint32_t H, T, D;
+    kvt_dtype st;
+    KVT_RETURN_IF(!r || !dst, KVT_ERR_INVALID_ARG, "null argument");
+    KVT_FORWARD(kvt_trace_reader_shape(r, layer, kind, &H, &T, &D, &st));
+    KVT_RETURN_IF(head_end <= head_begin || head_end > H, KVT_ERR_INVALID_ARG,
+                  "heads [%u,%u) out of range for layer %d %s (%u heads)", head_begin, head_end,
+                  (int)layer, kvt_kind_name(kind), H);
+    kvt_dtype out_dt = as_dtype == KVT_DTYPE_INVALID ? st : as_dtype;
+    KVT_RETURN_IF(out_dt != st && !(out_dt == KVT_DTYPE_F32 && kvt_dtype_is_float(st)),
+                  KVT_ERR_INVALID_ARG, "cannot read %s data as %s", kvt_dtype_name(st),
+                  kvt_dtype_name(out_dt));
+    size_t oes = kvt_dtype_size(out_dt), need;
+    KVT_RETURN_IF(kvt_mul_overflow((size_t)(head_end - head_begin) * T, (size_t)D * oes, &need),
+                  KVT_ERR_OVERFLOW, "tensor size overflows");
+    KVT_RETURN_IF(dst_cap < need, KVT_ERR_INVALID_ARG,
+                  "buffer of %zu bytes too small for %zu bytes", dst_cap, need);
+    size_t ies = kvt_dtype_size(st);
+    uint64_t covered = 0;
+    uint8_t *out = dst;
+    for (size_t i = 0; i < r->n_recs; i++) {
+        const kvt_record_info *in = &r->recs[i].info;
+        if (in->layer != layer || in->kind != kind || in->head_end <= head_begin ||
+            in->head_begin >= head_end)
+            continue;
+        uint8_t *raw;
+        KVT_FORWARD(decode_record(r, i, &raw));
+        uint32_t h0 = in->head_begin > head_begin ? in->head_begin : head_begin;
+        uint32_t h1 = in->head_end < head_end ? in->head_end : head_end;
+        size_t nt = in->tok_end - in->tok_begin;
+        for (uint32_t h = h0; h < h1; h++) {
+            const uint8_t *src = raw + (size_t)(h - in->head_begin) * nt * D * ies;
+            uint8_t *d = out + (((size_t)(h - head_begin) * T + in->tok_begin) * D) * oes;
+            if (out_dt == st)
+                memcpy(d, src, nt * D * ies);
+            else
+                kvt_convert_to_f32(st, src, (float *)(void *)d, nt * D);
+        }
+        covered += (uint64_t)(h1 - h0) * nt;
+        kvt_free(raw);
+    }
+    uint64_t want = (uint64_t)(head_end - head_begin) * T;
+    KVT_RETURN_IF(covered != want, covered < want ? KVT_ERR_NOT_FOUND : KVT_ERR_CORRUPT,
+                  "layer %d %s heads [%u,%u): records cover %llu of %llu token rows%s", (int)layer,
+                  kvt_kind_name(kind), head_begin, head_end, (unsigned long long)covered,
+                  (unsigned long long)want,
+                  covered < want ? " (records missing)" : " (overlapping records)");
+    return KVT_OK;
+}

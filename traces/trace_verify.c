@@ -1,0 +1,191 @@
+/* trace_verify.c - `kvtrace verify`: checks every record header and payload checksum
+ * (decompressing each payload), the index and trailer, record-number gaps, damaged regions
+ * and the tensors the JSON header promises, and describes each problem in one line.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "trace_internal.h"
+
+static kvt_status add_problem(kvt_verify_report *rep, size_t *cap, uint64_t off, int32_t seq,
+                              int kind, int32_t layer, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
+
+static kvt_status add_problem(kvt_verify_report *rep, size_t *cap, uint64_t off, int32_t seq,
+                              int kind, int32_t layer, const char *fmt, ...)
+{
+    if (rep->n_problems == *cap) {
+        size_t nc = *cap ? 2 * *cap : 16;
+        kvt_verify_problem *np = kvt_realloc(rep->problems, nc * sizeof(*np));
+        KVT_RETURN_IF(!np, KVT_ERR_NOMEM, "out of memory");
+        rep->problems = np;
+        *cap = nc;
+    }
+    kvt_verify_problem *p = &rep->problems[rep->n_problems++];
+    p->file_offset = off;
+    p->seq = seq;
+    p->kind = kind;
+    p->layer = layer;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->what, sizeof(p->what), fmt, ap);
+    va_end(ap);
+    return KVT_OK;
+}
+
+static int json_int(const cJSON *o, const char *a, const char *b, int dflt)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, a);
+    if (b)
+        x = cJSON_GetObjectItemCaseSensitive(x, b);
+    return cJSON_IsNumber(x) ? x->valueint : dflt;
+}
+
+/* Check that every layer the header promises has K, V and Q_window, fully covered. */
+static kvt_status check_promised(kvt_trace_reader *r, kvt_verify_report *rep, size_t *cap)
+{
+    cJSON *root = cJSON_Parse(kvt_trace_reader_header_json(r));
+    if (!root)
+        return KVT_OK;
+    int L = json_int(root, "model", "n_layers", 0);
+    int hkv = json_int(root, "model", "n_kv_heads", 0);
+    int hq = json_int(root, "model", "n_q_heads", 0);
+    int T = json_int(root, "n_tokens", NULL, 0);
+    kvt_status s = KVT_OK;
+    static const int kinds[] = {KVT_KIND_K, KVT_KIND_V, KVT_KIND_Q_WINDOW};
+    for (int l = 0; l < L && l < 100000 && s == KVT_OK; l++) {
+        for (size_t k = 0; k < 3 && s == KVT_OK; k++) {
+            uint32_t H, Tt, D;
+            int want_h = kinds[k] == KVT_KIND_Q_WINDOW ? hq : hkv;
+            if (kvt_trace_reader_shape(r, l, kinds[k], &H, &Tt, &D, NULL) != KVT_OK)
+                s = add_problem(rep, cap, 0, -1, kinds[k], l, "layer %d %s: missing", l,
+                                kvt_kind_name(kinds[k]));
+            else if ((want_h > 0 && H != (uint32_t)want_h) ||
+                     (kinds[k] != KVT_KIND_Q_WINDOW && T > 0 && Tt != (uint32_t)T))
+                s = add_problem(rep, cap, 0, -1, kinds[k], l,
+                                "layer %d %s: has %u heads x %u tokens, header promises %d x %d", l,
+                                kvt_kind_name(kinds[k]), H, Tt, want_h,
+                                kinds[k] == KVT_KIND_Q_WINDOW ? (int)Tt : T);
+        }
+    }
+    cJSON_Delete(root);
+    kvt_error_clear();
+    return s;
+}
+
+kvt_status kvt_trace_verify(const char *path, kvt_verify_report *rep)
+{
+    memset(rep, 0, sizeof(*rep));
+    size_t cap = 0;
+    kvt_trace_reader *r;
+    KVT_FORWARD(kvt_trace_reader_open(path, &r));
+    rep->header_ok = true;
+    int fd = kvt_trace_reader_fd_(r);
+    uint64_t size = kvt_trace_reader_file_bytes(r);
+    uint64_t br = 0;
+    kvt_status s = KVT_OK;
+    const kvt_rec_hdr *recs = kvt_trace_reader_recs_(r);
+    size_t n = kvt_trace_reader_n_records(r);
+    kvt_rec_hdr *scanned = NULL;
+    size_t n_scanned = 0;
+    uint64_t valid_end = 0, skipped = 0;
+
+    if (!kvt_trace_reader_recovered(r)) {
+        rep->trailer_ok = true;
+        rep->index_ok = true;
+        rep->n_records_expected = n;
+    } else {
+        s = add_problem(rep, &cap, size, -1, 0, -1,
+                        "no valid index: %s (the trace was not finished: capture killed or "
+                        "disk full?)",
+                        kvt_trace_reader_recovery_note(r));
+        if (s != KVT_OK)
+            goto out;
+        s = kvt_trace_scan(fd, size, kvt_trace_reader_header_end_(r), &scanned, &n_scanned,
+                           &valid_end, &skipped, &br);
+        if (s != KVT_OK)
+            goto out;
+        if (skipped)
+            s = add_problem(rep, &cap, 0, -1, 0, -1,
+                            "%llu damaged region(s) skipped while scanning (unreadable record "
+                            "headers)",
+                            (unsigned long long)skipped);
+        if (s == KVT_OK && valid_end < size) {
+            rep->tail_bytes_lost = size - valid_end;
+            s = add_problem(rep, &cap, valid_end, -1, 0, -1,
+                            "last %llu bytes (from offset %llu) are an incomplete record: lost",
+                            (unsigned long long)(size - valid_end), (unsigned long long)valid_end);
+        }
+        if (s != KVT_OK)
+            goto out;
+    }
+
+    /* every record: header agreement, payload checksum, decompression */
+    uint32_t max_seq = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *raw;
+        const kvt_record_info *in = &recs[i].info;
+        if (in->seq > max_seq)
+            max_seq = in->seq;
+        kvt_status cs = kvt_record_decode_at(fd, &recs[i], &raw, &br);
+        if (cs == KVT_OK) {
+            kvt_free(raw);
+            rep->n_records_ok++;
+            continue;
+        }
+        if (cs == KVT_ERR_NOMEM) {
+            s = cs;
+            goto out;
+        }
+        rep->n_records_bad++;
+        s = add_problem(rep, &cap, in->file_offset, (int32_t)in->seq, in->kind, in->layer, "%s",
+                        kvt_error_msg());
+        if (s != KVT_OK)
+            goto out;
+    }
+    /* record numbers are 0..n-1 in a complete trace: name the gaps */
+    if (n > 0) {
+        uint8_t *seen = kvt_calloc((size_t)max_seq + 1, 1);
+        if (!seen) {
+            s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        for (size_t i = 0; i < n; i++)
+            seen[recs[i].info.seq] = 1;
+        for (uint32_t q = 0; q <= max_seq && s == KVT_OK; q++) {
+            if (seen[q])
+                continue;
+            uint32_t e = q;
+            while (e + 1 <= max_seq && !seen[e + 1])
+                e++;
+            s = add_problem(rep, &cap, 0, (int32_t)q, 0, -1,
+                            e == q ? "record %u is missing" : "records %u-%u are missing",
+                            (unsigned)q, (unsigned)e);
+            q = e;
+        }
+        kvt_free(seen);
+        if (s != KVT_OK)
+            goto out;
+    }
+    s = check_promised(r, rep, &cap);
+out:
+    kvt_free(scanned);
+    kvt_trace_reader_close(r);
+    if (s != KVT_OK) {
+        kvt_verify_report_free(rep);
+        return s;
+    }
+    return KVT_OK;
+}
+
+void kvt_verify_report_free(kvt_verify_report *rep)
+{
+    if (!rep)
+        return;
+    kvt_free(rep->problems);
+    rep->problems = NULL;
+    rep->n_problems = 0;
+}

@@ -1,0 +1,561 @@
+/* trace_write.c - the streaming trace writer. Appenders copy a tensor block into a job
+ * (blocking while queued bytes exceed the memory bound), a pool of threads byte-plane
+ * shuffles and zstd-compresses jobs, and finished jobs are written strictly in append order
+ * (so the same input gives the same file whatever the thread count). finish() writes the
+ * index and trailer. Capture (capture/) and synth write through this API only.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define ZSTD_STATIC_LINKING_ONLY
+#include <cjson/cJSON.h>
+#include <zstd.h>
+
+#include "trace_internal.h"
+
+typedef struct wjob {
+    kvt_rec_hdr hdr;
+    uint8_t *raw; /* owned; freed once compressed */
+    size_t raw_bytes;
+    uint8_t *comp; /* owned */
+    size_t comp_bytes;
+    kvt_status status;
+    struct wjob *next;
+} wjob;
+
+typedef struct wctx {
+    ZSTD_CCtx *cctx;
+    uint8_t *shuf;
+    size_t shuf_cap;
+} wctx;
+
+struct kvt_trace_writer {
+    int fd;
+    char *path;
+    kvt_writer_opts opts;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work;  /* queue non-empty or stopping */
+    pthread_cond_t cv_space; /* pending bytes dropped or a job was written */
+    wjob *q_head, *q_tail;   /* waiting for compression */
+    wjob *done;              /* compressed, sorted by seq, waiting to be written */
+    uint32_t next_seq;       /* seq of the next appended record */
+    uint32_t next_write;     /* seq of the next record to write */
+    uint64_t pending_bytes;  /* raw bytes of jobs not yet written */
+    bool stopping;
+    bool finished;
+    kvt_status err; /* sticky first error */
+    char err_msg[256];
+
+    pthread_t *threads;
+    int n_threads;
+    wctx sync_ctx; /* used when n_threads == 0 */
+
+    uint64_t offset;    /* bytes of the file written and known good */
+    kvt_rec_hdr *index; /* written records, in file order */
+    size_t n_index, cap_index;
+    kvt_writer_stats stats;
+};
+
+static void set_err(kvt_trace_writer *w, kvt_status s, const char *msg)
+{
+    if (w->err == KVT_OK) {
+        w->err = s;
+        snprintf(w->err_msg, sizeof(w->err_msg), "%s", msg);
+    }
+}
+
+static kvt_status sticky(kvt_trace_writer *w)
+{
+    return kvt_error_set(w->err, "%s", w->err_msg);
+}
+
+static kvt_status compress_job(kvt_trace_writer *w, wctx *c, wjob *j)
+{
+    size_t es = kvt_dtype_size(j->hdr.info.dtype);
+    bool shuf = !w->opts.no_shuffle && es > 1;
+    size_t bound = ZSTD_compressBound(j->raw_bytes);
+    const void *src = j->raw;
+    if (shuf) {
+        if (c->shuf_cap < j->raw_bytes) {
+            uint8_t *nb = kvt_realloc(c->shuf, j->raw_bytes);
+            KVT_RETURN_IF(!nb, KVT_ERR_NOMEM, "out of memory (compression buffer)");
+            c->shuf = nb;
+            c->shuf_cap = j->raw_bytes;
+        }
+        kvt_byteplane_split(j->raw, c->shuf, j->raw_bytes / es, es);
+        src = c->shuf;
+    }
+    j->comp = kvt_malloc(bound);
+    KVT_RETURN_IF(!j->comp, KVT_ERR_NOMEM, "out of memory (compressed buffer)");
+    size_t r = ZSTD_compress2(c->cctx, j->comp, bound, src, j->raw_bytes);
+    KVT_RETURN_IF(ZSTD_isError(r), KVT_ERR_IO, "zstd compression failed: %s", ZSTD_getErrorName(r));
+    j->comp_bytes = r;
+    j->hdr.info.filter = shuf ? KVT_FILTER_BYTEPLANE : KVT_FILTER_NONE;
+    j->hdr.info.comp_bytes = r;
+    j->hdr.payload_crc = kvt_crc32(j->comp, r);
+    kvt_free(j->raw);
+    j->raw = NULL;
+    return KVT_OK;
+}
+
+static void job_free(wjob *j)
+{
+    if (!j)
+        return;
+    kvt_free(j->raw);
+    kvt_free(j->comp);
+    kvt_free(j);
+}
+
+/* Write one compressed job at the end of the file; on failure cut the file back to the last
+ * complete record so it stays recoverable. Called with w->mu held. */
+static void write_job(kvt_trace_writer *w, wjob *j)
+{
+    if (w->err != KVT_OK)
+        return;
+    if (j->status != KVT_OK) {
+        set_err(w, j->status, "record compression failed");
+        return;
+    }
+    if (w->n_index == w->cap_index) {
+        size_t nc = w->cap_index ? 2 * w->cap_index : 256;
+        kvt_rec_hdr *ni = kvt_realloc(w->index, nc * sizeof(*ni));
+        if (!ni) {
+            set_err(w, KVT_ERR_NOMEM, "out of memory (record index)");
+            return;
+        }
+        w->index = ni;
+        w->cap_index = nc;
+    }
+    uint8_t unit[KVT_REC_UNIT];
+    j->hdr.info.file_offset = w->offset;
+    kvt_put_u32(unit, KVT_FRAME_RECORD);
+    kvt_put_u32(unit + 4, KVT_REC_HEADER_BYTES);
+    kvt_rec_encode(&j->hdr, unit + KVT_SKIP_HDR);
+    kvt_status s = kvt_write_full(w->fd, unit, sizeof(unit));
+    if (s == KVT_OK)
+        s = kvt_write_full(w->fd, j->comp, j->comp_bytes);
+    if (s != KVT_OK) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "writing %s: %s", w->path, kvt_error_msg());
+        set_err(w, s, msg);
+        if (ftruncate(w->fd, (off_t)w->offset) == 0)
+            lseek(w->fd, (off_t)w->offset, SEEK_SET);
+        return;
+    }
+    w->index[w->n_index++] = j->hdr;
+    w->offset += sizeof(unit) + j->comp_bytes;
+    w->stats.n_records++;
+    w->stats.raw_bytes += j->hdr.info.raw_bytes;
+    w->stats.comp_bytes += j->comp_bytes;
+    w->stats.file_bytes = w->offset;
+}
+
+/* Insert a compressed job into the seq-sorted done list and write every job that is next in
+ * append order. Called with w->mu held. */
+static void complete_job(kvt_trace_writer *w, wjob *j)
+{
+    wjob **pp = &w->done;
+    while (*pp && (*pp)->hdr.info.seq < j->hdr.info.seq)
+        pp = &(*pp)->next;
+    j->next = *pp;
+    *pp = j;
+    while (w->done && w->done->hdr.info.seq == w->next_write) {
+        wjob *d = w->done;
+        w->done = d->next;
+        write_job(w, d);
+        w->next_write++;
+        w->pending_bytes -= d->raw_bytes;
+        job_free(d);
+    }
+    pthread_cond_broadcast(&w->cv_space);
+}
+
+static void *worker_main(void *arg)
+{
+    kvt_trace_writer *w = arg;
+    wctx c = {0};
+    c.cctx = ZSTD_createCCtx();
+    if (c.cctx) {
+        ZSTD_CCtx_setParameter(c.cctx, ZSTD_c_compressionLevel, w->opts.level);
+        ZSTD_CCtx_setParameter(c.cctx, ZSTD_c_checksumFlag, 1);
+        ZSTD_CCtx_setParameter(c.cctx, ZSTD_c_contentSizeFlag, 1);
+    }
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->q_head && !w->stopping)
+            pthread_cond_wait(&w->cv_work, &w->mu);
+        if (!w->q_head)
+            break;
+        wjob *j = w->q_head;
+        w->q_head = j->next;
+        if (!w->q_head)
+            w->q_tail = NULL;
+        pthread_mutex_unlock(&w->mu);
+        if (!c.cctx)
+            j->status = kvt_error_set(KVT_ERR_NOMEM, "out of memory (zstd context)");
+        else if (w->err != KVT_OK)
+            j->status = KVT_OK; /* will be dropped by write_job; skip the work */
+        else
+            j->status = compress_job(w, &c, j);
+        pthread_mutex_lock(&w->mu);
+        if (j->status != KVT_OK)
+            set_err(w, j->status, kvt_error_msg());
+        complete_job(w, j);
+    }
+    pthread_mutex_unlock(&w->mu);
+    ZSTD_freeCCtx(c.cctx);
+    kvt_free(c.shuf);
+    return NULL;
+}
+
+static kvt_status write_file_header(kvt_trace_writer *w, const char *json)
+{
+    size_t jl = strlen(json);
+    size_t n = 8 + 16 + jl + 4;
+    uint8_t *b = kvt_malloc(n);
+    KVT_RETURN_IF(!b, KVT_ERR_NOMEM, "out of memory");
+    kvt_put_u32(b, KVT_FRAME_HEADER);
+    kvt_put_u32(b + 4, (uint32_t)(16 + jl + 4));
+    kvt_put_u32(b + 8, KVT_FILE_MAGIC);
+    kvt_put_u16(b + 12, KVT_FORMAT_MAJOR);
+    kvt_put_u16(b + 14, KVT_FORMAT_MINOR);
+    kvt_put_u32(b + 16, 0); /* Flags */
+    kvt_put_u32(b + 20, (uint32_t)jl);
+    memcpy(b + 24, json, jl);
+    kvt_put_u32(b + 24 + jl, kvt_crc32(b + 8, 16 + jl));
+    kvt_status s = kvt_write_full(w->fd, b, n);
+    kvt_free(b);
+    if (s == KVT_OK)
+        w->offset = n;
+    return s;
+}
+
+kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
+                                   const kvt_writer_opts *opts, kvt_trace_writer **out)
+{
+    kvt_status s;
+    *out = NULL;
+    KVT_RETURN_IF(!path || !header_json, KVT_ERR_INVALID_ARG, "path and header are required");
+    cJSON *root = cJSON_Parse(header_json);
+    bool ok = root && cJSON_IsObject(root);
+    cJSON_Delete(root);
+    KVT_RETURN_IF(!ok, KVT_ERR_INVALID_ARG, "trace header is not a JSON object");
+    KVT_RETURN_IF(strlen(header_json) > KVT_MAX_JSON, KVT_ERR_INVALID_ARG,
+                  "trace header JSON is larger than %u bytes", KVT_MAX_JSON);
+
+    kvt_trace_writer *w = kvt_calloc(1, sizeof(*w));
+    KVT_RETURN_IF(!w, KVT_ERR_NOMEM, "out of memory");
+    w->fd = -1;
+    if (opts)
+        w->opts = *opts;
+    if (w->opts.level == 0)
+        w->opts.level = 3;
+    if (w->opts.max_pending_bytes == 0)
+        w->opts.max_pending_bytes = 256ull << 20;
+    if (w->opts.max_record_bytes == 0)
+        w->opts.max_record_bytes = 4ull << 20;
+    if (w->opts.n_threads < 0)
+        w->opts.n_threads = 0;
+    w->path = kvt_strdup(path);
+    if (!w->path) {
+        s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free_w;
+    }
+    int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (w->opts.force ? O_TRUNC : O_EXCL);
+    w->fd = open(path, flags, 0644);
+    if (w->fd < 0) {
+        if (errno == EEXIST)
+            s = kvt_error_set(KVT_ERR_IO, "%s already exists (use --force to overwrite)", path);
+        else
+            s = kvt_error_set(KVT_ERR_IO, "cannot create %s: %s", path, strerror(errno));
+        goto out_free_path;
+    }
+    s = write_file_header(w, header_json);
+    if (s != KVT_OK)
+        goto out_close;
+    w->stats.file_bytes = w->offset;
+    if (pthread_mutex_init(&w->mu, NULL) != 0) {
+        s = kvt_error_set(KVT_ERR_NOMEM, "cannot create a mutex");
+        goto out_close;
+    }
+    pthread_cond_init(&w->cv_work, NULL);
+    pthread_cond_init(&w->cv_space, NULL);
+    if (w->opts.n_threads == 0) {
+        w->sync_ctx.cctx = ZSTD_createCCtx();
+        if (!w->sync_ctx.cctx) {
+            s = kvt_error_set(KVT_ERR_NOMEM, "out of memory (zstd context)");
+            goto out_sync;
+        }
+        ZSTD_CCtx_setParameter(w->sync_ctx.cctx, ZSTD_c_compressionLevel, w->opts.level);
+        ZSTD_CCtx_setParameter(w->sync_ctx.cctx, ZSTD_c_checksumFlag, 1);
+        ZSTD_CCtx_setParameter(w->sync_ctx.cctx, ZSTD_c_contentSizeFlag, 1);
+    } else {
+        w->threads = kvt_calloc((size_t)w->opts.n_threads, sizeof(pthread_t));
+        if (!w->threads) {
+            s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_sync;
+        }
+        for (int i = 0; i < w->opts.n_threads; i++) {
+            if (pthread_create(&w->threads[i], NULL, worker_main, w) != 0) {
+                s = kvt_error_set(KVT_ERR_NOMEM, "cannot start compression thread");
+                goto out_threads;
+            }
+            w->n_threads++;
+        }
+    }
+    *out = w;
+    return KVT_OK;
+
+out_threads:
+    pthread_mutex_lock(&w->mu);
+    w->stopping = true;
+    pthread_cond_broadcast(&w->cv_work);
+    pthread_mutex_unlock(&w->mu);
+    for (int i = 0; i < w->n_threads; i++)
+        pthread_join(w->threads[i], NULL);
+    kvt_free(w->threads);
+out_sync:
+    ZSTD_freeCCtx(w->sync_ctx.cctx);
+    pthread_cond_destroy(&w->cv_space);
+    pthread_cond_destroy(&w->cv_work);
+    pthread_mutex_destroy(&w->mu);
+out_close:
+    close(w->fd);
+    unlink(path);
+out_free_path:
+    kvt_free(w->path);
+out_free_w:
+    kvt_free(w);
+    return s;
+}
+
+static kvt_status validate_info(const kvt_record_info *in)
+{
+    KVT_RETURN_IF(!kvt_kind_name(in->kind), KVT_ERR_INVALID_ARG, "unknown record kind %d",
+                  in->kind);
+    KVT_RETURN_IF(kvt_dtype_size(in->dtype) == 0, KVT_ERR_INVALID_ARG, "unknown dtype %d",
+                  (int)in->dtype);
+    KVT_RETURN_IF(in->head_end <= in->head_begin || in->tok_end <= in->tok_begin || in->dim == 0,
+                  KVT_ERR_INVALID_ARG, "empty %s block (heads [%u,%u) tokens [%u,%u) dim %u)",
+                  kvt_kind_name(in->kind), in->head_begin, in->head_end, in->tok_begin, in->tok_end,
+                  in->dim);
+    KVT_RETURN_IF(in->dim > KVT_MAX_DIM, KVT_ERR_INVALID_ARG, "dim %u too large", in->dim);
+    KVT_RETURN_IF(in->layer < -1, KVT_ERR_INVALID_ARG, "layer %d is invalid", (int)in->layer);
+    return KVT_OK;
+}
+
+/* Queue (or, without threads, compress and write) one record covering a contiguous block. */
+static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, const void *data,
+                             size_t bytes)
+{
+    wjob *j = kvt_calloc(1, sizeof(*j));
+    KVT_RETURN_IF(!j, KVT_ERR_NOMEM, "out of memory");
+    j->raw = kvt_malloc(bytes);
+    if (!j->raw) {
+        kvt_free(j);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory (%zu-byte record)", bytes);
+    }
+    memcpy(j->raw, data, bytes);
+    j->raw_bytes = bytes;
+    j->hdr.info = *info;
+    j->hdr.info.raw_bytes = bytes;
+
+    uint64_t t0 = kvt_now_ns(), waited = 0;
+    pthread_mutex_lock(&w->mu);
+    while (w->err == KVT_OK && w->pending_bytes > 0 &&
+           w->pending_bytes + bytes > w->opts.max_pending_bytes) {
+        pthread_cond_wait(&w->cv_space, &w->mu);
+        waited = 1;
+    }
+    if (waited)
+        w->stats.stall_ns += kvt_now_ns() - t0;
+    if (w->err != KVT_OK) {
+        kvt_status s = sticky(w);
+        pthread_mutex_unlock(&w->mu);
+        job_free(j);
+        return s;
+    }
+    j->hdr.info.seq = w->next_seq++;
+    w->pending_bytes += bytes;
+    if (w->pending_bytes > w->stats.peak_pending_bytes)
+        w->stats.peak_pending_bytes = w->pending_bytes;
+    if (w->n_threads == 0) {
+        j->status = compress_job(w, &w->sync_ctx, j);
+        if (j->status != KVT_OK)
+            set_err(w, j->status, kvt_error_msg());
+        complete_job(w, j);
+    } else {
+        if (w->q_tail)
+            w->q_tail->next = j;
+        else
+            w->q_head = j;
+        w->q_tail = j;
+        pthread_cond_signal(&w->cv_work);
+    }
+    kvt_status s = w->err == KVT_OK ? KVT_OK : sticky(w);
+    pthread_mutex_unlock(&w->mu);
+    return s;
+}
+
+kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *info,
+                                   const void *data)
+{
+    KVT_RETURN_IF(!w || !info || !data, KVT_ERR_INVALID_ARG, "null argument");
+    KVT_FORWARD(validate_info(info));
+    KVT_RETURN_IF(w->finished, KVT_ERR_STATE, "append after finish");
+    uint64_t total;
+    KVT_FORWARD(kvt_rec_raw_bytes(info, &total));
+    size_t es = kvt_dtype_size(info->dtype);
+    uint32_t n_heads = info->head_end - info->head_begin;
+    uint32_t n_tok = info->tok_end - info->tok_begin;
+    uint64_t row = (uint64_t)info->dim * es;
+    uint64_t per_head = row * n_tok;
+    uint64_t max = w->opts.max_record_bytes;
+    const uint8_t *p = data;
+    if (total <= max)
+        return append_one(w, info, data, (size_t)total);
+    if (per_head <= max) { /* groups of whole heads */
+        uint32_t hp = (uint32_t)(max / per_head);
+        for (uint32_t h = 0; h < n_heads; h += hp) {
+            kvt_record_info part = *info;
+            part.head_begin = info->head_begin + h;
+            part.head_end = part.head_begin + (hp < n_heads - h ? hp : n_heads - h);
+            KVT_FORWARD(append_one(w, &part, p + (uint64_t)h * per_head,
+                                   (size_t)((part.head_end - part.head_begin) * per_head)));
+        }
+        return KVT_OK;
+    }
+    /* one head is larger than a record: split each head along tokens */
+    uint32_t tp = (uint32_t)(max / row);
+    if (tp == 0)
+        tp = 1;
+    for (uint32_t h = 0; h < n_heads; h++) {
+        for (uint32_t t = 0; t < n_tok; t += tp) {
+            kvt_record_info part = *info;
+            part.head_begin = info->head_begin + h;
+            part.head_end = part.head_begin + 1;
+            part.tok_begin = info->tok_begin + t;
+            part.tok_end = part.tok_begin + (tp < n_tok - t ? tp : n_tok - t);
+            KVT_FORWARD(append_one(w, &part, p + h * per_head + t * row,
+                                   (size_t)((part.tok_end - part.tok_begin) * row)));
+        }
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_trace_writer_append_json(kvt_trace_writer *w, const char *json)
+{
+    KVT_RETURN_IF(!w || !json, KVT_ERR_INVALID_ARG, "null argument");
+    size_t n = strlen(json);
+    KVT_RETURN_IF(n == 0 || n > UINT32_MAX, KVT_ERR_INVALID_ARG, "bad JSON length");
+    kvt_record_info info = {.kind = KVT_KIND_META_JSON,
+                            .layer = -1,
+                            .head_end = 1,
+                            .tok_end = (uint32_t)n,
+                            .dim = 1,
+                            .dtype = KVT_DTYPE_U8};
+    return kvt_trace_writer_append(w, &info, json);
+}
+
+/* Wait until every queued job has been written. */
+static void drain(kvt_trace_writer *w)
+{
+    pthread_mutex_lock(&w->mu);
+    while (w->next_write != w->next_seq)
+        pthread_cond_wait(&w->cv_space, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static kvt_status write_index_and_trailer(kvt_trace_writer *w)
+{
+    size_t n = w->n_index, body;
+    if (kvt_mul_overflow(n, KVT_INDEX_ENTRY_BYTES, &body) || body > UINT32_MAX - 64)
+        return kvt_error_set(KVT_ERR_OVERFLOW, "too many records for one index");
+    size_t user = 16 + body + 4;
+    size_t total = 8 + user + KVT_TRAILER_BYTES;
+    uint8_t *b = kvt_malloc(total);
+    KVT_RETURN_IF(!b, KVT_ERR_NOMEM, "out of memory (index)");
+    kvt_put_u32(b, KVT_FRAME_INDEX);
+    kvt_put_u32(b + 4, (uint32_t)user);
+    kvt_put_u32(b + 8, KVT_INDEX_MAGIC);
+    kvt_put_u32(b + 12, (uint32_t)n);
+    kvt_put_u32(b + 16, KVT_INDEX_ENTRY_BYTES);
+    kvt_put_u32(b + 20, 0);
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *e = b + 24 + i * KVT_INDEX_ENTRY_BYTES;
+        kvt_put_u64(e, w->index[i].info.file_offset);
+        kvt_rec_encode(&w->index[i], e + 8);
+    }
+    kvt_put_u32(b + 24 + body, kvt_crc32(b + 8, 16 + body));
+    uint8_t *t = b + 8 + user;
+    kvt_put_u32(t, KVT_FRAME_END);
+    kvt_put_u32(t + 4, 24);
+    kvt_put_u64(t + 8, w->offset);
+    kvt_put_u64(t + 16, (uint64_t)n);
+    kvt_put_u32(t + 24, kvt_crc32(t + 8, 16));
+    kvt_put_u32(t + 28, KVT_END_MAGIC);
+    kvt_status s = kvt_write_full(w->fd, b, total);
+    kvt_free(b);
+    if (s != KVT_OK) {
+        if (ftruncate(w->fd, (off_t)w->offset) != 0)
+            kvt_log(KVT_LOG_WARN, "could not cut the partial index from %s", w->path);
+        return kvt_error_set(s, "writing the index of %s: %s", w->path, kvt_error_msg());
+    }
+    w->offset += total;
+    w->stats.file_bytes = w->offset;
+    if (fsync(w->fd) != 0)
+        return kvt_error_set(KVT_ERR_IO, "fsync %s: %s", w->path, strerror(errno));
+    return KVT_OK;
+}
+
+kvt_status kvt_trace_writer_finish(kvt_trace_writer *w)
+{
+    KVT_RETURN_IF(!w, KVT_ERR_INVALID_ARG, "null writer");
+    KVT_RETURN_IF(w->finished, KVT_ERR_STATE, "trace already finished");
+    drain(w);
+    w->finished = true;
+    if (w->err != KVT_OK)
+        return sticky(w);
+    kvt_status s = write_index_and_trailer(w);
+    if (s != KVT_OK)
+        set_err(w, s, kvt_error_msg());
+    return s;
+}
+
+void kvt_trace_writer_get_stats(kvt_trace_writer *w, kvt_writer_stats *out)
+{
+    pthread_mutex_lock(&w->mu);
+    *out = w->stats;
+    pthread_mutex_unlock(&w->mu);
+}
+
+void kvt_trace_writer_free(kvt_trace_writer *w)
+{
+    if (!w)
+        return;
+    drain(w);
+    pthread_mutex_lock(&w->mu);
+    w->stopping = true;
+    pthread_cond_broadcast(&w->cv_work);
+    pthread_mutex_unlock(&w->mu);
+    for (int i = 0; i < w->n_threads; i++)
+        pthread_join(w->threads[i], NULL);
+    kvt_free(w->threads);
+    ZSTD_freeCCtx(w->sync_ctx.cctx);
+    kvt_free(w->sync_ctx.shuf);
+    pthread_cond_destroy(&w->cv_space);
+    pthread_cond_destroy(&w->cv_work);
+    pthread_mutex_destroy(&w->mu);
+    if (w->fd >= 0)
+        close(w->fd);
+    kvt_free(w->index);
+    kvt_free(w->path);
+    kvt_free(w);
+}
