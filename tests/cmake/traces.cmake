@@ -2,3 +2,8 @@ kvt_add_test(test_trace_roundtrip SOURCES unit/test_trace_roundtrip.c LIBS kvt_t
 kvt_add_test(test_trace_damage SOURCES unit/test_trace_damage.c LIBS kvt_traces LABELS cpu)
 kvt_add_script_test(test_trace_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_trace_cli.sh
                     LABELS cpu)
+kvt_add_test(test_trace_golden SOURCES unit/test_trace_golden.c LIBS kvt_traces LABELS cpu)
+# The fuzz entry point as a regression test over the golden files and the checked-in corpus.
+kvt_add_test(fuzz_trace_read_regression SOURCES fuzz/fuzz_trace_read.c fuzz/fuzz_driver.c
+             LIBS kvt_traces LABELS cpu
+             ARGS ${KVT_TEST_DIR}/golden ${KVT_TEST_DIR}/fuzz/corpus/trace_read)
