@@ -7,3 +7,4 @@ kvt_add_test(test_trace_golden SOURCES unit/test_trace_golden.c LIBS kvt_traces 
 kvt_add_test(fuzz_trace_read_regression SOURCES fuzz/fuzz_trace_read.c fuzz/fuzz_driver.c
              LIBS kvt_traces LABELS cpu
              ARGS ${KVT_TEST_DIR}/golden ${KVT_TEST_DIR}/fuzz/corpus/trace_read)
+kvt_add_test(test_trace_faults SOURCES unit/test_trace_faults.c LIBS kvt_traces LABELS cpu)
