@@ -2,6 +2,8 @@
  * thread counts and record splits; identical input gives identical bytes; reading one
  * record touches only that record's bytes; f32 conversion on read; API misuse errors.
  */
+#include <pthread.h>
+
 #include "trace_test_util.h"
 
 static char p1[256], p2[256];
@@ -155,6 +157,68 @@ static void random_access_bytes(void)
     unlink(p1);
 }
 
+/* Several engine threads append different layers at once into one writer. */
+typedef struct app_arg {
+    kvt_trace_writer *w;
+    int layer;
+    kvt_status s;
+} app_arg;
+
+static void *append_layer(void *p)
+{
+    app_arg *a = p;
+    float buf[TT_HKV * TT_T * TT_D];
+    for (int kind = KVT_KIND_K; kind <= KVT_KIND_V && a->s == KVT_OK; kind++) {
+        for (size_t i = 0; i < sizeof(buf) / sizeof(buf[0]); i++)
+            buf[i] = tt_value(a->layer, kind, i);
+        kvt_record_info in = {.kind = kind,
+                              .layer = a->layer,
+                              .head_end = TT_HKV,
+                              .tok_end = TT_T,
+                              .dim = TT_D,
+                              .dtype = KVT_DTYPE_F32};
+        a->s = kvt_trace_writer_append(a->w, &in, buf);
+    }
+    return NULL;
+}
+
+static void concurrent_appenders(void)
+{
+    enum { N = 8 };
+    kvt_writer_opts o = {.n_threads = 2, .force = true, .max_pending_bytes = 4096};
+    kvt_trace_writer *w;
+    KVT_CHECK(kvt_trace_writer_create(kvt_test_tmp(p1, sizeof(p1), "conc.kvt"), "{}", &o, &w));
+    pthread_t th[N];
+    app_arg args[N];
+    for (int i = 0; i < N; i++) {
+        args[i] = (app_arg){w, i, KVT_OK};
+        pthread_create(&th[i], NULL, append_layer, &args[i]);
+    }
+    for (int i = 0; i < N; i++) {
+        pthread_join(th[i], NULL);
+        KVT_EXPECT_STATUS(args[i].s, KVT_OK);
+    }
+    KVT_CHECK(kvt_trace_writer_finish(w));
+    kvt_writer_stats st;
+    kvt_trace_writer_get_stats(w, &st);
+    KVT_EXPECT(st.peak_pending_bytes <= 4096 + sizeof(float) * TT_HKV * TT_T * TT_D);
+    kvt_trace_writer_free(w);
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(p1, &r));
+    float got[TT_HKV * TT_T * TT_D];
+    int bad = 0;
+    for (int l = 0; l < N; l++)
+        for (int kind = KVT_KIND_K; kind <= KVT_KIND_V; kind++) {
+            KVT_CHECK(
+                kvt_trace_reader_read(r, l, kind, 0, TT_HKV, KVT_DTYPE_F32, got, sizeof(got)));
+            for (size_t i = 0; i < sizeof(got) / sizeof(got[0]); i++)
+                bad += got[i] != tt_value(l, kind, i);
+        }
+    KVT_EXPECT_EQ_U64(bad, 0);
+    kvt_trace_reader_close(r);
+    unlink(p1);
+}
+
 static void misuse(void)
 {
     kvt_trace_writer *w;
@@ -211,6 +275,7 @@ int main(void)
     }
     determinism_and_threads();
     random_access_bytes();
+    concurrent_appenders();
     misuse();
     return kvt_test_result("test_trace_roundtrip");
 }
