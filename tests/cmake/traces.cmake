@@ -8,4 +8,5 @@ kvt_add_test(fuzz_trace_read_regression SOURCES fuzz/fuzz_trace_read.c fuzz/fuzz
              LIBS kvt_traces LABELS cpu
              ARGS ${KVT_TEST_DIR}/golden ${KVT_TEST_DIR}/fuzz/corpus/trace_read)
 kvt_add_test(test_trace_faults SOURCES unit/test_trace_faults.c LIBS kvt_traces LABELS cpu)
-kvt_add_script_test(test_install COMMAND bash ${KVT_TEST_DIR}/unit/test_install.sh LABELS cpu)
+kvt_add_script_test(test_install COMMAND bash ${KVT_TEST_DIR}/unit/test_install.sh
+                    LABELS cpu noasan)
