@@ -10,3 +10,8 @@ kvt_add_test(fuzz_trace_read_regression SOURCES fuzz/fuzz_trace_read.c fuzz/fuzz
 kvt_add_test(test_trace_faults SOURCES unit/test_trace_faults.c LIBS kvt_traces LABELS cpu)
 kvt_add_script_test(test_install COMMAND bash ${KVT_TEST_DIR}/unit/test_install.sh
                     LABELS cpu noasan)
+if(KVT_FUZZ)
+    add_executable(fuzz_trace_read fuzz/fuzz_trace_read.c)
+    target_link_libraries(fuzz_trace_read PRIVATE kvt_traces)
+    target_link_options(fuzz_trace_read PRIVATE -fsanitize=fuzzer)
+endif()
