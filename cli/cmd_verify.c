@@ -7,6 +7,11 @@
 #include "kvt_cli.h"
 #include "kvt_trace.h"
 
+static void on_progress(void *user, uint64_t done, uint64_t total)
+{
+    kvt_progress_update(user, done, total);
+}
+
 static void help(void)
 {
     printf("usage: kvtrace verify TRACE [--quiet]\n\n"

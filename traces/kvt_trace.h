@@ -214,6 +214,11 @@ typedef struct kvt_verify_report {
  *  and record-number gaps. Returns KVT_OK if it could run (even if damage was found; see
  *  report), or KVT_ERR_IO / KVT_ERR_CORRUPT / KVT_ERR_VERSION if the file is not a trace. */
 kvt_status kvt_trace_verify(const char *path, kvt_verify_report *report);
+/** Progress callback: records checked so far and in total. */
+typedef void (*kvt_progress_fn)(void *user, uint64_t done, uint64_t total);
+/** kvt_trace_verify with a progress callback (may be NULL), called after each record. */
+kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *report,
+                               kvt_progress_fn progress, void *user);
 void kvt_verify_report_free(kvt_verify_report *report);
 
 /* ---- byte-plane filter (exposed for capture/ and tests) ---- */

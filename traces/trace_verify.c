@@ -78,6 +78,12 @@ static kvt_status check_promised(kvt_trace_reader *r, kvt_verify_report *rep, si
 
 kvt_status kvt_trace_verify(const char *path, kvt_verify_report *rep)
 {
+    return kvt_trace_verify_ex(path, rep, NULL, NULL);
+}
+
+kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_progress_fn progress,
+                               void *user)
+{
     memset(rep, 0, sizeof(*rep));
     size_t cap = 0;
     kvt_trace_reader *r;
@@ -131,6 +137,8 @@ kvt_status kvt_trace_verify(const char *path, kvt_verify_report *rep)
         if (in->seq > max_seq)
             max_seq = in->seq;
         kvt_status cs = kvt_record_decode_at(fd, &recs[i], &raw, &br);
+        if (progress)
+            progress(user, i + 1, n);
         if (cs == KVT_OK) {
             kvt_free(raw);
             rep->n_records_ok++;
