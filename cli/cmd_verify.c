@@ -43,7 +43,9 @@ int kvt_cmd_verify(int argc, char **argv)
     if (!path)
         return kvt_cli_fail("verify", "no trace given (usage: kvtrace verify TRACE)"), 2;
     kvt_verify_report rep;
-    kvt_status s = kvt_trace_verify(path, &rep);
+    kvt_progress prog;
+    kvt_progress_start(&prog, "verify");
+    kvt_status s = kvt_trace_verify_ex(path, &rep, on_progress, &prog);
     if (s != KVT_OK)
         return kvt_cli_fail_status("verify", s, path), 2;
     if (rep.n_problems == 0) {
