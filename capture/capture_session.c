@@ -1,0 +1,902 @@
+/* capture_session.c - the host capture session (kvt_capture.h): validates what an engine
+ * submits and the order it comes in, gathers strided views into the stored dtype, keeps the
+ * per-layer state (tokens submitted, decode buffers, keys and accumulators for the causal
+ * column sums) and hands contiguous blocks to the trace writer, which compresses and writes
+ * them on its threads. Close flushes decode buffers and token tables, appends the capture
+ * statistics as a meta_json record and finishes the file.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_capture.h"
+
+#define KVT_CAPTURE_MAX_LAYERS   (1 << 16)
+#define KVT_CAPTURE_MAX_HEADS    (1 << 16)
+#define KVT_CAPTURE_MAX_HEAD_DIM (1 << 16)
+#define KVT_CAPTURE_DECODE_CHUNK 64u
+
+typedef struct layer_state {
+    uint32_t kv_done;     /* prompt tokens whose K/V were submitted */
+    bool q_started;       /* a query range was submitted */
+    uint32_t q_begin;     /* first query token submitted */
+    uint32_t q_done;      /* one past the last query token submitted */
+    float *k_f32;         /* [Hkv, T, D] engine keys, kept while column sums are pending */
+    double *colsum;       /* [Hq, T] accumulator */
+    uint32_t dec_done;    /* decode steps submitted */
+    uint32_t dec_flushed; /* decode steps written */
+    uint8_t *dq;          /* [Hq, chunk, D] stored dtype */
+    uint8_t *dk;          /* [Hkv, chunk, D] */
+    uint8_t *dv;          /* [Hkv, chunk, D] */
+} layer_state;
+
+struct kvt_capture_session {
+    kvt_trace_writer *w;
+    char *name, *arch, *engine_name, *engine_version, *gpu;
+    struct kvt_capture_model model; /* string fields point at the copies above */
+    struct kvt_capture_opts opts;   /* capture_json is not kept */
+    size_t es;                      /* bytes per stored element */
+    float scale;                    /* softmax scale for column sums */
+    layer_state *layers;
+    bool tokens_set;
+    bool have_positions, have_modality; /* tables given by the engine */
+    bool prompt_complete;               /* cached once true */
+    bool decode_started;
+    int32_t *dec_tok; /* [chunk] decode input tokens not yet written */
+    uint32_t dec_tok_done, dec_tok_flushed;
+    uint8_t *scratch; /* gather buffer */
+    size_t scratch_cap;
+    float *qf; /* f32 queries for column sums */
+    size_t qf_cap;
+    float *row;     /* [T] one softmax row */
+    kvt_status err; /* sticky write error */
+    char err_msg[256];
+    struct kvt_capture_stats stats;
+};
+
+/* ---- tensor views ---- */
+
+void kvt_tensor_view_hTd(struct kvt_tensor_view *v, const void *data, kvt_dtype dtype, int64_t h,
+                         int64_t t, int64_t d)
+{
+    memset(v, 0, sizeof(*v));
+    v->data = data;
+    v->dtype = dtype;
+    v->ndim = 3;
+    v->shape[0] = h;
+    v->shape[1] = t;
+    v->shape[2] = d;
+    v->stride[0] = t * d;
+    v->stride[1] = d;
+    v->stride[2] = 1;
+    v->mem = KVT_MEM_HOST;
+}
+
+/* A validated view reduced to its H, T, D axes. */
+typedef struct hview {
+    const uint8_t *data;
+    kvt_dtype dtype;
+    size_t es;
+    int64_t n_h, n_t, n_d;
+    int64_t s_h, s_t, s_d;
+} hview;
+
+static kvt_status check_view(const struct kvt_tensor_view *v, const char *what, int64_t want_h,
+                             int64_t want_d, hview *out)
+{
+    KVT_RETURN_IF(!v || !v->data, KVT_ERR_INVALID_ARG, "%s: no tensor given", what);
+    KVT_RETURN_IF(v->mem != KVT_MEM_HOST, KVT_ERR_UNSUPPORTED,
+                  "%s: only host memory is supported (mem %d)", what, (int)v->mem);
+    KVT_RETURN_IF(!kvt_dtype_is_float(v->dtype), KVT_ERR_INVALID_ARG,
+                  "%s: dtype %d is not f32, bf16 or f16", what, (int)v->dtype);
+    KVT_RETURN_IF(v->ndim != 3 && v->ndim != 4, KVT_ERR_INVALID_ARG,
+                  "%s: ndim %d (want 3 for [H,T,D] or 4 for [B,H,T,D])", what, v->ndim);
+    int a = v->ndim - 3;
+    KVT_RETURN_IF(a == 1 && v->shape[0] != 1, KVT_ERR_INVALID_ARG,
+                  "%s: batch %lld (only B = 1 is supported)", what, (long long)v->shape[0]);
+    out->data = v->data;
+    out->dtype = v->dtype;
+    out->es = kvt_dtype_size(v->dtype);
+    out->n_h = v->shape[a];
+    out->n_t = v->shape[a + 1];
+    out->n_d = v->shape[a + 2];
+    out->s_h = v->stride[a];
+    out->s_t = v->stride[a + 1];
+    out->s_d = v->stride[a + 2];
+    KVT_RETURN_IF(out->n_h != want_h || out->n_d != want_d || out->n_t < 1 ||
+                      out->n_t > (int64_t)UINT32_MAX,
+                  KVT_ERR_INVALID_ARG, "%s: shape [H=%lld, T=%lld, D=%lld], want [%lld, >=1, %lld]",
+                  what, (long long)out->n_h, (long long)out->n_t, (long long)out->n_d,
+                  (long long)want_h, (long long)want_d);
+    /* the furthest element must be addressable without overflow */
+    int64_t ext[3] = {out->n_h - 1, out->n_t - 1, out->n_d - 1};
+    int64_t st[3] = {out->s_h, out->s_t, out->s_d};
+    int64_t span = 0;
+    for (int i = 0; i < 3; i++) {
+        int64_t p;
+        int64_t sa = st[i] < 0 ? -st[i] : st[i];
+        KVT_RETURN_IF(st[i] == INT64_MIN || __builtin_mul_overflow(sa, ext[i], &p) ||
+                          __builtin_add_overflow(span, p, &span) ||
+                          __builtin_mul_overflow(span, (int64_t)out->es, &p),
+                      KVT_ERR_INVALID_ARG, "%s: strides overflow", what);
+    }
+    return KVT_OK;
+}
+
+static inline float load_f32(kvt_dtype dt, const uint8_t *p)
+{
+    uint16_t h;
+    float f;
+    switch (dt) {
+    case KVT_DTYPE_F16:
+        memcpy(&h, p, 2);
+        return kvt_f16_to_f32(h);
+    case KVT_DTYPE_BF16:
+        memcpy(&h, p, 2);
+        return kvt_bf16_to_f32(h);
+    default:
+        memcpy(&f, p, 4);
+        return f;
+    }
+}
+
+static inline void store_from_f32(kvt_dtype dt, uint8_t *p, float f)
+{
+    uint16_t h;
+    switch (dt) {
+    case KVT_DTYPE_F16:
+        h = kvt_f32_to_f16(f);
+        memcpy(p, &h, 2);
+        break;
+    case KVT_DTYPE_BF16:
+        h = kvt_f32_to_bf16(f);
+        memcpy(p, &h, 2);
+        break;
+    default:
+        memcpy(p, &f, 4);
+        break;
+    }
+}
+
+/* Copy tokens [t0, t0 + nt) of the view into dst in dtype dst_dt: the row of (h, t) goes to
+ * dst + (h * dst_h_rows + t) * D elements. Same dtype copies bits; otherwise converts through
+ * f32 (round to nearest even). */
+static void gather(const hview *v, int64_t t0, int64_t nt, kvt_dtype dst_dt, void *dst,
+                   int64_t dst_h_rows)
+{
+    size_t des = kvt_dtype_size(dst_dt);
+    bool same = dst_dt == v->dtype;
+    for (int64_t h = 0; h < v->n_h; h++) {
+        for (int64_t t = 0; t < nt; t++) {
+            const uint8_t *src = v->data + (h * v->s_h + (t0 + t) * v->s_t) * (int64_t)v->es;
+            uint8_t *d = (uint8_t *)dst + (size_t)((h * dst_h_rows + t) * v->n_d) * des;
+            if (same && v->s_d == 1) {
+                memcpy(d, src, (size_t)v->n_d * des);
+            } else if (same) {
+                for (int64_t i = 0; i < v->n_d; i++)
+                    memcpy(d + (size_t)i * des, src + i * v->s_d * (int64_t)v->es, des);
+            } else {
+                for (int64_t i = 0; i < v->n_d; i++)
+                    store_from_f32(dst_dt, d + (size_t)i * des,
+                                   load_f32(v->dtype, src + i * v->s_d * (int64_t)v->es));
+            }
+        }
+    }
+}
+
+/* ---- helpers ---- */
+
+static kvt_status sticky(const kvt_capture_session *s)
+{
+    return kvt_error_set(s->err, "%s", s->err_msg);
+}
+
+static kvt_status grow(void **buf, size_t *cap, size_t need)
+{
+    if (*cap >= need)
+        return KVT_OK;
+    void *nb = kvt_realloc(*buf, need);
+    KVT_RETURN_IF(!nb, KVT_ERR_NOMEM, "out of memory (%zu-byte capture buffer)", need);
+    *buf = nb;
+    *cap = need;
+    return KVT_OK;
+}
+
+/* Append one record; a failure makes the session's error sticky. */
+static kvt_status emit(kvt_capture_session *s, int kind, int32_t layer, uint32_t h1, uint32_t t0,
+                       uint32_t t1, uint32_t dim, kvt_dtype dt, const void *data)
+{
+    kvt_record_info in = {.kind = kind,
+                          .layer = layer,
+                          .head_begin = 0,
+                          .head_end = h1,
+                          .tok_begin = t0,
+                          .tok_end = t1,
+                          .dim = dim,
+                          .dtype = dt};
+    kvt_status st = kvt_trace_writer_append(s->w, &in, data);
+    if (st != KVT_OK) {
+        s->err = st;
+        snprintf(s->err_msg, sizeof(s->err_msg), "%s", kvt_error_msg());
+        return st;
+    }
+    s->stats.bytes_submitted += (uint64_t)h1 * (t1 - t0) * dim * kvt_dtype_size(dt);
+    return KVT_OK;
+}
+
+/* Gather tokens [t0, t0 + nt) of a view and append them as rows [tok0, tok0 + nt). */
+static kvt_status emit_view(kvt_capture_session *s, int kind, int layer, const hview *v, int64_t t0,
+                            int64_t nt, uint32_t tok0)
+{
+    size_t n = (size_t)v->n_h * (size_t)nt * (size_t)v->n_d * s->es;
+    KVT_FORWARD(grow((void **)&s->scratch, &s->scratch_cap, n));
+    gather(v, t0, nt, s->model.kv_dtype, s->scratch, nt);
+    return emit(s, kind, layer, (uint32_t)v->n_h, tok0, tok0 + (uint32_t)nt, (uint32_t)v->n_d,
+                s->model.kv_dtype, s->scratch);
+}
+
+static kvt_status check_common(const kvt_capture_session *s, int layer, const char *what)
+{
+    KVT_RETURN_IF(!s, KVT_ERR_INVALID_ARG, "%s: null session", what);
+    if (s->err != KVT_OK)
+        return sticky(s);
+    KVT_RETURN_IF(layer < 0 || layer >= s->model.n_layers, KVT_ERR_INVALID_ARG,
+                  "%s: layer %d out of range [0, %d)", what, layer, s->model.n_layers);
+    return KVT_OK;
+}
+
+/* ---- open ---- */
+
+static kvt_status check_model(const struct kvt_capture_model *m, const struct kvt_capture_opts *o)
+{
+    KVT_RETURN_IF(!m || !o, KVT_ERR_INVALID_ARG, "model and options are required");
+    KVT_RETURN_IF(m->n_layers < 1 || m->n_layers > KVT_CAPTURE_MAX_LAYERS, KVT_ERR_INVALID_ARG,
+                  "model: n_layers %d out of range [1, %d]", m->n_layers, KVT_CAPTURE_MAX_LAYERS);
+    KVT_RETURN_IF(m->n_q_heads < 1 || m->n_q_heads > KVT_CAPTURE_MAX_HEADS, KVT_ERR_INVALID_ARG,
+                  "model: n_q_heads %d out of range", m->n_q_heads);
+    KVT_RETURN_IF(m->n_kv_heads < 1 || m->n_kv_heads > m->n_q_heads ||
+                      m->n_q_heads % m->n_kv_heads != 0,
+                  KVT_ERR_INVALID_ARG, "model: n_kv_heads %d must divide n_q_heads %d",
+                  m->n_kv_heads, m->n_q_heads);
+    KVT_RETURN_IF(m->head_dim < 1 || m->head_dim > KVT_CAPTURE_MAX_HEAD_DIM, KVT_ERR_INVALID_ARG,
+                  "model: head_dim %d out of range", m->head_dim);
+    KVT_RETURN_IF(!kvt_dtype_is_float(m->kv_dtype), KVT_ERR_INVALID_ARG,
+                  "model: kv_dtype must be f32, bf16 or f16");
+    KVT_RETURN_IF(m->rope != KVT_ROPE_NONE && m->rope != KVT_ROPE_DEFAULT &&
+                      m->rope != KVT_ROPE_MROPE,
+                  KVT_ERR_INVALID_ARG, "model: unknown rope kind %d", (int)m->rope);
+    KVT_RETURN_IF(!(m->attn_scale >= 0.0) || !isfinite(m->attn_scale) || !isfinite(m->rope_theta),
+                  KVT_ERR_INVALID_ARG, "model: attn_scale and rope_theta must be finite");
+    KVT_RETURN_IF(o->n_tokens < 1 || o->n_tokens > (1u << 30), KVT_ERR_INVALID_ARG,
+                  "n_tokens %u out of range [1, 2^30]", o->n_tokens);
+    KVT_RETURN_IF(o->window < 1 || o->window > o->n_tokens, KVT_ERR_INVALID_ARG,
+                  "window %u must be in [1, n_tokens = %u]", o->window, o->n_tokens);
+    KVT_RETURN_IF(o->n_decode > (1u << 30), KVT_ERR_INVALID_ARG, "n_decode %u too large",
+                  o->n_decode);
+    return KVT_OK;
+}
+
+static const char *rope_name(kvt_rope_kind k)
+{
+    return k == KVT_ROPE_DEFAULT ? "default" : k == KVT_ROPE_MROPE ? "mrope" : "none";
+}
+
+/* The trace's JSON header (FORMAT.md §JSON header). Caller frees with cJSON_free. */
+static kvt_status build_header(const kvt_capture_session *s, const char *capture_json, char **out)
+{
+    const struct kvt_capture_model *m = &s->model;
+    const struct kvt_capture_opts *o = &s->opts;
+    kvt_status st = KVT_OK;
+    cJSON *extra = NULL;
+    cJSON *root = cJSON_CreateObject();
+    if (!root)
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory (header)");
+    char created[64];
+    snprintf(created, sizeof(created), "kvtrace %s capture", kvt_version_string());
+    cJSON_AddStringToObject(root, "format", "kvtrace");
+    cJSON *fv = cJSON_AddArrayToObject(root, "format_version");
+    if (fv) {
+        cJSON_AddItemToArray(fv, cJSON_CreateNumber(KVT_FORMAT_MAJOR));
+        cJSON_AddItemToArray(fv, cJSON_CreateNumber(KVT_FORMAT_MINOR));
+    }
+    cJSON_AddStringToObject(root, "created_by", created);
+    cJSON_AddStringToObject(root, "endianness", "little");
+    cJSON *mo = cJSON_AddObjectToObject(root, "model");
+    if (mo) {
+        cJSON_AddStringToObject(mo, "name", m->name);
+        cJSON_AddStringToObject(mo, "arch", m->arch);
+        cJSON_AddNumberToObject(mo, "n_layers", m->n_layers);
+        cJSON_AddNumberToObject(mo, "n_q_heads", m->n_q_heads);
+        cJSON_AddNumberToObject(mo, "n_kv_heads", m->n_kv_heads);
+        cJSON_AddNumberToObject(mo, "head_dim", m->head_dim);
+        cJSON_AddNumberToObject(
+            mo, "attn_scale", m->attn_scale > 0 ? m->attn_scale : 1.0 / sqrt((double)m->head_dim));
+        cJSON *ro = cJSON_AddObjectToObject(mo, "rope");
+        if (ro) {
+            cJSON_AddStringToObject(ro, "type", rope_name(m->rope));
+            if (m->rope != KVT_ROPE_NONE)
+                cJSON_AddNumberToObject(ro, "theta", m->rope_theta);
+        }
+    }
+    cJSON_AddStringToObject(root, "kv_dtype", kvt_dtype_name(m->kv_dtype));
+    cJSON_AddNumberToObject(root, "n_tokens", o->n_tokens);
+    cJSON_AddNumberToObject(root, "window", o->window);
+    cJSON_AddNumberToObject(root, "n_decode", o->n_decode);
+    cJSON *en = cJSON_AddObjectToObject(root, "engine");
+    if (en) {
+        cJSON_AddStringToObject(en, "name", m->engine_name);
+        cJSON_AddStringToObject(en, "version", m->engine_version);
+    }
+    if (m->gpu)
+        cJSON_AddStringToObject(root, "gpu", m->gpu);
+    else
+        cJSON_AddNullToObject(root, "gpu");
+    cJSON *ca = cJSON_AddObjectToObject(root, "capture");
+    if (ca) {
+        cJSON_AddStringToObject(ca, "api", "kvt_capture");
+        cJSON_AddBoolToObject(ca, "with_colsum", o->with_colsum);
+        cJSON_AddBoolToObject(ca, "with_q_all", o->with_q_all);
+        cJSON_AddNumberToObject(ca, "decode_chunk", o->decode_chunk);
+        cJSON_AddNumberToObject(ca, "zstd_level", o->writer.level ? o->writer.level : 3);
+        cJSON_AddBoolToObject(ca, "byteplane", !o->writer.no_shuffle);
+    }
+    if (capture_json) {
+        extra = cJSON_Parse(capture_json);
+        if (!extra || !cJSON_IsObject(extra)) {
+            st = kvt_error_set(KVT_ERR_INVALID_ARG, "capture_json is not a JSON object");
+            goto out;
+        }
+        while (ca && extra->child) {
+            cJSON *it = cJSON_DetachItemViaPointer(extra, extra->child);
+            cJSON_DeleteItemFromObjectCaseSensitive(ca, it->string);
+            cJSON_AddItemToObject(ca, it->string, it);
+        }
+    }
+    *out = cJSON_PrintUnformatted(root);
+    if (!*out || !mo || !ca || !en)
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory (header)");
+out:
+    cJSON_Delete(extra);
+    cJSON_Delete(root);
+    return st;
+}
+
+static void session_free(kvt_capture_session *s)
+{
+    if (!s)
+        return;
+    kvt_trace_writer_free(s->w);
+    if (s->layers) {
+        for (int l = 0; l < s->model.n_layers; l++) {
+            layer_state *ls = &s->layers[l];
+            kvt_free(ls->k_f32);
+            kvt_free(ls->colsum);
+            kvt_free(ls->dq);
+            kvt_free(ls->dk);
+            kvt_free(ls->dv);
+        }
+    }
+    kvt_free(s->layers);
+    kvt_free(s->dec_tok);
+    kvt_free(s->scratch);
+    kvt_free(s->qf);
+    kvt_free(s->row);
+    kvt_free(s->name);
+    kvt_free(s->arch);
+    kvt_free(s->engine_name);
+    kvt_free(s->engine_version);
+    kvt_free(s->gpu);
+    kvt_free(s);
+}
+
+static char *dup_or(const char *str, const char *dflt, bool *fail)
+{
+    char *d = kvt_strdup(str ? str : dflt);
+    if (!d)
+        *fail = true;
+    return d;
+}
+
+kvt_status kvt_capture_open(const char *path, const struct kvt_capture_model *model,
+                            const struct kvt_capture_opts *opts, kvt_capture_session **out)
+{
+    KVT_RETURN_IF(!out, KVT_ERR_INVALID_ARG, "null output pointer");
+    *out = NULL;
+    KVT_RETURN_IF(!path, KVT_ERR_INVALID_ARG, "no output path");
+    KVT_FORWARD(check_model(model, opts));
+    kvt_status st;
+    char *hdr = NULL;
+    kvt_capture_session *s = kvt_calloc(1, sizeof(*s));
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
+    s->model = *model;
+    s->opts = *opts;
+    s->opts.capture_json = NULL;
+    if (s->opts.decode_chunk == 0)
+        s->opts.decode_chunk = KVT_CAPTURE_DECODE_CHUNK;
+    bool fail = false;
+    s->name = dup_or(model->name, "unknown", &fail);
+    s->arch = dup_or(model->arch, "unknown", &fail);
+    s->engine_name = dup_or(model->engine_name, "unknown", &fail);
+    s->engine_version = dup_or(model->engine_version, "unknown", &fail);
+    s->gpu = model->gpu ? dup_or(model->gpu, "", &fail) : NULL;
+    s->model.name = s->name;
+    s->model.arch = s->arch;
+    s->model.engine_name = s->engine_name;
+    s->model.engine_version = s->engine_version;
+    s->model.gpu = s->gpu;
+    s->es = kvt_dtype_size(model->kv_dtype);
+    s->scale =
+        model->attn_scale > 0 ? (float)model->attn_scale : 1.0f / sqrtf((float)model->head_dim);
+    s->layers = kvt_calloc((size_t)model->n_layers, sizeof(*s->layers));
+    s->dec_tok = kvt_calloc(s->opts.decode_chunk, sizeof(int32_t));
+    if (fail || !s->layers || !s->dec_tok) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free_s;
+    }
+    if (opts->with_colsum) {
+        s->row = kvt_calloc(opts->n_tokens, sizeof(float));
+        if (!s->row) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free_s;
+        }
+    }
+    st = build_header(s, opts->capture_json, &hdr);
+    if (st != KVT_OK)
+        goto out_free_s;
+    st = kvt_trace_writer_create(path, hdr, &s->opts.writer, &s->w);
+    cJSON_free(hdr);
+    if (st != KVT_OK)
+        goto out_free_s;
+    *out = s;
+    return KVT_OK;
+
+out_free_s:
+    session_free(s);
+    return st;
+}
+
+/* ---- tokens ---- */
+
+static kvt_status write_tokens(kvt_capture_session *s, const int32_t *ids, const uint8_t *mod,
+                               const int32_t *pos, int n_pos_rows)
+{
+    uint32_t T = s->opts.n_tokens;
+    if (ids)
+        KVT_FORWARD(emit(s, KVT_KIND_TOKEN_IDS, -1, 1, 0, T, 1, KVT_DTYPE_I32, ids));
+    if (mod)
+        KVT_FORWARD(emit(s, KVT_KIND_MODALITY, -1, 1, 0, T, 1, KVT_DTYPE_U8, mod));
+    if (pos)
+        KVT_FORWARD(
+            emit(s, KVT_KIND_POSITIONS, -1, (uint32_t)n_pos_rows, 0, T, 1, KVT_DTYPE_I32, pos));
+    return KVT_OK;
+}
+
+kvt_status kvt_capture_set_tokens(kvt_capture_session *s, const int32_t *token_ids,
+                                  const uint8_t *modality, const int32_t *positions, int n_pos_rows)
+{
+    KVT_FORWARD(check_common(s, 0, "set_tokens"));
+    KVT_RETURN_IF(s->tokens_set, KVT_ERR_STATE, "set_tokens: token tables were already given");
+    KVT_RETURN_IF(s->decode_started, KVT_ERR_STATE,
+                  "set_tokens: must come before the first decode step");
+    uint32_t T = s->opts.n_tokens;
+    if (positions) {
+        int want = s->model.rope == KVT_ROPE_MROPE ? 3 : 1;
+        KVT_RETURN_IF(n_pos_rows != want, KVT_ERR_INVALID_ARG,
+                      "set_tokens: %d position rows, this model (rope %s) needs %d", n_pos_rows,
+                      rope_name(s->model.rope), want);
+    }
+    if (modality)
+        for (uint32_t i = 0; i < T; i++)
+            KVT_RETURN_IF(modality[i] > KVT_MOD_OTHER, KVT_ERR_INVALID_ARG,
+                          "set_tokens: modality %u of token %u is not 0..3", modality[i], i);
+    s->tokens_set = true;
+    s->have_positions = positions != NULL;
+    s->have_modality = modality != NULL;
+    return write_tokens(s, token_ids, modality, positions, n_pos_rows);
+}
+
+/* ---- prompt ---- */
+
+kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok_begin,
+                                 const struct kvt_tensor_view *k, const struct kvt_tensor_view *v)
+{
+    KVT_FORWARD(check_common(s, layer, "submit_kv"));
+    hview hk, hv;
+    KVT_FORWARD(check_view(k, "submit_kv: K", s->model.n_kv_heads, s->model.head_dim, &hk));
+    KVT_FORWARD(check_view(v, "submit_kv: V", s->model.n_kv_heads, s->model.head_dim, &hv));
+    KVT_RETURN_IF(hk.n_t != hv.n_t, KVT_ERR_INVALID_ARG, "submit_kv: K has %lld tokens, V has %lld",
+                  (long long)hk.n_t, (long long)hv.n_t);
+    KVT_RETURN_IF(s->decode_started, KVT_ERR_STATE,
+                  "submit_kv: layer %d: prompt K/V after decode started", layer);
+    layer_state *ls = &s->layers[layer];
+    uint32_t T = s->opts.n_tokens, n = (uint32_t)hk.n_t;
+    KVT_RETURN_IF(tok_begin != ls->kv_done, KVT_ERR_STATE,
+                  "submit_kv: layer %d: tokens from %u submitted, next expected %u", layer,
+                  tok_begin, ls->kv_done);
+    KVT_RETURN_IF(n > T - tok_begin, KVT_ERR_INVALID_ARG,
+                  "submit_kv: layer %d: tokens [%u, %u) go past n_tokens %u", layer, tok_begin,
+                  tok_begin + n, T);
+    if (s->opts.with_colsum && !ls->k_f32) {
+        size_t cnt;
+        if (kvt_mul_overflow((size_t)s->model.n_kv_heads * (size_t)s->model.head_dim, T, &cnt) ||
+            kvt_mul_overflow(cnt, sizeof(float), &cnt))
+            return kvt_error_set(KVT_ERR_OVERFLOW, "submit_kv: key buffer size overflows");
+        ls->k_f32 = kvt_malloc(cnt);
+        KVT_RETURN_IF(!ls->k_f32, KVT_ERR_NOMEM, "out of memory (keys for column sums)");
+    }
+    KVT_FORWARD(emit_view(s, KVT_KIND_K, layer, &hk, 0, hk.n_t, tok_begin));
+    KVT_FORWARD(emit_view(s, KVT_KIND_V, layer, &hv, 0, hv.n_t, tok_begin));
+    if (ls->k_f32)
+        gather(&hk, 0, hk.n_t, KVT_DTYPE_F32, ls->k_f32 + (size_t)tok_begin * hk.n_d, T);
+    ls->kv_done += n;
+    s->stats.n_submits++;
+    return KVT_OK;
+}
+
+void kvt_colsum_accumulate_ref(const float *q, const float *k, double *colsum, int n_q_heads,
+                               int n_kv_heads, uint32_t q_begin, uint32_t n_q, uint32_t n_k,
+                               int head_dim, float scale, float *scratch)
+{
+    int group = n_q_heads / n_kv_heads;
+    size_t D = (size_t)head_dim;
+    for (int h = 0; h < n_q_heads; h++) {
+        const float *kh = k + (size_t)(h / group) * n_k * D; /* [n_k, D] */
+        double *cs = colsum + (size_t)h * n_k;
+        for (uint32_t qi = 0; qi < n_q; qi++) {
+            const float *qv = q + ((size_t)h * n_q + qi) * D; /* [D] */
+            uint32_t i = q_begin + qi;
+            float mx = -INFINITY;
+            for (uint32_t j = 0; j <= i; j++) {
+                float dot = 0.0f;
+                for (size_t d = 0; d < D; d++)
+                    dot += qv[d] * kh[(size_t)j * D + d];
+                scratch[j] = dot * scale;
+                if (scratch[j] > mx)
+                    mx = scratch[j];
+            }
+            double sum = 0.0;
+            for (uint32_t j = 0; j <= i; j++) {
+                scratch[j] = expf(scratch[j] - mx);
+                sum += scratch[j];
+            }
+            double inv = 1.0 / sum;
+            for (uint32_t j = 0; j <= i; j++)
+                cs[j] += (double)scratch[j] * inv;
+        }
+    }
+}
+
+static kvt_status finish_colsum(kvt_capture_session *s, int layer)
+{
+    layer_state *ls = &s->layers[layer];
+    uint32_t T = s->opts.n_tokens;
+    size_t n = (size_t)s->model.n_q_heads * T;
+    KVT_FORWARD(grow((void **)&s->scratch, &s->scratch_cap, n * sizeof(float)));
+    float *out = (float *)(void *)s->scratch;
+    for (size_t i = 0; i < n; i++)
+        out[i] = (float)ls->colsum[i];
+    KVT_FORWARD(emit(s, KVT_KIND_ATTN_COLSUM, layer, (uint32_t)s->model.n_q_heads, 0, T, 1,
+                     KVT_DTYPE_F32, out));
+    kvt_free(ls->colsum);
+    ls->colsum = NULL;
+    kvt_free(ls->k_f32);
+    ls->k_f32 = NULL;
+    return KVT_OK;
+}
+
+kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_t tok_begin,
+                                      const struct kvt_tensor_view *q)
+{
+    KVT_FORWARD(check_common(s, layer, "submit_queries"));
+    hview hq;
+    KVT_FORWARD(check_view(q, "submit_queries: Q", s->model.n_q_heads, s->model.head_dim, &hq));
+    KVT_RETURN_IF(s->decode_started, KVT_ERR_STATE,
+                  "submit_queries: layer %d: prompt queries after decode started", layer);
+    layer_state *ls = &s->layers[layer];
+    uint32_t T = s->opts.n_tokens, W = s->opts.window, n = (uint32_t)hq.n_t;
+    bool need_all = s->opts.with_colsum || s->opts.with_q_all;
+    if (!ls->q_started) {
+        KVT_RETURN_IF(need_all && tok_begin != 0, KVT_ERR_STATE,
+                      "submit_queries: layer %d: with column sums or Q_all, queries must start "
+                      "at token 0 (got %u)",
+                      layer, tok_begin);
+        KVT_RETURN_IF(tok_begin > T - W, KVT_ERR_STATE,
+                      "submit_queries: layer %d: first query %u is inside the window [%u, %u): "
+                      "the window would be incomplete",
+                      layer, tok_begin, T - W, T);
+    } else {
+        KVT_RETURN_IF(tok_begin != ls->q_done, KVT_ERR_STATE,
+                      "submit_queries: layer %d: tokens from %u submitted, next expected %u", layer,
+                      tok_begin, ls->q_done);
+    }
+    KVT_RETURN_IF(n > T - tok_begin, KVT_ERR_INVALID_ARG,
+                  "submit_queries: layer %d: tokens [%u, %u) go past n_tokens %u", layer, tok_begin,
+                  tok_begin + n, T);
+    uint32_t tok_end = tok_begin + n;
+    if (s->opts.with_colsum) {
+        KVT_RETURN_IF(ls->kv_done < tok_end, KVT_ERR_STATE,
+                      "submit_queries: layer %d: queries up to token %u need its keys first "
+                      "(keys submitted for %u tokens)",
+                      layer, tok_end, ls->kv_done);
+        size_t nq = (size_t)hq.n_h * n * (size_t)hq.n_d;
+        size_t qcap = s->qf_cap;
+        KVT_FORWARD(grow((void **)&s->qf, &qcap, nq * sizeof(float)));
+        s->qf_cap = qcap;
+        if (!ls->colsum) {
+            ls->colsum = kvt_calloc((size_t)s->model.n_q_heads * T, sizeof(double));
+            KVT_RETURN_IF(!ls->colsum, KVT_ERR_NOMEM, "out of memory (column sums)");
+        }
+    }
+    if (s->opts.with_q_all)
+        KVT_FORWARD(emit_view(s, KVT_KIND_Q_ALL, layer, &hq, 0, hq.n_t, tok_begin));
+    uint32_t w0 = T - W;
+    if (tok_end > w0) {
+        uint32_t a = tok_begin > w0 ? tok_begin : w0;
+        KVT_FORWARD(emit_view(s, KVT_KIND_Q_WINDOW, layer, &hq, (int64_t)(a - tok_begin),
+                              tok_end - a, a - w0));
+    }
+    if (s->opts.with_colsum) {
+        uint64_t t0 = kvt_now_ns();
+        gather(&hq, 0, hq.n_t, KVT_DTYPE_F32, s->qf, hq.n_t);
+        kvt_colsum_accumulate_ref(s->qf, ls->k_f32, ls->colsum, s->model.n_q_heads,
+                                  s->model.n_kv_heads, tok_begin, n, T, s->model.head_dim, s->scale,
+                                  s->row);
+        s->stats.colsum_ns += kvt_now_ns() - t0;
+    }
+    if (!ls->q_started) {
+        ls->q_started = true;
+        ls->q_begin = tok_begin;
+    }
+    ls->q_done = tok_end;
+    s->stats.n_submits++;
+    if (s->opts.with_colsum && tok_end == T)
+        KVT_FORWARD(finish_colsum(s, layer));
+    return KVT_OK;
+}
+
+/* ---- decode ---- */
+
+/* The first layer whose prompt is incomplete, with a message; -1 if all are complete. */
+static int prompt_gap(const kvt_capture_session *s, char *msg, size_t cap)
+{
+    uint32_t T = s->opts.n_tokens;
+    for (int l = 0; l < s->model.n_layers; l++) {
+        const layer_state *ls = &s->layers[l];
+        if (ls->kv_done != T) {
+            snprintf(msg, cap, "layer %d has K/V for %u of %u prompt tokens", l, ls->kv_done, T);
+            return l;
+        }
+        if (ls->q_done != T) {
+            snprintf(msg, cap, "layer %d has queries up to token %u of %u", l, ls->q_done, T);
+            return l;
+        }
+    }
+    return -1;
+}
+
+static kvt_status flush_decode(kvt_capture_session *s, int layer)
+{
+    layer_state *ls = &s->layers[layer];
+    uint32_t n = ls->dec_done - ls->dec_flushed, C = s->opts.decode_chunk;
+    if (n == 0)
+        return KVT_OK;
+    size_t row = (size_t)s->model.head_dim * s->es;
+    int hq = s->model.n_q_heads, hkv = s->model.n_kv_heads;
+    if (n < C) { /* compact [H, C, D] to [H, n, D] */
+        for (int h = 1; h < hq; h++)
+            memmove(ls->dq + h * n * row, ls->dq + h * C * row, n * row);
+        for (int h = 1; h < hkv; h++) {
+            memmove(ls->dk + h * n * row, ls->dk + h * C * row, n * row);
+            memmove(ls->dv + h * n * row, ls->dv + h * C * row, n * row);
+        }
+    }
+    uint32_t g0 = ls->dec_flushed, g1 = ls->dec_done;
+    uint32_t D = (uint32_t)s->model.head_dim;
+    KVT_FORWARD(
+        emit(s, KVT_KIND_Q_DECODE, layer, (uint32_t)hq, g0, g1, D, s->model.kv_dtype, ls->dq));
+    KVT_FORWARD(
+        emit(s, KVT_KIND_K_DECODE, layer, (uint32_t)hkv, g0, g1, D, s->model.kv_dtype, ls->dk));
+    KVT_FORWARD(
+        emit(s, KVT_KIND_V_DECODE, layer, (uint32_t)hkv, g0, g1, D, s->model.kv_dtype, ls->dv));
+    ls->dec_flushed = g1;
+    return KVT_OK;
+}
+
+static kvt_status flush_decode_tokens(kvt_capture_session *s)
+{
+    uint32_t n = s->dec_tok_done - s->dec_tok_flushed;
+    if (n == 0)
+        return KVT_OK;
+    KVT_FORWARD(emit(s, KVT_KIND_DECODE_TOKEN_IDS, -1, 1, s->dec_tok_flushed, s->dec_tok_done, 1,
+                     KVT_DTYPE_I32, s->dec_tok));
+    s->dec_tok_flushed = s->dec_tok_done;
+    return KVT_OK;
+}
+
+kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t step,
+                                     const struct kvt_tensor_view *q,
+                                     const struct kvt_tensor_view *k,
+                                     const struct kvt_tensor_view *v)
+{
+    KVT_FORWARD(check_common(s, layer, "submit_decode"));
+    hview hq, hk, hv;
+    int Hq = s->model.n_q_heads, Hkv = s->model.n_kv_heads, D = s->model.head_dim;
+    KVT_FORWARD(check_view(q, "submit_decode: Q", Hq, D, &hq));
+    KVT_FORWARD(check_view(k, "submit_decode: K", Hkv, D, &hk));
+    KVT_FORWARD(check_view(v, "submit_decode: V", Hkv, D, &hv));
+    KVT_RETURN_IF(hq.n_t != hk.n_t || hq.n_t != hv.n_t, KVT_ERR_INVALID_ARG,
+                  "submit_decode: Q, K and V cover %lld, %lld and %lld steps", (long long)hq.n_t,
+                  (long long)hk.n_t, (long long)hv.n_t);
+    if (!s->prompt_complete) {
+        char msg[160];
+        if (prompt_gap(s, msg, sizeof(msg)) >= 0)
+            return kvt_error_set(KVT_ERR_STATE,
+                                 "submit_decode: the prompt must be complete first: %s", msg);
+        s->prompt_complete = true;
+    }
+    layer_state *ls = &s->layers[layer];
+    uint32_t n = (uint32_t)hq.n_t, G = s->opts.n_decode, C = s->opts.decode_chunk;
+    KVT_RETURN_IF(step != ls->dec_done, KVT_ERR_STATE,
+                  "submit_decode: layer %d: step %u submitted, next expected %u", layer, step,
+                  ls->dec_done);
+    KVT_RETURN_IF(n > G - step, KVT_ERR_INVALID_ARG,
+                  "submit_decode: layer %d: steps [%u, %u) go past the planned n_decode %u", layer,
+                  step, step + n, G);
+    if (!ls->dq) {
+        size_t row = (size_t)D * s->es * C;
+        ls->dq = kvt_malloc(row * (size_t)Hq);
+        ls->dk = kvt_malloc(row * (size_t)Hkv);
+        ls->dv = kvt_malloc(row * (size_t)Hkv);
+        if (!ls->dq || !ls->dk || !ls->dv) {
+            kvt_free(ls->dq);
+            kvt_free(ls->dk);
+            kvt_free(ls->dv);
+            ls->dq = ls->dk = ls->dv = NULL;
+            return kvt_error_set(KVT_ERR_NOMEM, "out of memory (decode buffers)");
+        }
+    }
+    s->decode_started = true;
+    size_t row = (size_t)D * s->es;
+    for (uint32_t t = 0; t < n;) {
+        uint32_t c = ls->dec_done - ls->dec_flushed;
+        uint32_t take = C - c < n - t ? C - c : n - t;
+        kvt_dtype dt = s->model.kv_dtype;
+        gather(&hq, t, take, dt, ls->dq + c * row, C);
+        gather(&hk, t, take, dt, ls->dk + c * row, C);
+        gather(&hv, t, take, dt, ls->dv + c * row, C);
+        ls->dec_done += take;
+        t += take;
+        if (ls->dec_done - ls->dec_flushed == C)
+            KVT_FORWARD(flush_decode(s, layer));
+    }
+    s->stats.n_submits++;
+    return KVT_OK;
+}
+
+kvt_status kvt_capture_submit_decode_token(kvt_capture_session *s, uint32_t step, int32_t token_id)
+{
+    KVT_FORWARD(check_common(s, 0, "submit_decode_token"));
+    KVT_RETURN_IF(step != s->dec_tok_done, KVT_ERR_STATE,
+                  "submit_decode_token: step %u submitted, next expected %u", step,
+                  s->dec_tok_done);
+    KVT_RETURN_IF(step >= s->opts.n_decode, KVT_ERR_INVALID_ARG,
+                  "submit_decode_token: step %u is past the planned n_decode %u", step,
+                  s->opts.n_decode);
+    s->dec_tok[s->dec_tok_done - s->dec_tok_flushed] = token_id;
+    s->dec_tok_done++;
+    s->stats.n_submits++;
+    if (s->dec_tok_done - s->dec_tok_flushed == s->opts.decode_chunk)
+        KVT_FORWARD(flush_decode_tokens(s));
+    return KVT_OK;
+}
+
+/* ---- close ---- */
+
+static void update_stats(kvt_capture_session *s)
+{
+    kvt_trace_writer_get_stats(s->w, &s->stats.writer);
+    s->stats.stall_ns = s->stats.writer.stall_ns;
+    uint32_t g = s->opts.n_decode ? UINT32_MAX : 0;
+    for (int l = 0; l < s->model.n_layers; l++)
+        if (s->layers[l].dec_done < g)
+            g = s->layers[l].dec_done;
+    s->stats.n_decode = g;
+}
+
+void kvt_capture_get_stats(kvt_capture_session *s, struct kvt_capture_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!s)
+        return;
+    update_stats(s);
+    *out = s->stats;
+}
+
+/* Positions 0..T-1 and all-text modality for tables the engine did not give. */
+static kvt_status write_default_tokens(kvt_capture_session *s, cJSON *defaults)
+{
+    uint32_t T = s->opts.n_tokens;
+    KVT_FORWARD(grow((void **)&s->scratch, &s->scratch_cap, (size_t)T * sizeof(int32_t)));
+    int32_t *pos = (int32_t *)(void *)s->scratch;
+    if (!s->have_positions && s->model.rope != KVT_ROPE_MROPE) {
+        for (uint32_t i = 0; i < T; i++)
+            pos[i] = (int32_t)i;
+        KVT_FORWARD(emit(s, KVT_KIND_POSITIONS, -1, 1, 0, T, 1, KVT_DTYPE_I32, pos));
+        cJSON_AddItemToArray(defaults, cJSON_CreateString("positions"));
+    }
+    if (!s->have_modality) {
+        memset(s->scratch, KVT_MOD_TEXT, T);
+        KVT_FORWARD(emit(s, KVT_KIND_MODALITY, -1, 1, 0, T, 1, KVT_DTYPE_U8, s->scratch));
+        cJSON_AddItemToArray(defaults, cJSON_CreateString("modality"));
+    }
+    return KVT_OK;
+}
+
+/* Everything close writes before the writer's finish. */
+static kvt_status close_records(kvt_capture_session *s, bool *complete, char *gap, size_t cap)
+{
+    for (int l = 0; l < s->model.n_layers; l++)
+        KVT_FORWARD(flush_decode(s, l));
+    KVT_FORWARD(flush_decode_tokens(s));
+    cJSON *meta = cJSON_CreateObject();
+    KVT_RETURN_IF(!meta, KVT_ERR_NOMEM, "out of memory (meta_json)");
+    cJSON *defaults = cJSON_AddArrayToObject(meta, "defaulted_tables");
+    kvt_status st = KVT_OK;
+    if (defaults)
+        st = write_default_tokens(s, defaults);
+    *complete = prompt_gap(s, gap, cap) < 0;
+    char *txt = NULL;
+    if (st == KVT_OK) {
+        update_stats(s);
+        cJSON *cs = cJSON_AddObjectToObject(meta, "capture_stats");
+        if (cs) {
+            cJSON_AddBoolToObject(cs, "complete", *complete);
+            if (!*complete)
+                cJSON_AddStringToObject(cs, "missing", gap);
+            cJSON_AddNumberToObject(cs, "n_decode", s->stats.n_decode);
+            cJSON_AddNumberToObject(cs, "n_decode_tokens", s->dec_tok_done);
+            cJSON_AddNumberToObject(cs, "n_submits", (double)s->stats.n_submits);
+            cJSON_AddNumberToObject(cs, "bytes_submitted", (double)s->stats.bytes_submitted);
+            cJSON_AddNumberToObject(cs, "stall_ns", (double)s->stats.stall_ns);
+        }
+        txt = cJSON_PrintUnformatted(meta);
+        if (!cs || !txt || !defaults)
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory (meta_json)");
+    }
+    if (st == KVT_OK) {
+        st = kvt_trace_writer_append_json(s->w, txt);
+        if (st != KVT_OK) {
+            s->err = st;
+            snprintf(s->err_msg, sizeof(s->err_msg), "%s", kvt_error_msg());
+        }
+    }
+    cJSON_free(txt);
+    cJSON_Delete(meta);
+    return st;
+}
+
+kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *stats)
+{
+    if (stats)
+        memset(stats, 0, sizeof(*stats));
+    if (!s)
+        return KVT_OK;
+    kvt_status st = s->err != KVT_OK ? sticky(s) : KVT_OK;
+    bool complete = false;
+    char gap[160] = "";
+    if (st == KVT_OK)
+        st = close_records(s, &complete, gap, sizeof(gap));
+    if (st == KVT_OK) {
+        st = kvt_trace_writer_finish(s->w);
+        if (st == KVT_OK && !complete)
+            st = kvt_error_set(KVT_ERR_STATE, "capture closed with an incomplete prompt: %s", gap);
+    }
+    if (stats) {
+        update_stats(s);
+        *stats = s->stats;
+    }
+    session_free(s);
+    return st;
+}

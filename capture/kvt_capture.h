@@ -1,0 +1,200 @@
+/* kvt_capture.h - the capture API: an inference engine opens a capture session, submits its
+ * post-RoPE keys, values and queries (per layer, in its own memory layout) plus per-token
+ * tables and decode steps, and closes the session, which finishes a .kvt trace. Sits between
+ * an engine (the built-in llama2.c engine, the Python binding, later a GPU path) and the
+ * trace writer (traces/kvt_trace.h), which copies, compresses and writes on worker threads.
+ *
+ * Dimension letters: L layers, Hq query heads, Hkv KV heads, T prompt tokens, W window
+ * queries, G decode steps, D head dim, B batch (always 1 here).
+ */
+#ifndef KVT_CAPTURE_H
+#define KVT_CAPTURE_H
+
+#include "kvt_common.h"
+#include "kvt_trace.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------------------- */
+/* Tensor views                                                                          */
+/* ------------------------------------------------------------------------------------- */
+
+/** Where a tensor's memory lives. Only host memory is accepted today; a device path (CUDA
+ *  pointers read on the producer stream) is a later addition and will add values here. */
+typedef enum kvt_mem {
+    KVT_MEM_HOST = 0,
+} kvt_mem;
+
+#define KVT_VIEW_MAX_DIMS 4
+
+/** A borrowed, strided view of an engine's tensor. The logical axis order is fixed:
+ *  [H, T, D] (ndim 3) or [B, H, T, D] (ndim 4, B must be 1); the engine's memory layout is
+ *  expressed through the strides, so a [B, T, H, D] buffer is passed as shape {1, H, T, D}
+ *  with strides {T*H*D, D, H*D, 1}. Strides are in elements (not bytes), may be any value
+ *  including 0 and negative, and `data` points at the logical element [0, 0, 0(, 0)].
+ *  Borrowed only for the duration of the call that receives it. */
+struct kvt_tensor_view {
+    const void *data;                  /* element [0,..,0] */
+    kvt_dtype dtype;                   /* f32, bf16 or f16 */
+    int ndim;                          /* 3 ([H,T,D]) or 4 ([B,H,T,D]) */
+    int64_t shape[KVT_VIEW_MAX_DIMS];  /* logical shape */
+    int64_t stride[KVT_VIEW_MAX_DIMS]; /* in elements, per logical axis */
+    kvt_mem mem;                       /* KVT_MEM_HOST */
+    int device_idx;                    /* reserved for device memory; 0 */
+};
+
+/** Fill `v` as a contiguous row-major [H, T, D] host view of `data`. */
+void kvt_tensor_view_hTd(struct kvt_tensor_view *v, const void *data, kvt_dtype dtype, int64_t h,
+                         int64_t t, int64_t d);
+
+/* ------------------------------------------------------------------------------------- */
+/* Session                                                                               */
+/* ------------------------------------------------------------------------------------- */
+
+typedef enum kvt_rope_kind {
+    KVT_ROPE_NONE = 0,
+    KVT_ROPE_DEFAULT = 1, /* rotary on the 1-D position id */
+    KVT_ROPE_MROPE = 2,   /* multimodal rotary on 3 position ids (t, h, w) */
+} kvt_rope_kind;
+
+/** The model whose cache is captured. Strings are copied at open. */
+struct kvt_capture_model {
+    const char *name;   /* e.g. "stories260K" */
+    const char *arch;   /* e.g. "llama" */
+    int n_layers;       /* L */
+    int n_q_heads;      /* Hq */
+    int n_kv_heads;     /* Hkv; Hq must be a multiple */
+    int head_dim;       /* D */
+    kvt_dtype kv_dtype; /* dtype stored in the trace for K, V and queries (f32/bf16/f16) */
+    kvt_rope_kind rope; /* positional encoding, recorded in the header */
+    double rope_theta;  /* 0 when not applicable */
+    double attn_scale;  /* softmax scale; 0 = 1/sqrt(D) */
+    const char *engine_name;
+    const char *engine_version;
+    const char *gpu; /* device name, NULL on CPU (header "gpu": null) */
+};
+
+/** Capture settings. */
+struct kvt_capture_opts {
+    uint32_t n_tokens;        /* T: prompt tokens that will be submitted (>= 1) */
+    uint32_t window;          /* W: last prompt queries kept as Q_window (1 <= W <= T) */
+    uint32_t n_decode;        /* G planned: upper bound on decode steps (0 = no decode) */
+    uint32_t decode_chunk;    /* decode steps per record (0 = 64); buffered per layer */
+    bool with_colsum;         /* compute attn_colsum [Hq,T] from all prompt queries (causal) */
+    bool with_q_all;          /* also store every prompt query as Q_all [Hq,T,D] */
+    const char *capture_json; /* optional JSON object merged into the header's "capture" */
+    kvt_writer_opts writer;   /* compression level, threads, memory bound, force */
+};
+
+/** Counters of a session, also written as the trace's final meta_json record. */
+struct kvt_capture_stats {
+    uint64_t n_submits;       /* successful submit calls */
+    uint64_t bytes_submitted; /* bytes handed to the writer (stored dtype) */
+    uint64_t stall_ns;        /* time submissions waited for the writer (backpressure) */
+    uint64_t colsum_ns;       /* time spent computing column sums (not in meta_json) */
+    uint32_t n_decode;        /* decode steps captured in every layer (real G) */
+    kvt_writer_stats writer;  /* records, raw/compressed/file bytes */
+};
+
+/** A capture session. Not thread-safe: the engine serialises its calls (the writer behind it
+ *  compresses and writes on its own threads). Every submission gathers the view into the
+ *  stored dtype and hands it to the writer, which copies it; the caller's memory is free
+ *  again when the call returns. With column sums, the session keeps each layer's keys in
+ *  f32 ([Hkv, T, D]) from its first K/V submission until its queries are complete. */
+typedef struct kvt_capture_session kvt_capture_session;
+
+/** Open a capture session and write the trace's header.
+ * @param path  output trace; an existing file is an error unless opts->writer.force.
+ * @param model model description (copied).
+ * @param opts  capture settings (copied).
+ * @param out   receives the session; the caller ends it with kvt_capture_close.
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (bad model/opts, message says which field);
+ *         KVT_ERR_IO (cannot create the file); KVT_ERR_NOMEM. */
+kvt_status kvt_capture_open(const char *path, const struct kvt_capture_model *model,
+                            const struct kvt_capture_opts *opts, kvt_capture_session **out);
+
+/** Per-token tables of the prompt, each [T] (positions [P, T] row-major), written at once.
+ *  Any pointer may be NULL, and the call itself is optional: at close, missing positions are
+ *  written as 0..T-1 (P = 1; M-RoPE positions are never invented) and missing modality as
+ *  all text, and meta_json lists them under "defaulted_tables"; missing token ids are absent.
+ *  At most once per session, before the first decode step.
+ * @param token_ids  [T] i32 or NULL.  @param modality [T] u8 (kvt_modality) or NULL.
+ * @param positions  [P, T] i32 or NULL.  @param n_pos_rows P: 1, or 3 for M-RoPE.
+ * @return KVT_OK; KVT_ERR_STATE (already set, or decode started); KVT_ERR_INVALID_ARG;
+ *         the session's sticky write error. */
+kvt_status kvt_capture_set_tokens(kvt_capture_session *s, const int32_t *token_ids,
+                                  const uint8_t *modality, const int32_t *positions,
+                                  int n_pos_rows);
+
+/** Prompt keys and values of one layer for tokens [tok_begin, tok_begin + n), where n is the
+ *  view's T extent. Per layer, token ranges must arrive in order with no gap (tok_begin equals
+ *  the tokens already submitted for that layer); layers may interleave freely (whole prompt
+ *  per layer, or ubatch by ubatch). Both views must be [(1,) Hkv, n, D].
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (shape/dtype/layer); KVT_ERR_STATE (out of order, or
+ *         decode started); the sticky write error (KVT_ERR_IO...) after a failed write. */
+kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok_begin,
+                                 const struct kvt_tensor_view *k, const struct kvt_tensor_view *v);
+
+/** Prompt queries of one layer for tokens [tok_begin, tok_begin + n), view [(1,) Hq, n, D].
+ *  The session keeps those in the last W positions as Q_window, stores them all as Q_all if
+ *  asked, and, with column sums, accumulates the causal softmax of each query over keys
+ *  0..its position, which must therefore already have been submitted for this layer. The
+ *  first range of a layer may start anywhere at or before T - W (at 0 with column sums or
+ *  Q_all); later ranges continue without a gap. Column sums use the engine's values (before
+ *  rounding to kv_dtype), f32 logits and f64 sums, one T-long row of scratch, O(T^2 Hq D)
+ *  work on the calling thread; a layer's sums are written when its last query arrives.
+ * @return as kvt_capture_submit_kv. */
+kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_t tok_begin,
+                                      const struct kvt_tensor_view *q);
+
+/** One or more decode steps of one layer: steps [step, step + n) where n is the views' T
+ *  extent; q is [(1,) Hq, n, D], k and v [(1,) Hkv, n, D]. Allowed once every layer's prompt
+ *  K, V and queries are complete; per layer, steps arrive in order. Steps are buffered per
+ *  layer and written as Q_decode/K_decode/V_decode records every decode_chunk steps and at
+ *  close (a crash loses at most the unwritten chunk).
+ * @return as kvt_capture_submit_kv; KVT_ERR_INVALID_ARG past the planned n_decode. */
+kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t step,
+                                     const struct kvt_tensor_view *q,
+                                     const struct kvt_tensor_view *k,
+                                     const struct kvt_tensor_view *v);
+
+/** The input token of decode step `step` (the token at position T + step). Steps in order. */
+kvt_status kvt_capture_submit_decode_token(kvt_capture_session *s, uint32_t step, int32_t token_id);
+
+/** Snapshot of the counters. */
+void kvt_capture_get_stats(kvt_capture_session *s, struct kvt_capture_stats *out);
+
+/** Finish and free the session: flush buffered decode steps, write the token tables if they
+ *  were not given, a meta_json record with the statistics, the index and the trailer. The
+ *  session is freed whatever the result.
+ *  - If an earlier write failed, nothing more is written: the file ends at its last complete
+ *    record (readable, recovered by a forward scan) and the sticky error is returned.
+ *  - If the prompt is incomplete (a layer lacks K, V or queries), the trace is still
+ *    finished with what was submitted, its meta_json says "complete": false, and
+ *    KVT_ERR_STATE is returned; `kvtrace verify` lists what is missing.
+ * @param stats may be NULL; receives the final counters.
+ * @return KVT_OK; KVT_ERR_STATE; the sticky write error; KVT_ERR_IO. */
+kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *stats);
+
+/* ------------------------------------------------------------------------------------- */
+/* Summaries (exposed for tests and other engines)                                       */
+/* ------------------------------------------------------------------------------------- */
+
+/** Causal attention column sums of one layer, reference implementation (plain loops, f32
+ *  logits, f64 accumulation, one query row of scratch: no T x T matrix).
+ *  colsum[h][j] += sum over queries i in [q_begin, q_begin + n_q) with i >= j of
+ *  softmax_j'(<=i)(scale * q[h][i] . k[h / (Hq/Hkv)][j']) evaluated at j.
+ * @param q      [Hq, n_q, D] f32, query i at row i - q_begin.
+ * @param k      [Hkv, n_k, D] f32 with n_k >= q_begin + n_q.
+ * @param colsum [Hq, n_k] f64 accumulator (caller zeroes it once).
+ * @param scratch n_k floats. */
+void kvt_colsum_accumulate_ref(const float *q, const float *k, double *colsum, int n_q_heads,
+                               int n_kv_heads, uint32_t q_begin, uint32_t n_q, uint32_t n_k,
+                               int head_dim, float scale, float *scratch);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_CAPTURE_H */

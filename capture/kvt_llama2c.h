@@ -1,0 +1,118 @@
+/* kvt_llama2c.h - a built-in inference engine for llama2.c "legacy" checkpoints (Llama
+ * architecture, GQA, shared or separate classifier): load and validate a checkpoint, run the
+ * forward pass on the CPU in plain f32 C, and capture a real trace through the public capture
+ * API (kvt_capture.h). Format and forward pass: models/README.md.
+ *
+ * Letters: L layers, Hq query heads, Hkv KV heads, D head dim, T prompt tokens, G decode
+ * steps, S the model's maximum sequence length (seq_len).
+ */
+#ifndef KVT_LLAMA2C_H
+#define KVT_LLAMA2C_H
+
+#include "kvt_capture.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVT_LLAMA2C_BOS        1       /* beginning-of-sequence token id */
+#define KVT_LLAMA2C_ROPE_THETA 10000.0 /* RoPE base */
+#define KVT_LLAMA2C_NORM_EPS   1e-5f   /* RMSNorm epsilon */
+
+/** The checkpoint header, validated, plus derived sizes. */
+typedef struct kvt_llama2c_config {
+    int dim;                /* model width */
+    int hidden_dim;         /* FFN width */
+    int n_layers;           /* L */
+    int n_heads;            /* Hq */
+    int n_kv_heads;         /* Hkv */
+    int vocab_size;         /* absolute value of the header field */
+    int seq_len;            /* S */
+    int head_dim;           /* D = dim / n_heads */
+    int kv_dim;             /* Hkv * D */
+    bool shared_classifier; /* header vocab_size > 0: logits use the embedding table */
+} kvt_llama2c_config;
+
+typedef struct kvt_llama2c_model kvt_llama2c_model;
+
+/** Load a checkpoint: every header field and the exact file size are checked, and every
+ *  weight must be finite.
+ * @param out caller closes with kvt_llama2c_model_close.
+ * @return KVT_OK; KVT_ERR_IO (cannot open or read); KVT_ERR_CORRUPT (bad header value, size
+ *         mismatch, non-finite weight: the message says which); KVT_ERR_NOMEM. */
+kvt_status kvt_llama2c_model_open(const char *path, kvt_llama2c_model **out);
+void kvt_llama2c_model_close(kvt_llama2c_model *m);
+/** Owned by the model, valid until close. */
+const kvt_llama2c_config *kvt_llama2c_model_config(const kvt_llama2c_model *m);
+
+/** Inference state: KV cache of S positions and scratch buffers. Tokens are fed in order. */
+typedef struct kvt_llama2c_state kvt_llama2c_state;
+
+/** @param keep_queries also keep every position's post-RoPE queries (for Q_all/colsum).
+ *  @param out caller frees with kvt_llama2c_state_free. The model must outlive the state. */
+kvt_status kvt_llama2c_state_create(const kvt_llama2c_model *m, bool keep_queries,
+                                    kvt_llama2c_state **out);
+void kvt_llama2c_state_free(kvt_llama2c_state *st);
+
+/** Run one token at the next position (0, 1, 2, ...).
+ * @param logits receives [vocab] logits, owned by the state, valid until the next forward.
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (token out of range); KVT_ERR_STATE (context full). */
+kvt_status kvt_llama2c_forward(kvt_llama2c_state *st, int32_t token, const float **logits);
+
+/** Positions run so far. */
+uint32_t kvt_llama2c_state_n_pos(const kvt_llama2c_state *st);
+/** Layer l's key cache, post-RoPE, row-major [S, Hkv, D] (rows < n_pos are valid). Owned by
+ *  the state. */
+const float *kvt_llama2c_state_keys(const kvt_llama2c_state *st, int layer);
+/** Layer l's value cache [S, Hkv, D]. */
+const float *kvt_llama2c_state_values(const kvt_llama2c_state *st, int layer);
+/** Layer l's post-RoPE queries [S, Hq, D] with keep_queries; otherwise [1, Hq, D] holding
+ *  the last position's. */
+const float *kvt_llama2c_state_queries(const kvt_llama2c_state *st, int layer);
+
+/** Index of the largest logit (the first one on ties). */
+int32_t kvt_llama2c_argmax(const float *logits, int n);
+/** Sample from softmax(logits / temperature) with `rng`; temperature <= 0 is argmax. */
+int32_t kvt_llama2c_sample(const float *logits, int n, float temperature, kvt_rng *rng);
+
+/** Read whitespace-separated token ids from a text file.
+ * @param ids receives the ids; caller frees with kvt_free.
+ * @return KVT_OK; KVT_ERR_IO; KVT_ERR_CORRUPT (not an integer, or outside [0, vocab)). */
+kvt_status kvt_llama2c_read_ids(const char *path, int vocab, int32_t **ids, uint32_t *n_ids);
+
+/** What to run and capture. */
+struct kvt_llama2c_capture_opts {
+    const int32_t *prompt_ids; /* [n_prompt], or NULL to generate the prompt from BOS */
+    uint32_t n_prompt;         /* T */
+    uint64_t seed;             /* prompt sampling seed */
+    float temperature;         /* prompt sampling temperature; <= 0 is greedy */
+    uint32_t n_decode;         /* G greedy decode steps after the prompt */
+    uint32_t window;           /* W */
+    bool with_colsum;
+    bool with_q_all;
+    kvt_dtype kv_dtype;     /* stored dtype (KVT_DTYPE_INVALID = f32) */
+    const char *model_name; /* NULL: the checkpoint's file name without ".bin" */
+    kvt_writer_opts writer;
+};
+
+struct kvt_llama2c_capture_result {
+    int32_t *tokens; /* [T + G + 1]: prompt, decode inputs, last generated; kvt_free */
+    uint32_t n_tokens;
+    float *logits; /* [T + G, vocab] logits at every position, if want_logits; kvt_free */
+    struct kvt_capture_stats stats;
+};
+
+/** Run a checkpoint over a prompt (given, or generated from BOS with the seed) and G greedy
+ *  decode steps, capturing K, V, the last W queries (and Q_all, column sums if asked), the
+ *  decode steps and the token tables into `out_path` through kvt_capture_*.
+ * @param res may be NULL; otherwise filled (free its arrays with kvt_free).
+ * @param want_logits keep every position's logits in res->logits.
+ * @return KVT_OK or the first error (model, options, capture, write) with a message. */
+kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_capture_opts *o,
+                               const char *out_path, struct kvt_llama2c_capture_result *res,
+                               bool want_logits);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_LLAMA2C_H */
