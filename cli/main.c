@@ -8,12 +8,14 @@
 
 int kvt_cmd_info(int argc, char **argv);
 int kvt_cmd_verify(int argc, char **argv);
+int kvt_cmd_replay(int argc, char **argv);
 int kvt_cmd_capture_llama2c(int argc, char **argv);
 
 static const kvt_cli_command commands[] = {
     {"info", "show a trace's model, shapes, tensors and compression", kvt_cmd_info},
     {"verify", "check every checksum of a trace; report damaged or missing records",
      kvt_cmd_verify},
+    {"replay", "replay compression policies at many budgets; write results.json", kvt_cmd_replay},
     {"capture-llama2c", "capture a trace from a llama2.c model (CPU)", kvt_cmd_capture_llama2c},
 };
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # demo.sh - the README's main command: install what is missing, build, and run the main job:
 # capture a real trace from the bundled stories260K model (llama2.c checkpoint, CPU), verify
-# it, and show what it holds. As replay and report land, this becomes
-# capture -> replay -> report.
+# it, show what it holds, and replay every policy at a range of budgets (results.json). The
+# HTML/PNG report is the next step to land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh build
@@ -15,4 +15,7 @@ echo "== verify" >&2
 $BIN verify out/stories260K.kvt
 echo "== info" >&2
 $BIN info out/stories260K.kvt
-echo "demo: trace written to out/stories260K.kvt" >&2
+echo "== replay: every policy at budgets 40..256 tokens per KV head (window 32 included)" >&2
+$BIN replay out/stories260K.kvt --policies all,h2o,oracle --budgets 40,48,64,96,128,192,256 \
+    --force -o out/results.json
+echo "demo: trace out/stories260K.kvt, results out/results.json (fields: analysis/RESULTS.md)" >&2

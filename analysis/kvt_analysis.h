@@ -1,0 +1,112 @@
+/* kvt_analysis.h - what kvtrace concludes from a replay: the results of one or more traces
+ * (kvt_trace_result, filled by replay/), their aggregation per layer, per model and per
+ * modality, the versioned results.json writer and reader (the only input of report/ and
+ * recommend), and the selection export (kept indices per policy, budget, layer and head).
+ * Every field is documented in analysis/RESULTS.md.
+ */
+#ifndef KVT_ANALYSIS_H
+#define KVT_ANALYSIS_H
+
+#include "kvt_common.h"
+#include "kvt_replay.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVT_RESULTS_VERSION   1 /* results.json "results_version"; bump on incompatible change */
+#define KVT_SELECTION_VERSION 1 /* selection export version */
+
+typedef struct kvt_results_policy {
+    char *label;        /* the spec as given, unique in a run */
+    char *name;         /* registry name */
+    char *options_json; /* effective options, a JSON object text */
+    unsigned flags;     /* KVT_POLICY_* */
+} kvt_results_policy;
+
+/** A replay of several traces (prompts) with one set of policies and budgets. */
+typedef struct kvt_results {
+    int results_version;
+    char *generator; /* "kvtrace 0.1.0" */
+    size_t n_policies;
+    kvt_results_policy *policies;
+    size_t n_budgets;
+    kvt_budget *budgets;
+    uint64_t seed;
+    int coverage_probes;
+    int n_threads;
+    bool per_query_head;
+    size_t n_traces;
+    kvt_trace_result **traces; /* owned */
+} kvt_results;
+
+/** Create an empty result set with these settings (copied). Free with kvt_results_free. */
+kvt_status kvt_results_create(kvt_policy *const *pols, size_t n_pol, const kvt_budget *budgets,
+                              size_t n_budgets, kvt_results **out);
+/** Append a trace; takes ownership of t (also on failure). Its policies and budgets must
+ *  match the result set's. */
+kvt_status kvt_results_add_trace(kvt_results *r, kvt_trace_result *t);
+void kvt_results_free(kvt_results *r);
+
+/** Write results.json (RESULTS.md). Fails with KVT_ERR_IO if the file exists and !force.
+ *  Written to PATH.tmp then renamed, so a reader never sees half a file. */
+kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force);
+/** Read a results.json written by kvt_results_write (any results_version <= ours).
+ * @return KVT_OK, KVT_ERR_IO, KVT_ERR_CORRUPT, KVT_ERR_VERSION (newer file). */
+kvt_status kvt_results_read(const char *path, kvt_results **out);
+
+/* ---- aggregation ---- */
+
+/** Model-, layer- or run-level summary of one (policy, budget). Metric means skip NaN
+ *  (not applicable) entries; a mean over nothing is NaN. */
+typedef struct kvt_run_summary {
+    double n_keep; /* mean kept entries per head and layer */
+    double recall_window, err_window, recall_decode, err_decode;
+    double coverage, coverage_radius, r_kept, r_all, oracle_overlap;
+    double recall_window_mod[KVT_N_MODALITIES];
+    double coverage_mod[KVT_N_MODALITIES];
+    double kept_mod[KVT_N_MODALITIES];  /* kept entries of each modality, summed */
+    double total_mod[KVT_N_MODALITIES]; /* entries of each modality in the full cache, summed */
+    double kept_entries;                /* sum over layers and heads of n_keep */
+    double full_entries;                /* L * Hkv * T: entries of the uncompressed cache */
+    double kept_bytes;                  /* kept_entries * D * 2 (K and V) * element bytes */
+    double full_bytes;
+    double compression_ratio; /* full_bytes / kept_bytes */
+    double kept_fraction;     /* kept_entries / full_entries */
+} kvt_run_summary;
+
+/** Summary of (policy, budget) over every layer and head of one trace; layer >= 0 restricts it
+ *  to that layer. */
+kvt_status kvt_summarize_trace(const kvt_trace_result *t, size_t pol, size_t bud, int layer,
+                               kvt_run_summary *out);
+/** Summary over all traces: metric means are the mean of the per-trace means; entries and
+ *  bytes are summed; ratios recomputed from the sums. */
+kvt_status kvt_summarize_results(const kvt_results *r, size_t pol, size_t bud,
+                                 kvt_run_summary *out);
+
+/* ---- selection export ---- */
+typedef struct kvt_selection_writer kvt_selection_writer;
+
+/** Open a selection export. A path ending in ".json" writes JSON, anything else the binary
+ *  layout of RESULTS.md. trace_paths [n_traces] are recorded in the header.
+ * @param out free with kvt_selection_writer_close. */
+kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *const *pols,
+                                     size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
+                                     const char *const *trace_paths, size_t n_traces,
+                                     kvt_selection_writer **out);
+/** Start trace `trace_idx` with its layer count and resolved budget tokens [n_budgets]. Records
+ *  are then written in layer order whatever order the workers finish in. */
+kvt_status kvt_selection_writer_begin_trace(kvt_selection_writer *w, int trace_idx, int n_layers,
+                                            const int *budget_tokens);
+/** A kvt_selection_sink: pass it with the writer as user pointer. Thread-safe. */
+kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selection_rec *recs,
+                                     size_t n_recs);
+/** Finish the trace (all its layers must have arrived). */
+kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w);
+/** Finish the file (JSON closing brackets) and close it. Returns the first error seen. */
+kvt_status kvt_selection_writer_close(kvt_selection_writer *w);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_ANALYSIS_H */

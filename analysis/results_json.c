@@ -1,0 +1,549 @@
+/* results_json.c - results.json, version KVT_RESULTS_VERSION: the writer (atomic: PATH.tmp then
+ * rename) and the reader that report/ and recommend use. Layout field by field in RESULTS.md.
+ * NaN (not applicable) is written as null and read back as NaN.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_analysis.h"
+
+static const char *const mod_names[KVT_N_MODALITIES] = {"text", "image", "video", "other"};
+
+typedef struct metric_desc {
+    const char *name;
+    size_t off;
+} metric_desc;
+#define HM(f) offsetof(kvt_head_metrics, f)
+static const metric_desc metrics[] = {
+    {"n_keep", HM(n_keep)},
+    {"recall_window", HM(recall_window)},
+    {"err_window", HM(err_window)},
+    {"recall_decode", HM(recall_decode)},
+    {"err_decode", HM(err_decode)},
+    {"coverage", HM(coverage)},
+    {"coverage_radius", HM(coverage_radius)},
+    {"r_kept", HM(r_kept)},
+    {"oracle_overlap", HM(oracle_overlap)},
+};
+static const metric_desc mod_metrics[] = {
+    {"n_keep", HM(n_keep_mod)},
+    {"recall_window", HM(recall_window_mod)},
+    {"coverage", HM(coverage_mod)},
+};
+#define N_METRICS     (sizeof(metrics) / sizeof(metrics[0]))
+#define N_MOD_METRICS (sizeof(mod_metrics) / sizeof(mod_metrics[0]))
+
+/* a number that reads back bit-exact: the shortest of %.15g/%.16g/%.17g that round-trips
+ * (cJSON's own printer accepts a 1-ulp difference) */
+static cJSON *num(double x)
+{
+    if (isnan(x) || isinf(x))
+        return cJSON_CreateNull();
+    char b[40];
+    for (int prec = 15; prec <= 17; prec++) {
+        snprintf(b, sizeof(b), "%.*g", prec, x);
+        if (strtod(b, NULL) == x)
+            break;
+    }
+    return cJSON_CreateRaw(b);
+}
+
+static double get_num(const cJSON *x)
+{
+    return cJSON_IsNumber(x) ? x->valuedouble : NAN;
+}
+
+static void add_num(cJSON *o, const char *k, double x)
+{
+    cJSON_AddItemToObject(o, k, num(x));
+}
+
+static cJSON *summary_json(const kvt_run_summary *s, bool has_mod)
+{
+    cJSON *o = cJSON_CreateObject();
+    add_num(o, "n_keep", s->n_keep);
+    add_num(o, "recall_window", s->recall_window);
+    add_num(o, "err_window", s->err_window);
+    add_num(o, "recall_decode", s->recall_decode);
+    add_num(o, "err_decode", s->err_decode);
+    add_num(o, "coverage", s->coverage);
+    add_num(o, "coverage_radius", s->coverage_radius);
+    add_num(o, "r_kept", s->r_kept);
+    add_num(o, "r_all", s->r_all);
+    add_num(o, "oracle_overlap", s->oracle_overlap);
+    add_num(o, "kept_entries", s->kept_entries);
+    add_num(o, "full_entries", s->full_entries);
+    add_num(o, "kept_bytes", s->kept_bytes);
+    add_num(o, "full_bytes", s->full_bytes);
+    add_num(o, "compression_ratio", s->compression_ratio);
+    add_num(o, "kept_fraction", s->kept_fraction);
+    if (has_mod) {
+        cJSON *bm = cJSON_AddObjectToObject(o, "by_modality");
+        for (int k = 0; k < KVT_N_MODALITIES; k++) {
+            cJSON *m = cJSON_AddObjectToObject(bm, mod_names[k]);
+            add_num(m, "kept_entries", s->kept_mod[k]);
+            add_num(m, "full_entries", s->total_mod[k]);
+            add_num(m, "recall_window", s->recall_window_mod[k]);
+            add_num(m, "coverage", s->coverage_mod[k]);
+        }
+    } else
+        cJSON_AddNullToObject(o, "by_modality");
+    return o;
+}
+
+static cJSON *grid(const kvt_trace_result *t, size_t p, size_t b, int H, size_t off, int mod)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int l = 0; l < t->n_layers; l++) {
+        cJSON *row = cJSON_CreateArray();
+        for (int h = 0; h < H; h++) {
+            const char *m = (const char *)kvt_trace_result_at(t, p, b, l, h);
+            const double *x = (const double *)(m + off);
+            cJSON_AddItemToArray(row, num(mod < 0 ? x[0] : x[mod]));
+        }
+        cJSON_AddItemToArray(a, row);
+    }
+    return a;
+}
+
+static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "path", t->path ? t->path : "");
+    cJSON *hdr = t->header_json ? cJSON_Parse(t->header_json) : NULL;
+    cJSON_AddItemToObject(o, "header", hdr ? hdr : cJSON_CreateNull());
+    cJSON *model = cJSON_AddObjectToObject(o, "model");
+    cJSON_AddStringToObject(model, "name", t->model_name ? t->model_name : "");
+    cJSON_AddStringToObject(model, "arch", t->model_arch ? t->model_arch : "");
+    cJSON_AddNumberToObject(o, "n_layers", t->n_layers);
+    cJSON_AddNumberToObject(o, "n_q_heads", t->n_q_heads);
+    cJSON_AddNumberToObject(o, "n_kv_heads", t->n_kv_heads);
+    cJSON_AddNumberToObject(o, "head_dim", t->head_dim);
+    cJSON_AddNumberToObject(o, "n_tokens", t->n_tokens);
+    cJSON_AddNumberToObject(o, "window_stored", t->window_stored);
+    cJSON_AddNumberToObject(o, "n_decode", t->n_decode);
+    cJSON_AddBoolToObject(o, "has_decode_kv", t->has_decode_kv);
+    cJSON_AddStringToObject(o, "kv_dtype", t->kv_dtype);
+    cJSON_AddNumberToObject(o, "kv_elem_bytes", t->kv_elem_bytes);
+    cJSON_AddNumberToObject(o, "coverage_probes", t->n_probes);
+    if (t->has_modality) {
+        cJSON *mc = cJSON_AddObjectToObject(o, "modality_counts");
+        for (int k = 0; k < KVT_N_MODALITIES; k++)
+            cJSON_AddNumberToObject(mc, mod_names[k], (double)t->modality_counts[k]);
+    } else
+        cJSON_AddNullToObject(o, "modality_counts");
+    cJSON *ra = cJSON_AddArrayToObject(o, "r_all");
+    for (int l = 0; l < t->n_layers; l++) {
+        cJSON *row = cJSON_CreateArray();
+        for (int g = 0; g < t->n_kv_heads; g++)
+            cJSON_AddItemToArray(row, num(t->r_all[(size_t)l * t->n_kv_heads + g]));
+        cJSON_AddItemToArray(ra, row);
+    }
+    cJSON *runs = cJSON_AddArrayToObject(o, "runs");
+    for (size_t p = 0; p < t->n_policies; p++)
+        for (size_t b = 0; b < t->n_budgets; b++) {
+            cJSON *run = cJSON_CreateObject();
+            int H = t->policy_heads[p], B = t->budget_tokens[b];
+            cJSON_AddNumberToObject(run, "policy", (double)p);
+            cJSON_AddNumberToObject(run, "budget", (double)b);
+            cJSON_AddStringToObject(run, "label", t->policy_labels[p]);
+            cJSON_AddStringToObject(run, "budget_text", t->budget_texts[b]);
+            cJSON_AddNumberToObject(run, "budget_tokens", B);
+            cJSON_AddNumberToObject(run, "window", t->policy_window[p]);
+            cJSON_AddStringToObject(run, "granularity",
+                                    H == t->n_kv_heads ? "kv_head" : "query_head");
+            cJSON_AddNumberToObject(run, "n_heads", H);
+            cJSON_AddBoolToObject(run, "short_prompt", t->n_tokens < B);
+            cJSON_AddBoolToObject(run, "budget_below_window", B < t->policy_window[p]);
+            cJSON *mj = cJSON_AddObjectToObject(run, "metrics");
+            for (size_t k = 0; k < N_METRICS; k++)
+                cJSON_AddItemToObject(mj, metrics[k].name, grid(t, p, b, H, metrics[k].off, -1));
+            if (t->has_modality) {
+                cJSON *bm = cJSON_AddObjectToObject(run, "by_modality");
+                for (size_t k = 0; k < N_MOD_METRICS; k++) {
+                    cJSON *x = cJSON_AddObjectToObject(bm, mod_metrics[k].name);
+                    for (int m = 0; m < KVT_N_MODALITIES; m++)
+                        cJSON_AddItemToObject(x, mod_names[m],
+                                              grid(t, p, b, H, mod_metrics[k].off, m));
+                }
+            } else
+                cJSON_AddNullToObject(run, "by_modality");
+            cJSON *pl = cJSON_AddObjectToObject(run, "per_layer");
+            kvt_run_summary *ls = kvt_malloc((size_t)t->n_layers * sizeof(*ls));
+            if (ls) {
+                for (int l = 0; l < t->n_layers; l++)
+                    kvt_summarize_trace(t, p, b, l, &ls[l]);
+                const struct {
+                    const char *n;
+                    size_t off;
+                } f[] = {{"n_keep", offsetof(kvt_run_summary, n_keep)},
+                         {"recall_window", offsetof(kvt_run_summary, recall_window)},
+                         {"err_window", offsetof(kvt_run_summary, err_window)},
+                         {"recall_decode", offsetof(kvt_run_summary, recall_decode)},
+                         {"err_decode", offsetof(kvt_run_summary, err_decode)},
+                         {"coverage", offsetof(kvt_run_summary, coverage)},
+                         {"r_kept", offsetof(kvt_run_summary, r_kept)},
+                         {"r_all", offsetof(kvt_run_summary, r_all)},
+                         {"oracle_overlap", offsetof(kvt_run_summary, oracle_overlap)},
+                         {"kept_entries", offsetof(kvt_run_summary, kept_entries)}};
+                for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
+                    cJSON *arr = cJSON_AddArrayToObject(pl, f[k].n);
+                    for (int l = 0; l < t->n_layers; l++)
+                        cJSON_AddItemToArray(
+                            arr, num(*(const double *)((const char *)&ls[l] + f[k].off)));
+                }
+                kvt_free(ls);
+            }
+            kvt_run_summary s;
+            kvt_summarize_trace(t, p, b, -1, &s);
+            cJSON_AddItemToObject(run, "summary", summary_json(&s, t->has_modality));
+            cJSON_AddItemToArray(runs, run);
+        }
+    (void)r;
+    return o;
+}
+
+kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
+{
+    KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
+                  "%s exists (use --force to overwrite)", path);
+    cJSON *root = cJSON_CreateObject();
+    KVT_RETURN_IF(!root, KVT_ERR_NOMEM, "out of memory");
+    cJSON_AddNumberToObject(root, "results_version", KVT_RESULTS_VERSION);
+    cJSON_AddStringToObject(root, "generator", r->generator ? r->generator : "kvtrace");
+    cJSON *set = cJSON_AddObjectToObject(root, "settings");
+    cJSON *pl = cJSON_AddArrayToObject(set, "policies");
+    for (size_t i = 0; i < r->n_policies; i++) {
+        const kvt_results_policy *p = &r->policies[i];
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "label", p->label);
+        cJSON_AddStringToObject(o, "name", p->name);
+        cJSON *opt = p->options_json ? cJSON_Parse(p->options_json) : NULL;
+        cJSON_AddItemToObject(o, "options", opt ? opt : cJSON_CreateObject());
+        cJSON_AddBoolToObject(o, "per_step", (p->flags & KVT_POLICY_PER_STEP) != 0);
+        cJSON_AddBoolToObject(o, "merged", (p->flags & KVT_POLICY_MERGED) != 0);
+        cJSON_AddBoolToObject(o, "inferred", (p->flags & KVT_POLICY_LIKE) != 0);
+        cJSON_AddItemToArray(pl, o);
+    }
+    cJSON *bl = cJSON_AddArrayToObject(set, "budgets");
+    for (size_t i = 0; i < r->n_budgets; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "text", r->budgets[i].text);
+        cJSON_AddStringToObject(o, "kind", r->budgets[i].is_fraction ? "fraction" : "tokens");
+        cJSON_AddNumberToObject(o, "value", r->budgets[i].value);
+        cJSON_AddItemToArray(bl, o);
+    }
+    cJSON_AddNumberToObject(set, "seed", (double)r->seed);
+    cJSON_AddNumberToObject(set, "coverage_probes", r->coverage_probes);
+    cJSON_AddNumberToObject(set, "threads", r->n_threads);
+    cJSON_AddBoolToObject(set, "per_query_head", r->per_query_head);
+    cJSON *tr = cJSON_AddArrayToObject(root, "traces");
+    for (size_t i = 0; i < r->n_traces; i++)
+        cJSON_AddItemToArray(tr, trace_json(r, r->traces[i]));
+    cJSON *ag = cJSON_AddArrayToObject(root, "aggregate");
+    bool any_mod = false;
+    for (size_t i = 0; i < r->n_traces; i++)
+        any_mod |= r->traces[i]->has_modality;
+    for (size_t p = 0; r->n_traces && p < r->n_policies; p++)
+        for (size_t b = 0; b < r->n_budgets; b++) {
+            kvt_run_summary s;
+            if (kvt_summarize_results(r, p, b, &s))
+                continue;
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddNumberToObject(o, "policy", (double)p);
+            cJSON_AddNumberToObject(o, "budget", (double)b);
+            cJSON_AddStringToObject(o, "label", r->policies[p].label);
+            cJSON_AddStringToObject(o, "budget_text", r->budgets[b].text);
+            cJSON_AddNumberToObject(o, "n_traces", (double)r->n_traces);
+            cJSON_AddItemToObject(o, "summary", summary_json(&s, any_mod));
+            cJSON_AddItemToArray(ag, o);
+        }
+    char *txt = cJSON_Print(root);
+    cJSON_Delete(root);
+    KVT_RETURN_IF(!txt, KVT_ERR_NOMEM, "out of memory printing results");
+    size_t plen = strlen(path) + 8;
+    char *tmp = kvt_malloc(plen);
+    kvt_status st = KVT_OK;
+    if (!tmp) {
+        cJSON_free(txt);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
+    snprintf(tmp, plen, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+    } else {
+        size_t len = strlen(txt);
+        bool ok = fwrite(txt, 1, len, f) == len && fputc('\n', f) != EOF;
+        ok = (fclose(f) == 0) && ok;
+        if (!ok)
+            st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+        else if (rename(tmp, path) != 0)
+            st =
+                kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
+        if (st)
+            remove(tmp);
+    }
+    kvt_free(tmp);
+    cJSON_free(txt);
+    return st;
+}
+
+/* ---- reader ---- */
+static const cJSON *item(const cJSON *o, const char *k)
+{
+    return cJSON_GetObjectItemCaseSensitive(o, k);
+}
+
+static int get_int(const cJSON *o, const char *k, int dflt)
+{
+    const cJSON *x = item(o, k);
+    return cJSON_IsNumber(x) ? x->valueint : dflt;
+}
+
+static char *dup_str(const cJSON *o, const char *k)
+{
+    const cJSON *x = item(o, k);
+    return kvt_strdup(cJSON_IsString(x) ? x->valuestring : "");
+}
+
+/* fill metric field `off` (+mod) of run (p, b) from an [L][H] array; false on a bad shape */
+static bool read_grid(kvt_trace_result *t, size_t p, size_t b, int H, const cJSON *a, size_t off,
+                      int mod)
+{
+    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != t->n_layers)
+        return false;
+    int l = 0;
+    const cJSON *row;
+    cJSON_ArrayForEach(row, a)
+    {
+        if (!cJSON_IsArray(row) || cJSON_GetArraySize(row) != H)
+            return false;
+        int h = 0;
+        const cJSON *x;
+        cJSON_ArrayForEach(x, row)
+        {
+            char *m = (char *)kvt_trace_result_at(t, p, b, l, h);
+            double *d = (double *)(m + off);
+            d[mod < 0 ? 0 : mod] = get_num(x);
+            h++;
+        }
+        l++;
+    }
+    return true;
+}
+
+static kvt_status read_trace(const kvt_results *r, const cJSON *tj, kvt_trace_result **out)
+{
+    int L = get_int(tj, "n_layers", 0), Hq = get_int(tj, "n_q_heads", 0);
+    int Hkv = get_int(tj, "n_kv_heads", 0);
+    kvt_trace_result *t = NULL;
+    KVT_FORWARD(kvt_trace_result_create(L, Hq, Hkv, r->n_policies, r->n_budgets, &t));
+    kvt_status st = KVT_OK;
+    t->path = dup_str(tj, "path");
+    const cJSON *hdr = item(tj, "header");
+    t->header_json = cJSON_IsObject(hdr) ? cJSON_PrintUnformatted(hdr) : kvt_strdup("{}");
+    const cJSON *model = item(tj, "model");
+    t->model_name = dup_str(model, "name");
+    t->model_arch = dup_str(model, "arch");
+    t->head_dim = get_int(tj, "head_dim", 0);
+    t->n_tokens = get_int(tj, "n_tokens", 0);
+    t->window_stored = get_int(tj, "window_stored", 0);
+    t->n_decode = get_int(tj, "n_decode", 0);
+    t->has_decode_kv = cJSON_IsTrue(item(tj, "has_decode_kv"));
+    t->kv_elem_bytes = get_int(tj, "kv_elem_bytes", 2);
+    t->n_probes = get_int(tj, "coverage_probes", 0);
+    const cJSON *kd = item(tj, "kv_dtype");
+    snprintf(t->kv_dtype, sizeof(t->kv_dtype), "%s", cJSON_IsString(kd) ? kd->valuestring : "?");
+    const cJSON *mc = item(tj, "modality_counts");
+    t->has_modality = cJSON_IsObject(mc);
+    for (int k = 0; t->has_modality && k < KVT_N_MODALITIES; k++)
+        t->modality_counts[k] = (int64_t)get_num(item(mc, mod_names[k]));
+    if (!t->path || !t->header_json || !t->model_name || !t->model_arch) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_fail;
+    }
+    const cJSON *ra = item(tj, "r_all");
+    if (cJSON_IsArray(ra) && cJSON_GetArraySize(ra) == L) {
+        int l = 0;
+        const cJSON *row;
+        cJSON_ArrayForEach(row, ra)
+        {
+            int g = 0;
+            const cJSON *x;
+            cJSON_ArrayForEach(x, row) if (g < Hkv) t->r_all[(size_t)l * Hkv + g++] = get_num(x);
+            l++;
+        }
+    }
+    for (size_t p = 0; p < r->n_policies; p++) {
+        t->policy_labels[p] = kvt_strdup(r->policies[p].label);
+        t->policy_names[p] = kvt_strdup(r->policies[p].name);
+        t->policy_flags[p] = r->policies[p].flags;
+        t->policy_heads[p] = Hkv;
+        if (!t->policy_labels[p] || !t->policy_names[p]) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_fail;
+        }
+    }
+    for (size_t b = 0; b < r->n_budgets; b++)
+        if (!(t->budget_texts[b] = kvt_strdup(r->budgets[b].text))) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_fail;
+        }
+    const cJSON *runs = item(tj, "runs"), *run;
+    cJSON_ArrayForEach(run, runs)
+    {
+        int p = get_int(run, "policy", -1), b = get_int(run, "budget", -1);
+        int H = get_int(run, "n_heads", 0);
+        if (p < 0 || (size_t)p >= r->n_policies || b < 0 || (size_t)b >= r->n_budgets ||
+            (H != Hkv && H != Hq)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "results: bad run (policy %d, budget %d)", p, b);
+            goto out_fail;
+        }
+        t->policy_heads[p] = H;
+        t->policy_window[p] = get_int(run, "window", 0);
+        t->budget_tokens[b] = get_int(run, "budget_tokens", 0);
+        const cJSON *mj = item(run, "metrics");
+        for (size_t k = 0; k < N_METRICS; k++)
+            if (!read_grid(t, (size_t)p, (size_t)b, H, item(mj, metrics[k].name), metrics[k].off,
+                           -1)) {
+                st = kvt_error_set(KVT_ERR_CORRUPT, "results: run %d/%d: metric %s is not [%d][%d]",
+                                   p, b, metrics[k].name, L, H);
+                goto out_fail;
+            }
+        const cJSON *bm = item(run, "by_modality");
+        if (cJSON_IsObject(bm))
+            for (size_t k = 0; k < N_MOD_METRICS; k++)
+                for (int m = 0; m < KVT_N_MODALITIES; m++) {
+                    const cJSON *g = item(item(bm, mod_metrics[k].name), mod_names[m]);
+                    if (g && !read_grid(t, (size_t)p, (size_t)b, H, g, mod_metrics[k].off, m)) {
+                        st = kvt_error_set(KVT_ERR_CORRUPT, "results: bad by_modality grid");
+                        goto out_fail;
+                    }
+                }
+    }
+    *out = t;
+    return KVT_OK;
+out_fail:
+    kvt_trace_result_free(t);
+    return st;
+}
+
+kvt_status kvt_results_read(const char *path, kvt_results **out)
+{
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    char *txt = NULL;
+    size_t len = 0, cap = 0;
+    for (;;) {
+        if (len + 65536 + 1 > cap) {
+            cap = cap ? cap * 2 : 1 << 20;
+            char *n = kvt_realloc(txt, cap);
+            if (!n) {
+                kvt_free(txt);
+                fclose(f);
+                return kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s", path);
+            }
+            txt = n;
+        }
+        size_t got = fread(txt + len, 1, 65536, f);
+        len += got;
+        if (got < 65536)
+            break;
+    }
+    fclose(f);
+    txt[len] = '\0';
+    cJSON *root = cJSON_Parse(txt);
+    kvt_free(txt);
+    KVT_RETURN_IF(!root, KVT_ERR_CORRUPT, "%s is not valid JSON", path);
+    kvt_status st = KVT_OK;
+    kvt_results *r = NULL;
+    int ver = get_int(root, "results_version", -1);
+    if (ver < 1) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: no results_version (not a kvtrace results file)",
+                           path);
+        goto out_free;
+    }
+    if (ver > KVT_RESULTS_VERSION) {
+        st = kvt_error_set(KVT_ERR_VERSION,
+                           "%s has results_version %d; this kvtrace reads up to %d (upgrade "
+                           "kvtrace)",
+                           path, ver, KVT_RESULTS_VERSION);
+        goto out_free;
+    }
+    r = kvt_calloc(1, sizeof(*r));
+    if (!r) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    r->results_version = ver;
+    r->generator = dup_str(root, "generator");
+    const cJSON *set = item(root, "settings");
+    const cJSON *pl = item(set, "policies"), *bl = item(set, "budgets");
+    int np = cJSON_GetArraySize(pl), nb = cJSON_GetArraySize(bl);
+    if (np < 1 || nb < 1) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: settings lack policies or budgets", path);
+        goto out_free;
+    }
+    r->policies = kvt_calloc((size_t)np, sizeof(*r->policies));
+    r->budgets = kvt_calloc((size_t)nb, sizeof(*r->budgets));
+    if (!r->generator || !r->policies || !r->budgets) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    r->n_policies = (size_t)np;
+    int i = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, pl)
+    {
+        kvt_results_policy *p = &r->policies[i++];
+        p->label = dup_str(x, "label");
+        p->name = dup_str(x, "name");
+        const cJSON *o = item(x, "options");
+        p->options_json = o ? cJSON_PrintUnformatted(o) : kvt_strdup("{}");
+        p->flags = (cJSON_IsTrue(item(x, "per_step")) ? KVT_POLICY_PER_STEP : 0) |
+                   (cJSON_IsTrue(item(x, "merged")) ? KVT_POLICY_MERGED : 0) |
+                   (cJSON_IsTrue(item(x, "inferred")) ? KVT_POLICY_LIKE : 0);
+        if (!p->label || !p->name || !p->options_json) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
+    }
+    r->n_budgets = (size_t)nb;
+    i = 0;
+    cJSON_ArrayForEach(x, bl)
+    {
+        kvt_budget *b = &r->budgets[i++];
+        const cJSON *tx = item(x, "text"), *k = item(x, "kind");
+        snprintf(b->text, sizeof(b->text), "%s", cJSON_IsString(tx) ? tx->valuestring : "");
+        b->is_fraction = cJSON_IsString(k) && !strcmp(k->valuestring, "fraction");
+        b->value = get_num(item(x, "value"));
+    }
+    r->seed = (uint64_t)get_num(item(set, "seed"));
+    r->coverage_probes = get_int(set, "coverage_probes", -1);
+    r->n_threads = get_int(set, "threads", 0);
+    r->per_query_head = cJSON_IsTrue(item(set, "per_query_head"));
+    const cJSON *tr = item(root, "traces");
+    cJSON_ArrayForEach(x, tr)
+    {
+        kvt_trace_result *t = NULL;
+        if ((st = read_trace(r, x, &t)))
+            goto out_free;
+        if ((st = kvt_results_add_trace(r, t)))
+            goto out_free;
+    }
+    *out = r;
+    r = NULL;
+out_free:
+    kvt_results_free(r);
+    cJSON_Delete(root);
+    return st;
+}

@@ -1,0 +1,315 @@
+/* selection_export.c - `--export-selection FILE`: the kept token indices of every (trace,
+ * policy, budget, layer, head[, decode step]) in a binary layout (default) or JSON (FILE ends
+ * in .json), both specified in RESULTS.md. Worker threads deliver layers in any order; the
+ * writer buffers them and writes in layer order, so the file is deterministic.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_analysis.h"
+
+#define SEL_MAGIC     "KVTSEL\0\1"
+#define SEL_REC_MAGIC 0x4C45534Bu /* "KSEL" */
+#define SEL_REC_BYTES 36u
+
+/* record flags */
+#define SEL_FLAG_STEP   0x1u
+#define SEL_FLAG_MERGED 0x2u
+#define SEL_FLAG_QHEAD  0x4u
+
+typedef struct buf {
+    char *p;
+    size_t n, cap;
+} buf;
+
+struct kvt_selection_writer {
+    FILE *f;
+    bool json;
+    bool first_json_rec;
+    pthread_mutex_t mu;
+    kvt_status err;
+    char err_msg[256];
+    size_t n_pol, n_b;
+    unsigned *pflags; /* [n_pol] SEL_FLAG_* per policy */
+    int trace, n_layers, next_layer;
+    int *btok;    /* [n_b] */
+    buf *pending; /* [n_layers] */
+    bool *ready;
+};
+
+static bool buf_put(buf *b, const void *src, size_t n)
+{
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->n + n)
+            cap *= 2;
+        char *p = kvt_realloc(b->p, cap);
+        if (!p)
+            return false;
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+    return true;
+}
+
+static bool buf_printf(buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static bool buf_printf(buf *b, const char *fmt, ...)
+{
+    char tmp[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    return n >= 0 && (size_t)n < sizeof(tmp) && buf_put(b, tmp, (size_t)n);
+}
+
+static void put_u32(unsigned char *p, uint32_t x)
+{
+    p[0] = (unsigned char)x, p[1] = (unsigned char)(x >> 8), p[2] = (unsigned char)(x >> 16);
+    p[3] = (unsigned char)(x >> 24);
+}
+
+static void put_u16(unsigned char *p, uint32_t x)
+{
+    p[0] = (unsigned char)x, p[1] = (unsigned char)(x >> 8);
+}
+
+kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *const *pols,
+                                     size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
+                                     const char *const *trace_paths, size_t n_traces,
+                                     kvt_selection_writer **out)
+{
+    *out = NULL;
+    KVT_RETURN_IF(n_pol > 65535 || n_budgets > 65535 || n_traces > 65535, KVT_ERR_INVALID_ARG,
+                  "selection export: too many policies, budgets or traces");
+    KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
+                  "%s exists (use --force to overwrite)", path);
+    kvt_selection_writer *w = kvt_calloc(1, sizeof(*w));
+    KVT_RETURN_IF(!w, KVT_ERR_NOMEM, "out of memory");
+    size_t len = strlen(path);
+    w->json = len >= 5 && !strcmp(path + len - 5, ".json");
+    w->first_json_rec = true;
+    w->n_pol = n_pol;
+    w->n_b = n_budgets;
+    w->trace = -1;
+    pthread_mutex_init(&w->mu, NULL);
+    kvt_status st = KVT_OK;
+    char *hdr = NULL;
+    cJSON *h = cJSON_CreateObject();
+    w->pflags = kvt_calloc(n_pol, sizeof(unsigned));
+    w->btok = kvt_calloc(n_budgets, sizeof(int));
+    if (!h || !w->pflags || !w->btok) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_fail;
+    }
+    cJSON_AddNumberToObject(h, "selection_version", KVT_SELECTION_VERSION);
+    char gen[64];
+    snprintf(gen, sizeof(gen), "kvtrace %s", kvt_version_string());
+    cJSON_AddStringToObject(h, "generator", gen);
+    cJSON *pl = cJSON_AddArrayToObject(h, "policies");
+    for (size_t i = 0; i < n_pol; i++) {
+        unsigned f = kvt_policy_flags(pols[i]);
+        w->pflags[i] = ((f & KVT_POLICY_PER_STEP) ? SEL_FLAG_STEP : 0) |
+                       ((f & KVT_POLICY_MERGED) ? SEL_FLAG_MERGED : 0) |
+                       (kvt_policy_per_query_head(pols[i]) ? SEL_FLAG_QHEAD : 0);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "label", kvt_policy_label(pols[i]));
+        cJSON_AddStringToObject(o, "name", kvt_policy_name(pols[i]));
+        cJSON_AddStringToObject(o, "granularity",
+                                kvt_policy_per_query_head(pols[i]) ? "query_head" : "kv_head");
+        cJSON_AddBoolToObject(o, "per_step", (f & KVT_POLICY_PER_STEP) != 0);
+        cJSON_AddBoolToObject(o, "merged", (f & KVT_POLICY_MERGED) != 0);
+        cJSON_AddItemToArray(pl, o);
+    }
+    cJSON *bl = cJSON_AddArrayToObject(h, "budgets");
+    for (size_t i = 0; i < n_budgets; i++)
+        cJSON_AddItemToArray(bl, cJSON_CreateString(budgets[i].text));
+    cJSON *tl = cJSON_AddArrayToObject(h, "traces");
+    for (size_t i = 0; i < n_traces; i++)
+        cJSON_AddItemToArray(tl, cJSON_CreateString(trace_paths[i]));
+    hdr = cJSON_PrintUnformatted(h);
+    if (!hdr) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_fail;
+    }
+    w->f = fopen(path, "wb");
+    if (!w->f) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+        goto out_fail;
+    }
+    bool ok;
+    if (w->json) {
+        size_t hl = strlen(hdr); /* the header object, left open for "records" */
+        ok = fwrite(hdr, 1, hl - 1, w->f) == hl - 1 && fputs(",\"records\":[\n", w->f) >= 0;
+    } else {
+        unsigned char fix[16];
+        memcpy(fix, SEL_MAGIC, 8);
+        put_u32(fix + 8, KVT_SELECTION_VERSION);
+        put_u32(fix + 12, (uint32_t)strlen(hdr));
+        ok = fwrite(fix, 1, 16, w->f) == 16 && fwrite(hdr, 1, strlen(hdr), w->f) == strlen(hdr);
+    }
+    if (!ok) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+        goto out_fail;
+    }
+    cJSON_Delete(h);
+    cJSON_free(hdr);
+    *out = w;
+    return KVT_OK;
+out_fail:
+    cJSON_Delete(h);
+    cJSON_free(hdr);
+    if (w->f)
+        fclose(w->f);
+    w->f = NULL;
+    kvt_selection_writer_close(w);
+    return st;
+}
+
+static void drop_pending(kvt_selection_writer *w)
+{
+    for (int l = 0; w->pending && l < w->n_layers; l++)
+        kvt_free(w->pending[l].p);
+    kvt_free(w->pending);
+    kvt_free(w->ready);
+    w->pending = NULL;
+    w->ready = NULL;
+}
+
+kvt_status kvt_selection_writer_begin_trace(kvt_selection_writer *w, int trace_idx, int n_layers,
+                                            const int *budget_tokens)
+{
+    KVT_RETURN_IF(w->trace >= 0, KVT_ERR_STATE, "selection export: previous trace not ended");
+    KVT_RETURN_IF(n_layers < 1, KVT_ERR_INVALID_ARG, "selection export: no layers");
+    w->pending = kvt_calloc((size_t)n_layers, sizeof(buf));
+    w->ready = kvt_calloc((size_t)n_layers, sizeof(bool));
+    if (!w->pending || !w->ready) {
+        drop_pending(w);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
+    w->trace = trace_idx;
+    w->n_layers = n_layers;
+    w->next_layer = 0;
+    memcpy(w->btok, budget_tokens, w->n_b * sizeof(int));
+    return KVT_OK;
+}
+
+static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r)
+{
+    unsigned flags = w->pflags[r->policy] & (SEL_FLAG_MERGED | SEL_FLAG_QHEAD);
+    if (r->step >= 0)
+        flags |= SEL_FLAG_STEP;
+    if (w->json) {
+        bool ok = buf_printf(b,
+                             "{\"trace\":%d,\"policy\":%d,\"budget\":%d,\"budget_tokens\":%d,"
+                             "\"layer\":%d,\"head\":%d,\"step\":%d,\"flags\":%u,\"kept\":[",
+                             w->trace, r->policy, r->budget, w->btok[r->budget], r->layer, r->head,
+                             r->step, flags);
+        for (size_t i = 0; ok && i < r->n; i++)
+            ok = buf_printf(b, i ? ",%d" : "%d", r->idx[i]);
+        return ok && buf_printf(b, "]}");
+    }
+    unsigned char h[SEL_REC_BYTES];
+    put_u32(h, SEL_REC_MAGIC);
+    put_u16(h + 4, (uint32_t)w->trace);
+    put_u16(h + 6, (uint32_t)r->policy);
+    put_u16(h + 8, (uint32_t)r->budget);
+    put_u16(h + 10, flags);
+    put_u32(h + 12, (uint32_t)r->layer);
+    put_u32(h + 16, (uint32_t)r->head);
+    put_u32(h + 20, (uint32_t)(int32_t)r->step);
+    put_u32(h + 24, (uint32_t)w->btok[r->budget]);
+    put_u32(h + 28, (uint32_t)r->n);
+    put_u32(h + 32, 0); /* reserved */
+    if (!buf_put(b, h, sizeof(h)))
+        return false;
+    for (size_t i = 0; i < r->n; i++) {
+        unsigned char x[4];
+        put_u32(x, (uint32_t)r->idx[i]);
+        if (!buf_put(b, x, 4))
+            return false;
+    }
+    return true;
+}
+
+kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selection_rec *recs,
+                                     size_t n_recs)
+{
+    kvt_selection_writer *w = writer;
+    KVT_RETURN_IF(w->trace < 0 || layer < 0 || layer >= w->n_layers, KVT_ERR_STATE,
+                  "selection export: layer %d outside the current trace", layer);
+    buf b = {0};
+    bool ok = true;
+    for (size_t i = 0; ok && i < n_recs; i++) {
+        if (w->json && i > 0)
+            ok = buf_put(&b, ",\n", 2);
+        ok = ok && encode(w, &b, &recs[i]);
+    }
+    if (!ok) {
+        kvt_free(b.p);
+        return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
+    }
+    pthread_mutex_lock(&w->mu);
+    w->pending[layer] = b;
+    w->ready[layer] = true;
+    while (!w->err && w->next_layer < w->n_layers && w->ready[w->next_layer]) {
+        buf *p = &w->pending[w->next_layer];
+        bool wok = true;
+        if (w->json && p->n > 0) {
+            if (!w->first_json_rec)
+                wok = fputs(",\n", w->f) >= 0;
+            w->first_json_rec = false;
+        }
+        if (wok && p->n > 0)
+            wok = fwrite(p->p, 1, p->n, w->f) == p->n;
+        if (!wok) {
+            w->err = KVT_ERR_IO;
+            snprintf(w->err_msg, sizeof(w->err_msg), "selection export: write failed: %s",
+                     strerror(errno));
+        }
+        kvt_free(p->p);
+        memset(p, 0, sizeof(*p));
+        w->next_layer++;
+    }
+    kvt_status st = w->err;
+    pthread_mutex_unlock(&w->mu);
+    return st ? kvt_error_set(st, "%s", w->err_msg) : KVT_OK;
+}
+
+kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w)
+{
+    KVT_RETURN_IF(w->trace < 0, KVT_ERR_STATE, "selection export: no trace begun");
+    bool complete = w->next_layer == w->n_layers;
+    drop_pending(w);
+    w->trace = -1;
+    KVT_RETURN_IF(w->err, w->err, "%s", w->err_msg);
+    KVT_RETURN_IF(!complete, KVT_ERR_STATE, "selection export: trace ended with layers missing");
+    return KVT_OK;
+}
+
+kvt_status kvt_selection_writer_close(kvt_selection_writer *w)
+{
+    if (!w)
+        return KVT_OK;
+    kvt_status st = w->err;
+    if (w->f) {
+        if (w->json && fputs("\n]}\n", w->f) < 0 && !st)
+            st = kvt_error_set(KVT_ERR_IO, "selection export: write failed");
+        if (fclose(w->f) != 0 && !st)
+            st = kvt_error_set(KVT_ERR_IO, "selection export: close failed: %s", strerror(errno));
+    }
+    drop_pending(w);
+    pthread_mutex_destroy(&w->mu);
+    kvt_free(w->pflags);
+    kvt_free(w->btok);
+    kvt_free(w);
+    return st;
+}

@@ -1,0 +1,314 @@
+/* cmd_replay.c - `kvtrace replay TRACE... --policies ... --budgets ... -o results.json`: replays
+ * every policy at every budget on each trace (layer by layer, threads over layers), writes the
+ * versioned results.json (analysis/RESULTS.md) and optionally the kept indices
+ * (--export-selection). Thin: parsing and progress here, the work in replay/ and analysis/.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kvt_analysis.h"
+#include "kvt_cli.h"
+#include "kvt_replay.h"
+
+#define DEFAULT_POLICIES                                                                           \
+    "full,random,streamingllm,tova,snapkv,pyramidkv,adakv,knorm,vnorm,keydiff,mixkv-snapkv,"       \
+    "mixkv-pyramidkv,mixkv-adakv"
+
+static void help(void)
+{
+    printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
+           "                      [--threads N] [--seed S] [--per-query-head]\n"
+           "                      [--coverage-probes N] [--export-selection FILE] [--force]\n\n"
+           "Replay KV-cache compression policies offline on captured traces and measure every\n"
+           "budget at once: attention recall, output error on window and held-out decode\n"
+           "queries, key coverage, head redundancy, modality mix, oracle overlap, kept bytes.\n"
+           "Several traces (prompts of one model) go into one results.json, per trace and\n"
+           "aggregated. Fields: analysis/RESULTS.md.\n\n"
+           "  --policies LIST   comma-separated specs NAME[:key=value,...]; an item with '='\n"
+           "                    and no ':' continues the previous spec, e.g.\n"
+           "                    snapkv,adakv:alpha=0.2,snapkv:kernel=7,pool=max\n"
+           "                    (default: %s;\n"
+           "                    'all' = every policy that needs no extra input)\n"
+           "  --policy SPEC     add one policy (repeatable)\n"
+           "  --budgets LIST    entries kept per head per layer, window included: tokens\n"
+           "                    (64,128) and/or percentages of the prompt (10%%,20%%);\n"
+           "                    default 64,128,256,512\n"
+           "  --threads N       worker threads over layers (default: all cores)\n"
+           "  --seed S          seed of the random policy (default 0)\n"
+           "  --per-query-head  select per query head (original SnapKV) instead of per KV head\n"
+           "  --coverage-probes N  probe keys per head for coverage (default %d, 0 = off)\n"
+           "  --export-selection FILE  kept indices per policy/budget/layer/head (binary, or\n"
+           "                    JSON if FILE ends in .json; layout in analysis/RESULTS.md)\n"
+           "  -o, --output FILE results.json to write\n"
+           "  --force           overwrite existing output files\n"
+           "  --list-policies   print the policies with their options and defaults\n",
+           DEFAULT_POLICIES, KVT_DEFAULT_COVERAGE_PROBES);
+}
+
+static void list_policies(void)
+{
+    printf("%-16s %s\n", "policy", "description / options (defaults)");
+    for (size_t i = 0; i < kvt_policy_registry_size(); i++) {
+        kvt_policy_about a;
+        kvt_policy_registry_get(i, &a);
+        printf("%-16s %s%s%s\n%-16s   %s\n", a.name, a.summary,
+               (a.flags & KVT_POLICY_NEEDS_DECODE) ? " [needs decode queries]" : "",
+               (a.flags & KVT_POLICY_NEEDS_COLSUM) ? " [needs attn_colsum or Q_all]" : "", "",
+               a.options);
+    }
+}
+
+static void progress_cb(void *user, uint64_t done, uint64_t total)
+{
+    kvt_progress_update(user, done, total);
+}
+
+/* append "a" to a comma list */
+static char *append(char *list, const char *item)
+{
+    size_t n = (list ? strlen(list) + 1 : 0) + strlen(item) + 1;
+    char *r = kvt_malloc(n);
+    if (!r)
+        return NULL;
+    snprintf(r, n, "%s%s%s", list ? list : "", list ? "," : "", item);
+    kvt_free(list);
+    return r;
+}
+
+/* append a --policies value, replacing each item "all" by the default list */
+static char *append_expanded(char *list, const char *v)
+{
+    char *copy = kvt_strdup(v);
+    if (!copy) {
+        kvt_free(list);
+        return NULL;
+    }
+    char *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        list = append(list, strcmp(tok, "all") ? tok : DEFAULT_POLICIES);
+        if (!list)
+            break;
+    }
+    kvt_free(copy);
+    return list;
+}
+
+static const char *fmt(double x, char *buf, size_t cap, const char *f)
+{
+    if (isnan(x))
+        snprintf(buf, cap, "-");
+    else
+        snprintf(buf, cap, f, x);
+    return buf;
+}
+
+int kvt_cmd_replay(int argc, char **argv)
+{
+    const char *cmd = "replay", *out = NULL, *export_path = NULL, *budgets_arg = NULL;
+    char *policies_arg = NULL;
+    const char **traces = kvt_calloc((size_t)argc + 1, sizeof(char *));
+    size_t n_traces = 0;
+    int threads = 0, probes = -1, rc = 1;
+    uint64_t seed = 0;
+    bool force = false, per_query = false;
+    kvt_policy **pols = NULL;
+    size_t n_pol = 0, n_b = 0;
+    kvt_budget *budgets = NULL;
+    kvt_results *res = NULL;
+    kvt_selection_writer *sw = NULL;
+    kvt_status st;
+    if (!traces)
+        return kvt_cli_fail(cmd, "out of memory");
+    if (kvt_cli_wants_help(argc, argv)) {
+        help();
+        rc = 0;
+        goto out_free;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEED_VALUE()                                                                               \
+    do {                                                                                           \
+        if (!v) {                                                                                  \
+            kvt_cli_fail(cmd, "%s needs a value", a);                                              \
+            goto out_free;                                                                         \
+        }                                                                                          \
+        i++;                                                                                       \
+    } while (0)
+        if (!strcmp(a, "--list-policies")) {
+            list_policies();
+            rc = 0;
+            goto out_free;
+        } else if (!strcmp(a, "--policies") || !strcmp(a, "--policy")) {
+            NEED_VALUE();
+            if (!(policies_arg = append_expanded(policies_arg, v))) {
+                kvt_cli_fail(cmd, "out of memory");
+                goto out_free;
+            }
+        } else if (!strcmp(a, "--budgets")) {
+            NEED_VALUE();
+            budgets_arg = v;
+        } else if (!strcmp(a, "--threads")) {
+            NEED_VALUE();
+            if (!kvt_cli_parse_int(v, 1, 4096, &threads)) {
+                kvt_cli_fail(cmd, "--threads %s: expected 1..4096", v);
+                goto out_free;
+            }
+        } else if (!strcmp(a, "--seed")) {
+            NEED_VALUE();
+            if (!kvt_cli_parse_u64(v, &seed)) {
+                kvt_cli_fail(cmd, "--seed %s: expected a non-negative integer", v);
+                goto out_free;
+            }
+        } else if (!strcmp(a, "--coverage-probes")) {
+            NEED_VALUE();
+            if (!kvt_cli_parse_int(v, 0, 1 << 20, &probes)) {
+                kvt_cli_fail(cmd, "--coverage-probes %s: expected 0..1048576", v);
+                goto out_free;
+            }
+        } else if (!strcmp(a, "--export-selection")) {
+            NEED_VALUE();
+            export_path = v;
+        } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
+            NEED_VALUE();
+            out = v;
+        } else if (!strcmp(a, "--force")) {
+            force = true;
+        } else if (!strcmp(a, "--per-query-head")) {
+            per_query = true;
+        } else if (a[0] == '-' && a[1]) {
+            kvt_cli_fail(cmd, "unknown option %s (see kvtrace replay --help)", a);
+            goto out_free;
+        } else
+            traces[n_traces++] = a;
+#undef NEED_VALUE
+    }
+    if (!n_traces) {
+        kvt_cli_fail(cmd, "no trace given (usage: kvtrace replay TRACE... -o results.json)");
+        goto out_free;
+    }
+    if (!out) {
+        kvt_cli_fail(cmd, "no output file (-o results.json)");
+        goto out_free;
+    }
+    if (!force && access(out, F_OK) == 0) {
+        kvt_cli_fail(cmd, "%s exists (use --force to overwrite)", out);
+        goto out_free;
+    }
+    kvt_policy_globals g = {.seed = seed, .per_query_head = per_query};
+    if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : DEFAULT_POLICIES, &g, &pols,
+                                    &n_pol))) {
+        kvt_cli_fail_status(cmd, st, "--policies");
+        goto out_free;
+    }
+    if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : "64,128,256,512", &budgets, &n_b))) {
+        kvt_cli_fail_status(cmd, st, "--budgets");
+        goto out_free;
+    }
+    if ((st = kvt_results_create(pols, n_pol, budgets, n_b, &res))) {
+        kvt_cli_fail_status(cmd, st, "results");
+        goto out_free;
+    }
+    res->seed = seed;
+    res->coverage_probes = probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : probes;
+    res->n_threads = threads > 0 ? threads : kvt_cpu_count();
+    res->per_query_head = per_query;
+    if (export_path &&
+        (st = kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b,
+                                        (const char *const *)traces, n_traces, &sw))) {
+        kvt_cli_fail_status(cmd, st, export_path);
+        goto out_free;
+    }
+    for (size_t t = 0; t < n_traces; t++) {
+        char label[512];
+        snprintf(label, sizeof(label), "replay %s (layers)", traces[t]);
+        kvt_progress pr;
+        kvt_progress_start(&pr, label);
+        kvt_replay_opts o = {.n_threads = threads,
+                             .coverage_probes = probes,
+                             .progress = progress_cb,
+                             .progress_user = &pr};
+        if (sw) {
+            o.sink = kvt_selection_writer_sink;
+            o.sink_user = sw;
+        }
+        /* the selection writer orders records by layer: it needs the layer count and the
+         * budgets in tokens of this trace first */
+        kvt_trace_result *tr = NULL;
+        if (sw) {
+            int n_layers = 0, T = 0;
+            int *btok = kvt_malloc(n_b * sizeof(int));
+            if (!btok) {
+                kvt_cli_fail(cmd, "out of memory");
+                goto out_free;
+            }
+            st = kvt_replay_trace_shape(traces[t], &n_layers, &T);
+            for (size_t b = 0; !st && b < n_b; b++)
+                btok[b] = kvt_budget_tokens(&budgets[b], T);
+            if (!st)
+                st = kvt_selection_writer_begin_trace(sw, (int)t, n_layers, btok);
+            kvt_free(btok);
+            if (st) {
+                kvt_cli_fail_status(cmd, st, traces[t]);
+                goto out_free;
+            }
+        }
+        st = kvt_replay_trace(traces[t], pols, n_pol, budgets, n_b, &o, &tr);
+        if (pr.shown && st)
+            fputc('\n', stderr);
+        if (st) {
+            kvt_cli_fail_status(cmd, st, traces[t]);
+            goto out_free;
+        }
+        if (sw && (st = kvt_selection_writer_end_trace(sw))) {
+            kvt_cli_fail_status(cmd, st, export_path);
+            goto out_free;
+        }
+        if ((st = kvt_results_add_trace(res, tr))) {
+            kvt_cli_fail_status(cmd, st, traces[t]);
+            goto out_free;
+        }
+    }
+    if ((st = kvt_results_write(res, out, force))) {
+        kvt_cli_fail_status(cmd, st, out);
+        goto out_free;
+    }
+    if (sw) {
+        st = kvt_selection_writer_close(sw);
+        sw = NULL;
+        if (st) {
+            kvt_cli_fail_status(cmd, st, export_path);
+            goto out_free;
+        }
+    }
+    /* a short table on stdout: model-level means over all traces */
+    printf("%-28s %8s %8s %9s %9s %9s %9s %8s\n", "policy", "budget", "kept", "recall_w", "err_w",
+           "recall_d", "err_d", "cover");
+    for (size_t p = 0; p < n_pol; p++)
+        for (size_t b = 0; b < n_b; b++) {
+            kvt_run_summary s;
+            if (kvt_summarize_results(res, p, b, &s))
+                continue;
+            char c[6][32];
+            printf("%-28.28s %8s %7.1f%% %9s %9s %9s %9s %8s\n", kvt_policy_label(pols[p]),
+                   budgets[b].text, 100.0 * s.kept_fraction, fmt(s.recall_window, c[0], 32, "%.4f"),
+                   fmt(s.err_window, c[1], 32, "%.4f"), fmt(s.recall_decode, c[2], 32, "%.4f"),
+                   fmt(s.err_decode, c[3], 32, "%.4f"), fmt(s.coverage, c[4], 32, "%.4f"));
+        }
+    fprintf(stderr, "replay: wrote %s (%zu trace%s, %zu policies, %zu budgets)%s%s\n", out,
+            n_traces, n_traces == 1 ? "" : "s", n_pol, n_b, export_path ? " and " : "",
+            export_path ? export_path : "");
+    rc = 0;
+out_free:
+    if (sw)
+        kvt_selection_writer_close(sw);
+    kvt_results_free(res);
+    kvt_free(budgets);
+    kvt_policy_list_free(pols, n_pol);
+    kvt_free(policies_arg);
+    kvt_free(traces);
+    return rc;
+}

@@ -1,0 +1,169 @@
+/* kvt_kernels.h - numeric primitives of the replay: window attention probabilities, GQA
+ * reduction, 1-D pooling, norms, unit keys and head redundancy, deterministic ranking, and the
+ * budget sweeps (recall and output error for every budget from one pass over a ranking,
+ * key-space coverage, redundancy of the kept set), plus Quest page bounds.
+ *
+ * Every op exists as a plain C reference `kvt_<op>_ref` (kernels/ref/<op>_ref.c): plain loops,
+ * no SIMD or threads, pointers + shapes, no file I/O. They are the oracle for later CUDA
+ * versions and the CPU path of the replay. Definitions: ../shared/POLICIES.md §0.1 and §12.
+ *
+ * Dimension letters: T prompt tokens (keys), D head dim, W window queries, Hq query heads,
+ * Hkv KV heads, G decode steps. Arrays are row-major; "[T,D]" means T rows of D elements.
+ * Scores and accumulations are in double; probabilities are stored in f32 (POLICIES §0.1.3).
+ */
+#ifndef KVT_KERNELS_H
+#define KVT_KERNELS_H
+
+#include "kvt_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVT_N_MODALITIES 4 /* text, image, video, other (kvt_modality in kvt_trace.h) */
+
+typedef enum kvt_reduce {
+    KVT_REDUCE_MEAN = 0,
+    KVT_REDUCE_MAX = 1,
+    KVT_REDUCE_SUM = 2,
+} kvt_reduce;
+
+typedef enum kvt_pool {
+    KVT_POOL_AVG = 0, /* zero padding, divisor always k (PyTorch count_include_pad=True) */
+    KVT_POOL_MAX = 1, /* max over in-range entries (padding acts as -inf) */
+} kvt_pool;
+
+/** Softmax rows of attention in f32 with per-query visibility (causal masking).
+ *  Query i sees keys k[j] for j < n_vis[i] (masked keys get probability 0) and, when k2 is
+ *  given, k2[j] for j < n_vis2[i]. Logits z = <q,k>*scale are accumulated in double, the
+ *  softmax is taken in double over all visible keys of both blocks, and stored in f32.
+ * @param q      [n_q, D] queries
+ * @param k      [T, D] keys (block 1)
+ * @param n_vis  [n_q] visible prefix of k per query, 0..T
+ * @param k2     [n2, D] keys of block 2 (e.g. decode keys) or NULL (then n2 = 0)
+ * @param n_vis2 [n_q] visible prefix of k2 per query (ignored if k2 is NULL)
+ * @param pr     out [n_q, T] probabilities over block 1
+ * @param pr2    out [n_q, n2] probabilities over block 2 (NULL if k2 is NULL)
+ * @param lse    out [n_q] log-sum-exp of the scaled logits, or NULL
+ * @param work   [T + n2] doubles of workspace
+ * @return KVT_OK; KVT_ERR_INVALID_ARG for bad shapes or a query that sees no key;
+ *         KVT_ERR_NAN if a logit is not finite. */
+kvt_status kvt_attn_probs_ref(const float *q, int n_q, int D, const float *k, int T,
+                              const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                              double scale, float *pr, float *pr2, double *lse, double *work);
+
+/** H2O column sums from every prompt query: colsum[j] = sum_{i>=j} softmax_causal(q_i K^T)[j]
+ *  (query i sees keys 0..i). O(T^2 D).
+ * @param q    [T, D] all prompt queries of one head
+ * @param k    [T, D] keys of its KV head
+ * @param work [T] doubles of workspace
+ * @param colsum out [T] */
+kvt_status kvt_attn_colsum_ref(const float *q, const float *k, int T, int D, double scale,
+                               double *work, double *colsum);
+
+/** Mean over rows: out[j] = (1/n_rows) * sum_r x[r*ld + j] for j < n_cols. */
+void kvt_col_mean_ref(const float *x, int n_rows, int ld, int n_cols, double *out);
+
+/** GQA reduction of per-query-head rows to KV heads (group g = query heads g*G..g*G+G-1,
+ *  G = Hq/Hkv, the repeat_kv layout).
+ * @param a   [Hq, n]   @param out [Hkv, n] */
+kvt_status kvt_gqa_reduce_ref(const double *a, int Hq, int Hkv, int n, kvt_reduce op, double *out);
+
+/** 1-D pooling along n, stride 1, padding floor(k/2), output length n. k must be odd >= 1.
+ *  AVG: sum over the in-range window divided by k (out-of-range entries count as 0).
+ *  MAX: max over the in-range window. */
+kvt_status kvt_pool1d_ref(const double *s, int n, int k, kvt_pool op, double *out);
+
+/** L2 norm of each row: out[t] = ||x[t]||_2 (accumulated in double). x [n, D], out [n]. */
+void kvt_row_norms_ref(const float *x, int n, int D, double *out);
+
+/** Unit rows ku[t] = x[t]/max(||x[t]||, 1e-12) (F.normalize) and their mean over all n rows.
+ * @param x [n, D]  @param ku out [n, D] (may be NULL)  @param mean out [D] (may be NULL) */
+void kvt_unit_rows_ref(const float *x, int n, int D, float *ku, double *mean);
+
+/** Head redundancy of n unit vectors with mean m (POLICIES §4.1.4, MixKV):
+ *  r = (n*||m||^2 - 1)/(n - 1), the mean off-diagonal cosine. NaN for n < 2. */
+double kvt_redundancy_ref(const double *mean, int D, int n);
+
+/** Deterministic descending ranking: order[0..n) is a permutation of 0..n-1 sorted by score
+ *  descending, ties by lower index first; NaN scores sort last (by index). Stable merge sort.
+ * @param work [n] int32 workspace */
+void kvt_rank_desc_ref(const double *score, int n, int32_t *order, int32_t *work);
+
+/* ---- budget sweeps: every budget from one pass over a ranking ---- */
+
+/** Bytes of workspace kvt_sweep_output_ref needs. */
+size_t kvt_sweep_output_workspace_bytes(int n_q, int D);
+
+/** Attention recall and relative output error of every cut of one ranking, for a batch of
+ *  queries that share that ranking (POLICIES §12). The kept set at cut c is order[0..c) plus
+ *  the always-kept extra keys (decode keys). For query q with probabilities p over the T
+ *  prompt keys (mass p_extra on the extra keys, whose weighted value sum is o_extra) and
+ *  total stored mass Z = sum_j p_j + p_extra (1 up to f32 rounding):
+ *    recall = (sum_{s in S} p_s + p_extra) / Z
+ *    o      = (a_full + o_extra) / Z                   (a_full = sum_j p_j v_j)
+ *    o_S    = (sum_{s in S} p_s v_s + o_extra) / (sum_{s in S} p_s + p_extra)
+ *    err    = ||o_S - o|| / ||o||       (1 when nothing with mass is kept; 0 if o = o_S = 0)
+ *  so that the full set gives recall 1 and error 0 exactly.
+ *  Cuts up to T/2 accumulate forward from the top of the ranking, larger cuts subtract the
+ *  dropped tail from the full sum: each query costs at most T/2 * D.
+ * @param p        rows [n_q] of [T] f32 probabilities, row q at p + q*stride_p
+ * @param v        [T, D] values
+ * @param a_full   rows of [D] doubles at a_full + q*stride_a: sum_j p_j v_j over all T keys
+ * @param p_extra  [n_q] at p_extra[q*stride_e], or NULL (no extra keys)
+ * @param o_extra  rows of [D] at o_extra + q*stride_a, or NULL
+ * @param order    [T] permutation of 0..T-1
+ * @param cuts     [n_cut] strictly increasing, each in 0..T
+ * @param mod      [T] modality codes (< KVT_N_MODALITIES) or NULL
+ * @param mass_mod rows of [KVT_N_MODALITIES] at mass_mod + q*stride_m: full mass per
+ *                 modality (needed when mod != NULL)
+ * @param recall   out [n_q, n_cut]   @param err out [n_q, n_cut] (may be NULL)
+ * @param recall_mod out [n_q, n_cut, KVT_N_MODALITIES] kept mass / full mass per modality
+ *                 (NaN where the full mass is 0), or NULL
+ * @param work     kvt_sweep_output_workspace_bytes(n_q, D) bytes, 8-byte aligned */
+kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t stride_p,
+                                const float *v, const double *a_full, size_t stride_a,
+                                const double *p_extra, size_t stride_e, const double *o_extra,
+                                const int32_t *order, const int32_t *cuts, int n_cut,
+                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                double *recall, double *err, double *recall_mod, void *work);
+
+/** Cosine table between every key and a set of probe keys: ct[j*n_probe + i] = <ku_j, ku_pi>
+ *  for unit keys ku (zero keys give 0). ku [T, D] unit rows; probe [n_probe] indices < T;
+ *  ct out [T, n_probe] (key-major so a sweep reads one contiguous row per kept key). */
+kvt_status kvt_cosine_table_ref(const float *ku, int T, int D, const int32_t *probe, int n_probe,
+                                float *ct);
+
+/** Key-space coverage of every cut: for each probe i, best_i = max_{s in order[0..c)} ct[s,i];
+ *  cov = mean_i best_i, radius = max_i (1 - best_i), cov_mod[m] = mean over probes of
+ *  modality m (NaN if none). NaN everywhere for c = 0.
+ * @param probe_mod [n_probe] modality of each probe or NULL (then cov_mod is not written)
+ * @param work      [n_probe] floats
+ * @param cov, radius out [n_cut]; cov_mod out [n_cut, KVT_N_MODALITIES] or NULL */
+kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int32_t *order,
+                                  const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
+                                  float *work, double *cov, double *radius, double *cov_mod);
+
+/** Redundancy r of the kept set at every cut (kvt_redundancy_ref of the mean unit key of
+ *  order[0..c)); NaN for c < 2. ku [T, D] unit keys; work [D] doubles; r out [n_cut]. */
+kvt_status kvt_sweep_redundancy_ref(const float *ku, int T, int D, const int32_t *order,
+                                    const int32_t *cuts, int n_cut, double *work, double *r);
+
+/* ---- Quest (POLICIES §15) ---- */
+
+/** Per-page channel minimum and maximum of the keys; page p covers tokens
+ *  [p*P, min((p+1)*P, T)). k [T, D]; kmin, kmax out [n_pages, D], n_pages = ceil(T/P). */
+kvt_status kvt_page_bounds_ref(const float *k, int T, int D, int P, float *kmin, float *kmax);
+
+/** Quest upper bound of each page for one query: U[p] = sum_c max(q_c*kmin[p,c],
+ *  q_c*kmax[p,c]) (accumulated in double). q [D]; U out [n_pages]. */
+void kvt_page_upper_ref(const float *q, const float *kmin, const float *kmax, int n_pages, int D,
+                        double *U);
+
+/** Scaled dot products out[j] = <q, k_j> * scale (double accumulation). k [n, D]. */
+void kvt_dot_rows_ref(const float *q, const float *k, int n, int D, double scale, double *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_KERNELS_H */

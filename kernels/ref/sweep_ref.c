@@ -1,0 +1,238 @@
+/* sweep_ref.c - the budget sweeps: every budget of one ranking from a single pass.
+ *  - recall and output error: a running (sum p*v, sum p) per query (POLICIES §12, DESIGN §3);
+ *  - key-space coverage: a running best cosine per probe key;
+ *  - redundancy of the kept set: a running sum of unit keys.
+ * This is the reason a sweep over 8 budgets costs about as much as one budget.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "kvt_kernels.h"
+
+#define NM KVT_N_MODALITIES
+
+static kvt_status check_cuts(const int32_t *cuts, int n_cut, int T)
+{
+    for (int c = 0; c < n_cut; c++) {
+        KVT_RETURN_IF(cuts[c] < 0 || cuts[c] > T || (c > 0 && cuts[c] <= cuts[c - 1]),
+                      KVT_ERR_INVALID_ARG, "sweep: cuts must increase strictly within 0..%d", T);
+    }
+    return KVT_OK;
+}
+
+size_t kvt_sweep_output_workspace_bytes(int n_q, int D)
+{
+    return (size_t)(n_q > 0 ? n_q : 0) * (size_t)(D + 2 + NM) * sizeof(double);
+}
+
+/* Record recall/err for query q given the kept sums (acc [D], r, rm [NM]). Both the kept and
+ * the full output are normalised by their own stored mass, so that the full set gives recall 1
+ * and error 0 exactly even though f32 probabilities do not sum to exactly 1. */
+static void record(int q, int ci, int n_cut, int D, const double *acc, double r, const double *rm,
+                   double r_full, const double *a_full, const double *p_extra,
+                   const double *o_extra, const double *mass_mod, double *recall, double *err,
+                   double *recall_mod)
+{
+    double pe = p_extra ? p_extra[0] : 0.0;
+    double kept = r + pe, total = r_full + pe;
+    recall[(size_t)q * n_cut + ci] = total > 0.0 ? kept / total : 0.0;
+    if (err) {
+        double num = 0.0, den = 0.0;
+        for (int d = 0; d < D; d++) {
+            double oe = o_extra ? o_extra[d] : 0.0;
+            double o = total > 0.0 ? (a_full[d] + oe) / total : 0.0;
+            double os = kept > 0.0 ? (acc[d] + oe) / kept : 0.0;
+            num += (os - o) * (os - o);
+            den += o * o;
+        }
+        double e;
+        if (kept <= 0.0)
+            e = 1.0;
+        else if (den > 0.0)
+            e = sqrt(num / den);
+        else
+            e = num > 0.0 ? 1.0 : 0.0;
+        err[(size_t)q * n_cut + ci] = e;
+    }
+    if (recall_mod)
+        for (int m = 0; m < NM; m++)
+            recall_mod[((size_t)q * n_cut + ci) * NM + m] =
+                mass_mod[m] > 0.0 ? rm[m] / mass_mod[m] : NAN;
+}
+
+kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t stride_p,
+                                const float *v, const double *a_full, size_t stride_a,
+                                const double *p_extra, size_t stride_e, const double *o_extra,
+                                const int32_t *order, const int32_t *cuts, int n_cut,
+                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                double *recall, double *err, double *recall_mod, void *work)
+{
+    KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
+                  "sweep_output: bad shape n_q=%d T=%d D=%d", n_q, T, D);
+    KVT_RETURN_IF(mod && !mass_mod, KVT_ERR_INVALID_ARG, "sweep_output: mod without mass_mod");
+    KVT_FORWARD(check_cuts(cuts, n_cut, T));
+    if (!mod)
+        recall_mod = NULL;
+    /* work: acc (n_q, D), r (n_q), rm (n_q, NM), r_full (n_q) */
+    double *acc = work, *r = acc + (size_t)n_q * D, *rm = r + n_q, *rf = rm + (size_t)n_q * NM;
+    int half = T / 2, n_fwd = 0;
+    while (n_fwd < n_cut && cuts[n_fwd] <= half)
+        n_fwd++;
+
+    /* forward: kept = order[0..c) for the cuts up to T/2 */
+    memset(work, 0, kvt_sweep_output_workspace_bytes(n_q, D));
+    for (int q = 0; q < n_q; q++) {
+        const float *pq = p + (size_t)q * stride_p;
+        double s = 0.0;
+        for (int j = 0; j < T; j++)
+            s += pq[j];
+        rf[q] = s;
+    }
+    int t = 0;
+    for (int ci = 0; ci < n_fwd; ci++) {
+        for (; t < cuts[ci]; t++) {
+            int32_t j = order[t];
+            const float *vj = v + (size_t)j * D;
+            for (int q = 0; q < n_q; q++) {
+                double pj = p[(size_t)q * stride_p + j];
+                if (pj == 0.0)
+                    continue;
+                double *aq = acc + (size_t)q * D;
+                for (int d = 0; d < D; d++)
+                    aq[d] += pj * vj[d];
+                r[q] += pj;
+                if (mod)
+                    rm[(size_t)q * NM + mod[j]] += pj;
+            }
+        }
+        for (int q = 0; q < n_q; q++)
+            record(q, ci, n_cut, D, acc + (size_t)q * D, r[q], rm + (size_t)q * NM, rf[q],
+                   a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
+                   o_extra ? o_extra + (size_t)q * stride_a : NULL,
+                   mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
+    }
+    if (n_fwd == n_cut)
+        return KVT_OK;
+
+    /* backward: kept = everything minus order[c..T) for the cuts above T/2 */
+    for (int q = 0; q < n_q; q++) {
+        r[q] = rf[q];
+        memcpy(acc + (size_t)q * D, a_full + (size_t)q * stride_a, (size_t)D * sizeof(double));
+        for (int m = 0; m < NM; m++)
+            rm[(size_t)q * NM + m] = mod ? mass_mod[(size_t)q * stride_m + m] : 0.0;
+    }
+    t = T;
+    for (int ci = n_cut - 1; ci >= n_fwd; ci--) {
+        for (; t > cuts[ci]; t--) {
+            int32_t j = order[t - 1];
+            const float *vj = v + (size_t)j * D;
+            for (int q = 0; q < n_q; q++) {
+                double pj = p[(size_t)q * stride_p + j];
+                if (pj == 0.0)
+                    continue;
+                double *aq = acc + (size_t)q * D;
+                for (int d = 0; d < D; d++)
+                    aq[d] -= pj * vj[d];
+                r[q] -= pj;
+                if (mod)
+                    rm[(size_t)q * NM + mod[j]] -= pj;
+            }
+        }
+        for (int q = 0; q < n_q; q++) {
+            double rq = r[q] < 0.0 ? 0.0 : r[q]; /* cancellation can leave -1e-17 */
+            record(q, ci, n_cut, D, acc + (size_t)q * D, rq, rm + (size_t)q * NM, rf[q],
+                   a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
+                   o_extra ? o_extra + (size_t)q * stride_a : NULL,
+                   mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
+        }
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_cosine_table_ref(const float *ku, int T, int D, const int32_t *probe, int n_probe,
+                                float *ct)
+{
+    KVT_RETURN_IF(T < 0 || D <= 0 || n_probe < 0, KVT_ERR_INVALID_ARG,
+                  "cosine_table: bad shape T=%d D=%d n_probe=%d", T, D, n_probe);
+    for (int i = 0; i < n_probe; i++)
+        KVT_RETURN_IF(probe[i] < 0 || probe[i] >= T, KVT_ERR_INVALID_ARG,
+                      "cosine_table: probe %d out of range", probe[i]);
+    /* ku is (T, D); ct is (T, n_probe) */
+    for (int j = 0; j < T; j++) {
+        const float *kj = ku + (size_t)j * D;
+        for (int i = 0; i < n_probe; i++) {
+            const float *kp = ku + (size_t)probe[i] * D;
+            double s = 0.0;
+            for (int d = 0; d < D; d++)
+                s += (double)kj[d] * (double)kp[d];
+            ct[(size_t)j * n_probe + i] = (float)s;
+        }
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int32_t *order,
+                                  const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
+                                  float *work, double *cov, double *radius, double *cov_mod)
+{
+    KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
+                  "sweep_coverage: bad shape");
+    KVT_FORWARD(check_cuts(cuts, n_cut, T));
+    float *best = work; /* (n_probe) */
+    for (int i = 0; i < n_probe; i++)
+        best[i] = -INFINITY;
+    int t = 0;
+    for (int ci = 0; ci < n_cut; ci++) {
+        for (; t < cuts[ci]; t++) {
+            const float *row = ct + (size_t)order[t] * n_probe;
+            for (int i = 0; i < n_probe; i++)
+                best[i] = row[i] > best[i] ? row[i] : best[i];
+        }
+        double s = 0.0, rad = -INFINITY, sm[NM] = {0};
+        int cm[NM] = {0};
+        for (int i = 0; i < n_probe; i++) {
+            s += best[i];
+            rad = 1.0 - best[i] > rad ? 1.0 - best[i] : rad;
+            if (probe_mod) {
+                sm[probe_mod[i]] += best[i];
+                cm[probe_mod[i]]++;
+            }
+        }
+        bool empty = cuts[ci] == 0 || n_probe == 0;
+        cov[ci] = empty ? NAN : s / n_probe;
+        radius[ci] = empty ? NAN : rad;
+        if (probe_mod && cov_mod)
+            for (int m = 0; m < NM; m++)
+                cov_mod[(size_t)ci * NM + m] = empty || !cm[m] ? NAN : sm[m] / cm[m];
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_sweep_redundancy_ref(const float *ku, int T, int D, const int32_t *order,
+                                    const int32_t *cuts, int n_cut, double *work, double *r)
+{
+    KVT_RETURN_IF(T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG, "sweep_redundancy: bad shape");
+    KVT_FORWARD(check_cuts(cuts, n_cut, T));
+    double *sum = work; /* (D) running sum of the kept unit keys */
+    for (int d = 0; d < D; d++)
+        sum[d] = 0.0;
+    int t = 0;
+    for (int ci = 0; ci < n_cut; ci++) {
+        for (; t < cuts[ci]; t++) {
+            const float *k = ku + (size_t)order[t] * D;
+            for (int d = 0; d < D; d++)
+                sum[d] += k[d];
+        }
+        int c = cuts[ci];
+        if (c < 2) {
+            r[ci] = NAN;
+            continue;
+        }
+        double s2 = 0.0;
+        for (int d = 0; d < D; d++)
+            s2 += sum[d] * sum[d];
+        /* n*||m||^2 = ||sum||^2 / n */
+        r[ci] = (s2 / c - 1.0) / (double)(c - 1);
+    }
+    return KVT_OK;
+}

@@ -1,0 +1,251 @@
+/* alloc.c - budget allocation shared by several policies: the AdaKV head-wise allocation
+ * (POLICIES §3a repo form and §3b paper/kvpress form), the PyramidKV layer schedule (§2) and
+ * the reader of per-(layer, head) JSON tables (SparseMM head scores, MixKV offline r).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "replay_internal.h"
+
+/* Global top-n over H descending lists vals[g][0..P) (each sorted descending), scaled by
+ * w[g]; start[g] = first candidate of head g. Ties: lower flattened index g*P + rank (which is
+ * lower head, then the head's own tie order: lower token index). Adds the picks to picks[g]. */
+static void global_top(const double *vals, const double *w, int H, int P, long n, int *start,
+                       int *picks)
+{
+    for (long k = 0; k < n; k++) {
+        int best = -1;
+        double bv = 0.0;
+        for (int g = 0; g < H; g++) {
+            if (start[g] >= P)
+                continue;
+            double x = vals[(size_t)g * P + start[g]] * (w ? w[g] : 1.0);
+            if (best < 0 || x > bv) { /* strict: equal values keep the lower head */
+                best = g;
+                bv = x;
+            }
+        }
+        if (best < 0)
+            return;
+        start[best]++;
+        picks[best]++;
+    }
+}
+
+kvt_status kvt_adakv_alloc(const double *p, int H, int P, int b, int W, double alpha,
+                           bool normalize, char form, int *caps)
+{
+    KVT_RETURN_IF(H < 1 || P < 0 || b < 0 || b > P, KVT_ERR_INVALID_ARG,
+                  "adakv: bad allocation input H=%d P=%d b=%d", H, P, b);
+    kvt_status st = KVT_OK;
+    double *sorted = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
+    double *w = kvt_malloc((size_t)H * sizeof(double));
+    int32_t *ord = kvt_malloc(((size_t)P + 1) * sizeof(int32_t));
+    int32_t *work = kvt_malloc(((size_t)P + 1) * sizeof(int32_t));
+    int *start = kvt_calloc((size_t)H, sizeof(int)), *picks = kvt_calloc((size_t)H, sizeof(int));
+    if (!sorted || !w || !ord || !work || !start || !picks) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "adakv: out of memory");
+        goto out_free;
+    }
+    for (int g = 0; g < H; g++) {
+        kvt_rank_desc_ref(p + (size_t)g * P, P, ord, work);
+        double top = 0.0, all = 0.0;
+        for (int t = 0; t < P; t++) {
+            double x = p[(size_t)g * P + ord[t]];
+            sorted[(size_t)g * P + t] = x;
+            all += x;
+            if (t < b)
+                top += x;
+        }
+        w[g] = all > 0.0 ? top / all : 0.0;
+    }
+    if (form == 'b') {
+        /* 3b: each head keeps n_safe = floor(alpha*B) of its best entries; the window
+         * (max-padded scores) comes first, so only n_safe - W prefix tokens are forced. */
+        int B = b + W;
+        int n_safe = (int)floor(alpha * B);
+        int forced = n_safe - W > 0 ? n_safe - W : 0;
+        if (forced > b)
+            forced = b;
+        long rest = (long)H * b;
+        for (int g = 0; g < H; g++) {
+            start[g] = forced;
+            picks[g] = forced;
+            rest -= forced;
+        }
+        global_top(sorted, NULL, H, P, rest, start, picks);
+        for (int g = 0; g < H; g++)
+            caps[g] = picks[g];
+    } else {
+        /* 3a: counts of the global top H*b of (optionally normalised) scores, then
+         * cap = round(n*(1-alpha) + floor(alpha*b)) */
+        global_top(sorted, normalize ? w : NULL, H, P, (long)H * b, start, picks);
+        double fl = floor(alpha * b);
+        for (int g = 0; g < H; g++) {
+            double cap = kvt_round_even(picks[g] * (1.0 - alpha) + fl);
+            caps[g] = cap < 0 ? 0 : (cap > P ? P : (int)cap);
+        }
+    }
+out_free:
+    kvt_free(sorted);
+    kvt_free(w);
+    kvt_free(ord);
+    kvt_free(work);
+    kvt_free(start);
+    kvt_free(picks);
+    return st;
+}
+
+int kvt_pyramid_layer_budget(int B, int W, int T, int L, int l, double beta, bool fallback)
+{
+    if (T < B)
+        return -1; /* short prompt: compress nothing */
+    int base = B - W;
+    if (base <= 0)
+        return 0;
+    if (fallback && T < 2 * base)
+        return base; /* KVCache-Factory: plain SnapKV budget */
+    long min_num = (long)floor(base / beta);
+    long max_num = 2L * base - min_num;
+    if (max_num >= T - W) {
+        max_num = T - W;
+        min_num = 2L * base - max_num;
+    }
+    if (L <= 1)
+        return base;
+    long steps = (max_num - min_num) / (L - 1);
+    long bl = max_num - (long)l * steps;
+    return bl < 0 ? 0 : (int)bl;
+}
+
+static double json_value(const cJSON *v, bool *ok)
+{
+    *ok = true;
+    if (cJSON_IsNumber(v))
+        return v->valuedouble;
+    if (cJSON_IsArray(v) && cJSON_GetArraySize(v) > 0) {
+        double s = 0.0;
+        int n = 0;
+        const cJSON *x;
+        cJSON_ArrayForEach(x, v)
+        {
+            if (!cJSON_IsNumber(x)) {
+                *ok = false;
+                return NAN;
+            }
+            s += x->valuedouble;
+            n++;
+        }
+        return s / n;
+    }
+    *ok = false;
+    return NAN;
+}
+
+kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, double **out)
+{
+    kvt_status st = KVT_OK;
+    char *txt = NULL;
+    cJSON *root = NULL;
+    double *tab = NULL;
+    FILE *f = fopen(path, "rb");
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open head table %s", path);
+    if (fseek(f, 0, SEEK_END) || ftell(f) < 0) {
+        fclose(f);
+        return kvt_error_set(KVT_ERR_IO, "cannot read %s", path);
+    }
+    long len = ftell(f);
+    rewind(f);
+    txt = kvt_malloc((size_t)len + 1);
+    if (!txt) {
+        fclose(f);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s", path);
+    }
+    size_t got = fread(txt, 1, (size_t)len, f);
+    fclose(f);
+    txt[got] = '\0';
+    root = cJSON_Parse(txt);
+    if (!root) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s is not valid JSON", path);
+        goto out_free;
+    }
+    int L = 0, H = 0;
+    const cJSON *it;
+    if (cJSON_IsArray(root)) {
+        L = cJSON_GetArraySize(root);
+        cJSON_ArrayForEach(it, root)
+        {
+            if (!cJSON_IsArray(it)) {
+                st = kvt_error_set(KVT_ERR_CORRUPT, "%s: expected an array of arrays", path);
+                goto out_free;
+            }
+            H = cJSON_GetArraySize(it) > H ? cJSON_GetArraySize(it) : H;
+        }
+    } else if (cJSON_IsObject(root)) {
+        cJSON_ArrayForEach(it, root)
+        {
+            int l, h;
+            if (sscanf(it->string, "%d-%d", &l, &h) != 2 || l < 0 || h < 0 || l > 100000 ||
+                h > 100000) {
+                st = kvt_error_set(KVT_ERR_CORRUPT,
+                                   "%s: key \"%s\" is not \"layer-head\" or \"layer-head-key\"",
+                                   path, it->string);
+                goto out_free;
+            }
+            L = l + 1 > L ? l + 1 : L;
+            H = h + 1 > H ? h + 1 : H;
+        }
+    } else {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: expected a JSON object or array", path);
+        goto out_free;
+    }
+    if (L == 0 || H == 0) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: empty head table", path);
+        goto out_free;
+    }
+    tab = kvt_malloc((size_t)L * H * sizeof(double));
+    if (!tab) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    for (size_t i = 0; i < (size_t)L * H; i++)
+        tab[i] = NAN;
+    bool ok = true;
+    if (cJSON_IsArray(root)) {
+        int l = 0;
+        cJSON_ArrayForEach(it, root)
+        {
+            int h = 0;
+            const cJSON *x;
+            cJSON_ArrayForEach(x, it) tab[(size_t)l * H + h++] = json_value(x, &ok);
+            l++;
+        }
+    } else {
+        cJSON_ArrayForEach(it, root)
+        {
+            int l, h;
+            sscanf(it->string, "%d-%d", &l, &h);
+            tab[(size_t)l * H + h] = json_value(it, &ok);
+            if (!ok)
+                break;
+        }
+    }
+    if (!ok) {
+        st =
+            kvt_error_set(KVT_ERR_CORRUPT, "%s: values must be numbers or arrays of numbers", path);
+        goto out_free;
+    }
+    *n_layers = L;
+    *n_heads = H;
+    *out = tab;
+    tab = NULL;
+out_free:
+    kvt_free(tab);
+    cJSON_Delete(root);
+    kvt_free(txt);
+    return st;
+}

@@ -1,0 +1,242 @@
+/* kvt_replay.h - the replay engine: configured compression policies, budget lists, the
+ * per-layer context shared by all policies, per-head selections (a ranking plus a cut per
+ * budget), the budget sweep that measures every budget from one ranking, and the trace driver
+ * that runs layer by layer on a thread pool. Sits between traces/ + kernels/ (below) and
+ * analysis/ (which aggregates and writes results.json). Policy definitions:
+ * ../shared/POLICIES.md; metric definitions: analysis/RESULTS.md.
+ *
+ * Letters: L layers, Hq query heads, Hkv KV heads, T prompt tokens, W stored window queries,
+ * G decode steps, D head dim. A budget B is the number of entries kept per head per layer,
+ * the policy's observation window included (the published convention).
+ */
+#ifndef KVT_REPLAY_H
+#define KVT_REPLAY_H
+
+#include "kvt_common.h"
+#include "kvt_kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------------------- */
+/* Budgets                                                                               */
+/* ------------------------------------------------------------------------------------- */
+typedef struct kvt_budget {
+    bool is_fraction; /* written as "10%" */
+    double value;     /* tokens, or the fraction of T in (0, 1] */
+    char text[24];    /* as written, e.g. "64" or "10%" */
+} kvt_budget;
+
+/** Parse "64,128,10%,12.5%". Tokens must be integers >= 1, fractions in (0%, 100%].
+ * @param out caller frees with kvt_free. @return KVT_OK or KVT_ERR_INVALID_ARG. */
+kvt_status kvt_budgets_parse(const char *list, kvt_budget **out, size_t *n_out);
+
+/** Tokens of a budget for a prompt of T tokens: the value itself, or max(1, floor(f*T + 0.5))
+ *  for a fraction f. */
+int kvt_budget_tokens(const kvt_budget *b, int n_tokens);
+
+/* ------------------------------------------------------------------------------------- */
+/* Policies                                                                              */
+/* ------------------------------------------------------------------------------------- */
+typedef struct kvt_policy kvt_policy;
+
+/* kvt_policy_flags() bits */
+#define KVT_POLICY_PER_STEP     0x1u  /* re-selects at every decode step (quest, hybridkv-like) */
+#define KVT_POLICY_MERGED       0x2u  /* keeps merged K/V, not a subset (lightkv-like) */
+#define KVT_POLICY_LIKE         0x4u  /* an offline emulation with no public reference ("-like") */
+#define KVT_POLICY_NEEDS_DECODE 0x8u  /* needs Q_decode (oracle, quest) */
+#define KVT_POLICY_NEEDS_COLSUM 0x10u /* needs attn_colsum or Q_all (h2o) */
+
+/** Global defaults that a policy spec may override. */
+typedef struct kvt_policy_globals {
+    uint64_t seed;       /* for `random` (spec option seed=) */
+    bool per_query_head; /* default heads=query instead of heads=kv */
+} kvt_policy_globals;
+
+/** Create a policy from a spec "name[:key=value,key=value...]", e.g.
+ *  "snapkv:window=32,kernel=7,pool=max". Unknown names or keys, or bad values, fail with a
+ *  message that lists the accepted ones. Files named by options (sparsemm scores=, mixkv
+ *  rtable=) are read here. @param g may be NULL. @param out free with kvt_policy_free.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG, KVT_ERR_IO, KVT_ERR_CORRUPT, KVT_ERR_NOMEM. */
+kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_policy **out);
+void kvt_policy_free(kvt_policy *p);
+
+/** Parse a list "snapkv,adakv:alpha=0.2,snapkv:kernel=7,pool=max": a comma-separated item with
+ *  '=' and no ':' is an option of the policy before it. Labels must be unique.
+ * @param out array of n policies; free with kvt_policy_list_free. */
+kvt_status kvt_policy_list_parse(const char *list, const kvt_policy_globals *g, kvt_policy ***out,
+                                 size_t *n_out);
+void kvt_policy_list_free(kvt_policy **p, size_t n);
+
+/** CLI name ("snapkv"). Owned by the policy. */
+const char *kvt_policy_name(const kvt_policy *p);
+/** The spec as given ("snapkv:kernel=7"), used to tell runs apart. Owned by the policy. */
+const char *kvt_policy_label(const kvt_policy *p);
+unsigned kvt_policy_flags(const kvt_policy *p);
+/** true if the policy selects per query head (heads=query), false per KV head. */
+bool kvt_policy_per_query_head(const kvt_policy *p);
+/** Every option with its effective value, as a JSON object text. Caller frees with kvt_free. */
+char *kvt_policy_options_json(const kvt_policy *p);
+
+/** The registry (for --help): name, one-line summary, options with defaults. */
+typedef struct kvt_policy_about {
+    const char *name;
+    const char *summary;
+    const char *options; /* "window=32,kernel=5,pool=avg,reduce=mean,heads=kv" */
+    unsigned flags;
+} kvt_policy_about;
+size_t kvt_policy_registry_size(void);
+void kvt_policy_registry_get(size_t i, kvt_policy_about *out);
+
+/* ------------------------------------------------------------------------------------- */
+/* One layer in memory                                                                   */
+/* ------------------------------------------------------------------------------------- */
+/** The tensors of one layer, f32, borrowed for the duration of a call. */
+typedef struct kvt_layer_input {
+    int layer, n_layers;
+    int T, D, Hq, Hkv;
+    int W;                            /* stored window queries */
+    int G;                            /* decode steps captured (0 if none) */
+    const float *k, *v;               /* [Hkv, T, D] post-RoPE keys, values */
+    const float *q_window;            /* [Hq, W, D] last W prompt queries */
+    const float *q_decode;            /* [Hq, G, D] or NULL */
+    const float *k_decode, *v_decode; /* [Hkv, G, D] or NULL (both or neither) */
+    const float *attn_colsum;         /* [Hq, T] or NULL */
+    const float *q_all;               /* [Hq, T, D] or NULL */
+    const uint8_t *modality;          /* [T] kvt_modality codes or NULL */
+} kvt_layer_input;
+
+/** Metrics of one (policy, budget, layer, head); NaN = not applicable (written as null).
+ *  Definitions in analysis/RESULTS.md. */
+typedef struct kvt_head_metrics {
+    double n_keep;        /* measured kept entries (mean over decode steps if per-step) */
+    double recall_window; /* attention mass kept, mean over window queries of the head */
+    double err_window;    /* ||o_S - o|| / ||o|| on window queries */
+    double recall_decode; /* same on held-out decode queries */
+    double err_decode;
+    double coverage;        /* mean over probe keys of the best cosine to a kept key */
+    double coverage_radius; /* max over probe keys of 1 - best cosine */
+    double r_kept;          /* head redundancy of the kept keys */
+    double oracle_overlap;  /* |S & O| / |O|, O = oracle's set at the same budget */
+    double n_keep_mod[KVT_N_MODALITIES];
+    double recall_window_mod[KVT_N_MODALITIES];
+    double coverage_mod[KVT_N_MODALITIES];
+} kvt_head_metrics;
+
+/** One exported kept set (analysis/RESULTS.md "Selection export"). */
+typedef struct kvt_selection_rec {
+    int policy, budget, layer, head;
+    int step;           /* -1: the set kept for the prompt; >= 0: decode step (per-step) */
+    const int32_t *idx; /* kept token indices, ascending; valid during the sink call */
+    size_t n;
+} kvt_selection_rec;
+
+/** Receives all kept sets of one layer at once (called from worker threads, possibly out of
+ *  layer order; the callee serialises). Return non-OK to stop the replay. */
+typedef kvt_status (*kvt_selection_sink)(void *user, int layer, const kvt_selection_rec *recs,
+                                         size_t n_recs);
+
+typedef struct kvt_replay_opts {
+    int n_threads;       /* worker threads over layers; 0 = all cores */
+    int coverage_probes; /* probe keys for coverage (see RESULTS.md); 0 = no coverage;
+                            negative = default 256 */
+    /* progress: layers done of total, called under a lock; may be NULL */
+    void (*progress)(void *user, uint64_t done, uint64_t total);
+    void *progress_user;
+    kvt_selection_sink sink; /* may be NULL */
+    void *sink_user;
+} kvt_replay_opts;
+
+#define KVT_DEFAULT_COVERAGE_PROBES 256
+
+/** Opaque selection of one policy on one layer: per head a ranking and a cut per budget. */
+typedef struct kvt_layer_selection kvt_layer_selection;
+
+/** Run one policy on one layer. @param budget_tokens [n_budgets] tokens (>= 1).
+ * @param out free with kvt_layer_selection_free. */
+kvt_status kvt_replay_layer_select(const kvt_layer_input *in, const kvt_policy *p,
+                                   const int *budget_tokens, size_t n_budgets,
+                                   kvt_layer_selection **out);
+void kvt_layer_selection_free(kvt_layer_selection *s);
+/** Heads of the selection: Hkv, or Hq with heads=query. */
+int kvt_layer_selection_n_heads(const kvt_layer_selection *s);
+/** Decode steps with per-step sets (0 for fixed-set policies). */
+int kvt_layer_selection_n_steps(const kvt_layer_selection *s);
+/** true if the prompt-time (fixed) set exists (false for quest). */
+bool kvt_layer_selection_has_fixed(const kvt_layer_selection *s);
+/** true if head `head` re-selects per decode step. */
+bool kvt_layer_selection_head_per_step(const kvt_layer_selection *s, int head);
+/** Kept token indices (ascending) of (budget, head), step -1 for the fixed set. For merged
+ *  policies, the representative (destination) index of each kept entry.
+ * @param idx out, capacity cap; @param n receives the count (also when cap is too small,
+ *        then KVT_ERR_INVALID_ARG). */
+kvt_status kvt_layer_selection_kept(const kvt_layer_selection *s, size_t budget, int head, int step,
+                                    int32_t *idx, size_t cap, size_t *n);
+
+/** Run every policy on one layer and measure every budget.
+ * @param out [n_pol, n_budgets, Hq] metrics; entries of head index >= the policy's head
+ *            count are set to NaN. @param o may be NULL (defaults); o->sink, when set, receives
+ *            the kept sets (records carry the index into `pols` and in->layer). */
+kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const *pols,
+                                    size_t n_pol, const int *budget_tokens, size_t n_budgets,
+                                    const kvt_replay_opts *o, kvt_head_metrics *out);
+
+/* ------------------------------------------------------------------------------------- */
+/* Whole trace                                                                           */
+/* ------------------------------------------------------------------------------------- */
+/** Everything measured on one trace. Plain data: analysis/ reads and writes it. */
+typedef struct kvt_trace_result {
+    char *path;        /* kvt_strdup'ed */
+    char *header_json; /* the trace's JSON header */
+    char *model_name, *model_arch;
+    int n_layers, n_q_heads, n_kv_heads, head_dim, n_tokens;
+    int window_stored, n_decode;
+    bool has_decode_kv; /* K_decode and V_decode present */
+    bool has_modality;
+    int kv_elem_bytes; /* bytes per K/V element in the trace (2 for f16/bf16) */
+    char kv_dtype[8];
+    int64_t modality_counts[KVT_N_MODALITIES];
+    int n_probes; /* coverage probe keys used (per head) */
+    size_t n_policies, n_budgets;
+    char **policy_labels; /* [n_policies] */
+    char **policy_names;  /* [n_policies] */
+    unsigned *policy_flags;
+    int *policy_heads;   /* [n_policies] Hkv or Hq */
+    int *policy_window;  /* [n_policies] observation window W the policy used */
+    char **budget_texts; /* [n_budgets] */
+    int *budget_tokens;  /* [n_budgets] */
+    double *r_all;       /* [L, Hkv] redundancy of all keys */
+    kvt_head_metrics *m; /* [n_policies, n_budgets, L, Hq] */
+} kvt_trace_result;
+
+/** Metrics slot of (policy, budget, layer, head). */
+static inline kvt_head_metrics *kvt_trace_result_at(const kvt_trace_result *r, size_t pol,
+                                                    size_t bud, int layer, int head)
+{
+    return &r->m[((pol * r->n_budgets + bud) * (size_t)r->n_layers + (size_t)layer) *
+                     (size_t)r->n_q_heads +
+                 (size_t)head];
+}
+
+/** Allocate an empty result with all metrics NaN (used by the replay and by the results.json
+ *  reader). Strings are copied. Free with kvt_trace_result_free. */
+kvt_status kvt_trace_result_create(int n_layers, int n_q_heads, int n_kv_heads, size_t n_policies,
+                                   size_t n_budgets, kvt_trace_result **out);
+void kvt_trace_result_free(kvt_trace_result *r);
+
+/** Layer and token counts of a trace, from its header (n_layers, n_tokens). Either pointer
+ *  may be NULL. */
+kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens);
+
+/** Replay a trace file: every policy at every budget, layer by layer on a thread pool.
+ * @return KVT_OK; errors from the reader; KVT_ERR_NOT_FOUND naming a tensor a policy needs
+ *         (Q_decode for oracle/quest, attn_colsum or Q_all for h2o). */
+kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
+                            const kvt_budget *budgets, size_t n_budgets, const kvt_replay_opts *o,
+                            kvt_trace_result **out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_REPLAY_H */

@@ -1,0 +1,301 @@
+/* layer_ctx.c - the layer context, computed once per layer and shared by every policy
+ * (DESIGN §3): window and decode attention probabilities in f32 with their full outputs,
+ * key/value norms, unit keys, their mean and the head redundancy r, and a small cache of
+ * pooled window scores keyed by (W, kernel, pool, reduce, granularity).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "replay_internal.h"
+
+static kvt_status alloc_n(void **p, size_t n, size_t elem)
+{
+    size_t bytes;
+    if (kvt_mul_overflow(n, elem, &bytes))
+        return kvt_error_set(KVT_ERR_OVERFLOW, "layer context: size overflow");
+    *p = kvt_calloc(bytes ? bytes : 1, 1);
+    return *p ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "layer context: out of memory");
+}
+#define ALLOC(ptr, n) alloc_n((void **)&(ptr), (size_t)(n), sizeof(*(ptr)))
+
+static kvt_status check_finite(const float *x, size_t n, const char *what, int layer)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]))
+            return kvt_error_set(KVT_ERR_NAN, "layer %d: %s element %zu is not finite", layer, what,
+                                 i);
+    return KVT_OK;
+}
+
+/* a[d] = sum_j p[j] * v[j][d] over T keys */
+static void weighted_sum(const float *p, const float *v, int T, int D, double *a)
+{
+    for (int d = 0; d < D; d++)
+        a[d] = 0.0;
+    for (int j = 0; j < T; j++) {
+        double pj = p[j];
+        if (pj == 0.0)
+            continue;
+        const float *vj = v + (size_t)j * D;
+        for (int d = 0; d < D; d++)
+            a[d] += pj * vj[d];
+    }
+}
+
+static void mass_by_mod(const float *p, const uint8_t *mod, int T, double *out)
+{
+    for (int m = 0; m < KVT_NM; m++)
+        out[m] = 0.0;
+    for (int j = 0; j < T; j++)
+        out[mod[j] < KVT_NM ? mod[j] : KVT_NM - 1] += p[j];
+}
+
+kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
+{
+    memset(c, 0, sizeof(*c));
+    KVT_RETURN_IF(!in || !in->k || !in->v || !in->q_window, KVT_ERR_INVALID_ARG,
+                  "layer context: K, V and Q_window are required");
+    KVT_RETURN_IF(in->T < 1 || in->D < 1 || in->Hkv < 1 || in->Hq < in->Hkv || in->Hq % in->Hkv ||
+                      in->W < 1 || in->W > in->T || in->G < 0,
+                  KVT_ERR_INVALID_ARG,
+                  "layer %d: bad shape T=%d D=%d Hq=%d Hkv=%d W=%d G=%d (need Hq a multiple of "
+                  "Hkv, 1 <= W <= T)",
+                  in->layer, in->T, in->D, in->Hq, in->Hkv, in->W, in->G);
+    KVT_RETURN_IF(in->G > 0 && !in->q_decode, KVT_ERR_INVALID_ARG, "G > 0 without Q_decode");
+    KVT_RETURN_IF(!in->k_decode != !in->v_decode, KVT_ERR_INVALID_ARG,
+                  "K_decode and V_decode go together");
+    c->in = in;
+    c->T = in->T, c->D = in->D, c->Hq = in->Hq, c->Hkv = in->Hkv, c->Gs = in->Hq / in->Hkv;
+    c->Wt = in->W, c->Gd = in->q_decode ? in->G : 0, c->layer = in->layer;
+    c->n_layers = in->n_layers;
+    c->scale = 1.0 / sqrt((double)in->D);
+    c->has_extra = c->Gd > 0 && in->k_decode;
+    const int T = c->T, D = c->D, Hq = c->Hq, Hkv = c->Hkv, Wt = c->Wt, Gd = c->Gd;
+    size_t kv_n = (size_t)Hkv * T * D;
+    kvt_status s;
+    double *work = NULL;
+    int *vis = NULL, *vis2 = NULL;
+    float *pr2 = NULL;
+
+    if ((s = check_finite(in->k, kv_n, "K", in->layer)) ||
+        (s = check_finite(in->v, kv_n, "V", in->layer)) ||
+        (s = check_finite(in->q_window, (size_t)Hq * Wt * D, "Q_window", in->layer)))
+        goto out_fail;
+    if (Gd > 0 && (s = check_finite(in->q_decode, (size_t)Hq * Gd * D, "Q_decode", in->layer)))
+        goto out_fail;
+    if (c->has_extra &&
+        ((s = check_finite(in->k_decode, (size_t)Hkv * Gd * D, "K_decode", in->layer)) ||
+         (s = check_finite(in->v_decode, (size_t)Hkv * Gd * D, "V_decode", in->layer))))
+        goto out_fail;
+
+    if ((s = ALLOC(work, (size_t)T + (size_t)Gd)) || (s = ALLOC(vis, Wt > Gd ? Wt : Gd)) ||
+        (s = ALLOC(vis2, Gd > 0 ? Gd : 1)) || (s = ALLOC(c->prw, (size_t)Hq * Wt * T)) ||
+        (s = ALLOC(c->aw, (size_t)Hq * Wt * D)) || (s = ALLOC(c->lsew, (size_t)Hq * Wt)) ||
+        (s = ALLOC(c->knorm, (size_t)Hkv * T)) || (s = ALLOC(c->vnorm, (size_t)Hkv * T)) ||
+        (s = ALLOC(c->ku, kv_n)) || (s = ALLOC(c->kmean, (size_t)Hkv * D)) ||
+        (s = ALLOC(c->r_all, Hkv)))
+        goto out_fail;
+    if (in->modality && (s = ALLOC(c->massw_mod, (size_t)Hq * Wt * KVT_NM)))
+        goto out_fail;
+
+    /* window queries: query i sits at position T-Wt+i and sees keys 0..T-Wt+i (§0.1.2) */
+    for (int i = 0; i < Wt; i++)
+        vis[i] = T - Wt + i + 1;
+    for (int h = 0; h < Hq; h++) {
+        int g = h / c->Gs;
+        const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
+        float *pr = c->prw + (size_t)h * Wt * T;
+        s = kvt_attn_probs_ref(in->q_window + (size_t)h * Wt * D, Wt, D, K, T, vis, NULL, 0, NULL,
+                               c->scale, pr, NULL, c->lsew + (size_t)h * Wt, work);
+        if (s)
+            goto out_fail;
+        for (int i = 0; i < Wt; i++) {
+            weighted_sum(pr + (size_t)i * T, V, T, D, c->aw + ((size_t)h * Wt + i) * D);
+            if (in->modality)
+                mass_by_mod(pr + (size_t)i * T, in->modality, T,
+                            c->massw_mod + ((size_t)h * Wt + i) * KVT_NM);
+        }
+    }
+
+    /* decode queries: step s sees every prompt key and decode keys 0..s */
+    if (Gd > 0) {
+        if ((s = ALLOC(c->prd, (size_t)Hq * Gd * T)) || (s = ALLOC(c->ad, (size_t)Hq * Gd * D)) ||
+            (s = ALLOC(c->lsed, (size_t)Hq * Gd)))
+            goto out_fail;
+        if (c->has_extra &&
+            ((s = ALLOC(c->pd_extra, (size_t)Hq * Gd)) ||
+             (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D)) || (s = ALLOC(pr2, (size_t)Gd * Gd))))
+            goto out_fail;
+        for (int i = 0; i < Gd; i++) {
+            vis[i] = T;
+            vis2[i] = i + 1;
+        }
+        for (int h = 0; h < Hq; h++) {
+            int g = h / c->Gs;
+            const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
+            const float *Kd = c->has_extra ? in->k_decode + (size_t)g * Gd * D : NULL;
+            const float *Vd = c->has_extra ? in->v_decode + (size_t)g * Gd * D : NULL;
+            float *pr = c->prd + (size_t)h * Gd * T;
+            s = kvt_attn_probs_ref(in->q_decode + (size_t)h * Gd * D, Gd, D, K, T, vis, Kd, Gd,
+                                   vis2, c->scale, pr, pr2, c->lsed + (size_t)h * Gd, work);
+            if (s)
+                goto out_fail;
+            for (int i = 0; i < Gd; i++) {
+                weighted_sum(pr + (size_t)i * T, V, T, D, c->ad + ((size_t)h * Gd + i) * D);
+                if (c->has_extra) {
+                    const float *p2 = pr2 + (size_t)i * Gd;
+                    double pe = 0.0;
+                    for (int e = 0; e < Gd; e++)
+                        pe += p2[e];
+                    c->pd_extra[(size_t)h * Gd + i] = pe;
+                    weighted_sum(p2, Vd, Gd, D, c->od_extra + ((size_t)h * Gd + i) * D);
+                }
+            }
+        }
+    }
+
+    /* per KV head: norms, unit keys, their mean over all T (window included, §4.1.3), r */
+    for (int g = 0; g < Hkv; g++) {
+        const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
+        kvt_row_norms_ref(K, T, D, c->knorm + (size_t)g * T);
+        kvt_row_norms_ref(V, T, D, c->vnorm + (size_t)g * T);
+        kvt_unit_rows_ref(K, T, D, c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D);
+        c->r_all[g] = kvt_redundancy_ref(c->kmean + (size_t)g * D, D, T);
+    }
+    kvt_free(work);
+    kvt_free(vis);
+    kvt_free(vis2);
+    kvt_free(pr2);
+    return KVT_OK;
+
+out_fail:
+    kvt_free(work);
+    kvt_free(vis);
+    kvt_free(vis2);
+    kvt_free(pr2);
+    kvt_ctx_free(c);
+    return s;
+}
+
+void kvt_ctx_free(kvt_layer_ctx *c)
+{
+    if (!c)
+        return;
+    kvt_free(c->prw);
+    kvt_free(c->aw);
+    kvt_free(c->lsew);
+    kvt_free(c->massw_mod);
+    kvt_free(c->prd);
+    kvt_free(c->ad);
+    kvt_free(c->pd_extra);
+    kvt_free(c->od_extra);
+    kvt_free(c->lsed);
+    kvt_free(c->knorm);
+    kvt_free(c->vnorm);
+    kvt_free(c->ku);
+    kvt_free(c->kmean);
+    kvt_free(c->r_all);
+    kvt_free(c->colsum);
+    for (int i = 0; i < c->n_cache; i++)
+        kvt_free(c->cache[i].s);
+    memset(c, 0, sizeof(*c));
+}
+
+kvt_status kvt_ctx_check_window(const kvt_layer_ctx *c, const char *policy, int W)
+{
+    KVT_RETURN_IF(W < 1, KVT_ERR_INVALID_ARG, "%s: window=%d must be >= 1", policy, W);
+    KVT_RETURN_IF(W > c->Wt, KVT_ERR_INVALID_ARG,
+                  "%s: window=%d needs %d stored window queries; the trace has %d (lower "
+                  "window= or capture a larger window)",
+                  policy, W, W, c->Wt);
+    return KVT_OK;
+}
+
+kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool pool,
+                                 kvt_reduce reduce, bool per_query, const double **out)
+{
+    KVT_FORWARD(kvt_ctx_check_window(c, "window scores", W));
+    for (int i = 0; i < c->n_cache; i++) {
+        const kvt_score_entry *e = &c->cache[i];
+        if (e->W == W && e->kernel == kernel && e->pool == pool && e->reduce == reduce &&
+            e->per_query == (int)per_query) {
+            *out = e->s;
+            return KVT_OK;
+        }
+    }
+    const int T = c->T, P = T - W, Hq = c->Hq, H = kvt_ctx_heads(c, per_query);
+    double *a = NULL, *red = NULL, *s = NULL;
+    kvt_status st;
+    if ((st = ALLOC(a, (size_t)Hq * (P > 0 ? P : 1))) ||
+        (st = ALLOC(red, (size_t)H * (P > 0 ? P : 1))) ||
+        (st = ALLOC(s, (size_t)H * (P > 0 ? P : 1))))
+        goto out_free;
+    if (P > 0) {
+        /* a_h[j] = (1/W) sum over the last W window queries of Pr[i, j], j in P (§0.1.4) */
+        for (int h = 0; h < Hq; h++)
+            kvt_col_mean_ref(c->prw + ((size_t)h * c->Wt + (c->Wt - W)) * T, W, T, P,
+                             a + (size_t)h * P);
+        if (per_query)
+            memcpy(red, a, (size_t)Hq * P * sizeof(double));
+        else if ((st = kvt_gqa_reduce_ref(a, Hq, c->Hkv, P, reduce, red)))
+            goto out_free;
+        for (int h = 0; h < H; h++)
+            if ((st = kvt_pool1d_ref(red + (size_t)h * P, P, kernel, pool, s + (size_t)h * P)))
+                goto out_free;
+    }
+    if (c->n_cache == KVT_SCORE_CACHE) { /* evict the oldest */
+        kvt_free(c->cache[0].s);
+        memmove(c->cache, c->cache + 1, sizeof(c->cache[0]) * (KVT_SCORE_CACHE - 1));
+        c->n_cache--;
+    }
+    c->cache[c->n_cache++] = (kvt_score_entry){
+        .W = W, .kernel = kernel, .per_query = per_query, .pool = pool, .reduce = reduce, .s = s};
+    *out = s;
+    s = NULL;
+out_free:
+    kvt_free(a);
+    kvt_free(red);
+    kvt_free(s);
+    return st;
+}
+
+kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out)
+{
+    if (c->colsum) {
+        *out = c->colsum;
+        return KVT_OK;
+    }
+    const kvt_layer_input *in = c->in;
+    const int T = c->T, D = c->D, Hq = c->Hq;
+    KVT_RETURN_IF(!in->attn_colsum && !in->q_all, KVT_ERR_NOT_FOUND,
+                  "h2o needs attention column sums: the trace has neither attn_colsum nor Q_all "
+                  "for layer %d (capture with column sums or all queries)",
+                  c->layer);
+    kvt_status s = ALLOC(c->colsum, (size_t)Hq * T);
+    if (s)
+        return s;
+    if (in->attn_colsum) {
+        for (size_t i = 0; i < (size_t)Hq * T; i++)
+            c->colsum[i] = in->attn_colsum[i];
+        if ((s = check_finite(in->attn_colsum, (size_t)Hq * T, "attn_colsum", c->layer)))
+            goto out_fail;
+    } else {
+        double *work = NULL;
+        if ((s = check_finite(in->q_all, (size_t)Hq * T * D, "Q_all", c->layer)) ||
+            (s = ALLOC(work, T)))
+            goto out_fail;
+        for (int h = 0; h < Hq && !s; h++)
+            s = kvt_attn_colsum_ref(in->q_all + (size_t)h * T * D,
+                                    in->k + (size_t)(h / c->Gs) * T * D, T, D, c->scale, work,
+                                    c->colsum + (size_t)h * T);
+        kvt_free(work);
+        if (s)
+            goto out_fail;
+    }
+    *out = c->colsum;
+    return KVT_OK;
+out_fail:
+    kvt_free(c->colsum);
+    c->colsum = NULL;
+    return s;
+}

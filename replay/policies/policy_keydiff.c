@@ -1,0 +1,44 @@
+/* policy_keydiff.c - `keydiff` (POLICIES §8): score[j] = -cos(k_j, m) with m the mean unit key
+ * over all T tokens, per KV head: the keys least like the average are kept. No window by
+ * default (kvpress). */
+#include <math.h>
+
+#include "../replay_internal.h"
+
+static void d_keydiff(kvt_policy_opts *o)
+{
+    o->window = 0;
+}
+
+static kvt_status sel_keydiff(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                              kvt_layer_selection *sel)
+{
+    const int T = c->T, D = c->D;
+    double *cosm = kvt_malloc((size_t)c->Hkv * T * sizeof(double));
+    KVT_RETURN_IF(!cosm, KVT_ERR_NOMEM, "keydiff: out of memory");
+    for (int g = 0; g < c->Hkv; g++) {
+        const double *m = c->kmean + (size_t)g * D;
+        double nm = 0.0;
+        for (int e = 0; e < D; e++)
+            nm += m[e] * m[e];
+        nm = sqrt(nm);
+        for (int j = 0; j < T; j++) {
+            const float *k = c->ku + ((size_t)g * T + j) * D;
+            double d = 0.0;
+            for (int e = 0; e < D; e++)
+                d += (double)k[e] * m[e];
+            cosm[(size_t)g * T + j] = nm > 0.0 ? d / nm : 0.0;
+        }
+    }
+    kvt_status st = kvt_rank_by_kv_array(c, p, cosm, -1.0, B, n_b, sel);
+    kvt_free(cosm);
+    return st;
+}
+
+const kvt_policy_def kvt_policy_def_keydiff = {
+    .name = "keydiff",
+    .summary = "KeyDiff: keys least similar to the mean key",
+    .keys = "window,heads",
+    .defaults = d_keydiff,
+    .select = sel_keydiff,
+};

@@ -1,0 +1,40 @@
+/* policy_knorm.c - `knorm` (POLICIES §8): keep the keys with the smallest L2 norm, per KV head.
+ * No window protection by default (kvpress, KVCache-Factory); window=W protects the last W. */
+#include "../replay_internal.h"
+
+static void d_knorm(kvt_policy_opts *o)
+{
+    o->window = 0;
+}
+
+kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const double *x, double sign,
+                                const int *B, int n_b, kvt_layer_selection *sel)
+{
+    const int T = c->T, W = p->o.window < T ? p->o.window : T, P = T - W;
+    KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, W, n_b, true));
+    double *s = kvt_malloc(((size_t)sel->n_heads * P + 1) * sizeof(double));
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
+    for (int h = 0; h < sel->n_heads; h++) {
+        int g = kvt_ctx_kv_of(c, p->o.per_query, h);
+        for (int j = 0; j < P; j++)
+            s[(size_t)h * P + j] = sign * x[(size_t)g * T + j];
+    }
+    kvt_status st = kvt_sel_rank_window_all(sel, s, W);
+    kvt_free(s);
+    kvt_counts_uniform(sel, B, n_b);
+    return st;
+}
+
+static kvt_status sel_knorm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                            kvt_layer_selection *sel)
+{
+    return kvt_rank_by_kv_array(c, p, c->knorm, -1.0, B, n_b, sel);
+}
+
+const kvt_policy_def kvt_policy_def_knorm = {
+    .name = "knorm",
+    .summary = "KNorm: smallest key L2 norms",
+    .keys = "window,heads",
+    .defaults = d_knorm,
+    .select = sel_knorm,
+};

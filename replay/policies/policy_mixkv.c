@@ -1,0 +1,192 @@
+/* policy_mixkv.c - `mixkv-snapkv`, `mixkv-pyramidkv`, `mixkv-adakv` (POLICIES §4): rank by
+ * c = r*d' + (1-r)*(p + v') where p is the SnapKV score, v' the min-max VNorm and d' the
+ * min-max KeyDiff diversity, both rescaled to mean(p), and r the head redundancy (online from
+ * this prompt's keys by default, clamped to [0,1]; rtable=FILE for an offline table keyed
+ * "layer-kvhead[-key]"). The budget allocation is the base method's; AdaKV allocates from
+ * pure attention p and ranks by c (§4.3). One file for the three variants: they share all. */
+#include <math.h>
+
+#include "../replay_internal.h"
+
+typedef struct mix_state {
+    int L, H;
+    double *r; /* [L, H] offline redundancy */
+} mix_state;
+
+static kvt_status mix_init(kvt_policy *p)
+{
+    if (!p->o.rtable)
+        return KVT_OK;
+    mix_state *s = kvt_calloc(1, sizeof(*s));
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
+    kvt_status st = kvt_read_head_table(p->o.rtable, &s->L, &s->H, &s->r);
+    if (st) {
+        kvt_free(s);
+        return st;
+    }
+    p->state = s;
+    return KVT_OK;
+}
+
+static void mix_fini(kvt_policy *p)
+{
+    mix_state *s = p->state;
+    if (s)
+        kvt_free(s->r);
+    kvt_free(s);
+    p->state = NULL;
+}
+
+/* composite score c [H', P] from pooled attention s [H', P] */
+static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double *s, double *out)
+{
+    const kvt_policy_opts *o = &p->o;
+    const mix_state *ms = p->state;
+    const int T = c->T, D = c->D, W = o->window, P = T - W, H = kvt_ctx_heads(c, o->per_query);
+    if (P <= 0)
+        return KVT_OK;
+    double *vn = kvt_malloc((size_t)P * sizeof(double)),
+           *dv = kvt_malloc((size_t)P * sizeof(double));
+    kvt_status st = KVT_OK;
+    if (!vn || !dv) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "mixkv: out of memory");
+        goto out_free;
+    }
+    for (int h = 0; h < H; h++) {
+        int g = kvt_ctx_kv_of(c, o->per_query, h);
+        const double *ph = s + (size_t)h * P;
+        double mean_p = 0.0;
+        for (int j = 0; j < P; j++)
+            mean_p += ph[j];
+        mean_p /= P;
+        /* VNorm: min-max over P (no epsilon in the reference; a flat head gives 0) */
+        const double *u = c->vnorm + (size_t)g * T;
+        double mn = INFINITY, mx = -INFINITY, mu = 0.0;
+        for (int j = 0; j < P; j++) {
+            mn = u[j] < mn ? u[j] : mn;
+            mx = u[j] > mx ? u[j] : mx;
+        }
+        for (int j = 0; j < P; j++) {
+            vn[j] = mx > mn ? (u[j] - mn) / (mx - mn) : 0.0;
+            mu += vn[j];
+        }
+        mu /= P;
+        for (int j = 0; j < P; j++)
+            vn[j] = vn[j] * mean_p / (mu + 1e-8);
+        /* KeyDiff: delta = -<unit key, mean unit key over all T>, min-max (+1e-8) over P */
+        const double *m = c->kmean + (size_t)g * D;
+        const float *ku = c->ku + (size_t)g * T * D;
+        mn = INFINITY, mx = -INFINITY, mu = 0.0;
+        for (int j = 0; j < P; j++) {
+            double d = 0.0;
+            for (int e = 0; e < D; e++)
+                d += (double)ku[(size_t)j * D + e] * m[e];
+            dv[j] = -d;
+            mn = dv[j] < mn ? dv[j] : mn;
+            mx = dv[j] > mx ? dv[j] : mx;
+        }
+        for (int j = 0; j < P; j++) {
+            dv[j] = (dv[j] - mn) / (mx - mn + 1e-8);
+            mu += dv[j];
+        }
+        mu /= P;
+        for (int j = 0; j < P; j++)
+            dv[j] = dv[j] * mean_p / (mu + 1e-8);
+        double r;
+        if (ms) {
+            if (c->layer >= ms->L || g >= ms->H || isnan(ms->r[(size_t)c->layer * ms->H + g])) {
+                st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                                   "%s: rtable %s has no entry for layer %d KV head %d",
+                                   p->def->name, o->rtable, c->layer, g);
+                goto out_free;
+            }
+            r = ms->r[(size_t)c->layer * ms->H + g];
+        } else {
+            r = c->r_all[g];
+            r = isnan(r) ? 0.0 : (r < 0.0 ? 0.0 : (r > 1.0 ? 1.0 : r));
+        }
+        double *oh = out + (size_t)h * P;
+        for (int j = 0; j < P; j++)
+            oh[j] = r * dv[j] + (1.0 - r) * (ph[j] + vn[j]);
+    }
+out_free:
+    kvt_free(vn);
+    kvt_free(dv);
+    return st;
+}
+
+static kvt_status sel_mix(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                          kvt_layer_selection *sel, char base)
+{
+    const kvt_policy_opts *o = &p->o;
+    const double *s;
+    KVT_FORWARD(kvt_ctx_check_window(c, p->def->name, o->window));
+    KVT_FORWARD(
+        kvt_ctx_window_scores(c, o->window, o->kernel, o->pool, o->reduce, o->per_query, &s));
+    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window, n_b, true));
+    int P = c->T - o->window;
+    double *cs = kvt_malloc(((size_t)sel->n_heads * (P > 0 ? P : 0) + 1) * sizeof(double));
+    KVT_RETURN_IF(!cs, KVT_ERR_NOMEM, "mixkv: out of memory");
+    kvt_status st = composite(c, p, s, cs);
+    if (!st)
+        st = kvt_sel_rank_window_all(sel, cs, o->window);
+    kvt_free(cs);
+    if (st)
+        return st;
+    if (base == 'a')
+        return kvt_adakv_counts(c, o, s, B, n_b, sel);
+    for (int b = 0; b < n_b; b++) {
+        int cnt = B[b] < c->T ? B[b] : c->T;
+        if (base == 'p' && c->T >= B[b] && B[b] > o->window)
+            cnt = o->window + kvt_pyramid_layer_budget(B[b], o->window, c->T, c->n_layers, c->layer,
+                                                       o->beta, o->fallback);
+        for (int h = 0; h < sel->n_heads; h++)
+            sel->count[(size_t)b * sel->n_heads + h] = cnt < c->T ? cnt : c->T;
+    }
+    return KVT_OK;
+}
+
+static kvt_status sel_mix_snap(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                               kvt_layer_selection *sel)
+{
+    return sel_mix(c, p, B, n_b, sel, 's');
+}
+
+static kvt_status sel_mix_pyr(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                              kvt_layer_selection *sel)
+{
+    return sel_mix(c, p, B, n_b, sel, 'p');
+}
+
+static kvt_status sel_mix_ada(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                              kvt_layer_selection *sel)
+{
+    return sel_mix(c, p, B, n_b, sel, 'a');
+}
+
+const kvt_policy_def kvt_policy_def_mixkv_snapkv = {
+    .name = "mixkv-snapkv",
+    .summary = "MixKV on SnapKV: importance x diversity, uniform budget",
+    .keys = "window,kernel,pool,reduce,heads,rtable",
+    .init = mix_init,
+    .fini = mix_fini,
+    .select = sel_mix_snap,
+};
+
+const kvt_policy_def kvt_policy_def_mixkv_pyramidkv = {
+    .name = "mixkv-pyramidkv",
+    .summary = "MixKV on PyramidKV: importance x diversity, pyramid layer budgets",
+    .keys = "window,kernel,pool,reduce,heads,rtable,beta,fallback",
+    .init = mix_init,
+    .fini = mix_fini,
+    .select = sel_mix_pyr,
+};
+
+const kvt_policy_def kvt_policy_def_mixkv_adakv = {
+    .name = "mixkv-adakv",
+    .summary = "MixKV on AdaKV: allocation from attention, ranking by the mixture",
+    .keys = "window,kernel,pool,reduce,heads,rtable,alpha,normalize,alloc,skip",
+    .init = mix_init,
+    .fini = mix_fini,
+    .select = sel_mix_ada,
+};

@@ -1,0 +1,97 @@
+/* policy_sparsemm.c - `sparsemm` (POLICIES §5): static per-head budgets from an offline head
+ * score file (scores=FILE: JSON {"layer-head": number or [numbers]} or [[...]], per query head,
+ * or per KV head when it has n_kv_heads columns). sigma = score / sum over all L*Hq scores,
+ * summed per GQA group; min = floor(ratio*b); cap = round(sigma*(b-min)*L*H' + min) (ties to
+ * even), clamped to the prefix; ranking by the SnapKV score. */
+#include <math.h>
+
+#include "../replay_internal.h"
+
+typedef struct smm_state {
+    int L, H;
+    double *score; /* [L, H] */
+} smm_state;
+
+static kvt_status smm_init(kvt_policy *p)
+{
+    KVT_RETURN_IF(!p->o.scores, KVT_ERR_INVALID_ARG,
+                  "sparsemm needs scores=FILE, a JSON head-score table (see analysis/RESULTS.md)");
+    smm_state *s = kvt_calloc(1, sizeof(*s));
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
+    kvt_status st = kvt_read_head_table(p->o.scores, &s->L, &s->H, &s->score);
+    if (st) {
+        kvt_free(s);
+        return st;
+    }
+    p->state = s;
+    return KVT_OK;
+}
+
+static void smm_fini(kvt_policy *p)
+{
+    smm_state *s = p->state;
+    if (s)
+        kvt_free(s->score);
+    kvt_free(s);
+    p->state = NULL;
+}
+
+static kvt_status sel_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                          kvt_layer_selection *sel)
+{
+    const kvt_policy_opts *o = &p->o;
+    const smm_state *ss = p->state;
+    const int L = c->n_layers, T = c->T, W = o->window, P = T - W;
+    KVT_RETURN_IF(ss->L < L || (ss->H != c->Hq && ss->H != c->Hkv) ||
+                      (o->per_query && ss->H != c->Hq),
+                  KVT_ERR_INVALID_ARG,
+                  "sparsemm: %s holds %d layers x %d heads; the model has %d layers, %d query "
+                  "heads, %d KV heads",
+                  o->scores, ss->L, ss->H, L, c->Hq, c->Hkv);
+    double total = 0.0;
+    for (int l = 0; l < L; l++)
+        for (int h = 0; h < ss->H; h++) {
+            double x = ss->score[(size_t)l * ss->H + h];
+            KVT_RETURN_IF(isnan(x), KVT_ERR_INVALID_ARG,
+                          "sparsemm: %s has no score for layer %d head %d", o->scores, l, h);
+            total += x;
+        }
+    KVT_RETURN_IF(!(total > 0.0), KVT_ERR_INVALID_ARG, "sparsemm: scores in %s sum to %g",
+                  o->scores, total);
+    const double *s;
+    KVT_FORWARD(kvt_ctx_check_window(c, "sparsemm", W));
+    KVT_FORWARD(kvt_ctx_window_scores(c, W, o->kernel, o->pool, o->reduce, o->per_query, &s));
+    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
+    KVT_FORWARD(kvt_sel_rank_window_all(sel, s, W));
+    const int H = sel->n_heads, per = ss->H / H; /* score columns per selection head */
+    for (int b = 0; b < n_b; b++) {
+        int bb = B[b] - W;
+        for (int h = 0; h < H; h++) {
+            int cnt;
+            if (T < B[b])
+                cnt = T;
+            else if (bb <= 0)
+                cnt = B[b];
+            else {
+                double sig = 0.0;
+                for (int u = 0; u < per; u++)
+                    sig += ss->score[(size_t)c->layer * ss->H + h * per + u] / total;
+                double mn = floor(o->ratio * bb);
+                double cap = kvt_round_even(sig * (bb - mn) * L * H + mn);
+                cap = cap < 0 ? 0 : (cap > P ? P : cap);
+                cnt = W + (int)cap;
+            }
+            sel->count[(size_t)b * H + h] = cnt;
+        }
+    }
+    return KVT_OK;
+}
+
+const kvt_policy_def kvt_policy_def_sparsemm = {
+    .name = "sparsemm",
+    .summary = "SparseMM: static head budgets from offline head scores (scores=FILE)",
+    .keys = "window,kernel,pool,reduce,heads,ratio,scores",
+    .init = smm_init,
+    .fini = smm_fini,
+    .select = sel_smm,
+};

@@ -1,0 +1,34 @@
+/* policy_tova.c - `tova` (POLICIES §8): score[j] = attention of the last prompt query to j,
+ * averaged over every query head of the layer; one set for all heads of the layer; the last
+ * token is always kept (recorded window 1). */
+#include "../replay_internal.h"
+
+static kvt_status sel_tova(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                           kvt_layer_selection *sel)
+{
+    const int T = c->T, Hq = c->Hq, P = T - 1;
+    KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, 1, n_b, true));
+    double *s = kvt_calloc((size_t)P + 1, sizeof(double));
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "tova: out of memory");
+    for (int h = 0; h < Hq; h++) {
+        const float *last = c->prw + ((size_t)h * c->Wt + (c->Wt - 1)) * T;
+        for (int j = 0; j < P; j++)
+            s[j] += last[j];
+    }
+    for (int j = 0; j < P; j++)
+        s[j] /= Hq;
+    kvt_status st = kvt_rank_window(s, T, 1, sel->order);
+    for (int h = 1; h < sel->n_heads && !st; h++)
+        for (int t = 0; t < T; t++)
+            sel->order[(size_t)h * T + t] = sel->order[t];
+    kvt_free(s);
+    kvt_counts_uniform(sel, B, n_b);
+    return st;
+}
+
+const kvt_policy_def kvt_policy_def_tova = {
+    .name = "tova",
+    .summary = "TOVA: last query's attention, layer-wise (one set per layer)",
+    .keys = "heads",
+    .select = sel_tova,
+};

@@ -1,0 +1,626 @@
+/* policy.c - the policy registry (built from policies/policy_list.h), spec parsing
+ * ("snapkv:window=32,kernel=7,pool=max"), the one option parser shared by every policy, and
+ * budget lists ("64,128,10%").
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replay_internal.h"
+
+static const kvt_policy_def *const registry[] = {
+#define KVT_POLICY(name) &kvt_policy_def_##name,
+#include "policies/policy_list.h"
+#undef KVT_POLICY
+};
+#define N_REGISTRY (sizeof(registry) / sizeof(registry[0]))
+
+const kvt_policy_def *kvt_policy_def_find(const char *name)
+{
+    for (size_t i = 0; i < N_REGISTRY; i++)
+        if (!strcmp(registry[i]->name, name))
+            return registry[i];
+    return NULL;
+}
+
+/* ---- options ---- */
+typedef enum {
+    O_INT,
+    O_DBL,
+    O_BOOL,
+    O_POOL,
+    O_REDUCE,
+    O_HEADS,
+    O_ALLOC,
+    O_STR,
+    O_U64,
+    O_TAU
+} okind;
+typedef struct opt_desc {
+    const char *key;
+    okind kind;
+    size_t off;
+    double lo, hi; /* numeric range (inclusive) */
+    const char *doc;
+} opt_desc;
+
+#define OFF(f) offsetof(kvt_policy_opts, f)
+static const opt_desc opts_table[] = {
+    {"window", O_INT, OFF(window), 0, 1e9, "observation window W (window queries, kept)"},
+    {"kernel", O_INT, OFF(kernel), 1, 1e6, "pooling kernel size (odd)"},
+    {"pool", O_POOL, OFF(pool), 0, 0, "avg|max"},
+    {"reduce", O_REDUCE, OFF(reduce), 0, 0, "GQA score reduction mean|max|sum"},
+    {"heads", O_HEADS, OFF(per_query), 0, 0, "kv|query selection granularity"},
+    {"alpha", O_DBL, OFF(alpha), 0, 1, "AdaKV safeguard floor"},
+    {"normalize", O_BOOL, OFF(normalize), 0, 0, "AdaKV 3a score normalisation 0|1"},
+    {"alloc", O_ALLOC, OFF(alloc), 0, 0, "AdaKV allocation a (3a, repo) | b (3b, paper)"},
+    {"skip", O_INT, OFF(skip), 0, 1e6, "AdaKV: layers below skip get the uniform budget"},
+    {"beta", O_DBL, OFF(beta), 1e-9, 1e9, "PyramidKV beta"},
+    {"fallback", O_BOOL, OFF(fallback), 0, 0, "PyramidKV uniform fallback when N < 2(B-W)"},
+    {"sinks", O_INT, OFF(sinks), 0, 1e9, "StreamingLLM sink tokens"},
+    {"ratio", O_DBL, OFF(ratio), 0, 1, "SparseMM minimum share of b per head"},
+    {"scores", O_STR, OFF(scores), 0, 0, "SparseMM head-score JSON file"},
+    {"rtable", O_STR, OFF(rtable), 0, 0, "MixKV offline redundancy table (JSON)"},
+    {"page", O_INT, OFF(page), 1, 1e6, "Quest page size"},
+    {"dense_layers", O_INT, OFF(dense_layers), 0, 1e6, "Quest: first layers left dense"},
+    {"group", O_REDUCE, OFF(group), 0, 0, "Quest GQA page score max|sum"},
+    {"theta", O_DBL, OFF(theta), 1e-9, 1, "HybridKV-like attention mass threshold"},
+    {"tau", O_TAU, OFF(tau), 0, 1, "HybridKV-like static threshold or median"},
+    {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
+    {"chunk", O_INT, OFF(chunk), 1, 1e6, "HybridKV-like chunk size"},
+    {"chunk_score", O_REDUCE, OFF(chunk_score), 0, 0, "HybridKV-like chunk score sum|max"},
+    {"floor", O_DBL, OFF(floor_frac), 0, 1, "HybridKV-like static floor (share of b)"},
+    {"merge_window", O_INT, OFF(merge_window), 2, 1e6, "LightKV-like matching window"},
+    {"seed", O_U64, OFF(seed), 0, 0, "random seed"},
+};
+#define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
+
+static bool key_accepted(const kvt_policy_def *d, const char *key)
+{
+    size_t n = strlen(key);
+    const char *k = d->keys;
+    while (k && *k) {
+        const char *e = strchr(k, ',');
+        size_t len = e ? (size_t)(e - k) : strlen(k);
+        if (len == n && !strncmp(k, key, n))
+            return true;
+        k = e ? e + 1 : NULL;
+    }
+    return false;
+}
+
+static const opt_desc *find_opt(const char *key)
+{
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (!strcmp(opts_table[i].key, key))
+            return &opts_table[i];
+    return NULL;
+}
+
+static bool parse_dbl(const char *s, double *out)
+{
+    char *e;
+    errno = 0;
+    double v = strtod(s, &e);
+    if (errno || e == s || *e || !isfinite(v))
+        return false;
+    *out = v;
+    return true;
+}
+
+static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
+{
+    const kvt_policy_def *d = p->def;
+    const opt_desc *od = find_opt(key);
+    if (!od || !key_accepted(d, key))
+        return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: unknown option '%s' (accepted: %s)", d->name,
+                             key, d->keys[0] ? d->keys : "none");
+    char *base = (char *)&p->o;
+    double x;
+    switch (od->kind) {
+    case O_INT:
+    case O_DBL:
+        if (!parse_dbl(val, &x) || x < od->lo || x > od->hi || (od->kind == O_INT && x != floor(x)))
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected %s in [%g, %g]", d->name,
+                                 key, val, od->kind == O_INT ? "an integer" : "a number", od->lo,
+                                 od->hi);
+        if (od->kind == O_INT)
+            *(int *)(base + od->off) = (int)x;
+        else
+            *(double *)(base + od->off) = x;
+        if (!strcmp(key, "kernel") && ((int)x) % 2 == 0)
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: kernel=%s must be odd", d->name, val);
+        return KVT_OK;
+    case O_TAU:
+        if (!strcmp(val, "median")) {
+            *(double *)(base + od->off) = NAN;
+            return KVT_OK;
+        }
+        if (!parse_dbl(val, &x) || x < 0 || x > 1)
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: tau=%s: expected median or [0,1]",
+                                 d->name, val);
+        *(double *)(base + od->off) = x;
+        return KVT_OK;
+    case O_U64: {
+        char *e;
+        errno = 0;
+        unsigned long long u = strtoull(val, &e, 10);
+        if (errno || e == val || *e || val[0] == '-')
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected an integer", d->name,
+                                 key, val);
+        *(uint64_t *)(base + od->off) = u;
+        return KVT_OK;
+    }
+    case O_BOOL:
+        if (!strcmp(val, "1") || !strcmp(val, "true") || !strcmp(val, "yes"))
+            *(bool *)(base + od->off) = true;
+        else if (!strcmp(val, "0") || !strcmp(val, "false") || !strcmp(val, "no"))
+            *(bool *)(base + od->off) = false;
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected 0 or 1", d->name, key,
+                                 val);
+        return KVT_OK;
+    case O_POOL:
+        if (!strcmp(val, "avg") || !strcmp(val, "avgpool"))
+            p->o.pool = KVT_POOL_AVG;
+        else if (!strcmp(val, "max") || !strcmp(val, "maxpool"))
+            p->o.pool = KVT_POOL_MAX;
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: pool=%s: expected avg or max", d->name,
+                                 val);
+        return KVT_OK;
+    case O_REDUCE: {
+        kvt_reduce r;
+        if (!strcmp(val, "mean"))
+            r = KVT_REDUCE_MEAN;
+        else if (!strcmp(val, "max"))
+            r = KVT_REDUCE_MAX;
+        else if (!strcmp(val, "sum"))
+            r = KVT_REDUCE_SUM;
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected mean, max or sum",
+                                 d->name, key, val);
+        *(kvt_reduce *)(base + od->off) = r;
+        return KVT_OK;
+    }
+    case O_HEADS:
+        if (!strcmp(val, "kv"))
+            p->o.per_query = false;
+        else if (!strcmp(val, "query"))
+            p->o.per_query = true;
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: heads=%s: expected kv or query", d->name,
+                                 val);
+        return KVT_OK;
+    case O_ALLOC:
+        if (!strcmp(val, "a") || !strcmp(val, "3a"))
+            p->o.alloc = 'a';
+        else if (!strcmp(val, "b") || !strcmp(val, "3b"))
+            p->o.alloc = 'b';
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: alloc=%s: expected a (3a) or b (3b)",
+                                 d->name, val);
+        return KVT_OK;
+    case O_STR: {
+        char **dst = (char **)(base + od->off);
+        kvt_free(*dst);
+        *dst = kvt_strdup(val);
+        return *dst ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
+    }
+    return KVT_ERR_INVALID_ARG;
+}
+
+static void base_defaults(kvt_policy_opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->window = 32;
+    o->kernel = 5;
+    o->pool = KVT_POOL_AVG;
+    o->reduce = KVT_REDUCE_MEAN;
+    o->alpha = 0.2;
+    o->normalize = true;
+    o->alloc = 'a';
+    o->beta = 20;
+    o->sinks = 4;
+    o->ratio = 0.1;
+    o->page = 16;
+    o->dense_layers = 2;
+    o->group = KVT_REDUCE_MAX;
+    o->theta = 0.9;
+    o->tau = NAN;
+    o->split = 0.5;
+    o->chunk = 16;
+    o->chunk_score = KVT_REDUCE_SUM;
+    o->floor_frac = 0.2;
+    o->merge_window = 64;
+}
+
+void kvt_policy_free(kvt_policy *p)
+{
+    if (!p)
+        return;
+    if (p->def && p->def->fini)
+        p->def->fini(p);
+    kvt_free(p->o.scores);
+    kvt_free(p->o.rtable);
+    kvt_free(p->label);
+    kvt_free(p);
+}
+
+kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_policy **out)
+{
+    *out = NULL;
+    KVT_RETURN_IF(!spec || !*spec, KVT_ERR_INVALID_ARG, "empty policy spec");
+    char name[64];
+    const char *colon = strchr(spec, ':');
+    size_t nlen = colon ? (size_t)(colon - spec) : strlen(spec);
+    KVT_RETURN_IF(nlen == 0 || nlen >= sizeof(name), KVT_ERR_INVALID_ARG, "bad policy spec '%s'",
+                  spec);
+    memcpy(name, spec, nlen);
+    name[nlen] = '\0';
+    const kvt_policy_def *d = kvt_policy_def_find(name);
+    if (!d) {
+        char list[1024] = "";
+        for (size_t i = 0; i < N_REGISTRY; i++) {
+            strncat(list, registry[i]->name, sizeof(list) - strlen(list) - 3);
+            if (i + 1 < N_REGISTRY)
+                strncat(list, ", ", sizeof(list) - strlen(list) - 1);
+        }
+        return kvt_error_set(KVT_ERR_INVALID_ARG, "unknown policy '%s' (known: %s)", name, list);
+    }
+    kvt_policy *p = kvt_calloc(1, sizeof(*p));
+    KVT_RETURN_IF(!p, KVT_ERR_NOMEM, "out of memory");
+    p->def = d;
+    base_defaults(&p->o);
+    if (g) {
+        p->o.seed = g->seed;
+        p->o.per_query = g->per_query_head;
+    }
+    if (d->defaults)
+        d->defaults(&p->o);
+    kvt_status st = KVT_OK;
+    char *opts = NULL;
+    p->label = kvt_strdup(spec);
+    if (!p->label) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_fail;
+    }
+    if (colon && colon[1]) {
+        opts = kvt_strdup(colon + 1);
+        if (!opts) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_fail;
+        }
+        char *save = NULL;
+        for (char *tok = strtok_r(opts, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+            char *eq = strchr(tok, '=');
+            if (!eq || eq == tok || !eq[1]) {
+                st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: option '%s' is not key=value", d->name,
+                                   tok);
+                goto out_fail;
+            }
+            *eq = '\0';
+            if ((st = set_opt(p, tok, eq + 1)))
+                goto out_fail;
+        }
+    }
+    if (d->init && (st = d->init(p)))
+        goto out_fail;
+    kvt_free(opts);
+    *out = p;
+    return KVT_OK;
+out_fail:
+    kvt_free(opts);
+    kvt_policy_free(p);
+    return st;
+}
+
+void kvt_policy_list_free(kvt_policy **p, size_t n)
+{
+    if (!p)
+        return;
+    for (size_t i = 0; i < n; i++)
+        kvt_policy_free(p[i]);
+    kvt_free(p);
+}
+
+kvt_status kvt_policy_list_parse(const char *list, const kvt_policy_globals *g, kvt_policy ***out,
+                                 size_t *n_out)
+{
+    *out = NULL;
+    *n_out = 0;
+    KVT_RETURN_IF(!list || !*list, KVT_ERR_INVALID_ARG, "empty policy list");
+    kvt_status st = KVT_OK;
+    kvt_policy **arr = NULL;
+    size_t n = 0;
+    char *copy = kvt_strdup(list);
+    char **specs = kvt_calloc(strlen(list) + 1, sizeof(char *));
+    size_t n_specs = 0;
+    if (!copy || !specs) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    /* split into specs: an item containing '=' but no ':' continues the previous spec */
+    {
+        char *p = copy;
+        while (p) {
+            char *e = strchr(p, ',');
+            if (e)
+                *e = '\0';
+            if (!*p) {
+                st = kvt_error_set(KVT_ERR_INVALID_ARG, "empty item in policy list '%s'", list);
+                goto out_free;
+            }
+            if (strchr(p, '=') && !strchr(p, ':')) {
+                if (!n_specs) {
+                    st =
+                        kvt_error_set(KVT_ERR_INVALID_ARG, "option '%s' before any policy name", p);
+                    goto out_free;
+                }
+                char *prev = specs[n_specs - 1];
+                size_t len = strlen(prev) + strlen(p) + 2;
+                char *m = kvt_malloc(len);
+                if (!m) {
+                    st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+                    goto out_free;
+                }
+                snprintf(m, len, "%s,%s", prev, p);
+                kvt_free(prev);
+                specs[n_specs - 1] = m;
+            } else {
+                specs[n_specs] = kvt_strdup(p);
+                if (!specs[n_specs]) {
+                    st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+                    goto out_free;
+                }
+                n_specs++;
+            }
+            p = e ? e + 1 : NULL;
+        }
+    }
+    arr = kvt_calloc(n_specs ? n_specs : 1, sizeof(*arr));
+    if (!arr) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    for (size_t i = 0; i < n_specs; i++) {
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(specs[i], specs[j])) {
+                st = kvt_error_set(KVT_ERR_INVALID_ARG, "policy '%s' is listed twice", specs[i]);
+                goto out_free;
+            }
+        if ((st = kvt_policy_create(specs[i], g, &arr[n])))
+            goto out_free;
+        n++;
+    }
+    *out = arr;
+    *n_out = n;
+    arr = NULL;
+    n = 0;
+out_free:
+    kvt_policy_list_free(arr, n);
+    if (specs)
+        for (size_t i = 0; i < n_specs; i++)
+            kvt_free(specs[i]);
+    kvt_free(specs);
+    kvt_free(copy);
+    return st;
+}
+
+const char *kvt_policy_name(const kvt_policy *p)
+{
+    return p->def->name;
+}
+
+const char *kvt_policy_label(const kvt_policy *p)
+{
+    return p->label;
+}
+
+unsigned kvt_policy_flags(const kvt_policy *p)
+{
+    return p->def->flags;
+}
+
+bool kvt_policy_per_query_head(const kvt_policy *p)
+{
+    return p->o.per_query;
+}
+
+static const char *reduce_name(kvt_reduce r)
+{
+    return r == KVT_REDUCE_MAX ? "max" : r == KVT_REDUCE_SUM ? "sum" : "mean";
+}
+
+/* "key=value" of one option into buf; quoted = JSON form */
+static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, char *buf,
+                      size_t cap)
+{
+    const char *base = (const char *)o;
+    const char *q = json ? "\"" : "";
+    switch (od->kind) {
+    case O_INT:
+        snprintf(buf, cap, "%d", *(const int *)(base + od->off));
+        break;
+    case O_DBL:
+        snprintf(buf, cap, "%.17g", *(const double *)(base + od->off));
+        break;
+    case O_TAU: {
+        double t = *(const double *)(base + od->off);
+        if (isnan(t))
+            snprintf(buf, cap, "%smedian%s", q, q);
+        else
+            snprintf(buf, cap, "%.17g", t);
+        break;
+    }
+    case O_U64:
+        snprintf(buf, cap, "%llu", (unsigned long long)*(const uint64_t *)(base + od->off));
+        break;
+    case O_BOOL:
+        snprintf(buf, cap, "%s",
+                 *(const bool *)(base + od->off) ? (json ? "true" : "1") : (json ? "false" : "0"));
+        break;
+    case O_POOL:
+        snprintf(buf, cap, "%s%s%s", q, o->pool == KVT_POOL_MAX ? "max" : "avg", q);
+        break;
+    case O_REDUCE:
+        snprintf(buf, cap, "%s%s%s", q, reduce_name(*(const kvt_reduce *)(base + od->off)), q);
+        break;
+    case O_HEADS:
+        snprintf(buf, cap, "%s%s%s", q, o->per_query ? "query" : "kv", q);
+        break;
+    case O_ALLOC:
+        snprintf(buf, cap, "%s%c%s", q, o->alloc, q);
+        break;
+    case O_STR: {
+        const char *s = *(char *const *)(base + od->off);
+        if (!s)
+            snprintf(buf, cap, "%s", json ? "null" : "none");
+        else if (json) {
+            /* escape quotes and backslashes */
+            size_t k = 0;
+            buf[k++] = '"';
+            for (; *s && k + 3 < cap; s++) {
+                if (*s == '"' || *s == '\\')
+                    buf[k++] = '\\';
+                buf[k++] = (unsigned char)*s < 0x20 ? '?' : *s;
+            }
+            buf[k++] = '"';
+            buf[k] = '\0';
+        } else
+            snprintf(buf, cap, "%s", s);
+        break;
+    }
+    }
+}
+
+static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, bool json)
+{
+    size_t cap = 4096, len = 0;
+    char *out = kvt_malloc(cap);
+    if (!out)
+        return NULL;
+    len += (size_t)snprintf(out, cap, "%s", json ? "{" : "");
+    bool first = true;
+    for (size_t i = 0; i < N_OPTS; i++) {
+        if (!key_accepted(d, opts_table[i].key))
+            continue;
+        char val[1200];
+        opt_value(o, &opts_table[i], json, val, sizeof(val));
+        int w = json ? snprintf(out + len, cap - len, "%s\"%s\": %s", first ? "" : ", ",
+                                opts_table[i].key, val)
+                     : snprintf(out + len, cap - len, "%s%s=%s", first ? "" : ",",
+                                opts_table[i].key, val);
+        if (w < 0 || (size_t)w >= cap - len)
+            break;
+        len += (size_t)w;
+        first = false;
+    }
+    if (json && len + 2 < cap) {
+        out[len++] = '}';
+        out[len] = '\0';
+    }
+    return out;
+}
+
+char *kvt_policy_options_json(const kvt_policy *p)
+{
+    return options_text(p->def, &p->o, true);
+}
+
+size_t kvt_policy_registry_size(void)
+{
+    return N_REGISTRY;
+}
+
+void kvt_policy_registry_get(size_t i, kvt_policy_about *out)
+{
+    static char docs[N_REGISTRY][1024];
+    memset(out, 0, sizeof(*out));
+    if (i >= N_REGISTRY)
+        return;
+    const kvt_policy_def *d = registry[i];
+    if (!docs[i][0]) {
+        kvt_policy_opts o;
+        base_defaults(&o);
+        if (d->defaults)
+            d->defaults(&o);
+        char *t = options_text(d, &o, false);
+        snprintf(docs[i], sizeof(docs[i]), "%s", t && *t ? t : "(none)");
+        kvt_free(t);
+    }
+    out->name = d->name;
+    out->summary = d->summary;
+    out->options = docs[i];
+    out->flags = d->flags;
+}
+
+/* ---- budgets ---- */
+kvt_status kvt_budgets_parse(const char *list, kvt_budget **out, size_t *n_out)
+{
+    *out = NULL;
+    *n_out = 0;
+    KVT_RETURN_IF(!list || !*list, KVT_ERR_INVALID_ARG, "empty budget list");
+    size_t cap = 1;
+    for (const char *s = list; *s; s++)
+        cap += *s == ',';
+    kvt_budget *b = kvt_calloc(cap, sizeof(*b));
+    KVT_RETURN_IF(!b, KVT_ERR_NOMEM, "out of memory");
+    size_t n = 0;
+    const char *p = list;
+    while (p) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        char item[32];
+        if (len == 0 || len >= sizeof(item) || len >= sizeof(b[n].text)) {
+            kvt_free(b);
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "bad budget item in '%s'", list);
+        }
+        memcpy(item, p, len);
+        item[len] = '\0';
+        kvt_budget *x = &b[n];
+        memcpy(x->text, item, len + 1);
+        char *end;
+        errno = 0;
+        double v = strtod(item, &end);
+        bool ok = !errno && end != item && isfinite(v);
+        if (ok && *end == '%' && end[1] == '\0') {
+            x->is_fraction = true;
+            x->value = v / 100.0;
+            ok = v > 0.0 && v <= 100.0;
+        } else {
+            x->value = v;
+            ok = ok && *end == '\0' && v >= 1.0 && v == floor(v) && v <= 2147483647.0;
+        }
+        if (!ok) {
+            kvt_free(b);
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "bad budget '%s' (tokens >= 1, or a percentage in (0%%, "
+                                 "100%%])",
+                                 item);
+        }
+        for (size_t j = 0; j < n; j++)
+            if (b[j].is_fraction == x->is_fraction && b[j].value == x->value) {
+                kvt_free(b);
+                return kvt_error_set(KVT_ERR_INVALID_ARG, "budget '%s' is listed twice", item);
+            }
+        n++;
+        p = e ? e + 1 : NULL;
+    }
+    *out = b;
+    *n_out = n;
+    return KVT_OK;
+}
+
+int kvt_budget_tokens(const kvt_budget *b, int n_tokens)
+{
+    if (!b->is_fraction)
+        return (int)b->value;
+    double t = floor(b->value * n_tokens + 0.5);
+    return t < 1 ? 1 : (int)t;
+}

@@ -1,0 +1,192 @@
+/* replay_internal.h - what the policy files see: the option block, the policy definition that
+ * each replay/policies/policy_<name>.c exports, the layer context computed once per layer and
+ * shared by every policy, and the selection a policy fills in. Not installed.
+ */
+#ifndef KVT_REPLAY_INTERNAL_H
+#define KVT_REPLAY_INTERNAL_H
+
+#include "kvt_replay.h"
+
+#define KVT_NM KVT_N_MODALITIES
+
+/* ---- options: one block for every policy; each definition lists the keys it accepts ---- */
+typedef struct kvt_policy_opts {
+    int window;             /* observation window W (protected recent tokens for score policies) */
+    int kernel;             /* pooling kernel (odd) */
+    kvt_pool pool;          /* avg | max */
+    kvt_reduce reduce;      /* GQA reduction of scores: mean | max | sum */
+    bool per_query;         /* heads=query: one selection per query head */
+    double alpha;           /* AdaKV safeguard floor_alpha */
+    bool normalize;         /* AdaKV 3a normalize */
+    char alloc;             /* AdaKV allocation 'a' (3a, repo) or 'b' (3b, paper/kvpress) */
+    int skip;               /* AdaKV: layers < skip get the uniform budget */
+    double beta;            /* PyramidKV beta */
+    bool fallback;          /* PyramidKV KVCache-Factory fallback: N < 2*base -> uniform */
+    int sinks;              /* StreamingLLM sinks */
+    double ratio;           /* SparseMM min ratio */
+    char *scores;           /* SparseMM head-score JSON file (owned) */
+    char *rtable;           /* MixKV offline redundancy table JSON (owned); NULL = online r */
+    int page;               /* Quest page size P */
+    int dense_layers;       /* Quest: layers < dense_layers keep everything */
+    kvt_reduce group;       /* Quest: GQA page-score aggregation max | sum */
+    double theta;           /* HybridKV-like sparsity mass threshold */
+    double tau;             /* HybridKV-like static threshold on k_theta/|P|; NaN = median split */
+    double split;           /* HybridKV-like share r of the budget for static heads */
+    int chunk;              /* HybridKV-like chunk size C */
+    kvt_reduce chunk_score; /* HybridKV-like chunk score: sum | max */
+    double floor_frac;      /* HybridKV-like static floor as a fraction of b */
+    int merge_window;       /* LightKV-like matching window (vision tokens) */
+    uint64_t seed;          /* random */
+} kvt_policy_opts;
+
+typedef struct kvt_layer_ctx kvt_layer_ctx;
+typedef struct kvt_policy_def kvt_policy_def;
+
+struct kvt_policy {
+    const kvt_policy_def *def;
+    kvt_policy_opts o;
+    char *label;
+    void *state; /* loaded files, owned (def->fini frees) */
+};
+
+/** A policy: one file in replay/policies/ exports one of these, and policies/policy_list.h
+ *  has one line for it. */
+struct kvt_policy_def {
+    const char *name;
+    const char *summary;
+    const char *keys; /* accepted option keys, comma-separated */
+    unsigned flags;   /* KVT_POLICY_* */
+    void (*defaults)(kvt_policy_opts *o);
+    /* optional: validate option combinations, load files into p->state */
+    kvt_status (*init)(kvt_policy *p);
+    void (*fini)(kvt_policy *p);
+    /* fill sel (allocated with the kvt_sel_* helpers) for budgets [n_b] (tokens) */
+    kvt_status (*select)(kvt_layer_ctx *c, const kvt_policy *p, const int *budgets, int n_b,
+                         kvt_layer_selection *sel);
+};
+
+#define KVT_POLICY(name) extern const kvt_policy_def kvt_policy_def_##name;
+#include "policies/policy_list.h"
+#undef KVT_POLICY
+
+/** The registered definition of a name, or NULL. */
+const kvt_policy_def *kvt_policy_def_find(const char *name);
+
+/* ---- the layer context: computed once per layer, shared by every policy ---- */
+#define KVT_SCORE_CACHE 12
+typedef struct kvt_score_entry {
+    int W, kernel, per_query;
+    kvt_pool pool;
+    kvt_reduce reduce;
+    double *s; /* [H', T - W] */
+} kvt_score_entry;
+
+struct kvt_layer_ctx {
+    const kvt_layer_input *in;
+    int T, D, Hq, Hkv, Gs, Wt, Gd, layer, n_layers;
+    double scale;   /* 1/sqrt(D) */
+    bool has_extra; /* decode keys/values present: decode queries also see them */
+    /* window queries (all W stored, causal inside the window) */
+    float *prw;        /* [Hq, Wt, T] f32 probabilities */
+    double *aw;        /* [Hq, Wt, D] sum_j p_j v_j */
+    double *lsew;      /* [Hq, Wt] log-sum-exp of the logits */
+    double *massw_mod; /* [Hq, Wt, NM] full mass per modality, or NULL */
+    /* decode queries (held out) */
+    float *prd;       /* [Hq, Gd, T] probabilities over prompt keys */
+    double *ad;       /* [Hq, Gd, D] sum over prompt keys of p_j v_j */
+    double *pd_extra; /* [Hq, Gd] mass on decode keys 0..s (NULL without decode K/V) */
+    double *od_extra; /* [Hq, Gd, D] sum over decode keys of p v */
+    double *lsed;     /* [Hq, Gd] */
+    /* per KV head */
+    double *knorm, *vnorm; /* [Hkv, T] */
+    float *ku;             /* [Hkv, T, D] unit keys */
+    double *kmean;         /* [Hkv, D] mean unit key over all T */
+    double *r_all;         /* [Hkv] */
+    double *colsum;        /* [Hq, T] H2O column sums, lazily (kvt_ctx_colsum) */
+    kvt_score_entry cache[KVT_SCORE_CACHE];
+    int n_cache;
+};
+
+kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
+void kvt_ctx_free(kvt_layer_ctx *c);
+
+/** Heads of a granularity and the KV head of head h. */
+static inline int kvt_ctx_heads(const kvt_layer_ctx *c, bool per_query)
+{
+    return per_query ? c->Hq : c->Hkv;
+}
+static inline int kvt_ctx_kv_of(const kvt_layer_ctx *c, bool per_query, int h)
+{
+    return per_query ? h / c->Gs : h;
+}
+
+/** SnapKV window scores (POLICIES §0.1): mean over the last W window queries, GQA reduction
+ *  (KV granularity) then pooling over the prefix P = [0, T-W). kernel 1 = no pooling.
+ *  *out is [H', P] (row stride P), owned by the context. W must be 1..Wt. */
+kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool pool,
+                                 kvt_reduce reduce, bool per_query, const double **out);
+/** H2O column sums [Hq, T] from attn_colsum or computed from Q_all. */
+kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out);
+/** Validate a window W against the stored window (policies that use window queries). */
+kvt_status kvt_ctx_check_window(const kvt_layer_ctx *c, const char *policy, int W);
+
+/* ---- the selection a policy fills ---- */
+typedef struct kvt_merged_set {
+    int n;            /* kept entries */
+    float *k, *v;     /* [n, D] merged keys/values */
+    int32_t *idx;     /* [n] representative token index, ascending */
+    uint8_t *changed; /* [n] 1 if the entry's K/V differ from token idx's (a merge target) */
+} kvt_merged_set;
+
+struct kvt_layer_selection {
+    int n_heads, per_query, window, n_budgets, T, D, n_steps;
+    bool has_fixed;
+    int32_t *order;         /* [H', T] fixed ranking: a permutation of 0..T-1 */
+    int32_t *count;         /* [n_b, H'] entries kept from the top of the ranking */
+    uint8_t *step_head;     /* [H'] 1 if the head re-selects per decode step */
+    int32_t *step_order;    /* [H', n_steps, T] */
+    int32_t *step_count;    /* [n_b, H', n_steps] */
+    kvt_merged_set *merged; /* [n_b, H'] (merged policies only) */
+};
+
+kvt_status kvt_sel_init(kvt_layer_selection *s, const kvt_layer_ctx *c, bool per_query, int window,
+                        int n_b, bool fixed);
+kvt_status kvt_sel_init_steps(kvt_layer_selection *s, int n_steps);
+kvt_status kvt_sel_init_merged(kvt_layer_selection *s);
+void kvt_sel_clear(kvt_layer_selection *s);
+
+/** order = the window (most recent first: T-1, T-2, ..., T-W) then the prefix P = [0, T-W)
+ *  ranked by score descending (ties: lower index). score is [T-W]. W is clamped to T. */
+kvt_status kvt_rank_window(const double *score, int T, int W, int32_t *order);
+/** Rank every head: order[h] = kvt_rank_window(score + h*(T-W), T, W). */
+kvt_status kvt_sel_rank_window_all(kvt_layer_selection *s, const double *score, int W);
+/** count[b][h] = min(T, B_b) for every head (uniform budgets, window included). */
+void kvt_counts_uniform(kvt_layer_selection *s, const int *budgets, int n_b);
+/** Round half to even (torch.round, Python round). */
+double kvt_round_even(double x);
+
+/** AdaKV allocation (POLICIES §3) from per-head prefix scores p [H', P]: caps [H'] of
+ *  selected prefix tokens for prefix budget b (per head, window excluded). */
+kvt_status kvt_adakv_alloc(const double *p, int H, int P, int b, int W, double alpha,
+                           bool normalize, char form, int *caps);
+
+/** count[b][h] of an AdaKV allocation (policy options window, alpha, normalize, alloc, skip)
+ *  computed from the per-head prefix scores alloc_s [H', T-W]; short prompts keep all. */
+kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const double *alloc_s,
+                            const int *B, int n_b, kvt_layer_selection *sel);
+
+/** Score policies (knorm, vnorm, keydiff): rank the prefix [0, T-W) of each head by
+ *  sign * x[g][j] (x is a per-KV-head array [Hkv, T]), window W = p->o.window, uniform counts. */
+kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const double *x, double sign,
+                                const int *B, int n_b, kvt_layer_selection *sel);
+
+/** PyramidKV: selected prefix tokens at layer l for budget B (POLICIES §2). Returns -1 when
+ *  the prompt is short (no compression). */
+int kvt_pyramid_layer_budget(int B, int W, int T, int L, int l, double beta, bool fallback);
+
+/** Read a JSON file of per-(layer, head) numbers: an object with keys "L-H" or "L-H-key"
+ *  whose values are numbers or arrays of numbers (averaged), or an array of arrays [L][H].
+ *  *out [L*H] (missing = NaN). Caller frees with kvt_free. */
+kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, double **out);
+
+#endif /* KVT_REPLAY_INTERNAL_H */

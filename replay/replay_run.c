@@ -1,0 +1,444 @@
+/* replay_run.c - the trace driver: reads and cross-checks the header and shapes, then runs
+ * kvt_replay_layer_metrics layer by layer on a pool of pthreads (each worker holds one layer's
+ * tensors at a time, so memory is about one layer per thread), and fills a kvt_trace_result.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_trace.h"
+#include "replay_internal.h"
+
+/* ---- results ---- */
+kvt_status kvt_trace_result_create(int n_layers, int n_q_heads, int n_kv_heads, size_t n_policies,
+                                   size_t n_budgets, kvt_trace_result **out)
+{
+    *out = NULL;
+    KVT_RETURN_IF(n_layers < 1 || n_q_heads < 1 || n_kv_heads < 1 || n_policies < 1 ||
+                      n_budgets < 1 || n_layers > 100000 || n_q_heads > 100000,
+                  KVT_ERR_INVALID_ARG, "trace result: bad dimensions");
+    size_t n_m;
+    if (kvt_mul_overflow(n_policies * n_budgets, (size_t)n_layers * (size_t)n_q_heads, &n_m))
+        return kvt_error_set(KVT_ERR_OVERFLOW, "trace result too large");
+    kvt_trace_result *r = kvt_calloc(1, sizeof(*r));
+    KVT_RETURN_IF(!r, KVT_ERR_NOMEM, "out of memory");
+    r->n_layers = n_layers;
+    r->n_q_heads = n_q_heads;
+    r->n_kv_heads = n_kv_heads;
+    r->n_policies = n_policies;
+    r->n_budgets = n_budgets;
+    r->policy_labels = kvt_calloc(n_policies, sizeof(char *));
+    r->policy_names = kvt_calloc(n_policies, sizeof(char *));
+    r->policy_flags = kvt_calloc(n_policies, sizeof(unsigned));
+    r->policy_heads = kvt_calloc(n_policies, sizeof(int));
+    r->policy_window = kvt_calloc(n_policies, sizeof(int));
+    r->budget_texts = kvt_calloc(n_budgets, sizeof(char *));
+    r->budget_tokens = kvt_calloc(n_budgets, sizeof(int));
+    r->r_all = kvt_malloc((size_t)n_layers * n_kv_heads * sizeof(double));
+    r->m = kvt_malloc(n_m * sizeof(kvt_head_metrics));
+    if (!r->policy_labels || !r->policy_names || !r->policy_flags || !r->policy_heads ||
+        !r->policy_window || !r->budget_texts || !r->budget_tokens || !r->r_all || !r->m) {
+        kvt_trace_result_free(r);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory (trace result)");
+    }
+    for (size_t i = 0; i < (size_t)n_layers * n_kv_heads; i++)
+        r->r_all[i] = NAN;
+    for (size_t i = 0; i < n_m; i++) {
+        double *d = (double *)&r->m[i];
+        for (size_t k = 0; k < sizeof(r->m[0]) / sizeof(double); k++)
+            d[k] = NAN;
+    }
+    *out = r;
+    return KVT_OK;
+}
+
+void kvt_trace_result_free(kvt_trace_result *r)
+{
+    if (!r)
+        return;
+    kvt_free(r->path);
+    kvt_free(r->header_json);
+    kvt_free(r->model_name);
+    kvt_free(r->model_arch);
+    for (size_t i = 0; r->policy_labels && i < r->n_policies; i++)
+        kvt_free(r->policy_labels[i]);
+    for (size_t i = 0; r->policy_names && i < r->n_policies; i++)
+        kvt_free(r->policy_names[i]);
+    for (size_t i = 0; r->budget_texts && i < r->n_budgets; i++)
+        kvt_free(r->budget_texts[i]);
+    kvt_free(r->policy_labels);
+    kvt_free(r->policy_names);
+    kvt_free(r->policy_flags);
+    kvt_free(r->policy_heads);
+    kvt_free(r->policy_window);
+    kvt_free(r->budget_texts);
+    kvt_free(r->budget_tokens);
+    kvt_free(r->r_all);
+    kvt_free(r->m);
+    kvt_free(r);
+}
+
+/* ---- the driver ---- */
+typedef struct run_shared {
+    kvt_trace_reader *rd;
+    kvt_policy *const *pols;
+    size_t n_pol, n_b;
+    const int *btok;
+    const kvt_replay_opts *o;
+    kvt_trace_result *res;
+    int L, Hq, Hkv, T, D, W, G;
+    bool has_qd, has_kvd, has_colsum, has_qall, need_colsum;
+    const uint8_t *mod;
+    pthread_mutex_t mu;
+    int next_layer, done;
+    kvt_status err;
+    char err_msg[512];
+} run_shared;
+
+static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int tok, float *dst)
+{
+    uint32_t h, t, d;
+    kvt_dtype dt;
+    kvt_status s = kvt_trace_reader_shape(sh->rd, layer, kind, &h, &t, &d, &dt);
+    if (s)
+        return kvt_error_set(s, "layer %d: %s missing", layer, kvt_kind_name(kind));
+    uint32_t want_d = kind == KVT_KIND_ATTN_COLSUM ? 1 : (uint32_t)sh->D;
+    if ((int)h != heads || (int)t != tok || d != want_d)
+        return kvt_error_set(KVT_ERR_CORRUPT,
+                             "layer %d: %s has shape [%u,%u,%u], expected [%d,%d,%u]", layer,
+                             kvt_kind_name(kind), h, t, d, heads, tok, want_d);
+    return kvt_trace_reader_read(sh->rd, layer, kind, 0, h, KVT_DTYPE_F32, dst,
+                                 (size_t)h * t * d * sizeof(float));
+}
+
+static void *worker(void *arg)
+{
+    run_shared *sh = arg;
+    const int T = sh->T, D = sh->D, Hq = sh->Hq, Hkv = sh->Hkv, W = sh->W, G = sh->G;
+    size_t kv = (size_t)Hkv * T * D;
+    float *k = kvt_malloc(kv * sizeof(float)), *v = kvt_malloc(kv * sizeof(float));
+    float *qw = kvt_malloc((size_t)Hq * W * D * sizeof(float));
+    float *qd = sh->has_qd ? kvt_malloc((size_t)Hq * G * D * sizeof(float)) : NULL;
+    float *kd = sh->has_kvd ? kvt_malloc((size_t)Hkv * G * D * sizeof(float)) : NULL;
+    float *vd = sh->has_kvd ? kvt_malloc((size_t)Hkv * G * D * sizeof(float)) : NULL;
+    float *cs =
+        sh->need_colsum && sh->has_colsum ? kvt_malloc((size_t)Hq * T * sizeof(float)) : NULL;
+    float *qa = sh->need_colsum && !sh->has_colsum && sh->has_qall
+                    ? kvt_malloc((size_t)Hq * T * D * sizeof(float))
+                    : NULL;
+    kvt_head_metrics *m = kvt_malloc(sh->n_pol * sh->n_b * (size_t)Hq * sizeof(*m));
+    kvt_status st = KVT_OK;
+    if (!k || !v || !qw || !m || (sh->has_qd && !qd) || (sh->has_kvd && (!kd || !vd)) ||
+        (sh->need_colsum && sh->has_colsum && !cs) ||
+        (sh->need_colsum && !sh->has_colsum && sh->has_qall && !qa))
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory for one layer's tensors");
+    for (;;) {
+        pthread_mutex_lock(&sh->mu);
+        if (st && !sh->err) {
+            sh->err = st;
+            snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
+        }
+        int l = sh->err ? -1 : sh->next_layer++;
+        pthread_mutex_unlock(&sh->mu);
+        if (l < 0 || l >= sh->L)
+            break;
+        kvt_layer_input in = {.layer = l,
+                              .n_layers = sh->L,
+                              .T = T,
+                              .D = D,
+                              .Hq = Hq,
+                              .Hkv = Hkv,
+                              .W = W,
+                              .G = sh->has_qd ? G : 0,
+                              .k = k,
+                              .v = v,
+                              .q_window = qw,
+                              .modality = sh->mod};
+        if ((st = read_f32(sh, l, KVT_KIND_K, Hkv, T, k)) ||
+            (st = read_f32(sh, l, KVT_KIND_V, Hkv, T, v)) ||
+            (st = read_f32(sh, l, KVT_KIND_Q_WINDOW, Hq, W, qw)))
+            continue;
+        if (sh->has_qd) {
+            if ((st = read_f32(sh, l, KVT_KIND_Q_DECODE, Hq, G, qd)))
+                continue;
+            in.q_decode = qd;
+        }
+        if (sh->has_kvd) {
+            if ((st = read_f32(sh, l, KVT_KIND_K_DECODE, Hkv, G, kd)) ||
+                (st = read_f32(sh, l, KVT_KIND_V_DECODE, Hkv, G, vd)))
+                continue;
+            in.k_decode = kd;
+            in.v_decode = vd;
+        }
+        if (cs) {
+            if ((st = read_f32(sh, l, KVT_KIND_ATTN_COLSUM, Hq, T, cs)))
+                continue;
+            in.attn_colsum = cs;
+        }
+        if (qa) {
+            if ((st = read_f32(sh, l, KVT_KIND_Q_ALL, Hq, T, qa)))
+                continue;
+            in.q_all = qa;
+        }
+        if ((st =
+                 kvt_replay_layer_metrics(&in, sh->pols, sh->n_pol, sh->btok, sh->n_b, sh->o, m))) {
+            char msg[400];
+            snprintf(msg, sizeof(msg), "%s", kvt_error_msg()); /* the buffer is reused */
+            kvt_error_set(st, "layer %d: %s", l, msg);
+            continue;
+        }
+        /* r_all from the unit keys: cheap enough to recompute here */
+        double *mean = kvt_malloc((size_t)D * sizeof(double));
+        if (!mean) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            continue;
+        }
+        for (int g = 0; g < Hkv; g++) {
+            kvt_unit_rows_ref(k + (size_t)g * T * D, T, D, NULL, mean);
+            sh->res->r_all[(size_t)l * Hkv + g] = kvt_redundancy_ref(mean, D, T);
+        }
+        kvt_free(mean);
+        for (size_t p = 0; p < sh->n_pol; p++)
+            for (size_t b = 0; b < sh->n_b; b++)
+                memcpy(kvt_trace_result_at(sh->res, p, b, l, 0), m + (p * sh->n_b + b) * (size_t)Hq,
+                       (size_t)Hq * sizeof(*m));
+        pthread_mutex_lock(&sh->mu);
+        sh->done++;
+        if (sh->o->progress)
+            sh->o->progress(sh->o->progress_user, (uint64_t)sh->done, (uint64_t)sh->L);
+        pthread_mutex_unlock(&sh->mu);
+    }
+    kvt_free(k);
+    kvt_free(v);
+    kvt_free(qw);
+    kvt_free(qd);
+    kvt_free(kd);
+    kvt_free(vd);
+    kvt_free(cs);
+    kvt_free(qa);
+    kvt_free(m);
+    return NULL;
+}
+
+static int jint(const cJSON *o, const char *k)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(x) ? x->valueint : -1;
+}
+
+static char *jstr(const cJSON *o, const char *k)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
+    return kvt_strdup(cJSON_IsString(x) ? x->valuestring : "");
+}
+
+static bool has_kind(kvt_trace_reader *rd, int layer, int kind, uint32_t *h, uint32_t *t,
+                     uint32_t *d, kvt_dtype *dt)
+{
+    uint32_t a, b, c;
+    kvt_dtype e;
+    bool ok = kvt_trace_reader_shape(rd, layer, kind, h ? h : &a, t ? t : &b, d ? d : &c,
+                                     dt ? dt : &e) == KVT_OK;
+    kvt_error_clear();
+    return ok;
+}
+
+kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens)
+{
+    kvt_trace_reader *rd;
+    KVT_FORWARD(kvt_trace_reader_open(path, &rd));
+    cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
+    int L = jint(cJSON_GetObjectItemCaseSensitive(hdr, "model"), "n_layers");
+    int T = jint(hdr, "n_tokens");
+    cJSON_Delete(hdr);
+    kvt_trace_reader_close(rd);
+    KVT_RETURN_IF(L < 1 || T < 1, KVT_ERR_CORRUPT, "%s: header lacks model.n_layers or n_tokens",
+                  path);
+    if (n_layers)
+        *n_layers = L;
+    if (n_tokens)
+        *n_tokens = T;
+    return KVT_OK;
+}
+
+static int policy_window(const kvt_policy *p)
+{
+    const char *k = p->def->keys;
+    if (!strncmp(k, "window", 6))
+        return p->o.window;
+    return !strcmp(p->def->name, "tova") ? 1 : 0;
+}
+
+kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
+                            const kvt_budget *budgets, size_t n_budgets, const kvt_replay_opts *o,
+                            kvt_trace_result **out)
+{
+    *out = NULL;
+    kvt_replay_opts def = {.coverage_probes = -1};
+    if (!o)
+        o = &def;
+    run_shared sh;
+    memset(&sh, 0, sizeof(sh));
+    kvt_status st;
+    cJSON *hdr = NULL;
+    kvt_trace_result *res = NULL;
+    uint8_t *mod = NULL;
+    int *btok = NULL;
+    pthread_t *th = NULL;
+    KVT_FORWARD(kvt_trace_reader_open(path, &sh.rd));
+    hdr = cJSON_Parse(kvt_trace_reader_header_json(sh.rd));
+    if (!hdr) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: the trace header is not valid JSON", path);
+        goto out_free;
+    }
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    sh.L = jint(model, "n_layers"), sh.Hq = jint(model, "n_q_heads");
+    sh.Hkv = jint(model, "n_kv_heads"), sh.D = jint(model, "head_dim");
+    sh.T = jint(hdr, "n_tokens"), sh.W = jint(hdr, "window");
+    if (sh.L < 1 || sh.Hq < 1 || sh.Hkv < 1 || sh.D < 1 || sh.T < 1 || sh.W < 1 || sh.Hq % sh.Hkv) {
+        st = kvt_error_set(KVT_ERR_CORRUPT,
+                           "%s: header lacks a valid model.n_layers/n_q_heads/n_kv_heads/"
+                           "head_dim, n_tokens or window",
+                           path);
+        goto out_free;
+    }
+    /* cross-check with the stored tensors of layer 0 */
+    uint32_t h, t, d;
+    kvt_dtype kdt = KVT_DTYPE_INVALID;
+    if (!has_kind(sh.rd, 0, KVT_KIND_K, &h, &t, &d, &kdt) || (int)h != sh.Hkv || (int)t != sh.T ||
+        (int)d != sh.D) {
+        st = kvt_error_set(KVT_ERR_CORRUPT,
+                           "%s: layer 0 K is missing or does not match the header [%d,%d,%d]", path,
+                           sh.Hkv, sh.T, sh.D);
+        goto out_free;
+    }
+    if (!has_kind(sh.rd, 0, KVT_KIND_Q_WINDOW, &h, &t, &d, NULL) || (int)h != sh.Hq ||
+        (int)d != sh.D) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: layer 0 Q_window is missing or not [%d,W,%d]",
+                           path, sh.Hq, sh.D);
+        goto out_free;
+    }
+    sh.W = (int)t; /* the records say how many window queries were stored */
+    if (has_kind(sh.rd, 0, KVT_KIND_Q_DECODE, &h, &t, &d, NULL) && t > 0) {
+        sh.has_qd = true;
+        sh.G = (int)t;
+        uint32_t h2, t2, d2, h3, t3, d3;
+        sh.has_kvd = has_kind(sh.rd, 0, KVT_KIND_K_DECODE, &h2, &t2, &d2, NULL) &&
+                     has_kind(sh.rd, 0, KVT_KIND_V_DECODE, &h3, &t3, &d3, NULL) &&
+                     (int)t2 == sh.G && (int)t3 == sh.G;
+    }
+    sh.has_colsum = has_kind(sh.rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
+    sh.has_qall = has_kind(sh.rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
+    for (size_t p = 0; p < n_pol; p++) {
+        unsigned f = kvt_policy_flags(pols[p]);
+        if ((f & KVT_POLICY_NEEDS_DECODE) && !sh.has_qd) {
+            st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                               "policy %s needs decode queries (Q_decode), which %s does not "
+                               "have; capture decode steps or drop the policy",
+                               kvt_policy_label(pols[p]), path);
+            goto out_free;
+        }
+        if (f & KVT_POLICY_NEEDS_COLSUM) {
+            sh.need_colsum = true;
+            if (!sh.has_colsum && !sh.has_qall) {
+                st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                                   "policy %s needs attention column sums: %s has neither "
+                                   "attn_colsum nor Q_all",
+                                   kvt_policy_label(pols[p]), path);
+                goto out_free;
+            }
+        }
+    }
+    if ((st = kvt_trace_result_create(sh.L, sh.Hq, sh.Hkv, n_pol, n_budgets, &res)))
+        goto out_free;
+    res->path = kvt_strdup(path);
+    res->header_json = kvt_strdup(kvt_trace_reader_header_json(sh.rd));
+    res->model_name = jstr(model, "name");
+    res->model_arch = jstr(model, "arch");
+    res->head_dim = sh.D, res->n_tokens = sh.T, res->window_stored = sh.W;
+    res->n_decode = sh.has_qd ? sh.G : 0;
+    res->has_decode_kv = sh.has_kvd;
+    res->kv_elem_bytes = (int)kvt_dtype_size(kdt);
+    snprintf(res->kv_dtype, sizeof(res->kv_dtype), "%s",
+             kvt_dtype_name(kdt) ? kvt_dtype_name(kdt) : "?");
+    int n_probe = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
+    res->n_probes = n_probe < sh.T ? n_probe : sh.T;
+    btok = kvt_malloc(n_budgets * sizeof(int));
+    if (!res->path || !res->header_json || !res->model_name || !res->model_arch || !btok) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    for (size_t p = 0; p < n_pol; p++) {
+        res->policy_labels[p] = kvt_strdup(kvt_policy_label(pols[p]));
+        res->policy_names[p] = kvt_strdup(kvt_policy_name(pols[p]));
+        res->policy_flags[p] = kvt_policy_flags(pols[p]);
+        res->policy_heads[p] = pols[p]->o.per_query ? sh.Hq : sh.Hkv;
+        res->policy_window[p] = policy_window(pols[p]);
+        if (!res->policy_labels[p] || !res->policy_names[p]) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
+    }
+    for (size_t b = 0; b < n_budgets; b++) {
+        btok[b] = res->budget_tokens[b] = kvt_budget_tokens(&budgets[b], sh.T);
+        res->budget_texts[b] = kvt_strdup(budgets[b].text);
+        if (!res->budget_texts[b]) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
+    }
+    if (has_kind(sh.rd, -1, KVT_KIND_MODALITY, &h, &t, &d, NULL) && (int)t == sh.T) {
+        mod = kvt_malloc((size_t)sh.T);
+        if (!mod) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
+        if ((st = kvt_trace_reader_read(sh.rd, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod,
+                                        (size_t)sh.T)))
+            goto out_free;
+        for (int i = 0; i < sh.T; i++) {
+            mod[i] = mod[i] < KVT_N_MODALITIES ? mod[i] : KVT_MOD_OTHER;
+            res->modality_counts[mod[i]]++;
+        }
+        res->has_modality = true;
+        sh.mod = mod;
+    }
+    sh.pols = pols, sh.n_pol = n_pol, sh.n_b = n_budgets, sh.btok = btok, sh.o = o;
+    sh.res = res;
+    int n_th = o->n_threads > 0 ? o->n_threads : kvt_cpu_count();
+    if (n_th > sh.L)
+        n_th = sh.L;
+    th = kvt_calloc((size_t)n_th, sizeof(pthread_t));
+    if (!th) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    pthread_mutex_init(&sh.mu, NULL);
+    int started = 0;
+    for (; started < n_th; started++)
+        if (pthread_create(&th[started], NULL, worker, &sh))
+            break;
+    if (started == 0)
+        worker(&sh); /* no thread could start: run in the caller */
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    pthread_mutex_destroy(&sh.mu);
+    if (sh.err) {
+        st = kvt_error_set(sh.err, "%s", sh.err_msg);
+        goto out_free;
+    }
+    *out = res;
+    res = NULL;
+    st = KVT_OK;
+out_free:
+    kvt_free(th);
+    kvt_free(btok);
+    kvt_free(mod);
+    kvt_trace_result_free(res);
+    cJSON_Delete(hdr);
+    kvt_trace_reader_close(sh.rd);
+    return st;
+}

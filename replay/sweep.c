@@ -1,0 +1,674 @@
+/* sweep.c - one layer, every policy, every budget: builds the layer context once, runs each
+ * policy's selection once, then measures all budgets of a head from its single ranking
+ * (recall and output error by the running-sum sweep, coverage by a running best cosine, r of
+ * the kept set by a running unit-key sum), per KV head or per query head. Metrics are
+ * defined in analysis/RESULTS.md; policies in ../shared/POLICIES.md.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replay_internal.h"
+
+typedef struct scratch {
+    int n_b, n_qmax, n_probe;
+    int cur_g; /* KV head being measured */
+    int32_t *cuts;
+    int *map;
+    double *rec, *err, *rmod; /* [n_qmax, n_b(, NM)] */
+    void *sw;                 /* sweep_output workspace */
+    double *cov, *rad, *cmod, *rk;
+    float *cwork;
+    double *rwork;
+    int32_t *posO;
+    int32_t *probe;
+    uint8_t *probe_mod;
+    float *ct; /* [T, n_probe] cosine table of the current KV head */
+    double *z; /* [T] */
+    float *ku; /* [T, D] unit merged keys */
+    double *acc;
+} scratch;
+
+static void scratch_free(scratch *s)
+{
+    kvt_free(s->cuts);
+    kvt_free(s->map);
+    kvt_free(s->rec);
+    kvt_free(s->err);
+    kvt_free(s->rmod);
+    kvt_free(s->sw);
+    kvt_free(s->cov);
+    kvt_free(s->rad);
+    kvt_free(s->cmod);
+    kvt_free(s->rk);
+    kvt_free(s->cwork);
+    kvt_free(s->rwork);
+    kvt_free(s->posO);
+    kvt_free(s->probe);
+    kvt_free(s->probe_mod);
+    kvt_free(s->ct);
+    kvt_free(s->z);
+    kvt_free(s->ku);
+    kvt_free(s->acc);
+    memset(s, 0, sizeof(*s));
+}
+
+static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int n_probe)
+{
+    memset(s, 0, sizeof(*s));
+    int nq = c->Gs * (c->Wt > c->Gd ? c->Wt : c->Gd);
+    s->n_b = n_b;
+    s->n_qmax = nq;
+    s->n_probe = n_probe;
+    size_t T = (size_t)c->T, D = (size_t)c->D, nb = (size_t)n_b;
+    s->cuts = kvt_malloc(nb * sizeof(int32_t));
+    s->map = kvt_malloc(nb * sizeof(int));
+    s->rec = kvt_malloc((size_t)nq * nb * sizeof(double));
+    s->err = kvt_malloc((size_t)nq * nb * sizeof(double));
+    s->rmod = kvt_malloc((size_t)nq * nb * KVT_NM * sizeof(double));
+    s->sw = kvt_malloc(kvt_sweep_output_workspace_bytes(nq, c->D) + 8);
+    s->cov = kvt_malloc(nb * sizeof(double));
+    s->rad = kvt_malloc(nb * sizeof(double));
+    s->cmod = kvt_malloc(nb * KVT_NM * sizeof(double));
+    s->rk = kvt_malloc(nb * sizeof(double));
+    s->cwork = kvt_malloc(((size_t)n_probe + 1) * sizeof(float));
+    s->rwork = kvt_malloc(D * sizeof(double));
+    s->posO = kvt_malloc(T * sizeof(int32_t));
+    s->probe = kvt_malloc(((size_t)n_probe + 1) * sizeof(int32_t));
+    s->probe_mod = kvt_malloc((size_t)n_probe + 1);
+    s->ct = kvt_malloc((T * (size_t)n_probe + 1) * sizeof(float));
+    s->z = kvt_malloc(T * sizeof(double));
+    s->ku = kvt_malloc(T * D * sizeof(float));
+    s->acc = kvt_malloc(D * sizeof(double));
+    if (!s->cuts || !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad ||
+        !s->cmod || !s->rk || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod ||
+        !s->ct || !s->z || !s->ku || !s->acc) {
+        scratch_free(s);
+        return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
+    }
+    /* probes: i*T/n for i < n (all keys when n == T), see RESULTS.md */
+    for (int i = 0; i < n_probe; i++) {
+        s->probe[i] = (int32_t)((int64_t)i * c->T / n_probe);
+        s->probe_mod[i] = c->in->modality ? c->in->modality[s->probe[i]] % KVT_NM : 0;
+    }
+    return KVT_OK;
+}
+
+/* sorted unique cuts of counts [n_b]; map[b] = its index */
+static int make_cuts(const int32_t *cnt, size_t stride, int n_b, int32_t *cuts, int *map)
+{
+    int n = 0;
+    for (int b = 0; b < n_b; b++) {
+        int32_t x = cnt[(size_t)b * stride];
+        int pos = 0;
+        while (pos < n && cuts[pos] < x)
+            pos++;
+        if (pos < n && cuts[pos] == x)
+            continue;
+        memmove(cuts + pos + 1, cuts + pos, (size_t)(n - pos) * sizeof(int32_t));
+        cuts[pos] = x;
+        n++;
+    }
+    for (int b = 0; b < n_b; b++) {
+        int32_t x = cnt[(size_t)b * stride];
+        for (int i = 0; i < n; i++)
+            if (cuts[i] == x)
+                map[b] = i;
+    }
+    return n;
+}
+
+enum { Q_WINDOW, Q_DECODE_ALL, Q_DECODE_STEP };
+
+/* mean recall/err (and window recall by modality) over the queries of query heads
+ * [hq0, hq0+nh), for every budget: out_rec[b], out_err[b], out_rmod[b][NM] (may be NULL) */
+static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int step, int hq0,
+                              int nh, const int32_t *order, const int32_t *cnt, size_t cstride,
+                              double *out_rec, double *out_err, double *out_rmod)
+{
+    const int T = c->T, D = c->D, Wt = c->Wt, Gd = c->Gd, n_b = s->n_b;
+    int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
+    const float *p;
+    const double *a, *pe = NULL, *oe = NULL, *mm = NULL;
+    size_t sp, sa, se = 1;
+    int n_q;
+    const uint8_t *mod = NULL;
+    if (kind == Q_WINDOW) {
+        n_q = nh * Wt;
+        p = c->prw + (size_t)hq0 * Wt * T, sp = T;
+        a = c->aw + (size_t)hq0 * Wt * D, sa = D;
+        if (c->massw_mod && out_rmod) {
+            mod = c->in->modality;
+            mm = c->massw_mod + (size_t)hq0 * Wt * KVT_NM;
+        }
+    } else if (kind == Q_DECODE_ALL) {
+        n_q = nh * Gd;
+        p = c->prd + (size_t)hq0 * Gd * T, sp = T;
+        a = c->ad + (size_t)hq0 * Gd * D, sa = D;
+        if (c->has_extra)
+            pe = c->pd_extra + (size_t)hq0 * Gd, oe = c->od_extra + (size_t)hq0 * Gd * D;
+    } else {
+        n_q = nh;
+        p = c->prd + ((size_t)hq0 * Gd + step) * T, sp = (size_t)Gd * T;
+        a = c->ad + ((size_t)hq0 * Gd + step) * D, sa = (size_t)Gd * D;
+        if (c->has_extra) {
+            pe = c->pd_extra + (size_t)hq0 * Gd + step, se = Gd;
+            oe = c->od_extra + ((size_t)hq0 * Gd + step) * D;
+        }
+    }
+    KVT_FORWARD(kvt_sweep_output_ref(n_q, T, D, p, sp, c->in->v + (size_t)(hq0 / c->Gs) * T * D, a,
+                                     sa, pe, se, oe, order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec,
+                                     s->err, mod ? s->rmod : NULL, s->sw));
+    for (int b = 0; b < n_b; b++) {
+        int ci = s->map[b];
+        double r = 0.0, e = 0.0;
+        for (int q = 0; q < n_q; q++) {
+            r += s->rec[(size_t)q * n_cut + ci];
+            e += s->err[(size_t)q * n_cut + ci];
+        }
+        out_rec[b] = r / n_q;
+        out_err[b] = e / n_q;
+        if (out_rmod)
+            for (int m = 0; m < KVT_NM; m++) {
+                double sum = 0.0;
+                int k = 0;
+                for (int q = 0; mod && q < n_q; q++) {
+                    double x = s->rmod[((size_t)q * n_cut + ci) * KVT_NM + m];
+                    if (!isnan(x))
+                        sum += x, k++;
+                }
+                out_rmod[(size_t)b * KVT_NM + m] = k ? sum / k : NAN;
+            }
+    }
+    return KVT_OK;
+}
+
+/* set metrics of one ranking at every budget: coverage, radius, by modality, r_kept, kept by
+ * modality, oracle overlap. Results are ADDED to the metric slots times `wgt` (for averaging
+ * over decode steps). oord/ocnt: the oracle's ranking and counts of the same head, or NULL. */
+static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int32_t *order,
+                            const int32_t *cnt, size_t cstride, const int32_t *oord,
+                            const int32_t *ocnt, size_t ocstride, double wgt, kvt_head_metrics *m,
+                            size_t mstride)
+{
+    const int T = c->T, D = c->D, n_b = s->n_b;
+    int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
+    if (s->n_probe > 0)
+        KVT_FORWARD(kvt_sweep_coverage_ref(s->ct, T, s->n_probe, order, s->cuts, n_cut,
+                                           s->probe_mod, s->cwork, s->cov, s->rad, s->cmod));
+    KVT_FORWARD(kvt_sweep_redundancy_ref(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
+                                         s->rwork, s->rk));
+    if (oord)
+        for (int t = 0; t < T; t++)
+            s->posO[oord[t]] = t;
+    const uint8_t *mod = c->in->modality;
+    for (int b = 0; b < n_b; b++) {
+        kvt_head_metrics *hm = m + (size_t)b * mstride;
+        int ci = s->map[b], n = cnt[(size_t)b * cstride];
+        hm->n_keep += wgt * n;
+        if (s->n_probe > 0) {
+            hm->coverage += wgt * s->cov[ci];
+            hm->coverage_radius += wgt * s->rad[ci];
+            for (int k = 0; k < KVT_NM; k++)
+                hm->coverage_mod[k] += wgt * s->cmod[(size_t)ci * KVT_NM + k];
+        }
+        hm->r_kept += wgt * s->rk[ci];
+        if (mod) {
+            double cm[KVT_NM] = {0};
+            for (int t = 0; t < n; t++)
+                cm[mod[order[t]] % KVT_NM] += 1.0;
+            for (int k = 0; k < KVT_NM; k++)
+                hm->n_keep_mod[k] += wgt * cm[k];
+        }
+        if (oord) {
+            int no = ocnt[(size_t)b * ocstride], hit = 0;
+            for (int t = 0; t < n; t++)
+                hit += s->posO[order[t]] < no;
+            hm->oracle_overlap += wgt * (no > 0 ? (double)hit / no : NAN);
+        }
+    }
+    return KVT_OK;
+}
+
+static void zero_set_fields(kvt_head_metrics *hm, bool cov, bool mod, bool oracle)
+{
+    hm->n_keep = 0.0;
+    hm->coverage = hm->coverage_radius = cov ? 0.0 : NAN;
+    hm->r_kept = 0.0;
+    hm->oracle_overlap = oracle ? 0.0 : NAN;
+    for (int k = 0; k < KVT_NM; k++) {
+        hm->coverage_mod[k] = cov && mod ? 0.0 : NAN;
+        hm->n_keep_mod[k] = mod ? 0.0 : NAN;
+    }
+}
+
+static void set_nan(kvt_head_metrics *hm)
+{
+    double *d = (double *)hm;
+    for (size_t i = 0; i < sizeof(*hm) / sizeof(double); i++)
+        d[i] = NAN;
+}
+
+/* metrics of head h of a subset (ranking) selection for every budget */
+static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s, const kvt_layer_selection *sel,
+                               int h, const kvt_layer_selection *orc, kvt_head_metrics *m,
+                               size_t mstride)
+{
+    const int T = c->T, H = sel->n_heads, n_b = s->n_b, Gd = c->Gd;
+    const int g = kvt_ctx_kv_of(c, sel->per_query, h);
+    const int hq0 = sel->per_query ? h : g * c->Gs, nh = sel->per_query ? 1 : c->Gs;
+    double rec[64], err[64], *rmod = NULL;
+    double *brec = n_b <= 64 ? rec : kvt_malloc((size_t)n_b * sizeof(double));
+    double *berr = n_b <= 64 ? err : kvt_malloc((size_t)n_b * sizeof(double));
+    rmod = kvt_malloc((size_t)n_b * KVT_NM * sizeof(double));
+    kvt_status st = KVT_OK;
+    if (!brec || !berr || !rmod) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
+        goto out_free;
+    }
+    const bool mod = c->in->modality != NULL, cov = s->n_probe > 0;
+    const bool step = sel->step_head && sel->step_head[h];
+    const int32_t *oord = orc ? orc->order + (size_t)h * T : NULL;
+    const int32_t *ocnt = orc ? orc->count + h : NULL;
+    for (int b = 0; b < n_b; b++) {
+        kvt_head_metrics *hm = m + (size_t)b * mstride;
+        set_nan(hm);
+        zero_set_fields(hm, cov, mod, orc != NULL);
+    }
+    if (sel->has_fixed) {
+        const int32_t *ord = sel->order + (size_t)h * T;
+        const int32_t *cnt = sel->count + h;
+        if ((st = query_sweep(c, s, Q_WINDOW, 0, hq0, nh, ord, cnt, H, brec, berr, rmod)))
+            goto out_free;
+        for (int b = 0; b < n_b; b++) {
+            kvt_head_metrics *hm = m + (size_t)b * mstride;
+            hm->recall_window = brec[b];
+            hm->err_window = berr[b];
+            for (int k = 0; k < KVT_NM; k++)
+                hm->recall_window_mod[k] = mod ? rmod[(size_t)b * KVT_NM + k] : NAN;
+        }
+        if (Gd > 0 && !step) {
+            if ((st = query_sweep(c, s, Q_DECODE_ALL, 0, hq0, nh, ord, cnt, H, brec, berr, NULL)))
+                goto out_free;
+            for (int b = 0; b < n_b; b++) {
+                m[(size_t)b * mstride].recall_decode = brec[b];
+                m[(size_t)b * mstride].err_decode = berr[b];
+            }
+        }
+        if ((st = set_sweep(c, s, g, ord, cnt, H, oord, ocnt, H, 1.0, m, mstride)))
+            goto out_free;
+    }
+    if (Gd > 0 && step) {
+        for (int b = 0; b < n_b; b++)
+            m[(size_t)b * mstride].recall_decode = m[(size_t)b * mstride].err_decode = 0.0;
+        for (int sx = 0; sx < Gd; sx++) {
+            const int32_t *ord = sel->step_order + ((size_t)h * Gd + sx) * T;
+            const int32_t *cnt = sel->step_count + (size_t)h * Gd + sx;
+            size_t cs = (size_t)H * Gd;
+            if ((st =
+                     query_sweep(c, s, Q_DECODE_STEP, sx, hq0, nh, ord, cnt, cs, brec, berr, NULL)))
+                goto out_free;
+            for (int b = 0; b < n_b; b++) {
+                m[(size_t)b * mstride].recall_decode += brec[b] / Gd;
+                m[(size_t)b * mstride].err_decode += berr[b] / Gd;
+            }
+            if (!sel->has_fixed &&
+                (st = set_sweep(c, s, g, ord, cnt, cs, oord, ocnt, H, 1.0 / Gd, m, mstride)))
+                goto out_free;
+        }
+    }
+out_free:
+    if (brec != rec)
+        kvt_free(brec);
+    if (berr != err)
+        kvt_free(berr);
+    kvt_free(rmod);
+    return st;
+}
+
+/* output error of one query against a merged set. Entries that are original tokens keep
+ * their original probability p_j, so the kept sums start from the full sums minus the tokens
+ * that are gone or changed (`drop`, a short list: vision tokens only); only changed entries
+ * need new logits: w_e = exp(q.k'_e*scale - lse). Extra (decode) keys as in the sweep. */
+static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_set *ms,
+                         const int32_t *drop, int n_drop, const float *q, const float *p,
+                         double lse, const double *a_full, double pe, const double *oe)
+{
+    const int T = c->T, D = c->D;
+    const float *V = c->in->v + (size_t)(s->cur_g) * T * D;
+    double r_full = 0.0;
+    for (int j = 0; j < T; j++)
+        r_full += p[j];
+    double r = r_full;
+    for (int d = 0; d < D; d++)
+        s->acc[d] = a_full[d];
+    for (int i = 0; i < n_drop; i++) {
+        double pj = p[drop[i]];
+        r -= pj;
+        for (int d = 0; d < D; d++)
+            s->acc[d] -= pj * V[(size_t)drop[i] * D + d];
+    }
+    for (int e = 0; e < ms->n; e++) {
+        if (!ms->changed[e])
+            continue;
+        double z = 0.0;
+        for (int d = 0; d < D; d++)
+            z += (double)q[d] * ms->k[(size_t)e * D + d];
+        double w = exp(z * c->scale - lse);
+        r += w;
+        for (int d = 0; d < D; d++)
+            s->acc[d] += w * ms->v[(size_t)e * D + d];
+    }
+    double kept = r + pe, total = r_full + pe, num = 0.0, den = 0.0;
+    if (!(kept > 0.0))
+        return 1.0;
+    for (int d = 0; d < D; d++) {
+        double x = oe ? oe[d] : 0.0;
+        double o = (a_full[d] + x) / total, os = (s->acc[d] + x) / kept;
+        num += (os - o) * (os - o);
+        den += o * o;
+    }
+    return den > 0 ? sqrt(num / den) : (num > 0 ? 1.0 : 0.0);
+}
+
+static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_layer_selection *sel,
+                                 int h, const kvt_layer_selection *orc, kvt_head_metrics *m,
+                                 size_t mstride)
+{
+    const int T = c->T, D = c->D, H = sel->n_heads, Wt = c->Wt, Gd = c->Gd;
+    const int g = kvt_ctx_kv_of(c, sel->per_query, h);
+    const int hq0 = sel->per_query ? h : g * c->Gs, nh = sel->per_query ? 1 : c->Gs;
+    const uint8_t *mod = c->in->modality;
+    s->cur_g = g;
+    if (orc)
+        for (int t = 0; t < T; t++)
+            s->posO[orc->order[(size_t)h * T + t]] = t;
+    for (int b = 0; b < s->n_b; b++) {
+        const kvt_merged_set *ms = &sel->merged[(size_t)b * H + h];
+        kvt_head_metrics *hm = m + (size_t)b * mstride;
+        set_nan(hm);
+        hm->n_keep = ms->n;
+        /* drop = original tokens not kept unchanged (posO-free scratch: s->cuts is too small,
+         * use the z buffer's memory as int32) */
+        int32_t *drop = (int32_t *)s->z, n_drop = 0;
+        uint8_t *keep = (uint8_t *)s->ku; /* T bytes of the unit-key buffer, rebuilt below */
+        memset(keep, 0, (size_t)T);
+        for (int e = 0; e < ms->n; e++)
+            if (!ms->changed[e])
+                keep[ms->idx[e]] = 1;
+        for (int j = 0; j < T; j++)
+            if (!keep[j])
+                drop[n_drop++] = j;
+        double e = 0.0;
+        for (int u = 0; u < nh; u++)
+            for (int i = 0; i < Wt; i++) {
+                size_t qi = (size_t)(hq0 + u) * Wt + i;
+                e += merged_err(c, s, ms, drop, n_drop, c->in->q_window + qi * D, c->prw + qi * T,
+                                c->lsew[qi], c->aw + qi * D, 0.0, NULL);
+            }
+        hm->err_window = e / (nh * Wt);
+        if (Gd > 0) {
+            e = 0.0;
+            for (int u = 0; u < nh; u++)
+                for (int i = 0; i < Gd; i++) {
+                    size_t qi = (size_t)(hq0 + u) * Gd + i;
+                    e += merged_err(c, s, ms, drop, n_drop, c->in->q_decode + qi * D,
+                                    c->prd + qi * T, c->lsed[qi], c->ad + qi * D,
+                                    c->has_extra ? c->pd_extra[qi] : 0.0,
+                                    c->has_extra ? c->od_extra + qi * D : NULL);
+                }
+            hm->err_decode = e / (nh * Gd);
+        }
+        /* unit merged keys, their redundancy, coverage of the probes (unchanged entries from
+         * the cosine table, changed ones directly) */
+        double *mean = s->rwork;
+        kvt_unit_rows_ref(ms->k, ms->n, D, s->ku, mean);
+        hm->r_kept = kvt_redundancy_ref(mean, D, ms->n);
+        if (s->n_probe > 0 && ms->n > 0) {
+            double sum = 0.0, rad = -INFINITY, sm[KVT_NM] = {0};
+            int cm[KVT_NM] = {0};
+            for (int i = 0; i < s->n_probe; i++) {
+                const float *kp = c->ku + ((size_t)g * T + s->probe[i]) * D;
+                double best = -INFINITY;
+                for (int e2 = 0; e2 < ms->n; e2++) {
+                    double x;
+                    if (!ms->changed[e2])
+                        x = s->ct[(size_t)ms->idx[e2] * s->n_probe + i];
+                    else {
+                        x = 0.0;
+                        for (int d = 0; d < D; d++)
+                            x += (double)kp[d] * s->ku[(size_t)e2 * D + d];
+                        x = (double)(float)x;
+                    }
+                    best = x > best ? x : best;
+                }
+                sum += best;
+                rad = 1.0 - best > rad ? 1.0 - best : rad;
+                sm[s->probe_mod[i]] += best;
+                cm[s->probe_mod[i]]++;
+            }
+            hm->coverage = sum / s->n_probe;
+            hm->coverage_radius = rad;
+            for (int k = 0; k < KVT_NM; k++)
+                hm->coverage_mod[k] = mod && cm[k] ? sm[k] / cm[k] : NAN;
+        }
+        if (mod) {
+            for (int k = 0; k < KVT_NM; k++)
+                hm->n_keep_mod[k] = 0.0;
+            for (int e2 = 0; e2 < ms->n; e2++)
+                hm->n_keep_mod[mod[ms->idx[e2]] % KVT_NM] += 1.0;
+        }
+        if (orc) {
+            int no = orc->count[(size_t)b * H + h], hit = 0;
+            for (int e2 = 0; e2 < ms->n; e2++)
+                hit += s->posO[ms->idx[e2]] < no;
+            hm->oracle_overlap = no > 0 ? (double)hit / no : NAN;
+        }
+    }
+    return KVT_OK;
+}
+
+static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                             kvt_layer_selection *sel)
+{
+    memset(sel, 0, sizeof(*sel));
+    kvt_status st = p->def->select(c, p, B, n_b, sel);
+    if (st) {
+        kvt_sel_clear(sel);
+        return st;
+    }
+    /* sanity: counts within 0..T */
+    if (sel->count)
+        for (int i = 0; i < n_b * sel->n_heads; i++)
+            if (sel->count[i] < 0 || sel->count[i] > c->T) {
+                kvt_sel_clear(sel);
+                return kvt_error_set(KVT_ERR_STATE, "%s: internal error: count %d outside 0..%d",
+                                     p->def->name, sel->count[i], c->T);
+            }
+    return KVT_OK;
+}
+
+kvt_status kvt_replay_layer_select(const kvt_layer_input *in, const kvt_policy *p,
+                                   const int *budget_tokens, size_t n_budgets,
+                                   kvt_layer_selection **out)
+{
+    *out = NULL;
+    KVT_RETURN_IF(n_budgets < 1 || n_budgets > 100000, KVT_ERR_INVALID_ARG, "bad budget count");
+    for (size_t b = 0; b < n_budgets; b++)
+        KVT_RETURN_IF(budget_tokens[b] < 1, KVT_ERR_INVALID_ARG, "budget %d < 1", budget_tokens[b]);
+    kvt_layer_ctx c;
+    KVT_FORWARD(kvt_ctx_build(in, &c));
+    kvt_layer_selection *sel = kvt_calloc(1, sizeof(*sel));
+    kvt_status st = sel ? run_select(&c, p, budget_tokens, (int)n_budgets, sel)
+                        : kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    kvt_ctx_free(&c);
+    if (st) {
+        kvt_free(sel);
+        return st;
+    }
+    *out = sel;
+    return KVT_OK;
+}
+
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* hand every kept set of the layer to the sink, sorted ascending */
+static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels, size_t n_pol,
+                               int n_b, const kvt_replay_opts *o)
+{
+    size_t n_recs = 0, n_idx = 0;
+    for (size_t p = 0; p < n_pol; p++) {
+        const kvt_layer_selection *s = &sels[p];
+        for (int b = 0; b < n_b; b++)
+            for (int h = 0; h < s->n_heads; h++) {
+                if (s->merged) {
+                    n_recs++, n_idx += (size_t)s->merged[(size_t)b * s->n_heads + h].n;
+                    continue;
+                }
+                if (s->has_fixed)
+                    n_recs++, n_idx += (size_t)s->count[(size_t)b * s->n_heads + h];
+                if (s->step_head && s->step_head[h])
+                    for (int x = 0; x < s->n_steps; x++)
+                        n_recs++,
+                            n_idx +=
+                            (size_t)s->step_count[((size_t)b * s->n_heads + h) * s->n_steps + x];
+            }
+    }
+    kvt_selection_rec *recs = kvt_malloc((n_recs + 1) * sizeof(*recs));
+    int32_t *pool = kvt_malloc((n_idx + 1) * sizeof(int32_t));
+    if (!recs || !pool) {
+        kvt_free(recs);
+        kvt_free(pool);
+        return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
+    }
+    size_t r = 0, off = 0;
+    for (size_t p = 0; p < n_pol; p++) {
+        const kvt_layer_selection *s = &sels[p];
+        for (int b = 0; b < n_b; b++)
+            for (int h = 0; h < s->n_heads; h++)
+                for (int x = -1; x < s->n_steps || x == -1; x++) {
+                    const int32_t *src;
+                    size_t n;
+                    if (x < 0 && s->merged) {
+                        const kvt_merged_set *m = &s->merged[(size_t)b * s->n_heads + h];
+                        src = m->idx, n = (size_t)m->n;
+                    } else if (x < 0 && s->has_fixed) {
+                        src = s->order + (size_t)h * c->T;
+                        n = (size_t)s->count[(size_t)b * s->n_heads + h];
+                    } else if (x >= 0 && s->step_head && s->step_head[h]) {
+                        src = s->step_order + ((size_t)h * s->n_steps + x) * c->T;
+                        n = (size_t)s->step_count[((size_t)b * s->n_heads + h) * s->n_steps + x];
+                    } else
+                        continue;
+                    memcpy(pool + off, src, n * sizeof(int32_t));
+                    qsort(pool + off, n, sizeof(int32_t), cmp_i32);
+                    recs[r++] = (kvt_selection_rec){.policy = (int)p,
+                                                    .budget = b,
+                                                    .layer = c->layer,
+                                                    .head = h,
+                                                    .step = x,
+                                                    .idx = pool + off,
+                                                    .n = n};
+                    off += n;
+                }
+    }
+    kvt_status st = o->sink(o->sink_user, c->layer, recs, r);
+    kvt_free(recs);
+    kvt_free(pool);
+    return st;
+}
+
+kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const *pols,
+                                    size_t n_pol, const int *budget_tokens, size_t n_budgets,
+                                    const kvt_replay_opts *o, kvt_head_metrics *out)
+{
+    kvt_replay_opts def = {0};
+    def.coverage_probes = -1;
+    if (!o)
+        o = &def;
+    KVT_RETURN_IF(n_budgets < 1 || n_budgets > 4096 || n_pol < 1, KVT_ERR_INVALID_ARG,
+                  "replay: need at least one policy and 1..4096 budgets");
+    for (size_t b = 0; b < n_budgets; b++)
+        KVT_RETURN_IF(budget_tokens[b] < 1, KVT_ERR_INVALID_ARG, "budget %d < 1", budget_tokens[b]);
+    const int n_b = (int)n_budgets;
+    kvt_layer_ctx c;
+    KVT_FORWARD(kvt_ctx_build(in, &c));
+    kvt_status st = KVT_OK;
+    scratch s = {0};
+    kvt_layer_selection orc[2];
+    bool has_orc[2] = {false, false};
+    memset(orc, 0, sizeof(orc));
+    kvt_layer_selection *sels = kvt_calloc(n_pol, sizeof(*sels));
+    kvt_policy *oracle_pol[2] = {NULL, NULL};
+    if (!sels) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
+        goto out_free;
+    }
+    int n_probe = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
+    if (n_probe > c.T)
+        n_probe = c.T;
+    if ((st = scratch_init(&s, &c, n_b, n_probe)))
+        goto out_free;
+    for (size_t p = 0; p < n_pol; p++)
+        if ((st = run_select(&c, pols[p], budget_tokens, n_b, &sels[p]))) {
+            char msg[400];
+            snprintf(msg, sizeof(msg), "%s", kvt_error_msg()); /* the buffer is reused */
+            kvt_error_set(st, "policy %s: %s", kvt_policy_label(pols[p]), msg);
+            goto out_free;
+        }
+    /* the oracle's sets (same granularity) for the overlap metric */
+    if (c.Gd > 0)
+        for (int gq = 0; gq < 2; gq++) {
+            bool need = false;
+            for (size_t p = 0; p < n_pol; p++)
+                need |= sels[p].per_query == gq;
+            if (!need)
+                continue;
+            kvt_policy_globals g = {.per_query_head = gq == 1};
+            if ((st = kvt_policy_create("oracle", &g, &oracle_pol[gq])) ||
+                (st = run_select(&c, oracle_pol[gq], budget_tokens, n_b, &orc[gq])))
+                goto out_free;
+            has_orc[gq] = true;
+        }
+    for (size_t i = 0; i < n_pol * n_budgets * (size_t)c.Hq; i++) {
+        double *d = (double *)&out[i];
+        for (size_t k = 0; k < sizeof(out[0]) / sizeof(double); k++)
+            d[k] = NAN;
+    }
+    for (int g = 0; g < c.Hkv; g++) {
+        if (n_probe > 0 && (st = kvt_cosine_table_ref(c.ku + (size_t)g * c.T * c.D, c.T, c.D,
+                                                      s.probe, n_probe, s.ct)))
+            goto out_free;
+        for (size_t p = 0; p < n_pol; p++) {
+            const kvt_layer_selection *sel = &sels[p];
+            const kvt_layer_selection *oc = has_orc[sel->per_query] ? &orc[sel->per_query] : NULL;
+            int h0 = sel->per_query ? g * c.Gs : g, h1 = sel->per_query ? h0 + c.Gs : g + 1;
+            for (int h = h0; h < h1; h++) {
+                kvt_head_metrics *m = out + (p * n_budgets) * (size_t)c.Hq + (size_t)h;
+                st = sel->merged ? measure_merged(&c, &s, sel, h, oc, m, (size_t)c.Hq)
+                                 : measure_head(&c, &s, sel, h, oc, m, (size_t)c.Hq);
+                if (st)
+                    goto out_free;
+            }
+        }
+    }
+    if (o->sink)
+        st = export_layer(&c, sels, n_pol, n_b, o);
+out_free:
+    if (sels)
+        for (size_t p = 0; p < n_pol; p++)
+            kvt_sel_clear(&sels[p]);
+    kvt_free(sels);
+    for (int i = 0; i < 2; i++) {
+        kvt_sel_clear(&orc[i]);
+        kvt_policy_free(oracle_pol[i]);
+    }
+    scratch_free(&s);
+    kvt_ctx_free(&c);
+    return st;
+}

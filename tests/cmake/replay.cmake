@@ -1,0 +1,8 @@
+# Replay engine, kernels and analysis tests (issue #3).
+kvt_add_test(test_kernels_ref SOURCES unit/test_kernels_ref.c LIBS kvt_replay LABELS cpu)
+kvt_add_test(test_replay_policies SOURCES unit/test_replay_policies.c LIBS kvt_replay LABELS cpu)
+kvt_add_test(test_replay_metrics SOURCES unit/test_replay_metrics.c LIBS kvt_replay LABELS cpu)
+kvt_add_test(test_analysis_results SOURCES unit/test_analysis_results.c LIBS kvt_analysis
+             PkgConfig::CJSON LABELS cpu)
+kvt_add_script_test(test_replay_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_cli.sh
+                    LABELS cpu)

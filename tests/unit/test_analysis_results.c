@@ -1,0 +1,197 @@
+/* test_analysis_results.c - results.json written and read back gives the same numbers (NaN as
+ * null), summaries follow their definitions, a newer results_version is refused, and the
+ * selection export (binary and JSON) holds exactly the kept sets of kvt_replay_layer_select in
+ * the documented layout and order.
+ */
+#include <cjson/cJSON.h>
+
+#include "kvt_analysis.h"
+#include "replay_test_util.h"
+
+enum { L = 3, T = 48, D = 8, Hq = 4, Hkv = 2, W = 8, G = 3 };
+#define NPOL 5
+static const char *specs[NPOL] = {"snapkv:window=8", "adakv:window=8,heads=query", "quest",
+                                  "oracle", "lightkv-like:window=8"};
+
+static bool same(double a, double b)
+{
+    return (isnan(a) && isnan(b)) || a == b;
+}
+
+static uint32_t rd32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static unsigned char *slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    rewind(f);
+    unsigned char *b = malloc((size_t)len + 1);
+    *n = fread(b, 1, (size_t)len, f);
+    b[*n] = 0;
+    fclose(f);
+    return b;
+}
+
+int main(void)
+{
+    test_layer layers[L];
+    for (int l = 0; l < L; l++) {
+        tl_random(&layers[l], 300 + (uint64_t)l, T, D, Hq, Hkv, W, G, true);
+        layers[l].in.layer = l;
+        layers[l].in.n_layers = L;
+    }
+    char tpath[256], rpath[256], bpath[256], jpath[256];
+    kvt_test_tmp(tpath, sizeof(tpath), "a.kvt");
+    kvt_test_tmp(rpath, sizeof(rpath), "results.json");
+    kvt_test_tmp(bpath, sizeof(bpath), "sel.bin");
+    kvt_test_tmp(jpath, sizeof(jpath), "sel.json");
+    tl_write_trace(tpath, L, T, D, Hq, Hkv, W, G, layers);
+
+    kvt_policy *pols[NPOL];
+    for (int i = 0; i < NPOL; i++)
+        KVT_CHECK(kvt_policy_create(specs[i], NULL, &pols[i]));
+    kvt_budget *bud;
+    size_t nb;
+    KVT_CHECK(kvt_budgets_parse("12,25%,100", &bud, &nb));
+    const char *tp[1] = {tpath};
+    kvt_selection_writer *wb, *wj;
+    KVT_CHECK(kvt_selection_writer_open(bpath, true, pols, NPOL, bud, nb, tp, 1, &wb));
+    KVT_CHECK(kvt_selection_writer_open(jpath, true, pols, NPOL, bud, nb, tp, 1, &wj));
+    int btok[3] = {12, 12, 100};
+    KVT_CHECK(kvt_selection_writer_begin_trace(wb, 0, L, btok));
+    KVT_CHECK(kvt_selection_writer_begin_trace(wj, 0, L, btok));
+    /* one replay into the binary writer (3 threads: out-of-order layers), one into JSON */
+    kvt_replay_opts o = {
+        .n_threads = 3, .coverage_probes = -1, .sink = kvt_selection_writer_sink, .sink_user = wb};
+    kvt_trace_result *tr = NULL, *tr2 = NULL;
+    KVT_CHECK(kvt_replay_trace(tpath, pols, NPOL, bud, nb, &o, &tr));
+    o.sink_user = wj;
+    o.n_threads = 1;
+    KVT_CHECK(kvt_replay_trace(tpath, pols, NPOL, bud, nb, &o, &tr2));
+    kvt_trace_result_free(tr2);
+    KVT_CHECK(kvt_selection_writer_end_trace(wb));
+    KVT_CHECK(kvt_selection_writer_end_trace(wj));
+    KVT_CHECK(kvt_selection_writer_close(wb));
+    KVT_CHECK(kvt_selection_writer_close(wj));
+
+    kvt_results *res;
+    KVT_CHECK(kvt_results_create(pols, NPOL, bud, nb, &res));
+    KVT_CHECK(kvt_results_add_trace(res, tr));
+    KVT_EXPECT_STATUS(kvt_results_write(res, rpath, true), KVT_OK);
+    KVT_EXPECT_STATUS(kvt_results_write(res, rpath, false), KVT_ERR_IO); /* exists */
+    kvt_results *back = NULL;
+    KVT_EXPECT_STATUS(kvt_results_read(rpath, &back), KVT_OK);
+    if (back) {
+        KVT_EXPECT(back->n_policies == NPOL && back->n_budgets == 3 && back->n_traces == 1);
+        KVT_EXPECT(!strcmp(back->policies[1].label, specs[1]));
+        KVT_EXPECT(back->policies[2].flags & KVT_POLICY_PER_STEP);
+        const kvt_trace_result *a = res->traces[0], *b = back->traces[0];
+        KVT_EXPECT(b->n_tokens == T && b->n_decode == G && b->has_modality);
+        KVT_EXPECT(b->policy_heads[1] == Hq && b->policy_heads[0] == Hkv);
+        KVT_EXPECT(b->budget_tokens[1] == 12 && b->policy_window[0] == 8);
+        int diffs = 0;
+        for (size_t p = 0; p < NPOL; p++)
+            for (size_t k = 0; k < 3; k++)
+                for (int l = 0; l < L; l++)
+                    for (int h = 0; h < a->policy_heads[p]; h++) {
+                        const double *x = (const double *)kvt_trace_result_at(a, p, k, l, h);
+                        const double *y = (const double *)kvt_trace_result_at(b, p, k, l, h);
+                        for (size_t f = 0; f < sizeof(kvt_head_metrics) / sizeof(double); f++)
+                            if (!same(x[f], y[f]) && diffs++ < 5)
+                                fprintf(stderr, "p%zu b%zu l%d h%d field %zu: %.17g vs %.17g\n", p,
+                                        k, l, h, f, x[f], y[f]);
+                    }
+        KVT_EXPECT_MSG(diffs == 0, "%d values differ after the round trip", diffs);
+        for (int l = 0; l < L * Hkv; l++)
+            KVT_EXPECT(same(a->r_all[l], b->r_all[l]));
+        kvt_run_summary s1, s2;
+        KVT_CHECK(kvt_summarize_results(res, 0, 0, &s1));
+        KVT_CHECK(kvt_summarize_results(back, 0, 0, &s2));
+        KVT_EXPECT(s1.recall_window == s2.recall_window && s1.kept_bytes == s2.kept_bytes);
+        /* definitions: snapkv at B=12 keeps 12 per KV head everywhere */
+        KVT_EXPECT(s1.kept_entries == 12.0 * L * Hkv && s1.full_entries == (double)L * Hkv * T);
+        KVT_EXPECT_NEAR(s1.compression_ratio, T / 12.0, 1e-12);
+        KVT_EXPECT(s1.kept_bytes == 12.0 * L * Hkv * D * 2 * 4);
+        KVT_EXPECT(isnan(s1.kept_mod[2]) == false && s1.kept_mod[0] + s1.kept_mod[1] == 72);
+        kvt_run_summary q;
+        KVT_CHECK(kvt_summarize_results(res, 2, 0, &q));
+        KVT_EXPECT(isnan(q.recall_window) && !isnan(q.recall_decode));
+        kvt_results_free(back);
+    }
+    /* a future version is refused */
+    FILE *f = fopen(rpath, "w");
+    fputs("{\"results_version\": 99}", f);
+    fclose(f);
+    KVT_EXPECT_STATUS(kvt_results_read(rpath, &back), KVT_ERR_VERSION);
+
+    /* the binary export: every record equals the in-memory selection */
+    size_t n = 0;
+    unsigned char *raw = slurp(bpath, &n);
+    KVT_EXPECT(raw && n > 16 && !memcmp(raw, "KVTSEL\0\1", 8) && rd32(raw + 8) == 1);
+    size_t off = 16 + rd32(raw + 12);
+    cJSON *hdr = cJSON_ParseWithLength((const char *)raw + 16, rd32(raw + 12));
+    KVT_EXPECT(hdr && cJSON_GetArraySize(cJSON_GetObjectItem(hdr, "policies")) == NPOL);
+    cJSON_Delete(hdr);
+    kvt_layer_selection *sel[L][NPOL];
+    int bt[3] = {12, 12, 100};
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < NPOL; p++)
+            KVT_CHECK(kvt_replay_layer_select(&layers[l].in, pols[p], bt, 3, &sel[l][p]));
+    int n_rec = 0, bad = 0, last_layer = 0;
+    while (off + 36 <= n) {
+        const unsigned char *r = raw + off;
+        KVT_EXPECT(rd32(r) == 0x4C45534Bu);
+        int pol = r[6] | r[7] << 8, b = r[8] | r[9] << 8, flags = r[10] | r[11] << 8;
+        int layer = (int)rd32(r + 12), head = (int)rd32(r + 16), step = (int32_t)rd32(r + 20);
+        uint32_t cnt = rd32(r + 28);
+        KVT_EXPECT(layer >= last_layer); /* layer order */
+        last_layer = layer;
+        KVT_EXPECT(((flags & 1) != 0) == (step >= 0));
+        KVT_EXPECT(((flags & 4) != 0) == (pol == 1));
+        int32_t want[T];
+        size_t nw = 0;
+        KVT_CHECK(kvt_layer_selection_kept(sel[layer][pol], (size_t)b, head, step, want, T, &nw));
+        bad += nw != cnt;
+        for (uint32_t i = 0; i < cnt && nw == cnt; i++)
+            bad += (int32_t)rd32(r + 36 + 4 * i) != want[i];
+        off += 36 + 4 * (size_t)cnt;
+        n_rec++;
+    }
+    KVT_EXPECT(off == n);
+    /* per layer: snapkv 3x2, adakv 3x4, quest 3x2x3 steps, oracle 3x2, lightkv 3x2 */
+    KVT_EXPECT_MSG(n_rec == L * (6 + 12 + 18 + 6 + 6), "%d records", n_rec);
+    KVT_EXPECT(bad == 0);
+    free(raw);
+    /* the JSON export parses and holds the same number of records */
+    raw = slurp(jpath, &n);
+    cJSON *js = raw ? cJSON_Parse((const char *)raw) : NULL;
+    KVT_EXPECT(js && cJSON_GetArraySize(cJSON_GetObjectItem(js, "records")) == n_rec);
+    if (js) {
+        cJSON *r0 = cJSON_GetArrayItem(cJSON_GetObjectItem(js, "records"), 0);
+        KVT_EXPECT(cJSON_GetObjectItem(r0, "layer")->valueint == 0 &&
+                   cJSON_GetObjectItem(r0, "step")->valueint == -1 &&
+                   cJSON_GetArraySize(cJSON_GetObjectItem(r0, "kept")) == 12);
+    }
+    cJSON_Delete(js);
+    free(raw);
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < NPOL; p++)
+            kvt_layer_selection_free(sel[l][p]);
+    kvt_results_free(res);
+    for (int i = 0; i < NPOL; i++)
+        kvt_policy_free(pols[i]);
+    kvt_free(bud);
+    for (int l = 0; l < L; l++)
+        tl_free(&layers[l]);
+    unlink(tpath);
+    unlink(rpath);
+    unlink(bpath);
+    unlink(jpath);
+    return kvt_test_result("test_analysis_results");
+}

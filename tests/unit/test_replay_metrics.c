@@ -1,0 +1,278 @@
+/* test_replay_metrics.c - metrics of one in-memory layer for every policy: closed forms (full
+ * budget gives recall 1 and error 0 and coverage 1; identical keys give r = 1), recall
+ * monotone in the budget for a fixed ranking, the oracle's decode recall >= every
+ * uniform-budget policy's, the sweep equal to a brute-force evaluation of the kept set, and
+ * the whole-trace driver (threads, sink) equal to the in-memory layer.
+ */
+#include "replay_test_util.h"
+
+#define NPOL 16
+static const char *specs[NPOL] = {"full",
+                                  "snapkv:window=8",
+                                  "pyramidkv:window=8",
+                                  "adakv:window=8",
+                                  "mixkv-snapkv:window=8",
+                                  "mixkv-adakv:window=8",
+                                  "streamingllm",
+                                  "random:window=8",
+                                  "knorm",
+                                  "vnorm",
+                                  "keydiff",
+                                  "tova",
+                                  "oracle",
+                                  "quest:dense_layers=0",
+                                  "hybridkv-like:window=8,chunk=4",
+                                  "lightkv-like:window=8"};
+enum {
+    P_FULL,
+    P_SNAP,
+    P_PYR,
+    P_ADA,
+    P_MIXS,
+    P_MIXA,
+    P_STREAM,
+    P_RAND,
+    P_KNORM,
+    P_VNORM,
+    P_KDIFF,
+    P_TOVA,
+    P_ORACLE,
+    P_QUEST,
+    P_HYB,
+    P_LIGHT
+};
+
+static kvt_policy **make_policies(bool per_query)
+{
+    kvt_policy **p = calloc(NPOL, sizeof(*p));
+    kvt_policy_globals g = {.seed = 3, .per_query_head = per_query};
+    for (int i = 0; i < NPOL; i++)
+        KVT_CHECK(kvt_policy_create(specs[i], &g, &p[i]));
+    return p;
+}
+
+static void free_policies(kvt_policy **p)
+{
+    for (int i = 0; i < NPOL; i++)
+        kvt_policy_free(p[i]);
+    free(p);
+}
+
+#define M(pol, b, h) (&m[((size_t)(pol)*NB + (b)) * Hq + (h)])
+
+/* brute force: mean recall / error of the window queries of KV head g for a kept set */
+static void brute_window(const test_layer *t, int g, const int32_t *kept, size_t n, double *rec,
+                         double *err)
+{
+    const kvt_layer_input *in = &t->in;
+    int T = in->T, D = in->D, Gs = in->Hq / in->Hkv, W = in->W;
+    double sr = 0, se = 0;
+    for (int u = 0; u < Gs; u++)
+        for (int i = 0; i < W; i++) {
+            const float *q = in->q_window + ((size_t)(g * Gs + u) * W + i) * D;
+            int pos = T - W + i;
+            double z[512], mx = -1e300, Z = 0, ZS = 0, o[64] = {0}, os[64] = {0};
+            for (int j = 0; j <= pos; j++) {
+                z[j] = 0;
+                for (int d = 0; d < D; d++)
+                    z[j] += (double)q[d] * in->k[((size_t)g * T + j) * D + d];
+                z[j] /= sqrt(D);
+                mx = z[j] > mx ? z[j] : mx;
+            }
+            for (int j = 0; j <= pos; j++) {
+                double e = exp(z[j] - mx);
+                Z += e;
+                for (int d = 0; d < D; d++)
+                    o[d] += e * in->v[((size_t)g * T + j) * D + d];
+            }
+            for (size_t s = 0; s < n; s++) {
+                int j = kept[s];
+                if (j > pos)
+                    continue;
+                double e = exp(z[j] - mx);
+                ZS += e;
+                for (int d = 0; d < D; d++)
+                    os[d] += e * in->v[((size_t)g * T + j) * D + d];
+            }
+            double num = 0, den = 0;
+            for (int d = 0; d < D; d++) {
+                num += (os[d] / ZS - o[d] / Z) * (os[d] / ZS - o[d] / Z);
+                den += (o[d] / Z) * (o[d] / Z);
+            }
+            sr += ZS / Z;
+            se += sqrt(num / den);
+        }
+    *rec = sr / (Gs * W);
+    *err = se / (Gs * W);
+}
+
+static void test_layer_metrics(bool per_query)
+{
+    enum { T = 120, D = 16, Hq = 4, Hkv = 2, W = 8, G = 5, NB = 5 };
+    test_layer t;
+    tl_random(&t, per_query ? 77 : 76, T, D, Hq, Hkv, W, G, true);
+    /* KV head 1 gets identical keys: r = 1 on all keys and on every kept set */
+    for (int j = 0; j < T; j++)
+        for (int d = 0; d < D; d++)
+            t.k[((size_t)1 * T + j) * D + d] = (float)(d + 1) * 0.1f;
+    kvt_policy **pols = make_policies(per_query);
+    const int B[NB] = {16, 24, 40, 64, 200};
+    kvt_head_metrics *m = malloc(sizeof(*m) * NPOL * NB * Hq);
+    kvt_replay_opts o = {.coverage_probes = -1};
+    KVT_EXPECT_STATUS(
+        kvt_replay_layer_metrics(&t.in, (kvt_policy *const *)pols, NPOL, B, NB, &o, m), KVT_OK);
+    int H = per_query ? Hq : Hkv;
+    for (int h = 0; h < H; h++) {
+        int g = per_query ? h / 2 : h;
+        for (int b = 0; b < NB; b++) {
+            const kvt_head_metrics *f = M(P_FULL, b, h);
+            KVT_EXPECT(f->recall_window == 1.0 && f->err_window == 0.0);
+            KVT_EXPECT(f->recall_decode == 1.0 && f->err_decode == 0.0);
+            KVT_EXPECT_NEAR(f->coverage, 1.0, 1e-6);
+            KVT_EXPECT(f->n_keep == T);
+            KVT_EXPECT(f->n_keep_mod[0] + f->n_keep_mod[1] == T && f->n_keep_mod[1] == 40);
+            if (g == 1)
+                KVT_EXPECT_NEAR(f->r_kept, 1.0, 1e-6);
+            /* short prompt (B=200 > T): every policy keeps everything */
+            for (int p = 0; p < NPOL; p++) {
+                const kvt_head_metrics *x = M(p, 4, h);
+                KVT_EXPECT_MSG(x->n_keep == T, "%s n_keep %g", specs[p], x->n_keep);
+                if (p != P_QUEST && p != P_LIGHT)
+                    KVT_EXPECT_MSG(x->err_window == 0.0, "%s", specs[p]);
+            }
+            /* oracle's decode recall >= every uniform-budget policy's */
+            const int uni[] = {P_SNAP, P_MIXS, P_STREAM, P_RAND, P_KNORM, P_VNORM, P_KDIFF, P_TOVA};
+            for (size_t u = 0; u < sizeof(uni) / sizeof(uni[0]); u++) {
+                KVT_EXPECT(M(uni[u], b, h)->n_keep == (B[b] < T ? B[b] : T));
+                KVT_EXPECT_MSG(M(P_ORACLE, b, h)->recall_decode >=
+                                   M(uni[u], b, h)->recall_decode - 1e-12,
+                               "%s B=%d: oracle %.6f < %.6f", specs[uni[u]], B[b],
+                               M(P_ORACLE, b, h)->recall_decode, M(uni[u], b, h)->recall_decode);
+            }
+            KVT_EXPECT_NEAR(M(P_ORACLE, b, h)->oracle_overlap, 1.0, 1e-12);
+            /* recall never decreases with the budget for a fixed ranking */
+            if (b > 0)
+                for (int p = 0; p < NPOL; p++)
+                    if (p != P_LIGHT && p != P_QUEST && p != P_PYR && p != P_ADA && p != P_MIXA &&
+                        p != P_HYB)
+                        KVT_EXPECT_MSG(M(p, b, h)->recall_window >=
+                                           M(p, b - 1, h)->recall_window - 1e-12,
+                                       "%s", specs[p]);
+            /* per-step and merged policies */
+            KVT_EXPECT(isnan(M(P_QUEST, b, h)->recall_window));
+            KVT_EXPECT(M(P_QUEST, b, h)->recall_decode > 0 && M(P_QUEST, b, h)->recall_decode <= 1);
+            KVT_EXPECT(isnan(M(P_LIGHT, b, h)->recall_window));
+            KVT_EXPECT(M(P_LIGHT, b, h)->err_window >= 0 && !isnan(M(P_LIGHT, b, h)->coverage));
+            for (int p = 0; p < NPOL; p++) {
+                const kvt_head_metrics *x = M(p, b, h);
+                KVT_EXPECT_MSG(!isnan(x->n_keep) && !isnan(x->err_decode) &&
+                                   !isnan(x->oracle_overlap),
+                               "%s b=%d h=%d", specs[p], b, h);
+                KVT_EXPECT(!(x->recall_decode > 1.0 + 1e-12)); /* NaN for merged */
+            }
+        }
+        for (int b = 0; b < 4; b++) { /* window recall/error of snapkv by brute force */
+            kvt_layer_selection *sel;
+            KVT_CHECK(kvt_replay_layer_select(&t.in, pols[P_SNAP], B, NB, &sel));
+            int32_t kept[256];
+            size_t n;
+            KVT_CHECK(kvt_layer_selection_kept(sel, (size_t)b, h, -1, kept, 256, &n));
+            double br, be;
+            if (!per_query) {
+                brute_window(&t, g, kept, n, &br, &be);
+                KVT_EXPECT_NEAR(M(P_SNAP, b, h)->recall_window, br, 2e-6);
+                KVT_EXPECT_NEAR(M(P_SNAP, b, h)->err_window, be, 2e-5);
+            }
+            kvt_layer_selection_free(sel);
+        }
+    }
+    for (size_t i = (size_t)H; i < Hq; i++) /* unused head slots stay NaN */
+        KVT_EXPECT(isnan(M(P_SNAP, 0, i)->n_keep));
+    free(m);
+    free_policies(pols);
+    tl_free(&t);
+}
+
+/* ---- the trace driver ---- */
+typedef struct sink_state {
+    int n_calls;
+    size_t n_recs;
+} sink_state;
+
+static kvt_status sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+{
+    sink_state *s = user;
+    s->n_calls++;
+    s->n_recs += n;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 1; j < recs[i].n; j++)
+            if (recs[i].idx[j] <= recs[i].idx[j - 1] || recs[i].layer != layer)
+                return kvt_error_set(KVT_ERR_STATE, "unsorted record");
+    return KVT_OK;
+}
+
+static void test_trace_driver(void)
+{
+    enum { L = 3, T = 64, D = 8, Hq = 4, Hkv = 2, W = 8, G = 4, NB = 3 };
+    test_layer layers[L];
+    for (int l = 0; l < L; l++) {
+        tl_random(&layers[l], 100 + (uint64_t)l, T, D, Hq, Hkv, W, G, true);
+        layers[l].in.layer = l;
+        layers[l].in.n_layers = L;
+    }
+    char path[256];
+    kvt_test_tmp(path, sizeof(path), "replay.kvt");
+    tl_write_trace(path, L, T, D, Hq, Hkv, W, G, layers);
+    kvt_policy **pols = make_policies(false);
+    kvt_budget *bud;
+    size_t nb;
+    KVT_CHECK(kvt_budgets_parse("16,25%,32", &bud, &nb));
+    sink_state ss = {0};
+    kvt_replay_opts o = {.n_threads = 2, .coverage_probes = 32, .sink = sink, .sink_user = &ss};
+    kvt_trace_result *res = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, (kvt_policy *const *)pols, NPOL, bud, nb, &o, &res),
+                      KVT_OK);
+    KVT_EXPECT(ss.n_calls == L && ss.n_recs > 0);
+    if (res) {
+        KVT_EXPECT(res->n_layers == L && res->n_tokens == T && res->n_decode == G);
+        KVT_EXPECT(res->has_decode_kv && res->has_modality && res->modality_counts[1] == 21);
+        KVT_EXPECT(res->budget_tokens[1] == 16 && res->n_probes == 32);
+        KVT_EXPECT(res->policy_window[P_SNAP] == 8 && res->policy_window[P_TOVA] == 1);
+        /* equal to the in-memory layer */
+        const int B[NB] = {16, 16, 32};
+        kvt_head_metrics *m = malloc(sizeof(*m) * NPOL * NB * Hq);
+        for (int l = 0; l < L; l++) {
+            KVT_CHECK(kvt_replay_layer_metrics(&layers[l].in, (kvt_policy *const *)pols, NPOL, B,
+                                               NB, &o, m));
+            for (int p = 0; p < NPOL; p++)
+                for (int b = 0; b < NB; b++)
+                    for (int h = 0; h < Hkv; h++) {
+                        const kvt_head_metrics *a =
+                            kvt_trace_result_at(res, (size_t)p, (size_t)b, l, h);
+                        KVT_EXPECT(memcmp(a, M(p, b, h), sizeof(*a)) == 0);
+                    }
+            KVT_EXPECT(!isnan(res->r_all[l * Hkv]));
+        }
+        free(m);
+    }
+    kvt_trace_result_free(res);
+    /* missing decode queries for the oracle: a clear error */
+    kvt_policy *h2o;
+    KVT_CHECK(kvt_policy_create("h2o", NULL, &h2o));
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, &h2o, 1, bud, nb, NULL, &res), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(strstr(kvt_error_msg(), "attn_colsum") != NULL);
+    kvt_policy_free(h2o);
+    kvt_free(bud);
+    free_policies(pols);
+    for (int l = 0; l < L; l++)
+        tl_free(&layers[l]);
+    unlink(path);
+}
+
+int main(void)
+{
+    test_layer_metrics(false);
+    test_layer_metrics(true);
+    test_trace_driver();
+    return kvt_test_result("test_replay_metrics");
+}

@@ -1,0 +1,557 @@
+/* test_replay_policies.c - hand-worked tiny layers with the exact kept indices of every
+ * policy: window protection and ties (lower index first), pooling, GQA groups (mean over the
+ * group vs per query head), short prompts, B < W, PyramidKV's schedule, AdaKV's allocation
+ * (3a/3b, normalize, ties) and its sums, SparseMM's static caps, MixKV cross-checks
+ * (r = 1 is KeyDiff, r = 0 with flat value norms is SnapKV), Quest pages, oracle, merging.
+ * Keys are 1-D (D = 1, scale 1) where possible so the logits are the key values.
+ */
+#include "replay_test_util.h"
+#include "replay_internal.h" /* kvt_pyramid_layer_budget, kvt_adakv_alloc */
+
+static kvt_policy *mk(const char *spec)
+{
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    return p;
+}
+
+static kvt_layer_selection *run(const kvt_layer_input *in, const char *spec, const int *B,
+                                size_t nb)
+{
+    kvt_policy *p = mk(spec);
+    kvt_layer_selection *s = NULL;
+    kvt_status st = kvt_replay_layer_select(in, p, B, nb, &s);
+    KVT_EXPECT_MSG(st == KVT_OK, "%s: %s", spec, kvt_error_msg());
+    kvt_policy_free(p);
+    return s;
+}
+
+/* D=1 layer: Hq query heads over Hkv KV heads, keys k[T], window queries q[Hq*W] */
+static kvt_layer_input layer1d(int T, int W, int Hq, int Hkv, const float *k, const float *v,
+                               const float *q)
+{
+    return (kvt_layer_input){.layer = 0,
+                             .n_layers = 1,
+                             .T = T,
+                             .D = 1,
+                             .Hq = Hq,
+                             .Hkv = Hkv,
+                             .W = W,
+                             .k = k,
+                             .v = v,
+                             .q_window = q};
+}
+
+static void test_snapkv(void)
+{
+    const float k[8] = {0, 3, 1, 3, 2, 0.5f, 0, 0}, v[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    const float q[2] = {1, 1};
+    kvt_layer_input in = layer1d(8, 2, 1, 1, k, v, q);
+    const int B[] = {4, 5, 3, 1, 10, 8};
+    kvt_layer_selection *s = run(&in, "snapkv:window=2,kernel=1", B, 6);
+    EXPECT_KEPT(s, 0, 0, -1, "1,3,6,7"); /* 1 and 3 tie: lower index first */
+    EXPECT_KEPT(s, 1, 0, -1, "1,3,4,6,7");
+    EXPECT_KEPT(s, 2, 0, -1, "1,6,7");
+    EXPECT_KEPT(s, 3, 0, -1, "7");               /* B < W: the most recent B tokens */
+    EXPECT_KEPT(s, 4, 0, -1, "0,1,2,3,4,5,6,7"); /* short prompt: everything */
+    EXPECT_KEPT(s, 5, 0, -1, "0,1,2,3,4,5,6,7"); /* B == T */
+    kvt_layer_selection_free(s);
+    /* avgpool k=3 with zero padding: scores ~ [7.03, 7.94, 14.3, 10.07, 9.71, 3.01] */
+    s = run(&in, "snapkv:window=2,kernel=3,pool=avg", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "2,3,6,7");
+    EXPECT_KEPT(s, 1, 0, -1, "2,3,4,6,7");
+    kvt_layer_selection_free(s);
+    /* maxpool k=3: positions 0..4 all see a key of value 3 (exact ties), 5 does not */
+    s = run(&in, "snapkv:window=2,kernel=3,pool=max", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,6,7");
+    kvt_layer_selection_free(s);
+    /* errors: a window larger than the stored one, a bad option, an unknown policy */
+    kvt_policy *p = mk("snapkv:window=4");
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    kvt_policy_free(p);
+    KVT_EXPECT_STATUS(kvt_policy_create("snapkv:kernel=4", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("snapkv:alpha=0.1", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("nosuch", NULL, &p), KVT_ERR_INVALID_ARG);
+}
+
+static void test_gqa(void)
+{
+    /* two query heads on one KV head: head 0 (q=+1) likes token 0, head 1 (q=-1) token 1 */
+    const float k[6] = {3, -2, 0, 0, 0, 0}, v[6] = {1, 1, 1, 1, 1, 1};
+    const float q[4] = {1, 1, -1, -1};
+    kvt_layer_input in = layer1d(6, 2, 2, 1, k, v, q);
+    const int B[] = {4, 3};
+    kvt_layer_selection *s = run(&in, "snapkv:window=2,kernel=1", B, 2);
+    KVT_EXPECT(kvt_layer_selection_n_heads(s) == 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,4,5"); /* group mean: 0 (.42) > 1 (.33) > 2 = 3 (.06) */
+    EXPECT_KEPT(s, 1, 0, -1, "0,4,5");
+    kvt_layer_selection_free(s);
+    s = run(&in, "snapkv:window=2,kernel=1,heads=query", B, 1);
+    KVT_EXPECT(kvt_layer_selection_n_heads(s) == 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0,2,4,5"); /* head 0: 0, then 2 and 3 tie (lower first) */
+    EXPECT_KEPT(s, 0, 1, -1, "1,2,4,5");
+    kvt_layer_selection_free(s);
+    s = run(&in, "snapkv:window=2,kernel=1,reduce=max", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,4,5");
+    kvt_layer_selection_free(s);
+    /* the global per-query-head default */
+    kvt_policy_globals g = {.per_query_head = true};
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create("snapkv:window=2,kernel=1", &g, &p));
+    KVT_CHECK(kvt_replay_layer_select(&in, p, B, 1, &s));
+    KVT_EXPECT(kvt_layer_selection_n_heads(s) == 2);
+    kvt_layer_selection_free(s);
+    kvt_policy_free(p);
+}
+
+static int count_of(const kvt_layer_selection *s, size_t b, int h)
+{
+    int32_t idx[4096];
+    size_t n = 0;
+    if (kvt_layer_selection_kept(s, b, h, -1, idx, 4096, &n))
+        return -1;
+    return (int)n;
+}
+
+static void test_pyramid(void)
+{
+    /* the schedule by hand (POLICIES §2) */
+    /* T=200, W=8, B=40, L=4: base 32, min 1, max 63, steps 20 */
+    KVT_EXPECT(kvt_pyramid_layer_budget(40, 8, 200, 4, 0, 20, false) == 63);
+    KVT_EXPECT(kvt_pyramid_layer_budget(40, 8, 200, 4, 1, 20, false) == 43);
+    KVT_EXPECT(kvt_pyramid_layer_budget(40, 8, 200, 4, 3, 20, false) == 3);
+    /* T=20, W=4, B=14, L=3: max 20 >= 16 -> max 16, min 4, steps 6 */
+    KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 20, 3, 0, 20, false) == 16);
+    KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 20, 3, 2, 20, false) == 4);
+    /* T=18 < 2*base: KVCache-Factory falls back to uniform, MixKV does not */
+    KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 18, 3, 0, 20, true) == 10);
+    KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 18, 3, 0, 20, false) == 14);
+    KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 18, 3, 2, 20, false) == 6);
+    KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 10, 3, 0, 20, false) == -1);  /* short */
+    KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 100, 1, 0, 20, false) == 10); /* L = 1 */
+
+    /* through the policy: per-layer counts, the same ranking as snapkv */
+    const int want[3][3] = {{24, 14, 4}, {20, 14, 8}, {18, 14, 10}};
+    const int Ts[3] = {40, 20, 18};
+    for (int c = 0; c < 3; c++)
+        for (int l = 0; l < 3; l++) {
+            test_layer t;
+            tl_random(&t, 11 + (uint64_t)c, Ts[c], 4, 2, 1, 4, 0, false);
+            t.in.layer = l;
+            t.in.n_layers = 3;
+            const int B[] = {14, 100};
+            kvt_layer_selection *s = run(&t.in, "pyramidkv:window=4", B, 2);
+            KVT_EXPECT_MSG(count_of(s, 0, 0) == want[c][l], "T=%d layer %d: %d, want %d", Ts[c], l,
+                           count_of(s, 0, 0), want[c][l]);
+            KVT_EXPECT(count_of(s, 1, 0) == Ts[c]);
+            kvt_layer_selection *sn = run(&t.in, "snapkv:window=4", B, 1);
+            /* pyramid's kept set is a prefix of the same ranking as snapkv's */
+            int32_t a[64], b2[64];
+            size_t na, nb2;
+            kvt_layer_selection_kept(s, 0, 0, -1, a, 64, &na);
+            kvt_layer_selection_kept(sn, 0, 0, -1, b2, 64, &nb2);
+            if (na == nb2)
+                KVT_EXPECT(memcmp(a, b2, na * sizeof(int32_t)) == 0);
+            kvt_layer_selection_free(sn);
+            kvt_layer_selection_free(s);
+            tl_free(&t);
+        }
+}
+
+static void test_adakv(void)
+{
+    /* kvt_adakv_alloc by hand: H=2, P=4, b=2 */
+    const double p[8] = {0.4, 0.3, 0.2, 0.1, /* head 1 */ 0.2, 0.19, 0.01, 0.0};
+    int caps[2];
+    /* unnormalised global top-4: .4 .3 then .2 (head 0) and .2 (head 1) tie -> head 0 */
+    KVT_CHECK(kvt_adakv_alloc(p, 2, 4, 2, 1, 0.0, false, 'a', caps));
+    KVT_EXPECT(caps[0] == 3 && caps[1] == 1);
+    /* normalised: head 0 x .7 -> .28 .21 .14; head 1 x .975 -> .195 .185 -> 2 and 2 */
+    KVT_CHECK(kvt_adakv_alloc(p, 2, 4, 2, 1, 0.0, true, 'a', caps));
+    KVT_EXPECT(caps[0] == 2 && caps[1] == 2);
+    /* alpha 0.5: cap = round(n*.5 + floor(.5*2)) = round(2.5)=2 (ties to even), round(1.5)=2 */
+    KVT_CHECK(kvt_adakv_alloc(p, 2, 4, 2, 1, 0.5, false, 'a', caps));
+    KVT_EXPECT(caps[0] == 2 && caps[1] == 2);
+    /* 3b: n_safe = floor(alpha*B) with B = b + W = 3; alpha=1 forces b each */
+    KVT_CHECK(kvt_adakv_alloc(p, 2, 4, 2, 1, 1.0, false, 'b', caps));
+    KVT_EXPECT(caps[0] == 2 && caps[1] == 2);
+    KVT_CHECK(kvt_adakv_alloc(p, 2, 4, 2, 1, 0.5, false, 'b', caps)); /* n_safe 1 <= W */
+    KVT_EXPECT(caps[0] == 3 && caps[1] == 1);
+
+    /* through the policy: with alpha = 0 the layer total is exactly H*B; with 0.2 within H/2 */
+    test_layer t;
+    tl_random(&t, 5, 64, 8, 8, 4, 8, 0, false);
+    const int B[] = {12, 20, 40, 100};
+    const char *specs[] = {"adakv:window=8,alpha=0", "adakv:window=8,alpha=0,normalize=0",
+                           "adakv:window=8,alpha=0,alloc=b", "adakv:window=8",
+                           "mixkv-adakv:window=8,alpha=0"};
+    for (int sp = 0; sp < 5; sp++) {
+        kvt_layer_selection *s = run(&t.in, specs[sp], B, 4);
+        for (int b = 0; b < 3; b++) {
+            int sum = 0, mn = 1 << 30, mx = 0;
+            for (int h = 0; h < 4; h++) {
+                int c = count_of(s, (size_t)b, h);
+                sum += c;
+                mn = c < mn ? c : mn;
+                mx = c > mx ? c : mx;
+            }
+            /* alpha 0.2: round() drifts by up to H/2 and floor(alpha*b) loses up to H */
+            if (sp == 3)
+                KVT_EXPECT_MSG(abs(sum - 4 * B[b]) <= 4, "%s B=%d sum %d", specs[sp], B[b], sum);
+            else
+                KVT_EXPECT_MSG(sum == 4 * B[b], "%s B=%d sum %d", specs[sp], B[b], sum);
+            KVT_EXPECT(mn >= 8 && mx <= 64);
+        }
+        for (int h = 0; h < 4; h++)
+            KVT_EXPECT(count_of(s, 3, h) == 64); /* B > T: short prompt */
+        kvt_layer_selection_free(s);
+    }
+    tl_free(&t);
+}
+
+static void test_positions_and_norms(void)
+{
+    /* streamingllm: sinks + most recent */
+    test_layer t;
+    tl_random(&t, 3, 10, 2, 1, 1, 2, 0, false);
+    const int B[] = {6, 3, 2};
+    kvt_layer_selection *s = run(&t.in, "streamingllm", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,8,9");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,2");
+    kvt_layer_selection_free(s);
+    s = run(&t.in, "full", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,4,5,6,7,8,9");
+    kvt_layer_selection_free(s);
+    tl_free(&t);
+
+    /* knorm / vnorm / keydiff on 2-D keys */
+    const float k[10] = {3, 0, 1, 0, 0, 2, 0.5f, 0, 0, 4}; /* norms 3 1 2 .5 4 */
+    const float v[10] = {1, 0, 5, 0, 2, 0, 0, 4, 3, 0};    /* norms 1 5 2 4 3 */
+    const float q[2] = {1, 1};
+    kvt_layer_input in = {.layer = 0,
+                          .n_layers = 1,
+                          .T = 5,
+                          .D = 2,
+                          .Hq = 1,
+                          .Hkv = 1,
+                          .W = 1,
+                          .k = k,
+                          .v = v,
+                          .q_window = q};
+    s = run(&in, "knorm", B + 2, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "1,3");
+    kvt_layer_selection_free(s);
+    s = run(&in, "knorm:window=1", B + 2, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "3,4");
+    kvt_layer_selection_free(s);
+    s = run(&in, "vnorm", B + 2, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "1,3");
+    kvt_layer_selection_free(s);
+    /* token 3 points elsewhere; the mean unit key tilts towards y, so [1,0.1] is closer to it
+     * than [1,0]: -cos ranks 3, then 0,1,2 (ties), then 4 */
+    const float kd[10] = {1, 0, 1, 0, 1, 0, 0, 1, 1, 0.1f};
+    in.k = kd;
+    s = run(&in, "keydiff", B + 2, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,3");
+    kvt_layer_selection_free(s);
+}
+
+static void test_tova_h2o_oracle(void)
+{
+    /* tova: the last window query (head mean), last token always kept */
+    const float k[6] = {1, 0, 2, -1, 3, 0}, v[6] = {0};
+    const float q[4] = {-5, 1, 9, 1}; /* 2 heads x W=2; only the last rows (1, 1) matter */
+    kvt_layer_input in = layer1d(6, 2, 2, 1, k, v, q);
+    const int B[] = {3, 4};
+    kvt_layer_selection *s = run(&in, "tova", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "2,4,5");
+    EXPECT_KEPT(s, 1, 0, -1, "0,2,4,5");
+    kvt_layer_selection_free(s);
+
+    /* h2o from attn_colsum (2 query heads, mean) */
+    const float cs[12] = {5, 1, 3, 3, 0, 0, /* head 1 */ 5, 1, 3, 3, 9, 9};
+    in.attn_colsum = cs;
+    s = run(&in, "h2o:window=2", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0,4,5");
+    EXPECT_KEPT(s, 1, 0, -1, "0,2,4,5"); /* 2 and 3 tie */
+    kvt_layer_selection_free(s);
+    in.attn_colsum = NULL;
+    kvt_policy *p = mk("h2o");
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(strstr(kvt_error_msg(), "attn_colsum") && strstr(kvt_error_msg(), "Q_all"));
+    kvt_policy_free(p);
+    /* h2o from Q_all equals h2o from the column sums computed by the kernel */
+    test_layer t;
+    tl_random(&t, 21, 24, 4, 2, 1, 4, 0, false);
+    kvt_rng r;
+    kvt_rng_seed(&r, 4);
+    float *qa = tl_randn(&r, 2 * 24 * 4, 1.0);
+    float *csum = malloc(2 * 24 * sizeof(float));
+    double work[24], cd[24];
+    for (int h = 0; h < 2; h++) {
+        KVT_CHECK(kvt_attn_colsum_ref(qa + h * 24 * 4, t.k, 24, 4, 0.5, work, cd));
+        for (int j = 0; j < 24; j++)
+            csum[h * 24 + j] = (float)cd[j];
+    }
+    t.in.q_all = qa;
+    const int B2[] = {10};
+    kvt_layer_selection *s1 = run(&t.in, "h2o:window=4", B2, 1);
+    t.in.q_all = NULL;
+    t.in.attn_colsum = csum;
+    kvt_layer_selection *s2 = run(&t.in, "h2o:window=4", B2, 1);
+    char a1[256];
+    snprintf(a1, sizeof(a1), "%s", tl_kept_str(s1, 0, 0, -1));
+    EXPECT_KEPT(s2, 0, 0, -1, a1);
+    kvt_layer_selection_free(s1);
+    kvt_layer_selection_free(s2);
+    free(qa);
+    free(csum);
+    tl_free(&t);
+
+    /* oracle: ranks by the decode queries' attention over all T (no window) */
+    const float ko[5] = {0, 2, 1, 3, 0}, vo[5] = {0}, qw[1] = {1}, qd[2] = {1, 1};
+    kvt_layer_input io = layer1d(5, 1, 1, 1, ko, vo, qw);
+    const int B3[] = {2, 4};
+    p = mk("oracle");
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&io, p, B3, 1, &bad), KVT_ERR_NOT_FOUND);
+    kvt_policy_free(p);
+    io.q_decode = qd;
+    io.G = 2;
+    s = run(&io, "oracle", B3, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "1,3");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,2,3"); /* 0 and 4 tie: lower first */
+    kvt_layer_selection_free(s);
+}
+
+static void test_random(void)
+{
+    test_layer t;
+    tl_random(&t, 9, 50, 4, 2, 2, 8, 0, false);
+    const int B[] = {20, 12};
+    kvt_policy_globals g1 = {.seed = 1}, g2 = {.seed = 2};
+    kvt_policy *p1, *p2, *p3;
+    KVT_CHECK(kvt_policy_create("random:window=8", &g1, &p1));
+    KVT_CHECK(kvt_policy_create("random:window=8", &g1, &p2));
+    KVT_CHECK(kvt_policy_create("random:window=8", &g2, &p3));
+    kvt_layer_selection *s1, *s2, *s3;
+    KVT_CHECK(kvt_replay_layer_select(&t.in, p1, B, 2, &s1));
+    KVT_CHECK(kvt_replay_layer_select(&t.in, p2, B, 2, &s2));
+    KVT_CHECK(kvt_replay_layer_select(&t.in, p3, B, 2, &s3));
+    char a[512];
+    snprintf(a, sizeof(a), "%s", tl_kept_str(s1, 0, 1, -1));
+    EXPECT_KEPT(s2, 0, 1, -1, a);                             /* same seed, same set */
+    KVT_EXPECT(strcmp(tl_kept_str(s3, 0, 1, -1), a) != 0);    /* other seed, other set */
+    KVT_EXPECT(strstr(a, "42,43,44,45,46,47,48,49") != NULL); /* window kept */
+    KVT_EXPECT(count_of(s1, 0, 0) == 20 && count_of(s1, 1, 0) == 12);
+    kvt_layer_selection_free(s1);
+    kvt_layer_selection_free(s2);
+    kvt_layer_selection_free(s3);
+    kvt_policy_free(p1);
+    kvt_policy_free(p2);
+    kvt_policy_free(p3);
+    tl_free(&t);
+}
+
+static void write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_sparsemm_and_mixkv(void)
+{
+    char path[256], spec[400];
+    kvt_test_tmp(path, sizeof(path), "heads.json");
+    write_file(path, "{\"0-0\": 3, \"1-0\": [0.5, 1.5]}");
+    /* sigma = .75 / .25; b = 8, min = floor(.25*8) = 2; caps round(.75*6*2+2)=11, round(5)=5 */
+    test_layer t;
+    tl_random(&t, 2, 20, 4, 1, 1, 2, 0, false);
+    t.in.n_layers = 2;
+    snprintf(spec, sizeof(spec), "sparsemm:window=2,ratio=0.25,scores=%s", path);
+    const int B[] = {10, 30};
+    for (int l = 0; l < 2; l++) {
+        t.in.layer = l;
+        kvt_layer_selection *s = run(&t.in, spec, B, 2);
+        KVT_EXPECT(count_of(s, 0, 0) == (l == 0 ? 13 : 7));
+        KVT_EXPECT(count_of(s, 1, 0) == 20);
+        kvt_layer_selection_free(s);
+    }
+    kvt_policy *p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("sparsemm", NULL, &p), KVT_ERR_INVALID_ARG);
+    tl_free(&t);
+
+    /* MixKV with r = 1 everywhere ranks by diversity only: KeyDiff restricted to the prefix */
+    tl_random(&t, 8, 40, 8, 4, 2, 8, 0, false);
+    kvt_test_tmp(path, sizeof(path), "r1.json");
+    write_file(path, "[[1, 1], [1, 1], [1, 1], [1, 1]]");
+    snprintf(spec, sizeof(spec), "mixkv-snapkv:window=8,rtable=%s", path);
+    const int B2[] = {12, 20, 30};
+    kvt_layer_selection *m = run(&t.in, spec, B2, 3), *kd = run(&t.in, "keydiff:window=8", B2, 3);
+    for (int b = 0; b < 3; b++)
+        for (int h = 0; h < 2; h++) {
+            char a[1024];
+            snprintf(a, sizeof(a), "%s", tl_kept_str(kd, (size_t)b, h, -1));
+            EXPECT_KEPT(m, (size_t)b, h, -1, a);
+        }
+    kvt_layer_selection_free(m);
+    kvt_layer_selection_free(kd);
+    /* r = 0 and values of equal norm: the VNorm term vanishes, so MixKV = SnapKV */
+    for (size_t i = 0; i < 2 * 40; i++)
+        for (int d = 0; d < 8; d++)
+            t.v[i * 8 + d] = d == (int)(i % 8) ? 1.0f : 0.0f;
+    kvt_test_tmp(path, sizeof(path), "r0.json");
+    write_file(path, "{\"0-0-key\": [0, 0], \"0-1-key\": 0}");
+    snprintf(spec, sizeof(spec), "mixkv-snapkv:window=8,rtable=%s", path);
+    m = run(&t.in, spec, B2, 3);
+    kvt_layer_selection *sn = run(&t.in, "snapkv:window=8", B2, 3);
+    for (int b = 0; b < 3; b++)
+        for (int h = 0; h < 2; h++) {
+            char a[1024];
+            snprintf(a, sizeof(a), "%s", tl_kept_str(sn, (size_t)b, h, -1));
+            EXPECT_KEPT(m, (size_t)b, h, -1, a);
+        }
+    kvt_layer_selection_free(m);
+    kvt_layer_selection_free(sn);
+    /* mixkv-pyramidkv keeps pyramidkv's counts; a missing rtable entry is an error */
+    t.in.layer = 1;
+    kvt_layer_selection *mp = run(&t.in, "mixkv-pyramidkv:window=8", B2, 3);
+    kvt_layer_selection *pp = run(&t.in, "pyramidkv:window=8", B2, 3);
+    for (int b = 0; b < 3; b++)
+        KVT_EXPECT(count_of(mp, (size_t)b, 0) == count_of(pp, (size_t)b, 0));
+    kvt_layer_selection_free(mp);
+    kvt_layer_selection_free(pp);
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&t.in, p, B2, 1, &bad), KVT_ERR_NOT_FOUND);
+    kvt_policy_free(p);
+    tl_free(&t);
+}
+
+static void test_quest(void)
+{
+    /* pages of 2: page 0 = [1,0],[0,1]; page 1 = [-1,0],[0,-1]; page 2 = [2,2],[0,0] */
+    const float k[12] = {1, 0, 0, 1, -1, 0, 0, -1, 2, 2, 0, 0}, v[12] = {0};
+    const float qw[2] = {1, 0}, qd[4] = {1, 0, 0, -1};
+    kvt_layer_input in = {.layer = 0,
+                          .n_layers = 1,
+                          .T = 6,
+                          .D = 2,
+                          .Hq = 1,
+                          .Hkv = 1,
+                          .W = 1,
+                          .G = 2,
+                          .k = k,
+                          .v = v,
+                          .q_window = qw,
+                          .q_decode = qd};
+    const int B[] = {2, 3, 6};
+    kvt_layer_selection *s = run(&in, "quest:page=2,dense_layers=0", B, 3);
+    KVT_EXPECT(!kvt_layer_selection_has_fixed(s));
+    KVT_EXPECT(kvt_layer_selection_n_steps(s) == 2);
+    /* step 0, q=[1,0]: U = 1, 0, 2 -> pages 2, 0, 1 */
+    EXPECT_KEPT(s, 0, 0, 0, "4,5");
+    EXPECT_KEPT(s, 1, 0, 0, "0,1,4,5"); /* ceil(3/2) = 2 pages: 4 tokens, measured */
+    EXPECT_KEPT(s, 2, 0, 0, "0,1,2,3,4,5");
+    /* step 1, q=[0,-1]: U = 0 (page 0), 1 (page 1), 0 (page 2) -> pages 1, 0, 2 */
+    EXPECT_KEPT(s, 0, 0, 1, "2,3");
+    EXPECT_KEPT(s, 1, 0, 1, "0,1,2,3");
+    kvt_layer_selection_free(s);
+    s = run(&in, "quest:page=2", B, 1); /* layer 0 < dense_layers=2: dense */
+    EXPECT_KEPT(s, 0, 0, 0, "0,1,2,3,4,5");
+    kvt_layer_selection_free(s);
+}
+
+static void test_like_policies(void)
+{
+    /* lightkv-like: 6 vision tokens (2..7) among 10; B=6 leaves 2 vision entries */
+    test_layer t;
+    tl_random(&t, 31, 10, 4, 2, 1, 2, 3, false);
+    uint8_t mod[10] = {0, 0, 1, 1, 1, 1, 1, 1, 0, 0};
+    t.in.modality = mod;
+    const int B[] = {6, 10, 8};
+    kvt_layer_selection *s = run(&t.in, "lightkv-like:window=2", B, 3);
+    KVT_EXPECT(kvt_layer_selection_has_fixed(s));
+    int32_t idx[16];
+    size_t n;
+    KVT_CHECK(kvt_layer_selection_kept(s, 0, 0, -1, idx, 16, &n));
+    KVT_EXPECT(n == 6 && idx[0] == 0 && idx[1] == 1 && idx[4] == 8 && idx[5] == 9);
+    KVT_CHECK(kvt_layer_selection_kept(s, 1, 0, -1, idx, 16, &n));
+    KVT_EXPECT(n == 10);
+    KVT_CHECK(kvt_layer_selection_kept(s, 2, 0, -1, idx, 16, &n));
+    KVT_EXPECT(n == 8);
+    kvt_layer_selection_free(s);
+    tl_free(&t);
+
+    /* hybridkv-like: counts within the budget, per-step sets for dynamic heads, static heads
+     * take text before vision */
+    tl_random(&t, 41, 96, 8, 8, 4, 8, 3, true);
+    const int B2[] = {24, 40, 200};
+    s = run(&t.in, "hybridkv-like:window=8,chunk=4", B2, 3);
+    int n_dyn = 0;
+    for (int h = 0; h < 4; h++) {
+        n_dyn += kvt_layer_selection_head_per_step(s, h);
+        KVT_EXPECT(count_of(s, 2, h) == 96);
+        for (int b = 0; b < 2; b++)
+            KVT_EXPECT(count_of(s, (size_t)b, h) >= 8 && count_of(s, (size_t)b, h) <= B2[b] * 4);
+        if (!kvt_layer_selection_head_per_step(s, h)) {
+            /* static: caps are ~16-20 and the prefix holds 56 text tokens (the image is
+             * tokens 32..63), so every kept token is text */
+            int32_t big[128];
+            KVT_CHECK(kvt_layer_selection_kept(s, 0, h, -1, big, 128, &n));
+            for (size_t i = 0; i < n; i++)
+                KVT_EXPECT(big[i] < 32 || big[i] >= 64);
+        }
+    }
+    KVT_EXPECT(n_dyn == 2); /* median split */
+    kvt_layer_selection_free(s);
+    tl_free(&t);
+}
+
+static void test_parse(void)
+{
+    kvt_policy **ps = NULL;
+    size_t n = 0;
+    KVT_CHECK(kvt_policy_list_parse("snapkv,adakv:alpha=0.3,alloc=b,snapkv:kernel=7,pool=max", NULL,
+                                    &ps, &n));
+    KVT_EXPECT(n == 3);
+    KVT_EXPECT(!strcmp(kvt_policy_label(ps[1]), "adakv:alpha=0.3,alloc=b"));
+    KVT_EXPECT(!strcmp(kvt_policy_label(ps[2]), "snapkv:kernel=7,pool=max"));
+    char *js = kvt_policy_options_json(ps[2]);
+    KVT_EXPECT(strstr(js, "\"kernel\": 7") && strstr(js, "\"pool\": \"max\""));
+    kvt_free(js);
+    kvt_policy_list_free(ps, n);
+    KVT_EXPECT_STATUS(kvt_policy_list_parse("snapkv,snapkv", NULL, &ps, &n), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_list_parse("kernel=3", NULL, &ps, &n), KVT_ERR_INVALID_ARG);
+    kvt_budget *b = NULL;
+    KVT_CHECK(kvt_budgets_parse("64,128,10%,12.5%", &b, &n));
+    KVT_EXPECT(n == 4 && !b[0].is_fraction && b[2].is_fraction);
+    KVT_EXPECT(kvt_budget_tokens(&b[1], 50) == 128);
+    KVT_EXPECT(kvt_budget_tokens(&b[2], 1000) == 100);
+    KVT_EXPECT(kvt_budget_tokens(&b[3], 100) == 13); /* 12.5 rounds half up */
+    KVT_EXPECT(kvt_budget_tokens(&b[2], 3) == 1);    /* at least 1 */
+    kvt_free(b);
+    KVT_EXPECT_STATUS(kvt_budgets_parse("0", &b, &n), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_budgets_parse("64,", &b, &n), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_budgets_parse("101%", &b, &n), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_budgets_parse("1.5", &b, &n), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(kvt_policy_registry_size() == 19);
+}
+
+int main(void)
+{
+    test_snapkv();
+    test_gqa();
+    test_pyramid();
+    test_adakv();
+    test_positions_and_norms();
+    test_tova_h2o_oracle();
+    test_random();
+    test_sparsemm_and_mixkv();
+    test_quest();
+    test_like_policies();
+    test_parse();
+    return kvt_test_result("test_replay_policies");
+}
