@@ -38,6 +38,10 @@ typedef struct kvt_results {
     bool per_query_head;
     size_t n_traces;
     kvt_trace_result **traces; /* owned */
+    /* partial result of `replay --shard index/count` (RESULTS.md "shard"); count 0 = complete */
+    int shard_index, shard_count;
+    size_t n_units; /* (trace, layer) units replayed by this shard */
+    int *units;     /* [n_units][2]: trace index, layer; owned */
 } kvt_results;
 
 /** Create an empty result set with these settings (copied). Free with kvt_results_free. */
@@ -47,6 +51,19 @@ kvt_status kvt_results_create(kvt_policy *const *pols, size_t n_pol, const kvt_b
  *  match the result set's. */
 kvt_status kvt_results_add_trace(kvt_results *r, kvt_trace_result *t);
 void kvt_results_free(kvt_results *r);
+/** Mark r as shard `index` of `count` with these (trace index, layer) units [n_units][2]
+ *  (copied). */
+kvt_status kvt_results_set_shard(kvt_results *r, int index, int count, const int *units,
+                                 size_t n_units);
+/** Combine the partial results of every shard of one sharded replay into the result one
+ *  unsharded run gives, in place: on success parts[0] holds the merged, complete result (no
+ *  shard). Checks first that the parts have the same settings (policies, budgets, seed,
+ *  coverage probes, heads, traces, shard count), that each shard index appears once and each
+ *  (trace, layer) unit exactly once; on failure nothing is modified. Per-head metrics and
+ *  r_all are copied unit by unit; every aggregate is recomputed from them when written.
+ * @param names [n] file names for messages (may be NULL).
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (a message naming the mismatch), KVT_ERR_NOMEM. */
+kvt_status kvt_results_merge(kvt_results *const *parts, const char *const *names, size_t n);
 
 /** Write results.json (RESULTS.md). Fails with KVT_ERR_IO if the file exists and !force.
  *  Written to PATH.tmp then renamed, so a reader never sees half a file. */

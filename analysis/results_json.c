@@ -244,6 +244,18 @@ kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
     cJSON_AddNumberToObject(set, "coverage_probes", r->coverage_probes);
     cJSON_AddNumberToObject(set, "threads", r->n_threads);
     cJSON_AddBoolToObject(set, "per_query_head", r->per_query_head);
+    if (r->shard_count > 0) {
+        cJSON *sh = cJSON_AddObjectToObject(root, "shard");
+        cJSON_AddNumberToObject(sh, "index", r->shard_index);
+        cJSON_AddNumberToObject(sh, "count", r->shard_count);
+        cJSON *ua = cJSON_AddArrayToObject(sh, "units");
+        for (size_t i = 0; i < r->n_units; i++) {
+            cJSON *u = cJSON_CreateArray();
+            cJSON_AddItemToArray(u, cJSON_CreateNumber(r->units[2 * i]));
+            cJSON_AddItemToArray(u, cJSON_CreateNumber(r->units[2 * i + 1]));
+            cJSON_AddItemToArray(ua, u);
+        }
+    }
     cJSON *tr = cJSON_AddArrayToObject(root, "traces");
     for (size_t i = 0; i < r->n_traces; i++)
         cJSON_AddItemToArray(tr, trace_json(r, r->traces[i]));
@@ -531,6 +543,37 @@ kvt_status kvt_results_read(const char *path, kvt_results **out)
     r->coverage_probes = get_int(set, "coverage_probes", -1);
     r->n_threads = get_int(set, "threads", 0);
     r->per_query_head = cJSON_IsTrue(item(set, "per_query_head"));
+    const cJSON *sh = item(root, "shard");
+    if (sh) {
+        const cJSON *ua = item(sh, "units");
+        int nu = cJSON_GetArraySize(ua);
+        r->shard_index = get_int(sh, "index", -1);
+        r->shard_count = get_int(sh, "count", 0);
+        if (r->shard_count < 1 || r->shard_index < 0 || r->shard_index >= r->shard_count ||
+            !cJSON_IsArray(ua)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: bad \"shard\" object", path);
+            goto out_free;
+        }
+        r->units = nu ? kvt_malloc((size_t)nu * 2 * sizeof(int)) : NULL;
+        if (nu && !r->units) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
+        const cJSON *u;
+        cJSON_ArrayForEach(u, ua)
+        {
+            const cJSON *a = cJSON_GetArrayItem(u, 0), *b = cJSON_GetArrayItem(u, 1);
+            if (!cJSON_IsArray(u) || cJSON_GetArraySize(u) != 2 || !cJSON_IsNumber(a) ||
+                !cJSON_IsNumber(b)) {
+                st = kvt_error_set(KVT_ERR_CORRUPT, "%s: shard.units[%zu] is not [trace, layer]",
+                                   path, r->n_units);
+                goto out_free;
+            }
+            r->units[2 * r->n_units] = a->valueint;
+            r->units[2 * r->n_units + 1] = b->valueint;
+            r->n_units++;
+        }
+    }
     const cJSON *tr = item(root, "traces");
     cJSON_ArrayForEach(x, tr)
     {

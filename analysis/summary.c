@@ -56,8 +56,28 @@ void kvt_results_free(kvt_results *r)
     for (size_t i = 0; i < r->n_traces; i++)
         kvt_trace_result_free(r->traces[i]);
     kvt_free(r->traces);
+    kvt_free(r->units);
     kvt_free(r->generator);
     kvt_free(r);
+}
+
+kvt_status kvt_results_set_shard(kvt_results *r, int index, int count, const int *units,
+                                 size_t n_units)
+{
+    KVT_RETURN_IF(count < 1 || index < 0 || index >= count, KVT_ERR_INVALID_ARG,
+                  "results: shard %d/%d out of range", index, count);
+    int *u = NULL;
+    if (n_units) {
+        u = kvt_malloc(n_units * 2 * sizeof(int));
+        KVT_RETURN_IF(!u, KVT_ERR_NOMEM, "out of memory");
+        memcpy(u, units, n_units * 2 * sizeof(int));
+    }
+    kvt_free(r->units);
+    r->units = u;
+    r->n_units = n_units;
+    r->shard_index = index;
+    r->shard_count = count;
+    return KVT_OK;
 }
 
 kvt_status kvt_results_add_trace(kvt_results *r, kvt_trace_result *t)

@@ -21,7 +21,8 @@ static void help(void)
 {
     printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
            "                      [--threads N] [--seed S] [--per-query-head]\n"
-           "                      [--coverage-probes N] [--export-selection FILE] [--force]\n\n"
+           "                      [--coverage-probes N] [--export-selection FILE] [--force]\n"
+           "                      [--shard I/N]\n\n"
            "Replay KV-cache compression policies offline on captured traces and measure every\n"
            "budget at once: attention recall, output error on window and held-out decode\n"
            "queries, key coverage, head redundancy, modality mix, oracle overlap, kept bytes.\n"
@@ -44,8 +45,24 @@ static void help(void)
            "                    JSON if FILE ends in .json; layout in analysis/RESULTS.md)\n"
            "  -o, --output FILE results.json to write\n"
            "  --force           overwrite existing output files\n"
+           "  --shard I/N       replay only shard I (0..N-1) of the (trace, layer) units: unit\n"
+           "                    u (traces in order, then layers) goes to shard u %% N. Writes a\n"
+           "                    partial results.json; combine all N with kvtrace merge\n"
            "  --list-policies   print the policies with their options and defaults\n",
            DEFAULT_POLICIES, KVT_DEFAULT_COVERAGE_PROBES);
+}
+
+/* "I/N" with 0 <= I < N */
+static bool parse_shard(const char *v, int *index, int *count)
+{
+    const char *slash = strchr(v, '/');
+    char a[32];
+    if (!slash || (size_t)(slash - v) >= sizeof(a))
+        return false;
+    memcpy(a, v, (size_t)(slash - v));
+    a[slash - v] = '\0';
+    return kvt_cli_parse_int(a, 0, 1000000, index) &&
+           kvt_cli_parse_int(slash + 1, 1, 1000000, count) && *index < *count;
 }
 
 static void list_policies(void)
@@ -111,7 +128,10 @@ int kvt_cmd_replay(int argc, char **argv)
     char *policies_arg = NULL;
     const char **traces = kvt_calloc((size_t)argc + 1, sizeof(char *));
     size_t n_traces = 0;
-    int threads = 0, probes = -1, rc = 1;
+    int threads = 0, probes = -1, rc = 1, shard_i = 0, shard_n = 0;
+    int *units = NULL; /* [n_units][2] (trace, layer) of this shard */
+    size_t n_units = 0, n_units_all = 0;
+    uint8_t *mask = NULL;
     uint64_t seed = 0;
     bool force = false, per_query = false;
     kvt_policy **pols = NULL;
@@ -175,6 +195,12 @@ int kvt_cmd_replay(int argc, char **argv)
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             NEED_VALUE();
             out = v;
+        } else if (!strcmp(a, "--shard")) {
+            NEED_VALUE();
+            if (!parse_shard(v, &shard_i, &shard_n)) {
+                kvt_cli_fail(cmd, "--shard %s: expected I/N with 0 <= I < N, e.g. 0/4", v);
+                goto out_free;
+            }
         } else if (!strcmp(a, "--force")) {
             force = true;
         } else if (!strcmp(a, "--per-query-head")) {
@@ -196,6 +222,10 @@ int kvt_cmd_replay(int argc, char **argv)
     }
     if (!force && access(out, F_OK) == 0) {
         kvt_cli_fail(cmd, "%s exists (use --force to overwrite)", out);
+        goto out_free;
+    }
+    if (shard_n && export_path) {
+        kvt_cli_fail(cmd, "--export-selection cannot be combined with --shard (yet)");
         goto out_free;
     }
     kvt_policy_globals g = {.seed = seed, .per_query_head = per_query};
@@ -235,6 +265,31 @@ int kvt_cmd_replay(int argc, char **argv)
             o.sink = kvt_selection_writer_sink;
             o.sink_user = sw;
         }
+        if (shard_n) { /* this shard's layers of this trace */
+            int n_layers = 0;
+            if ((st = kvt_replay_trace_shape(traces[t], &n_layers, NULL))) {
+                kvt_cli_fail_status(cmd, st, traces[t]);
+                goto out_free;
+            }
+            kvt_free(mask);
+            mask = kvt_calloc((size_t)n_layers, 1);
+            int *nu = kvt_realloc(units, (n_units + (size_t)n_layers) * 2 * sizeof(int));
+            if (!mask || !nu) {
+                kvt_cli_fail(cmd, "out of memory");
+                goto out_free;
+            }
+            units = nu;
+            for (int l = 0; l < n_layers; l++)
+                if (kvt_shard_owns(n_units_all + (uint64_t)l, shard_i, shard_n)) {
+                    mask[l] = 1;
+                    units[2 * n_units] = (int)t;
+                    units[2 * n_units + 1] = l;
+                    n_units++;
+                }
+            n_units_all += (size_t)n_layers;
+            o.layer_mask = mask;
+            o.layer_mask_len = (size_t)n_layers;
+        }
         /* the selection writer orders records by layer: it needs the layer count and the
          * budgets in tokens of this trace first */
         kvt_trace_result *tr = NULL;
@@ -272,6 +327,10 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         }
     }
+    if (shard_n && (st = kvt_results_set_shard(res, shard_i, shard_n, units, n_units))) {
+        kvt_cli_fail_status(cmd, st, "--shard");
+        goto out_free;
+    }
     if ((st = kvt_results_write(res, out, force))) {
         kvt_cli_fail_status(cmd, st, out);
         goto out_free;
@@ -283,6 +342,14 @@ int kvt_cmd_replay(int argc, char **argv)
             kvt_cli_fail_status(cmd, st, export_path);
             goto out_free;
         }
+    }
+    if (shard_n) { /* means over a part would mislead: no table */
+        fprintf(stderr,
+                "replay: wrote %s: shard %d/%d, %zu of %zu (trace, layer) units; combine all %d "
+                "shards with kvtrace merge\n",
+                out, shard_i, shard_n, n_units, n_units_all, shard_n);
+        rc = 0;
+        goto out_free;
     }
     /* a short table on stdout: model-level means over all traces */
     printf("%-28s %8s %8s %9s %9s %9s %9s %8s\n", "policy", "budget", "kept", "recall_w", "err_w",
@@ -310,5 +377,7 @@ out_free:
     kvt_policy_list_free(pols, n_pol);
     kvt_free(policies_arg);
     kvt_free(traces);
+    kvt_free(units);
+    kvt_free(mask);
     return rc;
 }

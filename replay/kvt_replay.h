@@ -146,7 +146,17 @@ typedef struct kvt_replay_opts {
     void *progress_user;
     kvt_selection_sink sink; /* may be NULL */
     void *sink_user;
+    /* layers to replay, [n_layers of the trace]: nonzero = replay it; NULL = every layer. The
+       others keep NaN metrics and r_all (a partial result, see kvt_shard_owns) */
+    const uint8_t *layer_mask;
+    size_t layer_mask_len; /* entries of layer_mask; must equal the trace's n_layers */
 } kvt_replay_opts;
+
+/** Sharding (scale-out): the (trace, layer) units of a replay are numbered in order, traces in
+ *  command-line order and layers 0..L-1 within a trace. Unit u belongs to shard u % n_shards
+ *  (round-robin, so every shard gets about the same number of layers).
+ * @return true if shard `index` of `count` replays unit `unit`. */
+bool kvt_shard_owns(uint64_t unit, int index, int count);
 
 #define KVT_DEFAULT_COVERAGE_PROBES 256
 

@@ -81,6 +81,11 @@ void kvt_trace_result_free(kvt_trace_result *r)
     kvt_free(r);
 }
 
+bool kvt_shard_owns(uint64_t unit, int index, int count)
+{
+    return count > 0 && index >= 0 && unit % (uint64_t)count == (uint64_t)index;
+}
+
 /* ---- the driver ---- */
 typedef struct run_shared {
     kvt_trace_reader *rd;
@@ -93,7 +98,7 @@ typedef struct run_shared {
     bool has_qd, has_kvd, has_colsum, has_qall, need_colsum;
     const uint8_t *mod;
     pthread_mutex_t mu;
-    int next_layer, done;
+    int next_layer, done, n_sel; /* n_sel: layers to replay (layer_mask) */
     kvt_status err;
     char err_msg[512];
 } run_shared;
@@ -145,6 +150,8 @@ static void *worker(void *arg)
         pthread_mutex_unlock(&sh->mu);
         if (l < 0 || l >= sh->L)
             break;
+        if (sh->o->layer_mask && !sh->o->layer_mask[l])
+            continue; /* another shard's layer */
         kvt_layer_input in = {.layer = l,
                               .n_layers = sh->L,
                               .T = T,
@@ -208,7 +215,7 @@ static void *worker(void *arg)
         pthread_mutex_lock(&sh->mu);
         sh->done++;
         if (sh->o->progress)
-            sh->o->progress(sh->o->progress_user, (uint64_t)sh->done, (uint64_t)sh->L);
+            sh->o->progress(sh->o->progress_user, (uint64_t)sh->done, (uint64_t)sh->n_sel);
         pthread_mutex_unlock(&sh->mu);
     }
     kvt_free(k);
@@ -408,6 +415,14 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     }
     sh.pols = pols, sh.n_pol = n_pol, sh.n_b = n_budgets, sh.btok = btok, sh.o = o;
     sh.res = res;
+    if (o->layer_mask && o->layer_mask_len != (size_t)sh.L) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: layer mask of %zu layers for a trace of %d",
+                           path, o->layer_mask_len, sh.L);
+        goto out_free;
+    }
+    sh.n_sel = sh.L;
+    for (int l = 0; o->layer_mask && l < sh.L; l++)
+        sh.n_sel -= !o->layer_mask[l];
     int n_th = o->n_threads > 0 ? o->n_threads : kvt_cpu_count();
     if (n_th > sh.L)
         n_th = sh.L;

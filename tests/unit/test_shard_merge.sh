@@ -1,0 +1,96 @@
+#!/bin/bash
+# test_shard_merge.sh - scale-out (issue #8): `kvtrace replay --shard i/4` on two traces, then
+# `kvtrace merge` of the four parts (in shuffled order) must give exactly the unsharded
+# results.json: the files are compared byte for byte (numbers are written to read back
+# bit-exact, and every aggregate is recomputed from the per-head data). Also: merge refuses
+# missing, duplicated, complete or mismatched parts with a clear message.
+set -u
+BIN=${KVT_BIN:?}
+ROOT=${KVT_SOURCE_ROOT:?}
+MODEL=$ROOT/models/stories260K.bin
+[ -f "$MODEL" ] || MODEL=/work/shared/models/stories260K.bin
+SAMPLE=$ROOT/traces/samples/stories260K.kvt
+if ! $BIN capture-llama2c --help >/dev/null 2>&1 || [ ! -f "$MODEL" ] || [ ! -f "$SAMPLE" ]; then
+    echo "SKIP: no capture-llama2c command, model or sample trace"; exit 77
+fi
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fail() { echo "FAILED: $*"; exit 1; }
+$BIN capture-llama2c --model "$MODEL" --tokens 150 --decode 8 --window 32 --colsum --seed 5 \
+    -o "$TMP/b.kvt" >/dev/null 2>&1 || fail "capture"
+TR=("$SAMPLE" "$TMP/b.kvt")
+SET=(--policies full,random,snapkv,pyramidkv,adakv,mixkv-snapkv,oracle
+     --budgets 16,40,25% --threads 2 --seed 7)
+$BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/full.json" >/dev/null 2>"$TMP/err" \
+    || { cat "$TMP/err"; fail "unsharded replay"; }
+for i in 0 1 2 3; do
+    $BIN replay "${TR[@]}" "${SET[@]}" --shard $i/4 -o "$TMP/part$i.json" >"$TMP/out" \
+        2>"$TMP/err" || { cat "$TMP/err"; fail "replay --shard $i/4"; }
+    grep -q "shard $i/4" "$TMP/err" || fail "shard $i message"
+    grep -q '"shard"' "$TMP/part$i.json" || fail "part $i lacks the shard object"
+done
+grep -q '"shard"' "$TMP/full.json" && fail "unsharded result has a shard object"
+$BIN merge "$TMP/part2.json" "$TMP/part0.json" "$TMP/part3.json" "$TMP/part1.json" \
+    -o "$TMP/merged.json" 2>"$TMP/err" || { cat "$TMP/err"; fail "merge"; }
+cmp "$TMP/full.json" "$TMP/merged.json" || fail "merged != unsharded (byte comparison)"
+# also as JSON documents, when a Python is at hand (same check, independent of formatting)
+PY=${KVT_PYTHON:-}
+if [ -n "$PY" ] && [ -x "$PY" ]; then
+    "$PY" -c 'import json,sys; a,b=(json.load(open(f)) for f in sys.argv[1:]); sys.exit(a!=b)' \
+        "$TMP/full.json" "$TMP/merged.json" || fail "merged != unsharded (JSON documents)"
+fi
+# one shard per unit and more shards than units: still exact
+n=12
+for i in $(seq 0 $((n - 1))); do
+    $BIN replay "${TR[@]}" "${SET[@]}" --shard $i/$n -o "$TMP/s$i.json" >/dev/null 2>&1 \
+        || fail "replay --shard $i/$n"
+done
+$BIN merge "$TMP"/s*.json -o "$TMP/merged12.json" 2>/dev/null || fail "merge of $n"
+cmp "$TMP/full.json" "$TMP/merged12.json" || fail "12-way merge != unsharded"
+# refusals, one clear line each, and no output written
+P=("$TMP/part0.json" "$TMP/part1.json" "$TMP/part2.json")
+$BIN merge "${P[@]}" -o "$TMP/x.json" 2>"$TMP/err" && fail "merged 3 of 4 parts"
+grep -q "every shard 0..3 is needed" "$TMP/err" || fail "missing shard message"
+$BIN merge "${P[@]}" "$TMP/part0.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "duplicate"
+grep -q "shard 0/4 given twice" "$TMP/err" || fail "duplicate message"
+$BIN merge "${P[@]}" "$TMP/full.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "complete part"
+grep -q "is not a partial result" "$TMP/err" || fail "complete part message"
+$BIN replay "${TR[@]}" --policies full,random,snapkv,pyramidkv,adakv,mixkv-snapkv,oracle \
+    --budgets 16,48,25% --threads 2 --seed 7 --shard 3/4 -o "$TMP/b3.json" 2>/dev/null \
+    || fail "replay other budgets"
+$BIN merge "${P[@]}" "$TMP/b3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "other budgets"
+grep -q "different budgets (budget 1: 40 vs 48)" "$TMP/err" || fail "budget message"
+$BIN replay "$SAMPLE" "${SET[@]}" --shard 3/4 -o "$TMP/t3.json" 2>/dev/null || fail "replay 1 trace"
+$BIN merge "${P[@]}" "$TMP/t3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "other traces"
+grep -q "different number of traces" "$TMP/err" || fail "trace set message"
+$BIN replay "${TR[@]}" "${SET[@]}" --shard 1/2 -o "$TMP/h1.json" 2>/dev/null || fail "1/2"
+$BIN merge "$TMP/part0.json" "$TMP/h1.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "counts"
+grep -q "different shard counts" "$TMP/err" || fail "shard count message"
+# a part that lost a unit, and a part that repeats another's (edited by Python, if present)
+if [ -n "$PY" ] && [ -x "$PY" ]; then
+    "$PY" - "$TMP" <<'PYEOF' || fail "editing parts"
+import json, sys
+d = sys.argv[1]
+p3 = json.load(open(d + "/part3.json"))
+p1 = json.load(open(d + "/part1.json"))
+lost = dict(p3, shard=dict(p3["shard"], units=p3["shard"]["units"][1:]))
+json.dump(lost, open(d + "/lost3.json", "w"))
+dup = dict(p3, shard=dict(p3["shard"], units=p3["shard"]["units"] + [p1["shard"]["units"][0]]))
+json.dump(dup, open(d + "/dup3.json", "w"))
+PYEOF
+    $BIN merge "${P[@]}" "$TMP/lost3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "lost unit"
+    grep -q "is in no part" "$TMP/err" || fail "lost unit message"
+    $BIN merge "${P[@]}" "$TMP/dup3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "dup unit"
+    grep -q "is in both" "$TMP/err" || fail "dup unit message"
+fi
+[ -e "$TMP/x.json" ] && fail "a refused merge wrote its output"
+# bad --shard values, and --export-selection is refused with --shard
+for bad in 4/4 -1/4 1 a/b 0/0; do
+    $BIN replay "$SAMPLE" --shard "$bad" -o "$TMP/y.json" 2>"$TMP/err" && fail "--shard $bad"
+    grep -q -- "--shard" "$TMP/err" || fail "--shard $bad message"
+done
+$BIN replay "$SAMPLE" --shard 0/2 --export-selection "$TMP/s.bin" -o "$TMP/y.json" \
+    2>"$TMP/err" && fail "--export-selection with --shard"
+$BIN merge --help | grep -q "replay --shard" || fail "merge --help"
+[ -n "$PY" ] && [ -x "$PY" ] && echo "(JSON comparison and unit checks ran with $PY)"
+echo "OK: 4-way and 12-way shard + merge equal the unsharded results.json"
