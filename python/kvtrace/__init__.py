@@ -1,0 +1,30 @@
+"""kvtrace - Python binding of libkvtrace.so (ctypes; no compiled extension).
+
+    import kvtrace
+    with kvtrace.open("run.kvt") as t:
+        t.header["model"]["n_layers"]
+        k = t.read("K", layer=0)                   # [Hkv, T, D], stored dtype
+        q = t.read("Q_window", layer=0, dtype="float32")
+        t.tokens["modality"]                       # [T] uint8 or None
+        t.verify()["ok"]
+
+Errors from the C library raise kvtrace.TraceError with its message. The library is found
+through $KVT_LIB first (see _lib.py for the full search order).
+"""
+from ._errors import TraceError
+from ._lib import KINDS, MODALITIES, lib_path, has_capture
+from ._trace import Trace, TraceWriter, open, verify, bf16_to_f32, f32_to_bf16
+from ._capture import CaptureSession, tensor_view
+
+__version__ = "0.1.0"
+
+
+def library_version():
+    """Version string of the loaded libkvtrace.so."""
+    from . import _lib
+    return _lib.lib().kvt_version_string().decode()
+
+
+__all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "open", "verify",
+           "bf16_to_f32", "f32_to_bf16", "tensor_view", "KINDS", "MODALITIES", "lib_path",
+           "has_capture", "library_version", "__version__"]

@@ -1,0 +1,394 @@
+#!/usr/bin/python3
+"""compare_replay.py - checks `kvtrace replay` against the independent NumPy oracle
+(tests/oracle/replay_oracle.py) on several traces.
+
+Traces (written into a temporary folder):
+  * gqa-f16:   L=3, Hq=8, Hkv=2, D=16, T=200, Wt=32, 12 decode steps with decode K/V, column
+               sums, f16 storage; written through kvtrace.CaptureSession (K/V submitted as
+               strided [T, H, D] views, queries ubatched);
+  * mqa-f32:   L=4, Hq=4, Hkv=1, D=32, T=300, Wt=32, Q_decode only (no decode K/V), column sums
+               from NumPy; written through kvtrace.TraceWriter;
+  * mha-bf16:  L=2, Hq=4, Hkv=4, D=8, T=96, Wt=16 (policies get window=16), no decode, no
+               column sums, bf16 storage (CaptureSession);
+  * the bundled real trace traces/samples/stories260K.kvt (llama2.c, GQA 8/4);
+  * `kvtrace synth` traces when that command exists: `tiny` (GQA 4/2, bf16, decode, column
+    sums), `tiny-vl` (M-RoPE, 60% image, f16, window 16), a short f32 `tiny` (no decode).
+
+For every (trace, policy, budget, layer, head) it checks that kvtrace keeps the same token
+indices as the oracle (read from --export-selection) and that n_keep, recall_window,
+err_window, recall_decode, err_decode, coverage, coverage_radius, r_kept, r_all,
+oracle_overlap (kv-head runs) and by_modality (n_keep, recall_window, coverage) agree to
+1e-5 (relative to max(1, |value|)). A differing set is accepted as a documented tie only
+when the oracle's score gap at the selection boundary (or at AdaKV's global top-k boundary)
+is below 1e-6 relative; its metrics are then not compared. Ties must stay rare.
+
+Environment (set by ctest): KVT_BIN (the kvtrace CLI), KVT_LIB (libkvtrace.so),
+KVT_SOURCE_ROOT (the repository). Exit 0 pass, 1 fail, 77 not run (no NumPy, no CLI, or no
+`replay` command yet). Output definitions: analysis/RESULTS.md.
+usage: compare_replay.py [--keep DIR] [--verbose] [--only NAME]
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover
+    print("SKIP: numpy is not installed for " + sys.executable)
+    sys.exit(77)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.environ.get("KVT_SOURCE_ROOT") or os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import replay_oracle as oracle  # noqa: E402
+
+TOL = 1e-5
+TIE = 1e-6
+METRICS = [("recall_window", "recall"), ("err_window", "err_window"),
+           ("recall_decode", "recall_decode"), ("err_decode", "err_decode"),
+           ("coverage", "coverage"), ("coverage_radius", "coverage_radius"),
+           ("r_kept", "r_kept")]
+
+
+def policy_specs(W, has_decode, has_colsum):
+    """Policy specs for a trace whose stored window is W (policies use window=W unless it is
+    32, the default). Every option the oracle knows is exercised at least once."""
+    w = "" if W == 32 else "window=%d" % W
+
+    def s(name, *opts):
+        o = [x for x in (w,) + opts if x]
+        return name + (":" + ",".join(o) if o else "")
+
+    specs = ["full", "streamingllm", "streamingllm:sinks=2", "tova",
+             s("snapkv"), s("snapkv", "kernel=7", "pool=max"), s("snapkv", "kernel=1"),
+             s("snapkv", "reduce=max", "pool=max", "kernel=3"), s("snapkv", "heads=query"),
+             s("pyramidkv"), s("pyramidkv", "fallback=1"), s("pyramidkv", "beta=5"),
+             s("adakv"), s("adakv", "normalize=0"), s("adakv", "alpha=0.5", "pool=max"),
+             s("adakv", "heads=query"),
+             s("mixkv-snapkv"), s("mixkv-pyramidkv"), s("mixkv-adakv"),
+             s("mixkv-snapkv", "heads=query"), s("mixkv-adakv", "kernel=7"),
+             "knorm", "vnorm", "keydiff", "keydiff:window=8"]
+    if has_colsum:
+        specs += [s("h2o"), s("h2o", "heads=query")]
+    if has_decode:
+        specs += ["oracle"]
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic traces with structure: per-head shared key direction (redundancy from ~0 to high),
+# a sink token, heavy hitters the queries like, value norms spread over a decade.
+# --------------------------------------------------------------------------------------------
+def synth_layer(rng, Hq, Hkv, D, T, G, layer=0):
+    K = np.empty((Hkv, T + G, D))
+    V = np.empty((Hkv, T + G, D))
+    Q = np.empty((Hq, T + G, D))
+    grp = Hq // Hkv
+    for g in range(Hkv):
+        mu = rng.standard_normal(D)
+        mu /= np.linalg.norm(mu)
+        u = rng.standard_normal(D)
+        u /= np.linalg.norm(u)
+        shared = rng.uniform(0.0, 2.5)  # key redundancy of this head
+        k = rng.standard_normal((T + G, D)) + shared * mu
+        if (layer + g) % 3 != 2:
+            heavy = rng.random(T + G) < 0.08
+            k[heavy] += 2.0 * u
+            k[0] += 4.0 * u  # attention sink
+        else:  # a plain Gaussian head: r about 0, often negative (exercises the clamp)
+            k -= shared * mu
+        K[g] = k
+        V[g] = rng.standard_normal((T + G, D)) * np.exp(rng.uniform(-1.2, 1.2, (T + G, 1)))
+        for h in range(g * grp, (g + 1) * grp):
+            Q[h] = rng.standard_normal((T + G, D)) * 0.7 + rng.uniform(0.5, 2.0) * u
+    return K.astype(np.float32), V.astype(np.float32), Q.astype(np.float32)
+
+
+def colsum_np(Q, K, Hq, Hkv, T):
+    """H2O column sums [Hq, T]: Σ_{i≥j} causal softmax p(i, j) over prompt queries."""
+    D = Q.shape[2]
+    gi = np.arange(Hq) // (Hq // Hkv)
+    out = np.zeros((Hq, T))
+    for h in range(Hq):
+        z = Q[h, :T].astype(np.float64) @ K[gi[h], :T].astype(np.float64).T / math.sqrt(D)
+        z[np.triu(np.ones((T, T), bool), 1)] = -np.inf
+        out[h] = oracle.softmax_masked(z).sum(axis=0)
+    return out.astype(np.float32)
+
+
+def make_capture_trace(kvtrace, path, seed, L, Hq, Hkv, D, T, W, G, dtype, colsum):
+    rng = np.random.default_rng(seed)
+    mod = np.zeros(T, np.uint8)
+    mod[T // 5: T // 2] = 1  # an "image" span
+    with kvtrace.CaptureSession(path, n_layers=L, n_q_heads=Hq, n_kv_heads=Hkv, head_dim=D,
+                                n_tokens=T, window=W, kv_dtype=dtype, name="synthetic",
+                                n_decode=G, with_colsum=colsum, force=True,
+                                capture={"source": "compare_replay.py", "seed": seed}) as s:
+        s.set_tokens(token_ids=np.arange(T) % 251, modality=mod)
+        layers = [synth_layer(rng, Hq, Hkv, D, T, G, l) for l in range(L)]
+        for l, (K, V, Q) in enumerate(layers):
+            # engine-style [T, H, D] buffers passed as strided [H, T, D] views
+            kb = np.ascontiguousarray(K[:, :T].transpose(1, 0, 2))
+            vb = np.ascontiguousarray(V[:, :T].transpose(1, 0, 2))
+            half = T // 2
+            s.submit_kv(l, 0, kb[:half].transpose(1, 0, 2), vb[:half].transpose(1, 0, 2))
+            s.submit_kv(l, half, kb[half:].transpose(1, 0, 2), vb[half:].transpose(1, 0, 2))
+            if colsum:
+                s.submit_queries(l, 0, Q[:, :T])
+            else:
+                s.submit_queries(l, T - W, Q[:, T - W:T])
+        for step in range(G):
+            for l, (K, V, Q) in enumerate(layers):
+                sl = slice(T + step, T + step + 1)
+                s.submit_decode(l, step, Q[:, sl], K[:, sl], V[:, sl])
+            s.submit_decode_token(step, step + 7)
+
+
+def make_writer_trace(kvtrace, path, seed, L, Hq, Hkv, D, T, W, G):
+    """f32 trace written record by record: Q_decode without K/V_decode, column sums from
+    NumPy, no token tables at all."""
+    rng = np.random.default_rng(seed)
+    hdr = {"format": "kvtrace", "created_by": "compare_replay.py", "endianness": "little",
+           "model": {"name": "synthetic-writer", "arch": "llama", "n_layers": L,
+                     "n_q_heads": Hq, "n_kv_heads": Hkv, "head_dim": D,
+                     "rope": {"type": "none"}},
+           "kv_dtype": "f32", "n_tokens": T, "window": W, "n_decode": G,
+           "engine": {"name": "numpy", "version": np.__version__}, "gpu": None,
+           "capture": {}, "synthetic": {"seed": seed}}
+    with kvtrace.TraceWriter(path, hdr, force=True) as w:
+        for l in range(L):
+            K, V, Q = synth_layer(rng, Hq, Hkv, D, T, G, l)
+            w.append("K", K[:, :T], layer=l)
+            w.append("V", V[:, :T], layer=l)
+            w.append("Q_window", Q[:, T - W:T], layer=l)
+            w.append("Q_decode", Q[:, T:T + G], layer=l)
+            w.append("attn_colsum", colsum_np(Q, K, Hq, Hkv, T)[:, :, None], layer=l)
+
+
+# --------------------------------------------------------------------------------------------
+def run_c(kvt_bin, trace, specs, budgets, outdir, tag):
+    res = os.path.join(outdir, tag + ".results.json")
+    sel = os.path.join(outdir, tag + ".sel.json")
+    cmd = [kvt_bin, "replay", trace, "--budgets", ",".join(budgets), "-o", res,
+           "--export-selection", sel, "--threads", "1", "--force"]
+    for sp in specs:
+        cmd += ["--policy", sp]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
+    if p.returncode != 0:
+        raise RuntimeError("kvtrace replay failed (%d): %s\n%s" % (p.returncode,
+                                                                     " ".join(cmd), p.stderr))
+    with open(res) as f:
+        results = json.load(f)
+    with open(sel) as f:
+        selection = json.load(f)
+    return results, selection
+
+
+def close(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, float) and math.isnan(a):
+        return b is None or (isinstance(b, float) and math.isnan(b))
+    return abs(a - b) <= TOL * max(1.0, abs(b))
+
+
+def compare(tag, trace, specs, budgets, kvt_bin, outdir, verbose):
+    results, selection = run_c(kvt_bin, trace, specs, budgets, outdir, tag)
+    orc = oracle.replay_trace(trace, specs, budgets, coverage_probes=256, debug=True)
+    tr = results["traces"][0]
+    labels = [p["label"] for p in results["settings"]["policies"]]
+    if labels != specs:
+        return ["%s: policy labels differ: %r" % (tag, labels)], 0, 0
+    kept_c = {}
+    for r in selection["records"]:
+        if r["step"] == -1 and r["trace"] == 0:
+            kept_c[(r["policy"], r["budget"], r["layer"], r["head"])] = r["kept"]
+    fails, ties, n_cmp = [], 0, 0
+    # oracle_overlap: |S ∩ O| / |O| with O the oracle policy's set (default options) at the
+    # same budget, for kv-head runs (the only granularity the default oracle spec has)
+    orc_sets = orc["policies"].get("oracle", {}).get("budgets")
+    for run in tr["runs"]:
+        pi, bi = run["policy"], run["budget"]
+        label = labels[pi]
+        op = orc["policies"][label]
+        if "skipped" in op:
+            fails.append("%s %s: oracle skipped the policy (%s)" % (tag, label, op["skipped"]))
+            continue
+        B = oracle.resolve_budget(budgets[bi], tr["n_tokens"])
+        if run["budget_tokens"] != B:
+            fails.append("%s %s B=%s: budget_tokens %d, oracle %d"
+                         % (tag, label, budgets[bi], run["budget_tokens"], B))
+            continue
+        if run["short_prompt"] != (tr["n_tokens"] < B):
+            fails.append("%s %s B=%d: short_prompt %r" % (tag, label, B, run["short_prompt"]))
+        layers = op["budgets"][str(B)]["layers"]
+        for l, lay in enumerate(layers):
+            for h, oh in enumerate(lay["heads"]):
+                n_cmp += 1
+                where = "%s %s B=%d layer %d head %d" % (tag, label, B, l, h)
+                kc = kept_c.get((pi, bi, l, h))
+                if kc is None:
+                    fails.append(where + ": no selection record")
+                    continue
+                if kc != oh["kept"]:
+                    # a near-tie (0 < gap < 1e-6) at the head's selection boundary, or a
+                    # cross-head near-tie (gap < 1e-6) at AdaKV's global boundary; exact ties
+                    # inside a head (maxpool plateaus) must follow the documented rule
+                    tm, am = oh.get("tie_margin"), oh.get("alloc_margin")
+                    margins = [m for m in (tm, am) if m is not None]
+                    if (tm is not None and 0 < tm < TIE) or (am is not None and am < TIE):
+                        ties += 1
+                        if verbose:
+                            print("tie: %s (margin %.3g)" % (where, min(margins)))
+                        continue
+                    so, sc = set(oh["kept"]), set(kc)
+                    fails.append("%s: kept sets differ: n %d vs oracle %d; only kvtrace %s; "
+                                 "only oracle %s; margins %s" % (
+                                     where, len(kc), len(oh["kept"]), sorted(sc - so)[:10],
+                                     sorted(so - sc)[:10], margins))
+                    continue
+                m = run["metrics"]
+                if m["n_keep"][l][h] != oh["n_keep"]:
+                    fails.append("%s: n_keep %r vs oracle %d" % (where, m["n_keep"][l][h],
+                                                                 oh["n_keep"]))
+                for cname, oname in METRICS:
+                    cv = m[cname][l][h]
+                    if not close(cv, oh[oname]):
+                        fails.append("%s: %s kvtrace %r oracle %r" % (where, cname, cv,
+                                                                       oh[oname]))
+                ov = m["oracle_overlap"][l][h]
+                if orc_sets and run["granularity"] == "kv_head":
+                    O = set(orc_sets[str(B)]["layers"][l]["heads"][h]["kept"])
+                    want = len(O & set(kc)) / len(O)
+                    if not close(ov, want):
+                        fails.append("%s: oracle_overlap kvtrace %r oracle %r" % (where, ov,
+                                                                                 want))
+                elif not orc_sets and ov is not None:
+                    fails.append("%s: oracle_overlap %r without decode queries" % (where, ov))
+                bm = run.get("by_modality")
+                if ("by_modality" in oh) != (bm is not None):
+                    fails.append("%s: by_modality present in one side only" % where)
+                elif bm is not None:
+                    om = oh["by_modality"]
+                    for cname, oname in (("n_keep", "n_keep"), ("recall_window", "recall"),
+                                         ("coverage", "coverage")):
+                        for mname, ov2 in om[oname].items():
+                            cv = bm[cname][mname][l][h]
+                            if not close(cv, ov2):
+                                fails.append("%s: by_modality.%s.%s kvtrace %r oracle %r"
+                                             % (where, cname, mname, cv, ov2))
+                hk = h if run["granularity"] == "kv_head" else h // (
+                    tr["n_q_heads"] // tr["n_kv_heads"])
+                if not close(tr["r_all"][l][hk], oh["r_all"]):
+                    fails.append("%s: r_all kvtrace %r oracle %r" % (where, tr["r_all"][l][hk],
+                                                                      oh["r_all"]))
+    return fails, ties, n_cmp
+
+
+def has_command(kvt_bin, name):
+    p = subprocess.run([kvt_bin, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True)
+    return any(line.split()[:1] == [name] for line in p.stdout.splitlines())
+
+
+def synth_traces(kvt_bin, outdir):
+    """Traces from `kvtrace synth` (traces/SYNTH.md): the GQA shape `tiny` (Hq 4, Hkv 2) in
+    bf16 with decode steps and column sums, `tiny-vl` (M-RoPE, image tokens) in f16 with a
+    16-query window, and a short f32 `tiny` without decode or column sums."""
+    if not has_command(kvt_bin, "synth"):
+        return []
+    runs = [("synth-tiny", ["--shape", "tiny", "--tokens", "256", "--seed", "11"]),
+            ("synth-tiny-vl", ["--shape", "tiny-vl", "--tokens", "300", "--window", "16",
+                               "--dtype", "f16", "--seed", "12"]),
+            ("synth-tiny-f32", ["--shape", "tiny", "--tokens", "90", "--decode", "0",
+                                "--dtype", "f32", "--colsum", "off", "--seed", "13"])]
+    out = []
+    for tag, args in runs:
+        path = os.path.join(outdir, tag + ".kvt")
+        cmd = [kvt_bin, "synth"] + args + ["--threads", "1", "--force", "-o", path]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
+        if p.returncode != 0:
+            raise RuntimeError("%s failed: %s" % (" ".join(cmd), p.stderr))
+        out.append((tag, path))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description="kvtrace replay vs the NumPy oracle")
+    ap.add_argument("--keep", help="write traces and results here and keep them")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--only", help="run only the trace with this tag")
+    a = ap.parse_args()
+    kvt_bin = os.environ.get("KVT_BIN")
+    if not kvt_bin or not os.path.exists(kvt_bin):
+        print("SKIP: KVT_BIN is not set to the kvtrace CLI")
+        return 77
+    if not has_command(kvt_bin, "replay"):
+        print("SKIP: this kvtrace has no replay command yet")
+        return 77
+    kvtrace = oracle._import_kvtrace()
+    outdir = a.keep or tempfile.mkdtemp(prefix="kvt_compare_")
+    os.makedirs(outdir, exist_ok=True)
+    try:
+        traces = []
+        p = os.path.join(outdir, "gqa-f16.kvt")
+        make_capture_trace(kvtrace, p, 1, L=3, Hq=8, Hkv=2, D=16, T=200, W=32, G=12,
+                           dtype="f16", colsum=True)
+        traces.append(("gqa-f16", p, 32, True, True))
+        p = os.path.join(outdir, "mqa-f32.kvt")
+        make_writer_trace(kvtrace, p, 2, L=4, Hq=4, Hkv=1, D=32, T=300, W=32, G=9)
+        traces.append(("mqa-f32", p, 32, True, True))
+        p = os.path.join(outdir, "mha-bf16.kvt")
+        make_capture_trace(kvtrace, p, 3, L=2, Hq=4, Hkv=4, D=8, T=96, W=16, G=0,
+                           dtype="bf16", colsum=False)
+        traces.append(("mha-bf16", p, 16, False, False))
+        sample = os.path.join(ROOT, "traces", "samples", "stories260K.kvt")
+        if os.path.exists(sample):
+            traces.append(("stories260K", sample, 32, True, True))
+        for tag, path in synth_traces(kvt_bin, outdir):
+            with kvtrace.open(path) as t:
+                Wt = t.shape("Q_window", 0)[1]
+                dec = t.has("Q_decode", 0)
+                cs = t.has("attn_colsum", 0)
+            traces.append((tag, path, min(Wt, 32), dec, cs))
+        total_fail, total_ties, total_cmp = [], 0, 0
+        for tag, path, W, dec, cs in traces:
+            if a.only and tag != a.only:
+                continue
+            specs = policy_specs(W, dec, cs)
+            with kvtrace.open(path) as t:
+                T = t.shape("K", 0)[1]
+            # below the window, just above it, mid, a fraction, one where N < 2(B−W) (the
+            # KVCache-Factory pyramid fallback differs), and a short-prompt budget
+            budgets = [str(max(1, W // 2)), str(W + 8), str(min(T - 1, W + 40)), "30%",
+                       str(T - 10), str(T + 50)]
+            fails, ties, n = compare(tag, path, specs, budgets, kvt_bin, outdir, a.verbose)
+            print("%-15s %3d policies x %d budgets: %6d head sets compared, %d ties, %d failures"
+                  % (tag, len(specs), len(budgets), n, ties, len(fails)))
+            total_fail += fails
+            total_ties += ties
+            total_cmp += n
+        for f in total_fail[:40]:
+            print("FAIL " + f)
+        if len(total_fail) > 40:
+            print("... %d more failures" % (len(total_fail) - 40))
+        if total_cmp and total_ties > max(3, total_cmp // 200):
+            print("FAIL too many ties: %d of %d" % (total_ties, total_cmp))
+            return 1
+        return 1 if total_fail else 0
+    finally:
+        if not a.keep:
+            shutil.rmtree(outdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

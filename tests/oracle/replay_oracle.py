@@ -1,0 +1,713 @@
+#!/usr/bin/python3
+"""replay_oracle.py - an independent NumPy oracle of kvtrace's policy replay.
+
+Written from /work/shared/POLICIES.md (the policy and metric definitions) and DESIGN.md §4
+only, without reading the C replay code, so that the two implementations check each other.
+Everything is computed in float64 from the trace tensors converted to float32.
+
+What it implements (POLICIES.md section in brackets):
+  * window attention scores [§0.1]: softmax over all N keys with the causal mask inside the
+    window only, mean over the last W window queries, no renormalisation, GQA reduction
+    (mean, or max) BEFORE pooling, 1-D pooling stride 1 padding k//2 (avg: zero padding,
+    divisor always k = count_include_pad; max: padding ignored);
+  * snapkv [§1], pyramidkv [§2] (MixKV/AdaKV variant, or the KVCache-Factory N < 2·base
+    fallback with fallback=1), adakv allocation 3a [§3] (normalize, alpha, floor, round half
+    to even = torch.round), mixkv-snapkv / mixkv-pyramidkv / mixkv-adakv [§4.1, §4.3] with
+    online r, streamingllm [§7] (sinks + recent), h2o [§6] one shot from column sums;
+    extras: full, knorm, vnorm, keydiff [§8], tova [§8], oracle (decode-attention ranking);
+  * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
+    renormalised over the kept set) on all stored window queries and on decode queries (which
+    also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
+    evicted), key-space coverage (mean over probe keys of the best cosine to a kept key) and
+    its k-center radius, head redundancy r on all keys and on the kept set; with a modality
+    table, per modality: kept count, window recall and coverage.
+
+Conventions (where the spec leaves room; the same as analysis/RESULTS.md documents):
+  * Budget B = entries kept per head, window included: b = B − W prefix tokens are selected.
+    If N < B every policy keeps all N. If B < W, a window policy keeps the last B tokens.
+  * Ranking: window first (most recent first), then the prefix by score descending, ties to
+    the LOWER token index (np.argsort(-s, kind="stable")); NaN last.
+  * AdaKV's global top-k breaks ties by the lower flattened index g·|P| + rank.
+  * Selection per KV head (heads=kv, mean GQA reduction) or per query head (heads=query).
+  * Per-KV-head recall/err = mean over the group's query heads and their queries.
+
+Python API:  replay_layer(...)  one layer (numpy arrays in), replay_trace(...)  a .kvt file.
+CLI:  replay_oracle.py TRACE -o out.json [--policies LIST] [--budgets 64,128,10%] ...
+Output JSON: {"settings": {...}, "trace": {...}, "policies": {label: {"budgets": {str(B):
+  {"budget_tokens": B, "layers": [{"heads": [{"kept": [...], "n_keep", "recall",
+  "recall_decode", "err_window", "err_decode", "coverage", "coverage_radius", "r_all",
+  "r_kept", "by_modality" (with a modality table: {"n_keep"|"recall"|"coverage": {"text",
+  "image", "video", "other"}})}, ...]}, ...]}}}}}  (null where not applicable).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover
+    print("SKIP: numpy is not installed for " + sys.executable)
+    sys.exit(77)
+
+# --------------------------------------------------------------------------------------------
+# Policy registry: name -> default options. Option names follow `kvtrace replay
+# --list-policies` so that specs read the same on both sides; clamp_r is oracle-only.
+# --------------------------------------------------------------------------------------------
+_SNAP = {"window": 32, "kernel": 5, "pool": "avg", "reduce": "mean", "heads": "kv"}
+POLICIES = {
+    "full": {"heads": "kv"},
+    "streamingllm": {"heads": "kv", "sinks": 4},
+    "h2o": {"window": 32, "reduce": "mean", "heads": "kv"},
+    "tova": {"heads": "kv"},
+    "snapkv": dict(_SNAP),
+    "pyramidkv": dict(_SNAP, beta=20, fallback=0),
+    "adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0),
+    "knorm": {"window": 0, "heads": "kv"},
+    "vnorm": {"window": 0, "heads": "kv"},
+    "keydiff": {"window": 0, "heads": "kv"},
+    "mixkv-snapkv": dict(_SNAP, clamp_r=1),
+    "mixkv-pyramidkv": dict(_SNAP, beta=20, fallback=0, clamp_r=1),
+    "mixkv-adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0, clamp_r=1),
+    "oracle": {"window": 0, "heads": "kv"},
+}
+NEEDS = {"h2o": "colsum", "oracle": "decode"}
+MODALITY_NAMES = ("text", "image", "video", "other")
+DEFAULT_POLICIES = ["full", "streamingllm", "snapkv", "pyramidkv", "adakv", "mixkv-snapkv",
+                    "mixkv-pyramidkv", "mixkv-adakv"]
+
+
+def _parse_value(s):
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    low = s.lower()
+    if low in ("true", "yes", "on"):
+        return 1
+    if low in ("false", "no", "off"):
+        return 0
+    return s
+
+
+def parse_policy(spec):
+    """"name:key=value,key=value" -> (label, name, options with defaults filled in)."""
+    spec = spec.strip()
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower()
+    if name not in POLICIES:
+        raise ValueError("unknown policy %r (known: %s)" % (name, ", ".join(POLICIES)))
+    opts = dict(POLICIES[name])
+    if rest:
+        for item in rest.split(","):
+            if not item.strip():
+                continue
+            k, eq, v = item.partition("=")
+            k = k.strip()
+            if not eq or k not in opts:
+                raise ValueError("policy %s: unknown option %r (options: %s)"
+                                 % (name, item, ", ".join(opts)))
+            opts[k] = _parse_value(v.strip())
+    if opts.get("pool", "avg") not in ("avg", "max"):
+        raise ValueError("pool must be avg or max")
+    if opts.get("reduce", "mean") not in ("mean", "max"):
+        raise ValueError("reduce must be mean or max")
+    if opts.get("heads", "kv") not in ("kv", "query"):
+        raise ValueError("heads must be kv or query")
+    return spec, name, opts
+
+
+def split_policy_list(text):
+    """The CLI convention: comma-separated specs; an item with '=' and no ':' continues the
+    previous spec ("snapkv:kernel=7,pool=max,adakv" -> two specs)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" in item and ":" not in item and out:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
+def resolve_budget(b, n_tokens):
+    """64 -> 64; "64" -> 64; "10%" -> max(1, floor(0.1*T + 0.5))."""
+    if isinstance(b, str) and b.strip().endswith("%"):
+        f = float(b.strip()[:-1]) / 100.0
+        return max(1, int(math.floor(f * n_tokens + 0.5)))
+    return int(b)
+
+
+# --------------------------------------------------------------------------------------------
+# §0.1 primitives
+# --------------------------------------------------------------------------------------------
+def softmax_masked(z):
+    """Row softmax in float64 of logits where -inf marks masked entries."""
+    z = np.asarray(z, dtype=np.float64)
+    m = np.max(z, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(z - m)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def group_of(n_q_heads, n_kv_heads):
+    """g(h) = floor(h / G): the repeat_kv layout."""
+    G = n_q_heads // n_kv_heads
+    return np.arange(n_q_heads) // G
+
+
+def window_probs(K, Qw, scale=None):
+    """Pr[h, i, j] for every stored window query i (position N−Wt+i) over all N keys: causal
+    mask inside the window only. K [Hkv,N,D], Qw [Hq,Wt,D] -> [Hq,Wt,N] float64."""
+    K = np.asarray(K, dtype=np.float64)
+    Qw = np.asarray(Qw, dtype=np.float64)
+    Hkv, N, D = K.shape
+    Hq, Wt, _ = Qw.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    gi = group_of(Hq, Hkv)
+    z = np.einsum("hwd,hnd->hwn", Qw, K[gi]) * scale
+    pos = N - Wt + np.arange(Wt)
+    mask = np.arange(N)[None, :] > pos[:, None]
+    z[:, mask] = -np.inf
+    return softmax_masked(z)
+
+
+def window_scores(Pw, W):
+    """a_h[j] = (1/W) Σ_{last W window queries} Pr[i, j] for j in P = [0, N−W): [Hq, N−W]."""
+    Hq, Wt, N = Pw.shape
+    if W > Wt:
+        raise ValueError("window W=%d exceeds the stored window Wt=%d" % (W, Wt))
+    return Pw[:, Wt - W:, :N - W].mean(axis=1)
+
+
+def reduce_heads(a, n_kv_heads, how="mean"):
+    """GQA reduction of per-query-head rows a [Hq, n] to [Hkv, n] (mean or max)."""
+    Hq = a.shape[0]
+    G = Hq // n_kv_heads
+    r = a.reshape(n_kv_heads, G, -1)
+    return r.mean(axis=1) if how == "mean" else r.max(axis=1)
+
+
+def pool1d(s, k, how="avg"):
+    """Stride 1, padding k//2, output length len(s). avg: zeros outside, divisor always k.
+    max: max over in-range entries only."""
+    s = np.asarray(s, dtype=np.float64)
+    n = s.shape[-1]
+    if k <= 1 or n == 0:
+        return s.copy()
+    if k % 2 == 0:
+        raise ValueError("kernel must be odd")
+    h = k // 2
+    if how == "avg":
+        pad = np.zeros(s.shape[:-1] + (n + 2 * h,))
+        pad[..., h:h + n] = s
+        out = np.zeros_like(s)
+        for t in range(k):
+            out += pad[..., t:t + n]
+        return out / k
+    pad = np.full(s.shape[:-1] + (n + 2 * h,), -np.inf)
+    pad[..., h:h + n] = s
+    out = np.full_like(s, -np.inf)
+    for t in range(k):
+        out = np.maximum(out, pad[..., t:t + n])
+    return out
+
+
+def unit_rows(X):
+    X = np.asarray(X, dtype=np.float64)
+    n = np.linalg.norm(X, axis=-1, keepdims=True)
+    return X / np.maximum(n, 1e-12)
+
+
+def head_redundancy(K):
+    """MixKV r = (n·||m||² − 1)/(n − 1), m the mean of the n unit keys; None for n < 2."""
+    n = K.shape[0]
+    if n < 2:
+        return None
+    m = unit_rows(K).mean(axis=0)
+    return float((n * np.dot(m, m) - 1.0) / (n - 1.0))
+
+
+def stable_desc_order(score):
+    """Indices by score descending, ties by lower index, NaN last."""
+    s = np.asarray(score, dtype=np.float64)
+    key = np.where(np.isnan(s), np.inf, -s)
+    return np.argsort(key, kind="stable")
+
+
+def window_first_order(prefix_score, N, W):
+    """Window first (N−1, N−2, ..., N−W), then the prefix [0, N−W) by score."""
+    win = np.arange(N - 1, N - W - 1, -1, dtype=np.int64)
+    return np.concatenate([win, stable_desc_order(prefix_score).astype(np.int64)])
+
+
+# --------------------------------------------------------------------------------------------
+# Budget allocations
+# --------------------------------------------------------------------------------------------
+def pyramid_budgets(B, W, N, L, beta=20, fallback=False):
+    """Selected prefix tokens b_l per layer (window W extra), POLICIES §2. fallback=True adds
+    the KVCache-Factory rule (N < 2·base -> uniform base). The short-prompt rule (N < B) is
+    the caller's. L = 1 gives b = B − W."""
+    base = B - W
+    if fallback and N < 2 * base:
+        return [base] * L
+    if L <= 1:
+        return [base] * L
+    min_num = base // beta
+    max_num = 2 * base - min_num
+    if max_num >= N - W:
+        max_num = N - W
+        min_num = 2 * base - max_num
+    steps = (max_num - min_num) // (L - 1)
+    return [max_num - l * steps for l in range(L)]
+
+
+def adakv_caps(pooled, b, alpha=0.2, normalize=True, layer=0, skip=0, margin=None):
+    """AdaKV 3a allocation (POLICIES §3) from per-head pooled scores pooled [H', |P|].
+    Returns the per-head selected counts cap_g (window extra), or None for "no compression"
+    (b > |P|). margin: optional list that receives the relative score gap at the global
+    top-H'·b boundary (small = a near-tie that may decide the allocation)."""
+    pooled = np.asarray(pooled, dtype=np.float64)
+    H, nP = pooled.shape
+    if b > nP:
+        return None
+    if b <= 0:
+        return np.zeros(H, dtype=np.int64)
+    if layer < skip:
+        return np.full(H, b, dtype=np.int64)
+    s = -np.sort(-pooled, axis=1)  # each head descending
+    if normalize:
+        tot = s.sum(axis=1, keepdims=True)
+        top = s[:, :b].sum(axis=1, keepdims=True)
+        w = np.where(tot != 0, top / np.where(tot != 0, tot, 1.0), 0.0)
+        s = s * w
+    flat = s.reshape(-1)
+    gorder = stable_desc_order(flat)
+    picks = gorder[:H * b]
+    if margin is not None and H * b < flat.size:
+        # the allocation only depends on which HEAD the boundary values come from: the gap
+        # between the lowest pick of one head and the highest non-pick of another head
+        picked = np.zeros(flat.size, bool)
+        picked[picks] = True
+        fs, ps = flat.reshape(H, nP), picked.reshape(H, nP)
+        lo_pick = np.where(ps, fs, np.inf).min(axis=1)
+        hi_rest = np.where(~ps, fs, -np.inf).max(axis=1)
+        gaps = [(lo_pick[g] - hi_rest[g2]) / max(abs(lo_pick[g]), 1e-300)
+                for g in range(H) for g2 in range(H)
+                if g != g2 and np.isfinite(lo_pick[g]) and np.isfinite(hi_rest[g2])]
+        margin.append(float(min(gaps)) if gaps else None)
+    n = np.bincount(picks // nP, minlength=H)
+    cap = np.rint(n * (1.0 - alpha) + math.floor(alpha * b)).astype(np.int64)
+    return np.clip(cap, 0, nP)
+
+
+# --------------------------------------------------------------------------------------------
+# MixKV §4.1
+# --------------------------------------------------------------------------------------------
+def mixkv_composite(p, Kg, Vg, W, clamp_r=True):
+    """c[j] over the prefix for one head: p pooled attention [|P|], Kg/Vg the KV head's keys and
+    values [N, D]. Returns (c, r)."""
+    p = np.asarray(p, dtype=np.float64)
+    Kg = np.asarray(Kg, dtype=np.float64)
+    Vg = np.asarray(Vg, dtype=np.float64)
+    N = Kg.shape[0]
+    nP = N - W
+    mp = p.mean() if nP > 0 else 0.0
+    # intrinsic importance: VNorm, min-max over P (flat -> 0), mean-matched to mean(p)
+    u = np.linalg.norm(Vg[:nP], axis=1)
+    if nP > 0 and u.max() > u.min():
+        uh = (u - u.min()) / (u.max() - u.min())
+    else:
+        uh = np.zeros(nP)
+    vprime = uh * mp / ((uh.mean() if nP else 0.0) + 1e-8)
+    # diversity: KeyDiff, unit-key mean over ALL N keys
+    kh = unit_rows(Kg)
+    m = kh.mean(axis=0)
+    delta = -(kh[:nP] @ m)
+    if nP > 0:
+        dh = (delta - delta.min()) / (delta.max() - delta.min() + 1e-8)
+    else:
+        dh = delta
+    dprime = dh * mp / ((dh.mean() if nP else 0.0) + 1e-8)
+    r = (N * float(m @ m) - 1.0) / (N - 1.0) if N > 1 else 0.0
+    if clamp_r:
+        r = min(1.0, max(0.0, r))
+    c = r * dprime + (1.0 - r) * (p + vprime)
+    return c, r
+
+
+# --------------------------------------------------------------------------------------------
+# Layer context and metrics
+# --------------------------------------------------------------------------------------------
+class LayerInputs:
+    """One layer's tensors (float64 copies). K, V [Hkv,N,D]; Qw [Hq,Wt,D]; optional Qd
+    [Hq,Gd,D], Kd/Vd [Hkv,Gd,D] (decode keys/values), colsum [Hq,N]."""
+
+    def __init__(self, K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, scale=None,
+                 modality=None):
+        f = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
+        self.K, self.V, self.Qw = f(K), f(V), f(Qw)
+        self.Qd, self.Kd, self.Vd, self.colsum = f(Qd), f(Kd), f(Vd), f(colsum)
+        self.Hkv, self.N, self.D = self.K.shape
+        self.Hq, self.Wt = self.Qw.shape[:2]
+        if self.Hq % self.Hkv:
+            raise ValueError("Hq=%d is not a multiple of Hkv=%d" % (self.Hq, self.Hkv))
+        self.G = self.Hq // self.Hkv
+        self.gi = group_of(self.Hq, self.Hkv)
+        self.scale = 1.0 / math.sqrt(self.D) if scale is None else float(scale)
+        self.Pw = window_probs(self.K, self.Qw, self.scale)
+        self._decode()
+        self.r_all = [head_redundancy(self.K[g]) for g in range(self.Hkv)]
+        self.modality = None if modality is None else np.asarray(modality).astype(np.int64)
+
+    def _decode(self):
+        self.Pd = None
+        if self.Qd is None or self.Qd.shape[1] == 0:
+            return
+        Q, gi = self.Qd, self.gi
+        Gd = Q.shape[1]
+        z = np.einsum("hsd,hnd->hsn", Q, self.K[gi]) * self.scale  # [Hq, Gd, N]
+        if self.Kd is not None and self.Vd is not None:
+            zx = np.einsum("hsd,htd->hst", Q, self.Kd[gi]) * self.scale  # [Hq, Gd, Gd]
+            zx[:, np.arange(Gd)[None, :] > np.arange(Gd)[:, None]] = -np.inf
+        else:
+            zx = np.full((self.Hq, Gd, 0), -np.inf)
+        m = np.maximum(z.max(axis=2), zx.max(axis=2, initial=-np.inf))[..., None]
+        e, ex = np.exp(z - m), np.exp(zx - m)
+        Z = e.sum(axis=2) + ex.sum(axis=2)
+        self.Pd = e / Z[..., None]                                  # [Hq, Gd, N]
+        self.px = ex.sum(axis=2) / Z                                # [Hq, Gd]
+        if ex.shape[2]:
+            self.ox = np.einsum("hst,htd->hsd", ex, self.Vd[gi]) / Z[..., None]
+        else:
+            self.ox = np.zeros((self.Hq, Gd, self.V.shape[2]))
+
+    # -- metric helpers for one query head h and kept index set S --
+    @staticmethod
+    def _recall_err(P, V, S, px=None, ox=None):
+        """P [nq, N] probabilities, V [N, Dv]. Returns (recall mean, err mean) over queries."""
+        nq = P.shape[0]
+        if px is None:
+            px = np.zeros(nq)
+            ox = np.zeros((nq, V.shape[1]))
+        Z = P.sum(axis=1) + px
+        num = P @ V + ox
+        o = num / Z[:, None]
+        PS = P[:, S]
+        mass = PS.sum(axis=1) + px
+        rec = mass / Z
+        numS = PS @ V[S] + ox
+        err = np.ones(nq)
+        ok = mass > 0
+        oS = numS[ok] / mass[ok][:, None]
+        no = np.linalg.norm(o[ok], axis=1)
+        err[ok] = np.linalg.norm(oS - o[ok], axis=1) / no
+        return float(rec.mean()), float(err.mean())
+
+    def metrics(self, qheads, g, S, probes):
+        """Metrics of kept set S (sorted index array) of KV head g, judged on query heads
+        `qheads` (the group for kv granularity, one head for query granularity)."""
+        rw, ew, rd, ed = [], [], [], []
+        for h in qheads:
+            r, e = self._recall_err(self.Pw[h], self.V[g], S)
+            rw.append(r)
+            ew.append(e)
+            if self.Pd is not None:
+                r, e = self._recall_err(self.Pd[h], self.V[g], S, self.px[h], self.ox[h])
+                rd.append(r)
+                ed.append(e)
+        kh = unit_rows(self.K[g])
+        n = min(probes, self.N)
+        pidx = (np.arange(n) * self.N) // n if n > 0 else None
+        best = None
+        if n > 0 and len(S):
+            cos = kh[pidx] @ kh[S].T
+            best = cos.max(axis=1)
+            cov, rad = float(best.mean()), float((1.0 - best).max())
+        else:
+            cov = rad = None
+        out = {
+            "recall": float(np.mean(rw)),
+            "err_window": float(np.mean(ew)),
+            "recall_decode": float(np.mean(rd)) if rd else None,
+            "err_decode": float(np.mean(ed)) if ed else None,
+            "coverage": cov,
+            "coverage_radius": rad,
+            "r_all": self.r_all[g],
+            "r_kept": head_redundancy(self.K[g][S]),
+        }
+        if self.modality is not None:
+            out["by_modality"] = self._by_modality(qheads, S, best, pidx)
+        return out
+
+    def _by_modality(self, qheads, S, best, pidx):
+        """Per modality m: kept count; window recall = kept mass on m / full mass on m,
+        averaged over the (query head, window query) pairs that put mass on m; coverage =
+        mean best cosine over the probe keys of m."""
+        mod = self.modality
+        inS = np.zeros(self.N, bool)
+        inS[S] = True
+        res = {"n_keep": {}, "recall": {}, "coverage": {}}
+        for code, name in enumerate(MODALITY_NAMES):
+            on = mod == code
+            res["n_keep"][name] = int((inS & on).sum())
+            ratios = []
+            for h in qheads:
+                full = self.Pw[h][:, on].sum(axis=1)
+                kept = self.Pw[h][:, inS & on].sum(axis=1)
+                ratios += list(kept[full > 0] / full[full > 0])
+            res["recall"][name] = float(np.mean(ratios)) if ratios else None
+            if best is not None and on[pidx].any():
+                res["coverage"][name] = float(best[on[pidx]].mean())
+            else:
+                res["coverage"][name] = None
+        return res
+
+
+def _orders_and_counts(name, o, ctx, B, layer, n_layers):
+    """For one policy and budget: the per-head ranking (all N tokens) and kept counts.
+    Returns (orders [H'][N], counts [H'], info) where info holds "scores" (per head, the
+    ranking score of every token, +inf for protected ones, or None) and "alloc_margin"."""
+    info = {"scores": None, "alloc_margin": None}
+    o_, c_ = _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info)
+    return o_, c_, info
+
+
+def _win_scores(prefix_score, N, W):
+    return np.concatenate([np.asarray(prefix_score, dtype=np.float64), np.full(W, np.inf)])
+
+
+def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info):
+    N, W = ctx.N, int(o.get("window", 0))
+    query = o.get("heads", "kv") == "query"
+    H = ctx.Hq if query else ctx.Hkv
+    heads_kv = [ctx.gi[h] for h in range(H)] if query else list(range(H))
+    short = N < B
+
+    def uniform(n):
+        return [min(n, N)] * H
+
+    if name == "full":
+        return [np.arange(N)] * H, [N] * H
+    if name == "streamingllm":
+        s = min(int(o["sinks"]), N)
+        order = np.concatenate([np.arange(s), np.arange(N - 1, s - 1, -1)])
+        return [order] * H, uniform(N if short else B)
+    if name == "tova":
+        # last window query's attention averaged over all Hq heads; one set for the layer;
+        # the last token always kept.
+        sc = ctx.Pw[:, -1, :N - 1].mean(axis=0)
+        order = window_first_order(sc, N, 1)
+        info["scores"] = [_win_scores(sc, N, 1)] * H
+        return [order] * H, uniform(N if short else B)
+    if name in ("knorm", "vnorm", "keydiff", "oracle"):
+        orders = []
+        for hh in range(H):
+            g = heads_kv[hh]
+            if name == "knorm":
+                full = -np.linalg.norm(ctx.K[g], axis=1)
+            elif name == "vnorm":
+                full = np.linalg.norm(ctx.V[g], axis=1)
+            elif name == "keydiff":
+                kh = unit_rows(ctx.K[g])
+                full = -(kh @ kh.mean(axis=0))
+            else:
+                if ctx.Pd is None:
+                    raise ValueError("oracle needs decode queries")
+                qh = [hh] if query else list(np.where(ctx.gi == g)[0])
+                full = ctx.Pd[qh].mean(axis=(0, 1))
+            orders.append(window_first_order(full[:N - W], N, W))
+            info.setdefault("_s", []).append(_win_scores(full[:N - W], N, W))
+        info["scores"] = info.pop("_s")
+        return orders, uniform(N if short else B)
+
+    # window policies from here on
+    if name == "h2o":
+        W = min(W, N)
+        if ctx.colsum is None:
+            raise ValueError("h2o needs attn_colsum")
+        a = ctx.colsum[:, :N - W]
+        sc = a if query else reduce_heads(a, ctx.Hkv, o["reduce"])
+    else:
+        if W > ctx.Wt:
+            raise ValueError("%s: window %d > stored window %d" % (name, W, ctx.Wt))
+        a = window_scores(ctx.Pw, W)
+        red = a if query else reduce_heads(a, ctx.Hkv, o["reduce"])
+        sc = pool1d(red, int(o["kernel"]), o["pool"])
+    pooled = sc
+    if name.startswith("mixkv-"):
+        sc = np.stack([mixkv_composite(pooled[hh], ctx.K[heads_kv[hh]], ctx.V[heads_kv[hh]], W,
+                                       bool(o["clamp_r"]))[0] for hh in range(H)]) \
+            if N - W > 0 else pooled
+    orders = [window_first_order(sc[hh], N, W) for hh in range(H)]
+    info["scores"] = [_win_scores(sc[hh], N, W) for hh in range(H)]
+    if short:
+        return orders, [N] * H
+    if B < W:
+        return orders, [B] * H
+    nP = N - W
+    base = B - W
+    if name in ("snapkv", "h2o", "mixkv-snapkv"):
+        return orders, [W + min(base, nP)] * H
+    if name in ("pyramidkv", "mixkv-pyramidkv"):
+        bl = pyramid_budgets(B, W, N, n_layers, int(o["beta"]), bool(o["fallback"]))[layer]
+        return orders, [W + max(0, min(bl, nP))] * H
+    if name in ("adakv", "mixkv-adakv"):
+        margin = []
+        caps = adakv_caps(pooled, base, float(o["alpha"]), bool(o["normalize"]), layer,
+                          int(o["skip"]), margin)
+        info["alloc_margin"] = margin[0] if margin else None
+        if caps is None:
+            return orders, [N] * H
+        return orders, [W + int(c) for c in caps]
+    raise ValueError("unknown policy %s" % name)
+
+
+def _tie_margin(order, n, scores, hh):
+    if scores is None or n <= 0 or n >= len(order):
+        return None
+    sc = scores[hh]
+    hi, lo = sc[order[n - 1]], sc[order[n]]
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        return None
+    return float(abs(hi - lo) / max(abs(hi), abs(lo), 1e-300))
+
+
+def replay_layer(K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, *, policies=None,
+                 budgets=(64, 128), layer=0, n_layers=1, scale=None, coverage_probes=256,
+                 ctx=None, debug=False):
+    """Replay policies on one layer.
+
+    K, V [Hkv,N,D]; Qw [Hq,Wt,D]; Qd [Hq,Gd,D] or None; Kd, Vd [Hkv,Gd,D] or None;
+    colsum [Hq,N] or None (h2o). policies: specs ("snapkv:kernel=7,pool=max") or
+    (label, name, options) tuples; budgets: tokens or "10%" strings.
+    Returns {label: {B: [head dict, ...]}} where each head dict has "kept" (sorted list),
+    "n_keep" and the metrics. Policies whose input is missing are skipped. debug=True adds
+    "tie_margin" (relative score gap between the last kept and the first dropped token: a
+    tiny value marks a near-tie that another implementation may break differently) and
+    "alloc_margin" (the same at AdaKV's global top-k boundary)."""
+    if ctx is None:
+        ctx = LayerInputs(K, V, Qw, Qd, Kd, Vd, colsum, scale)
+    pols = [p if isinstance(p, tuple) else parse_policy(p)
+            for p in (policies or DEFAULT_POLICIES)]
+    out = {}
+    for label, name, o in pols:
+        if NEEDS.get(name) == "colsum" and ctx.colsum is None:
+            continue
+        if NEEDS.get(name) == "decode" and ctx.Pd is None:
+            continue
+        query = o.get("heads", "kv") == "query"
+        res = {}
+        for b in budgets:
+            B = resolve_budget(b, ctx.N)
+            orders, counts, info = _orders_and_counts(name, o, ctx, B, layer, n_layers)
+            heads = []
+            for hh, (order, n) in enumerate(zip(orders, counts)):
+                S = np.sort(order[:n])
+                g = int(ctx.gi[hh]) if query else hh
+                qheads = [hh] if query else list(range(g * ctx.G, (g + 1) * ctx.G))
+                d = {"kept": [int(x) for x in S], "n_keep": int(len(S))}
+                d.update(ctx.metrics(qheads, g, S, coverage_probes))
+                if debug:
+                    d["tie_margin"] = _tie_margin(order, n, info["scores"], hh)
+                    d["alloc_margin"] = info["alloc_margin"]
+                heads.append(d)
+            res[B] = heads
+        out[label] = res
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Traces
+# --------------------------------------------------------------------------------------------
+def _import_kvtrace():
+    try:
+        import kvtrace
+        return kvtrace
+    except ImportError:
+        root = os.environ.get("KVT_SOURCE_ROOT") or os.path.dirname(os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__))))
+        sys.path.insert(0, os.path.join(root, "python"))
+    import kvtrace
+    return kvtrace
+
+
+def load_layer(t, layer, scale=None):
+    """LayerInputs of one layer of an open kvtrace.Trace (float32 -> float64)."""
+    def rd(kind):
+        return t.read(kind, layer=layer, dtype="float32") if t.has(kind, layer) else None
+
+    colsum = rd("attn_colsum")
+    if colsum is not None:
+        colsum = colsum[:, :, 0]
+    return LayerInputs(rd("K"), rd("V"), rd("Q_window"), rd("Q_decode"), rd("K_decode"),
+                       rd("V_decode"), colsum, scale, t.tokens["modality"])
+
+
+def replay_trace(path, policies=None, budgets=(64, 128, 256, 512), layers=None,
+                 coverage_probes=256, scale=None, debug=False):
+    """Replay a .kvt trace; returns the canonical JSON object (see the module docstring)."""
+    kvtrace = _import_kvtrace()
+    pols = [parse_policy(p) for p in (policies or DEFAULT_POLICIES)]
+    with kvtrace.open(path) as t:
+        hdr = t.header
+        model = hdr.get("model", {})
+        L = int(model.get("n_layers", len(t.layers("K"))))
+        layer_ids = list(range(L)) if layers is None else list(layers)
+        N = t.shape("K", 0)[1]
+        out = {"policies": {}, "settings": {
+            "policies": [{"label": lb, "name": n, "options": o} for lb, n, o in pols],
+            "budgets": [str(b) for b in budgets], "coverage_probes": coverage_probes},
+            "trace": {"path": os.fspath(path), "n_layers": L, "n_tokens": N,
+                      "layers": layer_ids}}
+        for label, name, o in pols:
+            out["policies"][label] = {"name": name, "options": o, "budgets": {}}
+        for layer in layer_ids:
+            ctx = load_layer(t, layer, scale)
+            res = replay_layer(None, None, None, policies=pols, budgets=budgets, layer=layer,
+                               n_layers=L, coverage_probes=coverage_probes, ctx=ctx,
+                               debug=debug)
+            for label, by_b in res.items():
+                pb = out["policies"][label]["budgets"]
+                for B, heads in by_b.items():
+                    pb.setdefault(str(B), {"budget_tokens": B, "layers": []})
+                    pb[str(B)]["layers"].append({"layer": layer, "heads": heads})
+        # drop policies that were skipped for lack of input
+        for label in list(out["policies"]):
+            if not out["policies"][label]["budgets"]:
+                out["policies"][label]["skipped"] = "missing input (%s)" % NEEDS.get(
+                    out["policies"][label]["name"], "?")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                    help="comma-separated specs NAME[:key=value,...]")
+    ap.add_argument("--policy", action="append", default=[], help="add one spec")
+    ap.add_argument("--budgets", default="64,128,256,512")
+    ap.add_argument("--layers", default=None, help="comma-separated layers (default all)")
+    ap.add_argument("--coverage-probes", type=int, default=256)
+    ap.add_argument("--scale", type=float, default=None, help="softmax scale (1/sqrt(D))")
+    ap.add_argument("--indent", type=int, default=None)
+    ap.add_argument("--debug", action="store_true",
+                    help="add tie_margin / alloc_margin to every head")
+    a = ap.parse_args(argv)
+    pols = split_policy_list(a.policies) + a.policy
+    budgets = [b if b.endswith("%") else int(b) for b in a.budgets.split(",") if b]
+    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+    res = replay_trace(a.trace, pols, budgets, layers, a.coverage_probes, a.scale, a.debug)
+    with open(a.output, "w") as f:
+        json.dump(res, f, indent=a.indent, sort_keys=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
