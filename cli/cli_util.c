@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 int kvt_cli_fail(const char *cmd, const char *fmt, ...)
@@ -123,4 +124,29 @@ bool kvt_cli_wants_help(int argc, char **argv)
             return true;
     }
     return false;
+}
+
+bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char *const *inputs,
+                       size_t n_inputs)
+{
+    if (!out) {
+        kvt_cli_fail(cmd, "no output file (-o FILE)");
+        return false;
+    }
+    struct stat so;
+    if (stat(out, &so) != 0)
+        return true; /* does not exist yet */
+    for (size_t i = 0; i < n_inputs; i++) {
+        struct stat si;
+        if (inputs[i] && stat(inputs[i], &si) == 0 && si.st_dev == so.st_dev &&
+            si.st_ino == so.st_ino) {
+            kvt_cli_fail(cmd, "output %s is also an input: refusing to overwrite it", out);
+            return false;
+        }
+    }
+    if (!force) {
+        kvt_cli_fail(cmd, "%s exists (use --force to overwrite)", out);
+        return false;
+    }
+    return true;
 }

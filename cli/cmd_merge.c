@@ -60,14 +60,8 @@ int kvt_cmd_merge(int argc, char **argv)
         kvt_cli_fail(cmd, "no part given (usage: kvtrace merge PART... -o results.json)");
         goto out_free;
     }
-    if (!out) {
-        kvt_cli_fail(cmd, "no output file (-o results.json)");
+    if (!kvt_cli_output_ok(cmd, out, force, (const char *const *)names, (size_t)n))
         goto out_free;
-    }
-    if (!force && access(out, F_OK) == 0) {
-        kvt_cli_fail(cmd, "%s exists (use --force to overwrite)", out);
-        goto out_free;
-    }
     for (size_t i = 0; i < n; i++)
         if ((st = kvt_results_read(names[i], &parts[i]))) {
             kvt_cli_fail_status(cmd, st, names[i]);

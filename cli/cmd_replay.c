@@ -216,14 +216,8 @@ int kvt_cmd_replay(int argc, char **argv)
         kvt_cli_fail(cmd, "no trace given (usage: kvtrace replay TRACE... -o results.json)");
         goto out_free;
     }
-    if (!out) {
-        kvt_cli_fail(cmd, "no output file (-o results.json)");
+    if (!kvt_cli_output_ok(cmd, out, force, (const char *const *)traces, (size_t)n_traces))
         goto out_free;
-    }
-    if (!force && access(out, F_OK) == 0) {
-        kvt_cli_fail(cmd, "%s exists (use --force to overwrite)", out);
-        goto out_free;
-    }
     if (shard_n && export_path) {
         kvt_cli_fail(cmd, "--export-selection cannot be combined with --shard (yet)");
         goto out_free;

@@ -5,6 +5,7 @@
 #define KVT_CLI_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "kvt_common.h"
@@ -35,6 +36,12 @@ void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total);
 bool kvt_cli_parse_u64(const char *s, uint64_t *out);
 bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out);
 bool kvt_cli_parse_double(const char *s, double *out);
+
+/** Check an output path before any work: it must be given, must not exist unless `force`,
+ *  and must never be one of the inputs (same file, whatever the path spelling). Prints the
+ *  one-line error itself and returns false when the output is not acceptable. */
+bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char *const *inputs,
+                       size_t n_inputs);
 
 /** true if argv contains -h or --help (before any "--"). */
 bool kvt_cli_wants_help(int argc, char **argv);

@@ -36,4 +36,9 @@ $BIN capture-llama2c --model "$MODEL" --tokens 60 --decode 0 --window 32 -o "$TM
     >/dev/null 2>&1 || fail "capture 2"
 $BIN replay "$TMP/nd.kvt" --policies oracle -o "$TMP/x.json" 2>"$TMP/err" && fail "oracle"
 grep -q "Q_decode" "$TMP/err" || fail "oracle message"
+# an output that is one of the inputs is refused, even with --force, and the input survives
+cp "$TMP/nd.kvt" "$TMP/nd_copy.kvt"
+$BIN replay "$TMP/nd.kvt" -o "$TMP/nd.kvt" --force 2>"$TMP/err" && fail "output = input"
+grep -q "also an input" "$TMP/err" || fail "output = input message"
+cmp -s "$TMP/nd.kvt" "$TMP/nd_copy.kvt" || fail "input was modified"
 echo "test_replay_cli: ok"
