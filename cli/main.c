@@ -10,6 +10,7 @@ int kvt_cmd_info(int argc, char **argv);
 int kvt_cmd_verify(int argc, char **argv);
 int kvt_cmd_replay(int argc, char **argv);
 int kvt_cmd_capture_llama2c(int argc, char **argv);
+int kvt_cmd_synth(int argc, char **argv);
 int kvt_cmd_merge(int argc, char **argv);
 
 static const kvt_cli_command commands[] = {
@@ -18,6 +19,7 @@ static const kvt_cli_command commands[] = {
      kvt_cmd_verify},
     {"replay", "replay compression policies at many budgets; write results.json", kvt_cmd_replay},
     {"capture-llama2c", "capture a trace from a llama2.c model (CPU)", kvt_cmd_capture_llama2c},
+    {"synth", "write a model-shaped synthetic trace (tests, benchmarks)", kvt_cmd_synth},
     {"merge", "combine the partial results of replay --shard into one results.json", kvt_cmd_merge},
 };
 

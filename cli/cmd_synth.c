@@ -1,0 +1,186 @@
+/* cmd_synth.c - `kvtrace synth`: write a model-shaped synthetic trace with planted structure
+ * (traces/SYNTH.md) for tests and benchmarks. Thin: parses options, calls kvt_synth_write.
+ */
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "kvt_cli.h"
+#include "kvt_synth.h"
+
+static void help(void)
+{
+    printf("usage: kvtrace synth --shape NAME --tokens T [options] -o FILE\n\n"
+           "Write a synthetic trace shaped like a real model, deterministic by seed, with\n"
+           "structure that KV-cache policies can find: attention sinks, local and retrieval\n"
+           "heads, near-duplicate key clusters whose share varies per head, image spans more\n"
+           "redundant than text, decode queries that resemble the window queries\n"
+           "(traces/SYNTH.md). Not real KV: do not quote its numbers as model results.\n\n"
+           "options:\n"
+           "  --shape NAME       model shape (see below)\n"
+           "  --tokens T         prompt tokens (1..%u; k/M suffixes are x1000)\n"
+           "  --window W         window queries Q_window, W <= T (default min(32, T))\n"
+           "  --decode G         decode steps (default 16; 0 = none)\n"
+           "  --image-frac F     share of image tokens in [0, 1) (default: the shape's)\n"
+           "  --seed S           seed (default 1); same options => byte-identical file\n"
+           "  --dtype D          bf16 (default), f16 or f32\n"
+           "  --colsum on|off    attention column sums, O(T^2 D) per head (default: on\n"
+           "                     when T <= %u)\n"
+           "  --q-all            also store every prompt query (Q_all)\n"
+           "  --level N          zstd level (default 3)\n"
+           "  --threads N        generator and compression threads (default: CPU count)\n"
+           "  --force            overwrite FILE\n"
+           "  -o, --output FILE  output trace\n\nshapes:\n",
+           KVT_SYNTH_MAX_TOKENS, KVT_SYNTH_COLSUM_AUTO_MAX_T);
+    for (size_t i = 0; i < kvt_synth_n_shapes(); i++) {
+        const kvt_synth_shape *s = kvt_synth_shape_at(i);
+        printf("  %-12s %s\n", s->name, s->description);
+    }
+}
+
+static void on_progress(void *user, uint64_t done, uint64_t total)
+{
+    kvt_progress_update(user, done, total);
+}
+
+/* The value of option argv[*i] (advancing *i), or NULL after printing the error. */
+static const char *value(int argc, char **argv, int *i)
+{
+    if (*i + 1 >= argc) {
+        kvt_cli_fail("synth", "option %s needs a value", argv[*i]);
+        return NULL;
+    }
+    return argv[++*i];
+}
+
+int kvt_cmd_synth(int argc, char **argv)
+{
+    kvt_synth_opts o;
+    kvt_synth_opts_init(&o);
+    kvt_writer_opts wo = {0};
+    const char *out = NULL, *v;
+    bool have_tokens = false, have_threads = false;
+    int threads = 1;
+    if (kvt_cli_wants_help(argc, argv)) {
+        help();
+        return 0;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        uint64_t u;
+        double f;
+        if (!strcmp(a, "--q-all")) {
+            o.q_all = true;
+        } else if (!strcmp(a, "--force")) {
+            wo.force = true;
+        } else if (!strcmp(a, "--shape")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            o.shape = v;
+        } else if (!strcmp(a, "--tokens")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_u64(v, &u) || u > KVT_SYNTH_MAX_TOKENS)
+                return kvt_cli_fail("synth", "--tokens wants an integer in 1..%u (got '%s')",
+                                    KVT_SYNTH_MAX_TOKENS, v);
+            o.n_tokens = (uint32_t)u;
+            have_tokens = true;
+        } else if (!strcmp(a, "--window")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_u64(v, &u) || u < 1 || u > KVT_SYNTH_MAX_TOKENS)
+                return kvt_cli_fail("synth", "--window wants a positive integer (got '%s')", v);
+            o.window = (uint32_t)u;
+        } else if (!strcmp(a, "--decode")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_u64(v, &u) || u > KVT_SYNTH_MAX_DECODE)
+                return kvt_cli_fail("synth", "--decode wants an integer in 0..%u (got '%s')",
+                                    KVT_SYNTH_MAX_DECODE, v);
+            o.n_decode = (uint32_t)u;
+        } else if (!strcmp(a, "--image-frac")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_double(v, &f) || f < 0 || f >= 1)
+                return kvt_cli_fail("synth", "--image-frac wants a number in [0, 1) (got '%s')", v);
+            o.image_frac = f;
+        } else if (!strcmp(a, "--seed")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_u64(v, &u))
+                return kvt_cli_fail("synth", "--seed wants a non-negative integer (got '%s')", v);
+            o.seed = u;
+        } else if (!strcmp(a, "--dtype")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            o.dtype = kvt_dtype_from_name(v);
+            if (!kvt_dtype_is_float(o.dtype))
+                return kvt_cli_fail("synth", "--dtype wants bf16, f16 or f32 (got '%s')", v);
+        } else if (!strcmp(a, "--colsum")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!strcmp(v, "on"))
+                o.colsum = KVT_SYNTH_ON;
+            else if (!strcmp(v, "off"))
+                o.colsum = KVT_SYNTH_OFF;
+            else if (!strcmp(v, "auto"))
+                o.colsum = KVT_SYNTH_AUTO;
+            else
+                return kvt_cli_fail("synth", "--colsum wants on, off or auto (got '%s')", v);
+        } else if (!strcmp(a, "--level")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_int(v, 1, 22, &wo.level))
+                return kvt_cli_fail("synth", "--level wants an integer in 1..22 (got '%s')", v);
+        } else if (!strcmp(a, "--threads")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_int(v, 1, 256, &threads))
+                return kvt_cli_fail("synth", "--threads wants an integer in 1..256 (got '%s')", v);
+            have_threads = true;
+        } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            out = v;
+        } else {
+            return kvt_cli_fail("synth", "unknown argument '%s' (see kvtrace synth --help)", a);
+        }
+    }
+    if (!o.shape)
+        return kvt_cli_fail("synth", "--shape is required (valid: %s)", kvt_synth_shape_names());
+    if (!have_tokens || o.n_tokens == 0)
+        return kvt_cli_fail("synth", "--tokens T is required and must be at least 1");
+    if (!out)
+        return kvt_cli_fail("synth", "no output file (-o FILE)");
+    if (!have_threads)
+        threads = kvt_cpu_count();
+    o.n_threads = threads;
+    wo.n_threads = threads;
+
+    kvt_synth_opts r;
+    const kvt_synth_shape *sh;
+    kvt_status s = kvt_synth_opts_resolve(&o, &r, &sh);
+    if (s != KVT_OK)
+        return kvt_cli_fail("synth", "%s", kvt_error_msg());
+    uint64_t raw = 0;
+    kvt_synth_raw_bytes(&r, &raw);
+
+    kvt_progress prog;
+    kvt_progress_start(&prog, "synth: layers");
+    o.progress = on_progress;
+    o.progress_user = &prog;
+    uint64_t t0 = kvt_now_ns();
+    s = kvt_synth_write(&o, out, &wo);
+    if (s != KVT_OK)
+        return kvt_cli_fail_status("synth", s, out);
+    double secs = (double)(kvt_now_ns() - t0) * 1e-9;
+    struct stat st;
+    double file = stat(out, &st) == 0 ? (double)st.st_size : 0.0;
+    printf("%s: synthetic-%s, L=%d Hq=%d Hkv=%d D=%d, T=%u W=%u G=%u, %s%s%s: %.1f MiB raw -> "
+           "%.1f MiB (%.2fx) in %.1f s\n",
+           out, sh->name, sh->n_layers, sh->n_q_heads, sh->n_kv_heads, sh->head_dim, r.n_tokens,
+           r.window, r.n_decode, kvt_dtype_name(r.dtype),
+           r.colsum == KVT_SYNTH_ON ? ", colsum" : "", r.q_all ? ", Q_all" : "",
+           (double)raw / 1048576.0, file / 1048576.0, file > 0 ? (double)raw / file : 0.0, secs);
+    return 0;
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# test_synth_cli.sh - `kvtrace synth`: --help, one clear error line and a non-zero exit on bad
+# input, byte-identical output for the same seed whatever --threads, a different file for
+# another seed, and a result that `kvtrace verify` accepts.
+set -u
+BIN=${KVT_BIN:?}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fail=0; pass=0
+check() { if eval "$2"; then pass=$((pass+1)); else echo "FAILED: $1"; fail=$((fail+1)); fi; }
+# one_error "description" args...: exit non-zero with exactly one line on stderr
+one_error() {
+    local what=$1; shift
+    "$BIN" synth "$@" >/dev/null 2>"$TMP/err"; local rc=$?
+    check "$what: non-zero exit" "[ $rc -ne 0 ]"
+    check "$what: one error line" "[ \$(wc -l < $TMP/err) -eq 1 ] && grep -q 'error' $TMP/err"
+}
+
+check "synth --help exits 0" "$BIN synth --help | grep -q 'usage: kvtrace synth'"
+check "--help lists the shapes" "$BIN synth --help | grep -q qwen2-vl-7b"
+check "kvtrace --help lists synth" "$BIN --help | grep -q synth"
+one_error "unknown shape" --shape nosuch --tokens 10 -o "$TMP/x.kvt"
+check "unknown shape lists the valid ones" "grep -q 'llama3-8b' $TMP/err"
+one_error "W > T" --shape tiny --tokens 10 --window 11 -o "$TMP/x.kvt"
+check "W > T names both" "grep -q 'W=11' $TMP/err"
+one_error "T = 0" --shape tiny --tokens 0 -o "$TMP/x.kvt"
+one_error "no tokens" --shape tiny -o "$TMP/x.kvt"
+one_error "no shape" --tokens 10 -o "$TMP/x.kvt"
+one_error "no output" --shape tiny --tokens 10
+one_error "bad dtype" --shape tiny --tokens 10 --dtype i32 -o "$TMP/x.kvt"
+one_error "bad image fraction" --shape tiny --tokens 10 --image-frac 1.5 -o "$TMP/x.kvt"
+one_error "bad colsum" --shape tiny --tokens 10 --colsum maybe -o "$TMP/x.kvt"
+one_error "unknown option" --shape tiny --tokens 10 --frobnicate -o "$TMP/x.kvt"
+one_error "missing value" --shape tiny --tokens
+check "nothing written on bad input" "[ ! -e $TMP/x.kvt ]"
+
+check "synth writes a trace" \
+    "$BIN synth --shape tiny-vl --tokens 500 --threads 1 -o $TMP/a.kvt >$TMP/out && grep -q synthetic-tiny-vl $TMP/out"
+check "same seed, other thread count: identical bytes" \
+    "$BIN synth --shape tiny-vl --tokens 500 --threads 2 -o $TMP/b.kvt >/dev/null && cmp -s $TMP/a.kvt $TMP/b.kvt"
+check "another seed: different bytes" \
+    "$BIN synth --shape tiny-vl --tokens 500 --seed 7 -o $TMP/c.kvt >/dev/null && ! cmp -s $TMP/a.kvt $TMP/c.kvt"
+one_error "existing file without --force" --shape tiny --tokens 10 -o "$TMP/a.kvt"
+check "--force overwrites" "$BIN synth --shape tiny --tokens 64 --force -o $TMP/a.kvt >/dev/null"
+check "verify accepts a synthetic trace" "$BIN verify $TMP/c.kvt >/dev/null"
+check "info shows the synthetic model" "$BIN info $TMP/c.kvt | grep -q synthetic-tiny-vl"
+check "f32, q-all, no decode" \
+    "$BIN synth --shape tiny --tokens 40 --dtype f32 --q-all --decode 0 --colsum off -o $TMP/d.kvt >/dev/null && $BIN info $TMP/d.kvt | grep -q Q_all"
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
