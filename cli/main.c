@@ -12,6 +12,8 @@ int kvt_cmd_replay(int argc, char **argv);
 int kvt_cmd_capture_llama2c(int argc, char **argv);
 int kvt_cmd_synth(int argc, char **argv);
 int kvt_cmd_merge(int argc, char **argv);
+int kvt_cmd_recommend(int argc, char **argv);
+int kvt_cmd_report(int argc, char **argv);
 
 static const kvt_cli_command commands[] = {
     {"info", "show a trace's model, shapes, tensors and compression", kvt_cmd_info},
@@ -21,6 +23,8 @@ static const kvt_cli_command commands[] = {
     {"capture-llama2c", "capture a trace from a llama2.c model (CPU)", kvt_cmd_capture_llama2c},
     {"synth", "write a model-shaped synthetic trace (tests, benchmarks)", kvt_cmd_synth},
     {"merge", "combine the partial results of replay --shard into one results.json", kvt_cmd_merge},
+    {"recommend", "cheapest policy and budget meeting a quality target", kvt_cmd_recommend},
+    {"report", "write an HTML report with PNG figures of a results.json", kvt_cmd_report},
 };
 
 static void usage(FILE *f)

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 BUILD=${1:-build}
 
 PKGS=(build-essential cmake ninja-build pkg-config git
-      libzstd-dev zstd libcjson-dev libpng-dev zlib1g-dev libcairo2-dev
+      libzstd-dev zstd libcjson-dev libpng-dev zlib1g-dev libcairo2-dev libfontconfig-dev
       python3-numpy clang-format)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,0 +1,118 @@
+/* cmd_recommend.c - `kvtrace recommend RESULTS [--max-error E | --min-recall R] [--metric NAME]
+ * [--json]`: the cheapest (policy, budget) of a results.json meeting a quality target, each
+ * policy's knee budget, and per-layer / per-head budgets. Thin: the logic is in report/
+ * (kvt_recommend). Exit 0: recommended; 3: no setting meets the target; 1: error; 2: usage.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "kvt_cli.h"
+#include "kvt_report.h"
+
+#define EXIT_NOT_MET 3
+
+static void help(void)
+{
+    printf("usage: kvtrace recommend RESULTS [--max-error E | --min-recall R] [--metric NAME]\n"
+           "                         [--json]\n\n"
+           "Read a results.json (kvtrace replay) and print the cheapest (policy, budget) whose\n"
+           "aggregate quality meets the target (cost = kept KV entries), the knee budget of\n"
+           "each policy's curve, and the smallest measured budget meeting the target on each\n"
+           "layer and each head of the recommended policy. full and oracle are references and\n"
+           "never recommended.\n\n"
+           "  --max-error E   output error must be <= E (default: --max-error 0.1)\n"
+           "  --min-recall R  attention recall (or coverage) must be >= R\n"
+           "  --metric NAME   err_window | err_decode (with --max-error), recall_window |\n"
+           "                  recall_decode | coverage (with --min-recall); default: the decode\n"
+           "                  metric when decode queries were measured, else the window one\n"
+           "  --json          print one JSON object instead of text\n\n"
+           "exit status: 0 recommended, 3 no setting meets the target, 1 error, 2 usage\n");
+}
+
+int kvt_cmd_recommend(int argc, char **argv)
+{
+    const char *cmd = "recommend", *path = NULL, *metric = NULL;
+    kvt_recommend_opts o = {.metric = KVT_REC_METRIC_AUTO, .target_is_max = true, .target = 0.1};
+    bool json = false, have_max = false, have_min = false;
+    kvt_results *res = NULL;
+    kvt_recommendation *rec = NULL;
+    kvt_status st;
+    int rc = 1;
+    if (kvt_cli_wants_help(argc, argv)) {
+        help();
+        return 0;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--max-error") || !strcmp(a, "--min-recall") || !strcmp(a, "--metric")) {
+            if (i + 1 >= argc) {
+                kvt_cli_fail(cmd, "%s needs a value", a);
+                return 2;
+            }
+            const char *v = argv[++i];
+            if (!strcmp(a, "--metric")) {
+                metric = v;
+                continue;
+            }
+            if (!kvt_cli_parse_double(v, &o.target)) {
+                kvt_cli_fail(cmd, "%s: '%s' is not a number", a, v);
+                return 2;
+            }
+            o.target_is_max = !strcmp(a, "--max-error");
+            have_max |= o.target_is_max;
+            have_min |= !o.target_is_max;
+        } else if (!strcmp(a, "--json")) {
+            json = true;
+        } else if (a[0] == '-' && a[1]) {
+            kvt_cli_fail(cmd, "unknown option %s (see kvtrace recommend --help)", a);
+            return 2;
+        } else if (path) {
+            kvt_cli_fail(cmd, "one RESULTS file only ('%s' and '%s')", path, a);
+            return 2;
+        } else
+            path = a;
+    }
+    if (!path) {
+        kvt_cli_fail(cmd, "no results file (usage: kvtrace recommend RESULTS [--max-error E])");
+        return 2;
+    }
+    if (have_max && have_min) {
+        kvt_cli_fail(cmd, "give --max-error or --min-recall, not both");
+        return 2;
+    }
+    if (metric && (st = kvt_rec_metric_parse(metric, &o.metric))) {
+        kvt_cli_fail_status(cmd, st, "--metric");
+        return 2;
+    }
+    if (metric && !have_max && !have_min && !kvt_rec_metric_is_error(o.metric)) {
+        kvt_cli_fail(cmd, "--metric %s needs a target (--min-recall R)", metric);
+        return 2;
+    }
+    if ((st = kvt_results_read(path, &res))) {
+        kvt_cli_fail_status(cmd, st, path);
+        goto out_free;
+    }
+    if ((st = kvt_recommend(res, &o, &rec))) {
+        kvt_cli_fail_status(cmd, st, path);
+        goto out_free;
+    }
+    st = json ? kvt_recommendation_write_json(rec, res, stdout)
+              : kvt_recommendation_print(rec, res, stdout);
+    if (st) {
+        kvt_cli_fail_status(cmd, st, "stdout");
+        goto out_free;
+    }
+    fflush(stdout);
+    if (!rec->found) {
+        kvt_cli_fail(cmd, "no setting meets the target: %s %s %g at any measured budget",
+                     kvt_rec_metric_name(rec->metric),
+                     rec->target_is_max ? "<=" : ">=", rec->target);
+        rc = EXIT_NOT_MET;
+        goto out_free;
+    }
+    rc = 0;
+out_free:
+    kvt_recommendation_free(rec);
+    kvt_results_free(res);
+    return rc;
+}

@@ -1,0 +1,140 @@
+/* kvt_report.h - what a user does with a results.json: the recommended compression setting
+ * (cheapest policy and budget meeting a quality target), the knee budget of each policy, and
+ * per-layer / per-head budget suggestions read off the measured curves; and the report (PNG
+ * figures drawn with cairo, one self-contained index.html). Input is only a kvt_results
+ * (analysis/, read with kvt_results_read); nothing here replays anything.
+ */
+#ifndef KVT_REPORT_H
+#define KVT_REPORT_H
+
+#include <stdio.h>
+
+#include "kvt_analysis.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** Quality metrics a target can be set on (RESULTS.md "The metrics"). */
+typedef enum kvt_rec_metric {
+    KVT_REC_METRIC_AUTO = -1, /* err_decode / recall_decode if measured, else the window one */
+    KVT_REC_METRIC_ERR_WINDOW = 0,
+    KVT_REC_METRIC_ERR_DECODE = 1,
+    KVT_REC_METRIC_RECALL_WINDOW = 2,
+    KVT_REC_METRIC_RECALL_DECODE = 3,
+    KVT_REC_METRIC_COVERAGE = 4,
+} kvt_rec_metric;
+
+/** Name as in results.json ("err_decode"), or NULL for a bad value. */
+const char *kvt_rec_metric_name(kvt_rec_metric m);
+/** Parse a metric name. @return KVT_OK or KVT_ERR_INVALID_ARG. */
+kvt_status kvt_rec_metric_parse(const char *name, kvt_rec_metric *out);
+/** true for the error metrics (a target is a maximum), false for recall and coverage. */
+bool kvt_rec_metric_is_error(kvt_rec_metric m);
+
+typedef struct kvt_recommend_opts {
+    kvt_rec_metric metric; /* KVT_REC_METRIC_AUTO picks by target kind and what was measured */
+    bool target_is_max;    /* true: metric <= target (--max-error); false: >= (--min-recall) */
+    double target;
+} kvt_recommend_opts;
+
+/** One policy's measured curve: metric value of each budget and where it bends. */
+typedef struct kvt_rec_curve {
+    size_t policy;        /* index into results->policies */
+    bool candidate;       /* false for the references full and oracle, and unmeasured metrics */
+    int knee_budget;      /* budget index of the knee, -1 if none (fewer than 3 points, flat, or
+                             no bend); see kvt_recommend */
+    int cheapest_ok;      /* cheapest budget index meeting the target, -1 if none */
+    double *value;        /* [n_budgets] aggregate metric (NaN = not measured) */
+    double *n_keep;       /* [n_budgets] mean kept entries per head and layer (the cost axis) */
+    double *kept_entries; /* [n_budgets] total kept entries over traces, layers and heads */
+} kvt_rec_curve;
+
+/** The answer of kvt_recommend. Free with kvt_recommendation_free. */
+typedef struct kvt_recommendation {
+    kvt_rec_metric metric; /* the metric used (never AUTO) */
+    bool target_is_max;
+    double target;
+    bool found;              /* false: no (policy, budget) meets the target */
+    size_t policy, budget;   /* the recommendation when found */
+    double value;            /* its metric value */
+    kvt_run_summary summary; /* its aggregate summary (kept entries, bytes, ratio) */
+    size_t n_policies, n_budgets;
+    kvt_rec_curve *curves; /* [n_policies] */
+    /* per-layer and per-head suggestions for the recommended policy (when found and every
+       trace has the same shape): the smallest budget index whose measured value meets the
+       target on that layer (mean over heads and traces) or head (mean over traces); -1 when
+       even the largest budget does not. */
+    int n_layers, n_heads;  /* 0 when not computed */
+    int *layer_budget;      /* [L] */
+    int *head_budget;       /* [L, H'] */
+    int *layer_alloc;       /* [L] greedy allocation (budget index per layer) whose mean over
+                               layers meets the target; all -1 if none does */
+    double alloc_entries;   /* sum over layers of H' * layer_alloc tokens; NaN if none */
+    double uniform_entries; /* L * H' * budget_tokens of the recommendation, trace 0 */
+    double layer_entries;   /* sum over layers of H' * suggested tokens; NaN if one is -1 */
+    double head_entries;    /* sum over heads of suggested tokens; NaN if one is -1 */
+} kvt_recommendation;
+
+/** Recommend a setting from a complete result (not a --shard part).
+ *  Candidates are every policy but the references `full` and `oracle` (oracle reads the
+ *  future decode queries, so it cannot be deployed). The metric of (policy, budget) is its
+ *  aggregate (kvt_summarize_results); the cost is its kept entries summed over traces,
+ *  layers and heads. The cheapest meeting candidate wins; ties go to the lower policy index,
+ *  then the lower budget index.
+ *  Knee: the points (n_keep, value) of a policy, sorted by n_keep, are normalised to [0, 1]
+ *  on both axes so that the first point is (0, 0) and the last (1, 1) (an error curve is
+ *  flipped by this); the knee is the interior point with the largest y - x, if that is > 0
+ *  (Kneedle, Satopaa et al. 2011). NaN points are skipped.
+ *  Layer allocation (layer_alloc): every layer starts at the smallest budget; while the mean
+ *  over layers of the layer values misses the target, the layer whose next larger budget
+ *  improves its value most per added token moves up (ties: lower layer). This spends budget
+ *  where the measured curves say it helps, like PyramidKV/AdaKV do online.
+ * @param out caller frees with kvt_recommendation_free. "Nothing meets" is KVT_OK with
+ *        found = false.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (partial result, no trace, metric not measured),
+ *         KVT_ERR_NOMEM. */
+kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
+                         kvt_recommendation **out);
+void kvt_recommendation_free(kvt_recommendation *rec);
+
+/** A few lines of text explaining the recommendation. @return KVT_OK or KVT_ERR_IO. */
+kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_results *r, FILE *f);
+/** The same as one JSON object (labels escaped by cJSON). @return KVT_OK, KVT_ERR_NOMEM,
+ *  KVT_ERR_IO. */
+kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kvt_results *r,
+                                         FILE *f);
+
+/* ---- report: figures and the HTML page ---- */
+
+/** Draw `metric` of every policy against its mean kept entries per head and layer (log2 axis),
+ *  one line per policy, full and oracle dashed, into a PNG of width x height pixels (cairo).
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (metric not measured, size too small), KVT_ERR_IO. */
+kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, const char *path,
+                                  int width, int height);
+
+/** Head redundancy r_all of (layer, KV head), the mean over the traces that have it; NaN if
+ *  none (RESULTS.md "r_all"). */
+double kvt_report_redundancy(const kvt_results *r, int layer, int head);
+/** Viridis colour of v in [0, 1] (clamped; NaN as 0) into rgb[3], components in [0, 1]. */
+void kvt_report_colormap(double v, double rgb[3]);
+/** Heatmap of head redundancy (layers x KV heads of the first trace's shape, the mean over
+ *  traces) with a colour bar, into a PNG. @return KVT_OK, KVT_ERR_INVALID_ARG, KVT_ERR_IO. */
+kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, int width,
+                                      int height);
+
+/** Write DIR/index.html (self-contained: figures inlined as data: URIs, no network fetch; every
+ *  string from the results HTML-escaped) and DIR/<metric>.png for each measured metric.
+ *  DIR is created if missing; files in it are overwritten.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (no trace), KVT_ERR_IO. */
+kvt_status kvt_report_write(const kvt_results *r, const char *dir);
+
+/** Release the font and surface caches cairo and fontconfig keep for the whole process (they
+ *  are otherwise reported as leaks by LeakSanitizer). Call once before exit, when no other
+ *  thread draws; drawing again afterwards works (the caches are rebuilt). */
+void kvt_report_global_cleanup(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_REPORT_H */

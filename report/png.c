@@ -1,0 +1,250 @@
+/* png.c - PNG figures of `kvtrace report` drawn with cairo (lines, text and PNG output
+ * through libpng): one metric against budget, one line per policy, log2 budget axis.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cairo.h>
+#include <fontconfig/fontconfig.h>
+
+#include "kvt_report.h"
+
+static const double palette[][3] = {{0.12, 0.47, 0.71}, {1.00, 0.50, 0.05}, {0.17, 0.63, 0.17},
+                                    {0.84, 0.15, 0.16}, {0.58, 0.40, 0.74}, {0.55, 0.34, 0.29},
+                                    {0.89, 0.47, 0.76}, {0.50, 0.50, 0.50}, {0.74, 0.74, 0.13},
+                                    {0.09, 0.75, 0.81}};
+#define N_PALETTE (sizeof(palette) / sizeof(palette[0]))
+
+kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, const char *path,
+                                  int width, int height)
+{
+    KVT_RETURN_IF(width < 200 || height < 150, KVT_ERR_INVALID_ARG, "plot: too small");
+    kvt_recommend_opts o = {metric, kvt_rec_metric_is_error(metric), 0.0};
+    kvt_recommendation *rec = NULL;
+    KVT_FORWARD(kvt_recommend(r, &o, &rec)); /* reuses its curves: value and n_keep */
+    double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
+    for (size_t p = 0; p < rec->n_policies; p++)
+        for (size_t b = 0; b < rec->n_budgets; b++) {
+            double x = rec->curves[p].n_keep[b], y = rec->curves[p].value[b];
+            if (isnan(x) || isnan(y) || x <= 0)
+                continue;
+            x0 = fmin(x0, x), x1 = fmax(x1, x), y0 = fmin(y0, y), y1 = fmax(y1, y);
+        }
+    kvt_status st = KVT_OK;
+    if (!(x1 >= x0)) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG, "plot: nothing measured");
+        goto out_free_rec;
+    }
+    double lx0 = floor(log2(x0)), lx1 = ceil(log2(x1));
+    if (lx1 <= lx0)
+        lx1 = lx0 + 1;
+    y0 = fmin(0.0, y0), y1 = fmax(1.0, y1);
+    cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
+    cairo_t *cr = cairo_create(s);
+    const double ml = 70, mr = 190, mt = 40, mb = 55; /* margins: legend on the right */
+    const double pw = width - ml - mr, ph = height - mt - mb;
+    cairo_set_source_rgb(cr, 1, 1, 1);
+    cairo_paint(cr);
+    cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+    cairo_set_font_size(cr, 13);
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    char title[160];
+    snprintf(title, sizeof(title), "%s against budget (%s)", kvt_rec_metric_name(metric),
+             r->n_traces ? r->traces[0]->model_name : "");
+    cairo_move_to(cr, ml, mt - 15);
+    cairo_show_text(cr, title);
+    /* axes and ticks */
+    cairo_set_line_width(cr, 1);
+    cairo_rectangle(cr, ml, mt, pw, ph);
+    cairo_stroke(cr);
+    cairo_set_font_size(cr, 11);
+    char lab[32];
+    for (double e = lx0; e <= lx1; e++) {
+        double px = ml + (e - lx0) / (lx1 - lx0) * pw;
+        cairo_move_to(cr, px, mt + ph);
+        cairo_line_to(cr, px, mt + ph + 5);
+        cairo_stroke(cr);
+        snprintf(lab, sizeof(lab), "%.0f", exp2(e));
+        cairo_move_to(cr, px - 8, mt + ph + 18);
+        cairo_show_text(cr, lab);
+    }
+    for (int i = 0; i <= 5; i++) {
+        double v = y0 + (y1 - y0) * i / 5.0, py = mt + ph - ph * i / 5.0;
+        cairo_move_to(cr, ml - 5, py);
+        cairo_line_to(cr, ml, py);
+        cairo_stroke(cr);
+        snprintf(lab, sizeof(lab), "%.2f", v);
+        cairo_move_to(cr, ml - 40, py + 4);
+        cairo_show_text(cr, lab);
+    }
+    cairo_move_to(cr, ml + pw / 2 - 120, height - 15);
+    cairo_show_text(cr, "kept entries per head and layer (log scale)");
+    cairo_save(cr);
+    cairo_move_to(cr, 18, mt + ph / 2 + 30);
+    cairo_rotate(cr, -M_PI / 2);
+    cairo_show_text(cr, kvt_rec_metric_name(metric));
+    cairo_restore(cr);
+    /* one line per policy, legend on the right */
+    cairo_set_line_width(cr, 2);
+    int li = 0;
+    for (size_t p = 0; p < rec->n_policies; p++) {
+        const kvt_rec_curve *c = &rec->curves[p];
+        const double *col = palette[p % N_PALETTE];
+        bool started = false, any = false, full = !strcmp(r->policies[p].name, "full");
+        double dash[] = {6, 4}, dot[] = {2, 3};
+        cairo_set_source_rgb(cr, col[0], col[1], col[2]);
+        if (full || !strcmp(r->policies[p].name, "oracle"))
+            cairo_set_dash(cr, dash, 2, 0);
+        else if (p >= N_PALETTE) /* colours repeat: tell the lines apart by dots */
+            cairo_set_dash(cr, dot, 2, 0);
+        if (full && !isnan(c->value[0])) { /* the full cache: a horizontal reference */
+            double py = mt + ph - (c->value[0] - y0) / (y1 - y0) * ph;
+            cairo_move_to(cr, ml, py);
+            cairo_line_to(cr, ml + pw, py);
+            any = true;
+        }
+        for (size_t b = 0; b < rec->n_budgets; b++) { /* budgets in order of n_keep */
+            double x = c->n_keep[b], y = c->value[b];
+            if (full || isnan(x) || isnan(y) || x <= 0)
+                continue;
+            double px = ml + (log2(x) - lx0) / (lx1 - lx0) * pw;
+            double py = mt + ph - (y - y0) / (y1 - y0) * ph;
+            if (started)
+                cairo_line_to(cr, px, py);
+            else
+                cairo_move_to(cr, px, py);
+            started = any = true;
+        }
+        cairo_stroke(cr);
+        if (!any) {
+            cairo_set_dash(cr, NULL, 0, 0);
+            continue;
+        }
+        double ly = mt + 10 + 16 * li++;
+        cairo_move_to(cr, ml + pw + 10, ly);
+        cairo_line_to(cr, ml + pw + 30, ly);
+        cairo_stroke(cr);
+        cairo_set_dash(cr, NULL, 0, 0);
+        cairo_set_source_rgb(cr, 0, 0, 0);
+        cairo_move_to(cr, ml + pw + 35, ly + 4);
+        cairo_show_text(cr, r->policies[p].label);
+    }
+    cairo_destroy(cr);
+    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
+        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s", path);
+    cairo_surface_destroy(s);
+out_free_rec:
+    kvt_recommendation_free(rec);
+    return st;
+}
+
+void kvt_report_colormap(double v, double rgb[3])
+{
+    /* viridis, 5 stops, linear in between; v clamped to [0, 1] */
+    static const double stops[5][3] = {{0.267, 0.005, 0.329},
+                                       {0.231, 0.322, 0.545},
+                                       {0.129, 0.569, 0.549},
+                                       {0.369, 0.788, 0.384},
+                                       {0.993, 0.906, 0.144}};
+    v = isnan(v) ? 0.0 : fmin(1.0, fmax(0.0, v));
+    int i = v >= 1.0 ? 3 : (int)(v * 4);
+    double t = v * 4 - i;
+    for (int k = 0; k < 3; k++)
+        rgb[k] = stops[i][k] + t * (stops[i + 1][k] - stops[i][k]);
+}
+
+kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, int width, int height)
+{
+    KVT_RETURN_IF(width < 200 || height < 150 || r->n_traces == 0, KVT_ERR_INVALID_ARG,
+                  "plot: too small or no trace");
+    const kvt_trace_result *t = r->traces[0];
+    int L = t->n_layers, H = t->n_kv_heads;
+    cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
+    cairo_t *cr = cairo_create(s);
+    const double ml = 70, mr = 110, mt = 40, mb = 55;
+    const double pw = width - ml - mr, ph = height - mt - mb, cw = pw / H, ch = ph / L;
+    cairo_set_source_rgb(cr, 1, 1, 1);
+    cairo_paint(cr);
+    cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+    for (int l = 0; l < L; l++)
+        for (int h = 0; h < H; h++) {
+            double rgb[3], v = kvt_report_redundancy(r, l, h);
+            kvt_report_colormap(v, rgb);
+            if (isnan(v))
+                rgb[0] = rgb[1] = rgb[2] = 0.85; /* not measured: grey */
+            cairo_set_source_rgb(cr, rgb[0], rgb[1], rgb[2]);
+            cairo_rectangle(cr, ml + h * cw, mt + l * ch, cw, ch);
+            cairo_fill(cr);
+        }
+    /* colour bar 0..1 */
+    for (int i = 0; i < 100; i++) {
+        double rgb[3];
+        kvt_report_colormap(i / 99.0, rgb);
+        cairo_set_source_rgb(cr, rgb[0], rgb[1], rgb[2]);
+        cairo_rectangle(cr, ml + pw + 30, mt + ph - (i + 1) * ph / 100, 20, ph / 100 + 1);
+        cairo_fill(cr);
+    }
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    cairo_set_line_width(cr, 1);
+    cairo_rectangle(cr, ml, mt, pw, ph);
+    cairo_rectangle(cr, ml + pw + 30, mt, 20, ph);
+    cairo_stroke(cr);
+    cairo_set_font_size(cr, 11);
+    char lab[64];
+    for (int i = 0; i <= 4; i++) {
+        snprintf(lab, sizeof(lab), "%.2f", i / 4.0);
+        cairo_move_to(cr, ml + pw + 55, mt + ph - ph * i / 4.0 + 4);
+        cairo_show_text(cr, lab);
+    }
+    int step_l = L > 16 ? (L + 15) / 16 : 1, step_h = H > 16 ? (H + 15) / 16 : 1;
+    for (int l = 0; l < L; l += step_l) {
+        snprintf(lab, sizeof(lab), "%d", l);
+        cairo_move_to(cr, ml - 25, mt + (l + 0.5) * ch + 4);
+        cairo_show_text(cr, lab);
+    }
+    for (int h = 0; h < H; h += step_h) {
+        snprintf(lab, sizeof(lab), "%d", h);
+        cairo_move_to(cr, ml + (h + 0.5) * cw - 4, mt + ph + 16);
+        cairo_show_text(cr, lab);
+    }
+    cairo_move_to(cr, ml + pw / 2 - 25, height - 15);
+    cairo_show_text(cr, "KV head");
+    cairo_save(cr);
+    cairo_move_to(cr, 25, mt + ph / 2 + 15);
+    cairo_rotate(cr, -M_PI / 2);
+    cairo_show_text(cr, "layer");
+    cairo_restore(cr);
+    cairo_set_font_size(cr, 13);
+    char title[160];
+    snprintf(title, sizeof(title), "head redundancy r of all keys (%s)", t->model_name);
+    cairo_move_to(cr, ml, mt - 15);
+    cairo_show_text(cr, title);
+    cairo_destroy(cr);
+    kvt_status st = KVT_OK;
+    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
+        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s", path);
+    cairo_surface_destroy(s);
+    return st;
+}
+
+double kvt_report_redundancy(const kvt_results *r, int layer, int head)
+{
+    double sum = 0.0;
+    int n = 0;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        const kvt_trace_result *t = r->traces[i];
+        if (layer >= t->n_layers || head >= t->n_kv_heads)
+            continue;
+        double v = t->r_all[(size_t)layer * t->n_kv_heads + head];
+        if (!isnan(v))
+            sum += v, n++;
+    }
+    return n ? sum / n : NAN;
+}
+
+void kvt_report_global_cleanup(void)
+{
+    cairo_debug_reset_static_data();
+    FcFini();
+}

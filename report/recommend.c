@@ -1,0 +1,368 @@
+/* recommend.c - `kvtrace recommend`: reads the measured quality/cost curves of a results.json
+ * (aggregate over traces) and picks the cheapest (policy, budget) meeting a target, the knee
+ * of each policy's curve, and per-layer / per-head budgets from the per-layer and per-head
+ * grids. Definitions are in kvt_report.h (kvt_recommend).
+ */
+#include <math.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_report.h"
+
+static const char *const metric_names[] = {"err_window", "err_decode", "recall_window",
+                                           "recall_decode", "coverage"};
+#define N_METRICS ((int)(sizeof(metric_names) / sizeof(metric_names[0])))
+
+const char *kvt_rec_metric_name(kvt_rec_metric m)
+{
+    return (int)m >= 0 && (int)m < N_METRICS ? metric_names[m] : NULL;
+}
+
+kvt_status kvt_rec_metric_parse(const char *name, kvt_rec_metric *out)
+{
+    for (int i = 0; i < N_METRICS; i++)
+        if (!strcmp(name, metric_names[i])) {
+            *out = (kvt_rec_metric)i;
+            return KVT_OK;
+        }
+    return kvt_error_set(KVT_ERR_INVALID_ARG,
+                         "unknown metric '%s' (err_window, err_decode, recall_window, "
+                         "recall_decode, coverage)",
+                         name);
+}
+
+bool kvt_rec_metric_is_error(kvt_rec_metric m)
+{
+    return m == KVT_REC_METRIC_ERR_WINDOW || m == KVT_REC_METRIC_ERR_DECODE;
+}
+
+static double summary_metric(const kvt_run_summary *s, kvt_rec_metric m)
+{
+    switch (m) {
+    case KVT_REC_METRIC_ERR_WINDOW:
+        return s->err_window;
+    case KVT_REC_METRIC_ERR_DECODE:
+        return s->err_decode;
+    case KVT_REC_METRIC_RECALL_WINDOW:
+        return s->recall_window;
+    case KVT_REC_METRIC_RECALL_DECODE:
+        return s->recall_decode;
+    case KVT_REC_METRIC_COVERAGE:
+        return s->coverage;
+    default:
+        return NAN;
+    }
+}
+
+static double head_metric(const kvt_head_metrics *h, kvt_rec_metric m)
+{
+    switch (m) {
+    case KVT_REC_METRIC_ERR_WINDOW:
+        return h->err_window;
+    case KVT_REC_METRIC_ERR_DECODE:
+        return h->err_decode;
+    case KVT_REC_METRIC_RECALL_WINDOW:
+        return h->recall_window;
+    case KVT_REC_METRIC_RECALL_DECODE:
+        return h->recall_decode;
+    case KVT_REC_METRIC_COVERAGE:
+        return h->coverage;
+    default:
+        return NAN;
+    }
+}
+
+static bool meets(const kvt_recommendation *rec, double v)
+{
+    return !isnan(v) && (rec->target_is_max ? v <= rec->target : v >= rec->target);
+}
+
+static bool is_reference(const kvt_results_policy *p)
+{
+    return !strcmp(p->name, "full") || !strcmp(p->name, "oracle");
+}
+
+void kvt_recommendation_free(kvt_recommendation *rec)
+{
+    if (!rec)
+        return;
+    for (size_t i = 0; rec->curves && i < rec->n_policies; i++) {
+        kvt_free(rec->curves[i].value);
+        kvt_free(rec->curves[i].n_keep);
+        kvt_free(rec->curves[i].kept_entries);
+    }
+    kvt_free(rec->curves);
+    kvt_free(rec->layer_budget);
+    kvt_free(rec->head_budget);
+    kvt_free(rec->layer_alloc);
+    kvt_free(rec);
+}
+
+/* Kneedle on the points (x[i], y[i]) of `idx` (n of them, sorted by x); returns a budget
+ * index or -1. */
+static int knee(const double *x, const double *y, const int *idx, int n)
+{
+    if (n < 3)
+        return -1;
+    double x0 = x[idx[0]], x1 = x[idx[n - 1]], y0 = y[idx[0]], y1 = y[idx[n - 1]];
+    if (!(x1 > x0) || y1 == y0)
+        return -1;
+    int best = -1;
+    double best_d = 0.0;
+    for (int i = 1; i < n - 1; i++) {
+        double d = (y[idx[i]] - y0) / (y1 - y0) - (x[idx[i]] - x0) / (x1 - x0);
+        if (d > best_d + 1e-12) {
+            best_d = d;
+            best = idx[i];
+        }
+    }
+    return best;
+}
+
+/* sort budget indices by key ascending (insertion sort; ties keep index order), skipping
+ * NaN keys and NaN values; returns the count */
+static int sorted_points(const double *key, const double *val, size_t n, int *idx)
+{
+    int k = 0;
+    for (size_t b = 0; b < n; b++) {
+        if (isnan(key[b]) || (val && isnan(val[b])))
+            continue;
+        int j = k++;
+        while (j > 0 && key[idx[j - 1]] > key[b]) {
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        idx[j] = (int)b;
+    }
+    return k;
+}
+
+/* the greedy layer allocation of kvt_recommend; lv [L, nb] in the order of `order` */
+static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const int *order,
+                     int n_order, const int *tok)
+{
+    int L = rec->n_layers, *k = rec->layer_alloc;
+    double sign = rec->target_is_max ? 1.0 : -1.0;
+    rec->alloc_entries = NAN;
+    for (int l = 0; l < L; l++)
+        k[l] = 0;
+    for (;;) {
+        double s = 0.0;
+        for (int l = 0; l < L; l++)
+            s += lv[(size_t)l * nb + (size_t)k[l]];
+        if (meets(rec, s / L))
+            break;
+        int best = -1;
+        double best_gain = -INFINITY;
+        for (int l = 0; l < L; l++) {
+            if (k[l] + 1 >= n_order)
+                continue;
+            const double *v = &lv[(size_t)l * nb];
+            int added = tok[order[k[l] + 1]] - tok[order[k[l]]];
+            double gain = sign * (v[k[l]] - v[k[l] + 1]) / (double)(added > 0 ? added : 1);
+            if (isnan(gain))
+                gain = -INFINITY; /* still movable, as a last resort */
+            if (best < 0 || gain > best_gain) {
+                best = l;
+                best_gain = gain;
+            }
+        }
+        if (best < 0) { /* every layer at the largest budget and still short */
+            for (int l = 0; l < L; l++)
+                k[l] = -1;
+            return;
+        }
+        k[best]++;
+    }
+    rec->alloc_entries = 0.0;
+    for (int l = 0; l < L; l++) {
+        k[l] = order[k[l]];
+        rec->alloc_entries += (double)rec->n_heads * tok[k[l]];
+    }
+}
+
+static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
+{
+    const kvt_trace_result *t0 = r->traces[0];
+    size_t pol = rec->policy, nb = r->n_budgets;
+    int L = t0->n_layers, H = t0->policy_heads[pol];
+    for (size_t i = 1; i < r->n_traces; i++)
+        if (r->traces[i]->n_layers != L || r->traces[i]->policy_heads[pol] != H)
+            return KVT_OK; /* different models: no per-layer suggestion */
+    double tok[64];
+    int order[64];
+    if (nb > 64)
+        return KVT_OK;
+    for (size_t b = 0; b < nb; b++)
+        tok[b] = t0->budget_tokens[b];
+    int n_order = sorted_points(tok, NULL, nb, order);
+    size_t n_lh = (size_t)L * (size_t)H;
+    double *lv = kvt_malloc((size_t)L * nb * sizeof(double)); /* [L, nb] layer values */
+    if (!lv)
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    rec->layer_budget = kvt_malloc((size_t)L * sizeof(int));
+    rec->layer_alloc = kvt_malloc((size_t)L * sizeof(int));
+    rec->head_budget = kvt_malloc(n_lh * sizeof(int));
+    if (!rec->layer_budget || !rec->head_budget || !rec->layer_alloc) {
+        kvt_free(lv);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
+    rec->n_layers = L;
+    rec->n_heads = H;
+    rec->uniform_entries = (double)n_lh * t0->budget_tokens[rec->budget];
+    rec->layer_entries = 0.0;
+    rec->head_entries = 0.0;
+    for (int l = 0; l < L; l++) {
+        rec->layer_budget[l] = -1;
+        for (int k = 0; k < n_order; k++) {
+            double s = 0.0;
+            int n = 0;
+            for (size_t i = 0; i < r->n_traces; i++) {
+                kvt_run_summary sm;
+                kvt_status st = kvt_summarize_trace(r->traces[i], pol, (size_t)order[k], l, &sm);
+                if (st) {
+                    kvt_free(lv);
+                    return st;
+                }
+                double v = summary_metric(&sm, rec->metric);
+                if (!isnan(v))
+                    s += v, n++;
+            }
+            lv[(size_t)l * nb + (size_t)k] = n ? s / n : NAN;
+            if (rec->layer_budget[l] < 0 && n && meets(rec, s / n))
+                rec->layer_budget[l] = order[k];
+        }
+        rec->layer_entries +=
+            rec->layer_budget[l] < 0 ? NAN : (double)H * t0->budget_tokens[rec->layer_budget[l]];
+        for (int h = 0; h < H; h++) {
+            int *hb = &rec->head_budget[(size_t)l * H + h];
+            *hb = -1;
+            for (int k = 0; k < n_order && *hb < 0; k++) {
+                double s = 0.0;
+                int n = 0;
+                for (size_t i = 0; i < r->n_traces; i++) {
+                    double v =
+                        head_metric(kvt_trace_result_at(r->traces[i], pol, (size_t)order[k], l, h),
+                                    rec->metric);
+                    if (!isnan(v))
+                        s += v, n++;
+                }
+                if (n && meets(rec, s / n))
+                    *hb = order[k];
+            }
+            rec->head_entries += *hb < 0 ? NAN : (double)t0->budget_tokens[*hb];
+        }
+    }
+    allocate(rec, lv, nb, order, n_order, t0->budget_tokens);
+    kvt_free(lv);
+    return KVT_OK;
+}
+
+kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
+                         kvt_recommendation **out)
+{
+    *out = NULL;
+    KVT_RETURN_IF(r->shard_count > 0, KVT_ERR_INVALID_ARG,
+                  "recommend: a partial result of replay --shard (combine with kvtrace merge)");
+    KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
+                  "recommend: results without traces, policies or budgets");
+    KVT_RETURN_IF(isnan(o->target), KVT_ERR_INVALID_ARG, "recommend: target is NaN");
+    kvt_status st = KVT_OK;
+    size_t np = r->n_policies, nb = r->n_budgets;
+    int *idx = NULL;
+    kvt_run_summary *sum = NULL;
+    kvt_recommendation *rec = kvt_calloc(1, sizeof(*rec));
+    if (!rec)
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    rec->target_is_max = o->target_is_max;
+    rec->target = o->target;
+    rec->n_policies = np;
+    rec->n_budgets = nb;
+    rec->layer_entries = rec->head_entries = rec->uniform_entries = rec->alloc_entries = NAN;
+    rec->curves = kvt_calloc(np, sizeof(*rec->curves));
+    idx = kvt_malloc(nb * sizeof(int));
+    if (!rec->curves || !idx)
+        goto out_nomem;
+    /* every aggregate once; the metric is chosen after */
+    sum = kvt_malloc(np * nb * sizeof(*sum));
+    if (!sum)
+        goto out_nomem;
+    for (size_t p = 0; p < np && !st; p++)
+        for (size_t b = 0; b < nb && !st; b++)
+            st = kvt_summarize_results(r, p, b, &sum[p * nb + b]);
+    if (st)
+        goto out_free;
+    kvt_rec_metric m = o->metric;
+    if (m == KVT_REC_METRIC_AUTO) {
+        m = o->target_is_max ? KVT_REC_METRIC_ERR_DECODE : KVT_REC_METRIC_RECALL_DECODE;
+        bool any = false;
+        for (size_t p = 0; p < np; p++)
+            for (size_t b = 0; b < nb; b++)
+                any |=
+                    !is_reference(&r->policies[p]) && !isnan(summary_metric(&sum[p * nb + b], m));
+        if (!any)
+            m = o->target_is_max ? KVT_REC_METRIC_ERR_WINDOW : KVT_REC_METRIC_RECALL_WINDOW;
+    } else if (!kvt_rec_metric_name(m) || kvt_rec_metric_is_error(m) != o->target_is_max) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG, "recommend: %s needs %s",
+                           kvt_rec_metric_name(m) ? kvt_rec_metric_name(m) : "metric",
+                           kvt_rec_metric_is_error(m) ? "a maximum (--max-error)"
+                                                      : "a minimum (--min-recall)");
+        goto out_free;
+    }
+    rec->metric = m;
+    bool measured = false;
+    for (size_t p = 0; p < np; p++) {
+        kvt_rec_curve *c = &rec->curves[p];
+        c->policy = p;
+        c->knee_budget = c->cheapest_ok = -1;
+        c->value = kvt_malloc(nb * sizeof(double));
+        c->n_keep = kvt_malloc(nb * sizeof(double));
+        c->kept_entries = kvt_malloc(nb * sizeof(double));
+        if (!c->value || !c->n_keep || !c->kept_entries)
+            goto out_nomem;
+        bool any = false;
+        for (size_t b = 0; b < nb; b++) {
+            const kvt_run_summary *s = &sum[p * nb + b];
+            c->value[b] = summary_metric(s, m);
+            c->n_keep[b] = s->n_keep;
+            c->kept_entries[b] = s->kept_entries;
+            any |= !isnan(c->value[b]);
+            if (meets(rec, c->value[b]) &&
+                (c->cheapest_ok < 0 || s->kept_entries < c->kept_entries[c->cheapest_ok]))
+                c->cheapest_ok = (int)b;
+        }
+        c->candidate = any && !is_reference(&r->policies[p]);
+        measured |= c->candidate;
+        c->knee_budget =
+            knee(c->n_keep, c->value, idx, sorted_points(c->n_keep, c->value, nb, idx));
+        if (c->candidate && c->cheapest_ok >= 0) {
+            double cost = c->kept_entries[c->cheapest_ok];
+            if (!rec->found || cost < rec->summary.kept_entries) {
+                rec->found = true;
+                rec->policy = p;
+                rec->budget = (size_t)c->cheapest_ok;
+                rec->value = c->value[c->cheapest_ok];
+                rec->summary = sum[p * nb + (size_t)c->cheapest_ok];
+            }
+        }
+    }
+    if (!measured) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "recommend: %s is not measured for any policy but full/oracle",
+                           kvt_rec_metric_name(m));
+        goto out_free;
+    }
+    if (rec->found && (st = suggest(r, rec)))
+        goto out_free;
+    *out = rec;
+    rec = NULL;
+out_free:
+    kvt_free(sum);
+    kvt_free(idx);
+    kvt_recommendation_free(rec);
+    return st;
+out_nomem:
+    st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    goto out_free;
+}
