@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # demo.sh - the README's main command: install what is missing, build, and run the main job:
 # capture a real trace from the bundled stories260K model (llama2.c checkpoint, CPU), verify
-# it, show what it holds, and replay every policy at a range of budgets (results.json). The
-# HTML/PNG report is the next step to land.
+# it, show what it holds, replay every policy at a range of budgets (results.json), print the
+# recommended settings and write the HTML/PNG report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh build
@@ -18,4 +18,9 @@ $BIN info out/stories260K.kvt
 echo "== replay: every policy at budgets 40..256 tokens per KV head (window 32 included)" >&2
 $BIN replay out/stories260K.kvt --policies all,h2o,oracle --budgets 40,48,64,96,128,192,256 \
     --force -o out/results.json
-echo "demo: trace out/stories260K.kvt, results out/results.json (fields: analysis/RESULTS.md)" >&2
+echo "== recommend: cheapest setting with decode-query output error <= 0.5" >&2
+$BIN recommend out/results.json --max-error 0.5 || true   # exit 3 = no setting meets it
+echo "== report" >&2
+rm -rf out/report
+$BIN report out/results.json -o out/report
+echo "demo: trace out/stories260K.kvt, results out/results.json, report $(pwd)/out/report/index.html" >&2
