@@ -87,7 +87,7 @@ int kvt_cmd_info(int argc, char **argv)
         k->last_layer = in.layer;
         k->n_records++;
         k->raw += in.raw_bytes;
-        k->comp += in.comp_bytes + 96;
+        k->comp += in.comp_bytes + 8 + KVT_REC_HEADER_BYTES; /* with its header frame */
         if (in.head_end > k->heads)
             k->heads = in.head_end;
         if (in.tok_end > k->toks)

@@ -80,7 +80,9 @@ kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uin
 
 /* Reader internals for trace_verify.c. */
 int kvt_trace_reader_fd_(const kvt_trace_reader *r);
-uint64_t kvt_trace_reader_header_end_(const kvt_trace_reader *r);
 const kvt_rec_hdr *kvt_trace_reader_recs_(const kvt_trace_reader *r);
+/** What the recovery scan of a recovered reader found (see kvt_trace_scan). */
+void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,
+                                   uint64_t *n_skipped);
 
 #endif /* KVT_TRACE_INTERNAL_H */

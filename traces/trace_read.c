@@ -25,6 +25,8 @@ struct kvt_trace_reader {
     size_t n_recs;
     bool recovered;
     char note[256];
+    uint64_t valid_end; /* recovered only: end of the last complete unit */
+    uint64_t n_skipped; /* recovered only: damaged regions the scan skipped */
     _Atomic uint64_t bytes_read;
 };
 
@@ -234,10 +236,9 @@ kvt_status kvt_trace_reader_open(const char *path, kvt_trace_reader **out)
     if (s != KVT_OK) {
         snprintf(r->note, sizeof(r->note), "%s; records recovered by scanning", kvt_error_msg());
         r->recovered = true;
-        uint64_t valid_end, skipped;
         br = 0;
-        s = kvt_trace_scan(r->fd, r->file_size, r->header_end, &r->recs, &r->n_recs, &valid_end,
-                           &skipped, &br);
+        s = kvt_trace_scan(r->fd, r->file_size, r->header_end, &r->recs, &r->n_recs, &r->valid_end,
+                           &r->n_skipped, &br);
         r->bytes_read += br;
         if (s != KVT_OK) {
             kvt_error_set(s, "out of memory scanning %s", path);
@@ -302,14 +303,16 @@ int kvt_trace_reader_fd_(const kvt_trace_reader *r)
     return r->fd;
 }
 
-uint64_t kvt_trace_reader_header_end_(const kvt_trace_reader *r)
-{
-    return r->header_end;
-}
-
 const kvt_rec_hdr *kvt_trace_reader_recs_(const kvt_trace_reader *r)
 {
     return r->recs;
+}
+
+void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,
+                                   uint64_t *n_skipped)
+{
+    *valid_end = r->valid_end;
+    *n_skipped = r->n_skipped;
 }
 
 uint64_t kvt_trace_reader_bytes_read(const kvt_trace_reader *r)

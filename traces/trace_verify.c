@@ -95,8 +95,6 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
     kvt_status s = KVT_OK;
     const kvt_rec_hdr *recs = kvt_trace_reader_recs_(r);
     size_t n = kvt_trace_reader_n_records(r);
-    kvt_rec_hdr *scanned = NULL;
-    size_t n_scanned = 0;
     uint64_t valid_end = 0, skipped = 0;
 
     if (!kvt_trace_reader_recovered(r)) {
@@ -110,10 +108,7 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
                         kvt_trace_reader_recovery_note(r));
         if (s != KVT_OK)
             goto out;
-        s = kvt_trace_scan(fd, size, kvt_trace_reader_header_end_(r), &scanned, &n_scanned,
-                           &valid_end, &skipped, &br);
-        if (s != KVT_OK)
-            goto out;
+        kvt_trace_reader_scan_result_(r, &valid_end, &skipped);
         if (skipped)
             s = add_problem(rep, &cap, 0, -1, 0, -1,
                             "%llu damaged region(s) skipped while scanning (unreadable record "
@@ -180,7 +175,6 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
     }
     s = check_promised(r, rep, &cap);
 out:
-    kvt_free(scanned);
     kvt_trace_reader_close(r);
     if (s != KVT_OK) {
         kvt_verify_report_free(rep);
