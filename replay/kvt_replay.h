@@ -105,6 +105,11 @@ typedef struct kvt_layer_input {
     const float *attn_colsum;         /* [Hq, T] or NULL */
     const float *q_all;               /* [Hq, T, D] or NULL */
     const uint8_t *modality;          /* [T] kvt_modality codes or NULL */
+    /* Optional instead of q_all: load query head h's Q_all [T, D] into dst on demand, so that
+     * only one head's queries are in memory (used for H2O column sums; kvt_replay_trace reads
+     * them from the trace this way). */
+    kvt_status (*q_all_head)(void *user, int h, float *dst);
+    void *q_all_user;
 } kvt_layer_input;
 
 /** Metrics of one (policy, budget, layer, head); NaN = not applicable (written as null).

@@ -267,7 +267,7 @@ kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out)
     }
     const kvt_layer_input *in = c->in;
     const int T = c->T, D = c->D, Hq = c->Hq;
-    KVT_RETURN_IF(!in->attn_colsum && !in->q_all, KVT_ERR_NOT_FOUND,
+    KVT_RETURN_IF(!in->attn_colsum && !in->q_all && !in->q_all_head, KVT_ERR_NOT_FOUND,
                   "h2o needs attention column sums: the trace has neither attn_colsum nor Q_all "
                   "for layer %d (capture with column sums or all queries)",
                   c->layer);
@@ -280,15 +280,22 @@ kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out)
         if ((s = check_finite(in->attn_colsum, (size_t)Hq * T, "attn_colsum", c->layer)))
             goto out_fail;
     } else {
+        /* one query head at a time: from q_all, or loaded on demand into qh */
         double *work = NULL;
-        if ((s = check_finite(in->q_all, (size_t)Hq * T * D, "Q_all", c->layer)) ||
-            (s = ALLOC(work, T)))
-            goto out_fail;
-        for (int h = 0; h < Hq && !s; h++)
-            s = kvt_attn_colsum_ref(in->q_all + (size_t)h * T * D,
-                                    in->k + (size_t)(h / c->Gs) * T * D, T, D, c->scale, work,
+        float *qh = NULL;
+        if ((s = ALLOC(work, T)) || (!in->q_all && (s = ALLOC(qh, (size_t)T * D))))
+            goto out_colsum;
+        for (int h = 0; h < Hq && !s; h++) {
+            const float *q = in->q_all ? in->q_all + (size_t)h * T * D : qh;
+            if ((!in->q_all && (s = in->q_all_head(in->q_all_user, h, qh))) ||
+                (s = check_finite(q, (size_t)T * D, "Q_all", c->layer)))
+                break;
+            s = kvt_attn_colsum_ref(q, in->k + (size_t)(h / c->Gs) * T * D, T, D, c->scale, work,
                                     c->colsum + (size_t)h * T);
+        }
+    out_colsum:
         kvt_free(work);
+        kvt_free(qh);
         if (s)
             goto out_fail;
     }

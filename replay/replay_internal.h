@@ -133,7 +133,9 @@ kvt_status kvt_ctx_check_window(const kvt_layer_ctx *c, const char *policy, int 
 /* ---- the selection a policy fills ---- */
 typedef struct kvt_merged_set {
     int n;            /* kept entries */
-    float *k, *v;     /* [n, D] merged keys/values */
+    int n_changed;    /* entries whose K/V differ from their token's (merge targets) */
+    float *k, *v;     /* [n_changed, D] K/V of the changed entries, in entry order; an unchanged
+                         entry's K/V are token idx's rows of the layer input (not copied) */
     int32_t *idx;     /* [n] representative token index, ascending */
     uint8_t *changed; /* [n] 1 if the entry's K/V differ from token idx's (a merge target) */
 } kvt_merged_set;

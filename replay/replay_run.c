@@ -119,6 +119,18 @@ static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int t
                                  (size_t)h * t * d * sizeof(float));
 }
 
+typedef struct qa_load {
+    run_shared *sh;
+    int layer;
+} qa_load;
+
+static kvt_status load_q_all_head(void *user, int h, float *dst)
+{
+    const qa_load *q = user;
+    return kvt_trace_reader_read(q->sh->rd, q->layer, KVT_KIND_Q_ALL, (uint32_t)h, (uint32_t)h + 1,
+                                 KVT_DTYPE_F32, dst, (size_t)q->sh->T * q->sh->D * sizeof(float));
+}
+
 static void *worker(void *arg)
 {
     run_shared *sh = arg;
@@ -131,14 +143,11 @@ static void *worker(void *arg)
     float *vd = sh->has_kvd ? kvt_malloc((size_t)Hkv * G * D * sizeof(float)) : NULL;
     float *cs =
         sh->need_colsum && sh->has_colsum ? kvt_malloc((size_t)Hq * T * sizeof(float)) : NULL;
-    float *qa = sh->need_colsum && !sh->has_colsum && sh->has_qall
-                    ? kvt_malloc((size_t)Hq * T * D * sizeof(float))
-                    : NULL;
+    const bool stream_qa = sh->need_colsum && !sh->has_colsum && sh->has_qall;
     kvt_head_metrics *m = kvt_malloc(sh->n_pol * sh->n_b * (size_t)Hq * sizeof(*m));
     kvt_status st = KVT_OK;
     if (!k || !v || !qw || !m || (sh->has_qd && !qd) || (sh->has_kvd && (!kd || !vd)) ||
-        (sh->need_colsum && sh->has_colsum && !cs) ||
-        (sh->need_colsum && !sh->has_colsum && sh->has_qall && !qa))
+        (sh->need_colsum && sh->has_colsum && !cs))
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory for one layer's tensors");
     for (;;) {
         pthread_mutex_lock(&sh->mu);
@@ -185,10 +194,19 @@ static void *worker(void *arg)
                 continue;
             in.attn_colsum = cs;
         }
-        if (qa) {
-            if ((st = read_f32(sh, l, KVT_KIND_Q_ALL, Hq, T, qa)))
+        qa_load qal = {sh, l};
+        if (stream_qa) { /* H2O column sums from Q_all, read one head at a time */
+            uint32_t h, t, d;
+            kvt_dtype dt;
+            if ((st = kvt_trace_reader_shape(sh->rd, l, KVT_KIND_Q_ALL, &h, &t, &d, &dt)))
                 continue;
-            in.q_all = qa;
+            if ((int)h != Hq || (int)t != T || (int)d != D) {
+                st = kvt_error_set(KVT_ERR_CORRUPT, "layer %d: Q_all has shape [%u,%u,%u]", l, h, t,
+                                   d);
+                continue;
+            }
+            in.q_all_head = load_q_all_head;
+            in.q_all_user = &qal;
         }
         if ((st =
                  kvt_replay_layer_metrics(&in, sh->pols, sh->n_pol, sh->btok, sh->n_b, sh->o, m))) {
@@ -225,7 +243,6 @@ static void *worker(void *arg)
     kvt_free(kd);
     kvt_free(vd);
     kvt_free(cs);
-    kvt_free(qa);
     kvt_free(m);
     return NULL;
 }

@@ -24,9 +24,9 @@ typedef struct scratch {
     int32_t *posO;
     int32_t *probe;
     uint8_t *probe_mod;
-    float *ct; /* [T, n_probe] cosine table of the current KV head */
-    double *z; /* [T] */
-    float *ku; /* [T, D] unit merged keys */
+    float *ct;     /* [T, n_probe] cosine table of the current KV head */
+    double *z;     /* [T] */
+    uint8_t *keep; /* [T] merged policies: token kept unchanged */
     double *acc;
 } scratch;
 
@@ -49,7 +49,7 @@ static void scratch_free(scratch *s)
     kvt_free(s->probe_mod);
     kvt_free(s->ct);
     kvt_free(s->z);
-    kvt_free(s->ku);
+    kvt_free(s->keep);
     kvt_free(s->acc);
     memset(s, 0, sizeof(*s));
 }
@@ -79,11 +79,11 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->probe_mod = kvt_malloc((size_t)n_probe + 1);
     s->ct = kvt_malloc((T * (size_t)n_probe + 1) * sizeof(float));
     s->z = kvt_malloc(T * sizeof(double));
-    s->ku = kvt_malloc(T * D * sizeof(float));
+    s->keep = kvt_malloc(T + 1);
     s->acc = kvt_malloc(D * sizeof(double));
     if (!s->cuts || !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad ||
         !s->cmod || !s->rk || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod ||
-        !s->ct || !s->z || !s->ku || !s->acc) {
+        !s->ct || !s->z || !s->keep || !s->acc) {
         scratch_free(s);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
     }
@@ -349,9 +349,7 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
         for (int d = 0; d < D; d++)
             s->acc[d] -= pj * V[(size_t)drop[i] * D + d];
     }
-    for (int e = 0; e < ms->n; e++) {
-        if (!ms->changed[e])
-            continue;
+    for (int e = 0; e < ms->n_changed; e++) {
         double z = 0.0;
         for (int d = 0; d < D; d++)
             z += (double)q[d] * ms->k[(size_t)e * D + d];
@@ -381,6 +379,12 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
     const int hq0 = sel->per_query ? h : g * c->Gs, nh = sel->per_query ? 1 : c->Gs;
     const uint8_t *mod = c->in->modality;
     s->cur_g = g;
+    int max_chg = 0;
+    for (int b = 0; b < s->n_b; b++)
+        if (sel->merged[(size_t)b * H + h].n_changed > max_chg)
+            max_chg = sel->merged[(size_t)b * H + h].n_changed;
+    float *cu = kvt_malloc(((size_t)max_chg * D + 1) * sizeof(float)); /* unit changed keys */
+    KVT_RETURN_IF(!cu, KVT_ERR_NOMEM, "replay: out of memory (merged keys)");
     if (orc)
         for (int t = 0; t < T; t++)
             s->posO[orc->order[(size_t)h * T + t]] = t;
@@ -392,7 +396,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         /* drop = original tokens not kept unchanged (posO-free scratch: s->cuts is too small,
          * use the z buffer's memory as int32) */
         int32_t *drop = (int32_t *)s->z, n_drop = 0;
-        uint8_t *keep = (uint8_t *)s->ku; /* T bytes of the unit-key buffer, rebuilt below */
+        uint8_t *keep = s->keep;
         memset(keep, 0, (size_t)T);
         for (int e = 0; e < ms->n; e++)
             if (!ms->changed[e])
@@ -422,8 +426,20 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         }
         /* unit merged keys, their redundancy, coverage of the probes (unchanged entries from
          * the cosine table, changed ones directly) */
-        double *mean = s->rwork;
-        kvt_unit_rows_ref(ms->k, ms->n, D, s->ku, mean);
+        double *mean = s->rwork, *u = s->acc;
+        for (int d = 0; d < D; d++)
+            mean[d] = 0.0;
+        for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
+            const float *row = ms->changed[e2] ? ms->k + (size_t)ce * D
+                                               : c->in->k + ((size_t)g * T + ms->idx[e2]) * D;
+            kvt_unit_rows_ref(row, 1, D, ms->changed[e2] ? cu + (size_t)ce * D : NULL, u);
+            ce += ms->changed[e2] != 0;
+            for (int d = 0; d < D; d++)
+                mean[d] += u[d];
+        }
+        if (ms->n > 0)
+            for (int d = 0; d < D; d++)
+                mean[d] /= ms->n;
         hm->r_kept = kvt_redundancy_ref(mean, D, ms->n);
         if (s->n_probe > 0 && ms->n > 0) {
             double sum = 0.0, rad = -INFINITY, sm[KVT_NM] = {0};
@@ -431,15 +447,16 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             for (int i = 0; i < s->n_probe; i++) {
                 const float *kp = c->ku + ((size_t)g * T + s->probe[i]) * D;
                 double best = -INFINITY;
-                for (int e2 = 0; e2 < ms->n; e2++) {
+                for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
                     double x;
                     if (!ms->changed[e2])
                         x = s->ct[(size_t)ms->idx[e2] * s->n_probe + i];
                     else {
                         x = 0.0;
                         for (int d = 0; d < D; d++)
-                            x += (double)kp[d] * s->ku[(size_t)e2 * D + d];
+                            x += (double)kp[d] * cu[(size_t)ce * D + d];
                         x = (double)(float)x;
+                        ce++;
                     }
                     best = x > best ? x : best;
                 }
@@ -466,6 +483,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             hm->oracle_overlap = no > 0 ? (double)hit / no : NAN;
         }
     }
+    kvt_free(cu);
     return KVT_OK;
 }
 

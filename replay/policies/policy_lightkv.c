@@ -141,30 +141,35 @@ static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, in
         }
         n = m;
     }
-    /* output: non-vision tokens unchanged + the vision entries, by token index */
-    int n_out = T - n_vis + n;
+    /* output: non-vision tokens unchanged + the vision entries, by token index. Only the
+     * changed entries (merge targets) carry their own K/V; the others are token idx's. */
+    int n_out = T - n_vis + n, n_chg = 0;
+    for (int i = 0; i < n; i++)
+        n_chg += mb->chg[i] != 0;
     out->n = n_out;
-    out->k = kvt_malloc((size_t)n_out * D * sizeof(float));
-    out->v = kvt_malloc((size_t)n_out * D * sizeof(float));
+    out->n_changed = n_chg;
+    out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
     out->idx = kvt_malloc((size_t)n_out * sizeof(int32_t));
     out->changed = kvt_calloc((size_t)n_out + 1, 1);
     KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
                   "lightkv: out of memory");
-    int vi = 0, o_i = 0;
+    int vi = 0, o_i = 0, ci = 0;
     for (int j = 0; j < T; j++) {
         bool vis = j < P && mod && (mod[j] == 1 || mod[j] == 2);
         if (vis) {
             if (vi < n && mb->idx[vi] == j) {
-                memcpy(out->k + (size_t)o_i * D, mb->k + (size_t)vi * D, D * sizeof(float));
-                memcpy(out->v + (size_t)o_i * D, mb->v + (size_t)vi * D, D * sizeof(float));
+                if (mb->chg[vi]) {
+                    memcpy(out->k + (size_t)ci * D, mb->k + (size_t)vi * D, D * sizeof(float));
+                    memcpy(out->v + (size_t)ci * D, mb->v + (size_t)vi * D, D * sizeof(float));
+                    ci++;
+                }
                 out->changed[o_i] = mb->chg[vi];
                 out->idx[o_i++] = j;
                 vi++;
             }
             continue;
         }
-        memcpy(out->k + (size_t)o_i * D, c->in->k + ((size_t)g * T + j) * D, D * sizeof(float));
-        memcpy(out->v + (size_t)o_i * D, c->in->v + ((size_t)g * T + j) * D, D * sizeof(float));
         out->idx[o_i++] = j;
     }
     return KVT_OK;
