@@ -4,8 +4,11 @@
  * key-space coverage, redundancy of the kept set), plus Quest page bounds.
  *
  * Every op exists as a plain C reference `kvt_<op>_ref` (kernels/ref/<op>_ref.c): plain loops,
- * no SIMD or threads, pointers + shapes, no file I/O. They are the oracle for later CUDA
- * versions and the CPU path of the replay. Definitions: ../shared/POLICIES.md §0.1 and §12.
+ * no SIMD or threads, pointers + shapes, no file I/O. They are the oracle for the fast CPU
+ * variants `kvt_<op>_cpu` (kernels/cpu/, dense products through OpenBLAS when it is found at
+ * build time) and the later CUDA versions. The replay calls the dispatcher `kvt_<op>`, which
+ * runs the `_cpu` variant, or the reference when KVT_KERNELS=ref is set in the environment or
+ * kvt_kernels_use_ref(true) was called. Definitions: ../shared/POLICIES.md §0.1 and §12.
  *
  * Dimension letters: T prompt tokens (keys), D head dim, W window queries, Hq query heads,
  * Hkv KV heads, G decode steps. Arrays are row-major; "[T,D]" means T rows of D elements.
@@ -162,6 +165,65 @@ void kvt_page_upper_ref(const float *q, const float *kmin, const float *kmax, in
 
 /** Scaled dot products out[j] = <q, k_j> * scale (double accumulation). k [n, D]. */
 void kvt_dot_rows_ref(const float *q, const float *k, int n, int D, double scale, double *out);
+
+/* ---- fast CPU variants (kernels/cpu/) and dispatchers ---- */
+
+/** Force the references (true) or the fast CPU variants (false) in the dispatchers. The default
+ *  is the fast path unless the environment has KVT_KERNELS=ref. Not thread-safe against
+ *  running kernels: call before a replay. */
+void kvt_kernels_use_ref(bool ref_only);
+bool kvt_kernels_ref_only(void);
+/** "openblas" or "blocked-c": what the fast CPU variants use for dense products. */
+const char *kvt_kernels_cpu_backend(void);
+
+/** Row-major C[m,n] = alpha * A[m,k] * op(B) + beta * C, op(B) = B [k,n] or, with b_trans, the
+ *  transpose of B [n,k]. OpenBLAS (single-threaded: the replay runs one worker per core) or a
+ *  plain loop. */
+void kvt_gemm_f64(bool b_trans, int m, int n, int k, double alpha, const double *A, int lda,
+                  const double *B, int ldb, double beta, double *C, int ldc);
+void kvt_gemm_f32(bool b_trans, int m, int n, int k, float alpha, const float *A, int lda,
+                  const float *B, int ldb, float beta, float *C, int ldc);
+
+/** Probability-weighted value sums: out[q][d] = sum_j p[q][j] * v[j][d] (double accumulation).
+ *  p rows [n_q] of [T] at p + q*stride_p; v [T, D]; out rows of [D] at out + q*stride_out. */
+void kvt_attn_output_ref(const float *p, int n_q, int T, size_t stride_p, const float *v, int D,
+                         double *out, size_t stride_out);
+kvt_status kvt_attn_output_cpu(const float *p, int n_q, int T, size_t stride_p, const float *v,
+                               int D, double *out, size_t stride_out);
+kvt_status kvt_attn_output(const float *p, int n_q, int T, size_t stride_p, const float *v, int D,
+                           double *out, size_t stride_out);
+
+/** kvt_attn_probs_ref computed with dense products (same arguments and results up to the
+ *  summation order of the logits). Allocates its own blocks (KVT_ERR_NOMEM). */
+kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, int T,
+                              const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                              double scale, float *pr, float *pr2, double *lse, double *work);
+kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T, const int *n_vis,
+                          const float *k2, int n2, const int *n_vis2, double scale, float *pr,
+                          float *pr2, double *lse, double *work);
+
+/** Workspace of kvt_sweep_output_cpu and of the dispatcher kvt_sweep_output (at least
+ *  kvt_sweep_output_workspace_bytes). */
+size_t kvt_sweep_output_cpu_workspace_bytes(int n_q, int D);
+/** kvt_sweep_output_ref with the kept tokens between cuts as dense products. */
+kvt_status kvt_sweep_output_cpu(int n_q, int T, int D, const float *p, size_t stride_p,
+                                const float *v, const double *a_full, size_t stride_a,
+                                const double *p_extra, size_t stride_e, const double *o_extra,
+                                const int32_t *order, const int32_t *cuts, int n_cut,
+                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                double *recall, double *err, double *recall_mod, void *work);
+kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p, const float *v,
+                            const double *a_full, size_t stride_a, const double *p_extra,
+                            size_t stride_e, const double *o_extra, const int32_t *order,
+                            const int32_t *cuts, int n_cut, const uint8_t *mod,
+                            const double *mass_mod, size_t stride_m, double *recall, double *err,
+                            double *recall_mod, void *work);
+
+/** kvt_cosine_table_ref as a dense product in double (rounded to f32 like the reference). */
+kvt_status kvt_cosine_table_cpu(const float *ku, int T, int D, const int32_t *probe, int n_probe,
+                                float *ct);
+kvt_status kvt_cosine_table(const float *ku, int T, int D, const int32_t *probe, int n_probe,
+                            float *ct);
 
 #ifdef __cplusplus
 }

@@ -105,12 +105,11 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
         int g = h / c->Gs;
         const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
         float *pr = c->prw + (size_t)h * Wt * T;
-        s = kvt_attn_probs_ref(in->q_window + (size_t)h * Wt * D, Wt, D, K, T, vis, NULL, 0, NULL,
-                               c->scale, pr, NULL, c->lsew + (size_t)h * Wt, work);
-        if (s)
+        s = kvt_attn_probs(in->q_window + (size_t)h * Wt * D, Wt, D, K, T, vis, NULL, 0, NULL,
+                           c->scale, pr, NULL, c->lsew + (size_t)h * Wt, work);
+        if (s || (s = kvt_attn_output(pr, Wt, T, T, V, D, c->aw + (size_t)h * Wt * D, D)))
             goto out_fail;
         for (int i = 0; i < Wt; i++) {
-            weighted_sum(pr + (size_t)i * T, V, T, D, c->aw + ((size_t)h * Wt + i) * D);
             if (in->modality)
                 mass_by_mod(pr + (size_t)i * T, in->modality, T,
                             c->massw_mod + ((size_t)h * Wt + i) * KVT_NM);
@@ -136,12 +135,11 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
             const float *Kd = c->has_extra ? in->k_decode + (size_t)g * Gd * D : NULL;
             const float *Vd = c->has_extra ? in->v_decode + (size_t)g * Gd * D : NULL;
             float *pr = c->prd + (size_t)h * Gd * T;
-            s = kvt_attn_probs_ref(in->q_decode + (size_t)h * Gd * D, Gd, D, K, T, vis, Kd, Gd,
-                                   vis2, c->scale, pr, pr2, c->lsed + (size_t)h * Gd, work);
-            if (s)
+            s = kvt_attn_probs(in->q_decode + (size_t)h * Gd * D, Gd, D, K, T, vis, Kd, Gd, vis2,
+                               c->scale, pr, pr2, c->lsed + (size_t)h * Gd, work);
+            if (s || (s = kvt_attn_output(pr, Gd, T, T, V, D, c->ad + (size_t)h * Gd * D, D)))
                 goto out_fail;
             for (int i = 0; i < Gd; i++) {
-                weighted_sum(pr + (size_t)i * T, V, T, D, c->ad + ((size_t)h * Gd + i) * D);
                 if (c->has_extra) {
                     const float *p2 = pr2 + (size_t)i * Gd;
                     double pe = 0.0;

@@ -67,7 +67,7 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->rec = kvt_malloc((size_t)nq * nb * sizeof(double));
     s->err = kvt_malloc((size_t)nq * nb * sizeof(double));
     s->rmod = kvt_malloc((size_t)nq * nb * KVT_NM * sizeof(double));
-    s->sw = kvt_malloc(kvt_sweep_output_workspace_bytes(nq, c->D) + 8);
+    s->sw = kvt_malloc(kvt_sweep_output_cpu_workspace_bytes(nq, c->D) + 8);
     s->cov = kvt_malloc(nb * sizeof(double));
     s->rad = kvt_malloc(nb * sizeof(double));
     s->cmod = kvt_malloc(nb * KVT_NM * sizeof(double));
@@ -157,9 +157,9 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
             oe = c->od_extra + ((size_t)hq0 * Gd + step) * D;
         }
     }
-    KVT_FORWARD(kvt_sweep_output_ref(n_q, T, D, p, sp, c->in->v + (size_t)(hq0 / c->Gs) * T * D, a,
-                                     sa, pe, se, oe, order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec,
-                                     s->err, mod ? s->rmod : NULL, s->sw));
+    KVT_FORWARD(kvt_sweep_output(n_q, T, D, p, sp, c->in->v + (size_t)(hq0 / c->Gs) * T * D, a, sa,
+                                 pe, se, oe, order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
+                                 mod ? s->rmod : NULL, s->sw));
     for (int b = 0; b < n_b; b++) {
         int ci = s->map[b];
         double r = 0.0, e = 0.0;
@@ -370,6 +370,90 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
     return den > 0 ? sqrt(num / den) : (num > 0 ? 1.0 : 0.0);
 }
 
+/* Fast path of merged_err for n_q consecutive queries (rows of q, p, lse, a_full; pe/oe per
+ * query or NULL): the dropped tokens' sums and the changed entries' weights and sums are dense
+ * products over blocks of MB entries. *err_sum = sum of the n_q errors. */
+#define MB 256
+static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merged_set *ms,
+                                   const int32_t *drop, int n_drop, int n_q, const float *q,
+                                   const float *p, const double *lse, const double *a_full,
+                                   const double *pe, const double *oe, double *err_sum)
+{
+    const int T = c->T, D = c->D;
+    const float *V = c->in->v + (size_t)g * T * D;
+    size_t nq = (size_t)n_q;
+    double *acc =
+        kvt_malloc((nq * D + nq * 2 + nq * MB + (size_t)MB * D * 2 + nq * D) * sizeof(double));
+    KVT_RETURN_IF(!acc, KVT_ERR_NOMEM, "replay: out of memory (merged error)");
+    double *r = acc + nq * D, *rf = r + nq, *pg = rf + nq, *vg = pg + nq * MB;
+    double *kg = vg + (size_t)MB * D, *qd = kg + (size_t)MB * D;
+    for (size_t i = 0; i < nq; i++) {
+        const float *pq = p + i * T;
+        double sum = 0.0;
+        for (int j = 0; j < T; j++)
+            sum += pq[j];
+        rf[i] = r[i] = sum;
+        memcpy(acc + i * D, a_full + i * D, (size_t)D * sizeof(double));
+    }
+    for (size_t i = 0; i < nq * D; i++)
+        qd[i] = q[i];
+    /* minus the dropped tokens */
+    for (int b0 = 0; b0 < n_drop; b0 += MB) {
+        int nb = n_drop - b0 < MB ? n_drop - b0 : MB;
+        for (int u = 0; u < nb; u++)
+            for (int d = 0; d < D; d++)
+                vg[(size_t)u * D + d] = V[(size_t)drop[b0 + u] * D + d];
+        for (size_t i = 0; i < nq; i++) {
+            double sum = 0.0;
+            for (int u = 0; u < nb; u++) {
+                double pj = p[i * T + drop[b0 + u]];
+                pg[i * nb + u] = pj;
+                sum += pj;
+            }
+            r[i] -= sum;
+        }
+        kvt_gemm_f64(false, n_q, D, nb, -1.0, pg, nb, vg, D, 1.0, acc, D);
+    }
+    /* plus the changed entries: w = exp(q.k' * scale - lse) */
+    for (int b0 = 0; b0 < ms->n_changed; b0 += MB) {
+        int nb = ms->n_changed - b0 < MB ? ms->n_changed - b0 : MB;
+        for (size_t i = 0; i < (size_t)nb * D; i++) {
+            kg[i] = ms->k[(size_t)b0 * D + i];
+            vg[i] = ms->v[(size_t)b0 * D + i];
+        }
+        kvt_gemm_f64(true, n_q, nb, D, c->scale, qd, D, kg, D, 0.0, pg, nb);
+        for (size_t i = 0; i < nq; i++) {
+            double sum = 0.0;
+            for (int u = 0; u < nb; u++) {
+                double w = exp(pg[i * nb + u] - lse[i]);
+                pg[i * nb + u] = w;
+                sum += w;
+            }
+            r[i] += sum;
+        }
+        kvt_gemm_f64(false, n_q, D, nb, 1.0, pg, nb, vg, D, 1.0, acc, D);
+    }
+    double tot = 0.0;
+    for (size_t i = 0; i < nq; i++) {
+        double x = pe ? pe[i] : 0.0, kept = r[i] + x, total = rf[i] + x, num = 0.0, den = 0.0;
+        if (!(kept > 0.0)) {
+            tot += 1.0;
+            continue;
+        }
+        for (int d = 0; d < D; d++) {
+            double y = oe ? oe[i * D + d] : 0.0;
+            double o = (a_full[i * D + d] + y) / total, os = (acc[i * D + d] + y) / kept;
+            num += (os - o) * (os - o);
+            den += o * o;
+        }
+        tot += den > 0 ? sqrt(num / den) : (num > 0 ? 1.0 : 0.0);
+    }
+    kvt_free(acc);
+    *err_sum = tot;
+    return KVT_OK;
+}
+#undef MB
+
 static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_layer_selection *sel,
                                  int h, const kvt_layer_selection *orc, kvt_head_metrics *m,
                                  size_t mstride)
@@ -405,24 +489,41 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             if (!keep[j])
                 drop[n_drop++] = j;
         double e = 0.0;
-        for (int u = 0; u < nh; u++)
-            for (int i = 0; i < Wt; i++) {
-                size_t qi = (size_t)(hq0 + u) * Wt + i;
-                e += merged_err(c, s, ms, drop, n_drop, c->in->q_window + qi * D, c->prw + qi * T,
-                                c->lsew[qi], c->aw + qi * D, 0.0, NULL);
-            }
-        hm->err_window = e / (nh * Wt);
-        if (Gd > 0) {
-            e = 0.0;
+        kvt_status st = KVT_OK;
+        if (!kvt_kernels_ref_only()) {
+            size_t q0 = (size_t)hq0 * Wt;
+            st = merged_errs_fast(c, g, ms, drop, n_drop, nh * Wt, c->in->q_window + q0 * D,
+                                  c->prw + q0 * T, c->lsew + q0, c->aw + q0 * D, NULL, NULL, &e);
+        } else
             for (int u = 0; u < nh; u++)
-                for (int i = 0; i < Gd; i++) {
-                    size_t qi = (size_t)(hq0 + u) * Gd + i;
-                    e += merged_err(c, s, ms, drop, n_drop, c->in->q_decode + qi * D,
-                                    c->prd + qi * T, c->lsed[qi], c->ad + qi * D,
-                                    c->has_extra ? c->pd_extra[qi] : 0.0,
-                                    c->has_extra ? c->od_extra + qi * D : NULL);
+                for (int i = 0; i < Wt; i++) {
+                    size_t qi = (size_t)(hq0 + u) * Wt + i;
+                    e += merged_err(c, s, ms, drop, n_drop, c->in->q_window + qi * D,
+                                    c->prw + qi * T, c->lsew[qi], c->aw + qi * D, 0.0, NULL);
                 }
+        hm->err_window = e / (nh * Wt);
+        if (Gd > 0 && !st) {
+            e = 0.0;
+            if (!kvt_kernels_ref_only()) {
+                size_t q0 = (size_t)hq0 * Gd;
+                st = merged_errs_fast(c, g, ms, drop, n_drop, nh * Gd, c->in->q_decode + q0 * D,
+                                      c->prd + q0 * T, c->lsed + q0, c->ad + q0 * D,
+                                      c->has_extra ? c->pd_extra + q0 : NULL,
+                                      c->has_extra ? c->od_extra + q0 * D : NULL, &e);
+            } else
+                for (int u = 0; u < nh; u++)
+                    for (int i = 0; i < Gd; i++) {
+                        size_t qi = (size_t)(hq0 + u) * Gd + i;
+                        e += merged_err(c, s, ms, drop, n_drop, c->in->q_decode + qi * D,
+                                        c->prd + qi * T, c->lsed[qi], c->ad + qi * D,
+                                        c->has_extra ? c->pd_extra[qi] : 0.0,
+                                        c->has_extra ? c->od_extra + qi * D : NULL);
+                    }
             hm->err_decode = e / (nh * Gd);
+        }
+        if (st) {
+            kvt_free(cu);
+            return st;
         }
         /* unit merged keys, their redundancy, coverage of the probes (unchanged entries from
          * the cosine table, changed ones directly) */
@@ -444,22 +545,30 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         if (s->n_probe > 0 && ms->n > 0) {
             double sum = 0.0, rad = -INFINITY, sm[KVT_NM] = {0};
             int cm[KVT_NM] = {0};
-            for (int i = 0; i < s->n_probe; i++) {
-                const float *kp = c->ku + ((size_t)g * T + s->probe[i]) * D;
-                double best = -INFINITY;
-                for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
-                    double x;
-                    if (!ms->changed[e2])
-                        x = s->ct[(size_t)ms->idx[e2] * s->n_probe + i];
-                    else {
-                        x = 0.0;
-                        for (int d = 0; d < D; d++)
-                            x += (double)kp[d] * cu[(size_t)ce * D + d];
-                        x = (double)(float)x;
-                        ce++;
-                    }
-                    best = x > best ? x : best;
+            /* best cosine of each probe: entries outer so that the table is read by rows */
+            float *bestv = s->cwork;
+            const int np = s->n_probe;
+            for (int i = 0; i < np; i++)
+                bestv[i] = -INFINITY;
+            for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
+                if (!ms->changed[e2]) {
+                    const float *row = s->ct + (size_t)ms->idx[e2] * np;
+                    for (int i = 0; i < np; i++)
+                        bestv[i] = row[i] > bestv[i] ? row[i] : bestv[i];
+                    continue;
                 }
+                const float *ke = cu + (size_t)ce++ * D;
+                for (int i = 0; i < np; i++) {
+                    const float *kp = c->ku + ((size_t)g * T + s->probe[i]) * D;
+                    double x = 0.0;
+                    for (int d = 0; d < D; d++)
+                        x += (double)kp[d] * ke[d];
+                    float xf = (float)x;
+                    bestv[i] = xf > bestv[i] ? xf : bestv[i];
+                }
+            }
+            for (int i = 0; i < np; i++) {
+                double best = bestv[i];
                 sum += best;
                 rad = 1.0 - best > rad ? 1.0 - best : rad;
                 sm[s->probe_mod[i]] += best;
@@ -659,8 +768,8 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
             d[k] = NAN;
     }
     for (int g = 0; g < c.Hkv; g++) {
-        if (n_probe > 0 && (st = kvt_cosine_table_ref(c.ku + (size_t)g * c.T * c.D, c.T, c.D,
-                                                      s.probe, n_probe, s.ct)))
+        if (n_probe > 0 &&
+            (st = kvt_cosine_table(c.ku + (size_t)g * c.T * c.D, c.T, c.D, s.probe, n_probe, s.ct)))
             goto out_free;
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];

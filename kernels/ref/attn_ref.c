@@ -105,3 +105,23 @@ kvt_status kvt_attn_colsum_ref(const float *q, const float *k, int T, int D, dou
     }
     return KVT_OK;
 }
+
+void kvt_attn_output_ref(const float *p, int n_q, int T, size_t stride_p, const float *v, int D,
+                         double *out, size_t stride_out)
+{
+    /* p rows [n_q] of [T]; v is (T,D); out rows [n_q] of [D] */
+    for (int q = 0; q < n_q; q++) {
+        const float *pq = p + (size_t)q * stride_p;
+        double *oq = out + (size_t)q * stride_out;
+        for (int d = 0; d < D; d++)
+            oq[d] = 0.0;
+        for (int j = 0; j < T; j++) {
+            double pj = pq[j];
+            if (pj == 0.0)
+                continue;
+            const float *vj = v + (size_t)j * D;
+            for (int d = 0; d < D; d++)
+                oq[d] += pj * vj[d];
+        }
+    }
+}

@@ -8,8 +8,7 @@
 #include <string.h>
 
 #include "kvt_kernels.h"
-
-#define NM KVT_N_MODALITIES
+#include "sweep_record.h"
 
 static kvt_status check_cuts(const int32_t *cuts, int n_cut, int T)
 {
@@ -23,41 +22,6 @@ static kvt_status check_cuts(const int32_t *cuts, int n_cut, int T)
 size_t kvt_sweep_output_workspace_bytes(int n_q, int D)
 {
     return (size_t)(n_q > 0 ? n_q : 0) * (size_t)(D + 2 + NM) * sizeof(double);
-}
-
-/* Record recall/err for query q given the kept sums (acc [D], r, rm [NM]). Both the kept and
- * the full output are normalised by their own stored mass, so that the full set gives recall 1
- * and error 0 exactly even though f32 probabilities do not sum to exactly 1. */
-static void record(int q, int ci, int n_cut, int D, const double *acc, double r, const double *rm,
-                   double r_full, const double *a_full, const double *p_extra,
-                   const double *o_extra, const double *mass_mod, double *recall, double *err,
-                   double *recall_mod)
-{
-    double pe = p_extra ? p_extra[0] : 0.0;
-    double kept = r + pe, total = r_full + pe;
-    recall[(size_t)q * n_cut + ci] = total > 0.0 ? kept / total : 0.0;
-    if (err) {
-        double num = 0.0, den = 0.0;
-        for (int d = 0; d < D; d++) {
-            double oe = o_extra ? o_extra[d] : 0.0;
-            double o = total > 0.0 ? (a_full[d] + oe) / total : 0.0;
-            double os = kept > 0.0 ? (acc[d] + oe) / kept : 0.0;
-            num += (os - o) * (os - o);
-            den += o * o;
-        }
-        double e;
-        if (kept <= 0.0)
-            e = 1.0;
-        else if (den > 0.0)
-            e = sqrt(num / den);
-        else
-            e = num > 0.0 ? 1.0 : 0.0;
-        err[(size_t)q * n_cut + ci] = e;
-    }
-    if (recall_mod)
-        for (int m = 0; m < NM; m++)
-            recall_mod[((size_t)q * n_cut + ci) * NM + m] =
-                mass_mod[m] > 0.0 ? rm[m] / mass_mod[m] : NAN;
 }
 
 kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t stride_p,
@@ -106,10 +70,11 @@ kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t st
             }
         }
         for (int q = 0; q < n_q; q++)
-            record(q, ci, n_cut, D, acc + (size_t)q * D, r[q], rm + (size_t)q * NM, rf[q],
-                   a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
-                   o_extra ? o_extra + (size_t)q * stride_a : NULL,
-                   mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
+            kvt_sweep_record(
+                q, ci, n_cut, D, acc + (size_t)q * D, r[q], rm + (size_t)q * NM, rf[q],
+                a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
+                o_extra ? o_extra + (size_t)q * stride_a : NULL,
+                mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
     }
     if (n_fwd == n_cut)
         return KVT_OK;
@@ -140,10 +105,11 @@ kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t st
         }
         for (int q = 0; q < n_q; q++) {
             double rq = r[q] < 0.0 ? 0.0 : r[q]; /* cancellation can leave -1e-17 */
-            record(q, ci, n_cut, D, acc + (size_t)q * D, rq, rm + (size_t)q * NM, rf[q],
-                   a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
-                   o_extra ? o_extra + (size_t)q * stride_a : NULL,
-                   mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
+            kvt_sweep_record(
+                q, ci, n_cut, D, acc + (size_t)q * D, rq, rm + (size_t)q * NM, rf[q],
+                a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
+                o_extra ? o_extra + (size_t)q * stride_a : NULL,
+                mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
         }
     }
     return KVT_OK;

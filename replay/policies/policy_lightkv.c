@@ -23,16 +23,13 @@ static void d_light(kvt_policy_opts *o)
     o->window = 32;
 }
 
-static double cosf_rows(const float *a, const float *b, int D)
+/* cosine of two rows given the product of their norms (0 for a zero row) */
+static double cos_rows(const float *a, const float *b, int D, double nn)
 {
-    double ab = 0, aa = 0, bb = 0;
-    for (int d = 0; d < D; d++) {
+    double ab = 0;
+    for (int d = 0; d < D; d++)
         ab += (double)a[d] * b[d];
-        aa += (double)a[d] * a[d];
-        bb += (double)b[d] * b[d];
-    }
-    double n = sqrt(aa) * sqrt(bb);
-    return n > 1e-24 ? ab / n : 0.0;
+    return nn > 1e-24 ? ab / nn : 0.0;
 }
 
 typedef struct merge_buf {
@@ -45,6 +42,7 @@ typedef struct merge_buf {
     int32_t *ord, *work;
     uint8_t *gone, *has, *chg; /* chg [n]: the entry was a merge target in some round */
     double *wk;                /* [n] accumulated weight */
+    double *nrm;               /* [n] key norms of the current round */
     double *acck, *accv;       /* [n, D] weighted sums of the destinations */
 } merge_buf;
 
@@ -71,13 +69,21 @@ static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, in
     const int MW = o->merge_window;
     while (n > target) {
         int n_cand = 0;
+        for (int i = 0; i < n; i++) { /* norms once per round, not once per pair */
+            double aa = 0.0;
+            const float *ki = mb->k + (size_t)i * D;
+            for (int d = 0; d < D; d++)
+                aa += (double)ki[d] * ki[d];
+            mb->nrm[i] = sqrt(aa);
+        }
         for (int r0 = 0; r0 < n; r0 += MW) {
             int r1 = r0 + MW < n ? r0 + MW : n;
             for (int s = r0; s < r1; s += 2) {
                 mb->dst[s] = -1;
                 double best = -INFINITY;
                 for (int d = r0 + 1; d < r1; d += 2) {
-                    double x = cosf_rows(mb->k + (size_t)s * D, mb->k + (size_t)d * D, D);
+                    double x = cos_rows(mb->k + (size_t)s * D, mb->k + (size_t)d * D, D,
+                                        mb->nrm[s] * mb->nrm[d]);
                     if (x > best) {
                         best = x;
                         mb->dst[s] = d;
@@ -190,6 +196,7 @@ static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     mb.v = kvt_malloc((size_t)T * D * sizeof(float));
     mb.w = kvt_malloc((size_t)T * sizeof(double));
     mb.wk = kvt_malloc((size_t)T * sizeof(double));
+    mb.nrm = kvt_malloc((size_t)T * sizeof(double));
     mb.sim = kvt_malloc((size_t)T * sizeof(double));
     mb.key = kvt_malloc((size_t)T * sizeof(double));
     mb.idx = kvt_malloc((size_t)T * sizeof(int32_t));
@@ -202,8 +209,8 @@ static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     mb.acck = kvt_malloc((size_t)T * D * sizeof(double));
     mb.accv = kvt_malloc((size_t)T * D * sizeof(double));
     kvt_status st = KVT_OK;
-    if (!wt || !mb.k || !mb.v || !mb.w || !mb.wk || !mb.sim || !mb.key || !mb.idx || !mb.dst ||
-        !mb.ord || !mb.work || !mb.gone || !mb.has || !mb.chg || !mb.acck || !mb.accv) {
+    if (!wt || !mb.k || !mb.v || !mb.w || !mb.wk || !mb.nrm || !mb.sim || !mb.key || !mb.idx ||
+        !mb.dst || !mb.ord || !mb.work || !mb.gone || !mb.has || !mb.chg || !mb.acck || !mb.accv) {
         st = kvt_error_set(KVT_ERR_NOMEM, "lightkv-like: out of memory");
         goto out_free;
     }
@@ -232,6 +239,7 @@ out_free:
     kvt_free(mb.v);
     kvt_free(mb.w);
     kvt_free(mb.wk);
+    kvt_free(mb.nrm);
     kvt_free(mb.sim);
     kvt_free(mb.key);
     kvt_free(mb.idx);

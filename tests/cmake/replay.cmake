@@ -6,3 +6,7 @@ kvt_add_test(test_analysis_results SOURCES unit/test_analysis_results.c LIBS kvt
              PkgConfig::CJSON LABELS cpu)
 kvt_add_script_test(test_replay_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_cli.sh
                     LABELS cpu)
+# The fast CPU kernels (kernels/cpu/) against the references, and a whole replay both ways.
+kvt_add_test(test_kernels_cpu SOURCES unit/test_kernels_cpu.c LIBS kvt_replay LABELS cpu)
+kvt_add_script_test(test_replay_fast_vs_ref
+                    COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh LABELS cpu)

@@ -1,0 +1,132 @@
+/* attn_cpu.c - fast CPU variants of the attention kernels (attn_ref.c is the oracle): the
+ * logits and the probability-weighted value sums are dense products in double (kvt_gemm_f64)
+ * over blocks of keys converted from f32; the softmax itself is the reference's, row by row.
+ * Results equal the references up to the summation order of the dot products.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "kvt_kernels.h"
+
+#define KB 256 /* keys per converted block: [KB, D] doubles stay in L2 */
+
+static int clampi(int x, int lo, int hi)
+{
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, int T,
+                              const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                              double scale, float *pr, float *pr2, double *lse, double *work)
+{
+    KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0 || (k2 && n2 < 0), KVT_ERR_INVALID_ARG,
+                  "attn_probs: bad shape n_q=%d D=%d T=%d n2=%d", n_q, D, T, n2);
+    KVT_RETURN_IF(k2 && !pr2, KVT_ERR_INVALID_ARG, "attn_probs: pr2 is NULL");
+    if (!k2)
+        n2 = 0;
+    int nv_max = 0;
+    for (int i = 0; i < n_q; i++) {
+        int nv = clampi(n_vis[i], 0, T);
+        nv_max = nv > nv_max ? nv : nv_max;
+    }
+    kvt_status st = KVT_OK;
+    double *qd = kvt_malloc(((size_t)n_q * D + 1) * sizeof(double));
+    double *kd = kvt_malloc(((size_t)KB * D) * sizeof(double));
+    double *z = kvt_malloc(((size_t)n_q * nv_max + 1) * sizeof(double));
+    if (!qd || !kd || !z) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "attn_probs: out of memory");
+        goto out_free;
+    }
+    /* z [n_q, nv_max] = scale * q k^T over the visible prefix of the widest query */
+    for (size_t i = 0; i < (size_t)n_q * D; i++)
+        qd[i] = q[i];
+    for (int j0 = 0; j0 < nv_max; j0 += KB) {
+        int nb = nv_max - j0 < KB ? nv_max - j0 : KB;
+        for (size_t i = 0; i < (size_t)nb * D; i++)
+            kd[i] = k[(size_t)j0 * D + i];
+        kvt_gemm_f64(true, n_q, nb, D, scale, qd, D, kd, D, 0.0, z + j0, nv_max);
+    }
+    double *z2 = work + T; /* (n2) logits of block 2 of the current query */
+    for (int i = 0; i < n_q; i++) {
+        const float *qi = q + (size_t)i * D;
+        double *z1 = z + (size_t)i * nv_max;
+        int nv = clampi(n_vis[i], 0, T);
+        int nv2 = k2 ? clampi(n_vis2[i], 0, n2) : 0;
+        if (nv + nv2 == 0) {
+            st = kvt_error_set(KVT_ERR_INVALID_ARG, "attn_probs: query %d sees no key", i);
+            goto out_free;
+        }
+        double zmax = -INFINITY;
+        for (int j = 0; j < nv; j++) {
+            if (!isfinite(z1[j])) {
+                st = kvt_error_set(KVT_ERR_NAN, "attn_probs: logit (%d,%d) not finite", i, j);
+                goto out_free;
+            }
+            zmax = z1[j] > zmax ? z1[j] : zmax;
+        }
+        for (int j = 0; j < nv2; j++) {
+            double s = 0.0;
+            const float *kj = k2 + (size_t)j * D;
+            for (int d = 0; d < D; d++)
+                s += (double)qi[d] * (double)kj[d];
+            z2[j] = s * scale;
+            if (!isfinite(z2[j])) {
+                st = kvt_error_set(KVT_ERR_NAN, "attn_probs: logit (%d,k2 %d) not finite", i, j);
+                goto out_free;
+            }
+            zmax = z2[j] > zmax ? z2[j] : zmax;
+        }
+        double zsum = 0.0;
+        for (int j = 0; j < nv; j++) {
+            z1[j] = exp(z1[j] - zmax);
+            zsum += z1[j];
+        }
+        for (int j = 0; j < nv2; j++) {
+            z2[j] = exp(z2[j] - zmax);
+            zsum += z2[j];
+        }
+        float *pi = pr + (size_t)i * T;
+        for (int j = 0; j < T; j++)
+            pi[j] = j < nv ? (float)(z1[j] / zsum) : 0.0f;
+        if (k2) {
+            float *p2 = pr2 + (size_t)i * n2;
+            for (int j = 0; j < n2; j++)
+                p2[j] = j < nv2 ? (float)(z2[j] / zsum) : 0.0f;
+        }
+        if (lse)
+            lse[i] = zmax + log(zsum);
+    }
+out_free:
+    kvt_free(qd);
+    kvt_free(kd);
+    kvt_free(z);
+    return st;
+}
+
+kvt_status kvt_attn_output_cpu(const float *p, int n_q, int T, size_t stride_p, const float *v,
+                               int D, double *out, size_t stride_out)
+{
+    KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0, KVT_ERR_INVALID_ARG,
+                  "attn_output: bad shape n_q=%d T=%d D=%d", n_q, T, D);
+    double *pd = kvt_malloc(((size_t)n_q * KB + 1) * sizeof(double));
+    double *vd = kvt_malloc(((size_t)KB * D) * sizeof(double));
+    if (!pd || !vd) {
+        kvt_free(pd);
+        kvt_free(vd);
+        return kvt_error_set(KVT_ERR_NOMEM, "attn_output: out of memory");
+    }
+    for (int q = 0; q < n_q; q++)
+        memset(out + (size_t)q * stride_out, 0, (size_t)D * sizeof(double));
+    for (int j0 = 0; j0 < T; j0 += KB) {
+        int nb = T - j0 < KB ? T - j0 : KB;
+        for (int q = 0; q < n_q; q++)
+            for (int u = 0; u < nb; u++)
+                pd[(size_t)q * nb + u] = p[(size_t)q * stride_p + j0 + u];
+        for (size_t i = 0; i < (size_t)nb * D; i++)
+            vd[i] = v[(size_t)j0 * D + i];
+        kvt_gemm_f64(false, n_q, D, nb, 1.0, pd, nb, vd, D, 1.0, out, (int)stride_out);
+    }
+    kvt_free(pd);
+    kvt_free(vd);
+    return KVT_OK;
+}

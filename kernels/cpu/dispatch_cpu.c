@@ -1,0 +1,43 @@
+/* dispatch_cpu.c - the dispatchers kvt_<op>: the fast CPU variant, or the reference when
+ * kvt_kernels_ref_only() (KVT_KERNELS=ref). A CUDA branch joins here later.
+ */
+#include "kvt_kernels.h"
+
+kvt_status kvt_attn_output(const float *p, int n_q, int T, size_t stride_p, const float *v, int D,
+                           double *out, size_t stride_out)
+{
+    if (kvt_kernels_ref_only()) {
+        KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0, KVT_ERR_INVALID_ARG,
+                      "attn_output: bad shape n_q=%d T=%d D=%d", n_q, T, D);
+        kvt_attn_output_ref(p, n_q, T, stride_p, v, D, out, stride_out);
+        return KVT_OK;
+    }
+    return kvt_attn_output_cpu(p, n_q, T, stride_p, v, D, out, stride_out);
+}
+
+kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T, const int *n_vis,
+                          const float *k2, int n2, const int *n_vis2, double scale, float *pr,
+                          float *pr2, double *lse, double *work)
+{
+    return (kvt_kernels_ref_only() ? kvt_attn_probs_ref : kvt_attn_probs_cpu)(
+        q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, work);
+}
+
+kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p, const float *v,
+                            const double *a_full, size_t stride_a, const double *p_extra,
+                            size_t stride_e, const double *o_extra, const int32_t *order,
+                            const int32_t *cuts, int n_cut, const uint8_t *mod,
+                            const double *mass_mod, size_t stride_m, double *recall, double *err,
+                            double *recall_mod, void *work)
+{
+    return (kvt_kernels_ref_only() ? kvt_sweep_output_ref : kvt_sweep_output_cpu)(
+        n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e, o_extra, order, cuts, n_cut,
+        mod, mass_mod, stride_m, recall, err, recall_mod, work);
+}
+
+kvt_status kvt_cosine_table(const float *ku, int T, int D, const int32_t *probe, int n_probe,
+                            float *ct)
+{
+    return (kvt_kernels_ref_only() ? kvt_cosine_table_ref : kvt_cosine_table_cpu)(ku, T, D, probe,
+                                                                                  n_probe, ct);
+}

@@ -1,0 +1,304 @@
+/* test_kernels_cpu.c - the fast CPU kernels (kernels/cpu/, dense products through OpenBLAS or
+ * the blocked fallback) against their references on fixed-seed random inputs and awkward
+ * shapes (T = 1, T not a multiple of the 256-key block, D = 64, 80, 128, one query, a window
+ * wider than the prompt prefix), the way ggml's test-backend-ops compares backends:
+ * elementwise |a - b| <= atol + rtol*|ref| and a normalised error bound, guard words after
+ * every output left untouched, NaN where the reference has NaN, the same status on bad input.
+ * Also the plain gemm against a triple loop, and the ref/fast switch (KVT_KERNELS=ref).
+ */
+#include <string.h>
+
+#include "replay_test_util.h"
+
+/* Tolerances: both sides accumulate in double and differ only in summation order; results
+ * stored in f32 (probabilities, cosines) may then round to neighbouring floats. */
+#define ATOL_F32 2e-7 /* one f32 ulp at 1 is 1.2e-7 */
+#define RTOL_F32 1e-6
+#define ATOL_F64 1e-12
+#define RTOL_F64 1e-10
+#define NMSE_MAX 1e-12
+#define GUARD    0x7fc0dead /* a NaN pattern nobody writes */
+#define N_GUARD  16
+
+static int n_mismatch;
+
+static void fill(kvt_rng *r, float *x, size_t n, float scale)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)((kvt_rng_uniform(r) * 2.0 - 1.0) * scale);
+}
+
+static void put_guard(void *end)
+{
+    uint32_t *g = end;
+    for (int i = 0; i < N_GUARD; i++)
+        g[i] = GUARD;
+}
+
+static bool guard_ok(const void *end)
+{
+    const uint32_t *g = end;
+    for (int i = 0; i < N_GUARD; i++)
+        if (g[i] != GUARD)
+            return false;
+    return true;
+}
+
+/* compare n values; returns true if all are within tolerance */
+static bool close_f64(const char *what, const double *ref, const double *got, size_t n, double atol,
+                      double rtol)
+{
+    double num = 0.0, den = 0.0;
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(ref[i]) || isnan(got[i])) {
+            if (isnan(ref[i]) != isnan(got[i]) && bad++ < 10)
+                fprintf(stderr, "  %s[%zu]: ref %.17g got %.17g (NaN mismatch)\n", what, i, ref[i],
+                        got[i]);
+            continue;
+        }
+        double d = fabs(ref[i] - got[i]);
+        num += d * d;
+        den += ref[i] * ref[i];
+        if (d > atol + rtol * fabs(ref[i]) && bad++ < 10)
+            fprintf(stderr, "  %s[%zu]: ref %.17g got %.17g\n", what, i, ref[i], got[i]);
+    }
+    if (den > 0 && num / den > NMSE_MAX && bad++ < 10)
+        fprintf(stderr, "  %s: NMSE %.3g\n", what, num / den);
+    n_mismatch += bad;
+    return bad == 0;
+}
+
+static bool close_f32(const char *what, const float *ref, const float *got, size_t n)
+{
+    double *a = malloc((n + 1) * sizeof(double)), *b = malloc((n + 1) * sizeof(double));
+    for (size_t i = 0; i < n; i++)
+        a[i] = ref[i], b[i] = got[i];
+    bool ok = close_f64(what, a, b, n, ATOL_F32, RTOL_F32);
+    free(a);
+    free(b);
+    return ok;
+}
+
+static void test_gemm(void)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, 7);
+    const int shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 128, 256}, {64, 80, 33}, {2, 3, 0}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+        for (int bt = 0; bt < 2; bt++) {
+            double *A = malloc(((size_t)m * k + 1) * 8), *B = malloc(((size_t)k * n + 1) * 8);
+            double *C = malloc(((size_t)m * n + N_GUARD) * 8), *R = malloc((size_t)m * n * 8);
+            for (size_t i = 0; i < (size_t)m * k; i++)
+                A[i] = kvt_rng_uniform(&r) - 0.5;
+            for (size_t i = 0; i < (size_t)k * n; i++)
+                B[i] = kvt_rng_uniform(&r) - 0.5;
+            for (size_t i = 0; i < (size_t)m * n; i++)
+                C[i] = R[i] = kvt_rng_uniform(&r);
+            put_guard(C + (size_t)m * n);
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < n; j++) {
+                    double acc = 0.0;
+                    for (int p = 0; p < k; p++)
+                        acc += A[(size_t)i * k + p] *
+                               (bt ? B[(size_t)j * k + p] : B[(size_t)p * n + j]);
+                    R[(size_t)i * n + j] = 0.5 * R[(size_t)i * n + j] - 2.0 * acc;
+                }
+            kvt_gemm_f64(bt, m, n, k, -2.0, A, k, B, bt ? k : n, 0.5, C, n);
+            KVT_EXPECT_MSG(close_f64("gemm_f64", R, C, (size_t)m * n, 1e-13, 1e-12),
+                           "gemm_f64 m=%d n=%d k=%d trans=%d", m, n, k, bt);
+            KVT_EXPECT(guard_ok(C + (size_t)m * n));
+            free(A), free(B), free(C), free(R);
+        }
+    }
+}
+
+static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    float *q = malloc((size_t)n_q * D * 4), *k = malloc((size_t)T * D * 4);
+    float *k2 = malloc(((size_t)n2 * D + 1) * 4), *v = malloc((size_t)T * D * 4);
+    fill(&r, q, (size_t)n_q * D, 2.0f);
+    fill(&r, k, (size_t)T * D, 2.0f);
+    fill(&r, k2, (size_t)n2 * D, 2.0f);
+    fill(&r, v, (size_t)T * D, 1.0f);
+    int *vis = malloc((size_t)n_q * sizeof(int)), *vis2 = malloc((size_t)n_q * sizeof(int));
+    for (int i = 0; i < n_q; i++) {
+        vis[i] = T - n_q + i + 1 > 1 ? T - n_q + i + 1 : 1; /* causal window, clamped */
+        vis2[i] = n2 ? i % (n2 + 1) : 0;
+    }
+    size_t np = (size_t)n_q * T, np2 = (size_t)n_q * n2;
+    float *pa = malloc((np + N_GUARD) * 4), *pb = malloc((np + N_GUARD) * 4);
+    float *qa = malloc((np2 + N_GUARD) * 4), *qb = malloc((np2 + N_GUARD) * 4);
+    double *la = malloc((size_t)n_q * 8), *lb = malloc((size_t)n_q * 8);
+    double *work = malloc(((size_t)T + n2 + 1) * 8);
+    put_guard(pb + np);
+    put_guard(qb + np2);
+    const float *kk2 = n2 ? k2 : NULL;
+    double scale = 1.0 / sqrt((double)D);
+    KVT_CHECK(kvt_attn_probs_ref(q, n_q, D, k, T, vis, kk2, n2, vis2, scale, pa, n2 ? qa : NULL, la,
+                                 work));
+    KVT_CHECK(kvt_attn_probs_cpu(q, n_q, D, k, T, vis, kk2, n2, vis2, scale, pb, n2 ? qb : NULL, lb,
+                                 work));
+    KVT_EXPECT_MSG(close_f32("probs", pa, pb, np), "attn_probs n_q=%d T=%d D=%d n2=%d", n_q, T, D,
+                   n2);
+    KVT_EXPECT(close_f32("probs2", qa, qb, np2));
+    KVT_EXPECT(close_f64("lse", la, lb, (size_t)n_q, ATOL_F64, RTOL_F64));
+    KVT_EXPECT(guard_ok(pb + np) && guard_ok(qb + np2));
+    /* masked keys are exactly 0 in both */
+    for (int i = 0; i < n_q; i++)
+        for (int j = vis[i]; j < T; j++)
+            KVT_EXPECT(pb[(size_t)i * T + j] == 0.0f);
+
+    /* weighted value sums from the same probabilities */
+    size_t no = (size_t)n_q * D;
+    double *oa = malloc(no * 8), *ob = malloc((no + N_GUARD) * 8);
+    put_guard(ob + no);
+    kvt_attn_output_ref(pa, n_q, T, T, v, D, oa, D);
+    KVT_CHECK(kvt_attn_output_cpu(pa, n_q, T, T, v, D, ob, D));
+    KVT_EXPECT_MSG(close_f64("output", oa, ob, no, ATOL_F64, RTOL_F64), "attn_output T=%d D=%d", T,
+                   D);
+    KVT_EXPECT(guard_ok(ob + no));
+
+    /* NaN in a key: the same status from both */
+    if (T > 1) {
+        k[(size_t)(T / 2) * D] = NAN;
+        int vis_all = T;
+        KVT_EXPECT_STATUS(
+            kvt_attn_probs_cpu(q, 1, D, k, T, &vis_all, NULL, 0, NULL, scale, pb, NULL, lb, work),
+            KVT_ERR_NAN);
+    }
+    free(q), free(k), free(k2), free(v), free(vis), free(vis2), free(pa), free(pb), free(qa);
+    free(qb), free(la), free(lb), free(work), free(oa), free(ob);
+}
+
+static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    float *p = malloc((size_t)n_q * T * 4), *v = malloc((size_t)T * D * 4);
+    fill(&r, v, (size_t)T * D, 1.0f);
+    for (int q = 0; q < n_q; q++) {
+        double s = 0.0;
+        for (int j = 0; j < T; j++) {
+            double x = kvt_rng_uniform(&r);
+            x = x * x * x; /* skewed, some near zero */
+            p[(size_t)q * T + j] = (float)x;
+            s += x;
+        }
+        for (int j = 0; j < T; j++)
+            p[(size_t)q * T + j] = (float)(p[(size_t)q * T + j] / (s * 1.25));
+    }
+    p[0] = 0.0f; /* an exact zero */
+    double *a = malloc((size_t)n_q * D * 8), *mm = malloc((size_t)n_q * KVT_N_MODALITIES * 8);
+    double *pe = malloc((size_t)n_q * 8), *oe = malloc((size_t)n_q * D * 8);
+    uint8_t *mod = malloc((size_t)T);
+    for (int j = 0; j < T; j++)
+        mod[j] = (uint8_t)(j % 3 == 1);
+    kvt_attn_output_ref(p, n_q, T, T, v, D, a, D);
+    for (int q = 0; q < n_q; q++) {
+        for (int m = 0; m < KVT_N_MODALITIES; m++)
+            mm[(size_t)q * KVT_N_MODALITIES + m] = 0.0;
+        for (int j = 0; j < T; j++)
+            mm[(size_t)q * KVT_N_MODALITIES + mod[j]] += p[(size_t)q * T + j];
+        pe[q] = 0.2;
+        for (int d = 0; d < D; d++)
+            oe[(size_t)q * D + d] = 0.2 * (kvt_rng_uniform(&r) - 0.5);
+    }
+    int32_t *order = malloc((size_t)T * 4);
+    for (int j = 0; j < T; j++)
+        order[j] = j;
+    for (int j = T - 1; j > 0; j--) { /* shuffle */
+        int i = (int)(kvt_rng_u64(&r) % (uint64_t)(j + 1));
+        int32_t t = order[i];
+        order[i] = order[j], order[j] = t;
+    }
+    /* cuts on both sides of T/2, including 0 and T, and block boundaries */
+    int32_t cand[] = {0, 1, 3, 255, 256, 257, T / 2, T / 2 + 1, T - 300, T - 1, T};
+    int32_t cuts[16];
+    int n_cut = 0;
+    for (size_t i = 0; i < sizeof(cand) / sizeof(cand[0]); i++)
+        if (cand[i] >= 0 && cand[i] <= T && (n_cut == 0 || cand[i] > cuts[n_cut - 1]))
+            cuts[n_cut++] = cand[i];
+    size_t nr = (size_t)n_q * n_cut, nm = nr * KVT_N_MODALITIES;
+    double *ra = malloc(nr * 8), *ea = malloc(nr * 8), *ma = malloc(nm * 8);
+    double *rb = malloc((nr + N_GUARD) * 8), *eb = malloc((nr + N_GUARD) * 8);
+    double *mb = malloc((nm + N_GUARD) * 8);
+    put_guard(rb + nr), put_guard(eb + nr), put_guard(mb + nm);
+    void *wa = malloc(kvt_sweep_output_workspace_bytes(n_q, D));
+    void *wb = malloc(kvt_sweep_output_cpu_workspace_bytes(n_q, D));
+    const uint8_t *md = with_mod ? mod : NULL;
+    KVT_CHECK(kvt_sweep_output_ref(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
+                                   extra ? oe : NULL, order, cuts, n_cut, md, mm, KVT_N_MODALITIES,
+                                   ra, ea, with_mod ? ma : NULL, wa));
+    KVT_CHECK(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
+                                   extra ? oe : NULL, order, cuts, n_cut, md, mm, KVT_N_MODALITIES,
+                                   rb, eb, with_mod ? mb : NULL, wb));
+    KVT_EXPECT_MSG(close_f64("recall", ra, rb, nr, 1e-12, 1e-10), "sweep n_q=%d T=%d D=%d", n_q, T,
+                   D);
+    /* error is a ratio of small differences near full sets: relative 1e-7 */
+    KVT_EXPECT_MSG(close_f64("err", ea, eb, nr, 1e-9, 1e-7), "sweep err n_q=%d T=%d D=%d", n_q, T,
+                   D);
+    if (with_mod)
+        KVT_EXPECT(close_f64("recall_mod", ma, mb, nm, 1e-12, 1e-10));
+    KVT_EXPECT(guard_ok(rb + nr) && guard_ok(eb + nr) && guard_ok(mb + nm));
+    /* bad cuts: the same status */
+    int32_t bad[2] = {5, 3};
+    KVT_EXPECT_STATUS(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, NULL, 1, NULL, order, bad, 2,
+                                           NULL, NULL, 0, rb, eb, NULL, wb),
+                      KVT_ERR_INVALID_ARG);
+
+    /* cosine table over unit keys, probes including the first and last key */
+    float *ku = malloc((size_t)T * D * 4);
+    kvt_unit_rows_ref(v, T, D, ku, NULL);
+    int n_probe = T < 37 ? T : 37;
+    int32_t *probe = malloc((size_t)n_probe * 4);
+    for (int i = 0; i < n_probe; i++)
+        probe[i] = (int32_t)((int64_t)i * T / n_probe);
+    probe[n_probe - 1] = T - 1;
+    size_t nc = (size_t)T * n_probe;
+    float *ca = malloc(nc * 4), *cb = malloc((nc + N_GUARD) * 4);
+    put_guard(cb + nc);
+    KVT_CHECK(kvt_cosine_table_ref(ku, T, D, probe, n_probe, ca));
+    KVT_CHECK(kvt_cosine_table_cpu(ku, T, D, probe, n_probe, cb));
+    KVT_EXPECT_MSG(close_f32("cosine", ca, cb, nc), "cosine T=%d D=%d", T, D);
+    KVT_EXPECT(guard_ok(cb + nc));
+    probe[0] = T;
+    KVT_EXPECT_STATUS(kvt_cosine_table_cpu(ku, T, D, probe, n_probe, cb), KVT_ERR_INVALID_ARG);
+
+    free(p), free(v), free(a), free(mm), free(pe), free(oe), free(mod), free(order), free(ra);
+    free(ea), free(ma), free(rb), free(eb), free(mb), free(wa), free(wb), free(ku), free(probe);
+    free(ca), free(cb);
+}
+
+static void test_switch(void)
+{
+    /* the dispatchers follow kvt_kernels_use_ref; both give the same answer here */
+    kvt_kernels_use_ref(true);
+    KVT_EXPECT(kvt_kernels_ref_only());
+    kvt_kernels_use_ref(false);
+    KVT_EXPECT(!kvt_kernels_ref_only());
+    KVT_EXPECT(!strcmp(kvt_kernels_cpu_backend(), "openblas") ||
+               !strcmp(kvt_kernels_cpu_backend(), "blocked-c"));
+}
+
+int main(void)
+{
+    test_gemm();
+    const int Ds[] = {64, 80, 128};
+    for (int i = 0; i < 3; i++) {
+        test_attn(1, 1, Ds[i], 0, 11 + i);     /* T = 1 */
+        test_attn(32, 300, Ds[i], 0, 21 + i);  /* T not a multiple of the block */
+        test_attn(16, 513, Ds[i], 16, 31 + i); /* decode queries with a second block */
+        test_attn(40, 20, Ds[i], 0, 41 + i);   /* more queries than keys: clamped */
+        test_sweep(1, 1, Ds[i], false, false, 51 + i);
+        test_sweep(12, 700, Ds[i], true, false, 61 + i);
+        test_sweep(5, 1030, Ds[i], false, true, 71 + i);
+    }
+    test_switch();
+    if (n_mismatch)
+        fprintf(stderr, "%d mismatches\n", n_mismatch);
+    return kvt_test_result("test_kernels_cpu");
+}
