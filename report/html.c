@@ -1,16 +1,22 @@
-/* html.c - `kvtrace report RESULTS -o DIR`: DIR/index.html, one self-contained page
- * (figures inlined as data: URIs, no network fetch), plus DIR/<metric>.png for every measured
- * metric (png.c). Every string taken from the results (model names, labels, paths, the
- * trace header) is HTML-escaped.
+/* html.c - `kvtrace report RESULTS -o DIR`: DIR/index.html, one self-contained page that
+ * fetches nothing (PNGs inlined as data: URIs, Chart.js inlined, a Content-Security-Policy that
+ * forbids every fetch), plus the PNG figures (png.c). Every string taken from the results (model
+ * names, labels, paths, the trace header) is HTML-escaped in the markup; the interactive charts
+ * and heatmaps (page_js.c) read one JSON blob in which '<', '>' and '&' are \u escapes, so no
+ * string can end the script element.
  */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
+#include <cjson/cJSON.h>
+
 #include "kvt_report.h"
+#include "report_internal.h"
 
 static void put_escaped(FILE *f, const char *s)
 {
@@ -121,21 +127,167 @@ static void put_trace_meta(FILE *f, const kvt_trace_result *t)
     fputs("</pre></details></td></tr>\n", f);
 }
 
+static const kvt_rec_metric figs[] = {KVT_REC_METRIC_ERR_DECODE, KVT_REC_METRIC_RECALL_DECODE,
+                                      KVT_REC_METRIC_ERR_WINDOW, KVT_REC_METRIC_RECALL_WINDOW,
+                                      KVT_REC_METRIC_COVERAGE};
+#define N_FIGS (sizeof(figs) / sizeof(figs[0]))
+static const char *const mod_names[KVT_N_MODALITIES] = {"text", "image", "video", "other"};
+enum { FIG_W = 900, FIG_H = 540 }; /* every PNG of the report */
+
+/* What the report draws, decided once from the results; shared by the PNG and HTML passes. */
+typedef struct report_plan {
+    const char *dir;
+    bool drawn[N_FIGS];         /* curve of figs[i] measured */
+    kvt_rec_metric heat[2];     /* recall and output error metrics of the heatmaps */
+    double heat_vmax[2];        /* colour scale of each: [0, vmax] */
+    size_t n_heat;              /* how many of heat[] are measured */
+    size_t heat_budget;         /* budget index the heatmaps open at */
+    bool heat_recommended;      /* heat_budget is the recommended budget (else the middle one) */
+    bool mod[KVT_N_MODALITIES]; /* modality figure drawn (tokens of it, and some non-text) */
+    bool multimodal;
+    bool *alloc; /* [n_policies] kvt_report_policy_allocates */
+} report_plan;
+
+/* "<prefix>_<NN>_<label>.png" with the label reduced to [A-Za-z0-9_-] and 32 characters */
+static void policy_file(char *buf, size_t cap, const char *prefix, size_t p, const char *label)
+{
+    int n = snprintf(buf, cap, "%s_%02zu_", prefix, p);
+    size_t k = n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
+    for (size_t i = 0; label[i] && i < 32 && k + 5 < cap; i++) {
+        char c = label[i];
+        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                  c == '_' || c == '-';
+        buf[k++] = ok ? c : '-';
+    }
+    snprintf(buf + k, cap - k, ".png");
+}
+
+static kvt_status plan_create(const kvt_results *r, const char *dir, report_plan *pl)
+{
+    memset(pl, 0, sizeof(*pl));
+    pl->dir = dir;
+    pl->alloc = kvt_calloc(r->n_policies, sizeof(*pl->alloc));
+    KVT_RETURN_IF(!pl->alloc, KVT_ERR_NOMEM, "report: out of memory");
+    for (size_t p = 0; p < r->n_policies; p++)
+        pl->alloc[p] = kvt_report_policy_allocates(r, p);
+    const kvt_rec_metric recall = kvt_report_metric_measured(r, KVT_REC_METRIC_RECALL_DECODE)
+                                      ? KVT_REC_METRIC_RECALL_DECODE
+                                      : KVT_REC_METRIC_RECALL_WINDOW;
+    const kvt_rec_metric err = kvt_report_metric_measured(r, KVT_REC_METRIC_ERR_DECODE)
+                                   ? KVT_REC_METRIC_ERR_DECODE
+                                   : KVT_REC_METRIC_ERR_WINDOW;
+    if (kvt_report_metric_measured(r, recall))
+        pl->heat[pl->n_heat] = recall, pl->heat_vmax[pl->n_heat++] = 1.0;
+    if (kvt_report_metric_measured(r, err)) {
+        /* errors pass 1 when a set points the output elsewhere; 1 (no better than keeping
+           nothing) gets the top colour, the hover text has the value */
+        pl->heat[pl->n_heat] = err, pl->heat_vmax[pl->n_heat++] = 1.0;
+    }
+    pl->heat_budget = kvt_report_heat_budget(r, &pl->heat_recommended);
+    for (int m = 1; m < KVT_N_MODALITIES; m++)
+        pl->multimodal |= kvt_report_modality_tokens(r, m) > 0;
+    for (int m = 0; m < KVT_N_MODALITIES; m++)
+        pl->mod[m] = pl->multimodal && kvt_report_modality_tokens(r, m) > 0;
+    return KVT_OK;
+}
+
+static void plan_free(report_plan *pl)
+{
+    kvt_free(pl->alloc);
+    pl->alloc = NULL;
+}
+
+/* every PNG of the report into pl->dir */
+static kvt_status draw_pngs(const kvt_results *r, report_plan *pl)
+{
+    char path[4096], name[256];
+    for (size_t i = 0; i < N_FIGS; i++) {
+        snprintf(path, sizeof(path), "%s/%s.png", pl->dir, kvt_rec_metric_name(figs[i]));
+        kvt_status st = kvt_report_plot_metric(r, figs[i], path, FIG_W, FIG_H);
+        if (st == KVT_ERR_INVALID_ARG)
+            continue; /* not measured on these traces */
+        KVT_FORWARD(st);
+        pl->drawn[i] = true;
+    }
+    snprintf(path, sizeof(path), "%s/redundancy.png", pl->dir);
+    KVT_FORWARD(kvt_report_plot_redundancy(r, path, FIG_W, FIG_H));
+    for (size_t k = 0; k < pl->n_heat; k++)
+        for (size_t p = 0; p < r->n_policies; p++) {
+            char prefix[64];
+            snprintf(prefix, sizeof(prefix), "heat_%s", kvt_rec_metric_name(pl->heat[k]));
+            policy_file(name, sizeof(name), prefix, p, r->policies[p].label);
+            snprintf(path, sizeof(path), "%s/%s", pl->dir, name);
+            KVT_FORWARD(kvt_report_plot_head_metric(r, p, pl->heat_budget, pl->heat[k],
+                                                    pl->heat_vmax[k], path, FIG_W, FIG_H));
+        }
+    for (int m = 0; m < KVT_N_MODALITIES; m++) {
+        if (!pl->mod[m])
+            continue;
+        snprintf(path, sizeof(path), "%s/modality_%s.png", pl->dir, mod_names[m]);
+        KVT_FORWARD(kvt_report_plot_modality(r, m, path, FIG_W, FIG_H));
+    }
+    for (size_t p = 0; p < r->n_policies; p++) {
+        if (!pl->alloc[p])
+            continue;
+        policy_file(name, sizeof(name), "alloc", p, r->policies[p].label);
+        snprintf(path, sizeof(path), "%s/%s", pl->dir, name);
+        KVT_FORWARD(kvt_report_plot_layer_keep(r, p, path, FIG_W, FIG_H));
+    }
+    return KVT_OK;
+}
+
+/* <img> of DIR/file inlined as a data: URI */
+static kvt_status put_img(FILE *f, const char *dir, const char *file, const char *alt)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/%s", dir, file);
+    fputs("<img alt=\"", f);
+    put_escaped(f, alt);
+    fputs("\" src=\"data:image/png;base64,", f);
+    KVT_FORWARD(put_base64_file(f, path));
+    fputs("\">", f);
+    return KVT_OK;
+}
+
+/* an interactive chart (canvas) with its PNG folded below it, or only the PNG without
+ * Chart.js */
+static kvt_status put_chart(FILE *f, bool chartjs, const char *canvas_id, const char *dir,
+                            const char *file, const char *alt)
+{
+    if (!chartjs)
+        return put_img(f, dir, file, alt);
+    fprintf(f,
+            "<div class=\"chart\"><canvas id=\"%s\"></canvas></div><details><summary>PNG "
+            "version (",
+            canvas_id);
+    put_escaped(f, file);
+    fputs(")</summary>", f);
+    KVT_FORWARD(put_img(f, dir, file, alt));
+    fputs("</details>", f);
+    return KVT_OK;
+}
+
+static void put_colorbar(FILE *f, double vmax, const char *label)
+{
+    fprintf(f, "<div class=\"cbar\"><span>0</span><span class=\"cbar-grad\"></span><span>%.2f ",
+            vmax);
+    put_escaped(f, label);
+    fputs("</span></div>\n", f);
+}
+
 /* the redundancy heatmap: the PNG, and an HTML table of the same cells with the value of
- * each on hover (title), so the page needs no script for it */
+ * each on hover (title) and a colour bar, so it needs no script */
 static kvt_status put_redundancy(FILE *f, const kvt_results *r, const char *dir)
 {
     const kvt_trace_result *t = r->traces[0];
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/redundancy.png", dir);
-    fputs("<h2>Head-wise redundancy</h2>\n<figure id=\"fig-redundancy\"><img alt=\"head "
-          "redundancy heatmap\" src=\"data:image/png;base64,",
-          f);
-    KVT_FORWARD(put_base64_file(f, path));
-    fputs("\"><figcaption>MixKV head redundancy r of all keys per layer and KV head (mean over "
+    fputs("<h2>Head-wise redundancy</h2>\n<figure id=\"fig-redundancy\">", f);
+    KVT_FORWARD(put_img(f, dir, "redundancy.png", "head redundancy heatmap"));
+    fputs("<figcaption>MixKV head redundancy r of all keys per layer and KV head (mean over "
           "traces); 1 = all keys point the same way. Hover the table for values."
-          "</figcaption></figure>\n<table class=\"heat\"><tr><th>layer</th>",
+          "</figcaption></figure>\n",
           f);
+    put_colorbar(f, 1.0, "r");
+    fputs("<table class=\"heat\" id=\"heat-redundancy\"><tr><th>layer</th>", f);
     for (int h = 0; h < t->n_kv_heads; h++)
         fprintf(f, "<th>%d</th>", h);
     fputs("</tr>\n", f);
@@ -155,44 +307,416 @@ static kvt_status put_redundancy(FILE *f, const kvt_results *r, const char *dir)
     return KVT_OK;
 }
 
-kvt_status kvt_report_write(const kvt_results *r, const char *dir)
+static kvt_status put_curves(FILE *f, const kvt_results *r, const report_plan *pl, bool chartjs)
 {
-    KVT_RETURN_IF(r->n_traces == 0, KVT_ERR_INVALID_ARG, "report: no trace in the results");
-    KVT_RETURN_IF(mkdir(dir, 0777) != 0 && errno != EEXIST, KVT_ERR_IO,
-                  "report: cannot create %s: %s", dir, strerror(errno));
-    static const kvt_rec_metric figs[] = {KVT_REC_METRIC_ERR_DECODE, KVT_REC_METRIC_RECALL_DECODE,
-                                          KVT_REC_METRIC_ERR_WINDOW, KVT_REC_METRIC_RECALL_WINDOW,
-                                          KVT_REC_METRIC_COVERAGE};
-    bool drawn[sizeof(figs) / sizeof(figs[0])] = {false};
-    char path[4096];
-    for (size_t i = 0; i < sizeof(figs) / sizeof(figs[0]); i++) {
-        snprintf(path, sizeof(path), "%s/%s.png", dir, kvt_rec_metric_name(figs[i]));
-        kvt_status st = kvt_report_plot_metric(r, figs[i], path, 900, 540);
-        if (st == KVT_ERR_INVALID_ARG)
-            continue; /* not measured on these traces */
-        KVT_FORWARD(st);
-        drawn[i] = true;
+    char file[64], id[64], alt[96];
+    fputs("<h2>Quality against budget</h2>\n<p>One line per policy against the mean kept "
+          "entries per head and layer (log scale); dashed: the references full cache and oracle "
+          "(it reads the future decode queries)."
+          "</p>\n",
+          f);
+    if (chartjs)
+        fputs("<p>Hover a point for its policy, budget and value; click a legend entry to hide "
+              "a line.</p>\n",
+              f);
+    for (size_t i = 0; i < N_FIGS; i++) {
+        if (!pl->drawn[i])
+            continue;
+        const char *m = kvt_rec_metric_name(figs[i]);
+        snprintf(file, sizeof(file), "%s.png", m);
+        snprintf(id, sizeof(id), "chart-%s", m);
+        snprintf(alt, sizeof(alt), "%s against budget", m);
+        fprintf(f, "<figure id=\"fig-%s\">", m);
+        KVT_FORWARD(put_chart(f, chartjs, id, pl->dir, file, alt));
+        fprintf(f,
+                "<figcaption>%s of each policy against the mean kept entries per head and "
+                "layer.</figcaption></figure>\n",
+                m);
     }
-    snprintf(path, sizeof(path), "%s/redundancy.png", dir);
-    KVT_FORWARD(kvt_report_plot_redundancy(r, path, 900, 540));
-    snprintf(path, sizeof(path), "%s/index.html", dir);
-    FILE *f = fopen(path, "w");
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "report: cannot write %s: %s", path, strerror(errno));
-    fputs("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>kvtrace "
-          "report: ",
+    return KVT_OK;
+}
+
+static kvt_status put_heatmaps(FILE *f, const kvt_results *r, const report_plan *pl)
+{
+    char name[256];
+    if (pl->n_heat == 0)
+        return KVT_OK;
+    fputs("<h2 id=\"per-head\">Recall and output error per layer and head</h2>\n<p>", f);
+    for (size_t k = 0; k < pl->n_heat; k++)
+        fprintf(f, "%s%s", k ? " and " : "", kvt_rec_metric_name(pl->heat[k]));
+    fputs(" of each policy per layer and head (the mean over traces); colour scale 0 to 1, "
+          "errors above 1 get the top colour; grey: not measured. The "
+          "page opens at budget ",
           f);
-    put_escaped(f, r->traces[0]->model_name);
-    fputs("</title>\n<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
-          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
-          "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow-x:auto}.heat "
-          "td{width:18px;height:12px}</style>\n"
-          "</head><body>\n<h1>kvtrace report: ",
+    put_escaped(f, r->budgets[pl->heat_budget].text);
+    fputs(pl->heat_recommended ? ", the budget of the recommended setting above"
+                               : ", the middle of the budget sweep (no setting meets the target)",
           f);
+    fputs("; the PNG files show that budget. Hover a cell for its value.</p>\n<p><label "
+          "for=\"heat-budget\">budget</label> <select id=\"heat-budget\">",
+          f);
+    for (size_t b = 0; b < r->n_budgets; b++) {
+        fprintf(f, "<option value=\"%zu\"%s>", b, b == pl->heat_budget ? " selected" : "");
+        put_escaped(f, r->budgets[b].text);
+        fputs("</option>", f);
+    }
+    fputs("</select></p>\n<div id=\"heatmaps\"><noscript>The interactive heatmaps need "
+          "JavaScript; the PNG versions are below.</noscript></div>\n<details><summary>PNG "
+          "versions (budget ",
+          f);
+    put_escaped(f, r->budgets[pl->heat_budget].text);
+    fputs(")</summary>\n", f);
+    for (size_t k = 0; k < pl->n_heat; k++)
+        for (size_t p = 0; p < r->n_policies; p++) {
+            char prefix[64];
+            snprintf(prefix, sizeof(prefix), "heat_%s", kvt_rec_metric_name(pl->heat[k]));
+            policy_file(name, sizeof(name), prefix, p, r->policies[p].label);
+            fputs("<figure class=\"heat-png\">", f);
+            KVT_FORWARD(put_img(f, pl->dir, name, name));
+            fputs("</figure>\n", f);
+        }
+    fputs("</details>\n", f);
+    return KVT_OK;
+}
+
+static kvt_status put_modality(FILE *f, const report_plan *pl, bool chartjs)
+{
+    char file[64], id[64], alt[96];
+    fputs("<h2 id=\"modality\">Modality retention</h2>\n", f);
+    if (!pl->multimodal) {
+        fputs("<p class=\"note\" id=\"modality-text-only\">The traces hold only text tokens (or "
+              "no modality table), so there is no image/text retention to show.</p>\n",
+              f);
+        return KVT_OK;
+    }
+    fputs("<p>Share of the tokens of each modality that each policy keeps at each budget (kept "
+          "entries over the entries of that modality in the full cache, summed over traces, "
+          "layers and heads).</p>\n",
+          f);
+    for (int m = 0; m < KVT_N_MODALITIES; m++) {
+        if (!pl->mod[m])
+            continue;
+        snprintf(file, sizeof(file), "modality_%s.png", mod_names[m]);
+        snprintf(id, sizeof(id), "chart-mod-%s", mod_names[m]);
+        snprintf(alt, sizeof(alt), "share of %s tokens kept", mod_names[m]);
+        fprintf(f, "<figure id=\"fig-modality-%s\">", mod_names[m]);
+        KVT_FORWARD(put_chart(f, chartjs, id, pl->dir, file, alt));
+        fprintf(f, "<figcaption>Share of %s tokens kept.</figcaption></figure>\n", mod_names[m]);
+    }
+    return KVT_OK;
+}
+
+static kvt_status put_alloc(FILE *f, const kvt_results *r, const report_plan *pl, bool chartjs)
+{
+    char file[256], id[64];
+    bool any = false;
+    fputs("<h2 id=\"alloc\">Per-layer allocated budgets</h2>\n", f);
+    for (size_t p = 0; p < r->n_policies; p++)
+        any |= pl->alloc[p];
+    if (!any) {
+        fputs("<p class=\"note\">No policy of this run allocates its budget unevenly over "
+              "layers or heads (PyramidKV, AdaKV, MixKV-AdaKV, SparseMM do).</p>\n",
+              f);
+        return KVT_OK;
+    }
+    fputs("<p>Policies whose kept entries differ between layers or heads: the mean kept entries "
+          "per head of each layer, one line per budget.</p>\n",
+          f);
+    for (size_t p = 0; p < r->n_policies; p++) {
+        if (!pl->alloc[p])
+            continue;
+        policy_file(file, sizeof(file), "alloc", p, r->policies[p].label);
+        snprintf(id, sizeof(id), "chart-alloc-%zu", p);
+        fprintf(f, "<figure class=\"alloc\" id=\"fig-alloc-%zu\">", p);
+        KVT_FORWARD(put_chart(f, chartjs, id, pl->dir, file, "kept entries per layer"));
+        fputs("<figcaption>", f);
+        put_escaped(f, r->policies[p].label);
+        fputs(": mean kept entries per head by layer.</figcaption></figure>\n", f);
+    }
+    return KVT_OK;
+}
+
+/* ---- the JSON blob of the page script ---- */
+
+/* cJSON builder that remembers a failed allocation instead of dropping the item */
+static void add(cJSON *to, cJSON *item, bool *ok)
+{
+    if (!item || !to || !cJSON_AddItemToArray(to, item)) {
+        cJSON_Delete(item);
+        *ok = false;
+    }
+}
+
+static void put_field(cJSON *to, const char *key, cJSON *item, bool *ok)
+{
+    if (!item || !to || !cJSON_AddItemToObject(to, key, item)) {
+        cJSON_Delete(item);
+        *ok = false;
+    }
+}
+
+/* a number with 5 significant digits (the page shows 4), null for NaN/Inf */
+static cJSON *num(double v)
+{
+    char b[32];
+    if (!isfinite(v))
+        return cJSON_CreateNull();
+    snprintf(b, sizeof(b), "%.5g", v);
+    return cJSON_CreateNumber(strtod(b, NULL));
+}
+
+static cJSON *build_curves(const kvt_results *r, const report_plan *pl, bool *ok)
+{
+    cJSON *arr = cJSON_CreateArray();
+    for (size_t i = 0; i < N_FIGS; i++) {
+        if (!pl->drawn[i])
+            continue;
+        cJSON *c = cJSON_CreateObject(), *nk = cJSON_CreateArray(), *val = cJSON_CreateArray();
+        for (size_t p = 0; p < r->n_policies; p++) {
+            cJSON *nk_row = cJSON_CreateArray(), *val_row = cJSON_CreateArray();
+            for (size_t b = 0; b < r->n_budgets; b++) {
+                kvt_run_summary s;
+                bool have = kvt_summarize_results(r, p, b, &s) == KVT_OK;
+                double v = NAN;
+                switch (figs[i]) {
+                case KVT_REC_METRIC_ERR_WINDOW:
+                    v = s.err_window;
+                    break;
+                case KVT_REC_METRIC_ERR_DECODE:
+                    v = s.err_decode;
+                    break;
+                case KVT_REC_METRIC_RECALL_WINDOW:
+                    v = s.recall_window;
+                    break;
+                case KVT_REC_METRIC_RECALL_DECODE:
+                    v = s.recall_decode;
+                    break;
+                default:
+                    v = s.coverage;
+                }
+                add(nk_row, num(have ? s.n_keep : NAN), ok);
+                add(val_row, num(have ? v : NAN), ok);
+            }
+            add(nk, nk_row, ok);
+            add(val, val_row, ok);
+        }
+        put_field(c, "metric", cJSON_CreateString(kvt_rec_metric_name(figs[i])), ok);
+        put_field(c, "n_keep", nk, ok);
+        put_field(c, "value", val, ok);
+        add(arr, c, ok);
+    }
+    return arr;
+}
+
+static cJSON *build_heat(const kvt_results *r, const report_plan *pl, bool *ok)
+{
+    const kvt_trace_result *t = r->traces[0];
+    cJSON *heat = cJSON_CreateObject(), *metrics = cJSON_CreateArray(),
+          *heads = cJSON_CreateArray();
+    put_field(heat, "L", cJSON_CreateNumber(t->n_layers), ok);
+    for (size_t p = 0; p < r->n_policies; p++)
+        add(heads, cJSON_CreateNumber(t->policy_heads[p]), ok);
+    put_field(heat, "heads", heads, ok);
+    for (size_t k = 0; k < pl->n_heat; k++) {
+        cJSON *hm = cJSON_CreateObject(), *grid = cJSON_CreateArray();
+        put_field(hm, "metric", cJSON_CreateString(kvt_rec_metric_name(pl->heat[k])), ok);
+        put_field(hm, "vmax", num(pl->heat_vmax[k]), ok);
+        for (size_t p = 0; p < r->n_policies; p++) {
+            cJSON *per_budget = cJSON_CreateArray();
+            for (size_t b = 0; b < r->n_budgets; b++) {
+                cJSON *cells = cJSON_CreateArray(); /* [L * H'], row-major */
+                for (int l = 0; l < t->n_layers; l++)
+                    for (int h = 0; h < t->policy_heads[p]; h++)
+                        add(cells, num(kvt_report_head_value(r, p, b, pl->heat[k], l, h)), ok);
+                add(per_budget, cells, ok);
+            }
+            add(grid, per_budget, ok);
+        }
+        put_field(hm, "grid", grid, ok);
+        add(metrics, hm, ok);
+    }
+    put_field(heat, "metrics", metrics, ok);
+    return heat;
+}
+
+static cJSON *build_modality(const kvt_results *r, const report_plan *pl, bool *ok)
+{
+    if (!pl->multimodal)
+        return cJSON_CreateNull();
+    cJSON *mod = cJSON_CreateObject(), *names = cJSON_CreateArray(), *share = cJSON_CreateArray();
+    for (int m = 0; m < KVT_N_MODALITIES; m++) {
+        if (!pl->mod[m])
+            continue;
+        add(names, cJSON_CreateString(mod_names[m]), ok);
+        cJSON *per_pol = cJSON_CreateArray();
+        for (size_t p = 0; p < r->n_policies; p++) {
+            cJSON *row = cJSON_CreateArray();
+            for (size_t b = 0; b < r->n_budgets; b++)
+                add(row, num(kvt_report_modality_share(r, p, b, m)), ok);
+            add(per_pol, row, ok);
+        }
+        add(share, per_pol, ok);
+    }
+    put_field(mod, "names", names, ok);
+    put_field(mod, "share", share, ok);
+    return mod;
+}
+
+static cJSON *build_alloc(const kvt_results *r, const report_plan *pl, bool *ok)
+{
+    cJSON *arr = cJSON_CreateArray();
+    for (size_t p = 0; p < r->n_policies; p++) {
+        if (!pl->alloc[p])
+            continue;
+        cJSON *a = cJSON_CreateObject(), *keep = cJSON_CreateArray();
+        put_field(a, "policy", cJSON_CreateNumber((double)p), ok);
+        for (size_t b = 0; b < r->n_budgets; b++) {
+            cJSON *row = cJSON_CreateArray();
+            for (int l = 0; l < r->traces[0]->n_layers; l++)
+                add(row, num(kvt_report_layer_keep(r, p, b, l)), ok);
+            add(keep, row, ok);
+        }
+        put_field(a, "keep", keep, ok);
+        add(arr, a, ok);
+    }
+    return arr;
+}
+
+/* the page data as JSON text; caller frees with cJSON_free */
+static kvt_status build_data(const kvt_results *r, const report_plan *pl, char **out)
+{
+    bool ok = true;
+    cJSON *d = cJSON_CreateObject(), *pols = cJSON_CreateArray(), *buds = cJSON_CreateArray();
+    put_field(d, "model", cJSON_CreateString(r->traces[0]->model_name), &ok);
+    for (size_t p = 0; p < r->n_policies; p++) {
+        cJSON *o = cJSON_CreateObject();
+        const char *name = r->policies[p].name;
+        put_field(o, "label", cJSON_CreateString(r->policies[p].label), &ok);
+        put_field(o, "name", cJSON_CreateString(name), &ok);
+        put_field(o, "ref", cJSON_CreateBool(!strcmp(name, "full") || !strcmp(name, "oracle")),
+                  &ok);
+        add(pols, o, &ok);
+    }
+    for (size_t b = 0; b < r->n_budgets; b++)
+        add(buds, cJSON_CreateString(r->budgets[b].text), &ok);
+    put_field(d, "policies", pols, &ok);
+    put_field(d, "budgets", buds, &ok);
+    put_field(d, "heat_budget", cJSON_CreateNumber((double)pl->heat_budget), &ok);
+    put_field(d, "curves", build_curves(r, pl, &ok), &ok);
+    put_field(d, "heat", build_heat(r, pl, &ok), &ok);
+    put_field(d, "modality", build_modality(r, pl, &ok), &ok);
+    put_field(d, "alloc", build_alloc(r, pl, &ok), &ok);
+    *out = ok ? cJSON_PrintUnformatted(d) : NULL;
+    cJSON_Delete(d);
+    KVT_RETURN_IF(!*out, KVT_ERR_NOMEM, "report: out of memory building the page data");
+    return KVT_OK;
+}
+
+/* JSON text inside <script type="application/json">: '<', '>' and '&' only occur in strings
+ * there, where \u003c... means the same to JSON.parse, and without '<' nothing can end the
+ * element */
+static void put_json_script(FILE *f, const char *json)
+{
+    fputs("<script type=\"application/json\" id=\"kvt-data\">", f);
+    for (const char *s = json; *s; s++)
+        switch (*s) {
+        case '<':
+            fputs("\\u003c", f);
+            break;
+        case '>':
+            fputs("\\u003e", f);
+            break;
+        case '&':
+            fputs("\\u0026", f);
+            break;
+        default:
+            fputc(*s, f);
+        }
+    fputs("</script>\n", f);
+}
+
+/* The Chart.js file, NUL-terminated, or NULL if it cannot be read (missing, empty, over 64 MiB,
+ * no memory): the page then goes without charts. Caller frees with kvt_free. */
+static char *chartjs_load(const char *path, size_t *len)
+{
+    FILE *in = fopen(path, "rb");
+    if (!in)
+        return NULL;
+    char *buf = NULL;
+    long n = -1;
+    if (fseek(in, 0, SEEK_END) == 0 && (n = ftell(in)) > 0 && n < (64L << 20) &&
+        fseek(in, 0, SEEK_SET) == 0)
+        buf = kvt_malloc((size_t)n + 1);
+    if (buf && fread(buf, 1, (size_t)n, in) != (size_t)n) {
+        kvt_free(buf);
+        buf = NULL;
+    }
+    fclose(in);
+    if (buf) {
+        buf[n] = 0;
+        *len = (size_t)n;
+    }
+    return buf;
+}
+
+/* Inline Chart.js. "</script" (any case) becomes "<\/script" and "<!--" "<\!--": the same
+ * JavaScript inside strings, regular expressions and comments, but neither ends nor escapes the
+ * script element. */
+static void put_chartjs(FILE *f, const char *path, const char *js, size_t n)
+{
+    fputs("<script>/* Chart.js, inlined from ", f);
+    for (const char *p = path; *p; p++) /* the path in a comment: no "*" "/" or "<" from it */
+        fputc(*p == '*' || *p == '<' ? '_' : *p, f);
+    fputs(" */\n", f);
+    for (size_t i = 0; i < n; i++) {
+        if (js[i] == '<' && i + 8 <= n && js[i + 1] == '/' &&
+            !strncasecmp(js + i + 2, "script", 6)) {
+            fputs("<\\/", f);
+            i++;
+        } else if (js[i] == '<' && i + 4 <= n && !strncmp(js + i + 1, "!--", 3)) {
+            fputs("<\\!", f);
+            i++;
+        } else
+            fputc(js[i], f);
+    }
+    fputs("\n</script>\n", f);
+}
+
+static const char page_style[] =
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+    "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow-x:auto}"
+    ".heat td{width:18px;height:12px;padding:0}.heat th{font-weight:normal;font-size:11px}"
+    ".note{background:#fff4ce;border:1px solid #e0c060;padding:6px 10px}"
+    "#js-errors{background:#fde;border:1px solid #c66;color:#900}"
+    ".chart{position:relative;height:440px}"
+    ".hm-grid{display:flex;flex-wrap:wrap;gap:12px}.hm{margin:0}"
+    ".hm figcaption{font-size:12px;max-width:260px;overflow-wrap:anywhere}"
+    ".cbar{display:flex;align-items:center;gap:6px;font-size:12px;margin:4px 0}"
+    ".cbar-grad{display:inline-block;width:200px;height:12px;border:1px solid #888;"
+    "background:linear-gradient(to right,rgb(68,1,84),rgb(59,82,139),rgb(33,145,140),"
+    "rgb(94,201,98),rgb(253,231,37))}";
+
+/* everything between <body> and the scripts */
+static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl, bool chartjs,
+                           const char *chartjs_path)
+{
+    fputs("<h1>kvtrace report: ", f);
     put_escaped(f, r->traces[0]->model_name);
     fputs("</h1>\n<p>Generated by ", f);
     put_escaped(f, r->generator);
     fprintf(f, " from %zu trace%s, %zu policies, %zu budgets.</p>\n", r->n_traces,
             r->n_traces == 1 ? "" : "s", r->n_policies, r->n_budgets);
+    if (!chartjs) {
+        fputs("<p class=\"note\" id=\"no-chartjs\">Interactive charts are off: Chart.js was not "
+              "found at ",
+              f);
+        put_escaped(f, chartjs_path);
+        fputs(" when this report was written (install libjs-chart.js or set KVT_CHARTJS to a "
+              "Chart.js 3 UMD file). The figures below are the static PNGs.</p>\n",
+              f);
+    }
+    fputs("<pre id=\"js-errors\" hidden></pre>\n", f);
     fputs("<h2>Traces</h2>\n<table><tr><th>model</th><th>arch</th><th>layers</th><th>heads q/kv"
           "</th><th>tokens</th><th>window</th><th>decode</th><th>kv dtype</th><th>path</th></tr>\n",
           f);
@@ -200,25 +724,75 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir)
         put_trace_meta(f, r->traces[i]);
     fputs("</table>\n", f);
     put_recommendation(f, r);
-    kvt_status st = put_redundancy(f, r, dir);
-    fputs("<h2>Quality against budget</h2>\n", f);
-    for (size_t i = 0; i < sizeof(figs) / sizeof(figs[0]) && !st; i++) {
-        if (!drawn[i])
-            continue;
-        snprintf(path, sizeof(path), "%s/%s.png", dir, kvt_rec_metric_name(figs[i]));
-        fprintf(f,
-                "<figure id=\"fig-%s\"><img alt=\"%s against budget\" src=\"data:image/png;base64,",
-                kvt_rec_metric_name(figs[i]), kvt_rec_metric_name(figs[i]));
-        st = put_base64_file(f, path);
-        fprintf(f,
-                "\"><figcaption>%s of each policy against the mean kept entries per head and "
-                "layer; dashed: full cache and oracle (references).</figcaption></figure>\n",
-                kvt_rec_metric_name(figs[i]));
+    KVT_FORWARD(put_curves(f, r, pl, chartjs));
+    KVT_FORWARD(put_redundancy(f, r, pl->dir));
+    KVT_FORWARD(put_heatmaps(f, r, pl));
+    KVT_FORWARD(put_modality(f, pl, chartjs));
+    KVT_FORWARD(put_alloc(f, r, pl, chartjs));
+    return KVT_OK;
+}
+
+static kvt_status write_page(FILE *f, const kvt_results *r, const report_plan *pl)
+{
+    const char *chartjs_path = kvt_report_chartjs_path();
+    char *json = NULL;
+    KVT_FORWARD(build_data(r, pl, &json));
+    /* the policy forbids every fetch, so even a bug cannot reach the network */
+    fputs("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<meta "
+          "http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+          "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">\n<title>kvtrace report: ",
+          f);
+    put_escaped(f, r->traces[0]->model_name);
+    fprintf(f, "</title>\n<style>%s</style>\n", page_style);
+    fputs("<script>window.kvtErrors=[];window.addEventListener('error',function(e){"
+          "window.kvtErrors.push(String(e.message));document.documentElement.setAttribute("
+          "'data-js-errors',String(window.kvtErrors.length));});</script>\n</head><body>\n",
+          f);
+    /* Chart.js after the body: the page shows before the 200 kB script is parsed */
+    size_t js_len = 0;
+    char *js = chartjs_load(chartjs_path, &js_len);
+    kvt_status st = put_body(f, r, pl, js != NULL, chartjs_path);
+    if (st)
+        goto out_free_js;
+    put_json_script(f, json);
+    if (js)
+        put_chartjs(f, chartjs_path, js, js_len);
+    fputs("<script>\n", f);
+    for (size_t i = 0; kvt_report_page_js[i]; i++) {
+        fputs(kvt_report_page_js[i], f);
+        fputc('\n', f);
     }
-    fputs("</body></html>\n", f);
+    fputs("</script>\n</body></html>\n", f);
+out_free_js:
+    kvt_free(js);
+    cJSON_free(json);
+    return st;
+}
+
+kvt_status kvt_report_write(const kvt_results *r, const char *dir)
+{
+    KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
+                  "report: no trace, policy or budget in the results");
+    KVT_RETURN_IF(mkdir(dir, 0777) != 0 && errno != EEXIST, KVT_ERR_IO,
+                  "report: cannot create %s: %s", dir, strerror(errno));
+    report_plan pl;
+    char path[4096];
+    KVT_FORWARD(plan_create(r, dir, &pl));
+    kvt_status st = draw_pngs(r, &pl);
+    if (st)
+        goto out_free_plan;
+    snprintf(path, sizeof(path), "%s/index.html", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", path, strerror(errno));
+        goto out_free_plan;
+    }
+    st = write_page(f, r, &pl);
     if (ferror(f) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: write failed");
     if (fclose(f) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: write failed");
+out_free_plan:
+    plan_free(&pl);
     return st;
 }

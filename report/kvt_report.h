@@ -123,8 +123,63 @@ void kvt_report_colormap(double v, double rgb[3]);
 kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, int width,
                                       int height);
 
-/** Write DIR/index.html (self-contained: figures inlined as data: URIs, no network fetch; every
- *  string from the results HTML-escaped) and DIR/<metric>.png for each measured metric.
+/* ---- data behind the per-head, modality and allocation figures (report_data.c) ---- */
+
+/** Value of `metric` at (policy, budget, layer, head), the mean over the traces that have that
+ *  layer and head and a value there; NaN if none. Heads are the policy's (Hkv, or Hq with
+ *  heads=query). */
+double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_rec_metric metric,
+                             int layer, int head);
+/** Mean kept entries per head of `layer` for (policy, budget), mean over the traces that have
+ *  the layer; NaN if none. */
+double kvt_report_layer_keep(const kvt_results *r, size_t pol, size_t bud, int layer);
+/** true if the policy allocates: at some budget its kept entries differ between the layers or
+ *  heads of a trace (PyramidKV, AdaKV, MixKV-AdaKV, SparseMM, ...). false for the references
+ *  full and oracle. */
+bool kvt_report_policy_allocates(const kvt_results *r, size_t pol);
+/** true if some (policy, budget) of the run has `metric` measured (not NaN). */
+bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric);
+/** Budget index the per-head heatmaps open at: the budget of the page's recommendation
+ *  (kvt_recommend, output error <= 0.1) when there is one, else budget n_budgets / 2 (the
+ *  middle of the sweep). @param recommended receives which of the two (may be NULL). */
+size_t kvt_report_heat_budget(const kvt_results *r, bool *recommended);
+/** Share of the tokens of modality m (0 text, 1 image, 2 video, 3 other) kept by (policy,
+ *  budget) over all traces: kept_mod / total_mod of kvt_summarize_results; NaN without a
+ *  modality table or without tokens of m. */
+double kvt_report_modality_share(const kvt_results *r, size_t pol, size_t bud, int m);
+/** Tokens of modality m over all traces (0 without a modality table). */
+double kvt_report_modality_tokens(const kvt_results *r, int m);
+/** Path of the Chart.js file inlined into index.html: $KVT_CHARTJS if set and not empty, else
+ *  the build-time KVT_CHARTJS_PATH (CMake cache variable). Owned by the environment or static. */
+const char *kvt_report_chartjs_path(void);
+
+/* ---- more figures (png.c), each a PNG that stands alone: title, axes, legend / colour bar */
+
+/** Heatmap of `metric` per layer and head of (policy, budget), colour scale [0, vmax] (viridis)
+ *  with a colour bar. @return KVT_OK, KVT_ERR_INVALID_ARG (bad index, too small), KVT_ERR_IO. */
+kvt_status kvt_report_plot_head_metric(const kvt_results *r, size_t pol, size_t bud,
+                                       kvt_rec_metric metric, double vmax, const char *path,
+                                       int width, int height);
+/** Share of the tokens of modality m kept against budget, one line per policy.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (no tokens of m), KVT_ERR_IO. */
+kvt_status kvt_report_plot_modality(const kvt_results *r, int m, const char *path, int width,
+                                    int height);
+/** Mean kept entries per head against layer for one policy, one line per budget (the layer
+ *  allocation of PyramidKV, AdaKV...). @return KVT_OK, KVT_ERR_INVALID_ARG, KVT_ERR_IO. */
+kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const char *path, int width,
+                                      int height);
+
+/** Write DIR/index.html and the PNG figures. The page is self-contained and fetches nothing:
+ *  PNGs are inlined as data: URIs, Chart.js (kvt_report_chartjs_path) is inlined with every
+ *  "</script" and "<!--" escaped, and the data of the interactive charts and heatmaps is one
+ *  JSON blob in <script type="application/json"> with '<', '>' and '&' written as \u escapes;
+ *  every other string from the results is HTML-escaped. Without the Chart.js file the page
+ *  shows the PNGs and a note saying so (not an error).
+ *  PNGs: <metric>.png for each measured metric, redundancy.png, heat_<metric>_<NN>_<label>.png
+ *  (recall and output error per layer and head of policy NN at the budget of
+ *  kvt_report_heat_budget), modality_<name>.png (only when a trace holds non-text tokens) and
+ *  alloc_<NN>_<label>.png for each policy that allocates (kvt_report_policy_allocates); <label>
+ *  is the policy label with every character but [A-Za-z0-9_-] replaced by '-' (32 at most).
  *  DIR is created if missing; files in it are overwritten.
  * @return KVT_OK, KVT_ERR_INVALID_ARG (no trace), KVT_ERR_IO. */
 kvt_status kvt_report_write(const kvt_results *r, const char *dir);

@@ -154,30 +154,32 @@ void kvt_report_colormap(double v, double rgb[3])
         rgb[k] = stops[i][k] + t * (stops[i + 1][k] - stops[i][k]);
 }
 
-kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, int width, int height)
+/* Heatmap of grid [n_rows, n_cols] (rows = layers, top = layer 0) on [0, vmax] with a colour
+ * bar, axis labels and ticks; NaN cells grey. */
+static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, double vmax,
+                               const char *title, const char *col_label, const char *path,
+                               int width, int height)
 {
-    KVT_RETURN_IF(width < 200 || height < 150 || r->n_traces == 0, KVT_ERR_INVALID_ARG,
-                  "plot: too small or no trace");
-    const kvt_trace_result *t = r->traces[0];
-    int L = t->n_layers, H = t->n_kv_heads;
+    KVT_RETURN_IF(width < 200 || height < 150 || n_rows < 1 || n_cols < 1 || !(vmax > 0),
+                  KVT_ERR_INVALID_ARG, "plot: too small or empty heatmap");
     cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
     cairo_t *cr = cairo_create(s);
     const double ml = 70, mr = 110, mt = 40, mb = 55;
-    const double pw = width - ml - mr, ph = height - mt - mb, cw = pw / H, ch = ph / L;
+    const double pw = width - ml - mr, ph = height - mt - mb, cw = pw / n_cols, ch = ph / n_rows;
     cairo_set_source_rgb(cr, 1, 1, 1);
     cairo_paint(cr);
     cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
-    for (int l = 0; l < L; l++)
-        for (int h = 0; h < H; h++) {
-            double rgb[3], v = kvt_report_redundancy(r, l, h);
-            kvt_report_colormap(v, rgb);
+    for (int l = 0; l < n_rows; l++)
+        for (int h = 0; h < n_cols; h++) {
+            double rgb[3], v = grid[(size_t)l * n_cols + h];
+            kvt_report_colormap(v / vmax, rgb);
             if (isnan(v))
                 rgb[0] = rgb[1] = rgb[2] = 0.85; /* not measured: grey */
             cairo_set_source_rgb(cr, rgb[0], rgb[1], rgb[2]);
             cairo_rectangle(cr, ml + h * cw, mt + l * ch, cw, ch);
             cairo_fill(cr);
         }
-    /* colour bar 0..1 */
+    /* colour bar 0..vmax */
     for (int i = 0; i < 100; i++) {
         double rgb[3];
         kvt_report_colormap(i / 99.0, rgb);
@@ -192,32 +194,34 @@ kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, in
     cairo_stroke(cr);
     cairo_set_font_size(cr, 11);
     char lab[64];
+    bool clipped = false; /* a value above vmax: the top label says "or more" */
+    for (size_t i = 0; i < (size_t)n_rows * n_cols; i++)
+        clipped |= grid[i] > vmax;
     for (int i = 0; i <= 4; i++) {
-        snprintf(lab, sizeof(lab), "%.2f", i / 4.0);
+        snprintf(lab, sizeof(lab), i == 4 && clipped ? "%.2f+" : "%.2f", vmax * i / 4.0);
         cairo_move_to(cr, ml + pw + 55, mt + ph - ph * i / 4.0 + 4);
         cairo_show_text(cr, lab);
     }
-    int step_l = L > 16 ? (L + 15) / 16 : 1, step_h = H > 16 ? (H + 15) / 16 : 1;
-    for (int l = 0; l < L; l += step_l) {
+    int step_l = n_rows > 16 ? (n_rows + 15) / 16 : 1,
+        step_h = n_cols > 16 ? (n_cols + 15) / 16 : 1;
+    for (int l = 0; l < n_rows; l += step_l) {
         snprintf(lab, sizeof(lab), "%d", l);
         cairo_move_to(cr, ml - 25, mt + (l + 0.5) * ch + 4);
         cairo_show_text(cr, lab);
     }
-    for (int h = 0; h < H; h += step_h) {
+    for (int h = 0; h < n_cols; h += step_h) {
         snprintf(lab, sizeof(lab), "%d", h);
         cairo_move_to(cr, ml + (h + 0.5) * cw - 4, mt + ph + 16);
         cairo_show_text(cr, lab);
     }
     cairo_move_to(cr, ml + pw / 2 - 25, height - 15);
-    cairo_show_text(cr, "KV head");
+    cairo_show_text(cr, col_label);
     cairo_save(cr);
     cairo_move_to(cr, 25, mt + ph / 2 + 15);
     cairo_rotate(cr, -M_PI / 2);
     cairo_show_text(cr, "layer");
     cairo_restore(cr);
     cairo_set_font_size(cr, 13);
-    char title[160];
-    snprintf(title, sizeof(title), "head redundancy r of all keys (%s)", t->model_name);
     cairo_move_to(cr, ml, mt - 15);
     cairo_show_text(cr, title);
     cairo_destroy(cr);
@@ -225,6 +229,267 @@ kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, in
     if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
         st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s", path);
     cairo_surface_destroy(s);
+    return st;
+}
+
+kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, int width, int height)
+{
+    KVT_RETURN_IF(r->n_traces == 0, KVT_ERR_INVALID_ARG, "plot: no trace");
+    const kvt_trace_result *t = r->traces[0];
+    int L = t->n_layers, H = t->n_kv_heads;
+    size_t n;
+    KVT_RETURN_IF(L < 1 || H < 1 || kvt_mul_overflow((size_t)L * H, sizeof(double), &n),
+                  KVT_ERR_INVALID_ARG, "plot: bad shape");
+    double *grid = kvt_malloc(n);
+    KVT_RETURN_IF(!grid, KVT_ERR_NOMEM, "plot: out of memory");
+    for (int l = 0; l < L; l++)
+        for (int h = 0; h < H; h++)
+            grid[(size_t)l * H + h] = kvt_report_redundancy(r, l, h);
+    char title[200];
+    snprintf(title, sizeof(title), "head redundancy r of all keys (%s)", t->model_name);
+    kvt_status st = draw_heatmap(grid, L, H, 1.0, title, "KV head", path, width, height);
+    kvt_free(grid);
+    return st;
+}
+
+kvt_status kvt_report_plot_head_metric(const kvt_results *r, size_t pol, size_t bud,
+                                       kvt_rec_metric metric, double vmax, const char *path,
+                                       int width, int height)
+{
+    KVT_RETURN_IF(r->n_traces == 0 || pol >= r->n_policies || bud >= r->n_budgets ||
+                      !kvt_rec_metric_name(metric),
+                  KVT_ERR_INVALID_ARG, "plot: bad policy, budget or metric");
+    const kvt_trace_result *t = r->traces[0];
+    int L = t->n_layers, H = t->policy_heads[pol];
+    size_t n;
+    KVT_RETURN_IF(L < 1 || H < 1 || kvt_mul_overflow((size_t)L * H, sizeof(double), &n),
+                  KVT_ERR_INVALID_ARG, "plot: bad shape");
+    double *grid = kvt_malloc(n);
+    KVT_RETURN_IF(!grid, KVT_ERR_NOMEM, "plot: out of memory");
+    for (int l = 0; l < L; l++)
+        for (int h = 0; h < H; h++)
+            grid[(size_t)l * H + h] = kvt_report_head_value(r, pol, bud, metric, l, h);
+    char title[240];
+    snprintf(title, sizeof(title), "%s per layer and head: %.60s at budget %s (%.40s)",
+             kvt_rec_metric_name(metric), r->policies[pol].label, r->budgets[bud].text,
+             t->model_name);
+    kvt_status st =
+        draw_heatmap(grid, L, H, vmax, title, H == t->n_kv_heads ? "KV head" : "query head", path,
+                     width, height);
+    kvt_free(grid);
+    return st;
+}
+
+/* Lines over categories: y [n_series, n_x] (NaN = gap) against the x labels, y axis from 0 to
+ * y_max, legend on the right (series that have no point are left out of it). */
+typedef struct line_fig {
+    const char *title, *x_title, *y_title;
+    size_t n_x, n_series;
+    const char *const *x_labels;      /* [n_x] */
+    const char *const *series_labels; /* [n_series] */
+    const double *y;                  /* [n_series, n_x] */
+    const bool *dashed;               /* [n_series] or NULL */
+    double y_max;
+} line_fig;
+
+static kvt_status draw_lines(const line_fig *fg, const char *path, int width, int height)
+{
+    KVT_RETURN_IF(width < 200 || height < 150 || fg->n_x < 1, KVT_ERR_INVALID_ARG,
+                  "plot: too small or empty");
+    cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
+    cairo_t *cr = cairo_create(s);
+    const double ml = 70, mr = 190, mt = 40, mb = 55;
+    const double pw = width - ml - mr, ph = height - mt - mb;
+    /* round the axis up to 1, 2 or 5 times a power of ten, so the 5 ticks are round numbers */
+    double y_max = fg->y_max > 0 ? fg->y_max : 1.0, mag = pow(10, floor(log10(y_max)));
+    y_max = y_max <= mag ? mag : y_max <= 2 * mag ? 2 * mag : y_max <= 5 * mag ? 5 * mag : 10 * mag;
+    /* categories at the centres of n_x equal slots */
+    const double slot = pw / (double)fg->n_x;
+    cairo_set_source_rgb(cr, 1, 1, 1);
+    cairo_paint(cr);
+    cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    cairo_set_font_size(cr, 13);
+    cairo_move_to(cr, ml, mt - 15);
+    cairo_show_text(cr, fg->title);
+    cairo_set_line_width(cr, 1);
+    cairo_rectangle(cr, ml, mt, pw, ph);
+    cairo_stroke(cr);
+    cairo_set_font_size(cr, 11);
+    char lab[32];
+    size_t step = fg->n_x > 16 ? (fg->n_x + 15) / 16 : 1;
+    for (size_t i = 0; i < fg->n_x; i += step) {
+        double px = ml + (i + 0.5) * slot;
+        cairo_move_to(cr, px, mt + ph);
+        cairo_line_to(cr, px, mt + ph + 5);
+        cairo_stroke(cr);
+        cairo_text_extents_t ext;
+        cairo_text_extents(cr, fg->x_labels[i], &ext);
+        cairo_move_to(cr, px - ext.width / 2, mt + ph + 18);
+        cairo_show_text(cr, fg->x_labels[i]);
+    }
+    for (int i = 0; i <= 5; i++) {
+        double v = y_max * i / 5.0, py = mt + ph - ph * i / 5.0;
+        cairo_move_to(cr, ml - 5, py);
+        cairo_line_to(cr, ml, py);
+        cairo_stroke(cr);
+        snprintf(lab, sizeof(lab), y_max >= 10 ? "%.0f" : "%.1f", v);
+        cairo_move_to(cr, ml - 40, py + 4);
+        cairo_show_text(cr, lab);
+    }
+    cairo_text_extents_t ext;
+    cairo_text_extents(cr, fg->x_title, &ext);
+    cairo_move_to(cr, ml + pw / 2 - ext.width / 2, height - 15);
+    cairo_show_text(cr, fg->x_title);
+    cairo_save(cr);
+    cairo_text_extents(cr, fg->y_title, &ext);
+    cairo_move_to(cr, 18, mt + ph / 2 + ext.width / 2);
+    cairo_rotate(cr, -M_PI / 2);
+    cairo_show_text(cr, fg->y_title);
+    cairo_restore(cr);
+    cairo_set_line_width(cr, 2);
+    int li = 0;
+    for (size_t k = 0; k < fg->n_series; k++) {
+        const double *col = palette[k % N_PALETTE], *y = fg->y + k * fg->n_x;
+        double dash[] = {6, 4}, dot[] = {2, 3};
+        bool started = false, any = false;
+        cairo_set_source_rgb(cr, col[0], col[1], col[2]);
+        if (fg->dashed && fg->dashed[k])
+            cairo_set_dash(cr, dash, 2, 0);
+        else if (k >= N_PALETTE)
+            cairo_set_dash(cr, dot, 2, 0);
+        for (size_t i = 0; i < fg->n_x; i++) {
+            double px = ml + (i + 0.5) * slot, py = mt + ph - fmin(y[i], y_max) / y_max * ph;
+            if (isnan(y[i])) {
+                started = false;
+                continue;
+            }
+            if (!started)
+                cairo_move_to(cr, px, py);
+            else
+                cairo_line_to(cr, px, py);
+            cairo_rectangle(cr, px - 2, py - 2, 4, 4); /* a marker per point */
+            cairo_move_to(cr, px, py);
+            started = any = true;
+        }
+        cairo_stroke(cr);
+        if (!any || mt + 10 + 16 * li > mt + ph) {
+            cairo_set_dash(cr, NULL, 0, 0);
+            continue;
+        }
+        double ly = mt + 10 + 16 * li++;
+        cairo_move_to(cr, ml + pw + 10, ly);
+        cairo_line_to(cr, ml + pw + 30, ly);
+        cairo_stroke(cr);
+        cairo_set_dash(cr, NULL, 0, 0);
+        cairo_set_source_rgb(cr, 0, 0, 0);
+        cairo_move_to(cr, ml + pw + 35, ly + 4);
+        cairo_show_text(cr, fg->series_labels[k]);
+    }
+    cairo_destroy(cr);
+    kvt_status st = KVT_OK;
+    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
+        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s", path);
+    cairo_surface_destroy(s);
+    return st;
+}
+
+static const char *const mod_names[KVT_N_MODALITIES] = {"text", "image", "video", "other"};
+
+kvt_status kvt_report_plot_modality(const kvt_results *r, int m, const char *path, int width,
+                                    int height)
+{
+    KVT_RETURN_IF(m < 0 || m >= KVT_N_MODALITIES || r->n_traces == 0 ||
+                      !(kvt_report_modality_tokens(r, m) > 0),
+                  KVT_ERR_INVALID_ARG, "plot: no tokens of modality %d", m);
+    size_t P = r->n_policies, B = r->n_budgets, n;
+    KVT_RETURN_IF(kvt_mul_overflow(P * B, sizeof(double), &n), KVT_ERR_INVALID_ARG,
+                  "plot: too many runs");
+    double *y = kvt_malloc(n);
+    const char **x_labels = kvt_malloc(B * sizeof(*x_labels));
+    const char **labels = kvt_malloc(P * sizeof(*labels));
+    bool *dashed = kvt_malloc(P * sizeof(*dashed));
+    kvt_status st = KVT_OK;
+    if (!y || !x_labels || !labels || !dashed) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "plot: out of memory");
+        goto out_free;
+    }
+    for (size_t b = 0; b < B; b++)
+        x_labels[b] = r->budgets[b].text;
+    for (size_t p = 0; p < P; p++) {
+        labels[p] = r->policies[p].label;
+        dashed[p] = !strcmp(r->policies[p].name, "full") || !strcmp(r->policies[p].name, "oracle");
+        for (size_t b = 0; b < B; b++)
+            y[p * B + b] = kvt_report_modality_share(r, p, b, m);
+    }
+    char title[200];
+    snprintf(title, sizeof(title), "share of %s tokens kept, per policy and budget (%.60s)",
+             mod_names[m], r->traces[0]->model_name);
+    line_fig fg = {title,
+                   "budget (tokens per head and layer, as given)",
+                   "share of tokens kept",
+                   B,
+                   P,
+                   x_labels,
+                   labels,
+                   y,
+                   dashed,
+                   1.0};
+    st = draw_lines(&fg, path, width, height);
+out_free:
+    kvt_free(dashed);
+    kvt_free(labels);
+    kvt_free(x_labels);
+    kvt_free(y);
+    return st;
+}
+
+kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const char *path, int width,
+                                      int height)
+{
+    KVT_RETURN_IF(r->n_traces == 0 || pol >= r->n_policies, KVT_ERR_INVALID_ARG,
+                  "plot: bad policy");
+    int L = r->traces[0]->n_layers;
+    size_t B = r->n_budgets, n;
+    KVT_RETURN_IF(L < 1 || kvt_mul_overflow((size_t)L * B, sizeof(double), &n), KVT_ERR_INVALID_ARG,
+                  "plot: bad shape");
+    double *y = kvt_malloc(n);
+    char *x_text = kvt_malloc((size_t)L * 12);
+    const char **x_labels = kvt_malloc((size_t)L * sizeof(*x_labels));
+    const char **labels = kvt_malloc(B * sizeof(*labels));
+    char *b_text = kvt_malloc(B * 40);
+    kvt_status st = KVT_OK;
+    if (!y || !x_text || !x_labels || !labels || !b_text) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "plot: out of memory");
+        goto out_free;
+    }
+    double y_max = 0.0;
+    for (int l = 0; l < L; l++) {
+        snprintf(x_text + (size_t)l * 12, 12, "%d", l);
+        x_labels[l] = x_text + (size_t)l * 12;
+    }
+    for (size_t b = 0; b < B; b++) {
+        snprintf(b_text + b * 40, 40, "budget %s", r->budgets[b].text);
+        labels[b] = b_text + b * 40;
+        for (int l = 0; l < L; l++) {
+            double v = kvt_report_layer_keep(r, pol, b, l);
+            y[b * L + l] = v;
+            if (!isnan(v))
+                y_max = fmax(y_max, v);
+        }
+    }
+    char title[200];
+    snprintf(title, sizeof(title), "kept entries per head by layer: %.60s, one line per budget",
+             r->policies[pol].label);
+    line_fig fg = {title, "layer", "mean kept entries per head", (size_t)L, B, x_labels, labels, y,
+                   NULL,  y_max};
+    st = draw_lines(&fg, path, width, height);
+out_free:
+    kvt_free(b_text);
+    kvt_free(labels);
+    kvt_free(x_labels);
+    kvt_free(x_text);
+    kvt_free(y);
     return st;
 }
 

@@ -1,7 +1,9 @@
 #!/bin/bash
 # test_report_html_cli.sh - `kvtrace report` on a real replay of the bundled sample trace:
-# exit 0, index.html with every figure inlined and no network reference, one PNG per figure
-# (PNG signature); usage errors exit 2, an unreadable results file exits 1.
+# exit 0, index.html with every figure inlined, Chart.js inlined with an interactive chart, no
+# network reference and a Content-Security-Policy, one PNG per figure (PNG signature), the
+# per-head heatmap PNGs, the text-only note; without Chart.js ($KVT_CHARTJS missing) still
+# exit 0 with a note; usage errors exit 2, an unreadable results file exits 1.
 set -u
 BIN=${KVT_BIN:?}
 ROOT=${KVT_SOURCE_ROOT:?}
@@ -20,7 +22,31 @@ for m in redundancy err_decode recall_decode err_window recall_window coverage; 
         || fail "$m.png is not a PNG"
     grep -q "id=\"fig-$m\"" "$TMP/rep/index.html" || fail "figure $m missing from index.html"
 done
-grep -q "https\?://" "$TMP/rep/index.html" && fail "index.html references the network"
+# Chart.js's licence banner names its web site: check attributes, not all text
+grep -Eqi "(src|href|action)=[\"']?(https?|ftp|javascript):|url\([\"']?(https?:|//)" \
+    "$TMP/rep/index.html" && fail "index.html references the network"
+grep -q "Content-Security-Policy\" content=\"default-src 'none'" "$TMP/rep/index.html" \
+    || fail "no Content-Security-Policy"
+if grep -q 'id="no-chartjs"' "$TMP/rep/index.html"; then
+    echo "note: no Chart.js at the build-time KVT_CHARTJS_PATH; chart checks skipped"
+else
+    grep -q '<canvas id="chart-err_decode">' "$TMP/rep/index.html" || fail "no interactive chart"
+    grep -q "Chart.js v3" "$TMP/rep/index.html" || fail "Chart.js not inlined"
+fi
+grep -q 'id="modality-text-only"' "$TMP/rep/index.html" || fail "no text-only modality note"
+for p in heat_err_decode_01_tova heat_recall_decode_02_snapkv; do
+    [ -f "$TMP/rep/$p.png" ] || fail "no $p.png"
+done
+n=0
+for f in "$TMP"/rep/*.png; do
+    [ "$(head -c 8 "$f" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || fail "$f is not a PNG"
+    n=$((n + 1))
+done
+# 5 metrics, redundancy, 2 per-head metrics x 4 policies (no policy allocates, text only)
+[ "$n" -eq 14 ] || fail "$n PNGs, want 14"
+KVT_CHARTJS=$TMP/none.js $BIN report "$TMP/r.json" -o "$TMP/rep2" >/dev/null 2>&1 \
+    || fail "report without Chart.js must still succeed"
+grep -q 'id="no-chartjs"' "$TMP/rep2/index.html" || fail "no note without Chart.js"
 grep -q "^recommended: " "$TMP/rep/index.html" || fail "no recommendation in the page"
 $BIN report "$TMP/r.json" >/dev/null 2>&1
 [ $? -eq 2 ] || fail "no -o: want exit 2"

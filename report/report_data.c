@@ -1,0 +1,167 @@
+/* report_data.c - the numbers behind the per-head heatmaps, the modality retention figure and
+ * the layer allocation figure of `kvtrace report`: per-(layer, head) metric values and per-layer
+ * kept entries averaged over the traces, which policies allocate, the heatmap budget, and where
+ * Chart.js is read from. Reads a kvt_results only (analysis/).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvt_report.h"
+
+#ifndef KVT_CHARTJS_PATH /* set by report/CMakeLists.txt (cache variable of the same name) */
+#define KVT_CHARTJS_PATH "/usr/share/javascript/chart.js/chart.min.js"
+#endif
+
+static double head_metric(const kvt_head_metrics *m, kvt_rec_metric metric)
+{
+    switch (metric) {
+    case KVT_REC_METRIC_ERR_WINDOW:
+        return m->err_window;
+    case KVT_REC_METRIC_ERR_DECODE:
+        return m->err_decode;
+    case KVT_REC_METRIC_RECALL_WINDOW:
+        return m->recall_window;
+    case KVT_REC_METRIC_RECALL_DECODE:
+        return m->recall_decode;
+    case KVT_REC_METRIC_COVERAGE:
+        return m->coverage;
+    default:
+        return NAN;
+    }
+}
+
+double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_rec_metric metric,
+                             int layer, int head)
+{
+    double sum = 0.0;
+    int n = 0;
+    if (pol >= r->n_policies || bud >= r->n_budgets || layer < 0 || head < 0)
+        return NAN;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        const kvt_trace_result *t = r->traces[i];
+        if (layer >= t->n_layers || head >= t->policy_heads[pol])
+            continue;
+        double v = head_metric(kvt_trace_result_at(t, pol, bud, layer, head), metric);
+        if (!isnan(v))
+            sum += v, n++;
+    }
+    return n ? sum / n : NAN;
+}
+
+double kvt_report_layer_keep(const kvt_results *r, size_t pol, size_t bud, int layer)
+{
+    double sum = 0.0;
+    int n = 0;
+    if (pol >= r->n_policies || bud >= r->n_budgets || layer < 0)
+        return NAN;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        const kvt_trace_result *t = r->traces[i];
+        kvt_run_summary s;
+        if (layer >= t->n_layers || kvt_summarize_trace(t, pol, bud, layer, &s) || isnan(s.n_keep))
+            continue;
+        sum += s.n_keep, n++;
+    }
+    return n ? sum / n : NAN;
+}
+
+static bool is_reference(const kvt_results *r, size_t pol)
+{
+    const char *name = r->policies[pol].name;
+    return !strcmp(name, "full") || !strcmp(name, "oracle");
+}
+
+bool kvt_report_policy_allocates(const kvt_results *r, size_t pol)
+{
+    if (pol >= r->n_policies || is_reference(r, pol))
+        return false;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        const kvt_trace_result *t = r->traces[i];
+        for (size_t b = 0; b < r->n_budgets; b++) {
+            double first = NAN;
+            for (int l = 0; l < t->n_layers; l++)
+                for (int h = 0; h < t->policy_heads[pol]; h++) {
+                    double v = kvt_trace_result_at(t, pol, b, l, h)->n_keep;
+                    if (isnan(v))
+                        continue;
+                    if (isnan(first))
+                        first = v;
+                    else if (fabs(v - first) > 1e-9)
+                        return true;
+                }
+        }
+    }
+    return false;
+}
+
+static double summary_metric(const kvt_run_summary *s, kvt_rec_metric metric)
+{
+    switch (metric) {
+    case KVT_REC_METRIC_ERR_WINDOW:
+        return s->err_window;
+    case KVT_REC_METRIC_ERR_DECODE:
+        return s->err_decode;
+    case KVT_REC_METRIC_RECALL_WINDOW:
+        return s->recall_window;
+    case KVT_REC_METRIC_RECALL_DECODE:
+        return s->recall_decode;
+    case KVT_REC_METRIC_COVERAGE:
+        return s->coverage;
+    default:
+        return NAN;
+    }
+}
+
+bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric)
+{
+    for (size_t p = 0; p < r->n_policies; p++)
+        for (size_t b = 0; b < r->n_budgets; b++) {
+            kvt_run_summary s;
+            if (!kvt_summarize_results(r, p, b, &s) && !isnan(summary_metric(&s, metric)))
+                return true;
+        }
+    return false;
+}
+
+size_t kvt_report_heat_budget(const kvt_results *r, bool *recommended)
+{
+    kvt_recommend_opts o = {KVT_REC_METRIC_AUTO, true, 0.1}; /* as the page's recommendation */
+    kvt_recommendation *rec = NULL;
+    size_t b = r->n_budgets / 2;
+    bool found = false;
+    if (kvt_recommend(r, &o, &rec) == KVT_OK && rec->found) {
+        b = rec->budget;
+        found = true;
+    }
+    kvt_recommendation_free(rec);
+    if (recommended)
+        *recommended = found;
+    return b;
+}
+
+double kvt_report_modality_share(const kvt_results *r, size_t pol, size_t bud, int m)
+{
+    kvt_run_summary s;
+    if (m < 0 || m >= KVT_N_MODALITIES || kvt_summarize_results(r, pol, bud, &s))
+        return NAN;
+    if (isnan(s.total_mod[m]) || s.total_mod[m] <= 0)
+        return NAN;
+    return s.kept_mod[m] / s.total_mod[m];
+}
+
+double kvt_report_modality_tokens(const kvt_results *r, int m)
+{
+    double n = 0.0;
+    if (m < 0 || m >= KVT_N_MODALITIES)
+        return 0.0;
+    for (size_t i = 0; i < r->n_traces; i++)
+        if (r->traces[i]->has_modality)
+            n += (double)r->traces[i]->modality_counts[m];
+    return n;
+}
+
+const char *kvt_report_chartjs_path(void)
+{
+    const char *env = getenv("KVT_CHARTJS");
+    return env && *env ? env : KVT_CHARTJS_PATH;
+}
