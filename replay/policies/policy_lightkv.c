@@ -32,126 +32,124 @@ static double cos_rows(const float *a, const float *b, int D, double nn)
     return nn > 1e-24 ? ab / nn : 0.0;
 }
 
-typedef struct merge_buf {
-    float *k, *v; /* [n, D] current vision entries */
-    double *w;    /* [n] */
+/* the vision entries of one head during merging */
+typedef struct merge_state {
+    float *k, *v; /* [n, D] */
+    double *w;    /* [n] weights */
     int32_t *idx; /* [n] token index */
-    int32_t *dst; /* [n] best destination position of each source (-1 none) */
-    double *sim;  /* [n] its similarity */
-    double *key;  /* [n] ranking key of candidates */
+    uint8_t *chg; /* [n] the entry was a merge target in some round */
+} merge_state;
+
+typedef struct merge_buf {
+    merge_state cur, tmp; /* tmp: a copy for a budget whose last round is partial */
+    int32_t *dst;         /* [n] best destination position of each source (-1 none) */
+    double *sim;          /* [n] its similarity */
+    double *key;          /* [n] ranking key of candidates */
     int32_t *ord, *work;
-    uint8_t *gone, *has, *chg; /* chg [n]: the entry was a merge target in some round */
-    double *wk;                /* [n] accumulated weight */
-    double *nrm;               /* [n] key norms of the current round */
-    double *acck, *accv;       /* [n, D] weighted sums of the destinations */
+    uint8_t *gone, *has;
+    double *wk;          /* [n] accumulated weight */
+    double *nrm;         /* [n] key norms of the current round */
+    double *acck, *accv; /* [n, D] weighted sums of the destinations */
 } merge_buf;
 
-static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, int B,
-                             const kvt_policy_opts *o, merge_buf *mb, kvt_merged_set *out)
+/* one round's candidates of state st (n entries): each source's best destination and the
+ * sources ranked by similarity (ties: lower position = lower token index) into
+ * rank = mb->work + n. Returns the number of candidates. */
+static int round_candidates(merge_buf *mb, const merge_state *st, int n, int D, int MW)
 {
-    const int T = c->T, D = c->D, W = o->window, P = T - W;
-    const uint8_t *mod = c->in->modality;
-    int n = 0;
-    for (int j = 0; j < P; j++)
-        if (mod && (mod[j] == 1 || mod[j] == 2)) {
-            memcpy(mb->k + (size_t)n * D, c->in->k + ((size_t)g * T + j) * D, D * sizeof(float));
-            memcpy(mb->v + (size_t)n * D, c->in->v + ((size_t)g * T + j) * D, D * sizeof(float));
-            mb->w[n] = wt[j];
-            mb->idx[n] = j;
-            mb->chg[n] = 0;
-            n++;
-        }
-    int n_vis = n, target = B - (T - n_vis);
-    if (target < 1)
-        target = 1;
-    if (T <= B)
-        target = n_vis;
-    const int MW = o->merge_window;
-    while (n > target) {
-        int n_cand = 0;
-        for (int i = 0; i < n; i++) { /* norms once per round, not once per pair */
-            double aa = 0.0;
-            const float *ki = mb->k + (size_t)i * D;
-            for (int d = 0; d < D; d++)
-                aa += (double)ki[d] * ki[d];
-            mb->nrm[i] = sqrt(aa);
-        }
-        for (int r0 = 0; r0 < n; r0 += MW) {
-            int r1 = r0 + MW < n ? r0 + MW : n;
-            for (int s = r0; s < r1; s += 2) {
-                mb->dst[s] = -1;
-                double best = -INFINITY;
-                for (int d = r0 + 1; d < r1; d += 2) {
-                    double x = cos_rows(mb->k + (size_t)s * D, mb->k + (size_t)d * D, D,
-                                        mb->nrm[s] * mb->nrm[d]);
-                    if (x > best) {
-                        best = x;
-                        mb->dst[s] = d;
-                    }
-                }
-                if (mb->dst[s] >= 0)
-                    mb->sim[n_cand] = best, mb->ord[n_cand] = s, n_cand++;
-            }
-        }
-        if (n_cand == 0)
-            break;
-        /* rank candidates by similarity (ties: lower position = lower token index) */
-        for (int i = 0; i < n_cand; i++)
-            mb->key[i] = mb->sim[i];
-        int32_t *rank = mb->work + n; /* second half of work */
-        kvt_rank_desc_ref(mb->key, n_cand, rank, mb->work);
-        int take = n - target < n_cand ? n - target : n_cand;
-        memset(mb->gone, 0, (size_t)n);
-        memset(mb->has, 0, (size_t)n);
-        for (int d = 0; d < n; d++)
-            mb->wk[d] = mb->w[d];
-        for (int i = 0; i < take; i++) {
-            int s = mb->ord[rank[i]], d = mb->dst[s];
-            mb->gone[s] = 1;
-            double *ak = mb->acck + (size_t)d * D, *av = mb->accv + (size_t)d * D;
-            if (!mb->has[d]) {
-                mb->has[d] = 1;
-                mb->chg[d] = 1;
-                for (int e = 0; e < D; e++) {
-                    ak[e] = mb->w[d] * mb->k[(size_t)d * D + e];
-                    av[e] = mb->w[d] * mb->v[(size_t)d * D + e];
-                }
-            }
-            for (int e = 0; e < D; e++) {
-                ak[e] += mb->w[s] * mb->k[(size_t)s * D + e];
-                av[e] += mb->w[s] * mb->v[(size_t)s * D + e];
-            }
-            mb->wk[d] += mb->w[s];
-        }
-        for (int d = 0; d < n; d++) {
-            if (!mb->has[d] || !(mb->wk[d] > 0.0))
-                continue; /* zero total weight: keep the destination unchanged */
-            for (int e = 0; e < D; e++) {
-                mb->k[(size_t)d * D + e] = (float)(mb->acck[(size_t)d * D + e] / mb->wk[d]);
-                mb->v[(size_t)d * D + e] = (float)(mb->accv[(size_t)d * D + e] / mb->wk[d]);
-            }
-        }
-        /* compact */
-        int m = 0;
-        for (int d = 0; d < n; d++) {
-            if (mb->gone[d])
-                continue;
-            if (m != d) {
-                memmove(mb->k + (size_t)m * D, mb->k + (size_t)d * D, D * sizeof(float));
-                memmove(mb->v + (size_t)m * D, mb->v + (size_t)d * D, D * sizeof(float));
-                mb->idx[m] = mb->idx[d];
-            }
-            mb->chg[m] = mb->chg[d];
-            mb->w[m] = mb->wk[d];
-            m++;
-        }
-        n = m;
+    int n_cand = 0;
+    for (int i = 0; i < n; i++) { /* norms once per round, not once per pair */
+        double aa = 0.0;
+        const float *ki = st->k + (size_t)i * D;
+        for (int d = 0; d < D; d++)
+            aa += (double)ki[d] * ki[d];
+        mb->nrm[i] = sqrt(aa);
     }
-    /* output: non-vision tokens unchanged + the vision entries, by token index. Only the
-     * changed entries (merge targets) carry their own K/V; the others are token idx's. */
+    for (int r0 = 0; r0 < n; r0 += MW) {
+        int r1 = r0 + MW < n ? r0 + MW : n;
+        for (int s = r0; s < r1; s += 2) {
+            mb->dst[s] = -1;
+            double best = -INFINITY;
+            for (int d = r0 + 1; d < r1; d += 2) {
+                double x = cos_rows(st->k + (size_t)s * D, st->k + (size_t)d * D, D,
+                                    mb->nrm[s] * mb->nrm[d]);
+                if (x > best) {
+                    best = x;
+                    mb->dst[s] = d;
+                }
+            }
+            if (mb->dst[s] >= 0)
+                mb->sim[n_cand] = best, mb->ord[n_cand] = s, n_cand++;
+        }
+    }
+    for (int i = 0; i < n_cand; i++)
+        mb->key[i] = mb->sim[i];
+    if (n_cand > 0)
+        kvt_rank_desc_ref(mb->key, n_cand, mb->work + n, mb->work);
+    return n_cand;
+}
+
+/* merge the `take` best candidates of the round into their destinations and compact st;
+ * returns the new entry count */
+static int round_apply(merge_buf *mb, merge_state *st, int n, int D, int take)
+{
+    const int32_t *rank = mb->work + n;
+    memset(mb->gone, 0, (size_t)n);
+    memset(mb->has, 0, (size_t)n);
+    for (int d = 0; d < n; d++)
+        mb->wk[d] = st->w[d];
+    for (int i = 0; i < take; i++) {
+        int s = mb->ord[rank[i]], d = mb->dst[s];
+        mb->gone[s] = 1;
+        double *ak = mb->acck + (size_t)d * D, *av = mb->accv + (size_t)d * D;
+        if (!mb->has[d]) {
+            mb->has[d] = 1;
+            st->chg[d] = 1;
+            for (int e = 0; e < D; e++) {
+                ak[e] = st->w[d] * st->k[(size_t)d * D + e];
+                av[e] = st->w[d] * st->v[(size_t)d * D + e];
+            }
+        }
+        for (int e = 0; e < D; e++) {
+            ak[e] += st->w[s] * st->k[(size_t)s * D + e];
+            av[e] += st->w[s] * st->v[(size_t)s * D + e];
+        }
+        mb->wk[d] += st->w[s];
+    }
+    for (int d = 0; d < n; d++) {
+        if (!mb->has[d] || !(mb->wk[d] > 0.0))
+            continue; /* zero total weight: keep the destination unchanged */
+        for (int e = 0; e < D; e++) {
+            st->k[(size_t)d * D + e] = (float)(mb->acck[(size_t)d * D + e] / mb->wk[d]);
+            st->v[(size_t)d * D + e] = (float)(mb->accv[(size_t)d * D + e] / mb->wk[d]);
+        }
+    }
+    int m = 0; /* compact */
+    for (int d = 0; d < n; d++) {
+        if (mb->gone[d])
+            continue;
+        if (m != d) {
+            memmove(st->k + (size_t)m * D, st->k + (size_t)d * D, D * sizeof(float));
+            memmove(st->v + (size_t)m * D, st->v + (size_t)d * D, D * sizeof(float));
+            st->idx[m] = st->idx[d];
+        }
+        st->chg[m] = st->chg[d];
+        st->w[m] = mb->wk[d];
+        m++;
+    }
+    return m;
+}
+
+/* the merged set: non-vision tokens unchanged + the n vision entries of st, by token index.
+ * Only the changed entries (merge targets) carry their own K/V; the others are token idx's. */
+static kvt_status emit(const kvt_layer_ctx *c, int P, const merge_state *st, int n, int n_vis,
+                       kvt_merged_set *out)
+{
+    const int T = c->T, D = c->D;
+    const uint8_t *mod = c->in->modality;
     int n_out = T - n_vis + n, n_chg = 0;
     for (int i = 0; i < n; i++)
-        n_chg += mb->chg[i] != 0;
+        n_chg += st->chg[i] != 0;
     out->n = n_out;
     out->n_changed = n_chg;
     out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
@@ -164,19 +162,82 @@ static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, in
     for (int j = 0; j < T; j++) {
         bool vis = j < P && mod && (mod[j] == 1 || mod[j] == 2);
         if (vis) {
-            if (vi < n && mb->idx[vi] == j) {
-                if (mb->chg[vi]) {
-                    memcpy(out->k + (size_t)ci * D, mb->k + (size_t)vi * D, D * sizeof(float));
-                    memcpy(out->v + (size_t)ci * D, mb->v + (size_t)vi * D, D * sizeof(float));
+            if (vi < n && st->idx[vi] == j) {
+                if (st->chg[vi]) {
+                    memcpy(out->k + (size_t)ci * D, st->k + (size_t)vi * D, D * sizeof(float));
+                    memcpy(out->v + (size_t)ci * D, st->v + (size_t)vi * D, D * sizeof(float));
                     ci++;
                 }
-                out->changed[o_i] = mb->chg[vi];
+                out->changed[o_i] = st->chg[vi];
                 out->idx[o_i++] = j;
                 vi++;
             }
             continue;
         }
         out->idx[o_i++] = j;
+    }
+    return KVT_OK;
+}
+
+/* The merged sets of KV head g for every budget from one merging process: every budget runs
+ * the same full rounds until the round that would take it below its target; that round is
+ * its last and only partial, so it is applied to a copy (mb->tmp). out[b] gets budget b. */
+static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, const int *B, int n_b,
+                             const kvt_policy_opts *o, merge_buf *mb, int *target,
+                             kvt_merged_set *const *out)
+{
+    const int T = c->T, D = c->D, W = o->window, P = T - W, MW = o->merge_window;
+    const uint8_t *mod = c->in->modality;
+    merge_state *st = &mb->cur;
+    int n = 0;
+    for (int j = 0; j < P; j++)
+        if (mod && (mod[j] == 1 || mod[j] == 2)) {
+            memcpy(st->k + (size_t)n * D, c->in->k + ((size_t)g * T + j) * D, D * sizeof(float));
+            memcpy(st->v + (size_t)n * D, c->in->v + ((size_t)g * T + j) * D, D * sizeof(float));
+            st->w[n] = wt[j];
+            st->idx[n] = j;
+            st->chg[n] = 0;
+            n++;
+        }
+    const int n_vis = n;
+    int left = n_b;
+    for (int b = 0; b < n_b; b++) {
+        target[b] = B[b] - (T - n_vis);
+        if (target[b] < 1)
+            target[b] = 1;
+        if (T <= B[b])
+            target[b] = n_vis;
+    }
+    while (left > 0) {
+        for (int b = 0; b < n_b; b++) /* reached: the current state is the set */
+            if (target[b] >= 0 && n <= target[b]) {
+                KVT_FORWARD(emit(c, P, st, n, n_vis, out[b]));
+                target[b] = -1, left--;
+            }
+        if (left == 0)
+            break;
+        int n_cand = round_candidates(mb, st, n, D, MW);
+        for (int b = 0; b < n_b; b++) {
+            if (target[b] < 0 || (n_cand > 0 && n - target[b] >= n_cand))
+                continue;
+            /* no candidate left (keep the current state) or a partial last round */
+            int m = n;
+            if (n_cand > 0) {
+                merge_state *t = &mb->tmp;
+                memcpy(t->k, st->k, (size_t)n * D * sizeof(float));
+                memcpy(t->v, st->v, (size_t)n * D * sizeof(float));
+                memcpy(t->w, st->w, (size_t)n * sizeof(double));
+                memcpy(t->idx, st->idx, (size_t)n * sizeof(int32_t));
+                memcpy(t->chg, st->chg, (size_t)n);
+                m = round_apply(mb, t, n, D, n - target[b]);
+                KVT_FORWARD(emit(c, P, t, m, n_vis, out[b]));
+            } else
+                KVT_FORWARD(emit(c, P, st, m, n_vis, out[b]));
+            target[b] = -1, left--;
+        }
+        if (left == 0)
+            break;
+        n = round_apply(mb, st, n, D, n_cand); /* a full round, shared by the rest */
     }
     return KVT_OK;
 }
@@ -192,25 +253,32 @@ static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     const int H = sel->n_heads, per = o->per_query ? 1 : c->Gs;
     merge_buf mb = {0};
     double *wt = kvt_calloc((size_t)T, sizeof(double));
-    mb.k = kvt_malloc((size_t)T * D * sizeof(float));
-    mb.v = kvt_malloc((size_t)T * D * sizeof(float));
-    mb.w = kvt_malloc((size_t)T * sizeof(double));
+    int *target = kvt_malloc((size_t)n_b * sizeof(int));
+    kvt_merged_set **outs = kvt_malloc((size_t)n_b * sizeof(*outs));
+    merge_state *sts[2] = {&mb.cur, &mb.tmp};
+    bool ok = wt && target && outs;
+    for (int i = 0; i < 2; i++) {
+        sts[i]->k = kvt_malloc((size_t)T * D * sizeof(float));
+        sts[i]->v = kvt_malloc((size_t)T * D * sizeof(float));
+        sts[i]->w = kvt_malloc((size_t)T * sizeof(double));
+        sts[i]->idx = kvt_malloc((size_t)T * sizeof(int32_t));
+        sts[i]->chg = kvt_malloc((size_t)T);
+        ok = ok && sts[i]->k && sts[i]->v && sts[i]->w && sts[i]->idx && sts[i]->chg;
+    }
     mb.wk = kvt_malloc((size_t)T * sizeof(double));
     mb.nrm = kvt_malloc((size_t)T * sizeof(double));
     mb.sim = kvt_malloc((size_t)T * sizeof(double));
     mb.key = kvt_malloc((size_t)T * sizeof(double));
-    mb.idx = kvt_malloc((size_t)T * sizeof(int32_t));
     mb.dst = kvt_malloc((size_t)T * sizeof(int32_t));
     mb.ord = kvt_malloc((size_t)T * sizeof(int32_t));
     mb.work = kvt_malloc((size_t)2 * T * sizeof(int32_t));
     mb.gone = kvt_malloc((size_t)T);
     mb.has = kvt_malloc((size_t)T);
-    mb.chg = kvt_malloc((size_t)T);
     mb.acck = kvt_malloc((size_t)T * D * sizeof(double));
     mb.accv = kvt_malloc((size_t)T * D * sizeof(double));
     kvt_status st = KVT_OK;
-    if (!wt || !mb.k || !mb.v || !mb.w || !mb.wk || !mb.nrm || !mb.sim || !mb.key || !mb.idx ||
-        !mb.dst || !mb.ord || !mb.work || !mb.gone || !mb.has || !mb.chg || !mb.acck || !mb.accv) {
+    if (!ok || !mb.wk || !mb.nrm || !mb.sim || !mb.key || !mb.dst || !mb.ord || !mb.work ||
+        !mb.gone || !mb.has || !mb.acck || !mb.accv) {
         st = kvt_error_set(KVT_ERR_NOMEM, "lightkv-like: out of memory");
         goto out_free;
     }
@@ -230,25 +298,30 @@ static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                     wt[j] += pr[j];
             }
         int g = kvt_ctx_kv_of(c, o->per_query, h);
-        for (int b = 0; b < n_b && !st; b++)
-            st = merge_head(c, g, wt, B[b], o, &mb, &sel->merged[(size_t)b * H + h]);
+        for (int b = 0; b < n_b; b++)
+            outs[b] = &sel->merged[(size_t)b * H + h];
+        st = merge_head(c, g, wt, B, n_b, o, &mb, target, outs);
     }
 out_free:
     kvt_free(wt);
-    kvt_free(mb.k);
-    kvt_free(mb.v);
-    kvt_free(mb.w);
+    kvt_free(target);
+    kvt_free(outs);
+    for (int i = 0; i < 2; i++) {
+        kvt_free(sts[i]->k);
+        kvt_free(sts[i]->v);
+        kvt_free(sts[i]->w);
+        kvt_free(sts[i]->idx);
+        kvt_free(sts[i]->chg);
+    }
     kvt_free(mb.wk);
     kvt_free(mb.nrm);
     kvt_free(mb.sim);
     kvt_free(mb.key);
-    kvt_free(mb.idx);
     kvt_free(mb.dst);
     kvt_free(mb.ord);
     kvt_free(mb.work);
     kvt_free(mb.gone);
     kvt_free(mb.has);
-    kvt_free(mb.chg);
     kvt_free(mb.acck);
     kvt_free(mb.accv);
     return st;
