@@ -2,7 +2,7 @@
  * fetches nothing (PNGs inlined as data: URIs, Chart.js inlined, a Content-Security-Policy that
  * forbids every fetch), plus the PNG figures (png.c). Every string taken from the results (model
  * names, labels, paths, the trace header) is HTML-escaped in the markup; the interactive charts
- * and heatmaps (page_js.c) read one JSON blob in which '<', '>' and '&' are \u escapes, so no
+ * and heatmaps (page.js) read one JSON blob in which '<', '>' and '&' are \u escapes, so no
  * string can end the script element.
  */
 #include <errno.h>

@@ -1,13 +1,16 @@
 /* report_internal.h - what html.c shares with the other report/ files and nothing outside
- * report/ uses: the script of index.html (page_js.c).
+ * report/ uses: the script of index.html (report/page.js, compiled in as page_js.c, which the
+ * build generates with cmake/embed_text.cmake).
  */
 #ifndef KVT_REPORT_INTERNAL_H
 #define KVT_REPORT_INTERNAL_H
 
-/** The page script of index.html, one line per entry, NULL-terminated. It reads the JSON blob
+/** The page script of index.html: the lines of report/page.js after its header comment, one
+ *  per entry without the '\n', NULL-terminated (generated at build time). It reads the JSON blob
  *  (#kvt-data), draws the per-head heatmaps (always) and, when window.Chart exists, the
  *  Chart.js figures; it then sets body data-charts-ok / data-heatmaps-ok to the number drawn, or
- *  lists errors in #js-errors. It holds no "</script" and no "<!--". */
+ *  lists errors in #js-errors. It holds no "</script" and no "<!--" (the build fails if page.js
+ *  does). */
 extern const char *const kvt_report_page_js[];
 
 #endif /* KVT_REPORT_INTERNAL_H */

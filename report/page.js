@@ -1,0 +1,203 @@
+/* page.js - the script of index.html (kvtrace report): parses the JSON blob (#kvt-data), draws
+ * the per-head heatmaps as HTML tables (value on hover, budget <select>) and, when Chart.js was
+ * inlined, the interactive charts (curves against budget, modality retention, layer allocation).
+ * Text from the results only ever goes through textContent, title and canvas text, never
+ * innerHTML. At build time cmake/embed_text.cmake turns this file, without this header comment,
+ * into the C array kvt_report_page_js (report_internal.h), so the page needs no file at run
+ * time; the build fails if this file holds a closing script tag or an HTML comment opener.
+ */
+(function () {
+  'use strict';
+  var body = document.body;
+  var nCharts = 0, nHeat = 0;
+  function fail(msg) {
+    window.kvtErrors.push(String(msg));
+    var box = document.getElementById('js-errors');
+    box.hidden = false;
+    box.textContent = 'Script errors:\n' + window.kvtErrors.join('\n');
+    body.dataset.jsErrors = String(window.kvtErrors.length);
+  }
+  var D;
+  try {
+    D = JSON.parse(document.getElementById('kvt-data').textContent);
+  } catch (e) {
+    fail('report data: ' + e);
+    return;
+  }
+  var palette = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2',
+                 '#7f7f7f', '#bcbd22', '#17becf'];
+  var stops = [[0.267, 0.005, 0.329], [0.231, 0.322, 0.545], [0.129, 0.569, 0.549],
+               [0.369, 0.788, 0.384], [0.993, 0.906, 0.144]];
+  function viridis(v) {
+    if (!(v >= 0)) v = 0;
+    if (v > 1) v = 1;
+    var i = v >= 1 ? 3 : Math.floor(v * 4), t = v * 4 - i, c = [];
+    for (var k = 0; k < 3; k++)
+      c.push(Math.round(255 * (stops[i][k] + t * (stops[i + 1][k] - stops[i][k]))));
+    return 'rgb(' + c.join(',') + ')';
+  }
+  function fmt(v) {
+    if (v === null || v === undefined) return 'n/a';
+    return Math.abs(v) >= 100 ? v.toFixed(1) : v.toPrecision(4);
+  }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function colorbar(vmax, label) {
+    var w = el('div', 'cbar');
+    w.appendChild(el('span', null, '0'));
+    w.appendChild(el('span', 'cbar-grad'));
+    w.appendChild(el('span', null, fmt(vmax) + label));
+    return w;
+  }
+  function heatmaps() {
+    var root = document.getElementById('heatmaps');
+    var sel = document.getElementById('heat-budget');
+    if (!root || !sel || !D.heat) return;
+    var cells = [];
+    D.heat.metrics.forEach(function (hm) {
+      var sec = el('div', 'hm-metric');
+      sec.appendChild(el('h3', null, hm.metric + ' per layer and head'));
+      var top = hm.metric.indexOf('err') === 0 ? ' or more, ' : ' ';
+      sec.appendChild(colorbar(hm.vmax, top + hm.metric));
+      var grid = el('div', 'hm-grid');
+      D.policies.forEach(function (pol, p) {
+        var H = D.heat.heads[p], fig = el('figure', 'hm'), tab = el('table', 'heat');
+        fig.dataset.metric = hm.metric;
+        fig.appendChild(el('figcaption', null, pol.label));
+        var tr = el('tr');
+        tr.appendChild(el('th', null, 'layer'));
+        for (var h = 0; h < H; h++) tr.appendChild(el('th', null, String(h)));
+        tab.appendChild(tr);
+        for (var l = 0; l < D.heat.L; l++) {
+          tr = el('tr');
+          tr.appendChild(el('th', null, String(l)));
+          for (h = 0; h < H; h++) {
+            var td = el('td');
+            cells.push({td: td, hm: hm, p: p, i: l * H + h, l: l, h: h});
+            tr.appendChild(td);
+          }
+          tab.appendChild(tr);
+        }
+        fig.appendChild(tab);
+        grid.appendChild(fig);
+        nHeat++;
+      });
+      sec.appendChild(grid);
+      root.appendChild(sec);
+    });
+    function paint() {
+      var b = +sel.value;
+      cells.forEach(function (c) {
+        var v = c.hm.grid[c.p][b][c.i];
+        c.td.style.background = v === null ? '#d9d9d9' : viridis(v / c.hm.vmax);
+        c.td.title = D.policies[c.p].label + ', budget ' + D.budgets[b] + ', layer ' + c.l +
+                     ', head ' + c.h + ': ' + c.hm.metric + ' = ' + fmt(v);
+      });
+      body.dataset.heatBudget = String(b);
+    }
+    sel.addEventListener('change', paint);
+    paint();
+  }
+  function dataset(label, color, data, dashed) {
+    return {label: label, data: data, borderColor: color, backgroundColor: color,
+            borderDash: dashed ? [6, 4] : [], showLine: true, pointRadius: 3, borderWidth: 2,
+            fill: false, spanGaps: false};
+  }
+  function axis(text, extra) {
+    var a = extra || {};
+    a.title = {display: true, text: text};
+    return a;
+  }
+  function chart(id, type, data, title, label, xAxis, yAxis) {
+    var cv = document.getElementById(id);
+    if (!cv) return;
+    new window.Chart(cv, {type: type, data: data, options: {
+      animation: false, responsive: true, maintainAspectRatio: false,
+      plugins: {title: {display: true, text: title}, tooltip: {callbacks: {label: label}}},
+      scales: {x: xAxis, y: yAxis}}});
+    cv.dataset.rendered = '1';
+    nCharts++;
+  }
+  function curves() {
+    D.curves.forEach(function (c) {
+      var ds = [], x0 = Infinity, x1 = -Infinity;
+      c.n_keep.forEach(function (row) {
+        row.forEach(function (x) {
+          if (x !== null && x > 0) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); }
+        });
+      });
+      D.policies.forEach(function (pol, p) {
+        var pts = [];
+        if (pol.name === 'full') {
+          var v = c.value[p][0];
+          if (v !== null && x0 <= x1)
+            pts = [{x: x0, y: v, b: 'any'}, {x: x1, y: v, b: 'any'}];
+        } else {
+          D.budgets.forEach(function (bt, b) {
+            var x = c.n_keep[p][b], y = c.value[p][b];
+            if (x !== null && y !== null && x > 0) pts.push({x: x, y: y, b: bt});
+          });
+        }
+        if (pts.length)
+          ds.push(dataset(pol.label, palette[p % palette.length], pts, pol.ref));
+      });
+      chart('chart-' + c.metric, 'scatter', {datasets: ds},
+            c.metric + ' against budget: ' + D.model,
+            function (ctx) {
+              var r = ctx.raw;
+              return ctx.dataset.label + ' at budget ' + r.b + ': ' + c.metric + ' = ' +
+                     fmt(r.y) + ', ' + fmt(r.x) + ' kept per head';
+            },
+            axis('kept entries per head and layer (log scale)', {type: 'logarithmic'}),
+            axis(c.metric));
+    });
+  }
+  function modality() {
+    if (!D.modality) return;
+    D.modality.names.forEach(function (name, m) {
+      var ds = D.policies.map(function (pol, p) {
+        var color = palette[p % palette.length];
+        return dataset(pol.label, color, D.modality.share[m][p], pol.ref);
+      });
+      chart('chart-mod-' + name, 'line', {labels: D.budgets, datasets: ds},
+            'share of ' + name + ' tokens kept: ' + D.model,
+            function (ctx) {
+              return ctx.dataset.label + ' at budget ' + ctx.label + ': ' + fmt(ctx.raw) +
+                     ' of ' + name + ' tokens kept';
+            },
+            axis('budget'), axis('share of tokens kept', {min: 0, max: 1}));
+    });
+  }
+  function alloc() {
+    var layers = [];
+    for (var l = 0; l < D.heat.L; l++) layers.push(String(l));
+    D.alloc.forEach(function (a) {
+      var ds = D.budgets.map(function (bt, b) {
+        return dataset('budget ' + bt, palette[b % palette.length], a.keep[b], false);
+      });
+      chart('chart-alloc-' + a.policy, 'line', {labels: layers, datasets: ds},
+            'kept entries per head by layer: ' + D.policies[a.policy].label,
+            function (ctx) {
+              return ctx.dataset.label + ', layer ' + ctx.label + ': ' + fmt(ctx.raw) +
+                     ' kept per head';
+            },
+            axis('layer'), axis('mean kept entries per head', {beginAtZero: true}));
+    });
+  }
+  try {
+    heatmaps();
+    if (window.Chart) {
+      curves();
+      modality();
+      alloc();
+    }
+    body.dataset.chartsOk = String(nCharts);
+    body.dataset.heatmapsOk = String(nHeat);
+  } catch (e) {
+    fail('report script: ' + (e && e.stack ? e.stack : e));
+  }
+})();
