@@ -115,6 +115,8 @@ size_t kvt_sweep_output_workspace_bytes(int n_q, int D);
  * @param a_full   rows of [D] doubles at a_full + q*stride_a: sum_j p_j v_j over all T keys
  * @param p_extra  [n_q] at p_extra[q*stride_e], or NULL (no extra keys)
  * @param o_extra  rows of [D] at o_extra + q*stride_a, or NULL
+ * @param r_full   [n_q] at r_full[q*stride_e]: sum_j p_j of each query (the caller's cached
+ *                 row sums), or NULL to compute them here
  * @param order    [T] permutation of 0..T-1
  * @param cuts     [n_cut] strictly increasing, each in 0..T
  * @param mod      [T] modality codes (< KVT_N_MODALITIES) or NULL
@@ -127,9 +129,10 @@ size_t kvt_sweep_output_workspace_bytes(int n_q, int D);
 kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t stride_p,
                                 const float *v, const double *a_full, size_t stride_a,
                                 const double *p_extra, size_t stride_e, const double *o_extra,
-                                const int32_t *order, const int32_t *cuts, int n_cut,
-                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
-                                double *recall, double *err, double *recall_mod, void *work);
+                                const double *r_full, const int32_t *order, const int32_t *cuts,
+                                int n_cut, const uint8_t *mod, const double *mass_mod,
+                                size_t stride_m, double *recall, double *err, double *recall_mod,
+                                void *work);
 
 /** Cosine table between every key and a set of probe keys: ct[j*n_probe + i] = <ku_j, ku_pi>
  *  for unit keys ku (zero keys give 0). ku [T, D] unit rows; probe [n_probe] indices < T;
@@ -209,15 +212,16 @@ size_t kvt_sweep_output_cpu_workspace_bytes(int n_q, int D);
 kvt_status kvt_sweep_output_cpu(int n_q, int T, int D, const float *p, size_t stride_p,
                                 const float *v, const double *a_full, size_t stride_a,
                                 const double *p_extra, size_t stride_e, const double *o_extra,
-                                const int32_t *order, const int32_t *cuts, int n_cut,
-                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
-                                double *recall, double *err, double *recall_mod, void *work);
+                                const double *r_full, const int32_t *order, const int32_t *cuts,
+                                int n_cut, const uint8_t *mod, const double *mass_mod,
+                                size_t stride_m, double *recall, double *err, double *recall_mod,
+                                void *work);
 kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p, const float *v,
                             const double *a_full, size_t stride_a, const double *p_extra,
-                            size_t stride_e, const double *o_extra, const int32_t *order,
-                            const int32_t *cuts, int n_cut, const uint8_t *mod,
-                            const double *mass_mod, size_t stride_m, double *recall, double *err,
-                            double *recall_mod, void *work);
+                            size_t stride_e, const double *o_extra, const double *r_full,
+                            const int32_t *order, const int32_t *cuts, int n_cut,
+                            const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                            double *recall, double *err, double *recall_mod, void *work);
 
 /** kvt_cosine_table_ref as a dense product in double (rounded to f32 like the reference). */
 kvt_status kvt_cosine_table_cpu(const float *ku, int T, int D, const int32_t *probe, int n_probe,

@@ -42,6 +42,15 @@ static void weighted_sum(const float *p, const float *v, int T, int D, double *a
     }
 }
 
+/* sum of one probability row, in the order kvt_sweep_output_* would sum it */
+static double row_sum(const float *p, int T)
+{
+    double s = 0.0;
+    for (int j = 0; j < T; j++)
+        s += p[j];
+    return s;
+}
+
 static void mass_by_mod(const float *p, const uint8_t *mod, int T, double *out)
 {
     for (int m = 0; m < KVT_NM; m++)
@@ -88,65 +97,68 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
          (s = check_finite(in->v_decode, (size_t)Hkv * Gd * D, "V_decode", in->layer))))
         goto out_fail;
 
-    if ((s = ALLOC(work, (size_t)T + (size_t)Gd)) || (s = ALLOC(vis, Wt > Gd ? Wt : Gd)) ||
-        (s = ALLOC(vis2, Gd > 0 ? Gd : 1)) || (s = ALLOC(c->prw, (size_t)Hq * Wt * T)) ||
+    /* the query heads of one KV head share its keys: one call per KV head, Gs*rows queries */
+    const int Gs = c->Gs, nqw = Gs * Wt, nqd = Gs * Gd;
+    if ((s = ALLOC(work, (size_t)T + (size_t)Gd)) || (s = ALLOC(vis, nqw > nqd ? nqw : nqd)) ||
+        (s = ALLOC(vis2, nqd > 0 ? nqd : 1)) || (s = ALLOC(c->prw, (size_t)Hq * Wt * T)) ||
         (s = ALLOC(c->aw, (size_t)Hq * Wt * D)) || (s = ALLOC(c->lsew, (size_t)Hq * Wt)) ||
-        (s = ALLOC(c->knorm, (size_t)Hkv * T)) || (s = ALLOC(c->vnorm, (size_t)Hkv * T)) ||
-        (s = ALLOC(c->ku, kv_n)) || (s = ALLOC(c->kmean, (size_t)Hkv * D)) ||
-        (s = ALLOC(c->r_all, Hkv)))
+        (s = ALLOC(c->rsw, (size_t)Hq * Wt)) || (s = ALLOC(c->knorm, (size_t)Hkv * T)) ||
+        (s = ALLOC(c->vnorm, (size_t)Hkv * T)) || (s = ALLOC(c->ku, kv_n)) ||
+        (s = ALLOC(c->kmean, (size_t)Hkv * D)) || (s = ALLOC(c->r_all, Hkv)))
         goto out_fail;
     if (in->modality && (s = ALLOC(c->massw_mod, (size_t)Hq * Wt * KVT_NM)))
         goto out_fail;
 
     /* window queries: query i sits at position T-Wt+i and sees keys 0..T-Wt+i (§0.1.2) */
-    for (int i = 0; i < Wt; i++)
-        vis[i] = T - Wt + i + 1;
-    for (int h = 0; h < Hq; h++) {
-        int g = h / c->Gs;
+    for (int i = 0; i < nqw; i++)
+        vis[i] = T - Wt + i % Wt + 1;
+    for (int g = 0; g < Hkv; g++) {
         const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
-        float *pr = c->prw + (size_t)h * Wt * T;
-        s = kvt_attn_probs(in->q_window + (size_t)h * Wt * D, Wt, D, K, T, vis, NULL, 0, NULL,
-                           c->scale, pr, NULL, c->lsew + (size_t)h * Wt, work);
-        if (s || (s = kvt_attn_output(pr, Wt, T, T, V, D, c->aw + (size_t)h * Wt * D, D)))
+        size_t q0 = (size_t)g * nqw; /* first window query of the group: (h = g*Gs, i = 0) */
+        float *pr = c->prw + q0 * T;
+        s = kvt_attn_probs(in->q_window + q0 * D, nqw, D, K, T, vis, NULL, 0, NULL, c->scale, pr,
+                           NULL, c->lsew + q0, work);
+        if (s || (s = kvt_attn_output(pr, nqw, T, T, V, D, c->aw + q0 * D, D)))
             goto out_fail;
-        for (int i = 0; i < Wt; i++) {
+        for (int i = 0; i < nqw; i++) {
+            c->rsw[q0 + i] = row_sum(pr + (size_t)i * T, T);
             if (in->modality)
-                mass_by_mod(pr + (size_t)i * T, in->modality, T,
-                            c->massw_mod + ((size_t)h * Wt + i) * KVT_NM);
+                mass_by_mod(pr + (size_t)i * T, in->modality, T, c->massw_mod + (q0 + i) * KVT_NM);
         }
     }
 
     /* decode queries: step s sees every prompt key and decode keys 0..s */
     if (Gd > 0) {
         if ((s = ALLOC(c->prd, (size_t)Hq * Gd * T)) || (s = ALLOC(c->ad, (size_t)Hq * Gd * D)) ||
-            (s = ALLOC(c->lsed, (size_t)Hq * Gd)))
+            (s = ALLOC(c->lsed, (size_t)Hq * Gd)) || (s = ALLOC(c->rsd, (size_t)Hq * Gd)))
             goto out_fail;
         if (c->has_extra &&
             ((s = ALLOC(c->pd_extra, (size_t)Hq * Gd)) ||
-             (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D)) || (s = ALLOC(pr2, (size_t)Gd * Gd))))
+             (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D)) || (s = ALLOC(pr2, (size_t)nqd * Gd))))
             goto out_fail;
-        for (int i = 0; i < Gd; i++) {
+        for (int i = 0; i < nqd; i++) {
             vis[i] = T;
-            vis2[i] = i + 1;
+            vis2[i] = i % Gd + 1;
         }
-        for (int h = 0; h < Hq; h++) {
-            int g = h / c->Gs;
+        for (int g = 0; g < Hkv; g++) {
             const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
             const float *Kd = c->has_extra ? in->k_decode + (size_t)g * Gd * D : NULL;
             const float *Vd = c->has_extra ? in->v_decode + (size_t)g * Gd * D : NULL;
-            float *pr = c->prd + (size_t)h * Gd * T;
-            s = kvt_attn_probs(in->q_decode + (size_t)h * Gd * D, Gd, D, K, T, vis, Kd, Gd, vis2,
-                               c->scale, pr, pr2, c->lsed + (size_t)h * Gd, work);
-            if (s || (s = kvt_attn_output(pr, Gd, T, T, V, D, c->ad + (size_t)h * Gd * D, D)))
+            size_t q0 = (size_t)g * nqd;
+            float *pr = c->prd + q0 * T;
+            s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, K, T, vis, Kd, Gd, vis2, c->scale, pr,
+                               pr2, c->lsed + q0, work);
+            if (s || (s = kvt_attn_output(pr, nqd, T, T, V, D, c->ad + q0 * D, D)))
                 goto out_fail;
-            for (int i = 0; i < Gd; i++) {
+            for (int i = 0; i < nqd; i++) {
+                c->rsd[q0 + i] = row_sum(pr + (size_t)i * T, T);
                 if (c->has_extra) {
                     const float *p2 = pr2 + (size_t)i * Gd;
                     double pe = 0.0;
                     for (int e = 0; e < Gd; e++)
                         pe += p2[e];
-                    c->pd_extra[(size_t)h * Gd + i] = pe;
-                    weighted_sum(p2, Vd, Gd, D, c->od_extra + ((size_t)h * Gd + i) * D);
+                    c->pd_extra[q0 + i] = pe;
+                    weighted_sum(p2, Vd, Gd, D, c->od_extra + (q0 + i) * D);
                 }
             }
         }
@@ -182,6 +194,8 @@ void kvt_ctx_free(kvt_layer_ctx *c)
     kvt_free(c->prw);
     kvt_free(c->aw);
     kvt_free(c->lsew);
+    kvt_free(c->rsw);
+    kvt_free(c->rsd);
     kvt_free(c->massw_mod);
     kvt_free(c->prd);
     kvt_free(c->ad);

@@ -90,6 +90,7 @@ struct kvt_layer_ctx {
     float *prw;        /* [Hq, Wt, T] f32 probabilities */
     double *aw;        /* [Hq, Wt, D] sum_j p_j v_j */
     double *lsew;      /* [Hq, Wt] log-sum-exp of the logits */
+    double *rsw;       /* [Hq, Wt] sum of each probability row (stored mass, ~1) */
     double *massw_mod; /* [Hq, Wt, NM] full mass per modality, or NULL */
     /* decode queries (held out) */
     float *prd;       /* [Hq, Gd, T] probabilities over prompt keys */
@@ -97,6 +98,7 @@ struct kvt_layer_ctx {
     double *pd_extra; /* [Hq, Gd] mass on decode keys 0..s (NULL without decode K/V) */
     double *od_extra; /* [Hq, Gd, D] sum over decode keys of p v */
     double *lsed;     /* [Hq, Gd] */
+    double *rsd;      /* [Hq, Gd] sum of each probability row over the prompt keys */
     /* per KV head */
     double *knorm, *vnorm; /* [Hkv, T] */
     float *ku;             /* [Hkv, T, D] unit keys */

@@ -130,7 +130,7 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
     const int T = c->T, D = c->D, Wt = c->Wt, Gd = c->Gd, n_b = s->n_b;
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
     const float *p;
-    const double *a, *pe = NULL, *oe = NULL, *mm = NULL;
+    const double *a, *pe = NULL, *oe = NULL, *mm = NULL, *rf;
     size_t sp, sa, se = 1;
     int n_q;
     const uint8_t *mod = NULL;
@@ -138,6 +138,7 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         n_q = nh * Wt;
         p = c->prw + (size_t)hq0 * Wt * T, sp = T;
         a = c->aw + (size_t)hq0 * Wt * D, sa = D;
+        rf = c->rsw + (size_t)hq0 * Wt;
         if (c->massw_mod && out_rmod) {
             mod = c->in->modality;
             mm = c->massw_mod + (size_t)hq0 * Wt * KVT_NM;
@@ -146,20 +147,22 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         n_q = nh * Gd;
         p = c->prd + (size_t)hq0 * Gd * T, sp = T;
         a = c->ad + (size_t)hq0 * Gd * D, sa = D;
+        rf = c->rsd + (size_t)hq0 * Gd;
         if (c->has_extra)
             pe = c->pd_extra + (size_t)hq0 * Gd, oe = c->od_extra + (size_t)hq0 * Gd * D;
     } else {
         n_q = nh;
         p = c->prd + ((size_t)hq0 * Gd + step) * T, sp = (size_t)Gd * T;
         a = c->ad + ((size_t)hq0 * Gd + step) * D, sa = (size_t)Gd * D;
+        rf = c->rsd + (size_t)hq0 * Gd + step, se = Gd; /* the stride of pe and rf */
         if (c->has_extra) {
-            pe = c->pd_extra + (size_t)hq0 * Gd + step, se = Gd;
+            pe = c->pd_extra + (size_t)hq0 * Gd + step;
             oe = c->od_extra + ((size_t)hq0 * Gd + step) * D;
         }
     }
     KVT_FORWARD(kvt_sweep_output(n_q, T, D, p, sp, c->in->v + (size_t)(hq0 / c->Gs) * T * D, a, sa,
-                                 pe, se, oe, order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
-                                 mod ? s->rmod : NULL, s->sw));
+                                 pe, se, oe, rf, order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec,
+                                 s->err, mod ? s->rmod : NULL, s->sw));
     for (int b = 0; b < n_b; b++) {
         int ci = s->map[b];
         double r = 0.0, e = 0.0;

@@ -25,14 +25,14 @@ kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T,
 
 kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p, const float *v,
                             const double *a_full, size_t stride_a, const double *p_extra,
-                            size_t stride_e, const double *o_extra, const int32_t *order,
-                            const int32_t *cuts, int n_cut, const uint8_t *mod,
-                            const double *mass_mod, size_t stride_m, double *recall, double *err,
-                            double *recall_mod, void *work)
+                            size_t stride_e, const double *o_extra, const double *r_full,
+                            const int32_t *order, const int32_t *cuts, int n_cut,
+                            const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                            double *recall, double *err, double *recall_mod, void *work)
 {
     return (kvt_kernels_ref_only() ? kvt_sweep_output_ref : kvt_sweep_output_cpu)(
-        n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e, o_extra, order, cuts, n_cut,
-        mod, mass_mod, stride_m, recall, err, recall_mod, work);
+        n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e, o_extra, r_full, order,
+        cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod, work);
 }
 
 kvt_status kvt_cosine_table(const float *ku, int T, int D, const int32_t *probe, int n_probe,

@@ -27,9 +27,10 @@ size_t kvt_sweep_output_workspace_bytes(int n_q, int D)
 kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t stride_p,
                                 const float *v, const double *a_full, size_t stride_a,
                                 const double *p_extra, size_t stride_e, const double *o_extra,
-                                const int32_t *order, const int32_t *cuts, int n_cut,
-                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
-                                double *recall, double *err, double *recall_mod, void *work)
+                                const double *r_full, const int32_t *order, const int32_t *cuts,
+                                int n_cut, const uint8_t *mod, const double *mass_mod,
+                                size_t stride_m, double *recall, double *err, double *recall_mod,
+                                void *work)
 {
     KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "sweep_output: bad shape n_q=%d T=%d D=%d", n_q, T, D);
@@ -46,6 +47,10 @@ kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t st
     /* forward: kept = order[0..c) for the cuts up to T/2 */
     memset(work, 0, kvt_sweep_output_workspace_bytes(n_q, D));
     for (int q = 0; q < n_q; q++) {
+        if (r_full) {
+            rf[q] = r_full[(size_t)q * stride_e];
+            continue;
+        }
         const float *pq = p + (size_t)q * stride_p;
         double s = 0.0;
         for (int j = 0; j < T; j++)

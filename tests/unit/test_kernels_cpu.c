@@ -231,13 +231,26 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
     void *wb = malloc(kvt_sweep_output_cpu_workspace_bytes(n_q, D));
     const uint8_t *md = with_mod ? mod : NULL;
     KVT_CHECK(kvt_sweep_output_ref(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
-                                   extra ? oe : NULL, order, cuts, n_cut, md, mm, KVT_N_MODALITIES,
-                                   ra, ea, with_mod ? ma : NULL, wa));
+                                   extra ? oe : NULL, NULL, order, cuts, n_cut, md, mm,
+                                   KVT_N_MODALITIES, ra, ea, with_mod ? ma : NULL, wa));
     KVT_CHECK(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
-                                   extra ? oe : NULL, order, cuts, n_cut, md, mm, KVT_N_MODALITIES,
-                                   rb, eb, with_mod ? mb : NULL, wb));
+                                   extra ? oe : NULL, NULL, order, cuts, n_cut, md, mm,
+                                   KVT_N_MODALITIES, rb, eb, with_mod ? mb : NULL, wb));
     KVT_EXPECT_MSG(close_f64("recall", ra, rb, nr, 1e-12, 1e-10), "sweep n_q=%d T=%d D=%d", n_q, T,
                    D);
+    /* the caller's cached row sums give exactly the same answer as computing them */
+    double *rs = malloc((size_t)n_q * 8), *rc = malloc(nr * 8), *ec = malloc(nr * 8);
+    for (int q = 0; q < n_q; q++) {
+        double sum = 0.0;
+        for (int j = 0; j < T; j++)
+            sum += p[(size_t)q * T + j];
+        rs[q] = sum;
+    }
+    KVT_CHECK(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
+                                   extra ? oe : NULL, rs, order, cuts, n_cut, md, mm,
+                                   KVT_N_MODALITIES, rc, ec, NULL, wb));
+    KVT_EXPECT(!memcmp(rc, rb, nr * 8) && !memcmp(ec, eb, nr * 8));
+    free(rs), free(rc), free(ec);
     /* error is a ratio of small differences near full sets: relative 1e-7 */
     KVT_EXPECT_MSG(close_f64("err", ea, eb, nr, 1e-9, 1e-7), "sweep err n_q=%d T=%d D=%d", n_q, T,
                    D);
@@ -246,8 +259,8 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
     KVT_EXPECT(guard_ok(rb + nr) && guard_ok(eb + nr) && guard_ok(mb + nm));
     /* bad cuts: the same status */
     int32_t bad[2] = {5, 3};
-    KVT_EXPECT_STATUS(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, NULL, 1, NULL, order, bad, 2,
-                                           NULL, NULL, 0, rb, eb, NULL, wb),
+    KVT_EXPECT_STATUS(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, NULL, 1, NULL, NULL, order,
+                                           bad, 2, NULL, NULL, 0, rb, eb, NULL, wb),
                       KVT_ERR_INVALID_ARG);
 
     /* cosine table over unit keys, probes including the first and last key */

@@ -148,8 +148,8 @@ static void test_sweep_output(void)
     int nc = (int)(sizeof(cuts) / sizeof(cuts[0]));
     double rec[NQ * 8], err[NQ * 8];
     void *ws = malloc(kvt_sweep_output_workspace_bytes(NQ, D));
-    KVT_EXPECT_STATUS(kvt_sweep_output_ref(NQ, T, D, p, T, v, a, D, pe, 1, oe, order, cuts, nc,
-                                           NULL, NULL, 0, rec, err, NULL, ws),
+    KVT_EXPECT_STATUS(kvt_sweep_output_ref(NQ, T, D, p, T, v, a, D, pe, 1, oe, NULL, order, cuts,
+                                           nc, NULL, NULL, 0, rec, err, NULL, ws),
                       KVT_OK);
     for (int i = 0; i < NQ; i++) {
         double prev = -1;
@@ -169,8 +169,8 @@ static void test_sweep_output(void)
         KVT_EXPECT(err[i * nc + nc - 1] == 0.0); /* and error exactly 0 */
     }
     int32_t bad[] = {3, 3};
-    KVT_EXPECT_STATUS(kvt_sweep_output_ref(NQ, T, D, p, T, v, a, D, NULL, 1, NULL, order, bad, 2,
-                                           NULL, NULL, 0, rec, err, NULL, ws),
+    KVT_EXPECT_STATUS(kvt_sweep_output_ref(NQ, T, D, p, T, v, a, D, NULL, 1, NULL, NULL, order, bad,
+                                           2, NULL, NULL, 0, rec, err, NULL, ws),
                       KVT_ERR_INVALID_ARG);
 
     /* coverage and redundancy sweeps against brute force */
