@@ -49,10 +49,15 @@ static _Thread_local char tl_msg[512];
 
 kvt_status kvt_error_set(kvt_status s, const char *fmt, ...)
 {
+    /* format into a local buffer first: callers often pass kvt_error_msg() itself as an
+     * argument to prefix context ("writing X: %s"), and vsnprintf into its own source is
+     * undefined (it came out empty) */
+    char buf[sizeof(tl_msg)];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(tl_msg, sizeof(tl_msg), fmt, ap);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
+    memcpy(tl_msg, buf, sizeof(buf));
     return s;
 }
 

@@ -1,5 +1,5 @@
 /* test_common_alloc.c - the allocation failure hook used by fault-injection tests fails
- * exactly the N-th allocation and reports that it fired.
+ * exactly the N-th allocation and reports that it fired; error messages can wrap themselves.
  */
 #include "kvt_test.h"
 
@@ -23,5 +23,8 @@ int main(void)
     KVT_EXPECT(!strcmp(kvt_status_str(KVT_ERR_CORRUPT), "corrupt input"));
     KVT_EXPECT(kvt_error_set(KVT_ERR_IO, "x %d", 5) == KVT_ERR_IO);
     KVT_EXPECT(!strcmp(kvt_error_msg(), "x 5"));
+    /* adding context around the current message, the way callers do */
+    kvt_error_set(KVT_ERR_IO, "writing the index of %s: %s", "t.kvt", kvt_error_msg());
+    KVT_EXPECT(!strcmp(kvt_error_msg(), "writing the index of t.kvt: x 5"));
     return kvt_test_result("test_common_alloc");
 }
