@@ -4,13 +4,14 @@
  */
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "kvt_cli.h"
 #include "kvt_report.h"
 
 static void help(void)
 {
-    printf("usage: kvtrace report RESULTS -o DIR\n\n"
+    printf("usage: kvtrace report RESULTS -o DIR [--force]\n\n"
            "Write a report of a results.json (kvtrace replay): DIR/index.html and a PNG of\n"
            "each figure. The page is one file that works offline from file://: PNGs and\n"
            "Chart.js are inlined and a Content-Security-Policy forbids every fetch. It\n"
@@ -44,13 +45,49 @@ static void help(void)
            "libjs-chart.js); now %s.\n"
            "Without it the page shows the PNGs instead and says why (the heatmaps stay\n"
            "interactive). DIR is created if missing; its report files are overwritten.\n\n"
-           "  -o, --output DIR  output directory\n",
+           "  -o, --output DIR  output directory\n"
+           "  --force           replace an existing report in DIR\n",
            kvt_report_chartjs_path());
+}
+
+/* The report replaces DIR/index.html and DIR/<figure>.png: an existing report needs --force,
+ * and RESULTS itself must never be one of those files. */
+static bool report_output_ok(const char *cmd, const char *path, const char *dir, bool force)
+{
+    char *rdir = kvt_strdup(path), *slash = rdir ? strrchr(rdir, '/') : NULL;
+    const char *base = slash ? slash + 1 : path;
+    if (!rdir) {
+        kvt_cli_fail(cmd, "out of memory");
+        return false;
+    }
+    if (slash)
+        slash[slash == rdir ? 1 : 0] = '\0';
+    struct stat a, b;
+    size_t nb = strlen(base);
+    bool clash = stat(slash ? rdir : ".", &a) == 0 && stat(dir, &b) == 0 && a.st_dev == b.st_dev &&
+                 a.st_ino == b.st_ino &&
+                 (!strcmp(base, "index.html") || (nb > 4 && !strcmp(base + nb - 4, ".png")));
+    kvt_free(rdir);
+    if (clash) {
+        kvt_cli_fail(cmd,
+                     "%s is in %s, where the report writes index.html and its PNGs: "
+                     "refusing to overwrite the input (choose another -o DIR)",
+                     path, dir);
+        return false;
+    }
+    char index[4096];
+    if (snprintf(index, sizeof(index), "%s/index.html", dir) >= (int)sizeof(index)) {
+        kvt_cli_fail(cmd, "output directory name too long");
+        return false;
+    }
+    const char *inputs[1] = {path};
+    return kvt_cli_output_ok(cmd, index, force, inputs, 1);
 }
 
 int kvt_cmd_report(int argc, char **argv)
 {
     const char *cmd = "report", *path = NULL, *dir = NULL;
+    bool force = false;
     kvt_results *res = NULL;
     kvt_status st;
     int rc = 1;
@@ -66,6 +103,8 @@ int kvt_cmd_report(int argc, char **argv)
                 return 2;
             }
             dir = argv[++i];
+        } else if (!strcmp(a, "--force")) {
+            force = true;
         } else if (a[0] == '-' && a[1]) {
             kvt_cli_fail(cmd, "unknown option %s (see kvtrace report --help)", a);
             return 2;
@@ -79,6 +118,8 @@ int kvt_cmd_report(int argc, char **argv)
         kvt_cli_fail(cmd, "usage: kvtrace report RESULTS -o DIR");
         return 2;
     }
+    if (!report_output_ok(cmd, path, dir, force))
+        return 1;
     if ((st = kvt_results_read(path, &res))) {
         kvt_cli_fail_status(cmd, st, path);
         goto out_free;

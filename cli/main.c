@@ -1,6 +1,7 @@
 /* main.c - the kvtrace command: dispatches to one cmd_<name>.c per subcommand. Adding a
  * command is one file plus one line in the table below.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -40,6 +41,9 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    /* a file size limit (ulimit -f) must surface as a write error (EFBIG) that the commands
+     * report and clean up after, not as a kill by SIGXFSZ that leaves partial outputs */
+    signal(SIGXFSZ, SIG_IGN);
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -210,9 +210,10 @@ static void *worker(void *arg)
         }
         if ((st =
                  kvt_replay_layer_metrics(&in, sh->pols, sh->n_pol, sh->btok, sh->n_b, sh->o, m))) {
-            char msg[400];
-            snprintf(msg, sizeof(msg), "%s", kvt_error_msg()); /* the buffer is reused */
-            kvt_error_set(st, "layer %d: %s", l, msg);
+            char pre[32];
+            snprintf(pre, sizeof(pre), "layer %d: ", l);
+            if (strncmp(kvt_error_msg(), pre, strlen(pre))) /* not already said */
+                kvt_error_set(st, "%s%s", pre, kvt_error_msg());
             continue;
         }
         /* r_all from the unit keys: cheap enough to recompute here */
@@ -322,12 +323,29 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     sh.L = jint(model, "n_layers"), sh.Hq = jint(model, "n_q_heads");
     sh.Hkv = jint(model, "n_kv_heads"), sh.D = jint(model, "head_dim");
     sh.T = jint(hdr, "n_tokens"), sh.W = jint(hdr, "window");
-    if (sh.L < 1 || sh.Hq < 1 || sh.Hkv < 1 || sh.D < 1 || sh.T < 1 || sh.W < 1 || sh.Hq % sh.Hkv) {
-        st = kvt_error_set(KVT_ERR_CORRUPT,
-                           "%s: header lacks a valid model.n_layers/n_q_heads/n_kv_heads/"
-                           "head_dim, n_tokens or window",
-                           path);
-        goto out_free;
+    {
+        /* one message per field, so that the user knows which one is wrong */
+        const struct {
+            const char *name;
+            int value;
+        } f[] = {{"model.n_layers", sh.L}, {"model.n_q_heads", sh.Hq}, {"model.n_kv_heads", sh.Hkv},
+                 {"model.head_dim", sh.D}, {"n_tokens", sh.T},         {"window", sh.W}};
+        for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
+            if (f[i].value < 1) {
+                st = kvt_error_set(KVT_ERR_CORRUPT,
+                                   f[i].value == 0 && i == 0
+                                       ? "%s: the trace has no layers (%s = 0): nothing to replay"
+                                       : "%s: the header's %s is missing or not a positive integer",
+                                   path, f[i].name);
+                goto out_free;
+            }
+        if (sh.Hq % sh.Hkv) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "%s: %d query heads are not a multiple of %d KV heads (GQA needs "
+                               "n_q_heads = G x n_kv_heads)",
+                               path, sh.Hq, sh.Hkv);
+            goto out_free;
+        }
     }
     /* cross-check with the stored tensors of layer 0 */
     uint32_t h, t, d;

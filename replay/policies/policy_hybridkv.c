@@ -68,7 +68,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     uint8_t *is_static = kvt_calloc((size_t)H, 1);
     int *caps = kvt_calloc((size_t)H, sizeof(int));
     if (!a || !pooled || !tmp || !rho || !cs || !z || !work || !ord || !cord || !scord ||
-        !is_static || !caps) {
+        !nrho || !is_static || !caps) {
         st = kvt_error_set(KVT_ERR_NOMEM, "hybridkv-like: out of memory");
         goto out_free;
     }
