@@ -54,6 +54,8 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
         KVT_FORWARD(kvt_sel_init_steps(sel, Gd));
     kvt_status st = KVT_OK;
     size_t Pn = (size_t)(P > 0 ? P : 1), nc = (size_t)(n_chunks > 0 ? n_chunks : 1);
+    double *kd = NULL, *qd = NULL, *zz = NULL, *csa = NULL; /* fast path of the step scores */
+    int kd_g = -1;
     double *a = kvt_calloc((size_t)H * Pn, sizeof(double));
     double *pooled = kvt_calloc(Pn, sizeof(double));
     double *tmp = kvt_calloc(Pn, sizeof(double));
@@ -67,8 +69,8 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     double *nrho = kvt_calloc((size_t)H, sizeof(double));
     uint8_t *is_static = kvt_calloc((size_t)H, 1);
     int *caps = kvt_calloc((size_t)H, sizeof(int));
-    if (!a || !pooled || !tmp || !rho || !cs || !z || !work || !ord || !cord || !scord ||
-        !nrho || !is_static || !caps) {
+    if (!a || !pooled || !tmp || !rho || !cs || !z || !work || !ord || !cord || !scord || !nrho ||
+        !is_static || !caps) {
         st = kvt_error_set(KVT_ERR_NOMEM, "hybridkv-like: out of memory");
         goto out_free;
     }
@@ -142,7 +144,43 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                 cs[i] = s;
             }
             chunk_order(cs, n_chunks, C, P, W, T, o_h, work, cord + (size_t)h * nc);
-            if (Gd > 0) {
+            if (Gd > 0 && !kvt_kernels_ref_only()) {
+                /* the same chunk maxima with the decode logits of all steps as one product
+                 * per query head (kd: the KV head's prefix keys in double, converted once) */
+                sel->step_head[h] = 1;
+                if (!kd && (!(kd = kvt_malloc(Pn * D * sizeof(double))) ||
+                            !(qd = kvt_malloc((size_t)Gd * D * sizeof(double))) ||
+                            !(zz = kvt_malloc((size_t)Gd * Pn * sizeof(double))) ||
+                            !(csa = kvt_malloc((size_t)Gd * nc * sizeof(double))))) {
+                    st = kvt_error_set(KVT_ERR_NOMEM, "hybridkv-like: out of memory");
+                    goto out_free;
+                }
+                for (size_t i = 0; i < (size_t)Gd * nc; i++)
+                    csa[i] = -INFINITY;
+                for (int u = 0; u < per; u++) {
+                    int hq = h * per + u, g = hq / c->Gs;
+                    if (kd_g != g) {
+                        const float *K = c->in->k + (size_t)g * T * D;
+                        for (size_t i = 0; i < (size_t)P * D; i++)
+                            kd[i] = K[i];
+                        kd_g = g;
+                    }
+                    const float *Q = c->in->q_decode + (size_t)hq * Gd * D;
+                    for (size_t i = 0; i < (size_t)Gd * D; i++)
+                        qd[i] = Q[i];
+                    kvt_gemm_f64(true, Gd, P, D, c->scale, qd, D, kd, D, 0.0, zz, P);
+                    for (int s = 0; s < Gd; s++) {
+                        double *cs_s = csa + (size_t)s * nc;
+                        const double *zs = zz + (size_t)s * P;
+                        for (int j = 0; j < P; j++)
+                            cs_s[j / C] = zs[j] > cs_s[j / C] ? zs[j] : cs_s[j / C];
+                    }
+                }
+                for (int s = 0; s < Gd; s++)
+                    chunk_order(csa + (size_t)s * nc, n_chunks, C, P, W, T,
+                                sel->step_order + ((size_t)h * Gd + s) * T, work,
+                                scord + ((size_t)h * Gd + s) * nc);
+            } else if (Gd > 0) {
                 sel->step_head[h] = 1;
                 for (int s = 0; s < Gd; s++) {
                     for (int i = 0; i < n_chunks; i++)
@@ -211,6 +249,10 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
         }
     }
 out_free:
+    kvt_free(kd);
+    kvt_free(qd);
+    kvt_free(zz);
+    kvt_free(csa);
     kvt_free(a);
     kvt_free(pooled);
     kvt_free(tmp);
