@@ -120,7 +120,10 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
                                      size_t n_recs);
 /** Finish the trace (all its layers must have arrived). */
 kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w);
-/** Finish the file (JSON closing brackets) and close it. Returns the first error seen. */
+/** Finish the file (JSON closing brackets) and close it. The export is written under a
+ *  temporary name in the same directory and renamed to its path here, only when every trace
+ *  that was begun also ended and no write failed; otherwise the temporary is removed, an
+ *  existing file at the path is left as it was, and the first error seen is returned. */
 kvt_status kvt_selection_writer_close(kvt_selection_writer *w);
 
 #ifdef __cplusplus

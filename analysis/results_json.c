@@ -1,8 +1,12 @@
-/* results_json.c - results.json, version KVT_RESULTS_VERSION: the writer (atomic: PATH.tmp then
- * rename) and the reader that report/ and recommend use. Layout field by field in RESULTS.md.
- * NaN (not applicable) is written as null and read back as NaN.
+/* results_json.c - results.json, version KVT_RESULTS_VERSION: the writer (atomic: a temporary
+ * PATH.tmp.PID in the same directory, written, fsync'ed, then renamed over PATH, so PATH is
+ * either the old file or the complete new one) and the reader that report/ and recommend use.
+ * Layout field by field in RESULTS.md. NaN (not applicable) is written as null and read back
+ * as NaN.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -58,6 +62,14 @@ static cJSON *num(double x)
 static double get_num(const cJSON *x)
 {
     return cJSON_IsNumber(x) ? x->valuedouble : NAN;
+}
+
+/* a count or seed read back: 0 unless a finite number in [0, 2^64) (NaN, negative or huge
+ * values would make the integer conversion undefined) */
+static uint64_t get_u64(const cJSON *x, double max)
+{
+    double v = get_num(x);
+    return v >= 0 && v < max ? (uint64_t)v : 0;
 }
 
 static void add_num(cJSON *o, const char *k, double x)
@@ -177,7 +189,11 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
                 cJSON_AddNullToObject(run, "by_modality");
             cJSON *pl = cJSON_AddObjectToObject(run, "per_layer");
             kvt_run_summary *ls = kvt_malloc((size_t)t->n_layers * sizeof(*ls));
-            if (ls) {
+            if (!ls) { /* never write a results file with a section missing */
+                cJSON_Delete(o);
+                return NULL;
+            }
+            {
                 for (int l = 0; l < t->n_layers; l++)
                     kvt_summarize_trace(t, p, b, l, &ls[l]);
                 const struct {
@@ -208,6 +224,61 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
         }
     (void)r;
     return o;
+}
+
+/* Write `len` bytes of `txt` plus a newline to `path` atomically: PATH.tmp.PID (created
+ * exclusively, mode 0666 & ~umask), fsync, rename over `path`, fsync the directory. On any
+ * failure the temporary is removed and `path` is untouched. */
+static kvt_status write_atomic(const char *path, const char *txt, size_t len)
+{
+    size_t plen = strlen(path) + 32;
+    char *tmp = kvt_malloc(plen);
+    char *dir = kvt_strdup(path);
+    kvt_status st = KVT_OK;
+    if (!tmp || !dir) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free;
+    }
+    snprintf(tmp, plen, "%s.tmp.%ld", path, (long)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
+    if (fd < 0) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+        goto out_free;
+    }
+    FILE *f = fdopen(fd, "wb");
+    if (!f) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+        close(fd);
+        goto out_remove;
+    }
+    bool ok = fwrite(txt, 1, len, f) == len && fputc('\n', f) != EOF && fflush(f) == 0 &&
+              fsync(fileno(f)) == 0;
+    int err = ok ? 0 : errno;
+    if (fclose(f) != 0 && ok) {
+        ok = false;
+        err = errno;
+    }
+    if (!ok) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s (an existing %s is unchanged)", path,
+                           strerror(err), path);
+        goto out_remove;
+    }
+    if (rename(tmp, path) != 0) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
+        goto out_remove;
+    }
+    int dfd = open(dirname(dir), O_RDONLY); /* make the rename itself durable; best effort */
+    if (dfd >= 0) {
+        (void)fsync(dfd);
+        close(dfd);
+    }
+    goto out_free;
+out_remove:
+    remove(tmp);
+out_free:
+    kvt_free(dir);
+    kvt_free(tmp);
+    return st;
 }
 
 kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
@@ -257,8 +328,15 @@ kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
         }
     }
     cJSON *tr = cJSON_AddArrayToObject(root, "traces");
-    for (size_t i = 0; i < r->n_traces; i++)
-        cJSON_AddItemToArray(tr, trace_json(r, r->traces[i]));
+    for (size_t i = 0; i < r->n_traces; i++) {
+        cJSON *tj = trace_json(r, r->traces[i]);
+        if (!tj) {
+            cJSON_Delete(root);
+            return kvt_error_set(KVT_ERR_NOMEM, "out of memory building the results of %s",
+                                 r->traces[i]->path ? r->traces[i]->path : "a trace");
+        }
+        cJSON_AddItemToArray(tr, tj);
+    }
     cJSON *ag = cJSON_AddArrayToObject(root, "aggregate");
     bool any_mod = false;
     for (size_t i = 0; i < r->n_traces; i++)
@@ -280,30 +358,7 @@ kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
     char *txt = cJSON_Print(root);
     cJSON_Delete(root);
     KVT_RETURN_IF(!txt, KVT_ERR_NOMEM, "out of memory printing results");
-    size_t plen = strlen(path) + 8;
-    char *tmp = kvt_malloc(plen);
-    kvt_status st = KVT_OK;
-    if (!tmp) {
-        cJSON_free(txt);
-        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-    }
-    snprintf(tmp, plen, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
-    } else {
-        size_t len = strlen(txt);
-        bool ok = fwrite(txt, 1, len, f) == len && fputc('\n', f) != EOF;
-        ok = (fclose(f) == 0) && ok;
-        if (!ok)
-            st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
-        else if (rename(tmp, path) != 0)
-            st =
-                kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-        if (st)
-            remove(tmp);
-    }
-    kvt_free(tmp);
+    kvt_status st = write_atomic(path, txt, strlen(txt));
     cJSON_free(txt);
     return st;
 }
@@ -356,6 +411,8 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, kvt_trace_re
 {
     int L = get_int(tj, "n_layers", 0), Hq = get_int(tj, "n_q_heads", 0);
     int Hkv = get_int(tj, "n_kv_heads", 0);
+    /* metrics are stored [L][Hq] per run: a run of Hkv > Hq heads would index past them */
+    KVT_RETURN_IF(Hkv > Hq, KVT_ERR_CORRUPT, "results: n_kv_heads %d > n_q_heads %d", Hkv, Hq);
     kvt_trace_result *t = NULL;
     KVT_FORWARD(kvt_trace_result_create(L, Hq, Hkv, r->n_policies, r->n_budgets, &t));
     kvt_status st = KVT_OK;
@@ -377,7 +434,7 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, kvt_trace_re
     const cJSON *mc = item(tj, "modality_counts");
     t->has_modality = cJSON_IsObject(mc);
     for (int k = 0; t->has_modality && k < KVT_N_MODALITIES; k++)
-        t->modality_counts[k] = (int64_t)get_num(item(mc, mod_names[k]));
+        t->modality_counts[k] = (int64_t)get_u64(item(mc, mod_names[k]), 0x1p63);
     if (!t->path || !t->header_json || !t->model_name || !t->model_arch) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_fail;
@@ -539,7 +596,7 @@ kvt_status kvt_results_read(const char *path, kvt_results **out)
         b->is_fraction = cJSON_IsString(k) && !strcmp(k->valuestring, "fraction");
         b->value = get_num(item(x, "value"));
     }
-    r->seed = (uint64_t)get_num(item(set, "seed"));
+    r->seed = get_u64(item(set, "seed"), 0x1p64);
     r->coverage_probes = get_int(set, "coverage_probes", -1);
     r->n_threads = get_int(set, "threads", 0);
     r->per_query_head = cJSON_IsTrue(item(set, "per_query_head"));

@@ -1,9 +1,14 @@
 /* selection_export.c - `--export-selection FILE`: the kept token indices of every (trace,
  * policy, budget, layer, head[, decode step]) in a binary layout (default) or JSON (FILE ends
  * in .json), both specified in RESULTS.md. Worker threads deliver layers in any order; the
- * writer buffers them and writes in layer order, so the file is deterministic.
+ * writer buffers them and writes in layer order, so the file is deterministic. The file is
+ * written under a temporary name (FILE.tmp.PID, same directory) and renamed over FILE only
+ * at close, once every trace has ended complete and every byte is on disk (fsync): a failed
+ * or interrupted export leaves no partial file and any old FILE untouched.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -30,6 +35,9 @@ typedef struct buf {
 
 struct kvt_selection_writer {
     FILE *f;
+    char *path; /* the final name */
+    char *tmp;  /* where the file is written until close renames it */
+    size_t n_traces, n_traces_done;
     bool json;
     bool first_json_rec;
     pthread_mutex_t mu;
@@ -99,6 +107,7 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
     w->first_json_rec = true;
     w->n_pol = n_pol;
     w->n_b = n_budgets;
+    w->n_traces = n_traces;
     w->trace = -1;
     pthread_mutex_init(&w->mu, NULL);
     kvt_status st = KVT_OK;
@@ -140,9 +149,24 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_fail;
     }
-    w->f = fopen(path, "wb");
+    size_t tlen = strlen(path) + 32;
+    w->path = kvt_strdup(path);
+    w->tmp = kvt_malloc(tlen);
+    if (!w->path || !w->tmp) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_fail;
+    }
+    snprintf(w->tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
+    int fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
+    if (fd < 0) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", w->tmp, strerror(errno));
+        goto out_fail;
+    }
+    w->f = fdopen(fd, "wb");
     if (!w->f) {
-        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", w->tmp, strerror(errno));
+        close(fd);
+        remove(w->tmp);
         goto out_fail;
     }
     bool ok;
@@ -167,8 +191,10 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
 out_fail:
     cJSON_Delete(h);
     cJSON_free(hdr);
-    if (w->f)
+    if (w->f) {
         fclose(w->f);
+        remove(w->tmp);
+    }
     w->f = NULL;
     kvt_selection_writer_close(w);
     return st;
@@ -272,8 +298,9 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
             wok = fwrite(p->p, 1, p->n, w->f) == p->n;
         if (!wok) {
             w->err = KVT_ERR_IO;
-            snprintf(w->err_msg, sizeof(w->err_msg), "selection export: write failed: %s",
-                     strerror(errno));
+            snprintf(w->err_msg, sizeof(w->err_msg),
+                     "selection export: cannot write %s: %s (an existing %s is unchanged)", w->path,
+                     strerror(errno), w->path);
         }
         kvt_free(p->p);
         memset(p, 0, sizeof(*p));
@@ -292,6 +319,42 @@ kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w)
     w->trace = -1;
     KVT_RETURN_IF(w->err, w->err, "%s", w->err_msg);
     KVT_RETURN_IF(!complete, KVT_ERR_STATE, "selection export: trace ended with layers missing");
+    w->n_traces_done++;
+    return KVT_OK;
+}
+
+/* Finish the temporary file and rename it over the final name; on any failure remove it. */
+static kvt_status commit(kvt_selection_writer *w)
+{
+    kvt_status st = KVT_OK;
+    int err = 0;
+    bool ok =
+        (!w->json || fputs("\n]}\n", w->f) >= 0) && fflush(w->f) == 0 && fsync(fileno(w->f)) == 0;
+    if (!ok)
+        err = errno;
+    if (fclose(w->f) != 0 && ok) {
+        ok = false;
+        err = errno;
+    }
+    w->f = NULL;
+    if (!ok)
+        st = kvt_error_set(KVT_ERR_IO,
+                           "selection export: cannot write %s: %s (an existing %s is unchanged)",
+                           w->path, strerror(err), w->path);
+    else if (rename(w->tmp, w->path) != 0)
+        st = kvt_error_set(KVT_ERR_IO, "selection export: cannot rename %s to %s: %s", w->tmp,
+                           w->path, strerror(errno));
+    if (st) {
+        remove(w->tmp);
+        return st;
+    }
+    char *dir = kvt_strdup(w->path); /* make the rename durable; best effort */
+    int dfd = dir ? open(dirname(dir), O_RDONLY) : -1;
+    if (dfd >= 0) {
+        (void)fsync(dfd);
+        close(dfd);
+    }
+    kvt_free(dir);
     return KVT_OK;
 }
 
@@ -301,12 +364,23 @@ kvt_status kvt_selection_writer_close(kvt_selection_writer *w)
         return KVT_OK;
     kvt_status st = w->err;
     if (w->f) {
-        if (w->json && fputs("\n]}\n", w->f) < 0 && !st)
-            st = kvt_error_set(KVT_ERR_IO, "selection export: write failed");
-        if (fclose(w->f) != 0 && !st)
-            st = kvt_error_set(KVT_ERR_IO, "selection export: close failed: %s", strerror(errno));
+        if (st == KVT_OK && w->trace < 0 && w->n_traces_done == w->n_traces) {
+            st = commit(w);
+        } else { /* failed or incomplete: nothing is published */
+            fclose(w->f);
+            remove(w->tmp);
+            if (st)
+                kvt_error_set(st, "%s", w->err_msg);
+            else
+                st = kvt_error_set(KVT_ERR_STATE,
+                                   "selection export: %zu of %zu traces complete; %s not written",
+                                   w->n_traces_done, w->n_traces, w->path);
+        }
+        w->f = NULL;
     }
     drop_pending(w);
+    kvt_free(w->path);
+    kvt_free(w->tmp);
     pthread_mutex_destroy(&w->mu);
     kvt_free(w->pflags);
     kvt_free(w->btok);

@@ -92,7 +92,14 @@ struct kvt_llama2c_capture_opts {
     bool with_q_all;
     kvt_dtype kv_dtype;     /* stored dtype (KVT_DTYPE_INVALID = f32) */
     const char *model_name; /* NULL: the checkpoint's file name without ".bin" */
+    uint32_t decode_chunk;  /* decode steps per record (0 = the capture default, 64) */
     kvt_writer_opts writer;
+    /* Asked before each position is run (prompt positions 0..T-1, then decode positions
+     * T..T+G-1); returning false stops the run there and the trace is closed cleanly with
+     * what was captured so far (res->interrupted). NULL runs to the end. A signal handler
+     * that sets a flag and a callback that reads it give a clean Ctrl-C. */
+    bool (*keep_going)(void *user, uint32_t pos);
+    void *keep_going_user;
 };
 
 struct kvt_llama2c_capture_result {
@@ -100,6 +107,9 @@ struct kvt_llama2c_capture_result {
     uint32_t n_tokens;
     float *logits; /* [T + G, vocab] logits at every position, if want_logits; kvt_free */
     struct kvt_capture_stats stats;
+    bool interrupted;      /* keep_going returned false: the run stopped early */
+    uint32_t n_prompt_run; /* prompt positions run (T unless interrupted during the prompt;
+                            * the prompt's records are written only once all T have run) */
 };
 
 /** Run a checkpoint over a prompt (given, or generated from BOS with the seed) and G greedy
@@ -107,7 +117,10 @@ struct kvt_llama2c_capture_result {
  *  decode steps and the token tables into `out_path` through kvt_capture_*.
  * @param res may be NULL; otherwise filled (free its arrays with kvt_free).
  * @param want_logits keep every position's logits in res->logits.
- * @return KVT_OK or the first error (model, options, capture, write) with a message. */
+ * @return KVT_OK (also when keep_going stopped the run: the trace is then finished, with an
+ *         index and trailer, and holds the prompt and the decode steps completed before the
+ *         stop, or only the header and the default tables when stopped inside the prompt) or
+ *         the first error (model, options, capture, write) with a message. */
 kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_capture_opts *o,
                                const char *out_path, struct kvt_llama2c_capture_result *res,
                                bool want_logits);

@@ -749,6 +749,7 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
                                   .n_decode = G,
                                   .with_colsum = o->with_colsum,
                                   .with_q_all = o->with_q_all,
+                                  .decode_chunk = o->decode_chunk,
                                   .capture_json = cj,
                                   .writer = o->writer};
     s = kvt_capture_open(out_path, &cm, &co, &cap);
@@ -759,7 +760,14 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
     kvt_rng rng;
     kvt_rng_seed(&rng, o->seed);
     const float *logits = NULL;
+    bool stopped = false;
+    uint32_t n_run = 0; /* prompt positions run */
     for (uint32_t p = 0; p < T; p++) {
+        if (o->keep_going && !o->keep_going(o->keep_going_user, p)) {
+            stopped = true; /* no prompt records: the trace keeps its header and tables */
+            goto out_close;
+        }
+        n_run = p + 1;
         if (o->prompt_ids)
             tokens[p] = o->prompt_ids[p];
         else
@@ -793,6 +801,11 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
     /* greedy decode: step g feeds the argmax of the previous logits at position T + g */
     tokens[T] = kvt_llama2c_argmax(logits, (int)V);
     for (uint32_t g = 0; g < G; g++) {
+        if (o->keep_going && !o->keep_going(o->keep_going_user, T + g)) {
+            stopped = true;
+            G = g;
+            break;
+        }
         s = kvt_capture_submit_decode_token(cap, g, tokens[T + g]);
         if (s == KVT_OK)
             s = kvt_llama2c_forward(st, tokens[T + g], &logits);
@@ -808,6 +821,9 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
 out_close:
     if (s == KVT_OK) {
         s = kvt_capture_close(cap, res ? &res->stats : NULL);
+        /* stopped inside the prompt: the trace is finished but says its prompt is missing */
+        if (s == KVT_ERR_STATE && stopped && n_run < T)
+            s = KVT_OK;
     } else {
         /* keep the first error's message: close only adds the records' loss */
         char msg[512];
@@ -817,8 +833,10 @@ out_close:
         kvt_error_set(s, "%s", msg);
     }
     if (s == KVT_OK && res) {
+        res->interrupted = stopped;
+        res->n_prompt_run = n_run;
         res->tokens = tokens;
-        res->n_tokens = T + G + 1;
+        res->n_tokens = n_run < T ? n_run : T + G + 1;
         res->logits = all_logits;
         tokens = NULL;
         all_logits = NULL;

@@ -1,15 +1,70 @@
 /* cmd_capture_llama2c.c - `kvtrace capture-llama2c`: run a llama2.c checkpoint on the CPU
  * over a prompt (token ids from a file, or sampled from BOS with a seed) and G greedy decode
  * steps, and capture a trace through the capture API (capture/kvt_llama2c.h).
- * Exit status: 0 written; 1 failed (one error line); 2 bad usage.
+ * Exit status: 0 written; 1 failed (one error line); 2 bad usage; 130 (SIGINT) or 143
+ * (SIGTERM) interrupted: the run stops at the next position and the trace is closed cleanly.
+ * Test hooks (tests/unit/test_reliability_capture.c): KVT_CAPTURE_STEP_DELAY_US=N sleeps N
+ * microseconds before each position, so a test can signal a capture while it runs;
+ * KVT_CAPTURE_KILL_AT=P sends SIGKILL to the process itself before position P (prompt
+ * positions 0..T-1, then decode positions T..), a crash at an exact, repeatable point.
  */
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kvt_cli.h"
 #include "kvt_llama2c.h"
 
 #define CMD "capture-llama2c"
+
+/* the signal that asked us to stop (0: none); the handler only stores it */
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig)
+{
+    stop_signal = sig;
+}
+
+/* SIGINT/SIGTERM stop the run cleanly; a second one kills as usual (SA_RESETHAND). SIGXFSZ
+ * is ignored so that a file size limit makes writes fail with EFBIG, which the writer
+ * reports, instead of killing the process mid-record. */
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGXFSZ, SIG_IGN);
+}
+
+static void restore_signals(void)
+{
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+}
+
+struct test_hooks {
+    long delay_us; /* KVT_CAPTURE_STEP_DELAY_US */
+    long kill_at;  /* KVT_CAPTURE_KILL_AT, -1 = never */
+};
+
+static bool keep_going(void *user, uint32_t pos)
+{
+    const struct test_hooks *h = user;
+    if (h->kill_at >= 0 && (long)pos == h->kill_at)
+        raise(SIGKILL);
+    long delay_us = h->delay_us;
+    if (delay_us > 0 && !stop_signal) {
+        struct timespec ts = {.tv_sec = delay_us / 1000000, .tv_nsec = (delay_us % 1000000) * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return stop_signal == 0;
+}
 
 static void help(void)
 {
@@ -31,10 +86,13 @@ static void help(void)
            "  --threads N        compression threads (default 0: compress in this thread,\n"
            "                     which keeps the meta_json stall time at 0)\n"
            "  --level L          zstd level (default 3)\n"
+           "  --decode-chunk N   decode steps per record (default 64; 1 = a record per step)\n"
            "  -o, --output TRACE output trace\n"
            "  --force            overwrite TRACE if it exists\n\n"
            "The same options give a byte-identical trace. Prompt plus decode must fit the\n"
-           "model's context (seq_len, 512 for stories260K).\n");
+           "model's context (seq_len, 512 for stories260K). Ctrl-C (SIGINT) or SIGTERM stops\n"
+           "the run at the next token and closes the trace with what was captured (exit 130\n"
+           "or 143); a trace cut short by a crash or kill is recovered by kvtrace verify.\n");
 }
 
 static bool take(int argc, char **argv, int *i, const char **val)
@@ -54,7 +112,7 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         return 0;
     }
     const char *model = NULL, *ids_path = NULL, *out = NULL, *val;
-    int n_tokens = -1, n_decode = -1, window = -1, threads = 0, level = 3;
+    int n_tokens = -1, n_decode = -1, window = -1, threads = 0, level = 3, chunk = 0;
     uint64_t seed = 1;
     double temperature = 1.0;
     kvt_dtype dtype = KVT_DTYPE_F32;
@@ -77,17 +135,20 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
             if (!take(argc, argv, &i, &out))
                 return 2;
         } else if (!strcmp(a, "--tokens") || !strcmp(a, "--decode") || !strcmp(a, "--window") ||
-                   !strcmp(a, "--threads") || !strcmp(a, "--level")) {
+                   !strcmp(a, "--threads") || !strcmp(a, "--level") ||
+                   !strcmp(a, "--decode-chunk")) {
             if (!take(argc, argv, &i, &val))
                 return 2;
-            int *dst = !strcmp(a, "--tokens")   ? &n_tokens
-                       : !strcmp(a, "--decode") ? &n_decode
-                       : !strcmp(a, "--window") ? &window
-                       : !strcmp(a, "--level")  ? &level
-                                                : &threads;
-            int lo = !strcmp(a, "--tokens") || !strcmp(a, "--window") ? 1
-                     : !strcmp(a, "--level")                          ? -7
-                                                                      : 0;
+            int *dst = !strcmp(a, "--tokens")         ? &n_tokens
+                       : !strcmp(a, "--decode")       ? &n_decode
+                       : !strcmp(a, "--window")       ? &window
+                       : !strcmp(a, "--level")        ? &level
+                       : !strcmp(a, "--decode-chunk") ? &chunk
+                                                      : &threads;
+            int lo =
+                !strcmp(a, "--tokens") || !strcmp(a, "--window") || !strcmp(a, "--decode-chunk") ? 1
+                : !strcmp(a, "--level") ? -7
+                                        : 0;
             int hi = !strcmp(a, "--threads") ? 256 : !strcmp(a, "--level") ? 22 : 1 << 20;
             if (!kvt_cli_parse_int(val, lo, hi, dst))
                 return kvt_cli_fail(CMD, "%s: '%s' is not an integer in [%d, %d]", a, val, lo, hi),
@@ -123,6 +184,11 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         return kvt_cli_fail(CMD, "--decode G is required (0 for no decode steps)"), 2;
     if (window < 0)
         return kvt_cli_fail(CMD, "--window W is required"), 2;
+    /* never overwrite an input, even with --force (the writer refuses an existing TRACE
+     * without --force itself) */
+    const char *inputs[2] = {model, ids_path};
+    if (!kvt_cli_output_ok(CMD, out, true, inputs, 2))
+        return 1;
 
     int32_t *ids = NULL;
     uint32_t n_ids = 0;
@@ -147,16 +213,44 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         .with_colsum = colsum,
         .with_q_all = q_all,
         .kv_dtype = dtype,
+        .decode_chunk = (uint32_t)chunk,
         .writer = {.level = level, .n_threads = threads, .force = force},
     };
+    const char *delay_env = getenv("KVT_CAPTURE_STEP_DELAY_US");
+    const char *kill_env = getenv("KVT_CAPTURE_KILL_AT");
+    struct test_hooks hooks = {.delay_us = delay_env ? strtol(delay_env, NULL, 10) : 0,
+                               .kill_at = kill_env ? strtol(kill_env, NULL, 10) : -1};
+    o.keep_going = keep_going;
+    o.keep_going_user = &hooks;
     struct kvt_llama2c_capture_result res;
     uint64_t t0 = kvt_now_ns();
+    stop_signal = 0;
+    install_signals();
     kvt_status s = kvt_llama2c_capture(model, &o, out, &res, false);
+    restore_signals();
     kvt_free(ids);
     if (s != KVT_OK)
         return kvt_cli_fail_status(CMD, s, "capture failed");
     double secs = (double)(kvt_now_ns() - t0) / 1e9;
     const struct kvt_capture_stats *st = &res.stats;
+    if (res.interrupted) {
+        int sig = (int)stop_signal;
+        if (res.n_prompt_run < o.n_prompt)
+            fprintf(stderr,
+                    "kvtrace %s: interrupted (%s) at prompt token %u of %u: %s closed with no "
+                    "prompt records (%llu records)\n",
+                    CMD, sig == SIGTERM ? "SIGTERM" : "SIGINT", res.n_prompt_run, o.n_prompt, out,
+                    (unsigned long long)st->writer.n_records);
+        else
+            fprintf(stderr,
+                    "kvtrace %s: interrupted (%s) after %u of %u decode steps: %s closed with "
+                    "%llu records\n",
+                    CMD, sig == SIGTERM ? "SIGTERM" : "SIGINT", st->n_decode, o.n_decode, out,
+                    (unsigned long long)st->writer.n_records);
+        kvt_free(res.tokens);
+        kvt_free(res.logits);
+        return 128 + (sig ? sig : SIGINT);
+    }
     printf("%s: T=%u W=%d G=%u, %llu records, %llu bytes (raw %llu, ratio %.2f), %.2f s, "
            "stall %.1f ms\n",
            out, o.n_prompt, window, st->n_decode, (unsigned long long)st->writer.n_records,

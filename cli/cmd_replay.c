@@ -216,8 +216,22 @@ int kvt_cmd_replay(int argc, char **argv)
         kvt_cli_fail(cmd, "no trace given (usage: kvtrace replay TRACE... -o results.json)");
         goto out_free;
     }
+    /* outputs are checked before any work; traces[n_traces] (calloc'ed spare slot) holds -o
+     * while the selection export is checked, so neither output can overwrite an input or the
+     * other output */
     if (!kvt_cli_output_ok(cmd, out, force, (const char *const *)traces, (size_t)n_traces))
         goto out_free;
+    if (export_path) {
+        traces[n_traces] = out;
+        bool ok = strcmp(export_path, out) != 0;
+        if (!ok)
+            kvt_cli_fail(cmd, "--export-selection %s is also the -o output", export_path);
+        ok = ok && kvt_cli_output_ok(cmd, export_path, force, (const char *const *)traces,
+                                     (size_t)n_traces + 1);
+        traces[n_traces] = NULL;
+        if (!ok)
+            goto out_free;
+    }
     if (shard_n && export_path) {
         kvt_cli_fail(cmd, "--export-selection cannot be combined with --shard (yet)");
         goto out_free;
@@ -312,7 +326,10 @@ int kvt_cmd_replay(int argc, char **argv)
             kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
-        if (sw && (st = kvt_selection_writer_end_trace(sw))) {
+        /* the last trace is ended only once results.json is written: a selection writer
+         * closed with a trace still open discards its file, so a failed results write leaves
+         * the old selection export (if any) in place too */
+        if (sw && t + 1 < n_traces && (st = kvt_selection_writer_end_trace(sw))) {
             kvt_cli_fail_status(cmd, st, export_path);
             goto out_free;
         }
@@ -326,12 +343,15 @@ int kvt_cmd_replay(int argc, char **argv)
         goto out_free;
     }
     if ((st = kvt_results_write(res, out, force))) {
-        kvt_cli_fail_status(cmd, st, out);
+        kvt_cli_fail_status(cmd, st, "writing the results");
         goto out_free;
     }
     if (sw) {
-        st = kvt_selection_writer_close(sw);
-        sw = NULL;
+        st = kvt_selection_writer_end_trace(sw);
+        if (st == KVT_OK) {
+            st = kvt_selection_writer_close(sw); /* renames the export into place */
+            sw = NULL;
+        }
         if (st) {
             kvt_cli_fail_status(cmd, st, export_path);
             goto out_free;

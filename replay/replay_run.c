@@ -17,8 +17,8 @@ kvt_status kvt_trace_result_create(int n_layers, int n_q_heads, int n_kv_heads, 
                                    size_t n_budgets, kvt_trace_result **out)
 {
     *out = NULL;
-    KVT_RETURN_IF(n_layers < 1 || n_q_heads < 1 || n_kv_heads < 1 || n_policies < 1 ||
-                      n_budgets < 1 || n_layers > 100000 || n_q_heads > 100000,
+    KVT_RETURN_IF(n_layers < 1 || n_q_heads < 1 || n_kv_heads < 1 || n_kv_heads > n_q_heads ||
+                      n_policies < 1 || n_budgets < 1 || n_layers > 100000 || n_q_heads > 100000,
                   KVT_ERR_INVALID_ARG, "trace result: bad dimensions");
     size_t n_m;
     if (kvt_mul_overflow(n_policies * n_budgets, (size_t)n_layers * (size_t)n_q_heads, &n_m))

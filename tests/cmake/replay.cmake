@@ -10,3 +10,6 @@ kvt_add_script_test(test_replay_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_repla
 kvt_add_test(test_kernels_cpu SOURCES unit/test_kernels_cpu.c LIBS kvt_replay LABELS cpu)
 kvt_add_script_test(test_replay_fast_vs_ref
                     COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh LABELS cpu)
+# Allocation failure at every site of a replay, a threaded trace replay and results I/O.
+kvt_add_test(test_replay_faults SOURCES unit/test_replay_faults.c LIBS kvt_analysis kvt_replay
+             LABELS cpu)

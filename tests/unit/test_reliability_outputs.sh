@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# test_reliability_outputs.sh - output files under a full disk and against overwriting:
+# - `kvtrace replay -o results.json --export-selection FILE --force` under `ulimit -f` at 7
+#   sizes (1..32 KiB, so the selection export or results.json or both hit the limit) and with
+#   a JSON export: exit 1 with one stderr line giving the reason, the old results.json and
+#   the old export byte-identical, no temporary left in the directory; without old files,
+#   nothing is created;
+# - existing-output protection for every command that writes: replay -o and
+#   --export-selection, report -o, synth -o, capture-llama2c -o, merge -o: an existing output
+#   needs --force, and an output that is one of the inputs is refused even with --force.
+set -u
+BIN=${KVT_BIN:?}
+ROOT=${KVT_SOURCE_ROOT:?}
+S=$ROOT/traces/samples/stories260K.kvt
+MODEL=$ROOT/models/stories260K.bin
+[ -f "$S" ] && [ -f "$MODEL" ] || { echo "SKIP: no sample trace or model"; exit 77; }
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fail=0; pass=0
+check() { if eval "$2"; then pass=$((pass+1)); else echo "FAILED: $1"; fail=$((fail+1)); fi; }
+lines() { wc -l <"$1"; }
+no_temps() { ! ls -a "$TMP" | grep -q '\.tmp\.'; }
+R="$BIN replay $S --policies snapkv,h2o --budgets 8,16 --threads 1"
+
+# ---- write failures: full disk during replay output ----
+$R -o "$TMP/r.json" --export-selection "$TMP/s.bin" >/dev/null 2>&1 || { echo "FAILED: setup"; exit 1; }
+$R -o "$TMP/rj.json" --export-selection "$TMP/s.json" >/dev/null 2>&1 || { echo "FAILED: setup"; exit 1; }
+cp "$TMP/r.json" "$TMP/r.old"; cp "$TMP/s.bin" "$TMP/s.old"; cp "$TMP/s.json" "$TMP/sj.old"
+echo "sizes: results.json $(stat -c %s "$TMP/r.json"), selection $(stat -c %s "$TMP/s.bin") (binary) $(stat -c %s "$TMP/s.json") (JSON) bytes"
+n_limits=0
+for lim in 1 2 4 8 12 16 32; do   # KiB (ulimit -f blocks of 1024 bytes)
+    n_limits=$((n_limits+1))
+    (ulimit -f $lim; exec $R -o "$TMP/r.json" --export-selection "$TMP/s.bin" --force) \
+        >/dev/null 2>"$TMP/err"
+    rc=$?
+    check "limit ${lim}K: exit 1 (got $rc)" "[ $rc -eq 1 ]"
+    check "limit ${lim}K: one stderr line" "[ \$(lines $TMP/err) -eq 1 ]"
+    check "limit ${lim}K: says why" "grep -q 'File too large' $TMP/err"
+    check "limit ${lim}K: old results.json untouched" "cmp -s $TMP/r.json $TMP/r.old"
+    check "limit ${lim}K: old selection untouched" "cmp -s $TMP/s.bin $TMP/s.old"
+    check "limit ${lim}K: no temporary left" "no_temps"
+done
+(ulimit -f 8; exec $R -o "$TMP/rj.json" --export-selection "$TMP/s.json" --force) \
+    >/dev/null 2>"$TMP/err"
+check "JSON export, limit 8K: exit 1, one line" "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ]"
+check "JSON export: old export untouched" "cmp -s $TMP/s.json $TMP/sj.old"
+(ulimit -f 16; exec $R -o "$TMP/new.json" --export-selection "$TMP/new.bin") >/dev/null 2>&1
+check "no old files: exit 1 and nothing created" \
+    "[ \$? -eq 1 ] && [ ! -e $TMP/new.json ] && [ ! -e $TMP/new.bin ] && no_temps"
+(ulimit -f 4; exec $R -o "$TMP/r.json" --force) >/dev/null 2>"$TMP/err"
+check "results only, limit 4K: exit 1, old file untouched" \
+    "[ \$? -eq 1 ] && cmp -s $TMP/r.json $TMP/r.old && no_temps"
+check "without a limit the same command replaces both" \
+    "$R -o $TMP/r.json --export-selection $TMP/s.bin --force >/dev/null 2>&1 && cmp -s $TMP/r.json $TMP/r.old && cmp -s $TMP/s.bin $TMP/s.old"
+echo "replay output: $n_limits size limits plus 3 cases"
+
+# merge writes through the same atomic writer; kvtrace ignores SIGXFSZ, so a file size
+# limit is a clean error (EFBIG), not a kill that leaves a temporary behind.
+$BIN replay $S --policies snapkv --budgets 8 --threads 1 --shard 0/2 -o "$TMP/p0.json" >/dev/null 2>&1
+$BIN replay $S --policies snapkv --budgets 8 --threads 1 --shard 1/2 -o "$TMP/p1.json" >/dev/null 2>&1
+cp "$TMP/r.json" "$TMP/m.json"
+(ulimit -f 2; exec $BIN merge "$TMP/p0.json" "$TMP/p1.json" -o "$TMP/m.json" --force) >/dev/null 2>"$TMP/err"
+rc=$?
+check "merge under a 2K limit: old output untouched" "cmp -s $TMP/m.json $TMP/r.old"
+check "merge under a 2K limit: exit 1 with one line (got $rc)" \
+    "[ $rc -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && no_temps"
+rm -f "$TMP"/*.tmp.*
+
+# ---- existing outputs and inputs ----
+echo old > "$TMP/exists.json"
+$R -o "$TMP/exists.json" >/dev/null 2>"$TMP/err"
+check "replay -o existing: exit 1, one line, untouched" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q exists $TMP/err && [ \"\$(cat $TMP/exists.json)\" = old ]"
+$R -o "$TMP/x1.json" --export-selection "$TMP/exists.json" >/dev/null 2>"$TMP/err"
+check "replay --export-selection existing: exit 1, nothing written" \
+    "[ \$? -eq 1 ] && grep -q exists $TMP/err && [ ! -e $TMP/x1.json ] && [ \"\$(cat $TMP/exists.json)\" = old ]"
+cp "$S" "$TMP/in.kvt"
+$BIN replay "$TMP/in.kvt" --policies snapkv --budgets 8 -o "$TMP/x2.json" \
+    --export-selection "$TMP/in.kvt" --force >/dev/null 2>"$TMP/err"
+check "replay --export-selection = input, --force: refused, input intact" \
+    "[ \$? -eq 1 ] && grep -q 'also an input' $TMP/err && cmp -s $TMP/in.kvt $S"
+$BIN replay "$TMP/in.kvt" --policies snapkv --budgets 8 -o "$TMP/in.kvt" --force >/dev/null 2>"$TMP/err"
+check "replay -o = input, --force: refused, input intact" \
+    "[ \$? -eq 1 ] && grep -q 'also an input' $TMP/err && cmp -s $TMP/in.kvt $S"
+$BIN replay "$TMP/in.kvt" --policies snapkv --budgets 8 -o "$TMP/same" \
+    --export-selection "$TMP/same" >/dev/null 2>"$TMP/err"
+check "replay --export-selection = -o: refused" "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && [ ! -e $TMP/same ]"
+
+$BIN report "$TMP/r.json" -o "$TMP/r.json" >/dev/null 2>"$TMP/err"
+check "report -o = the results file: exit 1, one line, input intact" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && cmp -s $TMP/r.json $TMP/r.old"
+mkdir -p "$TMP/rd" && cp "$TMP/r.json" "$TMP/rd/index.html"
+$BIN report "$TMP/rd/index.html" -o "$TMP/rd" >/dev/null 2>&1
+check "report RESULTS=DIR/index.html -o DIR: refused, input intact" "cmp -s $TMP/rd/index.html $TMP/r.old"
+$BIN report "$TMP/rd/index.html" -o "$TMP/rd" --force >/dev/null 2>&1
+check "... even with --force" "cmp -s $TMP/rd/index.html $TMP/r.old"
+$BIN report "$TMP/r.json" -o "$TMP/rep1" >/dev/null 2>&1
+$BIN report "$TMP/r.json" -o "$TMP/rep1" >/dev/null 2>"$TMP/err"
+check "report into an existing report without --force: exit 1, one line" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q -- --force $TMP/err"
+check "report into an existing report with --force: replaced" \
+    "$BIN report $TMP/r.json -o $TMP/rep1 --force >/dev/null 2>&1"
+
+$BIN synth --shape tiny --tokens 64 -o "$TMP/syn.kvt" >/dev/null 2>&1
+cp "$TMP/syn.kvt" "$TMP/syn.old"
+$BIN synth --shape tiny --tokens 64 --seed 2 -o "$TMP/syn.kvt" >/dev/null 2>"$TMP/err"
+check "synth -o existing: exit 1, one line, untouched" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && cmp -s $TMP/syn.kvt $TMP/syn.old"
+check "synth -o existing --force: replaced" \
+    "$BIN synth --shape tiny --tokens 64 --seed 2 -o $TMP/syn.kvt --force >/dev/null 2>&1 && ! cmp -s $TMP/syn.kvt $TMP/syn.old"
+
+C="$BIN capture-llama2c --tokens 16 --decode 2 --window 4"
+cp "$MODEL" "$TMP/m.bin"
+$C --model "$TMP/m.bin" -o "$TMP/m.bin" --force >/dev/null 2>"$TMP/err"
+check "capture -o = model, --force: refused, model intact" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'also an input' $TMP/err && cmp -s $TMP/m.bin $MODEL"
+printf '1 20 30 40 50\n' > "$TMP/ids.txt"; cp "$TMP/ids.txt" "$TMP/ids.old"
+$BIN capture-llama2c --model "$MODEL" --prompt-ids "$TMP/ids.txt" --decode 2 --window 4 \
+    -o "$TMP/ids.txt" --force >/dev/null 2>"$TMP/err"
+check "capture -o = prompt ids, --force: refused, intact" \
+    "[ \$? -eq 1 ] && grep -q 'also an input' $TMP/err && cmp -s $TMP/ids.txt $TMP/ids.old"
+cp "$TMP/syn.kvt" "$TMP/syn2.old"
+$C --model "$MODEL" -o "$TMP/syn.kvt" >/dev/null 2>"$TMP/err"
+check "capture -o existing: exit 1, one line, untouched" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'already exists' $TMP/err && cmp -s $TMP/syn.kvt $TMP/syn2.old"
+
+$BIN merge "$TMP/p0.json" "$TMP/p1.json" -o "$TMP/p0.json" --force >/dev/null 2>"$TMP/err"
+check "merge -o = a part, --force: refused" "[ \$? -eq 1 ] && grep -q 'also an input' $TMP/err"
+$BIN merge "$TMP/p0.json" "$TMP/p1.json" -o "$TMP/exists.json" >/dev/null 2>"$TMP/err"
+check "merge -o existing: exit 1, untouched" \
+    "[ \$? -eq 1 ] && grep -q exists $TMP/err && [ \"\$(cat $TMP/exists.json)\" = old ]"
+
+echo "test_reliability_outputs: $pass passed, $fail failed"
+[ $fail -eq 0 ]
