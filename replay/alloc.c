@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include <cjson/cJSON.h>
+#include <sys/stat.h>
 
 #include "replay_internal.h"
 
@@ -146,6 +147,9 @@ static double json_value(const cJSON *v, bool *ok)
     return NAN;
 }
 
+/* a table of per-(layer, head) numbers is a few KiB; refuse anything absurd */
+#define KVT_HEAD_TABLE_MAX_BYTES (64 << 20)
+
 kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, double **out)
 {
     kvt_status st = KVT_OK;
@@ -154,12 +158,17 @@ kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, do
     double *tab = NULL;
     FILE *f = fopen(path, "rb");
     KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open head table %s", path);
-    if (fseek(f, 0, SEEK_END) || ftell(f) < 0) {
+    struct stat sb;
+    if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) { /* a directory "opens" too */
         fclose(f);
-        return kvt_error_set(KVT_ERR_IO, "cannot read %s", path);
+        return kvt_error_set(KVT_ERR_IO, "head table %s is not a regular file", path);
     }
-    long len = ftell(f);
-    rewind(f);
+    if (sb.st_size > KVT_HEAD_TABLE_MAX_BYTES) {
+        fclose(f);
+        return kvt_error_set(KVT_ERR_INVALID_ARG, "head table %s is larger than %d MiB", path,
+                             KVT_HEAD_TABLE_MAX_BYTES >> 20);
+    }
+    long len = (long)sb.st_size;
     txt = kvt_malloc((size_t)len + 1);
     if (!txt) {
         fclose(f);

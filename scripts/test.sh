@@ -2,7 +2,7 @@
 # test.sh - the whole test suite, as CI runs it: install what is missing, check formatting,
 # build with warnings as errors and run every test (GPU tests report "not run" without a
 # GPU), then rebuild with AddressSanitizer + UndefinedBehaviorSanitizer and run the CPU
-# tests again. Usage: bash scripts/test.sh
+# tests again, and run every fuzz target for a short bounded time. Usage: bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=$(nproc)
@@ -21,3 +21,8 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVT_WERROR=ON -DKVT
 cmake --build build-asan -j"$JOBS"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir build-asan --output-on-failure -j"$JOBS" -L cpu -LE "slow|noasan"
+
+echo "== fuzz smoke: every libFuzzer target for ${KVT_FUZZ_SECS:-15} s (build-fuzz/, clang)" >&2
+# Bounded (about 2 minutes with the clang build); fails if any target finds a crash, a leak,
+# a timeout or an out-of-memory. Longer runs: bash scripts/fuzz.sh 300 (tests/RELIABILITY.md).
+bash scripts/fuzz.sh "${KVT_FUZZ_SECS:-15}"

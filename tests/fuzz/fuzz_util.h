@@ -1,0 +1,54 @@
+/* fuzz_util.h - helpers shared by the libFuzzer entry points in tests/fuzz/: put the input
+ * bytes into an anonymous memory file (memfd) so that readers that only take a path can be
+ * fed from memory, through /proc/self/fd/N, without touching the disk.
+ */
+#ifndef KVT_FUZZ_UTIL_H
+#define KVT_FUZZ_UTIL_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* Write the n bytes of each of the n_parts parts into a new memfd and print its path into
+ * path[path_cap]. Returns the fd (close it when done) or -1. */
+static inline int kvt_fuzz_memfd(const void *const *parts, const size_t *n, size_t n_parts,
+                                 char *path, size_t path_cap)
+{
+    int fd = memfd_create("kvt_fuzz", 0);
+    if (fd < 0)
+        return -1;
+    for (size_t i = 0; i < n_parts; i++) {
+        const uint8_t *p = parts[i];
+        size_t left = n[i];
+        while (left) {
+            ssize_t w = write(fd, p, left);
+            if (w <= 0) {
+                close(fd);
+                return -1;
+            }
+            p += w;
+            left -= (size_t)w;
+        }
+    }
+    snprintf(path, path_cap, "/proc/self/fd/%d", fd);
+    return fd;
+}
+
+/* The input as a NUL-terminated string (stops at the first NUL byte), or NULL. Caller frees. */
+static inline char *kvt_fuzz_cstr(const uint8_t *data, size_t size)
+{
+    char *s = malloc(size + 1);
+    if (!s)
+        return NULL;
+    memcpy(s, data, size);
+    s[size] = '\0';
+    return s;
+}
+
+#endif /* KVT_FUZZ_UTIL_H */
