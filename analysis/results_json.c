@@ -189,7 +189,7 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
                 cJSON_AddNullToObject(run, "by_modality");
             cJSON *pl = cJSON_AddObjectToObject(run, "per_layer");
             kvt_run_summary *ls = kvt_malloc((size_t)t->n_layers * sizeof(*ls));
-            if (!ls) { /* never write a results file with a section missing */
+            if (!ls) {             /* never write a results file with a section missing */
                 cJSON_Delete(run); /* not yet in o */
                 cJSON_Delete(o);
                 return NULL;
