@@ -382,18 +382,31 @@ static char *dup_str(const cJSON *o, const char *k)
     return kvt_strdup(cJSON_IsString(x) ? x->valuestring : "");
 }
 
-/* fill metric field `off` (+mod) of run (p, b) from an [L][H] array; false on a bad shape */
-static bool read_grid(kvt_trace_result *t, size_t p, size_t b, int H, const cJSON *a, size_t off,
-                      int mod)
+/* true if `a` is an array of exactly L rows, each an array of exactly H entries (entries that
+ * are not numbers read as NaN) */
+static bool grid_shape_ok(const cJSON *a, int L, int H)
 {
-    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != t->n_layers)
+    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != L)
         return false;
-    int l = 0;
     const cJSON *row;
     cJSON_ArrayForEach(row, a)
     {
         if (!cJSON_IsArray(row) || cJSON_GetArraySize(row) != H)
             return false;
+    }
+    return true;
+}
+
+/* fill metric field `off` (+mod) of run (p, b) from an [L][H] array; false on a bad shape */
+static bool read_grid(kvt_trace_result *t, size_t p, size_t b, int H, const cJSON *a, size_t off,
+                      int mod)
+{
+    if (!grid_shape_ok(a, t->n_layers, H))
+        return false;
+    int l = 0;
+    const cJSON *row;
+    cJSON_ArrayForEach(row, a)
+    {
         int h = 0;
         const cJSON *x;
         cJSON_ArrayForEach(x, row)
@@ -408,12 +421,77 @@ static bool read_grid(kvt_trace_result *t, size_t p, size_t b, int H, const cJSO
     return true;
 }
 
-static kvt_status read_trace(const kvt_results *r, const cJSON *tj, kvt_trace_result **out)
+/* Metric cells (P x B x L x Hq kvt_head_metrics) a results file of `len` bytes may make the
+ * reader allocate, over all its traces. A present grid entry takes at least two bytes of text
+ * ("0," or "0]"), so a file holds at most len/2 of them; the slack (11 MB of metrics) lets a
+ * small file of a model with many query heads per KV head (MQA), whose kv_head grids hold
+ * fewer values than the Hq-wide arrays they are stored in, through. */
+#define RESULTS_CELL_SLACK ((size_t)1 << 16)
+
+/* Check what trace `idx` claims before anything is sized from it: the dimensions, the cells
+ * they need against what is left of the file's budget (*cells_left, decremented), and the
+ * shape of every run's grids and of r_all. A claim the file cannot back is KVT_ERR_CORRUPT,
+ * so memory stays proportional to the file. */
+static kvt_status check_trace(const kvt_results *r, const cJSON *tj, size_t idx, size_t *cells_left)
 {
     int L = get_int(tj, "n_layers", 0), Hq = get_int(tj, "n_q_heads", 0);
     int Hkv = get_int(tj, "n_kv_heads", 0);
+    const cJSON *pj = item(tj, "path");
+    const char *name = cJSON_IsString(pj) ? pj->valuestring : "?";
+    KVT_RETURN_IF(L < 1 || Hq < 1 || Hkv < 1, KVT_ERR_CORRUPT,
+                  "results: trace %zu (%s): n_layers %d, n_q_heads %d, n_kv_heads %d must be >= 1",
+                  idx, name, L, Hq, Hkv);
     /* metrics are stored [L][Hq] per run: a run of Hkv > Hq heads would index past them */
-    KVT_RETURN_IF(Hkv > Hq, KVT_ERR_CORRUPT, "results: n_kv_heads %d > n_q_heads %d", Hkv, Hq);
+    KVT_RETURN_IF(Hkv > Hq, KVT_ERR_CORRUPT,
+                  "results: trace %zu (%s): n_kv_heads %d > n_q_heads %d", idx, name, Hkv, Hq);
+    size_t cells;
+    bool big = kvt_mul_overflow(r->n_policies * r->n_budgets, (size_t)L * (size_t)Hq, &cells);
+    KVT_RETURN_IF(big || cells > *cells_left, KVT_ERR_CORRUPT,
+                  "results: trace %zu (%s): n_layers %d x n_q_heads %d x %zu policies x %zu "
+                  "budgets is more metric values than the file can hold (corrupt n_layers or "
+                  "n_q_heads)",
+                  idx, name, L, Hq, r->n_policies, r->n_budgets);
+    *cells_left -= cells;
+    const cJSON *ra = item(tj, "r_all");
+    KVT_RETURN_IF(ra && !cJSON_IsNull(ra) && !grid_shape_ok(ra, L, Hkv), KVT_ERR_CORRUPT,
+                  "results: trace %zu (%s): r_all is not [%d][%d] (n_layers x n_kv_heads)", idx,
+                  name, L, Hkv);
+    const cJSON *run;
+    cJSON_ArrayForEach(run, item(tj, "runs"))
+    {
+        int p = get_int(run, "policy", -1), b = get_int(run, "budget", -1);
+        int H = get_int(run, "n_heads", 0);
+        KVT_RETURN_IF(p < 0 || (size_t)p >= r->n_policies || b < 0 || (size_t)b >= r->n_budgets ||
+                          (H != Hkv && H != Hq),
+                      KVT_ERR_CORRUPT,
+                      "results: trace %zu (%s): bad run (policy %d, budget %d, n_heads %d)", idx,
+                      name, p, b, H);
+        const cJSON *mj = item(run, "metrics");
+        for (size_t k = 0; k < N_METRICS; k++)
+            KVT_RETURN_IF(!grid_shape_ok(item(mj, metrics[k].name), L, H), KVT_ERR_CORRUPT,
+                          "results: trace %zu (%s): run %d/%d: metrics.%s is not [%d][%d] "
+                          "(n_layers x n_heads)",
+                          idx, name, p, b, metrics[k].name, L, H);
+        const cJSON *bm = item(run, "by_modality");
+        for (size_t k = 0; cJSON_IsObject(bm) && k < N_MOD_METRICS; k++)
+            for (int m = 0; m < KVT_N_MODALITIES; m++) {
+                const cJSON *g = item(item(bm, mod_metrics[k].name), mod_names[m]);
+                KVT_RETURN_IF(g && !grid_shape_ok(g, L, H), KVT_ERR_CORRUPT,
+                              "results: trace %zu (%s): run %d/%d: by_modality.%s.%s is not "
+                              "[%d][%d] (n_layers x n_heads)",
+                              idx, name, p, b, mod_metrics[k].name, mod_names[m], L, H);
+            }
+    }
+    return KVT_OK;
+}
+
+/* Read trace `idx`; check_trace first, so the arrays are sized only from claims the file backs. */
+static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, size_t *cells_left,
+                             kvt_trace_result **out)
+{
+    KVT_FORWARD(check_trace(r, tj, idx, cells_left));
+    int L = get_int(tj, "n_layers", 0), Hq = get_int(tj, "n_q_heads", 0);
+    int Hkv = get_int(tj, "n_kv_heads", 0);
     kvt_trace_result *t = NULL;
     KVT_FORWARD(kvt_trace_result_create(L, Hq, Hkv, r->n_policies, r->n_budgets, &t));
     kvt_status st = KVT_OK;
@@ -441,15 +519,13 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, kvt_trace_re
         goto out_fail;
     }
     const cJSON *ra = item(tj, "r_all");
-    if (cJSON_IsArray(ra) && cJSON_GetArraySize(ra) == L) {
-        int l = 0;
+    if (cJSON_IsArray(ra)) { /* [L][Hkv]: checked by check_trace */
+        size_t i = 0;
         const cJSON *row;
         cJSON_ArrayForEach(row, ra)
         {
-            int g = 0;
             const cJSON *x;
-            cJSON_ArrayForEach(x, row) if (g < Hkv) t->r_all[(size_t)l * Hkv + g++] = get_num(x);
-            l++;
+            cJSON_ArrayForEach(x, row) t->r_all[i++] = get_num(x);
         }
     }
     for (size_t p = 0; p < r->n_policies; p++) {
@@ -633,10 +709,11 @@ kvt_status kvt_results_read(const char *path, kvt_results **out)
         }
     }
     const cJSON *tr = item(root, "traces");
+    size_t cells_left = len / 2 + RESULTS_CELL_SLACK, idx = 0;
     cJSON_ArrayForEach(x, tr)
     {
         kvt_trace_result *t = NULL;
-        if ((st = read_trace(r, x, &t)))
+        if ((st = read_trace(r, x, idx++, &cells_left, &t)))
             goto out_free;
         if ((st = kvt_results_add_trace(r, t)))
             goto out_free;

@@ -3,6 +3,8 @@
  * selection export (binary and JSON) holds exactly the kept sets of kvt_replay_layer_select in
  * the documented layout and order.
  */
+#include <time.h>
+
 #include <cjson/cJSON.h>
 
 #include "kvt_analysis.h"
@@ -36,6 +38,101 @@ static unsigned char *slurp(const char *path, size_t *n)
     b[*n] = 0;
     fclose(f);
     return b;
+}
+
+/* a results.json of one policy, one budget and one trace that claims n_layers L, n_q_heads Hq
+ * and n_kv_heads Hkv, with one run of n_heads H' whose nine metric grids are `grid`, and r_all
+ * `r_all` (JSON text) */
+static void write_claim(const char *path, int n_layers, int n_q, int n_kv, int n_heads,
+                        const char *grid, const char *r_all, const char *runs_extra)
+{
+    static const char *names[] = {"n_keep",          "recall_window", "err_window",
+                                  "recall_decode",   "err_decode",    "coverage",
+                                  "coverage_radius", "r_kept",        "oracle_overlap"};
+    FILE *f = fopen(path, "w");
+    KVT_EXPECT(f != NULL);
+    if (!f)
+        return;
+    fprintf(f,
+            "{\"results_version\": 1, \"settings\": {\"policies\": [{\"label\": \"snapkv\", "
+            "\"name\": \"snapkv\"}], \"budgets\": [{\"text\": \"40\", \"kind\": \"tokens\", "
+            "\"value\": 40}]}, \"traces\": [{\"path\": \"claim.kvt\", \"n_layers\": %d, "
+            "\"n_q_heads\": %d, \"n_kv_heads\": %d, \"r_all\": %s, \"runs\": [",
+            n_layers, n_q, n_kv, r_all);
+    if (grid) {
+        fprintf(f,
+                "{\"policy\": 0, \"budget\": 0, \"n_heads\": %d, "
+                "\"metrics\": {",
+                n_heads);
+        for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
+            fprintf(f, "%s\"%s\": %s", k ? ", " : "", names[k], grid);
+        fprintf(f, "}%s}", runs_extra);
+    }
+    fputs("]}]}\n", f);
+    fclose(f);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* claims the file cannot back are refused before anything is sized from them (RELIABILITY.md:
+ * 20000 x 1000 used to allocate and NaN-fill 3.2 GB first) */
+static void test_claimed_dimensions(const char *path)
+{
+    kvt_results *r = NULL;
+    const char *g22 = "[[0.5, null], [1, 0.25]]";
+    /* huge claim, small grids: the size bound (and the shapes) refuse it */
+    write_claim(path, 20000, 1000, 1000, 1000, g22, "[[0.1, 0.2], [0.3, 0.4]]", "");
+    (void)kvt_alloc_fail_at(0); /* restart the allocation count */
+    double t0 = now_s();
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    double dt = now_s() - t0;
+    uint64_t n_allocs = kvt_alloc_fail_at(0);
+    KVT_EXPECT_MSG(dt < 1.0, "refusing a 20000 x 1000 claim took %.2f s", dt);
+    /* the file's strings and arrays only; create() makes ~10 more, one of them 3.2 GB */
+    KVT_EXPECT_MSG(n_allocs < 16, "%llu allocations", (unsigned long long)n_allocs);
+    KVT_EXPECT(r == NULL);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "claim.kvt") && strstr(kvt_error_msg(), "n_layers"),
+                   "message: %s", kvt_error_msg());
+    /* the same claim with no runs and no r_all: nothing to check the shape of, the bound holds */
+    write_claim(path, 20000, 1000, 1000, 1000, NULL, "null", "");
+    t0 = now_s();
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    KVT_EXPECT(now_s() - t0 < 1.0 && r == NULL);
+    /* overflowing products are refused, not wrapped */
+    write_claim(path, 2147483647, 2147483647, 1, 1, NULL, "null", "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    /* small claims within the bound: every grid must still be exactly [L][n_heads] */
+    write_claim(path, 3, 2, 2, 2, g22, "null", "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "metrics.n_keep is not [3][2]"), "message: %s",
+                   kvt_error_msg());
+    write_claim(path, 2, 2, 2, 2, g22, "[[0.1, 0.2]]", "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "r_all is not [2][2]"), "message: %s", kvt_error_msg());
+    write_claim(path, 2, 2, 2, 2, g22, "null",
+                ", \"by_modality\": {\"n_keep\": {\"text\": [[1, 2, 3], [4, 5, 6]]}}");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    write_claim(path, 2, 4, 2, 3, g22, "null", "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT); /* n_heads not Hkv or Hq */
+    /* ... and a matching file still reads: null = NaN, r_all absent = NaN */
+    write_claim(path, 2, 2, 2, 2, g22, "null", "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_OK);
+    if (r) {
+        const kvt_trace_result *t = r->traces[0];
+        const kvt_head_metrics *m0 = kvt_trace_result_at(t, 0, 0, 0, 0);
+        const kvt_head_metrics *m1 = kvt_trace_result_at(t, 0, 0, 0, 1);
+        const kvt_head_metrics *m3 = kvt_trace_result_at(t, 0, 0, 1, 1);
+        KVT_EXPECT(m0->recall_window == 0.5 && isnan(m1->recall_window) &&
+                   m3->oracle_overlap == 0.25 && isnan(t->r_all[3]));
+        kvt_results_free(r);
+        r = NULL;
+    }
+    kvt_error_clear();
 }
 
 int main(void)
@@ -129,6 +226,7 @@ int main(void)
     fputs("{\"results_version\": 99}", f);
     fclose(f);
     KVT_EXPECT_STATUS(kvt_results_read(rpath, &back), KVT_ERR_VERSION);
+    test_claimed_dimensions(rpath);
 
     /* the binary export: every record equals the in-memory selection */
     size_t n = 0;
