@@ -27,21 +27,6 @@ static kvt_status check_finite(const float *x, size_t n, const char *what, int l
     return KVT_OK;
 }
 
-/* a[d] = sum_j p[j] * v[j][d] over T keys */
-static void weighted_sum(const float *p, const float *v, int T, int D, double *a)
-{
-    for (int d = 0; d < D; d++)
-        a[d] = 0.0;
-    for (int j = 0; j < T; j++) {
-        double pj = p[j];
-        if (pj == 0.0)
-            continue;
-        const float *vj = v + (size_t)j * D;
-        for (int d = 0; d < D; d++)
-            a[d] += pj * vj[d];
-    }
-}
-
 /* sum of one probability row, in the order kvt_sweep_output_* would sum it */
 static double row_sum(const float *p, int T)
 {
@@ -158,7 +143,8 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
                     for (int e = 0; e < Gd; e++)
                         pe += p2[e];
                     c->pd_extra[q0 + i] = pe;
-                    weighted_sum(p2, Vd, Gd, D, c->od_extra + (q0 + i) * D);
+                    kvt_attn_output_ref(p2, 1, Gd, (size_t)Gd, Vd, D, c->od_extra + (q0 + i) * D,
+                                        (size_t)D);
                 }
             }
         }
