@@ -126,6 +126,72 @@ kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w);
  *  existing file at the path is left as it was, and the first error seen is returned. */
 kvt_status kvt_selection_writer_close(kvt_selection_writer *w);
 
+/* ---- selection export reader (analysis/selection_read.c) ---- */
+typedef struct kvt_selection kvt_selection;
+
+#define KVT_SELECTION_FLAG_STEP   0x1u /* record is a per-decode-step set (step >= 0) */
+#define KVT_SELECTION_FLAG_MERGED 0x2u /* indices are merged representatives (lightkv-like) */
+#define KVT_SELECTION_FLAG_QHEAD  0x4u /* head is a query head (else a KV head) */
+
+/** A policy as the export's header records it. */
+typedef struct kvt_selection_policy {
+    const char *label; /* the spec as given */
+    const char *name;  /* registry name */
+    bool query_heads;  /* granularity "query_head" (else "kv_head") */
+    bool per_step;
+    bool merged;
+} kvt_selection_policy;
+
+/** The header of an export; every pointer is owned by the kvt_selection, valid until
+ *  kvt_selection_free. */
+typedef struct kvt_selection_header {
+    int selection_version;
+    const char *generator;
+    bool json; /* read from the JSON layout (else binary) */
+    size_t n_policies;
+    const kvt_selection_policy *policies; /* [n_policies] */
+    size_t n_budgets;
+    const char *const *budgets; /* [n_budgets] budget texts ("64", "10%") */
+    size_t n_traces;
+    const char *const *traces; /* [n_traces] trace paths */
+    size_t n_records;
+} kvt_selection_header;
+
+/** One kept set (RESULTS.md "Selection export"). idx is owned by the kvt_selection. */
+typedef struct kvt_selection_record {
+    int trace, policy, budget; /* indices into the header's lists */
+    int layer, head;
+    int step;          /* -1: the set kept for the prompt; s >= 0: decode step s */
+    unsigned flags;    /* KVT_SELECTION_FLAG_* */
+    int budget_tokens; /* the budget in tokens for this trace */
+    size_t n;
+    const int32_t *idx; /* [n] token indices, ascending and unique */
+} kvt_selection_record;
+
+/** Read a selection export written by kvt_selection_writer_close, binary or JSON (detected
+ *  from the content: a JSON file starts with '{'). Every count, length and index is checked
+ *  against the file before use, and memory stays proportional to the file size.
+ * @param out caller frees with kvt_selection_free.
+ * @return KVT_OK, KVT_ERR_IO (cannot read, not a regular file), KVT_ERR_CORRUPT (the message
+ *  names what is wrong and the byte offset or record), KVT_ERR_VERSION (newer export),
+ *  KVT_ERR_NOMEM. */
+kvt_status kvt_selection_read(const char *path, kvt_selection **out);
+void kvt_selection_free(kvt_selection *s);
+/** The header; owned by s, valid until kvt_selection_free. */
+const kvt_selection_header *kvt_selection_get_header(const kvt_selection *s);
+/** Record i (0 <= i < n_records) in file order, or NULL; owned by s. */
+const kvt_selection_record *kvt_selection_record_at(const kvt_selection *s, size_t i);
+/** The kept indices of (trace, policy, budget, layer, head, step); step -1 is the prompt-time
+ *  set. *idx is owned by s, valid until kvt_selection_free.
+ * @return KVT_OK or KVT_ERR_NOT_FOUND (no such record: *idx NULL, *n 0). */
+kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int budget, int layer,
+                              int head, int step, const int32_t **idx, size_t *n);
+/** Shape of (trace, policy) as its records give it: layers (1 + largest layer), heads (1 +
+ *  largest head) and decode steps (1 + largest step, 0 if none). All 0 if it has no record.
+ * @return KVT_OK or KVT_ERR_INVALID_ARG (trace or policy outside the header's lists). */
+kvt_status kvt_selection_shape(const kvt_selection *s, int trace, int policy, int *n_layers,
+                               int *n_heads, int *n_steps);
+
 #ifdef __cplusplus
 }
 #endif

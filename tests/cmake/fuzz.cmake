@@ -28,3 +28,4 @@ kvt_add_fuzz(trace_header LIBS kvt_replay kvt_traces INCLUDES ${KVT_SOURCE_ROOT}
 kvt_add_fuzz(results_read LIBS kvt_analysis)
 kvt_add_fuzz(policy_list LIBS kvt_replay)
 kvt_add_fuzz(budgets LIBS kvt_replay)
+kvt_add_fuzz(selection_read LIBS kvt_analysis)

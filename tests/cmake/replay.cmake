@@ -13,3 +13,6 @@ kvt_add_script_test(test_replay_fast_vs_ref
 # Allocation failure at every site of a replay, a threaded trace replay and results I/O.
 kvt_add_test(test_replay_faults SOURCES unit/test_replay_faults.c LIBS kvt_analysis kvt_replay
              LABELS cpu)
+# The selection export reader against the replay's kept sets, cuts and damaged bytes (#9).
+kvt_add_test(test_selection_read SOURCES unit/test_selection_read.c LIBS kvt_analysis kvt_replay
+             LABELS cpu)

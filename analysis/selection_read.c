@@ -1,0 +1,537 @@
+/* selection_read.c - the reader of the selection export (`--export-selection FILE`, written by
+ * selection_export.c): the binary layout or the JSON one of RESULTS.md, read whole into an owned
+ * kvt_selection with the header, every record in file order and a sorted index for lookups by
+ * (trace, policy, budget, layer, head, step). This is what a user's engine loads. Every length,
+ * count, index and offset is checked against the file before use, so a truncated or damaged
+ * file gives KVT_ERR_CORRUPT naming what is wrong and where; memory stays proportional to the
+ * file size.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_analysis.h"
+
+#define SEL_MAGIC      "KVTSEL\0\1"
+#define SEL_REC_MAGIC  0x4C45534Bu /* "KSEL" */
+#define SEL_FIX_BYTES  16u
+#define SEL_REC_BYTES  36u
+#define SEL_MAX_LIST   65535u /* u16 indices in the records */
+#define SEL_KNOWN_FLAG 0x7u
+
+/* A record's lookup key, kept next to its number so that qsort needs no outside state. */
+typedef struct sel_key {
+    int k[6]; /* trace, policy, budget, layer, head, step */
+    size_t rec;
+} sel_key;
+
+struct kvt_selection {
+    kvt_selection_header hdr;
+    char *generator;
+    kvt_selection_policy *pols; /* [n_policies]; label and name owned */
+    char **budgets;             /* [n_budgets] */
+    char **traces;              /* [n_traces] */
+    kvt_selection_record *recs; /* [n_records] in file order */
+    sel_key *order;             /* [n_records] keys and record numbers, sorted */
+    int32_t *idx;               /* every record's indices, one block */
+};
+
+static uint32_t rd32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static unsigned rd16(const unsigned char *p)
+{
+    return (unsigned)p[0] | (unsigned)p[1] << 8;
+}
+
+void kvt_selection_free(kvt_selection *s)
+{
+    if (!s)
+        return;
+    for (size_t i = 0; s->pols && i < s->hdr.n_policies; i++) {
+        kvt_free((char *)s->pols[i].label);
+        kvt_free((char *)s->pols[i].name);
+    }
+    for (size_t i = 0; s->budgets && i < s->hdr.n_budgets; i++)
+        kvt_free(s->budgets[i]);
+    for (size_t i = 0; s->traces && i < s->hdr.n_traces; i++)
+        kvt_free(s->traces[i]);
+    kvt_free(s->pols);
+    kvt_free(s->budgets);
+    kvt_free(s->traces);
+    kvt_free(s->generator);
+    kvt_free(s->recs);
+    kvt_free(s->order);
+    kvt_free(s->idx);
+    kvt_free(s);
+}
+
+/* Read the whole regular file: *n bytes, NUL-terminated (for the JSON parser). */
+static kvt_status slurp(const char *path, unsigned char **out, size_t *n)
+{
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    kvt_status st = KVT_OK;
+    struct stat sb;
+    if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size < 0) {
+        st = kvt_error_set(KVT_ERR_IO, "%s is not a regular file", path);
+        goto out_close;
+    }
+    size_t len = (size_t)sb.st_size;
+    unsigned char *b = len < SIZE_MAX ? kvt_malloc(len + 1) : NULL;
+    if (!b) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s (%zu bytes)", path, len);
+        goto out_close;
+    }
+    if (fread(b, 1, len, f) != len) {
+        kvt_free(b);
+        st = kvt_error_set(KVT_ERR_IO, "cannot read %s: %s", path,
+                           ferror(f) ? strerror(errno) : "file shrank while reading");
+        goto out_close;
+    }
+    b[len] = 0;
+    *out = b;
+    *n = len;
+out_close:
+    fclose(f);
+    return st;
+}
+
+/* ---- header (the JSON object of both layouts) ---- */
+
+static kvt_status dup_str(const cJSON *j, char **dst, const char *path, const char *what)
+{
+    KVT_RETURN_IF(!cJSON_IsString(j) || !j->valuestring, KVT_ERR_CORRUPT,
+                  "%s: selection header: %s is not a string", path, what);
+    *dst = kvt_strdup(j->valuestring);
+    KVT_RETURN_IF(!*dst, KVT_ERR_NOMEM, "out of memory");
+    return KVT_OK;
+}
+
+static kvt_status get_bool(const cJSON *o, const char *key, bool *out, const char *path, size_t i)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
+    KVT_RETURN_IF(!cJSON_IsBool(j), KVT_ERR_CORRUPT,
+                  "%s: selection header: policies[%zu].%s is not a boolean", path, i, key);
+    *out = cJSON_IsTrue(j);
+    return KVT_OK;
+}
+
+static kvt_status get_list(const cJSON *h, const char *key, const cJSON **arr, size_t *n,
+                           const char *path)
+{
+    *arr = cJSON_GetObjectItemCaseSensitive(h, key);
+    KVT_RETURN_IF(!cJSON_IsArray(*arr), KVT_ERR_CORRUPT,
+                  "%s: selection header: \"%s\" is missing or not an array", path, key);
+    int sz = cJSON_GetArraySize(*arr);
+    KVT_RETURN_IF(sz < 0 || (unsigned)sz > SEL_MAX_LIST, KVT_ERR_CORRUPT,
+                  "%s: selection header: %d %s (at most %u)", path, sz, key, SEL_MAX_LIST);
+    *n = (size_t)sz;
+    return KVT_OK;
+}
+
+static kvt_status read_strings(const cJSON *arr, size_t n, char ***dst, const char *path,
+                               const char *key)
+{
+    *dst = kvt_calloc(n ? n : 1, sizeof(char *));
+    KVT_RETURN_IF(!*dst, KVT_ERR_NOMEM, "out of memory");
+    size_t i = 0;
+    char what[64];
+    for (const cJSON *j = arr->child; j && i < n; j = j->next, i++) {
+        snprintf(what, sizeof(what), "%s[%zu]", key, i);
+        KVT_FORWARD(dup_str(j, &(*dst)[i], path, what));
+    }
+    return KVT_OK;
+}
+
+/* Fill s->hdr and the lists from the parsed header object. */
+static kvt_status read_header(kvt_selection *s, const cJSON *h, const char *path, int version)
+{
+    KVT_RETURN_IF(!cJSON_IsObject(h), KVT_ERR_CORRUPT, "%s: selection header is not a JSON object",
+                  path);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(h, "selection_version");
+    double vd = cJSON_IsNumber(v) ? v->valuedouble : 0; /* range first: (int) of 1e24 is UB */
+    KVT_RETURN_IF(!(vd >= 1 && vd <= INT32_MAX) || vd != (double)(int)vd, KVT_ERR_CORRUPT,
+                  "%s: selection header: selection_version is missing or not an integer >= 1",
+                  path);
+    KVT_RETURN_IF((int)vd > KVT_SELECTION_VERSION, KVT_ERR_VERSION,
+                  "%s: selection_version %d is newer than this reader's %d (HINT: update kvtrace)",
+                  path, (int)vd, KVT_SELECTION_VERSION);
+    KVT_RETURN_IF(version > 0 && (int)vd != version, KVT_ERR_CORRUPT,
+                  "%s: selection header says version %d, the file header %d", path, (int)vd,
+                  version);
+    s->hdr.selection_version = (int)vd;
+    const cJSON *g = cJSON_GetObjectItemCaseSensitive(h, "generator");
+    KVT_FORWARD(dup_str(g, &s->generator, path, "generator"));
+    s->hdr.generator = s->generator;
+
+    const cJSON *pl, *bl, *tl;
+    size_t np, nb, nt;
+    KVT_FORWARD(get_list(h, "policies", &pl, &np, path));
+    KVT_FORWARD(get_list(h, "budgets", &bl, &nb, path));
+    KVT_FORWARD(get_list(h, "traces", &tl, &nt, path));
+    s->pols = kvt_calloc(np ? np : 1, sizeof(*s->pols));
+    KVT_RETURN_IF(!s->pols, KVT_ERR_NOMEM, "out of memory");
+    s->hdr.n_policies = np;
+    s->hdr.policies = s->pols;
+    size_t i = 0;
+    for (const cJSON *o = pl->child; o && i < np; o = o->next, i++) {
+        kvt_selection_policy *p = &s->pols[i];
+        KVT_RETURN_IF(!cJSON_IsObject(o), KVT_ERR_CORRUPT,
+                      "%s: selection header: policies[%zu] is not an object", path, i);
+        char what[64];
+        snprintf(what, sizeof(what), "policies[%zu].label", i);
+        KVT_FORWARD(
+            dup_str(cJSON_GetObjectItemCaseSensitive(o, "label"), (char **)&p->label, path, what));
+        snprintf(what, sizeof(what), "policies[%zu].name", i);
+        KVT_FORWARD(
+            dup_str(cJSON_GetObjectItemCaseSensitive(o, "name"), (char **)&p->name, path, what));
+        const cJSON *gr = cJSON_GetObjectItemCaseSensitive(o, "granularity");
+        const char *gs = cJSON_GetStringValue(gr);
+        KVT_RETURN_IF(!gs || (strcmp(gs, "query_head") && strcmp(gs, "kv_head")), KVT_ERR_CORRUPT,
+                      "%s: selection header: policies[%zu].granularity is not \"query_head\" or "
+                      "\"kv_head\"",
+                      path, i);
+        p->query_heads = !strcmp(gs, "query_head");
+        KVT_FORWARD(get_bool(o, "per_step", &p->per_step, path, i));
+        KVT_FORWARD(get_bool(o, "merged", &p->merged, path, i));
+    }
+    s->hdr.n_budgets = nb; /* set first: kvt_selection_free frees what a failure leaves */
+    KVT_FORWARD(read_strings(bl, nb, &s->budgets, path, "budgets"));
+    s->hdr.budgets = (const char *const *)s->budgets;
+    s->hdr.n_traces = nt;
+    KVT_FORWARD(read_strings(tl, nt, &s->traces, path, "traces"));
+    s->hdr.traces = (const char *const *)s->traces;
+    return KVT_OK;
+}
+
+/* ---- records ---- */
+
+/* Check one record's fields against the header; where names the record for messages. */
+static kvt_status check_record(const kvt_selection *s, const kvt_selection_record *r,
+                               const char *path, const char *where)
+{
+    KVT_RETURN_IF(r->trace < 0 || (size_t)r->trace >= s->hdr.n_traces, KVT_ERR_CORRUPT,
+                  "%s: %s: trace %d outside the header's %zu traces", path, where, r->trace,
+                  s->hdr.n_traces);
+    KVT_RETURN_IF(r->policy < 0 || (size_t)r->policy >= s->hdr.n_policies, KVT_ERR_CORRUPT,
+                  "%s: %s: policy %d outside the header's %zu policies", path, where, r->policy,
+                  s->hdr.n_policies);
+    KVT_RETURN_IF(r->budget < 0 || (size_t)r->budget >= s->hdr.n_budgets, KVT_ERR_CORRUPT,
+                  "%s: %s: budget %d outside the header's %zu budgets", path, where, r->budget,
+                  s->hdr.n_budgets);
+    KVT_RETURN_IF(r->layer < 0 || r->head < 0 || r->step < -1, KVT_ERR_CORRUPT,
+                  "%s: %s: negative layer %d, head %d or step %d", path, where, r->layer, r->head,
+                  r->step);
+    KVT_RETURN_IF(r->layer == INT_MAX || r->head == INT_MAX || r->step == INT_MAX, KVT_ERR_CORRUPT,
+                  "%s: %s: layer, head or step is 2^31-1", path, where);
+    KVT_RETURN_IF(r->budget_tokens < 1, KVT_ERR_CORRUPT, "%s: %s: budget_tokens %d < 1", path,
+                  where, r->budget_tokens);
+    const kvt_selection_policy *p = &s->pols[r->policy];
+    unsigned want = (r->step >= 0 ? KVT_SELECTION_FLAG_STEP : 0) |
+                    (p->merged ? KVT_SELECTION_FLAG_MERGED : 0) |
+                    (p->query_heads ? KVT_SELECTION_FLAG_QHEAD : 0);
+    KVT_RETURN_IF(r->flags != want, KVT_ERR_CORRUPT,
+                  "%s: %s: flags 0x%x, but step %d and policy %d (%s) give 0x%x", path, where,
+                  r->flags, r->step, r->policy, p->label, want);
+    KVT_RETURN_IF(r->step >= 0 && !p->per_step, KVT_ERR_CORRUPT,
+                  "%s: %s: decode step %d for policy %d (%s), which is not per-step", path, where,
+                  r->step, r->policy, p->label);
+    return KVT_OK;
+}
+
+static kvt_status check_indices(const int32_t *idx, size_t n, const char *path, const char *where)
+{
+    for (size_t i = 0; i < n; i++) {
+        KVT_RETURN_IF(idx[i] < 0, KVT_ERR_CORRUPT, "%s: %s: index %zu is negative or above 2^31-1",
+                      path, where, i);
+        KVT_RETURN_IF(i > 0 && idx[i] <= idx[i - 1], KVT_ERR_CORRUPT,
+                      "%s: %s: indices not ascending at %zu (%d after %d)", path, where, i, idx[i],
+                      idx[i - 1]);
+    }
+    return KVT_OK;
+}
+
+static kvt_status alloc_records(kvt_selection *s, size_t n_rec, size_t n_idx)
+{
+    s->recs = kvt_calloc(n_rec ? n_rec : 1, sizeof(*s->recs));
+    s->order = kvt_calloc(n_rec ? n_rec : 1, sizeof(*s->order));
+    s->idx = kvt_calloc(n_idx ? n_idx : 1, sizeof(*s->idx));
+    KVT_RETURN_IF(!s->recs || !s->order || !s->idx, KVT_ERR_NOMEM, "out of memory");
+    s->hdr.n_records = n_rec;
+    return KVT_OK;
+}
+
+/* The records of the binary layout from byte `off` to the end: a first pass checks every
+ * record's framing against the file size and counts, a second copies and checks fields. */
+static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, size_t size,
+                                      size_t off, const char *path)
+{
+    size_t n_rec = 0, n_idx = 0;
+    for (size_t o = off; o < size; n_rec++) {
+        KVT_RETURN_IF(size - o < SEL_REC_BYTES, KVT_ERR_CORRUPT,
+                      "%s: record %zu at byte %zu is truncated: %zu of %u header bytes", path,
+                      n_rec, o, size - o, SEL_REC_BYTES);
+        KVT_RETURN_IF(rd32(b + o) != SEL_REC_MAGIC, KVT_ERR_CORRUPT,
+                      "%s: record %zu at byte %zu: bad record magic 0x%08x (want \"KSEL\")", path,
+                      n_rec, o, rd32(b + o));
+        size_t cnt = rd32(b + o + 28), left = (size - o - SEL_REC_BYTES) / 4;
+        KVT_RETURN_IF(cnt > left, KVT_ERR_CORRUPT,
+                      "%s: record %zu at byte %zu is truncated: n = %zu indices, %zu bytes left",
+                      path, n_rec, o, cnt, size - o - SEL_REC_BYTES);
+        n_idx += cnt;
+        o += SEL_REC_BYTES + 4 * cnt;
+    }
+    KVT_FORWARD(alloc_records(s, n_rec, n_idx));
+    int32_t *dst = s->idx;
+    size_t o = off;
+    char where[64];
+    for (size_t i = 0; i < n_rec; i++) {
+        const unsigned char *p = b + o;
+        kvt_selection_record *r = &s->recs[i];
+        snprintf(where, sizeof(where), "record %zu at byte %zu", i, o);
+        r->trace = (int)rd16(p + 4);
+        r->policy = (int)rd16(p + 6);
+        r->budget = (int)rd16(p + 8);
+        r->flags = rd16(p + 10);
+        uint32_t layer = rd32(p + 12), head = rd32(p + 16), btok = rd32(p + 24);
+        KVT_RETURN_IF(layer > INT32_MAX || head > INT32_MAX || btok > INT32_MAX, KVT_ERR_CORRUPT,
+                      "%s: %s: layer %u, head %u or budget_tokens %u above 2^31-1", path, where,
+                      layer, head, btok);
+        r->layer = (int)layer;
+        r->head = (int)head;
+        r->step = (int)(int32_t)rd32(p + 20);
+        r->budget_tokens = (int)btok;
+        r->n = rd32(p + 28);
+        KVT_FORWARD(check_record(s, r, path, where));
+        for (size_t k = 0; k < r->n; k++) {
+            uint32_t x = rd32(p + SEL_REC_BYTES + 4 * k);
+            dst[k] = x > INT32_MAX ? -1 : (int32_t)x;
+        }
+        KVT_FORWARD(check_indices(dst, r->n, path, where));
+        r->idx = dst;
+        dst += r->n;
+        o += SEL_REC_BYTES + 4 * r->n;
+    }
+    return KVT_OK;
+}
+
+/* An integer field of a JSON record in [lo, INT32_MAX]. */
+static kvt_status json_int(const cJSON *o, const char *key, int lo, int *out, const char *path,
+                           const char *where)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
+    double d = cJSON_IsNumber(j) ? j->valuedouble : -1e300;
+    KVT_RETURN_IF(!(d >= lo && d <= INT32_MAX) || d != (double)(int32_t)d, KVT_ERR_CORRUPT,
+                  "%s: %s: \"%s\" is missing, not an integer or outside [%d, 2^31-1]", path, where,
+                  key, lo);
+    *out = (int)d;
+    return KVT_OK;
+}
+
+static kvt_status read_json_records(kvt_selection *s, const cJSON *root, const char *path)
+{
+    const cJSON *recs = cJSON_GetObjectItemCaseSensitive(root, "records");
+    KVT_RETURN_IF(!cJSON_IsArray(recs), KVT_ERR_CORRUPT,
+                  "%s: \"records\" is missing or not an array", path);
+    size_t n_rec = 0, n_idx = 0;
+    for (const cJSON *o = recs->child; o; o = o->next, n_rec++) {
+        const cJSON *k = cJSON_GetObjectItemCaseSensitive(o, "kept");
+        KVT_RETURN_IF(!cJSON_IsArray(k), KVT_ERR_CORRUPT,
+                      "%s: records[%zu]: \"kept\" is missing or not an array", path, n_rec);
+        for (const cJSON *x = k->child; x; x = x->next)
+            n_idx++;
+    }
+    KVT_FORWARD(alloc_records(s, n_rec, n_idx));
+    int32_t *dst = s->idx;
+    size_t i = 0;
+    char where[64];
+    for (const cJSON *o = recs->child; o; o = o->next, i++) {
+        kvt_selection_record *r = &s->recs[i];
+        snprintf(where, sizeof(where), "records[%zu]", i);
+        int flags;
+        KVT_FORWARD(json_int(o, "trace", 0, &r->trace, path, where));
+        KVT_FORWARD(json_int(o, "policy", 0, &r->policy, path, where));
+        KVT_FORWARD(json_int(o, "budget", 0, &r->budget, path, where));
+        KVT_FORWARD(json_int(o, "budget_tokens", 1, &r->budget_tokens, path, where));
+        KVT_FORWARD(json_int(o, "layer", 0, &r->layer, path, where));
+        KVT_FORWARD(json_int(o, "head", 0, &r->head, path, where));
+        KVT_FORWARD(json_int(o, "step", -1, &r->step, path, where));
+        KVT_FORWARD(json_int(o, "flags", 0, &flags, path, where));
+        r->flags = (unsigned)flags;
+        KVT_FORWARD(check_record(s, r, path, where));
+        size_t n = 0;
+        for (const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, "kept")->child; x; x = x->next) {
+            double d = cJSON_IsNumber(x) ? x->valuedouble : -1;
+            KVT_RETURN_IF(!(d >= 0 && d <= INT32_MAX) || d != (double)(int32_t)d, KVT_ERR_CORRUPT,
+                          "%s: %s: kept[%zu] is not an integer in [0, 2^31-1]", path, where, n);
+            dst[n++] = (int32_t)d;
+        }
+        KVT_FORWARD(check_indices(dst, n, path, where));
+        r->idx = dst;
+        r->n = n;
+        dst += n;
+    }
+    return KVT_OK;
+}
+
+/* ---- lookup index ---- */
+
+static sel_key make_key(const kvt_selection_record *r, size_t rec)
+{
+    return (sel_key){{r->trace, r->policy, r->budget, r->layer, r->head, r->step}, rec};
+}
+
+static int key_cmp(const void *x, const void *y)
+{
+    const sel_key *a = x, *b = y;
+    for (int i = 0; i < 6; i++)
+        if (a->k[i] != b->k[i])
+            return a->k[i] < b->k[i] ? -1 : 1;
+    return 0;
+}
+
+static kvt_status build_index(kvt_selection *s, const char *path)
+{
+    size_t n = s->hdr.n_records;
+    for (size_t i = 0; i < n; i++)
+        s->order[i] = make_key(&s->recs[i], i);
+    qsort(s->order, n, sizeof(*s->order), key_cmp);
+    for (size_t i = 1; i < n; i++) {
+        const sel_key *a = &s->order[i - 1], *b = &s->order[i];
+        KVT_RETURN_IF(key_cmp(a, b) == 0, KVT_ERR_CORRUPT,
+                      "%s: records %zu and %zu are both (trace %d, policy %d, budget %d, layer %d, "
+                      "head %d, step %d)",
+                      path, a->rec < b->rec ? a->rec : b->rec, a->rec < b->rec ? b->rec : a->rec,
+                      b->k[0], b->k[1], b->k[2], b->k[3], b->k[4], b->k[5]);
+    }
+    return KVT_OK;
+}
+
+/* ---- the two layouts ---- */
+
+static kvt_status parse_binary(kvt_selection *s, const unsigned char *b, size_t size,
+                               const char *path)
+{
+    KVT_RETURN_IF(size < SEL_FIX_BYTES, KVT_ERR_CORRUPT,
+                  "%s: truncated: %zu bytes, the selection export header needs %u", path, size,
+                  SEL_FIX_BYTES);
+    KVT_RETURN_IF(memcmp(b, SEL_MAGIC, 6) != 0, KVT_ERR_CORRUPT,
+                  "%s: not a selection export (bad magic at byte 0)", path);
+    KVT_RETURN_IF(memcmp(b, SEL_MAGIC, 8) != 0, KVT_ERR_VERSION,
+                  "%s: selection export magic of another major layout (bytes 6-7: %02x %02x)", path,
+                  b[6], b[7]);
+    uint32_t version = rd32(b + 8), hlen = rd32(b + 12);
+    KVT_RETURN_IF(version == 0, KVT_ERR_CORRUPT, "%s: version 0 at byte 8", path);
+    KVT_RETURN_IF(version > KVT_SELECTION_VERSION, KVT_ERR_VERSION,
+                  "%s: selection export version %u is newer than this reader's %d (HINT: update "
+                  "kvtrace)",
+                  path, version, KVT_SELECTION_VERSION);
+    KVT_RETURN_IF(hlen > size - SEL_FIX_BYTES, KVT_ERR_CORRUPT,
+                  "%s: header_len %u at byte 12 runs past the end of the file (%zu bytes)", path,
+                  hlen, size);
+    cJSON *h = cJSON_ParseWithLength((const char *)b + SEL_FIX_BYTES, hlen);
+    if (!h)
+        return kvt_error_set(KVT_ERR_CORRUPT, "%s: header (bytes 16..%u) is not valid JSON", path,
+                             SEL_FIX_BYTES + hlen);
+    kvt_status st = read_header(s, h, path, (int)version);
+    cJSON_Delete(h);
+    KVT_FORWARD(st);
+    return read_binary_records(s, b, size, SEL_FIX_BYTES + hlen, path);
+}
+
+static kvt_status parse_json(kvt_selection *s, const unsigned char *b, size_t size,
+                             const char *path)
+{
+    cJSON *root = cJSON_ParseWithLength((const char *)b, size);
+    if (!root)
+        return kvt_error_set(KVT_ERR_CORRUPT, "%s: not valid JSON (truncated?)", path);
+    s->hdr.json = true;
+    kvt_status st = read_header(s, root, path, 0);
+    if (st == KVT_OK)
+        st = read_json_records(s, root, path);
+    cJSON_Delete(root);
+    return st;
+}
+
+kvt_status kvt_selection_read(const char *path, kvt_selection **out)
+{
+    *out = NULL;
+    unsigned char *b = NULL;
+    size_t size = 0;
+    KVT_FORWARD(slurp(path, &b, &size));
+    kvt_status st;
+    kvt_selection *s = kvt_calloc(1, sizeof(*s));
+    if (!s) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_free_buf;
+    }
+    st = size > 0 && b[0] == '{' ? parse_json(s, b, size, path) : parse_binary(s, b, size, path);
+    if (st == KVT_OK)
+        st = build_index(s, path);
+    if (st != KVT_OK) {
+        kvt_selection_free(s);
+        goto out_free_buf;
+    }
+    *out = s;
+out_free_buf:
+    kvt_free(b);
+    return st;
+}
+
+const kvt_selection_header *kvt_selection_get_header(const kvt_selection *s)
+{
+    return &s->hdr;
+}
+
+const kvt_selection_record *kvt_selection_record_at(const kvt_selection *s, size_t i)
+{
+    return i < s->hdr.n_records ? &s->recs[i] : NULL;
+}
+
+kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int budget, int layer,
+                              int head, int step, const int32_t **idx, size_t *n)
+{
+    *idx = NULL;
+    *n = 0;
+    const sel_key key = {{trace, policy, budget, layer, head, step}, 0};
+    const sel_key *hit = bsearch(&key, s->order, s->hdr.n_records, sizeof(*s->order), key_cmp);
+    if (hit) {
+        *idx = s->recs[hit->rec].idx;
+        *n = s->recs[hit->rec].n;
+        return KVT_OK;
+    }
+    return kvt_error_set(KVT_ERR_NOT_FOUND,
+                         "selection: no record for trace %d, policy %d, budget %d, layer %d, head "
+                         "%d, step %d",
+                         trace, policy, budget, layer, head, step);
+}
+
+kvt_status kvt_selection_shape(const kvt_selection *s, int trace, int policy, int *n_layers,
+                               int *n_heads, int *n_steps)
+{
+    *n_layers = *n_heads = *n_steps = 0;
+    KVT_RETURN_IF(trace < 0 || (size_t)trace >= s->hdr.n_traces || policy < 0 ||
+                      (size_t)policy >= s->hdr.n_policies,
+                  KVT_ERR_INVALID_ARG, "selection: no trace %d or policy %d", trace, policy);
+    for (size_t i = 0; i < s->hdr.n_records; i++) {
+        const kvt_selection_record *r = &s->recs[i];
+        if (r->trace != trace || r->policy != policy)
+            continue;
+        if (r->layer >= *n_layers)
+            *n_layers = r->layer + 1;
+        if (r->head >= *n_heads)
+            *n_heads = r->head + 1;
+        if (r->step >= *n_steps)
+            *n_steps = r->step + 1;
+    }
+    return KVT_OK;
+}

@@ -1,0 +1,326 @@
+/* test_selection_read.c - the selection export reader (analysis/selection_read.c): a replay with
+ * a fixed-set, a per-query-head, a per-step (quest) and a merged (lightkv-like) policy is
+ * exported through the writer sink in both layouts, read back, and every set is compared with
+ * kvt_replay_layer_select's; the binary file cut at every byte and the JSON one at many bytes
+ * gives KVT_ERR_CORRUPT (or OK where the cut leaves a complete file); chosen and random byte
+ * flips give an error or a valid file, never a crash.
+ */
+#include "kvt_analysis.h"
+#include "replay_test_util.h"
+
+enum { L = 3, T = 48, D = 8, Hq = 4, Hkv = 2, W = 8, G = 3 };
+#define NPOL 4
+#define NB   3
+static const char *specs[NPOL] = {"snapkv:window=8", "adakv:window=8,heads=query", "quest",
+                                  "lightkv-like:window=8"};
+
+static unsigned char *slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    rewind(f);
+    unsigned char *b = malloc((size_t)len + 1);
+    *n = fread(b, 1, (size_t)len, f);
+    fclose(f);
+    return b;
+}
+
+static void spit(const char *path, const unsigned char *b, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(b, 1, n, f) != n) {
+        fprintf(stderr, "cannot write %s\n", path);
+        exit(1);
+    }
+    fclose(f);
+}
+
+static void put32(unsigned char *p, uint32_t x)
+{
+    p[0] = (unsigned char)x, p[1] = (unsigned char)(x >> 8), p[2] = (unsigned char)(x >> 16);
+    p[3] = (unsigned char)(x >> 24);
+}
+
+/* Read b[0..n) from path; walk every record (the fuzz target's walk). */
+static kvt_status read_bytes(const char *path, const unsigned char *b, size_t n, size_t *n_rec)
+{
+    spit(path, b, n);
+    kvt_selection *s = NULL;
+    kvt_status st = kvt_selection_read(path, &s);
+    *n_rec = 0;
+    if (st == KVT_OK) {
+        const kvt_selection_header *h = kvt_selection_get_header(s);
+        *n_rec = h->n_records;
+        for (size_t i = 0; i < h->n_records; i++) {
+            const kvt_selection_record *r = kvt_selection_record_at(s, i);
+            const int32_t *idx;
+            size_t cnt;
+            KVT_EXPECT(kvt_selection_find(s, r->trace, r->policy, r->budget, r->layer, r->head,
+                                          r->step, &idx, &cnt) == KVT_OK &&
+                       idx == r->idx && cnt == r->n);
+        }
+    }
+    kvt_selection_free(s);
+    kvt_error_clear();
+    return st;
+}
+
+/* Every (layer, policy, budget, head, step) of the replay is in the export with the same set,
+ * and the export has nothing else. */
+static void compare(const kvt_selection *s, kvt_layer_selection *sel[L][NPOL], const char *what)
+{
+    const kvt_selection_header *h = kvt_selection_get_header(s);
+    KVT_EXPECT(h->selection_version == KVT_SELECTION_VERSION && h->generator);
+    KVT_EXPECT(h->n_policies == NPOL && h->n_budgets == NB && h->n_traces == 1);
+    for (int p = 0; p < NPOL && h->n_policies == NPOL; p++)
+        KVT_EXPECT(!strcmp(h->policies[p].label, specs[p]));
+    KVT_EXPECT(h->n_budgets == NB && !strcmp(h->budgets[1], "25%"));
+    KVT_EXPECT(h->policies[1].query_heads && !h->policies[0].query_heads);
+    KVT_EXPECT(h->policies[2].per_step && !h->policies[2].merged && h->policies[3].merged);
+    size_t matched = 0;
+    int bad = 0;
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < NPOL; p++) {
+            const kvt_layer_selection *ls = sel[l][p];
+            int nh = kvt_layer_selection_n_heads(ls), ns = kvt_layer_selection_n_steps(ls);
+            int el, eh, es;
+            KVT_EXPECT(kvt_selection_shape(s, 0, p, &el, &eh, &es) == KVT_OK && el == L &&
+                       eh == nh && es == ns);
+            for (int b = 0; b < NB; b++)
+                for (int head = 0; head < nh; head++)
+                    for (int step = -1; step < ns; step++) {
+                        bool exists = step < 0 ? kvt_layer_selection_has_fixed(ls)
+                                               : kvt_layer_selection_head_per_step(ls, head);
+                        const int32_t *got;
+                        size_t n_got;
+                        kvt_status st = kvt_selection_find(s, 0, p, b, l, head, step, &got, &n_got);
+                        if (!exists) {
+                            bad += st != KVT_ERR_NOT_FOUND;
+                            continue;
+                        }
+                        int32_t want[T];
+                        size_t nw = 0;
+                        KVT_CHECK(
+                            kvt_layer_selection_kept(ls, (size_t)b, head, step, want, T, &nw));
+                        if (st != KVT_OK || n_got != nw || memcmp(got, want, nw * sizeof(*want))) {
+                            if (bad++ < 5)
+                                fprintf(stderr, "%s: l%d p%d b%d h%d s%d: %s, %zu vs %zu\n", what,
+                                        l, p, b, head, step, kvt_status_str(st), n_got, nw);
+                            continue;
+                        }
+                        matched++;
+                    }
+        }
+    KVT_EXPECT_MSG(bad == 0, "%s: %d sets differ", what, bad);
+    KVT_EXPECT_MSG(matched == h->n_records, "%s: %zu sets matched, %zu records", what, matched,
+                   h->n_records);
+    /* per layer: snapkv 3x2, adakv 3x4, quest 3x2x3 steps, lightkv 3x2 */
+    KVT_EXPECT_EQ_U64(h->n_records, L * (6 + 12 + 18 + 6));
+    const int32_t *idx;
+    size_t n;
+    KVT_EXPECT_STATUS(kvt_selection_find(s, 0, 0, 0, L, 0, -1, &idx, &n), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(idx == NULL && n == 0);
+    KVT_EXPECT(kvt_selection_record_at(s, h->n_records) == NULL);
+    const kvt_selection_record *r0 = kvt_selection_record_at(s, 0);
+    KVT_EXPECT(r0 && r0->layer == 0 && r0->policy == 0 && r0->step == -1 && r0->n == 12 &&
+               r0->budget_tokens == 12);
+}
+
+int main(void)
+{
+    test_layer layers[L];
+    for (int l = 0; l < L; l++) {
+        tl_random(&layers[l], 900 + (uint64_t)l, T, D, Hq, Hkv, W, G, true);
+        layers[l].in.layer = l;
+        layers[l].in.n_layers = L;
+    }
+    char tpath[256], bpath[256], jpath[256], xpath[256];
+    kvt_test_tmp(tpath, sizeof(tpath), "a.kvt");
+    kvt_test_tmp(bpath, sizeof(bpath), "sel.bin");
+    kvt_test_tmp(jpath, sizeof(jpath), "sel.json");
+    kvt_test_tmp(xpath, sizeof(xpath), "sel_cut.bin");
+    tl_write_trace(tpath, L, T, D, Hq, Hkv, W, G, layers);
+
+    kvt_policy *pols[NPOL];
+    for (int i = 0; i < NPOL; i++)
+        KVT_CHECK(kvt_policy_create(specs[i], NULL, &pols[i]));
+    kvt_budget *bud;
+    size_t nb;
+    KVT_CHECK(kvt_budgets_parse("12,25%,100", &bud, &nb));
+    const char *tp[1] = {tpath};
+    int btok[NB] = {12, 12, 100};
+    const char *paths[2] = {bpath, jpath};
+    for (int k = 0; k < 2; k++) { /* binary with 3 threads (out-of-order layers), then JSON */
+        kvt_selection_writer *w;
+        KVT_CHECK(kvt_selection_writer_open(paths[k], true, pols, NPOL, bud, nb, tp, 1, &w));
+        KVT_CHECK(kvt_selection_writer_begin_trace(w, 0, L, btok));
+        kvt_replay_opts o = {.n_threads = k ? 1 : 3,
+                             .coverage_probes = -1,
+                             .sink = kvt_selection_writer_sink,
+                             .sink_user = w};
+        kvt_trace_result *tr = NULL;
+        KVT_CHECK(kvt_replay_trace(tpath, pols, NPOL, bud, nb, &o, &tr));
+        kvt_trace_result_free(tr);
+        KVT_CHECK(kvt_selection_writer_end_trace(w));
+        KVT_CHECK(kvt_selection_writer_close(w));
+    }
+    kvt_layer_selection *sel[L][NPOL];
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < NPOL; p++)
+            KVT_CHECK(kvt_replay_layer_select(&layers[l].in, pols[p], btok, NB, &sel[l][p]));
+
+    /* round trip, both layouts; they hold the same records in the same order */
+    kvt_selection *sb = NULL, *sj = NULL;
+    KVT_EXPECT_STATUS(kvt_selection_read(bpath, &sb), KVT_OK);
+    KVT_EXPECT_STATUS(kvt_selection_read(jpath, &sj), KVT_OK);
+    if (sb && sj) {
+        compare(sb, sel, "binary");
+        compare(sj, sel, "json");
+        KVT_EXPECT(!kvt_selection_get_header(sb)->json && kvt_selection_get_header(sj)->json);
+        size_t nr = kvt_selection_get_header(sb)->n_records, diff = 0;
+        for (size_t i = 0; i < nr; i++) {
+            const kvt_selection_record *a = kvt_selection_record_at(sb, i);
+            const kvt_selection_record *b = kvt_selection_record_at(sj, i);
+            diff += !b || a->trace != b->trace || a->policy != b->policy ||
+                    a->budget != b->budget || a->layer != b->layer || a->head != b->head ||
+                    a->step != b->step || a->flags != b->flags ||
+                    a->budget_tokens != b->budget_tokens || a->n != b->n ||
+                    memcmp(a->idx, b->idx, a->n * sizeof(int32_t));
+        }
+        KVT_EXPECT_MSG(diff == 0, "%zu records differ between binary and JSON", diff);
+    }
+    /* record boundaries of the binary file: a cut there leaves a shorter valid export */
+    size_t n = 0, nj = 0;
+    unsigned char *raw = slurp(bpath, &n), *rawj = slurp(jpath, &nj);
+    KVT_CHECK(raw && rawj ? KVT_OK : KVT_ERR_IO);
+    size_t n_rec_all = sb ? kvt_selection_get_header(sb)->n_records : 0;
+    size_t *bound = calloc(n_rec_all + 1, sizeof(size_t));
+    size_t off = 16 + (raw[12] | (size_t)raw[13] << 8), n_bound = 0;
+    bound[n_bound++] = off;
+    for (size_t i = 0; sb && i < n_rec_all; i++) {
+        off += 36 + 4 * kvt_selection_record_at(sb, i)->n;
+        bound[n_bound++] = off;
+    }
+    KVT_EXPECT(off == n);
+
+    /* truncation at every byte (binary) */
+    int bad_cut = 0;
+    size_t b_i = 0;
+    for (size_t len = 0; len <= n; len++) {
+        size_t nr;
+        kvt_status st = read_bytes(xpath, raw, len, &nr);
+        while (b_i < n_bound && bound[b_i] < len)
+            b_i++;
+        bool complete = b_i < n_bound && bound[b_i] == len;
+        kvt_status want = complete ? KVT_OK : KVT_ERR_CORRUPT;
+        if ((st != want || (complete && nr != b_i)) && bad_cut++ < 5)
+            fprintf(stderr, "binary cut at %zu: %s (%zu records), want %s\n", len,
+                    kvt_status_str(st), nr, kvt_status_str(want));
+    }
+    KVT_EXPECT_MSG(bad_cut == 0, "%d binary cuts read wrong", bad_cut);
+    /* truncation of the JSON layout: every 7th byte and the last 64 */
+    bad_cut = 0;
+    for (size_t len = 0; len < nj; len += (len + 64 < nj ? 7 : 1)) {
+        size_t nr;
+        kvt_status st = read_bytes(xpath, rawj, len, &nr);
+        bool complete = len + 1 >= nj; /* only the final newline may go */
+        kvt_status want = complete ? KVT_OK : KVT_ERR_CORRUPT;
+        if (st != want && bad_cut++ < 5)
+            fprintf(stderr, "json cut at %zu of %zu: %s\n", len, nj, kvt_status_str(st));
+    }
+    KVT_EXPECT_MSG(bad_cut == 0, "%d JSON cuts read wrong", bad_cut);
+
+    /* chosen damage to the binary file */
+    unsigned char *m = malloc(n + 64);
+    size_t r0 = bound[0]; /* first record */
+    size_t nr;
+    struct {
+        size_t at;
+        uint32_t val;
+        int bytes;
+        kvt_status want;
+    } cases[] = {
+        {0, 'X', 1, KVT_ERR_CORRUPT},                /* magic */
+        {7, 2, 1, KVT_ERR_VERSION},                  /* another major layout */
+        {8, 2, 4, KVT_ERR_VERSION},                  /* newer version */
+        {8, 0, 4, KVT_ERR_CORRUPT},                  /* version 0 */
+        {12, 0xFFFFFFF0u, 4, KVT_ERR_CORRUPT},       /* header_len past the end */
+        {12, 3, 4, KVT_ERR_CORRUPT},                 /* header cut short: bad JSON */
+        {r0, 0x4C45534Cu, 4, KVT_ERR_CORRUPT},       /* record magic */
+        {r0 + 4, 1, 2, KVT_ERR_CORRUPT},             /* trace index */
+        {r0 + 6, NPOL, 2, KVT_ERR_CORRUPT},          /* policy index */
+        {r0 + 8, NB, 2, KVT_ERR_CORRUPT},            /* budget index */
+        {r0 + 10, 1, 2, KVT_ERR_CORRUPT},            /* step flag on the prompt set */
+        {r0 + 12, 0x80000000u, 4, KVT_ERR_CORRUPT},  /* layer above 2^31-1 */
+        {r0 + 20, (uint32_t)-2, 4, KVT_ERR_CORRUPT}, /* step -2 */
+        {r0 + 20, 0, 4, KVT_ERR_CORRUPT},            /* decode step of snapkv */
+        {r0 + 24, 0, 4, KVT_ERR_CORRUPT},            /* budget_tokens 0 */
+        {r0 + 28, 0x40000000u, 4, KVT_ERR_CORRUPT},  /* n past the end */
+        {r0 + 28, 13, 4, KVT_ERR_CORRUPT},           /* n one too many: framing breaks */
+        {r0 + 36 + 4, 0, 4, KVT_ERR_CORRUPT},        /* indices not ascending */
+        {r0 + 36, 0x80000000u, 4, KVT_ERR_CORRUPT},  /* index above 2^31-1 */
+        {bound[1] + 16, 0, 4, KVT_ERR_CORRUPT},      /* record 1 (head 1) becomes head 0 */
+    };
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        memcpy(m, raw, n);
+        if (cases[c].bytes == 1)
+            m[cases[c].at] = (unsigned char)cases[c].val;
+        else if (cases[c].bytes == 2)
+            m[cases[c].at] = (unsigned char)cases[c].val,
+            m[cases[c].at + 1] = (unsigned char)(cases[c].val >> 8);
+        else
+            put32(m + cases[c].at, cases[c].val);
+        kvt_status st = read_bytes(xpath, m, n, &nr);
+        KVT_EXPECT_MSG(st == cases[c].want, "case %zu (byte %zu): got %s (%s)", c, cases[c].at,
+                       kvt_status_str(st), kvt_error_msg());
+    }
+    memcpy(m, raw, n); /* trailing garbage shorter than a record */
+    memset(m + n, 0, 5);
+    KVT_EXPECT_STATUS(read_bytes(xpath, m, n + 5, &nr), KVT_ERR_CORRUPT);
+    KVT_EXPECT_STATUS(read_bytes(xpath, m, 0, &nr), KVT_ERR_CORRUPT);
+    kvt_selection *none = NULL;
+    unlink(xpath);
+    KVT_EXPECT_STATUS(kvt_selection_read(xpath, &none), KVT_ERR_IO);
+    KVT_EXPECT(none == NULL);
+
+    /* random flips (1-4 bytes): an error or a valid file, never a crash */
+    kvt_rng rng;
+    kvt_rng_seed(&rng, 12345);
+    int outcomes[3] = {0, 0, 0};
+    for (int it = 0; it < 3000; it++) {
+        memcpy(m, raw, n);
+        int k = 1 + (int)(kvt_rng_u64(&rng) % 4);
+        for (int j = 0; j < k; j++)
+            m[kvt_rng_u64(&rng) % n] ^= (unsigned char)(1u << (kvt_rng_u64(&rng) % 8));
+        kvt_status st = read_bytes(xpath, m, n, &nr);
+        KVT_EXPECT_MSG(st == KVT_OK || st == KVT_ERR_CORRUPT || st == KVT_ERR_VERSION,
+                       "flip %d: %s", it, kvt_status_str(st));
+        outcomes[st == KVT_OK ? 0 : st == KVT_ERR_CORRUPT ? 1 : 2]++;
+    }
+    printf("random flips: %d ok, %d corrupt, %d version\n", outcomes[0], outcomes[1], outcomes[2]);
+    KVT_EXPECT(outcomes[1] > 0);
+
+    free(m);
+    free(bound);
+    free(raw);
+    free(rawj);
+    kvt_selection_free(sb);
+    kvt_selection_free(sj);
+    kvt_selection_free(NULL);
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < NPOL; p++)
+            kvt_layer_selection_free(sel[l][p]);
+    for (int i = 0; i < NPOL; i++)
+        kvt_policy_free(pols[i]);
+    kvt_free(bud);
+    for (int l = 0; l < L; l++)
+        tl_free(&layers[l]);
+    unlink(tpath);
+    unlink(bpath);
+    unlink(jpath);
+    unlink(xpath);
+    return kvt_test_result("test_selection_read");
+}
