@@ -27,9 +27,8 @@ static void on_stop_signal(int sig)
     stop_signal = sig;
 }
 
-/* SIGINT/SIGTERM stop the run cleanly; a second one kills as usual (SA_RESETHAND). SIGXFSZ
- * is ignored so that a file size limit makes writes fail with EFBIG, which the writer
- * reports, instead of killing the process mid-record. */
+/* SIGINT/SIGTERM stop the run cleanly; a second one kills as usual (SA_RESETHAND). (SIGXFSZ
+ * is ignored for every command in main.c, so a file size limit is a write error.) */
 static void install_signals(void)
 {
     struct sigaction sa;
@@ -39,7 +38,6 @@ static void install_signals(void)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
-    signal(SIGXFSZ, SIG_IGN);
 }
 
 static void restore_signals(void)

@@ -16,6 +16,19 @@ static const double palette[][3] = {{0.12, 0.47, 0.71}, {1.00, 0.50, 0.05}, {0.1
                                     {0.09, 0.75, 0.81}};
 #define N_PALETTE (sizeof(palette) / sizeof(palette[0]))
 
+/* one legend line at (x, y): a short stroke in the current colour and dash, then the label
+ * in black; leaves the dash off */
+static void legend_entry(cairo_t *cr, double x, double y, const char *label)
+{
+    cairo_move_to(cr, x, y);
+    cairo_line_to(cr, x + 20, y);
+    cairo_stroke(cr);
+    cairo_set_dash(cr, NULL, 0, 0);
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    cairo_move_to(cr, x + 25, y + 4);
+    cairo_show_text(cr, label);
+}
+
 kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, const char *path,
                                   int width, int height)
 {
@@ -121,14 +134,7 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
             cairo_set_dash(cr, NULL, 0, 0);
             continue;
         }
-        double ly = mt + 10 + 16 * li++;
-        cairo_move_to(cr, ml + pw + 10, ly);
-        cairo_line_to(cr, ml + pw + 30, ly);
-        cairo_stroke(cr);
-        cairo_set_dash(cr, NULL, 0, 0);
-        cairo_set_source_rgb(cr, 0, 0, 0);
-        cairo_move_to(cr, ml + pw + 35, ly + 4);
-        cairo_show_text(cr, r->policies[p].label);
+        legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, r->policies[p].label);
     }
     cairo_destroy(cr);
     if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
@@ -377,14 +383,7 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
             cairo_set_dash(cr, NULL, 0, 0);
             continue;
         }
-        double ly = mt + 10 + 16 * li++;
-        cairo_move_to(cr, ml + pw + 10, ly);
-        cairo_line_to(cr, ml + pw + 30, ly);
-        cairo_stroke(cr);
-        cairo_set_dash(cr, NULL, 0, 0);
-        cairo_set_source_rgb(cr, 0, 0, 0);
-        cairo_move_to(cr, ml + pw + 35, ly + 4);
-        cairo_show_text(cr, fg->series_labels[k]);
+        legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, fg->series_labels[k]);
     }
     cairo_destroy(cr);
     kvt_status st = KVT_OK;

@@ -9,6 +9,7 @@
 #include <cjson/cJSON.h>
 
 #include "kvt_report.h"
+#include "report_internal.h"
 
 static const char *const metric_names[] = {"err_window", "err_decode", "recall_window",
                                            "recall_decode", "coverage"};
@@ -37,7 +38,7 @@ bool kvt_rec_metric_is_error(kvt_rec_metric m)
     return m == KVT_REC_METRIC_ERR_WINDOW || m == KVT_REC_METRIC_ERR_DECODE;
 }
 
-static double summary_metric(const kvt_run_summary *s, kvt_rec_metric m)
+double kvt_rec_summary_value(const kvt_run_summary *s, kvt_rec_metric m)
 {
     switch (m) {
     case KVT_REC_METRIC_ERR_WINDOW:
@@ -55,7 +56,7 @@ static double summary_metric(const kvt_run_summary *s, kvt_rec_metric m)
     }
 }
 
-static double head_metric(const kvt_head_metrics *h, kvt_rec_metric m)
+double kvt_rec_head_value(const kvt_head_metrics *h, kvt_rec_metric m)
 {
     switch (m) {
     case KVT_REC_METRIC_ERR_WINDOW:
@@ -225,7 +226,7 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
                     kvt_free(lv);
                     return st;
                 }
-                double v = summary_metric(&sm, rec->metric);
+                double v = kvt_rec_summary_value(&sm, rec->metric);
                 if (!isnan(v))
                     s += v, n++;
             }
@@ -242,9 +243,9 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
                 double s = 0.0;
                 int n = 0;
                 for (size_t i = 0; i < r->n_traces; i++) {
-                    double v =
-                        head_metric(kvt_trace_result_at(r->traces[i], pol, (size_t)order[k], l, h),
-                                    rec->metric);
+                    double v = kvt_rec_head_value(
+                        kvt_trace_result_at(r->traces[i], pol, (size_t)order[k], l, h),
+                        rec->metric);
                     if (!isnan(v))
                         s += v, n++;
                 }
@@ -299,8 +300,8 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         bool any = false;
         for (size_t p = 0; p < np; p++)
             for (size_t b = 0; b < nb; b++)
-                any |=
-                    !is_reference(&r->policies[p]) && !isnan(summary_metric(&sum[p * nb + b], m));
+                any |= !is_reference(&r->policies[p]) &&
+                       !isnan(kvt_rec_summary_value(&sum[p * nb + b], m));
         if (!any)
             m = o->target_is_max ? KVT_REC_METRIC_ERR_WINDOW : KVT_REC_METRIC_RECALL_WINDOW;
     } else if (!kvt_rec_metric_name(m) || kvt_rec_metric_is_error(m) != o->target_is_max) {
@@ -324,7 +325,7 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         bool any = false;
         for (size_t b = 0; b < nb; b++) {
             const kvt_run_summary *s = &sum[p * nb + b];
-            c->value[b] = summary_metric(s, m);
+            c->value[b] = kvt_rec_summary_value(s, m);
             c->n_keep[b] = s->n_keep;
             c->kept_entries[b] = s->kept_entries;
             any |= !isnan(c->value[b]);

@@ -8,28 +8,11 @@
 #include <string.h>
 
 #include "kvt_report.h"
+#include "report_internal.h"
 
 #ifndef KVT_CHARTJS_PATH /* set by report/CMakeLists.txt (cache variable of the same name) */
 #define KVT_CHARTJS_PATH "/usr/share/javascript/chart.js/chart.min.js"
 #endif
-
-static double head_metric(const kvt_head_metrics *m, kvt_rec_metric metric)
-{
-    switch (metric) {
-    case KVT_REC_METRIC_ERR_WINDOW:
-        return m->err_window;
-    case KVT_REC_METRIC_ERR_DECODE:
-        return m->err_decode;
-    case KVT_REC_METRIC_RECALL_WINDOW:
-        return m->recall_window;
-    case KVT_REC_METRIC_RECALL_DECODE:
-        return m->recall_decode;
-    case KVT_REC_METRIC_COVERAGE:
-        return m->coverage;
-    default:
-        return NAN;
-    }
-}
 
 double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_rec_metric metric,
                              int layer, int head)
@@ -42,7 +25,7 @@ double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_r
         const kvt_trace_result *t = r->traces[i];
         if (layer >= t->n_layers || head >= t->policy_heads[pol])
             continue;
-        double v = head_metric(kvt_trace_result_at(t, pol, bud, layer, head), metric);
+        double v = kvt_rec_head_value(kvt_trace_result_at(t, pol, bud, layer, head), metric);
         if (!isnan(v))
             sum += v, n++;
     }
@@ -94,30 +77,12 @@ bool kvt_report_policy_allocates(const kvt_results *r, size_t pol)
     return false;
 }
 
-static double summary_metric(const kvt_run_summary *s, kvt_rec_metric metric)
-{
-    switch (metric) {
-    case KVT_REC_METRIC_ERR_WINDOW:
-        return s->err_window;
-    case KVT_REC_METRIC_ERR_DECODE:
-        return s->err_decode;
-    case KVT_REC_METRIC_RECALL_WINDOW:
-        return s->recall_window;
-    case KVT_REC_METRIC_RECALL_DECODE:
-        return s->recall_decode;
-    case KVT_REC_METRIC_COVERAGE:
-        return s->coverage;
-    default:
-        return NAN;
-    }
-}
-
 bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric)
 {
     for (size_t p = 0; p < r->n_policies; p++)
         for (size_t b = 0; b < r->n_budgets; b++) {
             kvt_run_summary s;
-            if (!kvt_summarize_results(r, p, b, &s) && !isnan(summary_metric(&s, metric)))
+            if (!kvt_summarize_results(r, p, b, &s) && !isnan(kvt_rec_summary_value(&s, metric)))
                 return true;
         }
     return false;

@@ -77,6 +77,25 @@ static inline int kvt_test_result(const char *name)
     return 0;
 }
 
+/** The whole file at path, NUL-terminated (caller frees); *n gets its size when n is not
+ *  NULL. NULL if it cannot be opened. */
+static inline unsigned char *kvt_test_slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    long len = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
+    rewind(f);
+    unsigned char *b = len >= 0 ? malloc((size_t)len + 1) : NULL;
+    size_t got = b ? fread(b, 1, (size_t)len, f) : 0;
+    fclose(f);
+    if (b)
+        b[got] = 0;
+    if (n)
+        *n = got;
+    return b;
+}
+
 /** A temporary path unique to this test process: caller provides buf. */
 static inline const char *kvt_test_tmp(char *buf, size_t cap, const char *name)
 {

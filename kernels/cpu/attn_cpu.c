@@ -6,14 +6,10 @@
 #include <math.h>
 #include <string.h>
 
+#include "../ref/attn_row.h"
 #include "kvt_kernels.h"
 
 #define KB 256 /* keys per converted block: [KB, D] doubles stay in L2 */
-
-static int clampi(int x, int lo, int hi)
-{
-    return x < lo ? lo : (x > hi ? hi : x);
-}
 
 kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, int T,
                               const int *n_vis, const float *k2, int n2, const int *n_vis2,
@@ -26,7 +22,7 @@ kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, in
         n2 = 0;
     int nv_max = 0;
     for (int i = 0; i < n_q; i++) {
-        int nv = clampi(n_vis[i], 0, T);
+        int nv = kvt_clampi(n_vis[i], 0, T);
         nv_max = nv > nv_max ? nv : nv_max;
     }
     kvt_status st = KVT_OK;
@@ -47,54 +43,11 @@ kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, in
         kvt_gemm_f64(true, n_q, nb, D, scale, qd, D, kd, D, 0.0, z + j0, nv_max);
     }
     double *z2 = work + T; /* (n2) logits of block 2 of the current query */
-    for (int i = 0; i < n_q; i++) {
-        const float *qi = q + (size_t)i * D;
-        double *z1 = z + (size_t)i * nv_max;
-        int nv = clampi(n_vis[i], 0, T);
-        int nv2 = k2 ? clampi(n_vis2[i], 0, n2) : 0;
-        if (nv + nv2 == 0) {
-            st = kvt_error_set(KVT_ERR_INVALID_ARG, "attn_probs: query %d sees no key", i);
-            goto out_free;
-        }
-        double zmax = -INFINITY;
-        for (int j = 0; j < nv; j++) {
-            if (!isfinite(z1[j])) {
-                st = kvt_error_set(KVT_ERR_NAN, "attn_probs: logit (%d,%d) not finite", i, j);
-                goto out_free;
-            }
-            zmax = z1[j] > zmax ? z1[j] : zmax;
-        }
-        for (int j = 0; j < nv2; j++) {
-            double s = 0.0;
-            const float *kj = k2 + (size_t)j * D;
-            for (int d = 0; d < D; d++)
-                s += (double)qi[d] * (double)kj[d];
-            z2[j] = s * scale;
-            if (!isfinite(z2[j])) {
-                st = kvt_error_set(KVT_ERR_NAN, "attn_probs: logit (%d,k2 %d) not finite", i, j);
-                goto out_free;
-            }
-            zmax = z2[j] > zmax ? z2[j] : zmax;
-        }
-        double zsum = 0.0;
-        for (int j = 0; j < nv; j++) {
-            z1[j] = exp(z1[j] - zmax);
-            zsum += z1[j];
-        }
-        for (int j = 0; j < nv2; j++) {
-            z2[j] = exp(z2[j] - zmax);
-            zsum += z2[j];
-        }
-        float *pi = pr + (size_t)i * T;
-        for (int j = 0; j < T; j++)
-            pi[j] = j < nv ? (float)(z1[j] / zsum) : 0.0f;
-        if (k2) {
-            float *p2 = pr2 + (size_t)i * n2;
-            for (int j = 0; j < n2; j++)
-                p2[j] = j < nv2 ? (float)(z2[j] / zsum) : 0.0f;
-        }
-        if (lse)
-            lse[i] = zmax + log(zsum);
+    for (int i = 0; i < n_q && !st; i++) {
+        int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
+        st = kvt_attn_row(i, q + (size_t)i * D, D, NULL, z + (size_t)i * nv_max, nv, T, k2, z2, nv2,
+                          n2, scale, pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL,
+                          lse ? lse + i : NULL);
     }
 out_free:
     kvt_free(qd);

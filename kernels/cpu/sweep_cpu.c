@@ -19,31 +19,42 @@ size_t kvt_sweep_output_cpu_workspace_bytes(int n_q, int D)
     return kvt_sweep_output_workspace_bytes(n_q, D) + (nq * KB + (size_t)KB * D) * sizeof(double);
 }
 
-/* add sign * (contribution of order[t0..t1)) to acc, r and rm of every query */
-static void add_tokens(int n_q, int D, const float *p, size_t stride_p, const float *v,
-                       const int32_t *order, int t0, int t1, const uint8_t *mod, double sign,
-                       double *acc, double *r, double *rm, double *pg, double *vg)
+typedef struct cpu_add {
+    int n_q, D;
+    const float *p, *v;
+    size_t stride_p;
+    const int32_t *order;
+    const uint8_t *mod;
+    double *pg, *vg; /* [n_q, KB] and [KB, D] gathered blocks */
+} cpu_add;
+
+/* add sign * (contribution of order[t0..t1)) to acc, r and rm of every query, KB tokens at a
+ * time: gather their probabilities and values, one product */
+static void cpu_add_tokens(void *ctx, int t0, int t1, double sign, double *acc, double *r,
+                           double *rm)
 {
+    const cpu_add *a = ctx;
+    const int n_q = a->n_q, D = a->D;
     for (int b0 = t0; b0 < t1; b0 += KB) {
         int nb = t1 - b0 < KB ? t1 - b0 : KB;
         for (int u = 0; u < nb; u++) {
-            const float *vj = v + (size_t)order[b0 + u] * D;
+            const float *vj = a->v + (size_t)a->order[b0 + u] * D;
             for (int d = 0; d < D; d++)
-                vg[(size_t)u * D + d] = vj[d];
+                a->vg[(size_t)u * D + d] = vj[d];
         }
         for (int q = 0; q < n_q; q++) {
-            const float *pq = p + (size_t)q * stride_p;
-            double *pgq = pg + (size_t)q * nb, s = 0.0;
+            const float *pq = a->p + (size_t)q * a->stride_p;
+            double *pgq = a->pg + (size_t)q * nb, s = 0.0;
             for (int u = 0; u < nb; u++) {
-                double pj = pq[order[b0 + u]];
+                double pj = pq[a->order[b0 + u]];
                 pgq[u] = pj;
                 s += pj;
-                if (mod)
-                    rm[(size_t)q * NM + mod[order[b0 + u]]] += sign * pj;
+                if (a->mod)
+                    rm[(size_t)q * NM + a->mod[a->order[b0 + u]]] += sign * pj;
             }
             r[q] += sign * s;
         }
-        kvt_gemm_f64(false, n_q, D, nb, sign, pg, nb, vg, D, 1.0, acc, D);
+        kvt_gemm_f64(false, n_q, D, nb, sign, a->pg, nb, a->vg, D, 1.0, acc, D);
     }
 }
 
@@ -55,66 +66,12 @@ kvt_status kvt_sweep_output_cpu(int n_q, int T, int D, const float *p, size_t st
                                 size_t stride_m, double *recall, double *err, double *recall_mod,
                                 void *work)
 {
-    KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
-                  "sweep_output: bad shape n_q=%d T=%d D=%d", n_q, T, D);
-    KVT_RETURN_IF(mod && !mass_mod, KVT_ERR_INVALID_ARG, "sweep_output: mod without mass_mod");
-    for (int c = 0; c < n_cut; c++)
-        KVT_RETURN_IF(cuts[c] < 0 || cuts[c] > T || (c > 0 && cuts[c] <= cuts[c - 1]),
-                      KVT_ERR_INVALID_ARG, "sweep: cuts must increase strictly within 0..%d", T);
-    if (!mod)
-        recall_mod = NULL;
-    /* work: acc (n_q, D), r (n_q), rm (n_q, NM), r_full (n_q), then pg (n_q, KB), vg (KB, D) */
-    double *acc = work, *r = acc + (size_t)n_q * D, *rm = r + n_q, *rf = rm + (size_t)n_q * NM;
-    double *pg = rf + n_q, *vg = pg + (size_t)n_q * KB;
-    int half = T / 2, n_fwd = 0;
-    while (n_fwd < n_cut && cuts[n_fwd] <= half)
-        n_fwd++;
-
-    memset(work, 0, kvt_sweep_output_workspace_bytes(n_q, D));
-    for (int q = 0; q < n_q; q++) {
-        if (r_full) {
-            rf[q] = r_full[(size_t)q * stride_e];
-            continue;
-        }
-        const float *pq = p + (size_t)q * stride_p;
-        double s = 0.0;
-        for (int j = 0; j < T; j++)
-            s += pq[j];
-        rf[q] = s;
-    }
-#define RECORD(q, ci, rq)                                                                          \
-    kvt_sweep_record(q, ci, n_cut, D, acc + (size_t)(q)*D, rq, rm + (size_t)(q)*NM, rf[q],         \
-                     a_full + (size_t)(q)*stride_a,                                                \
-                     p_extra ? p_extra + (size_t)(q)*stride_e : NULL,                              \
-                     o_extra ? o_extra + (size_t)(q)*stride_a : NULL,                              \
-                     mass_mod ? mass_mod + (size_t)(q)*stride_m : NULL, recall, err, recall_mod)
-    /* forward: kept = order[0..c) for the cuts up to T/2 */
-    int t = 0;
-    for (int ci = 0; ci < n_fwd; ci++) {
-        add_tokens(n_q, D, p, stride_p, v, order, t, cuts[ci], mod, 1.0, acc, r, rm, pg, vg);
-        t = cuts[ci];
-        for (int q = 0; q < n_q; q++)
-            RECORD(q, ci, r[q]);
-    }
-    if (n_fwd == n_cut)
-        return KVT_OK;
-
-    /* backward: kept = everything minus order[c..T) for the cuts above T/2 */
-    for (int q = 0; q < n_q; q++) {
-        r[q] = rf[q];
-        memcpy(acc + (size_t)q * D, a_full + (size_t)q * stride_a, (size_t)D * sizeof(double));
-        for (int m = 0; m < NM; m++)
-            rm[(size_t)q * NM + m] = mod ? mass_mod[(size_t)q * stride_m + m] : 0.0;
-    }
-    t = T;
-    for (int ci = n_cut - 1; ci >= n_fwd; ci--) {
-        add_tokens(n_q, D, p, stride_p, v, order, cuts[ci], t, mod, -1.0, acc, r, rm, pg, vg);
-        t = cuts[ci];
-        for (int q = 0; q < n_q; q++)
-            RECORD(q, ci, r[q] < 0.0 ? 0.0 : r[q]); /* cancellation can leave -1e-17 */
-    }
-#undef RECORD
-    return KVT_OK;
+    /* work: the driver's part, then pg (n_q, KB), vg (KB, D) */
+    double *pg = (double *)((char *)work + kvt_sweep_output_workspace_bytes(n_q, D));
+    cpu_add a = {n_q, D, p, v, stride_p, order, mod, pg, pg + (size_t)(n_q > 0 ? n_q : 0) * KB};
+    return kvt_sweep_drive(n_q, T, D, p, stride_p, a_full, stride_a, p_extra, stride_e, o_extra,
+                           r_full, cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod,
+                           work, cpu_add_tokens, &a);
 }
 
 kvt_status kvt_cosine_table_cpu(const float *ku, int T, int D, const int32_t *probe, int n_probe,

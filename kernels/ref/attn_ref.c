@@ -5,26 +5,14 @@
  */
 #include <math.h>
 
+#include "attn_row.h"
 #include "kvt_kernels.h"
-
-static double dot_f32(const float *a, const float *b, int D)
-{
-    double s = 0.0;
-    for (int d = 0; d < D; d++)
-        s += (double)a[d] * (double)b[d];
-    return s;
-}
 
 void kvt_dot_rows_ref(const float *q, const float *k, int n, int D, double scale, double *out)
 {
     /* q is (D), k is (n,D), out is (n) */
     for (int j = 0; j < n; j++)
-        out[j] = dot_f32(q, k + (size_t)j * D, D) * scale;
-}
-
-static int clampi(int x, int lo, int hi)
-{
-    return x < lo ? lo : (x > hi ? hi : x);
+        out[j] = kvt_dot_f32(q, k + (size_t)j * D, D) * scale;
 }
 
 kvt_status kvt_attn_probs_ref(const float *q, int n_q, int D, const float *k, int T,
@@ -39,42 +27,10 @@ kvt_status kvt_attn_probs_ref(const float *q, int n_q, int D, const float *k, in
     double *z1 = work, *z2 = work + T; /* (T) and (n2) logits of the current query */
     for (int i = 0; i < n_q; i++) {
         /* q row i is (D); pr row i is (T); pr2 row i is (n2) */
-        const float *qi = q + (size_t)i * D;
-        int nv = clampi(n_vis[i], 0, T);
-        int nv2 = k2 ? clampi(n_vis2[i], 0, n2) : 0;
-        KVT_RETURN_IF(nv + nv2 == 0, KVT_ERR_INVALID_ARG, "attn_probs: query %d sees no key", i);
-        double zmax = -INFINITY;
-        for (int j = 0; j < nv; j++) {
-            z1[j] = dot_f32(qi, k + (size_t)j * D, D) * scale;
-            KVT_RETURN_IF(!isfinite(z1[j]), KVT_ERR_NAN, "attn_probs: logit (%d,%d) not finite", i,
-                          j);
-            zmax = z1[j] > zmax ? z1[j] : zmax;
-        }
-        for (int j = 0; j < nv2; j++) {
-            z2[j] = dot_f32(qi, k2 + (size_t)j * D, D) * scale;
-            KVT_RETURN_IF(!isfinite(z2[j]), KVT_ERR_NAN, "attn_probs: logit (%d,k2 %d) not finite",
-                          i, j);
-            zmax = z2[j] > zmax ? z2[j] : zmax;
-        }
-        double zsum = 0.0;
-        for (int j = 0; j < nv; j++) {
-            z1[j] = exp(z1[j] - zmax);
-            zsum += z1[j];
-        }
-        for (int j = 0; j < nv2; j++) {
-            z2[j] = exp(z2[j] - zmax);
-            zsum += z2[j];
-        }
-        float *pi = pr + (size_t)i * T;
-        for (int j = 0; j < T; j++)
-            pi[j] = j < nv ? (float)(z1[j] / zsum) : 0.0f;
-        if (k2) {
-            float *p2 = pr2 + (size_t)i * n2;
-            for (int j = 0; j < n2; j++)
-                p2[j] = j < nv2 ? (float)(z2[j] / zsum) : 0.0f;
-        }
-        if (lse)
-            lse[i] = zmax + log(zsum);
+        int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
+        KVT_FORWARD(kvt_attn_row(i, q + (size_t)i * D, D, k, z1, nv, T, k2, z2, nv2, n2, scale,
+                                 pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL,
+                                 lse ? lse + i : NULL));
     }
     return KVT_OK;
 }
@@ -90,7 +46,7 @@ kvt_status kvt_attn_colsum_ref(const float *q, const float *k, int T, int D, dou
         const float *qi = q + (size_t)i * D;
         double zmax = -INFINITY;
         for (int j = 0; j <= i; j++) {
-            work[j] = dot_f32(qi, k + (size_t)j * D, D) * scale;
+            work[j] = kvt_dot_f32(qi, k + (size_t)j * D, D) * scale;
             KVT_RETURN_IF(!isfinite(work[j]), KVT_ERR_NAN, "attn_colsum: logit (%d,%d) not finite",
                           i, j);
             zmax = work[j] > zmax ? work[j] : zmax;

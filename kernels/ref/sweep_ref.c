@@ -10,18 +10,47 @@
 #include "kvt_kernels.h"
 #include "sweep_record.h"
 
-static kvt_status check_cuts(const int32_t *cuts, int n_cut, int T)
-{
-    for (int c = 0; c < n_cut; c++) {
-        KVT_RETURN_IF(cuts[c] < 0 || cuts[c] > T || (c > 0 && cuts[c] <= cuts[c - 1]),
-                      KVT_ERR_INVALID_ARG, "sweep: cuts must increase strictly within 0..%d", T);
-    }
-    return KVT_OK;
-}
-
 size_t kvt_sweep_output_workspace_bytes(int n_q, int D)
 {
     return (size_t)(n_q > 0 ? n_q : 0) * (size_t)(D + 2 + NM) * sizeof(double);
+}
+
+typedef struct ref_add {
+    int n_q, D;
+    const float *p, *v;
+    size_t stride_p;
+    const int32_t *order;
+    const uint8_t *mod;
+} ref_add;
+
+/* token by token, in ranking order (forward) or from the end (backward); zeros skipped */
+static void ref_add_tokens(void *ctx, int t0, int t1, double sign, double *acc, double *r,
+                           double *rm)
+{
+    const ref_add *a = ctx;
+    for (int k = 0; k < t1 - t0; k++) {
+        int32_t j = a->order[sign > 0 ? t0 + k : t1 - 1 - k];
+        const float *vj = a->v + (size_t)j * a->D;
+        for (int q = 0; q < a->n_q; q++) {
+            double pj = a->p[(size_t)q * a->stride_p + j];
+            if (pj == 0.0)
+                continue;
+            double *aq = acc + (size_t)q * a->D;
+            if (sign > 0) {
+                for (int d = 0; d < a->D; d++)
+                    aq[d] += pj * vj[d];
+                r[q] += pj;
+                if (a->mod)
+                    rm[(size_t)q * NM + a->mod[j]] += pj;
+            } else {
+                for (int d = 0; d < a->D; d++)
+                    aq[d] -= pj * vj[d];
+                r[q] -= pj;
+                if (a->mod)
+                    rm[(size_t)q * NM + a->mod[j]] -= pj;
+            }
+        }
+    }
 }
 
 kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t stride_p,
@@ -32,92 +61,10 @@ kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t st
                                 size_t stride_m, double *recall, double *err, double *recall_mod,
                                 void *work)
 {
-    KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
-                  "sweep_output: bad shape n_q=%d T=%d D=%d", n_q, T, D);
-    KVT_RETURN_IF(mod && !mass_mod, KVT_ERR_INVALID_ARG, "sweep_output: mod without mass_mod");
-    KVT_FORWARD(check_cuts(cuts, n_cut, T));
-    if (!mod)
-        recall_mod = NULL;
-    /* work: acc (n_q, D), r (n_q), rm (n_q, NM), r_full (n_q) */
-    double *acc = work, *r = acc + (size_t)n_q * D, *rm = r + n_q, *rf = rm + (size_t)n_q * NM;
-    int half = T / 2, n_fwd = 0;
-    while (n_fwd < n_cut && cuts[n_fwd] <= half)
-        n_fwd++;
-
-    /* forward: kept = order[0..c) for the cuts up to T/2 */
-    memset(work, 0, kvt_sweep_output_workspace_bytes(n_q, D));
-    for (int q = 0; q < n_q; q++) {
-        if (r_full) {
-            rf[q] = r_full[(size_t)q * stride_e];
-            continue;
-        }
-        const float *pq = p + (size_t)q * stride_p;
-        double s = 0.0;
-        for (int j = 0; j < T; j++)
-            s += pq[j];
-        rf[q] = s;
-    }
-    int t = 0;
-    for (int ci = 0; ci < n_fwd; ci++) {
-        for (; t < cuts[ci]; t++) {
-            int32_t j = order[t];
-            const float *vj = v + (size_t)j * D;
-            for (int q = 0; q < n_q; q++) {
-                double pj = p[(size_t)q * stride_p + j];
-                if (pj == 0.0)
-                    continue;
-                double *aq = acc + (size_t)q * D;
-                for (int d = 0; d < D; d++)
-                    aq[d] += pj * vj[d];
-                r[q] += pj;
-                if (mod)
-                    rm[(size_t)q * NM + mod[j]] += pj;
-            }
-        }
-        for (int q = 0; q < n_q; q++)
-            kvt_sweep_record(
-                q, ci, n_cut, D, acc + (size_t)q * D, r[q], rm + (size_t)q * NM, rf[q],
-                a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
-                o_extra ? o_extra + (size_t)q * stride_a : NULL,
-                mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
-    }
-    if (n_fwd == n_cut)
-        return KVT_OK;
-
-    /* backward: kept = everything minus order[c..T) for the cuts above T/2 */
-    for (int q = 0; q < n_q; q++) {
-        r[q] = rf[q];
-        memcpy(acc + (size_t)q * D, a_full + (size_t)q * stride_a, (size_t)D * sizeof(double));
-        for (int m = 0; m < NM; m++)
-            rm[(size_t)q * NM + m] = mod ? mass_mod[(size_t)q * stride_m + m] : 0.0;
-    }
-    t = T;
-    for (int ci = n_cut - 1; ci >= n_fwd; ci--) {
-        for (; t > cuts[ci]; t--) {
-            int32_t j = order[t - 1];
-            const float *vj = v + (size_t)j * D;
-            for (int q = 0; q < n_q; q++) {
-                double pj = p[(size_t)q * stride_p + j];
-                if (pj == 0.0)
-                    continue;
-                double *aq = acc + (size_t)q * D;
-                for (int d = 0; d < D; d++)
-                    aq[d] -= pj * vj[d];
-                r[q] -= pj;
-                if (mod)
-                    rm[(size_t)q * NM + mod[j]] -= pj;
-            }
-        }
-        for (int q = 0; q < n_q; q++) {
-            double rq = r[q] < 0.0 ? 0.0 : r[q]; /* cancellation can leave -1e-17 */
-            kvt_sweep_record(
-                q, ci, n_cut, D, acc + (size_t)q * D, rq, rm + (size_t)q * NM, rf[q],
-                a_full + (size_t)q * stride_a, p_extra ? p_extra + (size_t)q * stride_e : NULL,
-                o_extra ? o_extra + (size_t)q * stride_a : NULL,
-                mass_mod ? mass_mod + (size_t)q * stride_m : NULL, recall, err, recall_mod);
-        }
-    }
-    return KVT_OK;
+    ref_add a = {n_q, D, p, v, stride_p, order, mod};
+    return kvt_sweep_drive(n_q, T, D, p, stride_p, a_full, stride_a, p_extra, stride_e, o_extra,
+                           r_full, cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod,
+                           work, ref_add_tokens, &a);
 }
 
 kvt_status kvt_cosine_table_ref(const float *ku, int T, int D, const int32_t *probe, int n_probe,
@@ -148,7 +95,7 @@ kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int
 {
     KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "sweep_coverage: bad shape");
-    KVT_FORWARD(check_cuts(cuts, n_cut, T));
+    KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     float *best = work; /* (n_probe) */
     for (int i = 0; i < n_probe; i++)
         best[i] = -INFINITY;
@@ -183,7 +130,7 @@ kvt_status kvt_sweep_redundancy_ref(const float *ku, int T, int D, const int32_t
                                     const int32_t *cuts, int n_cut, double *work, double *r)
 {
     KVT_RETURN_IF(T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG, "sweep_redundancy: bad shape");
-    KVT_FORWARD(check_cuts(cuts, n_cut, T));
+    KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     double *sum = work; /* (D) running sum of the kept unit keys */
     for (int d = 0; d < D; d++)
         sum[d] = 0.0;

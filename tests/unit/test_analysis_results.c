@@ -25,21 +25,6 @@ static uint32_t rd32(const unsigned char *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static unsigned char *slurp(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    rewind(f);
-    unsigned char *b = malloc((size_t)len + 1);
-    *n = fread(b, 1, (size_t)len, f);
-    b[*n] = 0;
-    fclose(f);
-    return b;
-}
-
 /* a results.json of one policy, one budget and one trace that claims n_layers L, n_q_heads Hq
  * and n_kv_heads Hkv, with one run of n_heads H' whose nine metric grids are `grid`, and r_all
  * `r_all` (JSON text) */
@@ -230,7 +215,7 @@ int main(void)
 
     /* the binary export: every record equals the in-memory selection */
     size_t n = 0;
-    unsigned char *raw = slurp(bpath, &n);
+    unsigned char *raw = kvt_test_slurp(bpath, &n);
     KVT_EXPECT(raw && n > 16 && !memcmp(raw, "KVTSEL\0\1", 8) && rd32(raw + 8) == 1);
     size_t off = 16 + rd32(raw + 12);
     cJSON *hdr = cJSON_ParseWithLength((const char *)raw + 16, rd32(raw + 12));
@@ -267,7 +252,7 @@ int main(void)
     KVT_EXPECT(bad == 0);
     free(raw);
     /* the JSON export parses and holds the same number of records */
-    raw = slurp(jpath, &n);
+    raw = kvt_test_slurp(jpath, &n);
     cJSON *js = raw ? cJSON_Parse((const char *)raw) : NULL;
     KVT_EXPECT(js && cJSON_GetArraySize(cJSON_GetObjectItem(js, "records")) == n_rec);
     if (js) {

@@ -21,30 +21,12 @@
 static char tmpdir[256];
 static double worst_logit_err, worst_tensor_err;
 
-static void *slurp(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *b = malloc(sz > 0 ? (size_t)sz : 1);
-    if (b && fread(b, 1, (size_t)sz, f) != (size_t)sz) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    *n = (size_t)sz;
-    return b;
-}
-
 static double *load_f64(const char *dir, const char *name, size_t want)
 {
     char p[512];
     snprintf(p, sizeof(p), "%s/%s.f64", dir, name);
     size_t n = 0;
-    double *d = slurp(p, &n);
+    double *d = (void *)kvt_test_slurp(p, &n);
     if (!d || n != want * sizeof(double)) {
         fprintf(stderr, "oracle output %s: %zu bytes, want %zu\n", p, n, want * sizeof(double));
         exit(1);
@@ -191,7 +173,7 @@ static bool check_model(const char *python, const char *model, const char *tag,
     KVT_CHECK(kvt_llama2c_capture(model, &o, trace2, &res2, false));
     KVT_EXPECT(!memcmp(res.tokens, res2.tokens, res.n_tokens * sizeof(int32_t)));
     size_t n1, n2;
-    uint8_t *b1 = slurp(trace, &n1), *b2 = slurp(trace2, &n2);
+    uint8_t *b1 = (void *)kvt_test_slurp(trace, &n1), *b2 = (void *)kvt_test_slurp(trace2, &n2);
     KVT_EXPECT_MSG(b1 && b2 && n1 == n2 && !memcmp(b1, b2, n1), "%s: two captures differ", tag);
     free(b1);
     free(b2);

@@ -100,21 +100,6 @@ static kvt_status run_results(void *arg)
     return s;
 }
 
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    rewind(f);
-    char *b = calloc((size_t)n + 1, 1);
-    if (fread(b, 1, (size_t)n, f) != (size_t)n)
-        b[0] = 0;
-    fclose(f);
-    return b;
-}
-
 int main(void)
 {
     const char *specs = "full,random,streamingllm,tova,snapkv,pyramidkv,adakv,knorm,vnorm,"
@@ -164,7 +149,7 @@ int main(void)
         n++;
         KVT_EXPECT_MSG(s == KVT_ERR_NOMEM, "results: allocation %llu: %s (%s)",
                        (unsigned long long)k, kvt_status_str(s), kvt_error_msg());
-        char *txt = slurp(out);
+        char *txt = (char *)kvt_test_slurp(out, NULL);
         /* before the rename the old file is intact; after it, the new one is complete */
         KVT_EXPECT_MSG(txt && (strstr(txt, "\"previous\"") || strstr(txt, "\"aggregate\"")),
                        "results: allocation %llu left a partial file", (unsigned long long)k);

@@ -25,21 +25,6 @@
     "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e\\u003cb onmouseover=\\\"x\\\"\\u003e"       \
     "\\u0026'"
 
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    rewind(f);
-    char *b = malloc((size_t)n + 1);
-    size_t got = fread(b, 1, (size_t)n, f);
-    b[got] = 0;
-    fclose(f);
-    return b;
-}
-
 static int count(const char *hay, const char *needle)
 {
     int n = 0;
@@ -267,7 +252,7 @@ int main(void)
     KVT_EXPECT_STATUS(kvt_report_write(r, dir), KVT_OK);
     remove(js);
     snprintf(path, sizeof(path), "%s/index.html", dir);
-    char *html = slurp(path);
+    char *html = (char *)kvt_test_slurp(path, NULL);
     KVT_EXPECT(html != NULL);
     if (html) {
         check_page(html);
@@ -286,7 +271,7 @@ int main(void)
     /* the Chart.js file missing: still a page, with the PNGs and a note saying so */
     setenv("KVT_CHARTJS", js, 1);
     KVT_EXPECT_STATUS(kvt_report_write(r, dir), KVT_OK);
-    html = slurp(path);
+    html = (char *)kvt_test_slurp(path, NULL);
     KVT_EXPECT(html != NULL);
     if (html) {
         KVT_EXPECT(strstr(html, "id=\"no-chartjs\"") != NULL);

@@ -14,20 +14,6 @@ enum { L = 3, T = 48, D = 8, Hq = 4, Hkv = 2, W = 8, G = 3 };
 static const char *specs[NPOL] = {"snapkv:window=8", "adakv:window=8,heads=query", "quest",
                                   "lightkv-like:window=8"};
 
-static unsigned char *slurp(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    rewind(f);
-    unsigned char *b = malloc((size_t)len + 1);
-    *n = fread(b, 1, (size_t)len, f);
-    fclose(f);
-    return b;
-}
-
 static void spit(const char *path, const unsigned char *b, size_t n)
 {
     FILE *f = fopen(path, "wb");
@@ -194,7 +180,7 @@ int main(void)
     }
     /* record boundaries of the binary file: a cut there leaves a shorter valid export */
     size_t n = 0, nj = 0;
-    unsigned char *raw = slurp(bpath, &n), *rawj = slurp(jpath, &nj);
+    unsigned char *raw = kvt_test_slurp(bpath, &n), *rawj = kvt_test_slurp(jpath, &nj);
     KVT_CHECK(raw && rawj ? KVT_OK : KVT_ERR_IO);
     size_t n_rec_all = sb ? kvt_selection_get_header(sb)->n_records : 0;
     size_t *bound = calloc(n_rec_all + 1, sizeof(size_t));

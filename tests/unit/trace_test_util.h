@@ -81,20 +81,7 @@ static inline kvt_status tt_write(const char *path, const kvt_writer_opts *o)
 
 static inline uint8_t *tt_slurp(const char *path, size_t *n)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc((size_t)sz + 1);
-    if (b && fread(b, 1, (size_t)sz, f) != (size_t)sz) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    *n = (size_t)sz;
-    return b;
+    return kvt_test_slurp(path, n);
 }
 
 static inline int tt_spit(const char *path, const uint8_t *b, size_t n)
