@@ -174,7 +174,7 @@ static kvt_status read_header(kvt_selection *s, const cJSON *h, const char *path
     s->hdr.generator = s->generator;
 
     const cJSON *pl, *bl, *tl;
-    size_t np, nb, nt;
+    size_t np = 0, nb = 0, nt = 0;
     KVT_FORWARD(get_list(h, "policies", &pl, &np, path));
     KVT_FORWARD(get_list(h, "budgets", &bl, &nb, path));
     KVT_FORWARD(get_list(h, "traces", &tl, &nt, path));
@@ -357,7 +357,7 @@ static kvt_status read_json_records(kvt_selection *s, const cJSON *root, const c
     for (const cJSON *o = recs->child; o; o = o->next, i++) {
         kvt_selection_record *r = &s->recs[i];
         snprintf(where, sizeof(where), "records[%zu]", i);
-        int flags;
+        int flags = 0;
         KVT_FORWARD(json_int(o, "trace", 0, &r->trace, path, where));
         KVT_FORWARD(json_int(o, "policy", 0, &r->policy, path, where));
         KVT_FORWARD(json_int(o, "budget", 0, &r->budget, path, where));
