@@ -186,6 +186,12 @@ void kvt_gemm_f64(bool b_trans, int m, int n, int k, double alpha, const double 
                   const double *B, int ldb, double beta, double *C, int ldc);
 void kvt_gemm_f32(bool b_trans, int m, int n, int k, float alpha, const float *A, int lda,
                   const float *B, int ldb, float beta, float *C, int ldc);
+/** Row-major C[m,n] = alpha * A^T * B + beta * C with A [k,m] and B [k,n]. */
+void kvt_gemm_f64_at(int m, int n, int k, double alpha, const double *A, int lda, const double *B,
+                     int ldb, double beta, double *C, int ldc);
+/** dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols (cache-blocked). */
+void kvt_transpose_f32_cpu(const float *src, int rows, int cols, size_t ld_src, float *dst,
+                           size_t ld_dst);
 
 /** Probability-weighted value sums: out[q][d] = sum_j p[q][j] * v[j][d] (double accumulation).
  *  p rows [n_q] of [T] at p + q*stride_p; v [T, D]; out rows of [D] at out + q*stride_out. */
@@ -208,22 +214,48 @@ kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T,
 /** Workspace of kvt_sweep_output_cpu and of the dispatcher kvt_sweep_output (at least
  *  kvt_sweep_output_workspace_bytes). */
 size_t kvt_sweep_output_cpu_workspace_bytes(int n_q, int D);
-/** kvt_sweep_output_ref with the kept tokens between cuts as dense products. */
+/** kvt_sweep_output_ref with the kept tokens between cuts as dense products. p_t, when not
+ *  NULL, holds the same probabilities token-major: token j's n_q values at p_t + j*stride_t
+ *  (gathering a kept token then reads one contiguous run); it must equal p exactly. */
 kvt_status kvt_sweep_output_cpu(int n_q, int T, int D, const float *p, size_t stride_p,
-                                const float *v, const double *a_full, size_t stride_a,
-                                const double *p_extra, size_t stride_e, const double *o_extra,
-                                const double *r_full, const int32_t *order, const int32_t *cuts,
-                                int n_cut, const uint8_t *mod, const double *mass_mod,
-                                size_t stride_m, double *recall, double *err, double *recall_mod,
-                                void *work);
-kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p, const float *v,
-                            const double *a_full, size_t stride_a, const double *p_extra,
-                            size_t stride_e, const double *o_extra, const double *r_full,
-                            const int32_t *order, const int32_t *cuts, int n_cut,
-                            const uint8_t *mod, const double *mass_mod, size_t stride_m,
-                            double *recall, double *err, double *recall_mod, void *work);
+                                const float *p_t, size_t stride_t, const float *v,
+                                const double *a_full, size_t stride_a, const double *p_extra,
+                                size_t stride_e, const double *o_extra, const double *r_full,
+                                const int32_t *order, const int32_t *cuts, int n_cut,
+                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                double *recall, double *err, double *recall_mod, void *work);
+kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p,
+                            const float *p_t, size_t stride_t, const float *v, const double *a_full,
+                            size_t stride_a, const double *p_extra, size_t stride_e,
+                            const double *o_extra, const double *r_full, const int32_t *order,
+                            const int32_t *cuts, int n_cut, const uint8_t *mod,
+                            const double *mass_mod, size_t stride_m, double *recall, double *err,
+                            double *recall_mod, void *work);
 
-/** kvt_cosine_table_ref as a dense product in double (rounded to f32 like the reference). */
+/* Element-wise loops of the fast path (vec_cpu.c), vectorised; on x86-64 also built for
+ * AVX2 and AVX-512 and picked at load time. */
+/** z[j] = exp(z[j] - shift) for j < n, where every z[j] <= shift; returns their sum. Within
+ *  1 ulp of libm's exp; 0 where z[j] - shift < -708. */
+double kvt_exp_shift_sum_cpu(double *z, int n, double shift);
+/** Index of the first non-finite z[j], or -1 with *zmax = max z[j] (-inf when n == 0). */
+int kvt_max_finite_cpu(const double *z, int n, double *zmax);
+/** out[j] = (float)(z[j] / den). */
+void kvt_div_to_f32_cpu(const double *z, int n, double den, float *out);
+/** Index of the first non-finite x[i], or n. */
+size_t kvt_first_nonfinite_f32_cpu(const float *x, size_t n);
+/** Sum of x [n] in double. */
+double kvt_sum_f32_cpu(const float *x, size_t n);
+/** out[m] = sum of p[j] over the tokens of modality m (codes >= NM count as the last). */
+void kvt_mass_by_mod_cpu(const float *p, const uint8_t *mod, int T, double *out);
+/** kvt_row_norms_ref and kvt_unit_rows_ref, vectorised (same results up to summation order),
+ *  and their dispatchers. */
+void kvt_row_norms_cpu(const float *x, int n, int D, double *out);
+void kvt_unit_rows_cpu(const float *x, int n, int D, float *ku, double *mean);
+void kvt_row_norms(const float *x, int n, int D, double *out);
+void kvt_unit_rows(const float *x, int n, int D, float *ku, double *mean);
+
+/** kvt_cosine_table_ref as one f32 dense product (SGEMM) over the unit keys: the table is f32
+ *  in both, and the two differ by a few f32 ulps (summation in f32 instead of double). */
 kvt_status kvt_cosine_table_cpu(const float *ku, int T, int D, const int32_t *probe, int n_probe,
                                 float *ct);
 kvt_status kvt_cosine_table(const float *ku, int T, int D, const int32_t *probe, int n_probe,

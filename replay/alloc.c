@@ -37,27 +37,44 @@ static void global_top(const double *vals, const double *w, int H, int P, long n
     }
 }
 
-kvt_status kvt_adakv_alloc(const double *p, int H, int P, int b, int W, double alpha,
-                           bool normalize, char form, int *caps)
+kvt_status kvt_adakv_sort(const double *p, int H, int P, double *sorted)
 {
-    KVT_RETURN_IF(H < 1 || P < 0 || b < 0 || b > P, KVT_ERR_INVALID_ARG,
-                  "adakv: bad allocation input H=%d P=%d b=%d", H, P, b);
-    kvt_status st = KVT_OK;
-    double *sorted = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
-    double *w = kvt_malloc((size_t)H * sizeof(double));
+    KVT_RETURN_IF(H < 1 || P < 0, KVT_ERR_INVALID_ARG, "adakv: bad allocation input H=%d P=%d", H,
+                  P);
     int32_t *ord = kvt_malloc(((size_t)P + 1) * sizeof(int32_t));
     int32_t *work = kvt_malloc(((size_t)P + 1) * sizeof(int32_t));
-    int *start = kvt_calloc((size_t)H, sizeof(int)), *picks = kvt_calloc((size_t)H, sizeof(int));
-    if (!sorted || !w || !ord || !work || !start || !picks) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "adakv: out of memory");
-        goto out_free;
+    if (!ord || !work) {
+        kvt_free(ord);
+        kvt_free(work);
+        return kvt_error_set(KVT_ERR_NOMEM, "adakv: out of memory");
     }
     for (int g = 0; g < H; g++) {
         kvt_rank_desc_ref(p + (size_t)g * P, P, ord, work);
+        for (int t = 0; t < P; t++)
+            sorted[(size_t)g * P + t] = p[(size_t)g * P + ord[t]];
+    }
+    kvt_free(ord);
+    kvt_free(work);
+    return KVT_OK;
+}
+
+kvt_status kvt_adakv_alloc_sorted(const double *sorted, int H, int P, int b, int W, double alpha,
+                                  bool normalize, char form, int *caps)
+{
+    KVT_RETURN_IF(H < 1 || P < 0 || b < 0 || b > P, KVT_ERR_INVALID_ARG,
+                  "adakv: bad allocation input H=%d P=%d b=%d", H, P, b);
+    double *w = kvt_malloc((size_t)H * sizeof(double));
+    int *start = kvt_calloc((size_t)H, sizeof(int)), *picks = kvt_calloc((size_t)H, sizeof(int));
+    if (!w || !start || !picks) {
+        kvt_free(w);
+        kvt_free(start);
+        kvt_free(picks);
+        return kvt_error_set(KVT_ERR_NOMEM, "adakv: out of memory");
+    }
+    for (int g = 0; g < H; g++) {
         double top = 0.0, all = 0.0;
         for (int t = 0; t < P; t++) {
-            double x = p[(size_t)g * P + ord[t]];
-            sorted[(size_t)g * P + t] = x;
+            double x = sorted[(size_t)g * P + t];
             all += x;
             if (t < b)
                 top += x;
@@ -91,13 +108,23 @@ kvt_status kvt_adakv_alloc(const double *p, int H, int P, int b, int W, double a
             caps[g] = cap < 0 ? 0 : (cap > P ? P : (int)cap);
         }
     }
-out_free:
-    kvt_free(sorted);
     kvt_free(w);
-    kvt_free(ord);
-    kvt_free(work);
     kvt_free(start);
     kvt_free(picks);
+    return KVT_OK;
+}
+
+kvt_status kvt_adakv_alloc(const double *p, int H, int P, int b, int W, double alpha,
+                           bool normalize, char form, int *caps)
+{
+    KVT_RETURN_IF(H < 1 || P < 0 || b < 0 || b > P, KVT_ERR_INVALID_ARG,
+                  "adakv: bad allocation input H=%d P=%d b=%d", H, P, b);
+    double *sorted = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
+    KVT_RETURN_IF(!sorted, KVT_ERR_NOMEM, "adakv: out of memory");
+    kvt_status st = kvt_adakv_sort(p, H, P, sorted);
+    if (!st)
+        st = kvt_adakv_alloc_sorted(sorted, H, P, b, W, alpha, normalize, form, caps);
+    kvt_free(sorted);
     return st;
 }
 

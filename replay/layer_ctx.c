@@ -20,28 +20,16 @@ static kvt_status alloc_n(void **p, size_t n, size_t elem)
 
 static kvt_status check_finite(const float *x, size_t n, const char *what, int layer)
 {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i]))
-            return kvt_error_set(KVT_ERR_NAN, "layer %d: %s element %zu is not finite", layer, what,
-                                 i);
+    size_t i = kvt_first_nonfinite_f32_cpu(x, n);
+    if (i < n)
+        return kvt_error_set(KVT_ERR_NAN, "layer %d: %s element %zu is not finite", layer, what, i);
     return KVT_OK;
 }
 
-/* sum of one probability row, in the order kvt_sweep_output_* would sum it */
+/* sum of one probability row (the stored mass, ~1) */
 static double row_sum(const float *p, int T)
 {
-    double s = 0.0;
-    for (int j = 0; j < T; j++)
-        s += p[j];
-    return s;
-}
-
-static void mass_by_mod(const float *p, const uint8_t *mod, int T, double *out)
-{
-    for (int m = 0; m < KVT_NM; m++)
-        out[m] = 0.0;
-    for (int j = 0; j < T; j++)
-        out[mod[j] < KVT_NM ? mod[j] : KVT_NM - 1] += p[j];
+    return kvt_sum_f32_cpu(p, (size_t)T);
 }
 
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
@@ -108,7 +96,8 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
         for (int i = 0; i < nqw; i++) {
             c->rsw[q0 + i] = row_sum(pr + (size_t)i * T, T);
             if (in->modality)
-                mass_by_mod(pr + (size_t)i * T, in->modality, T, c->massw_mod + (q0 + i) * KVT_NM);
+                kvt_mass_by_mod_cpu(pr + (size_t)i * T, in->modality, T,
+                                    c->massw_mod + (q0 + i) * KVT_NM);
         }
     }
 
@@ -153,9 +142,9 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
     /* per KV head: norms, unit keys, their mean over all T (window included, §4.1.3), r */
     for (int g = 0; g < Hkv; g++) {
         const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
-        kvt_row_norms_ref(K, T, D, c->knorm + (size_t)g * T);
-        kvt_row_norms_ref(V, T, D, c->vnorm + (size_t)g * T);
-        kvt_unit_rows_ref(K, T, D, c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D);
+        kvt_row_norms(K, T, D, c->knorm + (size_t)g * T);
+        kvt_row_norms(V, T, D, c->vnorm + (size_t)g * T);
+        kvt_unit_rows(K, T, D, c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D);
         c->r_all[g] = kvt_redundancy_ref(c->kmean + (size_t)g * D, D, T);
     }
     kvt_free(work);
@@ -194,8 +183,10 @@ void kvt_ctx_free(kvt_layer_ctx *c)
     kvt_free(c->kmean);
     kvt_free(c->r_all);
     kvt_free(c->colsum);
-    for (int i = 0; i < c->n_cache; i++)
+    for (int i = 0; i < c->n_cache; i++) {
         kvt_free(c->cache[i].s);
+        kvt_free(c->cache[i].rank);
+    }
     memset(c, 0, sizeof(*c));
 }
 
@@ -243,6 +234,7 @@ kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool p
     }
     if (c->n_cache == KVT_SCORE_CACHE) { /* evict the oldest */
         kvt_free(c->cache[0].s);
+        kvt_free(c->cache[0].rank);
         memmove(c->cache, c->cache + 1, sizeof(c->cache[0]) * (KVT_SCORE_CACHE - 1));
         c->n_cache--;
     }
@@ -303,4 +295,25 @@ out_fail:
     kvt_free(c->colsum);
     c->colsum = NULL;
     return s;
+}
+
+kvt_status kvt_ctx_rank_window_all(kvt_layer_ctx *c, kvt_layer_selection *s, const double *score,
+                                   int W)
+{
+    kvt_score_entry *e = NULL;
+    for (int i = 0; i < c->n_cache && !e; i++)
+        if (c->cache[i].s == score && c->cache[i].W == W && c->cache[i].per_query == s->per_query)
+            e = &c->cache[i];
+    size_t n = (size_t)s->n_heads * s->T;
+    if (e && e->rank) {
+        memcpy(s->order, e->rank, n * sizeof(int32_t));
+        return KVT_OK;
+    }
+    KVT_FORWARD(kvt_sel_rank_window_all(s, score, W));
+    if (e) {
+        KVT_RETURN_IF(!(e->rank = kvt_malloc(n * sizeof(int32_t) + 1)), KVT_ERR_NOMEM,
+                      "rank: out of memory");
+        memcpy(e->rank, s->order, n * sizeof(int32_t));
+    }
+    return KVT_OK;
 }

@@ -78,7 +78,8 @@ typedef struct kvt_score_entry {
     int W, kernel, per_query;
     kvt_pool pool;
     kvt_reduce reduce;
-    double *s; /* [H', T - W] */
+    double *s;     /* [H', T - W] */
+    int32_t *rank; /* [H', T] kvt_sel_rank_window_all of s with window W, or NULL (not yet) */
 } kvt_score_entry;
 
 struct kvt_layer_ctx {
@@ -164,6 +165,10 @@ void kvt_sel_clear(kvt_layer_selection *s);
 kvt_status kvt_rank_window(const double *score, int T, int W, int32_t *order);
 /** Rank every head: order[h] = kvt_rank_window(score + h*(T-W), T, W). */
 kvt_status kvt_sel_rank_window_all(kvt_layer_selection *s, const double *score, int W);
+/** kvt_sel_rank_window_all for a score array the context owns (kvt_ctx_window_scores): the
+ *  ranking is computed once per (scores, W) and copied to the policies that ask again. */
+kvt_status kvt_ctx_rank_window_all(kvt_layer_ctx *c, kvt_layer_selection *s, const double *score,
+                                   int W);
 /** count[b][h] = min(T, B_b) for every head (uniform budgets, window included). */
 void kvt_counts_uniform(kvt_layer_selection *s, const int *budgets, int n_b);
 /** Round half to even (torch.round, Python round). */
@@ -173,6 +178,11 @@ double kvt_round_even(double x);
  *  selected prefix tokens for prefix budget b (per head, window excluded). */
 kvt_status kvt_adakv_alloc(const double *p, int H, int P, int b, int W, double alpha,
                            bool normalize, char form, int *caps);
+/** The same in two steps: sorted [H', P] = each head's scores in ranking order (once per
+ *  layer), then the caps of one prefix budget b from them. */
+kvt_status kvt_adakv_sort(const double *p, int H, int P, double *sorted);
+kvt_status kvt_adakv_alloc_sorted(const double *sorted, int H, int P, int b, int W, double alpha,
+                                  bool normalize, char form, int *caps);
 
 /** count[b][h] of an AdaKV allocation (policy options window, alpha, normalize, alloc, skip)
  *  computed from the per-head prefix scores alloc_s [H', T-W]; short prompts keep all. */

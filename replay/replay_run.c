@@ -223,7 +223,7 @@ static void *worker(void *arg)
             continue;
         }
         for (int g = 0; g < Hkv; g++) {
-            kvt_unit_rows_ref(k + (size_t)g * T * D, T, D, NULL, mean);
+            kvt_unit_rows(k + (size_t)g * T * D, T, D, NULL, mean);
             sh->res->r_all[(size_t)l * Hkv + g] = kvt_redundancy_ref(mean, D, T);
         }
         kvt_free(mean);

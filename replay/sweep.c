@@ -13,6 +13,7 @@
 
 typedef struct scratch {
     int n_b, n_qmax, n_probe;
+    int n_v;   /* capacity in "virtual" budgets: the budgets of every policy sharing a sweep */
     int cur_g; /* KV head being measured */
     int32_t *cuts;
     int *map;
@@ -28,6 +29,11 @@ typedef struct scratch {
     double *z;     /* [T] */
     uint8_t *keep; /* [T] merged policies: token kept unchanged */
     double *acc;
+    int32_t *vcnt, *vocnt; /* [n_v] counts of the shared sweep, the oracle's counts */
+    kvt_head_metrics **vm; /* [n_v] where each virtual budget's metrics go */
+    double *brec, *berr;   /* [n_v] */
+    float *pwt, *pdt;      /* the current KV head's window / decode probabilities token-major:
+                              [T, Gs*Wt] and [T, Gs*Gd] (fast path only, else NULL) */
 } scratch;
 
 static void scratch_free(scratch *s)
@@ -51,17 +57,25 @@ static void scratch_free(scratch *s)
     kvt_free(s->z);
     kvt_free(s->keep);
     kvt_free(s->acc);
+    kvt_free(s->vcnt);
+    kvt_free(s->vocnt);
+    kvt_free(s->vm);
+    kvt_free(s->brec);
+    kvt_free(s->berr);
+    kvt_free(s->pwt);
+    kvt_free(s->pdt);
     memset(s, 0, sizeof(*s));
 }
 
-static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int n_probe)
+static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int n_pol, int n_probe)
 {
     memset(s, 0, sizeof(*s));
     int nq = c->Gs * (c->Wt > c->Gd ? c->Wt : c->Gd);
     s->n_b = n_b;
+    s->n_v = n_b * n_pol;
     s->n_qmax = nq;
     s->n_probe = n_probe;
-    size_t T = (size_t)c->T, D = (size_t)c->D, nb = (size_t)n_b;
+    size_t T = (size_t)c->T, D = (size_t)c->D, nb = (size_t)s->n_v;
     s->cuts = kvt_malloc(nb * sizeof(int32_t));
     s->map = kvt_malloc(nb * sizeof(int));
     s->rec = kvt_malloc((size_t)nq * nb * sizeof(double));
@@ -81,9 +95,23 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->z = kvt_malloc(T * sizeof(double));
     s->keep = kvt_malloc(T + 1);
     s->acc = kvt_malloc(D * sizeof(double));
-    if (!s->cuts || !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad ||
-        !s->cmod || !s->rk || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod ||
-        !s->ct || !s->z || !s->keep || !s->acc) {
+    s->vcnt = kvt_malloc(nb * sizeof(int32_t));
+    s->vocnt = kvt_malloc(nb * sizeof(int32_t));
+    s->vm = kvt_malloc(nb * sizeof(kvt_head_metrics *));
+    s->brec = kvt_malloc(nb * sizeof(double));
+    s->berr = kvt_malloc(nb * sizeof(double));
+    if (!kvt_kernels_ref_only()) {
+        s->pwt = kvt_malloc(T * (size_t)c->Gs * c->Wt * sizeof(float) + 1);
+        s->pdt = kvt_malloc(T * (size_t)c->Gs * c->Gd * sizeof(float) + 1);
+        if (!s->pwt || !s->pdt) {
+            scratch_free(s);
+            return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
+        }
+    }
+    if (!s->vcnt || !s->vocnt || !s->vm || !s->brec || !s->berr || !s->cuts || !s->map || !s->rec ||
+        !s->err || !s->rmod || !s->sw || !s->cov || !s->rad || !s->cmod || !s->rk || !s->cwork ||
+        !s->rwork || !s->posO || !s->probe || !s->probe_mod || !s->ct || !s->z || !s->keep ||
+        !s->acc) {
         scratch_free(s);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
     }
@@ -125,13 +153,14 @@ enum { Q_WINDOW, Q_DECODE_ALL, Q_DECODE_STEP };
  * [hq0, hq0+nh), for every budget: out_rec[b], out_err[b], out_rmod[b][NM] (may be NULL) */
 static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int step, int hq0,
                               int nh, const int32_t *order, const int32_t *cnt, size_t cstride,
-                              double *out_rec, double *out_err, double *out_rmod)
+                              int n_b, double *out_rec, double *out_err, double *out_rmod)
 {
-    const int T = c->T, D = c->D, Wt = c->Wt, Gd = c->Gd, n_b = s->n_b;
+    const int T = c->T, D = c->D, Wt = c->Wt, Gd = c->Gd;
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
-    const float *p;
+    const float *p, *pt = NULL;
     const double *a, *pe = NULL, *oe = NULL, *mm = NULL, *rf;
-    size_t sp, sa, se = 1;
+    size_t sp, sa, se = 1, st = 0;
+    const int hr = hq0 - (hq0 / c->Gs) * c->Gs; /* first head's rank in its KV group */
     int n_q;
     const uint8_t *mod = NULL;
     if (kind == Q_WINDOW) {
@@ -139,6 +168,8 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         p = c->prw + (size_t)hq0 * Wt * T, sp = T;
         a = c->aw + (size_t)hq0 * Wt * D, sa = D;
         rf = c->rsw + (size_t)hq0 * Wt;
+        if (s->pwt)
+            pt = s->pwt + (size_t)hr * Wt, st = (size_t)c->Gs * Wt;
         if (c->massw_mod && out_rmod) {
             mod = c->in->modality;
             mm = c->massw_mod + (size_t)hq0 * Wt * KVT_NM;
@@ -148,6 +179,8 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         p = c->prd + (size_t)hq0 * Gd * T, sp = T;
         a = c->ad + (size_t)hq0 * Gd * D, sa = D;
         rf = c->rsd + (size_t)hq0 * Gd;
+        if (s->pdt)
+            pt = s->pdt + (size_t)hr * Gd, st = (size_t)c->Gs * Gd;
         if (c->has_extra)
             pe = c->pd_extra + (size_t)hq0 * Gd, oe = c->od_extra + (size_t)hq0 * Gd * D;
     } else {
@@ -160,9 +193,9 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
             oe = c->od_extra + ((size_t)hq0 * Gd + step) * D;
         }
     }
-    KVT_FORWARD(kvt_sweep_output(n_q, T, D, p, sp, c->in->v + (size_t)(hq0 / c->Gs) * T * D, a, sa,
-                                 pe, se, oe, rf, order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec,
-                                 s->err, mod ? s->rmod : NULL, s->sw));
+    KVT_FORWARD(kvt_sweep_output(n_q, T, D, p, sp, pt, st, c->in->v + (size_t)(hq0 / c->Gs) * T * D,
+                                 a, sa, pe, se, oe, rf, order, s->cuts, n_cut, mod, mm, KVT_NM,
+                                 s->rec, s->err, mod ? s->rmod : NULL, s->sw));
     for (int b = 0; b < n_b; b++) {
         int ci = s->map[b];
         double r = 0.0, e = 0.0;
@@ -187,15 +220,15 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
     return KVT_OK;
 }
 
-/* set metrics of one ranking at every budget: coverage, radius, by modality, r_kept, kept by
- * modality, oracle overlap. Results are ADDED to the metric slots times `wgt` (for averaging
- * over decode steps). oord/ocnt: the oracle's ranking and counts of the same head, or NULL. */
+/* set metrics of one ranking at budgets [n_b]: coverage, radius, by modality, r_kept, kept by
+ * modality, oracle overlap. Results are ADDED to the metric slots m[b] times `wgt` (for
+ * averaging over decode steps). oord/ocnt [n_b]: the oracle's ranking and counts of the same
+ * head, or NULL. */
 static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int32_t *order,
-                            const int32_t *cnt, size_t cstride, const int32_t *oord,
-                            const int32_t *ocnt, size_t ocstride, double wgt, kvt_head_metrics *m,
-                            size_t mstride)
+                            const int32_t *cnt, size_t cstride, int n_b, const int32_t *oord,
+                            const int32_t *ocnt, double wgt, kvt_head_metrics *const *m)
 {
-    const int T = c->T, D = c->D, n_b = s->n_b;
+    const int T = c->T, D = c->D;
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
     if (s->n_probe > 0)
         KVT_FORWARD(kvt_sweep_coverage_ref(s->ct, T, s->n_probe, order, s->cuts, n_cut,
@@ -207,7 +240,7 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
             s->posO[oord[t]] = t;
     const uint8_t *mod = c->in->modality;
     for (int b = 0; b < n_b; b++) {
-        kvt_head_metrics *hm = m + (size_t)b * mstride;
+        kvt_head_metrics *hm = m[b];
         int ci = s->map[b], n = cnt[(size_t)b * cstride];
         hm->n_keep += wgt * n;
         if (s->n_probe > 0) {
@@ -225,7 +258,7 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
                 hm->n_keep_mod[k] += wgt * cm[k];
         }
         if (oord) {
-            int no = ocnt[(size_t)b * ocstride], hit = 0;
+            int no = ocnt[b], hit = 0;
             for (int t = 0; t < n; t++)
                 hit += s->posO[order[t]] < no;
             hm->oracle_overlap += wgt * (no > 0 ? (double)hit / no : NAN);
@@ -253,79 +286,80 @@ static void set_nan(kvt_head_metrics *hm)
         d[i] = NAN;
 }
 
-/* metrics of head h of a subset (ranking) selection for every budget */
-static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s, const kvt_layer_selection *sel,
-                               int h, const kvt_layer_selection *orc, kvt_head_metrics *m,
+/* metrics of head h, every budget, of the n_mem subset (ranking) selections ms[]: the same
+ * granularity and, when n_mem > 1, the same fixed ranking of the head (no per-step ranking), so
+ * that one sweep over the union of their cuts measures them all. Member k's budget b goes to
+ * m[k][b * mstride]. */
+static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
+                               const kvt_layer_selection *const *ms, int n_mem, int h,
+                               const kvt_layer_selection *orc, kvt_head_metrics *const *m,
                                size_t mstride)
 {
-    const int T = c->T, H = sel->n_heads, n_b = s->n_b, Gd = c->Gd;
+    const kvt_layer_selection *sel = ms[0];
+    const int T = c->T, H = sel->n_heads, n_b = s->n_b, Gd = c->Gd, n_v = n_mem * n_b;
     const int g = kvt_ctx_kv_of(c, sel->per_query, h);
     const int hq0 = sel->per_query ? h : g * c->Gs, nh = sel->per_query ? 1 : c->Gs;
-    double rec[64], err[64], *rmod = NULL;
-    double *brec = n_b <= 64 ? rec : kvt_malloc((size_t)n_b * sizeof(double));
-    double *berr = n_b <= 64 ? err : kvt_malloc((size_t)n_b * sizeof(double));
-    rmod = kvt_malloc((size_t)n_b * KVT_NM * sizeof(double));
+    double *brec = s->brec, *berr = s->berr;
+    double *rmod = kvt_malloc((size_t)n_v * KVT_NM * sizeof(double));
+    if (!rmod)
+        return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
     kvt_status st = KVT_OK;
-    if (!brec || !berr || !rmod) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
-        goto out_free;
-    }
     const bool mod = c->in->modality != NULL, cov = s->n_probe > 0;
     const bool step = sel->step_head && sel->step_head[h];
     const int32_t *oord = orc ? orc->order + (size_t)h * T : NULL;
-    const int32_t *ocnt = orc ? orc->count + h : NULL;
-    for (int b = 0; b < n_b; b++) {
-        kvt_head_metrics *hm = m + (size_t)b * mstride;
+    for (int v = 0; v < n_v; v++) {
+        const kvt_layer_selection *mk = ms[v / n_b];
+        int b = v % n_b;
+        kvt_head_metrics *hm = m[v / n_b] + (size_t)b * mstride;
+        s->vm[v] = hm;
+        s->vcnt[v] = mk->has_fixed ? mk->count[(size_t)b * H + h] : 0;
+        s->vocnt[v] = orc ? orc->count[(size_t)b * H + h] : 0;
         set_nan(hm);
         zero_set_fields(hm, cov, mod, orc != NULL);
     }
     if (sel->has_fixed) {
         const int32_t *ord = sel->order + (size_t)h * T;
-        const int32_t *cnt = sel->count + h;
-        if ((st = query_sweep(c, s, Q_WINDOW, 0, hq0, nh, ord, cnt, H, brec, berr, rmod)))
+        if ((st = query_sweep(c, s, Q_WINDOW, 0, hq0, nh, ord, s->vcnt, 1, n_v, brec, berr, rmod)))
             goto out_free;
-        for (int b = 0; b < n_b; b++) {
-            kvt_head_metrics *hm = m + (size_t)b * mstride;
-            hm->recall_window = brec[b];
-            hm->err_window = berr[b];
+        for (int v = 0; v < n_v; v++) {
+            kvt_head_metrics *hm = s->vm[v];
+            hm->recall_window = brec[v];
+            hm->err_window = berr[v];
             for (int k = 0; k < KVT_NM; k++)
-                hm->recall_window_mod[k] = mod ? rmod[(size_t)b * KVT_NM + k] : NAN;
+                hm->recall_window_mod[k] = mod ? rmod[(size_t)v * KVT_NM + k] : NAN;
         }
         if (Gd > 0 && !step) {
-            if ((st = query_sweep(c, s, Q_DECODE_ALL, 0, hq0, nh, ord, cnt, H, brec, berr, NULL)))
+            if ((st = query_sweep(c, s, Q_DECODE_ALL, 0, hq0, nh, ord, s->vcnt, 1, n_v, brec, berr,
+                                  NULL)))
                 goto out_free;
-            for (int b = 0; b < n_b; b++) {
-                m[(size_t)b * mstride].recall_decode = brec[b];
-                m[(size_t)b * mstride].err_decode = berr[b];
+            for (int v = 0; v < n_v; v++) {
+                s->vm[v]->recall_decode = brec[v];
+                s->vm[v]->err_decode = berr[v];
             }
         }
-        if ((st = set_sweep(c, s, g, ord, cnt, H, oord, ocnt, H, 1.0, m, mstride)))
+        if ((st = set_sweep(c, s, g, ord, s->vcnt, 1, n_v, oord, s->vocnt, 1.0, s->vm)))
             goto out_free;
     }
-    if (Gd > 0 && step) {
+    if (Gd > 0 && step) { /* a single member (per-step rankings are never shared) */
         for (int b = 0; b < n_b; b++)
-            m[(size_t)b * mstride].recall_decode = m[(size_t)b * mstride].err_decode = 0.0;
+            s->vm[b]->recall_decode = s->vm[b]->err_decode = 0.0;
         for (int sx = 0; sx < Gd; sx++) {
             const int32_t *ord = sel->step_order + ((size_t)h * Gd + sx) * T;
             const int32_t *cnt = sel->step_count + (size_t)h * Gd + sx;
             size_t cs = (size_t)H * Gd;
-            if ((st =
-                     query_sweep(c, s, Q_DECODE_STEP, sx, hq0, nh, ord, cnt, cs, brec, berr, NULL)))
+            if ((st = query_sweep(c, s, Q_DECODE_STEP, sx, hq0, nh, ord, cnt, cs, n_b, brec, berr,
+                                  NULL)))
                 goto out_free;
             for (int b = 0; b < n_b; b++) {
-                m[(size_t)b * mstride].recall_decode += brec[b] / Gd;
-                m[(size_t)b * mstride].err_decode += berr[b] / Gd;
+                s->vm[b]->recall_decode += brec[b] / Gd;
+                s->vm[b]->err_decode += berr[b] / Gd;
             }
             if (!sel->has_fixed &&
-                (st = set_sweep(c, s, g, ord, cnt, cs, oord, ocnt, H, 1.0 / Gd, m, mstride)))
+                (st = set_sweep(c, s, g, ord, cnt, cs, n_b, oord, s->vocnt, 1.0 / Gd, s->vm)))
                 goto out_free;
         }
     }
 out_free:
-    if (brec != rec)
-        kvt_free(brec);
-    if (berr != err)
-        kvt_free(berr);
     kvt_free(rmod);
     return st;
 }
@@ -599,6 +633,13 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
     return KVT_OK;
 }
 
+/* head h of sel can share its sweeps with another selection of the same ranking: one fixed
+ * ranking, no per-step rankings, not merged */
+static bool shareable(const kvt_layer_selection *sel, int h)
+{
+    return !sel->merged && sel->has_fixed && !(sel->step_head && sel->step_head[h]);
+}
+
 static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
@@ -735,6 +776,9 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
     memset(orc, 0, sizeof(orc));
     kvt_layer_selection *sels = kvt_calloc(n_pol, sizeof(*sels));
     kvt_policy *oracle_pol[2] = {NULL, NULL};
+    const kvt_layer_selection **grp_sel = NULL;
+    kvt_head_metrics **grp_m = NULL;
+    uint8_t *done = NULL;
     if (!sels) {
         st = kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
         goto out_free;
@@ -742,8 +786,15 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
     int n_probe = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
     if (n_probe > c.T)
         n_probe = c.T;
-    if ((st = scratch_init(&s, &c, n_b, n_probe)))
+    if ((st = scratch_init(&s, &c, n_b, (int)n_pol, n_probe)))
         goto out_free;
+    grp_sel = kvt_malloc(n_pol * sizeof(*grp_sel));
+    grp_m = kvt_malloc(n_pol * sizeof(*grp_m));
+    done = kvt_malloc(n_pol * (size_t)c.Gs + 1);
+    if (!grp_sel || !grp_m || !done) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
+        goto out_free;
+    }
     for (size_t p = 0; p < n_pol; p++)
         if ((st = run_select(&c, pols[p], budget_tokens, n_b, &sels[p]))) {
             char msg[400];
@@ -774,15 +825,39 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
         if (n_probe > 0 &&
             (st = kvt_cosine_table(c.ku + (size_t)g * c.T * c.D, c.T, c.D, s.probe, n_probe, s.ct)))
             goto out_free;
+        memset(done, 0, n_pol * (size_t)c.Gs);
+        if (s.pwt) { /* this KV head's probabilities token-major, for the output sweeps */
+            kvt_transpose_f32_cpu(c.prw + (size_t)g * c.Gs * c.Wt * c.T, c.Gs * c.Wt, c.T,
+                                  (size_t)c.T, s.pwt, (size_t)c.Gs * c.Wt);
+            if (c.Gd > 0)
+                kvt_transpose_f32_cpu(c.prd + (size_t)g * c.Gs * c.Gd * c.T, c.Gs * c.Gd, c.T,
+                                      (size_t)c.T, s.pdt, (size_t)c.Gs * c.Gd);
+        }
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];
             const kvt_layer_selection *oc = has_orc[sel->per_query] ? &orc[sel->per_query] : NULL;
             int h0 = sel->per_query ? g * c.Gs : g, h1 = sel->per_query ? h0 + c.Gs : g + 1;
             for (int h = h0; h < h1; h++) {
                 kvt_head_metrics *m = out + (p * n_budgets) * (size_t)c.Hq + (size_t)h;
-                st = sel->merged ? measure_merged(&c, &s, sel, h, oc, m, (size_t)c.Hq)
-                                 : measure_head(&c, &s, sel, h, oc, m, (size_t)c.Hq);
-                if (st)
+                if (done[p * (size_t)c.Gs + (size_t)(h - h0)])
+                    continue;
+                if (sel->merged) {
+                    if ((st = measure_merged(&c, &s, sel, h, oc, m, (size_t)c.Hq)))
+                        goto out_free;
+                    continue;
+                }
+                /* later policies that rank this head identically share its sweeps */
+                int n_mem = 1;
+                grp_sel[0] = sel, grp_m[0] = m;
+                for (size_t p2 = p + 1; p2 < n_pol && shareable(sel, h); p2++)
+                    if (sels[p2].per_query == sel->per_query && shareable(&sels[p2], h) &&
+                        memcmp(sels[p2].order + (size_t)h * c.T, sel->order + (size_t)h * c.T,
+                               (size_t)c.T * sizeof(int32_t)) == 0) {
+                        done[p2 * (size_t)c.Gs + (size_t)(h - h0)] = 1;
+                        grp_sel[n_mem] = &sels[p2];
+                        grp_m[n_mem++] = out + (p2 * n_budgets) * (size_t)c.Hq + (size_t)h;
+                    }
+                if ((st = measure_head(&c, &s, grp_sel, n_mem, h, oc, grp_m, (size_t)c.Hq)))
                     goto out_free;
             }
         }
@@ -794,6 +869,9 @@ out_free:
         for (size_t p = 0; p < n_pol; p++)
             kvt_sel_clear(&sels[p]);
     kvt_free(sels);
+    kvt_free(grp_sel);
+    kvt_free(grp_m);
+    kvt_free(done);
     for (int i = 0; i < 2; i++) {
         kvt_sel_clear(&orc[i]);
         kvt_policy_free(oracle_pol[i]);

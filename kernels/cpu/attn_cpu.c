@@ -1,6 +1,7 @@
 /* attn_cpu.c - fast CPU variants of the attention kernels (attn_ref.c is the oracle): the
  * logits and the probability-weighted value sums are dense products in double (kvt_gemm_f64)
- * over blocks of keys converted from f32; the softmax itself is the reference's, row by row.
+ * over blocks of keys converted from f32; the softmax is the reference's, row by row, through
+ * the vectorised loops of vec_cpu.c.
  * Results equal the references up to the summation order of the dot products.
  */
 #include <math.h>
@@ -10,6 +11,37 @@
 #include "kvt_kernels.h"
 
 #define KB 256 /* keys per converted block: [KB, D] doubles stay in L2 */
+
+/* kvt_attn_row with the block-1 logits z1 handed in, through the vectorised loops: the same
+ * checks, messages and results up to summation order and the exponential's last ulp */
+static kvt_status fast_row(int i, const float *qi, int D, double *z1, int nv, int T,
+                           const float *k2, double *z2, int nv2, int n2, double scale, float *pi,
+                           float *p2, double *lse)
+{
+    KVT_RETURN_IF(nv + nv2 == 0, KVT_ERR_INVALID_ARG, "attn_probs: query %d sees no key", i);
+    double zmax;
+    int bad = kvt_max_finite_cpu(z1, nv, &zmax);
+    KVT_RETURN_IF(bad >= 0, KVT_ERR_NAN, "attn_probs: logit (%d,%d) not finite", i, bad);
+    for (int j = 0; j < nv2; j++) {
+        z2[j] = kvt_dot_f32(qi, k2 + (size_t)j * D, D) * scale;
+        KVT_RETURN_IF(!isfinite(z2[j]), KVT_ERR_NAN, "attn_probs: logit (%d,k2 %d) not finite", i,
+                      j);
+        zmax = z2[j] > zmax ? z2[j] : zmax;
+    }
+    double zsum = kvt_exp_shift_sum_cpu(z1, nv, zmax);
+    for (int j = 0; j < nv2; j++) {
+        z2[j] = exp(z2[j] - zmax);
+        zsum += z2[j];
+    }
+    kvt_div_to_f32_cpu(z1, nv, zsum, pi);
+    memset(pi + nv, 0, (size_t)(T - nv) * sizeof(float));
+    if (k2)
+        for (int j = 0; j < n2; j++)
+            p2[j] = j < nv2 ? (float)(z2[j] / zsum) : 0.0f;
+    if (lse)
+        *lse = zmax + log(zsum);
+    return KVT_OK;
+}
 
 kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, int T,
                               const int *n_vis, const float *k2, int n2, const int *n_vis2,
@@ -45,9 +77,9 @@ kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, in
     double *z2 = work + T; /* (n2) logits of block 2 of the current query */
     for (int i = 0; i < n_q && !st; i++) {
         int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
-        st = kvt_attn_row(i, q + (size_t)i * D, D, NULL, z + (size_t)i * nv_max, nv, T, k2, z2, nv2,
-                          n2, scale, pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL,
-                          lse ? lse + i : NULL);
+        st =
+            fast_row(i, q + (size_t)i * D, D, z + (size_t)i * nv_max, nv, T, k2, z2, nv2, n2, scale,
+                     pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL, lse ? lse + i : NULL);
     }
 out_free:
     kvt_free(qd);

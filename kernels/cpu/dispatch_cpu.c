@@ -23,16 +23,21 @@ kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T,
         q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, work);
 }
 
-kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p, const float *v,
-                            const double *a_full, size_t stride_a, const double *p_extra,
-                            size_t stride_e, const double *o_extra, const double *r_full,
-                            const int32_t *order, const int32_t *cuts, int n_cut,
-                            const uint8_t *mod, const double *mass_mod, size_t stride_m,
-                            double *recall, double *err, double *recall_mod, void *work)
+kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p,
+                            const float *p_t, size_t stride_t, const float *v, const double *a_full,
+                            size_t stride_a, const double *p_extra, size_t stride_e,
+                            const double *o_extra, const double *r_full, const int32_t *order,
+                            const int32_t *cuts, int n_cut, const uint8_t *mod,
+                            const double *mass_mod, size_t stride_m, double *recall, double *err,
+                            double *recall_mod, void *work)
 {
-    return (kvt_kernels_ref_only() ? kvt_sweep_output_ref : kvt_sweep_output_cpu)(
-        n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e, o_extra, r_full, order,
-        cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod, work);
+    if (kvt_kernels_ref_only())
+        return kvt_sweep_output_ref(n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e,
+                                    o_extra, r_full, order, cuts, n_cut, mod, mass_mod, stride_m,
+                                    recall, err, recall_mod, work);
+    return kvt_sweep_output_cpu(n_q, T, D, p, stride_p, p_t, stride_t, v, a_full, stride_a, p_extra,
+                                stride_e, o_extra, r_full, order, cuts, n_cut, mod, mass_mod,
+                                stride_m, recall, err, recall_mod, work);
 }
 
 kvt_status kvt_cosine_table(const float *ku, int T, int D, const int32_t *probe, int n_probe,
@@ -40,4 +45,14 @@ kvt_status kvt_cosine_table(const float *ku, int T, int D, const int32_t *probe,
 {
     return (kvt_kernels_ref_only() ? kvt_cosine_table_ref : kvt_cosine_table_cpu)(ku, T, D, probe,
                                                                                   n_probe, ct);
+}
+
+void kvt_row_norms(const float *x, int n, int D, double *out)
+{
+    (kvt_kernels_ref_only() ? kvt_row_norms_ref : kvt_row_norms_cpu)(x, n, D, out);
+}
+
+void kvt_unit_rows(const float *x, int n, int D, float *ku, double *mean)
+{
+    (kvt_kernels_ref_only() ? kvt_unit_rows_ref : kvt_unit_rows_cpu)(x, n, D, ku, mean);
 }

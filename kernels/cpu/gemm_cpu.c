@@ -111,3 +111,31 @@ void kvt_gemm_f32(bool b_trans, int m, int n, int k, float alpha, const float *A
 #endif
     GEMM_BODY(float);
 }
+
+void kvt_gemm_f64_at(int m, int n, int k, double alpha, const double *A, int lda, const double *B,
+                     int ldb, double beta, double *C, int ldc)
+{
+    if (m <= 0 || n <= 0)
+        return;
+    pthread_once(&g_once, init_once);
+#ifdef KVT_HAVE_BLAS
+    if (k > 0) {
+        cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, n, k, alpha, A, lda, B, ldb, beta,
+                    C, ldc);
+        return;
+    }
+#endif
+    for (int i = 0; i < m; i++) {
+        double *ci = C + (size_t)i * ldc;
+        for (int j = 0; j < n; j++)
+            ci[j] = beta == 0.0 ? 0.0 : ci[j] * beta;
+    }
+    for (int p = 0; p < k; p++)
+        for (int i = 0; i < m; i++) {
+            double a = alpha * A[(size_t)p * lda + i];
+            const double *bp = B + (size_t)p * ldb;
+            double *ci = C + (size_t)i * ldc;
+            for (int j = 0; j < n; j++)
+                ci[j] += a * bp[j];
+        }
+}

@@ -3,7 +3,7 @@
  *    sum is one dense product, P[queries, tokens] x V[tokens, D], over gathered blocks of at
  *    most KB tokens (kvt_gemm_f64); recall and error are then recorded exactly as the
  *    reference does (sweep_record.h). Same forward/backward split at T/2.
- *  - Cosine table: ku [T, D] x ku[probes]^T in double, rounded to f32 as the reference does.
+ *  - Cosine table: ku [T, D] x ku[probes]^T as one f32 product (the table is f32 either way).
  */
 #include <math.h>
 #include <string.h>
@@ -16,17 +16,55 @@
 size_t kvt_sweep_output_cpu_workspace_bytes(int n_q, int D)
 {
     size_t nq = (size_t)(n_q > 0 ? n_q : 0);
-    return kvt_sweep_output_workspace_bytes(n_q, D) + (nq * KB + (size_t)KB * D) * sizeof(double);
+    return kvt_sweep_output_workspace_bytes(n_q, D) +
+           (nq * KB + (size_t)KB * D + nq * (1 + NM)) * sizeof(double);
 }
 
 typedef struct cpu_add {
     int n_q, D;
-    const float *p, *v;
-    size_t stride_p;
+    const float *p, *v, *p_t;
+    size_t stride_p, stride_t;
     const int32_t *order;
     const uint8_t *mod;
-    double *pg, *vg; /* [n_q, KB] and [KB, D] gathered blocks */
+    double *pg, *vg; /* [n_q, KB] (token-major [KB, n_q] with p_t) and [KB, D] gathered blocks */
+    double *sb;      /* [1 + NM, n_q] block sums of each query: all, by modality (with p_t) */
 } cpu_add;
+
+/* cpu_add_tokens from the token-major copy: token u's probabilities are one contiguous run,
+ * gathered into pg [nb, n_q]; the product is then pg^T x vg */
+static void cpu_add_tokens_t(const cpu_add *a, int t0, int t1, double sign, double *acc, double *r,
+                             double *rm)
+{
+    const int n_q = a->n_q, D = a->D;
+    double *sum = a->sb, *sm = a->sb + n_q;
+    for (int b0 = t0; b0 < t1; b0 += KB) {
+        int nb = t1 - b0 < KB ? t1 - b0 : KB;
+        memset(a->sb, 0, (size_t)n_q * (1 + NM) * sizeof(double));
+        for (int u = 0; u < nb; u++) {
+            int32_t j = a->order[b0 + u];
+            const float *vj = a->v + (size_t)j * D, *pj = a->p_t + (size_t)j * a->stride_t;
+            double *vgu = a->vg + (size_t)u * D, *pgu = a->pg + (size_t)u * n_q;
+            for (int d = 0; d < D; d++)
+                vgu[d] = vj[d];
+            for (int q = 0; q < n_q; q++) {
+                pgu[q] = pj[q];
+                sum[q] += pj[q];
+            }
+            if (a->mod) {
+                double *smj = sm + (size_t)a->mod[j] * n_q;
+                for (int q = 0; q < n_q; q++)
+                    smj[q] += pj[q];
+            }
+        }
+        for (int q = 0; q < n_q; q++) {
+            r[q] += sign * sum[q];
+            if (a->mod)
+                for (int m = 0; m < NM; m++)
+                    rm[(size_t)q * NM + m] += sign * sm[(size_t)m * n_q + q];
+        }
+        kvt_gemm_f64_at(n_q, D, nb, sign, a->pg, n_q, a->vg, D, 1.0, acc, D);
+    }
+}
 
 /* add sign * (contribution of order[t0..t1)) to acc, r and rm of every query, KB tokens at a
  * time: gather their probabilities and values, one product */
@@ -35,6 +73,10 @@ static void cpu_add_tokens(void *ctx, int t0, int t1, double sign, double *acc, 
 {
     const cpu_add *a = ctx;
     const int n_q = a->n_q, D = a->D;
+    if (a->p_t) {
+        cpu_add_tokens_t(a, t0, t1, sign, acc, r, rm);
+        return;
+    }
     for (int b0 = t0; b0 < t1; b0 += KB) {
         int nb = t1 - b0 < KB ? t1 - b0 : KB;
         for (int u = 0; u < nb; u++) {
@@ -59,16 +101,18 @@ static void cpu_add_tokens(void *ctx, int t0, int t1, double sign, double *acc, 
 }
 
 kvt_status kvt_sweep_output_cpu(int n_q, int T, int D, const float *p, size_t stride_p,
-                                const float *v, const double *a_full, size_t stride_a,
-                                const double *p_extra, size_t stride_e, const double *o_extra,
-                                const double *r_full, const int32_t *order, const int32_t *cuts,
-                                int n_cut, const uint8_t *mod, const double *mass_mod,
-                                size_t stride_m, double *recall, double *err, double *recall_mod,
-                                void *work)
+                                const float *p_t, size_t stride_t, const float *v,
+                                const double *a_full, size_t stride_a, const double *p_extra,
+                                size_t stride_e, const double *o_extra, const double *r_full,
+                                const int32_t *order, const int32_t *cuts, int n_cut,
+                                const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                double *recall, double *err, double *recall_mod, void *work)
 {
-    /* work: the driver's part, then pg (n_q, KB), vg (KB, D) */
+    /* work: the driver's part, then pg (n_q, KB), vg (KB, D), sb (1 + NM, n_q) */
     double *pg = (double *)((char *)work + kvt_sweep_output_workspace_bytes(n_q, D));
-    cpu_add a = {n_q, D, p, v, stride_p, order, mod, pg, pg + (size_t)(n_q > 0 ? n_q : 0) * KB};
+    size_t nq = (size_t)(n_q > 0 ? n_q : 0);
+    cpu_add a = {n_q,      D,     p,   v,  p_t,          stride_p,
+                 stride_t, order, mod, pg, pg + nq * KB, pg + nq * KB + (size_t)KB * D};
     return kvt_sweep_drive(n_q, T, D, p, stride_p, a_full, stride_a, p_extra, stride_e, o_extra,
                            r_full, cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod,
                            work, cpu_add_tokens, &a);
@@ -82,29 +126,15 @@ kvt_status kvt_cosine_table_cpu(const float *ku, int T, int D, const int32_t *pr
     for (int i = 0; i < n_probe; i++)
         KVT_RETURN_IF(probe[i] < 0 || probe[i] >= T, KVT_ERR_INVALID_ARG,
                       "cosine_table: probe %d out of range", probe[i]);
-    /* in double, rounded to f32 like the reference: [KB keys] x [n_probe] at a time */
-    double *kp = kvt_malloc(((size_t)n_probe * D + 1) * sizeof(double));
-    double *kd = kvt_malloc(((size_t)KB * D) * sizeof(double));
-    double *cd = kvt_malloc(((size_t)KB * n_probe + 1) * sizeof(double));
-    if (!kp || !kd || !cd) {
-        kvt_free(kp);
-        kvt_free(kd);
-        kvt_free(cd);
+    if (T == 0 || n_probe == 0)
+        return KVT_OK;
+    /* ct [T, n_probe] = ku [T, D] x kp [n_probe, D]^T in f32 */
+    float *kp = kvt_malloc((size_t)n_probe * D * sizeof(float));
+    if (!kp)
         return kvt_error_set(KVT_ERR_NOMEM, "cosine_table: out of memory");
-    }
     for (int i = 0; i < n_probe; i++)
-        for (int d = 0; d < D; d++)
-            kp[(size_t)i * D + d] = ku[(size_t)probe[i] * D + d];
-    for (int j0 = 0; j0 < T; j0 += KB) {
-        int nb = T - j0 < KB ? T - j0 : KB;
-        for (size_t i = 0; i < (size_t)nb * D; i++)
-            kd[i] = ku[(size_t)j0 * D + i];
-        kvt_gemm_f64(true, nb, n_probe, D, 1.0, kd, D, kp, D, 0.0, cd, n_probe);
-        for (size_t i = 0; i < (size_t)nb * n_probe; i++)
-            ct[(size_t)j0 * n_probe + i] = (float)cd[i];
-    }
+        memcpy(kp + (size_t)i * D, ku + (size_t)probe[i] * D, (size_t)D * sizeof(float));
+    kvt_gemm_f32(true, T, n_probe, D, 1.0f, ku, D, kp, D, 0.0f, ct, n_probe);
     kvt_free(kp);
-    kvt_free(kd);
-    kvt_free(cd);
     return KVT_OK;
 }

@@ -11,8 +11,12 @@ kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const do
 {
     const int T = c->T, W = o->window, P = T - W, H = sel->n_heads;
     int *caps = kvt_malloc((size_t)H * sizeof(int));
-    KVT_RETURN_IF(!caps, KVT_ERR_NOMEM, "adakv: out of memory");
+    double *sorted = NULL; /* the heads' scores in ranking order, once for every budget */
     kvt_status st = KVT_OK;
+    if (!caps) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "adakv: out of memory");
+        goto out_free;
+    }
     for (int b = 0; b < n_b && !st; b++) {
         int32_t *cnt = sel->count + (size_t)b * H;
         int bb = B[b] - W;
@@ -26,12 +30,22 @@ kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const do
             for (int h = 0; h < H; h++)
                 cnt[h] = B[b];
         } else {
-            st = kvt_adakv_alloc(alloc_s, H, P, bb, W, o->alpha, o->normalize, o->alloc, caps);
+            if (!sorted) {
+                sorted = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
+                st = sorted ? kvt_adakv_sort(alloc_s, H, P, sorted)
+                            : kvt_error_set(KVT_ERR_NOMEM, "adakv: out of memory");
+                if (st)
+                    break;
+            }
+            st =
+                kvt_adakv_alloc_sorted(sorted, H, P, bb, W, o->alpha, o->normalize, o->alloc, caps);
             for (int h = 0; h < H && !st; h++)
                 cnt[h] = W + caps[h];
         }
     }
+out_free:
     kvt_free(caps);
+    kvt_free(sorted);
     return st;
 }
 
@@ -44,7 +58,7 @@ static kvt_status sel_adakv(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     KVT_FORWARD(
         kvt_ctx_window_scores(c, o->window, o->kernel, o->pool, o->reduce, o->per_query, &s));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window, n_b, true));
-    KVT_FORWARD(kvt_sel_rank_window_all(sel, s, o->window));
+    KVT_FORWARD(kvt_ctx_rank_window_all(c, sel, s, o->window));
     return kvt_adakv_counts(c, o, s, B, n_b, sel);
 }
 

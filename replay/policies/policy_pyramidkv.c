@@ -12,7 +12,7 @@ static kvt_status sel_pyramid(kvt_layer_ctx *c, const kvt_policy *p, const int *
     KVT_FORWARD(
         kvt_ctx_window_scores(c, o->window, o->kernel, o->pool, o->reduce, o->per_query, &s));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window, n_b, true));
-    KVT_FORWARD(kvt_sel_rank_window_all(sel, s, o->window));
+    KVT_FORWARD(kvt_ctx_rank_window_all(c, sel, s, o->window));
     for (int b = 0; b < n_b; b++) {
         int cnt;
         if (c->T < B[b])

@@ -109,6 +109,24 @@ static void test_gemm(void)
             KVT_EXPECT_MSG(close_f64("gemm_f64", R, C, (size_t)m * n, 1e-13, 1e-12),
                            "gemm_f64 m=%d n=%d k=%d trans=%d", m, n, k, bt);
             KVT_EXPECT(guard_ok(C + (size_t)m * n));
+            if (!bt) { /* the same product with A stored transposed, [k, m] */
+                double *At = malloc(((size_t)k * m + 1) * 8);
+                for (int i = 0; i < m; i++)
+                    for (int p = 0; p < k; p++)
+                        At[(size_t)p * m + i] = A[(size_t)i * k + p];
+                for (int i = 0; i < m; i++) /* C0 again: R = 0.5*C0 - 2*acc, so C0 = 2*(R+2acc) */
+                    for (int j = 0; j < n; j++) {
+                        double acc = 0.0;
+                        for (int p = 0; p < k; p++)
+                            acc += A[(size_t)i * k + p] * B[(size_t)p * n + j];
+                        C[(size_t)i * n + j] = 2.0 * (R[(size_t)i * n + j] + 2.0 * acc);
+                    }
+                kvt_gemm_f64_at(m, n, k, -2.0, At, m, B, n, 0.5, C, n);
+                KVT_EXPECT_MSG(close_f64("gemm_f64_at", R, C, (size_t)m * n, 1e-13, 1e-12),
+                               "gemm_f64_at m=%d n=%d k=%d", m, n, k);
+                KVT_EXPECT(guard_ok(C + (size_t)m * n));
+                free(At);
+            }
             free(A), free(B), free(C), free(R);
         }
     }
@@ -174,7 +192,9 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
     free(qb), free(la), free(lb), free(work), free(oa), free(ob);
 }
 
-static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_t seed)
+/* transposed: the fast sweep also gets the probabilities token-major (a padded stride) */
+static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, bool transposed,
+                       uint64_t seed)
 {
     kvt_rng r;
     kvt_rng_seed(&r, seed);
@@ -207,6 +227,14 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
         for (int d = 0; d < D; d++)
             oe[(size_t)q * D + d] = 0.2 * (kvt_rng_uniform(&r) - 0.5);
     }
+    size_t pts = transposed ? (size_t)n_q + 3 : 0;
+    float *pt = malloc(((size_t)T * (n_q + 3) + 1) * 4);
+    const float *ptp = transposed ? pt : NULL;
+    if (transposed)
+        kvt_transpose_f32_cpu(p, n_q, T, (size_t)T, pt, pts);
+    for (int j = 0; transposed && j < T; j++)
+        for (int q = 0; q < n_q; q++)
+            KVT_EXPECT(pt[(size_t)j * pts + q] == p[(size_t)q * T + j]);
     int32_t *order = malloc((size_t)T * 4);
     for (int j = 0; j < T; j++)
         order[j] = j;
@@ -233,7 +261,7 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
     KVT_CHECK(kvt_sweep_output_ref(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
                                    extra ? oe : NULL, NULL, order, cuts, n_cut, md, mm,
                                    KVT_N_MODALITIES, ra, ea, with_mod ? ma : NULL, wa));
-    KVT_CHECK(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
+    KVT_CHECK(kvt_sweep_output_cpu(n_q, T, D, p, T, ptp, pts, v, a, D, extra ? pe : NULL, 1,
                                    extra ? oe : NULL, NULL, order, cuts, n_cut, md, mm,
                                    KVT_N_MODALITIES, rb, eb, with_mod ? mb : NULL, wb));
     KVT_EXPECT_MSG(close_f64("recall", ra, rb, nr, 1e-12, 1e-10), "sweep n_q=%d T=%d D=%d", n_q, T,
@@ -246,7 +274,7 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
             sum += p[(size_t)q * T + j];
         rs[q] = sum;
     }
-    KVT_CHECK(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
+    KVT_CHECK(kvt_sweep_output_cpu(n_q, T, D, p, T, ptp, pts, v, a, D, extra ? pe : NULL, 1,
                                    extra ? oe : NULL, rs, order, cuts, n_cut, md, mm,
                                    KVT_N_MODALITIES, rc, ec, NULL, wb));
     KVT_EXPECT(!memcmp(rc, rb, nr * 8) && !memcmp(ec, eb, nr * 8));
@@ -259,8 +287,8 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
     KVT_EXPECT(guard_ok(rb + nr) && guard_ok(eb + nr) && guard_ok(mb + nm));
     /* bad cuts: the same status */
     int32_t bad[2] = {5, 3};
-    KVT_EXPECT_STATUS(kvt_sweep_output_cpu(n_q, T, D, p, T, v, a, D, NULL, 1, NULL, NULL, order,
-                                           bad, 2, NULL, NULL, 0, rb, eb, NULL, wb),
+    KVT_EXPECT_STATUS(kvt_sweep_output_cpu(n_q, T, D, p, T, ptp, pts, v, a, D, NULL, 1, NULL, NULL,
+                                           order, bad, 2, NULL, NULL, 0, rb, eb, NULL, wb),
                       KVT_ERR_INVALID_ARG);
 
     /* cosine table over unit keys, probes including the first and last key */
@@ -281,6 +309,7 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
     probe[0] = T;
     KVT_EXPECT_STATUS(kvt_cosine_table_cpu(ku, T, D, probe, n_probe, cb), KVT_ERR_INVALID_ARG);
 
+    free(pt);
     free(p), free(v), free(a), free(mm), free(pe), free(oe), free(mod), free(order), free(ra);
     free(ea), free(ma), free(rb), free(eb), free(mb), free(wa), free(wb), free(ku), free(probe);
     free(ca), free(cb);
@@ -297,18 +326,117 @@ static void test_switch(void)
                !strcmp(kvt_kernels_cpu_backend(), "blocked-c"));
 }
 
+/* the vectorised loops of vec_cpu.c (whichever clone this CPU runs) */
+static void test_vec(void)
+{
+    /* exp to within 1 ulp of libm's over [-708, 0], 0 below; the sum in double */
+    enum { N = 4099 };
+    double *z = malloc(N * sizeof(double)), *x = malloc(N * sizeof(double));
+    kvt_rng r;
+    kvt_rng_seed(&r, 91);
+    for (int i = 0; i < N; i++)
+        x[i] = -760.0 * kvt_rng_uniform(&r);
+    const double edge[] = {0.0,  -0.0,   -1e-300, -0.3465735902799726, -0.34657359027997264,
+                           -1.0, -707.9, -708.0,  -708.0000001,        -745.2,
+                           -1e6};
+    memcpy(x, edge, sizeof(edge));
+    memcpy(z, x, N * sizeof(double));
+    double sum = kvt_exp_shift_sum_cpu(z, N, 0.0), want = 0.0, worst = 0.0;
+    for (int i = 0; i < N; i++) {
+        double e = exp(x[i]);
+        want += z[i];
+        if (x[i] < -708.0) {
+            KVT_EXPECT_MSG(z[i] == 0.0, "exp(%.17g) = %g, want 0 below -708", x[i], z[i]);
+            continue;
+        }
+        double rel = fabs(z[i] - e) / e;
+        worst = rel > worst ? rel : worst;
+        KVT_EXPECT_MSG(rel <= 2.3e-16, "exp(%.17g): %.17g vs libm %.17g", x[i], z[i], e);
+    }
+    KVT_EXPECT_NEAR(sum, want, 1e-12 * fabs(want));
+    KVT_EXPECT(z[0] == 1.0 && z[1] == 1.0);
+    /* shift: exp(z - m) */
+    double y[3] = {3.0, 2.0, 1.0};
+    KVT_EXPECT_NEAR(kvt_exp_shift_sum_cpu(y, 3, 3.0), 1.0 + exp(-1.0) + exp(-2.0), 1e-15);
+    /* max and the first non-finite logit */
+    double m = 0.0;
+    KVT_EXPECT(kvt_max_finite_cpu(x, N, &m) == -1 && m == 0.0);
+    KVT_EXPECT(kvt_max_finite_cpu(x, 0, &m) == -1 && isinf(m) && m < 0);
+    x[1000] = INFINITY, x[3000] = NAN;
+    KVT_EXPECT(kvt_max_finite_cpu(x, N, &m) == 1000);
+    x[1000] = -1.0;
+    KVT_EXPECT(kvt_max_finite_cpu(x, N, &m) == 3000);
+    free(z), free(x);
+
+    /* f32 helpers against plain loops */
+    enum { T = 1037, D = 80 };
+    float *k = malloc((size_t)T * D * 4), *ka = malloc((size_t)T * D * 4);
+    float *kb = malloc((size_t)T * D * 4);
+    uint8_t *mod = malloc(T);
+    fill(&r, k, (size_t)T * D, 3.0f);
+    for (int j = 0; j < D; j++)
+        k[(size_t)5 * D + j] = 0.0f; /* a zero row: the 1e-12 floor */
+    for (int j = 0; j < T; j++)
+        mod[j] = (uint8_t)(j % 7); /* codes >= 4 count as the last modality */
+    double na[T], nb[T], ma[D], mb[D], sa = 0.0, pa[4] = {0}, pb[4];
+    kvt_row_norms_ref(k, T, D, na);
+    kvt_row_norms_cpu(k, T, D, nb);
+    KVT_EXPECT(close_f64("row_norms", na, nb, T, ATOL_F64, RTOL_F64));
+    kvt_unit_rows_ref(k, T, D, ka, ma);
+    kvt_unit_rows_cpu(k, T, D, kb, mb);
+    KVT_EXPECT(close_f32("unit_rows", ka, kb, (size_t)T * D));
+    KVT_EXPECT(close_f64("unit_mean", ma, mb, D, ATOL_F64, RTOL_F64));
+    for (int j = 0; j < T; j++) {
+        sa += k[j];
+        pa[mod[j] < 3 ? mod[j] : 3] += k[j];
+    }
+    KVT_EXPECT_NEAR(kvt_sum_f32_cpu(k, T), sa, 1e-12);
+    kvt_mass_by_mod_cpu(k, mod, T, pb);
+    KVT_EXPECT(close_f64("mass_by_mod", pa, pb, 4, ATOL_F64, RTOL_F64));
+    KVT_EXPECT(kvt_first_nonfinite_f32_cpu(k, (size_t)T * D) == (size_t)T * D);
+    k[(size_t)T * D - 1] = NAN;
+    KVT_EXPECT(kvt_first_nonfinite_f32_cpu(k, (size_t)T * D) == (size_t)T * D - 1);
+    k[4097] = -INFINITY;
+    KVT_EXPECT(kvt_first_nonfinite_f32_cpu(k, (size_t)T * D) == 4097);
+    /* transpose: odd shapes, padded strides */
+    const int sh[][2] = {{1, 1}, {33, 70}, {128, 1037}};
+    for (int s = 0; s < 3; s++) {
+        int rows = sh[s][0], cols = sh[s][1];
+        size_t lds = (size_t)cols + 2, ldd = (size_t)rows + 5;
+        float *src = malloc((size_t)rows * lds * 4), *dst = malloc(((size_t)cols * ldd + 1) * 4);
+        fill(&r, src, (size_t)rows * lds, 1.0f);
+        for (size_t i = 0; i < (size_t)cols * ldd; i++)
+            dst[i] = -7.0f;
+        kvt_transpose_f32_cpu(src, rows, cols, lds, dst, ldd);
+        int bad = 0;
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < cols; j++)
+                bad += dst[(size_t)j * ldd + i] != src[(size_t)i * lds + j];
+        for (int j = 0; j < cols; j++)
+            for (size_t i = (size_t)rows; i < ldd; i++)
+                bad += dst[(size_t)j * ldd + i] != -7.0f; /* padding untouched */
+        KVT_EXPECT_MSG(bad == 0, "transpose %dx%d: %d wrong", rows, cols, bad);
+        free(src), free(dst);
+    }
+    free(k), free(ka), free(kb), free(mod);
+}
+
 int main(void)
 {
     test_gemm();
+    test_vec();
     const int Ds[] = {64, 80, 128};
     for (int i = 0; i < 3; i++) {
         test_attn(1, 1, Ds[i], 0, 11 + i);     /* T = 1 */
         test_attn(32, 300, Ds[i], 0, 21 + i);  /* T not a multiple of the block */
         test_attn(16, 513, Ds[i], 16, 31 + i); /* decode queries with a second block */
         test_attn(40, 20, Ds[i], 0, 41 + i);   /* more queries than keys: clamped */
-        test_sweep(1, 1, Ds[i], false, false, 51 + i);
-        test_sweep(12, 700, Ds[i], true, false, 61 + i);
-        test_sweep(5, 1030, Ds[i], false, true, 71 + i);
+        for (int tr = 0; tr < 2; tr++) {
+            test_sweep(1, 1, Ds[i], false, false, tr, 51 + i);
+            test_sweep(12, 700, Ds[i], true, false, tr, 61 + i);
+            test_sweep(5, 1030, Ds[i], false, true, tr, 71 + i);
+            test_sweep(9, 600, Ds[i], true, true, tr, 81 + i);
+        }
     }
     test_switch();
     if (n_mismatch)
