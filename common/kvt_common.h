@@ -66,6 +66,11 @@ void *kvt_calloc(size_t count, size_t size);
 void *kvt_realloc(void *p, size_t n);
 void kvt_free(void *p);
 char *kvt_strdup(const char *s);
+/** Keep this thread's freed blocks of 1 MiB and more for its next allocations of about the
+ *  same size (a worker that allocates the same arrays for every layer), until
+ *  kvt_alloc_cache_end() frees them. Blocks must then be freed by kvt_free (as always). */
+void kvt_alloc_cache_begin(void);
+void kvt_alloc_cache_end(void);
 /** Make the n-th kvt_* allocation from now fail (1 = the next one); 0 disables. Counts all
  *  threads. Returns the number of allocations made since the last call. For tests. */
 uint64_t kvt_alloc_fail_at(uint64_t n);

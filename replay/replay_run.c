@@ -136,6 +136,7 @@ static void *worker(void *arg)
     run_shared *sh = arg;
     const int T = sh->T, D = sh->D, Hq = sh->Hq, Hkv = sh->Hkv, W = sh->W, G = sh->G;
     size_t kv = (size_t)Hkv * T * D;
+    kvt_alloc_cache_begin(); /* every layer allocates the same large arrays: keep them */
     float *k = kvt_malloc(kv * sizeof(float)), *v = kvt_malloc(kv * sizeof(float));
     float *qw = kvt_malloc((size_t)Hq * W * D * sizeof(float));
     float *qd = sh->has_qd ? kvt_malloc((size_t)Hq * G * D * sizeof(float)) : NULL;
@@ -245,6 +246,7 @@ static void *worker(void *arg)
     kvt_free(vd);
     kvt_free(cs);
     kvt_free(m);
+    kvt_alloc_cache_end();
     return NULL;
 }
 
