@@ -254,6 +254,19 @@ void kvt_unit_rows_cpu(const float *x, int n, int D, float *ku, double *mean);
 void kvt_row_norms(const float *x, int n, int D, double *out);
 void kvt_unit_rows(const float *x, int n, int D, float *ku, double *mean);
 
+/** kvt_sweep_coverage_ref and kvt_sweep_redundancy_ref vectorised over probes / dimensions;
+ *  bitwise the same results. Then their dispatchers. */
+kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe, const int32_t *order,
+                                  const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
+                                  float *work, double *cov, double *radius, double *cov_mod);
+kvt_status kvt_sweep_redundancy_cpu(const float *ku, int T, int D, const int32_t *order,
+                                    const int32_t *cuts, int n_cut, double *work, double *r);
+kvt_status kvt_sweep_coverage(const float *ct, int T, int n_probe, const int32_t *order,
+                              const int32_t *cuts, int n_cut, const uint8_t *probe_mod, float *work,
+                              double *cov, double *radius, double *cov_mod);
+kvt_status kvt_sweep_redundancy(const float *ku, int T, int D, const int32_t *order,
+                                const int32_t *cuts, int n_cut, double *work, double *r);
+
 /** kvt_cosine_table_ref as one f32 dense product (SGEMM) over the unit keys: the table is f32
  *  in both, and the two differ by a few f32 ulps (summation in f32 instead of double). */
 kvt_status kvt_cosine_table_cpu(const float *ku, int T, int D, const int32_t *probe, int n_probe,

@@ -231,10 +231,10 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
     const int T = c->T, D = c->D;
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
     if (s->n_probe > 0)
-        KVT_FORWARD(kvt_sweep_coverage_ref(s->ct, T, s->n_probe, order, s->cuts, n_cut,
-                                           s->probe_mod, s->cwork, s->cov, s->rad, s->cmod));
-    KVT_FORWARD(kvt_sweep_redundancy_ref(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
-                                         s->rwork, s->rk));
+        KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, order, s->cuts, n_cut, s->probe_mod,
+                                       s->cwork, s->cov, s->rad, s->cmod));
+    KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
+                                     s->rwork, s->rk));
     if (oord)
         for (int t = 0; t < T; t++)
             s->posO[oord[t]] = t;

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "../ref/sweep_record.h"
+#include "cpu_internal.h"
 #include "kvt_kernels.h"
 
 #define KB 256 /* gathered tokens per product */
@@ -32,8 +33,8 @@ typedef struct cpu_add {
 
 /* cpu_add_tokens from the token-major copy: token u's probabilities are one contiguous run,
  * gathered into pg [nb, n_q]; the product is then pg^T x vg */
-static void cpu_add_tokens_t(const cpu_add *a, int t0, int t1, double sign, double *acc, double *r,
-                             double *rm)
+KVT_CLONES static void cpu_add_tokens_t(const cpu_add *a, int t0, int t1, double sign, double *acc,
+                                        double *r, double *rm)
 {
     const int n_q = a->n_q, D = a->D;
     double *sum = a->sb, *sm = a->sb + n_q;
@@ -68,8 +69,8 @@ static void cpu_add_tokens_t(const cpu_add *a, int t0, int t1, double sign, doub
 
 /* add sign * (contribution of order[t0..t1)) to acc, r and rm of every query, KB tokens at a
  * time: gather their probabilities and values, one product */
-static void cpu_add_tokens(void *ctx, int t0, int t1, double sign, double *acc, double *r,
-                           double *rm)
+KVT_CLONES static void cpu_add_tokens(void *ctx, int t0, int t1, double sign, double *acc,
+                                      double *r, double *rm)
 {
     const cpu_add *a = ctx;
     const int n_q = a->n_q, D = a->D;

@@ -1,8 +1,8 @@
 /* vec_cpu.c - the element-wise loops of the fast CPU path (softmax exponentials, finiteness
  * checks, row sums, norms and unit rows, modality masses), written so that the compiler
- * vectorises them (`omp simd` reductions, no branches in the loop bodies). On x86-64 with GCC
- * each is also compiled for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4); the loader picks
- * the best one the CPU runs (target_clones), so the binary stays portable.
+ * vectorises them (`omp simd` reductions, no branches in the loop bodies), each built for
+ * several instruction sets (KVT_CLONES, cpu_internal.h) so the binary stays portable. Also
+ * the coverage and redundancy sweeps, with results bitwise equal to their references.
  *
  * Results equal the references (kernels/ref/) up to summation order, and the exponential to
  * within 1 ulp of libm's (see kvt_exp_shift_sum_cpu).
@@ -11,14 +11,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../ref/sweep_record.h"
+#include "cpu_internal.h"
 #include "kvt_kernels.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) &&       \
-    !defined(KVT_NO_CLONES)
-#define KVT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define KVT_CLONES
-#endif
 
 /* exp(x) for x <= 0, to ~1 ulp: x = k ln2 + r with |r| <= ln2/2 (ln2 in two parts, k*hi
  * exact), exp(r) by its Taylor polynomial to degree 13 (truncation < 1e-17), times 2^k made in
@@ -200,4 +195,74 @@ void kvt_transpose_f32_cpu(const float *src, int rows, int cols, size_t ld_src, 
                     d[i] = tile[j][i];
             }
         }
+}
+
+KVT_CLONES kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe,
+                                             const int32_t *order, const int32_t *cuts, int n_cut,
+                                             const uint8_t *probe_mod, float *work, double *cov,
+                                             double *radius, double *cov_mod)
+{
+    KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
+                  "sweep_coverage: bad shape");
+    KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
+    float *best = work; /* (n_probe) */
+    for (int i = 0; i < n_probe; i++)
+        best[i] = -INFINITY;
+    int t = 0;
+    for (int ci = 0; ci < n_cut; ci++) {
+        for (; t < cuts[ci]; t++) {
+            const float *row = ct + (size_t)order[t] * n_probe;
+#pragma omp simd
+            for (int i = 0; i < n_probe; i++)
+                best[i] = row[i] > best[i] ? row[i] : best[i];
+        }
+        /* the per-cut summary exactly as the reference sums it */
+        double s = 0.0, rad = -INFINITY, sm[NM] = {0};
+        int cm[NM] = {0};
+        for (int i = 0; i < n_probe; i++) {
+            s += best[i];
+            rad = 1.0 - best[i] > rad ? 1.0 - best[i] : rad;
+            if (probe_mod) {
+                sm[probe_mod[i]] += best[i];
+                cm[probe_mod[i]]++;
+            }
+        }
+        bool empty = cuts[ci] == 0 || n_probe == 0;
+        cov[ci] = empty ? NAN : s / n_probe;
+        radius[ci] = empty ? NAN : rad;
+        if (probe_mod && cov_mod)
+            for (int m = 0; m < NM; m++)
+                cov_mod[(size_t)ci * NM + m] = empty || !cm[m] ? NAN : sm[m] / cm[m];
+    }
+    return KVT_OK;
+}
+
+KVT_CLONES kvt_status kvt_sweep_redundancy_cpu(const float *ku, int T, int D, const int32_t *order,
+                                               const int32_t *cuts, int n_cut, double *work,
+                                               double *r)
+{
+    KVT_RETURN_IF(T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG, "sweep_redundancy: bad shape");
+    KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
+    double *sum = work; /* (D) running sum of the kept unit keys */
+    for (int d = 0; d < D; d++)
+        sum[d] = 0.0;
+    int t = 0;
+    for (int ci = 0; ci < n_cut; ci++) {
+        for (; t < cuts[ci]; t++) {
+            const float *k = ku + (size_t)order[t] * D;
+#pragma omp simd
+            for (int d = 0; d < D; d++)
+                sum[d] += k[d];
+        }
+        int c = cuts[ci];
+        if (c < 2) {
+            r[ci] = NAN;
+            continue;
+        }
+        double s2 = 0.0;
+        for (int d = 0; d < D; d++)
+            s2 += sum[d] * sum[d];
+        r[ci] = (s2 / c - 1.0) / (double)(c - 1);
+    }
+    return KVT_OK;
 }
