@@ -772,7 +772,7 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
     kvt_status st = KVT_OK;
     scratch s = {0};
     kvt_layer_selection orc[2];
-    bool has_orc[2] = {false, false};
+    const kvt_layer_selection *orcp[2] = {NULL, NULL}; /* orc[i] or the run's own oracle */
     memset(orc, 0, sizeof(orc));
     kvt_layer_selection *sels = kvt_calloc(n_pol, sizeof(*sels));
     kvt_policy *oracle_pol[2] = {NULL, NULL};
@@ -811,10 +811,18 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
             if (!need)
                 continue;
             kvt_policy_globals g = {.per_query_head = gq == 1};
-            if ((st = kvt_policy_create("oracle", &g, &oracle_pol[gq])) ||
-                (st = run_select(&c, oracle_pol[gq], budget_tokens, n_b, &orc[gq])))
+            if ((st = kvt_policy_create("oracle", &g, &oracle_pol[gq])))
                 goto out_free;
-            has_orc[gq] = true;
+            /* the run's own oracle at the same settings (window, granularity) is this one */
+            for (size_t p = 0; p < n_pol && !orcp[gq]; p++)
+                if (pols[p]->def == oracle_pol[gq]->def &&
+                    pols[p]->o.window == oracle_pol[gq]->o.window && sels[p].per_query == gq)
+                    orcp[gq] = &sels[p];
+            if (!orcp[gq]) {
+                if ((st = run_select(&c, oracle_pol[gq], budget_tokens, n_b, &orc[gq])))
+                    goto out_free;
+                orcp[gq] = &orc[gq];
+            }
         }
     for (size_t i = 0; i < n_pol * n_budgets * (size_t)c.Hq; i++) {
         double *d = (double *)&out[i];
@@ -835,7 +843,7 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
         }
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];
-            const kvt_layer_selection *oc = has_orc[sel->per_query] ? &orc[sel->per_query] : NULL;
+            const kvt_layer_selection *oc = orcp[sel->per_query];
             int h0 = sel->per_query ? g * c.Gs : g, h1 = sel->per_query ? h0 + c.Gs : g + 1;
             for (int h = h0; h < h1; h++) {
                 kvt_head_metrics *m = out + (p * n_budgets) * (size_t)c.Hq + (size_t)h;
