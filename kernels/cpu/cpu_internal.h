@@ -6,11 +6,22 @@
 #ifndef KVT_CPU_INTERNAL_H
 #define KVT_CPU_INTERNAL_H
 
+#include <stddef.h>
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) &&       \
     !defined(KVT_NO_CLONES)
 #define KVT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define KVT_CLONES
 #endif
+
+/* Loops that visit rows in ranking order (i.e. at random) fetch the row PREFETCH tokens
+ * ahead, so that its memory latency overlaps the work on the current one. */
+#define PREFETCH 6
+static inline void prefetch_row(const float *row, size_t n)
+{
+    for (size_t o = 0; o < n * sizeof(float); o += 64)
+        __builtin_prefetch((const char *)row + o);
+}
 
 #endif /* KVT_CPU_INTERNAL_H */

@@ -45,6 +45,11 @@ KVT_CLONES static void cpu_add_tokens_t(const cpu_add *a, int t0, int t1, double
             int32_t j = a->order[b0 + u];
             const float *vj = a->v + (size_t)j * D, *pj = a->p_t + (size_t)j * a->stride_t;
             double *vgu = a->vg + (size_t)u * D, *pgu = a->pg + (size_t)u * n_q;
+            if (u + PREFETCH < nb) { /* rows of a random token: hide their memory latency */
+                int32_t jn = a->order[b0 + u + PREFETCH];
+                prefetch_row(a->v + (size_t)jn * D, (size_t)D);
+                prefetch_row(a->p_t + (size_t)jn * a->stride_t, (size_t)n_q);
+            }
             for (int d = 0; d < D; d++)
                 vgu[d] = vj[d];
             for (int q = 0; q < n_q; q++) {

@@ -212,6 +212,8 @@ KVT_CLONES kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe
     for (int ci = 0; ci < n_cut; ci++) {
         for (; t < cuts[ci]; t++) {
             const float *row = ct + (size_t)order[t] * n_probe;
+            if (t + PREFETCH < T)
+                prefetch_row(ct + (size_t)order[t + PREFETCH] * n_probe, (size_t)n_probe);
 #pragma omp simd
             for (int i = 0; i < n_probe; i++)
                 best[i] = row[i] > best[i] ? row[i] : best[i];
@@ -250,6 +252,8 @@ KVT_CLONES kvt_status kvt_sweep_redundancy_cpu(const float *ku, int T, int D, co
     for (int ci = 0; ci < n_cut; ci++) {
         for (; t < cuts[ci]; t++) {
             const float *k = ku + (size_t)order[t] * D;
+            if (t + PREFETCH < T)
+                prefetch_row(ku + (size_t)order[t + PREFETCH] * D, (size_t)D);
 #pragma omp simd
             for (int d = 0; d < D; d++)
                 sum[d] += k[d];
