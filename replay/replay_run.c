@@ -307,6 +307,8 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     kvt_replay_opts def = {.coverage_probes = -1};
     if (!o)
         o = &def;
+    (void)kvt_kernels_ref_only(); /* set the kernels up now (BLAS single-threaded, its idle
+                                     threads stopped) rather than in the first worker */
     run_shared sh;
     memset(&sh, 0, sizeof(sh));
     kvt_status st;

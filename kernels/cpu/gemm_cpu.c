@@ -12,6 +12,11 @@
 
 #ifdef KVT_HAVE_BLAS
 #include <cblas.h>
+/* OpenBLAS's pthread build starts its worker threads when the library loads, and they spin
+ * (sched_yield) for a while before sleeping: on a 2-core machine running 2 replay workers
+ * that took ~4% of the CPU. We only ever call it single-threaded, so stop them; this is what
+ * OpenBLAS's own fork handler calls. Weak: absent from other BLAS builds. */
+extern int blas_thread_shutdown_(void) __attribute__((weak));
 #endif
 
 static int g_ref_only = -1; /* -1: not decided yet (environment) */
@@ -24,6 +29,8 @@ static void init_once(void)
         g_ref_only = e && !strcmp(e, "ref");
 #ifdef KVT_HAVE_BLAS
     openblas_set_num_threads(1);
+    if (blas_thread_shutdown_)
+        blas_thread_shutdown_();
 #endif
 }
 
