@@ -92,6 +92,10 @@ double kvt_redundancy_ref(const double *mean, int D, int n);
  *  descending, ties by lower index first; NaN scores sort last (by index). Stable merge sort.
  * @param work [n] int32 workspace */
 void kvt_rank_desc_ref(const double *score, int n, int32_t *order, int32_t *work);
+/** The same permutation by a radix sort of 64-bit keys (rank_cpu.c; allocates 16n bytes:
+ *  KVT_ERR_NOMEM), and its dispatcher. */
+kvt_status kvt_rank_desc_cpu(const double *score, int n, int32_t *order, int32_t *work);
+kvt_status kvt_rank_desc(const double *score, int n, int32_t *order, int32_t *work);
 
 /* ---- budget sweeps: every budget from one pass over a ranking ---- */
 

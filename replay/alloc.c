@@ -48,14 +48,15 @@ kvt_status kvt_adakv_sort(const double *p, int H, int P, double *sorted)
         kvt_free(work);
         return kvt_error_set(KVT_ERR_NOMEM, "adakv: out of memory");
     }
-    for (int g = 0; g < H; g++) {
-        kvt_rank_desc_ref(p + (size_t)g * P, P, ord, work);
-        for (int t = 0; t < P; t++)
+    kvt_status st = KVT_OK;
+    for (int g = 0; g < H && !st; g++) {
+        st = kvt_rank_desc(p + (size_t)g * P, P, ord, work);
+        for (int t = 0; t < P && !st; t++)
             sorted[(size_t)g * P + t] = p[(size_t)g * P + ord[t]];
     }
     kvt_free(ord);
     kvt_free(work);
-    return KVT_OK;
+    return st;
 }
 
 kvt_status kvt_adakv_alloc_sorted(const double *sorted, int H, int P, int b, int W, double alpha,

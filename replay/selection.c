@@ -86,9 +86,9 @@ kvt_status kvt_rank_window(const double *score, int T, int W, int32_t *order)
         return KVT_OK;
     int32_t *work = kvt_malloc((size_t)P * sizeof(int32_t));
     KVT_RETURN_IF(!work, KVT_ERR_NOMEM, "rank: out of memory");
-    kvt_rank_desc_ref(score, P, order + W, work);
+    kvt_status st = kvt_rank_desc(score, P, order + W, work);
     kvt_free(work);
-    return KVT_OK;
+    return st;
 }
 
 void kvt_counts_uniform(kvt_layer_selection *s, const int *budgets, int n_b)

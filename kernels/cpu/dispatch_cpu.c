@@ -71,3 +71,12 @@ kvt_status kvt_sweep_redundancy(const float *ku, int T, int D, const int32_t *or
     return (kvt_kernels_ref_only() ? kvt_sweep_redundancy_ref : kvt_sweep_redundancy_cpu)(
         ku, T, D, order, cuts, n_cut, work, r);
 }
+
+kvt_status kvt_rank_desc(const double *score, int n, int32_t *order, int32_t *work)
+{
+    if (kvt_kernels_ref_only()) {
+        kvt_rank_desc_ref(score, n, order, work);
+        return KVT_OK;
+    }
+    return kvt_rank_desc_cpu(score, n, order, work);
+}

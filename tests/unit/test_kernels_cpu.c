@@ -447,9 +447,43 @@ static void test_vec(void)
     free(k), free(ka), free(kb), free(mod);
 }
 
+/* the radix ranking gives the reference's permutation exactly: ties (by index), -0 == +0,
+ * infinities, NaN last, every digit shared (skipped passes), sizes around the cut-over */
+static void test_rank(void)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, 101);
+    const int ns[] = {0, 1, 63, 64, 65, 1000, 8160};
+    for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++)
+        for (int kind = 0; kind < 4; kind++) {
+            int n = ns[i];
+            double *s = malloc(((size_t)n + 1) * sizeof(double));
+            int32_t *oa = malloc(((size_t)n + 1) * 4), *ob = malloc(((size_t)n + 1) * 4);
+            int32_t *w = malloc(((size_t)n + 1) * 4);
+            for (int j = 0; j < n; j++) {
+                double u = kvt_rng_uniform(&r);
+                if (kind == 0)
+                    s[j] = u * 1e-4; /* probabilities: high bytes shared */
+                else if (kind == 1)
+                    s[j] = (double)(int)(u * 7) - 3.0; /* many ties, negatives */
+                else if (kind == 2)
+                    s[j] = 0.25; /* all equal: every pass skipped */
+                else {
+                    const double sp[] = {0.0, -0.0, INFINITY, -INFINITY, NAN, -NAN, 1e-310, -1.0};
+                    s[j] = u < 0.5 ? sp[(int)(u * 16)] : u - 0.75;
+                }
+            }
+            kvt_rank_desc_ref(s, n, oa, w);
+            KVT_CHECK(kvt_rank_desc_cpu(s, n, ob, w));
+            KVT_EXPECT_MSG(!memcmp(oa, ob, (size_t)n * 4), "rank n=%d kind=%d", n, kind);
+            free(s), free(oa), free(ob), free(w);
+        }
+}
+
 int main(void)
 {
     test_gemm();
+    test_rank();
     test_vec();
     const int Ds[] = {64, 80, 128};
     for (int i = 0; i < 3; i++) {
