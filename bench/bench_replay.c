@@ -154,7 +154,9 @@ int main(int argc, char **argv)
         argv++;
         argc--;
     }
-    for (int i = 1; i + 1 < argc; i += 2) {
+    for (int i = 1; i < argc; i += 2) {
+        if (i + 1 == argc) /* an option without its value, or --help */
+            argv[i] = "";
         if (!strcmp(argv[i], "--layers"))
             L = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--tokens"))

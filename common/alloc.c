@@ -51,8 +51,10 @@ static bool should_fail(void)
 
 typedef struct block_cache {
     int on, n;
+    unsigned gen;
     void *p[CACHE_SLOTS];
     size_t size[CACHE_SLOTS];
+    unsigned born[CACHE_SLOTS]; /* gen when cached */
 } block_cache;
 static _Thread_local block_cache t_cache;
 
@@ -66,6 +68,28 @@ void kvt_alloc_cache_end(void)
     for (int i = 0; i < t_cache.n; i++)
         free(t_cache.p[i]);
     memset(&t_cache, 0, sizeof(t_cache));
+}
+
+size_t kvt_alloc_cache_bytes(void)
+{
+    size_t b = 0;
+    for (int i = 0; i < t_cache.n; i++)
+        b += t_cache.size[i];
+    return b;
+}
+
+void kvt_alloc_cache_trim(void)
+{
+    for (int i = 0; i < t_cache.n;)
+        if (t_cache.born[i] != t_cache.gen) { /* cached before the last trim, unused since */
+            free(t_cache.p[i]);
+            t_cache.n--;
+            t_cache.p[i] = t_cache.p[t_cache.n];
+            t_cache.size[i] = t_cache.size[t_cache.n];
+            t_cache.born[i] = t_cache.born[t_cache.n];
+        } else
+            i++;
+    t_cache.gen++;
 }
 
 static void *cache_take(size_t n)
@@ -83,6 +107,7 @@ static void *cache_take(size_t n)
     t_cache.n--;
     t_cache.p[best] = t_cache.p[t_cache.n];
     t_cache.size[best] = t_cache.size[t_cache.n];
+    t_cache.born[best] = t_cache.born[t_cache.n];
     return p;
 }
 
@@ -129,10 +154,11 @@ void kvt_free(void *p)
                     return;
                 }
                 free(t_cache.p[s]);
-                t_cache.p[s] = p, t_cache.size[s] = n;
+                t_cache.p[s] = p, t_cache.size[s] = n, t_cache.born[s] = t_cache.gen;
                 return;
             }
-            t_cache.p[t_cache.n] = p, t_cache.size[t_cache.n++] = n;
+            t_cache.p[t_cache.n] = p, t_cache.born[t_cache.n] = t_cache.gen;
+            t_cache.size[t_cache.n++] = n;
             return;
         }
     }

@@ -71,6 +71,11 @@ char *kvt_strdup(const char *s);
  *  kvt_alloc_cache_end() frees them. Blocks must then be freed by kvt_free (as always). */
 void kvt_alloc_cache_begin(void);
 void kvt_alloc_cache_end(void);
+/** Free the cached blocks that no allocation took since the previous trim (a worker calls it
+ *  after each layer, so the cache holds at most what one layer frees and the next reuses). */
+void kvt_alloc_cache_trim(void);
+/** Bytes this thread's cache holds now. */
+size_t kvt_alloc_cache_bytes(void);
 /** Make the n-th kvt_* allocation from now fail (1 = the next one); 0 disables. Counts all
  *  threads. Returns the number of allocations made since the last call. For tests. */
 uint64_t kvt_alloc_fail_at(uint64_t n);

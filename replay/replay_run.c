@@ -232,6 +232,7 @@ static void *worker(void *arg)
             for (size_t b = 0; b < sh->n_b; b++)
                 memcpy(kvt_trace_result_at(sh->res, p, b, l, 0), m + (p * sh->n_b + b) * (size_t)Hq,
                        (size_t)Hq * sizeof(*m));
+        kvt_alloc_cache_trim();
         pthread_mutex_lock(&sh->mu);
         sh->done++;
         if (sh->o->progress)

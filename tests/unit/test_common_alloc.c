@@ -55,7 +55,18 @@ int main(void)
     KVT_EXPECT(kvt_malloc(3 * MB) == NULL && kvt_alloc_fail_fired());
     kvt_alloc_fail_at(0);
     kvt_free(twice);
-    kvt_alloc_cache_end(); /* frees both cached blocks (the valgrind/ASan runs check) */
+    KVT_EXPECT(kvt_alloc_cache_bytes() >= 10 * MB); /* the 3 and 7 MiB blocks */
+    kvt_alloc_cache_trim(); /* both were cached after the last trim (none): kept */
+    KVT_EXPECT(kvt_alloc_cache_bytes() >= 10 * MB);
+    void *t1 = kvt_malloc(3 * MB);
+    KVT_EXPECT(t1 == big);
+    KVT_EXPECT(kvt_alloc_cache_bytes() >= 7 * MB && kvt_alloc_cache_bytes() < 10 * MB);
+    kvt_alloc_cache_trim(); /* the 7 MiB block went unused since the last trim: freed */
+    KVT_EXPECT_EQ_U64(kvt_alloc_cache_bytes(), 0);
+    kvt_free(t1);
+    KVT_EXPECT(kvt_alloc_cache_bytes() >= 3 * MB);
+    kvt_alloc_cache_end(); /* frees what is cached (the valgrind/ASan runs check) */
+    KVT_EXPECT_EQ_U64(kvt_alloc_cache_bytes(), 0);
     void *after = kvt_malloc(3 * MB);
     KVT_EXPECT(after != NULL);
     kvt_free(after);
