@@ -54,6 +54,9 @@ struct kvt_capture_session {
     kvt_status err; /* sticky write error */
     char err_msg[256];
     struct kvt_capture_stats stats;
+    kvt_capture_timeline timeline; /* valid when has_timeline */
+    bool has_timeline;
+    char timeline_absent[256]; /* why there is none ("" = not set) */
 };
 
 /* ---- tensor views ---- */
@@ -861,8 +864,27 @@ static kvt_status close_records(kvt_capture_session *s, bool *complete, char *ga
             cJSON_AddNumberToObject(cs, "bytes_submitted", (double)s->stats.bytes_submitted);
             cJSON_AddNumberToObject(cs, "stall_ns", (double)s->stats.stall_ns);
         }
+        cJSON *tl = cJSON_AddObjectToObject(meta, "timeline");
+        if (tl && s->has_timeline) {
+            const kvt_capture_timeline *t = &s->timeline;
+            cJSON_AddStringToObject(tl, "source", "cupti");
+            cJSON_AddNumberToObject(tl, "n_kernels", (double)t->n_kernels);
+            cJSON_AddNumberToObject(tl, "attention_ns", (double)t->attention_ns);
+            cJSON_AddNumberToObject(tl, "gemm_ns", (double)t->gemm_ns);
+            cJSON_AddNumberToObject(tl, "other_ns", (double)t->other_ns);
+            cJSON_AddNumberToObject(tl, "n_memcpy", (double)t->n_memcpy);
+            cJSON_AddNumberToObject(tl, "memcpy_bytes", (double)t->memcpy_bytes);
+            cJSON_AddNumberToObject(tl, "memcpy_ns", (double)t->memcpy_ns);
+            cJSON_AddNumberToObject(tl, "capture_copy_bytes", (double)t->capture_copy_bytes);
+            cJSON_AddNumberToObject(tl, "capture_copy_ns", (double)t->capture_copy_ns);
+            cJSON_AddNumberToObject(tl, "capture_copy_overlap_ns",
+                                    (double)t->capture_copy_overlap_ns);
+        } else if (tl)
+            cJSON_AddStringToObject(tl, "absent",
+                                    s->timeline_absent[0] ? s->timeline_absent
+                                                          : "not collected by this engine");
         txt = cJSON_PrintUnformatted(meta);
-        if (!cs || !txt || !defaults)
+        if (!cs || !tl || !txt || !defaults)
             st = kvt_error_set(KVT_ERR_NOMEM, "out of memory (meta_json)");
     }
     if (st == KVT_OK) {
@@ -875,6 +897,27 @@ static kvt_status close_records(kvt_capture_session *s, bool *complete, char *ga
     cJSON_free(txt);
     cJSON_Delete(meta);
     return st;
+}
+
+kvt_status kvt_capture_set_timeline(kvt_capture_session *s, const kvt_capture_timeline *t)
+{
+    KVT_RETURN_IF(!s || !t, KVT_ERR_INVALID_ARG, "set_timeline: NULL argument");
+    s->timeline = *t;
+    s->has_timeline = true;
+    s->timeline_absent[0] = '\0';
+    return KVT_OK;
+}
+
+kvt_status kvt_capture_set_timeline_absent(kvt_capture_session *s, const char *reason)
+{
+    KVT_RETURN_IF(!s || !reason || !reason[0], KVT_ERR_INVALID_ARG,
+                  "set_timeline_absent: a reason is required");
+    snprintf(s->timeline_absent, sizeof(s->timeline_absent), "%s", reason);
+    for (char *c = s->timeline_absent; *c; c++) /* one line */
+        if (*c == '\n' || *c == '\r')
+            *c = ' ';
+    s->has_timeline = false;
+    return KVT_OK;
 }
 
 kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *stats)

@@ -166,6 +166,24 @@ kvt_status kvt_capture_submit_decode_token(kvt_capture_session *s, uint32_t step
 /** Snapshot of the counters. */
 void kvt_capture_get_stats(kvt_capture_session *s, struct kvt_capture_stats *out);
 
+/** Timeline summary of the captured GPU run (from CUPTI, see kvt_timeline_start), written to
+ *  the trace's final meta_json as "timeline" and shown by `kvtrace info`. Kernel times are
+ *  sums of kernel durations (concurrent kernels each count); categories by kernel name
+ *  (kvt_timeline_category). */
+typedef struct kvt_capture_timeline {
+    uint64_t n_kernels;
+    uint64_t attention_ns, gemm_ns, other_ns;     /* GPU time by kernel category */
+    uint64_t n_memcpy, memcpy_bytes, memcpy_ns;   /* every copy (host<->device, device<->device) */
+    uint64_t capture_copy_bytes, capture_copy_ns; /* the capture's own copies (a subset) */
+    uint64_t capture_copy_overlap_ns;             /* of those, time during which some kernel ran */
+} kvt_capture_timeline;
+
+/** Attach a timeline summary; the last call wins. */
+kvt_status kvt_capture_set_timeline(kvt_capture_session *s, const kvt_capture_timeline *t);
+/** Say why the trace has no timeline (one line, e.g. "CUPTI: insufficient privileges"); the
+ *  default for a session given neither is "not collected by this engine". */
+kvt_status kvt_capture_set_timeline_absent(kvt_capture_session *s, const char *reason);
+
 /** Finish and free the session: flush buffered decode steps, write the token tables if they
  *  were not given, a meta_json record with the statistics, the index and the trailer. The
  *  session is freed whatever the result.
@@ -193,6 +211,40 @@ kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *s
 void kvt_colsum_accumulate_ref(const float *q, const float *k, double *colsum, int n_q_heads,
                                int n_kv_heads, uint32_t q_begin, uint32_t n_q, uint32_t n_k,
                                int head_dim, float scale, float *scratch);
+
+/** One GPU activity for kvt_timeline_summarize: a kernel (name) or a copy (bytes; capture: a
+ *  copy the capture made itself). Times in ns on one clock. */
+typedef struct kvt_timeline_event {
+    uint64_t start_ns, end_ns;
+    bool is_copy;
+    bool capture;
+    uint64_t bytes;
+    const char *name;
+} kvt_timeline_event;
+
+enum { KVT_TL_ATTENTION = 0, KVT_TL_GEMM = 1, KVT_TL_OTHER = 2 };
+/** Category of a kernel by its (mangled or demangled) name, case-insensitive substrings:
+ *  attention ("attn", "attention", "flash", "fmha", "sdpa", "softmax", "paged"), then GEMM
+ *  ("gemm", "gemv", "cutlass", "xmma", "cublas", "matmul"), else other. */
+int kvt_timeline_category(const char *name);
+/** Sum events into t (zeroed first). Overlap: the time of each capture copy during which at
+ *  least one kernel ran (kernel intervals merged first). Events need not be sorted. Allocates
+ *  a sorted copy of the kernel intervals (KVT_ERR_NOMEM). */
+kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_capture_timeline *t);
+
+/** A CUPTI activity collector (kernels and copies of every CUDA context of the process).
+ *  CUPTI is loaded at run time (dlopen), so a machine without it or without a GPU runs the
+ *  capture without a timeline. Returns NULL, with a one-line reason in why[cap], when CUPTI
+ *  cannot be used (not built in, library or driver missing, another profiler attached, no
+ *  permission); hand that reason to kvt_capture_set_timeline_absent. */
+typedef struct kvt_timeline kvt_timeline;
+kvt_timeline *kvt_timeline_start(char *why, size_t cap);
+/** CUPTI's id of a CUDA stream (a cudaStream_t / CUstream passed as void *), for
+ *  kvt_timeline_stop's capture_stream. KVT_ERR_NOT_FOUND when CUPTI does not know it. */
+kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id);
+/** Stop collecting and summarise; copies on CUDA stream id capture_stream (CUPTI's stream id,
+ *  0 = none) count as the capture's own. Frees the collector. */
+kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out);
 
 #ifdef __cplusplus
 }

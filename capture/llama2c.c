@@ -755,6 +755,9 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
     s = kvt_capture_open(out_path, &cm, &co, &cap);
     if (s != KVT_OK)
         goto out_free_state;
+    s = kvt_capture_set_timeline_absent(cap, "CPU engine (llama2.c): no GPU activity to time");
+    if (s != KVT_OK)
+        goto out_close;
 
     /* prefill: the prompt is either given or sampled as it is run (causal, so the same) */
     kvt_rng rng;

@@ -38,6 +38,38 @@ static const char *get_str(const cJSON *o, const char *k)
     return cJSON_IsString(x) ? x->valuestring : NULL;
 }
 
+static double tl_num(const cJSON *o, const char *k)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(x) ? x->valuedouble : 0.0;
+}
+
+/* the capture's GPU timeline summary (meta_json "timeline"), or why there is none */
+static void print_timeline(const cJSON *meta)
+{
+    const cJSON *tl = NULL;
+    for (int i = 0; i < cJSON_GetArraySize(meta) && !tl; i++)
+        tl = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(meta, i), "timeline");
+    if (!cJSON_IsObject(tl)) {
+        printf("\ntimeline   not recorded\n");
+        return;
+    }
+    const cJSON *absent = cJSON_GetObjectItemCaseSensitive(tl, "absent");
+    if (cJSON_IsString(absent)) {
+        printf("\ntimeline   absent: %s\n", absent->valuestring);
+        return;
+    }
+    double a = tl_num(tl, "attention_ns"), g = tl_num(tl, "gemm_ns"), o = tl_num(tl, "other_ns");
+    double cc = tl_num(tl, "capture_copy_ns"), ov = tl_num(tl, "capture_copy_overlap_ns");
+    printf("\ntimeline   GPU kernels %.3f ms (attention %.3f, GEMM %.3f, other %.3f ms; %.0f "
+           "kernels)\n",
+           (a + g + o) / 1e6, a / 1e6, g / 1e6, o / 1e6, tl_num(tl, "n_kernels"));
+    printf("           copies %.2f MB in %.3f ms (%.0f); the capture's own %.2f MB in %.3f ms, "
+           "%.1f%% of it overlapping compute\n",
+           tl_num(tl, "memcpy_bytes") / 1e6, tl_num(tl, "memcpy_ns") / 1e6, tl_num(tl, "n_memcpy"),
+           tl_num(tl, "capture_copy_bytes") / 1e6, cc / 1e6, cc > 0 ? 100.0 * ov / cc : 0.0);
+}
+
 int kvt_cmd_info(int argc, char **argv)
 {
     const char *path = NULL;
@@ -204,6 +236,7 @@ int kvt_cmd_info(int argc, char **argv)
                (unsigned long long)mods[0], (unsigned long long)mods[1],
                (unsigned long long)mods[2], (unsigned long long)mods[3],
                (unsigned long long)n_tok_mod);
+    print_timeline(meta);
     for (int i = 0; i < cJSON_GetArraySize(meta); i++) {
         char *js = cJSON_PrintUnformatted(cJSON_GetArrayItem(meta, i));
         if (js)

@@ -7,3 +7,9 @@ kvt_add_test(test_llama2c_checkpoint SOURCES unit/test_llama2c_checkpoint.c LIBS
              LABELS cpu)
 kvt_add_script_test(test_capture_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_capture_cli.sh
                     LABELS cpu)
+kvt_add_test(test_capture_timeline SOURCES unit/test_capture_timeline.c
+             LIBS kvt_capture PkgConfig::CJSON LABELS cpu)
+if(KVT_HAVE_CUDA AND KVT_CUPTI_INCLUDE)
+    kvt_add_test(test_capture_timeline_gpu SOURCES unit/test_capture_timeline_gpu.c
+                 LIBS kvt_capture CUDA::cudart LABELS gpu)
+endif()

@@ -41,6 +41,10 @@ check "capture from BOS" \
 check "prints a summary" "grep -q 'T=64 W=8 G=8' $TMP/a.out"
 check "the trace verifies" "$BIN verify $TMP/a.kvt >/dev/null"
 check "info shows the model" "$BIN info $TMP/a.kvt | grep -q stories260K"
+check "info says why there is no GPU timeline" \
+    "$BIN info $TMP/a.kvt | grep -q '^timeline   absent: CPU engine (llama2.c): no GPU activity to time'"
+check "info --json has it in the metadata" \
+    "$BIN info --json $TMP/a.kvt | grep -q '\"absent\":[[:space:]]*\"CPU engine'"
 check "existing output without --force: exit 1" \
     "$C --model $MODEL --tokens 64 --decode 8 --window 8 -o $TMP/a.kvt 2>$TMP/e; [ \$? -eq 1 ] && grep -q 'already exists' $TMP/e"
 check "same options, same bytes (with writer threads)" \

@@ -1,0 +1,282 @@
+/* cupti_timeline.c - the CUPTI activity collector behind kvt_timeline_start/stop (issue #6):
+ * concurrent-kernel and memcpy activity records of the whole process, reduced to
+ * kvt_timeline_event (a kernel keeps only its category: CUPTI owns the name strings) and
+ * summarised by kvt_timeline_summarize. libcupti is loaded with dlopen, so the library runs
+ * where CUPTI or the NVIDIA driver is missing; every way it can fail becomes the one-line
+ * reason the trace records instead of a timeline. One collector at a time per process.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvt_capture.h"
+
+#ifndef KVT_HAVE_CUPTI
+
+kvt_timeline *kvt_timeline_start(char *why, size_t cap)
+{
+    if (why && cap)
+        snprintf(why, cap, "CUPTI: kvtrace was built without CUDA/CUPTI");
+    return NULL;
+}
+
+kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id)
+{
+    (void)tl, (void)stream;
+    *id = 0;
+    return kvt_error_set(KVT_ERR_NOT_FOUND, "timeline: built without CUPTI");
+}
+
+kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out)
+{
+    (void)tl, (void)capture_stream;
+    memset(out, 0, sizeof(*out));
+    return kvt_error_set(KVT_ERR_STATE, "timeline: no collector (built without CUPTI)");
+}
+
+#else
+
+#include <cupti.h>
+#include <dlfcn.h>
+#include <pthread.h>
+
+#ifndef KVT_CUPTI_SONAME
+#define KVT_CUPTI_SONAME "libcupti.so"
+#endif
+#define BUF_BYTES (1u << 20)
+
+typedef struct raw_event {
+    uint64_t start, end, bytes;
+    uint32_t stream;
+    uint8_t is_copy, category;
+} raw_event;
+
+struct kvt_timeline {
+    pthread_mutex_t mu;
+    raw_event *ev;
+    size_t n, cap;
+    bool oom;         /* an event was dropped for lack of memory */
+    uint64_t dropped; /* records CUPTI dropped */
+};
+
+static struct {
+    void *lib;
+    CUptiResult (*enable)(CUpti_ActivityKind);
+    CUptiResult (*disable)(CUpti_ActivityKind);
+    CUptiResult (*reg)(CUpti_BuffersCallbackRequestFunc, CUpti_BuffersCallbackCompleteFunc);
+    CUptiResult (*flush)(uint32_t);
+    CUptiResult (*next)(uint8_t *, size_t, CUpti_Activity **);
+    CUptiResult (*dropped)(CUcontext, uint32_t, size_t *);
+    CUptiResult (*errstr)(CUptiResult, const char **);
+    CUptiResult (*version)(uint32_t *);
+    CUptiResult (*stream_id)(CUcontext, CUstream, uint8_t, uint32_t *);
+} g;
+static kvt_timeline *g_active;
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static const char *result_str(CUptiResult r)
+{
+    const char *s = NULL;
+    if (g.errstr && g.errstr(r, &s) == CUPTI_SUCCESS && s)
+        return s;
+    return "unknown CUPTI error";
+}
+
+static void CUPTIAPI buf_requested(uint8_t **buf, size_t *size, size_t *max_records)
+{
+    *buf = aligned_alloc(8, BUF_BYTES);
+    *size = *buf ? BUF_BYTES : 0;
+    *max_records = 0;
+}
+
+static void push(kvt_timeline *tl, raw_event e)
+{
+    if (tl->n == tl->cap) {
+        size_t cap = tl->cap ? 2 * tl->cap : 4096;
+        raw_event *p = kvt_realloc(tl->ev, cap * sizeof(*p));
+        if (!p) {
+            tl->oom = true;
+            return;
+        }
+        tl->ev = p, tl->cap = cap;
+    }
+    tl->ev[tl->n++] = e;
+}
+
+static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf, size_t size,
+                                   size_t valid)
+{
+    pthread_mutex_lock(&g_mu);
+    kvt_timeline *tl = g_active;
+    if (tl) {
+        pthread_mutex_lock(&tl->mu);
+        CUpti_Activity *rec = NULL;
+        while (g.next(buf, valid, &rec) == CUPTI_SUCCESS) {
+            if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL ||
+                rec->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
+                const CUpti_ActivityKernel10 *k = (const CUpti_ActivityKernel10 *)rec;
+                push(tl, (raw_event){.start = k->start,
+                                     .end = k->end,
+                                     .stream = k->streamId,
+                                     .category = (uint8_t)kvt_timeline_category(k->name)});
+            } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+                const CUpti_ActivityMemcpy6 *c = (const CUpti_ActivityMemcpy6 *)rec;
+                push(tl, (raw_event){.start = c->start,
+                                     .end = c->end,
+                                     .bytes = c->bytes,
+                                     .stream = c->streamId,
+                                     .is_copy = 1});
+            }
+        }
+        size_t d = 0;
+        if (g.dropped && g.dropped(ctx, stream, &d) == CUPTI_SUCCESS)
+            tl->dropped += d;
+        pthread_mutex_unlock(&tl->mu);
+    }
+    pthread_mutex_unlock(&g_mu);
+    free(buf);
+}
+
+#define SYM(field, name)                                                                           \
+    do {                                                                                           \
+        *(void **)&g.field = dlsym(g.lib, name);                                                   \
+        if (!g.field) {                                                                            \
+            snprintf(why, cap, "CUPTI: %s lacks %s", KVT_CUPTI_SONAME, name);                      \
+            return false;                                                                          \
+        }                                                                                          \
+    } while (0)
+
+static bool load(char *why, size_t cap)
+{
+    if (g.lib)
+        return true;
+    /* CUPTI needs the driver; without it, say so rather than CUPTI's "unknown error" */
+    void *drv = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!drv) {
+        snprintf(why, cap, "CUPTI: no NVIDIA driver (libcuda.so.1 not found): no GPU to time");
+        return false;
+    }
+    dlclose(drv);
+    g.lib = dlopen(KVT_CUPTI_SONAME, RTLD_NOW | RTLD_LOCAL);
+    if (!g.lib)
+        g.lib = dlopen("libcupti.so", RTLD_NOW | RTLD_LOCAL);
+    if (!g.lib) {
+        const char *e = dlerror();
+        snprintf(why, cap, "CUPTI: cannot load %s (%s)", KVT_CUPTI_SONAME, e ? e : "not found");
+        return false;
+    }
+    SYM(enable, "cuptiActivityEnable");
+    SYM(disable, "cuptiActivityDisable");
+    SYM(reg, "cuptiActivityRegisterCallbacks");
+    SYM(flush, "cuptiActivityFlushAll");
+    SYM(next, "cuptiActivityGetNextRecord");
+    SYM(dropped, "cuptiActivityGetNumDroppedRecords");
+    SYM(errstr, "cuptiGetResultString");
+    SYM(version, "cuptiGetVersion");
+    SYM(stream_id, "cuptiGetStreamIdEx");
+    uint32_t v = 0;
+    if (g.version(&v) != CUPTI_SUCCESS || v < CUPTI_API_VERSION) {
+        snprintf(why, cap, "CUPTI: %s has API version %u, kvtrace needs %u or newer",
+                 KVT_CUPTI_SONAME, v, (unsigned)CUPTI_API_VERSION);
+        g.enable = NULL; /* unusable: fail the same way next time */
+        return false;
+    }
+    return true;
+}
+
+kvt_timeline *kvt_timeline_start(char *why, size_t cap)
+{
+    char tmp[8];
+    if (!why || !cap)
+        why = tmp, cap = sizeof(tmp);
+    why[0] = '\0';
+    pthread_mutex_lock(&g_mu);
+    kvt_timeline *tl = NULL;
+    if (g_active) {
+        snprintf(why, cap, "CUPTI: another kvtrace timeline is already collecting");
+        goto out;
+    }
+    if (!load(why, cap))
+        goto out;
+    if (!g.enable) {
+        snprintf(why, cap, "CUPTI: %s is too old", KVT_CUPTI_SONAME);
+        goto out;
+    }
+    tl = kvt_calloc(1, sizeof(*tl));
+    if (!tl) {
+        snprintf(why, cap, "CUPTI: out of memory");
+        goto out;
+    }
+    pthread_mutex_init(&tl->mu, NULL);
+    CUptiResult r = g.reg(buf_requested, buf_completed);
+    if (r == CUPTI_SUCCESS) {
+        r = g.enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+        if (r == CUPTI_SUCCESS) {
+            r = g.enable(CUPTI_ACTIVITY_KIND_MEMCPY);
+            if (r != CUPTI_SUCCESS)
+                g.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+        }
+    }
+    if (r != CUPTI_SUCCESS) {
+        /* e.g. CUPTI_ERROR_INSUFFICIENT_PRIVILEGES, CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED
+         * (another profiler), or no driver / no device */
+        snprintf(why, cap, "CUPTI: activity tracing unavailable: %s", result_str(r));
+        pthread_mutex_destroy(&tl->mu);
+        kvt_free(tl);
+        tl = NULL;
+        goto out;
+    }
+    g_active = tl;
+out:
+    pthread_mutex_unlock(&g_mu);
+    return tl;
+}
+
+kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id)
+{
+    *id = 0;
+    KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
+    CUptiResult r = g.stream_id(NULL, (CUstream)stream, 0, id);
+    KVT_RETURN_IF(r != CUPTI_SUCCESS, KVT_ERR_NOT_FOUND, "timeline: stream id: %s", result_str(r));
+    return KVT_OK;
+}
+
+kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out)
+{
+    memset(out, 0, sizeof(*out));
+    KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
+    g.flush(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); /* delivers every buffer to buf_completed */
+    g.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+    g.disable(CUPTI_ACTIVITY_KIND_MEMCPY);
+    g.flush(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+    pthread_mutex_lock(&g_mu);
+    g_active = NULL;
+    pthread_mutex_unlock(&g_mu);
+    static const char *cat_name[] = {"attention", "gemm", "other"};
+    kvt_timeline_event *ev = kvt_malloc((tl->n + 1) * sizeof(*ev));
+    kvt_status st = KVT_OK;
+    if (!ev || tl->oom)
+        st = kvt_error_set(KVT_ERR_NOMEM, "timeline: out of memory for the activity records");
+    for (size_t i = 0; !st && i < tl->n; i++) {
+        const raw_event *e = &tl->ev[i];
+        ev[i] = (kvt_timeline_event){.start_ns = e->start,
+                                     .end_ns = e->end,
+                                     .is_copy = e->is_copy,
+                                     .capture = e->is_copy && capture_stream &&
+                                                e->stream == capture_stream,
+                                     .bytes = e->bytes,
+                                     .name = cat_name[e->category < 3 ? e->category : 2]};
+    }
+    if (!st)
+        st = kvt_timeline_summarize(ev, tl->n, out);
+    if (!st && tl->dropped)
+        st = kvt_error_set(KVT_ERR_STATE, "timeline: CUPTI dropped %llu activity records",
+                           (unsigned long long)tl->dropped);
+    kvt_free(ev);
+    kvt_free(tl->ev);
+    pthread_mutex_destroy(&tl->mu);
+    kvt_free(tl);
+    return st;
+}
+
+#endif /* KVT_HAVE_CUPTI */

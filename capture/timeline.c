@@ -1,0 +1,113 @@
+/* timeline.c - the GPU timeline summary of a capture (issue #6): kernel categories by name,
+ * sums of kernel and copy time, and how much of the capture's own copying overlapped compute
+ * (merged kernel intervals against each capture copy). Pure C; the CUPTI collector that
+ * produces the events is cupti_timeline.c.
+ */
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvt_capture.h"
+
+static bool has_ci(const char *s, const char *sub)
+{
+    size_t n = strlen(sub);
+    for (; *s; s++) {
+        size_t i = 0;
+        while (i < n && s[i] && tolower((unsigned char)s[i]) == sub[i])
+            i++;
+        if (i == n)
+            return true;
+    }
+    return false;
+}
+
+int kvt_timeline_category(const char *name)
+{
+    static const char *attn[] = {"attn", "attention", "flash", "fmha", "sdpa", "softmax", "paged"};
+    static const char *gemm[] = {"gemm", "gemv", "cutlass", "xmma", "cublas", "matmul"};
+    if (!name)
+        return KVT_TL_OTHER;
+    for (size_t i = 0; i < sizeof(attn) / sizeof(attn[0]); i++)
+        if (has_ci(name, attn[i]))
+            return KVT_TL_ATTENTION;
+    for (size_t i = 0; i < sizeof(gemm) / sizeof(gemm[0]); i++)
+        if (has_ci(name, gemm[i]))
+            return KVT_TL_GEMM;
+    return KVT_TL_OTHER;
+}
+
+typedef struct span {
+    uint64_t a, b;
+} span;
+
+static int cmp_span(const void *x, const void *y)
+{
+    const span *p = x, *q = y;
+    return (p->a > q->a) - (p->a < q->a);
+}
+
+kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_capture_timeline *t)
+{
+    memset(t, 0, sizeof(*t));
+    KVT_RETURN_IF(n && !ev, KVT_ERR_INVALID_ARG, "timeline: no events");
+    size_t nk = 0;
+    for (size_t i = 0; i < n; i++)
+        nk += !ev[i].is_copy;
+    span *k = kvt_malloc((nk + 1) * sizeof(*k));
+    KVT_RETURN_IF(!k, KVT_ERR_NOMEM, "timeline: out of memory");
+    nk = 0;
+    for (size_t i = 0; i < n; i++) {
+        const kvt_timeline_event *e = &ev[i];
+        uint64_t d = e->end_ns > e->start_ns ? e->end_ns - e->start_ns : 0;
+        if (e->is_copy) {
+            t->n_memcpy++;
+            t->memcpy_bytes += e->bytes;
+            t->memcpy_ns += d;
+            if (e->capture) {
+                t->capture_copy_bytes += e->bytes;
+                t->capture_copy_ns += d;
+            }
+            continue;
+        }
+        t->n_kernels++;
+        int c = kvt_timeline_category(e->name);
+        *(c == KVT_TL_ATTENTION ? &t->attention_ns
+          : c == KVT_TL_GEMM    ? &t->gemm_ns
+                                : &t->other_ns) += d;
+        if (d)
+            k[nk++] = (span){e->start_ns, e->end_ns};
+    }
+    /* kernel intervals merged into disjoint, sorted spans */
+    qsort(k, nk, sizeof(*k), cmp_span);
+    size_t m = 0;
+    for (size_t i = 0; i < nk; i++) {
+        if (m && k[i].a <= k[m - 1].b) {
+            if (k[i].b > k[m - 1].b)
+                k[m - 1].b = k[i].b;
+        } else
+            k[m++] = k[i];
+    }
+    for (size_t i = 0; i < n; i++) {
+        const kvt_timeline_event *e = &ev[i];
+        if (!e->is_copy || !e->capture || e->end_ns <= e->start_ns)
+            continue;
+        /* first span that ends after the copy starts, then every span it meets */
+        size_t lo = 0, hi = m;
+        while (lo < hi) {
+            size_t mid = (lo + hi) / 2;
+            if (k[mid].b <= e->start_ns)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        for (size_t j = lo; j < m && k[j].a < e->end_ns; j++) {
+            uint64_t a = k[j].a > e->start_ns ? k[j].a : e->start_ns;
+            uint64_t b = k[j].b < e->end_ns ? k[j].b : e->end_ns;
+            if (b > a)
+                t->capture_copy_overlap_ns += b - a;
+        }
+    }
+    kvt_free(k);
+    return KVT_OK;
+}
