@@ -115,14 +115,20 @@ class CaptureSession:
                 s.submit_kv(l, 0, k[l], v[l])          # [Hkv, T, D] views
                 s.submit_queries(l, 0, q[l])           # [Hq, n, D], last W kept
             ...
-    Leaving the block closes the session (finishing the trace); close() returns the stats."""
+    Leaving the block closes the session (finishing the trace); close() returns the stats.
+
+    timeline=True collects a GPU timeline with CUPTI from open to close (kernel time by
+    category, copies, and how much of the copies on capture_stream, a CUDA stream handle or
+    an object with .cuda_stream such as torch.cuda.Stream, overlapped compute); where CUPTI
+    cannot run, timeline_reason says why and the trace records it. set_timeline_absent(reason)
+    records why an engine has no timeline."""
 
     def __init__(self, path, *, n_layers, n_q_heads, n_kv_heads, head_dim, n_tokens, window,
                  kv_dtype="f32", name="model", arch="llama", rope="default", rope_theta=0.0,
                  attn_scale=0.0, engine_name="kvtrace-python", engine_version=None, gpu=None,
                  n_decode=0, decode_chunk=0, with_colsum=False, with_q_all=False, capture=None,
                  level=0, n_threads=0, max_pending_bytes=0, max_record_bytes=0,
-                 no_shuffle=False, force=False):
+                 no_shuffle=False, force=False, timeline=False, capture_stream=None):
         L = _lib.lib()
         if not _lib.has_capture():
             raise TraceError(-13, "%s was built without the capture API" % _lib.lib_path())
@@ -152,6 +158,46 @@ class CaptureSession:
              ctypes.byref(opts), ctypes.byref(h))
         self._h = h
         self.n_layers = n_layers
+        self._tl = None
+        self._tl_stream = 0
+        self.timeline_reason = None
+        self.timeline = None
+        if timeline:
+            self._start_timeline(capture_stream)
+
+    def _start_timeline(self, capture_stream):
+        L = _lib.lib()
+        why = ctypes.create_string_buffer(256)
+        tl = L.kvt_timeline_start(why, len(why))
+        if not tl:
+            self.set_timeline_absent(why.value.decode("utf-8", "replace"))
+            return
+        self._tl = tl
+        if capture_stream is not None:
+            handle = getattr(capture_stream, "cuda_stream", capture_stream)
+            sid = ctypes.c_uint32()
+            call(L.kvt_timeline_stream_id, tl, ctypes.c_void_p(int(handle)), ctypes.byref(sid))
+            self._tl_stream = sid.value
+
+    def set_timeline_absent(self, reason):
+        """Record why the trace has no GPU timeline (one line)."""
+        self.timeline_reason = str(reason)
+        call(_lib.lib().kvt_capture_set_timeline_absent, self._handle(),
+             self.timeline_reason.encode("utf-8"))
+
+    def _stop_timeline(self, h):
+        tl, self._tl = self._tl, None
+        if not tl:
+            return
+        L = _lib.lib()
+        t = _lib.CaptureTimeline()
+        st = L.kvt_timeline_stop(tl, self._tl_stream, ctypes.byref(t))
+        if st == 0:
+            self.timeline = {n: int(getattr(t, n)) for n, _ in _lib.CaptureTimeline._fields_}
+            call(L.kvt_capture_set_timeline, h, ctypes.byref(t))
+        else:
+            self.timeline_reason = "CUPTI: " + L.kvt_error_msg().decode("utf-8", "replace")
+            call(L.kvt_capture_set_timeline_absent, h, self.timeline_reason.encode("utf-8"))
 
     def _handle(self):
         if self._h is None:
@@ -223,9 +269,12 @@ class CaptureSession:
         """Finish the trace and free the session (freed whatever the result). Returns the
         final stats; raises TraceError if the trace is incomplete or a write failed."""
         h = self._handle()
-        self._h = None
-        s = _lib.CaptureStats()
-        call(_lib.lib().kvt_capture_close, h, ctypes.byref(s))
+        try:
+            self._stop_timeline(h)
+        finally:
+            self._h = None
+            s = _lib.CaptureStats()
+            call(_lib.lib().kvt_capture_close, h, ctypes.byref(s))
         return self._stats_dict(s)
 
     @property
@@ -249,6 +298,9 @@ class CaptureSession:
 
     def __del__(self):
         try:
+            if getattr(self, "_tl", None):  # never closed: stop collecting, drop the summary
+                tl, self._tl = self._tl, None
+                _lib.lib().kvt_timeline_stop(tl, 0, ctypes.byref(_lib.CaptureTimeline()))
             if getattr(self, "_h", None) is not None:
                 h, self._h = self._h, None
                 _lib.lib().kvt_capture_close(h, None)

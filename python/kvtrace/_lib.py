@@ -171,6 +171,12 @@ class CaptureStats(ctypes.Structure):
     ]
 
 
+class CaptureTimeline(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "n_kernels", "attention_ns", "gemm_ns", "other_ns", "n_memcpy", "memcpy_bytes",
+        "memcpy_ns", "capture_copy_bytes", "capture_copy_ns", "capture_copy_overlap_ns")]
+
+
 # (C type name, ctypes structure) for the layout check in the tests.
 STRUCTS = {
     "kvt_record_info": RecordInfo,
@@ -182,6 +188,7 @@ STRUCTS = {
     "struct kvt_capture_model": CaptureModel,
     "struct kvt_capture_opts": CaptureOpts,
     "struct kvt_capture_stats": CaptureStats,
+    "kvt_capture_timeline": CaptureTimeline,
 }
 
 _P = ctypes.POINTER
@@ -238,6 +245,11 @@ _CAPTURE_PROTOS = {
     "kvt_capture_submit_decode_token": (_int, [_vp, _u32, _i32]),
     "kvt_capture_get_stats": (None, [_vp, _P(CaptureStats)]),
     "kvt_capture_close": (_int, [_vp, _P(CaptureStats)]),
+    "kvt_capture_set_timeline": (_int, [_vp, _P(CaptureTimeline)]),
+    "kvt_capture_set_timeline_absent": (_int, [_vp, _cp]),
+    "kvt_timeline_start": (_vp, [ctypes.c_char_p, _sz]),
+    "kvt_timeline_stream_id": (_int, [_vp, _vp, _P(_u32)]),
+    "kvt_timeline_stop": (_int, [_vp, _u32, _P(CaptureTimeline)]),
 }
 
 _lib = None

@@ -468,6 +468,31 @@ class Capture(unittest.TestCase):
             np.testing.assert_array_equal(t.read("V", 0), kvtrace.f32_to_bf16(
                 x.transpose(1, 0, 2)))
 
+    def test_timeline(self):
+        x = np.ones((1, 4, 4), np.float32)
+
+        def run(path, **kw):
+            with kvtrace.CaptureSession(path, n_layers=1, n_q_heads=1, n_kv_heads=1,
+                                        head_dim=4, n_tokens=4, window=1, **kw) as s:
+                s.submit_kv(0, 0, x, x)
+                s.submit_queries(0, 3, x[:, 3:])
+                if "reason" in kw.get("capture", {}):
+                    s.set_timeline_absent(kw["capture"]["reason"])
+            with kvtrace.open(path) as t:
+                return s, t.meta[-1]["timeline"]
+
+        s, tl = run(os.path.join(self.dir, "tl.kvt"), timeline=True)
+        if s.timeline_reason is None:  # CUPTI ran (a GPU machine): a summary, no copies
+            self.assertEqual(tl["source"], "cupti")
+            self.assertEqual(s.timeline["capture_copy_bytes"], 0)
+        else:  # here: why not, in one line, in the trace too
+            self.assertTrue(s.timeline_reason.startswith("CUPTI: "), s.timeline_reason)
+            self.assertEqual(tl, {"absent": s.timeline_reason})
+        s, tl = run(os.path.join(self.dir, "tl2.kvt"), capture={"reason": "engine: no GPU"})
+        self.assertEqual(tl, {"absent": "engine: no GPU"})
+        s, tl = run(os.path.join(self.dir, "tl3.kvt"))
+        self.assertEqual(tl, {"absent": "not collected by this engine"})
+
     def test_rounding_matches_numpy(self):
         rng = np.random.default_rng(6)
         x = (rng.standard_normal((1, 64, 4)) * 10).astype(np.float32)
