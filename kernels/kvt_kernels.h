@@ -153,6 +153,12 @@ kvt_status kvt_cosine_table_ref(const float *ku, int T, int D, const int32_t *pr
 kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int32_t *order,
                                   const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
                                   float *work, double *cov, double *radius, double *cov_mod);
+/** The per-cut summary of kvt_sweep_coverage_ref from best [n_probe] (each probe's best cosine
+ *  among the first `cut` ranked tokens): *cov the mean, *radius the largest 1 - best, cov_mod
+ *  [NM] the mean by probe modality (NULL: skipped); NaN for an empty set. Shared by every
+ *  implementation so that they summarise identically. */
+void kvt_coverage_summary(const float *best, int n_probe, int cut, const uint8_t *probe_mod,
+                          double *cov, double *radius, double *cov_mod);
 
 /** Redundancy r of the kept set at every cut (kvt_redundancy_ref of the mean unit key of
  *  order[0..c)); NaN for c < 2. ku [T, D] unit keys; work [D] doubles; r out [n_cut]. */

@@ -6,20 +6,8 @@
  */
 #include <string.h>
 
+#include "../ref/rank_key.h"
 #include "kvt_kernels.h"
-
-/* ascending key = descending score; -0 == +0; every NaN after every number */
-static inline uint64_t desc_key(double x)
-{
-    if (x != x)
-        return UINT64_MAX;
-    if (x == 0.0)
-        x = 0.0; /* -0.0 ranks with +0.0 */
-    uint64_t b;
-    memcpy(&b, &x, sizeof(b));
-    uint64_t asc = (b >> 63) ? ~b : b | 0x8000000000000000ull; /* ascending in x */
-    return ~asc;
-}
 
 kvt_status kvt_rank_desc_cpu(const double *score, int n, int32_t *order, int32_t *work)
 {
@@ -33,7 +21,7 @@ kvt_status kvt_rank_desc_cpu(const double *score, int n, int32_t *order, int32_t
     uint64_t *k1 = k0 + n;
     int32_t *i0 = order;
     for (int j = 0; j < n; j++) {
-        k0[j] = desc_key(score[j]);
+        k0[j] = kvt_rank_key(score[j]);
         i0[j] = j;
     }
     for (int shift = 0; shift < 64; shift += 8) {

@@ -218,23 +218,9 @@ KVT_CLONES kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe
             for (int i = 0; i < n_probe; i++)
                 best[i] = row[i] > best[i] ? row[i] : best[i];
         }
-        /* the per-cut summary exactly as the reference sums it */
-        double s = 0.0, rad = -INFINITY, sm[NM] = {0};
-        int cm[NM] = {0};
-        for (int i = 0; i < n_probe; i++) {
-            s += best[i];
-            rad = 1.0 - best[i] > rad ? 1.0 - best[i] : rad;
-            if (probe_mod) {
-                sm[probe_mod[i]] += best[i];
-                cm[probe_mod[i]]++;
-            }
-        }
-        bool empty = cuts[ci] == 0 || n_probe == 0;
-        cov[ci] = empty ? NAN : s / n_probe;
-        radius[ci] = empty ? NAN : rad;
-        if (probe_mod && cov_mod)
-            for (int m = 0; m < NM; m++)
-                cov_mod[(size_t)ci * NM + m] = empty || !cm[m] ? NAN : sm[m] / cm[m];
+        /* the per-cut summary is the reference's own */
+        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, cov + ci, radius + ci,
+                             cov_mod ? cov_mod + (size_t)ci * NM : NULL);
     }
     return KVT_OK;
 }

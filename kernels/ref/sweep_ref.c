@@ -106,24 +106,31 @@ kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int
             for (int i = 0; i < n_probe; i++)
                 best[i] = row[i] > best[i] ? row[i] : best[i];
         }
-        double s = 0.0, rad = -INFINITY, sm[NM] = {0};
-        int cm[NM] = {0};
-        for (int i = 0; i < n_probe; i++) {
-            s += best[i];
-            rad = 1.0 - best[i] > rad ? 1.0 - best[i] : rad;
-            if (probe_mod) {
-                sm[probe_mod[i]] += best[i];
-                cm[probe_mod[i]]++;
-            }
-        }
-        bool empty = cuts[ci] == 0 || n_probe == 0;
-        cov[ci] = empty ? NAN : s / n_probe;
-        radius[ci] = empty ? NAN : rad;
-        if (probe_mod && cov_mod)
-            for (int m = 0; m < NM; m++)
-                cov_mod[(size_t)ci * NM + m] = empty || !cm[m] ? NAN : sm[m] / cm[m];
+        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, cov + ci, radius + ci,
+                             cov_mod ? cov_mod + (size_t)ci * NM : NULL);
     }
     return KVT_OK;
+}
+
+void kvt_coverage_summary(const float *best, int n_probe, int cut, const uint8_t *probe_mod,
+                          double *cov, double *radius, double *cov_mod)
+{
+    double s = 0.0, rad = -INFINITY, sm[NM] = {0};
+    int cm[NM] = {0};
+    for (int i = 0; i < n_probe; i++) {
+        s += best[i];
+        rad = 1.0 - best[i] > rad ? 1.0 - best[i] : rad;
+        if (probe_mod) {
+            sm[probe_mod[i]] += best[i];
+            cm[probe_mod[i]]++;
+        }
+    }
+    bool empty = cut == 0 || n_probe == 0;
+    *cov = empty ? NAN : s / n_probe;
+    *radius = empty ? NAN : rad;
+    if (probe_mod && cov_mod)
+        for (int m = 0; m < NM; m++)
+            cov_mod[m] = empty || !cm[m] ? NAN : sm[m] / cm[m];
 }
 
 kvt_status kvt_sweep_redundancy_ref(const float *ku, int T, int D, const int32_t *order,

@@ -1,0 +1,54 @@
+/* kvt_kernels_cuda.h - CUDA versions of the replay's kernels (issue #7), callable from C.
+ *
+ * Every pointer is device memory unless its comment says host; `stream` is a cudaStream_t
+ * passed as void * (NULL: the default stream); calls are asynchronous on it except where a
+ * result comes back to the host. Each op is checked against its kernels/ref/ oracle by
+ * tests/unit/test_kernels_cuda.c (label gpu: "not run" without a device).
+ *
+ * Status: these kernels compile in CI but have not yet run on a GPU (no device in the session
+ * that wrote them); the replay does not call them yet (`replay --device` is still to come).
+ */
+#ifndef KVT_KERNELS_CUDA_H
+#define KVT_KERNELS_CUDA_H
+
+#include "kvt_kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** Usable CUDA devices; 0 with a one-line reason in why[cap] (no driver, no device). */
+int kvt_cuda_devices(char *why, size_t cap);
+
+/** kvt_row_norms_ref: out[t] = ||x[t]|| for rows x [n, D] f32, in double. */
+kvt_status kvt_row_norms_cuda(const float *x, int n, int D, double *out, void *stream);
+
+/** kvt_unit_rows_ref: ku [n, D] = x / max(||x||, 1e-12) in f32 (ku may be NULL); mean [D]
+ *  the mean unit row in double, summed in row order like the reference (may be NULL).
+ *  inv_work: n doubles of device workspace. */
+kvt_status kvt_unit_rows_cuda(const float *x, int n, int D, float *ku, double *mean,
+                              double *inv_work, void *stream);
+
+/** kvt_rank_desc_ref on each of n_seg segments: score [n_seg, n] (double), order [n_seg, n]
+ *  receives each segment's permutation of 0..n-1 (score descending, ties by lower index, NaN
+ *  last): the same permutations as the reference (a stable segmented radix sort of
+ *  kvt_rank_key). Allocates and frees temporary device memory; synchronises the stream. */
+kvt_status kvt_rank_desc_segmented_cuda(const double *score, int n_seg, int n, int32_t *order,
+                                        void *stream);
+
+/** kvt_cosine_table_ref: ct [T, n_probe] = ku [T, D] . ku[probe]^T, summed in double and
+ *  rounded to f32. probe [n_probe] (device) indices in 0..T-1 (not checked on the device). */
+kvt_status kvt_cosine_table_cuda(const float *ku, int T, int D, const int32_t *probe, int n_probe,
+                                 float *ct, void *stream);
+
+/** The running part of kvt_sweep_coverage_ref: best [n_cut, n_probe] f32 = each probe's best
+ *  cosine among ranked tokens order[0..cuts[c]) (order [T] on the device, cuts [n_cut] on
+ *  the host, strictly increasing within 0..T). kvt_coverage_summary turns a row of best into
+ *  the metrics exactly as the reference does. */
+kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe, const int32_t *order,
+                                  const int32_t *cuts, int n_cut, float *best, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVT_KERNELS_CUDA_H */

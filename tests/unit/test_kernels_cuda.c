@@ -1,0 +1,228 @@
+/* test_kernels_cuda.c - the CUDA kernels (kernels/cuda/) against their references, the way
+ * ggml's test-backend-ops compares backends (issue #7): fresh fixed-seed inputs and awkward
+ * shapes (one row, rows not a multiple of a block, D = 64, 80, 128, segments of 1 to 8160),
+ * exact permutations and bitwise bests where the reference's arithmetic is reproduced, f32
+ * ulp-level tolerances where only the summation order differs, guard words after every device
+ * output left untouched, no NaN where the reference has none, and bad arguments refused.
+ * Label gpu: exits 77 ("not run") without a CUDA device.
+ */
+#include <cuda_runtime_api.h>
+
+#include "kvt_kernels_cuda.h"
+#include "kvt_test.h"
+
+#define N_GUARD 16
+#define GUARD   0xA5u /* byte pattern of the guard words */
+
+static void *to_dev(const void *h, size_t bytes)
+{
+    void *d = NULL;
+    KVT_EXPECT(cudaMalloc(&d, bytes + 1) == cudaSuccess);
+    if (bytes)
+        KVT_EXPECT(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice) == cudaSuccess);
+    return d;
+}
+
+/* a device output of `bytes` followed by N_GUARD guard words */
+static void *out_dev(size_t bytes)
+{
+    void *d = NULL;
+    KVT_EXPECT(cudaMalloc(&d, bytes + N_GUARD * 4) == cudaSuccess);
+    KVT_EXPECT(cudaMemset(d, (int)GUARD, bytes + N_GUARD * 4) == cudaSuccess);
+    return d;
+}
+
+/* copy an output back and check its guard */
+static void from_dev(void *h, const void *d, size_t bytes, const char *what)
+{
+    unsigned char g[N_GUARD * 4];
+    KVT_EXPECT(cudaDeviceSynchronize() == cudaSuccess);
+    if (bytes)
+        KVT_EXPECT(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
+    KVT_EXPECT(cudaMemcpy(g, (const char *)d + bytes, sizeof(g), cudaMemcpyDeviceToHost) ==
+               cudaSuccess);
+    int bad = 0;
+    for (size_t i = 0; i < sizeof(g); i++)
+        bad += g[i] != GUARD;
+    KVT_EXPECT_MSG(bad == 0, "%s: %d guard bytes overwritten", what, bad);
+}
+
+static void fill(kvt_rng *r, float *x, size_t n, float scale)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)((kvt_rng_uniform(r) * 2.0 - 1.0) * scale);
+}
+
+/* |a - b| <= atol + rtol |a| for all, no NaN unless both; returns mismatches */
+static int cmp64(const char *what, const double *a, const double *b, size_t n, double atol,
+                 double rtol)
+{
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        bool ok = (isnan(a[i]) && isnan(b[i])) ||
+                  (!isnan(b[i]) && fabs(a[i] - b[i]) <= atol + rtol * fabs(a[i]));
+        if (!ok && bad++ < 5)
+            fprintf(stderr, "  %s[%zu]: ref %.17g cuda %.17g\n", what, i, a[i], b[i]);
+    }
+    return bad;
+}
+
+static int cmp32(const char *what, const float *a, const float *b, size_t n)
+{
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        bool ok =
+            (isnan(a[i]) && isnan(b[i])) || (!isnan(b[i]) && d <= 2e-7 + 1e-6 * fabs((double)a[i]));
+        if (!ok && bad++ < 5)
+            fprintf(stderr, "  %s[%zu]: ref %.9g cuda %.9g\n", what, i, a[i], b[i]);
+    }
+    return bad;
+}
+
+static void test_norms(int n, int D, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    size_t nx = (size_t)n * D;
+    float *x = malloc(nx * 4 + 4), *ka = malloc(nx * 4 + 4), *kb = malloc(nx * 4 + 4);
+    double *na = malloc((size_t)n * 8 + 8), *nb = malloc((size_t)n * 8 + 8);
+    double *ma = malloc((size_t)D * 8), *mb = malloc((size_t)D * 8);
+    fill(&r, x, nx, 3.0f);
+    if (n > 2)
+        memset(x + (size_t)2 * D, 0, (size_t)D * 4); /* a zero row: the 1e-12 floor */
+    kvt_row_norms_ref(x, n, D, na);
+    kvt_unit_rows_ref(x, n, D, ka, ma);
+    float *dx = to_dev(x, nx * 4), *dku = out_dev(nx * 4);
+    double *dn = out_dev((size_t)n * 8), *dm = out_dev((size_t)D * 8),
+           *dinv = out_dev((size_t)n * 8);
+    KVT_CHECK(kvt_row_norms_cuda(dx, n, D, dn, NULL));
+    KVT_CHECK(kvt_unit_rows_cuda(dx, n, D, dku, dm, dinv, NULL));
+    from_dev(nb, dn, (size_t)n * 8, "row_norms");
+    from_dev(kb, dku, nx * 4, "unit_rows");
+    from_dev(mb, dm, (size_t)D * 8, "unit_mean");
+    KVT_EXPECT_MSG(cmp64("norms", na, nb, (size_t)n, 1e-12, 1e-12) == 0, "norms n=%d D=%d", n, D);
+    KVT_EXPECT_MSG(cmp32("ku", ka, kb, nx) == 0, "unit rows n=%d D=%d", n, D);
+    KVT_EXPECT_MSG(cmp64("mean", ma, mb, (size_t)D, 1e-12, 1e-10) == 0, "mean n=%d D=%d", n, D);
+    KVT_EXPECT_STATUS(kvt_row_norms_cuda(dx, -1, D, dn, NULL), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_unit_rows_cuda(dx, n, 0, dku, dm, dinv, NULL), KVT_ERR_INVALID_ARG);
+    cudaFree(dx), cudaFree(dku), cudaFree(dn), cudaFree(dm), cudaFree(dinv);
+    free(x), free(ka), free(kb), free(na), free(nb), free(ma), free(mb);
+}
+
+static void test_rank(int n_seg, int n, int kind, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    size_t tot = (size_t)n_seg * n;
+    double *s = malloc(tot * 8 + 8);
+    int32_t *oa = malloc(tot * 4 + 4), *ob = malloc(tot * 4 + 4), *w = malloc((size_t)n * 4 + 4);
+    for (size_t j = 0; j < tot; j++) {
+        double u = kvt_rng_uniform(&r);
+        if (kind == 0)
+            s[j] = u * 1e-4; /* probabilities */
+        else if (kind == 1)
+            s[j] = (double)(int)(u * 7) - 3.0; /* many ties */
+        else {
+            const double sp[] = {0.0, -0.0, INFINITY, -INFINITY, NAN, -NAN, 1e-310, -1.0};
+            s[j] = u < 0.5 ? sp[(int)(u * 16)] : u - 0.75;
+        }
+    }
+    for (int g = 0; g < n_seg; g++)
+        kvt_rank_desc_ref(s + (size_t)g * n, n, oa + (size_t)g * n, w);
+    double *ds = to_dev(s, tot * 8);
+    int32_t *dord = out_dev(tot * 4);
+    KVT_CHECK(kvt_rank_desc_segmented_cuda(ds, n_seg, n, dord, NULL));
+    from_dev(ob, dord, tot * 4, "rank");
+    KVT_EXPECT_MSG(!memcmp(oa, ob, tot * 4), "rank n_seg=%d n=%d kind=%d", n_seg, n, kind);
+    cudaFree(ds), cudaFree(dord);
+    free(s), free(oa), free(ob), free(w);
+}
+
+static void test_coverage(int T, int D, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    size_t nk = (size_t)T * D;
+    float *k = malloc(nk * 4), *ku = malloc(nk * 4);
+    fill(&r, k, nk, 1.0f);
+    kvt_unit_rows_ref(k, T, D, ku, NULL);
+    int P = T < 37 ? T : 37;
+    int32_t *probe = malloc((size_t)P * 4), *order = malloc((size_t)T * 4);
+    uint8_t pm[64];
+    for (int i = 0; i < P; i++) {
+        probe[i] = (int32_t)((int64_t)i * T / P);
+        pm[i] = (uint8_t)(i % 3);
+    }
+    probe[P - 1] = T - 1;
+    for (int j = 0; j < T; j++)
+        order[j] = j;
+    for (int j = T - 1; j > 0; j--) {
+        int i = (int)(kvt_rng_u64(&r) % (uint64_t)(j + 1));
+        int32_t t = order[i];
+        order[i] = order[j], order[j] = t;
+    }
+    size_t nc = (size_t)T * P;
+    float *ca = malloc(nc * 4), *cb = malloc(nc * 4);
+    KVT_CHECK(kvt_cosine_table_ref(ku, T, D, probe, P, ca));
+    float *dku = to_dev(ku, nk * 4), *dct = out_dev(nc * 4);
+    int32_t *dprobe = to_dev(probe, (size_t)P * 4), *dord = to_dev(order, (size_t)T * 4);
+    KVT_CHECK(kvt_cosine_table_cuda(dku, T, D, dprobe, P, dct, NULL));
+    from_dev(cb, dct, nc * 4, "cosine_table");
+    KVT_EXPECT_MSG(cmp32("cosine", ca, cb, nc) == 0, "cosine T=%d D=%d", T, D);
+
+    /* running bests from the reference's table: bitwise the reference's, and through the
+     * shared summary the reference's metrics exactly */
+    int32_t cand[] = {0, 1, 3, 255, 256, 257, T / 2, T - 1, T};
+    int32_t cuts[16];
+    int n_cut = 0;
+    for (size_t i = 0; i < sizeof(cand) / sizeof(cand[0]); i++)
+        if (cand[i] >= 0 && cand[i] <= T && (n_cut == 0 || cand[i] > cuts[n_cut - 1]))
+            cuts[n_cut++] = cand[i];
+    KVT_EXPECT(cudaMemcpy(dct, ca, nc * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    float *dbest = out_dev((size_t)n_cut * P * 4), *best = malloc((size_t)n_cut * P * 4);
+    KVT_CHECK(kvt_coverage_best_cuda(dct, T, P, dord, cuts, n_cut, dbest, NULL));
+    from_dev(best, dbest, (size_t)n_cut * P * 4, "coverage_best");
+    double cva[16], rda[16], cma[16 * KVT_N_MODALITIES], cvb, rdb, cmb[KVT_N_MODALITIES];
+    float wf[64];
+    KVT_CHECK(kvt_sweep_coverage_ref(ca, T, P, order, cuts, n_cut, pm, wf, cva, rda, cma));
+    int bad = 0;
+    for (int c = 0; c < n_cut; c++) {
+        kvt_coverage_summary(best + (size_t)c * P, P, cuts[c], pm, &cvb, &rdb, cmb);
+        bad += memcmp(&cva[c], &cvb, 8) != 0 || memcmp(&rda[c], &rdb, 8) != 0 ||
+               memcmp(cma + (size_t)c * KVT_N_MODALITIES, cmb, sizeof(cmb)) != 0;
+    }
+    KVT_EXPECT_MSG(bad == 0, "coverage T=%d: %d cuts differ", T, bad);
+    int32_t badcuts[2] = {5, 3};
+    KVT_EXPECT_STATUS(kvt_coverage_best_cuda(dct, T, P, dord, badcuts, 2, dbest, NULL),
+                      KVT_ERR_INVALID_ARG);
+    cudaFree(dku), cudaFree(dct), cudaFree(dprobe), cudaFree(dord), cudaFree(dbest);
+    free(k), free(ku), free(probe), free(order), free(ca), free(cb), free(best);
+}
+
+int main(void)
+{
+    char why[256] = "";
+    if (kvt_cuda_devices(why, sizeof(why)) == 0) {
+        printf("test_kernels_cuda: %s: not run\n", why);
+        return 77;
+    }
+    const int Ds[] = {64, 80, 128};
+    for (int i = 0; i < 3; i++) {
+        test_norms(1, Ds[i], 11 + i);
+        test_norms(257, Ds[i], 21 + i);
+        test_norms(1000, Ds[i], 31 + i);
+        test_coverage(1, Ds[i], 41 + i);
+        test_coverage(300, Ds[i], 51 + i);
+        test_coverage(1030, Ds[i], 61 + i);
+    }
+    const int ns[] = {1, 63, 64, 1000, 8160};
+    for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++)
+        for (int kind = 0; kind < 3; kind++) {
+            test_rank(1, ns[i], kind, 71 + i);
+            test_rank(8, ns[i], kind, 81 + i);
+        }
+    test_rank(0, 10, 0, 91); /* nothing to do */
+    KVT_EXPECT_STATUS(kvt_rank_desc_segmented_cuda(NULL, -1, 4, NULL, NULL), KVT_ERR_INVALID_ARG);
+    return kvt_test_result("test_kernels_cuda");
+}
