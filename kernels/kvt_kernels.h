@@ -159,6 +159,9 @@ kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int
  *  implementation so that they summarise identically. */
 void kvt_coverage_summary(const float *best, int n_probe, int cut, const uint8_t *probe_mod,
                           double *cov, double *radius, double *cov_mod);
+/** r of a kept set of n unit keys from their sum [D] (kvt_sweep_redundancy_ref's per-cut
+ *  value; NaN for n < 2), shared by every implementation. */
+double kvt_redundancy_of_sum(const double *sum, int D, int n);
 
 /** Redundancy r of the kept set at every cut (kvt_redundancy_ref of the mean unit key of
  *  order[0..c)); NaN for c < 2. ku [T, D] unit keys; work [D] doubles; r out [n_cut]. */

@@ -244,15 +244,7 @@ KVT_CLONES kvt_status kvt_sweep_redundancy_cpu(const float *ku, int T, int D, co
             for (int d = 0; d < D; d++)
                 sum[d] += k[d];
         }
-        int c = cuts[ci];
-        if (c < 2) {
-            r[ci] = NAN;
-            continue;
-        }
-        double s2 = 0.0;
-        for (int d = 0; d < D; d++)
-            s2 += sum[d] * sum[d];
-        r[ci] = (s2 / c - 1.0) / (double)(c - 1);
+        r[ci] = kvt_redundancy_of_sum(sum, D, cuts[ci]);
     }
     return KVT_OK;
 }

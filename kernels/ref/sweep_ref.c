@@ -148,16 +148,18 @@ kvt_status kvt_sweep_redundancy_ref(const float *ku, int T, int D, const int32_t
             for (int d = 0; d < D; d++)
                 sum[d] += k[d];
         }
-        int c = cuts[ci];
-        if (c < 2) {
-            r[ci] = NAN;
-            continue;
-        }
-        double s2 = 0.0;
-        for (int d = 0; d < D; d++)
-            s2 += sum[d] * sum[d];
-        /* n*||m||^2 = ||sum||^2 / n */
-        r[ci] = (s2 / c - 1.0) / (double)(c - 1);
+        r[ci] = kvt_redundancy_of_sum(sum, D, cuts[ci]);
     }
     return KVT_OK;
+}
+
+double kvt_redundancy_of_sum(const double *sum, int D, int n)
+{
+    if (n < 2)
+        return NAN;
+    double s2 = 0.0;
+    for (int d = 0; d < D; d++)
+        s2 += sum[d] * sum[d];
+    /* n*||m||^2 = ||sum||^2 / n */
+    return (s2 / n - 1.0) / (double)(n - 1);
 }
