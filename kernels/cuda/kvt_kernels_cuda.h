@@ -20,6 +20,20 @@ extern "C" {
 /** Usable CUDA devices; 0 with a one-line reason in why[cap] (no driver, no device). */
 int kvt_cuda_devices(char *why, size_t cap);
 
+/** kvt_attn_probs_ref on the device: q [n_q, D], k [T, D], k2 [n2, D] or NULL; n_vis and
+ *  n_vis2 are HOST arrays [n_q] (clamped like the reference; a query that sees no key is
+ *  KVT_ERR_INVALID_ARG); pr [n_q, T], pr2 [n_q, n2], lse [n_q] or NULL. A non-finite logit is
+ *  KVT_ERR_NAN with the reference's message (the first in query, then key order).
+ *  Synchronises the stream. */
+kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, int T,
+                               const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                               double scale, float *pr, float *pr2, double *lse, void *stream);
+
+/** kvt_attn_output_ref on the device: out[q][d] = sum over keys j in order of p[q][j] v[j][d],
+ *  in double. */
+kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p, const float *v,
+                                int D, double *out, size_t stride_out, void *stream);
+
 /** kvt_row_norms_ref: out[t] = ||x[t]|| for rows x [n, D] f32, in double. */
 kvt_status kvt_row_norms_cuda(const float *x, int n, int D, double *out, void *stream);
 

@@ -1,6 +1,7 @@
 /* test_kernels_cuda.c - the CUDA kernels (kernels/cuda/) against their references, the way
  * ggml's test-backend-ops compares backends (issue #7): fresh fixed-seed inputs and awkward
- * shapes (one row, rows not a multiple of a block, D = 64, 80, 128, segments of 1 to 8160),
+ * shapes (T = 1, T not a multiple of a block, more queries than keys, a second key block,
+ * one row, D = 64, 80, 128, segments of 1 to 8160),
  * exact permutations and bitwise bests where the reference's arithmetic is reproduced, f32
  * ulp-level tolerances where only the summation order differs, guard words after every device
  * output left untouched, no NaN where the reference has none, and bad arguments refused.
@@ -78,6 +79,76 @@ static int cmp32(const char *what, const float *a, const float *b, size_t n)
             fprintf(stderr, "  %s[%zu]: ref %.9g cuda %.9g\n", what, i, a[i], b[i]);
     }
     return bad;
+}
+
+static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    float *q = malloc((size_t)n_q * D * 4), *k = malloc((size_t)T * D * 4);
+    float *k2 = malloc(((size_t)n2 * D + 1) * 4), *v = malloc((size_t)T * D * 4);
+    fill(&r, q, (size_t)n_q * D, 2.0f);
+    fill(&r, k, (size_t)T * D, 2.0f);
+    fill(&r, k2, (size_t)n2 * D, 2.0f);
+    fill(&r, v, (size_t)T * D, 1.0f);
+    int *vis = malloc((size_t)n_q * sizeof(int)), *vis2 = malloc((size_t)n_q * sizeof(int));
+    for (int i = 0; i < n_q; i++) {
+        vis[i] = T - n_q + i + 1 > 1 ? T - n_q + i + 1 : 1; /* causal window, clamped */
+        vis2[i] = n2 ? i % (n2 + 1) : 0;
+    }
+    size_t np = (size_t)n_q * T, np2 = (size_t)n_q * n2, no = (size_t)n_q * D;
+    float *pa = malloc(np * 4 + 4), *pb = malloc(np * 4 + 4);
+    float *qa = malloc(np2 * 4 + 4), *qb = malloc(np2 * 4 + 4);
+    double *la = malloc((size_t)n_q * 8), *lb = malloc((size_t)n_q * 8);
+    double *oa = malloc(no * 8), *ob = malloc(no * 8), *work = malloc(((size_t)T + n2 + 1) * 8);
+    const double scale = 1.0 / sqrt((double)D);
+    const float *kk2 = n2 ? k2 : NULL;
+    KVT_CHECK(kvt_attn_probs_ref(q, n_q, D, k, T, vis, kk2, n2, vis2, scale, pa, n2 ? qa : NULL, la,
+                                 work));
+    kvt_attn_output_ref(pa, n_q, T, T, v, D, oa, D);
+    float *dq = to_dev(q, (size_t)n_q * D * 4), *dk = to_dev(k, (size_t)T * D * 4);
+    float *dk2 = to_dev(k2, (size_t)n2 * D * 4), *dv = to_dev(v, (size_t)T * D * 4);
+    float *dp = out_dev(np * 4), *dp2 = out_dev(np2 * 4);
+    double *dl = out_dev((size_t)n_q * 8), *dout = out_dev(no * 8);
+    KVT_CHECK(kvt_attn_probs_cuda(dq, n_q, D, dk, T, vis, n2 ? dk2 : NULL, n2, vis2, scale, dp,
+                                  n2 ? dp2 : NULL, dl, NULL));
+    from_dev(pb, dp, np * 4, "probs");
+    from_dev(qb, dp2, np2 * 4, "probs2");
+    from_dev(lb, dl, (size_t)n_q * 8, "lse");
+    KVT_EXPECT_MSG(cmp32("probs", pa, pb, np) == 0, "probs n_q=%d T=%d D=%d n2=%d", n_q, T, D, n2);
+    KVT_EXPECT(cmp32("probs2", qa, qb, np2) == 0);
+    KVT_EXPECT(cmp64("lse", la, lb, (size_t)n_q, 1e-12, 1e-10) == 0);
+    for (int i = 0; i < n_q; i++) /* masked keys exactly 0 */
+        for (int j = vis[i]; j < T; j++)
+            KVT_EXPECT(pb[(size_t)i * T + j] == 0.0f);
+    /* outputs from the reference's probabilities */
+    KVT_EXPECT(cudaMemcpy(dp, pa, np * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    KVT_CHECK(kvt_attn_output_cuda(dp, n_q, T, T, dv, D, dout, D, NULL));
+    from_dev(ob, dout, no * 8, "output");
+    KVT_EXPECT_MSG(cmp64("output", oa, ob, no, 1e-12, 1e-10) == 0, "output T=%d D=%d", T, D);
+    /* a NaN key: the reference's status and message */
+    if (T > 1) {
+        k[(size_t)(T / 2) * D] = NAN;
+        int vis_all = T;
+        KVT_EXPECT_STATUS(
+            kvt_attn_probs_ref(q, 1, D, k, T, &vis_all, NULL, 0, NULL, scale, pa, NULL, la, work),
+            KVT_ERR_NAN);
+        char want[256];
+        snprintf(want, sizeof(want), "%s", kvt_error_msg());
+        KVT_EXPECT(cudaMemcpy(dk, k, (size_t)T * D * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+        KVT_EXPECT_STATUS(kvt_attn_probs_cuda(dq, 1, D, dk, T, &vis_all, NULL, 0, NULL, scale, dp,
+                                              NULL, dl, NULL),
+                          KVT_ERR_NAN);
+        KVT_EXPECT_MSG(!strcmp(kvt_error_msg(), want), "%s vs %s", kvt_error_msg(), want);
+        int none = 0;
+        KVT_EXPECT_STATUS(
+            kvt_attn_probs_cuda(dq, 1, D, dk, T, &none, NULL, 0, NULL, scale, dp, NULL, dl, NULL),
+            KVT_ERR_INVALID_ARG);
+    }
+    cudaFree(dq), cudaFree(dk), cudaFree(dk2), cudaFree(dv), cudaFree(dp), cudaFree(dp2);
+    cudaFree(dl), cudaFree(dout);
+    free(q), free(k), free(k2), free(v), free(vis), free(vis2), free(pa), free(pb), free(qa);
+    free(qb), free(la), free(lb), free(oa), free(ob), free(work);
 }
 
 static void test_norms(int n, int D, uint64_t seed)
@@ -209,6 +280,10 @@ int main(void)
     }
     const int Ds[] = {64, 80, 128};
     for (int i = 0; i < 3; i++) {
+        test_attn(1, 1, Ds[i], 0, 1 + i);     /* T = 1 */
+        test_attn(32, 300, Ds[i], 0, 4 + i);  /* T not a multiple of the block */
+        test_attn(16, 513, Ds[i], 16, 7 + i); /* decode queries with a second block */
+        test_attn(40, 20, Ds[i], 0, 97 + i);  /* more queries than keys: clamped */
         test_norms(1, Ds[i], 11 + i);
         test_norms(257, Ds[i], 21 + i);
         test_norms(1000, Ds[i], 31 + i);
