@@ -22,15 +22,17 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
 
 kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id)
 {
-    (void)tl, (void)stream;
+    (void)stream;
     *id = 0;
+    KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
     return kvt_error_set(KVT_ERR_NOT_FOUND, "timeline: built without CUPTI");
 }
 
 kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out)
 {
-    (void)tl, (void)capture_stream;
+    (void)capture_stream;
     memset(out, 0, sizeof(*out));
+    KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
     return kvt_error_set(KVT_ERR_STATE, "timeline: no collector (built without CUPTI)");
 }
 
