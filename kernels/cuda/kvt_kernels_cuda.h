@@ -34,6 +34,17 @@ kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, i
 kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p, const float *v,
                                 int D, double *out, size_t stride_out, void *stream);
 
+/** kvt_sweep_output_ref on the device (same arguments; cuts on the HOST, no workspace; head
+ *  dim D <= 512, else KVT_ERR_UNSUPPORTED). Tokens are added in the reference's order without
+ *  fused multiply-adds. Synchronises the stream. */
+kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *p, size_t stride_p,
+                                 const float *v, const double *a_full, size_t stride_a,
+                                 const double *p_extra, size_t stride_e, const double *o_extra,
+                                 const double *r_full, const int32_t *order, const int32_t *cuts,
+                                 int n_cut, const uint8_t *mod, const double *mass_mod,
+                                 size_t stride_m, double *recall, double *err, double *recall_mod,
+                                 void *stream);
+
 /** kvt_row_norms_ref: out[t] = ||x[t]|| for rows x [n, D] f32, in double. */
 kvt_status kvt_row_norms_cuda(const float *x, int n, int D, double *out, void *stream);
 

@@ -151,6 +151,92 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
     free(qb), free(la), free(lb), free(oa), free(ob), free(work);
 }
 
+static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    float *p = malloc((size_t)n_q * T * 4), *v = malloc((size_t)T * D * 4);
+    fill(&r, v, (size_t)T * D, 1.0f);
+    for (int q = 0; q < n_q; q++) {
+        double s = 0.0;
+        for (int j = 0; j < T; j++) {
+            double x = kvt_rng_uniform(&r);
+            x = x * x * x; /* skewed, some near zero */
+            p[(size_t)q * T + j] = (float)x;
+            s += x;
+        }
+        for (int j = 0; j < T; j++)
+            p[(size_t)q * T + j] = (float)(p[(size_t)q * T + j] / (s * 1.25));
+    }
+    p[0] = 0.0f; /* an exact zero: skipped */
+    const int NMOD = KVT_N_MODALITIES;
+    double *a = malloc((size_t)n_q * D * 8), *mm = malloc((size_t)n_q * NMOD * 8);
+    double *pe = malloc((size_t)n_q * 8), *oe = malloc((size_t)n_q * D * 8);
+    uint8_t *mod = malloc((size_t)T);
+    for (int j = 0; j < T; j++)
+        mod[j] = (uint8_t)(j % 3 == 1);
+    kvt_attn_output_ref(p, n_q, T, T, v, D, a, D);
+    for (int q = 0; q < n_q; q++) {
+        for (int m = 0; m < NMOD; m++)
+            mm[(size_t)q * NMOD + m] = 0.0;
+        for (int j = 0; j < T; j++)
+            mm[(size_t)q * NMOD + mod[j]] += p[(size_t)q * T + j];
+        pe[q] = 0.2;
+        for (int d = 0; d < D; d++)
+            oe[(size_t)q * D + d] = 0.2 * (kvt_rng_uniform(&r) - 0.5);
+    }
+    int32_t *order = malloc((size_t)T * 4);
+    for (int j = 0; j < T; j++)
+        order[j] = j;
+    for (int j = T - 1; j > 0; j--) {
+        int i = (int)(kvt_rng_u64(&r) % (uint64_t)(j + 1));
+        int32_t t = order[i];
+        order[i] = order[j], order[j] = t;
+    }
+    int32_t cand[] = {0, 1, 3, 255, 256, 257, T / 2, T / 2 + 1, T - 300, T - 1, T};
+    int32_t cuts[16];
+    int n_cut = 0;
+    for (size_t i = 0; i < sizeof(cand) / sizeof(cand[0]); i++)
+        if (cand[i] >= 0 && cand[i] <= T && (n_cut == 0 || cand[i] > cuts[n_cut - 1]))
+            cuts[n_cut++] = cand[i];
+    size_t nr = (size_t)n_q * n_cut, nm = nr * NMOD;
+    double *ra = malloc(nr * 8), *ea = malloc(nr * 8), *ma = malloc(nm * 8);
+    double *rb = malloc(nr * 8), *eb = malloc(nr * 8), *mb = malloc(nm * 8);
+    void *wa = malloc(kvt_sweep_output_workspace_bytes(n_q, D));
+    const uint8_t *md = with_mod ? mod : NULL;
+    KVT_CHECK(kvt_sweep_output_ref(n_q, T, D, p, T, v, a, D, extra ? pe : NULL, 1,
+                                   extra ? oe : NULL, NULL, order, cuts, n_cut, md, mm, NMOD, ra,
+                                   ea, with_mod ? ma : NULL, wa));
+    float *dp = to_dev(p, (size_t)n_q * T * 4), *dv = to_dev(v, (size_t)T * D * 4);
+    double *da = to_dev(a, (size_t)n_q * D * 8), *dpe = to_dev(pe, (size_t)n_q * 8);
+    double *doe = to_dev(oe, (size_t)n_q * D * 8), *dmm = to_dev(mm, (size_t)n_q * NMOD * 8);
+    int32_t *dord = to_dev(order, (size_t)T * 4);
+    uint8_t *dmod = to_dev(mod, (size_t)T);
+    double *dr = out_dev(nr * 8), *de = out_dev(nr * 8), *dm = out_dev(nm * 8);
+    KVT_CHECK(kvt_sweep_output_cuda(
+        n_q, T, D, dp, T, dv, da, D, extra ? dpe : NULL, 1, extra ? doe : NULL, NULL, dord, cuts,
+        n_cut, with_mod ? dmod : NULL, dmm, NMOD, dr, de, with_mod ? dm : NULL, NULL));
+    from_dev(rb, dr, nr * 8, "recall");
+    from_dev(eb, de, nr * 8, "err");
+    from_dev(mb, dm, with_mod ? nm * 8 : 0, "recall_mod");
+    KVT_EXPECT_MSG(cmp64("recall", ra, rb, nr, 1e-12, 1e-10) == 0, "sweep n_q=%d T=%d D=%d", n_q, T,
+                   D);
+    KVT_EXPECT_MSG(cmp64("err", ea, eb, nr, 1e-9, 1e-7) == 0, "sweep err n_q=%d T=%d D=%d", n_q, T,
+                   D);
+    if (with_mod)
+        KVT_EXPECT(cmp64("recall_mod", ma, mb, nm, 1e-12, 1e-10) == 0);
+    printf("sweep n_q=%d T=%d D=%d: recall %s, err %s the reference's bit for bit\n", n_q, T, D,
+           memcmp(ra, rb, nr * 8) ? "not" : "is", memcmp(ea, eb, nr * 8) ? "not" : "is");
+    int32_t bad[2] = {5, 3};
+    KVT_EXPECT_STATUS(kvt_sweep_output_cuda(n_q, T, D, dp, T, dv, da, D, NULL, 1, NULL, NULL, dord,
+                                            bad, 2, NULL, NULL, 0, dr, de, NULL, NULL),
+                      KVT_ERR_INVALID_ARG);
+    cudaFree(dp), cudaFree(dv), cudaFree(da), cudaFree(dpe), cudaFree(doe), cudaFree(dmm);
+    cudaFree(dord), cudaFree(dmod), cudaFree(dr), cudaFree(de), cudaFree(dm);
+    free(p), free(v), free(a), free(mm), free(pe), free(oe), free(mod), free(order), free(ra);
+    free(ea), free(ma), free(rb), free(eb), free(mb), free(wa);
+}
+
 static void test_norms(int n, int D, uint64_t seed)
 {
     kvt_rng r;
@@ -284,6 +370,10 @@ int main(void)
         test_attn(32, 300, Ds[i], 0, 4 + i);  /* T not a multiple of the block */
         test_attn(16, 513, Ds[i], 16, 7 + i); /* decode queries with a second block */
         test_attn(40, 20, Ds[i], 0, 97 + i);  /* more queries than keys: clamped */
+        test_sweep(1, 1, Ds[i], false, false, 14 + i);
+        test_sweep(12, 700, Ds[i], true, false, 17 + i);
+        test_sweep(5, 1030, Ds[i], false, true, 24 + i);
+        test_sweep(9, 600, Ds[i], true, true, 27 + i);
         test_norms(1, Ds[i], 11 + i);
         test_norms(257, Ds[i], 21 + i);
         test_norms(1000, Ds[i], 31 + i);

@@ -1,0 +1,166 @@
+/* sweep_cuda.cu - the output sweep (kvt_sweep_output_ref): recall and relative output error
+ * of every cut of one ranking, for a batch of queries sharing it. One block per query; thread
+ * d keeps the running sum of dimensions d, d + 128, ... in registers, every thread keeps the
+ * running mass (the same arithmetic in each), and at each cut thread 0 records from the sums
+ * staged in shared memory, summing over d in order. Products and sums use the _rn intrinsics
+ * (no fused multiply-add), tokens are added in the reference's order (forward from the top of
+ * the ranking up to T/2, backward from the full sums beyond), so the results should equal the
+ * reference's bit for bit; the test allows the CPU fast path's tolerances.
+ */
+#include <math.h>
+
+#include "cuda_util.cuh"
+
+#define SW_THREADS 128
+#define SW_PER     4 /* dimensions per thread: D <= 512 */
+#define NM         KVT_N_MODALITIES
+
+typedef struct sweep_args {
+    int T, D;
+    const float *p;
+    size_t stride_p;
+    const float *v;
+    const double *a_full;
+    size_t stride_a;
+    const double *p_extra;
+    size_t stride_e;
+    const double *o_extra, *r_full;
+    const int32_t *order, *cuts;
+    int n_cut, n_fwd;
+    const uint8_t *mod;
+    const double *mass_mod;
+    size_t stride_m;
+    double *recall, *err, *recall_mod;
+} sweep_args;
+
+static __global__ void sweep_k(sweep_args a)
+{
+    __shared__ double acc_sh[SW_THREADS * SW_PER];
+    __shared__ double rf_sh;
+    const int q = blockIdx.x, tid = threadIdx.x, D = a.D;
+    const float *pq = a.p + (size_t)q * a.stride_p;
+    if (tid == 0) { /* the row's stored mass, summed in key order */
+        double s = 0.0;
+        if (a.r_full)
+            s = a.r_full[(size_t)q * a.stride_e];
+        else
+            for (int j = 0; j < a.T; j++)
+                s = __dadd_rn(s, (double)pq[j]);
+        rf_sh = s;
+    }
+    __syncthreads();
+    const double rf = rf_sh;
+    const double pe = a.p_extra ? a.p_extra[(size_t)q * a.stride_e] : 0.0;
+    const double *af = a.a_full + (size_t)q * a.stride_a;
+    const double *oe = a.o_extra ? a.o_extra + (size_t)q * a.stride_a : NULL;
+    double acc[SW_PER], r, rm[NM];
+    for (int dir = 0; dir < 2; dir++) {
+        int n = dir ? a.n_cut - a.n_fwd : a.n_fwd, t = dir ? a.T : 0;
+        if (n == 0)
+            continue;
+        for (int k = 0; k < SW_PER; k++) {
+            int d = tid + k * SW_THREADS;
+            acc[k] = dir && d < D ? af[d] : 0.0;
+        }
+        r = dir ? rf : 0.0;
+        for (int m = 0; m < NM; m++)
+            rm[m] = dir && a.mod ? a.mass_mod[(size_t)q * a.stride_m + m] : 0.0;
+        for (int kk = 0; kk < n; kk++) {
+            int ci = dir ? a.n_cut - 1 - kk : kk, c = a.cuts[ci];
+            int cnt = dir ? t - c : c - t;
+            for (int u = 0; u < cnt; u++) {
+                int32_t j = a.order[dir ? t - 1 - u : t + u];
+                double pj = (double)pq[j];
+                if (pj == 0.0)
+                    continue;
+                const float *vj = a.v + (size_t)j * D;
+                for (int k = 0; k < SW_PER; k++) {
+                    int d = tid + k * SW_THREADS;
+                    if (d < D) {
+                        double x = __dmul_rn(pj, (double)vj[d]);
+                        acc[k] = dir ? __dsub_rn(acc[k], x) : __dadd_rn(acc[k], x);
+                    }
+                }
+                r = dir ? __dsub_rn(r, pj) : __dadd_rn(r, pj);
+                if (a.mod) {
+                    int m = a.mod[j];
+                    rm[m] = dir ? __dsub_rn(rm[m], pj) : __dadd_rn(rm[m], pj);
+                }
+            }
+            t = c;
+            /* record cut ci (kvt_sweep_record, in order over d) */
+            for (int k = 0; k < SW_PER; k++) {
+                int d = tid + k * SW_THREADS;
+                if (d < D)
+                    acc_sh[d] = acc[k];
+            }
+            __syncthreads();
+            if (tid == 0) {
+                double kept = __dadd_rn(r < 0.0 ? 0.0 : r, pe), total = __dadd_rn(rf, pe);
+                size_t o = (size_t)q * a.n_cut + ci;
+                a.recall[o] = total > 0.0 ? kept / total : 0.0;
+                if (a.err) {
+                    double num = 0.0, den = 0.0;
+                    for (int d = 0; d < D; d++) {
+                        double e = oe ? oe[d] : 0.0;
+                        double of = total > 0.0 ? __dadd_rn(af[d], e) / total : 0.0;
+                        double os = kept > 0.0 ? __dadd_rn(acc_sh[d], e) / kept : 0.0;
+                        double df = __dsub_rn(os, of);
+                        num = __dadd_rn(num, __dmul_rn(df, df));
+                        den = __dadd_rn(den, __dmul_rn(of, of));
+                    }
+                    a.err[o] = kept <= 0.0 ? 1.0
+                               : den > 0.0 ? sqrt(num / den)
+                                           : (num > 0.0 ? 1.0 : 0.0);
+                }
+                if (a.recall_mod)
+                    for (int m = 0; m < NM; m++) {
+                        double mm = a.mass_mod[(size_t)q * a.stride_m + m];
+                        a.recall_mod[o * NM + m] = mm > 0.0 ? rm[m] / mm : NAN;
+                    }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *p, size_t stride_p,
+                                            const float *v, const double *a_full, size_t stride_a,
+                                            const double *p_extra, size_t stride_e,
+                                            const double *o_extra, const double *r_full,
+                                            const int32_t *order, const int32_t *cuts, int n_cut,
+                                            const uint8_t *mod, const double *mass_mod,
+                                            size_t stride_m, double *recall, double *err,
+                                            double *recall_mod, void *stream)
+{
+    KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
+                  "sweep_output_cuda: bad shape n_q=%d T=%d D=%d", n_q, T, D);
+    KVT_RETURN_IF(D > SW_THREADS * SW_PER, KVT_ERR_UNSUPPORTED,
+                  "sweep_output_cuda: head dim %d > %d", D, SW_THREADS * SW_PER);
+    KVT_RETURN_IF(mod && !mass_mod, KVT_ERR_INVALID_ARG, "sweep_output: mod without mass_mod");
+    for (int c = 0; c < n_cut; c++)
+        KVT_RETURN_IF(cuts[c] < 0 || cuts[c] > T || (c > 0 && cuts[c] <= cuts[c - 1]),
+                      KVT_ERR_INVALID_ARG, "sweep: cuts must increase strictly within 0..%d", T);
+    if (n_q == 0 || n_cut == 0)
+        return KVT_OK;
+    int n_fwd = 0;
+    while (n_fwd < n_cut && cuts[n_fwd] <= T / 2)
+        n_fwd++;
+    cudaStream_t st = kvt_cu_stream(stream);
+    int32_t *dcuts = NULL;
+    KVT_CU(cudaMalloc(&dcuts, (size_t)n_cut * sizeof(int32_t)));
+    sweep_args a = {T,       D,        p,        stride_p, v,      a_full, stride_a,
+                    p_extra, stride_e, o_extra,  r_full,   order,  dcuts,  n_cut,
+                    n_fwd,   mod,      mass_mod, stride_m, recall, err,    mod ? recall_mod : NULL};
+    cudaError_t e =
+        cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) {
+        sweep_k<<<n_q, SW_THREADS, 0, st>>>(a);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(st); /* before the cuts go */
+    cudaFree(dcuts);
+    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "sweep_output_cuda: %s", cudaGetErrorString(e));
+    return KVT_OK;
+}
