@@ -15,7 +15,7 @@ extern "C" {
 #endif
 
 #define KVT_RESULTS_VERSION   1 /* results.json "results_version"; bump on incompatible change */
-#define KVT_SELECTION_VERSION 1 /* selection export version */
+#define KVT_SELECTION_VERSION 2 /* selection export version (1: no end record) */
 
 typedef struct kvt_results_policy {
     char *label;        /* the spec as given, unique in a run */

@@ -21,6 +21,7 @@
 
 #define SEL_MAGIC     "KVTSEL\0\1"
 #define SEL_REC_MAGIC 0x4C45534Bu /* "KSEL" */
+#define SEL_END_MAGIC 0x444E454Bu /* "KEND": the end record (version 2) */
 #define SEL_REC_BYTES 36u
 
 /* record flags */
@@ -31,6 +32,7 @@
 typedef struct buf {
     char *p;
     size_t n, cap;
+    size_t n_recs; /* records encoded in p */
 } buf;
 
 struct kvt_selection_writer {
@@ -38,6 +40,7 @@ struct kvt_selection_writer {
     char *path; /* the final name */
     char *tmp;  /* where the file is written until close renames it */
     size_t n_traces, n_traces_done;
+    uint64_t n_records; /* written so far (the binary end record holds the count) */
     bool json;
     bool first_json_rec;
     pthread_mutex_t mu;
@@ -283,6 +286,7 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
         kvt_free(b.p);
         return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
     }
+    b.n_recs = n_recs;
     pthread_mutex_lock(&w->mu);
     w->pending[layer] = b;
     w->ready[layer] = true;
@@ -296,6 +300,7 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
         }
         if (wok && p->n > 0)
             wok = fwrite(p->p, 1, p->n, w->f) == p->n;
+        w->n_records += p->n_recs;
         if (!wok) {
             w->err = KVT_ERR_IO;
             snprintf(w->err_msg, sizeof(w->err_msg),
@@ -328,8 +333,13 @@ static kvt_status commit(kvt_selection_writer *w)
 {
     kvt_status st = KVT_OK;
     int err = 0;
-    bool ok =
-        (!w->json || fputs("\n]}\n", w->f) >= 0) && fflush(w->f) == 0 && fsync(fileno(w->f)) == 0;
+    unsigned char end[16]; /* binary: "KEND", reserved, u64 record count */
+    put_u32(end, SEL_END_MAGIC);
+    put_u32(end + 4, 0);
+    put_u32(end + 8, (uint32_t)w->n_records);
+    put_u32(end + 12, (uint32_t)(w->n_records >> 32));
+    bool ok = (w->json ? fputs("\n]}\n", w->f) >= 0 : fwrite(end, 1, 16, w->f) == 16) &&
+              fflush(w->f) == 0 && fsync(fileno(w->f)) == 0;
     if (!ok)
         err = errno;
     if (fclose(w->f) != 0 && ok) {

@@ -19,6 +19,8 @@
 
 #define SEL_MAGIC      "KVTSEL\0\1"
 #define SEL_REC_MAGIC  0x4C45534Bu /* "KSEL" */
+#define SEL_END_MAGIC  0x444E454Bu /* "KEND" */
+#define SEL_END_BYTES  16u
 #define SEL_FIX_BYTES  16u
 #define SEL_REC_BYTES  36u
 #define SEL_MAX_LIST   65535u /* u16 indices in the records */
@@ -273,10 +275,25 @@ static kvt_status alloc_records(kvt_selection *s, size_t n_rec, size_t n_idx)
 /* The records of the binary layout from byte `off` to the end: a first pass checks every
  * record's framing against the file size and counts, a second copies and checks fields. */
 static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, size_t size,
-                                      size_t off, const char *path)
+                                      size_t off, uint32_t version, const char *path)
 {
     size_t n_rec = 0, n_idx = 0;
+    bool ended = false;
     for (size_t o = off; o < size; n_rec++) {
+        if (version >= 2 && size - o >= 4 && rd32(b + o) == SEL_END_MAGIC) {
+            /* the end record: last in the file, and it counts the records before it */
+            KVT_RETURN_IF(size - o != SEL_END_BYTES, KVT_ERR_CORRUPT,
+                          "%s: end record at byte %zu: %zu bytes from it to the end of the file, "
+                          "want %u",
+                          path, o, size - o, SEL_END_BYTES);
+            uint64_t cnt = (uint64_t)rd32(b + o + 8) | (uint64_t)rd32(b + o + 12) << 32;
+            KVT_RETURN_IF(cnt != n_rec, KVT_ERR_CORRUPT,
+                          "%s: end record at byte %zu counts %llu records, the file has %zu", path,
+                          o, (unsigned long long)cnt, n_rec);
+            size = o;
+            ended = true;
+            break;
+        }
         KVT_RETURN_IF(size - o < SEL_REC_BYTES, KVT_ERR_CORRUPT,
                       "%s: record %zu at byte %zu is truncated: %zu of %u header bytes", path,
                       n_rec, o, size - o, SEL_REC_BYTES);
@@ -290,6 +307,9 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
         n_idx += cnt;
         o += SEL_REC_BYTES + 4 * cnt;
     }
+    KVT_RETURN_IF(version >= 2 && !ended, KVT_ERR_CORRUPT,
+                  "%s: no end record after record %zu (byte %zu): the file was cut short", path,
+                  n_rec, size);
     KVT_FORWARD(alloc_records(s, n_rec, n_idx));
     int32_t *dst = s->idx;
     size_t o = off;
@@ -445,7 +465,7 @@ static kvt_status parse_binary(kvt_selection *s, const unsigned char *b, size_t 
     kvt_status st = read_header(s, h, path, (int)version);
     cJSON_Delete(h);
     KVT_FORWARD(st);
-    return read_binary_records(s, b, size, SEL_FIX_BYTES + hlen, path);
+    return read_binary_records(s, b, size, SEL_FIX_BYTES + hlen, version, path);
 }
 
 static kvt_status parse_json(kvt_selection *s, const unsigned char *b, size_t size,

@@ -216,7 +216,7 @@ int main(void)
     /* the binary export: every record equals the in-memory selection */
     size_t n = 0;
     unsigned char *raw = kvt_test_slurp(bpath, &n);
-    KVT_EXPECT(raw && n > 16 && !memcmp(raw, "KVTSEL\0\1", 8) && rd32(raw + 8) == 1);
+    KVT_EXPECT(raw && n > 16 && !memcmp(raw, "KVTSEL\0\1", 8) && rd32(raw + 8) == 2);
     size_t off = 16 + rd32(raw + 12);
     cJSON *hdr = cJSON_ParseWithLength((const char *)raw + 16, rd32(raw + 12));
     KVT_EXPECT(hdr && cJSON_GetArraySize(cJSON_GetObjectItem(hdr, "policies")) == NPOL);
@@ -227,7 +227,7 @@ int main(void)
         for (int p = 0; p < NPOL; p++)
             KVT_CHECK(kvt_replay_layer_select(&layers[l].in, pols[p], bt, 3, &sel[l][p]));
     int n_rec = 0, bad = 0, last_layer = 0;
-    while (off + 36 <= n) {
+    while (off + 36 <= n && rd32(raw + off) != 0x444E454Bu) { /* records, then "KEND" */
         const unsigned char *r = raw + off;
         KVT_EXPECT(rd32(r) == 0x4C45534Bu);
         int pol = r[6] | r[7] << 8, b = r[8] | r[9] << 8, flags = r[10] | r[11] << 8;
@@ -246,7 +246,8 @@ int main(void)
         off += 36 + 4 * (size_t)cnt;
         n_rec++;
     }
-    KVT_EXPECT(off == n);
+    KVT_EXPECT(off + 16 == n && rd32(raw + off) == 0x444E454Bu &&
+               rd32(raw + off + 8) == (uint32_t)n_rec);
     /* per layer: snapkv 3x2, adakv 3x4, quest 3x2x3 steps, oracle 3x2, lightkv 3x2 */
     KVT_EXPECT_MSG(n_rec == L * (6 + 12 + 18 + 6 + 6), "%d records", n_rec);
     KVT_EXPECT(bad == 0);

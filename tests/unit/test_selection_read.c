@@ -24,6 +24,11 @@ static void spit(const char *path, const unsigned char *b, size_t n)
     fclose(f);
 }
 
+static uint32_t rd32le(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
 static void put32(unsigned char *p, uint32_t x)
 {
     p[0] = (unsigned char)x, p[1] = (unsigned char)(x >> 8), p[2] = (unsigned char)(x >> 16);
@@ -178,7 +183,7 @@ int main(void)
         }
         KVT_EXPECT_MSG(diff == 0, "%zu records differ between binary and JSON", diff);
     }
-    /* record boundaries of the binary file: a cut there leaves a shorter valid export */
+    /* record boundaries of the binary file, then its end record */
     size_t n = 0, nj = 0;
     unsigned char *raw = kvt_test_slurp(bpath, &n), *rawj = kvt_test_slurp(jpath, &nj);
     KVT_CHECK(raw && rawj ? KVT_OK : KVT_ERR_IO);
@@ -190,23 +195,52 @@ int main(void)
         off += 36 + 4 * kvt_selection_record_at(sb, i)->n;
         bound[n_bound++] = off;
     }
-    KVT_EXPECT(off == n);
+    KVT_EXPECT(off + 16 == n && rd32le(raw + off) == 0x444E454Bu &&
+               rd32le(raw + off + 8) == n_rec_all && rd32le(raw + off + 12) == 0);
 
-    /* truncation at every byte (binary) */
+    /* truncation at every byte (binary): only the whole file reads, even a cut exactly at a
+     * record boundary is caught (no end record) */
     int bad_cut = 0;
-    size_t b_i = 0;
     for (size_t len = 0; len <= n; len++) {
         size_t nr;
         kvt_status st = read_bytes(xpath, raw, len, &nr);
-        while (b_i < n_bound && bound[b_i] < len)
-            b_i++;
-        bool complete = b_i < n_bound && bound[b_i] == len;
-        kvt_status want = complete ? KVT_OK : KVT_ERR_CORRUPT;
-        if ((st != want || (complete && nr != b_i)) && bad_cut++ < 5)
+        kvt_status want = len == n ? KVT_OK : KVT_ERR_CORRUPT;
+        if ((st != want || (len == n && nr != n_rec_all)) && bad_cut++ < 5)
             fprintf(stderr, "binary cut at %zu: %s (%zu records), want %s\n", len,
                     kvt_status_str(st), nr, kvt_status_str(want));
     }
     KVT_EXPECT_MSG(bad_cut == 0, "%d binary cuts read wrong", bad_cut);
+    /* version 1 files (no end record) still read, with version 1's limit: a cut at a record
+     * boundary reads as a shorter export */
+    {
+        size_t n1 = n - 16;
+        unsigned char *v1 = malloc(n1);
+        memcpy(v1, raw, n1);
+        put32(v1 + 8, 1);
+        const char *key = "\"selection_version\":2";
+        size_t at = 0;
+        for (size_t i = 16; !at && i + 21 <= bound[0]; i++)
+            if (!memcmp(v1 + i, key, 21))
+                at = i + 20;
+        KVT_EXPECT(at > 0);
+        if (at)
+            v1[at] = '1';
+        size_t b_i = 0;
+        bad_cut = 0;
+        for (size_t len = 0; len <= n1; len++) {
+            size_t nr;
+            kvt_status st = read_bytes(xpath, v1, len, &nr);
+            while (b_i < n_bound && bound[b_i] < len)
+                b_i++;
+            bool complete = b_i < n_bound && bound[b_i] == len;
+            kvt_status want = complete ? KVT_OK : KVT_ERR_CORRUPT;
+            if ((st != want || (complete && nr != b_i)) && bad_cut++ < 5)
+                fprintf(stderr, "v1 cut at %zu: %s (%zu records), want %s\n", len,
+                        kvt_status_str(st), nr, kvt_status_str(want));
+        }
+        KVT_EXPECT_MSG(bad_cut == 0, "%d version-1 cuts read wrong", bad_cut);
+        free(v1);
+    }
     /* truncation of the JSON layout: every 7th byte and the last 64 */
     bad_cut = 0;
     for (size_t len = 0; len < nj; len += (len + 64 < nj ? 7 : 1)) {
@@ -231,7 +265,10 @@ int main(void)
     } cases[] = {
         {0, 'X', 1, KVT_ERR_CORRUPT},                /* magic */
         {7, 2, 1, KVT_ERR_VERSION},                  /* another major layout */
-        {8, 2, 4, KVT_ERR_VERSION},                  /* newer version */
+        {8, 3, 4, KVT_ERR_VERSION},                  /* newer version */
+        {8, 1, 4, KVT_ERR_CORRUPT},                  /* version 1 file, header says 2 */
+        {n - 8, 7, 4, KVT_ERR_CORRUPT},              /* end record miscounts */
+        {n - 16, 0x444E454Cu, 4, KVT_ERR_CORRUPT},   /* end record magic */
         {8, 0, 4, KVT_ERR_CORRUPT},                  /* version 0 */
         {12, 0xFFFFFFF0u, 4, KVT_ERR_CORRUPT},       /* header_len past the end */
         {12, 3, 4, KVT_ERR_CORRUPT},                 /* header cut short: bad JSON */
@@ -263,7 +300,7 @@ int main(void)
         KVT_EXPECT_MSG(st == cases[c].want, "case %zu (byte %zu): got %s (%s)", c, cases[c].at,
                        kvt_status_str(st), kvt_error_msg());
     }
-    memcpy(m, raw, n); /* trailing garbage shorter than a record */
+    memcpy(m, raw, n); /* bytes after the end record */
     memset(m + n, 0, 5);
     KVT_EXPECT_STATUS(read_bytes(xpath, m, n + 5, &nr), KVT_ERR_CORRUPT);
     KVT_EXPECT_STATUS(read_bytes(xpath, m, 0, &nr), KVT_ERR_CORRUPT);
