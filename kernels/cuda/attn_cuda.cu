@@ -1,9 +1,9 @@
 /* attn_cuda.cu - window/decode attention (kvt_attn_probs_ref, kvt_attn_output_ref): one block
- * per query row. Logits are dot products of f32 vectors summed in double in d order (as the
- * reference), recomputed in each of three passes (max, exponential sum, probabilities) rather
- * than stored, so no T-long scratch exists; the block reductions change only the summation
- * order of the exponentials. Outputs: one thread per (query, dimension), summing over keys in
- * order as the reference does.
+ * per query row. Logits are dot products of f32 vectors summed in double in d order without
+ * fused multiply-adds (bitwise the reference's), recomputed in each of three passes (max,
+ * exponential sum, probabilities) rather than stored, so no T-long scratch exists; the block
+ * reductions change only the summation order of the exponentials. Outputs: one thread per
+ * (query, dimension), summing over keys in order as the reference does.
  */
 #include <math.h>
 
@@ -11,12 +11,14 @@
 
 #define ATTN_THREADS 256
 
-static __device__ double dot_f32(const float *a, const float *b, int D)
+/* the scaled logit of query a and key b: products and sums rounded as the reference's
+ * (no fused multiply-add) */
+static __device__ double logit(const float *a, const float *b, int D, double scale)
 {
     double s = 0.0;
     for (int d = 0; d < D; d++)
-        s += (double)a[d] * (double)b[d];
-    return s;
+        s = __dadd_rn(s, __dmul_rn((double)a[d], (double)b[d]));
+    return __dmul_rn(s, scale);
 }
 
 /* block-wide max / sum of one double per thread */
@@ -71,9 +73,8 @@ static __global__ void probs_k(const float *q, int D, const float *k, int T, con
     const int nv = n_vis[i], nv2 = k2 ? n_vis2[i] : 0;
     double m = -INFINITY;
     for (int j = threadIdx.x; j < nv + nv2; j += ATTN_THREADS) {
-        double z = (j < nv ? dot_f32(qi, k + (size_t)j * D, D)
-                           : dot_f32(qi, k2 + (size_t)(j - nv) * D, D)) *
-                   scale;
+        double z = j < nv ? logit(qi, k + (size_t)j * D, D, scale)
+                          : logit(qi, k2 + (size_t)(j - nv) * D, D, scale);
         if (!isfinite(z))
             atomicMin(bad, ((unsigned long long)i << 32) |
                                (j < nv ? (unsigned)j : 0x80000000u | (unsigned)(j - nv)));
@@ -82,17 +83,17 @@ static __global__ void probs_k(const float *q, int D, const float *k, int T, con
     m = block_max(m, sh);
     double s = 0.0;
     for (int j = threadIdx.x; j < nv + nv2; j += ATTN_THREADS)
-        s += exp((j < nv ? dot_f32(qi, k + (size_t)j * D, D)
-                         : dot_f32(qi, k2 + (size_t)(j - nv) * D, D)) *
-                     scale -
-                 m);
+        s += exp(__dsub_rn(j < nv ? logit(qi, k + (size_t)j * D, D, scale)
+                                  : logit(qi, k2 + (size_t)(j - nv) * D, D, scale),
+                           m));
     s = block_sum(s, sh);
     for (int j = threadIdx.x; j < T; j += ATTN_THREADS)
         pr[(size_t)i * T + j] =
-            j < nv ? (float)(exp(dot_f32(qi, k + (size_t)j * D, D) * scale - m) / s) : 0.0f;
+            j < nv ? (float)(exp(__dsub_rn(logit(qi, k + (size_t)j * D, D, scale), m)) / s) : 0.0f;
     for (int j = threadIdx.x; k2 && j < n2; j += ATTN_THREADS)
         pr2[(size_t)i * n2 + j] =
-            j < nv2 ? (float)(exp(dot_f32(qi, k2 + (size_t)j * D, D) * scale - m) / s) : 0.0f;
+            j < nv2 ? (float)(exp(__dsub_rn(logit(qi, k2 + (size_t)j * D, D, scale), m)) / s)
+                    : 0.0f;
     if (lse && threadIdx.x == 0)
         lse[i] = m + log(s);
 }
@@ -106,8 +107,11 @@ static __global__ void output_k(const float *p, int n_q, int T, size_t stride_p,
     int qi = (int)(t / D), d = (int)(t % D);
     const float *pq = p + (size_t)qi * stride_p;
     double s = 0.0;
-    for (int j = 0; j < T; j++) /* key order, like the reference */
-        s += (double)pq[j] * (double)v[(size_t)j * D + d];
+    for (int j = 0; j < T; j++) { /* key order, skipping zeros, like the reference */
+        double pj = pq[j];
+        if (pj != 0.0)
+            s = __dadd_rn(s, __dmul_rn(pj, (double)v[(size_t)j * D + d]));
+    }
     out[(size_t)qi * stride_out + d] = s;
 }
 

@@ -18,8 +18,8 @@ static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *pr
     for (int t = blockIdx.y; t < T; t += gridDim.y) {
         const float *kt = ku + (size_t)t * D;
         double s = 0.0;
-        for (int d = 0; d < D; d++)
-            s += (double)kt[d] * (double)kp[d];
+        for (int d = 0; d < D; d++) /* as the reference rounds: no fused multiply-add */
+            s = __dadd_rn(s, __dmul_rn((double)kt[d], (double)kp[d]));
         ct[(size_t)t * P + i] = (float)s;
     }
 }

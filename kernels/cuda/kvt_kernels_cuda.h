@@ -45,6 +45,20 @@ kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *p, size_t s
                                  size_t stride_m, double *recall, double *err, double *recall_mod,
                                  void *stream);
 
+/** SnapKV window scores (replay's kvt_ctx_window_scores): for each query head the mean of the
+ *  last W of its Wt window-query probability rows over the prefix P = T - W (prw [Hq, Wt, T]),
+ *  then (unless per_query) the GQA reduction to Hkv heads, then 1-D pooling with `kernel`:
+ *  out [H', P]. work: (Hq + Hkv) * P doubles. Sums in the references' order: bitwise theirs. */
+kvt_status kvt_window_scores_cuda(const float *prw, int Hq, int Hkv, int Wt, int W, int T,
+                                  int kernel, kvt_pool pool, kvt_reduce reduce, bool per_query,
+                                  double *work, double *out, void *stream);
+
+/** kvt_attn_colsum_ref on the device (H2O's column sums of one head from every prompt query,
+ *  q and k [T, D]): colsum [T]; work: 2T doubles. A non-finite logit is KVT_ERR_NAN with the
+ *  reference's message. Synchronises the stream once (for that check). */
+kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T, int D, double scale,
+                                double *work, double *colsum, void *stream);
+
 /** kvt_row_norms_ref: out[t] = ||x[t]|| for rows x [n, D] f32, in double. */
 kvt_status kvt_row_norms_cuda(const float *x, int n, int D, double *out, void *stream);
 

@@ -237,6 +237,85 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
     free(ea), free(ma), free(rb), free(eb), free(mb), free(wa);
 }
 
+/* window scores from the references' pieces, every pooling and reduction */
+static void test_scores(int Hq, int Hkv, int Wt, int W, int T, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    size_t np = (size_t)Hq * Wt * T;
+    float *prw = malloc(np * 4);
+    for (size_t i = 0; i < np; i++)
+        prw[i] = (float)(kvt_rng_uniform(&r) * 1e-3);
+    const int P = T - W;
+    double *a = malloc(((size_t)Hq * P + 1) * 8), *red = malloc(((size_t)Hq * P + 1) * 8);
+    double *want = malloc(((size_t)Hq * P + 1) * 8), *got = malloc(((size_t)Hq * P + 1) * 8);
+    float *dprw = to_dev(prw, np * 4);
+    double *dwork = out_dev(((size_t)Hq + Hkv) * P * 8 + 8), *dout = out_dev((size_t)Hq * P * 8);
+    for (int h = 0; h < Hq; h++)
+        kvt_col_mean_ref(prw + ((size_t)h * Wt + (Wt - W)) * T, W, T, P, a + (size_t)h * P);
+    const kvt_reduce reds[] = {KVT_REDUCE_MEAN, KVT_REDUCE_MAX, KVT_REDUCE_SUM};
+    for (int pq = 0; pq < 2; pq++)
+        for (int ri = 0; ri < 3; ri++)
+            for (int pl = 0; pl < 2; pl++)
+                for (int kernel = 1; kernel <= 7; kernel += 6) {
+                    kvt_pool pool = pl ? KVT_POOL_MAX : KVT_POOL_AVG;
+                    int H = pq ? Hq : Hkv;
+                    if (!pq)
+                        KVT_CHECK(kvt_gqa_reduce_ref(a, Hq, Hkv, P, reds[ri], red));
+                    for (int h = 0; h < H; h++)
+                        KVT_CHECK(kvt_pool1d_ref((pq ? a : red) + (size_t)h * P, P, kernel, pool,
+                                                 want + (size_t)h * P));
+                    KVT_CHECK(kvt_window_scores_cuda(dprw, Hq, Hkv, Wt, W, T, kernel, pool,
+                                                     reds[ri], pq, dwork, dout, NULL));
+                    from_dev(got, dout, (size_t)H * P * 8, "window_scores");
+                    KVT_EXPECT_MSG(!memcmp(want, got, (size_t)H * P * 8),
+                                   "window scores Hq=%d Hkv=%d W=%d T=%d per_query=%d reduce=%d "
+                                   "pool=%d kernel=%d",
+                                   Hq, Hkv, W, T, pq, ri, pl, kernel);
+                }
+    KVT_EXPECT_STATUS(kvt_window_scores_cuda(dprw, Hq, Hkv, Wt, W, T, 4, KVT_POOL_AVG,
+                                             KVT_REDUCE_MEAN, false, dwork, dout, NULL),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_window_scores_cuda(dprw, Hq, Hkv, Wt, Wt + 1, T, 1, KVT_POOL_AVG,
+                                             KVT_REDUCE_MEAN, false, dwork, dout, NULL),
+                      KVT_ERR_INVALID_ARG);
+    cudaFree(dprw), cudaFree(dwork), cudaFree(dout);
+    free(prw), free(a), free(red), free(want), free(got);
+}
+
+static void test_colsum(int T, int D, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    float *q = malloc((size_t)T * D * 4), *k = malloc((size_t)T * D * 4);
+    fill(&r, q, (size_t)T * D, 2.0f);
+    fill(&r, k, (size_t)T * D, 2.0f);
+    double *want = malloc((size_t)T * 8), *got = malloc((size_t)T * 8),
+           *work = malloc((size_t)T * 8);
+    const double scale = 1.0 / sqrt((double)D);
+    KVT_CHECK(kvt_attn_colsum_ref(q, k, T, D, scale, work, want));
+    float *dq = to_dev(q, (size_t)T * D * 4), *dk = to_dev(k, (size_t)T * D * 4);
+    double *dwork = out_dev((size_t)T * 16), *dc = out_dev((size_t)T * 8);
+    KVT_CHECK(kvt_attn_colsum_cuda(dq, dk, T, D, scale, dwork, dc, NULL));
+    from_dev(got, dc, (size_t)T * 8, "colsum");
+    /* sums of f32 probabilities: their exponentials may differ in the last ulp */
+    KVT_EXPECT_MSG(cmp64("colsum", want, got, (size_t)T, 1e-9, 1e-6) == 0, "colsum T=%d D=%d", T,
+                   D);
+    double total = 0.0;
+    for (int j = 0; j < T; j++)
+        total += got[j];
+    KVT_EXPECT_NEAR(total, (double)T, 1e-4 * T); /* every query's probabilities sum to ~1 */
+    k[(size_t)(T - 1) * D] = NAN;
+    KVT_EXPECT_STATUS(kvt_attn_colsum_ref(q, k, T, D, scale, work, want), KVT_ERR_NAN);
+    char msg[256];
+    snprintf(msg, sizeof(msg), "%s", kvt_error_msg());
+    KVT_EXPECT(cudaMemcpy(dk, k, (size_t)T * D * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    KVT_EXPECT_STATUS(kvt_attn_colsum_cuda(dq, dk, T, D, scale, dwork, dc, NULL), KVT_ERR_NAN);
+    KVT_EXPECT_MSG(!strcmp(msg, kvt_error_msg()), "%s vs %s", kvt_error_msg(), msg);
+    cudaFree(dq), cudaFree(dk), cudaFree(dwork), cudaFree(dc);
+    free(q), free(k), free(want), free(got), free(work);
+}
+
 static void test_norms(int n, int D, uint64_t seed)
 {
     kvt_rng r;
@@ -387,7 +466,13 @@ int main(void)
             test_rank(1, ns[i], kind, 71 + i);
             test_rank(8, ns[i], kind, 81 + i);
         }
-    test_rank(0, 10, 0, 91); /* nothing to do */
+    test_rank(0, 10, 0, 91);            /* nothing to do */
+    test_scores(4, 2, 8, 8, 40, 101);   /* GQA, the whole window */
+    test_scores(8, 8, 32, 5, 300, 102); /* MHA, part of the window */
+    test_scores(2, 1, 4, 4, 5, 103);    /* a prefix of one token */
+    test_colsum(1, 64, 111);
+    test_colsum(300, 80, 112);
+    test_colsum(1030, 128, 113);
     KVT_EXPECT_STATUS(kvt_rank_desc_segmented_cuda(NULL, -1, 4, NULL, NULL), KVT_ERR_INVALID_ARG);
     return kvt_test_result("test_kernels_cuda");
 }
