@@ -8,6 +8,7 @@
  */
 #include <string.h>
 
+#include "kernel_test_inputs.h"
 #include "replay_test_util.h"
 
 /* Tolerances: both sides accumulate in double and differ only in summation order; results
@@ -21,12 +22,6 @@
 #define N_GUARD  16
 
 static int n_mismatch;
-
-static void fill(kvt_rng *r, float *x, size_t n, float scale)
-{
-    for (size_t i = 0; i < n; i++)
-        x[i] = (float)((kvt_rng_uniform(r) * 2.0 - 1.0) * scale);
-}
 
 static void put_guard(void *end)
 {
@@ -136,17 +131,10 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
 {
     kvt_rng r;
     kvt_rng_seed(&r, seed);
-    float *q = malloc((size_t)n_q * D * 4), *k = malloc((size_t)T * D * 4);
-    float *k2 = malloc(((size_t)n2 * D + 1) * 4), *v = malloc((size_t)T * D * 4);
-    fill(&r, q, (size_t)n_q * D, 2.0f);
-    fill(&r, k, (size_t)T * D, 2.0f);
-    fill(&r, k2, (size_t)n2 * D, 2.0f);
-    fill(&r, v, (size_t)T * D, 1.0f);
-    int *vis = malloc((size_t)n_q * sizeof(int)), *vis2 = malloc((size_t)n_q * sizeof(int));
-    for (int i = 0; i < n_q; i++) {
-        vis[i] = T - n_q + i + 1 > 1 ? T - n_q + i + 1 : 1; /* causal window, clamped */
-        vis2[i] = n2 ? i % (n2 + 1) : 0;
-    }
+    kt_attn in;
+    kt_attn_make(&in, &r, n_q, T, D, n2);
+    float *q = in.q, *k = in.k, *k2 = in.k2, *v = in.v;
+    int *vis = in.vis, *vis2 = in.vis2;
     size_t np = (size_t)n_q * T, np2 = (size_t)n_q * n2;
     float *pa = malloc((np + N_GUARD) * 4), *pb = malloc((np + N_GUARD) * 4);
     float *qa = malloc((np2 + N_GUARD) * 4), *qb = malloc((np2 + N_GUARD) * 4);
@@ -188,7 +176,8 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
             kvt_attn_probs_cpu(q, 1, D, k, T, &vis_all, NULL, 0, NULL, scale, pb, NULL, lb, work),
             KVT_ERR_NAN);
     }
-    free(q), free(k), free(k2), free(v), free(vis), free(vis2), free(pa), free(pb), free(qa);
+    kt_attn_free(&in);
+    free(pa), free(pb), free(qa);
     free(qb), free(la), free(lb), free(work), free(oa), free(ob);
 }
 
@@ -198,35 +187,13 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, bool tr
 {
     kvt_rng r;
     kvt_rng_seed(&r, seed);
-    float *p = malloc((size_t)n_q * T * 4), *v = malloc((size_t)T * D * 4);
-    fill(&r, v, (size_t)T * D, 1.0f);
-    for (int q = 0; q < n_q; q++) {
-        double s = 0.0;
-        for (int j = 0; j < T; j++) {
-            double x = kvt_rng_uniform(&r);
-            x = x * x * x; /* skewed, some near zero */
-            p[(size_t)q * T + j] = (float)x;
-            s += x;
-        }
-        for (int j = 0; j < T; j++)
-            p[(size_t)q * T + j] = (float)(p[(size_t)q * T + j] / (s * 1.25));
-    }
-    p[0] = 0.0f; /* an exact zero */
-    double *a = malloc((size_t)n_q * D * 8), *mm = malloc((size_t)n_q * KVT_N_MODALITIES * 8);
-    double *pe = malloc((size_t)n_q * 8), *oe = malloc((size_t)n_q * D * 8);
-    uint8_t *mod = malloc((size_t)T);
-    for (int j = 0; j < T; j++)
-        mod[j] = (uint8_t)(j % 3 == 1);
-    kvt_attn_output_ref(p, n_q, T, T, v, D, a, D);
-    for (int q = 0; q < n_q; q++) {
-        for (int m = 0; m < KVT_N_MODALITIES; m++)
-            mm[(size_t)q * KVT_N_MODALITIES + m] = 0.0;
-        for (int j = 0; j < T; j++)
-            mm[(size_t)q * KVT_N_MODALITIES + mod[j]] += p[(size_t)q * T + j];
-        pe[q] = 0.2;
-        for (int d = 0; d < D; d++)
-            oe[(size_t)q * D + d] = 0.2 * (kvt_rng_uniform(&r) - 0.5);
-    }
+    kt_sweep S;
+    kt_sweep_make(&S, &r, n_q, T, D);
+    float *p = S.p, *v = S.v;
+    double *a = S.a, *mm = S.mm, *pe = S.pe, *oe = S.oe;
+    uint8_t *mod = S.mod;
+    int32_t *order = S.order, *cuts = S.cuts;
+    int n_cut = S.n_cut;
     size_t pts = transposed ? (size_t)n_q + 3 : 0;
     float *pt = malloc(((size_t)T * (n_q + 3) + 1) * 4);
     const float *ptp = transposed ? pt : NULL;
@@ -235,21 +202,6 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, bool tr
     for (int j = 0; transposed && j < T; j++)
         for (int q = 0; q < n_q; q++)
             KVT_EXPECT(pt[(size_t)j * pts + q] == p[(size_t)q * T + j]);
-    int32_t *order = malloc((size_t)T * 4);
-    for (int j = 0; j < T; j++)
-        order[j] = j;
-    for (int j = T - 1; j > 0; j--) { /* shuffle */
-        int i = (int)(kvt_rng_u64(&r) % (uint64_t)(j + 1));
-        int32_t t = order[i];
-        order[i] = order[j], order[j] = t;
-    }
-    /* cuts on both sides of T/2, including 0 and T, and block boundaries */
-    int32_t cand[] = {0, 1, 3, 255, 256, 257, T / 2, T / 2 + 1, T - 300, T - 1, T};
-    int32_t cuts[16];
-    int n_cut = 0;
-    for (size_t i = 0; i < sizeof(cand) / sizeof(cand[0]); i++)
-        if (cand[i] >= 0 && cand[i] <= T && (n_cut == 0 || cand[i] > cuts[n_cut - 1]))
-            cuts[n_cut++] = cand[i];
     size_t nr = (size_t)n_q * n_cut, nm = nr * KVT_N_MODALITIES;
     double *ra = malloc(nr * 8), *ea = malloc(nr * 8), *ma = malloc(nm * 8);
     double *rb = malloc((nr + N_GUARD) * 8), *eb = malloc((nr + N_GUARD) * 8);
@@ -336,7 +288,8 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, bool tr
     KVT_EXPECT_STATUS(kvt_cosine_table_cpu(ku, T, D, probe, n_probe, cb), KVT_ERR_INVALID_ARG);
 
     free(pt);
-    free(p), free(v), free(a), free(mm), free(pe), free(oe), free(mod), free(order), free(ra);
+    kt_sweep_free(&S);
+    free(ra);
     free(ea), free(ma), free(rb), free(eb), free(mb), free(wa), free(wb), free(ku), free(probe);
     free(ca), free(cb);
 }
@@ -399,7 +352,7 @@ static void test_vec(void)
     float *k = malloc((size_t)T * D * 4), *ka = malloc((size_t)T * D * 4);
     float *kb = malloc((size_t)T * D * 4);
     uint8_t *mod = malloc(T);
-    fill(&r, k, (size_t)T * D, 3.0f);
+    kt_fill(&r, k, (size_t)T * D, 3.0f);
     for (int j = 0; j < D; j++)
         k[(size_t)5 * D + j] = 0.0f; /* a zero row: the 1e-12 floor */
     for (int j = 0; j < T; j++)
@@ -430,7 +383,7 @@ static void test_vec(void)
         int rows = sh[s][0], cols = sh[s][1];
         size_t lds = (size_t)cols + 2, ldd = (size_t)rows + 5;
         float *src = malloc((size_t)rows * lds * 4), *dst = malloc(((size_t)cols * ldd + 1) * 4);
-        fill(&r, src, (size_t)rows * lds, 1.0f);
+        kt_fill(&r, src, (size_t)rows * lds, 1.0f);
         for (size_t i = 0; i < (size_t)cols * ldd; i++)
             dst[i] = -7.0f;
         kvt_transpose_f32_cpu(src, rows, cols, lds, dst, ldd);

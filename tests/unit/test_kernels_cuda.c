@@ -9,8 +9,8 @@
  */
 #include <cuda_runtime_api.h>
 
+#include "kernel_test_inputs.h"
 #include "kvt_kernels_cuda.h"
-#include "kvt_test.h"
 
 #define N_GUARD 16
 #define GUARD   0xA5u /* byte pattern of the guard words */
@@ -48,12 +48,6 @@ static void from_dev(void *h, const void *d, size_t bytes, const char *what)
     KVT_EXPECT_MSG(bad == 0, "%s: %d guard bytes overwritten", what, bad);
 }
 
-static void fill(kvt_rng *r, float *x, size_t n, float scale)
-{
-    for (size_t i = 0; i < n; i++)
-        x[i] = (float)((kvt_rng_uniform(r) * 2.0 - 1.0) * scale);
-}
-
 /* |a - b| <= atol + rtol |a| for all, no NaN unless both; returns mismatches */
 static int cmp64(const char *what, const double *a, const double *b, size_t n, double atol,
                  double rtol)
@@ -85,17 +79,10 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
 {
     kvt_rng r;
     kvt_rng_seed(&r, seed);
-    float *q = malloc((size_t)n_q * D * 4), *k = malloc((size_t)T * D * 4);
-    float *k2 = malloc(((size_t)n2 * D + 1) * 4), *v = malloc((size_t)T * D * 4);
-    fill(&r, q, (size_t)n_q * D, 2.0f);
-    fill(&r, k, (size_t)T * D, 2.0f);
-    fill(&r, k2, (size_t)n2 * D, 2.0f);
-    fill(&r, v, (size_t)T * D, 1.0f);
-    int *vis = malloc((size_t)n_q * sizeof(int)), *vis2 = malloc((size_t)n_q * sizeof(int));
-    for (int i = 0; i < n_q; i++) {
-        vis[i] = T - n_q + i + 1 > 1 ? T - n_q + i + 1 : 1; /* causal window, clamped */
-        vis2[i] = n2 ? i % (n2 + 1) : 0;
-    }
+    kt_attn in;
+    kt_attn_make(&in, &r, n_q, T, D, n2);
+    float *q = in.q, *k = in.k, *k2 = in.k2, *v = in.v;
+    int *vis = in.vis, *vis2 = in.vis2;
     size_t np = (size_t)n_q * T, np2 = (size_t)n_q * n2, no = (size_t)n_q * D;
     float *pa = malloc(np * 4 + 4), *pb = malloc(np * 4 + 4);
     float *qa = malloc(np2 * 4 + 4), *qb = malloc(np2 * 4 + 4);
@@ -147,7 +134,8 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
     }
     cudaFree(dq), cudaFree(dk), cudaFree(dk2), cudaFree(dv), cudaFree(dp), cudaFree(dp2);
     cudaFree(dl), cudaFree(dout);
-    free(q), free(k), free(k2), free(v), free(vis), free(vis2), free(pa), free(pb), free(qa);
+    kt_attn_free(&in);
+    free(pa), free(pb), free(qa);
     free(qb), free(la), free(lb), free(oa), free(ob), free(work);
 }
 
@@ -155,50 +143,14 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
 {
     kvt_rng r;
     kvt_rng_seed(&r, seed);
-    float *p = malloc((size_t)n_q * T * 4), *v = malloc((size_t)T * D * 4);
-    fill(&r, v, (size_t)T * D, 1.0f);
-    for (int q = 0; q < n_q; q++) {
-        double s = 0.0;
-        for (int j = 0; j < T; j++) {
-            double x = kvt_rng_uniform(&r);
-            x = x * x * x; /* skewed, some near zero */
-            p[(size_t)q * T + j] = (float)x;
-            s += x;
-        }
-        for (int j = 0; j < T; j++)
-            p[(size_t)q * T + j] = (float)(p[(size_t)q * T + j] / (s * 1.25));
-    }
-    p[0] = 0.0f; /* an exact zero: skipped */
+    kt_sweep S;
+    kt_sweep_make(&S, &r, n_q, T, D);
+    float *p = S.p, *v = S.v;
+    double *a = S.a, *mm = S.mm, *pe = S.pe, *oe = S.oe;
+    uint8_t *mod = S.mod;
+    int32_t *order = S.order, *cuts = S.cuts;
+    int n_cut = S.n_cut;
     const int NMOD = KVT_N_MODALITIES;
-    double *a = malloc((size_t)n_q * D * 8), *mm = malloc((size_t)n_q * NMOD * 8);
-    double *pe = malloc((size_t)n_q * 8), *oe = malloc((size_t)n_q * D * 8);
-    uint8_t *mod = malloc((size_t)T);
-    for (int j = 0; j < T; j++)
-        mod[j] = (uint8_t)(j % 3 == 1);
-    kvt_attn_output_ref(p, n_q, T, T, v, D, a, D);
-    for (int q = 0; q < n_q; q++) {
-        for (int m = 0; m < NMOD; m++)
-            mm[(size_t)q * NMOD + m] = 0.0;
-        for (int j = 0; j < T; j++)
-            mm[(size_t)q * NMOD + mod[j]] += p[(size_t)q * T + j];
-        pe[q] = 0.2;
-        for (int d = 0; d < D; d++)
-            oe[(size_t)q * D + d] = 0.2 * (kvt_rng_uniform(&r) - 0.5);
-    }
-    int32_t *order = malloc((size_t)T * 4);
-    for (int j = 0; j < T; j++)
-        order[j] = j;
-    for (int j = T - 1; j > 0; j--) {
-        int i = (int)(kvt_rng_u64(&r) % (uint64_t)(j + 1));
-        int32_t t = order[i];
-        order[i] = order[j], order[j] = t;
-    }
-    int32_t cand[] = {0, 1, 3, 255, 256, 257, T / 2, T / 2 + 1, T - 300, T - 1, T};
-    int32_t cuts[16];
-    int n_cut = 0;
-    for (size_t i = 0; i < sizeof(cand) / sizeof(cand[0]); i++)
-        if (cand[i] >= 0 && cand[i] <= T && (n_cut == 0 || cand[i] > cuts[n_cut - 1]))
-            cuts[n_cut++] = cand[i];
     size_t nr = (size_t)n_q * n_cut, nm = nr * NMOD;
     double *ra = malloc(nr * 8), *ea = malloc(nr * 8), *ma = malloc(nm * 8);
     double *rb = malloc(nr * 8), *eb = malloc(nr * 8), *mb = malloc(nm * 8);
@@ -233,7 +185,8 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
                       KVT_ERR_INVALID_ARG);
     cudaFree(dp), cudaFree(dv), cudaFree(da), cudaFree(dpe), cudaFree(doe), cudaFree(dmm);
     cudaFree(dord), cudaFree(dmod), cudaFree(dr), cudaFree(de), cudaFree(dm);
-    free(p), free(v), free(a), free(mm), free(pe), free(oe), free(mod), free(order), free(ra);
+    kt_sweep_free(&S);
+    free(ra);
     free(ea), free(ma), free(rb), free(eb), free(mb), free(wa);
 }
 
@@ -288,8 +241,8 @@ static void test_colsum(int T, int D, uint64_t seed)
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     float *q = malloc((size_t)T * D * 4), *k = malloc((size_t)T * D * 4);
-    fill(&r, q, (size_t)T * D, 2.0f);
-    fill(&r, k, (size_t)T * D, 2.0f);
+    kt_fill(&r, q, (size_t)T * D, 2.0f);
+    kt_fill(&r, k, (size_t)T * D, 2.0f);
     double *want = malloc((size_t)T * 8), *got = malloc((size_t)T * 8),
            *work = malloc((size_t)T * 8);
     const double scale = 1.0 / sqrt((double)D);
@@ -324,7 +277,7 @@ static void test_norms(int n, int D, uint64_t seed)
     float *x = malloc(nx * 4 + 4), *ka = malloc(nx * 4 + 4), *kb = malloc(nx * 4 + 4);
     double *na = malloc((size_t)n * 8 + 8), *nb = malloc((size_t)n * 8 + 8);
     double *ma = malloc((size_t)D * 8), *mb = malloc((size_t)D * 8);
-    fill(&r, x, nx, 3.0f);
+    kt_fill(&r, x, nx, 3.0f);
     if (n > 2)
         memset(x + (size_t)2 * D, 0, (size_t)D * 4); /* a zero row: the 1e-12 floor */
     kvt_row_norms_ref(x, n, D, na);
@@ -381,7 +334,7 @@ static void test_coverage(int T, int D, uint64_t seed)
     kvt_rng_seed(&r, seed);
     size_t nk = (size_t)T * D;
     float *k = malloc(nk * 4), *ku = malloc(nk * 4);
-    fill(&r, k, nk, 1.0f);
+    kt_fill(&r, k, nk, 1.0f);
     kvt_unit_rows_ref(k, T, D, ku, NULL);
     int P = T < 37 ? T : 37;
     int32_t *probe = malloc((size_t)P * 4), *order = malloc((size_t)T * 4);
@@ -391,13 +344,7 @@ static void test_coverage(int T, int D, uint64_t seed)
         pm[i] = (uint8_t)(i % 3);
     }
     probe[P - 1] = T - 1;
-    for (int j = 0; j < T; j++)
-        order[j] = j;
-    for (int j = T - 1; j > 0; j--) {
-        int i = (int)(kvt_rng_u64(&r) % (uint64_t)(j + 1));
-        int32_t t = order[i];
-        order[i] = order[j], order[j] = t;
-    }
+    kt_shuffle(&r, order, T);
     size_t nc = (size_t)T * P;
     float *ca = malloc(nc * 4), *cb = malloc(nc * 4);
     KVT_CHECK(kvt_cosine_table_ref(ku, T, D, probe, P, ca));
