@@ -26,12 +26,6 @@ static kvt_status check_finite(const float *x, size_t n, const char *what, int l
     return KVT_OK;
 }
 
-/* sum of one probability row (the stored mass, ~1) */
-static double row_sum(const float *p, int T)
-{
-    return kvt_sum_f32_cpu(p, (size_t)T);
-}
-
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
 {
     memset(c, 0, sizeof(*c));
@@ -94,7 +88,7 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
         if (s || (s = kvt_attn_output(pr, nqw, T, T, V, D, c->aw + q0 * D, D)))
             goto out_fail;
         for (int i = 0; i < nqw; i++) {
-            c->rsw[q0 + i] = row_sum(pr + (size_t)i * T, T);
+            c->rsw[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
             if (in->modality)
                 kvt_mass_by_mod_cpu(pr + (size_t)i * T, in->modality, T,
                                     c->massw_mod + (q0 + i) * KVT_NM);
@@ -125,7 +119,7 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
             if (s || (s = kvt_attn_output(pr, nqd, T, T, V, D, c->ad + q0 * D, D)))
                 goto out_fail;
             for (int i = 0; i < nqd; i++) {
-                c->rsd[q0 + i] = row_sum(pr + (size_t)i * T, T);
+                c->rsd[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
                 if (c->has_extra) {
                     const float *p2 = pr2 + (size_t)i * Gd;
                     double pe = 0.0;

@@ -32,6 +32,7 @@ typedef struct scratch {
     int32_t *vcnt, *vocnt; /* [n_v] counts of the shared sweep, the oracle's counts */
     kvt_head_metrics **vm; /* [n_v] where each virtual budget's metrics go */
     double *brec, *berr;   /* [n_v] */
+    double *brmod;         /* [n_v, NM] */
     float *pwt, *pdt;      /* the current KV head's window / decode probabilities token-major:
                               [T, Gs*Wt] and [T, Gs*Gd] (fast path only, else NULL) */
 } scratch;
@@ -62,6 +63,7 @@ static void scratch_free(scratch *s)
     kvt_free(s->vm);
     kvt_free(s->brec);
     kvt_free(s->berr);
+    kvt_free(s->brmod);
     kvt_free(s->pwt);
     kvt_free(s->pdt);
     memset(s, 0, sizeof(*s));
@@ -100,6 +102,7 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->vm = kvt_malloc(nb * sizeof(kvt_head_metrics *));
     s->brec = kvt_malloc(nb * sizeof(double));
     s->berr = kvt_malloc(nb * sizeof(double));
+    s->brmod = kvt_malloc(nb * KVT_NM * sizeof(double));
     if (!kvt_kernels_ref_only()) {
         s->pwt = kvt_malloc(T * (size_t)c->Gs * c->Wt * sizeof(float) + 1);
         s->pdt = kvt_malloc(T * (size_t)c->Gs * c->Gd * sizeof(float) + 1);
@@ -108,10 +111,10 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
             return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
         }
     }
-    if (!s->vcnt || !s->vocnt || !s->vm || !s->brec || !s->berr || !s->cuts || !s->map || !s->rec ||
-        !s->err || !s->rmod || !s->sw || !s->cov || !s->rad || !s->cmod || !s->rk || !s->cwork ||
-        !s->rwork || !s->posO || !s->probe || !s->probe_mod || !s->ct || !s->z || !s->keep ||
-        !s->acc) {
+    if (!s->vcnt || !s->vocnt || !s->vm || !s->brec || !s->berr || !s->brmod || !s->cuts ||
+        !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad || !s->cmod ||
+        !s->rk || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod || !s->ct ||
+        !s->z || !s->keep || !s->acc) {
         scratch_free(s);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
     }
@@ -160,7 +163,7 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
     const float *p, *pt = NULL;
     const double *a, *pe = NULL, *oe = NULL, *mm = NULL, *rf;
     size_t sp, sa, se = 1, st = 0;
-    const int hr = hq0 - (hq0 / c->Gs) * c->Gs; /* first head's rank in its KV group */
+    const int hr = hq0 % c->Gs; /* first head's rank in its KV group */
     int n_q;
     const uint8_t *mod = NULL;
     if (kind == Q_WINDOW) {
@@ -299,10 +302,7 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
     const int T = c->T, H = sel->n_heads, n_b = s->n_b, Gd = c->Gd, n_v = n_mem * n_b;
     const int g = kvt_ctx_kv_of(c, sel->per_query, h);
     const int hq0 = sel->per_query ? h : g * c->Gs, nh = sel->per_query ? 1 : c->Gs;
-    double *brec = s->brec, *berr = s->berr;
-    double *rmod = kvt_malloc((size_t)n_v * KVT_NM * sizeof(double));
-    if (!rmod)
-        return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
+    double *brec = s->brec, *berr = s->berr, *rmod = s->brmod;
     kvt_status st = KVT_OK;
     const bool mod = c->in->modality != NULL, cov = s->n_probe > 0;
     const bool step = sel->step_head && sel->step_head[h];
@@ -320,7 +320,7 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
     if (sel->has_fixed) {
         const int32_t *ord = sel->order + (size_t)h * T;
         if ((st = query_sweep(c, s, Q_WINDOW, 0, hq0, nh, ord, s->vcnt, 1, n_v, brec, berr, rmod)))
-            goto out_free;
+            return st;
         for (int v = 0; v < n_v; v++) {
             kvt_head_metrics *hm = s->vm[v];
             hm->recall_window = brec[v];
@@ -331,14 +331,14 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
         if (Gd > 0 && !step) {
             if ((st = query_sweep(c, s, Q_DECODE_ALL, 0, hq0, nh, ord, s->vcnt, 1, n_v, brec, berr,
                                   NULL)))
-                goto out_free;
+                return st;
             for (int v = 0; v < n_v; v++) {
                 s->vm[v]->recall_decode = brec[v];
                 s->vm[v]->err_decode = berr[v];
             }
         }
         if ((st = set_sweep(c, s, g, ord, s->vcnt, 1, n_v, oord, s->vocnt, 1.0, s->vm)))
-            goto out_free;
+            return st;
     }
     if (Gd > 0 && step) { /* a single member (per-step rankings are never shared) */
         for (int b = 0; b < n_b; b++)
@@ -349,19 +349,17 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
             size_t cs = (size_t)H * Gd;
             if ((st = query_sweep(c, s, Q_DECODE_STEP, sx, hq0, nh, ord, cnt, cs, n_b, brec, berr,
                                   NULL)))
-                goto out_free;
+                return st;
             for (int b = 0; b < n_b; b++) {
                 s->vm[b]->recall_decode += brec[b] / Gd;
                 s->vm[b]->err_decode += berr[b] / Gd;
             }
             if (!sel->has_fixed &&
                 (st = set_sweep(c, s, g, ord, cnt, cs, n_b, oord, s->vocnt, 1.0 / Gd, s->vm)))
-                goto out_free;
+                return st;
         }
     }
-out_free:
-    kvt_free(rmod);
-    return st;
+    return KVT_OK;
 }
 
 /* output error of one query against a merged set. Entries that are original tokens keep

@@ -11,55 +11,10 @@
 
 #define ATTN_THREADS 256
 
-/* the scaled logit of query a and key b: products and sums rounded as the reference's
- * (no fused multiply-add) */
+/* the scaled logit of query a and key b, rounded as the reference's */
 static __device__ double logit(const float *a, const float *b, int D, double scale)
 {
-    double s = 0.0;
-    for (int d = 0; d < D; d++)
-        s = __dadd_rn(s, __dmul_rn((double)a[d], (double)b[d]));
-    return __dmul_rn(s, scale);
-}
-
-/* block-wide max / sum of one double per thread */
-static __device__ double block_max(double x, double *sh)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        double y = __shfl_down_sync(0xffffffffu, x, o);
-        x = y > x ? y : x;
-    }
-    if (threadIdx.x % 32 == 0)
-        sh[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double m = sh[0];
-        for (int w = 1; w < ATTN_THREADS / 32; w++)
-            m = sh[w] > m ? sh[w] : m;
-        sh[ATTN_THREADS / 32] = m;
-    }
-    __syncthreads();
-    double r = sh[ATTN_THREADS / 32];
-    __syncthreads();
-    return r;
-}
-
-static __device__ double block_sum(double x, double *sh)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        x += __shfl_down_sync(0xffffffffu, x, o);
-    if (threadIdx.x % 32 == 0)
-        sh[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double s = 0.0;
-        for (int w = 0; w < ATTN_THREADS / 32; w++)
-            s += sh[w];
-        sh[ATTN_THREADS / 32] = s;
-    }
-    __syncthreads();
-    double r = sh[ATTN_THREADS / 32];
-    __syncthreads();
-    return r;
+    return __dmul_rn(kvt_cu_dot_f32(a, b, D), scale);
 }
 
 /* bad: the first non-finite logit as (query << 32 | key), key >= 2^31 for block 2 */
@@ -80,13 +35,13 @@ static __global__ void probs_k(const float *q, int D, const float *k, int T, con
                                (j < nv ? (unsigned)j : 0x80000000u | (unsigned)(j - nv)));
         m = z > m ? z : m;
     }
-    m = block_max(m, sh);
+    m = kvt_cu_block_reduce<ATTN_THREADS, true>(m, sh);
     double s = 0.0;
     for (int j = threadIdx.x; j < nv + nv2; j += ATTN_THREADS)
         s += exp(__dsub_rn(j < nv ? logit(qi, k + (size_t)j * D, D, scale)
                                   : logit(qi, k2 + (size_t)(j - nv) * D, D, scale),
                            m));
-    s = block_sum(s, sh);
+    s = kvt_cu_block_reduce<ATTN_THREADS, false>(s, sh);
     for (int j = threadIdx.x; j < T; j += ATTN_THREADS)
         pr[(size_t)i * T + j] =
             j < nv ? (float)(exp(__dsub_rn(logit(qi, k + (size_t)j * D, D, scale), m)) / s) : 0.0f;

@@ -6,6 +6,7 @@
  */
 #include <math.h>
 
+#include "../ref/sweep_cuts.h"
 #include "cuda_util.cuh"
 
 static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *probe, int P,
@@ -17,10 +18,7 @@ static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *pr
     const float *kp = ku + (size_t)probe[i] * D;
     for (int t = blockIdx.y; t < T; t += gridDim.y) {
         const float *kt = ku + (size_t)t * D;
-        double s = 0.0;
-        for (int d = 0; d < D; d++) /* as the reference rounds: no fused multiply-add */
-            s = __dadd_rn(s, __dmul_rn((double)kt[d], (double)kp[d]));
-        ct[(size_t)t * P + i] = (float)s;
+        ct[(size_t)t * P + i] = (float)kvt_cu_dot_f32(kt, kp, D);
     }
 }
 
@@ -60,10 +58,7 @@ extern "C" kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe
 {
     KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "coverage_cuda: bad shape");
-    for (int c = 0; c < n_cut; c++)
-        KVT_RETURN_IF(cuts[c] < 0 || cuts[c] > T || (c > 0 && cuts[c] <= cuts[c - 1]),
-                      KVT_ERR_INVALID_ARG,
-                      "coverage_cuda: cuts must increase strictly within 0..%d", T);
+    KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     if (n_probe == 0 || n_cut == 0)
         return KVT_OK;
     cudaStream_t st = kvt_cu_stream(stream);

@@ -85,14 +85,6 @@ extern "C" kvt_status kvt_window_scores_cuda(const float *prw, int Hq, int Hkv, 
     return KVT_OK;
 }
 
-static __device__ double dot_f32(const float *a, const float *b, int D)
-{
-    double s = 0.0;
-    for (int d = 0; d < D; d++)
-        s = __dadd_rn(s, __dmul_rn((double)a[d], (double)b[d]));
-    return s;
-}
-
 /* per query i: m[i] = max over keys j <= i of the scaled logit, s[i] = sum of exp(z - m) */
 static __global__ void row_stats_k(const float *q, const float *k, int T, int D, double scale,
                                    double *m_out, double *s_out, unsigned long long *bad)
@@ -102,41 +94,19 @@ static __global__ void row_stats_k(const float *q, const float *k, int T, int D,
     const float *qi = q + (size_t)i * D;
     double m = -INFINITY;
     for (int j = threadIdx.x; j <= i; j += CS_THREADS) {
-        double z = __dmul_rn(dot_f32(qi, k + (size_t)j * D, D), scale);
+        double z = __dmul_rn(kvt_cu_dot_f32(qi, k + (size_t)j * D, D), scale);
         if (!isfinite(z))
             atomicMin(bad, ((unsigned long long)i << 32) | (unsigned)j);
         m = z > m ? z : m;
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        double y = __shfl_down_sync(0xffffffffu, m, o);
-        m = y > m ? y : m;
-    }
-    if (threadIdx.x % 32 == 0)
-        sh[threadIdx.x / 32] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double x = sh[0];
-        for (int w = 1; w < CS_THREADS / 32; w++)
-            x = sh[w] > x ? sh[w] : x;
-        sh[CS_THREADS / 32] = x;
-    }
-    __syncthreads();
-    m = sh[CS_THREADS / 32];
-    __syncthreads();
+    m = kvt_cu_block_reduce<CS_THREADS, true>(m, sh);
     double s = 0.0;
     for (int j = threadIdx.x; j <= i; j += CS_THREADS)
-        s += exp(__dsub_rn(__dmul_rn(dot_f32(qi, k + (size_t)j * D, D), scale), m));
-    for (int o = 16; o > 0; o >>= 1)
-        s += __shfl_down_sync(0xffffffffu, s, o);
-    if (threadIdx.x % 32 == 0)
-        sh[threadIdx.x / 32] = s;
-    __syncthreads();
+        s += exp(__dsub_rn(__dmul_rn(kvt_cu_dot_f32(qi, k + (size_t)j * D, D), scale), m));
+    s = kvt_cu_block_reduce<CS_THREADS, false>(s, sh);
     if (threadIdx.x == 0) {
-        double x = 0.0;
-        for (int w = 0; w < CS_THREADS / 32; w++)
-            x += sh[w];
         m_out[i] = m;
-        s_out[i] = x;
+        s_out[i] = s;
     }
 }
 
@@ -150,7 +120,7 @@ static __global__ void colsum_k(const float *q, const float *k, int T, int D, do
     const float *kj = k + (size_t)j * D;
     double c = 0.0;
     for (int i = j; i < T; i++) {
-        double e = exp(__dsub_rn(__dmul_rn(dot_f32(q + (size_t)i * D, kj, D), scale), m[i]));
+        double e = exp(__dsub_rn(__dmul_rn(kvt_cu_dot_f32(q + (size_t)i * D, kj, D), scale), m[i]));
         c = __dadd_rn(c, (double)(float)(e / s[i]));
     }
     colsum[j] = c;

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 
+#include "../ref/sweep_cuts.h"
 #include "cuda_util.cuh"
 
 #define SW_THREADS 128
@@ -138,9 +139,7 @@ extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *
     KVT_RETURN_IF(D > SW_THREADS * SW_PER, KVT_ERR_UNSUPPORTED,
                   "sweep_output_cuda: head dim %d > %d", D, SW_THREADS * SW_PER);
     KVT_RETURN_IF(mod && !mass_mod, KVT_ERR_INVALID_ARG, "sweep_output: mod without mass_mod");
-    for (int c = 0; c < n_cut; c++)
-        KVT_RETURN_IF(cuts[c] < 0 || cuts[c] > T || (c > 0 && cuts[c] <= cuts[c - 1]),
-                      KVT_ERR_INVALID_ARG, "sweep: cuts must increase strictly within 0..%d", T);
+    KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     if (n_q == 0 || n_cut == 0)
         return KVT_OK;
     int n_fwd = 0;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "kvt_kernels.h"
+#include "sweep_cuts.h"
 
 #define NM KVT_N_MODALITIES
 
@@ -47,15 +48,6 @@ static inline void kvt_sweep_record(int q, int ci, int n_cut, int D, const doubl
         for (int m = 0; m < NM; m++)
             recall_mod[((size_t)q * n_cut + ci) * NM + m] =
                 mass_mod[m] > 0.0 ? rm[m] / mass_mod[m] : NAN;
-}
-
-/* cuts [n_cut] strictly increasing within 0..T */
-static inline kvt_status kvt_sweep_check_cuts(const int32_t *cuts, int n_cut, int T)
-{
-    for (int c = 0; c < n_cut; c++)
-        KVT_RETURN_IF(cuts[c] < 0 || cuts[c] > T || (c > 0 && cuts[c] <= cuts[c - 1]),
-                      KVT_ERR_INVALID_ARG, "sweep: cuts must increase strictly within 0..%d", T);
-    return KVT_OK;
 }
 
 /* A variant's step: add sign * (the contribution of order[t0..t1)) to the running sums
