@@ -126,6 +126,27 @@ kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
 kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *info,
                                    const void *data);
 
+/** The records kvt_trace_writer_append would cut `info`'s block into (groups of whole heads,
+ *  or one head's tokens in chunks, each at most max_record_bytes): *n receives the count and
+ *  the first min(n, cap) parts are filled, in append order. Each part's rows are a contiguous
+ *  range of the block. For producers that lay out (and byte-plane split) records themselves.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG. */
+kvt_status kvt_trace_writer_parts(const kvt_trace_writer *w, const kvt_record_info *info,
+                                  kvt_record_info *parts, size_t cap, size_t *n);
+
+/** Whether the writer byte-plane splits multi-byte elements (not opts.no_shuffle). */
+bool kvt_trace_writer_shuffles(const kvt_trace_writer *w);
+/** The writer's largest record payload in bytes (opts.max_record_bytes after defaults). */
+uint64_t kvt_trace_writer_max_record_bytes(const kvt_trace_writer *w);
+
+/** Append ONE record (at most max_record_bytes, e.g. a part from kvt_trace_writer_parts)
+ *  whose payload is already byte-plane split (kvt_byteplane_split over its elements) when
+ *  kvt_trace_writer_shuffles(w) and the element is wider than a byte, and plain otherwise.
+ *  Copied before return, like kvt_trace_writer_append.
+ * @return as kvt_trace_writer_append; KVT_ERR_INVALID_ARG for a record that is too large. */
+kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_info *info,
+                                          const void *planes);
+
 /** Convenience: append a JSON object as a KVT_KIND_META_JSON record. */
 kvt_status kvt_trace_writer_append_json(kvt_trace_writer *w, const char *json);
 

@@ -22,6 +22,7 @@ typedef struct wjob {
     kvt_rec_hdr hdr;
     uint8_t *raw; /* owned; freed once compressed */
     size_t raw_bytes;
+    bool planes;   /* raw is already byte-plane split (kvt_trace_writer_append_planes) */
     uint8_t *comp; /* owned */
     size_t comp_bytes;
     kvt_status status;
@@ -81,7 +82,7 @@ static kvt_status compress_job(kvt_trace_writer *w, wctx *c, wjob *j)
     bool shuf = !w->opts.no_shuffle && es > 1;
     size_t bound = ZSTD_compressBound(j->raw_bytes);
     const void *src = j->raw;
-    if (shuf) {
+    if (shuf && !j->planes) {
         if (c->shuf_cap < j->raw_bytes) {
             uint8_t *nb = kvt_realloc(c->shuf, j->raw_bytes);
             KVT_RETURN_IF(!nb, KVT_ERR_NOMEM, "out of memory (compression buffer)");
@@ -353,7 +354,7 @@ static kvt_status validate_info(const kvt_record_info *in)
 
 /* Queue (or, without threads, compress and write) one record covering a contiguous block. */
 static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, const void *data,
-                             size_t bytes)
+                             size_t bytes, bool planes)
 {
     wjob *j = kvt_calloc(1, sizeof(*j));
     KVT_RETURN_IF(!j, KVT_ERR_NOMEM, "out of memory");
@@ -364,6 +365,7 @@ static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, c
     }
     memcpy(j->raw, data, bytes);
     j->raw_bytes = bytes;
+    j->planes = planes;
     j->hdr.info = *info;
     j->hdr.info.raw_bytes = bytes;
 
@@ -404,6 +406,59 @@ static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, c
     return s;
 }
 
+/* How a block is cut into records: whole (n == 1), groups of hp whole heads, or each head's
+ * tokens in chunks of tp. */
+typedef struct split_plan {
+    uint32_t n_heads, n_tok, hp, tp; /* hp == 0: token chunks */
+    uint64_t row, per_head;          /* bytes */
+    size_t n;                        /* records */
+} split_plan;
+
+static void plan_split(const kvt_trace_writer *w, const kvt_record_info *info, split_plan *sp)
+{
+    size_t es = kvt_dtype_size(info->dtype);
+    uint64_t max = w->opts.max_record_bytes;
+    sp->n_heads = info->head_end - info->head_begin;
+    sp->n_tok = info->tok_end - info->tok_begin;
+    sp->row = (uint64_t)info->dim * es;
+    sp->per_head = sp->row * sp->n_tok;
+    if (sp->per_head * sp->n_heads <= max) {
+        sp->hp = sp->n_heads;
+        sp->tp = sp->n_tok;
+        sp->n = 1;
+    } else if (sp->per_head <= max) { /* groups of whole heads */
+        sp->hp = (uint32_t)(max / sp->per_head);
+        sp->tp = sp->n_tok;
+        sp->n = (sp->n_heads + sp->hp - 1) / sp->hp;
+    } else { /* one head is larger than a record: split each head along tokens */
+        uint64_t tp = max / sp->row;
+        sp->hp = 0;
+        sp->tp = tp ? (uint32_t)(tp < sp->n_tok ? tp : sp->n_tok) : 1u;
+        sp->n = (size_t)sp->n_heads * ((sp->n_tok + sp->tp - 1) / sp->tp);
+    }
+}
+
+/* Record i of the plan, and the byte offset of its rows in the block. */
+static void plan_part(const split_plan *sp, const kvt_record_info *info, size_t i,
+                      kvt_record_info *part, uint64_t *offset)
+{
+    *part = *info;
+    if (sp->hp) {
+        uint32_t h = (uint32_t)i * sp->hp;
+        part->head_begin = info->head_begin + h;
+        part->head_end = part->head_begin + (sp->hp < sp->n_heads - h ? sp->hp : sp->n_heads - h);
+        *offset = (uint64_t)h * sp->per_head;
+        return;
+    }
+    uint32_t per = (sp->n_tok + sp->tp - 1) / sp->tp;
+    uint32_t h = (uint32_t)(i / per), t = (uint32_t)(i % per) * sp->tp;
+    part->head_begin = info->head_begin + h;
+    part->head_end = part->head_begin + 1;
+    part->tok_begin = info->tok_begin + t;
+    part->tok_end = part->tok_begin + (sp->tp < sp->n_tok - t ? sp->tp : sp->n_tok - t);
+    *offset = h * sp->per_head + t * sp->row;
+}
+
 kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *info,
                                    const void *data)
 {
@@ -412,42 +467,60 @@ kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *i
     KVT_RETURN_IF(w->finished, KVT_ERR_STATE, "append after finish");
     uint64_t total;
     KVT_FORWARD(kvt_rec_raw_bytes(info, &total));
-    size_t es = kvt_dtype_size(info->dtype);
-    uint32_t n_heads = info->head_end - info->head_begin;
-    uint32_t n_tok = info->tok_end - info->tok_begin;
-    uint64_t row = (uint64_t)info->dim * es;
-    uint64_t per_head = row * n_tok;
-    uint64_t max = w->opts.max_record_bytes;
+    split_plan sp;
+    plan_split(w, info, &sp);
     const uint8_t *p = data;
-    if (total <= max)
-        return append_one(w, info, data, (size_t)total);
-    if (per_head <= max) { /* groups of whole heads */
-        uint32_t hp = (uint32_t)(max / per_head);
-        for (uint32_t h = 0; h < n_heads; h += hp) {
-            kvt_record_info part = *info;
-            part.head_begin = info->head_begin + h;
-            part.head_end = part.head_begin + (hp < n_heads - h ? hp : n_heads - h);
-            KVT_FORWARD(append_one(w, &part, p + (uint64_t)h * per_head,
-                                   (size_t)((part.head_end - part.head_begin) * per_head)));
-        }
-        return KVT_OK;
-    }
-    /* one head is larger than a record: split each head along tokens */
-    uint32_t tp = (uint32_t)(max / row);
-    if (tp == 0)
-        tp = 1;
-    for (uint32_t h = 0; h < n_heads; h++) {
-        for (uint32_t t = 0; t < n_tok; t += tp) {
-            kvt_record_info part = *info;
-            part.head_begin = info->head_begin + h;
-            part.head_end = part.head_begin + 1;
-            part.tok_begin = info->tok_begin + t;
-            part.tok_end = part.tok_begin + (tp < n_tok - t ? tp : n_tok - t);
-            KVT_FORWARD(append_one(w, &part, p + h * per_head + t * row,
-                                   (size_t)((part.tok_end - part.tok_begin) * row)));
-        }
+    for (size_t i = 0; i < sp.n; i++) {
+        kvt_record_info part;
+        uint64_t off;
+        plan_part(&sp, info, i, &part, &off);
+        uint64_t bytes =
+            (uint64_t)(part.head_end - part.head_begin) * (part.tok_end - part.tok_begin) * sp.row;
+        KVT_FORWARD(append_one(w, &part, p + off, (size_t)bytes, false));
     }
     return KVT_OK;
+}
+
+kvt_status kvt_trace_writer_parts(const kvt_trace_writer *w, const kvt_record_info *info,
+                                  kvt_record_info *parts, size_t cap, size_t *n)
+{
+    KVT_RETURN_IF(!w || !info || !n || (cap && !parts), KVT_ERR_INVALID_ARG, "null argument");
+    KVT_FORWARD(validate_info(info));
+    uint64_t total;
+    KVT_FORWARD(kvt_rec_raw_bytes(info, &total));
+    split_plan sp;
+    plan_split(w, info, &sp);
+    *n = sp.n;
+    for (size_t i = 0; i < sp.n && i < cap; i++) {
+        uint64_t off;
+        plan_part(&sp, info, i, &parts[i], &off);
+    }
+    return KVT_OK;
+}
+
+bool kvt_trace_writer_shuffles(const kvt_trace_writer *w)
+{
+    return w && !w->opts.no_shuffle;
+}
+
+uint64_t kvt_trace_writer_max_record_bytes(const kvt_trace_writer *w)
+{
+    return w ? w->opts.max_record_bytes : 0;
+}
+
+kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_info *info,
+                                          const void *planes)
+{
+    KVT_RETURN_IF(!w || !info || !planes, KVT_ERR_INVALID_ARG, "null argument");
+    KVT_FORWARD(validate_info(info));
+    KVT_RETURN_IF(w->finished, KVT_ERR_STATE, "append after finish");
+    uint64_t total;
+    KVT_FORWARD(kvt_rec_raw_bytes(info, &total));
+    KVT_RETURN_IF(total > w->opts.max_record_bytes, KVT_ERR_INVALID_ARG,
+                  "append_planes: a %llu-byte record is larger than max_record_bytes %llu",
+                  (unsigned long long)total, (unsigned long long)w->opts.max_record_bytes);
+    bool planes_ok = !w->opts.no_shuffle && kvt_dtype_size(info->dtype) > 1;
+    return append_one(w, info, planes, (size_t)total, planes_ok);
 }
 
 kvt_status kvt_trace_writer_append_json(kvt_trace_writer *w, const char *json)

@@ -8,6 +8,58 @@
 
 static char p1[256], p2[256];
 
+/* A producer that cuts the block into the writer's records itself and byte-plane splits each
+ * (the GPU capture does) writes the same file, byte for byte, as kvt_trace_writer_append. */
+static void planes_same_file(const kvt_writer_opts *o, const kvt_record_info *info,
+                             const uint8_t *in)
+{
+    kvt_trace_writer *w;
+    KVT_CHECK(kvt_trace_writer_create(kvt_test_tmp(p2, sizeof(p2), "planes.kvt"),
+                                      "{\"format\":\"kvtrace\"}", o, &w));
+    size_t n = 0, es = kvt_dtype_size(info->dtype);
+    KVT_CHECK(kvt_trace_writer_parts(w, info, NULL, 0, &n));
+    KVT_EXPECT(n >= 1);
+    kvt_record_info *parts = calloc(n, sizeof(*parts));
+    size_t n2 = 0;
+    KVT_CHECK(kvt_trace_writer_parts(w, info, parts, n, &n2));
+    KVT_EXPECT_EQ_U64(n2, n);
+    uint64_t off = 0, total = (uint64_t)(info->head_end - info->head_begin) *
+                              (info->tok_end - info->tok_begin) * info->dim * es;
+    uint8_t *buf = malloc(total ? total : 1);
+    bool shuf = kvt_trace_writer_shuffles(w) && es > 1;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t nh = parts[i].head_end - parts[i].head_begin;
+        uint64_t nt = parts[i].tok_end - parts[i].tok_begin;
+        uint64_t bytes = nh * nt * info->dim * es;
+        KVT_EXPECT(bytes <= kvt_trace_writer_max_record_bytes(w));
+        /* parts tile the block in order: each one's rows follow the previous one's */
+        uint64_t at = (uint64_t)(parts[i].head_begin - info->head_begin) *
+                          (info->tok_end - info->tok_begin) * info->dim * es +
+                      (uint64_t)(parts[i].tok_begin - info->tok_begin) * info->dim * es;
+        KVT_EXPECT_EQ_U64(at, off);
+        if (shuf)
+            kvt_byteplane_split(in + off, buf, bytes / es, es);
+        else
+            memcpy(buf, in + off, bytes);
+        KVT_CHECK(kvt_trace_writer_append_planes(w, &parts[i], buf));
+        off += bytes;
+    }
+    KVT_EXPECT_EQ_U64(off, total);
+    if (n > 1) /* a whole block larger than a record is refused */
+        KVT_EXPECT_STATUS(kvt_trace_writer_append_planes(w, info, in), KVT_ERR_INVALID_ARG);
+    KVT_CHECK(kvt_trace_writer_finish(w));
+    kvt_trace_writer_free(w);
+    size_t na = 0, nb = 0;
+    uint8_t *a = tt_slurp(p1, &na), *b = tt_slurp(p2, &nb);
+    KVT_EXPECT_MSG(a && b && na == nb && memcmp(a, b, na) == 0,
+                   "append_planes file differs (%s, %zu parts)", kvt_dtype_name(info->dtype), n);
+    free(a);
+    free(b);
+    free(buf);
+    free(parts);
+    unlink(p2);
+}
+
 static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, int threads,
                             bool no_shuffle, uint64_t max_rec)
 {
@@ -40,6 +92,7 @@ static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, in
     KVT_CHECK(kvt_trace_writer_append(w, &info, in));
     KVT_CHECK(kvt_trace_writer_finish(w));
     kvt_trace_writer_free(w);
+    planes_same_file(&o, &info, in);
 
     kvt_trace_reader *r;
     KVT_CHECK(kvt_trace_reader_open(p1, &r));
