@@ -11,6 +11,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "capture_dev.h"
 #include "kvt_capture.h"
 
 #define KVT_CAPTURE_MAX_LAYERS   (1 << 16)
@@ -30,6 +31,14 @@ typedef struct layer_state {
     uint8_t *dq;          /* [Hq, chunk, D] stored dtype */
     uint8_t *dk;          /* [Hkv, chunk, D] */
     uint8_t *dv;          /* [Hkv, chunk, D] */
+    /* device views (KVT_MEM_CUDA) */
+    bool kv_dev;              /* with column sums: the keys came from device memory */
+    float *dk_f32;            /* device [Hkv, T, D] keys for the GPU column sums */
+    double *dcolsum;          /* device [Hq, T] accumulator */
+    void *cs_stream;          /* stream the column sums were enqueued on */
+    int dec_mem;              /* decode views: 0 none yet, 1 host, 2 device */
+    uint8_t *ddq, *ddk, *ddv; /* device decode chunks, laid out as dq, dk, dv */
+    void *dec_stream;         /* stream of the last device decode submission */
 } layer_state;
 
 struct kvt_capture_session {
@@ -50,7 +59,11 @@ struct kvt_capture_session {
     size_t scratch_cap;
     float *qf; /* f32 queries for column sums */
     size_t qf_cap;
-    float *row;     /* [T] one softmax row */
+    float *row;      /* [T] one softmax row */
+    kvt_capdev *dev; /* device side, created by the first device view */
+    int dev_device;  /* its CUDA ordinal */
+    float *dq_f32;   /* device f32 queries for the GPU column sums */
+    size_t dq_f32_cap;
     kvt_status err; /* sticky write error */
     char err_msg[256];
     struct kvt_capture_stats stats;
@@ -84,14 +97,19 @@ typedef struct hview {
     size_t es;
     int64_t n_h, n_t, n_d;
     int64_t s_h, s_t, s_d;
+    bool dev;     /* KVT_MEM_CUDA */
+    int device;   /* CUDA ordinal */
+    void *stream; /* producer stream */
 } hview;
 
 static kvt_status check_view(const struct kvt_tensor_view *v, const char *what, int64_t want_h,
                              int64_t want_d, hview *out)
 {
     KVT_RETURN_IF(!v || !v->data, KVT_ERR_INVALID_ARG, "%s: no tensor given", what);
-    KVT_RETURN_IF(v->mem != KVT_MEM_HOST, KVT_ERR_UNSUPPORTED,
-                  "%s: only host memory is supported (mem %d)", what, (int)v->mem);
+    KVT_RETURN_IF(v->mem != KVT_MEM_HOST && v->mem != KVT_MEM_CUDA, KVT_ERR_INVALID_ARG,
+                  "%s: unknown memory kind %d (host 0, CUDA 1)", what, (int)v->mem);
+    KVT_RETURN_IF(v->mem == KVT_MEM_CUDA && v->device_idx < 0, KVT_ERR_INVALID_ARG,
+                  "%s: CUDA device %d", what, v->device_idx);
     KVT_RETURN_IF(!kvt_dtype_is_float(v->dtype), KVT_ERR_INVALID_ARG,
                   "%s: dtype %d is not f32, bf16 or f16", what, (int)v->dtype);
     KVT_RETURN_IF(v->ndim != 3 && v->ndim != 4, KVT_ERR_INVALID_ARG,
@@ -108,6 +126,9 @@ static kvt_status check_view(const struct kvt_tensor_view *v, const char *what, 
     out->s_h = v->stride[a];
     out->s_t = v->stride[a + 1];
     out->s_d = v->stride[a + 2];
+    out->dev = v->mem == KVT_MEM_CUDA;
+    out->device = out->dev ? v->device_idx : -1;
+    out->stream = out->dev ? v->stream : NULL;
     KVT_RETURN_IF(out->n_h != want_h || out->n_d != want_d || out->n_t < 1 ||
                       out->n_t > (int64_t)UINT32_MAX,
                   KVT_ERR_INVALID_ARG, "%s: shape [H=%lld, T=%lld, D=%lld], want [%lld, >=1, %lld]",
@@ -229,10 +250,59 @@ static kvt_status emit(kvt_capture_session *s, int kind, int32_t layer, uint32_t
     return KVT_OK;
 }
 
+/* A failed device operation: records may be half queued, so the error is sticky. */
+static kvt_status dev_fail(kvt_capture_session *s, kvt_status st)
+{
+    if (st != KVT_OK && s->err == KVT_OK) {
+        s->err = st;
+        snprintf(s->err_msg, sizeof(s->err_msg), "%s", kvt_error_msg());
+    }
+    return st;
+}
+
+/* Check a view before anything of a submission is queued: a device view needs the device side
+ * (created by the first one, on its device) and the session's device. */
+static kvt_status need_dev(kvt_capture_session *s, const hview *v, const char *what)
+{
+    if (!v->dev)
+        return KVT_OK;
+    if (!s->dev) {
+        KVT_FORWARD(kvt_capdev_create(v->device, s->w, s->opts.device_ring_bytes, &s->dev));
+        s->dev_device = v->device;
+        return KVT_OK;
+    }
+    KVT_RETURN_IF(v->device != s->dev_device, KVT_ERR_UNSUPPORTED,
+                  "%s: a tensor on CUDA device %d, but this session captures from device %d (one "
+                  "device per session)",
+                  what, v->device, s->dev_device);
+    return KVT_OK;
+}
+
+static kvt_capdev_view dev_view(const hview *v)
+{
+    kvt_capdev_view d = {v->data, v->dtype, v->n_h, v->n_t,    v->n_d,
+                         v->s_h,  v->s_t,   v->s_d, v->device, v->stream};
+    return d;
+}
+
 /* Gather tokens [t0, t0 + nt) of a view and append them as rows [tok0, tok0 + nt). */
 static kvt_status emit_view(kvt_capture_session *s, int kind, int layer, const hview *v, int64_t t0,
                             int64_t nt, uint32_t tok0)
 {
+    if (v->dev) {
+        kvt_record_info in = {.kind = kind,
+                              .layer = layer,
+                              .head_begin = 0,
+                              .head_end = (uint32_t)v->n_h,
+                              .tok_begin = tok0,
+                              .tok_end = tok0 + (uint32_t)nt,
+                              .dim = (uint32_t)v->n_d,
+                              .dtype = s->model.kv_dtype};
+        kvt_capdev_view dv = dev_view(v);
+        KVT_FORWARD(dev_fail(s, kvt_capdev_emit(s->dev, &dv, t0, nt, &in)));
+        s->stats.bytes_submitted += (uint64_t)v->n_h * (uint64_t)nt * (uint64_t)v->n_d * s->es;
+        return KVT_OK;
+    }
     size_t n = (size_t)v->n_h * (size_t)nt * (size_t)v->n_d * s->es;
     KVT_FORWARD(grow((void **)&s->scratch, &s->scratch_cap, n));
     gather(v, t0, nt, s->model.kv_dtype, s->scratch, nt);
@@ -370,6 +440,7 @@ static void session_free(kvt_capture_session *s)
 {
     if (!s)
         return;
+    kvt_capdev_free(s->dev); /* device buffers go with it */
     kvt_trace_writer_free(s->w);
     if (s->layers) {
         for (int l = 0; l < s->model.n_layers; l++) {
@@ -521,7 +592,16 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
     KVT_RETURN_IF(n > T - tok_begin, KVT_ERR_INVALID_ARG,
                   "submit_kv: layer %d: tokens [%u, %u) go past n_tokens %u", layer, tok_begin,
                   tok_begin + n, T);
-    if (s->opts.with_colsum && !ls->k_f32) {
+    KVT_FORWARD(need_dev(s, &hk, "submit_kv: K"));
+    KVT_FORWARD(need_dev(s, &hv, "submit_kv: V"));
+    KVT_RETURN_IF(s->opts.with_colsum && tok_begin > 0 && ls->kv_dev != hk.dev, KVT_ERR_STATE,
+                  "submit_kv: layer %d: with column sums, a layer's keys must all be host or all "
+                  "device tensors",
+                  layer);
+    if (s->opts.with_colsum && hk.dev && !ls->dk_f32) {
+        size_t bytes = (size_t)s->model.n_kv_heads * (size_t)s->model.head_dim * T * sizeof(float);
+        KVT_FORWARD(kvt_capdev_mem_alloc(s->dev, bytes, false, hk.stream, (void **)&ls->dk_f32));
+    } else if (s->opts.with_colsum && !hk.dev && !ls->k_f32) {
         size_t cnt;
         if (kvt_mul_overflow((size_t)s->model.n_kv_heads * (size_t)s->model.head_dim, T, &cnt) ||
             kvt_mul_overflow(cnt, sizeof(float), &cnt))
@@ -531,8 +611,14 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
     }
     KVT_FORWARD(emit_view(s, KVT_KIND_K, layer, &hk, 0, hk.n_t, tok_begin));
     KVT_FORWARD(emit_view(s, KVT_KIND_V, layer, &hv, 0, hv.n_t, tok_begin));
-    if (ls->k_f32)
+    if (s->opts.with_colsum && hk.dev) {
+        kvt_capdev_view dk = dev_view(&hk);
+        KVT_FORWARD(dev_fail(
+            s, kvt_capdev_gather(s->dev, &dk, 0, hk.n_t, KVT_DTYPE_F32, ls->dk_f32, T, tok_begin)));
+    } else if (ls->k_f32) {
         gather(&hk, 0, hk.n_t, KVT_DTYPE_F32, ls->k_f32 + (size_t)tok_begin * hk.n_d, T);
+    }
+    ls->kv_dev = hk.dev;
     ls->kv_done += n;
     s->stats.n_submits++;
     return KVT_OK;
@@ -576,6 +662,16 @@ static kvt_status finish_colsum(kvt_capture_session *s, int layer)
     layer_state *ls = &s->layers[layer];
     uint32_t T = s->opts.n_tokens;
     size_t n = (size_t)s->model.n_q_heads * T;
+    if (ls->dcolsum) { /* the GPU's sums: wait for them, free the layer's device buffers */
+        ls->colsum = kvt_malloc(n * sizeof(double));
+        KVT_RETURN_IF(!ls->colsum, KVT_ERR_NOMEM, "out of memory (column sums)");
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->dcolsum, ls->colsum,
+                                                   n * sizeof(double), ls->cs_stream)));
+        kvt_capdev_mem_free(s->dev, ls->dcolsum);
+        kvt_capdev_mem_free(s->dev, ls->dk_f32);
+        ls->dcolsum = NULL;
+        ls->dk_f32 = NULL;
+    }
     KVT_FORWARD(grow((void **)&s->scratch, &s->scratch_cap, n * sizeof(float)));
     float *out = (float *)(void *)s->scratch;
     for (size_t i = 0; i < n; i++)
@@ -618,11 +714,31 @@ kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_
                   "submit_queries: layer %d: tokens [%u, %u) go past n_tokens %u", layer, tok_begin,
                   tok_begin + n, T);
     uint32_t tok_end = tok_begin + n;
+    KVT_FORWARD(need_dev(s, &hq, "submit_queries: Q"));
     if (s->opts.with_colsum) {
         KVT_RETURN_IF(ls->kv_done < tok_end, KVT_ERR_STATE,
                       "submit_queries: layer %d: queries up to token %u need its keys first "
                       "(keys submitted for %u tokens)",
                       layer, tok_end, ls->kv_done);
+        KVT_RETURN_IF(hq.dev != ls->kv_dev, KVT_ERR_STATE,
+                      "submit_queries: layer %d: with column sums, queries and keys must both be "
+                      "host or both device tensors",
+                      layer);
+    }
+    if (s->opts.with_colsum && hq.dev) {
+        size_t need = (size_t)hq.n_h * n * (size_t)hq.n_d * sizeof(float);
+        if (need > s->dq_f32_cap) { /* freeing waits for earlier sums that read it */
+            kvt_capdev_mem_free(s->dev, s->dq_f32);
+            s->dq_f32 = NULL;
+            s->dq_f32_cap = 0;
+            KVT_FORWARD(kvt_capdev_mem_alloc(s->dev, need, false, hq.stream, (void **)&s->dq_f32));
+            s->dq_f32_cap = need;
+        }
+        if (!ls->dcolsum)
+            KVT_FORWARD(kvt_capdev_mem_alloc(s->dev,
+                                             (size_t)s->model.n_q_heads * T * sizeof(double), true,
+                                             hq.stream, (void **)&ls->dcolsum));
+    } else if (s->opts.with_colsum) {
         size_t nq = (size_t)hq.n_h * n * (size_t)hq.n_d;
         size_t qcap = s->qf_cap;
         KVT_FORWARD(grow((void **)&s->qf, &qcap, nq * sizeof(float)));
@@ -640,7 +756,18 @@ kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_
         KVT_FORWARD(emit_view(s, KVT_KIND_Q_WINDOW, layer, &hq, (int64_t)(a - tok_begin),
                               tok_end - a, a - w0));
     }
-    if (s->opts.with_colsum) {
+    if (s->opts.with_colsum && hq.dev) { /* enqueued on the query's stream; host time only */
+        uint64_t t0 = kvt_now_ns();
+        kvt_capdev_view dq = dev_view(&hq);
+        KVT_FORWARD(dev_fail(
+            s, kvt_capdev_gather(s->dev, &dq, 0, hq.n_t, KVT_DTYPE_F32, s->dq_f32, hq.n_t, 0)));
+        KVT_FORWARD(
+            dev_fail(s, kvt_capdev_colsum(s->dev, s->dq_f32, ls->dk_f32, ls->dcolsum,
+                                          s->model.n_q_heads, s->model.n_kv_heads, tok_begin, n, T,
+                                          s->model.head_dim, s->scale, hq.stream)));
+        ls->cs_stream = hq.stream;
+        s->stats.colsum_ns += kvt_now_ns() - t0;
+    } else if (s->opts.with_colsum) {
         uint64_t t0 = kvt_now_ns();
         gather(&hq, 0, hq.n_t, KVT_DTYPE_F32, s->qf, hq.n_t);
         kvt_colsum_accumulate_ref(s->qf, ls->k_f32, ls->colsum, s->model.n_q_heads,
@@ -687,6 +814,12 @@ static kvt_status flush_decode(kvt_capture_session *s, int layer)
         return KVT_OK;
     size_t row = (size_t)s->model.head_dim * s->es;
     int hq = s->model.n_q_heads, hkv = s->model.n_kv_heads;
+    if (ls->dec_mem == 2) { /* the device chunk, same layout */
+        size_t cq = row * C * (size_t)hq, ckv = row * C * (size_t)hkv;
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->ddq, ls->dq, cq, ls->dec_stream)));
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->ddk, ls->dk, ckv, ls->dec_stream)));
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->ddv, ls->dv, ckv, ls->dec_stream)));
+    }
     if (n < C) { /* compact [H, C, D] to [H, n, D] */
         for (int h = 1; h < hq; h++)
             memmove(ls->dq + h * n * row, ls->dq + h * C * row, n * row);
@@ -747,6 +880,23 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
     KVT_RETURN_IF(n > G - step, KVT_ERR_INVALID_ARG,
                   "submit_decode: layer %d: steps [%u, %u) go past the planned n_decode %u", layer,
                   step, step + n, G);
+    KVT_RETURN_IF(hk.dev != hq.dev || hv.dev != hq.dev, KVT_ERR_INVALID_ARG,
+                  "submit_decode: layer %d: Q, K and V must all be host or all device tensors",
+                  layer);
+    int mem = hq.dev ? 2 : 1;
+    KVT_RETURN_IF(ls->dec_mem && ls->dec_mem != mem, KVT_ERR_STATE,
+                  "submit_decode: layer %d: decode steps from %s tensors after %s ones", layer,
+                  hq.dev ? "device" : "host", hq.dev ? "host" : "device");
+    KVT_FORWARD(need_dev(s, &hq, "submit_decode: Q"));
+    if (hq.dev && !ls->ddq) {
+        size_t row = (size_t)D * s->es * C;
+        KVT_FORWARD(
+            kvt_capdev_mem_alloc(s->dev, row * (size_t)Hq, false, hq.stream, (void **)&ls->ddq));
+        KVT_FORWARD(
+            kvt_capdev_mem_alloc(s->dev, row * (size_t)Hkv, false, hq.stream, (void **)&ls->ddk));
+        KVT_FORWARD(
+            kvt_capdev_mem_alloc(s->dev, row * (size_t)Hkv, false, hq.stream, (void **)&ls->ddv));
+    }
     if (!ls->dq) {
         size_t row = (size_t)D * s->es * C;
         ls->dq = kvt_malloc(row * (size_t)Hq);
@@ -761,14 +911,23 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
         }
     }
     s->decode_started = true;
+    ls->dec_mem = mem;
     size_t row = (size_t)D * s->es;
     for (uint32_t t = 0; t < n;) {
         uint32_t c = ls->dec_done - ls->dec_flushed;
         uint32_t take = C - c < n - t ? C - c : n - t;
         kvt_dtype dt = s->model.kv_dtype;
-        gather(&hq, t, take, dt, ls->dq + c * row, C);
-        gather(&hk, t, take, dt, ls->dk + c * row, C);
-        gather(&hv, t, take, dt, ls->dv + c * row, C);
+        if (hq.dev) { /* into the device chunk; copied to the host one at the flush */
+            kvt_capdev_view vq = dev_view(&hq), vk = dev_view(&hk), vv = dev_view(&hv);
+            KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vq, t, take, dt, ls->ddq, C, c)));
+            KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vk, t, take, dt, ls->ddk, C, c)));
+            KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vv, t, take, dt, ls->ddv, C, c)));
+            ls->dec_stream = hq.stream;
+        } else {
+            gather(&hq, t, take, dt, ls->dq + c * row, C);
+            gather(&hk, t, take, dt, ls->dk + c * row, C);
+            gather(&hv, t, take, dt, ls->dv + c * row, C);
+        }
         ls->dec_done += take;
         t += take;
         if (ls->dec_done - ls->dec_flushed == C)
@@ -801,6 +960,16 @@ static void update_stats(kvt_capture_session *s)
 {
     kvt_trace_writer_get_stats(s->w, &s->stats.writer);
     s->stats.stall_ns = s->stats.writer.stall_ns;
+    if (s->dev) {
+        kvt_capdev_stats ds;
+        kvt_capdev_get_stats(s->dev, &ds);
+        s->stats.device_d2h_bytes = ds.d2h_bytes;
+        s->stats.device_stall_ns = ds.stall_ns;
+        s->stats.device_bytes = ds.peak_device_bytes;
+        s->stats.pinned_bytes = ds.pinned_bytes;
+        s->stats.device_peak_slots = ds.peak_in_flight;
+        s->stats.device_slots = ds.n_slots;
+    }
     uint32_t g = s->opts.n_decode ? UINT32_MAX : 0;
     for (int l = 0; l < s->model.n_layers; l++)
         if (s->layers[l].dec_done < g)
@@ -840,6 +1009,8 @@ static kvt_status write_default_tokens(kvt_capture_session *s, cJSON *defaults)
 /* Everything close writes before the writer's finish. */
 static kvt_status close_records(kvt_capture_session *s, bool *complete, char *gap, size_t cap)
 {
+    if (s->dev)
+        KVT_FORWARD(dev_fail(s, kvt_capdev_drain(s->dev)));
     for (int l = 0; l < s->model.n_layers; l++)
         KVT_FORWARD(flush_decode(s, l));
     KVT_FORWARD(flush_decode_tokens(s));
@@ -863,6 +1034,18 @@ static kvt_status close_records(kvt_capture_session *s, bool *complete, char *ga
             cJSON_AddNumberToObject(cs, "n_submits", (double)s->stats.n_submits);
             cJSON_AddNumberToObject(cs, "bytes_submitted", (double)s->stats.bytes_submitted);
             cJSON_AddNumberToObject(cs, "stall_ns", (double)s->stats.stall_ns);
+            if (s->dev) {
+                cJSON *dv = cJSON_AddObjectToObject(cs, "device");
+                if (dv) {
+                    cJSON_AddNumberToObject(dv, "cuda_device", s->dev_device);
+                    cJSON_AddNumberToObject(dv, "d2h_bytes", (double)s->stats.device_d2h_bytes);
+                    cJSON_AddNumberToObject(dv, "stall_ns", (double)s->stats.device_stall_ns);
+                    cJSON_AddNumberToObject(dv, "device_bytes", (double)s->stats.device_bytes);
+                    cJSON_AddNumberToObject(dv, "pinned_bytes", (double)s->stats.pinned_bytes);
+                    cJSON_AddNumberToObject(dv, "ring_slots", s->stats.device_slots);
+                    cJSON_AddNumberToObject(dv, "peak_slots_in_flight", s->stats.device_peak_slots);
+                }
+            }
         }
         cJSON *tl = cJSON_AddObjectToObject(meta, "timeline");
         if (tl && s->has_timeline) {
@@ -927,6 +1110,8 @@ kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *s
     if (!s)
         return KVT_OK;
     kvt_status st = s->err != KVT_OK ? sticky(s) : KVT_OK;
+    if (st != KVT_OK && s->dev)
+        (void)kvt_capdev_drain(s->dev); /* records already copied still reach the file */
     bool complete = false;
     char gap[160] = "";
     if (st == KVT_OK)

@@ -21,10 +21,14 @@ extern "C" {
 /* Tensor views                                                                          */
 /* ------------------------------------------------------------------------------------- */
 
-/** Where a tensor's memory lives. Only host memory is accepted today; a device path (CUDA
- *  pointers read on the producer stream) is a later addition and will add values here. */
+/** Where a tensor's memory lives. CUDA views are read on the producer's stream (the view's
+ *  `stream`): a kernel enqueued there gathers the slice into the session's own device buffers,
+ *  so the engine may reuse its memory for anything it enqueues on that stream afterwards, and
+ *  the call returns without waiting for the GPU (see kvt_capture_submit_kv). Needs a build with
+ *  CUDA and a device (KVT_ERR_NO_CUDA otherwise). */
 typedef enum kvt_mem {
     KVT_MEM_HOST = 0,
+    KVT_MEM_CUDA = 1,
 } kvt_mem;
 
 #define KVT_VIEW_MAX_DIMS 4
@@ -41,8 +45,9 @@ struct kvt_tensor_view {
     int ndim;                          /* 3 ([H,T,D]) or 4 ([B,H,T,D]) */
     int64_t shape[KVT_VIEW_MAX_DIMS];  /* logical shape */
     int64_t stride[KVT_VIEW_MAX_DIMS]; /* in elements, per logical axis */
-    kvt_mem mem;                       /* KVT_MEM_HOST */
-    int device_idx;                    /* reserved for device memory; 0 */
+    kvt_mem mem;                       /* KVT_MEM_HOST or KVT_MEM_CUDA */
+    int device_idx;                    /* CUDA device ordinal (KVT_MEM_CUDA); 0 for host */
+    void *stream; /* KVT_MEM_CUDA: the producer's cudaStream_t (NULL: legacy default stream) */
 };
 
 /** Fill `v` as a contiguous row-major [H, T, D] host view of `data`. */
@@ -78,14 +83,16 @@ struct kvt_capture_model {
 
 /** Capture settings. */
 struct kvt_capture_opts {
-    uint32_t n_tokens;        /* T: prompt tokens that will be submitted (>= 1) */
-    uint32_t window;          /* W: last prompt queries kept as Q_window (1 <= W <= T) */
-    uint32_t n_decode;        /* G planned: upper bound on decode steps (0 = no decode) */
-    uint32_t decode_chunk;    /* decode steps per record (0 = 64); buffered per layer */
-    bool with_colsum;         /* compute attn_colsum [Hq,T] from all prompt queries (causal) */
-    bool with_q_all;          /* also store every prompt query as Q_all [Hq,T,D] */
-    const char *capture_json; /* optional JSON object merged into the header's "capture" */
-    kvt_writer_opts writer;   /* compression level, threads, memory bound, force */
+    uint32_t n_tokens;          /* T: prompt tokens that will be submitted (>= 1) */
+    uint32_t window;            /* W: last prompt queries kept as Q_window (1 <= W <= T) */
+    uint32_t n_decode;          /* G planned: upper bound on decode steps (0 = no decode) */
+    uint32_t decode_chunk;      /* decode steps per record (0 = 64); buffered per layer */
+    bool with_colsum;           /* compute attn_colsum [Hq,T] from all prompt queries (causal) */
+    bool with_q_all;            /* also store every prompt query as Q_all [Hq,T,D] */
+    const char *capture_json;   /* optional JSON object merged into the header's "capture" */
+    kvt_writer_opts writer;     /* compression level, threads, memory bound, force */
+    uint64_t device_ring_bytes; /* device views: device ring, and as much pinned host memory,
+                                   in slots of writer.max_record_bytes (0 = 256 MiB) */
 };
 
 /** Counters of a session, also written as the trace's final meta_json record. */
@@ -96,6 +103,13 @@ struct kvt_capture_stats {
     uint64_t colsum_ns;       /* time spent computing column sums (not in meta_json) */
     uint32_t n_decode;        /* decode steps captured in every layer (real G) */
     kvt_writer_stats writer;  /* records, raw/compressed/file bytes */
+    /* device views only (0 otherwise) */
+    uint64_t device_d2h_bytes;  /* copied from the device ring to pinned host memory */
+    uint64_t device_stall_ns;   /* submissions waiting for a free ring slot (backpressure) */
+    uint64_t device_bytes;      /* peak device memory held by the capture (ring, buffers) */
+    uint64_t pinned_bytes;      /* pinned host memory held by the capture */
+    uint32_t device_peak_slots; /* most ring slots in flight at once */
+    uint32_t device_slots;      /* ring slots */
 };
 
 /** A capture session. Not thread-safe: the engine serialises its calls (the writer behind it
@@ -136,6 +150,17 @@ kvt_status kvt_capture_set_tokens(kvt_capture_session *s, const int32_t *token_i
  *         decode started); the sticky write error (KVT_ERR_IO...) after a failed write. */
 kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok_begin,
                                  const struct kvt_tensor_view *k, const struct kvt_tensor_view *v);
+
+/* Device views (KVT_MEM_CUDA), in every submit call: the slice is gathered, converted to
+ * kv_dtype and byte-plane split by a kernel on the view's stream into the session's device ring
+ * (one slot per trace record), copied to pinned host memory on a side stream, and handed to the
+ * writer once copied; the call does not wait for the GPU unless every slot is in flight
+ * (stats.device_stall_ns). One CUDA device per session (the first device view's). Column sums
+ * run on the GPU (keys kept as f32 on the device until the layer's queries are complete; a
+ * layer's keys and queries must then both be device or both host views). Decode steps are
+ * gathered into device chunks and copied at each chunk's flush. A CUDA failure is sticky like a
+ * write error. Errors: KVT_ERR_NO_CUDA (built without CUDA, no device), KVT_ERR_CUDA,
+ * KVT_ERR_UNSUPPORTED (a second device). */
 
 /** Prompt queries of one layer for tokens [tok_begin, tok_begin + n), view [(1,) Hq, n, D].
  *  The session keeps those in the last W positions as Q_window, stores them all as Q_all if

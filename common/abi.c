@@ -6,5 +6,5 @@
 /** ABI of libkvtrace.so: bumped when a public struct or signature changes. */
 int kvt_abi_version(void)
 {
-    return 1;
+    return 2;
 }

@@ -20,7 +20,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # ---- enums (numbers are part of the trace format / public ABI) ----
 KVT_OK = 0
@@ -126,6 +126,7 @@ class TensorView(ctypes.Structure):
         ("stride", ctypes.c_int64 * VIEW_MAX_DIMS),
         ("mem", ctypes.c_int),
         ("device_idx", ctypes.c_int),
+        ("stream", ctypes.c_void_p),
     ]
 
 
@@ -157,6 +158,7 @@ class CaptureOpts(ctypes.Structure):
         ("with_q_all", ctypes.c_bool),
         ("capture_json", ctypes.c_char_p),
         ("writer", WriterOpts),
+        ("device_ring_bytes", ctypes.c_uint64),
     ]
 
 
@@ -168,6 +170,12 @@ class CaptureStats(ctypes.Structure):
         ("colsum_ns", ctypes.c_uint64),
         ("n_decode", ctypes.c_uint32),
         ("writer", WriterStats),
+        ("device_d2h_bytes", ctypes.c_uint64),
+        ("device_stall_ns", ctypes.c_uint64),
+        ("device_bytes", ctypes.c_uint64),
+        ("pinned_bytes", ctypes.c_uint64),
+        ("device_peak_slots", ctypes.c_uint32),
+        ("device_slots", ctypes.c_uint32),
     ]
 
 

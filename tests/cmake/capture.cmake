@@ -13,3 +13,11 @@ if(KVT_HAVE_CUDA AND KVT_CUPTI_INCLUDE)
     kvt_add_test(test_capture_timeline_gpu SOURCES unit/test_capture_timeline_gpu.c
                  LIBS kvt_capture CUDA::cudart LABELS gpu)
 endif()
+if(KVT_HAVE_CUDA)
+    # the device path of the capture API: device views vs host views of the same tensors
+    kvt_add_test(test_capture_device_gpu SOURCES unit/test_capture_device_gpu.c
+                 LIBS kvt_capture CUDA::cudart LABELS gpu)
+    # the capture's GPU column sums (colsum_cuda.cu) against kvt_colsum_accumulate_ref
+    kvt_add_test(test_capture_colsum_gpu SOURCES unit/test_capture_colsum_gpu.c
+                 LIBS kvt_capture kvt_traces kvt_common CUDA::cudart LABELS gpu)
+endif()

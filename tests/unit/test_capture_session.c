@@ -456,8 +456,17 @@ static void test_ordering(void)
     bad.ndim = 2;
     KVT_EXPECT_STATUS(kvt_capture_submit_kv(s, 0, 0, &bad, &k), KVT_ERR_INVALID_ARG);
     bad = k;
-    bad.mem = (kvt_mem)1;
-    KVT_EXPECT_STATUS(kvt_capture_submit_kv(s, 0, 0, &bad, &k), KVT_ERR_UNSUPPORTED);
+    bad.mem = (kvt_mem)7;
+    KVT_EXPECT_STATUS(kvt_capture_submit_kv(s, 0, 0, &bad, &k), KVT_ERR_INVALID_ARG);
+    bad.mem = KVT_MEM_CUDA;
+    bad.device_idx = -1;
+    KVT_EXPECT_STATUS(kvt_capture_submit_kv(s, 0, 0, &bad, &k), KVT_ERR_INVALID_ARG);
+    /* a device view the session cannot serve (no CUDA in this build or machine, or no such
+     * device): refused before anything is queued, and the session goes on with host views */
+    bad.device_idx = 9999;
+    kvt_status dst = kvt_capture_submit_kv(s, 0, 0, &bad, &k);
+    KVT_EXPECT(dst == KVT_ERR_NO_CUDA || dst == KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "CUDA") != NULL);
     bad = k;
     bad.ndim = 4;
     bad.shape[0] = 2;

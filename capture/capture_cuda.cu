@@ -1,0 +1,527 @@
+/* capture_cuda.cu - the device side of a capture session (capture_dev.h) on the CUDA runtime.
+ *
+ * Pipeline per trace record (CAPTURE.md §5):
+ *   producer stream: gather_k reads the engine's strided [H, T, D] slice, converts it to the
+ *                    stored dtype (bitwise as common/dtype.c converts) and writes it byte-plane
+ *                    split into a slot of the device ring; ev_gathered is recorded after it.
+ *   side stream:     waits for ev_gathered, copies the slot into the same slot of the pinned
+ *                    host ring, records ev_done.
+ *   host:            slots complete in order; a completed slot's record goes to the trace
+ *                    writer (kvt_trace_writer_append_planes copies it; compression threads
+ *                    follow) and the slot is free again.
+ * The engine's memory is read only by gather_k, on its own stream, so it may reuse that memory
+ * for anything it enqueues afterwards. A submission that finds every slot in flight waits
+ * for the oldest slot's ev_done (stats.stall_ns).
+ */
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "capture_dev.h"
+#include "colsum_cuda.h"
+
+#define CD_CU(call)                                                                                \
+    do {                                                                                           \
+        cudaError_t cd_e_ = (call);                                                                \
+        if (cd_e_ != cudaSuccess)                                                                  \
+            return kvt_error_set(KVT_ERR_CUDA, "capture: %s: %s", #call,                           \
+                                 cudaGetErrorString(cd_e_));                                       \
+    } while (0)
+
+#define CD_DEFAULT_RING (256ull << 20)
+#define CD_MAX_SLOTS    4096u
+#define CD_THREADS      256
+#define CD_MAX_BLOCKS   8192u
+
+typedef struct cd_slot {
+    kvt_record_info info; /* the record this slot holds */
+    size_t bytes;
+    cudaEvent_t ev_gathered, ev_done;
+} cd_slot;
+
+typedef struct cd_mem {
+    void *p;
+    size_t n;
+} cd_mem;
+
+struct kvt_capdev {
+    int device;
+    kvt_trace_writer *w;
+    bool planes;       /* the writer wants byte-plane split payloads */
+    uint8_t *dring;    /* [n_slots * slot_bytes] device */
+    uint8_t *hring;    /* [n_slots * slot_bytes] pinned host */
+    cudaStream_t side; /* non-blocking copy stream */
+    cd_slot *slots;
+    uint32_t head, count; /* in-flight slots head .. head + count - 1 (mod n_slots) */
+    kvt_record_info *parts;
+    size_t parts_cap;
+    float *cs_work; /* column-sum workspace */
+    size_t cs_work_floats;
+    cd_mem *mem; /* allocations handed out by kvt_capdev_mem_alloc */
+    size_t n_mem, cap_mem;
+    kvt_capdev_stats st;
+};
+
+/* Sets the capture's device for the scope of a call and restores the caller's. */
+struct cd_device_scope {
+    int prev;
+    bool ok;
+    explicit cd_device_scope(int dev) : prev(-1), ok(false)
+    {
+        if (cudaGetDevice(&prev) != cudaSuccess)
+            prev = -1;
+        ok = cudaSetDevice(dev) == cudaSuccess;
+    }
+    ~cd_device_scope()
+    {
+        if (prev >= 0)
+            cudaSetDevice(prev);
+    }
+};
+
+#define CD_SCOPE(d)                                                                                \
+    cd_device_scope cd_scope_((d)->device);                                                        \
+    KVT_RETURN_IF(!cd_scope_.ok, KVT_ERR_CUDA, "capture: cannot select CUDA device %d", (d)->device)
+
+/* ---- dtype conversion, bitwise as common/dtype.c ---- */
+
+static __device__ inline float cd_u2f(uint32_t u)
+{
+    return __uint_as_float(u);
+}
+
+static __device__ inline float cd_f16_to_f32(uint32_t h)
+{
+    uint32_t sign = (h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    if (e == 0) {
+        if (man == 0)
+            return cd_u2f(sign);
+        float v = __fmul_rn((float)man, 5.9604644775390625e-08f); /* exact: man * 2^-24 */
+        return sign ? -v : v;
+    }
+    if (e == 31)
+        return cd_u2f(sign | 0x7f800000u | (man << 13));
+    return cd_u2f(sign | ((e + 112u) << 23) | (man << 13));
+}
+
+static __device__ inline uint32_t cd_f32_to_f16(float f)
+{
+    uint32_t u = __float_as_uint(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u)
+        return sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u);
+    if (a >= 0x477ff000u)
+        return sign | 0x7c00u;
+    if (a < 0x38800000u) {
+        float v = __fmul_rn(cd_u2f(a), 16777216.0f);
+        return sign | (uint32_t)rintf(v);
+    }
+    uint32_t e = (a >> 23) - 112u;
+    uint32_t man = a & 0x7fffffu;
+    uint32_t h = (e << 10) | (man >> 13);
+    uint32_t rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
+        h++;
+    return sign | h;
+}
+
+static __device__ inline uint32_t cd_f32_to_bf16(float f)
+{
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return ((u >> 16) | 0x40u) & 0xffffu;
+    uint32_t lsb = (u >> 16) & 1u;
+    u += 0x7fffu + lsb;
+    return u >> 16;
+}
+
+static __device__ inline float cd_to_f32(uint32_t bits, int dt)
+{
+    if (dt == KVT_DTYPE_BF16)
+        return cd_u2f(bits << 16);
+    if (dt == KVT_DTYPE_F16)
+        return cd_f16_to_f32(bits);
+    return cd_u2f(bits);
+}
+
+static __device__ inline uint32_t cd_from_f32(float f, int dt)
+{
+    if (dt == KVT_DTYPE_BF16)
+        return cd_f32_to_bf16(f);
+    if (dt == KVT_DTYPE_F16)
+        return cd_f32_to_f16(f);
+    return __float_as_uint(f);
+}
+
+/* ---- the gather kernel ---- */
+
+typedef struct cd_src {
+    const uint8_t *p;
+    int dt, es;
+    int64_t s_h, s_t, s_d; /* elements */
+} cd_src;
+
+typedef struct cd_dst {
+    uint8_t *p;
+    int dt, es;
+    int planes;         /* byte-plane split over the block's n elements */
+    int64_t h_rows, t0; /* plain layout: row (h, t) at (h * h_rows + t0 + t) * D */
+} cd_dst;
+
+/* Element e of the [nh, nt, D] block (heads from h0, tokens from t0 of the source). I is the
+ * index type: 32-bit when the block allows it (divisions are cheaper). */
+template <typename I>
+static __global__ void gather_k(cd_src src, int64_t h0, int64_t t0, I nh, I nt, I D, cd_dst dst)
+{
+    I n = nh * nt * D, ntd = nt * D;
+    (void)nh;
+    for (I e = (I)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (I)gridDim.x * blockDim.x) {
+        I h = e / ntd, r = e - h * ntd, t = r / D, d = r - t * D;
+        const uint8_t *sp = src.p + ((h0 + (int64_t)h) * src.s_h + (t0 + (int64_t)t) * src.s_t +
+                                     (int64_t)d * src.s_d) *
+                                        src.es;
+        uint32_t bits = src.es == 2 ? (uint32_t) * (const uint16_t *)sp : *(const uint32_t *)sp;
+        uint32_t out = src.dt == dst.dt ? bits : cd_from_f32(cd_to_f32(bits, src.dt), dst.dt);
+        if (dst.planes) {
+            for (int b = 0; b < dst.es; b++)
+                dst.p[(size_t)b * n + e] = (uint8_t)(out >> (8 * b));
+        } else {
+            int64_t o = ((int64_t)h * dst.h_rows + dst.t0 + (int64_t)t) * (int64_t)D + (int64_t)d;
+            if (dst.es == 2)
+                ((uint16_t *)dst.p)[o] = (uint16_t)out;
+            else
+                ((uint32_t *)dst.p)[o] = out;
+        }
+    }
+}
+
+static kvt_status launch_gather(const kvt_capdev_view *v, int64_t h0, int64_t nh, int64_t t0,
+                                int64_t nt, const cd_dst *dst)
+{
+    cd_src src = {(const uint8_t *)v->data,
+                  (int)v->dtype,
+                  (int)kvt_dtype_size(v->dtype),
+                  v->s_h,
+                  v->s_t,
+                  v->s_d};
+    int64_t n = nh * nt * v->n_d;
+    if (n <= 0)
+        return KVT_OK;
+    size_t blocks = ((size_t)n + CD_THREADS - 1) / CD_THREADS;
+    unsigned g = (unsigned)(blocks < CD_MAX_BLOCKS ? blocks : CD_MAX_BLOCKS);
+    cudaStream_t st = (cudaStream_t)v->stream;
+    if (n < (int64_t)0x7fffffff)
+        gather_k<uint32_t><<<g, CD_THREADS, 0, st>>>(src, h0, t0, (uint32_t)nh, (uint32_t)nt,
+                                                     (uint32_t)v->n_d, *dst);
+    else
+        gather_k<uint64_t><<<g, CD_THREADS, 0, st>>>(src, h0, t0, (uint64_t)nh, (uint64_t)nt,
+                                                     (uint64_t)v->n_d, *dst);
+    CD_CU(cudaGetLastError());
+    return KVT_OK;
+}
+
+/* ---- create / free ---- */
+
+extern "C" void kvt_capdev_free(kvt_capdev *d)
+{
+    if (!d)
+        return;
+    {
+        cd_device_scope scope(d->device);
+        if (d->side)
+            cudaStreamSynchronize(d->side); /* no DMA into pinned memory we are about to free */
+        if (d->slots) {
+            for (uint32_t i = 0; i < d->st.n_slots; i++) {
+                if (d->slots[i].ev_gathered)
+                    cudaEventDestroy(d->slots[i].ev_gathered);
+                if (d->slots[i].ev_done)
+                    cudaEventDestroy(d->slots[i].ev_done);
+            }
+        }
+        for (size_t i = 0; i < d->n_mem; i++)
+            cudaFree(d->mem[i].p);
+        if (d->cs_work)
+            cudaFree(d->cs_work);
+        if (d->dring)
+            cudaFree(d->dring);
+        if (d->hring)
+            cudaFreeHost(d->hring);
+        if (d->side)
+            cudaStreamDestroy(d->side);
+    }
+    free(d->slots);
+    free(d->parts);
+    free(d->mem);
+    free(d);
+}
+
+extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_t ring_bytes,
+                                        kvt_capdev **out)
+{
+    KVT_RETURN_IF(!w || !out, KVT_ERR_INVALID_ARG, "capture: null argument");
+    *out = NULL;
+    int n_dev = 0;
+    cudaError_t e = cudaGetDeviceCount(&n_dev);
+    KVT_RETURN_IF(e != cudaSuccess || n_dev == 0, KVT_ERR_NO_CUDA,
+                  "capture: no usable CUDA device (%s)", cudaGetErrorString(e));
+    KVT_RETURN_IF(device < 0 || device >= n_dev, KVT_ERR_INVALID_ARG,
+                  "capture: CUDA device %d does not exist (%d devices)", device, n_dev);
+    kvt_capdev *d = (kvt_capdev *)calloc(1, sizeof(*d));
+    KVT_RETURN_IF(!d, KVT_ERR_NOMEM, "out of memory");
+    d->device = device;
+    d->w = w;
+    d->planes = kvt_trace_writer_shuffles(w);
+    uint64_t slot = kvt_trace_writer_max_record_bytes(w);
+    uint64_t ring = ring_bytes ? ring_bytes : CD_DEFAULT_RING;
+    uint64_t n = slot ? ring / slot : 0;
+    n = n < 2 ? 2 : n > CD_MAX_SLOTS ? CD_MAX_SLOTS : n;
+    d->st.n_slots = (uint32_t)n;
+    d->st.slot_bytes = slot;
+    kvt_status st = KVT_OK;
+    d->slots = (cd_slot *)calloc((size_t)n, sizeof(cd_slot));
+    if (!d->slots) {
+        kvt_capdev_free(d);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
+    {
+        cd_device_scope scope(device);
+        if (!scope.ok) {
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot select CUDA device %d", device);
+        } else if ((e = cudaStreamCreateWithFlags(&d->side, cudaStreamNonBlocking)) !=
+                   cudaSuccess) {
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot create a stream: %s",
+                               cudaGetErrorString(e));
+        } else if ((e = cudaMalloc(&d->dring, (size_t)(n * slot))) != cudaSuccess) {
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot allocate a %llu-byte device ring: %s",
+                               (unsigned long long)(n * slot), cudaGetErrorString(e));
+        } else if ((e = cudaHostAlloc(&d->hring, (size_t)(n * slot), cudaHostAllocDefault)) !=
+                   cudaSuccess) {
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot pin %llu bytes of host memory: %s",
+                               (unsigned long long)(n * slot), cudaGetErrorString(e));
+        }
+        for (uint64_t i = 0; st == KVT_OK && i < n; i++) {
+            e = cudaEventCreateWithFlags(&d->slots[i].ev_gathered, cudaEventDisableTiming);
+            if (e == cudaSuccess)
+                e = cudaEventCreateWithFlags(&d->slots[i].ev_done, cudaEventDisableTiming);
+            if (e != cudaSuccess)
+                st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot create events: %s",
+                                   cudaGetErrorString(e));
+        }
+    }
+    if (st != KVT_OK) {
+        kvt_capdev_free(d);
+        return st;
+    }
+    d->st.device_bytes = d->st.peak_device_bytes = n * slot;
+    d->st.pinned_bytes = n * slot;
+    *out = d;
+    return KVT_OK;
+}
+
+/* ---- the ring ---- */
+
+/* Hand completed slots to the writer, oldest first. wait: block for the oldest one if none
+ * has completed (the wait counts as stall). */
+static kvt_status reap(kvt_capdev *d, bool wait)
+{
+    while (d->count > 0) {
+        cd_slot *s = &d->slots[d->head];
+        cudaError_t e = cudaEventQuery(s->ev_done);
+        if (e == cudaErrorNotReady) {
+            if (!wait)
+                return KVT_OK;
+            uint64_t t0 = kvt_now_ns();
+            e = cudaEventSynchronize(s->ev_done);
+            d->st.stall_ns += kvt_now_ns() - t0;
+            wait = false;
+        }
+        KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "capture: device copy failed: %s",
+                      cudaGetErrorString(e));
+        kvt_status st = kvt_trace_writer_append_planes(
+            d->w, &s->info, d->hring + (size_t)d->head * d->st.slot_bytes);
+        d->head = (d->head + 1) % d->st.n_slots;
+        d->count--;
+        KVT_FORWARD(st);
+    }
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0,
+                                      int64_t nt, const kvt_record_info *info)
+{
+    KVT_RETURN_IF(!d || !v || !info, KVT_ERR_INVALID_ARG, "capture: null argument");
+    KVT_RETURN_IF(v->device != d->device, KVT_ERR_UNSUPPORTED,
+                  "capture: a tensor on CUDA device %d, but this session captures device %d "
+                  "(one device per session)",
+                  v->device, d->device);
+    CD_SCOPE(d);
+    size_t n = 0;
+    KVT_FORWARD(kvt_trace_writer_parts(d->w, info, NULL, 0, &n));
+    if (n > d->parts_cap) {
+        kvt_record_info *np = (kvt_record_info *)realloc(d->parts, n * sizeof(*np));
+        KVT_RETURN_IF(!np, KVT_ERR_NOMEM, "out of memory");
+        d->parts = np;
+        d->parts_cap = n;
+    }
+    KVT_FORWARD(kvt_trace_writer_parts(d->w, info, d->parts, n, &n));
+    int out_es = (int)kvt_dtype_size(info->dtype);
+    cudaStream_t prod = (cudaStream_t)v->stream;
+    for (size_t i = 0; i < n; i++) {
+        const kvt_record_info *p = &d->parts[i];
+        int64_t nh = p->head_end - p->head_begin, ntk = p->tok_end - p->tok_begin;
+        size_t bytes = (size_t)nh * (size_t)ntk * info->dim * (size_t)out_es;
+        KVT_RETURN_IF(bytes > d->st.slot_bytes, KVT_ERR_STATE,
+                      "capture: a %zu-byte record does not fit a %llu-byte slot", bytes,
+                      (unsigned long long)d->st.slot_bytes);
+        KVT_FORWARD(reap(d, d->count == d->st.n_slots));
+        uint32_t idx = (d->head + d->count) % d->st.n_slots;
+        cd_slot *s = &d->slots[idx];
+        size_t off = (size_t)idx * d->st.slot_bytes;
+        cd_dst dst = {
+            d->dring + off, (int)info->dtype, out_es, d->planes && out_es > 1 ? 1 : 0, ntk, 0};
+        KVT_FORWARD(launch_gather(v, p->head_begin - info->head_begin, nh,
+                                  t0 + (int64_t)(p->tok_begin - info->tok_begin), ntk, &dst));
+        CD_CU(cudaEventRecord(s->ev_gathered, prod));
+        CD_CU(cudaStreamWaitEvent(d->side, s->ev_gathered, 0));
+        CD_CU(cudaMemcpyAsync(d->hring + off, d->dring + off, bytes, cudaMemcpyDeviceToHost,
+                              d->side));
+        CD_CU(cudaEventRecord(s->ev_done, d->side));
+        s->info = *p;
+        s->bytes = bytes;
+        d->count++;
+        if (d->count > d->st.peak_in_flight)
+            d->st.peak_in_flight = d->count;
+        d->st.d2h_bytes += bytes;
+    }
+    (void)nt;
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_capdev_drain(kvt_capdev *d)
+{
+    if (!d)
+        return KVT_OK;
+    CD_SCOPE(d);
+    while (d->count > 0)
+        KVT_FORWARD(reap(d, true));
+    return KVT_OK;
+}
+
+/* ---- device buffers ---- */
+
+extern "C" kvt_status kvt_capdev_gather(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0,
+                                        int64_t nt, kvt_dtype dst_dt, void *dst, int64_t dst_h_rows,
+                                        int64_t dst_t0)
+{
+    KVT_RETURN_IF(!d || !v || !dst, KVT_ERR_INVALID_ARG, "capture: null argument");
+    KVT_RETURN_IF(v->device != d->device, KVT_ERR_UNSUPPORTED,
+                  "capture: a tensor on CUDA device %d, but this session captures device %d "
+                  "(one device per session)",
+                  v->device, d->device);
+    CD_SCOPE(d);
+    cd_dst dd = {(uint8_t *)dst, (int)dst_dt, (int)kvt_dtype_size(dst_dt), 0, dst_h_rows, dst_t0};
+    return launch_gather(v, 0, v->n_h, t0, nt, &dd);
+}
+
+extern "C" kvt_status kvt_capdev_mem_alloc(kvt_capdev *d, size_t bytes, bool zero, void *stream,
+                                           void **out)
+{
+    KVT_RETURN_IF(!d || !out, KVT_ERR_INVALID_ARG, "capture: null argument");
+    *out = NULL;
+    CD_SCOPE(d);
+    if (d->n_mem == d->cap_mem) {
+        size_t nc = d->cap_mem ? 2 * d->cap_mem : 16;
+        cd_mem *nm = (cd_mem *)realloc(d->mem, nc * sizeof(*nm));
+        KVT_RETURN_IF(!nm, KVT_ERR_NOMEM, "out of memory");
+        d->mem = nm;
+        d->cap_mem = nc;
+    }
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA,
+                  "capture: cannot allocate %zu bytes on device %d: %s", bytes, d->device,
+                  cudaGetErrorString(e));
+    if (zero && bytes) {
+        e = cudaMemsetAsync(p, 0, bytes, (cudaStream_t)stream);
+        if (e != cudaSuccess) {
+            cudaFree(p);
+            return kvt_error_set(KVT_ERR_CUDA, "capture: cudaMemsetAsync: %s",
+                                 cudaGetErrorString(e));
+        }
+    }
+    d->mem[d->n_mem].p = p;
+    d->mem[d->n_mem].n = bytes;
+    d->n_mem++;
+    d->st.device_bytes += bytes;
+    if (d->st.device_bytes > d->st.peak_device_bytes)
+        d->st.peak_device_bytes = d->st.device_bytes;
+    *out = p;
+    return KVT_OK;
+}
+
+extern "C" void kvt_capdev_mem_free(kvt_capdev *d, void *p)
+{
+    if (!d || !p)
+        return;
+    for (size_t i = 0; i < d->n_mem; i++) {
+        if (d->mem[i].p == p) {
+            cd_device_scope scope(d->device);
+            cudaFree(p);
+            d->st.device_bytes -= d->mem[i].n;
+            d->mem[i] = d->mem[--d->n_mem];
+            return;
+        }
+    }
+}
+
+extern "C" kvt_status kvt_capdev_to_host(kvt_capdev *d, const void *src, void *dst, size_t bytes,
+                                         void *stream)
+{
+    KVT_RETURN_IF(!d || !src || !dst, KVT_ERR_INVALID_ARG, "capture: null argument");
+    CD_SCOPE(d);
+    CD_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)stream));
+    CD_CU(cudaStreamSynchronize((cudaStream_t)stream));
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_capdev_colsum(kvt_capdev *d, const float *q, const float *k,
+                                        double *colsum, int n_q_heads, int n_kv_heads,
+                                        uint32_t q_begin, uint32_t n_q, uint32_t n_k, int head_dim,
+                                        float scale, void *stream)
+{
+    KVT_RETURN_IF(!d, KVT_ERR_INVALID_ARG, "capture: null argument");
+    CD_SCOPE(d);
+    size_t need = kvt_colsum_cuda_work_floats(n_q_heads, n_q);
+    if (need > d->cs_work_floats) {
+        if (d->cs_work) {
+            CD_CU(cudaStreamSynchronize((cudaStream_t)stream)); /* earlier sums used it */
+            cudaFree(d->cs_work);
+            d->st.device_bytes -= d->cs_work_floats * sizeof(float);
+            d->cs_work = NULL;
+            d->cs_work_floats = 0;
+        }
+        CD_CU(cudaMalloc(&d->cs_work, need * sizeof(float)));
+        d->cs_work_floats = need;
+        d->st.device_bytes += need * sizeof(float);
+        if (d->st.device_bytes > d->st.peak_device_bytes)
+            d->st.peak_device_bytes = d->st.device_bytes;
+    }
+    return kvt_colsum_accumulate_cuda(q, k, colsum, n_q_heads, n_kv_heads, q_begin, n_q, n_k,
+                                      head_dim, scale, d->cs_work, stream);
+}
+
+extern "C" void kvt_capdev_get_stats(const kvt_capdev *d, kvt_capdev_stats *out)
+{
+    if (!out)
+        return;
+    if (!d) {
+        memset(out, 0, sizeof(*out));
+        return;
+    }
+    *out = d->st;
+}

@@ -1,0 +1,317 @@
+/* test_capture_device_gpu.c - the device path of the capture API (label gpu; "not run" without a
+ * CUDA device). The same tensors are captured twice, once as host views and once as device views
+ * with the same strides, and the two traces must hold the same records:
+ *   - K, V, Q_window, Q_all and the decode kinds bit for bit, for engine dtypes f32, bf16 and
+ *     f16 stored as bf16, f16 or f32 (the GPU converts exactly as common/dtype.c does), through
+ *     [T, H, D] and [H, T, D] memory layouts, ubatched K/V and query ranges;
+ *   - ATTN_COLSUM (GPU column sums vs the host reference) within KVT_COLSUM_RTOL;
+ * with records small enough to be cut in parts and a ring of a few slots, so that submissions
+ * wait for free slots (backpressure) and slots are reused. After each device submission the
+ * source memory is overwritten on the producer stream: the trace must still hold what was
+ * submitted (the capture reads the engine's memory only before the engine's next work).
+ */
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvt_capture.h"
+#include "kvt_test.h"
+
+/* decode steps GG: one full chunk of 64 and a partial one; KVT_COLSUM_RTOL: GPU vs host
+ * column sums (colsum_cuda.h: <= ~6e-7 before the f32 output rounding) */
+#define NL              2
+#define HQ              4
+#define HKV             2
+#define DD              80
+#define TT              150
+#define WW              16
+#define GG              70
+#define KVT_COLSUM_RTOL 1e-5
+
+#define CU_OK(call)                                                                                \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) {                                                                   \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+static float value(uint64_t seed, size_t i)
+{
+    uint64_t x = seed * 0x9e3779b97f4a7c15ull + i * 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 31;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 29;
+    return (float)((double)(x >> 11) / 9007199254740992.0 * 4.0 - 2.0);
+}
+
+/* An engine tensor of h heads and t tokens, [T, H, D] (token-major) or [H, T, D] memory, in
+ * dtype dt, on the host and a device copy. */
+typedef struct etensor {
+    void *host, *dev;
+    size_t bytes;
+    kvt_dtype dt;
+    int64_t h, t;
+    bool token_major;
+} etensor;
+
+static void et_make(etensor *e, uint64_t seed, kvt_dtype dt, int64_t h, int64_t t, bool tm)
+{
+    e->dt = dt;
+    e->h = h;
+    e->t = t;
+    e->token_major = tm;
+    size_t n = (size_t)(h * t * DD), es = kvt_dtype_size(dt);
+    e->bytes = n * es;
+    e->host = malloc(e->bytes);
+    for (size_t i = 0; i < n; i++) {
+        float f = value(seed, i);
+        if (dt == KVT_DTYPE_F32)
+            memcpy((char *)e->host + 4 * i, &f, 4);
+        else {
+            uint16_t b = dt == KVT_DTYPE_BF16 ? kvt_f32_to_bf16(f) : kvt_f32_to_f16(f);
+            memcpy((char *)e->host + 2 * i, &b, 2);
+        }
+    }
+    CU_OK(cudaMalloc(&e->dev, e->bytes));
+    CU_OK(cudaMemcpy(e->dev, e->host, e->bytes, cudaMemcpyHostToDevice));
+}
+
+static void et_free(etensor *e)
+{
+    free(e->host);
+    cudaFree(e->dev);
+}
+
+/* View of tokens [t0, t0 + nt) of e, on the host or the device. */
+static struct kvt_tensor_view et_view(const etensor *e, int64_t t0, int64_t nt, bool dev,
+                                      cudaStream_t st)
+{
+    struct kvt_tensor_view v;
+    memset(&v, 0, sizeof(v));
+    size_t es = kvt_dtype_size(e->dt);
+    int64_t sh = e->token_major ? DD : e->t * DD, stt = e->token_major ? e->h * DD : DD;
+    v.data = (const char *)(dev ? e->dev : e->host) + (size_t)(t0 * stt) * es;
+    v.dtype = e->dt;
+    v.ndim = 4;
+    v.shape[0] = 1;
+    v.shape[1] = e->h;
+    v.shape[2] = nt;
+    v.shape[3] = DD;
+    v.stride[0] = e->h * e->t * DD;
+    v.stride[1] = sh;
+    v.stride[2] = stt;
+    v.stride[3] = 1;
+    v.mem = dev ? KVT_MEM_CUDA : KVT_MEM_HOST;
+    v.device_idx = 0;
+    v.stream = dev ? (void *)st : NULL;
+    return v;
+}
+
+/* The engine reuses its memory: clobber the device copy on the producer stream. */
+static void clobber(const etensor *e, cudaStream_t st)
+{
+    CU_OK(cudaMemsetAsync(e->dev, 0x7f, e->bytes, st));
+}
+
+typedef struct engine {
+    etensor k[NL], v[NL], q[NL];    /* prompt: K/V [Hkv, T], Q [Hq, T] */
+    etensor dq[NL], dk[NL], dv[NL]; /* decode: [H, G] */
+} engine;
+
+static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, uint64_t ring,
+                    struct kvt_capture_stats *stats)
+{
+    struct kvt_capture_model m = {.name = "gpu-test",
+                                  .arch = "llama",
+                                  .n_layers = NL,
+                                  .n_q_heads = HQ,
+                                  .n_kv_heads = HKV,
+                                  .head_dim = DD,
+                                  .kv_dtype = stored,
+                                  .rope = KVT_ROPE_DEFAULT,
+                                  .rope_theta = 10000.0,
+                                  .engine_name = "test",
+                                  .engine_version = "0"};
+    struct kvt_capture_opts o = {
+        .n_tokens = TT,
+        .window = WW,
+        .n_decode = GG,
+        .with_colsum = true,
+        .with_q_all = true,
+        .writer = {.n_threads = 2, .max_record_bytes = 6000, .force = true},
+        .device_ring_bytes = 4 * 6000};
+    if (ring)
+        o.device_ring_bytes = ring;
+    cudaStream_t st;
+    CU_OK(cudaStreamCreate(&st));
+    kvt_capture_session *s;
+    KVT_CHECK(kvt_capture_open(path, &m, &o, &s));
+    for (int l = 0; l < NL; l++) {
+        /* K/V in two ubatches, queries in two ranges */
+        int64_t cut = 61;
+        for (int part = 0; part < 2; part++) {
+            int64_t t0 = part ? cut : 0, nt = part ? TT - cut : cut;
+            struct kvt_tensor_view kv = et_view(&en->k[l], t0, nt, dev, st);
+            struct kvt_tensor_view vv = et_view(&en->v[l], t0, nt, dev, st);
+            KVT_CHECK(kvt_capture_submit_kv(s, l, (uint32_t)t0, &kv, &vv));
+        }
+        for (int part = 0; part < 2; part++) {
+            int64_t t0 = part ? 100 : 0, nt = part ? TT - 100 : 100;
+            struct kvt_tensor_view qv = et_view(&en->q[l], t0, nt, dev, st);
+            KVT_CHECK(kvt_capture_submit_queries(s, l, (uint32_t)t0, &qv));
+        }
+    }
+    if (dev)
+        for (int l = 0; l < NL; l++) {
+            clobber(&en->k[l], st);
+            clobber(&en->v[l], st);
+            clobber(&en->q[l], st);
+        }
+    for (int64_t g = 0; g < GG; g += 10) {
+        int64_t n = GG - g < 10 ? GG - g : 10;
+        for (int l = 0; l < NL; l++) {
+            struct kvt_tensor_view qv = et_view(&en->dq[l], g, n, dev, st);
+            struct kvt_tensor_view kv = et_view(&en->dk[l], g, n, dev, st);
+            struct kvt_tensor_view vv = et_view(&en->dv[l], g, n, dev, st);
+            KVT_CHECK(kvt_capture_submit_decode(s, l, (uint32_t)g, &qv, &kv, &vv));
+        }
+    }
+    KVT_CHECK(kvt_capture_close(s, stats));
+    CU_OK(cudaStreamSynchronize(st));
+    CU_OK(cudaStreamDestroy(st));
+}
+
+static void compare(const char *a, const char *b, const char *what)
+{
+    static const int kinds[] = {KVT_KIND_K,        KVT_KIND_V,          KVT_KIND_Q_WINDOW,
+                                KVT_KIND_Q_ALL,    KVT_KIND_Q_DECODE,   KVT_KIND_K_DECODE,
+                                KVT_KIND_V_DECODE, KVT_KIND_ATTN_COLSUM};
+    kvt_trace_reader *ra, *rb;
+    KVT_CHECK(kvt_trace_reader_open(a, &ra));
+    KVT_CHECK(kvt_trace_reader_open(b, &rb));
+    for (int l = 0; l < NL; l++) {
+        for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+            uint32_t ha, ta, da, hb, tb, db;
+            kvt_dtype dta, dtb;
+            KVT_CHECK(kvt_trace_reader_shape(ra, l, kinds[k], &ha, &ta, &da, &dta));
+            KVT_CHECK(kvt_trace_reader_shape(rb, l, kinds[k], &hb, &tb, &db, &dtb));
+            KVT_EXPECT_MSG(ha == hb && ta == tb && da == db && dta == dtb, "%s: %s shape", what,
+                           kvt_kind_name(kinds[k]));
+            size_t n = (size_t)ha * ta * da, es = kvt_dtype_size(dta);
+            uint8_t *xa = malloc(n * es), *xb = malloc(n * es);
+            KVT_CHECK(kvt_trace_reader_read(ra, l, kinds[k], 0, ha, KVT_DTYPE_INVALID, xa, n * es));
+            KVT_CHECK(kvt_trace_reader_read(rb, l, kinds[k], 0, hb, KVT_DTYPE_INVALID, xb, n * es));
+            if (kinds[k] == KVT_KIND_ATTN_COLSUM) {
+                const float *fa = (const float *)xa, *fb = (const float *)xb;
+                double worst = 0;
+                for (size_t i = 0; i < n; i++) {
+                    double e = fabs((double)fa[i] - fb[i]) / (1.0 + fabs((double)fa[i]));
+                    if (!(e <= worst))
+                        worst = e; /* NaN sticks */
+                }
+                KVT_EXPECT_MSG(worst <= KVT_COLSUM_RTOL, "%s: layer %d colsum err %.3g", what, l,
+                               worst);
+                printf("  %s: layer %d colsum max rel err %.3g\n", what, l, worst);
+            } else {
+                KVT_EXPECT_MSG(memcmp(xa, xb, n * es) == 0, "%s: layer %d %s differs", what, l,
+                               kvt_kind_name(kinds[k]));
+            }
+            free(xa);
+            free(xb);
+        }
+    }
+    kvt_trace_reader_close(ra);
+    kvt_trace_reader_close(rb);
+}
+
+static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, uint64_t ring)
+{
+    engine en;
+    uint64_t seed = (uint64_t)engine_dt * 101 + (uint64_t)stored * 7 + token_major;
+    for (int l = 0; l < NL; l++) {
+        et_make(&en.k[l], seed + 10 * l + 1, engine_dt, HKV, TT, token_major);
+        et_make(&en.v[l], seed + 10 * l + 2, engine_dt, HKV, TT, token_major);
+        et_make(&en.q[l], seed + 10 * l + 3, engine_dt, HQ, TT, token_major);
+        et_make(&en.dq[l], seed + 10 * l + 4, engine_dt, HQ, GG, token_major);
+        et_make(&en.dk[l], seed + 10 * l + 5, engine_dt, HKV, GG, token_major);
+        et_make(&en.dv[l], seed + 10 * l + 6, engine_dt, HKV, GG, token_major);
+    }
+    char pa[256], pb[256], what[128];
+    snprintf(what, sizeof(what), "%s->%s %s ring %llu", kvt_dtype_name(engine_dt),
+             kvt_dtype_name(stored), token_major ? "[T,H,D]" : "[H,T,D]", (unsigned long long)ring);
+    struct kvt_capture_stats sh, sd;
+    capture(kvt_test_tmp(pa, sizeof(pa), "host.kvt"), &en, false, stored, ring, &sh);
+    capture(kvt_test_tmp(pb, sizeof(pb), "dev.kvt"), &en, true, stored, ring, &sd);
+    KVT_EXPECT_EQ_U64(sd.bytes_submitted, sh.bytes_submitted);
+    KVT_EXPECT(sd.device_d2h_bytes > 0 && sd.device_slots >= 2);
+    KVT_EXPECT(sd.device_peak_slots <= sd.device_slots);
+    KVT_EXPECT(sd.pinned_bytes > 0 && sd.device_bytes >= sd.pinned_bytes);
+    KVT_EXPECT_EQ_U64(sh.device_d2h_bytes, 0);
+    printf("%s: %llu bytes via the ring, %u slots (peak %u in flight), stall %.3f ms, device "
+           "%.1f MiB, pinned %.1f MiB\n",
+           what, (unsigned long long)sd.device_d2h_bytes, sd.device_slots, sd.device_peak_slots,
+           sd.device_stall_ns / 1e6, sd.device_bytes / 1048576.0, sd.pinned_bytes / 1048576.0);
+    compare(pa, pb, what);
+    kvt_verify_report rep;
+    KVT_CHECK(kvt_trace_verify(pb, &rep));
+    unlink(pa);
+    unlink(pb);
+    for (int l = 0; l < NL; l++) {
+        et_free(&en.k[l]);
+        et_free(&en.v[l]);
+        et_free(&en.q[l]);
+        et_free(&en.dq[l]);
+        et_free(&en.dk[l]);
+        et_free(&en.dv[l]);
+    }
+}
+
+/* A device view on a device that does not exist is refused before anything is queued. */
+static void bad_device(void)
+{
+    struct kvt_capture_model m = {.name = "x",
+                                  .arch = "llama",
+                                  .n_layers = 1,
+                                  .n_q_heads = 1,
+                                  .n_kv_heads = 1,
+                                  .head_dim = 4,
+                                  .kv_dtype = KVT_DTYPE_F32};
+    struct kvt_capture_opts o = {.n_tokens = 2, .window = 1, .writer = {.force = true}};
+    char p[256];
+    kvt_capture_session *s;
+    KVT_CHECK(kvt_capture_open(kvt_test_tmp(p, sizeof(p), "bad.kvt"), &m, &o, &s));
+    float x[8] = {0};
+    struct kvt_tensor_view v;
+    kvt_tensor_view_hTd(&v, x, KVT_DTYPE_F32, 1, 2, 4);
+    v.mem = KVT_MEM_CUDA;
+    v.device_idx = 4096;
+    KVT_EXPECT_STATUS(kvt_capture_submit_kv(s, 0, 0, &v, &v), KVT_ERR_INVALID_ARG);
+    kvt_tensor_view_hTd(&v, x, KVT_DTYPE_F32, 1, 2, 4); /* the session is still usable */
+    KVT_CHECK(kvt_capture_submit_kv(s, 0, 0, &v, &v));
+    KVT_CHECK(kvt_capture_submit_queries(s, 0, 0, &v));
+    KVT_CHECK(kvt_capture_close(s, NULL));
+    unlink(p);
+}
+
+int main(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    struct cudaDeviceProp prop;
+    CU_OK(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s\n", prop.name);
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, false, 0);
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0);
+    run_case(KVT_DTYPE_F32, KVT_DTYPE_BF16, true, 0);
+    run_case(KVT_DTYPE_F16, KVT_DTYPE_F32, false, 0);
+    run_case(KVT_DTYPE_F32, KVT_DTYPE_F16, true, 1ull << 20); /* a roomier ring */
+    bad_device();
+    return kvt_test_result("test_capture_device_gpu");
+}
