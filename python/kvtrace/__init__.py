@@ -8,13 +8,18 @@
         t.tokens["modality"]                       # [T] uint8 or None
         t.verify()["ok"]
 
+    with kvtrace.capture(model, "out.kvt", window=32, decode=64):   # HF transformers
+        model.generate(**inputs, max_new_tokens=64)
+
 Errors from the C library raise kvtrace.TraceError with its message. The library is found
-through $KVT_LIB first (see _lib.py for the full search order).
+through $KVT_LIB first (see _lib.py for the full search order). Importing kvtrace imports
+neither torch nor transformers (kvtrace.capture imports them when called).
 """
 from ._errors import TraceError
 from ._lib import KINDS, MODALITIES, lib_path, has_capture
 from ._trace import Trace, TraceWriter, open, verify, bf16_to_f32, f32_to_bf16
 from ._capture import CaptureSession, tensor_view
+from .hf import capture  # torch and transformers are imported when capture() is called
 
 __version__ = "0.1.0"
 
@@ -25,6 +30,6 @@ def library_version():
     return _lib.lib().kvt_version_string().decode()
 
 
-__all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "open", "verify",
+__all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "capture", "open", "verify",
            "bf16_to_f32", "f32_to_bf16", "tensor_view", "KINDS", "MODALITIES", "lib_path",
            "has_capture", "library_version", "__version__"]

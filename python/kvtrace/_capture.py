@@ -2,8 +2,10 @@
 
 Tensors are handed to C as strided views of the caller's memory: a NumPy array, any object
 with __array_interface__ (shape, strides and data pointer are passed through, nothing is
-copied in Python), or a CPU torch.Tensor (data_ptr/stride/dtype, bf16 included). The C side
-gathers the view into the stored dtype and copies it before the call returns.
+copied in Python), or a torch.Tensor on the CPU or a CUDA device (data_ptr/stride/dtype, bf16
+included). For host memory the C side gathers the view into the stored dtype and copies it
+before the call returns; a CUDA tensor is read on the producer's stream (torch's current
+stream for the tensor's device), so the call does not wait for the GPU.
 """
 import ctypes
 import json
@@ -20,6 +22,10 @@ _TYPESTR = {"<f4": _lib.DTYPE_F32, "<f2": _lib.DTYPE_F16, "<u2": _lib.DTYPE_BF16
             "|f4": _lib.DTYPE_F32, "|f2": _lib.DTYPE_F16}
 _ITEMSIZE = {_lib.DTYPE_F32: 4, _lib.DTYPE_F16: 2, _lib.DTYPE_BF16: 2}
 
+# enum kvt_mem (capture/kvt_capture.h)
+MEM_HOST = 0
+MEM_CUDA = 1
+
 
 def tensor_view(x, name="tensor"):
     """Build a kvt_tensor_view over x without copying. Returns (view, keepalive).
@@ -27,15 +33,29 @@ def tensor_view(x, name="tensor"):
     x: [H, T, D] or [1, H, T, D] in the logical axis order (use a transposed view, e.g.
     a[:, :, i].transpose(1, 0, 2) of a [T, H, D] buffer, for other layouts: the strides carry
     the layout). float32, float16, or bf16 (uint16 bit patterns, ml_dtypes.bfloat16 or
-    torch.bfloat16). Strides may be anything, including negative and 0."""
+    torch.bfloat16). Strides may be anything, including negative and 0.
+
+    A torch.Tensor on a CUDA device gives a device view (mem = KVT_MEM_CUDA, device_idx = its
+    device ordinal, stream = torch.cuda.current_stream(device).cuda_stream): the library reads
+    it on that stream, so work the engine enqueues there afterwards may reuse the memory. A
+    library built without CUDA, or a machine without a device, refuses it (KVT_ERR_NO_CUDA).
+    Host views have mem = KVT_MEM_HOST, device_idx = 0 and no stream."""
     v = _lib.TensorView()
     keep = x
+    mem, device_idx, stream = MEM_HOST, 0, None
     if hasattr(x, "data_ptr") and callable(getattr(x, "stride", None)) and hasattr(x, "dtype"):
-        # torch.Tensor (duck-typed: torch is not imported)
+        # torch.Tensor (duck-typed: torch is only imported for a CUDA tensor)
         dev = getattr(x, "device", None)
-        if dev is not None and getattr(dev, "type", "cpu") != "cpu":
-            raise TraceError(-13, "%s: only host (CPU) tensors are supported by the capture "
-                             "API today (got device %s)" % (name, dev))
+        dev_type = getattr(dev, "type", "cpu") if dev is not None else "cpu"
+        if dev_type == "cuda":
+            import torch
+            mem = MEM_CUDA
+            index = getattr(dev, "index", None)
+            device_idx = int(index) if index is not None else int(torch.cuda.current_device())
+            stream = torch.cuda.current_stream(dev).cuda_stream
+        elif dev_type != "cpu":
+            raise TraceError(-13, "%s: tensors on %s devices are not supported by the capture "
+                             "API (host and CUDA only)" % (name, dev_type))
         tname = str(x.dtype).replace("torch.", "")
         codes = {"float32": _lib.DTYPE_F32, "float16": _lib.DTYPE_F16,
                  "bfloat16": _lib.DTYPE_BF16}
@@ -93,8 +113,9 @@ def tensor_view(x, name="tensor"):
     for i, (s, st) in enumerate(zip(shape, strides)):
         v.shape[i] = s
         v.stride[i] = st
-    v.mem = 0
-    v.device_idx = 0
+    v.mem = mem
+    v.device_idx = device_idx
+    v.stream = stream  # None = NULL (host views)
     return v, keep
 
 

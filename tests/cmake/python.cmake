@@ -10,3 +10,10 @@ if(KVT_SYS_PYTHON)
                         COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_python_capture_llama2c.py
                         LABELS cpu noasan)
 endif()
+if(KVT_SYS_PYTHON)
+    # kvtrace.capture on a HF transformers model (the real library when installed, else the
+    # stand-in in tests/oracle/hf_standin); needs torch (Debian's python3-torch)
+    kvt_add_script_test(test_python_hf_capture
+                        COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_python_hf_capture.py
+                        LABELS cpu noasan)
+endif()

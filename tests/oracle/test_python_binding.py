@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import unittest
 
 try:
@@ -457,10 +458,23 @@ class Capture(unittest.TestCase):
             v = FakeTorchTensor(x.transpose(1, 0, 2), "torch.float32")
             s.submit_kv(0, 0, k, v)
             s.submit_queries(0, 4, FakeTorchTensor(x[4:].transpose(1, 0, 2), "torch.float32"))
-            with self.assertRaises(kvtrace.TraceError) as e:
-                s.submit_queries(0, 4, FakeTorchTensor(x[4:].transpose(1, 0, 2),
-                                                       "torch.float32", device="cuda"))
-            self.assertEqual(e.exception.status_name, "KVT_ERR_UNSUPPORTED")
+            # a CUDA tensor becomes a device view on torch's current stream (not submitted:
+            # this fake's memory is on the host)
+            fake_torch = types.ModuleType("torch")
+            fake_torch.cuda = types.SimpleNamespace(
+                current_device=lambda: 3,
+                current_stream=lambda dev=None: types.SimpleNamespace(cuda_stream=0xabc))
+            saved = sys.modules.get("torch")
+            sys.modules["torch"] = fake_torch
+            try:
+                view, _ = kvtrace.tensor_view(FakeTorchTensor(x[4:].transpose(1, 0, 2),
+                                                              "torch.float32", device="cuda"))
+            finally:
+                if saved is None:
+                    del sys.modules["torch"]
+                else:
+                    sys.modules["torch"] = saved
+            self.assertEqual((view.mem, view.device_idx, view.stream), (1, 3, 0xabc))
             with self.assertRaises(ValueError):
                 s.submit_kv(0, 6, FakeTorchTensor(x, "torch.float64"), v)
         with kvtrace.open(path) as t:

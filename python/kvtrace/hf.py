@@ -1,0 +1,691 @@
+"""hf.py - capture the KV cache of a HuggingFace transformers model while it generates.
+
+    import kvtrace
+    with kvtrace.capture(model, "out.kvt", window=32, decode=64) as cap:
+        model.generate(**inputs, max_new_tokens=64, do_sample=False)
+    cap.stats                                   # the session's counters, after the block
+
+What is recorded (text decoder layers only; vision towers are left alone):
+  * K, V of the prompt [Hkv, T, D] and the last W prompt queries [Hq, W, D] of every layer,
+    post-RoPE, as the model hands them to its attention function (GQA not expanded);
+  * the first `decode` decode steps: the query, key and value of each new token, and its
+    input token id; generation goes on after that, uncaptured;
+  * per-token tables: prompt token ids, modality (image/video token ids from the config),
+    position ids (3 rows per token for M-RoPE models: Qwen2-VL, Qwen2.5-VL).
+
+How: transformers (>= 4.48) dispatches attention through a registry, ALL_ATTENTION_FUNCTIONS
+("sdpa", "flash_attention_2", ...). For the duration of the block the model's entry is
+replaced by a wrapper that hands query/key/value of the text attention modules to the C
+capture session (by data pointer, strides and, on a GPU, torch's current stream: nothing is
+copied through Python memory) and then calls the original function, unchanged; the name
+stays the same, so mask creation is untouched and the logits are those of an uncaptured
+run. Forward pre-hooks on the model and on its text model see input_ids and position_ids.
+The registry and the hooks are restored when the block ends, also on an exception.
+
+Limits (each fails with a message saying so): batch size 1 (num_beams=1), no padding in the
+attention mask, the prompt in one forward call (no chunked prefill, assisted decoding, or a
+second generate call in the block), a dynamic cache (not a static one), and an attention
+implementation from the registry: a model loaded with attn_implementation="eager" must be
+loaded with "sdpa" (or "flash_attention_2") instead.
+
+The plain functions token_modality, mrope_positions and rope_positions hold the table
+logic; they take tensors or arrays and return NumPy arrays. Importing this module imports
+neither torch nor transformers.
+"""
+import functools
+import inspect
+import json
+import os
+import re
+
+import numpy as np
+
+from ._errors import TraceError
+
+MIN_TRANSFORMERS = (4, 48)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "llava")
+LLAVA_TEXT_TYPES = ("llama", "mistral", "qwen2")
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# module-name parts that mark a vision tower (its attention calls the same registry)
+VISION_MARKERS = ("visual", "vision_tower", "vision_model")
+
+_ERR_UNSUPPORTED = -13
+_ERR_STATE = -9
+_ERR_INVALID = -7
+_MISSING = object()
+
+
+def _fail(msg, status=_ERR_UNSUPPORTED):
+    return TraceError(status, "kvtrace.capture: " + msg)
+
+
+# ------------------------------------------------------------------------------------------
+# plain functions (no torch needed)
+# ------------------------------------------------------------------------------------------
+
+def _np(x, dtype=None):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    return a.astype(dtype) if dtype is not None else a
+
+
+def _cfg_get(config, *names):
+    """First attribute of `config` (then of its text config) among names that is not None."""
+    cfgs = [config]
+    gt = getattr(config, "get_text_config", None)
+    if callable(gt):
+        try:
+            tc = gt()
+        except Exception:
+            tc = None
+        if tc is not None and tc is not config:
+            cfgs.append(tc)
+    for c in cfgs:
+        for n in names:
+            v = getattr(c, n, None)
+            if v is not None:
+                return v
+    return None
+
+
+def token_modality(input_ids, config):
+    """Modality of each prompt token, [T] uint8: 1 (image) where the id is the config's image
+    token (image_token_id; LLaVA's image_token_index), 2 (video) where it is video_token_id,
+    0 (text) elsewhere. input_ids: [T] or [1, T] (tensor, array or list)."""
+    ids = _np(input_ids, np.int64).reshape(-1)
+    out = np.zeros(ids.shape[0], dtype=np.uint8)
+    image = _cfg_get(config, "image_token_id", "image_token_index")
+    video = _cfg_get(config, "video_token_id")
+    if image is not None:
+        out[ids == int(image)] = 1
+    if video is not None:
+        out[ids == int(video)] = 2
+    return out
+
+
+def mrope_positions(position_ids, n_tokens):
+    """M-RoPE position ids [3, T] int32 (rows t, h, w) from what the text model received:
+    None (text only: 0..T-1 on every row), [T] or [B, T] (the same row three times),
+    [3, B, T], or [4, B, T] (newer transformers put the text position in row 0: the last
+    three rows are the rotary ones). Batch row 0 is taken."""
+    T = int(n_tokens)
+    if position_ids is None:
+        return np.tile(np.arange(T, dtype=np.int32), (3, 1))
+    p = _np(position_ids, np.int64)
+    if p.ndim == 1:
+        p = np.tile(p[None, :], (3, 1))
+    elif p.ndim == 2:
+        p = np.tile(p[0:1, :], (3, 1))
+    elif p.ndim == 3:
+        if p.shape[0] == 4:
+            p = p[1:]
+        elif p.shape[0] != 3:
+            raise _fail("M-RoPE position_ids of shape %s (want [3, B, T] or [4, B, T])"
+                        % (tuple(p.shape),), _ERR_INVALID)
+        p = p[:, 0, :]
+    else:
+        raise _fail("position_ids of shape %s" % (tuple(p.shape),), _ERR_INVALID)
+    if p.shape[1] != T:
+        raise _fail("position_ids cover %d tokens, the prompt has %d" % (p.shape[1], T),
+                    _ERR_INVALID)
+    return np.ascontiguousarray(p, dtype=np.int32)
+
+
+def rope_positions(position_ids, n_tokens):
+    """1-D RoPE position ids [T] int32: 0..T-1 when None, else row 0 of [B, T] (or [T])."""
+    T = int(n_tokens)
+    if position_ids is None:
+        return np.arange(T, dtype=np.int32)
+    p = _np(position_ids, np.int64)
+    if p.ndim == 2:
+        p = p[0]
+    elif p.ndim == 3:  # an M-RoPE-shaped input to a 1-D model: the temporal row
+        p = p[-3 if p.shape[0] == 4 else 0, 0]
+    if p.ndim != 1 or p.shape[0] != T:
+        raise _fail("position_ids of shape %s for a %d-token prompt"
+                    % (tuple(_np(position_ids).shape), T), _ERR_INVALID)
+    return np.ascontiguousarray(p, dtype=np.int32)
+
+
+def _version_tuple(v):
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(v))
+    if not m:
+        return None
+    return tuple(int(x) if x is not None else 0 for x in m.groups())
+
+
+def check_transformers_version(version):
+    """Raise TraceError if `version` (a transformers version string) is too old."""
+    t = _version_tuple(version)
+    if t is None or t[:2] < MIN_TRANSFORMERS:
+        raise _fail("transformers %s is not supported: it needs transformers >= %d.%d (the "
+                    "attention registry, ALL_ATTENTION_FUNCTIONS)"
+                    % (version, MIN_TRANSFORMERS[0], MIN_TRANSFORMERS[1]))
+
+
+def check_model_type(config):
+    """(model_type, text_model_type) of a supported model; TraceError otherwise."""
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise _fail("model type %r is not supported (supported: %s)"
+                    % (mt, ", ".join(SUPPORTED_MODEL_TYPES)))
+    tc = _text_config(config)
+    tmt = getattr(tc, "model_type", mt)
+    if mt == "llava" and tmt not in LLAVA_TEXT_TYPES:
+        raise _fail("LLaVA with a %r language model is not supported (supported: %s)"
+                    % (tmt, ", ".join(LLAVA_TEXT_TYPES)))
+    return mt, tmt
+
+
+def _text_config(config):
+    gt = getattr(config, "get_text_config", None)
+    if callable(gt):
+        tc = gt()
+        if tc is not None:
+            return tc
+    return getattr(config, "text_config", None) or config
+
+
+def _rope_params(tc):
+    """(is_mrope, mrope_section or None, rope_theta) from a text config (rope_scaling in 4.x,
+    rope_parameters in 5.x)."""
+    section = None
+    theta = getattr(tc, "rope_theta", None)
+    for attr in ("rope_scaling", "rope_parameters"):
+        d = getattr(tc, attr, None)
+        if isinstance(d, dict):
+            if d.get("mrope_section") is not None:
+                section = list(d["mrope_section"])
+            if theta is None and d.get("rope_theta") is not None:
+                theta = d["rope_theta"]
+    return section is not None, section, float(theta) if theta is not None else 0.0
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def _kv_dtype_of(tensor):
+    name = str(tensor.dtype).replace("torch.", "")
+    if name not in _DTYPE_NAMES:
+        raise _fail("attention tensors of dtype %s have no trace dtype: pass kv_dtype=\"bf16\", "
+                    "\"f16\" or \"f32\"" % name, _ERR_INVALID)
+    return _DTYPE_NAMES[name]
+
+
+# ------------------------------------------------------------------------------------------
+# the capture
+# ------------------------------------------------------------------------------------------
+
+def _is_vision_name(name):
+    return any(m in name for m in VISION_MARKERS)
+
+
+def find_text_attention(model):
+    """[(name, module)] of the text decoder attention modules (having layer_idx and q_proj, not
+    under a vision tower), sorted by layer_idx."""
+    out = []
+    for name, m in model.named_modules():
+        if getattr(m, "layer_idx", None) is None or not hasattr(m, "q_proj"):
+            continue
+        if _is_vision_name(name):
+            continue
+        out.append((name, m))
+    out.sort(key=lambda nm: int(nm[1].layer_idx))
+    return out
+
+
+def _find_text_model(model, attn_ids):
+    """The module that owns the decoder `layers` holding the text attention modules."""
+    import torch
+    for _, m in model.named_modules():
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and any(
+                id(getattr(l, "self_attn", None)) in attn_ids for l in layers):
+            return m
+    return None
+
+
+def _registry_of(attn_module):
+    """The ALL_ATTENTION_FUNCTIONS object the attention module's forward looks up (a global of
+    its modeling file); None when neither the forward nor its module refers to the registry
+    (an attention class from before the registry); _MISSING when it cannot tell (a decorator
+    that hides the function: the capture then checks at run time that calls arrive)."""
+    fwd = inspect.unwrap(type(attn_module).forward)
+    code = getattr(fwd, "__code__", None)
+    if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
+        return fwd.__globals__.get("ALL_ATTENTION_FUNCTIONS", _MISSING)
+    mod = inspect.getmodule(type(attn_module))
+    mod_vars = vars(mod) if mod is not None else {}
+    if code is not None and "ALL_ATTENTION_FUNCTIONS" not in mod_vars and \
+            getattr(fwd, "__module__", None) == type(attn_module).__module__:
+        return None
+    return _MISSING
+
+
+def _registry_slot(registry, impl):
+    """The dict that holds the function `registry[impl]` resolves to: a plain dict before
+    transformers 4.51; an AttentionInterface (GeneralInterface) after: its instance-local
+    mapping if it overrides impl, else the class-wide _global_mapping (what
+    AttentionInterface.register updates)."""
+    if isinstance(registry, dict):
+        return registry if impl in registry else None
+    local = getattr(registry, "_local_mapping", None)
+    if isinstance(local, dict) and impl in local:
+        return local
+    glob = getattr(type(registry), "_global_mapping", None)
+    if isinstance(glob, dict) and impl in glob:
+        return glob
+    return None
+
+
+class _LayerState(object):
+    __slots__ = ("prefilled", "n_decode_calls")
+
+    def __init__(self):
+        self.prefilled = False
+        self.n_decode_calls = 0
+
+
+class Capture(object):
+    """The context manager returned by kvtrace.capture(). Attributes: path, session (the
+    CaptureSession once the prompt arrived, else None), stats (dict, after the block),
+    n_tokens (T), window (W), n_decode_steps (decode forward calls seen, captured or not),
+    info (what was found: layers, attention implementation, versions)."""
+
+    def __init__(self, model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
+                 with_q_all=False, timeline=False, level=0, n_threads=0, force=False,
+                 name=None):
+        try:
+            import torch
+        except ImportError as e:
+            raise _fail("needs torch (%s)" % e)
+        try:
+            import transformers
+        except ImportError as e:
+            raise _fail("needs transformers (%s)" % e)
+        self._torch = torch
+        self.path = os.fspath(path)
+        if int(window) < 1:
+            raise _fail("window must be >= 1 (got %r)" % (window,), _ERR_INVALID)
+        if int(decode) < 0:
+            raise _fail("decode must be >= 0 (got %r)" % (decode,), _ERR_INVALID)
+        self.window_requested = int(window)
+        self.decode = int(decode)
+        self.with_colsum = bool(with_colsum)
+        self.with_q_all = bool(with_q_all)
+        self.timeline = bool(timeline)
+        self.level = int(level)
+        self.n_threads = int(n_threads)
+        self.force = bool(force)
+
+        tv = getattr(transformers, "__version__", "unknown")
+        check_transformers_version(tv)
+        config = getattr(model, "config", None)
+        if config is None:
+            raise _fail("%s has no .config: pass a transformers PreTrainedModel"
+                        % type(model).__name__, _ERR_INVALID)
+        self.model_type, self.text_model_type = check_model_type(config)
+        tc = _text_config(config)
+        self._config = config
+        self._text_cfg = tc
+
+        attn = find_text_attention(model)
+        if not attn:
+            raise _fail("no text attention modules (with layer_idx and q_proj) in %s"
+                        % type(model).__name__)
+        n_layers = int(getattr(tc, "num_hidden_layers", len(attn)))
+        idx = [int(m.layer_idx) for _, m in attn]
+        if idx != list(range(n_layers)):
+            raise _fail("found text attention layers %s, the config has %d layers"
+                        % (idx, n_layers), _ERR_INVALID)
+        self.n_layers = n_layers
+        self._layer_of = {id(m): int(m.layer_idx) for _, m in attn}
+        first = attn[0][1]
+        mcfg = getattr(first, "config", None)
+        if mcfg is None:
+            mcfg = tc
+        impl = getattr(mcfg, "_attn_implementation", None)
+        if isinstance(impl, dict):  # a per-sub-config mapping: the text part
+            impl = impl.get("text_config", impl.get("", None))
+        self.attn_implementation = impl
+        if impl is None or impl == "eager":
+            raise _fail("the model uses attn_implementation=%r, which transformers does not "
+                        "dispatch through its attention registry: load it with "
+                        "attn_implementation=\"sdpa\" (or \"flash_attention_2\")" % (impl,))
+        registry = _registry_of(first)
+        if registry is None:
+            raise _fail("%s.forward in transformers %s does not dispatch through the "
+                        "attention registry (ALL_ATTENTION_FUNCTIONS): use a newer transformers"
+                        % (type(first).__name__, tv))
+        if registry is _MISSING:
+            registry = getattr(inspect.getmodule(type(first)), "ALL_ATTENTION_FUNCTIONS", None)
+        if registry is None:
+            from transformers import modeling_utils
+            registry = getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)
+        slot = _registry_slot(registry, impl) if registry is not None else None
+        if slot is None:
+            raise _fail("attention implementation %r is not in transformers' attention "
+                        "registry: load the model with attn_implementation=\"sdpa\" (or "
+                        "\"flash_attention_2\")" % (impl,))
+        self._slot = slot
+        self._impl = impl
+
+        self.n_q_heads = int(tc.num_attention_heads)
+        self.n_kv_heads = int(getattr(tc, "num_key_value_heads", None) or self.n_q_heads)
+        hd = getattr(tc, "head_dim", None)
+        self.head_dim = int(hd) if hd else int(tc.hidden_size) // self.n_q_heads
+        self.mrope, self.mrope_section, self.rope_theta = _rope_params(tc)
+        if self.model_type in MROPE_MODEL_TYPES and not self.mrope:
+            raise _fail("%s config has no mrope_section in rope_scaling/rope_parameters"
+                        % self.model_type, _ERR_INVALID)
+        self.kv_dtype = kv_dtype  # None: the attention tensors' dtype, at the first call
+        self.name = name or getattr(config, "_name_or_path", None) or type(model).__name__
+
+        self._model = model
+        self._text_model = _find_text_model(model, set(self._layer_of))
+        self.info = {
+            "transformers_version": str(tv),
+            "torch_version": str(torch.__version__),
+            "attn_implementation": impl,
+            "model_class": type(model).__name__,
+            "model_type": self.model_type,
+            "text_model_type": self.text_model_type,
+            "text_attention_class": type(first).__name__,
+            "text_attention_modules": [n for n, _ in attn],
+            "text_model": type(self._text_model).__name__ if self._text_model is not None
+            else None,
+        }
+        # run state
+        self.session = None
+        self.stats = None
+        self.n_tokens = None
+        self.window = None
+        self.n_decode_steps = 0
+        self._state = None
+        self._entered = False
+        self._installed = False
+        self._handles = []
+        self._saved_forward = []
+        self._orig_fn = None
+        self._wrapper = None
+        self._prompt_ids = None
+        self._prompt_pos = None
+        self._pos_seen = False
+        self._ids_note = None
+        self._n_text_forward = 0
+        self._n_model_forward = 0
+
+    # ---- installation ----
+    def __enter__(self):
+        if self._entered:
+            raise _fail("a capture object can be used for one with-block only", _ERR_STATE)
+        self._entered = True
+        if os.path.exists(self.path) and not self.force:
+            raise _fail("%s exists (pass force=True to overwrite it)" % self.path, -1)
+        self._install()
+        return self
+
+    def _install(self):
+        orig = self._slot[self._impl]
+        cap = self
+
+        @functools.wraps(orig)
+        def kvtrace_attention(module, *args, **kwargs):
+            # the registry's convention: (module, query, key, value, attention_mask, **kw);
+            # the call is passed on exactly as it came
+            if id(module) in cap._layer_of:
+                qkv = list(args[:3])
+                for n in ("query", "key", "value")[len(qkv):]:
+                    qkv.append(kwargs.get(n))
+                cap._on_attention(module, qkv[0], qkv[1], qkv[2], kwargs)
+            return orig(module, *args, **kwargs)
+
+        self._orig_fn = orig
+        self._wrapper = kvtrace_attention
+        self._slot[self._impl] = kvtrace_attention
+        self._installed = True
+        try:
+            self._add_pre_hook(self._model, self._on_model_forward)
+            if self._text_model is not None:
+                self._add_pre_hook(self._text_model, self._on_text_forward)
+        except BaseException:
+            self._uninstall()
+            raise
+
+    def _add_pre_hook(self, module, fn):
+        try:
+            h = module.register_forward_pre_hook(fn, with_kwargs=True)  # torch >= 2.0
+            self._handles.append(h)
+            return
+        except TypeError:
+            pass
+        # torch < 2.0: no kwargs in pre-hooks; shadow the instance's forward instead
+        prev = module.__dict__.get("forward", _MISSING)
+        bound = module.forward
+
+        @functools.wraps(bound)
+        def forward(*args, **kwargs):
+            fn(module, args, kwargs)
+            return bound(*args, **kwargs)
+
+        module.__dict__["forward"] = forward
+        self._saved_forward.append((module, prev, forward))
+
+    def _uninstall(self):
+        if not self._installed:
+            return
+        self._installed = False
+        try:
+            if self._slot.get(self._impl) is self._wrapper:
+                self._slot[self._impl] = self._orig_fn
+            else:
+                import warnings
+                warnings.warn("kvtrace.capture: the attention registry entry %r was replaced "
+                              "during the capture; left as it is" % self._impl)
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            for module, prev, ours in reversed(self._saved_forward):
+                if module.__dict__.get("forward") is ours:
+                    if prev is _MISSING:
+                        del module.__dict__["forward"]
+                    else:
+                        module.__dict__["forward"] = prev
+            self._saved_forward = []
+
+    def __exit__(self, et, ev, tb):
+        self._uninstall()
+        s = self.session
+        if s is None:
+            if et is None:
+                n_fwd = max(self._n_text_forward, self._n_model_forward)
+                if n_fwd:
+                    raise _fail("the model ran %d time(s) but its text attention modules never "
+                                "called the registry entry %r: this model or transformers "
+                                "version does not dispatch attention through "
+                                "ALL_ATTENTION_FUNCTIONS" % (n_fwd, self._impl))
+                raise _fail("nothing was captured: no forward pass of the model's text layers "
+                            "ran inside the with-block", _ERR_STATE)
+            return False
+        try:
+            self.stats = s.close()
+        except TraceError:
+            if et is None:
+                raise
+            # the block's own exception matters more; the trace holds what was submitted
+        return False
+
+    # ---- hooks ----
+    def _on_model_forward(self, module, args, kwargs):
+        torch = self._torch
+        self._n_model_forward += 1
+        ids = kwargs.get("input_ids", None)
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        if ids is not None and not isinstance(ids, torch.Tensor):
+            ids = None
+        if self.session is None:
+            if ids is not None:
+                if ids.dim() == 2 and ids.shape[0] != 1:
+                    raise _fail("batch size %d: one sequence only (batch size 1, num_beams=1, "
+                                "num_return_sequences=1)" % ids.shape[0])
+            am = kwargs.get("attention_mask", None)
+            if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] == 1 and \
+                    bool((am == 0).any()):
+                raise _fail("the attention mask has padding: pass the prompt unpadded")
+            # small tables, copied to the host here, before this call's GPU work is queued
+            self._prompt_ids = _np(ids, np.int64).reshape(-1) if ids is not None else None
+            # the text model's own position_ids (its pre-hook, later in this call) win
+            self._prompt_pos = _np(kwargs.get("position_ids", None), np.int64)
+            self._pos_seen = False
+            return
+        # after the prompt: a decode step (one new token) gives its input token id
+        if ids is None:
+            return
+        if ids.shape[-1] != 1:
+            return  # a multi-token call: the attention wrapper says why it is refused
+        g = self.n_decode_steps
+        self.n_decode_steps += 1
+        if g < self.decode:
+            self.session.submit_decode_token(g, int(ids.reshape(-1)[-1]))
+
+    def _on_text_forward(self, module, args, kwargs):
+        self._n_text_forward += 1
+        if self.session is None and not self._pos_seen:
+            self._pos_seen = True
+            self._prompt_pos = _np(kwargs.get("position_ids", None), np.int64)
+
+    # ---- the attention wrapper's work ----
+    def _on_attention(self, module, query, key, value, kwargs):
+        layer = self._layer_of[id(module)]
+        if query.shape[0] != 1 or key.shape[0] != 1:
+            raise _fail("batch size %d: one sequence only (batch size 1, num_beams=1, "
+                        "num_return_sequences=1)" % max(query.shape[0], key.shape[0]))
+        q_len, k_len = int(query.shape[-2]), int(key.shape[-2])
+        if self.session is None:
+            if k_len != q_len:
+                raise _fail("the first attention call saw %d keys for %d queries: the cache "
+                            "already held tokens (past_key_values passed in) or is a static "
+                            "cache; capture needs a fresh dynamic cache" % (k_len, q_len))
+            self._open(module, query, key, kwargs)
+        st = self._state[layer]
+        T = self.n_tokens
+        if not st.prefilled:
+            if q_len != T or k_len != T:
+                raise _fail("layer %d: a prompt split over several forward calls (%d queries, "
+                            "%d keys; the first call had %d tokens): chunked prefill is not "
+                            "supported" % (layer, q_len, k_len, T))
+            s = self.session
+            s.submit_kv(layer, 0, key, value)
+            qb = 0 if (self.with_colsum or self.with_q_all) else T - self.window
+            s.submit_queries(layer, qb, query[:, :, qb:, :])
+            st.prefilled = True
+            return
+        if q_len != 1:
+            raise _fail("layer %d: a %d-token forward call after the prompt: a chunked prefill, "
+                        "assisted/speculative decoding or a second generate call inside one "
+                        "capture block is not supported" % (layer, q_len))
+        g = st.n_decode_calls
+        st.n_decode_calls += 1
+        if g >= self.decode:
+            return
+        sliding = kwargs.get("sliding_window", None) or getattr(module, "sliding_window", None)
+        if k_len != T + g + 1 and not (sliding and k_len < T + g + 1):
+            raise _fail("layer %d decode step %d: %d keys in the cache, expected %d (a static "
+                        "or offloaded cache is not supported)" % (layer, g, k_len, T + g + 1))
+        self.session.submit_decode(layer, g, query, key[:, :, -1:, :], value[:, :, -1:, :])
+
+    def _open(self, module, query, key, kwargs):
+        from ._capture import CaptureSession
+        torch = self._torch
+        T = int(query.shape[-2])
+        hq, hkv, d = int(query.shape[1]), int(key.shape[1]), int(query.shape[-1])
+        if (hq, hkv, d) != (self.n_q_heads, self.n_kv_heads, self.head_dim):
+            raise _fail("attention tensors have %d query heads, %d KV heads, head dim %d; the "
+                        "config says %d, %d, %d" % (hq, hkv, d, self.n_q_heads,
+                                                      self.n_kv_heads, self.head_dim),
+                        _ERR_INVALID)
+        W = min(self.window_requested, T)
+        kv_dtype = self.kv_dtype if self.kv_dtype is not None else _kv_dtype_of(query)
+        scaling = kwargs.get("scaling", None)
+        if scaling is None:
+            scaling = getattr(module, "scaling", None)
+        gpu = None
+        if query.is_cuda:
+            gpu = torch.cuda.get_device_name(query.device)
+        info = dict(self.info)
+        info.update({"source": "kvtrace.capture (python/kvtrace/hf.py)",
+                     "window_requested": self.window_requested,
+                     "decode_requested": self.decode,
+                     "device": str(query.device), "model_dtype": str(query.dtype)})
+        if self.mrope_section is not None:
+            info["mrope_section"] = self.mrope_section
+
+        # token tables, from the pre-hooks of this forward call
+        ids_np = self._prompt_ids
+        if ids_np is not None:
+            if ids_np.shape[0] != T:
+                self._ids_note = ("input_ids hold %d tokens, the text layers saw %d: token ids "
+                                  "and modality not recorded" % (ids_np.shape[0], T))
+                info["token_ids_note"] = self._ids_note
+                ids_np = None
+        if self.mrope:
+            pos = mrope_positions(self._prompt_pos, T)
+        else:
+            pos = rope_positions(self._prompt_pos, T)
+
+        sess = CaptureSession(
+            self.path, n_layers=self.n_layers, n_q_heads=hq, n_kv_heads=hkv, head_dim=d,
+            n_tokens=T, window=W, kv_dtype=kv_dtype, name=str(self.name),
+            arch=self.text_model_type if self.model_type == "llava" else self.model_type,
+            rope="mrope" if self.mrope else "default", rope_theta=self.rope_theta,
+            attn_scale=float(scaling) if scaling else 0.0, engine_name="transformers",
+            engine_version=self.info["transformers_version"], gpu=gpu, n_decode=self.decode,
+            with_colsum=self.with_colsum, with_q_all=self.with_q_all, capture=json.dumps(info),
+            level=self.level, n_threads=self.n_threads, force=self.force,
+            timeline=self.timeline, capture_stream=None)
+        self.session = sess
+        self.n_tokens = T
+        self.window = W
+        self._state = [_LayerState() for _ in range(self.n_layers)]
+        sess.set_tokens(
+            token_ids=ids_np.astype(np.int32) if ids_np is not None else None,
+            modality=token_modality(ids_np, self._config) if ids_np is not None else None,
+            positions=pos)
+
+
+def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
+            with_q_all=False, timeline=False, level=0, n_threads=0, force=False, name=None):
+    """Record the KV cache of a transformers model into a .kvt trace while it runs:
+
+        with kvtrace.capture(model, "out.kvt", window=32, decode=64):
+            model.generate(**inputs, max_new_tokens=64, do_sample=False)
+
+    Supported: model types llama, mistral, qwen2, qwen2_vl, qwen2_5_vl and llava (with a
+    llama, mistral or qwen2 language model), transformers >= 4.48, an attention
+    implementation from transformers' registry ("sdpa", "flash_attention_2", ...; not
+    "eager"), batch size 1.
+
+    window:      prompt queries kept (the last W, W = min(window, T)).
+    decode:      decode steps captured (query, key, value, input token); later steps run
+                 uncaptured.
+    kv_dtype:    stored dtype ("bf16", "f16", "f32"); default: the dtype of the attention
+                 tensors (the model's dtype).
+    with_colsum: also attention column sums over all prompt queries (computed by the library).
+    with_q_all:  also every prompt query (Q_all).
+    timeline:    collect a CUPTI GPU timeline from the first prompt call to the end.
+    level, n_threads: zstd level and compressor threads (0 = defaults).
+    force:       overwrite an existing file.   name: the model name in the header.
+
+    Returns a Capture (a context manager): .path, .session, .stats (after the block). The
+    session opens at the first forward call (T = its token count) and closes when the block
+    ends, also when it raises (the trace then holds what was submitted, and the block's
+    exception propagates). Errors: kvtrace.TraceError with a message saying what is not
+    supported."""
+    return Capture(model, path, window=window, decode=decode, kv_dtype=kv_dtype,
+                   with_colsum=with_colsum, with_q_all=with_q_all, timeline=timeline,
+                   level=level, n_threads=n_threads, force=force, name=name)

@@ -1,0 +1,1 @@
+"""TEST STAND-IN for transformers.integrations - NOT transformers' code."""

@@ -1,0 +1,1 @@
+"""TEST STAND-IN for transformers.models - NOT transformers' code."""

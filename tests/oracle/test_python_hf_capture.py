@@ -1,0 +1,611 @@
+#!/usr/bin/env python3
+"""test_python_hf_capture.py - kvtrace.capture(model, path) on a HuggingFace transformers
+Llama (python/kvtrace/hf.py).
+
+Uses the real transformers when it imports, else the test stand-in in
+tests/oracle/hf_standin (NOT transformers' code; see its README). A random-init Llama
+(3 layers, hidden 64, 8 query heads, 2 KV heads, head dim 8, vocab 97, f32, fixed seed) on
+the CPU (and again on CUDA when torch sees a GPU) generates greedily inside
+`with kvtrace.capture(model, path, window=4, decode=5)`, while a recorder registered in the
+attention registry keeps the q/k/v tensors the model itself hands to attention. Checks:
+  * the trace's K, V [Hkv, T, D] and Q_window [Hq, W, D] equal the model's post-RoPE tensors
+    bit for bit (f32), and within bf16 rounding with kv_dtype="bf16" (plus Q_all);
+    layer 0's K and Q also equal an independent recomputation from the weights (RoPE by hand);
+  * decode Q/K/V for exactly 5 steps (8 new tokens = 7 decode calls: capture stops at
+    `decode`, generation goes on), decode token ids, prompt token ids, positions, modality;
+  * header: model shape, n_tokens, window, kv_dtype, engine, capture JSON (versions, attn
+    implementation, model class); verify() ok; stats;
+  * logits and generated tokens with and without capture are bit-identical;
+  * the registry entry and the model's forward/hooks are restored after the block, also when
+    the block raises (the original exception propagates, the trace holds the prompt);
+  * clear errors: eager attention, batch 2, unsupported model type, old transformers, a
+    second prompt in one block, nothing captured, existing file;
+  * the plain functions: token_modality (image_token_id / video_token_id / LLaVA
+    image_token_index), mrope_positions ([3,B,T], [4,B,T], [B,T], None), rope_positions,
+    version and model-type checks, vision-tower exclusion.
+
+Environment: KVT_SOURCE_ROOT (repository), KVT_LIB (libkvtrace.so),
+KVT_REQUIRE_CUDA_CAPTURE=1 (with a GPU: fail, instead of noting it, when the library refuses
+CUDA views with KVT_ERR_NO_CUDA or KVT_ERR_UNSUPPORTED). Exit 0 pass, 1 fail, 77 not run (no NumPy or torch for
+this interpreter)."""
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover
+    print("SKIP: numpy is not installed for " + sys.executable)
+    sys.exit(77)
+try:
+    import torch
+except ImportError:
+    print("SKIP: torch is not installed for " + sys.executable)
+    sys.exit(77)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.environ.get("KVT_SOURCE_ROOT") or os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+try:
+    import transformers
+    STANDIN = False
+except ImportError:
+    sys.path.insert(0, os.path.join(ROOT, "tests", "oracle", "hf_standin"))
+    import transformers
+    STANDIN = True
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import kvtrace  # noqa: E402
+from kvtrace import hf  # noqa: E402
+
+L, HQ, HKV, D, VOCAB, T, W, G, NEW = 3, 8, 2, 8, 97, 11, 4, 5, 8
+THETA = 10000.0
+FAILS = []
+
+
+def check(cond, what):
+    if cond:
+        print("ok:   " + what)
+    else:
+        print("FAIL: " + what)
+        FAILS.append(what)
+    return cond
+
+
+def expect_error(fn, substrings, what, exc=kvtrace.TraceError):
+    try:
+        fn()
+    except exc as e:
+        msg = str(e)
+        missing = [s for s in substrings if s not in msg]
+        return check(not missing, "%s: %s raised: %s%s" % (
+            what, type(e).__name__, msg, (" (missing %r)" % missing) if missing else ""))
+    except Exception as e:  # noqa: BLE001
+        return check(False, "%s: raised %s: %s (want %s)" % (what, type(e).__name__, e,
+                                                              exc.__name__))
+    return check(False, "%s: no error raised" % what)
+
+
+# ---- the attention registry, through transformers' public surface ----
+def registry():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return ALL_ATTENTION_FUNCTIONS
+
+
+def set_registry(impl, fn):
+    r = registry()
+    if isinstance(r, dict):  # transformers 4.48 - 4.50
+        r[impl] = fn
+    else:
+        type(r).register(impl, fn)
+
+
+class Recorder(object):
+    """Registered as "sdpa": keeps (layer, q, k, v) of every attention call, then calls the
+    original function."""
+
+    def __init__(self):
+        self.calls = []
+        self.orig = registry()["sdpa"]
+        orig, calls = self.orig, self.calls
+
+        def record_attention(module, query, key, value, attention_mask, *a, **kw):
+            if getattr(module, "layer_idx", None) is not None:
+                calls.append((int(module.layer_idx), query.detach().clone(),
+                              key.detach().clone(), value.detach().clone()))
+            return orig(module, query, key, value, attention_mask, *a, **kw)
+
+        self.fn = record_attention
+
+    def __enter__(self):
+        set_registry("sdpa", self.fn)
+        return self
+
+    def __exit__(self, *exc):
+        set_registry("sdpa", self.orig)
+        return False
+
+    def split(self):
+        """{layer: prefill (q, k, v)}, {layer: [decode (q, k, v), ...]} as float32 NumPy."""
+        pre, dec = {}, {}
+        for layer, q, k, v in self.calls:
+            qkv = tuple(x.float().cpu().numpy() for x in (q, k, v))
+            if q.shape[-2] > 1:
+                pre.setdefault(layer, qkv)
+            else:
+                dec.setdefault(layer, []).append(qkv)
+        return pre, dec
+
+
+def build(attn="sdpa", device="cpu"):
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HQ * D, intermediate_size=128,
+                      num_hidden_layers=L, num_attention_heads=HQ, num_key_value_heads=HKV,
+                      max_position_embeddings=256, rope_theta=THETA, rms_norm_eps=1e-6,
+                      initializer_range=0.1, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None, tie_word_embeddings=False, attn_implementation=attn)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=torch.float32).eval()
+
+
+def prompt(device="cpu"):
+    g = torch.Generator().manual_seed(99)
+    return torch.randint(0, VOCAB, (1, T), generator=g).to(device)
+
+
+def generate(model, ids):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                             do_sample=False, return_dict_in_generate=True, output_logits=True)
+    return out.sequences, [x.detach().cpu() for x in out.logits]
+
+
+def hook_state(model):
+    """What a capture installs and must remove: instance forwards and forward pre-hooks of the
+    model and its text model."""
+    return [(m.__dict__.get("forward"), list(m._forward_pre_hooks.values()))
+            for m in (model, model.model)]
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def recompute_layer0(model, ids):
+    """Post-RoPE q, k of layer 0 from the weights, RoPE written out here: [H, T, D] f32."""
+    with torch.no_grad():
+        lay = model.model.layers[0]
+        x = lay.input_layernorm(model.model.embed_tokens(ids))
+        q = lay.self_attn.q_proj(x).view(1, T, HQ, D).transpose(1, 2).double()
+        k = lay.self_attn.k_proj(x).view(1, T, HKV, D).transpose(1, 2).double()
+        inv = 1.0 / (THETA ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+        ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+        full = torch.cat([ang, ang], dim=-1).to(q.device)
+        cos, sin = full.cos(), full.sin()
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+    return q[0].float().cpu().numpy(), k[0].float().cpu().numpy()
+
+
+def rel_err(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def within_bf16(got_bits, ref_f32):
+    """bf16 values (uint16 bits) are ref rounded to bf16: within half an ulp (2^-8 relative)."""
+    got = kvtrace.bf16_to_f32(got_bits).astype(np.float64)
+    ref = np.asarray(ref_f32, dtype=np.float64)
+    return bool(np.all(np.abs(got - ref) <= np.abs(ref) * 2.0 ** -8 + 1e-30))
+
+
+# ------------------------------------------------------------------------------------------
+def check_capture(device, tmp):
+    tag = "[%s] " % device
+    model = build(device=device)
+    ids = prompt(device)
+    before = registry()["sdpa"]
+    hooks_before = hook_state(model)
+
+    with Recorder():
+        seq_ref, logits_ref = generate(model, ids)
+    path = os.path.join(tmp, "llama-%s.kvt" % device)
+    with Recorder() as rec:
+        try:
+            with kvtrace.capture(model, path, window=W, decode=G) as cap:
+                seq, logits = generate(model, ids)
+        except kvtrace.TraceError as e:
+            if device != "cpu" and e.status_name in ("KVT_ERR_UNSUPPORTED", "KVT_ERR_NO_CUDA") and \
+                    not os.environ.get("KVT_REQUIRE_CUDA_CAPTURE"):
+                print("note: %sCUDA capture not checked, the library refuses device views: %s"
+                      % (tag, e))
+                return
+            raise
+    check(registry()["sdpa"] is before, tag + "registry entry restored after the block")
+    check(hook_state(model) == hooks_before, tag + "model forward and pre-hooks restored")
+    check(torch.equal(seq, seq_ref) and seq.shape[1] == T + NEW,
+          tag + "generated tokens identical with and without capture (%d new)"
+          % (seq.shape[1] - T))
+    check(len(logits) == len(logits_ref) and all(torch.equal(a, b)
+                                                 for a, b in zip(logits, logits_ref)),
+          tag + "logits bit-identical with and without capture (%d steps)" % len(logits))
+    pre, dec = rec.split()
+    check(sorted(pre) == list(range(L)) and all(len(dec[l]) == NEW - 1 for l in range(L)),
+          tag + "recorder saw one prompt call and %d decode calls per layer" % (NEW - 1))
+    check(cap.n_tokens == T and cap.window == W and cap.n_decode_steps == NEW - 1,
+          tag + "Capture: n_tokens %s, window %s, decode calls seen %s"
+          % (cap.n_tokens, cap.window, cap.n_decode_steps))
+    check(cap.stats is not None and cap.stats["n_decode"] == G,
+          tag + "stats n_decode == %d (got %s)" % (G, cap.stats and cap.stats["n_decode"]))
+
+    with kvtrace.open(path) as t:
+        h = t.header
+        m = h["model"]
+        check((m["n_layers"], m["n_q_heads"], m["n_kv_heads"], m["head_dim"]) == (L, HQ, HKV, D),
+              tag + "header model shape %s" % ((m["n_layers"], m["n_q_heads"], m["n_kv_heads"],
+                                                 m["head_dim"]),))
+        check(h["n_tokens"] == T and h["window"] == W and h["n_decode"] == G and
+              h["kv_dtype"] == "f32", tag + "header n_tokens %s window %s n_decode %s kv_dtype %s"
+              % (h["n_tokens"], h["window"], h["n_decode"], h["kv_dtype"]))
+        check(m["arch"] == "llama" and m["rope"]["type"] == "default" and
+              abs(m["rope"]["theta"] - THETA) < 1e-9 and abs(m["attn_scale"] - D ** -0.5) < 1e-7,
+              tag + "header arch/rope/attn_scale %s %s %s" % (m["arch"], m["rope"],
+                                                              m["attn_scale"]))
+        c = h["capture"]
+        check(h["engine"]["name"] == "transformers" and
+              c.get("transformers_version") == transformers.__version__ and
+              c.get("torch_version") == torch.__version__ and
+              c.get("attn_implementation") == "sdpa" and
+              c.get("model_class") == "LlamaForCausalLM",
+              tag + "header engine and capture JSON (%s, %s)" % (h["engine"], {
+                  k: c.get(k) for k in ("transformers_version", "torch_version",
+                                        "attn_implementation", "model_class")}))
+        if device != "cpu":
+            check(h.get("gpu") not in (None, ""), tag + "header gpu %r" % h.get("gpu"))
+        check(t.verify()["ok"], tag + "verify ok")
+        bad = []
+        for l in range(L):
+            q, k, v = pre[l]
+            for kind, want in (("K", k[0]), ("V", v[0]), ("Q_window", q[0, :, T - W:])):
+                got = t.read(kind, layer=l)
+                if got.shape != want.shape or not np.array_equal(got, want):
+                    bad.append("%s L%d" % (kind, l))
+            dq = np.stack([dec[l][g][0][0, :, 0, :] for g in range(G)], axis=1)
+            dk = np.stack([dec[l][g][1][0, :, -1, :] for g in range(G)], axis=1)
+            dv = np.stack([dec[l][g][2][0, :, -1, :] for g in range(G)], axis=1)
+            for kind, want in (("Q_decode", dq), ("K_decode", dk), ("V_decode", dv)):
+                got = t.read(kind, layer=l)
+                if got.shape != want.shape or not np.array_equal(got, want):
+                    bad.append("%s L%d %s vs %s" % (kind, l, got.shape, want.shape))
+        check(not bad, tag + "K, V, Q_window, Q/K/V_decode (%d steps) equal the model's tensors "
+              "bit for bit%s" % (G, (": " + ", ".join(bad)) if bad else ""))
+        q0, k0 = recompute_layer0(model, ids)
+        e = max(rel_err(t.read("K", layer=0), k0), rel_err(t.read("Q_window", layer=0),
+                                                              q0[:, T - W:]))
+        check(e < 1e-5, tag + "layer 0 K and Q_window equal a recomputation with RoPE written "
+              "out (rel err %.2g)" % e)
+        tok = t.tokens
+        ids_np = ids[0].cpu().numpy()
+        check(tok["token_ids"] is not None and np.array_equal(tok["token_ids"], ids_np),
+              tag + "prompt token ids")
+        check(tok["decode_token_ids"] is not None and
+              np.array_equal(tok["decode_token_ids"], seq[0, T:T + G].cpu().numpy()),
+              tag + "decode token ids = the first %d generated tokens (%s)"
+              % (G, tok["decode_token_ids"]))
+        check(tok["positions"] is not None and tok["positions"].shape == (1, T) and
+              np.array_equal(tok["positions"][0], np.arange(T)), tag + "positions 0..T-1")
+        check(tok["modality"] is not None and not tok["modality"].any(),
+              tag + "modality all text")
+        meta = t.meta[-1] if t.meta else {}
+        check(not meta.get("defaulted_tables"), tag + "no defaulted tables (%s)"
+              % meta.get("defaulted_tables"))
+
+    # bf16 storage of the same f32 model, with every prompt query
+    path16 = os.path.join(tmp, "llama-%s-bf16.kvt" % device)
+    with Recorder() as rec16:
+        with kvtrace.capture(model, path16, window=W, decode=2, kv_dtype="bf16",
+                             with_q_all=True):
+            seq16, logits16 = generate(model, ids)
+    check(torch.equal(seq16, seq_ref) and all(torch.equal(a, b)
+                                              for a, b in zip(logits16, logits_ref)),
+          tag + "bf16 capture: tokens and logits unchanged")
+    pre16, dec16 = rec16.split()
+    bad = []
+    exact = total = 0
+    with kvtrace.open(path16) as t:
+        check(t.header["kv_dtype"] == "bf16" and t.header["n_decode"] == 2,
+              tag + "bf16 header")
+        for l in range(L):
+            q, k, v = pre16[l]
+            pairs = [("K", k[0]), ("V", v[0]), ("Q_window", q[0, :, T - W:]), ("Q_all", q[0]),
+                     ("Q_decode", np.stack([dec16[l][g][0][0, :, 0, :] for g in range(2)], 1))]
+            for kind, want in pairs:
+                got = t.read(kind, layer=l)
+                if got.dtype != np.uint16 or got.shape != want.shape or not within_bf16(got, want):
+                    bad.append("%s L%d" % (kind, l))
+                else:
+                    exact += int(np.sum(got == kvtrace.f32_to_bf16(want)))
+                    total += got.size
+    check(not bad, tag + "bf16 K, V, Q_window, Q_all, Q_decode within bf16 rounding of the "
+          "model's f32 tensors%s (%d/%d equal to round-to-nearest-even)"
+          % ((": " + ", ".join(bad)) if bad else "", exact, total))
+
+
+def check_errors_and_restore(tmp):
+    model = build()
+    ids = prompt()
+    before = registry()["sdpa"]
+    hooks_before = hook_state(model)
+
+    def cap(name, **kw):
+        return kvtrace.capture(model, os.path.join(tmp, name), **kw)
+
+    # eager attention
+    eager = build(attn="eager")
+    expect_error(lambda: kvtrace.capture(eager, os.path.join(tmp, "e.kvt")),
+                 ["eager", 'attn_implementation="sdpa"'], "eager model")
+
+    # batch 2 (the error comes from inside the forward call)
+    def batch2():
+        with cap("b2.kvt"):
+            model(input_ids=torch.cat([ids, ids], 0))
+    expect_error(batch2, ["batch size 2", "num_beams=1"], "batch 2")
+    check(not os.path.exists(os.path.join(tmp, "b2.kvt")), "batch 2: no trace written")
+    check(registry()["sdpa"] is before, "batch 2: registry restored")
+
+    # unsupported model type
+    dummy = torch.nn.Linear(2, 2)
+    dummy.config = types.SimpleNamespace(model_type="gpt2")
+    expect_error(lambda: kvtrace.capture(dummy, os.path.join(tmp, "g.kvt")),
+                 ["'gpt2' is not supported", "llama", "qwen2_5_vl", "llava"],
+                 "unsupported model type")
+
+    # old transformers
+    saved = transformers.__version__
+    transformers.__version__ = "4.47.1"
+    try:
+        expect_error(lambda: kvtrace.capture(model, os.path.join(tmp, "o.kvt")),
+                     ["4.47.1", ">= 4.48"], "transformers 4.47")
+    finally:
+        transformers.__version__ = saved
+
+    # nothing captured
+    def nothing():
+        with cap("n.kvt"):
+            pass
+    expect_error(nothing, ["nothing was captured"], "empty block")
+
+    # existing file
+    open(os.path.join(tmp, "x.kvt"), "wb").close()
+    expect_error(lambda: cap("x.kvt").__enter__(), ["exists", "force=True"], "existing file")
+
+    # the block raises after the prompt: original exception, registry and hooks restored,
+    # the trace holds the prompt
+    class Boom(Exception):
+        pass
+
+    def boom():
+        with cap("r.kvt", window=W, decode=3):
+            with torch.no_grad():
+                model(input_ids=ids)
+            raise Boom("boom")
+    expect_error(boom, ["boom"], "exception in the block propagates", exc=Boom)
+    check(registry()["sdpa"] is before, "after the exception: registry restored")
+    check(hook_state(model) == hooks_before, "after the exception: forward and pre-hooks restored")
+    with kvtrace.open(os.path.join(tmp, "r.kvt")) as t:
+        check(t.verify()["ok"] and t.layers("K") == list(range(L)) and
+              t.shape("K", 0) == (HKV, T, D) and t.shape("Q_window", 2) == (HQ, W, D),
+              "after the exception: the trace holds the prompt and verifies")
+
+    # a second prompt inside one block
+    def second():
+        with cap("s.kvt", window=W, decode=3):
+            with torch.no_grad():
+                model(input_ids=ids)
+                model(input_ids=ids)
+    expect_error(second, ["11-token forward call after the prompt", "not supported"],
+                 "second prompt in one block")
+    check(registry()["sdpa"] is before, "after a capture error: registry restored")
+
+    # attention classes that do not use the registry: refused up front when the forward
+    # visibly does not refer to it, else found out when the block ends
+    old_style = build()
+    base = type(old_style.model.layers[0].self_attn)
+
+    def old_forward(self, hidden_states, *args, **kwargs):
+        raise NotImplementedError("never called")
+
+    OldStyle = type("OldStyleAttention", (base,), {"forward": old_forward})
+    for layer in old_style.model.layers:
+        layer.self_attn.__class__ = OldStyle
+    expect_error(lambda: kvtrace.capture(old_style, os.path.join(tmp, "os.kvt")),
+                 ["OldStyleAttention.forward", "does not dispatch"], "attention without registry")
+
+    def zero_forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+    def hidden(f):  # a decorator that hides the function it wraps (no __wrapped__)
+        def forward(self, *args, **kwargs):
+            return f(self, *args, **kwargs)
+        forward.__module__ = "some_decorator_module"
+        return forward
+
+    Hidden = type("HiddenAttention", (base,), {"forward": hidden(zero_forward)})
+    for layer in old_style.model.layers:
+        layer.self_attn.__class__ = Hidden
+
+    def hidden_run():
+        with kvtrace.capture(old_style, os.path.join(tmp, "h.kvt")):
+            with torch.no_grad():
+                old_style(input_ids=ids)
+    expect_error(hidden_run, ["never called the registry entry 'sdpa'"],
+                 "attention that bypasses the registry (found at the end of the block)")
+
+    # the model still works normally afterwards (no wrapper left anywhere)
+    with Recorder() as r:
+        with torch.no_grad():
+            model(input_ids=ids)
+    check(len(r.calls) == L, "after the captures: attention runs through the registry as before")
+
+
+def check_plain_functions():
+    ids = [1, 151652, 151655, 151655, 151653, 151656, 151656, 7]
+    qwen = types.SimpleNamespace(image_token_id=151655, video_token_id=151656)
+    check(list(hf.token_modality(ids, qwen)) == [0, 0, 1, 1, 0, 2, 2, 0],
+          "token_modality: Qwen2-VL image/video token ids")
+    check(list(hf.token_modality(torch.tensor([ids]), qwen)) == [0, 0, 1, 1, 0, 2, 2, 0],
+          "token_modality: [1, T] tensor input")
+    llava = types.SimpleNamespace(image_token_index=32000)
+    check(list(hf.token_modality([1, 32000, 32000, 32000, 5], llava)) == [0, 1, 1, 1, 0],
+          "token_modality: LLaVA image_token_index")
+    inner = types.SimpleNamespace(image_token_id=9)
+    outer = types.SimpleNamespace(get_text_config=lambda: inner)
+    check(list(hf.token_modality([9, 8, 9], outer)) == [1, 0, 1],
+          "token_modality: token id on the text config")
+    check(not hf.token_modality([1, 2, 3], types.SimpleNamespace()).any(),
+          "token_modality: no image/video ids -> all text")
+    check(hf.token_modality([1, 2], qwen).dtype == np.uint8, "token_modality: uint8")
+
+    n = 6
+    p3 = torch.stack([torch.tensor([0, 1, 1, 1, 4, 5]), torch.tensor([0, 1, 1, 2, 4, 5]),
+                      torch.tensor([0, 1, 2, 1, 4, 5])])[:, None, :]  # [3, 1, T]
+    got = hf.mrope_positions(p3, n)
+    check(got.shape == (3, n) and got.dtype == np.int32 and
+          np.array_equal(got, p3[:, 0].numpy()), "mrope_positions: [3, B, T]")
+    p4 = torch.cat([torch.arange(n)[None, None, :] + 100, p3], 0)  # row 0 = text positions
+    check(np.array_equal(hf.mrope_positions(p4, n), p3[:, 0].numpy()),
+          "mrope_positions: [4, B, T] -> the last three rows")
+    check(np.array_equal(hf.mrope_positions(None, n), np.tile(np.arange(n), (3, 1))),
+          "mrope_positions: None -> 0..T-1 on three rows")
+    check(np.array_equal(hf.mrope_positions(torch.arange(n)[None] + 3, n),
+                         np.tile(np.arange(n) + 3, (3, 1))),
+          "mrope_positions: [B, T] -> the row three times")
+    expect_error(lambda: hf.mrope_positions(p3, n + 1), ["cover 6 tokens", "has 7"],
+                 "mrope_positions: wrong T")
+    expect_error(lambda: hf.mrope_positions(torch.zeros(2, 1, n), n), ["[3, B, T]"],
+                 "mrope_positions: 2 rows")
+    check(np.array_equal(hf.rope_positions(None, 4), np.arange(4)) and
+          np.array_equal(hf.rope_positions(torch.tensor([[5, 6, 7]]), 3), [5, 6, 7]),
+          "rope_positions: None and [B, T]")
+
+    for v, ok in (("4.47.1", False), ("4.48.0", True), ("4.56.0-standin", True),
+                  ("5.0.0.dev0", True), ("3.9", False), ("garbage", False)):
+        try:
+            hf.check_transformers_version(v)
+            res = True
+        except kvtrace.TraceError:
+            res = False
+        check(res == ok, "check_transformers_version(%r) %s" % (v, "accepted" if ok
+                                                                  else "refused"))
+
+    def cfg(mt, text=None):
+        tc = types.SimpleNamespace(model_type=text) if text else None
+        c = types.SimpleNamespace(model_type=mt)
+        if tc is not None:
+            c.get_text_config = lambda: tc
+        return c
+    check(hf.check_model_type(cfg("qwen2_5_vl", "qwen2_5_vl_text")) ==
+          ("qwen2_5_vl", "qwen2_5_vl_text"), "check_model_type: qwen2_5_vl")
+    check(hf.check_model_type(cfg("llava", "mistral")) == ("llava", "mistral"),
+          "check_model_type: llava + mistral")
+    expect_error(lambda: hf.check_model_type(cfg("llava", "gemma")), ["gemma", "llama"],
+                 "check_model_type: llava + gemma")
+    expect_error(lambda: hf.check_model_type(cfg("gemma3")), ["'gemma3' is not supported"],
+                 "check_model_type: gemma3")
+
+    # vision towers are excluded
+    class Attn(torch.nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.layer_idx = i
+            self.q_proj = torch.nn.Linear(2, 2)
+
+    class Block(torch.nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.self_attn = Attn(i)
+
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.visual = torch.nn.ModuleList([Block(0), Block(1)])
+    root.model.language_model = torch.nn.Module()
+    root.model.language_model.layers = torch.nn.ModuleList([Block(0), Block(1), Block(2)])
+    root.vision_tower = Block(0)
+    found = hf.find_text_attention(root)
+    check([n for n, _ in found] == ["model.language_model.layers.%d.self_attn" % i
+                                    for i in range(3)],
+          "find_text_attention: only the text layers (%s)" % [n for n, _ in found])
+
+
+def check_tensor_view():
+    """kvtrace.tensor_view: host tensors keep mem 0 / no stream; a CUDA tensor (faked here:
+    only its attributes are read) gives mem 1, its device ordinal and torch's current stream
+    for that device. Nothing is submitted."""
+    x = torch.zeros(1, 5, 2, 4)  # [B, T, H, D] memory
+    v, _ = kvtrace.tensor_view(x.transpose(1, 2)[:, :, 1:, :])  # [1, H, T-1, D] view
+    check(v.mem == 0 and v.device_idx == 0 and not v.stream and v.ndim == 4 and
+          list(v.shape) == [1, 2, 4, 4] and list(v.stride) == [40, 4, 8, 1] and
+          v.data == x.data_ptr() + 8 * 4, "tensor_view: CPU tensor is a host view with strides "
+          "(mem %d, stream %r, strides %s)" % (v.mem, v.stream, list(v.stride)))
+
+    class FakeCudaTensor(object):
+        device = torch.device("cuda", 1)
+        dtype = torch.bfloat16
+        shape = (1, 3, 7, 16)
+
+        def data_ptr(self):
+            return 0x7f0000001000
+
+        def stride(self):
+            return (336, 16, 48, 1)
+
+    class FakeStream(object):
+        cuda_stream = 0x5eed
+
+    saved = torch.cuda.current_stream
+    seen = []
+    torch.cuda.current_stream = lambda device=None: seen.append(device) or FakeStream()
+    try:
+        v, _ = kvtrace.tensor_view(FakeCudaTensor())
+    finally:
+        torch.cuda.current_stream = saved
+    check(v.mem == 1 and v.device_idx == 1 and v.stream == 0x5eed and
+          v.data == 0x7f0000001000 and list(v.stride) == [336, 16, 48, 1] and
+          v.dtype == 2 and seen and str(seen[0]) == "cuda:1",
+          "tensor_view: CUDA tensor -> mem 1, device 1, the current stream of cuda:1, bf16, "
+          "strides (mem %d, dev %d, stream %r, asked for %s)" % (v.mem, v.device_idx, v.stream,
+                                                                 seen))
+
+
+def main():
+    print("transformers %s (%s), torch %s, library %s" % (
+        transformers.__version__, "test stand-in" if STANDIN else "real", torch.__version__,
+        kvtrace.lib_path()))
+    lazy = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import kvtrace; "
+         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+         % os.path.join(ROOT, "python")], capture_output=True, text=True)
+    check(lazy.returncode == 0 and lazy.stdout.strip() == "[]",
+          "import kvtrace imports neither torch nor transformers (%s%s)"
+          % (lazy.stdout.strip(), lazy.stderr.strip()[-200:]))
+    with tempfile.TemporaryDirectory() as tmp:
+        check_plain_functions()
+        check_tensor_view()
+        check_capture("cpu", tmp)
+        check_errors_and_restore(tmp)
+        if torch.cuda.is_available():
+            check_capture("cuda", tmp)
+        else:
+            print("note: no CUDA device: the CUDA capture is not checked")
+    if FAILS:
+        print("%d check(s) failed" % len(FAILS))
+        return 1
+    print("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
