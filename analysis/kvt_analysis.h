@@ -35,6 +35,7 @@ typedef struct kvt_results {
     uint64_t seed;
     int coverage_probes;
     int n_threads;
+    char device[8]; /* where the layer contexts were computed: "cpu" or "cuda" */
     bool per_query_head;
     size_t n_traces;
     kvt_trace_result **traces; /* owned */

@@ -315,6 +315,7 @@ kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
     cJSON_AddNumberToObject(set, "seed", (double)r->seed);
     cJSON_AddNumberToObject(set, "coverage_probes", r->coverage_probes);
     cJSON_AddNumberToObject(set, "threads", r->n_threads);
+    cJSON_AddStringToObject(set, "device", r->device[0] ? r->device : "cpu");
     cJSON_AddBoolToObject(set, "per_query_head", r->per_query_head);
     if (r->shard_count > 0) {
         cJSON *sh = cJSON_AddObjectToObject(root, "shard");
@@ -676,6 +677,12 @@ kvt_status kvt_results_read(const char *path, kvt_results **out)
     r->seed = get_u64(item(set, "seed"), 0x1p64);
     r->coverage_probes = get_int(set, "coverage_probes", -1);
     r->n_threads = get_int(set, "threads", 0);
+    const cJSON *dv = item(set, "device");
+    snprintf(r->device, sizeof(r->device), "%s",
+             cJSON_IsString(dv) &&
+                     (!strcmp(dv->valuestring, "cpu") || !strcmp(dv->valuestring, "cuda"))
+                 ? dv->valuestring
+                 : "cpu");
     r->per_query_head = cJSON_IsTrue(item(set, "per_query_head"));
     const cJSON *sh = item(root, "shard");
     if (sh) {

@@ -22,7 +22,7 @@ static void help(void)
     printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
            "                      [--threads N] [--seed S] [--per-query-head]\n"
            "                      [--coverage-probes N] [--export-selection FILE] [--force]\n"
-           "                      [--shard I/N]\n\n"
+           "                      [--shard I/N] [--device cpu|cuda|auto]\n\n"
            "Replay KV-cache compression policies offline on captured traces and measure every\n"
            "budget at once: attention recall, output error on window and held-out decode\n"
            "queries, key coverage, head redundancy, modality mix, oracle overlap, kept bytes.\n"
@@ -38,6 +38,9 @@ static void help(void)
            "                    (64,128) and/or percentages of the prompt (10%%,20%%);\n"
            "                    default 64,128,256,512\n"
            "  --threads N       worker threads over layers (default: all cores)\n"
+           "  --device D        where each layer's attention, outputs, norms and unit keys are\n"
+           "                    computed: cpu (default), cuda (GPU 0; the policies and sweeps\n"
+           "                    stay on the host), or auto (cuda when a GPU is usable)\n"
            "  --seed S          seed of the random policy (default 0)\n"
            "  --per-query-head  select per query head (original SnapKV) instead of per KV head\n"
            "  --coverage-probes N  probe keys per head for coverage (default %d, 0 = off)\n"
@@ -134,6 +137,7 @@ int kvt_cmd_replay(int argc, char **argv)
     uint8_t *mask = NULL;
     uint64_t seed = 0;
     bool force = false, per_query = false;
+    kvt_device device = KVT_DEVICE_CPU;
     kvt_policy **pols = NULL;
     size_t n_pol = 0, n_b = 0;
     kvt_budget *budgets = NULL;
@@ -171,6 +175,18 @@ int kvt_cmd_replay(int argc, char **argv)
         } else if (!strcmp(a, "--budgets")) {
             NEED_VALUE();
             budgets_arg = v;
+        } else if (!strcmp(a, "--device")) {
+            NEED_VALUE();
+            if (!strcmp(v, "cpu"))
+                device = KVT_DEVICE_CPU;
+            else if (!strcmp(v, "cuda"))
+                device = KVT_DEVICE_CUDA;
+            else if (!strcmp(v, "auto"))
+                device = KVT_DEVICE_AUTO;
+            else {
+                kvt_cli_fail(cmd, "--device %s: expected cpu, cuda or auto", v);
+                goto out_free;
+            }
         } else if (!strcmp(a, "--threads")) {
             NEED_VALUE();
             if (!kvt_cli_parse_int(v, 1, 4096, &threads)) {
@@ -236,6 +252,16 @@ int kvt_cmd_replay(int argc, char **argv)
         kvt_cli_fail(cmd, "--export-selection cannot be combined with --shard (yet)");
         goto out_free;
     }
+    {
+        char why[160];
+        kvt_device want = device;
+        if ((st = kvt_replay_resolve_device(want, &device, why, sizeof(why)))) {
+            kvt_cli_fail_status(cmd, st, "--device");
+            goto out_free;
+        }
+        if (want == KVT_DEVICE_AUTO && device == KVT_DEVICE_CPU)
+            fprintf(stderr, "kvtrace replay: --device auto: on the CPU (%s)\n", why);
+    }
     kvt_policy_globals g = {.seed = seed, .per_query_head = per_query};
     if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : DEFAULT_POLICIES, &g, &pols,
                                     &n_pol))) {
@@ -254,6 +280,7 @@ int kvt_cmd_replay(int argc, char **argv)
     res->coverage_probes = probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : probes;
     res->n_threads = threads > 0 ? threads : kvt_cpu_count();
     res->per_query_head = per_query;
+    snprintf(res->device, sizeof(res->device), "%s", kvt_device_name(device));
     if (export_path &&
         (st = kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b,
                                         (const char *const *)traces, n_traces, &sw))) {
@@ -268,7 +295,8 @@ int kvt_cmd_replay(int argc, char **argv)
         kvt_replay_opts o = {.n_threads = threads,
                              .coverage_probes = probes,
                              .progress = progress_cb,
-                             .progress_user = &pr};
+                             .progress_user = &pr,
+                             .device = device};
         if (sw) {
             o.sink = kvt_selection_writer_sink;
             o.sink_user = sw;

@@ -142,6 +142,17 @@ typedef struct kvt_selection_rec {
 typedef kvt_status (*kvt_selection_sink)(void *user, int layer, const kvt_selection_rec *recs,
                                          size_t n_recs);
 
+/** Where the layer context (attention probabilities and outputs, norms, unit keys) is
+ *  computed: on the host, or on CUDA device 0 with the kernels of kernels/cuda (policies and
+ *  sweeps run on the host either way). AUTO: CUDA when a device is usable, else the host. */
+typedef enum kvt_device { KVT_DEVICE_CPU = 0, KVT_DEVICE_CUDA = 1, KVT_DEVICE_AUTO = 2 } kvt_device;
+
+/** Resolve a requested device: AUTO becomes CUDA or CPU (why[cap] says why not CUDA); CUDA
+ *  without a usable device (or without CUDA in the build) is KVT_ERR_NO_CUDA with the reason. */
+kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why, size_t cap);
+/** "cpu", "cuda" or "auto". */
+const char *kvt_device_name(kvt_device d);
+
 typedef struct kvt_replay_opts {
     int n_threads;       /* worker threads over layers; 0 = all cores */
     int coverage_probes; /* probe keys for coverage (see RESULTS.md); 0 = no coverage;
@@ -155,6 +166,7 @@ typedef struct kvt_replay_opts {
        others keep NaN metrics and r_all (a partial result, see kvt_shard_owns) */
     const uint8_t *layer_mask;
     size_t layer_mask_len; /* entries of layer_mask; must equal the trace's n_layers */
+    kvt_device device;     /* KVT_DEVICE_CPU (default), _CUDA or _AUTO (resolved at the start) */
 } kvt_replay_opts;
 
 /** Sharding (scale-out): the (trace, layer) units of a replay are numbered in order, traces in

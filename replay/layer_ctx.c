@@ -6,6 +6,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "cuda/ctx_gpu.h"
 #include "replay_internal.h"
 
 static kvt_status alloc_n(void **p, size_t n, size_t elem)
@@ -27,6 +28,11 @@ static kvt_status check_finite(const float *x, size_t n, const char *what, int l
 }
 
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
+{
+    return kvt_ctx_build_on(in, c, false);
+}
+
+kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu)
 {
     memset(c, 0, sizeof(*c));
     KVT_RETURN_IF(!in || !in->k || !in->v || !in->q_window, KVT_ERR_INVALID_ARG,
@@ -52,6 +58,7 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
     double *work = NULL;
     int *vis = NULL, *vis2 = NULL;
     float *pr2 = NULL;
+    kvt_ctx_gpu *dev = NULL;
 
     if ((s = check_finite(in->k, kv_n, "K", in->layer)) ||
         (s = check_finite(in->v, kv_n, "V", in->layer)) ||
@@ -75,6 +82,8 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
         goto out_fail;
     if (in->modality && (s = ALLOC(c->massw_mod, (size_t)Hq * Wt * KVT_NM)))
         goto out_fail;
+    if (gpu && (s = kvt_ctx_gpu_begin(in, Gd, nqw > nqd ? nqw : nqd, &dev)))
+        goto out_fail;
 
     /* window queries: query i sits at position T-Wt+i and sees keys 0..T-Wt+i (§0.1.2) */
     for (int i = 0; i < nqw; i++)
@@ -83,9 +92,13 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
         const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
         size_t q0 = (size_t)g * nqw; /* first window query of the group: (h = g*Gs, i = 0) */
         float *pr = c->prw + q0 * T;
-        s = kvt_attn_probs(in->q_window + q0 * D, nqw, D, K, T, vis, NULL, 0, NULL, c->scale, pr,
-                           NULL, c->lsew + q0, work);
-        if (s || (s = kvt_attn_output(pr, nqw, T, T, V, D, c->aw + q0 * D, D)))
+        if (dev)
+            s = kvt_ctx_gpu_attn(dev, false, g, nqw, vis, NULL, c->scale, pr, NULL, c->lsew + q0,
+                                 c->aw + q0 * D);
+        else if (!(s = kvt_attn_probs(in->q_window + q0 * D, nqw, D, K, T, vis, NULL, 0, NULL,
+                                      c->scale, pr, NULL, c->lsew + q0, work)))
+            s = kvt_attn_output(pr, nqw, T, T, V, D, c->aw + q0 * D, D);
+        if (s)
             goto out_fail;
         for (int i = 0; i < nqw; i++) {
             c->rsw[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
@@ -114,9 +127,13 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
             const float *Vd = c->has_extra ? in->v_decode + (size_t)g * Gd * D : NULL;
             size_t q0 = (size_t)g * nqd;
             float *pr = c->prd + q0 * T;
-            s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, K, T, vis, Kd, Gd, vis2, c->scale, pr,
-                               pr2, c->lsed + q0, work);
-            if (s || (s = kvt_attn_output(pr, nqd, T, T, V, D, c->ad + q0 * D, D)))
+            if (dev)
+                s = kvt_ctx_gpu_attn(dev, true, g, nqd, vis, vis2, c->scale, pr, pr2, c->lsed + q0,
+                                     c->ad + q0 * D);
+            else if (!(s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, K, T, vis, Kd, Gd, vis2,
+                                          c->scale, pr, pr2, c->lsed + q0, work)))
+                s = kvt_attn_output(pr, nqd, T, T, V, D, c->ad + q0 * D, D);
+            if (s)
                 goto out_fail;
             for (int i = 0; i < nqd; i++) {
                 c->rsd[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
@@ -136,11 +153,18 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
     /* per KV head: norms, unit keys, their mean over all T (window included, §4.1.3), r */
     for (int g = 0; g < Hkv; g++) {
         const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
-        kvt_row_norms(K, T, D, c->knorm + (size_t)g * T);
-        kvt_row_norms(V, T, D, c->vnorm + (size_t)g * T);
-        kvt_unit_rows(K, T, D, c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D);
+        if (dev) {
+            if ((s = kvt_ctx_gpu_norms(dev, g, c->knorm + (size_t)g * T, c->vnorm + (size_t)g * T,
+                                       c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D)))
+                goto out_fail;
+        } else {
+            kvt_row_norms(K, T, D, c->knorm + (size_t)g * T);
+            kvt_row_norms(V, T, D, c->vnorm + (size_t)g * T);
+            kvt_unit_rows(K, T, D, c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D);
+        }
         c->r_all[g] = kvt_redundancy_ref(c->kmean + (size_t)g * D, D, T);
     }
+    kvt_ctx_gpu_end(dev);
     kvt_free(work);
     kvt_free(vis);
     kvt_free(vis2);
@@ -148,6 +172,7 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
     return KVT_OK;
 
 out_fail:
+    kvt_ctx_gpu_end(dev);
     kvt_free(work);
     kvt_free(vis);
     kvt_free(vis2);

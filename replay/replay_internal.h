@@ -111,6 +111,11 @@ struct kvt_layer_ctx {
 };
 
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
+/** kvt_ctx_build with the attention probabilities and outputs, norms and unit keys computed on
+ *  the GPU (gpu true: replay --device cuda; KVT_ERR_NO_CUDA without CUDA), the rest on the
+ *  host. The CUDA kernels follow the _ref kernels, so the context equals the one
+ *  KVT_KERNELS=ref builds, within their documented tolerances. */
+kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu);
 void kvt_ctx_free(kvt_layer_ctx *c);
 
 /** Heads of a granularity and the KV head of head h. */

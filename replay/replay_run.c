@@ -9,6 +9,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cuda/ctx_gpu.h"
 #include "kvt_trace.h"
 #include "replay_internal.h"
 
@@ -300,6 +301,33 @@ static int policy_window(const kvt_policy *p)
     return !strcmp(p->def->name, "tova") ? 1 : 0;
 }
 
+const char *kvt_device_name(kvt_device d)
+{
+    return d == KVT_DEVICE_CUDA ? "cuda" : d == KVT_DEVICE_AUTO ? "auto" : "cpu";
+}
+
+kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why, size_t cap)
+{
+    KVT_RETURN_IF(!got, KVT_ERR_INVALID_ARG, "null argument");
+    char reason[160] = "";
+    if (why && cap)
+        why[0] = '\0';
+    *got = KVT_DEVICE_CPU;
+    if (want == KVT_DEVICE_CPU)
+        return KVT_OK;
+    KVT_RETURN_IF(want != KVT_DEVICE_CUDA && want != KVT_DEVICE_AUTO, KVT_ERR_INVALID_ARG,
+                  "unknown device %d", (int)want);
+    if (kvt_ctx_gpu_devices(reason, sizeof(reason)) > 0) {
+        *got = KVT_DEVICE_CUDA;
+        return KVT_OK;
+    }
+    if (why && cap)
+        snprintf(why, cap, "%s", reason);
+    KVT_RETURN_IF(want == KVT_DEVICE_CUDA, KVT_ERR_NO_CUDA,
+                  "no usable CUDA device (%s)", reason);
+    return KVT_OK;
+}
+
 kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
                             const kvt_budget *budgets, size_t n_budgets, const kvt_replay_opts *o,
                             kvt_trace_result **out)
@@ -308,6 +336,11 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     kvt_replay_opts def = {.coverage_probes = -1};
     if (!o)
         o = &def;
+    if (o->device == KVT_DEVICE_AUTO) { /* a copy with the device resolved, for the workers */
+        def = *o;
+        KVT_FORWARD(kvt_replay_resolve_device(o->device, &def.device, NULL, 0));
+        o = &def;
+    }
     (void)kvt_kernels_ref_only(); /* set the kernels up now (BLAS single-threaded, its idle
                                      threads stopped) rather than in the first worker */
     run_shared sh;

@@ -766,7 +766,9 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
         KVT_RETURN_IF(budget_tokens[b] < 1, KVT_ERR_INVALID_ARG, "budget %d < 1", budget_tokens[b]);
     const int n_b = (int)n_budgets;
     kvt_layer_ctx c;
-    KVT_FORWARD(kvt_ctx_build(in, &c));
+    KVT_RETURN_IF(o->device == KVT_DEVICE_AUTO, KVT_ERR_INVALID_ARG,
+                  "replay: resolve --device auto first (kvt_replay_resolve_device)");
+    KVT_FORWARD(kvt_ctx_build_on(in, &c, o->device == KVT_DEVICE_CUDA));
     kvt_status st = KVT_OK;
     scratch s = {0};
     kvt_layer_selection orc[2];

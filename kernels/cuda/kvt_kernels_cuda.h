@@ -5,8 +5,10 @@
  * result comes back to the host. Each op is checked against its kernels/ref/ oracle by
  * tests/unit/test_kernels_cuda.c (label gpu: "not run" without a device).
  *
- * Status: these kernels compile in CI but have not yet run on a GPU (no device in the session
- * that wrote them); the replay does not call them yet (`replay --device` is still to come).
+ * Status: these kernels compile in CI but have not yet run on a GPU (no device in the sessions
+ * that wrote them). `replay --device cuda` computes each layer's context with the attention,
+ * output, norm and unit-row kernels (replay/cuda/ctx_gpu.c); the others (window scores,
+ * rankings, coverage, the output sweep, H2O column sums) are not yet called by the replay.
  */
 #ifndef KVT_KERNELS_CUDA_H
 #define KVT_KERNELS_CUDA_H

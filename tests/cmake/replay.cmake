@@ -16,3 +16,6 @@ kvt_add_test(test_replay_faults SOURCES unit/test_replay_faults.c LIBS kvt_analy
 # The selection export reader against the replay's kept sets, cuts and damaged bytes (#9).
 kvt_add_test(test_selection_read SOURCES unit/test_selection_read.c LIBS kvt_analysis kvt_replay
              LABELS cpu)
+# replay --device cuda against the all-reference replay (label gpu; "not run" without a GPU)
+kvt_add_script_test(test_replay_device_gpu
+                    COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh cuda LABELS gpu)

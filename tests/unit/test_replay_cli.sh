@@ -27,6 +27,19 @@ grep -q "exists" "$TMP/err" || fail "exists message"
 # a window larger than the trace stores: one clear line naming it
 $BIN replay "$TMP/t.kvt" --policies snapkv:window=64 -o "$TMP/x.json" 2>"$TMP/err" && fail "w"
 grep -q "window=64 needs 64 stored window queries; the trace has 32" "$TMP/err" || fail "w msg"
+# --device: a bad name is one clear line; cpu is recorded; auto runs (on the GPU if there is
+# one, else on the CPU with a note); cuda without a usable GPU says why
+$BIN replay "$TMP/t.kvt" --policies snapkv --device gpu -o "$TMP/x.json" 2>"$TMP/err" && fail "dev"
+[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "expected cpu, cuda or auto" "$TMP/err" || fail "dev msg"
+grep -Eq '"device":[[:space:]]*"cpu"' "$TMP/r.json" || fail "device recorded"
+$BIN replay "$TMP/t.kvt" --policies snapkv --device auto -o "$TMP/a.json" >/dev/null 2>"$TMP/err" ||
+    fail "--device auto"
+grep -Eq '"device":[[:space:]]*"(cpu|cuda)"' "$TMP/a.json" || fail "auto device recorded"
+if ! $BIN replay "$TMP/t.kvt" --policies snapkv --device cuda -o "$TMP/c.json" >/dev/null \
+    2>"$TMP/err"; then
+    [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "no usable CUDA device" "$TMP/err" ||
+        fail "cuda message"
+fi
 # bad policy, bad budget, missing decode-dependent input
 $BIN replay "$TMP/t.kvt" --policies nosuch -o "$TMP/x.json" 2>"$TMP/err" && fail "bad policy"
 [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "unknown policy" "$TMP/err" || fail "policy message"
