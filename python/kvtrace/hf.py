@@ -646,8 +646,8 @@ class Capture(object):
             attn_scale=float(scaling) if scaling else 0.0, engine_name="transformers",
             engine_version=self.info["transformers_version"], gpu=gpu, n_decode=self.decode,
             with_colsum=self.with_colsum, with_q_all=self.with_q_all, capture=json.dumps(info),
-            level=self.level, n_threads=self.n_threads, force=self.force,
-            timeline=self.timeline, capture_stream=None)
+            level=self.level, n_threads=self.n_threads or max(1, (os.cpu_count() or 2) - 2),
+            force=self.force, timeline=self.timeline, capture_stream=None)
         self.session = sess
         self.n_tokens = T
         self.window = W
@@ -678,7 +678,8 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
     with_colsum: also attention column sums over all prompt queries (computed by the library).
     with_q_all:  also every prompt query (Q_all).
     timeline:    collect a CUPTI GPU timeline from the first prompt call to the end.
-    level, n_threads: zstd level and compressor threads (0 = defaults).
+    level, n_threads: zstd level (0 = the library's, 3) and compressor threads (0 = all cores
+                 but two, so that compression keeps up with a GPU's prefill).
     force:       overwrite an existing file.   name: the model name in the header.
 
     Returns a Capture (a context manager): .path, .session, .stats (after the block). The

@@ -17,3 +17,10 @@ if(KVT_SYS_PYTHON)
                         COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_python_hf_capture.py
                         LABELS cpu noasan)
 endif()
+if(KVT_SYS_PYTHON)
+    # stories260K as a HF Llama (python/kvtrace/llama2c_hf.py): the RoPE channel order, an
+    # independent NumPy forward in HF's convention against the llama2.c oracle and the C trace
+    kvt_add_script_test(test_llama2c_hf_convert
+                        COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_llama2c_hf_convert.py
+                        LABELS cpu noasan)
+endif()
