@@ -306,8 +306,9 @@ def kvtrace_means(results_path, layers):
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arg_parser(description=None):
+    """The command line of the peer (shared with bench/peer_torch.py)."""
+    ap = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
     ap.add_argument("trace", nargs="?")
     ap.add_argument("--cut", nargs=3, metavar=("N", "SRC", "DST"))
     ap.add_argument("--policies", default=",".join(ALL_POLICIES))
@@ -318,10 +319,11 @@ def main(argv=None):
     ap.add_argument("-o", "--output", default=None)
     ap.add_argument("--compare", default=None, help="kvtrace results.json of the same sweep")
     ap.add_argument("--tol", type=float, default=1e-3)
-    a = ap.parse_args(argv)
-    if a.cut:
-        cut(a.cut[1], int(a.cut[0]), a.cut[2])
-        return 0
+    return ap
+
+
+def sweep_args(ap, a):
+    """(policies, budgets, layers) of parsed arguments; ap.error() on bad ones."""
     if not a.trace:
         ap.error("TRACE is required")
     pols = [p.strip() for p in a.policies.split(",") if p.strip()]
@@ -330,7 +332,13 @@ def main(argv=None):
             ap.error("unknown policy %s (known: %s)" % (p, ", ".join(ALL_POLICIES)))
     budgets = [b.strip() for b in a.budgets.split(",") if b.strip()]
     layers = [int(x) for x in a.layers.split(",")] if a.layers else None
-    out = replay(a.trace, pols, budgets, a.probes, layers, a.seed)
+    return pols, budgets, layers
+
+
+def report(out, a, time_line):
+    """Print the sweep's table, time_line and the agreement with a.compare (added to out);
+    write out to a.output. Returns the exit code (1 if snapkv or streamingllm differ)."""
+    budgets = out["budgets"]
     print("| policy | budget | n_keep | recall_window | err_window | recall_decode | err_decode "
           "| coverage |\n|---|---|---|---|---|---|---|---|")
     for p in out["policies"]:
@@ -341,10 +349,7 @@ def main(argv=None):
                 m["err_decode"], m["coverage"]))
     if out["skipped"]:
         print("skipped (missing input): %s" % ", ".join(out["skipped"]))
-    t = out["time"]
-    print("peer_total_s %.3f  (read %.2f, attention %.2f, policies x budgets %.2f; "
-          "OPENBLAS_NUM_THREADS=%s)" % (out["total_s"], t["read"], t["attention"],
-                                        t["policies"], out["blas_threads"]))
+    print(time_line)
     rc = 0
     if a.compare:
         kv = kvtrace_means(a.compare, out["layers"])
@@ -382,6 +387,20 @@ def main(argv=None):
         with open(a.output, "w") as f:
             json.dump(out, f, indent=1)
     return rc
+
+
+def main(argv=None):
+    ap = arg_parser()
+    a = ap.parse_args(argv)
+    if a.cut:
+        cut(a.cut[1], int(a.cut[0]), a.cut[2])
+        return 0
+    pols, budgets, layers = sweep_args(ap, a)
+    out = replay(a.trace, pols, budgets, a.probes, layers, a.seed)
+    t = out["time"]
+    return report(out, a, "peer_total_s %.3f  (read %.2f, attention %.2f, policies x budgets "
+                  "%.2f; OPENBLAS_NUM_THREADS=%s)" % (out["total_s"], t["read"], t["attention"],
+                                                     t["policies"], out["blas_threads"]))
 
 
 if __name__ == "__main__":

@@ -9,3 +9,10 @@ if(KVT_SYS_PYTHON)
                         COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/compare_replay.py
                         LABELS cpu noasan TIMEOUT 900)
 endif()
+if(KVT_SYS_PYTHON)
+    # bench/peer_torch.py (issue #7's PyTorch peer) agrees with peer_numpy and with kvtrace on
+    # the CPU (Debian's PyTorch); "not run" without torch
+    kvt_add_script_test(test_peer_torch
+                        COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_peer_torch.py
+                        LABELS cpu noasan)
+endif()
