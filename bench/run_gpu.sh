@@ -1,0 +1,437 @@
+#!/usr/bin/env bash
+# run_gpu.sh - the GPU benchmark of issue #7, one command for a device machine (H200, 16 cores,
+# no network; nvcc, CMake, Python with torch): a llama3-8b-shaped synthetic trace at T=32768
+# (bf16), all policies (streamingllm, h2o, snapkv, pyramidkv, adakv, knorm, random, oracle) at 8
+# budgets, replayed by
+#   1. `kvtrace replay` on the CPU (threads = nproc),
+#   2. `kvtrace replay --device cuda`, when this kvtrace's `replay --help` offers --device
+#      (else skipped, with a note),
+#   3. bench/peer_torch.py --device cuda (the PyTorch peer: topk per budget, nothing shared),
+# each one's wall time and results into $OUT as JSON, plus summary.md with the device name and
+# the ratios (issue #7's target: the whole replay at least 10x faster than the PyTorch peer).
+#
+# The trace. `kvtrace synth` always writes all 32 layers, and its attention column sums (which
+# h2o needs) are O(T^2 D) per head, one core per layer: at T=32768 about 5 CPU-minutes per
+# layer (measured on a 2-core VM: 161 CPU-s for the 32 layers at T=4096, x64), so a colsum
+# synth would not fit in the ~6 minutes this script is sized for, whatever the layer count.
+# So by default (COLSUM=gpu) the synth stores every prompt query instead (--q-all --colsum
+# off: O(T) per layer; 289 CPU-s and an 8.4 GB file for the 32 layers at T=32768 on that VM),
+# and a short torch step on the GPU computes the same causal column sums from Q_all and K for
+# the first LAYERS layers (f32 softmax, f64 sums, as kvt_synth_colsum_head; checked against
+# the synth's own colsum at T=1024: 1.2e-6 relative, every other tensor bit-identical) and
+# writes those layers, without Q_all, to the trace the three replays read.
+# LAYERS=16 by default: one layer per core for the CPU replay (threads over layers). Estimates
+# for 16 cores from the 2-core VM's rates: synth 30-60 s, colsum step 20-30 s (Q_all reads in
+# parallel, ~0.3 s of GPU per layer), kvtrace CPU replay 3-5 s with OpenBLAS (12 CPU-s per
+# layer without: 15-25 s), peer_torch 15-25 s (its host reads alone ~1 s per layer): 2-3
+# minutes in all, 4 at worst; LAYERS=32 adds about a minute. scripts/gpu_session.sh gives the
+# script 420 s. COLSUM=synth uses `kvtrace synth --colsum on` instead (~10 min on 16 cores at
+# T=32768); COLSUM=off leaves h2o out.
+#
+# usage (on the device machine, from anywhere):  bash bench/run_gpu.sh
+# environment (defaults in brackets):
+#   OUT [/tmp/kvt_gpu_bench]  results: bench.json, summary.md, run_gpu.log, kvtrace_cpu.json,
+#                             kvtrace_cuda.json, peer_torch.json (at most 8 files, small)
+#   WORK [/tmp/kvt_gpu_work]  traces (the full synth is ~9 GB) and step logs; reused if present
+#   KVT_BIN, KVT_LIB  the kvtrace CLI and libkvtrace.so to use (scripts/gpu_session.sh sets
+#                     them to .devbundle's); else BUILD [build-gpu]: bin/kvtrace and
+#                     libkvtrace.so there, configured and built here (Release, KVT_CUDA=AUTO)
+#                     when either is missing. DEPS: a folder of shared libraries to put on
+#                     LD_LIBRARY_PATH (for a build carried from elsewhere without an RPATH)
+#   T [32768]  LAYERS [16]  COLSUM [gpu]  THREADS [nproc]  PROBES [256]  SEED [1]
+#   POLICIES [streamingllm,h2o,snapkv,pyramidkv,adakv,knorm,random,oracle]
+#   BUDGETS [64,128,256,512,1024,2048,5%,10%]
+#   DEVICE [cuda]  device of peer_torch, of the colsum step and of kvtrace replay --device
+#   PYTHON [python3]  a Python with torch and NumPy
+#   FORCE [0]  1 = synthesise the traces again
+#   timeouts, seconds: TO_BUILD [300] TO_SYNTH [300] TO_COLSUM [240] TO_REPLAY [240]
+#                      TO_PEER [300]
+# Exit status: 0 when every step that ran succeeded and the peer agreed with kvtrace; 1 else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+OUT=${OUT:-/tmp/kvt_gpu_bench}
+WORK=${WORK:-/tmp/kvt_gpu_work}
+BUILD=${BUILD:-build-gpu}
+T=${T:-32768}
+LAYERS=${LAYERS:-16}
+COLSUM=${COLSUM:-gpu}
+THREADS=${THREADS:-$(nproc)}
+PROBES=${PROBES:-256}
+SEED=${SEED:-1}
+POLICIES=${POLICIES:-streamingllm,h2o,snapkv,pyramidkv,adakv,knorm,random,oracle}
+BUDGETS=${BUDGETS:-64,128,256,512,1024,2048,5%,10%}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+FORCE=${FORCE:-0}
+TO_BUILD=${TO_BUILD:-300}
+TO_SYNTH=${TO_SYNTH:-300}
+TO_COLSUM=${TO_COLSUM:-240}
+TO_REPLAY=${TO_REPLAY:-240}
+TO_PEER=${TO_PEER:-300}
+case $BUILD in /*) ;; *) BUILD=$ROOT/$BUILD ;; esac
+GIVEN=${KVT_BIN:-}${KVT_LIB:-}
+KVT=${KVT_BIN:-$BUILD/bin/kvtrace}
+export KVT_LIB=${KVT_LIB:-$BUILD/libkvtrace.so}
+export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+[ -n "${DEPS:-}" ] && export LD_LIBRARY_PATH=$DEPS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/run_gpu.log") 2>&1
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+T_SCRIPT=$(now)
+FAILED=()
+declare -A WALL RC NOTE
+
+# step NAME TIMEOUT CMD...: run CMD under timeout, output into $WORK/NAME.log (its tail shown);
+# WALL[NAME] seconds, RC[NAME] exit status (124: timed out). Never stops the script.
+step() {
+    local name=$1 lim=$2 t0 rc
+    shift 2
+    echo
+    echo "== $name (timeout ${lim} s): $*"
+    t0=$(now)
+    set +e
+    timeout "$lim" "$@" > "$WORK/$name.log" 2>&1
+    rc=$?
+    set -e
+    WALL[$name]=$(secs "$t0" "$(now)")
+    RC[$name]=$rc
+    tail -n "${TAIL:-12}" "$WORK/$name.log"
+    if [ "$rc" = 124 ]; then
+        echo "$name: TIMED OUT after $lim s"
+    fi
+    echo "$name: exit $rc, ${WALL[$name]} s wall"
+    [ "$rc" = 0 ] || FAILED+=("$name (exit $rc)")
+    return 0
+}
+
+echo "== machine"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
+GPU_NAME=${GPU_NAME:-none}
+CPU_NAME=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 || true)
+echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "gpu: $GPU_NAME"
+echo "cpu: ${CPU_NAME:-?}, $(nproc) cores online; memory $(free -g 2>/dev/null | awk '/^Mem:/ { print $2 " GiB" }')"
+echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+     "$(git diff --quiet 2>/dev/null || echo '(working tree modified)')"
+TORCH=$("$PYTHON" -c 'import numpy, torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())') \
+    || { echo "run_gpu: $PYTHON has no torch or NumPy (set PYTHON)"; exit 1; }
+echo "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])'), torch $TORCH"
+echo "trace: llama3-8b shape, T=$T, first $LAYERS layers, colsum $COLSUM; policies $POLICIES;" \
+     "budgets $BUDGETS; probes $PROBES; threads $THREADS"
+
+# ---- build ----------------------------------------------------------------------------------
+if [ ! -x "$KVT" ] || [ ! -e "$KVT_LIB" ]; then
+    if [ -n "$GIVEN" ]; then
+        echo "run_gpu: KVT_BIN ($KVT) or KVT_LIB ($KVT_LIB) does not exist"
+        exit 1
+    fi
+    step build "$TO_BUILD" bash -c "cmake -S '$ROOT' -B '$BUILD' -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DKVT_CUDA=AUTO -DBUILD_TESTING=OFF && cmake --build '$BUILD' -j$(nproc) --target kvtrace_cli kvtrace"
+    if [ "${RC[build]}" != 0 ]; then
+        echo "run_gpu: the build failed (missing libraries? the CMake log above names them);" \
+             "build elsewhere and pass BUILD= (and DEPS= for its shared libraries)"
+        exit 1
+    fi
+fi
+ldd "$KVT" "$KVT_LIB" > "$WORK/ldd.txt" 2>&1 || true
+if grep -q 'not found' "$WORK/ldd.txt"; then
+    grep 'not found' "$WORK/ldd.txt" | sort -u
+    echo "run_gpu: shared libraries missing for $KVT (set DEPS to a folder holding them)"
+    exit 1
+fi
+"$KVT" --help > /dev/null || { echo "run_gpu: $KVT does not run here"; exit 1; }
+BLAS=no   # the CLI links the modules statically: its own libraries tell
+if ldd "$KVT" 2>/dev/null > "$WORK/ldd.txt" && grep -q -i openblas "$WORK/ldd.txt"; then
+    BLAS=yes
+fi
+echo "kvtrace: $KVT, $KVT_LIB (CPU fast path with OpenBLAS: $BLAS)"
+
+# ---- the trace ------------------------------------------------------------------------------
+TRACE=$WORK/llama3-8b_T${T}_L${LAYERS}_colsum-${COLSUM}.kvt
+case $COLSUM in
+gpu)   FULL=$WORK/llama3-8b_T${T}_qall.kvt; SYNTH_ARGS=(--colsum off --q-all --level 1) ;;
+synth) FULL=$WORK/llama3-8b_T${T}_colsum.kvt; SYNTH_ARGS=(--colsum on --level 1) ;;
+off)   FULL=$WORK/llama3-8b_T${T}.kvt; SYNTH_ARGS=(--colsum off --level 1) ;;
+*)     echo "run_gpu: COLSUM must be gpu, synth or off"; exit 1 ;;
+esac
+if [ ! -s "$TRACE" ] || [ "$FORCE" = 1 ]; then
+    if [ ! -s "$FULL" ] || [ "$FORCE" = 1 ]; then
+        step synth "$TO_SYNTH" "$KVT" synth --shape llama3-8b --tokens "$T" "${SYNTH_ARGS[@]}" \
+            --seed "$SEED" --threads "$THREADS" --force -o "$FULL"
+        [ "${RC[synth]}" = 0 ] || { rm -f "$FULL"; echo "run_gpu: no trace"; exit 1; }
+    fi
+    if [ "$COLSUM" = gpu ]; then
+        # the first LAYERS layers of FULL without Q_all, plus attn_colsum computed from Q_all
+        cat > "$WORK/colsum_cut.py" <<'EOF'
+import json, math, os, sys, time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import kvtrace
+src, dst, n_layers, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+dev = torch.device(device)
+if dev.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False
+BLOCK = int(os.environ.get("COLSUM_BLOCK", "4096"))
+
+
+def colsum_group(q, k, scale):
+    """Causal attention column sums of the G query heads q [G, T, D] on keys k [T, D]:
+    out[h, j] = sum over i >= j of softmax over j' <= i of (q_hi * scale . k_j') at j
+    (f32 softmax, f64 sums, as kvt_synth_colsum_head)."""
+    G, T, D = q.shape
+    out = torch.zeros(G, T, dtype=torch.float64, device=q.device)
+    for i0 in range(0, T, BLOCK):
+        i1 = min(T, i0 + BLOCK)
+        z = torch.matmul(q[:, i0:i1] * scale, k[:i1].T)                      # [G, bs, i1]
+        mask = (torch.arange(i1, device=q.device)[None, :]
+                > torch.arange(i0, i1, device=q.device)[:, None])
+        z.masked_fill_(mask, float("-inf"))
+        out[:, :i1] += torch.softmax(z, dim=-1).sum(1, dtype=torch.float64)
+        del z
+    return out.float()
+
+
+def read_layer(layer, kinds):
+    """Every record of the layer in its stored dtype, and K and Q_all in float32; one reader
+    per call, so that layers decompress in parallel (the binding releases the GIL)."""
+    with kvtrace.open(src) as t:
+        stored = [(k, t.read(k, layer=layer), t.stored_dtype(k, layer)) for k in kinds]
+        return (stored, t.read("K", layer=layer, dtype="float32"),
+                t.read("Q_all", layer=layer, dtype="float32"))
+
+
+t0, tc = time.perf_counter(), 0.0
+with kvtrace.open(src) as t:
+    hdr = json.loads(json.dumps(t.header))
+    L = int(hdr["model"]["n_layers"])
+    n_layers = min(n_layers, L)
+    Hq, Hkv, D = (int(hdr["model"][k]) for k in ("n_q_heads", "n_kv_heads", "head_dim"))
+    G = Hq // Hkv
+    scale = float(np.float32(1.0 / math.sqrt(D)))
+    hdr["model"]["n_layers"] = n_layers
+    syn = hdr.get("synthetic")
+    if isinstance(syn, dict) and isinstance(syn.get("layers"), list):
+        syn["layers"] = syn["layers"][:n_layers]
+    hdr["cut_from"] = {"path": os.path.abspath(src), "n_layers": L}
+    if not t.has("Q_all", 0):
+        sys.exit("colsum: %s has no Q_all" % src)
+    cap = hdr.setdefault("capture", {})
+    cap["with_colsum"], cap["with_q_all"] = True, False
+    hdr["colsum_from"] = ("Q_all and K, by bench/run_gpu.sh (torch %s on %s; f32 softmax, f64 "
+                          "sums)" % (torch.__version__, device))
+    tables, kinds = [], []
+    for r in t.records:
+        if r["layer"] < 0 and r["kind"] not in tables:
+            tables.append(r["kind"])
+        elif r["layer"] == 0 and r["kind"] not in ("Q_all", "attn_colsum", *kinds):
+            kinds.append(r["kind"])
+    lvl = int(cap.get("zstd_level", 3) or 3)
+    n_cpu = os.cpu_count() or 2
+    with kvtrace.TraceWriter(dst, hdr, level=lvl, n_threads=n_cpu, force=True) as w, \
+            ThreadPoolExecutor(max_workers=max(1, min(8, n_cpu // 2))) as pool:
+        for k in tables:
+            w.append(k, t.read(k), dtype="bf16" if t.stored_dtype(k) == "bf16" else None)
+        ahead = max(1, min(8, n_cpu // 2))
+        todo = [pool.submit(read_layer, l, kinds) for l in range(min(ahead, n_layers))]
+        for layer in range(n_layers):
+            stored, K, Q = todo[layer].result()
+            todo[layer] = None
+            if layer + ahead < n_layers:
+                todo.append(pool.submit(read_layer, layer + ahead, kinds))
+            for k, a, sd in stored:
+                w.append(k, a, layer=layer, dtype="bf16" if sd == "bf16" else None)
+            c0 = time.perf_counter()
+            K = torch.from_numpy(K).to(dev)
+            cs = np.empty((Hq, K.shape[1], 1), dtype=np.float32)
+            for g in range(Hkv):
+                q = torch.from_numpy(Q[g * G:(g + 1) * G]).to(dev)
+                cs[g * G:(g + 1) * G, :, 0] = colsum_group(q, K[g], scale).cpu().numpy()
+            del stored, Q, q, K
+            tc += time.perf_counter() - c0
+            w.append("attn_colsum", cs, layer=layer)
+            print("colsum: layer %d done, %.1f s" % (layer, time.perf_counter() - t0),
+                  flush=True)
+print("colsum: %d of %d layers of %s into %s in %.1f s (colsum %.1f s on %s)"
+      % (n_layers, L, src, dst, time.perf_counter() - t0, tc, device))
+EOF
+        step colsum "$TO_COLSUM" "$PYTHON" "$WORK/colsum_cut.py" "$FULL" "$TRACE" "$LAYERS" "$DEVICE"
+        [ "${RC[colsum]}" = 0 ] || { rm -f "$TRACE"; echo "run_gpu: no trace"; exit 1; }
+    else
+        step cut "$TO_COLSUM" "$PYTHON" bench/peer_numpy.py --cut "$LAYERS" "$FULL" "$TRACE"
+        [ "${RC[cut]}" = 0 ] || { rm -f "$TRACE"; echo "run_gpu: no trace"; exit 1; }
+    fi
+fi
+"$KVT" info "$TRACE" | tee "$WORK/trace_info.txt" | sed -n 1,4p
+TRACE_MB=$(du -m "$TRACE" | cut -f1)
+if ! grep -q '^attn_colsum' "$WORK/trace_info.txt"; then
+    POLICIES=$(echo "$POLICIES" | tr ',' '\n' | grep -vx h2o | paste -sd, -)
+    echo "no attn_colsum in the trace: h2o left out"
+fi
+sync
+REPLAY_ARGS=(--policies "$POLICIES" --budgets "$BUDGETS" --coverage-probes "$PROBES" --force)
+
+# ---- 1. kvtrace replay on the CPU ----------------------------------------------------------
+step kvtrace_cpu "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" --threads "$THREADS" \
+    -o "$OUT/kvtrace_cpu.json"
+
+# ---- 2. kvtrace replay --device cuda, if there is one --------------------------------------
+REPLAY_HELP=$("$KVT" replay --help 2>&1 || true)
+if grep -q -- '--device' <<< "$REPLAY_HELP"; then
+    step kvtrace_cuda "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
+        --threads "$THREADS" --device "$DEVICE" -o "$OUT/kvtrace_cuda.json"
+else
+    NOTE[kvtrace_cuda]="skipped: this kvtrace's 'replay --help' has no --device option"
+    echo
+    echo "== kvtrace_cuda: ${NOTE[kvtrace_cuda]}"
+fi
+
+# ---- 3. the PyTorch peer on the GPU ---------------------------------------------------------
+step peer_torch "$TO_PEER" "$PYTHON" bench/peer_torch.py "$TRACE" --device "$DEVICE" \
+    --policies "$POLICIES" --budgets "$BUDGETS" --probes "$PROBES" \
+    --compare "$OUT/kvtrace_cpu.json" -o "$OUT/peer_torch.json"
+grep -E '^(peer_total_s|agreement)' "$WORK/peer_torch.log" || true
+
+# ---- summary --------------------------------------------------------------------------------
+echo
+echo "== summary"
+export GPU_NAME CPU_NAME BLAS T LAYERS COLSUM THREADS PROBES POLICIES BUDGETS DEVICE TRACE TRACE_MB OUT
+export W_SYNTH=${WALL[synth]:-} W_COLSUM=${WALL[colsum]:-${WALL[cut]:-}}
+export W_KCPU=${WALL[kvtrace_cpu]:-} R_KCPU=${RC[kvtrace_cpu]:-}
+export W_KCUDA=${WALL[kvtrace_cuda]:-} R_KCUDA=${RC[kvtrace_cuda]:-} N_KCUDA=${NOTE[kvtrace_cuda]:-}
+export W_PEER=${WALL[peer_torch]:-} R_PEER=${RC[peer_torch]:-} W_BUILD=${WALL[build]:-}
+W_SCRIPT=$(secs "$T_SCRIPT" "$(now)")
+export W_SCRIPT
+set +e
+"$PYTHON" - <<'EOF'
+import json, math, os, sys
+sys.path.insert(0, "bench")
+import peer_numpy
+e = os.environ
+out = e["OUT"]
+
+
+def num(x):
+    return float(x) if x not in (None, "") else None
+
+
+def load(name):
+    p = os.path.join(out, name)
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+peer = load("peer_torch.json")
+steps = {
+    "kvtrace_cpu": {"wall_s": num(e["W_KCPU"]), "exit": e["R_KCPU"], "results": "kvtrace_cpu.json"},
+    "kvtrace_cuda": ({"wall_s": num(e["W_KCUDA"]), "exit": e["R_KCUDA"],
+                      "results": "kvtrace_cuda.json"} if e["W_KCUDA"] else
+                     {"skipped": e["N_KCUDA"] or "not run"}),
+    "peer_torch": {"wall_s": num(e["W_PEER"]), "exit": e["R_PEER"], "results": "peer_torch.json",
+                   "sweep_s": peer and peer["total_s"], "time": peer and peer["time"],
+                   "init_s": peer and peer["init_s"], "torch": peer and peer["torch"],
+                   "device_name": peer and peer["device_name"]},
+}
+ratios = {}
+pw = num(e["W_PEER"])
+ps = peer and peer["total_s"]
+for k in ("kvtrace_cpu", "kvtrace_cuda"):
+    w = steps[k].get("wall_s")
+    if w and steps[k]["exit"] == "0" and pw and e["R_PEER"] in ("0", "1"):
+        ratios["peer_torch_process / " + k] = pw / w
+        ratios["peer_torch_sweep / " + k] = ps / w
+agree = {}
+L = list(range(int(e["LAYERS"])))
+if load("kvtrace_cuda.json") and load("kvtrace_cpu.json"):
+    a = peer_numpy.kvtrace_means(os.path.join(out, "kvtrace_cpu.json"), L)
+    b = peer_numpy.kvtrace_means(os.path.join(out, "kvtrace_cuda.json"), L)
+    for p in a:
+        d = 0.0
+        for bt, m in a[p].items():
+            for k, v in m.items():
+                w = b.get(p, {}).get(bt, {}).get(k, float("nan"))
+                if math.isnan(v) and math.isnan(w):
+                    continue
+                dd = abs(v - w)
+                d = max(d, float("inf") if math.isnan(dd) else dd)
+        agree[p] = d
+bench = {"issue": 7, "device_name": e["GPU_NAME"], "cpu": e["CPU_NAME"], "threads": int(e["THREADS"]),
+         "kvtrace_openblas": e["BLAS"] == "yes",
+         "trace": {"path": e["TRACE"], "shape": "llama3-8b", "T": int(e["T"]),
+                   "layers": int(e["LAYERS"]), "dtype": "bf16", "colsum": e["COLSUM"],
+                   "stored_mb": int(e["TRACE_MB"])},
+         "policies": e["POLICIES"].split(","), "budgets": e["BUDGETS"].split(","),
+         "probes": int(e["PROBES"]),
+         "prepare_s": {"build": num(e["W_BUILD"]), "synth": num(e["W_SYNTH"]),
+                       "colsum_or_cut": num(e["W_COLSUM"])},
+         "steps": steps, "ratios": ratios,
+         "peer_vs_kvtrace_cpu": peer and peer.get("agreement"),
+         "kvtrace_cuda_vs_cpu_max_abs_diff": agree or None,
+         "script_s": num(e["W_SCRIPT"])}
+with open(os.path.join(out, "bench.json"), "w") as f:
+    json.dump(bench, f, indent=1)
+
+
+def fmt(x, f="%.2f"):
+    return "-" if x is None else f % x
+
+
+md = ["# kvtrace replay vs the PyTorch peer (issue #7)", "",
+      "Device: **%s**; CPU: %s, %s threads. Synthetic data, not real KV." % (
+          e["GPU_NAME"], e["CPU_NAME"] or "?", e["THREADS"]), "",
+      "Trace: llama3-8b shape (Hq32 Hkv8 D128), T=%s, bf16, first %s layers, attn_colsum: %s "
+      "(%s MB stored). Policies: %s. Budgets: %s. %s coverage probes." % (
+          e["T"], e["LAYERS"], e["COLSUM"], e["TRACE_MB"], e["POLICIES"], e["BUDGETS"],
+          e["PROBES"]), "",
+      "| run | wall s | notes |", "|---|---|---|",
+      "| `kvtrace replay` (CPU, %s threads) | %s | exit %s; OpenBLAS fast path: %s |" % (
+          e["THREADS"], fmt(num(e["W_KCPU"])), e["R_KCPU"], e["BLAS"]),
+      ("| `kvtrace replay --device %s` | %s | exit %s |" % (
+          e["DEVICE"], fmt(num(e["W_KCUDA"])), e["R_KCUDA"]) if e["W_KCUDA"] else
+       "| `kvtrace replay --device %s` | - | %s |" % (e["DEVICE"], e["N_KCUDA"]))]
+if peer:
+    t = peer["time"]
+    md.append("| `peer_torch.py --device %s` | %s (process) | sweep %.2f s = read %.2f + h2d "
+              "%.2f + attention %.2f + policies x budgets %.2f; device init %.2f s apart; torch %s"
+              " |" % (e["DEVICE"], fmt(pw), peer["total_s"], t["read"], t["h2d"],
+                      t["attention"], t["policies"], peer["init_s"], peer["torch"]))
+else:
+    md.append("| `peer_torch.py --device %s` | %s | exit %s, no results |" % (
+        e["DEVICE"], fmt(pw), e["R_PEER"]))
+md += ["", "Ratios (peer time / kvtrace time; issue #7's target: kvtrace's whole replay at least "
+       "10x faster than the PyTorch peer):", ""]
+md += ["- %s: **%.2fx**" % (k, v) for k, v in ratios.items()] or ["- none (a run failed)"]
+if peer and peer.get("agreement"):
+    md += ["", "peer_torch vs kvtrace CPU, largest |diff| over budgets (means over layers and "
+           "heads; random: own RNG):", ""]
+    md += ["- %s: recall %.1e, err_window %.1e, coverage %.1e" % (
+        p, a["recall_window"], a["err_window"], a["coverage"])
+        for p, a in peer["agreement"].items()]
+if agree:
+    md += ["", "kvtrace --device cuda vs CPU, largest |diff| of any metric mean: " +
+           ", ".join("%s %.1e" % kv for kv in agree.items())]
+md += ["", "Preparation (not timed against anything): build %s s, synth %s s, colsum/cut %s s; "
+       "whole script %s s." % (fmt(num(e["W_BUILD"])), fmt(num(e["W_SYNTH"])),
+                               fmt(num(e["W_COLSUM"])), fmt(num(e["W_SCRIPT"])))]
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+print("\n".join(md))
+EOF
+SUM_RC=$?
+set -e
+[ "$SUM_RC" = 0 ] || FAILED+=("summary (exit $SUM_RC)")
+echo
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "run_gpu: FAILED: ${FAILED[*]} (logs in $WORK)"
+    exit 1
+fi
+echo "run_gpu: done; results in $OUT"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# device_bundle.sh - build kvtrace on this machine for a device session and gather what the GPU
+# session needs into .devbundle/ (ignored by git; name it in the device tool's `carry`):
+#   .devbundle/lib  libkvtrace.so and every shared library it and the binaries need that a bare
+#                   CUDA image may lack (zstd, cJSON, cairo/png, ...; glibc and libstdc++ stay)
+#   .devbundle/bin  the kvtrace CLI and the GPU tests (label gpu)
+# The build is Release-with-debug-info, CUDA on (sm_90 machine code, compute_90 PTX), with
+# OpenBLAS (36 MB of the ~52 MB: the replay benchmark times kvtrace's CPU path as a peer, and
+# without BLAS that path is several times slower; BLAS=0 leaves it out). The device tool
+# carries at most 64 MiB with the working tree.
+# scripts/gpu_session.sh runs them there. usage: bash scripts/device_bundle.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=${BUILD:-build-dev}
+BLAS_OPT=ON
+[ "${BLAS:-1}" = 0 ] && BLAS_OPT=OFF
+cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVT_CUDA=ON -DKVT_BLAS=$BLAS_OPT \
+    -DCMAKE_CUDA_ARCHITECTURES="90-real;90-virtual" >/dev/null
+cmake --build "$B" -j"$(nproc)" >/dev/null
+rm -rf .devbundle
+mkdir -p .devbundle/bin .devbundle/lib
+cp -L "$B/libkvtrace.so" .devbundle/lib/libkvtrace.so
+cp -L "$B/libkvtrace.so" .devbundle/lib/libkvtrace.so.0
+cp "$B/bin/kvtrace" .devbundle/bin/
+for t in test_capture_device_gpu test_capture_colsum_gpu test_kernels_cuda \
+    test_capture_timeline_gpu; do
+    if [ -x "$B/tests/$t" ]; then cp "$B/tests/$t" .devbundle/bin/; fi
+done
+for f in .devbundle/lib/libkvtrace.so .devbundle/bin/*; do ldd "$f"; done |
+    awk '/=> \//{print $3}' | sort -u |
+    grep -v -E '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|libkvtrace)\.so' |
+    while read -r l; do cp -L "$l" .devbundle/lib/; done
+# find them through DT_RPATH (searched for the dependencies of dependencies too), not through
+# LD_LIBRARY_PATH, which would also hand these older libraries to the machine's own Python
+command -v patchelf >/dev/null || apt-get install -y -qq patchelf >/dev/null
+for f in .devbundle/lib/*.so*; do patchelf --force-rpath --set-rpath '$ORIGIN' "$f"; done
+for f in .devbundle/bin/*; do patchelf --force-rpath --set-rpath '$ORIGIN/../lib' "$f"; done
+git rev-parse HEAD >.devbundle/REVISION
+du -sh .devbundle
