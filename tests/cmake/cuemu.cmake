@@ -1,0 +1,81 @@
+# cuemu: the CUDA sources (kernels/cuda, the capture's device path, replay --device cuda) and
+# their GPU tests built with the host C++ compiler over a CPU stand-in for CUDA
+# (tests/cuemu/README.md), so that they run here and in CI on every change; the same tests
+# also run on a real GPU (label gpu). Not in the sanitizer pass (fibers switch stacks) nor the
+# fuzz build.
+include(CheckLanguage)
+check_language(CXX)
+if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
+    enable_language(CXX)
+    set(KVT_CUEMU_DIR ${KVT_TEST_DIR}/cuemu)
+    set(KVT_CUEMU_CU kernels/cuda/attn_cuda.cu kernels/cuda/coverage_cuda.cu
+                     kernels/cuda/norms_cuda.cu kernels/cuda/scores_cuda.cu
+                     kernels/cuda/sweep_cuda.cu kernels/cuda/device_cuda.cu
+                     capture/capture_cuda.cu capture/colsum_cuda.cu)
+    set(KVT_CUEMU_GEN "")
+    foreach(cu IN LISTS KVT_CUEMU_CU)
+        get_filename_component(base ${cu} NAME_WE)
+        set(out ${CMAKE_CURRENT_BINARY_DIR}/cuemu/${base}.cpp)
+        add_custom_command(OUTPUT ${out}
+                           COMMAND ${KVT_SYS_PYTHON} ${KVT_CUEMU_DIR}/cuemu_pp.py
+                                   ${PROJECT_SOURCE_DIR}/${cu} ${out}
+                           DEPENDS ${PROJECT_SOURCE_DIR}/${cu} ${KVT_CUEMU_DIR}/cuemu_pp.py
+                           COMMENT "cuemu: ${cu}" VERBATIM)
+        list(APPEND KVT_CUEMU_GEN ${out})
+    endforeach()
+    set(KVT_CUEMU_INC ${KVT_CUEMU_DIR} ${PROJECT_SOURCE_DIR}/common ${PROJECT_SOURCE_DIR}/traces
+                      ${PROJECT_SOURCE_DIR}/kernels ${PROJECT_SOURCE_DIR}/kernels/cuda
+                      ${PROJECT_SOURCE_DIR}/capture ${PROJECT_SOURCE_DIR}/replay
+                      ${PROJECT_SOURCE_DIR}/analysis ${PROJECT_SOURCE_DIR}/report
+                      ${PROJECT_SOURCE_DIR}/cli ${KVT_TEST_DIR})
+    # the emulated CUDA code, plus the host code that calls it (capture session, replay), built
+    # again against the stand-in headers; everything else is the modules' own objects
+    file(GLOB KVT_CUEMU_REPLAY ${PROJECT_SOURCE_DIR}/replay/*.c
+         ${PROJECT_SOURCE_DIR}/replay/policies/*.c)
+    add_library(kvt_cuemu STATIC
+                ${KVT_CUEMU_GEN} ${KVT_CUEMU_DIR}/cuemu_device.cpp
+                ${KVT_CUEMU_DIR}/cuemu_runtime.c ${KVT_CUEMU_DIR}/rank_cuemu.c
+                ${PROJECT_SOURCE_DIR}/capture/capture_session.c
+                ${PROJECT_SOURCE_DIR}/capture/llama2c.c ${PROJECT_SOURCE_DIR}/capture/timeline.c
+                ${PROJECT_SOURCE_DIR}/capture/cupti_timeline.c
+                ${KVT_CUEMU_REPLAY} ${PROJECT_SOURCE_DIR}/replay/cuda/ctx_gpu.c)
+    kvt_target_defaults(kvt_cuemu)
+    target_include_directories(kvt_cuemu BEFORE PUBLIC ${KVT_CUEMU_INC})
+    target_compile_options(kvt_cuemu PRIVATE
+                           $<$<COMPILE_LANGUAGE:CXX>:-std=c++17 -ffp-contract=off -Wno-unused-function>)
+    target_link_libraries(kvt_cuemu PUBLIC PkgConfig::CJSON PkgConfig::ZSTD ZLIB::ZLIB
+                                           Threads::Threads m ${CMAKE_DL_LIBS})
+    set(KVT_CUEMU_OBJS $<TARGET_OBJECTS:kvt_common> $<TARGET_OBJECTS:kvt_traces>
+                       $<TARGET_OBJECTS:kvt_kernels>)
+    set(KVT_CUEMU_LIBS kvt_cuemu)
+    if(KVT_HAVE_BLAS)
+        list(APPEND KVT_CUEMU_LIBS PkgConfig::OPENBLAS)
+    endif()
+
+    # the GPU tests, unchanged, on the stand-in
+    foreach(t test_kernels_cuda test_capture_device_gpu test_capture_colsum_gpu)
+        string(REPLACE "_gpu" "" tn ${t})
+        string(REPLACE "_cuda" "" tn ${tn})
+        add_executable(${tn}_cuemu ${KVT_TEST_DIR}/unit/${t}.c ${KVT_CUEMU_OBJS})
+        kvt_target_defaults(${tn}_cuemu)
+        target_link_libraries(${tn}_cuemu PRIVATE ${KVT_CUEMU_LIBS})
+        set_target_properties(${tn}_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+        add_test(NAME ${tn}_cuemu COMMAND ${tn}_cuemu)
+        set_tests_properties(${tn}_cuemu PROPERTIES LABELS "cpu;noasan" SKIP_RETURN_CODE 77
+                             TIMEOUT 600 ENVIRONMENT "KVT_COLSUM_BENCH_T=0")
+    endforeach()
+
+    # the kvtrace command on the stand-in, for replay --device cuda end to end
+    file(GLOB KVT_CUEMU_CLI ${PROJECT_SOURCE_DIR}/cli/*.c)
+    add_executable(kvtrace_cuemu ${KVT_CUEMU_CLI} ${KVT_CUEMU_OBJS}
+                   $<TARGET_OBJECTS:kvt_analysis> $<TARGET_OBJECTS:kvt_report>)
+    kvt_target_defaults(kvtrace_cuemu)
+    target_link_libraries(kvtrace_cuemu PRIVATE ${KVT_CUEMU_LIBS} PkgConfig::PNG PkgConfig::CAIRO
+                                                PkgConfig::FONTCONFIG)
+    set_target_properties(kvtrace_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    add_test(NAME test_replay_device_cuemu
+             COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh cuda)
+    set_tests_properties(test_replay_device_cuemu PROPERTIES LABELS "cpu;noasan"
+        SKIP_RETURN_CODE 77 TIMEOUT 600
+        ENVIRONMENT "KVT_SOURCE_ROOT=${PROJECT_SOURCE_DIR};KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_PYTHON=${KVT_SYS_PYTHON}")
+endif()
