@@ -323,8 +323,7 @@ kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why
     }
     if (why && cap)
         snprintf(why, cap, "%s", reason);
-    KVT_RETURN_IF(want == KVT_DEVICE_CUDA, KVT_ERR_NO_CUDA,
-                  "no usable CUDA device (%s)", reason);
+    KVT_RETURN_IF(want == KVT_DEVICE_CUDA, KVT_ERR_NO_CUDA, "no usable CUDA device (%s)", reason);
     return KVT_OK;
 }
 
