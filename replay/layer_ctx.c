@@ -164,7 +164,9 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         }
         c->r_all[g] = kvt_redundancy_ref(c->kmean + (size_t)g * D, D, T);
     }
-    kvt_ctx_gpu_end(dev);
+    if (dev && (s = kvt_ctx_gpu_finish(dev, c)))
+        goto out_fail;
+    c->gpu = dev; /* kept for the output sweeps; kvt_ctx_free ends it */
     kvt_free(work);
     kvt_free(vis);
     kvt_free(vis2);
@@ -202,6 +204,7 @@ void kvt_ctx_free(kvt_layer_ctx *c)
     kvt_free(c->kmean);
     kvt_free(c->r_all);
     kvt_free(c->colsum);
+    kvt_ctx_gpu_end(c->gpu);
     for (int i = 0; i < c->n_cache; i++) {
         kvt_free(c->cache[i].s);
         kvt_free(c->cache[i].rank);

@@ -108,6 +108,7 @@ struct kvt_layer_ctx {
     double *colsum;        /* [Hq, T] H2O column sums, lazily (kvt_ctx_colsum) */
     kvt_score_entry cache[KVT_SCORE_CACHE];
     int n_cache;
+    struct kvt_ctx_gpu *gpu; /* replay --device cuda: device copies for the output sweeps */
 };
 
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/ctx_gpu.h"
 #include "replay_internal.h"
 
 typedef struct scratch {
@@ -196,9 +197,17 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
             oe = c->od_extra + ((size_t)hq0 * Gd + step) * D;
         }
     }
-    KVT_FORWARD(kvt_sweep_output(n_q, T, D, p, sp, pt, st, c->in->v + (size_t)(hq0 / c->Gs) * T * D,
-                                 a, sa, pe, se, oe, rf, order, s->cuts, n_cut, mod, mm, KVT_NM,
-                                 s->rec, s->err, mod ? s->rmod : NULL, s->sw));
+    const float *v = c->in->v + (size_t)(hq0 / c->Gs) * T * D;
+    kvt_status so = KVT_ERR_UNSUPPORTED;
+    if (c->gpu) /* --device cuda; a head dim its kernel does not take falls back to the host */
+        so = kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, v, a, sa, pe, se, oe, rf, order,
+                                      s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
+                                      mod ? s->rmod : NULL);
+    if (so == KVT_ERR_UNSUPPORTED) /* (no token-major copy with a GPU: see the layer loop) */
+        so = kvt_sweep_output(n_q, T, D, p, sp, c->gpu ? NULL : pt, st, v, a, sa, pe, se, oe, rf,
+                              order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
+                              mod ? s->rmod : NULL, s->sw);
+    KVT_FORWARD(so);
     for (int b = 0; b < n_b; b++) {
         int ci = s->map[b];
         double r = 0.0, e = 0.0;
@@ -834,7 +843,7 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
             (st = kvt_cosine_table(c.ku + (size_t)g * c.T * c.D, c.T, c.D, s.probe, n_probe, s.ct)))
             goto out_free;
         memset(done, 0, n_pol * (size_t)c.Gs);
-        if (s.pwt) { /* this KV head's probabilities token-major, for the output sweeps */
+        if (s.pwt && !c.gpu) { /* this KV head's probabilities token-major, for the sweeps */
             kvt_transpose_f32_cpu(c.prw + (size_t)g * c.Gs * c.Wt * c.T, c.Gs * c.Wt, c.T,
                                   (size_t)c.T, s.pwt, (size_t)c.Gs * c.Wt);
             if (c.Gd > 0)

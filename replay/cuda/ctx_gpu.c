@@ -1,22 +1,44 @@
 /* ctx_gpu.c - the layer context's GPU backend (ctx_gpu.h): uploads a layer once, runs the
- * attention and norm kernels of kernels/cuda on its own non-blocking stream and copies their
- * results into the host context. Every copy is on that stream and waited for, so the host
- * arrays are complete when a call returns. Several replay workers may each hold one at once.
+ * attention and norm kernels of kernels/cuda on its own non-blocking stream, copies their
+ * results into the host context and keeps the device copies (probabilities, full outputs, row
+ * sums, decode-key terms, V) for the output sweeps of the layer's policies. Every copy is on
+ * that stream and waited for, so host arrays are complete when a call returns. Several replay
+ * workers may each hold one at once.
  */
 #include <cuda_runtime_api.h>
 #include <string.h>
 
 #include "ctx_gpu.h"
 #include "kvt_kernels_cuda.h"
+#include "replay_internal.h"
+
+#define CTX_GPU_MAP 12
+
+typedef struct ctx_map {
+    const char *h; /* host array of the context */
+    char *d;       /* its device copy */
+    size_t bytes;
+} ctx_map;
 
 struct kvt_ctx_gpu {
     cudaStream_t st;
     int T, D, Hq, Hkv, Wt, Gd, rows;
     bool extra;
-    float *k, *v, *qw, *qd, *kd, *vd; /* device copies of the layer's inputs */
-    float *pr, *pr2, *ku;             /* [rows, T], [rows, Gd], [T, D] */
-    double *lse, *out, *norm, *mean;  /* [rows], [rows, D], [T], [D] */
-    double *inv;                      /* [T] unit-row workspace */
+    float *k, *v, *qw, *qd, *kd, *vd; /* the layer's inputs */
+    float *prw, *prd;                 /* [Hq, Wt, T], [Hq, Gd, T] probabilities */
+    double *aw, *ad;                  /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
+    float *pr2;                       /* [rows, Gd] probabilities on decode keys (scratch) */
+    double *lse;                      /* [rows] (scratch) */
+    float *ku;                        /* [T, D] unit keys of one KV head (scratch) */
+    double *norm, *mean, *inv;        /* [T], [D], [T] (scratch) */
+    /* uploaded by kvt_ctx_gpu_finish */
+    double *rsw, *rsd, *pe, *oe, *mm;
+    uint8_t *mod;
+    int32_t *order;           /* [T] the ranking being swept */
+    double *rec, *err, *rmod; /* sweep results */
+    size_t res_cap;           /* elements of rec and err (rmod: x KVT_NM) */
+    ctx_map map[CTX_GPU_MAP];
+    int n_map;
 };
 
 #define GPU_OK(call)                                                                               \
@@ -38,10 +60,10 @@ static kvt_status dalloc(void **p, size_t bytes)
     return KVT_OK;
 }
 
-static kvt_status upload(kvt_ctx_gpu *g, float **dst, const float *src, size_t n)
+static kvt_status upload(kvt_ctx_gpu *g, void **dst, const void *src, size_t bytes)
 {
-    KVT_FORWARD(dalloc((void **)dst, n * sizeof(float)));
-    GPU_OK(cudaMemcpyAsync(*dst, src, n * sizeof(float), cudaMemcpyHostToDevice, g->st));
+    KVT_FORWARD(dalloc(dst, bytes));
+    GPU_OK(cudaMemcpyAsync(*dst, src, bytes, cudaMemcpyHostToDevice, g->st));
     return KVT_OK;
 }
 
@@ -57,8 +79,9 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
         return;
     if (g->st)
         cudaStreamSynchronize(g->st);
-    void *bufs[] = {g->k,   g->v,  g->qw,  g->qd,  g->kd,   g->vd,   g->pr,
-                    g->pr2, g->ku, g->lse, g->out, g->norm, g->mean, g->inv};
+    void *bufs[] = {g->k,  g->v,   g->qw,  g->qd,  g->kd,    g->vd,   g->prw, g->prd, g->aw,
+                    g->ad, g->pr2, g->lse, g->ku,  g->norm,  g->mean, g->inv, g->rsw, g->rsd,
+                    g->pe, g->oe,  g->mm,  g->mod, g->order, g->rec,  g->err, g->rmod};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         if (bufs[i])
             cudaFree(bufs[i]);
@@ -70,26 +93,31 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
 {
     const size_t T = (size_t)g->T, D = (size_t)g->D, kv = (size_t)g->Hkv * T * D;
-    const size_t rows = (size_t)g->rows;
+    const size_t rows = (size_t)g->rows, Hq = (size_t)g->Hq;
     GPU_OK(cudaSetDevice(0));
     GPU_OK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking));
-    KVT_FORWARD(upload(g, &g->k, in->k, kv));
-    KVT_FORWARD(upload(g, &g->v, in->v, kv));
-    KVT_FORWARD(upload(g, &g->qw, in->q_window, (size_t)g->Hq * g->Wt * D));
-    if (g->Gd > 0)
-        KVT_FORWARD(upload(g, &g->qd, in->q_decode, (size_t)g->Hq * g->Gd * D));
+    KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
+    KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
+    KVT_FORWARD(upload(g, (void **)&g->qw, in->q_window, Hq * g->Wt * D * sizeof(float)));
+    KVT_FORWARD(dalloc((void **)&g->prw, Hq * g->Wt * T * sizeof(float)));
+    KVT_FORWARD(dalloc((void **)&g->aw, Hq * g->Wt * D * sizeof(double)));
+    if (g->Gd > 0) {
+        KVT_FORWARD(upload(g, (void **)&g->qd, in->q_decode, Hq * g->Gd * D * sizeof(float)));
+        KVT_FORWARD(dalloc((void **)&g->prd, Hq * g->Gd * T * sizeof(float)));
+        KVT_FORWARD(dalloc((void **)&g->ad, Hq * g->Gd * D * sizeof(double)));
+    }
     if (g->extra) {
-        KVT_FORWARD(upload(g, &g->kd, in->k_decode, (size_t)g->Hkv * g->Gd * D));
-        KVT_FORWARD(upload(g, &g->vd, in->v_decode, (size_t)g->Hkv * g->Gd * D));
+        size_t n = (size_t)g->Hkv * g->Gd * D * sizeof(float);
+        KVT_FORWARD(upload(g, (void **)&g->kd, in->k_decode, n));
+        KVT_FORWARD(upload(g, (void **)&g->vd, in->v_decode, n));
         KVT_FORWARD(dalloc((void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
     }
-    KVT_FORWARD(dalloc((void **)&g->pr, rows * T * sizeof(float)));
     KVT_FORWARD(dalloc((void **)&g->lse, rows * sizeof(double)));
-    KVT_FORWARD(dalloc((void **)&g->out, rows * D * sizeof(double)));
     KVT_FORWARD(dalloc((void **)&g->ku, T * D * sizeof(float)));
     KVT_FORWARD(dalloc((void **)&g->norm, T * sizeof(double)));
     KVT_FORWARD(dalloc((void **)&g->mean, D * sizeof(double)));
     KVT_FORWARD(dalloc((void **)&g->inv, T * sizeof(double)));
+    KVT_FORWARD(dalloc((void **)&g->order, T * sizeof(int32_t)));
     return KVT_OK;
 }
 
@@ -116,20 +144,22 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
 {
     KVT_RETURN_IF(!g || n_q < 1 || n_q > g->rows, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: bad attention call (%d rows)", n_q);
-    const size_t T = (size_t)g->T, D = (size_t)g->D;
-    const float *q = (decode ? g->qd : g->qw) + (size_t)group * n_q * D; /* the group's rows */
+    const size_t T = (size_t)g->T, D = (size_t)g->D, q0 = (size_t)group * n_q; /* first row */
+    const float *q = (decode ? g->qd : g->qw) + q0 * D;
+    float *dpr = (decode ? g->prd : g->prw) + q0 * T;
+    double *dout = (decode ? g->ad : g->aw) + q0 * D;
     const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
     bool extra = decode && g->extra;
     const float *Kd = extra ? g->kd + (size_t)group * g->Gd * D : NULL;
     KVT_FORWARD(kvt_attn_probs_cuda(q, n_q, g->D, K, g->T, n_vis, Kd, extra ? g->Gd : 0,
-                                    extra ? n_vis2 : NULL, scale, g->pr, extra ? g->pr2 : NULL,
+                                    extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL,
                                     g->lse, (void *)g->st));
-    KVT_FORWARD(kvt_attn_output_cuda(g->pr, n_q, g->T, T, V, g->D, g->out, D, (void *)g->st));
-    KVT_FORWARD(download(g, pr, g->pr, (size_t)n_q * T * sizeof(float)));
+    KVT_FORWARD(kvt_attn_output_cuda(dpr, n_q, g->T, T, V, g->D, dout, D, (void *)g->st));
+    KVT_FORWARD(download(g, pr, dpr, (size_t)n_q * T * sizeof(float)));
     if (extra && pr2)
         KVT_FORWARD(download(g, pr2, g->pr2, (size_t)n_q * g->Gd * sizeof(float)));
     KVT_FORWARD(download(g, lse, g->lse, (size_t)n_q * sizeof(double)));
-    KVT_FORWARD(download(g, out, g->out, (size_t)n_q * D * sizeof(double)));
+    KVT_FORWARD(download(g, out, dout, (size_t)n_q * D * sizeof(double)));
     GPU_OK(cudaStreamSynchronize(g->st));
     return KVT_OK;
 }
@@ -147,6 +177,100 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *v
     KVT_FORWARD(kvt_unit_rows_cuda(K, g->T, g->D, g->ku, g->mean, g->inv, (void *)g->st));
     KVT_FORWARD(download(g, ku, g->ku, T * D * sizeof(float)));
     KVT_FORWARD(download(g, kmean, g->mean, D * sizeof(double)));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    return KVT_OK;
+}
+
+static void add_map(kvt_ctx_gpu *g, const void *h, void *d, size_t bytes)
+{
+    if (h && d && g->n_map < CTX_GPU_MAP)
+        g->map[g->n_map++] = (ctx_map){(const char *)h, (char *)d, bytes};
+}
+
+kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
+{
+    KVT_RETURN_IF(!g || !c, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
+    const size_t T = (size_t)g->T, D = (size_t)g->D, Hq = (size_t)g->Hq;
+    const size_t nw = Hq * g->Wt, nd = Hq * g->Gd;
+    KVT_FORWARD(upload(g, (void **)&g->rsw, c->rsw, nw * sizeof(double)));
+    if (c->massw_mod)
+        KVT_FORWARD(upload(g, (void **)&g->mm, c->massw_mod, nw * KVT_NM * sizeof(double)));
+    if (c->in->modality)
+        KVT_FORWARD(upload(g, (void **)&g->mod, c->in->modality, T));
+    if (g->Gd > 0)
+        KVT_FORWARD(upload(g, (void **)&g->rsd, c->rsd, nd * sizeof(double)));
+    if (c->has_extra) {
+        KVT_FORWARD(upload(g, (void **)&g->pe, c->pd_extra, nd * sizeof(double)));
+        KVT_FORWARD(upload(g, (void **)&g->oe, c->od_extra, nd * D * sizeof(double)));
+    }
+    GPU_OK(cudaStreamSynchronize(g->st));
+    g->n_map = 0;
+    add_map(g, c->prw, g->prw, nw * T * sizeof(float));
+    add_map(g, c->aw, g->aw, nw * D * sizeof(double));
+    add_map(g, c->rsw, g->rsw, nw * sizeof(double));
+    add_map(g, c->massw_mod, g->mm, nw * KVT_NM * sizeof(double));
+    add_map(g, c->prd, g->prd, nd * T * sizeof(float));
+    add_map(g, c->ad, g->ad, nd * D * sizeof(double));
+    add_map(g, c->rsd, g->rsd, nd * sizeof(double));
+    add_map(g, c->pd_extra, g->pe, nd * sizeof(double));
+    add_map(g, c->od_extra, g->oe, nd * D * sizeof(double));
+    add_map(g, c->in->v, g->v, (size_t)g->Hkv * T * D * sizeof(float));
+    add_map(g, c->in->modality, g->mod, T);
+    return KVT_OK;
+}
+
+/* The device copy of a host pointer into one of the context's arrays (NULL stays NULL). */
+static const void *dev_of(const kvt_ctx_gpu *g, const void *h, bool *ok)
+{
+    if (!h)
+        return NULL;
+    const char *p = (const char *)h;
+    for (int i = 0; i < g->n_map; i++)
+        if (p >= g->map[i].h && p < g->map[i].h + g->map[i].bytes)
+            return g->map[i].d + (p - g->map[i].h);
+    *ok = false;
+    return NULL;
+}
+
+kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
+                                    size_t stride_p, const float *v, const double *a_full,
+                                    size_t stride_a, const double *p_extra, size_t stride_e,
+                                    const double *o_extra, const double *r_full,
+                                    const int32_t *order, const int32_t *cuts, int n_cut,
+                                    const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                    double *recall, double *err, double *recall_mod)
+{
+    KVT_RETURN_IF(!g || T != g->T || D != g->D || n_q < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad sweep call");
+    if (n_q == 0 || n_cut == 0)
+        return KVT_OK;
+    bool ok = true;
+    const float *dp = dev_of(g, p, &ok), *dv = dev_of(g, v, &ok);
+    const double *da = dev_of(g, a_full, &ok), *dpe = dev_of(g, p_extra, &ok);
+    const double *doe = dev_of(g, o_extra, &ok), *drf = dev_of(g, r_full, &ok);
+    const uint8_t *dmod = dev_of(g, mod, &ok);
+    const double *dmm = dev_of(g, mass_mod, &ok);
+    KVT_RETURN_IF(!ok, KVT_ERR_STATE,
+                  "replay --device cuda: internal error: a sweep input outside the layer context");
+    size_t n = (size_t)n_q * n_cut;
+    if (n > g->res_cap) { /* grow the result buffers */
+        cudaFree(g->rec), cudaFree(g->err), cudaFree(g->rmod);
+        g->rec = g->err = g->rmod = NULL;
+        g->res_cap = 0;
+        KVT_FORWARD(dalloc((void **)&g->rec, n * sizeof(double)));
+        KVT_FORWARD(dalloc((void **)&g->err, n * sizeof(double)));
+        KVT_FORWARD(dalloc((void **)&g->rmod, n * KVT_NM * sizeof(double)));
+        g->res_cap = n;
+    }
+    GPU_OK(cudaMemcpyAsync(g->order, order, (size_t)T * sizeof(int32_t), cudaMemcpyHostToDevice,
+                           g->st));
+    KVT_FORWARD(kvt_sweep_output_cuda(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e, doe,
+                                      drf, g->order, cuts, n_cut, dmod, dmm, stride_m, g->rec,
+                                      g->err, mod ? g->rmod : NULL, (void *)g->st));
+    KVT_FORWARD(download(g, recall, g->rec, n * sizeof(double)));
+    KVT_FORWARD(download(g, err, g->err, n * sizeof(double)));
+    if (mod && recall_mod)
+        KVT_FORWARD(download(g, recall_mod, g->rmod, n * KVT_NM * sizeof(double)));
     GPU_OK(cudaStreamSynchronize(g->st));
     return KVT_OK;
 }

@@ -2,8 +2,9 @@
  * layer's tensors are uploaded once, then the attention probabilities and outputs of each KV
  * group and the key/value norms, unit keys and their mean are computed by the CUDA kernels
  * (kernels/cuda, each checked against its _ref) and copied into the host context, so every
- * policy and sweep then runs unchanged on the host. ctx_gpu.c needs CUDA; ctx_gpu_stub.c
- * answers KVT_ERR_NO_CUDA in a build without it.
+ * policy runs unchanged on the host. The context keeps the device copies for the layer's
+ * lifetime: the output sweeps (recall and output error of every cut of a ranking) then run on
+ * the GPU too. ctx_gpu.c needs CUDA; ctx_gpu_stub.c answers KVT_ERR_NO_CUDA without it.
  */
 #ifndef KVT_REPLAY_CTX_GPU_H
 #define KVT_REPLAY_CTX_GPU_H
@@ -11,6 +12,7 @@
 #include "kvt_replay.h"
 
 typedef struct kvt_ctx_gpu kvt_ctx_gpu;
+struct kvt_layer_ctx;
 
 /** Usable CUDA devices (0 with a one-line reason in why[cap]). */
 int kvt_ctx_gpu_devices(char *why, size_t cap);
@@ -31,6 +33,23 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
  *  kvt_unit_rows. */
 kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, float *ku,
                              double *kmean);
+
+/** After the host context is complete: upload what the host computed (row sums, masses by
+ *  modality, decode-key terms, modality) so that kvt_ctx_gpu_sweep_output can run. */
+kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const struct kvt_layer_ctx *c);
+
+/** kvt_sweep_output_ref's contract on the GPU, given the HOST pointers the host sweep would
+ *  use (each must point into the context's arrays or the layer's V; they are mapped to the
+ *  device copies); order and cuts on the host; results [n_q, n_cut] (and by modality) into
+ *  host memory. KVT_ERR_UNSUPPORTED for a head dim the kernel does not take (the caller then
+ *  sweeps on the host). */
+kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
+                                    size_t stride_p, const float *v, const double *a_full,
+                                    size_t stride_a, const double *p_extra, size_t stride_e,
+                                    const double *o_extra, const double *r_full,
+                                    const int32_t *order, const int32_t *cuts, int n_cut,
+                                    const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                    double *recall, double *err, double *recall_mod);
 
 /** Free the device memory and stream (NULL is fine). */
 void kvt_ctx_gpu_end(kvt_ctx_gpu *g);
