@@ -6,9 +6,9 @@
  * tests/unit/test_kernels_cuda.c (label gpu: "not run" without a device).
  *
  * Status: these kernels compile in CI but have not yet run on a GPU (no device in the sessions
- * that wrote them). `replay --device cuda` computes each layer's context with the attention,
- * output, norm and unit-row kernels (replay/cuda/ctx_gpu.c); the others (window scores,
- * rankings, coverage, the output sweep, H2O column sums) are not yet called by the replay.
+ * that wrote them; they run in CI on cuemu, tests/cuemu). `replay --device cuda` uses the
+ * attention, output, norm, unit-row and output-sweep kernels (replay/cuda/ctx_gpu.c); window
+ * scores, rankings, coverage and H2O column sums are not yet called by the replay.
  */
 #ifndef KVT_KERNELS_CUDA_H
 #define KVT_KERNELS_CUDA_H
