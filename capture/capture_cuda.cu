@@ -2,7 +2,7 @@
  *
  * Pipeline per trace record (CAPTURE.md §5):
  *   producer stream: gather_k reads the engine's strided [H, T, D] slice, converts it to the
- *                    stored dtype (bitwise as common/dtype.c converts) and writes it byte-plane
+ *                    stored dtype (common/dtype_bits.h, as the host does) and writes it byte-plane
  *                    split into a slot of the device ring; ev_gathered is recorded after it.
  *   side stream:     waits for ev_gathered, copies the slot into the same slot of the pinned
  *                    host ring, records ev_done.
@@ -21,6 +21,7 @@
 
 #include "capture_dev.h"
 #include "colsum_cuda.h"
+#include "dtype_bits.h"
 
 #define CD_CU(call)                                                                                \
     do {                                                                                           \
@@ -85,77 +86,24 @@ struct cd_device_scope {
     cd_device_scope cd_scope_((d)->device);                                                        \
     KVT_RETURN_IF(!cd_scope_.ok, KVT_ERR_CUDA, "capture: cannot select CUDA device %d", (d)->device)
 
-/* ---- dtype conversion, bitwise as common/dtype.c ---- */
-
-static __device__ inline float cd_u2f(uint32_t u)
-{
-    return __uint_as_float(u);
-}
-
-static __device__ inline float cd_f16_to_f32(uint32_t h)
-{
-    uint32_t sign = (h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1fu;
-    uint32_t man = h & 0x3ffu;
-    if (e == 0) {
-        if (man == 0)
-            return cd_u2f(sign);
-        float v = __fmul_rn((float)man, 5.9604644775390625e-08f); /* exact: man * 2^-24 */
-        return sign ? -v : v;
-    }
-    if (e == 31)
-        return cd_u2f(sign | 0x7f800000u | (man << 13));
-    return cd_u2f(sign | ((e + 112u) << 23) | (man << 13));
-}
-
-static __device__ inline uint32_t cd_f32_to_f16(float f)
-{
-    uint32_t u = __float_as_uint(f);
-    uint32_t sign = (u >> 16) & 0x8000u;
-    uint32_t a = u & 0x7fffffffu;
-    if (a >= 0x7f800000u)
-        return sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u);
-    if (a >= 0x477ff000u)
-        return sign | 0x7c00u;
-    if (a < 0x38800000u) {
-        float v = __fmul_rn(cd_u2f(a), 16777216.0f);
-        return sign | (uint32_t)rintf(v);
-    }
-    uint32_t e = (a >> 23) - 112u;
-    uint32_t man = a & 0x7fffffu;
-    uint32_t h = (e << 10) | (man >> 13);
-    uint32_t rem = man & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
-        h++;
-    return sign | h;
-}
-
-static __device__ inline uint32_t cd_f32_to_bf16(float f)
-{
-    uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return ((u >> 16) | 0x40u) & 0xffffu;
-    uint32_t lsb = (u >> 16) & 1u;
-    u += 0x7fffu + lsb;
-    return u >> 16;
-}
+/* ---- dtype conversion: common/dtype_bits.h, the host's own functions ---- */
 
 static __device__ inline float cd_to_f32(uint32_t bits, int dt)
 {
     if (dt == KVT_DTYPE_BF16)
-        return cd_u2f(bits << 16);
+        return kvt_bits_bf16_to_f32(bits);
     if (dt == KVT_DTYPE_F16)
-        return cd_f16_to_f32(bits);
-    return cd_u2f(bits);
+        return kvt_bits_f16_to_f32(bits);
+    return kvt_bits_u2f(bits);
 }
 
 static __device__ inline uint32_t cd_from_f32(float f, int dt)
 {
     if (dt == KVT_DTYPE_BF16)
-        return cd_f32_to_bf16(f);
+        return kvt_bits_f32_to_bf16(f);
     if (dt == KVT_DTYPE_F16)
-        return cd_f32_to_f16(f);
-    return __float_as_uint(f);
+        return kvt_bits_f32_to_f16(f);
+    return kvt_bits_f2u(f);
 }
 
 /* ---- the gather kernel ---- */
