@@ -276,16 +276,21 @@ if ! grep -q '^attn_colsum' "$WORK/trace_info.txt"; then
 fi
 sync
 REPLAY_ARGS=(--policies "$POLICIES" --budgets "$BUDGETS" --coverage-probes "$PROBES" --force)
+# the time split (read / context / sweeps; with --device cuda uploads, kernels with the
+# bandwidth they achieved, downloads), kept as kvtrace_*_profile.txt
+"$KVT" replay --help 2>&1 | grep -q -- '--profile' && REPLAY_ARGS+=(--profile)
 
 # ---- 1. kvtrace replay on the CPU ----------------------------------------------------------
 step kvtrace_cpu "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" --threads "$THREADS" \
     -o "$OUT/kvtrace_cpu.json"
+grep '^profile:' "$WORK/kvtrace_cpu.log" >"$OUT/kvtrace_cpu_profile.txt" || true
 
 # ---- 2. kvtrace replay --device cuda, if there is one --------------------------------------
 REPLAY_HELP=$("$KVT" replay --help 2>&1 || true)
 if grep -q -- '--device' <<< "$REPLAY_HELP"; then
     step kvtrace_cuda "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
         --threads "$THREADS" --device "$DEVICE" -o "$OUT/kvtrace_cuda.json"
+    grep '^profile:' "$WORK/kvtrace_cuda.log" >"$OUT/kvtrace_cuda_profile.txt" || true
 else
     NOTE[kvtrace_cuda]="skipped: this kvtrace's 'replay --help' has no --device option"
     echo

@@ -22,7 +22,7 @@ static void help(void)
     printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
            "                      [--threads N] [--seed S] [--per-query-head]\n"
            "                      [--coverage-probes N] [--export-selection FILE] [--force]\n"
-           "                      [--shard I/N] [--device cpu|cuda|auto]\n\n"
+           "                      [--shard I/N] [--device cpu|cuda|auto] [--profile]\n\n"
            "Replay KV-cache compression policies offline on captured traces and measure every\n"
            "budget at once: attention recall, output error on window and held-out decode\n"
            "queries, key coverage, head redundancy, modality mix, oracle overlap, kept bytes.\n"
@@ -42,6 +42,9 @@ static void help(void)
            "                    recall/error sweeps run: cpu (default), cuda (GPU 0; policies,\n"
            "                    rankings and coverage stay on the host), or auto (cuda when a\n"
            "                    GPU is usable)\n"
+           "  --profile         print where the time went on stderr: reading the trace, layer\n"
+           "                    contexts, policies and sweeps; with --device cuda also uploads,\n"
+           "                    kernels (with the bandwidth they achieved) and downloads\n"
            "  --seed S          seed of the random policy (default 0)\n"
            "  --per-query-head  select per query head (original SnapKV) instead of per KV head\n"
            "  --coverage-probes N  probe keys per head for coverage (default %d, 0 = off)\n"
@@ -54,6 +57,33 @@ static void help(void)
            "                    partial results.json; combine all N with kvtrace merge\n"
            "  --list-policies   print the policies with their options and defaults\n",
            DEFAULT_POLICIES, KVT_DEFAULT_COVERAGE_PROBES);
+}
+
+/* --profile: where the time went, on stderr (one "profile:" line per part) */
+static void print_profile(const kvt_replay_profile *p, kvt_device device)
+{
+    double wall = p->wall_ns * 1e-9;
+    fprintf(stderr,
+            "profile: wall %.3f s, %llu layers; summed over workers: read %.3f s, "
+            "context %.3f s, policies+sweeps %.3f s\n",
+            wall, (unsigned long long)p->n_layers, p->read_ns * 1e-9, p->context_ns * 1e-9,
+            p->measure_ns * 1e-9);
+    if (device != KVT_DEVICE_CUDA)
+        return;
+    const struct {
+        const char *what;
+        uint64_t ns, bytes;
+    } g[] = {{"upload (host to device)", p->gpu_upload_ns, p->gpu_upload_bytes},
+             {"attention kernels", p->gpu_attn_ns, p->gpu_attn_bytes},
+             {"norm kernels", p->gpu_norm_ns, p->gpu_norm_bytes},
+             {"sweep kernels", p->gpu_sweep_ns, p->gpu_sweep_bytes},
+             {"download (device to host)", p->gpu_download_ns, p->gpu_download_bytes}};
+    for (size_t i = 0; i < sizeof(g) / sizeof(g[0]); i++)
+        fprintf(stderr, "profile: gpu %-26s %9.3f s %10.3f GB %9.1f GB/s\n", g[i].what,
+                g[i].ns * 1e-9, g[i].bytes * 1e-9,
+                g[i].ns ? (double)g[i].bytes / (double)g[i].ns : 0.0);
+    fprintf(stderr, "profile: gpu sweep calls %llu (kernel GB: at least what each must move)\n",
+            (unsigned long long)p->gpu_sweep_calls);
 }
 
 /* "I/N" with 0 <= I < N */
@@ -139,6 +169,9 @@ int kvt_cmd_replay(int argc, char **argv)
     uint64_t seed = 0;
     bool force = false, per_query = false;
     kvt_device device = KVT_DEVICE_CPU;
+    bool profile = false;
+    kvt_replay_profile prof;
+    memset(&prof, 0, sizeof(prof));
     kvt_policy **pols = NULL;
     size_t n_pol = 0, n_b = 0;
     kvt_budget *budgets = NULL;
@@ -176,6 +209,8 @@ int kvt_cmd_replay(int argc, char **argv)
         } else if (!strcmp(a, "--budgets")) {
             NEED_VALUE();
             budgets_arg = v;
+        } else if (!strcmp(a, "--profile")) {
+            profile = true;
         } else if (!strcmp(a, "--device")) {
             NEED_VALUE();
             if (!strcmp(v, "cpu"))
@@ -297,7 +332,8 @@ int kvt_cmd_replay(int argc, char **argv)
                              .coverage_probes = probes,
                              .progress = progress_cb,
                              .progress_user = &pr,
-                             .device = device};
+                             .device = device,
+                             .profile = profile ? &prof : NULL};
         if (sw) {
             o.sink = kvt_selection_writer_sink;
             o.sink_user = sw;
@@ -408,6 +444,8 @@ int kvt_cmd_replay(int argc, char **argv)
                    fmt(s.err_window, c[1], 32, "%.4f"), fmt(s.recall_decode, c[2], 32, "%.4f"),
                    fmt(s.err_decode, c[3], 32, "%.4f"), fmt(s.coverage, c[4], 32, "%.4f"));
         }
+    if (profile)
+        print_profile(&prof, device);
     fprintf(stderr, "replay: wrote %s (%zu trace%s, %zu policies, %zu budgets)%s%s\n", out,
             n_traces, n_traces == 1 ? "" : "s", n_pol, n_b, export_path ? " and " : "",
             export_path ? export_path : "");

@@ -154,6 +154,24 @@ kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why
 /** "cpu", "cuda" or "auto". */
 const char *kvt_device_name(kvt_device d);
 
+/** Where a replay's time goes (replay --profile), summed over the workers (so the parts can
+ *  exceed the wall time). The gpu_* fields are filled with --device cuda; their byte counts
+ *  are what the kernels must read and write at least (inputs once, outputs once), so
+ *  bytes / ns is the bandwidth achieved against the device's memory roofline. */
+typedef struct kvt_replay_profile {
+    uint64_t wall_ns;
+    uint64_t read_ns;    /* reading, decompressing and converting the trace's tensors */
+    uint64_t context_ns; /* building layer contexts (attention, norms; GPU parts included) */
+    uint64_t measure_ns; /* policies, rankings and sweeps */
+    uint64_t n_layers;
+    uint64_t gpu_upload_ns, gpu_upload_bytes; /* host to device */
+    uint64_t gpu_attn_ns, gpu_attn_bytes;     /* attention probabilities and outputs */
+    uint64_t gpu_norm_ns, gpu_norm_bytes;     /* key/value norms and unit keys */
+    uint64_t gpu_sweep_ns, gpu_sweep_bytes;   /* recall/error sweeps */
+    uint64_t gpu_sweep_calls;
+    uint64_t gpu_download_ns, gpu_download_bytes; /* device to host */
+} kvt_replay_profile;
+
 typedef struct kvt_replay_opts {
     int n_threads;       /* worker threads over layers; 0 = all cores */
     int coverage_probes; /* probe keys for coverage (see RESULTS.md); 0 = no coverage;
@@ -168,6 +186,7 @@ typedef struct kvt_replay_opts {
     const uint8_t *layer_mask;
     size_t layer_mask_len; /* entries of layer_mask; must equal the trace's n_layers */
     kvt_device device;     /* KVT_DEVICE_CPU (default), _CUDA or _AUTO (resolved at the start) */
+    kvt_replay_profile *profile; /* may be NULL; when given, times are ADDED to it */
 } kvt_replay_opts;
 
 /** Sharding (scale-out): the (trace, layer) units of a replay are numbered in order, traces in

@@ -29,10 +29,11 @@ static kvt_status check_finite(const float *x, size_t n, const char *what, int l
 
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
 {
-    return kvt_ctx_build_on(in, c, false);
+    return kvt_ctx_build_on(in, c, false, NULL);
 }
 
-kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu)
+kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu,
+                            kvt_replay_profile *prof)
 {
     memset(c, 0, sizeof(*c));
     KVT_RETURN_IF(!in || !in->k || !in->v || !in->q_window, KVT_ERR_INVALID_ARG,
@@ -82,7 +83,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         goto out_fail;
     if (in->modality && (s = ALLOC(c->massw_mod, (size_t)Hq * Wt * KVT_NM)))
         goto out_fail;
-    if (gpu && (s = kvt_ctx_gpu_begin(in, Gd, nqw > nqd ? nqw : nqd, &dev)))
+    if (gpu && (s = kvt_ctx_gpu_begin(in, Gd, nqw > nqd ? nqw : nqd, prof, &dev)))
         goto out_fail;
 
     /* window queries: query i sits at position T-Wt+i and sees keys 0..T-Wt+i (§0.1.2) */

@@ -116,7 +116,16 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
  *  the GPU (gpu true: replay --device cuda; KVT_ERR_NO_CUDA without CUDA), the rest on the
  *  host. The CUDA kernels follow the _ref kernels, so the context equals the one
  *  KVT_KERNELS=ref builds, within their documented tolerances. */
-kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu);
+kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu,
+                            kvt_replay_profile *prof);
+
+/** Add v to a profile counter (workers share the profile); prof may be NULL. */
+static inline void kvt_prof_add(kvt_replay_profile *prof, uint64_t *field, uint64_t v)
+{
+    if (prof)
+        __atomic_fetch_add(field, v, __ATOMIC_RELAXED);
+}
+#define KVT_PROF_ADD(prof, field, v) kvt_prof_add((prof), (prof) ? &(prof)->field : NULL, (v))
 void kvt_ctx_free(kvt_layer_ctx *c);
 
 /** Heads of a granularity and the KV head of head h. */

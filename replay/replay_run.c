@@ -175,6 +175,7 @@ static void *worker(void *arg)
                               .v = v,
                               .q_window = qw,
                               .modality = sh->mod};
+        uint64_t t_read = kvt_now_ns();
         if ((st = read_f32(sh, l, KVT_KIND_K, Hkv, T, k)) ||
             (st = read_f32(sh, l, KVT_KIND_V, Hkv, T, v)) ||
             (st = read_f32(sh, l, KVT_KIND_Q_WINDOW, Hq, W, qw)))
@@ -196,6 +197,7 @@ static void *worker(void *arg)
                 continue;
             in.attn_colsum = cs;
         }
+        KVT_PROF_ADD(sh->o->profile, read_ns, kvt_now_ns() - t_read);
         qa_load qal = {sh, l};
         if (stream_qa) { /* H2O column sums from Q_all, read one head at a time */
             uint32_t h, t, d;
@@ -504,6 +506,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         goto out_free;
     }
     pthread_mutex_init(&sh.mu, NULL);
+    uint64_t t_wall = kvt_now_ns();
     int started = 0;
     for (; started < n_th; started++)
         if (pthread_create(&th[started], NULL, worker, &sh))
@@ -512,6 +515,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         worker(&sh); /* no thread could start: run in the caller */
     for (int i = 0; i < started; i++)
         pthread_join(th[i], NULL);
+    KVT_PROF_ADD(o->profile, wall_ns, kvt_now_ns() - t_wall);
     pthread_mutex_destroy(&sh.mu);
     if (sh.err) {
         st = kvt_error_set(sh.err, "%s", sh.err_msg);

@@ -777,7 +777,10 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
     kvt_layer_ctx c;
     KVT_RETURN_IF(o->device == KVT_DEVICE_AUTO, KVT_ERR_INVALID_ARG,
                   "replay: resolve --device auto first (kvt_replay_resolve_device)");
-    KVT_FORWARD(kvt_ctx_build_on(in, &c, o->device == KVT_DEVICE_CUDA));
+    uint64_t t_ctx = kvt_now_ns();
+    KVT_FORWARD(kvt_ctx_build_on(in, &c, o->device == KVT_DEVICE_CUDA, o->profile));
+    uint64_t t_measure = kvt_now_ns();
+    KVT_PROF_ADD(o->profile, context_ns, t_measure - t_ctx);
     kvt_status st = KVT_OK;
     scratch s = {0};
     kvt_layer_selection orc[2];
@@ -895,5 +898,7 @@ out_free:
     }
     scratch_free(&s);
     kvt_ctx_free(&c);
+    KVT_PROF_ADD(o->profile, measure_ns, kvt_now_ns() - t_measure);
+    KVT_PROF_ADD(o->profile, n_layers, 1);
     return st;
 }

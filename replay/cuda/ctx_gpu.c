@@ -39,7 +39,11 @@ struct kvt_ctx_gpu {
     size_t res_cap;           /* elements of rec and err (rmod: x KVT_NM) */
     ctx_map map[CTX_GPU_MAP];
     int n_map;
+    kvt_replay_profile *prof;      /* may be NULL */
+    uint64_t up_bytes, down_bytes; /* queued since the last sync */
 };
+
+#define PROF(g, field, v) KVT_PROF_ADD((g)->prof, field, (v))
 
 #define GPU_OK(call)                                                                               \
     do {                                                                                           \
@@ -64,12 +68,33 @@ static kvt_status upload(kvt_ctx_gpu *g, void **dst, const void *src, size_t byt
 {
     KVT_FORWARD(dalloc(dst, bytes));
     GPU_OK(cudaMemcpyAsync(*dst, src, bytes, cudaMemcpyHostToDevice, g->st));
+    g->up_bytes += bytes;
     return KVT_OK;
 }
 
 static kvt_status download(kvt_ctx_gpu *g, void *dst, const void *src, size_t bytes)
 {
     GPU_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g->st));
+    g->down_bytes += bytes;
+    return KVT_OK;
+}
+
+/* Wait for the stream and book the time since t0 (and the queued copies' bytes) as uploads or
+ * downloads; returns the new time. */
+static kvt_status sync_copies(kvt_ctx_gpu *g, bool up, uint64_t *t0)
+{
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t = kvt_now_ns();
+    if (up) {
+        PROF(g, gpu_upload_ns, t - *t0);
+        PROF(g, gpu_upload_bytes, g->up_bytes);
+        g->up_bytes = 0;
+    } else {
+        PROF(g, gpu_download_ns, t - *t0);
+        PROF(g, gpu_download_bytes, g->down_bytes);
+        g->down_bytes = 0;
+    }
+    *t0 = t;
     return KVT_OK;
 }
 
@@ -96,6 +121,7 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     const size_t rows = (size_t)g->rows, Hq = (size_t)g->Hq;
     GPU_OK(cudaSetDevice(0));
     GPU_OK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking));
+    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
     KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
     KVT_FORWARD(upload(g, (void **)&g->qw, in->q_window, Hq * g->Wt * D * sizeof(float)));
@@ -118,14 +144,16 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     KVT_FORWARD(dalloc((void **)&g->mean, D * sizeof(double)));
     KVT_FORWARD(dalloc((void **)&g->inv, T * sizeof(double)));
     KVT_FORWARD(dalloc((void **)&g->order, T * sizeof(int32_t)));
-    return KVT_OK;
+    return sync_copies(g, true, &t0);
 }
 
-kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_ctx_gpu **out)
+kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
+                             kvt_ctx_gpu **out)
 {
     *out = NULL;
     kvt_ctx_gpu *g = kvt_calloc(1, sizeof(*g));
     KVT_RETURN_IF(!g, KVT_ERR_NOMEM, "out of memory");
+    g->prof = prof;
     g->T = in->T, g->D = in->D, g->Hq = in->Hq, g->Hkv = in->Hkv, g->Wt = in->W, g->Gd = Gd;
     g->rows = rows > 0 ? rows : 1;
     g->extra = Gd > 0 && in->k_decode && in->v_decode;
@@ -151,17 +179,25 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
     const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
     bool extra = decode && g->extra;
     const float *Kd = extra ? g->kd + (size_t)group * g->Gd * D : NULL;
+    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(kvt_attn_probs_cuda(q, n_q, g->D, K, g->T, n_vis, Kd, extra ? g->Gd : 0,
                                     extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL,
                                     g->lse, (void *)g->st));
     KVT_FORWARD(kvt_attn_output_cuda(dpr, n_q, g->T, T, V, g->D, dout, D, (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t1 = kvt_now_ns();
+    /* at least: Q, K, V read once, P written and read back, the outputs written */
+    size_t nx = extra ? (size_t)g->Gd : 0;
+    PROF(g, gpu_attn_ns, t1 - t0);
+    PROF(g, gpu_attn_bytes,
+         ((size_t)n_q * D + 2 * (T + nx) * D + 2 * (size_t)n_q * (T + nx)) * sizeof(float) +
+             (size_t)n_q * (D + 1) * sizeof(double));
     KVT_FORWARD(download(g, pr, dpr, (size_t)n_q * T * sizeof(float)));
     if (extra && pr2)
         KVT_FORWARD(download(g, pr2, g->pr2, (size_t)n_q * g->Gd * sizeof(float)));
     KVT_FORWARD(download(g, lse, g->lse, (size_t)n_q * sizeof(double)));
     KVT_FORWARD(download(g, out, dout, (size_t)n_q * D * sizeof(double)));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    return KVT_OK;
+    return sync_copies(g, false, &t1);
 }
 
 kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, float *ku,
@@ -170,15 +206,25 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *v
     KVT_RETURN_IF(!g, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
     const size_t T = (size_t)g->T, D = (size_t)g->D;
     const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
+    double *vn = g->inv; /* V's norms before unit_rows uses it as its workspace */
+    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(kvt_row_norms_cuda(K, g->T, g->D, g->norm, (void *)g->st));
-    KVT_FORWARD(download(g, knorm, g->norm, T * sizeof(double))); /* before V reuses g->norm */
-    KVT_FORWARD(kvt_row_norms_cuda(V, g->T, g->D, g->norm, (void *)g->st));
-    KVT_FORWARD(download(g, vnorm, g->norm, T * sizeof(double)));
+    KVT_FORWARD(kvt_row_norms_cuda(V, g->T, g->D, vn, (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t1 = kvt_now_ns();
+    KVT_FORWARD(download(g, knorm, g->norm, T * sizeof(double)));
+    KVT_FORWARD(download(g, vnorm, vn, T * sizeof(double)));
+    KVT_FORWARD(sync_copies(g, false, &t1));
+    uint64_t t2 = kvt_now_ns();
     KVT_FORWARD(kvt_unit_rows_cuda(K, g->T, g->D, g->ku, g->mean, g->inv, (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t3 = kvt_now_ns();
+    /* at least: K and V read for the norms, K read and the unit keys written */
+    PROF(g, gpu_norm_ns, (t1 - t0) + (t3 - t2));
+    PROF(g, gpu_norm_bytes, 4 * T * D * sizeof(float) + (3 * T + D) * sizeof(double));
     KVT_FORWARD(download(g, ku, g->ku, T * D * sizeof(float)));
     KVT_FORWARD(download(g, kmean, g->mean, D * sizeof(double)));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    return KVT_OK;
+    return sync_copies(g, false, &t3);
 }
 
 static void add_map(kvt_ctx_gpu *g, const void *h, void *d, size_t bytes)
@@ -192,6 +238,7 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     KVT_RETURN_IF(!g || !c, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
     const size_t T = (size_t)g->T, D = (size_t)g->D, Hq = (size_t)g->Hq;
     const size_t nw = Hq * g->Wt, nd = Hq * g->Gd;
+    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(upload(g, (void **)&g->rsw, c->rsw, nw * sizeof(double)));
     if (c->massw_mod)
         KVT_FORWARD(upload(g, (void **)&g->mm, c->massw_mod, nw * KVT_NM * sizeof(double)));
@@ -203,7 +250,7 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
         KVT_FORWARD(upload(g, (void **)&g->pe, c->pd_extra, nd * sizeof(double)));
         KVT_FORWARD(upload(g, (void **)&g->oe, c->od_extra, nd * D * sizeof(double)));
     }
-    GPU_OK(cudaStreamSynchronize(g->st));
+    KVT_FORWARD(sync_copies(g, true, &t0));
     g->n_map = 0;
     add_map(g, c->prw, g->prw, nw * T * sizeof(float));
     add_map(g, c->aw, g->aw, nw * D * sizeof(double));
@@ -262,15 +309,25 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
         KVT_FORWARD(dalloc((void **)&g->rmod, n * KVT_NM * sizeof(double)));
         g->res_cap = n;
     }
+    uint64_t t0 = kvt_now_ns();
     GPU_OK(cudaMemcpyAsync(g->order, order, (size_t)T * sizeof(int32_t), cudaMemcpyHostToDevice,
                            g->st));
+    g->up_bytes += (size_t)T * sizeof(int32_t);
+    KVT_FORWARD(sync_copies(g, true, &t0));
     KVT_FORWARD(kvt_sweep_output_cuda(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e, doe,
                                       drf, g->order, cuts, n_cut, dmod, dmm, stride_m, g->rec,
                                       g->err, mod ? g->rmod : NULL, (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t1 = kvt_now_ns();
+    /* at least: each query's probabilities, V and the ranking read once, results written */
+    PROF(g, gpu_sweep_ns, t1 - t0);
+    PROF(g, gpu_sweep_calls, 1);
+    PROF(g, gpu_sweep_bytes,
+         ((size_t)n_q * T + (size_t)T * D + T) * sizeof(float) +
+             n * (mod ? 2 + KVT_NM : 2) * sizeof(double));
     KVT_FORWARD(download(g, recall, g->rec, n * sizeof(double)));
     KVT_FORWARD(download(g, err, g->err, n * sizeof(double)));
     if (mod && recall_mod)
         KVT_FORWARD(download(g, recall_mod, g->rmod, n * KVT_NM * sizeof(double)));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    return KVT_OK;
+    return sync_copies(g, false, &t1);
 }

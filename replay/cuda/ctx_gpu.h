@@ -18,8 +18,10 @@ struct kvt_layer_ctx;
 int kvt_ctx_gpu_devices(char *why, size_t cap);
 
 /** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0.
- *  rows: the most query rows of one group (Gs * max(Wt, Gd)). */
-kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_ctx_gpu **out);
+ *  rows: the most query rows of one group (Gs * max(Wt, Gd)). prof (may be NULL) receives the
+ *  GPU's share of the time split: uploads, kernels with the bytes they must move, downloads. */
+kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
+                             kvt_ctx_gpu **out);
 
 /** One KV group's attention, as kvt_attn_probs + kvt_attn_output on the host: window queries
  *  (decode false: Q_window rows of group g, keys 0..T-1 visible per n_vis) or decode queries

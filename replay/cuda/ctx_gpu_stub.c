@@ -10,9 +10,10 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
     return 0;
 }
 
-kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_ctx_gpu **out)
+kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
+                             kvt_ctx_gpu **out)
 {
-    (void)in, (void)Gd, (void)rows;
+    (void)in, (void)Gd, (void)rows, (void)prof;
     *out = NULL;
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }

@@ -35,6 +35,9 @@ grep -Eq '"device":[[:space:]]*"cpu"' "$TMP/r.json" || fail "device recorded"
 $BIN replay "$TMP/t.kvt" --policies snapkv --device auto -o "$TMP/a.json" >/dev/null 2>"$TMP/err" ||
     fail "--device auto"
 grep -Eq '"device":[[:space:]]*"(cpu|cuda)"' "$TMP/a.json" || fail "auto device recorded"
+$BIN replay "$TMP/t.kvt" --policies snapkv --profile -o "$TMP/p.json" >/dev/null 2>"$TMP/err" ||
+    fail "--profile"
+grep -q "^profile: wall .* layers; summed over workers: read" "$TMP/err" || fail "profile line"
 if ! $BIN replay "$TMP/t.kvt" --policies snapkv --device cuda -o "$TMP/c.json" >/dev/null \
     2>"$TMP/err"; then
     [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "no usable CUDA device" "$TMP/err" ||

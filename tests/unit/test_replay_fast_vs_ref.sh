@@ -27,8 +27,8 @@ trap 'rm -rf "$TMP"' EXIT
 fail() { echo "FAILED: $*"; exit 1; }
 FIRST=()
 if [ "$MODE" = cuda ]; then
-    if ! $BIN replay "$SAMPLE" --policies full --budgets 16 --device cuda -o "$TMP/probe.json" \
-        >/dev/null 2>"$TMP/err"; then
+    if ! $BIN replay "$SAMPLE" --policies full --budgets 16 --device cuda --profile \
+        -o "$TMP/probe.json" >/dev/null 2>"$TMP/err"; then
         grep -q "no usable CUDA device\|built without CUDA" "$TMP/err" && {
             echo "SKIP: $(cat "$TMP/err")"
             exit 77
@@ -36,6 +36,7 @@ if [ "$MODE" = cuda ]; then
         cat "$TMP/err"
         fail "replay --device cuda"
     fi
+    grep -q "^profile: gpu sweep kernels" "$TMP/err" || fail "--profile has no GPU lines"
     FIRST=(env KVT_KERNELS=ref)
 fi
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/dev/null 2>&1 \
