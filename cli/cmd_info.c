@@ -70,6 +70,23 @@ static void print_timeline(const cJSON *meta)
            tl_num(tl, "capture_copy_bytes") / 1e6, cc / 1e6, cc > 0 ? 100.0 * ov / cc : 0.0);
 }
 
+/* the device path's statistics (meta_json capture_stats.device), when the capture had one */
+static void print_device(const cJSON *meta)
+{
+    const cJSON *dv = NULL;
+    for (int i = 0; i < cJSON_GetArraySize(meta) && !dv; i++)
+        dv = cJSON_GetObjectItemCaseSensitive(
+            cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(meta, i), "capture_stats"),
+            "device");
+    if (!cJSON_IsObject(dv))
+        return;
+    printf("device     CUDA device %.0f: %.2f MB copied through %.0f ring slots (at most %.0f in "
+           "flight), %.3f ms waiting for a slot; %.1f MB device and %.1f MB pinned memory\n",
+           tl_num(dv, "cuda_device"), tl_num(dv, "d2h_bytes") / 1e6, tl_num(dv, "ring_slots"),
+           tl_num(dv, "peak_slots_in_flight"), tl_num(dv, "stall_ns") / 1e6,
+           tl_num(dv, "device_bytes") / 1e6, tl_num(dv, "pinned_bytes") / 1e6);
+}
+
 int kvt_cmd_info(int argc, char **argv)
 {
     const char *path = NULL;
@@ -237,6 +254,7 @@ int kvt_cmd_info(int argc, char **argv)
                (unsigned long long)mods[2], (unsigned long long)mods[3],
                (unsigned long long)n_tok_mod);
     print_timeline(meta);
+    print_device(meta);
     for (int i = 0; i < cJSON_GetArraySize(meta); i++) {
         char *js = cJSON_PrintUnformatted(cJSON_GetArrayItem(meta, i));
         if (js)

@@ -228,6 +228,23 @@ static void compare(const char *a, const char *b, const char *what)
     kvt_trace_reader_close(rb);
 }
 
+/* The trace's meta_json text (the last one), into buf. */
+static void read_meta(const char *path, char *buf, size_t cap)
+{
+    kvt_trace_reader *r;
+    buf[0] = '\0';
+    KVT_CHECK(kvt_trace_reader_open(path, &r));
+    for (size_t i = 0; i < kvt_trace_reader_n_records(r); i++) {
+        kvt_record_info in;
+        KVT_CHECK(kvt_trace_reader_record(r, i, &in));
+        if (in.kind == KVT_KIND_META_JSON && in.raw_bytes < cap) {
+            KVT_CHECK(kvt_trace_reader_read_record(r, i, buf, cap - 1));
+            buf[in.raw_bytes] = '\0';
+        }
+    }
+    kvt_trace_reader_close(r);
+}
+
 static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, uint64_t ring)
 {
     engine en;
@@ -256,6 +273,14 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
            what, (unsigned long long)sd.device_d2h_bytes, sd.device_slots, sd.device_peak_slots,
            sd.device_stall_ns / 1e6, sd.device_bytes / 1048576.0, sd.pinned_bytes / 1048576.0);
     compare(pa, pb, what);
+    /* the device path's statistics are in the trace (capture_stats.device), the host's not */
+    char meta[4096], want[128];
+    read_meta(pb, meta, sizeof(meta));
+    snprintf(want, sizeof(want), "\"device\":{\"cuda_device\":0,\"d2h_bytes\":%llu,",
+             (unsigned long long)sd.device_d2h_bytes);
+    KVT_EXPECT_MSG(strstr(meta, want) != NULL, "%s: meta_json %s", what, meta);
+    read_meta(pa, meta, sizeof(meta));
+    KVT_EXPECT_MSG(strstr(meta, "\"device\":{") == NULL, "%s: host meta_json %s", what, meta);
     kvt_verify_report rep;
     KVT_CHECK(kvt_trace_verify(pb, &rep));
     unlink(pa);
