@@ -143,8 +143,8 @@ typedef kvt_status (*kvt_selection_sink)(void *user, int layer, const kvt_select
                                          size_t n_recs);
 
 /** Where the layer context (attention probabilities and outputs, norms, unit keys) and the
- *  recall/output-error sweeps run: on the host, or on CUDA device 0 with the kernels of
- *  kernels/cuda (policies, rankings, coverage and redundancy run on the host either way).
+ *  recall/output-error and coverage sweeps run: on the host, or on CUDA device 0 with the
+ *  kernels of kernels/cuda (policies, rankings and redundancy run on the host either way).
  *  AUTO: CUDA when a device is usable, else the host. */
 typedef enum kvt_device { KVT_DEVICE_CPU = 0, KVT_DEVICE_CUDA = 1, KVT_DEVICE_AUTO = 2 } kvt_device;
 

@@ -26,7 +26,8 @@ typedef struct scratch {
     int32_t *posO;
     int32_t *probe;
     uint8_t *probe_mod;
-    float *ct;     /* [T, n_probe] cosine table of the current KV head */
+    float *ct;     /* [T, n_probe] cosine table of the current KV head (host sweeps) */
+    float *cbest;  /* [n_v, n_probe] each probe's best cosine per cut (GPU sweeps) */
     double *z;     /* [T] */
     uint8_t *keep; /* [T] merged policies: token kept unchanged */
     double *acc;
@@ -56,6 +57,7 @@ static void scratch_free(scratch *s)
     kvt_free(s->probe);
     kvt_free(s->probe_mod);
     kvt_free(s->ct);
+    kvt_free(s->cbest);
     kvt_free(s->z);
     kvt_free(s->keep);
     kvt_free(s->acc);
@@ -94,7 +96,10 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->posO = kvt_malloc(T * sizeof(int32_t));
     s->probe = kvt_malloc(((size_t)n_probe + 1) * sizeof(int32_t));
     s->probe_mod = kvt_malloc((size_t)n_probe + 1);
-    s->ct = kvt_malloc((T * (size_t)n_probe + 1) * sizeof(float));
+    if (c->gpu) /* the cosine table stays on the device */
+        s->cbest = kvt_malloc((nb * (size_t)n_probe + 1) * sizeof(float));
+    else
+        s->ct = kvt_malloc((T * (size_t)n_probe + 1) * sizeof(float));
     s->z = kvt_malloc(T * sizeof(double));
     s->keep = kvt_malloc(T + 1);
     s->acc = kvt_malloc(D * sizeof(double));
@@ -114,8 +119,8 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     }
     if (!s->vcnt || !s->vocnt || !s->vm || !s->brec || !s->berr || !s->brmod || !s->cuts ||
         !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad || !s->cmod ||
-        !s->rk || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod || !s->ct ||
-        !s->z || !s->keep || !s->acc) {
+        !s->rk || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod ||
+        !(s->ct || s->cbest) || !s->z || !s->keep || !s->acc) {
         scratch_free(s);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
     }
@@ -242,9 +247,16 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
 {
     const int T = c->T, D = c->D;
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
-    if (s->n_probe > 0)
+    if (s->n_probe > 0 && c->gpu) { /* each probe's best per cut on the GPU, summarised here */
+        KVT_FORWARD(kvt_ctx_gpu_coverage_best(c->gpu, order, s->cuts, n_cut, s->cbest));
+        for (int ci = 0; ci < n_cut; ci++)
+            kvt_coverage_summary(s->cbest + (size_t)ci * s->n_probe, s->n_probe, s->cuts[ci],
+                                 s->probe_mod, s->cov + ci, s->rad + ci,
+                                 s->cmod + (size_t)ci * KVT_NM);
+    } else if (s->n_probe > 0) {
         KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, order, s->cuts, n_cut, s->probe_mod,
                                        s->cwork, s->cov, s->rad, s->cmod));
+    }
     KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
                                      s->rwork, s->rk));
     if (oord)
@@ -842,8 +854,11 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
             d[k] = NAN;
     }
     for (int g = 0; g < c.Hkv; g++) {
-        if (n_probe > 0 &&
-            (st = kvt_cosine_table(c.ku + (size_t)g * c.T * c.D, c.T, c.D, s.probe, n_probe, s.ct)))
+        if (n_probe > 0 && c.gpu)
+            st = kvt_ctx_gpu_cosines(c.gpu, g, s.probe, n_probe);
+        else if (n_probe > 0)
+            st = kvt_cosine_table(c.ku + (size_t)g * c.T * c.D, c.T, c.D, s.probe, n_probe, s.ct);
+        if (st)
             goto out_free;
         memset(done, 0, n_pol * (size_t)c.Gs);
         if (s.pwt && !c.gpu) { /* this KV head's probabilities token-major, for the sweeps */

@@ -29,7 +29,12 @@ struct kvt_ctx_gpu {
     double *aw, *ad;                  /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
     float *pr2;                       /* [rows, Gd] probabilities on decode keys (scratch) */
     double *lse;                      /* [rows] (scratch) */
-    float *ku;                        /* [T, D] unit keys of one KV head (scratch) */
+    float *ku;                        /* [Hkv, T, D] unit keys */
+    float *ct;                        /* [T, n_probe] cosine table of one KV head */
+    int32_t *probe;                   /* [n_probe] */
+    float *best;                      /* [n_cut, n_probe] */
+    int n_probe;                      /* of the cosine table (0: none yet) */
+    size_t best_cap;                  /* floats of best */
     double *norm, *mean, *inv;        /* [T], [D], [T] (scratch) */
     /* uploaded by kvt_ctx_gpu_finish */
     double *rsw, *rsd, *pe, *oe, *mm;
@@ -104,9 +109,10 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
         return;
     if (g->st)
         cudaStreamSynchronize(g->st);
-    void *bufs[] = {g->k,  g->v,   g->qw,  g->qd,  g->kd,    g->vd,   g->prw, g->prd, g->aw,
-                    g->ad, g->pr2, g->lse, g->ku,  g->norm,  g->mean, g->inv, g->rsw, g->rsd,
-                    g->pe, g->oe,  g->mm,  g->mod, g->order, g->rec,  g->err, g->rmod};
+    void *bufs[] = {g->k,   g->v,    g->qw,  g->qd,    g->kd,  g->vd,   g->prw,   g->prd,
+                    g->aw,  g->ad,   g->pr2, g->lse,   g->ku,  g->norm, g->mean,  g->inv,
+                    g->rsw, g->rsd,  g->pe,  g->oe,    g->mm,  g->mod,  g->order, g->rec,
+                    g->err, g->rmod, g->ct,  g->probe, g->best};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         if (bufs[i])
             cudaFree(bufs[i]);
@@ -139,7 +145,7 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
         KVT_FORWARD(dalloc((void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
     }
     KVT_FORWARD(dalloc((void **)&g->lse, rows * sizeof(double)));
-    KVT_FORWARD(dalloc((void **)&g->ku, T * D * sizeof(float)));
+    KVT_FORWARD(dalloc((void **)&g->ku, kv * sizeof(float)));
     KVT_FORWARD(dalloc((void **)&g->norm, T * sizeof(double)));
     KVT_FORWARD(dalloc((void **)&g->mean, D * sizeof(double)));
     KVT_FORWARD(dalloc((void **)&g->inv, T * sizeof(double)));
@@ -216,13 +222,14 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *v
     KVT_FORWARD(download(g, vnorm, vn, T * sizeof(double)));
     KVT_FORWARD(sync_copies(g, false, &t1));
     uint64_t t2 = kvt_now_ns();
-    KVT_FORWARD(kvt_unit_rows_cuda(K, g->T, g->D, g->ku, g->mean, g->inv, (void *)g->st));
+    float *dku = g->ku + (size_t)group * T * D;
+    KVT_FORWARD(kvt_unit_rows_cuda(K, g->T, g->D, dku, g->mean, g->inv, (void *)g->st));
     GPU_OK(cudaStreamSynchronize(g->st));
     uint64_t t3 = kvt_now_ns();
     /* at least: K and V read for the norms, K read and the unit keys written */
     PROF(g, gpu_norm_ns, (t1 - t0) + (t3 - t2));
     PROF(g, gpu_norm_bytes, 4 * T * D * sizeof(float) + (3 * T + D) * sizeof(double));
-    KVT_FORWARD(download(g, ku, g->ku, T * D * sizeof(float)));
+    KVT_FORWARD(download(g, ku, dku, T * D * sizeof(float)));
     KVT_FORWARD(download(g, kmean, g->mean, D * sizeof(double)));
     return sync_copies(g, false, &t3);
 }
@@ -329,5 +336,63 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
     KVT_FORWARD(download(g, err, g->err, n * sizeof(double)));
     if (mod && recall_mod)
         KVT_FORWARD(download(g, recall_mod, g->rmod, n * KVT_NM * sizeof(double)));
+    return sync_copies(g, false, &t1);
+}
+
+kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, int n_probe)
+{
+    KVT_RETURN_IF(!g || group < 0 || group >= g->Hkv || n_probe < 1, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad cosine table call");
+    const size_t T = (size_t)g->T, D = (size_t)g->D;
+    if (n_probe != g->n_probe) {
+        cudaFree(g->ct), cudaFree(g->probe);
+        g->ct = NULL, g->probe = NULL, g->n_probe = 0;
+        KVT_FORWARD(dalloc((void **)&g->ct, T * (size_t)n_probe * sizeof(float)));
+        KVT_FORWARD(dalloc((void **)&g->probe, (size_t)n_probe * sizeof(int32_t)));
+        g->n_probe = n_probe;
+    }
+    uint64_t t0 = kvt_now_ns();
+    GPU_OK(cudaMemcpyAsync(g->probe, probe, (size_t)n_probe * sizeof(int32_t),
+                           cudaMemcpyHostToDevice, g->st));
+    g->up_bytes += (size_t)n_probe * sizeof(int32_t);
+    KVT_FORWARD(sync_copies(g, true, &t0));
+    KVT_FORWARD(kvt_cosine_table_cuda(g->ku + (size_t)group * T * D, g->T, g->D, g->probe, n_probe,
+                                      g->ct, (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    /* at least: the unit keys read, the table written (booked with the sweeps) */
+    PROF(g, gpu_sweep_ns, kvt_now_ns() - t0);
+    PROF(g, gpu_sweep_bytes, (T * D + T * (size_t)n_probe) * sizeof(float));
+    return KVT_OK;
+}
+
+kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
+                                     int n_cut, float *best)
+{
+    KVT_RETURN_IF(!g || !g->n_probe || n_cut < 0, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: coverage before a cosine table");
+    if (n_cut == 0)
+        return KVT_OK;
+    size_t n = (size_t)n_cut * g->n_probe;
+    if (n > g->best_cap) {
+        cudaFree(g->best);
+        g->best = NULL, g->best_cap = 0;
+        KVT_FORWARD(dalloc((void **)&g->best, n * sizeof(float)));
+        g->best_cap = n;
+    }
+    uint64_t t0 = kvt_now_ns();
+    GPU_OK(cudaMemcpyAsync(g->order, order, (size_t)g->T * sizeof(int32_t), cudaMemcpyHostToDevice,
+                           g->st));
+    g->up_bytes += (size_t)g->T * sizeof(int32_t);
+    KVT_FORWARD(sync_copies(g, true, &t0));
+    KVT_FORWARD(kvt_coverage_best_cuda(g->ct, g->T, g->n_probe, g->order, cuts, n_cut, g->best,
+                                       (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t1 = kvt_now_ns();
+    /* at least: the kept rows of the table (up to the last cut) and their indices read, best
+     * written */
+    PROF(g, gpu_sweep_ns, t1 - t0);
+    PROF(g, gpu_sweep_calls, 1);
+    PROF(g, gpu_sweep_bytes, ((size_t)cuts[n_cut - 1] * (g->n_probe + 1) + n) * sizeof(float));
+    KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
     return sync_copies(g, false, &t1);
 }

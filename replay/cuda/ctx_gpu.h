@@ -53,6 +53,15 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
                                     const uint8_t *mod, const double *mass_mod, size_t stride_m,
                                     double *recall, double *err, double *recall_mod);
 
+/** The cosine table of KV head `group`'s unit keys against the probe keys (probe [n_probe]
+ *  host indices), kept on the device for kvt_ctx_gpu_coverage_best: kvt_cosine_table_ref. */
+kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, int n_probe);
+
+/** Each probe's best cosine among the ranked tokens order[0..cuts[c]) for every cut (order,
+ *  cuts on the host): best [n_cut, n_probe] into host memory, from the last cosine table. */
+kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
+                                     int n_cut, float *best);
+
 /** Free the device memory and stream (NULL is fine). */
 void kvt_ctx_gpu_end(kvt_ctx_gpu *g);
 

@@ -55,6 +55,19 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
+kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, int n_probe)
+{
+    (void)g, (void)group, (void)probe, (void)n_probe;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
+}
+
+kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
+                                     int n_cut, float *best)
+{
+    (void)g, (void)order, (void)cuts, (void)n_cut, (void)best;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
+}
+
 void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     (void)g;
