@@ -6,6 +6,12 @@
  * (no fused multiply-add), tokens are added in the reference's order (forward from the top of
  * the ranking up to T/2, backward from the full sums beyond), so the results should equal the
  * reference's bit for bit; the test allows the CPU fast path's tolerances.
+ *
+ * The tokens of a ranking are taken in chunks of SW_THREADS: the block loads the chunk's
+ * indices, probabilities and modalities into shared memory together (one coalesced step
+ * instead of a chain of dependent loads per token), then every thread walks the chunk in order,
+ * loading the V rows of SW_UNROLL tokens before adding them, so that several rows are in
+ * flight at once. The order of the additions is unchanged.
  */
 #include <math.h>
 
@@ -14,6 +20,7 @@
 
 #define SW_THREADS 128
 #define SW_PER     4 /* dimensions per thread: D <= 512 */
+#define SW_UNROLL  4 /* V rows loaded ahead */
 #define NM         KVT_N_MODALITIES
 
 typedef struct sweep_args {
@@ -38,6 +45,9 @@ static __global__ void sweep_k(sweep_args a)
 {
     __shared__ double acc_sh[SW_THREADS * SW_PER];
     __shared__ double rf_sh;
+    __shared__ int32_t j_sh[SW_THREADS];
+    __shared__ float p_sh[SW_THREADS];
+    __shared__ uint8_t m_sh[SW_THREADS];
     const int q = blockIdx.x, tid = threadIdx.x, D = a.D;
     const float *pq = a.p + (size_t)q * a.stride_p;
     if (tid == 0) { /* the row's stored mass, summed in key order */
@@ -69,23 +79,42 @@ static __global__ void sweep_k(sweep_args a)
         for (int kk = 0; kk < n; kk++) {
             int ci = dir ? a.n_cut - 1 - kk : kk, c = a.cuts[ci];
             int cnt = dir ? t - c : c - t;
-            for (int u = 0; u < cnt; u++) {
-                int32_t j = a.order[dir ? t - 1 - u : t + u];
-                double pj = (double)pq[j];
-                if (pj == 0.0)
-                    continue;
-                const float *vj = a.v + (size_t)j * D;
-                for (int k = 0; k < SW_PER; k++) {
-                    int d = tid + k * SW_THREADS;
-                    if (d < D) {
-                        double x = __dmul_rn(pj, (double)vj[d]);
-                        acc[k] = dir ? __dsub_rn(acc[k], x) : __dadd_rn(acc[k], x);
-                    }
+            for (int u0 = 0; u0 < cnt; u0 += SW_THREADS) { /* cnt is the same in every thread */
+                const int m_ch = cnt - u0 < SW_THREADS ? cnt - u0 : SW_THREADS;
+                __syncthreads(); /* the previous chunk has been read */
+                if (tid < m_ch) {
+                    int32_t j = a.order[dir ? t - 1 - (u0 + tid) : t + u0 + tid];
+                    j_sh[tid] = j;
+                    p_sh[tid] = pq[j];
+                    m_sh[tid] = a.mod ? a.mod[j] : 0;
                 }
-                r = dir ? __dsub_rn(r, pj) : __dadd_rn(r, pj);
-                if (a.mod) {
-                    int m = a.mod[j];
-                    rm[m] = dir ? __dsub_rn(rm[m], pj) : __dadd_rn(rm[m], pj);
+                __syncthreads();
+                for (int u = 0; u < m_ch; u += SW_UNROLL) {
+                    float x[SW_UNROLL][SW_PER];
+                    for (int w = 0; w < SW_UNROLL; w++) /* loads first: rows in flight */
+                        for (int k = 0; k < SW_PER; k++) {
+                            int d = tid + k * SW_THREADS;
+                            x[w][k] = u + w < m_ch && d < D && p_sh[u + w] != 0.0f
+                                          ? a.v[(size_t)j_sh[u + w] * D + d]
+                                          : 0.0f;
+                        }
+                    for (int w = 0; w < SW_UNROLL && u + w < m_ch; w++) { /* then in order */
+                        double pj = (double)p_sh[u + w];
+                        if (pj == 0.0)
+                            continue;
+                        for (int k = 0; k < SW_PER; k++) {
+                            int d = tid + k * SW_THREADS;
+                            if (d < D) {
+                                double xv = __dmul_rn(pj, (double)x[w][k]);
+                                acc[k] = dir ? __dsub_rn(acc[k], xv) : __dadd_rn(acc[k], xv);
+                            }
+                        }
+                        r = dir ? __dsub_rn(r, pj) : __dadd_rn(r, pj);
+                        if (a.mod) {
+                            int m = m_sh[u + w];
+                            rm[m] = dir ? __dsub_rn(rm[m], pj) : __dadd_rn(rm[m], pj);
+                        }
+                    }
                 }
             }
             t = c;
