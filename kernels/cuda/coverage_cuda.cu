@@ -1,10 +1,14 @@
 /* coverage_cuda.cu - coverage on probe keys: the cosine table (kvt_cosine_table_ref: dot
  * products of f32 unit keys summed in double, rounded to f32), and each probe's running best
  * cosine in ranking order up to every cut (the running part of kvt_sweep_coverage_ref, with
- * the reference's comparison, so the bests are bitwise the reference's). One thread per
- * (token, probe) and per probe respectively: correct first; tiling is left for the tuning.
+ * the reference's comparison, so the bests are bitwise the reference's). The table: one thread
+ * per (token, probe). The bests: the ranked positions of each cut are cut into chunks of
+ * KVT_CB_CHUNK, one block per (32 probes, chunk) reduces its chunk on 8 token lanes, and one
+ * thread per probe then runs the prefix over chunks up to every cut (cb_better keeps the
+ * reduction bitwise the reference's scan).
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "../ref/sweep_cuts.h"
 #include "cuda_util.cuh"
@@ -22,20 +26,62 @@ static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *pr
     }
 }
 
-static __global__ void best_k(const float *ct, int P, const int32_t *order, const int32_t *cuts,
-                              int n_cut, float *best)
+/* The running best of the reference's scan, b = v > b ? v : b from -inf in ranking order, as a
+ * reduction: the larger value wins, and among equal values (+0 and -0 included) the earlier
+ * position, which is the one the scan keeps; NaN never wins. So the best of a chunk, and of a
+ * prefix of chunks, is bitwise the scan's whatever the order of the reduction. */
+static __device__ inline bool cb_better(float v, int t, float bv, int bt)
+{
+    return v > bv || (v == bv && t < bt);
+}
+
+#define CB_TILE  32 /* probes per block: one warp reads 32 consecutive floats of a table row */
+#define CB_LANES 8  /* token lanes per block */
+
+/* One block per (probe tile, chunk of ranked positions [cstart, cend)): each lane scans every
+ * CB_LANES-th position, then lane 0 of each probe merges the lanes. */
+static __global__ void chunk_best_k(const float *ct, int P, const int32_t *order,
+                                    const int32_t *cstart, const int32_t *cend, float *segv,
+                                    int32_t *segt)
+{
+    __shared__ float sv[CB_LANES][CB_TILE];
+    __shared__ int32_t st[CB_LANES][CB_TILE];
+    const int lp = threadIdx.x % CB_TILE, lt = threadIdx.x / CB_TILE;
+    const int i = blockIdx.x * CB_TILE + lp, k = blockIdx.y;
+    float bv = -INFINITY;
+    int32_t bt = 0x7fffffff;
+    if (i < P)
+        for (int t = cstart[k] + lt; t < cend[k]; t += CB_LANES) {
+            float v = ct[(size_t)order[t] * P + i];
+            if (cb_better(v, t, bv, bt))
+                bv = v, bt = t;
+        }
+    sv[lt][lp] = bv;
+    st[lt][lp] = bt;
+    __syncthreads();
+    if (lt == 0 && i < P) {
+        for (int l = 1; l < CB_LANES; l++)
+            if (cb_better(sv[l][lp], st[l][lp], bv, bt))
+                bv = sv[l][lp], bt = st[l][lp];
+        segv[(size_t)k * P + i] = bv;
+        segt[(size_t)k * P + i] = bt;
+    }
+}
+
+/* One thread per probe: the best of every prefix of chunks ending at a cut. */
+static __global__ void cut_best_k(const float *segv, const int32_t *segt, int P,
+                                  const int32_t *cut_first, int n_cut, float *best)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= P)
         return;
-    float b = -INFINITY;
-    int t = 0;
+    float bv = -INFINITY;
+    int32_t bt = 0x7fffffff;
     for (int c = 0; c < n_cut; c++) {
-        for (; t < cuts[c]; t++) {
-            float v = ct[(size_t)order[t] * P + i];
-            b = v > b ? v : b;
-        }
-        best[(size_t)c * P + i] = b;
+        for (int k = cut_first[c]; k < cut_first[c + 1]; k++)
+            if (cb_better(segv[(size_t)k * P + i], segt[(size_t)k * P + i], bv, bt))
+                bv = segv[(size_t)k * P + i], bt = segt[(size_t)k * P + i];
+        best[(size_t)c * P + i] = bv;
     }
 }
 
@@ -52,28 +98,67 @@ extern "C" kvt_status kvt_cosine_table_cuda(const float *ku, int T, int D, const
     return KVT_OK;
 }
 
-extern "C" kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe,
-                                             const int32_t *order, const int32_t *cuts, int n_cut,
-                                             float *best, void *stream)
+extern "C" kvt_status kvt_coverage_best_cuda_ws(const float *ct, int T, int n_probe,
+                                                const int32_t *order, const int32_t *cuts,
+                                                int n_cut, float *best, void *work,
+                                                size_t work_bytes, void *stream)
 {
     KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "coverage_cuda: bad shape");
     KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     if (n_probe == 0 || n_cut == 0)
         return KVT_OK;
-    cudaStream_t st = kvt_cu_stream(stream);
-    int32_t *dcuts = NULL;
-    KVT_CU(cudaMalloc(&dcuts, (size_t)n_cut * sizeof(int32_t)));
-    cudaError_t e =
-        cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st);
-    if (e == cudaSuccess) {
-        best_k<<<kvt_cu_blocks((size_t)n_probe, 128), 128, 0, st>>>(ct, n_probe, order, dcuts,
-                                                                    n_cut, best);
-        e = cudaGetLastError();
+    KVT_RETURN_IF(!work || work_bytes < kvt_sweep_cuda_work_bytes(T, n_cut, n_probe),
+                  KVT_ERR_INVALID_ARG, "coverage_cuda: workspace of %zu bytes is too small",
+                  work_bytes);
+    /* the chunks: each cut's new positions [cuts[c-1], cuts[c]) in pieces of KVT_CB_CHUNK */
+    size_t max_chunk = (size_t)n_cut + (size_t)T / KVT_CB_CHUNK + 1;
+    int32_t *tab = (int32_t *)malloc((2 * max_chunk + (size_t)n_cut + 1) * sizeof(int32_t));
+    KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
+    int32_t *cs = tab, *ce = tab + max_chunk, *cf = tab + 2 * max_chunk;
+    int n_chunk = 0;
+    for (int c = 0; c < n_cut; c++) {
+        cf[c] = n_chunk;
+        for (int32_t lo = c ? cuts[c - 1] : 0; lo < cuts[c]; lo += KVT_CB_CHUNK) {
+            cs[n_chunk] = lo;
+            ce[n_chunk] = cuts[c] - lo < KVT_CB_CHUNK ? cuts[c] : lo + KVT_CB_CHUNK;
+            n_chunk++;
+        }
     }
-    if (e == cudaSuccess)
-        e = cudaStreamSynchronize(st); /* before the cuts go */
-    cudaFree(dcuts);
+    cf[n_cut] = n_chunk;
+    size_t ints = 2 * max_chunk + (size_t)n_cut + 1;
+    int32_t *dtab = (int32_t *)work;
+    float *segv = (float *)((char *)work + ((ints * sizeof(int32_t) + 15) / 16) * 16);
+    int32_t *segt = (int32_t *)(segv + max_chunk * (size_t)n_probe);
+    cudaStream_t st = kvt_cu_stream(stream);
+    cudaError_t e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
+    free(tab); /* a pageable source is staged before the call returns */
+    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "coverage_cuda: %s", cudaGetErrorString(e));
+    if (n_chunk > 0) {
+        KVT_RETURN_IF(n_chunk > 65535, KVT_ERR_UNSUPPORTED, "coverage_cuda: %d chunks", n_chunk);
+        dim3 grid((unsigned)((n_probe + CB_TILE - 1) / CB_TILE), (unsigned)n_chunk);
+        chunk_best_k<<<grid, CB_TILE * CB_LANES, 0, st>>>(ct, n_probe, order, dtab,
+                                                          dtab + max_chunk, segv, segt);
+        KVT_CU_LAUNCHED();
+    }
+    cut_best_k<<<kvt_cu_blocks((size_t)n_probe, 128), 128, 0, st>>>(
+        segv, segt, n_probe, dtab + 2 * max_chunk, n_cut, best);
+    KVT_CU_LAUNCHED();
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe,
+                                             const int32_t *order, const int32_t *cuts, int n_cut,
+                                             float *best, void *stream)
+{
+    size_t wb = kvt_sweep_cuda_work_bytes(T, n_cut, n_probe);
+    void *work = NULL;
+    KVT_CU(cudaMalloc(&work, wb));
+    kvt_status s =
+        kvt_coverage_best_cuda_ws(ct, T, n_probe, order, cuts, n_cut, best, work, wb, stream);
+    cudaError_t e = cudaStreamSynchronize(kvt_cu_stream(stream)); /* before the workspace goes */
+    cudaFree(work);
+    KVT_FORWARD(s);
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "coverage_cuda: %s", cudaGetErrorString(e));
     return KVT_OK;
 }

@@ -90,6 +90,25 @@ kvt_status kvt_cosine_table_cuda(const float *ku, int T, int D, const int32_t *p
 kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe, const int32_t *order,
                                   const int32_t *cuts, int n_cut, float *best, void *stream);
 
+/* The sweep and coverage kernels above allocate a small device workspace per call, and freeing
+ * device memory synchronises the whole device; callers that sweep many rankings (the replay)
+ * pass one workspace instead, of at least kvt_sweep_cuda_work_bytes(T, n_cut, n_probe) bytes
+ * (n_probe 0 for the output sweep). The _ws coverage call is asynchronous (it does not
+ * synchronise the stream: the workspace must live until its kernels have run). */
+#define KVT_CB_CHUNK 1024 /* ranked positions per block of the coverage bests */
+size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe);
+kvt_status kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
+                                    const float *v, const double *a_full, size_t stride_a,
+                                    const double *p_extra, size_t stride_e, const double *o_extra,
+                                    const double *r_full, const int32_t *order, const int32_t *cuts,
+                                    int n_cut, const uint8_t *mod, const double *mass_mod,
+                                    size_t stride_m, double *recall, double *err,
+                                    double *recall_mod, void *work, size_t work_bytes,
+                                    void *stream);
+kvt_status kvt_coverage_best_cuda_ws(const float *ct, int T, int n_probe, const int32_t *order,
+                                     const int32_t *cuts, int n_cut, float *best, void *work,
+                                     size_t work_bytes, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

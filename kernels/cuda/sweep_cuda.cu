@@ -154,14 +154,23 @@ static __global__ void sweep_k(sweep_args a)
     }
 }
 
-extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *p, size_t stride_p,
-                                            const float *v, const double *a_full, size_t stride_a,
-                                            const double *p_extra, size_t stride_e,
-                                            const double *o_extra, const double *r_full,
-                                            const int32_t *order, const int32_t *cuts, int n_cut,
-                                            const uint8_t *mod, const double *mass_mod,
-                                            size_t stride_m, double *recall, double *err,
-                                            double *recall_mod, void *stream)
+extern "C" size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe)
+{
+    size_t nc = n_cut > 0 ? (size_t)n_cut : 0, np = n_probe > 0 ? (size_t)n_probe : 0;
+    size_t n_chunk = nc + (T > 0 ? (size_t)T / KVT_CB_CHUNK + 1 : 0);
+    /* sweep: the cuts; coverage: chunk starts, ends, each cut's first chunk (ints), then the
+     * chunks' best values (floats) and positions (ints) */
+    size_t ints = 2 * n_chunk + nc + 1;
+    return ((ints * sizeof(int32_t) + 15) / 16) * 16 + n_chunk * np * (sizeof(float) + 4) + 16;
+}
+
+extern "C" kvt_status
+kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p, const float *v,
+                         const double *a_full, size_t stride_a, const double *p_extra,
+                         size_t stride_e, const double *o_extra, const double *r_full,
+                         const int32_t *order, const int32_t *cuts, int n_cut, const uint8_t *mod,
+                         const double *mass_mod, size_t stride_m, double *recall, double *err,
+                         double *recall_mod, void *work, size_t work_bytes, void *stream)
 {
     KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "sweep_output_cuda: bad shape n_q=%d T=%d D=%d", n_q, T, D);
@@ -171,24 +180,39 @@ extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *
     KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     if (n_q == 0 || n_cut == 0)
         return KVT_OK;
+    KVT_RETURN_IF(!work || work_bytes < (size_t)n_cut * sizeof(int32_t), KVT_ERR_INVALID_ARG,
+                  "sweep_output_cuda: workspace of %zu bytes is too small", work_bytes);
     int n_fwd = 0;
     while (n_fwd < n_cut && cuts[n_fwd] <= T / 2)
         n_fwd++;
     cudaStream_t st = kvt_cu_stream(stream);
-    int32_t *dcuts = NULL;
-    KVT_CU(cudaMalloc(&dcuts, (size_t)n_cut * sizeof(int32_t)));
+    int32_t *dcuts = (int32_t *)work;
     sweep_args a = {T,       D,        p,        stride_p, v,      a_full, stride_a,
                     p_extra, stride_e, o_extra,  r_full,   order,  dcuts,  n_cut,
                     n_fwd,   mod,      mass_mod, stride_m, recall, err,    mod ? recall_mod : NULL};
-    cudaError_t e =
-        cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st);
-    if (e == cudaSuccess) {
-        sweep_k<<<n_q, SW_THREADS, 0, st>>>(a);
-        e = cudaGetLastError();
-    }
-    if (e == cudaSuccess)
-        e = cudaStreamSynchronize(st); /* before the cuts go */
-    cudaFree(dcuts);
-    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "sweep_output_cuda: %s", cudaGetErrorString(e));
+    KVT_CU(
+        cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    sweep_k<<<n_q, SW_THREADS, 0, st>>>(a);
+    KVT_CU_LAUNCHED();
+    KVT_CU(cudaStreamSynchronize(st));
     return KVT_OK;
+}
+
+extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *p, size_t stride_p,
+                                            const float *v, const double *a_full, size_t stride_a,
+                                            const double *p_extra, size_t stride_e,
+                                            const double *o_extra, const double *r_full,
+                                            const int32_t *order, const int32_t *cuts, int n_cut,
+                                            const uint8_t *mod, const double *mass_mod,
+                                            size_t stride_m, double *recall, double *err,
+                                            double *recall_mod, void *stream)
+{
+    size_t wb = kvt_sweep_cuda_work_bytes(T, n_cut, 0);
+    void *work = NULL;
+    KVT_CU(cudaMalloc(&work, wb));
+    kvt_status s = kvt_sweep_output_cuda_ws(
+        n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e, o_extra, r_full, order,
+        cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod, work, wb, stream);
+    cudaFree(work);
+    return s;
 }

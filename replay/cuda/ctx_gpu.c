@@ -35,7 +35,9 @@ struct kvt_ctx_gpu {
     float *best;                      /* [n_cut, n_probe] */
     int n_probe;                      /* of the cosine table (0: none yet) */
     size_t best_cap;                  /* floats of best */
-    double *norm, *mean, *inv;        /* [T], [D], [T] (scratch) */
+    void *work;                       /* the sweep kernels' workspace */
+    size_t work_cap;
+    double *norm, *mean, *inv; /* [T], [D], [T] (scratch) */
     /* uploaded by kvt_ctx_gpu_finish */
     double *rsw, *rsd, *pe, *oe, *mm;
     uint8_t *mod;
@@ -109,10 +111,10 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
         return;
     if (g->st)
         cudaStreamSynchronize(g->st);
-    void *bufs[] = {g->k,   g->v,    g->qw,  g->qd,    g->kd,  g->vd,   g->prw,   g->prd,
-                    g->aw,  g->ad,   g->pr2, g->lse,   g->ku,  g->norm, g->mean,  g->inv,
-                    g->rsw, g->rsd,  g->pe,  g->oe,    g->mm,  g->mod,  g->order, g->rec,
-                    g->err, g->rmod, g->ct,  g->probe, g->best};
+    void *bufs[] = {g->k,   g->v,    g->qw,  g->qd,    g->kd,   g->vd,   g->prw,   g->prd,
+                    g->aw,  g->ad,   g->pr2, g->lse,   g->ku,   g->norm, g->mean,  g->inv,
+                    g->rsw, g->rsd,  g->pe,  g->oe,    g->mm,   g->mod,  g->order, g->rec,
+                    g->err, g->rmod, g->ct,  g->probe, g->best, g->work};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         if (bufs[i])
             cudaFree(bufs[i]);
@@ -273,6 +275,19 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     return KVT_OK;
 }
 
+/* The sweep kernels' workspace for n_cut cuts and n_probe probes (grown, never shrunk). */
+static kvt_status need_work(kvt_ctx_gpu *g, int n_cut, int n_probe)
+{
+    size_t need = kvt_sweep_cuda_work_bytes(g->T, n_cut, n_probe);
+    if (need <= g->work_cap)
+        return KVT_OK;
+    cudaFree(g->work);
+    g->work = NULL, g->work_cap = 0;
+    KVT_FORWARD(dalloc(&g->work, need));
+    g->work_cap = need;
+    return KVT_OK;
+}
+
 /* The device copy of a host pointer into one of the context's arrays (NULL stays NULL). */
 static const void *dev_of(const kvt_ctx_gpu *g, const void *h, bool *ok)
 {
@@ -321,9 +336,11 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
                            g->st));
     g->up_bytes += (size_t)T * sizeof(int32_t);
     KVT_FORWARD(sync_copies(g, true, &t0));
-    KVT_FORWARD(kvt_sweep_output_cuda(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e, doe,
-                                      drf, g->order, cuts, n_cut, dmod, dmm, stride_m, g->rec,
-                                      g->err, mod ? g->rmod : NULL, (void *)g->st));
+    KVT_FORWARD(need_work(g, n_cut, 0));
+    KVT_FORWARD(kvt_sweep_output_cuda_ws(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e,
+                                         doe, drf, g->order, cuts, n_cut, dmod, dmm, stride_m,
+                                         g->rec, g->err, mod ? g->rmod : NULL, g->work, g->work_cap,
+                                         (void *)g->st));
     GPU_OK(cudaStreamSynchronize(g->st));
     uint64_t t1 = kvt_now_ns();
     /* at least: each query's probabilities, V and the ranking read once, results written */
@@ -384,8 +401,9 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
                            g->st));
     g->up_bytes += (size_t)g->T * sizeof(int32_t);
     KVT_FORWARD(sync_copies(g, true, &t0));
-    KVT_FORWARD(kvt_coverage_best_cuda(g->ct, g->T, g->n_probe, g->order, cuts, n_cut, g->best,
-                                       (void *)g->st));
+    KVT_FORWARD(need_work(g, n_cut, g->n_probe));
+    KVT_FORWARD(kvt_coverage_best_cuda_ws(g->ct, g->T, g->n_probe, g->order, cuts, n_cut, g->best,
+                                          g->work, g->work_cap, (void *)g->st));
     GPU_OK(cudaStreamSynchronize(g->st));
     uint64_t t1 = kvt_now_ns();
     /* at least: the kept rows of the table (up to the last cut) and their indices read, best

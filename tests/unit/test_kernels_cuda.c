@@ -376,6 +376,39 @@ static void test_coverage(int T, int D, uint64_t seed)
                memcmp(cma + (size_t)c * KVT_N_MODALITIES, cmb, sizeof(cmb)) != 0;
     }
     KVT_EXPECT_MSG(bad == 0, "coverage T=%d: %d cuts differ", T, bad);
+    /* the bests themselves, bitwise the reference's scan (b = v > b ? v : b in ranking order),
+     * also on a table of ties and signed zeros, through the workspace variant */
+    float *seq = malloc((size_t)n_cut * P * 4);
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            const float vals[] = {0.0f, -0.0f, 0.5f, -0.5f, 0.5f, -0.0f};
+            for (size_t j = 0; j < nc; j++)
+                ca[j] = vals[kvt_rng_u64(&r) % 6];
+            KVT_EXPECT(cudaMemcpy(dct, ca, nc * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+            size_t wb = kvt_sweep_cuda_work_bytes(T, n_cut, P);
+            void *dw = out_dev(wb);
+            KVT_CHECK(kvt_coverage_best_cuda_ws(dct, T, P, dord, cuts, n_cut, dbest, dw, wb, NULL));
+            KVT_EXPECT(cudaDeviceSynchronize() == cudaSuccess);
+            KVT_EXPECT_STATUS(
+                kvt_coverage_best_cuda_ws(dct, T, P, dord, cuts, n_cut, dbest, dw, wb - 17, NULL),
+                KVT_ERR_INVALID_ARG);
+            from_dev(best, dbest, (size_t)n_cut * P * 4, "coverage_best ties");
+            cudaFree(dw);
+        }
+        for (int i = 0; i < P; i++) {
+            float b = -INFINITY;
+            for (int c = 0, t = 0; c < n_cut; c++) {
+                for (; t < cuts[c]; t++) {
+                    float v = ca[(size_t)order[t] * P + i];
+                    b = v > b ? v : b;
+                }
+                seq[(size_t)c * P + i] = b;
+            }
+        }
+        KVT_EXPECT_MSG(!memcmp(seq, best, (size_t)n_cut * P * 4),
+                       "coverage bests T=%d pass %d differ from the scan", T, pass);
+    }
+    free(seq);
     int32_t badcuts[2] = {5, 3};
     KVT_EXPECT_STATUS(kvt_coverage_best_cuda(dct, T, P, dord, badcuts, 2, dbest, NULL),
                       KVT_ERR_INVALID_ARG);
@@ -406,6 +439,7 @@ int main(void)
         test_coverage(1, Ds[i], 41 + i);
         test_coverage(300, Ds[i], 51 + i);
         test_coverage(1030, Ds[i], 61 + i);
+        test_coverage(2600, Ds[i], 71 + i); /* cuts spanning several chunks of positions */
     }
     const int ns[] = {1, 63, 64, 1000, 8160};
     for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++)
