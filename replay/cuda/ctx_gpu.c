@@ -37,6 +37,8 @@ struct kvt_ctx_gpu {
     size_t best_cap;                  /* floats of best */
     void *work;                       /* the sweep kernels' workspace */
     size_t work_cap;
+    double *sc, *sc_work;      /* window scores [H', P] and their workspace */
+    size_t sc_cap;             /* doubles of each */
     double *norm, *mean, *inv; /* [T], [D], [T] (scratch) */
     /* uploaded by kvt_ctx_gpu_finish */
     double *rsw, *rsd, *pe, *oe, *mm;
@@ -114,7 +116,7 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
     void *bufs[] = {g->k,   g->v,    g->qw,  g->qd,    g->kd,   g->vd,   g->prw,   g->prd,
                     g->aw,  g->ad,   g->pr2, g->lse,   g->ku,   g->norm, g->mean,  g->inv,
                     g->rsw, g->rsd,  g->pe,  g->oe,    g->mm,   g->mod,  g->order, g->rec,
-                    g->err, g->rmod, g->ct,  g->probe, g->best, g->work};
+                    g->err, g->rmod, g->ct,  g->probe, g->best, g->work, g->sc,    g->sc_work};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         if (bufs[i])
             cudaFree(bufs[i]);
@@ -412,5 +414,31 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes, ((size_t)cuts[n_cut - 1] * (g->n_probe + 1) + n) * sizeof(float));
     KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
+    return sync_copies(g, false, &t1);
+}
+
+kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool pool,
+                                     kvt_reduce reduce, bool per_query, double *out)
+{
+    KVT_RETURN_IF(!g || W < 1 || W > g->Wt || W >= g->T, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad window scores call (W=%d)", W);
+    const size_t P = (size_t)(g->T - W), H = (size_t)(per_query ? g->Hq : g->Hkv);
+    const size_t need = (size_t)(g->Hq + g->Hkv) * P; /* the larger of the two */
+    if (need > g->sc_cap) {
+        cudaFree(g->sc), cudaFree(g->sc_work);
+        g->sc = g->sc_work = NULL, g->sc_cap = 0;
+        KVT_FORWARD(dalloc((void **)&g->sc, need * sizeof(double)));
+        KVT_FORWARD(dalloc((void **)&g->sc_work, need * sizeof(double)));
+        g->sc_cap = need;
+    }
+    uint64_t t0 = kvt_now_ns();
+    KVT_FORWARD(kvt_window_scores_cuda(g->prw, g->Hq, g->Hkv, g->Wt, W, g->T, kernel, pool, reduce,
+                                       per_query, g->sc_work, g->sc, (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t1 = kvt_now_ns();
+    /* at least: the last W window rows of every query head read, the scores written */
+    PROF(g, gpu_sweep_ns, t1 - t0);
+    PROF(g, gpu_sweep_bytes, (size_t)g->Hq * W * P * sizeof(float) + H * P * sizeof(double));
+    KVT_FORWARD(download(g, out, g->sc, H * P * sizeof(double)));
     return sync_copies(g, false, &t1);
 }

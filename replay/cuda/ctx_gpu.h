@@ -62,6 +62,12 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
 kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
                                      int n_cut, float *best);
 
+/** SnapKV window scores from the device's window probabilities (kvt_ctx_window_scores'
+ *  contract: mean over the last W window queries, GQA reduction unless per_query, pooling),
+ *  out [H', T - W] into host memory; W < T. */
+kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool pool,
+                                     kvt_reduce reduce, bool per_query, double *out);
+
 /** Free the device memory and stream (NULL is fine). */
 void kvt_ctx_gpu_end(kvt_ctx_gpu *g);
 

@@ -68,6 +68,13 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
+kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool pool,
+                                     kvt_reduce reduce, bool per_query, double *out)
+{
+    (void)g, (void)W, (void)kernel, (void)pool, (void)reduce, (void)per_query, (void)out;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
+}
+
 void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     (void)g;
