@@ -98,8 +98,9 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
     int *dvis = NULL;
     unsigned long long *dbad = NULL, bad = ~0ull;
     cudaError_t e;
-    if ((e = cudaMalloc(&dvis, (size_t)n_q * 2 * sizeof(int))) == cudaSuccess &&
-        (e = cudaMalloc(&dbad, sizeof(bad))) == cudaSuccess &&
+    /* stream-ordered temporaries: freeing them does not synchronise the whole device */
+    if ((e = cudaMallocAsync((void **)&dvis, (size_t)n_q * 2 * sizeof(int), st)) == cudaSuccess &&
+        (e = cudaMallocAsync((void **)&dbad, sizeof(bad), st)) == cudaSuccess &&
         (e = cudaMemcpyAsync(dvis, vis, (size_t)n_q * 2 * sizeof(int), cudaMemcpyHostToDevice,
                              st)) == cudaSuccess &&
         (e = cudaMemcpyAsync(dbad, &bad, sizeof(bad), cudaMemcpyHostToDevice, st)) == cudaSuccess) {
@@ -111,8 +112,10 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
             e = cudaStreamSynchronize(st);
     }
     free(vis);
-    cudaFree(dvis);
-    cudaFree(dbad);
+    if (dvis)
+        cudaFreeAsync(dvis, st);
+    if (dbad)
+        cudaFreeAsync(dbad, st);
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_probs_cuda: %s", cudaGetErrorString(e));
     if (bad != ~0ull) {
         unsigned j = (unsigned)(bad & 0xffffffffu);

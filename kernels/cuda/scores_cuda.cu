@@ -134,7 +134,7 @@ extern "C" kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T
         return KVT_OK;
     cudaStream_t st = kvt_cu_stream(stream);
     unsigned long long *dbad = NULL, bad = ~0ull;
-    KVT_CU(cudaMalloc(&dbad, sizeof(bad)));
+    KVT_CU(cudaMallocAsync((void **)&dbad, sizeof(bad), st)); /* stream-ordered: see attn */
     cudaError_t e = cudaMemcpyAsync(dbad, &bad, sizeof(bad), cudaMemcpyHostToDevice, st);
     if (e == cudaSuccess) {
         row_stats_k<<<T, CS_THREADS, 0, st>>>(q, k, T, D, scale, work, work + T, dbad);
@@ -144,7 +144,7 @@ extern "C" kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T
         e = cudaMemcpyAsync(&bad, dbad, sizeof(bad), cudaMemcpyDeviceToHost, st);
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(st);
-    cudaFree(dbad);
+    cudaFreeAsync(dbad, st);
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_colsum_cuda: %s", cudaGetErrorString(e));
     if (bad != ~0ull)
         return kvt_error_set(KVT_ERR_NAN, "attn_colsum: logit (%d,%u) not finite", (int)(bad >> 32),

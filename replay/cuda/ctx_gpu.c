@@ -67,15 +67,23 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
     return kvt_cuda_devices(why, cap);
 }
 
-static kvt_status dalloc(void **p, size_t bytes)
+/* Device memory is stream-ordered (cudaMallocAsync on the context's stream): freeing it does
+ * not synchronise the whole device, which would stall the other workers' kernels. */
+static kvt_status dalloc(kvt_ctx_gpu *g, void **p, size_t bytes)
 {
-    GPU_OK(cudaMalloc(p, bytes ? bytes : 1));
+    GPU_OK(cudaMallocAsync(p, bytes ? bytes : 1, g->st));
     return KVT_OK;
+}
+
+static void dfree(kvt_ctx_gpu *g, void *p)
+{
+    if (p)
+        cudaFreeAsync(p, g->st);
 }
 
 static kvt_status upload(kvt_ctx_gpu *g, void **dst, const void *src, size_t bytes)
 {
-    KVT_FORWARD(dalloc(dst, bytes));
+    KVT_FORWARD(dalloc(g, dst, bytes));
     GPU_OK(cudaMemcpyAsync(*dst, src, bytes, cudaMemcpyHostToDevice, g->st));
     g->up_bytes += bytes;
     return KVT_OK;
@@ -111,17 +119,16 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     if (!g)
         return;
-    if (g->st)
-        cudaStreamSynchronize(g->st);
     void *bufs[] = {g->k,   g->v,    g->qw,  g->qd,    g->kd,   g->vd,   g->prw,   g->prd,
                     g->aw,  g->ad,   g->pr2, g->lse,   g->ku,   g->norm, g->mean,  g->inv,
                     g->rsw, g->rsd,  g->pe,  g->oe,    g->mm,   g->mod,  g->order, g->rec,
                     g->err, g->rmod, g->ct,  g->probe, g->best, g->work, g->sc,    g->sc_work};
-    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
-        if (bufs[i])
-            cudaFree(bufs[i]);
-    if (g->st)
+    if (g->st) {
+        for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+            dfree(g, bufs[i]);
+        cudaStreamSynchronize(g->st);
         cudaStreamDestroy(g->st);
+    }
     kvt_free(g);
 }
 
@@ -135,25 +142,25 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
     KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
     KVT_FORWARD(upload(g, (void **)&g->qw, in->q_window, Hq * g->Wt * D * sizeof(float)));
-    KVT_FORWARD(dalloc((void **)&g->prw, Hq * g->Wt * T * sizeof(float)));
-    KVT_FORWARD(dalloc((void **)&g->aw, Hq * g->Wt * D * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->prw, Hq * g->Wt * T * sizeof(float)));
+    KVT_FORWARD(dalloc(g, (void **)&g->aw, Hq * g->Wt * D * sizeof(double)));
     if (g->Gd > 0) {
         KVT_FORWARD(upload(g, (void **)&g->qd, in->q_decode, Hq * g->Gd * D * sizeof(float)));
-        KVT_FORWARD(dalloc((void **)&g->prd, Hq * g->Gd * T * sizeof(float)));
-        KVT_FORWARD(dalloc((void **)&g->ad, Hq * g->Gd * D * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->prd, Hq * g->Gd * T * sizeof(float)));
+        KVT_FORWARD(dalloc(g, (void **)&g->ad, Hq * g->Gd * D * sizeof(double)));
     }
     if (g->extra) {
         size_t n = (size_t)g->Hkv * g->Gd * D * sizeof(float);
         KVT_FORWARD(upload(g, (void **)&g->kd, in->k_decode, n));
         KVT_FORWARD(upload(g, (void **)&g->vd, in->v_decode, n));
-        KVT_FORWARD(dalloc((void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
+        KVT_FORWARD(dalloc(g, (void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
     }
-    KVT_FORWARD(dalloc((void **)&g->lse, rows * sizeof(double)));
-    KVT_FORWARD(dalloc((void **)&g->ku, kv * sizeof(float)));
-    KVT_FORWARD(dalloc((void **)&g->norm, T * sizeof(double)));
-    KVT_FORWARD(dalloc((void **)&g->mean, D * sizeof(double)));
-    KVT_FORWARD(dalloc((void **)&g->inv, T * sizeof(double)));
-    KVT_FORWARD(dalloc((void **)&g->order, T * sizeof(int32_t)));
+    KVT_FORWARD(dalloc(g, (void **)&g->lse, rows * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
+    KVT_FORWARD(dalloc(g, (void **)&g->norm, T * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->mean, D * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->inv, T * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->order, T * sizeof(int32_t)));
     return sync_copies(g, true, &t0);
 }
 
@@ -283,9 +290,9 @@ static kvt_status need_work(kvt_ctx_gpu *g, int n_cut, int n_probe)
     size_t need = kvt_sweep_cuda_work_bytes(g->T, n_cut, n_probe);
     if (need <= g->work_cap)
         return KVT_OK;
-    cudaFree(g->work);
+    dfree(g, g->work);
     g->work = NULL, g->work_cap = 0;
-    KVT_FORWARD(dalloc(&g->work, need));
+    KVT_FORWARD(dalloc(g, &g->work, need));
     g->work_cap = need;
     return KVT_OK;
 }
@@ -325,12 +332,12 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
                   "replay --device cuda: internal error: a sweep input outside the layer context");
     size_t n = (size_t)n_q * n_cut;
     if (n > g->res_cap) { /* grow the result buffers */
-        cudaFree(g->rec), cudaFree(g->err), cudaFree(g->rmod);
+        dfree(g, g->rec), dfree(g, g->err), dfree(g, g->rmod);
         g->rec = g->err = g->rmod = NULL;
         g->res_cap = 0;
-        KVT_FORWARD(dalloc((void **)&g->rec, n * sizeof(double)));
-        KVT_FORWARD(dalloc((void **)&g->err, n * sizeof(double)));
-        KVT_FORWARD(dalloc((void **)&g->rmod, n * KVT_NM * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->rec, n * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->err, n * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->rmod, n * KVT_NM * sizeof(double)));
         g->res_cap = n;
     }
     uint64_t t0 = kvt_now_ns();
@@ -364,10 +371,10 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
                   "replay --device cuda: bad cosine table call");
     const size_t T = (size_t)g->T, D = (size_t)g->D;
     if (n_probe != g->n_probe) {
-        cudaFree(g->ct), cudaFree(g->probe);
+        dfree(g, g->ct), dfree(g, g->probe);
         g->ct = NULL, g->probe = NULL, g->n_probe = 0;
-        KVT_FORWARD(dalloc((void **)&g->ct, T * (size_t)n_probe * sizeof(float)));
-        KVT_FORWARD(dalloc((void **)&g->probe, (size_t)n_probe * sizeof(int32_t)));
+        KVT_FORWARD(dalloc(g, (void **)&g->ct, T * (size_t)n_probe * sizeof(float)));
+        KVT_FORWARD(dalloc(g, (void **)&g->probe, (size_t)n_probe * sizeof(int32_t)));
         g->n_probe = n_probe;
     }
     uint64_t t0 = kvt_now_ns();
@@ -393,9 +400,9 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
         return KVT_OK;
     size_t n = (size_t)n_cut * g->n_probe;
     if (n > g->best_cap) {
-        cudaFree(g->best);
+        dfree(g, g->best);
         g->best = NULL, g->best_cap = 0;
-        KVT_FORWARD(dalloc((void **)&g->best, n * sizeof(float)));
+        KVT_FORWARD(dalloc(g, (void **)&g->best, n * sizeof(float)));
         g->best_cap = n;
     }
     uint64_t t0 = kvt_now_ns();
@@ -425,10 +432,10 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
     const size_t P = (size_t)(g->T - W), H = (size_t)(per_query ? g->Hq : g->Hkv);
     const size_t need = (size_t)(g->Hq + g->Hkv) * P; /* the larger of the two */
     if (need > g->sc_cap) {
-        cudaFree(g->sc), cudaFree(g->sc_work);
+        dfree(g, g->sc), dfree(g, g->sc_work);
         g->sc = g->sc_work = NULL, g->sc_cap = 0;
-        KVT_FORWARD(dalloc((void **)&g->sc, need * sizeof(double)));
-        KVT_FORWARD(dalloc((void **)&g->sc_work, need * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->sc, need * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->sc_work, need * sizeof(double)));
         g->sc_cap = need;
     }
     uint64_t t0 = kvt_now_ns();

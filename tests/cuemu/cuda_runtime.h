@@ -112,6 +112,10 @@ template <typename T> static inline cudaError_t cudaMalloc(T **p, size_t n)
 {
     return cudaMalloc((void **)p, n);
 }
+template <typename T> static inline cudaError_t cudaMallocAsync(T **p, size_t n, cudaStream_t s)
+{
+    return cudaMallocAsync((void **)p, n, s);
+}
 template <typename T> static inline cudaError_t cudaHostAlloc(T **p, size_t n, unsigned flags)
 {
     return cudaHostAlloc((void **)p, n, flags);

@@ -188,6 +188,18 @@ cudaError_t cudaFree(void *p)
     return fail(cudaErrorInvalidDevicePointer, "cudaFree of a pointer cudaMalloc did not return");
 }
 
+cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s)
+{
+    (void)s;
+    return cudaMalloc(p, n);
+}
+
+cudaError_t cudaFreeAsync(void *p, cudaStream_t s)
+{
+    (void)s;
+    return p ? cudaFree(p) : fail(cudaErrorInvalidValue, "cudaFreeAsync(NULL)");
+}
+
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
 {
     (void)flags;
