@@ -10,7 +10,7 @@
 # Run there (device tool):        bash scripts/gpu_session.sh [STEPS]   with carry [".devbundle"]
 # STEPS (default "tests sanitize hf overhead replay"):
 #   tests     the gpu-labelled tests from the bundle: capture device path, GPU column sums,
-#             replay kernels, CUPTI timeline
+#             replay kernels, CUPTI timeline, replay --device cuda against the references
 #   sanitize  compute-sanitizer memcheck on the capture tests, racecheck on the column sums
 #   hf        HF transformers capture: the binding's test against the real library, stories260K
 #             as an HF Llama vs the C engine's trace, a random Qwen2-VL with an image
@@ -69,6 +69,9 @@ for step in $STEPS; do
                 test_capture_timeline_gpu; do
                 run "$t" 180 "$BUNDLE/bin/$t"
             done
+            # replay --device cuda against the all-reference replay, every policy, two traces
+            run test_replay_device_gpu 300 env KVT_PYTHON="$PY" \
+                bash tests/unit/test_replay_fast_vs_ref.sh cuda
         else
             run gpu_check_nvcc 400 env OUT="$OUT/gpu_check" SANITIZE=0 bash scripts/gpu_check.sh
         fi
@@ -83,6 +86,9 @@ for step in $STEPS; do
                 --error-exitcode 9 "$BUNDLE/bin/test_capture_colsum_gpu"
             run memcheck_kernels 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
                 "$BUNDLE/bin/test_kernels_cuda"
+            run memcheck_replay_device 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+                "$BUNDLE/bin/kvtrace" replay traces/samples/stories260K.kvt --device cuda \
+                --policies all --threads 2 --profile -o "$OUT/memcheck_replay.json" --force
         else
             note sanitize "NOT RUN (no bundle or no compute-sanitizer)"
         fi
