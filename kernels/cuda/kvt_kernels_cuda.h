@@ -7,9 +7,9 @@
  *
  * Status: these kernels compile in CI but have not yet run on a GPU (no device in the sessions
  * that wrote them; they run in CI on cuemu, tests/cuemu). `replay --device cuda` uses the
- * attention, output, norm, unit-row, window-score, output-sweep, cosine-table and coverage
- * kernels (replay/cuda/ctx_gpu.c); rankings and H2O column sums are not yet called by the
- * replay.
+ * attention, output, norm, unit-row, window-score, output-sweep, cosine-table, coverage and
+ * (for h2o on traces with Q_all) column-sum kernels (replay/cuda/ctx_gpu.c); the rankings are
+ * not yet called by the replay.
  */
 #ifndef KVT_KERNELS_CUDA_H
 #define KVT_KERNELS_CUDA_H

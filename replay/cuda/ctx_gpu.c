@@ -38,6 +38,8 @@ struct kvt_ctx_gpu {
     void *work;                       /* the sweep kernels' workspace */
     size_t work_cap;
     double *sc, *sc_work;      /* window scores [H', P] and their workspace */
+    float *qa;                 /* [T, D] one query head's prompt queries (H2O) */
+    double *cs, *cs_work;      /* [T] its column sums, [2T] workspace */
     size_t sc_cap;             /* doubles of each */
     double *norm, *mean, *inv; /* [T], [D], [T] (scratch) */
     /* uploaded by kvt_ctx_gpu_finish */
@@ -119,10 +121,11 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     if (!g)
         return;
-    void *bufs[] = {g->k,   g->v,    g->qw,  g->qd,    g->kd,   g->vd,   g->prw,   g->prd,
-                    g->aw,  g->ad,   g->pr2, g->lse,   g->ku,   g->norm, g->mean,  g->inv,
-                    g->rsw, g->rsd,  g->pe,  g->oe,    g->mm,   g->mod,  g->order, g->rec,
-                    g->err, g->rmod, g->ct,  g->probe, g->best, g->work, g->sc,    g->sc_work};
+    void *bufs[] = {g->k,    g->v,     g->qw,  g->qd,      g->kd,   g->vd, g->prw,
+                    g->prd,  g->aw,    g->ad,  g->pr2,     g->lse,  g->ku, g->norm,
+                    g->mean, g->inv,   g->rsw, g->rsd,     g->pe,   g->oe, g->mm,
+                    g->mod,  g->order, g->rec, g->err,     g->rmod, g->ct, g->probe,
+                    g->best, g->work,  g->sc,  g->sc_work, g->qa,   g->cs, g->cs_work};
     if (g->st) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
             dfree(g, bufs[i]);
@@ -447,5 +450,31 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
     PROF(g, gpu_sweep_ns, t1 - t0);
     PROF(g, gpu_sweep_bytes, (size_t)g->Hq * W * P * sizeof(float) + H * P * sizeof(double));
     KVT_FORWARD(download(g, out, g->sc, H * P * sizeof(double)));
+    return sync_copies(g, false, &t1);
+}
+
+kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double scale, double *out)
+{
+    KVT_RETURN_IF(!g || h < 0 || h >= g->Hq, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad column-sum call");
+    const size_t T = (size_t)g->T, D = (size_t)g->D;
+    if (!g->qa) {
+        KVT_FORWARD(dalloc(g, (void **)&g->qa, T * D * sizeof(float)));
+        KVT_FORWARD(dalloc(g, (void **)&g->cs, T * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->cs_work, 2 * T * sizeof(double)));
+    }
+    uint64_t t0 = kvt_now_ns();
+    GPU_OK(cudaMemcpyAsync(g->qa, q, T * D * sizeof(float), cudaMemcpyHostToDevice, g->st));
+    g->up_bytes += T * D * sizeof(float);
+    KVT_FORWARD(sync_copies(g, true, &t0));
+    const float *K = g->k + (size_t)(h / (g->Hq / g->Hkv)) * T * D;
+    KVT_FORWARD(
+        kvt_attn_colsum_cuda(g->qa, K, g->T, g->D, scale, g->cs_work, g->cs, (void *)g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    uint64_t t1 = kvt_now_ns();
+    /* at least: the head's queries and keys read, the sums written (booked with attention) */
+    PROF(g, gpu_attn_ns, t1 - t0);
+    PROF(g, gpu_attn_bytes, 2 * T * D * sizeof(float) + T * sizeof(double));
+    KVT_FORWARD(download(g, out, g->cs, T * sizeof(double)));
     return sync_copies(g, false, &t1);
 }

@@ -68,6 +68,11 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
 kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool pool,
                                      kvt_reduce reduce, bool per_query, double *out);
 
+/** H2O column sums of query head h from all its prompt queries q [T, D] (host), against its
+ *  KV head's keys already on the device: kvt_attn_colsum_ref's contract, out [T] (host). */
+kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double scale,
+                                   double *out);
+
 /** Free the device memory and stream (NULL is fine). */
 void kvt_ctx_gpu_end(kvt_ctx_gpu *g);
 

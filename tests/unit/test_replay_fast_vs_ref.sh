@@ -9,7 +9,8 @@
 # logits differ from the reference's in the last bits of a double, which now and then moves a
 # probability by one f32 ulp, and a relative error ||o_S - o|| / ||o|| whose ||o|| is small
 # amplifies that (seen: 4.5e-5 on an error of 1.1 for knorm on the sample trace). So errors
-# must agree within 1e-3, and at most 1% of them may differ by more than 1e-9.
+# must agree within 1e-3, and at most 1% of them may differ by more than 1e-9. A third trace
+# has Q_all and no stored column sums, so that h2o's sums are computed by the replay.
 #
 # With the argument `cuda` (test_replay_device_gpu, label gpu) the first replay is
 # `--device cuda` with the reference kernels on the host (KVT_KERNELS=ref), so the layer
@@ -41,9 +42,14 @@ if [ "$MODE" = cuda ]; then
 fi
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/dev/null 2>&1 \
     || fail "synth"
-for tr in "$SAMPLE" "$TMP/vl.kvt"; do
+# h2o from Q_all (no stored column sums): the replay computes the sums itself
+$BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off -o "$TMP/qa.kvt" \
+    >/dev/null 2>&1 || fail "synth q-all"
+for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt"; do
     name=$(basename "$tr" .kvt)
     SET=(--policies all --budgets 16,64,300,50% --threads 2 --seed 7)
+    [ "$name" = qa ] &&
+        SET=(--policies h2o,snapkv,full --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
     DEV=()
     [ "$MODE" = cuda ] && DEV=(--device cuda)
     "${FIRST[@]}" $BIN replay "$tr" "${SET[@]}" "${DEV[@]}" -o "$TMP/$name.fast.json" >/dev/null \
