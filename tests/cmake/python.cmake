@@ -24,3 +24,10 @@ if(KVT_SYS_PYTHON)
                         COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_llama2c_hf_convert.py
                         LABELS cpu noasan)
 endif()
+if(KVT_SYS_PYTHON)
+    # the GPU session's scripts (bench/capture_overhead.py, scripts/gpu_hf_check.py) run their
+    # CPU dry runs, so that they do not rot between sessions that have a GPU
+    kvt_add_script_test(test_gpu_scripts_dry
+                        COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_gpu_scripts_dry.py
+                        LABELS cpu noasan)
+endif()
