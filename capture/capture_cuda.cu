@@ -38,7 +38,6 @@
 
 typedef struct cd_slot {
     kvt_record_info info; /* the record this slot holds */
-    size_t bytes;
     cudaEvent_t ev_gathered, ev_done;
 } cd_slot;
 
@@ -300,7 +299,7 @@ static kvt_status reap(kvt_capdev *d, bool wait)
 }
 
 extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0,
-                                      int64_t nt, const kvt_record_info *info)
+                                      const kvt_record_info *info)
 {
     KVT_RETURN_IF(!d || !v || !info, KVT_ERR_INVALID_ARG, "capture: null argument");
     KVT_RETURN_IF(v->device != d->device, KVT_ERR_UNSUPPORTED,
@@ -340,13 +339,11 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
                               d->side));
         CD_CU(cudaEventRecord(s->ev_done, d->side));
         s->info = *p;
-        s->bytes = bytes;
         d->count++;
         if (d->count > d->st.peak_in_flight)
             d->st.peak_in_flight = d->count;
         d->st.d2h_bytes += bytes;
     }
-    (void)nt;
     return KVT_OK;
 }
 

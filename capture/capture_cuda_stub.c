@@ -17,10 +17,10 @@ kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_t ring_byte
                          "captured (rebuild with the CUDA toolkit, or pass host tensors)");
 }
 
-kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0, int64_t nt,
+kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0,
                            const kvt_record_info *info)
 {
-    (void)d, (void)v, (void)t0, (void)nt, (void)info;
+    (void)d, (void)v, (void)t0, (void)info;
     return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
 }
 

@@ -49,11 +49,11 @@ typedef struct kvt_capdev kvt_capdev;
 kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_t ring_bytes,
                              kvt_capdev **out);
 
-/** Tokens [t0, t0 + nt) of v as the record block `info` (kind, layer, heads [0, H), tokens
- *  [tok_begin, tok_begin + nt), dim D, stored dtype): cut into the writer's records
+/** Tokens from t0 of v as the record block `info` (kind, layer, heads [0, H), tokens
+ *  [tok_begin, tok_end), dim D, stored dtype): cut into the writer's records
  *  (kvt_trace_writer_parts), each gathered on v->stream into a ring slot and queued for
  *  copying. Returns without waiting for the GPU (unless the ring is full). */
-kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0, int64_t nt,
+kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0,
                            const kvt_record_info *info);
 
 /** Gather tokens [t0, t0 + nt) of v, converted to dst_dt (no byte planes), on v->stream into

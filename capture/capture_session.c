@@ -299,7 +299,7 @@ static kvt_status emit_view(kvt_capture_session *s, int kind, int layer, const h
                               .dim = (uint32_t)v->n_d,
                               .dtype = s->model.kv_dtype};
         kvt_capdev_view dv = dev_view(v);
-        KVT_FORWARD(dev_fail(s, kvt_capdev_emit(s->dev, &dv, t0, nt, &in)));
+        KVT_FORWARD(dev_fail(s, kvt_capdev_emit(s->dev, &dv, t0, &in)));
         s->stats.bytes_submitted += (uint64_t)v->n_h * (uint64_t)nt * (uint64_t)v->n_d * s->es;
         return KVT_OK;
     }

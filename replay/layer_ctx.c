@@ -238,14 +238,14 @@ kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool p
     const int T = c->T, P = T - W, Hq = c->Hq, H = kvt_ctx_heads(c, per_query);
     double *a = NULL, *red = NULL, *s = NULL;
     kvt_status st;
-    if ((st = ALLOC(a, (size_t)Hq * (P > 0 ? P : 1))) ||
-        (st = ALLOC(red, (size_t)H * (P > 0 ? P : 1))) ||
-        (st = ALLOC(s, (size_t)H * (P > 0 ? P : 1))))
+    if ((st = ALLOC(s, (size_t)H * (P > 0 ? P : 1))))
         goto out_free;
     if (P > 0 && c->gpu) { /* the same, from the device's probabilities */
         if ((st = kvt_ctx_gpu_window_scores(c->gpu, W, kernel, pool, reduce, per_query, s)))
             goto out_free;
     } else if (P > 0) {
+        if ((st = ALLOC(a, (size_t)Hq * P)) || (st = ALLOC(red, (size_t)H * P)))
+            goto out_free;
         /* a_h[j] = (1/W) sum over the last W window queries of Pr[i, j], j in P (§0.1.4) */
         for (int h = 0; h < Hq; h++)
             kvt_col_mean_ref(c->prw + ((size_t)h * c->Wt + (c->Wt - W)) * T, W, T, P,

@@ -109,7 +109,7 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->brec = kvt_malloc(nb * sizeof(double));
     s->berr = kvt_malloc(nb * sizeof(double));
     s->brmod = kvt_malloc(nb * KVT_NM * sizeof(double));
-    if (!kvt_kernels_ref_only()) {
+    if (!kvt_kernels_ref_only() && !c->gpu) { /* the device sweeps do not read them */
         s->pwt = kvt_malloc(T * (size_t)c->Gs * c->Wt * sizeof(float) + 1);
         s->pdt = kvt_malloc(T * (size_t)c->Gs * c->Gd * sizeof(float) + 1);
         if (!s->pwt || !s->pdt) {
@@ -208,10 +208,9 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         so = kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, v, a, sa, pe, se, oe, rf, order,
                                       s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
                                       mod ? s->rmod : NULL);
-    if (so == KVT_ERR_UNSUPPORTED) /* (no token-major copy with a GPU: see the layer loop) */
-        so = kvt_sweep_output(n_q, T, D, p, sp, c->gpu ? NULL : pt, st, v, a, sa, pe, se, oe, rf,
-                              order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
-                              mod ? s->rmod : NULL, s->sw);
+    if (so == KVT_ERR_UNSUPPORTED) /* (pt is NULL with a GPU: see scratch_init) */
+        so = kvt_sweep_output(n_q, T, D, p, sp, pt, st, v, a, sa, pe, se, oe, rf, order, s->cuts,
+                              n_cut, mod, mm, KVT_NM, s->rec, s->err, mod ? s->rmod : NULL, s->sw);
     KVT_FORWARD(so);
     for (int b = 0; b < n_b; b++) {
         int ci = s->map[b];
@@ -861,7 +860,7 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
         if (st)
             goto out_free;
         memset(done, 0, n_pol * (size_t)c.Gs);
-        if (s.pwt && !c.gpu) { /* this KV head's probabilities token-major, for the sweeps */
+        if (s.pwt) { /* this KV head's probabilities token-major, for the sweeps */
             kvt_transpose_f32_cpu(c.prw + (size_t)g * c.Gs * c.Wt * c.T, c.Gs * c.Wt, c.T,
                                   (size_t)c.T, s.pwt, (size_t)c.Gs * c.Wt);
             if (c.Gd > 0)
