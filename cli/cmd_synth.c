@@ -27,6 +27,8 @@ static void help(void)
            "  --colsum on|off    attention column sums, O(T^2 D) per head (default: on\n"
            "                     when T <= %u)\n"
            "  --q-all            also store every prompt query (Q_all)\n"
+           "  --layers N         only the shape's first N layers (their records are those\n"
+           "                     of the whole trace; default: all)\n"
            "  --level N          zstd level (default 3)\n"
            "  --threads N        generator and compression threads (default: CPU count)\n"
            "  --force            overwrite FILE\n"
@@ -98,6 +100,11 @@ int kvt_cmd_synth(int argc, char **argv)
                 return kvt_cli_fail("synth", "--decode wants an integer in 0..%u (got '%s')",
                                     KVT_SYNTH_MAX_DECODE, v);
             o.n_decode = (uint32_t)u;
+        } else if (!strcmp(a, "--layers")) {
+            if (!(v = value(argc, argv, &i)))
+                return 1;
+            if (!kvt_cli_parse_int(v, 1, 1 << 20, &o.n_layers))
+                return kvt_cli_fail("synth", "--layers wants a positive integer (got '%s')", v);
         } else if (!strcmp(a, "--image-frac")) {
             if (!(v = value(argc, argv, &i)))
                 return 1;
@@ -178,7 +185,7 @@ int kvt_cmd_synth(int argc, char **argv)
     double file = stat(out, &st) == 0 ? (double)st.st_size : 0.0;
     printf("%s: synthetic-%s, L=%d Hq=%d Hkv=%d D=%d, T=%u W=%u G=%u, %s%s%s: %.1f MiB raw -> "
            "%.1f MiB (%.2fx) in %.1f s\n",
-           out, sh->name, sh->n_layers, sh->n_q_heads, sh->n_kv_heads, sh->head_dim, r.n_tokens,
+           out, sh->name, r.n_layers, sh->n_q_heads, sh->n_kv_heads, sh->head_dim, r.n_tokens,
            r.window, r.n_decode, kvt_dtype_name(r.dtype),
            r.colsum == KVT_SYNTH_ON ? ", colsum" : "", r.q_all ? ", Q_all" : "",
            (double)raw / 1048576.0, file / 1048576.0, file > 0 ? (double)raw / file : 0.0, secs);

@@ -76,15 +76,19 @@ typedef struct kvt_synth_opts {
     int n_threads;            /* layers generated in parallel by kvt_synth_write; 0 = 1 */
     kvt_progress_fn progress; /* called after each layer is written (may be NULL) */
     void *progress_user;
+    int n_layers; /* layers written: the shape's first n_layers (their records are those of
+                     the whole shape's trace); 0 = all of the shape's */
 } kvt_synth_opts;
 
 /** Defaults: window 0 (min(32, T)), n_decode 16, image_frac -1 (shape default), seed 1,
- *  BF16, colsum AUTO, no Q_all, 1 thread. `shape` and `n_tokens` are left for the caller. */
+ *  BF16, colsum AUTO, no Q_all, 1 thread, all of the shape's layers. `shape` and `n_tokens` are
+ * left for the caller. */
 void kvt_synth_opts_init(kvt_synth_opts *o);
 
 /** Check options and resolve defaults into *out (window, dtype, image_frac, colsum never AUTO).
  * @return KVT_OK or KVT_ERR_INVALID_ARG with a one-line message (kvt_error_msg()): unknown
- *         shape (lists the valid ones), T = 0 or too large, W > T, bad dtype, image_frac. */
+ *         shape (lists the valid ones), T = 0 or too large, W > T, bad dtype, image_frac,
+ *         n_layers outside 0..the shape's layer count. Resolved n_layers is never 0. */
 kvt_status kvt_synth_opts_resolve(const kvt_synth_opts *o, kvt_synth_opts *out,
                                   const kvt_synth_shape **shape);
 

@@ -163,7 +163,12 @@ kvt_status kvt_synth_opts_resolve(const kvt_synth_opts *o, kvt_synth_opts *out,
                   KVT_ERR_INVALID_ARG, "colsum must be auto, on or off");
     KVT_RETURN_IF(o->n_threads < 0 || o->n_threads > 1024, KVT_ERR_INVALID_ARG,
                   "threads must be in [0, 1024]");
+    KVT_RETURN_IF(o->n_layers < 0 || o->n_layers > sh->n_layers, KVT_ERR_INVALID_ARG,
+                  "layers %d: shape '%s' has %d (want 1..%d, or 0 for all)", o->n_layers, sh->name,
+                  sh->n_layers, sh->n_layers);
     kvt_synth_opts r = *o;
+    if (r.n_layers == 0)
+        r.n_layers = sh->n_layers;
     if (r.window == 0)
         r.window = r.n_tokens < 32 ? r.n_tokens : 32;
     r.dtype = dt;
@@ -193,7 +198,7 @@ kvt_status kvt_synth_raw_bytes(const kvt_synth_opts *o, uint64_t *out)
         per_layer += Hq * T * 4;
     if (r.q_all)
         per_layer += Hq * T * D * es;
-    *out = per_layer * (uint64_t)sh->n_layers + T * (4 + 1 + 4 * npos) + G * 4;
+    *out = per_layer * (uint64_t)r.n_layers + T * (4 + 1 + 4 * npos) + G * 4;
     return KVT_OK;
 }
 
@@ -1247,7 +1252,7 @@ static kvt_status build_header(const kvt_synth_opts *o, const kvt_synth_shape *s
         snprintf(buf, sizeof(buf), "synthetic-%s", sh->name);
         cJSON_AddStringToObject(mo, "name", buf);
         cJSON_AddStringToObject(mo, "arch", sh->arch);
-        cJSON_AddNumberToObject(mo, "n_layers", sh->n_layers);
+        cJSON_AddNumberToObject(mo, "n_layers", o->n_layers);
         cJSON_AddNumberToObject(mo, "n_q_heads", sh->n_q_heads);
         cJSON_AddNumberToObject(mo, "n_kv_heads", sh->n_kv_heads);
         cJSON_AddNumberToObject(mo, "head_dim", sh->head_dim);
@@ -1292,6 +1297,8 @@ static kvt_status build_header(const kvt_synth_opts *o, const kvt_synth_shape *s
     }
     cJSON_AddNumberToObject(sy, "generator_version", KVT_SYNTH_GENERATOR_VERSION);
     cJSON_AddStringToObject(sy, "shape", sh->name);
+    if (o->n_layers < sh->n_layers) /* the first n_layers of the shape's layers */
+        cJSON_AddNumberToObject(sy, "shape_n_layers", sh->n_layers);
     cJSON_AddNumberToObject(sy, "image_frac", o->image_frac);
     cJSON_AddNumberToObject(sy, "image_tokens", tok->image_end - tok->image_begin);
     cJSON_AddStringToObject(
@@ -1311,7 +1318,7 @@ static kvt_status build_header(const kvt_synth_opts *o, const kvt_synth_shape *s
     cJSON *layers = cJSON_AddArrayToObject(sy, "layers");
     if (!layers)
         goto out_nomem;
-    for (int l = 0; l < sh->n_layers; l++) {
+    for (int l = 0; l < o->n_layers; l++) {
         layer_scalars s;
         st = scalars_create(o, sh, tok, l, &s);
         if (st != KVT_OK)
@@ -1452,7 +1459,7 @@ kvt_status kvt_synth_write(const kvt_synth_opts *opts, const char *path, const k
     const kvt_synth_shape *sh;
     KVT_RETURN_IF(!path, KVT_ERR_INVALID_ARG, "synth: NULL path");
     KVT_FORWARD(kvt_synth_opts_resolve(opts, &o, &sh));
-    const int L = sh->n_layers;
+    const int L = o.n_layers;
     kvt_synth_tokens *tok = NULL;
     char *hdr = NULL;
     kvt_trace_writer *w = NULL;

@@ -274,6 +274,82 @@ static void test_determinism(void)
     unlink(p3);
 }
 
+/* --layers: the shape's first n layers, each record (tables too) with the same payload as in
+ * the whole shape's trace; model.n_layers says n; bad counts are refused */
+static void test_layers(void)
+{
+    kvt_synth_opts o = opts("tiny-vl", 200), r;
+    const kvt_synth_shape *sh;
+    o.q_all = true;
+    o.n_layers = 3; /* tiny-vl has 2 */
+    KVT_EXPECT_STATUS(kvt_synth_opts_resolve(&o, &r, &sh), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "layers 3") && strstr(kvt_error_msg(), "1..2"));
+    o.n_layers = -1;
+    KVT_EXPECT_STATUS(kvt_synth_opts_resolve(&o, &r, &sh), KVT_ERR_INVALID_ARG);
+    o.n_layers = 0;
+    KVT_EXPECT_STATUS(kvt_synth_opts_resolve(&o, &r, &sh), KVT_OK);
+    KVT_EXPECT(r.n_layers == 2);
+    uint64_t raw_all = 0, raw_one = 0;
+    KVT_EXPECT_STATUS(kvt_synth_raw_bytes(&o, &raw_all), KVT_OK);
+
+    kvt_writer_opts w = {.force = true};
+    kvt_test_tmp(p1, sizeof(p1), "l_all.kvt");
+    kvt_test_tmp(p2, sizeof(p2), "l_one.kvt");
+    KVT_EXPECT_STATUS(kvt_synth_write(&o, p1, &w), KVT_OK);
+    o.n_layers = 1;
+    KVT_EXPECT_STATUS(kvt_synth_raw_bytes(&o, &raw_one), KVT_OK);
+    KVT_EXPECT(raw_one > 0 && raw_one < raw_all);
+    KVT_EXPECT_STATUS(kvt_synth_write(&o, p2, &w), KVT_OK);
+
+    kvt_trace_reader *a = NULL, *b = NULL;
+    KVT_EXPECT_STATUS(kvt_trace_reader_open(p1, &a), KVT_OK);
+    KVT_EXPECT_STATUS(kvt_trace_reader_open(p2, &b), KVT_OK);
+    if (a && b) {
+        size_t na = kvt_trace_reader_n_records(a), nb = kvt_trace_reader_n_records(b);
+        size_t n_l0 = 0, n_l1 = 0, checked = 0;
+        for (size_t i = 0; i < na; i++) {
+            kvt_record_info ri;
+            kvt_trace_reader_record(a, i, &ri);
+            n_l0 += ri.layer <= 0;
+            n_l1 += ri.layer == 1;
+        }
+        KVT_EXPECT_EQ_U64(nb, n_l0); /* the tables and layer 0, nothing of layer 1 */
+        KVT_EXPECT(n_l1 > 0);
+        for (size_t i = 0; i < nb && i < na; i++) {
+            kvt_record_info x, y;
+            kvt_trace_reader_record(a, i, &x);
+            kvt_trace_reader_record(b, i, &y);
+            KVT_EXPECT(x.kind == y.kind && x.layer == y.layer && x.head_begin == y.head_begin &&
+                       x.head_end == y.head_end && x.raw_bytes == y.raw_bytes && y.layer <= 0);
+            if (x.raw_bytes != y.raw_bytes || x.raw_bytes == 0)
+                continue;
+            uint8_t *px = malloc(x.raw_bytes), *py = malloc(y.raw_bytes);
+            KVT_EXPECT_STATUS(kvt_trace_reader_read_record(a, i, px, x.raw_bytes), KVT_OK);
+            KVT_EXPECT_STATUS(kvt_trace_reader_read_record(b, i, py, y.raw_bytes), KVT_OK);
+            KVT_EXPECT(!memcmp(px, py, x.raw_bytes));
+            checked++;
+            free(px);
+            free(py);
+        }
+        KVT_EXPECT_EQ_U64(checked, nb);
+        cJSON *h = cJSON_Parse(kvt_trace_reader_header_json(b));
+        const cJSON *m = cJSON_GetObjectItemCaseSensitive(h, "model");
+        const cJSON *sy = cJSON_GetObjectItemCaseSensitive(h, "synthetic");
+        KVT_EXPECT(cJSON_GetObjectItem(m, "n_layers")->valueint == 1);
+        KVT_EXPECT(cJSON_GetObjectItem(sy, "shape_n_layers")->valueint == 2);
+        KVT_EXPECT(cJSON_GetArraySize(cJSON_GetObjectItem(sy, "layers")) == 1);
+        cJSON_Delete(h);
+    }
+    kvt_trace_reader_close(a);
+    kvt_trace_reader_close(b);
+    kvt_verify_report rep;
+    KVT_EXPECT_STATUS(kvt_trace_verify(p2, &rep), KVT_OK);
+    KVT_EXPECT(rep.n_problems == 0);
+    kvt_verify_report_free(&rep);
+    unlink(p1);
+    unlink(p2);
+}
+
 static void test_tokens(void)
 {
     kvt_synth_opts o = opts("qwen2-vl-7b", 1000);
@@ -636,6 +712,7 @@ int main(void)
     test_edges();
     test_tokens();
     test_determinism();
+    test_layers();
     test_redundancy();
     test_attention_structure();
     test_colsum();

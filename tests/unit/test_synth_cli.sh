@@ -30,6 +30,9 @@ one_error "no output" --shape tiny --tokens 10
 one_error "bad dtype" --shape tiny --tokens 10 --dtype i32 -o "$TMP/x.kvt"
 one_error "bad image fraction" --shape tiny --tokens 10 --image-frac 1.5 -o "$TMP/x.kvt"
 one_error "bad colsum" --shape tiny --tokens 10 --colsum maybe -o "$TMP/x.kvt"
+one_error "too many layers" --shape tiny --tokens 10 --layers 3 -o "$TMP/x.kvt"
+check "too many layers names the shape's count" "grep -q 'has 2' $TMP/err"
+one_error "zero layers" --shape tiny --tokens 10 --layers 0 -o "$TMP/x.kvt"
 one_error "unknown option" --shape tiny --tokens 10 --frobnicate -o "$TMP/x.kvt"
 one_error "missing value" --shape tiny --tokens
 check "nothing written on bad input" "[ ! -e $TMP/x.kvt ]"
@@ -46,5 +49,7 @@ check "verify accepts a synthetic trace" "$BIN verify $TMP/c.kvt >/dev/null"
 check "info shows the synthetic model" "$BIN info $TMP/c.kvt | grep -q synthetic-tiny-vl"
 check "f32, q-all, no decode" \
     "$BIN synth --shape tiny --tokens 40 --dtype f32 --q-all --decode 0 --colsum off -o $TMP/d.kvt >/dev/null && $BIN info $TMP/d.kvt | grep -q Q_all"
+check "--layers 1 writes one layer" \
+    "$BIN synth --shape llama3-8b --tokens 64 --layers 1 --decode 0 -o $TMP/e.kvt | grep -q 'L=1 ' && $BIN info $TMP/e.kvt | grep -q 'L=1 Hq=32'"
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
