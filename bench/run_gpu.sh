@@ -10,23 +10,23 @@
 # each one's wall time and results into $OUT as JSON, plus summary.md with the device name and
 # the ratios (issue #7's target: the whole replay at least 10x faster than the PyTorch peer).
 #
-# The trace. `kvtrace synth` always writes all 32 layers, and its attention column sums (which
-# h2o needs) are O(T^2 D) per head, one core per layer: at T=32768 about 5 CPU-minutes per
-# layer (measured on a 2-core VM: 161 CPU-s for the 32 layers at T=4096, x64), so a colsum
-# synth would not fit in the ~6 minutes this script is sized for, whatever the layer count.
-# So by default (COLSUM=gpu) the synth stores every prompt query instead (--q-all --colsum
-# off: O(T) per layer; 289 CPU-s and an 8.4 GB file for the 32 layers at T=32768 on that VM),
-# and a short torch step on the GPU computes the same causal column sums from Q_all and K for
-# the first LAYERS layers (f32 softmax, f64 sums, as kvt_synth_colsum_head; checked against
-# the synth's own colsum at T=1024: 1.2e-6 relative, every other tensor bit-identical) and
-# writes those layers, without Q_all, to the trace the three replays read.
+# The trace: the first LAYERS layers of the llama3-8b shape (`kvtrace synth --layers`, records
+# identical to the whole shape's). Its attention column sums (which h2o needs) are O(T^2 D) per
+# head, one core per layer: at T=32768 about 5 CPU-minutes per layer (measured on a 2-core VM:
+# 161 CPU-s for 32 layers at T=4096, x64), so a colsum synth would not fit in the minutes this
+# script is sized for. So by default (COLSUM=gpu) the synth stores every prompt query instead
+# (--q-all --colsum off: O(T) per layer; 289 CPU-s and 8.4 GB for 32 layers at T=32768 on that
+# VM, half that for 16), and a short torch step on the GPU computes the same causal column sums
+# from Q_all and K (f32 softmax, f64 sums, as kvt_synth_colsum_head; checked against the
+# synth's own colsum at T=1024: 1.2e-6 relative, every other tensor bit-identical) and writes
+# the layers, without Q_all, to the trace the three replays read.
 # LAYERS=16 by default: one layer per core for the CPU replay (threads over layers). Estimates
-# for 16 cores from the 2-core VM's rates: synth 30-60 s, colsum step 20-30 s (Q_all reads in
+# for 16 cores from the 2-core VM's rates: synth 15-30 s, colsum step 20-30 s (Q_all reads in
 # parallel, ~0.3 s of GPU per layer), kvtrace CPU replay 3-5 s with OpenBLAS (12 CPU-s per
 # layer without: 15-25 s), peer_torch 15-25 s (its host reads alone ~1 s per layer): 2-3
-# minutes in all, 4 at worst; LAYERS=32 adds about a minute. scripts/gpu_session.sh gives the
-# script 420 s. COLSUM=synth uses `kvtrace synth --colsum on` instead (~10 min on 16 cores at
-# T=32768); COLSUM=off leaves h2o out.
+# minutes in all, 4 at worst; LAYERS=32 adds about a minute. COLSUM=synth uses
+# `kvtrace synth --colsum on` instead (~10 min on 16 cores at T=32768); COLSUM=off leaves h2o
+# out.
 #
 # usage (on the device machine, from anywhere):  bash bench/run_gpu.sh
 # environment (defaults in brackets):
@@ -46,6 +46,9 @@
 #   FORCE [0]  1 = synthesise the traces again
 #   timeouts, seconds: TO_BUILD [300] TO_SYNTH [300] TO_COLSUM [240] TO_REPLAY [240]
 #                      TO_PEER [300]
+#   KVT_DEADLINE  epoch seconds by which the script must be done (scripts/gpu_session.sh sets
+#                 it from its budget): every step's timeout is cut so that the summary is
+#                 still written 20 s before it, and a step with under 10 s left is skipped
 # Exit status: 0 when every step that ran succeeded and the peer agreed with kvtrace; 1 else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,9 +92,20 @@ declare -A WALL RC NOTE
 # step NAME TIMEOUT CMD...: run CMD under timeout, output into $WORK/NAME.log (its tail shown);
 # WALL[NAME] seconds, RC[NAME] exit status (124: timed out). Never stops the script.
 step() {
-    local name=$1 lim=$2 t0 rc
+    local name=$1 lim=$2 t0 rc left
     shift 2
     echo
+    if [ -n "${KVT_DEADLINE:-}" ]; then
+        left=$((KVT_DEADLINE - $(date +%s) - 20))
+        if [ "$left" -lt 10 ]; then
+            echo "== $name: skipped, ${left} s left before KVT_DEADLINE"
+            WALL[$name]=0
+            RC[$name]=124
+            FAILED+=("$name (skipped: deadline)")
+            return 0
+        fi
+        [ "$lim" -gt "$left" ] && lim=$left
+    fi
     echo "== $name (timeout ${lim} s): $*"
     t0=$(now)
     set +e
@@ -154,15 +168,18 @@ echo "kvtrace: $KVT, $KVT_LIB (CPU fast path with OpenBLAS: $BLAS)"
 # ---- the trace ------------------------------------------------------------------------------
 TRACE=$WORK/llama3-8b_T${T}_L${LAYERS}_colsum-${COLSUM}.kvt
 case $COLSUM in
-gpu)   FULL=$WORK/llama3-8b_T${T}_qall.kvt; SYNTH_ARGS=(--colsum off --q-all --level 1) ;;
-synth) FULL=$WORK/llama3-8b_T${T}_colsum.kvt; SYNTH_ARGS=(--colsum on --level 1) ;;
-off)   FULL=$WORK/llama3-8b_T${T}.kvt; SYNTH_ARGS=(--colsum off --level 1) ;;
+gpu)   FULL=$WORK/llama3-8b_T${T}_L${LAYERS}_qall.kvt; SYNTH_ARGS=(--colsum off --q-all) ;;
+synth) FULL=$WORK/llama3-8b_T${T}_L${LAYERS}_colsum.kvt; SYNTH_ARGS=(--colsum on) ;;
+off)   FULL=$WORK/llama3-8b_T${T}_L${LAYERS}.kvt; SYNTH_ARGS=(--colsum off) ;;
 *)     echo "run_gpu: COLSUM must be gpu, synth or off"; exit 1 ;;
 esac
 if [ ! -s "$TRACE" ] || [ "$FORCE" = 1 ]; then
     if [ ! -s "$FULL" ] || [ "$FORCE" = 1 ]; then
+        # only the LAYERS layers used (records identical to the whole shape's first layers)
+        LAYERS_ARG=()
+        "$KVT" synth --help 2>&1 | grep -q -- '--layers' && LAYERS_ARG=(--layers "$LAYERS")
         step synth "$TO_SYNTH" "$KVT" synth --shape llama3-8b --tokens "$T" "${SYNTH_ARGS[@]}" \
-            --seed "$SEED" --threads "$THREADS" --force -o "$FULL"
+            "${LAYERS_ARG[@]}" --level 1 --seed "$SEED" --threads "$THREADS" --force -o "$FULL"
         [ "${RC[synth]}" = 0 ] || { rm -f "$FULL"; echo "run_gpu: no trace"; exit 1; }
     fi
     if [ "$COLSUM" = gpu ]; then

@@ -8,7 +8,10 @@ installed:
     lengths; exit 0, a JSON with one result per length and no recorded error;
   * scripts/gpu_hf_check.py --only selftest: its comparison and input-building helpers;
   * bench/run_gpu.sh at T=512 on 2 layers with DEVICE=cpu (needs KVT_BIN): synth, column sums,
-    the kvtrace replays, the PyTorch peer and its agreement check, the summary.
+    the kvtrace replays, the PyTorch peer and its agreement check, the summary;
+  * scripts/gpu_session.sh (needs KVT_BIN) over a stand-in bundle of this build: its steps
+    `tests replay`, a table with a row per step (the GPU tests NOT RUN here), the logs packed,
+    and, with a budget too small for anything, every step SKIPPED and the table still written.
 Exit 77 (not run) without NumPy or torch. Run with /usr/bin/python3; KVT_LIB, KVT_SOURCE_ROOT.
 """
 import json
@@ -49,6 +52,53 @@ def run(args, what):
     return p
 
 
+def session(tmp, e):
+    """scripts/gpu_session.sh over a stand-in for .devbundle made of this build's files."""
+    kbin = os.path.abspath(os.environ["KVT_BIN"])
+    build = os.path.dirname(os.path.dirname(kbin))
+    fb = os.path.join(tmp, "bundle")
+    os.makedirs(os.path.join(fb, "bin"))
+    os.makedirs(os.path.join(fb, "lib"))
+    os.symlink(kbin, os.path.join(fb, "bin", "kvtrace"))
+    os.symlink(os.path.abspath(os.environ["KVT_LIB"]), os.path.join(fb, "lib", "libkvtrace.so"))
+    gpu_tests = ["test_capture_device_gpu", "test_capture_colsum_gpu", "test_kernels_cuda",
+                 "test_capture_timeline_gpu"]
+    for t in gpu_tests:
+        p = os.path.join(build, "tests", t)
+        if os.path.exists(p):
+            os.symlink(p, os.path.join(fb, "bin", t))
+    with open(os.path.join(fb, "REVISION"), "w") as f:
+        f.write("stand-in\n")
+    # (budget, what each row may say): the GPU tests cannot run here (77: NOT RUN)
+    for budget, want in (("300", {"test_replay_device_gpu": ("NOT RUN", "PASS"),
+                                  "replay_bench": ("PASS",)}),
+                         ("15", {"test_replay_device_gpu": ("SKIPPED",),
+                                 "replay_bench": ("SKIPPED",)})):
+        out = os.path.join(tmp, "gs_" + budget)
+        e2 = dict(e, BUNDLE=fb, BUDGET_S=budget, OUT=out, FORCE="0")
+        r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_session.sh"), "tests",
+                            "replay"], env=e2, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        summary = os.path.join(out, "summary.txt")
+        rows = open(summary).read() if os.path.exists(summary) else ""
+        bad = r.returncode != 0 or not os.path.exists(os.path.join(out, "gpu_session.tar.gz"))
+        for name, ok in want.items():
+            row = [l for l in rows.splitlines() if l.startswith(name + " ")]
+            if not row or not any(w in row[0] for w in ok):
+                bad = True
+        if budget == "300":
+            logs = subprocess.run(["tar", "-tzf", os.path.join(out, "gpu_session.tar.gz")],
+                                  capture_output=True, text=True).stdout
+            bad = bad or "replay_bench.log" not in logs or "run_gpu.log" not in logs
+        if bad:
+            print(r.stdout[-3000:], r.stderr[-2000:], rows)
+            print("FAILED: scripts/gpu_session.sh (budget %s s) did not leave the table and "
+                  "logs expected" % budget)
+            sys.exit(1)
+        print("gpu_session.sh, budget %s s: %s" % (budget, " | ".join(
+            " ".join(l.split()) for l in rows.splitlines()[1:])))
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         run([os.path.join(ROOT, "bench", "capture_overhead.py"), "--dry-run", "--device", "cpu",
@@ -78,6 +128,7 @@ def main():
                 print("FAILED: bench/run_gpu.sh (dry, on the CPU) exited %d" % r.returncode)
                 sys.exit(1)
             print("run_gpu.sh: %s" % r.stdout.strip().splitlines()[-1])
+            session(tmp, e)
     print("test_gpu_scripts_dry: ok")
 
 
