@@ -63,6 +63,7 @@ static void help(void)
 static void print_profile(const kvt_replay_profile *p, kvt_device device)
 {
     double wall = p->wall_ns * 1e-9;
+    fflush(stdout); /* the table first, also when both streams go to one pipe */
     fprintf(stderr,
             "profile: wall %.3f s, %llu layers; summed over workers: read %.3f s, "
             "context %.3f s, policies+sweeps %.3f s\n",
