@@ -309,11 +309,31 @@ def torch_env(rep, device):
         info["kvtrace_has_capture_fn"] = hasattr(kvtrace, "capture")
     except Exception as e:
         info["kvtrace"] = "not importable: %s" % e
+    # f32 means f32: no TF32 in matmuls or convolutions. torch >= 2.9 has fp32_precision
+    # settings for this, deprecates the allow_tf32 flags and refuses a mix of the two: the new
+    # ones where they exist
+    def has(obj, name):  # torch < 2.9's cuBLAS module raises AssertionError, not AttributeError
+        try:
+            getattr(obj, name)
+            return True
+        except Exception:
+            return False
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if has(matmul, "fp32_precision"):
+        matmul.fp32_precision = "ieee"
+        conv = getattr(cudnn, "conv", None)
+        if conv is not None and has(conv, "fp32_precision"):
+            conv.fp32_precision = "ieee"
+        else:
+            cudnn.allow_tf32 = False
+        info["tf32_off"] = "fp32_precision = ieee"
+    else:
+        matmul.allow_tf32 = False
+        cudnn.allow_tf32 = False
+        info["tf32_off"] = "allow_tf32 = False"
     rep.data["env"].update(info)
     print("env: " + json.dumps(info), flush=True)
-    # f32 means f32: no TF32 in matmuls or convolutions
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     return info
 
 
@@ -623,12 +643,20 @@ def qwen2vl_inputs(spec):
             "n_image_tokens": n}
 
 
-def _rope_section(tc):
-    for attr in ("rope_scaling", "rope_parameters"):
+def _rope_field(tc, key):
+    """A RoPE setting of a text config: from the rope_parameters dict (transformers 5.x; its
+    rope_scaling is an alias of it), the rope_scaling dict (4.x), else the attribute (4.x
+    rope_theta). None when absent."""
+    for attr in ("rope_parameters", "rope_scaling"):
         d = getattr(tc, attr, None)
-        if isinstance(d, dict) and d.get("mrope_section") is not None:
-            return list(d["mrope_section"])
-    return None
+        if isinstance(d, dict) and d.get(key) is not None:
+            return d[key]
+    return getattr(tc, key, None)
+
+
+def _rope_section(tc):
+    s = _rope_field(tc, "mrope_section")
+    return list(s) if s is not None else None
 
 
 def make_qwen2vl_config(spec):
@@ -667,14 +695,21 @@ def make_qwen2vl_config(spec):
             continue
         tc = c.get_text_config() if hasattr(c, "get_text_config") else getattr(c, "text_config", c)
         vc = c.vision_config
+        theta = _rope_field(tc, "rope_theta")
         got = dict(hidden=getattr(tc, "hidden_size", None),
                    layers=getattr(tc, "num_hidden_layers", None),
                    vocab=getattr(tc, "vocab_size", None), section=_rope_section(tc),
+                   theta=float(theta) if theta is not None else None,
+                   # "mrope" must have become "default" (both 4.x and 5.x convert it): the
+                   # rotary embedding looks any other type up in ROPE_INIT_FUNCTIONS
+                   # (no type at all: the default)
+                   rope_type=_rope_field(tc, "rope_type") or _rope_field(tc, "type") or "default",
                    image=getattr(c, "image_token_id", None),
                    v_embed=getattr(vc, "embed_dim", None),
                    v_hidden=getattr(vc, "hidden_size", None))
         want = dict(hidden=spec["hidden"], layers=spec["layers"], vocab=spec["vocab"],
-                    section=list(spec["mrope_section"]), image=spec["image_token_id"],
+                    section=list(spec["mrope_section"]), theta=float(spec["rope_theta"]),
+                    rope_type="default", image=spec["image_token_id"],
                     v_embed=spec["v_embed"], v_hidden=spec["hidden"])
         if got != want:
             errors.append("%s: came out as %s" % (name, got))

@@ -109,8 +109,8 @@ def token_modality(input_ids, config):
 def mrope_positions(position_ids, n_tokens):
     """M-RoPE position ids [3, T] int32 (rows t, h, w) from what the text model received:
     None (text only: 0..T-1 on every row), [T] or [B, T] (the same row three times),
-    [3, B, T], or [4, B, T] (newer transformers put the text position in row 0: the last
-    three rows are the rotary ones). Batch row 0 is taken."""
+    [3, B, T], or [4, B, T] (transformers 5.x generate: the text positions in row 0, the three
+    rotary rows after them, which the text model splits off). Batch row 0 is taken."""
     T = int(n_tokens)
     if position_ids is None:
         return np.tile(np.arange(T, dtype=np.int32), (3, 1))
@@ -190,17 +190,22 @@ def _text_config(config):
 
 
 def _rope_params(tc):
-    """(is_mrope, mrope_section or None, rope_theta) from a text config (rope_scaling in 4.x,
-    rope_parameters in 5.x)."""
+    """(is_mrope, mrope_section or None, rope_theta) from a text config. transformers 4.x keeps
+    rope_theta as an attribute and M-RoPE's mrope_section in the rope_scaling dict; 5.x keeps
+    both in the rope_parameters dict (rope_scaling is an alias of it, a rope_theta keyword is
+    converted into it, and there is no rope_theta attribute). The dict's rope_theta wins over
+    an attribute: it is what 5.x's rotary embeddings read."""
     section = None
-    theta = getattr(tc, "rope_theta", None)
-    for attr in ("rope_scaling", "rope_parameters"):
+    theta = None
+    for attr in ("rope_parameters", "rope_scaling"):
         d = getattr(tc, attr, None)
         if isinstance(d, dict):
-            if d.get("mrope_section") is not None:
+            if section is None and d.get("mrope_section") is not None:
                 section = list(d["mrope_section"])
             if theta is None and d.get("rope_theta") is not None:
                 theta = d["rope_theta"]
+    if theta is None:
+        theta = getattr(tc, "rope_theta", None)
     return section is not None, section, float(theta) if theta is not None else 0.0
 
 
@@ -375,7 +380,9 @@ class Capture(object):
 
         self.n_q_heads = int(tc.num_attention_heads)
         self.n_kv_heads = int(getattr(tc, "num_key_value_heads", None) or self.n_q_heads)
-        hd = getattr(tc, "head_dim", None)
+        # the attention module's own head size first: Qwen2-VL's text attention uses
+        # hidden_size // num_attention_heads whatever the config's head_dim says
+        hd = getattr(first, "head_dim", None) or getattr(tc, "head_dim", None)
         self.head_dim = int(hd) if hd else int(tc.hidden_size) // self.n_q_heads
         self.mrope, self.mrope_section, self.rope_theta = _rope_params(tc)
         if self.model_type in MROPE_MODEL_TYPES and not self.mrope:

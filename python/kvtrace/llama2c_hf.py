@@ -269,8 +269,10 @@ def _effective_rope_theta(config):
 
 def make_llama_config(cfg, attn_implementation="sdpa"):
     """transformers.LlamaConfig from a hf_config() dict, across transformers versions:
-    4.x takes rope_theta; recent versions keep it in rope_parameters. Checks that the
-    config really carries the requested theta and head_dim."""
+    4.x keeps rope_theta as an attribute; 5.x keeps it in the rope_parameters dict (a
+    rope_theta keyword is converted into it). The rope_theta variant is tried first: 4.x
+    would store a rope_parameters keyword as an unused attribute. Checks that the config
+    really carries the requested theta (where the model reads it) and head_dim."""
     from transformers import LlamaConfig
     kw = dict(cfg)
     theta = float(kw.pop("rope_theta", ROPE_THETA))
@@ -285,9 +287,10 @@ def make_llama_config(cfg, attn_implementation="sdpa"):
                 errors.append("%s: %s: %s" % (sorted(set(v) - set(kw)) + sorted(extra),
                                               type(e).__name__, e))
                 continue
-            if _effective_rope_theta(c) != theta:
-                errors.append("%s: rope theta came out as %r" % (sorted(set(v) - set(kw)),
-                                                                  _effective_rope_theta(c)))
+            attr = getattr(c, "rope_theta", None)  # what a 4.x model reads
+            if _effective_rope_theta(c) != theta or (attr is not None and float(attr) != theta):
+                errors.append("%s: rope theta came out as %r (attribute %r)"
+                              % (sorted(set(v) - set(kw)), _effective_rope_theta(c), attr))
                 continue
             hd = getattr(c, "head_dim", None)
             if hd is not None and int(hd) != int(kw["head_dim"]):
@@ -321,9 +324,9 @@ def to_torch_model(ckpt, dtype="float32", device="cpu", attn_implementation="sdp
     strictly (every parameter present, nothing unexpected; the non-persistent RoPE
     inv_freq buffers are exempt), in eval mode, on `device` in `dtype`.
 
-    Built as from_pretrained(torch_dtype=dtype) builds: the parameters are created in
-    `dtype` (torch's default dtype is switched while the model is constructed) and the
-    float32 weights are rounded into them by load_state_dict, while the RoPE inv_freq
+    Built as from_pretrained(dtype=...) (torch_dtype= in 4.x) builds: the parameters are
+    created in `dtype` (torch's default dtype is switched while the model is constructed) and
+    the float32 weights are rounded into them by load_state_dict, while the RoPE inv_freq
     buffers, which transformers computes explicitly in float32, stay float32. A
     model.to(bfloat16) would round inv_freq to bf16 as well (theta 10000 would act as
     about 9990 on some channels), which is not how a bf16 checkpoint runs."""
@@ -360,9 +363,10 @@ def to_torch_model(ckpt, dtype="float32", device="cpu", attn_implementation="sdp
     # every parameter is the checkpoint's weight rounded to dtype (bit for bit in f32)
     got = model.state_dict()
     for k, v in sd.items():
-        if got[k].dtype != tdt or not torch.equal(got[k].detach().cpu(),
-                                                  torch.from_numpy(v).to(tdt)):
-            raise RuntimeError("parameter %s did not load (%s)" % (k, got[k].dtype))
+        # a version that leaves a tied weight out of state_dict(): the parameter itself
+        t = got[k] if k in got else model.get_parameter(k)
+        if t.dtype != tdt or not torch.equal(t.detach().cpu(), torch.from_numpy(v).to(tdt)):
+            raise RuntimeError("parameter %s did not load (%s)" % (k, t.dtype))
     check_rope_buffers(model, cfg["rope_theta"], cfg["head_dim"])
     return model
 

@@ -5,8 +5,12 @@ that have a GPU (device time is scarce: a script that fails at its first line wa
 On the CPU, with the transformers stand-in (tests/oracle/hf_standin) when transformers is not
 installed:
   * bench/capture_overhead.py --dry-run: a tiny Llama through kvtrace.capture at two prompt
-    lengths; exit 0, a JSON with one result per length and no recorded error;
+    lengths; exit 0, a JSON with one result per length and no recorded error (with the
+    stand-in: once per style, transformers 5.x's and 4.x's config conventions);
   * scripts/gpu_hf_check.py --only selftest: its comparison and input-building helpers;
+  * scripts/gpu_hf_check.py --only a --device cpu --dtypes float32: part (a), stories260K as an
+    HF Llama captured in prefill and generate against the C engine's sample trace, every
+    check passing (with the stand-in: once per style);
   * bench/run_gpu.sh at T=512 on 2 layers with DEVICE=cpu (needs KVT_BIN): synth, column sums,
     the kvtrace replays, the PyTorch peer and its agreement check, the summary;
   * scripts/gpu_session.sh (needs KVT_BIN) over a stand-in bundle of this build: its steps
@@ -31,20 +35,26 @@ ROOT = os.environ.get("KVT_SOURCE_ROOT") or os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def env():
-    e = dict(os.environ)
-    path = [os.path.join(ROOT, "python")]
+def uses_standin():
     try:
         import transformers  # noqa: F401
     except ImportError:
+        return True
+    return False
+
+
+def env():
+    e = dict(os.environ)
+    path = [os.path.join(ROOT, "python")]
+    if uses_standin():
         path.append(os.path.join(ROOT, "tests", "oracle", "hf_standin"))
     e["PYTHONPATH"] = os.pathsep.join(path + [e.get("PYTHONPATH", "")])
     return e
 
 
-def run(args, what):
-    p = subprocess.run([sys.executable] + args, env=env(), cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+def run(args, what, extra_env=None):
+    p = subprocess.run([sys.executable] + args, env=dict(env(), **(extra_env or {})), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:])
         print("FAILED: %s exited %d" % (what, p.returncode))
@@ -101,21 +111,34 @@ def session(tmp, e):
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        run([os.path.join(ROOT, "bench", "capture_overhead.py"), "--dry-run", "--device", "cpu",
-             "--layers", "2", "--tokens", "64,128", "--out", tmp,
-             "--trace-dir", os.path.join(tmp, "traces")], "capture_overhead.py --dry-run")
-        res = json.load(open(os.path.join(tmp, "capture_overhead.json")))
-        errs = res.get("errors") or []
-        runs = res.get("sizes") or []
-        if errs:
-            print("FAILED: capture_overhead.py recorded errors: %s" % json.dumps(errs)[:2000])
-            sys.exit(1)
-        if len(runs) != 2:
-            print("FAILED: capture_overhead.py: want 2 results, got keys %s" % list(res))
-            sys.exit(1)
+        for style in (("5", "4") if uses_standin() else (None,)):
+            extra = {"KVT_HF_STANDIN_STYLE": style} if style else None
+            what = "capture_overhead.py --dry-run%s" % (
+                " (stand-in style %s.x)" % style if style else "")
+            run([os.path.join(ROOT, "bench", "capture_overhead.py"), "--dry-run", "--device",
+                 "cpu", "--layers", "2", "--tokens", "64,128", "--out", tmp,
+                 "--trace-dir", os.path.join(tmp, "traces")], what, extra)
+            res = json.load(open(os.path.join(tmp, "capture_overhead.json")))
+            errs = res.get("errors") or []
+            runs = res.get("sizes") or []
+            if errs:
+                print("FAILED: %s recorded errors: %s" % (what, json.dumps(errs)[:2000]))
+                sys.exit(1)
+            if len(runs) != 2:
+                print("FAILED: %s: want 2 results, got keys %s" % (what, list(res)))
+                sys.exit(1)
+            print("%s: ok (transformers %s)" % (what, res.get("env", {}).get("transformers")))
         p = run([os.path.join(ROOT, "scripts", "gpu_hf_check.py"), "--only", "selftest",
                  "--out", tmp], "gpu_hf_check.py --only selftest")
         print(p.stdout.strip().splitlines()[-2:])
+        for style in (("5", "4") if uses_standin() else (None,)):
+            extra = {"KVT_HF_STANDIN_STYLE": style} if style else None
+            what = "gpu_hf_check.py --only a (CPU, float32%s)" % (
+                ", stand-in style %s.x" % style if style else "")
+            p = run([os.path.join(ROOT, "scripts", "gpu_hf_check.py"), "--only", "a", "--device",
+                     "cpu", "--dtypes", "float32", "--out", tmp,
+                     "--trace-dir", os.path.join(tmp, "hf_traces")], what, extra)
+            print("%s: %s" % (what, p.stdout.strip().splitlines()[-2]))
         if os.environ.get("KVT_BIN"):
             e = env()
             e.update(OUT=os.path.join(tmp, "rg"), WORK=os.path.join(tmp, "rgw"), T="512",

@@ -17,8 +17,11 @@ ones with channels reordered by hf_channel_order.
     HF-convention tensors reordered back, within 1e-4 of max|x| (as
     test_python_capture_llama2c.py);
   * sensitivity: without the wq/wk permutation the logits are far off;
-  * with transformers importable: to_torch_model (CPU, f32) gives the NumPy forward's logits
-    within f32 tolerance (skipped here; runs on the GPU machine).
+  * to_torch_model (CPU, f32) gives the NumPy forward's logits within f32 tolerance, and
+    make_llama_config carries a non-default theta (500000) into the model's RoPE buffers: with
+    the real transformers where it imports (the GPU machine), else (with torch) with the test
+    stand-in tests/oracle/hf_standin in both its styles, transformers 4.x's config convention
+    (rope_theta attribute; a rope_parameters keyword ignored) and 5.x's (rope_parameters).
 
 Environment: KVT_SOURCE_ROOT, KVT_LIB. Exit 77 ("SKIP: ...") without NumPy or the library.
 """
@@ -172,6 +175,31 @@ def test_order():
           "order(8) = %s" % llama2c_hf.hf_channel_order(8).tolist())
 
 
+def check_torch_model(torch, transformers, ck, cfg, ids, logits_h):
+    """to_torch_model against the NumPy forward, and make_llama_config's theta, under the
+    transformers (or stand-in style) imported."""
+    tag = "transformers %s%s" % (transformers.__version__,
+                                 " (test stand-in)" if getattr(transformers, "STANDIN", False)
+                                 else "")
+    model = llama2c_hf.to_torch_model(ck, "float32", "cpu")
+    with torch.no_grad():
+        out = model(torch.as_tensor(ids[None, :]), use_cache=False)
+    e = rel_err(out.logits[0].double().numpy(), logits_h)
+    check("%s: LlamaForCausalLM (CPU f32) logits == NumPy HF forward" % tag, e <= 1e-4,
+          "rel %.3g" % e)
+    # a theta that is not the default must reach the RoPE buffers (4.x would keep a
+    # rope_parameters keyword as an unused attribute; 5.x converts a rope_theta keyword)
+    c = llama2c_hf.make_llama_config(dict(cfg, rope_theta=500000.0))
+    m = transformers.LlamaForCausalLM(c)
+    try:
+        n = llama2c_hf.check_rope_buffers(m, 500000.0, cfg["head_dim"])
+        ok, detail = n > 0, "%d inv_freq buffer(s)" % n
+    except RuntimeError as ex:
+        ok, detail = False, str(ex)[:200]
+    check("%s: make_llama_config(rope_theta=500000) reaches the RoPE buffers (config "
+          "attn %s)" % (tag, getattr(c, "_attn_implementation", None)), ok, detail)
+
+
 def main():
     try:
         import kvtrace
@@ -259,23 +287,25 @@ def main():
     check("without the permutation the logits differ (the check can fail)", e > 1e-2,
           "rel %.3g" % e)
 
-    # the real thing, where transformers is installed (the GPU machine)
+    # the real thing where transformers is installed (the GPU machine), else the stand-in
     try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-        have_tf = True
-    except Exception as ex:
-        have_tf = False
-        print("note: transformers not importable (%s): to_torch_model not checked here"
-              % type(ex).__name__)
-    if have_tf:
         import torch
-        model = llama2c_hf.to_torch_model(ck, "float32", "cpu")
-        with torch.no_grad():
-            out = model(torch.as_tensor(ids[None, :]), use_cache=False)
-        e = rel_err(out.logits[0].double().numpy(), logits_h)
-        check("transformers LlamaForCausalLM (CPU f32) logits == NumPy HF forward",
-              e <= 1e-4, "rel %.3g, transformers %s" % (e, transformers.__version__))
+    except Exception as ex:
+        torch = None
+        print("note: torch not importable (%s): to_torch_model not checked here"
+              % type(ex).__name__)
+    if torch is not None:
+        try:
+            import transformers
+            styles = [None]
+        except ImportError:
+            sys.path.insert(0, os.path.join(ROOT, "tests", "oracle", "hf_standin"))
+            import transformers
+            styles = [5, 4]
+        for style in styles:
+            if style is not None:
+                transformers.set_standin_style(style)
+            check_torch_model(torch, transformers, ck, cfg, ids, logits_h)
 
     n_fail = RESULTS.count(False)
     print("%d passed, %d failed" % (RESULTS.count(True), n_fail))

@@ -3,8 +3,11 @@
 Llama (python/kvtrace/hf.py).
 
 Uses the real transformers when it imports, else the test stand-in in
-tests/oracle/hf_standin (NOT transformers' code; see its README). A random-init Llama
-(3 layers, hidden 64, 8 query heads, 2 KV heads, head dim 8, vocab 97, f32, fixed seed) on
+tests/oracle/hf_standin (NOT transformers' code; see its README), once in each of its styles:
+transformers 5.x conventions (RoPE settings in config.rope_parameters, no rope_theta attribute,
+position_ids from generate) and 4.x ones (config.rope_theta, cache_position). A random-init
+Llama (3 layers, hidden 64, 8 query heads, 2 KV heads, head dim 8, RoPE theta 500000 - not the
+default, so a theta lost on the way shows - vocab 97, f32, fixed seed) on
 the CPU (and again on CUDA when torch sees a GPU) generates greedily inside
 `with kvtrace.capture(model, path, window=4, decode=5)`, while a recorder registered in the
 attention registry keeps the q/k/v tensors the model itself hands to attention. Checks:
@@ -61,7 +64,7 @@ import kvtrace  # noqa: E402
 from kvtrace import hf  # noqa: E402
 
 L, HQ, HKV, D, VOCAB, T, W, G, NEW = 3, 8, 2, 8, 97, 11, 4, 5, 8
-THETA = 10000.0
+THETA = 500000.0  # not the default (10000): a theta dropped by a config convention shows
 FAILS = []
 
 
@@ -203,8 +206,21 @@ def within_bf16(got_bits, ref_f32):
 
 
 # ------------------------------------------------------------------------------------------
-def check_capture(device, tmp):
-    tag = "[%s] " % device
+def check_config_convention(style):
+    """The stand-in really follows the style's config convention (so the capture checks after
+    it exercise hf.py on that convention)."""
+    cfg = build().config
+    if style >= 5:
+        ok = (getattr(cfg, "rope_theta", None) is None and
+              cfg.rope_parameters.get("rope_theta") == THETA and cfg.rope_scaling is
+              cfg.rope_parameters)
+    else:
+        ok = cfg.rope_theta == THETA and not hasattr(cfg, "rope_parameters")
+    check(ok, "stand-in %d.x config: theta where transformers %d.x keeps it" % (style, style))
+
+
+def check_capture(device, tmp, label=None):
+    tag = "[%s] " % (label or device)
     model = build(device=device)
     ids = prompt(device)
     before = registry()["sdpa"]
@@ -212,7 +228,7 @@ def check_capture(device, tmp):
 
     with Recorder():
         seq_ref, logits_ref = generate(model, ids)
-    path = os.path.join(tmp, "llama-%s.kvt" % device)
+    path = os.path.join(tmp, "llama-%s.kvt" % (label or device).replace(" ", "-"))
     with Recorder() as rec:
         try:
             with kvtrace.capture(model, path, window=W, decode=G) as cap:
@@ -304,7 +320,7 @@ def check_capture(device, tmp):
               % meta.get("defaulted_tables"))
 
     # bf16 storage of the same f32 model, with every prompt query
-    path16 = os.path.join(tmp, "llama-%s-bf16.kvt" % device)
+    path16 = os.path.join(tmp, "llama-%s-bf16.kvt" % (label or device).replace(" ", "-"))
     with Recorder() as rec16:
         with kvtrace.capture(model, path16, window=W, decode=2, kv_dtype="bf16",
                              with_q_all=True):
@@ -594,7 +610,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         check_plain_functions()
         check_tensor_view()
-        check_capture("cpu", tmp)
+        if STANDIN:  # both conventions; the default style last, for what follows
+            default = transformers.set_standin_style(4)
+            for style in sorted({4, 5} - {default}) + [default]:
+                transformers.set_standin_style(style)
+                check_config_convention(style)
+                check_capture("cpu", tmp, "cpu, stand-in %s" % transformers.__version__)
+        else:
+            check_capture("cpu", tmp)
         check_errors_and_restore(tmp)
         if torch.cuda.is_available():
             check_capture("cuda", tmp)

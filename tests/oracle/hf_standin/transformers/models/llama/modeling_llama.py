@@ -50,7 +50,8 @@ class LlamaRotaryEmbedding(nn.Module):
         super().__init__()
         d = config.head_dim
         exponents = torch.arange(0, d, 2, dtype=torch.float32) / d
-        self.register_buffer("inv_freq", 1.0 / (config.rope_theta ** exponents), persistent=False)
+        theta = config.rope_theta_of()  # config.rope_theta (4.x), rope_parameters (5.x)
+        self.register_buffer("inv_freq", 1.0 / (theta ** exponents), persistent=False)
 
     @torch.no_grad()
     def forward(self, x, position_ids):
