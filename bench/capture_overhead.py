@@ -406,15 +406,21 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="prefills without capture per T")
     ap.add_argument("--cap-repeats", type=int, default=2, help="captured prefills per T")
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--level", type=int, default=0, help="zstd level (0: library default)")
+    ap.add_argument("--level", type=int, default=1,
+                    help="zstd level (default 1, kvtrace.capture's; 0: the library's, 3)")
     ap.add_argument("--threads", type=int, default=0, help="compressor threads (0: default)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/kvt_gpu_out")
     ap.add_argument("--trace-dir", default="/tmp/kvt_bench_traces")
     ap.add_argument("--keep-traces", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=240.0,
-                    help="start no new size after this many seconds (default 240)")
+    # under scripts/gpu_session.sh: KVT_DEADLINE (epoch seconds) ends the step; a size takes
+    # under a minute on an H200, so none starts in the last 60 s
+    dl = os.environ.get("KVT_DEADLINE")
+    budget = 240.0 if not dl else max(10.0, min(240.0, float(dl) - time.time() - 60.0))
+    ap.add_argument("--budget-s", type=float, default=budget,
+                    help="start no new size after this many seconds (default 240, or up to "
+                         "60 s before KVT_DEADLINE)")
     ap.add_argument("--dry-run", action="store_true",
                     help="a tiny float32 model on --device (e.g. cpu), to test the plumbing")
     a = ap.parse_args()

@@ -301,7 +301,7 @@ class Capture(object):
     info (what was found: layers, attention implementation, versions)."""
 
     def __init__(self, model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
-                 with_q_all=False, timeline=False, level=0, n_threads=0, force=False,
+                 with_q_all=False, timeline=False, level=1, n_threads=0, force=False,
                  name=None):
         try:
             import torch
@@ -666,7 +666,7 @@ class Capture(object):
 
 
 def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
-            with_q_all=False, timeline=False, level=0, n_threads=0, force=False, name=None):
+            with_q_all=False, timeline=False, level=1, n_threads=0, force=False, name=None):
     """Record the KV cache of a transformers model into a .kvt trace while it runs:
 
         with kvtrace.capture(model, "out.kvt", window=32, decode=64):
@@ -685,8 +685,10 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
     with_colsum: also attention column sums over all prompt queries (computed by the library).
     with_q_all:  also every prompt query (Q_all).
     timeline:    collect a CUPTI GPU timeline from the first prompt call to the end.
-    level, n_threads: zstd level (0 = the library's, 3) and compressor threads (0 = all cores
-                 but two, so that compression keeps up with a GPU's prefill).
+    level, n_threads: zstd level (default 1; 0 = the library's, 3) and compressor threads (0 =
+                 all cores but two), so that compression keeps pace with a GPU's prefill: on
+                 byte-planed bf16 KV level 1 compresses about 1.7-2x faster than level 3 and as
+                 well or better (bench/RESULTS.md, "Trace writer/reader throughput").
     force:       overwrite an existing file.   name: the model name in the header.
 
     Returns a Capture (a context manager): .path, .session, .stats (after the block). The

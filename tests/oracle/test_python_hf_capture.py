@@ -279,6 +279,8 @@ def check_capture(device, tmp, label=None):
               tag + "header engine and capture JSON (%s, %s)" % (h["engine"], {
                   k: c.get(k) for k in ("transformers_version", "torch_version",
                                         "attn_implementation", "model_class")}))
+        check(c.get("zstd_level") == 1, tag + "default zstd level 1 (got %r)"
+              % c.get("zstd_level"))
         if device != "cpu":
             check(h.get("gpu") not in (None, ""), tag + "header gpu %r" % h.get("gpu"))
         check(t.verify()["ok"], tag + "verify ok")
