@@ -83,7 +83,9 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device)
         fprintf(stderr, "profile: gpu %-26s %9.3f s %10.3f GB %9.1f GB/s\n", g[i].what,
                 g[i].ns * 1e-9, g[i].bytes * 1e-9,
                 g[i].ns ? (double)g[i].bytes / (double)g[i].ns : 0.0);
-    fprintf(stderr, "profile: gpu sweep calls %llu (kernel GB: at least what each must move)\n",
+    fprintf(stderr,
+            "profile: gpu sweep calls %llu (kernels: GPU time by CUDA events, GB at least what "
+            "each must move; copies: host clock)\n",
             (unsigned long long)p->gpu_sweep_calls);
 }
 

@@ -164,6 +164,8 @@ typedef struct kvt_replay_profile {
     uint64_t context_ns; /* building layer contexts (attention, norms; GPU parts included) */
     uint64_t measure_ns; /* policies, rankings and sweeps */
     uint64_t n_layers;
+    /* --device cuda: copies by the host clock (waited for); kernels by CUDA events around each
+       call's kernels (the GPU's own time); bytes: at least what each must move */
     uint64_t gpu_upload_ns, gpu_upload_bytes; /* host to device */
     uint64_t gpu_attn_ns, gpu_attn_bytes;     /* attention probabilities and outputs */
     uint64_t gpu_norm_ns, gpu_norm_bytes;     /* key/value norms and unit keys */

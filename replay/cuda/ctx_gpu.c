@@ -3,7 +3,9 @@
  * results into the host context and keeps the device copies (probabilities, full outputs, row
  * sums, decode-key terms, V) for the output sweeps of the layer's policies. Every copy is on
  * that stream and waited for, so host arrays are complete when a call returns. Several replay
- * workers may each hold one at once.
+ * workers may each hold one at once. With a profile, the kernels of each call are timed by CUDA
+ * events on the stream: the GPU's own time, without the launches, the synchronisation and the
+ * host work around them (which the replay's host-side times show).
  */
 #include <cuda_runtime_api.h>
 #include <string.h>
@@ -51,6 +53,7 @@ struct kvt_ctx_gpu {
     ctx_map map[CTX_GPU_MAP];
     int n_map;
     kvt_replay_profile *prof;      /* may be NULL */
+    cudaEvent_t ev[2];             /* kernel timing (with a profile only) */
     uint64_t up_bytes, down_bytes; /* queued since the last sync */
 };
 
@@ -117,6 +120,30 @@ static kvt_status sync_copies(kvt_ctx_gpu *g, bool up, uint64_t *t0)
     return KVT_OK;
 }
 
+/* Kernel timing: kern_begin before the kernels of a call, kern_end after them; kern_end waits
+ * for the stream, sets *t to the host clock after that and adds their GPU time to *ns (by the
+ * events; nothing without a profile). */
+static kvt_status kern_begin(kvt_ctx_gpu *g)
+{
+    if (g->prof)
+        GPU_OK(cudaEventRecord(g->ev[0], g->st));
+    return KVT_OK;
+}
+
+static kvt_status kern_end(kvt_ctx_gpu *g, uint64_t *ns, uint64_t *t)
+{
+    if (g->prof)
+        GPU_OK(cudaEventRecord(g->ev[1], g->st));
+    GPU_OK(cudaStreamSynchronize(g->st));
+    *t = kvt_now_ns();
+    if (g->prof) {
+        float ms = 0.0f;
+        GPU_OK(cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]));
+        *ns += (uint64_t)((double)ms * 1e6 + 0.5);
+    }
+    return KVT_OK;
+}
+
 void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     if (!g)
@@ -132,6 +159,9 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
         cudaStreamSynchronize(g->st);
         cudaStreamDestroy(g->st);
     }
+    for (int i = 0; i < 2; i++)
+        if (g->ev[i])
+            cudaEventDestroy(g->ev[i]);
     kvt_free(g);
 }
 
@@ -141,6 +171,9 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     const size_t rows = (size_t)g->rows, Hq = (size_t)g->Hq;
     GPU_OK(cudaSetDevice(0));
     GPU_OK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking));
+    if (g->prof)
+        for (int i = 0; i < 2; i++)
+            GPU_OK(cudaEventCreate(&g->ev[i]));
     uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
     KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
@@ -199,16 +232,16 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
     const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
     bool extra = decode && g->extra;
     const float *Kd = extra ? g->kd + (size_t)group * g->Gd * D : NULL;
-    uint64_t t0 = kvt_now_ns();
+    uint64_t t1, ns = 0;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_attn_probs_cuda(q, n_q, g->D, K, g->T, n_vis, Kd, extra ? g->Gd : 0,
                                     extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL,
                                     g->lse, (void *)g->st));
     KVT_FORWARD(kvt_attn_output_cuda(dpr, n_q, g->T, T, V, g->D, dout, D, (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    uint64_t t1 = kvt_now_ns();
+    KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: Q, K, V read once, P written and read back, the outputs written */
     size_t nx = extra ? (size_t)g->Gd : 0;
-    PROF(g, gpu_attn_ns, t1 - t0);
+    PROF(g, gpu_attn_ns, ns);
     PROF(g, gpu_attn_bytes,
          ((size_t)n_q * D + 2 * (T + nx) * D + 2 * (size_t)n_q * (T + nx)) * sizeof(float) +
              (size_t)n_q * (D + 1) * sizeof(double));
@@ -227,21 +260,20 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *v
     const size_t T = (size_t)g->T, D = (size_t)g->D;
     const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
     double *vn = g->inv; /* V's norms before unit_rows uses it as its workspace */
-    uint64_t t0 = kvt_now_ns();
+    uint64_t t1, t3, ns = 0;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_row_norms_cuda(K, g->T, g->D, g->norm, (void *)g->st));
     KVT_FORWARD(kvt_row_norms_cuda(V, g->T, g->D, vn, (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    uint64_t t1 = kvt_now_ns();
+    KVT_FORWARD(kern_end(g, &ns, &t1));
     KVT_FORWARD(download(g, knorm, g->norm, T * sizeof(double)));
     KVT_FORWARD(download(g, vnorm, vn, T * sizeof(double)));
     KVT_FORWARD(sync_copies(g, false, &t1));
-    uint64_t t2 = kvt_now_ns();
     float *dku = g->ku + (size_t)group * T * D;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_unit_rows_cuda(K, g->T, g->D, dku, g->mean, g->inv, (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    uint64_t t3 = kvt_now_ns();
+    KVT_FORWARD(kern_end(g, &ns, &t3));
     /* at least: K and V read for the norms, K read and the unit keys written */
-    PROF(g, gpu_norm_ns, (t1 - t0) + (t3 - t2));
+    PROF(g, gpu_norm_ns, ns);
     PROF(g, gpu_norm_bytes, 4 * T * D * sizeof(float) + (3 * T + D) * sizeof(double));
     KVT_FORWARD(download(g, ku, dku, T * D * sizeof(float)));
     KVT_FORWARD(download(g, kmean, g->mean, D * sizeof(double)));
@@ -349,14 +381,15 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
     g->up_bytes += (size_t)T * sizeof(int32_t);
     KVT_FORWARD(sync_copies(g, true, &t0));
     KVT_FORWARD(need_work(g, n_cut, 0));
+    uint64_t t1, ns = 0;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_sweep_output_cuda_ws(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e,
                                          doe, drf, g->order, cuts, n_cut, dmod, dmm, stride_m,
                                          g->rec, g->err, mod ? g->rmod : NULL, g->work, g->work_cap,
                                          (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    uint64_t t1 = kvt_now_ns();
+    KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: each query's probabilities, V and the ranking read once, results written */
-    PROF(g, gpu_sweep_ns, t1 - t0);
+    PROF(g, gpu_sweep_ns, ns);
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes,
          ((size_t)n_q * T + (size_t)T * D + T) * sizeof(float) +
@@ -385,11 +418,13 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
                            cudaMemcpyHostToDevice, g->st));
     g->up_bytes += (size_t)n_probe * sizeof(int32_t);
     KVT_FORWARD(sync_copies(g, true, &t0));
+    uint64_t ns = 0;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_cosine_table_cuda(g->ku + (size_t)group * T * D, g->T, g->D, g->probe, n_probe,
                                       g->ct, (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
+    KVT_FORWARD(kern_end(g, &ns, &t0));
     /* at least: the unit keys read, the table written (booked with the sweeps) */
-    PROF(g, gpu_sweep_ns, kvt_now_ns() - t0);
+    PROF(g, gpu_sweep_ns, ns);
     PROF(g, gpu_sweep_bytes, (T * D + T * (size_t)n_probe) * sizeof(float));
     return KVT_OK;
 }
@@ -414,13 +449,14 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
     g->up_bytes += (size_t)g->T * sizeof(int32_t);
     KVT_FORWARD(sync_copies(g, true, &t0));
     KVT_FORWARD(need_work(g, n_cut, g->n_probe));
+    uint64_t t1, ns = 0;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_coverage_best_cuda_ws(g->ct, g->T, g->n_probe, g->order, cuts, n_cut, g->best,
                                           g->work, g->work_cap, (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    uint64_t t1 = kvt_now_ns();
+    KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: the kept rows of the table (up to the last cut) and their indices read, best
      * written */
-    PROF(g, gpu_sweep_ns, t1 - t0);
+    PROF(g, gpu_sweep_ns, ns);
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes, ((size_t)cuts[n_cut - 1] * (g->n_probe + 1) + n) * sizeof(float));
     KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
@@ -441,13 +477,13 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
         KVT_FORWARD(dalloc(g, (void **)&g->sc_work, need * sizeof(double)));
         g->sc_cap = need;
     }
-    uint64_t t0 = kvt_now_ns();
+    uint64_t t1, ns = 0;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_window_scores_cuda(g->prw, g->Hq, g->Hkv, g->Wt, W, g->T, kernel, pool, reduce,
                                        per_query, g->sc_work, g->sc, (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    uint64_t t1 = kvt_now_ns();
+    KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: the last W window rows of every query head read, the scores written */
-    PROF(g, gpu_sweep_ns, t1 - t0);
+    PROF(g, gpu_sweep_ns, ns);
     PROF(g, gpu_sweep_bytes, (size_t)g->Hq * W * P * sizeof(float) + H * P * sizeof(double));
     KVT_FORWARD(download(g, out, g->sc, H * P * sizeof(double)));
     return sync_copies(g, false, &t1);
@@ -468,12 +504,13 @@ kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double
     g->up_bytes += T * D * sizeof(float);
     KVT_FORWARD(sync_copies(g, true, &t0));
     const float *K = g->k + (size_t)(h / (g->Hq / g->Hkv)) * T * D;
+    uint64_t t1, ns = 0;
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(
         kvt_attn_colsum_cuda(g->qa, K, g->T, g->D, scale, g->cs_work, g->cs, (void *)g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    uint64_t t1 = kvt_now_ns();
+    KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: the head's queries and keys read, the sums written (booked with attention) */
-    PROF(g, gpu_attn_ns, t1 - t0);
+    PROF(g, gpu_attn_ns, ns);
     PROF(g, gpu_attn_bytes, 2 * T * D * sizeof(float) + T * sizeof(double));
     KVT_FORWARD(download(g, out, g->cs, T * sizeof(double)));
     return sync_copies(g, false, &t1);

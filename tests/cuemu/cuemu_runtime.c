@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cuda_runtime_api.h"
 
@@ -28,6 +29,8 @@ struct CUstream_st {
 struct CUevent_st {
     unsigned flags;
     int recorded;
+    double t_ms; /* host clock when recorded: work queued before it has run (launches and copies
+                    complete at once here) */
 };
 
 void cuemu_set_error(cudaError_t e, const char *what)
@@ -311,6 +314,9 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
     (void)s;
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord");
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    e->t_ms = (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
     e->recorded = 1;
     return cudaSuccess;
 }
@@ -329,6 +335,8 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b)
 {
     if (!a || !b || (a->flags & cudaEventDisableTiming) || (b->flags & cudaEventDisableTiming))
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
-    *ms = 0.0f;
+    if (!a->recorded || !b->recorded) /* as CUDA: an event never recorded has no time */
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
+    *ms = (float)(b->t_ms - a->t_ms);
     return cudaSuccess;
 }
