@@ -9,6 +9,12 @@
 #   3. bench/peer_torch.py --device cuda (the PyTorch peer: topk per budget, nothing shared),
 # each one's wall time and results into $OUT as JSON, plus summary.md with the device name and
 # the ratios (issue #7's target: the whole replay at least 10x faster than the PyTorch peer).
+# The kernels' roofline (issue #7: within 3x): `replay --profile` books each kernel category's
+# GPU time (CUDA events), the bytes it must move and, for attention and column sums, its FLOP;
+# a second `--device cuda` replay with one worker on 2 of the layers gives those figures
+# without other workers' kernels alongside, and a short torch step measures the device's
+# ceilings (read and copy bandwidth of 1 GiB, f32 matmul without TF32); summary.md then holds,
+# per category, the measured time against max(bytes / read bandwidth, FLOP / f32 rate).
 #
 # The trace: the first LAYERS layers of the llama3-8b shape (`kvtrace synth --layers`, records
 # identical to the whole shape's). Its attention column sums (which h2o needs) are O(T^2 D) per
@@ -308,6 +314,12 @@ if grep -q -- '--device' <<< "$REPLAY_HELP"; then
     step kvtrace_cuda "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
         --threads "$THREADS" --device "$DEVICE" -o "$OUT/kvtrace_cuda.json"
     grep '^profile:' "$WORK/kvtrace_cuda.log" >"$OUT/kvtrace_cuda_profile.txt" || true
+    # the kernels' own figures without other workers' kernels beside them: one worker, the
+    # layers of shard 0 of 8 (2 of 16); appended to the profile file after a marker line
+    step kvtrace_cuda_1t "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
+        --threads 1 --shard 0/8 --device "$DEVICE" -o "$WORK/kvtrace_cuda_1t.json"
+    { echo "# one worker, shard 0/8"; grep '^profile:' "$WORK/kvtrace_cuda_1t.log"; } \
+        >>"$OUT/kvtrace_cuda_profile.txt" || true
 else
     NOTE[kvtrace_cuda]="skipped: this kvtrace's 'replay --help' has no --device option"
     echo
@@ -320,6 +332,49 @@ step peer_torch "$TO_PEER" "$PYTHON" bench/peer_torch.py "$TRACE" --device "$DEV
     --compare "$OUT/kvtrace_cpu.json" -o "$OUT/peer_torch.json"
 grep -E '^(peer_total_s|agreement)' "$WORK/peer_torch.log" || true
 
+# ---- the device's ceilings, measured here (the roofline the kernels are held to) -----------
+cat > "$WORK/peak.py" <<'EOF2'
+import json, sys, time
+import torch
+dev = torch.device(sys.argv[1])
+cuda = dev.type == "cuda"
+if cuda:
+    m = torch.backends.cuda.matmul
+    try:  # f32 means f32: torch >= 2.9 has fp32_precision, older ones allow_tf32
+        m.fp32_precision = "ieee"
+    except Exception:
+        m.allow_tf32 = False
+n = (1 << 28) if cuda else (1 << 22)   # floats: 1 GiB on the GPU, 16 MiB on the CPU
+mm = 8192 if cuda else 512
+
+
+def timed(fn, reps):
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+a = torch.rand(n, device=dev)
+b = torch.empty_like(a)
+t_copy = timed(lambda: b.copy_(a), 10)
+t_read = timed(lambda: a.sum(), 10)
+x = torch.rand(mm, mm, device=dev)
+y = torch.rand(mm, mm, device=dev)
+t_mm = timed(lambda: torch.matmul(x, y), 5)
+r = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+     "copy_GBps": 2 * 4 * n / t_copy / 1e9, "read_GBps": 4 * n / t_read / 1e9,
+     "fp32_matmul_TFLOPps": 2 * mm ** 3 / t_mm / 1e12, "bytes": 4 * n, "matmul_n": mm}
+print(json.dumps(r))
+json.dump(r, open(sys.argv[2], "w"), indent=1)
+EOF2
+step peak 60 "$PYTHON" "$WORK/peak.py" "$DEVICE" "$WORK/peak.json"
+
 # ---- summary --------------------------------------------------------------------------------
 echo
 echo "== summary"
@@ -328,6 +383,7 @@ export W_SYNTH=${WALL[synth]:-} W_COLSUM=${WALL[colsum]:-${WALL[cut]:-}}
 export W_KCPU=${WALL[kvtrace_cpu]:-} R_KCPU=${RC[kvtrace_cpu]:-}
 export W_KCUDA=${WALL[kvtrace_cuda]:-} R_KCUDA=${RC[kvtrace_cuda]:-} N_KCUDA=${NOTE[kvtrace_cuda]:-}
 export W_PEER=${WALL[peer_torch]:-} R_PEER=${RC[peer_torch]:-} W_BUILD=${WALL[build]:-}
+export WORK
 W_SCRIPT=$(secs "$T_SCRIPT" "$(now)")
 export W_SCRIPT
 set +e
@@ -386,6 +442,64 @@ if load("kvtrace_cuda.json") and load("kvtrace_cpu.json"):
                 dd = abs(v - w)
                 d = max(d, float("inf") if math.isnan(dd) else dd)
         agree[p] = d
+
+
+def profile_kernels(path):
+    """{(section, what): {s, GB, TFLOP}} from the 'profile: gpu ...' lines of a profile file;
+    section "all" for the run with every worker, "1t" after the '# one worker' marker."""
+    out, sec = {}, "all"
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        if line.startswith("# one worker"):
+            sec = "1t"
+            continue
+        if not line.startswith("profile: gpu ") or " GB/s" not in line:
+            continue
+        body = line[len("profile: gpu "):]
+        what, rest = body.split("  ", 1)
+        f = rest.split()
+        try:
+            d = {"s": float(f[0]), "GB": float(f[2])}
+            if "TFLOP" in f:
+                d["TFLOP"] = float(f[f.index("TFLOP") - 1])
+        except (ValueError, IndexError):
+            continue
+        out[(sec, what.strip())] = d
+    return out
+
+
+def roofline(prof, peak):
+    """Per kernel category: the time the device's ceilings allow (bytes at the measured read
+    bandwidth, FLOP at the measured f32 matmul rate, whichever is longer) against the time
+    measured (the one-worker run's when there is one)."""
+    rows = []
+    if not peak:
+        return rows
+    bw = peak["read_GBps"]
+    fl = peak["fp32_matmul_TFLOPps"]
+    sec = "1t" if any(k[0] == "1t" for k in prof) else "all"
+    for (sc, what), d in sorted(prof.items()):
+        if sc != sec or "kernels" not in what or d["s"] <= 0:
+            continue
+        t_mem = d["GB"] / bw
+        t_fl = d.get("TFLOP", 0.0) / fl if fl > 0 else 0.0
+        bound = max(t_mem, t_fl)
+        rows.append({"kernels": what, "run": "one worker" if sec == "1t" else "all workers",
+                     "s": d["s"], "GB": d["GB"], "GBps": d["GB"] / d["s"],
+                     "TFLOP": d.get("TFLOP"), "bound_s": bound,
+                     "bound_by": "memory" if t_mem >= t_fl else "f32 compute",
+                     "x_roofline": d["s"] / bound if bound > 0 else None})
+    return rows
+
+
+try:
+    peak = json.load(open(os.path.join(e["WORK"], "peak.json")))
+except (OSError, ValueError):
+    peak = None
+roof = roofline(profile_kernels(os.path.join(out, "kvtrace_cuda_profile.txt")), peak)
 bench = {"issue": 7, "device_name": e["GPU_NAME"], "cpu": e["CPU_NAME"], "threads": int(e["THREADS"]),
          "kvtrace_openblas": e["BLAS"] == "yes",
          "trace": {"path": e["TRACE"], "shape": "llama3-8b", "T": int(e["T"]),
@@ -398,6 +512,7 @@ bench = {"issue": 7, "device_name": e["GPU_NAME"], "cpu": e["CPU_NAME"], "thread
          "steps": steps, "ratios": ratios,
          "peer_vs_kvtrace_cpu": peer and peer.get("agreement"),
          "kvtrace_cuda_vs_cpu_max_abs_diff": agree or None,
+         "device_peak": peak, "kernel_roofline": roof,
          "script_s": num(e["W_SCRIPT"])}
 with open(os.path.join(out, "bench.json"), "w") as f:
     json.dump(bench, f, indent=1)
@@ -441,6 +556,20 @@ if peer and peer.get("agreement"):
 if agree:
     md += ["", "kvtrace --device cuda vs CPU, largest |diff| of any metric mean: " +
            ", ".join("%s %.1e" % kv for kv in agree.items())]
+if roof:
+    md += ["", "Kernels against the device's roofline (issue #7's target: within 3x). Ceilings "
+           "measured in this run: read %.0f GB/s (a 1 GiB sum), copy %.0f GB/s, f32 matmul "
+           "%.1f TFLOP/s (TF32 off); bound = the longer of bytes / read bandwidth and FLOP / "
+           "f32 rate; kernel time by CUDA events, %s:" % (
+               peak["read_GBps"], peak["copy_GBps"], peak["fp32_matmul_TFLOPps"],
+               roof[0]["run"]), "",
+           "| kernels | GPU s | GB at least | GB/s | TFLOP | bound s (by) | x roofline |",
+           "|---|---|---|---|---|---|---|"]
+    md += ["| %s | %.4f | %.3f | %.0f | %s | %.4f (%s) | **%s** |" % (
+        r["kernels"], r["s"], r["GB"], r["GBps"], fmt(r["TFLOP"], "%.3f"), r["bound_s"],
+        r["bound_by"], fmt(r["x_roofline"], "%.2f")) for r in roof]
+elif peak:
+    md += ["", "No GPU kernel figures in the profiles (replay --device %s)." % e["DEVICE"]]
 md += ["", "Preparation (not timed against anything): build %s s, synth %s s, colsum/cut %s s; "
        "whole script %s s." % (fmt(num(e["W_BUILD"])), fmt(num(e["W_SYNTH"])),
                                fmt(num(e["W_COLSUM"])), fmt(num(e["W_SCRIPT"])))]

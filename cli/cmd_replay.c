@@ -73,16 +73,24 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device)
         return;
     const struct {
         const char *what;
-        uint64_t ns, bytes;
-    } g[] = {{"upload (host to device)", p->gpu_upload_ns, p->gpu_upload_bytes},
-             {"attention kernels", p->gpu_attn_ns, p->gpu_attn_bytes},
-             {"norm kernels", p->gpu_norm_ns, p->gpu_norm_bytes},
-             {"sweep kernels", p->gpu_sweep_ns, p->gpu_sweep_bytes},
-             {"download (device to host)", p->gpu_download_ns, p->gpu_download_bytes}};
-    for (size_t i = 0; i < sizeof(g) / sizeof(g[0]); i++)
-        fprintf(stderr, "profile: gpu %-26s %9.3f s %10.3f GB %9.1f GB/s\n", g[i].what,
+        uint64_t ns, bytes, flop;
+    } g[] = {{"upload (host to device)", p->gpu_upload_ns, p->gpu_upload_bytes, 0},
+             {"attention kernels", p->gpu_attn_ns, p->gpu_attn_bytes, p->gpu_attn_flop},
+             {"norm kernels", p->gpu_norm_ns, p->gpu_norm_bytes, 0},
+             {"sweep kernels", p->gpu_sweep_ns, p->gpu_sweep_bytes, 0},
+             {"column-sum kernels", p->gpu_colsum_ns, p->gpu_colsum_bytes, p->gpu_colsum_flop},
+             {"download (device to host)", p->gpu_download_ns, p->gpu_download_bytes, 0}};
+    for (size_t i = 0; i < sizeof(g) / sizeof(g[0]); i++) {
+        if (i == 4 && !g[i].ns && !g[i].bytes)
+            continue; /* no column sums computed */
+        fprintf(stderr, "profile: gpu %-26s %9.3f s %10.3f GB %9.1f GB/s", g[i].what,
                 g[i].ns * 1e-9, g[i].bytes * 1e-9,
                 g[i].ns ? (double)g[i].bytes / (double)g[i].ns : 0.0);
+        if (g[i].flop)
+            fprintf(stderr, " %10.5f TFLOP %7.2f TFLOP/s", g[i].flop * 1e-12,
+                    g[i].ns ? (double)g[i].flop / (double)g[i].ns * 1e-3 : 0.0);
+        fputc('\n', stderr);
+    }
     fprintf(stderr,
             "profile: gpu sweep calls %llu (kernels: GPU time by CUDA events, GB at least what "
             "each must move; copies: host clock)\n",

@@ -245,6 +245,7 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
     PROF(g, gpu_attn_bytes,
          ((size_t)n_q * D + 2 * (T + nx) * D + 2 * (size_t)n_q * (T + nx)) * sizeof(float) +
              (size_t)n_q * (D + 1) * sizeof(double));
+    PROF(g, gpu_attn_flop, 4 * (uint64_t)n_q * (T + nx) * D);
     KVT_FORWARD(download(g, pr, dpr, (size_t)n_q * T * sizeof(float)));
     if (extra && pr2)
         KVT_FORWARD(download(g, pr2, g->pr2, (size_t)n_q * g->Gd * sizeof(float)));
@@ -509,9 +510,10 @@ kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double
     KVT_FORWARD(
         kvt_attn_colsum_cuda(g->qa, K, g->T, g->D, scale, g->cs_work, g->cs, (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
-    /* at least: the head's queries and keys read, the sums written (booked with attention) */
-    PROF(g, gpu_attn_ns, ns);
-    PROF(g, gpu_attn_bytes, 2 * T * D * sizeof(float) + T * sizeof(double));
+    /* at least: the head's queries and keys read, the sums written */
+    PROF(g, gpu_colsum_ns, ns);
+    PROF(g, gpu_colsum_bytes, 2 * T * D * sizeof(float) + T * sizeof(double));
+    PROF(g, gpu_colsum_flop, 3 * (uint64_t)T * (T + 1) / 2 * 2 * D);
     KVT_FORWARD(download(g, out, g->cs, T * sizeof(double)));
     return sync_copies(g, false, &t1);
 }
