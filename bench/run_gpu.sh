@@ -13,8 +13,9 @@
 # GPU time (CUDA events), the bytes it must move and, for attention and column sums, its FLOP;
 # a second `--device cuda` replay with one worker on 2 of the layers gives those figures
 # without other workers' kernels alongside, and a short torch step measures the device's
-# ceilings (read and copy bandwidth of 1 GiB, f32 matmul without TF32); summary.md then holds,
-# per category, the measured time against max(bytes / read bandwidth, FLOP / f32 rate).
+# ceilings (read and copy bandwidth of 1 GiB, f64 and f32 matmul); summary.md then holds, per
+# category, the measured time against max(bytes / read bandwidth, FLOP / f64 rate): the kernels
+# take logits and sums in double, in the references' order, to agree with them bit for bit.
 #
 # The trace: the first LAYERS layers of the llama3-8b shape (`kvtrace synth --layers`, records
 # identical to the whole shape's). Its attention column sums (which h2o needs) are O(T^2 D) per
@@ -367,9 +368,12 @@ t_read = timed(lambda: a.sum(), 10)
 x = torch.rand(mm, mm, device=dev)
 y = torch.rand(mm, mm, device=dev)
 t_mm = timed(lambda: torch.matmul(x, y), 5)
+x64, y64 = x.double(), y.double()
+t_mm64 = timed(lambda: torch.matmul(x64, y64), 3)
 r = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
      "copy_GBps": 2 * 4 * n / t_copy / 1e9, "read_GBps": 4 * n / t_read / 1e9,
-     "fp32_matmul_TFLOPps": 2 * mm ** 3 / t_mm / 1e12, "bytes": 4 * n, "matmul_n": mm}
+     "fp32_matmul_TFLOPps": 2 * mm ** 3 / t_mm / 1e12,
+     "fp64_matmul_TFLOPps": 2 * mm ** 3 / t_mm64 / 1e12, "bytes": 4 * n, "matmul_n": mm}
 print(json.dumps(r))
 json.dump(r, open(sys.argv[2], "w"), indent=1)
 EOF2
@@ -473,13 +477,14 @@ def profile_kernels(path):
 
 def roofline(prof, peak):
     """Per kernel category: the time the device's ceilings allow (bytes at the measured read
-    bandwidth, FLOP at the measured f32 matmul rate, whichever is longer) against the time
+    bandwidth, FLOP at the measured f64 matmul rate, whichever is longer: the kernels take
+    logits and sums in double, for bitwise agreement with the references) against the time
     measured (the one-worker run's when there is one)."""
     rows = []
     if not peak:
         return rows
     bw = peak["read_GBps"]
-    fl = peak["fp32_matmul_TFLOPps"]
+    fl = peak.get("fp64_matmul_TFLOPps") or 0.0
     sec = "1t" if any(k[0] == "1t" for k in prof) else "all"
     for (sc, what), d in sorted(prof.items()):
         if sc != sec or "kernels" not in what or d["s"] <= 0:
@@ -490,7 +495,7 @@ def roofline(prof, peak):
         rows.append({"kernels": what, "run": "one worker" if sec == "1t" else "all workers",
                      "s": d["s"], "GB": d["GB"], "GBps": d["GB"] / d["s"],
                      "TFLOP": d.get("TFLOP"), "bound_s": bound,
-                     "bound_by": "memory" if t_mem >= t_fl else "f32 compute",
+                     "bound_by": "memory" if t_mem >= t_fl else "f64 compute",
                      "x_roofline": d["s"] / bound if bound > 0 else None})
     return rows
 
@@ -558,11 +563,13 @@ if agree:
            ", ".join("%s %.1e" % kv for kv in agree.items())]
 if roof:
     md += ["", "Kernels against the device's roofline (issue #7's target: within 3x). Ceilings "
-           "measured in this run: read %.0f GB/s (a 1 GiB sum), copy %.0f GB/s, f32 matmul "
-           "%.1f TFLOP/s (TF32 off); bound = the longer of bytes / read bandwidth and FLOP / "
-           "f32 rate; kernel time by CUDA events, %s:" % (
-               peak["read_GBps"], peak["copy_GBps"], peak["fp32_matmul_TFLOPps"],
-               roof[0]["run"]), "",
+           "measured in this run: read %.0f GB/s (a 1 GiB sum), copy %.0f GB/s, f64 matmul "
+           "%.1f TFLOP/s (f32, TF32 off: %.1f); bound = the longer of bytes / read bandwidth "
+           "and FLOP / f64 rate (the kernels compute in double, for bitwise agreement with the "
+           "references; the matmul's f64 tensor cores make this a generous ceiling); kernel "
+           "time by CUDA events, %s:" % (
+               peak["read_GBps"], peak["copy_GBps"], peak["fp64_matmul_TFLOPps"],
+               peak["fp32_matmul_TFLOPps"], roof[0]["run"]), "",
            "| kernels | GPU s | GB at least | GB/s | TFLOP | bound s (by) | x roofline |",
            "|---|---|---|---|---|---|---|"]
     md += ["| %s | %.4f | %.3f | %.0f | %s | %.4f (%s) | **%s** |" % (

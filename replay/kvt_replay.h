@@ -172,8 +172,10 @@ typedef struct kvt_replay_profile {
     uint64_t gpu_sweep_ns, gpu_sweep_bytes;   /* recall/error sweeps */
     uint64_t gpu_sweep_calls;
     uint64_t gpu_download_ns, gpu_download_bytes; /* device to host */
-    uint64_t gpu_attn_flop;                       /* attention: 2 x (Q.K + P.V) products */
-    uint64_t gpu_colsum_ns, gpu_colsum_bytes;     /* h2o column sums from Q_all */
+    /* FLOP the kernels must do, in double: they take logits and sums in f64, in the references'
+       order, to agree with them bit for bit */
+    uint64_t gpu_attn_flop;                   /* attention: 2 x (Q.K + P.V) products */
+    uint64_t gpu_colsum_ns, gpu_colsum_bytes; /* h2o column sums from Q_all */
     uint64_t gpu_colsum_flop; /* 3 passes of Q.K over the causal half (max, sum, sums) */
 } kvt_replay_profile;
 
