@@ -47,6 +47,15 @@ static bool same_file(const char *a, const char *b)
     return same;
 }
 
+/* kvtrace verify finds nothing wrong with the file */
+static void expect_verifies(const char *path)
+{
+    kvt_verify_report rep;
+    KVT_EXPECT_STATUS(kvt_trace_verify(path, &rep), KVT_OK);
+    KVT_EXPECT(rep.n_problems == 0);
+    kvt_verify_report_free(&rep);
+}
+
 static void test_options(void)
 {
     kvt_synth_opts o = opts("tiny", 10), r;
@@ -263,10 +272,7 @@ static void test_determinism(void)
         cJSON_Delete(h);
     }
     kvt_trace_reader_close(r);
-    kvt_verify_report rep;
-    KVT_EXPECT_STATUS(kvt_trace_verify(p1, &rep), KVT_OK);
-    KVT_EXPECT(rep.n_problems == 0);
-    kvt_verify_report_free(&rep);
+    expect_verifies(p1);
     kvt_synth_layer_free(a);
     kvt_synth_layer_free(b);
     unlink(p1);
@@ -342,10 +348,7 @@ static void test_layers(void)
     }
     kvt_trace_reader_close(a);
     kvt_trace_reader_close(b);
-    kvt_verify_report rep;
-    KVT_EXPECT_STATUS(kvt_trace_verify(p2, &rep), KVT_OK);
-    KVT_EXPECT(rep.n_problems == 0);
-    kvt_verify_report_free(&rep);
+    expect_verifies(p2);
     unlink(p1);
     unlink(p2);
 }
