@@ -20,7 +20,7 @@ cmake --build "$B" -j"$(nproc)" >/dev/null
 rm -rf .devbundle
 mkdir -p .devbundle/bin .devbundle/lib
 cp -L "$B/libkvtrace.so" .devbundle/lib/libkvtrace.so
-cp -L "$B/libkvtrace.so" .devbundle/lib/libkvtrace.so.0
+ln -s libkvtrace.so .devbundle/lib/libkvtrace.so.0 # a link inside the bundle travels with it
 cp "$B/bin/kvtrace" .devbundle/bin/
 for t in test_capture_device_gpu test_capture_colsum_gpu test_kernels_cuda \
     test_capture_timeline_gpu; do
@@ -33,7 +33,22 @@ for f in .devbundle/lib/libkvtrace.so .devbundle/bin/*; do ldd "$f"; done |
 # find them through DT_RPATH (searched for the dependencies of dependencies too), not through
 # LD_LIBRARY_PATH, which would also hand these older libraries to the machine's own Python
 command -v patchelf >/dev/null || apt-get install -y -qq patchelf >/dev/null
-for f in .devbundle/lib/*.so*; do patchelf --force-rpath --set-rpath '$ORIGIN' "$f"; done
+for f in .devbundle/lib/*.so*; do
+    [ -L "$f" ] || patchelf --force-rpath --set-rpath '$ORIGIN' "$f"
+done
 for f in .devbundle/bin/*; do patchelf --force-rpath --set-rpath '$ORIGIN/../lib' "$f"; done
+# debug info out, symbols kept (compute-sanitizer's host backtraces still name functions)
+strip --strip-debug .devbundle/lib/libkvtrace.so .devbundle/bin/*
 git rev-parse HEAD >.devbundle/REVISION
-du -sh .devbundle
+# the device tool carries at most 64 MiB: the working tree (tracked and untracked files git
+# does not ignore) and the bundle together
+tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r du -cb 2>/dev/null |
+    awk '$2 == "total" { s += $1 } END { print s + 0 }')
+bundle=$(du -sb .devbundle | cut -f1)
+total=$((tree + bundle))
+echo "device_bundle: .devbundle $((bundle >> 20)) MiB + working tree $((tree >> 20)) MiB =" \
+    "$((total >> 20)) MiB of the 64 MiB the device tool carries"
+if [ "$total" -gt $((63 << 20)) ]; then
+    echo "device_bundle: too large for the device tool (rebuild with BLAS=0 to leave OpenBLAS out)"
+    exit 1
+fi
