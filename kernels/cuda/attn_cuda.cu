@@ -1,56 +1,130 @@
-/* attn_cuda.cu - window/decode attention (kvt_attn_probs_ref, kvt_attn_output_ref): one block
- * per query row. Logits are dot products of f32 vectors summed in double in d order without
- * fused multiply-adds (bitwise the reference's), recomputed in each of three passes (max,
- * exponential sum, probabilities) rather than stored, so no T-long scratch exists; the block
- * reductions change only the summation order of the exponentials. Outputs: one thread per
- * (query, dimension), summing over keys in order as the reference does.
+/* attn_cuda.cu - window/decode attention (kvt_attn_probs_ref, kvt_attn_output_ref).
+ *
+ * Probabilities: tiles of PR_ROWS query rows x PR_KEYS keys (keys of k, then of k2), one block
+ * each, in three passes over the tiles: the rows' maxima over each tile, the sums of
+ * exp(z - max) over each tile, then the probabilities. Each pass recomputes the tile's logits
+ * (nothing T-long is stored; the extra arithmetic is cheaper than the traffic a logit scratch
+ * would add) from query rows and keys staged in shared memory PR_DC dimensions at a time, so a
+ * key is read from device memory once per tile of rows (the former one-block-per-row kernel read
+ * all of K once per row). Logits are dot products of f32 vectors summed in double in d order
+ * without fused multiply-adds: bitwise the reference's. Between the passes one thread per row
+ * takes the max over its tiles (exact in any order) and the sum of its tiles' sums in tile
+ * order; only the order of the exponentials' summation differs from the reference's.
+ * Outputs: one thread per (query, dimension), summing over keys in order as the reference does.
  */
 #include <math.h>
 
 #include "cuda_util.cuh"
 
 #define ATTN_THREADS 256
+#define PR_ROWS      32 /* query rows of a tile: 8 warps x 4 rows */
+#define PR_KEYS      64 /* keys of a tile: 32 lanes x 2 keys */
+#define PR_DC        32 /* dimensions staged in shared memory at a time */
 
-/* the scaled logit of query a and key b, rounded as the reference's */
-static __device__ double logit(const float *a, const float *b, int D, double scale)
+typedef struct pr_args {
+    const float *q, *k, *k2;
+    int n_q, D, T, n2, n_kt; /* n_kt: key tiles over the T + n2 keys */
+    const int *nv, *nv2;     /* [n_q] clamped visible prefixes of k and k2 */
+    double scale;
+    double *tmax, *tsum; /* [n_q, n_kt] per tile */
+    double *m, *s;       /* [n_q] row max and exponential sum */
+    float *pr, *pr2;
+    double *lse;
+    unsigned long long *bad;
+} pr_args;
+
+/* Pass PASS over the tile (blockIdx.y: rows, blockIdx.x: keys). Thread (ty = warp, tx = lane)
+ * holds the logits of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of the tile. */
+template <int PASS> static __global__ void probs_tile_k(pr_args a)
 {
-    return __dmul_rn(kvt_cu_dot_f32(a, b, D), scale);
+    __shared__ float q_sh[PR_ROWS][PR_DC + 1];
+    __shared__ float k_sh[PR_DC][PR_KEYS + 1];
+    const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
+    const int r0 = blockIdx.y * PR_ROWS, j0 = blockIdx.x * PR_KEYS, n_all = a.T + a.n2;
+    double acc[4][2];
+    for (int u = 0; u < 4; u++)
+        acc[u][0] = acc[u][1] = 0.0;
+    for (int d0 = 0; d0 < a.D; d0 += PR_DC) {
+        const int dc = a.D - d0 < PR_DC ? a.D - d0 : PR_DC;
+        __syncthreads(); /* the previous chunk is consumed */
+        for (int e = tid; e < PR_ROWS * PR_DC; e += ATTN_THREADS) {
+            int r = e / PR_DC, dd = e % PR_DC;
+            q_sh[r][dd] = r0 + r < a.n_q && dd < dc ? a.q[(size_t)(r0 + r) * a.D + d0 + dd] : 0.0f;
+        }
+        for (int e = tid; e < PR_KEYS * PR_DC; e += ATTN_THREADS) {
+            int c = e / PR_DC, dd = e % PR_DC, j = j0 + c;
+            float x = 0.0f;
+            if (dd < dc && j < n_all)
+                x = j < a.T ? a.k[(size_t)j * a.D + d0 + dd]
+                            : a.k2[(size_t)(j - a.T) * a.D + d0 + dd];
+            k_sh[dd][c] = x;
+        }
+        __syncthreads();
+        for (int dd = 0; dd < dc; dd++) { /* d order, as kvt_dot_f32 */
+            double k0 = (double)k_sh[dd][tx], k1 = (double)k_sh[dd][tx + 32];
+            for (int u = 0; u < 4; u++) {
+                double x = (double)q_sh[4 * ty + u][dd];
+                acc[u][0] = __dadd_rn(acc[u][0], __dmul_rn(x, k0));
+                acc[u][1] = __dadd_rn(acc[u][1], __dmul_rn(x, k1));
+            }
+        }
+    }
+    for (int u = 0; u < 4; u++) {
+        const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
+        double part = PASS == 0 ? -INFINITY : 0.0;
+        for (int c = 0; c < 2; c++) {
+            const int j = j0 + tx + 32 * c;
+            bool vis = false;
+            if (i < a.n_q && j < n_all)
+                vis = j < a.T ? j < a.nv[i] : j - a.T < a.nv2[i];
+            const double z = __dmul_rn(acc[u][c], a.scale);
+            if (PASS == 0) {
+                if (vis && !isfinite(z))
+                    atomicMin(a.bad,
+                              ((unsigned long long)i << 32) |
+                                  (j < a.T ? (unsigned)j : 0x80000000u | (unsigned)(j - a.T)));
+                if (vis)
+                    part = z > part ? z : part;
+            } else if (PASS == 1) {
+                if (vis)
+                    part += exp(__dsub_rn(z, a.m[i]));
+            } else if (i < a.n_q && j < n_all) {
+                float p = vis ? (float)(exp(__dsub_rn(z, a.m[i])) / a.s[i]) : 0.0f;
+                if (j < a.T)
+                    a.pr[(size_t)i * a.T + j] = p;
+                else
+                    a.pr2[(size_t)i * a.n2 + (j - a.T)] = p;
+            }
+        }
+        if (PASS < 2) { /* the row's max / sum over the tile: a fixed tree over the lanes */
+            for (int o = 16; o > 0; o >>= 1) {
+                double y = __shfl_down_sync(0xffffffffu, part, o);
+                part = PASS == 0 ? (y > part ? y : part) : part + y;
+            }
+            if (tx == 0 && i < a.n_q)
+                (PASS == 0 ? a.tmax : a.tsum)[(size_t)i * a.n_kt + blockIdx.x] = part;
+        }
+    }
 }
 
-/* bad: the first non-finite logit as (query << 32 | key), key >= 2^31 for block 2 */
-static __global__ void probs_k(const float *q, int D, const float *k, int T, const int *n_vis,
-                               const float *k2, int n2, const int *n_vis2, double scale, float *pr,
-                               float *pr2, double *lse, unsigned long long *bad)
+/* one thread per row: the max over the row's tiles (STEP 0), or the sum of its tiles' sums in
+ * tile order and the log-sum-exp (STEP 1) */
+template <int STEP> static __global__ void probs_rows_k(pr_args a)
 {
-    __shared__ double sh[ATTN_THREADS / 32 + 1];
-    const int i = blockIdx.x;
-    const float *qi = q + (size_t)i * D;
-    const int nv = n_vis[i], nv2 = k2 ? n_vis2[i] : 0;
-    double m = -INFINITY;
-    for (int j = threadIdx.x; j < nv + nv2; j += ATTN_THREADS) {
-        double z = j < nv ? logit(qi, k + (size_t)j * D, D, scale)
-                          : logit(qi, k2 + (size_t)(j - nv) * D, D, scale);
-        if (!isfinite(z))
-            atomicMin(bad, ((unsigned long long)i << 32) |
-                               (j < nv ? (unsigned)j : 0x80000000u | (unsigned)(j - nv)));
-        m = z > m ? z : m;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= a.n_q)
+        return;
+    const double *t = (STEP == 0 ? a.tmax : a.tsum) + (size_t)i * a.n_kt;
+    double r = STEP == 0 ? -INFINITY : 0.0;
+    for (int c = 0; c < a.n_kt; c++)
+        r = STEP == 0 ? (t[c] > r ? t[c] : r) : r + t[c];
+    if (STEP == 0) {
+        a.m[i] = r;
+    } else {
+        a.s[i] = r;
+        if (a.lse)
+            a.lse[i] = a.m[i] + log(r);
     }
-    m = kvt_cu_block_reduce<ATTN_THREADS, true>(m, sh);
-    double s = 0.0;
-    for (int j = threadIdx.x; j < nv + nv2; j += ATTN_THREADS)
-        s += exp(__dsub_rn(j < nv ? logit(qi, k + (size_t)j * D, D, scale)
-                                  : logit(qi, k2 + (size_t)(j - nv) * D, D, scale),
-                           m));
-    s = kvt_cu_block_reduce<ATTN_THREADS, false>(s, sh);
-    for (int j = threadIdx.x; j < T; j += ATTN_THREADS)
-        pr[(size_t)i * T + j] =
-            j < nv ? (float)(exp(__dsub_rn(logit(qi, k + (size_t)j * D, D, scale), m)) / s) : 0.0f;
-    for (int j = threadIdx.x; k2 && j < n2; j += ATTN_THREADS)
-        pr2[(size_t)i * n2 + j] =
-            j < nv2 ? (float)(exp(__dsub_rn(logit(qi, k2 + (size_t)j * D, D, scale), m)) / s)
-                    : 0.0f;
-    if (lse && threadIdx.x == 0)
-        lse[i] = m + log(s);
 }
 
 static __global__ void output_k(const float *p, int n_q, int T, size_t stride_p, const float *v,
@@ -95,17 +169,32 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         }
     }
     cudaStream_t st = kvt_cu_stream(stream);
+    const int n_kt = (T + n2 + PR_KEYS - 1) / PR_KEYS, n_rt = (n_q + PR_ROWS - 1) / PR_ROWS;
     int *dvis = NULL;
+    double *dw = NULL; /* tile maxima and sums [2, n_q, n_kt], row max and sum [2, n_q] */
     unsigned long long *dbad = NULL, bad = ~0ull;
     cudaError_t e;
     /* stream-ordered temporaries: freeing them does not synchronise the whole device */
     if ((e = cudaMallocAsync((void **)&dvis, (size_t)n_q * 2 * sizeof(int), st)) == cudaSuccess &&
+        (e = cudaMallocAsync((void **)&dw, ((size_t)n_kt + 1) * 2 * n_q * sizeof(double), st)) ==
+            cudaSuccess &&
         (e = cudaMallocAsync((void **)&dbad, sizeof(bad), st)) == cudaSuccess &&
         (e = cudaMemcpyAsync(dvis, vis, (size_t)n_q * 2 * sizeof(int), cudaMemcpyHostToDevice,
                              st)) == cudaSuccess &&
         (e = cudaMemcpyAsync(dbad, &bad, sizeof(bad), cudaMemcpyHostToDevice, st)) == cudaSuccess) {
-        probs_k<<<n_q, ATTN_THREADS, 0, st>>>(q, D, k, T, dvis, k2, n2, dvis + n_q, scale, pr, pr2,
-                                              lse, dbad);
+        pr_args a;
+        a.q = q, a.k = k, a.k2 = k2, a.n_q = n_q, a.D = D, a.T = T, a.n2 = n2, a.n_kt = n_kt;
+        a.nv = dvis, a.nv2 = dvis + n_q, a.scale = scale;
+        a.tmax = dw, a.tsum = dw + (size_t)n_q * n_kt;
+        a.m = dw + (size_t)2 * n_q * n_kt, a.s = a.m + n_q;
+        a.pr = pr, a.pr2 = pr2, a.lse = lse, a.bad = dbad;
+        const dim3 grid((unsigned)n_kt, (unsigned)n_rt);
+        const unsigned rb = (unsigned)((n_q + 127) / 128);
+        probs_tile_k<0><<<grid, ATTN_THREADS, 0, st>>>(a);
+        probs_rows_k<0><<<rb, 128, 0, st>>>(a);
+        probs_tile_k<1><<<grid, ATTN_THREADS, 0, st>>>(a);
+        probs_rows_k<1><<<rb, 128, 0, st>>>(a);
+        probs_tile_k<2><<<grid, ATTN_THREADS, 0, st>>>(a);
         if ((e = cudaGetLastError()) == cudaSuccess)
             e = cudaMemcpyAsync(&bad, dbad, sizeof(bad), cudaMemcpyDeviceToHost, st);
         if (e == cudaSuccess)
@@ -114,6 +203,8 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
     free(vis);
     if (dvis)
         cudaFreeAsync(dvis, st);
+    if (dw)
+        cudaFreeAsync(dw, st);
     if (dbad)
         cudaFreeAsync(dbad, st);
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_probs_cuda: %s", cudaGetErrorString(e));

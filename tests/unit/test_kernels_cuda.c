@@ -127,6 +127,16 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
                                               NULL, dl, NULL),
                           KVT_ERR_NAN);
         KVT_EXPECT_MSG(!strcmp(kvt_error_msg(), want), "%s vs %s", kvt_error_msg(), want);
+        /* a NaN in a key no query sees is no error (the tiles compute it and must ignore it) */
+        int vis_half = T / 2;
+        KVT_EXPECT_STATUS(
+            kvt_attn_probs_ref(q, 1, D, k, T, &vis_half, NULL, 0, NULL, scale, pa, NULL, la, work),
+            KVT_OK);
+        KVT_EXPECT_STATUS(kvt_attn_probs_cuda(dq, 1, D, dk, T, &vis_half, NULL, 0, NULL, scale, dp,
+                                              NULL, dl, NULL),
+                          KVT_OK);
+        KVT_EXPECT(cudaMemcpy(pb, dp, (size_t)T * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+        KVT_EXPECT(cmp32("probs (NaN unseen)", pa, pb, (size_t)T) == 0);
         int none = 0;
         KVT_EXPECT_STATUS(
             kvt_attn_probs_cuda(dq, 1, D, dk, T, &none, NULL, 0, NULL, scale, dp, NULL, dl, NULL),
@@ -429,6 +439,8 @@ int main(void)
         test_attn(32, 300, Ds[i], 0, 4 + i);  /* T not a multiple of the block */
         test_attn(16, 513, Ds[i], 16, 7 + i); /* decode queries with a second block */
         test_attn(40, 20, Ds[i], 0, 97 + i);  /* more queries than keys: clamped */
+        /* several tiles of rows and keys, partial at both ends, a second key block */
+        test_attn(70, 1100, Ds[i], 5, 131 + i);
         test_sweep(1, 1, Ds[i], false, false, 14 + i);
         test_sweep(12, 700, Ds[i], true, false, 17 + i);
         test_sweep(5, 1030, Ds[i], false, true, 24 + i);
