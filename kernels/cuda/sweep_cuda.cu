@@ -1,11 +1,12 @@
 /* sweep_cuda.cu - the output sweep (kvt_sweep_output_ref): recall and relative output error
- * of every cut of one ranking, for a batch of queries sharing it. One block per query; thread
- * d keeps the running sum of dimensions d, d + 128, ... in registers, every thread keeps the
- * running mass (the same arithmetic in each), and at each cut thread 0 records from the sums
- * staged in shared memory, summing over d in order. Products and sums use the _rn intrinsics
- * (no fused multiply-add), tokens are added in the reference's order (forward from the top of
- * the ranking up to T/2, backward from the full sums beyond), so the results should equal the
- * reference's bit for bit; the test allows the CPU fast path's tolerances.
+ * of every cut of one ranking, for a batch of queries sharing it. One block per SW_ROWS
+ * queries (they share the ranking, so each V row is loaded once for all of them); thread d
+ * keeps each query's running sum of dimensions d, d + 128, ... in registers, every thread keeps
+ * the running masses (the same arithmetic in each), and at each cut thread r records query r
+ * from the sums staged in shared memory, summing over d in order. Products and sums use the _rn
+ * intrinsics (no fused multiply-add), tokens are added in the reference's order (forward from the
+ * top of the ranking up to T/2, backward from the full sums beyond), so the results should equal
+ * the reference's bit for bit; the test allows the CPU fast path's tolerances.
  *
  * The tokens of a ranking are taken in chunks of SW_THREADS: the block loads the chunk's
  * indices, probabilities and modalities into shared memory together (one coalesced step
@@ -21,10 +22,11 @@
 #define SW_THREADS 128
 #define SW_PER     4 /* dimensions per thread: D <= 512 */
 #define SW_UNROLL  4 /* V rows loaded ahead */
+#define SW_ROWS    4 /* query rows per block: they share the ranking, so a V row is loaded once */
 #define NM         KVT_N_MODALITIES
 
 typedef struct sweep_args {
-    int T, D;
+    int n_q, T, D;
     const float *p;
     size_t stride_p;
     const float *v;
@@ -43,39 +45,43 @@ typedef struct sweep_args {
 
 static __global__ void sweep_k(sweep_args a)
 {
-    __shared__ double acc_sh[SW_THREADS * SW_PER];
-    __shared__ double rf_sh;
+    __shared__ double acc_sh[SW_ROWS][SW_THREADS * SW_PER];
+    __shared__ double rf_sh[SW_ROWS];
     __shared__ int32_t j_sh[SW_THREADS];
-    __shared__ float p_sh[SW_THREADS];
+    __shared__ float p_sh[SW_ROWS][SW_THREADS];
     __shared__ uint8_t m_sh[SW_THREADS];
-    const int q = blockIdx.x, tid = threadIdx.x, D = a.D;
-    const float *pq = a.p + (size_t)q * a.stride_p;
-    if (tid == 0) { /* the row's stored mass, summed in key order */
+    const int q0 = blockIdx.x * SW_ROWS, tid = threadIdx.x, D = a.D;
+    const int nr = a.n_q - q0 < SW_ROWS ? a.n_q - q0 : SW_ROWS; /* rows of this block */
+    if (tid < nr) { /* row q0 + tid's stored mass, summed in key order */
+        const int q = q0 + tid;
         double s = 0.0;
-        if (a.r_full)
+        if (a.r_full) {
             s = a.r_full[(size_t)q * a.stride_e];
-        else
+        } else {
+            const float *pq = a.p + (size_t)q * a.stride_p;
             for (int j = 0; j < a.T; j++)
                 s = __dadd_rn(s, (double)pq[j]);
-        rf_sh = s;
+        }
+        rf_sh[tid] = s;
     }
     __syncthreads();
-    const double rf = rf_sh;
-    const double pe = a.p_extra ? a.p_extra[(size_t)q * a.stride_e] : 0.0;
-    const double *af = a.a_full + (size_t)q * a.stride_a;
-    const double *oe = a.o_extra ? a.o_extra + (size_t)q * a.stride_a : NULL;
-    double acc[SW_PER], r, rm[NM];
+    double acc[SW_ROWS][SW_PER], r[SW_ROWS], rm[SW_ROWS][NM];
     for (int dir = 0; dir < 2; dir++) {
         int n = dir ? a.n_cut - a.n_fwd : a.n_fwd, t = dir ? a.T : 0;
         if (n == 0)
             continue;
-        for (int k = 0; k < SW_PER; k++) {
-            int d = tid + k * SW_THREADS;
-            acc[k] = dir && d < D ? af[d] : 0.0;
+#pragma unroll
+        for (int rr = 0; rr < SW_ROWS; rr++) {
+            const int q = q0 + rr;
+            const bool live = rr < nr;
+            for (int k = 0; k < SW_PER; k++) {
+                int d = tid + k * SW_THREADS;
+                acc[rr][k] = live && dir && d < D ? a.a_full[(size_t)q * a.stride_a + d] : 0.0;
+            }
+            r[rr] = live && dir ? rf_sh[rr] : 0.0;
+            for (int m = 0; m < NM; m++)
+                rm[rr][m] = live && dir && a.mod ? a.mass_mod[(size_t)q * a.stride_m + m] : 0.0;
         }
-        r = dir ? rf : 0.0;
-        for (int m = 0; m < NM; m++)
-            rm[m] = dir && a.mod ? a.mass_mod[(size_t)q * a.stride_m + m] : 0.0;
         for (int kk = 0; kk < n; kk++) {
             int ci = dir ? a.n_cut - 1 - kk : kk, c = a.cuts[ci];
             int cnt = dir ? t - c : c - t;
@@ -85,48 +91,72 @@ static __global__ void sweep_k(sweep_args a)
                 if (tid < m_ch) {
                     int32_t j = a.order[dir ? t - 1 - (u0 + tid) : t + u0 + tid];
                     j_sh[tid] = j;
-                    p_sh[tid] = pq[j];
+#pragma unroll
+                    for (int rr = 0; rr < SW_ROWS; rr++) /* rows past the end: weight 0 */
+                        p_sh[rr][tid] = rr < nr ? a.p[(size_t)(q0 + rr) * a.stride_p + j] : 0.0f;
                     m_sh[tid] = a.mod ? a.mod[j] : 0;
                 }
                 __syncthreads();
                 for (int u = 0; u < m_ch; u += SW_UNROLL) {
                     float x[SW_UNROLL][SW_PER];
-                    for (int w = 0; w < SW_UNROLL; w++) /* loads first: rows in flight */
+                    for (int w = 0; w < SW_UNROLL; w++) { /* loads first: rows in flight */
+                        bool any = false;
+#pragma unroll
+                        for (int rr = 0; rr < SW_ROWS; rr++)
+                            any = any || (u + w < m_ch && p_sh[rr][u + w] != 0.0f);
                         for (int k = 0; k < SW_PER; k++) {
                             int d = tid + k * SW_THREADS;
-                            x[w][k] = u + w < m_ch && d < D && p_sh[u + w] != 0.0f
-                                          ? a.v[(size_t)j_sh[u + w] * D + d]
-                                          : 0.0f;
+                            x[w][k] = any && d < D ? a.v[(size_t)j_sh[u + w] * D + d] : 0.0f;
                         }
+                    }
                     for (int w = 0; w < SW_UNROLL && u + w < m_ch; w++) { /* then in order */
-                        double pj = (double)p_sh[u + w];
-                        if (pj == 0.0)
-                            continue;
-                        for (int k = 0; k < SW_PER; k++) {
-                            int d = tid + k * SW_THREADS;
-                            if (d < D) {
-                                double xv = __dmul_rn(pj, (double)x[w][k]);
-                                acc[k] = dir ? __dsub_rn(acc[k], xv) : __dadd_rn(acc[k], xv);
+#pragma unroll
+                        for (int rr = 0; rr < SW_ROWS; rr++) {
+                            double pj = (double)p_sh[rr][u + w];
+                            if (pj == 0.0)
+                                continue;
+                            for (int k = 0; k < SW_PER; k++) {
+                                int d = tid + k * SW_THREADS;
+                                if (d < D) {
+                                    double xv = __dmul_rn(pj, (double)x[w][k]);
+                                    acc[rr][k] =
+                                        dir ? __dsub_rn(acc[rr][k], xv) : __dadd_rn(acc[rr][k], xv);
+                                }
                             }
-                        }
-                        r = dir ? __dsub_rn(r, pj) : __dadd_rn(r, pj);
-                        if (a.mod) {
-                            int m = m_sh[u + w];
-                            rm[m] = dir ? __dsub_rn(rm[m], pj) : __dadd_rn(rm[m], pj);
+                            r[rr] = dir ? __dsub_rn(r[rr], pj) : __dadd_rn(r[rr], pj);
+                            if (a.mod) {
+                                int m = m_sh[u + w];
+                                rm[rr][m] =
+                                    dir ? __dsub_rn(rm[rr][m], pj) : __dadd_rn(rm[rr][m], pj);
+                            }
                         }
                     }
                 }
             }
             t = c;
-            /* record cut ci (kvt_sweep_record, in order over d) */
-            for (int k = 0; k < SW_PER; k++) {
-                int d = tid + k * SW_THREADS;
-                if (d < D)
-                    acc_sh[d] = acc[k];
-            }
+            /* record cut ci (kvt_sweep_record, in order over d): thread rr for row q0 + rr */
+#pragma unroll
+            for (int rr = 0; rr < SW_ROWS; rr++)
+                for (int k = 0; k < SW_PER; k++) {
+                    int d = tid + k * SW_THREADS;
+                    if (d < D)
+                        acc_sh[rr][d] = acc[rr][k];
+                }
+            __shared__ double r_sh[SW_ROWS], rm_sh[SW_ROWS][NM];
+            if (tid == 0) /* every thread holds the same masses */
+                for (int rr = 0; rr < SW_ROWS; rr++) {
+                    r_sh[rr] = r[rr];
+                    for (int m = 0; m < NM; m++)
+                        rm_sh[rr][m] = rm[rr][m];
+                }
             __syncthreads();
-            if (tid == 0) {
-                double kept = __dadd_rn(r < 0.0 ? 0.0 : r, pe), total = __dadd_rn(rf, pe);
+            if (tid < nr) {
+                const int q = q0 + tid;
+                const double rf = rf_sh[tid], rq = r_sh[tid];
+                const double pe = a.p_extra ? a.p_extra[(size_t)q * a.stride_e] : 0.0;
+                const double *af = a.a_full + (size_t)q * a.stride_a;
+                const double *oe = a.o_extra ? a.o_extra + (size_t)q * a.stride_a : NULL;
+                double kept = __dadd_rn(rq < 0.0 ? 0.0 : rq, pe), total = __dadd_rn(rf, pe);
                 size_t o = (size_t)q * a.n_cut + ci;
                 a.recall[o] = total > 0.0 ? kept / total : 0.0;
                 if (a.err) {
@@ -134,7 +164,7 @@ static __global__ void sweep_k(sweep_args a)
                     for (int d = 0; d < D; d++) {
                         double e = oe ? oe[d] : 0.0;
                         double of = total > 0.0 ? __dadd_rn(af[d], e) / total : 0.0;
-                        double os = kept > 0.0 ? __dadd_rn(acc_sh[d], e) / kept : 0.0;
+                        double os = kept > 0.0 ? __dadd_rn(acc_sh[tid][d], e) / kept : 0.0;
                         double df = __dsub_rn(os, of);
                         num = __dadd_rn(num, __dmul_rn(df, df));
                         den = __dadd_rn(den, __dmul_rn(of, of));
@@ -146,7 +176,7 @@ static __global__ void sweep_k(sweep_args a)
                 if (a.recall_mod)
                     for (int m = 0; m < NM; m++) {
                         double mm = a.mass_mod[(size_t)q * a.stride_m + m];
-                        a.recall_mod[o * NM + m] = mm > 0.0 ? rm[m] / mm : NAN;
+                        a.recall_mod[o * NM + m] = mm > 0.0 ? rm_sh[tid][m] / mm : NAN;
                     }
             }
             __syncthreads();
@@ -187,12 +217,15 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
         n_fwd++;
     cudaStream_t st = kvt_cu_stream(stream);
     int32_t *dcuts = (int32_t *)work;
-    sweep_args a = {T,       D,        p,        stride_p, v,      a_full, stride_a,
-                    p_extra, stride_e, o_extra,  r_full,   order,  dcuts,  n_cut,
-                    n_fwd,   mod,      mass_mod, stride_m, recall, err,    mod ? recall_mod : NULL};
+    sweep_args a;
+    a.n_q = n_q, a.T = T, a.D = D, a.p = p, a.stride_p = stride_p, a.v = v;
+    a.a_full = a_full, a.stride_a = stride_a, a.p_extra = p_extra, a.stride_e = stride_e;
+    a.o_extra = o_extra, a.r_full = r_full, a.order = order, a.cuts = dcuts, a.n_cut = n_cut;
+    a.n_fwd = n_fwd, a.mod = mod, a.mass_mod = mass_mod, a.stride_m = stride_m;
+    a.recall = recall, a.err = err, a.recall_mod = mod ? recall_mod : NULL;
     KVT_CU(
         cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st));
-    sweep_k<<<n_q, SW_THREADS, 0, st>>>(a);
+    sweep_k<<<(n_q + SW_ROWS - 1) / SW_ROWS, SW_THREADS, 0, st>>>(a);
     KVT_CU_LAUNCHED();
     KVT_CU(cudaStreamSynchronize(st));
     return KVT_OK;
