@@ -124,10 +124,13 @@ static __global__ void sweep_k(sweep_args a)
                                 }
                             }
                             r[rr] = dir ? __dsub_rn(r[rr], pj) : __dadd_rn(r[rr], pj);
-                            if (a.mod) {
-                                int m = m_sh[u + w];
-                                rm[rr][m] =
-                                    dir ? __dsub_rn(rm[rr][m], pj) : __dadd_rn(rm[rr][m], pj);
+                            if (a.mod) { /* compile-time indices keep rm in registers */
+                                const int m = m_sh[u + w];
+#pragma unroll
+                                for (int mm = 0; mm < NM; mm++)
+                                    if (mm == m)
+                                        rm[rr][mm] = dir ? __dsub_rn(rm[rr][mm], pj)
+                                                         : __dadd_rn(rm[rr][mm], pj);
                             }
                         }
                     }
