@@ -32,8 +32,9 @@ kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, i
                                const int *n_vis, const float *k2, int n2, const int *n_vis2,
                                double scale, float *pr, float *pr2, double *lse, void *stream);
 
-/** kvt_attn_output_ref on the device: out[q][d] = sum over keys j in order of p[q][j] v[j][d],
- *  in double. */
+/** kvt_attn_output_ref on the device: out[q][d] = sum over keys j of p[q][j] v[j][d], in
+ *  double: in key order within blocks of 1024 keys, the blocks' sums then in order (a few 1e-16
+ *  relative from the reference's single chain). D <= 512, else KVT_ERR_UNSUPPORTED. */
 kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p, const float *v,
                                 int D, double *out, size_t stride_out, void *stream);
 
