@@ -38,8 +38,10 @@ typedef struct pr_args {
  * holds the logits of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of the tile. */
 template <int PASS> static __global__ void probs_tile_k(pr_args a)
 {
-    __shared__ float q_sh[PR_ROWS][PR_DC + 1];
-    __shared__ float k_sh[PR_DC][PR_KEYS + 1];
+    /* staged as doubles: converted once here, not once per product (conversions run at a
+       quarter of the f64 rate) */
+    __shared__ double q_sh[PR_ROWS][PR_DC + 1];
+    __shared__ double k_sh[PR_DC][PR_KEYS + 1];
     const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
     const int r0 = blockIdx.y * PR_ROWS, j0 = blockIdx.x * PR_KEYS, n_all = a.T + a.n2;
     double acc[4][2];
@@ -50,7 +52,8 @@ template <int PASS> static __global__ void probs_tile_k(pr_args a)
         __syncthreads(); /* the previous chunk is consumed */
         for (int e = tid; e < PR_ROWS * PR_DC; e += ATTN_THREADS) {
             int r = e / PR_DC, dd = e % PR_DC;
-            q_sh[r][dd] = r0 + r < a.n_q && dd < dc ? a.q[(size_t)(r0 + r) * a.D + d0 + dd] : 0.0f;
+            q_sh[r][dd] =
+                r0 + r < a.n_q && dd < dc ? (double)a.q[(size_t)(r0 + r) * a.D + d0 + dd] : 0.0;
         }
         for (int e = tid; e < PR_KEYS * PR_DC; e += ATTN_THREADS) {
             int c = e / PR_DC, dd = e % PR_DC, j = j0 + c;
@@ -58,13 +61,13 @@ template <int PASS> static __global__ void probs_tile_k(pr_args a)
             if (dd < dc && j < n_all)
                 x = j < a.T ? a.k[(size_t)j * a.D + d0 + dd]
                             : a.k2[(size_t)(j - a.T) * a.D + d0 + dd];
-            k_sh[dd][c] = x;
+            k_sh[dd][c] = (double)x;
         }
         __syncthreads();
         for (int dd = 0; dd < dc; dd++) { /* d order, as kvt_dot_f32 */
-            double k0 = (double)k_sh[dd][tx], k1 = (double)k_sh[dd][tx + 32];
+            const double k0 = k_sh[dd][tx], k1 = k_sh[dd][tx + 32];
             for (int u = 0; u < 4; u++) {
-                double x = (double)q_sh[4 * ty + u][dd];
+                const double x = q_sh[4 * ty + u][dd];
                 acc[u][0] = __dadd_rn(acc[u][0], __dmul_rn(x, k0));
                 acc[u][1] = __dadd_rn(acc[u][1], __dmul_rn(x, k1));
             }
