@@ -1,15 +1,16 @@
 /* attn_cuda.cu - window/decode attention (kvt_attn_probs_ref, kvt_attn_output_ref).
  *
  * Probabilities: tiles of PR_ROWS query rows x PR_KEYS keys (keys of k, then of k2), one block
- * each, in three passes over the tiles: the rows' maxima over each tile, the sums of
- * exp(z - max) over each tile, then the probabilities. Each pass recomputes the tile's logits
- * (nothing T-long is stored; the extra arithmetic is cheaper than the traffic a logit scratch
- * would add) from query rows and keys staged in shared memory PR_DC dimensions at a time, so a
- * key is read from device memory once per tile of rows (the former one-block-per-row kernel read
- * all of K once per row). Logits are dot products of f32 vectors summed in double in d order
- * without fused multiply-adds: bitwise the reference's. Between the passes one thread per row
- * takes the max over its tiles (exact in any order) and the sum of its tiles' sums in tile
- * order; only the order of the exponentials' summation differs from the reference's.
+ * each, in two passes over the tiles: each row's max over the tile and sum of exp(z - that
+ * max), then the probabilities. Each pass computes the tile's logits (nothing T-long is stored)
+ * from query rows and keys staged in shared memory PR_DC dimensions at a time, so a key is read
+ * from device memory once per tile of rows (the former one-block-per-row kernel read all of K
+ * once per row, three times). Logits are dot products of f32 vectors summed in double in d
+ * order without fused multiply-adds: bitwise the reference's. Between the passes one thread per
+ * row takes the max m over its tiles (exact in any order) and adds its tiles' sums rescaled to
+ * m in tile order: only the summation of the exponentials differs from the reference's (its
+ * grouping, and the rescaling by exp(tile max - m): relative differences of a few 1e-16 in the
+ * sum, a probability now and then one f32 ulp away).
  * Outputs: sums over blocks of keys for blocks of queries, then over the key blocks in order
  * (see output_part_k).
  */
@@ -34,8 +35,9 @@ typedef struct pr_args {
     unsigned long long *bad;
 } pr_args;
 
-/* Pass PASS over the tile (blockIdx.y: rows, blockIdx.x: keys). Thread (ty = warp, tx = lane)
- * holds the logits of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of the tile. */
+/* Pass PASS (0: max and sum, 1: probabilities) over the tile (blockIdx.y: rows, blockIdx.x: keys).
+ * Thread (ty = warp, tx = lane) holds the logits of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of
+ * the tile. */
 template <int PASS> static __global__ void probs_tile_k(pr_args a)
 {
     /* staged as doubles: converted once here, not once per product (conversions run at a
@@ -75,60 +77,76 @@ template <int PASS> static __global__ void probs_tile_k(pr_args a)
     }
     for (int u = 0; u < 4; u++) {
         const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
-        double part = PASS == 0 ? -INFINITY : 0.0;
+        double z[2];
+        bool vis[2];
         for (int c = 0; c < 2; c++) {
             const int j = j0 + tx + 32 * c;
-            bool vis = false;
+            vis[c] = false;
             if (i < a.n_q && j < n_all)
-                vis = j < a.T ? j < a.nv[i] : j - a.T < a.nv2[i];
-            const double z = __dmul_rn(acc[u][c], a.scale);
-            if (PASS == 0) {
-                if (vis && !isfinite(z))
+                vis[c] = j < a.T ? j < a.nv[i] : j - a.T < a.nv2[i];
+            z[c] = __dmul_rn(acc[u][c], a.scale);
+        }
+        if (PASS == 0) {
+            /* the row's max over the tile and its sum of exp(z - that max): fixed trees over
+               the lanes */
+            double tm = -INFINITY;
+            for (int c = 0; c < 2; c++) {
+                const int j = j0 + tx + 32 * c;
+                if (vis[c] && !isfinite(z[c]))
                     atomicMin(a.bad,
                               ((unsigned long long)i << 32) |
                                   (j < a.T ? (unsigned)j : 0x80000000u | (unsigned)(j - a.T)));
-                if (vis)
-                    part = z > part ? z : part;
-            } else if (PASS == 1) {
-                if (vis)
-                    part += exp(__dsub_rn(z, a.m[i]));
-            } else if (i < a.n_q && j < n_all) {
-                float p = vis ? (float)(exp(__dsub_rn(z, a.m[i])) / a.s[i]) : 0.0f;
+                if (vis[c])
+                    tm = z[c] > tm ? z[c] : tm;
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                double y = __shfl_down_sync(0xffffffffu, tm, o);
+                tm = y > tm ? y : tm;
+            }
+            tm = __shfl_sync(0xffffffffu, tm, 0);
+            double ts = 0.0;
+            for (int c = 0; c < 2; c++)
+                if (vis[c])
+                    ts += exp(__dsub_rn(z[c], tm));
+            for (int o = 16; o > 0; o >>= 1)
+                ts += __shfl_down_sync(0xffffffffu, ts, o);
+            if (tx == 0 && i < a.n_q) {
+                a.tmax[(size_t)i * a.n_kt + blockIdx.x] = tm;
+                a.tsum[(size_t)i * a.n_kt + blockIdx.x] = ts;
+            }
+        } else {
+            for (int c = 0; c < 2; c++) {
+                const int j = j0 + tx + 32 * c;
+                if (i >= a.n_q || j >= n_all)
+                    continue;
+                float p = vis[c] ? (float)(exp(__dsub_rn(z[c], a.m[i])) / a.s[i]) : 0.0f;
                 if (j < a.T)
                     a.pr[(size_t)i * a.T + j] = p;
                 else
                     a.pr2[(size_t)i * a.n2 + (j - a.T)] = p;
             }
         }
-        if (PASS < 2) { /* the row's max / sum over the tile: a fixed tree over the lanes */
-            for (int o = 16; o > 0; o >>= 1) {
-                double y = __shfl_down_sync(0xffffffffu, part, o);
-                part = PASS == 0 ? (y > part ? y : part) : part + y;
-            }
-            if (tx == 0 && i < a.n_q)
-                (PASS == 0 ? a.tmax : a.tsum)[(size_t)i * a.n_kt + blockIdx.x] = part;
-        }
     }
 }
 
-/* one thread per row: the max over the row's tiles (STEP 0), or the sum of its tiles' sums in
- * tile order and the log-sum-exp (STEP 1) */
-template <int STEP> static __global__ void probs_rows_k(pr_args a)
+/* one thread per row: m = the max over the row's tiles (exact in any order), s = the sum in
+ * tile order of each tile's sum rescaled to m (tile sum x exp(tile max - m)), the log-sum-exp */
+static __global__ void probs_rows_k(pr_args a)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= a.n_q)
         return;
-    const double *t = (STEP == 0 ? a.tmax : a.tsum) + (size_t)i * a.n_kt;
-    double r = STEP == 0 ? -INFINITY : 0.0;
+    const double *tm = a.tmax + (size_t)i * a.n_kt, *ts = a.tsum + (size_t)i * a.n_kt;
+    double m = -INFINITY, s = 0.0;
     for (int c = 0; c < a.n_kt; c++)
-        r = STEP == 0 ? (t[c] > r ? t[c] : r) : r + t[c];
-    if (STEP == 0) {
-        a.m[i] = r;
-    } else {
-        a.s[i] = r;
-        if (a.lse)
-            a.lse[i] = a.m[i] + log(r);
-    }
+        m = tm[c] > m ? tm[c] : m;
+    for (int c = 0; c < a.n_kt; c++)
+        if (ts[c] > 0.0) /* a tile with no visible key adds nothing */
+            s += ts[c] * exp(__dsub_rn(tm[c], m));
+    a.m[i] = m;
+    a.s[i] = s;
+    if (a.lse)
+        a.lse[i] = m + log(s);
 }
 
 /* Outputs in two steps: blocks of OUT_ROWS queries x OUT_KEYS keys sum p[q][j] v[j][d] over
@@ -245,10 +263,8 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         const dim3 grid((unsigned)n_kt, (unsigned)n_rt);
         const unsigned rb = (unsigned)((n_q + 127) / 128);
         probs_tile_k<0><<<grid, ATTN_THREADS, 0, st>>>(a);
-        probs_rows_k<0><<<rb, 128, 0, st>>>(a);
+        probs_rows_k<<<rb, 128, 0, st>>>(a);
         probs_tile_k<1><<<grid, ATTN_THREADS, 0, st>>>(a);
-        probs_rows_k<1><<<rb, 128, 0, st>>>(a);
-        probs_tile_k<2><<<grid, ATTN_THREADS, 0, st>>>(a);
         if ((e = cudaGetLastError()) == cudaSuccess)
             e = cudaMemcpyAsync(&bad, dbad, sizeof(bad), cudaMemcpyDeviceToHost, st);
         if (e == cudaSuccess)
