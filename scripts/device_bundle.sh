@@ -40,6 +40,9 @@ for f in .devbundle/bin/*; do patchelf --force-rpath --set-rpath '$ORIGIN/../lib
 # debug info out, symbols kept (compute-sanitizer's host backtraces still name functions)
 strip --strip-debug .devbundle/lib/libkvtrace.so .devbundle/bin/*
 git rev-parse HEAD >.devbundle/REVISION
+# the sources it was built from, so that gpu_session.sh can tell a stale bundle there
+git ls-files -z '*.c' '*.h' '*.cu' '*.cuh' '*.cpp' 'CMakeLists.txt' '*.cmake' |
+    xargs -0 sha1sum >.devbundle/SOURCES.sha1
 # the device tool carries at most 64 MiB: the working tree (tracked and untracked files git
 # does not ignore) and the bundle together
 tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r du -cb 2>/dev/null |

@@ -85,6 +85,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
     tee "$OUT/gpu.txt"
 command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1
 echo "bundle $(cat "$BUNDLE/REVISION" 2>/dev/null || echo missing), tree $(git rev-parse HEAD 2>/dev/null)"
+# a bundle built from other sources than these tests and scripts would measure old code
+if [ -f "$BUNDLE/SOURCES.sha1" ]; then
+    stale=$(sha1sum -c --quiet "$BUNDLE/SOURCES.sha1" 2>/dev/null | grep -c ': FAILED' || true)
+    if [ "$stale" != 0 ]; then
+        echo "WARNING: the bundle is STALE: $stale source files differ from those it was built from"
+        note bundle "STALE: $stale source files changed since scripts/device_bundle.sh"
+    else
+        note bundle "built from these sources"
+    fi
+fi
 
 bundle_ok=0
 if [ -x "$BUNDLE/bin/kvtrace" ] && "$BUNDLE/bin/kvtrace" --version >/dev/null 2>&1; then
