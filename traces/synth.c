@@ -164,8 +164,8 @@ kvt_status kvt_synth_opts_resolve(const kvt_synth_opts *o, kvt_synth_opts *out,
     KVT_RETURN_IF(o->n_threads < 0 || o->n_threads > 1024, KVT_ERR_INVALID_ARG,
                   "threads must be in [0, 1024]");
     KVT_RETURN_IF(o->n_layers < 0 || o->n_layers > sh->n_layers, KVT_ERR_INVALID_ARG,
-                  "layers %d: shape '%s' has %d (want 1..%d, or 0 for all)", o->n_layers, sh->name,
-                  sh->n_layers, sh->n_layers);
+                  "layers %d: shape '%s' has %d (want 1..%d)", o->n_layers, sh->name, sh->n_layers,
+                  sh->n_layers);
     kvt_synth_opts r = *o;
     if (r.n_layers == 0)
         r.n_layers = sh->n_layers;
