@@ -3,9 +3,9 @@
  * Probabilities: tiles of PR_ROWS query rows x PR_KEYS keys (keys of k, then of k2), one block
  * each, in two passes over the tiles: each row's max over the tile and sum of exp(z - that
  * max), then the probabilities. Each pass computes the tile's logits (nothing T-long is stored)
- * from query rows and keys staged in shared memory PR_DC dimensions at a time, so a key is read
- * from device memory once per tile of rows (the former one-block-per-row kernel read all of K
- * once per row, three times). Logits are dot products of f32 vectors summed in double in d
+ * from query rows and keys staged in shared memory (kvt_cu_tile_dots, cuda_util.cuh), so a key
+ * is read from device memory once per tile of rows (the former one-block-per-row kernel read
+ * all of K once per row, three times). Logits are dot products of f32 vectors summed in double in d
  * order without fused multiply-adds: bitwise the reference's. Between the passes one thread per
  * row takes the max m over its tiles (exact in any order) and adds its tiles' sums rescaled to
  * m in tile order: only the summation of the exponentials differs from the reference's (its
@@ -18,10 +18,9 @@
 
 #include "cuda_util.cuh"
 
-#define ATTN_THREADS 256
-#define PR_ROWS      32 /* query rows of a tile: 8 warps x 4 rows */
-#define PR_KEYS      64 /* keys of a tile: 32 lanes x 2 keys */
-#define PR_DC        32 /* dimensions staged in shared memory at a time */
+#define ATTN_THREADS KVT_TILE_THREADS
+#define PR_ROWS      KVT_TILE_ROWS /* query rows of a tile: 8 warps x 4 rows */
+#define PR_KEYS      KVT_TILE_KEYS /* keys of a tile: 32 lanes x 2 keys */
 
 typedef struct pr_args {
     const float *q, *k, *k2;
@@ -40,41 +39,11 @@ typedef struct pr_args {
  * the tile. */
 template <int PASS> static __global__ void probs_tile_k(pr_args a)
 {
-    /* staged as doubles: converted once here, not once per product (conversions run at a
-       quarter of the f64 rate) */
-    __shared__ double q_sh[PR_ROWS][PR_DC + 1];
-    __shared__ double k_sh[PR_DC][PR_KEYS + 1];
-    const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
+    __shared__ kvt_cu_tile_sm sm;
+    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     const int r0 = blockIdx.y * PR_ROWS, j0 = blockIdx.x * PR_KEYS, n_all = a.T + a.n2;
     double acc[4][2];
-    for (int u = 0; u < 4; u++)
-        acc[u][0] = acc[u][1] = 0.0;
-    for (int d0 = 0; d0 < a.D; d0 += PR_DC) {
-        const int dc = a.D - d0 < PR_DC ? a.D - d0 : PR_DC;
-        __syncthreads(); /* the previous chunk is consumed */
-        for (int e = tid; e < PR_ROWS * PR_DC; e += ATTN_THREADS) {
-            int r = e / PR_DC, dd = e % PR_DC;
-            q_sh[r][dd] =
-                r0 + r < a.n_q && dd < dc ? (double)a.q[(size_t)(r0 + r) * a.D + d0 + dd] : 0.0;
-        }
-        for (int e = tid; e < PR_KEYS * PR_DC; e += ATTN_THREADS) {
-            int c = e / PR_DC, dd = e % PR_DC, j = j0 + c;
-            float x = 0.0f;
-            if (dd < dc && j < n_all)
-                x = j < a.T ? a.k[(size_t)j * a.D + d0 + dd]
-                            : a.k2[(size_t)(j - a.T) * a.D + d0 + dd];
-            k_sh[dd][c] = (double)x;
-        }
-        __syncthreads();
-        for (int dd = 0; dd < dc; dd++) { /* d order, as kvt_dot_f32 */
-            const double k0 = k_sh[dd][tx], k1 = k_sh[dd][tx + 32];
-            for (int u = 0; u < 4; u++) {
-                const double x = q_sh[4 * ty + u][dd];
-                acc[u][0] = __dadd_rn(acc[u][0], __dmul_rn(x, k0));
-                acc[u][1] = __dadd_rn(acc[u][1], __dmul_rn(x, k1));
-            }
-        }
-    }
+    kvt_cu_tile_dots(a.q, a.n_q, r0, a.k, a.T, a.k2, n_all, j0, a.D, sm, acc);
     for (int u = 0; u < 4; u++) {
         const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
         double z[2];

@@ -40,6 +40,55 @@ static __device__ inline double kvt_cu_dot_f32(const float *a, const float *b, i
     return s;
 }
 
+/* A 32 x 64 tile of logits for a block of 256 threads (ty = warp, tx = lane):
+ * acc[u][c] = q row (r0 + 4 ty + u) . key (j0 + tx + 32 c), in double, d in order, without fused
+ * multiply-adds (bitwise kvt_cu_dot_f32 / the references' kvt_dot_f32). Keys j < T come from k,
+ * keys T <= j < n_all from k2[j - T]; rows >= n_q and keys >= n_all read as 0. The rows and keys
+ * are staged in shared memory KVT_TILE_DC dimensions at a time, as doubles (converted once per
+ * value, not once per product). Every thread of the block must call it (it synchronises). */
+#define KVT_TILE_ROWS    32
+#define KVT_TILE_KEYS    64
+#define KVT_TILE_DC      32
+#define KVT_TILE_THREADS 256
+
+struct kvt_cu_tile_sm {
+    double q[KVT_TILE_ROWS][KVT_TILE_DC + 1];
+    double k[KVT_TILE_DC][KVT_TILE_KEYS + 1];
+};
+
+static __device__ inline void kvt_cu_tile_dots(const float *q, int n_q, int r0, const float *k,
+                                               int T, const float *k2, int n_all, int j0, int D,
+                                               kvt_cu_tile_sm &sm, double acc[4][2])
+{
+    const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
+    for (int u = 0; u < 4; u++)
+        acc[u][0] = acc[u][1] = 0.0;
+    for (int d0 = 0; d0 < D; d0 += KVT_TILE_DC) {
+        const int dc = D - d0 < KVT_TILE_DC ? D - d0 : KVT_TILE_DC;
+        __syncthreads(); /* the previous chunk is consumed */
+        for (int e = tid; e < KVT_TILE_ROWS * KVT_TILE_DC; e += KVT_TILE_THREADS) {
+            int r = e / KVT_TILE_DC, dd = e % KVT_TILE_DC;
+            sm.q[r][dd] = r0 + r < n_q && dd < dc ? (double)q[(size_t)(r0 + r) * D + d0 + dd] : 0.0;
+        }
+        for (int e = tid; e < KVT_TILE_KEYS * KVT_TILE_DC; e += KVT_TILE_THREADS) {
+            int c = e / KVT_TILE_DC, dd = e % KVT_TILE_DC, j = j0 + c;
+            float x = 0.0f;
+            if (dd < dc && j < n_all)
+                x = j < T ? k[(size_t)j * D + d0 + dd] : k2[(size_t)(j - T) * D + d0 + dd];
+            sm.k[dd][c] = (double)x;
+        }
+        __syncthreads();
+        for (int dd = 0; dd < dc; dd++) { /* d order, as kvt_dot_f32 */
+            const double k0 = sm.k[dd][tx], k1 = sm.k[dd][tx + 32];
+            for (int u = 0; u < 4; u++) {
+                const double x = sm.q[4 * ty + u][dd];
+                acc[u][0] = __dadd_rn(acc[u][0], __dmul_rn(x, k0));
+                acc[u][1] = __dadd_rn(acc[u][1], __dmul_rn(x, k1));
+            }
+        }
+    }
+}
+
 /* Block-wide max (MAX) or sum of one double per thread, the result in every thread. THREADS is
  * the block size (a multiple of 32); sh holds THREADS / 32 + 1 doubles of shared memory. Every
  * thread of the block must call it. */

@@ -1,15 +1,11 @@
 /* scores_cuda.cu - the scores policies rank by: SnapKV window scores (kvt_col_mean_ref over the
  * last W window queries, kvt_gqa_reduce_ref, kvt_pool1d_ref: one thread per output, summing in
  * the references' order, so the scores are bitwise theirs) and H2O column sums
- * (kvt_attn_colsum_ref: a block per query finds its max and exponential sum, then one thread per
- * key adds that key's f32 probability over the queries that see it, in query order; nothing
- * T x T is stored).
+ * (kvt_attn_colsum_ref, on tiles of logits: see cs_args; nothing T x T is stored).
  */
 #include <math.h>
 
 #include "cuda_util.cuh"
-
-#define CS_THREADS 256
 
 /* a[h][j] = mean over window rows Wt-W..Wt-1 of prw[h] (row length T), j < P */
 static __global__ void col_mean_k(const float *prw, int Hq, int Wt, int W, int T, int P, double *a)
@@ -85,45 +81,105 @@ extern "C" kvt_status kvt_window_scores_cuda(const float *prw, int Hq, int Hkv, 
     return KVT_OK;
 }
 
-/* per query i: m[i] = max over keys j <= i of the scaled logit, s[i] = sum of exp(z - m) */
-static __global__ void row_stats_k(const float *q, const float *k, int T, int D, double scale,
-                                   double *m_out, double *s_out, unsigned long long *bad)
+/* H2O's column sums, on 32 x 64 tiles of logits (kvt_cu_tile_dots). Pass 1 (cs_stats_k), one
+ * block per tile of 32 query rows, heaviest first: walks the key tiles up to the diagonal and
+ * keeps per row the max m and the sum s of exp(z - m), merging each tile's max and sum. Pass 2
+ * (cs_cols_k), one block per tile of 64 keys: walks the row tiles from the diagonal down, in
+ * order, stages each tile's f32 probabilities in shared memory, and thread c adds column c's 32
+ * in row order, so every column sum adds its terms in the reference's order. Logits are
+ * bitwise the reference's and m is exact; s differs by its grouping (a few 1e-16), and so a
+ * probability now and then by one f32 ulp. */
+typedef struct cs_args {
+    const float *q, *k;
+    int T, D, n_rt;
+    double scale;
+    double *m, *s, *colsum;
+    unsigned long long *bad;
+} cs_args;
+
+static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_stats_k(cs_args a)
 {
-    __shared__ double sh[CS_THREADS / 32 + 1];
-    const int i = blockIdx.x;
-    const float *qi = q + (size_t)i * D;
-    double m = -INFINITY;
-    for (int j = threadIdx.x; j <= i; j += CS_THREADS) {
-        double z = __dmul_rn(kvt_cu_dot_f32(qi, k + (size_t)j * D, D), scale);
-        if (!isfinite(z))
-            atomicMin(bad, ((unsigned long long)i << 32) | (unsigned)j);
-        m = z > m ? z : m;
+    __shared__ kvt_cu_tile_sm sm;
+    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    const int r0 = (a.n_rt - 1 - (int)blockIdx.x) * KVT_TILE_ROWS;
+    const int last = (r0 + KVT_TILE_ROWS < a.T ? r0 + KVT_TILE_ROWS : a.T) - 1; /* sees 0..last */
+    double m[4], s[4], acc[4][2];
+    for (int u = 0; u < 4; u++)
+        m[u] = -INFINITY, s[u] = 0.0;
+    for (int j0 = 0; j0 <= last; j0 += KVT_TILE_KEYS) {
+        kvt_cu_tile_dots(a.q, a.T, r0, a.k, a.T, NULL, a.T, j0, a.D, sm, acc);
+        for (int u = 0; u < 4; u++) {
+            const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
+            double z[2], tm = -INFINITY;
+            bool vis[2];
+            for (int c = 0; c < 2; c++) {
+                const int j = j0 + tx + 32 * c;
+                vis[c] = i < a.T && j <= i;
+                z[c] = __dmul_rn(acc[u][c], a.scale);
+                if (vis[c] && !isfinite(z[c]))
+                    atomicMin(a.bad, ((unsigned long long)i << 32) | (unsigned)j);
+                if (vis[c])
+                    tm = z[c] > tm ? z[c] : tm;
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                double y = __shfl_down_sync(0xffffffffu, tm, o);
+                tm = y > tm ? y : tm;
+            }
+            tm = __shfl_sync(0xffffffffu, tm, 0);
+            double ts = 0.0;
+            for (int c = 0; c < 2; c++)
+                if (vis[c])
+                    ts += exp(__dsub_rn(z[c], tm));
+            for (int o = 16; o > 0; o >>= 1)
+                ts += __shfl_down_sync(0xffffffffu, ts, o);
+            ts = __shfl_sync(0xffffffffu, ts, 0);
+            if (ts > 0.0) { /* the tile holds keys this row sees: merge, the same in every lane */
+                if (tm > m[u]) {
+                    s[u] = (s[u] > 0.0 ? s[u] * exp(__dsub_rn(m[u], tm)) : 0.0) + ts;
+                    m[u] = tm;
+                } else {
+                    s[u] += ts * exp(__dsub_rn(tm, m[u]));
+                }
+            }
+        }
     }
-    m = kvt_cu_block_reduce<CS_THREADS, true>(m, sh);
-    double s = 0.0;
-    for (int j = threadIdx.x; j <= i; j += CS_THREADS)
-        s += exp(__dsub_rn(__dmul_rn(kvt_cu_dot_f32(qi, k + (size_t)j * D, D), scale), m));
-    s = kvt_cu_block_reduce<CS_THREADS, false>(s, sh);
-    if (threadIdx.x == 0) {
-        m_out[i] = m;
-        s_out[i] = s;
+    for (int u = 0; u < 4; u++) {
+        const int i = r0 + 4 * ty + u;
+        if (tx == 0 && i < a.T) {
+            a.m[i] = m[u];
+            a.s[i] = s[u];
+        }
     }
 }
 
-/* colsum[j] = sum over queries i >= j, in order, of the f32 probability of key j */
-static __global__ void colsum_k(const float *q, const float *k, int T, int D, double scale,
-                                const double *m, const double *s, double *colsum)
+static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_cols_k(cs_args a)
 {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= T)
-        return;
-    const float *kj = k + (size_t)j * D;
-    double c = 0.0;
-    for (int i = j; i < T; i++) {
-        double e = exp(__dsub_rn(__dmul_rn(kvt_cu_dot_f32(q + (size_t)i * D, kj, D), scale), m[i]));
-        c = __dadd_rn(c, (double)(float)(e / s[i]));
+    __shared__ kvt_cu_tile_sm sm;
+    __shared__ float p_sh[KVT_TILE_ROWS][KVT_TILE_KEYS + 1];
+    const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
+    const int j0 = (int)blockIdx.x * KVT_TILE_KEYS; /* the lowest keys, seen by most rows, first */
+    double col = 0.0, acc[4][2];                    /* col: key j0 + tid, for tid < 64 */
+    for (int r0 = j0 / KVT_TILE_ROWS * KVT_TILE_ROWS; r0 < a.T; r0 += KVT_TILE_ROWS) {
+        kvt_cu_tile_dots(a.q, a.T, r0, a.k, a.T, NULL, a.T, j0, a.D, sm, acc);
+        for (int u = 0; u < 4; u++) {
+            const int i = r0 + 4 * ty + u;
+            for (int c = 0; c < 2; c++) {
+                const int j = j0 + tx + 32 * c;
+                float p = 0.0f; /* probabilities are f32 (POLICIES.md 0.1.3), as the reference's */
+                if (i < a.T && j <= i)
+                    p = (float)(exp(__dsub_rn(__dmul_rn(acc[u][c], a.scale), a.m[i])) / a.s[i]);
+                p_sh[4 * ty + u][tx + 32 * c] = p;
+            }
+        }
+        __syncthreads();
+        if (tid < KVT_TILE_KEYS)
+            for (int r = 0; r < KVT_TILE_ROWS; r++) /* rows in order; + 0 for rows that do not
+                                                       see the key leaves the sum as it is */
+                col = __dadd_rn(col, (double)p_sh[r][tid]);
+        __syncthreads();
     }
-    colsum[j] = c;
+    if (tid < KVT_TILE_KEYS && j0 + tid < a.T)
+        a.colsum[j0 + tid] = col;
 }
 
 extern "C" kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T, int D,
@@ -135,9 +191,12 @@ extern "C" kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T
     cudaStream_t st = kvt_cu_stream(stream);
     unsigned long long *dbad = NULL, bad = ~0ull;
     KVT_CU(cudaMallocAsync((void **)&dbad, sizeof(bad), st)); /* stream-ordered: see attn */
+    cs_args ca;
+    ca.q = q, ca.k = k, ca.T = T, ca.D = D, ca.n_rt = (T + KVT_TILE_ROWS - 1) / KVT_TILE_ROWS;
+    ca.scale = scale, ca.m = work, ca.s = work + T, ca.colsum = colsum, ca.bad = dbad;
     cudaError_t e = cudaMemcpyAsync(dbad, &bad, sizeof(bad), cudaMemcpyHostToDevice, st);
     if (e == cudaSuccess) {
-        row_stats_k<<<T, CS_THREADS, 0, st>>>(q, k, T, D, scale, work, work + T, dbad);
+        cs_stats_k<<<(unsigned)ca.n_rt, KVT_TILE_THREADS, 0, st>>>(ca);
         e = cudaGetLastError();
     }
     if (e == cudaSuccess)
@@ -149,8 +208,8 @@ extern "C" kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T
     if (bad != ~0ull)
         return kvt_error_set(KVT_ERR_NAN, "attn_colsum: logit (%d,%u) not finite", (int)(bad >> 32),
                              (unsigned)(bad & 0xffffffffu));
-    colsum_k<<<kvt_cu_blocks((size_t)T, 128), 128, 0, st>>>(q, k, T, D, scale, work, work + T,
-                                                            colsum);
+    ca.bad = NULL; /* freed; pass 2 does not check */
+    cs_cols_k<<<(unsigned)((T + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS), KVT_TILE_THREADS, 0, st>>>(ca);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }

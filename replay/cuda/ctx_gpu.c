@@ -513,7 +513,7 @@ kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double
     /* at least: the head's queries and keys read, the sums written */
     PROF(g, gpu_colsum_ns, ns);
     PROF(g, gpu_colsum_bytes, 2 * T * D * sizeof(float) + T * sizeof(double));
-    PROF(g, gpu_colsum_flop, 3 * (uint64_t)T * (T + 1) / 2 * 2 * D);
+    PROF(g, gpu_colsum_flop, (uint64_t)T * (T + 1) / 2 * 2 * D);
     KVT_FORWARD(download(g, out, g->cs, T * sizeof(double)));
     return sync_copies(g, false, &t1);
 }
