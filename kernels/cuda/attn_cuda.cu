@@ -58,27 +58,15 @@ template <int PASS> static __global__ void probs_tile_k(pr_args a)
         if (PASS == 0) {
             /* the row's max over the tile and its sum of exp(z - that max): fixed trees over
                the lanes */
-            double tm = -INFINITY;
             for (int c = 0; c < 2; c++) {
                 const int j = j0 + tx + 32 * c;
                 if (vis[c] && !isfinite(z[c]))
                     atomicMin(a.bad,
                               ((unsigned long long)i << 32) |
                                   (j < a.T ? (unsigned)j : 0x80000000u | (unsigned)(j - a.T)));
-                if (vis[c])
-                    tm = z[c] > tm ? z[c] : tm;
             }
-            for (int o = 16; o > 0; o >>= 1) {
-                double y = __shfl_down_sync(0xffffffffu, tm, o);
-                tm = y > tm ? y : tm;
-            }
-            tm = __shfl_sync(0xffffffffu, tm, 0);
-            double ts = 0.0;
-            for (int c = 0; c < 2; c++)
-                if (vis[c])
-                    ts += exp(__dsub_rn(z[c], tm));
-            for (int o = 16; o > 0; o >>= 1)
-                ts += __shfl_down_sync(0xffffffffu, ts, o);
+            double tm, ts;
+            kvt_cu_warp_max_sumexp(z, vis, &tm, &ts);
             if (tx == 0 && i < a.n_q) {
                 a.tmax[(size_t)i * a.n_kt + blockIdx.x] = tm;
                 a.tsum[(size_t)i * a.n_kt + blockIdx.x] = ts;

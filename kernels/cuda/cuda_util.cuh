@@ -6,6 +6,7 @@
 #define KVT_CUDA_UTIL_CUH
 
 #include <cuda_runtime.h>
+#include <math.h>
 
 #include "kvt_kernels_cuda.h"
 
@@ -87,6 +88,32 @@ static __device__ inline void kvt_cu_tile_dots(const float *q, int n_q, int r0, 
             }
         }
     }
+}
+
+/* Over the lanes of a warp, each holding the logits z[0..1] of one row (vis: the row sees that
+ * key): *tm = the max of the visible logits, *ts = the sum of exp(z - *tm) over them, both in
+ * every lane (fixed shuffle trees: the same bits on every run). A lane with nothing visible adds
+ * nothing; a warp with nothing visible gives (-inf, 0). */
+static __device__ inline void kvt_cu_warp_max_sumexp(const double z[2], const bool vis[2],
+                                                     double *tm, double *ts)
+{
+    double m = -INFINITY;
+    for (int c = 0; c < 2; c++)
+        if (vis[c])
+            m = z[c] > m ? z[c] : m;
+    for (int o = 16; o > 0; o >>= 1) {
+        double y = __shfl_down_sync(0xffffffffu, m, o);
+        m = y > m ? y : m;
+    }
+    m = __shfl_sync(0xffffffffu, m, 0);
+    double s = 0.0;
+    for (int c = 0; c < 2; c++)
+        if (vis[c])
+            s += exp(__dsub_rn(z[c], m));
+    for (int o = 16; o > 0; o >>= 1)
+        s += __shfl_down_sync(0xffffffffu, s, o);
+    *tm = m;
+    *ts = __shfl_sync(0xffffffffu, s, 0);
 }
 
 /* Block-wide max (MAX) or sum of one double per thread, the result in every thread. THREADS is

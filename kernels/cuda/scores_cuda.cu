@@ -110,7 +110,7 @@ static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_stats_k(cs_args a)
         kvt_cu_tile_dots(a.q, a.T, r0, a.k, a.T, NULL, a.T, j0, a.D, sm, acc);
         for (int u = 0; u < 4; u++) {
             const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
-            double z[2], tm = -INFINITY;
+            double z[2], tm, ts;
             bool vis[2];
             for (int c = 0; c < 2; c++) {
                 const int j = j0 + tx + 32 * c;
@@ -118,21 +118,8 @@ static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_stats_k(cs_args a)
                 z[c] = __dmul_rn(acc[u][c], a.scale);
                 if (vis[c] && !isfinite(z[c]))
                     atomicMin(a.bad, ((unsigned long long)i << 32) | (unsigned)j);
-                if (vis[c])
-                    tm = z[c] > tm ? z[c] : tm;
             }
-            for (int o = 16; o > 0; o >>= 1) {
-                double y = __shfl_down_sync(0xffffffffu, tm, o);
-                tm = y > tm ? y : tm;
-            }
-            tm = __shfl_sync(0xffffffffu, tm, 0);
-            double ts = 0.0;
-            for (int c = 0; c < 2; c++)
-                if (vis[c])
-                    ts += exp(__dsub_rn(z[c], tm));
-            for (int o = 16; o > 0; o >>= 1)
-                ts += __shfl_down_sync(0xffffffffu, ts, o);
-            ts = __shfl_sync(0xffffffffu, ts, 0);
+            kvt_cu_warp_max_sumexp(z, vis, &tm, &ts);
             if (ts > 0.0) { /* the tile holds keys this row sees: merge, the same in every lane */
                 if (tm > m[u]) {
                     s[u] = (s[u] > 0.0 ? s[u] * exp(__dsub_rn(m[u], tm)) : 0.0) + ts;
