@@ -162,15 +162,17 @@ typedef struct kvt_replay_profile {
     uint64_t wall_ns;
     uint64_t read_ns;    /* reading, decompressing and converting the trace's tensors */
     uint64_t context_ns; /* building layer contexts (attention, norms; GPU parts included) */
-    uint64_t measure_ns; /* policies, rankings and sweeps */
+    uint64_t measure_ns; /* policies, rankings and sweeps (with the GPU's window scores and
+                            column sums, which policies ask for) */
     uint64_t n_layers;
     /* --device cuda: copies by the host clock (waited for); kernels by CUDA events around each
        call's kernels (the GPU's own time); bytes: at least what each must move */
     uint64_t gpu_upload_ns, gpu_upload_bytes; /* host to device */
     uint64_t gpu_attn_ns, gpu_attn_bytes;     /* attention probabilities and outputs */
     uint64_t gpu_norm_ns, gpu_norm_bytes;     /* key/value norms and unit keys */
-    uint64_t gpu_sweep_ns, gpu_sweep_bytes;   /* recall/error sweeps */
-    uint64_t gpu_sweep_calls;
+    uint64_t gpu_sweep_ns, gpu_sweep_bytes;   /* recall/error sweeps, coverage (cosine tables and
+                                                 bests), SnapKV window scores */
+    uint64_t gpu_sweep_calls;                 /* output sweeps and coverage-best calls */
     uint64_t gpu_download_ns, gpu_download_bytes; /* device to host */
     /* FLOP the kernels must do, in double: they take logits and sums in f64, in the references'
        order, to agree with them bit for bit */

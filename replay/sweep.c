@@ -203,15 +203,14 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         }
     }
     const float *v = c->in->v + (size_t)(hq0 / c->Gs) * T * D;
-    kvt_status so = KVT_ERR_UNSUPPORTED;
-    if (c->gpu) /* --device cuda; a head dim its kernel does not take falls back to the host */
-        so = kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, v, a, sa, pe, se, oe, rf, order,
-                                      s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
-                                      mod ? s->rmod : NULL);
-    if (so == KVT_ERR_UNSUPPORTED) /* (pt is NULL with a GPU: see scratch_init) */
-        so = kvt_sweep_output(n_q, T, D, p, sp, pt, st, v, a, sa, pe, se, oe, rf, order, s->cuts,
-                              n_cut, mod, mm, KVT_NM, s->rec, s->err, mod ? s->rmod : NULL, s->sw);
-    KVT_FORWARD(so);
+    if (c->gpu) /* --device cuda (pt is NULL then: see scratch_init) */
+        KVT_FORWARD(kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, v, a, sa, pe, se, oe, rf,
+                                             order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
+                                             mod ? s->rmod : NULL));
+    else
+        KVT_FORWARD(kvt_sweep_output(n_q, T, D, p, sp, pt, st, v, a, sa, pe, se, oe, rf, order,
+                                     s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
+                                     mod ? s->rmod : NULL, s->sw));
     for (int b = 0; b < n_b; b++) {
         int ci = s->map[b];
         double r = 0.0, e = 0.0;

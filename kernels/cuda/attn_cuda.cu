@@ -4,12 +4,11 @@
  * each, in two passes over the tiles: each row's max over the tile and sum of exp(z - that
  * max), then the probabilities. Each pass computes the tile's logits (nothing T-long is stored)
  * from query rows and keys staged in shared memory (kvt_cu_tile_dots, cuda_util.cuh), so a key
- * is read from device memory once per tile of rows (the former one-block-per-row kernel read
- * all of K once per row, three times). Logits are dot products of f32 vectors summed in double in d
- * order without fused multiply-adds: bitwise the reference's. Between the passes one thread per
- * row takes the max m over its tiles (exact in any order) and adds its tiles' sums rescaled to
- * m in tile order: only the summation of the exponentials differs from the reference's (its
- * grouping, and the rescaling by exp(tile max - m): relative differences of a few 1e-16 in the
+ * is read from device memory once per tile of rows. Logits are dot products of f32 vectors summed
+ * in double in d order without fused multiply-adds: bitwise the reference's. Between the passes one
+ * thread per row takes the max m over its tiles (exact in any order) and adds its tiles' sums
+ * rescaled to m in tile order: only the summation of the exponentials differs from the reference's
+ * (its grouping, and the rescaling by exp(tile max - m): relative differences of a few 1e-16 in the
  * sum, a probability now and then one f32 ulp away).
  * Outputs: sums over blocks of keys for blocks of queries, then over the key blocks in order
  * (see output_part_k).

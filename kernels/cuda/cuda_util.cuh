@@ -1,6 +1,6 @@
 /* cuda_util.cuh - shared by the CUDA kernels: CUDA errors as kvt_status (KVT_ERR_CUDA with the
- * call and CUDA's message), the stream cast, grid sizes, the references' dot product, block
- * reductions. Internal to kernels/cuda/.
+ * call and CUDA's message), the stream cast, grid sizes, the references' dot product, tiles of
+ * logits and their warp-wide max and exponential sum. Internal to kernels/cuda/.
  */
 #ifndef KVT_CUDA_UTIL_CUH
 #define KVT_CUDA_UTIL_CUH
@@ -114,30 +114,6 @@ static __device__ inline void kvt_cu_warp_max_sumexp(const double z[2], const bo
         s += __shfl_down_sync(0xffffffffu, s, o);
     *tm = m;
     *ts = __shfl_sync(0xffffffffu, s, 0);
-}
-
-/* Block-wide max (MAX) or sum of one double per thread, the result in every thread. THREADS is
- * the block size (a multiple of 32); sh holds THREADS / 32 + 1 doubles of shared memory. Every
- * thread of the block must call it. */
-template <int THREADS, bool MAX> static __device__ double kvt_cu_block_reduce(double x, double *sh)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        double y = __shfl_down_sync(0xffffffffu, x, o);
-        x = MAX ? (y > x ? y : x) : x + y;
-    }
-    if (threadIdx.x % 32 == 0)
-        sh[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double r = sh[0];
-        for (int w = 1; w < THREADS / 32; w++)
-            r = MAX ? (sh[w] > r ? sh[w] : r) : r + sh[w];
-        sh[THREADS / 32] = r;
-    }
-    __syncthreads();
-    double r = sh[THREADS / 32];
-    __syncthreads();
-    return r;
 }
 
 #endif /* KVT_CUDA_UTIL_CUH */

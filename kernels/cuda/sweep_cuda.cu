@@ -230,7 +230,6 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
         cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st));
     sweep_k<<<(n_q + SW_ROWS - 1) / SW_ROWS, SW_THREADS, 0, st>>>(a);
     KVT_CU_LAUNCHED();
-    KVT_CU(cudaStreamSynchronize(st));
     return KVT_OK;
 }
 

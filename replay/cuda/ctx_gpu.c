@@ -1,8 +1,9 @@
 /* ctx_gpu.c - the layer context's GPU backend (ctx_gpu.h): uploads a layer once, runs the
  * attention and norm kernels of kernels/cuda on its own non-blocking stream, copies their
  * results into the host context and keeps the device copies (probabilities, full outputs, row
- * sums, decode-key terms, V) for the output sweeps of the layer's policies. Every copy is on
- * that stream and waited for, so host arrays are complete when a call returns. Several replay
+ * sums, decode-key terms, V, unit keys) for the sweeps, coverage, window scores and column sums
+ * of the layer's policies. Every copy is on that stream; downloads are waited for, so host
+ * arrays are complete when a call returns. Several replay
  * workers may each hold one at once. With a profile, the kernels of each call are timed by CUDA
  * events on the stream: the GPU's own time, without the launches, the synchronisation and the
  * host work around them (which the replay's host-side times show).
@@ -26,18 +27,19 @@ struct kvt_ctx_gpu {
     cudaStream_t st;
     int T, D, Hq, Hkv, Wt, Gd, rows;
     bool extra;
-    float *k, *v, *qw, *qd, *kd, *vd; /* the layer's inputs */
-    float *prw, *prd;                 /* [Hq, Wt, T], [Hq, Gd, T] probabilities */
-    double *aw, *ad;                  /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
-    float *pr2;                       /* [rows, Gd] probabilities on decode keys (scratch) */
-    double *lse;                      /* [rows] (scratch) */
-    float *ku;                        /* [Hkv, T, D] unit keys */
-    float *ct;                        /* [T, n_probe] cosine table of one KV head */
-    int32_t *probe;                   /* [n_probe] */
-    float *best;                      /* [n_cut, n_probe] */
-    int n_probe;                      /* of the cosine table (0: none yet) */
-    size_t best_cap;                  /* floats of best */
-    void *work;                       /* the sweep kernels' workspace */
+    float *k, *v, *qw, *qd, *kd; /* the layer's inputs (decode values: their outputs come from
+                                    the host context) */
+    float *prw, *prd;            /* [Hq, Wt, T], [Hq, Gd, T] probabilities */
+    double *aw, *ad;             /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
+    float *pr2;                  /* [rows, Gd] probabilities on decode keys (scratch) */
+    double *lse;                 /* [rows] (scratch) */
+    float *ku;                   /* [Hkv, T, D] unit keys */
+    float *ct;                   /* [T, n_probe] cosine table of one KV head */
+    int32_t *probe;              /* [n_probe] */
+    float *best;                 /* [n_cut, n_probe] */
+    int n_probe;                 /* of the cosine table (0: none yet) */
+    size_t best_cap;             /* floats of best */
+    void *work;                  /* the sweep kernels' workspace */
     size_t work_cap;
     double *sc, *sc_work;      /* window scores [H', P] and their workspace */
     float *qa;                 /* [T, D] one query head's prompt queries (H2O) */
@@ -101,10 +103,16 @@ static kvt_status download(kvt_ctx_gpu *g, void *dst, const void *src, size_t by
     return KVT_OK;
 }
 
-/* Wait for the stream and book the time since t0 (and the queued copies' bytes) as uploads or
- * downloads; returns the new time. */
+/* Book the time since t0 (and the queued copies' bytes) as uploads or downloads; returns the
+ * new time. Downloads are waited for (the host reads them next). Uploads need no wait (a copy
+ * from pageable memory has read its source when it returns, and the kernels that use it follow
+ * on the stream): only a profile waits for them, to time them. */
 static kvt_status sync_copies(kvt_ctx_gpu *g, bool up, uint64_t *t0)
 {
+    if (up && !g->prof) {
+        g->up_bytes = 0;
+        return KVT_OK;
+    }
     GPU_OK(cudaStreamSynchronize(g->st));
     uint64_t t = kvt_now_ns();
     if (up) {
@@ -120,9 +128,10 @@ static kvt_status sync_copies(kvt_ctx_gpu *g, bool up, uint64_t *t0)
     return KVT_OK;
 }
 
-/* Kernel timing: kern_begin before the kernels of a call, kern_end after them; kern_end waits
- * for the stream, sets *t to the host clock after that and adds their GPU time to *ns (by the
- * events; nothing without a profile). */
+/* Kernel timing, with a profile only: kern_begin before the kernels of a call, kern_end after
+ * them waits for the stream, sets *t to the host clock after that and adds their GPU time (by
+ * the events) to *ns. Without a profile nothing waits: the downloads that follow are ordered
+ * after the kernels on the stream, and their wait reports a kernel's fault. */
 static kvt_status kern_begin(kvt_ctx_gpu *g)
 {
     if (g->prof)
@@ -132,15 +141,14 @@ static kvt_status kern_begin(kvt_ctx_gpu *g)
 
 static kvt_status kern_end(kvt_ctx_gpu *g, uint64_t *ns, uint64_t *t)
 {
-    if (g->prof)
-        GPU_OK(cudaEventRecord(g->ev[1], g->st));
+    if (!g->prof)
+        return KVT_OK;
+    GPU_OK(cudaEventRecord(g->ev[1], g->st));
     GPU_OK(cudaStreamSynchronize(g->st));
     *t = kvt_now_ns();
-    if (g->prof) {
-        float ms = 0.0f;
-        GPU_OK(cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]));
-        *ns += (uint64_t)((double)ms * 1e6 + 0.5);
-    }
+    float ms = 0.0f;
+    GPU_OK(cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]));
+    *ns += (uint64_t)((double)ms * 1e6 + 0.5);
     return KVT_OK;
 }
 
@@ -148,11 +156,11 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     if (!g)
         return;
-    void *bufs[] = {g->k,    g->v,     g->qw,  g->qd,      g->kd,   g->vd, g->prw,
-                    g->prd,  g->aw,    g->ad,  g->pr2,     g->lse,  g->ku, g->norm,
-                    g->mean, g->inv,   g->rsw, g->rsd,     g->pe,   g->oe, g->mm,
-                    g->mod,  g->order, g->rec, g->err,     g->rmod, g->ct, g->probe,
-                    g->best, g->work,  g->sc,  g->sc_work, g->qa,   g->cs, g->cs_work};
+    void *bufs[] = {g->k,     g->v,   g->qw,      g->qd,   g->kd, g->prw,    g->prd,
+                    g->aw,    g->ad,  g->pr2,     g->lse,  g->ku, g->norm,   g->mean,
+                    g->inv,   g->rsw, g->rsd,     g->pe,   g->oe, g->mm,     g->mod,
+                    g->order, g->rec, g->err,     g->rmod, g->ct, g->probe,  g->best,
+                    g->work,  g->sc,  g->sc_work, g->qa,   g->cs, g->cs_work};
     if (g->st) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
             dfree(g, bufs[i]);
@@ -188,7 +196,6 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     if (g->extra) {
         size_t n = (size_t)g->Hkv * g->Gd * D * sizeof(float);
         KVT_FORWARD(upload(g, (void **)&g->kd, in->k_decode, n));
-        KVT_FORWARD(upload(g, (void **)&g->vd, in->v_decode, n));
         KVT_FORWARD(dalloc(g, (void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
     }
     KVT_FORWARD(dalloc(g, (void **)&g->lse, rows * sizeof(double)));
@@ -232,7 +239,7 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
     const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
     bool extra = decode && g->extra;
     const float *Kd = extra ? g->kd + (size_t)group * g->Gd * D : NULL;
-    uint64_t t1, ns = 0;
+    uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_attn_probs_cuda(q, n_q, g->D, K, g->T, n_vis, Kd, extra ? g->Gd : 0,
                                     extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL,
@@ -261,7 +268,7 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *v
     const size_t T = (size_t)g->T, D = (size_t)g->D;
     const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
     double *vn = g->inv; /* V's norms before unit_rows uses it as its workspace */
-    uint64_t t1, t3, ns = 0;
+    uint64_t t1 = 0, t3 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_row_norms_cuda(K, g->T, g->D, g->norm, (void *)g->st));
     KVT_FORWARD(kvt_row_norms_cuda(V, g->T, g->D, vn, (void *)g->st));
@@ -382,7 +389,7 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
     g->up_bytes += (size_t)T * sizeof(int32_t);
     KVT_FORWARD(sync_copies(g, true, &t0));
     KVT_FORWARD(need_work(g, n_cut, 0));
-    uint64_t t1, ns = 0;
+    uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_sweep_output_cuda_ws(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e,
                                          doe, drf, g->order, cuts, n_cut, dmod, dmm, stride_m,
@@ -450,7 +457,7 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
     g->up_bytes += (size_t)g->T * sizeof(int32_t);
     KVT_FORWARD(sync_copies(g, true, &t0));
     KVT_FORWARD(need_work(g, n_cut, g->n_probe));
-    uint64_t t1, ns = 0;
+    uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_coverage_best_cuda_ws(g->ct, g->T, g->n_probe, g->order, cuts, n_cut, g->best,
                                           g->work, g->work_cap, (void *)g->st));
@@ -478,7 +485,7 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
         KVT_FORWARD(dalloc(g, (void **)&g->sc_work, need * sizeof(double)));
         g->sc_cap = need;
     }
-    uint64_t t1, ns = 0;
+    uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_window_scores_cuda(g->prw, g->Hq, g->Hkv, g->Wt, W, g->T, kernel, pool, reduce,
                                        per_query, g->sc_work, g->sc, (void *)g->st));
@@ -505,7 +512,7 @@ kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double
     g->up_bytes += T * D * sizeof(float);
     KVT_FORWARD(sync_copies(g, true, &t0));
     const float *K = g->k + (size_t)(h / (g->Hq / g->Hkv)) * T * D;
-    uint64_t t1, ns = 0;
+    uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(
         kvt_attn_colsum_cuda(g->qa, K, g->T, g->D, scale, g->cs_work, g->cs, (void *)g->st));

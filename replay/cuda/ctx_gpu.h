@@ -3,7 +3,8 @@
  * group and the key/value norms, unit keys and their mean are computed by the CUDA kernels
  * (kernels/cuda, each checked against its _ref) and copied into the host context, so every
  * policy runs unchanged on the host. The context keeps the device copies for the layer's
- * lifetime: the output sweeps (recall and output error of every cut of a ranking) then run on
+ * lifetime: the output sweeps (recall and output error of every cut of a ranking), the coverage
+ * cosine tables and bests, SnapKV's window scores and h2o's column sums from Q_all then run on
  * the GPU too. ctx_gpu.c needs CUDA; ctx_gpu_stub.c answers KVT_ERR_NO_CUDA without it.
  */
 #ifndef KVT_REPLAY_CTX_GPU_H
@@ -43,8 +44,7 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const struct kvt_layer_ctx *c);
 /** kvt_sweep_output_ref's contract on the GPU, given the HOST pointers the host sweep would
  *  use (each must point into the context's arrays or the layer's V; they are mapped to the
  *  device copies); order and cuts on the host; results [n_q, n_cut] (and by modality) into
- *  host memory. KVT_ERR_UNSUPPORTED for a head dim the kernel does not take (the caller then
- *  sweeps on the host). */
+ *  host memory. (A head dim the kernels do not take fails earlier, at the layer's attention.) */
 kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
                                     size_t stride_p, const float *v, const double *a_full,
                                     size_t stride_a, const double *p_extra, size_t stride_e,
