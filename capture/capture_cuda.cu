@@ -21,15 +21,8 @@
 
 #include "capture_dev.h"
 #include "colsum_cuda.h"
+#include "cuda_util.cuh" /* KVT_CU, kvt_cu_stream */
 #include "dtype_bits.h"
-
-#define CD_CU(call)                                                                                \
-    do {                                                                                           \
-        cudaError_t cd_e_ = (call);                                                                \
-        if (cd_e_ != cudaSuccess)                                                                  \
-            return kvt_error_set(KVT_ERR_CUDA, "capture: %s: %s", #call,                           \
-                                 cudaGetErrorString(cd_e_));                                       \
-    } while (0)
 
 #define CD_DEFAULT_RING (256ull << 20)
 #define CD_MAX_SLOTS    4096u
@@ -85,26 +78,6 @@ struct cd_device_scope {
     cd_device_scope cd_scope_((d)->device);                                                        \
     KVT_RETURN_IF(!cd_scope_.ok, KVT_ERR_CUDA, "capture: cannot select CUDA device %d", (d)->device)
 
-/* ---- dtype conversion: common/dtype_bits.h, the host's own functions ---- */
-
-static __device__ inline float cd_to_f32(uint32_t bits, int dt)
-{
-    if (dt == KVT_DTYPE_BF16)
-        return kvt_bits_bf16_to_f32(bits);
-    if (dt == KVT_DTYPE_F16)
-        return kvt_bits_f16_to_f32(bits);
-    return kvt_bits_u2f(bits);
-}
-
-static __device__ inline uint32_t cd_from_f32(float f, int dt)
-{
-    if (dt == KVT_DTYPE_BF16)
-        return kvt_bits_f32_to_bf16(f);
-    if (dt == KVT_DTYPE_F16)
-        return kvt_bits_f32_to_f16(f);
-    return kvt_bits_f2u(f);
-}
-
 /* ---- the gather kernel ---- */
 
 typedef struct cd_src {
@@ -133,7 +106,8 @@ static __global__ void gather_k(cd_src src, int64_t h0, int64_t t0, I nh, I nt, 
                                      (int64_t)d * src.s_d) *
                                         src.es;
         uint32_t bits = src.es == 2 ? (uint32_t) * (const uint16_t *)sp : *(const uint32_t *)sp;
-        uint32_t out = src.dt == dst.dt ? bits : cd_from_f32(cd_to_f32(bits, src.dt), dst.dt);
+        uint32_t out =
+            src.dt == dst.dt ? bits : kvt_bits_from_f32(kvt_bits_to_f32(bits, src.dt), dst.dt);
         if (dst.planes) {
             for (int b = 0; b < dst.es; b++)
                 dst.p[(size_t)b * n + e] = (uint8_t)(out >> (8 * b));
@@ -161,14 +135,14 @@ static kvt_status launch_gather(const kvt_capdev_view *v, int64_t h0, int64_t nh
         return KVT_OK;
     size_t blocks = ((size_t)n + CD_THREADS - 1) / CD_THREADS;
     unsigned g = (unsigned)(blocks < CD_MAX_BLOCKS ? blocks : CD_MAX_BLOCKS);
-    cudaStream_t st = (cudaStream_t)v->stream;
+    cudaStream_t st = kvt_cu_stream(v->stream);
     if (n < (int64_t)0x7fffffff)
         gather_k<uint32_t><<<g, CD_THREADS, 0, st>>>(src, h0, t0, (uint32_t)nh, (uint32_t)nt,
                                                      (uint32_t)v->n_d, *dst);
     else
         gather_k<uint64_t><<<g, CD_THREADS, 0, st>>>(src, h0, t0, (uint64_t)nh, (uint64_t)nt,
                                                      (uint64_t)v->n_d, *dst);
-    CD_CU(cudaGetLastError());
+    KVT_CU(cudaGetLastError());
     return KVT_OK;
 }
 
@@ -302,10 +276,6 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
                                       const kvt_record_info *info)
 {
     KVT_RETURN_IF(!d || !v || !info, KVT_ERR_INVALID_ARG, "capture: null argument");
-    KVT_RETURN_IF(v->device != d->device, KVT_ERR_UNSUPPORTED,
-                  "capture: a tensor on CUDA device %d, but this session captures device %d "
-                  "(one device per session)",
-                  v->device, d->device);
     CD_SCOPE(d);
     size_t n = 0;
     KVT_FORWARD(kvt_trace_writer_parts(d->w, info, NULL, 0, &n));
@@ -317,7 +287,7 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
     }
     KVT_FORWARD(kvt_trace_writer_parts(d->w, info, d->parts, n, &n));
     int out_es = (int)kvt_dtype_size(info->dtype);
-    cudaStream_t prod = (cudaStream_t)v->stream;
+    cudaStream_t prod = kvt_cu_stream(v->stream);
     for (size_t i = 0; i < n; i++) {
         const kvt_record_info *p = &d->parts[i];
         int64_t nh = p->head_end - p->head_begin, ntk = p->tok_end - p->tok_begin;
@@ -333,11 +303,11 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
             d->dring + off, (int)info->dtype, out_es, d->planes && out_es > 1 ? 1 : 0, ntk, 0};
         KVT_FORWARD(launch_gather(v, p->head_begin - info->head_begin, nh,
                                   t0 + (int64_t)(p->tok_begin - info->tok_begin), ntk, &dst));
-        CD_CU(cudaEventRecord(s->ev_gathered, prod));
-        CD_CU(cudaStreamWaitEvent(d->side, s->ev_gathered, 0));
-        CD_CU(cudaMemcpyAsync(d->hring + off, d->dring + off, bytes, cudaMemcpyDeviceToHost,
-                              d->side));
-        CD_CU(cudaEventRecord(s->ev_done, d->side));
+        KVT_CU(cudaEventRecord(s->ev_gathered, prod));
+        KVT_CU(cudaStreamWaitEvent(d->side, s->ev_gathered, 0));
+        KVT_CU(cudaMemcpyAsync(d->hring + off, d->dring + off, bytes, cudaMemcpyDeviceToHost,
+                               d->side));
+        KVT_CU(cudaEventRecord(s->ev_done, d->side));
         s->info = *p;
         d->count++;
         if (d->count > d->st.peak_in_flight)
@@ -364,10 +334,6 @@ extern "C" kvt_status kvt_capdev_gather(kvt_capdev *d, const kvt_capdev_view *v,
                                         int64_t dst_t0)
 {
     KVT_RETURN_IF(!d || !v || !dst, KVT_ERR_INVALID_ARG, "capture: null argument");
-    KVT_RETURN_IF(v->device != d->device, KVT_ERR_UNSUPPORTED,
-                  "capture: a tensor on CUDA device %d, but this session captures device %d "
-                  "(one device per session)",
-                  v->device, d->device);
     CD_SCOPE(d);
     cd_dst dd = {(uint8_t *)dst, (int)dst_dt, (int)kvt_dtype_size(dst_dt), 0, dst_h_rows, dst_t0};
     return launch_gather(v, 0, v->n_h, t0, nt, &dd);
@@ -392,7 +358,7 @@ extern "C" kvt_status kvt_capdev_mem_alloc(kvt_capdev *d, size_t bytes, bool zer
                   "capture: cannot allocate %zu bytes on device %d: %s", bytes, d->device,
                   cudaGetErrorString(e));
     if (zero && bytes) {
-        e = cudaMemsetAsync(p, 0, bytes, (cudaStream_t)stream);
+        e = cudaMemsetAsync(p, 0, bytes, kvt_cu_stream(stream));
         if (e != cudaSuccess) {
             cudaFree(p);
             return kvt_error_set(KVT_ERR_CUDA, "capture: cudaMemsetAsync: %s",
@@ -429,8 +395,8 @@ extern "C" kvt_status kvt_capdev_to_host(kvt_capdev *d, const void *src, void *d
 {
     KVT_RETURN_IF(!d || !src || !dst, KVT_ERR_INVALID_ARG, "capture: null argument");
     CD_SCOPE(d);
-    CD_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)stream));
-    CD_CU(cudaStreamSynchronize((cudaStream_t)stream));
+    KVT_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, kvt_cu_stream(stream)));
+    KVT_CU(cudaStreamSynchronize(kvt_cu_stream(stream)));
     return KVT_OK;
 }
 
@@ -444,13 +410,13 @@ extern "C" kvt_status kvt_capdev_colsum(kvt_capdev *d, const float *q, const flo
     size_t need = kvt_colsum_cuda_work_floats(n_q_heads, n_q);
     if (need > d->cs_work_floats) {
         if (d->cs_work) {
-            CD_CU(cudaStreamSynchronize((cudaStream_t)stream)); /* earlier sums used it */
+            KVT_CU(cudaStreamSynchronize(kvt_cu_stream(stream))); /* earlier sums used it */
             cudaFree(d->cs_work);
             d->st.device_bytes -= d->cs_work_floats * sizeof(float);
             d->cs_work = NULL;
             d->cs_work_floats = 0;
         }
-        CD_CU(cudaMalloc(&d->cs_work, need * sizeof(float)));
+        KVT_CU(cudaMalloc(&d->cs_work, need * sizeof(float)));
         d->cs_work_floats = need;
         d->st.device_bytes += need * sizeof(float);
         if (d->st.device_bytes > d->st.peak_device_bytes)

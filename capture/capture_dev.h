@@ -6,7 +6,8 @@
  * finds no free slot waits for the oldest one's copy and counts the wait.
  *
  * capture_cuda.cu implements it with the CUDA runtime; capture_cuda_stub.c, built without
- * CUDA, answers KVT_ERR_NO_CUDA. Calls come from the session's thread only.
+ * CUDA, answers KVT_ERR_NO_CUDA. Calls come from the session's thread only, with views the
+ * session has checked are on this side's device (need_dev in capture_session.c).
  */
 #ifndef KVT_CAPTURE_DEV_H
 #define KVT_CAPTURE_DEV_H

@@ -12,6 +12,7 @@
 #include <cjson/cJSON.h>
 
 #include "capture_dev.h"
+#include "dtype_bits.h"
 #include "kvt_capture.h"
 
 #define KVT_CAPTURE_MAX_LAYERS   (1 << 16)
@@ -149,39 +150,23 @@ static kvt_status check_view(const struct kvt_tensor_view *v, const char *what, 
     return KVT_OK;
 }
 
+/* one element of float dtype dt (little-endian, 2 or 4 bytes) from / to f32 */
+static inline size_t float_size(kvt_dtype dt)
+{
+    return dt == KVT_DTYPE_BF16 || dt == KVT_DTYPE_F16 ? 2 : 4;
+}
+
 static inline float load_f32(kvt_dtype dt, const uint8_t *p)
 {
-    uint16_t h;
-    float f;
-    switch (dt) {
-    case KVT_DTYPE_F16:
-        memcpy(&h, p, 2);
-        return kvt_f16_to_f32(h);
-    case KVT_DTYPE_BF16:
-        memcpy(&h, p, 2);
-        return kvt_bf16_to_f32(h);
-    default:
-        memcpy(&f, p, 4);
-        return f;
-    }
+    uint32_t b = 0;
+    memcpy(&b, p, float_size(dt));
+    return kvt_bits_to_f32(b, dt);
 }
 
 static inline void store_from_f32(kvt_dtype dt, uint8_t *p, float f)
 {
-    uint16_t h;
-    switch (dt) {
-    case KVT_DTYPE_F16:
-        h = kvt_f32_to_f16(f);
-        memcpy(p, &h, 2);
-        break;
-    case KVT_DTYPE_BF16:
-        h = kvt_f32_to_bf16(f);
-        memcpy(p, &h, 2);
-        break;
-    default:
-        memcpy(p, &f, 4);
-        break;
-    }
+    uint32_t b = kvt_bits_from_f32(f, dt);
+    memcpy(p, &b, float_size(dt));
 }
 
 /* Copy tokens [t0, t0 + nt) of the view into dst in dtype dst_dt: the row of (h, t) goes to
@@ -888,6 +873,8 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
                   "submit_decode: layer %d: decode steps from %s tensors after %s ones", layer,
                   hq.dev ? "device" : "host", hq.dev ? "host" : "device");
     KVT_FORWARD(need_dev(s, &hq, "submit_decode: Q"));
+    KVT_FORWARD(need_dev(s, &hk, "submit_decode: K"));
+    KVT_FORWARD(need_dev(s, &hv, "submit_decode: V"));
     if (hq.dev && !ls->ddq) {
         size_t row = (size_t)D * s->es * C;
         KVT_FORWARD(

@@ -42,6 +42,7 @@
 #include <stdint.h>
 
 #include "colsum_cuda.h"
+#include "cuda_util.cuh" /* KVT_CU_LAUNCHED */
 
 #define CS_THREADS 256
 #define CS_BM      64 /* queries per tile */
@@ -257,15 +258,6 @@ static __global__ void __launch_bounds__(CS_THREADS)
 
 /* KVT_ERR_CUDA if the launch just made failed (a bad configuration; a fault inside the kernel
  * shows up at the next synchronisation). */
-static kvt_status cs_launched(const char *kernel)
-{
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return kvt_error_set(KVT_ERR_CUDA, "colsum_cuda: %s<<<>>>: %s", kernel,
-                             cudaGetErrorString(e));
-    return KVT_OK;
-}
-
 extern "C" size_t kvt_colsum_cuda_work_floats(int n_q_heads, uint32_t n_q)
 {
     /* doubles 1 / s first (8-byte aligned), then floats m */
@@ -304,9 +296,9 @@ extern "C" kvt_status kvt_colsum_accumulate_cuda(const float *q, const float *k,
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     cs_row_stats_k<<<(unsigned)(n_qt * (uint64_t)Hq), CS_THREADS, 0, st>>>(
         q, k, Hq, Hq / Hkv, q_begin, n_q, n_k, D, scale, (uint32_t)n_qt, m, inv);
-    KVT_FORWARD(cs_launched("cs_row_stats_k"));
+    KVT_CU_LAUNCHED();
     cs_col_sums_k<<<(unsigned)(n_kt * (uint64_t)Hq), CS_THREADS, 0, st>>>(
         q, k, colsum, Hq, Hq / Hkv, q_begin, n_q, n_k, D, scale, m, inv);
-    KVT_FORWARD(cs_launched("cs_col_sums_k"));
+    KVT_CU_LAUNCHED();
     return KVT_OK;
 }

@@ -35,11 +35,11 @@ size_t kvt_colsum_cuda_work_floats(int n_q_heads, uint32_t n_q);
 /** kvt_colsum_accumulate_ref on the device: for each query head h and query position i in
  *  [q_begin, q_begin + n_q), adds softmax over keys 0..i of scale * q[h][i] . k[h / (Hq/Hkv)][j]
  *  (f32 logits) to colsum[h][j] for every j <= i. Keys j >= q_begin + n_q are not touched.
- *  Two passes, nothing T x T stored: row max and exponential sum per query into `work`, then
- *  one thread per key sums that key's probabilities (no atomics: the result is the same on
- *  every run). Logits are bitwise the reference's (f32 dot in d order without fused
- *  multiply-adds, then * scale); probabilities differ from it by a few f32 ulps (see
- *  KVT_COLSUM_CUDA_RTOL in colsum_cuda.cu).
+ *  Two passes over 64 x 64 tiles of logits, nothing T x T stored: row max and exponential sum
+ *  per query into `work`, then each key's probabilities summed in a fixed order (no atomics:
+ *  the result is the same on every run). Logits are bitwise the reference's (f32 dot in d order
+ *  without fused multiply-adds, then * scale); probabilities differ from it by a few f32 ulps
+ *  (see KVT_COLSUM_CUDA_RTOL above).
  * @param q       [Hq, n_q, D] f32 device, query i at row i - q_begin.
  * @param k       [Hkv, n_k, D] f32 device, n_k >= q_begin + n_q.
  * @param colsum  [Hq, n_k] f64 device, accumulated (+=); the caller zeroes it once.

@@ -100,9 +100,10 @@ struct kvt_capture_stats {
     uint64_t n_submits;       /* successful submit calls */
     uint64_t bytes_submitted; /* bytes handed to the writer (stored dtype) */
     uint64_t stall_ns;        /* time submissions waited for the writer (backpressure) */
-    uint64_t colsum_ns;       /* time spent computing column sums (not in meta_json) */
-    uint32_t n_decode;        /* decode steps captured in every layer (real G) */
-    kvt_writer_stats writer;  /* records, raw/compressed/file bytes */
+    uint64_t colsum_ns; /* time spent on column sums by the submitting thread (not in meta_json;
+                           with device views: queuing the kernels and copying the sums back) */
+    uint32_t n_decode;  /* decode steps captured in every layer (real G) */
+    kvt_writer_stats writer; /* records, raw/compressed/file bytes */
     /* device views only (0 otherwise) */
     uint64_t device_d2h_bytes;  /* copied from the device ring to pinned host memory */
     uint64_t device_stall_ns;   /* submissions waiting for a free ring slot (backpressure) */
@@ -155,12 +156,13 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
  * kv_dtype and byte-plane split by a kernel on the view's stream into the session's device ring
  * (one slot per trace record), copied to pinned host memory on a side stream, and handed to the
  * writer once copied; the call does not wait for the GPU unless every slot is in flight
- * (stats.device_stall_ns). One CUDA device per session (the first device view's). Column sums
- * run on the GPU (keys kept as f32 on the device until the layer's queries are complete; a
- * layer's keys and queries must then both be device or both host views). Decode steps are
- * gathered into device chunks and copied at each chunk's flush. A CUDA failure is sticky like a
- * write error. Errors: KVT_ERR_NO_CUDA (built without CUDA, no device), KVT_ERR_CUDA,
- * KVT_ERR_UNSUPPORTED (a second device). */
+ * (stats.device_stall_ns), except at a layer's last query range with column sums (the sums are
+ * copied to the host) and at each decode chunk's flush (the chunk is copied to the host). One CUDA
+ * device per session (the first device view's). Column sums run on the GPU (keys kept as f32 on the
+ * device until the layer's queries are complete; a layer's keys and queries must then both be
+ * device or both host views). Decode steps are gathered into device chunks and copied at each
+ * chunk's flush. A CUDA failure is sticky like a write error. Errors: KVT_ERR_NO_CUDA (built
+ * without CUDA, no device), KVT_ERR_CUDA, KVT_ERR_UNSUPPORTED (a second device). */
 
 /** Prompt queries of one layer for tokens [tok_begin, tok_begin + n), view [(1,) Hq, n, D].
  *  The session keeps those in the last W positions as Q_window, stores them all as Q_all if

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kvt_common.h"
+
 #if defined(__CUDACC__)
 #define KVT_HD __host__ __device__
 #else
@@ -81,6 +83,26 @@ static inline KVT_HD uint32_t kvt_bits_f32_to_f16(float f)
     if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
         h++;
     return sign | h;
+}
+
+/* An element of float dtype dt (bf16 and f16 in the low 16 bits) to f32, and f32 to dt's bits
+ * (round to nearest even). Any dtype but BF16 and F16 is taken as F32. */
+static inline KVT_HD float kvt_bits_to_f32(uint32_t bits, int dt)
+{
+    if (dt == KVT_DTYPE_BF16)
+        return kvt_bits_bf16_to_f32(bits);
+    if (dt == KVT_DTYPE_F16)
+        return kvt_bits_f16_to_f32(bits);
+    return kvt_bits_u2f(bits);
+}
+
+static inline KVT_HD uint32_t kvt_bits_from_f32(float f, int dt)
+{
+    if (dt == KVT_DTYPE_BF16)
+        return kvt_bits_f32_to_bf16(f);
+    if (dt == KVT_DTYPE_F16)
+        return kvt_bits_f32_to_f16(f);
+    return kvt_bits_f2u(f);
 }
 
 #endif /* KVT_DTYPE_BITS_H */

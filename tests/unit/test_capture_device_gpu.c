@@ -280,9 +280,12 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
              (unsigned long long)sd.device_d2h_bytes);
     KVT_EXPECT_MSG(strstr(meta, want) != NULL, "%s: meta_json %s", what, meta);
     read_meta(pa, meta, sizeof(meta));
+    KVT_EXPECT_MSG(meta[0] != 0, "%s: the host trace has no meta_json", what);
     KVT_EXPECT_MSG(strstr(meta, "\"device\":{") == NULL, "%s: host meta_json %s", what, meta);
     kvt_verify_report rep;
     KVT_CHECK(kvt_trace_verify(pb, &rep));
+    KVT_EXPECT_MSG(rep.n_problems == 0, "%s: verify found %zu problems", what, rep.n_problems);
+    kvt_verify_report_free(&rep);
     unlink(pa);
     unlink(pb);
     for (int l = 0; l < NL; l++) {
