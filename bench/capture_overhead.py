@@ -9,8 +9,9 @@ prefill model(input_ids, use_cache=True) of T random token ids for each T in --t
   * warm-up: one prefill without capture at each T, and one small capture before the runs
     (CUDA module load, library start);
   * then, alternating: --repeats prefills without capture and --cap-repeats prefills inside
-    kvtrace.capture(model, path, window=--window, decode=0, force=True); each timed with
-    torch.cuda.synchronize() around it (wall clock: host-side stalls of the capture count).
+    kvtrace.capture(model, path, window=--window, decode=0, level=--level,
+    n_threads=--threads, force=True); each timed with torch.cuda.synchronize() around it
+    (wall clock: host-side stalls of the capture count).
 
 Reported per T (medians over the runs; every run is in the JSON):
   prefill_ms / prefill_cap_ms  the forward alone, without / inside the capture block;
@@ -110,6 +111,8 @@ class Bench:
         self.res = {"config": {}, "env": {}, "sizes": [], "errors": [],
                     "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        self.cap_opts = dict(window=args.window, decode=0, level=args.level,
+                             n_threads=args.threads)
 
     # ---- device helpers (no-ops on the CPU) ----
     def sync(self):
@@ -144,27 +147,16 @@ class Bench:
 
     def build(self):
         torch = self.torch
-        from transformers import LlamaForCausalLM
-        from kvtrace.llama2c_hf import make_llama_config
+        from kvtrace.llama2c_hf import make_llama_config, new_llama_model
         a = self.args
         cfg = dict(TINY if a.dry_run else LLAMA3_8B, num_hidden_layers=a.layers)
         config = make_llama_config(cfg, "sdpa")
         dtype = torch.float32 if a.dry_run else torch.bfloat16
         t0 = time.time()
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            if self.cuda and hasattr(torch.device(a.device), "__enter__"):
-                with torch.device(a.device):  # parameters born on the GPU: no CPU init
-                    model = LlamaForCausalLM(config)
-            else:
-                model = LlamaForCausalLM(config).to(a.device)
-        finally:
-            torch.set_default_dtype(old)
-        for p in model.parameters():  # where a version ignores the default dtype; the RoPE
-            if p.dtype != dtype:      # inv_freq buffers stay float32, as in from_pretrained
-                p.data = p.data.to(dtype)
-        model.eval()
+        # parameters in dtype, the RoPE inv_freq buffers float32, as in from_pretrained; born
+        # on the GPU where torch can (no CPU init), else moved there
+        model = new_llama_model(config, dtype, a.device if self.cuda else None)
+        model = model.to(a.device).eval()
         self.sync()
         n_par = sum(p.numel() for p in model.parameters())
         self.res["config"] = dict(cfg, dtype=str(dtype), parameters=n_par,
@@ -201,15 +193,12 @@ class Bench:
     def timed_capture(self, ids, path):
         import kvtrace
         a = self.args
-        torch = self.torch
         self.sync()
         free0, res0 = self.mem()
         rss0 = rss_bytes()
         with RssSampler() as rs:
-            self.sync()
             tc0 = time.perf_counter()
-            cap = kvtrace.capture(self.model, path, window=a.window, decode=0, force=True,
-                                  level=a.level, n_threads=a.threads)
+            cap = kvtrace.capture(self.model, path, force=True, **self.cap_opts)
             with cap:
                 self.sync()
                 t0 = time.perf_counter()
@@ -348,14 +337,20 @@ class Bench:
         with open(os.path.join(a.out, "capture_overhead.json"), "w") as f:
             json.dump(self.res, f, indent=1, default=str)
         with open(os.path.join(a.out, "capture_overhead.md"), "w") as f:
-            f.write(markdown(self.res) + "\n")
+            f.write(markdown(self.res, self.cap_opts) + "\n")
 
 
 def fmt(v, f="%.1f"):
     return "n/a" if v is None else f % v
 
 
-def markdown(res):
+def capture_call(opts):
+    """kvtrace.capture(...) as the runs called it, for the markdown (n_threads only when set)."""
+    return "kvtrace.capture(%s)" % ", ".join(
+        "%s=%s" % (k, v) for k, v in opts.items() if k != "n_threads" or v)
+
+
+def markdown(res, cap_opts):
     e, c = res.get("env", {}), res.get("config", {})
     lines = ["## Capture overhead, %s-shaped prefill (random weights, %s, %s layers), %s"
              % (c.get("shape", "?"), c.get("dtype", "?").replace("torch.", ""),
@@ -366,9 +361,9 @@ def markdown(res):
              % (e.get("gpu", "CPU"), e.get("gpu_mem_GiB", "?"), e.get("cpus"), e.get("torch"),
                 e.get("transformers"), e.get("cuda"), res.get("command")),
              "Prefill = `model(input_ids, use_cache=True)` (last-token logits only), wall clock "
-             "with synchronisation; capture = `kvtrace.capture(window=64, decode=0)`; medians. "
-             "Device MB: cudaMemGetInfo drop not explained by torch's reserved growth "
-             "(library count in brackets). Host MB: peak RSS growth during the capture block.",
+             "with synchronisation; capture = `%s`; medians. Device MB: cudaMemGetInfo drop not "
+             "explained by torch's reserved growth (library count in brackets). Host MB: peak "
+             "RSS growth during the capture block." % capture_call(cap_opts),
              "",
              "| T | prefill (ms) | prefill in capture (ms) | overhead | open->close (ms) | "
              "capture GB/s | raw GB | ratio (raw/zstd) | stall (ms) | device MB | pinned MB | "
@@ -440,7 +435,7 @@ def main():
             with open(os.path.join(a.out, "capture_overhead.json"), "w") as f:
                 json.dump({"errors": [{"where": "start", "error": tb[-3000:]}]}, f, indent=1)
     if b is not None:
-        print("\n" + markdown(b.res))
+        print("\n" + markdown(b.res, b.cap_opts))
         print("\nresults: %s" % os.path.join(a.out, "capture_overhead.json"))
         ok = not b.res["errors"] and all(r.get("runs_cap") for r in b.res["sizes"]
                                         if not r.get("skipped"))

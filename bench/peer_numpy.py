@@ -42,6 +42,8 @@ except ImportError:
 ALL_POLICIES = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "knorm", "random",
                 "oracle"]
 WINDOW, KERNEL, SINKS, BETA, ALPHA = 32, 5, 4, 20, 0.2
+# the metrics of one (policy, budget), in this order (shared with bench/peer_torch.py)
+KEYS = ["n_keep", "recall_window", "err_window", "recall_decode", "err_decode", "coverage"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,23 +210,38 @@ def kept_set(pol, B, T, W, score=None, n_sel=None):
     return np.concatenate([top(score, min(n_sel, T - W)), np.arange(T - W, T)])
 
 
+class Sweep:
+    """What a sweep of an open trace works from (shared with bench/peer_torch.py): L
+    (n_layers), layer_ids, Hkv, T, D, Hq, Wt (window queries stored), G (= Hq / Hkv), W (the
+    policies' window, WINDOW), has_dec / has_dkv / has_cs (Q_decode, K_decode + V_decode,
+    attn_colsum present), pols (the policies that can run), skipped (the others), Bs (budgets
+    in tokens) and acc ({(policy, budget text): []}, for the per-layer results)."""
+
+    def __init__(self, t, policies, budgets, layers=None):
+        self.L = int(t.header["model"]["n_layers"])
+        self.layer_ids = list(range(self.L)) if layers is None else layers
+        self.Hkv, self.T, self.D = t.shape("K", 0)
+        self.Hq, self.Wt, _ = t.shape("Q_window", 0)
+        self.G = self.Hq // self.Hkv
+        self.W = WINDOW
+        self.has_dec = t.has("Q_decode", 0)
+        self.has_dkv = t.has("K_decode", 0) and t.has("V_decode", 0)
+        self.has_cs = t.has("attn_colsum", 0)
+        self.pols = [p for p in policies
+                     if (p != "h2o" or self.has_cs) and (p != "oracle" or self.has_dec)]
+        self.skipped = [p for p in policies if p not in self.pols]
+        self.Bs = [budget_tokens(b, self.T) for b in budgets]
+        self.acc = {(p, b): [] for p in self.pols for b in budgets}
+
+
 def replay(path, policies, budgets, probes, layers=None, seed=0):
     t_start = time.perf_counter()
     tim = {"read": 0.0, "attention": 0.0, "policies": 0.0}
     with kvtrace.open(path) as t:
-        L = int(t.header["model"]["n_layers"])
-        layer_ids = list(range(L)) if layers is None else layers
-        Hkv, T, D = t.shape("K", 0)
-        Hq, Wt, _ = t.shape("Q_window", 0)
-        G = Hq // Hkv
-        W = WINDOW
-        has_dec = t.has("Q_decode", 0)
-        has_dkv = t.has("K_decode", 0) and t.has("V_decode", 0)
-        has_cs = t.has("attn_colsum", 0)
-        pols = [p for p in policies if (p != "h2o" or has_cs) and (p != "oracle" or has_dec)]
-        skipped = [p for p in policies if p not in pols]
-        Bs = [budget_tokens(b, T) for b in budgets]
-        acc = {(p, b): [] for p in pols for b in budgets}
+        sw = Sweep(t, policies, budgets, layers)
+        L, layer_ids, Hkv, T, Wt, G, W = sw.L, sw.layer_ids, sw.Hkv, sw.T, sw.Wt, sw.G, sw.W
+        has_dec, has_dkv, has_cs = sw.has_dec, sw.has_dkv, sw.has_cs
+        pols, skipped, Bs, acc = sw.pols, sw.skipped, sw.Bs, sw.acc
         for layer in layer_ids:
             t0 = time.perf_counter()
             rd = lambda k: t.read(k, layer=layer, dtype="float32")  # noqa: E731
@@ -277,10 +294,9 @@ def replay(path, policies, budgets, probes, layers=None, seed=0):
                   "budgets %.2f s" % (layer, t1 - t0, t2 - t1, len(pols), len(Bs), t3 - t2),
                   file=sys.stderr, flush=True)
     total = time.perf_counter() - t_start
-    keys = ["n_keep", "recall_window", "err_window", "recall_decode", "err_decode", "coverage"]
     res = {}
     for (p, b), rows in acc.items():
-        res.setdefault(p, {})[b] = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
+        res.setdefault(p, {})[b] = {k: float(np.nanmean([r[k] for r in rows])) for k in KEYS}
     return {"trace": path, "layers": layer_ids, "n_layers": L, "T": T, "policies": pols,
             "skipped": skipped, "budgets": budgets, "probes": probes, "total_s": total,
             "time": tim, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
@@ -295,8 +311,7 @@ def kvtrace_means(results_path, layers):
     out = {}
     for run in r["traces"][0]["runs"]:
         m = {}
-        for k in ("n_keep", "recall_window", "err_window", "recall_decode", "err_decode",
-                  "coverage"):
+        for k in KEYS:
             g = run["metrics"].get(k)
             if g is None:
                 continue

@@ -17,10 +17,10 @@ Policies as in peer_numpy: streamingllm, h2o (only with attn_colsum), snapkv, py
 adakv (3a, normalize, alpha 0.2), knorm, random (window kept, own torch RNG: its numbers are
 neither kvtrace's nor peer_numpy's), oracle (decode attention). Ties are broken by torch.topk.
 
-Times (JSON "time", seconds, summed over layers; torch.cuda.synchronize() before every clock
-read): read (the trace into host NumPy arrays, float32), h2d (host-to-device copies),
-attention and policies (device compute; "compute" is their sum); "init_s" (CUDA context and
-first kernels, before the sweep's clock starts) is reported apart.
+Times (JSON "time", seconds, summed over layers; torch.cuda.synchronize(), or a blocking copy
+to the host, before every clock read): read (the trace into host NumPy arrays, float32), h2d
+(host-to-device copies), attention and policies (device compute; "compute" is their sum);
+"init_s" (CUDA context and first kernels, before the sweep's clock starts) is reported apart.
 
 usage:
   peer_torch.py TRACE [--device cuda|cpu] [--policies LIST] [--budgets LIST] [--probes P]
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_numpy as pn  # noqa: E402  (the options, constants, cut and compare)
 
 kvtrace = pn.kvtrace
-KEYS = ["n_keep", "recall_window", "err_window", "recall_decode", "err_decode", "coverage"]
+KEYS = pn.KEYS
 F64 = torch.float64
 
 
@@ -198,19 +198,10 @@ def replay(path, policies, budgets, probes, layers=None, seed=0, device="cpu"):
     t_start = time.perf_counter()
     tim = {"read": 0.0, "h2d": 0.0, "attention": 0.0, "policies": 0.0}
     with kvtrace.open(path) as t:
-        L = int(t.header["model"]["n_layers"])
-        layer_ids = list(range(L)) if layers is None else layers
-        Hkv, T, D = t.shape("K", 0)
-        Hq, Wt, _ = t.shape("Q_window", 0)
-        G = Hq // Hkv
-        W = pn.WINDOW
-        has_dec = t.has("Q_decode", 0)
-        has_dkv = t.has("K_decode", 0) and t.has("V_decode", 0)
-        has_cs = t.has("attn_colsum", 0)
-        pols = [p for p in policies if (p != "h2o" or has_cs) and (p != "oracle" or has_dec)]
-        skipped = [p for p in policies if p not in pols]
-        Bs = [pn.budget_tokens(b, T) for b in budgets]
-        acc = {(p, b): [] for p in pols for b in budgets}
+        sw = pn.Sweep(t, policies, budgets, layers)
+        L, layer_ids, Hkv, T, Wt, G, W = sw.L, sw.layer_ids, sw.Hkv, sw.T, sw.Wt, sw.G, sw.W
+        has_dec, has_dkv, has_cs = sw.has_dec, sw.has_dkv, sw.has_cs
+        pols, skipped, Bs, acc = sw.pols, sw.skipped, sw.Bs, sw.acc
         for layer in layer_ids:
             t1 = time.perf_counter()
             names = ["K", "V", "Q_window"]
@@ -234,7 +225,7 @@ def replay(path, policies, budgets, probes, layers=None, seed=0, device="cpu"):
             gen.manual_seed(seed + 1000003 * layer)
             rows = []
             for pol in pols:
-                for btext, B in zip(budgets, Bs):
+                for B in Bs:
                     score, n_sel = None, B - W
                     if pol in ("snapkv", "pyramidkv", "adakv"):
                         score = snap
@@ -253,8 +244,7 @@ def replay(path, policies, budgets, probes, layers=None, seed=0, device="cpu"):
                     idx, valid = kept_sets(pol, B, T, W, Hkv, dev, score, n_sel)
                     rows.append(lay.metrics(idx, valid))
             vals = torch.stack(rows).cpu().numpy()            # [n_pol * n_budgets, H, 6]
-            sync(dev)
-            t5 = time.perf_counter()
+            t5 = time.perf_counter()                          # .cpu() waited for the device
             i = 0
             for pol in pols:
                 for btext in budgets:

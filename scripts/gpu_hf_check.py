@@ -266,8 +266,10 @@ def mrope_reference(ids, image_token_id, video_token_id, vision_start_id, image_
 
 
 def positions_3T(p):
-    """A position-id tensor/array from the model ([3, B, T], [4, B, T] with the text row
-    first, [B, T] or [T]) as [rows, T] int64 NumPy for batch 0."""
+    """A position-id tensor/array from the model as [rows, T] int64 NumPy: [3, B, T] or
+    [4, B, T] (the text row first, dropped) give batch 0's three rows; a 2-D array is taken
+    as [rows, T] as it is (a [1, T] batch of one, or an already batch-free [3, T]); [T] gives
+    one row."""
     if hasattr(p, "detach"):
         p = p.detach().to("cpu").numpy()
     p = np.asarray(p)
@@ -275,17 +277,14 @@ def positions_3T(p):
         p = p[:, 0, :]
         if p.shape[0] == 4:  # newer versions prepend the text positions
             p = p[1:]
-    elif p.ndim == 2:
-        p = p[:1] if p.shape[0] == 1 else p
     elif p.ndim == 1:
         p = p[None, :]
     return p.astype(np.int64)
 
 
 def stats_of(cap):
+    """The capture's stats dict (set when its block ended), or {"stats": repr} without one."""
     s = getattr(cap, "stats", None)
-    if callable(s):
-        s = s()
     return s if isinstance(s, dict) else {"stats": repr(s)}
 
 
@@ -306,7 +305,6 @@ def torch_env(rep, device):
         import kvtrace
         info["kvtrace"] = kvtrace.__version__
         info["libkvtrace"] = kvtrace.lib_path()
-        info["kvtrace_has_capture_fn"] = hasattr(kvtrace, "capture")
     except Exception as e:
         info["kvtrace"] = "not importable: %s" % e
     # f32 means f32: no TF32 in matmuls or convolutions. torch >= 2.9 has fp32_precision
@@ -371,11 +369,10 @@ def no_eos(model):
     for obj in (getattr(model, "generation_config", None), model.config):
         if obj is None:
             continue
-        for k in ("eos_token_id",):
-            try:
-                setattr(obj, k, None)
-            except Exception:
-                pass
+        try:
+            obj.eos_token_id = None
+        except Exception:
+            pass
         try:
             if getattr(obj, "pad_token_id", None) is None:
                 obj.pad_token_id = 0
@@ -410,8 +407,6 @@ def generate(model, n_new, force=None, prompt_len=None, **inputs):
 def run_captured(model, path, fn, **opts):
     """fn() inside kvtrace.capture(model, path, **opts); returns (fn's result, stats)."""
     import kvtrace
-    if not hasattr(kvtrace, "capture"):
-        raise RuntimeError("kvtrace.capture is missing: python/kvtrace/hf.py not installed?")
     cap = kvtrace.capture(model, path, **opts)
     with cap:
         out = fn()
@@ -456,7 +451,6 @@ def check_verify(rep, tag, path):
 
 # ------------------------------------------------------------------ (a) stories260K
 def part_a(rep, args):
-    import torch
     import kvtrace
     from kvtrace import llama2c_hf
 
@@ -645,8 +639,9 @@ def qwen2vl_inputs(spec):
 
 def _rope_field(tc, key):
     """A RoPE setting of a text config: from the rope_parameters dict (transformers 5.x; its
-    rope_scaling is an alias of it), the rope_scaling dict (4.x), else the attribute (4.x
-    rope_theta). None when absent."""
+    rope_scaling is an alias of it), the rope_scaling dict (4.x), else the attribute. None when
+    absent. (mrope_section and rope_theta are read with kvtrace.hf._rope_params instead, as
+    the capture reads them.)"""
     for attr in ("rope_parameters", "rope_scaling"):
         d = getattr(tc, attr, None)
         if isinstance(d, dict) and d.get(key) is not None:
@@ -654,13 +649,9 @@ def _rope_field(tc, key):
     return getattr(tc, key, None)
 
 
-def _rope_section(tc):
-    s = _rope_field(tc, "mrope_section")
-    return list(s) if s is not None else None
-
-
 def make_qwen2vl_config(spec):
     from transformers import Qwen2VLConfig
+    from kvtrace.hf import _rope_params
     text = dict(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
                 intermediate_size=spec["inter"], num_hidden_layers=spec["layers"],
                 num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
@@ -695,11 +686,11 @@ def make_qwen2vl_config(spec):
             continue
         tc = c.get_text_config() if hasattr(c, "get_text_config") else getattr(c, "text_config", c)
         vc = c.vision_config
-        theta = _rope_field(tc, "rope_theta")
+        _, section, theta = _rope_params(tc)  # theta 0.0 when absent
         got = dict(hidden=getattr(tc, "hidden_size", None),
                    layers=getattr(tc, "num_hidden_layers", None),
-                   vocab=getattr(tc, "vocab_size", None), section=_rope_section(tc),
-                   theta=float(theta) if theta is not None else None,
+                   vocab=getattr(tc, "vocab_size", None), section=section,
+                   theta=theta or None,
                    # "mrope" must have become "default" (both 4.x and 5.x convert it): the
                    # rotary embedding looks any other type up in ROPE_INIT_FUNCTIONS
                    # (no type at all: the default)
@@ -868,7 +859,6 @@ def part_b(rep, args):
                   lg0.shape == lg1.shape and torch.equal(lg0, lg1))
     check_verify(rep, "b", path)
     t = kvtrace.open(path)
-    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     check_header(rep, "b", t, n_tokens=T, window=W, n_decode=G, n_layers=spec["layers"],
                  n_q_heads=spec["heads"], n_kv_heads=spec["kv_heads"],
                  head_dim=spec["hidden"] // spec["heads"], rope="mrope")

@@ -21,13 +21,17 @@ _TYPESTR = {"<f4": _lib.DTYPE_F32, "<f2": _lib.DTYPE_F16, "<u2": _lib.DTYPE_BF16
             "=f4": _lib.DTYPE_F32, "=f2": _lib.DTYPE_F16, "=u2": _lib.DTYPE_BF16,
             "|f4": _lib.DTYPE_F32, "|f2": _lib.DTYPE_F16}
 _ITEMSIZE = {_lib.DTYPE_F32: 4, _lib.DTYPE_F16: 2, _lib.DTYPE_BF16: 2}
+# torch dtypes by name (str(tensor.dtype) without "torch.") -> kvt_dtype code; hf.py derives
+# the stored dtype of a capture from it
+TORCH_DTYPES = {"float32": _lib.DTYPE_F32, "float16": _lib.DTYPE_F16,
+                "bfloat16": _lib.DTYPE_BF16}
 
 # enum kvt_mem (capture/kvt_capture.h)
 MEM_HOST = 0
 MEM_CUDA = 1
 
 
-def tensor_view(x, name="tensor"):
+def tensor_view(x, name="tensor", streams=None):
     """Build a kvt_tensor_view over x without copying. Returns (view, keepalive).
 
     x: [H, T, D] or [1, H, T, D] in the logical axis order (use a transposed view, e.g.
@@ -39,7 +43,10 @@ def tensor_view(x, name="tensor"):
     device ordinal, stream = torch.cuda.current_stream(device).cuda_stream): the library reads
     it on that stream, so work the engine enqueues there afterwards may reuse the memory. A
     library built without CUDA, or a machine without a device, refuses it (KVT_ERR_NO_CUDA).
-    Host views have mem = KVT_MEM_HOST, device_idx = 0 and no stream."""
+    Host views have mem = KVT_MEM_HOST, device_idx = 0 and no stream.
+
+    streams: an optional dict {device ordinal: stream handle} shared by the views of one call,
+    so that torch's current stream is looked up once per device and call, not per tensor."""
     v = _lib.TensorView()
     keep = x
     mem, device_idx, stream = MEM_HOST, 0, None
@@ -52,17 +59,19 @@ def tensor_view(x, name="tensor"):
             mem = MEM_CUDA
             index = getattr(dev, "index", None)
             device_idx = int(index) if index is not None else int(torch.cuda.current_device())
-            stream = torch.cuda.current_stream(dev).cuda_stream
+            stream = streams.get(device_idx) if streams is not None else None
+            if stream is None:
+                stream = torch.cuda.current_stream(dev).cuda_stream
+                if streams is not None:
+                    streams[device_idx] = stream
         elif dev_type != "cpu":
             raise TraceError(-13, "%s: tensors on %s devices are not supported by the capture "
                              "API (host and CUDA only)" % (name, dev_type))
         tname = str(x.dtype).replace("torch.", "")
-        codes = {"float32": _lib.DTYPE_F32, "float16": _lib.DTYPE_F16,
-                 "bfloat16": _lib.DTYPE_BF16}
-        if tname not in codes:
+        if tname not in TORCH_DTYPES:
             raise ValueError("%s: dtype %s not supported (float32, float16, bfloat16)"
                              % (name, x.dtype))
-        code = codes[tname]
+        code = TORCH_DTYPES[tname]
         shape = tuple(int(s) for s in x.shape)
         strides = tuple(int(s) for s in x.stride())
         ptr = int(x.data_ptr())
@@ -249,8 +258,9 @@ class CaptureSession:
 
     def submit_kv(self, layer, tok_begin, k, v):
         """Keys and values of `layer` for tokens [tok_begin, tok_begin + n): [(1,) Hkv, n, D]."""
-        kv, kk = tensor_view(k, "k")
-        vv, vk = tensor_view(v, "v")
+        streams = {}
+        kv, kk = tensor_view(k, "k", streams)
+        vv, vk = tensor_view(v, "v", streams)
         call(_lib.lib().kvt_capture_submit_kv, self._handle(), int(layer), int(tok_begin),
              ctypes.byref(kv), ctypes.byref(vv))
         del kk, vk
@@ -264,9 +274,10 @@ class CaptureSession:
 
     def submit_decode(self, layer, step, q, k, v):
         """Decode steps [step, step + n) of `layer`: q [(1,) Hq, n, D], k, v [(1,) Hkv, n, D]."""
-        qv, qk = tensor_view(q, "q")
-        kv, kk = tensor_view(k, "k")
-        vv, vk = tensor_view(v, "v")
+        streams = {}
+        qv, qk = tensor_view(q, "q", streams)
+        kv, kk = tensor_view(k, "k", streams)
+        vv, vk = tensor_view(v, "v", streams)
         call(_lib.lib().kvt_capture_submit_decode, self._handle(), int(layer), int(step),
              ctypes.byref(qv), ctypes.byref(kv), ctypes.byref(vv))
         del qk, kk, vk

@@ -40,7 +40,9 @@ import re
 
 import numpy as np
 
+from ._capture import TORCH_DTYPES
 from ._errors import TraceError
+from ._lib import DTYPE_NAMES
 
 MIN_TRANSFORMERS = (4, 48)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "llava")
@@ -75,14 +77,12 @@ def _np(x, dtype=None):
 def _cfg_get(config, *names):
     """First attribute of `config` (then of its text config) among names that is not None."""
     cfgs = [config]
-    gt = getattr(config, "get_text_config", None)
-    if callable(gt):
-        try:
-            tc = gt()
-        except Exception:
-            tc = None
-        if tc is not None and tc is not config:
-            cfgs.append(tc)
+    try:
+        tc = _text_config(config)
+    except Exception:  # a get_text_config that raises: the config alone
+        tc = None
+    if tc is not None and tc is not config:
+        cfgs.append(tc)
     for c in cfgs:
         for n in names:
             v = getattr(c, n, None)
@@ -209,15 +209,13 @@ def _rope_params(tc):
     return section is not None, section, float(theta) if theta is not None else 0.0
 
 
-_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
-
-
 def _kv_dtype_of(tensor):
+    """The trace dtype ("bf16", "f16", "f32") of a torch tensor's dtype."""
     name = str(tensor.dtype).replace("torch.", "")
-    if name not in _DTYPE_NAMES:
+    if name not in TORCH_DTYPES:
         raise _fail("attention tensors of dtype %s have no trace dtype: pass kv_dtype=\"bf16\", "
                     "\"f16\" or \"f32\"" % name, _ERR_INVALID)
-    return _DTYPE_NAMES[name]
+    return DTYPE_NAMES[TORCH_DTYPES[name]]
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,7 +296,8 @@ class Capture(object):
     """The context manager returned by kvtrace.capture(). Attributes: path, session (the
     CaptureSession once the prompt arrived, else None), stats (dict, after the block),
     n_tokens (T), window (W), n_decode_steps (decode forward calls seen, captured or not),
-    info (what was found: layers, attention implementation, versions)."""
+    attn_implementation (the registry entry that is wrapped), info (what was found: layers,
+    attention implementation, versions)."""
 
     def __init__(self, model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
                  with_q_all=False, timeline=False, level=1, n_threads=0, force=False,
@@ -335,7 +334,6 @@ class Capture(object):
         self.model_type, self.text_model_type = check_model_type(config)
         tc = _text_config(config)
         self._config = config
-        self._text_cfg = tc
 
         attn = find_text_attention(model)
         if not attn:
@@ -376,7 +374,6 @@ class Capture(object):
                         "registry: load the model with attn_implementation=\"sdpa\" (or "
                         "\"flash_attention_2\")" % (impl,))
         self._slot = slot
-        self._impl = impl
 
         self.n_q_heads = int(tc.num_attention_heads)
         self.n_kv_heads = int(getattr(tc, "num_key_value_heads", None) or self.n_q_heads)
@@ -420,8 +417,6 @@ class Capture(object):
         self._wrapper = None
         self._prompt_ids = None
         self._prompt_pos = None
-        self._pos_seen = False
-        self._ids_note = None
         self._n_text_forward = 0
         self._n_model_forward = 0
 
@@ -436,7 +431,7 @@ class Capture(object):
         return self
 
     def _install(self):
-        orig = self._slot[self._impl]
+        orig = self._slot[self.attn_implementation]
         cap = self
 
         @functools.wraps(orig)
@@ -452,7 +447,7 @@ class Capture(object):
 
         self._orig_fn = orig
         self._wrapper = kvtrace_attention
-        self._slot[self._impl] = kvtrace_attention
+        self._slot[self.attn_implementation] = kvtrace_attention
         self._installed = True
         try:
             self._add_pre_hook(self._model, self._on_model_forward)
@@ -486,12 +481,12 @@ class Capture(object):
             return
         self._installed = False
         try:
-            if self._slot.get(self._impl) is self._wrapper:
-                self._slot[self._impl] = self._orig_fn
+            if self._slot.get(self.attn_implementation) is self._wrapper:
+                self._slot[self.attn_implementation] = self._orig_fn
             else:
                 import warnings
                 warnings.warn("kvtrace.capture: the attention registry entry %r was replaced "
-                              "during the capture; left as it is" % self._impl)
+                              "during the capture; left as it is" % self.attn_implementation)
         finally:
             for h in self._handles:
                 h.remove()
@@ -514,7 +509,7 @@ class Capture(object):
                     raise _fail("the model ran %d time(s) but its text attention modules never "
                                 "called the registry entry %r: this model or transformers "
                                 "version does not dispatch attention through "
-                                "ALL_ATTENTION_FUNCTIONS" % (n_fwd, self._impl))
+                                "ALL_ATTENTION_FUNCTIONS" % (n_fwd, self.attn_implementation))
                 raise _fail("nothing was captured: no forward pass of the model's text layers "
                             "ran inside the with-block", _ERR_STATE)
             return False
@@ -546,9 +541,10 @@ class Capture(object):
                 raise _fail("the attention mask has padding: pass the prompt unpadded")
             # small tables, copied to the host here, before this call's GPU work is queued
             self._prompt_ids = _np(ids, np.int64).reshape(-1) if ids is not None else None
-            # the text model's own position_ids (its pre-hook, later in this call) win
-            self._prompt_pos = _np(kwargs.get("position_ids", None), np.int64)
-            self._pos_seen = False
+            # position ids: the text model's own (its pre-hook, later in this call) where
+            # there is one, else the model's
+            if self._text_model is None:
+                self._prompt_pos = _np(kwargs.get("position_ids", None), np.int64)
             return
         # after the prompt: a decode step (one new token) gives its input token id
         if ids is None:
@@ -562,8 +558,7 @@ class Capture(object):
 
     def _on_text_forward(self, module, args, kwargs):
         self._n_text_forward += 1
-        if self.session is None and not self._pos_seen:
-            self._pos_seen = True
+        if self.session is None:
             self._prompt_pos = _np(kwargs.get("position_ids", None), np.int64)
 
     # ---- the attention wrapper's work ----
@@ -636,9 +631,9 @@ class Capture(object):
         ids_np = self._prompt_ids
         if ids_np is not None:
             if ids_np.shape[0] != T:
-                self._ids_note = ("input_ids hold %d tokens, the text layers saw %d: token ids "
-                                  "and modality not recorded" % (ids_np.shape[0], T))
-                info["token_ids_note"] = self._ids_note
+                info["token_ids_note"] = ("input_ids hold %d tokens, the text layers saw %d: "
+                                          "token ids and modality not recorded"
+                                          % (ids_np.shape[0], T))
                 ids_np = None
         if self.mrope:
             pos = mrope_positions(self._prompt_pos, T)

@@ -41,6 +41,8 @@ import os
 
 import numpy as np
 
+from .hf import _rope_params
+
 HEADER_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                  "seq_len")
 HEADER_BYTES = 4 * len(HEADER_FIELDS)
@@ -259,14 +261,6 @@ def _torch_dtype(torch, dtype):
     return names[key]
 
 
-def _effective_rope_theta(config):
-    rp = getattr(config, "rope_parameters", None)
-    if isinstance(rp, dict) and rp.get("rope_theta") is not None:
-        return float(rp["rope_theta"])
-    th = getattr(config, "rope_theta", None)
-    return float(th) if th is not None else None
-
-
 def make_llama_config(cfg, attn_implementation="sdpa"):
     """transformers.LlamaConfig from a hf_config() dict, across transformers versions:
     4.x keeps rope_theta as an attribute; 5.x keeps it in the rope_parameters dict (a
@@ -287,10 +281,11 @@ def make_llama_config(cfg, attn_implementation="sdpa"):
                 errors.append("%s: %s: %s" % (sorted(set(v) - set(kw)) + sorted(extra),
                                               type(e).__name__, e))
                 continue
-            attr = getattr(c, "rope_theta", None)  # what a 4.x model reads
-            if _effective_rope_theta(c) != theta or (attr is not None and float(attr) != theta):
+            # theta as kvtrace.capture reads it (the dict's first), and what a 4.x model reads
+            eff, attr = _rope_params(c)[2], getattr(c, "rope_theta", None)
+            if eff != theta or (attr is not None and float(attr) != theta):
                 errors.append("%s: rope theta came out as %r (attribute %r)"
-                              % (sorted(set(v) - set(kw)), _effective_rope_theta(c), attr))
+                              % (sorted(set(v) - set(kw)), eff, attr))
                 continue
             hd = getattr(c, "head_dim", None)
             if hd is not None and int(hd) != int(kw["head_dim"]):
@@ -319,34 +314,53 @@ def check_rope_buffers(model, theta, head_dim):
     return n
 
 
+def new_llama_model(config, dtype="float32", device=None):
+    """transformers.LlamaForCausalLM(config) with its parameters created in `dtype`, as
+    from_pretrained(dtype=...) (torch_dtype= in 4.x) builds it: torch's default dtype is
+    switched while the model is constructed, and the parameters of a version that ignores it
+    are cast afterwards, while the RoPE inv_freq buffers, which transformers computes
+    explicitly in float32, stay float32. device: where the parameters are created, under
+    `with torch.device(device)` (torch >= 2.0); None, or an older torch: on the CPU (the
+    caller moves the model)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tdt = _torch_dtype(torch, dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(tdt)
+    try:
+        if device is not None and hasattr(torch.device(device), "__enter__"):
+            with torch.device(device):  # parameters born on the device: no CPU init
+                model = LlamaForCausalLM(config)
+        else:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    for p in model.parameters():  # where a version ignores the default dtype: params only
+        if p.dtype != tdt:
+            p.data = p.data.to(tdt)
+    return model
+
+
 def to_torch_model(ckpt, dtype="float32", device="cpu", attn_implementation="sdpa"):
     """transformers.LlamaForCausalLM(LlamaConfig(**cfg)) with the converted weights loaded
     strictly (every parameter present, nothing unexpected; the non-persistent RoPE
     inv_freq buffers are exempt), in eval mode, on `device` in `dtype`.
 
-    Built as from_pretrained(dtype=...) (torch_dtype= in 4.x) builds: the parameters are
-    created in `dtype` (torch's default dtype is switched while the model is constructed) and
-    the float32 weights are rounded into them by load_state_dict, while the RoPE inv_freq
-    buffers, which transformers computes explicitly in float32, stay float32. A
-    model.to(bfloat16) would round inv_freq to bf16 as well (theta 10000 would act as
-    about 9990 on some channels), which is not how a bf16 checkpoint runs."""
+    Built as from_pretrained(dtype=...) (torch_dtype= in 4.x) builds (new_llama_model): the
+    parameters are created in `dtype` and the float32 weights are rounded into them by
+    load_state_dict, while the RoPE inv_freq buffers, which transformers computes explicitly
+    in float32, stay float32. A model.to(bfloat16) would round inv_freq to bf16 as well
+    (theta 10000 would act as about 9990 on some channels), which is not how a bf16
+    checkpoint runs."""
     import torch
-    from transformers import LlamaForCausalLM
 
     if isinstance(ckpt, (str, bytes, os.PathLike)):
         ckpt = load_llama2c(ckpt)
     cfg, sd = to_hf(ckpt)
     tdt = _torch_dtype(torch, dtype)
     config = make_llama_config(cfg, attn_implementation)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(tdt)
-    try:
-        model = LlamaForCausalLM(config)  # tiny: built on the CPU, then moved
-    finally:
-        torch.set_default_dtype(old)
-    for p in model.parameters():  # where a version ignores the default dtype: params only
-        if p.dtype != tdt:
-            p.data = p.data.to(tdt)
+    model = new_llama_model(config, tdt)  # tiny: built on the CPU, then moved
     tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
     res = model.load_state_dict(tsd, strict=False)
     missing = [k for k in res.missing_keys if not k.endswith("inv_freq")]
@@ -373,4 +387,4 @@ def to_torch_model(ckpt, dtype="float32", device="cpu", attn_implementation="sdp
 
 __all__ = ["CheckpointError", "Llama2cCheckpoint", "load_llama2c", "hf_channel_order",
            "llama2c_to_hf_channels", "hf_to_llama2c_channels", "hf_config", "to_hf",
-           "make_llama_config", "check_rope_buffers", "to_torch_model"]
+           "make_llama_config", "new_llama_model", "check_rope_buffers", "to_torch_model"]
