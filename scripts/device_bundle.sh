@@ -5,9 +5,9 @@
 #                   CUDA image may lack (zstd, cJSON, cairo/png, ...; glibc and libstdc++ stay)
 #   .devbundle/bin  the kvtrace CLI and the GPU tests (label gpu)
 # The build is Release-with-debug-info, CUDA on (sm_90 machine code, compute_90 PTX), with
-# OpenBLAS (36 MB of the ~52 MB: the replay benchmark times kvtrace's CPU path as a peer, and
-# without BLAS that path is several times slower; BLAS=0 leaves it out). The device tool
-# carries at most 64 MiB with the working tree.
+# OpenBLAS (37 MB of the bundle's about 50 MB: the replay benchmark times kvtrace's CPU path
+# as a peer, and without BLAS that path is several times slower; BLAS=0 leaves it out). The
+# device tool carries at most 64 MiB with the working tree.
 # scripts/gpu_session.sh runs them there. usage: bash scripts/device_bundle.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -55,7 +55,10 @@ pack() {
         mv "$FINAL/gpu_session.tar.gz.part" "$FINAL/gpu_session.tar.gz"
 }
 # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record PASS / NOT RUN / FAIL / TIMEOUT, or
-# SKIPPED when less than 20 s of the budget would be left for it; LIMIT_S is cut to the budget
+# SKIPPED when less than 20 s of the budget would be left for it; LIMIT_S is cut to the budget.
+# Exit 77 (the test found no usable GPU) is NOT RUN only where nvidia-smi lists no GPU; on a
+# machine with one it is a FAIL: the test could not use it (e.g. a driver too old for the
+# bundle's CUDA runtime)
 run() {
     local name=$1 limit=$2
     shift 2
@@ -74,13 +77,21 @@ run() {
     tail -n 15 "$OUT/$name.log"
     local how="FAIL (exit $r)"
     [ $r = 0 ] && how=PASS
-    [ $r = 77 ] && how="NOT RUN"
+    if [ $r = 77 ]; then
+        if [ "$HAVE_GPU" = 1 ]; then
+            how="FAIL (not run on a GPU machine: exit 77)"
+        else
+            how="NOT RUN"
+        fi
+    fi
     [ $r = 124 ] || [ $r = 137 ] && how="TIMEOUT (${limit} s)"
     note "$name" "$how, $((SECONDS - t0)) s"
     pack
 }
 
 echo "== machine"
+HAVE_GPU=0 # whether nvidia-smi lists a GPU: then a GPU test's exit 77 is a failure
+nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && HAVE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 |
     tee "$OUT/gpu.txt"
 command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1
@@ -115,7 +126,8 @@ for step in $STEPS; do
                     note "$t" "MISSING from the bundle (built without CUDA?)"
                 fi
             done
-            # replay --device cuda against the all-reference replay, every policy, two traces
+            # replay --device cuda against the all-reference replay: every policy on the
+            # sample and a synthetic vision-language trace, h2o's sums from Q_all on a third
             run test_replay_device_gpu 120 env KVT_PYTHON="$PY" \
                 bash tests/unit/test_replay_fast_vs_ref.sh cuda
         else

@@ -1,18 +1,18 @@
 # tests/oracle: the independent NumPy replay oracle (written from POLICIES.md alone), its
 # hand-worked self-test, and the comparison of `kvtrace replay` against it (analysis/RESULTS.md).
 # Python tests load libkvtrace.so into an unsanitized interpreter: label noasan.
+#   test_replay_oracle_selftest  the oracle's hand-worked self-test
+#   test_peer_torch              bench/peer_torch.py (issue #7's PyTorch peer) agrees with
+#                                peer_numpy and with kvtrace on the CPU (Debian's PyTorch);
+#                                "not run" without torch
+#   test_replay_vs_oracle        kvtrace replay against the oracle (compare_replay.py)
 if(KVT_SYS_PYTHON)
-    kvt_add_script_test(test_replay_oracle_selftest
-                        COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_replay_oracle_selftest.py
-                        LABELS cpu noasan)
+    foreach(t test_replay_oracle_selftest test_peer_torch)
+        kvt_add_script_test(${t}
+                            COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
+                            LABELS cpu noasan)
+    endforeach()
     kvt_add_script_test(test_replay_vs_oracle
                         COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/compare_replay.py
                         LABELS cpu noasan TIMEOUT 900)
-endif()
-if(KVT_SYS_PYTHON)
-    # bench/peer_torch.py (issue #7's PyTorch peer) agrees with peer_numpy and with kvtrace on
-    # the CPU (Debian's PyTorch); "not run" without torch
-    kvt_add_script_test(test_peer_torch
-                        COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_peer_torch.py
-                        LABELS cpu noasan)
 endif()

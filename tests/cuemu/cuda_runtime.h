@@ -4,11 +4,13 @@
  * `cuemu::cfg(grid, block, shmem, stream).run(k, args)`.
  *
  * A launch runs the grid's blocks one after another; the threads of a block are fibers
- * (ucontext) switched cooperatively at __syncthreads and at warp shuffles, so a kernel that
- * relies on a barrier it does not call, or calls one in divergent code, fails here too
- * ("barrier divergence"). __shared__ is static thread_local storage: one block at a time per
- * OS thread. Warp shuffles exchange values through a per-warp buffer between two warp
- * barriers. Atomics are plain operations (fibers are never preempted). Arithmetic intrinsics
+ * (ucontext) switched cooperatively at __syncthreads and at warp shuffles, in a shuffled order,
+ * so a kernel that relies on a barrier it does not call is likely to fail here too. Barriers
+ * are counted, not matched by call site: only live threads of a warp waiting at a shuffle
+ * while the others wait at __syncthreads are reported ("barrier divergence"; README.md). __shared__
+ * is static thread_local storage: one block at a time per OS thread. Warp shuffles exchange values
+ * through a per-warp buffer between two warp barriers. Atomics are plain operations (fibers are
+ * never preempted). Arithmetic intrinsics
  * (__fmul_rn, __dadd_rn, ...) are the host's correctly rounded operations, which is what they
  * are on the GPU; expf/exp are the host's libm (a few ulps from CUDA's). Pointer arguments of a
  * kernel must point into device memory from cudaMalloc (or be NULL), else the launch fails with
@@ -96,16 +98,6 @@ static inline double max(double a, double b)
 struct __attribute__((aligned(16))) float4 {
     float x, y, z, w;
 };
-struct __attribute__((aligned(8))) float2 {
-    float x, y;
-};
-struct __attribute__((aligned(16))) double2 {
-    double x, y;
-};
-static inline float4 make_float4(float x, float y, float z, float w)
-{
-    return float4{x, y, z, w};
-}
 
 /* the runtime's typed overloads (C++ only, as in CUDA's header) */
 template <typename T> static inline cudaError_t cudaMalloc(T **p, size_t n)
@@ -149,7 +141,6 @@ unsigned lane_id();
 uint64_t *warp_slots(); /* 32 exchange slots of the current thread's warp */
 /* run fn(i) for each of the block's nthreads fibers, with g_cur set */
 void run_block(unsigned nthreads, void (*fn)(void *), void *arg);
-bool check_args_ok(const char *what);
 
 template <typename T> static inline void check_ptr(const T &, bool &)
 {
@@ -261,18 +252,6 @@ static inline unsigned long long atomicMin(unsigned long long *p, unsigned long 
         *p = v;
     return o;
 }
-static inline unsigned atomicAdd(unsigned *p, unsigned v)
-{
-    unsigned o = *p;
-    *p = o + v;
-    return o;
-}
-static inline double atomicAdd(double *p, double v)
-{
-    double o = *p;
-    *p = o + v;
-    return o;
-}
 
 /* correctly rounded arithmetic (the build uses -ffp-contract=off: no fused multiply-adds) */
 static inline float __fadd_rn(float a, float b)
@@ -287,10 +266,6 @@ static inline float __fmul_rn(float a, float b)
 {
     return a * b;
 }
-static inline float __fdiv_rn(float a, float b)
-{
-    return a / b;
-}
 static inline double __dadd_rn(double a, double b)
 {
     return a + b;
@@ -302,46 +277,6 @@ static inline double __dsub_rn(double a, double b)
 static inline double __dmul_rn(double a, double b)
 {
     return a * b;
-}
-static inline double __ddiv_rn(double a, double b)
-{
-    return a / b;
-}
-static inline float __uint_as_float(unsigned u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static inline unsigned __float_as_uint(float f)
-{
-    unsigned u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-static inline int __float_as_int(float f)
-{
-    int u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-static inline float __int_as_float(int u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static inline long long __double_as_longlong(double d)
-{
-    long long u;
-    memcpy(&u, &d, 8);
-    return u;
-}
-static inline double __longlong_as_double(long long u)
-{
-    double d;
-    memcpy(&d, &u, 8);
-    return d;
 }
 
 #endif /* KVT_CUEMU_RUNTIME_H */
