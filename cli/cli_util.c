@@ -153,3 +153,53 @@ bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char 
     }
     return true;
 }
+
+void kvt_cli_target_init(kvt_cli_target *t)
+{
+    memset(t, 0, sizeof(*t));
+    t->o.metric = KVT_REC_METRIC_AUTO;
+    t->o.target_is_max = true;
+    t->o.target = 0.1;
+}
+
+int kvt_cli_target_arg(const char *cmd, int argc, char **argv, int *i, kvt_cli_target *t)
+{
+    const char *a = argv[*i];
+    if (strcmp(a, "--max-error") && strcmp(a, "--min-recall") && strcmp(a, "--metric"))
+        return 0;
+    if (*i + 1 >= argc) {
+        kvt_cli_fail(cmd, "%s needs a value", a);
+        return -1;
+    }
+    const char *v = argv[++*i];
+    if (!strcmp(a, "--metric")) {
+        t->metric = v;
+        return 1;
+    }
+    if (!kvt_cli_parse_double(v, &t->o.target)) {
+        kvt_cli_fail(cmd, "%s: '%s' is not a number", a, v);
+        return -1;
+    }
+    t->o.target_is_max = !strcmp(a, "--max-error");
+    t->have_max |= t->o.target_is_max;
+    t->have_min |= !t->o.target_is_max;
+    return 1;
+}
+
+bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t)
+{
+    kvt_status st;
+    if (t->have_max && t->have_min) {
+        kvt_cli_fail(cmd, "give --max-error or --min-recall, not both");
+        return false;
+    }
+    if (t->metric && (st = kvt_rec_metric_parse(t->metric, &t->o.metric))) {
+        kvt_cli_fail_status(cmd, st, "--metric");
+        return false;
+    }
+    if (t->metric && !t->have_max && !t->have_min && !kvt_rec_metric_is_error(t->o.metric)) {
+        kvt_cli_fail(cmd, "--metric %s needs a target (--min-recall R)", t->metric);
+        return false;
+    }
+    return true;
+}

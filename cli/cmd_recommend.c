@@ -31,9 +31,9 @@ static void help(void)
 
 int kvt_cmd_recommend(int argc, char **argv)
 {
-    const char *cmd = "recommend", *path = NULL, *metric = NULL;
-    kvt_recommend_opts o = {.metric = KVT_REC_METRIC_AUTO, .target_is_max = true, .target = 0.1};
-    bool json = false, have_max = false, have_min = false;
+    const char *cmd = "recommend", *path = NULL;
+    kvt_cli_target tg;
+    bool json = false;
     kvt_results *res = NULL;
     kvt_recommendation *rec = NULL;
     kvt_status st;
@@ -42,26 +42,15 @@ int kvt_cmd_recommend(int argc, char **argv)
         help();
         return 0;
     }
+    kvt_cli_target_init(&tg);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--max-error") || !strcmp(a, "--min-recall") || !strcmp(a, "--metric")) {
-            if (i + 1 >= argc) {
-                kvt_cli_fail(cmd, "%s needs a value", a);
-                return 2;
-            }
-            const char *v = argv[++i];
-            if (!strcmp(a, "--metric")) {
-                metric = v;
-                continue;
-            }
-            if (!kvt_cli_parse_double(v, &o.target)) {
-                kvt_cli_fail(cmd, "%s: '%s' is not a number", a, v);
-                return 2;
-            }
-            o.target_is_max = !strcmp(a, "--max-error");
-            have_max |= o.target_is_max;
-            have_min |= !o.target_is_max;
-        } else if (!strcmp(a, "--json")) {
+        int t = kvt_cli_target_arg(cmd, argc, argv, &i, &tg);
+        if (t < 0)
+            return 2;
+        if (t > 0)
+            continue;
+        if (!strcmp(a, "--json")) {
             json = true;
         } else if (a[0] == '-' && a[1]) {
             kvt_cli_fail(cmd, "unknown option %s (see kvtrace recommend --help)", a);
@@ -76,23 +65,13 @@ int kvt_cmd_recommend(int argc, char **argv)
         kvt_cli_fail(cmd, "no results file (usage: kvtrace recommend RESULTS [--max-error E])");
         return 2;
     }
-    if (have_max && have_min) {
-        kvt_cli_fail(cmd, "give --max-error or --min-recall, not both");
+    if (!kvt_cli_target_finish(cmd, &tg))
         return 2;
-    }
-    if (metric && (st = kvt_rec_metric_parse(metric, &o.metric))) {
-        kvt_cli_fail_status(cmd, st, "--metric");
-        return 2;
-    }
-    if (metric && !have_max && !have_min && !kvt_rec_metric_is_error(o.metric)) {
-        kvt_cli_fail(cmd, "--metric %s needs a target (--min-recall R)", metric);
-        return 2;
-    }
     if ((st = kvt_results_read(path, &res))) {
         kvt_cli_fail_status(cmd, st, path);
         goto out_free;
     }
-    if ((st = kvt_recommend(res, &o, &rec))) {
+    if ((st = kvt_recommend(res, &tg.o, &rec))) {
         kvt_cli_fail_status(cmd, st, path);
         goto out_free;
     }

@@ -11,13 +11,16 @@
 
 static void help(void)
 {
-    printf("usage: kvtrace report RESULTS -o DIR [--force]\n\n"
+    printf("usage: kvtrace report RESULTS -o DIR [--max-error E | --min-recall R]\n"
+           "                      [--metric NAME] [--force]\n\n"
            "Write a report of a results.json (kvtrace replay): DIR/index.html and a PNG of\n"
            "each figure. The page is one file that works offline from file://: PNGs and\n"
            "Chart.js are inlined and a Content-Security-Policy forbids every fetch. It\n"
-           "holds the traces' metadata, the recommended settings (as kvtrace recommend\n"
-           "--max-error 0.1), the best policy per budget and these figures, [their PNGs]\n"
-           "(each PNG with its title, axes and legend or colour bar):\n\n"
+           "holds the traces' metadata, the recommended setting for the quality target\n"
+           "(as kvtrace recommend; default --max-error 0.1) or the nearest miss, the\n"
+           "cheapest setting at a ladder of other targets, the best policy per budget and\n"
+           "these figures, [their PNGs] (each PNG with its title, axes and legend or\n"
+           "colour bar):\n\n"
            "  quality against budget  attention recall, output error (decode and window\n"
            "                          queries) and key coverage of every policy against\n"
            "                          the mean kept entries per head (log scale), full\n"
@@ -46,6 +49,9 @@ static void help(void)
            "Without it the page shows the PNGs instead and says why (the heatmaps stay\n"
            "interactive). DIR is created if missing; its report files are overwritten.\n\n"
            "  -o, --output DIR  output directory\n"
+           "  --max-error E     target: output error <= E (default 0.1)\n"
+           "  --min-recall R    target: attention recall (or coverage) >= R\n"
+           "  --metric NAME     the target's metric, as kvtrace recommend --metric\n"
            "  --force           replace an existing report in DIR\n",
            kvt_report_chartjs_path());
 }
@@ -88,6 +94,7 @@ int kvt_cmd_report(int argc, char **argv)
 {
     const char *cmd = "report", *path = NULL, *dir = NULL;
     bool force = false;
+    kvt_cli_target tg;
     kvt_results *res = NULL;
     kvt_status st;
     int rc = 1;
@@ -95,8 +102,14 @@ int kvt_cmd_report(int argc, char **argv)
         help();
         return 0;
     }
+    kvt_cli_target_init(&tg);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        int t = kvt_cli_target_arg(cmd, argc, argv, &i, &tg);
+        if (t < 0)
+            return 2;
+        if (t > 0)
+            continue;
         if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             if (i + 1 >= argc) {
                 kvt_cli_fail(cmd, "%s needs a value", a);
@@ -118,13 +131,23 @@ int kvt_cmd_report(int argc, char **argv)
         kvt_cli_fail(cmd, "usage: kvtrace report RESULTS -o DIR");
         return 2;
     }
+    if (!kvt_cli_target_finish(cmd, &tg))
+        return 2;
     if (!report_output_ok(cmd, path, dir, force))
         return 1;
     if ((st = kvt_results_read(path, &res))) {
         kvt_cli_fail_status(cmd, st, path);
         goto out_free;
     }
-    if ((st = kvt_report_write(res, dir))) {
+    /* a target given but unanswerable (its metric not measured) is an error; without one the
+       page says why it has no recommendation */
+    kvt_recommendation *check = NULL;
+    if ((tg.have_max || tg.have_min || tg.metric) && (st = kvt_recommend(res, &tg.o, &check))) {
+        kvt_cli_fail_status(cmd, st, path);
+        goto out_free;
+    }
+    kvt_recommendation_free(check);
+    if ((st = kvt_report_write(res, dir, &tg.o))) {
         kvt_cli_fail_status(cmd, st, dir);
         goto out_free;
     }

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "kvt_common.h"
+#include "kvt_report.h"
 
 typedef struct kvt_cli_command {
     const char *name;
@@ -42,6 +43,21 @@ bool kvt_cli_parse_double(const char *s, double *out);
  *  one-line error itself and returns false when the output is not acceptable. */
 bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char *const *inputs,
                        size_t n_inputs);
+
+/** The quality target of `recommend` and `report`: --max-error E | --min-recall R and
+ *  --metric NAME. */
+typedef struct kvt_cli_target {
+    kvt_recommend_opts o; /* default --max-error 0.1 on the automatic metric */
+    const char *metric;   /* --metric, parsed by kvt_cli_target_finish */
+    bool have_max, have_min;
+} kvt_cli_target;
+void kvt_cli_target_init(kvt_cli_target *t);
+/** If argv[*i] is --max-error, --min-recall or --metric: consume it and its value (*i moves
+ *  on) and return 1; 0 if it is another argument; -1 after printing the error (exit 2). */
+int kvt_cli_target_arg(const char *cmd, int argc, char **argv, int *i, kvt_cli_target *t);
+/** After the last argument: refuses both --max-error and --min-recall, an unknown metric, and
+ *  a recall metric without --min-recall. false after printing the error (exit 2). */
+bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t);
 
 /** true if argv contains -h or --help (before any "--"). */
 bool kvt_cli_wants_help(int argc, char **argv);

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
@@ -61,24 +62,132 @@ static kvt_status put_base64_file(FILE *f, const char *path)
     return KVT_OK;
 }
 
-static void put_recommendation(FILE *f, const kvt_results *r)
+/* one number as text: %.4g, or "-" for NaN */
+static const char *num4(double x, char *buf, size_t cap)
 {
-    kvt_recommend_opts o = {KVT_REC_METRIC_AUTO, true, 0.1};
+    snprintf(buf, cap, isnan(x) ? "-" : "%.4g", x);
+    return buf;
+}
+
+/* The targets of the trade-off table: the page's own and a fixed ladder, strictest first. */
+static size_t target_ladder(const kvt_recommendation *rec, double *t)
+{
+    static const double err[] = {0.05, 0.1, 0.2, 0.3, 0.5}, rcl[] = {0.99, 0.95, 0.9, 0.8, 0.7};
+    const double *lad = rec->target_is_max ? err : rcl;
+    size_t n = 0;
+    bool own = false;
+    for (size_t i = 0; i < 5; i++) {
+        if (!own && (rec->target_is_max ? rec->target <= lad[i] : rec->target >= lad[i])) {
+            t[n++] = rec->target;
+            own = true;
+            if (rec->target == lad[i])
+                continue;
+        }
+        t[n++] = lad[i];
+    }
+    if (!own)
+        t[n++] = rec->target;
+    return n;
+}
+
+static void put_setting_cells(FILE *f, const kvt_results *r, const kvt_recommendation *q)
+{
+    char a[32];
+    if (!q->found) {
+        fputs("<td colspan=\"5\">none", f);
+        if (q->has_closest) {
+            fputs(" (nearest: ", f);
+            put_escaped(f, r->policies[q->closest_policy].label);
+            fputs(" at ", f);
+            put_escaped(f, r->budgets[q->closest_budget].text);
+            fprintf(f, ", %s)", num4(q->closest_value, a, sizeof(a)));
+        }
+        fputs("</td>", f);
+        return;
+    }
+    fputs("<td>", f);
+    put_escaped(f, r->policies[q->policy].label);
+    fputs("</td><td>", f);
+    put_escaped(f, r->budgets[q->budget].text);
+    fprintf(f, "</td><td>%s</td><td>%.1f%%</td><td>%.3g&times;</td>", num4(q->value, a, sizeof(a)),
+            100.0 * q->summary.kept_fraction, q->summary.compression_ratio);
+}
+
+/* the cheapest setting meeting each target of the ladder, the page's own target in bold */
+static void put_target_table(FILE *f, const kvt_results *r, const kvt_recommendation *rec)
+{
+    double t[6];
+    size_t n = target_ladder(rec, t);
+    const char *mn = kvt_rec_metric_name(rec->metric);
+    fprintf(f,
+            "<p>The cheapest setting at other targets (%s %s target):</p>\n<table "
+            "id=\"rec-targets\"><tr><th>target</th><th>policy</th><th>budget</th><th>%s</th>"
+            "<th>KV kept</th><th>smaller by</th></tr>\n",
+            mn, rec->target_is_max ? "&le;" : "&ge;", mn);
+    for (size_t i = 0; i < n; i++) {
+        kvt_recommend_opts o = {rec->metric, rec->target_is_max, t[i]};
+        kvt_recommendation *q = NULL;
+        bool own = t[i] == rec->target;
+        fprintf(f, "<tr%s><td>%s %g</td>", own ? " class=\"sel\"" : "",
+                rec->target_is_max ? "&le;" : "&ge;", t[i]);
+        if (kvt_recommend(r, &o, &q) == KVT_OK)
+            put_setting_cells(f, r, q);
+        else
+            fputs("<td colspan=\"5\">-</td>", f);
+        fputs("</tr>\n", f);
+        kvt_recommendation_free(q);
+    }
+    fputs("</table>\n", f);
+}
+
+static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommend_opts *target)
+{
     kvt_recommendation *rec = NULL;
-    char *text = NULL;
+    char *text = NULL, a[32];
     size_t len = 0;
-    fputs("<h2>Recommended settings (output error &le; 0.1)</h2>\n", f);
-    if (kvt_recommend(r, &o, &rec)) {
-        fputs("<p>No recommendation: ", f);
+    if (kvt_recommend(r, target, &rec)) {
+        fputs("<h2 id=\"recommendation\">Recommended settings</h2>\n<p>No recommendation: ", f);
         put_escaped(f, kvt_error_msg());
         fputs("</p>\n", f);
         return;
     }
+    const char *mn = kvt_rec_metric_name(rec->metric), *rel = rec->target_is_max ? "&le;" : "&ge;";
+    fprintf(f, "<h2 id=\"recommendation\">Recommended settings (%s %s %g)</h2>\n", mn, rel,
+            rec->target);
+    fputs("<p id=\"rec-headline\">", f);
+    if (rec->found) {
+        fputs("<strong>", f);
+        put_escaped(f, r->policies[rec->policy].label);
+        fputs(" at budget ", f);
+        put_escaped(f, r->budgets[rec->budget].text);
+        fprintf(f,
+                "</strong>: %s %s, keeping %.1f%% of the KV cache (%.3g&times; smaller), is the "
+                "cheapest measured setting that meets the target.",
+                mn, num4(rec->value, a, sizeof(a)), 100.0 * rec->summary.kept_fraction,
+                rec->summary.compression_ratio);
+    } else {
+        fprintf(f, "<strong>No measured setting meets %s %s %g.</strong>", mn, rel, rec->target);
+        if (rec->has_closest) {
+            fputs(" The nearest is ", f);
+            put_escaped(f, r->policies[rec->closest_policy].label);
+            fputs(" at budget ", f);
+            put_escaped(f, r->budgets[rec->closest_budget].text);
+            fprintf(f, " (%s %s).", mn, num4(rec->closest_value, a, sizeof(a)));
+        }
+        fputs(" Relax the target (<code>kvtrace report --max-error E</code> or "
+              "<code>--min-recall R</code>) or replay larger budgets.",
+              f);
+    }
+    fputs("</p>\n", f);
+    put_target_table(f, r, rec);
     FILE *m = open_memstream(&text, &len);
     if (m) {
         kvt_recommendation_print(rec, r, m);
         fclose(m);
-        fputs("<pre>", f);
+        fputs("<p>Details (<code>kvtrace recommend</code>): each policy's cheapest budget "
+              "meeting the target and the knee of its curve; per-layer and per-head budgets of "
+              "the recommended policy.</p>\n<pre>",
+              f);
         put_escaped(f, text);
         fputs("</pre>\n", f);
         free(text);
@@ -143,6 +252,7 @@ typedef struct report_plan {
     size_t n_heat;              /* how many of heat[] are measured */
     size_t heat_budget;         /* budget index the heatmaps open at */
     bool heat_recommended;      /* heat_budget is the recommended budget (else the middle one) */
+    kvt_recommend_opts target;  /* the page's quality target */
     bool mod[KVT_N_MODALITIES]; /* modality figure drawn (tokens of it, and some non-text) */
     bool multimodal;
     bool *alloc; /* [n_policies] kvt_report_policy_allocates */
@@ -162,10 +272,13 @@ static void policy_file(char *buf, size_t cap, const char *prefix, size_t p, con
     snprintf(buf + k, cap - k, ".png");
 }
 
-static kvt_status plan_create(const kvt_results *r, const char *dir, report_plan *pl)
+static kvt_status plan_create(const kvt_results *r, const char *dir,
+                              const kvt_recommend_opts *target, report_plan *pl)
 {
+    static const kvt_recommend_opts dflt = {KVT_REC_METRIC_AUTO, true, 0.1};
     memset(pl, 0, sizeof(*pl));
     pl->dir = dir;
+    pl->target = target ? *target : dflt;
     pl->alloc = kvt_calloc(r->n_policies, sizeof(*pl->alloc));
     KVT_RETURN_IF(!pl->alloc, KVT_ERR_NOMEM, "report: out of memory");
     for (size_t p = 0; p < r->n_policies; p++)
@@ -183,7 +296,7 @@ static kvt_status plan_create(const kvt_results *r, const char *dir, report_plan
            nothing) gets the top colour, the hover text has the value */
         pl->heat[pl->n_heat] = err, pl->heat_vmax[pl->n_heat++] = 1.0;
     }
-    pl->heat_budget = kvt_report_heat_budget(r, &pl->heat_recommended);
+    pl->heat_budget = kvt_report_heat_budget(r, &pl->target, &pl->heat_recommended);
     for (int m = 1; m < KVT_N_MODALITIES; m++)
         pl->multimodal |= kvt_report_modality_tokens(r, m) > 0;
     for (int m = 0; m < KVT_N_MODALITIES; m++)
@@ -687,6 +800,7 @@ static const char page_style[] =
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
     "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow-x:auto}"
     ".heat td{width:18px;height:12px;padding:0}.heat th{font-weight:normal;font-size:11px}"
+    "tr.sel td{font-weight:bold}#rec-headline{font-size:1.1em}"
     ".note{background:#fff4ce;border:1px solid #e0c060;padding:6px 10px}"
     "#js-errors{background:#fde;border:1px solid #c66;color:#900}"
     ".chart{position:relative;height:440px}"
@@ -723,7 +837,7 @@ static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl,
     for (size_t i = 0; i < r->n_traces; i++)
         put_trace_meta(f, r->traces[i]);
     fputs("</table>\n", f);
-    put_recommendation(f, r);
+    put_recommendation(f, r, &pl->target);
     KVT_FORWARD(put_curves(f, r, pl, chartjs));
     KVT_FORWARD(put_redundancy(f, r, pl->dir));
     KVT_FORWARD(put_heatmaps(f, r, pl));
@@ -769,29 +883,35 @@ out_free_js:
     return st;
 }
 
-kvt_status kvt_report_write(const kvt_results *r, const char *dir)
+kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_recommend_opts *target)
 {
     KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
                   "report: no trace, policy or budget in the results");
     KVT_RETURN_IF(mkdir(dir, 0777) != 0 && errno != EEXIST, KVT_ERR_IO,
                   "report: cannot create %s: %s", dir, strerror(errno));
     report_plan pl;
-    char path[4096];
-    KVT_FORWARD(plan_create(r, dir, &pl));
+    char path[4096], tmp[4096];
+    KVT_FORWARD(plan_create(r, dir, target, &pl));
     kvt_status st = draw_pngs(r, &pl);
     if (st)
         goto out_free_plan;
     snprintf(path, sizeof(path), "%s/index.html", dir);
-    FILE *f = fopen(path, "w");
+    snprintf(tmp, sizeof(tmp), "%s/.index.html.%ld.tmp", dir, (long)getpid());
+    FILE *f = fopen(tmp, "w");
     if (!f) {
-        st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", path, strerror(errno));
+        st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", tmp, strerror(errno));
         goto out_free_plan;
     }
     st = write_page(f, r, &pl);
     if (ferror(f) && !st)
-        st = kvt_error_set(KVT_ERR_IO, "report: write failed");
+        st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s", tmp);
     if (fclose(f) && !st)
-        st = kvt_error_set(KVT_ERR_IO, "report: write failed");
+        st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", tmp, strerror(errno));
+    if (!st && rename(tmp, path) != 0)
+        st = kvt_error_set(KVT_ERR_IO, "report: cannot rename %s to %s: %s", tmp, path,
+                           strerror(errno));
+    if (st)
+        remove(tmp);
 out_free_plan:
     plan_free(&pl);
     return st;

@@ -59,6 +59,11 @@ typedef struct kvt_recommendation {
     size_t policy, budget;   /* the recommendation when found */
     double value;            /* its metric value */
     kvt_run_summary summary; /* its aggregate summary (kept entries, bytes, ratio) */
+    /* when nothing meets the target: the candidate (policy, budget) nearest to it (the best
+       measured value; ties: fewer kept entries, then the lower policy and budget index) */
+    bool has_closest;
+    size_t closest_policy, closest_budget;
+    double closest_value;
     size_t n_policies, n_budgets;
     kvt_rec_curve *curves; /* [n_policies] */
     /* per-layer and per-head suggestions for the recommended policy (when found and every
@@ -140,9 +145,11 @@ bool kvt_report_policy_allocates(const kvt_results *r, size_t pol);
 /** true if some (policy, budget) of the run has `metric` measured (not NaN). */
 bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric);
 /** Budget index the per-head heatmaps open at: the budget of the page's recommendation
- *  (kvt_recommend, output error <= 0.1) when there is one, else budget n_budgets / 2 (the
- *  middle of the sweep). @param recommended receives which of the two (may be NULL). */
-size_t kvt_report_heat_budget(const kvt_results *r, bool *recommended);
+ *  (kvt_recommend at `target`; NULL: output error <= 0.1) when there is one, else budget
+ *  n_budgets / 2 (the middle of the sweep). @param recommended receives which of the two (may
+ *  be NULL). */
+size_t kvt_report_heat_budget(const kvt_results *r, const kvt_recommend_opts *target,
+                              bool *recommended);
 /** Share of the tokens of modality m (0 text, 1 image, 2 video, 3 other) kept by (policy,
  *  budget) over all traces: kept_mod / total_mod of kvt_summarize_results; NaN without a
  *  modality table or without tokens of m. */
@@ -180,9 +187,15 @@ kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const ch
  *  kvt_report_heat_budget), modality_<name>.png (only when a trace holds non-text tokens) and
  *  alloc_<NN>_<label>.png for each policy that allocates (kvt_report_policy_allocates); <label>
  *  is the policy label with every character but [A-Za-z0-9_-] replaced by '-' (32 at most).
- *  DIR is created if missing; files in it are overwritten.
+ *  The recommendation section answers `target` (NULL: output error <= 0.1, as kvtrace
+ *  recommend): the cheapest setting meeting it (or the nearest miss), a table of the cheapest
+ *  setting at a ladder of targets (0.05 ... 0.5 for an error, 0.99 ... 0.7 for a recall, and
+ *  `target` itself), the text of kvt_recommendation_print and the best policy per budget.
+ *  DIR is created if missing; index.html is written under a temporary name and renamed, so an
+ *  error leaves the previous page; the PNGs in it are overwritten.
  * @return KVT_OK, KVT_ERR_INVALID_ARG (no trace), KVT_ERR_IO. */
-kvt_status kvt_report_write(const kvt_results *r, const char *dir);
+kvt_status kvt_report_write(const kvt_results *r, const char *dir,
+                            const kvt_recommend_opts *target);
 
 /** Release the font and surface caches cairo and fontconfig keep for the whole process (they
  *  are otherwise reported as leaks by LeakSanitizer). Call once before exit, when no other

@@ -354,6 +354,23 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
                            kvt_rec_metric_name(m));
         goto out_free;
     }
+    for (size_t p = 0; p < np && !rec->found; p++) { /* nothing meets: the nearest miss */
+        const kvt_rec_curve *c = &rec->curves[p];
+        for (size_t b = 0; b < nb && c->candidate; b++) {
+            double v = c->value[b];
+            if (isnan(v))
+                continue;
+            double best = rec->closest_value;
+            bool better = !rec->has_closest || (o->target_is_max ? v < best : v > best) ||
+                          (v == best &&
+                           c->kept_entries[b] <
+                               rec->curves[rec->closest_policy].kept_entries[rec->closest_budget]);
+            if (better) {
+                rec->has_closest = true;
+                rec->closest_policy = p, rec->closest_budget = b, rec->closest_value = v;
+            }
+        }
+    }
     if (rec->found && (st = suggest(r, rec)))
         goto out_free;
     *out = rec;

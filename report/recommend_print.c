@@ -38,7 +38,14 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
                 r->traces[0]->budget_tokens[rec->budget], mn, num(rec->value, a, sizeof(a)),
                 100.0 * s->kept_fraction, s->compression_ratio, s->kept_entries, s->full_entries);
     } else {
-        fprintf(f, "recommended: none: no setting meets the target\n");
+        fprintf(f, "recommended: none: no setting meets the target");
+        if (rec->has_closest)
+            fprintf(f,
+                    "; the nearest is %s at budget %s (%s %s): relax the target or replay "
+                    "larger budgets",
+                    r->policies[rec->closest_policy].label, r->budgets[rec->closest_budget].text,
+                    mn, num(rec->closest_value, a, sizeof(a)));
+        fputc('\n', f);
     }
     fprintf(f, "per policy (cheapest budget meeting the target; knee of the %s curve):\n", mn);
     fprintf(f, "  %-28s %-10s %-10s %-10s %s\n", "policy", "meets at", "value", "knee", "value");
@@ -150,6 +157,15 @@ kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kv
         }
     } else {
         cJSON_AddNullToObject(root, "recommendation");
+    }
+    if (rec->has_closest) {
+        cJSON *o = cJSON_AddObjectToObject(root, "nearest");
+        if (!o)
+            goto out_nomem;
+        cJSON_AddStringToObject(o, "label", r->policies[rec->closest_policy].label);
+        cJSON_AddNumberToObject(o, "policy", (double)rec->closest_policy);
+        cJSON_AddItemToObject(o, "budget", budget_json(r, (int)rec->closest_budget));
+        cJSON_AddItemToObject(o, "value", num_json(rec->closest_value));
     }
     for (size_t p = 0; p < rec->n_policies; p++) {
         const kvt_rec_curve *c = &rec->curves[p];

@@ -88,13 +88,14 @@ bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric)
     return false;
 }
 
-size_t kvt_report_heat_budget(const kvt_results *r, bool *recommended)
+size_t kvt_report_heat_budget(const kvt_results *r, const kvt_recommend_opts *target,
+                              bool *recommended)
 {
-    kvt_recommend_opts o = {KVT_REC_METRIC_AUTO, true, 0.1}; /* as the page's recommendation */
+    static const kvt_recommend_opts dflt = {KVT_REC_METRIC_AUTO, true, 0.1};
     kvt_recommendation *rec = NULL;
     size_t b = r->n_budgets / 2;
     bool found = false;
-    if (kvt_recommend(r, &o, &rec) == KVT_OK && rec->found) {
+    if (kvt_recommend(r, target ? target : &dflt, &rec) == KVT_OK && rec->found) {
         b = rec->budget;
         found = true;
     }

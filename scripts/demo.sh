@@ -22,5 +22,5 @@ echo "== recommend: cheapest setting with decode-query output error <= 0.5" >&2
 $BIN recommend out/results.json --max-error 0.5 || true   # exit 3 = no setting meets it
 echo "== report" >&2
 rm -rf out/report
-$BIN report out/results.json --force -o out/report
+$BIN report out/results.json --max-error 0.5 --force -o out/report
 echo "demo: trace out/stories260K.kvt, results out/results.json, report $(pwd)/out/report/index.html" >&2

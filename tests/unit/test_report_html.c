@@ -122,7 +122,7 @@ static void check_data_helpers(const kvt_results *r)
     KVT_EXPECT(kvt_report_metric_measured(r, KVT_REC_METRIC_ERR_DECODE));
     KVT_EXPECT(!kvt_report_metric_measured(r, KVT_REC_METRIC_COVERAGE));
     bool rec = false;
-    KVT_EXPECT_EQ_U64(kvt_report_heat_budget(r, &rec), 3); /* snapkv at 80 is recommended */
+    KVT_EXPECT_EQ_U64(kvt_report_heat_budget(r, NULL, &rec), 3); /* snapkv at 80 is recommended */
     KVT_EXPECT(rec);
     /* image share of tova at 10: 0.3 * 10 * 4 heads / (40 tokens * 2 layers * 2 heads) */
     KVT_EXPECT_NEAR(kvt_report_modality_share(r, P_TOVA, 0, 1), 12.0 / 160.0, 1e-12);
@@ -219,6 +219,58 @@ static void check_page(const char *html)
     KVT_EXPECT(strstr(html, "id=\"chart-alloc-2\"") == NULL); /* snapkv keeps the budget */
     /* err <= 0.1: snapkv at 80 (0.0625); tova reaches 0.125 */
     KVT_EXPECT(strstr(html, "recommended: snapkv at budget 80 ") != NULL);
+    KVT_EXPECT(strstr(html, "<h2 id=\"recommendation\">Recommended settings (err_decode &le; "
+                            "0.1)</h2>") != NULL);
+    KVT_EXPECT(strstr(html, "<p id=\"rec-headline\"><strong>snapkv at budget 80</strong>: "
+                            "err_decode 0.0625, keeping 80.0% of the KV cache (1.25&times; "
+                            "smaller)") != NULL);
+    /* the ladder, worked from test_report_util.h: cheapest meeting setting per target */
+    KVT_EXPECT(strstr(html, "<tr><td>&le; 0.05</td><td colspan=\"5\">none (nearest: snapkv at "
+                            "80, 0.0625)</td></tr>\n<tr class=\"sel\"><td>&le; 0.1</td><td>"
+                            "snapkv</td><td>80</td><td>0.0625</td><td>80.0%</td><td>1.25&times;"
+                            "</td></tr>\n<tr><td>&le; 0.2</td><td>snapkv</td><td>40</td><td>"
+                            "0.1406</td><td>40.0%</td><td>2.5&times;</td></tr>\n<tr><td>&le; "
+                            "0.3</td><td>snapkv</td><td>20</td><td>0.25</td><td>20.0%</td><td>"
+                            "5&times;</td></tr>\n<tr><td>&le; 0.5</td><td>snapkv</td><td>10</td>"
+                            "<td>0.5</td><td>10.0%</td><td>10&times;</td></tr>\n</table>") != NULL);
+}
+
+/* the page at targets of the caller's: one nothing meets, and a recall target */
+static void check_targets(const kvt_results *r, const char *dir, const char *path)
+{
+    kvt_recommend_opts strict = {KVT_REC_METRIC_AUTO, true, 0.01};
+    KVT_EXPECT_STATUS(kvt_report_write(r, dir, &strict), KVT_OK);
+    char *html = (char *)kvt_test_slurp(path, NULL);
+    KVT_EXPECT(html != NULL);
+    if (html) {
+        KVT_EXPECT(strstr(html, "Recommended settings (err_decode &le; 0.01)</h2>") != NULL);
+        KVT_EXPECT(strstr(html, "<strong>No measured setting meets err_decode &le; 0.01."
+                                "</strong> The nearest is snapkv at budget 80 (err_decode "
+                                "0.0625).") != NULL);
+        KVT_EXPECT(strstr(html, "<th>smaller by</th></tr>\n<tr class=\"sel\"><td>&le; 0.01"
+                                "</td><td colspan=\"5\">none (nearest: snapkv at 80, 0.0625)"
+                                "</td></tr>\n<tr><td>&le; 0.05</td>") != NULL);
+        /* nothing recommended: the heatmaps open at the middle budget, index 2 */
+        KVT_EXPECT(strstr(html, "<option value=\"2\" selected>40</option>") != NULL);
+        KVT_EXPECT(strstr(html, "the middle of the budget sweep") != NULL);
+    }
+    free(html);
+    /* recall_window = 1 - err_decode >= 0.9: snapkv at 80 (0.9375); at 0.8 snapkv at 40 */
+    kvt_recommend_opts rc = {KVT_REC_METRIC_AUTO, false, 0.9};
+    KVT_EXPECT_STATUS(kvt_report_write(r, dir, &rc), KVT_OK);
+    html = (char *)kvt_test_slurp(path, NULL);
+    KVT_EXPECT(html != NULL);
+    if (html) {
+        KVT_EXPECT(strstr(html, "Recommended settings (recall_window &ge; 0.9)</h2>") != NULL);
+        KVT_EXPECT(strstr(html, "<tr><td>&ge; 0.99</td><td colspan=\"5\">none (nearest: "
+                                "snapkv at 80, 0.9375)</td></tr>") != NULL);
+        KVT_EXPECT(strstr(html, "<tr class=\"sel\"><td>&ge; 0.9</td><td>snapkv</td><td>80</td>"
+                                "<td>0.9375</td>") != NULL);
+        KVT_EXPECT(strstr(html, "<tr><td>&ge; 0.8</td><td>snapkv</td><td>40</td><td>0.8594"
+                                "</td>") != NULL);
+        KVT_EXPECT(strstr(html, "<option value=\"3\" selected>80</option>") != NULL);
+    }
+    free(html);
 }
 
 int main(void)
@@ -249,7 +301,7 @@ int main(void)
     }
     setenv("KVT_CHARTJS", js, 1);
     KVT_EXPECT(strcmp(kvt_report_chartjs_path(), js) == 0);
-    KVT_EXPECT_STATUS(kvt_report_write(r, dir), KVT_OK);
+    KVT_EXPECT_STATUS(kvt_report_write(r, dir, NULL), KVT_OK);
     remove(js);
     snprintf(path, sizeof(path), "%s/index.html", dir);
     char *html = (char *)kvt_test_slurp(path, NULL);
@@ -267,10 +319,11 @@ int main(void)
     KVT_EXPECT(exists(dir, "alloc_01_tova.png") && !exists(dir, "alloc_02_snapkv.png"));
     /* err_decode, recall_window, redundancy; 2 metrics x 4 policies; text, image; tova */
     KVT_EXPECT_EQ_U64(check_all_pngs(dir), 3 + 8 + 2 + 1);
+    check_targets(r, dir, path);
 
     /* the Chart.js file missing: still a page, with the PNGs and a note saying so */
     setenv("KVT_CHARTJS", js, 1);
-    KVT_EXPECT_STATUS(kvt_report_write(r, dir), KVT_OK);
+    KVT_EXPECT_STATUS(kvt_report_write(r, dir, NULL), KVT_OK);
     html = (char *)kvt_test_slurp(path, NULL);
     KVT_EXPECT(html != NULL);
     if (html) {

@@ -3,7 +3,8 @@
 # exit 0, index.html with every figure inlined, Chart.js inlined with an interactive chart, no
 # network reference and a Content-Security-Policy, one PNG per figure (PNG signature), the
 # per-head heatmap PNGs, the text-only note; without Chart.js ($KVT_CHARTJS missing) still
-# exit 0 with a note; usage errors exit 2, an unreadable results file exits 1.
+# exit 0 with a note; --max-error / --min-recall / --metric set the page's target (the same
+# recommendation as kvtrace recommend); usage errors exit 2, an unreadable results file exits 1.
 set -u
 BIN=${KVT_BIN:?}
 ROOT=${KVT_SOURCE_ROOT:?}
@@ -48,6 +49,28 @@ KVT_CHARTJS=$TMP/none.js $BIN report "$TMP/r.json" -o "$TMP/rep2" >/dev/null 2>&
     || fail "report without Chart.js must still succeed"
 grep -q 'id="no-chartjs"' "$TMP/rep2/index.html" || fail "no note without Chart.js"
 grep -q "^recommended: " "$TMP/rep/index.html" || fail "no recommendation in the page"
+ls -A "$TMP/rep" | grep -q '\.tmp$' && fail "a temporary file left in the report directory"
+# the page answers the caller's target, with the recommendation kvtrace recommend prints
+$BIN report "$TMP/r.json" -o "$TMP/rep3" --max-error 0.5 >/dev/null 2>"$TMP/err" \
+    || { cat "$TMP/err"; fail "report --max-error"; }
+grep -q 'Recommended settings (err_decode &le; 0.5)' "$TMP/rep3/index.html" \
+    || fail "--max-error 0.5 not the page's target"
+$BIN recommend "$TMP/r.json" --max-error 0.5 >"$TMP/rec" 2>/dev/null
+line=$(grep '^recommended: ' "$TMP/rec") || fail "recommend printed no recommendation"
+grep -qF "$line" "$TMP/rep3/index.html" || fail "page and recommend disagree: $line"
+grep -q 'id="rec-targets"' "$TMP/rep3/index.html" || fail "no table of targets"
+$BIN report "$TMP/r.json" -o "$TMP/rep4" --min-recall 0.5 --metric coverage >/dev/null 2>&1 \
+    || fail "report --min-recall --metric"
+grep -q 'Recommended settings (coverage &ge; 0.5)' "$TMP/rep4/index.html" \
+    || fail "--min-recall 0.5 --metric coverage not the page's target"
+for bad in "--max-error 0.1 --min-recall 0.9" "--metric bogus" "--max-error abc" \
+    "--metric coverage" "--max-error"; do
+    # shellcheck disable=SC2086
+    $BIN report "$TMP/r.json" -o "$TMP/rep5" $bad >/dev/null 2>"$TMP/err"
+    [ $? -eq 2 ] || fail "report $bad: want exit 2"
+    [ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "report $bad: want one line on stderr"
+    [ -e "$TMP/rep5" ] && fail "report $bad: wrote $TMP/rep5"
+done
 $BIN report "$TMP/r.json" >/dev/null 2>&1
 [ $? -eq 2 ] || fail "no -o: want exit 2"
 $BIN report "$TMP/missing.json" -o "$TMP/x" >/dev/null 2>&1

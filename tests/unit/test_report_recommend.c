@@ -16,7 +16,7 @@ static void check_main(const kvt_results *r)
     if (!rec)
         return;
     KVT_EXPECT(rec->metric == KVT_REC_METRIC_ERR_DECODE);
-    KVT_EXPECT(rec->found);
+    KVT_EXPECT(rec->found && !rec->has_closest);
     KVT_EXPECT_EQ_U64(rec->policy, P_SNAP);
     KVT_EXPECT_EQ_U64(rec->budget, 1);
     KVT_EXPECT_NEAR(rec->value, 0.25, 0);
@@ -100,10 +100,36 @@ static void check_main(const kvt_results *r)
     KVT_EXPECT(rec && rec->found && rec->policy == P_TOVA && rec->budget == 3);
     kvt_recommendation_free(rec);
 
-    /* err_decode <= 0.01: only full meets, and it is a reference: nothing meets */
+    /* err_decode <= 0.01: only full meets, and it is a reference: nothing meets. The nearest
+     * candidate is snapkv at 80 (0.0625; tova reaches 0.125, oracle is a reference). */
     o.target = 0.01;
     KVT_EXPECT_STATUS(kvt_recommend(r, &o, &rec), KVT_OK);
     KVT_EXPECT(rec && !rec->found && rec->n_layers == 0);
+    KVT_EXPECT(rec && rec->has_closest && rec->closest_policy == P_SNAP &&
+               rec->closest_budget == 3 && rec->closest_value == 0.0625);
+    if (rec) {
+        FILE *g = fopen(path, "w+");
+        KVT_EXPECT_STATUS(kvt_recommendation_print(rec, r, g), KVT_OK);
+        KVT_EXPECT_STATUS(kvt_recommendation_write_json(rec, r, g), KVT_OK);
+        rewind(g);
+        n = fread(buf, 1, sizeof(buf) - 1, g);
+        buf[n] = 0;
+        fclose(g);
+        remove(path);
+        KVT_EXPECT_MSG(strstr(buf, "recommended: none: no setting meets the target; the nearest "
+                                   "is snapkv at budget 80 (err_decode 0.0625)") != NULL,
+                       "%s", buf);
+        KVT_EXPECT(strstr(buf, "\"nearest\":\t{") != NULL);
+        KVT_EXPECT(strstr(buf, "\"value\":\t0.0625") != NULL);
+    }
+    kvt_recommendation_free(rec);
+
+    /* --min-recall 0.99 on recall_window (1 - e): nothing meets; snapkv at 80 is nearest
+     * (0.9375) */
+    kvt_recommend_opts hi = {KVT_REC_METRIC_AUTO, false, 0.99};
+    KVT_EXPECT_STATUS(kvt_recommend(r, &hi, &rec), KVT_OK);
+    KVT_EXPECT(rec && !rec->found && rec->has_closest && rec->closest_policy == P_SNAP &&
+               rec->closest_budget == 3 && rec->closest_value == 0.9375);
     kvt_recommendation_free(rec);
 
     /* --min-recall 0.75: recall_decode is not measured, so recall_window (1 - e): snapkv 20 */
