@@ -175,6 +175,17 @@ static double json_value(const cJSON *v, bool *ok)
     return NAN;
 }
 
+/* An object key of a head table: "L-H" or "L-H-key" (1), "L-H-value" (0: MixKV's tables hold
+ * value-cache redundancies too; only the keys' are used), anything else -1. */
+static int head_key(const char *s, int *l, int *h)
+{
+    int n = -1;
+    if (sscanf(s, "%d-%d%n", l, h, &n) != 2 || n < 0 || *l < 0 || *h < 0 || *l > 100000 ||
+        *h > 100000)
+        return -1;
+    return !s[n] || !strcmp(s + n, "-key") ? 1 : !strcmp(s + n, "-value") ? 0 : -1;
+}
+
 /* a table of per-(layer, head) numbers is a few KiB; refuse anything absurd */
 #define KVT_HEAD_TABLE_MAX_BYTES (64 << 20)
 
@@ -225,14 +236,16 @@ kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, do
     } else if (cJSON_IsObject(root)) {
         cJSON_ArrayForEach(it, root)
         {
-            int l, h;
-            if (sscanf(it->string, "%d-%d", &l, &h) != 2 || l < 0 || h < 0 || l > 100000 ||
-                h > 100000) {
+            int l, h, kind = head_key(it->string, &l, &h);
+            if (kind < 0) {
                 st = kvt_error_set(KVT_ERR_CORRUPT,
-                                   "%s: key \"%s\" is not \"layer-head\" or \"layer-head-key\"",
+                                   "%s: key \"%s\" is not \"layer-head\", \"layer-head-key\" or "
+                                   "\"layer-head-value\"",
                                    path, it->string);
                 goto out_free;
             }
+            if (kind == 0)
+                continue;
             L = l + 1 > L ? l + 1 : L;
             H = h + 1 > H ? h + 1 : H;
         }
@@ -265,7 +278,13 @@ kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, do
         cJSON_ArrayForEach(it, root)
         {
             int l, h;
-            sscanf(it->string, "%d-%d", &l, &h);
+            if (head_key(it->string, &l, &h) == 0)
+                continue;
+            if (!isnan(tab[(size_t)l * H + h])) {
+                st = kvt_error_set(KVT_ERR_CORRUPT, "%s: layer %d head %d given twice (\"%s\")",
+                                   path, l, h, it->string);
+                goto out_free;
+            }
             tab[(size_t)l * H + h] = json_value(it, &ok);
             if (!ok)
                 break;

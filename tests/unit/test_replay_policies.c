@@ -398,12 +398,15 @@ static void test_sparsemm_and_mixkv(void)
         }
     kvt_layer_selection_free(m);
     kvt_layer_selection_free(kd);
-    /* r = 0 and values of equal norm: the VNorm term vanishes, so MixKV = SnapKV */
+    /* r = 0 and values of equal norm: the VNorm term vanishes, so MixKV = SnapKV. The
+     * "-value" entries (value-cache redundancy in MixKV's tables) come last and are not r:
+     * were they read, r = 1 would make this KeyDiff. */
     for (size_t i = 0; i < 2 * 40; i++)
         for (int d = 0; d < 8; d++)
             t.v[i * 8 + d] = d == (int)(i % 8) ? 1.0f : 0.0f;
     kvt_test_tmp(path, sizeof(path), "r0.json");
-    write_file(path, "{\"0-0-key\": [0, 0], \"0-1-key\": 0}");
+    write_file(path, "{\"0-0-key\": [0, 0], \"0-1-key\": 0, \"0-0-value\": [1, 1], "
+                     "\"0-1-value\": 1}");
     snprintf(spec, sizeof(spec), "mixkv-snapkv:window=8,rtable=%s", path);
     m = run(&t.in, spec, B2, 3);
     kvt_layer_selection *sn = run(&t.in, "snapkv:window=8", B2, 3);
@@ -427,6 +430,15 @@ static void test_sparsemm_and_mixkv(void)
     kvt_layer_selection *bad = NULL;
     KVT_EXPECT_STATUS(kvt_replay_layer_select(&t.in, p, B2, 1, &bad), KVT_ERR_NOT_FOUND);
     kvt_policy_free(p);
+    /* a head given twice, an unknown suffix, junk after the head: refused when created */
+    const char *bad_tables[] = {"{\"0-0\": 0, \"0-0-key\": 1}", "{\"0-0-query\": 0}",
+                                "{\"0-0x\": 0}", "{\"0-0-value\": 0}"};
+    for (size_t i = 0; i < sizeof(bad_tables) / sizeof(bad_tables[0]); i++) {
+        write_file(path, bad_tables[i]);
+        p = NULL;
+        KVT_EXPECT_STATUS(kvt_policy_create(spec, NULL, &p), KVT_ERR_CORRUPT);
+        kvt_policy_free(p);
+    }
     tl_free(&t);
 }
 
