@@ -1,7 +1,10 @@
 /* policy_quest.c - `quest` (POLICIES §15): pages of P tokens (default 16) with per-channel key
  * min/max; at every decode step each head ranks the pages by the upper bound
  * U = sum_c max(q_c*min_c, q_c*max_c) (GQA: max over the group's query heads, group=sum for the
- * sum) and reads the top ceil(B/P) pages (kept tokens = their sizes, measured). Retrieval, not
+ * sum) and reads the top ceil(B/P) pages (kept tokens = their sizes, measured), plus the page
+ * being written: the prompt's last page while it is partial (T not a multiple of P) and the
+ * decode tokens have not yet filled it, i.e. at steps s with T % P + s + 1 <= P; once full it
+ * is ranked like the others, by the bounds of its prompt keys. Retrieval, not
  * eviction: there is no prompt-time set, so window-query metrics are null and set metrics are
  * averaged over decode steps. The decode tokens themselves are always attended. The first
  * dense_layers layers (default 2, as in the original) stay dense. Ties: lower page first. */
@@ -51,19 +54,29 @@ static kvt_status sel_quest(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                     pord[i] = i;
             else
                 kvt_rank_desc_ref(Ug, n_pages, pord, work);
+            /* the page being written: the prompt's last page while it is partial, i.e. while
+               the decode tokens (step s writes its own, the s+1-th) have not filled it */
+            const int wp = !dense && T % Pg && T % Pg + s + 1 <= Pg ? n_pages - 1 : -1;
             int32_t *ord = sel->step_order + ((size_t)h * Gd + s) * T;
             int t = 0;
+            if (wp >= 0)
+                for (int j = wp * Pg; j < T; j++)
+                    ord[t++] = j;
+            const int head = t; /* tokens of the page being written, kept at every budget */
             for (int i = 0; i < n_pages; i++)
-                for (int j = pord[i] * Pg; j < T && j < (pord[i] + 1) * Pg; j++)
+                for (int j = pord[i] * Pg; pord[i] != wp && j < T && j < (pord[i] + 1) * Pg; j++)
                     ord[t++] = j;
             for (int b = 0; b < n_b; b++) {
                 int cnt = T;
                 if (!dense && B[b] < T) {
                     int np = (B[b] + Pg - 1) / Pg;
-                    cnt = 0;
-                    for (int i = 0; i < np && i < n_pages; i++) {
+                    cnt = head;
+                    for (int i = 0, taken = 0; taken < np && i < n_pages; i++) {
+                        if (pord[i] == wp)
+                            continue;
                         int j0 = pord[i] * Pg, j1 = j0 + Pg < T ? j0 + Pg : T;
                         cnt += j1 - j0;
+                        taken++;
                     }
                 }
                 sel->step_count[((size_t)b * H + h) * Gd + s] = cnt;

@@ -474,6 +474,18 @@ static void test_quest(void)
     s = run(&in, "quest:page=2", B, 1); /* layer 0 < dense_layers=2: dense */
     EXPECT_KEPT(s, 0, 0, 0, "0,1,2,3,4,5");
     kvt_layer_selection_free(s);
+    /* T = 5: page 2 is token 4 alone, the page the decode tokens are written into. Step 0
+     * writes the 2nd of its 2 slots: kept at every budget, on top of the ceil(B/2) best of the
+     * other pages (U = 1, 0). At step 1 it is full and ranked by U = -2: pages 1, 0, 2. */
+    in.T = 5;
+    const int B5[] = {2, 3, 5};
+    s = run(&in, "quest:page=2,dense_layers=0", B5, 3);
+    EXPECT_KEPT(s, 0, 0, 0, "0,1,4");
+    EXPECT_KEPT(s, 1, 0, 0, "0,1,2,3,4");
+    EXPECT_KEPT(s, 2, 0, 0, "0,1,2,3,4");
+    EXPECT_KEPT(s, 0, 0, 1, "2,3");
+    EXPECT_KEPT(s, 1, 0, 1, "0,1,2,3");
+    kvt_layer_selection_free(s);
 }
 
 static void test_like_policies(void)
