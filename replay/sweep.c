@@ -356,7 +356,9 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
                 s->vm[v]->err_decode = berr[v];
             }
         }
-        if ((st = set_sweep(c, s, g, ord, s->vcnt, 1, n_v, oord, s->vocnt, 1.0, s->vm)))
+        /* a per-step head's set metrics are the mean over its step sets (below) */
+        if (!(Gd > 0 && step) &&
+            (st = set_sweep(c, s, g, ord, s->vcnt, 1, n_v, oord, s->vocnt, 1.0, s->vm)))
             return st;
     }
     if (Gd > 0 && step) { /* a single member (per-step rankings are never shared) */
@@ -373,8 +375,7 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
                 s->vm[b]->recall_decode += brec[b] / Gd;
                 s->vm[b]->err_decode += berr[b] / Gd;
             }
-            if (!sel->has_fixed &&
-                (st = set_sweep(c, s, g, ord, cnt, cs, n_b, oord, s->vocnt, 1.0 / Gd, s->vm)))
+            if ((st = set_sweep(c, s, g, ord, cnt, cs, n_b, oord, s->vocnt, 1.0 / Gd, s->vm)))
                 return st;
         }
     }

@@ -106,6 +106,83 @@ static void brute_window(const test_layer *t, int g, const int32_t *kept, size_t
     *err = se / (Gs * W);
 }
 
+/* The set metrics of a per-step head (quest; hybridkv-like's dynamic heads, which also have a
+ * prompt-time set) are the mean over its decode-step sets: the oracle overlap and the image
+ * tokens kept, by brute force from the exported sets. m: the policy's metrics, [b * stride +
+ * h]. @return how many per-step heads were checked. */
+static int check_step_means(const kvt_layer_input *in, kvt_policy *pol, kvt_policy *orc,
+                            const int *B, int nb, const kvt_head_metrics *m, size_t stride)
+{
+    kvt_layer_selection *sel = NULL, *os = NULL;
+    KVT_CHECK(kvt_replay_layer_select(in, pol, B, nb, &sel));
+    KVT_CHECK(kvt_replay_layer_select(in, orc, B, nb, &os));
+    int n_heads = 0, G = (int)kvt_layer_selection_n_steps(sel);
+    for (int h = 0; h < kvt_layer_selection_n_heads(sel); h++) {
+        if (!kvt_layer_selection_head_per_step(sel, h))
+            continue;
+        n_heads++;
+        for (int b = 0; b < nb; b++) {
+            int32_t o[512], k[512];
+            size_t no, nk;
+            KVT_CHECK(kvt_layer_selection_kept(os, (size_t)b, h, -1, o, 512, &no));
+            double ov = 0.0, img = 0.0;
+            for (int st = 0; st < G; st++) {
+                KVT_CHECK(kvt_layer_selection_kept(sel, (size_t)b, h, st, k, 512, &nk));
+                int hit = 0;
+                for (size_t i = 0; i < nk; i++) {
+                    img += (in->modality[k[i]] == 1) / (double)G;
+                    for (size_t j = 0; j < no; j++)
+                        hit += k[i] == o[j];
+                }
+                ov += (double)hit / (double)no / G;
+            }
+            const kvt_head_metrics *x = &m[(size_t)b * stride + h];
+            KVT_EXPECT_MSG(fabs(x->oracle_overlap - ov) <= 1e-12, "b=%d h=%d overlap %.17g, %.17g",
+                           b, h, x->oracle_overlap, ov);
+            KVT_EXPECT_MSG(fabs(x->n_keep_mod[1] - img) <= 1e-9, "b=%d h=%d image %.17g, %.17g", b,
+                           h, x->n_keep_mod[1], img);
+        }
+    }
+    kvt_layer_selection_free(sel);
+    kvt_layer_selection_free(os);
+    return n_heads;
+}
+
+static void test_step_set_means(void)
+{
+    enum { T = 96, Hq = 4, NB = 4 };
+    test_layer t;
+    tl_random(&t, 5, T, 8, Hq, 2, 8, 6, true);
+    kvt_policy *p[3];
+    const char *sp[3] = {"hybridkv-like:window=8,chunk=4", "quest:page=8,dense_layers=0", "oracle"};
+    for (int i = 0; i < 3; i++)
+        KVT_CHECK(kvt_policy_create(sp[i], NULL, &p[i]));
+    const int B[NB] = {16, 24, 40, 64};
+    kvt_head_metrics *m = malloc(sizeof(*m) * 3 * NB * Hq);
+    kvt_replay_opts o = {.coverage_probes = -1};
+    KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&t.in, p, 3, B, NB, &o, m), KVT_OK);
+    KVT_EXPECT(check_step_means(&t.in, p[0], p[2], B, NB, m, Hq) == 1); /* median split */
+    KVT_EXPECT(check_step_means(&t.in, p[1], p[2], B, NB, m + NB * Hq, Hq) == 2);
+    /* the dynamic head's step sets are not its prompt-time set (else this checks nothing) */
+    kvt_layer_selection *sel = NULL;
+    KVT_CHECK(kvt_replay_layer_select(&t.in, p[0], B, NB, &sel));
+    int differ = 0;
+    for (int h = 0; h < 2; h++)
+        for (int st = 0; st < 6 && kvt_layer_selection_head_per_step(sel, h); st++) {
+            int32_t a[T], b[T];
+            size_t na, nb;
+            KVT_CHECK(kvt_layer_selection_kept(sel, 0, h, -1, a, T, &na));
+            KVT_CHECK(kvt_layer_selection_kept(sel, 0, h, st, b, T, &nb));
+            differ += na != nb || memcmp(a, b, na * sizeof(int32_t)) != 0;
+        }
+    KVT_EXPECT(differ > 0);
+    kvt_layer_selection_free(sel);
+    free(m);
+    for (int i = 0; i < 3; i++)
+        kvt_policy_free(p[i]);
+    tl_free(&t);
+}
+
 static void test_layer_metrics(bool per_query)
 {
     enum { T = 120, D = 16, Hq = 4, Hkv = 2, W = 8, G = 5, NB = 5 };
@@ -289,6 +366,7 @@ int main(void)
 {
     test_layer_metrics(false);
     test_layer_metrics(true);
+    test_step_set_means();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }
