@@ -382,13 +382,15 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
     return KVT_OK;
 }
 
-/* output error of one query against a merged set. Entries that are original tokens keep
+/* output error of one query at position pos against a merged set: it sees the entries whose
+ * token index (cidx[e] for changed entry e) is <= pos. Entries that are original tokens keep
  * their original probability p_j, so the kept sums start from the full sums minus the tokens
  * that are gone or changed (`drop`, a short list: vision tokens only); only changed entries
  * need new logits: w_e = exp(q.k'_e*scale - lse). Extra (decode) keys as in the sweep. */
 static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_set *ms,
-                         const int32_t *drop, int n_drop, const float *q, const float *p,
-                         double lse, const double *a_full, double pe, const double *oe)
+                         const int32_t *cidx, int pos, const int32_t *drop, int n_drop,
+                         const float *q, const float *p, double lse, const double *a_full,
+                         double pe, const double *oe)
 {
     const int T = c->T, D = c->D;
     const float *V = c->in->v + (size_t)(s->cur_g) * T * D;
@@ -405,6 +407,8 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
             s->acc[d] -= pj * V[(size_t)drop[i] * D + d];
     }
     for (int e = 0; e < ms->n_changed; e++) {
+        if (cidx[e] > pos) /* after the query: not visible to it */
+            continue;
         double z = 0.0;
         for (int d = 0; d < D; d++)
             z += (double)q[d] * ms->k[(size_t)e * D + d];
@@ -427,12 +431,15 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
 
 /* Fast path of merged_err for n_q consecutive queries (rows of q, p, lse, a_full; pe/oe per
  * query or NULL): the dropped tokens' sums and the changed entries' weights and sums are dense
- * products over blocks of MB entries. *err_sum = sum of the n_q errors. */
+ * products over blocks of MB entries. wt > 0: the queries are window queries, wt per query
+ * head, row i at position T - wt + i % wt, seeing the changed entries up to it; wt = 0:
+ * decode queries, which see them all. *err_sum = sum of the n_q errors. */
 #define MB 256
 static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merged_set *ms,
-                                   const int32_t *drop, int n_drop, int n_q, const float *q,
-                                   const float *p, const double *lse, const double *a_full,
-                                   const double *pe, const double *oe, double *err_sum)
+                                   const int32_t *cidx, int wt, const int32_t *drop, int n_drop,
+                                   int n_q, const float *q, const float *p, const double *lse,
+                                   const double *a_full, const double *pe, const double *oe,
+                                   double *err_sum)
 {
     const int T = c->T, D = c->D;
     const float *V = c->in->v + (size_t)g * T * D;
@@ -479,8 +486,9 @@ static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merg
         kvt_gemm_f64(true, n_q, nb, D, c->scale, qd, D, kg, D, 0.0, pg, nb);
         for (size_t i = 0; i < nq; i++) {
             double sum = 0.0;
+            const int pos = wt > 0 ? T - wt + (int)(i % (size_t)wt) : T;
             for (int u = 0; u < nb; u++) {
-                double w = exp(pg[i * nb + u] - lse[i]);
+                double w = cidx[b0 + u] > pos ? 0.0 : exp(pg[i * nb + u] - lse[i]);
                 pg[i * nb + u] = w;
                 sum += w;
             }
@@ -522,8 +530,13 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
     for (int b = 0; b < s->n_b; b++)
         if (sel->merged[(size_t)b * H + h].n_changed > max_chg)
             max_chg = sel->merged[(size_t)b * H + h].n_changed;
-    float *cu = kvt_malloc(((size_t)max_chg * D + 1) * sizeof(float)); /* unit changed keys */
-    KVT_RETURN_IF(!cu, KVT_ERR_NOMEM, "replay: out of memory (merged keys)");
+    float *cu = kvt_malloc(((size_t)max_chg * D + 1) * sizeof(float));   /* unit changed keys */
+    int32_t *cidx = kvt_malloc(((size_t)max_chg + 1) * sizeof(int32_t)); /* their tokens */
+    if (!cu || !cidx) {
+        kvt_free(cu);
+        kvt_free(cidx);
+        return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (merged keys)");
+    }
     if (orc)
         for (int t = 0; t < T; t++)
             s->posO[orc->order[(size_t)h * T + t]] = t;
@@ -543,33 +556,38 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         for (int j = 0; j < T; j++)
             if (!keep[j])
                 drop[n_drop++] = j;
+        for (int e2 = 0, ce = 0; e2 < ms->n; e2++)
+            if (ms->changed[e2])
+                cidx[ce++] = ms->idx[e2];
         double e = 0.0;
         kvt_status st = KVT_OK;
         if (!kvt_kernels_ref_only()) {
             size_t q0 = (size_t)hq0 * Wt;
-            st = merged_errs_fast(c, g, ms, drop, n_drop, nh * Wt, c->in->q_window + q0 * D,
-                                  c->prw + q0 * T, c->lsew + q0, c->aw + q0 * D, NULL, NULL, &e);
+            st = merged_errs_fast(c, g, ms, cidx, Wt, drop, n_drop, nh * Wt,
+                                  c->in->q_window + q0 * D, c->prw + q0 * T, c->lsew + q0,
+                                  c->aw + q0 * D, NULL, NULL, &e);
         } else
             for (int u = 0; u < nh; u++)
                 for (int i = 0; i < Wt; i++) {
                     size_t qi = (size_t)(hq0 + u) * Wt + i;
-                    e += merged_err(c, s, ms, drop, n_drop, c->in->q_window + qi * D,
-                                    c->prw + qi * T, c->lsew[qi], c->aw + qi * D, 0.0, NULL);
+                    e += merged_err(c, s, ms, cidx, T - Wt + i, drop, n_drop,
+                                    c->in->q_window + qi * D, c->prw + qi * T, c->lsew[qi],
+                                    c->aw + qi * D, 0.0, NULL);
                 }
         hm->err_window = e / (nh * Wt);
         if (Gd > 0 && !st) {
             e = 0.0;
             if (!kvt_kernels_ref_only()) {
                 size_t q0 = (size_t)hq0 * Gd;
-                st = merged_errs_fast(c, g, ms, drop, n_drop, nh * Gd, c->in->q_decode + q0 * D,
-                                      c->prd + q0 * T, c->lsed + q0, c->ad + q0 * D,
-                                      c->has_extra ? c->pd_extra + q0 : NULL,
+                st = merged_errs_fast(c, g, ms, cidx, 0, drop, n_drop, nh * Gd,
+                                      c->in->q_decode + q0 * D, c->prd + q0 * T, c->lsed + q0,
+                                      c->ad + q0 * D, c->has_extra ? c->pd_extra + q0 : NULL,
                                       c->has_extra ? c->od_extra + q0 * D : NULL, &e);
             } else
                 for (int u = 0; u < nh; u++)
                     for (int i = 0; i < Gd; i++) {
                         size_t qi = (size_t)(hq0 + u) * Gd + i;
-                        e += merged_err(c, s, ms, drop, n_drop, c->in->q_decode + qi * D,
+                        e += merged_err(c, s, ms, cidx, T, drop, n_drop, c->in->q_decode + qi * D,
                                         c->prd + qi * T, c->lsed[qi], c->ad + qi * D,
                                         c->has_extra ? c->pd_extra[qi] : 0.0,
                                         c->has_extra ? c->od_extra + qi * D : NULL);
@@ -578,6 +596,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         }
         if (st) {
             kvt_free(cu);
+            kvt_free(cidx);
             return st;
         }
         /* unit merged keys, their redundancy, coverage of the probes (unchanged entries from
@@ -648,6 +667,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         }
     }
     kvt_free(cu);
+    kvt_free(cidx);
     return KVT_OK;
 }
 

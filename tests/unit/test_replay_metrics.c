@@ -4,6 +4,7 @@
  * uniform-budget policy's, the sweep equal to a brute-force evaluation of the kept set, and
  * the whole-trace driver (threads, sink) equal to the in-memory layer.
  */
+#include "replay_internal.h" /* the merged K/V of a lightkv-like selection */
 #include "replay_test_util.h"
 
 #define NPOL 16
@@ -180,6 +181,77 @@ static void test_step_set_means(void)
     free(m);
     for (int i = 0; i < 3; i++)
         kvt_policy_free(p[i]);
+    tl_free(&t);
+}
+
+/* lightkv-like with window=2 < the 8 stored window queries and image tokens up to T-3: merged
+ * entries fall inside the stored window, and a window query at position pos sees only the
+ * entries whose token index is <= pos. err_window against a brute force over the merged K/V. */
+static void test_merged_causal(void)
+{
+    enum { T = 40, D = 8, W = 8, NB = 2 };
+    test_layer t;
+    tl_random(&t, 9, T, D, 2, 1, W, 0, true);
+    for (int j = 0; j < T; j++)
+        t.mod[j] = j >= 10 && j < T - 2;
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create("lightkv-like:window=2", NULL, &p));
+    const int B[NB] = {20, 28};
+    kvt_head_metrics m[NB * 2];
+    kvt_replay_opts o = {.coverage_probes = -1};
+    KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&t.in, &p, 1, B, NB, &o, m), KVT_OK);
+    kvt_layer_selection *sel = NULL;
+    KVT_CHECK(kvt_replay_layer_select(&t.in, p, B, NB, &sel));
+    int late = 0; /* changed entries after the first window query */
+    for (int b = 0; b < NB; b++) {
+        const kvt_merged_set *ms = &sel->merged[b];
+        double sum = 0.0;
+        for (int u = 0; u < 2; u++)
+            for (int i = 0; i < W; i++) {
+                const float *q = t.in.q_window + ((size_t)u * W + i) * D;
+                const int pos = T - W + i;
+                double mx = -INFINITY, Z = 0, ZS = 0, oo[D] = {0}, os[D] = {0}, z[T];
+                for (int j = 0; j <= pos; j++) {
+                    z[j] = 0;
+                    for (int d = 0; d < D; d++)
+                        z[j] += (double)q[d] * t.k[(size_t)j * D + d];
+                    z[j] /= sqrt(D);
+                    mx = fmax(mx, z[j]);
+                }
+                for (int j = 0; j <= pos; j++) {
+                    Z += exp(z[j] - mx);
+                    for (int d = 0; d < D; d++)
+                        oo[d] += exp(z[j] - mx) * t.v[(size_t)j * D + d];
+                }
+                for (int e = 0, ce = 0; e < ms->n; ce += ms->changed[e], e++) {
+                    late += ms->changed[e] && ms->idx[e] > T - W && u == 0 && i == 0;
+                    if (ms->idx[e] > pos)
+                        continue;
+                    const float *ke =
+                        ms->changed[e] ? ms->k + (size_t)ce * D : t.k + (size_t)ms->idx[e] * D;
+                    const float *ve =
+                        ms->changed[e] ? ms->v + (size_t)ce * D : t.v + (size_t)ms->idx[e] * D;
+                    double ze = 0;
+                    for (int d = 0; d < D; d++)
+                        ze += (double)q[d] * ke[d];
+                    double w = exp(ze / sqrt(D) - mx);
+                    ZS += w;
+                    for (int d = 0; d < D; d++)
+                        os[d] += w * ve[d];
+                }
+                double num = 0, den = 0;
+                for (int d = 0; d < D; d++) {
+                    num += (os[d] / ZS - oo[d] / Z) * (os[d] / ZS - oo[d] / Z);
+                    den += (oo[d] / Z) * (oo[d] / Z);
+                }
+                sum += sqrt(num / den);
+            }
+        KVT_EXPECT_MSG(fabs(m[b * 2].err_window - sum / (2 * W)) <= 1e-5, "B=%d: %.9f, brute %.9f",
+                       B[b], m[b * 2].err_window, sum / (2 * W));
+    }
+    KVT_EXPECT(late > 0); /* else the window's causality is not exercised */
+    kvt_layer_selection_free(sel);
+    kvt_policy_free(p);
     tl_free(&t);
 }
 
@@ -367,6 +439,7 @@ int main(void)
     test_layer_metrics(false);
     test_layer_metrics(true);
     test_step_set_means();
+    test_merged_causal();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }
