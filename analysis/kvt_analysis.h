@@ -81,6 +81,7 @@ typedef struct kvt_run_summary {
     double n_keep; /* mean kept entries per head and layer */
     double recall_window, err_window, recall_decode, err_decode;
     double coverage, coverage_radius, r_kept, r_all, oracle_overlap;
+    double coverage_dropped, head_overlap;
     double recall_window_mod[KVT_N_MODALITIES];
     double coverage_mod[KVT_N_MODALITIES];
     double kept_mod[KVT_N_MODALITIES];  /* kept entries of each modality, summed */

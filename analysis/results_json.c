@@ -23,23 +23,26 @@ static const char *const mod_names[KVT_N_MODALITIES] = {"text", "image", "video"
 typedef struct metric_desc {
     const char *name;
     size_t off;
+    bool optional; /* added within results_version 1: absent in older files, read as null */
 } metric_desc;
 #define HM(f) offsetof(kvt_head_metrics, f)
 static const metric_desc metrics[] = {
-    {"n_keep", HM(n_keep)},
-    {"recall_window", HM(recall_window)},
-    {"err_window", HM(err_window)},
-    {"recall_decode", HM(recall_decode)},
-    {"err_decode", HM(err_decode)},
-    {"coverage", HM(coverage)},
-    {"coverage_radius", HM(coverage_radius)},
-    {"r_kept", HM(r_kept)},
-    {"oracle_overlap", HM(oracle_overlap)},
+    {"n_keep", HM(n_keep), false},
+    {"recall_window", HM(recall_window), false},
+    {"err_window", HM(err_window), false},
+    {"recall_decode", HM(recall_decode), false},
+    {"err_decode", HM(err_decode), false},
+    {"coverage", HM(coverage), false},
+    {"coverage_radius", HM(coverage_radius), false},
+    {"coverage_dropped", HM(coverage_dropped), true},
+    {"head_overlap", HM(head_overlap), true},
+    {"r_kept", HM(r_kept), false},
+    {"oracle_overlap", HM(oracle_overlap), false},
 };
 static const metric_desc mod_metrics[] = {
-    {"n_keep", HM(n_keep_mod)},
-    {"recall_window", HM(recall_window_mod)},
-    {"coverage", HM(coverage_mod)},
+    {"n_keep", HM(n_keep_mod), false},
+    {"recall_window", HM(recall_window_mod), false},
+    {"coverage", HM(coverage_mod), false},
 };
 #define N_METRICS     (sizeof(metrics) / sizeof(metrics[0]))
 #define N_MOD_METRICS (sizeof(mod_metrics) / sizeof(mod_metrics[0]))
@@ -87,6 +90,8 @@ static cJSON *summary_json(const kvt_run_summary *s, bool has_mod)
     add_num(o, "err_decode", s->err_decode);
     add_num(o, "coverage", s->coverage);
     add_num(o, "coverage_radius", s->coverage_radius);
+    add_num(o, "coverage_dropped", s->coverage_dropped);
+    add_num(o, "head_overlap", s->head_overlap);
     add_num(o, "r_kept", s->r_kept);
     add_num(o, "r_all", s->r_all);
     add_num(o, "oracle_overlap", s->oracle_overlap);
@@ -206,6 +211,8 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
                          {"recall_decode", offsetof(kvt_run_summary, recall_decode)},
                          {"err_decode", offsetof(kvt_run_summary, err_decode)},
                          {"coverage", offsetof(kvt_run_summary, coverage)},
+                         {"coverage_dropped", offsetof(kvt_run_summary, coverage_dropped)},
+                         {"head_overlap", offsetof(kvt_run_summary, head_overlap)},
                          {"r_kept", offsetof(kvt_run_summary, r_kept)},
                          {"r_all", offsetof(kvt_run_summary, r_all)},
                          {"oracle_overlap", offsetof(kvt_run_summary, oracle_overlap)},
@@ -469,7 +476,9 @@ static kvt_status check_trace(const kvt_results *r, const cJSON *tj, size_t idx,
                       name, p, b, H);
         const cJSON *mj = item(run, "metrics");
         for (size_t k = 0; k < N_METRICS; k++)
-            KVT_RETURN_IF(!grid_shape_ok(item(mj, metrics[k].name), L, H), KVT_ERR_CORRUPT,
+            KVT_RETURN_IF(!(metrics[k].optional && !item(mj, metrics[k].name)) &&
+                              !grid_shape_ok(item(mj, metrics[k].name), L, H),
+                          KVT_ERR_CORRUPT,
                           "results: trace %zu (%s): run %d/%d: metrics.%s is not [%d][%d] "
                           "(n_layers x n_heads)",
                           idx, name, p, b, metrics[k].name, L, H);
@@ -559,7 +568,8 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
         t->budget_tokens[b] = get_int(run, "budget_tokens", 0);
         const cJSON *mj = item(run, "metrics");
         for (size_t k = 0; k < N_METRICS; k++)
-            if (!read_grid(t, (size_t)p, (size_t)b, H, item(mj, metrics[k].name), metrics[k].off,
+            if (!(metrics[k].optional && !item(mj, metrics[k].name)) &&
+                !read_grid(t, (size_t)p, (size_t)b, H, item(mj, metrics[k].name), metrics[k].off,
                            -1)) {
                 st = kvt_error_set(KVT_ERR_CORRUPT, "results: run %d/%d: metric %s is not [%d][%d]",
                                    p, b, metrics[k].name, L, H);

@@ -123,7 +123,7 @@ kvt_status kvt_summarize_trace(const kvt_trace_result *t, size_t pol, size_t bud
     int l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? t->n_layers : layer + 1;
     int H = t->policy_heads[pol];
     acc nk = {0}, rw = {0}, ew = {0}, rd = {0}, ed = {0}, cv = {0}, cr = {0}, rk = {0}, ra = {0},
-        ov = {0}, rwm[KVT_N_MODALITIES] = {{0}}, cvm[KVT_N_MODALITIES] = {{0}};
+        ov = {0}, cd = {0}, ho = {0}, rwm[KVT_N_MODALITIES] = {{0}}, cvm[KVT_N_MODALITIES] = {{0}};
     double kept = 0.0, km[KVT_N_MODALITIES] = {0};
     for (int l = l0; l < l1; l++) {
         for (int g = 0; g < t->n_kv_heads; g++)
@@ -141,6 +141,8 @@ kvt_status kvt_summarize_trace(const kvt_trace_result *t, size_t pol, size_t bud
             add(&cr, m->coverage_radius);
             add(&rk, m->r_kept);
             add(&ov, m->oracle_overlap);
+            add(&cd, m->coverage_dropped);
+            add(&ho, m->head_overlap);
             for (int k = 0; k < KVT_N_MODALITIES; k++) {
                 add(&rwm[k], m->recall_window_mod[k]);
                 add(&cvm[k], m->coverage_mod[k]);
@@ -159,6 +161,8 @@ kvt_status kvt_summarize_trace(const kvt_trace_result *t, size_t pol, size_t bud
     out->r_kept = mean(&rk);
     out->r_all = mean(&ra);
     out->oracle_overlap = mean(&ov);
+    out->coverage_dropped = mean(&cd);
+    out->head_overlap = mean(&ho);
     int nl = l1 - l0;
     for (int k = 0; k < KVT_N_MODALITIES; k++) {
         out->recall_window_mod[k] = mean(&rwm[k]);
@@ -181,21 +185,23 @@ kvt_status kvt_summarize_results(const kvt_results *r, size_t pol, size_t bud, k
 {
     memset(out, 0, sizeof(*out));
     KVT_RETURN_IF(r->n_traces == 0, KVT_ERR_INVALID_ARG, "summary: no trace");
-    acc a[9 + 2 * KVT_N_MODALITIES];
+    enum { NV = 11 }; /* per-trace means averaged over traces */
+    acc a[NV + 2 * KVT_N_MODALITIES];
     memset(a, 0, sizeof(a));
     double kept_mod[KVT_N_MODALITIES] = {0}, tot_mod[KVT_N_MODALITIES] = {0};
     bool any_mod = false;
     for (size_t i = 0; i < r->n_traces; i++) {
         kvt_run_summary s;
         KVT_FORWARD(kvt_summarize_trace(r->traces[i], pol, bud, -1, &s));
-        const double v[9] = {s.n_keep,          s.recall_window, s.err_window,
-                             s.recall_decode,   s.err_decode,    s.coverage,
-                             s.coverage_radius, s.r_kept,        s.oracle_overlap};
-        for (int k = 0; k < 9; k++)
+        const double v[NV] = {s.n_keep,           s.recall_window, s.err_window,
+                              s.recall_decode,    s.err_decode,    s.coverage,
+                              s.coverage_radius,  s.r_kept,        s.oracle_overlap,
+                              s.coverage_dropped, s.head_overlap};
+        for (int k = 0; k < NV; k++)
             add(&a[k], v[k]);
         for (int k = 0; k < KVT_N_MODALITIES; k++) {
-            add(&a[9 + k], s.recall_window_mod[k]);
-            add(&a[9 + KVT_N_MODALITIES + k], s.coverage_mod[k]);
+            add(&a[NV + k], s.recall_window_mod[k]);
+            add(&a[NV + KVT_N_MODALITIES + k], s.coverage_mod[k]);
             if (!isnan(s.kept_mod[k])) {
                 any_mod = true;
                 kept_mod[k] += s.kept_mod[k];
@@ -217,9 +223,11 @@ kvt_status kvt_summarize_results(const kvt_results *r, size_t pol, size_t bud, k
     out->coverage_radius = mean(&a[6]);
     out->r_kept = mean(&a[7]);
     out->oracle_overlap = mean(&a[8]);
+    out->coverage_dropped = mean(&a[9]);
+    out->head_overlap = mean(&a[10]);
     for (int k = 0; k < KVT_N_MODALITIES; k++) {
-        out->recall_window_mod[k] = mean(&a[9 + k]);
-        out->coverage_mod[k] = mean(&a[9 + KVT_N_MODALITIES + k]);
+        out->recall_window_mod[k] = mean(&a[NV + k]);
+        out->coverage_mod[k] = mean(&a[NV + KVT_N_MODALITIES + k]);
         out->kept_mod[k] = any_mod ? kept_mod[k] : NAN;
         out->total_mod[k] = any_mod ? tot_mod[k] : NAN;
     }

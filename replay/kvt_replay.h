@@ -120,10 +120,12 @@ typedef struct kvt_head_metrics {
     double err_window;    /* ||o_S - o|| / ||o|| on window queries */
     double recall_decode; /* same on held-out decode queries */
     double err_decode;
-    double coverage;        /* mean over probe keys of the best cosine to a kept key */
-    double coverage_radius; /* max over probe keys of 1 - best cosine */
-    double r_kept;          /* head redundancy of the kept keys */
-    double oracle_overlap;  /* |S & O| / |O|, O = oracle's set at the same budget */
+    double coverage;         /* mean over probe keys of the best cosine to a kept key */
+    double coverage_radius;  /* max over probe keys of 1 - best cosine */
+    double coverage_dropped; /* coverage over the probe keys not kept */
+    double head_overlap;     /* mean Jaccard of the kept set with the layer's other heads' */
+    double r_kept;           /* head redundancy of the kept keys */
+    double oracle_overlap;   /* |S & O| / |O|, O = oracle's set at the same budget */
     double n_keep_mod[KVT_N_MODALITIES];
     double recall_window_mod[KVT_N_MODALITIES];
     double coverage_mod[KVT_N_MODALITIES];

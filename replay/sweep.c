@@ -20,10 +20,12 @@ typedef struct scratch {
     int *map;
     double *rec, *err, *rmod; /* [n_qmax, n_b(, NM)] */
     void *sw;                 /* sweep_output workspace */
-    double *cov, *rad, *cmod, *rk;
+    double *cov, *rad, *cmod, *rk, *cdrop;
     float *cwork;
     double *rwork;
     int32_t *posO;
+    int32_t *posT;      /* [T] position of each token in the ranking being swept */
+    int32_t *probe_pos; /* [n_probe] posT of each probe */
     int32_t *probe;
     uint8_t *probe_mod;
     float *ct;     /* [T, n_probe] cosine table of the current KV head (host sweeps) */
@@ -51,6 +53,9 @@ static void scratch_free(scratch *s)
     kvt_free(s->rad);
     kvt_free(s->cmod);
     kvt_free(s->rk);
+    kvt_free(s->cdrop);
+    kvt_free(s->posT);
+    kvt_free(s->probe_pos);
     kvt_free(s->cwork);
     kvt_free(s->rwork);
     kvt_free(s->posO);
@@ -91,6 +96,9 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->rad = kvt_malloc(nb * sizeof(double));
     s->cmod = kvt_malloc(nb * KVT_NM * sizeof(double));
     s->rk = kvt_malloc(nb * sizeof(double));
+    s->cdrop = kvt_malloc(nb * sizeof(double));
+    s->posT = kvt_malloc(T * sizeof(int32_t));
+    s->probe_pos = kvt_malloc(((size_t)n_probe + 1) * sizeof(int32_t));
     s->cwork = kvt_malloc(((size_t)n_probe + 1) * sizeof(float));
     s->rwork = kvt_malloc(D * sizeof(double));
     s->posO = kvt_malloc(T * sizeof(int32_t));
@@ -119,8 +127,8 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     }
     if (!s->vcnt || !s->vocnt || !s->vm || !s->brec || !s->berr || !s->brmod || !s->cuts ||
         !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad || !s->cmod ||
-        !s->rk || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod ||
-        !(s->ct || s->cbest) || !s->z || !s->keep || !s->acc) {
+        !s->rk || !s->cdrop || !s->posT || !s->probe_pos || !s->cwork || !s->rwork || !s->posO ||
+        !s->probe || !s->probe_mod || !(s->ct || s->cbest) || !s->z || !s->keep || !s->acc) {
         scratch_free(s);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
     }
@@ -245,15 +253,21 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
 {
     const int T = c->T, D = c->D;
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
+    if (s->n_probe > 0) { /* where each probe's token is in the ranking: kept below a cut */
+        for (int t = 0; t < T; t++)
+            s->posT[order[t]] = t;
+        for (int i = 0; i < s->n_probe; i++)
+            s->probe_pos[i] = s->posT[s->probe[i]];
+    }
     if (s->n_probe > 0 && c->gpu) { /* each probe's best per cut on the GPU, summarised here */
         KVT_FORWARD(kvt_ctx_gpu_coverage_best(c->gpu, order, s->cuts, n_cut, s->cbest));
         for (int ci = 0; ci < n_cut; ci++)
             kvt_coverage_summary(s->cbest + (size_t)ci * s->n_probe, s->n_probe, s->cuts[ci],
-                                 s->probe_mod, s->cov + ci, s->rad + ci,
-                                 s->cmod + (size_t)ci * KVT_NM);
+                                 s->probe_mod, s->probe_pos, s->cov + ci, s->rad + ci,
+                                 s->cmod + (size_t)ci * KVT_NM, s->cdrop + ci);
     } else if (s->n_probe > 0) {
         KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, order, s->cuts, n_cut, s->probe_mod,
-                                       s->cwork, s->cov, s->rad, s->cmod));
+                                       s->probe_pos, s->cwork, s->cov, s->rad, s->cmod, s->cdrop));
     }
     KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
                                      s->rwork, s->rk));
@@ -268,6 +282,7 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
         if (s->n_probe > 0) {
             hm->coverage += wgt * s->cov[ci];
             hm->coverage_radius += wgt * s->rad[ci];
+            hm->coverage_dropped += wgt * s->cdrop[ci];
             for (int k = 0; k < KVT_NM; k++)
                 hm->coverage_mod[k] += wgt * s->cmod[(size_t)ci * KVT_NM + k];
         }
@@ -292,7 +307,7 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
 static void zero_set_fields(kvt_head_metrics *hm, bool cov, bool mod, bool oracle)
 {
     hm->n_keep = 0.0;
-    hm->coverage = hm->coverage_radius = cov ? 0.0 : NAN;
+    hm->coverage = hm->coverage_radius = hm->coverage_dropped = cov ? 0.0 : NAN;
     hm->r_kept = 0.0;
     hm->oracle_overlap = oracle ? 0.0 : NAN;
     for (int k = 0; k < KVT_NM; k++) {
@@ -617,8 +632,8 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
                 mean[d] /= ms->n;
         hm->r_kept = kvt_redundancy_ref(mean, D, ms->n);
         if (s->n_probe > 0 && ms->n > 0) {
-            double sum = 0.0, rad = -INFINITY, sm[KVT_NM] = {0};
-            int cm[KVT_NM] = {0};
+            double sum = 0.0, rad = -INFINITY, sm[KVT_NM] = {0}, sd = 0.0;
+            int cm[KVT_NM] = {0}, nd = 0;
             /* best cosine of each probe: entries outer so that the table is read by rows */
             float *bestv = s->cwork;
             const int np = s->n_probe;
@@ -647,9 +662,14 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
                 rad = 1.0 - best > rad ? 1.0 - best : rad;
                 sm[s->probe_mod[i]] += best;
                 cm[s->probe_mod[i]]++;
+                if (!keep[s->probe[i]]) { /* its own key is not in the cache */
+                    sd += best;
+                    nd++;
+                }
             }
             hm->coverage = sum / s->n_probe;
             hm->coverage_radius = rad;
+            hm->coverage_dropped = nd ? sd / nd : NAN;
             for (int k = 0; k < KVT_NM; k++)
                 hm->coverage_mod[k] = mod && cm[k] ? sm[k] / cm[k] : NAN;
         }
@@ -792,6 +812,80 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
     return st;
 }
 
+/* the kept set of head h at budget b and decode step x (-1: the prompt-time set; a head that
+ * does not re-select uses it at every step) */
+static const int32_t *kept_set(const kvt_layer_selection *sel, int b, int h, int x, int *n)
+{
+    const size_t bh = (size_t)b * sel->n_heads + (size_t)h;
+    if (sel->merged) {
+        *n = sel->merged[bh].n;
+        return sel->merged[bh].idx;
+    }
+    if (x >= 0 && sel->step_head && sel->step_head[h]) {
+        *n = sel->step_count[bh * sel->n_steps + (size_t)x];
+        return sel->step_order + ((size_t)h * sel->n_steps + (size_t)x) * sel->T;
+    }
+    *n = sel->count[bh];
+    return sel->order + (size_t)h * sel->T;
+}
+
+/* head_overlap (RESULTS.md) of every head and budget of one policy: the mean over the layer's
+ * other heads of the Jaccard index of the two kept sets; with per-step heads, of the sets of
+ * each decode step, averaged over the steps. m: the policy's metrics, [b * stride + h]. */
+static kvt_status head_overlaps(const kvt_layer_selection *sel, int n_b, kvt_head_metrics *m,
+                                size_t stride)
+{
+    const int H = sel->n_heads;
+    if (H < 2)
+        return KVT_OK; /* no other head: stays null */
+    bool per_step = false;
+    for (int h = 0; h < H && sel->step_head; h++)
+        per_step |= sel->step_head[h] != 0;
+    const int n_x = per_step && sel->n_steps > 0 ? sel->n_steps : 1;
+    const size_t words = ((size_t)sel->T + 63) / 64;
+    uint64_t *bits = kvt_calloc((size_t)H * words, sizeof(uint64_t));
+    int *card = kvt_malloc((size_t)H * sizeof(int));
+    double *acc = kvt_malloc((size_t)H * sizeof(double));
+    if (!bits || !card || !acc) {
+        kvt_free(bits);
+        kvt_free(card);
+        kvt_free(acc);
+        return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (head overlap)");
+    }
+    for (int b = 0; b < n_b; b++) {
+        for (int h = 0; h < H; h++)
+            acc[h] = 0.0;
+        for (int x = 0; x < n_x; x++) {
+            memset(bits, 0, (size_t)H * words * sizeof(uint64_t));
+            for (int h = 0; h < H; h++) {
+                int n;
+                const int32_t *set = kept_set(sel, b, h, per_step ? x : -1, &n);
+                uint64_t *w = bits + (size_t)h * words;
+                for (int i = 0; i < n; i++)
+                    w[set[i] >> 6] |= 1ull << (set[i] & 63);
+                card[h] = n;
+            }
+            for (int h = 0; h < H; h++)
+                for (int h2 = h + 1; h2 < H; h2++) {
+                    const uint64_t *u = bits + (size_t)h * words, *v = bits + (size_t)h2 * words;
+                    long inter = 0;
+                    for (size_t i = 0; i < words; i++)
+                        inter += __builtin_popcountll(u[i] & v[i]);
+                    long uni = (long)card[h] + card[h2] - inter;
+                    double j = uni > 0 ? (double)inter / (double)uni : NAN;
+                    acc[h] += j;
+                    acc[h2] += j;
+                }
+        }
+        for (int h = 0; h < H; h++)
+            m[(size_t)b * stride + (size_t)h].head_overlap = acc[h] / ((double)(H - 1) * n_x);
+    }
+    kvt_free(bits);
+    kvt_free(card);
+    kvt_free(acc);
+    return KVT_OK;
+}
+
 kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const *pols,
                                     size_t n_pol, const int *budget_tokens, size_t n_budgets,
                                     const kvt_replay_opts *o, kvt_head_metrics *out)
@@ -916,6 +1010,9 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
             }
         }
     }
+    for (size_t p = 0; p < n_pol; p++)
+        if ((st = head_overlaps(&sels[p], n_b, out + (p * n_budgets) * (size_t)c.Hq, (size_t)c.Hq)))
+            goto out_free;
     if (o->sink)
         st = export_layer(&c, sels, n_pol, n_b, o);
 out_free:

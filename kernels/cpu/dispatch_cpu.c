@@ -58,11 +58,13 @@ void kvt_unit_rows(const float *x, int n, int D, float *ku, double *mean)
 }
 
 kvt_status kvt_sweep_coverage(const float *ct, int T, int n_probe, const int32_t *order,
-                              const int32_t *cuts, int n_cut, const uint8_t *probe_mod, float *work,
-                              double *cov, double *radius, double *cov_mod)
+                              const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
+                              const int32_t *probe_pos, float *work, double *cov, double *radius,
+                              double *cov_mod, double *cov_drop)
 {
     return (kvt_kernels_ref_only() ? kvt_sweep_coverage_ref : kvt_sweep_coverage_cpu)(
-        ct, T, n_probe, order, cuts, n_cut, probe_mod, work, cov, radius, cov_mod);
+        ct, T, n_probe, order, cuts, n_cut, probe_mod, probe_pos, work, cov, radius, cov_mod,
+        cov_drop);
 }
 
 kvt_status kvt_sweep_redundancy(const float *ku, int T, int D, const int32_t *order,

@@ -199,8 +199,9 @@ void kvt_transpose_f32_cpu(const float *src, int rows, int cols, size_t ld_src, 
 
 KVT_CLONES kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe,
                                              const int32_t *order, const int32_t *cuts, int n_cut,
-                                             const uint8_t *probe_mod, float *work, double *cov,
-                                             double *radius, double *cov_mod)
+                                             const uint8_t *probe_mod, const int32_t *probe_pos,
+                                             float *work, double *cov, double *radius,
+                                             double *cov_mod, double *cov_drop)
 {
     KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "sweep_coverage: bad shape");
@@ -219,8 +220,9 @@ KVT_CLONES kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe
                 best[i] = row[i] > best[i] ? row[i] : best[i];
         }
         /* the per-cut summary is the reference's own */
-        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, cov + ci, radius + ci,
-                             cov_mod ? cov_mod + (size_t)ci * NM : NULL);
+        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, probe_pos, cov + ci, radius + ci,
+                             cov_mod ? cov_mod + (size_t)ci * NM : NULL,
+                             cov_drop ? cov_drop + ci : NULL);
     }
     return KVT_OK;
 }

@@ -91,7 +91,8 @@ kvt_status kvt_cosine_table_ref(const float *ku, int T, int D, const int32_t *pr
 
 kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int32_t *order,
                                   const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
-                                  float *work, double *cov, double *radius, double *cov_mod)
+                                  const int32_t *probe_pos, float *work, double *cov,
+                                  double *radius, double *cov_mod, double *cov_drop)
 {
     KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "sweep_coverage: bad shape");
@@ -106,17 +107,19 @@ kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int
             for (int i = 0; i < n_probe; i++)
                 best[i] = row[i] > best[i] ? row[i] : best[i];
         }
-        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, cov + ci, radius + ci,
-                             cov_mod ? cov_mod + (size_t)ci * NM : NULL);
+        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, probe_pos, cov + ci, radius + ci,
+                             cov_mod ? cov_mod + (size_t)ci * NM : NULL,
+                             cov_drop ? cov_drop + ci : NULL);
     }
     return KVT_OK;
 }
 
 void kvt_coverage_summary(const float *best, int n_probe, int cut, const uint8_t *probe_mod,
-                          double *cov, double *radius, double *cov_mod)
+                          const int32_t *probe_pos, double *cov, double *radius, double *cov_mod,
+                          double *cov_drop)
 {
-    double s = 0.0, rad = -INFINITY, sm[NM] = {0};
-    int cm[NM] = {0};
+    double s = 0.0, rad = -INFINITY, sm[NM] = {0}, sd = 0.0;
+    int cm[NM] = {0}, nd = 0;
     for (int i = 0; i < n_probe; i++) {
         s += best[i];
         rad = 1.0 - best[i] > rad ? 1.0 - best[i] : rad;
@@ -124,10 +127,16 @@ void kvt_coverage_summary(const float *best, int n_probe, int cut, const uint8_t
             sm[probe_mod[i]] += best[i];
             cm[probe_mod[i]]++;
         }
+        if (probe_pos && probe_pos[i] >= cut) {
+            sd += best[i];
+            nd++;
+        }
     }
     bool empty = cut == 0 || n_probe == 0;
     *cov = empty ? NAN : s / n_probe;
     *radius = empty ? NAN : rad;
+    if (probe_pos && cov_drop)
+        *cov_drop = empty || nd == 0 ? NAN : sd / nd;
     if (probe_mod && cov_mod)
         for (int m = 0; m < NM; m++)
             cov_mod[m] = empty || !cm[m] ? NAN : sm[m] / cm[m];

@@ -19,8 +19,11 @@ What it implements (POLICIES.md section in brackets):
     renormalised over the kept set) on all stored window queries and on decode queries (which
     also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
     evicted), key-space coverage (mean over probe keys of the best cosine to a kept key) and
-    its k-center radius, head redundancy r on all keys and on the kept set; with a modality
-    table, per modality: kept count, window recall and coverage.
+    its k-center radius, coverage_dropped (the same mean over the probe keys that are NOT
+    kept; null when no probe is dropped or nothing is kept), head redundancy r on all keys and
+    on the kept set, head_overlap (mean Jaccard index of the head's kept set with each other
+    head's set of the same layer, policy and budget, at the policy's granularity; null with a
+    single head); with a modality table, per modality: kept count, window recall and coverage.
 
 Conventions (where the spec leaves room; the same as analysis/RESULTS.md documents):
   * Budget B = entries kept per head, window included: b = B − W prefix tokens are selected.
@@ -35,9 +38,10 @@ Python API:  replay_layer(...)  one layer (numpy arrays in), replay_trace(...)  
 CLI:  replay_oracle.py TRACE -o out.json [--policies LIST] [--budgets 64,128,10%] ...
 Output JSON: {"settings": {...}, "trace": {...}, "policies": {label: {"budgets": {str(B):
   {"budget_tokens": B, "layers": [{"heads": [{"kept": [...], "n_keep", "recall",
-  "recall_decode", "err_window", "err_decode", "coverage", "coverage_radius", "r_all",
-  "r_kept", "by_modality" (with a modality table: {"n_keep"|"recall"|"coverage": {"text",
-  "image", "video", "other"}})}, ...]}, ...]}}}}}  (null where not applicable).
+  "recall_decode", "err_window", "err_decode", "coverage", "coverage_radius",
+  "coverage_dropped", "r_all", "r_kept", "head_overlap", "by_modality" (with a modality
+  table: {"n_keep"|"recall"|"coverage": {"text", "image", "video", "other"}})}, ...]}, ...]}}}}}
+  (null where not applicable).
 """
 import argparse
 import json
@@ -411,7 +415,10 @@ class LayerInputs:
 
     def metrics(self, qheads, g, S, probes):
         """Metrics of kept set S (sorted index array) of KV head g, judged on query heads
-        `qheads` (the group for kv granularity, one head for query granularity)."""
+        `qheads` (the group for kv granularity, one head for query granularity).
+        coverage_dropped: the mean of max_{s in S} cos(k_j, k_s) over the probe keys j that
+        are not in S (the same probes and cosines as coverage); None when every probe is kept
+        or S is empty. head_overlap needs the other heads: replay_layer adds it."""
         rw, ew, rd, ed = [], [], [], []
         for h in qheads:
             r, e = self._recall_err(self.Pw[h], self.V[g], S)
@@ -425,12 +432,16 @@ class LayerInputs:
         n = min(probes, self.N)
         pidx = (np.arange(n) * self.N) // n if n > 0 else None
         best = None
+        cov = rad = cov_drop = None
         if n > 0 and len(S):
             cos = kh[pidx] @ kh[S].T
             best = cos.max(axis=1)
             cov, rad = float(best.mean()), float((1.0 - best).max())
-        else:
-            cov = rad = None
+            inS = np.zeros(self.N, bool)
+            inS[S] = True
+            dropped = ~inS[pidx]
+            if dropped.any():
+                cov_drop = float(best[dropped].mean())
         out = {
             "recall": float(np.mean(rw)),
             "err_window": float(np.mean(ew)),
@@ -438,6 +449,7 @@ class LayerInputs:
             "err_decode": float(np.mean(ed)) if ed else None,
             "coverage": cov,
             "coverage_radius": rad,
+            "coverage_dropped": cov_drop,
             "r_all": self.r_all[g],
             "r_kept": head_redundancy(self.K[g][S]),
         }
@@ -578,6 +590,26 @@ def _tie_margin(order, n, scores, hh):
     return float(abs(hi - lo) / max(abs(hi), abs(lo), 1e-300))
 
 
+def head_overlaps(sets):
+    """head_overlap of every head: for head h, the mean over the other heads h' of the
+    Jaccard index |S_h ∩ S_h'| / |S_h ∪ S_h'| (two empty sets count as identical: 1).
+    None for every head when there is a single head."""
+    sets = [set(int(x) for x in s) for s in sets]
+    H = len(sets)
+    if H < 2:
+        return [None] * H
+    out = []
+    for h in range(H):
+        js = []
+        for h2 in range(H):
+            if h2 == h:
+                continue
+            u = len(sets[h] | sets[h2])
+            js.append(len(sets[h] & sets[h2]) / u if u else 1.0)
+        out.append(float(sum(js) / len(js)))
+    return out
+
+
 def replay_layer(K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, *, policies=None,
                  budgets=(64, 128), layer=0, n_layers=1, scale=None, coverage_probes=256,
                  ctx=None, debug=False):
@@ -587,10 +619,11 @@ def replay_layer(K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, *, policies=N
     colsum [Hq,N] or None (h2o). policies: specs ("snapkv:kernel=7,pool=max") or
     (label, name, options) tuples; budgets: tokens or "10%" strings.
     Returns {label: {B: [head dict, ...]}} where each head dict has "kept" (sorted list),
-    "n_keep" and the metrics. Policies whose input is missing are skipped. debug=True adds
-    "tie_margin" (relative score gap between the last kept and the first dropped token: a
-    tiny value marks a near-tie that another implementation may break differently) and
-    "alloc_margin" (the same at AdaKV's global top-k boundary)."""
+    "n_keep" and the metrics, including "head_overlap" (head_overlaps() over the heads of
+    this policy and budget, at the policy's granularity). Policies whose input is missing
+    are skipped. debug=True adds "tie_margin" (relative score gap between the last kept and
+    the first dropped token: a tiny value marks a near-tie that another implementation may
+    break differently) and "alloc_margin" (the same at AdaKV's global top-k boundary)."""
     if ctx is None:
         ctx = LayerInputs(K, V, Qw, Qd, Kd, Vd, colsum, scale)
     pols = [p if isinstance(p, tuple) else parse_policy(p)
@@ -617,6 +650,8 @@ def replay_layer(K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, *, policies=N
                     d["tie_margin"] = _tie_margin(order, n, info["scores"], hh)
                     d["alloc_margin"] = info["alloc_margin"]
                 heads.append(d)
+            for d, ov in zip(heads, head_overlaps([d["kept"] for d in heads])):
+                d["head_overlap"] = ov
             res[B] = heads
         out[label] = res
     return out

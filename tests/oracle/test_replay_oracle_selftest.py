@@ -37,12 +37,17 @@ def layer(K, V=None, Qw=None, **kw):
     return O.LayerInputs(K, V, Qw, **kw)
 
 
+def head_dicts(ctx, spec, B, layer_idx=0, n_layers=1, probes=256):
+    """the per-head dicts (kept set and metrics) of one policy and budget"""
+    res = O.replay_layer(None, None, None, policies=[spec], budgets=[B], ctx=ctx,
+                         layer=layer_idx, n_layers=n_layers, coverage_probes=probes)
+    (_, by_b), = res.items()
+    return by_b[B]
+
+
 def kept(ctx, spec, B, layer_idx=0, n_layers=1):
     """kept sets of every head for one policy and budget"""
-    res = O.replay_layer(None, None, None, policies=[spec], budgets=[B], ctx=ctx,
-                         layer=layer_idx, n_layers=n_layers)
-    (_, by_b), = res.items()
-    return [h["kept"] for h in by_b[B]]
+    return [h["kept"] for h in head_dicts(ctx, spec, B, layer_idx, n_layers)]
 
 
 # K[0,:,0] = [0,3,1,2,0,0,0,0], D = 1, all window queries q = 1 (scale 1): the prefix shares
@@ -377,6 +382,110 @@ class Metrics(unittest.TestCase):
                                (each[0]["err_window"] + each[1]["err_window"]) / 2)
 
 
+class CoverageDropped(unittest.TestCase):
+    K3 = np.array([[1.0, 0], [0, 2.0], [3.0, 0]])
+
+    def test_hand_worked(self):
+        c = layer(self.K3, None, np.ones((1, 1, 2)))
+        # S = {0}: probes 0, 1, 2; dropped 1 (cos 0) and 2 (cos 1) -> 1/2
+        m = c.metrics([0], 0, np.array([0]), 256)
+        self.assertAlmostEqual(m["coverage_dropped"], 0.5)
+        # S = {1}: dropped 0 and 2, both cos 0 -> 0
+        self.assertAlmostEqual(c.metrics([0], 0, np.array([1]), 256)["coverage_dropped"], 0.0)
+        # S = {0, 1}: only 2 is dropped, cos(k2, k0) = 1
+        self.assertAlmostEqual(c.metrics([0], 0, np.array([0, 1]), 256)["coverage_dropped"],
+                               1.0)
+        # two probes (tokens 0, 1), S = {0}: only probe 1 is dropped -> 0
+        self.assertAlmostEqual(c.metrics([0], 0, np.array([0]), 2)["coverage_dropped"], 0.0)
+        # two probes, S = {0, 1}: token 2 is dropped but is no probe -> null
+        self.assertIsNone(c.metrics([0], 0, np.array([0, 1]), 2)["coverage_dropped"])
+
+    def test_null_when_nothing_dropped_or_nothing_kept(self):
+        c = layer(self.K3, None, np.ones((1, 1, 2)))
+        self.assertIsNone(c.metrics([0], 0, np.arange(3), 256)["coverage_dropped"])
+        m = c.metrics([0], 0, np.array([], dtype=np.int64), 256)
+        self.assertIsNone(m["coverage_dropped"])
+        self.assertIsNone(m["coverage"])
+
+    def test_full_budget_and_short_prompt(self):
+        rng = np.random.default_rng(4)
+        c = layer(rng.standard_normal((2, 12, 3)), None, rng.standard_normal((4, 4, 3)))
+        for spec, B in (("full", 3), ("snapkv:window=4", 12), ("snapkv:window=4", 20),
+                        ("streamingllm", 12)):
+            for d in head_dicts(c, spec, B):
+                self.assertEqual(d["n_keep"], 12)
+                self.assertIsNone(d["coverage_dropped"], (spec, B))
+        # a real budget drops some probes: a number in [-1, 1], at most coverage
+        for d in head_dicts(c, "snapkv:window=4", 6):
+            self.assertTrue(-1.0 <= d["coverage_dropped"] <= 1.0)
+            self.assertLessEqual(d["coverage_dropped"], d["coverage"] + 1e-12)
+
+    def test_identical_keys(self):
+        # every key is the same direction: every cosine is 1 (to rounding)
+        K = np.tile(np.array([0.3, -1.7, 2.2], np.float32), (2, 16, 1))
+        rng = np.random.default_rng(6)
+        c = layer(K, None, rng.standard_normal((2, 4, 3)))
+        for spec in ("snapkv:window=4", "streamingllm", "knorm"):
+            for d in head_dicts(c, spec, 6):
+                self.assertAlmostEqual(d["coverage_dropped"], 1.0, places=6)
+        # probes 0, 4, 8, 12 of 16; streamingllm B = 6 keeps 0..3, 14, 15: 3 dropped probes
+        for d in head_dicts(c, "streamingllm", 6, probes=4):
+            self.assertAlmostEqual(d["coverage_dropped"], 1.0, places=6)
+
+
+class HeadOverlap(unittest.TestCase):
+    def test_jaccard_helper(self):
+        self.assertEqual(O.head_overlaps([[0, 1, 2, 3], [2, 3, 4, 5]]), [1 / 3, 1 / 3])
+        # {0,1}, {0,1}, {2}: head 0 (1 + 0)/2, head 1 the same, head 2 (0 + 0)/2
+        self.assertEqual(O.head_overlaps([[0, 1], [0, 1], [2]]), [0.5, 0.5, 0.0])
+        # {0,1,2}, {1,2}, {2,3}: J01 = 2/3, J02 = 1/4, J12 = 1/3
+        got = O.head_overlaps([[0, 1, 2], [1, 2], [2, 3]])
+        np.testing.assert_allclose(got, [(2 / 3 + 1 / 4) / 2, (2 / 3 + 1 / 3) / 2,
+                                         (1 / 4 + 1 / 3) / 2])
+        self.assertEqual(O.head_overlaps([[], []]), [1.0, 1.0])
+        self.assertEqual(O.head_overlaps([[0, 1]]), [None])
+
+    def test_two_kv_heads_by_hand(self):
+        # knorm (window 0) keeps the B smallest key norms: head 0 has small keys at 0..3,
+        # head 1 at 2..5 -> {0,1,2,3} and {2,3,4,5}: Jaccard 2/6 for both heads
+        K = np.array([[1, 1, 1, 1, 9, 9, 9, 9], [9, 9, 1, 1, 1, 1, 9, 9]], float)[..., None]
+        c = layer(K, None, np.ones((2, 2, 1)))
+        hs = head_dicts(c, "knorm", 4)
+        self.assertEqual([d["kept"] for d in hs], [[0, 1, 2, 3], [2, 3, 4, 5]])
+        self.assertEqual([d["head_overlap"] for d in hs], [1 / 3, 1 / 3])
+
+    def test_query_heads_by_hand(self):
+        # SnapKV.test_gqa_mean_and_query_heads: query heads keep {1,3,6,7} and {0,4,6,7}
+        Qw = np.stack([np.ones((2, 1)), -np.ones((2, 1))])
+        c = ctx8(Qw)
+        hs = head_dicts(c, "snapkv:window=2,kernel=1,heads=query", 4)
+        self.assertEqual([d["kept"] for d in hs], [[1, 3, 6, 7], [0, 4, 6, 7]])
+        self.assertEqual([d["head_overlap"] for d in hs], [1 / 3, 1 / 3])
+        # the same layer in kv granularity has one head (Hkv = 1): null
+        self.assertEqual([d["head_overlap"] for d in head_dicts(c, "snapkv:window=2,kernel=1",
+                                                                4)], [None])
+
+    def test_same_set_for_every_head(self):
+        rng = np.random.default_rng(8)
+        c = layer(rng.standard_normal((2, 20, 3)), None, rng.standard_normal((4, 4, 3)))
+        for spec in ("streamingllm", "streamingllm:heads=query", "tova", "full"):
+            for B in (6, 30):
+                hs = head_dicts(c, spec, B)
+                self.assertEqual(len(hs), 4 if "query" in spec else 2)
+                for d in hs:
+                    self.assertEqual(d["head_overlap"], 1.0, (spec, B))
+
+    def test_single_kv_head_is_null(self):
+        rng = np.random.default_rng(10)
+        c = layer(rng.standard_normal((1, 20, 3)), None, rng.standard_normal((4, 4, 3)))
+        for spec in ("streamingllm", "snapkv:window=4", "knorm", "full"):
+            self.assertEqual([d["head_overlap"] for d in head_dicts(c, spec, 8)], [None])
+        # heads=query on the same layer: 4 heads, all numbers in [0, 1]
+        hs = head_dicts(c, "snapkv:window=4,heads=query", 8)
+        self.assertEqual(len(hs), 4)
+        self.assertTrue(all(0.0 <= d["head_overlap"] <= 1.0 for d in hs))
+
+
 class Cli(unittest.TestCase):
     def test_cli_on_a_tiny_trace(self):
         lib = os.environ.get("KVT_LIB")
@@ -409,9 +518,14 @@ class Cli(unittest.TestCase):
             heads = b["12"]["layers"][1]["heads"]
             self.assertEqual(len(heads), Hkv)
             self.assertEqual(heads[0]["kept"], [0, 1, 2, 3] + list(range(32, 40)))
-            for key in ("recall", "err_window", "err_decode", "coverage", "r_all", "r_kept"):
+            for key in ("recall", "err_window", "err_decode", "coverage", "coverage_dropped",
+                        "r_all", "r_kept", "head_overlap"):
                 self.assertIn(key, heads[0])
             self.assertIsNone(heads[0]["err_decode"])
+            self.assertEqual([h["head_overlap"] for h in heads], [1.0] * Hkv)
+            self.assertIsNotNone(heads[0]["coverage_dropped"])
+            half = b["20"]["layers"][0]["heads"]  # 50% of 40 = 20 < 40: some dropped
+            self.assertIsNotNone(half[0]["coverage_dropped"])
 
 
 if __name__ == "__main__":

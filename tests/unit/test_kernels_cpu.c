@@ -265,22 +265,29 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, bool tr
             pm[i] = (uint8_t)(mod[probe[i]] % KVT_N_MODALITIES);
         size_t nk = (size_t)n_cut * KVT_N_MODALITIES;
         double cva[16], cvb[16 + N_GUARD], rda[16], rdb[16], cma[16 * 4], cmb[16 * 4 + N_GUARD];
-        double rka[16], rkb[16 + N_GUARD], wk[256];
+        double rka[16], rkb[16 + N_GUARD], wk[256], cda[16], cdb[16 + N_GUARD];
         float wf[64];
-        put_guard(cvb + n_cut), put_guard(cmb + nk), put_guard(rkb + n_cut);
-        KVT_CHECK(
-            kvt_sweep_coverage_ref(ca, T, n_probe, order, cuts, n_cut, pm, wf, cva, rda, cma));
-        KVT_CHECK(
-            kvt_sweep_coverage_cpu(ca, T, n_probe, order, cuts, n_cut, pm, wf, cvb, rdb, cmb));
+        int32_t pp[64], *pos = malloc((size_t)T * 4); /* each probe's place in the ranking */
+        for (int t = 0; t < T; t++)
+            pos[order[t]] = t;
+        for (int i = 0; i < n_probe; i++)
+            pp[i] = pos[probe[i]];
+        free(pos);
+        put_guard(cvb + n_cut), put_guard(cmb + nk), put_guard(rkb + n_cut), put_guard(cdb + n_cut);
+        KVT_CHECK(kvt_sweep_coverage_ref(ca, T, n_probe, order, cuts, n_cut, pm, pp, wf, cva, rda,
+                                         cma, cda));
+        KVT_CHECK(kvt_sweep_coverage_cpu(ca, T, n_probe, order, cuts, n_cut, pm, pp, wf, cvb, rdb,
+                                         cmb, cdb));
         KVT_EXPECT(!memcmp(cva, cvb, (size_t)n_cut * 8) && !memcmp(rda, rdb, (size_t)n_cut * 8));
-        KVT_EXPECT(!memcmp(cma, cmb, nk * 8));
+        KVT_EXPECT(!memcmp(cma, cmb, nk * 8) && !memcmp(cda, cdb, (size_t)n_cut * 8));
+        KVT_EXPECT(guard_ok(cdb + n_cut));
         KVT_CHECK(kvt_sweep_redundancy_ref(ku, T, D, order, cuts, n_cut, wk, rka));
         KVT_CHECK(kvt_sweep_redundancy_cpu(ku, T, D, order, cuts, n_cut, wk, rkb));
         KVT_EXPECT(!memcmp(rka, rkb, (size_t)n_cut * 8));
         KVT_EXPECT(guard_ok(cvb + n_cut) && guard_ok(cmb + nk) && guard_ok(rkb + n_cut));
-        KVT_EXPECT_STATUS(
-            kvt_sweep_coverage_cpu(ca, T, n_probe, order, bad, 2, pm, wf, cvb, rdb, cmb),
-            KVT_ERR_INVALID_ARG);
+        KVT_EXPECT_STATUS(kvt_sweep_coverage_cpu(ca, T, n_probe, order, bad, 2, pm, NULL, wf, cvb,
+                                                 rdb, cmb, NULL),
+                          KVT_ERR_INVALID_ARG);
         KVT_EXPECT_STATUS(kvt_sweep_redundancy_cpu(ku, T, D, order, bad, 2, wk, rkb),
                           KVT_ERR_INVALID_ARG);
     }

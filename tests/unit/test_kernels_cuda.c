@@ -378,12 +378,20 @@ static void test_coverage(int T, int D, uint64_t seed)
     from_dev(best, dbest, (size_t)n_cut * P * 4, "coverage_best");
     double cva[16], rda[16], cma[16 * KVT_N_MODALITIES], cvb, rdb, cmb[KVT_N_MODALITIES];
     float wf[64];
-    KVT_CHECK(kvt_sweep_coverage_ref(ca, T, P, order, cuts, n_cut, pm, wf, cva, rda, cma));
+    double cda[16], cdb;
+    int32_t pp[64], *pos = malloc((size_t)T * 4); /* each probe's place in the ranking */
+    for (int t = 0; t < T; t++)
+        pos[order[t]] = t;
+    for (int i = 0; i < P; i++)
+        pp[i] = pos[probe[i]];
+    free(pos);
+    KVT_CHECK(kvt_sweep_coverage_ref(ca, T, P, order, cuts, n_cut, pm, pp, wf, cva, rda, cma, cda));
     int bad = 0;
     for (int c = 0; c < n_cut; c++) {
-        kvt_coverage_summary(best + (size_t)c * P, P, cuts[c], pm, &cvb, &rdb, cmb);
+        kvt_coverage_summary(best + (size_t)c * P, P, cuts[c], pm, pp, &cvb, &rdb, cmb, &cdb);
         bad += memcmp(&cva[c], &cvb, 8) != 0 || memcmp(&rda[c], &rdb, 8) != 0 ||
-               memcmp(cma + (size_t)c * KVT_N_MODALITIES, cmb, sizeof(cmb)) != 0;
+               memcmp(cma + (size_t)c * KVT_N_MODALITIES, cmb, sizeof(cmb)) != 0 ||
+               memcmp(&cda[c], &cdb, 8) != 0;
     }
     KVT_EXPECT_MSG(bad == 0, "coverage T=%d: %d cuts differ", T, bad);
     /* the bests themselves, bitwise the reference's scan (b = v > b ? v : b in ranking order),

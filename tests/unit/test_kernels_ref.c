@@ -180,24 +180,39 @@ static void test_sweep_output(void)
     int32_t probe[4] = {0, 9, 18, 27};
     uint8_t pm[4] = {0, 1, 1, 0};
     KVT_CHECK(kvt_cosine_table_ref(ku, T, D, probe, 4, ct));
-    double cov[8], rad[8], cm[8 * KVT_N_MODALITIES], rr[8];
+    double cov[8], rad[8], cm[8 * KVT_N_MODALITIES], rr[8], cd[8];
     float cw[4];
     double rw[D];
-    KVT_CHECK(kvt_sweep_coverage_ref(ct, T, 4, order, cuts, nc, pm, cw, cov, rad, cm));
+    int32_t pp[4], pos[T];
+    for (int t = 0; t < T; t++)
+        pos[order[t]] = t;
+    for (int i = 0; i < 4; i++)
+        pp[i] = pos[probe[i]];
+    KVT_CHECK(kvt_sweep_coverage_ref(ct, T, 4, order, cuts, nc, pm, pp, cw, cov, rad, cm, cd));
     KVT_CHECK(kvt_sweep_redundancy_ref(ku, T, D, order, cuts, nc, rw, rr));
     KVT_EXPECT(isnan(cov[0]) && isnan(rr[0]) && isnan(rr[1]));
     for (int c = 1; c < nc; c++) {
-        double s = 0, mx = 0, m0 = 0;
+        double s = 0, mx = 0, m0 = 0, sd = 0;
+        int nd = 0;
         for (int i = 0; i < 4; i++) {
             double best = -2;
-            for (int t = 0; t < cuts[c]; t++)
+            bool kept = false;
+            for (int t = 0; t < cuts[c]; t++) {
                 best = ct[order[t] * 4 + i] > best ? ct[order[t] * 4 + i] : best;
+                kept |= order[t] == probe[i];
+            }
+            if (!kept)
+                sd += best, nd++;
             s += best;
             mx = 1 - best > mx ? 1 - best : mx;
             if (i == 0 || i == 3)
                 m0 += best / 2;
         }
         KVT_EXPECT_NEAR(cov[c], s / 4, 1e-12);
+        if (nd > 0)
+            KVT_EXPECT_NEAR(cd[c], sd / nd, 1e-12);
+        else
+            KVT_EXPECT(isnan(cd[c]));
         KVT_EXPECT_NEAR(rad[c], mx, 1e-12);
         KVT_EXPECT_NEAR(cm[c * KVT_N_MODALITIES + 0], m0, 1e-12);
         KVT_EXPECT(isnan(cm[c * KVT_N_MODALITIES + 2]));

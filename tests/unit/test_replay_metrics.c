@@ -178,6 +178,34 @@ static void test_step_set_means(void)
         }
     KVT_EXPECT(differ > 0);
     kvt_layer_selection_free(sel);
+    /* head_overlap with per-step heads: the Jaccard of the two KV heads' sets at each step (a
+     * head that does not re-select keeps its prompt-time set), averaged over the steps */
+    for (int q = 0; q < 2; q++) {
+        KVT_CHECK(kvt_replay_layer_select(&t.in, p[q], B, NB, &sel));
+        for (int b = 0; b < NB; b++) {
+            double jm = 0;
+            for (int st = 0; st < 6; st++) {
+                int32_t a[T], c2[T];
+                size_t na, nc, in = 0;
+                KVT_CHECK(kvt_layer_selection_kept(
+                    sel, (size_t)b, 0, kvt_layer_selection_head_per_step(sel, 0) ? st : -1, a, T,
+                    &na));
+                KVT_CHECK(kvt_layer_selection_kept(
+                    sel, (size_t)b, 1, kvt_layer_selection_head_per_step(sel, 1) ? st : -1, c2, T,
+                    &nc));
+                for (size_t i = 0; i < na; i++)
+                    for (size_t j = 0; j < nc; j++)
+                        in += a[i] == c2[j];
+                jm += (double)in / (double)(na + nc - in) / 6;
+            }
+            const kvt_head_metrics *x = &m[(size_t)(q * NB + b) * Hq];
+            KVT_EXPECT_MSG(fabs(x[0].head_overlap - jm) <= 1e-12 &&
+                               x[1].head_overlap == x[0].head_overlap,
+                           "%s b=%d head_overlap %.17g %.17g, %.17g", sp[q], b, x[0].head_overlap,
+                           x[1].head_overlap, jm);
+        }
+        kvt_layer_selection_free(sel);
+    }
     free(m);
     for (int i = 0; i < 3; i++)
         kvt_policy_free(p[i]);
@@ -278,6 +306,11 @@ static void test_layer_metrics(bool per_query)
             KVT_EXPECT(f->recall_window == 1.0 && f->err_window == 0.0);
             KVT_EXPECT(f->recall_decode == 1.0 && f->err_decode == 0.0);
             KVT_EXPECT_NEAR(f->coverage, 1.0, 1e-6);
+            KVT_EXPECT(isnan(f->coverage_dropped)); /* every probe kept */
+            KVT_EXPECT(f->head_overlap == 1.0);
+            KVT_EXPECT(M(P_STREAM, b, h)->head_overlap == 1.0); /* the same positions */
+            if (g == 1 && b < 4) /* identical keys: a dropped key is a kept one */
+                KVT_EXPECT_NEAR(M(P_SNAP, b, h)->coverage_dropped, 1.0, 1e-6);
             KVT_EXPECT(f->n_keep == T);
             KVT_EXPECT(f->n_keep_mod[0] + f->n_keep_mod[1] == T && f->n_keep_mod[1] == 40);
             if (g == 1)
@@ -335,6 +368,29 @@ static void test_layer_metrics(bool per_query)
             kvt_layer_selection_free(sel);
         }
     }
+    /* head_overlap of snapkv: mean Jaccard with the other heads, from the exported sets */
+    kvt_layer_selection *hs;
+    KVT_CHECK(kvt_replay_layer_select(&t.in, pols[P_SNAP], B, NB, &hs));
+    for (int b = 0; b < NB; b++) {
+        static int32_t sets[Hq][T];
+        size_t ns[Hq];
+        for (int h = 0; h < H; h++)
+            KVT_CHECK(kvt_layer_selection_kept(hs, (size_t)b, h, -1, sets[h], T, &ns[h]));
+        for (int h = 0; h < H; h++) {
+            double jm = 0;
+            for (int h2 = 0; h2 < H; h2++) {
+                size_t in = 0;
+                for (size_t i = 0; i < ns[h] && h2 != h; i++)
+                    for (size_t j = 0; j < ns[h2]; j++)
+                        in += sets[h][i] == sets[h2][j];
+                jm += h2 == h ? 0 : (double)in / (double)(ns[h] + ns[h2] - in) / (H - 1);
+            }
+            KVT_EXPECT_MSG(fabs(M(P_SNAP, b, h)->head_overlap - jm) <= 1e-12,
+                           "head_overlap b=%d h=%d %.17g, %.17g", b, h,
+                           M(P_SNAP, b, h)->head_overlap, jm);
+        }
+    }
+    kvt_layer_selection_free(hs);
     for (size_t i = (size_t)H; i < Hq; i++) /* unused head slots stay NaN */
         KVT_EXPECT(isnan(M(P_SNAP, 0, i)->n_keep));
     /* a policy's metrics do not depend on the other policies of the run, although policies
