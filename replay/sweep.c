@@ -634,19 +634,21 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         if (s->n_probe > 0 && ms->n > 0) {
             double sum = 0.0, rad = -INFINITY, sm[KVT_NM] = {0}, sd = 0.0;
             int cm[KVT_NM] = {0}, nd = 0;
-            /* best cosine of each probe: entries outer so that the table is read by rows */
+            /* best cosine of each probe: entries outer so that the table is read by rows. With
+               the GPU the cosine table stays on the device: unchanged keys like changed ones */
             float *bestv = s->cwork;
             const int np = s->n_probe;
             for (int i = 0; i < np; i++)
                 bestv[i] = -INFINITY;
             for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
-                if (!ms->changed[e2]) {
+                if (!ms->changed[e2] && s->ct) {
                     const float *row = s->ct + (size_t)ms->idx[e2] * np;
                     for (int i = 0; i < np; i++)
                         bestv[i] = row[i] > bestv[i] ? row[i] : bestv[i];
                     continue;
                 }
-                const float *ke = cu + (size_t)ce++ * D;
+                const float *ke = ms->changed[e2] ? cu + (size_t)ce++ * D
+                                                  : c->ku + ((size_t)g * T + ms->idx[e2]) * D;
                 for (int i = 0; i < np; i++) {
                     const float *kp = c->ku + ((size_t)g * T + s->probe[i]) * D;
                     double x = 0.0;

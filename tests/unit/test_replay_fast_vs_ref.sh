@@ -1,6 +1,7 @@
 #!/bin/bash
 # test_replay_fast_vs_ref.sh - a whole replay with the fast CPU kernels (the default) against
-# the same replay with the plain references (KVT_KERNELS=ref), every policy at several budgets,
+# the same replay with the plain references (KVT_KERNELS=ref), every policy (the 13 of 'all'
+# and h2o, oracle, quest, hybridkv-like, lightkv-like, sparsemm) at several budgets,
 # on the bundled real trace and on a synthetic vision-language trace long enough for several
 # 256-key blocks. Kept counts and every metric but the output error and coverage must agree
 # within 1e-9. Coverage comes from an f32 cosine table in both paths, a dense f32 product on
@@ -45,9 +46,16 @@ $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/d
 # h2o from Q_all (no stored column sums): the replay computes the sums itself
 $BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off -o "$TMP/qa.kvt" \
     >/dev/null 2>&1 || fail "synth q-all"
+# SparseMM's per-head scores for the sample (5 layers x 8 query heads) and vl (2 x 4)
+"$PY" -c 'import json, sys
+for path, L, H in (("stories260K", 5, 8), ("vl", 2, 4)):
+    json.dump([[((l * 7 + h * 3) % 11) / 10 for h in range(H)] for l in range(L)],
+              open(sys.argv[1] + "/scores_" + path + ".json", "w"))' "$TMP" || fail "scores"
 for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt"; do
     name=$(basename "$tr" .kvt)
-    SET=(--policies all --budgets 16,64,300,50% --threads 2 --seed 7)
+    # every policy: the defaults, and those that need more than K, V and the window queries
+    SET=(--policies "all,h2o,oracle,quest,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json"
+        --budgets 16,64,300,50% --threads 2 --seed 7)
     [ "$name" = qa ] &&
         SET=(--policies h2o,snapkv,full --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
     DEV=()
