@@ -98,6 +98,7 @@ typedef struct kvt_layer_input {
     int T, D, Hq, Hkv;
     int W;                            /* stored window queries */
     int G;                            /* decode steps captured (0 if none) */
+    double scale;                     /* softmax scale of the logits; 0 = 1/sqrt(D) */
     const float *k, *v;               /* [Hkv, T, D] post-RoPE keys, values */
     const float *q_window;            /* [Hq, W, D] last W prompt queries */
     const float *q_decode;            /* [Hq, G, D] or NULL */

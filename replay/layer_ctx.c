@@ -51,7 +51,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     c->T = in->T, c->D = in->D, c->Hq = in->Hq, c->Hkv = in->Hkv, c->Gs = in->Hq / in->Hkv;
     c->Wt = in->W, c->Gd = in->q_decode ? in->G : 0, c->layer = in->layer;
     c->n_layers = in->n_layers;
-    c->scale = 1.0 / sqrt((double)in->D);
+    c->scale = in->scale > 0.0 ? in->scale : 1.0 / sqrt((double)in->D);
     c->has_extra = c->Gd > 0 && in->k_decode;
     const int T = c->T, D = c->D, Hq = c->Hq, Hkv = c->Hkv, Wt = c->Wt, Gd = c->Gd;
     size_t kv_n = (size_t)Hkv * T * D;

@@ -85,7 +85,7 @@ typedef struct kvt_score_entry {
 struct kvt_layer_ctx {
     const kvt_layer_input *in;
     int T, D, Hq, Hkv, Gs, Wt, Gd, layer, n_layers;
-    double scale;   /* 1/sqrt(D) */
+    double scale;   /* the input's scale, or 1/sqrt(D) */
     bool has_extra; /* decode keys/values present: decode queries also see them */
     /* window queries (all W stored, causal inside the window) */
     float *prw;        /* [Hq, Wt, T] f32 probabilities */

@@ -96,6 +96,7 @@ typedef struct run_shared {
     const kvt_replay_opts *o;
     kvt_trace_result *res;
     int L, Hq, Hkv, T, D, W, G;
+    double scale; /* the header's model.attn_scale, 0 when absent (1/sqrt(D)) */
     bool has_qd, has_kvd, has_colsum, has_qall, need_colsum;
     const uint8_t *mod;
     pthread_mutex_t mu;
@@ -171,6 +172,7 @@ static void *worker(void *arg)
                               .Hkv = Hkv,
                               .W = W,
                               .G = sh->has_qd ? G : 0,
+                              .scale = sh->scale,
                               .k = k,
                               .v = v,
                               .q_window = qw,
@@ -378,6 +380,15 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
                                    path, f[i].name);
                 goto out_free;
             }
+        /* the model's softmax scale, as the capture recorded it (Gemma-style models differ from
+           1/sqrt(D)); absent in traces of other writers: 1/sqrt(D) */
+        const cJSON *as = cJSON_GetObjectItemCaseSensitive(model, "attn_scale");
+        if (as && !(cJSON_IsNumber(as) && isfinite(as->valuedouble) && as->valuedouble > 0)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "%s: the header's model.attn_scale is not a positive number", path);
+            goto out_free;
+        }
+        sh.scale = as ? as->valuedouble : 0.0;
         if (sh.Hq % sh.Hkv) {
             st = kvt_error_set(KVT_ERR_CORRUPT,
                                "%s: %d query heads are not a multiple of %d KV heads (GQA needs "

@@ -4,8 +4,9 @@
 
 Traces (written into a temporary folder):
   * gqa-f16:   L=3, Hq=8, Hkv=2, D=16, T=200, Wt=32, 12 decode steps with decode K/V, column
-               sums, f16 storage; written through kvtrace.CaptureSession (K/V submitted as
-               strided [T, H, D] views, queries ubatched);
+               sums, f16 storage, softmax scale 0.4 (not 1/sqrt(D) = 0.25: both sides take
+               the header's model.attn_scale); written through kvtrace.CaptureSession (K/V
+               submitted as strided [T, H, D] views, queries ubatched);
   * mqa-f32:   L=4, Hq=4, Hkv=1, D=32, T=300, Wt=32, Q_decode only (no decode K/V), column sums
                from NumPy; written through kvtrace.TraceWriter;
   * mha-bf16:  L=2, Hq=4, Hkv=4, D=8, T=96, Wt=16 (policies get window=16), no decode, no
@@ -128,13 +129,15 @@ def colsum_np(Q, K, Hq, Hkv, T):
     return out.astype(np.float32)
 
 
-def make_capture_trace(kvtrace, path, seed, L, Hq, Hkv, D, T, W, G, dtype, colsum):
+def make_capture_trace(kvtrace, path, seed, L, Hq, Hkv, D, T, W, G, dtype, colsum,
+                       attn_scale=0.0):
     rng = np.random.default_rng(seed)
     mod = np.zeros(T, np.uint8)
     mod[T // 5: T // 2] = 1  # an "image" span
     with kvtrace.CaptureSession(path, n_layers=L, n_q_heads=Hq, n_kv_heads=Hkv, head_dim=D,
                                 n_tokens=T, window=W, kv_dtype=dtype, name="synthetic",
                                 n_decode=G, with_colsum=colsum, force=True,
+                                attn_scale=attn_scale,
                                 capture={"source": "compare_replay.py", "seed": seed}) as s:
         s.set_tokens(token_ids=np.arange(T) % 251, modality=mod)
         layers = [synth_layer(rng, Hq, Hkv, D, T, G, l) for l in range(L)]
@@ -365,7 +368,7 @@ def main():
         traces = []
         p = os.path.join(outdir, "gqa-f16.kvt")
         make_capture_trace(kvtrace, p, 1, L=3, Hq=8, Hkv=2, D=16, T=200, W=32, G=12,
-                           dtype="f16", colsum=True)
+                           dtype="f16", colsum=True, attn_scale=0.4)
         traces.append(("gqa-f16", p, 32, True, True))
         p = os.path.join(outdir, "mqa-f32.kvt")
         make_writer_trace(kvtrace, p, 2, L=4, Hq=4, Hkv=1, D=32, T=300, W=32, G=9)

@@ -693,6 +693,8 @@ def replay_trace(path, policies=None, budgets=(64, 128, 256, 512), layers=None,
         hdr = t.header
         model = hdr.get("model", {})
         L = int(model.get("n_layers", len(t.layers("K"))))
+        if scale is None and model.get("attn_scale"):  # the model's own softmax scale
+            scale = float(model["attn_scale"])
         layer_ids = list(range(L)) if layers is None else list(layers)
         N = t.shape("K", 0)[1]
         out = {"policies": {}, "settings": {

@@ -32,6 +32,7 @@ enum mutation {
     MUT_INF_QDEC,
     MUT_ZERO_KEYS,
     MUT_NAN_COLSUM,
+    MUT_BAD_SCALE, /* model.attn_scale = -1 in the header */
 };
 
 static uint64_t rng_state;
@@ -70,9 +71,10 @@ static void write_trace(const char *path, shape sh, enum mutation m)
     snprintf(hdr, sizeof(hdr),
              "{\"format\":\"kvtrace\",\"created_by\":\"test_reliability_hostile\","
              "\"model\":{\"name\":\"hostile\",\"arch\":\"llama\",\"n_layers\":%d,\"n_q_heads\":%d,"
-             "\"n_kv_heads\":%d,\"head_dim\":%d,\"rope\":{\"type\":\"default\",\"theta\":10000}},"
+             "\"n_kv_heads\":%d,\"head_dim\":%d,%s\"rope\":{\"type\":\"default\",\"theta\":10000}},"
              "\"kv_dtype\":\"f32\",\"n_tokens\":%d,\"window\":%d,\"n_decode\":%d}",
-             sh.L, sh.Hq, sh.Hkv, sh.D, sh.T, sh.W, sh.G);
+             sh.L, sh.Hq, sh.Hkv, sh.D, m == MUT_BAD_SCALE ? "\"attn_scale\":-1," : "", sh.T, sh.W,
+             sh.G);
     kvt_writer_opts o = {.force = true};
     kvt_trace_writer *w;
     KVT_CHECK(kvt_trace_writer_create(path, hdr, &o, &w));
@@ -338,6 +340,7 @@ int main(void)
         {"inf_qdecode", base, MUT_INF_QDEC, ok, ok, {1, "is not finite"}, false},
         {"zero_keys", base, MUT_ZERO_KEYS, ok, ok, ok, true},
         {"nan_colsum", base, MUT_NAN_COLSUM, ok, ok, ok, false},
+        {"bad_attn_scale", base, MUT_BAD_SCALE, ok, ok, {1, "model.attn_scale"}, false},
         {"hq_not_multiple", hq6, MUT_NONE, any, any, {1, "multiple"}, false},
         {"window_gt_T", wbig, MUT_NONE, any, any, {1, NULL}, false},
         {"T_lt_policy_window", tsmall, MUT_NONE, ok, ok, {1, "window=32 needs 32"}, true},
