@@ -34,7 +34,8 @@
 # parallel, ~0.3 s of GPU per layer), kvtrace CPU replay 3-5 s with OpenBLAS (12 CPU-s per
 # layer without: 15-25 s), peer_torch 15-25 s (its host reads alone ~1 s per layer): 2-3
 # minutes in all, 4 at worst; LAYERS=32 adds about a minute. COLSUM=synth uses
-# `kvtrace synth --colsum on` instead (~10 min on 16 cores at T=32768); COLSUM=off leaves h2o
+# `kvtrace synth --colsum on` instead (~5-6 min on 16 cores at T=32768 and LAYERS=16, ~10 at
+# 32); COLSUM=off leaves h2o
 # out.
 #
 # usage (on the device machine, from anywhere):  bash bench/run_gpu.sh

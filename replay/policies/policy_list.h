@@ -1,6 +1,6 @@
 /* policy_list.h - THE policy table: one line per policy (X-macro). Adding a policy is one file
  * replay/policies/policy_<name>.c exporting `const kvt_policy_def kvt_policy_def_<name>` plus
- * one line here. The order is the order of `kvtrace replay --help` and of "all".
+ * one line here. The order is the order of `kvtrace replay --list-policies`.
  * No include guard on purpose: included with different KVT_POLICY definitions.
  */
 KVT_POLICY(full)
