@@ -124,12 +124,20 @@
   }
   function curves() {
     D.curves.forEach(function (c) {
+      // x range: the policies' points (full is a line across), widened to powers of two
       var ds = [], x0 = Infinity, x1 = -Infinity;
-      c.n_keep.forEach(function (row) {
-        row.forEach(function (x) {
-          if (x !== null && x > 0) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); }
+      for (var pass = 0; pass < 2 && !(x1 >= x0); pass++) {
+        c.n_keep.forEach(function (row, p) {
+          if (pass === 0 && D.policies[p].name === 'full') return;
+          row.forEach(function (x) {
+            if (x !== null && x > 0) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); }
+          });
         });
-      });
+      }
+      if (x0 <= x1) {
+        x0 = Math.pow(2, Math.floor(Math.log2(x0)));
+        x1 = Math.max(2 * x0, Math.pow(2, Math.ceil(Math.log2(x1))));
+      }
       D.policies.forEach(function (pol, p) {
         var pts = [];
         if (pol.name === 'full') {
@@ -152,7 +160,14 @@
               return ctx.dataset.label + ' at budget ' + r.b + ': ' + c.metric + ' = ' +
                      fmt(r.y) + ', ' + fmt(r.x) + ' kept per head';
             },
-            axis('kept entries per head and layer (log scale)', {type: 'logarithmic'}),
+            axis('kept entries per head and layer (log scale)', {
+              type: 'logarithmic', min: x0, max: x1,
+              afterBuildTicks: function (ax) {  // a tick at every power of two
+                var t = [];
+                for (var v = x0; v <= x1 * 1.0001; v *= 2) t.push({value: v});
+                ax.ticks = t;
+              },
+              ticks: {callback: function (v) { return String(v); }}}),
             axis(c.metric));
     });
   }

@@ -29,6 +29,40 @@ static void legend_entry(cairo_t *cr, double x, double y, const char *label)
     cairo_show_text(cr, label);
 }
 
+void kvt_report_nice_axis(double lo, double hi, int max_ticks, double *axis_lo, double *axis_hi,
+                          double *step, int *decimals)
+{
+    static const double mant[] = {1.0, 2.0, 2.5, 5.0};
+    if (!(hi > lo) || !isfinite(lo) || !isfinite(hi))
+        hi = (isfinite(lo) ? lo : (lo = 0.0)) + 1.0;
+    const double span = hi - lo;
+    double p = pow(10.0, floor(log10(span / (max_ticks > 0 ? max_ticks : 1)))), s = 10.0 * p;
+    int dec = 0;
+    for (int k = 0; k < 4; k++)
+        if (ceil(span / (mant[k] * p) - 1e-9) <= max_ticks) {
+            s = mant[k] * p;
+            dec = (int)fmax(0.0, -floor(log10(p) + 1e-9)) + (k == 2);
+            break;
+        }
+    if (s == 10.0 * p)
+        dec = (int)fmax(0.0, -floor(log10(s) + 1e-9));
+    *step = s;
+    *axis_lo = floor(lo / s + 1e-9) * s;
+    *axis_hi = ceil(hi / s - 1e-9) * s;
+    *decimals = dec;
+}
+
+/* light grey grid line from (x0, y0) to (x1, y1); leaves the source black and the width 1 */
+static void grid_line(cairo_t *cr, double x0, double y0, double x1, double y1)
+{
+    cairo_set_source_rgb(cr, 0.90, 0.90, 0.90);
+    cairo_set_line_width(cr, 1);
+    cairo_move_to(cr, x0, y0);
+    cairo_line_to(cr, x1, y1);
+    cairo_stroke(cr);
+    cairo_set_source_rgb(cr, 0, 0, 0);
+}
+
 kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, const char *path,
                                   int width, int height)
 {
@@ -36,14 +70,21 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     kvt_recommend_opts o = {metric, kvt_rec_metric_is_error(metric), 0.0};
     kvt_recommendation *rec = NULL;
     KVT_FORWARD(kvt_recommend(r, &o, &rec)); /* reuses its curves: value and n_keep */
+    /* the x range of the policies' points; full (drawn as a horizontal line across) counts
+       only when it is all there is */
     double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
-    for (size_t p = 0; p < rec->n_policies; p++)
-        for (size_t b = 0; b < rec->n_budgets; b++) {
-            double x = rec->curves[p].n_keep[b], y = rec->curves[p].value[b];
-            if (isnan(x) || isnan(y) || x <= 0)
-                continue;
-            x0 = fmin(x0, x), x1 = fmax(x1, x), y0 = fmin(y0, y), y1 = fmax(y1, y);
-        }
+    for (int pass = 0; pass < 2 && !(x1 >= x0); pass++)
+        for (size_t p = 0; p < rec->n_policies; p++)
+            for (size_t b = 0; b < rec->n_budgets; b++) {
+                double x = rec->curves[p].n_keep[b], y = rec->curves[p].value[b];
+                if (isnan(x) || isnan(y) || x <= 0 ||
+                    (pass == 0 && !strcmp(r->policies[p].name, "full")))
+                    continue;
+                x0 = fmin(x0, x), x1 = fmax(x1, x), y0 = fmin(y0, y), y1 = fmax(y1, y);
+            }
+    for (size_t p = 0; p < rec->n_policies; p++) /* full's value still sets the y range */
+        if (!strcmp(r->policies[p].name, "full") && !isnan(rec->curves[p].value[0]))
+            y0 = fmin(y0, rec->curves[p].value[0]), y1 = fmax(y1, rec->curves[p].value[0]);
     kvt_status st = KVT_OK;
     if (!(x1 >= x0)) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG, "plot: nothing measured");
@@ -52,7 +93,10 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     double lx0 = floor(log2(x0)), lx1 = ceil(log2(x1));
     if (lx1 <= lx0)
         lx1 = lx0 + 1;
-    y0 = fmin(0.0, y0), y1 = fmax(1.0, y1);
+    double ystep;
+    int ydec;
+    kvt_report_nice_axis(fmin(0.0, y0), fmax(1.0, y1), 8, &y0, &y1, &ystep, &ydec);
+    const int n_yt = (int)lround((y1 - y0) / ystep);
     cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
     cairo_t *cr = cairo_create(s);
     const double ml = 70, mr = 190, mt = 40, mb = 55; /* margins: legend on the right */
@@ -67,30 +111,34 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
              r->n_traces ? r->traces[0]->model_name : "");
     cairo_move_to(cr, ml, mt - 15);
     cairo_show_text(cr, title);
-    /* axes and ticks */
-    cairo_set_line_width(cr, 1);
-    cairo_rectangle(cr, ml, mt, pw, ph);
-    cairo_stroke(cr);
+    /* grid, axes and ticks: powers of two across, round values up */
     cairo_set_font_size(cr, 11);
     char lab[32];
+    cairo_text_extents_t te;
     for (double e = lx0; e <= lx1; e++) {
         double px = ml + (e - lx0) / (lx1 - lx0) * pw;
+        grid_line(cr, px, mt, px, mt + ph);
         cairo_move_to(cr, px, mt + ph);
         cairo_line_to(cr, px, mt + ph + 5);
         cairo_stroke(cr);
         snprintf(lab, sizeof(lab), "%.0f", exp2(e));
-        cairo_move_to(cr, px - 8, mt + ph + 18);
+        cairo_text_extents(cr, lab, &te);
+        cairo_move_to(cr, px - te.width / 2 - te.x_bearing, mt + ph + 18);
         cairo_show_text(cr, lab);
     }
-    for (int i = 0; i <= 5; i++) {
-        double v = y0 + (y1 - y0) * i / 5.0, py = mt + ph - ph * i / 5.0;
+    for (int i = 0; i <= n_yt; i++) {
+        double v = y0 + ystep * i, py = mt + ph - ph * i / (double)n_yt;
+        grid_line(cr, ml, py, ml + pw, py);
         cairo_move_to(cr, ml - 5, py);
         cairo_line_to(cr, ml, py);
         cairo_stroke(cr);
-        snprintf(lab, sizeof(lab), "%.2f", v);
-        cairo_move_to(cr, ml - 40, py + 4);
+        snprintf(lab, sizeof(lab), "%.*f", ydec, fabs(v) < ystep * 1e-9 ? 0.0 : v);
+        cairo_text_extents(cr, lab, &te);
+        cairo_move_to(cr, ml - 8 - te.width - te.x_bearing, py + 4);
         cairo_show_text(cr, lab);
     }
+    cairo_rectangle(cr, ml, mt, pw, ph);
+    cairo_stroke(cr);
     cairo_move_to(cr, ml + pw / 2 - 120, height - 15);
     cairo_show_text(cr, "kept entries per head and layer (log scale)");
     cairo_save(cr);
@@ -130,6 +178,15 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
             started = any = true;
         }
         cairo_stroke(cr);
+        for (size_t b = 0; b < rec->n_budgets && !full; b++) { /* a dot per measured budget */
+            double x = c->n_keep[b], y = c->value[b];
+            if (isnan(x) || isnan(y) || x <= 0)
+                continue;
+            cairo_new_sub_path(cr);
+            cairo_arc(cr, ml + (log2(x) - lx0) / (lx1 - lx0) * pw,
+                      mt + ph - (y - y0) / (y1 - y0) * ph, 2.5, 0, 2 * M_PI);
+            cairo_fill(cr);
+        }
         if (!any) {
             cairo_set_dash(cr, NULL, 0, 0);
             continue;

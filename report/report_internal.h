@@ -19,4 +19,11 @@ extern const char *const kvt_report_page_js[];
 double kvt_rec_summary_value(const kvt_run_summary *s, kvt_rec_metric m);
 double kvt_rec_head_value(const kvt_head_metrics *h, kvt_rec_metric m);
 
+/** A linear axis over [lo, hi] with round ticks, as charting libraries pick them: the step is
+ *  1, 2, 2.5 or 5 times a power of ten, the smallest giving at most max_ticks intervals; the
+ *  axis runs from lo rounded down to hi rounded up to a multiple of it (a flat or empty range
+ *  is widened to [lo, lo + 1]). *decimals: the digits after the point a tick label needs. */
+void kvt_report_nice_axis(double lo, double hi, int max_ticks, double *axis_lo, double *axis_hi,
+                          double *step, int *decimals);
+
 #endif /* KVT_REPORT_INTERNAL_H */

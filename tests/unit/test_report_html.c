@@ -17,6 +17,7 @@
 #include <dirent.h>
 #include <sys/stat.h>
 
+#include "report_internal.h"
 #include "test_report_util.h"
 
 #define HOSTILE "<script>alert(1)</script><b onmouseover=\"x\">&'"
@@ -273,8 +274,27 @@ static void check_targets(const kvt_results *r, const char *dir, const char *pat
     free(html);
 }
 
+/* round axis ticks, worked by hand: the smallest of 1, 2, 2.5, 5 x 10^k giving <= 8 steps */
+static void check_axis(double lo, double hi, double want_lo, double want_hi, double want_step,
+                       int want_dec)
+{
+    double a, b, s;
+    int d;
+    kvt_report_nice_axis(lo, hi, 8, &a, &b, &s, &d);
+    KVT_EXPECT_MSG(fabs(a - want_lo) < 1e-12 && fabs(b - want_hi) < 1e-9 &&
+                       fabs(s - want_step) < 1e-12 && d == want_dec,
+                   "axis [%g, %g]: [%g, %g] step %g, %d decimals", lo, hi, a, b, s, d);
+}
+
 int main(void)
 {
+    check_axis(0, 1.41, 0, 1.6, 0.2, 1); /* 0.1 would be 15 steps */
+    check_axis(0, 1.0, 0, 1.0, 0.2, 1);
+    check_axis(0, 1.72, 0, 1.75, 0.25, 2); /* 0.2 would be 9 */
+    check_axis(0, 0.05, 0, 0.05, 0.01, 2); /* 0.005 would be 10 */
+    check_axis(0, 1234, 0, 1400, 200, 0);
+    check_axis(-0.3, 1, -0.4, 1.0, 0.2, 1);
+    check_axis(3, 3, 3, 4, 0.2, 1); /* flat: widened to [3, 4] */
     double rgb[3];
     kvt_report_colormap(0.0, rgb);
     KVT_EXPECT(rgb[0] == 0.267 && rgb[1] == 0.005 && rgb[2] == 0.329); /* viridis ends */
