@@ -1,8 +1,8 @@
 /* results_json.c - results.json, version KVT_RESULTS_VERSION: the writer (atomic: a temporary
- * PATH.tmp.PID in the same directory, written, fsync'ed, then renamed over PATH, so PATH is
- * either the old file or the complete new one) and the reader that report/ and recommend use.
- * Layout field by field in RESULTS.md. NaN (not applicable) is written as null and read back
- * as NaN.
+ * file in the same directory (kvt_tmp_sibling), written, fsync'ed, then renamed over
+ * PATH, so PATH is either the old file or the complete new one) and the reader that report/ and
+ * recommend use. Layout field by field in RESULTS.md. NaN (not applicable) is written as null and
+ * read back as NaN.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -234,20 +234,18 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
     return o;
 }
 
-/* Write `len` bytes of `txt` plus a newline to `path` atomically: PATH.tmp.PID (created
+/* Write `len` bytes of `txt` plus a newline to `path` atomically: kvt_tmp_sibling (created
  * exclusively, mode 0666 & ~umask), fsync, rename over `path`, fsync the directory. On any
  * failure the temporary is removed and `path` is untouched. */
 static kvt_status write_atomic(const char *path, const char *txt, size_t len)
 {
-    size_t plen = strlen(path) + 32;
-    char *tmp = kvt_malloc(plen);
+    char *tmp = kvt_tmp_sibling(path);
     char *dir = kvt_strdup(path);
     kvt_status st = KVT_OK;
     if (!tmp || !dir) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_free;
     }
-    snprintf(tmp, plen, "%s.tmp.%ld", path, (long)getpid());
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
     if (fd < 0) {
         st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
@@ -596,8 +594,8 @@ out_fail:
 kvt_status kvt_results_read(const char *path, kvt_results **out)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    FILE *f = kvt_fopen_regular(path);
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
     char *txt = NULL;
     size_t len = 0, cap = 0;
     for (;;) {

@@ -2,7 +2,7 @@
  * policy, budget, layer, head[, decode step]) in a binary layout (default) or JSON (FILE ends
  * in .json), both specified in RESULTS.md. Worker threads deliver layers in any order; the
  * writer buffers them and writes in layer order, so the file is deterministic. The file is
- * written under a temporary name (FILE.tmp.PID, same directory) and renamed over FILE only
+ * written under a temporary name (kvt_tmp_sibling, same directory) and renamed over FILE only
  * at close, once every trace has ended complete and every byte is on disk (fsync): a failed
  * or interrupted export leaves no partial file and any old FILE untouched.
  */
@@ -152,14 +152,12 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_fail;
     }
-    size_t tlen = strlen(path) + 32;
     w->path = kvt_strdup(path);
-    w->tmp = kvt_malloc(tlen);
+    w->tmp = kvt_tmp_sibling(path);
     if (!w->path || !w->tmp) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_fail;
     }
-    snprintf(w->tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
     int fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
     if (fd < 0) {
         st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", w->tmp, strerror(errno));

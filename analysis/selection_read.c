@@ -79,8 +79,8 @@ void kvt_selection_free(kvt_selection *s)
 static kvt_status slurp(const char *path, unsigned char **out, size_t *n)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    FILE *f = kvt_fopen_regular(path);
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
     kvt_status st = KVT_OK;
     struct stat sb;
     if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size < 0) {

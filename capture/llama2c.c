@@ -137,8 +137,8 @@ kvt_status kvt_llama2c_model_open(const char *path, kvt_llama2c_model **out)
     KVT_RETURN_IF(!path || !out, KVT_ERR_INVALID_ARG, "null argument");
     *out = NULL;
     kvt_status st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    KVT_RETURN_IF(fd < 0, KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    int fd = kvt_open_regular(path);
+    KVT_RETURN_IF(fd < 0, KVT_ERR_IO, "%s", kvt_open_error(path));
     kvt_llama2c_model *m = NULL;
     struct stat sb;
     if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
@@ -520,8 +520,8 @@ kvt_status kvt_llama2c_read_ids(const char *path, int vocab, int32_t **ids, uint
     KVT_RETURN_IF(!path || !ids || !n_ids, KVT_ERR_INVALID_ARG, "null argument");
     *ids = NULL;
     *n_ids = 0;
-    FILE *f = fopen(path, "r");
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    FILE *f = kvt_fopen_regular(path);
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
     kvt_status st = KVT_OK;
     int32_t *buf = NULL;
     size_t n = 0, cap = 0;

@@ -129,6 +129,28 @@ bool kvt_cli_wants_help(int argc, char **argv)
     return false;
 }
 
+/* the directory part of path ("." or "/" when it has none / is at the root) into dir */
+static void dir_of(const char *path, char *dir, size_t cap)
+{
+    const char *slash = strrchr(path, '/');
+    snprintf(dir, cap, "%.*s", slash ? (int)(slash == path ? 1 : slash - path) : 1,
+             slash ? path : ".");
+}
+
+bool kvt_cli_same_path(const char *a, const char *b)
+{
+    struct stat x, y;
+    if (stat(a, &x) == 0 && stat(b, &y) == 0)
+        return x.st_dev == y.st_dev && x.st_ino == y.st_ino;
+    char da[4096], db[4096];
+    dir_of(a, da, sizeof(da));
+    dir_of(b, db, sizeof(db));
+    const char *ba = strrchr(a, '/'), *bb = strrchr(b, '/');
+    ba = ba ? ba + 1 : a, bb = bb ? bb + 1 : b;
+    return strcmp(ba, bb) == 0 && stat(da, &x) == 0 && stat(db, &y) == 0 && x.st_dev == y.st_dev &&
+           x.st_ino == y.st_ino;
+}
+
 bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char *const *inputs,
                        size_t n_inputs)
 {
@@ -136,9 +158,20 @@ bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char 
         kvt_cli_fail(cmd, "no output file (-o FILE)");
         return false;
     }
+    /* the directory must take a new file: found now, not after the work is done */
+    char dir[4096];
+    dir_of(out, dir, sizeof(dir));
+    if (access(dir, W_OK | X_OK) != 0) {
+        kvt_cli_fail(cmd, "cannot write %s: %s: %s", out, dir, strerror(errno));
+        return false;
+    }
     struct stat so;
     if (stat(out, &so) != 0)
-        return true; /* does not exist yet */
+        return true;            /* does not exist yet */
+    if (!S_ISREG(so.st_mode)) { /* a device, FIFO or directory is never replaced */
+        kvt_cli_fail(cmd, "%s exists and is not a regular file: refusing to replace it", out);
+        return false;
+    }
     for (size_t i = 0; i < n_inputs; i++) {
         struct stat si;
         if (inputs[i] && stat(inputs[i], &si) == 0 && si.st_dev == so.st_dev &&

@@ -288,7 +288,7 @@ int kvt_cmd_replay(int argc, char **argv)
         goto out_free;
     if (export_path) {
         traces[n_traces] = out;
-        bool ok = strcmp(export_path, out) != 0;
+        bool ok = !kvt_cli_same_path(export_path, out);
         if (!ok)
             kvt_cli_fail(cmd, "--export-selection %s is also the -o output", export_path);
         ok = ok && kvt_cli_output_ok(cmd, export_path, force, (const char *const *)traces,

@@ -87,6 +87,9 @@ static bool report_output_ok(const char *cmd, const char *path, const char *dir,
         return false;
     }
     const char *inputs[1] = {path};
+    struct stat ds;
+    if (stat(dir, &ds) != 0)
+        return true; /* a new directory: the report creates it */
     return kvt_cli_output_ok(cmd, index, force, inputs, 1);
 }
 

@@ -38,9 +38,11 @@ bool kvt_cli_parse_u64(const char *s, uint64_t *out);
 bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out);
 bool kvt_cli_parse_double(const char *s, double *out);
 
-/** Check an output path before any work: it must be given, must not exist unless `force`,
- *  and must never be one of the inputs (same file, whatever the path spelling). Prints the
- *  one-line error itself and returns false when the output is not acceptable. */
+/** Check an output path before any work: it must be given, its directory must exist and be
+ *  writable, it must not exist unless `force`, an existing one must be a regular file (a
+ *  device, FIFO or directory is never replaced), and it must never be one of the inputs (same
+ *  file, whatever the path spelling). Prints the one-line error itself and returns false when
+ *  the output is not acceptable. */
 bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char *const *inputs,
                        size_t n_inputs);
 
@@ -58,6 +60,10 @@ int kvt_cli_target_arg(const char *cmd, int argc, char **argv, int *i, kvt_cli_t
 /** After the last argument: refuses both --max-error and --min-recall, an unknown metric, and
  *  a recall metric without --min-recall. false after printing the error (exit 2). */
 bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t);
+
+/** true if a and b name the same file, whether or not it exists yet (same directory and
+ *  name, however spelt: "x" and "./x"). */
+bool kvt_cli_same_path(const char *a, const char *b);
 
 /** true if argv contains -h or --help (before any "--"). */
 bool kvt_cli_wants_help(int argc, char **argv);

@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -127,6 +128,22 @@ const char *kvt_version_string(void);
 uint64_t kvt_now_ns(void);
 /** Number of online CPUs (>= 1). */
 int kvt_cpu_count(void);
+
+/** A temporary file name next to `path` (the same directory, so that rename is atomic):
+ *  PATH.tmp.PID.N when its last component fits in NAME_MAX, else DIR/.kvt-PID-N.tmp; N counts
+ *  the calls of the process, so two outputs never share one. Caller frees with kvt_free.
+ *  @return the name, or NULL (out of memory). */
+char *kvt_tmp_sibling(const char *path);
+
+/** Open an input for reading only if it is a regular file: opened without blocking (a FIFO
+ *  would wait for a writer forever), checked with fstat, then made blocking again.
+ *  @return a descriptor, or -1 with errno set (EINVAL: not a regular file). */
+int kvt_open_regular(const char *path);
+/** kvt_open_regular as a stdio stream ("rb"); NULL with errno set. */
+FILE *kvt_fopen_regular(const char *path);
+/** The message for a failed kvt_open_regular / kvt_fopen_regular of `path` (errno): "PATH is
+ *  not a regular file" or "cannot open PATH: REASON", in a static per-thread buffer. */
+const char *kvt_open_error(const char *path);
 
 /** Deterministic xorshift64* generator (tests, synth, random policy); never rand(). */
 typedef struct kvt_rng {

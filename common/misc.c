@@ -3,7 +3,13 @@
  */
 #include "kvt_common.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -51,4 +57,66 @@ double kvt_rng_normal(kvt_rng *r)
     if (u1 < 1e-300)
         u1 = 1e-300;
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+char *kvt_tmp_sibling(const char *path)
+{
+    static unsigned long counter;
+    unsigned long n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+    const char *slash = strrchr(path, '/');
+    size_t dir_len = slash ? (size_t)(slash - path) + 1 : 0, cap = strlen(path) + 64;
+    char *buf = kvt_malloc(cap);
+    if (!buf)
+        return NULL;
+    int k = snprintf(buf, cap, "%s.tmp.%ld.%lu", path, (long)getpid(), n);
+    if (k < 0 || (size_t)k - dir_len > NAME_MAX) /* too long a name: a short hidden one */
+        snprintf(buf, cap, "%.*s.kvt-%ld-%lu.tmp", (int)dir_len, path, (long)getpid(), n);
+    return buf;
+}
+
+int kvt_open_regular(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        errno = EINVAL;
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    return fd;
+}
+
+FILE *kvt_fopen_regular(const char *path)
+{
+    int fd = kvt_open_regular(path);
+    if (fd < 0)
+        return NULL;
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        int e = errno;
+        close(fd);
+        errno = e;
+    }
+    return f;
+}
+
+const char *kvt_open_error(const char *path)
+{
+    static _Thread_local char buf[512];
+    if (errno == EINVAL)
+        snprintf(buf, sizeof(buf), "%s is not a regular file", path);
+    else
+        snprintf(buf, sizeof(buf), "cannot open %s: %s", path, strerror(errno));
+    return buf;
 }

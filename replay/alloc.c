@@ -195,8 +195,8 @@ kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, do
     char *txt = NULL;
     cJSON *root = NULL;
     double *tab = NULL;
-    FILE *f = fopen(path, "rb");
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "cannot open head table %s", path);
+    FILE *f = kvt_fopen_regular(path);
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "head table: %s", kvt_open_error(path));
     struct stat sb;
     if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) { /* a directory "opens" too */
         fclose(f);

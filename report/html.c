@@ -752,7 +752,7 @@ static void put_json_script(FILE *f, const char *json)
  * no memory): the page then goes without charts. Caller frees with kvt_free. */
 static char *chartjs_load(const char *path, size_t *len)
 {
-    FILE *in = fopen(path, "rb");
+    FILE *in = kvt_fopen_regular(path); /* a FIFO in $KVT_CHARTJS would block */
     if (!in)
         return NULL;
     char *buf = NULL;

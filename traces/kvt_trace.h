@@ -108,8 +108,12 @@ typedef struct kvt_writer_stats {
     uint64_t peak_pending_bytes;
 } kvt_writer_stats;
 
-/** Create a trace file and write its header frame.
- * @param path        output path; fails with KVT_ERR_IO if it exists and !opts->force.
+/** Create a trace file and write its header frame. A new file is written in place (a crash
+ *  leaves its complete records readable there). An existing one (opts->force) is replaced
+ *  only by a successful finish: until then the trace is written to a temporary file next to
+ *  it (kvt_tmp_sibling), which an unfinished writer leaves (and names in a warning).
+ * @param path        output path; fails with KVT_ERR_IO if it exists and !opts->force, or
+ *                    exists and is not a regular file (a device or FIFO is never replaced).
  * @param header_json a JSON object (see FORMAT.md §JSON header); copied.
  * @param opts        may be NULL for defaults.
  * @param out         receives the writer; caller frees with kvt_trace_writer_free.

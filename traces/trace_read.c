@@ -211,9 +211,9 @@ kvt_status kvt_trace_reader_open(const char *path, kvt_trace_reader **out)
     KVT_RETURN_IF(!path, KVT_ERR_INVALID_ARG, "null path");
     kvt_trace_reader *r = kvt_calloc(1, sizeof(*r));
     KVT_RETURN_IF(!r, KVT_ERR_NOMEM, "out of memory");
-    r->fd = open(path, O_RDONLY | O_CLOEXEC);
+    r->fd = kvt_open_regular(path); /* a FIFO would block open() for good */
     if (r->fd < 0) {
-        s = kvt_error_set(KVT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+        s = kvt_error_set(KVT_ERR_IO, "%s", kvt_open_error(path));
         goto out_free;
     }
     struct stat st;

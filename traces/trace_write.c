@@ -37,7 +37,9 @@ typedef struct wctx {
 
 struct kvt_trace_writer {
     int fd;
-    char *path;
+    char *path;  /* the file being written: the output, or a temporary next to it */
+    char *final; /* replacing an existing trace (force): the output, renamed to at finish */
+    bool renamed;
     kvt_writer_opts opts;
 
     pthread_mutex_t mu;
@@ -264,18 +266,39 @@ kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
         w->opts.max_record_bytes = 4ull << 20;
     if (w->opts.n_threads < 0)
         w->opts.n_threads = 0;
-    w->path = kvt_strdup(path);
-    if (!w->path) {
+    /* A new file is written in place (a crash leaves its complete records readable there).
+       An existing trace (force) is replaced only at finish: the new one is written next to it
+       and renamed over it, so a failure keeps the old one. Anything but a regular file (a
+       device, a FIFO, a directory) is never replaced. */
+    struct stat ex;
+    bool replacing = false;
+    if (stat(path, &ex) == 0) {
+        if (!S_ISREG(ex.st_mode)) {
+            s = kvt_error_set(KVT_ERR_IO,
+                              "%s exists and is not a regular file: refusing to "
+                              "replace it",
+                              path);
+            goto out_free_w;
+        }
+        if (!w->opts.force) {
+            s = kvt_error_set(KVT_ERR_IO, "%s already exists (use --force to overwrite)", path);
+            goto out_free_w;
+        }
+        replacing = true;
+        w->final = kvt_strdup(path);
+        w->path = kvt_tmp_sibling(path);
+    } else
+        w->path = kvt_strdup(path);
+    if (!w->path || (replacing && !w->final)) {
         s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-        goto out_free_w;
+        goto out_free_path;
     }
-    int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (w->opts.force ? O_TRUNC : O_EXCL);
-    w->fd = open(path, flags, 0644);
+    w->fd = open(w->path, O_WRONLY | O_CREAT | O_CLOEXEC | O_EXCL, 0644);
     if (w->fd < 0) {
         if (errno == EEXIST)
             s = kvt_error_set(KVT_ERR_IO, "%s already exists (use --force to overwrite)", path);
         else
-            s = kvt_error_set(KVT_ERR_IO, "cannot create %s: %s", path, strerror(errno));
+            s = kvt_error_set(KVT_ERR_IO, "cannot create %s: %s", w->path, strerror(errno));
         goto out_free_path;
     }
     s = write_file_header(w, header_json);
@@ -329,9 +352,10 @@ out_sync:
     pthread_mutex_destroy(&w->mu);
 out_close:
     close(w->fd);
-    unlink(path);
+    unlink(w->path); /* only ever the file created above */
 out_free_path:
     kvt_free(w->path);
+    kvt_free(w->final);
 out_free_w:
     kvt_free(w);
     return s;
@@ -597,6 +621,13 @@ kvt_status kvt_trace_writer_finish(kvt_trace_writer *w)
     if (w->err != KVT_OK)
         return sticky(w);
     kvt_status s = write_index_and_trailer(w);
+    if (s == KVT_OK && w->final) {
+        if (rename(w->path, w->final) != 0)
+            s = kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", w->path, w->final,
+                              strerror(errno));
+        else
+            w->renamed = true;
+    }
     if (s != KVT_OK)
         set_err(w, s, kvt_error_msg());
     return s;
@@ -628,7 +659,10 @@ void kvt_trace_writer_free(kvt_trace_writer *w)
     pthread_mutex_destroy(&w->mu);
     if (w->fd >= 0)
         close(w->fd);
+    if (w->final && !w->renamed) /* unfinished: the old trace stays, the new records too */
+        kvt_log(KVT_LOG_WARN, "the unfinished trace is in %s; %s is unchanged", w->path, w->final);
     kvt_free(w->index);
     kvt_free(w->path);
+    kvt_free(w->final);
     kvt_free(w);
 }

@@ -7,7 +7,13 @@
 #   nothing is created;
 # - existing-output protection for every command that writes: replay -o and
 #   --export-selection, report -o, synth -o, capture-llama2c -o, merge -o: an existing output
-#   needs --force, and an output that is one of the inputs is refused even with --force.
+#   needs --force, and an output that is one of the inputs is refused even with --force;
+# - what is not a regular file: a FIFO as any input is refused at once (it would block open()
+#   for good), a FIFO or a directory as an existing output is never replaced, even with
+#   --force; an output directory that is missing is refused before the work;
+# - synth --force over an existing trace that dies mid-write (ulimit -f) keeps the old trace;
+# - a 250-character output name works (the temporary name must fit NAME_MAX too);
+# - -o X with --export-selection ./X is refused.
 set -u
 BIN=${KVT_BIN:?}
 ROOT=${KVT_SOURCE_ROOT:?}
@@ -19,7 +25,7 @@ trap 'rm -rf "$TMP"' EXIT
 fail=0; pass=0
 check() { if eval "$2"; then pass=$((pass+1)); else echo "FAILED: $1"; fail=$((fail+1)); fi; }
 lines() { wc -l <"$1"; }
-no_temps() { ! ls -a "$TMP" | grep -q '\.tmp\.'; }
+no_temps() { ! ls -a "$TMP" | grep -q '\.tmp\.\|^\.kvt-.*\.tmp$'; }
 R="$BIN replay $S --policies snapkv,h2o --budgets 8,16 --threads 1"
 
 # ---- write failures: full disk during replay output ----
@@ -129,6 +135,50 @@ check "merge -o = a part, --force: refused" "[ \$? -eq 1 ] && grep -q 'also an i
 $BIN merge "$TMP/p0.json" "$TMP/p1.json" -o "$TMP/exists.json" >/dev/null 2>"$TMP/err"
 check "merge -o existing: exit 1, untouched" \
     "[ \$? -eq 1 ] && grep -q exists $TMP/err && [ \"\$(cat $TMP/exists.json)\" = old ]"
+
+# ---- not regular files, missing directories, long names ----
+mkfifo "$TMP/fifo"
+$R -o "$TMP/rr.json" >/dev/null 2>&1
+for c in "info $TMP/fifo" "verify $TMP/fifo" "replay $TMP/fifo -o $TMP/x.json" \
+    "recommend $TMP/fifo" "report $TMP/fifo -o $TMP/xr" "merge $TMP/fifo $TMP/fifo -o $TMP/x.json" \
+    "replay $S --policies mixkv-snapkv:rtable=$TMP/fifo -o $TMP/x.json" \
+    "capture-llama2c --model $TMP/fifo --tokens 8 --decode 0 --window 4 -o $TMP/x.kvt" \
+    "capture-llama2c --model $MODEL --prompt-ids $TMP/fifo --decode 0 --window 4 -o $TMP/x.kvt"; do
+    # shellcheck disable=SC2086
+    timeout 20 $BIN $c >/dev/null 2>"$TMP/err"
+    rc=$?
+    # exit 1 (verify: 2, "not a readable trace")
+    check "FIFO input ($c): refused at once, not a hang (got $rc)" \
+        "[ $rc -eq 1 ] || [ $rc -eq 2 ] && grep -q 'not a regular file' $TMP/err && [ \$(lines $TMP/err) -eq 1 ]"
+done
+mkdir "$TMP/adir"
+for o in "$TMP/fifo" "$TMP/adir"; do
+    for c in "$R -o $o --force" "$BIN synth --shape tiny --tokens 64 -o $o --force" \
+        "$BIN merge $TMP/p0.json $TMP/p1.json -o $o --force" \
+        "$R -o $TMP/rx.json --export-selection $o --force"; do
+        $c >/dev/null 2>"$TMP/err"
+        rc=$?
+        check "output ${o##*/} ($c): refused, left as it was" \
+            "[ $rc -eq 1 ] && grep -q 'not a regular file' $TMP/err && { [ -p $TMP/fifo ] && [ -d $TMP/adir ]; }"
+    done
+done
+$R -o "$TMP/nodir/r.json" >/dev/null 2>"$TMP/err"
+check "output in a missing directory: refused before the work" \
+    "[ \$? -eq 1 ] && grep -q 'cannot write' $TMP/err && [ \$(lines $TMP/err) -eq 1 ]"
+$BIN synth --shape tiny --tokens 64 -o "$TMP/keep.kvt" >/dev/null 2>&1
+cp "$TMP/keep.kvt" "$TMP/keep.old"
+(ulimit -f 8; exec $BIN synth --shape tiny --tokens 2000 --colsum off --threads 1 \
+    -o "$TMP/keep.kvt" --force) >/dev/null 2>&1
+check "synth --force dying mid-write: the old trace is untouched" "cmp -s $TMP/keep.kvt $TMP/keep.old"
+rm -f "$TMP"/keep.kvt.tmp.*
+long=$(printf 'a%.0s' $(seq 1 245))
+$R -o "$TMP/$long.json" --export-selection "$TMP/$long.sel" >/dev/null 2>"$TMP/err"
+check "250-character output names: written" \
+    "[ \$? -eq 0 ] && [ -s $TMP/$long.json ] && [ -s $TMP/$long.sel ]"
+$R -o "$TMP/same.json" --export-selection "$TMP/./same.json" >/dev/null 2>"$TMP/err"
+check "-o X --export-selection ./X: refused" \
+    "[ \$? -ne 0 ] && grep -q 'also the -o output' $TMP/err && [ ! -e $TMP/same.json ]"
+check "no temporary files left" no_temps
 
 echo "test_reliability_outputs: $pass passed, $fail failed"
 [ $fail -eq 0 ]
