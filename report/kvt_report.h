@@ -85,8 +85,8 @@ typedef struct kvt_recommendation {
  *  Candidates are every policy but the references `full` and `oracle` (oracle reads the
  *  future decode queries, so it cannot be deployed). The metric of (policy, budget) is its
  *  aggregate (kvt_summarize_results); the cost is its kept entries summed over traces,
- *  layers and heads. The cheapest meeting candidate wins; ties go to the lower policy index,
- *  then the lower budget index.
+ *  layers and heads. The cheapest meeting candidate wins; at equal cost the better value,
+ *  then the lower policy index, then the lower budget index.
  *  Knee: the points (n_keep, value) of a policy, sorted by n_keep, are normalised to [0, 1]
  *  on both axes so that the first point is (0, 0) and the last (1, 1) (an error curve is
  *  flipped by this); the knee is the interior point with the largest y - x, if that is > 0

@@ -79,6 +79,13 @@ static bool meets(const kvt_recommendation *rec, double v)
     return !isnan(v) && (rec->target_is_max ? v <= rec->target : v >= rec->target);
 }
 
+/* (cost a, value va) is a better setting than (cost b, value vb): cheaper, or as cheap and
+ * of better quality */
+static bool better(const kvt_recommendation *rec, double a, double va, double b, double vb)
+{
+    return a < b || (a == b && (rec->target_is_max ? va < vb : va > vb));
+}
+
 static bool is_reference(const kvt_results_policy *p)
 {
     return !strcmp(p->name, "full") || !strcmp(p->name, "oracle");
@@ -330,7 +337,9 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
             c->kept_entries[b] = s->kept_entries;
             any |= !isnan(c->value[b]);
             if (meets(rec, c->value[b]) &&
-                (c->cheapest_ok < 0 || s->kept_entries < c->kept_entries[c->cheapest_ok]))
+                (c->cheapest_ok < 0 ||
+                 better(rec, s->kept_entries, c->value[b], c->kept_entries[c->cheapest_ok],
+                        c->value[c->cheapest_ok])))
                 c->cheapest_ok = (int)b;
         }
         c->candidate = any && !is_reference(&r->policies[p]);
@@ -339,7 +348,8 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
             knee(c->n_keep, c->value, idx, sorted_points(c->n_keep, c->value, nb, idx));
         if (c->candidate && c->cheapest_ok >= 0) {
             double cost = c->kept_entries[c->cheapest_ok];
-            if (!rec->found || cost < rec->summary.kept_entries) {
+            if (!rec->found || better(rec, cost, c->value[c->cheapest_ok],
+                                      rec->summary.kept_entries, rec->value)) {
                 rec->found = true;
                 rec->policy = p;
                 rec->budget = (size_t)c->cheapest_ok;

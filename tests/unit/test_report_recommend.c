@@ -93,11 +93,12 @@ static void check_main(const kvt_results *r)
     }
     kvt_recommendation_free(rec);
 
-    /* err_decode <= 0.125: snapkv needs 80 (0.140625 at 40), tova meets at 80 (0.125): equal
-     * cost 320, the lower policy index (tova) wins. */
+    /* err_decode <= 0.125: snapkv needs 80 (0.140625 at 40) and gets 0.0625 there, tova meets
+     * at 80 with 0.125: equal cost 320, the better value (snapkv) wins, not the lower index */
     o.target = 0.125;
     KVT_EXPECT_STATUS(kvt_recommend(r, &o, &rec), KVT_OK);
-    KVT_EXPECT(rec && rec->found && rec->policy == P_TOVA && rec->budget == 3);
+    KVT_EXPECT(rec && rec->found && rec->policy == P_SNAP && rec->budget == 3 &&
+               rec->value == 0.0625);
     kvt_recommendation_free(rec);
 
     /* err_decode <= 0.01: only full meets, and it is a reference: nothing meets. The nearest
