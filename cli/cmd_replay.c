@@ -9,9 +9,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "kvt_analysis.h"
 #include "kvt_cli.h"
 #include "kvt_replay.h"
+#include "kvt_trace.h"
 
 #define DEFAULT_POLICIES                                                                           \
     "full,random,streamingllm,tova,snapkv,pyramidkv,adakv,knorm,vnorm,keydiff,mixkv-snapkv,"       \
@@ -143,6 +146,49 @@ static char *append(char *list, const char *item)
 }
 
 /* append a --policies value, replacing each item "all" by the default list */
+/* The traces of one replay are prompts of one model: each given once, all of one shape
+ * (layers, query and KV heads, head dim), checked from the headers before any work. A trace
+ * that cannot be read is left to the replay, which says why. */
+static bool traces_ok(const char *cmd, const char *const *traces, size_t n)
+{
+    int ref[4] = {0};
+    const char *ref_path = NULL;
+    for (size_t t = 0; t < n; t++) {
+        for (size_t u = 0; u < t; u++)
+            if (kvt_cli_same_path(traces[t], traces[u])) {
+                kvt_cli_fail(cmd, "%s is given twice (as %s and %s)", traces[t], traces[u],
+                             traces[t]);
+                return false;
+            }
+        kvt_trace_reader *rd = NULL;
+        if (kvt_trace_reader_open(traces[t], &rd))
+            continue;
+        cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
+        const cJSON *m = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+        static const char *const keys[4] = {"n_layers", "n_q_heads", "n_kv_heads", "head_dim"};
+        int v[4];
+        for (int k = 0; k < 4; k++) {
+            const cJSON *x = cJSON_GetObjectItemCaseSensitive(m, keys[k]);
+            v[k] = cJSON_IsNumber(x) ? x->valueint : -1;
+        }
+        cJSON_Delete(hdr);
+        kvt_trace_reader_close(rd);
+        if (!ref_path) {
+            memcpy(ref, v, sizeof(ref));
+            ref_path = traces[t];
+        } else if (memcmp(ref, v, sizeof(ref)) != 0) {
+            kvt_cli_fail(cmd,
+                         "%s is another model (L=%d Hq=%d Hkv=%d D=%d) than %s (L=%d Hq=%d Hkv=%d "
+                         "D=%d): the traces of one replay are prompts of one model; replay them "
+                         "separately",
+                         traces[t], v[0], v[1], v[2], v[3], ref_path, ref[0], ref[1], ref[2],
+                         ref[3]);
+            return false;
+        }
+    }
+    return true;
+}
+
 static char *append_expanded(char *list, const char *v)
 {
     char *copy = kvt_strdup(v);
@@ -301,6 +347,8 @@ int kvt_cmd_replay(int argc, char **argv)
         kvt_cli_fail(cmd, "--export-selection cannot be combined with --shard (yet)");
         goto out_free;
     }
+    if (!traces_ok(cmd, (const char *const *)traces, n_traces))
+        goto out_free;
     {
         char why[160];
         kvt_device want = device;

@@ -57,4 +57,14 @@ cp "$TMP/nd.kvt" "$TMP/nd_copy.kvt"
 $BIN replay "$TMP/nd.kvt" -o "$TMP/nd.kvt" --force 2>"$TMP/err" && fail "output = input"
 grep -q "also an input" "$TMP/err" || fail "output = input message"
 cmp -s "$TMP/nd.kvt" "$TMP/nd_copy.kvt" || fail "input was modified"
+# the traces of one replay are prompts of one model, each given once: refused before any work
+$BIN synth --shape tiny --tokens 64 -o "$TMP/tiny.kvt" >/dev/null 2>&1 || fail "synth"
+$BIN replay "$TMP/nd.kvt" "$TMP/tiny.kvt" -o "$TMP/mix.json" 2>"$TMP/err" && fail "two models"
+[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "another model (L=2 Hq=4 Hkv=2 D=16)" "$TMP/err" ||
+    fail "two models message: $(cat "$TMP/err")"
+$BIN replay "$TMP/nd.kvt" "$TMP/./nd.kvt" -o "$TMP/mix.json" 2>"$TMP/err" && fail "twice"
+grep -q "is given twice" "$TMP/err" || fail "twice message"
+[ -e "$TMP/mix.json" ] && fail "wrote a result"
+$BIN replay "$TMP/nd.kvt" "$TMP/nd_copy.kvt" --policies snapkv --budgets 16 -o "$TMP/two.json" \
+    >/dev/null 2>&1 || fail "two prompts of one model"
 echo "test_replay_cli: ok"
