@@ -24,25 +24,26 @@ typedef struct metric_desc {
     const char *name;
     size_t off;
     bool optional; /* added within results_version 1: absent in older files, read as null */
+    double lo, hi; /* the values a metric can take (hi < lo: n_keep, bounded by T + Gd) */
 } metric_desc;
 #define HM(f) offsetof(kvt_head_metrics, f)
 static const metric_desc metrics[] = {
-    {"n_keep", HM(n_keep), false},
-    {"recall_window", HM(recall_window), false},
-    {"err_window", HM(err_window), false},
-    {"recall_decode", HM(recall_decode), false},
-    {"err_decode", HM(err_decode), false},
-    {"coverage", HM(coverage), false},
-    {"coverage_radius", HM(coverage_radius), false},
-    {"coverage_dropped", HM(coverage_dropped), true},
-    {"head_overlap", HM(head_overlap), true},
-    {"r_kept", HM(r_kept), false},
-    {"oracle_overlap", HM(oracle_overlap), false},
+    {"n_keep", HM(n_keep), false, 0, -1},
+    {"recall_window", HM(recall_window), false, 0, 1 + 1e-6},
+    {"err_window", HM(err_window), false, 0, INFINITY},
+    {"recall_decode", HM(recall_decode), false, 0, 1 + 1e-6},
+    {"err_decode", HM(err_decode), false, 0, INFINITY},
+    {"coverage", HM(coverage), false, -1 - 1e-6, 1 + 1e-6},
+    {"coverage_radius", HM(coverage_radius), false, -1e-6, 2 + 1e-6},
+    {"coverage_dropped", HM(coverage_dropped), true, -1 - 1e-6, 1 + 1e-6},
+    {"head_overlap", HM(head_overlap), true, 0, 1 + 1e-6},
+    {"r_kept", HM(r_kept), false, -1 - 1e-6, 1 + 1e-6},
+    {"oracle_overlap", HM(oracle_overlap), false, 0, 1 + 1e-6},
 };
 static const metric_desc mod_metrics[] = {
-    {"n_keep", HM(n_keep_mod), false},
-    {"recall_window", HM(recall_window_mod), false},
-    {"coverage", HM(coverage_mod), false},
+    {"n_keep", HM(n_keep_mod), false, 0, -1},
+    {"recall_window", HM(recall_window_mod), false, 0, 1 + 1e-6},
+    {"coverage", HM(coverage_mod), false, -1 - 1e-6, 1 + 1e-6},
 };
 #define N_METRICS     (sizeof(metrics) / sizeof(metrics[0]))
 #define N_MOD_METRICS (sizeof(mod_metrics) / sizeof(mod_metrics[0]))
@@ -403,6 +404,32 @@ static bool grid_shape_ok(const cJSON *a, int L, int H)
     return true;
 }
 
+/* every entry of the [L][H] grid `a` null or a number in [lo, hi]; else false and the first
+ * bad entry's place and text in why */
+static bool grid_values_ok(const cJSON *a, double lo, double hi, char *why, size_t cap)
+{
+    int l = 0;
+    const cJSON *row;
+    cJSON_ArrayForEach(row, a)
+    {
+        int h = 0;
+        const cJSON *x;
+        cJSON_ArrayForEach(x, row)
+        {
+            if (!cJSON_IsNull(x) && !(cJSON_IsNumber(x) && x->valuedouble >= lo &&
+                                      x->valuedouble <= hi && isfinite(x->valuedouble))) {
+                char *t = cJSON_PrintUnformatted(x);
+                snprintf(why, cap, "[%d][%d] = %.40s", l, h, t ? t : "?");
+                cJSON_free(t);
+                return false;
+            }
+            h++;
+        }
+        l++;
+    }
+    return true;
+}
+
 /* fill metric field `off` (+mod) of run (p, b) from an [L][H] array; false on a bad shape */
 static bool read_grid(kvt_trace_result *t, size_t p, size_t b, int H, const cJSON *a, size_t off,
                       int mod)
@@ -447,6 +474,15 @@ static kvt_status check_trace(const kvt_results *r, const cJSON *tj, size_t idx,
     KVT_RETURN_IF(L < 1 || Hq < 1 || Hkv < 1, KVT_ERR_CORRUPT,
                   "results: trace %zu (%s): n_layers %d, n_q_heads %d, n_kv_heads %d must be >= 1",
                   idx, name, L, Hq, Hkv);
+    /* the byte counts and kept shares divide by these: a file that zeroes them is not ours */
+    int T = get_int(tj, "n_tokens", 0), D = get_int(tj, "head_dim", 0);
+    int G = get_int(tj, "n_decode", 0), eb = get_int(tj, "kv_elem_bytes", 2);
+    KVT_RETURN_IF(T < 1 || D < 1 || G < 0 || eb < 1 || eb > 8, KVT_ERR_CORRUPT,
+                  "results: trace %zu (%s): n_tokens %d, head_dim %d, n_decode %d, kv_elem_bytes "
+                  "%d out of range",
+                  idx, name, T, D, G, eb);
+    const double max_keep = (double)T + (double)G;
+    char why[96];
     /* metrics are stored [L][Hq] per run: a run of Hkv > Hq heads would index past them */
     KVT_RETURN_IF(Hkv > Hq, KVT_ERR_CORRUPT,
                   "results: trace %zu (%s): n_kv_heads %d > n_q_heads %d", idx, name, Hkv, Hq);
@@ -480,6 +516,15 @@ static kvt_status check_trace(const kvt_results *r, const cJSON *tj, size_t idx,
                           "results: trace %zu (%s): run %d/%d: metrics.%s is not [%d][%d] "
                           "(n_layers x n_heads)",
                           idx, name, p, b, metrics[k].name, L, H);
+        for (size_t k = 0; k < N_METRICS; k++) {
+            const metric_desc *md = &metrics[k];
+            const cJSON *g = item(mj, md->name);
+            double hi = md->hi < md->lo ? max_keep : md->hi;
+            KVT_RETURN_IF(g && !grid_values_ok(g, md->lo, hi, why, sizeof(why)), KVT_ERR_CORRUPT,
+                          "results: trace %zu (%s): run %d/%d: metrics.%s%s: not null or a number "
+                          "in [%g, %g]",
+                          idx, name, p, b, md->name, why, md->lo, hi);
+        }
         const cJSON *bm = item(run, "by_modality");
         for (size_t k = 0; cJSON_IsObject(bm) && k < N_MOD_METRICS; k++)
             for (int m = 0; m < KVT_N_MODALITIES; m++) {
@@ -488,6 +533,13 @@ static kvt_status check_trace(const kvt_results *r, const cJSON *tj, size_t idx,
                               "results: trace %zu (%s): run %d/%d: by_modality.%s.%s is not "
                               "[%d][%d] (n_layers x n_heads)",
                               idx, name, p, b, mod_metrics[k].name, mod_names[m], L, H);
+                const metric_desc *md = &mod_metrics[k];
+                double hi = md->hi < md->lo ? max_keep : md->hi;
+                KVT_RETURN_IF(g && !grid_values_ok(g, md->lo, hi, why, sizeof(why)),
+                              KVT_ERR_CORRUPT,
+                              "results: trace %zu (%s): run %d/%d: by_modality.%s.%s%s: not "
+                              "null or a number in [%g, %g]",
+                              idx, name, p, b, md->name, mod_names[m], why, md->lo, hi);
             }
     }
     return KVT_OK;
@@ -713,7 +765,8 @@ kvt_status kvt_results_read(const char *path, kvt_results **out)
         {
             const cJSON *a = cJSON_GetArrayItem(u, 0), *b = cJSON_GetArrayItem(u, 1);
             if (!cJSON_IsArray(u) || cJSON_GetArraySize(u) != 2 || !cJSON_IsNumber(a) ||
-                !cJSON_IsNumber(b)) {
+                !cJSON_IsNumber(b) || a->valuedouble != (double)a->valueint ||
+                b->valuedouble != (double)b->valueint) {
                 st = kvt_error_set(KVT_ERR_CORRUPT, "%s: shard.units[%zu] is not [trace, layer]",
                                    path, r->n_units);
                 goto out_free;

@@ -29,6 +29,7 @@ static uint32_t rd32(const unsigned char *p)
  * and n_kv_heads Hkv, with one run of n_heads H' whose nine metric grids are `grid`, and r_all
  * `r_all` (JSON text) */
 static const char *claim_metrics_extra = ""; /* more entries of the run's "metrics" */
+static int claim_tokens = 100;               /* the trace's n_tokens */
 
 static void write_claim(const char *path, int n_layers, int n_q, int n_kv, int n_heads,
                         const char *grid, const char *r_all, const char *runs_extra)
@@ -44,8 +45,9 @@ static void write_claim(const char *path, int n_layers, int n_q, int n_kv, int n
             "{\"results_version\": 1, \"settings\": {\"policies\": [{\"label\": \"snapkv\", "
             "\"name\": \"snapkv\"}], \"budgets\": [{\"text\": \"40\", \"kind\": \"tokens\", "
             "\"value\": 40}]}, \"traces\": [{\"path\": \"claim.kvt\", \"n_layers\": %d, "
-            "\"n_q_heads\": %d, \"n_kv_heads\": %d, \"r_all\": %s, \"runs\": [",
-            n_layers, n_q, n_kv, r_all);
+            "\"n_q_heads\": %d, \"n_kv_heads\": %d, \"n_tokens\": %d, \"head_dim\": 4, "
+            "\"r_all\": %s, \"runs\": [",
+            n_layers, n_q, n_kv, claim_tokens, r_all);
     if (grid) {
         fprintf(f,
                 "{\"policy\": 0, \"budget\": 0, \"n_heads\": %d, "
@@ -138,6 +140,26 @@ static void test_claimed_dimensions(const char *path)
         r = NULL;
     }
     claim_metrics_extra = "";
+    /* values no replay writes: refused with the metric and the place, not summarised into nan */
+    const struct {
+        const char *grid, *msg;
+    } bad[] = {{"[[7, 0.5], [0.5, 0.5]]", "metrics.recall_window[0][0] = 7: not null or a number"},
+               {"[[\"abc\", 1], [1, 1]]", "metrics.n_keep[0][0] = \"abc\""},
+               {"[[1e999, 1], [1, 1]]", "metrics.n_keep[0][0]"},
+               {"[[-3, 0], [0, 0]]", "metrics.n_keep[0][0] = -3"},
+               {"[[101, 0], [0, 0]]", "metrics.n_keep[0][0] = 101"},
+               {"[[0.5, 0.5], [0.5, -0.5]]",
+                "metrics.n_keep[1][1] = -0.5: not null or a number in [0, 100]"}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        write_claim(path, 2, 2, 2, 2, bad[i].grid, "null", "");
+        KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+        KVT_EXPECT_MSG(strstr(kvt_error_msg(), bad[i].msg), "%s: %s", bad[i].grid, kvt_error_msg());
+    }
+    claim_tokens = 0; /* shares and byte counts divide by T */
+    write_claim(path, 2, 2, 2, 2, g22, "null", "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "n_tokens 0"), "message: %s", kvt_error_msg());
+    claim_tokens = 100;
     kvt_error_clear();
 }
 

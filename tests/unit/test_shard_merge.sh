@@ -77,11 +77,15 @@ lost = dict(p3, shard=dict(p3["shard"], units=p3["shard"]["units"][1:]))
 json.dump(lost, open(d + "/lost3.json", "w"))
 dup = dict(p3, shard=dict(p3["shard"], units=p3["shard"]["units"] + [p1["shard"]["units"][0]]))
 json.dump(dup, open(d + "/dup3.json", "w"))
+half = dict(p3, shard=dict(p3["shard"], units=[[0, 1.5]] + p3["shard"]["units"][1:]))
+json.dump(half, open(d + "/half3.json", "w"))
 PYEOF
     $BIN merge "${P[@]}" "$TMP/lost3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "lost unit"
     grep -q "is in no part" "$TMP/err" || fail "lost unit message"
     $BIN merge "${P[@]}" "$TMP/dup3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "dup unit"
     grep -q "is in both" "$TMP/err" || fail "dup unit message"
+    $BIN merge "${P[@]}" "$TMP/half3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "unit 1.5"
+    grep -q "shard.units\[0\] is not \[trace, layer\]" "$TMP/err" || fail "unit 1.5 message"
 fi
 [ -e "$TMP/x.json" ] && fail "a refused merge wrote its output"
 # bad --shard values, and --export-selection is refused with --shard
