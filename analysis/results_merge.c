@@ -25,14 +25,20 @@ static kvt_status check_settings(const kvt_results *a, const kvt_results *b, con
     const char *what = NULL;
     if (a->n_policies != b->n_policies)
         what = "a different number of policies";
-    for (size_t i = 0; !what && i < a->n_policies; i++)
-        if (!same_str(a->policies[i].label, b->policies[i].label) ||
-            !same_str(a->policies[i].name, b->policies[i].name) ||
-            !same_str(a->policies[i].options_json, b->policies[i].options_json))
+    for (size_t i = 0; !what && i < a->n_policies; i++) {
+        const kvt_results_policy *x = &a->policies[i], *y = &b->policies[i];
+        if (!same_str(x->label, y->label) || !same_str(x->name, y->name))
             return kvt_error_set(KVT_ERR_INVALID_ARG,
                                  "%s and %s were run with different policies (policy %zu: %s "
                                  "vs %s); merge parts of one sharded replay only",
-                                 an, bn, i, a->policies[i].label, b->policies[i].label);
+                                 an, bn, i, x->label, y->label);
+        if (!same_str(x->options_json, y->options_json)) /* e.g. random's seed */
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "%s and %s were run with different options of policy %zu (%s): "
+                                 "%s vs %s; merge parts of one sharded replay only",
+                                 an, bn, i, x->label, x->options_json ? x->options_json : "",
+                                 y->options_json ? y->options_json : "");
+    }
     if (!what && a->n_budgets != b->n_budgets)
         what = "a different number of budgets";
     for (size_t i = 0; !what && i < a->n_budgets; i++)

@@ -25,7 +25,7 @@ int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what)
 {
     const char *m = kvt_error_msg();
     size_t n = what ? strlen(what) : 0;
-    if (m && *m && n && !strncmp(m, what, n) && m[n] == ':')
+    if (m && *m && n && !strncmp(m, what, n) && (m[n] == ':' || m[n] == ' '))
         return kvt_cli_fail(cmd, "%s", m); /* the message already names it */
     if (m && *m)
         return kvt_cli_fail(cmd, "%s: %s", what, m);
@@ -224,6 +224,17 @@ bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t)
     kvt_status st;
     if (t->have_max && t->have_min) {
         kvt_cli_fail(cmd, "give --max-error or --min-recall, not both");
+        return false;
+    }
+    /* targets no setting can have: errors are >= 0, recalls in [0, 1], coverage in [-1, 1] */
+    if (t->have_max && t->o.target < 0) {
+        kvt_cli_fail(cmd, "--max-error %g: an output error is >= 0", t->o.target);
+        return false;
+    }
+    if (t->have_min && (t->o.target > 1 || t->o.target < -1)) {
+        kvt_cli_fail(cmd,
+                     "--min-recall %g: recall and coverage are at most 1 (coverage at least -1)",
+                     t->o.target);
         return false;
     }
     if (t->metric && (st = kvt_rec_metric_parse(t->metric, &t->o.metric))) {

@@ -297,6 +297,8 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
             goto out_fail;
         }
         char *save = NULL;
+        const char *seen[N_OPTS];
+        size_t n_seen = 0;
         for (char *tok = strtok_r(opts, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
             char *eq = strchr(tok, '=');
             if (!eq || eq == tok || !eq[1]) {
@@ -305,6 +307,14 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                 goto out_fail;
             }
             *eq = '\0';
+            for (size_t i = 0; i < n_seen; i++)
+                if (!strcmp(seen[i], tok)) {
+                    st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: option '%s' given twice", d->name,
+                                       tok);
+                    goto out_fail;
+                }
+            if (n_seen < N_OPTS)
+                seen[n_seen++] = tok;
             if ((st = set_opt(p, tok, eq + 1)))
                 goto out_fail;
         }
@@ -369,7 +379,8 @@ kvt_status kvt_policy_list_parse(const char *list, const kvt_policy_globals *g, 
                     st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
                     goto out_free;
                 }
-                snprintf(m, len, "%s,%s", prev, p);
+                /* "adakv,alpha=0.2" is "adakv:alpha=0.2": the first option opens the list */
+                snprintf(m, len, "%s%c%s", prev, strchr(prev, ':') ? ',' : ':', p);
                 kvt_free(prev);
                 specs[n_specs - 1] = m;
             } else {
@@ -437,6 +448,16 @@ static const char *reduce_name(kvt_reduce r)
     return r == KVT_REDUCE_MAX ? "max" : r == KVT_REDUCE_SUM ? "sum" : "mean";
 }
 
+/* the shortest of %.15g..%.17g that reads back as x: 0.2, not 0.20000000000000001 */
+static void shortest(double x, char *buf, size_t cap)
+{
+    for (int prec = 15; prec <= 17; prec++) {
+        snprintf(buf, cap, "%.*g", prec, x);
+        if (strtod(buf, NULL) == x)
+            return;
+    }
+}
+
 /* "key=value" of one option into buf; quoted = JSON form */
 static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, char *buf,
                       size_t cap)
@@ -448,14 +469,14 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         snprintf(buf, cap, "%d", *(const int *)(base + od->off));
         break;
     case O_DBL:
-        snprintf(buf, cap, "%.17g", *(const double *)(base + od->off));
+        shortest(*(const double *)(base + od->off), buf, cap);
         break;
     case O_TAU: {
         double t = *(const double *)(base + od->off);
         if (isnan(t))
             snprintf(buf, cap, "%smedian%s", q, q);
         else
-            snprintf(buf, cap, "%.17g", t);
+            shortest(t, buf, cap);
         break;
     }
     case O_U64:

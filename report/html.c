@@ -904,7 +904,7 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
     }
     st = write_page(f, r, &pl);
     if (ferror(f) && !st)
-        st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s", tmp);
+        st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", tmp, strerror(errno));
     if (fclose(f) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", tmp, strerror(errno));
     if (!st && rename(tmp, path) != 0)

@@ -1,6 +1,7 @@
 /* png.c - PNG figures of `kvtrace report` drawn with cairo (lines, text and PNG output
  * through libpng): one metric against budget, one line per policy, log2 budget axis.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -194,8 +195,10 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
         legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, r->policies[p].label);
     }
     cairo_destroy(cr);
+    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
     if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
-        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s", path);
+        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
+                           errno ? strerror(errno) : "cairo failed");
     cairo_surface_destroy(s);
 out_free_rec:
     kvt_recommendation_free(rec);
@@ -289,8 +292,10 @@ static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, doubl
     cairo_show_text(cr, title);
     cairo_destroy(cr);
     kvt_status st = KVT_OK;
+    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
     if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
-        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s", path);
+        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
+                           errno ? strerror(errno) : "cairo failed");
     cairo_surface_destroy(s);
     return st;
 }
@@ -444,8 +449,10 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
     }
     cairo_destroy(cr);
     kvt_status st = KVT_OK;
+    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
     if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
-        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s", path);
+        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
+                           errno ? strerror(errno) : "cairo failed");
     cairo_surface_destroy(s);
     return st;
 }

@@ -67,4 +67,12 @@ grep -q "is given twice" "$TMP/err" || fail "twice message"
 [ -e "$TMP/mix.json" ] && fail "wrote a result"
 $BIN replay "$TMP/nd.kvt" "$TMP/nd_copy.kvt" --policies snapkv --budgets 16 -o "$TMP/two.json" \
     >/dev/null 2>&1 || fail "two prompts of one model"
+# an option right after a bare name opens its list; an option given twice is refused
+$BIN replay "$TMP/nd.kvt" --policies adakv,alpha=0.5,snapkv --budgets 16 -o "$TMP/o.json" \
+    >"$TMP/out" 2>&1 || fail "adakv,alpha=0.5: $(cat "$TMP/out")"
+grep -q "^adakv:alpha=0.5 " "$TMP/out" || fail "adakv,alpha=0.5 label"
+$BIN replay "$TMP/nd.kvt" --policies snapkv:window=32,window=8 -o "$TMP/o2.json" 2>"$TMP/err" &&
+    fail "window twice"
+grep -q "option 'window' given twice" "$TMP/err" || fail "window twice message"
+$BIN replay --list-policies | grep -q "alpha=0.2," || fail "--list-policies shows 0.2 as 0.2"
 echo "test_replay_cli: ok"

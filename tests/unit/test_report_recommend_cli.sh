@@ -64,4 +64,11 @@ $BIN replay "$SAMPLE" "${SET[@]}" --shard 0/2 -o "$TMP/p.json" >/dev/null 2>&1 |
 $BIN recommend "$TMP/p.json" >/dev/null 2>"$TMP/err"
 [ $? -eq 1 ] || fail "partial result: want exit 1"
 grep -q "merge" "$TMP/err" || fail "partial result message"
+# targets no setting can have are usage errors
+for bad in "--max-error -1" "--min-recall 2" "--min-recall -1.5"; do
+    # shellcheck disable=SC2086
+    $BIN recommend "$TMP/p.json" $bad >/dev/null 2>"$TMP/err"
+    [ $? -eq 2 ] || fail "$bad: want exit 2"
+    [ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "$bad: one line"
+done
 echo "test_report_recommend_cli: ok"
