@@ -606,10 +606,16 @@ kvt_status kvt_budgets_parse(const char *list, kvt_budget **out, size_t *n_out)
         item[len] = '\0';
         kvt_budget *x = &b[n];
         memcpy(x->text, item, len + 1);
+        /* plain decimals only: "64", "12.5%" (strtod alone would take 0x10, 1e2, +8, " 8") */
+        size_t digits = strspn(item, "0123456789"), dot = item[digits] == '.';
+        size_t frac = dot ? strspn(item + digits + 1, "0123456789") : 0;
+        const char *rest = item + digits + dot + frac;
+        bool plain =
+            digits > 0 && (!strcmp(rest, "") ? !dot : !strcmp(rest, "%") && (!dot || frac));
         char *end;
         errno = 0;
         double v = strtod(item, &end);
-        bool ok = !errno && end != item && isfinite(v);
+        bool ok = plain && !errno && end != item && isfinite(v);
         if (ok && *end == '%' && end[1] == '\0') {
             x->is_fraction = true;
             x->value = v / 100.0;
@@ -621,8 +627,8 @@ kvt_status kvt_budgets_parse(const char *list, kvt_budget **out, size_t *n_out)
         if (!ok) {
             kvt_free(b);
             return kvt_error_set(KVT_ERR_INVALID_ARG,
-                                 "bad budget '%s' (tokens >= 1, or a percentage in (0%%, "
-                                 "100%%])",
+                                 "bad budget '%s' (whole tokens >= 1 such as 64, or a "
+                                 "percentage in (0%%, 100%%] such as 12.5%%)",
                                  item);
         }
         for (size_t j = 0; j < n; j++)

@@ -561,6 +561,12 @@ static void test_parse(void)
     KVT_EXPECT_STATUS(kvt_budgets_parse("64,", &b, &n), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_budgets_parse("101%", &b, &n), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_budgets_parse("1.5", &b, &n), KVT_ERR_INVALID_ARG);
+    /* plain decimals only: no hex, exponents, signs or spaces, which strtod would take */
+    const char *odd[] = {"0x10", "1e2", "+8", " 8", "8 ", "5.", ".5%", "5.%", "1e1%"};
+    for (size_t i = 0; i < sizeof(odd) / sizeof(odd[0]); i++)
+        KVT_EXPECT_MSG(kvt_budgets_parse(odd[i], &b, &n) == KVT_ERR_INVALID_ARG, "'%s'", odd[i]);
+    KVT_CHECK(kvt_budgets_parse("0.5%", &b, &n));
+    kvt_free(b);
     KVT_EXPECT(kvt_policy_registry_size() == 19);
 }
 
