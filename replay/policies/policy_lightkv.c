@@ -1,7 +1,9 @@
 /* policy_lightkv.c - `lightkv-like` (POLICIES §10 "LightKV-like KV merge", an offline proxy):
  * merges vision K/V of the prefix instead of selecting. Per head and budget B:
  *   w_i   = attention to token i from the text window queries (all window queries if none is
- *           text), summed over the head's query heads;
+ *           text), summed over every query head of the layer (POLICIES §10's proxy:
+ *           Σ_h Σ_{i' in window} Pr[i', i], as the original weighs one hidden state for all
+ *           heads), so every head merges with the same weights;
  *   target vision entries = max(1, B - (T - n_vision)); while above it, one bipartite round:
  *           the current vision entries (in token order) are cut into runs of merge_window;
  *           within a run, even positions are sources and odd positions destinations; each
@@ -250,7 +252,7 @@ static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     KVT_FORWARD(kvt_ctx_check_window(c, "lightkv-like", W));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, false));
     KVT_FORWARD(kvt_sel_init_merged(sel));
-    const int H = sel->n_heads, per = o->per_query ? 1 : c->Gs;
+    const int H = sel->n_heads;
     merge_buf mb = {0};
     double *wt = kvt_calloc((size_t)T, sizeof(double));
     int *target = kvt_malloc((size_t)n_b * sizeof(int));
@@ -286,17 +288,17 @@ static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     int n_text = 0;
     for (int i = 0; i < W; i++)
         n_text += !mod || mod[T - W + i] == 0;
+    for (int j = 0; j < T; j++)
+        wt[j] = 0.0;
+    for (int hq = 0; hq < c->Hq; hq++)
+        for (int i = 0; i < W; i++) {
+            if (n_text && mod && mod[T - W + i] != 0)
+                continue;
+            const float *pr = c->prw + ((size_t)hq * c->Wt + (c->Wt - W + i)) * T;
+            for (int j = 0; j < T; j++)
+                wt[j] += pr[j];
+        }
     for (int h = 0; h < H && !st; h++) {
-        for (int j = 0; j < T; j++)
-            wt[j] = 0.0;
-        for (int u = 0; u < per; u++)
-            for (int i = 0; i < W; i++) {
-                if (n_text && mod && mod[T - W + i] != 0)
-                    continue;
-                const float *pr = c->prw + ((size_t)(h * per + u) * c->Wt + (c->Wt - W + i)) * T;
-                for (int j = 0; j < T; j++)
-                    wt[j] += pr[j];
-            }
         int g = kvt_ctx_kv_of(c, o->per_query, h);
         for (int b = 0; b < n_b; b++)
             outs[b] = &sel->merged[(size_t)b * H + h];

@@ -281,6 +281,30 @@ static void test_merged_causal(void)
     kvt_layer_selection_free(sel);
     kvt_policy_free(p);
     tl_free(&t);
+
+    /* the merge weights are the text queries' attention summed over EVERY query head (POLICIES
+     * §10 proxy): changing only KV head 1's queries changes KV head 0's merged keys */
+    tl_random(&t, 11, T, D, 4, 2, W, 0, true);
+    for (int j = 0; j < T; j++)
+        t.mod[j] = j >= 4 && j < T - 8;
+    for (int j = T - W; j < T; j++)
+        t.mod[j] = 0; /* text window queries */
+    KVT_CHECK(kvt_policy_create("lightkv-like:window=2", NULL, &p));
+    const int B1[1] = {16};
+    kvt_layer_selection *s0 = NULL, *s1 = NULL;
+    KVT_CHECK(kvt_replay_layer_select(&t.in, p, B1, 1, &s0));
+    for (size_t i = (size_t)2 * W * D; i < (size_t)4 * W * D; i++) /* query heads 2, 3 */
+        t.qw[i] *= -3.0f;
+    KVT_CHECK(kvt_replay_layer_select(&t.in, p, B1, 1, &s1));
+    const kvt_merged_set *a = &s0->merged[0], *b = &s1->merged[0];
+    KVT_EXPECT(a->n_changed > 0);
+    KVT_EXPECT_MSG(a->n_changed != b->n_changed ||
+                       memcmp(a->k, b->k, (size_t)a->n_changed * D * sizeof(float)) != 0,
+                   "head 0's merge ignores the other heads' attention");
+    kvt_layer_selection_free(s0);
+    kvt_layer_selection_free(s1);
+    kvt_policy_free(p);
+    tl_free(&t);
 }
 
 static void test_layer_metrics(bool per_query)
