@@ -35,8 +35,8 @@ static void usage(FILE *f)
                "compression policies offline.\n\ncommands:\n");
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(f, "  %-16s %s\n", commands[i].name, commands[i].summary);
-    fprintf(f, "\n'kvtrace <command> --help' describes a command. 'kvtrace --version' prints "
-               "the version.\n");
+    fprintf(f, "\n'kvtrace <command> --help' (or 'kvtrace help <command>') describes a command. "
+               "'kvtrace --version' prints the version.\n");
 }
 
 int main(int argc, char **argv)
@@ -46,6 +46,15 @@ int main(int argc, char **argv)
     signal(SIGXFSZ, SIG_IGN);
     if (argc < 2) {
         usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "help") && argc > 2) { /* 'kvtrace help replay' = 'replay --help' */
+        for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+            if (!strcmp(argv[2], commands[i].name)) {
+                char *args[] = {argv[2], "--help", NULL};
+                return commands[i].run(2, args);
+            }
+        fprintf(stderr, "kvtrace: error: unknown command '%s' (try 'kvtrace --help')\n", argv[2]);
         return 2;
     }
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {

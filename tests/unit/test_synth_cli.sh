@@ -19,6 +19,7 @@ one_error() {
 check "synth --help exits 0" "$BIN synth --help | grep -q 'usage: kvtrace synth'"
 check "--help lists the shapes" "$BIN synth --help | grep -q qwen2-vl-7b"
 check "kvtrace --help lists synth" "$BIN --help | grep -q synth"
+check "kvtrace help synth = synth --help" "[ \"\$($BIN help synth)\" = \"\$($BIN synth --help)\" ]"
 one_error "unknown shape" --shape nosuch --tokens 10 -o "$TMP/x.kvt"
 check "unknown shape lists the valid ones" "grep -q 'llama3-8b' $TMP/err"
 one_error "W > T" --shape tiny --tokens 10 --window 11 -o "$TMP/x.kvt"
