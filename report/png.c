@@ -368,9 +368,10 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
     cairo_t *cr = cairo_create(s);
     const double ml = 70, mr = 190, mt = 40, mb = 55;
     const double pw = width - ml - mr, ph = height - mt - mb;
-    /* round the axis up to 1, 2 or 5 times a power of ten, so the 5 ticks are round numbers */
-    double y_max = fg->y_max > 0 ? fg->y_max : 1.0, mag = pow(10, floor(log10(y_max)));
-    y_max = y_max <= mag ? mag : y_max <= 2 * mag ? 2 * mag : y_max <= 5 * mag ? 5 * mag : 10 * mag;
+    double y_lo, y_max, ystep; /* round ticks from 0 (kvt_report_nice_axis) */
+    int ydec;
+    kvt_report_nice_axis(0.0, fg->y_max > 0 ? fg->y_max : 1.0, 8, &y_lo, &y_max, &ystep, &ydec);
+    const int n_yt = (int)lround(y_max / ystep);
     /* categories at the centres of n_x equal slots */
     const double slot = pw / (double)fg->n_x;
     cairo_set_source_rgb(cr, 1, 1, 1);
@@ -380,11 +381,14 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
     cairo_set_font_size(cr, 13);
     cairo_move_to(cr, ml, mt - 15);
     cairo_show_text(cr, fg->title);
+    cairo_set_font_size(cr, 11);
+    char lab[32];
+    for (int i = 0; i <= n_yt; i++) /* grid first, under the axes and lines */
+        grid_line(cr, ml, mt + ph - ph * i / (double)n_yt, ml + pw,
+                  mt + ph - ph * i / (double)n_yt);
     cairo_set_line_width(cr, 1);
     cairo_rectangle(cr, ml, mt, pw, ph);
     cairo_stroke(cr);
-    cairo_set_font_size(cr, 11);
-    char lab[32];
     size_t step = fg->n_x > 16 ? (fg->n_x + 15) / 16 : 1;
     for (size_t i = 0; i < fg->n_x; i += step) {
         double px = ml + (i + 0.5) * slot;
@@ -396,13 +400,15 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
         cairo_move_to(cr, px - ext.width / 2, mt + ph + 18);
         cairo_show_text(cr, fg->x_labels[i]);
     }
-    for (int i = 0; i <= 5; i++) {
-        double v = y_max * i / 5.0, py = mt + ph - ph * i / 5.0;
+    for (int i = 0; i <= n_yt; i++) {
+        double v = ystep * i, py = mt + ph - ph * i / (double)n_yt;
         cairo_move_to(cr, ml - 5, py);
         cairo_line_to(cr, ml, py);
         cairo_stroke(cr);
-        snprintf(lab, sizeof(lab), y_max >= 10 ? "%.0f" : "%.1f", v);
-        cairo_move_to(cr, ml - 40, py + 4);
+        snprintf(lab, sizeof(lab), "%.*f", ydec, v);
+        cairo_text_extents_t te;
+        cairo_text_extents(cr, lab, &te);
+        cairo_move_to(cr, ml - 8 - te.width - te.x_bearing, py + 4);
         cairo_show_text(cr, lab);
     }
     cairo_text_extents_t ext;
