@@ -240,16 +240,17 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
  * failure the temporary is removed and `path` is untouched. */
 static kvt_status write_atomic(const char *path, const char *txt, size_t len)
 {
-    char *tmp = kvt_tmp_sibling(path);
+    char *tmp = NULL;
     char *dir = kvt_strdup(path);
     kvt_status st = KVT_OK;
-    if (!tmp || !dir) {
+    if (!dir) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_free;
     }
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
+    int fd = kvt_create_tmp_sibling(path, 0666, &tmp);
     if (fd < 0) {
-        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+        st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
+                           "cannot write next to %s: %s", path, strerror(errno));
         goto out_free;
     }
     FILE *f = fdopen(fd, "wb");

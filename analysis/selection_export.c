@@ -153,14 +153,14 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
         goto out_fail;
     }
     w->path = kvt_strdup(path);
-    w->tmp = kvt_tmp_sibling(path);
-    if (!w->path || !w->tmp) {
+    if (!w->path) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_fail;
     }
-    int fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
+    int fd = kvt_create_tmp_sibling(path, 0666, &w->tmp);
     if (fd < 0) {
-        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", w->tmp, strerror(errno));
+        st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
+                           "cannot write next to %s: %s", path, strerror(errno));
         goto out_fail;
     }
     w->f = fdopen(fd, "wb");

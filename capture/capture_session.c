@@ -1104,7 +1104,9 @@ kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *s
     if (st == KVT_OK)
         st = close_records(s, &complete, gap, sizeof(gap));
     if (st == KVT_OK) {
-        st = kvt_trace_writer_finish(s->w);
+        /* an incomplete capture never replaces an existing trace (force): it stays next to
+           it, and the old one is kept */
+        st = kvt_trace_writer_finish_ex(s->w, complete);
         if (st == KVT_OK && !complete)
             st = kvt_error_set(KVT_ERR_STATE, "capture closed with an incomplete prompt: %s", gap);
     }

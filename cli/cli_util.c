@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 int kvt_cli_fail(const char *cmd, const char *fmt, ...)
@@ -25,7 +26,7 @@ int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what)
 {
     const char *m = kvt_error_msg();
     size_t n = what ? strlen(what) : 0;
-    if (m && *m && n && !strncmp(m, what, n) && (m[n] == ':' || m[n] == ' '))
+    if (m && *m && n && !strncmp(m, what, n) && m[n] == ':')
         return kvt_cli_fail(cmd, "%s", m); /* the message already names it */
     if (m && *m)
         return kvt_cli_fail(cmd, "%s: %s", what, m);
@@ -40,32 +41,78 @@ static bool progress_enabled(void)
     return isatty(2);
 }
 
+/* the line, under p->mu; done == total ends it */
+static void progress_draw(kvt_progress *p, uint64_t now)
+{
+    if (p->ended || now - p->t0_ns < 1000000000ull)
+        return;
+    double el = (double)(now - p->t0_ns) * 1e-9;
+    if (p->total)
+        fprintf(stderr, "\r%s: %llu/%llu (%.0f%%) %.1fs", p->label, (unsigned long long)p->done,
+                (unsigned long long)p->total, 100.0 * (double)p->done / (double)p->total, el);
+    else
+        fprintf(stderr, "\r%s: %.1fs", p->label, el);
+    p->shown = true;
+    if (p->total && p->done >= p->total) {
+        fputc('\n', stderr);
+        p->ended = true;
+    }
+    fflush(stderr);
+}
+
+static void *progress_ticker(void *arg)
+{
+    kvt_progress *p = arg;
+    pthread_mutex_lock(&p->mu);
+    while (!p->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 500000000L;
+        if (ts.tv_nsec >= 1000000000L)
+            ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+        if (!p->stop)
+            progress_draw(p, kvt_now_ns());
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
 void kvt_progress_start(kvt_progress *p, const char *label)
 {
+    memset(p, 0, sizeof(*p));
     p->label = label;
     p->t0_ns = kvt_now_ns();
-    p->last_ns = 0;
-    p->shown = false;
+    p->enabled = progress_enabled();
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    p->ticking = p->enabled && pthread_create(&p->th, NULL, progress_ticker, p) == 0;
 }
 
 void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total)
 {
-    uint64_t now = kvt_now_ns();
-    bool end = done >= total;
-    if (now - p->t0_ns < 1000000000ull && !p->shown)
+    if (!p->enabled)
         return;
-    if (!end && p->shown && now - p->last_ns < 200000000ull)
-        return;
-    if (!progress_enabled())
-        return;
-    p->last_ns = now;
-    p->shown = true;
-    double pct = total ? 100.0 * (double)done / (double)total : 100.0;
-    fprintf(stderr, "\r%s: %llu/%llu (%.0f%%) %.1fs", p->label, (unsigned long long)done,
-            (unsigned long long)total, pct, (double)(now - p->t0_ns) * 1e-9);
-    if (end)
+    pthread_mutex_lock(&p->mu);
+    p->done = done, p->total = total;
+    if (done >= total) /* the last step: drawn now, if the work took over a second */
+        progress_draw(p, kvt_now_ns());
+    pthread_mutex_unlock(&p->mu);
+}
+
+void kvt_progress_end(kvt_progress *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->stop = true;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    if (p->ticking)
+        pthread_join(p->th, NULL);
+    if (p->shown && !p->ended) /* stopped early (an error): end the line before the message */
         fputc('\n', stderr);
-    fflush(stderr);
+    p->ended = true;
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
 }
 
 bool kvt_cli_parse_u64(const char *s, uint64_t *out)
@@ -154,8 +201,12 @@ bool kvt_cli_same_path(const char *a, const char *b)
 bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char *const *inputs,
                        size_t n_inputs)
 {
-    if (!out) {
-        kvt_cli_fail(cmd, "no output file (-o FILE)");
+    size_t ol = out ? strlen(out) : 0;
+    if (!ol || out[ol - 1] == '/') {
+        kvt_cli_fail(cmd,
+                     out && ol ? "%s: an output file name, not a directory"
+                               : "no output file (-o FILE)",
+                     out);
         return false;
     }
     /* the directory must take a new file: found now, not after the work is done */

@@ -387,8 +387,7 @@ int kvt_cmd_replay(int argc, char **argv)
     for (size_t t = 0; t < n_traces; t++) {
         char label[512];
         snprintf(label, sizeof(label), "replay %s (layers)", traces[t]);
-        kvt_progress pr;
-        kvt_progress_start(&pr, label);
+        kvt_progress pr; /* started right before the replay: every path after it ends it */
         kvt_replay_opts o = {.n_threads = threads,
                              .coverage_probes = probes,
                              .progress = progress_cb,
@@ -445,9 +444,9 @@ int kvt_cmd_replay(int argc, char **argv)
                 goto out_free;
             }
         }
+        kvt_progress_start(&pr, label);
         st = kvt_replay_trace(traces[t], pols, n_pol, budgets, n_b, &o, &tr);
-        if (pr.shown && st)
-            fputc('\n', stderr);
+        kvt_progress_end(&pr);
         if (st) {
             kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;

@@ -90,6 +90,10 @@ static bool report_output_ok(const char *cmd, const char *path, const char *dir,
     struct stat ds;
     if (stat(dir, &ds) != 0)
         return true; /* a new directory: the report creates it */
+    if (!S_ISDIR(ds.st_mode)) {
+        kvt_cli_fail(cmd, "%s exists and is not a directory", dir);
+        return false;
+    }
     return kvt_cli_output_ok(cmd, index, force, inputs, 1);
 }
 

@@ -178,6 +178,7 @@ int kvt_cmd_synth(int argc, char **argv)
     o.progress_user = &prog;
     uint64_t t0 = kvt_now_ns();
     s = kvt_synth_write(&o, out, &wo);
+    kvt_progress_end(&prog);
     if (s != KVT_OK)
         return kvt_cli_fail_status("synth", s, out);
     double secs = (double)(kvt_now_ns() - t0) * 1e-9;

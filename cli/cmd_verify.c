@@ -46,6 +46,7 @@ int kvt_cmd_verify(int argc, char **argv)
     kvt_progress prog;
     kvt_progress_start(&prog, "verify");
     kvt_status s = kvt_trace_verify_ex(path, &rep, on_progress, &prog);
+    kvt_progress_end(&prog);
     if (s != KVT_OK)
         return kvt_cli_fail_status("verify", s, path), 2;
     if (rep.n_problems == 0) {

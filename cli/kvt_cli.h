@@ -4,6 +4,7 @@
 #ifndef KVT_CLI_H
 #define KVT_CLI_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -22,16 +23,25 @@ int kvt_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(pr
 /** Same, for a failed library call: appends the status name and the library's message. */
 int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what);
 
-/** Progress on stderr: shown only once the operation has run for more than a second and
- *  stderr is a terminal or KVT_PROGRESS=1. Call with done == total to finish the line. */
+/** Progress on stderr: shown once the operation has run for more than a second, when stderr
+ *  is a terminal or KVT_PROGRESS=1 (KVT_PROGRESS=0: never). A ticker thread redraws the line
+ *  every 0.5 s with the elapsed time, so a first step that takes long (one big layer) still
+ *  shows that work goes on. kvt_progress_update records done/total (done == total finishes
+ *  the line); kvt_progress_end stops the ticker and ends the line: call it once on every
+ *  path after kvt_progress_start. */
 typedef struct kvt_progress {
     const char *label;
     uint64_t t0_ns;
-    uint64_t last_ns;
-    bool shown;
+    bool shown, ended; /* a line is on screen; it was ended with a newline */
+    uint64_t done, total;
+    bool enabled, ticking, stop;
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
 } kvt_progress;
 void kvt_progress_start(kvt_progress *p, const char *label);
 void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total);
+void kvt_progress_end(kvt_progress *p);
 
 /** Parse a non-negative integer with optional k/M/G suffix; false on junk or overflow. */
 bool kvt_cli_parse_u64(const char *s, uint64_t *out);

@@ -134,6 +134,10 @@ int kvt_cpu_count(void);
  *  the calls of the process, so two outputs never share one. Caller frees with kvt_free.
  *  @return the name, or NULL (out of memory). */
 char *kvt_tmp_sibling(const char *path);
+/** Create a new temporary file next to `path` for writing (O_EXCL, mode & ~umask), skipping
+ *  names a killed process left behind. *tmp receives its name (caller frees with kvt_free).
+ *  @return the descriptor, or -1 with errno set (*tmp NULL). */
+int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp);
 
 /** Open an input for reading only if it is a regular file: opened without blocking (a FIFO
  *  would wait for a writer forever), checked with fstat, then made blocking again.
@@ -141,8 +145,8 @@ char *kvt_tmp_sibling(const char *path);
 int kvt_open_regular(const char *path);
 /** kvt_open_regular as a stdio stream ("rb"); NULL with errno set. */
 FILE *kvt_fopen_regular(const char *path);
-/** The message for a failed kvt_open_regular / kvt_fopen_regular of `path` (errno): "PATH is
- *  not a regular file" or "cannot open PATH: REASON", in a static per-thread buffer. */
+/** The message for a failed kvt_open_regular / kvt_fopen_regular of `path` (errno): "PATH: not
+ *  a regular file" or "PATH: REASON", in a static per-thread buffer. */
 const char *kvt_open_error(const char *path);
 
 /** Deterministic xorshift64* generator (tests, synth, random policy); never rand(). */

@@ -74,9 +74,32 @@ char *kvt_tmp_sibling(const char *path)
     return buf;
 }
 
+int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp)
+{
+    *tmp = NULL;
+    for (int tries = 0; tries < 1000; tries++) { /* the counter moves on at every call */
+        char *t = kvt_tmp_sibling(path);
+        if (!t) {
+            errno = ENOMEM;
+            return -1;
+        }
+        int fd = open(t, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)mode);
+        if (fd >= 0) {
+            *tmp = t;
+            return fd;
+        }
+        int e = errno;
+        kvt_free(t);
+        errno = e;
+        if (e != EEXIST)
+            return -1;
+    }
+    return -1;
+}
+
 int kvt_open_regular(const char *path)
 {
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     if (fd < 0)
         return -1;
     struct stat st;
@@ -115,8 +138,8 @@ const char *kvt_open_error(const char *path)
 {
     static _Thread_local char buf[512];
     if (errno == EINVAL)
-        snprintf(buf, sizeof(buf), "%s is not a regular file", path);
+        snprintf(buf, sizeof(buf), "%s: not a regular file", path);
     else
-        snprintf(buf, sizeof(buf), "cannot open %s: %s", path, strerror(errno));
+        snprintf(buf, sizeof(buf), "%s: %s", path, strerror(errno));
     return buf;
 }

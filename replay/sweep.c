@@ -21,6 +21,8 @@ typedef struct scratch {
     double *rec, *err, *rmod; /* [n_qmax, n_b(, NM)] */
     void *sw;                 /* sweep_output workspace */
     double *cov, *rad, *cmod, *rk, *cdrop;
+    double *cd_sum; /* [n_v] coverage_dropped over the sets that have dropped probes, */
+    int *cd_n;      /* and how many: a mean over the steps where it is defined */
     float *cwork;
     double *rwork;
     int32_t *posO;
@@ -54,6 +56,8 @@ static void scratch_free(scratch *s)
     kvt_free(s->cmod);
     kvt_free(s->rk);
     kvt_free(s->cdrop);
+    kvt_free(s->cd_sum);
+    kvt_free(s->cd_n);
     kvt_free(s->posT);
     kvt_free(s->probe_pos);
     kvt_free(s->cwork);
@@ -97,6 +101,8 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->cmod = kvt_malloc(nb * KVT_NM * sizeof(double));
     s->rk = kvt_malloc(nb * sizeof(double));
     s->cdrop = kvt_malloc(nb * sizeof(double));
+    s->cd_sum = kvt_malloc(nb * sizeof(double));
+    s->cd_n = kvt_malloc(nb * sizeof(int));
     s->posT = kvt_malloc(T * sizeof(int32_t));
     s->probe_pos = kvt_malloc(((size_t)n_probe + 1) * sizeof(int32_t));
     s->cwork = kvt_malloc(((size_t)n_probe + 1) * sizeof(float));
@@ -127,8 +133,9 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     }
     if (!s->vcnt || !s->vocnt || !s->vm || !s->brec || !s->berr || !s->brmod || !s->cuts ||
         !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad || !s->cmod ||
-        !s->rk || !s->cdrop || !s->posT || !s->probe_pos || !s->cwork || !s->rwork || !s->posO ||
-        !s->probe || !s->probe_mod || !(s->ct || s->cbest) || !s->z || !s->keep || !s->acc) {
+        !s->rk || !s->cdrop || !s->cd_sum || !s->cd_n || !s->posT || !s->probe_pos || !s->cwork ||
+        !s->rwork || !s->posO || !s->probe || !s->probe_mod || !(s->ct || s->cbest) || !s->z ||
+        !s->keep || !s->acc) {
         scratch_free(s);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
     }
@@ -282,7 +289,10 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
         if (s->n_probe > 0) {
             hm->coverage += wgt * s->cov[ci];
             hm->coverage_radius += wgt * s->rad[ci];
-            hm->coverage_dropped += wgt * s->cdrop[ci];
+            if (!isnan(s->cdrop[ci])) { /* every probe kept: not defined for this set */
+                s->cd_sum[b] += s->cdrop[ci];
+                s->cd_n[b]++;
+            }
             for (int k = 0; k < KVT_NM; k++)
                 hm->coverage_mod[k] += wgt * s->cmod[(size_t)ci * KVT_NM + k];
         }
@@ -350,6 +360,8 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
         s->vocnt[v] = orc ? orc->count[(size_t)b * H + h] : 0;
         set_nan(hm);
         zero_set_fields(hm, cov, mod, orc != NULL);
+        s->cd_sum[v] = 0.0;
+        s->cd_n[v] = 0;
     }
     if (sel->has_fixed) {
         const int32_t *ord = sel->order + (size_t)h * T;
@@ -394,6 +406,8 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
                 return st;
         }
     }
+    for (int v = 0; v < n_v && cov; v++)
+        s->vm[v]->coverage_dropped = s->cd_n[v] ? s->cd_sum[v] / s->cd_n[v] : NAN;
     return KVT_OK;
 }
 

@@ -890,16 +890,21 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
     KVT_RETURN_IF(mkdir(dir, 0777) != 0 && errno != EEXIST, KVT_ERR_IO,
                   "report: cannot create %s: %s", dir, strerror(errno));
     report_plan pl;
-    char path[4096], tmp[4096];
+    char path[4096], *tmp = NULL;
     KVT_FORWARD(plan_create(r, dir, target, &pl));
     kvt_status st = draw_pngs(r, &pl);
     if (st)
         goto out_free_plan;
     snprintf(path, sizeof(path), "%s/index.html", dir);
-    snprintf(tmp, sizeof(tmp), "%s/.index.html.%ld.tmp", dir, (long)getpid());
-    FILE *f = fopen(tmp, "w");
+    int fd = kvt_create_tmp_sibling(path, 0666, &tmp);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!f) {
-        st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", tmp, strerror(errno));
+        st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
+                           "report: cannot write next to %s: %s", path, strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+            remove(tmp);
+        }
         goto out_free_plan;
     }
     st = write_page(f, r, &pl);
@@ -913,6 +918,7 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
     if (st)
         remove(tmp);
 out_free_plan:
+    kvt_free(tmp);
     plan_free(&pl);
     return st;
 }

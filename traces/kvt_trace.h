@@ -154,8 +154,13 @@ kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_
 /** Convenience: append a JSON object as a KVT_KIND_META_JSON record. */
 kvt_status kvt_trace_writer_append_json(kvt_trace_writer *w, const char *json);
 
-/** Wait for queued records, write the index and trailer, fsync. After it, only free. */
+/** Wait for queued records, write the index and trailer, fsync. After it, only free.
+ *  Replacing an existing trace (opts.force), the new one is then renamed over it. */
 kvt_status kvt_trace_writer_finish(kvt_trace_writer *w);
+/** kvt_trace_writer_finish; with commit = false an existing trace it would replace is kept
+ *  and the finished new one stays in its temporary file (named in a warning at free), e.g.
+ *  for a capture that ended incomplete. Without an existing trace, commit changes nothing. */
+kvt_status kvt_trace_writer_finish_ex(kvt_trace_writer *w, bool commit);
 
 /** Snapshot of counters (thread-safe). */
 void kvt_trace_writer_get_stats(kvt_trace_writer *w, kvt_writer_stats *out);

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -39,7 +40,7 @@ struct kvt_trace_writer {
     int fd;
     char *path;  /* the file being written: the output, or a temporary next to it */
     char *final; /* replacing an existing trace (force): the output, renamed to at finish */
-    bool renamed;
+    bool renamed, complete;
     kvt_writer_opts opts;
 
     pthread_mutex_t mu;
@@ -267,39 +268,58 @@ kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
     if (w->opts.n_threads < 0)
         w->opts.n_threads = 0;
     /* A new file is written in place (a crash leaves its complete records readable there).
-       An existing trace (force) is replaced only at finish: the new one is written next to it
-       and renamed over it, so a failure keeps the old one. Anything but a regular file (a
-       device, a FIFO, a directory) is never replaced. */
+       An existing trace (force) is replaced only by a committed finish: the new one is written
+       next to it and renamed over it, so a failure keeps the old one. A symbolic link is
+       followed (its target is replaced, with the target's permissions). Anything but a regular
+       file (a device, a FIFO, a directory) is never replaced. */
     struct stat ex;
-    bool replacing = false;
-    if (stat(path, &ex) == 0) {
+    if (lstat(path, &ex) == 0) {
+        char *target = S_ISLNK(ex.st_mode) ? realpath(path, NULL) : NULL;
+        if (S_ISLNK(ex.st_mode) && (!target || stat(target, &ex) != 0)) {
+            s = kvt_error_set(KVT_ERR_IO, "%s is a symbolic link to a missing file", path);
+            free(target);
+            goto out_free_w;
+        }
         if (!S_ISREG(ex.st_mode)) {
             s = kvt_error_set(KVT_ERR_IO,
                               "%s exists and is not a regular file: refusing to "
                               "replace it",
                               path);
+            free(target);
             goto out_free_w;
         }
         if (!w->opts.force) {
             s = kvt_error_set(KVT_ERR_IO, "%s already exists (use --force to overwrite)", path);
+            free(target);
             goto out_free_w;
         }
-        replacing = true;
-        w->final = kvt_strdup(path);
-        w->path = kvt_tmp_sibling(path);
-    } else
+        w->final = kvt_strdup(target ? target : path);
+        free(target); /* realpath's, from malloc */
+        if (!w->final) {
+            s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free_w;
+        }
+        w->fd = kvt_create_tmp_sibling(w->final, 0644, &w->path);
+        if (w->fd < 0) {
+            s = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
+                              "cannot write next to %s: %s", w->final, strerror(errno));
+            goto out_free_path;
+        }
+        (void)fchmod(w->fd, ex.st_mode & 07777); /* the replaced trace's permissions */
+    } else {
         w->path = kvt_strdup(path);
-    if (!w->path || (replacing && !w->final)) {
-        s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-        goto out_free_path;
-    }
-    w->fd = open(w->path, O_WRONLY | O_CREAT | O_CLOEXEC | O_EXCL, 0644);
-    if (w->fd < 0) {
-        if (errno == EEXIST)
-            s = kvt_error_set(KVT_ERR_IO, "%s already exists (use --force to overwrite)", path);
-        else
-            s = kvt_error_set(KVT_ERR_IO, "cannot create %s: %s", w->path, strerror(errno));
-        goto out_free_path;
+        if (!w->path) {
+            s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free_w;
+        }
+        w->fd = open(w->path, O_WRONLY | O_CREAT | O_CLOEXEC | O_EXCL, 0644);
+        if (w->fd < 0) {
+            if (errno == EEXIST)
+                s = kvt_error_set(KVT_ERR_IO, "%s already exists (use --force to overwrite)", path);
+            else
+                s = kvt_error_set(KVT_ERR_IO, "cannot create %s: %s", path, strerror(errno));
+            goto out_free_path;
+        }
     }
     s = write_file_header(w, header_json);
     if (s != KVT_OK)
@@ -614,6 +634,11 @@ static kvt_status write_index_and_trailer(kvt_trace_writer *w)
 
 kvt_status kvt_trace_writer_finish(kvt_trace_writer *w)
 {
+    return kvt_trace_writer_finish_ex(w, true);
+}
+
+kvt_status kvt_trace_writer_finish_ex(kvt_trace_writer *w, bool commit)
+{
     KVT_RETURN_IF(!w, KVT_ERR_INVALID_ARG, "null writer");
     KVT_RETURN_IF(w->finished, KVT_ERR_STATE, "trace already finished");
     drain(w);
@@ -621,12 +646,23 @@ kvt_status kvt_trace_writer_finish(kvt_trace_writer *w)
     if (w->err != KVT_OK)
         return sticky(w);
     kvt_status s = write_index_and_trailer(w);
-    if (s == KVT_OK && w->final) {
-        if (rename(w->path, w->final) != 0)
+    w->complete = s == KVT_OK;
+    if (s == KVT_OK && w->final && commit) {
+        if (rename(w->path, w->final) != 0) {
             s = kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", w->path, w->final,
                               strerror(errno));
-        else
+        } else {
             w->renamed = true;
+            char *dir = kvt_strdup(w->final), *slash = dir ? strrchr(dir, '/') : NULL;
+            if (slash)
+                slash[slash == dir ? 1 : 0] = '\0';
+            int dfd = dir ? open(slash ? dir : ".", O_RDONLY | O_CLOEXEC) : -1;
+            if (dfd >= 0) { /* the rename itself durable; best effort */
+                (void)fsync(dfd);
+                close(dfd);
+            }
+            kvt_free(dir);
+        }
     }
     if (s != KVT_OK)
         set_err(w, s, kvt_error_msg());
@@ -659,8 +695,9 @@ void kvt_trace_writer_free(kvt_trace_writer *w)
     pthread_mutex_destroy(&w->mu);
     if (w->fd >= 0)
         close(w->fd);
-    if (w->final && !w->renamed) /* unfinished: the old trace stays, the new records too */
-        kvt_log(KVT_LOG_WARN, "the unfinished trace is in %s; %s is unchanged", w->path, w->final);
+    if (w->final && !w->renamed) /* not committed: the old trace stays, the new one too */
+        kvt_log(KVT_LOG_WARN, "the new trace (%s) is in %s; %s is unchanged",
+                w->complete ? "finished" : "unfinished, recoverable", w->path, w->final);
     kvt_free(w->index);
     kvt_free(w->path);
     kvt_free(w->final);

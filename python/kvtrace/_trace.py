@@ -373,7 +373,9 @@ class TraceWriter:
             w.append("token_ids", ids)            # 1-D tables become [1, T, 1]
     The header should follow traces/FORMAT.md (JSON header) for other tools to use the file.
     Leaving the block normally finishes the file (index + trailer); an exception leaves it
-    unfinished, as a crash would."""
+    unfinished, as a crash would. With force=True over an existing trace, the new one is
+    written next to it (PATH.tmp.PID.N) and renamed over it only by finish(): unfinished, the
+    old trace stays and the new records are in that file."""
 
     def __init__(self, path, header, level=0, n_threads=0, max_pending_bytes=0,
                  no_shuffle=False, max_record_bytes=0, force=False):
@@ -443,7 +445,8 @@ class TraceWriter:
         self._finished = True
 
     def close(self):
-        """Free the writer; without finish() the file is left as a crash would leave it."""
+        """Free the writer; without finish() the file is left as a crash would leave it (a
+        forced replacement: in its temporary file, the old trace untouched)."""
         if self._h is not None and self._h.value:
             _lib.lib().kvt_trace_writer_free(self._h)
         self._h = None

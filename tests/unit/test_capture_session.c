@@ -547,14 +547,31 @@ static void test_ordering(void)
     check_contents(path, &err);
     KVT_EXPECT(err < 1e-5);
 
-    /* closing with an incomplete prompt: finished, flagged, reported */
+    /* closing with an incomplete prompt over an existing trace (force): the complete one
+     * above stays, the incomplete one is finished next to it */
+    KVT_CHECK(kvt_capture_open(path, &m, &o, &s));
+    KVT_CHECK(submit_prompt_range(s, CONTIG, 0, 0, TT));
+    KVT_CHECK(kvt_capture_submit_kv(s, 1, 0, &k5, &k5));
+    KVT_EXPECT_STATUS(kvt_capture_close(s, NULL), KVT_ERR_STATE);
+    kvt_verify_report rep;
+    KVT_CHECK(kvt_trace_verify(path, &rep));
+    KVT_EXPECT(rep.trailer_ok && rep.n_records_bad == 0 && rep.n_problems == 0);
+    kvt_verify_report_free(&rep);
+    err = 0;
+    check_contents(path, &err);
+    KVT_EXPECT(err < 1e-5);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "ls %s.tmp.* >/dev/null 2>&1 && rm -f %s.tmp.*", path, path);
+    KVT_EXPECT(system(cmd) == 0); /* the incomplete one, kept next to it */
+
+    /* the same into a new file: finished in place, flagged, reported */
+    remove(path);
     KVT_CHECK(kvt_capture_open(path, &m, &o, &s));
     KVT_CHECK(submit_prompt_range(s, CONTIG, 0, 0, TT));
     KVT_CHECK(kvt_capture_submit_kv(s, 1, 0, &k5, &k5));
     KVT_EXPECT_STATUS(kvt_capture_close(s, NULL), KVT_ERR_STATE);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "layer 1 has K/V for 5 of 37") != NULL, "%s",
                    kvt_error_msg());
-    kvt_verify_report rep;
     KVT_CHECK(kvt_trace_verify(path, &rep));
     KVT_EXPECT(rep.trailer_ok && rep.n_records_bad == 0 && rep.n_problems > 0);
     kvt_verify_report_free(&rep);

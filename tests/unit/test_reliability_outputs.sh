@@ -171,6 +171,34 @@ cp "$TMP/keep.kvt" "$TMP/keep.old"
     -o "$TMP/keep.kvt" --force) >/dev/null 2>&1
 check "synth --force dying mid-write: the old trace is untouched" "cmp -s $TMP/keep.kvt $TMP/keep.old"
 rm -f "$TMP"/keep.kvt.tmp.*
+# a forced capture interrupted before the prompt is complete does not replace the old trace
+$BIN capture-llama2c --model "$MODEL" --tokens 24 --decode 0 --window 4 -o "$TMP/cap.kvt" \
+    >/dev/null 2>&1
+cp "$TMP/cap.kvt" "$TMP/cap.old"
+KVT_CAPTURE_STEP_DELAY_US=200000 timeout -s INT 1 $BIN capture-llama2c --model "$MODEL" \
+    --tokens 200 --decode 0 --window 4 -o "$TMP/cap.kvt" --force >/dev/null 2>"$TMP/err"
+check "capture --force interrupted: the old trace is kept, the new one named" \
+    "cmp -s $TMP/cap.kvt $TMP/cap.old && grep -q 'cap.kvt is unchanged' $TMP/err"
+rm -f "$TMP"/cap.kvt.tmp.*
+# a temporary name a killed process left (same pid) is skipped, not an error
+bash -c "touch '$TMP/keep.kvt.tmp.'\$\$'.0'; exec $BIN synth --shape tiny --tokens 64 --force -o '$TMP/keep.kvt'" \
+    >/dev/null 2>"$TMP/err"
+check "a leftover temporary of the same pid: skipped" "[ \$? -eq 0 ] && $BIN verify -q $TMP/keep.kvt"
+rm -f "$TMP"/keep.kvt.tmp.*
+# a symbolic link: its target is replaced, with the target's permissions; a dangling one is
+# refused
+chmod 600 "$TMP/keep.kvt"
+ln -s keep.kvt "$TMP/link.kvt"
+$BIN synth --shape tiny --tokens 96 --force -o "$TMP/link.kvt" >/dev/null 2>&1
+check "--force through a symlink: the link stays, the target is the new trace, mode kept" \
+    "[ -L $TMP/link.kvt ] && $BIN info $TMP/keep.kvt | grep -q 'T=96' && [ \$(stat -c %a $TMP/keep.kvt) = 600 ]"
+ln -s nowhere.kvt "$TMP/dangling.kvt"
+$BIN synth --shape tiny --tokens 64 --force -o "$TMP/dangling.kvt" >/dev/null 2>"$TMP/err"
+check "--force to a dangling symlink: refused" \
+    "[ \$? -eq 1 ] && grep -q 'symbolic link to a missing file' $TMP/err"
+rm -f "$TMP/link.kvt" "$TMP/dangling.kvt"
+$R -o "" >/dev/null 2>"$TMP/err"
+check "-o '': refused before the work" "[ \$? -ne 0 ] && grep -q 'no output file' $TMP/err"
 long=$(printf 'a%.0s' $(seq 1 245))
 $R -o "$TMP/$long.json" --export-selection "$TMP/$long.sel" >/dev/null 2>"$TMP/err"
 check "250-character output names: written" \

@@ -307,6 +307,26 @@ static void test_merged_causal(void)
     tl_free(&t);
 }
 
+/* coverage_dropped of a per-step head is the mean over the steps that drop a probe: quest at
+ * T = 100, pages of 16 and B = 90 keeps everything while the partial last page is being
+ * written (steps 0..11) and drops a page at steps 12..15 */
+static void test_step_coverage_dropped(void)
+{
+    test_layer t;
+    tl_random(&t, 21, 100, 8, 2, 1, 8, 16, false);
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create("quest:page=16,dense_layers=0", NULL, &p));
+    const int B[1] = {90};
+    kvt_head_metrics m[2];
+    kvt_replay_opts o = {.coverage_probes = -1};
+    KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&t.in, &p, 1, B, 1, &o, m), KVT_OK);
+    KVT_EXPECT_MSG(m[0].n_keep < 100 && m[0].n_keep > 96, "n_keep %g", m[0].n_keep);
+    KVT_EXPECT_MSG(!isnan(m[0].coverage_dropped) && m[0].coverage_dropped <= 1.0 + 1e-6,
+                   "coverage_dropped %g", m[0].coverage_dropped);
+    kvt_policy_free(p);
+    tl_free(&t);
+}
+
 static void test_layer_metrics(bool per_query)
 {
     enum { T = 120, D = 16, Hq = 4, Hkv = 2, W = 8, G = 5, NB = 5 };
@@ -520,6 +540,7 @@ int main(void)
     test_layer_metrics(true);
     test_step_set_means();
     test_merged_causal();
+    test_step_coverage_dropped();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }
