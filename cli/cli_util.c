@@ -292,6 +292,11 @@ bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t)
         kvt_cli_fail_status(cmd, st, "--metric");
         return false;
     }
+    if (t->metric && t->o.metric == KVT_REC_METRIC_HEAD_OVERLAP) {
+        kvt_cli_fail(cmd, "--metric head_overlap: it describes how alike the heads' selections "
+                          "are, not their quality; it cannot be a target");
+        return false;
+    }
     if (t->metric && !t->have_max && !t->have_min && !kvt_rec_metric_is_error(t->o.metric)) {
         kvt_cli_fail(cmd, "--metric %s needs a target (--min-recall R)", t->metric);
         return false;

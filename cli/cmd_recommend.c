@@ -23,8 +23,9 @@ static void help(void)
            "  --max-error E   output error must be <= E (default: --max-error 0.1)\n"
            "  --min-recall R  attention recall (or coverage) must be >= R\n"
            "  --metric NAME   err_window | err_decode (with --max-error), recall_window |\n"
-           "                  recall_decode | coverage (with --min-recall); default: the decode\n"
-           "                  metric when decode queries were measured, else the window one\n"
+           "                  recall_decode | coverage | coverage_dropped (with --min-recall);\n"
+           "                  default: the decode metric when decode queries were measured,\n"
+           "                  else the window one\n"
            "  --json          print one JSON object instead of text\n\n"
            "exit status: 0 recommended, 3 no setting meets the target, 1 error, 2 usage\n");
 }

@@ -236,9 +236,33 @@ static void put_trace_meta(FILE *f, const kvt_trace_result *t)
     fputs("</pre></details></td></tr>\n", f);
 }
 
-static const kvt_rec_metric figs[] = {KVT_REC_METRIC_ERR_DECODE, KVT_REC_METRIC_RECALL_DECODE,
-                                      KVT_REC_METRIC_ERR_WINDOW, KVT_REC_METRIC_RECALL_WINDOW,
-                                      KVT_REC_METRIC_COVERAGE};
+static const kvt_rec_metric figs[] = {KVT_REC_METRIC_ERR_DECODE,  KVT_REC_METRIC_RECALL_DECODE,
+                                      KVT_REC_METRIC_ERR_WINDOW,  KVT_REC_METRIC_RECALL_WINDOW,
+                                      KVT_REC_METRIC_COVERAGE,    KVT_REC_METRIC_COVERAGE_DROPPED,
+                                      KVT_REC_METRIC_HEAD_OVERLAP};
+
+/* what a quality figure shows, for its caption */
+static const char *metric_blurb(kvt_rec_metric m)
+{
+    switch (m) {
+    case KVT_REC_METRIC_ERR_DECODE:
+        return "output error ||o_S - o|| / ||o|| on the held-out decode queries (lower is better)";
+    case KVT_REC_METRIC_RECALL_DECODE:
+        return "the share of the decode queries' attention the kept entries hold";
+    case KVT_REC_METRIC_ERR_WINDOW:
+        return "output error on the window queries the policies select with (lower is better)";
+    case KVT_REC_METRIC_RECALL_WINDOW:
+        return "the share of the window queries' attention the kept entries hold";
+    case KVT_REC_METRIC_COVERAGE:
+        return "key coverage: the mean over probe keys of the best cosine to a kept key";
+    case KVT_REC_METRIC_COVERAGE_DROPPED:
+        return "the same over the dropped probe keys only: how well the kept keys stand in for "
+               "the evicted ones";
+    default:
+        return "how alike the heads' kept sets are: the mean Jaccard overlap with the layer's "
+               "other heads (1: every head keeps the same tokens)";
+    }
+}
 #define N_FIGS (sizeof(figs) / sizeof(figs[0]))
 static const char *const mod_names[KVT_N_MODALITIES] = {"text", "image", "video", "other"};
 enum { FIG_W = 900, FIG_H = 540 }; /* every PNG of the report */
@@ -443,8 +467,8 @@ static kvt_status put_curves(FILE *f, const kvt_results *r, const report_plan *p
         KVT_FORWARD(put_chart(f, chartjs, id, pl->dir, file, alt));
         fprintf(f,
                 "<figcaption>%s of each policy against the mean kept entries per head and "
-                "layer.</figcaption></figure>\n",
-                m);
+                "layer: %s.</figcaption></figure>\n",
+                m, metric_blurb(figs[i]));
     }
     return KVT_OK;
 }
@@ -590,23 +614,7 @@ static cJSON *build_curves(const kvt_results *r, const report_plan *pl, bool *ok
             for (size_t b = 0; b < r->n_budgets; b++) {
                 kvt_run_summary s;
                 bool have = kvt_summarize_results(r, p, b, &s) == KVT_OK;
-                double v = NAN;
-                switch (figs[i]) {
-                case KVT_REC_METRIC_ERR_WINDOW:
-                    v = s.err_window;
-                    break;
-                case KVT_REC_METRIC_ERR_DECODE:
-                    v = s.err_decode;
-                    break;
-                case KVT_REC_METRIC_RECALL_WINDOW:
-                    v = s.recall_window;
-                    break;
-                case KVT_REC_METRIC_RECALL_DECODE:
-                    v = s.recall_decode;
-                    break;
-                default:
-                    v = s.coverage;
-                }
+                double v = have ? kvt_rec_summary_value(&s, figs[i]) : NAN;
                 add(nk_row, num(have ? s.n_keep : NAN), ok);
                 add(val_row, num(have ? v : NAN), ok);
             }

@@ -15,7 +15,9 @@
 extern "C" {
 #endif
 
-/** Quality metrics a target can be set on (RESULTS.md "The metrics"). */
+/** Metrics with a curve against budget (RESULTS.md "The metrics"). A target can be set on all
+ *  but head_overlap, which describes the selections rather than their quality (the CLI
+ *  refuses it as a target; the report draws it). */
 typedef enum kvt_rec_metric {
     KVT_REC_METRIC_AUTO = -1, /* err_decode / recall_decode if measured, else the window one */
     KVT_REC_METRIC_ERR_WINDOW = 0,
@@ -23,6 +25,8 @@ typedef enum kvt_rec_metric {
     KVT_REC_METRIC_RECALL_WINDOW = 2,
     KVT_REC_METRIC_RECALL_DECODE = 3,
     KVT_REC_METRIC_COVERAGE = 4,
+    KVT_REC_METRIC_COVERAGE_DROPPED = 5,
+    KVT_REC_METRIC_HEAD_OVERLAP = 6,
 } kvt_rec_metric;
 
 /** Name as in results.json ("err_decode"), or NULL for a bad value. */

@@ -11,8 +11,9 @@
 #include "kvt_report.h"
 #include "report_internal.h"
 
-static const char *const metric_names[] = {"err_window", "err_decode", "recall_window",
-                                           "recall_decode", "coverage"};
+static const char *const metric_names[] = {"err_window",    "err_decode", "recall_window",
+                                           "recall_decode", "coverage",   "coverage_dropped",
+                                           "head_overlap"};
 #define N_METRICS ((int)(sizeof(metric_names) / sizeof(metric_names[0])))
 
 const char *kvt_rec_metric_name(kvt_rec_metric m)
@@ -29,7 +30,7 @@ kvt_status kvt_rec_metric_parse(const char *name, kvt_rec_metric *out)
         }
     return kvt_error_set(KVT_ERR_INVALID_ARG,
                          "unknown metric '%s' (err_window, err_decode, recall_window, "
-                         "recall_decode, coverage)",
+                         "recall_decode, coverage, coverage_dropped, head_overlap)",
                          name);
 }
 
@@ -51,6 +52,10 @@ double kvt_rec_summary_value(const kvt_run_summary *s, kvt_rec_metric m)
         return s->recall_decode;
     case KVT_REC_METRIC_COVERAGE:
         return s->coverage;
+    case KVT_REC_METRIC_COVERAGE_DROPPED:
+        return s->coverage_dropped;
+    case KVT_REC_METRIC_HEAD_OVERLAP:
+        return s->head_overlap;
     default:
         return NAN;
     }
@@ -69,6 +74,10 @@ double kvt_rec_head_value(const kvt_head_metrics *h, kvt_rec_metric m)
         return h->recall_decode;
     case KVT_REC_METRIC_COVERAGE:
         return h->coverage;
+    case KVT_REC_METRIC_COVERAGE_DROPPED:
+        return h->coverage_dropped;
+    case KVT_REC_METRIC_HEAD_OVERLAP:
+        return h->head_overlap;
     default:
         return NAN;
     }

@@ -18,7 +18,8 @@ $BIN replay "$SAMPLE" --policies full,tova,snapkv,oracle --budgets 40,64,128,256
 $BIN report "$TMP/r.json" -o "$TMP/rep" >"$TMP/out" 2>"$TMP/err" \
     || { cat "$TMP/err"; fail "report exit"; }
 grep -q "$TMP/rep/index.html" "$TMP/out" || fail "does not print where the report is"
-for m in redundancy err_decode recall_decode err_window recall_window coverage; do
+for m in redundancy err_decode recall_decode err_window recall_window coverage coverage_dropped \
+    head_overlap; do
     [ "$(head -c 8 "$TMP/rep/$m.png" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] \
         || fail "$m.png is not a PNG"
     grep -q "id=\"fig-$m\"" "$TMP/rep/index.html" || fail "figure $m missing from index.html"
@@ -43,8 +44,8 @@ for f in "$TMP"/rep/*.png; do
     [ "$(head -c 8 "$f" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || fail "$f is not a PNG"
     n=$((n + 1))
 done
-# 5 metrics, redundancy, 2 per-head metrics x 4 policies (no policy allocates, text only)
-[ "$n" -eq 14 ] || fail "$n PNGs, want 14"
+# 7 metrics, redundancy, 2 per-head metrics x 4 policies (no policy allocates, text only)
+[ "$n" -eq 16 ] || fail "$n PNGs, want 16"
 KVT_CHARTJS=$TMP/none.js $BIN report "$TMP/r.json" -o "$TMP/rep2" >/dev/null 2>&1 \
     || fail "report without Chart.js must still succeed"
 grep -q 'id="no-chartjs"' "$TMP/rep2/index.html" || fail "no note without Chart.js"
@@ -64,7 +65,7 @@ $BIN report "$TMP/r.json" -o "$TMP/rep4" --min-recall 0.5 --metric coverage >/de
 grep -q 'Recommended settings (coverage &ge; 0.5)' "$TMP/rep4/index.html" \
     || fail "--min-recall 0.5 --metric coverage not the page's target"
 for bad in "--max-error 0.1 --min-recall 0.9" "--metric bogus" "--max-error abc" \
-    "--metric coverage" "--max-error"; do
+    "--metric coverage" "--max-error" "--min-recall 0.5 --metric head_overlap"; do
     # shellcheck disable=SC2086
     $BIN report "$TMP/r.json" -o "$TMP/rep5" $bad >/dev/null 2>"$TMP/err"
     [ $? -eq 2 ] || fail "report $bad: want exit 2"

@@ -156,6 +156,10 @@ int main(void)
     KVT_EXPECT_STATUS(kvt_rec_metric_parse("coverage", &m), KVT_OK);
     KVT_EXPECT(m == KVT_REC_METRIC_COVERAGE && !kvt_rec_metric_is_error(m));
     KVT_EXPECT_STATUS(kvt_rec_metric_parse("err", &m), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_rec_metric_parse("coverage_dropped", &m), KVT_OK);
+    KVT_EXPECT(m == KVT_REC_METRIC_COVERAGE_DROPPED && !kvt_rec_metric_is_error(m));
+    KVT_EXPECT_STATUS(kvt_rec_metric_parse("head_overlap", &m), KVT_OK);
+    KVT_EXPECT(m == KVT_REC_METRIC_HEAD_OVERLAP && !strcmp(kvt_rec_metric_name(m), "head_overlap"));
 
     kvt_results *r = build("constructed", "constructed.kvt");
     check_main(r);
