@@ -63,6 +63,15 @@ kvt_status kvt_attn_probs_ref(const float *q, int n_q, int D, const float *k, in
  * @param colsum out [T] */
 kvt_status kvt_attn_colsum_ref(const float *q, const float *k, int T, int D, double scale,
                                double *work, double *colsum);
+/** kvt_attn_colsum_ref with the logits of blocks of 64 query rows as dense products and the
+ *  softmax through the vectorised loops: the same results up to the summation order of the
+ *  dot products (a probability now and then one f32 ulp off), the same error for the first
+ *  non-finite logit. Columns still add their rows in order. Allocates its own blocks
+ *  (KVT_ERR_NOMEM); `work` is not used. Then the dispatcher. */
+kvt_status kvt_attn_colsum_cpu(const float *q, const float *k, int T, int D, double scale,
+                               double *work, double *colsum);
+kvt_status kvt_attn_colsum(const float *q, const float *k, int T, int D, double scale, double *work,
+                           double *colsum);
 
 /** Mean over rows: out[j] = (1/n_rows) * sum_r x[r*ld + j] for j < n_cols. */
 void kvt_col_mean_ref(const float *x, int n_rows, int ld, int n_cols, double *out);

@@ -309,8 +309,8 @@ kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out)
             if (c->gpu) /* the keys are on the device already */
                 s = kvt_ctx_gpu_colsum_head(c->gpu, h, q, c->scale, c->colsum + (size_t)h * T);
             else
-                s = kvt_attn_colsum_ref(q, in->k + (size_t)(h / c->Gs) * T * D, T, D, c->scale,
-                                        work, c->colsum + (size_t)h * T);
+                s = kvt_attn_colsum(q, in->k + (size_t)(h / c->Gs) * T * D, T, D, c->scale, work,
+                                    c->colsum + (size_t)h * T);
         }
     out_colsum:
         kvt_free(work);

@@ -88,6 +88,58 @@ out_free:
     return st;
 }
 
+#define QB 64 /* query rows per block of the column sums: [QB, T] logits */
+
+kvt_status kvt_attn_colsum_cpu(const float *q, const float *k, int T, int D, double scale,
+                               double *work, double *colsum)
+{
+    (void)work;
+    KVT_RETURN_IF(T < 0 || D <= 0, KVT_ERR_INVALID_ARG, "attn_colsum: bad shape T=%d D=%d", T, D);
+    for (int j = 0; j < T; j++)
+        colsum[j] = 0.0;
+    if (T == 0)
+        return KVT_OK;
+    kvt_status st = KVT_OK;
+    double *qd = kvt_malloc((size_t)QB * D * sizeof(double));
+    double *kd = kvt_malloc((size_t)KB * D * sizeof(double));
+    double *z = kvt_malloc((size_t)QB * T * sizeof(double));
+    float *pf = kvt_malloc((size_t)T * sizeof(float));
+    if (!qd || !kd || !z || !pf) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "attn_colsum: out of memory");
+        goto out_free;
+    }
+    for (int i0 = 0; i0 < T && !st; i0 += QB) {
+        const int nq = T - i0 < QB ? T - i0 : QB, last = i0 + nq; /* rows see keys < last */
+        for (size_t i = 0; i < (size_t)nq * D; i++)
+            qd[i] = q[(size_t)i0 * D + i];
+        for (int j0 = 0; j0 < last; j0 += KB) { /* z [nq, last] = scale * q k^T */
+            int nb = last - j0 < KB ? last - j0 : KB;
+            for (size_t i = 0; i < (size_t)nb * D; i++)
+                kd[i] = k[(size_t)j0 * D + i];
+            kvt_gemm_f64(true, nq, nb, D, scale, qd, D, kd, D, 0.0, z + j0, last);
+        }
+        for (int r = 0; r < nq; r++) { /* rows in order: every column adds them in order */
+            const int i = i0 + r, nv = i + 1;
+            double *row = z + (size_t)r * last, zmax;
+            int bad = kvt_max_finite_cpu(row, nv, &zmax);
+            if (bad >= 0) {
+                st = kvt_error_set(KVT_ERR_NAN, "attn_colsum: logit (%d,%d) not finite", i, bad);
+                break;
+            }
+            double zsum = kvt_exp_shift_sum_cpu(row, nv, zmax);
+            kvt_div_to_f32_cpu(row, nv, zsum, pf); /* probabilities are f32 (§0.1.3) */
+            for (int j = 0; j < nv; j++)
+                colsum[j] += (double)pf[j];
+        }
+    }
+out_free:
+    kvt_free(qd);
+    kvt_free(kd);
+    kvt_free(z);
+    kvt_free(pf);
+    return st;
+}
+
 kvt_status kvt_attn_output_cpu(const float *p, int n_q, int T, size_t stride_p, const float *v,
                                int D, double *out, size_t stride_out)
 {

@@ -23,6 +23,13 @@ kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T,
         q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, work);
 }
 
+kvt_status kvt_attn_colsum(const float *q, const float *k, int T, int D, double scale, double *work,
+                           double *colsum)
+{
+    return (kvt_kernels_ref_only() ? kvt_attn_colsum_ref : kvt_attn_colsum_cpu)(q, k, T, D, scale,
+                                                                                work, colsum);
+}
+
 kvt_status kvt_sweep_output(int n_q, int T, int D, const float *p, size_t stride_p,
                             const float *p_t, size_t stride_t, const float *v, const double *a_full,
                             size_t stride_a, const double *p_extra, size_t stride_e,

@@ -181,6 +181,41 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
     free(qb), free(la), free(lb), free(work), free(oa), free(ob);
 }
 
+/* H2O column sums: the fast path against the reference, T around the 64-row and 256-key
+ * blocks, and the same error for a non-finite logit */
+static void test_colsum(int T, int D, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    size_t n = (size_t)T * D;
+    float *q = malloc(n * 4 + 4), *k = malloc(n * 4 + 4);
+    for (size_t i = 0; i < n; i++)
+        q[i] = (float)kvt_rng_normal(&r), k[i] = (float)kvt_rng_normal(&r);
+    double *a = malloc(((size_t)T + 1) * 8), *b = malloc(((size_t)T + N_GUARD) * 8);
+    double *work = malloc(((size_t)T + 1) * 8);
+    put_guard(b + T);
+    double scale = 1.0 / sqrt((double)D);
+    KVT_CHECK(kvt_attn_colsum_ref(q, k, T, D, scale, work, a));
+    KVT_CHECK(kvt_attn_colsum_cpu(q, k, T, D, scale, work, b));
+    /* a probability may move by one f32 ulp (6e-8 relative); a column sums up to T of them */
+    KVT_EXPECT_MSG(close_f64("colsum", a, b, (size_t)T, 1e-9, 1e-6), "colsum T=%d D=%d", T, D);
+    KVT_EXPECT(guard_ok(b + T));
+    double tot = 0;
+    for (int j = 0; j < T; j++)
+        tot += b[j];
+    KVT_EXPECT_MSG(fabs(tot - T) < 1e-4 * T, "colsum total %g, want T=%d", tot,
+                   T); /* rows sum to 1 */
+    if (T > 3) {
+        k[(size_t)(T / 2) * D + 1] = INFINITY;
+        kvt_status sa = kvt_attn_colsum_ref(q, k, T, D, scale, work, a);
+        char ma[200];
+        snprintf(ma, sizeof(ma), "%s", kvt_error_msg());
+        KVT_EXPECT_STATUS(kvt_attn_colsum_cpu(q, k, T, D, scale, work, b), sa);
+        KVT_EXPECT_MSG(!strcmp(ma, kvt_error_msg()), "ref '%s', cpu '%s'", ma, kvt_error_msg());
+    }
+    free(q), free(k), free(a), free(b), free(work);
+}
+
 /* transposed: the fast sweep also gets the probabilities token-major (a padded stride) */
 static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, bool transposed,
                        uint64_t seed)
@@ -451,6 +486,10 @@ int main(void)
         test_attn(32, 300, Ds[i], 0, 21 + i);  /* T not a multiple of the block */
         test_attn(16, 513, Ds[i], 16, 31 + i); /* decode queries with a second block */
         test_attn(40, 20, Ds[i], 0, 41 + i);   /* more queries than keys: clamped */
+        test_colsum(1, Ds[i], 91 + i);
+        test_colsum(63, Ds[i], 92 + i);
+        test_colsum(65, Ds[i], 93 + i);
+        test_colsum(300, Ds[i], 94 + i);
         for (int tr = 0; tr < 2; tr++) {
             test_sweep(1, 1, Ds[i], false, false, tr, 51 + i);
             test_sweep(12, 700, Ds[i], true, false, tr, 61 + i);
