@@ -66,7 +66,7 @@ static void *progress_ticker(void *arg)
     pthread_mutex_lock(&p->mu);
     while (!p->stop) {
         struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
+        clock_gettime(CLOCK_MONOTONIC, &ts);
         ts.tv_nsec += 500000000L;
         if (ts.tv_nsec >= 1000000000L)
             ts.tv_sec++, ts.tv_nsec -= 1000000000L;
@@ -85,7 +85,11 @@ void kvt_progress_start(kvt_progress *p, const char *label)
     p->t0_ns = kvt_now_ns();
     p->enabled = progress_enabled();
     pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cv, NULL);
+    pthread_condattr_t ca; /* timed waits on the monotonic clock: a clock change cannot stall */
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->cv, &ca);
+    pthread_condattr_destroy(&ca);
     p->ticking = p->enabled && pthread_create(&p->th, NULL, progress_ticker, p) == 0;
 }
 
@@ -295,6 +299,12 @@ bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t)
     if (t->metric && t->o.metric == KVT_REC_METRIC_HEAD_OVERLAP) {
         kvt_cli_fail(cmd, "--metric head_overlap: it describes how alike the heads' selections "
                           "are, not their quality; it cannot be a target");
+        return false;
+    }
+    if (t->metric && (t->have_max || t->have_min) &&
+        kvt_rec_metric_is_error(t->o.metric) != t->have_max) { /* a usage error, exit 2 */
+        kvt_cli_fail(cmd, "--metric %s needs %s", t->metric,
+                     t->have_max ? "--min-recall R (it is not an error)" : "--max-error E");
         return false;
     }
     if (t->metric && !t->have_max && !t->have_min && !kvt_rec_metric_is_error(t->o.metric)) {

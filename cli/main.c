@@ -48,7 +48,7 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (!strcmp(argv[1], "help") && argc > 2) { /* 'kvtrace help replay' = 'replay --help' */
+    if (!strcmp(argv[1], "help") && argc > 2 && strcmp(argv[2], "help")) { /* = CMD --help */
         for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
             if (!strcmp(argv[2], commands[i].name)) {
                 char *args[] = {argv[2], "--help", NULL};

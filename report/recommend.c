@@ -30,7 +30,7 @@ kvt_status kvt_rec_metric_parse(const char *name, kvt_rec_metric *out)
         }
     return kvt_error_set(KVT_ERR_INVALID_ARG,
                          "unknown metric '%s' (err_window, err_decode, recall_window, "
-                         "recall_decode, coverage, coverage_dropped, head_overlap)",
+                         "recall_decode, coverage, coverage_dropped)",
                          name);
 }
 

@@ -88,7 +88,7 @@ out_free:
     return st;
 }
 
-#define QB 64 /* query rows per block of the column sums: [QB, T] logits */
+#define QB 64 /* query rows per block of the column sums: [QB, T] logits, at most 32 MiB */
 
 kvt_status kvt_attn_colsum_cpu(const float *q, const float *k, int T, int D, double scale,
                                double *work, double *colsum)
@@ -100,16 +100,18 @@ kvt_status kvt_attn_colsum_cpu(const float *q, const float *k, int T, int D, dou
     if (T == 0)
         return KVT_OK;
     kvt_status st = KVT_OK;
-    double *qd = kvt_malloc((size_t)QB * D * sizeof(double));
+    const size_t cap = ((size_t)32 << 20) / (sizeof(double) * (size_t)T); /* rows in 32 MiB */
+    const int qb = cap >= QB ? QB : cap < 1 ? 1 : (int)cap;
+    double *qd = kvt_malloc((size_t)qb * D * sizeof(double));
     double *kd = kvt_malloc((size_t)KB * D * sizeof(double));
-    double *z = kvt_malloc((size_t)QB * T * sizeof(double));
+    double *z = kvt_malloc((size_t)qb * T * sizeof(double));
     float *pf = kvt_malloc((size_t)T * sizeof(float));
     if (!qd || !kd || !z || !pf) {
         st = kvt_error_set(KVT_ERR_NOMEM, "attn_colsum: out of memory");
         goto out_free;
     }
-    for (int i0 = 0; i0 < T && !st; i0 += QB) {
-        const int nq = T - i0 < QB ? T - i0 : QB, last = i0 + nq; /* rows see keys < last */
+    for (int i0 = 0; i0 < T && !st; i0 += qb) {
+        const int nq = T - i0 < qb ? T - i0 : qb, last = i0 + nq; /* rows see keys < last */
         for (size_t i = 0; i < (size_t)nq * D; i++)
             qd[i] = q[(size_t)i0 * D + i];
         for (int j0 = 0; j0 < last; j0 += KB) { /* z [nq, last] = scale * q k^T */

@@ -53,7 +53,7 @@ $BIN recommend "$TMP/r.json" --max-error 0.1 --min-recall 0.9 >/dev/null 2>&1
 $BIN recommend "$TMP/r.json" --metric nope >/dev/null 2>&1
 [ $? -eq 2 ] || fail "bad metric: want exit 2"
 $BIN recommend "$TMP/r.json" --max-error 0.1 --metric recall_window >/dev/null 2>"$TMP/err"
-[ $? -eq 1 ] || fail "metric/target mismatch: want exit 1"
+[ $? -eq 2 ] && grep -q "needs --min-recall" "$TMP/err" || fail "metric/target mismatch: want exit 2 (usage)"
 $BIN recommend >/dev/null 2>&1
 [ $? -eq 2 ] || fail "no file: want exit 2"
 $BIN recommend "$TMP/missing.json" >/dev/null 2>&1
@@ -65,7 +65,8 @@ $BIN recommend "$TMP/p.json" >/dev/null 2>"$TMP/err"
 [ $? -eq 1 ] || fail "partial result: want exit 1"
 grep -q "merge" "$TMP/err" || fail "partial result message"
 # targets no setting can have are usage errors
-for bad in "--max-error -1" "--min-recall 2" "--min-recall -1.5"; do
+for bad in "--max-error -1" "--min-recall 2" "--min-recall -1.5" \
+    "--max-error 0.5 --metric coverage_dropped" "--min-recall 0.5 --metric err_decode"; do
     # shellcheck disable=SC2086
     $BIN recommend "$TMP/p.json" $bad >/dev/null 2>"$TMP/err"
     [ $? -eq 2 ] || fail "$bad: want exit 2"
