@@ -201,7 +201,8 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
         int best = -1;
         for (size_t p = 0; p < rec->n_policies; p++) {
             double v = rec->curves[p].value[b];
-            if (!rec->curves[p].candidate || isnan(v))
+            if (!rec->curves[p].candidate || isnan(v) ||
+                !(rec->curves[p].kept_entries[b] < rec->full_entries)) /* compresses nothing */
                 continue;
             if (best < 0 || (rec->target_is_max ? v < rec->curves[best].value[b]
                                                 : v > rec->curves[best].value[b]))

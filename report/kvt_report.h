@@ -68,6 +68,9 @@ typedef struct kvt_recommendation {
     bool has_closest;
     size_t closest_policy, closest_budget;
     double closest_value;
+    double full_entries; /* entries of the whole cache over traces, layers and KV heads; a
+                            candidate setting keeping that many compresses nothing and is
+                            never recommended */
     size_t n_policies, n_budgets;
     kvt_rec_curve *curves; /* [n_policies] */
     /* per-layer and per-head suggestions for the recommended policy (when found and every
@@ -90,7 +93,9 @@ typedef struct kvt_recommendation {
  *  future decode queries, so it cannot be deployed). The metric of (policy, budget) is its
  *  aggregate (kvt_summarize_results); the cost is its kept entries summed over traces,
  *  layers and heads. The cheapest meeting candidate wins; at equal cost the better value,
- *  then the lower policy index, then the lower budget index.
+ *  then the lower policy index, then the lower budget index. A setting that keeps the whole
+ *  cache (kept entries = full_entries: a short prompt, a policy that leaves layers dense)
+ *  compresses nothing and is neither recommended nor a cheapest or nearest setting.
  *  Knee: the points (n_keep, value) of a policy, sorted by n_keep, are normalised to [0, 1]
  *  on both axes so that the first point is (0, 0) and the last (1, 1) (an error curve is
  *  flipped by this); the knee is the interior point with the largest y - x, if that is > 0

@@ -338,13 +338,18 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         c->kept_entries = kvt_malloc(nb * sizeof(double));
         if (!c->value || !c->n_keep || !c->kept_entries)
             goto out_nomem;
-        bool any = false;
+        bool any = false, ref = is_reference(&r->policies[p]);
         for (size_t b = 0; b < nb; b++) {
             const kvt_run_summary *s = &sum[p * nb + b];
             c->value[b] = kvt_rec_summary_value(s, m);
             c->n_keep[b] = s->n_keep;
             c->kept_entries[b] = s->kept_entries;
+            rec->full_entries = s->full_entries;
             any |= !isnan(c->value[b]);
+            /* a setting that keeps the whole cache (a short prompt, quest's dense layers)
+               compresses nothing: it is no answer, however good its value */
+            if (!ref && !(s->kept_entries < s->full_entries))
+                continue;
             if (meets(rec, c->value[b]) &&
                 (c->cheapest_ok < 0 ||
                  better(rec, s->kept_entries, c->value[b], c->kept_entries[c->cheapest_ok],
@@ -377,7 +382,7 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         const kvt_rec_curve *c = &rec->curves[p];
         for (size_t b = 0; b < nb && c->candidate; b++) {
             double v = c->value[b];
-            if (isnan(v))
+            if (isnan(v) || !(c->kept_entries[b] < rec->full_entries))
                 continue;
             double best = rec->closest_value;
             bool better = !rec->has_closest || (o->target_is_max ? v < best : v > best) ||

@@ -164,6 +164,26 @@ int main(void)
     kvt_results *r = build("constructed", "constructed.kvt");
     check_main(r);
 
+    /* a setting that keeps the whole cache compresses nothing: snapkv at 80 made to keep all
+     * T = 100 tokens is not recommended at err_decode <= 0.1 although 0.0625 meets it;
+     * nothing else does, and the nearest compressing setting is tova at 80 (0.125, better
+     * than snapkv's 0.140625 at 40) */
+    {
+        kvt_results *w = build("whole", "whole.kvt");
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++)
+                kvt_trace_result_at(w->traces[0], P_SNAP, 3, l, h)->n_keep = T;
+        kvt_recommend_opts o = {KVT_REC_METRIC_AUTO, true, 0.1};
+        kvt_recommendation *rec = NULL;
+        KVT_EXPECT_STATUS(kvt_recommend(w, &o, &rec), KVT_OK);
+        KVT_EXPECT(rec && !rec->found && rec->full_entries == 400);
+        KVT_EXPECT(rec && rec->curves[P_SNAP].cheapest_ok == -1);
+        KVT_EXPECT(rec && rec->has_closest && rec->closest_policy == P_TOVA &&
+                   rec->closest_budget == 3);
+        kvt_recommendation_free(rec);
+        kvt_results_free(w);
+    }
+
     /* the same answers from the results.json the CLI reads */
     char path[256];
     kvt_test_tmp(path, sizeof(path), "results.json");
