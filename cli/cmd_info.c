@@ -100,14 +100,14 @@ int kvt_cmd_info(int argc, char **argv)
         if (!strcmp(argv[i], "--json"))
             json = true;
         else if (argv[i][0] == '-' && argv[i][1])
-            return kvt_cli_fail("info", "unknown option %s", argv[i]);
+            return kvt_cli_fail("info", "unknown option %s", argv[i]), 2;
         else if (!path)
             path = argv[i];
         else
-            return kvt_cli_fail("info", "one trace at a time");
+            return kvt_cli_fail("info", "one trace at a time"), 2;
     }
     if (!path)
-        return kvt_cli_fail("info", "no trace given (usage: kvtrace info TRACE [--json])");
+        return kvt_cli_fail("info", "no trace given (usage: kvtrace info TRACE [--json])"), 2;
 
     kvt_trace_reader *r;
     kvt_status s = kvt_trace_reader_open(path, &r);

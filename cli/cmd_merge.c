@@ -45,6 +45,7 @@ int kvt_cmd_merge(int argc, char **argv)
         if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             if (i + 1 >= argc) {
                 kvt_cli_fail(cmd, "%s needs a value", a);
+                rc = 2;
                 goto out_free;
             }
             out = argv[++i];
@@ -52,12 +53,14 @@ int kvt_cmd_merge(int argc, char **argv)
             force = true;
         } else if (a[0] == '-' && a[1]) {
             kvt_cli_fail(cmd, "unknown option %s (see kvtrace merge --help)", a);
+            rc = 2;
             goto out_free;
         } else
             names[n++] = a;
     }
     if (!n) {
         kvt_cli_fail(cmd, "no part given (usage: kvtrace merge PART... -o results.json)");
+        rc = 2;
         goto out_free;
     }
     if (!kvt_cli_output_ok(cmd, out, force, (const char *const *)names, (size_t)n))

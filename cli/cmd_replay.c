@@ -251,6 +251,7 @@ int kvt_cmd_replay(int argc, char **argv)
     do {                                                                                           \
         if (!v) {                                                                                  \
             kvt_cli_fail(cmd, "%s needs a value", a);                                              \
+            rc = 2; /* usage */                                                                    \
             goto out_free;                                                                         \
         }                                                                                          \
         i++;                                                                                       \
@@ -280,24 +281,28 @@ int kvt_cmd_replay(int argc, char **argv)
                 device = KVT_DEVICE_AUTO;
             else {
                 kvt_cli_fail(cmd, "--device %s: expected cpu, cuda or auto", v);
+                rc = 2; /* usage */
                 goto out_free;
             }
         } else if (!strcmp(a, "--threads")) {
             NEED_VALUE();
             if (!kvt_cli_parse_int(v, 1, 4096, &threads)) {
                 kvt_cli_fail(cmd, "--threads %s: expected 1..4096", v);
+                rc = 2; /* usage */
                 goto out_free;
             }
         } else if (!strcmp(a, "--seed")) {
             NEED_VALUE();
             if (!kvt_cli_parse_u64(v, &seed)) {
                 kvt_cli_fail(cmd, "--seed %s: expected a non-negative integer", v);
+                rc = 2; /* usage */
                 goto out_free;
             }
         } else if (!strcmp(a, "--coverage-probes")) {
             NEED_VALUE();
             if (!kvt_cli_parse_int(v, 0, 1 << 20, &probes)) {
                 kvt_cli_fail(cmd, "--coverage-probes %s: expected 0..1048576", v);
+                rc = 2; /* usage */
                 goto out_free;
             }
         } else if (!strcmp(a, "--export-selection")) {
@@ -310,6 +315,7 @@ int kvt_cmd_replay(int argc, char **argv)
             NEED_VALUE();
             if (!parse_shard(v, &shard_i, &shard_n)) {
                 kvt_cli_fail(cmd, "--shard %s: expected I/N with 0 <= I < N, e.g. 0/4", v);
+                rc = 2; /* usage */
                 goto out_free;
             }
         } else if (!strcmp(a, "--force")) {
@@ -318,6 +324,7 @@ int kvt_cmd_replay(int argc, char **argv)
             per_query = true;
         } else if (a[0] == '-' && a[1]) {
             kvt_cli_fail(cmd, "unknown option %s (see kvtrace replay --help)", a);
+            rc = 2; /* usage */
             goto out_free;
         } else
             traces[n_traces++] = a;
@@ -325,6 +332,7 @@ int kvt_cmd_replay(int argc, char **argv)
     }
     if (!n_traces) {
         kvt_cli_fail(cmd, "no trace given (usage: kvtrace replay TRACE... -o results.json)");
+        rc = 2;
         goto out_free;
     }
     /* outputs are checked before any work; traces[n_traces] (calloc'ed spare slot) holds -o
@@ -337,6 +345,7 @@ int kvt_cmd_replay(int argc, char **argv)
         bool ok = !kvt_cli_same_path(export_path, out);
         if (!ok)
             kvt_cli_fail(cmd, "--export-selection %s is also the -o output", export_path);
+        rc = ok ? rc : 2;
         ok = ok && kvt_cli_output_ok(cmd, export_path, force, (const char *const *)traces,
                                      (size_t)n_traces + 1);
         traces[n_traces] = NULL;
@@ -345,6 +354,7 @@ int kvt_cmd_replay(int argc, char **argv)
     }
     if (shard_n && export_path) {
         kvt_cli_fail(cmd, "--export-selection cannot be combined with --shard (yet)");
+        rc = 2;
         goto out_free;
     }
     if (!traces_ok(cmd, (const char *const *)traces, n_traces))
@@ -363,10 +373,12 @@ int kvt_cmd_replay(int argc, char **argv)
     if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : DEFAULT_POLICIES, &g, &pols,
                                     &n_pol))) {
         kvt_cli_fail_status(cmd, st, "--policies");
+        rc = st == KVT_ERR_INVALID_ARG ? 2 : 1; /* a bad spec is a usage error */
         goto out_free;
     }
     if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : "64,128,256,512", &budgets, &n_b))) {
         kvt_cli_fail_status(cmd, st, "--budgets");
+        rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
         goto out_free;
     }
     if ((st = kvt_results_create(pols, n_pol, budgets, n_b, &res))) {

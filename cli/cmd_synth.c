@@ -77,55 +77,59 @@ int kvt_cmd_synth(int argc, char **argv)
             wo.force = true;
         } else if (!strcmp(a, "--shape")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             o.shape = v;
         } else if (!strcmp(a, "--tokens")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_u64(v, &u) || u > KVT_SYNTH_MAX_TOKENS)
                 return kvt_cli_fail("synth", "--tokens wants an integer in 1..%u (got '%s')",
-                                    KVT_SYNTH_MAX_TOKENS, v);
+                                    KVT_SYNTH_MAX_TOKENS, v),
+                       2;
             o.n_tokens = (uint32_t)u;
             have_tokens = true;
         } else if (!strcmp(a, "--window")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_u64(v, &u) || u < 1 || u > KVT_SYNTH_MAX_TOKENS)
-                return kvt_cli_fail("synth", "--window wants a positive integer (got '%s')", v);
+                return kvt_cli_fail("synth", "--window wants a positive integer (got '%s')", v), 2;
             o.window = (uint32_t)u;
         } else if (!strcmp(a, "--decode")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_u64(v, &u) || u > KVT_SYNTH_MAX_DECODE)
                 return kvt_cli_fail("synth", "--decode wants an integer in 0..%u (got '%s')",
-                                    KVT_SYNTH_MAX_DECODE, v);
+                                    KVT_SYNTH_MAX_DECODE, v),
+                       2;
             o.n_decode = (uint32_t)u;
         } else if (!strcmp(a, "--layers")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_int(v, 1, 1 << 20, &o.n_layers))
-                return kvt_cli_fail("synth", "--layers wants a positive integer (got '%s')", v);
+                return kvt_cli_fail("synth", "--layers wants a positive integer (got '%s')", v), 2;
         } else if (!strcmp(a, "--image-frac")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_double(v, &f) || f < 0 || f >= 1)
-                return kvt_cli_fail("synth", "--image-frac wants a number in [0, 1) (got '%s')", v);
+                return kvt_cli_fail("synth", "--image-frac wants a number in [0, 1) (got '%s')", v),
+                       2;
             o.image_frac = f;
         } else if (!strcmp(a, "--seed")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_u64(v, &u))
-                return kvt_cli_fail("synth", "--seed wants a non-negative integer (got '%s')", v);
+                return kvt_cli_fail("synth", "--seed wants a non-negative integer (got '%s')", v),
+                       2;
             o.seed = u;
         } else if (!strcmp(a, "--dtype")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             o.dtype = kvt_dtype_from_name(v);
             if (!kvt_dtype_is_float(o.dtype))
-                return kvt_cli_fail("synth", "--dtype wants bf16, f16 or f32 (got '%s')", v);
+                return kvt_cli_fail("synth", "--dtype wants bf16, f16 or f32 (got '%s')", v), 2;
         } else if (!strcmp(a, "--colsum")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!strcmp(v, "on"))
                 o.colsum = KVT_SYNTH_ON;
             else if (!strcmp(v, "off"))
@@ -133,32 +137,33 @@ int kvt_cmd_synth(int argc, char **argv)
             else if (!strcmp(v, "auto"))
                 o.colsum = KVT_SYNTH_AUTO;
             else
-                return kvt_cli_fail("synth", "--colsum wants on, off or auto (got '%s')", v);
+                return kvt_cli_fail("synth", "--colsum wants on, off or auto (got '%s')", v), 2;
         } else if (!strcmp(a, "--level")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_int(v, 1, 22, &wo.level))
-                return kvt_cli_fail("synth", "--level wants an integer in 1..22 (got '%s')", v);
+                return kvt_cli_fail("synth", "--level wants an integer in 1..22 (got '%s')", v), 2;
         } else if (!strcmp(a, "--threads")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             if (!kvt_cli_parse_int(v, 1, 256, &threads))
-                return kvt_cli_fail("synth", "--threads wants an integer in 1..256 (got '%s')", v);
+                return kvt_cli_fail("synth", "--threads wants an integer in 1..256 (got '%s')", v),
+                       2;
             have_threads = true;
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             if (!(v = value(argc, argv, &i)))
-                return 1;
+                return 2;
             out = v;
         } else {
-            return kvt_cli_fail("synth", "unknown argument '%s' (see kvtrace synth --help)", a);
+            return kvt_cli_fail("synth", "unknown argument '%s' (see kvtrace synth --help)", a), 2;
         }
     }
     if (!o.shape)
-        return kvt_cli_fail("synth", "--shape is required (valid: %s)", kvt_synth_shape_names());
+        return kvt_cli_fail("synth", "--shape is required (valid: %s)", kvt_synth_shape_names()), 2;
     if (!have_tokens || o.n_tokens == 0)
-        return kvt_cli_fail("synth", "--tokens T is required and must be at least 1");
+        return kvt_cli_fail("synth", "--tokens T is required and must be at least 1"), 2;
     if (!out)
-        return kvt_cli_fail("synth", "no output file (-o FILE)");
+        return kvt_cli_fail("synth", "no output file (-o FILE)"), 2;
     if (!have_threads)
         threads = kvt_cpu_count();
     o.n_threads = threads;
@@ -168,7 +173,7 @@ int kvt_cmd_synth(int argc, char **argv)
     const kvt_synth_shape *sh;
     kvt_status s = kvt_synth_opts_resolve(&o, &r, &sh);
     if (s != KVT_OK)
-        return kvt_cli_fail("synth", "%s", kvt_error_msg());
+        return kvt_cli_fail("synth", "%s", kvt_error_msg()), 2;
     uint64_t raw = 0;
     kvt_synth_raw_bytes(&r, &raw);
 

@@ -90,7 +90,7 @@ check "replay -o = input, --force: refused, input intact" \
     "[ \$? -eq 1 ] && grep -q 'also an input' $TMP/err && cmp -s $TMP/in.kvt $S"
 $BIN replay "$TMP/in.kvt" --policies snapkv --budgets 8 -o "$TMP/same" \
     --export-selection "$TMP/same" >/dev/null 2>"$TMP/err"
-check "replay --export-selection = -o: refused" "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && [ ! -e $TMP/same ]"
+check "replay --export-selection = -o: refused (usage, exit 2)" "[ \$? -eq 2 ] && [ \$(lines $TMP/err) -eq 1 ] && [ ! -e $TMP/same ]"
 
 $BIN report "$TMP/r.json" -o "$TMP/r.json" >/dev/null 2>"$TMP/err"
 check "report -o = the results file: exit 1, one line, input intact" \
