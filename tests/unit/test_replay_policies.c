@@ -383,6 +383,31 @@ static void test_sparsemm_and_mixkv(void)
     KVT_EXPECT_STATUS(kvt_policy_create("sparsemm", NULL, &p), KVT_ERR_INVALID_ARG);
     tl_free(&t);
 
+    /* GQA (Hq 4, Hkv 2): query-head scores 1, 1, 2, 4 sum per KV head to sigma .25 / .75;
+     * B = 12, W = 2: b = 10, min = floor(.25*10) = 2, caps round(.25*8*2+2) = 6 and
+     * round(.75*8*2+2) = 14, kept W + cap = 8 and 16. The same table by KV head (2 columns:
+     * 2, 6) gives the same; heads=query takes each query head's own sigma (1/8 .. 4/8):
+     * caps round(s*8*4+2) = 6, 6, 10, 18 -> clamped to the prefix 18: kept 8, 8, 12, 20. */
+    tl_random(&t, 3, 20, 4, 4, 2, 2, 0, false);
+    t.in.n_layers = 1, t.in.layer = 0;
+    const char *tabs[2] = {"[[1, 1, 2, 4]]", "[[2, 6]]"};
+    const int B1[] = {12};
+    for (int i = 0; i < 2; i++) {
+        write_file(path, tabs[i]);
+        snprintf(spec, sizeof(spec), "sparsemm:window=2,ratio=0.25,scores=%s", path);
+        kvt_layer_selection *s = run(&t.in, spec, B1, 1);
+        KVT_EXPECT_MSG(count_of(s, 0, 0) == 8 && count_of(s, 0, 1) == 16, "%s: %d %d", tabs[i],
+                       count_of(s, 0, 0), count_of(s, 0, 1));
+        kvt_layer_selection_free(s);
+    }
+    write_file(path, tabs[0]);
+    snprintf(spec, sizeof(spec), "sparsemm:window=2,ratio=0.25,heads=query,scores=%s", path);
+    kvt_layer_selection *sq = run(&t.in, spec, B1, 1);
+    KVT_EXPECT(count_of(sq, 0, 0) == 8 && count_of(sq, 0, 1) == 8 && count_of(sq, 0, 2) == 12 &&
+               count_of(sq, 0, 3) == 20);
+    kvt_layer_selection_free(sq);
+    tl_free(&t);
+
     /* MixKV with r = 1 everywhere ranks by diversity only: KeyDiff restricted to the prefix */
     tl_random(&t, 8, 40, 8, 4, 2, 8, 0, false);
     kvt_test_tmp(path, sizeof(path), "r1.json");
