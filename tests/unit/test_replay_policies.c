@@ -207,6 +207,24 @@ static void test_adakv(void)
             KVT_EXPECT(count_of(s, 3, h) == 64); /* B > T: short prompt */
         kvt_layer_selection_free(s);
     }
+    /* skip=1: layer 0 keeps the uniform B per head, layer 1 allocates as without skip (and
+     * unevenly, or this checks nothing) */
+    t.in.n_layers = 2;
+    for (int l = 0; l < 2; l++) {
+        t.in.layer = l;
+        kvt_layer_selection *sk = run(&t.in, "adakv:window=8,alpha=0,skip=1", B, 3);
+        kvt_layer_selection *no = run(&t.in, "adakv:window=8,alpha=0", B, 3);
+        bool uneven = false;
+        for (int b = 0; b < 3; b++)
+            for (int h = 0; h < 4; h++) {
+                uneven |= count_of(no, (size_t)b, h) != B[b];
+                KVT_EXPECT(count_of(sk, (size_t)b, h) ==
+                           (l == 0 ? B[b] : count_of(no, (size_t)b, h)));
+            }
+        KVT_EXPECT(uneven);
+        kvt_layer_selection_free(sk);
+        kvt_layer_selection_free(no);
+    }
     tl_free(&t);
 }
 
