@@ -245,9 +245,7 @@ bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char 
 void kvt_cli_target_init(kvt_cli_target *t)
 {
     memset(t, 0, sizeof(*t));
-    t->o.metric = KVT_REC_METRIC_AUTO;
-    t->o.target_is_max = true;
-    t->o.target = 0.1;
+    t->o = KVT_RECOMMEND_OPTS_DEFAULT;
 }
 
 int kvt_cli_target_arg(const char *cmd, int argc, char **argv, int *i, kvt_cli_target *t)

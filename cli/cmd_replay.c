@@ -145,7 +145,6 @@ static char *append(char *list, const char *item)
     return r;
 }
 
-/* append a --policies value, replacing each item "all" by the default list */
 /* The traces of one replay are prompts of one model: each given once, all of one shape
  * (layers, query and KV heads, head dim), checked from the headers before any work. A trace
  * that cannot be read is left to the replay, which says why. */
@@ -189,6 +188,7 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n)
     return true;
 }
 
+/* append a --policies value, replacing each item "all" by the default list */
 static char *append_expanded(char *list, const char *v)
 {
     char *copy = kvt_strdup(v);

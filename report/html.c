@@ -62,13 +62,6 @@ static kvt_status put_base64_file(FILE *f, const char *path)
     return KVT_OK;
 }
 
-/* one number as text: %.4g, or "-" for NaN */
-static const char *num4(double x, char *buf, size_t cap)
-{
-    snprintf(buf, cap, isnan(x) ? "-" : "%.4g", x);
-    return buf;
-}
-
 /* The targets of the trade-off table: the page's own and a fixed ladder, strictest first. */
 static size_t target_ladder(const kvt_recommendation *rec, double *t)
 {
@@ -100,7 +93,7 @@ static void put_setting_cells(FILE *f, const kvt_results *r, const kvt_recommend
             put_escaped(f, r->policies[q->closest_policy].label);
             fputs(" at ", f);
             put_escaped(f, r->budgets[q->closest_budget].text);
-            fprintf(f, ", %s)", num4(q->closest_value, a, sizeof(a)));
+            fprintf(f, ", %s)", kvt_report_num(q->closest_value, a, sizeof(a)));
         }
         fputs("</td>", f);
         return;
@@ -109,8 +102,9 @@ static void put_setting_cells(FILE *f, const kvt_results *r, const kvt_recommend
     put_escaped(f, r->policies[q->policy].label);
     fputs("</td><td>", f);
     put_escaped(f, r->budgets[q->budget].text);
-    fprintf(f, "</td><td>%s</td><td>%.1f%%</td><td>%.3g&times;</td>", num4(q->value, a, sizeof(a)),
-            100.0 * q->summary.kept_fraction, q->summary.compression_ratio);
+    fprintf(f, "</td><td>%s</td><td>%.1f%%</td><td>%.3g&times;</td>",
+            kvt_report_num(q->value, a, sizeof(a)), 100.0 * q->summary.kept_fraction,
+            q->summary.compression_ratio);
 }
 
 /* the cheapest setting meeting each target of the ladder, the page's own target in bold */
@@ -127,10 +121,12 @@ static void put_target_table(FILE *f, const kvt_results *r, const kvt_recommenda
     for (size_t i = 0; i < n; i++) {
         kvt_recommend_opts o = {rec->metric, rec->target_is_max, t[i]};
         kvt_recommendation *q = NULL;
-        bool own = t[i] == rec->target;
+        bool own = t[i] == rec->target; /* the page's own: already computed */
         fprintf(f, "<tr%s><td>%s %g</td>", own ? " class=\"sel\"" : "",
                 rec->target_is_max ? "&le;" : "&ge;", t[i]);
-        if (kvt_recommend(r, &o, &q) == KVT_OK)
+        if (own)
+            put_setting_cells(f, r, rec);
+        else if (kvt_recommend(r, &o, &q) == KVT_OK)
             put_setting_cells(f, r, q);
         else
             fputs("<td colspan=\"5\">-</td>", f);
@@ -140,14 +136,15 @@ static void put_target_table(FILE *f, const kvt_results *r, const kvt_recommenda
     fputs("</table>\n", f);
 }
 
-static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommend_opts *target)
+/* rec: the page's recommendation, or NULL with why_not saying why there is none */
+static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommendation *rec,
+                               const char *why_not)
 {
-    kvt_recommendation *rec = NULL;
     char *text = NULL, a[32];
     size_t len = 0;
-    if (kvt_recommend(r, target, &rec)) {
+    if (!rec) {
         fputs("<h2 id=\"recommendation\">Recommended settings</h2>\n<p>No recommendation: ", f);
-        put_escaped(f, kvt_error_msg());
+        put_escaped(f, why_not);
         fputs("</p>\n", f);
         return;
     }
@@ -163,7 +160,7 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
         fprintf(f,
                 "</strong>: %s %s, keeping %.1f%% of the KV cache (%.3g&times; smaller), is the "
                 "cheapest measured setting that meets the target.",
-                mn, num4(rec->value, a, sizeof(a)), 100.0 * rec->summary.kept_fraction,
+                mn, kvt_report_num(rec->value, a, sizeof(a)), 100.0 * rec->summary.kept_fraction,
                 rec->summary.compression_ratio);
     } else {
         fprintf(f, "<strong>No measured setting meets %s %s %g.</strong>", mn, rel, rec->target);
@@ -172,7 +169,7 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
             put_escaped(f, r->policies[rec->closest_policy].label);
             fputs(" at budget ", f);
             put_escaped(f, r->budgets[rec->closest_budget].text);
-            fprintf(f, " (%s %s).", mn, num4(rec->closest_value, a, sizeof(a)));
+            fprintf(f, " (%s %s).", mn, kvt_report_num(rec->closest_value, a, sizeof(a)));
         }
         fputs(" Relax the target (<code>kvtrace report --max-error E</code> or "
               "<code>--min-recall R</code>) or replay larger budgets.",
@@ -201,8 +198,7 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
         int best = -1;
         for (size_t p = 0; p < rec->n_policies; p++) {
             double v = rec->curves[p].value[b];
-            if (!rec->curves[p].candidate || isnan(v) ||
-                !(rec->curves[p].kept_entries[b] < rec->full_entries)) /* compresses nothing */
+            if (!rec->curves[p].candidate || isnan(v) || !kvt_rec_compresses(rec, p, b))
                 continue;
             if (best < 0 || (rec->target_is_max ? v < rec->curves[best].value[b]
                                                 : v > rec->curves[best].value[b]))
@@ -218,7 +214,6 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
             fprintf(f, "</td><td>%.4g</td></tr>\n", rec->curves[best].value[b]);
     }
     fputs("</table>\n", f);
-    kvt_recommendation_free(rec);
 }
 
 static void put_trace_meta(FILE *f, const kvt_trace_result *t)
@@ -277,6 +272,8 @@ typedef struct report_plan {
     size_t n_heat;              /* how many of heat[] are measured */
     size_t heat_budget;         /* budget index the heatmaps open at */
     bool heat_recommended;      /* heat_budget is the recommended budget (else the middle one) */
+    kvt_recommendation *rec;    /* the page's recommendation at `target`, NULL if none */
+    char rec_why_not[256];      /* why rec is NULL */
     kvt_recommend_opts target;  /* the page's quality target */
     bool mod[KVT_N_MODALITIES]; /* modality figure drawn (tokens of it, and some non-text) */
     bool multimodal;
@@ -297,15 +294,32 @@ static void policy_file(char *buf, size_t cap, const char *prefix, size_t p, con
     snprintf(buf + k, cap - k, ".png");
 }
 
+static void plan_free(report_plan *pl)
+{
+    kvt_free(pl->alloc);
+    pl->alloc = NULL;
+    kvt_recommendation_free(pl->rec);
+    pl->rec = NULL;
+}
+
 static kvt_status plan_create(const kvt_results *r, const char *dir,
                               const kvt_recommend_opts *target, report_plan *pl)
 {
-    static const kvt_recommend_opts dflt = {KVT_REC_METRIC_AUTO, true, 0.1};
     memset(pl, 0, sizeof(*pl));
     pl->dir = dir;
-    pl->target = target ? *target : dflt;
+    pl->target = target ? *target : KVT_RECOMMEND_OPTS_DEFAULT;
+    /* the recommendation, once for the whole page: a target the caller gave must be answerable
+       (its metric measured); the default one may not be, and the page then says why */
+    kvt_status st = kvt_recommend(r, &pl->target, &pl->rec);
+    if (st && target)
+        return st;
+    if (st)
+        snprintf(pl->rec_why_not, sizeof(pl->rec_why_not), "%s", kvt_error_msg());
     pl->alloc = kvt_calloc(r->n_policies, sizeof(*pl->alloc));
-    KVT_RETURN_IF(!pl->alloc, KVT_ERR_NOMEM, "report: out of memory");
+    if (!pl->alloc) {
+        plan_free(pl);
+        return kvt_error_set(KVT_ERR_NOMEM, "report: out of memory");
+    }
     for (size_t p = 0; p < r->n_policies; p++)
         pl->alloc[p] = kvt_report_policy_allocates(r, p);
     const kvt_rec_metric recall = kvt_report_metric_measured(r, KVT_REC_METRIC_RECALL_DECODE)
@@ -321,18 +335,13 @@ static kvt_status plan_create(const kvt_results *r, const char *dir,
            nothing) gets the top colour, the hover text has the value */
         pl->heat[pl->n_heat] = err, pl->heat_vmax[pl->n_heat++] = 1.0;
     }
-    pl->heat_budget = kvt_report_heat_budget(r, &pl->target, &pl->heat_recommended);
+    pl->heat_recommended = pl->rec && pl->rec->found; /* as kvt_report_heat_budget */
+    pl->heat_budget = pl->heat_recommended ? pl->rec->budget : r->n_budgets / 2;
     for (int m = 1; m < KVT_N_MODALITIES; m++)
         pl->multimodal |= kvt_report_modality_tokens(r, m) > 0;
     for (int m = 0; m < KVT_N_MODALITIES; m++)
         pl->mod[m] = pl->multimodal && kvt_report_modality_tokens(r, m) > 0;
     return KVT_OK;
-}
-
-static void plan_free(report_plan *pl)
-{
-    kvt_free(pl->alloc);
-    pl->alloc = NULL;
 }
 
 /* every PNG of the report into pl->dir */
@@ -846,7 +855,7 @@ static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl,
     for (size_t i = 0; i < r->n_traces; i++)
         put_trace_meta(f, r->traces[i]);
     fputs("</table>\n", f);
-    put_recommendation(f, r, &pl->target);
+    put_recommendation(f, r, pl->rec, pl->rec_why_not);
     KVT_FORWARD(put_curves(f, r, pl, chartjs));
     KVT_FORWARD(put_redundancy(f, r, pl->dir));
     KVT_FORWARD(put_heatmaps(f, r, pl));

@@ -41,6 +41,8 @@ typedef struct kvt_recommend_opts {
     bool target_is_max;    /* true: metric <= target (--max-error); false: >= (--min-recall) */
     double target;
 } kvt_recommend_opts;
+/** The default target of recommend and report: output error <= 0.1 on the automatic metric. */
+#define KVT_RECOMMEND_OPTS_DEFAULT ((kvt_recommend_opts){KVT_REC_METRIC_AUTO, true, 0.1})
 
 /** One policy's measured curve: metric value of each budget and where it bends. */
 typedef struct kvt_rec_curve {

@@ -310,6 +310,7 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
             st = kvt_summarize_results(r, p, b, &sum[p * nb + b]);
     if (st)
         goto out_free;
+    rec->full_entries = sum[0].full_entries; /* the same for every (policy, budget) */
     kvt_rec_metric m = o->metric;
     if (m == KVT_REC_METRIC_AUTO) {
         m = o->target_is_max ? KVT_REC_METRIC_ERR_DECODE : KVT_REC_METRIC_RECALL_DECODE;
@@ -344,11 +345,10 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
             c->value[b] = kvt_rec_summary_value(s, m);
             c->n_keep[b] = s->n_keep;
             c->kept_entries[b] = s->kept_entries;
-            rec->full_entries = s->full_entries;
             any |= !isnan(c->value[b]);
             /* a setting that keeps the whole cache (a short prompt, quest's dense layers)
                compresses nothing: it is no answer, however good its value */
-            if (!ref && !(s->kept_entries < s->full_entries))
+            if (!ref && !kvt_rec_compresses(rec, p, b))
                 continue;
             if (meets(rec, c->value[b]) &&
                 (c->cheapest_ok < 0 ||
@@ -356,7 +356,7 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
                         c->value[c->cheapest_ok])))
                 c->cheapest_ok = (int)b;
         }
-        c->candidate = any && !is_reference(&r->policies[p]);
+        c->candidate = any && !ref;
         measured |= c->candidate;
         c->knee_budget =
             knee(c->n_keep, c->value, idx, sorted_points(c->n_keep, c->value, nb, idx));
@@ -382,14 +382,14 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         const kvt_rec_curve *c = &rec->curves[p];
         for (size_t b = 0; b < nb && c->candidate; b++) {
             double v = c->value[b];
-            if (isnan(v) || !(c->kept_entries[b] < rec->full_entries))
+            if (isnan(v) || !kvt_rec_compresses(rec, p, b))
                 continue;
             double best = rec->closest_value;
-            bool better = !rec->has_closest || (o->target_is_max ? v < best : v > best) ||
+            bool nearer = !rec->has_closest || (o->target_is_max ? v < best : v > best) ||
                           (v == best &&
                            c->kept_entries[b] <
                                rec->curves[rec->closest_policy].kept_entries[rec->closest_budget]);
-            if (better) {
+            if (nearer) {
                 rec->has_closest = true;
                 rec->closest_policy = p, rec->closest_budget = b, rec->closest_value = v;
             }

@@ -7,13 +7,14 @@
 #include <cjson/cJSON.h>
 
 #include "kvt_report.h"
+#include "report_internal.h"
 
 static const char *btext(const kvt_results *r, int b)
 {
     return b < 0 ? "-" : r->budgets[b].text;
 }
 
-static const char *num(double x, char *buf, size_t cap)
+const char *kvt_report_num(double x, char *buf, size_t cap)
 {
     if (isnan(x))
         snprintf(buf, cap, "-");
@@ -35,8 +36,9 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
                 "recommended: %s at budget %s (%d tokens per head per layer): %s %s, keeps "
                 "%.1f%% of the KV cache (%.3gx smaller, %.0f of %.0f entries)\n",
                 r->policies[rec->policy].label, r->budgets[rec->budget].text,
-                r->traces[0]->budget_tokens[rec->budget], mn, num(rec->value, a, sizeof(a)),
-                100.0 * s->kept_fraction, s->compression_ratio, s->kept_entries, s->full_entries);
+                r->traces[0]->budget_tokens[rec->budget], mn,
+                kvt_report_num(rec->value, a, sizeof(a)), 100.0 * s->kept_fraction,
+                s->compression_ratio, s->kept_entries, s->full_entries);
     } else {
         fprintf(f, "recommended: none: no setting meets the target");
         if (rec->has_closest)
@@ -44,7 +46,7 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
                     "; the nearest is %s at budget %s (%s %s): relax the target or replay "
                     "larger budgets",
                     r->policies[rec->closest_policy].label, r->budgets[rec->closest_budget].text,
-                    mn, num(rec->closest_value, a, sizeof(a)));
+                    mn, kvt_report_num(rec->closest_value, a, sizeof(a)));
         fputc('\n', f);
     }
     fprintf(f, "per policy (cheapest budget meeting the target; knee of the %s curve):\n", mn);
@@ -53,9 +55,9 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
         const kvt_rec_curve *c = &rec->curves[p];
         fprintf(f, "  %-28s %-10s %-10s %-10s %s%s\n", r->policies[p].label,
                 btext(r, c->cheapest_ok),
-                num(c->cheapest_ok < 0 ? NAN : c->value[c->cheapest_ok], a, sizeof(a)),
+                kvt_report_num(c->cheapest_ok < 0 ? NAN : c->value[c->cheapest_ok], a, sizeof(a)),
                 btext(r, c->knee_budget),
-                num(c->knee_budget < 0 ? NAN : c->value[c->knee_budget], b, sizeof(b)),
+                kvt_report_num(c->knee_budget < 0 ? NAN : c->value[c->knee_budget], b, sizeof(b)),
                 c->candidate ? "" : " (reference / not measured: not recommended)");
     }
     if (rec->found && rec->n_layers > 0) {
@@ -70,8 +72,10 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
         fprintf(f,
                 "\nentries: uniform %s, allocation %s, per-layer %s, per-head %s (- = "
                 "beyond the largest budget)\n",
-                num(rec->uniform_entries, a, sizeof(a)), num(rec->alloc_entries, b, sizeof(b)),
-                num(rec->layer_entries, e, sizeof(e)), num(rec->head_entries, g, sizeof(g)));
+                kvt_report_num(rec->uniform_entries, a, sizeof(a)),
+                kvt_report_num(rec->alloc_entries, b, sizeof(b)),
+                kvt_report_num(rec->layer_entries, e, sizeof(e)),
+                kvt_report_num(rec->head_entries, g, sizeof(g)));
         fprintf(f, "per head (rows = layers, columns = heads):\n");
         for (int l = 0; l < rec->n_layers; l++) {
             fprintf(f, "  L%-3d", l);

@@ -91,7 +91,7 @@ bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric)
 size_t kvt_report_heat_budget(const kvt_results *r, const kvt_recommend_opts *target,
                               bool *recommended)
 {
-    static const kvt_recommend_opts dflt = {KVT_REC_METRIC_AUTO, true, 0.1};
+    const kvt_recommend_opts dflt = KVT_RECOMMEND_OPTS_DEFAULT;
     kvt_recommendation *rec = NULL;
     size_t b = r->n_budgets / 2;
     bool found = false;

@@ -18,6 +18,14 @@ extern const char *const kvt_report_page_js[];
 /** The value of metric m in a run summary / in one head's metrics (NaN for AUTO). */
 double kvt_rec_summary_value(const kvt_run_summary *s, kvt_rec_metric m);
 double kvt_rec_head_value(const kvt_head_metrics *h, kvt_rec_metric m);
+/** x as %.4g into buf, or "-" for NaN; returns buf. */
+const char *kvt_report_num(double x, char *buf, size_t cap);
+/** Whether (policy p, budget b) of rec keeps less than the whole cache (a candidate setting
+ *  that keeps it all compresses nothing, so it is no answer). */
+static inline bool kvt_rec_compresses(const kvt_recommendation *rec, size_t p, size_t b)
+{
+    return rec->curves[p].kept_entries[b] < rec->full_entries;
+}
 
 /** A linear axis over [lo, hi] with round ticks, as charting libraries pick them: the step is
  *  1, 2, 2.5 or 5 times a power of ten, the smallest giving at most max_ticks intervals; the

@@ -30,6 +30,18 @@ static void kt_shuffle(kvt_rng *r, int32_t *order, int T)
     }
 }
 
+/* pos[i] = the place of token probe[i] in order [T] (a ranking: a permutation of 0..T-1) */
+static inline void kt_probe_positions(const int32_t *order, int T, const int32_t *probe, int n,
+                                      int32_t *pos)
+{
+    int32_t *at = malloc((size_t)T * sizeof(int32_t) + 4);
+    for (int t = 0; t < T; t++)
+        at[order[t]] = t;
+    for (int i = 0; i < n; i++)
+        pos[i] = at[probe[i]];
+    free(at);
+}
+
 /* one attention problem: queries q [n_q, D] of a causal window over keys k [T, D] (query i
  * sees T - n_q + i + 1 of them, at least 1), values v [T, D], a second key block k2 [n2, D]
  * of which query i sees i mod (n2 + 1) */

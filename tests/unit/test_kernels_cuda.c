@@ -379,12 +379,8 @@ static void test_coverage(int T, int D, uint64_t seed)
     double cva[16], rda[16], cma[16 * KVT_N_MODALITIES], cvb, rdb, cmb[KVT_N_MODALITIES];
     float wf[64];
     double cda[16], cdb;
-    int32_t pp[64], *pos = malloc((size_t)T * 4); /* each probe's place in the ranking */
-    for (int t = 0; t < T; t++)
-        pos[order[t]] = t;
-    for (int i = 0; i < P; i++)
-        pp[i] = pos[probe[i]];
-    free(pos);
+    int32_t pp[64]; /* each probe's place in the ranking */
+    kt_probe_positions(order, T, probe, P, pp);
     KVT_CHECK(kvt_sweep_coverage_ref(ca, T, P, order, cuts, n_cut, pm, pp, wf, cva, rda, cma, cda));
     int bad = 0;
     for (int c = 0; c < n_cut; c++) {

@@ -535,24 +535,14 @@ static void test_quest(void)
      * tokens 0, 1, 2 (tie: lower page); group=sum: 3, 2, 4 -> 2, 0, 1. */
     const float kg[6] = {3, 0, 0, 2, 2, 2}, vg[6] = {0}, qwg[4] = {1, 0, 0, 1};
     const float qdg[4] = {1, 0, 0, 1};
-    kvt_layer_input g = {.layer = 0,
-                         .n_layers = 1,
-                         .T = 3,
-                         .D = 2,
-                         .Hq = 2,
-                         .Hkv = 1,
-                         .W = 1,
-                         .G = 1,
-                         .k = kg,
-                         .v = vg,
-                         .q_window = qwg,
-                         .q_decode = qdg};
+    in.T = 3, in.Hq = 2, in.G = 1; /* the layer above with two query heads, one decode step */
+    in.k = kg, in.v = vg, in.q_window = qwg, in.q_decode = qdg;
     const int Bg[] = {1, 2};
-    s = run(&g, "quest:page=1,dense_layers=0", Bg, 2); /* group=max by default */
+    s = run(&in, "quest:page=1,dense_layers=0", Bg, 2); /* group=max by default */
     EXPECT_KEPT(s, 0, 0, 0, "0");
     EXPECT_KEPT(s, 1, 0, 0, "0,1");
     kvt_layer_selection_free(s);
-    s = run(&g, "quest:page=1,dense_layers=0,group=sum", Bg, 2);
+    s = run(&in, "quest:page=1,dense_layers=0,group=sum", Bg, 2);
     EXPECT_KEPT(s, 0, 0, 0, "2");
     EXPECT_KEPT(s, 1, 0, 0, "0,2");
     kvt_layer_selection_free(s);
