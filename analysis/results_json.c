@@ -1,12 +1,11 @@
 /* results_json.c - results.json, version KVT_RESULTS_VERSION: the writer (atomic: a temporary
- * file in the same directory (kvt_tmp_sibling), written, fsync'ed, then renamed over
+ * file in the same directory (kvt_create_tmp_sibling), written, fsync'ed, then renamed over
  * PATH, so PATH is either the old file or the complete new one) and the reader that report/ and
  * recommend use. Layout field by field in RESULTS.md. NaN (not applicable) is written as null and
  * read back as NaN.
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -55,11 +54,7 @@ static cJSON *num(double x)
     if (isnan(x) || isinf(x))
         return cJSON_CreateNull();
     char b[40];
-    for (int prec = 15; prec <= 17; prec++) {
-        snprintf(b, sizeof(b), "%.*g", prec, x);
-        if (strtod(b, NULL) == x)
-            break;
-    }
+    kvt_fmt_double(x, b, sizeof(b));
     return cJSON_CreateRaw(b);
 }
 
@@ -235,18 +230,13 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
     return o;
 }
 
-/* Write `len` bytes of `txt` plus a newline to `path` atomically: kvt_tmp_sibling (created
+/* Write `len` bytes of `txt` plus a newline to `path` atomically: kvt_create_tmp_sibling (created
  * exclusively, mode 0666 & ~umask), fsync, rename over `path`, fsync the directory. On any
  * failure the temporary is removed and `path` is untouched. */
 static kvt_status write_atomic(const char *path, const char *txt, size_t len)
 {
     char *tmp = NULL;
-    char *dir = kvt_strdup(path);
     kvt_status st = KVT_OK;
-    if (!dir) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-        goto out_free;
-    }
     int fd = kvt_create_tmp_sibling(path, 0666, &tmp);
     if (fd < 0) {
         st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
@@ -275,16 +265,11 @@ static kvt_status write_atomic(const char *path, const char *txt, size_t len)
         st = kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
         goto out_remove;
     }
-    int dfd = open(dirname(dir), O_RDONLY); /* make the rename itself durable; best effort */
-    if (dfd >= 0) {
-        (void)fsync(dfd);
-        close(dfd);
-    }
+    kvt_fsync_dir_of(path); /* make the rename itself durable */
     goto out_free;
 out_remove:
     remove(tmp);
 out_free:
-    kvt_free(dir);
     kvt_free(tmp);
     return st;
 }

@@ -2,13 +2,12 @@
  * policy, budget, layer, head[, decode step]) in a binary layout (default) or JSON (FILE ends
  * in .json), both specified in RESULTS.md. Worker threads deliver layers in any order; the
  * writer buffers them and writes in layer order, so the file is deterministic. The file is
- * written under a temporary name (kvt_tmp_sibling, same directory) and renamed over FILE only
- * at close, once every trace has ended complete and every byte is on disk (fsync): a failed
- * or interrupted export leaves no partial file and any old FILE untouched.
+ * written under a temporary name (kvt_create_tmp_sibling, same directory) and renamed over FILE
+ * only at close, once every trace has ended complete and every byte is on disk (fsync): a failed or
+ * interrupted export leaves no partial file and any old FILE untouched.
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -356,13 +355,7 @@ static kvt_status commit(kvt_selection_writer *w)
         remove(w->tmp);
         return st;
     }
-    char *dir = kvt_strdup(w->path); /* make the rename durable; best effort */
-    int dfd = dir ? open(dirname(dir), O_RDONLY) : -1;
-    if (dfd >= 0) {
-        (void)fsync(dfd);
-        close(dfd);
-    }
-    kvt_free(dir);
+    kvt_fsync_dir_of(w->path); /* make the rename durable */
     return KVT_OK;
 }
 

@@ -129,15 +129,16 @@ uint64_t kvt_now_ns(void);
 /** Number of online CPUs (>= 1). */
 int kvt_cpu_count(void);
 
-/** A temporary file name next to `path` (the same directory, so that rename is atomic):
- *  PATH.tmp.PID.N when its last component fits in NAME_MAX, else DIR/.kvt-PID-N.tmp; N counts
- *  the calls of the process, so two outputs never share one. Caller frees with kvt_free.
- *  @return the name, or NULL (out of memory). */
-char *kvt_tmp_sibling(const char *path);
-/** Create a new temporary file next to `path` for writing (O_EXCL, mode & ~umask), skipping
- *  names a killed process left behind. *tmp receives its name (caller frees with kvt_free).
+/** Create a new temporary file next to `path` (the same directory, so that rename is atomic)
+ *  for writing (O_EXCL, mode & ~umask): PATH.tmp.PID.N when its last component fits in
+ *  NAME_MAX, else DIR/.kvt-PID-N.tmp, N counting the calls of the process, skipping names a
+ *  killed process left behind. *tmp receives its name (caller frees with kvt_free).
  *  @return the descriptor, or -1 with errno set (*tmp NULL). */
 int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp);
+/** fsync the directory holding `path`, so that a rename into it is durable (best effort). */
+void kvt_fsync_dir_of(const char *path);
+/** x as the shortest of %.15g / %.16g / %.17g that reads back as x, into buf. */
+void kvt_fmt_double(double x, char *buf, size_t cap);
 
 /** Open an input for reading only if it is a regular file: opened without blocking (a FIFO
  *  would wait for a writer forever), checked with fstat, then made blocking again.

@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -59,7 +60,7 @@ double kvt_rng_normal(kvt_rng *r)
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
-char *kvt_tmp_sibling(const char *path)
+static char *kvt_tmp_sibling(const char *path)
 {
     static unsigned long counter;
     unsigned long n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
@@ -142,4 +143,26 @@ const char *kvt_open_error(const char *path)
     else
         snprintf(buf, sizeof(buf), "%s: %s", path, strerror(errno));
     return buf;
+}
+
+void kvt_fsync_dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash == path ? 1 : slash - path) : 1,
+             slash ? path : ".");
+    int fd = open(dir, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)fsync(fd);
+        close(fd);
+    }
+}
+
+void kvt_fmt_double(double x, char *buf, size_t cap)
+{
+    for (int prec = 15; prec <= 17; prec++) {
+        snprintf(buf, cap, "%.*g", prec, x);
+        if (strtod(buf, NULL) == x)
+            return;
+    }
 }

@@ -2,6 +2,7 @@
  * (POLICIES §3a repo form and §3b paper/kvpress form), the PyramidKV layer schedule (§2) and
  * the reader of per-(layer, head) JSON tables (SparseMM head scores, MixKV offline r).
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -198,9 +199,9 @@ kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, do
     FILE *f = kvt_fopen_regular(path);
     KVT_RETURN_IF(!f, KVT_ERR_IO, "head table: %s", kvt_open_error(path));
     struct stat sb;
-    if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) { /* a directory "opens" too */
+    if (fstat(fileno(f), &sb) != 0) { /* for the size: a regular file (kvt_fopen_regular) */
         fclose(f);
-        return kvt_error_set(KVT_ERR_IO, "head table %s is not a regular file", path);
+        return kvt_error_set(KVT_ERR_IO, "head table %s: %s", path, strerror(errno));
     }
     if (sb.st_size > KVT_HEAD_TABLE_MAX_BYTES) {
         fclose(f);

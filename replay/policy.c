@@ -448,16 +448,6 @@ static const char *reduce_name(kvt_reduce r)
     return r == KVT_REDUCE_MAX ? "max" : r == KVT_REDUCE_SUM ? "sum" : "mean";
 }
 
-/* the shortest of %.15g..%.17g that reads back as x: 0.2, not 0.20000000000000001 */
-static void shortest(double x, char *buf, size_t cap)
-{
-    for (int prec = 15; prec <= 17; prec++) {
-        snprintf(buf, cap, "%.*g", prec, x);
-        if (strtod(buf, NULL) == x)
-            return;
-    }
-}
-
 /* "key=value" of one option into buf; quoted = JSON form */
 static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, char *buf,
                       size_t cap)
@@ -469,14 +459,14 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         snprintf(buf, cap, "%d", *(const int *)(base + od->off));
         break;
     case O_DBL:
-        shortest(*(const double *)(base + od->off), buf, cap);
+        kvt_fmt_double(*(const double *)(base + od->off), buf, cap);
         break;
     case O_TAU: {
         double t = *(const double *)(base + od->off);
         if (isnan(t))
             snprintf(buf, cap, "%smedian%s", q, q);
         else
-            shortest(t, buf, cap);
+            kvt_fmt_double(t, buf, cap);
         break;
     }
     case O_U64:

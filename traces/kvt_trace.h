@@ -111,7 +111,7 @@ typedef struct kvt_writer_stats {
 /** Create a trace file and write its header frame. A new file is written in place (a crash
  *  leaves its complete records readable there). An existing one (opts->force) is replaced
  *  only by a successful finish: until then the trace is written to a temporary file next to
- *  it (kvt_tmp_sibling), which an unfinished writer leaves (and names in a warning).
+ *  it (kvt_create_tmp_sibling), which an unfinished writer leaves (and names in a warning).
  * @param path        output path; fails with KVT_ERR_IO if it exists and !opts->force, or
  *                    exists and is not a regular file (a device or FIFO is never replaced).
  * @param header_json a JSON object (see FORMAT.md §JSON header); copied.

@@ -653,15 +653,7 @@ kvt_status kvt_trace_writer_finish_ex(kvt_trace_writer *w, bool commit)
                               strerror(errno));
         } else {
             w->renamed = true;
-            char *dir = kvt_strdup(w->final), *slash = dir ? strrchr(dir, '/') : NULL;
-            if (slash)
-                slash[slash == dir ? 1 : 0] = '\0';
-            int dfd = dir ? open(slash ? dir : ".", O_RDONLY | O_CLOEXEC) : -1;
-            if (dfd >= 0) { /* the rename itself durable; best effort */
-                (void)fsync(dfd);
-                close(dfd);
-            }
-            kvt_free(dir);
+            kvt_fsync_dir_of(w->final); /* the rename itself durable */
         }
     }
     if (s != KVT_OK)
