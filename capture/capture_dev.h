@@ -25,8 +25,7 @@ typedef struct kvt_capdev_view {
     kvt_dtype dtype;  /* f32, bf16, f16 */
     int64_t n_h, n_t, n_d;
     int64_t s_h, s_t, s_d;
-    int device;   /* CUDA ordinal */
-    void *stream; /* producer's cudaStream_t */
+    void *stream; /* producer's cudaStream_t (on the device the session checked: need_dev) */
 } kvt_capdev_view;
 
 typedef struct kvt_capdev_stats {

@@ -265,8 +265,8 @@ static kvt_status need_dev(kvt_capture_session *s, const hview *v, const char *w
 
 static kvt_capdev_view dev_view(const hview *v)
 {
-    kvt_capdev_view d = {v->data, v->dtype, v->n_h, v->n_t,    v->n_d,
-                         v->s_h,  v->s_t,   v->s_d, v->device, v->stream};
+    kvt_capdev_view d = {v->data, v->dtype, v->n_h, v->n_t,   v->n_d,
+                         v->s_h,  v->s_t,   v->s_d, v->stream};
     return d;
 }
 

@@ -256,8 +256,6 @@ static __global__ void __launch_bounds__(CS_THREADS)
     }
 }
 
-/* KVT_ERR_CUDA if the launch just made failed (a bad configuration; a fault inside the kernel
- * shows up at the next synchronisation). */
 extern "C" size_t kvt_colsum_cuda_work_floats(int n_q_heads, uint32_t n_q)
 {
     /* doubles 1 / s first (8-byte aligned), then floats m */
@@ -293,7 +291,7 @@ extern "C" kvt_status kvt_colsum_accumulate_cuda(const float *q, const float *k,
 
     double *inv = reinterpret_cast<double *>(work); /* [Hq, n_q] */
     float *m = work + (size_t)2 * (size_t)Hq * n_q; /* [Hq, n_q] */
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    cudaStream_t st = kvt_cu_stream(stream);
     cs_row_stats_k<<<(unsigned)(n_qt * (uint64_t)Hq), CS_THREADS, 0, st>>>(
         q, k, Hq, Hq / Hkv, q_begin, n_q, n_k, D, scale, (uint32_t)n_qt, m, inv);
     KVT_CU_LAUNCHED();

@@ -1,25 +1,21 @@
 /* attn_cuda.cu - window/decode attention (kvt_attn_probs_ref, kvt_attn_output_ref).
  *
- * Probabilities: tiles of PR_ROWS query rows x PR_KEYS keys (keys of k, then of k2), one block
- * each, in two passes over the tiles: each row's max over the tile and sum of exp(z - that
- * max), then the probabilities. Each pass computes the tile's logits (nothing T-long is stored)
- * from query rows and keys staged in shared memory (kvt_cu_tile_dots, cuda_util.cuh), so a key
- * is read from device memory once per tile of rows. Logits are dot products of f32 vectors summed
- * in double in d order without fused multiply-adds: bitwise the reference's. Between the passes one
- * thread per row takes the max m over its tiles (exact in any order) and adds its tiles' sums
- * rescaled to m in tile order: only the summation of the exponentials differs from the reference's
- * (its grouping, and the rescaling by exp(tile max - m): relative differences of a few 1e-16 in the
- * sum, a probability now and then one f32 ulp away).
+ * Probabilities: tiles of KVT_TILE_ROWS (32) query rows x KVT_TILE_KEYS (64) keys (keys of k,
+ * then of k2), one block each, in two passes over the tiles: each row's max over the tile and sum
+ * of exp(z - that max), then the probabilities. Each pass computes the tile's logits (nothing
+ * T-long is stored) from query rows and keys staged in shared memory (kvt_cu_tile_dots,
+ * cuda_util.cuh), so a key is read from device memory once per tile of rows. Logits are dot
+ * products of f32 vectors summed in double in d order without fused multiply-adds: bitwise the
+ * reference's. Between the passes one thread per row takes the max m over its tiles (exact in any
+ * order) and adds its tiles' sums rescaled to m in tile order: only the summation of the
+ * exponentials differs from the reference's (its grouping, and the rescaling by exp(tile max - m):
+ * relative differences of a few 1e-16 in the sum, a probability now and then one f32 ulp away).
  * Outputs: sums over blocks of keys for blocks of queries, then over the key blocks in order
  * (see output_part_k).
  */
 #include <math.h>
 
 #include "cuda_util.cuh"
-
-#define ATTN_THREADS KVT_TILE_THREADS
-#define PR_ROWS      KVT_TILE_ROWS /* query rows of a tile: 8 warps x 4 rows */
-#define PR_KEYS      KVT_TILE_KEYS /* keys of a tile: 32 lanes x 2 keys */
 
 typedef struct pr_args {
     const float *q, *k, *k2;
@@ -40,7 +36,7 @@ template <int PASS> static __global__ void probs_tile_k(pr_args a)
 {
     __shared__ kvt_cu_tile_sm sm;
     const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
-    const int r0 = blockIdx.y * PR_ROWS, j0 = blockIdx.x * PR_KEYS, n_all = a.T + a.n2;
+    const int r0 = blockIdx.y * KVT_TILE_ROWS, j0 = blockIdx.x * KVT_TILE_KEYS, n_all = a.T + a.n2;
     double acc[4][2];
     kvt_cu_tile_dots(a.q, a.n_q, r0, a.k, a.T, a.k2, n_all, j0, a.D, sm, acc);
     for (int u = 0; u < 4; u++) {
@@ -197,7 +193,8 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         }
     }
     cudaStream_t st = kvt_cu_stream(stream);
-    const int n_kt = (T + n2 + PR_KEYS - 1) / PR_KEYS, n_rt = (n_q + PR_ROWS - 1) / PR_ROWS;
+    const int n_kt = (T + n2 + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS,
+              n_rt = (n_q + KVT_TILE_ROWS - 1) / KVT_TILE_ROWS;
     int *dvis = NULL;
     double *dw = NULL; /* tile maxima and sums [2, n_q, n_kt], row max and sum [2, n_q] */
     unsigned long long *dbad = NULL, bad = ~0ull;
@@ -218,9 +215,9 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         a.pr = pr, a.pr2 = pr2, a.lse = lse, a.bad = dbad;
         const dim3 grid((unsigned)n_kt, (unsigned)n_rt);
         const unsigned rb = (unsigned)((n_q + 127) / 128);
-        probs_tile_k<0><<<grid, ATTN_THREADS, 0, st>>>(a);
+        probs_tile_k<0><<<grid, KVT_TILE_THREADS, 0, st>>>(a);
         probs_rows_k<<<rb, 128, 0, st>>>(a);
-        probs_tile_k<1><<<grid, ATTN_THREADS, 0, st>>>(a);
+        probs_tile_k<1><<<grid, KVT_TILE_THREADS, 0, st>>>(a);
         if ((e = cudaGetLastError()) == cudaSuccess)
             e = cudaMemcpyAsync(&bad, dbad, sizeof(bad), cudaMemcpyDeviceToHost, st);
         if (e == cudaSuccess)
