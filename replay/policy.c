@@ -44,7 +44,7 @@ typedef struct opt_desc {
     const char *key;
     okind kind;
     size_t off;
-    double lo, hi; /* numeric range (inclusive) */
+    double lo, hi; /* numeric range (inclusive); O_REDUCE: the kvt_reduce values taken */
     const char *doc;
 } opt_desc;
 
@@ -53,7 +53,8 @@ static const opt_desc opts_table[] = {
     {"window", O_INT, OFF(window), 0, 1e9, "observation window W (window queries, kept)"},
     {"kernel", O_INT, OFF(kernel), 1, 1e6, "pooling kernel size (odd)"},
     {"pool", O_POOL, OFF(pool), 0, 0, "avg|max"},
-    {"reduce", O_REDUCE, OFF(reduce), 0, 0, "GQA score reduction mean|max|sum"},
+    {"reduce", O_REDUCE, OFF(reduce), KVT_REDUCE_MEAN, KVT_REDUCE_SUM,
+     "GQA score reduction mean|max|sum"},
     {"heads", O_HEADS, OFF(per_query), 0, 0, "kv|query selection granularity"},
     {"alpha", O_DBL, OFF(alpha), 0, 1, "AdaKV safeguard floor"},
     {"normalize", O_BOOL, OFF(normalize), 0, 0, "AdaKV 3a score normalisation 0|1"},
@@ -67,12 +68,13 @@ static const opt_desc opts_table[] = {
     {"rtable", O_STR, OFF(rtable), 0, 0, "MixKV offline redundancy table (JSON)"},
     {"page", O_INT, OFF(page), 1, 1e6, "Quest page size"},
     {"dense_layers", O_INT, OFF(dense_layers), 0, 1e6, "Quest: first layers left dense"},
-    {"group", O_REDUCE, OFF(group), 0, 0, "Quest GQA page score max|sum"},
+    {"group", O_REDUCE, OFF(group), KVT_REDUCE_MAX, KVT_REDUCE_SUM, "Quest GQA page score max|sum"},
     {"theta", O_DBL, OFF(theta), 1e-9, 1, "HybridKV-like attention mass threshold"},
     {"tau", O_TAU, OFF(tau), 0, 1, "HybridKV-like static threshold or median"},
     {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
     {"chunk", O_INT, OFF(chunk), 1, 1e6, "HybridKV-like chunk size"},
-    {"chunk_score", O_REDUCE, OFF(chunk_score), 0, 0, "HybridKV-like chunk score sum|max"},
+    {"chunk_score", O_REDUCE, OFF(chunk_score), KVT_REDUCE_MAX, KVT_REDUCE_SUM,
+     "HybridKV-like chunk score sum|max"},
     {"floor", O_DBL, OFF(floor_frac), 0, 1, "HybridKV-like static floor (share of b)"},
     {"merge_window", O_INT, OFF(merge_window), 2, 1e6, "LightKV-like matching window"},
     {"seed", O_U64, OFF(seed), 0, 0, "random seed"},
@@ -174,17 +176,16 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
                                  val);
         return KVT_OK;
     case O_REDUCE: {
-        kvt_reduce r;
-        if (!strcmp(val, "mean"))
-            r = KVT_REDUCE_MEAN;
-        else if (!strcmp(val, "max"))
-            r = KVT_REDUCE_MAX;
-        else if (!strcmp(val, "sum"))
-            r = KVT_REDUCE_SUM;
-        else
-            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected mean, max or sum",
-                                 d->name, key, val);
-        *(kvt_reduce *)(base + od->off) = r;
+        /* each option takes the reductions in its range: Quest's page score and HybridKV-like's
+         * chunk score have no mean */
+        int r = !strcmp(val, "mean")  ? KVT_REDUCE_MEAN
+                : !strcmp(val, "max") ? KVT_REDUCE_MAX
+                : !strcmp(val, "sum") ? KVT_REDUCE_SUM
+                                      : -1;
+        if (r < (int)od->lo || r > (int)od->hi)
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected %s", d->name, key, val,
+                                 od->lo == KVT_REDUCE_MEAN ? "mean, max or sum" : "max or sum");
+        *(kvt_reduce *)(base + od->off) = (kvt_reduce)r;
         return KVT_OK;
     }
     case O_HEADS:

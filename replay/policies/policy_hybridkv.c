@@ -7,7 +7,9 @@
  *           (ties: lower head);
  *   budget  H*(B-W) split: floor(split*total) to static heads (floor = floor(floor*b) each,
  *           the rest proportional to sigma = 1 - rho, rounding leftovers one each by
- *           descending sigma), the rest uniform to dynamic heads, rounded down to chunks of C;
+ *           descending sigma; a head holds at most the prefix P, its excess is shared again
+ *           among the other static heads, and what none can hold goes to the dynamic heads),
+ *           the rest uniform to dynamic heads, rounded down to chunks of C;
  *   static heads keep the window, then text prefix tokens by pooled a, then the others by
  *           pooled a (text-prior pruning);
  *   dynamic heads keep the window plus whole chunks: for the prompt-time set (window-query
@@ -113,11 +115,8 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
         for (int h = 0; h < H; h++)
             is_static[h] = rho[h] <= o->tau;
     int n_stat = 0;
-    double sig_sum = 0.0;
-    for (int h = 0; h < H; h++) {
+    for (int h = 0; h < H; h++)
         n_stat += is_static[h];
-        sig_sum += is_static[h] ? 1.0 - rho[h] : 0.0;
-    }
     int n_dyn = H - n_stat;
 
     /* rankings (budget independent) */
@@ -211,20 +210,43 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
             long mn = (long)floor(o->floor_frac * bb);
             if (mn * n_stat > b_stat)
                 mn = b_stat / n_stat;
-            long rem = b_stat - mn * n_stat, used = 0;
+            long rem = b_stat - mn * n_stat;
             for (int h = 0; h < H; h++)
-                if (is_static[h]) {
-                    double share = sig_sum > 0 ? (1.0 - rho[h]) / sig_sum : 1.0 / n_stat;
-                    caps[h] = (int)(mn + (long)floor(rem * share));
-                    used += caps[h] - mn;
-                }
-            /* leftovers one each by descending sigma (= ascending rho), ties lower head */
+                caps[h] = is_static[h] ? (int)mn : 0;
+            /* rem by sigma over the static heads below P; a head's share beyond P goes to the
+             * others (water-filling), then what no static head can hold to the dynamic heads */
             kvt_rank_desc_ref(nrho, H, ord, work);
-            for (int i = 0; i < H && used < rem; i++)
-                if (is_static[ord[i]]) {
-                    caps[ord[i]]++;
-                    used++;
-                }
+            while (rem > 0) {
+                double ssum = 0.0;
+                int open = 0;
+                for (int h = 0; h < H; h++)
+                    if (is_static[h] && caps[h] < P)
+                        ssum += 1.0 - rho[h], open++;
+                if (open == 0)
+                    break;
+                long given = 0;
+                bool clamped = false;
+                for (int h = 0; h < H; h++)
+                    if (is_static[h] && caps[h] < P) {
+                        double share = ssum > 0 ? (1.0 - rho[h]) / ssum : 1.0 / open;
+                        long g = (long)floor((double)rem * share);
+                        if (g > P - caps[h])
+                            g = P - caps[h], clamped = true;
+                        caps[h] += (int)g;
+                        given += g;
+                    }
+                rem -= given;
+                if (clamped)
+                    continue;
+                /* leftovers one each by descending sigma (= ascending rho), ties lower head */
+                for (int i = 0; i < H && rem > 0; i++)
+                    if (is_static[ord[i]] && caps[ord[i]] < P) {
+                        caps[ord[i]]++;
+                        rem--;
+                    }
+                break;
+            }
+            b_dyn += rem;
         }
         int dyn_chunks = (n_dyn > 0 && bb > 0) ? (int)((b_dyn / n_dyn) / C) : 0;
         for (int h = 0; h < H; h++) {

@@ -1,6 +1,11 @@
 # Replay engine, kernels and analysis tests (issue #3).
 kvt_add_test(test_kernels_ref SOURCES unit/test_kernels_ref.c LIBS kvt_replay LABELS cpu)
 kvt_add_test(test_replay_policies SOURCES unit/test_replay_policies.c LIBS kvt_replay LABELS cpu)
+# HybridKV-like's classification, allocation and per-step chunks, worked by hand (POLICIES §9).
+kvt_add_test(test_replay_hybridkv SOURCES unit/test_replay_hybridkv.c LIBS kvt_replay LABELS cpu)
+# LightKV-like's merged keys and values, AdaKV alloc=b and random, worked by hand.
+kvt_add_test(test_replay_merge_alloc SOURCES unit/test_replay_merge_alloc.c LIBS kvt_replay
+             LABELS cpu)
 kvt_add_test(test_replay_metrics SOURCES unit/test_replay_metrics.c LIBS kvt_replay LABELS cpu)
 kvt_add_test(test_analysis_results SOURCES unit/test_analysis_results.c LIBS kvt_analysis
              PkgConfig::CJSON LABELS cpu)

@@ -73,6 +73,30 @@ static inline void tl_free(test_layer *t)
     memset(t, 0, sizeof(*t));
 }
 
+/* select spec's kept sets on a layer at budgets B[nb]; a failure is a test failure (and exits:
+ * there is nothing to look at) */
+static inline kvt_layer_selection *tl_select(const kvt_layer_input *in, const char *spec,
+                                             const int *B, size_t nb)
+{
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    kvt_layer_selection *s = NULL;
+    kvt_status st = kvt_replay_layer_select(in, p, B, nb, &s);
+    KVT_EXPECT_MSG(st == KVT_OK, "%s: %s", spec, kvt_error_msg());
+    kvt_policy_free(p);
+    if (!s)
+        exit(1);
+    return s;
+}
+
+/* the number of entries head h keeps at budget index b (prompt-time set), -1 on an error */
+static inline int tl_count(const kvt_layer_selection *s, size_t b, int h)
+{
+    int32_t idx[4096];
+    size_t n = 0;
+    return kvt_layer_selection_kept(s, b, h, -1, idx, 4096, &n) ? -1 : (int)n;
+}
+
 /* kept set of (budget, head, step) as a string "1,3,6,7" (static buffer) */
 static inline const char *tl_kept_str(const kvt_layer_selection *s, size_t b, int h, int step)
 {

@@ -15,17 +15,6 @@ static kvt_policy *mk(const char *spec)
     return p;
 }
 
-static kvt_layer_selection *run(const kvt_layer_input *in, const char *spec, const int *B,
-                                size_t nb)
-{
-    kvt_policy *p = mk(spec);
-    kvt_layer_selection *s = NULL;
-    kvt_status st = kvt_replay_layer_select(in, p, B, nb, &s);
-    KVT_EXPECT_MSG(st == KVT_OK, "%s: %s", spec, kvt_error_msg());
-    kvt_policy_free(p);
-    return s;
-}
-
 /* D=1 layer: Hq query heads over Hkv KV heads, keys k[T], window queries q[Hq*W] */
 static kvt_layer_input layer1d(int T, int W, int Hq, int Hkv, const float *k, const float *v,
                                const float *q)
@@ -48,7 +37,7 @@ static void test_snapkv(void)
     const float q[2] = {1, 1};
     kvt_layer_input in = layer1d(8, 2, 1, 1, k, v, q);
     const int B[] = {4, 5, 3, 1, 10, 8};
-    kvt_layer_selection *s = run(&in, "snapkv:window=2,kernel=1", B, 6);
+    kvt_layer_selection *s = tl_select(&in, "snapkv:window=2,kernel=1", B, 6);
     EXPECT_KEPT(s, 0, 0, -1, "1,3,6,7"); /* 1 and 3 tie: lower index first */
     EXPECT_KEPT(s, 1, 0, -1, "1,3,4,6,7");
     EXPECT_KEPT(s, 2, 0, -1, "1,6,7");
@@ -57,12 +46,12 @@ static void test_snapkv(void)
     EXPECT_KEPT(s, 5, 0, -1, "0,1,2,3,4,5,6,7"); /* B == T */
     kvt_layer_selection_free(s);
     /* avgpool k=3 with zero padding: scores ~ [7.03, 7.94, 14.3, 10.07, 9.71, 3.01] */
-    s = run(&in, "snapkv:window=2,kernel=3,pool=avg", B, 2);
+    s = tl_select(&in, "snapkv:window=2,kernel=3,pool=avg", B, 2);
     EXPECT_KEPT(s, 0, 0, -1, "2,3,6,7");
     EXPECT_KEPT(s, 1, 0, -1, "2,3,4,6,7");
     kvt_layer_selection_free(s);
     /* maxpool k=3: positions 0..4 all see a key of value 3 (exact ties), 5 does not */
-    s = run(&in, "snapkv:window=2,kernel=3,pool=max", B, 2);
+    s = tl_select(&in, "snapkv:window=2,kernel=3,pool=max", B, 2);
     EXPECT_KEPT(s, 0, 0, -1, "0,1,6,7");
     kvt_layer_selection_free(s);
     /* errors: a window larger than the stored one, a bad option, an unknown policy */
@@ -82,17 +71,17 @@ static void test_gqa(void)
     const float q[4] = {1, 1, -1, -1};
     kvt_layer_input in = layer1d(6, 2, 2, 1, k, v, q);
     const int B[] = {4, 3};
-    kvt_layer_selection *s = run(&in, "snapkv:window=2,kernel=1", B, 2);
+    kvt_layer_selection *s = tl_select(&in, "snapkv:window=2,kernel=1", B, 2);
     KVT_EXPECT(kvt_layer_selection_n_heads(s) == 1);
     EXPECT_KEPT(s, 0, 0, -1, "0,1,4,5"); /* group mean: 0 (.42) > 1 (.33) > 2 = 3 (.06) */
     EXPECT_KEPT(s, 1, 0, -1, "0,4,5");
     kvt_layer_selection_free(s);
-    s = run(&in, "snapkv:window=2,kernel=1,heads=query", B, 1);
+    s = tl_select(&in, "snapkv:window=2,kernel=1,heads=query", B, 1);
     KVT_EXPECT(kvt_layer_selection_n_heads(s) == 2);
     EXPECT_KEPT(s, 0, 0, -1, "0,2,4,5"); /* head 0: 0, then 2 and 3 tie (lower first) */
     EXPECT_KEPT(s, 0, 1, -1, "1,2,4,5");
     kvt_layer_selection_free(s);
-    s = run(&in, "snapkv:window=2,kernel=1,reduce=max", B, 1);
+    s = tl_select(&in, "snapkv:window=2,kernel=1,reduce=max", B, 1);
     EXPECT_KEPT(s, 0, 0, -1, "0,1,4,5");
     kvt_layer_selection_free(s);
     /* the global per-query-head default */
@@ -103,15 +92,6 @@ static void test_gqa(void)
     KVT_EXPECT(kvt_layer_selection_n_heads(s) == 2);
     kvt_layer_selection_free(s);
     kvt_policy_free(p);
-}
-
-static int count_of(const kvt_layer_selection *s, size_t b, int h)
-{
-    int32_t idx[4096];
-    size_t n = 0;
-    if (kvt_layer_selection_kept(s, b, h, -1, idx, 4096, &n))
-        return -1;
-    return (int)n;
 }
 
 static void test_pyramid(void)
@@ -141,11 +121,11 @@ static void test_pyramid(void)
             t.in.layer = l;
             t.in.n_layers = 3;
             const int B[] = {14, 100};
-            kvt_layer_selection *s = run(&t.in, "pyramidkv:window=4", B, 2);
-            KVT_EXPECT_MSG(count_of(s, 0, 0) == want[c][l], "T=%d layer %d: %d, want %d", Ts[c], l,
-                           count_of(s, 0, 0), want[c][l]);
-            KVT_EXPECT(count_of(s, 1, 0) == Ts[c]);
-            kvt_layer_selection *sn = run(&t.in, "snapkv:window=4", B, 1);
+            kvt_layer_selection *s = tl_select(&t.in, "pyramidkv:window=4", B, 2);
+            KVT_EXPECT_MSG(tl_count(s, 0, 0) == want[c][l], "T=%d layer %d: %d, want %d", Ts[c], l,
+                           tl_count(s, 0, 0), want[c][l]);
+            KVT_EXPECT(tl_count(s, 1, 0) == Ts[c]);
+            kvt_layer_selection *sn = tl_select(&t.in, "snapkv:window=4", B, 1);
             /* pyramid's kept set is a prefix of the same ranking as snapkv's */
             int32_t a[64], b2[64];
             size_t na, nb2;
@@ -187,11 +167,11 @@ static void test_adakv(void)
                            "adakv:window=8,alpha=0,alloc=b", "adakv:window=8",
                            "mixkv-adakv:window=8,alpha=0"};
     for (int sp = 0; sp < 5; sp++) {
-        kvt_layer_selection *s = run(&t.in, specs[sp], B, 4);
+        kvt_layer_selection *s = tl_select(&t.in, specs[sp], B, 4);
         for (int b = 0; b < 3; b++) {
             int sum = 0, mn = 1 << 30, mx = 0;
             for (int h = 0; h < 4; h++) {
-                int c = count_of(s, (size_t)b, h);
+                int c = tl_count(s, (size_t)b, h);
                 sum += c;
                 mn = c < mn ? c : mn;
                 mx = c > mx ? c : mx;
@@ -204,7 +184,7 @@ static void test_adakv(void)
             KVT_EXPECT(mn >= 8 && mx <= 64);
         }
         for (int h = 0; h < 4; h++)
-            KVT_EXPECT(count_of(s, 3, h) == 64); /* B > T: short prompt */
+            KVT_EXPECT(tl_count(s, 3, h) == 64); /* B > T: short prompt */
         kvt_layer_selection_free(s);
     }
     /* skip=1: layer 0 keeps the uniform B per head, layer 1 allocates as without skip (and
@@ -212,14 +192,14 @@ static void test_adakv(void)
     t.in.n_layers = 2;
     for (int l = 0; l < 2; l++) {
         t.in.layer = l;
-        kvt_layer_selection *sk = run(&t.in, "adakv:window=8,alpha=0,skip=1", B, 3);
-        kvt_layer_selection *no = run(&t.in, "adakv:window=8,alpha=0", B, 3);
+        kvt_layer_selection *sk = tl_select(&t.in, "adakv:window=8,alpha=0,skip=1", B, 3);
+        kvt_layer_selection *no = tl_select(&t.in, "adakv:window=8,alpha=0", B, 3);
         bool uneven = false;
         for (int b = 0; b < 3; b++)
             for (int h = 0; h < 4; h++) {
-                uneven |= count_of(no, (size_t)b, h) != B[b];
-                KVT_EXPECT(count_of(sk, (size_t)b, h) ==
-                           (l == 0 ? B[b] : count_of(no, (size_t)b, h)));
+                uneven |= tl_count(no, (size_t)b, h) != B[b];
+                KVT_EXPECT(tl_count(sk, (size_t)b, h) ==
+                           (l == 0 ? B[b] : tl_count(no, (size_t)b, h)));
             }
         KVT_EXPECT(uneven);
         kvt_layer_selection_free(sk);
@@ -234,11 +214,11 @@ static void test_positions_and_norms(void)
     test_layer t;
     tl_random(&t, 3, 10, 2, 1, 1, 2, 0, false);
     const int B[] = {6, 3, 2};
-    kvt_layer_selection *s = run(&t.in, "streamingllm", B, 2);
+    kvt_layer_selection *s = tl_select(&t.in, "streamingllm", B, 2);
     EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,8,9");
     EXPECT_KEPT(s, 1, 0, -1, "0,1,2");
     kvt_layer_selection_free(s);
-    s = run(&t.in, "full", B, 1);
+    s = tl_select(&t.in, "full", B, 1);
     EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,4,5,6,7,8,9");
     kvt_layer_selection_free(s);
     tl_free(&t);
@@ -257,20 +237,20 @@ static void test_positions_and_norms(void)
                           .k = k,
                           .v = v,
                           .q_window = q};
-    s = run(&in, "knorm", B + 2, 1);
+    s = tl_select(&in, "knorm", B + 2, 1);
     EXPECT_KEPT(s, 0, 0, -1, "1,3");
     kvt_layer_selection_free(s);
-    s = run(&in, "knorm:window=1", B + 2, 1);
+    s = tl_select(&in, "knorm:window=1", B + 2, 1);
     EXPECT_KEPT(s, 0, 0, -1, "3,4");
     kvt_layer_selection_free(s);
-    s = run(&in, "vnorm", B + 2, 1);
+    s = tl_select(&in, "vnorm", B + 2, 1);
     EXPECT_KEPT(s, 0, 0, -1, "1,3");
     kvt_layer_selection_free(s);
     /* token 3 points elsewhere; the mean unit key tilts towards y, so [1,0.1] is closer to it
      * than [1,0]: -cos ranks 3, then 0,1,2 (ties), then 4 */
     const float kd[10] = {1, 0, 1, 0, 1, 0, 0, 1, 1, 0.1f};
     in.k = kd;
-    s = run(&in, "keydiff", B + 2, 1);
+    s = tl_select(&in, "keydiff", B + 2, 1);
     EXPECT_KEPT(s, 0, 0, -1, "0,3");
     kvt_layer_selection_free(s);
 }
@@ -282,7 +262,7 @@ static void test_tova_h2o_oracle(void)
     const float q[4] = {-5, 1, 9, 1}; /* 2 heads x W=2; only the last rows (1, 1) matter */
     kvt_layer_input in = layer1d(6, 2, 2, 1, k, v, q);
     const int B[] = {3, 4};
-    kvt_layer_selection *s = run(&in, "tova", B, 2);
+    kvt_layer_selection *s = tl_select(&in, "tova", B, 2);
     EXPECT_KEPT(s, 0, 0, -1, "2,4,5");
     EXPECT_KEPT(s, 1, 0, -1, "0,2,4,5");
     kvt_layer_selection_free(s);
@@ -290,7 +270,7 @@ static void test_tova_h2o_oracle(void)
     /* h2o from attn_colsum (2 query heads, mean) */
     const float cs[12] = {5, 1, 3, 3, 0, 0, /* head 1 */ 5, 1, 3, 3, 9, 9};
     in.attn_colsum = cs;
-    s = run(&in, "h2o:window=2", B, 2);
+    s = tl_select(&in, "h2o:window=2", B, 2);
     EXPECT_KEPT(s, 0, 0, -1, "0,4,5");
     EXPECT_KEPT(s, 1, 0, -1, "0,2,4,5"); /* 2 and 3 tie */
     kvt_layer_selection_free(s);
@@ -315,10 +295,10 @@ static void test_tova_h2o_oracle(void)
     }
     t.in.q_all = qa;
     const int B2[] = {10};
-    kvt_layer_selection *s1 = run(&t.in, "h2o:window=4", B2, 1);
+    kvt_layer_selection *s1 = tl_select(&t.in, "h2o:window=4", B2, 1);
     t.in.q_all = NULL;
     t.in.attn_colsum = csum;
-    kvt_layer_selection *s2 = run(&t.in, "h2o:window=4", B2, 1);
+    kvt_layer_selection *s2 = tl_select(&t.in, "h2o:window=4", B2, 1);
     char a1[256];
     snprintf(a1, sizeof(a1), "%s", tl_kept_str(s1, 0, 0, -1));
     EXPECT_KEPT(s2, 0, 0, -1, a1);
@@ -337,7 +317,7 @@ static void test_tova_h2o_oracle(void)
     kvt_policy_free(p);
     io.q_decode = qd;
     io.G = 2;
-    s = run(&io, "oracle", B3, 2);
+    s = tl_select(&io, "oracle", B3, 2);
     EXPECT_KEPT(s, 0, 0, -1, "1,3");
     EXPECT_KEPT(s, 1, 0, -1, "0,1,2,3"); /* 0 and 4 tie: lower first */
     kvt_layer_selection_free(s);
@@ -362,7 +342,7 @@ static void test_random(void)
     EXPECT_KEPT(s2, 0, 1, -1, a);                             /* same seed, same set */
     KVT_EXPECT(strcmp(tl_kept_str(s3, 0, 1, -1), a) != 0);    /* other seed, other set */
     KVT_EXPECT(strstr(a, "42,43,44,45,46,47,48,49") != NULL); /* window kept */
-    KVT_EXPECT(count_of(s1, 0, 0) == 20 && count_of(s1, 1, 0) == 12);
+    KVT_EXPECT(tl_count(s1, 0, 0) == 20 && tl_count(s1, 1, 0) == 12);
     kvt_layer_selection_free(s1);
     kvt_layer_selection_free(s2);
     kvt_layer_selection_free(s3);
@@ -392,9 +372,9 @@ static void test_sparsemm_and_mixkv(void)
     const int B[] = {10, 30};
     for (int l = 0; l < 2; l++) {
         t.in.layer = l;
-        kvt_layer_selection *s = run(&t.in, spec, B, 2);
-        KVT_EXPECT(count_of(s, 0, 0) == (l == 0 ? 13 : 7));
-        KVT_EXPECT(count_of(s, 1, 0) == 20);
+        kvt_layer_selection *s = tl_select(&t.in, spec, B, 2);
+        KVT_EXPECT(tl_count(s, 0, 0) == (l == 0 ? 13 : 7));
+        KVT_EXPECT(tl_count(s, 1, 0) == 20);
         kvt_layer_selection_free(s);
     }
     kvt_policy *p = NULL;
@@ -413,16 +393,16 @@ static void test_sparsemm_and_mixkv(void)
     for (int i = 0; i < 2; i++) {
         write_file(path, tabs[i]);
         snprintf(spec, sizeof(spec), "sparsemm:window=2,ratio=0.25,scores=%s", path);
-        kvt_layer_selection *s = run(&t.in, spec, B1, 1);
-        KVT_EXPECT_MSG(count_of(s, 0, 0) == 8 && count_of(s, 0, 1) == 16, "%s: %d %d", tabs[i],
-                       count_of(s, 0, 0), count_of(s, 0, 1));
+        kvt_layer_selection *s = tl_select(&t.in, spec, B1, 1);
+        KVT_EXPECT_MSG(tl_count(s, 0, 0) == 8 && tl_count(s, 0, 1) == 16, "%s: %d %d", tabs[i],
+                       tl_count(s, 0, 0), tl_count(s, 0, 1));
         kvt_layer_selection_free(s);
     }
     write_file(path, tabs[0]);
     snprintf(spec, sizeof(spec), "sparsemm:window=2,ratio=0.25,heads=query,scores=%s", path);
-    kvt_layer_selection *sq = run(&t.in, spec, B1, 1);
-    KVT_EXPECT(count_of(sq, 0, 0) == 8 && count_of(sq, 0, 1) == 8 && count_of(sq, 0, 2) == 12 &&
-               count_of(sq, 0, 3) == 20);
+    kvt_layer_selection *sq = tl_select(&t.in, spec, B1, 1);
+    KVT_EXPECT(tl_count(sq, 0, 0) == 8 && tl_count(sq, 0, 1) == 8 && tl_count(sq, 0, 2) == 12 &&
+               tl_count(sq, 0, 3) == 20);
     kvt_layer_selection_free(sq);
     tl_free(&t);
 
@@ -432,7 +412,8 @@ static void test_sparsemm_and_mixkv(void)
     write_file(path, "[[1, 1], [1, 1], [1, 1], [1, 1]]");
     snprintf(spec, sizeof(spec), "mixkv-snapkv:window=8,rtable=%s", path);
     const int B2[] = {12, 20, 30};
-    kvt_layer_selection *m = run(&t.in, spec, B2, 3), *kd = run(&t.in, "keydiff:window=8", B2, 3);
+    kvt_layer_selection *m = tl_select(&t.in, spec, B2, 3),
+                        *kd = tl_select(&t.in, "keydiff:window=8", B2, 3);
     for (int b = 0; b < 3; b++)
         for (int h = 0; h < 2; h++) {
             char a[1024];
@@ -451,8 +432,8 @@ static void test_sparsemm_and_mixkv(void)
     write_file(path, "{\"0-0-key\": [0, 0], \"0-1-key\": 0, \"0-0-value\": [1, 1], "
                      "\"0-1-value\": 1}");
     snprintf(spec, sizeof(spec), "mixkv-snapkv:window=8,rtable=%s", path);
-    m = run(&t.in, spec, B2, 3);
-    kvt_layer_selection *sn = run(&t.in, "snapkv:window=8", B2, 3);
+    m = tl_select(&t.in, spec, B2, 3);
+    kvt_layer_selection *sn = tl_select(&t.in, "snapkv:window=8", B2, 3);
     for (int b = 0; b < 3; b++)
         for (int h = 0; h < 2; h++) {
             char a[1024];
@@ -463,10 +444,10 @@ static void test_sparsemm_and_mixkv(void)
     kvt_layer_selection_free(sn);
     /* mixkv-pyramidkv keeps pyramidkv's counts; a missing rtable entry is an error */
     t.in.layer = 1;
-    kvt_layer_selection *mp = run(&t.in, "mixkv-pyramidkv:window=8", B2, 3);
-    kvt_layer_selection *pp = run(&t.in, "pyramidkv:window=8", B2, 3);
+    kvt_layer_selection *mp = tl_select(&t.in, "mixkv-pyramidkv:window=8", B2, 3);
+    kvt_layer_selection *pp = tl_select(&t.in, "pyramidkv:window=8", B2, 3);
     for (int b = 0; b < 3; b++)
-        KVT_EXPECT(count_of(mp, (size_t)b, 0) == count_of(pp, (size_t)b, 0));
+        KVT_EXPECT(tl_count(mp, (size_t)b, 0) == tl_count(pp, (size_t)b, 0));
     kvt_layer_selection_free(mp);
     kvt_layer_selection_free(pp);
     KVT_CHECK(kvt_policy_create(spec, NULL, &p));
@@ -503,7 +484,7 @@ static void test_quest(void)
                           .q_window = qw,
                           .q_decode = qd};
     const int B[] = {2, 3, 6};
-    kvt_layer_selection *s = run(&in, "quest:page=2,dense_layers=0", B, 3);
+    kvt_layer_selection *s = tl_select(&in, "quest:page=2,dense_layers=0", B, 3);
     KVT_EXPECT(!kvt_layer_selection_has_fixed(s));
     KVT_EXPECT(kvt_layer_selection_n_steps(s) == 2);
     /* step 0, q=[1,0]: U = 1, 0, 2 -> pages 2, 0, 1 */
@@ -514,7 +495,7 @@ static void test_quest(void)
     EXPECT_KEPT(s, 0, 0, 1, "2,3");
     EXPECT_KEPT(s, 1, 0, 1, "0,1,2,3");
     kvt_layer_selection_free(s);
-    s = run(&in, "quest:page=2", B, 1); /* layer 0 < dense_layers=2: dense */
+    s = tl_select(&in, "quest:page=2", B, 1); /* layer 0 < dense_layers=2: dense */
     EXPECT_KEPT(s, 0, 0, 0, "0,1,2,3,4,5");
     kvt_layer_selection_free(s);
     /* T = 5: page 2 is token 4 alone, the page the decode tokens are written into. Step 0
@@ -522,7 +503,7 @@ static void test_quest(void)
      * other pages (U = 1, 0). At step 1 it is full and ranked by U = -2: pages 1, 0, 2. */
     in.T = 5;
     const int B5[] = {2, 3, 5};
-    s = run(&in, "quest:page=2,dense_layers=0", B5, 3);
+    s = tl_select(&in, "quest:page=2,dense_layers=0", B5, 3);
     EXPECT_KEPT(s, 0, 0, 0, "0,1,4");
     EXPECT_KEPT(s, 1, 0, 0, "0,1,2,3,4");
     EXPECT_KEPT(s, 2, 0, 0, "0,1,2,3,4");
@@ -538,11 +519,11 @@ static void test_quest(void)
     in.T = 3, in.Hq = 2, in.G = 1; /* the layer above with two query heads, one decode step */
     in.k = kg, in.v = vg, in.q_window = qwg, in.q_decode = qdg;
     const int Bg[] = {1, 2};
-    s = run(&in, "quest:page=1,dense_layers=0", Bg, 2); /* group=max by default */
+    s = tl_select(&in, "quest:page=1,dense_layers=0", Bg, 2); /* group=max by default */
     EXPECT_KEPT(s, 0, 0, 0, "0");
     EXPECT_KEPT(s, 1, 0, 0, "0,1");
     kvt_layer_selection_free(s);
-    s = run(&in, "quest:page=1,dense_layers=0,group=sum", Bg, 2);
+    s = tl_select(&in, "quest:page=1,dense_layers=0,group=sum", Bg, 2);
     EXPECT_KEPT(s, 0, 0, 0, "2");
     EXPECT_KEPT(s, 1, 0, 0, "0,2");
     kvt_layer_selection_free(s);
@@ -556,7 +537,7 @@ static void test_like_policies(void)
     uint8_t mod[10] = {0, 0, 1, 1, 1, 1, 1, 1, 0, 0};
     t.in.modality = mod;
     const int B[] = {6, 10, 8};
-    kvt_layer_selection *s = run(&t.in, "lightkv-like:window=2", B, 3);
+    kvt_layer_selection *s = tl_select(&t.in, "lightkv-like:window=2", B, 3);
     KVT_EXPECT(kvt_layer_selection_has_fixed(s));
     int32_t idx[16];
     size_t n;
@@ -573,13 +554,13 @@ static void test_like_policies(void)
      * take text before vision */
     tl_random(&t, 41, 96, 8, 8, 4, 8, 3, true);
     const int B2[] = {24, 40, 200};
-    s = run(&t.in, "hybridkv-like:window=8,chunk=4", B2, 3);
+    s = tl_select(&t.in, "hybridkv-like:window=8,chunk=4", B2, 3);
     int n_dyn = 0;
     for (int h = 0; h < 4; h++) {
         n_dyn += kvt_layer_selection_head_per_step(s, h);
-        KVT_EXPECT(count_of(s, 2, h) == 96);
+        KVT_EXPECT(tl_count(s, 2, h) == 96);
         for (int b = 0; b < 2; b++)
-            KVT_EXPECT(count_of(s, (size_t)b, h) >= 8 && count_of(s, (size_t)b, h) <= B2[b] * 4);
+            KVT_EXPECT(tl_count(s, (size_t)b, h) >= 8 && tl_count(s, (size_t)b, h) <= B2[b] * 4);
         if (!kvt_layer_selection_head_per_step(s, h)) {
             /* static: caps are ~16-20 and the prefix holds 56 text tokens (the image is
              * tokens 32..63), so every kept token is text */
@@ -609,6 +590,11 @@ static void test_parse(void)
     kvt_policy_list_free(ps, n);
     KVT_EXPECT_STATUS(kvt_policy_list_parse("snapkv,snapkv", NULL, &ps, &n), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_policy_list_parse("kernel=3", NULL, &ps, &n), KVT_ERR_INVALID_ARG);
+    /* Quest's page score is a max or a sum over the group; mean is refused, not read as max */
+    KVT_EXPECT_STATUS(kvt_policy_list_parse("quest:group=mean", NULL, &ps, &n),
+                      KVT_ERR_INVALID_ARG);
+    KVT_CHECK(kvt_policy_list_parse("quest:group=sum,snapkv:reduce=mean", NULL, &ps, &n));
+    kvt_policy_list_free(ps, n);
     kvt_budget *b = NULL;
     KVT_CHECK(kvt_budgets_parse("64,128,10%,12.5%", &b, &n));
     KVT_EXPECT(n == 4 && !b[0].is_fraction && b[2].is_fraction);
