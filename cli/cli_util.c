@@ -78,6 +78,19 @@ static void *progress_ticker(void *arg)
     return NULL;
 }
 
+/* a library message is about to be written: end the progress line so the message gets a
+ * line of its own; the next draw starts a fresh one (lock order: the log's, then p->mu) */
+static void progress_before_log(void *user)
+{
+    kvt_progress *p = user;
+    pthread_mutex_lock(&p->mu);
+    if (p->shown && !p->ended) {
+        fputc('\n', stderr);
+        p->shown = false;
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
 void kvt_progress_start(kvt_progress *p, const char *label)
 {
     memset(p, 0, sizeof(*p));
@@ -91,6 +104,8 @@ void kvt_progress_start(kvt_progress *p, const char *label)
     pthread_cond_init(&p->cv, &ca);
     pthread_condattr_destroy(&ca);
     p->ticking = p->enabled && pthread_create(&p->th, NULL, progress_ticker, p) == 0;
+    if (p->enabled)
+        kvt_log_set_hook(progress_before_log, p);
 }
 
 void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total)
@@ -106,6 +121,8 @@ void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total)
 
 void kvt_progress_end(kvt_progress *p)
 {
+    if (p->enabled)
+        kvt_log_set_hook(NULL, NULL);
     pthread_mutex_lock(&p->mu);
     p->stop = true;
     pthread_cond_broadcast(&p->cv);

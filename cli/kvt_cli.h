@@ -28,7 +28,8 @@ int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what);
  *  every 0.5 s with the elapsed time, so a first step that takes long (one big layer) still
  *  shows that work goes on. kvt_progress_update records done/total (done == total finishes
  *  the line); kvt_progress_end stops the ticker and ends the line: call it once on every
- *  path after kvt_progress_start. */
+ *  path after kvt_progress_start. While the line is shown, a library message (kvt_log) ends
+ *  it first, so the message gets a line of its own. */
 typedef struct kvt_progress {
     const char *label;
     uint64_t t0_ns;

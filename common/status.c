@@ -3,6 +3,7 @@
  */
 #include "kvt_common.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,6 +95,19 @@ static int log_level(void)
     return g_log_level;
 }
 
+/* one message at a time (worker threads warn too), and the hook runs before each */
+static pthread_mutex_t g_log_mu = PTHREAD_MUTEX_INITIALIZER;
+static kvt_log_hook g_log_hook;
+static void *g_log_hook_user;
+
+void kvt_log_set_hook(kvt_log_hook before, void *user)
+{
+    pthread_mutex_lock(&g_log_mu);
+    g_log_hook = before;
+    g_log_hook_user = user;
+    pthread_mutex_unlock(&g_log_mu);
+}
+
 void kvt_log(kvt_log_level lvl, const char *fmt, ...)
 {
     static const char *names[] = {"error", "warning", "info", "debug"};
@@ -104,5 +118,9 @@ void kvt_log(kvt_log_level lvl, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
+    pthread_mutex_lock(&g_log_mu);
+    if (g_log_hook)
+        g_log_hook(g_log_hook_user);
     fprintf(stderr, "kvtrace: %s: %s\n", names[lvl], buf);
+    pthread_mutex_unlock(&g_log_mu);
 }
