@@ -926,7 +926,7 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
         goto out_free_plan;
     }
     st = write_page(f, r, &pl);
-    if (ferror(f) && !st)
+    if ((ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", tmp, strerror(errno));
     if (fclose(f) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", tmp, strerror(errno));
@@ -935,6 +935,8 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
                            strerror(errno));
     if (st)
         remove(tmp);
+    else
+        kvt_fsync_dir_of(path); /* the page is on disk before the command says so */
 out_free_plan:
     kvt_free(tmp);
     plan_free(&pl);
