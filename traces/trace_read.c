@@ -36,7 +36,8 @@ static kvt_status load_index(kvt_trace_reader *r)
 {
     uint8_t t[KVT_TRAILER_BYTES];
     uint64_t end = r->file_size;
-    KVT_RETURN_IF(end < r->header_end + KVT_TRAILER_BYTES + 8 + 24, KVT_ERR_TRUNCATED,
+    /* the smallest index frame (no record): 8 frame header + 16 index header + 4 checksum */
+    KVT_RETURN_IF(end < r->header_end + KVT_TRAILER_BYTES + 8 + 16 + 4, KVT_ERR_TRUNCATED,
                   "file too short for an index and trailer");
     KVT_FORWARD(kvt_pread_full(r->fd, t, sizeof(t), end - KVT_TRAILER_BYTES));
     r->bytes_read += sizeof(t);
