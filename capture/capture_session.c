@@ -1090,6 +1090,11 @@ kvt_status kvt_capture_set_timeline_absent(kvt_capture_session *s, const char *r
     return KVT_OK;
 }
 
+const char *kvt_capture_file(const kvt_capture_session *s)
+{
+    return s ? kvt_trace_writer_file(s->w) : NULL;
+}
+
 kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *stats)
 {
     if (stats)

@@ -211,6 +211,11 @@ kvt_status kvt_capture_set_timeline(kvt_capture_session *s, const kvt_capture_ti
  *  default for a session given neither is "not collected by this engine". */
 kvt_status kvt_capture_set_timeline_absent(kvt_capture_session *s, const char *reason);
 
+/** The file the session writes (kvt_trace_writer_file): its path, or with writer.force over
+ *  an existing trace the temporary file that a complete close renames over it. Valid until
+ *  kvt_capture_close. */
+const char *kvt_capture_file(const kvt_capture_session *s);
+
 /** Finish and free the session: flush buffered decode steps, write the token tables if they
  *  were not given, a meta_json record with the statistics, the index and the trailer. The
  *  session is freed whatever the result.

@@ -142,6 +142,11 @@ kvt_status kvt_trace_writer_parts(const kvt_trace_writer *w, const kvt_record_in
 bool kvt_trace_writer_shuffles(const kvt_trace_writer *w);
 /** The writer's largest record payload in bytes (opts.max_record_bytes after defaults). */
 uint64_t kvt_trace_writer_max_record_bytes(const kvt_trace_writer *w);
+/** The file the writer writes: the trace's path, or, when it replaces an existing trace
+ *  (opts.force), the temporary file next to it that only a committed finish renames over the
+ *  trace (otherwise the new trace stays there and the old one is unchanged). Valid until
+ *  kvt_trace_writer_free. */
+const char *kvt_trace_writer_file(const kvt_trace_writer *w);
 
 /** Append ONE record (at most max_record_bytes, e.g. a part from kvt_trace_writer_parts)
  *  whose payload is already byte-plane split (kvt_byteplane_split over its elements) when

@@ -552,6 +552,11 @@ uint64_t kvt_trace_writer_max_record_bytes(const kvt_trace_writer *w)
     return w ? w->opts.max_record_bytes : 0;
 }
 
+const char *kvt_trace_writer_file(const kvt_trace_writer *w)
+{
+    return w ? w->path : NULL;
+}
+
 kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_info *info,
                                           const void *planes)
 {

@@ -310,18 +310,27 @@ static void misuse(void)
     kvt_trace_reader_close(r);
     unlink(p1);
     /* a finished trace without records (a capture that stopped before its first layer) opens
-     * through its index, not by recovery, and verifies clean */
+     * through its index, not by recovery, and verifies clean; a new trace is written in
+     * place, one replacing a trace (force) next to it and renamed at the finish */
     o.force = true;
-    KVT_CHECK(kvt_trace_writer_create(p1, "{}", &o, &w));
-    KVT_CHECK(kvt_trace_writer_finish(w));
-    kvt_trace_writer_free(w);
-    KVT_CHECK(kvt_trace_reader_open(p1, &r));
-    KVT_EXPECT(!kvt_trace_reader_recovered(r) && kvt_trace_reader_n_records(r) == 0);
-    kvt_trace_reader_close(r);
-    kvt_verify_report rep;
-    KVT_CHECK(kvt_trace_verify(p1, &rep));
-    KVT_EXPECT(rep.header_ok && rep.index_ok && rep.trailer_ok && rep.n_problems == 0);
-    kvt_verify_report_free(&rep);
+    for (int replace = 0; replace < 2; replace++) {
+        KVT_CHECK(kvt_trace_writer_create(p1, "{}", &o, &w));
+        const char *file = kvt_trace_writer_file(w);
+        if (replace)
+            KVT_EXPECT(file && strcmp(file, p1) != 0 && !strncmp(file, p1, strlen(p1)) &&
+                       access(file, F_OK) == 0);
+        else
+            KVT_EXPECT(file && !strcmp(file, p1));
+        KVT_CHECK(kvt_trace_writer_finish(w));
+        kvt_trace_writer_free(w);
+        KVT_CHECK(kvt_trace_reader_open(p1, &r));
+        KVT_EXPECT(!kvt_trace_reader_recovered(r) && kvt_trace_reader_n_records(r) == 0);
+        kvt_trace_reader_close(r);
+        kvt_verify_report rep;
+        KVT_CHECK(kvt_trace_verify(p1, &rep));
+        KVT_EXPECT(rep.header_ok && rep.index_ok && rep.trailer_ok && rep.n_problems == 0);
+        kvt_verify_report_free(&rep);
+    }
     unlink(p1);
     KVT_EXPECT_STATUS(kvt_trace_reader_open("/nonexistent/x.kvt", &r), KVT_ERR_IO);
     KVT_EXPECT_STATUS(kvt_trace_writer_create("/nonexistent/x.kvt", "{}", &o, &w), KVT_ERR_IO);
