@@ -10,12 +10,14 @@ stream for the tensor's device), so the call does not wait for the GPU.
 import ctypes
 import json
 import os
+import threading
 
 import numpy as np
 
 from . import _lib
 from ._errors import TraceError, call
-from ._trace import dtype_code
+from ._trace import (C_INT, C_INT32, C_UINT32, C_UINT64, _NoCopy, _Replacing, dtype_code,
+                     int_arg, path_arg, str_arg)
 
 _TYPESTR = {"<f4": _lib.DTYPE_F32, "<f2": _lib.DTYPE_F16, "<u2": _lib.DTYPE_BF16,
             "=f4": _lib.DTYPE_F32, "=f2": _lib.DTYPE_F16, "=u2": _lib.DTYPE_BF16,
@@ -128,14 +130,47 @@ def tensor_view(x, name="tensor", streams=None):
     return v, keep
 
 
-def _i32_array(a, name, ndim_ok=(1,)):
-    arr = np.ascontiguousarray(a, dtype=np.int32)
-    if arr.ndim not in ndim_ok:
-        raise ValueError("%s: bad shape %s" % (name, arr.shape))
-    return arr
+def kv_dtype_code(kv_dtype, name="kv_dtype"):
+    """The kvt_dtype code of a capture's stored dtype: "f32", "bf16", "f16" (or "float32",
+    "bfloat16", "float16", ...), a NumPy dtype, or torch.float32 / torch.bfloat16 /
+    torch.float16. ValueError (TypeError for a non-dtype) naming the argument otherwise."""
+    try:
+        code = dtype_code(kv_dtype)
+    except (TypeError, ValueError) as e:
+        raise type(e)("%s %r: %s; a capture stores \"f32\", \"bf16\" or \"f16\" (or "
+                      "torch.float32, torch.bfloat16, torch.float16)" % (name, kv_dtype, e)) \
+            from None
+    if code not in (_lib.DTYPE_F32, _lib.DTYPE_BF16, _lib.DTYPE_F16):
+        raise ValueError("%s %r: a capture stores \"f32\", \"bf16\" or \"f16\" (or "
+                         "torch.float32, torch.bfloat16, torch.float16)" % (name, kv_dtype))
+    return code
 
 
-class CaptureSession:
+def _int_table(a, name, n_tokens, np_dtype, lo, hi, rows_ok=False):
+    """A per-token table as a contiguous array of np_dtype: [T] (or [P, T] with rows_ok), of
+    integers within [lo, hi]. ValueError/TypeError naming the table, its shape and T."""
+    arr = np.asarray(a)
+    shape_ok = arr.ndim == 1 or (rows_ok and arr.ndim == 2)
+    if not shape_ok or arr.shape[-1] != n_tokens:
+        raise ValueError("set_tokens: %s has shape %s; this session has n_tokens = %d, so it "
+                         "must be [%d]%s" % (name, arr.shape, n_tokens, n_tokens,
+                                             " or [P, %d]" % n_tokens if rows_ok else ""))
+    if arr.dtype.kind == "f" and arr.size:  # whole numbers in a float array are fine
+        frac = arr[~(np.isfinite(arr) & (arr == np.floor(arr)))]
+        if frac.size:
+            raise ValueError("set_tokens: %s holds %r, not an integer"
+                             % (name, float(frac.flat[0])))
+    elif arr.dtype.kind not in "iu" and arr.size:
+        raise TypeError("set_tokens: %s must hold integers, got dtype %s" % (name, arr.dtype))
+    if arr.size:
+        mn, mx = int(arr.min()), int(arr.max())
+        if mn < lo or mx > hi:
+            bad = mn if mn < lo else mx
+            raise ValueError("set_tokens: %s holds %d, outside [%d, %d]" % (name, bad, lo, hi))
+    return np.ascontiguousarray(arr, dtype=np_dtype)
+
+
+class CaptureSession(_NoCopy):
     """A capture session writing one .kvt trace (kvt_capture_open ... kvt_capture_close).
 
         with kvtrace.CaptureSession("out.kvt", n_layers=L, n_q_heads=Hq, n_kv_heads=Hkv,
@@ -151,7 +186,19 @@ class CaptureSession:
     category, copies, and how much of the copies on capture_stream, a CUDA stream handle or
     an object with .cuda_stream such as torch.cuda.Stream, overlapped compute); where CUPTI
     cannot run, timeline_reason says why and the trace records it. set_timeline_absent(reason)
-    records why an engine has no timeline."""
+    records why an engine has no timeline.
+
+    Arguments are checked before the C call: integers must fit their C field (n_tokens,
+    window, n_decode: uint32; n_layers, heads, head_dim, level, n_threads: int), strings and
+    the path hold no NUL, kv_dtype is f32/bf16/f16 (torch dtypes accepted), rope is "none",
+    "default", "mrope" or its code.
+
+    Threads may share a session: every call is serialised by a lock (the C session is not
+    thread-safe), and a call after close() raises TraceError ("is closed"). With force=True
+    over an existing trace, a session that does not finish complete leaves the old trace
+    unchanged and the new one in a temporary file next to it: close() then warns
+    (RuntimeWarning) and partial_path names it. A session cannot be copied or pickled, nor
+    used in a forked child; garbage collection there drops it without closing the parent's."""
 
     def __init__(self, path, *, n_layers, n_q_heads, n_kv_heads, head_dim, n_tokens, window,
                  kv_dtype="f32", name="model", arch="llama", rope="default", rope_theta=0.0,
@@ -159,35 +206,62 @@ class CaptureSession:
                  n_decode=0, decode_chunk=0, with_colsum=False, with_q_all=False, capture=None,
                  level=0, n_threads=0, max_pending_bytes=0, max_record_bytes=0,
                  no_shuffle=False, force=False, timeline=False, capture_stream=None):
+        self._h = None
+        self._tl = None
         L = _lib.lib()
         if not _lib.has_capture():
             raise TraceError(-13, "%s was built without the capture API" % _lib.lib_path())
         from . import __version__
-        self.path = os.fspath(path)
-        self._strings = [s.encode("utf-8") if s is not None else None for s in
-                         (name, arch, engine_name, engine_version or __version__, gpu)]
-        rope_code = _lib.ROPE_KINDS[rope] if isinstance(rope, str) else int(rope)
+        self.path, bpath = path_arg(path)
+        self._strings = [str_arg(v, n) for v, n in (
+            (name, "name"), (arch, "arch"), (engine_name, "engine_name"),
+            (engine_version or __version__, "engine_version"), (gpu, "gpu"))]
+        if isinstance(rope, str):
+            if rope not in _lib.ROPE_KINDS:
+                raise ValueError("rope %r is not a rope kind (known: %s)"
+                                 % (rope, ", ".join(_lib.ROPE_KINDS)))
+            rope_code = _lib.ROPE_KINDS[rope]
+        else:
+            rope_code = int_arg(rope, "rope", C_INT)
+        n_tokens = int_arg(n_tokens, "n_tokens", C_UINT32)
         model = _lib.CaptureModel(
-            name=self._strings[0], arch=self._strings[1], n_layers=n_layers,
-            n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-            kv_dtype=dtype_code(kv_dtype), rope=rope_code, rope_theta=rope_theta,
+            name=self._strings[0], arch=self._strings[1],
+            n_layers=int_arg(n_layers, "n_layers", C_INT),
+            n_q_heads=int_arg(n_q_heads, "n_q_heads", C_INT),
+            n_kv_heads=int_arg(n_kv_heads, "n_kv_heads", C_INT),
+            head_dim=int_arg(head_dim, "head_dim", C_INT),
+            kv_dtype=kv_dtype_code(kv_dtype), rope=rope_code, rope_theta=rope_theta,
             attn_scale=attn_scale, engine_name=self._strings[2],
             engine_version=self._strings[3], gpu=self._strings[4])
         cj = None
         if capture is not None:
-            cj = (capture if isinstance(capture, str) else json.dumps(capture)).encode("utf-8")
+            cj = str_arg(capture if isinstance(capture, str) else json.dumps(capture),
+                         "capture")
         self._cj = cj
         opts = _lib.CaptureOpts(
-            n_tokens=n_tokens, window=window, n_decode=n_decode, decode_chunk=decode_chunk,
+            n_tokens=n_tokens, window=int_arg(window, "window", C_UINT32),
+            n_decode=int_arg(n_decode, "n_decode", C_UINT32),
+            decode_chunk=int_arg(decode_chunk, "decode_chunk", C_UINT32),
             with_colsum=with_colsum, with_q_all=with_q_all, capture_json=cj,
-            writer=_lib.WriterOpts(level=level, n_threads=n_threads,
-                                   max_pending_bytes=max_pending_bytes, no_shuffle=no_shuffle,
-                                   max_record_bytes=max_record_bytes, force=force))
+            writer=_lib.WriterOpts(
+                level=int_arg(level, "level", C_INT),
+                n_threads=int_arg(n_threads, "n_threads", C_INT),
+                max_pending_bytes=int_arg(max_pending_bytes, "max_pending_bytes", C_UINT64),
+                no_shuffle=no_shuffle,
+                max_record_bytes=int_arg(max_record_bytes, "max_record_bytes", C_UINT64),
+                force=force))
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self.partial_path = None
+        self._replacing = _Replacing(self.path)
         h = ctypes.c_void_p()
-        call(L.kvt_capture_open, os.fsencode(self.path), ctypes.byref(model),
-             ctypes.byref(opts), ctypes.byref(h))
+        call(L.kvt_capture_open, bpath, ctypes.byref(model), ctypes.byref(opts),
+             ctypes.byref(h))
         self._h = h
-        self.n_layers = n_layers
+        self._replacing.after(L.kvt_capture_file(h))
+        self.n_layers = model.n_layers
+        self.n_tokens = n_tokens
+        self.rope = rope_code
         self._tl = None
         self._tl_stream = 0
         self.timeline_reason = None
@@ -211,9 +285,11 @@ class CaptureSession:
 
     def set_timeline_absent(self, reason):
         """Record why the trace has no GPU timeline (one line)."""
-        self.timeline_reason = str(reason)
-        call(_lib.lib().kvt_capture_set_timeline_absent, self._handle(),
-             self.timeline_reason.encode("utf-8"))
+        text = str_arg(str(reason), "reason")
+        with self._lock:
+            h = self._handle()
+            self.timeline_reason = str(reason)
+            call(_lib.lib().kvt_capture_set_timeline_absent, h, text)
 
     def _stop_timeline(self, h):
         tl, self._tl = self._tl, None
@@ -232,59 +308,86 @@ class CaptureSession:
     def _handle(self):
         if self._h is None:
             raise TraceError(-9, "capture session for %s is closed" % self.path)
+        if os.getpid() != self._pid:
+            raise TraceError(-9, "capture session for %s belongs to process %d: it cannot be "
+                             "used in a forked child" % (self.path, self._pid))
         return self._h
 
     def set_tokens(self, token_ids=None, modality=None, positions=None):
-        """Per-token tables: token_ids [T] int, modality [T] (ints 0..3 or names "text",
-        "image", "video", "other"), positions [T] or [P, T] (P = 1 or 3). Each may be None."""
+        """Per-token tables: token_ids [T] int (each fits int32), modality [T] (ints 0..3 or
+        names "text", "image", "video", "other"), positions [T] or [P, T] int32 (P = 1, or 3
+        for rope="mrope"). Each may be None. T is the session's n_tokens: a table of another
+        length is refused (ValueError naming it), as is a value that does not fit."""
         L = _lib.lib()
+        T = self.n_tokens
         ids = mod = pos = None
         n_rows = 0
         if token_ids is not None:
-            ids = _i32_array(token_ids, "token_ids")
+            ids = _int_table(token_ids, "token_ids", T, np.int32, C_INT32[1], C_INT32[2])
         if modality is not None:
-            m = list(modality) if not isinstance(modality, np.ndarray) else modality
-            if len(m) and isinstance(m[0], str):
-                m = [_lib.MODALITIES[x] for x in m]
-            mod = np.ascontiguousarray(m, dtype=np.uint8)
+            m = modality if isinstance(modality, np.ndarray) else list(modality)
+            if not (isinstance(m, np.ndarray) and m.dtype.kind in "iu") and \
+                    any(isinstance(x, str) for x in m):
+                names = []
+                for x in m:
+                    if isinstance(x, str) and x not in _lib.MODALITIES:
+                        raise ValueError("set_tokens: modality %r is not a modality name "
+                                         "(known: %s, or 0..3)"
+                                         % (x, ", ".join(_lib.MODALITIES)))
+                    names.append(_lib.MODALITIES[x] if isinstance(x, str) else x)
+                m = names
+            mod = _int_table(m, "modality", T, np.uint8, 0, max(_lib.MODALITIES.values()))
         if positions is not None:
-            pos = _i32_array(positions, "positions", (1, 2))
+            pos = _int_table(positions, "positions", T, np.int32, C_INT32[1], C_INT32[2],
+                             rows_ok=True)
             n_rows = 1 if pos.ndim == 1 else pos.shape[0]
         p = ctypes.POINTER
-        call(L.kvt_capture_set_tokens, self._handle(),
-             ids.ctypes.data_as(p(ctypes.c_int32)) if ids is not None else None,
-             mod.ctypes.data_as(p(ctypes.c_uint8)) if mod is not None else None,
-             pos.ctypes.data_as(p(ctypes.c_int32)) if pos is not None else None, n_rows)
+        with self._lock:
+            call(L.kvt_capture_set_tokens, self._handle(),
+                 ids.ctypes.data_as(p(ctypes.c_int32)) if ids is not None else None,
+                 mod.ctypes.data_as(p(ctypes.c_uint8)) if mod is not None else None,
+                 pos.ctypes.data_as(p(ctypes.c_int32)) if pos is not None else None, n_rows)
 
     def submit_kv(self, layer, tok_begin, k, v):
         """Keys and values of `layer` for tokens [tok_begin, tok_begin + n): [(1,) Hkv, n, D]."""
+        layer = int_arg(layer, "layer", C_INT)
+        tok_begin = int_arg(tok_begin, "tok_begin", C_UINT32)
         streams = {}
         kv, kk = tensor_view(k, "k", streams)
         vv, vk = tensor_view(v, "v", streams)
-        call(_lib.lib().kvt_capture_submit_kv, self._handle(), int(layer), int(tok_begin),
-             ctypes.byref(kv), ctypes.byref(vv))
+        with self._lock:
+            call(_lib.lib().kvt_capture_submit_kv, self._handle(), layer, tok_begin,
+                 ctypes.byref(kv), ctypes.byref(vv))
         del kk, vk
 
     def submit_queries(self, layer, tok_begin, q):
         """Prompt queries of `layer` for tokens [tok_begin, tok_begin + n): [(1,) Hq, n, D]."""
+        layer = int_arg(layer, "layer", C_INT)
+        tok_begin = int_arg(tok_begin, "tok_begin", C_UINT32)
         qv, qk = tensor_view(q, "q")
-        call(_lib.lib().kvt_capture_submit_queries, self._handle(), int(layer), int(tok_begin),
-             ctypes.byref(qv))
+        with self._lock:
+            call(_lib.lib().kvt_capture_submit_queries, self._handle(), layer, tok_begin,
+                 ctypes.byref(qv))
         del qk
 
     def submit_decode(self, layer, step, q, k, v):
         """Decode steps [step, step + n) of `layer`: q [(1,) Hq, n, D], k, v [(1,) Hkv, n, D]."""
+        layer = int_arg(layer, "layer", C_INT)
+        step = int_arg(step, "step", C_UINT32)
         streams = {}
         qv, qk = tensor_view(q, "q", streams)
         kv, kk = tensor_view(k, "k", streams)
         vv, vk = tensor_view(v, "v", streams)
-        call(_lib.lib().kvt_capture_submit_decode, self._handle(), int(layer), int(step),
-             ctypes.byref(qv), ctypes.byref(kv), ctypes.byref(vv))
+        with self._lock:
+            call(_lib.lib().kvt_capture_submit_decode, self._handle(), layer, step,
+                 ctypes.byref(qv), ctypes.byref(kv), ctypes.byref(vv))
         del qk, kk, vk
 
     def submit_decode_token(self, step, token_id):
-        call(_lib.lib().kvt_capture_submit_decode_token, self._handle(), int(step),
-             int(token_id))
+        step = int_arg(step, "step", C_UINT32)
+        token_id = int_arg(token_id, "token_id", C_INT32)
+        with self._lock:
+            call(_lib.lib().kvt_capture_submit_decode_token, self._handle(), step, token_id)
 
     @staticmethod
     def _stats_dict(s):
@@ -294,19 +397,27 @@ class CaptureSession:
 
     def stats(self):
         s = _lib.CaptureStats()
-        _lib.lib().kvt_capture_get_stats(self._handle(), ctypes.byref(s))
+        with self._lock:
+            _lib.lib().kvt_capture_get_stats(self._handle(), ctypes.byref(s))
         return self._stats_dict(s)
 
     def close(self):
         """Finish the trace and free the session (freed whatever the result). Returns the
-        final stats; raises TraceError if the trace is incomplete or a write failed."""
-        h = self._handle()
-        try:
-            self._stop_timeline(h)
-        finally:
-            self._h = None
-            s = _lib.CaptureStats()
-            call(_lib.lib().kvt_capture_close, h, ctypes.byref(s))
+        final stats; raises TraceError if the trace is incomplete or a write failed. With
+        force=True over an existing trace, an incomplete or failed trace does not replace it:
+        partial_path then names the new trace's temporary file (a RuntimeWarning too)."""
+        with self._lock:
+            h = self._handle()
+            try:
+                try:
+                    self._stop_timeline(h)
+                finally:
+                    self._h = None
+                    s = _lib.CaptureStats()
+                    call(_lib.lib().kvt_capture_close, h, ctypes.byref(s))
+            finally:
+                self.partial_path = self._replacing.partial("capture session closed "
+                                                            "incomplete or failed")
         return self._stats_dict(s)
 
     @property
@@ -330,6 +441,9 @@ class CaptureSession:
 
     def __del__(self):
         try:
+            if getattr(self, "_pid", None) != os.getpid():
+                self._h = self._tl = None  # a forked child's copy: the session is the parent's
+                return
             if getattr(self, "_tl", None):  # never closed: stop collecting, drop the summary
                 tl, self._tl = self._tl, None
                 _lib.lib().kvt_timeline_stop(tl, 0, ctypes.byref(_lib.CaptureTimeline()))

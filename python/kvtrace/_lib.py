@@ -224,6 +224,7 @@ _PROTOS = {
     "kvt_trace_writer_finish": (_int, [_vp]),
     "kvt_trace_writer_get_stats": (None, [_vp, _P(WriterStats)]),
     "kvt_trace_writer_free": (None, [_vp]),
+    "kvt_trace_writer_file": (_cp, [_vp]),
     # reader
     "kvt_trace_reader_open": (_int, [_cp, _P(_vp)]),
     "kvt_trace_reader_close": (None, [_vp]),
@@ -253,6 +254,7 @@ _CAPTURE_PROTOS = {
     "kvt_capture_submit_decode_token": (_int, [_vp, _u32, _i32]),
     "kvt_capture_get_stats": (None, [_vp, _P(CaptureStats)]),
     "kvt_capture_close": (_int, [_vp, _P(CaptureStats)]),
+    "kvt_capture_file": (_cp, [_vp]),
     "kvt_capture_set_timeline": (_int, [_vp, _P(CaptureTimeline)]),
     "kvt_capture_set_timeline_absent": (_int, [_vp, _cp]),
     "kvt_timeline_start": (_vp, [ctypes.c_char_p, _sz]),

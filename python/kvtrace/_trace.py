@@ -1,7 +1,13 @@
-"""_trace.py - the trace reader (Trace, open), writer (TraceWriter) and verify()."""
+"""_trace.py - the trace reader (Trace, open), writer (TraceWriter) and verify(), and the
+argument checks shared by the binding (integers that must fit their C type, paths and strings
+without NUL)."""
+import contextlib
 import ctypes
 import json
+import operator
 import os
+import threading
+import warnings
 
 import numpy as np
 
@@ -19,11 +25,139 @@ _NP_OF_CODE = {
 }
 _FLOAT_CODES = (_lib.DTYPE_F16, _lib.DTYPE_BF16, _lib.DTYPE_F32)
 
+# ---- argument checks: ctypes silently wraps an integer that does not fit its C type, and a
+# char * ends at the first NUL, so both are refused before any C call ----
+C_INT = ("int", -(1 << 31), (1 << 31) - 1)
+C_INT32 = ("int32", -(1 << 31), (1 << 31) - 1)
+C_UINT32 = ("uint32", 0, (1 << 32) - 1)
+C_UINT64 = ("uint64", 0, (1 << 64) - 1)
+C_SIZE = ("size_t", 0, (1 << 64) - 1)
+
+
+def int_arg(value, name, ctype, lo=None, hi=None):
+    """value as a Python int that fits the C type `ctype` (C_INT, C_UINT32, ...) and [lo, hi]
+    when given. TypeError for a non-integer (a float, a str), ValueError out of range; both
+    name the argument."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError("%s must be an integer, got %r (%s)"
+                        % (name, value, type(value).__name__)) from None
+    cname, clo, chi = ctype
+    lo = clo if lo is None else max(lo, clo)
+    hi = chi if hi is None else min(hi, chi)
+    if not lo <= v <= hi:
+        raise ValueError("%s = %d is out of range [%d, %d]%s" % (
+            name, v, lo, hi, " (the C type is %s)" % cname if (lo, hi) == (clo, chi) else ""))
+    return v
+
+
+def path_arg(path, name="path"):
+    """(str or bytes path, its bytes for C). TypeError for a non-path, ValueError for a NUL."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError("%s must be a str, bytes or os.PathLike, got %s"
+                        % (name, type(path).__name__)) from None
+    b = os.fsencode(p)
+    if b"\0" in b:
+        raise ValueError("%s %r contains a NUL character" % (name, p))
+    return p, b
+
+
+def str_arg(value, name):
+    """A str (or None) as UTF-8 bytes for a char * argument; TypeError for a non-str,
+    ValueError for a NUL (C would cut the string there)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("%s must be a str, got %r (%s)" % (name, value, type(value).__name__))
+    if "\0" in value:
+        raise ValueError("%s %r contains a NUL character" % (name, value))
+    return value.encode("utf-8")
+
+
+class _Replacing(object):
+    """The file a writer with force=True writes when it replaces an existing trace: the
+    library renames it over the trace only when the new one is finished (and, for a capture,
+    complete), and otherwise leaves it there and the old trace unchanged, which it reports
+    only on stderr. after(file) takes kvt_trace_writer_file / kvt_capture_file right after the
+    open; partial() after the close: that temporary file if it is still there, with a Python
+    warning naming it."""
+
+    def __init__(self, path_str):
+        self.final = path_str
+        self.tmp = None
+
+    def after(self, file_bytes):
+        f = os.fsdecode(file_bytes) if file_bytes else None
+        if f is not None and os.fsencode(f) != os.fsencode(self.final):
+            self.tmp = f
+
+    def partial(self, what):
+        if self.tmp is None or not os.path.exists(self.tmp):
+            return None
+        warnings.warn("kvtrace: %s: %s was not replaced (it is unchanged); the new trace is in "
+                      "%s" % (what, self.final, self.tmp), RuntimeWarning, stacklevel=3)
+        return self.tmp
+
+
+class _Guard(object):
+    """Serialises a C handle's uses against its end across threads. shared(): around a call
+    the C library allows concurrently (reader reads, writer appends); exclusive(): around
+    finish/close, which waits for the calls in flight and holds new ones back."""
+
+    def __init__(self):
+        self._cv = threading.Condition(threading.Lock())
+        self._users = 0
+        self._excl = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cv:
+            while self._excl:
+                self._cv.wait()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._users -= 1
+                if not self._users:
+                    self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cv:
+            while self._excl or self._users:
+                self._cv.wait()
+            self._excl = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._excl = False
+                self._cv.notify_all()
+
+
+class _NoCopy(object):
+    """A handle on a C object: a copy would free it twice."""
+
+    def __copy__(self):
+        raise TypeError("a %s cannot be copied (it owns a C handle): open another one"
+                        % type(self).__name__)
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a %s cannot be pickled (it owns a C handle)" % type(self).__name__)
+
 
 def kind_code(kind):
     """Kind name ("K", "q_window", ...; case-insensitive) or code -> code."""
     if isinstance(kind, (int, np.integer)):
-        return int(kind)
+        return int_arg(kind, "kind", C_INT)
     if isinstance(kind, str):
         for name, code in _lib.KINDS.items():
             if name.lower() == kind.lower():
@@ -36,10 +170,10 @@ def kind_name(code):
 
 
 def dtype_code(dt):
-    """"f16"/"float16"/np.float16, "bf16"/"bfloat16", "f32"/"float32"/np.float32, "i32", "u8"
-    -> kvt_dtype code."""
+    """"f16"/"float16"/np.float16/torch.float16, "bf16"/"bfloat16"/torch.bfloat16,
+    "f32"/"float32"/np.float32/torch.float32, "i32", "u8" -> kvt_dtype code."""
     if isinstance(dt, (int, np.integer)):
-        return int(dt)
+        return int_arg(dt, "dtype code", C_INT)
     if isinstance(dt, str):
         s = dt.lower()
         alias = {"f16": 1, "fp16": 1, "float16": 1, "half": 1, "bf16": 2, "bfloat16": 2,
@@ -47,8 +181,18 @@ def dtype_code(dt):
                  "u8": 5, "uint8": 5}
         if s in alias:
             return alias[s]
-        raise ValueError("unknown dtype %r" % dt)
-    d = np.dtype(dt)
+        raise ValueError("unknown dtype %r (known: f16, bf16, f32, i32, u8 and their NumPy "
+                         "and torch names)" % dt)
+    if type(dt).__module__ == "torch" and str(dt).startswith("torch."):  # a torch.dtype
+        name = str(dt)[len("torch."):]
+        if name in ("float16", "bfloat16", "float32", "int32", "uint8"):
+            return dtype_code(name)
+        raise ValueError("dtype %s has no kvtrace equivalent" % dt)
+    try:
+        d = np.dtype(dt)
+    except TypeError:
+        raise TypeError("dtype %r is not a dtype (f16, bf16, f32, i32, u8 and their NumPy and "
+                        "torch names)" % (dt,)) from None
     if d.name == "bfloat16":  # ml_dtypes
         return _lib.DTYPE_BF16
     m = {"float16": 1, "float32": 3, "int32": 4, "uint8": 5}
@@ -99,7 +243,7 @@ def verify(path):
     not a trace at all (I/O error, bad magic, unknown major version)."""
     L = _lib.lib()
     rep = _lib.VerifyReport()
-    call(L.kvt_trace_verify, os.fsencode(path), ctypes.byref(rep))
+    call(L.kvt_trace_verify, path_arg(path)[1], ctypes.byref(rep))
     try:
         problems = []
         for i in range(rep.n_problems):
@@ -124,19 +268,27 @@ def verify(path):
     return out
 
 
-class Trace:
+class Trace(_NoCopy):
     """A .kvt trace opened for reading (kvt_trace_reader). Use kvtrace.open(path).
 
     Attributes: path, header (dict), records (list of dicts, file order), tokens (dict of
     token tables), meta (list of meta_json objects), version (major, minor), recovered,
     recovery_note, file_bytes, bytes_read. Methods: read, shape, stored_dtype, has, layers,
-    verify, close. A context manager."""
+    verify, close. A context manager.
+
+    Threads may read one Trace concurrently; close() waits for the reads in flight, and any
+    use after it raises TraceError ("is closed"). A Trace cannot be copied or pickled (open
+    the path again); a forked child may read it, and its garbage collection there leaves
+    the parent's reader alone."""
 
     def __init__(self, path):
-        self.path = os.fspath(path)
+        self._h = None
+        self.path, bpath = path_arg(path)
+        self._pid = os.getpid()
+        self._guard = _Guard()
         L = _lib.lib()
         h = ctypes.c_void_p()
-        call(L.kvt_trace_reader_open, os.fsencode(self.path), ctypes.byref(h))
+        call(L.kvt_trace_reader_open, bpath, ctypes.byref(h))
         self._h = h
         self._records = None
         self._tokens = None
@@ -149,10 +301,11 @@ class Trace:
 
     # ---- lifetime ----
     def close(self):
-        h = getattr(self, "_h", None)
-        if h is not None and h.value:
-            _lib.lib().kvt_trace_reader_close(h)
-        self._h = None
+        """Close the reader (after the reads other threads have in flight). Idempotent."""
+        with self._guard.exclusive():
+            h, self._h = self._h, None
+            if h is not None and h.value:
+                _lib.lib().kvt_trace_reader_close(h)
 
     def __enter__(self):
         return self
@@ -163,7 +316,12 @@ class Trace:
 
     def __del__(self):
         try:
-            self.close()
+            if getattr(self, "_pid", None) != os.getpid():
+                self._h = None  # a forked child's copy: the reader is the parent's
+                return
+            h, self._h = self._h, None  # unreferenced: no read can be in flight
+            if h is not None and h.value:
+                _lib.lib().kvt_trace_reader_close(h)
         except Exception:
             pass
 
@@ -171,6 +329,12 @@ class Trace:
         if self._h is None:
             raise TraceError(-9, "trace %s is closed" % self.path)
         return self._h
+
+    @contextlib.contextmanager
+    def _use(self):
+        """The reader handle, held open (against close() in another thread) for the block."""
+        with self._guard.shared():
+            yield self._handle()
 
     def __repr__(self):
         m = self.header.get("model", {}) if isinstance(self.header, dict) else {}
@@ -181,36 +345,41 @@ class Trace:
     @property
     def version(self):
         a, b = ctypes.c_int(), ctypes.c_int()
-        _lib.lib().kvt_trace_reader_version(self._handle(), ctypes.byref(a), ctypes.byref(b))
+        with self._use() as h:
+            _lib.lib().kvt_trace_reader_version(h, ctypes.byref(a), ctypes.byref(b))
         return (a.value, b.value)
 
     @property
     def recovered(self):
-        return bool(_lib.lib().kvt_trace_reader_recovered(self._handle()))
+        with self._use() as h:
+            return bool(_lib.lib().kvt_trace_reader_recovered(h))
 
     @property
     def recovery_note(self):
-        s = _lib.lib().kvt_trace_reader_recovery_note(self._handle())
-        return s.decode("utf-8", "replace") if s else ""
+        with self._use() as h:
+            s = _lib.lib().kvt_trace_reader_recovery_note(h)
+            return s.decode("utf-8", "replace") if s else ""
 
     @property
     def file_bytes(self):
-        return int(_lib.lib().kvt_trace_reader_file_bytes(self._handle()))
+        with self._use() as h:
+            return int(_lib.lib().kvt_trace_reader_file_bytes(h))
 
     @property
     def bytes_read(self):
-        return int(_lib.lib().kvt_trace_reader_bytes_read(self._handle()))
+        with self._use() as h:
+            return int(_lib.lib().kvt_trace_reader_bytes_read(h))
 
     @property
     def records(self):
         if self._records is None:
             L = _lib.lib()
-            h = self._handle()
             out = []
-            for i in range(L.kvt_trace_reader_n_records(h)):
-                ri = _lib.RecordInfo()
-                call(L.kvt_trace_reader_record, h, i, ctypes.byref(ri))
-                out.append(_record_dict(ri))
+            with self._use() as h:
+                for i in range(L.kvt_trace_reader_n_records(h)):
+                    ri = _lib.RecordInfo()
+                    call(L.kvt_trace_reader_record, h, i, ctypes.byref(ri))
+                    out.append(_record_dict(ri))
             self._records = out
         return list(self._records)
 
@@ -225,12 +394,13 @@ class Trace:
             if code in _lib.TABLE_KINDS:
                 return -1
             raise ValueError("%s is a per-layer tensor: pass layer=" % kind_name(code))
-        return int(layer)
+        return int_arg(layer, "layer", C_INT32)
 
     def _shape_c(self, code, layer):
         nh, nt, dim, dt = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_int()
-        call(_lib.lib().kvt_trace_reader_shape, self._handle(), layer, code, ctypes.byref(nh),
-             ctypes.byref(nt), ctypes.byref(dim), ctypes.byref(dt))
+        with self._use() as h:
+            call(_lib.lib().kvt_trace_reader_shape, h, layer, code, ctypes.byref(nh),
+                 ctypes.byref(nt), ctypes.byref(dim), ctypes.byref(dt))
         return nh.value, nt.value, dim.value, dt.value
 
     def has(self, kind, layer=None):
@@ -300,8 +470,9 @@ class Trace:
         if npdt is None:
             raise TraceError(-13, "unknown stored dtype code %d" % stored)
         out = np.empty((he - hb, nt, dim), dtype=npdt)
-        call(_lib.lib().kvt_trace_reader_read, self._handle(), lay, c, hb, he, as_code,
-             out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        with self._use() as h:
+            call(_lib.lib().kvt_trace_reader_read, h, lay, c, hb, he, as_code,
+                 out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
         if want_f32 and not as_code:
             out = out.astype(np.float32)
         if index is not None:
@@ -311,14 +482,28 @@ class Trace:
         return out
 
     def read_record(self, i):
-        """The decoded payload of record i (file order) as a [heads, n_tok, dim] array in the
-        stored dtype."""
-        r = self.records[i]
-        npdt = _NP_OF_CODE[_lib.DTYPE_CODES[r["dtype"]]]
+        """The decoded payload of record i (file order; negative counts from the end, as for
+        a list) as a [heads, n_tok, dim] array in the stored dtype."""
+        recs = self.records
+        try:
+            idx = operator.index(i)
+        except TypeError:
+            raise TypeError("read_record: the record number must be an integer, got %r" % (i,)) \
+                from None
+        if idx < 0:
+            idx += len(recs)
+        if not 0 <= idx < len(recs):
+            raise IndexError("read_record: record %d out of range: the trace has %d records"
+                             % (i, len(recs)))
+        r = recs[idx]
+        npdt = _NP_OF_CODE.get(_lib.DTYPE_CODES.get(r["dtype"]))
+        if npdt is None:
+            raise TraceError(-13, "record %d has an unknown dtype %s" % (idx, r["dtype"]))
         out = np.empty((r["head_end"] - r["head_begin"], r["tok_end"] - r["tok_begin"],
                         r["dim"]), dtype=npdt)
-        call(_lib.lib().kvt_trace_reader_read_record, self._handle(), i,
-             out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        with self._use() as h:
+            call(_lib.lib().kvt_trace_reader_read_record, h, idx,
+                 out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
         return out
 
     # ---- tables ----
@@ -351,7 +536,12 @@ class Trace:
         for i, r in enumerate(self.records):
             if r["kind_code"] == _lib.KINDS["meta_json"]:
                 raw = self.read_record(i).tobytes().rstrip(b"\0")
-                out.append(json.loads(raw.decode("utf-8")))
+                try:
+                    out.append(json.loads(raw.decode("utf-8")))
+                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                    raise TraceError(-2, "%s: meta_json record %d (seq %d, file offset %d) is "
+                                     "not valid JSON: %s" % (self.path, i, r["seq"],
+                                                             r["file_offset"], e)) from None
         return out
 
     def verify(self):
@@ -364,7 +554,7 @@ def open(path):  # noqa: A001 - the module-level name users expect
     return Trace(path)
 
 
-class TraceWriter:
+class TraceWriter(_NoCopy):
     """Write a .kvt trace directly (kvt_trace_writer): for tests, converters and engines that
     do not need the capture session's bookkeeping.
 
@@ -375,38 +565,68 @@ class TraceWriter:
     Leaving the block normally finishes the file (index + trailer); an exception leaves it
     unfinished, as a crash would. With force=True over an existing trace, the new one is
     written next to it (PATH.tmp.PID.N) and renamed over it only by finish(): unfinished, the
-    old trace stays and the new records are in that file."""
+    old trace stays, the new records are in that file, close() warns (RuntimeWarning) and
+    partial_path names it.
+
+    Threads may append concurrently (the C writer is thread-safe); finish() and close() wait
+    for the appends in flight, and a use after close raises TraceError ("is closed"). A
+    writer cannot be copied or pickled, nor used in a forked child (its compression threads
+    are the parent's): there, garbage collection drops it without touching the file."""
 
     def __init__(self, path, header, level=0, n_threads=0, max_pending_bytes=0,
                  no_shuffle=False, max_record_bytes=0, force=False):
-        self.path = os.fspath(path)
+        self._h = None
+        self.path, bpath = path_arg(path)
+        self.partial_path = None
+        self._pid = os.getpid()
+        self._guard = _Guard()
         L = _lib.lib()
         if not isinstance(header, str):
             header = json.dumps(header)
-        opts = _lib.WriterOpts(level=level, n_threads=n_threads,
-                               max_pending_bytes=max_pending_bytes, no_shuffle=no_shuffle,
-                               max_record_bytes=max_record_bytes, force=force)
+        opts = _lib.WriterOpts(level=int_arg(level, "level", C_INT),
+                               n_threads=int_arg(n_threads, "n_threads", C_INT),
+                               max_pending_bytes=int_arg(max_pending_bytes, "max_pending_bytes",
+                                                         C_UINT64),
+                               no_shuffle=no_shuffle,
+                               max_record_bytes=int_arg(max_record_bytes, "max_record_bytes",
+                                                        C_UINT64),
+                               force=force)
+        header = str_arg(header, "header")
+        self._replacing = _Replacing(self.path)
         h = ctypes.c_void_p()
-        call(L.kvt_trace_writer_create, os.fsencode(self.path), header.encode("utf-8"),
-             ctypes.byref(opts), ctypes.byref(h))
+        call(L.kvt_trace_writer_create, bpath, header, ctypes.byref(opts), ctypes.byref(h))
         self._h = h
+        self._replacing.after(L.kvt_trace_writer_file(h))
         self._finished = False
 
     def _handle(self):
         if self._h is None:
             raise TraceError(-9, "writer for %s is closed" % self.path)
+        if os.getpid() != self._pid:
+            raise TraceError(-9, "writer for %s belongs to process %d: it cannot be used in a "
+                             "forked child" % (self.path, self._pid))
         return self._h
+
+    @contextlib.contextmanager
+    def _use(self):
+        with self._guard.shared():
+            yield self._handle()
 
     def append(self, kind, data, layer=None, head_begin=0, tok_begin=0, dtype=None):
         """Append a [H, T, D] block (1-D -> [1, T, 1], 2-D [P, T] -> [P, T, 1]) covering heads
         [head_begin, head_begin+H) and tokens [tok_begin, tok_begin+T) of (layer, kind).
         dtype: None = from the array (float16, float32, int32, uint8); "bf16" stores bf16
-        (uint16 arrays are taken as bit patterns, float arrays are rounded)."""
+        (uint16 arrays are taken as bit patterns, float arrays are rounded). Integer tables
+        are range-checked (an int64 token id that does not fit i32 is refused, not wrapped)
+        and float data is not truncated into an integer dtype."""
         c = kind_code(kind)
         if layer is None:
             if c not in _lib.TABLE_KINDS:
                 raise ValueError("%s is a per-layer tensor: pass layer=" % kind_name(c))
             layer = -1
+        layer = int_arg(layer, "layer", C_INT32)
+        head_begin = int_arg(head_begin, "head_begin", C_UINT32)
+        tok_begin = int_arg(tok_begin, "tok_begin", C_UINT32)
         a = np.asarray(data)
         if a.ndim == 1:
             a = a.reshape(1, -1, 1)
@@ -420,36 +640,81 @@ class TraceWriter:
                 a = f32_to_bf16(a.astype(np.float32))
         else:
             code = dtype_code(dtype if dtype is not None else a.dtype)
-            a = a.astype(_NP_OF_CODE[code], copy=False)
+            if code not in _NP_OF_CODE:
+                raise ValueError("dtype %r is not a kvtrace dtype (f16, bf16, f32, i32, u8)"
+                                 % (dtype if dtype is not None else a.dtype,))
+            want = _NP_OF_CODE[code]
+            if want.kind in "iu" and a.dtype != want:
+                if a.dtype.kind not in "iub":
+                    raise TypeError("append: %s data cannot be stored as %s without losing "
+                                    "values" % (a.dtype, _lib.DTYPE_NAMES[code]))
+                lim = np.iinfo(want)
+                if a.size and (int(a.min()) < lim.min or int(a.max()) > lim.max):
+                    raise ValueError("append: values in [%d, %d] do not fit %s"
+                                     % (int(a.min()), int(a.max()), _lib.DTYPE_NAMES[code]))
+            a = a.astype(want, copy=False)
         a = np.ascontiguousarray(a)
-        info = _lib.RecordInfo(kind=c, layer=int(layer), head_begin=head_begin,
-                               head_end=head_begin + a.shape[0], tok_begin=tok_begin,
-                               tok_end=tok_begin + a.shape[1], dim=a.shape[2], dtype=code)
-        call(_lib.lib().kvt_trace_writer_append, self._handle(), ctypes.byref(info),
-             a.ctypes.data_as(ctypes.c_void_p))
+        head_end = int_arg(head_begin + a.shape[0], "head_begin + heads", C_UINT32)
+        tok_end = int_arg(tok_begin + a.shape[1], "tok_begin + tokens", C_UINT32)
+        info = _lib.RecordInfo(kind=c, layer=layer, head_begin=head_begin, head_end=head_end,
+                               tok_begin=tok_begin, tok_end=tok_end,
+                               dim=int_arg(a.shape[2], "dim", C_UINT32), dtype=code)
+        with self._use() as h:
+            call(_lib.lib().kvt_trace_writer_append, h, ctypes.byref(info),
+                 a.ctypes.data_as(ctypes.c_void_p))
 
     def append_json(self, obj):
-        """Append a meta_json record (obj: dict or JSON text)."""
-        if not isinstance(obj, str):
-            obj = json.dumps(obj)
-        call(_lib.lib().kvt_trace_writer_append_json, self._handle(), obj.encode("utf-8"))
+        """Append a meta_json record: obj is a dict or the text of one JSON object (checked
+        here: FORMAT.md says one JSON object, and Trace.meta parses it; NaN and Infinity are
+        not JSON)."""
+        if isinstance(obj, str):
+            def no_constant(c):
+                raise ValueError("%s is not JSON" % c)
+            try:
+                parsed = json.loads(obj, parse_constant=no_constant)
+            except ValueError as e:
+                raise ValueError("append_json: the text is not valid JSON (%s): %r"
+                                 % (e, obj[:80])) from None
+            if not isinstance(parsed, dict):
+                raise ValueError("append_json: the text must be one JSON object, got a %s"
+                                 % type(parsed).__name__)
+        elif isinstance(obj, dict):
+            try:
+                obj = json.dumps(obj, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ValueError("append_json: the dict cannot be written as JSON: %s" % e) \
+                    from None
+        else:
+            raise TypeError("append_json: obj must be a dict or the text of a JSON object, "
+                            "got %s" % type(obj).__name__)
+        data = str_arg(obj, "append_json text")
+        with self._use() as h:
+            call(_lib.lib().kvt_trace_writer_append_json, h, data)
 
     def stats(self):
         s = _lib.WriterStats()
-        _lib.lib().kvt_trace_writer_get_stats(self._handle(), ctypes.byref(s))
+        with self._use() as h:
+            _lib.lib().kvt_trace_writer_get_stats(h, ctypes.byref(s))
         return {n: int(getattr(s, n)) for n, _ in _lib.WriterStats._fields_}
 
     def finish(self):
         """Write the index and trailer (then only close is allowed)."""
-        call(_lib.lib().kvt_trace_writer_finish, self._handle())
-        self._finished = True
+        with self._guard.exclusive():
+            call(_lib.lib().kvt_trace_writer_finish, self._handle())
+            self._finished = True
 
     def close(self):
         """Free the writer; without finish() the file is left as a crash would leave it (a
-        forced replacement: in its temporary file, the old trace untouched)."""
-        if self._h is not None and self._h.value:
-            _lib.lib().kvt_trace_writer_free(self._h)
-        self._h = None
+        forced replacement: in its temporary file, named by partial_path and a warning, the
+        old trace untouched)."""
+        with self._guard.exclusive():
+            h, self._h = self._h, None
+            if h is None or not h.value:
+                return
+            if os.getpid() != self._pid:
+                return  # a forked child: the writer is the parent's
+            _lib.lib().kvt_trace_writer_free(h)
+        self.partial_path = self._replacing.partial("TraceWriter closed unfinished")
 
     def __enter__(self):
         return self
@@ -464,6 +729,11 @@ class TraceWriter:
 
     def __del__(self):
         try:
-            self.close()
+            if getattr(self, "_pid", None) != os.getpid():
+                self._h = None  # a forked child's copy: the writer is the parent's
+                return
+            h, self._h = self._h, None  # unreferenced: no append can be in flight
+            if h is not None and h.value:
+                _lib.lib().kvt_trace_writer_free(h)
         except Exception:
             pass

@@ -40,9 +40,10 @@ import re
 
 import numpy as np
 
-from ._capture import TORCH_DTYPES
+from ._capture import TORCH_DTYPES, kv_dtype_code
 from ._errors import TraceError
 from ._lib import DTYPE_NAMES
+from ._trace import C_INT, C_UINT32, int_arg, path_arg
 
 MIN_TRANSFORMERS = (4, 48)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "llava")
@@ -54,11 +55,22 @@ VISION_MARKERS = ("visual", "vision_tower", "vision_model")
 _ERR_UNSUPPORTED = -13
 _ERR_STATE = -9
 _ERR_INVALID = -7
+_ERR_IO = -1
 _MISSING = object()
+# the captures whose attention wrapper is in a registry now, in installation order
+_INSTALLED = []
 
 
 def _fail(msg, status=_ERR_UNSUPPORTED):
     return TraceError(status, "kvtrace.capture: " + msg)
+
+
+def _int_option(value, name, ctype, lo=None, hi=None):
+    """An integer option of capture(): TraceError (KVT_ERR_INVALID_ARG) naming it otherwise."""
+    try:
+        return int_arg(value, name, ctype, lo, hi)
+    except (TypeError, ValueError) as e:
+        raise _fail(str(e), _ERR_INVALID) from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,12 +222,22 @@ def _rope_params(tc):
 
 
 def _kv_dtype_of(tensor):
-    """The trace dtype ("bf16", "f16", "f32") of a torch tensor's dtype."""
+    """The trace dtype ("bf16", "f16", "f32") of a torch tensor's dtype. The capture reads
+    float32, float16 and bfloat16 tensors only, whatever kv_dtype says."""
     name = str(tensor.dtype).replace("torch.", "")
     if name not in TORCH_DTYPES:
-        raise _fail("attention tensors of dtype %s have no trace dtype: pass kv_dtype=\"bf16\", "
-                    "\"f16\" or \"f32\"" % name, _ERR_INVALID)
+        raise _fail("attention tensors of dtype %s cannot be captured (float32, float16 or "
+                    "bfloat16 only, whatever kv_dtype is): run the model in one of those, e.g. "
+                    "model.to(torch.float32)" % name, _ERR_INVALID)
     return DTYPE_NAMES[TORCH_DTYPES[name]]
+
+
+def _cfg_int(tc, name):
+    v = getattr(tc, name, None)
+    if v is None:
+        raise _fail("the text config (%s) has no %s: cannot tell the attention shape"
+                    % (type(tc).__name__, name), _ERR_INVALID)
+    return _int_option(v, "config." + name, C_INT, 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,11 +307,12 @@ def _registry_slot(registry, impl):
 
 
 class _LayerState(object):
-    __slots__ = ("prefilled", "n_decode_calls")
+    __slots__ = ("prefilled", "n_decode_calls", "n_captured")
 
     def __init__(self):
         self.prefilled = False
         self.n_decode_calls = 0
+        self.n_captured = 0  # decode steps submitted
 
 
 class Capture(object):
@@ -297,7 +320,8 @@ class Capture(object):
     CaptureSession once the prompt arrived, else None), stats (dict, after the block),
     n_tokens (T), window (W), n_decode_steps (decode forward calls seen, captured or not),
     attn_implementation (the registry entry that is wrapped), info (what was found: layers,
-    attention implementation, versions)."""
+    attention implementation, versions), partial_path (after the block, with force=True over
+    an existing trace that was not replaced: the new trace's temporary file, else None)."""
 
     def __init__(self, model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
                  with_q_all=False, timeline=False, level=1, n_threads=0, force=False,
@@ -311,19 +335,29 @@ class Capture(object):
         except ImportError as e:
             raise _fail("needs transformers (%s)" % e)
         self._torch = torch
-        self.path = os.fspath(path)
-        if int(window) < 1:
-            raise _fail("window must be >= 1 (got %r)" % (window,), _ERR_INVALID)
-        if int(decode) < 0:
-            raise _fail("decode must be >= 0 (got %r)" % (decode,), _ERR_INVALID)
-        self.window_requested = int(window)
-        self.decode = int(decode)
+        try:
+            self.path = path_arg(path)[0]
+        except (TypeError, ValueError) as e:
+            raise _fail(str(e), _ERR_INVALID) from None
+        out_dir = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(out_dir):
+            raise _fail("cannot write %s: the directory %s does not exist"
+                        % (self.path, os.fsdecode(out_dir)), _ERR_IO)
+        self.window_requested = _int_option(window, "window", C_UINT32, 1)
+        self.decode = _int_option(decode, "decode", C_UINT32, 0, 1 << 30)  # the C limit
         self.with_colsum = bool(with_colsum)
         self.with_q_all = bool(with_q_all)
         self.timeline = bool(timeline)
-        self.level = int(level)
-        self.n_threads = int(n_threads)
+        self.level = _int_option(level, "level", C_INT)
+        self.n_threads = _int_option(n_threads, "n_threads", C_INT)
         self.force = bool(force)
+        if kv_dtype is not None:  # checked here, not at the first forward call
+            try:
+                kv_dtype = DTYPE_NAMES[kv_dtype_code(kv_dtype)]
+            except (TypeError, ValueError) as e:
+                raise _fail(str(e), _ERR_INVALID) from None
+        if name is not None and "\0" in str(name):
+            raise _fail("name %r contains a NUL character" % (name,), _ERR_INVALID)
 
         tv = getattr(transformers, "__version__", "unknown")
         check_transformers_version(tv)
@@ -375,12 +409,20 @@ class Capture(object):
                         "\"flash_attention_2\")" % (impl,))
         self._slot = slot
 
-        self.n_q_heads = int(tc.num_attention_heads)
-        self.n_kv_heads = int(getattr(tc, "num_key_value_heads", None) or self.n_q_heads)
+        self.n_q_heads = _cfg_int(tc, "num_attention_heads")
+        self.n_kv_heads = (_cfg_int(tc, "num_key_value_heads")
+                           if getattr(tc, "num_key_value_heads", None) else self.n_q_heads)
         # the attention module's own head size first: Qwen2-VL's text attention uses
         # hidden_size // num_attention_heads whatever the config's head_dim says
         hd = getattr(first, "head_dim", None) or getattr(tc, "head_dim", None)
-        self.head_dim = int(hd) if hd else int(tc.hidden_size) // self.n_q_heads
+        self.head_dim = int(hd) if hd else _cfg_int(tc, "hidden_size") // self.n_q_heads
+        # a float64 model: its attention tensors cannot be captured (any kv_dtype); say so
+        # now, not in the first forward call (float8 weights compute in a wider dtype)
+        wdt = getattr(getattr(getattr(first, "q_proj", None), "weight", None), "dtype", None)
+        if wdt is not None and str(wdt) == "torch.float64":
+            raise _fail("the model runs in float64: the capture takes float32, float16 or "
+                        "bfloat16 attention tensors only (whatever kv_dtype is): convert the "
+                        "model, e.g. model.to(torch.float32)", _ERR_INVALID)
         self.mrope, self.mrope_section, self.rope_theta = _rope_params(tc)
         if self.model_type in MROPE_MODEL_TYPES and not self.mrope:
             raise _fail("%s config has no mrope_section in rope_scaling/rope_parameters"
@@ -417,6 +459,8 @@ class Capture(object):
         self._wrapper = None
         self._prompt_ids = None
         self._prompt_pos = None
+        self._decode_tokens = {}  # decode step -> input token id, until the step is captured
+        self.partial_path = None
         self._n_text_forward = 0
         self._n_model_forward = 0
 
@@ -437,18 +481,20 @@ class Capture(object):
         @functools.wraps(orig)
         def kvtrace_attention(module, *args, **kwargs):
             # the registry's convention: (module, query, key, value, attention_mask, **kw);
-            # the call is passed on exactly as it came
-            if id(module) in cap._layer_of:
+            # the call is passed on exactly as it came. Once its capture has ended (a wrapper
+            # left in the registry by overlapping captures), it only passes calls on.
+            if cap._installed and id(module) in cap._layer_of:
                 qkv = list(args[:3])
                 for n in ("query", "key", "value")[len(qkv):]:
                     qkv.append(kwargs.get(n))
                 cap._on_attention(module, qkv[0], qkv[1], qkv[2], kwargs)
-            return orig(module, *args, **kwargs)
+            return cap._orig_fn(module, *args, **kwargs)
 
         self._orig_fn = orig
         self._wrapper = kvtrace_attention
         self._slot[self.attn_implementation] = kvtrace_attention
         self._installed = True
+        _INSTALLED.append(self)
         try:
             self._add_pre_hook(self._model, self._on_model_forward)
             if self._text_model is not None:
@@ -480,13 +526,23 @@ class Capture(object):
         if not self._installed:
             return
         self._installed = False
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)
         try:
             if self._slot.get(self.attn_implementation) is self._wrapper:
                 self._slot[self.attn_implementation] = self._orig_fn
             else:
-                import warnings
-                warnings.warn("kvtrace.capture: the attention registry entry %r was replaced "
-                              "during the capture; left as it is" % self.attn_implementation)
+                # overlapping captures ending out of order: a later capture's wrapper calls
+                # ours; it now calls what ours called, and ours leaves the chain
+                later = [c for c in _INSTALLED if c._orig_fn is self._wrapper]
+                if later:
+                    later[0]._orig_fn = self._orig_fn
+                else:
+                    import warnings
+                    warnings.warn("kvtrace.capture: the attention registry entry %r was "
+                                  "replaced during the capture; left as it is (the capture's "
+                                  "wrapper in it only passes calls on)"
+                                  % self.attn_implementation)
         finally:
             for h in self._handles:
                 h.remove()
@@ -519,6 +575,10 @@ class Capture(object):
             if et is None:
                 raise
             # the block's own exception matters more; the trace holds what was submitted
+        finally:
+            # force=True over an existing trace, not finished complete: the old trace is
+            # unchanged, the new one is there (the session warned, RuntimeWarning)
+            self.partial_path = s.partial_path
         return False
 
     # ---- hooks ----
@@ -553,8 +613,8 @@ class Capture(object):
             return  # a multi-token call: the attention wrapper says why it is refused
         g = self.n_decode_steps
         self.n_decode_steps += 1
-        if g < self.decode:
-            self.session.submit_decode_token(g, int(ids.reshape(-1)[-1]))
+        if g < self.decode:  # recorded once every layer has captured step g
+            self._decode_tokens[g] = int(ids.reshape(-1)[-1])
 
     def _on_text_forward(self, module, args, kwargs):
         self._n_text_forward += 1
@@ -596,10 +656,20 @@ class Capture(object):
         if g >= self.decode:
             return
         sliding = kwargs.get("sliding_window", None) or getattr(module, "sliding_window", None)
-        if k_len != T + g + 1 and not (sliding and k_len < T + g + 1):
+        if k_len > T + g + 1:
             raise _fail("layer %d decode step %d: %d keys in the cache, expected %d (a static "
-                        "or offloaded cache is not supported)" % (layer, g, k_len, T + g + 1))
+                        "cache is not supported)" % (layer, g, k_len, T + g + 1))
+        if k_len < T + g + 1 and not sliding:
+            raise _fail("layer %d: a 1-token forward call with %d key(s) in its cache after "
+                        "the %d-token prompt (decode step %d expects %d): a second generate or "
+                        "forward call inside one capture block (one prompt per capture), or "
+                        "an offloaded cache, is not supported" % (layer, k_len, T, g, T + g + 1))
         self.session.submit_decode(layer, g, query, key[:, :, -1:, :], value[:, :, -1:, :])
+        st.n_captured = g + 1
+        tok = self._decode_tokens.get(g)
+        if tok is not None and all(x.n_captured > g for x in self._state):
+            del self._decode_tokens[g]
+            self.session.submit_decode_token(g, tok)
 
     def _open(self, module, query, key, kwargs):
         from ._capture import CaptureSession
@@ -612,7 +682,8 @@ class Capture(object):
                                                       self.n_kv_heads, self.head_dim),
                         _ERR_INVALID)
         W = min(self.window_requested, T)
-        kv_dtype = self.kv_dtype if self.kv_dtype is not None else _kv_dtype_of(query)
+        model_kv = _kv_dtype_of(query)  # refused here, before the session opens
+        kv_dtype = self.kv_dtype if self.kv_dtype is not None else model_kv
         scaling = kwargs.get("scaling", None)
         if scaling is None:
             scaling = getattr(module, "scaling", None)
@@ -684,13 +755,17 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
                  all cores but two), so that compression keeps pace with a GPU's prefill: on
                  byte-planed bf16 KV level 1 compresses about 1.7-2x faster than level 3 and as
                  well or better (bench/RESULTS.md, "Trace writer/reader throughput").
-    force:       overwrite an existing file.   name: the model name in the header.
+    force:       overwrite an existing file: the new trace replaces it when the block ends
+                 with a complete prompt; otherwise the old file is unchanged, the new trace
+                 stays in a temporary file next to it (.partial_path, and a RuntimeWarning).
+    name:        the model name in the header.
 
     Returns a Capture (a context manager): .path, .session, .stats (after the block). The
     session opens at the first forward call (T = its token count) and closes when the block
     ends, also when it raises (the trace then holds what was submitted, and the block's
     exception propagates). Errors: kvtrace.TraceError with a message saying what is not
-    supported."""
+    supported; the arguments (window, decode, kv_dtype, level, n_threads, the output's
+    directory) and the model's dtype are checked here, before the model runs."""
     return Capture(model, path, window=window, decode=decode, kv_dtype=kv_dtype,
                    with_colsum=with_colsum, with_q_all=with_q_all, timeline=timeline,
                    level=level, n_threads=n_threads, force=force, name=name)

@@ -11,20 +11,31 @@
     NumPy computation; decode steps; errors;
   * errors: corrupt payload (checksum), truncated file (recovered), garbage, missing file,
     missing tensor, closed handle: TraceError with the C library's message;
-  * library lookup through KVT_LIB (file or directory) and a clear error for a bad path.
+  * library lookup through KVT_LIB (file or directory) and a clear error for a bad path;
+  * robustness (class Robustness): set_tokens table lengths and value ranges against
+    n_tokens, kv_dtype and rope checked up front (torch dtypes accepted), several threads on
+    one session (exact data), close racing submits and reads, force=True leaving the old
+    trace and naming the new one (partial_path, RuntimeWarning), append_json/meta with bad
+    JSON, integers that do not fit their C type and NUL in paths and strings, copy/pickle
+    refused, a forked child's garbage collection leaving the parent's session alone, and
+    errors that name the argument (rope, name, modality, read_record).
 
 Environment: KVT_LIB (libkvtrace.so), KVT_SOURCE_ROOT (repository). Exit 77 without NumPy or
 the library.
 """
+import copy
 import ctypes
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 import unittest
+import warnings
 
 try:
     import numpy as np
@@ -548,6 +559,463 @@ class Capture(unittest.TestCase):
             s.close()  # already closed
         with kvtrace.open(path) as t:  # still a readable trace
             self.assertEqual(t.meta[-1]["capture_stats"]["complete"], False)
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class FakeTorchDtype(object):
+    """Looks like a torch.dtype to the binding (type module "torch", str "torch.NAME")."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return "torch." + self.name
+
+
+FakeTorchDtype.__module__ = "torch"
+
+
+class Robustness(unittest.TestCase):
+    """The review's findings on the binding: bad input gets one clear error, never a crash or
+    silent wrong data, and complete records stay readable."""
+
+    def setUp(self):
+        if not kvtrace.has_capture():
+            self.skipTest("library built without the capture API")
+        self.dir = tmpdir()
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def sess(self, fname="s.kvt", **kw):
+        a = dict(n_layers=1, n_q_heads=2, n_kv_heads=1, head_dim=4, n_tokens=8, window=2)
+        a.update(kw)
+        return kvtrace.CaptureSession(os.path.join(self.dir, fname), **a)
+
+    @staticmethod
+    def fill(s, T=8, L=1, value=0.0):
+        x = np.full((1, T, 4), value, np.float32)
+        for l in range(L):
+            s.submit_kv(l, 0, x, x)
+            s.submit_queries(l, T - 2, np.full((2, 2, 4), value, np.float32))
+
+    # ---- finding 1: set_tokens against n_tokens ----
+    def test_set_tokens_checks_lengths_and_ranges(self):
+        T = 8
+        s = self.sess(rope="mrope")
+        bad = [
+            (dict(token_ids=np.arange(3)), ValueError, ["token_ids", "(3,)", "n_tokens = 8"]),
+            (dict(token_ids=np.arange(100)), ValueError, ["token_ids", "(100,)", "[8]"]),
+            (dict(modality=[0] * 3), ValueError, ["modality", "(3,)"]),
+            (dict(modality=[]), ValueError, ["modality", "(0,)"]),
+            (dict(positions=np.zeros((3, T - 1), np.int32)), ValueError,
+             ["positions", "(3, 7)", "[P, 8]"]),
+            (dict(positions=np.zeros((T, 3), np.int32)), ValueError, ["positions", "(8, 3)"]),
+            (dict(modality=[256] + [0] * (T - 1)), ValueError, ["modality", "256", "[0, 3]"]),
+            (dict(modality=[-1] + [0] * (T - 1)), ValueError, ["modality", "-1"]),
+            (dict(token_ids=np.full(T, 2 ** 31)), ValueError, ["token_ids", "2147483648"]),
+            (dict(token_ids=np.full(T, 2 ** 40)), ValueError, ["token_ids"]),
+            (dict(token_ids=np.arange(T) + 0.5), ValueError, ["token_ids", "not an integer"]),
+            (dict(modality=["txt"] * T), ValueError, ["'txt'", "text, image, video, other"]),
+            (dict(positions=np.full((3, T), 2 ** 31)), ValueError, ["positions"]),
+        ]
+        for kw, exc, words in bad:
+            with self.assertRaises(exc, msg=repr(kw)) as e:
+                s.set_tokens(**kw)
+            for w in words:
+                self.assertIn(w, str(e.exception), repr(kw))
+        # nothing reached C: the tables can still be set, exactly
+        ids = np.arange(T) * 1000 - 5
+        pos = np.stack([np.arange(T), np.arange(T) // 2, np.arange(T) % 3]).astype(np.float64)
+        s.set_tokens(token_ids=ids, modality=["text"] * 4 + [1, 2, 3, "image"], positions=pos)
+        self.fill(s)
+        s.close()
+        with kvtrace.open(s.path) as t:
+            tk = t.tokens
+            np.testing.assert_array_equal(tk["token_ids"], ids)
+            np.testing.assert_array_equal(tk["modality"], [0, 0, 0, 0, 1, 2, 3, 1])
+            np.testing.assert_array_equal(tk["positions"], pos.astype(np.int32))
+            self.assertTrue(t.verify()["ok"])
+
+    def test_set_tokens_short_table_large_session(self):
+        # a short table for a large T was read past its end (garbage or a segfault)
+        s = self.sess(n_tokens=1 << 22, window=1, head_dim=1)
+        for kw in (dict(token_ids=[1, 2, 3]), dict(modality=[0]), dict(positions=[0, 1])):
+            with self.assertRaises(ValueError):
+                s.set_tokens(**kw)
+        del s
+
+    # ---- finding 2 (binding part) and 13: kv_dtype, rope, strings ----
+    def test_kv_dtype_rope_and_strings(self):
+        for i, (dt, code) in enumerate((("bf16", "bf16"), ("float16", "f16"), (np.float32, "f32"),
+                                        (FakeTorchDtype("bfloat16"), "bf16"),
+                                        (FakeTorchDtype("float16"), "f16"),
+                                        (FakeTorchDtype("float32"), "f32"))):
+            path = os.path.join(self.dir, "dt%d.kvt" % i)
+            with kvtrace.CaptureSession(path, n_layers=1, n_q_heads=2, n_kv_heads=1,
+                                        head_dim=4, n_tokens=8, window=2, kv_dtype=dt) as s:
+                self.fill(s)
+            with kvtrace.open(path) as t:
+                self.assertEqual(t.header["kv_dtype"], code, repr(dt))
+        try:
+            import torch
+            path = os.path.join(self.dir, "torch-bf16.kvt")
+            with self.sess("torch-bf16.kvt", kv_dtype=torch.bfloat16) as s:
+                self.fill(s)
+            with kvtrace.open(path) as t:
+                self.assertEqual(t.header["kv_dtype"], "bf16")
+        except ImportError:
+            pass
+        for dt in ("fp8", "i32", "u8", 99, FakeTorchDtype("float64")):
+            with self.assertRaises(ValueError, msg=repr(dt)) as e:
+                self.sess("x.kvt", kv_dtype=dt)
+            self.assertIn("kv_dtype", str(e.exception))
+            self.assertIn('"bf16"', str(e.exception))
+        with self.assertRaises(ValueError) as e:
+            self.sess("x.kvt", rope="yarn")
+        self.assertIn("rope 'yarn'", str(e.exception))
+        self.assertIn("none, default, mrope", str(e.exception))
+        with self.assertRaises(TypeError) as e:
+            self.sess("x.kvt", name=123)
+        self.assertIn("name must be a str", str(e.exception))
+        with self.assertRaises(ValueError) as e:  # C would keep "a" only
+            self.sess("x.kvt", name="a\0b")
+        self.assertIn("NUL", str(e.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "x.kvt")))
+
+    # ---- finding 3: threads ----
+    def test_threads_share_a_session_exactly(self):
+        L, T, H, D = 32, 512, 4, 64
+        rng = np.random.default_rng(0)
+        K = rng.standard_normal((L, H, T, D)).astype(np.float32)
+        V = rng.standard_normal((L, H, T, D)).astype(np.float32)
+        path = os.path.join(self.dir, "thr.kvt")
+        s = kvtrace.CaptureSession(path, n_layers=L, n_q_heads=H, n_kv_heads=H, head_dim=D,
+                                   n_tokens=T, window=8, kv_dtype="bf16")
+        errs = []
+
+        def work(l):
+            try:
+                s.submit_kv(l, 0, K[l], V[l])
+                s.submit_queries(l, T - 8, K[l][:, T - 8:])
+            except Exception as e:  # noqa: BLE001
+                errs.append(repr(e))
+        ths = [threading.Thread(target=work, args=(l,)) for l in range(L)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        self.assertEqual(errs, [])
+        s.close()
+        with kvtrace.open(path) as t:
+            bad = [l for l in range(L) if not (
+                np.array_equal(t.read("K", l), kvtrace.f32_to_bf16(K[l])) and
+                np.array_equal(t.read("V", l), kvtrace.f32_to_bf16(V[l])) and
+                np.array_equal(t.read("Q_window", l), kvtrace.f32_to_bf16(K[l][:, T - 8:])))]
+            self.assertEqual(bad, [], "layers with wrong K/V/Q from concurrent submits")
+            self.assertTrue(t.verify()["ok"])
+
+    def test_close_while_other_threads_submit_or_read(self):
+        L, T = 8, 512
+        x = np.random.default_rng(1).random((8, T, 128)).astype(np.float32)
+        s = kvtrace.CaptureSession(os.path.join(self.dir, "c.kvt"), n_layers=L, n_q_heads=8,
+                                   n_kv_heads=8, head_dim=128, n_tokens=T, window=8,
+                                   with_colsum=True)
+        errs = []
+        started = threading.Event()
+
+        def submit():
+            try:
+                for l in range(L):
+                    started.set()
+                    s.submit_kv(l, 0, x, x)
+                    s.submit_queries(l, 0, x)
+            except kvtrace.TraceError as e:
+                errs.append(str(e))
+        th = threading.Thread(target=submit)
+        th.start()
+        started.wait()
+        try:
+            s.close()  # (a segfault before: the session freed under the submitting thread)
+            closed_complete = True
+        except kvtrace.TraceError as e:
+            self.assertIn("incomplete prompt", str(e))
+            closed_complete = False
+        th.join()
+        if closed_complete:  # the submitter won every race: nothing to refuse
+            self.assertEqual(errs, [])
+        else:
+            self.assertEqual(len(errs), 1, errs)
+            self.assertIn("is closed", errs[0])
+        # writer: threads append while another closes (the C writer freed under them before)
+        wpath = os.path.join(self.dir, "w.kvt")
+        w = kvtrace.TraceWriter(wpath, {"format": "kvtrace"}, n_threads=2)
+        werrs, go = [], threading.Event()
+
+        def append(l):
+            go.wait()
+            try:
+                for i in range(40):
+                    w.append("K", x[:, :64], layer=l, tok_begin=64 * i)
+            except kvtrace.TraceError as e:
+                werrs.append(str(e))
+        ws = [threading.Thread(target=append, args=(l,)) for l in range(4)]
+        for a in ws:
+            a.start()
+        go.set()
+        w.close()
+        for a in ws:
+            a.join()
+        self.assertTrue(all("is closed" in e for e in werrs), werrs)
+        with kvtrace.open(wpath) as t:  # every record written before the close is readable
+            for r in range(len(t.records)):
+                t.read_record(r)
+        with self.assertRaises(kvtrace.TraceError):
+            w.append("K", x[:, :64], layer=0)
+        # reader: close() waits for the reads in flight, later reads raise "is closed"
+        path = os.path.join(self.dir, "r.kvt")
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}, max_record_bytes=4096) as w:
+            for l in range(4):
+                w.append("K", x[:, :1024], layer=l)
+        for _ in range(10):
+            t = kvtrace.open(path)
+            out = []
+
+            def read():
+                try:
+                    for l in range(4):
+                        out.append(np.array_equal(t.read("K", l), x[:, :1024]))
+                except kvtrace.TraceError as e:
+                    out.append(str(e))
+            rs = [threading.Thread(target=read) for _ in range(3)]
+            for r in rs:
+                r.start()
+            t.close()
+            for r in rs:
+                r.join()
+            self.assertTrue(all(o is True or "is closed" in o for o in out), out)
+
+    # ---- finding 4: force=True over an existing trace ----
+    def test_force_keeps_old_trace_and_names_the_new_one(self):
+        path = os.path.join(self.dir, "f.kvt")
+        with self.sess("f.kvt") as s:
+            self.fill(s, value=1.0)
+        old = read_bytes(path)
+        s = self.sess("f.kvt", force=True)
+        x = np.full((1, 8, 4), 2.0, np.float32)
+        s.submit_kv(0, 0, x, x)  # the queries never come: incomplete
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with self.assertRaises(kvtrace.TraceError):
+                s.close()
+        self.assertIsNotNone(s.partial_path)
+        self.assertTrue(os.path.basename(s.partial_path).startswith("f.kvt.tmp.%d." % os.getpid()),
+                        s.partial_path)
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        self.assertTrue(any(s.partial_path in m and "unchanged" in m for m in msgs), msgs)
+        self.assertEqual(read_bytes(path), old, "the old trace is unchanged")
+        with kvtrace.open(s.partial_path) as t:  # the new records are readable there
+            np.testing.assert_array_equal(t.read("K", 0), x)
+            self.assertFalse(t.meta[-1]["capture_stats"]["complete"])
+        # a complete capture replaces it, leaves no temporary file and no partial_path
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with self.sess("f.kvt", force=True) as s2:
+                self.fill(s2, value=3.0)
+        self.assertIsNone(s2.partial_path)
+        self.assertFalse([w for w in caught if issubclass(w.category, RuntimeWarning)])
+        with kvtrace.open(path) as t:
+            self.assertEqual(float(t.read("K", 0).max()), 3.0)
+        # the writer: unfinished over an existing trace
+        w = kvtrace.TraceWriter(path, {"format": "kvtrace"}, force=True)
+        w.append("K", np.zeros((1, 2, 3), np.float32), layer=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            w.close()
+        self.assertTrue(w.partial_path and os.path.exists(w.partial_path))
+        self.assertTrue(any(w.partial_path in str(c.message) for c in caught))
+        with kvtrace.open(path) as t:
+            self.assertEqual(float(t.read("K", 0).max()), 3.0)
+
+    # ---- finding 6: meta_json ----
+    def test_append_json_and_meta(self):
+        path = os.path.join(self.dir, "j.kvt")
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}) as w:
+            w.append("K", np.ones((1, 2, 3), np.float32), layer=0)
+            for bad, exc in (("garbage", ValueError), ("[1, 2]", ValueError),
+                             ('{"a": NaN}', ValueError), ({"a": float("nan")}, ValueError),
+                             (42, TypeError), ('{"a": 1} x', ValueError)):
+                with self.assertRaises(exc, msg=repr(bad)) as e:
+                    w.append_json(bad)
+                self.assertIn("append_json", str(e.exception))
+            w.append_json({"ok": 1})
+            w.append_json('{"ok": 2}')
+        with kvtrace.open(path) as t:
+            self.assertEqual(t.meta, [{"ok": 1}, {"ok": 2}])
+        # a bad meta_json record (written as a raw table): TraceError naming it, the rest
+        # of the trace readable
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}, force=True) as w:
+            w.append("K", np.ones((1, 2, 3), np.float32), layer=0)
+            w.append_json({"ok": 1})
+            w.append("meta_json", np.frombuffer(b"garbage", np.uint8))
+        with kvtrace.open(path) as t:
+            with self.assertRaises(kvtrace.TraceError) as e:
+                t.meta
+            self.assertEqual(e.exception.status_name, "KVT_ERR_CORRUPT")
+            self.assertIn("meta_json record 2", str(e.exception))
+            np.testing.assert_array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32))
+
+    # ---- finding 7: integers at the ctypes boundary, NUL in paths ----
+    def test_integers_and_paths(self):
+        for kw, words in ((dict(n_tokens=2 ** 32 + 8), ["n_tokens", "4294967304", "uint32"]),
+                          (dict(n_tokens=2 ** 40), ["n_tokens", "1099511627776"]),
+                          (dict(n_tokens=-1), ["n_tokens"]),
+                          (dict(n_layers=2 ** 32 + 1), ["n_layers"]),
+                          (dict(n_decode=2 ** 32), ["n_decode"]),
+                          (dict(window=2 ** 32 + 2), ["window"]),
+                          (dict(max_record_bytes=-1), ["max_record_bytes"])):
+            with self.assertRaises(ValueError, msg=repr(kw)) as e:
+                self.sess("i.kvt", **kw)
+            for w in words:
+                self.assertIn(w, str(e.exception))
+        with self.assertRaises(TypeError) as e:
+            self.sess("i.kvt", n_tokens=8.0)
+        self.assertIn("n_tokens must be an integer", str(e.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "i.kvt")))
+        # a NUL in a path: refused, nothing created at the cut name
+        for make in (lambda p: self.sess(p), lambda p: kvtrace.TraceWriter(
+                os.path.join(self.dir, p), {"format": "kvtrace"}),
+                lambda p: kvtrace.open(os.path.join(self.dir, p)),
+                lambda p: kvtrace.verify(os.path.join(self.dir, p))):
+            with self.assertRaises(ValueError) as e:
+                make("a\0b")
+            self.assertIn("NUL", str(e.exception))
+        self.assertEqual(os.listdir(self.dir), [])
+        s = self.sess(n_decode=2)
+        x = np.zeros((1, 8, 4), np.float32)
+        with self.assertRaises(ValueError):  # wrapped to layer 0 before
+            s.submit_kv(2 ** 32, 0, x, x)
+        with self.assertRaises(TypeError):  # truncated to layer 0 before
+            s.submit_kv(0.7, 0, x, x)
+        with self.assertRaises(ValueError):
+            s.submit_kv(0, 2 ** 32, x, x)
+        self.assertEqual(s.stats()["n_submits"], 0)
+        self.fill(s)
+        with self.assertRaises(ValueError):  # token id 2^40 was recorded as 0
+            s.submit_decode_token(0, 2 ** 40)
+        s.submit_decode_token(0, 2 ** 31 - 1)
+        s.close()
+        with kvtrace.open(s.path) as t:
+            self.assertEqual(list(t.tokens["decode_token_ids"]), [2 ** 31 - 1])
+            for layer in (2 ** 32, 2 ** 31, -2 ** 31 - 1):  # 2^32 returned layer 0 before
+                with self.assertRaises(ValueError) as e:
+                    t.read("K", layer)
+                self.assertIn("layer", str(e.exception))
+            with self.assertRaises(ValueError):
+                t.read(2 ** 32 + 1, 0)
+        w = kvtrace.TraceWriter(os.path.join(self.dir, "w.kvt"), {"format": "kvtrace"})
+        with self.assertRaises(ValueError):  # head_end would wrap
+            w.append("K", np.zeros((2, 2, 3), np.float32), layer=0, head_begin=2 ** 32 - 1)
+        with self.assertRaises(ValueError):
+            w.append("K", np.zeros((1, 2, 3), np.float32), layer=0, tok_begin=2 ** 33)
+        with self.assertRaises(ValueError):  # int64 ids that do not fit i32
+            w.append("token_ids", np.array([1, 2, 2 ** 40]), dtype="i32")
+        with self.assertRaises(TypeError):  # float -> i32 would truncate
+            w.append("token_ids", np.array([1.7, 2.2]), dtype="i32")
+        w.finish()
+        w.close()
+
+    # ---- finding 8: copies and forks ----
+    def test_copy_and_pickle_refused(self):
+        path = os.path.join(self.dir, "c.kvt")
+        w = kvtrace.TraceWriter(path, {"format": "kvtrace"})
+        s = self.sess("s.kvt")
+        w.append("K", np.ones((1, 2, 3), np.float32), layer=0)
+        for obj in (w, s):
+            for f in (copy.copy, copy.deepcopy, pickle.dumps):
+                with self.assertRaises(TypeError, msg="%s %s" % (f.__name__, type(obj))):
+                    f(obj)
+        w.finish()
+        w.close()
+        t = kvtrace.open(path)
+        for f in (copy.copy, copy.deepcopy, pickle.dumps):
+            with self.assertRaises(TypeError) as e:
+                f(t)
+            self.assertIn("Trace", str(e.exception))
+        np.testing.assert_array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32))
+        t.close()
+        self.fill(s)
+        s.close()
+
+    @unittest.skipUnless(hasattr(os, "fork"), "no fork")
+    def test_forked_child_leaves_the_parents_session_alone(self):
+        s = self.sess("p.kvt", n_threads=2)
+        x = np.full((1, 8, 4), 5.0, np.float32)
+        s.submit_kv(0, 0, x, x)
+        t = kvtrace.open(self._finished_trace())
+        pid = os.fork()
+        if pid == 0:  # child: using the session is refused, dropping it closes nothing
+            code = 0
+            try:
+                try:
+                    s.stats()
+                    code = 3
+                except kvtrace.TraceError as e:
+                    if "forked child" not in str(e):
+                        code = 4
+                if not np.array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32)):
+                    code = 5
+                del s, t  # __del__ runs here: it must not finish the parent's trace
+                import gc
+                gc.collect()
+            except BaseException:  # noqa: BLE001
+                code = 6
+            finally:
+                os._exit(code)
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            self.fail("the forked child hung")
+        self.assertTrue(os.WIFEXITED(status), "child died: status %d" % status)
+        self.assertEqual(os.WEXITSTATUS(status), 0, "child exit code")
+        s.submit_queries(0, 6, np.full((2, 2, 4), 5.0, np.float32))
+        s.close()
+        rep = kvtrace.verify(s.path)
+        self.assertTrue(rep["ok"], rep["problems"][:2])
+        with kvtrace.open(s.path) as t2:
+            np.testing.assert_array_equal(t2.read("K", 0), x)
+        np.testing.assert_array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32))
+        t.close()
+
+    def _finished_trace(self):
+        path = os.path.join(self.dir, "ro.kvt")
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}) as w:
+            w.append("K", np.ones((1, 2, 3), np.float32), layer=0)
+        return path
+
+    # ---- finding 13: read_record ----
+    def test_read_record_index(self):
+        path = self._finished_trace()
+        with kvtrace.open(path) as t:
+            n = len(t.records)
+            np.testing.assert_array_equal(t.read_record(-1), t.read_record(n - 1))
+            for i in (n, -n - 1, 2 ** 64):
+                with self.assertRaises(IndexError) as e:
+                    t.read_record(i)
+                self.assertIn("read_record", str(e.exception))
+                self.assertIn("%d records" % n, str(e.exception))
+            with self.assertRaises(TypeError):
+                t.read_record("0")
+
 
 
 class Lookup(unittest.TestCase):

@@ -23,6 +23,13 @@ attention registry keeps the q/k/v tensors the model itself hands to attention. 
     the block raises (the original exception propagates, the trace holds the prompt);
   * clear errors: eager attention, batch 2, unsupported model type, old transformers, a
     second prompt in one block, nothing captured, existing file;
+  * robustness (check_robustness): kv_dtype (torch dtypes accepted, bad ones refused by
+    capture() itself), a float64 model, a missing output directory, window/decode/config
+    errors naming the argument, all before the model runs; force=True with an exception in
+    the prompt (old trace kept, partial_path and a RuntimeWarning name the new one);
+    overlapping captures ending out of order (registry restored, later generates run); a
+    second generate with a 1-token prompt (a message saying so, no token id recorded for
+    the uncaptured step);
   * the plain functions: token_modality (image_token_id / video_token_id / LLaVA
     image_token_index), mrope_positions ([3,B,T], [4,B,T], [B,T], None), rope_positions,
     version and model-type checks, vision-tower exclusion.
@@ -36,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import types
+import warnings
 
 try:
     import numpy as np
@@ -469,6 +477,169 @@ def check_errors_and_restore(tmp):
     check(len(r.calls) == L, "after the captures: attention runs through the registry as before")
 
 
+
+def check_robustness(tmp):
+    """The review's findings on hf.py."""
+    model = build()
+    ids = prompt()
+    before = registry()["sdpa"]
+
+    def p(name):
+        return os.path.join(tmp, "rb-" + name)
+
+    def section(fn):  # one section's crash is a failed check, not the end of the others
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            check(False, "robustness section %s raised %s: %s" % (fn.__name__,
+                                                                   type(e).__name__, e))
+            set_registry("sdpa", before)
+
+    def kv_dtype_torch():
+        # kv_dtype: torch dtypes accepted (before: a NumPy TypeError in the first forward)
+        with kvtrace.capture(model, p("tbf16.kvt"), window=W, decode=2,
+                             kv_dtype=torch.bfloat16):
+            generate(model, ids)
+        with kvtrace.open(p("tbf16.kvt")) as t:
+            check(t.header["kv_dtype"] == "bf16" and t.stored_dtype("K", 0) == "bf16" and
+                  t.verify()["ok"], "kv_dtype=torch.bfloat16 -> a bf16 trace")
+    section(kv_dtype_torch)
+
+    def arguments():
+        # bad values refused by capture() itself (before: deep inside the first forward call)
+        for kd in ("fp8", "i32", torch.float64, torch.int8):
+            expect_error(lambda: kvtrace.capture(model, p("kd.kvt"), kv_dtype=kd),
+                         ["kv_dtype", '"bf16"'], "kv_dtype=%r refused by capture()" % (kd,))
+        check(not os.path.exists(p("kd.kvt")), "bad kv_dtype: no file")
+        # a float64 model: refused up front (before: told to pass kv_dtype="f32", which then
+        # failed mid-forward with an incomplete trace)
+        m64 = build().to(torch.float64)
+        for kd in (None, "f32"):
+            expect_error(lambda: kvtrace.capture(m64, p("m64.kvt"), kv_dtype=kd),
+                         ["float64", "float32, float16 or bfloat16"],
+                         "float64 model, kv_dtype=%r: refused by capture()" % (kd,))
+        check(not os.path.exists(p("m64.kvt")), "float64 model: no file")
+        # the output directory, window, decode, config: errors name the argument, up front
+        expect_error(lambda: kvtrace.capture(model, os.path.join(tmp, "nope", "a.kvt")),
+                     ["nope", "does not exist"],
+                     "missing output directory refused by capture()")
+        for kw, words in ((dict(window=None), ["window must be an integer", "None"]),
+                          (dict(window=0), ["window = 0"]),
+                          (dict(decode=2 ** 32), ["decode = 4294967296", "1073741824"]),
+                          (dict(decode=-1), ["decode = -1"]),
+                          (dict(decode=4.5), ["decode must be an integer"]),
+                          (dict(level="x"), ["level must be an integer"])):
+            expect_error(lambda: kvtrace.capture(model, p("kw.kvt"), **kw), words,
+                         "capture(%s) refused" % kw)
+        nocfg = build()
+        del nocfg.config.num_attention_heads
+        expect_error(lambda: kvtrace.capture(nocfg, p("nc.kvt")),
+                     ["no num_attention_heads"], "config without num_attention_heads")
+        check(registry()["sdpa"] is before, "after the refusals: registry untouched")
+    section(arguments)
+
+    def force():
+        # force=True over a good trace, an exception in the middle of the prompt: the old
+        # trace stays, the new one is named (partial_path and a RuntimeWarning; before: only
+        # a line on the C library's stderr)
+        good = p("force.kvt")
+        with kvtrace.capture(model, good, window=W, decode=2):
+            generate(model, ids)
+        with open(good, "rb") as f:
+            old = f.read()
+        mlp = model.model.layers[1].mlp
+
+        def oom(*a, **k):
+            raise RuntimeError("out of memory (simulated)")
+        mlp.forward = oom
+        cap = kvtrace.capture(model, good, window=W, decode=2, force=True)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    with cap:
+                        generate(model, ids)
+                    raised = None
+                except RuntimeError as e:
+                    raised = str(e)
+        finally:
+            del mlp.forward
+        check(raised == "out of memory (simulated)", "force: the block's exception propagates")
+        with open(good, "rb") as f:
+            check(f.read() == old, "force + exception mid-prompt: the old trace is unchanged")
+        pp = cap.partial_path
+        check(pp is not None and os.path.exists(pp) and
+              os.path.basename(pp).startswith("rb-force.kvt.tmp.%d." % os.getpid()),
+              "force + exception mid-prompt: partial_path names the new trace (%s)" % pp)
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        check(pp is not None and any(pp in m and "unchanged" in m for m in msgs),
+              "force + exception mid-prompt: a RuntimeWarning names it (%s)" % msgs)
+        if pp is not None and os.path.exists(pp):
+            with kvtrace.open(pp) as t:
+                check(t.layers("K") == [0, 1], "the partial trace holds the layers captured before "
+                      "the exception (%s)" % t.layers("K"))
+            os.remove(pp)
+        with kvtrace.capture(model, good, window=W, decode=2, force=True) as cap2:
+            generate(model, ids)
+        check(cap2.partial_path is None and not [n for n in os.listdir(tmp) if ".tmp." in n],
+              "force, complete: replaced, no partial_path, no temporary file")
+    section(force)
+
+    def overlapping():
+        # overlapping captures ending out of order (before: c1's wrapper stayed in the
+        # registry hooking its closed session, and every later generate raised)
+        m2 = build()
+        c1 = kvtrace.capture(model, p("o1.kvt"), window=W, decode=2)
+        c2 = kvtrace.capture(m2, p("o2.kvt"), window=W, decode=2)
+        c1.__enter__()
+        c2.__enter__()
+        seq1, _ = generate(model, ids)
+        seq2, _ = generate(m2, ids)
+        c1.__exit__(None, None, None)
+        c2.__exit__(None, None, None)
+        check(registry()["sdpa"] is before, "out-of-order exits: the registry is restored")
+        try:
+            again = [generate(m, ids)[0] for m in (model, m2, model)]
+            ok = all(torch.equal(a, seq1) for a in again)
+            err = ""
+        except Exception as e:  # noqa: BLE001
+            ok, err = False, "%s: %s" % (type(e).__name__, e)
+        check(ok, "out-of-order exits: later generates run normally %s" % err)
+        for path, c in ((p("o1.kvt"), c1), (p("o2.kvt"), c2)):
+            with kvtrace.open(path) as t:
+                check(t.verify()["ok"] and c.stats["n_decode"] == 2 and
+                      np.array_equal(t.tokens["token_ids"], ids[0].numpy()),
+                      "out-of-order exits: %s complete" % os.path.basename(path))
+    section(overlapping)
+
+    def second_generate():
+        # a second generate with a 1-token prompt (before: blamed "a static or offloaded
+        # cache", and recorded the token id of a decode step whose Q/K/V were never captured)
+        def second_one_token():
+            with kvtrace.capture(model, p("g2.kvt"), window=W, decode=5):
+                with torch.no_grad():
+                    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                   do_sample=False)
+                    one = ids[:, :1]
+                    model.generate(one, attention_mask=torch.ones_like(one), max_new_tokens=3,
+                                   do_sample=False)
+        try:
+            second_one_token()
+            msg = "no error raised"
+        except kvtrace.TraceError as e:
+            msg = str(e)
+        ok = check("second generate" in msg and "1-token forward call" in msg and
+                   "static" not in msg, "second generate with a 1-token prompt: the message says "
+                   "so, without blaming a static cache: %s" % msg)
+        with kvtrace.open(p("g2.kvt")) as t:
+            dt = t.tokens["decode_token_ids"]
+            check(ok and t.shape("Q_decode", 0)[1] == 2 and dt is not None and len(dt) == 2,
+                  "second generate: 2 decode steps captured, 2 decode token ids (%s)" % dt)
+        os.remove(p("g2.kvt"))
+    section(second_generate)
+
+    check(registry()["sdpa"] is before, "after the robustness checks: registry restored")
+
 def check_plain_functions():
     ids = [1, 151652, 151655, 151655, 151653, 151656, 151656, 7]
     qwen = types.SimpleNamespace(image_token_id=151655, video_token_id=151656)
@@ -621,6 +792,7 @@ def main():
         else:
             check_capture("cpu", tmp)
         check_errors_and_restore(tmp)
+        check_robustness(tmp)
         if torch.cuda.is_available():
             check_capture("cuda", tmp)
         else:
