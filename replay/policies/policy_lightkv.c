@@ -244,6 +244,24 @@ static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, co
     return KVT_OK;
 }
 
+/* out = a copy of src (heads=query: the query heads of one KV head merge alike) */
+static kvt_status merged_copy(const kvt_merged_set *src, int D, kvt_merged_set *out)
+{
+    size_t kv = ((size_t)src->n_changed * D + 1) * sizeof(float);
+    *out = (kvt_merged_set){.n = src->n, .n_changed = src->n_changed};
+    out->k = kvt_malloc(kv);
+    out->v = kvt_malloc(kv);
+    out->idx = kvt_malloc((size_t)src->n * sizeof(int32_t) + 1);
+    out->changed = kvt_malloc((size_t)src->n + 1);
+    KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
+                  "lightkv: out of memory");
+    memcpy(out->k, src->k, kv);
+    memcpy(out->v, src->v, kv);
+    memcpy(out->idx, src->idx, (size_t)src->n * sizeof(int32_t));
+    memcpy(out->changed, src->changed, (size_t)src->n + 1);
+    return KVT_OK;
+}
+
 static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
@@ -300,6 +318,13 @@ static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
         }
     for (int h = 0; h < H && !st; h++) {
         int g = kvt_ctx_kv_of(c, o->per_query, h);
+        if (h > 0 && kvt_ctx_kv_of(c, o->per_query, h - 1) == g) {
+            /* the same keys, values and (layer-wide) weights as the previous head: its sets */
+            for (int b = 0; b < n_b && !st; b++)
+                st = merged_copy(&sel->merged[(size_t)b * H + h - 1], D,
+                                 &sel->merged[(size_t)b * H + h]);
+            continue;
+        }
         for (int b = 0; b < n_b; b++)
             outs[b] = &sel->merged[(size_t)b * H + h];
         st = merge_head(c, g, wt, B, n_b, o, &mb, target, outs);

@@ -186,6 +186,20 @@ static void test_lightkv(void)
                            "B=%d head %d alone differs", B[b], g);
         kvt_layer_selection_free(one);
     }
+    /* heads=query: every query head has its KV head's sets (same keys, same layer-wide
+     * weights), each its own copy */
+    kvt_layer_selection *q =
+        tl_select(&L.in, "lightkv-like:window=3,merge_window=4,heads=query", B, NW);
+    KVT_EXPECT(kvt_layer_selection_n_heads(q) == LHQ);
+    for (int b = 0; b < NW; b++)
+        for (int h = 0; h < LHQ; h++) {
+            const kvt_merged_set *mq = &q->merged[(size_t)b * LHQ + h];
+            const kvt_merged_set *mk = &s->merged[(size_t)b * LHKV + h / (LHQ / LHKV)];
+            KVT_EXPECT_MSG(same_merged(mq, mk), "B=%d query head %d differs from its KV head", B[b],
+                           h);
+            KVT_EXPECT(h == 0 || mq->idx != q->merged[(size_t)b * LHQ + h - 1].idx);
+        }
+    kvt_layer_selection_free(q);
     kvt_layer_selection_free(s);
 
     /* merge_window=3: runs {2,3,4} {5,6,7} {8,9}: sources 2,4 | 5,7 | 8, destinations 3 | 6 | 9.
