@@ -78,9 +78,10 @@ static void *progress_ticker(void *arg)
     return NULL;
 }
 
-/* a library message is about to be written: end the progress line so the message gets a
- * line of its own; the next draw starts a fresh one (lock order: the log's, then p->mu) */
-static void progress_before_log(void *user)
+/* a library message: end the progress line so the message gets a line of its own, and write
+ * it, both under p->mu so no redraw comes between; the next draw starts a fresh line (lock
+ * order: the log's, then p->mu) */
+static void progress_log_line(void *user, const char *line)
 {
     kvt_progress *p = user;
     pthread_mutex_lock(&p->mu);
@@ -88,6 +89,8 @@ static void progress_before_log(void *user)
         fputc('\n', stderr);
         p->shown = false;
     }
+    fputs(line, stderr);
+    fflush(stderr);
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -105,7 +108,7 @@ void kvt_progress_start(kvt_progress *p, const char *label)
     pthread_condattr_destroy(&ca);
     p->ticking = p->enabled && pthread_create(&p->th, NULL, progress_ticker, p) == 0;
     if (p->enabled)
-        kvt_log_set_hook(progress_before_log, p);
+        kvt_log_set_hook(progress_log_line, p);
 }
 
 void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total)

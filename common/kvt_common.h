@@ -60,10 +60,12 @@ void kvt_error_clear(void);
 typedef enum { KVT_LOG_ERROR = 0, KVT_LOG_WARN, KVT_LOG_INFO, KVT_LOG_DEBUG } kvt_log_level;
 void kvt_log(kvt_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void kvt_log_set_level(kvt_log_level lvl);
-/* Called, under the log's lock, before each message is written: a display that owns the
- * current stderr line (a progress line) ends it there. NULL removes the hook. */
-typedef void (*kvt_log_hook)(void *user);
-void kvt_log_set_hook(kvt_log_hook before, void *user);
+/* A display that owns the current stderr line (a progress line) writes each message itself,
+ * under the log's lock: `line` is the whole message with its newline; the hook ends its own
+ * line first and writes it under the display's lock, so no redraw lands in between. NULL
+ * restores plain writes to stderr. */
+typedef void (*kvt_log_hook)(void *user, const char *line);
+void kvt_log_set_hook(kvt_log_hook write_line, void *user);
 
 /* ---- allocation with a failure hook (fault injection in tests) ---- */
 void *kvt_malloc(size_t n);

@@ -95,15 +95,34 @@ static int log_level(void)
     return g_log_level;
 }
 
-/* one message at a time (worker threads warn too), and the hook runs before each */
+/* one message at a time (the trace writer's threads may log), written by the hook if one is
+ * set. A fork while another thread holds the lock must not leave the child's copy locked
+ * (the Python binding's users fork): the lock is taken around fork and released in both. */
 static pthread_mutex_t g_log_mu = PTHREAD_MUTEX_INITIALIZER;
 static kvt_log_hook g_log_hook;
 static void *g_log_hook_user;
+static pthread_once_t g_log_once = PTHREAD_ONCE_INIT;
 
-void kvt_log_set_hook(kvt_log_hook before, void *user)
+static void log_fork_prepare(void)
 {
     pthread_mutex_lock(&g_log_mu);
-    g_log_hook = before;
+}
+
+static void log_fork_release(void)
+{
+    pthread_mutex_unlock(&g_log_mu);
+}
+
+static void log_init(void)
+{
+    pthread_atfork(log_fork_prepare, log_fork_release, log_fork_release);
+}
+
+void kvt_log_set_hook(kvt_log_hook write_line, void *user)
+{
+    pthread_once(&g_log_once, log_init);
+    pthread_mutex_lock(&g_log_mu);
+    g_log_hook = write_line;
     g_log_hook_user = user;
     pthread_mutex_unlock(&g_log_mu);
 }
@@ -113,14 +132,17 @@ void kvt_log(kvt_log_level lvl, const char *fmt, ...)
     static const char *names[] = {"error", "warning", "info", "debug"};
     if ((int)lvl > log_level())
         return;
-    char buf[1024];
+    char buf[1024], line[1100];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
+    snprintf(line, sizeof(line), "kvtrace: %s: %s\n", names[lvl], buf);
+    pthread_once(&g_log_once, log_init);
     pthread_mutex_lock(&g_log_mu);
     if (g_log_hook)
-        g_log_hook(g_log_hook_user);
-    fprintf(stderr, "kvtrace: %s: %s\n", names[lvl], buf);
+        g_log_hook(g_log_hook_user, line);
+    else
+        fputs(line, stderr);
     pthread_mutex_unlock(&g_log_mu);
 }

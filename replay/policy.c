@@ -182,9 +182,18 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
                 : !strcmp(val, "max") ? KVT_REDUCE_MAX
                 : !strcmp(val, "sum") ? KVT_REDUCE_SUM
                                       : -1;
-        if (r < (int)od->lo || r > (int)od->hi)
+        if (r < (int)od->lo || r > (int)od->hi) {
+            static const char *names[] = {"mean", "max", "sum"}; /* kvt_reduce order */
+            char list[64] = "";
+            for (int i = (int)od->lo; i <= (int)od->hi; i++)
+                snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s",
+                         i == (int)od->lo   ? ""
+                         : i == (int)od->hi ? " or "
+                                            : ", ",
+                         names[i]);
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected %s", d->name, key, val,
-                                 od->lo == KVT_REDUCE_MEAN ? "mean, max or sum" : "max or sum");
+                                 list);
+        }
         *(kvt_reduce *)(base + od->off) = (kvt_reduce)r;
         return KVT_OK;
     }

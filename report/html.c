@@ -926,7 +926,7 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
         goto out_free_plan;
     }
     st = write_page(f, r, &pl);
-    if ((ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0) && !st)
+    if (!st && (ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0))
         st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", tmp, strerror(errno));
     if (fclose(f) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", tmp, strerror(errno));

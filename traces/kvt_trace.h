@@ -144,8 +144,8 @@ bool kvt_trace_writer_shuffles(const kvt_trace_writer *w);
 uint64_t kvt_trace_writer_max_record_bytes(const kvt_trace_writer *w);
 /** The file the writer writes: the trace's path, or, when it replaces an existing trace
  *  (opts.force), the temporary file next to it that only a committed finish renames over the
- *  trace (otherwise the new trace stays there and the old one is unchanged). Valid until
- *  kvt_trace_writer_free. */
+ *  trace (otherwise the new trace stays there and the old one is unchanged). After that
+ *  rename, the trace's path (a symbolic link's target). Valid until kvt_trace_writer_free. */
 const char *kvt_trace_writer_file(const kvt_trace_writer *w);
 
 /** Append ONE record (at most max_record_bytes, e.g. a part from kvt_trace_writer_parts)

@@ -554,7 +554,7 @@ uint64_t kvt_trace_writer_max_record_bytes(const kvt_trace_writer *w)
 
 const char *kvt_trace_writer_file(const kvt_trace_writer *w)
 {
-    return w ? w->path : NULL;
+    return !w ? NULL : w->renamed ? w->final : w->path;
 }
 
 kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_info *info,

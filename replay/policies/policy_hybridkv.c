@@ -230,7 +230,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                     if (is_static[h] && caps[h] < P) {
                         double share = ssum > 0 ? (1.0 - rho[h]) / ssum : 1.0 / open;
                         long g = (long)floor((double)rem * share);
-                        if (g > P - caps[h])
+                        if (g >= P - caps[h]) /* full: the others share the rest */
                             g = P - caps[h], clamped = true;
                         caps[h] += (int)g;
                         given += g;

@@ -142,6 +142,20 @@ static int round_apply(merge_buf *mb, merge_state *st, int n, int D, int take)
     return m;
 }
 
+/* a merged set's arrays for n entries, n_chg of them changed (K/V rows of D) */
+static kvt_status merged_alloc(kvt_merged_set *out, int n, int n_chg, int D)
+{
+    out->n = n;
+    out->n_changed = n_chg;
+    out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    out->idx = kvt_malloc((size_t)n * sizeof(int32_t) + 1);
+    out->changed = kvt_calloc((size_t)n + 1, 1);
+    KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
+                  "lightkv: out of memory");
+    return KVT_OK;
+}
+
 /* the merged set: non-vision tokens unchanged + the n vision entries of st, by token index.
  * Only the changed entries (merge targets) carry their own K/V; the others are token idx's. */
 static kvt_status emit(const kvt_layer_ctx *c, int P, const merge_state *st, int n, int n_vis,
@@ -152,14 +166,7 @@ static kvt_status emit(const kvt_layer_ctx *c, int P, const merge_state *st, int
     int n_out = T - n_vis + n, n_chg = 0;
     for (int i = 0; i < n; i++)
         n_chg += st->chg[i] != 0;
-    out->n = n_out;
-    out->n_changed = n_chg;
-    out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-    out->idx = kvt_malloc((size_t)n_out * sizeof(int32_t));
-    out->changed = kvt_calloc((size_t)n_out + 1, 1);
-    KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
-                  "lightkv: out of memory");
+    KVT_FORWARD(merged_alloc(out, n_out, n_chg, D));
     int vi = 0, o_i = 0, ci = 0;
     for (int j = 0; j < T; j++) {
         bool vis = j < P && mod && (mod[j] == 1 || mod[j] == 2);
@@ -247,18 +254,11 @@ static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, co
 /* out = a copy of src (heads=query: the query heads of one KV head merge alike) */
 static kvt_status merged_copy(const kvt_merged_set *src, int D, kvt_merged_set *out)
 {
-    size_t kv = ((size_t)src->n_changed * D + 1) * sizeof(float);
-    *out = (kvt_merged_set){.n = src->n, .n_changed = src->n_changed};
-    out->k = kvt_malloc(kv);
-    out->v = kvt_malloc(kv);
-    out->idx = kvt_malloc((size_t)src->n * sizeof(int32_t) + 1);
-    out->changed = kvt_malloc((size_t)src->n + 1);
-    KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
-                  "lightkv: out of memory");
-    memcpy(out->k, src->k, kv);
-    memcpy(out->v, src->v, kv);
+    KVT_FORWARD(merged_alloc(out, src->n, src->n_changed, D));
+    memcpy(out->k, src->k, (size_t)src->n_changed * D * sizeof(float));
+    memcpy(out->v, src->v, (size_t)src->n_changed * D * sizeof(float));
     memcpy(out->idx, src->idx, (size_t)src->n * sizeof(int32_t));
-    memcpy(out->changed, src->changed, (size_t)src->n + 1);
+    memcpy(out->changed, src->changed, (size_t)src->n);
     return KVT_OK;
 }
 

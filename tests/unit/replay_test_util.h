@@ -73,6 +73,23 @@ static inline void tl_free(test_layer *t)
     memset(t, 0, sizeof(*t));
 }
 
+/* a one-layer input of Hq query heads over Hkv KV heads: keys/values [Hkv, T, D], window
+ * queries [Hq, W, D] (no decode steps, no modality: set them on the result) */
+static inline kvt_layer_input tl_layer(int T, int D, int Hq, int Hkv, int W, const float *k,
+                                       const float *v, const float *q)
+{
+    return (kvt_layer_input){.layer = 0,
+                             .n_layers = 1,
+                             .T = T,
+                             .D = D,
+                             .Hq = Hq,
+                             .Hkv = Hkv,
+                             .W = W,
+                             .k = k,
+                             .v = v,
+                             .q_window = q};
+}
+
 /* select spec's kept sets on a layer at budgets B[nb]; a failure is a test failure (and exits:
  * there is nothing to look at) */
 static inline kvt_layer_selection *tl_select(const kvt_layer_input *in, const char *spec,

@@ -14,8 +14,32 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
+/* the text written to fd so far (malloc'ed) */
+static char *text_of(int fd)
+{
+    off_t n = lseek(fd, 0, SEEK_END);
+    char *text = calloc((size_t)n + 1, 1);
+    KVT_EXPECT(pread(fd, text, (size_t)n, 0) == n);
+    return text;
+}
+
+/* waits (up to 20 s: a busy machine delays the ticker) until the text after `from` bytes
+ * holds `what`; returns whether it did */
+static bool wait_for(int fd, size_t from, const char *what)
+{
+    for (int i = 0; i < 400; i++) {
+        char *t = text_of(fd);
+        bool found = strlen(t) > from && strstr(t + from, what) != NULL;
+        free(t);
+        if (found)
+            return true;
+        sleep_ms(50);
+    }
+    return false;
+}
+
 /* runs the progress line with stderr sent to a file; returns the file's text */
-static char *capture_stderr(bool warn)
+static char *capture_stderr(bool warn, bool enabled)
 {
     char path[] = "/tmp/kvt_progress_XXXXXX";
     int fd = mkstemp(path);
@@ -26,18 +50,24 @@ static char *capture_stderr(bool warn)
     kvt_progress p;
     kvt_progress_start(&p, "replaying");
     kvt_progress_update(&p, 1, 4);
-    sleep_ms(1700); /* past the first second: the ticker draws the line */
-    if (warn)
+    bool drawn = true, redrawn = true;
+    if (enabled) /* past the first second the ticker draws the line */
+        drawn = wait_for(fd, 0, "\rreplaying: 1/4");
+    else
+        sleep_ms(1500);
+    if (warn) {
+        off_t at = lseek(fd, 0, SEEK_END);
         kvt_log(KVT_LOG_WARN, "something to say");
-    sleep_ms(700); /* and draws it again after the message */
+        if (enabled) /* and draws it again after the message */
+            redrawn = wait_for(fd, (size_t)at + 10, "\rreplaying: ");
+    }
     kvt_progress_update(&p, 2, 4);
     kvt_progress_end(&p);
     fflush(stderr);
     dup2(saved, 2);
     close(saved);
-    off_t n = lseek(fd, 0, SEEK_END);
-    char *text = calloc((size_t)n + 1, 1);
-    KVT_EXPECT(pread(fd, text, (size_t)n, 0) == n);
+    KVT_EXPECT(drawn && redrawn);
+    char *text = text_of(fd);
     close(fd);
     unlink(path);
     return text;
@@ -48,7 +78,7 @@ int main(void)
     setenv("KVT_PROGRESS", "1", 1);
     setenv("KVT_LOG", "warn", 1);
 
-    char *t = capture_stderr(true);
+    char *t = capture_stderr(true, true);
     /* the message has a line of its own: at the start of the text or after a newline */
     const char *m = strstr(t, "kvtrace: warning: something to say\n");
     KVT_EXPECT_MSG(m && (m == t || m[-1] == '\n'), "stderr was: %s", t);
@@ -59,13 +89,13 @@ int main(void)
     KVT_EXPECT(n >= 2 && t[n - 1] == '\n' && t[n - 2] != '\n');
     free(t);
 
-    t = capture_stderr(false); /* no message: one line, ended once */
+    t = capture_stderr(false, true); /* no message: one line, ended once */
     n = strlen(t);
     KVT_EXPECT(n >= 2 && t[n - 1] == '\n' && strchr(t, '\n') == t + n - 1);
     free(t);
 
     setenv("KVT_PROGRESS", "0", 1); /* off: nothing but the message */
-    t = capture_stderr(true);
+    t = capture_stderr(true, false);
     KVT_EXPECT_MSG(!strcmp(t, "kvtrace: warning: something to say\n"), "stderr was: %s", t);
     free(t);
     return kvt_test_result("test_cli_progress");

@@ -15,19 +15,9 @@
 static kvt_layer_input lay(int T, int W, int G, int Hq, int Hkv, const float *k, const float *qw,
                            const float *qd, const uint8_t *mod)
 {
-    return (kvt_layer_input){.layer = 0,
-                             .n_layers = 1,
-                             .T = T,
-                             .D = 1,
-                             .Hq = Hq,
-                             .Hkv = Hkv,
-                             .W = W,
-                             .G = G,
-                             .k = k,
-                             .v = k,
-                             .q_window = qw,
-                             .q_decode = qd,
-                             .modality = mod};
+    kvt_layer_input in = tl_layer(T, 1, Hq, Hkv, W, k, k, qw);
+    in.G = G, in.q_decode = qd, in.modality = mod;
+    return in;
 }
 
 /* row [T] of keys: 0 except BIG at the listed positions (list ends with -1) */
@@ -199,6 +189,14 @@ static void test_alloc(void)
     const int BT[] = {12};
     s = tl_select(&in, "hybridkv-like:window=2,chunk=2,kernel=1", BT, 1);
     EXPECT_COUNTS4(s, 0, 12, 12, 12, 12);
+    kvt_layer_selection_free(s);
+    /* a head that lands exactly on P is full too: tau=1, floor 0, B = 10: b = 8, share 32 by
+     * sigma .9 .5 .6 .2 (2.2): 13 -> P, 7, 8, 2 (rem 5); h1 h2 h3 by .5 .6 .2 (1.3): +1, +2
+     * (h2 exactly P), +0 (rem 2); h1 h3 by .5 .2: +1, +0; the last 1 to h1 by sigma -> P.
+     * (Not counting h2 as full gave the last 2 one each to h1 and h3: 10 9 10 3.) */
+    const int B10[] = {10};
+    s = tl_select(&in, "hybridkv-like:window=2,chunk=2,kernel=1,tau=1,floor=0", B10, 1);
+    EXPECT_COUNTS4(s, 0, 12, 12, 12, 2 + 2);
     kvt_layer_selection_free(s);
 }
 

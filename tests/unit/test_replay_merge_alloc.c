@@ -10,14 +10,6 @@
 #include "replay_internal.h" /* kvt_merged_set: the merged K/V of a lightkv-like selection */
 
 /* one layer of Hq query heads on Hkv KV heads; k, v [Hkv, T, D], q [Hq, W, D] */
-static kvt_layer_input layer_in(int T, int D, int Hq, int Hkv, int W, const float *k,
-                                const float *v, const float *q)
-{
-    kvt_layer_input in = {.n_layers = 1, .T = T, .D = D, .Hq = Hq, .Hkv = Hkv, .W = W};
-    in.k = k, in.v = v, in.q_window = q;
-    return in;
-}
-
 /* ---------------------------------- lightkv-like ----------------------------------------- */
 enum { LT = 13, LD = 2, LHQ = 4, LHKV = 2, LW = 3 };
 /* text 0-1 | image 2-9 (the prefix: mergeable) | image 10 (in the window: never merged, and
@@ -69,7 +61,7 @@ static void light_init(light *L)
             for (int j = 0; j <= pos; j++)
                 L->w[j] += exp(z[j] - mx) / Z;
         }
-    L->in = layer_in(LT, LD, LHQ, LHKV, LW, L->k, L->v, L->q);
+    L->in = tl_layer(LT, LD, LHQ, LHKV, LW, L->k, L->v, L->q);
     L->in.modality = lmod;
 }
 
@@ -290,7 +282,7 @@ static void test_adakv_b(void)
     const float k[27] = {-1,  5, 0,   -2, 1,   -3,  .5f, 0,   0, 2,   -1,  0, 2.5f, -2,
                          .5f, 1, .5f, 0,  .2f, .6f, .1f, .4f, 0, .5f, .3f, 0, 0};
     const float v[27] = {0}, q[6] = {1, 1, 1, .5f, 1, 1};
-    const kvt_layer_input in = layer_in(9, 1, 3, 3, 2, k, v, q);
+    const kvt_layer_input in = tl_layer(9, 1, 3, 3, 2, k, v, q);
     const int B[] = {5, 3, 2, 1};
     const ada_case c[] = {
         {"adakv:window=2,kernel=1,alloc=b,alpha=0", 0, {"1,7,8", "0,3,6,7,8", "0,1,3,5,6,7,8"}},
@@ -326,7 +318,7 @@ static void test_adakv_b(void)
     const float kg[20] = {1,  -.5f, .5f, -2, 2, 2.5f, 0,    -1.5f, 0, 0,
                           -1, 4,    0,   -2, 1, .5f,  -.5f, .2f,   0, 0};
     const float vg[20] = {0}, qg[8] = {1, 1, -2, -2, 1, 1, 1.5f, 1.5f};
-    const kvt_layer_input ig = layer_in(10, 1, 4, 2, 2, kg, vg, qg);
+    const kvt_layer_input ig = tl_layer(10, 1, 4, 2, 2, kg, vg, qg);
     const int Bg[] = {6};
     const ada_case cg[] = {
         {"adakv:window=2,kernel=1,alloc=b,alpha=0", 0, {"0,1,2,3,4,5,7,8,9", "1,8,9"}},

@@ -19,16 +19,7 @@ static kvt_policy *mk(const char *spec)
 static kvt_layer_input layer1d(int T, int W, int Hq, int Hkv, const float *k, const float *v,
                                const float *q)
 {
-    return (kvt_layer_input){.layer = 0,
-                             .n_layers = 1,
-                             .T = T,
-                             .D = 1,
-                             .Hq = Hq,
-                             .Hkv = Hkv,
-                             .W = W,
-                             .k = k,
-                             .v = v,
-                             .q_window = q};
+    return tl_layer(T, 1, Hq, Hkv, W, k, v, q);
 }
 
 static void test_snapkv(void)

@@ -322,6 +322,7 @@ static void misuse(void)
         else
             KVT_EXPECT(file && !strcmp(file, p1));
         KVT_CHECK(kvt_trace_writer_finish(w));
+        KVT_EXPECT(!strcmp(kvt_trace_writer_file(w), p1)); /* after the rename: the trace */
         kvt_trace_writer_free(w);
         KVT_CHECK(kvt_trace_reader_open(p1, &r));
         KVT_EXPECT(!kvt_trace_reader_recovered(r) && kvt_trace_reader_n_records(r) == 0);
