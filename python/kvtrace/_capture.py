@@ -16,8 +16,8 @@ import numpy as np
 
 from . import _lib
 from ._errors import TraceError, call
-from ._trace import (C_INT, C_INT32, C_UINT32, C_UINT64, _NoCopy, _Replacing, dtype_code,
-                     int_arg, path_arg, str_arg)
+from ._trace import (C_INT, C_INT32, C_UINT32, C_UINT64, _FORK_RESET, _NoCopy, _Replacing,
+                     dtype_code, int_arg, path_arg, str_arg)
 
 _TYPESTR = {"<f4": _lib.DTYPE_F32, "<f2": _lib.DTYPE_F16, "<u2": _lib.DTYPE_BF16,
             "=f4": _lib.DTYPE_F32, "=f2": _lib.DTYPE_F16, "=u2": _lib.DTYPE_BF16,
@@ -160,7 +160,7 @@ def _int_table(a, name, n_tokens, np_dtype, lo, hi, rows_ok=False):
         if frac.size:
             raise ValueError("set_tokens: %s holds %r, not an integer"
                              % (name, float(frac.flat[0])))
-    elif arr.dtype.kind not in "iu" and arr.size:
+    elif arr.dtype.kind not in "iub" and arr.size:  # a bool mask is 0/1
         raise TypeError("set_tokens: %s must hold integers, got dtype %s" % (name, arr.dtype))
     if arr.size:
         mn, mx = int(arr.min()), int(arr.max())
@@ -251,6 +251,7 @@ class CaptureSession(_NoCopy):
                 max_record_bytes=int_arg(max_record_bytes, "max_record_bytes", C_UINT64),
                 force=force))
         self._lock = threading.RLock()
+        _FORK_RESET.add(self)  # a forked child gets a fresh lock (its calls raise, not hang)
         self._pid = os.getpid()
         self.partial_path = None
         self._replacing = _Replacing(self.path)
@@ -305,6 +306,9 @@ class CaptureSession(_NoCopy):
             self.timeline_reason = "CUPTI: " + L.kvt_error_msg().decode("utf-8", "replace")
             call(L.kvt_capture_set_timeline_absent, h, self.timeline_reason.encode("utf-8"))
 
+    def _after_fork(self):
+        self._lock = threading.RLock()
+
     def _handle(self):
         if self._h is None:
             raise TraceError(-9, "capture session for %s is closed" % self.path)
@@ -326,7 +330,7 @@ class CaptureSession(_NoCopy):
             ids = _int_table(token_ids, "token_ids", T, np.int32, C_INT32[1], C_INT32[2])
         if modality is not None:
             m = modality if isinstance(modality, np.ndarray) else list(modality)
-            if not (isinstance(m, np.ndarray) and m.dtype.kind in "iu") and \
+            if not (isinstance(m, np.ndarray) and m.dtype.kind in "iub") and \
                     any(isinstance(x, str) for x in m):
                 names = []
                 for x in m:

@@ -8,6 +8,7 @@ import operator
 import os
 import threading
 import warnings
+import weakref
 
 import numpy as np
 
@@ -102,20 +103,41 @@ class _Replacing(object):
         return self.tmp
 
 
+# Objects whose locks a forked child must not inherit in the state another thread of the
+# parent left them in (held, or counting a call in flight): each has _after_fork().
+_FORK_RESET = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for o in list(_FORK_RESET):
+        o._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Guard(object):
     """Serialises a C handle's uses against its end across threads. shared(): around a call
     the C library allows concurrently (reader reads, writer appends); exclusive(): around
-    finish/close, which waits for the calls in flight and holds new ones back."""
+    finish/close, which holds new calls back as soon as it waits, then waits for the calls in
+    flight (so a stream of calls from other threads cannot starve it). Not re-entrant: a
+    thread inside shared() must not call exclusive()."""
 
     def __init__(self):
+        self._after_fork()
+        _FORK_RESET.add(self)
+
+    def _after_fork(self):
         self._cv = threading.Condition(threading.Lock())
         self._users = 0
+        self._waiting = 0
         self._excl = False
 
     @contextlib.contextmanager
     def shared(self):
         with self._cv:
-            while self._excl:
+            while self._excl or self._waiting:
                 self._cv.wait()
             self._users += 1
         try:
@@ -129,8 +151,12 @@ class _Guard(object):
     @contextlib.contextmanager
     def exclusive(self):
         with self._cv:
-            while self._excl or self._users:
-                self._cv.wait()
+            self._waiting += 1
+            try:
+                while self._excl or self._users:
+                    self._cv.wait()
+            finally:
+                self._waiting -= 1
             self._excl = True
         try:
             yield

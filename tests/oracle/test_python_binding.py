@@ -370,7 +370,9 @@ class FakeTorchTensor:
         return tuple(s // self._a.itemsize for s in self._a.strides)
 
 
-class Capture(unittest.TestCase):
+class CaptureCase(unittest.TestCase):
+    """A test of the capture API, in a temporary directory (self.dir)."""
+
     def setUp(self):
         if not kvtrace.has_capture():
             self.skipTest("library built without the capture API")
@@ -378,6 +380,9 @@ class Capture(unittest.TestCase):
 
     def tearDown(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Capture(CaptureCase):
 
     def test_views_and_roundtrip(self):
         rng = np.random.default_rng(4)
@@ -579,17 +584,9 @@ class FakeTorchDtype(object):
 FakeTorchDtype.__module__ = "torch"
 
 
-class Robustness(unittest.TestCase):
+class Robustness(CaptureCase):
     """The review's findings on the binding: bad input gets one clear error, never a crash or
     silent wrong data, and complete records stay readable."""
-
-    def setUp(self):
-        if not kvtrace.has_capture():
-            self.skipTest("library built without the capture API")
-        self.dir = tmpdir()
-
-    def tearDown(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def sess(self, fname="s.kvt", **kw):
         a = dict(n_layers=1, n_q_heads=2, n_kv_heads=1, head_dim=4, n_tokens=8, window=2)
@@ -995,6 +992,70 @@ class Robustness(unittest.TestCase):
             np.testing.assert_array_equal(t2.read("K", 0), x)
         np.testing.assert_array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32))
         t.close()
+
+    def test_close_is_not_starved_and_a_child_forked_mid_read_can_close(self):
+        path = self._finished_trace()
+        t = kvtrace.open(path)
+        stop, started = threading.Event(), threading.Barrier(5)
+
+        def loop():
+            started.wait()
+            try:
+                while not stop.is_set():
+                    t.read("K", 0)
+            except kvtrace.TraceError:
+                pass  # closed under it: expected
+        rs = [threading.Thread(target=loop) for _ in range(4)]
+        for r in rs:
+            r.start()
+        started.wait()
+        # a child forked while the readers run (one is likely inside a read): its copy of
+        # the reader reads and closes without waiting for the parent's threads
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                if not np.array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32)):
+                    code = 3
+                t.close()
+            except BaseException:  # noqa: BLE001
+                code = 4
+            finally:
+                os._exit(code)
+        for _ in range(300):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            stop.set()
+            self.fail("the forked child hung in close()")
+        self.assertEqual(os.WEXITSTATUS(status), 0, "child exit code")
+        # close() while 4 threads read in a loop: it holds new reads back, so it returns
+        # (before: it waited as long as the readers kept reading)
+        done = threading.Event()
+        closer = threading.Thread(target=lambda: (t.close(), done.set()))
+        closer.start()
+        finished = done.wait(20)
+        stop.set()
+        closer.join()
+        for r in rs:
+            r.join()
+        self.assertTrue(finished, "close() starved by readers")
+        with self.assertRaises(kvtrace.TraceError):
+            t.read("K", 0)
+
+    def test_bool_mask_tables(self):
+        s = self.sess()
+        mask = np.arange(8) % 3 == 0  # modality as a mask (image tokens), ids too
+        s.set_tokens(token_ids=mask, modality=mask)
+        self.fill(s)
+        s.close()
+        with kvtrace.open(s.path) as t:
+            np.testing.assert_array_equal(t.tokens["modality"], mask.astype(np.uint8))
+            np.testing.assert_array_equal(t.tokens["token_ids"], mask.astype(np.int32))
 
     def _finished_trace(self):
         path = os.path.join(self.dir, "ro.kvt")
