@@ -5,6 +5,7 @@
  * and heatmaps (page.js) read one JSON blob in which '<', '>' and '&' are \u escapes, so no
  * string can end the script element.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -12,6 +13,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -901,44 +903,96 @@ out_free_js:
     return st;
 }
 
+/* Move every file of the staging directory into dir (the PNGs, then index.html, so the page
+ * never names a figure that is not there yet), or, when !commit, remove them; then remove
+ * the staging directory. Nothing is moved if one of the names in dir is not a regular file
+ * (only regular files are replaced). Returns the first failure when committing. */
+static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
+{
+    kvt_status st = KVT_OK;
+    char from[4096], to[4096];
+    DIR *d = opendir(stage);
+    if (!d)
+        return commit
+                   ? kvt_error_set(KVT_ERR_IO, "report: cannot read %s: %s", stage, strerror(errno))
+                   : KVT_OK;
+    for (int pass = -1; pass < 2; pass++) { /* -1: the names in dir, 0: figures, 1: index */
+        rewinddir(d);
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+                continue;
+            snprintf(from, sizeof(from), "%s/%s", stage, e->d_name);
+            snprintf(to, sizeof(to), "%s/%s", dir, e->d_name);
+            if (pass < 0) {
+                struct stat sb;
+                if (commit && !st && lstat(to, &sb) == 0 && !S_ISREG(sb.st_mode))
+                    st = kvt_error_set(KVT_ERR_IO,
+                                       "report: %s exists and is not a regular file; not "
+                                       "replaced",
+                                       to);
+                continue;
+            }
+            if ((pass == 1) != !strcmp(e->d_name, "index.html"))
+                continue;
+            if (commit && !st) {
+                int fd = open(from, O_RDONLY | O_CLOEXEC); /* the bytes before the name */
+                if (fd < 0 || fsync(fd) != 0 || rename(from, to) != 0)
+                    st = kvt_error_set(KVT_ERR_IO, "report: cannot move %s to %s: %s", from, to,
+                                       strerror(errno));
+                if (fd >= 0)
+                    close(fd);
+            }
+            remove(from); /* no-op after a rename */
+        }
+    }
+    closedir(d);
+    rmdir(stage);
+    if (commit && !st) { /* the renames are on disk before the command says so */
+        snprintf(to, sizeof(to), "%s/index.html", dir);
+        kvt_fsync_dir_of(to);
+    }
+    return st;
+}
+
 kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_recommend_opts *target)
 {
     KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
                   "report: no trace, policy or budget in the results");
     KVT_RETURN_IF(mkdir(dir, 0777) != 0 && errno != EEXIST, KVT_ERR_IO,
                   "report: cannot create %s: %s", dir, strerror(errno));
+    /* The whole report is written into a staging directory inside dir and moved into place
+     * only when every file is complete: a failure (a full disk) leaves the previous report as
+     * it was, figures included. */
+    char stage[4096], path[4096 + 16];
+    KVT_RETURN_IF(snprintf(stage, sizeof(stage), "%s/.kvt-report-XXXXXX", dir) >=
+                      (int)sizeof(stage) - 64,
+                  KVT_ERR_INVALID_ARG, "report: the directory name is too long: %s", dir);
+    KVT_RETURN_IF(!mkdtemp(stage), KVT_ERR_IO, "report: cannot write in %s: %s", dir,
+                  strerror(errno));
     report_plan pl;
-    char path[4096], *tmp = NULL;
-    KVT_FORWARD(plan_create(r, dir, target, &pl));
-    kvt_status st = draw_pngs(r, &pl);
+    kvt_status st = plan_create(r, stage, target, &pl);
+    if (st) {
+        stage_finish(stage, dir, false);
+        return st;
+    }
+    st = draw_pngs(r, &pl);
     if (st)
-        goto out_free_plan;
-    snprintf(path, sizeof(path), "%s/index.html", dir);
-    int fd = kvt_create_tmp_sibling(path, 0666, &tmp);
-    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+        goto out;
+    snprintf(path, sizeof(path), "%s/index.html", stage);
+    FILE *f = fopen(path, "w");
     if (!f) {
         st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
-                           "report: cannot write next to %s: %s", path, strerror(errno));
-        if (fd >= 0) {
-            close(fd);
-            remove(tmp);
-        }
-        goto out_free_plan;
+                           "report: cannot write %s: %s", path, strerror(errno));
+        goto out;
     }
     st = write_page(f, r, &pl);
     if (!st && (ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0))
-        st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", tmp, strerror(errno));
+        st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", path, strerror(errno));
     if (fclose(f) && !st)
-        st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", tmp, strerror(errno));
-    if (!st && rename(tmp, path) != 0)
-        st = kvt_error_set(KVT_ERR_IO, "report: cannot rename %s to %s: %s", tmp, path,
-                           strerror(errno));
-    if (st)
-        remove(tmp);
-    else
-        kvt_fsync_dir_of(path); /* the page is on disk before the command says so */
-out_free_plan:
-    kvt_free(tmp);
+        st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", path, strerror(errno));
+out:
     plan_free(&pl);
-    return st;
+    kvt_status fin = stage_finish(stage, dir, st == KVT_OK);
+    return st ? st : fin;
 }

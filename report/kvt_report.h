@@ -202,8 +202,11 @@ kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const ch
  *  recommend): the cheapest setting meeting it (or the nearest miss), a table of the cheapest
  *  setting at a ladder of targets (0.05 ... 0.5 for an error, 0.99 ... 0.7 for a recall, and
  *  `target` itself), the text of kvt_recommendation_print and the best policy per budget.
- *  DIR is created if missing; index.html is written under a temporary name and renamed, so an
- *  error leaves the previous page; the PNGs in it are overwritten.
+ *  DIR is created if missing. Every file is written into a staging directory in DIR
+ *  (.kvt-report-XXXXXX) and moved into DIR, figures first, only once all are complete, so an
+ *  error (a full disk) leaves a previous report in DIR as it was, figures included (a killed
+ *  run leaves its staging directory behind, and the previous report). A name in DIR that is
+ *  not a regular file (a FIFO, a directory, a symbolic link) is not replaced: an error.
  * @return KVT_OK, KVT_ERR_INVALID_ARG (no trace), KVT_ERR_IO. */
 kvt_status kvt_report_write(const kvt_results *r, const char *dir,
                             const kvt_recommend_opts *target);

@@ -106,6 +106,25 @@ check "report into an existing report without --force: exit 1, one line" \
     "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q -- --force $TMP/err"
 check "report into an existing report with --force: replaced" \
     "$BIN report $TMP/r.json -o $TMP/rep1 --force >/dev/null 2>&1"
+# a report that fails half-way (a full disk) leaves the previous one whole: at 8K no figure
+# fits, at 64K every figure fits but not index.html (which inlines them), so moving the
+# figures into place as they were drawn would have mixed new figures with the old page
+$BIN replay $S --policies snapkv,tova --budgets 8,16 --threads 1 -o "$TMP/r2.json" >/dev/null 2>&1
+cp -r "$TMP/rep1" "$TMP/rep1.old"
+for lim in 8 64; do
+    (ulimit -f $lim; exec $BIN report "$TMP/r2.json" -o "$TMP/rep1" --force) >/dev/null 2>"$TMP/err"
+    rc=$?
+    check "report --force under a ${lim}K limit: exit 1 (got $rc), one line" \
+        "[ $rc -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'File too large' $TMP/err"
+    check "report under a ${lim}K limit: the previous report unchanged, no staging left" \
+        "diff -r $TMP/rep1 $TMP/rep1.old >/dev/null && ! ls -a $TMP/rep1 | grep -q kvt-report"
+done
+rm "$TMP/rep1.old/coverage.png" && mkfifo "$TMP/rep1.old/coverage.png"
+$BIN report "$TMP/r2.json" -o "$TMP/rep1.old" --force >/dev/null 2>"$TMP/err"
+check "report over a FIFO named like a figure: exit 1, one line naming it, nothing replaced" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'coverage.png exists and is not a regular file' $TMP/err && [ -p $TMP/rep1.old/coverage.png ] && cmp -s $TMP/rep1.old/index.html $TMP/rep1/index.html && ! ls -a $TMP/rep1.old | grep -q kvt-report"
+check "report without a limit: the new report replaces it" \
+    "$BIN report $TMP/r2.json -o $TMP/rep1 --force >/dev/null 2>&1 && [ -f $TMP/rep1/heat_err_decode_01_tova.png ] && ! ls -a $TMP/rep1 | grep -q kvt-report"
 
 $BIN synth --shape tiny --tokens 64 -o "$TMP/syn.kvt" >/dev/null 2>&1
 cp "$TMP/syn.kvt" "$TMP/syn.old"
