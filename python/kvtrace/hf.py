@@ -554,6 +554,10 @@ class Capture(object):
                     else:
                         module.__dict__["forward"] = prev
             self._saved_forward = []
+            # a wrapper left in the registry (another wrapper was put over ours) only passes
+            # calls on, but it holds this capture: let go of the model (its weights) here
+            self._model = self._text_model = None
+            self._layer_of = {}
 
     def __exit__(self, et, ev, tb):
         self._uninstall()

@@ -28,7 +28,7 @@ attention registry keeps the q/k/v tensors the model itself hands to attention. 
     errors naming the argument, all before the model runs; force=True with an exception in
     the prompt (old trace kept, partial_path and a RuntimeWarning name the new one);
     overlapping captures ending out of order (registry restored, later generates run); a
-    second generate with a 1-token prompt (a message saying so, no token id recorded for
+    capture left under another library's wrapper frees the model; a second generate with a 1-token prompt (a message saying so, no token id recorded for
     the uncaptured step);
   * the plain functions: token_modality (image_token_id / video_token_id / LLaVA
     image_token_index), mrope_positions ([3,B,T], [4,B,T], [B,T], None), rope_positions,
@@ -611,6 +611,23 @@ def check_robustness(tmp):
                       np.array_equal(t.tokens["token_ids"], ids[0].numpy()),
                       "out-of-order exits: %s complete" % os.path.basename(path))
     section(overlapping)
+
+    def wrapped_over():
+        # another library's wrapper put over the capture's during the block: the capture's
+        # wrapper stays in the chain, passing calls on, but must not keep the model alive
+        import gc
+        import weakref
+        m3 = build()
+        with kvtrace.capture(m3, p("w3.kvt"), window=W, decode=2):
+            rec = Recorder()
+            set_registry("sdpa", rec.fn)
+            generate(m3, ids)
+        alive = weakref.ref(m3)
+        del m3
+        gc.collect()
+        check(alive() is None, "a capture left inside another wrapper frees the model")
+        set_registry("sdpa", before)  # undo the foreign wrapper (and ours under it)
+    section(wrapped_over)
 
     def second_generate():
         # a second generate with a 1-token prompt (before: blamed "a static or offloaded
