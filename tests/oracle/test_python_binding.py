@@ -973,15 +973,8 @@ class Robustness(CaptureCase):
                 code = 6
             finally:
                 os._exit(code)
-        for _ in range(600):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            threading.Event().wait(0.1)
-        else:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            self.fail("the forked child hung")
+        status = self.wait_child(pid, 60)
+        self.assertTrue(status is not None, "the forked child hung")
         self.assertTrue(os.WIFEXITED(status), "child died: status %d" % status)
         self.assertEqual(os.WEXITSTATUS(status), 0, "child exit code")
         s.submit_queries(0, 6, np.full((2, 2, 4), 5.0, np.float32))
@@ -1022,14 +1015,8 @@ class Robustness(CaptureCase):
                 code = 4
             finally:
                 os._exit(code)
-        for _ in range(300):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            threading.Event().wait(0.1)
-        else:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
+        status = self.wait_child(pid, 30)
+        if status is None:
             stop.set()
             self.fail("the forked child hung in close()")
         self.assertEqual(os.WEXITSTATUS(status), 0, "child exit code")
@@ -1056,6 +1043,18 @@ class Robustness(CaptureCase):
         with kvtrace.open(s.path) as t:
             np.testing.assert_array_equal(t.tokens["modality"], mask.astype(np.uint8))
             np.testing.assert_array_equal(t.tokens["token_ids"], mask.astype(np.int32))
+
+    @staticmethod
+    def wait_child(pid, seconds):
+        """The forked child's wait status, or None (and the child killed) after `seconds`."""
+        for _ in range(int(seconds * 10)):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            threading.Event().wait(0.1)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return None
 
     def _finished_trace(self):
         path = os.path.join(self.dir, "ro.kvt")
