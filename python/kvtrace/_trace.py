@@ -25,6 +25,9 @@ _NP_OF_CODE = {
     _lib.DTYPE_U8: np.dtype("u1"),
 }
 _FLOAT_CODES = (_lib.DTYPE_F16, _lib.DTYPE_BF16, _lib.DTYPE_F32)
+# the stored dtype of each integer token table (traces/FORMAT.md)
+_TABLE_DTYPE = {_lib.KINDS["token_ids"]: "i32", _lib.KINDS["modality"]: "u8",
+                _lib.KINDS["positions"]: "i32", _lib.KINDS["decode_token_ids"]: "i32"}
 
 # ---- argument checks: ctypes silently wraps an integer that does not fit its C type, and a
 # char * ends at the first NUL, so both are refused before any C call ----
@@ -641,11 +644,15 @@ class TraceWriter(_NoCopy):
     def append(self, kind, data, layer=None, head_begin=0, tok_begin=0, dtype=None):
         """Append a [H, T, D] block (1-D -> [1, T, 1], 2-D [P, T] -> [P, T, 1]) covering heads
         [head_begin, head_begin+H) and tokens [tok_begin, tok_begin+T) of (layer, kind).
-        dtype: None = from the array (float16, float32, int32, uint8); "bf16" stores bf16
-        (uint16 arrays are taken as bit patterns, float arrays are rounded). Integer tables
-        are range-checked (an int64 token id that does not fit i32 is refused, not wrapped)
-        and float data is not truncated into an integer dtype."""
+        dtype: None = from the array (float16, float32, int32, uint8), except that the token
+        tables take their FORMAT.md dtype from any integer or bool array (token_ids,
+        positions, decode_token_ids: i32; modality: u8), so torch.arange's int64 works;
+        "bf16" stores bf16 (uint16 arrays are taken as bit patterns, float arrays are
+        rounded). Integer tables are range-checked (an int64 token id that does not fit i32
+        is refused, not wrapped) and float data is not truncated into an integer dtype."""
         c = kind_code(kind)
+        if dtype is None and c in _TABLE_DTYPE and np.asarray(data).dtype.kind in "iub":
+            dtype = _TABLE_DTYPE[c]
         if layer is None:
             if c not in _lib.TABLE_KINDS:
                 raise ValueError("%s is a per-layer tensor: pass layer=" % kind_name(c))

@@ -260,6 +260,30 @@ class RoundTrip(unittest.TestCase):
         w.close()
         w.close()  # idempotent
 
+    def test_token_tables_from_int64(self):
+        # token tables take their FORMAT.md dtype from any integer or bool array (an int64
+        # array, e.g. torch.arange's, was "dtype int64 has no kvtrace equivalent"); values
+        # that do not fit are refused, K/V keep the array's own dtype
+        p = os.path.join(self.dir, "t64.kvt")
+        with kvtrace.TraceWriter(p, HEADER) as w:
+            w.append("token_ids", np.arange(5, dtype=np.int64) + 100)
+            w.append("modality", np.array([0, 0, 1, 1, 0], np.int64))
+            w.append("positions", np.arange(15, dtype=np.int64).reshape(3, 5))
+            w.append("decode_token_ids", np.array([True, False]))
+            with self.assertRaises(ValueError):
+                w.append("token_ids", np.array([1 << 40], np.int64), tok_begin=5)
+            with self.assertRaises(ValueError):
+                w.append("modality", np.array([256], np.int64), tok_begin=5)
+            with self.assertRaises(ValueError):  # not a table: no kvtrace dtype for int64
+                w.append("K", np.zeros((1, 2, 3), np.int64), layer=0)
+        with kvtrace.open(p) as t:
+            self.assertEqual(t.stored_dtype("token_ids"), "i32")
+            self.assertEqual(t.stored_dtype("modality"), "u8")
+            np.testing.assert_array_equal(t.tokens["token_ids"], np.arange(5) + 100)
+            np.testing.assert_array_equal(t.tokens["modality"], [0, 0, 1, 1, 0])
+            np.testing.assert_array_equal(t.tokens["positions"], np.arange(15).reshape(3, 5))
+            np.testing.assert_array_equal(t.tokens["decode_token_ids"], [1, 0])
+
 
 class Corruption(unittest.TestCase):
     def setUp(self):
