@@ -1,9 +1,14 @@
-/* policy_sparsemm.c - `sparsemm` (POLICIES §5): static per-head budgets from an offline head
- * score file (scores=FILE: JSON {"layer-head": number or [numbers]} or [[...]], per query head,
- * or per KV head when it has n_kv_heads columns). sigma = score / sum over all L*Hq scores,
- * summed per GQA group; min = floor(ratio*b); cap = round(sigma*(b-min)*L*H' + min) (ties to
- * even), clamped to the prefix; ranking by the SnapKV score. */
+/* policy_sparsemm.c - `sparsemm` (POLICIES §5) and `headkv` (§11): static per-head budgets from
+ * an offline head score file (scores=FILE: JSON {"layer-head": number or [numbers]} or [[...]],
+ * per query head, or per KV head when it has n_kv_heads columns). sigma = score / sum over all
+ * L*Hq scores, summed per GQA group; cap = round(sigma*(b-min)*L*H' + min) (ties to even),
+ * clamped to the prefix; ranking by the SnapKV score. The two differ in min:
+ *   sparsemm  min = floor(ratio*b)          (ratio = 0.1);
+ *   headkv    min = b - floor(b/beta)       (beta = head_beta = 1.01 in KVCache-Factory), i.e.
+ *             cap = round(sigma*floor(b/beta)*L*H' + b - floor(b/beta)), per query head, with
+ *             KVCache-Factory's HeadKVCluster defaults (kernel 7, max pooling). */
 #include <math.h>
+#include <string.h>
 
 #include "../replay_internal.h"
 
@@ -12,10 +17,18 @@ typedef struct smm_state {
     double *score; /* [L, H] */
 } smm_state;
 
+static bool is_headkv(const kvt_policy *p)
+{
+    return !strcmp(p->def->name, "headkv");
+}
+
 static kvt_status smm_init(kvt_policy *p)
 {
+    const char *name = p->def->name;
     KVT_RETURN_IF(!p->o.scores, KVT_ERR_INVALID_ARG,
-                  "sparsemm needs scores=FILE, a JSON head-score table (see analysis/RESULTS.md)");
+                  "%s needs scores=FILE, a JSON head-score table (see analysis/RESULTS.md)", name);
+    KVT_RETURN_IF(is_headkv(p) && !(p->o.beta >= 1.0), KVT_ERR_INVALID_ARG,
+                  "headkv: beta=%g: must be at least 1 (min = b - floor(b/beta))", p->o.beta);
     smm_state *s = kvt_calloc(1, sizeof(*s));
     KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
     kvt_status st = kvt_read_head_table(p->o.scores, &s->L, &s->H, &s->score);
@@ -42,24 +55,25 @@ static kvt_status sel_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     const kvt_policy_opts *o = &p->o;
     const smm_state *ss = p->state;
     const int L = c->n_layers, T = c->T, W = o->window, P = T - W;
+    const char *name = p->def->name;
     KVT_RETURN_IF(ss->L < L || (ss->H != c->Hq && ss->H != c->Hkv) ||
                       (o->per_query && ss->H != c->Hq),
                   KVT_ERR_INVALID_ARG,
-                  "sparsemm: %s holds %d layers x %d heads; the model has %d layers, %d query "
+                  "%s: %s holds %d layers x %d heads; the model has %d layers, %d query "
                   "heads, %d KV heads",
-                  o->scores, ss->L, ss->H, L, c->Hq, c->Hkv);
+                  name, o->scores, ss->L, ss->H, L, c->Hq, c->Hkv);
     double total = 0.0;
     for (int l = 0; l < L; l++)
         for (int h = 0; h < ss->H; h++) {
             double x = ss->score[(size_t)l * ss->H + h];
-            KVT_RETURN_IF(isnan(x), KVT_ERR_INVALID_ARG,
-                          "sparsemm: %s has no score for layer %d head %d", o->scores, l, h);
+            KVT_RETURN_IF(isnan(x), KVT_ERR_INVALID_ARG, "%s: %s has no score for layer %d head %d",
+                          name, o->scores, l, h);
             total += x;
         }
-    KVT_RETURN_IF(!(total > 0.0), KVT_ERR_INVALID_ARG, "sparsemm: scores in %s sum to %g",
+    KVT_RETURN_IF(!(total > 0.0), KVT_ERR_INVALID_ARG, "%s: scores in %s sum to %g", name,
                   o->scores, total);
     const double *s;
-    KVT_FORWARD(kvt_ctx_check_window(c, "sparsemm", W));
+    KVT_FORWARD(kvt_ctx_check_window(c, name, W));
     KVT_FORWARD(kvt_ctx_window_scores(c, W, o->kernel, o->pool, o->reduce, o->per_query, &s));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
     KVT_FORWARD(kvt_sel_rank_window_all(sel, s, W));
@@ -76,7 +90,7 @@ static kvt_status sel_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
                 double sig = 0.0;
                 for (int u = 0; u < per; u++)
                     sig += ss->score[(size_t)c->layer * ss->H + h * per + u] / total;
-                double mn = floor(o->ratio * bb);
+                double mn = is_headkv(p) ? bb - floor(bb / o->beta) : floor(o->ratio * bb);
                 double cap = kvt_round_even(sig * (bb - mn) * L * H + mn);
                 cap = cap < 0 ? 0 : (cap > P ? P : cap);
                 cnt = W + (int)cap;
@@ -86,6 +100,26 @@ static kvt_status sel_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     }
     return KVT_OK;
 }
+
+static void d_headkv(kvt_policy_opts *o)
+{
+    o->window = 32;
+    o->kernel = 7;
+    o->pool = KVT_POOL_MAX;
+    o->per_query = true; /* HeadKVCluster keeps a set per query head */
+    o->beta = 1.01;
+}
+
+const kvt_policy_def kvt_policy_def_headkv = {
+    .name = "headkv",
+    .summary = "HeadKV: static head budgets from offline retrieval-reasoning head scores "
+               "(scores=FILE)",
+    .keys = "window,kernel,pool,reduce,heads,beta,scores",
+    .defaults = d_headkv,
+    .init = smm_init,
+    .fini = smm_fini,
+    .select = sel_smm,
+};
 
 const kvt_policy_def kvt_policy_def_sparsemm = {
     .name = "sparsemm",

@@ -370,6 +370,32 @@ static void test_sparsemm_and_mixkv(void)
     }
     kvt_policy *p = NULL;
     KVT_EXPECT_STATUS(kvt_policy_create("sparsemm", NULL, &p), KVT_ERR_INVALID_ARG);
+    /* headkv, the same table: b = 8, beta 1.01: floor(8/1.01) = 7, min = 8 - 7 = 1; caps
+     * round(.75*7*2 + 1) = round(11.5) = 12 (ties to even), round(.25*7*2 + 1) = round(4.5) =
+     * 4: kept 14 and 6. beta = 2: floor(8/2) = 4, min 4: round(.75*4*2 + 4) = 10, round(6) =
+     * 6: kept 12 and 8. Ranked by SnapKV's score with HeadKV's kernel 7 and max pooling. */
+    const int Bh[] = {10, 30};
+    for (int beta2 = 0; beta2 < 2; beta2++)
+        for (int l = 0; l < 2; l++) {
+            t.in.layer = l;
+            snprintf(spec, sizeof(spec), "headkv:window=2%s,scores=%s", beta2 ? ",beta=2" : "",
+                     path);
+            kvt_layer_selection *s = tl_select(&t.in, spec, Bh, 2);
+            int want = beta2 ? (l == 0 ? 12 : 8) : (l == 0 ? 14 : 6);
+            KVT_EXPECT_MSG(tl_count(s, 0, 0) == want, "%s layer %d: %d, want %d", spec, l,
+                           tl_count(s, 0, 0), want);
+            KVT_EXPECT(tl_count(s, 1, 0) == 20); /* B > T: all */
+            const int Bs[] = {want};
+            kvt_layer_selection *sn = tl_select(&t.in, "snapkv:window=2,kernel=7,pool=max", Bs, 1);
+            char a[256];
+            snprintf(a, sizeof(a), "%s", tl_kept_str(s, 0, 0, -1));
+            EXPECT_KEPT(sn, 0, 0, -1, a);
+            kvt_layer_selection_free(sn);
+            kvt_layer_selection_free(s);
+        }
+    KVT_EXPECT_STATUS(kvt_policy_create("headkv", NULL, &p), KVT_ERR_INVALID_ARG); /* no file */
+    snprintf(spec, sizeof(spec), "headkv:beta=0.5,scores=%s", path);
+    KVT_EXPECT_STATUS(kvt_policy_create(spec, NULL, &p), KVT_ERR_INVALID_ARG);
     tl_free(&t);
 
     /* GQA (Hq 4, Hkv 2): query-head scores 1, 1, 2, 4 sum per KV head to sigma .25 / .75;
@@ -604,7 +630,7 @@ static void test_parse(void)
         KVT_EXPECT_MSG(kvt_budgets_parse(odd[i], &b, &n) == KVT_ERR_INVALID_ARG, "'%s'", odd[i]);
     KVT_CHECK(kvt_budgets_parse("0.5%", &b, &n));
     kvt_free(b);
-    KVT_EXPECT(kvt_policy_registry_size() == 19);
+    KVT_EXPECT(kvt_policy_registry_size() == 20);
 }
 
 int main(void)
