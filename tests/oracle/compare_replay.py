@@ -63,9 +63,10 @@ METRICS = [("recall_window", "recall"), ("err_window", "err_window"),
            ("coverage_dropped", "coverage_dropped"), ("r_kept", "r_kept")]
 
 
-def policy_specs(W, has_decode, has_colsum):
+def policy_specs(W, has_decode, has_colsum, scores=None):
     """Policy specs for a trace whose stored window is W (policies use window=W unless it is
-    32, the default). Every option the oracle knows is exercised at least once."""
+    32, the default). Every option the oracle knows is exercised at least once. scores: a
+    head-score table (JSON) for sparsemm and headkv."""
     w = "" if W == 32 else "window=%d" % W
 
     def s(name, *opts):
@@ -85,7 +86,19 @@ def policy_specs(W, has_decode, has_colsum):
         specs += [s("h2o"), s("h2o", "heads=query")]
     if has_decode:
         specs += ["oracle"]
+    if scores:
+        f = "scores=" + scores
+        specs += [s("sparsemm", f), s("sparsemm", "ratio=0.25", "heads=query", f),
+                  s("headkv", f), s("headkv", "heads=kv", "beta=2", "kernel=5", f)]
     return specs
+
+
+def write_head_scores(path, L, Hq, seed):
+    """A head-score table [L][Hq] with a spread of values (a few heads score high)."""
+    rng = np.random.default_rng(seed)
+    tab = rng.gamma(0.6, 1.0, size=(L, Hq)) + 1e-3
+    with open(path, "w") as f:
+        json.dump([[round(float(x), 6) for x in row] for row in tab], f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,9 +403,13 @@ def main():
         for tag, path, W, dec, cs in traces:
             if a.only and tag != a.only:
                 continue
-            specs = policy_specs(W, dec, cs)
             with kvtrace.open(path) as t:
                 T = t.shape("K", 0)[1]
+                m = t.header["model"]
+                L, Hq = int(m["n_layers"]), int(m["n_q_heads"])
+            scores = os.path.join(outdir, tag + "_heads.json")
+            write_head_scores(scores, L, Hq, len(tag) * 7 + L)
+            specs = policy_specs(W, dec, cs, scores)
             # below the window, just above it, mid, a fraction, one where N < 2(B−W) (the
             # KVCache-Factory pyramid fallback differs), and a short-prompt budget
             budgets = [str(max(1, W // 2)), str(W + 8), str(min(T - 1, W + 40)), "30%",

@@ -14,6 +14,7 @@ What it implements (POLICIES.md section in brackets):
     fallback with fallback=1), adakv allocation 3a [§3] (normalize, alpha, floor, round half
     to even = torch.round), mixkv-snapkv / mixkv-pyramidkv / mixkv-adakv [§4.1, §4.3] with
     online r, streamingllm [§7] (sinks + recent), h2o [§6] one shot from column sums;
+    sparsemm [§5] and headkv [§11] static head budgets from a head-score table (scores=);
     extras: full, knorm, vnorm, keydiff [§8], tova [§8], oracle (decode-attention ranking);
   * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
     renormalised over the kept set) on all stored window queries and on decode queries (which
@@ -75,6 +76,9 @@ POLICIES = {
     "mixkv-pyramidkv": dict(_SNAP, beta=20, fallback=0, clamp_r=1),
     "mixkv-adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0, clamp_r=1),
     "oracle": {"window": 0, "heads": "kv"},
+    "sparsemm": dict(_SNAP, ratio=0.1, scores=""),
+    "headkv": {"window": 32, "kernel": 7, "pool": "max", "reduce": "mean", "heads": "query",
+               "beta": 1.01, "scores": ""},
 }
 NEEDS = {"h2o": "colsum", "oracle": "decode"}
 MODALITY_NAMES = ("text", "image", "video", "other")
@@ -577,7 +581,49 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info):
         if caps is None:
             return orders, [N] * H
         return orders, [W + int(c) for c in caps]
+    if name in ("sparsemm", "headkv"):
+        return orders, [W + c for c in head_score_caps(name, o, base, nP, layer, n_layers, H)]
     raise ValueError("unknown policy %s" % name)
+
+
+def head_score_caps(name, o, b, nP, layer, n_layers, H):
+    """SparseMM (POLICIES §5) and HeadKV (§11) caps of the H selection heads of `layer`:
+    sigma = score / (sum of the first n_layers rows of the table), summed over a head's
+    columns (a GQA group, when the table has a column per query head and H is per KV head);
+    min = floor(ratio*b) (sparsemm) or b - floor(b/beta) (headkv);
+    cap = round_half_even(sigma*(b - min)*n_layers*H + min), clamped to [0, nP].
+    The table: [[...]] rows by layer, or {"layer-head": number or [numbers] (mean)}."""
+    with open(o["scores"]) as f:
+        js = json.load(f)
+    if isinstance(js, dict):
+        cells = {}
+        for k, v in js.items():
+            l, h = (int(x) for x in k.split("-")[:2])
+            cells[(l, h)] = float(np.mean(v)) if isinstance(v, list) else float(v)
+        L = 1 + max(l for l, _ in cells)
+        C = 1 + max(h for _, h in cells)
+        tab = [[cells.get((l, h), float("nan")) for h in range(C)] for l in range(L)]
+    else:
+        tab = [[float(x) for x in row] for row in js]
+    C = len(tab[0])
+    if len(tab) < n_layers or C % H:
+        raise ValueError("%s: table %dx%d for %d layers, %d heads" % (name, len(tab), C,
+                                                                      n_layers, H))
+    total = 0.0
+    for l in range(n_layers):  # the order of the C sum
+        for x in tab[l]:
+            total += x
+    per = C // H
+    mn = (b - math.floor(b / float(o["beta"]))) if name == "headkv" else \
+        math.floor(float(o["ratio"]) * b)
+    caps = []
+    for h in range(H):
+        sig = 0.0
+        for u in range(per):
+            sig += tab[layer][h * per + u] / total
+        cap = round(sig * (b - mn) * n_layers * H + mn)  # Python rounds half to even
+        caps.append(int(min(max(cap, 0), nP)))
+    return caps
 
 
 def _tie_margin(order, n, scores, hh):
