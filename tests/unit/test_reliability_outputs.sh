@@ -191,12 +191,17 @@ cp "$TMP/keep.kvt" "$TMP/keep.old"
 check "synth --force dying mid-write: the old trace is untouched" "cmp -s $TMP/keep.kvt $TMP/keep.old"
 rm -f "$TMP"/keep.kvt.tmp.*
 # a forced capture interrupted before the prompt is complete does not replace the old trace
-# (the signal comes after 3 s, so a loaded machine has started the capture by then)
+# (the signal is sent once the new trace's temporary file exists: the capture has started
+# and its handler is installed, however loaded the machine is)
 $BIN capture-llama2c --model "$MODEL" --tokens 24 --decode 0 --window 4 -o "$TMP/cap.kvt" \
     >/dev/null 2>&1
 cp "$TMP/cap.kvt" "$TMP/cap.old"
-KVT_CAPTURE_STEP_DELAY_US=300000 timeout -s INT 3 $BIN capture-llama2c --model "$MODEL" \
-    --tokens 200 --decode 0 --window 4 -o "$TMP/cap.kvt" --force >/dev/null 2>"$TMP/err"
+KVT_CAPTURE_STEP_DELAY_US=300000 $BIN capture-llama2c --model "$MODEL" \
+    --tokens 200 --decode 0 --window 4 -o "$TMP/cap.kvt" --force >/dev/null 2>"$TMP/err" &
+cap_pid=$!
+for _ in $(seq 300); do ls "$TMP"/cap.kvt.tmp.* >/dev/null 2>&1 && break; sleep 0.1; done
+kill -INT $cap_pid
+wait $cap_pid
 check "capture --force interrupted: the old trace is kept, the new one named" \
     "cmp -s $TMP/cap.kvt $TMP/cap.old && grep -q 'cap.kvt is unchanged' $TMP/err"
 rm -f "$TMP"/cap.kvt.tmp.*
