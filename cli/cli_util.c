@@ -201,21 +201,14 @@ bool kvt_cli_wants_help(int argc, char **argv)
 }
 
 /* the directory part of path ("." or "/" when it has none / is at the root) into dir */
-static void dir_of(const char *path, char *dir, size_t cap)
-{
-    const char *slash = strrchr(path, '/');
-    snprintf(dir, cap, "%.*s", slash ? (int)(slash == path ? 1 : slash - path) : 1,
-             slash ? path : ".");
-}
-
 bool kvt_cli_same_path(const char *a, const char *b)
 {
     struct stat x, y;
     if (stat(a, &x) == 0 && stat(b, &y) == 0)
         return x.st_dev == y.st_dev && x.st_ino == y.st_ino;
     char da[4096], db[4096];
-    dir_of(a, da, sizeof(da));
-    dir_of(b, db, sizeof(db));
+    kvt_dir_of(a, da, sizeof(da));
+    kvt_dir_of(b, db, sizeof(db));
     const char *ba = strrchr(a, '/'), *bb = strrchr(b, '/');
     ba = ba ? ba + 1 : a, bb = bb ? bb + 1 : b;
     return strcmp(ba, bb) == 0 && stat(da, &x) == 0 && stat(db, &y) == 0 && x.st_dev == y.st_dev &&
@@ -235,7 +228,7 @@ bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char 
     }
     /* the directory must take a new file: found now, not after the work is done */
     char dir[4096];
-    dir_of(out, dir, sizeof(dir));
+    kvt_dir_of(out, dir, sizeof(dir));
     if (access(dir, W_OK | X_OK) != 0) {
         kvt_cli_fail(cmd, "cannot write %s: %s: %s", out, dir, strerror(errno));
         return false;

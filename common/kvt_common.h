@@ -143,6 +143,8 @@ int kvt_cpu_count(void);
 int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp);
 /** fsync the directory holding `path`, so that a rename into it is durable (best effort). */
 void kvt_fsync_dir_of(const char *path);
+/** The directory part of `path` into dir ("." without a slash, "/" for a file in the root). */
+void kvt_dir_of(const char *path, char *dir, size_t cap);
 /** x as the shortest of %.15g / %.16g / %.17g that reads back as x, into buf. */
 void kvt_fmt_double(double x, char *buf, size_t cap);
 

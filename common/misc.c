@@ -145,12 +145,17 @@ const char *kvt_open_error(const char *path)
     return buf;
 }
 
-void kvt_fsync_dir_of(const char *path)
+void kvt_dir_of(const char *path, char *dir, size_t cap)
 {
     const char *slash = strrchr(path, '/');
-    char dir[4096];
-    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash == path ? 1 : slash - path) : 1,
+    snprintf(dir, cap, "%.*s", slash ? (int)(slash == path ? 1 : slash - path) : 1,
              slash ? path : ".");
+}
+
+void kvt_fsync_dir_of(const char *path)
+{
+    char dir[4096];
+    kvt_dir_of(path, dir, sizeof(dir));
     int fd = open(dir, O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
         (void)fsync(fd);

@@ -28,6 +28,11 @@ const kvt_policy_def *kvt_policy_def_find(const char *name)
 }
 
 /* ---- options ---- */
+static const char *reduce_name(kvt_reduce r)
+{
+    return r == KVT_REDUCE_MAX ? "max" : r == KVT_REDUCE_SUM ? "sum" : "mean";
+}
+
 typedef enum {
     O_INT,
     O_DBL,
@@ -178,22 +183,20 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
     case O_REDUCE: {
         /* each option takes the reductions in its range: Quest's page score and HybridKV-like's
          * chunk score have no mean */
-        int r = !strcmp(val, "mean")  ? KVT_REDUCE_MEAN
-                : !strcmp(val, "max") ? KVT_REDUCE_MAX
-                : !strcmp(val, "sum") ? KVT_REDUCE_SUM
-                                      : -1;
-        if (r < (int)od->lo || r > (int)od->hi) {
-            static const char *names[] = {"mean", "max", "sum"}; /* kvt_reduce order */
-            char list[64] = "";
-            for (int i = (int)od->lo; i <= (int)od->hi; i++)
-                snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s",
-                         i == (int)od->lo   ? ""
-                         : i == (int)od->hi ? " or "
-                                            : ", ",
-                         names[i]);
+        int r = -1;
+        char list[64] = "";
+        for (int i = (int)od->lo; i <= (int)od->hi; i++) {
+            if (!strcmp(val, reduce_name((kvt_reduce)i)))
+                r = i;
+            snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s",
+                     i == (int)od->lo   ? ""
+                     : i == (int)od->hi ? " or "
+                                        : ", ",
+                     reduce_name((kvt_reduce)i));
+        }
+        if (r < 0)
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected %s", d->name, key, val,
                                  list);
-        }
         *(kvt_reduce *)(base + od->off) = (kvt_reduce)r;
         return KVT_OK;
     }
@@ -451,11 +454,6 @@ unsigned kvt_policy_flags(const kvt_policy *p)
 bool kvt_policy_per_query_head(const kvt_policy *p)
 {
     return p->o.per_query;
-}
-
-static const char *reduce_name(kvt_reduce r)
-{
-    return r == KVT_REDUCE_MAX ? "max" : r == KVT_REDUCE_SUM ? "sum" : "mean";
 }
 
 /* "key=value" of one option into buf; quoted = JSON form */

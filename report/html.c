@@ -910,7 +910,7 @@ out_free_js:
 static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
 {
     kvt_status st = KVT_OK;
-    char from[4096], to[4096];
+    char from[4096 + 512], to[4096 + 512]; /* a directory name plus a file name */
     DIR *d = opendir(stage);
     if (!d)
         return commit
@@ -959,23 +959,27 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
 {
     KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
                   "report: no trace, policy or budget in the results");
-    KVT_RETURN_IF(mkdir(dir, 0777) != 0 && errno != EEXIST, KVT_ERR_IO,
-                  "report: cannot create %s: %s", dir, strerror(errno));
+    report_plan pl; /* first: a target that cannot be answered creates nothing */
+    KVT_FORWARD(plan_create(r, NULL, target, &pl));
+    kvt_status st = KVT_OK;
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST) {
+        st = kvt_error_set(KVT_ERR_IO, "report: cannot create %s: %s", dir, strerror(errno));
+        plan_free(&pl);
+        return st;
+    }
     /* The whole report is written into a staging directory inside dir and moved into place
      * only when every file is complete: a failure (a full disk) leaves the previous report as
      * it was, figures included. */
     char stage[4096], path[4096 + 16];
-    KVT_RETURN_IF(snprintf(stage, sizeof(stage), "%s/.kvt-report-XXXXXX", dir) >=
-                      (int)sizeof(stage) - 64,
-                  KVT_ERR_INVALID_ARG, "report: the directory name is too long: %s", dir);
-    KVT_RETURN_IF(!mkdtemp(stage), KVT_ERR_IO, "report: cannot write in %s: %s", dir,
-                  strerror(errno));
-    report_plan pl;
-    kvt_status st = plan_create(r, stage, target, &pl);
+    if (snprintf(stage, sizeof(stage), "%s/.kvt-report-XXXXXX", dir) >= (int)sizeof(stage) - 64)
+        st = kvt_error_set(KVT_ERR_INVALID_ARG, "report: the directory name is too long: %s", dir);
+    else if (!mkdtemp(stage))
+        st = kvt_error_set(KVT_ERR_IO, "report: cannot write in %s: %s", dir, strerror(errno));
     if (st) {
-        stage_finish(stage, dir, false);
+        plan_free(&pl);
         return st;
     }
+    pl.dir = stage;
     st = draw_pngs(r, &pl);
     if (st)
         goto out;
@@ -986,8 +990,8 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
                            "report: cannot write %s: %s", path, strerror(errno));
         goto out;
     }
-    st = write_page(f, r, &pl);
-    if (!st && (ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0))
+    st = write_page(f, r, &pl); /* stage_finish fsyncs it before moving it */
+    if (!st && (ferror(f) || fflush(f) != 0))
         st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", path, strerror(errno));
     if (fclose(f) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", path, strerror(errno));

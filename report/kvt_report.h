@@ -204,9 +204,10 @@ kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const ch
  *  `target` itself), the text of kvt_recommendation_print and the best policy per budget.
  *  DIR is created if missing. Every file is written into a staging directory in DIR
  *  (.kvt-report-XXXXXX) and moved into DIR, figures first, only once all are complete, so an
- *  error (a full disk) leaves a previous report in DIR as it was, figures included (a killed
- *  run leaves its staging directory behind, and the previous report). A name in DIR that is
- *  not a regular file (a FIFO, a directory, a symbolic link) is not replaced: an error.
+ *  error (a full disk) leaves a previous report in DIR as it was, figures included (a run
+ *  killed while drawing leaves its staging directory behind and the previous report; one
+ *  killed while the files are being moved may leave new figures beside the old page). A name in DIR
+ * that is not a regular file (a FIFO, a directory, a symbolic link) is not replaced: an error.
  * @return KVT_OK, KVT_ERR_INVALID_ARG (no trace), KVT_ERR_IO. */
 kvt_status kvt_report_write(const kvt_results *r, const char *dir,
                             const kvt_recommend_opts *target);

@@ -16,8 +16,8 @@ import numpy as np
 
 from . import _lib
 from ._errors import TraceError, call
-from ._trace import (C_INT, C_INT32, C_UINT32, C_UINT64, _FORK_RESET, _NoCopy, _Replacing,
-                     dtype_code, int_arg, path_arg, str_arg)
+from ._trace import (_FLOAT_CODES, C_INT, C_INT32, C_UINT32, C_UINT64, _FORK_RESET, _NoCopy,
+                     _Replacing, dtype_code, int_arg, path_arg, str_arg)
 
 _TYPESTR = {"<f4": _lib.DTYPE_F32, "<f2": _lib.DTYPE_F16, "<u2": _lib.DTYPE_BF16,
             "=f4": _lib.DTYPE_F32, "=f2": _lib.DTYPE_F16, "=u2": _lib.DTYPE_BF16,
@@ -134,21 +134,21 @@ def kv_dtype_code(kv_dtype, name="kv_dtype"):
     """The kvt_dtype code of a capture's stored dtype: "f32", "bf16", "f16" (or "float32",
     "bfloat16", "float16", ...), a NumPy dtype, or torch.float32 / torch.bfloat16 /
     torch.float16. ValueError (TypeError for a non-dtype) naming the argument otherwise."""
+    stores = ("a capture stores \"f32\", \"bf16\" or \"f16\" (or torch.float32, "
+              "torch.bfloat16, torch.float16)")
     try:
         code = dtype_code(kv_dtype)
     except (TypeError, ValueError) as e:
-        raise type(e)("%s %r: %s; a capture stores \"f32\", \"bf16\" or \"f16\" (or "
-                      "torch.float32, torch.bfloat16, torch.float16)" % (name, kv_dtype, e)) \
-            from None
-    if code not in (_lib.DTYPE_F32, _lib.DTYPE_BF16, _lib.DTYPE_F16):
-        raise ValueError("%s %r: a capture stores \"f32\", \"bf16\" or \"f16\" (or "
-                         "torch.float32, torch.bfloat16, torch.float16)" % (name, kv_dtype))
+        raise type(e)("%s %r: %s; %s" % (name, kv_dtype, e, stores)) from None
+    if code not in _FLOAT_CODES:
+        raise ValueError("%s %r: %s" % (name, kv_dtype, stores))
     return code
 
 
 def _int_table(a, name, n_tokens, np_dtype, lo, hi, rows_ok=False):
     """A per-token table as a contiguous array of np_dtype: [T] (or [P, T] with rows_ok), of
-    integers within [lo, hi]. ValueError/TypeError naming the table, its shape and T."""
+    integers within [lo, hi]. ValueError/TypeError naming the table (a wrong length: its shape
+    and T; a bad value: the value)."""
     arr = np.asarray(a)
     shape_ok = arr.ndim == 1 or (rows_ok and arr.ndim == 2)
     if not shape_ok or arr.shape[-1] != n_tokens:
@@ -254,7 +254,7 @@ class CaptureSession(_NoCopy):
         _FORK_RESET.add(self)  # a forked child gets a fresh lock (its calls raise, not hang)
         self._pid = os.getpid()
         self.partial_path = None
-        self._replacing = _Replacing(self.path)
+        self._replacing = _Replacing(self.path, bpath)
         h = ctypes.c_void_p()
         call(L.kvt_capture_open, bpath, ctypes.byref(model), ctypes.byref(opts),
              ctypes.byref(h))
@@ -262,8 +262,6 @@ class CaptureSession(_NoCopy):
         self._replacing.after(L.kvt_capture_file(h))
         self.n_layers = model.n_layers
         self.n_tokens = n_tokens
-        self.rope = rope_code
-        self._tl = None
         self._tl_stream = 0
         self.timeline_reason = None
         self.timeline = None

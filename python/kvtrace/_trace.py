@@ -26,8 +26,9 @@ _NP_OF_CODE = {
 }
 _FLOAT_CODES = (_lib.DTYPE_F16, _lib.DTYPE_BF16, _lib.DTYPE_F32)
 # the stored dtype of each integer token table (traces/FORMAT.md)
-_TABLE_DTYPE = {_lib.KINDS["token_ids"]: "i32", _lib.KINDS["modality"]: "u8",
-                _lib.KINDS["positions"]: "i32", _lib.KINDS["decode_token_ids"]: "i32"}
+_TABLE_DTYPE = {_lib.KINDS["token_ids"]: _lib.DTYPE_I32, _lib.KINDS["modality"]: _lib.DTYPE_U8,
+                _lib.KINDS["positions"]: _lib.DTYPE_I32,
+                _lib.KINDS["decode_token_ids"]: _lib.DTYPE_I32}
 
 # ---- argument checks: ctypes silently wraps an integer that does not fit its C type, and a
 # char * ends at the first NUL, so both are refused before any C call ----
@@ -35,7 +36,6 @@ C_INT = ("int", -(1 << 31), (1 << 31) - 1)
 C_INT32 = ("int32", -(1 << 31), (1 << 31) - 1)
 C_UINT32 = ("uint32", 0, (1 << 32) - 1)
 C_UINT64 = ("uint64", 0, (1 << 64) - 1)
-C_SIZE = ("size_t", 0, (1 << 64) - 1)
 
 
 def int_arg(value, name, ctype, lo=None, hi=None):
@@ -89,14 +89,14 @@ class _Replacing(object):
     open; partial() after the close: that temporary file if it is still there, with a Python
     warning naming it."""
 
-    def __init__(self, path_str):
+    def __init__(self, path_str, path_bytes):
         self.final = path_str
+        self._bytes = path_bytes
         self.tmp = None
 
     def after(self, file_bytes):
-        f = os.fsdecode(file_bytes) if file_bytes else None
-        if f is not None and os.fsencode(f) != os.fsencode(self.final):
-            self.tmp = f
+        if file_bytes and file_bytes != self._bytes:
+            self.tmp = os.fsdecode(file_bytes)
 
     def partial(self, what):
         if self.tmp is None or not os.path.exists(self.tmp):
@@ -198,6 +198,11 @@ def kind_name(code):
     return _lib.KIND_NAMES.get(code, "kind%d" % code)
 
 
+_DTYPE_ALIAS = {"f16": 1, "fp16": 1, "float16": 1, "half": 1, "bf16": 2, "bfloat16": 2,
+                "f32": 3, "fp32": 3, "float32": 3, "float": 3, "i32": 4, "int32": 4,
+                "u8": 5, "uint8": 5}
+
+
 def dtype_code(dt):
     """"f16"/"float16"/np.float16/torch.float16, "bf16"/"bfloat16"/torch.bfloat16,
     "f32"/"float32"/np.float32/torch.float32, "i32", "u8" -> kvt_dtype code."""
@@ -205,17 +210,14 @@ def dtype_code(dt):
         return int_arg(dt, "dtype code", C_INT)
     if isinstance(dt, str):
         s = dt.lower()
-        alias = {"f16": 1, "fp16": 1, "float16": 1, "half": 1, "bf16": 2, "bfloat16": 2,
-                 "f32": 3, "fp32": 3, "float32": 3, "float": 3, "i32": 4, "int32": 4,
-                 "u8": 5, "uint8": 5}
-        if s in alias:
-            return alias[s]
+        if s in _DTYPE_ALIAS:
+            return _DTYPE_ALIAS[s]
         raise ValueError("unknown dtype %r (known: f16, bf16, f32, i32, u8 and their NumPy "
                          "and torch names)" % dt)
     if type(dt).__module__ == "torch" and str(dt).startswith("torch."):  # a torch.dtype
         name = str(dt)[len("torch."):]
-        if name in ("float16", "bfloat16", "float32", "int32", "uint8"):
-            return dtype_code(name)
+        if name in _DTYPE_ALIAS:
+            return _DTYPE_ALIAS[name]
         raise ValueError("dtype %s has no kvtrace equivalent" % dt)
     try:
         d = np.dtype(dt)
@@ -621,7 +623,7 @@ class TraceWriter(_NoCopy):
                                                         C_UINT64),
                                force=force)
         header = str_arg(header, "header")
-        self._replacing = _Replacing(self.path)
+        self._replacing = _Replacing(self.path, bpath)
         h = ctypes.c_void_p()
         call(L.kvt_trace_writer_create, bpath, header, ctypes.byref(opts), ctypes.byref(h))
         self._h = h
@@ -651,7 +653,8 @@ class TraceWriter(_NoCopy):
         rounded). Integer tables are range-checked (an int64 token id that does not fit i32
         is refused, not wrapped) and float data is not truncated into an integer dtype."""
         c = kind_code(kind)
-        if dtype is None and c in _TABLE_DTYPE and np.asarray(data).dtype.kind in "iub":
+        a = np.asarray(data)
+        if dtype is None and c in _TABLE_DTYPE and a.dtype.kind in "iub":
             dtype = _TABLE_DTYPE[c]
         if layer is None:
             if c not in _lib.TABLE_KINDS:
@@ -660,19 +663,17 @@ class TraceWriter(_NoCopy):
         layer = int_arg(layer, "layer", C_INT32)
         head_begin = int_arg(head_begin, "head_begin", C_UINT32)
         tok_begin = int_arg(tok_begin, "tok_begin", C_UINT32)
-        a = np.asarray(data)
         if a.ndim == 1:
             a = a.reshape(1, -1, 1)
         elif a.ndim == 2:
             a = a.reshape(a.shape[0], a.shape[1], 1)
         elif a.ndim != 3:
             raise ValueError("data must be 1-, 2- or 3-D, got shape %s" % (a.shape,))
-        if dtype is not None and dtype_code(dtype) == _lib.DTYPE_BF16:
-            code = _lib.DTYPE_BF16
+        code = dtype_code(dtype if dtype is not None else a.dtype)
+        if dtype is not None and code == _lib.DTYPE_BF16:
             if a.dtype != np.uint16:
                 a = f32_to_bf16(a.astype(np.float32))
         else:
-            code = dtype_code(dtype if dtype is not None else a.dtype)
             if code not in _NP_OF_CODE:
                 raise ValueError("dtype %r is not a kvtrace dtype (f16, bf16, f32, i32, u8)"
                                  % (dtype if dtype is not None else a.dtype,))
@@ -682,9 +683,10 @@ class TraceWriter(_NoCopy):
                     raise TypeError("append: %s data cannot be stored as %s without losing "
                                     "values" % (a.dtype, _lib.DTYPE_NAMES[code]))
                 lim = np.iinfo(want)
-                if a.size and (int(a.min()) < lim.min or int(a.max()) > lim.max):
+                mn, mx = (int(a.min()), int(a.max())) if a.size else (0, 0)
+                if mn < lim.min or mx > lim.max:
                     raise ValueError("append: values in [%d, %d] do not fit %s"
-                                     % (int(a.min()), int(a.max()), _lib.DTYPE_NAMES[code]))
+                                     % (mn, mx, _lib.DTYPE_NAMES[code]))
             a = a.astype(want, copy=False)
         a = np.ascontiguousarray(a)
         head_end = int_arg(head_begin + a.shape[0], "head_begin + heads", C_UINT32)

@@ -470,7 +470,7 @@ class Capture(object):
             raise _fail("a capture object can be used for one with-block only", _ERR_STATE)
         self._entered = True
         if os.path.exists(self.path) and not self.force:
-            raise _fail("%s exists (pass force=True to overwrite it)" % self.path, -1)
+            raise _fail("%s exists (pass force=True to overwrite it)" % self.path, _ERR_IO)
         self._install()
         return self
 

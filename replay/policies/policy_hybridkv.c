@@ -200,7 +200,8 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
         }
     }
 
-    /* counts per budget */
+    /* counts per budget; ord: the heads by descending sigma (= ascending rho), ties lower */
+    kvt_rank_desc_ref(nrho, H, ord, work);
     for (int b = 0; b < n_b; b++) {
         int bb = B[b] - W;
         long total = (long)H * bb;
@@ -215,7 +216,6 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                 caps[h] = is_static[h] ? (int)mn : 0;
             /* rem by sigma over the static heads below P; a head's share beyond P goes to the
              * others (water-filling), then what no static head can hold to the dynamic heads */
-            kvt_rank_desc_ref(nrho, H, ord, work);
             while (rem > 0) {
                 double ssum = 0.0;
                 int open = 0;
@@ -256,7 +256,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
             else if (bb <= 0)
                 cnt = B[b];
             else if (is_static[h])
-                cnt = W + (caps[h] < P ? caps[h] : P);
+                cnt = W + caps[h]; /* <= P: the water-filling caps each head at P */
             else
                 cnt = W + chunk_count(cord + (size_t)h * nc, dyn_chunks, n_chunks, C, P);
             sel->count[(size_t)b * H + h] = cnt;

@@ -78,8 +78,10 @@ static kvt_status sel_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
     KVT_FORWARD(kvt_sel_rank_window_all(sel, s, W));
     const int H = sel->n_heads, per = ss->H / H; /* score columns per selection head */
+    const bool headkv = is_headkv(p);
     for (int b = 0; b < n_b; b++) {
         int bb = B[b] - W;
+        double mn = headkv ? bb - floor(bb / o->beta) : floor(o->ratio * bb);
         for (int h = 0; h < H; h++) {
             int cnt;
             if (T < B[b])
@@ -90,7 +92,6 @@ static kvt_status sel_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
                 double sig = 0.0;
                 for (int u = 0; u < per; u++)
                     sig += ss->score[(size_t)c->layer * ss->H + h * per + u] / total;
-                double mn = is_headkv(p) ? bb - floor(bb / o->beta) : floor(o->ratio * bb);
                 double cap = kvt_round_even(sig * (bb - mn) * L * H + mn);
                 cap = cap < 0 ? 0 : (cap > P ? P : cap);
                 cnt = W + (int)cap;

@@ -45,6 +45,7 @@ Output JSON: {"settings": {...}, "trace": {...}, "policies": {label: {"budgets":
   (null where not applicable).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -593,26 +594,10 @@ def head_score_caps(name, o, b, nP, layer, n_layers, H):
     min = floor(ratio*b) (sparsemm) or b - floor(b/beta) (headkv);
     cap = round_half_even(sigma*(b - min)*n_layers*H + min), clamped to [0, nP].
     The table: [[...]] rows by layer, or {"layer-head": number or [numbers] (mean)}."""
-    with open(o["scores"]) as f:
-        js = json.load(f)
-    if isinstance(js, dict):
-        cells = {}
-        for k, v in js.items():
-            l, h = (int(x) for x in k.split("-")[:2])
-            cells[(l, h)] = float(np.mean(v)) if isinstance(v, list) else float(v)
-        L = 1 + max(l for l, _ in cells)
-        C = 1 + max(h for _, h in cells)
-        tab = [[cells.get((l, h), float("nan")) for h in range(C)] for l in range(L)]
-    else:
-        tab = [[float(x) for x in row] for row in js]
+    tab, total = _head_table(o["scores"], n_layers)
     C = len(tab[0])
-    if len(tab) < n_layers or C % H:
-        raise ValueError("%s: table %dx%d for %d layers, %d heads" % (name, len(tab), C,
-                                                                      n_layers, H))
-    total = 0.0
-    for l in range(n_layers):  # the order of the C sum
-        for x in tab[l]:
-            total += x
+    if C % H:
+        raise ValueError("%s: table of %d columns for %d heads" % (name, C, H))
     per = C // H
     mn = (b - math.floor(b / float(o["beta"]))) if name == "headkv" else \
         math.floor(float(o["ratio"]) * b)
@@ -624,6 +609,32 @@ def head_score_caps(name, o, b, nP, layer, n_layers, H):
         cap = round(sig * (b - mn) * n_layers * H + mn)  # Python rounds half to even
         caps.append(int(min(max(cap, 0), nP)))
     return caps
+
+
+@functools.lru_cache(maxsize=None)
+def _head_table(path, n_layers):
+    """A head-score table file as rows of floats, and the sum of its first n_layers rows in
+    the order of the C sum (read once per file)."""
+    with open(path) as f:
+        js = json.load(f)
+    if isinstance(js, dict):
+        cells = {}
+        for k, v in js.items():
+            l, h = (int(x) for x in k.split("-")[:2])
+            cells[(l, h)] = float(np.mean(v)) if isinstance(v, list) else float(v)
+        L = 1 + max(l for l, _ in cells)
+        C = 1 + max(h for _, h in cells)
+        tab = [[cells.get((l, h), float("nan")) for h in range(C)] for l in range(L)]
+    else:
+        tab = [[float(x) for x in row] for row in js]
+    if len(tab) < n_layers:
+        raise ValueError("%s: %d layers in the table, the model has %d" % (path, len(tab),
+                                                                          n_layers))
+    total = 0.0
+    for l in range(n_layers):  # the order of the C sum
+        for x in tab[l]:
+            total += x
+    return tab, total
 
 
 def _tie_margin(order, n, scores, hh):

@@ -618,11 +618,10 @@ class Robustness(CaptureCase):
         return kvtrace.CaptureSession(os.path.join(self.dir, fname), **a)
 
     @staticmethod
-    def fill(s, T=8, L=1, value=0.0):
-        x = np.full((1, T, 4), value, np.float32)
-        for l in range(L):
-            s.submit_kv(l, 0, x, x)
-            s.submit_queries(l, T - 2, np.full((2, 2, 4), value, np.float32))
+    def fill(s, value=0.0):
+        x = np.full((1, 8, 4), value, np.float32)
+        s.submit_kv(0, 0, x, x)
+        s.submit_queries(0, 6, np.full((2, 2, 4), value, np.float32))
 
     # ---- finding 1: set_tokens against n_tokens ----
     def test_set_tokens_checks_lengths_and_ranges(self):
@@ -676,18 +675,15 @@ class Robustness(CaptureCase):
                                         (FakeTorchDtype("bfloat16"), "bf16"),
                                         (FakeTorchDtype("float16"), "f16"),
                                         (FakeTorchDtype("float32"), "f32"))):
-            path = os.path.join(self.dir, "dt%d.kvt" % i)
-            with kvtrace.CaptureSession(path, n_layers=1, n_q_heads=2, n_kv_heads=1,
-                                        head_dim=4, n_tokens=8, window=2, kv_dtype=dt) as s:
+            with self.sess("dt%d.kvt" % i, kv_dtype=dt) as s:
                 self.fill(s)
-            with kvtrace.open(path) as t:
+            with kvtrace.open(s.path) as t:
                 self.assertEqual(t.header["kv_dtype"], code, repr(dt))
         try:
             import torch
-            path = os.path.join(self.dir, "torch-bf16.kvt")
             with self.sess("torch-bf16.kvt", kv_dtype=torch.bfloat16) as s:
                 self.fill(s)
-            with kvtrace.open(path) as t:
+            with kvtrace.open(s.path) as t:
                 self.assertEqual(t.header["kv_dtype"], "bf16")
         except ImportError:
             pass
@@ -978,29 +974,20 @@ class Robustness(CaptureCase):
         x = np.full((1, 8, 4), 5.0, np.float32)
         s.submit_kv(0, 0, x, x)
         t = kvtrace.open(self._finished_trace())
-        pid = os.fork()
-        if pid == 0:  # child: using the session is refused, dropping it closes nothing
-            code = 0
+
+        def child():  # using the session is refused, dropping it closes nothing
             try:
-                try:
-                    s.stats()
-                    code = 3
-                except kvtrace.TraceError as e:
-                    if "forked child" not in str(e):
-                        code = 4
-                if not np.array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32)):
-                    code = 5
-                del s, t  # __del__ runs here: it must not finish the parent's trace
-                import gc
-                gc.collect()
-            except BaseException:  # noqa: BLE001
-                code = 6
-            finally:
-                os._exit(code)
-        status = self.wait_child(pid, 60)
-        self.assertTrue(status is not None, "the forked child hung")
-        self.assertTrue(os.WIFEXITED(status), "child died: status %d" % status)
-        self.assertEqual(os.WEXITSTATUS(status), 0, "child exit code")
+                s.stats()
+                return 3
+            except kvtrace.TraceError as e:
+                if "forked child" not in str(e):
+                    return 4
+            if not np.array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32)):
+                return 5
+            s.__del__()  # what dropping them runs: it must not finish the parent's trace
+            t.__del__()
+            return 0
+        self.run_child(child, 60)
         s.submit_queries(0, 6, np.full((2, 2, 4), 5.0, np.float32))
         s.close()
         rep = kvtrace.verify(s.path)
@@ -1028,22 +1015,17 @@ class Robustness(CaptureCase):
         started.wait()
         # a child forked while the readers run (one is likely inside a read): its copy of
         # the reader reads and closes without waiting for the parent's threads
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                if not np.array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32)):
-                    code = 3
-                t.close()
-            except BaseException:  # noqa: BLE001
-                code = 4
-            finally:
-                os._exit(code)
-        status = self.wait_child(pid, 30)
-        if status is None:
-            stop.set()
-            self.fail("the forked child hung in close()")
-        self.assertEqual(os.WEXITSTATUS(status), 0, "child exit code")
+
+        def child():
+            if not np.array_equal(t.read("K", 0), np.ones((1, 2, 3), np.float32)):
+                return 3
+            t.close()
+            return 0
+        try:
+            self.run_child(child, 30)
+        except BaseException:
+            stop.set()  # the readers end with the test
+            raise
         # close() while 4 threads read in a loop: it holds new reads back, so it returns
         # (before: it waited as long as the readers kept reading)
         done = threading.Event()
@@ -1068,17 +1050,29 @@ class Robustness(CaptureCase):
             np.testing.assert_array_equal(t.tokens["modality"], mask.astype(np.uint8))
             np.testing.assert_array_equal(t.tokens["token_ids"], mask.astype(np.int32))
 
-    @staticmethod
-    def wait_child(pid, seconds):
-        """The forked child's wait status, or None (and the child killed) after `seconds`."""
+    def run_child(self, body, seconds):
+        """Runs body() in a forked child (its return value is the exit code; an exception is
+        6) and asserts the child exits 0 within `seconds` (killed and failed otherwise)."""
+        pid = os.fork()
+        if pid == 0:
+            code = 6
+            try:
+                code = body()
+            except BaseException:  # noqa: BLE001
+                pass
+            finally:
+                os._exit(code)
         for _ in range(int(seconds * 10)):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                return status
+                break
             threading.Event().wait(0.1)
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        return None
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            self.fail("the forked child hung")
+        self.assertTrue(os.WIFEXITED(status), "child died: status %d" % status)
+        self.assertEqual(os.WEXITSTATUS(status), 0, "child exit code")
 
     def _finished_trace(self):
         path = os.path.join(self.dir, "ro.kvt")

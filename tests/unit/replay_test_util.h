@@ -14,6 +14,23 @@ typedef struct test_layer {
     uint8_t *mod;
 } test_layer;
 
+/* a one-layer input of Hq query heads over Hkv KV heads: keys/values [Hkv, T, D], window
+ * queries [Hq, W, D] (no decode steps, no modality: set them on the result) */
+static inline kvt_layer_input tl_layer(int T, int D, int Hq, int Hkv, int W, const float *k,
+                                       const float *v, const float *q)
+{
+    return (kvt_layer_input){.layer = 0,
+                             .n_layers = 1,
+                             .T = T,
+                             .D = D,
+                             .Hq = Hq,
+                             .Hkv = Hkv,
+                             .W = W,
+                             .k = k,
+                             .v = v,
+                             .q_window = q};
+}
+
 static inline float *tl_randn(kvt_rng *r, size_t n, double scale)
 {
     float *x = malloc(n * sizeof(float) + 4);
@@ -43,21 +60,9 @@ static inline void tl_random(test_layer *t, uint64_t seed, int T, int D, int Hq,
         for (int j = T / 3; j < 2 * T / 3; j++)
             t->mod[j] = 1;
     }
-    t->in = (kvt_layer_input){.layer = 0,
-                              .n_layers = 4,
-                              .T = T,
-                              .D = D,
-                              .Hq = Hq,
-                              .Hkv = Hkv,
-                              .W = W,
-                              .G = G,
-                              .k = t->k,
-                              .v = t->v,
-                              .q_window = t->qw,
-                              .q_decode = t->qd,
-                              .k_decode = t->kd,
-                              .v_decode = t->vd,
-                              .modality = t->mod};
+    t->in = tl_layer(T, D, Hq, Hkv, W, t->k, t->v, t->qw);
+    t->in.n_layers = 4, t->in.G = G, t->in.modality = t->mod;
+    t->in.q_decode = t->qd, t->in.k_decode = t->kd, t->in.v_decode = t->vd;
 }
 
 static inline void tl_free(test_layer *t)
@@ -71,23 +76,6 @@ static inline void tl_free(test_layer *t)
     free(t->cs);
     free(t->mod);
     memset(t, 0, sizeof(*t));
-}
-
-/* a one-layer input of Hq query heads over Hkv KV heads: keys/values [Hkv, T, D], window
- * queries [Hq, W, D] (no decode steps, no modality: set them on the result) */
-static inline kvt_layer_input tl_layer(int T, int D, int Hq, int Hkv, int W, const float *k,
-                                       const float *v, const float *q)
-{
-    return (kvt_layer_input){.layer = 0,
-                             .n_layers = 1,
-                             .T = T,
-                             .D = D,
-                             .Hq = Hq,
-                             .Hkv = Hkv,
-                             .W = W,
-                             .k = k,
-                             .v = v,
-                             .q_window = q};
 }
 
 /* select spec's kept sets on a layer at budgets B[nb]; a failure is a test failure (and exits:

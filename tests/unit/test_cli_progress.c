@@ -41,8 +41,9 @@ static bool wait_for(int fd, size_t from, const char *what)
 /* runs the progress line with stderr sent to a file; returns the file's text */
 static char *capture_stderr(bool warn, bool enabled)
 {
-    char path[] = "/tmp/kvt_progress_XXXXXX";
-    int fd = mkstemp(path);
+    char path[256];
+    int fd =
+        open(kvt_test_tmp(path, sizeof(path), "progress.txt"), O_RDWR | O_CREAT | O_TRUNC, 0600);
     KVT_EXPECT(fd >= 0);
     fflush(stderr);
     int saved = dup(2);

@@ -291,13 +291,13 @@ static void test_dynamic(void)
     kvt_kernels_use_ref(false);
 }
 
-/* GQA: Hq=4 on Hkv=2; KV head 0 has L4's keys, query heads 0 (window q=+1, decode .1) and 1
- * (window q=-1, decode -2). KV head 1: keys 0 except 20 at 5, queries +1. tau=0: all dynamic.
- * a, by hand: head 0 puts .20 on 0 and 1, .33 on 4, .26 on 9; head 1 (Z = e + 4 + e^-1 +
- * e^3 + ...) .73 on 7, .10 on 2, .036 on each 0 key. Group mean per chunk, sum: c2 .39 >
- * c0 .25 > c1 .20 > c3 .13; max: c2 (a7 .36) > c1 (a4 .17) > c3 (.13) > c0 (.10). Head 0
- * alone (sum) keeps c0 c1, head 1 alone c2 c0. Decode, max over the group of q.k per chunk:
- * head 0: 1.0 1.05 .1 1.025; head 1: 2 0 6 -20.5; group: 2 1.05 6 1.025 -> c2 c0. */
+/* GQA: Hq=4 on Hkv=2; KV head 0 has L4's keys except token 2 = -1, query heads 0 (window q=+1,
+ * decode .1) and 1 (window q=-1, decode -2). KV head 1: keys 0 except 20 at 5, queries +1. tau=0:
+ * all dynamic. a, by hand: head 0 puts .20 on 0 and 1, .33 on 4, .26 on 9; head 1 (Z = e + 4 + e^-1
+ * + e^3 + ...) .73 on 7, .10 on 2, .036 on each 0 key. Group mean per chunk, sum: c2 .39 > c0 .25 >
+ * c1 .20 > c3 .13; max: c2 (a7 .36) > c1 (a4 .17) > c3 (.13) > c0 (.10). Head 0 alone (sum) keeps
+ * c0 c1, head 1 alone c2 c0. Decode, max over the group of q.k per chunk: head 0: 1.0 1.05
+ * .1 1.025; head 1: 2 0 6 -20.5; group: 2 1.05 6 1.025 -> c2 c0. */
 static void test_gqa(void)
 {
     float k[24] = {10, 10, -1, 0, 10.5f, 0, 1, -3, 0, 10.25f, 0, 0};

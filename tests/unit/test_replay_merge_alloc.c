@@ -9,7 +9,6 @@
 #include "replay_test_util.h"
 #include "replay_internal.h" /* kvt_merged_set: the merged K/V of a lightkv-like selection */
 
-/* one layer of Hq query heads on Hkv KV heads; k, v [Hkv, T, D], q [Hq, W, D] */
 /* ---------------------------------- lightkv-like ----------------------------------------- */
 enum { LT = 13, LD = 2, LHQ = 4, LHKV = 2, LW = 3 };
 /* text 0-1 | image 2-9 (the prefix: mergeable) | image 10 (in the window: never merged, and
