@@ -1,5 +1,6 @@
 /* test_replay_faults.c - allocation failure at every allocation site in turn (the kvt_malloc
- * hook of common/) during a replay: one layer with every policy (fast and reference kernels),
+ * hook of common/) during a replay: one layer with every policy but the two that need a scores
+ * file (fast and reference kernels),
  * a whole trace on two worker threads, and results.json written and read back. Every failure
  * must come back as KVT_ERR_NOMEM with a message (never a crash, a wrong status or a partial
  * success), leave nothing allocated (the ASan build checks leaks), and leave no results file
