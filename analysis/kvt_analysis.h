@@ -72,6 +72,12 @@ kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
 /** Read a results.json written by kvt_results_write (any results_version <= ours).
  * @return KVT_OK, KVT_ERR_IO, KVT_ERR_CORRUPT, KVT_ERR_VERSION (newer file). */
 kvt_status kvt_results_read(const char *path, kvt_results **out);
+/** The text kvt_results_write writes (without its final newline), in kvt_malloc'ed memory
+ *  (*txt, NUL-terminated, *len bytes; kvt_free it): how a result travels between processes. */
+kvt_status kvt_results_to_json(const kvt_results *r, char **txt, size_t *len);
+/** Parse `len` bytes of results.json text as kvt_results_read does; `name` names it in
+ *  messages. */
+kvt_status kvt_results_parse(const char *txt, size_t len, const char *name, kvt_results **out);
 
 /* ---- aggregation ---- */
 

@@ -274,10 +274,10 @@ out_free:
     return st;
 }
 
-kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
+/* results.json as a cJSON_Print'ed text (free with cJSON_free) */
+static kvt_status print_results(const kvt_results *r, char **out)
 {
-    KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
-                  "%s exists (use --force to overwrite)", path);
+    *out = NULL;
     cJSON *root = cJSON_CreateObject();
     KVT_RETURN_IF(!root, KVT_ERR_NOMEM, "out of memory");
     cJSON_AddNumberToObject(root, "results_version", KVT_RESULTS_VERSION);
@@ -352,9 +352,40 @@ kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
     char *txt = cJSON_Print(root);
     cJSON_Delete(root);
     KVT_RETURN_IF(!txt, KVT_ERR_NOMEM, "out of memory printing results");
-    kvt_status st = write_atomic(path, txt, strlen(txt));
+    *out = txt;
+    return KVT_OK;
+}
+
+kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
+{
+    KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
+                  "%s exists (use --force to overwrite)", path);
+    char *txt = NULL;
+    kvt_status st = print_results(r, &txt);
+    if (st)
+        return st;
+    st = write_atomic(path, txt, strlen(txt));
     cJSON_free(txt);
     return st;
+}
+
+kvt_status kvt_results_to_json(const kvt_results *r, char **txt, size_t *len)
+{
+    *txt = NULL;
+    *len = 0;
+    char *p = NULL;
+    kvt_status st = print_results(r, &p);
+    if (st)
+        return st;
+    size_t n = strlen(p);
+    *txt = kvt_malloc(n + 1);
+    if (*txt) {
+        memcpy(*txt, p, n + 1);
+        *len = n;
+    }
+    cJSON_free(p);
+    KVT_RETURN_IF(!*txt, KVT_ERR_NOMEM, "out of memory printing results");
+    return KVT_OK;
 }
 
 /* ---- reader ---- */
@@ -654,8 +685,15 @@ kvt_status kvt_results_read(const char *path, kvt_results **out)
     }
     fclose(f);
     txt[len] = '\0';
-    cJSON *root = cJSON_Parse(txt);
+    kvt_status st = kvt_results_parse(txt, len, path, out);
     kvt_free(txt);
+    return st;
+}
+
+kvt_status kvt_results_parse(const char *txt, size_t len, const char *path, kvt_results **out)
+{
+    *out = NULL;
+    cJSON *root = cJSON_ParseWithLength(txt, len);
     KVT_RETURN_IF(!root, KVT_ERR_CORRUPT, "%s is not valid JSON", path);
     kvt_status st = KVT_OK;
     kvt_results *r = NULL;

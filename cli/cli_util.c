@@ -11,6 +11,17 @@
 #include <time.h>
 #include <unistd.h>
 
+static char *s_held; /* kvt_cli_hold_errors: where the first error line goes */
+static size_t s_held_cap;
+
+void kvt_cli_hold_errors(char *buf, size_t cap)
+{
+    s_held = cap ? buf : NULL;
+    s_held_cap = cap;
+    if (s_held)
+        s_held[0] = '\0';
+}
+
 int kvt_cli_fail(const char *cmd, const char *fmt, ...)
 {
     char buf[1024];
@@ -18,7 +29,10 @@ int kvt_cli_fail(const char *cmd, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
-    fprintf(stderr, "kvtrace %s: error: %s\n", cmd, buf);
+    if (!s_held)
+        fprintf(stderr, "kvtrace %s: error: %s\n", cmd, buf);
+    else if (!s_held[0])
+        snprintf(s_held, s_held_cap, "kvtrace %s: error: %s", cmd, buf);
     return 1;
 }
 

@@ -60,8 +60,12 @@ static void help(void)
            "  --shard I/N       replay only shard I (0..N-1) of the (trace, layer) units: unit\n"
            "                    u (traces in order, then layers) goes to shard u %% N. Writes a\n"
            "                    partial results.json; combine all N with kvtrace merge\n"
-           "  --list-policies   print the policies with their options and defaults\n",
-           DEFAULT_POLICIES, KVT_DEFAULT_COVERAGE_PROBES);
+           "  --list-policies   print the policies with their options and defaults\n\n"
+           "Under an MPI launcher (mpirun -n N kvtrace replay ..., or srun), process R replays\n"
+           "shard R/N and rank 0 merges the parts into the one results.json a single process\n"
+           "writes; --threads defaults to the cores of a node over its processes.%s\n",
+           DEFAULT_POLICIES, KVT_DEFAULT_COVERAGE_PROBES,
+           kvt_cli_mpi_library() ? "" : "\n(This kvtrace was built without MPI.)");
 }
 
 /* --profile: where the time went, on stderr (one "profile:" line per part) */
@@ -100,6 +104,46 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device)
             "profile: gpu sweep calls %llu (kernels: GPU time by CUDA events, GB at least what "
             "each must move; copies: host clock)\n",
             (unsigned long long)p->gpu_sweep_calls);
+}
+
+/* MPI: rank 0 receives every process's partial result (txt: this one's) and merges them into
+ * *res, the result one process gives; the other processes only send */
+static kvt_status mpi_collect(kvt_cli_mpi *m, char *txt, size_t len, kvt_results **res)
+{
+    char **texts = NULL;
+    size_t *lens = NULL;
+    kvt_status st = kvt_cli_mpi_gather(m, txt, len, &texts, &lens);
+    if (m->rank != 0)
+        return KVT_OK;
+    kvt_results **parts = kvt_calloc((size_t)m->size, sizeof(*parts));
+    char(*names)[32] = kvt_calloc((size_t)m->size, sizeof(*names));
+    const char **np = kvt_calloc((size_t)m->size, sizeof(*np));
+    if (!st && (!parts || !names || !np))
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory merging the MPI ranks' results");
+    for (int r = 0; !st && r < m->size; r++) {
+        snprintf(names[r], sizeof(names[r]), "MPI rank %d", r);
+        np[r] = names[r];
+        st = kvt_results_parse(texts[r], lens[r], names[r], &parts[r]);
+    }
+    if (!st)
+        st = kvt_results_merge(parts, np, (size_t)m->size);
+    if (!st) { /* parts[0] is the merged result */
+        kvt_results_free(*res);
+        *res = parts[0];
+        parts[0] = NULL;
+    }
+    for (int r = 0; r < m->size; r++) {
+        if (parts)
+            kvt_results_free(parts[r]);
+        if (r && texts)
+            kvt_free(texts[r]);
+    }
+    kvt_free(parts);
+    kvt_free(names);
+    kvt_free(np);
+    kvt_free(texts);
+    kvt_free(lens);
+    return st;
 }
 
 /* "I/N" with 0 <= I < N */
@@ -237,10 +281,19 @@ int kvt_cmd_replay(int argc, char **argv)
     kvt_results *res = NULL;
     kvt_selection_writer *sw = NULL;
     kvt_status st;
-    if (!traces)
-        return kvt_cli_fail(cmd, "out of memory");
+    kvt_cli_mpi mpi; /* a launch by mpirun: one shard per process, rank 0 merges and writes */
+    if ((rc = kvt_cli_mpi_begin(&mpi, cmd))) {
+        kvt_free(traces);
+        return rc;
+    }
+    rc = 1;
+    if (!traces) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
     if (kvt_cli_wants_help(argc, argv)) {
-        help();
+        if (mpi.rank == 0)
+            help();
         rc = 0;
         goto out_free;
     }
@@ -257,7 +310,8 @@ int kvt_cmd_replay(int argc, char **argv)
         i++;                                                                                       \
     } while (0)
         if (!strcmp(a, "--list-policies")) {
-            list_policies();
+            if (mpi.rank == 0)
+                list_policies();
             rc = 0;
             goto out_free;
         } else if (!strcmp(a, "--policies") || !strcmp(a, "--policy")) {
@@ -335,10 +389,18 @@ int kvt_cmd_replay(int argc, char **argv)
         rc = 2;
         goto out_free;
     }
-    /* outputs are checked before any work; traces[n_traces] (calloc'ed spare slot) holds -o
-     * while the selection export is checked, so neither output can overwrite an input or the
-     * other output */
-    if (!kvt_cli_output_ok(cmd, out, force, (const char *const *)traces, (size_t)n_traces))
+    if (mpi.size > 1 && (shard_n || export_path)) {
+        kvt_cli_fail(cmd, "%s cannot be combined with an MPI launch%s",
+                     shard_n ? "--shard" : "--export-selection",
+                     shard_n ? " (its N processes are the N shards)" : " (yet)");
+        rc = 2;
+        goto out_free;
+    }
+    /* outputs are checked before any work (by rank 0, which alone writes under MPI);
+     * traces[n_traces] (calloc'ed spare slot) holds -o while the selection export is checked,
+     * so neither output can overwrite an input or the other output */
+    if (mpi.rank == 0 &&
+        !kvt_cli_output_ok(cmd, out, force, (const char *const *)traces, (size_t)n_traces))
         goto out_free;
     if (export_path) {
         traces[n_traces] = out;
@@ -366,7 +428,7 @@ int kvt_cmd_replay(int argc, char **argv)
             kvt_cli_fail_status(cmd, st, "--device");
             goto out_free;
         }
-        if (want == KVT_DEVICE_AUTO && device == KVT_DEVICE_CPU)
+        if (want == KVT_DEVICE_AUTO && device == KVT_DEVICE_CPU && mpi.rank == 0)
             fprintf(stderr, "kvtrace replay: --device auto: on the CPU (%s)\n", why);
     }
     kvt_policy_globals g = {.seed = seed, .per_query_head = per_query};
@@ -384,6 +446,15 @@ int kvt_cmd_replay(int argc, char **argv)
     if ((st = kvt_results_create(pols, n_pol, budgets, n_b, &res))) {
         kvt_cli_fail_status(cmd, st, "results");
         goto out_free;
+    }
+    if (mpi.size > 1) { /* every process got this far: each replays its shard */
+        if ((rc = kvt_cli_mpi_agree(&mpi, 0)))
+            goto out_free;
+        rc = 1;
+        shard_i = mpi.rank;
+        shard_n = mpi.size;
+        if (!threads) /* the node's cores shared by its processes */
+            threads = kvt_cpu_count() / mpi.local_size > 1 ? kvt_cpu_count() / mpi.local_size : 1;
     }
     res->seed = seed;
     res->coverage_probes = probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : probes;
@@ -479,6 +550,27 @@ int kvt_cmd_replay(int argc, char **argv)
         kvt_cli_fail_status(cmd, st, "--shard");
         goto out_free;
     }
+    if (mpi.size > 1) { /* every part to rank 0, which goes on with the merged result */
+        char *txt = NULL;
+        size_t len = 0;
+        if ((st = kvt_results_to_json(res, &txt, &len)))
+            kvt_cli_fail_status(cmd, st, "results");
+        if ((rc = kvt_cli_mpi_agree(&mpi, st ? 1 : 0)) == 0)
+            st = mpi_collect(&mpi, txt, len, &res);
+        kvt_free(txt);
+        if (rc)
+            goto out_free;
+        rc = 1;
+        if (st) {
+            kvt_cli_fail_status(cmd, st, "merging the MPI ranks' results");
+            goto out_free;
+        }
+        if (mpi.rank != 0) {
+            rc = 0;
+            goto out_free;
+        }
+        shard_n = 0; /* rank 0 holds the whole result now */
+    }
     if ((st = kvt_results_write(res, out, force))) {
         kvt_cli_fail_status(cmd, st, "writing the results");
         goto out_free;
@@ -516,10 +608,15 @@ int kvt_cmd_replay(int argc, char **argv)
                    fmt(s.err_window, c[1], 32, "%.4f"), fmt(s.recall_decode, c[2], 32, "%.4f"),
                    fmt(s.err_decode, c[3], 32, "%.4f"), fmt(s.coverage, c[4], 32, "%.4f"));
         }
+    if (profile && mpi.size > 1)
+        fprintf(stderr, "profile: MPI rank 0 of %d, its own shard:\n", mpi.size);
     if (profile)
         print_profile(&prof, device);
-    fprintf(stderr, "replay: wrote %s (%zu trace%s, %zu policies, %zu budgets)%s%s\n", out,
-            n_traces, n_traces == 1 ? "" : "s", n_pol, n_b, export_path ? " and " : "",
+    char procs[48] = "";
+    if (mpi.size > 1)
+        snprintf(procs, sizeof(procs), ", %d MPI processes", mpi.size);
+    fprintf(stderr, "replay: wrote %s (%zu trace%s, %zu policies, %zu budgets%s)%s%s\n", out,
+            n_traces, n_traces == 1 ? "" : "s", n_pol, n_b, procs, export_path ? " and " : "",
             export_path ? export_path : "");
     rc = 0;
 out_free:
@@ -532,5 +629,5 @@ out_free:
     kvt_free(traces);
     kvt_free(units);
     kvt_free(mask);
-    return rc;
+    return kvt_cli_mpi_end(&mpi, 2, rc);
 }

@@ -22,6 +22,45 @@ typedef struct kvt_cli_command {
 int kvt_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /** Same, for a failed library call: appends the status name and the library's message. */
 int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what);
+/** From now on kvt_cli_fail keeps its first line (without the newline) in buf[cap] instead of
+ *  printing it (buf is emptied); cap == 0 prints again. For the ranks of an MPI launch, whose
+ *  rank 0 prints every distinct line once (cli_mpi.c). */
+void kvt_cli_hold_errors(char *buf, size_t cap);
+
+/* An MPI launch of `kvtrace replay` (cli_mpi.c): `mpirun -n N kvtrace replay ...` replays
+ * shard r/N in process r, and rank 0 merges the parts and writes the one result. Every
+ * function is collective unless said otherwise: each process calls it, in the same order. In
+ * a kvtrace built without MPI, or outside a launch, there is one process and they do nothing.
+ */
+typedef struct kvt_cli_mpi {
+    int rank, size;   /* 0 and 1 unless launched with more processes */
+    int local_size;   /* processes of the launch on this node (1 outside one) */
+    bool initialized; /* MPI_Init was called; kvt_cli_mpi_end finalizes */
+    int agreed;       /* kvt_cli_mpi_agree calls made so far */
+    bool failed;      /* one of them combined a failure (and said why) */
+    char held[1024];  /* this process's first error line, printed by rank 0 */
+} kvt_cli_mpi;
+/** Not collective. Detects a launch (mpirun/mpiexec/srun set OMPI_COMM_WORLD_SIZE, PMI_SIZE,
+ *  PMI_RANK or PMIX_RANK) and initialises MPI; with more than one process, error lines are held
+ *  back for kvt_cli_mpi_agree. Returns 0, or an exit code after printing why: a launch of
+ *  N > 1 processes of a kvtrace built without MPI (every process would write the whole result).
+ */
+int kvt_cli_mpi_begin(kvt_cli_mpi *m, const char *cmd);
+/** Combines every process's exit code so far (0: going on): rank 0 prints each distinct held
+ *  error line once, naming the ranks it came from unless it is rank 0's or everyone's. Returns
+ *  the combined code: rank 0's if it failed, else the lowest failed rank's, else 0. */
+int kvt_cli_mpi_agree(kvt_cli_mpi *m, int rc);
+/** Rank 0 receives every process's text: texts[r] (NUL-terminated, kvt_free each but
+ *  texts[0], which is `txt` itself) and lens[r]; other ranks send theirs and get NULL. Rank 0
+ *  returns KVT_ERR_NOMEM when a text does not fit in memory (the rest is still received). */
+kvt_status kvt_cli_mpi_gather(kvt_cli_mpi *m, char *txt, size_t len, char ***texts, size_t **lens);
+/** The end on every path: the agreements not made yet of the n_agree the command makes (with
+ *  rc), then rank 0's exit code becomes every process's, and MPI is finalized. Returns the code
+ *  to exit with. */
+int kvt_cli_mpi_end(kvt_cli_mpi *m, int n_agree, int rc);
+/** Not collective: the MPI library this kvtrace was built with ("Open MPI v4.1.4, ..."), or
+ *  NULL without MPI. */
+const char *kvt_cli_mpi_library(void);
 
 /** Progress on stderr: shown once the operation has run for more than a second, when stderr
  *  is a terminal or KVT_PROGRESS=1 (KVT_PROGRESS=0: never). A ticker thread redraws the line

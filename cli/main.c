@@ -63,6 +63,8 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "--version")) {
         printf("kvtrace %s\n", kvt_version_string());
+        const char *mpi = kvt_cli_mpi_library();
+        printf("mpirun kvtrace replay: %s\n", mpi ? mpi : "no (built without MPI)");
         return 0;
     }
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 B=${BUILD:-build-dev}
 BLAS_OPT=ON
 [ "${BLAS:-1}" = 0 ] && BLAS_OPT=OFF
-cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVT_CUDA=ON -DKVT_BLAS=$BLAS_OPT \
+cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVT_CUDA=ON -DKVT_BLAS=$BLAS_OPT -DKVT_MPI=OFF \
     -DCMAKE_CUDA_ARCHITECTURES="90-real;90-virtual" >/dev/null
 cmake --build "$B" -j"$(nproc)" >/dev/null
 rm -rf .devbundle

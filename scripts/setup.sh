@@ -8,7 +8,7 @@ BUILD=${1:-build}
 PKGS=(build-essential cmake ninja-build pkg-config git
       libzstd-dev zstd libcjson-dev libpng-dev zlib1g-dev libcairo2-dev libfontconfig-dev
       python3-numpy python3-torch clang-format libopenblas-dev
-      clang libclang-rt-14-dev valgrind chromium libjs-chart.js)
+      clang libclang-rt-14-dev valgrind chromium libjs-chart.js libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

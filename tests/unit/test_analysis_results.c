@@ -249,6 +249,28 @@ int main(void)
         KVT_EXPECT(isnan(q.recall_window) && !isnan(q.recall_decode));
         kvt_results_free(back);
     }
+    /* the text form (how MPI ranks exchange results): the file's bytes without its newline;
+     * parsed and printed again it is the same text; cut short it is refused by name */
+    {
+        char *txt = NULL, *txt2 = NULL;
+        size_t len = 0, len2 = 0, flen = 0;
+        unsigned char *file = kvt_test_slurp(rpath, &flen);
+        KVT_CHECK(kvt_results_to_json(res, &txt, &len));
+        KVT_EXPECT(file && flen == len + 1 && !memcmp(file, txt, len) && file[len] == '\n');
+        kvt_results *again = NULL;
+        KVT_EXPECT_STATUS(kvt_results_parse(txt, len, "rank 1", &again), KVT_OK);
+        if (again) {
+            KVT_CHECK(kvt_results_to_json(again, &txt2, &len2));
+            KVT_EXPECT(len2 == len && !memcmp(txt, txt2, len));
+            kvt_results_free(again);
+            again = NULL;
+        }
+        KVT_EXPECT_STATUS(kvt_results_parse(txt, len / 2, "rank 1", &again), KVT_ERR_CORRUPT);
+        KVT_EXPECT(again == NULL && strstr(kvt_error_msg(), "rank 1"));
+        kvt_free(txt);
+        kvt_free(txt2);
+        free(file);
+    }
     /* a future version is refused */
     FILE *f = fopen(rpath, "w");
     fputs("{\"results_version\": 99}", f);

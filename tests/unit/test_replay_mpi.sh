@@ -1,0 +1,115 @@
+#!/bin/bash
+# test_replay_mpi.sh - the cluster path (DESIGN.md §6): `mpiexec -n N kvtrace replay ...` must
+# write byte for byte the results.json (and stdout table) of one process, for N = 1, 4 and
+# more processes than (trace, layer) units; rank 0 alone writes and prints; a failure in any
+# process (a damaged layer only rank 2 reads, an existing output only rank 0 checks, a full
+# disk at rank 0's write) is one clear line, naming the rank when it is not rank 0, a non-zero
+# exit, and no output. --shard and --export-selection are refused under a launch.
+# A kvtrace built without MPI (the ASan build) must refuse a launch of several processes
+# instead of running the whole replay N times, and run normally as a launch of one.
+set -u
+BIN=${KVT_BIN:?}
+ROOT=${KVT_SOURCE_ROOT:?}
+MODEL=$ROOT/models/stories260K.bin
+[ -f "$MODEL" ] || MODEL=/work/shared/models/stories260K.bin
+SAMPLE=$ROOT/traces/samples/stories260K.kvt
+if ! $BIN capture-llama2c --help >/dev/null 2>&1 || [ ! -f "$MODEL" ] || [ ! -f "$SAMPLE" ]; then
+    echo "SKIP: no capture-llama2c command, model or sample trace"; exit 77
+fi
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fail() { echo "FAILED: $*"; exit 1; }
+# exactly one error line, containing $1
+one_line() {
+    local n
+    n=$(grep -c '^kvtrace' "$TMP/err")
+    [ "$n" = 1 ] || { cat "$TMP/err"; fail "$2: $n error lines, expected 1"; }
+    grep -q -F -- "$1" "$TMP/err" || { cat "$TMP/err"; fail "$2: no '$1'"; }
+}
+$BIN capture-llama2c --model "$MODEL" --tokens 150 --decode 8 --window 32 --colsum --seed 5 \
+    -o "$TMP/b.kvt" >/dev/null 2>&1 || fail "capture"
+TR=("$SAMPLE" "$TMP/b.kvt")
+SET=(--policies full,random,snapkv,pyramidkv,adakv,mixkv-snapkv,oracle --budgets 16,40,25%
+     --threads 1 --seed 7)
+$BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/one.json" >"$TMP/one.out" 2>"$TMP/err" \
+    || { cat "$TMP/err"; fail "replay in one process"; }
+
+if $BIN --version | grep -q "built without MPI"; then
+    # a launch of 4 (Open MPI's and MPICH's variables): rank 0 says why, the others are quiet
+    for vars in "OMPI_COMM_WORLD_SIZE=4 OMPI_COMM_WORLD_RANK=0" "PMI_SIZE=4 PMI_RANK=0"; do
+        env $vars $BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/x.json" 2>"$TMP/err" \
+            && fail "ran as one of 4 processes without MPI ($vars)"
+        one_line "built without MPI" "launch without MPI ($vars)"
+    done
+    env OMPI_COMM_WORLD_SIZE=4 OMPI_COMM_WORLD_RANK=2 $BIN replay "${TR[@]}" "${SET[@]}" \
+        -o "$TMP/x.json" 2>"$TMP/err" && fail "rank 2 ran without MPI"
+    [ -s "$TMP/err" ] && { cat "$TMP/err"; fail "rank 2 printed"; }
+    [ -e "$TMP/x.json" ] && fail "a refused launch wrote its output"
+    env OMPI_COMM_WORLD_SIZE=1 OMPI_COMM_WORLD_RANK=0 $BIN replay "${TR[@]}" "${SET[@]}" \
+        -o "$TMP/x.json" >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "a launch of one"; }
+    cmp "$TMP/one.json" "$TMP/x.json" || fail "a launch of one differs"
+    echo "OK: built without MPI: a launch of 4 refused in one line, a launch of 1 runs"
+    exit 0
+fi
+
+MPIEXEC=$(command -v mpiexec || command -v mpirun) || { echo "SKIP: no mpiexec"; exit 77; }
+# Open MPI refuses root and more processes than cores unless told (ignored by MPICH)
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+run() { # run N ARGS...: mpiexec -n N kvtrace replay ARGS (stdout, stderr to files)
+    local n=$1
+    shift
+    timeout 120 "$MPIEXEC" -n "$n" "$BIN" replay "$@" >"$TMP/out" 2>"$TMP/err"
+}
+units=$(($($BIN info "$SAMPLE" --json | grep -o '"n_layers":[[:space:]]*[0-9]*' | head -1 | grep -o '[0-9]*$') * 2))
+[ "$units" -gt 0 ] || fail "layer count"
+for n in 1 4 $((units + 3)); do
+    run $n "${TR[@]}" "${SET[@]}" -o "$TMP/m$n.json" || { cat "$TMP/err"; fail "mpiexec -n $n"; }
+    cmp "$TMP/one.json" "$TMP/m$n.json" || fail "-n $n: results.json differs from one process"
+    cmp "$TMP/one.out" "$TMP/out" || fail "-n $n: the table differs (or printed by every rank)"
+    [ $n = 1 ] || grep -q "$n MPI processes" "$TMP/err" || { cat "$TMP/err"; fail "-n $n line"; }
+done
+ls "$TMP"/.m4* "$TMP"/*.tmp* 2>/dev/null && fail "a temporary file was left"
+# refusals under a launch: usage errors, one line for all ranks, nothing written
+run 3 "${TR[@]}" "${SET[@]}" --shard 0/2 -o "$TMP/x.json" && fail "--shard under mpiexec"
+one_line "--shard cannot be combined with an MPI launch" "--shard"
+run 3 "${TR[@]}" "${SET[@]}" --export-selection "$TMP/s.bin" -o "$TMP/x.json" \
+    && fail "--export-selection under mpiexec"
+one_line "--export-selection cannot be combined with an MPI launch" "--export-selection"
+run 3 "${TR[@]}" "${SET[@]}" --budgets 0 -o "$TMP/x.json" && fail "budget 0"
+one_line "--budgets" "budget 0"
+# an existing output is checked by rank 0 before any work
+run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/m4.json" && fail "overwrote without --force"
+one_line "exists" "existing output"
+cmp "$TMP/one.json" "$TMP/m4.json" || fail "the existing output changed"
+# a damaged layer: the process that reads it fails, every process exits, nothing is written
+cp "$TMP/b.kvt" "$TMP/c.kvt"
+"$BIN" verify "$TMP/c.kvt" >/dev/null || fail "verify before damage"
+size=$(stat -c %s "$TMP/c.kvt")
+printf '\xff' | dd of="$TMP/c.kvt" bs=1 seek=$((size * 6 / 10)) conv=notrunc 2>/dev/null
+rec=$("$BIN" verify "$TMP/c.kvt" | grep -o 'record [0-9]* (layer [0-9]* [A-Za-z_]*)')
+layer=$(echo "$rec" | grep -o 'layer [0-9]*' | grep -o '[0-9]*')
+[ -n "$layer" ] || fail "the damage hit no record"
+run 3 "$SAMPLE" "$TMP/c.kvt" "${SET[@]}" -o "$TMP/x.json" && fail "a damaged layer replayed"
+owner=$(((units / 2 + layer) % 3))
+if [ $owner = 0 ]; then
+    one_line "$rec: payload checksum mismatch" "damaged layer (rank 0)"
+    grep -q "(rank" "$TMP/err" && fail "rank 0's own failure names a rank"
+else
+    one_line "$rec: payload checksum mismatch (rank $owner)" "damaged layer (rank $owner)"
+fi
+[ -e "$TMP/x.json" ] && fail "a failed launch wrote its output"
+# rank 0's write fails (a full disk, when a small tmpfs can be mounted): one line, exit 1
+mkdir "$TMP/small"
+if mount -t tmpfs -o size=32k tmpfs "$TMP/small" 2>/dev/null; then
+    run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/small/x.json"
+    rc=$?
+    umount "$TMP/small"
+    [ $rc = 0 ] && fail "a full disk went unnoticed"
+    one_line "No space left on device" "full disk"
+fi
+# --help once
+timeout 60 "$MPIEXEC" -n 3 "$BIN" replay --help >"$TMP/out" 2>&1 || fail "--help under mpiexec"
+[ "$(grep -c '^usage: kvtrace replay' "$TMP/out")" = 1 ] || fail "--help printed by every rank"
+grep -q "MPI launcher" "$TMP/out" || fail "--help lacks the MPI paragraph"
+echo "OK: mpiexec -n 1, 4 and $((units + 3)) equal one process byte for byte; failures in one line"
