@@ -5,6 +5,7 @@
  * and heatmaps (page.js) read one JSON blob in which '<', '>' and '&' are \u escapes, so no
  * string can end the script element.
  */
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
@@ -14,6 +15,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -955,6 +957,48 @@ static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
     return st;
 }
 
+/* Staging directories are named ".kvt-report-HOST-PID-XXXXXX": HOST is this machine's name
+ * with every byte but letters, digits and '.' made '_', PID the writing process. */
+#define STAGE_PREFIX ".kvt-report-"
+
+static void stage_host(char *h, size_t cap)
+{
+    char raw[256] = "";
+    if (gethostname(raw, sizeof(raw) - 1) != 0 || !raw[0])
+        snprintf(raw, sizeof(raw), "localhost");
+    size_t n = 0;
+    for (const char *p = raw; *p && n + 1 < cap; p++)
+        h[n++] = (char)(isalnum((unsigned char)*p) || *p == '.' ? *p : '_');
+    h[n] = '\0';
+}
+
+/* Remove the staging directories in dir that a killed report of this machine left: those
+ * whose PID no longer runs. Another machine's (a shared file system) and a running report's
+ * are left alone. Best effort: a failure here changes nothing the report needs. */
+static void stage_sweep(const char *dir, const char *host)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    char pre[128], path[4096 + 512];
+    int np = snprintf(pre, sizeof(pre), STAGE_PREFIX "%s-", host);
+    struct dirent *e;
+    while (np > 0 && (size_t)np < sizeof(pre) && (e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, pre, (size_t)np))
+            continue;
+        char *end = NULL;
+        long pid = strtol(e->d_name + np, &end, 10);
+        if (pid <= 0 || end == e->d_name + np || *end != '-' || strlen(end + 1) != 6 ||
+            (pid_t)pid == getpid() || kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+            continue;
+        struct stat sb;
+        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+        if (lstat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
+            stage_finish(path, dir, false); /* removes its files, then the directory */
+    }
+    closedir(d);
+}
+
 kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_recommend_opts *target)
 {
     KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
@@ -970,8 +1014,11 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
     /* The whole report is written into a staging directory inside dir and moved into place
      * only when every file is complete: a failure (a full disk) leaves the previous report as
      * it was, figures included. */
-    char stage[4096], path[4096 + 16];
-    if (snprintf(stage, sizeof(stage), "%s/.kvt-report-XXXXXX", dir) >= (int)sizeof(stage) - 64)
+    char stage[4096], path[4096 + 16], host[64];
+    stage_host(host, sizeof(host));
+    stage_sweep(dir, host);
+    if (snprintf(stage, sizeof(stage), "%s/" STAGE_PREFIX "%s-%ld-XXXXXX", dir, host,
+                 (long)getpid()) >= (int)sizeof(stage) - 64)
         st = kvt_error_set(KVT_ERR_INVALID_ARG, "report: the directory name is too long: %s", dir);
     else if (!mkdtemp(stage))
         st = kvt_error_set(KVT_ERR_IO, "report: cannot write in %s: %s", dir, strerror(errno));

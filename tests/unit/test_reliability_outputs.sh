@@ -13,7 +13,8 @@
 #   --force; an output directory that is missing is refused before the work;
 # - synth --force over an existing trace that dies mid-write (ulimit -f) keeps the old trace;
 # - a 250-character output name works (the temporary name must fit NAME_MAX too);
-# - -o X with --export-selection ./X is refused.
+# - -o X with --export-selection ./X is refused;
+# - a report removes the staging directory a killed report of this machine left.
 set -u
 BIN=${KVT_BIN:?}
 ROOT=${KVT_SOURCE_ROOT:?}
@@ -127,6 +128,19 @@ check "report over a FIFO named like a figure: exit 1, one line naming it, nothi
     "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'coverage.png exists and is not a regular file' $TMP/err && [ -p $TMP/rep1.old/coverage.png ] && cmp -s $TMP/rep1.old/index.html $TMP/rep1/index.html && ! ls -a $TMP/rep1.old | grep -q kvt-report"
 check "report without a limit: the new report replaces it" \
     "$BIN report $TMP/r2.json -o $TMP/rep1 --force >/dev/null 2>&1 && [ -f $TMP/rep1/heat_err_decode_01_tova.png ] && ! ls -a $TMP/rep1 | grep -q kvt-report"
+
+# a killed report leaves its staging directory (.kvt-report-HOST-PID-XXXXXX); the next report
+# into that directory removes it once PID is gone, and leaves a running report's (this
+# shell's PID) and another machine's alone
+host=$(hostname | tr -c 'A-Za-z0-9.\n' '_')
+sleep 0 & dead=$!
+wait $dead
+for st in "$host-$dead-aB3dE9" "$host-$$-aB3dE9" "other_host-$dead-aB3dE9"; do
+    mkdir "$TMP/rep1/.kvt-report-$st" && echo x >"$TMP/rep1/.kvt-report-$st/coverage.png"
+done
+check "a report removes the staging directory of a killed report (PID $dead), keeps the others" \
+    "$BIN report $TMP/r2.json -o $TMP/rep1 --force >/dev/null 2>&1 && [ ! -e $TMP/rep1/.kvt-report-$host-$dead-aB3dE9 ] && [ -f $TMP/rep1/.kvt-report-$host-$$-aB3dE9/coverage.png ] && [ -f $TMP/rep1/.kvt-report-other_host-$dead-aB3dE9/coverage.png ] && [ \$(ls -a $TMP/rep1 | grep -c kvt-report) -eq 2 ]"
+rm -rf "$TMP"/rep1/.kvt-report-*
 
 $BIN synth --shape tiny --tokens 64 -o "$TMP/syn.kvt" >/dev/null 2>&1
 cp "$TMP/syn.kvt" "$TMP/syn.old"
