@@ -128,6 +128,23 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
                                      size_t n_recs);
 /** Finish the trace (all its layers must have arrived). */
 kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w);
+/** A writer without a file, for one process of several (an MPI launch): the layers it is given
+ *  are encoded as the export at `path` (binary or JSON by its name) will hold them, and kept
+ *  per (trace, layer) for kvt_selection_writer_take_block; end_trace accepts any subset of a
+ *  trace's layers. Close it with kvt_selection_writer_close. */
+kvt_status kvt_selection_writer_open_blocks(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                            size_t n_budgets, size_t n_traces,
+                                            kvt_selection_writer **out);
+/** Blocks writer: hand over the encoded records of one ended trace's layer (*bytes: kvt_free
+ *  it; *n bytes, *n_recs records). KVT_ERR_NOT_FOUND if that layer was not given here (or was
+ *  taken already). */
+kvt_status kvt_selection_writer_take_block(kvt_selection_writer *w, int trace, int layer,
+                                           char **bytes, size_t *n, size_t *n_recs);
+/** File writer: write a layer of the current trace that a blocks writer encoded (the bytes of
+ *  take_block; ownership passes, also on failure), as if its records had come through the
+ *  sink. */
+kvt_status kvt_selection_writer_put_block(kvt_selection_writer *w, int layer, char *bytes, size_t n,
+                                          size_t n_recs);
 /** Finish the file (JSON closing brackets) and close it. The export is written under a
  *  temporary name in the same directory and renamed to its path here, only when every trace
  *  that was begun also ended and no write failed; otherwise the temporary is removed, an

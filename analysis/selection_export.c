@@ -34,6 +34,12 @@ typedef struct buf {
     size_t n_recs; /* records encoded in p */
 } buf;
 
+typedef struct kept_trace { /* blocks mode: the layers of one trace this process replayed */
+    buf *blocks;            /* [n_layers] */
+    bool *ready;            /* [n_layers] */
+    int n_layers;
+} kept_trace;
+
 struct kvt_selection_writer {
     FILE *f;
     char *path; /* the final name */
@@ -51,6 +57,7 @@ struct kvt_selection_writer {
     int *btok;    /* [n_b] */
     buf *pending; /* [n_layers] */
     bool *ready;
+    kept_trace *kept; /* [n_traces] in blocks mode (no file: layers are kept for the caller) */
 };
 
 static bool buf_put(buf *b, const void *src, size_t n)
@@ -92,16 +99,13 @@ static void put_u16(unsigned char *p, uint32_t x)
     p[0] = (unsigned char)x, p[1] = (unsigned char)(x >> 8);
 }
 
-kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *const *pols,
-                                     size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
-                                     const char *const *trace_paths, size_t n_traces,
-                                     kvt_selection_writer **out)
+/* A writer without its file: the format from path's name, the flags of each policy */
+static kvt_status writer_new(const char *path, kvt_policy *const *pols, size_t n_pol,
+                             size_t n_budgets, size_t n_traces, kvt_selection_writer **out)
 {
     *out = NULL;
     KVT_RETURN_IF(n_pol > 65535 || n_budgets > 65535 || n_traces > 65535, KVT_ERR_INVALID_ARG,
                   "selection export: too many policies, budgets or traces");
-    KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
-                  "%s exists (use --force to overwrite)", path);
     kvt_selection_writer *w = kvt_calloc(1, sizeof(*w));
     KVT_RETURN_IF(!w, KVT_ERR_NOMEM, "out of memory");
     size_t len = strlen(path);
@@ -112,25 +116,61 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
     w->n_traces = n_traces;
     w->trace = -1;
     pthread_mutex_init(&w->mu, NULL);
-    kvt_status st = KVT_OK;
-    char *hdr = NULL;
-    cJSON *h = cJSON_CreateObject();
-    w->pflags = kvt_calloc(n_pol, sizeof(unsigned));
-    w->btok = kvt_calloc(n_budgets, sizeof(int));
-    if (!h || !w->pflags || !w->btok) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-        goto out_fail;
+    w->pflags = kvt_calloc(n_pol ? n_pol : 1, sizeof(unsigned));
+    w->btok = kvt_calloc(n_budgets ? n_budgets : 1, sizeof(int));
+    if (!w->pflags || !w->btok) {
+        kvt_selection_writer_close(w);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     }
-    cJSON_AddNumberToObject(h, "selection_version", KVT_SELECTION_VERSION);
-    char gen[64];
-    snprintf(gen, sizeof(gen), "kvtrace %s", kvt_version_string());
-    cJSON_AddStringToObject(h, "generator", gen);
-    cJSON *pl = cJSON_AddArrayToObject(h, "policies");
     for (size_t i = 0; i < n_pol; i++) {
         unsigned f = kvt_policy_flags(pols[i]);
         w->pflags[i] = ((f & KVT_POLICY_PER_STEP) ? SEL_FLAG_STEP : 0) |
                        ((f & KVT_POLICY_MERGED) ? SEL_FLAG_MERGED : 0) |
                        (kvt_policy_per_query_head(pols[i]) ? SEL_FLAG_QHEAD : 0);
+    }
+    *out = w;
+    return KVT_OK;
+}
+
+kvt_status kvt_selection_writer_open_blocks(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                            size_t n_budgets, size_t n_traces,
+                                            kvt_selection_writer **out)
+{
+    KVT_FORWARD(writer_new(path, pols, n_pol, n_budgets, n_traces, out));
+    (*out)->kept = kvt_calloc(n_traces ? n_traces : 1, sizeof(kept_trace));
+    if (!(*out)->kept) {
+        kvt_selection_writer_close(*out);
+        *out = NULL;
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *const *pols,
+                                     size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
+                                     const char *const *trace_paths, size_t n_traces,
+                                     kvt_selection_writer **out)
+{
+    *out = NULL;
+    KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
+                  "%s exists (use --force to overwrite)", path);
+    kvt_selection_writer *w = NULL;
+    KVT_FORWARD(writer_new(path, pols, n_pol, n_budgets, n_traces, &w));
+    kvt_status st = KVT_OK;
+    char *hdr = NULL;
+    cJSON *h = cJSON_CreateObject();
+    if (!h) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_fail;
+    }
+    cJSON_AddNumberToObject(h, "selection_version", KVT_SELECTION_VERSION);
+    unsigned f;
+    char gen[64];
+    snprintf(gen, sizeof(gen), "kvtrace %s", kvt_version_string());
+    cJSON_AddStringToObject(h, "generator", gen);
+    cJSON *pl = cJSON_AddArrayToObject(h, "policies");
+    for (size_t i = 0; i < n_pol; i++) {
+        f = kvt_policy_flags(pols[i]);
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "label", kvt_policy_label(pols[i]));
         cJSON_AddStringToObject(o, "name", kvt_policy_name(pols[i]));
@@ -215,6 +255,9 @@ kvt_status kvt_selection_writer_begin_trace(kvt_selection_writer *w, int trace_i
 {
     KVT_RETURN_IF(w->trace >= 0, KVT_ERR_STATE, "selection export: previous trace not ended");
     KVT_RETURN_IF(n_layers < 1, KVT_ERR_INVALID_ARG, "selection export: no layers");
+    KVT_RETURN_IF(
+        w->kept && (trace_idx < 0 || (size_t)trace_idx >= w->n_traces || w->kept[trace_idx].blocks),
+        KVT_ERR_INVALID_ARG, "selection export: trace %d begun twice or unknown", trace_idx);
     w->pending = kvt_calloc((size_t)n_layers, sizeof(buf));
     w->ready = kvt_calloc((size_t)n_layers, sizeof(bool));
     if (!w->pending || !w->ready) {
@@ -266,6 +309,8 @@ static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r)
     return true;
 }
 
+static kvt_status deliver(kvt_selection_writer *w, int layer, const buf *b);
+
 kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selection_rec *recs,
                                      size_t n_recs)
 {
@@ -284,10 +329,22 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
         return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
     }
     b.n_recs = n_recs;
+    return deliver(w, layer, &b);
+}
+
+/* Take the encoded layer b (ownership too); a file writer writes every layer that is next in
+ * order, a blocks writer keeps it for end_trace */
+static kvt_status deliver(kvt_selection_writer *w, int layer, const buf *b)
+{
     pthread_mutex_lock(&w->mu);
-    w->pending[layer] = b;
+    if (w->ready[layer]) { /* delivered twice: keep the first */
+        pthread_mutex_unlock(&w->mu);
+        kvt_free(b->p);
+        return kvt_error_set(KVT_ERR_STATE, "selection export: layer %d delivered twice", layer);
+    }
+    w->pending[layer] = *b;
     w->ready[layer] = true;
-    while (!w->err && w->next_layer < w->n_layers && w->ready[w->next_layer]) {
+    while (!w->kept && !w->err && w->next_layer < w->n_layers && w->ready[w->next_layer]) {
         buf *p = &w->pending[w->next_layer];
         bool wok = true;
         if (w->json && p->n > 0) {
@@ -313,9 +370,48 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
     return st ? kvt_error_set(st, "%s", w->err_msg) : KVT_OK;
 }
 
+kvt_status kvt_selection_writer_put_block(kvt_selection_writer *w, int layer, char *bytes, size_t n,
+                                          size_t n_recs)
+{
+    buf b = {.p = bytes, .n = n, .cap = n, .n_recs = n_recs};
+    if (w->kept || w->trace < 0 || layer < 0 || layer >= w->n_layers) {
+        kvt_free(bytes);
+        return kvt_error_set(KVT_ERR_STATE, "selection export: layer %d outside the current trace",
+                             layer);
+    }
+    return deliver(w, layer, &b);
+}
+
+kvt_status kvt_selection_writer_take_block(kvt_selection_writer *w, int trace, int layer,
+                                           char **bytes, size_t *n, size_t *n_recs)
+{
+    *bytes = NULL;
+    *n = *n_recs = 0;
+    kept_trace *k = w->kept && trace >= 0 && (size_t)trace < w->n_traces ? &w->kept[trace] : NULL;
+    KVT_RETURN_IF(!k || layer < 0 || layer >= k->n_layers || !k->ready[layer], KVT_ERR_NOT_FOUND,
+                  "selection export: no layer %d of trace %d here", layer, trace);
+    *bytes = k->blocks[layer].p;
+    *n = k->blocks[layer].n;
+    *n_recs = k->blocks[layer].n_recs;
+    memset(&k->blocks[layer], 0, sizeof(buf));
+    k->ready[layer] = false;
+    return KVT_OK;
+}
+
 kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w)
 {
     KVT_RETURN_IF(w->trace < 0, KVT_ERR_STATE, "selection export: no trace begun");
+    if (w->kept) { /* blocks mode: the layers that came are kept, whichever they are */
+        kept_trace *k = &w->kept[w->trace];
+        k->blocks = w->pending;
+        k->ready = w->ready;
+        k->n_layers = w->n_layers;
+        w->pending = NULL;
+        w->ready = NULL;
+        w->trace = -1;
+        w->n_traces_done++;
+        return KVT_OK;
+    }
     bool complete = w->next_layer == w->n_layers;
     drop_pending(w);
     w->trace = -1;
@@ -380,6 +476,13 @@ kvt_status kvt_selection_writer_close(kvt_selection_writer *w)
         w->f = NULL;
     }
     drop_pending(w);
+    for (size_t t = 0; w->kept && t < w->n_traces; t++) {
+        for (int l = 0; l < w->kept[t].n_layers; l++)
+            kvt_free(w->kept[t].blocks[l].p);
+        kvt_free(w->kept[t].blocks);
+        kvt_free(w->kept[t].ready);
+    }
+    kvt_free(w->kept);
     kvt_free(w->path);
     kvt_free(w->tmp);
     pthread_mutex_destroy(&w->mu);

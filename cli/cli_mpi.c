@@ -162,55 +162,90 @@ int kvt_cli_mpi_agree(kvt_cli_mpi *m, int rc)
     return rc;
 }
 
+#ifdef KVT_HAVE_MPI
+enum { CHUNK = 1 << 24 };   /* MPI counts are int: texts travel in 16 MiB pieces */
+static char s_drain[CHUNK]; /* where bytes that found no memory are received */
+#endif
+
+kvt_status kvt_cli_mpi_send(kvt_cli_mpi *m, const char *bytes, uint64_t n, uint64_t aux)
+{
+#ifdef KVT_HAVE_MPI
+    uint64_t head[2] = {n, aux};
+    MPI_Send(head, 2, MPI_UINT64_T, 0, 0, MPI_COMM_WORLD);
+    for (uint64_t off = 0; n != UINT64_MAX && off < n; off += CHUNK) {
+        int c = (int)(n - off < CHUNK ? n - off : CHUNK);
+        MPI_Send(bytes + off, c, MPI_CHAR, 0, 0, MPI_COMM_WORLD);
+    }
+    return KVT_OK;
+#else
+    (void)m, (void)bytes, (void)n, (void)aux;
+    return kvt_error_set(KVT_ERR_INVALID_ARG, "this kvtrace was built without MPI");
+#endif
+}
+
+kvt_status kvt_cli_mpi_recv(kvt_cli_mpi *m, int from, bool keep, char **bytes, uint64_t *n,
+                            uint64_t *aux)
+{
+    *bytes = NULL;
+#ifdef KVT_HAVE_MPI
+    uint64_t head[2];
+    MPI_Recv(head, 2, MPI_UINT64_T, from, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    *n = head[0];
+    *aux = head[1];
+    if (*n == UINT64_MAX)
+        return KVT_OK; /* nothing follows */
+    kvt_status st = KVT_OK;
+    if (keep && (*n >= SIZE_MAX || !(*bytes = kvt_malloc((size_t)*n + 1))))
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory receiving %llu bytes from MPI rank %d",
+                           (unsigned long long)*n, from);
+    for (uint64_t off = 0; off < *n; off += CHUNK) {
+        int c = (int)(*n - off < CHUNK ? *n - off : CHUNK);
+        MPI_Recv(*bytes ? *bytes + off : s_drain, c, MPI_CHAR, from, 0, MPI_COMM_WORLD,
+                 MPI_STATUS_IGNORE);
+    }
+    if (*bytes)
+        (*bytes)[*n] = '\0';
+    return st;
+#else
+    (void)m, (void)from, (void)keep, (void)n, (void)aux;
+    return kvt_error_set(KVT_ERR_INVALID_ARG, "this kvtrace was built without MPI");
+#endif
+}
+
 kvt_status kvt_cli_mpi_gather(kvt_cli_mpi *m, char *txt, size_t len, char ***texts, size_t **lens)
 {
     *texts = NULL;
     *lens = NULL;
-#ifdef KVT_HAVE_MPI
-    enum { CHUNK = 1 << 24 }; /* MPI counts are int: texts travel in 16 MiB pieces */
-    uint64_t mine = len, *all = NULL;
+    if (m->rank != 0)
+        return kvt_cli_mpi_send(m, txt, len, 0);
     kvt_status st = KVT_OK;
-    if (m->rank == 0 && !(all = kvt_calloc((size_t)m->size, sizeof(uint64_t))))
-        MPI_Abort(MPI_COMM_WORLD, 1);
-    MPI_Gather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
-    if (m->rank != 0) {
-        for (uint64_t off = 0; off < len; off += CHUNK) {
-            int n = (int)(len - off < CHUNK ? len - off : CHUNK);
-            MPI_Send(txt + off, n, MPI_CHAR, 0, 0, MPI_COMM_WORLD);
-        }
-        return KVT_OK;
-    }
     char **t = kvt_calloc((size_t)m->size, sizeof(char *));
     size_t *l = kvt_calloc((size_t)m->size, sizeof(size_t));
     if (!t || !l)
-        MPI_Abort(MPI_COMM_WORLD, 1);
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory gathering the MPI ranks' results");
+    for (int r = 1; r < m->size; r++) {
+        char *b = NULL;
+        uint64_t n = 0, aux = 0;
+        kvt_status rs = kvt_cli_mpi_recv(m, r, !st, &b, &n, &aux);
+        st = st ? st : rs;
+        if (!st) {
+            t[r] = b;
+            l[r] = (size_t)n;
+        } else
+            kvt_free(b);
+    }
+    if (st) {
+        for (int r = 1; t && r < m->size; r++)
+            kvt_free(t[r]);
+        kvt_free(t);
+        kvt_free(l);
+        return st;
+    }
     t[0] = txt;
     l[0] = len;
-    for (int r = 1; r < m->size; r++) {
-        static char drain[CHUNK]; /* where a text that found no memory is received */
-        l[r] = (size_t)all[r];
-        t[r] = st || all[r] >= SIZE_MAX ? NULL : kvt_malloc((size_t)all[r] + 1);
-        if (!t[r] && !st)
-            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory receiving the result of MPI rank %d",
-                               r);
-        for (uint64_t off = 0; off < all[r]; off += CHUNK) {
-            int n = (int)(all[r] - off < CHUNK ? all[r] - off : CHUNK);
-            MPI_Recv(t[r] ? t[r] + off : drain, n, MPI_CHAR, r, 0, MPI_COMM_WORLD,
-                     MPI_STATUS_IGNORE);
-        }
-        if (t[r])
-            t[r][all[r]] = '\0';
-    }
-    kvt_free(all);
     *texts = t;
     *lens = l;
-    return st;
-#else
-    (void)m;
-    (void)txt;
-    (void)len;
-    return kvt_error_set(KVT_ERR_INVALID_ARG, "this kvtrace was built without MPI");
-#endif
+    return KVT_OK;
 }
 
 int kvt_cli_mpi_end(kvt_cli_mpi *m, int n_agree, int rc)

@@ -63,7 +63,8 @@ static void help(void)
            "  --list-policies   print the policies with their options and defaults\n\n"
            "Under an MPI launcher (mpirun -n N kvtrace replay ..., or srun), process R replays\n"
            "shard R/N and rank 0 merges the parts into the one results.json a single process\n"
-           "writes; --threads defaults to the cores of a node over its processes.%s\n",
+           "writes (and the selection export); --threads defaults to the cores of a node over its\n"
+           "processes.%s\n",
            DEFAULT_POLICIES, KVT_DEFAULT_COVERAGE_PROBES,
            kvt_cli_mpi_library() ? "" : "\n(This kvtrace was built without MPI.)");
 }
@@ -143,6 +144,77 @@ static kvt_status mpi_collect(kvt_cli_mpi *m, char *txt, size_t len, kvt_results
     kvt_free(np);
     kvt_free(texts);
     kvt_free(lens);
+    return st;
+}
+
+/* MPI with --export-selection: rank 0 writes the export in (trace, layer) order, each layer
+ * encoded by the process that replayed it (which sends its layers in that same order). On
+ * rank 0, *sw (the blocks writer) becomes the file writer with the last trace still open, as
+ * one process leaves it until results.json is written. A failure on rank 0 still receives
+ * every layer, so no process waits for ever. */
+static kvt_status mpi_selection(kvt_cli_mpi *m, kvt_selection_writer **sw, const char *path,
+                                bool force, kvt_policy *const *pols, size_t n_pol,
+                                const kvt_budget *budgets, size_t n_b, const char *const *traces,
+                                size_t n_traces, const int *shape)
+{
+    kvt_selection_writer *fw = NULL;
+    int *btok = kvt_malloc(n_b * sizeof(int));
+    kvt_status st = kvt_selection_writer_end_trace(*sw); /* the last trace of the blocks */
+    if (!st && !btok)
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    if (!st && m->rank == 0)
+        st = kvt_selection_writer_open(path, force, pols, n_pol, budgets, n_b, traces, n_traces,
+                                       &fw);
+    uint64_t u = 0; /* (trace, layer) unit, numbered as --shard numbers them */
+    for (size_t t = 0; t < n_traces; t++) {
+        const int n_layers = shape[2 * t], T = shape[2 * t + 1]; /* as every process read it */
+        for (size_t b = 0; !st && b < n_b; b++)
+            btok[b] = kvt_budget_tokens(&budgets[b], T);
+        if (!st && m->rank == 0)
+            st = kvt_selection_writer_begin_trace(fw, (int)t, n_layers, btok);
+        for (int l = 0; l < n_layers; l++, u++) {
+            int owner = 0;
+            while (owner < m->size && !kvt_shard_owns(u, owner, m->size))
+                owner++;
+            char *bytes = NULL;
+            uint64_t n = 0, n_recs = 0;
+            size_t nb = 0, nr = 0;
+            kvt_status ls = KVT_OK;
+            if (owner == m->rank) {
+                ls = kvt_selection_writer_take_block(*sw, (int)t, l, &bytes, &nb, &nr);
+                n = ls ? UINT64_MAX : nb;
+                n_recs = nr;
+                if (m->rank != 0) { /* a missing layer travels as the marker */
+                    kvt_cli_mpi_send(m, bytes, n, n_recs);
+                    kvt_free(bytes);
+                    continue;
+                }
+            } else if (m->rank == 0) {
+                ls = kvt_cli_mpi_recv(m, owner, !st, &bytes, &n, &n_recs);
+                if (!ls && n == UINT64_MAX)
+                    ls = kvt_error_set(KVT_ERR_STATE,
+                                       "selection export: MPI rank %d lacks layer %d of %s", owner,
+                                       l, traces[t]);
+            } else
+                continue; /* another process's layer */
+            st = st ? st : ls;
+            if (!st)
+                st = kvt_selection_writer_put_block(fw, l, bytes, (size_t)n, (size_t)n_recs);
+            else
+                kvt_free(bytes);
+        }
+        if (!st && m->rank == 0 && t + 1 < n_traces)
+            st = kvt_selection_writer_end_trace(fw);
+    }
+    kvt_free(btok);
+    if (m->rank == 0) {
+        kvt_selection_writer_close(*sw);
+        *sw = NULL;
+        if (st) /* nothing published; an old export is left as it was */
+            kvt_selection_writer_close(fw);
+        else
+            *sw = fw;
+    }
     return st;
 }
 
@@ -267,6 +339,7 @@ int kvt_cmd_replay(int argc, char **argv)
     size_t n_traces = 0;
     int threads = 0, probes = -1, rc = 1, shard_i = 0, shard_n = 0;
     int *units = NULL; /* [n_units][2] (trace, layer) of this shard */
+    int *shape = NULL; /* [n_traces][2] layers and tokens of each trace, when sharded */
     size_t n_units = 0, n_units_all = 0;
     uint8_t *mask = NULL;
     uint64_t seed = 0;
@@ -389,10 +462,9 @@ int kvt_cmd_replay(int argc, char **argv)
         rc = 2;
         goto out_free;
     }
-    if (mpi.size > 1 && (shard_n || export_path)) {
-        kvt_cli_fail(cmd, "%s cannot be combined with an MPI launch%s",
-                     shard_n ? "--shard" : "--export-selection",
-                     shard_n ? " (its N processes are the N shards)" : " (yet)");
+    if (mpi.size > 1 && shard_n) {
+        kvt_cli_fail(cmd, "--shard cannot be combined with an MPI launch (its N processes are "
+                          "the N shards)");
         rc = 2;
         goto out_free;
     }
@@ -402,7 +474,7 @@ int kvt_cmd_replay(int argc, char **argv)
     if (mpi.rank == 0 &&
         !kvt_cli_output_ok(cmd, out, force, (const char *const *)traces, (size_t)n_traces))
         goto out_free;
-    if (export_path) {
+    if (export_path && mpi.rank == 0) {
         traces[n_traces] = out;
         bool ok = !kvt_cli_same_path(export_path, out);
         if (!ok)
@@ -461,9 +533,12 @@ int kvt_cmd_replay(int argc, char **argv)
     res->n_threads = threads > 0 ? threads : kvt_cpu_count();
     res->per_query_head = per_query;
     snprintf(res->device, sizeof(res->device), "%s", kvt_device_name(device));
+    /* under MPI each process keeps the layers it replays; rank 0 writes them all in order */
     if (export_path &&
-        (st = kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b,
-                                        (const char *const *)traces, n_traces, &sw))) {
+        (st = mpi.size > 1
+                  ? kvt_selection_writer_open_blocks(export_path, pols, n_pol, n_b, n_traces, &sw)
+                  : kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b,
+                                              (const char *const *)traces, n_traces, &sw))) {
         kvt_cli_fail_status(cmd, st, export_path);
         goto out_free;
     }
@@ -483,7 +558,11 @@ int kvt_cmd_replay(int argc, char **argv)
         }
         if (shard_n) { /* this shard's layers of this trace */
             int n_layers = 0;
-            if ((st = kvt_replay_trace_shape(traces[t], &n_layers, NULL))) {
+            if (!shape && !(shape = kvt_calloc(2 * n_traces, sizeof(int)))) {
+                kvt_cli_fail(cmd, "out of memory");
+                goto out_free;
+            }
+            if ((st = kvt_replay_trace_shape(traces[t], &n_layers, &shape[2 * t + 1]))) {
                 kvt_cli_fail_status(cmd, st, traces[t]);
                 goto out_free;
             }
@@ -503,6 +582,7 @@ int kvt_cmd_replay(int argc, char **argv)
                     n_units++;
                 }
             n_units_all += (size_t)n_layers;
+            shape[2 * t] = n_layers;
             o.layer_mask = mask;
             o.layer_mask_len = (size_t)n_layers;
         }
@@ -563,6 +643,11 @@ int kvt_cmd_replay(int argc, char **argv)
         rc = 1;
         if (st) {
             kvt_cli_fail_status(cmd, st, "merging the MPI ranks' results");
+            goto out_free;
+        }
+        if (sw && (st = mpi_selection(&mpi, &sw, export_path, force, pols, n_pol, budgets, n_b,
+                                      (const char *const *)traces, n_traces, shape))) {
+            kvt_cli_fail_status(cmd, st, export_path);
             goto out_free;
         }
         if (mpi.rank != 0) {
@@ -628,6 +713,7 @@ out_free:
     kvt_free(policies_arg);
     kvt_free(traces);
     kvt_free(units);
+    kvt_free(shape);
     kvt_free(mask);
     return kvt_cli_mpi_end(&mpi, 2, rc);
 }

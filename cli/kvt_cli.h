@@ -54,6 +54,14 @@ int kvt_cli_mpi_agree(kvt_cli_mpi *m, int rc);
  *  texts[0], which is `txt` itself) and lens[r]; other ranks send theirs and get NULL. Rank 0
  *  returns KVT_ERR_NOMEM when a text does not fit in memory (the rest is still received). */
 kvt_status kvt_cli_mpi_gather(kvt_cli_mpi *m, char *txt, size_t len, char ***texts, size_t **lens);
+/** Not collective: send n bytes and a number `aux` to rank 0 (n = UINT64_MAX: no bytes, a
+ *  marker the receiver sees as such). Messages to rank 0 arrive in the order sent. */
+kvt_status kvt_cli_mpi_send(kvt_cli_mpi *m, const char *bytes, uint64_t n, uint64_t aux);
+/** Not collective, rank 0: receive what rank `from` sent next. With keep, *bytes is the
+ *  NUL-terminated copy (kvt_free it; NULL for the marker); without, or when it does not fit in
+ *  memory (KVT_ERR_NOMEM), the bytes are received and dropped, so the sender never waits. */
+kvt_status kvt_cli_mpi_recv(kvt_cli_mpi *m, int from, bool keep, char **bytes, uint64_t *n,
+                            uint64_t *aux);
 /** The end on every path: the agreements not made yet of the n_agree the command makes (with
  *  rc), then rank 0's exit code becomes every process's, and MPI is finalized. Returns the code
  *  to exit with. */

@@ -163,6 +163,66 @@ static void test_claimed_dimensions(const char *path)
     kvt_error_clear();
 }
 
+/* The export of one process rebuilt from two "processes" (blocks writers, even and odd
+ * layers, replayed with a layer mask) and a file writer taking their layers in order: the same
+ * bytes as ref (an MPI launch's --export-selection) */
+static void test_blocks(const char *tpath, kvt_policy **pols, const kvt_budget *bud, size_t nb,
+                        const char *ref, const char *out)
+{
+    const char *tp[1] = {tpath};
+    int btok[3] = {12, 12, 100};
+    kvt_selection_writer *part[2], *fw;
+    for (int r = 0; r < 2; r++) {
+        uint8_t mask[L];
+        for (int l = 0; l < L; l++)
+            mask[l] = (uint8_t)(l % 2 == r);
+        KVT_CHECK(kvt_selection_writer_open_blocks(out, pols, NPOL, nb, 1, &part[r]));
+        KVT_CHECK(kvt_selection_writer_begin_trace(part[r], 0, L, btok));
+        kvt_replay_opts o = {.n_threads = 2,
+                             .coverage_probes = -1,
+                             .sink = kvt_selection_writer_sink,
+                             .sink_user = part[r],
+                             .layer_mask = mask,
+                             .layer_mask_len = L};
+        kvt_trace_result *tr = NULL;
+        KVT_CHECK(kvt_replay_trace(tpath, pols, NPOL, bud, nb, &o, &tr));
+        kvt_trace_result_free(tr);
+        KVT_CHECK(kvt_selection_writer_end_trace(part[r])); /* half the layers: fine here */
+    }
+    char *bytes = NULL;
+    size_t n = 0, nr = 0;
+    KVT_EXPECT_STATUS(kvt_selection_writer_take_block(part[0], 0, 1, &bytes, &n, &nr),
+                      KVT_ERR_NOT_FOUND); /* odd layers are the other process's */
+    KVT_EXPECT_STATUS(kvt_selection_writer_take_block(part[0], 1, 0, &bytes, &n, &nr),
+                      KVT_ERR_NOT_FOUND); /* no trace 1 */
+    KVT_CHECK(kvt_selection_writer_open(out, true, pols, NPOL, bud, nb, tp, 1, &fw));
+    KVT_CHECK(kvt_selection_writer_begin_trace(fw, 0, L, btok));
+    for (int l = L - 1; l >= 0; l--) { /* any order: the writer writes in layer order */
+        KVT_CHECK(kvt_selection_writer_take_block(part[l % 2], 0, l, &bytes, &n, &nr));
+        KVT_EXPECT(nr > 0 && n > 0);
+        KVT_CHECK(kvt_selection_writer_put_block(fw, l, bytes, n, nr));
+    }
+    KVT_EXPECT_STATUS(kvt_selection_writer_take_block(part[0], 0, 0, &bytes, &n, &nr),
+                      KVT_ERR_NOT_FOUND); /* taken already */
+    bytes = kvt_malloc(4);
+    KVT_EXPECT_STATUS(kvt_selection_writer_put_block(fw, 0, bytes, 0, 0), KVT_ERR_STATE);
+    KVT_CHECK(kvt_selection_writer_end_trace(fw));
+    KVT_CHECK(kvt_selection_writer_close(fw));
+    KVT_CHECK(kvt_selection_writer_close(part[0]));
+    KVT_CHECK(kvt_selection_writer_close(part[1]));
+    size_t na = 0, nb2 = 0;
+    unsigned char *a = kvt_test_slurp(ref, &na), *b = kvt_test_slurp(out, &nb2);
+    KVT_EXPECT_MSG(a && b && na == nb2 && !memcmp(a, b, na), "%s: %zu bytes vs %zu in %s", out, nb2,
+                   na, ref);
+    free(a);
+    free(b);
+    /* a blocks writer given the same layer twice refuses the second */
+    KVT_CHECK(kvt_selection_writer_open_blocks(out, pols, NPOL, nb, 1, &part[0]));
+    KVT_CHECK(kvt_selection_writer_begin_trace(part[0], 0, L, btok));
+    KVT_EXPECT_STATUS(kvt_selection_writer_begin_trace(part[0], 0, L, btok), KVT_ERR_STATE);
+    KVT_CHECK(kvt_selection_writer_close(part[0]));
+}
+
 int main(void)
 {
     test_layer layers[L];
@@ -204,6 +264,13 @@ int main(void)
     KVT_CHECK(kvt_selection_writer_end_trace(wj));
     KVT_CHECK(kvt_selection_writer_close(wb));
     KVT_CHECK(kvt_selection_writer_close(wj));
+    {
+        char b2[256], j2[256];
+        test_blocks(tpath, pols, bud, nb, bpath, kvt_test_tmp(b2, sizeof(b2), "sel2.bin"));
+        test_blocks(tpath, pols, bud, nb, jpath, kvt_test_tmp(j2, sizeof(j2), "sel2.json"));
+        remove(b2);
+        remove(j2);
+    }
 
     kvt_results *res;
     KVT_CHECK(kvt_results_create(pols, NPOL, bud, nb, &res));

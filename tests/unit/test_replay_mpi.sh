@@ -1,10 +1,11 @@
 #!/bin/bash
 # test_replay_mpi.sh - the cluster path (DESIGN.md §6): `mpiexec -n N kvtrace replay ...` must
-# write byte for byte the results.json (and stdout table) of one process, for N = 1, 4 and
-# more processes than (trace, layer) units; rank 0 alone writes and prints; a failure in any
-# process (a damaged layer only rank 2 reads, an existing output only rank 0 checks, a full
-# disk at rank 0's write) is one clear line, naming the rank when it is not rank 0, a non-zero
-# exit, and no output. --shard and --export-selection are refused under a launch.
+# write byte for byte the results.json, the stdout table and the selection export (binary and
+# JSON) of one process, for N = 1, 4 and more processes than (trace, layer) units; rank 0
+# alone writes and prints; a failure in any process (a damaged layer only rank 2 reads, an
+# existing output only rank 0 checks, a full disk at rank 0's write) is one clear line, naming
+# the rank when it is not rank 0, a non-zero exit, and no output (old outputs unchanged).
+# --shard is refused under a launch.
 # A kvtrace built without MPI (the ASan build) must refuse a launch of several processes
 # instead of running the whole replay N times, and run normally as a launch of one.
 set -u
@@ -29,10 +30,12 @@ one_line() {
 $BIN capture-llama2c --model "$MODEL" --tokens 150 --decode 8 --window 32 --colsum --seed 5 \
     -o "$TMP/b.kvt" >/dev/null 2>&1 || fail "capture"
 TR=("$SAMPLE" "$TMP/b.kvt")
-SET=(--policies full,random,snapkv,pyramidkv,adakv,mixkv-snapkv,oracle --budgets 16,40,25%
-     --threads 1 --seed 7)
-$BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/one.json" >"$TMP/one.out" 2>"$TMP/err" \
-    || { cat "$TMP/err"; fail "replay in one process"; }
+SET=(--policies full,random,snapkv,pyramidkv,adakv,mixkv-snapkv,oracle,quest,lightkv-like
+     --budgets 16,40,25% --threads 1 --seed 7)
+$BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/one.json" --export-selection "$TMP/one.sel" \
+    >"$TMP/one.out" 2>"$TMP/err" || { cat "$TMP/err"; fail "replay in one process"; }
+$BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/onej.json" --export-selection "$TMP/one.sel.json" \
+    >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "replay in one process (JSON export)"; }
 
 if $BIN --version | grep -q "built without MPI"; then
     # a launch of 4 (Open MPI's and MPICH's variables): rank 0 says why, the others are quiet
@@ -64,24 +67,32 @@ run() { # run N ARGS...: mpiexec -n N kvtrace replay ARGS (stdout, stderr to fil
 units=$(($($BIN info "$SAMPLE" --json | grep -o '"n_layers":[[:space:]]*[0-9]*' | head -1 | grep -o '[0-9]*$') * 2))
 [ "$units" -gt 0 ] || fail "layer count"
 for n in 1 4 $((units + 3)); do
-    run $n "${TR[@]}" "${SET[@]}" -o "$TMP/m$n.json" || { cat "$TMP/err"; fail "mpiexec -n $n"; }
+    run $n "${TR[@]}" "${SET[@]}" -o "$TMP/m$n.json" --export-selection "$TMP/m$n.sel" \
+        || { cat "$TMP/err"; fail "mpiexec -n $n"; }
     cmp "$TMP/one.json" "$TMP/m$n.json" || fail "-n $n: results.json differs from one process"
+    cmp "$TMP/one.sel" "$TMP/m$n.sel" || fail "-n $n: the selection export differs"
     cmp "$TMP/one.out" "$TMP/out" || fail "-n $n: the table differs (or printed by every rank)"
     [ $n = 1 ] || grep -q "$n MPI processes" "$TMP/err" || { cat "$TMP/err"; fail "-n $n line"; }
 done
+run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/mj.json" --export-selection "$TMP/m.sel.json" \
+    || { cat "$TMP/err"; fail "mpiexec -n 3 with a JSON export"; }
+cmp "$TMP/one.sel.json" "$TMP/m.sel.json" || fail "-n 3: the JSON selection export differs"
 ls "$TMP"/.m4* "$TMP"/*.tmp* 2>/dev/null && fail "a temporary file was left"
 # refusals under a launch: usage errors, one line for all ranks, nothing written
 run 3 "${TR[@]}" "${SET[@]}" --shard 0/2 -o "$TMP/x.json" && fail "--shard under mpiexec"
 one_line "--shard cannot be combined with an MPI launch" "--shard"
-run 3 "${TR[@]}" "${SET[@]}" --export-selection "$TMP/s.bin" -o "$TMP/x.json" \
-    && fail "--export-selection under mpiexec"
-one_line "--export-selection cannot be combined with an MPI launch" "--export-selection"
+run 3 "${TR[@]}" "${SET[@]}" --export-selection "$TMP/x.json" -o "$TMP/x.json" \
+    && fail "the export is the output"
+one_line "is also the -o output" "export = output"
 run 3 "${TR[@]}" "${SET[@]}" --budgets 0 -o "$TMP/x.json" && fail "budget 0"
 one_line "--budgets" "budget 0"
 # an existing output is checked by rank 0 before any work
 run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/m4.json" && fail "overwrote without --force"
 one_line "exists" "existing output"
 cmp "$TMP/one.json" "$TMP/m4.json" || fail "the existing output changed"
+run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/x.json" --export-selection "$TMP/m4.sel" \
+    && fail "overwrote an export without --force"
+one_line "m4.sel exists" "existing export"
 # a damaged layer: the process that reads it fails, every process exits, nothing is written
 cp "$TMP/b.kvt" "$TMP/c.kvt"
 "$BIN" verify "$TMP/c.kvt" >/dev/null || fail "verify before damage"
@@ -99,14 +110,24 @@ else
     one_line "$rec: payload checksum mismatch (rank $owner)" "damaged layer (rank $owner)"
 fi
 [ -e "$TMP/x.json" ] && fail "a failed launch wrote its output"
-# rank 0's write fails (a full disk, when a small tmpfs can be mounted): one line, exit 1
+# rank 0's write fails (a full disk, when a small tmpfs can be mounted): one line, exit 1,
+# the old outputs unchanged; with an export, the other processes' layers are still received
 mkdir "$TMP/small"
 if mount -t tmpfs -o size=32k tmpfs "$TMP/small" 2>/dev/null; then
     run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/small/x.json"
     rc=$?
-    umount "$TMP/small"
-    [ $rc = 0 ] && fail "a full disk went unnoticed"
+    [ $rc = 0 ] && { umount "$TMP/small"; fail "a full disk went unnoticed"; }
     one_line "No space left on device" "full disk"
+    echo old >"$TMP/small/x.json" && echo old >"$TMP/small/x.sel"
+    run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/small/x.json" --export-selection "$TMP/small/x.sel" \
+        --force
+    rc=$?
+    kept=$(cat "$TMP/small/x.json" "$TMP/small/x.sel" | tr -d '\n')
+    left=$(ls -A "$TMP/small" | wc -l)
+    umount "$TMP/small"
+    [ $rc = 0 ] && fail "a full disk under the export went unnoticed"
+    one_line "selection export: cannot write" "full disk (export)"
+    [ "$kept" = oldold ] && [ "$left" = 2 ] || fail "the old outputs changed or a temporary was left"
 fi
 # --help once
 timeout 60 "$MPIEXEC" -n 3 "$BIN" replay --help >"$TMP/out" 2>&1 || fail "--help under mpiexec"
