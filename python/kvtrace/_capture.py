@@ -8,7 +8,6 @@ before the call returns; a CUDA tensor is read on the producer's stream (torch's
 stream for the tensor's device), so the call does not wait for the GPU.
 """
 import ctypes
-import json
 import os
 import threading
 
@@ -17,7 +16,8 @@ import numpy as np
 from . import _lib
 from ._errors import TraceError, call
 from ._trace import (_FLOAT_CODES, C_INT, C_INT32, C_UINT32, C_UINT64, _FORK_RESET, _NoCopy,
-                     _Replacing, dtype_code, int_arg, path_arg, str_arg)
+                     _Replacing, dtype_code, force_message, header_text, int_arg, path_arg,
+                     str_arg)
 
 _TYPESTR = {"<f4": _lib.DTYPE_F32, "<f2": _lib.DTYPE_F16, "<u2": _lib.DTYPE_BF16,
             "=f4": _lib.DTYPE_F32, "=f2": _lib.DTYPE_F16, "=u2": _lib.DTYPE_BF16,
@@ -180,7 +180,9 @@ class CaptureSession(_NoCopy):
                 s.submit_kv(l, 0, k[l], v[l])          # [Hkv, T, D] views
                 s.submit_queries(l, 0, q[l])           # [Hq, n, D], last W kept
             ...
-    Leaving the block closes the session (finishing the trace); close() returns the stats.
+    Leaving the block closes the session (finishing the trace); close() returns the final
+    stats, and so do stats() and close() again afterwards (a close that raised raises the
+    same TraceError again; stats() still returns the final counters).
 
     timeline=True collects a GPU timeline with CUPTI from open to close (kernel time by
     category, copies, and how much of the copies on capture_stream, a CUDA stream handle or
@@ -194,9 +196,9 @@ class CaptureSession(_NoCopy):
     "default", "mrope" or its code.
 
     Threads may share a session: every call is serialised by a lock (the C session is not
-    thread-safe), and a call after close() raises TraceError ("is closed"). With force=True
-    over an existing trace, a session that does not finish complete leaves the old trace
-    unchanged and the new one in a temporary file next to it: close() then warns
+    thread-safe), and a submission after close() raises TraceError ("is closed"). With
+    force=True over an existing trace, a session that does not finish complete leaves the
+    old trace unchanged and the new one in a temporary file next to it: close() then warns
     (RuntimeWarning) and partial_path names it. A session cannot be copied or pickled, nor
     used in a forked child; garbage collection there drops it without closing the parent's."""
 
@@ -235,8 +237,7 @@ class CaptureSession(_NoCopy):
             engine_version=self._strings[3], gpu=self._strings[4])
         cj = None
         if capture is not None:
-            cj = str_arg(capture if isinstance(capture, str) else json.dumps(capture),
-                         "capture")
+            cj = header_text(capture, "capture")
         self._cj = cj
         opts = _lib.CaptureOpts(
             n_tokens=n_tokens, window=int_arg(window, "window", C_UINT32),
@@ -255,9 +256,14 @@ class CaptureSession(_NoCopy):
         self._pid = os.getpid()
         self.partial_path = None
         self._replacing = _Replacing(self.path, bpath)
+        self._final = None       # the stats kvt_capture_close returned
+        self._close_error = None  # the TraceError close() raised, if it did
         h = ctypes.c_void_p()
-        call(L.kvt_capture_open, bpath, ctypes.byref(model), ctypes.byref(opts),
-             ctypes.byref(h))
+        try:
+            call(L.kvt_capture_open, bpath, ctypes.byref(model), ctypes.byref(opts),
+                 ctypes.byref(h))
+        except TraceError as e:
+            raise force_message(e) from None
         self._h = h
         self._replacing.after(L.kvt_capture_file(h))
         self.n_layers = model.n_layers
@@ -397,9 +403,17 @@ class CaptureSession(_NoCopy):
         out["writer"] = {n: int(getattr(s.writer, n)) for n, _ in _lib.WriterStats._fields_}
         return out
 
+    @staticmethod
+    def _copy_stats(d):
+        return dict(d, writer=dict(d["writer"]))
+
     def stats(self):
-        s = _lib.CaptureStats()
+        """The session's counters (a dict; "writer" holds the writer's); after close(), the
+        final ones that close() returned (also when it raised)."""
         with self._lock:
+            if self._h is None and self._final is not None:
+                return self._copy_stats(self._final)
+            s = _lib.CaptureStats()
             _lib.lib().kvt_capture_get_stats(self._handle(), ctypes.byref(s))
         return self._stats_dict(s)
 
@@ -407,20 +421,33 @@ class CaptureSession(_NoCopy):
         """Finish the trace and free the session (freed whatever the result). Returns the
         final stats; raises TraceError if the trace is incomplete or a write failed. With
         force=True over an existing trace, an incomplete or failed trace does not replace it:
-        partial_path then names the new trace's temporary file (a RuntimeWarning too)."""
+        partial_path then names the new trace's temporary file (a RuntimeWarning too).
+        Idempotent: closing again returns the same final stats, or raises the same
+        TraceError (status and message) as the first close; stats() returns them too."""
         with self._lock:
+            if self._h is None and self._final is not None:
+                e = self._close_error
+                if e is not None:
+                    raise TraceError(e.status, str(e))
+                return self._copy_stats(self._final)
             h = self._handle()
+            s = _lib.CaptureStats()
             try:
                 try:
                     self._stop_timeline(h)
                 finally:
                     self._h = None
-                    s = _lib.CaptureStats()
-                    call(_lib.lib().kvt_capture_close, h, ctypes.byref(s))
+                    try:
+                        call(_lib.lib().kvt_capture_close, h, ctypes.byref(s))
+                    finally:
+                        self._final = self._stats_dict(s)
+            except TraceError as e:
+                self._close_error = e
+                raise
             finally:
                 self.partial_path = self._replacing.partial("capture session closed "
                                                             "incomplete or failed")
-        return self._stats_dict(s)
+            return self._copy_stats(self._final)
 
     @property
     def closed(self):

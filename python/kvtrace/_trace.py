@@ -29,6 +29,14 @@ _FLOAT_CODES = (_lib.DTYPE_F16, _lib.DTYPE_BF16, _lib.DTYPE_F32)
 _TABLE_DTYPE = {_lib.KINDS["token_ids"]: _lib.DTYPE_I32, _lib.KINDS["modality"]: _lib.DTYPE_U8,
                 _lib.KINDS["positions"]: _lib.DTYPE_I32,
                 _lib.KINDS["decode_token_ids"]: _lib.DTYPE_I32}
+# every table (layer -1) and its dtype; the per-layer kinds (layer 0..L-1) and theirs
+_TABLE_STORED = dict(_TABLE_DTYPE)
+_TABLE_STORED[_lib.KINDS["token_text"]] = _lib.DTYPE_U8
+_TABLE_STORED[_lib.KINDS["meta_json"]] = _lib.DTYPE_U8
+_LAYER_DTYPES = {code: _FLOAT_CODES for name, code in _lib.KINDS.items()
+                 if code not in _lib.TABLE_KINDS}
+_LAYER_DTYPES[_lib.KINDS["attn_colsum"]] = (_lib.DTYPE_F32,)
+_MAX_MODALITY = max(_lib.MODALITIES.values())  # 0 text, 1 image, 2 video, 3 other
 
 # ---- argument checks: ctypes silently wraps an integer that does not fit its C type, and a
 # char * ends at the first NUL, so both are refused before any C call ----
@@ -79,6 +87,110 @@ def str_arg(value, name):
     if "\0" in value:
         raise ValueError("%s %r contains a NUL character" % (name, value))
     return value.encode("utf-8")
+
+
+def _is_torch(x):
+    """A torch.Tensor (or Parameter), told by its type's module: torch is not imported here."""
+    return type(x).__module__.split(".")[0] == "torch" and callable(getattr(x, "detach", None))
+
+
+def host_array(x):
+    """(NumPy array, bf16) of x, where bf16 says the array holds bf16 bit patterns (uint16).
+    A torch.Tensor is detached (requires_grad is fine) and brought to the host, a bfloat16
+    one as its bit patterns (exact: NumPy has no bfloat16); an ml_dtypes bfloat16 array gives
+    its bit patterns too; bytes-like objects are uint8; anything else goes through
+    np.asarray."""
+    if _is_torch(x):
+        import torch
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            return t.cpu().contiguous().view(torch.int16).numpy().view(np.uint16), True
+        return t.cpu().numpy(), False
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return np.frombuffer(x, np.uint8), False
+    a = np.asarray(x)
+    if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:  # ml_dtypes
+        return a.view(np.uint16), True
+    return a, False
+
+
+def _describe(x):
+    """What x is, for an error message: "a float32 array", "a torch.float32 tensor", ..."""
+    if _is_torch(x):
+        return "a %s tensor" % x.dtype
+    if isinstance(x, (np.ndarray, np.generic)):
+        return "a %s %s" % (x.dtype, "array" if isinstance(x, np.ndarray) else "scalar")
+    return "%r (%s)" % (x, type(x).__name__) if len(repr(x)) <= 40 else "a %s" % type(x).__name__
+
+
+def _json_default(o):
+    """json.dumps(default=): NumPy scalars and arrays as the Python values they hold."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError("Object of type %s is not JSON serializable" % type(o).__name__)
+
+
+def json_text(obj, what):
+    """obj (a dict) as JSON text; NumPy scalars and arrays are written as their values.
+    ValueError starting with `what` for what JSON cannot hold: NaN and Infinity (not JSON:
+    readers refuse them), an object of another type."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=_json_default)
+    except ValueError as e:
+        if "Out of range float" in str(e):
+            raise ValueError("%s: NaN and Infinity are not allowed (JSON has no such numbers)"
+                             % what) from None
+        raise ValueError("%s cannot be written as JSON: %s" % (what, e)) from None
+    except TypeError as e:
+        raise ValueError("%s cannot be written as JSON: %s" % (what, e)) from None
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(c):
+    raise _NotJson("%s is not allowed in JSON" % c)
+
+
+def check_json_object(text, what):
+    """text must be one JSON object (no NaN or Infinity): ValueError starting with `what`."""
+    try:
+        parsed = json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:
+        raise ValueError("%s: the text is not valid JSON (%s): %r" % (what, e, text[:80])) \
+            from None
+    if not isinstance(parsed, dict):
+        raise ValueError("%s: the text must be one JSON object, got a %s"
+                         % (what, type(parsed).__name__))
+
+
+def header_text(header, what="header"):
+    """A JSON header (dict, or its text) as bytes for C. A dict is written by json_text; a
+    text holding NaN or Infinity is refused here (the C library would only say "not a JSON
+    object"); other faults of a text are the C library's to report."""
+    if isinstance(header, str):
+        try:
+            json.loads(header, parse_constant=_no_constant)
+        except _NotJson as e:
+            raise ValueError("%s: %s" % (what, e)) from None
+        except ValueError:
+            pass  # not JSON at all: the C library says so
+    else:
+        header = json_text(header, what)
+    return str_arg(header, what)
+
+
+def force_message(e):
+    """A TraceError from opening a writer or session over an existing file, with the C
+    library's "(use --force to overwrite)" (the CLI's option) said the Python way."""
+    msg = str(e)
+    if "--force" not in msg:
+        return e
+    return TraceError(e.status, msg.replace("(use --force to overwrite)",
+                                            "(pass force=True to overwrite it)"))
 
 
 class _Replacing(object):
@@ -183,6 +295,28 @@ class _NoCopy(object):
         raise TypeError("a %s cannot be pickled (it owns a C handle)" % type(self).__name__)
 
 
+def _is_scalar(x):
+    """A number rather than a collection: Python and NumPy scalars, 0-d arrays and tensors."""
+    if isinstance(x, (int, float, complex, np.generic)):
+        return True
+    return getattr(x, "ndim", None) == 0 and not isinstance(x, (str, bytes))
+
+
+def head_number(x, name="heads"):
+    """One head number as a Python int: an int, a NumPy integer, a 0-d integer array or
+    tensor. TypeError naming `name` for anything else: a float (2.0 too: as for every
+    integer argument of the binding), a bool (a mask is not a head list), a string."""
+    dt = getattr(x, "dtype", None)
+    if isinstance(x, bool) or (dt is not None and str(dt) in ("bool", "torch.bool")):
+        raise TypeError("%s takes head numbers, got %s: a boolean mask is not a head list "
+                        "(pass np.flatnonzero(mask))" % (name, _describe(x)))
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError("%s takes integer head numbers, got %s" % (name, _describe(x))) \
+            from None
+
+
 def kind_code(kind):
     """Kind name ("K", "q_window", ...; case-insensitive) or code -> code."""
     if isinstance(kind, (int, np.integer)):
@@ -233,19 +367,55 @@ def dtype_code(dt):
 
 
 def bf16_to_f32(a):
-    """uint16 bf16 bit patterns -> float32 (exact)."""
-    a = np.asarray(a, dtype=np.uint16)
-    return (a.astype(np.uint32) << 16).view(np.float32)
+    """bf16 bit patterns -> float32 (exact). a: a uint16 (or int16) NumPy array of bit
+    patterns, as Trace.read returns a bf16 tensor, an ml_dtypes bfloat16 array, or a
+    torch.bfloat16 tensor (its values, exactly). Anything else (float values, a list, a
+    torch float32 tensor) raises TypeError: its bits would be made up from its values."""
+    if _is_torch(a) or isinstance(a, (np.ndarray, np.generic)):
+        bits, bf16 = host_array(a)
+        if bf16 or bits.dtype in (np.uint16, np.int16):
+            b32 = bits.view(np.uint16).reshape(-1).astype(np.uint32) << np.uint32(16)
+            return b32.view(np.float32).reshape(bits.shape)
+    raise TypeError("bf16_to_f32 takes bf16 bit patterns: a uint16 or int16 NumPy array (what "
+                    "Trace.read returns for bf16) or a torch.bfloat16 tensor, got %s"
+                    % _describe(a))
 
 
 def f32_to_bf16(a):
-    """float32 -> uint16 bf16 bit patterns, round to nearest even, NaN kept quiet."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    bits = a.view(np.uint32).astype(np.uint64)
+    """Float values -> uint16 bf16 bit patterns, rounded to nearest even (float64 once, not
+    through float32), NaN kept quiet. a: a float NumPy array, a float or a list of floats, a
+    torch floating tensor (a torch.bfloat16 one gives its own bits, exactly). Integer and bool
+    input raises TypeError: a uint16 array is likely bf16 bits already (bf16_to_f32 reads
+    them), and integer values are converted explicitly (np.asarray(a, np.float32))."""
+    x, bf16 = host_array(a)
+    if bf16:
+        return np.array(x, dtype=np.uint16)
+    shape = x.shape
+    if x.dtype.kind != "f":
+        raise TypeError("f32_to_bf16 takes float values (a float NumPy array, floats, a torch "
+                        "floating tensor), got %s%s" % (_describe(a), (
+                            ": uint16/int16 data look like bf16 bit patterns already (see "
+                            "bf16_to_f32)" if x.dtype in (np.uint16, np.int16) else
+                            ": convert integer values first, e.g. np.asarray(a, np.float32)")))
+    if x.dtype.itemsize > 4:
+        # float64 -> float32 rounded to odd, then float32 -> bf16 to nearest even: the same
+        # result as rounding float64 to bf16 at once (float32 keeps 16 more bits)
+        x64 = x.astype(np.float64).reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            f = x64.astype(np.float32)
+        f64 = f.astype(np.float64)
+        inexact = (f64 != x64) & ~np.isnan(x64)
+        b32 = f.view(np.uint32).copy()
+        b32[inexact & (np.abs(f64) > np.abs(x64))] -= 1  # toward zero (sign and magnitude)
+        b32[inexact] |= 1
+        x = b32.view(np.float32)
+    else:
+        x = np.array(x, dtype=np.float32).reshape(-1)
+    bits = x.view(np.uint32).astype(np.uint64)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-    nan = np.isnan(a)
+    nan = np.isnan(x)
     rounded = np.where(nan, ((bits >> 16) | 0x40) & 0xFFFF, rounded)
-    return rounded.astype(np.uint16)
+    return rounded.astype(np.uint16).reshape(shape)
 
 
 def _record_dict(ri):
@@ -303,14 +473,16 @@ class Trace(_NoCopy):
     """A .kvt trace opened for reading (kvt_trace_reader). Use kvtrace.open(path).
 
     Attributes: path, header (dict), records (list of dicts, file order), tokens (dict of
-    token tables), meta (list of meta_json objects), version (major, minor), recovered,
-    recovery_note, file_bytes, bytes_read. Methods: read, shape, stored_dtype, has, layers,
-    verify, close. A context manager.
+    token tables, read-only arrays), meta (list of meta_json objects), version (major, minor),
+    recovered, recovery_note, file_bytes, bytes_read. Methods: read, shape, stored_dtype,
+    has, layers, verify, close. A context manager. Each access to records, tokens and meta
+    returns new containers: changing one changes nothing the Trace returns later.
 
     Threads may read one Trace concurrently; close() waits for the reads in flight, and any
-    use after it raises TraceError ("is closed"). A Trace cannot be copied or pickled (open
-    the path again); a forked child may read it, and its garbage collection there leaves
-    the parent's reader alone."""
+    use after it raises TraceError ("is closed"), records and tokens included (read before
+    or not); path and header stay. A Trace cannot be copied or pickled (open the path
+    again); a forked child may read it, and its garbage collection there leaves the parent's
+    reader alone."""
 
     def __init__(self, path):
         self._h = None
@@ -335,6 +507,7 @@ class Trace(_NoCopy):
         """Close the reader (after the reads other threads have in flight). Idempotent."""
         with self._guard.exclusive():
             h, self._h = self._h, None
+            self._records = self._tokens = None  # closed: these raise "is closed" too
             if h is not None and h.value:
                 _lib.lib().kvt_trace_reader_close(h)
 
@@ -401,23 +574,29 @@ class Trace(_NoCopy):
         with self._use() as h:
             return int(_lib.lib().kvt_trace_reader_bytes_read(h))
 
-    @property
-    def records(self):
-        if self._records is None:
-            L = _lib.lib()
-            out = []
-            with self._use() as h:
+    def _record_list(self):
+        """The cached record dicts (not to be changed); TraceError once closed."""
+        with self._use() as h:
+            recs = self._records
+            if recs is None:
+                L = _lib.lib()
+                recs = []
                 for i in range(L.kvt_trace_reader_n_records(h)):
                     ri = _lib.RecordInfo()
                     call(L.kvt_trace_reader_record, h, i, ctypes.byref(ri))
-                    out.append(_record_dict(ri))
-            self._records = out
-        return list(self._records)
+                    recs.append(_record_dict(ri))
+                self._records = recs
+        return recs
+
+    @property
+    def records(self):
+        """The records in file order, as new dicts on each access (see _record_dict)."""
+        return [dict(r) for r in self._record_list()]
 
     def layers(self, kind="K"):
         """Sorted layer numbers that have records of `kind`."""
         c = kind_code(kind)
-        return sorted({r["layer"] for r in self.records if r["kind_code"] == c})
+        return sorted({r["layer"] for r in self._record_list() if r["kind_code"] == c})
 
     # ---- tensors ----
     def _layer_arg(self, code, layer):
@@ -430,15 +609,24 @@ class Trace(_NoCopy):
     def _shape_c(self, code, layer):
         nh, nt, dim, dt = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_int()
         with self._use() as h:
-            call(_lib.lib().kvt_trace_reader_shape, h, layer, code, ctypes.byref(nh),
-                 ctypes.byref(nt), ctypes.byref(dim), ctypes.byref(dt))
+            try:
+                call(_lib.lib().kvt_trace_reader_shape, h, layer, code, ctypes.byref(nh),
+                     ctypes.byref(nt), ctypes.byref(dim), ctypes.byref(dt))
+            except TraceError as e:
+                if code in _lib.KIND_NAMES or e.status_name != "KVT_ERR_NOT_FOUND":
+                    raise
+                # the C library names known kinds only
+                raise TraceError(e.status, "the trace has no record of kind %d for layer %d "
+                                 "(%d is not a kvtrace record kind; known: %s)"
+                                 % (code, layer, code, ", ".join(
+                                     "%s (%d)" % kv for kv in _lib.KINDS.items()))) from None
         return nh.value, nt.value, dim.value, dt.value
 
     def has(self, kind, layer=None):
         c = kind_code(kind)
         lay = -1 if (layer is None and c in _lib.TABLE_KINDS) else layer
         return any(r["kind_code"] == c and (lay is None or r["layer"] == lay)
-                   for r in self.records)
+                   for r in self._record_list())
 
     def shape(self, kind, layer=None):
         """(n_heads, n_tok, dim) of the (layer, kind) tensor. TraceError if absent."""
@@ -457,7 +645,9 @@ class Trace(_NoCopy):
         kind:  name or code ("K", "V", "Q_window", "Q_decode", "attn_colsum", "token_ids"...).
         layer: required for per-layer kinds; tables (layer -1) need none.
         heads: None (all), an int (that head; the head axis is dropped), a (begin, end)
-               tuple, a range/slice, or a list of head numbers.
+               tuple, a range/slice, or a list of head numbers. Head numbers are integers
+               (Python, NumPy, 0-d integer tensors); a float (2.0 included) or a bool (a mask
+               is not a head list: np.flatnonzero(mask) is) raises TypeError naming heads.
         dtype: None = the stored dtype (f16 -> float16, bf16 -> uint16 bit patterns,
                f32 -> float32, i32 -> int32, u8 -> uint8); "float32" (or "f32", np.float32)
                converts (float kinds in the C library, exactly).
@@ -468,21 +658,29 @@ class Trace(_NoCopy):
         squeeze, index = False, None
         if heads is None:
             hb, he = 0, nh
-        elif isinstance(heads, (int, np.integer)):
-            h = int(heads)
+        elif _is_scalar(heads):
+            h = head_number(heads)
             if h < 0:
                 h += nh
             if not 0 <= h < nh:
-                raise IndexError("head %d out of range [0, %d)" % (int(heads), nh))
+                raise IndexError("head %d out of range [0, %d)" % (head_number(heads), nh))
             hb, he, squeeze = h, h + 1, True
-        elif isinstance(heads, tuple) and len(heads) == 2 and all(
-                isinstance(x, (int, np.integer)) for x in heads):
-            hb, he = int(heads[0]), int(heads[1])
+        elif isinstance(heads, tuple) and len(heads) == 2:
+            hb, he = head_number(heads[0]), head_number(heads[1])
         else:
             if isinstance(heads, slice):
+                for x in (heads.start, heads.stop, heads.step):
+                    if x is not None:
+                        head_number(x, "heads slice")
                 sel = list(range(nh))[heads]
             else:
-                sel = [int(x) for x in heads]
+                try:
+                    it = iter(heads)
+                except TypeError:
+                    raise TypeError("heads must be None, an int, a (begin, end) pair, a range, "
+                                    "a slice or a list of head numbers, got %s"
+                                    % _describe(heads)) from None
+                sel = [head_number(x) for x in it]
             if not sel:
                 raise ValueError("empty head selection")
             if any(not 0 <= x < nh for x in sel):
@@ -515,7 +713,7 @@ class Trace(_NoCopy):
     def read_record(self, i):
         """The decoded payload of record i (file order; negative counts from the end, as for
         a list) as a [heads, n_tok, dim] array in the stored dtype."""
-        recs = self.records
+        recs = self._record_list()
         try:
             idx = operator.index(i)
         except TypeError:
@@ -543,12 +741,20 @@ class Trace(_NoCopy):
         """Token tables as NumPy arrays, None where the trace has none:
         token_ids [T] int32, modality [T] uint8 (0 text, 1 image, 2 video, 3 other),
         positions [P, T] int32 (P = 1, or 3 for M-RoPE), decode_token_ids [G] int32,
-        token_text list of str."""
-        if self._tokens is None:
+        token_text list of str. The arrays are read-only (read once, shared by every access:
+        np.array(a) is a copy to change); a new dict and token_text list on each access.
+        TraceError once the Trace is closed."""
+        self._handle()  # closed: "is closed", whether the tables were read before or not
+        t = self._tokens
+        if t is None:
             t = {}
             for name in ("token_ids", "modality", "decode_token_ids"):
                 t[name] = self.read(name)[0, :, 0] if self.has(name) else None
             t["positions"] = self.read("positions")[:, :, 0] if self.has("positions") else None
+            for name in ("token_ids", "modality", "decode_token_ids", "positions"):
+                if t[name] is not None:
+                    t[name] = np.array(t[name])  # its own memory, not a view
+                    t[name].setflags(write=False)
             if self.has("token_text"):
                 raw = self.read("token_text").tobytes()
                 parts = raw.split(b"\0")
@@ -558,13 +764,16 @@ class Trace(_NoCopy):
             else:
                 t["token_text"] = None
             self._tokens = t
-        return dict(self._tokens)
+        out = dict(t)
+        if out["token_text"] is not None:
+            out["token_text"] = list(out["token_text"])
+        return out
 
     @property
     def meta(self):
         """The meta_json records, parsed, in file order."""
         out = []
-        for i, r in enumerate(self.records):
+        for i, r in enumerate(self._record_list()):
             if r["kind_code"] == _lib.KINDS["meta_json"]:
                 raw = self.read_record(i).tobytes().rstrip(b"\0")
                 try:
@@ -612,8 +821,7 @@ class TraceWriter(_NoCopy):
         self._pid = os.getpid()
         self._guard = _Guard()
         L = _lib.lib()
-        if not isinstance(header, str):
-            header = json.dumps(header)
+        header = header_text(header)
         opts = _lib.WriterOpts(level=int_arg(level, "level", C_INT),
                                n_threads=int_arg(n_threads, "n_threads", C_INT),
                                max_pending_bytes=int_arg(max_pending_bytes, "max_pending_bytes",
@@ -622,10 +830,12 @@ class TraceWriter(_NoCopy):
                                max_record_bytes=int_arg(max_record_bytes, "max_record_bytes",
                                                         C_UINT64),
                                force=force)
-        header = str_arg(header, "header")
         self._replacing = _Replacing(self.path, bpath)
         h = ctypes.c_void_p()
-        call(L.kvt_trace_writer_create, bpath, header, ctypes.byref(opts), ctypes.byref(h))
+        try:
+            call(L.kvt_trace_writer_create, bpath, header, ctypes.byref(opts), ctypes.byref(h))
+        except TraceError as e:
+            raise force_message(e) from None
         self._h = h
         self._replacing.after(L.kvt_trace_writer_file(h))
         self._finished = False
@@ -646,33 +856,82 @@ class TraceWriter(_NoCopy):
     def append(self, kind, data, layer=None, head_begin=0, tok_begin=0, dtype=None):
         """Append a [H, T, D] block (1-D -> [1, T, 1], 2-D [P, T] -> [P, T, 1]) covering heads
         [head_begin, head_begin+H) and tokens [tok_begin, tok_begin+T) of (layer, kind).
-        dtype: None = from the array (float16, float32, int32, uint8), except that the token
-        tables take their FORMAT.md dtype from any integer or bool array (token_ids,
-        positions, decode_token_ids: i32; modality: u8), so torch.arange's int64 works;
-        "bf16" stores bf16 (uint16 arrays are taken as bit patterns, float arrays are
-        rounded). Integer tables are range-checked (an int64 token id that does not fit i32
-        is refused, not wrapped) and float data is not truncated into an integer dtype."""
+
+        data: a NumPy array (or anything np.asarray takes), bytes, or a torch.Tensor (detached
+        and copied to the host; requires_grad is fine; a torch.bfloat16 tensor is stored as
+        bf16, bit-exactly).
+        layer: 0 or more for the per-layer kinds (K, V, Q_window, ...: FORMAT.md's
+        0..n_layers-1); none (or -1) for the tables (token_ids, modality, positions,
+        decode_token_ids, token_text, meta_json). Anything else is refused (ValueError): the
+        reader would never find the record.
+        dtype: None = from the array (float16, float32, int32, uint8; bf16 for torch.bfloat16
+        and ml_dtypes), except that the tables always take their FORMAT.md dtype (token_ids,
+        positions, decode_token_ids: i32; modality, token_text, meta_json: u8) from any
+        integer or bool array, so torch.arange's int64 works. Float64 (a list of floats, say)
+        is not narrowed silently: pass dtype="f32" (or "f16", "bf16") to round it, or convert
+        it. "bf16" stores bf16 (uint16 and int16 arrays are taken as bit patterns, float
+        arrays are rounded to nearest even). The per-layer kinds are f16, bf16 or f32
+        (attn_colsum: f32 only).
+        Checked against FORMAT.md: integer tables must fit their dtype (an int64 token id
+        that does not fit i32 is refused, not wrapped), float data is not truncated into an
+        integer dtype, modality holds 0..3 (text, image, video, other), and a meta_json record
+        must hold one JSON object (as append_json checks; NaN is not JSON)."""
         c = kind_code(kind)
-        a = np.asarray(data)
-        if dtype is None and c in _TABLE_DTYPE and a.dtype.kind in "iub":
-            dtype = _TABLE_DTYPE[c]
-        if layer is None:
-            if c not in _lib.TABLE_KINDS:
-                raise ValueError("%s is a per-layer tensor: pass layer=" % kind_name(c))
+        kname = kind_name(c)
+        if c in _lib.TABLE_KINDS:
+            if layer is not None and int_arg(layer, "layer", C_INT32) != -1:
+                raise ValueError("append: %s is a table (layer -1 in traces/FORMAT.md): pass no "
+                                 "layer, got layer=%r" % (kname, layer))
             layer = -1
-        layer = int_arg(layer, "layer", C_INT32)
+        else:
+            if layer is None:
+                raise ValueError("%s is a per-layer tensor: pass layer=" % kname)
+            layer = int_arg(layer, "layer", C_INT32)
+            if layer < 0 and c in _LAYER_DTYPES:
+                raise ValueError("append: %s is a per-layer tensor: layer must be 0 or more "
+                                 "(0..n_layers-1, traces/FORMAT.md), got %d" % (kname, layer))
         head_begin = int_arg(head_begin, "head_begin", C_UINT32)
         tok_begin = int_arg(tok_begin, "tok_begin", C_UINT32)
+        a, bits = host_array(data)
+        if a.dtype.kind not in "biuf":
+            raise ValueError("append: %s data of dtype %s: kvtrace stores numbers (f16, bf16, "
+                             "f32, i32, u8)" % (kname, a.dtype))
         if a.ndim == 1:
             a = a.reshape(1, -1, 1)
         elif a.ndim == 2:
             a = a.reshape(a.shape[0], a.shape[1], 1)
         elif a.ndim != 3:
             raise ValueError("data must be 1-, 2- or 3-D, got shape %s" % (a.shape,))
-        code = dtype_code(dtype if dtype is not None else a.dtype)
-        if dtype is not None and code == _lib.DTYPE_BF16:
-            if a.dtype != np.uint16:
-                a = f32_to_bf16(a.astype(np.float32))
+        code = None if dtype is None else dtype_code(dtype)
+        if c in _TABLE_STORED:
+            if code is not None and code != _TABLE_STORED[c]:
+                raise ValueError("append: %s is stored as %s (traces/FORMAT.md), not %s"
+                                 % (kname, _lib.DTYPE_NAMES[_TABLE_STORED[c]],
+                                    _lib.DTYPE_NAMES.get(code, code)))
+            code = _TABLE_STORED[c]
+        if bits:
+            if code is None:
+                code = _lib.DTYPE_BF16
+            elif code != _lib.DTYPE_BF16:
+                a, bits = bf16_to_f32(a), False  # exact; converted below like any float
+        if code is None:
+            if a.dtype.name not in ("float16", "float32", "int32", "uint8"):
+                raise ValueError(
+                    "append: %s data of dtype %s: kvtrace stores f16, bf16, f32, i32 or u8, "
+                    "and does not narrow %s silently: pass dtype= (e.g. dtype=\"f32\", which "
+                    "rounds to float32) or convert the data (np.asarray(x, np.float32))"
+                    % (kname, a.dtype, a.dtype))
+            code = dtype_code(a.dtype)
+        if c in _LAYER_DTYPES and code not in _LAYER_DTYPES[c]:
+            names = [_lib.DTYPE_NAMES[x] for x in _LAYER_DTYPES[c]]
+            raise ValueError("append: %s is stored as %s (traces/FORMAT.md), not %s" % (
+                kname, names[-1] if len(names) == 1 else
+                ", ".join(names[:-1]) + " or " + names[-1], _lib.DTYPE_NAMES.get(code, code)))
+        if code == _lib.DTYPE_BF16:
+            if bits or a.dtype in (np.uint16, np.int16):
+                a = a.view(np.uint16)
+            else:
+                a = f32_to_bf16(a if a.dtype.kind == "f" else a.astype(np.float64))
         else:
             if code not in _NP_OF_CODE:
                 raise ValueError("dtype %r is not a kvtrace dtype (f16, bf16, f32, i32, u8)"
@@ -689,6 +948,17 @@ class TraceWriter(_NoCopy):
                                      % (mn, mx, _lib.DTYPE_NAMES[code]))
             a = a.astype(want, copy=False)
         a = np.ascontiguousarray(a)
+        if c == _lib.KINDS["modality"] and a.size and int(a.max()) > _MAX_MODALITY:
+            raise ValueError("append: modality holds %d: its values are 0 text, 1 image, "
+                             "2 video, 3 other (traces/FORMAT.md)" % int(a.max()))
+        if c == _lib.KINDS["meta_json"]:
+            raw = a.tobytes().rstrip(b"\0")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError("append: a meta_json record must be the UTF-8 text of one "
+                                 "JSON object (append_json writes one): %s" % e) from None
+            check_json_object(text, "append: meta_json (append_json writes one from a dict)")
         head_end = int_arg(head_begin + a.shape[0], "head_begin + heads", C_UINT32)
         tok_end = int_arg(tok_begin + a.shape[1], "tok_begin + tokens", C_UINT32)
         info = _lib.RecordInfo(kind=c, layer=layer, head_begin=head_begin, head_end=head_end,
@@ -701,24 +971,11 @@ class TraceWriter(_NoCopy):
     def append_json(self, obj):
         """Append a meta_json record: obj is a dict or the text of one JSON object (checked
         here: FORMAT.md says one JSON object, and Trace.meta parses it; NaN and Infinity are
-        not JSON)."""
+        not JSON). NumPy scalars and arrays in a dict are written as their values."""
         if isinstance(obj, str):
-            def no_constant(c):
-                raise ValueError("%s is not JSON" % c)
-            try:
-                parsed = json.loads(obj, parse_constant=no_constant)
-            except ValueError as e:
-                raise ValueError("append_json: the text is not valid JSON (%s): %r"
-                                 % (e, obj[:80])) from None
-            if not isinstance(parsed, dict):
-                raise ValueError("append_json: the text must be one JSON object, got a %s"
-                                 % type(parsed).__name__)
+            check_json_object(obj, "append_json")
         elif isinstance(obj, dict):
-            try:
-                obj = json.dumps(obj, allow_nan=False)
-            except (TypeError, ValueError) as e:
-                raise ValueError("append_json: the dict cannot be written as JSON: %s" % e) \
-                    from None
+            obj = json_text(obj, "append_json: the dict")
         else:
             raise TypeError("append_json: obj must be a dict or the text of a JSON object, "
                             "got %s" % type(obj).__name__)

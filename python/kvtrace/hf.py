@@ -24,9 +24,10 @@ The registry and the hooks are restored when the block ends, also on an exceptio
 
 Limits (each fails with a message saying so): batch size 1 (num_beams=1), no padding in the
 attention mask, the prompt in one forward call (no chunked prefill, assisted decoding, or a
-second generate call in the block), a dynamic cache (not a static one), and an attention
-implementation from the registry: a model loaded with attn_implementation="eager" must be
-loaded with "sdpa" (or "flash_attention_2") instead.
+second generate call in the block), a dynamic cache (not a static one, nor use_cache=False,
+which recomputes the whole sequence at every step), and an attention implementation from the
+registry: a model loaded with attn_implementation="eager" must be loaded with "sdpa" (or
+"flash_attention_2") instead.
 
 The plain functions token_modality, mrope_positions and rope_positions hold the table
 logic; they take tensors or arrays and return NumPy arrays. Importing this module imports
@@ -463,6 +464,7 @@ class Capture(object):
         self.partial_path = None
         self._n_text_forward = 0
         self._n_model_forward = 0
+        self._no_cache = False  # the last forward call ran without a KV cache (use_cache=False)
 
     # ---- installation ----
     def __enter__(self):
@@ -586,9 +588,19 @@ class Capture(object):
         return False
 
     # ---- hooks ----
+    def _note_cache(self, module, kwargs):
+        """Whether this forward call runs without a KV cache: use_cache=False (given, or the
+        config's default that transformers falls back on) and no past_key_values."""
+        uc = kwargs.get("use_cache", None)
+        if uc is None:
+            uc = getattr(getattr(module, "config", None), "use_cache", None)
+        self._no_cache = (uc is not None and not bool(uc) and
+                          kwargs.get("past_key_values", None) is None)
+
     def _on_model_forward(self, module, args, kwargs):
         torch = self._torch
         self._n_model_forward += 1
+        self._note_cache(module, kwargs)
         ids = kwargs.get("input_ids", None)
         if ids is None and args and isinstance(args[0], torch.Tensor):
             ids = args[0]
@@ -622,6 +634,8 @@ class Capture(object):
 
     def _on_text_forward(self, module, args, kwargs):
         self._n_text_forward += 1
+        if "use_cache" in kwargs or "past_key_values" in kwargs:
+            self._note_cache(module, kwargs)
         if self.session is None:
             self._prompt_pos = _np(kwargs.get("position_ids", None), np.int64)
 
@@ -652,9 +666,17 @@ class Capture(object):
             st.prefilled = True
             return
         if q_len != 1:
+            if self._no_cache:
+                raise _fail("layer %d: a %d-token forward call after the prompt, without a KV "
+                            "cache: the model runs with use_cache=False, so every step "
+                            "recomputes the whole sequence; the capture needs the KV cache: "
+                            "generate with use_cache=True (the default)" % (layer, q_len))
             raise _fail("layer %d: a %d-token forward call after the prompt: a chunked prefill, "
                         "assisted/speculative decoding or a second generate call inside one "
-                        "capture block is not supported" % (layer, q_len))
+                        "capture block is not supported%s" % (layer, q_len, (
+                            " (its %d keys are all its own: no cache held the prompt, as with a "
+                            "second prompt or a model run with use_cache=False)" % k_len
+                            if k_len == q_len else "")))
         g = st.n_decode_calls
         st.n_decode_calls += 1
         if g >= self.decode:

@@ -18,7 +18,15 @@
     trace and naming the new one (partial_path, RuntimeWarning), append_json/meta with bad
     JSON, integers that do not fit their C type and NUL in paths and strings, copy/pickle
     refused, a forked child's garbage collection leaving the parent's session alone, and
-    errors that name the argument (rope, name, modality, read_record).
+    errors that name the argument (rope, name, modality, read_record);
+  * a QA pass (classes QAFindings, QAFindingsCapture): heads= refuses floats and bools,
+    bf16_to_f32/f32_to_bf16 refuse what they would turn into garbage (float64 rounded once),
+    TraceWriter.append takes torch bf16 and requires_grad tensors and says what to do with
+    float64, refuses records FORMAT.md forbids or no reader finds (a per-layer kind at layer
+    -1, a table with a layer, modality 4, a meta_json record that is not JSON), read-only
+    Trace.tokens and fresh records that raise after close, CaptureSession's final stats
+    after its with block and an idempotent close, and messages in Python terms (force=True,
+    NumPy values and NaN in a header, an unknown kind code).
 
 Environment: KVT_LIB (libkvtrace.so), KVT_SOURCE_ROOT (repository). Exit 77 without NumPy or
 the library.
@@ -595,6 +603,16 @@ def read_bytes(path):
         return f.read()
 
 
+def append_raw(w, kind, layer, payload):
+    """Append a u8 record straight through kvt_trace_writer_append, past the binding's checks
+    (a record the binding refuses, as another writer could leave it)."""
+    info = _lib.RecordInfo(kind=_lib.KINDS[kind], layer=layer, head_begin=0, head_end=1,
+                           tok_begin=0, tok_end=len(payload), dim=1, dtype=_lib.DTYPE_U8)
+    buf = ctypes.create_string_buffer(payload, len(payload))
+    from kvtrace._errors import call
+    call(_lib.lib().kvt_trace_writer_append, w._h, ctypes.byref(info), buf)
+
+
 class FakeTorchDtype(object):
     """Looks like a torch.dtype to the binding (type module "torch", str "torch.NAME")."""
 
@@ -873,12 +891,12 @@ class Robustness(CaptureCase):
             w.append_json('{"ok": 2}')
         with kvtrace.open(path) as t:
             self.assertEqual(t.meta, [{"ok": 1}, {"ok": 2}])
-        # a bad meta_json record (written as a raw table): TraceError naming it, the rest
-        # of the trace readable
+        # a bad meta_json record (written through the C API: append refuses it too):
+        # TraceError naming it, the rest of the trace readable
         with kvtrace.TraceWriter(path, {"format": "kvtrace"}, force=True) as w:
             w.append("K", np.ones((1, 2, 3), np.float32), layer=0)
             w.append_json({"ok": 1})
-            w.append("meta_json", np.frombuffer(b"garbage", np.uint8))
+            append_raw(w, "meta_json", -1, b"garbage")
         with kvtrace.open(path) as t:
             with self.assertRaises(kvtrace.TraceError) as e:
                 t.meta
@@ -1094,6 +1112,291 @@ class Robustness(CaptureCase):
             with self.assertRaises(TypeError):
                 t.read_record("0")
 
+
+
+def optional_torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+class QAFindings(unittest.TestCase):
+    """A QA pass on the binding: values silently truncated or made up, records the reader
+    cannot reach, final stats lost, cached data shared with the caller, messages that do not
+    say how to proceed. Each case failed on the binding before its fix."""
+
+    def setUp(self):
+        self.dir = tmpdir()
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def p(self, name):
+        return os.path.join(self.dir, name)
+
+    def k_trace(self, K):
+        path = self.p("k.kvt")
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}, force=True) as w:
+            w.append("K", K, layer=0)
+        return path
+
+    # ---- 1: heads= takes integers only ----
+    def test_heads_refuses_non_integers(self):
+        K = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+        nh = 4
+        with kvtrace.open(self.k_trace(K)) as t:
+            # (0, nh / 2) read heads [0, 2] (a list), [1.7] read head 1, 2.0 was "not iterable"
+            for bad in ((0, nh / 2), [1.7], 2.0, np.float32(1), [np.float64(1.0)],
+                        (0, np.float64(2)), slice(0, 2.0), np.array([0.0, 1.0]), object()):
+                with self.assertRaises(TypeError, msg=repr(bad)) as e:
+                    t.read("K", 0, heads=bad)
+                self.assertIn("heads", str(e.exception), repr(bad))
+                self.assertNotIn("iterable", str(e.exception), repr(bad))
+            for mask in ([True, False, True, False], np.array([True, False]), True):
+                with self.assertRaises(TypeError, msg=repr(mask)) as e:
+                    t.read("K", 0, heads=mask)
+                self.assertIn("mask", str(e.exception))
+            # integers of every kind still work
+            np.testing.assert_array_equal(t.read("K", 0, heads=np.int64(1)), K[1])
+            np.testing.assert_array_equal(t.read("K", 0, heads=np.array(2)), K[2])
+            np.testing.assert_array_equal(t.read("K", 0, heads=(np.int32(1), 3)), K[1:3])
+            np.testing.assert_array_equal(t.read("K", 0, heads=np.array([3, 0])), K[[3, 0]])
+            torch = optional_torch()
+            if torch is not None:
+                np.testing.assert_array_equal(t.read("K", 0, heads=torch.tensor(2)), K[2])
+                np.testing.assert_array_equal(t.read("K", 0, heads=torch.tensor([0, 2])),
+                                              K[[0, 2]])
+                with self.assertRaises(TypeError) as e:
+                    t.read("K", 0, heads=torch.tensor(2.0))
+                self.assertIn("heads", str(e.exception))
+
+    # ---- 2: bf16 conversions do not make bits up ----
+    def test_bf16_conversions_refuse_values(self):
+        bits = np.array([0x3F80, 0xC000, 0x7FC0], np.uint16)
+        for bad in (np.array([1.5, 2.0], np.float32), np.array([1.5]), 1.5, [0x3F80],
+                    np.array([1], np.int64)):
+            with self.assertRaises(TypeError, msg=repr(bad)) as e:
+                kvtrace.bf16_to_f32(bad)  # was garbage: 1.5 -> 1.4e-45 (the bits 0x10000)
+            self.assertIn("uint16", str(e.exception))
+        np.testing.assert_array_equal(kvtrace.bf16_to_f32(bits)[:2], [1.0, -2.0])
+        np.testing.assert_array_equal(kvtrace.bf16_to_f32(bits.view(np.int16))[:2], [1.0, -2.0])
+        self.assertEqual(float(kvtrace.bf16_to_f32(np.uint16(0x3F80))), 1.0)  # 0-d: as 1-d
+        for bad in (bits, bits.view(np.int16), [1, 2], np.array([True])):
+            with self.assertRaises(TypeError, msg=repr(bad)) as e:
+                kvtrace.f32_to_bf16(bad)  # was: bit patterns taken as values
+            self.assertIn("float values", str(e.exception))
+        # float64 is rounded once (through float32 it was rounded twice: 0x3F80)
+        x = np.array([1 + 2 ** -8 + 2 ** -30, -(1 + 2 ** -8 + 2 ** -30), 2.0 ** -134 + 2.0 ** -160,
+                      1e300, 1 + 2 ** -8, np.inf])
+        np.testing.assert_array_equal(kvtrace.f32_to_bf16(x),
+                                      [0x3F81, 0xBF81, 0x0001, 0x7F80, 0x3F80, 0x7F80])
+        self.assertEqual(int(kvtrace.f32_to_bf16(1.0)), 0x3F80)
+        torch = optional_torch()
+        if torch is not None:
+            tb = torch.tensor([1.5, -3.25, 1e-3], dtype=torch.bfloat16)
+            want = tb.view(torch.int16).numpy().view(np.uint16)
+            np.testing.assert_array_equal(kvtrace.bf16_to_f32(tb), tb.float().numpy())
+            np.testing.assert_array_equal(kvtrace.f32_to_bf16(tb), want)
+            np.testing.assert_array_equal(kvtrace.f32_to_bf16(tb.float().requires_grad_()),
+                                          want)
+            with self.assertRaises(TypeError):
+                kvtrace.bf16_to_f32(tb.float())
+
+    # ---- 3: TraceWriter.append takes what CaptureSession takes ----
+    def test_writer_takes_torch_tensors_and_explains_float64(self):
+        torch = optional_torch()
+        path = self.p("w.kvt")
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}) as w:
+            # float64 (a list of floats, say) is not narrowed silently, and the message says
+            # what to do
+            for bad in (x.astype(np.float64), x.tolist()):
+                with self.assertRaises(ValueError) as e:
+                    w.append("K", bad, layer=3)
+                self.assertIn('dtype="f32"', str(e.exception))
+                self.assertIn("float64", str(e.exception))
+            w.append("K", x.tolist(), layer=3, dtype="f32")
+            if torch is not None:
+                tb = torch.tensor(x).to(torch.bfloat16)
+                w.append("K", tb, layer=0)                      # was: unsupported ScalarType
+                w.append("V", torch.tensor(x, requires_grad=True), layer=0)  # was: numpy()
+                w.append("Q_window", tb, layer=0, dtype="f32")  # bf16 values, exactly
+                w.append("V", tb, layer=1, dtype="bf16")
+        with kvtrace.open(path) as t:
+            np.testing.assert_array_equal(t.read("K", 3), x)
+            if torch is not None:
+                bits = tb.view(torch.int16).numpy().view(np.uint16)
+                self.assertEqual(t.stored_dtype("K", 0), "bf16")
+                np.testing.assert_array_equal(t.read("K", 0), bits)
+                np.testing.assert_array_equal(t.read("V", 1), bits)
+                self.assertEqual(t.stored_dtype("V", 0), "f32")
+                np.testing.assert_array_equal(t.read("V", 0), x)
+                np.testing.assert_array_equal(t.read("Q_window", 0), tb.float().numpy())
+
+    # ---- 5: Trace.records and Trace.tokens are the caller's to change ----
+    def test_tokens_and_records_are_not_shared(self):
+        path = self.p("tok.kvt")
+        ids = np.arange(6, dtype=np.int32) + 10
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}) as w:
+            w.append("K", np.ones((1, 6, 2), np.float32), layer=0)
+            w.append("token_ids", ids)
+            w.append("positions", np.arange(6))
+            w.append("token_text", np.frombuffer(b"a\0b\0", np.uint8))
+        t = kvtrace.open(path)
+        tk = t.tokens
+        with self.assertRaises(ValueError):  # read-only (was: changed every later result)
+            tk["token_ids"][0] = -999
+        with self.assertRaises(ValueError):
+            tk["positions"][0, 0] = -999
+        tk["token_text"].append("c")
+        tk["token_ids"] = None
+        np.testing.assert_array_equal(t.tokens["token_ids"], ids)
+        np.testing.assert_array_equal(t.tokens["positions"], [np.arange(6)])
+        self.assertEqual(t.tokens["token_text"], ["a", "b"])
+        recs = t.records
+        recs[0]["layer"] = 99
+        recs.clear()
+        self.assertEqual(t.records[0]["layer"], 0)
+        self.assertEqual(t.layers("K"), [0])
+        # after close(): both raise "is closed" like every use, read before or not
+        t.close()
+        for name in ("records", "tokens", "meta"):
+            with self.assertRaises(kvtrace.TraceError, msg=name) as e:
+                getattr(t, name)
+            self.assertIn("is closed", str(e.exception))
+        self.assertEqual(t.header, {"format": "kvtrace"})
+
+    # ---- 6: append refuses records the reader cannot reach, or FORMAT.md forbids ----
+    def test_append_refuses_unreachable_or_invalid_records(self):
+        path = self.p("a.kvt")
+        x = np.ones((1, 4, 2), np.float32)
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}) as w:
+            bad = [
+                (lambda: w.append("K", x, layer=-1), ["K", "per-layer", "-1"]),
+                (lambda: w.append("attn_colsum", x[:, :, :1], layer=-1), ["per-layer"]),
+                (lambda: w.append("token_ids", np.arange(4), layer=0), ["token_ids", "table"]),
+                (lambda: w.append("modality", [0, 1], layer=2), ["modality", "table"]),
+                (lambda: w.append("modality", np.array([0, 4], np.uint8)),
+                 ["modality", "4", "3 other"]),
+                (lambda: w.append("modality", [0, 1, 9]), ["modality", "9"]),
+                (lambda: w.append("meta_json", np.frombuffer(b"garbage", np.uint8)),
+                 ["meta_json", "append_json", "not valid JSON"]),
+                (lambda: w.append("meta_json", b'{"a": NaN}'), ["meta_json", "NaN"]),
+                (lambda: w.append("meta_json", b"[1, 2]"), ["meta_json", "JSON object"]),
+                (lambda: w.append("K", np.ones((1, 4, 2), np.int32), layer=0),
+                 ["K", "f16, bf16 or f32", "i32"]),
+                (lambda: w.append("attn_colsum", x.astype(np.float16)[:, :, :1], layer=0),
+                 ["attn_colsum", "f32", "f16"]),
+                (lambda: w.append("token_ids", np.arange(4), dtype="f32"), ["i32", "f32"]),
+            ]
+            for fn, words in bad:
+                with self.assertRaises(ValueError, msg=repr(words)) as e:
+                    fn()
+                for word in words:
+                    self.assertIn(word, str(e.exception))
+            # what FORMAT.md allows still goes in
+            w.append("K", x, layer=0)
+            w.append("token_ids", np.arange(4), layer=-1)
+            w.append("modality", np.array([0, 1, 2, 3], np.uint8))
+            w.append("meta_json", b'{"a": 1}\0')
+            self.assertEqual(w.stats()["n_records"], 4)
+        with kvtrace.open(path) as t:
+            self.assertEqual(len(t.records), 4)
+            self.assertEqual(t.meta, [{"a": 1}])
+            np.testing.assert_array_equal(t.tokens["modality"], [0, 1, 2, 3])
+            self.assertTrue(t.verify()["ok"])
+
+    # ---- 7: messages that say how to proceed in Python ----
+    def test_messages(self):
+        path = self.p("m.kvt")
+        # NumPy scalars and arrays in a header or meta dict are written as their values
+        hdr = {"format": "kvtrace", "n_tokens": np.int64(6), "x": np.float32(0.5),
+               "flag": np.bool_(True), "ids": np.arange(3)}
+        with kvtrace.TraceWriter(path, hdr) as w:
+            w.append("K", np.ones((1, 2, 2), np.float32), layer=0)
+            w.append_json({"n": np.int32(7)})
+        with kvtrace.open(path) as t:
+            self.assertEqual(t.header, {"format": "kvtrace", "n_tokens": 6, "x": 0.5,
+                                        "flag": True, "ids": [0, 1, 2]})
+            self.assertEqual(t.meta, [{"n": 7}])
+            # an unknown kind code: the message names it (was: "no record for layer 0")
+            with self.assertRaises(kvtrace.TraceError) as e:
+                t.read(999, 0)
+            self.assertEqual(e.exception.status_name, "KVT_ERR_NOT_FOUND")
+            self.assertIn("kind 999", str(e.exception))
+        # an existing file: the Python way to overwrite it
+        with self.assertRaises(kvtrace.TraceError) as e:
+            kvtrace.TraceWriter(path, {"format": "kvtrace"})
+        self.assertEqual(e.exception.status_name, "KVT_ERR_IO")
+        self.assertIn("force=True", str(e.exception))
+        self.assertNotIn("--force", str(e.exception))
+        if kvtrace.has_capture():
+            with self.assertRaises(kvtrace.TraceError) as e:
+                kvtrace.CaptureSession(path, n_layers=1, n_q_heads=1, n_kv_heads=1,
+                                       head_dim=2, n_tokens=2, window=1)
+            self.assertIn("force=True", str(e.exception))
+            self.assertNotIn("--force", str(e.exception))
+            x = np.ones((1, 2, 2), np.float32)
+            with kvtrace.CaptureSession(self.p("c.kvt"), n_layers=1, n_q_heads=1, n_kv_heads=1,
+                                        head_dim=2, n_tokens=2, window=1,
+                                        capture={"seed": np.int64(5)}) as s:
+                s.submit_kv(0, 0, x, x)
+                s.submit_queries(0, 1, x[:, 1:])
+            with kvtrace.open(s.path) as t:
+                self.assertEqual(t.header["capture"]["seed"], 5)
+        # NaN, and objects JSON does not know: ValueError saying so, nothing written
+        other = self.p("nan.kvt")
+        for bad, words in (({"a": float("nan")}, ["header", "NaN"]),
+                           ({"a": np.float64("inf")}, ["header", "Infinity"]),
+                           ('{"a": NaN}', ["header", "NaN"]),
+                           ({"a": object()}, ["header", "object"])):
+            with self.assertRaises(ValueError, msg=repr(bad)) as e:
+                kvtrace.TraceWriter(other, bad)
+            for word in words:
+                self.assertIn(word, str(e.exception))
+        self.assertFalse(os.path.exists(other))
+
+
+class QAFindingsCapture(CaptureCase):
+    """The QA pass's findings on CaptureSession."""
+
+    def sess(self, fname, **kw):
+        return kvtrace.CaptureSession(os.path.join(self.dir, fname), n_layers=1, n_q_heads=2,
+                                      n_kv_heads=1, head_dim=4, n_tokens=8, window=2, **kw)
+
+    # ---- 4: the final stats outlive the session ----
+    def test_close_is_idempotent_and_keeps_the_final_stats(self):
+        x = np.ones((1, 8, 4), np.float32)
+        with self.sess("ok.kvt") as s:
+            s.submit_kv(0, 0, x, x)
+            s.submit_queries(0, 6, np.ones((2, 2, 4), np.float32))
+        final = s.stats()  # was: "is closed" (the with block's close() result was lost)
+        self.assertEqual(final["n_submits"], 2)
+        self.assertGreater(final["writer"]["n_records"], 0)
+        self.assertGreater(final["writer"]["file_bytes"], 0)
+        self.assertEqual(s.close(), final)  # idempotent (was: "is closed")
+        self.assertEqual(s.close(), final)
+        s.stats()["writer"]["n_records"] = -1  # a copy each time
+        self.assertEqual(s.stats(), final)
+        with self.assertRaises(kvtrace.TraceError) as e:  # submitting after close still fails
+            s.submit_kv(0, 0, x, x)
+        self.assertIn("is closed", str(e.exception))
+        with kvtrace.open(s.path) as t:
+            self.assertEqual(t.meta[-1]["capture_stats"]["complete"], True)
+        # a close that raised: closing again raises the same error, stats() has the counters
+        s = self.sess("bad.kvt")
+        s.submit_kv(0, 0, x, x)
+        with self.assertRaises(kvtrace.TraceError) as e1:
+            s.close()
+        with self.assertRaises(kvtrace.TraceError) as e2:
+            s.close()
+        self.assertEqual((e2.exception.status_name, str(e2.exception)),
+                         (e1.exception.status_name, str(e1.exception)))
+        self.assertEqual(e1.exception.status_name, "KVT_ERR_STATE")
+        self.assertEqual(s.stats()["n_submits"], 1)
 
 
 class Lookup(unittest.TestCase):

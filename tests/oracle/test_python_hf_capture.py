@@ -29,7 +29,8 @@ attention registry keeps the q/k/v tensors the model itself hands to attention. 
     the prompt (old trace kept, partial_path and a RuntimeWarning name the new one);
     overlapping captures ending out of order (registry restored, later generates run); a
     capture left under another library's wrapper frees the model; a second generate with a 1-token prompt (a message saying so, no token id recorded for
-    the uncaptured step);
+    the uncaptured step); a generate loop without a KV cache (use_cache=False given or the
+    config's default: the message says so);
   * the plain functions: token_modality (image_token_id / video_token_id / LLaVA
     image_token_index), mrope_positions ([3,B,T], [4,B,T], [B,T], None), rope_positions,
     version and model-type checks, vision-tower exclusion.
@@ -432,8 +433,8 @@ def check_errors_and_restore(tmp):
             with torch.no_grad():
                 model(input_ids=ids)
                 model(input_ids=ids)
-    expect_error(second, ["11-token forward call after the prompt", "not supported"],
-                 "second prompt in one block")
+    expect_error(second, ["11-token forward call after the prompt", "not supported",
+                          "use_cache=False"], "second prompt in one block")
     check(registry()["sdpa"] is before, "after a capture error: registry restored")
 
     # attention classes that do not use the registry: refused up front when the forward
@@ -654,6 +655,32 @@ def check_robustness(tmp):
                   "second generate: 2 decode steps captured, 2 decode token ids (%s)" % dt)
         os.remove(p("g2.kvt"))
     section(second_generate)
+
+    def no_cache():
+        # a generate loop without a KV cache (before: blamed chunked prefill, assisted
+        # decoding or a second generate call): use_cache=False given, or the config's default
+        def loop(**kw):
+            with kvtrace.capture(model, p("nc.kvt"), window=W, decode=2, force=True):
+                seq = ids
+                with torch.no_grad():
+                    for _ in range(3):
+                        out = model(input_ids=seq, **kw)
+                        seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], 1)
+        words = ["12-token forward call", "without a KV cache", "use_cache=False",
+                 "use_cache=True"]
+        expect_error(lambda: loop(use_cache=False), words,
+                     "a loop with use_cache=False: the message says so")
+        saved = model.config.use_cache
+        model.config.use_cache = False
+        try:
+            expect_error(loop, words, "config.use_cache=False: the message says so")
+        finally:
+            model.config.use_cache = saved
+        with kvtrace.open(p("nc.kvt")) as t:  # the prompt was captured before the refusal
+            check(t.verify()["ok"] and t.shape("K", 0) == (HKV, T, D),
+                  "use_cache=False: the trace holds the prompt")
+        os.remove(p("nc.kvt"))
+    section(no_cache)
 
     check(registry()["sdpa"] is before, "after the robustness checks: registry restored")
 
