@@ -81,6 +81,10 @@ kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uin
 /* Reader internals for trace_verify.c. */
 int kvt_trace_reader_fd_(const kvt_trace_reader *r);
 const kvt_rec_hdr *kvt_trace_reader_recs_(const kvt_trace_reader *r);
+/** Where a finished trace's records start (the end of the header frame) and its index frame
+ *  starts. */
+void kvt_trace_reader_layout_(const kvt_trace_reader *r, uint64_t *header_end,
+                              uint64_t *index_offset);
 /** What the recovery scan of a recovered reader found (see kvt_trace_scan). */
 void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,
                                    uint64_t *n_skipped);

@@ -25,8 +25,9 @@ struct kvt_trace_reader {
     size_t n_recs;
     bool recovered;
     char note[256];
-    uint64_t valid_end; /* recovered only: end of the last complete unit */
-    uint64_t n_skipped; /* recovered only: damaged regions the scan skipped */
+    uint64_t index_offset; /* finished only: where the index frame starts */
+    uint64_t valid_end;    /* recovered only: end of the last complete unit */
+    uint64_t n_skipped;    /* recovered only: damaged regions the scan skipped */
     _Atomic uint64_t bytes_read;
 };
 
@@ -95,6 +96,7 @@ static kvt_status load_index(kvt_trace_reader *r)
         prev_end = off + KVT_REC_UNIT + h->info.comp_bytes;
     }
     r->n_recs = (size_t)n;
+    r->index_offset = idx_off;
     kvt_free(b);
     return KVT_OK;
 out_recs:
@@ -307,6 +309,13 @@ int kvt_trace_reader_fd_(const kvt_trace_reader *r)
 const kvt_rec_hdr *kvt_trace_reader_recs_(const kvt_trace_reader *r)
 {
     return r->recs;
+}
+
+void kvt_trace_reader_layout_(const kvt_trace_reader *r, uint64_t *header_end,
+                              uint64_t *index_offset)
+{
+    *header_end = r->header_end;
+    *index_offset = r->index_offset;
 }
 
 void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,

@@ -149,6 +149,36 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
         if (s != KVT_OK)
             goto out;
     }
+    /* a finished trace is one chain of frames: the header, each record's header frame (88
+     * bytes) and payload frame, the index. The index finds a record whose frame header or
+     * neighbourhood is damaged, but zstd -d and a recovery scan walk the chain: check it */
+    if (!kvt_trace_reader_recovered(r)) {
+        uint64_t at, idx_off;
+        kvt_trace_reader_layout_(r, &at, &idx_off);
+        for (size_t i = 0; i <= n && s == KVT_OK; i++) {
+            const kvt_record_info *in = i < n ? &recs[i].info : NULL;
+            uint64_t off = in ? in->file_offset : idx_off;
+            uint8_t fh[8];
+            if (off != at)
+                s = add_problem(rep, &cap, at, -1, 0, -1,
+                                "%llu bytes at offset %llu belong to no record (the file no "
+                                "longer decodes as a zstd stream)",
+                                (unsigned long long)(off - at), (unsigned long long)at);
+            else if (in && kvt_pread_full(fd, fh, sizeof(fh), off) == KVT_OK &&
+                     kvt_get_u32(fh) == KVT_FRAME_RECORD &&
+                     kvt_get_u32(fh + 4) != KVT_REC_HEADER_BYTES)
+                s = add_problem(rep, &cap, off, (int32_t)in->seq, in->kind, in->layer,
+                                "record %u (layer %d %s): its frame size field is damaged (%u, "
+                                "not %u): the index still finds it, but zstd -d and a recovery "
+                                "scan do not",
+                                (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind),
+                                (unsigned)kvt_get_u32(fh + 4), (unsigned)KVT_REC_HEADER_BYTES);
+            if (in)
+                at = off + KVT_REC_UNIT + in->comp_bytes;
+        }
+        if (s != KVT_OK)
+            goto out;
+    }
     /* record numbers are 0..n-1 in a complete trace: name the gaps */
     if (n > 0) {
         uint8_t *seen = kvt_calloc((size_t)max_seq + 1, 1);

@@ -142,6 +142,35 @@ static void flips(void)
     }
 }
 
+/* a damaged size field of a record's header frame: the index still finds every record, but
+ * the file no longer decodes as a zstd stream and a recovery scan would lose the record, so
+ * verify must say so (it reported OK before) */
+static void frame_sizes(void)
+{
+    size_t k = n_recs / 2;
+    uint8_t *b = malloc(orig_n);
+    memcpy(b, orig, orig_n);
+    b[recs[k].off + 4] ^= 0x80; /* 88 -> 216 */
+    tt_spit(cut, b, orig_n);
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(cut, &r));
+    KVT_EXPECT(!kvt_trace_reader_recovered(r));
+    KVT_EXPECT_EQ_U64(count_readable(r), n_recs); /* the data is intact */
+    kvt_trace_reader_close(r);
+    kvt_verify_report rep;
+    KVT_CHECK(kvt_trace_verify(cut, &rep));
+    char want[96];
+    snprintf(want, sizeof(want), "record %zu (layer %d %s): its frame size field is damaged", k,
+             recs[k].layer, kvt_kind_name(recs[k].kind));
+    bool named = false;
+    for (size_t p = 0; p < rep.n_problems; p++)
+        named |= strstr(rep.problems[p].what, want) != NULL;
+    KVT_EXPECT_MSG(rep.n_problems == 1 && named, "verify: %zu problems, none says '%s'",
+                   rep.n_problems, want);
+    kvt_verify_report_free(&rep);
+    free(b);
+}
+
 static void expect_open_fails(const uint8_t *b, size_t n, kvt_status want, const char *what)
 {
     tt_spit(cut, b, n);
@@ -257,6 +286,7 @@ int main(void)
 
     truncations();
     flips();
+    frame_sizes();
     hostile_headers();
     unlink(path);
     unlink(cut);
