@@ -130,6 +130,8 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "path", t->path ? t->path : "");
+    if (t->fingerprint[0])
+        cJSON_AddStringToObject(o, "fingerprint", t->fingerprint);
     cJSON *hdr = t->header_json ? cJSON_Parse(t->header_json) : NULL;
     cJSON_AddItemToObject(o, "header", hdr ? hdr : cJSON_CreateNull());
     cJSON *model = cJSON_AddObjectToObject(o, "model");
@@ -585,8 +587,10 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
     t->has_decode_kv = cJSON_IsTrue(item(tj, "has_decode_kv"));
     t->kv_elem_bytes = get_int(tj, "kv_elem_bytes", 2);
     t->n_probes = get_int(tj, "coverage_probes", 0);
-    const cJSON *kd = item(tj, "kv_dtype");
+    const cJSON *kd = item(tj, "kv_dtype"), *fp = item(tj, "fingerprint");
     snprintf(t->kv_dtype, sizeof(t->kv_dtype), "%s", cJSON_IsString(kd) ? kd->valuestring : "?");
+    if (cJSON_IsString(fp) && strlen(fp->valuestring) == 16) /* else "": unknown (older file) */
+        snprintf(t->fingerprint, sizeof(t->fingerprint), "%s", fp->valuestring);
     const cJSON *mc = item(tj, "modality_counts");
     t->has_modality = cJSON_IsObject(mc);
     for (int k = 0; t->has_modality && k < KVT_N_MODALITIES; k++)

@@ -66,6 +66,11 @@ static kvt_status check_settings(const kvt_results *a, const kvt_results *b, con
                                  "%s and %s were run on different traces (trace %zu: %s vs %s); "
                                  "give every shard the same traces in the same order",
                                  an, bn, t, x->path ? x->path : "", y->path ? y->path : "");
+        if (x->fingerprint[0] && y->fingerprint[0] && strcmp(x->fingerprint, y->fingerprint))
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "%s and %s were run on different files named %s (trace %zu: "
+                                 "fingerprint %s vs %s): give every shard the same files",
+                                 an, bn, x->path ? x->path : "", t, x->fingerprint, y->fingerprint);
     }
     if (what)
         return kvt_error_set(KVT_ERR_INVALID_ARG,

@@ -246,8 +246,9 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
 /* ------------------------------------------------------------------------------------- */
 /** Everything measured on one trace. Plain data: analysis/ reads and writes it. */
 typedef struct kvt_trace_result {
-    char *path;        /* kvt_strdup'ed */
-    char *header_json; /* the trace's JSON header */
+    char *path;           /* kvt_strdup'ed */
+    char *header_json;    /* the trace's JSON header */
+    char fingerprint[17]; /* kvt_trace_reader_fingerprint ("" from an older results.json) */
     char *model_name, *model_arch;
     int n_layers, n_q_heads, n_kv_heads, head_dim, n_tokens;
     int window_stored, n_decode;

@@ -448,6 +448,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         goto out_free;
     res->path = kvt_strdup(path);
     res->header_json = kvt_strdup(kvt_trace_reader_header_json(sh.rd));
+    kvt_trace_reader_fingerprint(sh.rd, res->fingerprint);
     res->model_name = jstr(model, "name");
     res->model_arch = jstr(model, "arch");
     res->head_dim = sh.D, res->n_tokens = sh.T, res->window_stored = sh.W;

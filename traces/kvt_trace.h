@@ -196,6 +196,11 @@ bool kvt_trace_reader_recovered(const kvt_trace_reader *r);
 const char *kvt_trace_reader_recovery_note(const kvt_trace_reader *r);
 /** File size in bytes. */
 uint64_t kvt_trace_reader_file_bytes(const kvt_trace_reader *r);
+/** What the trace holds, as 16 hex digits: FNV-1a 64 over the JSON header and every record's
+ *  (kind, layer, heads, tokens, dim, dtype, raw bytes, payload checksum) in file order. Two
+ *  files of the same capture give the same fingerprint wherever they are; another prompt or
+ *  capture gives another (the payload checksums cover the data). out: 17 bytes. */
+void kvt_trace_reader_fingerprint(const kvt_trace_reader *r, char out[17]);
 
 size_t kvt_trace_reader_n_records(const kvt_trace_reader *r);
 /** Record i in file order (0 <= i < n_records). */

@@ -275,6 +275,35 @@ const char *kvt_trace_reader_header_json(const kvt_trace_reader *r)
     return r->json;
 }
 
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+void kvt_trace_reader_fingerprint(const kvt_trace_reader *r, char out[17])
+{
+    uint64_t h = fnv1a(0xcbf29ce484222325ull, r->json, strlen(r->json));
+    for (size_t i = 0; i < r->n_recs; i++) {
+        const kvt_rec_hdr *x = &r->recs[i];
+        uint8_t b[44]; /* the fields, little-endian, so the value is the same on any host */
+        kvt_put_u32(b, (uint32_t)x->info.kind);
+        kvt_put_u32(b + 4, (uint32_t)x->info.layer);
+        kvt_put_u32(b + 8, x->info.head_begin);
+        kvt_put_u32(b + 12, x->info.head_end);
+        kvt_put_u32(b + 16, x->info.tok_begin);
+        kvt_put_u32(b + 20, x->info.tok_end);
+        kvt_put_u32(b + 24, x->info.dim);
+        kvt_put_u32(b + 28, (uint32_t)x->info.dtype);
+        kvt_put_u64(b + 32, x->info.raw_bytes);
+        kvt_put_u32(b + 40, x->payload_crc);
+        h = fnv1a(h, b, sizeof(b));
+    }
+    snprintf(out, 17, "%016llx", (unsigned long long)h);
+}
+
 void kvt_trace_reader_version(const kvt_trace_reader *r, int *major, int *minor)
 {
     *major = r->major;

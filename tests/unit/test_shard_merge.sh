@@ -87,6 +87,21 @@ PYEOF
     $BIN merge "${P[@]}" "$TMP/half3.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "unit 1.5"
     grep -q "shard.units\[0\] is not \[trace, layer\]" "$TMP/err" || fail "unit 1.5 message"
 fi
+# parts replayed on two different files that share a name and a header (prompts from id files,
+# each replayed from its own directory): the fingerprint tells them apart
+mkdir "$TMP/A" "$TMP/B"
+seq 1 40 | tr '\n' ' ' >"$TMP/A/ids" && seq 41 80 | tr '\n' ' ' >"$TMP/B/ids"
+for d in A B; do
+    (cd "$TMP/$d" && $BIN capture-llama2c --model "$MODEL" --prompt-ids ids --decode 4 \
+        --window 8 -o p.kvt >/dev/null 2>&1) || fail "capture in $d"
+done
+(cd "$TMP/A" && $BIN replay p.kvt --policies snapkv:window=8 --budgets 16 --threads 1 \
+    --shard 0/2 -o ../pa0.json >/dev/null 2>&1) || fail "replay A"
+(cd "$TMP/B" && $BIN replay p.kvt --policies snapkv:window=8 --budgets 16 --threads 1 \
+    --shard 1/2 -o ../pb1.json >/dev/null 2>&1) || fail "replay B"
+$BIN merge "$TMP/pa0.json" "$TMP/pb1.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "other files"
+grep -q "were run on different files named p.kvt" "$TMP/err" || { cat "$TMP/err"; fail "fingerprint message"; }
+grep -q '"fingerprint":[[:space:]]*"[0-9a-f]\{16\}"' "$TMP/full.json" || fail "no fingerprint in results.json"
 [ -e "$TMP/x.json" ] && fail "a refused merge wrote its output"
 # bad --shard values, and --export-selection is refused with --shard
 for bad in 4/4 -1/4 1 a/b 0/0; do
