@@ -96,36 +96,41 @@ int kvt_cli_mpi_begin(kvt_cli_mpi *m, const char *cmd)
 }
 
 #ifdef KVT_HAVE_MPI
-/* rank 0: print each distinct held line once, with the ranks it came from unless it is rank
- * 0's alone or every process's */
+/* rank 0: print each distinct held line once, with the ranks it came from, unless it is the
+ * only line and came from rank 0 alone or from every process */
 static void print_held(const kvt_cli_mpi *m, const int *rcs, const char *lines, size_t cap)
 {
+#define LINE(r) (lines + (size_t)(r)*cap)
+    int distinct = 0;
     for (int r = 0; r < m->size; r++) {
-        const char *line = lines + (size_t)r * cap;
-        if (!rcs[r])
-            continue;
-        bool seen = false, all = true;
+        bool seen = false;
         for (int q = 0; q < r && !seen; q++)
-            seen = rcs[q] && !strcmp(lines + (size_t)q * cap, line);
-        if (seen)
+            seen = rcs[q] && !strcmp(LINE(q), LINE(r));
+        distinct += rcs[r] && !seen;
+    }
+    for (int r = 0; r < m->size; r++) {
+        bool seen = false;
+        for (int q = 0; q < r && !seen; q++)
+            seen = rcs[q] && !strcmp(LINE(q), LINE(r));
+        if (!rcs[r] || seen)
             continue;
         char who[256] = "";
         int n = 0, len = 0;
         for (int q = r; q < m->size; q++)
-            if (rcs[q] && !strcmp(lines + (size_t)q * cap, line))
-                n++;
-        all = n == m->size;
-        for (int q = r; !all && !(r == 0 && n == 1) && q < m->size; q++)
-            if (rcs[q] && !strcmp(lines + (size_t)q * cap, line) && len < (int)sizeof(who) - 32)
+            n += rcs[q] && !strcmp(LINE(q), LINE(r));
+        bool name = distinct > 1 || !(n == m->size || (r == 0 && n == 1));
+        for (int q = r; name && q < m->size; q++)
+            if (rcs[q] && !strcmp(LINE(q), LINE(r)) && len < (int)sizeof(who) - 32)
                 len += snprintf(who + len, sizeof(who) - (size_t)len, "%s%d",
                                 len ? ", " : (n > 1 ? " (ranks " : " (rank "), q);
         if (len)
             snprintf(who + len, sizeof(who) - (size_t)len, ")");
-        if (line[0])
-            fprintf(stderr, "%s%s\n", line, who);
+        if (LINE(r)[0])
+            fprintf(stderr, "%s%s\n", LINE(r), who);
         else if (!m->failed) /* not said already by an earlier agreement */
             fprintf(stderr, "kvtrace: error: MPI rank %d failed%s\n", r, who);
     }
+#undef LINE
 }
 #endif
 

@@ -63,6 +63,11 @@ int kvt_cmd_merge(int argc, char **argv)
         rc = 2;
         goto out_free;
     }
+    if (!out) {
+        kvt_cli_fail(cmd, "no output file given (usage: kvtrace merge PART... -o results.json)");
+        rc = 2;
+        goto out_free;
+    }
     if (!kvt_cli_output_ok(cmd, out, force, (const char *const *)names, (size_t)n))
         goto out_free;
     for (size_t i = 0; i < n; i++)

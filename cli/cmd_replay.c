@@ -23,7 +23,7 @@
 static void help(void)
 {
     printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
-           "                      [--threads N] [--seed S] [--per-query-head]\n"
+           "                      [--window W] [--threads N] [--seed S] [--per-query-head]\n"
            "                      [--coverage-probes N] [--export-selection FILE] [--force]\n"
            "                      [--shard I/N] [--device cpu|cuda|auto] [--profile]\n\n"
            "Replay KV-cache compression policies offline on captured traces and measure every\n"
@@ -42,6 +42,10 @@ static void help(void)
            "  --budgets LIST    entries kept per head per layer, window included: tokens\n"
            "                    (64,128) and/or percentages of the prompt (10%%,20%%);\n"
            "                    default 64,128,256,512\n"
+           "  --window W        observation window of every policy that ranks by window\n"
+           "                    queries (snapkv, pyramidkv, adakv, mixkv-*, sparsemm, headkv,\n"
+           "                    hybridkv-like, lightkv-like) whose spec sets no window=\n"
+           "                    (default: each policy's own, 32; a trace keeps W queries)\n"
            "  --threads N       worker threads over layers (default: all cores)\n"
            "  --device D        where each layer's attention, outputs, norms, unit keys and\n"
            "                    recall/error/coverage sweeps run: cpu (default), cuda (GPU 0;\n"
@@ -254,9 +258,8 @@ static char *append(char *list, const char *item)
 {
     size_t n = (list ? strlen(list) + 1 : 0) + strlen(item) + 1;
     char *r = kvt_malloc(n);
-    if (!r)
-        return NULL;
-    snprintf(r, n, "%s%s%s", list ? list : "", list ? "," : "", item);
+    if (r)
+        snprintf(r, n, "%s%s%s", list ? list : "", list ? "," : "", item);
     kvt_free(list);
     return r;
 }
@@ -305,21 +308,32 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n)
 }
 
 /* append a --policies value, replacing each item "all" by the default list */
-static char *append_expanded(char *list, const char *v)
+/* --policies V appended to *list with 'all' expanded: 0, 1 (out of memory) or 2 (a usage
+ * error, printed) */
+static int append_expanded(const char *cmd, char **list, const char *v)
 {
     char *copy = kvt_strdup(v);
-    if (!copy) {
-        kvt_free(list);
-        return NULL;
-    }
+    if (!copy)
+        return kvt_cli_fail(cmd, "out of memory");
     char *save = NULL;
-    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        list = append(list, strcmp(tok, "all") ? tok : DEFAULT_POLICIES);
-        if (!list)
-            break;
+    int rc = 0, n = 0;
+    for (char *tok = strtok_r(copy, ",", &save); tok && !rc; tok = strtok_r(NULL, ",", &save)) {
+        if (!strncmp(tok, "all:", 4)) {
+            rc = 2;
+            kvt_cli_fail(cmd,
+                         "--policies %s: 'all' takes no options; give them per policy "
+                         "(snapkv:window=16) or to every window policy (--window 16)",
+                         v);
+        } else if (!(*list = append(*list, strcmp(tok, "all") ? tok : DEFAULT_POLICIES)))
+            rc = kvt_cli_fail(cmd, "out of memory");
+        n++;
+    }
+    if (!rc && !n) {
+        rc = 2;
+        kvt_cli_fail(cmd, "--policies '%s': an empty policy list (see --list-policies)", v);
     }
     kvt_free(copy);
-    return list;
+    return rc;
 }
 
 static const char *fmt(double x, char *buf, size_t cap, const char *f)
@@ -333,11 +347,11 @@ static const char *fmt(double x, char *buf, size_t cap, const char *f)
 
 int kvt_cmd_replay(int argc, char **argv)
 {
-    const char *cmd = "replay", *out = NULL, *export_path = NULL, *budgets_arg = NULL;
-    char *policies_arg = NULL;
+    const char *cmd = "replay", *out = NULL, *export_path = NULL;
+    char *policies_arg = NULL, *budgets_arg = NULL;
     const char **traces = kvt_calloc((size_t)argc + 1, sizeof(char *));
     size_t n_traces = 0;
-    int threads = 0, probes = -1, rc = 1, shard_i = 0, shard_n = 0;
+    int threads = 0, probes = -1, rc = 1, shard_i = 0, shard_n = 0, window = 0;
     int *units = NULL; /* [n_units][2] (trace, layer) of this shard */
     int *shape = NULL; /* [n_traces][2] layers and tokens of each trace, when sharded */
     size_t n_units = 0, n_units_all = 0;
@@ -389,13 +403,22 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         } else if (!strcmp(a, "--policies") || !strcmp(a, "--policy")) {
             NEED_VALUE();
-            if (!(policies_arg = append_expanded(policies_arg, v))) {
+            if ((rc = append_expanded(cmd, &policies_arg, v)))
+                goto out_free;
+            rc = 1;
+        } else if (!strcmp(a, "--budgets")) { /* given twice: both lists, as --policies */
+            NEED_VALUE();
+            if (!(budgets_arg = append(budgets_arg, v))) {
                 kvt_cli_fail(cmd, "out of memory");
                 goto out_free;
             }
-        } else if (!strcmp(a, "--budgets")) {
+        } else if (!strcmp(a, "--window")) {
             NEED_VALUE();
-            budgets_arg = v;
+            if (!kvt_cli_parse_int(v, 1, 1 << 30, &window)) {
+                kvt_cli_fail(cmd, "--window %s: expected a positive integer", v);
+                rc = 2; /* usage */
+                goto out_free;
+            }
         } else if (!strcmp(a, "--profile")) {
             profile = true;
         } else if (!strcmp(a, "--device")) {
@@ -457,8 +480,9 @@ int kvt_cmd_replay(int argc, char **argv)
             traces[n_traces++] = a;
 #undef NEED_VALUE
     }
-    if (!n_traces) {
-        kvt_cli_fail(cmd, "no trace given (usage: kvtrace replay TRACE... -o results.json)");
+    if (!n_traces || !out) {
+        kvt_cli_fail(cmd, "no %s given (usage: kvtrace replay TRACE... -o results.json)",
+                     n_traces ? "output file (-o FILE)" : "trace");
         rc = 2;
         goto out_free;
     }
@@ -503,7 +527,7 @@ int kvt_cmd_replay(int argc, char **argv)
         if (want == KVT_DEVICE_AUTO && device == KVT_DEVICE_CPU && mpi.rank == 0)
             fprintf(stderr, "kvtrace replay: --device auto: on the CPU (%s)\n", why);
     }
-    kvt_policy_globals g = {.seed = seed, .per_query_head = per_query};
+    kvt_policy_globals g = {.seed = seed, .per_query_head = per_query, .window = window};
     if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : DEFAULT_POLICIES, &g, &pols,
                                     &n_pol))) {
         kvt_cli_fail_status(cmd, st, "--policies");
@@ -680,15 +704,19 @@ int kvt_cmd_replay(int argc, char **argv)
         goto out_free;
     }
     /* a short table on stdout: model-level means over all traces */
-    printf("%-28s %8s %8s %9s %9s %9s %9s %8s\n", "policy", "budget", "kept", "recall_w", "err_w",
-           "recall_d", "err_d", "cover");
+    int lw = 28; /* the longest label, so that two specs never print alike */
+    for (size_t p = 0; p < n_pol; p++)
+        lw = (int)strlen(kvt_policy_label(pols[p])) > lw ? (int)strlen(kvt_policy_label(pols[p]))
+                                                         : lw;
+    printf("%-*s %8s %8s %9s %9s %9s %9s %8s\n", lw, "policy", "budget", "kept", "recall_w",
+           "err_w", "recall_d", "err_d", "cover");
     for (size_t p = 0; p < n_pol; p++)
         for (size_t b = 0; b < n_b; b++) {
             kvt_run_summary s;
             if (kvt_summarize_results(res, p, b, &s))
                 continue;
             char c[6][32];
-            printf("%-28.28s %8s %7.1f%% %9s %9s %9s %9s %8s\n", kvt_policy_label(pols[p]),
+            printf("%-*s %8s %7.1f%% %9s %9s %9s %9s %8s\n", lw, kvt_policy_label(pols[p]),
                    budgets[b].text, 100.0 * s.kept_fraction, fmt(s.recall_window, c[0], 32, "%.4f"),
                    fmt(s.err_window, c[1], 32, "%.4f"), fmt(s.recall_decode, c[2], 32, "%.4f"),
                    fmt(s.err_decode, c[3], 32, "%.4f"), fmt(s.coverage, c[4], 32, "%.4f"));
@@ -711,6 +739,7 @@ out_free:
     kvt_free(budgets);
     kvt_policy_list_free(pols, n_pol);
     kvt_free(policies_arg);
+    kvt_free(budgets_arg);
     kvt_free(traces);
     kvt_free(units);
     kvt_free(shape);

@@ -18,6 +18,8 @@ static void help(void)
            "Check every record of a trace: header and payload checksums, that each payload\n"
            "decompresses, the index and trailer, record-number gaps, and that every layer the\n"
            "header promises has its K, V and Q_window.\n\n"
+           "  -q, --quiet  print nothing for an intact trace (the exit status says it);\n"
+           "               a damaged one is still listed\n\n"
            "exit status: 0 intact; 1 damaged or incomplete (each problem is listed);\n"
            "             2 not a readable trace.\n");
 }

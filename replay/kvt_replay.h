@@ -47,11 +47,14 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_LIKE         0x4u  /* an offline emulation with no public reference ("-like") */
 #define KVT_POLICY_NEEDS_DECODE 0x8u  /* needs Q_decode (oracle, quest) */
 #define KVT_POLICY_NEEDS_COLSUM 0x10u /* needs attn_colsum or Q_all (h2o) */
+#define KVT_POLICY_WINDOW_QUERY 0x20u /* ranks by the window queries: window >= 1 (snapkv, ...) */
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {
     uint64_t seed;       /* for `random` (spec option seed=) */
     bool per_query_head; /* default heads=query instead of heads=kv */
+    int window;          /* > 0: window= of every KVT_POLICY_WINDOW_QUERY policy whose spec
+                            does not set it (replay --window) */
 } kvt_policy_globals;
 
 /** Create a policy from a spec "name[:key=value,key=value...]", e.g.

@@ -218,7 +218,7 @@ kvt_status kvt_ctx_check_window(const kvt_layer_ctx *c, const char *policy, int 
     KVT_RETURN_IF(W < 1, KVT_ERR_INVALID_ARG, "%s: window=%d must be >= 1", policy, W);
     KVT_RETURN_IF(W > c->Wt, KVT_ERR_INVALID_ARG,
                   "%s: window=%d needs %d stored window queries; the trace has %d (lower "
-                  "window= or capture a larger window)",
+                  "window=, or --window for every such policy, or capture a larger window)",
                   policy, W, W, c->Wt);
     return KVT_OK;
 }

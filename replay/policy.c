@@ -296,6 +296,8 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
     }
     if (d->defaults)
         d->defaults(&p->o);
+    if (g && g->window > 0 && (d->flags & KVT_POLICY_WINDOW_QUERY))
+        p->o.window = g->window; /* the spec's window= still wins */
     kvt_status st = KVT_OK;
     char *opts = NULL;
     p->label = kvt_strdup(spec);
@@ -331,6 +333,12 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
             if ((st = set_opt(p, tok, eq + 1)))
                 goto out_fail;
         }
+    }
+    if ((d->flags & KVT_POLICY_WINDOW_QUERY) && p->o.window < 1) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: window=%d: it ranks by the window queries, so window >= 1", d->name,
+                           p->o.window);
+        goto out_fail;
     }
     if (d->init && (st = d->init(p)))
         goto out_fail;

@@ -65,6 +65,7 @@ static kvt_status sel_adakv(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
 const kvt_policy_def kvt_policy_def_adakv = {
     .name = "adakv",
     .summary = "AdaKV: SnapKV ranking, head-adaptive budgets within a layer",
+    .flags = KVT_POLICY_WINDOW_QUERY,
     .keys = "window,kernel,pool,reduce,heads,alpha,normalize,alloc,skip",
     .select = sel_adakv,
 };

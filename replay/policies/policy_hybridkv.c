@@ -300,7 +300,7 @@ const kvt_policy_def kvt_policy_def_hybridkv_like = {
     .name = "hybridkv-like",
     .summary = "HybridKV-like [inferred]: static heads text-prior, dynamic heads chunk retrieval",
     .keys = "window,kernel,pool,heads,theta,tau,split,chunk,chunk_score,floor",
-    .flags = KVT_POLICY_PER_STEP | KVT_POLICY_LIKE,
+    .flags = KVT_POLICY_PER_STEP | KVT_POLICY_LIKE | KVT_POLICY_WINDOW_QUERY,
     .defaults = d_hybrid,
     .select = sel_hybrid,
 };

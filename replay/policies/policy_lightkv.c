@@ -358,7 +358,7 @@ const kvt_policy_def kvt_policy_def_lightkv_like = {
     .name = "lightkv-like",
     .summary = "LightKV-like [inferred]: merges vision K/V guided by text queries",
     .keys = "window,heads,merge_window",
-    .flags = KVT_POLICY_MERGED | KVT_POLICY_LIKE,
+    .flags = KVT_POLICY_MERGED | KVT_POLICY_LIKE | KVT_POLICY_WINDOW_QUERY,
     .defaults = d_light,
     .select = sel_light,
 };

@@ -20,6 +20,7 @@ static kvt_status sel_snapkv(kvt_layer_ctx *c, const kvt_policy *p, const int *B
 const kvt_policy_def kvt_policy_def_snapkv = {
     .name = "snapkv",
     .summary = "SnapKV: pooled window attention, uniform budget",
+    .flags = KVT_POLICY_WINDOW_QUERY,
     .keys = "window,kernel,pool,reduce,heads",
     .select = sel_snapkv,
 };

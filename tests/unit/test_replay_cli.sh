@@ -75,4 +75,48 @@ $BIN replay "$TMP/nd.kvt" --policies snapkv:window=32,window=8 -o "$TMP/o2.json"
     fail "window twice"
 grep -q "option 'window' given twice" "$TMP/err" || fail "window twice message"
 $BIN replay --list-policies | grep -q "alpha=0.2," || fail "--list-policies shows 0.2 as 0.2"
+# usage errors exit 2 with one line: an empty policy list (was "out of memory", exit 1),
+# options on 'all', window=0 for a policy that ranks by window queries (was a per-layer error,
+# exit 1), no -o
+usage() { # usage WANT ARGS...: exit 2, one line containing WANT
+    local want=$1
+    shift
+    $BIN replay "$@" 2>"$TMP/err" >/dev/null
+    local rc=$?
+    [ $rc -eq 2 ] && [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -qF -- "$want" "$TMP/err" ||
+        fail "replay $*: exit $rc, $(cat "$TMP/err")"
+}
+usage "an empty policy list" "$TMP/nd.kvt" --policies "" -o "$TMP/u.json"
+usage "an empty policy list" "$TMP/nd.kvt" --policies "," -o "$TMP/u.json"
+usage "'all' takes no options" "$TMP/nd.kvt" --policies all:window=16 -o "$TMP/u.json"
+usage "window=0: it ranks by the window queries" "$TMP/nd.kvt" --policies snapkv:window=0 \
+    -o "$TMP/u.json"
+usage "no output file" "$TMP/nd.kvt" --policies snapkv
+usage "--window 0" "$TMP/nd.kvt" --window 0 -o "$TMP/u.json"
+$BIN replay "$TMP/nd.kvt" --policies knorm:window=0 --budgets 16 -o "$TMP/u.json" >/dev/null \
+    2>&1 || fail "knorm:window=0 (it keeps no window: fine)"
+# --budgets twice adds up, as --policies does (it kept only the last list)
+$BIN replay "$TMP/nd.kvt" --policies snapkv --budgets 16 --budgets 24 -o "$TMP/b2.json" \
+    >"$TMP/out" 2>&1 || fail "--budgets twice"
+[ "$(grep -c '^snapkv ' "$TMP/out")" -eq 2 ] || fail "--budgets twice: $(cat "$TMP/out")"
+# --window W: every window policy without its own window=; a trace with W = 16 replays
+$BIN capture-llama2c --model "$MODEL" --tokens 60 --decode 2 --window 16 -o "$TMP/w16.kvt" \
+    >/dev/null 2>&1 || fail "capture W=16"
+$BIN replay "$TMP/w16.kvt" --policies snapkv --budgets 24 -o "$TMP/w.json" 2>"$TMP/err" &&
+    fail "W=16 with the default window 32"
+grep -q -- "--window" "$TMP/err" || fail "the message does not point at --window"
+$BIN replay "$TMP/w16.kvt" --window 16 --policies snapkv,adakv,snapkv:window=8,knorm \
+    --budgets 24 -o "$TMP/w.json" >/dev/null 2>&1 || fail "--window 16"
+tr -d ' \t\n' <"$TMP/w.json" | grep -o '"label":"[^"]*","name":"[a-z]*","options":{[^}]*}' \
+    >"$TMP/opts"
+grep -q '"label":"snapkv",.*"window":16' "$TMP/opts" &&
+    grep -q '"label":"adakv",.*"window":16' "$TMP/opts" &&
+    grep -q '"label":"snapkv:window=8",.*"window":8' "$TMP/opts" &&
+    ! grep -q '"label":"knorm",.*"window":16' "$TMP/opts" || fail "--window 16: $(cat "$TMP/opts")"
+# labels longer than the table's column are printed whole, so two specs never look alike
+$BIN replay "$TMP/nd.kvt" --budgets 16 -o "$TMP/l.json" \
+    --policies "snapkv:window=32,kernel=7,pool=max,snapkv:window=32,kernel=7,pool=avg" \
+    >"$TMP/out" 2>&1 || fail "long labels"
+grep -q "^snapkv:window=32,kernel=7,pool=max " "$TMP/out" &&
+    grep -q "^snapkv:window=32,kernel=7,pool=avg " "$TMP/out" || fail "labels cut: $(cat "$TMP/out")"
 echo "test_replay_cli: ok"

@@ -110,6 +110,26 @@ else
     one_line "$rec: payload checksum mismatch (rank $owner)" "damaged layer (rank $owner)"
 fi
 [ -e "$TMP/x.json" ] && fail "a failed launch wrote its output"
+# two different failures (a damaged layer of each trace, read by two ranks): one line each,
+# each naming its rank, rank 0's too
+if [ $owner != 0 ]; then
+    cp "$SAMPLE" "$TMP/s.kvt"
+    ssize=$(stat -c %s "$TMP/s.kvt")
+    for pct in 20 25 30 35 40 45 50 55 60 65 70 75 80; do # a layer the other rank reads
+        cp "$SAMPLE" "$TMP/s.kvt"
+        printf '\xff' | dd of="$TMP/s.kvt" bs=1 seek=$((ssize * pct / 100)) conv=notrunc 2>/dev/null
+        srec=$("$BIN" verify "$TMP/s.kvt" | grep -o 'record [0-9]* (layer [0-9]* [A-Za-z_]*)')
+        sl=$(echo "$srec" | grep -o 'layer [0-9]*' | grep -o '[0-9]*')
+        [ -n "$sl" ] && [ $((sl % 3)) != $owner ] && break
+        sl=
+    done
+    [ -n "$sl" ] || fail "no damage found in a layer of another rank"
+    run 3 "$TMP/s.kvt" "$TMP/c.kvt" "${SET[@]}" -o "$TMP/x.json" && fail "two damaged layers"
+    [ "$(grep -c '^kvtrace' "$TMP/err")" = 2 ] || { cat "$TMP/err"; fail "two failures, not 2 lines"; }
+    grep -qF "$srec: payload checksum mismatch (rank $((sl % 3)))" "$TMP/err" &&
+        grep -qF "$rec: payload checksum mismatch (rank $owner)" "$TMP/err" ||
+        { cat "$TMP/err"; fail "two failures: each line names its rank"; }
+fi
 # rank 0's write fails (a full disk, when a small tmpfs can be mounted): one line, exit 1,
 # the old outputs unchanged; with an export, the other processes' layers are still received
 mkdir "$TMP/small"
