@@ -887,6 +887,11 @@ static kvt_status write_page(FILE *f, const kvt_results *r, const report_plan *p
     /* Chart.js after the body: the page shows before the 200 kB script is parsed */
     size_t js_len = 0;
     char *js = chartjs_load(chartjs_path, &js_len);
+    if (!js)
+        kvt_log(KVT_LOG_WARN,
+                "report: no Chart.js at %s ($KVT_CHARTJS, or Debian's libjs-chart.js): the page "
+                "shows the PNG figures instead of interactive charts",
+                chartjs_path && *chartjs_path ? chartjs_path : "(none set)");
     kvt_status st = put_body(f, r, pl, js != NULL, chartjs_path);
     if (st)
         goto out_free_js;
@@ -909,6 +914,69 @@ out_free_js:
  * never names a figure that is not there yet), or, when !commit, remove them; then remove
  * the staging directory. Nothing is moved if one of the names in dir is not a regular file
  * (only regular files are replaced). Returns the first failure when committing. */
+#define MANIFEST ".kvtrace-report-files" /* the names of a report's files, one per line */
+
+/* a name a manifest may list: a plain file name of dir, never the page or a staging name */
+static bool manifest_name_ok(const char *n)
+{
+    return *n && !strchr(n, '/') && strcmp(n, ".") && strcmp(n, "..") && strcmp(n, "index.html") &&
+           strcmp(n, MANIFEST) && strncmp(n, ".kvt-report-", 12) && strlen(n) < 256;
+}
+
+/* Write stage/MANIFEST: every file name in stage */
+static kvt_status manifest_write(const char *stage)
+{
+    char path[4096 + 64];
+    snprintf(path, sizeof(path), "%s/" MANIFEST, stage);
+    DIR *d = opendir(stage);
+    FILE *f = d ? fopen(path, "w") : NULL;
+    struct dirent *e;
+    while (f && (e = readdir(d)) != NULL)
+        if (manifest_name_ok(e->d_name))
+            fprintf(f, "%s\n", e->d_name);
+    bool ok = f && !ferror(f) && fflush(f) == 0;
+    if (f && fclose(f) != 0)
+        ok = false;
+    if (d)
+        closedir(d);
+    KVT_RETURN_IF(!ok, KVT_ERR_IO, "report: cannot write %s: %s", path, strerror(errno));
+    return KVT_OK;
+}
+
+/* A manifest's text (NUL-terminated, kvt_free it), or NULL when there is none */
+static char *manifest_read(const char *dir)
+{
+    char path[4096 + 64];
+    snprintf(path, sizeof(path), "%s/" MANIFEST, dir);
+    FILE *f = kvt_fopen_regular(path);
+    char *t = f ? kvt_malloc((1 << 20) + 1) : NULL;
+    size_t n = t ? fread(t, 1, 1 << 20, f) : 0;
+    if (t)
+        t[n] = '\0';
+    if (f)
+        fclose(f);
+    return t;
+}
+
+/* After a new report is in place: remove the files the old report's manifest (old, its text)
+ * lists and the new one (now) does not (figures of policies no longer in the results), so
+ * that DIR holds one report. Only regular files are removed. */
+static void manifest_prune(const char *dir, char *old, const char *now)
+{
+    char path[4096 + 512];
+    for (char *save = NULL, *n = strtok_r(old, "\n", &save); n; n = strtok_r(NULL, "\n", &save)) {
+        if (!manifest_name_ok(n))
+            continue;
+        bool kept = false; /* listed by the new manifest too */
+        for (const char *p = now; p && !kept && (p = strstr(p, n)) != NULL; p += strlen(n))
+            kept = (p == now || p[-1] == '\n') && (p[strlen(n)] == '\n' || !p[strlen(n)]);
+        struct stat sb;
+        snprintf(path, sizeof(path), "%s/%s", dir, n);
+        if (!kept && lstat(path, &sb) == 0 && S_ISREG(sb.st_mode))
+            unlink(path);
+    }
+}
+
 static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
 {
     kvt_status st = KVT_OK;
@@ -918,6 +986,8 @@ static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
         return commit
                    ? kvt_error_set(KVT_ERR_IO, "report: cannot read %s: %s", stage, strerror(errno))
                    : KVT_OK;
+    /* the files of the report being replaced, and of this one */
+    char *old = commit ? manifest_read(dir) : NULL, *now = commit ? manifest_read(stage) : NULL;
     for (int pass = -1; pass < 2; pass++) { /* -1: the names in dir, 0: figures, 1: index */
         rewinddir(d);
         struct dirent *e;
@@ -950,6 +1020,10 @@ static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
     }
     closedir(d);
     rmdir(stage);
+    if (commit && !st && old && now)
+        manifest_prune(dir, old, now);
+    kvt_free(old);
+    kvt_free(now);
     if (commit && !st) { /* the renames are on disk before the command says so */
         snprintf(to, sizeof(to), "%s/index.html", dir);
         kvt_fsync_dir_of(to);
@@ -1003,6 +1077,10 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
 {
     KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
                   "report: no trace, policy or budget in the results");
+    KVT_RETURN_IF(r->shard_count > 0, KVT_ERR_INVALID_ARG,
+                  "report: a partial result of replay --shard %d/%d: its summaries cover one "
+                  "shard's layers (combine all parts with kvtrace merge first)",
+                  r->shard_index, r->shard_count);
     report_plan pl; /* first: a target that cannot be answered creates nothing */
     KVT_FORWARD(plan_create(r, NULL, target, &pl));
     kvt_status st = KVT_OK;
@@ -1042,6 +1120,8 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
         st = kvt_error_set(KVT_ERR_IO, "report: cannot write %s: %s", path, strerror(errno));
     if (fclose(f) && !st)
         st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", path, strerror(errno));
+    if (!st) /* the figures' names, so that a later report into dir can remove stale ones */
+        st = manifest_write(stage);
 out:
     plan_free(&pl);
     kvt_status fin = stage_finish(stage, dir, st == KVT_OK);

@@ -128,6 +128,12 @@ check "report over a FIFO named like a figure: exit 1, one line naming it, nothi
     "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'coverage.png exists and is not a regular file' $TMP/err && [ -p $TMP/rep1.old/coverage.png ] && cmp -s $TMP/rep1.old/index.html $TMP/rep1/index.html && ! ls -a $TMP/rep1.old | grep -q kvt-report"
 check "report without a limit: the new report replaces it" \
     "$BIN report $TMP/r2.json -o $TMP/rep1 --force >/dev/null 2>&1 && [ -f $TMP/rep1/heat_err_decode_01_tova.png ] && ! ls -a $TMP/rep1 | grep -q kvt-report"
+# a report replacing one with more policies removes the old figures the new one lacks (listed
+# in the old report's .kvtrace-report-files), and leaves the user's own files alone
+$BIN replay $S --policies snapkv --budgets 8,16 --threads 1 -o "$TMP/r3.json" >/dev/null 2>&1
+echo mine >"$TMP/rep1/notes.txt" && echo mine >"$TMP/rep1/my_plot.png"
+check "report --force with fewer policies: tova's figures gone, the user's files kept" \
+    "$BIN report $TMP/r3.json -o $TMP/rep1 --force >/dev/null 2>&1 && [ -f $TMP/rep1/heat_err_decode_00_snapkv.png ] && ! ls $TMP/rep1 | grep -q tova && [ -f $TMP/rep1/notes.txt ] && [ -f $TMP/rep1/my_plot.png ] && [ \$(ls $TMP/rep1 | grep -v my_plot | grep -c '\.png\$') -eq \$(grep -c '\.png\$' $TMP/rep1/.kvtrace-report-files) ]"
 
 # a killed report leaves its staging directory (.kvt-report-HOST-PID-XXXXXX); the next report
 # into that directory removes it once PID is gone, and leaves a running report's (this

@@ -46,8 +46,10 @@ for f in "$TMP"/rep/*.png; do
 done
 # 7 metrics, redundancy, 2 per-head metrics x 4 policies (no policy allocates, text only)
 [ "$n" -eq 16 ] || fail "$n PNGs, want 16"
-KVT_CHARTJS=$TMP/none.js $BIN report "$TMP/r.json" -o "$TMP/rep2" >/dev/null 2>&1 \
+KVT_CHARTJS=$TMP/none.js $BIN report "$TMP/r.json" -o "$TMP/rep2" >/dev/null 2>"$TMP/err" \
     || fail "report without Chart.js must still succeed"
+[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "warning: report: no Chart.js at $TMP/none.js" "$TMP/err" \
+    || fail "no warning on stderr without Chart.js: $(cat "$TMP/err")"
 grep -q 'id="no-chartjs"' "$TMP/rep2/index.html" || fail "no note without Chart.js"
 grep -q "^recommended: " "$TMP/rep/index.html" || fail "no recommendation in the page"
 ls -A "$TMP/rep" | grep -q '\.tmp\.\|^\.kvt-' && fail "a temporary file left in the report directory"

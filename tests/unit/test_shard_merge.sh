@@ -111,5 +111,12 @@ done
 $BIN replay "$SAMPLE" --shard 0/2 --export-selection "$TMP/s.bin" -o "$TMP/y.json" \
     2>"$TMP/err" && fail "--export-selection with --shard"
 $BIN merge --help | grep -q "replay --shard" || fail "merge --help"
+# no -o is a usage error (exit 2); a report of one part is refused (its summaries cover one
+# shard's layers), as recommend refuses it
+$BIN merge "$TMP/part0.json" "$TMP/part1.json" 2>"$TMP/err"
+[ $? -eq 2 ] && grep -q "no output file" "$TMP/err" || fail "merge without -o: $(cat "$TMP/err")"
+$BIN report "$TMP/part0.json" -o "$TMP/rep0" 2>"$TMP/err" && fail "report of a part"
+grep -q "a partial result of replay --shard 0/4" "$TMP/err" || fail "report of a part message"
+[ -e "$TMP/rep0/index.html" ] && fail "report of a part wrote a page"
 [ -n "$PY" ] && [ -x "$PY" ] && echo "(JSON comparison and unit checks ran with $PY)"
 echo "OK: 4-way and 12-way shard + merge equal the unsharded results.json"
