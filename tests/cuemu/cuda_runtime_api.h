@@ -25,6 +25,8 @@ typedef enum cudaError {
     cudaErrorNotReady = 600,
     cudaErrorLaunchFailure = 719,
     cudaErrorIllegalAddress = 700,
+    cudaErrorInsufficientDriver = 35,
+    cudaErrorNoDevice = 100,
 } cudaError_t;
 
 typedef enum cudaMemcpyKind {
@@ -59,6 +61,7 @@ struct cudaDeviceProp {
 const char *cudaGetErrorString(cudaError_t e);
 cudaError_t cudaGetLastError(void);
 cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaRuntimeGetVersion(int *v);
 cudaError_t cudaGetDevice(int *d);
 cudaError_t cudaSetDevice(int d);
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d);

@@ -69,6 +69,10 @@ const char *cudaGetErrorString(cudaError_t e)
         return "an illegal memory access was encountered";
     case cudaErrorLaunchFailure:
         return "unspecified launch failure";
+    case cudaErrorInsufficientDriver:
+        return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice:
+        return "no CUDA-capable device is detected";
     }
     return "unknown error";
 }
@@ -83,6 +87,12 @@ cudaError_t cudaGetLastError(void)
 cudaError_t cudaGetDeviceCount(int *n)
 {
     *n = 1;
+    return cudaSuccess;
+}
+
+cudaError_t cudaRuntimeGetVersion(int *v)
+{
+    *v = 13000;
     return cudaSuccess;
 }
 
