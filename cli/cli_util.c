@@ -40,7 +40,7 @@ int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what)
 {
     const char *m = kvt_error_msg();
     size_t n = what ? strlen(what) : 0;
-    if (m && *m && n && !strncmp(m, what, n) && m[n] == ':')
+    if (m && *m && n && !strncmp(m, what, n) && (m[n] == ':' || m[n] == ' '))
         return kvt_cli_fail(cmd, "%s", m); /* the message already names it */
     if (m && *m)
         return kvt_cli_fail(cmd, "%s: %s", what, m);

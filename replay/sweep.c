@@ -952,7 +952,10 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
         if ((st = run_select(&c, pols[p], budget_tokens, n_b, &sels[p]))) {
             char msg[400];
             snprintf(msg, sizeof(msg), "%s", kvt_error_msg()); /* the buffer is reused */
-            kvt_error_set(st, "policy %s: %s", kvt_policy_label(pols[p]), msg);
+            const char *nm = kvt_policy_name(pols[p]), *m = msg; /* "snapkv: " once */
+            if (!strncmp(m, nm, strlen(nm)) && m[strlen(nm)] == ':' && m[strlen(nm) + 1] == ' ')
+                m += strlen(nm) + 2;
+            kvt_error_set(st, "policy %s: %s", kvt_policy_label(pols[p]), m);
             goto out_free;
         }
     /* the oracle's sets (same granularity) for the overlap metric */

@@ -333,16 +333,19 @@ static void test_options(void)
 {
     kvt_policy *p = NULL;
     KVT_CHECK(kvt_policy_create("hybridkv-like", NULL, &p));
-    KVT_EXPECT(kvt_policy_flags(p) == (KVT_POLICY_PER_STEP | KVT_POLICY_LIKE));
+    KVT_EXPECT(kvt_policy_flags(p) ==
+               (KVT_POLICY_PER_STEP | KVT_POLICY_LIKE | KVT_POLICY_WINDOW_QUERY));
     char *js = kvt_policy_options_json(p);
     KVT_EXPECT(js && strstr(js, "\"window\": 32") && strstr(js, "\"chunk\": 16") &&
                strstr(js, "\"theta\": 0.9") && strstr(js, "\"split\": 0.5"));
     kvt_free(js);
     kvt_policy_free(p);
     static const char *bad[] = {
-        "theta=0",    "theta=1.5",     "tau=1.5",          "tau=-0.1",  "tau=mean", "split=1.5",
-        "split=-0.5", "chunk=0",       "chunk=2.5",        "floor=2",   "kernel=4", "pool=min",
-        "heads=both", "chunk_score=x", "chunk_score=mean", "alpha=0.2", "page=16",  "theta",
+        "theta=0",   "theta=1.5",  "tau=1.5",    "tau=-0.1",      "tau=mean",
+        "split=1.5", "split=-0.5", "chunk=0",    "chunk=2.5",     "floor=2",
+        "kernel=4",  "pool=min",   "heads=both", "chunk_score=x", "chunk_score=mean",
+        "alpha=0.2", "page=16",    "theta",      "window=0", /* it ranks by window queries: refused
+                                                                when created */
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         char spec[64];
@@ -352,12 +355,12 @@ static void test_options(void)
         KVT_EXPECT_MSG(p == NULL, "%s accepted", spec);
         kvt_policy_free(p);
     }
-    /* window 0, or more window queries than the layer stores: refused at selection */
+    /* more window queries than the layer stores: refused at selection */
     kvt_layer_input in;
     mk_l1(&in);
     const int B[] = {9};
-    const char *sel_bad[] = {"hybridkv-like:window=0", "hybridkv-like:window=3"};
-    for (int i = 0; i < 2; i++) {
+    const char *sel_bad[] = {"hybridkv-like:window=3"};
+    for (int i = 0; i < 1; i++) {
         KVT_CHECK(kvt_policy_create(sel_bad[i], NULL, &p));
         kvt_layer_selection *s = NULL;
         KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &s), KVT_ERR_INVALID_ARG);
