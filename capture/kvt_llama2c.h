@@ -95,9 +95,11 @@ struct kvt_llama2c_capture_opts {
     uint32_t decode_chunk;  /* decode steps per record (0 = the capture default, 64) */
     kvt_writer_opts writer;
     /* Asked before each position is run (prompt positions 0..T-1, then decode positions
-     * T..T+G-1); returning false stops the run there and the trace is closed cleanly with
-     * what was captured so far (res->interrupted). NULL runs to the end. A signal handler
-     * that sets a flag and a callback that reads it give a clean Ctrl-C. */
+     * T..T+G-1); returning false stops the run there (res->interrupted): in the decode steps,
+     * the trace is closed cleanly with the prompt and the steps run so far; inside the
+     * prompt, where nothing replayable was captured yet, the file is removed (see
+     * kvt_llama2c_capture). NULL runs to the end. A signal handler that sets a flag and a
+     * callback that reads it give a clean Ctrl-C. */
     bool (*keep_going)(void *user, uint32_t pos);
     void *keep_going_user;
 };
@@ -109,7 +111,8 @@ struct kvt_llama2c_capture_result {
     struct kvt_capture_stats stats;
     bool interrupted;      /* keep_going returned false: the run stopped early */
     uint32_t n_prompt_run; /* prompt positions run (T unless interrupted during the prompt;
-                            * the prompt's records are written only once all T have run) */
+                            * the prompt's records are written only once all T have run, so
+                            * n_prompt_run < T means no trace was kept) */
 };
 
 /** Run a checkpoint over a prompt (given, or generated from BOS with the seed) and G greedy
@@ -117,10 +120,15 @@ struct kvt_llama2c_capture_result {
  *  decode steps and the token tables into `out_path` through kvt_capture_*.
  * @param res may be NULL; otherwise filled (free its arrays with kvt_free).
  * @param want_logits keep every position's logits in res->logits.
- * @return KVT_OK (also when keep_going stopped the run: the trace is then finished, with an
- *         index and trailer, and holds the prompt and the decode steps completed before the
- *         stop, or only the header and the default tables when stopped inside the prompt) or
- *         the first error (model, options, capture, write) with a message. */
+ * @return KVT_OK (also when keep_going stopped the run: stopped in the decode steps, the
+ *         trace is finished, with an index and trailer, and holds the prompt and the decode
+ *         steps completed before the stop, its meta_json capture_stats.n_decode fewer than the
+ *         header's n_decode; stopped inside the prompt, nothing replayable was captured and the
+ *         file the run wrote is removed: no file at out_path, or with writer.force over an
+ *         existing trace, its temporary file is removed and the existing trace is unchanged.
+ *         The trace writer may still have logged, while closing, that the new trace stays in
+ *         that temporary file) or the first error (model, options, capture, write, KVT_ERR_IO
+ *         when that file cannot be removed) with a message. */
 kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_capture_opts *o,
                                const char *out_path, struct kvt_llama2c_capture_result *res,
                                bool want_logits);

@@ -648,6 +648,28 @@ static kvt_status submit_step(kvt_capture_session *cap, const kvt_llama2c_state 
     return KVT_OK;
 }
 
+/* Close a session stopped inside the prompt. Nothing replayable was captured (the prompt's
+ * records are submitted only once all T positions ran), so the file the session wrote is
+ * removed: the new trace, or, replacing an existing trace (writer.force), the temporary next to
+ * it, and the existing trace stays as it was. The close's KVT_ERR_STATE (incomplete prompt) is
+ * expected; after another close error the file is removed all the same and that error
+ * returned, unless the file cannot be removed: that error names the file left behind. */
+static kvt_status close_and_discard(kvt_capture_session *cap, struct kvt_capture_stats *stats)
+{
+    char *file = kvt_strdup(kvt_capture_file(cap)); /* valid only until the close */
+    kvt_status s = kvt_capture_close(cap, stats);
+    if (s == KVT_ERR_STATE)
+        s = KVT_OK;
+    if (!file)
+        return kvt_error_set(KVT_ERR_NOMEM,
+                             "out of memory: the file the interrupted capture wrote is left");
+    if (unlink(file) != 0 && errno != ENOENT)
+        s = kvt_error_set(KVT_ERR_IO, "interrupted inside the prompt: cannot remove %s: %s", file,
+                          strerror(errno));
+    kvt_free(file);
+    return s;
+}
+
 static kvt_status capture_json(const char *model_path, const struct kvt_llama2c_capture_opts *o,
                                char *buf, size_t cap)
 {
@@ -767,7 +789,7 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
     uint32_t n_run = 0; /* prompt positions run */
     for (uint32_t p = 0; p < T; p++) {
         if (o->keep_going && !o->keep_going(o->keep_going_user, p)) {
-            stopped = true; /* no prompt records: the trace keeps its header and tables */
+            stopped = true; /* no prompt records: nothing to keep (close_and_discard) */
             goto out_close;
         }
         n_run = p + 1;
@@ -822,11 +844,10 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
     }
 
 out_close:
-    if (s == KVT_OK) {
+    if (s == KVT_OK && stopped && n_run < T) {
+        s = close_and_discard(cap, res ? &res->stats : NULL);
+    } else if (s == KVT_OK) {
         s = kvt_capture_close(cap, res ? &res->stats : NULL);
-        /* stopped inside the prompt: the trace is finished but says its prompt is missing */
-        if (s == KVT_ERR_STATE && stopped && n_run < T)
-            s = KVT_OK;
     } else {
         /* keep the first error's message: close only adds the records' loss */
         char msg[512];

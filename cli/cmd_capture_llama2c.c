@@ -2,7 +2,8 @@
  * over a prompt (token ids from a file, or sampled from BOS with a seed) and G greedy decode
  * steps, and capture a trace through the capture API (capture/kvt_llama2c.h).
  * Exit status: 0 written; 1 failed (one error line); 2 bad usage; 130 (SIGINT) or 143
- * (SIGTERM) interrupted: the run stops at the next position and the trace is closed cleanly.
+ * (SIGTERM) interrupted: the run stops at the next position; in the decode steps the trace is
+ * closed cleanly with what was captured, inside the prompt (nothing captured) no trace is kept.
  * Test hooks (tests/unit/test_reliability_capture.c): KVT_CAPTURE_STEP_DELAY_US=N sleeps N
  * microseconds before each position, so a test can signal a capture while it runs;
  * KVT_CAPTURE_KILL_AT=P sends SIGKILL to the process itself before position P (prompt
@@ -13,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "kvt_cli.h"
 #include "kvt_llama2c.h"
@@ -46,14 +48,27 @@ static void restore_signals(void)
     signal(SIGTERM, SIG_DFL);
 }
 
+/* Stopped inside the prompt, kvt_llama2c_capture closes the session and removes the file it
+ * was writing. The only messages the library logs on that path are about that file (the
+ * trace writer's note, as it closes, that the new trace stays in its temporary file), so from
+ * the stop on they are dropped: the interruption is told in one line. Should the file stay
+ * (it cannot be removed), the capture's error names it. */
+static void drop_log_line(void *user, const char *line)
+{
+    (void)user;
+    (void)line;
+}
+
 struct test_hooks {
-    long delay_us; /* KVT_CAPTURE_STEP_DELAY_US */
-    long kill_at;  /* KVT_CAPTURE_KILL_AT, -1 = never */
+    long delay_us;     /* KVT_CAPTURE_STEP_DELAY_US */
+    long kill_at;      /* KVT_CAPTURE_KILL_AT, -1 = never */
+    uint32_t n_prompt; /* T: a stop before position T is inside the prompt */
+    bool quiet;        /* drop_log_line is installed */
 };
 
 static bool keep_going(void *user, uint32_t pos)
 {
-    const struct test_hooks *h = user;
+    struct test_hooks *h = user;
     if (h->kill_at >= 0 && (long)pos == h->kill_at)
         raise(SIGKILL);
     long delay_us = h->delay_us;
@@ -61,7 +76,12 @@ static bool keep_going(void *user, uint32_t pos)
         struct timespec ts = {.tv_sec = delay_us / 1000000, .tv_nsec = (delay_us % 1000000) * 1000};
         nanosleep(&ts, NULL);
     }
-    return stop_signal == 0;
+    bool stop = stop_signal != 0; /* read once: the answer and the hook agree */
+    if (stop && pos < h->n_prompt && !h->quiet) {
+        kvt_log_set_hook(drop_log_line, NULL);
+        h->quiet = true;
+    }
+    return !stop;
 }
 
 static void help(void)
@@ -87,10 +107,13 @@ static void help(void)
            "  --decode-chunk N   decode steps per record (default 64; 1 = a record per step)\n"
            "  -o, --output TRACE output trace\n"
            "  --force            overwrite TRACE if it exists\n\n"
-           "The same options give a byte-identical trace. Prompt plus decode must fit the\n"
-           "model's context (seq_len, 512 for stories260K). Ctrl-C (SIGINT) or SIGTERM stops\n"
-           "the run at the next token and closes the trace with what was captured (exit 130\n"
-           "or 143); a trace cut short by a crash or kill is recovered by kvtrace verify.\n");
+           "The same options give a byte-identical trace. W is at most the prompt's length,\n"
+           "and prompt plus decode must fit the model's context (seq_len, 512 for\n"
+           "stories260K). Ctrl-C (SIGINT) or SIGTERM stops the run at the next token (exit 130\n"
+           "or 143): in the decode steps the trace is closed with the prompt and the steps run\n"
+           "so far (kvtrace info shows both counts); inside the prompt nothing is captured, so\n"
+           "no trace is kept (with --force, TRACE stays as it was). A trace cut short by a\n"
+           "crash or kill is recovered by kvtrace verify.\n");
 }
 
 static bool take(int argc, char **argv, int *i, const char **val)
@@ -182,6 +205,14 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         return kvt_cli_fail(CMD, "--decode G is required (0 for no decode steps)"), 2;
     if (window < 0)
         return kvt_cli_fail(CMD, "--window W is required"), 2;
+    /* combinations the command line alone rules out are usage errors too; those that depend
+     * on an input (the model's context, the prompt file's length) are found by the capture */
+    if (n_tokens > 0 && window > n_tokens)
+        return kvt_cli_fail(CMD,
+                            "--window %d is more than the %d prompt tokens of --tokens (the "
+                            "window is the last W prompt queries)",
+                            window, n_tokens),
+               2;
     /* never overwrite an input, even with --force (the writer refuses an existing TRACE
      * without --force itself) */
     const char *inputs[2] = {model, ids_path};
@@ -217,28 +248,32 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
     const char *delay_env = getenv("KVT_CAPTURE_STEP_DELAY_US");
     const char *kill_env = getenv("KVT_CAPTURE_KILL_AT");
     struct test_hooks hooks = {.delay_us = delay_env ? strtol(delay_env, NULL, 10) : 0,
-                               .kill_at = kill_env ? strtol(kill_env, NULL, 10) : -1};
+                               .kill_at = kill_env ? strtol(kill_env, NULL, 10) : -1,
+                               .n_prompt = o.n_prompt};
     o.keep_going = keep_going;
     o.keep_going_user = &hooks;
     struct kvt_llama2c_capture_result res;
     uint64_t t0 = kvt_now_ns();
+    bool replacing = force && access(out, F_OK) == 0; /* an interrupt leaves it as it is */
     stop_signal = 0;
     install_signals();
     kvt_status s = kvt_llama2c_capture(model, &o, out, &res, false);
     restore_signals();
     kvt_free(ids);
+    if (hooks.quiet)
+        kvt_log_set_hook(NULL, NULL);
     if (s != KVT_OK)
         return kvt_cli_fail_status(CMD, s, "capture failed");
     double secs = (double)(kvt_now_ns() - t0) / 1e9;
     const struct kvt_capture_stats *st = &res.stats;
     if (res.interrupted) {
         int sig = (int)stop_signal;
-        if (res.n_prompt_run < o.n_prompt)
+        if (res.n_prompt_run < o.n_prompt) /* the library removed what it wrote */
             fprintf(stderr,
-                    "kvtrace %s: interrupted (%s) at prompt token %u of %u: %s closed with no "
-                    "prompt records (%llu records)\n",
-                    CMD, sig == SIGTERM ? "SIGTERM" : "SIGINT", res.n_prompt_run, o.n_prompt, out,
-                    (unsigned long long)st->writer.n_records);
+                    "kvtrace %s: interrupted (%s) at prompt token %u of %u: nothing captured; "
+                    "%s%s\n",
+                    CMD, sig == SIGTERM ? "SIGTERM" : "SIGINT", res.n_prompt_run, o.n_prompt,
+                    replacing ? out : "no trace written", replacing ? " is unchanged" : "");
         else
             fprintf(stderr,
                     "kvtrace %s: interrupted (%s) after %u of %u decode steps: %s closed with "

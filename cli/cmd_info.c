@@ -1,8 +1,10 @@
 /* cmd_info.c - `kvtrace info TRACE [--json]`: model and shape, tensors present with raw and
- * compressed bytes and the ratio per kind, modality counts, capture metadata, and anything
- * missing or damaged (recovered traces say what the recovery found).
+ * compressed bytes and the ratio per kind, modality counts, capture metadata, the decode steps
+ * captured against those planned, and anything missing or damaged (recovered traces say what
+ * the recovery found).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cjson/cJSON.h>
@@ -15,16 +17,81 @@ static void help(void)
     printf("usage: kvtrace info TRACE [--json]\n\n"
            "Show a trace's model and shape, the tensors it holds (layers, shape, dtype, raw and\n"
            "compressed bytes, ratio per kind), token modality counts, capture metadata, and\n"
-           "whether the trace is complete. --json prints the same as one JSON object.\n");
+           "whether the trace is complete. --json prints the same as one JSON object.\n\n"
+           "layers: how many of the model's layers hold the tensor, whatever the number of\n"
+           "records it is split into ('-', and 0 in JSON, for the token tables and metadata,\n"
+           "which belong to no layer). G is the decode steps planned; when the trace holds\n"
+           "fewer (the capture stopped early, e.g. Ctrl-C, or a recovered trace lost them), the\n"
+           "steps it holds come first: G=81 (100 planned; ...). In JSON, \"decode_steps\" has\n"
+           "\"planned\", \"captured\" (from the capture's meta_json capture_stats.n_decode, or\n"
+           "else the fewest Q_decode steps of any layer: \"captured_from\") and \"stopped_early\"\n"
+           "(captured < planned); \"complete\" means the file was finished (index and trailer),\n"
+           "not recovered by scanning.\n");
 }
 
 typedef struct kind_sum {
     uint64_t n_records, raw, comp;
-    int n_layers;
-    int32_t last_layer;
+    int n_layers; /* distinct layers >= 0 holding the kind */
     uint32_t heads, toks, dim;
     kvt_dtype dtype;
 } kind_sum;
+
+/* one record's place, for counting layers and decode steps per layer */
+typedef struct rec_place {
+    int kind;
+    int32_t layer;
+    uint32_t tok_end;
+} rec_place;
+
+static int place_cmp(const void *a, const void *b)
+{
+    const rec_place *x = a, *y = b;
+    if (x->kind != y->kind)
+        return x->kind < y->kind ? -1 : 1;
+    return x->layer < y->layer ? -1 : x->layer > y->layer;
+}
+
+/* Records of one tensor are split along heads and tokens, and decode steps are written in
+ * chunks, so a layer has any number of records: count each kind's distinct layers (layer -1,
+ * the tables, is none). Also returns the decode steps every layer 0..n_layers-1 holds (the
+ * fewest Q_decode steps of any layer, 0 if a layer has none). Sorts pl. */
+static uint32_t count_layers(rec_place *pl, size_t n, kind_sum *ks, int n_layers)
+{
+    qsort(pl, n, sizeof(*pl), place_cmp);
+    uint32_t dec_min = UINT32_MAX;
+    int dec_layers = 0;
+    for (size_t i = 0; i < n;) {
+        size_t j = i;
+        uint32_t toks = 0;
+        for (; j < n && pl[j].kind == pl[i].kind && pl[j].layer == pl[i].layer; j++)
+            toks = pl[j].tok_end > toks ? pl[j].tok_end : toks;
+        if (pl[i].layer >= 0) {
+            ks[pl[i].kind].n_layers++;
+            if (pl[i].kind == KVT_KIND_Q_DECODE && pl[i].layer < n_layers) {
+                dec_layers++;
+                dec_min = toks < dec_min ? toks : dec_min;
+            }
+        }
+        i = j;
+    }
+    return n_layers > 0 && dec_layers == n_layers ? dec_min : 0;
+}
+
+/* Decode steps captured: the capture's own count (meta_json capture_stats.n_decode, the steps
+ * captured in every layer; the last meta_json that has it), or -1 when no meta_json says
+ * (older traces, other writers, a capture killed before its close). */
+static int meta_n_decode(const cJSON *meta)
+{
+    int g = -1;
+    for (int i = 0; i < cJSON_GetArraySize(meta); i++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(
+            cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(meta, i), "capture_stats"),
+            "n_decode");
+        if (cJSON_IsNumber(x) && x->valuedouble >= 0 && x->valuedouble <= 2147483647.0)
+            g = (int)x->valuedouble;
+    }
+    return g;
+}
 
 static int get_int(const cJSON *o, const char *k)
 {
@@ -124,16 +191,19 @@ int kvt_cmd_info(int argc, char **argv)
     kind_sum ks[KVT_KIND_MAX + 1];
     memset(ks, 0, sizeof(ks));
     uint64_t mods[4] = {0}, n_tok_mod = 0;
-    size_t n = kvt_trace_reader_n_records(r);
+    size_t n = kvt_trace_reader_n_records(r), n_pl = 0;
+    rec_place *pl = kvt_malloc((n ? n : 1) * sizeof(*pl));
+    if (!pl) {
+        kvt_cli_fail("info", "out of memory");
+        goto out_free;
+    }
     for (size_t i = 0; i < n; i++) {
         kvt_record_info in;
         kvt_trace_reader_record(r, i, &in);
         if (in.kind <= 0 || in.kind > KVT_KIND_MAX)
             continue;
         kind_sum *k = &ks[in.kind];
-        if (k->n_records == 0 || in.layer != k->last_layer)
-            k->n_layers++;
-        k->last_layer = in.layer;
+        pl[n_pl++] = (rec_place){.kind = in.kind, .layer = in.layer, .tok_end = in.tok_end};
         k->n_records++;
         k->raw += in.raw_bytes;
         k->comp += in.comp_bytes + 8 + KVT_REC_HEADER_BYTES; /* with its header frame */
@@ -170,6 +240,13 @@ int kvt_cmd_info(int argc, char **argv)
     int ma, mi;
     kvt_trace_reader_version(r, &ma, &mi);
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    /* decode steps: planned (the header's n_decode) and captured (the capture's count, or for a
+     * trace without it, what the records hold in every layer) */
+    uint32_t rec_decode = count_layers(pl, n_pl, ks, get_int(model, "n_layers"));
+    kvt_free(pl);
+    int g_planned = get_int(hdr, "n_decode"), g_meta = meta_n_decode(meta);
+    int g_captured = g_meta >= 0 ? g_meta : (int)rec_decode;
+    bool g_short = g_planned >= 0 && g_captured < g_planned;
     uint64_t tot_raw = 0, tot_comp = 0;
     for (int k = 1; k <= KVT_KIND_MAX; k++) {
         tot_raw += ks[k].raw;
@@ -187,6 +264,14 @@ int kvt_cmd_info(int argc, char **argv)
         if (recovered)
             cJSON_AddStringToObject(out, "recovery_note", kvt_trace_reader_recovery_note(r));
         cJSON_AddItemToObject(out, "header", cJSON_Duplicate(hdr, 1));
+        cJSON *dec = cJSON_AddObjectToObject(out, "decode_steps");
+        if (g_planned >= 0)
+            cJSON_AddNumberToObject(dec, "planned", g_planned);
+        else
+            cJSON_AddNullToObject(dec, "planned");
+        cJSON_AddNumberToObject(dec, "captured", g_captured);
+        cJSON_AddStringToObject(dec, "captured_from", g_meta >= 0 ? "capture_stats" : "records");
+        cJSON_AddBoolToObject(dec, "stopped_early", g_short);
         cJSON *kinds = cJSON_AddObjectToObject(out, "tensors");
         for (int k = 1; k <= KVT_KIND_MAX; k++) {
             if (!ks[k].n_records)
@@ -226,10 +311,16 @@ int kvt_cmd_info(int argc, char **argv)
            recovered ? "  ** INCOMPLETE: recovered by scanning **" : "");
     printf("model      %s (%s)\n", name ? name : "?",
            get_str(model, "arch") ? get_str(model, "arch") : "?");
-    printf("shape      L=%d Hq=%d Hkv=%d D=%d  T=%d W=%d G=%d  kv dtype %s\n",
+    char g_txt[96];
+    if (g_short) /* the capture's own count, or only what the records hold */
+        snprintf(g_txt, sizeof(g_txt), "%d (%d planned; %s)", g_captured, g_planned,
+                 g_meta >= 0 ? "capture stopped early" : "the records hold fewer");
+    else
+        snprintf(g_txt, sizeof(g_txt), "%d", g_planned);
+    printf("shape      L=%d Hq=%d Hkv=%d D=%d  T=%d W=%d G=%s  kv dtype %s\n",
            get_int(model, "n_layers"), get_int(model, "n_q_heads"), get_int(model, "n_kv_heads"),
-           get_int(model, "head_dim"), get_int(hdr, "n_tokens"), get_int(hdr, "window"),
-           get_int(hdr, "n_decode"), get_str(hdr, "kv_dtype") ? get_str(hdr, "kv_dtype") : "?");
+           get_int(model, "head_dim"), get_int(hdr, "n_tokens"), get_int(hdr, "window"), g_txt,
+           get_str(hdr, "kv_dtype") ? get_str(hdr, "kv_dtype") : "?");
     printf("engine     %s %s%s%s\n", get_str(eng, "name") ? get_str(eng, "name") : "?",
            get_str(eng, "version") ? get_str(eng, "version") : "", gpu ? "  gpu " : "",
            gpu ? gpu : "");
@@ -238,11 +329,13 @@ int kvt_cmd_info(int argc, char **argv)
     for (int k = 1; k <= KVT_KIND_MAX; k++) {
         if (!ks[k].n_records)
             continue;
-        char shape[64];
+        char shape[64], layers[16] = "-";
         snprintf(shape, sizeof(shape), "[%u,%u,%u]", ks[k].heads, ks[k].toks, ks[k].dim);
-        printf("%-18s %6d %9llu  %-18s %-5s %10.2fMB %10.2fMB %6.2fx\n", kvt_kind_name(k),
-               ks[k].n_layers, (unsigned long long)ks[k].n_records, shape,
-               kvt_dtype_name(ks[k].dtype), (double)ks[k].raw / 1e6, (double)ks[k].comp / 1e6,
+        if (ks[k].n_layers)
+            snprintf(layers, sizeof(layers), "%d", ks[k].n_layers);
+        printf("%-18s %6s %9llu  %-18s %-5s %10.2fMB %10.2fMB %6.2fx\n", kvt_kind_name(k), layers,
+               (unsigned long long)ks[k].n_records, shape, kvt_dtype_name(ks[k].dtype),
+               (double)ks[k].raw / 1e6, (double)ks[k].comp / 1e6,
                ks[k].comp ? (double)ks[k].raw / (double)ks[k].comp : 0.0);
     }
     printf("%-18s %6s %9zu  %-18s %-5s %10.2fMB %10.2fMB %6.2fx\n", "total", "", n, "", "",

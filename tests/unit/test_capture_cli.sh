@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # test_capture_cli.sh - `kvtrace capture-llama2c`: --help, one-line errors and exit codes for
 # bad usage and bad inputs, a capture from sampled and from file prompts that verifies, the
-# same options giving the same bytes, and the bundled sample trace: it verifies and
-# scripts/make_sample_trace.sh regenerates it byte for byte.
+# same options giving the same bytes, `info` on decode steps written in chunks (layers, not
+# records) and on a capture interrupted in the decode steps (the steps it holds), SIGINT and
+# SIGTERM inside the prompt (one line, no trace kept, an existing one unchanged), and the
+# bundled sample trace: it verifies and scripts/make_sample_trace.sh regenerates it byte for
+# byte.
 set -u
 BIN=${KVT_BIN:?}
 ROOT=${KVT_SOURCE_ROOT:?}
@@ -34,6 +37,16 @@ check "truncated model: exit 1 names the size" \
     "$C --model $TMP/cut.bin --tokens 8 --decode 1 --window 2 -o $TMP/a.kvt 2>&1 | grep -q 'needs 1056540'"
 check "too long for the context: exit 1" \
     "$C --model $MODEL --tokens 500 --decode 20 --window 2 -o $TMP/a.kvt 2>/dev/null; [ \$? -eq 1 ]"
+# a window longer than --tokens is wrong whatever the inputs: a usage error, found before the
+# model is read (a missing model file would otherwise give exit 1)
+check "--window > --tokens: exit 2" \
+    "$C --model $MODEL --tokens 10 --decode 5 --window 40 -o $TMP/a.kvt 2>/dev/null; [ \$? -eq 2 ]"
+check "--window > --tokens: one line naming both" \
+    "one_line $C --model $MODEL --tokens 10 --decode 5 --window 40 -o $TMP/a.kvt && $C --model $MODEL --tokens 10 --decode 5 --window 40 -o $TMP/a.kvt 2>&1 | grep -q -- '--window 40 is more than the 10 prompt tokens'"
+check "--window > --tokens: exit 2 before the model is read" \
+    "$C --model $TMP/none.bin --tokens 10 --decode 5 --window 40 -o $TMP/a.kvt 2>/dev/null; [ \$? -eq 2 ]"
+check "--window = --tokens is fine" \
+    "$C --model $MODEL --tokens 10 --decode 2 --window 10 -o $TMP/w.kvt >/dev/null && rm -f $TMP/w.kvt"
 check "nothing left behind after a rejected run" "[ ! -e $TMP/a.kvt ]"
 
 check "capture from BOS" \
@@ -90,6 +103,82 @@ check "bf16 is recorded" "$BIN info $TMP/d.kvt | grep -q bf16"
 printf '1 20 999\n' > "$TMP/bad.txt"
 check "prompt id out of range: exit 1 with the token" \
     "$C --model $MODEL --prompt-ids $TMP/bad.txt --decode 4 --window 2 -o $TMP/e.kvt 2>&1 | grep -q 'token 3 is 999'"
+
+# a window longer than a prompt file: the file is an input, so the capture finds it (exit 1)
+printf '1 20 30\n' > "$TMP/ids3.txt"
+check "--window > the prompt file's tokens: exit 1, one line" \
+    "one_line $C --model $MODEL --prompt-ids $TMP/ids3.txt --decode 2 --window 4 -o $TMP/e.kvt && ! $C --model $MODEL --prompt-ids $TMP/ids3.txt --decode 2 --window 4 -o $TMP/e.kvt 2>/dev/null && [ ! -e $TMP/e.kvt ]"
+
+# info counts layers, not records: decode steps in chunks of 3 give 4 records per layer
+$C --model $MODEL --tokens 32 --decode 10 --decode-chunk 3 --window 8 -o $TMP/ch.kvt >/dev/null
+$BIN info $TMP/ch.kvt >$TMP/ch.info
+check "info: Q_decode in 5 layers, 20 records" "grep -Eq '^Q_decode +5 +20 +\\[8,10,8\\]' $TMP/ch.info"
+check "info: K_decode and V_decode in 5 layers" \
+    "grep -Eq '^K_decode +5 +20 ' $TMP/ch.info && grep -Eq '^V_decode +5 +20 ' $TMP/ch.info"
+check "info: the token tables belong to no layer" "grep -Eq '^token_ids +- +1 ' $TMP/ch.info"
+check "info: all 10 decode steps, nothing more said" \
+    "grep -q ' G=10  kv dtype' $TMP/ch.info"
+$BIN info --json $TMP/ch.kvt >$TMP/ch.json
+check "info --json: layers 5, records 20" \
+    "tr -d ' \t\n' <$TMP/ch.json | grep -q '\"Q_decode\":{\"records\":20,\"layers\":5,'"
+check "info --json: 10 of 10 decode steps" \
+    "tr -d ' \t\n' <$TMP/ch.json | grep -q '\"decode_steps\":{\"planned\":10,\"captured\":10,\"captured_from\":\"capture_stats\",\"stopped_early\":false}'"
+
+# SIGINT in the decode steps: a finished trace holding the steps run, and info says how many
+# of those planned (the signal is sent once the file grew past its header: the prompt's
+# records are written only after the whole prompt ran, so the decode steps have begun)
+KVT_CAPTURE_STEP_DELAY_US=20000 $C --model $MODEL --tokens 8 --decode 400 --decode-chunk 1 \
+    --window 4 -o $TMP/int.kvt >/dev/null 2>$TMP/int.err &
+pid=$!
+for _ in $(seq 300); do [ -s $TMP/int.kvt ] && break; sleep 0.1; done
+hdr=$(stat -c %s $TMP/int.kvt 2>/dev/null || echo 0)
+for _ in $(seq 300); do [ "$(stat -c %s $TMP/int.kvt)" -gt "$hdr" ] && break; sleep 0.1; done
+sleep 0.3
+kill -INT $pid
+wait $pid
+rc=$?
+g=$(sed -n 's/.*after \([0-9]*\) of 400 decode steps.*/\1/p' $TMP/int.err)
+check "SIGINT in the decode steps: exit 130, one line" \
+    "[ $rc -eq 130 ] && [ \$(wc -l <$TMP/int.err) -eq 1 ] && [ -n '$g' ] && [ '$g' -lt 400 ]"
+check "SIGINT in the decode steps: the trace verifies" "$BIN verify $TMP/int.kvt >/dev/null"
+check "info: G=$g (400 planned; capture stopped early)" \
+    "$BIN info $TMP/int.kvt | grep -q ' G=$g (400 planned; capture stopped early)  kv dtype'"
+check "info: the Q_decode rows cover the $g steps in 5 layers" \
+    "$BIN info $TMP/int.kvt | grep -Eq '^Q_decode +5 +$((g * 5)) +\\[8,$g,8\\]'"
+check "info --json: $g of 400 decode steps, stopped early" \
+    "$BIN info --json $TMP/int.kvt | tr -d ' \t\n' | grep -q '\"decode_steps\":{\"planned\":400,\"captured\":$g,\"captured_from\":\"capture_stats\",\"stopped_early\":true}'"
+
+# SIGINT / SIGTERM inside the prompt: nothing replayable was captured, so nothing is kept,
+# and one line says so; over an existing trace (--force) the old one is unchanged and no
+# temporary file is left (the signal is sent once the new file exists: OUT, or with --force
+# its temporary)
+interrupt_prompt() { # SIG OUT [--force]
+    KVT_CAPTURE_STEP_DELAY_US=20000 $C --model $MODEL --tokens 200 --decode 4 --window 4 \
+        -o "$2" ${3:-} >/dev/null 2>$TMP/p.err &
+    local p=$! f
+    for _ in $(seq 300); do
+        if [ -n "${3:-}" ]; then
+            for f in "$2".tmp.*; do [ -s "$f" ] && break 2; done
+        elif [ -s "$2" ]; then
+            break
+        fi
+        sleep 0.1
+    done
+    kill -"$1" $p
+    wait $p
+}
+interrupt_prompt INT $TMP/p.kvt
+rc=$?
+check "SIGINT inside the prompt: exit 130, one line" \
+    "[ $rc -eq 130 ] && [ \$(wc -l <$TMP/p.err) -eq 1 ] && grep -q 'interrupted (SIGINT) at prompt token [0-9]* of 200: nothing captured; no trace written' $TMP/p.err"
+check "SIGINT inside the prompt: no file left" "! ls $TMP/p.kvt* >/dev/null 2>&1"
+cp $TMP/ch.kvt $TMP/old.kvt
+interrupt_prompt TERM $TMP/old.kvt --force
+rc=$?
+check "SIGTERM inside the prompt, --force: exit 143, one line" \
+    "[ $rc -eq 143 ] && [ \$(wc -l <$TMP/p.err) -eq 1 ] && grep -q 'interrupted (SIGTERM) at prompt token [0-9]* of 200: nothing captured; $TMP/old.kvt is unchanged' $TMP/p.err"
+check "SIGTERM inside the prompt, --force: the old trace unchanged, no temporary left" \
+    "cmp -s $TMP/old.kvt $TMP/ch.kvt && ! ls $TMP/old.kvt.tmp.* >/dev/null 2>&1"
 
 SAMPLE=$ROOT/traces/samples/stories260K.kvt
 if [ -f "$SAMPLE" ]; then

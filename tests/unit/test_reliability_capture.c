@@ -7,15 +7,19 @@
  *   non-decreasing in the kill time;
  * - a full disk (RLIMIT_FSIZE in the child) at 6 sizes: exit 1 with one stderr line saying
  *   why, and the same recovery and prefix checks (file cut back to its last record);
- * - SIGINT and SIGTERM at 3 points each: exit 130/143 with one line, the trace finished
- *   (index and trailer: not recovered, `kvtrace verify` exit 0) and every record equal to the
- *   complete run's (the last, partial decode chunk equal to the first steps of the full one).
+ * - SIGINT and SIGTERM at 3 points each: exit 130/143 with one line; in the decode steps the
+ *   trace finished (index and trailer: not recovered, `kvtrace verify` exit 0) and every
+ *   record equal to the complete run's (the last, partial decode chunk equal to the first
+ *   steps of the full one); inside the prompt, nothing captured and no file left.
  * - the library side: kvt_llama2c_capture's keep_going callback stopping at 6 positions
- *   (inside the prompt, at its end, in the decode steps, never) gives KVT_OK, a finished
- *   trace and the counts of what ran.
+ *   (inside the prompt, at its end, in the decode steps, never) gives KVT_OK and the counts of
+ *   what ran; in the decode steps a finished trace whose `kvtrace info` shows the steps it
+ *   holds against those planned; inside the prompt no file (with force over an existing
+ *   trace, that trace unchanged and no temporary file left).
  * Runs the kvtrace binary named by KVT_BIN on models/stories260K.bin; exit 77 without them.
  */
 #include <errno.h>
+#include <glob.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -328,6 +332,18 @@ static void interrupt_loop(void)
         KVT_EXPECT_MSG(stderr_lines() == 1 && stderr_has("interrupted"),
                        "%s at %d ms: want one 'interrupted' line on stderr", strsignal(pts[i].sig),
                        pts[i].ms);
+        if (stderr_has("at prompt token")) { /* nothing replayable: nothing kept */
+            struct stat sb;
+            KVT_EXPECT_MSG(stderr_has("nothing captured; no trace written"),
+                           "%s at %d ms: the line does not say that no trace was written",
+                           strsignal(pts[i].sig), pts[i].ms);
+            KVT_EXPECT_MSG(stat(path, &sb) != 0 && errno == ENOENT,
+                           "%s at %d ms: stopped inside the prompt, a file is left",
+                           strsignal(pts[i].sig), pts[i].ms);
+            printf("%s at %d ms: exit %d, inside the prompt, no file left\n", strsignal(pts[i].sig),
+                   pts[i].ms, code);
+            continue;
+        }
         kvt_trace_reader *r = NULL;
         KVT_EXPECT_STATUS(kvt_trace_reader_open(path, &r), KVT_OK);
         if (!r)
@@ -335,17 +351,14 @@ static void interrupt_loop(void)
         KVT_EXPECT_MSG(!kvt_trace_reader_recovered(r), "%s at %d ms: trace not finished: %s",
                        strsignal(pts[i].sig), pts[i].ms, kvt_trace_reader_recovery_note(r));
         kvt_trace_reader_close(r);
-        bool in_prompt = stderr_has("at prompt token");
         int v = sh("%s verify %s >/dev/null 2>&1", path);
-        /* stopped inside the prompt: finished, but the prompt's K/V are listed as missing */
-        KVT_EXPECT_MSG(v == (in_prompt ? 1 : 0), "%s at %d ms: verify exit %d",
-                       strsignal(pts[i].sig), pts[i].ms, v);
+        KVT_EXPECT_MSG(v == 0, "%s at %d ms: verify exit %d", strsignal(pts[i].sig), pts[i].ms, v);
         KVT_EXPECT(sh("%s info %s >/dev/null 2>&1", path) == 0);
-        long n = in_prompt ? 0 : compare_prefix(path, ref, true);
+        long n = compare_prefix(path, ref, true);
         KVT_EXPECT_MSG(n >= 0, "%s at %d ms: records differ from the complete run",
                        strsignal(pts[i].sig), pts[i].ms);
-        printf("%s at %d ms: exit %d, %s, %ld records checked\n", strsignal(pts[i].sig), pts[i].ms,
-               code, in_prompt ? "inside the prompt" : "in the decode steps", n);
+        printf("%s at %d ms: exit %d, in the decode steps, %ld records checked\n",
+               strsignal(pts[i].sig), pts[i].ms, code, n);
     }
     kvt_trace_reader_close(ref);
 }
@@ -355,15 +368,51 @@ static bool stop_at(void *user, uint32_t pos)
     return pos < *(const uint32_t *)user;
 }
 
+/* Temporary files a replacing writer left next to path (path.tmp.*), removed once counted so
+ * that one run's leftover is not counted again against the next. */
+static size_t n_temporaries(void)
+{
+    char pat[300];
+    snprintf(pat, sizeof(pat), "%s.tmp.*", path);
+    glob_t g;
+    size_t n = glob(pat, 0, NULL, &g) == 0 ? g.gl_pathc : 0;
+    for (size_t i = 0; i < n; i++)
+        unlink(g.gl_pathv[i]);
+    globfree(&g);
+    return n;
+}
+
+/* The file at path, read whole into buf[cap]; its size, or -1 if there is none. */
+static long read_whole(char *buf, size_t cap)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -1;
+    long n = (long)fread(buf, 1, cap, f);
+    fclose(f);
+    return n;
+}
+
 /* The library side of an interruption: kvt_llama2c_capture with a keep_going callback that
- * stops at a position returns KVT_OK with res.interrupted, a finished trace (not recovered)
- * and the steps run so far; stopped inside the prompt, n_prompt_run says where. */
+ * stops at a position returns KVT_OK with res.interrupted and the steps run so far. Stopped
+ * in the decode steps: a finished trace (not recovered) holding them, and `kvtrace info`
+ * shows how many of those planned. Stopped inside the prompt (n_prompt_run says where):
+ * nothing replayable, so no file is kept: none at path (stop 0), and with force over an
+ * existing file (stop 5) that file unchanged and no temporary left. */
 static void library_keep_going(void)
 {
     const uint32_t T = 16, G = 40;
     const uint32_t stops[] = {0, 5, T, T + 1, T + 17, T + G};
+    static const char old[] = "an existing file that --force would replace";
     for (size_t i = 0; i < sizeof(stops) / sizeof(stops[0]); i++) {
         uint32_t stop = stops[i];
+        unlink(path);
+        if (stop == 5) { /* an existing trace to replace */
+            FILE *f = fopen(path, "wb");
+            KVT_EXPECT(f && fwrite(old, 1, sizeof(old), f) == sizeof(old));
+            if (f)
+                fclose(f);
+        }
         struct kvt_llama2c_capture_opts o = {.n_prompt = T,
                                              .seed = 3,
                                              .temperature = 1.0f,
@@ -381,6 +430,19 @@ static void library_keep_going(void)
         KVT_EXPECT_EQ_U64(res.n_prompt_run, stop < T ? stop : T);
         KVT_EXPECT_EQ_U64(res.stats.n_decode, stop <= T ? 0 : stop - T);
         KVT_EXPECT_EQ_U64(res.n_tokens, stop < T ? stop : stop + 1);
+        KVT_EXPECT_MSG(n_temporaries() == 0, "stop %u: a temporary file is left", stop);
+        if (stop < T) {
+            char buf[sizeof(old) + 16];
+            long n = read_whole(buf, sizeof(buf));
+            if (stop == 5)
+                KVT_EXPECT_MSG(n == (long)sizeof(old) && memcmp(buf, old, sizeof(old)) == 0,
+                               "stop %u: the existing file was changed (%ld bytes)", stop, n);
+            else
+                KVT_EXPECT_MSG(n < 0, "stop %u: a file is left at %s", stop, path);
+            kvt_free(res.tokens);
+            kvt_free(res.logits);
+            continue;
+        }
         kvt_trace_reader *r = NULL;
         KVT_EXPECT_STATUS(kvt_trace_reader_open(path, &r), KVT_OK);
         if (r) {
@@ -394,10 +456,25 @@ static void library_keep_going(void)
             else
                 KVT_EXPECT_STATUS(s, KVT_ERR_NOT_FOUND);
             s = kvt_trace_reader_shape(r, 0, KVT_KIND_K, &nh, &nt, &d, &dt);
-            KVT_EXPECT_MSG((s == KVT_OK) == (stop >= T), "stop %u: prompt K %s", stop,
-                           s == KVT_OK ? "present" : "absent");
+            KVT_EXPECT_MSG(s == KVT_OK, "stop %u: prompt K absent", stop);
             kvt_trace_reader_close(r);
         }
+        /* info: the steps held, and those planned when fewer */
+        char want[128];
+        if (stop < T + G)
+            snprintf(want, sizeof(want), " G=%u (%u planned; capture stopped early)  kv dtype",
+                     stop - T, G);
+        else
+            snprintf(want, sizeof(want), " G=%u  kv dtype", G);
+        char cmd[400];
+        snprintf(cmd, sizeof(cmd), "%%s info %%s | grep -qF '%s'", want);
+        KVT_EXPECT_MSG(sh(cmd, path) == 0, "stop %u: info does not show '%s'", stop, want);
+        snprintf(want, sizeof(want),
+                 "\"decode_steps\":{\"planned\":%u,\"captured\":%u,\"captured_from\":"
+                 "\"capture_stats\",\"stopped_early\":%s}",
+                 G, stop - T, stop < T + G ? "true" : "false");
+        snprintf(cmd, sizeof(cmd), "%%s info --json %%s | tr -d ' \\t\\n' | grep -qF '%s'", want);
+        KVT_EXPECT_MSG(sh(cmd, path) == 0, "stop %u: info --json does not hold %s", stop, want);
         kvt_free(res.tokens);
         kvt_free(res.logits);
     }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test_trace_cli.sh - the info/verify commands on a good, a truncated and a damaged trace,
-# --help and bad-input exits, and `zstd -d` decoding a .kvt file (interoperability).
+# --help and bad-input exits, info's layer counts and decode steps, and `zstd -d` decoding a
+# .kvt file (interoperability).
 set -u
 BIN=${KVT_BIN:?}
 TMP=$(mktemp -d)
@@ -19,6 +20,16 @@ cp "${KVT_SOURCE_ROOT:?}/traces/samples/stories260K.kvt" "$TMP/t.kvt"
 check "verify on a good trace exits 0" "$BIN verify $TMP/t.kvt >/dev/null"
 check "info prints the shape" "$BIN info $TMP/t.kvt | grep -q 'L='"
 check "info --json is JSON" "$BIN info --json $TMP/t.kvt | grep -q '\"tensors\"'"
+# layers are the model's layers holding a kind (5 in stories260K); the tables belong to none
+$BIN info $TMP/t.kvt >$TMP/t.info
+check "info: K in 5 layers" "grep -Eq '^K +5 +5 ' $TMP/t.info"
+check "info: token_ids in no layer" "grep -Eq '^token_ids +- +1 ' $TMP/t.info"
+check "info: all 64 decode steps, nothing more said" "grep -q ' G=64  kv dtype' $TMP/t.info"
+$BIN info --json $TMP/t.kvt | tr -d ' \t\n' >$TMP/t.json
+check "info --json: K layers 5, token_ids layers 0" \
+    "grep -q '\"K\":{\"records\":5,\"layers\":5,' $TMP/t.json && grep -q '\"token_ids\":{\"records\":1,\"layers\":0,' $TMP/t.json"
+check "info --json: 64 of 64 decode steps, from the capture's statistics" \
+    "grep -q '\"decode_steps\":{\"planned\":64,\"captured\":64,\"captured_from\":\"capture_stats\",\"stopped_early\":false}' $TMP/t.json"
 check "nonexistent trace: one error line" \
     "[ \$($BIN info $TMP/none.kvt 2>&1 >/dev/null | wc -l) -eq 1 ] && ! $BIN info $TMP/none.kvt 2>/dev/null"
 
@@ -28,6 +39,11 @@ check "verify on a truncated trace exits 1" "$BIN verify $TMP/cut.kvt >$TMP/v.ou
 check "verify says the trace was not finished" "grep -q 'not finished' $TMP/v.out"
 check "verify names missing tensors" "grep -q 'missing' $TMP/v.out"
 check "info still works on a truncated trace" "$BIN info $TMP/cut.kvt | grep -q INCOMPLETE"
+# the cut lost the decode records and the meta_json: the records say how many steps are left
+check "info on a truncated trace: G=0 (64 planned; the records hold fewer)" \
+    "$BIN info $TMP/cut.kvt | grep -q ' G=0 (64 planned; the records hold fewer)  kv dtype'"
+check "info --json on a truncated trace: 0 of 64 decode steps, from the records" \
+    "$BIN info --json $TMP/cut.kvt | tr -d ' \t\n' | grep -q '\"decode_steps\":{\"planned\":64,\"captured\":0,\"captured_from\":\"records\",\"stopped_early\":true}'"
 printf 'garbage garbage garbage garbage' > "$TMP/g.kvt"
 check "verify on garbage exits 2" "$BIN verify $TMP/g.kvt >/dev/null 2>&1; [ \$? -eq 2 ]"
 
