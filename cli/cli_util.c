@@ -328,8 +328,8 @@ bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t)
     }
     if (t->metric && (t->have_max || t->have_min) &&
         kvt_rec_metric_is_error(t->o.metric) != t->have_max) { /* a usage error, exit 2 */
-        kvt_cli_fail(cmd, "--metric %s needs %s", t->metric,
-                     t->have_max ? "--min-recall R (it is not an error)" : "--max-error E");
+        kvt_cli_fail(cmd, "--metric %s is %s, not %s", t->metric, kvt_rec_metric_kind(t->o.metric),
+                     t->have_max ? "--max-error" : "--min-recall");
         return false;
     }
     if (t->metric && !t->have_max && !t->have_min && !kvt_rec_metric_is_error(t->o.metric)) {

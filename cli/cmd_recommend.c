@@ -11,6 +11,27 @@
 
 #define EXIT_NOT_MET 3
 
+/* "no setting meets the target" is a documented outcome (exit 3), not an error: one line on
+   stderr without "error:", saying when only the full cache would meet it */
+static void say_not_met(const char *cmd, const kvt_recommendation *rec)
+{
+    const char *mn = kvt_rec_metric_name(rec->metric), *rel = rec->target_is_max ? "<=" : ">=";
+    if (!rec->any_compressing)
+        fprintf(stderr,
+                "kvtrace %s: no setting below the full cache meets the target: %s %s %g (every "
+                "measured setting keeps the whole cache)\n",
+                cmd, mn, rel, rec->target);
+    else if (rec->full_cache_meets)
+        fprintf(stderr,
+                "kvtrace %s: no setting below the full cache meets the target: %s %s %g (only "
+                "settings that keep the whole cache meet it)\n",
+                cmd, mn, rel, rec->target);
+    else
+        fprintf(stderr,
+                "kvtrace %s: no setting meets the target: %s %s %g at any measured budget\n", cmd,
+                mn, rel, rec->target);
+}
+
 static void help(void)
 {
     printf("usage: kvtrace recommend RESULTS [--max-error E | --min-recall R] [--metric NAME]\n"
@@ -18,8 +39,10 @@ static void help(void)
            "Read a results.json (kvtrace replay) and print the cheapest (policy, budget) whose\n"
            "aggregate quality meets the target (cost = kept KV entries), the knee budget of\n"
            "each policy's curve, and the smallest measured budget meeting the target on each\n"
-           "layer and each head of the recommended policy. full and oracle are references and\n"
-           "never recommended.\n\n"
+           "layer and each head of the recommended policy (\"all\": a budget that keeps the\n"
+           "whole prompt; entry counts are summed over every trace). full and oracle are\n"
+           "references and never recommended, nor is a setting that keeps the whole cache (a\n"
+           "budget at or above the prompt length).\n\n"
            "  --max-error E   output error must be <= E (default: --max-error 0.1)\n"
            "  --min-recall R  attention recall (or coverage) must be >= R\n"
            "  --metric NAME   err_window | err_decode (with --max-error), recall_window |\n"
@@ -84,9 +107,7 @@ int kvt_cmd_recommend(int argc, char **argv)
     }
     fflush(stdout);
     if (!rec->found) {
-        kvt_cli_fail(cmd, "no setting meets the target: %s %s %g at any measured budget",
-                     kvt_rec_metric_name(rec->metric),
-                     rec->target_is_max ? "<=" : ">=", rec->target);
+        say_not_met(cmd, rec);
         rc = EXIT_NOT_MET;
         goto out_free;
     }

@@ -167,7 +167,14 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
                 mn, kvt_report_num(rec->value, a, sizeof(a)), 100.0 * rec->summary.kept_fraction,
                 rec->summary.compression_ratio);
     } else {
-        fprintf(f, "<strong>No measured setting meets %s %s %g.</strong>", mn, rel, rec->target);
+        if (!rec->any_compressing || rec->full_cache_meets) /* as recommend says it */
+            fprintf(f, "<strong>No setting below the full cache meets %s %s %g</strong> (%s).", mn,
+                    rel, rec->target,
+                    rec->any_compressing ? "only settings that keep the whole cache meet it"
+                                         : "every measured budget keeps the whole prompt");
+        else
+            fprintf(f, "<strong>No measured setting meets %s %s %g.</strong>", mn, rel,
+                    rec->target);
         if (rec->has_closest) {
             fputs(" The nearest is ", f);
             put_escaped(f, r->policies[rec->closest_policy].label);

@@ -35,6 +35,9 @@ const char *kvt_rec_metric_name(kvt_rec_metric m);
 kvt_status kvt_rec_metric_parse(const char *name, kvt_rec_metric *out);
 /** true for the error metrics (a target is a maximum), false for recall and coverage. */
 bool kvt_rec_metric_is_error(kvt_rec_metric m);
+/** What kind of metric m is and the target it takes, for messages: "a recall metric: it needs
+ *  --min-recall R" (static text). */
+const char *kvt_rec_metric_kind(kvt_rec_metric m);
 
 typedef struct kvt_recommend_opts {
     kvt_rec_metric metric; /* KVT_REC_METRIC_AUTO picks by target kind and what was measured */
@@ -73,21 +76,35 @@ typedef struct kvt_recommendation {
     double full_entries; /* entries of the whole cache over traces, layers and KV heads; a
                             candidate setting keeping that many compresses nothing and is
                             never recommended */
-    size_t n_policies, n_budgets;
-    kvt_rec_curve *curves; /* [n_policies] */
+    /* when nothing is recommended: whether any candidate setting keeps less than the whole
+       cache, and the cheapest candidate setting that meets the target only by keeping the
+       whole cache (so "nothing meets" can say that the full cache would) */
+    bool any_compressing;
+    bool full_cache_meets;
+    size_t full_cache_policy, full_cache_budget;
+    size_t n_policies, n_budgets, n_traces;
+    kvt_rec_curve *curves;    /* [n_policies] */
+    bool *budget_keeps_all;   /* [n_budgets] the budget's tokens are >= T on every trace: it
+                                 keeps the whole prompt */
+    size_t n_traces_measured; /* traces on which some candidate has a value of the metric;
+                                 the aggregate is the mean over these */
+    bool *trace_measured;     /* [n_traces] */
     /* per-layer and per-head suggestions for the recommended policy (when found and every
-       trace has the same shape): the smallest budget index whose measured value meets the
+       trace has the same shape): the cheapest budget index whose measured value meets the
        target on that layer (mean over heads and traces) or head (mean over traces); -1 when
-       even the largest budget does not. */
+       even the largest budget does not. The cost of budget b per head and layer is
+       sum over traces of min(tokens of b, T): a budget at or above the prompt keeps the
+       prompt. Entry counts below use that cost, so they are summed over every trace, as
+       summary.kept_entries and full_entries are. */
     int n_layers, n_heads;  /* 0 when not computed */
     int *layer_budget;      /* [L] */
     int *head_budget;       /* [L, H'] */
     int *layer_alloc;       /* [L] greedy allocation (budget index per layer) whose mean over
                                layers meets the target; all -1 if none does */
-    double alloc_entries;   /* sum over layers of H' * layer_alloc tokens; NaN if none */
-    double uniform_entries; /* L * H' * budget_tokens of the recommendation, trace 0 */
-    double layer_entries;   /* sum over layers of H' * suggested tokens; NaN if one is -1 */
-    double head_entries;    /* sum over heads of suggested tokens; NaN if one is -1 */
+    double alloc_entries;   /* sum over layers of H' * cost of layer_alloc; NaN if none */
+    double uniform_entries; /* L * H' * cost of the recommended budget */
+    double layer_entries;   /* sum over layers of H' * cost of the suggestion; NaN if one is -1 */
+    double head_entries;    /* sum over heads of the cost of the suggestion; NaN if one is -1 */
 } kvt_recommendation;
 
 /** Recommend a setting from a complete result (not a --shard part).
@@ -106,18 +123,30 @@ typedef struct kvt_recommendation {
  *  over layers of the layer values misses the target, the layer whose next larger budget
  *  improves its value most per added token moves up (ties: lower layer). This spends budget
  *  where the measured curves say it helps, like PyramidKV/AdaKV do online.
+ *  A metric measured on only some traces (err_decode on a trace without decode steps) is the
+ *  mean over those (n_traces_measured, trace_measured).
  * @param out caller frees with kvt_recommendation_free. "Nothing meets" is KVT_OK with
  *        found = false.
- * @return KVT_OK, KVT_ERR_INVALID_ARG (partial result, no trace, metric not measured),
- *         KVT_ERR_NOMEM. */
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (partial result, no trace, metric not measured by any
+ *         candidate: the message says why), KVT_ERR_NOMEM. */
 kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
                          kvt_recommendation **out);
 void kvt_recommendation_free(kvt_recommendation *rec);
 
-/** A few lines of text explaining the recommendation. @return KVT_OK or KVT_ERR_IO. */
+/** A few lines of text explaining the recommendation. Every entry count is an integer summed
+ *  over all traces; a budget's tokens are what it keeps per head and layer on each trace
+ *  ("45 or 20 tokens ..., by trace" when they differ); a suggested budget that keeps the whole
+ *  prompt reads "all". @return KVT_OK or KVT_ERR_IO. */
 kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_results *r, FILE *f);
-/** The same as one JSON object (labels escaped by cJSON). @return KVT_OK, KVT_ERR_NOMEM,
- *  KVT_ERR_IO. */
+/** The same as one JSON object (labels escaped by cJSON). A budget is {index, text, tokens,
+ *  tokens_by_trace, whole_prompt}: tokens (kept per head and layer) is null when the traces
+ *  differ. The *_tokens suggestion arrays hold that number, or the array by trace when the
+ *  traces differ, or null (beyond the largest budget); layer_budget / head_budget /
+ *  layer_alloc hold the budget texts ("all" for the whole prompt). The top level says over
+ *  which traces the metric was measured (n_traces, n_traces_measured, traces_not_measured:
+ *  [{path, why}], why null or "no decode steps") and, when nothing is found, why_none
+ *  ("not_met", "only_full_cache_meets" with full_cache_setting, "no_compressing_setting").
+ *  @return KVT_OK, KVT_ERR_NOMEM, KVT_ERR_IO. */
 kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kvt_results *r,
                                          FILE *f);
 

@@ -39,6 +39,23 @@ bool kvt_rec_metric_is_error(kvt_rec_metric m)
     return m == KVT_REC_METRIC_ERR_WINDOW || m == KVT_REC_METRIC_ERR_DECODE;
 }
 
+const char *kvt_rec_metric_kind(kvt_rec_metric m)
+{
+    switch (m) {
+    case KVT_REC_METRIC_ERR_WINDOW:
+    case KVT_REC_METRIC_ERR_DECODE:
+        return "an output error metric: it needs --max-error E";
+    case KVT_REC_METRIC_RECALL_WINDOW:
+    case KVT_REC_METRIC_RECALL_DECODE:
+        return "a recall metric: it needs --min-recall R";
+    case KVT_REC_METRIC_COVERAGE:
+    case KVT_REC_METRIC_COVERAGE_DROPPED:
+        return "a coverage metric: it needs --min-recall R";
+    default:
+        return "not a target metric";
+    }
+}
+
 double kvt_rec_summary_value(const kvt_run_summary *s, kvt_rec_metric m)
 {
     switch (m) {
@@ -100,6 +117,64 @@ static bool is_reference(const kvt_results_policy *p)
     return !strcmp(p->name, "full") || !strcmp(p->name, "oracle");
 }
 
+static bool is_decode_metric(kvt_rec_metric m)
+{
+    return m == KVT_REC_METRIC_ERR_DECODE || m == KVT_REC_METRIC_RECALL_DECODE;
+}
+
+/* tokens per head and layer that budget b keeps on trace t: a budget at or above the prompt
+   keeps the prompt, not more */
+static int kept_tokens(const kvt_trace_result *t, size_t b)
+{
+    return t->budget_tokens[b] < t->n_tokens ? t->budget_tokens[b] : t->n_tokens;
+}
+
+/* whether some candidate policy has a value of metric m on trace t */
+static bool trace_measures(const kvt_results *r, const kvt_trace_result *t, kvt_rec_metric m)
+{
+    for (size_t p = 0; p < r->n_policies; p++) {
+        if (is_reference(&r->policies[p]))
+            continue;
+        for (size_t b = 0; b < r->n_budgets; b++)
+            for (int l = 0; l < t->n_layers; l++)
+                for (int h = 0; h < t->policy_heads[p]; h++)
+                    if (!isnan(kvt_rec_head_value(kvt_trace_result_at(t, p, b, l, h), m)))
+                        return true;
+    }
+    return false;
+}
+
+/* the error of a metric no candidate has a value of, saying why: only the references have
+   it, or it needs decode queries and no trace has any */
+static kvt_status not_measured(const kvt_results *r, kvt_rec_metric m, const kvt_run_summary *sum)
+{
+    const char *mn = kvt_rec_metric_name(m);
+    size_t nb = r->n_budgets;
+    char refs[64] = "";
+    for (size_t p = 0; p < r->n_policies; p++) {
+        bool has = false;
+        for (size_t b = 0; b < nb; b++)
+            has |= !isnan(kvt_rec_summary_value(&sum[p * nb + b], m));
+        if (has && is_reference(&r->policies[p]) && !strstr(refs, r->policies[p].name)) {
+            size_t n = strlen(refs);
+            snprintf(refs + n, sizeof(refs) - n, "%s%s", n ? " and " : "", r->policies[p].name);
+        }
+    }
+    if (refs[0])
+        return kvt_error_set(KVT_ERR_INVALID_ARG,
+                             "recommend: %s is measured only for %s (%s, never recommended)", mn,
+                             refs, strstr(refs, " and ") ? "references" : "a reference");
+    bool decode = false;
+    for (size_t i = 0; i < r->n_traces; i++)
+        decode |= r->traces[i]->n_decode > 0;
+    if (is_decode_metric(m) && !decode)
+        return kvt_error_set(KVT_ERR_INVALID_ARG,
+                             "recommend: %s is not measured: %s no decode steps (try --metric %s)",
+                             mn, r->n_traces == 1 ? "the trace has" : "no trace has",
+                             m == KVT_REC_METRIC_ERR_DECODE ? "err_window" : "recall_window");
+    return kvt_error_set(KVT_ERR_INVALID_ARG, "recommend: %s is not measured for any policy", mn);
+}
+
 void kvt_recommendation_free(kvt_recommendation *rec)
 {
     if (!rec)
@@ -110,6 +185,8 @@ void kvt_recommendation_free(kvt_recommendation *rec)
         kvt_free(rec->curves[i].kept_entries);
     }
     kvt_free(rec->curves);
+    kvt_free(rec->budget_keeps_all);
+    kvt_free(rec->trace_measured);
     kvt_free(rec->layer_budget);
     kvt_free(rec->head_budget);
     kvt_free(rec->layer_alloc);
@@ -157,7 +234,7 @@ static int sorted_points(const double *key, const double *val, size_t n, int *id
 
 /* the greedy layer allocation of kvt_recommend; lv [L, nb] in the order of `order` */
 static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const int *order,
-                     int n_order, const int *tok)
+                     int n_order, const double *cost)
 {
     int L = rec->n_layers, *k = rec->layer_alloc;
     double sign = rec->target_is_max ? 1.0 : -1.0;
@@ -176,8 +253,8 @@ static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const
             if (k[l] + 1 >= n_order)
                 continue;
             const double *v = &lv[(size_t)l * nb];
-            int added = tok[order[k[l] + 1]] - tok[order[k[l]]];
-            double gain = sign * (v[k[l]] - v[k[l] + 1]) / (double)(added > 0 ? added : 1);
+            double added = cost[order[k[l] + 1]] - cost[order[k[l]]];
+            double gain = sign * (v[k[l]] - v[k[l] + 1]) / (added > 0 ? added : 1.0);
             if (isnan(gain))
                 gain = -INFINITY; /* still movable, as a last resort */
             if (best < 0 || gain > best_gain) {
@@ -195,7 +272,7 @@ static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const
     rec->alloc_entries = 0.0;
     for (int l = 0; l < L; l++) {
         k[l] = order[k[l]];
-        rec->alloc_entries += (double)rec->n_heads * tok[k[l]];
+        rec->alloc_entries += (double)rec->n_heads * cost[k[l]];
     }
 }
 
@@ -207,13 +284,18 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
     for (size_t i = 1; i < r->n_traces; i++)
         if (r->traces[i]->n_layers != L || r->traces[i]->policy_heads[pol] != H)
             return KVT_OK; /* different models: no per-layer suggestion */
-    double tok[64];
+    /* cost of each budget per head and layer: the tokens it keeps, summed over traces, so
+       every entry count is over the same traces as summary.kept_entries */
+    double cost[64];
     int order[64];
     if (nb > 64)
         return KVT_OK;
-    for (size_t b = 0; b < nb; b++)
-        tok[b] = t0->budget_tokens[b];
-    int n_order = sorted_points(tok, NULL, nb, order);
+    for (size_t b = 0; b < nb; b++) {
+        cost[b] = 0.0;
+        for (size_t i = 0; i < r->n_traces; i++)
+            cost[b] += kept_tokens(r->traces[i], b);
+    }
+    int n_order = sorted_points(cost, NULL, nb, order);
     size_t n_lh = (size_t)L * (size_t)H;
     double *lv = kvt_malloc((size_t)L * nb * sizeof(double)); /* [L, nb] layer values */
     if (!lv)
@@ -227,7 +309,7 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
     }
     rec->n_layers = L;
     rec->n_heads = H;
-    rec->uniform_entries = (double)n_lh * t0->budget_tokens[rec->budget];
+    rec->uniform_entries = (double)n_lh * cost[rec->budget];
     rec->layer_entries = 0.0;
     rec->head_entries = 0.0;
     for (int l = 0; l < L; l++) {
@@ -251,7 +333,7 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
                 rec->layer_budget[l] = order[k];
         }
         rec->layer_entries +=
-            rec->layer_budget[l] < 0 ? NAN : (double)H * t0->budget_tokens[rec->layer_budget[l]];
+            rec->layer_budget[l] < 0 ? NAN : (double)H * cost[rec->layer_budget[l]];
         for (int h = 0; h < H; h++) {
             int *hb = &rec->head_budget[(size_t)l * H + h];
             *hb = -1;
@@ -268,10 +350,10 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
                 if (n && meets(rec, s / n))
                     *hb = order[k];
             }
-            rec->head_entries += *hb < 0 ? NAN : (double)t0->budget_tokens[*hb];
+            rec->head_entries += *hb < 0 ? NAN : cost[*hb];
         }
     }
-    allocate(rec, lv, nb, order, n_order, t0->budget_tokens);
+    allocate(rec, lv, nb, order, n_order, cost);
     kvt_free(lv);
     return KVT_OK;
 }
@@ -296,11 +378,19 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
     rec->target = o->target;
     rec->n_policies = np;
     rec->n_budgets = nb;
+    rec->n_traces = r->n_traces;
     rec->layer_entries = rec->head_entries = rec->uniform_entries = rec->alloc_entries = NAN;
     rec->curves = kvt_calloc(np, sizeof(*rec->curves));
+    rec->budget_keeps_all = kvt_calloc(nb, sizeof(bool));
+    rec->trace_measured = kvt_calloc(r->n_traces, sizeof(bool));
     idx = kvt_malloc(nb * sizeof(int));
-    if (!rec->curves || !idx)
+    if (!rec->curves || !rec->budget_keeps_all || !rec->trace_measured || !idx)
         goto out_nomem;
+    for (size_t b = 0; b < nb; b++) {
+        rec->budget_keeps_all[b] = true;
+        for (size_t i = 0; i < r->n_traces; i++)
+            rec->budget_keeps_all[b] &= kept_tokens(r->traces[i], b) == r->traces[i]->n_tokens;
+    }
     /* every aggregate once; the metric is chosen after */
     sum = kvt_malloc(np * nb * sizeof(*sum));
     if (!sum)
@@ -322,13 +412,16 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         if (!any)
             m = o->target_is_max ? KVT_REC_METRIC_ERR_WINDOW : KVT_REC_METRIC_RECALL_WINDOW;
     } else if (!kvt_rec_metric_name(m) || kvt_rec_metric_is_error(m) != o->target_is_max) {
-        st = kvt_error_set(KVT_ERR_INVALID_ARG, "recommend: %s needs %s",
-                           kvt_rec_metric_name(m) ? kvt_rec_metric_name(m) : "metric",
-                           kvt_rec_metric_is_error(m) ? "a maximum (--max-error)"
-                                                      : "a minimum (--min-recall)");
+        st = kvt_error_set(KVT_ERR_INVALID_ARG, "recommend: %s is %s",
+                           kvt_rec_metric_name(m) ? kvt_rec_metric_name(m) : "the metric",
+                           kvt_rec_metric_kind(m));
         goto out_free;
     }
     rec->metric = m;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        rec->trace_measured[i] = trace_measures(r, r->traces[i], m);
+        rec->n_traces_measured += rec->trace_measured[i];
+    }
     bool measured = false;
     for (size_t p = 0; p < np; p++) {
         kvt_rec_curve *c = &rec->curves[p];
@@ -347,9 +440,21 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
             c->kept_entries[b] = s->kept_entries;
             any |= !isnan(c->value[b]);
             /* a setting that keeps the whole cache (a short prompt, quest's dense layers)
-               compresses nothing: it is no answer, however good its value */
-            if (!ref && !kvt_rec_compresses(rec, p, b))
+               compresses nothing: it is no answer, however good its value; but "nothing
+               meets" says when such a setting would */
+            if (!ref && !kvt_rec_compresses(rec, p, b)) {
+                if (meets(rec, c->value[b]) &&
+                    (!rec->full_cache_meets ||
+                     better(
+                         rec, s->kept_entries, c->value[b],
+                         rec->curves[rec->full_cache_policy].kept_entries[rec->full_cache_budget],
+                         rec->curves[rec->full_cache_policy].value[rec->full_cache_budget]))) {
+                    rec->full_cache_meets = true;
+                    rec->full_cache_policy = p, rec->full_cache_budget = b;
+                }
                 continue;
+            }
+            rec->any_compressing |= !ref && !isnan(c->value[b]);
             if (meets(rec, c->value[b]) &&
                 (c->cheapest_ok < 0 ||
                  better(rec, s->kept_entries, c->value[b], c->kept_entries[c->cheapest_ok],
@@ -373,11 +478,11 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         }
     }
     if (!measured) {
-        st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                           "recommend: %s is not measured for any policy but full/oracle",
-                           kvt_rec_metric_name(m));
+        st = not_measured(r, m, sum);
         goto out_free;
     }
+    if (rec->found)
+        rec->full_cache_meets = false;               /* only said when nothing is recommended */
     for (size_t p = 0; p < np && !rec->found; p++) { /* nothing meets: the nearest miss */
         const kvt_rec_curve *c = &rec->curves[p];
         for (size_t b = 0; b < nb && c->candidate; b++) {

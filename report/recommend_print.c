@@ -9,9 +9,45 @@
 #include "kvt_report.h"
 #include "report_internal.h"
 
-static const char *btext(const kvt_results *r, int b)
+/* the tokens per head and layer budget b keeps on trace t: at most the prompt */
+static int kept_tokens(const kvt_trace_result *t, size_t b)
 {
-    return b < 0 ? "-" : r->budgets[b].text;
+    return t->budget_tokens[b] < t->n_tokens ? t->budget_tokens[b] : t->n_tokens;
+}
+
+/* whether budget b keeps the same number of tokens on every trace */
+static bool same_tokens(const kvt_results *r, size_t b)
+{
+    for (size_t i = 1; i < r->n_traces; i++)
+        if (kept_tokens(r->traces[i], b) != kept_tokens(r->traces[0], b))
+            return false;
+    return true;
+}
+
+/* a suggested budget: its text, "all" when it keeps the whole prompt of every trace, "-" for
+   none */
+static const char *btext(const kvt_recommendation *rec, const kvt_results *r, int b)
+{
+    return b < 0 ? "-" : rec->budget_keeps_all[b] ? "all" : r->budgets[b].text;
+}
+
+/* the tokens budget b keeps per head and layer, over every trace: "45", "45 or 20" (two
+   traces, in their order), "20 to 45" (more); see same_tokens */
+static const char *tokens_text(const kvt_results *r, size_t b, char *buf, size_t cap)
+{
+    int lo = kept_tokens(r->traces[0], b), hi = lo;
+    for (size_t i = 1; i < r->n_traces; i++) {
+        int k = kept_tokens(r->traces[i], b);
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
+    }
+    if (lo == hi)
+        snprintf(buf, cap, "%d", lo);
+    else if (r->n_traces == 2)
+        snprintf(buf, cap, "%d or %d", kept_tokens(r->traces[0], b), kept_tokens(r->traces[1], b));
+    else
+        snprintf(buf, cap, "%d to %d", lo, hi);
+    return buf;
 }
 
 const char *kvt_report_num(double x, char *buf, size_t cap)
@@ -23,86 +59,267 @@ const char *kvt_report_num(double x, char *buf, size_t cap)
     return buf;
 }
 
+/* an entry count: an integer, "-" for none */
+static const char *count_text(double x, char *buf, size_t cap)
+{
+    if (isnan(x))
+        snprintf(buf, cap, "-");
+    else
+        snprintf(buf, cap, "%.0f", x);
+    return buf;
+}
+
+/* why a trace has no value of the metric, or NULL when there is no simple reason */
+static const char *why_not_measured(const kvt_recommendation *rec, const kvt_trace_result *t)
+{
+    bool decode =
+        rec->metric == KVT_REC_METRIC_ERR_DECODE || rec->metric == KVT_REC_METRIC_RECALL_DECODE;
+    return decode && t->n_decode == 0 ? "no decode steps" : NULL;
+}
+
+/* "mean over 2 traces", or "mean over 1 of 2 traces, layers and heads; err_decode is not
+   measured on nd.kvt (no decode steps)" */
+static void print_scope(const kvt_recommendation *rec, const kvt_results *r, FILE *f)
+{
+    const char *mn = kvt_rec_metric_name(rec->metric);
+    if (rec->n_traces_measured == r->n_traces) {
+        fprintf(f, "mean over %zu trace%s, layers and heads", r->n_traces,
+                r->n_traces == 1 ? "" : "s");
+        return;
+    }
+    fprintf(f, "mean over %zu of %zu traces, layers and heads; %s is not measured on ",
+            rec->n_traces_measured, r->n_traces, mn);
+    size_t shown = 0, n_not = r->n_traces - rec->n_traces_measured;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        if (rec->trace_measured[i])
+            continue;
+        if (shown == 3) {
+            fprintf(f, " and %zu more", n_not - shown);
+            break;
+        }
+        const char *why = why_not_measured(rec, r->traces[i]);
+        fprintf(f, "%s%s", shown ? ", " : "", r->traces[i]->path);
+        if (why)
+            fprintf(f, " (%s)", why);
+        shown++;
+    }
+}
+
+/* the budgets that keep the whole prompt of every trace, "448, 1000, 100%" */
+static void print_whole_budgets(const kvt_recommendation *rec, const kvt_results *r, FILE *f)
+{
+    size_t n = 0;
+    for (size_t b = 0; b < rec->n_budgets; b++)
+        if (rec->budget_keeps_all[b])
+            fprintf(f, "%s%s", n++ ? ", " : "", r->budgets[b].text);
+}
+
+/* "recommended: none: ..." with why and what to do */
+static void print_none(const kvt_recommendation *rec, const kvt_results *r, FILE *f)
+{
+    const char *mn = kvt_rec_metric_name(rec->metric);
+    char a[32];
+    bool all_whole = true;
+    for (size_t b = 0; b < rec->n_budgets; b++)
+        all_whole &= rec->budget_keeps_all[b];
+    if (!rec->any_compressing) {
+        fprintf(f, "recommended: none: no setting below the full cache meets the target (");
+        if (all_whole) {
+            fprintf(f, "budget%s ", rec->n_budgets == 1 ? "" : "s");
+            print_whole_budgets(rec, r, f);
+            fprintf(f, " keep%s the whole prompt", rec->n_budgets == 1 ? "s" : "");
+        } else {
+            fprintf(f, "every measured setting keeps the whole cache");
+        }
+        fprintf(f, ", and a setting that keeps the whole cache compresses nothing, so it is "
+                   "never an answer): replay budgets below the prompt length\n");
+        return;
+    }
+    if (rec->full_cache_meets)
+        fprintf(f,
+                "recommended: none: no setting below the full cache meets the target (%s at "
+                "budget %s meets it by keeping the whole cache, which compresses nothing, so it "
+                "is never an answer)",
+                r->policies[rec->full_cache_policy].label, r->budgets[rec->full_cache_budget].text);
+    else
+        fprintf(f, "recommended: none: no setting meets the target");
+    if (rec->has_closest)
+        fprintf(f,
+                "; the nearest is %s at budget %s (%s %s): relax the target or replay "
+                "larger budgets",
+                r->policies[rec->closest_policy].label, r->budgets[rec->closest_budget].text, mn,
+                kvt_report_num(rec->closest_value, a, sizeof(a)));
+    fputc('\n', f);
+}
+
 kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_results *r, FILE *f)
 {
     const char *mn = kvt_rec_metric_name(rec->metric);
-    char a[32], b[32], e[32], g[32];
-    fprintf(f, "target: %s %s %g (mean over %zu trace%s, layers and heads)\n", mn,
-            rec->target_is_max ? "<=" : ">=", rec->target, r->n_traces,
-            r->n_traces == 1 ? "" : "s");
+    char a[32], b[32], e[32], g[32], tk[64];
+    fprintf(f, "target: %s %s %g (", mn, rec->target_is_max ? "<=" : ">=", rec->target);
+    print_scope(rec, r, f);
+    fprintf(f, ")\n");
     if (rec->found) {
         const kvt_run_summary *s = &rec->summary;
         fprintf(f,
-                "recommended: %s at budget %s (%d tokens per head per layer): %s %s, keeps "
+                "recommended: %s at budget %s (%s tokens per head per layer%s): %s %s, keeps "
                 "%.1f%% of the KV cache (%.3gx smaller, %.0f of %.0f entries)\n",
                 r->policies[rec->policy].label, r->budgets[rec->budget].text,
-                r->traces[0]->budget_tokens[rec->budget], mn,
+                tokens_text(r, rec->budget, tk, sizeof(tk)),
+                same_tokens(r, rec->budget) ? "" : ", by trace", mn,
                 kvt_report_num(rec->value, a, sizeof(a)), 100.0 * s->kept_fraction,
                 s->compression_ratio, s->kept_entries, s->full_entries);
     } else {
-        fprintf(f, "recommended: none: no setting meets the target");
-        if (rec->has_closest)
-            fprintf(f,
-                    "; the nearest is %s at budget %s (%s %s): relax the target or replay "
-                    "larger budgets",
-                    r->policies[rec->closest_policy].label, r->budgets[rec->closest_budget].text,
-                    mn, kvt_report_num(rec->closest_value, a, sizeof(a)));
-        fputc('\n', f);
+        print_none(rec, r, f);
     }
     fprintf(f, "per policy (cheapest budget meeting the target; knee of the %s curve):\n", mn);
     fprintf(f, "  %-28s %-10s %-10s %-10s %s\n", "policy", "meets at", "value", "knee", "value");
     for (size_t p = 0; p < rec->n_policies; p++) {
         const kvt_rec_curve *c = &rec->curves[p];
         fprintf(f, "  %-28s %-10s %-10s %-10s %s%s\n", r->policies[p].label,
-                btext(r, c->cheapest_ok),
+                c->cheapest_ok < 0 ? "-" : r->budgets[c->cheapest_ok].text,
                 kvt_report_num(c->cheapest_ok < 0 ? NAN : c->value[c->cheapest_ok], a, sizeof(a)),
-                btext(r, c->knee_budget),
+                c->knee_budget < 0 ? "-" : r->budgets[c->knee_budget].text,
                 kvt_report_num(c->knee_budget < 0 ? NAN : c->value[c->knee_budget], b, sizeof(b)),
                 c->candidate ? "" : " (reference / not measured: not recommended)");
     }
     if (rec->found && rec->n_layers > 0) {
-        fprintf(f, "per layer (%s, smallest measured budget meeting the target on the layer):\n ",
-                r->policies[rec->policy].label);
+        bool any_all = false;
+        for (size_t k = 0; k < rec->n_budgets; k++)
+            any_all |= rec->budget_keeps_all[k];
+        fprintf(f, "per layer (%s, smallest measured budget meeting the target on the layer%s):\n ",
+                r->policies[rec->policy].label, any_all ? "; all = the whole prompt" : "");
         for (int l = 0; l < rec->n_layers; l++)
-            fprintf(f, " L%d:%s", l, btext(r, rec->layer_budget[l]));
+            fprintf(f, " L%d:%s", l, btext(rec, r, rec->layer_budget[l]));
         fprintf(f, "\nlayer allocation (the mean over layers meets the target; budget goes "
                    "where it helps most):\n ");
         for (int l = 0; l < rec->n_layers; l++)
-            fprintf(f, " L%d:%s", l, btext(r, rec->layer_alloc[l]));
+            fprintf(f, " L%d:%s", l, btext(rec, r, rec->layer_alloc[l]));
+        fprintf(f, "\nentries");
+        if (r->n_traces > 1)
+            fprintf(f, " summed over the %zu traces", r->n_traces);
         fprintf(f,
-                "\nentries: uniform %s, allocation %s, per-layer %s, per-head %s (- = "
+                " (full cache %.0f): uniform %s, allocation %s, per-layer %s, per-head %s (- = "
                 "beyond the largest budget)\n",
-                kvt_report_num(rec->uniform_entries, a, sizeof(a)),
-                kvt_report_num(rec->alloc_entries, b, sizeof(b)),
-                kvt_report_num(rec->layer_entries, e, sizeof(e)),
-                kvt_report_num(rec->head_entries, g, sizeof(g)));
+                rec->full_entries, count_text(rec->uniform_entries, a, sizeof(a)),
+                count_text(rec->alloc_entries, b, sizeof(b)),
+                count_text(rec->layer_entries, e, sizeof(e)),
+                count_text(rec->head_entries, g, sizeof(g)));
         fprintf(f, "per head (rows = layers, columns = heads):\n");
         for (int l = 0; l < rec->n_layers; l++) {
             fprintf(f, "  L%-3d", l);
             for (int h = 0; h < rec->n_heads; h++)
-                fprintf(f, " %5s", btext(r, rec->head_budget[(size_t)l * rec->n_heads + h]));
+                fprintf(f, " %5s", btext(rec, r, rec->head_budget[(size_t)l * rec->n_heads + h]));
             fputc('\n', f);
         }
     }
     return ferror(f) ? kvt_error_set(KVT_ERR_IO, "recommend: write failed") : KVT_OK;
 }
 
-static cJSON *budget_json(const kvt_results *r, int b)
+/* the tokens budget b keeps per head and layer: a number when every trace keeps the same,
+   else the array by trace; null for no budget */
+static cJSON *tokens_json(const kvt_results *r, int b)
 {
     if (b < 0)
         return cJSON_CreateNull();
-    cJSON *o = cJSON_CreateObject();
-    if (o) {
-        cJSON_AddNumberToObject(o, "index", b);
-        cJSON_AddStringToObject(o, "text", r->budgets[b].text);
-        cJSON_AddNumberToObject(o, "tokens", r->traces[0]->budget_tokens[b]);
+    if (same_tokens(r, (size_t)b))
+        return cJSON_CreateNumber(kept_tokens(r->traces[0], (size_t)b));
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; a && i < r->n_traces; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(kept_tokens(r->traces[i], (size_t)b)));
+    return a;
+}
+
+static cJSON *budget_json(const kvt_recommendation *rec, const kvt_results *r, int b)
+{
+    if (b < 0)
+        return cJSON_CreateNull();
+    cJSON *o = cJSON_CreateObject(), *by = cJSON_CreateArray();
+    if (!o || !by) {
+        cJSON_Delete(o);
+        cJSON_Delete(by);
+        return NULL;
     }
+    cJSON_AddNumberToObject(o, "index", b);
+    cJSON_AddStringToObject(o, "text", r->budgets[b].text);
+    if (same_tokens(r, (size_t)b))
+        cJSON_AddNumberToObject(o, "tokens", kept_tokens(r->traces[0], (size_t)b));
+    else
+        cJSON_AddNullToObject(o, "tokens");
+    for (size_t i = 0; i < r->n_traces; i++)
+        cJSON_AddItemToArray(by, cJSON_CreateNumber(kept_tokens(r->traces[i], (size_t)b)));
+    cJSON_AddItemToObject(o, "tokens_by_trace", by);
+    cJSON_AddBoolToObject(o, "whole_prompt", rec->budget_keeps_all[b]);
     return o;
 }
 
 static cJSON *num_json(double x)
 {
     return isnan(x) ? cJSON_CreateNull() : cJSON_CreateNumber(x);
+}
+
+static cJSON *text_json(const kvt_recommendation *rec, const kvt_results *r, int b)
+{
+    return b < 0 ? cJSON_CreateNull() : cJSON_CreateString(btext(rec, r, b));
+}
+
+/* the per-layer and per-head suggestions and their entry counts, into the recommendation o */
+static bool suggestions_json(const kvt_recommendation *rec, const kvt_results *r, cJSON *o)
+{
+    cJSON *lb = cJSON_AddArrayToObject(o, "layer_budget_tokens");
+    cJSON *hb = cJSON_AddArrayToObject(o, "head_budget_tokens");
+    cJSON *ab = cJSON_AddArrayToObject(o, "layer_alloc_tokens");
+    cJSON *lt = cJSON_AddArrayToObject(o, "layer_budget");
+    cJSON *ht = cJSON_AddArrayToObject(o, "head_budget");
+    cJSON *at = cJSON_AddArrayToObject(o, "layer_alloc");
+    if (!lb || !hb || !ab || !lt || !ht || !at)
+        return false;
+    for (int l = 0; l < rec->n_layers; l++) {
+        cJSON_AddItemToArray(lb, tokens_json(r, rec->layer_budget[l]));
+        cJSON_AddItemToArray(lt, text_json(rec, r, rec->layer_budget[l]));
+        cJSON_AddItemToArray(ab, tokens_json(r, rec->layer_alloc[l]));
+        cJSON_AddItemToArray(at, text_json(rec, r, rec->layer_alloc[l]));
+        cJSON *row = cJSON_CreateArray(), *trow = cJSON_CreateArray();
+        if (!row || !trow) {
+            cJSON_Delete(row);
+            cJSON_Delete(trow);
+            return false;
+        }
+        cJSON_AddItemToArray(hb, row);
+        cJSON_AddItemToArray(ht, trow);
+        for (int h = 0; h < rec->n_heads; h++) {
+            int b = rec->head_budget[(size_t)l * rec->n_heads + h];
+            cJSON_AddItemToArray(row, tokens_json(r, b));
+            cJSON_AddItemToArray(trow, text_json(rec, r, b));
+        }
+    }
+    cJSON_AddItemToObject(o, "uniform_entries", num_json(rec->uniform_entries));
+    cJSON_AddItemToObject(o, "alloc_entries", num_json(rec->alloc_entries));
+    cJSON_AddItemToObject(o, "layer_entries", num_json(rec->layer_entries));
+    cJSON_AddItemToObject(o, "head_entries", num_json(rec->head_entries));
+    return true;
+}
+
+/* n_traces, n_traces_measured and the traces the metric is not measured on, into root */
+static bool scope_json(const kvt_recommendation *rec, const kvt_results *r, cJSON *root)
+{
+    cJSON_AddNumberToObject(root, "n_traces", (double)r->n_traces);
+    cJSON_AddNumberToObject(root, "n_traces_measured", (double)rec->n_traces_measured);
+    cJSON *nm = cJSON_AddArrayToObject(root, "traces_not_measured");
+    if (!nm)
+        return false;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        if (rec->trace_measured[i])
+            continue;
+        cJSON *t = cJSON_CreateObject();
+        if (!t)
+            return false;
+        cJSON_AddItemToArray(nm, t);
+        cJSON_AddStringToObject(t, "path", r->traces[i]->path);
+        const char *why = why_not_measured(rec, r->traces[i]);
+        cJSON_AddItemToObject(t, "why", why ? cJSON_CreateString(why) : cJSON_CreateNull());
+    }
+    return true;
 }
 
 kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kvt_results *r,
@@ -119,6 +336,8 @@ kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kv
     cJSON_AddStringToObject(root, "metric", kvt_rec_metric_name(rec->metric));
     cJSON_AddStringToObject(root, "target_kind", rec->target_is_max ? "max" : "min");
     cJSON_AddNumberToObject(root, "target", rec->target);
+    if (!scope_json(rec, r, root))
+        goto out_nomem;
     cJSON_AddBoolToObject(root, "found", rec->found);
     if (rec->found) {
         cJSON *o = cJSON_AddObjectToObject(root, "recommendation");
@@ -126,41 +345,34 @@ kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kv
             goto out_nomem;
         cJSON_AddStringToObject(o, "label", r->policies[rec->policy].label);
         cJSON_AddNumberToObject(o, "policy", (double)rec->policy);
-        cJSON_AddItemToObject(o, "budget", budget_json(r, (int)rec->budget));
+        cJSON_AddItemToObject(o, "budget", budget_json(rec, r, (int)rec->budget));
         cJSON_AddItemToObject(o, "value", num_json(rec->value));
         cJSON_AddItemToObject(o, "kept_entries", num_json(rec->summary.kept_entries));
         cJSON_AddItemToObject(o, "full_entries", num_json(rec->summary.full_entries));
         cJSON_AddItemToObject(o, "kept_fraction", num_json(rec->summary.kept_fraction));
         cJSON_AddItemToObject(o, "compression_ratio", num_json(rec->summary.compression_ratio));
-        if (rec->n_layers > 0) {
-            cJSON *lb = cJSON_AddArrayToObject(o, "layer_budget_tokens");
-            cJSON *hb = cJSON_AddArrayToObject(o, "head_budget_tokens");
-            cJSON *ab = cJSON_AddArrayToObject(o, "layer_alloc_tokens");
-            if (!lb || !hb || !ab)
-                goto out_nomem;
-            const int *tok = r->traces[0]->budget_tokens;
-            for (int l = 0; l < rec->n_layers; l++) {
-                int b = rec->layer_budget[l];
-                cJSON_AddItemToArray(lb, b < 0 ? cJSON_CreateNull() : cJSON_CreateNumber(tok[b]));
-                b = rec->layer_alloc[l];
-                cJSON_AddItemToArray(ab, b < 0 ? cJSON_CreateNull() : cJSON_CreateNumber(tok[b]));
-                cJSON *row = cJSON_CreateArray();
-                if (!row)
-                    goto out_nomem;
-                cJSON_AddItemToArray(hb, row);
-                for (int h = 0; h < rec->n_heads; h++) {
-                    b = rec->head_budget[(size_t)l * rec->n_heads + h];
-                    cJSON_AddItemToArray(row,
-                                         b < 0 ? cJSON_CreateNull() : cJSON_CreateNumber(tok[b]));
-                }
-            }
-            cJSON_AddItemToObject(o, "uniform_entries", num_json(rec->uniform_entries));
-            cJSON_AddItemToObject(o, "alloc_entries", num_json(rec->alloc_entries));
-            cJSON_AddItemToObject(o, "layer_entries", num_json(rec->layer_entries));
-            cJSON_AddItemToObject(o, "head_entries", num_json(rec->head_entries));
-        }
+        if (rec->n_layers > 0 && !suggestions_json(rec, r, o))
+            goto out_nomem;
     } else {
         cJSON_AddNullToObject(root, "recommendation");
+        /* why: nothing meets ("not_met"), only settings keeping the whole cache meet
+           ("only_full_cache_meets"), or no setting keeps less than the whole cache
+           ("no_compressing_setting") */
+        cJSON_AddStringToObject(root, "why_none",
+                                !rec->any_compressing   ? "no_compressing_setting"
+                                : rec->full_cache_meets ? "only_full_cache_meets"
+                                                        : "not_met");
+        if (rec->full_cache_meets) {
+            cJSON *o = cJSON_AddObjectToObject(root, "full_cache_setting");
+            if (!o)
+                goto out_nomem;
+            cJSON_AddStringToObject(o, "label", r->policies[rec->full_cache_policy].label);
+            cJSON_AddNumberToObject(o, "policy", (double)rec->full_cache_policy);
+            cJSON_AddItemToObject(o, "budget", budget_json(rec, r, (int)rec->full_cache_budget));
+            cJSON_AddItemToObject(
+                o, "value",
+                num_json(rec->curves[rec->full_cache_policy].value[rec->full_cache_budget]));
+        }
     }
     if (rec->has_closest) {
         cJSON *o = cJSON_AddObjectToObject(root, "nearest");
@@ -168,7 +380,7 @@ kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kv
             goto out_nomem;
         cJSON_AddStringToObject(o, "label", r->policies[rec->closest_policy].label);
         cJSON_AddNumberToObject(o, "policy", (double)rec->closest_policy);
-        cJSON_AddItemToObject(o, "budget", budget_json(r, (int)rec->closest_budget));
+        cJSON_AddItemToObject(o, "budget", budget_json(rec, r, (int)rec->closest_budget));
         cJSON_AddItemToObject(o, "value", num_json(rec->closest_value));
     }
     for (size_t p = 0; p < rec->n_policies; p++) {
@@ -182,8 +394,8 @@ kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kv
         cJSON_AddItemToArray(pols, o);
         cJSON_AddStringToObject(o, "label", r->policies[p].label);
         cJSON_AddBoolToObject(o, "candidate", c->candidate);
-        cJSON_AddItemToObject(o, "cheapest_meeting", budget_json(r, c->cheapest_ok));
-        cJSON_AddItemToObject(o, "knee", budget_json(r, c->knee_budget));
+        cJSON_AddItemToObject(o, "cheapest_meeting", budget_json(rec, r, c->cheapest_ok));
+        cJSON_AddItemToObject(o, "knee", budget_json(rec, r, c->knee_budget));
         cJSON_AddItemToObject(o, "values", v);
         for (size_t b = 0; b < rec->n_budgets; b++)
             cJSON_AddItemToArray(v, num_json(c->value[b]));

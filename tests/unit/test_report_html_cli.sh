@@ -78,4 +78,11 @@ $BIN report "$TMP/r.json" >/dev/null 2>&1
 [ $? -eq 2 ] || fail "no -o: want exit 2"
 $BIN report "$TMP/missing.json" -o "$TMP/x" >/dev/null 2>&1
 [ $? -eq 1 ] || fail "missing results: want exit 1"
+# every budget keeps the whole prompt: the page says so, as recommend does (not "no measured
+# setting meets")
+$BIN replay "$SAMPLE" --policies snapkv --budgets 448,1000 --threads 1 -o "$TMP/whole.json" \
+    >/dev/null 2>&1 || fail "replay at whole-prompt budgets"
+$BIN report "$TMP/whole.json" -o "$TMP/wrep" --max-error 0.5 >/dev/null 2>&1 || fail "report whole"
+grep -q "No setting below the full cache meets err_decode &le; 0.5</strong> (every measured budget keeps the whole prompt)" \
+    "$TMP/wrep/index.html" || fail "the page on whole-prompt budgets"
 echo "test_report_html_cli: ok"

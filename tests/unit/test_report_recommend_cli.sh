@@ -2,7 +2,11 @@
 # test_report_recommend_cli.sh - `kvtrace recommend` on a real replay of the bundled sample
 # trace: a reachable target gives exit 0 and a recommendation (text and JSON that parses and
 # names a non-reference policy), an unreachable one the one-line "no setting meets the target"
-# and exit 3, usage errors exit 2, unreadable input and --shard parts exit 1.
+# (an outcome, not an "error:") and exit 3, usage errors exit 2, unreadable input and --shard
+# parts exit 1. Then: budgets above the prompt (entry counts use min(budget, T), "all",
+# integers), two traces of different prompts with percentage budgets (one scope for every
+# count), a metric measured on one trace of two, budgets that all keep the whole prompt, and
+# the message of a metric no trace has.
 set -u
 BIN=${KVT_BIN:?}
 ROOT=${KVT_SOURCE_ROOT:?}
@@ -41,9 +45,11 @@ fi
 $BIN recommend "$TMP/r.json" --min-recall 0.9999 >"$TMP/out" 2>"$TMP/err"
 rc=$?
 [ $rc -eq 3 ] || fail "unreachable target: exit $rc, want 3"
-grep -q "no setting meets the target: recall_decode >= 0.9999" "$TMP/err" \
-    || { cat "$TMP/err"; fail "unreachable message"; }
+grep -q "^kvtrace recommend: no setting meets the target: recall_decode >= 0.9999" "$TMP/err" \
+    || { cat "$TMP/err"; fail "unreachable message (a documented outcome: no 'error:')"; }
 [ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "message is not one line"
+grep -q "^recommended: none: no setting meets the target; the nearest is " "$TMP/out" \
+    || fail "no nearest miss"
 $BIN recommend "$TMP/r.json" --min-recall 0.9999 --json >"$TMP/out" 2>/dev/null
 [ $? -eq 3 ] || fail "--json unreachable exit"
 grep -q '"found":	false' "$TMP/out" || fail "--json found false"
@@ -53,7 +59,11 @@ $BIN recommend "$TMP/r.json" --max-error 0.1 --min-recall 0.9 >/dev/null 2>&1
 $BIN recommend "$TMP/r.json" --metric nope >/dev/null 2>&1
 [ $? -eq 2 ] || fail "bad metric: want exit 2"
 $BIN recommend "$TMP/r.json" --max-error 0.1 --metric recall_window >/dev/null 2>"$TMP/err"
-[ $? -eq 2 ] && grep -q "needs --min-recall" "$TMP/err" || fail "metric/target mismatch: want exit 2 (usage)"
+[ $? -eq 2 ] && grep -q "recall_window is a recall metric: it needs --min-recall R" "$TMP/err" \
+    || { cat "$TMP/err"; fail "metric/target mismatch: want exit 2 (usage)"; }
+$BIN recommend "$TMP/r.json" --min-recall 0.5 --metric err_window >/dev/null 2>"$TMP/err"
+[ $? -eq 2 ] && grep -q "err_window is an output error metric: it needs --max-error E" "$TMP/err" \
+    || { cat "$TMP/err"; fail "metric/target mismatch: want exit 2 (usage)"; }
 $BIN recommend >/dev/null 2>&1
 [ $? -eq 2 ] || fail "no file: want exit 2"
 $BIN recommend "$TMP/missing.json" >/dev/null 2>&1
@@ -72,4 +82,82 @@ for bad in "--max-error -1" "--min-recall 2" "--min-recall -1.5" \
     [ $? -eq 2 ] || fail "$bad: want exit 2"
     [ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "$bad: one line"
 done
+
+# budgets above the prompt (T = 448): a budget keeps at most the prompt, so no entry count
+# exceeds the full cache; the layers and heads that need the whole prompt read "all"; counts are
+# integers summed over both traces (the sample twice: 17920 entries, which %.4g wrote 1.792e+04)
+cp "$SAMPLE" "$TMP/copy.kvt"
+$BIN replay "$SAMPLE" "$TMP/copy.kvt" --policies snapkv,adakv --budgets 64,128,256,1000 \
+    --threads 2 -o "$TMP/big.json" >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "replay big"; }
+$BIN recommend "$TMP/big.json" --max-error 0.2 >"$TMP/out" 2>"$TMP/err" || fail "big: exit"
+grep -q "L[0-9]:all" "$TMP/out" || { cat "$TMP/out"; fail "big: no layer reads all"; }
+grep "^  L" "$TMP/out" | grep -q "1000" && { cat "$TMP/out"; fail "big: a suggestion reads 1000"; }
+grep -Eq "^entries summed over the 2 traces \(full cache 17920\): uniform [0-9]+, allocation [0-9]+, per-layer [0-9]+, per-head [0-9]+ " \
+    "$TMP/out" || { cat "$TMP/out"; fail "big: entries line"; }
+grep -q "e+0" "$TMP/out" && fail "big: a count in exponent notation"
+$BIN recommend "$TMP/big.json" --max-error 0.2 --json >"$TMP/out.json" 2>/dev/null || fail "big --json"
+if [ -n "$PY" ] && [ -x "$PY" ]; then
+    "$PY" - "$TMP/out.json" <<'PYEOF2' || fail "big: JSON counts"
+import json, sys
+rec = json.load(open(sys.argv[1]))["recommendation"]
+full = rec["full_entries"]
+assert full == 17920, full
+for k in ("uniform_entries", "alloc_entries", "layer_entries", "head_entries"):
+    assert rec[k] is None or rec[k] <= full, (k, rec[k], full)
+toks = rec["layer_budget_tokens"] + sum(rec["head_budget_tokens"], [])
+assert all(t is None or t <= 448 for t in toks), toks
+assert "all" in rec["layer_budget"], rec["layer_budget"]
+PYEOF2
+fi
+
+# every budget keeps the whole prompt: nothing is recommended, and the text says why
+$BIN replay "$SAMPLE" --policies tova,snapkv --budgets 448,1000,100% --threads 2 \
+    -o "$TMP/whole.json" >/dev/null 2>&1 || fail "replay whole"
+$BIN recommend "$TMP/whole.json" --max-error 0.5 >"$TMP/out" 2>"$TMP/err"
+[ $? -eq 3 ] || fail "whole: want exit 3"
+grep -q "^recommended: none: no setting below the full cache meets the target (budgets 448, 1000, 100% keep the whole prompt" \
+    "$TMP/out" || { cat "$TMP/out"; fail "whole: text"; }
+grep -q "^kvtrace recommend: no setting below the full cache meets the target: err_decode <= 0.5" \
+    "$TMP/err" || { cat "$TMP/err"; fail "whole: stderr"; }
+[ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "whole: message is not one line"
+
+# the sample (T = 448, decode steps) and a trace of 200 tokens without decode steps, at
+# percentage budgets: err_decode is the mean over the one trace that has it, the budget's
+# tokens are given by trace, and every count is over both traces (snapkv and tova keep exactly
+# their budget, so the uniform entries are the headline's kept entries)
+MODEL=$ROOT/models/stories260K.bin
+if [ -f "$MODEL" ]; then
+    $BIN capture-llama2c --model "$MODEL" --tokens 200 --decode 0 --window 32 \
+        -o "$TMP/nd.kvt" >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "capture nd"; }
+    $BIN replay "$SAMPLE" "$TMP/nd.kvt" --policies full,tova,snapkv --budgets 10%,20%,50% \
+        --threads 2 -o "$TMP/two.json" >/dev/null 2>&1 || fail "replay two"
+    $BIN recommend "$TMP/two.json" --max-error 0.6 >"$TMP/out" 2>"$TMP/err" || fail "two: exit"
+    grep -qF "target: err_decode <= 0.6 (mean over 1 of 2 traces, layers and heads; err_decode is not measured on $TMP/nd.kvt (no decode steps))" \
+        "$TMP/out" || { cat "$TMP/out"; fail "two: target line"; }
+    grep -Eq "^recommended: (tova|snapkv) at budget [0-9]+% \([0-9]+ or [0-9]+ tokens per head per layer, by trace\)" \
+        "$TMP/out" || { cat "$TMP/out"; fail "two: tokens by trace"; }
+    kept=$(sed -n 's/^recommended: .* (.*x smaller, \([0-9]*\) of \([0-9]*\) entries)$/\1 \2/p' "$TMP/out")
+    ent=$(sed -n 's/^entries summed over the 2 traces (full cache \([0-9]*\)): uniform \([0-9]*\),.*/\2 \1/p' \
+        "$TMP/out")
+    [ -n "$kept" ] && [ "$kept" = "$ent" ] || { cat "$TMP/out"; fail "two: '$kept' != '$ent'"; }
+    $BIN recommend "$TMP/two.json" --max-error 0.6 --json >"$TMP/out.json" 2>/dev/null \
+        || fail "two --json"
+    if [ -n "$PY" ] && [ -x "$PY" ]; then
+        "$PY" - "$TMP/out.json" "$TMP/nd.kvt" <<'PYEOF2' || fail "two: JSON"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["n_traces"] == 2 and d["n_traces_measured"] == 1, d
+assert d["traces_not_measured"] == [{"path": sys.argv[2], "why": "no decode steps"}], d
+b = d["recommendation"]["budget"]
+assert b["tokens"] is None and len(b["tokens_by_trace"]) == 2, b
+PYEOF2
+    fi
+    # no trace with decode steps and no reference in the result: the message says why
+    $BIN replay "$TMP/nd.kvt" --policies tova,snapkv --budgets 16,64 --threads 2 \
+        -o "$TMP/nd.json" >/dev/null 2>&1 || fail "replay nd"
+    $BIN recommend "$TMP/nd.json" --metric err_decode >/dev/null 2>"$TMP/err"
+    [ $? -eq 1 ] || fail "nd: want exit 1"
+    grep -q "err_decode is not measured: the trace has no decode steps" "$TMP/err" \
+        && ! grep -q "full/oracle" "$TMP/err" || { cat "$TMP/err"; fail "nd: message"; }
+fi
 echo "test_report_recommend_cli: ok"
