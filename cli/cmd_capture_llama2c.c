@@ -136,6 +136,7 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
     int n_tokens = -1, n_decode = -1, window = -1, threads = 0, level = 3, chunk = 0;
     uint64_t seed = 1;
     double temperature = 1.0;
+    const char *sampling = NULL; /* --seed or --temperature given: they shape a sampled prompt */
     kvt_dtype dtype = KVT_DTYPE_F32;
     bool colsum = false, q_all = false, force = false;
     for (int i = 1; i < argc; i++) {
@@ -179,12 +180,14 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
                 return 2;
             if (!kvt_cli_parse_u64(val, &seed))
                 return kvt_cli_fail(CMD, "--seed: '%s' is not a non-negative integer", val), 2;
+            sampling = "--seed";
         } else if (!strcmp(a, "--temperature")) {
             if (!take(argc, argv, &i, &val))
                 return 2;
             if (!kvt_cli_parse_double(val, &temperature) || !(temperature >= 0.0) ||
                 temperature > 100.0)
                 return kvt_cli_fail(CMD, "--temperature: '%s' is not a number in [0, 100]", val), 2;
+            sampling = "--temperature";
         } else if (!strcmp(a, "--dtype")) {
             if (!take(argc, argv, &i, &val))
                 return 2;
@@ -201,6 +204,10 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         return kvt_cli_fail(CMD, "-o TRACE is required"), 2;
     if ((n_tokens < 0) == (ids_path == NULL))
         return kvt_cli_fail(CMD, "give exactly one of --tokens N and --prompt-ids FILE"), 2;
+    if (ids_path && sampling) /* the decode steps are greedy: nothing else would use it */
+        return kvt_cli_fail(CMD, "%s samples a prompt (--tokens N); --prompt-ids gives it",
+                            sampling),
+               2;
     if (n_decode < 0)
         return kvt_cli_fail(CMD, "--decode G is required (0 for no decode steps)"), 2;
     if (window < 0)

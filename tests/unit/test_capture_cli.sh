@@ -23,6 +23,10 @@ check "no args: exit 2" "$C >/dev/null 2>&1; [ \$? -eq 2 ]"
 check "no args: one error line" "one_line $C"
 check "both --tokens and --prompt-ids: exit 2" \
     "$C --model $MODEL --tokens 8 --prompt-ids x --decode 1 --window 2 -o $TMP/a.kvt 2>/dev/null; [ \$? -eq 2 ]"
+check "--seed with --prompt-ids (it would be ignored): exit 2, one line" \
+    "$C --model $MODEL --prompt-ids x --seed 3 --decode 1 --window 2 -o $TMP/a.kvt 2>$TMP/err; [ \$? -eq 2 ] && [ \$(wc -l <$TMP/err) -eq 1 ] && grep -q -- '--seed samples a prompt' $TMP/err"
+check "--temperature with --prompt-ids: exit 2" \
+    "$C --model $MODEL --prompt-ids x --temperature 0 --decode 1 --window 2 -o $TMP/a.kvt 2>$TMP/err; [ \$? -eq 2 ] && grep -q -- '--temperature samples a prompt' $TMP/err"
 check "missing --window: exit 2" \
     "$C --model $MODEL --tokens 8 --decode 1 -o $TMP/a.kvt 2>/dev/null; [ \$? -eq 2 ]"
 check "bad number: exit 2, one line" \
