@@ -951,7 +951,7 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
     for (size_t p = 0; p < n_pol; p++)
         if ((st = run_select(&c, pols[p], budget_tokens, n_b, &sels[p]))) {
             char msg[400];
-            snprintf(msg, sizeof(msg), "%s", kvt_error_msg()); /* the buffer is reused */
+            snprintf(msg, sizeof(msg), "%s", kvt_error_msg());   /* the buffer is reused */
             const char *nm = kvt_policy_name(pols[p]), *m = msg; /* "snapkv: " once */
             if (!strncmp(m, nm, strlen(nm)) && m[strlen(nm)] == ':' && m[strlen(nm) + 1] == ' ')
                 m += strlen(nm) + 2;
