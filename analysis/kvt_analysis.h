@@ -128,6 +128,24 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
                                      size_t n_recs);
 /** Finish the trace (all its layers must have arrived). */
 kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w);
+/** kvt_selection_writer_open for the part of `replay --shard shard_index/shard_count`: the
+ *  header gains "shard": {"index", "count"} (RESULTS.md), and each trace is begun with
+ *  kvt_selection_writer_begin_trace_part. shard_count 0 = kvt_selection_writer_open. */
+kvt_status kvt_selection_writer_open_part(const char *path, bool force, kvt_policy *const *pols,
+                                          size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
+                                          const char *const *trace_paths, size_t n_traces,
+                                          int shard_index, int shard_count,
+                                          kvt_selection_writer **out);
+/** begin_trace for a part: only the layers with mask[l] != 0 will come (mask NULL: all). */
+kvt_status kvt_selection_writer_begin_trace_part(kvt_selection_writer *w, int trace_idx,
+                                                 int n_layers, const int *budget_tokens,
+                                                 const uint8_t *mask);
+/** A writer whose header is that of a read export h (policies, budgets, traces; no shard):
+ *  how kvtrace merge writes the export of the parts' records (kvt_selection_merge). */
+struct kvt_selection_header;
+kvt_status kvt_selection_writer_open_like(const char *path, bool force,
+                                          const struct kvt_selection_header *h,
+                                          kvt_selection_writer **out);
 /** A writer without a file, for one process of several (an MPI launch): the layers it is given
  *  are encoded as the export at `path` (binary or JSON by its name) will hold them, and kept
  *  per (trace, layer) for kvt_selection_writer_take_block; end_trace accepts any subset of a
@@ -150,6 +168,15 @@ kvt_status kvt_selection_writer_put_block(kvt_selection_writer *w, int layer, ch
  *  that was begun also ended and no write failed; otherwise the temporary is removed, an
  *  existing file at the path is left as it was, and the first error seen is returned. */
 kvt_status kvt_selection_writer_close(kvt_selection_writer *w);
+
+/** Merge the selection exports of every shard of one `replay --shard i/n --export-selection`
+ *  (n parts, any order) into `out` (binary, or JSON if it ends in .json): the export one
+ *  unsharded replay writes, byte for byte. Refuses whole exports, parts of other replays
+ *  (policies, budgets, traces), a shard missing or given twice, and a layer in a part that
+ *  does not own it; on failure nothing is written and an existing `out` stays.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (a message naming the mismatch), KVT_ERR_IO, the
+ *  reader's errors. */
+kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *out, bool force);
 
 /* ---- selection export reader (analysis/selection_read.c) ---- */
 typedef struct kvt_selection kvt_selection;
@@ -180,6 +207,7 @@ typedef struct kvt_selection_header {
     size_t n_traces;
     const char *const *traces; /* [n_traces] trace paths */
     size_t n_records;
+    int shard_index, shard_count; /* a part of replay --shard I/N; count 0: a whole export */
 } kvt_selection_header;
 
 /** One kept set (RESULTS.md "Selection export"). idx is owned by the kvt_selection. */

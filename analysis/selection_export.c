@@ -99,8 +99,23 @@ static void put_u16(unsigned char *p, uint32_t x)
     p[0] = (unsigned char)x, p[1] = (unsigned char)(x >> 8);
 }
 
+/* What the export says of each policy: from kvt_policy objects, or a read export's header */
+static kvt_selection_policy *describe(kvt_policy *const *pols, size_t n)
+{
+    kvt_selection_policy *d = kvt_calloc(n ? n : 1, sizeof(*d));
+    for (size_t i = 0; d && i < n; i++) {
+        unsigned f = kvt_policy_flags(pols[i]);
+        d[i] = (kvt_selection_policy){.label = kvt_policy_label(pols[i]),
+                                      .name = kvt_policy_name(pols[i]),
+                                      .query_heads = kvt_policy_per_query_head(pols[i]),
+                                      .per_step = (f & KVT_POLICY_PER_STEP) != 0,
+                                      .merged = (f & KVT_POLICY_MERGED) != 0};
+    }
+    return d;
+}
+
 /* A writer without its file: the format from path's name, the flags of each policy */
-static kvt_status writer_new(const char *path, kvt_policy *const *pols, size_t n_pol,
+static kvt_status writer_new(const char *path, const kvt_selection_policy *pd, size_t n_pol,
                              size_t n_budgets, size_t n_traces, kvt_selection_writer **out)
 {
     *out = NULL;
@@ -122,12 +137,9 @@ static kvt_status writer_new(const char *path, kvt_policy *const *pols, size_t n
         kvt_selection_writer_close(w);
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     }
-    for (size_t i = 0; i < n_pol; i++) {
-        unsigned f = kvt_policy_flags(pols[i]);
-        w->pflags[i] = ((f & KVT_POLICY_PER_STEP) ? SEL_FLAG_STEP : 0) |
-                       ((f & KVT_POLICY_MERGED) ? SEL_FLAG_MERGED : 0) |
-                       (kvt_policy_per_query_head(pols[i]) ? SEL_FLAG_QHEAD : 0);
-    }
+    for (size_t i = 0; i < n_pol; i++)
+        w->pflags[i] = (pd[i].per_step ? SEL_FLAG_STEP : 0) | (pd[i].merged ? SEL_FLAG_MERGED : 0) |
+                       (pd[i].query_heads ? SEL_FLAG_QHEAD : 0);
     *out = w;
     return KVT_OK;
 }
@@ -136,7 +148,13 @@ kvt_status kvt_selection_writer_open_blocks(const char *path, kvt_policy *const 
                                             size_t n_budgets, size_t n_traces,
                                             kvt_selection_writer **out)
 {
-    KVT_FORWARD(writer_new(path, pols, n_pol, n_budgets, n_traces, out));
+    *out = NULL;
+    kvt_selection_policy *pd = describe(pols, n_pol);
+    KVT_RETURN_IF(!pd, KVT_ERR_NOMEM, "out of memory");
+    kvt_status st = writer_new(path, pd, n_pol, n_budgets, n_traces, out);
+    kvt_free(pd);
+    if (st)
+        return st;
     (*out)->kept = kvt_calloc(n_traces ? n_traces : 1, sizeof(kept_trace));
     if (!(*out)->kept) {
         kvt_selection_writer_close(*out);
@@ -146,16 +164,18 @@ kvt_status kvt_selection_writer_open_blocks(const char *path, kvt_policy *const 
     return KVT_OK;
 }
 
-kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *const *pols,
-                                     size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
-                                     const char *const *trace_paths, size_t n_traces,
-                                     kvt_selection_writer **out)
+/* The export's file and header: policies pd, budget texts, traces; shard_count > 0 marks the
+ * part of `replay --shard shard_index/shard_count` */
+static kvt_status open_file(const char *path, bool force, const kvt_selection_policy *pd,
+                            size_t n_pol, const char *const *budgets, size_t n_budgets,
+                            const char *const *trace_paths, size_t n_traces, int shard_index,
+                            int shard_count, kvt_selection_writer **out)
 {
     *out = NULL;
     KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
                   "%s exists (use --force to overwrite)", path);
     kvt_selection_writer *w = NULL;
-    KVT_FORWARD(writer_new(path, pols, n_pol, n_budgets, n_traces, &w));
+    KVT_FORWARD(writer_new(path, pd, n_pol, n_budgets, n_traces, &w));
     kvt_status st = KVT_OK;
     char *hdr = NULL;
     cJSON *h = cJSON_CreateObject();
@@ -164,28 +184,30 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
         goto out_fail;
     }
     cJSON_AddNumberToObject(h, "selection_version", KVT_SELECTION_VERSION);
-    unsigned f;
     char gen[64];
     snprintf(gen, sizeof(gen), "kvtrace %s", kvt_version_string());
     cJSON_AddStringToObject(h, "generator", gen);
     cJSON *pl = cJSON_AddArrayToObject(h, "policies");
     for (size_t i = 0; i < n_pol; i++) {
-        f = kvt_policy_flags(pols[i]);
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "label", kvt_policy_label(pols[i]));
-        cJSON_AddStringToObject(o, "name", kvt_policy_name(pols[i]));
-        cJSON_AddStringToObject(o, "granularity",
-                                kvt_policy_per_query_head(pols[i]) ? "query_head" : "kv_head");
-        cJSON_AddBoolToObject(o, "per_step", (f & KVT_POLICY_PER_STEP) != 0);
-        cJSON_AddBoolToObject(o, "merged", (f & KVT_POLICY_MERGED) != 0);
+        cJSON_AddStringToObject(o, "label", pd[i].label);
+        cJSON_AddStringToObject(o, "name", pd[i].name);
+        cJSON_AddStringToObject(o, "granularity", pd[i].query_heads ? "query_head" : "kv_head");
+        cJSON_AddBoolToObject(o, "per_step", pd[i].per_step);
+        cJSON_AddBoolToObject(o, "merged", pd[i].merged);
         cJSON_AddItemToArray(pl, o);
     }
     cJSON *bl = cJSON_AddArrayToObject(h, "budgets");
     for (size_t i = 0; i < n_budgets; i++)
-        cJSON_AddItemToArray(bl, cJSON_CreateString(budgets[i].text));
+        cJSON_AddItemToArray(bl, cJSON_CreateString(budgets[i]));
     cJSON *tl = cJSON_AddArrayToObject(h, "traces");
     for (size_t i = 0; i < n_traces; i++)
         cJSON_AddItemToArray(tl, cJSON_CreateString(trace_paths[i]));
+    if (shard_count > 0) { /* last: a part's header is the whole export's plus this */
+        cJSON *sh = cJSON_AddObjectToObject(h, "shard");
+        cJSON_AddNumberToObject(sh, "index", shard_index);
+        cJSON_AddNumberToObject(sh, "count", shard_count);
+    }
     hdr = cJSON_PrintUnformatted(h);
     if (!hdr) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
@@ -238,6 +260,52 @@ out_fail:
     w->f = NULL;
     kvt_selection_writer_close(w);
     return st;
+}
+
+/* the budgets' texts, for open_file */
+static const char **budget_texts(const kvt_budget *budgets, size_t n)
+{
+    const char **t = kvt_calloc(n ? n : 1, sizeof(char *));
+    for (size_t i = 0; t && i < n; i++)
+        t[i] = budgets[i].text;
+    return t;
+}
+
+kvt_status kvt_selection_writer_open_part(const char *path, bool force, kvt_policy *const *pols,
+                                          size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
+                                          const char *const *trace_paths, size_t n_traces,
+                                          int shard_index, int shard_count,
+                                          kvt_selection_writer **out)
+{
+    *out = NULL;
+    KVT_RETURN_IF(
+        shard_count < 0 || (shard_count && (shard_index < 0 || shard_index >= shard_count)),
+        KVT_ERR_INVALID_ARG, "selection export: bad shard %d/%d", shard_index, shard_count);
+    kvt_selection_policy *pd = describe(pols, n_pol);
+    const char **bt = budget_texts(budgets, n_budgets);
+    kvt_status st = !pd || !bt ? kvt_error_set(KVT_ERR_NOMEM, "out of memory")
+                               : open_file(path, force, pd, n_pol, bt, n_budgets, trace_paths,
+                                           n_traces, shard_index, shard_count, out);
+    kvt_free(pd);
+    kvt_free(bt);
+    return st;
+}
+
+kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *const *pols,
+                                     size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
+                                     const char *const *trace_paths, size_t n_traces,
+                                     kvt_selection_writer **out)
+{
+    return kvt_selection_writer_open_part(path, force, pols, n_pol, budgets, n_budgets, trace_paths,
+                                          n_traces, 0, 0, out);
+}
+
+kvt_status kvt_selection_writer_open_like(const char *path, bool force,
+                                          const struct kvt_selection_header *h,
+                                          kvt_selection_writer **out)
+{
+    return open_file(path, force, h->policies, h->n_policies, h->budgets, h->n_budgets, h->traces,
+                     h->n_traces, 0, 0, out);
 }
 
 static void drop_pending(kvt_selection_writer *w)
@@ -368,6 +436,19 @@ static kvt_status deliver(kvt_selection_writer *w, int layer, const buf *b)
     kvt_status st = w->err;
     pthread_mutex_unlock(&w->mu);
     return st ? kvt_error_set(st, "%s", w->err_msg) : KVT_OK;
+}
+
+kvt_status kvt_selection_writer_begin_trace_part(kvt_selection_writer *w, int trace_idx,
+                                                 int n_layers, const int *budget_tokens,
+                                                 const uint8_t *mask)
+{
+    KVT_FORWARD(kvt_selection_writer_begin_trace(w, trace_idx, n_layers, budget_tokens));
+    for (int l = 0; mask && l < n_layers; l++) {
+        buf none = {0}; /* another shard's layer: nothing of it here */
+        if (!mask[l])
+            KVT_FORWARD(deliver(w, l, &none));
+    }
+    return KVT_OK;
 }
 
 kvt_status kvt_selection_writer_put_block(kvt_selection_writer *w, int layer, char *bytes, size_t n,

@@ -212,6 +212,21 @@ static kvt_status read_header(kvt_selection *s, const cJSON *h, const char *path
     s->hdr.n_traces = nt;
     KVT_FORWARD(read_strings(tl, nt, &s->traces, path, "traces"));
     s->hdr.traces = (const char *const *)s->traces;
+    const cJSON *sh = cJSON_GetObjectItemCaseSensitive(h, "shard");
+    if (sh) { /* a part of replay --shard I/N */
+        const cJSON *si = cJSON_GetObjectItemCaseSensitive(sh, "index"),
+                    *sc = cJSON_GetObjectItemCaseSensitive(sh, "count");
+        double di = cJSON_IsNumber(si) ? si->valuedouble : -1,
+               dc = cJSON_IsNumber(sc) ? sc->valuedouble : -1;
+        KVT_RETURN_IF(!(dc >= 1 && dc <= 1000000 && di >= 0 && di < dc) || di != (double)(int)di ||
+                          dc != (double)(int)dc,
+                      KVT_ERR_CORRUPT,
+                      "%s: selection header: shard is not {\"index\": I, \"count\": N} with "
+                      "0 <= I < N",
+                      path);
+        s->hdr.shard_index = (int)di;
+        s->hdr.shard_count = (int)dc;
+    }
     return KVT_OK;
 }
 

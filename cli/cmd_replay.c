@@ -63,7 +63,8 @@ static void help(void)
            "  --force           overwrite existing output files\n"
            "  --shard I/N       replay only shard I (0..N-1) of the (trace, layer) units: unit\n"
            "                    u (traces in order, then layers) goes to shard u %% N. Writes a\n"
-           "                    partial results.json; combine all N with kvtrace merge\n"
+           "                    partial results.json (and a part of the selection export);\n"
+           "                    combine all N with kvtrace merge\n"
            "  --list-policies   print the policies with their options and defaults\n\n"
            "Under an MPI launcher (mpirun -n N kvtrace replay ..., or srun), process R replays\n"
            "shard R/N and rank 0 merges the parts into the one results.json a single process\n"
@@ -510,11 +511,6 @@ int kvt_cmd_replay(int argc, char **argv)
         if (!ok)
             goto out_free;
     }
-    if (shard_n && export_path) {
-        kvt_cli_fail(cmd, "--export-selection cannot be combined with --shard (yet)");
-        rc = 2;
-        goto out_free;
-    }
     if (!traces_ok(cmd, (const char *const *)traces, n_traces))
         goto out_free;
     {
@@ -561,8 +557,9 @@ int kvt_cmd_replay(int argc, char **argv)
     if (export_path &&
         (st = mpi.size > 1
                   ? kvt_selection_writer_open_blocks(export_path, pols, n_pol, n_b, n_traces, &sw)
-                  : kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b,
-                                              (const char *const *)traces, n_traces, &sw))) {
+                  : kvt_selection_writer_open_part(export_path, force, pols, n_pol, budgets, n_b,
+                                                   (const char *const *)traces, n_traces, shard_i,
+                                                   shard_n, &sw))) {
         kvt_cli_fail_status(cmd, st, export_path);
         goto out_free;
     }
@@ -623,8 +620,9 @@ int kvt_cmd_replay(int argc, char **argv)
             st = kvt_replay_trace_shape(traces[t], &n_layers, &T);
             for (size_t b = 0; !st && b < n_b; b++)
                 btok[b] = kvt_budget_tokens(&budgets[b], T);
-            if (!st)
-                st = kvt_selection_writer_begin_trace(sw, (int)t, n_layers, btok);
+            if (!st) /* a shard's part holds its layers only (not under MPI: all are kept) */
+                st = kvt_selection_writer_begin_trace_part(sw, (int)t, n_layers, btok,
+                                                           shard_n && mpi.size == 1 ? mask : NULL);
             kvt_free(btok);
             if (st) {
                 kvt_cli_fail_status(cmd, st, traces[t]);

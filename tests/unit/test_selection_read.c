@@ -333,6 +333,28 @@ int main(void)
     kvt_selection_free(sb);
     kvt_selection_free(sj);
     kvt_selection_free(NULL);
+
+    /* the header of a part of replay --shard: "shard" read back; a bad one refused */
+    static const char *shard_hdr[] = {"{\"index\":1,\"count\":2}",   "{\"index\":2,\"count\":2}",
+                                      "{\"index\":-1,\"count\":2}",  "{\"index\":0,\"count\":0}",
+                                      "{\"index\":0.5,\"count\":2}", "7"};
+    for (int c = 0; c < 6; c++) {
+        char js[512];
+        int len = snprintf(js, sizeof(js),
+                           "{\"selection_version\":2,\"generator\":\"t\",\"policies\":[],"
+                           "\"budgets\":[],\"traces\":[],\"shard\":%s,\"records\":[]}",
+                           shard_hdr[c]);
+        kvt_selection *ps = NULL;
+        spit(xpath, (const unsigned char *)js, (size_t)len);
+        kvt_status st = kvt_selection_read(xpath, &ps);
+        KVT_EXPECT_MSG(st == (c == 0 ? KVT_OK : KVT_ERR_CORRUPT), "shard %s: %s", shard_hdr[c],
+                       kvt_status_str(st));
+        if (ps) {
+            const kvt_selection_header *ph = kvt_selection_get_header(ps);
+            KVT_EXPECT(ph->shard_index == 1 && ph->shard_count == 2);
+        }
+        kvt_selection_free(ps);
+    }
     for (int l = 0; l < L; l++)
         for (int p = 0; p < NPOL; p++)
             kvt_layer_selection_free(sel[l][p]);

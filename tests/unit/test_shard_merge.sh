@@ -103,13 +103,42 @@ $BIN merge "$TMP/pa0.json" "$TMP/pb1.json" -o "$TMP/x.json" 2>"$TMP/err" && fail
 grep -q "were run on different files named p.kvt" "$TMP/err" || { cat "$TMP/err"; fail "fingerprint message"; }
 grep -q '"fingerprint":[[:space:]]*"[0-9a-f]\{16\}"' "$TMP/full.json" || fail "no fingerprint in results.json"
 [ -e "$TMP/x.json" ] && fail "a refused merge wrote its output"
-# bad --shard values, and --export-selection is refused with --shard
+# bad --shard values
 for bad in 4/4 -1/4 1 a/b 0/0; do
     $BIN replay "$SAMPLE" --shard "$bad" -o "$TMP/y.json" 2>"$TMP/err" && fail "--shard $bad"
     grep -q -- "--shard" "$TMP/err" || fail "--shard $bad message"
 done
-$BIN replay "$SAMPLE" --shard 0/2 --export-selection "$TMP/s.bin" -o "$TMP/y.json" \
-    2>"$TMP/err" && fail "--export-selection with --shard"
+# --export-selection with --shard: each shard exports its layers; merge of the 4 parts (any
+# order) is the unsharded export byte for byte, binary and JSON (with quest's per-step and
+# lightkv-like's merged sets)
+SEL=(--policies snapkv,adakv,quest,lightkv-like --budgets 16,40 --threads 2)
+$BIN replay "${TR[@]}" "${SEL[@]}" -o "$TMP/sf.json" --export-selection "$TMP/sf.bin" \
+    >/dev/null 2>&1 || fail "unsharded replay with an export"
+$BIN replay "${TR[@]}" "${SEL[@]}" -o "$TMP/sfj.json" --export-selection "$TMP/sf.sel.json" \
+    >/dev/null 2>&1 || fail "unsharded replay with a JSON export"
+for i in 0 1 2 3; do
+    $BIN replay "${TR[@]}" "${SEL[@]}" --shard $i/4 -o "$TMP/sp$i.json" \
+        --export-selection "$TMP/sp$i.bin" >/dev/null 2>&1 || fail "shard $i with an export"
+    $BIN replay "${TR[@]}" "${SEL[@]}" --shard $i/4 -o "$TMP/spj$i.json" \
+        --export-selection "$TMP/sp$i.sel.json" >/dev/null 2>&1 || fail "shard $i, JSON export"
+done
+$BIN merge "$TMP/sp3.bin" "$TMP/sp1.bin" "$TMP/sp0.bin" "$TMP/sp2.bin" -o "$TMP/sm.bin" \
+    2>"$TMP/err" || { cat "$TMP/err"; fail "merge of export parts"; }
+cmp "$TMP/sf.bin" "$TMP/sm.bin" || fail "merged export != unsharded export"
+$BIN merge "$TMP"/sp?.sel.json -o "$TMP/sm.sel.json" 2>"$TMP/err" || fail "merge of JSON parts"
+cmp "$TMP/sf.sel.json" "$TMP/sm.sel.json" || fail "merged JSON export != unsharded"
+$BIN merge "$TMP/sp0.bin" "$TMP/sp1.bin" "$TMP/sp2.bin" -o "$TMP/z.bin" 2>"$TMP/err" &&
+    fail "3 of 4 export parts"
+grep -q "every shard 0..3 is needed once" "$TMP/err" || fail "missing export part message"
+$BIN merge "$TMP/sp0.bin" "$TMP/sp1.bin" "$TMP/sp2.bin" "$TMP/sf.bin" -o "$TMP/z.bin" \
+    2>"$TMP/err" && fail "a whole export as a part"
+grep -q "is a whole selection export" "$TMP/err" || fail "whole export message"
+$BIN replay "${TR[@]}" --policies snapkv,adakv,quest,lightkv-like --budgets 16,48 --threads 2 \
+    --shard 3/4 -o "$TMP/sq.json" --export-selection "$TMP/sq.bin" >/dev/null 2>&1 || fail "sq"
+$BIN merge "$TMP/sp0.bin" "$TMP/sp1.bin" "$TMP/sp2.bin" "$TMP/sq.bin" -o "$TMP/z.bin" \
+    2>"$TMP/err" && fail "export parts of other budgets"
+grep -q "different budgets (budget 1: 40 vs 48)" "$TMP/err" || fail "export budgets message"
+[ -e "$TMP/z.bin" ] && fail "a refused export merge wrote its output"
 $BIN merge --help | grep -q "replay --shard" || fail "merge --help"
 # no -o is a usage error (exit 2); a report of one part is refused (its summaries cover one
 # shard's layers), as recommend refuses it
@@ -119,4 +148,4 @@ $BIN report "$TMP/part0.json" -o "$TMP/rep0" 2>"$TMP/err" && fail "report of a p
 grep -q "a partial result of replay --shard 0/4" "$TMP/err" || fail "report of a part message"
 [ -e "$TMP/rep0/index.html" ] && fail "report of a part wrote a page"
 [ -n "$PY" ] && [ -x "$PY" ] && echo "(JSON comparison and unit checks ran with $PY)"
-echo "OK: 4-way and 12-way shard + merge equal the unsharded results.json"
+echo "OK: 4-way and 12-way shard + merge equal the unsharded results.json (and export)"
