@@ -6,8 +6,11 @@
 #                                peer_numpy and with kvtrace on the CPU (Debian's PyTorch);
 #                                "not run" without torch
 #   test_replay_vs_oracle        kvtrace replay against the oracle (compare_replay.py)
+#   test_format_spec             traces/FORMAT.md: an independent reader written from it alone
+#                                (format_reader.py) against the binding and the CLI on real
+#                                traces, cut short, damaged and with newer versions/kinds
 if(KVT_SYS_PYTHON)
-    foreach(t test_replay_oracle_selftest test_peer_torch)
+    foreach(t test_replay_oracle_selftest test_peer_torch test_format_spec)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)
