@@ -114,7 +114,23 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
                             "%llu damaged region(s) skipped while scanning (unreadable record "
                             "headers)",
                             (unsigned long long)skipped);
-        if (s == KVT_OK && valid_end < size) {
+        uint8_t fh[8]; /* where the scan stopped: an index (whole or cut) and a cut trailer hold
+                          no record, so nothing is lost there */
+        bool index = s == KVT_OK && valid_end < size &&
+                     kvt_pread_full(fd, fh, sizeof(fh), valid_end) == KVT_OK &&
+                     kvt_get_u32(fh) == KVT_FRAME_INDEX;
+        if (index && valid_end + 8 + kvt_get_u32(fh + 4) <= size)
+            s = add_problem(rep, &cap, valid_end, -1, 0, -1,
+                            "the index at offset %llu is whole but the trailer after it is "
+                            "missing or cut (%llu bytes): no record lost",
+                            (unsigned long long)valid_end,
+                            (unsigned long long)(size - valid_end - 8 - kvt_get_u32(fh + 4)));
+        else if (index)
+            s = add_problem(rep, &cap, valid_end, -1, 0, -1,
+                            "the last %llu bytes (from offset %llu) are an index cut short: no "
+                            "record lost",
+                            (unsigned long long)(size - valid_end), (unsigned long long)valid_end);
+        else if (s == KVT_OK && valid_end < size) {
             rep->tail_bytes_lost = size - valid_end;
             s = add_problem(rep, &cap, valid_end, -1, 0, -1,
                             "last %llu bytes (from offset %llu) are an incomplete record: lost",

@@ -466,7 +466,8 @@ static void plan_split(const kvt_trace_writer *w, const kvt_record_info *info, s
     sp->n_tok = info->tok_end - info->tok_begin;
     sp->row = (uint64_t)info->dim * es;
     sp->per_head = sp->row * sp->n_tok;
-    if (sp->per_head * sp->n_heads <= max) {
+    /* a meta_json record is one JSON object: never split, so a reader parses each record */
+    if (sp->per_head * sp->n_heads <= max || info->kind == KVT_KIND_META_JSON) {
         sp->hp = sp->n_heads;
         sp->tp = sp->n_tok;
         sp->n = 1;

@@ -409,12 +409,13 @@ class Trace:
                 break
             magic, fsize = u32(d, pos), u32(d, pos + 4)
             if magic in (INDEX_FRAME_MAGIC, TRAILER_FRAME_MAGIC):
-                # The end of the records (a frame cut by the end of the file is the tail).
+                # The end of the records. An Index or Trailer frame holds no record, so one
+                # cut by the end of the file loses nothing ("Reading", step 3).
                 what = "the Index_Frame" if magic == INDEX_FRAME_MAGIC else "the Trailer_Frame"
+                self.scan_stop = "index" if magic == INDEX_FRAME_MAGIC else "trailer"
                 if pos + 8 + fsize > size:
-                    lose_tail(what)
-                else:
-                    self.scan_stop = "index" if magic == INDEX_FRAME_MAGIC else "trailer"
+                    self.scan_notes.append("%s at %d is cut short by the end of the file: no "
+                                           "record lost" % (what, pos))
                 break
             if magic == RECORD_FRAME_MAGIC and fsize == RECORD_USER_BYTES:
                 if pos + RECORD_FRAME_BYTES > size:

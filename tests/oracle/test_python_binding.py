@@ -33,6 +33,7 @@ the library.
 """
 import copy
 import ctypes
+import json
 import math
 import os
 import pickle
@@ -1310,6 +1311,21 @@ class QAFindings(unittest.TestCase):
             self.assertTrue(t.verify()["ok"])
 
     # ---- 7: messages that say how to proceed in Python ----
+    def test_large_meta_is_one_record(self):
+        # a meta_json object above the writer's 4 MiB record size was split along tokens, and
+        # Trace.meta then failed on "Unterminated string" (found by test_format_spec's author);
+        # a meta record is one JSON object, never split; several stay several
+        path = self.p("bigmeta.kvt")
+        big = {"notes": "x" * (5 << 20)}
+        with kvtrace.TraceWriter(path, {"format": "kvtrace"}) as w:
+            w.append_json(big)
+            w.append_json({"b": 1})
+            w.append("meta_json", json.dumps({"c": 2}).encode() + b" " * (5 << 20))
+        with kvtrace.open(path) as t:
+            metas = [r for r in t.records if r["kind"] == "meta_json"]
+            self.assertEqual(len(metas), 3)
+            self.assertEqual(t.meta, [big, {"b": 1}, {"c": 2}])
+
     def test_messages(self):
         path = self.p("m.kvt")
         # NumPy scalars and arrays in a header or meta dict are written as their values

@@ -71,7 +71,8 @@ static void truncations(void)
             KVT_EXPECT(!rep.trailer_ok);
             KVT_EXPECT_EQ_U64(rep.n_records_ok, want);
             KVT_EXPECT_EQ_U64(rep.n_records_bad, 0);
-            KVT_EXPECT_EQ_U64(rep.tail_bytes_lost, cuts[c] - boundary);
+            /* an index cut short holds no record: nothing lost (FORMAT.md, Reading 3) */
+            KVT_EXPECT_EQ_U64(rep.tail_bytes_lost, i < n_recs ? cuts[c] - boundary : 0);
             KVT_EXPECT(rep.n_problems >= 1);
             /* the layers whose tensors were lost are named */
             if (want < n_recs) {
