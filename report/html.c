@@ -142,7 +142,7 @@ static void put_target_table(FILE *f, const kvt_results *r, const kvt_recommenda
 
 /* rec: the page's recommendation, or NULL with why_not saying why there is none */
 static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommendation *rec,
-                               const char *why_not)
+                               const char *why_not, const size_t *order)
 {
     char *text = NULL, a[32];
     size_t len = 0;
@@ -200,12 +200,17 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
         fputs("</pre>\n", f);
         free(text);
     }
-    /* best candidate per budget */
+    /* best candidate per budget, smallest budget first; what each keeps is beside it, since a
+       policy may keep more than its budget (lightkv-like never drops text tokens) */
     fprintf(f,
-            "<h2>Best policy per budget (%s)</h2>\n<table><tr><th>budget</th><th>policy</th>"
-            "<th>%s</th></tr>\n",
-            kvt_rec_metric_name(rec->metric), kvt_rec_metric_name(rec->metric));
-    for (size_t b = 0; b < rec->n_budgets; b++) {
+            "<h2>Best policy per budget (%s)</h2>\n<p>At each budget, the candidate with the best "
+            "%s, and the share of the KV cache it keeps: a policy may keep more than the budget "
+            "says (compare the kept shares).</p>\n<table><tr><th>budget</th><th>policy</th>"
+            "<th>%s</th><th>KV kept</th></tr>\n",
+            kvt_rec_metric_name(rec->metric), kvt_rec_metric_name(rec->metric),
+            kvt_rec_metric_name(rec->metric));
+    for (size_t bi = 0; bi < rec->n_budgets; bi++) {
+        size_t b = order[bi];
         int best = -1;
         for (size_t p = 0; p < rec->n_policies; p++) {
             double v = rec->curves[p].value[b];
@@ -219,10 +224,14 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
         put_escaped(f, r->budgets[b].text);
         fputs("</td><td>", f);
         put_escaped(f, best < 0 ? "-" : r->policies[best].label);
+        kvt_run_summary s;
         if (best < 0)
-            fputs("</td><td>-</td></tr>\n", f);
+            fputs("</td><td>-</td><td>-</td></tr>\n", f);
+        else if (kvt_summarize_results(r, (size_t)best, b, &s) == KVT_OK)
+            fprintf(f, "</td><td>%.4g</td><td>%.1f%%</td></tr>\n", rec->curves[best].value[b],
+                    100.0 * s.kept_fraction);
         else
-            fprintf(f, "</td><td>%.4g</td></tr>\n", rec->curves[best].value[b]);
+            fprintf(f, "</td><td>%.4g</td><td>-</td></tr>\n", rec->curves[best].value[b]);
     }
     fputs("</table>\n", f);
 }
@@ -288,7 +297,8 @@ typedef struct report_plan {
     kvt_recommend_opts target;  /* the page's quality target */
     bool mod[KVT_N_MODALITIES]; /* modality figure drawn (tokens of it, and some non-text) */
     bool multimodal;
-    bool *alloc; /* [n_policies] kvt_report_policy_allocates */
+    bool *alloc;   /* [n_policies] kvt_report_policy_allocates */
+    size_t *order; /* [n_budgets] kvt_report_budget_order: smallest budget first */
 } report_plan;
 
 /* "<prefix>_<NN>_<label>.png" with the label reduced to [A-Za-z0-9_-] and 32 characters */
@@ -309,6 +319,8 @@ static void plan_free(report_plan *pl)
 {
     kvt_free(pl->alloc);
     pl->alloc = NULL;
+    kvt_free(pl->order);
+    pl->order = NULL;
     kvt_recommendation_free(pl->rec);
     pl->rec = NULL;
 }
@@ -327,10 +339,12 @@ static kvt_status plan_create(const kvt_results *r, const char *dir,
     if (st)
         snprintf(pl->rec_why_not, sizeof(pl->rec_why_not), "%s", kvt_error_msg());
     pl->alloc = kvt_calloc(r->n_policies, sizeof(*pl->alloc));
-    if (!pl->alloc) {
+    pl->order = kvt_calloc(r->n_budgets, sizeof(*pl->order));
+    if (!pl->alloc || !pl->order) {
         plan_free(pl);
         return kvt_error_set(KVT_ERR_NOMEM, "report: out of memory");
     }
+    kvt_report_budget_order(r, pl->order);
     for (size_t p = 0; p < r->n_policies; p++)
         pl->alloc[p] = kvt_report_policy_allocates(r, p);
     const kvt_rec_metric recall = kvt_report_metric_measured(r, KVT_REC_METRIC_RECALL_DECODE)
@@ -347,7 +361,7 @@ static kvt_status plan_create(const kvt_results *r, const char *dir,
         pl->heat[pl->n_heat] = err, pl->heat_vmax[pl->n_heat++] = 1.0;
     }
     pl->heat_recommended = pl->rec && pl->rec->found; /* as kvt_report_heat_budget */
-    pl->heat_budget = pl->heat_recommended ? pl->rec->budget : r->n_budgets / 2;
+    pl->heat_budget = pl->heat_recommended ? pl->rec->budget : pl->order[r->n_budgets / 2];
     for (int m = 1; m < KVT_N_MODALITIES; m++)
         pl->multimodal |= kvt_report_modality_tokens(r, m) > 0;
     for (int m = 0; m < KVT_N_MODALITIES; m++)
@@ -513,7 +527,8 @@ static kvt_status put_heatmaps(FILE *f, const kvt_results *r, const report_plan 
     fputs("; the PNG files show that budget. Hover a cell for its value.</p>\n<p><label "
           "for=\"heat-budget\">budget</label> <select id=\"heat-budget\">",
           f);
-    for (size_t b = 0; b < r->n_budgets; b++) {
+    for (size_t bi = 0; bi < r->n_budgets; bi++) { /* smallest budget first */
+        size_t b = pl->order[bi];
         fprintf(f, "<option value=\"%zu\"%s>", b, b == pl->heat_budget ? " selected" : "");
         put_escaped(f, r->budgets[b].text);
         fputs("</option>", f);
@@ -744,6 +759,10 @@ static kvt_status build_data(const kvt_results *r, const report_plan *pl, char *
     put_field(d, "policies", pols, &ok);
     put_field(d, "budgets", buds, &ok);
     put_field(d, "heat_budget", cJSON_CreateNumber((double)pl->heat_budget), &ok);
+    cJSON *ord = cJSON_CreateArray(); /* budget indices, smallest budget first */
+    for (size_t b = 0; ord && b < r->n_budgets; b++)
+        add(ord, cJSON_CreateNumber((double)pl->order[b]), &ok);
+    put_field(d, "order", ord, &ok);
     put_field(d, "curves", build_curves(r, pl, &ok), &ok);
     put_field(d, "heat", build_heat(r, pl, &ok), &ok);
     put_field(d, "modality", build_modality(r, pl, &ok), &ok);
@@ -866,7 +885,7 @@ static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl,
     for (size_t i = 0; i < r->n_traces; i++)
         put_trace_meta(f, r->traces[i]);
     fputs("</table>\n", f);
-    put_recommendation(f, r, pl->rec, pl->rec_why_not);
+    put_recommendation(f, r, pl->rec, pl->rec_why_not, pl->order);
     KVT_FORWARD(put_curves(f, r, pl, chartjs));
     KVT_FORWARD(put_redundancy(f, r, pl->dir));
     KVT_FORWARD(put_heatmaps(f, r, pl));

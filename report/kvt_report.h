@@ -184,10 +184,14 @@ double kvt_report_layer_keep(const kvt_results *r, size_t pol, size_t bud, int l
 bool kvt_report_policy_allocates(const kvt_results *r, size_t pol);
 /** true if some (policy, budget) of the run has `metric` measured (not NaN). */
 bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric);
+/** The budgets from smallest to largest (by their tokens, the mean over traces: "10%" of a
+ *  448-token prompt is 45), ties in the order given: every chart, table and menu of the
+ *  report lists budgets in this order, whatever order --budgets gave. order: [n_budgets]. */
+void kvt_report_budget_order(const kvt_results *r, size_t *order);
 /** Budget index the per-head heatmaps open at: the budget of the page's recommendation
- *  (kvt_recommend at `target`; NULL: output error <= 0.1) when there is one, else budget
- *  n_budgets / 2 (the middle of the sweep). @param recommended receives which of the two (may
- *  be NULL). */
+ *  (kvt_recommend at `target`; NULL: output error <= 0.1) when there is one, else the middle
+ *  budget of the sweep in kvt_report_budget_order. @param recommended receives which of the
+ *  two (may be NULL). */
 size_t kvt_report_heat_budget(const kvt_results *r, const kvt_recommend_opts *target,
                               bool *recommended);
 /** Share of the tokens of modality m (0 text, 1 image, 2 video, 3 other) kept by (policy,

@@ -149,6 +149,9 @@
             var x = c.n_keep[p][b], y = c.value[p][b];
             if (x !== null && y !== null && x > 0) pts.push({x: x, y: y, b: bt});
           });
+          // the line runs from the fewest kept entries to the most, whatever order the
+          // budgets were given in (mixed tokens and percentages)
+          pts.sort(function (u, v) { return u.x - v.x; });
         }
         if (pts.length)
           ds.push(dataset(pol.label, palette[p % palette.length], pts, pol.ref));
@@ -174,11 +177,13 @@
   function modality() {
     if (!D.modality) return;
     D.modality.names.forEach(function (name, m) {
-      var ds = D.policies.map(function (pol, p) {
+      var ds = D.policies.map(function (pol, p) {  // budgets smallest first (D.order)
         var color = palette[p % palette.length];
-        return dataset(pol.label, color, D.modality.share[m][p], pol.ref);
+        var share = D.order.map(function (b) { return D.modality.share[m][p][b]; });
+        return dataset(pol.label, color, share, pol.ref);
       });
-      chart('chart-mod-' + name, 'line', {labels: D.budgets, datasets: ds},
+      var labels = D.order.map(function (b) { return D.budgets[b]; });
+      chart('chart-mod-' + name, 'line', {labels: labels, datasets: ds},
             'share of ' + name + ' tokens kept: ' + D.model,
             function (ctx) {
               return ctx.dataset.label + ' at budget ' + ctx.label + ': ' + fmt(ctx.raw) +
@@ -191,7 +196,8 @@
     var layers = [];
     for (var l = 0; l < D.heat.L; l++) layers.push(String(l));
     D.alloc.forEach(function (a) {
-      var ds = D.budgets.map(function (bt, b) {
+      var ds = D.order.map(function (b) {
+        var bt = D.budgets[b];
         return dataset('budget ' + bt, palette[b % palette.length], a.keep[b], false);
       });
       chart('chart-alloc-' + a.policy, 'line', {labels: layers, datasets: ds},

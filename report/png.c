@@ -64,6 +64,20 @@ static void grid_line(cairo_t *cr, double x0, double y0, double x1, double y1)
     cairo_set_source_rgb(cr, 0, 0, 0);
 }
 
+/* ix[0..n) = 0..n-1 ordered by x (NaN last, ties in order): a line is drawn from the fewest
+ * kept entries to the most, whatever order the budgets were given in */
+static void order_by(const double *x, size_t n, size_t *ix)
+{
+    for (size_t b = 0; b < n; b++) {
+        size_t i = b;
+        while (i > 0 && (isnan(x[ix[i - 1]]) ? !isnan(x[b]) : x[ix[i - 1]] > x[b])) {
+            ix[i] = ix[i - 1];
+            i--;
+        }
+        ix[i] = b;
+    }
+}
+
 kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, const char *path,
                                   int width, int height)
 {
@@ -150,6 +164,13 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     /* one line per policy, legend on the right */
     cairo_set_line_width(cr, 2);
     int li = 0;
+    size_t *ix = kvt_malloc(rec->n_budgets * sizeof(size_t));
+    if (!ix) {
+        cairo_destroy(cr);
+        cairo_surface_destroy(s);
+        st = kvt_error_set(KVT_ERR_NOMEM, "plot: out of memory");
+        goto out_free_rec;
+    }
     for (size_t p = 0; p < rec->n_policies; p++) {
         const kvt_rec_curve *c = &rec->curves[p];
         const double *col = palette[p % N_PALETTE];
@@ -166,7 +187,9 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
             cairo_line_to(cr, ml + pw, py);
             any = true;
         }
-        for (size_t b = 0; b < rec->n_budgets; b++) { /* budgets in order of n_keep */
+        order_by(c->n_keep, rec->n_budgets, ix);
+        for (size_t bi = 0; bi < rec->n_budgets; bi++) { /* budgets in order of n_keep */
+            size_t b = ix[bi];
             double x = c->n_keep[b], y = c->value[b];
             if (full || isnan(x) || isnan(y) || x <= 0)
                 continue;
@@ -194,6 +217,7 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
         }
         legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, r->policies[p].label);
     }
+    kvt_free(ix);
     cairo_destroy(cr);
     errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
     if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
@@ -478,24 +502,26 @@ kvt_status kvt_report_plot_modality(const kvt_results *r, int m, const char *pat
     const char **x_labels = kvt_malloc(B * sizeof(*x_labels));
     const char **labels = kvt_malloc(P * sizeof(*labels));
     bool *dashed = kvt_malloc(P * sizeof(*dashed));
+    size_t *order = kvt_malloc(B * sizeof(*order));
     kvt_status st = KVT_OK;
-    if (!y || !x_labels || !labels || !dashed) {
+    if (!y || !x_labels || !labels || !dashed || !order) {
         st = kvt_error_set(KVT_ERR_NOMEM, "plot: out of memory");
         goto out_free;
     }
+    kvt_report_budget_order(r, order); /* the category axis, smallest budget first */
     for (size_t b = 0; b < B; b++)
-        x_labels[b] = r->budgets[b].text;
+        x_labels[b] = r->budgets[order[b]].text;
     for (size_t p = 0; p < P; p++) {
         labels[p] = r->policies[p].label;
         dashed[p] = !strcmp(r->policies[p].name, "full") || !strcmp(r->policies[p].name, "oracle");
         for (size_t b = 0; b < B; b++)
-            y[p * B + b] = kvt_report_modality_share(r, p, b, m);
+            y[p * B + b] = kvt_report_modality_share(r, p, order[b], m);
     }
     char title[200];
     snprintf(title, sizeof(title), "share of %s tokens kept, per policy and budget (%.60s)",
              mod_names[m], r->traces[0]->model_name);
     line_fig fg = {title,
-                   "budget (tokens per head and layer, as given)",
+                   "budget (tokens per head and layer, smallest first)",
                    "share of tokens kept",
                    B,
                    P,
@@ -506,6 +532,7 @@ kvt_status kvt_report_plot_modality(const kvt_results *r, int m, const char *pat
                    1.0};
     st = draw_lines(&fg, path, width, height);
 out_free:
+    kvt_free(order);
     kvt_free(dashed);
     kvt_free(labels);
     kvt_free(x_labels);
@@ -527,21 +554,23 @@ kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const ch
     const char **x_labels = kvt_malloc((size_t)L * sizeof(*x_labels));
     const char **labels = kvt_malloc(B * sizeof(*labels));
     char *b_text = kvt_malloc(B * 40);
+    size_t *order = kvt_malloc(B * sizeof(*order));
     kvt_status st = KVT_OK;
-    if (!y || !x_text || !x_labels || !labels || !b_text) {
+    if (!y || !x_text || !x_labels || !labels || !b_text || !order) {
         st = kvt_error_set(KVT_ERR_NOMEM, "plot: out of memory");
         goto out_free;
     }
+    kvt_report_budget_order(r, order); /* the legend, smallest budget first */
     double y_max = 0.0;
     for (int l = 0; l < L; l++) {
         snprintf(x_text + (size_t)l * 12, 12, "%d", l);
         x_labels[l] = x_text + (size_t)l * 12;
     }
     for (size_t b = 0; b < B; b++) {
-        snprintf(b_text + b * 40, 40, "budget %s", r->budgets[b].text);
+        snprintf(b_text + b * 40, 40, "budget %s", r->budgets[order[b]].text);
         labels[b] = b_text + b * 40;
         for (int l = 0; l < L; l++) {
-            double v = kvt_report_layer_keep(r, pol, b, l);
+            double v = kvt_report_layer_keep(r, pol, order[b], l);
             y[b * L + l] = v;
             if (!isnan(v))
                 y_max = fmax(y_max, v);
@@ -554,6 +583,7 @@ kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const ch
                    NULL,  y_max};
     st = draw_lines(&fg, path, width, height);
 out_free:
+    kvt_free(order);
     kvt_free(b_text);
     kvt_free(labels);
     kvt_free(x_labels);

@@ -88,12 +88,46 @@ bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric)
     return false;
 }
 
+/* a budget's tokens, the mean over traces */
+static double budget_tokens_mean(const kvt_results *r, size_t b)
+{
+    double s = 0.0;
+    for (size_t t = 0; t < r->n_traces; t++)
+        s += r->traces[t]->budget_tokens[b];
+    return r->n_traces ? s / (double)r->n_traces : (double)r->budgets[b].value;
+}
+
+void kvt_report_budget_order(const kvt_results *r, size_t *order)
+{
+    for (size_t b = 0; b < r->n_budgets; b++) { /* insertion sort: stable, few budgets */
+        size_t i = b;
+        double key = budget_tokens_mean(r, b);
+        while (i > 0 && budget_tokens_mean(r, order[i - 1]) > key) {
+            order[i] = order[i - 1];
+            i--;
+        }
+        order[i] = b;
+    }
+}
+
+/* the middle budget of the sweep, in size order */
+static size_t middle_budget(const kvt_results *r)
+{
+    size_t *order = kvt_malloc(r->n_budgets * sizeof(size_t)), b = r->n_budgets / 2;
+    if (order) {
+        kvt_report_budget_order(r, order);
+        b = order[r->n_budgets / 2];
+    }
+    kvt_free(order);
+    return b;
+}
+
 size_t kvt_report_heat_budget(const kvt_results *r, const kvt_recommend_opts *target,
                               bool *recommended)
 {
     const kvt_recommend_opts dflt = KVT_RECOMMEND_OPTS_DEFAULT;
     kvt_recommendation *rec = NULL;
-    size_t b = r->n_budgets / 2;
+    size_t b = middle_budget(r);
     bool found = false;
     if (kvt_recommend(r, target ? target : &dflt, &rec) == KVT_OK && rec->found) {
         b = rec->budget;

@@ -85,4 +85,21 @@ $BIN replay "$SAMPLE" --policies snapkv --budgets 448,1000 --threads 1 -o "$TMP/
 $BIN report "$TMP/whole.json" -o "$TMP/wrep" --max-error 0.5 >/dev/null 2>&1 || fail "report whole"
 grep -q "No setting below the full cache meets err_decode &le; 0.5</strong> (every measured budget keeps the whole prompt)" \
     "$TMP/wrep/index.html" || fail "the page on whole-prompt budgets"
+# budgets given out of size order (tokens and percentages mixed: 10% of 448 is 45, 25% is
+# 112): tables, menus and the page's data list them smallest first; the best-policy table
+# says what each keeps; with no setting meeting the target the heatmaps open at the middle
+# budget by size (25%, the third of four), not the middle of the command line (64)
+$BIN replay "$SAMPLE" --policies snapkv,h2o --budgets 128,10%,64,25% --threads 1 \
+    -o "$TMP/ord.json" >/dev/null 2>&1 || fail "replay out of order"
+$BIN report "$TMP/ord.json" -o "$TMP/orep" --max-error 0.0001 >/dev/null 2>&1 || fail "report ord"
+sed -n '/Best policy per budget/,/<\/table>/p' "$TMP/orep/index.html" |
+    grep -o '<tr><td>[^<]*</td>' | sed 's/<[^>]*>//g' | tr '\n' ' ' >"$TMP/rows"
+[ "$(cat "$TMP/rows")" = "10% 64 25% 128 " ] || fail "best-per-budget rows: $(cat "$TMP/rows")"
+grep -q '<th>KV kept</th>' "$TMP/orep/index.html" || fail "best-per-budget: no KV kept column"
+grep -o '<select id="heat-budget">.*</select>' "$TMP/orep/index.html" |
+    grep -o '>[^<]*</option>' | tr -d '<>/option' | tr '\n' ' ' >"$TMP/menu"
+[ "$(cat "$TMP/menu")" = "10% 64 25% 128 " ] || fail "heatmap menu order: $(cat "$TMP/menu")"
+grep -q '<option value="3" selected>25%</option>' "$TMP/orep/index.html" ||
+    fail "heatmaps do not open at the middle budget by size"
+grep -q '"order":\[1,2,3,0\]' "$TMP/orep/index.html" || fail "the page's data has no budget order"
 echo "test_report_html_cli: ok"
