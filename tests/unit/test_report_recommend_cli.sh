@@ -160,4 +160,12 @@ PYEOF2
     grep -q "err_decode is not measured: the trace has no decode steps" "$TMP/err" \
         && ! grep -q "full/oracle" "$TMP/err" || { cat "$TMP/err"; fail "nd: message"; }
 fi
+# the layer allocation never costs more than the uniform recommended budget (the greedy steps
+# ended at 204 entries against a uniform 192 on this vision-language trace; QA pass)
+$BIN synth --shape tiny-vl --tokens 384 --threads 1 -o "$TMP/vl.kvt" >/dev/null 2>&1 || fail "synth"
+$BIN replay "$TMP/vl.kvt" --policies full,snapkv,adakv,pyramidkv,h2o,mixkv-snapkv,streamingllm \
+    --budgets 48,64,96,10%,25% --threads 1 -o "$TMP/vl.json" >/dev/null 2>&1 || fail "replay vl"
+$BIN recommend "$TMP/vl.json" --max-error 0.5 >"$TMP/rec" 2>&1 || { cat "$TMP/rec"; fail "rec vl"; }
+grep -o 'uniform [0-9]*, allocation [0-9]*' "$TMP/rec" |
+    awk '{u=$2+0; a=$4+0; exit !(a <= u)}' || fail "allocation above uniform: $(grep entries "$TMP/rec")"
 echo "test_report_recommend_cli: ok"
