@@ -1,6 +1,7 @@
 /* cmd_synth.c - `kvtrace synth`: write a model-shaped synthetic trace with planted structure
  * (traces/SYNTH.md) for tests and benchmarks. Thin: parses options, calls kvt_synth_write.
  */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -176,6 +177,20 @@ int kvt_cmd_synth(int argc, char **argv)
         return kvt_cli_fail("synth", "%s", kvt_error_msg()), 2;
     uint64_t raw = 0;
     kvt_synth_raw_bytes(&r, &raw);
+    /* the image span starts after the preamble and ends before the window: a share that does
+       not fit is cut, and the header's image_tokens says so; say it here too */
+    kvt_synth_tokens *tk = NULL;
+    if (r.image_frac > 0 && kvt_synth_tokens_create(&r, &tk) == KVT_OK) {
+        double want = floor(r.image_frac * (double)r.n_tokens + 0.5);
+        uint32_t got = tk->image_end - tk->image_begin;
+        if ((double)got < want)
+            fprintf(stderr,
+                    "kvtrace synth: warning: an image share of %g is %u of %u tokens here, not "
+                    "%.0f: the image span starts after the sinks and a text preamble and ends "
+                    "before the %u-token window (traces/SYNTH.md)\n",
+                    r.image_frac, got, r.n_tokens, want, r.window);
+    }
+    kvt_synth_tokens_free(tk);
 
     kvt_progress prog;
     kvt_progress_start(&prog, "synth: layers");

@@ -52,5 +52,9 @@ check "f32, q-all, no decode" \
     "$BIN synth --shape tiny --tokens 40 --dtype f32 --q-all --decode 0 --colsum off -o $TMP/d.kvt >/dev/null && $BIN info $TMP/d.kvt | grep -q Q_all"
 check "--layers 1 writes one layer" \
     "$BIN synth --shape llama3-8b --tokens 64 --layers 1 --decode 0 -o $TMP/e.kvt | grep -q 'L=1 ' && $BIN info $TMP/e.kvt | grep -q 'L=1 Hq=32'"
+check "an image share that does not fit before the window: cut, with a warning, and recorded" \
+    "$BIN synth --shape tiny-vl --tokens 64 --image-frac 0.9 -o $TMP/i9.kvt 2>$TMP/err >/dev/null && grep -q 'image share of 0.9 is 17 of 64 tokens here, not 58' $TMP/err && $BIN info $TMP/i9.kvt --json | grep -q '\"image_tokens\":[[:space:]]*17'"
+check "an image share that fits: no warning" \
+    "$BIN synth --shape tiny-vl --tokens 384 -o $TMP/i6.kvt 2>$TMP/err >/dev/null && ! grep -q warning $TMP/err"
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
