@@ -138,6 +138,17 @@ static void print_timeline(const cJSON *meta)
 }
 
 /* the device path's statistics (meta_json capture_stats.device), when the capture had one */
+/* bytes in binary units, like synth and capture print them: "812 B", "97.3 KiB", "12.6 MiB" */
+static const char *bytes_text(double v, char *buf, size_t cap)
+{
+    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (v >= 1024.0 && u < 4)
+        v /= 1024.0, u++;
+    snprintf(buf, cap, u ? "%.1f %s" : "%.0f %s", v, unit[u]);
+    return buf;
+}
+
 static void print_device(const cJSON *meta)
 {
     const cJSON *dv = NULL;
@@ -333,14 +344,18 @@ int kvt_cmd_info(int argc, char **argv)
         snprintf(shape, sizeof(shape), "[%u,%u,%u]", ks[k].heads, ks[k].toks, ks[k].dim);
         if (ks[k].n_layers)
             snprintf(layers, sizeof(layers), "%d", ks[k].n_layers);
-        printf("%-18s %6s %9llu  %-18s %-5s %10.2fMB %10.2fMB %6.2fx\n", kvt_kind_name(k), layers,
+        char a[24], b[24];
+        printf("%-18s %6s %9llu  %-18s %-5s %12s %12s %6.2fx\n", kvt_kind_name(k), layers,
                (unsigned long long)ks[k].n_records, shape, kvt_dtype_name(ks[k].dtype),
-               (double)ks[k].raw / 1e6, (double)ks[k].comp / 1e6,
+               bytes_text((double)ks[k].raw, a, sizeof(a)),
+               bytes_text((double)ks[k].comp, b, sizeof(b)),
                ks[k].comp ? (double)ks[k].raw / (double)ks[k].comp : 0.0);
     }
-    printf("%-18s %6s %9zu  %-18s %-5s %10.2fMB %10.2fMB %6.2fx\n", "total", "", n, "", "",
-           (double)tot_raw / 1e6, (double)tot_comp / 1e6,
+    char a[24], b[24];
+    printf("%-18s %6s %9zu  %-18s %-5s %12s %12s %6.2fx\n", "total", "", n, "", "",
+           bytes_text((double)tot_raw, a, sizeof(a)), bytes_text((double)tot_comp, b, sizeof(b)),
            tot_comp ? (double)tot_raw / (double)tot_comp : 0.0);
+    printf("(stored: the records' frames; the file adds the header and index)\n");
     if (n_tok_mod)
         printf("\nmodality   text %llu, image %llu, video %llu, other %llu (of %llu tokens)\n",
                (unsigned long long)mods[0], (unsigned long long)mods[1],

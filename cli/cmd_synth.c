@@ -205,7 +205,7 @@ int kvt_cmd_synth(int argc, char **argv)
     struct stat st;
     double file = stat(out, &st) == 0 ? (double)st.st_size : 0.0;
     printf("%s: synthetic-%s, L=%d Hq=%d Hkv=%d D=%d, T=%u W=%u G=%u, %s%s%s: %.1f MiB raw -> "
-           "%.1f MiB (%.2fx) in %.1f s\n",
+           "%.1f MiB file (%.2fx) in %.1f s\n",
            out, sh->name, r.n_layers, sh->n_q_heads, sh->n_kv_heads, sh->head_dim, r.n_tokens,
            r.window, r.n_decode, kvt_dtype_name(r.dtype),
            r.colsum == KVT_SYNTH_ON ? ", colsum" : "", r.q_all ? ", Q_all" : "",
