@@ -502,8 +502,24 @@ static kvt_status put_curves(FILE *f, const kvt_results *r, const report_plan *p
         KVT_FORWARD(put_chart(f, chartjs, id, pl->dir, file, alt));
         fprintf(f,
                 "<figcaption>%s of each policy against the mean kept entries per head and "
-                "layer: %s.</figcaption></figure>\n",
+                "layer: %s.",
                 m, metric_blurb(figs[i]));
+        /* a policy with no value of this metric has no line: say so, or it looks not run */
+        bool any = false;
+        for (size_t p = 0; p < r->n_policies; p++) {
+            bool measured = false;
+            for (size_t b = 0; b < r->n_budgets && !measured; b++) {
+                kvt_run_summary s;
+                measured = kvt_summarize_results(r, p, b, &s) == KVT_OK &&
+                           !isnan(kvt_rec_summary_value(&s, figs[i]));
+            }
+            if (measured)
+                continue;
+            fputs(any ? ", " : " Not measured, so not drawn: ", f);
+            put_escaped(f, r->policies[p].label);
+            any = true;
+        }
+        fputs(any ? ".</figcaption></figure>\n" : "</figcaption></figure>\n", f);
     }
     return KVT_OK;
 }
