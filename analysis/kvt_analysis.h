@@ -129,12 +129,15 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
 /** Finish the trace (all its layers must have arrived). */
 kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w);
 /** kvt_selection_writer_open for the part of `replay --shard shard_index/shard_count`: the
- *  header gains "shard": {"index", "count"} (RESULTS.md), and each trace is begun with
- *  kvt_selection_writer_begin_trace_part. shard_count 0 = kvt_selection_writer_open. */
+ *  header gains "shard": {"index", "count", ...} (RESULTS.md) with the fields of the JSON
+ *  object shard_extra (may be NULL): the settings every part of one replay shares (seed,
+ *  policy options, trace fingerprints), which kvt_selection_merge compares. Each trace is
+ *  begun with kvt_selection_writer_begin_trace_part. shard_count 0 = kvt_selection_writer_open.
+ */
 kvt_status kvt_selection_writer_open_part(const char *path, bool force, kvt_policy *const *pols,
                                           size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
                                           const char *const *trace_paths, size_t n_traces,
-                                          int shard_index, int shard_count,
+                                          int shard_index, int shard_count, const char *shard_extra,
                                           kvt_selection_writer **out);
 /** begin_trace for a part: only the layers with mask[l] != 0 will come (mask NULL: all). */
 kvt_status kvt_selection_writer_begin_trace_part(kvt_selection_writer *w, int trace_idx,
@@ -208,6 +211,7 @@ typedef struct kvt_selection_header {
     const char *const *traces; /* [n_traces] trace paths */
     size_t n_records;
     int shard_index, shard_count; /* a part of replay --shard I/N; count 0: a whole export */
+    const char *shard_settings;   /* the part's "shard" object but its index (JSON), or NULL */
 } kvt_selection_header;
 
 /** One kept set (RESULTS.md "Selection export"). idx is owned by the kvt_selection. */

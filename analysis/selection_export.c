@@ -169,7 +169,7 @@ kvt_status kvt_selection_writer_open_blocks(const char *path, kvt_policy *const 
 static kvt_status open_file(const char *path, bool force, const kvt_selection_policy *pd,
                             size_t n_pol, const char *const *budgets, size_t n_budgets,
                             const char *const *trace_paths, size_t n_traces, int shard_index,
-                            int shard_count, kvt_selection_writer **out)
+                            int shard_count, const char *shard_extra, kvt_selection_writer **out)
 {
     *out = NULL;
     KVT_RETURN_IF(!force && access(path, F_OK) == 0, KVT_ERR_IO,
@@ -207,6 +207,10 @@ static kvt_status open_file(const char *path, bool force, const kvt_selection_po
         cJSON *sh = cJSON_AddObjectToObject(h, "shard");
         cJSON_AddNumberToObject(sh, "index", shard_index);
         cJSON_AddNumberToObject(sh, "count", shard_count);
+        cJSON *ex = shard_extra ? cJSON_Parse(shard_extra) : NULL, *it;
+        while (ex && (it = ex->child) != NULL) /* the settings every part must share */
+            cJSON_AddItemToObject(sh, it->string, cJSON_DetachItemViaPointer(ex, it));
+        cJSON_Delete(ex);
     }
     hdr = cJSON_PrintUnformatted(h);
     if (!hdr) {
@@ -274,7 +278,7 @@ static const char **budget_texts(const kvt_budget *budgets, size_t n)
 kvt_status kvt_selection_writer_open_part(const char *path, bool force, kvt_policy *const *pols,
                                           size_t n_pol, const kvt_budget *budgets, size_t n_budgets,
                                           const char *const *trace_paths, size_t n_traces,
-                                          int shard_index, int shard_count,
+                                          int shard_index, int shard_count, const char *shard_extra,
                                           kvt_selection_writer **out)
 {
     *out = NULL;
@@ -285,7 +289,7 @@ kvt_status kvt_selection_writer_open_part(const char *path, bool force, kvt_poli
     const char **bt = budget_texts(budgets, n_budgets);
     kvt_status st = !pd || !bt ? kvt_error_set(KVT_ERR_NOMEM, "out of memory")
                                : open_file(path, force, pd, n_pol, bt, n_budgets, trace_paths,
-                                           n_traces, shard_index, shard_count, out);
+                                           n_traces, shard_index, shard_count, shard_extra, out);
     kvt_free(pd);
     kvt_free(bt);
     return st;
@@ -297,7 +301,7 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
                                      kvt_selection_writer **out)
 {
     return kvt_selection_writer_open_part(path, force, pols, n_pol, budgets, n_budgets, trace_paths,
-                                          n_traces, 0, 0, out);
+                                          n_traces, 0, 0, NULL, out);
 }
 
 kvt_status kvt_selection_writer_open_like(const char *path, bool force,
@@ -305,7 +309,7 @@ kvt_status kvt_selection_writer_open_like(const char *path, bool force,
                                           kvt_selection_writer **out)
 {
     return open_file(path, force, h->policies, h->n_policies, h->budgets, h->n_budgets, h->traces,
-                     h->n_traces, 0, 0, out);
+                     h->n_traces, 0, 0, NULL, out);
 }
 
 static void drop_pending(kvt_selection_writer *w)

@@ -73,6 +73,10 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
                                paths[i]);
             goto out;
         }
+        if (!d && (!h0->shard_settings) != (!h->shard_settings))
+            d = "different settings (one part says its seed, options and traces, one does not)";
+        else if (!d && h->shard_settings && strcmp(h0->shard_settings, h->shard_settings))
+            d = "different settings (seed, policy options, shard count or trace contents)";
         if (d) {
             st = kvt_error_set(KVT_ERR_INVALID_ARG,
                                "%s and %s were exported with %s; merge the parts of one "
@@ -108,7 +112,16 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
             const kvt_selection_record *r = kvt_selection_record_at(p, i);
             if (r->layer + 1 > n_layers[r->trace])
                 n_layers[r->trace] = r->layer + 1;
-            btok[(size_t)r->trace * nb + (size_t)r->budget] = r->budget_tokens;
+            int *bt = &btok[(size_t)r->trace * nb + (size_t)r->budget];
+            if (*bt && *bt != r->budget_tokens) {
+                st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                                   "budget %s of %s is %d tokens in one part and %d in another: "
+                                   "not parts of one sharded replay",
+                                   h0->budgets[r->budget], h0->traces[r->trace], *bt,
+                                   r->budget_tokens);
+                goto out;
+            }
+            *bt = r->budget_tokens;
         }
     }
     /* units are numbered as replay --shard numbers them; each must be in its owner's part */

@@ -35,6 +35,7 @@ typedef struct sel_key {
 struct kvt_selection {
     kvt_selection_header hdr;
     char *generator;
+    char *shard_settings;
     kvt_selection_policy *pols; /* [n_policies]; label and name owned */
     char **budgets;             /* [n_budgets] */
     char **traces;              /* [n_traces] */
@@ -69,6 +70,7 @@ void kvt_selection_free(kvt_selection *s)
     kvt_free(s->budgets);
     kvt_free(s->traces);
     kvt_free(s->generator);
+    kvt_free(s->shard_settings);
     kvt_free(s->recs);
     kvt_free(s->order);
     kvt_free(s->idx);
@@ -226,6 +228,14 @@ static kvt_status read_header(kvt_selection *s, const cJSON *h, const char *path
                       path);
         s->hdr.shard_index = (int)di;
         s->hdr.shard_count = (int)dc;
+        cJSON *rest = cJSON_Duplicate(sh, true); /* what every part must share */
+        cJSON_DeleteItemFromObjectCaseSensitive(rest, "index");
+        char *txt = rest ? cJSON_PrintUnformatted(rest) : NULL;
+        cJSON_Delete(rest);
+        s->shard_settings = txt ? kvt_strdup(txt) : NULL;
+        cJSON_free(txt);
+        KVT_RETURN_IF(!s->shard_settings, KVT_ERR_NOMEM, "out of memory");
+        s->hdr.shard_settings = s->shard_settings;
     }
     return KVT_OK;
 }

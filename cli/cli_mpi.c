@@ -36,6 +36,8 @@ static void launch_env(long *rank, long *size)
         *rank = env_long(ranks[i]);
     for (size_t i = 0; i < sizeof(sizes) / sizeof(*sizes) && *size < 0; i++)
         *size = env_long(sizes[i]);
+    if (*rank >= 0 && *size < 0) /* srun --mpi=pmix sets a rank but no size: the step's tasks */
+        *size = env_long("SLURM_STEP_NUM_TASKS");
 }
 
 const char *kvt_cli_mpi_library(void)

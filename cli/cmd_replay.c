@@ -223,6 +223,36 @@ static kvt_status mpi_selection(kvt_cli_mpi *m, kvt_selection_writer **sw, const
     return st;
 }
 
+/* What every part of one sharded export must share, for its header's "shard" object (JSON
+ * text, kvt_free it; NULL when out of memory): the seed, each policy's effective options and
+ * each trace's fingerprint, which kvtrace merge compares */
+static char *part_settings(uint64_t seed, kvt_policy *const *pols, size_t n_pol,
+                           const char *const *traces, size_t n_traces)
+{
+    cJSON *o = cJSON_CreateObject(), *opts = cJSON_AddArrayToObject(o, "options"),
+          *fps = cJSON_AddArrayToObject(o, "fingerprints");
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%llu", (unsigned long long)seed);
+    cJSON_AddStringToObject(o, "seed", buf);
+    for (size_t p = 0; opts && p < n_pol; p++) {
+        char *j = kvt_policy_options_json(pols[p]);
+        cJSON_AddItemToArray(opts, j ? cJSON_Parse(j) : cJSON_CreateNull());
+        kvt_free(j);
+    }
+    for (size_t t = 0; fps && t < n_traces; t++) {
+        kvt_trace_reader *rd = NULL;
+        char fp[17] = "";
+        if (kvt_trace_reader_open(traces[t], &rd) == KVT_OK)
+            kvt_trace_reader_fingerprint(rd, fp);
+        kvt_trace_reader_close(rd);
+        cJSON_AddItemToArray(fps, cJSON_CreateString(fp));
+    }
+    char *txt = o ? cJSON_PrintUnformatted(o) : NULL, *out = txt ? kvt_strdup(txt) : NULL;
+    cJSON_free(txt);
+    cJSON_Delete(o);
+    return out;
+}
+
 /* "I/N" with 0 <= I < N */
 static bool parse_shard(const char *v, int *index, int *count)
 {
@@ -554,15 +584,23 @@ int kvt_cmd_replay(int argc, char **argv)
     res->per_query_head = per_query;
     snprintf(res->device, sizeof(res->device), "%s", kvt_device_name(device));
     /* under MPI each process keeps the layers it replays; rank 0 writes them all in order */
+    char *settings = NULL;
+    if (export_path && shard_n && mpi.size == 1 &&
+        !(settings = part_settings(seed, pols, n_pol, (const char *const *)traces, n_traces))) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
     if (export_path &&
         (st = mpi.size > 1
                   ? kvt_selection_writer_open_blocks(export_path, pols, n_pol, n_b, n_traces, &sw)
                   : kvt_selection_writer_open_part(export_path, force, pols, n_pol, budgets, n_b,
                                                    (const char *const *)traces, n_traces, shard_i,
-                                                   shard_n, &sw))) {
+                                                   shard_n, settings, &sw))) {
+        kvt_free(settings);
         kvt_cli_fail_status(cmd, st, export_path);
         goto out_free;
     }
+    kvt_free(settings);
     for (size_t t = 0; t < n_traces; t++) {
         char label[512];
         snprintf(label, sizeof(label), "replay %s (layers)", traces[t]);
@@ -662,11 +700,13 @@ int kvt_cmd_replay(int argc, char **argv)
         kvt_free(txt);
         if (rc)
             goto out_free;
-        rc = 1;
-        if (st) {
+        /* rank 0 alone merged: every process learns whether it could before the export
+           stage, or the others would send layers rank 0 never receives */
+        if (st)
             kvt_cli_fail_status(cmd, st, "merging the MPI ranks' results");
+        if ((rc = kvt_cli_mpi_agree(&mpi, st ? 1 : 0)))
             goto out_free;
-        }
+        rc = 1;
         if (sw && (st = mpi_selection(&mpi, &sw, export_path, force, pols, n_pol, budgets, n_b,
                                       (const char *const *)traces, n_traces, shape))) {
             kvt_cli_fail_status(cmd, st, export_path);
@@ -742,5 +782,5 @@ out_free:
     kvt_free(units);
     kvt_free(shape);
     kvt_free(mask);
-    return kvt_cli_mpi_end(&mpi, 2, rc);
+    return kvt_cli_mpi_end(&mpi, 3, rc); /* agreements: checks, replay, rank 0's merge */
 }

@@ -100,7 +100,8 @@ typedef struct kvt_recommendation {
     int *layer_budget;      /* [L] */
     int *head_budget;       /* [L, H'] */
     int *layer_alloc;       /* [L] greedy allocation (budget index per layer) whose mean over
-                               layers meets the target; all -1 if none does */
+                               layers meets the target, never costlier than the uniform
+                               recommended budget (which it then is); all -1 if none does */
     double alloc_entries;   /* sum over layers of H' * cost of layer_alloc; NaN if none */
     double uniform_entries; /* L * H' * cost of the recommended budget */
     double layer_entries;   /* sum over layers of H' * cost of the suggestion; NaN if one is -1 */
@@ -122,7 +123,8 @@ typedef struct kvt_recommendation {
  *  Layer allocation (layer_alloc): every layer starts at the smallest budget; while the mean
  *  over layers of the layer values misses the target, the layer whose next larger budget
  *  improves its value most per added token moves up (ties: lower layer). This spends budget
- *  where the measured curves say it helps, like PyramidKV/AdaKV do online.
+ *  where the measured curves say it helps, like PyramidKV/AdaKV do online. When that ends at
+ *  or above the uniform recommended budget's cost, the allocation is the uniform budget.
  *  A metric measured on only some traces (err_decode on a trace without decode steps) is the
  *  mean over those (n_traces_measured, trace_measured).
  * @param out caller frees with kvt_recommendation_free. "Nothing meets" is KVT_OK with

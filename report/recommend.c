@@ -357,7 +357,7 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
     /* the greedy steps can end above the uniform setting it is meant to improve on (a small
        budget's saving in one layer, a big step in another): then the uniform budget is the
        allocation, which the recommendation already shows meets the target */
-    if (!(rec->alloc_entries < rec->uniform_entries)) {
+    if (!isnan(rec->uniform_entries) && !(rec->alloc_entries < rec->uniform_entries)) {
         for (int l = 0; l < L; l++)
             rec->layer_alloc[l] = (int)rec->budget;
         rec->alloc_entries = rec->uniform_entries;

@@ -18,7 +18,7 @@ if ! $BIN capture-llama2c --help >/dev/null 2>&1 || [ ! -f "$MODEL" ] || [ ! -f 
     echo "SKIP: no capture-llama2c command, model or sample trace"; exit 77
 fi
 TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+trap 'umount "$TMP/small" 2>/dev/null; rm -rf "$TMP"' EXIT
 fail() { echo "FAILED: $*"; exit 1; }
 # exactly one error line, containing $1
 one_line() {
@@ -39,7 +39,8 @@ $BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/onej.json" --export-selection "$TMP/
 
 if $BIN --version | grep -q "built without MPI"; then
     # a launch of 4 (Open MPI's and MPICH's variables): rank 0 says why, the others are quiet
-    for vars in "OMPI_COMM_WORLD_SIZE=4 OMPI_COMM_WORLD_RANK=0" "PMI_SIZE=4 PMI_RANK=0"; do
+    for vars in "OMPI_COMM_WORLD_SIZE=4 OMPI_COMM_WORLD_RANK=0" "PMI_SIZE=4 PMI_RANK=0" \
+        "PMIX_RANK=0 SLURM_STEP_NUM_TASKS=4"; do
         env $vars $BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/x.json" 2>"$TMP/err" \
             && fail "ran as one of 4 processes without MPI ($vars)"
         one_line "built without MPI" "launch without MPI ($vars)"
@@ -59,6 +60,8 @@ MPIEXEC=$(command -v mpiexec || command -v mpirun) || { echo "SKIP: no mpiexec";
 # Open MPI refuses root and more processes than cores unless told (ignored by MPICH)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+export PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe # the same for Open MPI 5
+no_temps() { ! compgen -G "$TMP/*.tmp.*" >/dev/null || fail "$1: a temporary file was left"; }
 run() { # run N ARGS...: mpiexec -n N kvtrace replay ARGS (stdout, stderr to files)
     local n=$1
     shift
@@ -77,18 +80,21 @@ done
 run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/mj.json" --export-selection "$TMP/m.sel.json" \
     || { cat "$TMP/err"; fail "mpiexec -n 3 with a JSON export"; }
 cmp "$TMP/one.sel.json" "$TMP/m.sel.json" || fail "-n 3: the JSON selection export differs"
-ls "$TMP"/.m4* "$TMP"/*.tmp* 2>/dev/null && fail "a temporary file was left"
+no_temps "mpiexec runs"
 # refusals under a launch: usage errors, one line for all ranks, nothing written
 run 3 "${TR[@]}" "${SET[@]}" --shard 0/2 -o "$TMP/x.json" && fail "--shard under mpiexec"
 one_line "--shard cannot be combined with an MPI launch" "--shard"
+grep -q "(rank" "$TMP/err" && fail "every process's failure names ranks"
 run 3 "${TR[@]}" "${SET[@]}" --export-selection "$TMP/x.json" -o "$TMP/x.json" \
     && fail "the export is the output"
 one_line "is also the -o output" "export = output"
 run 3 "${TR[@]}" "${SET[@]}" --budgets 0 -o "$TMP/x.json" && fail "budget 0"
 one_line "--budgets" "budget 0"
+grep -q "(rank" "$TMP/err" && fail "every process's failure names ranks (budget 0)"
 # an existing output is checked by rank 0 before any work
 run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/m4.json" && fail "overwrote without --force"
 one_line "exists" "existing output"
+grep -q "(rank" "$TMP/err" && fail "rank 0's own failure names a rank"
 cmp "$TMP/one.json" "$TMP/m4.json" || fail "the existing output changed"
 run 3 "${TR[@]}" "${SET[@]}" -o "$TMP/x.json" --export-selection "$TMP/m4.sel" \
     && fail "overwrote an export without --force"
@@ -110,6 +116,7 @@ else
     one_line "$rec: payload checksum mismatch (rank $owner)" "damaged layer (rank $owner)"
 fi
 [ -e "$TMP/x.json" ] && fail "a failed launch wrote its output"
+no_temps "a damaged layer"
 # two different failures (a damaged layer of each trace, read by two ranks): one line each,
 # each naming its rank, rank 0's too
 if [ $owner != 0 ]; then
@@ -148,6 +155,8 @@ if mount -t tmpfs -o size=32k tmpfs "$TMP/small" 2>/dev/null; then
     [ $rc = 0 ] && fail "a full disk under the export went unnoticed"
     one_line "selection export: cannot write" "full disk (export)"
     [ "$kept" = oldold ] && [ "$left" = 2 ] || fail "the old outputs changed or a temporary was left"
+else
+    echo "note: cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN): full-disk cases not run"
 fi
 # --help once
 timeout 60 "$MPIEXEC" -n 3 "$BIN" replay --help >"$TMP/out" 2>&1 || fail "--help under mpiexec"

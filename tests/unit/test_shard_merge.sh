@@ -96,9 +96,17 @@ for d in A B; do
         --window 8 -o p.kvt >/dev/null 2>&1) || fail "capture in $d"
 done
 (cd "$TMP/A" && $BIN replay p.kvt --policies snapkv:window=8 --budgets 16 --threads 1 \
-    --shard 0/2 -o ../pa0.json >/dev/null 2>&1) || fail "replay A"
+    --shard 0/2 -o ../pa0.json --export-selection ../pa0.sel >/dev/null 2>&1) || fail "replay A"
 (cd "$TMP/B" && $BIN replay p.kvt --policies snapkv:window=8 --budgets 16 --threads 1 \
-    --shard 1/2 -o ../pb1.json >/dev/null 2>&1) || fail "replay B"
+    --shard 1/2 -o ../pb1.json --export-selection ../pb1.sel >/dev/null 2>&1) || fail "replay B"
+$BIN merge "$TMP/pa0.sel" "$TMP/pb1.sel" -o "$TMP/x.sel" 2>"$TMP/err" && fail "exports of other files"
+grep -q "different settings (seed, policy options, shard count or trace contents)" "$TMP/err" ||
+    { cat "$TMP/err"; fail "export fingerprint message"; }
+(cd "$TMP/A" && $BIN replay p.kvt --policies snapkv:window=8 --budgets 16 --threads 1 --seed 3 \
+    --shard 1/2 -o ../pa1.json --export-selection ../pa1.sel >/dev/null 2>&1) || fail "replay A1"
+$BIN merge "$TMP/pa0.sel" "$TMP/pa1.sel" -o "$TMP/x.sel" 2>"$TMP/err" && fail "exports of other seeds"
+grep -q "different settings" "$TMP/err" || { cat "$TMP/err"; fail "export seed message"; }
+[ -e "$TMP/x.sel" ] && fail "a refused export merge wrote its output"
 $BIN merge "$TMP/pa0.json" "$TMP/pb1.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "other files"
 grep -q "were run on different files named p.kvt" "$TMP/err" || { cat "$TMP/err"; fail "fingerprint message"; }
 grep -q '"fingerprint":[[:space:]]*"[0-9a-f]\{16\}"' "$TMP/full.json" || fail "no fingerprint in results.json"
