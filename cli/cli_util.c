@@ -338,3 +338,13 @@ bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t)
     }
     return true;
 }
+
+const char *kvt_cli_bytes_text(double v, char *buf, size_t cap)
+{
+    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (v >= 1024.0 && u < 4)
+        v /= 1024.0, u++;
+    snprintf(buf, cap, u ? "%.1f %s" : "%.0f %s", v, unit[u]);
+    return buf;
+}

@@ -138,16 +138,6 @@ static void print_timeline(const cJSON *meta)
 }
 
 /* the device path's statistics (meta_json capture_stats.device), when the capture had one */
-/* bytes in binary units, like synth and capture print them: "812 B", "97.3 KiB", "12.6 MiB" */
-static const char *bytes_text(double v, char *buf, size_t cap)
-{
-    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (v >= 1024.0 && u < 4)
-        v /= 1024.0, u++;
-    snprintf(buf, cap, u ? "%.1f %s" : "%.0f %s", v, unit[u]);
-    return buf;
-}
 
 static void print_device(const cJSON *meta)
 {
@@ -317,8 +307,9 @@ int kvt_cmd_info(int argc, char **argv)
     const char *name = get_str(model, "name");
     const cJSON *eng = cJSON_GetObjectItemCaseSensitive(hdr, "engine");
     const char *gpu = get_str(hdr, "gpu");
-    printf("trace      %s (format %d.%d, %.1f MiB)%s\n", path, ma, mi,
-           (double)kvt_trace_reader_file_bytes(r) / 1048576.0,
+    char fsz[24];
+    printf("trace      %s (format %d.%d, %s)%s\n", path, ma, mi,
+           kvt_cli_bytes_text((double)kvt_trace_reader_file_bytes(r), fsz, sizeof(fsz)),
            recovered ? "  ** INCOMPLETE: recovered by scanning **" : "");
     printf("model      %s (%s)\n", name ? name : "?",
            get_str(model, "arch") ? get_str(model, "arch") : "?");
@@ -347,13 +338,14 @@ int kvt_cmd_info(int argc, char **argv)
         char a[24], b[24];
         printf("%-18s %6s %9llu  %-18s %-5s %12s %12s %6.2fx\n", kvt_kind_name(k), layers,
                (unsigned long long)ks[k].n_records, shape, kvt_dtype_name(ks[k].dtype),
-               bytes_text((double)ks[k].raw, a, sizeof(a)),
-               bytes_text((double)ks[k].comp, b, sizeof(b)),
+               kvt_cli_bytes_text((double)ks[k].raw, a, sizeof(a)),
+               kvt_cli_bytes_text((double)ks[k].comp, b, sizeof(b)),
                ks[k].comp ? (double)ks[k].raw / (double)ks[k].comp : 0.0);
     }
     char a[24], b[24];
     printf("%-18s %6s %9zu  %-18s %-5s %12s %12s %6.2fx\n", "total", "", n, "", "",
-           bytes_text((double)tot_raw, a, sizeof(a)), bytes_text((double)tot_comp, b, sizeof(b)),
+           kvt_cli_bytes_text((double)tot_raw, a, sizeof(a)),
+           kvt_cli_bytes_text((double)tot_comp, b, sizeof(b)),
            tot_comp ? (double)tot_raw / (double)tot_comp : 0.0);
     printf("(stored: the records' frames; the file adds the header and index)\n");
     if (n_tok_mod)

@@ -204,11 +204,13 @@ int kvt_cmd_synth(int argc, char **argv)
     double secs = (double)(kvt_now_ns() - t0) * 1e-9;
     struct stat st;
     double file = stat(out, &st) == 0 ? (double)st.st_size : 0.0;
-    printf("%s: synthetic-%s, L=%d Hq=%d Hkv=%d D=%d, T=%u W=%u G=%u, %s%s%s: %.1f MiB raw -> "
-           "%.1f MiB file (%.2fx) in %.1f s\n",
+    char a[24], b[24];
+    printf("%s: synthetic-%s, L=%d Hq=%d Hkv=%d D=%d, T=%u W=%u G=%u, %s%s%s: %s raw -> %s file "
+           "(%.2fx) in %.1f s\n",
            out, sh->name, r.n_layers, sh->n_q_heads, sh->n_kv_heads, sh->head_dim, r.n_tokens,
            r.window, r.n_decode, kvt_dtype_name(r.dtype),
            r.colsum == KVT_SYNTH_ON ? ", colsum" : "", r.q_all ? ", Q_all" : "",
-           (double)raw / 1048576.0, file / 1048576.0, file > 0 ? (double)raw / file : 0.0, secs);
+           kvt_cli_bytes_text((double)raw, a, sizeof(a)), kvt_cli_bytes_text(file, b, sizeof(b)),
+           file > 0 ? (double)raw / file : 0.0, secs);
     return 0;
 }

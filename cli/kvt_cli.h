@@ -123,6 +123,10 @@ bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t);
  *  name, however spelt: "x" and "./x"). */
 bool kvt_cli_same_path(const char *a, const char *b);
 
+/** v bytes in the binary unit that fits ("812 B", "97.3 KiB", "12.6 MiB"), as every command
+ *  prints sizes; returns buf. */
+const char *kvt_cli_bytes_text(double v, char *buf, size_t cap);
+
 /** true if argv contains -h or --help (before any "--"). */
 bool kvt_cli_wants_help(int argc, char **argv);
 

@@ -216,7 +216,7 @@ static void test_blocks(const char *tpath, kvt_policy **pols, const kvt_budget *
                    na, ref);
     free(a);
     free(b);
-    /* a blocks writer given the same layer twice refuses the second */
+    /* a blocks writer refuses a trace begun twice */
     KVT_CHECK(kvt_selection_writer_open_blocks(out, pols, NPOL, nb, 1, &part[0]));
     KVT_CHECK(kvt_selection_writer_begin_trace(part[0], 0, L, btok));
     KVT_EXPECT_STATUS(kvt_selection_writer_begin_trace(part[0], 0, L, btok), KVT_ERR_STATE);

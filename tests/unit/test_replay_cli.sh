@@ -44,7 +44,7 @@ if ! $BIN replay "$TMP/t.kvt" --policies snapkv --device cuda -o "$TMP/c.json" >
         fail "cuda message"
     # a build with CUDA on a machine without the driver says so (the runtime's own words are
     # "CUDA driver version is insufficient for CUDA runtime version")
-    if ! grep -q "built without CUDA" "$TMP/err" && ! ldconfig -p | grep -q 'libcuda\.so\.1 '; then
+    if ! grep -q "built without CUDA" "$TMP/err" && ! /sbin/ldconfig -p | grep -q 'libcuda\.so\.1 '; then
         grep -q "no NVIDIA driver: libcuda.so.1 is not installed" "$TMP/err" ||
             fail "cuda message without a driver: $(cat "$TMP/err")"
     fi

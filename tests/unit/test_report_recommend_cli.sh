@@ -166,6 +166,7 @@ $BIN synth --shape tiny-vl --tokens 384 --threads 1 -o "$TMP/vl.kvt" >/dev/null 
 $BIN replay "$TMP/vl.kvt" --policies full,snapkv,adakv,pyramidkv,h2o,mixkv-snapkv,streamingllm \
     --budgets 48,64,96,10%,25% --threads 1 -o "$TMP/vl.json" >/dev/null 2>&1 || fail "replay vl"
 $BIN recommend "$TMP/vl.json" --max-error 0.5 >"$TMP/rec" 2>&1 || { cat "$TMP/rec"; fail "rec vl"; }
-grep -o 'uniform [0-9]*, allocation [0-9]*' "$TMP/rec" |
-    awk '{u=$2+0; a=$4+0; exit !(a <= u)}' || fail "allocation above uniform: $(grep entries "$TMP/rec")"
+ua=$(grep -o 'uniform [0-9][0-9]*, allocation [0-9][0-9]*' "$TMP/rec")
+[ -n "$ua" ] || fail "no uniform and allocation counts: $(grep entries "$TMP/rec")"
+echo "$ua" | awk '{exit !($4 + 0 <= $2 + 0)}' || fail "allocation above uniform: $ua"
 echo "test_report_recommend_cli: ok"
