@@ -49,6 +49,7 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
     const kvt_selection **by_shard = kvt_calloc(n, sizeof(*by_shard));
     size_t *cur = kvt_calloc(n, sizeof(size_t)); /* next record of each part */
     int *n_layers = NULL, *btok = NULL;
+    uint64_t *trace_base = NULL; /* [n_traces] the unit number of each trace's layer 0 */
     kvt_selection_rec *recs = NULL;
     kvt_selection_writer *w = NULL;
     size_t cap_recs = 0;
@@ -124,28 +125,34 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
             *bt = r->budget_tokens;
         }
     }
-    /* units are numbered as replay --shard numbers them; each must be in its owner's part */
+    /* units are numbered as replay --shard numbers them (trace_base[t] + layer); each must be
+       in its owner's part: one pass over every record */
     uint64_t base = 0;
+    trace_base = kvt_calloc(nt ? nt : 1, sizeof(uint64_t));
+    if (!trace_base) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out;
+    }
     for (size_t t = 0; t < nt; t++) {
-        for (size_t s = 0; s < n; s++) {
-            const kvt_selection *p = by_shard[s];
-            for (size_t i = 0; i < kvt_selection_get_header(p)->n_records; i++) {
-                const kvt_selection_record *r = kvt_selection_record_at(p, i);
-                if ((size_t)r->trace == t &&
-                    !kvt_shard_owns(base + (uint64_t)r->layer, (int)s, (int)n)) {
-                    st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                                       "shard %zu/%zu holds layer %d of %s, which another "
-                                       "shard replays: not a part of one sharded replay",
-                                       s, n, r->layer, h0->traces[t]);
-                    goto out;
-                }
-            }
-        }
         if (!n_layers[t]) {
             st = kvt_error_set(KVT_ERR_INVALID_ARG, "no part holds a record of %s", h0->traces[t]);
             goto out;
         }
+        trace_base[t] = base;
         base += (uint64_t)n_layers[t];
+    }
+    for (size_t s = 0; s < n; s++) {
+        const kvt_selection *p = by_shard[s];
+        for (size_t i = 0; i < kvt_selection_get_header(p)->n_records; i++) {
+            const kvt_selection_record *r = kvt_selection_record_at(p, i);
+            if (!kvt_shard_owns(trace_base[r->trace] + (uint64_t)r->layer, (int)s, (int)n)) {
+                st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                                   "shard %zu/%zu holds layer %d of %s, which another shard "
+                                   "replays: not a part of one sharded replay",
+                                   s, n, r->layer, h0->traces[r->trace]);
+                goto out;
+            }
+        }
     }
     if ((st = kvt_selection_writer_open_like(out, force, h0, &w)))
         goto out;
@@ -215,6 +222,7 @@ out:
     kvt_free(by_shard);
     kvt_free(cur);
     kvt_free(n_layers);
+    kvt_free(trace_base);
     kvt_free(btok);
     kvt_free(recs);
     return st;

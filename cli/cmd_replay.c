@@ -655,7 +655,10 @@ int kvt_cmd_replay(int argc, char **argv)
                 kvt_cli_fail(cmd, "out of memory");
                 goto out_free;
             }
-            st = kvt_replay_trace_shape(traces[t], &n_layers, &T);
+            if (shape) /* read above for the shard's units */
+                n_layers = shape[2 * t], T = shape[2 * t + 1];
+            else
+                st = kvt_replay_trace_shape(traces[t], &n_layers, &T);
             for (size_t b = 0; !st && b < n_b; b++)
                 btok[b] = kvt_budget_tokens(&budgets[b], T);
             if (!st) /* a shard's part holds its layers only (not under MPI: all are kept) */

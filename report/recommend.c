@@ -124,11 +124,6 @@ static bool is_decode_metric(kvt_rec_metric m)
 
 /* tokens per head and layer that budget b keeps on trace t: a budget at or above the prompt
    keeps the prompt, not more */
-static int kept_tokens(const kvt_trace_result *t, size_t b)
-{
-    return t->budget_tokens[b] < t->n_tokens ? t->budget_tokens[b] : t->n_tokens;
-}
-
 /* whether some candidate policy has a value of metric m on trace t */
 static bool trace_measures(const kvt_results *r, const kvt_trace_result *t, kvt_rec_metric m)
 {
@@ -293,7 +288,7 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
     for (size_t b = 0; b < nb; b++) {
         cost[b] = 0.0;
         for (size_t i = 0; i < r->n_traces; i++)
-            cost[b] += kept_tokens(r->traces[i], b);
+            cost[b] += kvt_report_kept_tokens(r->traces[i], b);
     }
     int n_order = sorted_points(cost, NULL, nb, order);
     size_t n_lh = (size_t)L * (size_t)H;
@@ -397,7 +392,8 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
     for (size_t b = 0; b < nb; b++) {
         rec->budget_keeps_all[b] = true;
         for (size_t i = 0; i < r->n_traces; i++)
-            rec->budget_keeps_all[b] &= kept_tokens(r->traces[i], b) == r->traces[i]->n_tokens;
+            rec->budget_keeps_all[b] &=
+                kvt_report_kept_tokens(r->traces[i], b) == r->traces[i]->n_tokens;
     }
     /* every aggregate once; the metric is chosen after */
     sum = kvt_malloc(np * nb * sizeof(*sum));

@@ -9,17 +9,11 @@
 #include "kvt_report.h"
 #include "report_internal.h"
 
-/* the tokens per head and layer budget b keeps on trace t: at most the prompt */
-static int kept_tokens(const kvt_trace_result *t, size_t b)
-{
-    return t->budget_tokens[b] < t->n_tokens ? t->budget_tokens[b] : t->n_tokens;
-}
-
 /* whether budget b keeps the same number of tokens on every trace */
 static bool same_tokens(const kvt_results *r, size_t b)
 {
     for (size_t i = 1; i < r->n_traces; i++)
-        if (kept_tokens(r->traces[i], b) != kept_tokens(r->traces[0], b))
+        if (kvt_report_kept_tokens(r->traces[i], b) != kvt_report_kept_tokens(r->traces[0], b))
             return false;
     return true;
 }
@@ -35,16 +29,17 @@ static const char *btext(const kvt_recommendation *rec, const kvt_results *r, in
    traces, in their order), "20 to 45" (more); see same_tokens */
 static const char *tokens_text(const kvt_results *r, size_t b, char *buf, size_t cap)
 {
-    int lo = kept_tokens(r->traces[0], b), hi = lo;
+    int lo = kvt_report_kept_tokens(r->traces[0], b), hi = lo;
     for (size_t i = 1; i < r->n_traces; i++) {
-        int k = kept_tokens(r->traces[i], b);
+        int k = kvt_report_kept_tokens(r->traces[i], b);
         lo = k < lo ? k : lo;
         hi = k > hi ? k : hi;
     }
     if (lo == hi)
         snprintf(buf, cap, "%d", lo);
     else if (r->n_traces == 2)
-        snprintf(buf, cap, "%d or %d", kept_tokens(r->traces[0], b), kept_tokens(r->traces[1], b));
+        snprintf(buf, cap, "%d or %d", kvt_report_kept_tokens(r->traces[0], b),
+                 kvt_report_kept_tokens(r->traces[1], b));
     else
         snprintf(buf, cap, "%d to %d", lo, hi);
     return buf;
@@ -223,10 +218,11 @@ static cJSON *tokens_json(const kvt_results *r, int b)
     if (b < 0)
         return cJSON_CreateNull();
     if (same_tokens(r, (size_t)b))
-        return cJSON_CreateNumber(kept_tokens(r->traces[0], (size_t)b));
+        return cJSON_CreateNumber(kvt_report_kept_tokens(r->traces[0], (size_t)b));
     cJSON *a = cJSON_CreateArray();
     for (size_t i = 0; a && i < r->n_traces; i++)
-        cJSON_AddItemToArray(a, cJSON_CreateNumber(kept_tokens(r->traces[i], (size_t)b)));
+        cJSON_AddItemToArray(a,
+                             cJSON_CreateNumber(kvt_report_kept_tokens(r->traces[i], (size_t)b)));
     return a;
 }
 
@@ -243,11 +239,12 @@ static cJSON *budget_json(const kvt_recommendation *rec, const kvt_results *r, i
     cJSON_AddNumberToObject(o, "index", b);
     cJSON_AddStringToObject(o, "text", r->budgets[b].text);
     if (same_tokens(r, (size_t)b))
-        cJSON_AddNumberToObject(o, "tokens", kept_tokens(r->traces[0], (size_t)b));
+        cJSON_AddNumberToObject(o, "tokens", kvt_report_kept_tokens(r->traces[0], (size_t)b));
     else
         cJSON_AddNullToObject(o, "tokens");
     for (size_t i = 0; i < r->n_traces; i++)
-        cJSON_AddItemToArray(by, cJSON_CreateNumber(kept_tokens(r->traces[i], (size_t)b)));
+        cJSON_AddItemToArray(by,
+                             cJSON_CreateNumber(kvt_report_kept_tokens(r->traces[i], (size_t)b)));
     cJSON_AddItemToObject(o, "tokens_by_trace", by);
     cJSON_AddBoolToObject(o, "whole_prompt", rec->budget_keeps_all[b]);
     return o;

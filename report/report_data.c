@@ -88,12 +88,13 @@ bool kvt_report_metric_measured(const kvt_results *r, kvt_rec_metric metric)
     return false;
 }
 
-/* a budget's tokens, the mean over traces */
+/* a budget's tokens kept (at most the prompt, as recommend counts them), the mean over traces;
+   ties (two budgets that keep the whole prompt) stay in the order given */
 static double budget_tokens_mean(const kvt_results *r, size_t b)
 {
     double s = 0.0;
     for (size_t t = 0; t < r->n_traces; t++)
-        s += r->traces[t]->budget_tokens[b];
+        s += kvt_report_kept_tokens(r->traces[t], b);
     return r->n_traces ? s / (double)r->n_traces : (double)r->budgets[b].value;
 }
 

@@ -5,6 +5,8 @@
 #ifndef KVT_REPORT_INTERNAL_H
 #define KVT_REPORT_INTERNAL_H
 
+#include "kvt_report.h"
+
 /** The page script of index.html: the lines of report/page.js after its header comment, one
  *  per entry without the '\n', NULL-terminated (generated at build time). It reads the JSON blob
  *  (#kvt-data), draws the per-head heatmaps (always) and, when window.Chart exists, the
@@ -33,5 +35,11 @@ static inline bool kvt_rec_compresses(const kvt_recommendation *rec, size_t p, s
  *  is widened to [lo, lo + 1]). *decimals: the digits after the point a tick label needs. */
 void kvt_report_nice_axis(double lo, double hi, int max_ticks, double *axis_lo, double *axis_hi,
                           double *step, int *decimals);
+
+/** The tokens per head and layer budget b keeps on trace t: its tokens, at most the prompt. */
+static inline int kvt_report_kept_tokens(const kvt_trace_result *t, size_t b)
+{
+    return t->budget_tokens[b] < t->n_tokens ? t->budget_tokens[b] : t->n_tokens;
+}
 
 #endif /* KVT_REPORT_INTERNAL_H */
