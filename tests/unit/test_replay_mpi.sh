@@ -8,18 +8,7 @@
 # --shard is refused under a launch.
 # A kvtrace built without MPI (the ASan build) must refuse a launch of several processes
 # instead of running the whole replay N times, and run normally as a launch of one.
-set -u
-BIN=${KVT_BIN:?}
-ROOT=${KVT_SOURCE_ROOT:?}
-MODEL=$ROOT/models/stories260K.bin
-[ -f "$MODEL" ] || MODEL=/work/shared/models/stories260K.bin
-SAMPLE=$ROOT/traces/samples/stories260K.kvt
-if ! $BIN capture-llama2c --help >/dev/null 2>&1 || [ ! -f "$MODEL" ] || [ ! -f "$SAMPLE" ]; then
-    echo "SKIP: no capture-llama2c command, model or sample trace"; exit 77
-fi
-TMP=$(mktemp -d)
-trap 'umount "$TMP/small" 2>/dev/null; rm -rf "$TMP"' EXIT
-fail() { echo "FAILED: $*"; exit 1; }
+. "$(dirname "$0")/two_traces_env.sh" # BIN, MODEL, SAMPLE, TMP, fail, TR (sample + b.kvt)
 # exactly one error line, containing $1
 one_line() {
     local n
@@ -27,9 +16,6 @@ one_line() {
     [ "$n" = 1 ] || { cat "$TMP/err"; fail "$2: $n error lines, expected 1"; }
     grep -q -F -- "$1" "$TMP/err" || { cat "$TMP/err"; fail "$2: no '$1'"; }
 }
-$BIN capture-llama2c --model "$MODEL" --tokens 150 --decode 8 --window 32 --colsum --seed 5 \
-    -o "$TMP/b.kvt" >/dev/null 2>&1 || fail "capture"
-TR=("$SAMPLE" "$TMP/b.kvt")
 SET=(--policies full,random,snapkv,pyramidkv,adakv,mixkv-snapkv,oracle,quest,lightkv-like
      --budgets 16,40,25% --threads 1 --seed 7)
 $BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/one.json" --export-selection "$TMP/one.sel" \

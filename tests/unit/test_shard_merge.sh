@@ -4,21 +4,7 @@
 # results.json: the files are compared byte for byte (numbers are written to read back
 # bit-exact, and every aggregate is recomputed from the per-head data). Also: merge refuses
 # missing, duplicated, complete or mismatched parts with a clear message.
-set -u
-BIN=${KVT_BIN:?}
-ROOT=${KVT_SOURCE_ROOT:?}
-MODEL=$ROOT/models/stories260K.bin
-[ -f "$MODEL" ] || MODEL=/work/shared/models/stories260K.bin
-SAMPLE=$ROOT/traces/samples/stories260K.kvt
-if ! $BIN capture-llama2c --help >/dev/null 2>&1 || [ ! -f "$MODEL" ] || [ ! -f "$SAMPLE" ]; then
-    echo "SKIP: no capture-llama2c command, model or sample trace"; exit 77
-fi
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fail() { echo "FAILED: $*"; exit 1; }
-$BIN capture-llama2c --model "$MODEL" --tokens 150 --decode 8 --window 32 --colsum --seed 5 \
-    -o "$TMP/b.kvt" >/dev/null 2>&1 || fail "capture"
-TR=("$SAMPLE" "$TMP/b.kvt")
+. "$(dirname "$0")/two_traces_env.sh" # BIN, MODEL, SAMPLE, TMP, fail, TR (sample + b.kvt)
 SET=(--policies full,random,snapkv,pyramidkv,adakv,mixkv-snapkv,oracle
      --budgets 16,40,25% --threads 2 --seed 7)
 $BIN replay "${TR[@]}" "${SET[@]}" -o "$TMP/full.json" >/dev/null 2>"$TMP/err" \
