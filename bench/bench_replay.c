@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "kvt_kernels.h"
 #include "kvt_replay.h"
 #include "kvt_trace.h"
 
@@ -148,6 +149,7 @@ int main(int argc, char **argv)
     int L = 32, T = 8192, Hq = 32, Hkv = 8, D = 128, W = 32, G = 16, probes = -1;
     const char *threads = NULL, *keep = NULL, *plist = POLICIES;
     bool reuse = false;
+    kvt_kernels_blas_reexec(argv); /* never OpenBLAS's generic kernels on a CPU it does not know */
     if (argc > 1 && !strcmp(argv[1], "--reuse")) { /* leading flag: keep an existing trace */
         reuse = true;
         argv[1] = argv[0];

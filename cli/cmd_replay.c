@@ -13,6 +13,7 @@
 
 #include "kvt_analysis.h"
 #include "kvt_cli.h"
+#include "kvt_kernels.h"
 #include "kvt_replay.h"
 #include "kvt_trace.h"
 
@@ -52,8 +53,9 @@ static void help(void)
            "                    policies, rankings and redundancy stay on the host), or auto\n"
            "                    (cuda when a GPU is usable)\n"
            "  --profile         print where the time went on stderr: reading the trace, layer\n"
-           "                    contexts, policies and sweeps; with --device cuda also uploads,\n"
-           "                    kernels (with the bandwidth they achieved) and downloads\n"
+           "                    contexts, policies and sweeps, the CPU's dense-product kernels;\n"
+           "                    with --device cuda also uploads, kernels (with the bandwidth\n"
+           "                    they achieved) and downloads\n"
            "  --seed S          seed of the random policy (default 0)\n"
            "  --per-query-head  select per query head (original SnapKV) instead of per KV head\n"
            "  --coverage-probes N  probe keys per head for coverage (default %d, 0 = off)\n"
@@ -84,6 +86,9 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device)
             "context %.3f s, policies+sweeps %.3f s\n",
             wall, (unsigned long long)p->n_layers, p->read_ns * 1e-9, p->context_ns * 1e-9,
             p->measure_ns * 1e-9);
+    char blas[160];
+    kvt_kernels_cpu_describe(blas, sizeof(blas));
+    fprintf(stderr, "profile: CPU dense products: %s\n", blas);
     if (device != KVT_DEVICE_CUDA)
         return;
     const struct {

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kvt_cli.h"
+#include "kvt_kernels.h"
 
 int kvt_cmd_info(int argc, char **argv);
 int kvt_cmd_verify(int argc, char **argv);
@@ -48,6 +49,11 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    /* the commands that run dense products (and --version, which says which kernels they use)
+       must not run on OpenBLAS's generic kernels when it did not recognise this CPU */
+    if (!strcmp(argv[1], "replay") || !strcmp(argv[1], "capture-llama2c") ||
+        !strcmp(argv[1], "--version"))
+        kvt_kernels_blas_reexec(argv);
     if (!strcmp(argv[1], "help") && argc > 2 && strcmp(argv[2], "help")) { /* = CMD --help */
         for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
             if (!strcmp(argv[2], commands[i].name)) {
@@ -65,6 +71,9 @@ int main(int argc, char **argv)
         printf("kvtrace %s\n", kvt_version_string());
         const char *mpi = kvt_cli_mpi_library();
         printf("mpirun kvtrace replay: %s\n", mpi ? mpi : "no (built without MPI)");
+        char blas[160];
+        kvt_kernels_cpu_describe(blas, sizeof(blas));
+        printf("CPU dense products: %s\n", blas);
         return 0;
     }
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)

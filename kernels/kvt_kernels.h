@@ -207,6 +207,26 @@ void kvt_kernels_use_ref(bool ref_only);
 bool kvt_kernels_ref_only(void);
 /** "openblas" or "blocked-c": what the fast CPU variants use for dense products. */
 const char *kvt_kernels_cpu_backend(void);
+/** OpenBLAS's kernel set in use ("SkylakeX", "Haswell", "Prescott", ...); NULL without
+ *  OpenBLAS. */
+const char *kvt_kernels_blas_core(void);
+/** The kernel set OpenBLAS should use on this CPU when it fell back to its generic Prescott
+ *  kernels because it did not know the CPU model (Debian 12's OpenBLAS 0.3.21 on Intel Emerald
+ *  Rapids, say, where the replay's dense products then run ~2x slower): "SkylakeX" with
+ *  AVX-512, "Haswell" with AVX2 and FMA; NULL when OpenBLAS chose well, or without OpenBLAS. */
+const char *kvt_kernels_blas_better_core(void);
+/** Call first thing in a program's main(), before any thread starts. When
+ *  kvt_kernels_blas_better_core() names a kernel set, re-executes the program (/proc/self/exe,
+ *  the same argv and environment) with OPENBLAS_CORETYPE set to it: OpenBLAS reads that variable
+ *  only when it loads, so this is the one way to pick its kernels. Returns without doing
+ *  anything when OPENBLAS_CORETYPE is already set (the user's choice), after a re-execution,
+ *  under valgrind (which would not follow the exec), without OpenBLAS, or when the exec fails
+ *  (the program goes on with the generic kernels). */
+void kvt_kernels_blas_reexec(char **argv);
+/** One line on what the fast CPU variants' dense products run on, e.g. "OpenBLAS 0.3.21,
+ *  SkylakeX kernels (chosen by kvtrace: OpenBLAS did not recognise this CPU)", into buf[cap]
+ *  (truncated to fit); returns the length snprintf would. */
+size_t kvt_kernels_cpu_describe(char *buf, size_t cap);
 
 /** Row-major C[m,n] = alpha * A[m,k] * op(B) + beta * C, op(B) = B [k,n] or, with b_trans, the
  *  transpose of B [n,k]. OpenBLAS (single-threaded: the replay runs one worker per core) or a

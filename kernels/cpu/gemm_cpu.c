@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvt_kernels.h"
 
@@ -53,6 +54,86 @@ const char *kvt_kernels_cpu_backend(void)
 #else
     return "blocked-c";
 #endif
+}
+
+/* The environment variable by which a re-executed kvtrace knows it chose OpenBLAS's kernels
+ * itself (its value is the core it chose), and so never re-executes twice. */
+#define REEXEC_ENV "KVT_BLAS_REEXEC"
+
+const char *kvt_kernels_blas_core(void)
+{
+#ifdef KVT_HAVE_BLAS
+    return openblas_get_corename();
+#else
+    return NULL;
+#endif
+}
+
+const char *kvt_kernels_blas_better_core(void)
+{
+#if defined(KVT_HAVE_BLAS) && (defined(__x86_64__) || defined(__i386__)) &&                        \
+    (defined(__GNUC__) || defined(__clang__))
+    const char *core = openblas_get_corename();
+    /* OpenBLAS's DYNAMIC_ARCH picks its kernels by CPU model number and falls back to the
+       generic Prescott (SSE3) ones on a model it does not know, whatever the CPU supports. A
+       real Prescott-class CPU has no AVX2, so the test below never fires on one. The checks
+       include the operating system's support of the AVX and AVX-512 register states. */
+    if (!core || strcmp(core, "Prescott") != 0)
+        return NULL;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512cd"))
+        return "SkylakeX";
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return "Haswell";
+#endif
+    return NULL;
+}
+
+void kvt_kernels_blas_reexec(char **argv)
+{
+#if defined(KVT_HAVE_BLAS) && defined(__linux__)
+    const char *preload = getenv("LD_PRELOAD");
+    if (!argv || !argv[0] || getenv("OPENBLAS_CORETYPE") || getenv(REEXEC_ENV) ||
+        (preload && strstr(preload, "vgpreload"))) /* valgrind would not follow the exec */
+        return;
+    const char *core = kvt_kernels_blas_better_core();
+    if (!core)
+        return;
+    if (setenv("OPENBLAS_CORETYPE", core, 1) != 0 || setenv(REEXEC_ENV, core, 1) != 0)
+        goto restore;
+    execv("/proc/self/exe", argv); /* returns only on failure: go on with the generic kernels */
+restore:
+    unsetenv("OPENBLAS_CORETYPE");
+    unsetenv(REEXEC_ENV);
+#else
+    (void)argv;
+#endif
+}
+
+size_t kvt_kernels_cpu_describe(char *buf, size_t cap)
+{
+#ifdef KVT_HAVE_BLAS
+    const char *core = openblas_get_corename(), *set = getenv("OPENBLAS_CORETYPE");
+    const char *mine = getenv(REEXEC_ENV), *better = kvt_kernels_blas_better_core();
+    const char *config = openblas_get_config(); /* "OpenBLAS 0.3.21 DYNAMIC_ARCH ..." */
+    int vlen = 0;
+    if (config && !strncmp(config, "OpenBLAS ", 9))
+        vlen = (int)strcspn(config + 9, " ");
+    const char *why = "";
+    if (mine && set && !strcmp(mine, set))
+        why = " (chosen by kvtrace: OpenBLAS did not recognise this CPU)";
+    else if (set)
+        why = " (set by OPENBLAS_CORETYPE)";
+    else if (better)
+        why = " (OpenBLAS's generic kernels: it did not recognise this CPU)";
+    int n = snprintf(buf, cap, "OpenBLAS %.*s, %s kernels%s", vlen, config ? config + 9 : "",
+                     core ? core : "unknown", why);
+#else
+    int n = snprintf(buf, cap, "plain C loops (built without OpenBLAS)");
+#endif
+    return n < 0 ? 0 : (size_t)n;
 }
 
 #define GEMM_BODY(T_)                                                                              \

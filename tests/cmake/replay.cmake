@@ -24,3 +24,5 @@ kvt_add_test(test_selection_read SOURCES unit/test_selection_read.c LIBS kvt_ana
 # replay --device cuda against the all-reference replay (label gpu; "not run" without a GPU)
 kvt_add_script_test(test_replay_device_gpu
                     COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh cuda LABELS gpu)
+# OpenBLAS's generic kernels are never used on a CPU with better ones (the re-execution).
+kvt_add_script_test(test_blas_core COMMAND bash ${KVT_TEST_DIR}/unit/test_blas_core.sh LABELS cpu)
