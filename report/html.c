@@ -297,8 +297,9 @@ typedef struct report_plan {
     kvt_recommend_opts target;  /* the page's quality target */
     bool mod[KVT_N_MODALITIES]; /* modality figure drawn (tokens of it, and some non-text) */
     bool multimodal;
-    bool *alloc;   /* [n_policies] kvt_report_policy_allocates */
-    size_t *order; /* [n_budgets] kvt_report_budget_order: smallest budget first */
+    bool *alloc;       /* [n_policies] kvt_report_policy_allocates */
+    bool *alloc_heads; /* [n_policies] its kept entries per head drawn (at heat_budget) */
+    size_t *order;     /* [n_budgets] kvt_report_budget_order: smallest budget first */
 } report_plan;
 
 /* "<prefix>_<NN>_<label>.png" with the label reduced to [A-Za-z0-9_-] and 32 characters */
@@ -319,6 +320,8 @@ static void plan_free(report_plan *pl)
 {
     kvt_free(pl->alloc);
     pl->alloc = NULL;
+    kvt_free(pl->alloc_heads);
+    pl->alloc_heads = NULL;
     kvt_free(pl->order);
     pl->order = NULL;
     kvt_recommendation_free(pl->rec);
@@ -339,8 +342,9 @@ static kvt_status plan_create(const kvt_results *r, const char *dir,
     if (st)
         snprintf(pl->rec_why_not, sizeof(pl->rec_why_not), "%s", kvt_error_msg());
     pl->alloc = kvt_calloc(r->n_policies, sizeof(*pl->alloc));
+    pl->alloc_heads = kvt_calloc(r->n_policies, sizeof(*pl->alloc_heads));
     pl->order = kvt_calloc(r->n_budgets, sizeof(*pl->order));
-    if (!pl->alloc || !pl->order) {
+    if (!pl->alloc || !pl->alloc_heads || !pl->order) {
         plan_free(pl);
         return kvt_error_set(KVT_ERR_NOMEM, "report: out of memory");
     }
@@ -404,6 +408,13 @@ static kvt_status draw_pngs(const kvt_results *r, report_plan *pl)
         policy_file(name, sizeof(name), "alloc", p, r->policies[p].label);
         snprintf(path, sizeof(path), "%s/%s", pl->dir, name);
         KVT_FORWARD(kvt_report_plot_layer_keep(r, p, path, FIG_W, FIG_H));
+        policy_file(name, sizeof(name), "alloc_heads", p, r->policies[p].label);
+        snprintf(path, sizeof(path), "%s/%s", pl->dir, name);
+        kvt_status st = kvt_report_plot_head_keep(r, p, pl->heat_budget, path, FIG_W, FIG_H);
+        if (st == KVT_ERR_INVALID_ARG)
+            continue; /* nothing kept at that budget */
+        KVT_FORWARD(st);
+        pl->alloc_heads[p] = true;
     }
     return KVT_OK;
 }
@@ -524,6 +535,19 @@ static kvt_status put_curves(FILE *f, const kvt_results *r, const report_plan *p
     return KVT_OK;
 }
 
+/* the budget <select> of a section, smallest budget first, opened at the heatmaps' budget */
+static void put_budget_select(FILE *f, const kvt_results *r, const report_plan *pl, const char *id)
+{
+    fprintf(f, "<p><label for=\"%s\">budget</label> <select id=\"%s\">", id, id);
+    for (size_t bi = 0; bi < r->n_budgets; bi++) {
+        size_t b = pl->order[bi];
+        fprintf(f, "<option value=\"%zu\"%s>", b, b == pl->heat_budget ? " selected" : "");
+        put_escaped(f, r->budgets[b].text);
+        fputs("</option>", f);
+    }
+    fputs("</select></p>\n", f);
+}
+
 static kvt_status put_heatmaps(FILE *f, const kvt_results *r, const report_plan *pl)
 {
     char name[256];
@@ -540,16 +564,9 @@ static kvt_status put_heatmaps(FILE *f, const kvt_results *r, const report_plan 
     fputs(pl->heat_recommended ? ", the budget of the recommended setting above"
                                : ", the middle of the budget sweep (no setting meets the target)",
           f);
-    fputs("; the PNG files show that budget. Hover a cell for its value.</p>\n<p><label "
-          "for=\"heat-budget\">budget</label> <select id=\"heat-budget\">",
-          f);
-    for (size_t bi = 0; bi < r->n_budgets; bi++) { /* smallest budget first */
-        size_t b = pl->order[bi];
-        fprintf(f, "<option value=\"%zu\"%s>", b, b == pl->heat_budget ? " selected" : "");
-        put_escaped(f, r->budgets[b].text);
-        fputs("</option>", f);
-    }
-    fputs("</select></p>\n<div id=\"heatmaps\"><noscript>The interactive heatmaps need "
+    fputs("; the PNG files show that budget. Hover a cell for its value.</p>\n", f);
+    put_budget_select(f, r, pl, "heat-budget");
+    fputs("<div id=\"heatmaps\"><noscript>The interactive heatmaps need "
           "JavaScript; the PNG versions are below.</noscript></div>\n<details><summary>PNG "
           "versions (budget ",
           f);
@@ -595,11 +612,44 @@ static kvt_status put_modality(FILE *f, const report_plan *pl, bool chartjs)
     return KVT_OK;
 }
 
+/* how the allocating policies split their budget over the heads of each layer */
+static kvt_status put_alloc_heads(FILE *f, const kvt_results *r, const report_plan *pl)
+{
+    char name[256];
+    fputs("<h3 id=\"alloc-heads\">Kept entries per layer and head</h3>\n<p>How each of these "
+          "policies splits its budget over the heads of each layer (the mean over traces); "
+          "colour scale 0 to the policy's largest count at that budget; grey: not measured. "
+          "Hover a cell for its count and its ratio to the mean head of the layer. The page "
+          "opens at budget ",
+          f);
+    put_escaped(f, r->budgets[pl->heat_budget].text);
+    fputs(pl->heat_recommended ? ", the budget of the recommended setting"
+                               : ", the middle of the budget sweep",
+          f);
+    fputs("; the PNG files show that budget.</p>\n", f);
+    put_budget_select(f, r, pl, "alloc-budget");
+    fputs("<div id=\"alloc-heatmaps\"><noscript>The interactive heatmaps need JavaScript; the "
+          "PNG versions are below.</noscript></div>\n<details><summary>PNG versions (budget ",
+          f);
+    put_escaped(f, r->budgets[pl->heat_budget].text);
+    fputs(")</summary>\n", f);
+    for (size_t p = 0; p < r->n_policies; p++) {
+        if (!pl->alloc_heads[p])
+            continue;
+        policy_file(name, sizeof(name), "alloc_heads", p, r->policies[p].label);
+        fputs("<figure class=\"heat-png\">", f);
+        KVT_FORWARD(put_img(f, pl->dir, name, name));
+        fputs("</figure>\n", f);
+    }
+    fputs("</details>\n", f);
+    return KVT_OK;
+}
+
 static kvt_status put_alloc(FILE *f, const kvt_results *r, const report_plan *pl, bool chartjs)
 {
     char file[256], id[64];
     bool any = false;
-    fputs("<h2 id=\"alloc\">Per-layer allocated budgets</h2>\n", f);
+    fputs("<h2 id=\"alloc\">Allocated budgets per layer and head</h2>\n", f);
     for (size_t p = 0; p < r->n_policies; p++)
         any |= pl->alloc[p];
     if (!any) {
@@ -622,7 +672,7 @@ static kvt_status put_alloc(FILE *f, const kvt_results *r, const report_plan *pl
         put_escaped(f, r->policies[p].label);
         fputs(": mean kept entries per head by layer.</figcaption></figure>\n", f);
     }
-    return KVT_OK;
+    return put_alloc_heads(f, r, pl);
 }
 
 /* ---- the JSON blob of the page script ---- */
@@ -741,15 +791,21 @@ static cJSON *build_alloc(const kvt_results *r, const report_plan *pl, bool *ok)
     for (size_t p = 0; p < r->n_policies; p++) {
         if (!pl->alloc[p])
             continue;
-        cJSON *a = cJSON_CreateObject(), *keep = cJSON_CreateArray();
+        const kvt_trace_result *t = r->traces[0];
+        cJSON *a = cJSON_CreateObject(), *keep = cJSON_CreateArray(), *heads = cJSON_CreateArray();
         put_field(a, "policy", cJSON_CreateNumber((double)p), ok);
         for (size_t b = 0; b < r->n_budgets; b++) {
-            cJSON *row = cJSON_CreateArray();
-            for (int l = 0; l < r->traces[0]->n_layers; l++)
+            cJSON *row = cJSON_CreateArray(), *cells = cJSON_CreateArray(); /* [L * H'] */
+            for (int l = 0; l < t->n_layers; l++) {
                 add(row, num(kvt_report_layer_keep(r, p, b, l)), ok);
+                for (int h = 0; h < t->policy_heads[p]; h++)
+                    add(cells, num(kvt_report_head_keep(r, p, b, l, h)), ok);
+            }
             add(keep, row, ok);
+            add(heads, cells, ok);
         }
         put_field(a, "keep", keep, ok);
+        put_field(a, "head_keep", heads, ok);
         add(arr, a, ok);
     }
     return arr;

@@ -177,6 +177,9 @@ kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, in
  *  heads=query). */
 double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_rec_metric metric,
                              int layer, int head);
+/** Kept entries of (policy, budget, layer, head), the mean over the traces that have that
+ *  layer and head and a count there; NaN if none. */
+double kvt_report_head_keep(const kvt_results *r, size_t pol, size_t bud, int layer, int head);
 /** Mean kept entries per head of `layer` for (policy, budget), mean over the traces that have
  *  the layer; NaN if none. */
 double kvt_report_layer_keep(const kvt_results *r, size_t pol, size_t bud, int layer);
@@ -221,6 +224,11 @@ kvt_status kvt_report_plot_modality(const kvt_results *r, int m, const char *pat
  *  allocation of PyramidKV, AdaKV...). @return KVT_OK, KVT_ERR_INVALID_ARG, KVT_ERR_IO. */
 kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const char *path, int width,
                                       int height);
+/** Heatmap of the kept entries per layer and head of (policy, budget) (the head allocation of
+ *  AdaKV...), colour scale [0, the largest count] with a colour bar.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (bad index, too small, nothing kept), KVT_ERR_IO. */
+kvt_status kvt_report_plot_head_keep(const kvt_results *r, size_t pol, size_t bud, const char *path,
+                                     int width, int height);
 
 /** Write DIR/index.html and the PNG figures. The page is self-contained and fetches nothing:
  *  PNGs are inlined as data: URIs, Chart.js (kvt_report_chartjs_path) is inlined with every
@@ -231,7 +239,8 @@ kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const ch
  *  PNGs: <metric>.png for each measured metric, redundancy.png, heat_<metric>_<NN>_<label>.png
  *  (recall and output error per layer and head of policy NN at the budget of
  *  kvt_report_heat_budget), modality_<name>.png (only when a trace holds non-text tokens) and
- *  alloc_<NN>_<label>.png for each policy that allocates (kvt_report_policy_allocates); <label>
+ *  alloc_<NN>_<label>.png and alloc_heads_<NN>_<label>.png (its kept entries per layer and head
+ *  at the heatmaps' budget) for each policy that allocates (kvt_report_policy_allocates); <label>
  *  is the policy label with every character but [A-Za-z0-9_-] replaced by '-' (32 at most).
  *  The recommendation section answers `target` (NULL: output error <= 0.1, as kvtrace
  *  recommend): the cheapest setting meeting it (or the nearest miss), a table of the cheapest

@@ -1,5 +1,6 @@
 /* page.js - the script of index.html (kvtrace report): parses the JSON blob (#kvt-data), draws
- * the per-head heatmaps as HTML tables (value on hover, budget <select>) and, when Chart.js was
+ * the per-head heatmaps as HTML tables (value on hover, budget <select>: the recall and error
+ * ones, and the kept entries of the policies that allocate) and, when Chart.js was
  * inlined, the interactive charts (curves against budget, modality retention, layer allocation).
  * Text from the results only ever goes through textContent, title and canvas text, never
  * innerHTML. At build time cmake/embed_text.cmake turns this file, without this header comment,
@@ -9,7 +10,7 @@
 (function () {
   'use strict';
   var body = document.body;
-  var nCharts = 0, nHeat = 0;
+  var nCharts = 0, nHeat = 0, nAllocHeat = 0;
   function fail(msg) {
     window.kvtErrors.push(String(msg));
     var box = document.getElementById('js-errors');
@@ -98,6 +99,65 @@
                      ', head ' + c.h + ': ' + c.hm.metric + ' = ' + fmt(v);
       });
       body.dataset.heatBudget = String(b);
+    }
+    sel.addEventListener('change', paint);
+    paint();
+  }
+  // kept entries per layer and head of the policies that allocate (D.alloc[i].head_keep[b]):
+  // one table each, coloured 0..the policy's largest count at the selected budget
+  function allocHeads() {
+    var root = document.getElementById('alloc-heatmaps');
+    var sel = document.getElementById('alloc-budget');
+    if (!root || !sel || !D.alloc || !D.alloc.length) return;
+    var tables = [];
+    var grid = el('div', 'hm-grid');
+    D.alloc.forEach(function (a) {
+      var H = D.heat.heads[a.policy], fig = el('figure', 'hm'), tab = el('table', 'heat');
+      var cells = [];
+      fig.appendChild(el('figcaption', null, D.policies[a.policy].label));
+      var tr = el('tr');
+      tr.appendChild(el('th', null, 'layer'));
+      for (var h = 0; h < H; h++) tr.appendChild(el('th', null, String(h)));
+      tab.appendChild(tr);
+      for (var l = 0; l < D.heat.L; l++) {
+        tr = el('tr');
+        tr.appendChild(el('th', null, String(l)));
+        for (h = 0; h < H; h++) {
+          var td = el('td');
+          cells.push({td: td, l: l, h: h, i: l * H + h});
+          tr.appendChild(td);
+        }
+        tab.appendChild(tr);
+      }
+      var bar = el('div', 'cbar-slot');
+      fig.appendChild(bar);
+      fig.appendChild(tab);
+      grid.appendChild(fig);
+      tables.push({a: a, H: H, cells: cells, bar: bar});
+      nAllocHeat++;
+    });
+    root.appendChild(grid);
+    function paint() {
+      var b = +sel.value;
+      tables.forEach(function (t) {
+        var v = t.a.head_keep[b], vmax = 0;
+        v.forEach(function (x) { if (x !== null && x > vmax) vmax = x; });
+        t.bar.textContent = '';
+        t.bar.appendChild(colorbar(vmax > 0 ? vmax : 1, ' kept'));
+        t.cells.forEach(function (c) {
+          var x = v[c.i], sum = 0, n = 0;
+          for (var h = 0; h < t.H; h++) {
+            var y = v[c.l * t.H + h];
+            if (y !== null) { sum += y; n++; }
+          }
+          var mean = n ? sum / n : null;
+          c.td.style.background = x === null || !(vmax > 0) ? '#d9d9d9' : viridis(x / vmax);
+          c.td.title = D.policies[t.a.policy].label + ', budget ' + D.budgets[b] + ', layer ' +
+                       c.l + ', head ' + c.h + ': ' + fmt(x) + ' kept' +
+                       (x !== null && mean ? ' (' + fmt(x / mean) + 'x the mean head)' : '');
+        });
+      });
+      body.dataset.allocBudget = String(b);
     }
     sel.addEventListener('change', paint);
     paint();
@@ -211,6 +271,7 @@
   }
   try {
     heatmaps();
+    allocHeads();
     if (window.Chart) {
       curves();
       modality();
@@ -218,6 +279,7 @@
     }
     body.dataset.chartsOk = String(nCharts);
     body.dataset.heatmapsOk = String(nHeat);
+    body.dataset.allocHeatmapsOk = String(nAllocHeat);
   } catch (e) {
     fail('report script: ' + (e && e.stack ? e.stack : e));
   }

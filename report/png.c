@@ -287,8 +287,9 @@ static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, doubl
     bool clipped = false; /* a value above vmax: the top label says "or more" */
     for (size_t i = 0; i < (size_t)n_rows * n_cols; i++)
         clipped |= grid[i] > vmax;
-    for (int i = 0; i <= 4; i++) {
-        snprintf(lab, sizeof(lab), i == 4 && clipped ? "%.2f+" : "%.2f", vmax * i / 4.0);
+    for (int i = 0; i <= 4; i++) { /* counts (a scale past 10) without decimals */
+        int dec = vmax >= 10 ? 0 : 2;
+        snprintf(lab, sizeof(lab), i == 4 && clipped ? "%.*f+" : "%.*f", dec, vmax * i / 4.0);
         cairo_move_to(cr, ml + pw + 55, mt + ph - ph * i / 4.0 + 4);
         cairo_show_text(cr, lab);
     }
@@ -321,6 +322,36 @@ static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, doubl
         st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
                            errno ? strerror(errno) : "cairo failed");
     cairo_surface_destroy(s);
+    return st;
+}
+
+kvt_status kvt_report_plot_head_keep(const kvt_results *r, size_t pol, size_t bud, const char *path,
+                                     int width, int height)
+{
+    KVT_RETURN_IF(r->n_traces == 0 || pol >= r->n_policies || bud >= r->n_budgets,
+                  KVT_ERR_INVALID_ARG, "plot: bad policy or budget");
+    const kvt_trace_result *t = r->traces[0];
+    int L = t->n_layers, H = t->policy_heads[pol];
+    size_t n;
+    KVT_RETURN_IF(L < 1 || H < 1 || kvt_mul_overflow((size_t)L * H, sizeof(double), &n),
+                  KVT_ERR_INVALID_ARG, "plot: bad shape");
+    double *grid = kvt_malloc(n), vmax = 0.0;
+    KVT_RETURN_IF(!grid, KVT_ERR_NOMEM, "plot: out of memory");
+    for (int l = 0; l < L; l++)
+        for (int h = 0; h < H; h++) {
+            double v = kvt_report_head_keep(r, pol, bud, l, h);
+            grid[(size_t)l * H + h] = v;
+            if (v > vmax)
+                vmax = v;
+        }
+    char title[240];
+    snprintf(title, sizeof(title), "kept entries per layer and head: %.60s at budget %s (%.40s)",
+             r->policies[pol].label, r->budgets[bud].text, t->model_name);
+    kvt_status st =
+        vmax > 0 ? draw_heatmap(grid, L, H, vmax, title,
+                                H == t->n_kv_heads ? "KV head" : "query head", path, width, height)
+                 : kvt_error_set(KVT_ERR_INVALID_ARG, "plot: nothing kept");
+    kvt_free(grid);
     return st;
 }
 

@@ -1,7 +1,7 @@
 /* report_data.c - the numbers behind the per-head heatmaps, the modality retention figure and
- * the layer allocation figure of `kvtrace report`: per-(layer, head) metric values and per-layer
- * kept entries averaged over the traces, which policies allocate, the heatmap budget, and where
- * Chart.js is read from. Reads a kvt_results only (analysis/).
+ * the layer allocation figures of `kvtrace report`: per-(layer, head) metric values and kept
+ * entries and per-layer kept entries averaged over the traces, which policies allocate, the heatmap
+ * budget, and where Chart.js is read from. Reads a kvt_results only (analysis/).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -26,6 +26,23 @@ double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_r
         if (layer >= t->n_layers || head >= t->policy_heads[pol])
             continue;
         double v = kvt_rec_head_value(kvt_trace_result_at(t, pol, bud, layer, head), metric);
+        if (!isnan(v))
+            sum += v, n++;
+    }
+    return n ? sum / n : NAN;
+}
+
+double kvt_report_head_keep(const kvt_results *r, size_t pol, size_t bud, int layer, int head)
+{
+    double sum = 0.0;
+    int n = 0;
+    if (pol >= r->n_policies || bud >= r->n_budgets || layer < 0 || head < 0)
+        return NAN;
+    for (size_t i = 0; i < r->n_traces; i++) {
+        const kvt_trace_result *t = r->traces[i];
+        if (layer >= t->n_layers || head >= t->policy_heads[pol])
+            continue;
+        double v = kvt_trace_result_at(t, pol, bud, layer, head)->n_keep;
         if (!isnan(v))
             sum += v, n++;
     }

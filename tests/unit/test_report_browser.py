@@ -8,7 +8,8 @@ usage: test_report_browser.py CHROMIUM INDEX_HTML [--no-chartjs] [--hostile TEXT
 Fails (exit 1, one line per problem) on: an uncaught exception or console error, a JavaScript
 dialog (alert/confirm/prompt), any request that is not file: or data:, a page script error
 recorded by the page (#js-errors), fewer figures than the page announces (every canvas drawn
-and not blank, every per-head heatmap filled, every PNG decoded), a hostile TEXT that is not
+and not blank, every per-head heatmap filled (recall and error, and the kept entries of each
+policy that allocates), every PNG decoded), a hostile TEXT that is not
 shown verbatim as text (title, h1, heatmap caption of the policy labelled TEXT + "snapkv") or
 that created elements, and a blank screenshot.
 """
@@ -189,7 +190,10 @@ def distinct_colours(png):
 # In the page: every figure the markup announces, and whether each was drawn.
 CHECK_JS = r"""(function () {
   var out = {canvases: 0, drawn: 0, blank: [], heat_tables: 0, heat_cells_painted: 0,
-             heat_cells: 0, imgs: 0, imgs_broken: [], figures: 0, remote: [],
+             heat_cells: 0, alloc_tables: 0, alloc_cells: 0, alloc_cells_painted: 0,
+             alloc_expected: JSON.parse(document.getElementById('kvt-data').textContent)
+                                 .alloc.length,
+             alloc_ok: document.body.dataset.allocHeatmapsOk || null, imgs: 0, imgs_broken: [], figures: 0, remote: [],
              charts_ok: document.body.dataset.chartsOk || null,
              heatmaps_ok: document.body.dataset.heatmapsOk || null,
              js_errors: document.getElementById('js-errors').textContent,
@@ -213,6 +217,13 @@ CHECK_JS = r"""(function () {
     t.querySelectorAll('td').forEach(function (td) {
       out.heat_cells++;
       if (td.style.background && td.title.indexOf(' = ') > 0) out.heat_cells_painted++;
+    });
+  });
+  document.querySelectorAll('#alloc-heatmaps table.heat').forEach(function (t) {
+    out.alloc_tables++;
+    t.querySelectorAll('td').forEach(function (td) {
+      out.alloc_cells++;
+      if (td.style.background && / kept/.test(td.title)) out.alloc_cells_painted++;
     });
   });
   document.querySelectorAll('img').forEach(function (im) {
@@ -295,6 +306,10 @@ def main():
                    "if(!s)return;s.value='0';s.dispatchEvent(new Event('change'));})()")
             if info["heat_tables"] and b.eval("document.body.dataset.heatBudget") != "0":
                 problems.append("the budget <select> does not repaint the heatmaps")
+            b.eval("(function(){var s=document.getElementById('alloc-budget');"
+                   "if(!s)return;s.value='0';s.dispatchEvent(new Event('change'));})()")
+            if info["alloc_tables"] and b.eval("document.body.dataset.allocBudget") != "0":
+                problems.append("the budget <select> does not repaint the allocation heatmaps")
             b.pump(0.3)
         finally:
             b.close()
@@ -343,6 +358,13 @@ def main():
         problems.append("heatmaps: %s tables (page says %s), %s of %s cells painted" %
                         (info["heat_tables"], info["heatmaps_ok"], info["heat_cells_painted"],
                          info["heat_cells"]))
+    if info["alloc_tables"] != info["alloc_expected"] or \
+            str(info["alloc_tables"]) != info["alloc_ok"] or \
+            info["alloc_cells_painted"] != info["alloc_cells"]:
+        problems.append("allocation heatmaps: %s tables of %s (page says %s), %s of %s cells "
+                        "painted" % (info["alloc_tables"], info["alloc_expected"],
+                                     info["alloc_ok"], info["alloc_cells_painted"],
+                                     info["alloc_cells"]))
     if hostile is not None:
         if hostile not in info["title"] or hostile not in info["h1"]:
             problems.append("hostile name not shown as text: title %r, h1 %r" %
@@ -353,7 +375,8 @@ def main():
     if info["scripts"] != expected_scripts:
         problems.append("%d script elements, want %d" % (info["scripts"], expected_scripts))
     summary = dict((k, info[k]) for k in ("canvases", "drawn", "heat_tables", "heat_cells",
-                                          "imgs", "figures", "scripts"))
+                                          "alloc_tables", "alloc_cells", "imgs", "figures",
+                                          "scripts"))
     print("browser: %s %s" % (os.path.basename(os.path.dirname(page)), summary))
     for p in problems:
         print("FAILED: " + p)

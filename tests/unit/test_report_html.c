@@ -86,7 +86,8 @@ static bool exists(const char *dir, const char *name)
     return stat(path, &st) == 0;
 }
 
-/* tova allocates (layer 0 keeps 1.5x, layer 1 0.5x: same total) and every trace token has a
+/* tova allocates (layer 0 keeps 1.5x, its head 0 2x and head 1 1x; layer 1 0.5x: same total) and
+ * every trace token has a
  * modality: 60 text, 40 image; each head keeps 70% text and 30% image entries (full: all) */
 static void add_alloc_and_modality(kvt_results *r)
 {
@@ -100,7 +101,7 @@ static void add_alloc_and_modality(kvt_results *r)
                 for (int h = 0; h < H; h++) {
                     kvt_head_metrics *m = kvt_trace_result_at(t, (size_t)p, (size_t)b, l, h);
                     if (p == P_TOVA)
-                        m->n_keep = btok[b] * (l == 0 ? 1.5 : 0.5);
+                        m->n_keep = btok[b] * (l == 0 ? (h == 0 ? 2.0 : 1.0) : 0.5);
                     for (int k = 0; k < KVT_N_MODALITIES; k++)
                         m->n_keep_mod[k] = 0.0;
                     m->n_keep_mod[0] = p == P_FULL ? 60 : 0.7 * m->n_keep;
@@ -116,6 +117,12 @@ static void check_data_helpers(const kvt_results *r)
     KVT_EXPECT_NEAR(kvt_report_layer_keep(r, P_TOVA, 0, 0), 15.0, 0);
     KVT_EXPECT_NEAR(kvt_report_layer_keep(r, P_TOVA, 3, 1), 40.0, 0);
     KVT_EXPECT_NEAR(kvt_report_layer_keep(r, P_SNAP, 2, 1), 40.0, 0);
+    KVT_EXPECT_NEAR(kvt_report_head_keep(r, P_TOVA, 0, 0, 0), 20.0, 0);
+    KVT_EXPECT_NEAR(kvt_report_head_keep(r, P_TOVA, 0, 0, 1), 10.0, 0);
+    KVT_EXPECT_NEAR(kvt_report_head_keep(r, P_TOVA, 3, 1, 1), 40.0, 0);
+    KVT_EXPECT(isnan(kvt_report_head_keep(r, P_TOVA, 0, 0, 2))); /* no head 2 */
+    KVT_EXPECT(isnan(kvt_report_head_keep(r, P_TOVA, 0, 2, 0))); /* no layer 2 */
+    KVT_EXPECT(isnan(kvt_report_head_keep(r, P_TOVA, NB, 0, 0)));
     KVT_EXPECT(kvt_report_policy_allocates(r, P_TOVA));
     KVT_EXPECT(!kvt_report_policy_allocates(r, P_SNAP));
     KVT_EXPECT(!kvt_report_policy_allocates(r, P_FULL));   /* references never */
@@ -177,6 +184,11 @@ static void check_page_data(const char *html)
     KVT_EXPECT_NEAR(cJSON_GetObjectItem(a0, "policy")->valuedouble, P_TOVA, 0);
     const cJSON *keep0 = cJSON_GetArrayItem(cJSON_GetObjectItem(a0, "keep"), 0);
     KVT_EXPECT(at(keep0, 0) == 15 && at(keep0, 1) == 5);
+    const cJSON *hk = cJSON_GetObjectItem(a0, "head_keep"); /* [budget][layer * H + head] */
+    KVT_EXPECT_EQ_U64(cJSON_GetArraySize(hk), NB);
+    const cJSON *hk0 = cJSON_GetArrayItem(hk, 0);
+    KVT_EXPECT_EQ_U64(cJSON_GetArraySize(hk0), L * H);
+    KVT_EXPECT(at(hk0, 0) == 20 && at(hk0, 1) == 10 && at(hk0, 2) == 5 && at(hk0, 3) == 5);
     const cJSON *mod = cJSON_GetObjectItem(d, "modality");
     const cJSON *names = cJSON_GetObjectItem(mod, "names");
     KVT_EXPECT_EQ_U64(cJSON_GetArraySize(names), 2);
@@ -218,6 +230,10 @@ static void check_page(const char *html)
     KVT_EXPECT(strstr(html, "id=\"chart-mod-text\"") != NULL);
     KVT_EXPECT(strstr(html, "id=\"chart-alloc-1\"") != NULL); /* tova */
     KVT_EXPECT(strstr(html, "id=\"chart-alloc-2\"") == NULL); /* snapkv keeps the budget */
+    KVT_EXPECT(strstr(html, "<div id=\"alloc-heatmaps\">") != NULL);
+    KVT_EXPECT(strstr(html, "<select id=\"alloc-budget\"><option value=\"0\">10</option>") != NULL);
+    KVT_EXPECT_EQ_U64(count(html, "<option value=\"3\" selected>80</option>"), 2);
+    KVT_EXPECT(strstr(html, "alt=\"alloc_heads_01_tova.png\"") != NULL);
     /* err <= 0.1: snapkv at 80 (0.0625); tova reaches 0.125 */
     KVT_EXPECT(strstr(html, "recommended: snapkv at budget 80 ") != NULL);
     KVT_EXPECT(strstr(html, "<h2 id=\"recommendation\">Recommended settings (err_decode &le; "
@@ -337,8 +353,9 @@ int main(void)
     KVT_EXPECT(exists(dir, "modality_image.png") && exists(dir, "modality_text.png"));
     KVT_EXPECT(!exists(dir, "modality_video.png"));
     KVT_EXPECT(exists(dir, "alloc_01_tova.png") && !exists(dir, "alloc_02_snapkv.png"));
-    /* err_decode, recall_window, redundancy; 2 metrics x 4 policies; text, image; tova */
-    KVT_EXPECT_EQ_U64(check_all_pngs(dir), 3 + 8 + 2 + 1);
+    KVT_EXPECT(exists(dir, "alloc_heads_01_tova.png") && !exists(dir, "alloc_heads_02_snapkv.png"));
+    /* err_decode, recall_window, redundancy; 2 metrics x 4 policies; text, image; tova's 2 */
+    KVT_EXPECT_EQ_U64(check_all_pngs(dir), 3 + 8 + 2 + 2);
     check_targets(r, dir, path);
 
     /* the Chart.js file missing: still a page, with the PNGs and a note saying so */
@@ -354,7 +371,7 @@ int main(void)
     }
     free(html);
     remove(path);
-    KVT_EXPECT_EQ_U64(check_all_pngs(dir), 14);
+    KVT_EXPECT_EQ_U64(check_all_pngs(dir), 15);
     unsetenv("KVT_CHARTJS");
     rmdir(dir);
     kvt_results_free(r);
