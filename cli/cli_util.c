@@ -190,6 +190,33 @@ bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out)
     return true;
 }
 
+bool kvt_cli_parse_size(const char *s, uint64_t *out)
+{
+    if (!s || !*s || *s == '-' || *s == '+' || *s == ' ')
+        return false;
+    errno = 0;
+    char *e = NULL;
+    double v = strtod(s, &e);
+    if (errno || e == s || !(v > 0))
+        return false;
+    static const char units[] = "KMGT";
+    const char *u = *e ? strchr(units, *e) : NULL;
+    if (*e && (!u || !*u))
+        return false;
+    if (u) {
+        for (const char *k = units; k <= u; k++)
+            v *= 1024.0;
+        e++;
+        if (!strcmp(e, "iB") || !strcmp(e, "B"))
+            e += strlen(e);
+    } else if (!strcmp(e, "B"))
+        e++;
+    if (*e || v < 1 || v >= 18446744073709551616.0)
+        return false;
+    *out = (uint64_t)v;
+    return true;
+}
+
 bool kvt_cli_parse_double(const char *s, double *out)
 {
     if (!s || !*s)

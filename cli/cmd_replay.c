@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -47,7 +48,10 @@ static void help(void)
            "                    queries (snapkv, pyramidkv, adakv, mixkv-*, sparsemm, headkv,\n"
            "                    hybridkv-like, lightkv-like) whose spec sets no window=\n"
            "                    (default: each policy's own, 32; a trace keeps W queries)\n"
-           "  --threads N       worker threads over layers (default: all cores)\n"
+           "  --threads N       worker threads over layers (default: all cores, as many as\n"
+           "                    the memory holds: each holds about one layer's arrays)\n"
+           "  --memory-limit SIZE  memory the default --threads plans for (512M, 40G;\n"
+           "                    default: what the system has available)\n"
            "  --device D        where each layer's attention, outputs, norms, unit keys and\n"
            "                    recall/error/coverage sweeps run: cpu (default), cuda (GPU 0;\n"
            "                    policies, rankings and redundancy stay on the host), or auto\n"
@@ -76,8 +80,63 @@ static void help(void)
            kvt_cli_mpi_library() ? "" : "\n(This kvtrace was built without MPI.)");
 }
 
+/* The worker threads: --threads N as given; else the cores (a node's cores shared by its
+ * processes under MPI), lowered to what the memory holds at kvt_replay_worker_bytes each (the
+ * largest over the traces) with a note saying so. A warning when the threads chosen may not
+ * fit (the system would kill the replay). *wb receives the estimate (0 if unknown). */
+static int plan_threads(const char *cmd, const char *const *traces, size_t n_traces,
+                        kvt_policy *const *pols, size_t n_pol, int probes, int threads,
+                        uint64_t mem_limit, const kvt_cli_mpi *mpi, uint64_t *wb)
+{
+    int max_layers = 0, n_l;
+    *wb = 0;
+    for (size_t t = 0; t < n_traces; t++) { /* a bad trace fails later, with its own message */
+        uint64_t b;
+        if (kvt_replay_worker_bytes(traces[t], pols, n_pol, probes, &b) == KVT_OK && b > *wb)
+            *wb = b;
+        if (kvt_replay_trace_shape(traces[t], &n_l, NULL) == KVT_OK && n_l > max_layers)
+            max_layers = n_l;
+        kvt_error_clear();
+    }
+    int local = mpi->size > 1 && mpi->local_size > 1 ? mpi->local_size : 1;
+    uint64_t avail = mem_limit ? mem_limit : kvt_mem_available() / (uint64_t)local;
+    const char *what = mem_limit ? "--memory-limit" : "available";
+    int want = threads ? threads : (kvt_cpu_count() / local > 1 ? kvt_cpu_count() / local : 1);
+    int n = want;
+    if (!threads && avail && *wb && (uint64_t)n > avail / *wb)
+        n = avail / *wb > 1 ? (int)(avail / *wb) : 1;
+    if (mpi->rank != 0 || !*wb || !avail)
+        return n;
+    char each[32], have[32], total[32];
+    kvt_cli_bytes_text((double)*wb, each, sizeof(each));
+    kvt_cli_bytes_text((double)avail, have, sizeof(have));
+    int used = n < max_layers || max_layers < 1 ? n : max_layers; /* threads that get a layer */
+    if (n < want && n < max_layers)
+        fprintf(stderr,
+                "kvtrace %s: %d worker thread%s, not %d: each holds about %s for a layer of these "
+                "traces and %s is %s (--threads N or --memory-limit SIZE to choose)\n",
+                cmd, n, n == 1 ? "" : "s", want, each, have, mem_limit ? "the limit" : what);
+    if ((uint64_t)used * *wb > avail) {
+        if (used == 1)
+            fprintf(stderr,
+                    "kvtrace %s: warning: one worker thread holds about %s for a layer of these "
+                    "traces, "
+                    "more than the %s %s: the system may kill the replay for lack of memory\n",
+                    cmd, each, have, what);
+        else
+            fprintf(stderr,
+                    "kvtrace %s: warning: %d worker threads hold about %s (%s each for a layer of "
+                    "these "
+                    "traces), more than the %s %s: the system may kill the replay for lack of "
+                    "memory (fewer --threads)\n",
+                    cmd, used, kvt_cli_bytes_text((double)used * *wb, total, sizeof(total)), each,
+                    have, what);
+    }
+    return n;
+}
+
 /* --profile: where the time went, on stderr (one "profile:" line per part) */
-static void print_profile(const kvt_replay_profile *p, kvt_device device)
+static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64_t wb, int threads)
 {
     double wall = p->wall_ns * 1e-9;
     fflush(stdout); /* the table first, also when both streams go to one pipe */
@@ -89,6 +148,15 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device)
     char blas[160];
     kvt_kernels_cpu_describe(blas, sizeof(blas));
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);
+    struct rusage ru;
+    if (!getrusage(RUSAGE_SELF, &ru)) {
+        char peak[32], each[32];
+        fprintf(stderr,
+                "profile: memory: peak RSS %s; estimated %s per worker thread (%d threads, "
+                "kvt_replay_worker_bytes)\n",
+                kvt_cli_bytes_text((double)ru.ru_maxrss * 1024.0, peak, sizeof(peak)),
+                wb ? kvt_cli_bytes_text((double)wb, each, sizeof(each)) : "?", threads);
+    }
     if (device != KVT_DEVICE_CUDA)
         return;
     const struct {
@@ -388,6 +456,7 @@ int kvt_cmd_replay(int argc, char **argv)
     const char **traces = kvt_calloc((size_t)argc + 1, sizeof(char *));
     size_t n_traces = 0;
     int threads = 0, probes = -1, rc = 1, shard_i = 0, shard_n = 0, window = 0;
+    uint64_t mem_limit = 0, worker_bytes = 0;
     int *units = NULL; /* [n_units][2] (trace, layer) of this shard */
     int *shape = NULL; /* [n_traces][2] layers and tokens of each trace, when sharded */
     size_t n_units = 0, n_units_all = 0;
@@ -474,6 +543,13 @@ int kvt_cmd_replay(int argc, char **argv)
             NEED_VALUE();
             if (!kvt_cli_parse_int(v, 1, 4096, &threads)) {
                 kvt_cli_fail(cmd, "--threads %s: expected 1..4096", v);
+                rc = 2; /* usage */
+                goto out_free;
+            }
+        } else if (!strcmp(a, "--memory-limit")) {
+            NEED_VALUE();
+            if (!kvt_cli_parse_size(v, &mem_limit)) {
+                kvt_cli_fail(cmd, "--memory-limit %s: expected a size such as 512M or 40G", v);
                 rc = 2; /* usage */
                 goto out_free;
             }
@@ -580,9 +656,9 @@ int kvt_cmd_replay(int argc, char **argv)
         rc = 1;
         shard_i = mpi.rank;
         shard_n = mpi.size;
-        if (!threads) /* the node's cores shared by its processes */
-            threads = kvt_cpu_count() / mpi.local_size > 1 ? kvt_cpu_count() / mpi.local_size : 1;
     }
+    threads = plan_threads(cmd, (const char *const *)traces, n_traces, pols, n_pol, probes, threads,
+                           mem_limit, &mpi, &worker_bytes);
     res->seed = seed;
     res->coverage_probes = probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : probes;
     res->n_threads = threads > 0 ? threads : kvt_cpu_count();
@@ -770,7 +846,7 @@ int kvt_cmd_replay(int argc, char **argv)
     if (profile && mpi.size > 1)
         fprintf(stderr, "profile: MPI rank 0 of %d, its own shard:\n", mpi.size);
     if (profile)
-        print_profile(&prof, device);
+        print_profile(&prof, device, worker_bytes, threads);
     char procs[48] = "";
     if (mpi.size > 1)
         snprintf(procs, sizeof(procs), ", %d MPI processes", mpi.size);

@@ -134,6 +134,10 @@ const char *kvt_version_string(void);
 uint64_t kvt_now_ns(void);
 /** Number of online CPUs (>= 1). */
 int kvt_cpu_count(void);
+/** Memory this process can still take, in bytes: the smallest of the system's MemAvailable
+ *  (/proc/meminfo) and the room left under the process's cgroup memory limit (v2 memory.max
+ *  or v1 memory.limit_in_bytes) when it has one; 0 when none of them can be read. */
+uint64_t kvt_mem_available(void);
 
 /** Create a new temporary file next to `path` (the same directory, so that rename is atomic)
  *  for writing (O_EXCL, mode & ~umask): PATH.tmp.PID.N when its last component fits in

@@ -1,5 +1,5 @@
-/* misc.c - clock, CPU count and the deterministic xorshift64* generator shared by tests,
- * the synthetic trace generator and the seeded random policy.
+/* misc.c - clock, CPU count, available memory and the deterministic xorshift64* generator shared by
+ * tests, the synthetic trace generator and the seeded random policy.
  */
 #include "kvt_common.h"
 
@@ -25,6 +25,72 @@ int kvt_cpu_count(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : (int)n;
+}
+
+/* the first number of a file (a cgroup limit or usage); false for "max" or unreadable */
+static bool read_u64_file(const char *path, uint64_t *v)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    unsigned long long x;
+    bool ok = fscanf(f, "%llu", &x) == 1;
+    fclose(f);
+    *v = (uint64_t)x;
+    return ok;
+}
+
+/* the process's cgroup v2 directory under /sys/fs/cgroup (from /proc/self/cgroup "0::/path") */
+static bool cgroup2_dir(char *dir, size_t cap)
+{
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (!f)
+        return false;
+    char line[1024];
+    bool ok = false;
+    while (!ok && fgets(line, sizeof(line), f))
+        if (!strncmp(line, "0::", 3)) {
+            line[strcspn(line, "\n")] = 0;
+            int n = snprintf(dir, cap, "/sys/fs/cgroup%s", strcmp(line + 3, "/") ? line + 3 : "");
+            ok = n > 0 && (size_t)n < cap;
+        }
+    fclose(f);
+    return ok;
+}
+
+static void take_min(uint64_t *best, uint64_t v)
+{
+    if (*best == 0 || v < *best)
+        *best = v;
+}
+
+uint64_t kvt_mem_available(void)
+{
+    uint64_t best = 0, lim, use;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        unsigned long long kb;
+        while (fgets(line, sizeof(line), f))
+            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
+                take_min(&best, (uint64_t)kb * 1024);
+                break;
+            }
+        fclose(f);
+    }
+    char dir[1100], path[1200];
+    if (cgroup2_dir(dir, sizeof(dir))) {
+        snprintf(path, sizeof(path), "%s/memory.max", dir);
+        if (read_u64_file(path, &lim)) { /* "max" (no limit) does not parse */
+            snprintf(path, sizeof(path), "%s/memory.current", dir);
+            take_min(&best, read_u64_file(path, &use) && use < lim ? lim - use : 1);
+        }
+    }
+    if (read_u64_file("/sys/fs/cgroup/memory/memory.limit_in_bytes", &lim) &&
+        lim < (UINT64_C(1) << 60) && /* v1 without a limit: a huge number */
+        read_u64_file("/sys/fs/cgroup/memory/memory.usage_in_bytes", &use))
+        take_min(&best, use < lim ? lim - use : 1);
+    return best;
 }
 
 void kvt_rng_seed(kvt_rng *r, uint64_t seed)

@@ -188,9 +188,12 @@ typedef struct kvt_replay_profile {
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {
-    int n_threads;       /* worker threads over layers; 0 = all cores */
-    int coverage_probes; /* probe keys for coverage (see RESULTS.md); 0 = no coverage;
-                            negative = default 256 */
+    int n_threads;         /* worker threads over layers; 0 = all cores, as many as memory_limit
+                              holds (kvt_replay_threads) */
+    uint64_t memory_limit; /* bytes the workers may hold together when n_threads is 0; 0 = what
+                              the system has available (kvt_mem_available) */
+    int coverage_probes;   /* probe keys for coverage (see RESULTS.md); 0 = no coverage;
+                              negative = default 256 */
     /* progress: layers done of total, called under a lock; may be NULL */
     void (*progress)(void *user, uint64_t done, uint64_t total);
     void *progress_user;
@@ -291,6 +294,19 @@ void kvt_trace_result_free(kvt_trace_result *r);
 /** Layer and token counts of a trace, from its header (n_layers, n_tokens). Either pointer
  *  may be NULL. */
 kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens);
+
+/** Estimated peak memory, in bytes, of one replay worker on one layer of `path` with these
+ *  policies (`coverage_probes` as in kvt_replay_opts: negative = the default): the arrays of
+ *  the layer context (K, V and unit keys in f32, the window and decode attention
+ *  probabilities), the probe cosine table, rankings and policy scratch, modelled per prompt
+ *  token and fitted on measured peaks (bench/RESULTS.md), on the high side by 15-25%. The
+ *  replay's memory is about this times its worker threads. */
+kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                   int coverage_probes, uint64_t *bytes);
+/** Worker threads for a replay of `n_layers` layers: `requested` when > 0; else the CPU
+ *  count, lowered to what `memory` bytes hold at `worker_bytes` each (memory 0: unknown, no
+ *  limit), at least 1. Never more than n_layers (>= 1). */
+int kvt_replay_threads(int requested, int n_layers, uint64_t worker_bytes, uint64_t memory);
 
 /** Replay a trace file: every policy at every budget, layer by layer on a thread pool.
  * @return KVT_OK; errors from the reader; KVT_ERR_NOT_FOUND naming a tensor a policy needs

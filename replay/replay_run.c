@@ -297,6 +297,70 @@ kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens
     return KVT_OK;
 }
 
+/* bytes per prompt token one worker holds (see kvt_replay_worker_bytes), fitted on the
+ * llama3-8b, llama2-7b and qwen2-vl-7b shapes at T = 4K and 16K (bench/RESULTS.md, 2026-12-02):
+ * f32 K, V and unit keys; f32 window and decode probabilities and one KV group's transposed
+ * copy; key/value norms; the probe cosine table; per policy its ranking and scores; lightkv's
+ * merged copies and the per-step policies' scratch; 1.5 KB of smaller per-token arrays */
+static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int probes,
+                                     kvt_policy *const *pols, size_t n_pol)
+{
+    double b = 12.0 * Hkv * D + 4.0 * (Hq + Hq / Hkv) * (W + G) + 16.0 * Hkv + 4.0 * probes + 1536;
+    for (size_t p = 0; p < n_pol; p++) {
+        unsigned f = kvt_policy_flags(pols[p]);
+        b += 8.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
+        if (f & KVT_POLICY_MERGED)
+            b += 3584;
+        if (f & KVT_POLICY_PER_STEP)
+            b += 1024 + 96.0 * Hkv;
+    }
+    return b;
+}
+
+static uint64_t worker_bytes(int T, int Hq, int Hkv, int D, int W, int G, int probes,
+                             kvt_policy *const *pols, size_t n_pol)
+{
+    if (probes > T)
+        probes = T;
+    double per = worker_bytes_per_token(Hq, Hkv, D, W, G, probes, pols, n_pol);
+    return (uint64_t)(1.15 * per * T) + (UINT64_C(16) << 20);
+}
+
+kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                   int coverage_probes, uint64_t *bytes)
+{
+    *bytes = 0;
+    kvt_trace_reader *rd;
+    KVT_FORWARD(kvt_trace_reader_open(path, &rd));
+    cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    int Hq = jint(model, "n_q_heads"), Hkv = jint(model, "n_kv_heads");
+    int D = jint(model, "head_dim"), T = jint(hdr, "n_tokens");
+    cJSON_Delete(hdr);
+    uint32_t h, w = 0, g = 0, d;
+    if (!has_kind(rd, 0, KVT_KIND_Q_WINDOW, &h, &w, &d, NULL))
+        w = 0;
+    if (!has_kind(rd, 0, KVT_KIND_Q_DECODE, &h, &g, &d, NULL))
+        g = 0;
+    kvt_trace_reader_close(rd);
+    KVT_RETURN_IF(Hq < 1 || Hkv < 1 || D < 1 || T < 1 || Hq % Hkv, KVT_ERR_CORRUPT,
+                  "%s: the header lacks the model's shape or n_tokens", path);
+    *bytes = worker_bytes(T, Hq, Hkv, D, (int)w, (int)g,
+                          coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : coverage_probes, pols,
+                          n_pol);
+    return KVT_OK;
+}
+
+int kvt_replay_threads(int requested, int n_layers, uint64_t worker_bytes, uint64_t memory)
+{
+    int n = requested > 0 ? requested : kvt_cpu_count();
+    if (requested <= 0 && memory > 0 && worker_bytes > 0 && (uint64_t)n > memory / worker_bytes)
+        n = memory / worker_bytes > 1 ? (int)(memory / worker_bytes) : 1;
+    if (n_layers >= 1 && n > n_layers)
+        n = n_layers;
+    return n;
+}
+
 static int policy_window(const kvt_policy *p)
 {
     const char *k = p->def->keys;
@@ -509,7 +573,14 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     sh.n_sel = sh.L;
     for (int l = 0; o->layer_mask && l < sh.L; l++)
         sh.n_sel -= !o->layer_mask[l];
-    int n_th = o->n_threads > 0 ? o->n_threads : kvt_cpu_count();
+    int n_th = o->n_threads;
+    if (n_th <= 0) { /* as many as the cores, and as the memory holds */
+        int n_probe_all = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
+        uint64_t wb = worker_bytes(sh.T, sh.Hq, sh.Hkv, sh.D, sh.W, sh.has_qd ? sh.G : 0,
+                                   n_probe_all, pols, n_pol);
+        n_th = kvt_replay_threads(0, sh.n_sel, wb,
+                                  o->memory_limit ? o->memory_limit : kvt_mem_available());
+    }
     if (n_th > sh.L)
         n_th = sh.L;
     th = kvt_calloc((size_t)n_th, sizeof(pthread_t));

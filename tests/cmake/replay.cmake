@@ -26,3 +26,6 @@ kvt_add_script_test(test_replay_device_gpu
                     COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh cuda LABELS gpu)
 # OpenBLAS's generic kernels are never used on a CPU with better ones (the re-execution).
 kvt_add_script_test(test_blas_core COMMAND bash ${KVT_TEST_DIR}/unit/test_blas_core.sh LABELS cpu)
+# Worker threads planned for the memory at hand (kvt_replay_worker_bytes, --memory-limit).
+kvt_add_script_test(test_replay_memory COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_memory.sh
+                    LABELS cpu noasan)
