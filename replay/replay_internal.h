@@ -218,4 +218,20 @@ int kvt_pyramid_layer_budget(int B, int W, int T, int L, int l, double beta, boo
  *  *out [L*H] (missing = NaN). Caller frees with kvt_free. */
 kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, double **out);
 
+/** A NumPy .npy array of floats (npy.c), little-endian, C order. */
+#define KVT_NPY_MAX_DIMS 8
+typedef struct kvt_npy {
+    int ndim, shape[KVT_NPY_MAX_DIMS];
+    int elem;   /* bytes per element: 2 (float16), 4 (float32) or 8 (float64) */
+    size_t n;   /* elements */
+    void *data; /* n * elem bytes */
+} kvt_npy;
+/** Read PATH (np.save of a float16/32/64 array, versions 1.0-3.0). KVT_ERR_IO (cannot open;
+ *  not a regular file), KVT_ERR_CORRUPT (not .npy, cut short, data size off the shape),
+ *  KVT_ERR_UNSUPPORTED (another dtype, big-endian, Fortran order). kvt_npy_free releases. */
+kvt_status kvt_read_npy(const char *path, kvt_npy *out);
+/** Element i as a double. */
+double kvt_npy_at(const kvt_npy *a, size_t i);
+void kvt_npy_free(kvt_npy *a);
+
 #endif /* KVT_REPLAY_INTERNAL_H */

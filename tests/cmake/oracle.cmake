@@ -9,8 +9,10 @@
 #   test_format_spec             traces/FORMAT.md: an independent reader written from it alone
 #                                (format_reader.py) against the binding and the CLI on real
 #                                traces, cut short, damaged and with newer versions/kinds
+#   test_external_policy         external:scores=FILE.npy (a user's own scores) against NumPy:
+#                                kept sets, knorm's metrics from -|k|, bad files
 if(KVT_SYS_PYTHON)
-    foreach(t test_replay_oracle_selftest test_peer_torch test_format_spec)
+    foreach(t test_replay_oracle_selftest test_peer_torch test_format_spec test_external_policy)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -1,0 +1,204 @@
+/* npy.c - read a NumPy .npy file of floats (np.save's format, versions 1.0 to 3.0): the magic
+ * "\x93NUMPY", a version, a header length, a Python dict literal with 'descr', 'fortran_order'
+ * and 'shape', then the array's bytes. Used by the external policy (scores=FILE.npy). Only
+ * what np.save writes for a C-ordered little-endian float16/32/64 array is accepted; anything
+ * else is one clear error.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "replay_internal.h"
+
+#define NPY_MAX_HEADER (1u << 20)
+
+/* the value text after 'key': in the header dict, or NULL */
+static const char *dict_value(const char *hdr, const char *key)
+{
+    char pat[32];
+    snprintf(pat, sizeof(pat), "'%s'", key);
+    const char *p = strstr(hdr, pat);
+    if (!p) {
+        snprintf(pat, sizeof(pat), "\"%s\"", key);
+        p = strstr(hdr, pat);
+    }
+    if (!p)
+        return NULL;
+    p += strlen(pat);
+    while (*p == ' ')
+        p++;
+    if (*p != ':')
+        return NULL;
+    p++;
+    while (*p == ' ')
+        p++;
+    return p;
+}
+
+kvt_status kvt_read_npy(const char *path, kvt_npy *out)
+{
+    memset(out, 0, sizeof(*out));
+    kvt_status st = KVT_OK;
+    char *hdr = NULL;
+    FILE *f = kvt_fopen_regular(path);
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
+    struct stat sb;
+    unsigned char pre[12];
+    if (fstat(fileno(f), &sb) != 0) {
+        st = kvt_error_set(KVT_ERR_IO, "%s: %s", path, strerror(errno));
+        goto out;
+    }
+    if (fread(pre, 1, 10, f) != 10 || memcmp(pre, "\x93NUMPY", 6) != 0) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s is not a NumPy .npy file (np.save writes one)",
+                           path);
+        goto out;
+    }
+    int major = pre[6];
+    uint32_t hlen;
+    long off;
+    if (major == 1) {
+        hlen = (uint32_t)pre[8] | (uint32_t)pre[9] << 8;
+        off = 10;
+    } else if (major == 2 || major == 3) {
+        if (fread(pre + 10, 1, 2, f) != 2) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: the .npy header is cut short", path);
+            goto out;
+        }
+        hlen = (uint32_t)pre[8] | (uint32_t)pre[9] << 8 | (uint32_t)pre[10] << 16 |
+               (uint32_t)pre[11] << 24;
+        off = 12;
+    } else {
+        st = kvt_error_set(KVT_ERR_UNSUPPORTED, "%s: .npy format version %d.%d is not supported",
+                           path, major, pre[7]);
+        goto out;
+    }
+    if (hlen > NPY_MAX_HEADER || (uint64_t)off + hlen > (uint64_t)sb.st_size) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: the .npy header is cut short or too long", path);
+        goto out;
+    }
+    hdr = kvt_malloc(hlen + 1);
+    if (!hdr) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s", path);
+        goto out;
+    }
+    if (fread(hdr, 1, hlen, f) != hlen) {
+        st = kvt_error_set(KVT_ERR_IO, "%s: read failed", path);
+        goto out;
+    }
+    hdr[hlen] = '\0';
+    const char *descr = dict_value(hdr, "descr"), *fo = dict_value(hdr, "fortran_order");
+    const char *shape = dict_value(hdr, "shape");
+    if (!descr || !fo || !shape || *shape != '(') {
+        st = kvt_error_set(KVT_ERR_CORRUPT,
+                           "%s: the .npy header lacks descr, fortran_order or "
+                           "shape",
+                           path);
+        goto out;
+    }
+    char q = *descr;
+    if ((q != '\'' && q != '"') || strlen(descr) < 5 || descr[4] != q) {
+        st = kvt_error_set(KVT_ERR_UNSUPPORTED,
+                           "%s: dtype %.20s is not a float16, float32 or "
+                           "float64",
+                           path, descr);
+        goto out;
+    }
+    char code[4] = {descr[1], descr[2], descr[3], 0};
+    if (code[0] == '>' && code[1] == 'f') {
+        st = kvt_error_set(KVT_ERR_UNSUPPORTED,
+                           "%s: big-endian floats (%s); save with "
+                           "astype('<f4')",
+                           path, code);
+        goto out;
+    }
+    if ((code[0] != '<' && code[0] != '=') || code[1] != 'f' ||
+        (code[2] != '2' && code[2] != '4' && code[2] != '8')) {
+        st = kvt_error_set(KVT_ERR_UNSUPPORTED,
+                           "%s: dtype '%s' is not a float16, float32 or "
+                           "float64 array (save scores with astype(np.float32))",
+                           path, code);
+        goto out;
+    }
+    out->elem = code[2] - '0';
+    if (strncmp(fo, "False", 5) != 0) {
+        st = kvt_error_set(KVT_ERR_UNSUPPORTED,
+                           "%s: a Fortran-ordered array; save "
+                           "np.ascontiguousarray(scores)",
+                           path);
+        goto out;
+    }
+    const char *p = shape + 1;
+    uint64_t n = 1;
+    for (;;) {
+        while (*p == ' ')
+            p++;
+        if (*p == ')')
+            break;
+        char *e;
+        errno = 0;
+        unsigned long long v = strtoull(p, &e, 10);
+        if (e == p || errno || v > INT32_MAX || out->ndim == KVT_NPY_MAX_DIMS) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: bad or unsupported shape %.60s", path, shape);
+            goto out;
+        }
+        out->shape[out->ndim++] = (int)v;
+        n *= v;
+        p = e;
+        while (*p == ' ')
+            p++;
+        if (*p == ',')
+            p++;
+        else if (*p != ')') {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: bad shape %.60s", path, shape);
+            goto out;
+        }
+    }
+    uint64_t bytes = n * (uint64_t)out->elem, have = (uint64_t)sb.st_size - (uint64_t)off - hlen;
+    if (have != bytes) {
+        st = kvt_error_set(KVT_ERR_CORRUPT,
+                           "%s: the shape needs %llu bytes of data, the file holds %llu%s", path,
+                           (unsigned long long)bytes, (unsigned long long)have,
+                           have < bytes ? " (cut short?)" : "");
+        goto out;
+    }
+    out->n = (size_t)n;
+    out->data = kvt_malloc(bytes ? (size_t)bytes : 1);
+    if (!out->data) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s (%llu bytes)", path,
+                           (unsigned long long)bytes);
+        goto out;
+    }
+    if (fread(out->data, 1, (size_t)bytes, f) != bytes)
+        st = kvt_error_set(KVT_ERR_IO, "%s: read failed", path);
+out:
+    kvt_free(hdr);
+    fclose(f);
+    if (st)
+        kvt_npy_free(out);
+    return st;
+}
+
+double kvt_npy_at(const kvt_npy *a, size_t i)
+{
+    const unsigned char *b = (const unsigned char *)a->data + i * (size_t)a->elem;
+    if (a->elem == 8) {
+        double d;
+        memcpy(&d, b, 8);
+        return d;
+    }
+    if (a->elem == 4) {
+        float x;
+        memcpy(&x, b, 4);
+        return x;
+    }
+    uint16_t h;
+    memcpy(&h, b, 2);
+    return kvt_f16_to_f32(h);
+}
+
+void kvt_npy_free(kvt_npy *a)
+{
+    kvt_free(a->data);
+    memset(a, 0, sizeof(*a));
+}

@@ -1,0 +1,93 @@
+/* policy_external.c - `external`: your own per-token scores, from a NumPy file
+ * (scores=FILE.npy, np.save of an array [L, H', T]: layers, heads, prompt tokens; H' = the KV
+ * heads, or the query heads with heads=query). Each head keeps its highest-scoring tokens,
+ * ties to the earlier token, the last `window` prompt tokens always (default 0), with the
+ * uniform budget of every other policy: a score computed in Python from a trace (or from
+ * anywhere) is replayed at every budget with every metric, without writing C.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "../replay_internal.h"
+
+static void d_external(kvt_policy_opts *o)
+{
+    o->window = 0;
+}
+
+static kvt_status init_external(kvt_policy *p)
+{
+    KVT_RETURN_IF(!p->o.scores, KVT_ERR_INVALID_ARG,
+                  "external needs scores=FILE.npy: np.save of a float array [layers, heads, "
+                  "tokens] (README: your own policy)");
+    kvt_npy *a = kvt_calloc(1, sizeof(*a));
+    KVT_RETURN_IF(!a, KVT_ERR_NOMEM, "out of memory");
+    kvt_status st = kvt_read_npy(p->o.scores, a);
+    if (st == KVT_OK && a->ndim != 3)
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "external: %s has %d dimensions; expected 3: [layers, heads, tokens]",
+                           p->o.scores, a->ndim);
+    if (st) {
+        char msg[512]; /* "external: " once, whatever the reader said */
+        snprintf(msg, sizeof(msg), "%s", kvt_error_msg());
+        kvt_npy_free(a);
+        kvt_free(a);
+        return strncmp(msg, "external: ", 10) ? kvt_error_set(st, "external: %s", msg)
+                                              : kvt_error_set(st, "%s", msg);
+    }
+    p->state = a;
+    return KVT_OK;
+}
+
+static void fini_external(kvt_policy *p)
+{
+    if (p->state) {
+        kvt_npy_free(p->state);
+        kvt_free(p->state);
+        p->state = NULL;
+    }
+}
+
+static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                               kvt_layer_selection *sel)
+{
+    const kvt_npy *a = p->state;
+    const int T = c->T, H = kvt_ctx_heads(c, p->o.per_query);
+    const int W = p->o.window < T ? p->o.window : T, P = T - W;
+    KVT_RETURN_IF(
+        a->shape[0] != c->n_layers || a->shape[1] != H || a->shape[2] != T, KVT_ERR_INVALID_ARG,
+        "external: %s has shape (%d, %d, %d); this trace needs (%d, %d, %d): %d layers, "
+        "%d %s heads (heads=%s), %d prompt tokens",
+        p->o.scores, a->shape[0], a->shape[1], a->shape[2], c->n_layers, H, T, c->n_layers, H,
+        p->o.per_query ? "query" : "KV", p->o.per_query ? "query" : "kv", T);
+    KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, W, n_b, true));
+    double *s = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
+    const size_t base = (size_t)c->layer * H * T;
+    for (int h = 0; h < H; h++)
+        for (int j = 0; j < P; j++) {
+            double v = kvt_npy_at(a, base + (size_t)h * T + j);
+            if (isnan(v)) {
+                kvt_free(s);
+                return kvt_error_set(KVT_ERR_NAN,
+                                     "external: %s: NaN score at layer %d, head %d, token %d",
+                                     p->o.scores, c->layer, h, j);
+            }
+            s[(size_t)h * P + j] = v;
+        }
+    kvt_status st = kvt_sel_rank_window_all(sel, s, W);
+    kvt_free(s);
+    kvt_counts_uniform(sel, B, n_b);
+    return st;
+}
+
+const kvt_policy_def kvt_policy_def_external = {
+    .name = "external",
+    .summary = "your own per-token scores: keeps each head's highest (scores=FILE.npy, "
+               "[layers, heads, tokens])",
+    .keys = "window,heads,scores",
+    .defaults = d_external,
+    .init = init_external,
+    .fini = fini_external,
+    .select = sel_external,
+};

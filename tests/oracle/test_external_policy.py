@@ -1,0 +1,187 @@
+#!/usr/bin/python3
+"""test_external_policy.py - `external:scores=FILE.npy`: a user's own per-token scores replayed
+as a policy, checked against NumPy.
+
+The workflow the README shows: read a trace with the Python binding, compute a score per
+(layer, head, token) in NumPy, np.save it, replay it with kvtrace at every budget. Checked:
+
+  * the kept sets (--export-selection JSON) equal NumPy's: the last `window` tokens, then each
+    head's highest scores, ties to the earlier token (scores rounded so that ties occur), at
+    budgets below, at and above the window and above the prompt; heads=kv [L, Hkv, T] and
+    heads=query [L, Hq, T]; float16, float32 and float64 files, .npy format 1.0 and 2.0;
+  * scores = minus each key's L2 norm (computed here from the trace's K) give exactly the
+    metrics of the built-in knorm policy, which ranks by the same thing;
+  * bad files are one clear line and a non-zero exit: wrong shape (naming both shapes), a NaN
+    (naming layer, head and token), not .npy, cut short, an integer dtype, big-endian,
+    Fortran order, a directory, a missing file, 2 dimensions, scores= missing.
+
+Environment (tests/cmake/oracle.cmake): KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without
+NumPy or the CLI.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+try:
+    import numpy as np
+except ImportError:
+    print("SKIP: no NumPy")
+    sys.exit(77)
+
+BIN = os.environ.get("KVT_BIN")
+ROOT = os.environ.get("KVT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
+if not BIN or not os.access(BIN, os.X_OK):
+    print("SKIP: KVT_BIN does not name the kvtrace CLI")
+    sys.exit(77)
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import kvtrace  # noqa: E402
+
+failures = []
+
+
+def check(ok, what):
+    if not ok:
+        failures.append(what)
+        print("FAILED: " + what)
+
+
+def run(*args):
+    return subprocess.run([BIN] + list(args), capture_output=True, text=True)
+
+
+def replay(trace, spec, budgets, out, extra=()):
+    r = run("replay", trace, "--policy", spec, "--budgets", budgets, "--threads", "2",
+            "--export-selection", out + ".sel.json", "-o", out, "--force", *extra)
+    if r.returncode != 0:
+        raise SystemExit("FAILED: replay %s: %s" % (spec, r.stderr))
+    return json.load(open(out + ".sel.json")), json.load(open(out))
+
+
+def expected_kept(s, T, W, B):
+    """NumPy's kept set of one head with scores s [T]: the last W tokens (a budget below the
+    window keeps its most recent B), then the highest scores, ties to the earlier token"""
+    W = min(W, T)
+    if B >= T:
+        return list(range(T))
+    if B <= W:
+        return list(range(T - B, T))
+    P = T - W
+    order = np.lexsort((np.arange(P), -s[:P].astype(np.float64)))  # score desc, index asc
+    return sorted(order[:B - W].tolist()) + list(range(P, T))
+
+
+def check_kept(sel, scores, W, budgets_tok, heads, T, what):
+    n = 0
+    for rec in sel["records"]:
+        if rec["step"] != -1:
+            continue
+        b = budgets_tok[rec["budget"]]
+        want = expected_kept(scores[rec["layer"], rec["head"]], T, W, b)
+        got = sorted(rec["kept"])
+        if got != want:
+            check(False, "%s: layer %d head %d budget %d: kept %s, NumPy %s" %
+                  (what, rec["layer"], rec["head"], b, got, want))
+            return
+        n += 1
+    check(n == scores.shape[0] * heads * len(budgets_tok),
+          "%s: %d records, want %d" % (what, n, scores.shape[0] * heads * len(budgets_tok)))
+    print("ok: %s: %d kept sets equal NumPy's" % (what, n))
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    tr = os.path.join(tmp, "t.kvt")
+    r = run("synth", "--shape", "tiny", "--tokens", "48", "--window", "8", "--decode", "4",
+            "-o", tr)
+    assert r.returncode == 0, r.stderr
+    with kvtrace.open(tr) as t:
+        L = len(t.layers())
+        Hkv, T, D = t.shape("K", 0)
+        Hq = t.shape("Q_window", 0)[0]
+        K = [np.asarray(t.read("K", l, dtype="float32"), dtype=np.float64) for l in range(L)]
+    rng = np.random.default_rng(7)
+    budgets = "3,8,13,20,48,60"
+    btok = [3, 8, 13, 20, 48, 60]
+
+    # kept sets: KV heads, float32, window 0 and 8; ties (scores on a 0.5 grid)
+    s = np.round(rng.standard_normal((L, Hkv, T)) * 2) / 2
+    f32 = os.path.join(tmp, "s32.npy")
+    np.save(f32, s.astype(np.float32))
+    for W in (0, 8):
+        spec = "external:scores=%s%s" % (f32, ",window=%d" % W if W else "")
+        sel, res = replay(tr, spec, budgets, os.path.join(tmp, "r%d.json" % W))
+        check_kept(sel, s, W, btok, Hkv, T, "kv heads, float32, window %d" % W)
+    # query heads, float64, .npy 2.0
+    sq = rng.standard_normal((L, Hq, T))
+    f64 = os.path.join(tmp, "s64.npy")
+    with open(f64, "wb") as f:
+        np.lib.format.write_array(f, sq, version=(2, 0))
+    sel, res = replay(tr, "external:scores=%s,heads=query,window=4" % f64, budgets,
+                      os.path.join(tmp, "rq.json"))
+    check_kept(sel, sq, 4, btok, Hq, T, "query heads, float64, npy 2.0, window 4")
+    # float16
+    f16 = os.path.join(tmp, "s16.npy")
+    np.save(f16, s.astype(np.float16))
+    sel, res = replay(tr, "external:scores=%s" % f16, budgets, os.path.join(tmp, "r16.json"))
+    check_kept(sel, s.astype(np.float16).astype(np.float64), 0, btok, Hkv, T, "float16")
+
+    # minus the key norms: the knorm policy, metric for metric
+    norms = np.stack([-np.linalg.norm(K[l], axis=-1) for l in range(L)])  # [L, Hkv, T]
+    fn = os.path.join(tmp, "knorm.npy")
+    np.save(fn, norms)
+    _, a = replay(tr, "external:scores=%s" % fn, budgets, os.path.join(tmp, "ext.json"))
+    _, b = replay(tr, "knorm", budgets, os.path.join(tmp, "knorm.json"))
+    ma, mb = a["traces"][0]["runs"][0]["metrics"], b["traces"][0]["runs"][0]["metrics"]
+    check(ma == mb, "external with minus the key norms differs from knorm: %s vs %s" %
+          (json.dumps(ma)[:300], json.dumps(mb)[:300]))
+    if ma == mb:
+        print("ok: external(-|k|) = knorm on every metric (%d values)" %
+              sum(len(v) * len(v[0]) for v in ma.values() if isinstance(v, list)))
+
+    # bad files: one line, non-zero exit, no results
+    def bad(name, make, want, spec_extra=""):
+        path = os.path.join(tmp, name)
+        if make:
+            make(path)
+        out = os.path.join(tmp, "bad.json")
+        r = run("replay", tr, "--policy", "external:scores=%s%s" % (path, spec_extra),
+                "-o", out)
+        lines = r.stderr.strip().splitlines()
+        ok = r.returncode != 0 and len(lines) == 1 and want in r.stderr and \
+            not os.path.exists(out) and "Traceback" not in r.stderr
+        check(ok, "%s: exit %d, stderr %r (want %r)" % (name, r.returncode, r.stderr, want))
+        if ok:
+            print("ok: %s: %s" % (name, lines[0]))
+
+    bad("shape.npy", lambda p: np.save(p, s[:, :, :40].astype(np.float32)),
+        "has shape (%d, %d, 40); this trace needs (%d, %d, %d)" % (L, Hkv, L, Hkv, T))
+    bad("query_shape.npy", lambda p: np.save(p, s.astype(np.float32)),
+        "this trace needs (%d, %d, %d)" % (L, Hq, T), ",heads=query")
+    nan = s.astype(np.float32).copy()
+    nan[1, 1, 5] = np.nan
+    bad("nan.npy", lambda p: np.save(p, nan), "NaN score at layer 1, head 1, token 5")
+    bad("text.npy", lambda p: open(p, "w").write("1 2 3\n"), "is not a NumPy .npy file")
+
+    def cut(p):
+        np.save(p, s.astype(np.float32))
+        with open(p, "r+b") as f:
+            f.truncate(os.path.getsize(p) - 7)
+    bad("cut.npy", cut, "cut short")
+    bad("int.npy", lambda p: np.save(p, np.zeros((L, Hkv, T), np.int32)),
+        "is not a float16, float32 or float64")
+    bad("big.npy", lambda p: np.save(p, s.astype(">f4")), "big-endian")
+    bad("fortran.npy", lambda p: np.save(p, np.asfortranarray(s.astype(np.float32))),
+        "Fortran-ordered")
+    bad("2d.npy", lambda p: np.save(p, s[0].astype(np.float32)), "has 2 dimensions")
+    os.mkdir(os.path.join(tmp, "dir.npy"))
+    bad("dir.npy", None, "dir.npy")
+    bad("missing.npy", None, "missing.npy")
+    r = run("replay", tr, "--policy", "external", "-o", os.path.join(tmp, "x.json"))
+    check(r.returncode == 2 and "external needs scores=FILE.npy" in r.stderr and
+          len(r.stderr.strip().splitlines()) == 1, "no scores=: %d %r" % (r.returncode, r.stderr))
+
+if failures:
+    print("%d failure(s)" % len(failures))
+    sys.exit(1)
+print("test_external_policy: ok")
