@@ -48,6 +48,7 @@ for f in "$KVT" "$BUILD/bench/bench_trace" "$BUILD/bench/bench_replay" \
         "cmake --build $BUILD" >&2; exit 1; }
 done
 mkdir -p "$WORK"
+BLAS_LINE=$("$KVT" --version | sed -n 's/^CPU dense products: //p') # before the export below
 # the same OpenBLAS kernels for the NumPy peer as for kvtrace: where OpenBLAS does not know the
 # CPU and falls back to its generic kernels, kvtrace picks better ones (`kvtrace --version`);
 # the peer's NumPy (Debian's, on the same OpenBLAS) gets them too
@@ -63,7 +64,7 @@ echo "== machine"
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores online"
     echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "OpenBLAS kernels: $("$KVT" --version | sed -n 's/^CPU dense products: //p')"
+    echo "OpenBLAS kernels: $BLAS_LINE (the NumPy peer: ${OPENBLAS_CORETYPE:-its own choice})"
     echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
          "$(git diff --quiet 2>/dev/null || echo '(working tree modified)')"
 } | tee "$WORK/machine.txt"

@@ -219,7 +219,8 @@ const char *kvt_kernels_blas_better_core(void);
  *  kvt_kernels_blas_better_core() names a kernel set, re-executes the program (/proc/self/exe,
  *  the same argv and environment) with OPENBLAS_CORETYPE set to it: OpenBLAS reads that variable
  *  only when it loads, so this is the one way to pick its kernels. Returns without doing
- *  anything when OPENBLAS_CORETYPE is already set (the user's choice), after a re-execution,
+ *  anything when OPENBLAS_CORETYPE is already set (the user's choice, or after the
+ *  re-execution), when the program was started through the dynamic loader (`ld.so prog`),
  *  under valgrind (which would not follow the exec), without OpenBLAS, or when the exec fails
  *  (the program goes on with the generic kernels). */
 void kvt_kernels_blas_reexec(char **argv);

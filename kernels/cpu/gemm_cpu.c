@@ -8,6 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <strings.h>
+#include <sys/auxv.h>
+#endif
 
 #include "kvt_kernels.h"
 
@@ -95,8 +99,11 @@ void kvt_kernels_blas_reexec(char **argv)
 {
 #if defined(KVT_HAVE_BLAS) && defined(__linux__)
     const char *preload = getenv("LD_PRELOAD");
-    if (!argv || !argv[0] || getenv("OPENBLAS_CORETYPE") || getenv(REEXEC_ENV) ||
-        (preload && strstr(preload, "vgpreload"))) /* valgrind would not follow the exec */
+    /* OPENBLAS_CORETYPE set: the user's choice, or this is the re-executed process. No
+       interpreter (AT_BASE 0): started as `ld.so kvtrace ...`, where /proc/self/exe is ld.so
+       and would not take this argv. Valgrind would not follow the exec. */
+    if (!argv || !argv[0] || getenv("OPENBLAS_CORETYPE") || getauxval(AT_BASE) == 0 ||
+        (preload && strstr(preload, "vgpreload")))
         return;
     const char *core = kvt_kernels_blas_better_core();
     if (!core)
@@ -121,13 +128,16 @@ size_t kvt_kernels_cpu_describe(char *buf, size_t cap)
     int vlen = 0;
     if (config && !strncmp(config, "OpenBLAS ", 9))
         vlen = (int)strcspn(config + 9, " ");
-    const char *why = "";
+    char why[160] = "";
     if (mine && set && !strcmp(mine, set))
-        why = " (chosen by kvtrace: OpenBLAS did not recognise this CPU)";
-    else if (set)
-        why = " (set by OPENBLAS_CORETYPE)";
+        snprintf(why, sizeof(why), " (chosen by kvtrace: OpenBLAS did not recognise this CPU)");
+    else if (set && core && !strcasecmp(set, core))
+        snprintf(why, sizeof(why), " (set by OPENBLAS_CORETYPE)");
+    else if (set) /* a name OpenBLAS does not know: it picked something else */
+        snprintf(why, sizeof(why), " (OPENBLAS_CORETYPE=%.40s is not a kernel set OpenBLAS knows)",
+                 set);
     else if (better)
-        why = " (OpenBLAS's generic kernels: it did not recognise this CPU)";
+        snprintf(why, sizeof(why), " (OpenBLAS's generic kernels: it did not recognise this CPU)");
     int n = snprintf(buf, cap, "OpenBLAS %.*s, %s kernels%s", vlen, config ? config + 9 : "",
                      core ? core : "unknown", why);
 #else
