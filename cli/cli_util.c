@@ -192,15 +192,19 @@ bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out)
 
 bool kvt_cli_parse_size(const char *s, uint64_t *out)
 {
-    if (!s || !*s || *s == '-' || *s == '+' || *s == ' ')
+    /* plain decimals only (strtod would also take hex, exponents, blanks, inf) */
+    size_t digits = s ? strspn(s, "0123456789") : 0;
+    if (!digits || (s[digits] == '.' && !strspn(s + digits + 1, "0123456789")))
         return false;
     errno = 0;
     char *e = NULL;
     double v = strtod(s, &e);
-    if (errno || e == s || !(v > 0))
+    if (errno || e == s || !(v > 0) ||
+        e != s + digits + (s[digits] == '.' ? 1 + strspn(s + digits + 1, "0123456789") : 0))
         return false;
     static const char units[] = "KMGT";
-    const char *u = *e ? strchr(units, *e) : NULL;
+    char uc = *e >= 'a' && *e <= 'z' ? (char)(*e - 'a' + 'A') : *e;
+    const char *u = uc ? strchr(units, uc) : NULL;
     if (*e && (!u || !*u))
         return false;
     if (u) {

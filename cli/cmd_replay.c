@@ -51,7 +51,8 @@ static void help(void)
            "  --threads N       worker threads over layers (default: all cores, as many as\n"
            "                    the memory holds: each holds about one layer's arrays)\n"
            "  --memory-limit SIZE  memory the default --threads plans for (512M, 40G;\n"
-           "                    default: what the system has available)\n"
+           "                    default: what the machine has available; under MPI shared\n"
+           "                    by the processes on one machine)\n"
            "  --device D        where each layer's attention, outputs, norms, unit keys and\n"
            "                    recall/error/coverage sweeps run: cpu (default), cuda (GPU 0;\n"
            "                    policies, rankings and redundancy stay on the host), or auto\n"
@@ -99,7 +100,8 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
         kvt_error_clear();
     }
     int local = mpi->size > 1 && mpi->local_size > 1 ? mpi->local_size : 1;
-    uint64_t avail = mem_limit ? mem_limit : kvt_mem_available() / (uint64_t)local;
+    /* the machine's memory (or --memory-limit, also per machine) shared by its processes */
+    uint64_t avail = (mem_limit ? mem_limit : kvt_mem_available()) / (uint64_t)local;
     const char *what = mem_limit ? "--memory-limit" : "available";
     int want = threads ? threads : (kvt_cpu_count() / local > 1 ? kvt_cpu_count() / local : 1);
     int n = want;
@@ -152,10 +154,11 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
     if (!getrusage(RUSAGE_SELF, &ru)) {
         char peak[32], each[32];
         fprintf(stderr,
-                "profile: memory: peak RSS %s; estimated %s per worker thread (%d threads, "
+                "profile: memory: peak RSS %s; estimated %s per worker thread (%d thread%s, "
                 "kvt_replay_worker_bytes)\n",
                 kvt_cli_bytes_text((double)ru.ru_maxrss * 1024.0, peak, sizeof(peak)),
-                wb ? kvt_cli_bytes_text((double)wb, each, sizeof(each)) : "?", threads);
+                wb ? kvt_cli_bytes_text((double)wb, each, sizeof(each)) : "?", threads,
+                threads == 1 ? "" : "s");
     }
     if (device != KVT_DEVICE_CUDA)
         return;

@@ -94,8 +94,9 @@ void kvt_progress_end(kvt_progress *p);
 /** Parse a non-negative integer with optional k/M/G suffix; false on junk or overflow. */
 bool kvt_cli_parse_u64(const char *s, uint64_t *out);
 bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out);
-/** A size in bytes: a positive number with an optional binary suffix K, M, G or T (KiB...; "B",
- *  "iB" after it accepted), e.g. 512M, 1.5G, 40GiB; false for anything else or 0. */
+/** A size in bytes: a positive decimal number with an optional binary suffix K, M, G or T (any
+ *  case; KiB...; "B", "iB" after it accepted), e.g. 512M, 1.5G, 40GiB, 4k; false for anything
+ *  else (hex, exponents, blanks, 0). */
 bool kvt_cli_parse_size(const char *s, uint64_t *out);
 bool kvt_cli_parse_double(const char *s, double *out);
 

@@ -135,9 +135,13 @@ uint64_t kvt_now_ns(void);
 /** Number of online CPUs (>= 1). */
 int kvt_cpu_count(void);
 /** Memory this process can still take, in bytes: the smallest of the system's MemAvailable
- *  (/proc/meminfo) and the room left under the process's cgroup memory limit (v2 memory.max
- *  or v1 memory.limit_in_bytes) when it has one; 0 when none of them can be read. */
+ *  (/proc/meminfo) and the room under each cgroup memory limit on the process's cgroup or an
+ *  ancestor (v2 memory.max, v1 memory.limit_in_bytes): the limit less the usage, the
+ *  inactive page cache not counted as used. 0 when none of them can be read. */
 uint64_t kvt_mem_available(void);
+/** kvt_mem_available with every path under `root` (root + "/proc/meminfo", ... + "/sys/fs/
+ *  cgroup/..."): for tests. */
+uint64_t kvt_mem_available_in(const char *root);
 
 /** Create a new temporary file next to `path` (the same directory, so that rename is atomic)
  *  for writing (O_EXCL, mode & ~umask): PATH.tmp.PID.N when its last component fits in

@@ -40,20 +40,23 @@ static bool read_u64_file(const char *path, uint64_t *v)
     return ok;
 }
 
-/* the process's cgroup v2 directory under /sys/fs/cgroup (from /proc/self/cgroup "0::/path") */
-static bool cgroup2_dir(char *dir, size_t cap)
+/* the value of `key` in a "key value" file (meminfo, memory.stat); false if absent */
+static bool read_keyed(const char *path, const char *key, uint64_t *v)
 {
-    FILE *f = fopen("/proc/self/cgroup", "r");
+    FILE *f = fopen(path, "r");
     if (!f)
         return false;
-    char line[1024];
+    char line[256];
+    size_t n = strlen(key);
     bool ok = false;
-    while (!ok && fgets(line, sizeof(line), f))
-        if (!strncmp(line, "0::", 3)) {
-            line[strcspn(line, "\n")] = 0;
-            int n = snprintf(dir, cap, "/sys/fs/cgroup%s", strcmp(line + 3, "/") ? line + 3 : "");
-            ok = n > 0 && (size_t)n < cap;
+    while (!ok && fgets(line, sizeof(line), f)) {
+        unsigned long long x;
+        if (!strncmp(line, key, n) && (line[n] == ' ' || line[n] == ':') &&
+            sscanf(line + n + 1, " %llu", &x) == 1) {
+            *v = (uint64_t)x;
+            ok = true;
         }
+    }
     fclose(f);
     return ok;
 }
@@ -64,33 +67,83 @@ static void take_min(uint64_t *best, uint64_t v)
         *best = v;
 }
 
+/* The room under the memory limits of cgroup directory `dir` and of each of its ancestors up to
+ * `top` (a limit set on a parent, as Slurm and systemd do, binds too): limit - (usage - the
+ * inactive page cache, which the kernel reclaims before it kills). v2: memory.max,
+ * memory.current, memory.stat inactive_file; v1: memory.limit_in_bytes (no limit: a huge
+ * number), memory.usage_in_bytes, memory.stat total_inactive_file. A level whose usage cannot
+ * be read is skipped (unknown, not full). */
+static void cgroup_room(char *dir, size_t top, bool v2, uint64_t *best)
+{
+    char path[4200];
+    for (;;) {
+        uint64_t lim, use, cache = 0;
+        snprintf(path, sizeof(path), "%s/%s", dir, v2 ? "memory.max" : "memory.limit_in_bytes");
+        if (read_u64_file(path, &lim) && (v2 || lim < (UINT64_C(1) << 60))) {
+            snprintf(path, sizeof(path), "%s/%s", dir,
+                     v2 ? "memory.current" : "memory.usage_in_bytes");
+            if (read_u64_file(path, &use)) {
+                snprintf(path, sizeof(path), "%s/memory.stat", dir);
+                if (read_keyed(path, v2 ? "inactive_file" : "total_inactive_file", &cache) &&
+                    cache < use)
+                    use -= cache;
+                take_min(best, use < lim ? lim - use : 1);
+            }
+        }
+        char *slash = strrchr(dir, '/');
+        if (!slash || (size_t)(slash - dir) < top)
+            break;
+        *slash = '\0'; /* the parent */
+    }
+}
+
+uint64_t kvt_mem_available_in(const char *root)
+{
+    uint64_t best = 0, kb;
+    char path[4200], base[4096], line[4096];
+    if (!root)
+        root = "";
+    snprintf(path, sizeof(path), "%s/proc/meminfo", root);
+    if (read_keyed(path, "MemAvailable", &kb))
+        take_min(&best, kb * 1024);
+    /* the process's cgroups: "0::/path" (v2), "N:memory:/path" or "N:a,memory,b:/path" (v1).
+       Inside a container the path may name the host's hierarchy, which the container's
+       /sys/fs/cgroup does not have: the walk then starts at the first directory that exists
+       and always reaches the mount's root (the container's own limit) */
+    snprintf(path, sizeof(path), "%s/proc/self/cgroup", root);
+    FILE *f = fopen(path, "r");
+    while (f && fgets(line, sizeof(line), f)) {
+        line[strcspn(line, "\n")] = '\0';
+        char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        if (!c2)
+            continue;
+        *c2 = '\0';
+        const char *ctrl = c1 + 1, *cg = c2 + 1;
+        bool v2 = !strncmp(line, "0:", 2) && !*ctrl, v1 = false;
+        for (const char *t = ctrl; !v2 && *t; t += strcspn(t, ",")) {
+            t += *t == ',';
+            v1 |= !strncmp(t, "memory", 6) && (t[6] == ',' || !t[6]);
+        }
+        if (!v2 && !v1)
+            continue;
+        int n = snprintf(base, sizeof(base), "%s/sys/fs/cgroup%s", root, v2 ? "" : "/memory");
+        size_t top = n > 0 ? (size_t)n : 0;
+        if (n < 0 || snprintf(base + top, sizeof(base) - top, "%s", strcmp(cg, "/") ? cg : "") >=
+                         (int)(sizeof(base) - top))
+            continue;
+        struct stat st; /* from the deepest directory that exists */
+        while (strlen(base) > top && stat(base, &st) != 0)
+            base[strrchr(base, '/') - base] = '\0';
+        cgroup_room(base, top, v2, &best);
+    }
+    if (f)
+        fclose(f);
+    return best;
+}
+
 uint64_t kvt_mem_available(void)
 {
-    uint64_t best = 0, lim, use;
-    FILE *f = fopen("/proc/meminfo", "r");
-    if (f) {
-        char line[256];
-        unsigned long long kb;
-        while (fgets(line, sizeof(line), f))
-            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
-                take_min(&best, (uint64_t)kb * 1024);
-                break;
-            }
-        fclose(f);
-    }
-    char dir[1100], path[1200];
-    if (cgroup2_dir(dir, sizeof(dir))) {
-        snprintf(path, sizeof(path), "%s/memory.max", dir);
-        if (read_u64_file(path, &lim)) { /* "max" (no limit) does not parse */
-            snprintf(path, sizeof(path), "%s/memory.current", dir);
-            take_min(&best, read_u64_file(path, &use) && use < lim ? lim - use : 1);
-        }
-    }
-    if (read_u64_file("/sys/fs/cgroup/memory/memory.limit_in_bytes", &lim) &&
-        lim < (UINT64_C(1) << 60) && /* v1 without a limit: a huge number */
-        read_u64_file("/sys/fs/cgroup/memory/memory.usage_in_bytes", &use))
-        take_min(&best, use < lim ? lim - use : 1);
-    return best;
+    return kvt_mem_available_in("");
 }
 
 void kvt_rng_seed(kvt_rng *r, uint64_t seed)
