@@ -633,13 +633,26 @@ static kvt_status put_alloc_heads(FILE *f, const kvt_results *r, const report_pl
           f);
     put_escaped(f, r->budgets[pl->heat_budget].text);
     fputs(")</summary>\n", f);
+    bool missing = false;
     for (size_t p = 0; p < r->n_policies; p++) {
+        missing |= pl->alloc[p] && !pl->alloc_heads[p];
         if (!pl->alloc_heads[p])
             continue;
         policy_file(name, sizeof(name), "alloc_heads", p, r->policies[p].label);
         fputs("<figure class=\"heat-png\">", f);
         KVT_FORWARD(put_img(f, pl->dir, name, name));
         fputs("</figure>\n", f);
+    }
+    if (missing) { /* say which have no figure, rather than leave them out silently */
+        fputs("<p class=\"note\">No kept entries measured at this budget for ", f);
+        bool first = true;
+        for (size_t p = 0; p < r->n_policies; p++)
+            if (pl->alloc[p] && !pl->alloc_heads[p]) {
+                fputs(first ? "" : ", ", f);
+                put_escaped(f, r->policies[p].label);
+                first = false;
+            }
+        fputs(": no PNG for them.</p>\n", f);
     }
     fputs("</details>\n", f);
     return KVT_OK;

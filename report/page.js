@@ -143,7 +143,8 @@
         var v = t.a.head_keep[b], vmax = 0;
         v.forEach(function (x) { if (x !== null && x > vmax) vmax = x; });
         t.bar.textContent = '';
-        t.bar.appendChild(colorbar(vmax > 0 ? vmax : 1, ' kept'));
+        if (vmax > 0) t.bar.appendChild(colorbar(vmax, ' kept'));
+        else t.bar.appendChild(el('span', 'note', 'nothing measured at this budget'));
         t.cells.forEach(function (c) {
           var x = v[c.i], sum = 0, n = 0;
           for (var h = 0; h < t.H; h++) {

@@ -287,9 +287,10 @@ static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, doubl
     bool clipped = false; /* a value above vmax: the top label says "or more" */
     for (size_t i = 0; i < (size_t)n_rows * n_cols; i++)
         clipped |= grid[i] > vmax;
-    for (int i = 0; i <= 4; i++) { /* counts (a scale past 10) without decimals */
-        int dec = vmax >= 10 ? 0 : 2;
-        snprintf(lab, sizeof(lab), i == 4 && clipped ? "%.*f+" : "%.*f", dec, vmax * i / 4.0);
+    for (int i = 0; i <= 4; i++) { /* counts (a scale past 10): whole numbers without decimals */
+        double v = vmax * i / 4.0;
+        int dec = vmax < 10 ? 2 : v == floor(v) ? 0 : 1;
+        snprintf(lab, sizeof(lab), i == 4 && clipped ? "%.*f+" : "%.*f", dec, v);
         cairo_move_to(cr, ml + pw + 55, mt + ph - ph * i / 4.0 + 4);
         cairo_show_text(cr, lab);
     }

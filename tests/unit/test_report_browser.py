@@ -223,7 +223,8 @@ CHECK_JS = r"""(function () {
     out.alloc_tables++;
     t.querySelectorAll('td').forEach(function (td) {
       out.alloc_cells++;
-      if (td.style.background && / kept/.test(td.title)) out.alloc_cells_painted++;
+      if (td.style.background && / kept/.test(td.title) && !/n\/a/.test(td.title))
+        out.alloc_cells_painted++;
     });
   });
   document.querySelectorAll('img').forEach(function (im) {
