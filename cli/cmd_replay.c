@@ -353,6 +353,8 @@ static void list_policies(void)
                (a.flags & KVT_POLICY_NEEDS_COLSUM) ? " [needs attn_colsum or Q_all]" : "", "",
                a.options);
     }
+    printf("\nEvery policy also takes label=NAME: the name results, tables and reports show\n"
+           "(default: the spec as given), e.g. external:scores=s.npy,label=mine.\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

@@ -120,6 +120,23 @@ static bool parse_dbl(const char *s, double *out)
     return true;
 }
 
+/* label=NAME: printable ASCII without ':' (','  and '=' cannot reach here), at most 64 bytes */
+static kvt_status set_label(kvt_policy *p, const char *val)
+{
+    size_t n = strlen(val);
+    bool ok = n >= 1 && n <= 64;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = val[i] > ' ' && val[i] < 127 && val[i] != ':';
+    KVT_RETURN_IF(!ok, KVT_ERR_INVALID_ARG,
+                  "%s: label=%s: expected 1 to 64 printable characters without blanks or ':'",
+                  p->def->name, val);
+    char *l = kvt_strdup(val);
+    KVT_RETURN_IF(!l, KVT_ERR_NOMEM, "out of memory");
+    kvt_free(p->label);
+    p->label = l;
+    return KVT_OK;
+}
+
 static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
 {
     const kvt_policy_def *d = p->def;
@@ -331,6 +348,11 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                 }
             if (n_seen < N_OPTS)
                 seen[n_seen++] = tok;
+            if (!strcmp(tok, "label")) { /* every policy: the name results and reports show */
+                if ((st = set_label(p, eq + 1)))
+                    goto out_fail;
+                continue;
+            }
             if ((st = set_opt(p, tok, eq + 1)))
                 goto out_fail;
         }
@@ -430,6 +452,14 @@ kvt_status kvt_policy_list_parse(const char *list, const kvt_policy_globals *g, 
         if ((st = kvt_policy_create(specs[i], g, &arr[n])))
             goto out_free;
         n++;
+        for (size_t j = 0; j + 1 < n; j++) /* results, exports and reports key on the label */
+            if (!strcmp(arr[j]->label, arr[n - 1]->label)) {
+                st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                                   "policies '%s' and '%s' have the same label '%s' (label=NAME "
+                                   "names one)",
+                                   specs[j], specs[i], arr[n - 1]->label);
+                goto out_free;
+            }
     }
     *out = arr;
     *n_out = n;

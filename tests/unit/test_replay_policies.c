@@ -612,6 +612,27 @@ static void test_parse(void)
                       KVT_ERR_INVALID_ARG);
     KVT_CHECK(kvt_policy_list_parse("quest:group=sum,snapkv:reduce=mean", NULL, &ps, &n));
     kvt_policy_list_free(ps, n);
+    /* label=NAME, accepted by every policy: the label, not an option; labels are unique */
+    KVT_CHECK(
+        kvt_policy_list_parse("snapkv:kernel=7,label=k7,knorm:label=norms,snapkv", NULL, &ps, &n));
+    KVT_EXPECT(n == 3 && !strcmp(kvt_policy_label(ps[0]), "k7") &&
+               !strcmp(kvt_policy_label(ps[1]), "norms") &&
+               !strcmp(kvt_policy_label(ps[2]), "snapkv"));
+    js = kvt_policy_options_json(ps[0]);
+    KVT_EXPECT(strstr(js, "\"kernel\": 7") && !strstr(js, "label"));
+    kvt_free(js);
+    kvt_policy_list_free(ps, n);
+    const char *bad_labels[] = {
+        "snapkv:label=a,knorm:label=a",
+        "snapkv:label=knorm,knorm",
+        "snapkv:label=a:b",
+        "snapkv:label=a,label=b",
+        "snapkv:label=",
+        "snapkv:label=x\ty",
+        "snapkv:label=0123456789012345678901234567890123456789012345678901234567890123456789"};
+    for (size_t i = 0; i < sizeof(bad_labels) / sizeof(bad_labels[0]); i++)
+        KVT_EXPECT_MSG(kvt_policy_list_parse(bad_labels[i], NULL, &ps, &n) == KVT_ERR_INVALID_ARG,
+                       "'%s'", bad_labels[i]);
     kvt_budget *b = NULL;
     KVT_CHECK(kvt_budgets_parse("64,128,10%,12.5%", &b, &n));
     KVT_EXPECT(n == 4 && !b[0].is_fraction && b[2].is_fraction);
