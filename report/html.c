@@ -548,6 +548,27 @@ static void put_budget_select(FILE *f, const kvt_results *r, const report_plan *
     fputs("</select></p>\n", f);
 }
 
+/* The end of a heatmap section's paragraph (which budget the page opens at), its budget
+ * <select id=select_id>, the <div id=div_id> the page script fills, and the opening of the
+ * <details> that holds the PNG versions */
+static void put_heat_controls(FILE *f, const kvt_results *r, const report_plan *pl,
+                              const char *select_id, const char *div_id)
+{
+    fputs(" The page opens at budget ", f);
+    put_escaped(f, r->budgets[pl->heat_budget].text);
+    fputs(pl->heat_recommended ? ", the budget of the recommended setting above"
+                               : ", the middle of the budget sweep (no setting meets the target)",
+          f);
+    fputs("; the PNG files show that budget.</p>\n", f);
+    put_budget_select(f, r, pl, select_id);
+    fprintf(f,
+            "<div id=\"%s\"><noscript>The interactive heatmaps need JavaScript; the PNG "
+            "versions are below.</noscript></div>\n<details><summary>PNG versions (budget ",
+            div_id);
+    put_escaped(f, r->budgets[pl->heat_budget].text);
+    fputs(")</summary>\n", f);
+}
+
 static kvt_status put_heatmaps(FILE *f, const kvt_results *r, const report_plan *pl)
 {
     char name[256];
@@ -557,21 +578,9 @@ static kvt_status put_heatmaps(FILE *f, const kvt_results *r, const report_plan 
     for (size_t k = 0; k < pl->n_heat; k++)
         fprintf(f, "%s%s", k ? " and " : "", kvt_rec_metric_name(pl->heat[k]));
     fputs(" of each policy per layer and head (the mean over traces); colour scale 0 to 1, "
-          "errors above 1 get the top colour; grey: not measured. The "
-          "page opens at budget ",
+          "errors above 1 get the top colour; grey: not measured. Hover a cell for its value.",
           f);
-    put_escaped(f, r->budgets[pl->heat_budget].text);
-    fputs(pl->heat_recommended ? ", the budget of the recommended setting above"
-                               : ", the middle of the budget sweep (no setting meets the target)",
-          f);
-    fputs("; the PNG files show that budget. Hover a cell for its value.</p>\n", f);
-    put_budget_select(f, r, pl, "heat-budget");
-    fputs("<div id=\"heatmaps\"><noscript>The interactive heatmaps need "
-          "JavaScript; the PNG versions are below.</noscript></div>\n<details><summary>PNG "
-          "versions (budget ",
-          f);
-    put_escaped(f, r->budgets[pl->heat_budget].text);
-    fputs(")</summary>\n", f);
+    put_heat_controls(f, r, pl, "heat-budget", "heatmaps");
     for (size_t k = 0; k < pl->n_heat; k++)
         for (size_t p = 0; p < r->n_policies; p++) {
             char prefix[64];
@@ -619,20 +628,9 @@ static kvt_status put_alloc_heads(FILE *f, const kvt_results *r, const report_pl
     fputs("<h3 id=\"alloc-heads\">Kept entries per layer and head</h3>\n<p>How each of these "
           "policies splits its budget over the heads of each layer (the mean over traces); "
           "colour scale 0 to the policy's largest count at that budget; grey: not measured. "
-          "Hover a cell for its count and its ratio to the mean head of the layer. The page "
-          "opens at budget ",
+          "Hover a cell for its count and its ratio to the mean head of the layer.",
           f);
-    put_escaped(f, r->budgets[pl->heat_budget].text);
-    fputs(pl->heat_recommended ? ", the budget of the recommended setting"
-                               : ", the middle of the budget sweep",
-          f);
-    fputs("; the PNG files show that budget.</p>\n", f);
-    put_budget_select(f, r, pl, "alloc-budget");
-    fputs("<div id=\"alloc-heatmaps\"><noscript>The interactive heatmaps need JavaScript; the "
-          "PNG versions are below.</noscript></div>\n<details><summary>PNG versions (budget ",
-          f);
-    put_escaped(f, r->budgets[pl->heat_budget].text);
-    fputs(")</summary>\n", f);
+    put_heat_controls(f, r, pl, "alloc-budget", "alloc-heatmaps");
     bool missing = false;
     for (size_t p = 0; p < r->n_policies; p++) {
         missing |= pl->alloc[p] && !pl->alloc_heads[p];

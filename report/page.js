@@ -54,6 +54,28 @@
     w.appendChild(el('span', null, fmt(vmax) + label));
     return w;
   }
+  // a heatmap table of L layers x H heads with its caption: each cell is handed to cell(td, l,
+  // h, i) (i = l * H + h, the index into the page data's [L * H] grids); returns the figure
+  function heatTable(caption, H, cell) {
+    var fig = el('figure', 'hm'), tab = el('table', 'heat');
+    fig.appendChild(el('figcaption', null, caption));
+    var tr = el('tr');
+    tr.appendChild(el('th', null, 'layer'));
+    for (var h = 0; h < H; h++) tr.appendChild(el('th', null, String(h)));
+    tab.appendChild(tr);
+    for (var l = 0; l < D.heat.L; l++) {
+      tr = el('tr');
+      tr.appendChild(el('th', null, String(l)));
+      for (h = 0; h < H; h++) {
+        var td = el('td');
+        cell(td, l, h, l * H + h);
+        tr.appendChild(td);
+      }
+      tab.appendChild(tr);
+    }
+    fig.appendChild(tab);
+    return fig;
+  }
   function heatmaps() {
     var root = document.getElementById('heatmaps');
     var sel = document.getElementById('heat-budget');
@@ -66,24 +88,10 @@
       sec.appendChild(colorbar(hm.vmax, top + hm.metric));
       var grid = el('div', 'hm-grid');
       D.policies.forEach(function (pol, p) {
-        var H = D.heat.heads[p], fig = el('figure', 'hm'), tab = el('table', 'heat');
+        var fig = heatTable(pol.label, D.heat.heads[p], function (td, l, h, i) {
+          cells.push({td: td, hm: hm, p: p, i: i, l: l, h: h});
+        });
         fig.dataset.metric = hm.metric;
-        fig.appendChild(el('figcaption', null, pol.label));
-        var tr = el('tr');
-        tr.appendChild(el('th', null, 'layer'));
-        for (var h = 0; h < H; h++) tr.appendChild(el('th', null, String(h)));
-        tab.appendChild(tr);
-        for (var l = 0; l < D.heat.L; l++) {
-          tr = el('tr');
-          tr.appendChild(el('th', null, String(l)));
-          for (h = 0; h < H; h++) {
-            var td = el('td');
-            cells.push({td: td, hm: hm, p: p, i: l * H + h, l: l, h: h});
-            tr.appendChild(td);
-          }
-          tab.appendChild(tr);
-        }
-        fig.appendChild(tab);
         grid.appendChild(fig);
         nHeat++;
       });
@@ -112,26 +120,12 @@
     var tables = [];
     var grid = el('div', 'hm-grid');
     D.alloc.forEach(function (a) {
-      var H = D.heat.heads[a.policy], fig = el('figure', 'hm'), tab = el('table', 'heat');
-      var cells = [];
-      fig.appendChild(el('figcaption', null, D.policies[a.policy].label));
-      var tr = el('tr');
-      tr.appendChild(el('th', null, 'layer'));
-      for (var h = 0; h < H; h++) tr.appendChild(el('th', null, String(h)));
-      tab.appendChild(tr);
-      for (var l = 0; l < D.heat.L; l++) {
-        tr = el('tr');
-        tr.appendChild(el('th', null, String(l)));
-        for (h = 0; h < H; h++) {
-          var td = el('td');
-          cells.push({td: td, l: l, h: h, i: l * H + h});
-          tr.appendChild(td);
-        }
-        tab.appendChild(tr);
-      }
+      var H = D.heat.heads[a.policy], cells = [];
+      var fig = heatTable(D.policies[a.policy].label, H, function (td, l, h, i) {
+        cells.push({td: td, l: l, h: h, i: i});
+      });
       var bar = el('div', 'cbar-slot');
-      fig.appendChild(bar);
-      fig.appendChild(tab);
+      fig.insertBefore(bar, fig.lastChild); /* between the caption and the table */
       grid.appendChild(fig);
       tables.push({a: a, H: H, cells: cells, bar: bar});
       nAllocHeat++;

@@ -14,8 +14,10 @@
 #define KVT_CHARTJS_PATH "/usr/share/javascript/chart.js/chart.min.js"
 #endif
 
-double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_rec_metric metric,
-                             int layer, int head)
+/* the mean over the traces that have (layer, head) of a value of its cell, NaN values left
+ * out (metric: a kvt_rec_metric, or -1 for the kept entries) */
+static double head_mean(const kvt_results *r, size_t pol, size_t bud, int metric, int layer,
+                        int head)
 {
     double sum = 0.0;
     int n = 0;
@@ -25,28 +27,23 @@ double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_r
         const kvt_trace_result *t = r->traces[i];
         if (layer >= t->n_layers || head >= t->policy_heads[pol])
             continue;
-        double v = kvt_rec_head_value(kvt_trace_result_at(t, pol, bud, layer, head), metric);
+        const kvt_head_metrics *m = kvt_trace_result_at(t, pol, bud, layer, head);
+        double v = metric < 0 ? m->n_keep : kvt_rec_head_value(m, (kvt_rec_metric)metric);
         if (!isnan(v))
             sum += v, n++;
     }
     return n ? sum / n : NAN;
 }
 
+double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_rec_metric metric,
+                             int layer, int head)
+{
+    return head_mean(r, pol, bud, (int)metric, layer, head);
+}
+
 double kvt_report_head_keep(const kvt_results *r, size_t pol, size_t bud, int layer, int head)
 {
-    double sum = 0.0;
-    int n = 0;
-    if (pol >= r->n_policies || bud >= r->n_budgets || layer < 0 || head < 0)
-        return NAN;
-    for (size_t i = 0; i < r->n_traces; i++) {
-        const kvt_trace_result *t = r->traces[i];
-        if (layer >= t->n_layers || head >= t->policy_heads[pol])
-            continue;
-        double v = kvt_trace_result_at(t, pol, bud, layer, head)->n_keep;
-        if (!isnan(v))
-            sum += v, n++;
-    }
-    return n ? sum / n : NAN;
+    return head_mean(r, pol, bud, -1, layer, head);
 }
 
 double kvt_report_layer_keep(const kvt_results *r, size_t pol, size_t bud, int layer)

@@ -12,12 +12,8 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size > (4u << 20))
-        return 0;
-    const void *parts[] = {data};
-    const size_t n[] = {size};
     char path[64];
-    int fd = kvt_fuzz_memfd(parts, n, 1, path, sizeof(path));
+    int fd = kvt_fuzz_input_file(data, size, path, sizeof(path));
     if (fd < 0)
         return 0;
     kvt_results *r;

@@ -40,6 +40,17 @@ static inline int kvt_fuzz_memfd(const void *const *parts, const size_t *n, size
     return fd;
 }
 
+/* The whole input in a new memfd for a reader that only takes a path (path[path_cap]): the
+ * fd (close it when done), or -1 for an input over 4 MiB or a failure. */
+static inline int kvt_fuzz_input_file(const uint8_t *data, size_t size, char *path, size_t path_cap)
+{
+    if (size > (4u << 20))
+        return -1;
+    const void *parts[] = {data};
+    const size_t n[] = {size};
+    return kvt_fuzz_memfd(parts, n, 1, path, path_cap);
+}
+
 /* The input as a NUL-terminated string (stops at the first NUL byte), or NULL. Caller frees. */
 static inline char *kvt_fuzz_cstr(const uint8_t *data, size_t size)
 {
