@@ -96,27 +96,26 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out)
                            path);
         goto out;
     }
-    char q = *descr;
-    if ((q != '\'' && q != '"') || strlen(descr) < 5 || descr[4] != q) {
-        st = kvt_error_set(KVT_ERR_UNSUPPORTED,
-                           "%s: dtype %.20s is not a float16, float32 or "
-                           "float64",
-                           path, descr);
+    char q = *descr, code[17];
+    const char *end = q == '\'' || q == '"' ? strchr(descr + 1, q) : NULL;
+    int dlen = end ? (int)(end - descr - 1) : 0;
+    if (!end || dlen < 1 || dlen > 16) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: the .npy header's descr is not a dtype string",
+                           path);
         goto out;
     }
-    char code[4] = {descr[1], descr[2], descr[3], 0};
-    if (code[0] == '>' && code[1] == 'f') {
+    memcpy(code, descr + 1, (size_t)dlen);
+    code[dlen] = '\0';
+    if (dlen == 3 && code[0] == '>' && code[1] == 'f') {
         st = kvt_error_set(KVT_ERR_UNSUPPORTED,
-                           "%s: big-endian floats (%s); save with "
-                           "astype('<f4')",
-                           path, code);
+                           "%s: big-endian floats (%s); save with astype('<f4')", path, code);
         goto out;
     }
-    if ((code[0] != '<' && code[0] != '=') || code[1] != 'f' ||
+    if (dlen != 3 || (code[0] != '<' && code[0] != '=') || code[1] != 'f' ||
         (code[2] != '2' && code[2] != '4' && code[2] != '8')) {
         st = kvt_error_set(KVT_ERR_UNSUPPORTED,
-                           "%s: dtype '%s' is not a float16, float32 or "
-                           "float64 array (save scores with astype(np.float32))",
+                           "%s: dtype '%s' is not a float16, float32 or float64 array (save "
+                           "scores with astype(np.float32))",
                            path, code);
         goto out;
     }
@@ -128,6 +127,9 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out)
                            path);
         goto out;
     }
+    int shape_len = (int)strcspn(shape, ")"); /* the shape's text, for messages */
+    shape_len = shape[shape_len] == ')' ? shape_len + 1 : shape_len;
+    shape_len = shape_len > 60 ? 60 : shape_len;
     const char *p = shape + 1;
     uint64_t n = 1;
     for (;;) {
@@ -139,22 +141,31 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out)
         errno = 0;
         unsigned long long v = strtoull(p, &e, 10);
         if (e == p || errno || v > INT32_MAX || out->ndim == KVT_NPY_MAX_DIMS) {
-            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: bad or unsupported shape %.60s", path, shape);
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: bad or unsupported shape %.*s", path,
+                               shape_len, shape);
             goto out;
         }
         out->shape[out->ndim++] = (int)v;
-        n *= v;
+        if (__builtin_mul_overflow(n, (uint64_t)v, &n)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: shape %.*s is too large", path, shape_len,
+                               shape);
+            goto out;
+        }
         p = e;
         while (*p == ' ')
             p++;
         if (*p == ',')
             p++;
         else if (*p != ')') {
-            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: bad shape %.60s", path, shape);
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: bad shape %.*s", path, shape_len, shape);
             goto out;
         }
     }
-    uint64_t bytes = n * (uint64_t)out->elem, have = (uint64_t)sb.st_size - (uint64_t)off - hlen;
+    uint64_t bytes, have = (uint64_t)sb.st_size - (uint64_t)off - hlen;
+    if (__builtin_mul_overflow(n, (uint64_t)out->elem, &bytes) || bytes > SIZE_MAX) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: shape %.*s is too large", path, shape_len, shape);
+        goto out;
+    }
     if (have != bytes) {
         st = kvt_error_set(KVT_ERR_CORRUPT,
                            "%s: the shape needs %llu bytes of data, the file holds %llu%s", path,

@@ -60,6 +60,10 @@ struct kvt_policy_def {
     /* optional: validate option combinations, load files into p->state */
     kvt_status (*init)(kvt_policy *p);
     void (*fini)(kvt_policy *p);
+    /* optional: refuse a trace of this shape before any layer is replayed (a policy whose
+       files describe one trace) */
+    kvt_status (*check)(const kvt_policy *p, int n_layers, int n_q_heads, int n_kv_heads,
+                        int n_tokens);
     /* fill sel (allocated with the kvt_sel_* helpers) for budgets [n_b] (tokens) */
     kvt_status (*select)(kvt_layer_ctx *c, const kvt_policy *p, const int *budgets, int n_b,
                          kvt_layer_selection *sel);

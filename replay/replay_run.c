@@ -490,6 +490,10 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     sh.has_qall = has_kind(sh.rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
+        if (pols[p]->def->check && (st = pols[p]->def->check(pols[p], sh.L, sh.Hq, sh.Hkv, sh.T))) {
+            st = kvt_error_set(st, "%s: %s", path, kvt_error_msg());
+            goto out_free;
+        }
         if ((f & KVT_POLICY_NEEDS_DECODE) && !sh.has_qd) {
             st = kvt_error_set(KVT_ERR_NOT_FOUND,
                                "policy %s needs decode queries (Q_decode), which %s does not "

@@ -48,33 +48,40 @@ static void fini_external(kvt_policy *p)
     }
 }
 
+/* The file's shape against the trace's, and every score a number (the window's too), once
+ * per trace before any layer is replayed (kvt_policy_def.check) */
+static kvt_status check_external(const kvt_policy *p, int L, int Hq, int Hkv, int T)
+{
+    const kvt_npy *a = p->state;
+    const int H = p->o.per_query ? Hq : Hkv;
+    KVT_RETURN_IF(a->shape[0] != L || a->shape[1] != H || a->shape[2] != T, KVT_ERR_INVALID_ARG,
+                  "external: %s has shape (%d, %d, %d); this trace needs (%d, %d, %d): %d layers, "
+                  "%d %s heads (heads=%s), %d prompt tokens (one scores file per trace)",
+                  p->o.scores, a->shape[0], a->shape[1], a->shape[2], L, H, T, L, H,
+                  p->o.per_query ? "query" : "KV", p->o.per_query ? "query" : "kv", T);
+    for (size_t i = 0; i < a->n; i++)
+        if (isnan(kvt_npy_at(a, i)))
+            return kvt_error_set(
+                KVT_ERR_NAN, "external: %s: NaN score at layer %d, head %d, token %d", p->o.scores,
+                (int)(i / ((size_t)H * T)), (int)(i / T % H), (int)(i % T));
+    return KVT_OK;
+}
+
 static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                                kvt_layer_selection *sel)
 {
     const kvt_npy *a = p->state;
     const int T = c->T, H = kvt_ctx_heads(c, p->o.per_query);
     const int W = p->o.window < T ? p->o.window : T, P = T - W;
-    KVT_RETURN_IF(
-        a->shape[0] != c->n_layers || a->shape[1] != H || a->shape[2] != T, KVT_ERR_INVALID_ARG,
-        "external: %s has shape (%d, %d, %d); this trace needs (%d, %d, %d): %d layers, "
-        "%d %s heads (heads=%s), %d prompt tokens",
-        p->o.scores, a->shape[0], a->shape[1], a->shape[2], c->n_layers, H, T, c->n_layers, H,
-        p->o.per_query ? "query" : "KV", p->o.per_query ? "query" : "kv", T);
+    KVT_RETURN_IF(a->shape[0] != c->n_layers || a->shape[1] != H || a->shape[2] != T, KVT_ERR_STATE,
+                  "external: %s: the trace was not checked", p->o.scores);
     KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, W, n_b, true));
     double *s = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
     KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
     const size_t base = (size_t)c->layer * H * T;
     for (int h = 0; h < H; h++)
-        for (int j = 0; j < P; j++) {
-            double v = kvt_npy_at(a, base + (size_t)h * T + j);
-            if (isnan(v)) {
-                kvt_free(s);
-                return kvt_error_set(KVT_ERR_NAN,
-                                     "external: %s: NaN score at layer %d, head %d, token %d",
-                                     p->o.scores, c->layer, h, j);
-            }
-            s[(size_t)h * P + j] = v;
-        }
+        for (int j = 0; j < P; j++)
+            s[(size_t)h * P + j] = kvt_npy_at(a, base + (size_t)h * T + j);
     kvt_status st = kvt_sel_rank_window_all(sel, s, W);
     kvt_free(s);
     kvt_counts_uniform(sel, B, n_b);
@@ -89,5 +96,6 @@ const kvt_policy_def kvt_policy_def_external = {
     .defaults = d_external,
     .init = init_external,
     .fini = fini_external,
+    .check = check_external,
     .select = sel_external,
 };

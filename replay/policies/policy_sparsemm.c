@@ -34,6 +34,12 @@ static kvt_status smm_init(kvt_policy *p)
     kvt_status st = kvt_read_head_table(p->o.scores, &s->L, &s->H, &s->score);
     if (st) {
         kvt_free(s);
+        size_t n = strlen(p->o.scores);
+        if (n > 4 && !strcmp(p->o.scores + n - 4, ".npy")) /* per-token scores: external's */
+            return kvt_error_set(st,
+                                 "%s: %s (%s takes a JSON table of per-head scores; per-token "
+                                 "scores in a .npy file are for the external policy)",
+                                 name, kvt_error_msg(), name);
         return st;
     }
     p->state = s;

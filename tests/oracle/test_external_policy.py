@@ -12,8 +12,9 @@ The workflow the README shows: read a trace with the Python binding, compute a s
   * scores = minus each key's L2 norm (computed here from the trace's K) give exactly the
     metrics of the built-in knorm policy, which ranks by the same thing;
   * bad files are one clear line and a non-zero exit: wrong shape (naming both shapes), a NaN
-    (naming layer, head and token), not .npy, cut short, an integer dtype, big-endian,
-    Fortran order, a directory, a missing file, 2 dimensions, scores= missing.
+    (naming layer, head and token; in the window too), not .npy, cut short, a shape whose
+    size overflows, an integer dtype, big-endian, Fortran order, a directory, a missing file,
+    2 dimensions, scores= missing; two traces with one file; a .npy given to sparsemm.
 
 Environment (tests/cmake/oracle.cmake): KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without
 NumPy or the CLI.
@@ -95,6 +96,9 @@ with tempfile.TemporaryDirectory() as tmp:
     r = run("synth", "--shape", "tiny", "--tokens", "48", "--window", "8", "--decode", "4",
             "-o", tr)
     assert r.returncode == 0, r.stderr
+    tr2 = os.path.join(tmp, "t2.kvt")
+    r = run("synth", "--shape", "tiny", "--tokens", "40", "--window", "8", "-o", tr2)
+    assert r.returncode == 0, r.stderr
     with kvtrace.open(tr) as t:
         L = len(t.layers())
         Hkv, T, D = t.shape("K", 0)
@@ -161,6 +165,17 @@ with tempfile.TemporaryDirectory() as tmp:
     nan = s.astype(np.float32).copy()
     nan[1, 1, 5] = np.nan
     bad("nan.npy", lambda p: np.save(p, nan), "NaN score at layer 1, head 1, token 5")
+    nanw = s.astype(np.float32).copy()
+    nanw[0, 1, T - 1] = np.nan  # inside the window: still the user's error
+    bad("nan_window.npy", lambda p: np.save(p, nanw),
+        "NaN score at layer 0, head 1, token %d" % (T - 1), ",window=8")
+
+    def huge(p):  # a header whose shape overflows 64 bits, and no data
+        hdr = "{'descr': '<f4', 'fortran_order': False, 'shape': (1073741824, 1073741824, 1073741824), }"
+        hdr += " " * (117 - len(hdr)) + "\n"
+        open(p, "wb").write(b"\x93NUMPY\x01\x00" + bytes([len(hdr) % 256, len(hdr) // 256]) +
+                            hdr.encode())
+    bad("huge.npy", huge, "is too large")
     bad("text.npy", lambda p: open(p, "w").write("1 2 3\n"), "is not a NumPy .npy file")
 
     def cut(p):
@@ -177,6 +192,17 @@ with tempfile.TemporaryDirectory() as tmp:
     os.mkdir(os.path.join(tmp, "dir.npy"))
     bad("dir.npy", None, "dir.npy")
     bad("missing.npy", None, "missing.npy")
+    # one scores file describes one trace: several traces are refused before any work
+    r = run("replay", tr, tr2, "--policy", "external:scores=%s" % f32, "-o",
+            os.path.join(tmp, "x.json"))
+    check(r.returncode == 2 and "a scores file describes one trace, and 2 are given" in r.stderr
+          and len(r.stderr.strip().splitlines()) == 1, "two traces: %d %r" % (r.returncode,
+                                                                                r.stderr))
+    # a .npy given to sparsemm (which takes a JSON head table) says where it belongs
+    r = run("replay", tr, "--policy", "sparsemm:scores=%s" % f32, "-o",
+            os.path.join(tmp, "x.json"))
+    check(r.returncode != 0 and "per-token scores in a .npy file are for the external policy"
+          in r.stderr, "sparsemm with a .npy: %d %r" % (r.returncode, r.stderr))
     r = run("replay", tr, "--policy", "external", "-o", os.path.join(tmp, "x.json"))
     check(r.returncode == 2 and "external needs scores=FILE.npy" in r.stderr and
           len(r.stderr.strip().splitlines()) == 1, "no scores=: %d %r" % (r.returncode, r.stderr))
