@@ -193,27 +193,31 @@ bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out)
 bool kvt_cli_parse_size(const char *s, uint64_t *out)
 {
     /* plain decimals only (strtod would also take hex, exponents, blanks, inf) */
-    size_t digits = s ? strspn(s, "0123456789") : 0;
-    if (!digits || (s[digits] == '.' && !strspn(s + digits + 1, "0123456789")))
+    size_t digits = s ? strspn(s, "0123456789") : 0, frac = 0;
+    if (!digits)
         return false;
+    if (s[digits] == '.') {
+        frac = 1 + strspn(s + digits + 1, "0123456789");
+        if (frac == 1)
+            return false; /* "5." */
+    }
     errno = 0;
     char *e = NULL;
     double v = strtod(s, &e);
-    if (errno || e == s || !(v > 0) ||
-        e != s + digits + (s[digits] == '.' ? 1 + strspn(s + digits + 1, "0123456789") : 0))
+    if (errno || e != s + digits + frac || !(v > 0))
         return false;
+    /* [K|M|G|T] then B or iB, any case: 512, 512B, 4k, 4KiB, 40gb */
     static const char units[] = "KMGT";
     char uc = *e >= 'a' && *e <= 'z' ? (char)(*e - 'a' + 'A') : *e;
-    const char *u = uc ? strchr(units, uc) : NULL;
-    if (*e && (!u || !*u))
-        return false;
+    const char *u = uc && uc != 'B' ? strchr(units, uc) : NULL;
     if (u) {
         for (const char *k = units; k <= u; k++)
             v *= 1024.0;
         e++;
-        if (!strcmp(e, "iB") || !strcmp(e, "B"))
-            e += strlen(e);
-    } else if (!strcmp(e, "B"))
+        if ((e[0] == 'i' || e[0] == 'I') && (e[1] == 'b' || e[1] == 'B') && !e[2])
+            e += 2;
+    }
+    if ((e[0] == 'b' || e[0] == 'B') && !e[1])
         e++;
     if (*e || v < 1 || v >= 18446744073709551616.0)
         return false;

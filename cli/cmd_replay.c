@@ -102,6 +102,8 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
     int local = mpi->size > 1 && mpi->local_size > 1 ? mpi->local_size : 1;
     /* the machine's memory (or --memory-limit, also per machine) shared by its processes */
     uint64_t avail = (mem_limit ? mem_limit : kvt_mem_available()) / (uint64_t)local;
+    if (mem_limit && !avail)
+        avail = 1; /* a limit below the processes: as small as it gets, not "unknown" */
     const char *what = mem_limit ? "--memory-limit" : "available";
     int want = threads ? threads : (kvt_cpu_count() / local > 1 ? kvt_cpu_count() / local : 1);
     int n = want;
@@ -116,8 +118,9 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
     if (n < want && n < max_layers)
         fprintf(stderr,
                 "kvtrace %s: %d worker thread%s, not %d: each holds about %s for a layer of these "
-                "traces and %s is %s (--threads N or --memory-limit SIZE to choose)\n",
-                cmd, n, n == 1 ? "" : "s", want, each, have, mem_limit ? "the limit" : what);
+                "traces and %s is %s%s (--threads N or --memory-limit SIZE to choose)\n",
+                cmd, n, n == 1 ? "" : "s", want, each, have, mem_limit ? "the limit" : what,
+                local > 1 ? " for each of this machine's MPI processes" : "");
     if ((uint64_t)used * *wb > avail) {
         if (used == 1)
             fprintf(stderr,
@@ -646,6 +649,15 @@ int kvt_cmd_replay(int argc, char **argv)
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1; /* a bad spec is a usage error */
         goto out_free;
     }
+    for (size_t p = 0; p < n_pol && n_traces > 1; p++)
+        if (!strcmp(kvt_policy_name(pols[p]), "external")) {
+            kvt_cli_fail(cmd,
+                         "%s: a scores file describes one trace, and %d are given: replay "
+                         "each trace with its own file",
+                         kvt_policy_label(pols[p]), (int)n_traces);
+            rc = 2;
+            goto out_free;
+        }
     if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : "64,128,256,512", &budgets, &n_b))) {
         kvt_cli_fail_status(cmd, st, "--budgets");
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;

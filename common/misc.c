@@ -36,7 +36,8 @@ static bool read_u64_file(const char *path, uint64_t *v)
     unsigned long long x;
     bool ok = fscanf(f, "%llu", &x) == 1;
     fclose(f);
-    *v = (uint64_t)x;
+    if (ok)
+        *v = (uint64_t)x;
     return ok;
 }
 
@@ -113,6 +114,13 @@ uint64_t kvt_mem_available_in(const char *root)
     snprintf(path, sizeof(path), "%s/proc/self/cgroup", root);
     FILE *f = fopen(path, "r");
     while (f && fgets(line, sizeof(line), f)) {
+        size_t len = strlen(line);
+        if (len && line[len - 1] != '\n' && !feof(f)) { /* longer than the buffer: skip it */
+            int ch;
+            while ((ch = fgetc(f)) != EOF && ch != '\n')
+                ;
+            continue;
+        }
         line[strcspn(line, "\n")] = '\0';
         char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
         if (!c2)

@@ -101,7 +101,8 @@ void kvt_kernels_blas_reexec(char **argv)
     const char *preload = getenv("LD_PRELOAD");
     /* OPENBLAS_CORETYPE set: the user's choice, or this is the re-executed process. No
        interpreter (AT_BASE 0): started as `ld.so kvtrace ...`, where /proc/self/exe is ld.so
-       and would not take this argv. Valgrind would not follow the exec. */
+       and would not take this argv (a static build has none either, and no re-execution:
+       it links OpenBLAS with one kernel set anyway). Valgrind would not follow the exec. */
     if (!argv || !argv[0] || getenv("OPENBLAS_CORETYPE") || getauxval(AT_BASE) == 0 ||
         (preload && strstr(preload, "vgpreload")))
         return;

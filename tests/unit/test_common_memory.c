@@ -88,6 +88,15 @@ int main(void)
         "cache 3\ninactive_file 7\ntotal_inactive_file 2097152\n");
     put("sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n");
     KVT_EXPECT_EQ_U64(kvt_mem_available_in(g_root), 22 * MiB);
+    /* a line longer than the reader's buffer is skipped whole: its tail is not a line */
+    char longline[6000];
+    memset(longline, 'a', sizeof(longline));
+    memcpy(longline, "5:cpu:/", 7);
+    snprintf(longline + 4090, sizeof(longline) - 4090, "0::/q\n4:blkio,memory:/job/x\n");
+    put("proc/self/cgroup", longline);
+    put("sys/fs/cgroup/q/memory.max", "1048576\n");
+    put("sys/fs/cgroup/q/memory.current", "0\n");
+    KVT_EXPECT_EQ_U64(kvt_mem_available_in(g_root), 22 * MiB);
     clean();
     rmdir(g_root);
 

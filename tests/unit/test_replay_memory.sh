@@ -75,7 +75,7 @@ grep -q "^kvtrace replay: warning: one worker thread holds about .* more than th
 echo "ok: notes and warnings"
 
 # 3. usage errors: one line, exit 2, no output
-for bad in 0 abc 5X -1G 1.5Q "" 1e30T inf 0x1000000 1e9 " 5M" "5M " 1.G .5G 5MM; do
+for bad in 0 abc 5X -1G 1.5Q "" 1e30T inf 0x1000000 1e9 " 5M" "5M " 1.G .5G 5MM 5BB 5iB 5Mi 0.5; do
     "$BIN" replay "$T3" --policies snapkv --memory-limit "$bad" -o "$TMP/bad.json" \
         >/dev/null 2>"$TMP/bad.err"
     rc=$?
@@ -83,7 +83,7 @@ for bad in 0 abc 5X -1G 1.5Q "" 1e30T inf 0x1000000 1e9 " 5M" "5M " 1.G .5G 5MM;
         grep -q -- "--memory-limit" "$TMP/bad.err" || fail "--memory-limit '$bad': exit $rc: $(cat "$TMP/bad.err")"
     [ ! -e "$TMP/bad.json" ] || fail "--memory-limit '$bad' wrote results"
 done
-for good in 512M 1.5G 2GiB 1T 100000000 4KiB 4k 512m 3MB; do
+for good in 512M 1.5G 2GiB 1T 100000000 4KiB 4k 512m 3MB 40gb 4kib 4KIB 512B 512b 64G; do
     "$BIN" replay "$T3" --policies snapkv --budgets 64 --threads 1 --memory-limit "$good" \
         -o "$TMP/g.json" --force >/dev/null 2>&1 || fail "--memory-limit $good refused"
 done
