@@ -20,6 +20,7 @@ typedef struct kvt_policy_opts {
     bool normalize;         /* AdaKV 3a normalize */
     char alloc;             /* AdaKV allocation 'a' (3a, repo) or 'b' (3b, paper/kvpress) */
     int skip;               /* AdaKV: layers < skip get the uniform budget */
+    bool adaptive;          /* external: AdaKV's head-adaptive budgets from its scores */
     double beta;            /* PyramidKV beta */
     bool fallback;          /* PyramidKV KVCache-Factory fallback: N < 2*base -> uniform */
     int sinks;              /* StreamingLLM sinks */

@@ -2,8 +2,10 @@
  * (scores=FILE.npy, np.save of an array [L, H', T]: layers, heads, prompt tokens; H' = the KV
  * heads, or the query heads with heads=query). Each head keeps its highest-scoring tokens,
  * ties to the earlier token, the last `window` prompt tokens always (default 0), with the
- * uniform budget of every other policy: a score computed in Python from a trace (or from
- * anywhere) is replayed at every budget with every metric, without writing C.
+ * uniform budget of every other policy or, with adaptive=1, AdaKV's head-adaptive budgets
+ * computed from these scores (alpha, normalize, alloc and skip as adakv's): a score computed in
+ * Python from a trace (or from anywhere) is replayed at every budget with every metric, without
+ * writing C.
  */
 #include <math.h>
 #include <string.h>
@@ -59,11 +61,21 @@ static kvt_status check_external(const kvt_policy *p, int L, int Hq, int Hkv, in
                   "%d %s heads (heads=%s), %d prompt tokens (one scores file per trace)",
                   p->o.scores, a->shape[0], a->shape[1], a->shape[2], L, H, T, L, H,
                   p->o.per_query ? "query" : "KV", p->o.per_query ? "query" : "kv", T);
-    for (size_t i = 0; i < a->n; i++)
-        if (isnan(kvt_npy_at(a, i)))
-            return kvt_error_set(
-                KVT_ERR_NAN, "external: %s: NaN score at layer %d, head %d, token %d", p->o.scores,
-                (int)(i / ((size_t)H * T)), (int)(i / T % H), (int)(i % T));
+    for (size_t i = 0; i < a->n; i++) {
+        double v = kvt_npy_at(a, i);
+        if (!isnan(v) && (!p->o.adaptive || (v >= 0 && v < INFINITY)))
+            continue;
+        int l = (int)(i / ((size_t)H * T)), h = (int)(i / T % H), j = (int)(i % T);
+        if (isnan(v))
+            return kvt_error_set(KVT_ERR_NAN,
+                                 "external: %s: NaN score at layer %d, head %d, token %d",
+                                 p->o.scores, l, h, j);
+        return kvt_error_set(KVT_ERR_INVALID_ARG,
+                             "external: %s: score %g at layer %d, head %d, token %d: adaptive=1 "
+                             "shares the budget by the scores' mass, so they must be finite and "
+                             ">= 0",
+                             p->o.scores, v, l, h, j);
+    }
     return KVT_OK;
 }
 
@@ -83,16 +95,21 @@ static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int 
         for (int j = 0; j < P; j++)
             s[(size_t)h * P + j] = kvt_npy_at(a, base + (size_t)h * T + j);
     kvt_status st = kvt_sel_rank_window_all(sel, s, W);
+    if (st == KVT_OK && p->o.adaptive) { /* AdaKV's allocation, from these scores */
+        kvt_policy_opts o = p->o;
+        o.window = W;
+        st = kvt_adakv_counts(c, &o, s, B, n_b, sel);
+    } else if (st == KVT_OK)
+        kvt_counts_uniform(sel, B, n_b);
     kvt_free(s);
-    kvt_counts_uniform(sel, B, n_b);
     return st;
 }
 
 const kvt_policy_def kvt_policy_def_external = {
     .name = "external",
     .summary = "your own per-token scores: keeps each head's highest (scores=FILE.npy, "
-               "[layers, heads, tokens])",
-    .keys = "window,heads,scores",
+               "[layers, heads, tokens]; adaptive=1: AdaKV's head budgets from them)",
+    .keys = "window,heads,scores,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_external,
     .init = init_external,
     .fini = fini_external,

@@ -9,6 +9,8 @@ The workflow the README shows: read a trace with the Python binding, compute a s
     head's highest scores, ties to the earlier token (scores rounded so that ties occur), at
     budgets below, at and above the window and above the prompt; heads=kv [L, Hkv, T] and
     heads=query [L, Hq, T]; float16, float32 and float64 files, .npy format 1.0 and 2.0;
+  * adaptive=1: the per-head budgets and kept sets equal the NumPy oracle's AdaKV allocation
+    (tests/oracle/replay_oracle.py) on the same scores; negative scores refused;
   * scores = minus each key's L2 norm (computed here from the trace's K) give exactly the
     metrics of the built-in knorm policy, which ranks by the same thing;
   * bad files are one clear line and a non-zero exit: wrong shape (naming both shapes), a NaN
@@ -130,6 +132,40 @@ with tempfile.TemporaryDirectory() as tmp:
     sel, res = replay(tr, "external:scores=%s" % f16, budgets, os.path.join(tmp, "r16.json"))
     check_kept(sel, s.astype(np.float16).astype(np.float64), 0, btok, Hkv, T, "float16")
 
+    # adaptive=1: AdaKV's head budgets from the file's scores, against the NumPy oracle's
+    # AdaKV allocation (tests/oracle/replay_oracle.py, written from POLICIES.md) on the same
+    # scores; heads of very different score scales so that the budgets differ between heads
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import replay_oracle  # noqa: E402
+    scale = np.array([1.0, 6.0])[None, :, None] * (1 + np.arange(L))[:, None, None]
+    sa = rng.exponential(size=(L, Hkv, T)) ** 3 * scale
+    fa = os.path.join(tmp, "sa.npy")
+    np.save(fa, sa)
+    Wa = 4
+    sel, res = replay(tr, "external:scores=%s,window=%d,adaptive=1" % (fa, Wa), budgets,
+                      os.path.join(tmp, "ra.json"))
+    n_ok, uneven = 0, False
+    for rec in sel["records"]:
+        l, h, b = rec["layer"], rec["head"], btok[rec["budget"]]
+        P = T - Wa
+        if b - Wa > P:  # a budget above the prompt keeps it (at B = T AdaKV still shares)
+            want = list(range(T))
+        elif b <= Wa:
+            want = list(range(T - b, T))
+        else:
+            caps = replay_oracle.adakv_caps(sa[l, :, :P], b - Wa, alpha=0.2, normalize=True)
+            order = np.lexsort((np.arange(P), -sa[l, h, :P]))
+            want = sorted(order[:caps[h]].tolist()) + list(range(P, T))
+            uneven |= len(set(caps.tolist())) > 1
+        if sorted(rec["kept"]) != want:
+            check(False, "adaptive: layer %d head %d budget %d: kept %d %s, oracle %d %s" %
+                  (l, h, b, len(rec["kept"]), sorted(rec["kept"]), len(want), want))
+            break
+        n_ok += 1
+    check(uneven, "adaptive: the test scores gave every head the same budget")
+    if n_ok == len(sel["records"]):
+        print("ok: adaptive=1: %d kept sets equal the oracle's AdaKV allocation" % n_ok)
+
     # minus the key norms: the knorm policy, metric for metric
     norms = np.stack([-np.linalg.norm(K[l], axis=-1) for l in range(L)])  # [L, Hkv, T]
     fn = os.path.join(tmp, "knorm.npy")
@@ -177,6 +213,9 @@ with tempfile.TemporaryDirectory() as tmp:
                             hdr.encode())
     bad("huge.npy", huge, "is too large")
     bad("text.npy", lambda p: open(p, "w").write("1 2 3\n"), "is not a NumPy .npy file")
+    bad("negative_adaptive.npy", lambda p: np.save(p, s.astype(np.float32)),
+        "adaptive=1 shares the budget by the scores' mass, so they must be finite and >= 0",
+        ",adaptive=1")
 
     def cut(p):
         np.save(p, s.astype(np.float32))
