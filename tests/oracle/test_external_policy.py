@@ -13,6 +13,7 @@ The workflow the README shows: read a trace with the Python binding, compute a s
     (tests/oracle/replay_oracle.py) on the same scores; negative scores refused;
   * scores = minus each key's L2 norm (computed here from the trace's K) give exactly the
     metrics of the built-in knorm policy, which ranks by the same thing;
+  * the README's example (Python block and command) runs as written on the bundled trace;
   * bad files are one clear line and a non-zero exit: wrong shape (naming both shapes), a NaN
     (naming layer, head and token; in the window too), not .npy, cut short, a shape whose
     size overflows, an integer dtype, big-endian, Fortran order, a directory, a missing file,
@@ -245,6 +246,30 @@ with tempfile.TemporaryDirectory() as tmp:
     r = run("replay", tr, "--policy", "external", "-o", os.path.join(tmp, "x.json"))
     check(r.returncode == 2 and "external needs scores=FILE.npy" in r.stderr and
           len(r.stderr.strip().splitlines()) == 1, "no scores=: %d %r" % (r.returncode, r.stderr))
+
+# the README's example ("Your own policy"), run as written on the bundled trace
+readme = open(os.path.join(ROOT, "README.md")).read()
+sec = readme[readme.index("### Your own policy"):]
+code = sec[sec.index("```python\n") + 10:]
+code = code[:code.index("```")]
+cmd = sec[sec.index("```sh\n") + 6:]
+cmd = cmd[:cmd.index("```")].replace("\\\n", " ").split()
+sample = os.path.join(ROOT, "traces", "samples", "stories260K.kvt")
+with tempfile.TemporaryDirectory() as tmp:
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        exec(compile(code.replace('"trace.kvt"', repr(sample)), "README.md", "exec"), {})
+        check(cmd[:2] == ["kvtrace", "replay"], "README example command: %s" % cmd)
+        r = run(*[sample if a == "trace.kvt" else a for a in cmd[1:]])
+        res = json.load(open("results.json")) if r.returncode == 0 else None
+        check(r.returncode == 0 and res and
+              [p["name"] for p in res["settings"]["policies"]] == ["snapkv", "external"],
+              "README example: exit %d %s" % (r.returncode, r.stderr))
+        if r.returncode == 0:
+            print("ok: the README example runs as written")
+    finally:
+        os.chdir(cwd)
 
 if failures:
     print("%d failure(s)" % len(failures))
