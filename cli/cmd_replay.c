@@ -25,7 +25,8 @@
 static void help(void)
 {
     printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
-           "                      [--window W] [--threads N] [--seed S] [--per-query-head]\n"
+           "                      [--window W] [--threads N] [--memory-limit SIZE] [--seed S]\n"
+           "                      [--per-query-head]\n"
            "                      [--coverage-probes N] [--export-selection FILE] [--force]\n"
            "                      [--shard I/N] [--device cpu|cuda|auto] [--profile]\n\n"
            "Replay KV-cache compression policies offline on captured traces and measure every\n"
@@ -58,7 +59,8 @@ static void help(void)
            "                    policies, rankings and redundancy stay on the host), or auto\n"
            "                    (cuda when a GPU is usable)\n"
            "  --profile         print where the time went on stderr: reading the trace, layer\n"
-           "                    contexts, policies and sweeps, the CPU's dense-product kernels;\n"
+           "                    contexts, policies and sweeps, the CPU's dense-product kernels,\n"
+           "                    the peak memory against the estimate per worker thread;\n"
            "                    with --device cuda also uploads, kernels (with the bandwidth\n"
            "                    they achieved) and downloads\n"
            "  --seed S          seed of the random policy (default 0)\n"
