@@ -207,9 +207,6 @@ void kvt_kernels_use_ref(bool ref_only);
 bool kvt_kernels_ref_only(void);
 /** "openblas" or "blocked-c": what the fast CPU variants use for dense products. */
 const char *kvt_kernels_cpu_backend(void);
-/** OpenBLAS's kernel set in use ("SkylakeX", "Haswell", "Prescott", ...); NULL without
- *  OpenBLAS. */
-const char *kvt_kernels_blas_core(void);
 /** The kernel set OpenBLAS should use on this CPU when it fell back to its generic Prescott
  *  kernels because it did not know the CPU model (Debian 12's OpenBLAS 0.3.21 on Intel Emerald
  *  Rapids, say, where the replay's dense products then run ~2x slower): "SkylakeX" with

@@ -60,18 +60,10 @@ const char *kvt_kernels_cpu_backend(void)
 #endif
 }
 
-/* The environment variable by which a re-executed kvtrace knows it chose OpenBLAS's kernels
- * itself (its value is the core it chose), and so never re-executes twice. */
+/* Set with OPENBLAS_CORETYPE by the re-execution (to the same value), so that the new process
+ * can say the kernels were kvtrace's choice, not the user's. (OPENBLAS_CORETYPE alone is what
+ * stops a second re-execution.) */
 #define REEXEC_ENV "KVT_BLAS_REEXEC"
-
-const char *kvt_kernels_blas_core(void)
-{
-#ifdef KVT_HAVE_BLAS
-    return openblas_get_corename();
-#else
-    return NULL;
-#endif
-}
 
 const char *kvt_kernels_blas_better_core(void)
 {
