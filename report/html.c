@@ -512,8 +512,9 @@ static kvt_status put_curves(FILE *f, const kvt_results *r, const report_plan *p
         fprintf(f, "<figure id=\"fig-%s\">", m);
         KVT_FORWARD(put_chart(f, chartjs, id, pl->dir, file, alt));
         fprintf(f,
-                "<figcaption>%s of each policy against the mean kept entries per head and "
-                "layer: %s.",
+                "<figcaption>%s of each policy against the mean kept entries per KV head and "
+                "layer (a heads=query policy's per query head times the query heads per KV "
+                "head: the cache it keeps): %s.",
                 m, metric_blurb(figs[i]));
         /* a policy with no value of this metric has no line: say so, or it looks not run */
         bool any = false;
@@ -728,7 +729,7 @@ static cJSON *build_curves(const kvt_results *r, const report_plan *pl, bool *ok
                 kvt_run_summary s;
                 bool have = kvt_summarize_results(r, p, b, &s) == KVT_OK;
                 double v = have ? kvt_rec_summary_value(&s, figs[i]) : NAN;
-                add(nk_row, num(have ? s.n_keep : NAN), ok);
+                add(nk_row, num(have ? s.n_keep * kvt_report_kv_heads_factor(r, p) : NAN), ok);
                 add(val_row, num(have ? v : NAN), ok);
             }
             add(nk, nk_row, ok);

@@ -55,7 +55,9 @@ typedef struct kvt_rec_curve {
                              no bend); see kvt_recommend */
     int cheapest_ok;      /* cheapest budget index meeting the target, -1 if none */
     double *value;        /* [n_budgets] aggregate metric (NaN = not measured) */
-    double *n_keep;       /* [n_budgets] mean kept entries per head and layer (the cost axis) */
+    double *n_keep;       /* [n_budgets] mean kept entries per KV head and layer (the cost axis:
+                             a heads=query policy's count per query head times
+                             kvt_report_kv_heads_factor, so every policy by its cache size) */
     double *kept_entries; /* [n_budgets] total kept entries over traces, layers and heads */
 } kvt_rec_curve;
 
@@ -177,6 +179,9 @@ kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, in
  *  heads=query). */
 double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_rec_metric metric,
                              int layer, int head);
+/** Query heads per KV head for a heads=query policy (its kept entries per head times this are
+ *  per KV head, the KV cache it keeps), 1 for the others. */
+double kvt_report_kv_heads_factor(const kvt_results *r, size_t pol);
 /** Kept entries of (policy, budget, layer, head), the mean over the traces that have that
  *  layer and head and a count there; NaN if none. */
 double kvt_report_head_keep(const kvt_results *r, size_t pol, size_t bud, int layer, int head);

@@ -216,9 +216,9 @@
             function (ctx) {
               var r = ctx.raw;
               return ctx.dataset.label + ' at budget ' + r.b + ': ' + c.metric + ' = ' +
-                     fmt(r.y) + ', ' + fmt(r.x) + ' kept per head';
+                     fmt(r.y) + ', ' + fmt(r.x) + ' kept per KV head';
             },
-            axis('kept entries per head and layer (log scale)', {
+            axis('kept entries per KV head and layer (log scale)', {
               type: 'logarithmic', min: x0, max: x1,
               afterBuildTicks: function (ax) {  // a tick at every power of two
                 var t = [];

@@ -154,8 +154,8 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     }
     cairo_rectangle(cr, ml, mt, pw, ph);
     cairo_stroke(cr);
-    cairo_move_to(cr, ml + pw / 2 - 120, height - 15);
-    cairo_show_text(cr, "kept entries per head and layer (log scale)");
+    cairo_move_to(cr, ml + pw / 2 - 130, height - 15);
+    cairo_show_text(cr, "kept entries per KV head and layer (log scale)");
     cairo_save(cr);
     cairo_move_to(cr, 18, mt + ph / 2 + 30);
     cairo_rotate(cr, -M_PI / 2);

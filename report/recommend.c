@@ -440,7 +440,7 @@ kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,
         for (size_t b = 0; b < nb; b++) {
             const kvt_run_summary *s = &sum[p * nb + b];
             c->value[b] = kvt_rec_summary_value(s, m);
-            c->n_keep[b] = s->n_keep;
+            c->n_keep[b] = s->n_keep * kvt_report_kv_heads_factor(r, p);
             c->kept_entries[b] = s->kept_entries;
             any |= !isnan(c->value[b]);
             /* a setting that keeps the whole cache (a short prompt, quest's dense layers)

@@ -41,6 +41,14 @@ double kvt_report_head_value(const kvt_results *r, size_t pol, size_t bud, kvt_r
     return head_mean(r, pol, bud, (int)metric, layer, head);
 }
 
+double kvt_report_kv_heads_factor(const kvt_results *r, size_t pol)
+{
+    if (r->n_traces == 0 || pol >= r->n_policies || r->traces[0]->n_kv_heads < 1)
+        return 1.0;
+    const kvt_trace_result *t = r->traces[0];
+    return (double)t->policy_heads[pol] / t->n_kv_heads;
+}
+
 double kvt_report_head_keep(const kvt_results *r, size_t pol, size_t bud, int layer, int head)
 {
     return head_mean(r, pol, bud, -1, layer, head);

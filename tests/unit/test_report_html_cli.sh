@@ -111,4 +111,20 @@ $BIN report "$TMP/lk.json" -o "$TMP/lkrep" >/dev/null 2>&1 || fail "report light
     fail "no note for lightkv-like's missing recall lines"
 grep -o 'Not measured, so not drawn: [^.]*' "$TMP/lkrep/index.html" | grep -q snapkv &&
     fail "snapkv named as not measured"
+# the quality charts' cost axis is the KV cache kept: a heads=query policy keeps its budget per
+# query head, so G (query heads per KV head) times the entries of the same budget per KV head
+$BIN synth --shape tiny --tokens 96 --window 8 --decode 4 -o "$TMP/gqa.kvt" >/dev/null 2>&1 ||
+    fail "synth gqa"
+$BIN replay "$TMP/gqa.kvt" --policies snapkv:window=8,snapkv:window=8,heads=query,label=per-q \
+    --budgets 16,32 -o "$TMP/gqa.json" >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "gqa"; }
+$BIN report "$TMP/gqa.json" -o "$TMP/gqarep" >/dev/null 2>&1 || fail "gqa report"
+"${KVT_PYTHON:-/usr/bin/python3}" - "$TMP/gqarep/index.html" <<'PYEOF' || fail "cost axis"
+import json, re, sys
+html = open(sys.argv[1]).read()
+d = json.loads(re.search(r'<script type="application/json" id="kvt-data">(.*?)</script>', html,
+                         re.S).group(1))
+nk = d["curves"][0]["n_keep"]  # [policy][budget]
+assert nk[0] == [16, 32] and nk[1] == [32, 64], nk  # tiny: 4 query heads over 2 KV heads
+assert "kept entries per KV head and layer" in html
+PYEOF
 echo "test_report_html_cli: ok"
