@@ -157,13 +157,14 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);
     struct rusage ru;
     if (!getrusage(RUSAGE_SELF, &ru)) {
-        char peak[32], each[32];
+        char peak[32], each[32], total[32];
         fprintf(stderr,
-                "profile: memory: peak RSS %s; estimated %s per worker thread (%d thread%s, "
-                "kvt_replay_worker_bytes)\n",
+                "profile: memory: peak RSS %s; estimated %s = %d worker thread%s x %s per "
+                "worker\n",
                 kvt_cli_bytes_text((double)ru.ru_maxrss * 1024.0, peak, sizeof(peak)),
-                wb ? kvt_cli_bytes_text((double)wb, each, sizeof(each)) : "?", threads,
-                threads == 1 ? "" : "s");
+                wb ? kvt_cli_bytes_text((double)wb * threads, total, sizeof(total)) : "?", threads,
+                threads == 1 ? "" : "s",
+                wb ? kvt_cli_bytes_text((double)wb, each, sizeof(each)) : "?");
     }
     if (device != KVT_DEVICE_CUDA)
         return;
@@ -869,9 +870,9 @@ int kvt_cmd_replay(int argc, char **argv)
     char procs[48] = "";
     if (mpi.size > 1)
         snprintf(procs, sizeof(procs), ", %d MPI processes", mpi.size);
-    fprintf(stderr, "replay: wrote %s (%zu trace%s, %zu policies, %zu budgets%s)%s%s\n", out,
-            n_traces, n_traces == 1 ? "" : "s", n_pol, n_b, procs, export_path ? " and " : "",
-            export_path ? export_path : "");
+    fprintf(stderr, "replay: wrote %s (%zu trace%s, %zu polic%s, %zu budget%s%s)%s%s\n", out,
+            n_traces, n_traces == 1 ? "" : "s", n_pol, n_pol == 1 ? "y" : "ies", n_b,
+            n_b == 1 ? "" : "s", procs, export_path ? " and " : "", export_path ? export_path : "");
     rc = 0;
 out_free:
     if (sw)

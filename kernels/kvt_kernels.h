@@ -221,8 +221,9 @@ const char *kvt_kernels_blas_better_core(void);
  *  under valgrind (which would not follow the exec), without OpenBLAS, or when the exec fails
  *  (the program goes on with the generic kernels). */
 void kvt_kernels_blas_reexec(char **argv);
-/** One line on what the fast CPU variants' dense products run on, e.g. "OpenBLAS 0.3.21,
- *  SkylakeX kernels (chosen by kvtrace: OpenBLAS did not recognise this CPU)", into buf[cap]
+/** One line on what the CPU's dense products run on, e.g. "OpenBLAS 0.3.21, SkylakeX kernels
+ *  (chosen by kvtrace: OpenBLAS did not recognise this CPU)", or the reference loops under
+ *  KVT_KERNELS=ref, into buf[cap]
  *  (truncated to fit); returns the length snprintf would. */
 size_t kvt_kernels_cpu_describe(char *buf, size_t cap);
 

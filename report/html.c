@@ -752,6 +752,7 @@ static cJSON *build_heat(const kvt_results *r, const report_plan *pl, bool *ok)
     for (size_t p = 0; p < r->n_policies; p++)
         add(heads, cJSON_CreateNumber(t->policy_heads[p]), ok);
     put_field(heat, "heads", heads, ok);
+    put_field(heat, "kv_heads", cJSON_CreateNumber(t->n_kv_heads), ok);
     for (size_t k = 0; k < pl->n_heat; k++) {
         cJSON *hm = cJSON_CreateObject(), *grid = cJSON_CreateArray();
         put_field(hm, "metric", cJSON_CreateString(kvt_rec_metric_name(pl->heat[k])), ok);

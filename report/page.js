@@ -47,11 +47,11 @@
     if (text !== undefined) e.textContent = text;
     return e;
   }
-  function colorbar(vmax, label) {
+  function colorbar(vmax, label, format) {
     var w = el('div', 'cbar');
     w.appendChild(el('span', null, '0'));
     w.appendChild(el('span', 'cbar-grad'));
-    w.appendChild(el('span', null, fmt(vmax) + label));
+    w.appendChild(el('span', null, (format || fmt)(vmax) + label));
     return w;
   }
   // a heatmap table of L layers x H heads with its caption: each cell is handed to cell(td, l,
@@ -75,6 +75,14 @@
     }
     fig.appendChild(tab);
     return fig;
+  }
+  // "KV head" or "query head" (a heads=query policy), as the PNGs' axes say
+  function headName(p) {
+    return D.heat.heads[p] === D.heat.kv_heads ? 'KV head' : 'query head';
+  }
+  // a count: whole numbers without decimals (a mean over traces may have some)
+  function count(v) {
+    return v !== null && v === Math.round(v) ? String(v) : fmt(v);
   }
   function heatmaps() {
     var root = document.getElementById('heatmaps');
@@ -104,7 +112,7 @@
         var v = c.hm.grid[c.p][b][c.i];
         c.td.style.background = v === null ? '#d9d9d9' : viridis(v / c.hm.vmax);
         c.td.title = D.policies[c.p].label + ', budget ' + D.budgets[b] + ', layer ' + c.l +
-                     ', head ' + c.h + ': ' + c.hm.metric + ' = ' + fmt(v);
+                     ', ' + headName(c.p) + ' ' + c.h + ': ' + c.hm.metric + ' = ' + fmt(v);
       });
       body.dataset.heatBudget = String(b);
     }
@@ -137,7 +145,7 @@
         var v = t.a.head_keep[b], vmax = 0;
         v.forEach(function (x) { if (x !== null && x > vmax) vmax = x; });
         t.bar.textContent = '';
-        if (vmax > 0) t.bar.appendChild(colorbar(vmax, ' kept'));
+        if (vmax > 0) t.bar.appendChild(colorbar(vmax, ' kept', count));
         else t.bar.appendChild(el('span', 'note', 'nothing measured at this budget'));
         t.cells.forEach(function (c) {
           var x = v[c.i], sum = 0, n = 0;
@@ -148,7 +156,7 @@
           var mean = n ? sum / n : null;
           c.td.style.background = x === null || !(vmax > 0) ? '#d9d9d9' : viridis(x / vmax);
           c.td.title = D.policies[t.a.policy].label + ', budget ' + D.budgets[b] + ', layer ' +
-                       c.l + ', head ' + c.h + ': ' + fmt(x) + ' kept' +
+                       c.l + ', ' + headName(t.a.policy) + ' ' + c.h + ': ' + count(x) + ' kept' +
                        (x !== null && mean ? ' (' + fmt(x / mean) + 'x the mean head)' : '');
         });
       });

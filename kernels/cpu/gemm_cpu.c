@@ -114,6 +114,10 @@ restore:
 
 size_t kvt_kernels_cpu_describe(char *buf, size_t cap)
 {
+    if (kvt_kernels_ref_only()) { /* KVT_KERNELS=ref: no dense product runs in a library */
+        int n = snprintf(buf, cap, "the plain reference loops (KVT_KERNELS=ref)");
+        return n < 0 ? 0 : (size_t)n;
+    }
 #ifdef KVT_HAVE_BLAS
     const char *core = openblas_get_corename(), *set = getenv("OPENBLAS_CORETYPE");
     const char *mine = getenv(REEXEC_ENV), *better = kvt_kernels_blas_better_core();

@@ -61,11 +61,12 @@ static kvt_status check_external(const kvt_policy *p, int L, int Hq, int Hkv, in
                   "%d %s heads (heads=%s), %d prompt tokens (one scores file per trace)",
                   p->o.scores, a->shape[0], a->shape[1], a->shape[2], L, H, T, L, H,
                   p->o.per_query ? "query" : "KV", p->o.per_query ? "query" : "kv", T);
+    const int P = T - (p->o.window < T ? p->o.window : T); /* adaptive shares the prefix's mass */
     for (size_t i = 0; i < a->n; i++) {
         double v = kvt_npy_at(a, i);
-        if (!isnan(v) && (!p->o.adaptive || (v >= 0 && v < INFINITY)))
-            continue;
         int l = (int)(i / ((size_t)H * T)), h = (int)(i / T % H), j = (int)(i % T);
+        if (!isnan(v) && (!p->o.adaptive || j >= P || (v >= 0 && v < INFINITY)))
+            continue;
         if (isnan(v))
             return kvt_error_set(KVT_ERR_NAN,
                                  "external: %s: NaN score at layer %d, head %d, token %d",

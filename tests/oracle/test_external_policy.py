@@ -217,6 +217,14 @@ with tempfile.TemporaryDirectory() as tmp:
     bad("negative_adaptive.npy", lambda p: np.save(p, s.astype(np.float32)),
         "adaptive=1 shares the budget by the scores' mass, so they must be finite and >= 0",
         ",adaptive=1")
+    # ... but the window's tokens are kept whatever their score: any sign there is fine
+    negw = np.abs(s).astype(np.float32)
+    negw[:, :, T - 8:] = -1
+    fw = os.path.join(tmp, "negw.npy")
+    np.save(fw, negw)
+    r = run("replay", tr, "--policy", "external:scores=%s,window=8,adaptive=1" % fw, "-o",
+            os.path.join(tmp, "negw.json"))
+    check(r.returncode == 0, "negative window scores with adaptive=1: %r" % r.stderr)
 
     def cut(p):
         np.save(p, s.astype(np.float32))

@@ -47,6 +47,9 @@ if [ -n "$LDSO" ] && [ -x "$LDSO" ]; then
     "$LDSO" "$BIN" --version | grep -q '^kvtrace ' || fail "--version through $LDSO"
 fi
 
+# KVT_KERNELS=ref runs the plain references: no library's kernels to name
+KVT_KERNELS=ref "$BIN" --version | grep -q '^CPU dense products: the plain reference loops (KVT_KERNELS=ref)$' ||
+    fail "KVT_KERNELS=ref: $(KVT_KERNELS=ref "$BIN" --version | tail -1)"
 # replay: the (possibly re-executed) process writes the results, exits 0, and --profile names
 # the kernels; usage errors still exit 2 with their one line
 "$BIN" replay "$S" --policies snapkv,adakv,pyramidkv,h2o --budgets 16,64,25% --threads 2 \

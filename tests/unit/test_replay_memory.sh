@@ -25,7 +25,8 @@ check_estimate() { # NAME SHAPE TOKENS POLICIES
         { cat "$TMP/$name.err"; fail "replay $name"; }
     local line
     line=$(grep '^profile: memory: peak RSS' "$TMP/$name.err") || fail "$name: no memory line"
-    # "profile: memory: peak RSS 355.7 MiB; estimated 424.2 MiB per worker thread (1 thread, ...)"
+    # "profile: memory: peak RSS 355.7 MiB; estimated 424.2 MiB = 1 worker thread x 424.2 MiB
+    # per worker" (one thread: the total is the worker's)
     set -- $line
     local peak est
     peak=$(mib "$5" "${6%;}")
@@ -42,7 +43,9 @@ check_estimate qwen2vl_snapkv qwen2-vl-7b 4096 snapkv
 # 2. the default --threads lowered to what --memory-limit holds, with a note; the same
 #    results as --threads 1 (but for the recorded thread count)
 T3=$TMP/llama3-8b.kvt
-est=$(sed -n 's/^profile: memory: .*; estimated \([0-9.]*\) MiB per worker.*/\1/p' "$TMP/llama3.err")
+est=$(sed -n 's/^profile: memory: .*; estimated \([0-9.]*\) MiB = 1 worker thread x .*/\1/p' \
+    "$TMP/llama3.err")
+[ -n "$est" ] || fail "no estimate in: $(grep memory "$TMP/llama3.err")"
 lim=$(awk -v e="$est" 'BEGIN { printf "%dM", e * 1.5 }')
 if [ "$(nproc)" -ge 2 ]; then
     "$BIN" replay "$T3" --policies all --budgets 64,256,10% --memory-limit "$lim" \
