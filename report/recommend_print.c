@@ -157,10 +157,11 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
     if (rec->found) {
         const kvt_run_summary *s = &rec->summary;
         fprintf(f,
-                "recommended: %s at budget %s (%s tokens per head per layer%s): %s %s, keeps "
+                "recommended: %s at budget %s (%s tokens per %s head per layer%s): %s %s, keeps "
                 "%.1f%% of the KV cache (%.3gx smaller, %.0f of %.0f entries)\n",
                 r->policies[rec->policy].label, r->budgets[rec->budget].text,
                 tokens_text(r, rec->budget, tk, sizeof(tk)),
+                kvt_report_kv_heads_factor(r, rec->policy) > 1.0 ? "query" : "KV",
                 same_tokens(r, rec->budget) ? "" : ", by trace", mn,
                 kvt_report_num(rec->value, a, sizeof(a)), 100.0 * s->kept_fraction,
                 s->compression_ratio, s->kept_entries, s->full_entries);
@@ -200,7 +201,8 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
                 count_text(rec->alloc_entries, b, sizeof(b)),
                 count_text(rec->layer_entries, e, sizeof(e)),
                 count_text(rec->head_entries, g, sizeof(g)));
-        fprintf(f, "per head (rows = layers, columns = heads):\n");
+        fprintf(f, "per head (rows = layers, columns = %s heads):\n",
+                r->n_traces && rec->n_heads != r->traces[0]->n_kv_heads ? "query" : "KV");
         for (int l = 0; l < rec->n_layers; l++) {
             fprintf(f, "  L%-3d", l);
             for (int h = 0; h < rec->n_heads; h++)

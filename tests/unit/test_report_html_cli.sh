@@ -127,4 +127,11 @@ nk = d["curves"][0]["n_keep"]  # [policy][budget]
 assert nk[0] == [16, 32] and nk[1] == [32, 64], nk  # tiny: 4 query heads over 2 KV heads
 assert "kept entries per KV head and layer" in html
 PYEOF
+# recommend names the heads a heads=query policy's budget and per-head table count
+$BIN replay "$TMP/gqa.kvt" --policies snapkv:window=8,heads=query,label=per-q --budgets 16,32 \
+    -o "$TMP/gqaq.json" >/dev/null 2>&1 || fail "gqa per-q"
+$BIN recommend "$TMP/gqaq.json" --max-error 100 >"$TMP/rq.txt" || fail "recommend per-q"
+grep -q "^recommended: per-q at budget 16 (16 tokens per query head per layer)" "$TMP/rq.txt" &&
+    grep -q "^per head (rows = layers, columns = query heads):" "$TMP/rq.txt" ||
+    { cat "$TMP/rq.txt"; fail "recommend does not say query heads"; }
 echo "test_report_html_cli: ok"

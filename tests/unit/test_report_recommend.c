@@ -126,7 +126,7 @@ static void check_two_traces(void)
         KVT_EXPECT_NEAR(rec->alloc_entries, 120, 0);
         render(rec, r, buf, sizeof(buf));
         EXPECT_IN(buf, "target: err_decode <= 0.25 (mean over 2 traces, layers and heads)\n");
-        EXPECT_IN(buf, "recommended: snapkv at budget 20% (20 or 10 tokens per head per layer, "
+        EXPECT_IN(buf, "recommended: snapkv at budget 20% (20 or 10 tokens per KV head per layer, "
                        "by trace): err_decode 0.25, keeps 20.0% of the KV cache (5x smaller, "
                        "120 of 600 entries)");
         EXPECT_IN(buf, "entries summed over the 2 traces (full cache 600): uniform 120, "
@@ -146,7 +146,7 @@ static void check_two_traces(void)
     KVT_EXPECT(rec && rec->found);
     if (rec && rec->found) {
         render(rec, r3, buf, sizeof(buf));
-        EXPECT_IN(buf, "(10 to 20 tokens per head per layer, by trace)");
+        EXPECT_IN(buf, "(10 to 20 tokens per KV head per layer, by trace)");
         KVT_EXPECT_NEAR(rec->uniform_entries, 4 * 50, 0);
         KVT_EXPECT_NEAR(rec->uniform_entries, rec->summary.kept_entries, 0);
     }

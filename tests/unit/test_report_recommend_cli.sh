@@ -134,7 +134,7 @@ if [ -f "$MODEL" ]; then
     $BIN recommend "$TMP/two.json" --max-error 0.6 >"$TMP/out" 2>"$TMP/err" || fail "two: exit"
     grep -qF "target: err_decode <= 0.6 (mean over 1 of 2 traces, layers and heads; err_decode is not measured on $TMP/nd.kvt (no decode steps))" \
         "$TMP/out" || { cat "$TMP/out"; fail "two: target line"; }
-    grep -Eq "^recommended: (tova|snapkv) at budget [0-9]+% \([0-9]+ or [0-9]+ tokens per head per layer, by trace\)" \
+    grep -Eq "^recommended: (tova|snapkv) at budget [0-9]+% \([0-9]+ or [0-9]+ tokens per KV head per layer, by trace\)" \
         "$TMP/out" || { cat "$TMP/out"; fail "two: tokens by trace"; }
     kept=$(sed -n 's/^recommended: .* (.*x smaller, \([0-9]*\) of \([0-9]*\) entries)$/\1 \2/p' "$TMP/out")
     ent=$(sed -n 's/^entries summed over the 2 traces (full cache \([0-9]*\)): uniform \([0-9]*\),.*/\2 \1/p' \
