@@ -108,9 +108,7 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
         avail = 1; /* a limit below the processes: as small as it gets, not "unknown" */
     const char *what = mem_limit ? "--memory-limit" : "available";
     int want = threads ? threads : (kvt_cpu_count() / local > 1 ? kvt_cpu_count() / local : 1);
-    int n = want;
-    if (!threads && avail && *wb && (uint64_t)n > avail / *wb)
-        n = avail / *wb > 1 ? (int)(avail / *wb) : 1;
+    int n = kvt_replay_threads(threads, want, 0, *wb, avail); /* the library's rule */
     if (mpi->rank != 0 || !*wb || !avail)
         return n;
     char each[32], have[32], total[32];

@@ -303,10 +303,11 @@ kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens
  *  replay's memory is about this times its worker threads. */
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
                                    int coverage_probes, uint64_t *bytes);
-/** Worker threads for a replay of `n_layers` layers: `requested` when > 0; else the CPU
- *  count, lowered to what `memory` bytes hold at `worker_bytes` each (memory 0: unknown, no
- *  limit), at least 1. Never more than n_layers (>= 1). */
-int kvt_replay_threads(int requested, int n_layers, uint64_t worker_bytes, uint64_t memory);
+/** Worker threads for a replay of `n_layers` layers: `requested` when > 0; else `cores` (<= 0:
+ *  the CPU count), lowered to what `memory` bytes hold at `worker_bytes` each (memory 0:
+ *  unknown, no limit), at least 1. Never more than n_layers when it is >= 1. */
+int kvt_replay_threads(int requested, int cores, int n_layers, uint64_t worker_bytes,
+                       uint64_t memory);
 
 /** Replay a trace file: every policy at every budget, layer by layer on a thread pool.
  * @return KVT_OK; errors from the reader; KVT_ERR_NOT_FOUND naming a tensor a policy needs

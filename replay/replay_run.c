@@ -351,9 +351,10 @@ kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, si
     return KVT_OK;
 }
 
-int kvt_replay_threads(int requested, int n_layers, uint64_t worker_bytes, uint64_t memory)
+int kvt_replay_threads(int requested, int cores, int n_layers, uint64_t worker_bytes,
+                       uint64_t memory)
 {
-    int n = requested > 0 ? requested : kvt_cpu_count();
+    int n = requested > 0 ? requested : cores > 0 ? cores : kvt_cpu_count();
     if (requested <= 0 && memory > 0 && worker_bytes > 0 && (uint64_t)n > memory / worker_bytes)
         n = memory / worker_bytes > 1 ? (int)(memory / worker_bytes) : 1;
     if (n_layers >= 1 && n > n_layers)
@@ -582,7 +583,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         int n_probe_all = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
         uint64_t wb = worker_bytes(sh.T, sh.Hq, sh.Hkv, sh.D, sh.W, sh.has_qd ? sh.G : 0,
                                    n_probe_all, pols, n_pol);
-        n_th = kvt_replay_threads(0, sh.n_sel, wb,
+        n_th = kvt_replay_threads(0, 0, sh.n_sel, wb,
                                   o->memory_limit ? o->memory_limit : kvt_mem_available());
     }
     if (n_th > sh.L)

@@ -106,11 +106,11 @@ int main(void)
     /* kvt_replay_threads: requested as given (at most the layers); else the cores as far as
        the memory holds them, at least 1 */
     int cores = kvt_cpu_count();
-    KVT_EXPECT_EQ_U64(kvt_replay_threads(3, 32, 100, 50), 3);
-    KVT_EXPECT_EQ_U64(kvt_replay_threads(3, 2, 100, 50), 2);
-    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 64, 100, 250), cores < 2 ? cores : 2);
-    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 64, 100, 50), 1);
-    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 64, 100, 0), cores < 64 ? cores : 64); /* unknown */
-    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 1, 100, 1000000), 1);
+    KVT_EXPECT_EQ_U64(kvt_replay_threads(3, 0, 32, 100, 50), 3);
+    KVT_EXPECT_EQ_U64(kvt_replay_threads(3, 0, 2, 100, 50), 2);
+    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 0, 64, 100, 250), cores < 2 ? cores : 2);
+    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 0, 64, 100, 50), 1);
+    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 0, 64, 100, 0), cores < 64 ? cores : 64); /* unknown */
+    KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 0, 1, 100, 1000000), 1);
     return kvt_test_result("test_common_memory");
 }
