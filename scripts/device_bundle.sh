@@ -11,6 +11,7 @@
 # scripts/gpu_session.sh runs them there. usage: bash scripts/device_bundle.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh --packages # a new machine lacks zstd, cJSON, cairo, OpenBLAS...
 B=${BUILD:-build-dev}
 BLAS_OPT=ON
 [ "${BLAS:-1}" = 0 ] && BLAS_OPT=OFF

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # setup.sh - install the Debian packages kvtrace needs (only those missing), then configure
-# and build into build/. Safe to re-run. Usage: bash scripts/setup.sh [build-dir]
+# and build into build/. Safe to re-run. Usage: bash scripts/setup.sh [build-dir | --packages]
+# (--packages: install the packages only; scripts/device_bundle.sh builds its own tree)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${1:-build}
@@ -24,5 +25,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+[ "$BUILD" = --packages ] && exit 0
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVT_WERROR=ON >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
