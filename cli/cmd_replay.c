@@ -651,12 +651,18 @@ int kvt_cmd_replay(int argc, char **argv)
         goto out_free;
     }
     for (size_t p = 0; p < n_pol && n_traces > 1; p++)
-        if (!strcmp(kvt_policy_name(pols[p]), "external")) {
+        if (kvt_policy_one_trace(pols[p])) {
             kvt_cli_fail(cmd,
-                         "%s: a scores file describes one trace, and %d are given: replay "
-                         "each trace with its own file",
+                         "%s: a scores file describes one trace, and %d are given: give "
+                         "scores=DIR, a directory with one NAME.npy per trace NAME.kvt",
                          kvt_policy_label(pols[p]), (int)n_traces);
             rc = 2;
+            goto out_free;
+        }
+    /* every trace's own files (external:scores=DIR), before the first trace is replayed */
+    for (size_t t = 0; t < n_traces; t++)
+        if ((st = kvt_replay_check_trace(traces[t], pols, n_pol))) {
+            kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
     if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : "64,128,256,512", &budgets, &n_b))) {

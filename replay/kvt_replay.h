@@ -79,6 +79,9 @@ const char *kvt_policy_label(const kvt_policy *p);
 unsigned kvt_policy_flags(const kvt_policy *p);
 /** true if the policy selects per query head (heads=query), false per KV head. */
 bool kvt_policy_per_query_head(const kvt_policy *p);
+/** true if the policy's files describe one trace, so that it replays that trace alone
+ *  (external with scores=FILE.npy; scores=DIR has a file per trace). */
+bool kvt_policy_one_trace(const kvt_policy *p);
 /** Every option with its effective value, as a JSON object text. Caller frees with kvt_free. */
 char *kvt_policy_options_json(const kvt_policy *p);
 
@@ -294,6 +297,11 @@ void kvt_trace_result_free(kvt_trace_result *r);
 /** Layer and token counts of a trace, from its header (n_layers, n_tokens). Either pointer
  *  may be NULL. */
 kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens);
+
+/** Check what kvt_replay_trace would check of these policies' files for the trace at `path`
+ *  before its first layer (a scores file's shape and values), from the trace's header alone:
+ *  a replay of many traces can refuse a bad file before the first trace runs. */
+kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol);
 
 /** Estimated peak memory, in bytes, of one replay worker on one layer of `path` with these
  *  policies (`coverage_probes` as in kvt_replay_opts: negative = the default): the arrays of

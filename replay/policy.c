@@ -72,7 +72,8 @@ static const opt_desc opts_table[] = {
     {"sinks", O_INT, OFF(sinks), 0, 1e9, "StreamingLLM sink tokens"},
     {"ratio", O_DBL, OFF(ratio), 0, 1, "SparseMM minimum share of b per head"},
     {"scores", O_STR, OFF(scores), 0, 0,
-     "score file: SparseMM/HeadKV head scores (JSON), external token scores (.npy)"},
+     "score file: SparseMM/HeadKV head scores (JSON), external token scores (.npy, or a directory "
+     "of NAME.npy per trace NAME.kvt)"},
     {"rtable", O_STR, OFF(rtable), 0, 0, "MixKV offline redundancy table (JSON)"},
     {"page", O_INT, OFF(page), 1, 1e6, "Quest page size"},
     {"dense_layers", O_INT, OFF(dense_layers), 0, 1e6, "Quest: first layers left dense"},
@@ -495,6 +496,11 @@ unsigned kvt_policy_flags(const kvt_policy *p)
 bool kvt_policy_per_query_head(const kvt_policy *p)
 {
     return p->o.per_query;
+}
+
+bool kvt_policy_one_trace(const kvt_policy *p)
+{
+    return p->one_trace;
 }
 
 /* "key=value" of one option into buf; quoted = JSON form */

@@ -47,7 +47,8 @@ struct kvt_policy {
     const kvt_policy_def *def;
     kvt_policy_opts o;
     char *label;
-    void *state; /* loaded files, owned (def->fini frees) */
+    void *state;    /* loaded files, owned (def->fini frees) */
+    bool one_trace; /* its files describe one trace (kvt_policy_one_trace) */
 };
 
 /** A policy: one file in replay/policies/ exports one of these, and policies/policy_list.h
@@ -61,10 +62,13 @@ struct kvt_policy_def {
     /* optional: validate option combinations, load files into p->state */
     kvt_status (*init)(kvt_policy *p);
     void (*fini)(kvt_policy *p);
-    /* optional: refuse a trace of this shape before any layer is replayed (a policy whose
-       files describe one trace) */
-    kvt_status (*check)(const kvt_policy *p, int n_layers, int n_q_heads, int n_kv_heads,
-                        int n_tokens);
+    /* optional, for a policy whose files describe a trace: before any layer of the trace at
+       `path` (of this shape) is replayed, refuse it, or set *state to what select should see
+       in p->state for this trace (kvt_replay_trace then replays a copy of the policy holding
+       it, and frees it with unbind); leaving *state NULL keeps p->state */
+    kvt_status (*bind)(const kvt_policy *p, const char *path, int n_layers, int n_q_heads,
+                       int n_kv_heads, int n_tokens, void **state);
+    void (*unbind)(void *state);
     /* fill sel (allocated with the kvt_sel_* helpers) for budgets [n_b] (tokens) */
     kvt_status (*select)(kvt_layer_ctx *c, const kvt_policy *p, const int *budgets, int n_b,
                          kvt_layer_selection *sel);

@@ -279,21 +279,91 @@ static bool has_kind(kvt_trace_reader *rd, int layer, int kind, uint32_t *h, uin
     return ok;
 }
 
-kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens)
+/* L, Hq, Hkv and T from a trace's header (the header only) */
+static kvt_status header_shape(const char *path, int *L, int *Hq, int *Hkv, int *T)
 {
     kvt_trace_reader *rd;
     KVT_FORWARD(kvt_trace_reader_open(path, &rd));
     cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
-    int L = jint(cJSON_GetObjectItemCaseSensitive(hdr, "model"), "n_layers");
-    int T = jint(hdr, "n_tokens");
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    *L = jint(model, "n_layers"), *Hq = jint(model, "n_q_heads");
+    *Hkv = jint(model, "n_kv_heads"), *T = jint(hdr, "n_tokens");
     cJSON_Delete(hdr);
     kvt_trace_reader_close(rd);
-    KVT_RETURN_IF(L < 1 || T < 1, KVT_ERR_CORRUPT, "%s: header lacks model.n_layers or n_tokens",
-                  path);
+    KVT_RETURN_IF(*L < 1 || *T < 1 || *Hq < 1 || *Hkv < 1, KVT_ERR_CORRUPT,
+                  "%s: header lacks model.n_layers, n_q_heads, n_kv_heads or n_tokens", path);
+    return KVT_OK;
+}
+
+kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens)
+{
+    int L, Hq, Hkv, T;
+    KVT_FORWARD(header_shape(path, &L, &Hq, &Hkv, &T));
     if (n_layers)
         *n_layers = L;
     if (n_tokens)
         *n_tokens = T;
+    return KVT_OK;
+}
+
+/* ---- policies bound to one trace (kvt_policy_def.bind) ---- */
+typedef struct bound_pols {
+    kvt_policy **p;   /* [n] what the workers replay: pols[i], or &copy[i] */
+    kvt_policy *copy; /* [n] */
+    void **state;     /* [n] per-trace state of copy[i], or NULL */
+    size_t n;
+} bound_pols;
+
+static void unbind_policies(bound_pols *b)
+{
+    for (size_t i = 0; b->state && i < b->n; i++)
+        if (b->state[i])
+            b->p[i]->def->unbind(b->state[i]);
+    kvt_free(b->p);
+    kvt_free(b->copy);
+    kvt_free(b->state);
+    memset(b, 0, sizeof(*b));
+}
+
+static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *path, int L, int Hq,
+                                int Hkv, int T, bound_pols *b)
+{
+    memset(b, 0, sizeof(*b));
+    b->p = kvt_calloc(n, sizeof(*b->p));
+    b->copy = kvt_calloc(n, sizeof(*b->copy));
+    b->state = kvt_calloc(n, sizeof(*b->state));
+    b->n = n;
+    if (!b->p || !b->copy || !b->state) {
+        unbind_policies(b);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        b->p[i] = pols[i];
+        if (!pols[i]->def->bind)
+            continue;
+        void *state = NULL;
+        kvt_status st = pols[i]->def->bind(pols[i], path, L, Hq, Hkv, T, &state);
+        if (st) {
+            unbind_policies(b);
+            return kvt_error_set(st, "%s: %s", path, kvt_error_msg());
+        }
+        if (state) {
+            b->copy[i] = *pols[i];
+            b->copy[i].state = state;
+            b->state[i] = state;
+            b->p[i] = &b->copy[i];
+        }
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol)
+{
+    int L, Hq, Hkv, T;
+    KVT_FORWARD(header_shape(path, &L, &Hq, &Hkv, &T));
+    bound_pols b;
+    KVT_FORWARD(bind_policies(pols, n_pol, path, L, Hq, Hkv, T, &b));
+    unbind_policies(&b);
     return KVT_OK;
 }
 
@@ -419,6 +489,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     uint8_t *mod = NULL;
     int *btok = NULL;
     pthread_t *th = NULL;
+    bound_pols bound = {0};
     KVT_FORWARD(kvt_trace_reader_open(path, &sh.rd));
     hdr = cJSON_Parse(kvt_trace_reader_header_json(sh.rd));
     if (!hdr) {
@@ -489,12 +560,10 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     }
     sh.has_colsum = has_kind(sh.rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
     sh.has_qall = has_kind(sh.rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
+    if ((st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, &bound)))
+        goto out_free;
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
-        if (pols[p]->def->check && (st = pols[p]->def->check(pols[p], sh.L, sh.Hq, sh.Hkv, sh.T))) {
-            st = kvt_error_set(st, "%s: %s", path, kvt_error_msg());
-            goto out_free;
-        }
         if ((f & KVT_POLICY_NEEDS_DECODE) && !sh.has_qd) {
             st = kvt_error_set(KVT_ERR_NOT_FOUND,
                                "policy %s needs decode queries (Q_decode), which %s does not "
@@ -568,7 +637,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         res->has_modality = true;
         sh.mod = mod;
     }
-    sh.pols = pols, sh.n_pol = n_pol, sh.n_b = n_budgets, sh.btok = btok, sh.o = o;
+    sh.pols = bound.p, sh.n_pol = n_pol, sh.n_b = n_budgets, sh.btok = btok, sh.o = o;
     sh.res = res;
     if (o->layer_mask && o->layer_mask_len != (size_t)sh.L) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: layer mask of %zu layers for a trace of %d",
@@ -619,5 +688,6 @@ out_free:
     kvt_trace_result_free(res);
     cJSON_Delete(hdr);
     kvt_trace_reader_close(sh.rd);
+    unbind_policies(&bound);
     return st;
 }

@@ -1,14 +1,16 @@
 /* policy_external.c - `external`: your own per-token scores, from a NumPy file
  * (scores=FILE.npy, np.save of an array [L, H', T]: layers, heads, prompt tokens; H' = the KV
- * heads, or the query heads with heads=query). Each head keeps its highest-scoring tokens,
- * ties to the earlier token, the last `window` prompt tokens always (default 0), with the
- * uniform budget of every other policy or, with adaptive=1, AdaKV's head-adaptive budgets
- * computed from these scores (alpha, normalize, alloc and skip as adakv's): a score computed in
- * Python from a trace (or from anywhere) is replayed at every budget with every metric, without
- * writing C.
+ * heads, or the query heads with heads=query), or, for a replay of several traces, from a
+ * directory (scores=DIR) holding one NAME.npy per trace NAME.kvt. Each head keeps its
+ * highest-scoring tokens, ties to the earlier token, the last `window` prompt tokens always
+ * (default 0), with the uniform budget of every other policy or, with adaptive=1, AdaKV's
+ * head-adaptive budgets computed from these scores (alpha, normalize, alloc and skip as
+ * adakv's): a score computed in Python from a trace (or from anywhere) is replayed at every
+ * budget with every metric, without writing C.
  */
 #include <math.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "../replay_internal.h"
 
@@ -17,27 +19,41 @@ static void d_external(kvt_policy_opts *o)
     o->window = 0;
 }
 
-static kvt_status init_external(kvt_policy *p)
+/* FILE into a new array; the error says "external: " once, whatever the reader said */
+static kvt_status load_scores(const char *path, const char *hint, kvt_npy **out)
 {
-    KVT_RETURN_IF(!p->o.scores, KVT_ERR_INVALID_ARG,
-                  "external needs scores=FILE.npy: np.save of a float array [layers, heads, "
-                  "tokens] (README: your own policy)");
+    *out = NULL;
     kvt_npy *a = kvt_calloc(1, sizeof(*a));
     KVT_RETURN_IF(!a, KVT_ERR_NOMEM, "out of memory");
-    kvt_status st = kvt_read_npy(p->o.scores, a);
+    kvt_status st = kvt_read_npy(path, a);
     if (st == KVT_OK && a->ndim != 3)
         st = kvt_error_set(KVT_ERR_INVALID_ARG,
                            "external: %s has %d dimensions; expected 3: [layers, heads, tokens]",
-                           p->o.scores, a->ndim);
+                           path, a->ndim);
     if (st) {
-        char msg[512]; /* "external: " once, whatever the reader said */
-        snprintf(msg, sizeof(msg), "%s", kvt_error_msg());
+        char msg[768];
+        snprintf(msg, sizeof(msg), "%s%s", kvt_error_msg(), hint);
         kvt_npy_free(a);
         kvt_free(a);
         return strncmp(msg, "external: ", 10) ? kvt_error_set(st, "external: %s", msg)
                                               : kvt_error_set(st, "%s", msg);
     }
+    *out = a;
+    return KVT_OK;
+}
+
+static kvt_status init_external(kvt_policy *p)
+{
+    KVT_RETURN_IF(!p->o.scores, KVT_ERR_INVALID_ARG,
+                  "external needs scores=FILE.npy: np.save of a float array [layers, heads, "
+                  "tokens] (README: your own policy)");
+    struct stat sb;
+    if (stat(p->o.scores, &sb) == 0 && S_ISDIR(sb.st_mode))
+        return KVT_OK; /* one NAME.npy per trace, read when the trace is replayed (bind) */
+    kvt_npy *a;
+    KVT_FORWARD(load_scores(p->o.scores, "", &a));
     p->state = a;
+    p->one_trace = true;
     return KVT_OK;
 }
 
@@ -50,16 +66,15 @@ static void fini_external(kvt_policy *p)
     }
 }
 
-/* The file's shape against the trace's, and every score a number (the window's too), once
- * per trace before any layer is replayed (kvt_policy_def.check) */
-static kvt_status check_external(const kvt_policy *p, int L, int Hq, int Hkv, int T)
+/* The file's shape against the trace's, and every score a number (the window's too) */
+static kvt_status check_scores(const kvt_policy *p, const kvt_npy *a, const char *file, int L,
+                               int Hq, int Hkv, int T)
 {
-    const kvt_npy *a = p->state;
     const int H = p->o.per_query ? Hq : Hkv;
     KVT_RETURN_IF(a->shape[0] != L || a->shape[1] != H || a->shape[2] != T, KVT_ERR_INVALID_ARG,
                   "external: %s has shape (%d, %d, %d); this trace needs (%d, %d, %d): %d layers, "
                   "%d %s heads (heads=%s), %d prompt tokens (one scores file per trace)",
-                  p->o.scores, a->shape[0], a->shape[1], a->shape[2], L, H, T, L, H,
+                  file, a->shape[0], a->shape[1], a->shape[2], L, H, T, L, H,
                   p->o.per_query ? "query" : "KV", p->o.per_query ? "query" : "kv", T);
     const int P = T - (p->o.window < T ? p->o.window : T); /* adaptive shares the prefix's mass */
     for (size_t i = 0; i < a->n; i++) {
@@ -69,15 +84,50 @@ static kvt_status check_external(const kvt_policy *p, int L, int Hq, int Hkv, in
             continue;
         if (isnan(v))
             return kvt_error_set(KVT_ERR_NAN,
-                                 "external: %s: NaN score at layer %d, head %d, token %d",
-                                 p->o.scores, l, h, j);
+                                 "external: %s: NaN score at layer %d, head %d, token %d", file, l,
+                                 h, j);
         return kvt_error_set(KVT_ERR_INVALID_ARG,
                              "external: %s: score %g at layer %d, head %d, token %d: adaptive=1 "
                              "shares the budget by the scores' mass, so they must be finite and "
                              ">= 0",
-                             p->o.scores, v, l, h, j);
+                             file, v, l, h, j);
     }
     return KVT_OK;
+}
+
+/* before the trace's first layer: scores=FILE is checked against it; scores=DIR gives the
+ * trace's own file, DIR/NAME.npy for the trace NAME.kvt (or NAME), read and checked */
+static kvt_status bind_external(const kvt_policy *p, const char *path, int L, int Hq, int Hkv,
+                                int T, void **state)
+{
+    if (p->state)
+        return check_scores(p, p->state, p->o.scores, L, Hq, Hkv, T);
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    size_t n = strlen(base);
+    if (n > 4 && !strcmp(base + n - 4, ".kvt"))
+        n -= 4;
+    char file[4096];
+    int len = snprintf(file, sizeof(file), "%s%s%.*s.npy", p->o.scores,
+                       p->o.scores[0] && p->o.scores[strlen(p->o.scores) - 1] == '/' ? "" : "/",
+                       (int)n, base);
+    KVT_RETURN_IF(len < 0 || (size_t)len >= sizeof(file), KVT_ERR_INVALID_ARG,
+                  "external: scores file name too long");
+    kvt_npy *a;
+    KVT_FORWARD(load_scores(file, " (scores=DIR holds one NAME.npy per trace NAME.kvt)", &a));
+    kvt_status st = check_scores(p, a, file, L, Hq, Hkv, T);
+    if (st) {
+        kvt_npy_free(a);
+        kvt_free(a);
+        return st;
+    }
+    *state = a;
+    return KVT_OK;
+}
+
+static void unbind_external(void *state)
+{
+    kvt_npy_free(state);
+    kvt_free(state);
 }
 
 static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
@@ -86,6 +136,10 @@ static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int 
     const kvt_npy *a = p->state;
     const int T = c->T, H = kvt_ctx_heads(c, p->o.per_query);
     const int W = p->o.window < T ? p->o.window : T, P = T - W;
+    KVT_RETURN_IF(!a, KVT_ERR_INVALID_ARG,
+                  "external: scores=%s is a directory of per-trace files, read by a trace replay "
+                  "(kvt_replay_trace); give a layer replay its FILE.npy",
+                  p->o.scores);
     KVT_RETURN_IF(a->shape[0] != c->n_layers || a->shape[1] != H || a->shape[2] != T, KVT_ERR_STATE,
                   "external: %s: the trace was not checked", p->o.scores);
     KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, W, n_b, true));
@@ -109,11 +163,13 @@ static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int 
 const kvt_policy_def kvt_policy_def_external = {
     .name = "external",
     .summary = "your own per-token scores: keeps each head's highest (scores=FILE.npy, "
-               "[layers, heads, tokens]; adaptive=1: AdaKV's head budgets from them)",
+               "[layers, heads, tokens], or scores=DIR of NAME.npy per trace NAME.kvt; "
+               "adaptive=1: AdaKV's head budgets from them)",
     .keys = "window,heads,scores,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_external,
     .init = init_external,
     .fini = fini_external,
-    .check = check_external,
+    .bind = bind_external,
+    .unbind = unbind_external,
     .select = sel_external,
 };

@@ -17,7 +17,9 @@ The workflow the README shows: read a trace with the Python binding, compute a s
   * bad files are one clear line and a non-zero exit: wrong shape (naming both shapes), a NaN
     (naming layer, head and token; in the window too), not .npy, cut short, a shape whose
     size overflows, an integer dtype, big-endian, Fortran order, a directory, a missing file,
-    2 dimensions, scores= missing; two traces with one file; a .npy given to sparsemm.
+    2 dimensions, scores= missing; two traces with one file; a .npy given to sparsemm;
+  * scores=DIR, one NAME.npy per trace NAME.kvt: two traces of different lengths each keep by
+    their own file; a missing or misshapen file is refused before the first trace runs.
 
 Environment (tests/cmake/oracle.cmake): KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without
 NumPy or the CLI.
@@ -237,15 +239,53 @@ with tempfile.TemporaryDirectory() as tmp:
     bad("fortran.npy", lambda p: np.save(p, np.asfortranarray(s.astype(np.float32))),
         "Fortran-ordered")
     bad("2d.npy", lambda p: np.save(p, s[0].astype(np.float32)), "has 2 dimensions")
-    os.mkdir(os.path.join(tmp, "dir.npy"))
-    bad("dir.npy", None, "dir.npy")
+    os.mkdir(os.path.join(tmp, "dir.npy"))  # a directory of per-trace files, without t.npy
+    bad("dir.npy", None, "dir.npy/t.npy")
     bad("missing.npy", None, "missing.npy")
     # one scores file describes one trace: several traces are refused before any work
     r = run("replay", tr, tr2, "--policy", "external:scores=%s" % f32, "-o",
             os.path.join(tmp, "x.json"))
     check(r.returncode == 2 and "a scores file describes one trace, and 2 are given" in r.stderr
-          and len(r.stderr.strip().splitlines()) == 1, "two traces: %d %r" % (r.returncode,
-                                                                                r.stderr))
+          and "scores=DIR" in r.stderr and len(r.stderr.strip().splitlines()) == 1,
+          "two traces: %d %r" % (r.returncode, r.stderr))
+
+    # several traces: scores=DIR holds NAME.npy for each trace NAME.kvt; each trace keeps by
+    # its own file (T differs: 48 and 40 tokens), and the results aggregate both
+    sd = os.path.join(tmp, "scores")
+    os.mkdir(sd)
+    T2 = 40
+    s2 = np.round(rng.standard_normal((L, Hkv, T2)) * 2) / 2
+    np.save(os.path.join(sd, "t.npy"), s.astype(np.float32))
+    np.save(os.path.join(sd, "t2.npy"), s2.astype(np.float32))
+    for d in (sd, sd + "/"):
+        out = os.path.join(tmp, "rd.json")
+        r = run("replay", tr, tr2, "--policy", "external:scores=%s,window=8" % d, "--budgets",
+                budgets, "--export-selection", out + ".sel.json", "-o", out, "--force")
+        check(r.returncode == 0, "scores=DIR, two traces: %r" % r.stderr)
+        if r.returncode:
+            continue
+        sel, res = json.load(open(out + ".sel.json")), json.load(open(out))
+        check([(t["path"], t["n_tokens"]) for t in res["traces"]] == [(tr, T), (tr2, T2)] and
+              len(res["aggregate"]) == len(btok) and
+              all(a["n_traces"] == 2 for a in res["aggregate"]),
+              "scores=DIR: results %s" % [(t["path"], t["n_tokens"]) for t in res["traces"]])
+        for i, (sc, Ti) in enumerate(((s, T), (s2, T2))):
+            part = dict(sel, records=[x for x in sel["records"] if x["trace"] == i])
+            check_kept(part, sc, 8, btok, Hkv, Ti, "scores=DIR, trace %d (T=%d)" % (i, Ti))
+    # a trace without its file is refused before the first trace runs, naming the file
+    os.remove(os.path.join(sd, "t2.npy"))
+    out = os.path.join(tmp, "rd2.json")
+    r = run("replay", tr, tr2, "--policy", "external:scores=%s" % sd, "-o", out)
+    lines = r.stderr.strip().splitlines()
+    check(r.returncode != 0 and len(lines) == 1 and os.path.join(sd, "t2.npy") in r.stderr and
+          "one NAME.npy per trace NAME.kvt" in r.stderr and not os.path.exists(out),
+          "scores=DIR, a file missing: %d %r" % (r.returncode, r.stderr))
+    # ... and one of the wrong shape (t2's tokens given t's file) too, naming both shapes
+    np.save(os.path.join(sd, "t2.npy"), s.astype(np.float32))
+    r = run("replay", tr, tr2, "--policy", "external:scores=%s" % sd, "-o", out)
+    check(r.returncode != 0 and "t2.npy has shape (%d, %d, %d); this trace needs (%d, %d, %d)"
+          % (L, Hkv, T, L, Hkv, T2) in r.stderr and r.stderr.startswith("kvtrace replay: error: " + tr2)
+          and not os.path.exists(out), "scores=DIR, wrong shape: %d %r" % (r.returncode, r.stderr))
     # a .npy given to sparsemm (which takes a JSON head table) says where it belongs
     r = run("replay", tr, "--policy", "sparsemm:scores=%s" % f32, "-o",
             os.path.join(tmp, "x.json"))
