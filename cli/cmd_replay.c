@@ -659,7 +659,8 @@ int kvt_cmd_replay(int argc, char **argv)
             rc = 2;
             goto out_free;
         }
-    /* every trace's own files (external:scores=DIR), before the first trace is replayed */
+    /* every trace against the policies (windows, decode queries, column sums, external's
+       scores=DIR files) before the first trace is replayed */
     for (size_t t = 0; t < n_traces; t++)
         if ((st = kvt_replay_check_trace(traces[t], pols, n_pol))) {
             kvt_cli_fail_status(cmd, st, traces[t]);

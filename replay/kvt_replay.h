@@ -298,9 +298,11 @@ void kvt_trace_result_free(kvt_trace_result *r);
  *  may be NULL. */
 kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens);
 
-/** Check what kvt_replay_trace would check of these policies' files for the trace at `path`
- *  before its first layer (a scores file's shape and values), from the trace's header alone:
- *  a replay of many traces can refuse a bad file before the first trace runs. */
+/** Everything kvt_replay_trace checks of the trace at `path` and these policies before its
+ *  first layer, without reading a layer's tensors: the header against layer 0's records; the
+ *  stored window queries, decode queries and column sums the policies need; the policies'
+ *  own files for this trace (external's scores: shape and values). A replay of many traces
+ *  refuses a bad one before the first trace runs. */
 kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol);
 
 /** Estimated peak memory, in bytes, of one replay worker on one layer of `path` with these

@@ -96,7 +96,8 @@ typedef struct run_shared {
     const kvt_replay_opts *o;
     kvt_trace_result *res;
     int L, Hq, Hkv, T, D, W, G;
-    double scale; /* the header's model.attn_scale, 0 when absent (1/sqrt(D)) */
+    double scale;  /* the header's model.attn_scale, 0 when absent (1/sqrt(D)) */
+    kvt_dtype kdt; /* K's stored dtype */
     bool has_qd, has_kvd, has_colsum, has_qall, need_colsum;
     const uint8_t *mod;
     pthread_mutex_t mu;
@@ -279,26 +280,17 @@ static bool has_kind(kvt_trace_reader *rd, int layer, int kind, uint32_t *h, uin
     return ok;
 }
 
-/* L, Hq, Hkv and T from a trace's header (the header only) */
-static kvt_status header_shape(const char *path, int *L, int *Hq, int *Hkv, int *T)
+kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens)
 {
     kvt_trace_reader *rd;
     KVT_FORWARD(kvt_trace_reader_open(path, &rd));
     cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
-    const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
-    *L = jint(model, "n_layers"), *Hq = jint(model, "n_q_heads");
-    *Hkv = jint(model, "n_kv_heads"), *T = jint(hdr, "n_tokens");
+    int L = jint(cJSON_GetObjectItemCaseSensitive(hdr, "model"), "n_layers");
+    int T = jint(hdr, "n_tokens");
     cJSON_Delete(hdr);
     kvt_trace_reader_close(rd);
-    KVT_RETURN_IF(*L < 1 || *T < 1 || *Hq < 1 || *Hkv < 1, KVT_ERR_CORRUPT,
-                  "%s: header lacks model.n_layers, n_q_heads, n_kv_heads or n_tokens", path);
-    return KVT_OK;
-}
-
-kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens)
-{
-    int L, Hq, Hkv, T;
-    KVT_FORWARD(header_shape(path, &L, &Hq, &Hkv, &T));
+    KVT_RETURN_IF(L < 1 || T < 1, KVT_ERR_CORRUPT, "%s: header lacks model.n_layers or n_tokens",
+                  path);
     if (n_layers)
         *n_layers = L;
     if (n_tokens)
@@ -354,16 +346,6 @@ static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *p
             b->p[i] = &b->copy[i];
         }
     }
-    return KVT_OK;
-}
-
-kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol)
-{
-    int L, Hq, Hkv, T;
-    KVT_FORWARD(header_shape(path, &L, &Hq, &Hkv, &T));
-    bound_pols b;
-    KVT_FORWARD(bind_policies(pols, n_pol, path, L, Hq, Hkv, T, &b));
-    unbind_policies(&b);
     return KVT_OK;
 }
 
@@ -466,6 +448,124 @@ kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why
     return KVT_OK;
 }
 
+/* Open the trace at path into sh (reader, shape, tensors present; *hdr_out its parsed header,
+ * both for the caller to free, also on failure), check the header against layer 0's records
+ * and these policies against what the trace holds (stored window queries, decode queries,
+ * column sums): every check that needs no layer's tensors */
+static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t n_pol,
+                               run_shared *sh, cJSON **hdr_out)
+{
+    kvt_status st;
+    KVT_FORWARD(kvt_trace_reader_open(path, &sh->rd));
+    cJSON *hdr = *hdr_out = cJSON_Parse(kvt_trace_reader_header_json(sh->rd));
+    KVT_RETURN_IF(!hdr, KVT_ERR_CORRUPT, "%s: the trace header is not valid JSON", path);
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    sh->L = jint(model, "n_layers"), sh->Hq = jint(model, "n_q_heads");
+    sh->Hkv = jint(model, "n_kv_heads"), sh->D = jint(model, "head_dim");
+    sh->T = jint(hdr, "n_tokens"), sh->W = jint(hdr, "window");
+    {
+        /* one message per field, so that the user knows which one is wrong */
+        const struct {
+            const char *name;
+            int value;
+        } f[] = {{"model.n_layers", sh->L},     {"model.n_q_heads", sh->Hq},
+                 {"model.n_kv_heads", sh->Hkv}, {"model.head_dim", sh->D},
+                 {"n_tokens", sh->T},           {"window", sh->W}};
+        for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
+            if (f[i].value < 1) {
+                st = kvt_error_set(KVT_ERR_CORRUPT,
+                                   f[i].value == 0 && i == 0
+                                       ? "%s: the trace has no layers (%s = 0): nothing to replay"
+                                       : "%s: the header's %s is missing or not a positive integer",
+                                   path, f[i].name);
+                return st;
+            }
+        /* the model's softmax scale, as the capture recorded it (Gemma-style models differ from
+           1/sqrt(D)); absent in traces of other writers: 1/sqrt(D) */
+        const cJSON *as = cJSON_GetObjectItemCaseSensitive(model, "attn_scale");
+        if (as && !(cJSON_IsNumber(as) && isfinite(as->valuedouble) && as->valuedouble > 0)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "%s: the header's model.attn_scale is not a positive number", path);
+            return st;
+        }
+        sh->scale = as ? as->valuedouble : 0.0;
+        if (sh->Hq % sh->Hkv) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "%s: %d query heads are not a multiple of %d KV heads (GQA needs "
+                               "n_q_heads = G x n_kv_heads)",
+                               path, sh->Hq, sh->Hkv);
+            return st;
+        }
+    }
+    /* cross-check with the stored tensors of layer 0 */
+    uint32_t h, t, d;
+    if (!has_kind(sh->rd, 0, KVT_KIND_K, &h, &t, &d, &sh->kdt) || (int)h != sh->Hkv ||
+        (int)t != sh->T || (int)d != sh->D) {
+        st = kvt_error_set(KVT_ERR_CORRUPT,
+                           "%s: layer 0 K is missing or does not match the header [%d,%d,%d]", path,
+                           sh->Hkv, sh->T, sh->D);
+        return st;
+    }
+    if (!has_kind(sh->rd, 0, KVT_KIND_Q_WINDOW, &h, &t, &d, NULL) || (int)h != sh->Hq ||
+        (int)d != sh->D) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: layer 0 Q_window is missing or not [%d,W,%d]",
+                           path, sh->Hq, sh->D);
+        return st;
+    }
+    sh->W = (int)t; /* the records say how many window queries were stored */
+    if (has_kind(sh->rd, 0, KVT_KIND_Q_DECODE, &h, &t, &d, NULL) && t > 0) {
+        sh->has_qd = true;
+        sh->G = (int)t;
+        uint32_t h2, t2, d2, h3, t3, d3;
+        sh->has_kvd = has_kind(sh->rd, 0, KVT_KIND_K_DECODE, &h2, &t2, &d2, NULL) &&
+                      has_kind(sh->rd, 0, KVT_KIND_V_DECODE, &h3, &t3, &d3, NULL) &&
+                      (int)t2 == sh->G && (int)t3 == sh->G;
+    }
+    sh->has_colsum = has_kind(sh->rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
+    sh->has_qall = has_kind(sh->rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
+    for (size_t p = 0; p < n_pol; p++) {
+        unsigned f = kvt_policy_flags(pols[p]);
+        KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W,
+                      KVT_ERR_INVALID_ARG,
+                      "%s: policy %s: window=%d needs %d stored window queries; the trace has %d "
+                      "(lower window=, or --window for every such policy, or capture a larger "
+                      "window)",
+                      path, kvt_policy_label(pols[p]), pols[p]->o.window, pols[p]->o.window, sh->W);
+        if ((f & KVT_POLICY_NEEDS_DECODE) && !sh->has_qd) {
+            st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                               "policy %s needs decode queries (Q_decode), which %s does not "
+                               "have; capture decode steps or drop the policy",
+                               kvt_policy_label(pols[p]), path);
+            return st;
+        }
+        if (f & KVT_POLICY_NEEDS_COLSUM) {
+            sh->need_colsum = true;
+            if (!sh->has_colsum && !sh->has_qall) {
+                st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                                   "policy %s needs attention column sums: %s has neither "
+                                   "attn_colsum nor Q_all",
+                                   kvt_policy_label(pols[p]), path);
+                return st;
+            }
+        }
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol)
+{
+    run_shared sh;
+    memset(&sh, 0, sizeof(sh));
+    cJSON *hdr = NULL;
+    bound_pols b;
+    kvt_status st = open_checked(path, pols, n_pol, &sh, &hdr);
+    if (!st && !(st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, &b)))
+        unbind_policies(&b);
+    cJSON_Delete(hdr);
+    kvt_trace_reader_close(sh.rd);
+    return st;
+}
+
 kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
                             const kvt_budget *budgets, size_t n_budgets, const kvt_replay_opts *o,
                             kvt_trace_result **out)
@@ -490,98 +590,11 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     int *btok = NULL;
     pthread_t *th = NULL;
     bound_pols bound = {0};
-    KVT_FORWARD(kvt_trace_reader_open(path, &sh.rd));
-    hdr = cJSON_Parse(kvt_trace_reader_header_json(sh.rd));
-    if (!hdr) {
-        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: the trace header is not valid JSON", path);
+    if ((st = open_checked(path, pols, n_pol, &sh, &hdr)))
         goto out_free;
-    }
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
-    sh.L = jint(model, "n_layers"), sh.Hq = jint(model, "n_q_heads");
-    sh.Hkv = jint(model, "n_kv_heads"), sh.D = jint(model, "head_dim");
-    sh.T = jint(hdr, "n_tokens"), sh.W = jint(hdr, "window");
-    {
-        /* one message per field, so that the user knows which one is wrong */
-        const struct {
-            const char *name;
-            int value;
-        } f[] = {{"model.n_layers", sh.L}, {"model.n_q_heads", sh.Hq}, {"model.n_kv_heads", sh.Hkv},
-                 {"model.head_dim", sh.D}, {"n_tokens", sh.T},         {"window", sh.W}};
-        for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
-            if (f[i].value < 1) {
-                st = kvt_error_set(KVT_ERR_CORRUPT,
-                                   f[i].value == 0 && i == 0
-                                       ? "%s: the trace has no layers (%s = 0): nothing to replay"
-                                       : "%s: the header's %s is missing or not a positive integer",
-                                   path, f[i].name);
-                goto out_free;
-            }
-        /* the model's softmax scale, as the capture recorded it (Gemma-style models differ from
-           1/sqrt(D)); absent in traces of other writers: 1/sqrt(D) */
-        const cJSON *as = cJSON_GetObjectItemCaseSensitive(model, "attn_scale");
-        if (as && !(cJSON_IsNumber(as) && isfinite(as->valuedouble) && as->valuedouble > 0)) {
-            st = kvt_error_set(KVT_ERR_CORRUPT,
-                               "%s: the header's model.attn_scale is not a positive number", path);
-            goto out_free;
-        }
-        sh.scale = as ? as->valuedouble : 0.0;
-        if (sh.Hq % sh.Hkv) {
-            st = kvt_error_set(KVT_ERR_CORRUPT,
-                               "%s: %d query heads are not a multiple of %d KV heads (GQA needs "
-                               "n_q_heads = G x n_kv_heads)",
-                               path, sh.Hq, sh.Hkv);
-            goto out_free;
-        }
-    }
-    /* cross-check with the stored tensors of layer 0 */
-    uint32_t h, t, d;
-    kvt_dtype kdt = KVT_DTYPE_INVALID;
-    if (!has_kind(sh.rd, 0, KVT_KIND_K, &h, &t, &d, &kdt) || (int)h != sh.Hkv || (int)t != sh.T ||
-        (int)d != sh.D) {
-        st = kvt_error_set(KVT_ERR_CORRUPT,
-                           "%s: layer 0 K is missing or does not match the header [%d,%d,%d]", path,
-                           sh.Hkv, sh.T, sh.D);
-        goto out_free;
-    }
-    if (!has_kind(sh.rd, 0, KVT_KIND_Q_WINDOW, &h, &t, &d, NULL) || (int)h != sh.Hq ||
-        (int)d != sh.D) {
-        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: layer 0 Q_window is missing or not [%d,W,%d]",
-                           path, sh.Hq, sh.D);
-        goto out_free;
-    }
-    sh.W = (int)t; /* the records say how many window queries were stored */
-    if (has_kind(sh.rd, 0, KVT_KIND_Q_DECODE, &h, &t, &d, NULL) && t > 0) {
-        sh.has_qd = true;
-        sh.G = (int)t;
-        uint32_t h2, t2, d2, h3, t3, d3;
-        sh.has_kvd = has_kind(sh.rd, 0, KVT_KIND_K_DECODE, &h2, &t2, &d2, NULL) &&
-                     has_kind(sh.rd, 0, KVT_KIND_V_DECODE, &h3, &t3, &d3, NULL) &&
-                     (int)t2 == sh.G && (int)t3 == sh.G;
-    }
-    sh.has_colsum = has_kind(sh.rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
-    sh.has_qall = has_kind(sh.rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
     if ((st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, &bound)))
         goto out_free;
-    for (size_t p = 0; p < n_pol; p++) {
-        unsigned f = kvt_policy_flags(pols[p]);
-        if ((f & KVT_POLICY_NEEDS_DECODE) && !sh.has_qd) {
-            st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                               "policy %s needs decode queries (Q_decode), which %s does not "
-                               "have; capture decode steps or drop the policy",
-                               kvt_policy_label(pols[p]), path);
-            goto out_free;
-        }
-        if (f & KVT_POLICY_NEEDS_COLSUM) {
-            sh.need_colsum = true;
-            if (!sh.has_colsum && !sh.has_qall) {
-                st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                                   "policy %s needs attention column sums: %s has neither "
-                                   "attn_colsum nor Q_all",
-                                   kvt_policy_label(pols[p]), path);
-                goto out_free;
-            }
-        }
-    }
     if ((st = kvt_trace_result_create(sh.L, sh.Hq, sh.Hkv, n_pol, n_budgets, &res)))
         goto out_free;
     res->path = kvt_strdup(path);
@@ -592,9 +605,9 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     res->head_dim = sh.D, res->n_tokens = sh.T, res->window_stored = sh.W;
     res->n_decode = sh.has_qd ? sh.G : 0;
     res->has_decode_kv = sh.has_kvd;
-    res->kv_elem_bytes = (int)kvt_dtype_size(kdt);
+    res->kv_elem_bytes = (int)kvt_dtype_size(sh.kdt);
     snprintf(res->kv_dtype, sizeof(res->kv_dtype), "%s",
-             kvt_dtype_name(kdt) ? kvt_dtype_name(kdt) : "?");
+             kvt_dtype_name(sh.kdt) ? kvt_dtype_name(sh.kdt) : "?");
     int n_probe = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
     res->n_probes = n_probe < sh.T ? n_probe : sh.T;
     btok = kvt_malloc(n_budgets * sizeof(int));
@@ -621,6 +634,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
             goto out_free;
         }
     }
+    uint32_t h, t, d;
     if (has_kind(sh.rd, -1, KVT_KIND_MODALITY, &h, &t, &d, NULL) && (int)t == sh.T) {
         mod = kvt_malloc((size_t)sh.T);
         if (!mod) {

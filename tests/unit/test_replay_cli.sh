@@ -27,6 +27,15 @@ grep -q "exists" "$TMP/err" || fail "exists message"
 # a window larger than the trace stores: one clear line naming it
 $BIN replay "$TMP/t.kvt" --policies snapkv:window=64 -o "$TMP/x.json" 2>"$TMP/err" && fail "w"
 grep -q "window=64 needs 64 stored window queries; the trace has 32" "$TMP/err" || fail "w msg"
+# ... in the second of two traces: refused before the first trace is replayed (no progress
+# line for it: the error is the only line), naming the trace
+$BIN capture-llama2c --model "$MODEL" --tokens 60 --decode 0 --window 8 -o "$TMP/w8.kvt" >/dev/null 2>&1 ||
+    fail "capture w8"
+KVT_PROGRESS=1 $BIN replay "$TMP/t.kvt" "$TMP/w8.kvt" --policies streamingllm,snapkv \
+    -o "$TMP/x.json" 2>"$TMP/err" && fail "w8"
+[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "w8.kvt: policy snapkv: window=32 needs 32 stored window queries; the trace has 8" "$TMP/err" ||
+    { cat "$TMP/err"; fail "w8 msg"; }
+[ ! -e "$TMP/x.json" ] || fail "w8 wrote results"
 # --device: a bad name is one clear line; cpu is recorded; auto runs (on the GPU if there is
 # one, else on the CPU with a note); cuda without a usable GPU says why
 $BIN replay "$TMP/t.kvt" --policies snapkv --device gpu -o "$TMP/x.json" 2>"$TMP/err" && fail "dev"
