@@ -11,6 +11,9 @@
     with kvtrace.capture(model, "out.kvt", window=32, decode=64):   # HF transformers
         model.generate(**inputs, max_new_tokens=64)
 
+    with kvtrace.read_selection("sel.bin") as sel:   # replay --export-selection
+        idx = sel.kept("snapkv", "64", layer=0, head=1)    # kept token indices
+
 Errors from the C library raise kvtrace.TraceError with its message. The library is found
 through $KVT_LIB first (see _lib.py for the full search order). Importing kvtrace imports
 neither torch nor transformers (kvtrace.capture imports them when called).
@@ -19,6 +22,7 @@ from ._errors import TraceError
 from ._lib import KINDS, MODALITIES, lib_path, has_capture
 from ._trace import Trace, TraceWriter, open, verify, bf16_to_f32, f32_to_bf16
 from ._capture import CaptureSession, tensor_view
+from ._selection import Selection, read_selection
 from .hf import capture  # torch and transformers are imported when capture() is called
 
 __version__ = "0.1.0"
@@ -32,4 +36,4 @@ def library_version():
 
 __all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "capture", "open", "verify",
            "bf16_to_f32", "f32_to_bf16", "tensor_view", "KINDS", "MODALITIES", "lib_path",
-           "has_capture", "library_version", "__version__"]
+           "has_capture", "library_version", "__version__", "Selection", "read_selection"]

@@ -4,6 +4,8 @@
 #   test_python_binding          the binding's reader, writer and capture session
 #   test_python_capture_llama2c  a NumPy forward of stories260K through the capture binding
 #                                against the C engine's sample trace
+#   test_python_selection        kvtrace.read_selection: a replay's exported kept sets (binary
+#                                and JSON) against the JSON file read by the json module
 #   test_python_hf_capture       kvtrace.capture on a HF transformers model (the real library
 #                                when installed, else the stand-in in tests/oracle/hf_standin);
 #                                needs torch (Debian's python3-torch)
@@ -16,6 +18,7 @@
 #                                do not rot between sessions that have a GPU
 if(KVT_SYS_PYTHON)
     foreach(t test_python_binding test_python_capture_llama2c test_python_hf_capture
+              test_python_selection
               test_llama2c_hf_convert test_gpu_scripts_dry)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py

@@ -1,0 +1,207 @@
+#!/usr/bin/python3
+"""test_python_selection.py - kvtrace.read_selection: a replay's exported kept sets in Python.
+
+Two synthetic traces are replayed with policies of every kind of export record (KV heads,
+query heads, head-adaptive, per decode step, merged), exported twice by the same replay
+settings: binary and JSON. Checked:
+
+  * the header: policies (label, name, granularity, per_step, merged), budgets, traces;
+  * every kept set read through kvtrace (binary and JSON) equals the JSON file parsed by the
+    json module, looked up by label/text/path and by index; records() yields them all in the
+    file's order with the same fields;
+  * mask() is the kept sets as a bool [heads, T]; shape() gives layers, KV or query heads,
+    decode steps;
+  * errors: an unknown label or budget (ValueError listing the export's), a set the export
+    lacks (TraceError naming it and the shape), a file cut short or missing (TraceError with
+    the reader's message), use after close; no copies; threads reading across close().
+
+Environment (tests/cmake/python.cmake): KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without
+NumPy or the CLI.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+try:
+    import numpy as np
+except ImportError:
+    print("SKIP: no NumPy")
+    sys.exit(77)
+
+BIN = os.environ.get("KVT_BIN")
+ROOT = os.environ.get("KVT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
+if not BIN or not os.access(BIN, os.X_OK):
+    print("SKIP: KVT_BIN does not name the kvtrace CLI")
+    sys.exit(77)
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import kvtrace  # noqa: E402
+
+failures = []
+
+
+def check(ok, what):
+    if not ok:
+        failures.append(what)
+        print("FAILED: " + what)
+    return ok
+
+
+def run(*args):
+    r = subprocess.run([BIN] + list(args), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit("FAILED: kvtrace %s: %s" % (" ".join(args), r.stderr))
+    return r
+
+
+def raises(exc, fn, want, what):
+    try:
+        fn()
+    except exc as e:
+        ok = want in str(e)
+        check(ok, "%s: %s %r lacks %r" % (what, type(e).__name__, str(e), want))
+        if ok:
+            print("ok: %s: %s" % (what, e))
+        return e
+    check(False, "%s: no %s" % (what, exc.__name__))
+
+
+SPECS = ["snapkv:window=8", "snapkv:window=8,heads=query,label=snapq", "adakv:window=8",
+         "quest:page=4", "lightkv-like:window=8"]
+LABELS = ["snapkv:window=8", "snapq", "adakv:window=8", "quest:page=4", "lightkv-like:window=8"]
+
+with tempfile.TemporaryDirectory() as tmp:
+    tr = [os.path.join(tmp, "a.kvt"), os.path.join(tmp, "b.kvt")]
+    run("synth", "--shape", "tiny", "--tokens", "48", "--window", "8", "--decode", "4",
+        "-o", tr[0])
+    run("synth", "--shape", "tiny", "--tokens", "40", "--window", "8", "--decode", "4",
+        "--seed", "3", "-o", tr[1])
+    args = ["replay"] + tr + sum((["--policy", s] for s in SPECS), []) + [
+        "--budgets", "4,16,50%", "--threads", "2", "--force"]
+    run(*(args + ["--export-selection", os.path.join(tmp, "s.bin"),
+                  "-o", os.path.join(tmp, "r1.json")]))
+    run(*(args + ["--export-selection", os.path.join(tmp, "s.json"),
+                  "-o", os.path.join(tmp, "r2.json")]))
+    ref = json.load(open(os.path.join(tmp, "s.json")))
+    recs = ref["records"]
+    T = [48, 40]
+
+    for name in ("s.bin", "s.json"):
+        path = os.path.join(tmp, name)
+        with kvtrace.read_selection(path) as sel:
+            check([p["label"] for p in sel.policies] == LABELS, "%s: labels %s" %
+                  (name, sel.policies))
+            check([p["name"] for p in sel.policies] == [p["name"] for p in ref["policies"]],
+                  "%s: names" % name)
+            check([p["query_heads"] for p in sel.policies] ==
+                  [p["granularity"] == "query_head" for p in ref["policies"]] and
+                  sel.policies[1]["query_heads"] and not sel.policies[0]["query_heads"],
+                  "%s: granularity %s" % (name, sel.policies))
+            check([p["per_step"] for p in sel.policies] == [False, False, False, True, False]
+                  and [p["merged"] for p in sel.policies] == [False] * 4 + [True],
+                  "%s: per_step/merged %s" % (name, sel.policies))
+            check(sel.budgets == ["4", "16", "50%"] and sel.traces == tr and
+                  len(sel) == len(recs) and sel.shard is None and sel.version ==
+                  ref["selection_version"], "%s: header %r" % (name, sel))
+            # every set, by name and by index, against the json module's reading
+            n = 0
+            for r in recs:
+                want = sorted(r["kept"])
+                by_name = sel.kept(LABELS[r["policy"]], sel.budgets[r["budget"]], r["layer"],
+                                   r["head"], trace=tr[r["trace"]], step=r["step"])
+                by_idx = sel.kept(r["policy"], r["budget"], r["layer"], r["head"],
+                                  trace=r["trace"], step=r["step"])
+                if not check(by_name.dtype == np.int32 and by_name.tolist() == want and
+                             by_idx.tolist() == want, "%s: %s: got %s" % (name, r, by_name)):
+                    break
+                n += 1
+            got = list(sel.records())
+            fields_ok = len(got) == len(recs) and all(
+                (g["trace"], g["policy"], g["budget"], g["layer"], g["head"], g["step"],
+                 g["budget_tokens"], g["kept"].tolist(), g["label"], g["budget_text"],
+                 g["query_head"], g["merged"]) ==
+                (r["trace"], r["policy"], r["budget"], r["layer"], r["head"], r["step"],
+                 r["budget_tokens"], sorted(r["kept"]), LABELS[r["policy"]],
+                 sel.budgets[r["budget"]], bool(r["flags"] & 4), bool(r["flags"] & 2))
+                for g, r in zip(got, recs))
+            check(fields_ok, "%s: records() differs from the JSON records" % name)
+            steps = sum(1 for r in recs if r["step"] >= 0)
+            if n == len(recs) and fields_ok:
+                print("ok: %s: %d kept sets (%d per decode step) equal the JSON export's" %
+                      (name, n, steps))
+            check(steps > 0, "no per-step records (quest)")
+            # shape and mask
+            check(sel.shape("snapkv:window=8") == (2, 2, 0) and sel.shape("snapq") == (2, 4, 0)
+                  and sel.shape("quest:page=4", trace=1) == (2, 2, 4),
+                  "%s: shapes %s %s %s" % (name, sel.shape(0), sel.shape(1), sel.shape(3, 1)))
+            m = sel.mask("adakv:window=8", "16", layer=1, n_tokens=T[1], trace=1)
+            want = np.zeros((2, T[1]), bool)
+            for r in recs:
+                if (r["trace"], r["policy"], r["budget"], r["layer"]) == (1, 2, 1, 1):
+                    want[r["head"], r["kept"]] = True
+            check(m.shape == (2, T[1]) and (m == want).all() and m.sum() > 0,
+                  "%s: mask %s vs %s" % (name, m.sum(1), want.sum(1)))
+            # errors
+            raises(ValueError, lambda: sel.kept("snapkv", "16", 0, 0), "it has snapkv:window=8",
+                   "%s: unknown label" % name)
+            raises(ValueError, lambda: sel.kept(0, "32", 0, 0), "budget '32' is not in the "
+                   "export; it has 4, 16, 50%", "%s: unknown budget" % name)
+            raises(ValueError, lambda: sel.kept(0, 7, 0, 0), "budget 7 is out of range",
+                   "%s: budget index" % name)
+            raises(ValueError, lambda: sel.kept(0, 0, 0, 0, trace="c.kvt"), "trace 'c.kvt'",
+                   "%s: unknown trace" % name)
+            raises(kvtrace.TraceError, lambda: sel.kept(0, 0, 5, 0), "no kept set for policy "
+                   "snapkv:window=8, budget 4, trace 0, layer 5, head 0 (it has 2 layers, 2 "
+                   "heads, 0 steps)", "%s: missing set" % name)
+            raises(ValueError, lambda: sel.mask(0, 2, 0, n_tokens=10), "beyond n_tokens=10",
+                   "%s: mask too short" % name)
+        raises(kvtrace.TraceError, lambda: sel.kept(0, 0, 0, 0), "is closed",
+               "%s: after close" % name)
+        raises(kvtrace.TraceError, lambda: list(sel.records()), "is closed",
+               "%s: records after close" % name)
+
+    # no copies (it owns a C handle); threads read while another closes: each read returns a
+    # set or raises "is closed", nothing crashes
+    import copy
+    import threading
+    sel = kvtrace.read_selection(os.path.join(tmp, "s.bin"))
+    raises(TypeError, lambda: copy.copy(sel), "cannot be copied", "copy")
+    outcomes, want0 = [], sel.kept(0, 0, 0, 0).tolist()
+
+    def reader():
+        for _ in range(2000):
+            try:
+                if sel.kept(0, 0, 0, 0).tolist() != want0:
+                    outcomes.append("wrong")
+                    return
+            except kvtrace.TraceError as e:
+                outcomes.append("closed" if "is closed" in str(e) else str(e))
+                return
+        outcomes.append("done")
+    ths = [threading.Thread(target=reader) for _ in range(4)]
+    for t in ths:
+        t.start()
+    sel.close()
+    for t in ths:
+        t.join()
+    check(len(outcomes) == 4 and set(outcomes) <= {"closed", "done"},
+          "threads and close: %s" % outcomes)
+    print("ok: 4 threads reading across close(): %s" % sorted(outcomes))
+
+    # damaged and missing files: the C reader's checked message
+    raw = open(os.path.join(tmp, "s.bin"), "rb").read()
+    cut = os.path.join(tmp, "cut.bin")
+    open(cut, "wb").write(raw[:len(raw) // 2])
+    e = raises(kvtrace.TraceError, lambda: kvtrace.read_selection(cut), "cut.bin",
+               "a file cut short")
+    check(e is not None and e.status_name in ("KVT_ERR_CORRUPT", "KVT_ERR_TRUNCATED"),
+          "cut short: status %s" % (e and e.status_name))
+    raises(kvtrace.TraceError, lambda: kvtrace.read_selection(os.path.join(tmp, "no.bin")),
+           "no.bin", "a missing file")
+    raises(TypeError, lambda: kvtrace.read_selection(3), "path must be", "a bad path")
+
+if failures:
+    print("%d failure(s)" % len(failures))
+    sys.exit(1)
+print("test_python_selection: ok")
