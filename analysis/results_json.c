@@ -232,50 +232,6 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
     return o;
 }
 
-/* Write `len` bytes of `txt` plus a newline to `path` atomically: kvt_create_tmp_sibling (created
- * exclusively, mode 0666 & ~umask), fsync, rename over `path`, fsync the directory. On any
- * failure the temporary is removed and `path` is untouched. */
-static kvt_status write_atomic(const char *path, const char *txt, size_t len)
-{
-    char *tmp = NULL;
-    kvt_status st = KVT_OK;
-    int fd = kvt_create_tmp_sibling(path, 0666, &tmp);
-    if (fd < 0) {
-        st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
-                           "cannot write next to %s: %s", path, strerror(errno));
-        goto out_free;
-    }
-    FILE *f = fdopen(fd, "wb");
-    if (!f) {
-        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
-        close(fd);
-        goto out_remove;
-    }
-    bool ok = fwrite(txt, 1, len, f) == len && fputc('\n', f) != EOF && fflush(f) == 0 &&
-              fsync(fileno(f)) == 0;
-    int err = ok ? 0 : errno;
-    if (fclose(f) != 0 && ok) {
-        ok = false;
-        err = errno;
-    }
-    if (!ok) {
-        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s (an existing %s is unchanged)", path,
-                           strerror(err), path);
-        goto out_remove;
-    }
-    if (rename(tmp, path) != 0) {
-        st = kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-        goto out_remove;
-    }
-    kvt_fsync_dir_of(path); /* make the rename itself durable */
-    goto out_free;
-out_remove:
-    remove(tmp);
-out_free:
-    kvt_free(tmp);
-    return st;
-}
-
 /* results.json as a cJSON_Print'ed text (free with cJSON_free) */
 static kvt_status print_results(const kvt_results *r, char **out)
 {
@@ -366,7 +322,7 @@ kvt_status kvt_results_write(const kvt_results *r, const char *path, bool force)
     kvt_status st = print_results(r, &txt);
     if (st)
         return st;
-    st = write_atomic(path, txt, strlen(txt));
+    st = kvt_write_file_atomic(path, txt, strlen(txt));
     cJSON_free(txt);
     return st;
 }

@@ -149,6 +149,11 @@ uint64_t kvt_mem_available_in(const char *root);
  *  killed process left behind. *tmp receives its name (caller frees with kvt_free).
  *  @return the descriptor, or -1 with errno set (*tmp NULL). */
 int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp);
+/** Write `len` bytes of `txt` plus a newline to `path` atomically: a temporary sibling
+ *  (kvt_create_tmp_sibling, mode 0666 & ~umask), fsync, rename over `path`, fsync the
+ *  directory. On any failure the temporary is removed and `path` is untouched.
+ * @return KVT_OK, KVT_ERR_IO (the message names the file and errno), KVT_ERR_NOMEM. */
+kvt_status kvt_write_file_atomic(const char *path, const char *txt, size_t len);
 /** fsync the directory holding `path`, so that a rename into it is durable (best effort). */
 void kvt_fsync_dir_of(const char *path);
 /** The directory part of `path` into dir ("." without a slash, "/" for a file in the root). */

@@ -298,3 +298,44 @@ void kvt_fmt_double(double x, char *buf, size_t cap)
             return;
     }
 }
+
+kvt_status kvt_write_file_atomic(const char *path, const char *txt, size_t len)
+{
+    char *tmp = NULL;
+    kvt_status st = KVT_OK;
+    int fd = kvt_create_tmp_sibling(path, 0666, &tmp);
+    if (fd < 0) {
+        st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
+                           "cannot write next to %s: %s", path, strerror(errno));
+        goto out_free;
+    }
+    FILE *f = fdopen(fd, "wb");
+    if (!f) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+        close(fd);
+        goto out_remove;
+    }
+    bool ok = fwrite(txt, 1, len, f) == len && fputc('\n', f) != EOF && fflush(f) == 0 &&
+              fsync(fileno(f)) == 0;
+    int err = ok ? 0 : errno;
+    if (fclose(f) != 0 && ok) {
+        ok = false;
+        err = errno;
+    }
+    if (!ok) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot write %s: %s (an existing %s is unchanged)", path,
+                           strerror(err), path);
+        goto out_remove;
+    }
+    if (rename(tmp, path) != 0) {
+        st = kvt_error_set(KVT_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
+        goto out_remove;
+    }
+    kvt_fsync_dir_of(path); /* make the rename itself durable */
+    goto out_free;
+out_remove:
+    remove(tmp);
+out_free:
+    kvt_free(tmp);
+    return st;
+}
