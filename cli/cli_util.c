@@ -383,3 +383,42 @@ const char *kvt_cli_bytes_text(double v, char *buf, size_t cap)
     snprintf(buf, cap, u ? "%.1f %s" : "%.0f %s", v, unit[u]);
     return buf;
 }
+
+char *kvt_cli_append_list(char *list, const char *item)
+{
+    size_t n = (list ? strlen(list) + 1 : 0) + strlen(item) + 1;
+    char *r = kvt_malloc(n);
+    if (r)
+        snprintf(r, n, "%s%s%s", list ? list : "", list ? "," : "", item);
+    kvt_free(list);
+    return r;
+}
+
+/* --policies V appended to *list with 'all' expanded: 0, 1 (out of memory) or 2 (a usage
+ * error, printed) */
+int kvt_cli_append_policies(const char *cmd, char **list, const char *v)
+{
+    char *copy = kvt_strdup(v);
+    if (!copy)
+        return kvt_cli_fail(cmd, "out of memory");
+    char *save = NULL;
+    int rc = 0, n = 0;
+    for (char *tok = strtok_r(copy, ",", &save); tok && !rc; tok = strtok_r(NULL, ",", &save)) {
+        if (!strncmp(tok, "all:", 4)) {
+            rc = 2;
+            kvt_cli_fail(cmd,
+                         "--policies %s: 'all' takes no options; give them per policy "
+                         "(snapkv:window=16) or to every window policy (--window 16)",
+                         v);
+        } else if (!(*list = kvt_cli_append_list(*list,
+                                                 strcmp(tok, "all") ? tok : KVT_CLI_ALL_POLICIES)))
+            rc = kvt_cli_fail(cmd, "out of memory");
+        n++;
+    }
+    if (!rc && !n) {
+        rc = 2;
+        kvt_cli_fail(cmd, "--policies '%s': an empty policy list (see --list-policies)", v);
+    }
+    kvt_free(copy);
+    return rc;
+}

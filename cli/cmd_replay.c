@@ -18,10 +18,6 @@
 #include "kvt_replay.h"
 #include "kvt_trace.h"
 
-#define DEFAULT_POLICIES                                                                           \
-    "full,random,streamingllm,tova,snapkv,pyramidkv,adakv,knorm,vnorm,keydiff,mixkv-snapkv,"       \
-    "mixkv-pyramidkv,mixkv-adakv"
-
 static void help(void)
 {
     printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
@@ -79,7 +75,7 @@ static void help(void)
            "shard R/N and rank 0 merges the parts into the one results.json a single process\n"
            "writes (and the selection export); --threads defaults to the cores of a node over its\n"
            "processes.%s\n",
-           DEFAULT_POLICIES, KVT_DEFAULT_COVERAGE_PROBES,
+           KVT_CLI_ALL_POLICIES, KVT_DEFAULT_COVERAGE_PROBES,
            kvt_cli_mpi_library() ? "" : "\n(This kvtrace was built without MPI.)");
 }
 
@@ -367,16 +363,6 @@ static void progress_cb(void *user, uint64_t done, uint64_t total)
 }
 
 /* append "a" to a comma list */
-static char *append(char *list, const char *item)
-{
-    size_t n = (list ? strlen(list) + 1 : 0) + strlen(item) + 1;
-    char *r = kvt_malloc(n);
-    if (r)
-        snprintf(r, n, "%s%s%s", list ? list : "", list ? "," : "", item);
-    kvt_free(list);
-    return r;
-}
-
 /* The traces of one replay are prompts of one model: each given once, all of one shape
  * (layers, query and KV heads, head dim), checked from the headers before any work. A trace
  * that cannot be read is left to the replay, which says why. */
@@ -418,35 +404,6 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n)
         }
     }
     return true;
-}
-
-/* append a --policies value, replacing each item "all" by the default list */
-/* --policies V appended to *list with 'all' expanded: 0, 1 (out of memory) or 2 (a usage
- * error, printed) */
-static int append_expanded(const char *cmd, char **list, const char *v)
-{
-    char *copy = kvt_strdup(v);
-    if (!copy)
-        return kvt_cli_fail(cmd, "out of memory");
-    char *save = NULL;
-    int rc = 0, n = 0;
-    for (char *tok = strtok_r(copy, ",", &save); tok && !rc; tok = strtok_r(NULL, ",", &save)) {
-        if (!strncmp(tok, "all:", 4)) {
-            rc = 2;
-            kvt_cli_fail(cmd,
-                         "--policies %s: 'all' takes no options; give them per policy "
-                         "(snapkv:window=16) or to every window policy (--window 16)",
-                         v);
-        } else if (!(*list = append(*list, strcmp(tok, "all") ? tok : DEFAULT_POLICIES)))
-            rc = kvt_cli_fail(cmd, "out of memory");
-        n++;
-    }
-    if (!rc && !n) {
-        rc = 2;
-        kvt_cli_fail(cmd, "--policies '%s': an empty policy list (see --list-policies)", v);
-    }
-    kvt_free(copy);
-    return rc;
 }
 
 static const char *fmt(double x, char *buf, size_t cap, const char *f)
@@ -517,12 +474,12 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         } else if (!strcmp(a, "--policies") || !strcmp(a, "--policy")) {
             NEED_VALUE();
-            if ((rc = append_expanded(cmd, &policies_arg, v)))
+            if ((rc = kvt_cli_append_policies(cmd, &policies_arg, v)))
                 goto out_free;
             rc = 1;
         } else if (!strcmp(a, "--budgets")) { /* given twice: both lists, as --policies */
             NEED_VALUE();
-            if (!(budgets_arg = append(budgets_arg, v))) {
+            if (!(budgets_arg = kvt_cli_append_list(budgets_arg, v))) {
                 kvt_cli_fail(cmd, "out of memory");
                 goto out_free;
             }
@@ -644,7 +601,7 @@ int kvt_cmd_replay(int argc, char **argv)
             fprintf(stderr, "kvtrace replay: --device auto: on the CPU (%s)\n", why);
     }
     kvt_policy_globals g = {.seed = seed, .per_query_head = per_query, .window = window};
-    if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : DEFAULT_POLICIES, &g, &pols,
+    if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : KVT_CLI_ALL_POLICIES, &g, &pols,
                                     &n_pol))) {
         kvt_cli_fail_status(cmd, st, "--policies");
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1; /* a bad spec is a usage error */

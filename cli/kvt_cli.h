@@ -91,6 +91,18 @@ void kvt_progress_start(kvt_progress *p, const char *label);
 void kvt_progress_update(kvt_progress *p, uint64_t done, uint64_t total);
 void kvt_progress_end(kvt_progress *p);
 
+/** The policies `--policies all` names (replay's default). */
+#define KVT_CLI_ALL_POLICIES                                                                       \
+    "full,random,streamingllm,tova,snapkv,pyramidkv,adakv,knorm,vnorm,keydiff,mixkv-snapkv,"       \
+    "mixkv-pyramidkv,mixkv-adakv"
+/** list + "," + item in a new string (list NULL: item alone); list is freed, also when out of
+ *  memory (NULL). */
+char *kvt_cli_append_list(char *list, const char *item);
+/** A --policies or --policy value appended to *list, each item "all" replaced by
+ *  KVT_CLI_ALL_POLICIES: 0; 1 out of memory; 2 a usage error ('all:...', an empty list). Both
+ *  errors printed. */
+int kvt_cli_append_policies(const char *cmd, char **list, const char *v);
+
 /** Parse a non-negative integer with optional k/M/G suffix; false on junk or overflow. */
 bool kvt_cli_parse_u64(const char *s, uint64_t *out);
 bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out);
