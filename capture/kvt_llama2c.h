@@ -61,6 +61,18 @@ kvt_status kvt_llama2c_forward(kvt_llama2c_state *st, int32_t token, const float
 
 /** Positions run so far. */
 uint32_t kvt_llama2c_state_n_pos(const kvt_llama2c_state *st);
+/** A compressed KV cache: from now on, a position p >= n_masked attends, in layer l and query
+ *  head h, only to the positions t < n_masked with keep[(l * Hq + h) * n_masked + t] nonzero
+ *  (and to every position from n_masked to p); positions before n_masked are run with the
+ *  whole cache, as a prompt is before a policy compresses it. keep [L, Hq, n_masked] is
+ *  borrowed until the mask is changed or cleared (keep NULL, n_masked 0) or the state freed.
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (n_masked > seq_len, or keep NULL with n_masked > 0). */
+kvt_status kvt_llama2c_state_set_mask(kvt_llama2c_state *st, const uint8_t *keep,
+                                      uint32_t n_masked);
+/** Forget the positions from pos on: the next forward runs at pos (pos <= positions run), so
+ *  that several continuations of one prompt can be run from its cache.
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (pos beyond the positions run). */
+kvt_status kvt_llama2c_state_rewind(kvt_llama2c_state *st, uint32_t pos);
 /** Layer l's key cache, post-RoPE, row-major [S, Hkv, D] (rows < n_pos are valid). Owned by
  *  the state. */
 const float *kvt_llama2c_state_keys(const kvt_llama2c_state *st, int layer);

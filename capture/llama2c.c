@@ -46,6 +46,8 @@ struct kvt_llama2c_state {
     float *queries;     /* [L, S or 1, dim] */
     float *rope_cos;    /* [S, D/2] */
     float *rope_sin;
+    const uint8_t *keep; /* [L, Hq, n_masked] borrowed (kvt_llama2c_state_set_mask), or NULL */
+    uint32_t n_masked;
 };
 
 /* ---- loading ---- */
@@ -341,6 +343,25 @@ uint32_t kvt_llama2c_state_n_pos(const kvt_llama2c_state *st)
     return st->n_pos;
 }
 
+kvt_status kvt_llama2c_state_set_mask(kvt_llama2c_state *st, const uint8_t *keep, uint32_t n_masked)
+{
+    KVT_RETURN_IF(!st || (!keep && n_masked), KVT_ERR_INVALID_ARG, "null argument");
+    KVT_RETURN_IF(n_masked > (uint32_t)st->m->cfg.seq_len, KVT_ERR_INVALID_ARG,
+                  "mask of %u positions for a context of %d", n_masked, st->m->cfg.seq_len);
+    st->keep = n_masked ? keep : NULL;
+    st->n_masked = n_masked;
+    return KVT_OK;
+}
+
+kvt_status kvt_llama2c_state_rewind(kvt_llama2c_state *st, uint32_t pos)
+{
+    KVT_RETURN_IF(!st, KVT_ERR_INVALID_ARG, "null argument");
+    KVT_RETURN_IF(pos > st->n_pos, KVT_ERR_INVALID_ARG, "cannot rewind to position %u: %u run", pos,
+                  st->n_pos);
+    st->n_pos = pos; /* the cache rows from pos on are overwritten by the next forwards */
+    return KVT_OK;
+}
+
 const float *kvt_llama2c_state_keys(const kvt_llama2c_state *st, int layer)
 {
     const kvt_llama2c_config *c = &st->m->cfg;
@@ -448,10 +469,19 @@ kvt_status kvt_llama2c_forward(kvt_llama2c_state *st, int32_t token, const float
                        (st->keep_queries ? pos * (size_t)dim : 0);
         memcpy(qkeep, st->q, (size_t)dim * sizeof(float));
 
+        /* a compressed cache: a position past the mask attends to the kept ones of it */
+        const uint8_t *keep = st->keep && pos >= st->n_masked
+                                  ? st->keep + lo * (size_t)c->n_heads * st->n_masked
+                                  : NULL;
         for (int h = 0; h < c->n_heads; h++) {
             const float *qh = st->q + (size_t)h * (size_t)hs;
             size_t koff = (size_t)(h / kv_mul) * (size_t)hs;
+            const uint8_t *kh = keep ? keep + (size_t)h * st->n_masked : NULL;
             for (size_t t = 0; t <= pos; t++) {
+                if (kh && t < st->n_masked && !kh[t]) {
+                    st->att[t] = -INFINITY; /* dropped: no weight after the softmax */
+                    continue;
+                }
                 const float *kt = kc + t * (size_t)kv_dim + koff;
                 float score = 0.0f;
                 for (int i = 0; i < hs; i++)

@@ -5,7 +5,8 @@
  * - the captured K, V, Q_window, Q_all, decode Q/K/V and column sums, read back as f32, equal
  *   the oracle's post-RoPE tensors to the same tolerance; the token tables are exact;
  * - greedy decoding agrees with the oracle's argmax and is deterministic: two captures give
- *   byte-identical traces; a bf16 capture is exactly the f32 one rounded.
+ *   byte-identical traces; a bf16 capture is exactly the f32 one rounded;
+ * - a compressed cache (set_mask, rewind): see check_mask.
  * Skips (77) when no Python with NumPy is available (KVT_PYTHON).
  */
 #include <sys/stat.h>
@@ -314,6 +315,76 @@ static void write_synthetic(const char *path)
     free(w);
 }
 
+/* kvt_llama2c_state_set_mask / _rewind (the compressed cache of kvtrace e2e-llama2c): a mask
+ * that keeps everything changes no bit; dropping keys changes the decode logits but not the
+ * prompt's run; rewinding replays a continuation exactly; bad arguments are refused. The
+ * masked logits themselves are checked against the NumPy oracle by test_e2e_llama2c.py. */
+static void check_mask(const char *model_path)
+{
+    enum { T = 30, G = 5 };
+    kvt_llama2c_model *m = NULL;
+    kvt_llama2c_state *a = NULL, *b = NULL;
+    KVT_CHECK(kvt_llama2c_model_open(model_path, &m));
+    const kvt_llama2c_config *c = kvt_llama2c_model_config(m);
+    const int V = c->vocab_size, L = c->n_layers, Hq = c->n_heads, kv = c->kv_dim;
+    KVT_CHECK(kvt_llama2c_state_create(m, false, &a));
+    KVT_CHECK(kvt_llama2c_state_create(m, false, &b));
+    uint8_t *all = malloc((size_t)L * Hq * T), *half = malloc((size_t)L * Hq * T);
+    float *ref = malloc((size_t)G * V * sizeof(float));
+    memset(all, 1, (size_t)L * Hq * T);
+    for (size_t i = 0; i < (size_t)L * Hq * T; i++)
+        half[i] = (uint8_t)(i % T >= T / 2); /* the first half of the prompt dropped */
+    int32_t ids[T + G];
+    for (int i = 0; i < T + G; i++)
+        ids[i] = (int32_t)(1 + (i * 37) % (V - 1));
+    const float *lg;
+    /* b runs its prompt under a mask that drops everything: the prompt ignores it */
+    KVT_CHECK(kvt_llama2c_state_set_mask(b, half, T));
+    for (int i = 0; i < T; i++) {
+        KVT_CHECK(kvt_llama2c_forward(a, ids[i], &lg));
+        KVT_CHECK(kvt_llama2c_forward(b, ids[i], &lg));
+    }
+    for (int l = 0; l < L; l++)
+        KVT_EXPECT(!memcmp(kvt_llama2c_state_keys(a, l), kvt_llama2c_state_keys(b, l),
+                           (size_t)T * kv * sizeof(float)));
+    for (int g = 0; g < G; g++) {
+        KVT_CHECK(kvt_llama2c_forward(a, ids[T + g], &lg));
+        memcpy(ref + (size_t)g * V, lg, (size_t)V * sizeof(float));
+    }
+    /* dropped keys change the continuation */
+    double diff = 0;
+    for (int g = 0; g < G; g++) {
+        KVT_CHECK(kvt_llama2c_forward(b, ids[T + g], &lg));
+        for (int v = 0; v < V; v++)
+            diff = fmax(diff, fabs(lg[v] - ref[(size_t)g * V + v]));
+    }
+    KVT_EXPECT_MSG(diff > 1e-3, "dropping half the prompt changed the logits by only %g", diff);
+    /* rewound with a mask that keeps everything: bit for bit the unmasked run */
+    KVT_CHECK(kvt_llama2c_state_rewind(b, T));
+    KVT_EXPECT_EQ_U64(kvt_llama2c_state_n_pos(b), T);
+    KVT_CHECK(kvt_llama2c_state_set_mask(b, all, T));
+    for (int g = 0; g < G; g++) {
+        KVT_CHECK(kvt_llama2c_forward(b, ids[T + g], &lg));
+        KVT_EXPECT_MSG(!memcmp(lg, ref + (size_t)g * V, (size_t)V * sizeof(float)),
+                       "step %d: a keep-all mask changed the logits", g);
+    }
+    /* and cleared */
+    KVT_CHECK(kvt_llama2c_state_rewind(b, T));
+    KVT_CHECK(kvt_llama2c_state_set_mask(b, NULL, 0));
+    KVT_CHECK(kvt_llama2c_forward(b, ids[T], &lg));
+    KVT_EXPECT(!memcmp(lg, ref, (size_t)V * sizeof(float)));
+    KVT_EXPECT_STATUS(kvt_llama2c_state_rewind(b, T + 2), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_llama2c_state_set_mask(b, NULL, 4), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_llama2c_state_set_mask(b, all, (uint32_t)c->seq_len + 1),
+                      KVT_ERR_INVALID_ARG);
+    free(all);
+    free(half);
+    free(ref);
+    kvt_llama2c_state_free(a);
+    kvt_llama2c_state_free(b);
+    kvt_llama2c_model_close(m);
+}
+
 int main(void)
 {
     const char *python = getenv("KVT_PYTHON");
@@ -324,6 +395,7 @@ int main(void)
     }
     char model[512];
     snprintf(model, sizeof(model), "%s/models/stories260K.bin", root ? root : ".");
+    check_mask(model);
     kvt_test_tmp(tmpdir, sizeof(tmpdir), "llama2c");
     mkdir(tmpdir, 0755);
 
