@@ -16,6 +16,7 @@ int kvt_cmd_synth(int argc, char **argv);
 int kvt_cmd_merge(int argc, char **argv);
 int kvt_cmd_recommend(int argc, char **argv);
 int kvt_cmd_report(int argc, char **argv);
+int kvt_cmd_e2e_llama2c(int argc, char **argv);
 
 static const kvt_cli_command commands[] = {
     {"info", "show a trace's model, shapes, tensors and compression", kvt_cmd_info},
@@ -27,6 +28,10 @@ static const kvt_cli_command commands[] = {
     {"merge", "combine the partial results of replay --shard into one results.json", kvt_cmd_merge},
     {"recommend", "cheapest policy and budget meeting a quality target", kvt_cmd_recommend},
     {"report", "write an HTML report with PNG figures of a results.json", kvt_cmd_report},
+    {"e2e-llama2c",
+     "check the replay's proxies end to end: decode a llama2.c model with each "
+     "policy's kept sets",
+     kvt_cmd_e2e_llama2c},
 };
 
 static void usage(FILE *f)
@@ -52,7 +57,7 @@ int main(int argc, char **argv)
     /* the commands that run dense products (and --version, which says which kernels they use)
        must not run on OpenBLAS's generic kernels when it did not recognise this CPU */
     if (!strcmp(argv[1], "replay") || !strcmp(argv[1], "capture-llama2c") ||
-        !strcmp(argv[1], "--version"))
+        !strcmp(argv[1], "e2e-llama2c") || !strcmp(argv[1], "--version"))
         kvt_kernels_blas_reexec(argv);
     if (!strcmp(argv[1], "help") && argc > 2 && strcmp(argv[2], "help")) { /* = CMD --help */
         for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)

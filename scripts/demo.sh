@@ -2,7 +2,7 @@
 # demo.sh - the README's main command: install what is missing, build, and run the main job:
 # capture a real trace from the bundled stories260K model (llama2.c checkpoint, CPU), verify
 # it, show what it holds, replay every policy at a range of budgets (results.json), print the
-# recommended settings and write the HTML/PNG report.
+# recommended settings, check the proxies end to end (e2e.json) and write the HTML/PNG report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh build
@@ -20,6 +20,9 @@ $BIN replay out/stories260K.kvt --policies all,h2o,oracle --budgets 40,48,64,96,
     --force -o out/results.json
 echo "== recommend: cheapest setting with decode-query output error <= 0.5" >&2
 $BIN recommend out/results.json --max-error 0.5 || true   # exit 3 = no setting meets it
+echo "== end to end: the 64 decode steps rerun with each setting's kept sets (KL vs the proxies)" >&2
+$BIN e2e-llama2c out/stories260K.kvt --model models/stories260K.bin --policies all,h2o \
+    --budgets 48,96,192 --force -o out/e2e.json
 echo "== report" >&2
 rm -rf out/report
 $BIN report out/results.json --max-error 0.5 --force -o out/report

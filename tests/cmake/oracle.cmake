@@ -11,8 +11,11 @@
 #                                traces, cut short, damaged and with newer versions/kinds
 #   test_external_policy         external:scores=FILE.npy (a user's own scores) against NumPy:
 #                                kept sets, knorm's metrics from -|k|, bad files
+#   test_e2e_llama2c             kvtrace e2e-llama2c: the decode rerun with each policy's kept
+#                                sets against llama2c_oracle.py's masked float64 forward
 if(KVT_SYS_PYTHON)
-    foreach(t test_replay_oracle_selftest test_peer_torch test_format_spec test_external_policy)
+    foreach(t test_replay_oracle_selftest test_peer_torch test_format_spec test_external_policy
+              test_e2e_llama2c)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -87,7 +87,10 @@ def rope(t, pos, hs):
     return out
 
 
-def forward(m, ids, n_prompt):
+def forward(m, ids, n_prompt, keep=None):
+    """keep: a compressed cache (kvtrace e2e-llama2c): bool [S, L, Hq, n_prompt]; query row
+    i >= n_prompt attends, among the prompt's keys, only to those keep[min(i - n_prompt, S - 1)]
+    marks (S = 1: one set for every row; S = the decode steps: a set per step)."""
     N = len(ids)
     L, Hq, Hkv, D = m["L"], m["Hq"], m["Hkv"], m["D"]
     pos = np.arange(N, dtype=np.float64)
@@ -107,6 +110,10 @@ def forward(m, ids, n_prompt):
         vr = np.repeat(v, Hq // Hkv, axis=1)
         sc = np.einsum("ihd,jhd->hij", q, kr) / np.sqrt(D)  # [Hq, N, N]
         sc[:, future] = -np.inf
+        if keep is not None:
+            for i in range(n_prompt, N):
+                drop = ~keep[min(i - n_prompt, keep.shape[0] - 1), l]  # [Hq, n_prompt]
+                sc[:, i, :n_prompt][drop] = -np.inf
         sc -= sc.max(axis=-1, keepdims=True)
         p = np.exp(sc)
         p /= p.sum(axis=-1, keepdims=True)

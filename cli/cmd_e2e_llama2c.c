@@ -1,0 +1,627 @@
+/* cmd_e2e_llama2c.c - `kvtrace e2e-llama2c`: the end-to-end check of the replay's proxies on
+ * the built-in llama2.c engine. A replay judges each layer's kept set on its own, with the
+ * queries of the uncompressed run; a real compressed cache also changes every later layer's
+ * inputs. This command replays the policies on a trace captured by `capture-llama2c`, then
+ * runs the model's decode steps again (teacher-forced: the same input tokens) with each
+ * (policy, budget)'s kept sets as the attention mask of every layer and head, and measures
+ * what the compression did to the model's next-token distribution: KL divergence from the
+ * uncompressed run, top-1 agreement, the reference token's log-loss. It reports them beside
+ * the replay's proxies (err_decode, recall_decode) and how well the proxies rank the settings
+ * (Spearman's rho). Schema: analysis/RESULTS.md "End-to-end check".
+ * Exit status: 0 written; 1 failed (one error line); 2 bad usage.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvt_analysis.h"
+#include "kvt_cli.h"
+#include "kvt_llama2c.h"
+#include "kvt_replay.h"
+#include "kvt_trace.h"
+
+#define CMD              "e2e-llama2c"
+#define E2E_VERSION      1
+#define DEFAULT_POLICIES "streamingllm,snapkv,pyramidkv,adakv,knorm,h2o"
+#define DEFAULT_BUDGETS  "32,64,128,25%"
+
+static void help(void)
+{
+    printf("usage: kvtrace e2e-llama2c TRACE --model FILE.bin [--policies LIST] [--budgets LIST]\n"
+           "                           [--window W] [--threads N] [--seed S]\n"
+           "                           [--export-selection FILE] -o e2e.json [--force]\n\n"
+           "The end-to-end check of the replay's proxies on the built-in llama2.c engine.\n"
+           "TRACE must have been captured from FILE.bin by `kvtrace capture-llama2c` with\n"
+           "decode steps (--decode G). Each policy is replayed at each budget (as `kvtrace\n"
+           "replay`), then the model runs the trace's G decode steps again, fed the same\n"
+           "tokens, with every layer and head attending only to the prompt tokens the policy\n"
+           "kept (and to the decode tokens). Per (policy, budget): the mean and largest KL\n"
+           "divergence of the next-token distribution from the uncompressed run (nats),\n"
+           "top-1 agreement, the reference token's mean log-loss, beside the replay's\n"
+           "proxies; and Spearman's rho between each proxy and the KL over all settings.\n\n"
+           "  --model FILE      the llama2.c checkpoint the trace was captured from\n"
+           "  --policies LIST   as for replay, 'all' too (default %s);\n"
+           "                    merged policies (lightkv-like) keep no subset: not run\n"
+           "  --budgets LIST    as for replay (default %s)\n"
+           "  --window W        window= of every window policy that does not set it\n"
+           "  --threads N       replay worker threads (default: all cores)\n"
+           "  --seed S          seed of the random policy (default 0)\n"
+           "  --export-selection FILE  also write the kept sets applied (as replay)\n"
+           "  -o FILE           e2e.json (analysis/RESULTS.md, \"End-to-end check\")\n"
+           "  --force           overwrite existing outputs\n",
+           DEFAULT_POLICIES, DEFAULT_BUDGETS);
+}
+
+/* the kept sets of every (policy, budget), as the engine's masks */
+typedef struct masks {
+    int L, Hq, Hkv, T, G;
+    size_t n_pol, n_b;
+    kvt_policy *const *pols;
+    uint8_t **keep; /* [n_pol * n_b]: [L, Hq, T], or [G, L, Hq, T] for a per-step policy; NULL
+                       for a merged one */
+    kvt_selection_writer *sw; /* --export-selection, fed the same records */
+} masks;
+
+static kvt_status collect(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+{
+    masks *m = user;
+    const size_t plane = (size_t)m->L * m->Hq * m->T; /* one step's masks */
+    const int group = m->Hq / m->Hkv;
+    for (size_t i = 0; i < n; i++) {
+        const kvt_selection_rec *r = &recs[i];
+        uint8_t *k = m->keep[(size_t)r->policy * m->n_b + (size_t)r->budget];
+        const bool per_step = kvt_policy_flags(m->pols[r->policy]) & KVT_POLICY_PER_STEP;
+        if (!k || per_step != (r->step >= 0) || r->step >= m->G)
+            continue; /* merged; a per-step policy's prompt set */
+        const bool per_q = kvt_policy_per_query_head(m->pols[r->policy]);
+        const int h0 = per_q ? r->head : r->head * group, nh = per_q ? 1 : group;
+        uint8_t *row = k + (r->step >= 0 ? (size_t)r->step * plane : 0) +
+                       ((size_t)layer * m->Hq + (size_t)h0) * m->T;
+        for (size_t j = 0; j < r->n; j++) {
+            KVT_RETURN_IF(r->idx[j] < 0 || r->idx[j] >= m->T, KVT_ERR_STATE,
+                          "layer %d: kept index %d outside the prompt", layer, (int)r->idx[j]);
+            for (int h = 0; h < nh; h++)
+                row[(size_t)h * m->T + (size_t)r->idx[j]] = 1;
+        }
+    }
+    return m->sw ? kvt_selection_writer_sink(m->sw, layer, recs, n) : KVT_OK;
+}
+
+/* one (policy, budget): what the compressed run did to the next-token distribution */
+typedef struct e2e_run {
+    bool applied;
+    double kl_mean, kl_max, top1, nll; /* nll: the reference token's mean log-loss */
+    double *kl_steps;                  /* [G] */
+} e2e_run;
+
+/* log-softmax of logits [n] into lp, in double */
+static void log_softmax(const float *logits, int n, double *lp)
+{
+    double mx = logits[0];
+    for (int i = 1; i < n; i++)
+        mx = logits[i] > mx ? logits[i] : mx;
+    double s = 0.0;
+    for (int i = 0; i < n; i++)
+        s += exp((double)logits[i] - mx);
+    double lse = mx + log(s);
+    for (int i = 0; i < n; i++)
+        lp[i] = (double)logits[i] - lse;
+}
+
+/* average ranks of x [n] (ties share their mean rank) into r */
+static void ranks(const double *x, int n, double *r)
+{
+    for (int i = 0; i < n; i++) {
+        int less = 0, equal = 0;
+        for (int j = 0; j < n; j++) {
+            less += x[j] < x[i];
+            equal += x[j] == x[i];
+        }
+        r[i] = less + (equal + 1) / 2.0;
+    }
+}
+
+/* Spearman's rho of (x, y) [n]: Pearson's correlation of their average ranks; NaN when n < 3
+ * or either is constant */
+static double spearman(const double *x, const double *y, int n)
+{
+    if (n < 3)
+        return NAN;
+    double *rx = malloc((size_t)n * sizeof(double)), *ry = malloc((size_t)n * sizeof(double));
+    double rho = NAN;
+    if (rx && ry) {
+        ranks(x, n, rx);
+        ranks(y, n, ry);
+        double mx = 0, my = 0, sxy = 0, sxx = 0, syy = 0;
+        for (int i = 0; i < n; i++)
+            mx += rx[i] / n, my += ry[i] / n;
+        for (int i = 0; i < n; i++) {
+            sxy += (rx[i] - mx) * (ry[i] - my);
+            sxx += (rx[i] - mx) * (rx[i] - mx);
+            syy += (ry[i] - my) * (ry[i] - my);
+        }
+        if (sxx > 0 && syy > 0)
+            rho = sxy / sqrt(sxx * syy);
+    }
+    free(rx);
+    free(ry);
+    return rho;
+}
+
+static cJSON *num(double v)
+{
+    return isfinite(v) ? cJSON_CreateNumber(v) : cJSON_CreateNull();
+}
+
+/* the trace's token tables: prompt ids [T] and decode-step input ids [G] */
+static kvt_status read_ids(kvt_trace_reader *rd, int kind, int n, int32_t *dst, const char *path,
+                           const char *what)
+{
+    uint32_t h, t, d;
+    kvt_dtype dt;
+    kvt_status st = kvt_trace_reader_shape(rd, -1, kind, &h, &t, &d, &dt);
+    kvt_error_clear();
+    KVT_RETURN_IF(st || h != 1 || d != 1 || (int)t != n, KVT_ERR_NOT_FOUND,
+                  "%s has no %s table of %d ids (capture it with kvtrace capture-llama2c)", path,
+                  what, n);
+    return kvt_trace_reader_read(rd, -1, kind, 0, 1, KVT_DTYPE_INVALID, dst,
+                                 (size_t)n * sizeof(int32_t));
+}
+
+int kvt_cmd_e2e_llama2c(int argc, char **argv)
+{
+    const char *cmd = CMD;
+    if (kvt_cli_wants_help(argc, argv)) {
+        help();
+        return 0;
+    }
+    const char *trace = NULL, *model_path = NULL, *out = NULL, *export_path = NULL;
+    char *policies_arg = NULL, *budgets_arg = NULL; /* given twice: both lists, as replay */
+    int window = 0, threads = 0, prc = 0;
+    uint64_t seed = 0;
+    bool force = false;
+    for (int i = 1; i < argc && !prc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        const char **target = !strcmp(a, "--model")              ? &model_path
+                              : !strcmp(a, "-o")                 ? &out
+                              : !strcmp(a, "--export-selection") ? &export_path
+                                                                 : NULL;
+        bool pol = !strcmp(a, "--policies") || !strcmp(a, "--policy");
+        bool num = !strcmp(a, "--budgets") || !strcmp(a, "--window") || !strcmp(a, "--threads") ||
+                   !strcmp(a, "--seed");
+        if ((target || pol || num) && !v) {
+            kvt_cli_fail(cmd, "%s needs a value", a);
+            prc = 2;
+        } else if (target) {
+            *target = v;
+            i++;
+        } else if (pol) {
+            prc = kvt_cli_append_policies(cmd, &policies_arg, v);
+            i++;
+        } else if (!strcmp(a, "--budgets")) {
+            if (!(budgets_arg = kvt_cli_append_list(budgets_arg, v)))
+                prc = kvt_cli_fail(cmd, "out of memory");
+            i++;
+        } else if (!strcmp(a, "--window") || !strcmp(a, "--threads")) {
+            if (!kvt_cli_parse_int(v, 1, 1 << 30, a[2] == 'w' ? &window : &threads)) {
+                kvt_cli_fail(cmd, "%s %s: expected a positive integer", a, v);
+                prc = 2;
+            }
+            i++;
+        } else if (!strcmp(a, "--seed")) {
+            if (!kvt_cli_parse_u64(v, &seed)) {
+                kvt_cli_fail(cmd, "--seed %s: expected a non-negative integer", v);
+                prc = 2;
+            }
+            i++;
+        } else if (!strcmp(a, "--force")) {
+            force = true;
+        } else if (a[0] == '-' && a[1]) {
+            kvt_cli_fail(cmd, "unknown option %s (see kvtrace e2e-llama2c --help)", a);
+            prc = 2;
+        } else if (!trace) {
+            trace = a;
+        } else {
+            kvt_cli_fail(cmd, "one trace only (got %s and %s)", trace, a);
+            prc = 2;
+        }
+    }
+    if (!prc && (!trace || !model_path || !out)) {
+        kvt_cli_fail(cmd, "%s is required (see kvtrace e2e-llama2c --help)",
+                     !trace        ? "a TRACE"
+                     : !model_path ? "--model FILE"
+                                   : "-o FILE");
+        prc = 2;
+    }
+    const char *inputs[] = {trace, model_path};
+    if (!prc && export_path && kvt_cli_same_path(out, export_path))
+        prc = kvt_cli_fail(cmd, "-o and --export-selection name the same file");
+    if (!prc && (!kvt_cli_output_ok(cmd, out, force, inputs, 2) ||
+                 (export_path && !kvt_cli_output_ok(cmd, export_path, force, inputs, 2))))
+        prc = 1;
+    if (prc) {
+        kvt_free(policies_arg);
+        kvt_free(budgets_arg);
+        return prc;
+    }
+
+    int rc = 1;
+    kvt_status st;
+    kvt_llama2c_model *model = NULL;
+    kvt_llama2c_state *s = NULL;
+    kvt_trace_reader *rd = NULL;
+    cJSON *hdr = NULL, *root = NULL;
+    kvt_policy **pols = NULL;
+    kvt_budget *budgets = NULL;
+    size_t n_pol = 0, n_b = 0;
+    kvt_trace_result *tr = NULL;
+    masks mk = {0};
+    e2e_run *runs = NULL;
+    int32_t *ids = NULL;
+    float *full = NULL, *kref = NULL;
+    double *lp_f = NULL, *lp_c = NULL;
+    char *txt = NULL;
+    kvt_progress pr;
+    bool pr_started = false;
+
+    if ((st = kvt_llama2c_model_open(model_path, &model))) {
+        kvt_cli_fail_status(cmd, st, model_path);
+        goto out_free;
+    }
+    const kvt_llama2c_config *c = kvt_llama2c_model_config(model);
+    if ((st = kvt_trace_reader_open(trace, &rd))) {
+        kvt_cli_fail_status(cmd, st, trace);
+        goto out_free;
+    }
+    hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
+    const cJSON *mo = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    const cJSON *jf[] = {cJSON_GetObjectItemCaseSensitive(mo, "n_layers"),
+                         cJSON_GetObjectItemCaseSensitive(mo, "n_q_heads"),
+                         cJSON_GetObjectItemCaseSensitive(mo, "n_kv_heads"),
+                         cJSON_GetObjectItemCaseSensitive(mo, "head_dim"),
+                         cJSON_GetObjectItemCaseSensitive(hdr, "n_tokens")};
+    int tv[5];
+    for (int k = 0; k < 5; k++)
+        tv[k] = cJSON_IsNumber(jf[k]) ? jf[k]->valueint : -1;
+    const int L = c->n_layers, Hq = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim, T = tv[4];
+    if (tv[0] != L || tv[1] != Hq || tv[2] != Hkv || tv[3] != D) {
+        kvt_cli_fail(cmd,
+                     "%s is another model (L=%d Hq=%d Hkv=%d D=%d) than %s (L=%d Hq=%d Hkv=%d "
+                     "D=%d): give the checkpoint the trace was captured from",
+                     trace, tv[0], tv[1], tv[2], tv[3], model_path, L, Hq, Hkv, D);
+        goto out_free;
+    }
+    uint32_t qh, G = 0, qd;
+    kvt_dtype qdt;
+    if (kvt_trace_reader_shape(rd, 0, KVT_KIND_Q_DECODE, &qh, &G, &qd, &qdt) || G == 0) {
+        kvt_error_clear();
+        kvt_cli_fail(cmd,
+                     "%s has no decode steps: the end-to-end check reruns them (capture with "
+                     "--decode G)",
+                     trace);
+        goto out_free;
+    }
+    if (T < 1 || (uint64_t)T + G > (uint64_t)c->seq_len) {
+        kvt_cli_fail(cmd, "%s: %d prompt tokens and %u decode steps do not fit %s's context of %d",
+                     trace, T, G, model_path, c->seq_len);
+        goto out_free;
+    }
+    const int V = c->vocab_size;
+    ids = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
+    kref = kvt_malloc((size_t)Hkv * T * D * sizeof(float));
+    full = kvt_malloc((size_t)G * V * sizeof(float));
+    lp_f = kvt_malloc((size_t)V * sizeof(double));
+    lp_c = kvt_malloc((size_t)V * sizeof(double));
+    if (!ids || !kref || !full || !lp_f || !lp_c) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
+    if ((st = read_ids(rd, KVT_KIND_TOKEN_IDS, T, ids, trace, "token_ids")) ||
+        (st =
+             read_ids(rd, KVT_KIND_DECODE_TOKEN_IDS, (int)G, ids + T, trace, "decode_token_ids")) ||
+        (st = kvt_trace_reader_read(rd, 0, KVT_KIND_K, 0, (uint32_t)Hkv, KVT_DTYPE_F32, kref,
+                                    (size_t)Hkv * T * D * sizeof(float)))) {
+        kvt_cli_fail_status(cmd, st, trace);
+        goto out_free;
+    }
+    for (int i = 0; i < T + (int)G; i++)
+        if (ids[i] < 0 || ids[i] >= V) {
+            kvt_cli_fail(cmd, "%s: token id %d at position %d is outside %s's vocabulary of %d",
+                         trace, (int)ids[i], i, model_path, V);
+            goto out_free;
+        }
+
+    /* the uncompressed run: the prompt, then the decode steps' reference distributions */
+    if ((st = kvt_llama2c_state_create(model, false, &s))) {
+        kvt_cli_fail_status(cmd, st, "inference state");
+        goto out_free;
+    }
+    const float *lg = NULL;
+    for (int i = 0; i < T && !st; i++)
+        st = kvt_llama2c_forward(s, ids[i], &lg);
+    double kerr = 0.0, kscale = 0.0; /* the trace's keys against this model's, layer 0 */
+    const float *kc = kvt_llama2c_state_keys(s, 0);
+    for (int g = 0; g < Hkv && !st; g++)
+        for (int t = 0; t < T; t++)
+            for (int d = 0; d < D; d++) {
+                double a = kref[((size_t)g * T + t) * D + d];
+                double b = kc[((size_t)t * Hkv + g) * D + d];
+                kerr = fmax(kerr, fabs(a - b));
+                kscale = fmax(kscale, fabs(b));
+            }
+    kerr = kscale > 0 ? kerr / kscale : kerr;
+    if (!st && !(kerr <= 1e-2)) { /* bf16 storage rounds to 2^-9 of the scale */
+        kvt_cli_fail(cmd,
+                     "%s was not captured from %s over its own tokens: layer 0's keys differ by "
+                     "%.3g of their scale",
+                     trace, model_path, kerr);
+        goto out_free;
+    }
+    for (uint32_t g = 0; g < G && !st; g++)
+        if (!(st = kvt_llama2c_forward(s, ids[T + g], &lg)))
+            memcpy(full + (size_t)g * V, lg, (size_t)V * sizeof(float));
+    if (st) {
+        kvt_cli_fail_status(cmd, st, model_path);
+        goto out_free;
+    }
+
+    /* the replay, its kept sets collected as masks */
+    kvt_policy_globals pg = {.seed = seed, .window = window};
+    if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : DEFAULT_POLICIES, &pg, &pols,
+                                    &n_pol))) {
+        kvt_cli_fail_status(cmd, st, "--policies");
+        rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
+        goto out_free;
+    }
+    if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : DEFAULT_BUDGETS, &budgets, &n_b))) {
+        kvt_cli_fail_status(cmd, st, "--budgets");
+        rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
+        goto out_free;
+    }
+    if ((st = kvt_replay_check_trace(trace, pols, n_pol))) {
+        kvt_cli_fail_status(cmd, st, trace);
+        goto out_free;
+    }
+    mk = (masks){.L = L,
+                 .Hq = Hq,
+                 .Hkv = Hkv,
+                 .T = T,
+                 .G = (int)G,
+                 .n_pol = n_pol,
+                 .n_b = n_b,
+                 .pols = pols};
+    mk.keep = kvt_calloc(n_pol * n_b, sizeof(uint8_t *));
+    runs = kvt_calloc(n_pol * n_b, sizeof(e2e_run));
+    if (!mk.keep || !runs) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
+    for (size_t p = 0; p < n_pol; p++) {
+        unsigned f = kvt_policy_flags(pols[p]);
+        for (size_t b = 0; b < n_b && !(f & KVT_POLICY_MERGED); b++) {
+            size_t n = (size_t)L * Hq * T * ((f & KVT_POLICY_PER_STEP) ? G : 1);
+            runs[p * n_b + b].kl_steps = kvt_malloc((size_t)G * sizeof(double));
+            if (!(mk.keep[p * n_b + b] = kvt_calloc(n, 1)) || !runs[p * n_b + b].kl_steps) {
+                kvt_cli_fail(cmd, "out of memory (kept-set masks)");
+                goto out_free;
+            }
+        }
+    }
+    if (export_path) {
+        int btok[64];
+        const char *tp[] = {trace};
+        if (n_b > 64) {
+            kvt_cli_fail(cmd, "--export-selection takes at most 64 budgets");
+            goto out_free;
+        }
+        for (size_t b = 0; b < n_b; b++)
+            btok[b] = kvt_budget_tokens(&budgets[b], T);
+        if ((st = kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b, tp, 1,
+                                            &mk.sw)) ||
+            (st = kvt_selection_writer_begin_trace(mk.sw, 0, L, btok))) {
+            kvt_cli_fail_status(cmd, st, export_path);
+            goto out_free;
+        }
+    }
+    kvt_replay_opts ro = {
+        .n_threads = threads, .coverage_probes = -1, .sink = collect, .sink_user = &mk};
+    kvt_progress_start(&pr, "replay");
+    pr_started = true;
+    st = kvt_replay_trace(trace, pols, n_pol, budgets, n_b, &ro, &tr);
+    kvt_progress_end(&pr);
+    pr_started = false;
+    if (st || (mk.sw && (st = kvt_selection_writer_end_trace(mk.sw)))) {
+        kvt_cli_fail_status(cmd, st, trace);
+        goto out_free;
+    }
+
+    /* the compressed runs: rewind to the end of the prompt, mask, decode the same tokens */
+    size_t n_runs = 0, done = 0;
+    for (size_t i = 0; i < n_pol * n_b; i++)
+        n_runs += mk.keep[i] != NULL;
+    kvt_progress_start(&pr, "decode");
+    pr_started = true;
+    for (size_t p = 0; p < n_pol; p++)
+        for (size_t b = 0; b < n_b; b++) {
+            const uint8_t *keep = mk.keep[p * n_b + b];
+            e2e_run *r = &runs[p * n_b + b];
+            if (!keep)
+                continue;
+            const bool per_step = kvt_policy_flags(pols[p]) & KVT_POLICY_PER_STEP;
+            const size_t plane = (size_t)L * Hq * T;
+            if ((st = kvt_llama2c_state_rewind(s, (uint32_t)T)))
+                break;
+            r->kl_max = 0.0;
+            for (uint32_t g = 0; g < G && !st; g++) {
+                if ((st = kvt_llama2c_state_set_mask(s, keep + (per_step ? g * plane : 0),
+                                                     (uint32_t)T)) ||
+                    (st = kvt_llama2c_forward(s, ids[T + g], &lg)))
+                    break;
+                const float *fl = full + (size_t)g * V;
+                log_softmax(fl, V, lp_f);
+                log_softmax(lg, V, lp_c);
+                double kl = 0.0;
+                for (int v = 0; v < V; v++)
+                    kl += exp(lp_f[v]) * (lp_f[v] - lp_c[v]);
+                kl = kl > 0 ? kl : 0.0; /* rounding below zero when identical */
+                int32_t ref = kvt_llama2c_argmax(fl, V);
+                r->kl_steps[g] = kl;
+                r->kl_mean += kl / G;
+                r->kl_max = fmax(r->kl_max, kl);
+                r->top1 += (kvt_llama2c_argmax(lg, V) == ref) / (double)G;
+                r->nll += -lp_c[ref] / G;
+            }
+            if (st)
+                break;
+            r->applied = true;
+            kvt_progress_update(&pr, ++done, n_runs);
+        }
+    kvt_progress_end(&pr);
+    pr_started = false;
+    kvt_llama2c_state_set_mask(s, NULL, 0);
+    if (st) {
+        kvt_cli_fail_status(cmd, st, model_path);
+        goto out_free;
+    }
+    double nll_full = 0.0;
+    for (uint32_t g = 0; g < G; g++) {
+        log_softmax(full + (size_t)g * V, V, lp_f);
+        nll_full += -lp_f[kvt_llama2c_argmax(full + (size_t)g * V, V)] / G;
+    }
+
+    /* e2e.json, the table, and how well each proxy ranks the settings */
+    size_t nr = n_pol * n_b;
+    double *xs = kvt_malloc(nr * 4 * sizeof(double)); /* the proxies' and KL's pairs */
+    if (!xs) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
+    double *e_x = xs, *e_kl = xs + nr, *r_x = xs + 2 * nr, *r_kl = xs + 3 * nr;
+    int n_err = 0, n_rec = 0;
+    root = cJSON_CreateObject();
+    cJSON_AddNumberToObject(root, "e2e_version", E2E_VERSION);
+    cJSON_AddStringToObject(root, "generator", kvt_version_string());
+    cJSON_AddStringToObject(root, "model", model_path);
+    cJSON_AddStringToObject(root, "trace", trace);
+    cJSON_AddNumberToObject(root, "n_prompt", T);
+    cJSON_AddNumberToObject(root, "n_decode", G);
+    cJSON_AddNumberToObject(root, "vocab_size", V);
+    cJSON_AddItemToObject(root, "trace_key_error", num(kerr));
+    cJSON_AddItemToObject(root, "nll_uncompressed", num(nll_full));
+    cJSON *jruns = cJSON_AddArrayToObject(root, "runs");
+    int lw = 24;
+    for (size_t p = 0; p < n_pol; p++)
+        lw = (int)strlen(kvt_policy_label(pols[p])) > lw ? (int)strlen(kvt_policy_label(pols[p]))
+                                                         : lw;
+    printf("%-*s %8s %7s %9s %9s %10s %8s %8s\n", lw, "policy", "budget", "kept", "err_d",
+           "recall_d", "KL", "KL max", "top1");
+    for (size_t p = 0; p < n_pol; p++)
+        for (size_t b = 0; b < n_b; b++) {
+            const e2e_run *r = &runs[p * n_b + b];
+            kvt_run_summary sm;
+            if (kvt_summarize_trace(tr, p, b, -1, &sm))
+                memset(&sm, 0, sizeof(sm));
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "policy", kvt_policy_label(pols[p]));
+            cJSON_AddStringToObject(o, "name", kvt_policy_name(pols[p]));
+            cJSON_AddStringToObject(o, "budget", budgets[b].text);
+            cJSON_AddNumberToObject(o, "budget_tokens", kvt_budget_tokens(&budgets[b], T));
+            cJSON_AddItemToObject(o, "kept_fraction", num(sm.kept_fraction));
+            cJSON_AddBoolToObject(o, "applied", r->applied);
+            if (!r->applied)
+                cJSON_AddStringToObject(o, "why",
+                                        "merged policy: it keeps merged entries, not a subset "
+                                        "the engine's mask can apply");
+            cJSON_AddItemToObject(o, "kl_mean", num(r->applied ? r->kl_mean : NAN));
+            cJSON_AddItemToObject(o, "kl_max", num(r->applied ? r->kl_max : NAN));
+            cJSON_AddItemToObject(o, "top1_agreement", num(r->applied ? r->top1 : NAN));
+            cJSON_AddItemToObject(o, "nll_mean", num(r->applied ? r->nll : NAN));
+            cJSON *ks = cJSON_AddArrayToObject(o, "kl_steps");
+            for (uint32_t g = 0; r->applied && g < G; g++)
+                cJSON_AddItemToArray(ks, num(r->kl_steps[g]));
+            cJSON *pj = cJSON_AddObjectToObject(o, "proxy");
+            cJSON_AddItemToObject(pj, "err_decode", num(sm.err_decode));
+            cJSON_AddItemToObject(pj, "recall_decode", num(sm.recall_decode));
+            cJSON_AddItemToObject(pj, "err_window", num(sm.err_window));
+            cJSON_AddItemToObject(pj, "recall_window", num(sm.recall_window));
+            cJSON_AddItemToArray(jruns, o);
+            char c1[32], c2[32];
+            snprintf(c1, sizeof(c1), "%.4f", sm.err_decode);
+            snprintf(c2, sizeof(c2), "%.4f", sm.recall_decode);
+            if (r->applied)
+                printf("%-*s %8s %6.1f%% %9s %9s %10.3g %8.3g %7.1f%%\n", lw,
+                       kvt_policy_label(pols[p]), budgets[b].text, 100.0 * sm.kept_fraction, c1, c2,
+                       r->kl_mean, r->kl_max, 100.0 * r->top1);
+            else
+                printf("%-*s %8s %6.1f%% %9s %9s %10s %8s %8s\n", lw, kvt_policy_label(pols[p]),
+                       budgets[b].text, 100.0 * sm.kept_fraction, c1, c2, "-", "-", "-");
+            if (r->applied && isfinite(sm.err_decode)) {
+                e_x[n_err] = sm.err_decode;
+                e_kl[n_err++] = r->kl_mean;
+            }
+            if (r->applied && isfinite(sm.recall_decode)) {
+                r_x[n_rec] = 1.0 - sm.recall_decode;
+                r_kl[n_rec++] = r->kl_mean;
+            }
+        }
+    double rho_err = spearman(e_x, e_kl, n_err), rho_rec = spearman(r_x, r_kl, n_rec);
+    kvt_free(xs);
+    cJSON *sp = cJSON_AddObjectToObject(root, "spearman");
+    cJSON_AddItemToObject(sp, "err_decode_vs_kl", num(rho_err));
+    cJSON_AddItemToObject(sp, "missed_recall_decode_vs_kl", num(rho_rec));
+    cJSON_AddNumberToObject(sp, "n_settings", n_err);
+    if (!(txt = cJSON_Print(root))) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
+    if (mk.sw) {
+        st = kvt_selection_writer_close(mk.sw);
+        mk.sw = NULL;
+        if (st) {
+            kvt_cli_fail_status(cmd, st, export_path);
+            goto out_free;
+        }
+    }
+    if ((st = kvt_write_file_atomic(out, txt, strlen(txt)))) {
+        kvt_cli_fail_status(cmd, st, out);
+        goto out_free;
+    }
+    fprintf(stderr,
+            "e2e-llama2c: wrote %s (%zu runs of %u decode steps); Spearman's rho against the "
+            "end-to-end KL over %d settings: err_decode %.3f, 1 - recall_decode %.3f\n",
+            out, n_runs, G, n_err, rho_err, rho_rec);
+    rc = 0;
+out_free:
+    if (pr_started)
+        kvt_progress_end(&pr);
+    if (mk.sw)
+        kvt_selection_writer_close(mk.sw); /* failed before the end: the export is discarded */
+    for (size_t i = 0; mk.keep && i < n_pol * n_b; i++)
+        kvt_free(mk.keep[i]);
+    kvt_free(mk.keep);
+    for (size_t i = 0; runs && i < n_pol * n_b; i++)
+        kvt_free(runs[i].kl_steps);
+    kvt_free(runs);
+    if (txt)
+        cJSON_free(txt);
+    cJSON_Delete(root);
+    cJSON_Delete(hdr);
+    kvt_trace_result_free(tr);
+    kvt_free(budgets);
+    kvt_policy_list_free(pols, n_pol);
+    kvt_trace_reader_close(rd);
+    kvt_llama2c_state_free(s);
+    kvt_llama2c_model_close(model);
+    kvt_free(ids);
+    kvt_free(kref);
+    kvt_free(full);
+    kvt_free(lp_f);
+    kvt_free(lp_c);
+    kvt_free(policies_arg);
+    kvt_free(budgets_arg);
+    return rc;
+}

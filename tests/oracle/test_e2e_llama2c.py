@@ -1,0 +1,209 @@
+#!/usr/bin/python3
+"""test_e2e_llama2c.py - `kvtrace e2e-llama2c` against an independent NumPy implementation.
+
+A trace is captured from stories260K (real weights) by `kvtrace capture-llama2c`, then
+`kvtrace e2e-llama2c` replays policies of each kind (KV heads, query heads, head-adaptive,
+per decode step, merged) and reruns the decode steps with their kept sets. Checked:
+
+  * the kept sets it applied (--export-selection, read with kvtrace.read_selection) drive the
+    NumPy float64 forward of tests/oracle/llama2c_oracle.py with the same masks (query rows
+    past the prompt see only the kept prompt keys; per step for quest); its KL divergence
+    from the unmasked forward, top-1 agreement and reference log-loss equal e2e.json's per
+    (policy, budget) and per step, within f32-vs-f64 tolerance;
+  * a budget above the prompt keeps everything: KL exactly 0, top-1 agreement 1;
+  * the proxies beside them are the replay's (results of `kvtrace replay` on the same trace)
+    and Spearman's rho is recomputed here from e2e.json's own columns;
+  * a merged policy is listed as not applied, with why;
+  * refused with one line: a trace of another model, a trace without decode steps, a trace
+    whose keys this model did not produce, a missing --model.
+
+Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without NumPy, the CLI or the model.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+try:
+    import numpy as np
+except ImportError:
+    print("SKIP: no NumPy")
+    sys.exit(77)
+
+BIN = os.environ.get("KVT_BIN")
+ROOT = os.environ.get("KVT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
+MODEL = os.path.join(ROOT, "..", "shared", "models", "stories260K.bin")
+if not os.path.exists(MODEL):
+    MODEL = "/work/shared/models/stories260K.bin"
+if not BIN or not os.access(BIN, os.X_OK) or not os.path.exists(MODEL):
+    print("SKIP: no kvtrace CLI or no stories260K model")
+    sys.exit(77)
+sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kvtrace  # noqa: E402
+import llama2c_oracle  # noqa: E402
+
+failures = []
+
+
+def check(ok, what):
+    if not ok:
+        failures.append(what)
+        print("FAILED: " + what)
+    return ok
+
+
+def run(*args, ok=True):
+    r = subprocess.run([BIN] + list(args), capture_output=True, text=True)
+    if ok and r.returncode != 0:
+        raise SystemExit("FAILED: kvtrace %s: %s" % (" ".join(args), r.stderr))
+    return r
+
+
+def log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def spearman(x, y):
+    def ranks(a):
+        a = np.asarray(a, float)
+        return np.array([(a < v).sum() + ((a == v).sum() + 1) / 2.0 for v in a])
+    rx, ry = ranks(x), ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+SPECS = ["streamingllm:sinks=4", "snapkv:window=16", "snapkv:window=16,heads=query,label=sq",
+         "adakv:window=16", "h2o:window=8", "quest:page=8", "lightkv-like:window=16"]
+T, G = 96, 12
+with tempfile.TemporaryDirectory() as tmp:
+    tr = os.path.join(tmp, "t.kvt")
+    run("capture-llama2c", "--model", MODEL, "--tokens", str(T), "--decode", str(G), "--window",
+        "16", "--colsum", "-o", tr)
+    out, sel_path = os.path.join(tmp, "e2e.json"), os.path.join(tmp, "sel.bin")
+    budgets = "8,24,48,200"
+    r = run("e2e-llama2c", tr, "--model", MODEL, "--policies", ",".join(SPECS), "--budgets",
+            budgets, "--threads", "2", "--export-selection", sel_path, "-o", out)
+    e2e = json.load(open(out))
+    check(e2e["e2e_version"] == 1 and e2e["n_prompt"] == T and e2e["n_decode"] == G and
+          e2e["trace_key_error"] < 1e-2, "header %s" % {k: e2e[k] for k in e2e if k != "runs"})
+    runs = {(x["policy"], x["budget"]): x for x in e2e["runs"]}
+    check(len(runs) == len(SPECS) * 4, "%d runs" % len(runs))
+
+    m = llama2c_oracle.load(MODEL)
+    with kvtrace.open(tr) as t:
+        ids = np.concatenate([t.tokens["token_ids"], t.tokens["decode_token_ids"]]).astype(int)
+    full = llama2c_oracle.forward(m, ids, T)[0][T:]  # [G, vocab] at the decode positions
+    lpf = log_softmax(full)
+    ref = full.argmax(-1)
+    nll_full = float(-lpf[np.arange(G), ref].mean())
+    check(abs(e2e["nll_uncompressed"] - nll_full) < 1e-3,
+          "uncompressed log-loss %g vs NumPy %g" % (e2e["nll_uncompressed"], nll_full))
+    L, Hq, Hkv = m["L"], m["Hq"], m["Hkv"]
+    n_cmp, worst = 0, 0.0
+    with kvtrace.read_selection(sel_path) as sel:
+        for pi, p in enumerate(sel.policies):
+            for b in sel.budgets:
+                x = runs[(p["label"], b)]
+                if p["merged"]:
+                    check(not x["applied"] and "merged" in x["why"] and x["kl_mean"] is None,
+                          "%s: a merged policy must not be applied: %s" % (p["label"], x))
+                    continue
+                S = G if p["per_step"] else 1
+                keep = np.zeros((S, L, Hq, T), bool)
+                for rec in sel.records():
+                    if rec["policy"] != pi or sel.budgets[rec["budget"]] != b:
+                        continue
+                    if p["per_step"] != (rec["step"] >= 0):
+                        continue
+                    s = max(rec["step"], 0)
+                    hs = [rec["head"]] if p["query_heads"] else \
+                        range(rec["head"] * (Hq // Hkv), (rec["head"] + 1) * (Hq // Hkv))
+                    for h in hs:
+                        keep[s, rec["layer"], h, rec["kept"]] = True
+                comp = llama2c_oracle.forward(m, ids, T, keep)[0][T:]
+                lpc = log_softmax(comp)
+                kl = (np.exp(lpf) * (lpf - lpc)).sum(-1)
+                top2 = np.sort(full, -1)[:, -2:]
+                sure = (top2[:, 1] - top2[:, 0]) > 1e-3  # no near-tie in the reference
+                agree = comp.argmax(-1) == ref
+                nll = -lpc[np.arange(G), ref]
+                tol = lambda v: 2e-3 + 2e-3 * abs(v)  # noqa: E731 - f32 engine vs f64 oracle
+                ok = (x["applied"] and
+                      abs(x["kl_mean"] - kl.mean()) <= tol(kl.mean()) and
+                      all(abs(a - c) <= tol(c) for a, c in zip(x["kl_steps"], kl)) and
+                      abs(x["kl_max"] - kl.max()) <= tol(kl.max()) and
+                      abs(x["nll_mean"] - nll.mean()) <= tol(nll.mean()) and
+                      (not sure.all() or abs(x["top1_agreement"] - agree.mean()) < 1e-9))
+                check(ok, "%s @ %s: kvtrace KL %s top1 %s nll %s; NumPy KL %.6g top1 %.4g "
+                      "nll %.6g" % (p["label"], b, x["kl_mean"], x["top1_agreement"],
+                                    x["nll_mean"], kl.mean(), agree.mean(), nll.mean()))
+                worst = max(worst, abs(x["kl_mean"] - kl.mean()))
+                n_cmp += 1
+                if b == "200":  # above the prompt: nothing dropped
+                    check(x["kl_mean"] == 0 and x["kl_max"] == 0 and x["top1_agreement"] == 1,
+                          "%s @ 200 > T: %s" % (p["label"], x))
+    print("ok: %d (policy, budget) runs equal the NumPy forward with the same masks (largest "
+          "KL difference %.2g)" % (n_cmp, worst))
+    kls = [x["kl_mean"] for x in e2e["runs"] if x["applied"]]
+    check(max(kls) > 0.1, "no setting changed the output: KL %s" % kls)
+
+    # the proxies are the replay's; rho recomputed from the file's columns
+    res = os.path.join(tmp, "r.json")
+    run("replay", tr, "--policies", ",".join(SPECS), "--budgets", budgets, "-o", res)
+    rr = json.load(open(res))
+    labels = [p["label"] for p in rr["settings"]["policies"]]
+    for a in rr["aggregate"]:
+        x = runs[(labels[a["policy"]], a["budget_text"])]
+        for k in ("err_decode", "recall_decode", "err_window", "recall_window"):
+            v, w = a["summary"].get(k), x["proxy"][k]
+            check((v is None and w is None) or abs(v - w) <= 1e-12 * max(1, abs(v)),
+                  "proxy %s of %s @ %s: %s vs replay's %s" % (k, x["policy"], x["budget"], w, v))
+    ap = [x for x in e2e["runs"] if x["applied"] and x["proxy"]["err_decode"] is not None]
+    rho = spearman([x["proxy"]["err_decode"] for x in ap], [x["kl_mean"] for x in ap])
+    check(abs(rho - e2e["spearman"]["err_decode_vs_kl"]) < 1e-9 and
+          e2e["spearman"]["n_settings"] == len(ap),
+          "Spearman %s vs %s recomputed" % (e2e["spearman"], rho))
+    print("ok: proxies equal replay's; Spearman's rho err_decode vs KL = %.3f over %d settings"
+          % (rho, len(ap)))
+    check("Spearman's rho" in r.stderr and "policy" in r.stdout.splitlines()[0],
+          "summary lines: %r %r" % (r.stdout[:200], r.stderr))
+
+    # refusals: one line, exit 1 (2 for usage), no output
+    def bad(args, want, code=1):
+        o = os.path.join(tmp, "bad.json")
+        r = run("e2e-llama2c", *args, "-o", o, ok=False)
+        lines = r.stderr.strip().splitlines()
+        ok = r.returncode == code and len(lines) == 1 and want in r.stderr and \
+            not os.path.exists(o)
+        check(ok, "%s: exit %d %r (want %r)" % (args, r.returncode, r.stderr, want))
+        if ok:
+            print("ok: refused: %s" % lines[0])
+
+    syn = os.path.join(tmp, "syn.kvt")
+    run("synth", "--shape", "tiny", "--tokens", "32", "--window", "8", "-o", syn)
+    bad([syn, "--model", MODEL], "is another model")
+    nod = os.path.join(tmp, "nodecode.kvt")
+    run("capture-llama2c", "--model", MODEL, "--tokens", "40", "--decode", "0", "--window", "8",
+        "-o", nod)
+    bad([nod, "--model", MODEL], "has no decode steps")
+    bad([tr], "--model FILE is required", 2)
+    # the same trace with layer 0's keys changed: not this model's run over these tokens
+    forged = os.path.join(tmp, "forged.kvt")
+    with kvtrace.open(tr) as t:
+        with kvtrace.TraceWriter(forged, t.header) as w:
+            for i, rec in enumerate(t.records):
+                if rec["kind"] in ("meta_json",):
+                    continue
+                data = t.read_record(i)
+                if rec["kind"] == "K" and rec["layer"] == 0:
+                    data = (data.astype(np.float32) * 1.5).astype(data.dtype)
+                w.append(rec["kind"], data, layer=rec["layer"] if rec["layer"] >= 0 else None,
+                         head_begin=rec["head_begin"], tok_begin=rec["tok_begin"])
+    bad([forged, "--model", MODEL], "was not captured from")
+
+if failures:
+    print("%d failure(s)" % len(failures))
+    sys.exit(1)
+print("test_e2e_llama2c: ok")
