@@ -11,6 +11,8 @@
  * Exit status: 0 written; 1 failed (one error line); 2 bad usage.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,7 +49,7 @@ static void help(void)
            "                    merged policies (lightkv-like) keep no subset: not run\n"
            "  --budgets LIST    as for replay (default %s)\n"
            "  --window W        window= of every window policy that does not set it\n"
-           "  --threads N       replay worker threads (default: all cores)\n"
+           "  --threads N       replay and decode threads (default: all cores)\n"
            "  --seed S          seed of the random policy (default 0)\n"
            "  --export-selection FILE  also write the kept sets applied (as replay)\n"
            "  -o FILE           e2e.json (analysis/RESULTS.md, \"End-to-end check\")\n"
@@ -154,6 +156,92 @@ static double spearman(const double *x, const double *y, int n)
 static cJSON *num(double v)
 {
     return isfinite(v) ? cJSON_CreateNumber(v) : cJSON_CreateNull();
+}
+
+/* the compressed runs, on a pool of threads: each worker runs the prompt into its own state,
+ * then takes (policy, budget) settings in turn: rewind to the end of the prompt, mask, decode
+ * the same tokens */
+typedef struct decode_job {
+    const kvt_llama2c_model *model;
+    const int32_t *ids; /* [T + G] */
+    int T, V;
+    uint32_t G;
+    const float *full; /* [G, V] the reference logits */
+    const masks *mk;
+    e2e_run *runs; /* [n_pol * n_b] */
+    kvt_progress *pr;
+    pthread_mutex_t mu;
+    size_t next, done, n_runs;
+    kvt_status err;
+    char msg[512];
+} decode_job;
+
+static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_f,
+                             double *lp_c)
+{
+    const masks *mk = j->mk;
+    const uint8_t *keep = mk->keep[i];
+    e2e_run *r = &j->runs[i];
+    const int T = j->T, V = j->V;
+    const bool per_step = kvt_policy_flags(mk->pols[i / mk->n_b]) & KVT_POLICY_PER_STEP;
+    const size_t plane = (size_t)mk->L * mk->Hq * T;
+    KVT_FORWARD(kvt_llama2c_state_rewind(s, (uint32_t)T));
+    for (uint32_t g = 0; g < j->G; g++) {
+        const float *lg;
+        KVT_FORWARD(kvt_llama2c_state_set_mask(s, keep + (per_step ? g * plane : 0), (uint32_t)T));
+        KVT_FORWARD(kvt_llama2c_forward(s, j->ids[T + g], &lg));
+        const float *fl = j->full + (size_t)g * V;
+        log_softmax(fl, V, lp_f);
+        log_softmax(lg, V, lp_c);
+        double kl = 0.0;
+        for (int v = 0; v < V; v++)
+            kl += exp(lp_f[v]) * (lp_f[v] - lp_c[v]);
+        kl = kl > 0 ? kl : 0.0; /* rounding below zero when identical */
+        int32_t ref = kvt_llama2c_argmax(fl, V);
+        r->kl_steps[g] = kl;
+        r->kl_mean += kl / j->G;
+        r->kl_max = fmax(r->kl_max, kl);
+        r->top1 += (kvt_llama2c_argmax(lg, V) == ref) / (double)j->G;
+        r->nll += -lp_c[ref] / j->G;
+    }
+    r->applied = true;
+    return KVT_OK;
+}
+
+static void *decode_worker(void *arg)
+{
+    decode_job *j = arg;
+    kvt_llama2c_state *s = NULL;
+    double *lp_f = kvt_malloc((size_t)j->V * sizeof(double));
+    double *lp_c = kvt_malloc((size_t)j->V * sizeof(double));
+    kvt_status st = lp_f && lp_c ? kvt_llama2c_state_create(j->model, false, &s)
+                                 : kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    const float *lg;
+    for (int i = 0; !st && i < j->T; i++)
+        st = kvt_llama2c_forward(s, j->ids[i], &lg);
+    for (;;) {
+        pthread_mutex_lock(&j->mu);
+        if (st && !j->err) {
+            j->err = st;
+            snprintf(j->msg, sizeof(j->msg), "%s", kvt_error_msg());
+        }
+        size_t i = j->err ? SIZE_MAX : j->next++;
+        pthread_mutex_unlock(&j->mu);
+        if (i >= j->mk->n_pol * j->mk->n_b)
+            break;
+        if (!j->mk->keep[i])
+            continue; /* merged: not run */
+        st = decode_one(j, s, i, lp_f, lp_c);
+        if (!st) {
+            pthread_mutex_lock(&j->mu);
+            kvt_progress_update(j->pr, ++j->done, j->n_runs);
+            pthread_mutex_unlock(&j->mu);
+        }
+    }
+    kvt_llama2c_state_free(s);
+    kvt_free(lp_f);
+    kvt_free(lp_c);
+    return NULL;
 }
 
 /* the trace's token tables: prompt ids [T] and decode-step input ids [G] */
@@ -439,52 +527,41 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         goto out_free;
     }
 
-    /* the compressed runs: rewind to the end of the prompt, mask, decode the same tokens */
-    size_t n_runs = 0, done = 0;
+    /* the compressed runs, one thread per core (or --threads) */
+    size_t n_runs = 0;
     for (size_t i = 0; i < n_pol * n_b; i++)
         n_runs += mk.keep[i] != NULL;
+    decode_job dj = {.model = model,
+                     .ids = ids,
+                     .T = T,
+                     .V = V,
+                     .G = G,
+                     .full = full,
+                     .mk = &mk,
+                     .runs = runs,
+                     .pr = &pr,
+                     .n_runs = n_runs};
+    int n_th = threads > 0 ? threads : kvt_cpu_count();
+    n_th = n_th < (int)n_runs ? n_th : (int)n_runs;
+    pthread_t th[64];
+    n_th = n_th < 64 ? n_th : 64;
+    pthread_mutex_init(&dj.mu, NULL);
     kvt_progress_start(&pr, "decode");
     pr_started = true;
-    for (size_t p = 0; p < n_pol; p++)
-        for (size_t b = 0; b < n_b; b++) {
-            const uint8_t *keep = mk.keep[p * n_b + b];
-            e2e_run *r = &runs[p * n_b + b];
-            if (!keep)
-                continue;
-            const bool per_step = kvt_policy_flags(pols[p]) & KVT_POLICY_PER_STEP;
-            const size_t plane = (size_t)L * Hq * T;
-            if ((st = kvt_llama2c_state_rewind(s, (uint32_t)T)))
-                break;
-            r->kl_max = 0.0;
-            for (uint32_t g = 0; g < G && !st; g++) {
-                if ((st = kvt_llama2c_state_set_mask(s, keep + (per_step ? g * plane : 0),
-                                                     (uint32_t)T)) ||
-                    (st = kvt_llama2c_forward(s, ids[T + g], &lg)))
-                    break;
-                const float *fl = full + (size_t)g * V;
-                log_softmax(fl, V, lp_f);
-                log_softmax(lg, V, lp_c);
-                double kl = 0.0;
-                for (int v = 0; v < V; v++)
-                    kl += exp(lp_f[v]) * (lp_f[v] - lp_c[v]);
-                kl = kl > 0 ? kl : 0.0; /* rounding below zero when identical */
-                int32_t ref = kvt_llama2c_argmax(fl, V);
-                r->kl_steps[g] = kl;
-                r->kl_mean += kl / G;
-                r->kl_max = fmax(r->kl_max, kl);
-                r->top1 += (kvt_llama2c_argmax(lg, V) == ref) / (double)G;
-                r->nll += -lp_c[ref] / G;
-            }
-            if (st)
-                break;
-            r->applied = true;
-            kvt_progress_update(&pr, ++done, n_runs);
-        }
+    int started = 0;
+    for (; started < n_th; started++)
+        if (pthread_create(&th[started], NULL, decode_worker, &dj))
+            break;
+    if (started == 0 && n_runs > 0)
+        decode_worker(&dj); /* no thread could start: run in the caller */
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
     kvt_progress_end(&pr);
     pr_started = false;
-    kvt_llama2c_state_set_mask(s, NULL, 0);
-    if (st) {
-        kvt_cli_fail_status(cmd, st, model_path);
+    pthread_mutex_destroy(&dj.mu);
+    if (dj.err) {
+        kvt_error_set(dj.err, "%s", dj.msg);
+        kvt_cli_fail_status(cmd, dj.err, model_path);
         goto out_free;
     }
     double nll_full = 0.0;

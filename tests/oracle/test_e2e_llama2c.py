@@ -11,6 +11,7 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
     from the unmasked forward, top-1 agreement and reference log-loss equal e2e.json's per
     (policy, budget) and per step, within f32-vs-f64 tolerance;
   * a budget above the prompt keeps everything: KL exactly 0, top-1 agreement 1;
+  * one thread and two write the same file;
   * the proxies beside them are the replay's (results of `kvtrace replay` on the same trace)
     and Spearman's rho is recomputed here from e2e.json's own columns;
   * a merged policy is listed as not applied, with why;
@@ -86,6 +87,11 @@ with tempfile.TemporaryDirectory() as tmp:
     r = run("e2e-llama2c", tr, "--model", MODEL, "--policies", ",".join(SPECS), "--budgets",
             budgets, "--threads", "2", "--export-selection", sel_path, "-o", out)
     e2e = json.load(open(out))
+    # the decode reruns are spread over threads: one thread writes the same file
+    out1 = os.path.join(tmp, "e2e1.json")
+    run("e2e-llama2c", tr, "--model", MODEL, "--policies", ",".join(SPECS), "--budgets",
+        budgets, "--threads", "1", "-o", out1)
+    check(open(out1, "rb").read() == open(out, "rb").read(), "--threads 1 and 2 differ")
     check(e2e["e2e_version"] == 1 and e2e["n_prompt"] == T and e2e["n_decode"] == G and
           e2e["trace_key_error"] < 1e-2, "header %s" % {k: e2e[k] for k in e2e if k != "runs"})
     runs = {(x["policy"], x["budget"]): x for x in e2e["runs"]}
