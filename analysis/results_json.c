@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -623,28 +624,9 @@ out_fail:
 kvt_status kvt_results_read(const char *path, kvt_results **out)
 {
     *out = NULL;
-    FILE *f = kvt_fopen_regular(path);
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
-    char *txt = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len + 65536 + 1 > cap) {
-            cap = cap ? cap * 2 : 1 << 20;
-            char *n = kvt_realloc(txt, cap);
-            if (!n) {
-                kvt_free(txt);
-                fclose(f);
-                return kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s", path);
-            }
-            txt = n;
-        }
-        size_t got = fread(txt + len, 1, 65536, f);
-        len += got;
-        if (got < 65536)
-            break;
-    }
-    fclose(f);
-    txt[len] = '\0';
+    char *txt;
+    size_t len;
+    KVT_FORWARD(kvt_read_text_file(path, SIZE_MAX, &txt, &len));
     kvt_status st = kvt_results_parse(txt, len, path, out);
     kvt_free(txt);
     return st;

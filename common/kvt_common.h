@@ -149,6 +149,10 @@ uint64_t kvt_mem_available_in(const char *root);
  *  killed process left behind. *tmp receives its name (caller frees with kvt_free).
  *  @return the descriptor, or -1 with errno set (*tmp NULL). */
 int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp);
+/** Read the regular file `path` whole into a new NUL-terminated buffer (*txt, kvt_free it; *len
+ *  bytes before the NUL). KVT_ERR_IO (cannot open, not a regular file, a read error),
+ *  KVT_ERR_INVALID_ARG (more than max_bytes: the message says so), KVT_ERR_NOMEM. */
+kvt_status kvt_read_text_file(const char *path, size_t max_bytes, char **txt, size_t *len);
 /** Write `len` bytes of `txt` plus a newline to `path` atomically: a temporary sibling
  *  (kvt_create_tmp_sibling, mode 0666 & ~umask), fsync, rename over `path`, fsync the
  *  directory. On any failure the temporary is removed and `path` is untouched.

@@ -339,3 +339,45 @@ out_free:
     kvt_free(tmp);
     return st;
 }
+
+kvt_status kvt_read_text_file(const char *path, size_t max_bytes, char **txt, size_t *len)
+{
+    *txt = NULL;
+    *len = 0;
+    FILE *f = kvt_fopen_regular(path);
+    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
+    char *buf = NULL;
+    size_t n = 0, cap = 0;
+    kvt_status st = KVT_OK;
+    for (;;) {
+        if (n + 65536 + 1 > cap) {
+            cap = cap ? cap * 2 : 1 << 16;
+            char *b = kvt_realloc(buf, cap);
+            if (!b) {
+                st = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s", path);
+                break;
+            }
+            buf = b;
+        }
+        size_t got = fread(buf + n, 1, 65536, f);
+        n += got;
+        if (n > max_bytes) {
+            st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s is larger than %zu bytes", path, max_bytes);
+            break;
+        }
+        if (got < 65536) {
+            if (ferror(f))
+                st = kvt_error_set(KVT_ERR_IO, "cannot read %s: %s", path, strerror(errno));
+            break;
+        }
+    }
+    fclose(f);
+    if (st) {
+        kvt_free(buf);
+        return st;
+    }
+    buf[n] = '\0';
+    *txt = buf;
+    *len = n;
+    return KVT_OK;
+}
