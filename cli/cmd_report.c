@@ -12,7 +12,7 @@
 static void help(void)
 {
     printf("usage: kvtrace report RESULTS -o DIR [--max-error E | --min-recall R]\n"
-           "                      [--metric NAME] [--force]\n\n"
+           "                      [--metric NAME] [--e2e E2E.json] [--force]\n\n"
            "Write a report of a results.json (kvtrace replay): DIR/index.html and a PNG of\n"
            "each figure. The page is one file that works offline from file://: PNGs and\n"
            "Chart.js are inlined and a Content-Security-Policy forbids every fetch. It\n"
@@ -46,6 +46,9 @@ static void help(void)
            "                          [alloc_<NN>_<policy>.png], and their kept entries\n"
            "                          per layer and head, heatmaps at a budget picked\n"
            "                          with a menu [alloc_heads_<NN>_<policy>.png]\n"
+           "  end to end              with --e2e (kvtrace e2e-llama2c): each setting's\n"
+           "                          proxy err_decode against the model's next-token KL,\n"
+           "                          Spearman's rho, a table of every setting [e2e.png]\n"
            "<NN> is the policy's index (two digits), <policy> its label made file-safe.\n\n"
            "The charts use Chart.js 3 (UMD build), read when the report is written:\n"
            "$KVT_CHARTJS if set, else the build's KVT_CHARTJS_PATH (Debian package\n"
@@ -58,6 +61,7 @@ static void help(void)
            "  --max-error E     target: output error <= E (default 0.1)\n"
            "  --min-recall R    target: attention recall (or coverage) >= R\n"
            "  --metric NAME     the target's metric, as kvtrace recommend --metric\n"
+           "  --e2e FILE        add the end-to-end check of kvtrace e2e-llama2c (e2e.json)\n"
            "  --force           replace an existing report in DIR\n",
            kvt_report_chartjs_path());
 }
@@ -105,7 +109,8 @@ static bool report_output_ok(const char *cmd, const char *path, const char *dir,
 
 int kvt_cmd_report(int argc, char **argv)
 {
-    const char *cmd = "report", *path = NULL, *dir = NULL;
+    const char *cmd = "report", *path = NULL, *dir = NULL, *e2e_path = NULL;
+    kvt_e2e *e2e = NULL;
     bool force = false;
     kvt_cli_target tg;
     kvt_results *res = NULL;
@@ -129,6 +134,12 @@ int kvt_cmd_report(int argc, char **argv)
                 return 2;
             }
             dir = argv[++i];
+        } else if (!strcmp(a, "--e2e")) {
+            if (i + 1 >= argc) {
+                kvt_cli_fail(cmd, "%s needs a value", a);
+                return 2;
+            }
+            e2e_path = argv[++i];
         } else if (!strcmp(a, "--force")) {
             force = true;
         } else if (a[0] == '-' && a[1]) {
@@ -152,16 +163,31 @@ int kvt_cmd_report(int argc, char **argv)
         kvt_cli_fail_status(cmd, st, path);
         goto out_free;
     }
+    if (e2e_path) {
+        if ((st = kvt_e2e_read(e2e_path, &e2e))) {
+            kvt_cli_fail_status(cmd, st, e2e_path);
+            goto out_free;
+        }
+        bool ours = false; /* of a trace of these results? */
+        for (size_t t = 0; t < res->n_traces && !ours; t++)
+            ours = kvt_cli_same_path(res->traces[t]->path, e2e->trace);
+        if (!ours)
+            fprintf(stderr,
+                    "kvtrace report: note: %s checked %s, which %s does not hold; the end-to-end "
+                    "section is shown as it is\n",
+                    e2e_path, e2e->trace, path);
+    }
     /* a target given must be answerable (kvt_report_write says why not); without one the page
        says why it has no recommendation */
     const bool given = tg.have_max || tg.have_min || tg.metric;
-    if ((st = kvt_report_write(res, dir, given ? &tg.o : NULL))) {
+    if ((st = kvt_report_write_e2e(res, dir, given ? &tg.o : NULL, e2e))) {
         kvt_cli_fail_status(cmd, st, dir);
         goto out_free;
     }
     printf("report: %s/index.html\n", dir);
     rc = 0;
 out_free:
+    kvt_e2e_free(e2e);
     kvt_results_free(res);
     kvt_report_global_cleanup();
     return rc;

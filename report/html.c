@@ -297,9 +297,10 @@ typedef struct report_plan {
     kvt_recommend_opts target;  /* the page's quality target */
     bool mod[KVT_N_MODALITIES]; /* modality figure drawn (tokens of it, and some non-text) */
     bool multimodal;
-    bool *alloc;       /* [n_policies] kvt_report_policy_allocates */
-    bool *alloc_heads; /* [n_policies] its kept entries per head drawn (at heat_budget) */
-    size_t *order;     /* [n_budgets] kvt_report_budget_order: smallest budget first */
+    bool *alloc;        /* [n_policies] kvt_report_policy_allocates */
+    bool *alloc_heads;  /* [n_policies] its kept entries per head drawn (at heat_budget) */
+    size_t *order;      /* [n_budgets] kvt_report_budget_order: smallest budget first */
+    const kvt_e2e *e2e; /* the end-to-end check's section, or NULL */
 } report_plan;
 
 /* "<prefix>_<NN>_<label>.png" with the label reduced to [A-Za-z0-9_-] and 32 characters */
@@ -415,6 +416,10 @@ static kvt_status draw_pngs(const kvt_results *r, report_plan *pl)
             continue; /* nothing kept at that budget */
         KVT_FORWARD(st);
         pl->alloc_heads[p] = true;
+    }
+    if (pl->e2e) {
+        snprintf(path, sizeof(path), "%s/e2e.png", pl->dir);
+        KVT_FORWARD(kvt_report_plot_e2e(pl->e2e, path, FIG_W, FIG_H));
     }
     return KVT_OK;
 }
@@ -944,6 +949,62 @@ static const char page_style[] =
     "background:linear-gradient(to right,rgb(68,1,84),rgb(59,82,139),rgb(33,145,140),"
     "rgb(94,201,98),rgb(253,231,37))}";
 
+/* the end-to-end check (kvtrace e2e-llama2c): the scatter, the rank correlations and a table
+ * of every setting, its proxies beside what it did to the model's output */
+static kvt_status put_e2e(FILE *f, const report_plan *pl)
+{
+    const kvt_e2e *e = pl->e2e;
+    char a[32], b[32], c[32], d[32], g[32], h[32];
+    fputs("<h2 id=\"e2e\">End to end: do the proxies predict the model's output?</h2>\n<p>", f);
+    fputs("<code>kvtrace e2e-llama2c</code> reran the ", f);
+    fprintf(f, "%d decode steps of ", e->n_decode);
+    put_escaped(f, e->trace);
+    fprintf(f, " (%d prompt tokens, model ", e->n_prompt);
+    put_escaped(f, e->model);
+    fputs(") with each setting's kept sets masking every layer and head, fed the same tokens, "
+          "and compared the next-token distributions with the uncompressed run. Spearman's rho "
+          "against the mean KL: err_decode ",
+          f);
+    fprintf(f,
+            "<b>%s</b>, 1 - recall_decode <b>%s</b> (1 = the proxy ranks the settings as "
+            "the model's output does).</p>\n",
+            kvt_report_num(e->rho_err_decode, a, sizeof(a)),
+            kvt_report_num(e->rho_missed_recall, b, sizeof(b)));
+    fputs("<figure id=\"fig-e2e\">", f);
+    KVT_FORWARD(put_img(f, pl->dir, "e2e.png", "proxy err_decode against the end-to-end KL"));
+    fputs("<figcaption>Each point is a (policy, budget): the replay's output error on held-out "
+          "decode queries against the model's mean next-token KL divergence from the "
+          "uncompressed run.</figcaption></figure>\n",
+          f);
+    fputs("<table id=\"e2e-table\"><tr><th>policy</th><th>budget</th><th>kept</th>"
+          "<th>err_decode</th><th>recall_decode</th><th>KL mean</th><th>KL max</th>"
+          "<th>top-1 agreement</th><th>log-loss</th></tr>\n",
+          f);
+    for (size_t i = 0; i < e->n_runs; i++) {
+        const kvt_e2e_run *x = &e->runs[i];
+        fputs("<tr><td>", f);
+        put_escaped(f, x->policy);
+        fputs("</td><td>", f);
+        put_escaped(f, x->budget);
+        fprintf(f, "</td><td>%s%%</td><td>%s</td><td>%s</td>",
+                kvt_report_num(100.0 * x->kept_fraction, a, sizeof(a)),
+                kvt_report_num(x->err_decode, b, sizeof(b)),
+                kvt_report_num(x->recall_decode, c, sizeof(c)));
+        if (x->applied)
+            fprintf(f, "<td>%s</td><td>%s</td><td>%s%%</td><td>%s</td></tr>\n",
+                    kvt_report_num(x->kl_mean, d, sizeof(d)),
+                    kvt_report_num(x->kl_max, g, sizeof(g)),
+                    kvt_report_num(100.0 * x->top1, h, sizeof(h)),
+                    kvt_report_num(x->nll, a, sizeof(a)));
+        else
+            fputs("<td colspan=\"4\">not run: a merged policy keeps merged entries, not a "
+                  "subset a mask can apply</td></tr>\n",
+                  f);
+    }
+    fputs("</table>\n", f);
+    return KVT_OK;
+}
+
 /* everything between <body> and the scripts */
 static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl, bool chartjs,
                            const char *chartjs_path)
@@ -976,6 +1037,8 @@ static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl,
     KVT_FORWARD(put_heatmaps(f, r, pl));
     KVT_FORWARD(put_modality(f, pl, chartjs));
     KVT_FORWARD(put_alloc(f, r, pl, chartjs));
+    if (pl->e2e)
+        KVT_FORWARD(put_e2e(f, pl));
     return KVT_OK;
 }
 
@@ -1186,6 +1249,12 @@ static void stage_sweep(const char *dir, const char *host)
 
 kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_recommend_opts *target)
 {
+    return kvt_report_write_e2e(r, dir, target, NULL);
+}
+
+kvt_status kvt_report_write_e2e(const kvt_results *r, const char *dir,
+                                const kvt_recommend_opts *target, const kvt_e2e *e2e)
+{
     KVT_RETURN_IF(r->n_traces == 0 || r->n_policies == 0 || r->n_budgets == 0, KVT_ERR_INVALID_ARG,
                   "report: no trace, policy or budget in the results");
     KVT_RETURN_IF(r->shard_count > 0, KVT_ERR_INVALID_ARG,
@@ -1194,6 +1263,7 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir, const kvt_rec
                   r->shard_index, r->shard_count);
     report_plan pl; /* first: a target that cannot be answered creates nothing */
     KVT_FORWARD(plan_create(r, NULL, target, &pl));
+    pl.e2e = e2e;
     kvt_status st = KVT_OK;
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) {
         st = kvt_error_set(KVT_ERR_IO, "report: cannot create %s: %s", dir, strerror(errno));

@@ -261,6 +261,39 @@ kvt_status kvt_report_plot_head_keep(const kvt_results *r, size_t pol, size_t bu
 kvt_status kvt_report_write(const kvt_results *r, const char *dir,
                             const kvt_recommend_opts *target);
 
+/* ---- the end-to-end check (kvtrace e2e-llama2c's e2e.json, analysis/RESULTS.md) ---- */
+/** One (policy, budget) of an e2e.json; NaN where the file has null. */
+typedef struct kvt_e2e_run {
+    char *policy, *budget; /* label and budget text */
+    bool applied;          /* false: a merged policy, not run (every measure NaN) */
+    double kept_fraction, kl_mean, kl_max, top1, nll;
+    double err_decode, recall_decode; /* the replay's proxies */
+} kvt_e2e_run;
+
+typedef struct kvt_e2e {
+    char *model, *trace; /* paths as the command was given them */
+    int n_prompt, n_decode;
+    size_t n_runs;
+    kvt_e2e_run *runs;
+    double rho_err_decode, rho_missed_recall; /* Spearman's rho against kl_mean (NaN: null) */
+} kvt_e2e;
+
+/** Read an e2e.json (e2e_version 1), every field checked before use.
+ * @param out free with kvt_e2e_free.
+ * @return KVT_OK, KVT_ERR_IO, KVT_ERR_CORRUPT (the message names the field), KVT_ERR_VERSION
+ *  (a newer e2e_version), KVT_ERR_NOMEM. */
+kvt_status kvt_e2e_read(const char *path, kvt_e2e **out);
+/** kvt_e2e_read of a text already in memory (`path` names it in messages). */
+kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e **out);
+void kvt_e2e_free(kvt_e2e *e);
+/** PNG scatter: each applied setting's proxy err_decode (x) against its mean next-token KL
+ *  (y), one colour per policy, Spearman's rho in the title. */
+kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, int height);
+/** kvt_report_write with a section "End to end" from e2e (NULL: none): the scatter
+ *  (e2e.png), the table of every setting and the rank correlations. */
+kvt_status kvt_report_write_e2e(const kvt_results *r, const char *dir,
+                                const kvt_recommend_opts *target, const kvt_e2e *e2e);
+
 /** Release the font and surface caches cairo and fontconfig keep for the whole process (they
  *  are otherwise reported as leaks by LeakSanitizer). Call once before exit, when no other
  *  thread draws; drawing again afterwards works (the caches are rebuilt). */

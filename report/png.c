@@ -9,7 +9,7 @@
 #include <cairo.h>
 #include <fontconfig/fontconfig.h>
 
-#include "kvt_report.h"
+#include "report_internal.h"
 
 static const double palette[][3] = {{0.12, 0.47, 0.71}, {1.00, 0.50, 0.05}, {0.17, 0.63, 0.17},
                                     {0.84, 0.15, 0.16}, {0.58, 0.40, 0.74}, {0.55, 0.34, 0.29},
@@ -17,9 +17,17 @@ static const double palette[][3] = {{0.12, 0.47, 0.71}, {1.00, 0.50, 0.05}, {0.1
                                     {0.09, 0.75, 0.81}};
 #define N_PALETTE (sizeof(palette) / sizeof(palette[0]))
 
-/* one legend line at (x, y): a short stroke in the current colour and dash, then the label
- * in black; leaves the dash off */
-static void legend_entry(cairo_t *cr, double x, double y, const char *label)
+const double *kvt_report_palette(size_t k)
+{
+    return palette[k % N_PALETTE];
+}
+
+size_t kvt_report_palette_size(void)
+{
+    return N_PALETTE;
+}
+
+void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label)
 {
     cairo_move_to(cr, x, y);
     cairo_line_to(cr, x + 20, y);
@@ -53,8 +61,7 @@ void kvt_report_nice_axis(double lo, double hi, int max_ticks, double *axis_lo, 
     *decimals = dec;
 }
 
-/* light grey grid line from (x0, y0) to (x1, y1); leaves the source black and the width 1 */
-static void grid_line(cairo_t *cr, double x0, double y0, double x1, double y1)
+void kvt_report_grid_line(cairo_t *cr, double x0, double y0, double x1, double y1)
 {
     cairo_set_source_rgb(cr, 0.90, 0.90, 0.90);
     cairo_set_line_width(cr, 1);
@@ -132,7 +139,7 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     cairo_text_extents_t te;
     for (double e = lx0; e <= lx1; e++) {
         double px = ml + (e - lx0) / (lx1 - lx0) * pw;
-        grid_line(cr, px, mt, px, mt + ph);
+        kvt_report_grid_line(cr, px, mt, px, mt + ph);
         cairo_move_to(cr, px, mt + ph);
         cairo_line_to(cr, px, mt + ph + 5);
         cairo_stroke(cr);
@@ -143,7 +150,7 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     }
     for (int i = 0; i <= n_yt; i++) {
         double v = y0 + ystep * i, py = mt + ph - ph * i / (double)n_yt;
-        grid_line(cr, ml, py, ml + pw, py);
+        kvt_report_grid_line(cr, ml, py, ml + pw, py);
         cairo_move_to(cr, ml - 5, py);
         cairo_line_to(cr, ml, py);
         cairo_stroke(cr);
@@ -215,7 +222,7 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
             cairo_set_dash(cr, NULL, 0, 0);
             continue;
         }
-        legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, r->policies[p].label);
+        kvt_report_legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, r->policies[p].label);
     }
     kvt_free(ix);
     cairo_destroy(cr);
@@ -440,8 +447,8 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
     cairo_set_font_size(cr, 11);
     char lab[32];
     for (int i = 0; i <= n_yt; i++) /* grid first, under the axes and lines */
-        grid_line(cr, ml, mt + ph - ph * i / (double)n_yt, ml + pw,
-                  mt + ph - ph * i / (double)n_yt);
+        kvt_report_grid_line(cr, ml, mt + ph - ph * i / (double)n_yt, ml + pw,
+                             mt + ph - ph * i / (double)n_yt);
     cairo_set_line_width(cr, 1);
     cairo_rectangle(cr, ml, mt, pw, ph);
     cairo_stroke(cr);
@@ -507,7 +514,7 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
             cairo_set_dash(cr, NULL, 0, 0);
             continue;
         }
-        legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, fg->series_labels[k]);
+        kvt_report_legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, fg->series_labels[k]);
     }
     cairo_destroy(cr);
     kvt_status st = KVT_OK;

@@ -5,6 +5,8 @@
 #ifndef KVT_REPORT_INTERNAL_H
 #define KVT_REPORT_INTERNAL_H
 
+#include <cairo.h>
+
 #include "kvt_report.h"
 
 /** The page script of index.html: the lines of report/page.js after its header comment, one
@@ -28,6 +30,17 @@ static inline bool kvt_rec_compresses(const kvt_recommendation *rec, size_t p, s
 {
     return rec->curves[p].kept_entries[b] < rec->full_entries;
 }
+
+/* ---- drawing helpers shared by the PNG figures (png.c) ---- */
+/** Colour k of the figures' palette (cycles), as {r, g, b} in [0, 1]. */
+const double *kvt_report_palette(size_t k);
+/** How many colours the palette has before it cycles. */
+size_t kvt_report_palette_size(void);
+/** One legend line at (x, y): a short stroke in the current colour and dash, then the label in
+ *  black; leaves the dash off. */
+void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label);
+/** A light grey grid line from (x0, y0) to (x1, y1); leaves the source black and the width 1. */
+void kvt_report_grid_line(cairo_t *cr, double x0, double y0, double x1, double y1);
 
 /** A linear axis over [lo, hi] with round ticks, as charting libraries pick them: the step is
  *  1, 2, 2.5 or 5 times a power of ten, the smallest giving at most max_ticks intervals; the

@@ -25,5 +25,5 @@ $BIN e2e-llama2c out/stories260K.kvt --model models/stories260K.bin --policies a
     --budgets 48,96,192 --force -o out/e2e.json
 echo "== report" >&2
 rm -rf out/report
-$BIN report out/results.json --max-error 0.5 --force -o out/report
+$BIN report out/results.json --max-error 0.5 --e2e out/e2e.json --force -o out/report
 echo "demo: trace out/stories260K.kvt, results out/results.json, report $(pwd)/out/report/index.html" >&2

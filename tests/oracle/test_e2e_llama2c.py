@@ -15,6 +15,8 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
   * the proxies beside them are the replay's (results of `kvtrace replay` on the same trace)
     and Spearman's rho is recomputed here from e2e.json's own columns;
   * a merged policy is listed as not applied, with why;
+  * kvtrace report --e2e: the section (scatter, rho, a row per setting), a note for another
+    trace's e2e.json, and damaged ones refused with one line and no report;
   * refused with one line: a trace of another model, a trace without decode steps, a trace
     whose keys this model did not produce, a missing --model.
 
@@ -175,6 +177,47 @@ with tempfile.TemporaryDirectory() as tmp:
           % (rho, len(ap)))
     check("Spearman's rho" in r.stderr and "policy" in r.stdout.splitlines()[0],
           "summary lines: %r %r" % (r.stdout[:200], r.stderr))
+
+    # kvtrace report --e2e: the section, its scatter and a row per setting
+    rep = os.path.join(tmp, "rep")
+    r2 = run("report", res, "--e2e", out, "-o", rep)
+    html = open(os.path.join(rep, "index.html")).read()
+    sec = html[html.index('<h2 id="e2e">'):] if '<h2 id="e2e">' in html else ""
+    rows = sec[:sec.index("</table>")].count("<tr>") - 1 if sec else -1
+    png = open(os.path.join(rep, "e2e.png"), "rb").read() if os.path.exists(
+        os.path.join(rep, "e2e.png")) else b""
+    rho_txt = "%.4g" % e2e["spearman"]["err_decode_vs_kl"]
+    check(sec and rows == len(e2e["runs"]) and "<b>%s</b>" % rho_txt in sec and
+          'data:image/png;base64,' in sec and png[:8] == b"\x89PNG\r\n\x1a\n" and
+          "not run: a merged policy" in sec and "note:" not in r2.stderr,
+          "report --e2e: section %d chars, %d rows, rho %s, png %d bytes, stderr %r" %
+          (len(sec), rows, rho_txt, len(png), r2.stderr))
+    print("ok: report --e2e: section with the scatter, rho %s and %d rows" % (rho_txt, rows))
+    # ... of another trace: said, still drawn
+    other = os.path.join(tmp, "r_other.json")
+    run("replay", tr, "--policies", "snapkv:window=16", "--budgets", "24",
+        "-o", other)
+    moved = dict(e2e, trace=os.path.join(tmp, "elsewhere.kvt"))
+    mj = os.path.join(tmp, "moved.json")
+    json.dump(moved, open(mj, "w"))
+    r3 = run("report", other, "--e2e", mj, "-o", os.path.join(tmp, "rep2"))
+    check("note: %s checked %s" % (mj, moved["trace"]) in r3.stderr,
+          "report --e2e of another trace: %r" % r3.stderr)
+    # a damaged e2e.json: one line, no report
+    for name, text, want in (("cut.json", open(out).read()[:200], "is not valid JSON"),
+                             ("v2.json", json.dumps(dict(e2e, e2e_version=2)), "e2e_version 2"),
+                             ("nokl.json", json.dumps(dict(e2e, runs=[
+                                 {k: v for k, v in e2e["runs"][1].items() if k != "kl_mean"}])),
+                              "runs[0] lacks a field"),
+                             ("neg.json", json.dumps(dict(e2e, runs=[
+                                 dict(e2e["runs"][1], kl_mean=-1.0)])), "are not a KL >= 0")):
+        bp = os.path.join(tmp, name)
+        open(bp, "w").write(text)
+        rd = os.path.join(tmp, "rep_" + name)
+        r4 = run("report", res, "--e2e", bp, "-o", rd, ok=False)
+        check(r4.returncode == 1 and len(r4.stderr.strip().splitlines()) == 1 and
+              want in r4.stderr and not os.path.exists(os.path.join(rd, "index.html")),
+              "report --e2e %s: exit %d %r" % (name, r4.returncode, r4.stderr))
 
     # refusals: one line, exit 1 (2 for usage), no output
     def bad(args, want, code=1):
