@@ -27,7 +27,7 @@
 
 #define CMD              "e2e-llama2c"
 #define E2E_VERSION      1
-#define DEFAULT_POLICIES "streamingllm,snapkv,pyramidkv,adakv,knorm,h2o"
+#define DEFAULT_POLICIES "streamingllm,snapkv,pyramidkv,adakv,knorm"
 #define DEFAULT_BUDGETS  "32,64,128,25%"
 
 static void help(void)
@@ -37,10 +37,11 @@ static void help(void)
            "                           [--export-selection FILE] -o e2e.json [--force]\n\n"
            "The end-to-end check of the replay's proxies on the built-in llama2.c engine.\n"
            "TRACE must have been captured from FILE.bin by `kvtrace capture-llama2c` with\n"
-           "decode steps (--decode G). Each policy is replayed at each budget (as `kvtrace\n"
-           "replay`), then the model runs the trace's G decode steps again, fed the same\n"
-           "tokens, with every layer and head attending only to the prompt tokens the policy\n"
-           "kept (and to the decode tokens). Per (policy, budget): the mean and largest KL\n"
+           "decode steps (--decode G; h2o also needs --colsum). Each policy is replayed at\n"
+           "each budget (as `kvtrace replay`), then the model runs the trace's G decode\n"
+           "steps again, fed the same tokens, with every layer and head attending only to\n"
+           "the prompt tokens the policy kept (and to the decode tokens; a per-step policy's\n"
+           "set of that step). Per (policy, budget): the mean and largest KL\n"
            "divergence of the next-token distribution from the uncompressed run (nats),\n"
            "top-1 agreement, the reference token's mean log-loss, beside the replay's\n"
            "proxies; and Spearman's rho between each proxy and the KL over all settings.\n\n"
@@ -67,28 +68,54 @@ typedef struct masks {
     kvt_selection_writer *sw; /* --export-selection, fed the same records */
 } masks;
 
+/* the mask rows of record r at decode step `step` (-1: a fixed set's, at every step) */
+static kvt_status put_rows(const masks *m, int layer, const kvt_selection_rec *r, int step)
+{
+    const bool per_q = kvt_policy_per_query_head(m->pols[r->policy]);
+    const int group = m->Hq / m->Hkv;
+    const int h0 = per_q ? r->head : r->head * group, nh = per_q ? 1 : group;
+    uint8_t *row = m->keep[(size_t)r->policy * m->n_b + (size_t)r->budget] +
+                   (step > 0 ? (size_t)step * m->L * m->Hq * m->T : 0) +
+                   ((size_t)layer * m->Hq + (size_t)h0) * m->T;
+    for (size_t j = 0; j < r->n; j++) {
+        KVT_RETURN_IF(r->idx[j] < 0 || r->idx[j] >= m->T, KVT_ERR_STATE,
+                      "layer %d: kept index %d outside the prompt", layer, (int)r->idx[j]);
+        for (int h = 0; h < nh; h++)
+            row[(size_t)h * m->T + (size_t)r->idx[j]] = 1;
+    }
+    return KVT_OK;
+}
+
+/* A layer's kept sets into the masks. A per-step policy's head that re-selects at each step
+ * has a set per step; one that does not (hybridkv-like's static heads) keeps its prompt-time
+ * set at every step, as the replay measures it. */
 static kvt_status collect(void *user, int layer, const kvt_selection_rec *recs, size_t n)
 {
     masks *m = user;
-    const size_t plane = (size_t)m->L * m->Hq * m->T; /* one step's masks */
-    const int group = m->Hq / m->Hkv;
-    for (size_t i = 0; i < n; i++) {
+    const size_t heads = (size_t)m->Hq;                          /* at most, for either head kind */
+    uint8_t *stepped = kvt_calloc(m->n_pol * m->n_b * heads, 1); /* has step sets */
+    KVT_RETURN_IF(!stepped, KVT_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        if (recs[i].step >= 0)
+            stepped[((size_t)recs[i].policy * m->n_b + (size_t)recs[i].budget) * heads +
+                    (size_t)recs[i].head] = 1;
+    kvt_status st = KVT_OK;
+    for (size_t i = 0; i < n && !st; i++) {
         const kvt_selection_rec *r = &recs[i];
-        uint8_t *k = m->keep[(size_t)r->policy * m->n_b + (size_t)r->budget];
-        const bool per_step = kvt_policy_flags(m->pols[r->policy]) & KVT_POLICY_PER_STEP;
-        if (!k || per_step != (r->step >= 0) || r->step >= m->G)
-            continue; /* merged; a per-step policy's prompt set */
-        const bool per_q = kvt_policy_per_query_head(m->pols[r->policy]);
-        const int h0 = per_q ? r->head : r->head * group, nh = per_q ? 1 : group;
-        uint8_t *row = k + (r->step >= 0 ? (size_t)r->step * plane : 0) +
-                       ((size_t)layer * m->Hq + (size_t)h0) * m->T;
-        for (size_t j = 0; j < r->n; j++) {
-            KVT_RETURN_IF(r->idx[j] < 0 || r->idx[j] >= m->T, KVT_ERR_STATE,
-                          "layer %d: kept index %d outside the prompt", layer, (int)r->idx[j]);
-            for (int h = 0; h < nh; h++)
-                row[(size_t)h * m->T + (size_t)r->idx[j]] = 1;
-        }
+        const size_t pb = (size_t)r->policy * m->n_b + (size_t)r->budget;
+        if (!m->keep[pb] || r->step >= m->G)
+            continue; /* merged: not run */
+        if (!(kvt_policy_flags(m->pols[r->policy]) & KVT_POLICY_PER_STEP))
+            st = put_rows(m, layer, r, 0);
+        else if (r->step >= 0)
+            st = put_rows(m, layer, r, r->step);
+        else if (!stepped[pb * heads + (size_t)r->head])
+            for (int g = 0; g < m->G && !st; g++)
+                st = put_rows(m, layer, r, g);
     }
+    kvt_free(stepped);
+    if (st)
+        return st;
     return m->sw ? kvt_selection_writer_sink(m->sw, layer, recs, n) : KVT_OK;
 }
 
@@ -393,6 +420,15 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
                      trace);
         goto out_free;
     }
+    uint32_t kh, kt, kd; /* the keys compared below are the header's shape */
+    kvt_dtype kdt;
+    if (kvt_trace_reader_shape(rd, 0, KVT_KIND_K, &kh, &kt, &kd, &kdt) || (int)kh != Hkv ||
+        (int)kt != T || (int)kd != D) {
+        kvt_error_clear();
+        kvt_cli_fail(cmd, "%s: layer 0 K is missing or does not match the header [%d,%d,%d]", trace,
+                     Hkv, T, D);
+        goto out_free;
+    }
     if (T < 1 || (uint64_t)T + G > (uint64_t)c->seq_len) {
         kvt_cli_fail(cmd, "%s: %d prompt tokens and %u decode steps do not fit %s's context of %d",
                      trace, T, G, model_path, c->seq_len);
@@ -500,17 +536,20 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         }
     }
     if (export_path) {
-        int btok[64];
+        int *btok = kvt_malloc(n_b * sizeof(int));
         const char *tp[] = {trace};
-        if (n_b > 64) {
-            kvt_cli_fail(cmd, "--export-selection takes at most 64 budgets");
+        if (!btok) {
+            kvt_cli_fail(cmd, "out of memory");
             goto out_free;
         }
         for (size_t b = 0; b < n_b; b++)
             btok[b] = kvt_budget_tokens(&budgets[b], T);
-        if ((st = kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b, tp, 1,
-                                            &mk.sw)) ||
-            (st = kvt_selection_writer_begin_trace(mk.sw, 0, L, btok))) {
+        st =
+            kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b, tp, 1, &mk.sw);
+        if (!st)
+            st = kvt_selection_writer_begin_trace(mk.sw, 0, L, btok);
+        kvt_free(btok);
+        if (st) {
             kvt_cli_fail_status(cmd, st, export_path);
             goto out_free;
         }

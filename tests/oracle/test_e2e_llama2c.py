@@ -18,7 +18,10 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
   * kvtrace report --e2e: the section (scatter, rho, a row per setting), a note for another
     trace's e2e.json, and damaged ones refused with one line and no report;
   * refused with one line: a trace of another model, a trace without decode steps, a trace
-    whose keys this model did not produce, a missing --model.
+    whose keys this model did not produce, a header whose n_tokens its records contradict, a
+    missing --model;
+  * hybridkv-like's static heads keep their prompt-time set at every step (its budget above
+    the prompt gives KL 0 like every other policy's).
 
 Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without NumPy, the CLI or the model.
 """
@@ -78,7 +81,8 @@ def spearman(x, y):
 
 
 SPECS = ["streamingllm:sinks=4", "snapkv:window=16", "snapkv:window=16,heads=query,label=sq",
-         "adakv:window=16", "h2o:window=8", "quest:page=8", "lightkv-like:window=16"]
+         "adakv:window=16", "h2o:window=8", "quest:page=8", "hybridkv-like:window=16",
+         "lightkv-like:window=16"]
 T, G = 96, 12
 with tempfile.TemporaryDirectory() as tmp:
     tr = os.path.join(tmp, "t.kvt")
@@ -120,16 +124,21 @@ with tempfile.TemporaryDirectory() as tmp:
                     continue
                 S = G if p["per_step"] else 1
                 keep = np.zeros((S, L, Hq, T), bool)
-                for rec in sel.records():
-                    if rec["policy"] != pi or sel.budgets[rec["budget"]] != b:
+                recs = [x for x in sel.records()
+                        if x["policy"] == pi and sel.budgets[x["budget"]] == b]
+                # a per-step policy's head with no set per step (hybridkv-like's static heads)
+                # keeps its prompt-time set at every step, as the replay measures it
+                stepped = {(x["layer"], x["head"]) for x in recs if x["step"] >= 0}
+                for rec in recs:
+                    if p["per_step"] and rec["step"] < 0 and (rec["layer"], rec["head"]) in \
+                            stepped:
                         continue
-                    if p["per_step"] != (rec["step"] >= 0):
-                        continue
-                    s = max(rec["step"], 0)
+                    steps = [rec["step"]] if rec["step"] >= 0 else range(S)
                     hs = [rec["head"]] if p["query_heads"] else \
                         range(rec["head"] * (Hq // Hkv), (rec["head"] + 1) * (Hq // Hkv))
-                    for h in hs:
-                        keep[s, rec["layer"], h, rec["kept"]] = True
+                    for st in steps:
+                        for h in hs:
+                            keep[st, rec["layer"], h, rec["kept"]] = True
                 comp = llama2c_oracle.forward(m, ids, T, keep)[0][T:]
                 lpc = log_softmax(comp)
                 kl = (np.exp(lpf) * (lpf - lpc)).sum(-1)
@@ -251,6 +260,17 @@ with tempfile.TemporaryDirectory() as tmp:
                 w.append(rec["kind"], data, layer=rec["layer"] if rec["layer"] >= 0 else None,
                          head_begin=rec["head_begin"], tok_begin=rec["tok_begin"])
     bad([forged, "--model", MODEL], "was not captured from")
+    # a header whose n_tokens is not its records' (checked before the keys are read)
+    forged2 = os.path.join(tmp, "forged2.kvt")
+    with kvtrace.open(tr) as t:
+        hdr = dict(t.header, n_tokens=T + 8)
+        with kvtrace.TraceWriter(forged2, hdr) as w:
+            for i, rec in enumerate(t.records):
+                if rec["kind"] != "meta_json":
+                    w.append(rec["kind"], t.read_record(i),
+                             layer=rec["layer"] if rec["layer"] >= 0 else None,
+                             head_begin=rec["head_begin"], tok_begin=rec["tok_begin"])
+    bad([forged2, "--model", MODEL], "layer 0 K is missing or does not match the header")
 
 if failures:
     print("%d failure(s)" % len(failures))
