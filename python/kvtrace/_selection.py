@@ -187,8 +187,9 @@ class Selection(_NoCopy):
 
     def kept(self, policy, budget, layer, head, trace=0, step=-1):
         """The kept token indices (int32, ascending) of one head of one layer; step >= 0 is a
-        per-step policy's set at that decode step. Raises TraceError if the export has no
-        such set (its message names what was asked)."""
+        per-step policy's set at that decode step (a head that does not re-select keeps its
+        prompt-time set at every step). Raises TraceError if the export has no such set (its
+        message names what was asked)."""
         np = _np()
         p, b, t = self._pbt(policy, budget, trace)
         idx, n = _P(ctypes.c_int32)(), ctypes.c_size_t()
@@ -201,7 +202,20 @@ class Selection(_NoCopy):
                 if e.status != _ERR_NOT_FOUND:
                     raise
                 missing = e
-            else:
+                nl, nh, ns = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+                call(_L().kvt_selection_shape, h, t, p, ctypes.byref(nl), ctypes.byref(nh),
+                     ctypes.byref(ns))
+                if 0 <= step < ns.value and self.policies[p]["per_step"]:
+                    # a head that does not re-select (hybridkv-like's static heads) keeps its
+                    # prompt-time set at every step, as the replay measured it
+                    try:
+                        call(_L().kvt_selection_find, h, t, p, b, int(layer), int(head), -1,
+                             ctypes.byref(idx), ctypes.byref(n))
+                        missing = None
+                    except TraceError as e2:
+                        if e2.status != _ERR_NOT_FOUND:
+                            raise
+            if missing is None:
                 if n.value == 0:
                     return np.zeros(0, np.int32)
                 return np.ctypeslib.as_array(idx, shape=(n.value,)).copy()

@@ -68,8 +68,9 @@ def raises(exc, fn, want, what):
 
 
 SPECS = ["snapkv:window=8", "snapkv:window=8,heads=query,label=snapq", "adakv:window=8",
-         "quest:page=4", "lightkv-like:window=8"]
-LABELS = ["snapkv:window=8", "snapq", "adakv:window=8", "quest:page=4", "lightkv-like:window=8"]
+         "quest:page=4", "lightkv-like:window=8", "hybridkv-like:window=8,label=hyb"]
+LABELS = ["snapkv:window=8", "snapq", "adakv:window=8", "quest:page=4", "lightkv-like:window=8",
+          "hyb"]
 
 with tempfile.TemporaryDirectory() as tmp:
     tr = [os.path.join(tmp, "a.kvt"), os.path.join(tmp, "b.kvt")]
@@ -98,8 +99,9 @@ with tempfile.TemporaryDirectory() as tmp:
                   [p["granularity"] == "query_head" for p in ref["policies"]] and
                   sel.policies[1]["query_heads"] and not sel.policies[0]["query_heads"],
                   "%s: granularity %s" % (name, sel.policies))
-            check([p["per_step"] for p in sel.policies] == [False, False, False, True, False]
-                  and [p["merged"] for p in sel.policies] == [False] * 4 + [True],
+            check([p["per_step"] for p in sel.policies] ==
+                  [False, False, False, True, False, True]
+                  and [p["merged"] for p in sel.policies] == [False] * 4 + [True, False],
                   "%s: per_step/merged %s" % (name, sel.policies))
             check(sel.budgets == ["4", "16", "50%"] and sel.traces == tr and
                   len(sel) == len(recs) and sel.shard is None and sel.version ==
@@ -142,6 +144,23 @@ with tempfile.TemporaryDirectory() as tmp:
                     want[r["head"], r["kept"]] = True
             check(m.shape == (2, T[1]) and (m == want).all() and m.sum() > 0,
                   "%s: mask %s vs %s" % (name, m.sum(1), want.sum(1)))
+            # hybridkv-like's static heads have no set per step: at a step, kept() gives the
+            # prompt-time set they keep at every step (the replay's rule); beyond the steps,
+            # nothing
+            static = {(r["trace"], r["budget"], r["layer"], r["head"]) for r in recs
+                      if r["policy"] == 5 and r["step"] < 0} - \
+                {(r["trace"], r["budget"], r["layer"], r["head"]) for r in recs
+                 if r["policy"] == 5 and r["step"] >= 0}
+            ok = len(static) > 0
+            for (t_, b_, l_, h_) in sorted(static)[:6]:
+                ok &= sel.kept("hyb", b_, l_, h_, trace=t_, step=2).tolist() == \
+                    sel.kept("hyb", b_, l_, h_, trace=t_).tolist()
+            check(ok, "%s: static heads at a step: %d of them" % (name, len(static)))
+            if static:
+                t_, b_, l_, h_ = sorted(static)[0]
+                raises(kvtrace.TraceError, lambda: sel.kept("hyb", b_, l_, h_, trace=t_,
+                                                            step=99),
+                       "step 99", "%s: a static head beyond the steps" % name)
             # errors
             raises(ValueError, lambda: sel.kept("snapkv", "16", 0, 0), "it has snapkv:window=8",
                    "%s: unknown label" % name)
