@@ -616,6 +616,22 @@ int kvt_cmd_replay(int argc, char **argv)
             rc = 2;
             goto out_free;
         }
+    /* two traces named alike would read one scores=DIR file */
+    for (size_t p = 0; p < n_pol; p++)
+        for (size_t t = 0; t < n_traces; t++) {
+            char a[4096], b[4096];
+            if (!kvt_policy_trace_file(pols[p], traces[t], a, sizeof(a)))
+                break;
+            for (size_t u = 0; u < t; u++)
+                if (kvt_policy_trace_file(pols[p], traces[u], b, sizeof(b)) && !strcmp(a, b)) {
+                    kvt_cli_fail(cmd,
+                                 "%s: %s and %s would both read %s (one NAME.npy per trace "
+                                 "NAME.kvt): give the traces different names",
+                                 kvt_policy_label(pols[p]), traces[u], traces[t], a);
+                    rc = 2;
+                    goto out_free;
+                }
+        }
     /* every trace against the policies (windows, decode queries, column sums, external's
        scores=DIR files) before the first trace is replayed */
     for (size_t t = 0; t < n_traces; t++)

@@ -82,6 +82,10 @@ bool kvt_policy_per_query_head(const kvt_policy *p);
 /** true if the policy's files describe one trace, so that it replays that trace alone
  *  (external with scores=FILE.npy; scores=DIR has a file per trace). */
 bool kvt_policy_one_trace(const kvt_policy *p);
+/** The file that describes the trace at `trace` for this policy, into buf[cap] (external
+ *  with scores=DIR: DIR/NAME.npy for NAME.kvt); false when it has none per trace. Two traces
+ *  that give the same file would share it: kvtrace replay refuses them. */
+bool kvt_policy_trace_file(const kvt_policy *p, const char *trace, char *buf, size_t cap);
 /** Every option with its effective value, as a JSON object text. Caller frees with kvt_free. */
 char *kvt_policy_options_json(const kvt_policy *p);
 

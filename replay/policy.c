@@ -503,6 +503,11 @@ bool kvt_policy_one_trace(const kvt_policy *p)
     return p->one_trace;
 }
 
+bool kvt_policy_trace_file(const kvt_policy *p, const char *trace, char *buf, size_t cap)
+{
+    return p->def->trace_file && p->def->trace_file(p, trace, buf, cap);
+}
+
 /* "key=value" of one option into buf; quoted = JSON form */
 static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, char *buf,
                       size_t cap)

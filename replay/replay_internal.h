@@ -69,6 +69,9 @@ struct kvt_policy_def {
     kvt_status (*bind)(const kvt_policy *p, const char *path, int n_layers, int n_q_heads,
                        int n_kv_heads, int n_tokens, void **state);
     void (*unbind)(void *state);
+    /* optional: into buf[cap] the file that describes the trace at `path` for this policy
+       (external's scores=DIR/NAME.npy); false when the policy has none per trace */
+    bool (*trace_file)(const kvt_policy *p, const char *path, char *buf, size_t cap);
     /* fill sel (allocated with the kvt_sel_* helpers) for budgets [n_b] (tokens) */
     kvt_status (*select)(kvt_layer_ctx *c, const kvt_policy *p, const int *budgets, int n_b,
                          kvt_layer_selection *sel);

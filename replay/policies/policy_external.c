@@ -95,6 +95,22 @@ static kvt_status check_scores(const kvt_policy *p, const kvt_npy *a, const char
     return KVT_OK;
 }
 
+/* scores=DIR: DIR/NAME.npy for the trace NAME.kvt (or NAME); false for scores=FILE or a name
+ * too long for buf */
+static bool trace_file_external(const kvt_policy *p, const char *path, char *buf, size_t cap)
+{
+    if (p->one_trace || !p->o.scores)
+        return false;
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    size_t n = strlen(base);
+    if (n > 4 && !strcmp(base + n - 4, ".kvt"))
+        n -= 4;
+    const char *d = p->o.scores;
+    int len = snprintf(buf, cap, "%s%s%.*s.npy", d, d[0] && d[strlen(d) - 1] == '/' ? "" : "/",
+                       (int)n, base);
+    return len >= 0 && (size_t)len < cap;
+}
+
 /* before the trace's first layer: scores=FILE is checked against it; scores=DIR gives the
  * trace's own file, DIR/NAME.npy for the trace NAME.kvt (or NAME), read and checked */
 static kvt_status bind_external(const kvt_policy *p, const char *path, int L, int Hq, int Hkv,
@@ -102,15 +118,8 @@ static kvt_status bind_external(const kvt_policy *p, const char *path, int L, in
 {
     if (p->state)
         return check_scores(p, p->state, p->o.scores, L, Hq, Hkv, T);
-    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    size_t n = strlen(base);
-    if (n > 4 && !strcmp(base + n - 4, ".kvt"))
-        n -= 4;
     char file[4096];
-    int len = snprintf(file, sizeof(file), "%s%s%.*s.npy", p->o.scores,
-                       p->o.scores[0] && p->o.scores[strlen(p->o.scores) - 1] == '/' ? "" : "/",
-                       (int)n, base);
-    KVT_RETURN_IF(len < 0 || (size_t)len >= sizeof(file), KVT_ERR_INVALID_ARG,
+    KVT_RETURN_IF(!trace_file_external(p, path, file, sizeof(file)), KVT_ERR_INVALID_ARG,
                   "external: scores file name too long");
     kvt_npy *a;
     KVT_FORWARD(load_scores(file, " (scores=DIR holds one NAME.npy per trace NAME.kvt)", &a));
@@ -171,5 +180,6 @@ const kvt_policy_def kvt_policy_def_external = {
     .fini = fini_external,
     .bind = bind_external,
     .unbind = unbind_external,
+    .trace_file = trace_file_external,
     .select = sel_external,
 };

@@ -19,7 +19,8 @@ The workflow the README shows: read a trace with the Python binding, compute a s
     size overflows, an integer dtype, big-endian, Fortran order, a directory, a missing file,
     2 dimensions, scores= missing; two traces with one file; a .npy given to sparsemm;
   * scores=DIR, one NAME.npy per trace NAME.kvt: two traces of different lengths each keep by
-    their own file; a missing or misshapen file is refused before the first trace runs.
+    their own file; a missing or misshapen file is refused before the first trace runs, and
+    so are two traces of one name (they would share a file).
 
 Environment (tests/cmake/oracle.cmake): KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without
 NumPy or the CLI.
@@ -272,6 +273,17 @@ with tempfile.TemporaryDirectory() as tmp:
         for i, (sc, Ti) in enumerate(((s, T), (s2, T2))):
             part = dict(sel, records=[x for x in sel["records"] if x["trace"] == i])
             check_kept(part, sc, 8, btok, Hkv, Ti, "scores=DIR, trace %d (T=%d)" % (i, Ti))
+    # two traces of one name in two directories (or t and t.kvt) would share a file: refused
+    os.mkdir(os.path.join(tmp, "d2"))
+    twin = os.path.join(tmp, "d2", "t.kvt")
+    r = run("synth", "--shape", "tiny", "--tokens", "48", "--window", "8", "--seed", "9",
+            "-o", twin)
+    r = run("replay", tr, twin, "--policy", "external:scores=%s" % sd, "-o",
+            os.path.join(tmp, "tw.json"))
+    check(r.returncode == 2 and "would both read %s" % os.path.join(sd, "t.npy") in r.stderr
+          and len(r.stderr.strip().splitlines()) == 1 and
+          not os.path.exists(os.path.join(tmp, "tw.json")),
+          "same-named traces: %d %r" % (r.returncode, r.stderr))
     # a trace without its file is refused before the first trace runs, naming the file
     os.remove(os.path.join(sd, "t2.npy"))
     out = os.path.join(tmp, "rd2.json")
