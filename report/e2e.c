@@ -3,7 +3,6 @@
  * setting's proxy (the replay's err_decode) against what the compression did to the model's
  * output (the mean next-token KL), one colour per policy.
  */
-#include <errno.h>
 #include <math.h>
 #include <string.h>
 
@@ -257,11 +256,5 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
     }
     cairo_destroy(cr);
     kvt_free(pol);
-    kvt_status st = KVT_OK;
-    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
-    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
-        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
-                           errno ? strerror(errno) : "cairo failed");
-    cairo_surface_destroy(s);
-    return st;
+    return kvt_report_save_png(s, path);
 }

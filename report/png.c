@@ -61,6 +61,17 @@ void kvt_report_nice_axis(double lo, double hi, int max_ticks, double *axis_lo, 
     *decimals = dec;
 }
 
+kvt_status kvt_report_save_png(cairo_surface_t *s, const char *path)
+{
+    kvt_status st = KVT_OK;
+    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
+    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
+        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
+                           errno ? strerror(errno) : "cairo failed");
+    cairo_surface_destroy(s);
+    return st;
+}
+
 void kvt_report_grid_line(cairo_t *cr, double x0, double y0, double x1, double y1)
 {
     cairo_set_source_rgb(cr, 0.90, 0.90, 0.90);
@@ -226,11 +237,7 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     }
     kvt_free(ix);
     cairo_destroy(cr);
-    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
-    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
-        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
-                           errno ? strerror(errno) : "cairo failed");
-    cairo_surface_destroy(s);
+    st = kvt_report_save_png(s, path);
 out_free_rec:
     kvt_recommendation_free(rec);
     return st;
@@ -324,13 +331,7 @@ static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, doubl
     cairo_move_to(cr, ml, mt - 15);
     cairo_show_text(cr, title);
     cairo_destroy(cr);
-    kvt_status st = KVT_OK;
-    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
-    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
-        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
-                           errno ? strerror(errno) : "cairo failed");
-    cairo_surface_destroy(s);
-    return st;
+    return kvt_report_save_png(s, path);
 }
 
 kvt_status kvt_report_plot_head_keep(const kvt_results *r, size_t pol, size_t bud, const char *path,
@@ -517,13 +518,7 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
         kvt_report_legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, fg->series_labels[k]);
     }
     cairo_destroy(cr);
-    kvt_status st = KVT_OK;
-    errno = 0; /* cairo does not say why; the failed fopen or fwrite does */
-    if (cairo_surface_write_to_png(s, path) != CAIRO_STATUS_SUCCESS)
-        st = kvt_error_set(KVT_ERR_IO, "plot: cannot write %s: %s", path,
-                           errno ? strerror(errno) : "cairo failed");
-    cairo_surface_destroy(s);
-    return st;
+    return kvt_report_save_png(s, path);
 }
 
 static const char *const mod_names[KVT_N_MODALITIES] = {"text", "image", "video", "other"};

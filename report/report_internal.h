@@ -39,6 +39,8 @@ size_t kvt_report_palette_size(void);
 /** One legend line at (x, y): a short stroke in the current colour and dash, then the label in
  *  black; leaves the dash off. */
 void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label);
+/** Write surface s to path as a PNG and destroy it; KVT_ERR_IO names the file and errno. */
+kvt_status kvt_report_save_png(cairo_surface_t *s, const char *path);
 /** A light grey grid line from (x0, y0) to (x1, y1); leaves the source black and the width 1. */
 void kvt_report_grid_line(cairo_t *cr, double x0, double y0, double x1, double y1);
 
