@@ -37,11 +37,11 @@ static void help(void)
            "                           [--export-selection FILE] -o e2e.json [--force]\n\n"
            "The end-to-end check of the replay's proxies on the built-in llama2.c engine.\n"
            "TRACE must have been captured from FILE.bin by `kvtrace capture-llama2c` with\n"
-           "decode steps (--decode G; h2o also needs --colsum). Each policy is replayed at\n"
-           "each budget (as `kvtrace replay`), then the model runs the trace's G decode\n"
-           "steps again, fed the same tokens, with every layer and head attending only to\n"
-           "the prompt tokens the policy kept (and to the decode tokens; a per-step policy's\n"
-           "set of that step). Per (policy, budget): the mean and largest KL\n"
+           "decode steps (--decode G; h2o needs --colsum or --q-all). Each policy is\n"
+           "replayed at each budget (as `kvtrace replay`), then the model runs the trace's\n"
+           "G decode steps again, fed the same tokens, with every layer and head attending\n"
+           "only to the prompt tokens the policy kept (and to the decode tokens; a per-step\n"
+           "policy's set of that step). Per (policy, budget): the mean and largest KL\n"
            "divergence of the next-token distribution from the uncompressed run (nats),\n"
            "top-1 agreement, the reference token's mean log-loss, beside the replay's\n"
            "proxies; and Spearman's rho between each proxy and the KL over all settings.\n\n"
@@ -49,7 +49,8 @@ static void help(void)
            "  --policies LIST   as for replay, 'all' too (default %s);\n"
            "                    merged policies (lightkv-like) keep no subset: not run\n"
            "  --budgets LIST    as for replay (default %s)\n"
-           "  --window W        window= of every window policy that does not set it\n"
+           "  --window W        window= of every policy that ranks by window queries\n"
+           "                    whose spec sets none (as replay --window; not h2o, random)\n"
            "  --threads N       replay and decode threads (default: all cores)\n"
            "  --seed S          seed of the random policy (default 0)\n"
            "  --export-selection FILE  also write the kept sets applied (as replay)\n"
@@ -140,14 +141,23 @@ static void log_softmax(const float *logits, int n, double *lp)
         lp[i] = (double)logits[i] - lse;
 }
 
-/* average ranks of x [n] (ties share their mean rank) into r */
+/* x to 12 decimal places: values that differ only by rounding (a recall of 1 + 4e-16 against
+ * 1, an error of 1e-17 against 0) tie when ranked (the measures are of order 1) */
+static double dec12(double x)
+{
+    char b[400];
+    snprintf(b, sizeof(b), "%.12f", x);
+    return strtod(b, NULL);
+}
+
+/* average ranks of x [n] (ties, at 12 decimal places, share their mean rank) into r */
 static void ranks(const double *x, int n, double *r)
 {
     for (int i = 0; i < n; i++) {
         int less = 0, equal = 0;
         for (int j = 0; j < n; j++) {
-            less += x[j] < x[i];
-            equal += x[j] == x[i];
+            less += dec12(x[j]) < dec12(x[i]);
+            equal += dec12(x[j]) == dec12(x[i]);
         }
         r[i] = less + (equal + 1) / 2.0;
     }
@@ -180,9 +190,14 @@ static double spearman(const double *x, const double *y, int n)
     return rho;
 }
 
+/* v as the shortest text that reads back as v (as results.json), null for NaN or Inf */
 static cJSON *num(double v)
 {
-    return isfinite(v) ? cJSON_CreateNumber(v) : cJSON_CreateNull();
+    if (!isfinite(v))
+        return cJSON_CreateNull();
+    char b[40];
+    kvt_fmt_double(v, b, sizeof(b));
+    return cJSON_CreateRaw(b);
 }
 
 /* the compressed runs, on a pool of threads: each worker runs the prompt into its own state,
@@ -226,11 +241,12 @@ static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, doub
         kl = kl > 0 ? kl : 0.0; /* rounding below zero when identical */
         int32_t ref = kvt_llama2c_argmax(fl, V);
         r->kl_steps[g] = kl;
-        r->kl_mean += kl / j->G;
+        r->kl_mean += kl; /* sums here, means below: a share of G/G is exactly 1 */
         r->kl_max = fmax(r->kl_max, kl);
-        r->top1 += (kvt_llama2c_argmax(lg, V) == ref) / (double)j->G;
-        r->nll += -lp_c[ref] / j->G;
+        r->top1 += kvt_llama2c_argmax(lg, V) == ref;
+        r->nll += -lp_c[ref];
     }
+    r->kl_mean /= j->G, r->top1 /= j->G, r->nll /= j->G;
     r->applied = true;
     return KVT_OK;
 }
@@ -353,8 +369,10 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         prc = 2;
     }
     const char *inputs[] = {trace, model_path};
-    if (!prc && export_path && kvt_cli_same_path(out, export_path))
-        prc = kvt_cli_fail(cmd, "-o and --export-selection name the same file");
+    if (!prc && export_path && kvt_cli_same_path(out, export_path)) {
+        kvt_cli_fail(cmd, "-o and --export-selection name the same file");
+        prc = 2;
+    }
     if (!prc && (!kvt_cli_output_ok(cmd, out, force, inputs, 2) ||
                  (export_path && !kvt_cli_output_ok(cmd, export_path, force, inputs, 2))))
         prc = 1;
@@ -499,6 +517,16 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
                                     &n_pol))) {
         kvt_cli_fail_status(cmd, st, "--policies");
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
+        goto out_free;
+    }
+    size_t n_subset = 0; /* policies whose kept sets a mask can apply */
+    for (size_t p = 0; p < n_pol; p++)
+        n_subset += !(kvt_policy_flags(pols[p]) & KVT_POLICY_MERGED);
+    if (!n_subset) {
+        kvt_cli_fail(cmd,
+                     "--policies: every policy given keeps merged entries, not a subset of the "
+                     "prompt a mask can apply: nothing to run (add snapkv, adakv, ...)");
+        rc = 2;
         goto out_free;
     }
     if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : DEFAULT_BUDGETS, &budgets, &n_b))) {
@@ -666,8 +694,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
             cJSON_AddItemToObject(pj, "recall_window", num(sm.recall_window));
             cJSON_AddItemToArray(jruns, o);
             char c1[32], c2[32];
-            snprintf(c1, sizeof(c1), "%.4f", sm.err_decode);
-            snprintf(c2, sizeof(c2), "%.4f", sm.recall_decode);
+            snprintf(c1, sizeof(c1), isnan(sm.err_decode) ? "-" : "%.4f", sm.err_decode);
+            snprintf(c2, sizeof(c2), isnan(sm.recall_decode) ? "-" : "%.4f", sm.recall_decode);
             if (r->applied)
                 printf("%-*s %8s %6.1f%% %9s %9s %10.3g %8.3g %7.1f%%\n", lw,
                        kvt_policy_label(pols[p]), budgets[b].text, 100.0 * sm.kept_fraction, c1, c2,

@@ -73,8 +73,10 @@ def log_softmax(x):
 
 
 def spearman(x, y):
+    """Spearman's rho as RESULTS.md defines it: average ranks, values tied at 12 decimal
+    places (so that 1 and 1 + 4e-16 tie), Pearson's correlation of the ranks"""
     def ranks(a):
-        a = np.asarray(a, float)
+        a = np.array([float("%.12f" % v) for v in a])
         return np.array([(a < v).sum() + ((a == v).sum() + 1) / 2.0 for v in a])
     rx, ry = ranks(x), ranks(y)
     return float(np.corrcoef(rx, ry)[0, 1])
@@ -175,13 +177,21 @@ with tempfile.TemporaryDirectory() as tmp:
         x = runs[(labels[a["policy"]], a["budget_text"])]
         for k in ("err_decode", "recall_decode", "err_window", "recall_window"):
             v, w = a["summary"].get(k), x["proxy"][k]
-            check((v is None and w is None) or abs(v - w) <= 1e-12 * max(1, abs(v)),
+            check(v == w,  # the same double: both files write numbers exactly
                   "proxy %s of %s @ %s: %s vs replay's %s" % (k, x["policy"], x["budget"], w, v))
     ap = [x for x in e2e["runs"] if x["applied"] and x["proxy"]["err_decode"] is not None]
     rho = spearman([x["proxy"]["err_decode"] for x in ap], [x["kl_mean"] for x in ap])
+    rho_r = spearman([1 - x["proxy"]["recall_decode"] for x in ap], [x["kl_mean"] for x in ap])
     check(abs(rho - e2e["spearman"]["err_decode_vs_kl"]) < 1e-9 and
+          abs(rho_r - e2e["spearman"]["missed_recall_decode_vs_kl"]) < 1e-9 and
           e2e["spearman"]["n_settings"] == len(ap),
-          "Spearman %s vs %s recomputed" % (e2e["spearman"], rho))
+          "Spearman %s vs %s, %s recomputed" % (e2e["spearman"], rho, rho_r))
+    # shares are counts over G: exactly 1 when every step agrees, never above
+    check(all(x["top1_agreement"] is None or
+              (x["top1_agreement"] <= 1 and abs(x["top1_agreement"] * G -
+                                                round(x["top1_agreement"] * G)) < 1e-9)
+              for x in e2e["runs"]), "top-1 shares: %s" % [x["top1_agreement"]
+                                                           for x in e2e["runs"]])
     print("ok: proxies equal replay's; Spearman's rho err_decode vs KL = %.3f over %d settings"
           % (rho, len(ap)))
     check("Spearman's rho" in r.stderr and "policy" in r.stdout.splitlines()[0],
@@ -247,6 +257,7 @@ with tempfile.TemporaryDirectory() as tmp:
         "-o", nod)
     bad([nod, "--model", MODEL], "has no decode steps")
     bad([tr], "--model FILE is required", 2)
+    bad([tr, "--model", MODEL, "--policies", "lightkv-like"], "nothing to run", 2)
     # the same trace with layer 0's keys changed: not this model's run over these tokens
     forged = os.path.join(tmp, "forged.kvt")
     with kvtrace.open(tr) as t:
