@@ -96,17 +96,20 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
         kvt_e2e_run *x = &e->runs[i];
         const cJSON *ap = cJSON_GetObjectItemCaseSensitive(o, "applied");
         const cJSON *px = cJSON_GetObjectItemCaseSensitive(o, "proxy");
+        const cJSON *bt = cJSON_GetObjectItemCaseSensitive(o, "budget_tokens");
         x->policy = str_dup(o, "policy");
         x->budget = str_dup(o, "budget");
-        if (!x->policy || !x->budget || !cJSON_IsBool(ap) || !cJSON_IsObject(px) ||
-            !num_or_null(o, "kept_fraction", &x->kept_fraction) ||
+        x->budget_tokens = cJSON_IsNumber(bt) ? bt->valueint : -1;
+        if (!x->policy || !x->budget || x->budget_tokens < 1 || !cJSON_IsBool(ap) ||
+            !cJSON_IsObject(px) || !num_or_null(o, "kept_fraction", &x->kept_fraction) ||
             !num_or_null(o, "kl_mean", &x->kl_mean) || !num_or_null(o, "kl_max", &x->kl_max) ||
             !num_or_null(o, "top1_agreement", &x->top1) || !num_or_null(o, "nll_mean", &x->nll) ||
             !num_or_null(px, "err_decode", &x->err_decode) ||
             !num_or_null(px, "recall_decode", &x->recall_decode)) {
             st = kvt_error_set(KVT_ERR_CORRUPT,
                                "%s: runs[%zu] lacks a field or has one of the wrong type "
-                               "(policy, budget, applied, kept_fraction, kl_mean, kl_max, "
+                               "(policy, budget, budget_tokens, applied, kept_fraction, kl_mean, "
+                               "kl_max, "
                                "top1_agreement, nll_mean, proxy.err_decode, proxy.recall_decode)",
                                path, i);
             goto out_free;
@@ -234,6 +237,7 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
     cairo_rotate(cr, -M_PI / 2);
     cairo_show_text(cr, yt);
     cairo_restore(cr);
+    size_t li = 0;
     for (size_t k = 0; k < n_pol; k++) {
         const double *col = kvt_report_palette(k);
         const bool square = (k / kvt_report_palette_size()) % 2; /* past the palette: squares */
@@ -247,11 +251,12 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
             marker(cr, px, py, col, square);
             label = x->policy;
         }
-        if (label && mt + 10 + 16 * k <= mt + ph) { /* the marker, then the label */
-            marker(cr, ml + pw + 20, mt + 10 + 16 * k, col, square);
+        if (label && mt + 10 + 16 * li <= mt + ph) { /* the marker, then the label */
+            marker(cr, ml + pw + 20, mt + 10 + 16 * li, col, square);
             cairo_set_source_rgb(cr, 0, 0, 0);
-            cairo_move_to(cr, ml + pw + 35, mt + 14 + 16 * k);
+            cairo_move_to(cr, ml + pw + 35, mt + 14 + 16 * li);
             cairo_show_text(cr, label);
+            li++; /* a policy with no point (not run) gets no legend line */
         }
     }
     cairo_destroy(cr);

@@ -15,6 +15,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -949,9 +950,33 @@ static const char page_style[] =
     "background:linear-gradient(to right,rgb(68,1,84),rgb(59,82,139),rgb(33,145,140),"
     "rgb(94,201,98),rgb(253,231,37))}";
 
+/* ix[n_runs]: the runs of e by policy (first appearance) and budget, smallest first, as the
+ * page lists budgets */
+static void e2e_order(const kvt_e2e *e, size_t *ix)
+{
+    for (size_t i = 0; i < e->n_runs; i++) {
+        size_t j = i; /* insertion: stable, and n_runs is small */
+        const kvt_e2e_run *x = &e->runs[i];
+        size_t px = 0;
+        while (strcmp(e->runs[px].policy, x->policy))
+            px++;
+        while (j > 0) {
+            const kvt_e2e_run *y = &e->runs[ix[j - 1]];
+            size_t py = 0;
+            while (strcmp(e->runs[py].policy, y->policy))
+                py++;
+            if (py < px || (py == px && y->budget_tokens <= x->budget_tokens))
+                break;
+            ix[j] = ix[j - 1];
+            j--;
+        }
+        ix[j] = i;
+    }
+}
+
 /* the end-to-end check (kvtrace e2e-llama2c): the scatter, the rank correlations and a table
  * of every setting, its proxies beside what it did to the model's output */
-static kvt_status put_e2e(FILE *f, const report_plan *pl)
+static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
 {
     const kvt_e2e *e = pl->e2e;
     char a[32], b[32], c[32], d[32], g[32], h[32];
@@ -976,12 +1001,25 @@ static kvt_status put_e2e(FILE *f, const report_plan *pl)
           "decode queries against the model's mean next-token KL divergence from the "
           "uncompressed run.</figcaption></figure>\n",
           f);
+    bool ours = false; /* of a trace of these results? */
+    for (size_t t = 0; t < r->n_traces && !ours; t++) {
+        char ra[PATH_MAX], rb[PATH_MAX];
+        ours = !strcmp(r->traces[t]->path, e->trace) ||
+               (realpath(r->traces[t]->path, ra) && realpath(e->trace, rb) && !strcmp(ra, rb));
+    }
+    if (!ours)
+        fputs("<p class=\"note\" id=\"e2e-other-trace\">Note: this check ran on a trace the "
+              "results above do not hold; its settings and numbers are its own.</p>\n",
+              f);
     fputs("<table id=\"e2e-table\"><tr><th>policy</th><th>budget</th><th>kept</th>"
           "<th>err_decode</th><th>recall_decode</th><th>KL mean</th><th>KL max</th>"
           "<th>top-1 agreement</th><th>log-loss</th></tr>\n",
           f);
-    for (size_t i = 0; i < e->n_runs; i++) {
-        const kvt_e2e_run *x = &e->runs[i];
+    size_t *ix = kvt_malloc(e->n_runs * sizeof(size_t));
+    KVT_RETURN_IF(!ix, KVT_ERR_NOMEM, "report: out of memory");
+    e2e_order(e, ix);
+    for (size_t k = 0; k < e->n_runs; k++) {
+        const kvt_e2e_run *x = &e->runs[ix[k]];
         fputs("<tr><td>", f);
         put_escaped(f, x->policy);
         fputs("</td><td>", f);
@@ -1002,6 +1040,7 @@ static kvt_status put_e2e(FILE *f, const report_plan *pl)
                   f);
     }
     fputs("</table>\n", f);
+    kvt_free(ix);
     return KVT_OK;
 }
 
@@ -1038,7 +1077,7 @@ static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl,
     KVT_FORWARD(put_modality(f, pl, chartjs));
     KVT_FORWARD(put_alloc(f, r, pl, chartjs));
     if (pl->e2e)
-        KVT_FORWARD(put_e2e(f, pl));
+        KVT_FORWARD(put_e2e(f, r, pl));
     return KVT_OK;
 }
 

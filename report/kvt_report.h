@@ -265,6 +265,7 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir,
 /** One (policy, budget) of an e2e.json; NaN where the file has null. */
 typedef struct kvt_e2e_run {
     char *policy, *budget; /* label and budget text */
+    int budget_tokens;     /* the budget in tokens on the trace (>= 1) */
     bool applied;          /* false: a merged policy, not run (every measure NaN) */
     double kept_fraction, kl_mean, kl_max, top1, nll;
     double err_decode, recall_decode; /* the replay's proxies */

@@ -220,8 +220,24 @@ with tempfile.TemporaryDirectory() as tmp:
     mj = os.path.join(tmp, "moved.json")
     json.dump(moved, open(mj, "w"))
     r3 = run("report", other, "--e2e", mj, "-o", os.path.join(tmp, "rep2"))
-    check("note: %s checked %s" % (mj, moved["trace"]) in r3.stderr,
+    check("note: %s checked %s" % (mj, moved["trace"]) in r3.stderr and
+          'id="e2e-other-trace"' in open(os.path.join(tmp, "rep2", "index.html")).read() and
+          'id="e2e-other-trace"' not in html,
           "report --e2e of another trace: %r" % r3.stderr)
+    # the table lists each policy's budgets smallest first, whatever order the file has
+    rev = dict(e2e, runs=e2e["runs"][::-1])
+    rj = os.path.join(tmp, "rev.json")
+    json.dump(rev, open(rj, "w"))
+    run("report", res, "--e2e", rj, "-o", os.path.join(tmp, "rep3"))
+    h3 = open(os.path.join(tmp, "rep3", "index.html")).read()
+    t3 = h3[h3.index('<table id="e2e-table">'):]
+    t3 = t3[:t3.index("</table>")]
+    cells = [row.split("</td><td>")[:2] for row in t3.split("<tr><td>")[1:]]
+    order = [(c[0], c[1]) for c in cells]
+    want = sorted(order, key=lambda pb: ([x["policy"] for x in rev["runs"]].index(pb[0]),
+                                         runs[pb]["budget_tokens"]))
+    check(order == want and len(order) == len(e2e["runs"]),
+          "e2e table order %s, want %s" % (order[:6], want[:6]))
     # a damaged e2e.json: one line, no report
     for name, text, want in (("cut.json", open(out).read()[:200], "is not valid JSON"),
                              ("v2.json", json.dumps(dict(e2e, e2e_version=2)), "e2e_version 2"),
