@@ -192,6 +192,9 @@ class Selection(_NoCopy):
         message names what was asked)."""
         np = _np()
         p, b, t = self._pbt(policy, budget, trace)
+        if int(step) < -1:
+            raise ValueError("step %d: a decode step is >= 0, or -1 for the prompt's set"
+                             % int(step))
         idx, n = _P(ctypes.c_int32)(), ctypes.c_size_t()
         missing = None
         with self._use() as h:
@@ -219,11 +222,15 @@ class Selection(_NoCopy):
                 if n.value == 0:
                     return np.zeros(0, np.int32)
                 return np.ctypeslib.as_array(idx, shape=(n.value,)).copy()
+        nl, nh, ns = self.shape(p, t)
+        hint = ""
+        if step < 0 and ns > 0:
+            hint = "; a per-step policy: pass step=0..%d" % (ns - 1)
         raise TraceError(missing.status, "%s: no kept set for policy %s, budget %s, trace %d, "
-                         "layer %d, head %d%s (it has %s)"
+                         "layer %d, head %d%s (it has %d layers, %d heads, %d steps%s)"
                          % (self.path, self.policies[p]["label"], self.budgets[b], t, int(layer),
-                            int(head), ", step %d" % step if step >= 0 else "",
-                            "%d layers, %d heads, %d steps" % self.shape(p, t)))
+                            int(head), ", step %d" % step if step >= 0 else "", nl, nh, ns,
+                            hint))
 
     def mask(self, policy, budget, layer, n_tokens, trace=0, step=-1):
         """bool [heads, n_tokens]: True where a head keeps the token (a kept-set mask for an

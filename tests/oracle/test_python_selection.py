@@ -161,6 +161,13 @@ with tempfile.TemporaryDirectory() as tmp:
                 raises(kvtrace.TraceError, lambda: sel.kept("hyb", b_, l_, h_, trace=t_,
                                                             step=99),
                        "step 99", "%s: a static head beyond the steps" % name)
+            # a per-step policy asked for its prompt's set: the error says which steps exist
+            qh = [r for r in recs if r["policy"] == 3 and r["step"] < 0]
+            if not qh:
+                raises(kvtrace.TraceError, lambda: sel.kept("quest:page=4", 0, 0, 0),
+                       "a per-step policy: pass step=0..3", "%s: quest without a step" % name)
+            raises(ValueError, lambda: sel.kept(0, 0, 0, 0, step=-2), "step -2",
+                   "%s: step below -1" % name)
             # errors
             raises(ValueError, lambda: sel.kept("snapkv", "16", 0, 0), "it has snapkv:window=8",
                    "%s: unknown label" % name)
