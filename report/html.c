@@ -167,6 +167,10 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
                 "cheapest measured setting that meets the target.",
                 mn, kvt_report_num(rec->value, a, sizeof(a)), 100.0 * rec->summary.kept_fraction,
                 rec->summary.compression_ratio);
+        if (rec->summary.kept_fraction >= KVT_REC_BARELY)
+            fputs(" It barely compresses: the target needs nearly the whole cache (a looser "
+                  "target, or budgets between the measured ones, may find a cheaper setting).",
+                  f);
     } else {
         if (!rec->any_compressing || rec->full_cache_meets) /* as recommend says it */
             fprintf(f, "<strong>No setting below the full cache meets %s %s %g</strong> (%s).", mn,

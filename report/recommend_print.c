@@ -165,6 +165,10 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
                 same_tokens(r, rec->budget) ? "" : ", by trace", mn,
                 kvt_report_num(rec->value, a, sizeof(a)), 100.0 * s->kept_fraction,
                 s->compression_ratio, s->kept_entries, s->full_entries);
+        if (s->kept_fraction >= KVT_REC_BARELY)
+            fprintf(f, "note: it barely compresses: the target needs nearly the whole cache "
+                       "(a looser target, or budgets between the measured ones, may find a "
+                       "cheaper setting)\n");
     } else {
         print_none(rec, r, f);
     }

@@ -24,6 +24,10 @@ double kvt_rec_summary_value(const kvt_run_summary *s, kvt_rec_metric m);
 double kvt_rec_head_value(const kvt_head_metrics *h, kvt_rec_metric m);
 /** x as %.4g into buf, or "-" for NaN; returns buf. */
 const char *kvt_report_num(double x, char *buf, size_t cap);
+/** A recommended setting keeping at least this share of the cache "barely compresses": the
+ *  output says so (adakv at a budget of 100% keeps 99.7%, 1.003x smaller). */
+#define KVT_REC_BARELY 0.95
+
 /** Whether (policy p, budget b) of rec keeps less than the whole cache (a candidate setting
  *  that keeps it all compresses nothing, so it is no answer). */
 static inline bool kvt_rec_compresses(const kvt_recommendation *rec, size_t p, size_t b)

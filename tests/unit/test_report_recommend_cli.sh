@@ -5,8 +5,8 @@
 # (an outcome, not an "error:") and exit 3, usage errors exit 2, unreadable input and --shard
 # parts exit 1. Then: budgets above the prompt (entry counts use min(budget, T), "all",
 # integers), two traces of different prompts with percentage budgets (one scope for every
-# count), a metric measured on one trace of two, budgets that all keep the whole prompt, and
-# the message of a metric no trace has.
+# count), a metric measured on one trace of two, budgets that all keep the whole prompt, the
+# message of a metric no trace has, and the note on a setting that barely compresses.
 set -u
 BIN=${KVT_BIN:?}
 ROOT=${KVT_SOURCE_ROOT:?}
@@ -24,6 +24,7 @@ $BIN recommend "$TMP/r.json" --max-error 0.6 >"$TMP/out" 2>"$TMP/err" \
 grep -q "^recommended: \(tova\|snapkv\) at budget" "$TMP/out" || { cat "$TMP/out"; fail "text"; }
 grep -q "^per layer" "$TMP/out" || fail "no per-layer suggestion"
 grep -q "^layer allocation" "$TMP/out" || fail "no layer allocation"
+grep -q "^note: it barely compresses" "$TMP/out" && fail "a real saving called barely compressing"
 
 $BIN recommend "$TMP/r.json" --max-error 0.6 --json >"$TMP/out.json" 2>"$TMP/err" \
     || fail "--json exit"
@@ -120,6 +121,25 @@ grep -q "^recommended: none: no setting below the full cache meets the target (b
 grep -q "^kvtrace recommend: no setting below the full cache meets the target: err_decode <= 0.5" \
     "$TMP/err" || { cat "$TMP/err"; fail "whole: stderr"; }
 [ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "whole: message is not one line"
+
+# adakv at a budget of 100% of a 320-token prompt keeps 99.7% of the cache (AdaKV's
+# allocation still shares it): recommended for a tight target, with a note that it barely
+# compresses
+if [ -f "$ROOT/models/stories260K.bin" ]; then
+    $BIN capture-llama2c --model "$ROOT/models/stories260K.bin" --tokens 320 --decode 64 \
+        --window 32 --seed 3 -o "$TMP/t320.kvt" >/dev/null 2>&1 || fail "capture 320"
+    $BIN replay "$TMP/t320.kvt" --policies adakv,snapkv --budgets 64,128,100% --threads 2 \
+        -o "$TMP/r100.json" >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "replay 100%"; }
+    $BIN recommend "$TMP/r100.json" --max-error 0.05 >"$TMP/out100" 2>"$TMP/err" ||
+        { cat "$TMP/out100" "$TMP/err"; fail "recommend 100%"; }
+    grep -q "^recommended: adakv at budget 100% .* keeps 99.7% of the KV cache" "$TMP/out100" &&
+        grep -q "^note: it barely compresses: the target needs nearly the whole cache" \
+            "$TMP/out100" || { cat "$TMP/out100"; fail "barely-compresses note"; }
+    $BIN report "$TMP/r100.json" --max-error 0.05 -o "$TMP/rep100" >/dev/null 2>&1 ||
+        fail "report 100%"
+    grep -q "It barely compresses: the target needs nearly the whole cache" \
+        "$TMP/rep100/index.html" || fail "barely-compresses note in the report"
+fi
 
 # the sample (T = 448, decode steps) and a trace of 200 tokens without decode steps, at
 # percentage budgets: err_decode is the mean over the one trace that has it, the budget's
