@@ -27,44 +27,19 @@ Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without NumPy, the CLI o
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-try:
-    import numpy as np
-except ImportError:
-    print("SKIP: no NumPy")
-    sys.exit(77)
-
-BIN = os.environ.get("KVT_BIN")
-ROOT = os.environ.get("KVT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
-MODEL = os.path.join(ROOT, "..", "shared", "models", "stories260K.bin")
-if not os.path.exists(MODEL):
-    MODEL = "/work/shared/models/stories260K.bin"
-if not BIN or not os.access(BIN, os.X_OK) or not os.path.exists(MODEL):
-    print("SKIP: no kvtrace CLI or no stories260K model")
-    sys.exit(77)
-sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_test import ROOT, check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
+import numpy as np  # noqa: E402
 import kvtrace  # noqa: E402
 import llama2c_oracle  # noqa: E402
 
-failures = []
-
-
-def check(ok, what):
-    if not ok:
-        failures.append(what)
-        print("FAILED: " + what)
-    return ok
-
-
-def run(*args, ok=True):
-    r = subprocess.run([BIN] + list(args), capture_output=True, text=True)
-    if ok and r.returncode != 0:
-        raise SystemExit("FAILED: kvtrace %s: %s" % (" ".join(args), r.stderr))
-    return r
+MODEL = os.path.join(ROOT, "models", "stories260K.bin")
+if not os.path.exists(MODEL):
+    print("SKIP: no stories260K model")
+    sys.exit(77)
 
 
 def log_softmax(x):
@@ -299,7 +274,4 @@ with tempfile.TemporaryDirectory() as tmp:
                              head_begin=rec["head_begin"], tok_begin=rec["tok_begin"])
     bad([forged2, "--model", MODEL], "layer 0 K is missing or does not match the header")
 
-if failures:
-    print("%d failure(s)" % len(failures))
-    sys.exit(1)
-print("test_e2e_llama2c: ok")
+finish("test_e2e_llama2c")

@@ -27,35 +27,18 @@ NumPy or the CLI.
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-try:
-    import numpy as np
-except ImportError:
-    print("SKIP: no NumPy")
-    sys.exit(77)
-
-BIN = os.environ.get("KVT_BIN")
-ROOT = os.environ.get("KVT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
-if not BIN or not os.access(BIN, os.X_OK):
-    print("SKIP: KVT_BIN does not name the kvtrace CLI")
-    sys.exit(77)
-sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_test import ROOT, check, finish  # noqa: E402 - exits 77 without NumPy/CLI
+from cli_test import run as run_cli  # noqa: E402
+import numpy as np  # noqa: E402
 import kvtrace  # noqa: E402
-
-failures = []
-
-
-def check(ok, what):
-    if not ok:
-        failures.append(what)
-        print("FAILED: " + what)
 
 
 def run(*args):
-    return subprocess.run([BIN] + list(args), capture_output=True, text=True)
+    return run_cli(*args, ok=False)
 
 
 def replay(trace, spec, budgets, out, extra=()):
@@ -331,7 +314,4 @@ with tempfile.TemporaryDirectory() as tmp:
     finally:
         os.chdir(cwd)
 
-if failures:
-    print("%d failure(s)" % len(failures))
-    sys.exit(1)
-print("test_external_policy: ok")
+finish("test_external_policy")

@@ -20,51 +20,13 @@ NumPy or the CLI.
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-try:
-    import numpy as np
-except ImportError:
-    print("SKIP: no NumPy")
-    sys.exit(77)
-
-BIN = os.environ.get("KVT_BIN")
-ROOT = os.environ.get("KVT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
-if not BIN or not os.access(BIN, os.X_OK):
-    print("SKIP: KVT_BIN does not name the kvtrace CLI")
-    sys.exit(77)
-sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_test import check, finish, raises, run  # noqa: E402 - exits 77 without NumPy/CLI
+import numpy as np  # noqa: E402
 import kvtrace  # noqa: E402
-
-failures = []
-
-
-def check(ok, what):
-    if not ok:
-        failures.append(what)
-        print("FAILED: " + what)
-    return ok
-
-
-def run(*args):
-    r = subprocess.run([BIN] + list(args), capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit("FAILED: kvtrace %s: %s" % (" ".join(args), r.stderr))
-    return r
-
-
-def raises(exc, fn, want, what):
-    try:
-        fn()
-    except exc as e:
-        ok = want in str(e)
-        check(ok, "%s: %s %r lacks %r" % (what, type(e).__name__, str(e), want))
-        if ok:
-            print("ok: %s: %s" % (what, e))
-        return e
-    check(False, "%s: no %s" % (what, exc.__name__))
 
 
 SPECS = ["snapkv:window=8", "snapkv:window=8,heads=query,label=snapq", "adakv:window=8",
@@ -227,7 +189,4 @@ with tempfile.TemporaryDirectory() as tmp:
            "no.bin", "a missing file")
     raises(TypeError, lambda: kvtrace.read_selection(3), "path must be", "a bad path")
 
-if failures:
-    print("%d failure(s)" % len(failures))
-    sys.exit(1)
-print("test_python_selection: ok")
+finish("test_python_selection")
