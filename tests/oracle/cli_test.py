@@ -5,13 +5,12 @@ final exit. Import it first:
 
     from cli_test import BIN, ROOT, check, run, raises, finish
 """
+import importlib.util
 import os
 import subprocess
 import sys
 
-try:
-    import numpy  # noqa: F401 - every user of this module needs it
-except ImportError:
+if importlib.util.find_spec("numpy") is None:  # every user of this module needs it
     print("SKIP: no NumPy")
     sys.exit(77)
 
