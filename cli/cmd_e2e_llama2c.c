@@ -32,7 +32,8 @@
 
 static void help(void)
 {
-    printf("usage: kvtrace e2e-llama2c TRACE --model FILE.bin [--policies LIST] [--budgets LIST]\n"
+    printf("usage: kvtrace e2e-llama2c TRACE... --model FILE.bin [--policies LIST]\n"
+           "                           [--budgets LIST]\n"
            "                           [--window W] [--threads N] [--seed S]\n"
            "                           [--export-selection FILE] -o e2e.json [--force]\n\n"
            "The end-to-end check of the replay's proxies on the built-in llama2.c engine.\n"
@@ -44,7 +45,10 @@ static void help(void)
            "policy's set of that step). Per (policy, budget): the mean and largest KL\n"
            "divergence of the next-token distribution from the uncompressed run (nats),\n"
            "top-1 agreement, the reference token's mean log-loss, beside the replay's\n"
-           "proxies; and Spearman's rho between each proxy and the KL over all settings.\n\n"
+           "proxies; and Spearman's rho between each proxy and the KL over all settings.\n"
+           "With several traces (prompts of one model), each setting's measures are the\n"
+           "means over the traces (the largest KL the largest), its proxies the replay's\n"
+           "aggregate, and each trace's own are listed too.\n\n"
            "  --model FILE      the llama2.c checkpoint the trace was captured from\n"
            "  --policies LIST   as for replay, 'all' too (default %s);\n"
            "                    merged policies (lightkv-like) keep no subset: not run\n"
@@ -302,6 +306,241 @@ static kvt_status read_ids(kvt_trace_reader *rd, int kind, int n, int32_t *dst, 
                                  (size_t)n * sizeof(int32_t));
 }
 
+/* one trace of the check: its token tables, the uncompressed run's next-token logits at the
+ * decode steps, and what each (policy, budget) did on it */
+typedef struct e2e_trace {
+    const char *path;
+    int T;
+    uint32_t G;
+    int32_t *ids;    /* [T + G] prompt, then decode-step inputs */
+    float *full;     /* [G, V] the uncompressed run's logits */
+    double kerr;     /* layer 0's keys: the trace's against this model's, over their scale */
+    double nll_full; /* the uncompressed run's mean -log p of its own greedy token */
+    e2e_run *runs;   /* [n_pol * n_b] */
+} e2e_trace;
+
+static void trace_free(e2e_trace *et, size_t n_runs)
+{
+    for (size_t i = 0; et->runs && i < n_runs; i++)
+        kvt_free(et->runs[i].kl_steps);
+    kvt_free(et->runs);
+    kvt_free(et->ids);
+    kvt_free(et->full);
+}
+
+/* Check the trace at et->path against the model (shape, decode steps, token tables, layer 0's
+ * keys) and run the model over it uncompressed. Errors name the trace. */
+static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *model_path,
+                                e2e_trace *et)
+{
+    const kvt_llama2c_config *c = kvt_llama2c_model_config(model);
+    const int L = c->n_layers, Hq = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim;
+    const int V = c->vocab_size;
+    const char *path = et->path;
+    kvt_trace_reader *rd = NULL;
+    kvt_llama2c_state *s = NULL;
+    float *kref = NULL;
+    double *lp = NULL;
+    cJSON *hdr = NULL;
+    KVT_FORWARD(kvt_trace_reader_open(path, &rd));
+    kvt_status st = KVT_OK;
+    hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
+    const cJSON *mo = cJSON_GetObjectItemCaseSensitive(hdr, "model");
+    const cJSON *jf[] = {cJSON_GetObjectItemCaseSensitive(mo, "n_layers"),
+                         cJSON_GetObjectItemCaseSensitive(mo, "n_q_heads"),
+                         cJSON_GetObjectItemCaseSensitive(mo, "n_kv_heads"),
+                         cJSON_GetObjectItemCaseSensitive(mo, "head_dim"),
+                         cJSON_GetObjectItemCaseSensitive(hdr, "n_tokens")};
+    int tv[5];
+    for (int k = 0; k < 5; k++)
+        tv[k] = cJSON_IsNumber(jf[k]) ? jf[k]->valueint : -1;
+    const int T = et->T = tv[4];
+    uint32_t h, t, d, G = 0;
+    kvt_dtype dt;
+    if (tv[0] != L || tv[1] != Hq || tv[2] != Hkv || tv[3] != D) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s is another model (L=%d Hq=%d Hkv=%d D=%d) than %s (L=%d Hq=%d "
+                           "Hkv=%d D=%d): give the checkpoint the trace was captured from",
+                           path, tv[0], tv[1], tv[2], tv[3], model_path, L, Hq, Hkv, D);
+        goto out;
+    }
+    if (kvt_trace_reader_shape(rd, 0, KVT_KIND_Q_DECODE, &h, &G, &d, &dt) || G == 0) {
+        st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                           "%s has no decode steps: the end-to-end check reruns them (capture "
+                           "with --decode G)",
+                           path);
+        goto out;
+    }
+    et->G = G;
+    if (kvt_trace_reader_shape(rd, 0, KVT_KIND_K, &h, &t, &d, &dt) || (int)h != Hkv ||
+        (int)t != T || (int)d != D) { /* the keys compared below are the header's shape */
+        st = kvt_error_set(KVT_ERR_CORRUPT,
+                           "%s: layer 0 K is missing or does not match the header [%d,%d,%d]", path,
+                           Hkv, T, D);
+        goto out;
+    }
+    if (T < 1 || (uint64_t)T + G > (uint64_t)c->seq_len) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: %d prompt tokens and %u decode steps do not fit %s's context "
+                           "of %d",
+                           path, T, G, model_path, c->seq_len);
+        goto out;
+    }
+    et->ids = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
+    et->full = kvt_malloc((size_t)G * V * sizeof(float));
+    kref = kvt_malloc((size_t)Hkv * T * D * sizeof(float));
+    lp = kvt_malloc((size_t)V * sizeof(double));
+    if (!et->ids || !et->full || !kref || !lp) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if ((st = read_ids(rd, KVT_KIND_TOKEN_IDS, T, et->ids, path, "token_ids")) ||
+        (st = read_ids(rd, KVT_KIND_DECODE_TOKEN_IDS, (int)G, et->ids + T, path,
+                       "decode_token_ids")) ||
+        (st = kvt_trace_reader_read(rd, 0, KVT_KIND_K, 0, (uint32_t)Hkv, KVT_DTYPE_F32, kref,
+                                    (size_t)Hkv * T * D * sizeof(float))))
+        goto out;
+    for (int i = 0; i < T + (int)G; i++)
+        if (et->ids[i] < 0 || et->ids[i] >= V) {
+            st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                               "%s: token id %d at position %d is outside %s's vocabulary of %d",
+                               path, (int)et->ids[i], i, model_path, V);
+            goto out;
+        }
+    /* the uncompressed run: the prompt, then the decode steps' reference distributions */
+    if ((st = kvt_llama2c_state_create(model, false, &s)))
+        goto out;
+    const float *lg = NULL;
+    for (int i = 0; i < T && !st; i++)
+        st = kvt_llama2c_forward(s, et->ids[i], &lg);
+    double kerr = 0.0, kscale = 0.0;
+    const float *kc = kvt_llama2c_state_keys(s, 0);
+    for (int g = 0; g < Hkv && !st; g++)
+        for (int j = 0; j < T; j++)
+            for (int k = 0; k < D; k++) {
+                double a = kref[((size_t)g * T + j) * D + k];
+                double b = kc[((size_t)j * Hkv + g) * D + k];
+                kerr = fmax(kerr, fabs(a - b));
+                kscale = fmax(kscale, fabs(b));
+            }
+    et->kerr = kscale > 0 ? kerr / kscale : kerr;
+    if (!st && !(et->kerr <= 1e-2)) { /* bf16 storage rounds to 2^-9 of the scale */
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s was not captured from %s over its own tokens: layer 0's keys "
+                           "differ by %.3g of their scale",
+                           path, model_path, et->kerr);
+        goto out;
+    }
+    et->nll_full = 0.0;
+    for (uint32_t g = 0; g < G && !st; g++)
+        if (!(st = kvt_llama2c_forward(s, et->ids[T + g], &lg))) {
+            memcpy(et->full + (size_t)g * V, lg, (size_t)V * sizeof(float));
+            log_softmax(lg, V, lp);
+            et->nll_full += -lp[kvt_llama2c_argmax(lg, V)];
+        }
+    et->nll_full /= G;
+out:
+    kvt_llama2c_state_free(s);
+    kvt_free(kref);
+    kvt_free(lp);
+    cJSON_Delete(hdr);
+    kvt_trace_reader_close(rd);
+    return st;
+}
+
+/* Replay the policies on trace t and rerun its decode steps with their kept sets: et->runs.
+ * The replay's result goes into res (the proxies), its kept sets to sw when exporting. */
+static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_t t,
+                            kvt_policy *const *pols, size_t n_pol, const kvt_budget *budgets,
+                            size_t n_b, int threads, kvt_selection_writer *sw, kvt_results *res,
+                            kvt_progress *pr)
+{
+    const kvt_llama2c_config *c = kvt_llama2c_model_config(model);
+    const int L = c->n_layers, Hq = c->n_heads, T = et->T;
+    const uint32_t G = et->G;
+    masks mk = {.L = L,
+                .Hq = Hq,
+                .Hkv = c->n_kv_heads,
+                .T = T,
+                .G = (int)G,
+                .n_pol = n_pol,
+                .n_b = n_b,
+                .pols = pols,
+                .sw = sw};
+    kvt_trace_result *tr = NULL;
+    int *btok = kvt_malloc(n_b * sizeof(int));
+    mk.keep = kvt_calloc(n_pol * n_b, sizeof(uint8_t *));
+    et->runs = kvt_calloc(n_pol * n_b, sizeof(e2e_run));
+    kvt_status st = KVT_OK;
+    if (!btok || !mk.keep || !et->runs) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    size_t n_runs = 0;
+    for (size_t p = 0; p < n_pol; p++) {
+        unsigned f = kvt_policy_flags(pols[p]);
+        for (size_t b = 0; b < n_b && !(f & KVT_POLICY_MERGED); b++, n_runs++) {
+            size_t n = (size_t)L * Hq * T * ((f & KVT_POLICY_PER_STEP) ? G : 1);
+            et->runs[p * n_b + b].kl_steps = kvt_malloc((size_t)G * sizeof(double));
+            if (!(mk.keep[p * n_b + b] = kvt_calloc(n, 1)) || !et->runs[p * n_b + b].kl_steps) {
+                st = kvt_error_set(KVT_ERR_NOMEM, "out of memory (kept-set masks)");
+                goto out;
+            }
+        }
+    }
+    for (size_t b = 0; b < n_b; b++)
+        btok[b] = kvt_budget_tokens(&budgets[b], T);
+    if (sw && (st = kvt_selection_writer_begin_trace(sw, (int)t, L, btok)))
+        goto out;
+    kvt_replay_opts ro = {
+        .n_threads = threads, .coverage_probes = -1, .sink = collect, .sink_user = &mk};
+    kvt_progress_start(pr, "replay");
+    st = kvt_replay_trace(et->path, pols, n_pol, budgets, n_b, &ro, &tr);
+    kvt_progress_end(pr);
+    if (st || (sw && (st = kvt_selection_writer_end_trace(sw))))
+        goto out;
+    st = kvt_results_add_trace(res, tr); /* takes tr, also on failure */
+    tr = NULL;
+    if (st)
+        goto out;
+    /* the compressed runs, one thread per core (or --threads) */
+    decode_job dj = {.model = model,
+                     .ids = et->ids,
+                     .T = T,
+                     .V = c->vocab_size,
+                     .G = G,
+                     .full = et->full,
+                     .mk = &mk,
+                     .runs = et->runs,
+                     .pr = pr,
+                     .n_runs = n_runs};
+    int n_th = threads > 0 ? threads : kvt_cpu_count();
+    n_th = n_th < (int)n_runs ? n_th : (int)n_runs;
+    n_th = n_th < 64 ? n_th : 64;
+    pthread_t th[64];
+    pthread_mutex_init(&dj.mu, NULL);
+    kvt_progress_start(pr, "decode");
+    int started = 0;
+    for (; started < n_th; started++)
+        if (pthread_create(&th[started], NULL, decode_worker, &dj))
+            break;
+    if (started == 0 && n_runs > 0)
+        decode_worker(&dj); /* no thread could start: run in the caller */
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    kvt_progress_end(pr);
+    pthread_mutex_destroy(&dj.mu);
+    if (dj.err)
+        st = kvt_error_set(dj.err, "%s", dj.msg);
+out:
+    for (size_t i = 0; mk.keep && i < n_pol * n_b; i++)
+        kvt_free(mk.keep[i]);
+    kvt_free(mk.keep);
+    kvt_free(btok);
+    kvt_trace_result_free(tr);
+    return st;
+}
+
 int kvt_cmd_e2e_llama2c(int argc, char **argv)
 {
     const char *cmd = CMD;
@@ -309,7 +548,9 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         help();
         return 0;
     }
-    const char *trace = NULL, *model_path = NULL, *out = NULL, *export_path = NULL;
+    const char *model_path = NULL, *out = NULL, *export_path = NULL;
+    const char **traces = kvt_calloc((size_t)argc + 1, sizeof(char *));
+    size_t n_traces = 0;
     char *policies_arg = NULL, *budgets_arg = NULL; /* given twice: both lists, as replay */
     int window = 0, threads = 0, prc = 0;
     uint64_t seed = 0;
@@ -354,29 +595,36 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         } else if (a[0] == '-' && a[1]) {
             kvt_cli_fail(cmd, "unknown option %s (see kvtrace e2e-llama2c --help)", a);
             prc = 2;
-        } else if (!trace) {
-            trace = a;
-        } else {
-            kvt_cli_fail(cmd, "one trace only (got %s and %s)", trace, a);
-            prc = 2;
+        } else if (traces) {
+            for (size_t t = 0; t < n_traces && !prc; t++)
+                if (kvt_cli_same_path(traces[t], a)) {
+                    kvt_cli_fail(cmd, "%s is given twice (as %s and %s)", a, traces[t], a);
+                    prc = 2;
+                }
+            traces[n_traces++] = a;
         }
     }
-    if (!prc && (!trace || !model_path || !out)) {
+    if (!traces && !prc)
+        prc = kvt_cli_fail(cmd, "out of memory");
+    if (!prc && (!n_traces || !model_path || !out)) {
         kvt_cli_fail(cmd, "%s is required (see kvtrace e2e-llama2c --help)",
-                     !trace        ? "a TRACE"
+                     !n_traces     ? "a TRACE"
                      : !model_path ? "--model FILE"
                                    : "-o FILE");
         prc = 2;
     }
-    const char *inputs[] = {trace, model_path};
+    if (traces)
+        traces[n_traces] = model_path; /* with the traces: what an output must not be */
     if (!prc && export_path && kvt_cli_same_path(out, export_path)) {
         kvt_cli_fail(cmd, "-o and --export-selection name the same file");
         prc = 2;
     }
-    if (!prc && (!kvt_cli_output_ok(cmd, out, force, inputs, 2) ||
-                 (export_path && !kvt_cli_output_ok(cmd, export_path, force, inputs, 2))))
+    if (!prc &&
+        (!kvt_cli_output_ok(cmd, out, force, traces, n_traces + 1) ||
+         (export_path && !kvt_cli_output_ok(cmd, export_path, force, traces, n_traces + 1))))
         prc = 1;
     if (prc) {
+        kvt_free(traces);
         kvt_free(policies_arg);
         kvt_free(budgets_arg);
         return prc;
@@ -385,133 +633,32 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     int rc = 1;
     kvt_status st;
     kvt_llama2c_model *model = NULL;
-    kvt_llama2c_state *s = NULL;
-    kvt_trace_reader *rd = NULL;
-    cJSON *hdr = NULL, *root = NULL;
+    cJSON *root = NULL;
     kvt_policy **pols = NULL;
     kvt_budget *budgets = NULL;
     size_t n_pol = 0, n_b = 0;
-    kvt_trace_result *tr = NULL;
-    masks mk = {0};
-    e2e_run *runs = NULL;
-    int32_t *ids = NULL;
-    float *full = NULL, *kref = NULL;
-    double *lp_f = NULL, *lp_c = NULL;
+    kvt_results *res = NULL;
+    kvt_selection_writer *sw = NULL;
+    e2e_trace *ets = kvt_calloc(n_traces, sizeof(e2e_trace));
+    double *xs = NULL;
     char *txt = NULL;
     kvt_progress pr;
-    bool pr_started = false;
-
+    if (!ets) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
     if ((st = kvt_llama2c_model_open(model_path, &model))) {
         kvt_cli_fail_status(cmd, st, model_path);
         goto out_free;
     }
-    const kvt_llama2c_config *c = kvt_llama2c_model_config(model);
-    if ((st = kvt_trace_reader_open(trace, &rd))) {
-        kvt_cli_fail_status(cmd, st, trace);
-        goto out_free;
-    }
-    hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
-    const cJSON *mo = cJSON_GetObjectItemCaseSensitive(hdr, "model");
-    const cJSON *jf[] = {cJSON_GetObjectItemCaseSensitive(mo, "n_layers"),
-                         cJSON_GetObjectItemCaseSensitive(mo, "n_q_heads"),
-                         cJSON_GetObjectItemCaseSensitive(mo, "n_kv_heads"),
-                         cJSON_GetObjectItemCaseSensitive(mo, "head_dim"),
-                         cJSON_GetObjectItemCaseSensitive(hdr, "n_tokens")};
-    int tv[5];
-    for (int k = 0; k < 5; k++)
-        tv[k] = cJSON_IsNumber(jf[k]) ? jf[k]->valueint : -1;
-    const int L = c->n_layers, Hq = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim, T = tv[4];
-    if (tv[0] != L || tv[1] != Hq || tv[2] != Hkv || tv[3] != D) {
-        kvt_cli_fail(cmd,
-                     "%s is another model (L=%d Hq=%d Hkv=%d D=%d) than %s (L=%d Hq=%d Hkv=%d "
-                     "D=%d): give the checkpoint the trace was captured from",
-                     trace, tv[0], tv[1], tv[2], tv[3], model_path, L, Hq, Hkv, D);
-        goto out_free;
-    }
-    uint32_t qh, G = 0, qd;
-    kvt_dtype qdt;
-    if (kvt_trace_reader_shape(rd, 0, KVT_KIND_Q_DECODE, &qh, &G, &qd, &qdt) || G == 0) {
-        kvt_error_clear();
-        kvt_cli_fail(cmd,
-                     "%s has no decode steps: the end-to-end check reruns them (capture with "
-                     "--decode G)",
-                     trace);
-        goto out_free;
-    }
-    uint32_t kh, kt, kd; /* the keys compared below are the header's shape */
-    kvt_dtype kdt;
-    if (kvt_trace_reader_shape(rd, 0, KVT_KIND_K, &kh, &kt, &kd, &kdt) || (int)kh != Hkv ||
-        (int)kt != T || (int)kd != D) {
-        kvt_error_clear();
-        kvt_cli_fail(cmd, "%s: layer 0 K is missing or does not match the header [%d,%d,%d]", trace,
-                     Hkv, T, D);
-        goto out_free;
-    }
-    if (T < 1 || (uint64_t)T + G > (uint64_t)c->seq_len) {
-        kvt_cli_fail(cmd, "%s: %d prompt tokens and %u decode steps do not fit %s's context of %d",
-                     trace, T, G, model_path, c->seq_len);
-        goto out_free;
-    }
-    const int V = c->vocab_size;
-    ids = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
-    kref = kvt_malloc((size_t)Hkv * T * D * sizeof(float));
-    full = kvt_malloc((size_t)G * V * sizeof(float));
-    lp_f = kvt_malloc((size_t)V * sizeof(double));
-    lp_c = kvt_malloc((size_t)V * sizeof(double));
-    if (!ids || !kref || !full || !lp_f || !lp_c) {
-        kvt_cli_fail(cmd, "out of memory");
-        goto out_free;
-    }
-    if ((st = read_ids(rd, KVT_KIND_TOKEN_IDS, T, ids, trace, "token_ids")) ||
-        (st =
-             read_ids(rd, KVT_KIND_DECODE_TOKEN_IDS, (int)G, ids + T, trace, "decode_token_ids")) ||
-        (st = kvt_trace_reader_read(rd, 0, KVT_KIND_K, 0, (uint32_t)Hkv, KVT_DTYPE_F32, kref,
-                                    (size_t)Hkv * T * D * sizeof(float)))) {
-        kvt_cli_fail_status(cmd, st, trace);
-        goto out_free;
-    }
-    for (int i = 0; i < T + (int)G; i++)
-        if (ids[i] < 0 || ids[i] >= V) {
-            kvt_cli_fail(cmd, "%s: token id %d at position %d is outside %s's vocabulary of %d",
-                         trace, (int)ids[i], i, model_path, V);
+    /* every trace checked and run uncompressed before any replay */
+    for (size_t t = 0; t < n_traces; t++) {
+        ets[t].path = traces[t];
+        if ((st = trace_prepare(model, model_path, &ets[t]))) {
+            kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
-
-    /* the uncompressed run: the prompt, then the decode steps' reference distributions */
-    if ((st = kvt_llama2c_state_create(model, false, &s))) {
-        kvt_cli_fail_status(cmd, st, "inference state");
-        goto out_free;
     }
-    const float *lg = NULL;
-    for (int i = 0; i < T && !st; i++)
-        st = kvt_llama2c_forward(s, ids[i], &lg);
-    double kerr = 0.0, kscale = 0.0; /* the trace's keys against this model's, layer 0 */
-    const float *kc = kvt_llama2c_state_keys(s, 0);
-    for (int g = 0; g < Hkv && !st; g++)
-        for (int t = 0; t < T; t++)
-            for (int d = 0; d < D; d++) {
-                double a = kref[((size_t)g * T + t) * D + d];
-                double b = kc[((size_t)t * Hkv + g) * D + d];
-                kerr = fmax(kerr, fabs(a - b));
-                kscale = fmax(kscale, fabs(b));
-            }
-    kerr = kscale > 0 ? kerr / kscale : kerr;
-    if (!st && !(kerr <= 1e-2)) { /* bf16 storage rounds to 2^-9 of the scale */
-        kvt_cli_fail(cmd,
-                     "%s was not captured from %s over its own tokens: layer 0's keys differ by "
-                     "%.3g of their scale",
-                     trace, model_path, kerr);
-        goto out_free;
-    }
-    for (uint32_t g = 0; g < G && !st; g++)
-        if (!(st = kvt_llama2c_forward(s, ids[T + g], &lg)))
-            memcpy(full + (size_t)g * V, lg, (size_t)V * sizeof(float));
-    if (st) {
-        kvt_cli_fail_status(cmd, st, model_path);
-        goto out_free;
-    }
-
-    /* the replay, its kept sets collected as masks */
     kvt_policy_globals pg = {.seed = seed, .window = window};
     if ((st = kvt_policy_list_parse(policies_arg ? policies_arg : DEFAULT_POLICIES, &pg, &pols,
                                     &n_pol))) {
@@ -534,128 +681,59 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
         goto out_free;
     }
-    if ((st = kvt_replay_check_trace(trace, pols, n_pol))) {
-        kvt_cli_fail_status(cmd, st, trace);
-        goto out_free;
-    }
-    mk = (masks){.L = L,
-                 .Hq = Hq,
-                 .Hkv = Hkv,
-                 .T = T,
-                 .G = (int)G,
-                 .n_pol = n_pol,
-                 .n_b = n_b,
-                 .pols = pols};
-    mk.keep = kvt_calloc(n_pol * n_b, sizeof(uint8_t *));
-    runs = kvt_calloc(n_pol * n_b, sizeof(e2e_run));
-    if (!mk.keep || !runs) {
-        kvt_cli_fail(cmd, "out of memory");
-        goto out_free;
-    }
-    for (size_t p = 0; p < n_pol; p++) {
-        unsigned f = kvt_policy_flags(pols[p]);
-        for (size_t b = 0; b < n_b && !(f & KVT_POLICY_MERGED); b++) {
-            size_t n = (size_t)L * Hq * T * ((f & KVT_POLICY_PER_STEP) ? G : 1);
-            runs[p * n_b + b].kl_steps = kvt_malloc((size_t)G * sizeof(double));
-            if (!(mk.keep[p * n_b + b] = kvt_calloc(n, 1)) || !runs[p * n_b + b].kl_steps) {
-                kvt_cli_fail(cmd, "out of memory (kept-set masks)");
-                goto out_free;
-            }
-        }
-    }
-    if (export_path) {
-        int *btok = kvt_malloc(n_b * sizeof(int));
-        const char *tp[] = {trace};
-        if (!btok) {
-            kvt_cli_fail(cmd, "out of memory");
+    for (size_t p = 0; p < n_pol && n_traces > 1; p++)
+        if (kvt_policy_one_trace(pols[p])) {
+            kvt_cli_fail(cmd,
+                         "%s: a scores file describes one trace, and %zu are given: give "
+                         "scores=DIR, a directory with one NAME.npy per trace NAME.kvt",
+                         kvt_policy_label(pols[p]), n_traces);
+            rc = 2;
             goto out_free;
         }
-        for (size_t b = 0; b < n_b; b++)
-            btok[b] = kvt_budget_tokens(&budgets[b], T);
-        st =
-            kvt_selection_writer_open(export_path, force, pols, n_pol, budgets, n_b, tp, 1, &mk.sw);
-        if (!st)
-            st = kvt_selection_writer_begin_trace(mk.sw, 0, L, btok);
-        kvt_free(btok);
-        if (st) {
-            kvt_cli_fail_status(cmd, st, export_path);
+    for (size_t t = 0; t < n_traces; t++)
+        if ((st = kvt_replay_check_trace(traces[t], pols, n_pol))) {
+            kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
-    }
-    kvt_replay_opts ro = {
-        .n_threads = threads, .coverage_probes = -1, .sink = collect, .sink_user = &mk};
-    kvt_progress_start(&pr, "replay");
-    pr_started = true;
-    st = kvt_replay_trace(trace, pols, n_pol, budgets, n_b, &ro, &tr);
-    kvt_progress_end(&pr);
-    pr_started = false;
-    if (st || (mk.sw && (st = kvt_selection_writer_end_trace(mk.sw)))) {
-        kvt_cli_fail_status(cmd, st, trace);
+    if ((st = kvt_results_create(pols, n_pol, budgets, n_b, &res)) ||
+        (export_path && (st = kvt_selection_writer_open(export_path, force, pols, n_pol, budgets,
+                                                        n_b, traces, n_traces, &sw)))) {
+        kvt_cli_fail_status(cmd, st, export_path && res ? export_path : "results");
         goto out_free;
     }
+    res->seed = seed;
+    for (size_t t = 0; t < n_traces; t++)
+        if ((st = trace_run(model, &ets[t], t, pols, n_pol, budgets, n_b, threads, sw, res, &pr))) {
+            kvt_cli_fail_status(cmd, st, traces[t]);
+            goto out_free;
+        }
 
-    /* the compressed runs, one thread per core (or --threads) */
-    size_t n_runs = 0;
-    for (size_t i = 0; i < n_pol * n_b; i++)
-        n_runs += mk.keep[i] != NULL;
-    decode_job dj = {.model = model,
-                     .ids = ids,
-                     .T = T,
-                     .V = V,
-                     .G = G,
-                     .full = full,
-                     .mk = &mk,
-                     .runs = runs,
-                     .pr = &pr,
-                     .n_runs = n_runs};
-    int n_th = threads > 0 ? threads : kvt_cpu_count();
-    n_th = n_th < (int)n_runs ? n_th : (int)n_runs;
-    pthread_t th[64];
-    n_th = n_th < 64 ? n_th : 64;
-    pthread_mutex_init(&dj.mu, NULL);
-    kvt_progress_start(&pr, "decode");
-    pr_started = true;
-    int started = 0;
-    for (; started < n_th; started++)
-        if (pthread_create(&th[started], NULL, decode_worker, &dj))
-            break;
-    if (started == 0 && n_runs > 0)
-        decode_worker(&dj); /* no thread could start: run in the caller */
-    for (int i = 0; i < started; i++)
-        pthread_join(th[i], NULL);
-    kvt_progress_end(&pr);
-    pr_started = false;
-    pthread_mutex_destroy(&dj.mu);
-    if (dj.err) {
-        kvt_error_set(dj.err, "%s", dj.msg);
-        kvt_cli_fail_status(cmd, dj.err, model_path);
-        goto out_free;
-    }
-    double nll_full = 0.0;
-    for (uint32_t g = 0; g < G; g++) {
-        log_softmax(full + (size_t)g * V, V, lp_f);
-        nll_full += -lp_f[kvt_llama2c_argmax(full + (size_t)g * V, V)] / G;
-    }
-
-    /* e2e.json, the table, and how well each proxy ranks the settings */
-    size_t nr = n_pol * n_b;
-    double *xs = kvt_malloc(nr * 4 * sizeof(double)); /* the proxies' and KL's pairs */
-    if (!xs) {
+    /* e2e.json, the table, and how well each proxy ranks the settings: each run's measures
+       are the means over the traces (the largest KL the largest), its proxies the replay's
+       aggregate (the mean of the per-trace means, as results.json's) */
+    const size_t nr = n_pol * n_b;
+    if (!(xs = kvt_malloc(nr * 4 * sizeof(double)))) { /* the proxies' and KL's pairs */
         kvt_cli_fail(cmd, "out of memory");
         goto out_free;
     }
     double *e_x = xs, *e_kl = xs + nr, *r_x = xs + 2 * nr, *r_kl = xs + 3 * nr;
     int n_err = 0, n_rec = 0;
+    size_t n_runs = 0;
     root = cJSON_CreateObject();
     cJSON_AddNumberToObject(root, "e2e_version", E2E_VERSION);
     cJSON_AddStringToObject(root, "generator", kvt_version_string());
     cJSON_AddStringToObject(root, "model", model_path);
-    cJSON_AddStringToObject(root, "trace", trace);
-    cJSON_AddNumberToObject(root, "n_prompt", T);
-    cJSON_AddNumberToObject(root, "n_decode", G);
-    cJSON_AddNumberToObject(root, "vocab_size", V);
-    cJSON_AddItemToObject(root, "trace_key_error", num(kerr));
-    cJSON_AddItemToObject(root, "nll_uncompressed", num(nll_full));
+    cJSON_AddNumberToObject(root, "vocab_size", kvt_llama2c_model_config(model)->vocab_size);
+    cJSON *jt = cJSON_AddArrayToObject(root, "traces");
+    for (size_t t = 0; t < n_traces; t++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "path", ets[t].path);
+        cJSON_AddNumberToObject(o, "n_prompt", ets[t].T);
+        cJSON_AddNumberToObject(o, "n_decode", ets[t].G);
+        cJSON_AddItemToObject(o, "trace_key_error", num(ets[t].kerr));
+        cJSON_AddItemToObject(o, "nll_uncompressed", num(ets[t].nll_full));
+        cJSON_AddItemToArray(jt, o);
+    }
     cJSON *jruns = cJSON_AddArrayToObject(root, "runs");
     int lw = 24;
     for (size_t p = 0; p < n_pol; p++)
@@ -665,55 +743,86 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
            "recall_d", "KL", "KL max", "top1");
     for (size_t p = 0; p < n_pol; p++)
         for (size_t b = 0; b < n_b; b++) {
-            const e2e_run *r = &runs[p * n_b + b];
+            const size_t i = p * n_b + b;
+            const bool applied = ets[0].runs[i].applied;
+            double kl = 0, kl_max = 0, top1 = 0, nll = 0;
+            for (size_t t = 0; t < n_traces; t++) {
+                const e2e_run *x = &ets[t].runs[i];
+                kl += x->kl_mean / (double)n_traces, top1 += x->top1 / (double)n_traces;
+                nll += x->nll / (double)n_traces, kl_max = fmax(kl_max, x->kl_max);
+            }
+            if (n_traces == 1) /* exactly the trace's */
+                kl = ets[0].runs[i].kl_mean, top1 = ets[0].runs[i].top1, nll = ets[0].runs[i].nll;
+            if (!applied)
+                kl = kl_max = top1 = nll = NAN;
+            n_runs += applied;
             kvt_run_summary sm;
-            if (kvt_summarize_trace(tr, p, b, -1, &sm))
+            if (kvt_summarize_results(res, p, b, &sm))
                 memset(&sm, 0, sizeof(sm));
             cJSON *o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "policy", kvt_policy_label(pols[p]));
             cJSON_AddStringToObject(o, "name", kvt_policy_name(pols[p]));
             cJSON_AddStringToObject(o, "budget", budgets[b].text);
-            cJSON_AddNumberToObject(o, "budget_tokens", kvt_budget_tokens(&budgets[b], T));
+            cJSON_AddNumberToObject(o, "budget_tokens", kvt_budget_tokens(&budgets[b], ets[0].T));
             cJSON_AddItemToObject(o, "kept_fraction", num(sm.kept_fraction));
-            cJSON_AddBoolToObject(o, "applied", r->applied);
-            if (!r->applied)
+            cJSON_AddBoolToObject(o, "applied", applied);
+            if (!applied)
                 cJSON_AddStringToObject(o, "why",
                                         "merged policy: it keeps merged entries, not a subset "
                                         "the engine's mask can apply");
-            cJSON_AddItemToObject(o, "kl_mean", num(r->applied ? r->kl_mean : NAN));
-            cJSON_AddItemToObject(o, "kl_max", num(r->applied ? r->kl_max : NAN));
-            cJSON_AddItemToObject(o, "top1_agreement", num(r->applied ? r->top1 : NAN));
-            cJSON_AddItemToObject(o, "nll_mean", num(r->applied ? r->nll : NAN));
-            cJSON *ks = cJSON_AddArrayToObject(o, "kl_steps");
-            for (uint32_t g = 0; r->applied && g < G; g++)
-                cJSON_AddItemToArray(ks, num(r->kl_steps[g]));
+            cJSON_AddItemToObject(o, "kl_mean", num(kl));
+            cJSON_AddItemToObject(o, "kl_max", num(kl_max));
+            cJSON_AddItemToObject(o, "top1_agreement", num(top1));
+            cJSON_AddItemToObject(o, "nll_mean", num(nll));
             cJSON *pj = cJSON_AddObjectToObject(o, "proxy");
             cJSON_AddItemToObject(pj, "err_decode", num(sm.err_decode));
             cJSON_AddItemToObject(pj, "recall_decode", num(sm.recall_decode));
             cJSON_AddItemToObject(pj, "err_window", num(sm.err_window));
             cJSON_AddItemToObject(pj, "recall_window", num(sm.recall_window));
+            cJSON *pt = cJSON_AddArrayToObject(o, "per_trace");
+            for (size_t t = 0; t < n_traces; t++) {
+                const e2e_run *x = &ets[t].runs[i];
+                kvt_run_summary ts;
+                if (kvt_summarize_trace(res->traces[t], p, b, -1, &ts))
+                    memset(&ts, 0, sizeof(ts));
+                cJSON *q = cJSON_CreateObject();
+                cJSON_AddNumberToObject(q, "budget_tokens",
+                                        kvt_budget_tokens(&budgets[b], ets[t].T));
+                cJSON_AddItemToObject(q, "kl_mean", num(applied ? x->kl_mean : NAN));
+                cJSON_AddItemToObject(q, "kl_max", num(applied ? x->kl_max : NAN));
+                cJSON_AddItemToObject(q, "top1_agreement", num(applied ? x->top1 : NAN));
+                cJSON_AddItemToObject(q, "nll_mean", num(applied ? x->nll : NAN));
+                cJSON *ks = cJSON_AddArrayToObject(q, "kl_steps");
+                for (uint32_t g = 0; applied && g < ets[t].G; g++)
+                    cJSON_AddItemToArray(ks, num(x->kl_steps[g]));
+                cJSON *qp = cJSON_AddObjectToObject(q, "proxy");
+                cJSON_AddItemToObject(qp, "err_decode", num(ts.err_decode));
+                cJSON_AddItemToObject(qp, "recall_decode", num(ts.recall_decode));
+                cJSON_AddItemToArray(pt, q);
+            }
             cJSON_AddItemToArray(jruns, o);
-            char c1[32], c2[32];
-            snprintf(c1, sizeof(c1), isnan(sm.err_decode) ? "-" : "%.4f", sm.err_decode);
-            snprintf(c2, sizeof(c2), isnan(sm.recall_decode) ? "-" : "%.4f", sm.recall_decode);
-            if (r->applied)
+            char c1[32] = "-", c2[32] = "-";
+            if (isfinite(sm.err_decode))
+                snprintf(c1, sizeof(c1), "%.4f", sm.err_decode);
+            if (isfinite(sm.recall_decode))
+                snprintf(c2, sizeof(c2), "%.4f", sm.recall_decode);
+            if (applied)
                 printf("%-*s %8s %6.1f%% %9s %9s %10.3g %8.3g %7.1f%%\n", lw,
                        kvt_policy_label(pols[p]), budgets[b].text, 100.0 * sm.kept_fraction, c1, c2,
-                       r->kl_mean, r->kl_max, 100.0 * r->top1);
+                       kl, kl_max, 100.0 * top1);
             else
                 printf("%-*s %8s %6.1f%% %9s %9s %10s %8s %8s\n", lw, kvt_policy_label(pols[p]),
                        budgets[b].text, 100.0 * sm.kept_fraction, c1, c2, "-", "-", "-");
-            if (r->applied && isfinite(sm.err_decode)) {
+            if (applied && isfinite(sm.err_decode)) {
                 e_x[n_err] = sm.err_decode;
-                e_kl[n_err++] = r->kl_mean;
+                e_kl[n_err++] = kl;
             }
-            if (r->applied && isfinite(sm.recall_decode)) {
+            if (applied && isfinite(sm.recall_decode)) {
                 r_x[n_rec] = 1.0 - sm.recall_decode;
-                r_kl[n_rec++] = r->kl_mean;
+                r_kl[n_rec++] = kl;
             }
         }
     double rho_err = spearman(e_x, e_kl, n_err), rho_rec = spearman(r_x, r_kl, n_rec);
-    kvt_free(xs);
     cJSON *sp = cJSON_AddObjectToObject(root, "spearman");
     cJSON_AddItemToObject(sp, "err_decode_vs_kl", num(rho_err));
     cJSON_AddItemToObject(sp, "missed_recall_decode_vs_kl", num(rho_rec));
@@ -722,9 +831,9 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         kvt_cli_fail(cmd, "out of memory");
         goto out_free;
     }
-    if (mk.sw) {
-        st = kvt_selection_writer_close(mk.sw);
-        mk.sw = NULL;
+    if (sw) {
+        st = kvt_selection_writer_close(sw);
+        sw = NULL;
         if (st) {
             kvt_cli_fail_status(cmd, st, export_path);
             goto out_free;
@@ -735,36 +844,25 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         goto out_free;
     }
     fprintf(stderr,
-            "e2e-llama2c: wrote %s (%zu runs of %u decode steps); Spearman's rho against the "
+            "e2e-llama2c: wrote %s (%zu settings on %zu trace%s); Spearman's rho against the "
             "end-to-end KL over %d settings: err_decode %.3f, 1 - recall_decode %.3f\n",
-            out, n_runs, G, n_err, rho_err, rho_rec);
+            out, n_runs, n_traces, n_traces == 1 ? "" : "s", n_err, rho_err, rho_rec);
     rc = 0;
 out_free:
-    if (pr_started)
-        kvt_progress_end(&pr);
-    if (mk.sw)
-        kvt_selection_writer_close(mk.sw); /* failed before the end: the export is discarded */
-    for (size_t i = 0; mk.keep && i < n_pol * n_b; i++)
-        kvt_free(mk.keep[i]);
-    kvt_free(mk.keep);
-    for (size_t i = 0; runs && i < n_pol * n_b; i++)
-        kvt_free(runs[i].kl_steps);
-    kvt_free(runs);
+    if (sw)
+        kvt_selection_writer_close(sw); /* failed before the end: the export is discarded */
+    for (size_t t = 0; ets && t < n_traces; t++)
+        trace_free(&ets[t], n_pol * n_b);
+    kvt_free(ets);
+    kvt_free(xs);
     if (txt)
         cJSON_free(txt);
     cJSON_Delete(root);
-    cJSON_Delete(hdr);
-    kvt_trace_result_free(tr);
+    kvt_results_free(res);
     kvt_free(budgets);
     kvt_policy_list_free(pols, n_pol);
-    kvt_trace_reader_close(rd);
-    kvt_llama2c_state_free(s);
     kvt_llama2c_model_close(model);
-    kvt_free(ids);
-    kvt_free(kref);
-    kvt_free(full);
-    kvt_free(lp_f);
-    kvt_free(lp_c);
+    kvt_free(traces);
     kvt_free(policies_arg);
     kvt_free(budgets_arg);
     return rc;

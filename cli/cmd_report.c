@@ -168,14 +168,16 @@ int kvt_cmd_report(int argc, char **argv)
             kvt_cli_fail_status(cmd, st, e2e_path);
             goto out_free;
         }
-        bool ours = false; /* of a trace of these results? */
-        for (size_t t = 0; t < res->n_traces && !ours; t++)
-            ours = kvt_cli_same_path(res->traces[t]->path, e2e->trace);
-        if (!ours)
-            fprintf(stderr,
-                    "kvtrace report: note: %s checked %s, which %s does not hold; the end-to-end "
-                    "section is shown as it is\n",
-                    e2e_path, e2e->trace, path);
+        for (size_t k = 0; k < e2e->n_traces; k++) {
+            bool ours = false; /* a trace of these results? */
+            for (size_t t = 0; t < res->n_traces && !ours; t++)
+                ours = kvt_cli_same_path(res->traces[t]->path, e2e->traces[k].path);
+            if (!ours)
+                fprintf(stderr,
+                        "kvtrace report: note: %s checked %s, which %s does not hold; the "
+                        "end-to-end section is shown as it is\n",
+                        e2e_path, e2e->traces[k].path, path);
+        }
     }
     /* a target given must be answerable (kvt_report_write says why not); without one the page
        says why it has no recommendation */

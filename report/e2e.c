@@ -22,8 +22,10 @@ void kvt_e2e_free(kvt_e2e *e)
         kvt_free(e->runs[i].budget);
     }
     kvt_free(e->runs);
+    for (size_t i = 0; e->traces && i < e->n_traces; i++)
+        kvt_free(e->traces[i].path);
+    kvt_free(e->traces);
     kvt_free(e->model);
-    kvt_free(e->trace);
     kvt_free(e);
 }
 
@@ -69,20 +71,39 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
     }
     const cJSON *runs = cJSON_GetObjectItemCaseSensitive(root, "runs");
     const cJSON *sp = cJSON_GetObjectItemCaseSensitive(root, "spearman");
-    const cJSON *np = cJSON_GetObjectItemCaseSensitive(root, "n_prompt");
-    const cJSON *nd = cJSON_GetObjectItemCaseSensitive(root, "n_decode");
+    const cJSON *trs = cJSON_GetObjectItemCaseSensitive(root, "traces");
     e->model = str_dup(root, "model");
-    e->trace = str_dup(root, "trace");
-    if (!cJSON_IsArray(runs) || !cJSON_IsObject(sp) || !cJSON_IsNumber(np) || !cJSON_IsNumber(nd) ||
-        !e->model || !e->trace || !num_or_null(sp, "err_decode_vs_kl", &e->rho_err_decode) ||
+    if (!cJSON_IsArray(runs) || !cJSON_IsObject(sp) || !cJSON_IsArray(trs) || !e->model ||
+        !num_or_null(sp, "err_decode_vs_kl", &e->rho_err_decode) ||
         !num_or_null(sp, "missed_recall_decode_vs_kl", &e->rho_missed_recall)) {
         st = kvt_error_set(KVT_ERR_CORRUPT,
-                           "%s: lacks one of model, trace, n_prompt, n_decode, runs, spearman "
-                           "(analysis/RESULTS.md, \"End-to-end check\")",
+                           "%s: lacks one of model, traces, runs, spearman (analysis/RESULTS.md, "
+                           "\"End-to-end check\")",
                            path);
         goto out_free;
     }
-    e->n_prompt = np->valueint, e->n_decode = nd->valueint;
+    e->n_traces = (size_t)cJSON_GetArraySize(trs);
+    if (e->n_traces == 0 || !(e->traces = kvt_calloc(e->n_traces, sizeof(*e->traces)))) {
+        st = e->n_traces ? kvt_error_set(KVT_ERR_NOMEM, "out of memory")
+                         : kvt_error_set(KVT_ERR_CORRUPT, "%s: no traces", path);
+        goto out_free;
+    }
+    size_t k = 0;
+    const cJSON *tj;
+    cJSON_ArrayForEach(tj, trs)
+    {
+        const cJSON *np = cJSON_GetObjectItemCaseSensitive(tj, "n_prompt");
+        const cJSON *nd = cJSON_GetObjectItemCaseSensitive(tj, "n_decode");
+        kvt_e2e_trace *x = &e->traces[k];
+        if (!(x->path = str_dup(tj, "path")) || !cJSON_IsNumber(np) || !cJSON_IsNumber(nd) ||
+            np->valueint < 1 || nd->valueint < 1) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "%s: traces[%zu] lacks path, or n_prompt or n_decode >= 1", path, k);
+            goto out_free;
+        }
+        x->n_prompt = np->valueint, x->n_decode = nd->valueint;
+        k++;
+    }
     e->n_runs = (size_t)cJSON_GetArraySize(runs);
     if (e->n_runs == 0 || !(e->runs = kvt_calloc(e->n_runs, sizeof(*e->runs)))) {
         st = e->n_runs ? kvt_error_set(KVT_ERR_NOMEM, "out of memory")

@@ -985,10 +985,13 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
     const kvt_e2e *e = pl->e2e;
     char a[32], b[32], c[32], d[32], g[32], h[32];
     fputs("<h2 id=\"e2e\">End to end: do the proxies predict the model's output?</h2>\n<p>", f);
-    fputs("<code>kvtrace e2e-llama2c</code> reran the ", f);
-    fprintf(f, "%d decode steps of ", e->n_decode);
-    put_escaped(f, e->trace);
-    fprintf(f, " (%d prompt tokens, model ", e->n_prompt);
+    fputs("<code>kvtrace e2e-llama2c</code> reran the decode steps of ", f);
+    for (size_t t = 0; t < e->n_traces; t++) {
+        fputs(t ? (t + 1 == e->n_traces ? " and " : ", ") : "", f);
+        put_escaped(f, e->traces[t].path);
+        fprintf(f, " (%d prompt tokens, %d steps)", e->traces[t].n_prompt, e->traces[t].n_decode);
+    }
+    fputs(" (model ", f);
     put_escaped(f, e->model);
     fputs(") with each setting's kept sets masking every layer and head, fed the same tokens, "
           "and compared the next-token distributions with the uncompressed run. Spearman's rho "
@@ -1005,11 +1008,16 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
           "decode queries against the model's mean next-token KL divergence from the "
           "uncompressed run.</figcaption></figure>\n",
           f);
-    bool ours = false; /* of a trace of these results? */
-    for (size_t t = 0; t < r->n_traces && !ours; t++) {
-        char ra[PATH_MAX], rb[PATH_MAX];
-        ours = !strcmp(r->traces[t]->path, e->trace) ||
-               (realpath(r->traces[t]->path, ra) && realpath(e->trace, rb) && !strcmp(ra, rb));
+    bool ours = true; /* is every trace of the check one of these results'? */
+    for (size_t k = 0; k < e->n_traces && ours; k++) {
+        bool found = false;
+        for (size_t t = 0; t < r->n_traces && !found; t++) {
+            char ra[PATH_MAX], rb[PATH_MAX];
+            found = !strcmp(r->traces[t]->path, e->traces[k].path) ||
+                    (realpath(r->traces[t]->path, ra) && realpath(e->traces[k].path, rb) &&
+                     !strcmp(ra, rb));
+        }
+        ours = found;
     }
     if (!ours)
         fputs("<p class=\"note\" id=\"e2e-other-trace\">Note: this check ran on a trace the "

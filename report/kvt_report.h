@@ -271,9 +271,16 @@ typedef struct kvt_e2e_run {
     double err_decode, recall_decode; /* the replay's proxies */
 } kvt_e2e_run;
 
-typedef struct kvt_e2e {
-    char *model, *trace; /* paths as the command was given them */
+/** A trace the check ran on. */
+typedef struct kvt_e2e_trace {
+    char *path; /* as the command was given it */
     int n_prompt, n_decode;
+} kvt_e2e_trace;
+
+typedef struct kvt_e2e {
+    char *model; /* path as the command was given it */
+    size_t n_traces;
+    kvt_e2e_trace *traces;
     size_t n_runs;
     kvt_e2e_run *runs;
     double rho_err_decode, rho_missed_recall; /* Spearman's rho against kl_mean (NaN: null) */

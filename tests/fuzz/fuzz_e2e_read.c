@@ -12,7 +12,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     kvt_e2e *e;
     if (kvt_e2e_parse((const char *)data, size, "input", &e) == KVT_OK) {
-        size_t n = strlen(e->model) + strlen(e->trace); /* touch what the page reads */
+        size_t n = strlen(e->model); /* touch what the page reads */
+        for (size_t i = 0; i < e->n_traces; i++)
+            n += strlen(e->traces[i].path);
         for (size_t i = 0; i < e->n_runs; i++)
             n += strlen(e->runs[i].policy) + strlen(e->runs[i].budget);
         if (n == (size_t)-1)

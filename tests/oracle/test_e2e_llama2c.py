@@ -12,6 +12,8 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
     (policy, budget) and per step, within f32-vs-f64 tolerance;
   * a budget above the prompt keeps everything: KL exactly 0, top-1 agreement 1;
   * one thread and two write the same file;
+  * two traces: each trace's measures equal its own run's bit for bit, a setting's are their
+    means (largest KL: the largest), its proxies the replay's aggregate over both;
   * the proxies beside them are the replay's (results of `kvtrace replay` on the same trace)
     and Spearman's rho is recomputed here from e2e.json's own columns;
   * a merged policy is listed as not applied, with why;
@@ -75,8 +77,10 @@ with tempfile.TemporaryDirectory() as tmp:
     run("e2e-llama2c", tr, "--model", MODEL, "--policies", ",".join(SPECS), "--budgets",
         budgets, "--threads", "1", "-o", out1)
     check(open(out1, "rb").read() == open(out, "rb").read(), "--threads 1 and 2 differ")
-    check(e2e["e2e_version"] == 1 and e2e["n_prompt"] == T and e2e["n_decode"] == G and
-          e2e["trace_key_error"] < 1e-2, "header %s" % {k: e2e[k] for k in e2e if k != "runs"})
+    t0 = e2e["traces"][0] if len(e2e["traces"]) == 1 else {}
+    check(e2e["e2e_version"] == 1 and t0.get("path") == tr and t0.get("n_prompt") == T and
+          t0.get("n_decode") == G and t0.get("trace_key_error", 1) < 1e-2,
+          "header %s" % {k: e2e[k] for k in e2e if k != "runs"})
     runs = {(x["policy"], x["budget"]): x for x in e2e["runs"]}
     check(len(runs) == len(SPECS) * 4, "%d runs" % len(runs))
 
@@ -87,8 +91,8 @@ with tempfile.TemporaryDirectory() as tmp:
     lpf = log_softmax(full)
     ref = full.argmax(-1)
     nll_full = float(-lpf[np.arange(G), ref].mean())
-    check(abs(e2e["nll_uncompressed"] - nll_full) < 1e-3,
-          "uncompressed log-loss %g vs NumPy %g" % (e2e["nll_uncompressed"], nll_full))
+    check(abs(t0["nll_uncompressed"] - nll_full) < 1e-3,
+          "uncompressed log-loss %g vs NumPy %g" % (t0["nll_uncompressed"], nll_full))
     L, Hq, Hkv = m["L"], m["Hq"], m["Hkv"]
     n_cmp, worst = 0, 0.0
     with kvtrace.read_selection(sel_path) as sel:
@@ -126,7 +130,9 @@ with tempfile.TemporaryDirectory() as tmp:
                 tol = lambda v: 2e-3 + 2e-3 * abs(v)  # noqa: E731 - f32 engine vs f64 oracle
                 ok = (x["applied"] and
                       abs(x["kl_mean"] - kl.mean()) <= tol(kl.mean()) and
-                      all(abs(a - c) <= tol(c) for a, c in zip(x["kl_steps"], kl)) and
+                      all(abs(a - c) <= tol(c)
+                          for a, c in zip(x["per_trace"][0]["kl_steps"], kl)) and
+                      x["per_trace"][0]["kl_mean"] == x["kl_mean"] and
                       abs(x["kl_max"] - kl.max()) <= tol(kl.max()) and
                       abs(x["nll_mean"] - nll.mean()) <= tol(nll.mean()) and
                       (not sure.all() or abs(x["top1_agreement"] - agree.mean()) < 1e-9))
@@ -172,6 +178,43 @@ with tempfile.TemporaryDirectory() as tmp:
     check("Spearman's rho" in r.stderr and "policy" in r.stdout.splitlines()[0],
           "summary lines: %r %r" % (r.stdout[:200], r.stderr))
 
+    # two traces (prompts of different lengths): each trace's measures are its own run's, bit
+    # for bit; a setting's are their means (the largest KL the largest), its proxies the
+    # replay's aggregate over both
+    tr2 = os.path.join(tmp, "t2.kvt")
+    run("capture-llama2c", "--model", MODEL, "--tokens", "80", "--decode", "10", "--window",
+        "16", "--colsum", "--seed", "5", "-o", tr2)
+    sp2 = "snapkv:window=16,quest:page=8,adakv:window=16,lightkv-like:window=16"
+    both, one, two = (os.path.join(tmp, n) for n in ("both.json", "one.json", "two.json"))
+    run("e2e-llama2c", tr, tr2, "--model", MODEL, "--policies", sp2, "--budgets", "8,24,25%",
+        "-o", both)
+    run("e2e-llama2c", tr, "--model", MODEL, "--policies", sp2, "--budgets", "8,24,25%",
+        "-o", one)
+    run("e2e-llama2c", tr2, "--model", MODEL, "--policies", sp2, "--budgets", "8,24,25%",
+        "-o", two)
+    rb = os.path.join(tmp, "rboth.json")
+    run("replay", tr, tr2, "--policies", sp2, "--budgets", "8,24,25%", "-o", rb)
+    eb, e1, e2_ = (json.load(open(f)) for f in (both, one, two))
+    agg = {(a["label"], a["budget_text"]): a["summary"] for a in json.load(open(rb))["aggregate"]}
+    ok = [(x["path"], x["n_prompt"], x["n_decode"]) for x in eb["traces"]] == \
+        [(tr, T, G), (tr2, 80, 10)]
+    for x, y, z in zip(eb["runs"], e1["runs"], e2_["runs"]):
+        keys = ("kl_mean", "kl_max", "top1_agreement", "nll_mean", "kl_steps", "budget_tokens")
+        ok &= all(x["per_trace"][0][k] == y["per_trace"][0][k] and
+                  x["per_trace"][1][k] == z["per_trace"][0][k] for k in keys)
+        ok &= x["per_trace"][1]["budget_tokens"] == (20 if x["budget"] == "25%" else
+                                                     int(x["budget"]))
+        if x["applied"]:
+            a, b = y["kl_mean"], z["kl_mean"]
+            ok &= x["kl_mean"] == a / 2 + b / 2 and x["kl_max"] == max(y["kl_max"], z["kl_max"])
+            ok &= x["top1_agreement"] == y["top1_agreement"] / 2 + z["top1_agreement"] / 2
+        sm = agg[(x["policy"], x["budget"])]
+        ok &= all(x["proxy"][k] == sm.get(k) for k in ("err_decode", "recall_decode"))
+    check(ok, "two traces: %s" % json.dumps(eb)[:400])
+    if ok:
+        print("ok: two traces: each trace's measures are its own run's; means and the replay's "
+              "aggregate over both")
+
     # kvtrace report --e2e: the section, its scatter and a row per setting
     rep = os.path.join(tmp, "rep")
     r2 = run("report", res, "--e2e", out, "-o", rep)
@@ -191,11 +234,11 @@ with tempfile.TemporaryDirectory() as tmp:
     other = os.path.join(tmp, "r_other.json")
     run("replay", tr, "--policies", "snapkv:window=16", "--budgets", "24",
         "-o", other)
-    moved = dict(e2e, trace=os.path.join(tmp, "elsewhere.kvt"))
+    moved = dict(e2e, traces=[dict(t0, path=os.path.join(tmp, "elsewhere.kvt"))])
     mj = os.path.join(tmp, "moved.json")
     json.dump(moved, open(mj, "w"))
     r3 = run("report", other, "--e2e", mj, "-o", os.path.join(tmp, "rep2"))
-    check("note: %s checked %s" % (mj, moved["trace"]) in r3.stderr and
+    check("note: %s checked %s" % (mj, moved["traces"][0]["path"]) in r3.stderr and
           'id="e2e-other-trace"' in open(os.path.join(tmp, "rep2", "index.html")).read() and
           'id="e2e-other-trace"' not in html,
           "report --e2e of another trace: %r" % r3.stderr)
