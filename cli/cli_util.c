@@ -422,3 +422,32 @@ int kvt_cli_append_policies(const char *cmd, char **list, const char *v)
     kvt_free(copy);
     return rc;
 }
+
+int kvt_cli_policy_files_ok(const char *cmd, kvt_policy *const *pols, size_t n_pol,
+                            const char *const *traces, size_t n_traces)
+{
+    for (size_t p = 0; p < n_pol; p++) {
+        if (n_traces > 1 && kvt_policy_one_trace(pols[p])) {
+            kvt_cli_fail(cmd,
+                         "%s: a scores file describes one trace, and %zu are given: give "
+                         "scores=DIR, a directory with one NAME.npy per trace NAME.kvt",
+                         kvt_policy_label(pols[p]), n_traces);
+            return 2;
+        }
+        /* two traces named alike would read one scores=DIR file */
+        for (size_t t = 0; t < n_traces; t++) {
+            char a[4096], b[4096];
+            if (!kvt_policy_trace_file(pols[p], traces[t], a, sizeof(a)))
+                break;
+            for (size_t u = 0; u < t; u++)
+                if (kvt_policy_trace_file(pols[p], traces[u], b, sizeof(b)) && !strcmp(a, b)) {
+                    kvt_cli_fail(cmd,
+                                 "%s: %s and %s would both read %s (one NAME.npy per trace "
+                                 "NAME.kvt): give the traces different names",
+                                 kvt_policy_label(pols[p]), traces[u], traces[t], a);
+                    return 2;
+                }
+        }
+    }
+    return 0;
+}

@@ -681,15 +681,9 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
         goto out_free;
     }
-    for (size_t p = 0; p < n_pol && n_traces > 1; p++)
-        if (kvt_policy_one_trace(pols[p])) {
-            kvt_cli_fail(cmd,
-                         "%s: a scores file describes one trace, and %zu are given: give "
-                         "scores=DIR, a directory with one NAME.npy per trace NAME.kvt",
-                         kvt_policy_label(pols[p]), n_traces);
-            rc = 2;
-            goto out_free;
-        }
+    if ((rc = kvt_cli_policy_files_ok(cmd, pols, n_pol, traces, n_traces)))
+        goto out_free; /* a usage error (2), said */
+    rc = 1;
     for (size_t t = 0; t < n_traces; t++)
         if ((st = kvt_replay_check_trace(traces[t], pols, n_pol))) {
             kvt_cli_fail_status(cmd, st, traces[t]);

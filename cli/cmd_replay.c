@@ -607,31 +607,9 @@ int kvt_cmd_replay(int argc, char **argv)
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1; /* a bad spec is a usage error */
         goto out_free;
     }
-    for (size_t p = 0; p < n_pol && n_traces > 1; p++)
-        if (kvt_policy_one_trace(pols[p])) {
-            kvt_cli_fail(cmd,
-                         "%s: a scores file describes one trace, and %d are given: give "
-                         "scores=DIR, a directory with one NAME.npy per trace NAME.kvt",
-                         kvt_policy_label(pols[p]), (int)n_traces);
-            rc = 2;
-            goto out_free;
-        }
-    /* two traces named alike would read one scores=DIR file */
-    for (size_t p = 0; p < n_pol; p++)
-        for (size_t t = 0; t < n_traces; t++) {
-            char a[4096], b[4096];
-            if (!kvt_policy_trace_file(pols[p], traces[t], a, sizeof(a)))
-                break;
-            for (size_t u = 0; u < t; u++)
-                if (kvt_policy_trace_file(pols[p], traces[u], b, sizeof(b)) && !strcmp(a, b)) {
-                    kvt_cli_fail(cmd,
-                                 "%s: %s and %s would both read %s (one NAME.npy per trace "
-                                 "NAME.kvt): give the traces different names",
-                                 kvt_policy_label(pols[p]), traces[u], traces[t], a);
-                    rc = 2;
-                    goto out_free;
-                }
-        }
+    if ((rc = kvt_cli_policy_files_ok(cmd, pols, n_pol, (const char *const *)traces, n_traces)))
+        goto out_free; /* a usage error (2), said */
+    rc = 1;
     /* every trace against the policies (windows, decode queries, column sums, external's
        scores=DIR files) before the first trace is replayed */
     for (size_t t = 0; t < n_traces; t++)

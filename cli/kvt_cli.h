@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "kvt_common.h"
+#include "kvt_replay.h"
 #include "kvt_report.h"
 
 typedef struct kvt_cli_command {
@@ -102,6 +103,12 @@ char *kvt_cli_append_list(char *list, const char *item);
  *  KVT_CLI_ALL_POLICIES: 0; 1 out of memory; 2 a usage error ('all:...', an empty list). Both
  *  errors printed. */
 int kvt_cli_append_policies(const char *cmd, char **list, const char *v);
+
+/** The policies' per-trace files against the traces of one replay: a scores file that
+ *  describes one trace given several, or two traces that would read one scores=DIR file.
+ *  Returns 0, or 2 (a usage error) after printing it. */
+int kvt_cli_policy_files_ok(const char *cmd, kvt_policy *const *pols, size_t n_pol,
+                            const char *const *traces, size_t n_traces);
 
 /** Parse a non-negative integer with optional k/M/G suffix; false on junk or overflow. */
 bool kvt_cli_parse_u64(const char *s, uint64_t *out);

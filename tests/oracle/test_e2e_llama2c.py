@@ -29,6 +29,7 @@ Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without NumPy, the CLI o
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -291,6 +292,10 @@ with tempfile.TemporaryDirectory() as tmp:
         "-o", nod)
     bad([nod, "--model", MODEL], "has no decode steps")
     bad([tr], "--model FILE is required", 2)
+    os.mkdir(os.path.join(tmp, "d2"))  # the same name in two directories, external's DIR
+    shutil.copy(tr, os.path.join(tmp, "d2", "t.kvt"))
+    bad([tr, os.path.join(tmp, "d2", "t.kvt"), "--model", MODEL, "--policies",
+         "external:scores=%s" % tmp], "would both read", 2)
     bad([tr, "--model", MODEL, "--policies", "lightkv-like"], "nothing to run", 2)
     # the same trace with layer 0's keys changed: not this model's run over these tokens
     forged = os.path.join(tmp, "forged.kvt")
