@@ -230,7 +230,8 @@ kvt_status kvt_report_plot_modality(const kvt_results *r, int m, const char *pat
 kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const char *path, int width,
                                       int height);
 /** Heatmap of the kept entries per layer and head of (policy, budget) (the head allocation of
- *  AdaKV...), colour scale [0, the largest count] with a colour bar.
+ *  AdaKV...), colour scale [0, the largest count of this policy and of every allocating policy
+ *  with the same kind of head at this budget] with a colour bar, so that their figures compare.
  * @return KVT_OK, KVT_ERR_INVALID_ARG (bad index, too small, nothing kept), KVT_ERR_IO. */
 kvt_status kvt_report_plot_head_keep(const kvt_results *r, size_t pol, size_t bud, const char *path,
                                      int width, int height);

@@ -120,7 +120,8 @@
     paint();
   }
   // kept entries per layer and head of the policies that allocate (D.alloc[i].head_keep[b]):
-  // one table each, coloured 0..the policy's largest count at the selected budget
+  // one table each, coloured 0..the largest count of any of them at the selected budget (of
+  // those with the same kind of head), so that the tables compare
   function allocHeads() {
     var root = document.getElementById('alloc-heatmaps');
     var sel = document.getElementById('alloc-budget');
@@ -140,10 +141,14 @@
     });
     root.appendChild(grid);
     function paint() {
-      var b = +sel.value;
+      var b = +sel.value, top = {};
       tables.forEach(function (t) {
-        var v = t.a.head_keep[b], vmax = 0;
-        v.forEach(function (x) { if (x !== null && x > vmax) vmax = x; });
+        t.a.head_keep[b].forEach(function (x) {
+          if (x !== null && !(x <= (top[t.H] || 0))) top[t.H] = x;
+        });
+      });
+      tables.forEach(function (t) {
+        var v = t.a.head_keep[b], vmax = top[t.H] || 0;
         t.bar.textContent = '';
         if (vmax > 0) t.bar.appendChild(colorbar(vmax, ' kept', count));
         else t.bar.appendChild(el('span', 'note', 'nothing measured at this budget'));

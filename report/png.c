@@ -347,12 +347,19 @@ kvt_status kvt_report_plot_head_keep(const kvt_results *r, size_t pol, size_t bu
     double *grid = kvt_malloc(n), vmax = 0.0;
     KVT_RETURN_IF(!grid, KVT_ERR_NOMEM, "plot: out of memory");
     for (int l = 0; l < L; l++)
-        for (int h = 0; h < H; h++) {
-            double v = kvt_report_head_keep(r, pol, bud, l, h);
-            grid[(size_t)l * H + h] = v;
-            if (v > vmax)
-                vmax = v;
-        }
+        for (int h = 0; h < H; h++)
+            grid[(size_t)l * H + h] = kvt_report_head_keep(r, pol, bud, l, h);
+    /* one colour scale for every allocating policy with this kind of head at this budget, so
+       that their figures compare (as the page's tables) */
+    for (size_t q = 0; q < r->n_policies; q++) {
+        if (t->policy_heads[q] != H || (q != pol && !kvt_report_policy_allocates(r, q)))
+            continue;
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++) {
+                double v = kvt_report_head_keep(r, q, bud, l, h);
+                vmax = v > vmax ? v : vmax;
+            }
+    }
     char title[240];
     snprintf(title, sizeof(title), "kept entries per layer and head: %.60s at budget %s (%.40s)",
              r->policies[pol].label, r->budgets[bud].text, t->model_name);

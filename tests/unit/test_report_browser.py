@@ -311,6 +311,14 @@ def main():
                    "if(!s)return;s.value='0';s.dispatchEvent(new Event('change'));})()")
             if info["alloc_tables"] and b.eval("document.body.dataset.allocBudget") != "0":
                 problems.append("the budget <select> does not repaint the allocation heatmaps")
+            # one colour scale for the allocation tables (of one kind of head): their colour
+            # bars say the same largest count
+            bars = b.eval("JSON.stringify(Array.from(document.querySelectorAll("
+                          "'#alloc-heatmaps .cbar-slot')).map(function(x){"
+                          "return x.textContent;}))")
+            bars = json.loads(bars) if bars else []
+            if len(set(bars)) > 1:
+                problems.append("allocation heatmaps on different colour scales: %s" % bars)
             b.pump(0.3)
         finally:
             b.close()
