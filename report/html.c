@@ -991,9 +991,9 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
         put_escaped(f, e->traces[t].path);
         fprintf(f, " (%d prompt tokens, %d steps)", e->traces[t].n_prompt, e->traces[t].n_decode);
     }
-    fputs(" (model ", f);
+    fputs(" on the model ", f);
     put_escaped(f, e->model);
-    fputs(") with each setting's kept sets masking every layer and head, fed the same tokens, "
+    fputs(", with each setting's kept sets masking every layer and head, fed the same tokens, "
           "and compared the next-token distributions with the uncompressed run. Spearman's rho "
           "against the mean KL: err_decode ",
           f);
