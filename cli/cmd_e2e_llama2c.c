@@ -1,10 +1,11 @@
 /* cmd_e2e_llama2c.c - `kvtrace e2e-llama2c`: the end-to-end check of the replay's proxies on
  * the built-in llama2.c engine. A replay judges each layer's kept set on its own, with the
  * queries of the uncompressed run; a real compressed cache also changes every later layer's
- * inputs. This command replays the policies on a trace captured by `capture-llama2c`, then
- * runs the model's decode steps again (teacher-forced: the same input tokens) with each
- * (policy, budget)'s kept sets as the attention mask of every layer and head, and measures
- * what the compression did to the model's next-token distribution: KL divergence from the
+ * inputs. This command replays the policies on traces captured by `capture-llama2c` (one, or
+ * a benchmark's prompts, then averaged), then runs each trace's decode steps again
+ * (teacher-forced: the same input tokens) with each (policy, budget)'s kept sets as the
+ * attention mask of every layer and head, and measures what the compression did to the
+ * model's next-token distribution: KL divergence from the
  * uncompressed run, top-1 agreement, the reference token's log-loss. It reports them beside
  * the replay's proxies (err_decode, recall_decode) and how well the proxies rank the settings
  * (Spearman's rho). Schema: analysis/RESULTS.md "End-to-end check".
