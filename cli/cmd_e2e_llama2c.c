@@ -155,14 +155,17 @@ static double dec12(double x)
     return strtod(b, NULL);
 }
 
-/* average ranks of x [n] (ties, at 12 decimal places, share their mean rank) into r */
-static void ranks(const double *x, int n, double *r)
+/* average ranks of x [n] (ties, at 12 decimal places, share their mean rank) into r; q [n]
+ * scratch */
+static void ranks(const double *x, int n, double *r, double *q)
 {
+    for (int i = 0; i < n; i++)
+        q[i] = dec12(x[i]);
     for (int i = 0; i < n; i++) {
         int less = 0, equal = 0;
         for (int j = 0; j < n; j++) {
-            less += dec12(x[j]) < dec12(x[i]);
-            equal += dec12(x[j]) == dec12(x[i]);
+            less += q[j] < q[i];
+            equal += q[j] == q[i];
         }
         r[i] = less + (equal + 1) / 2.0;
     }
@@ -174,11 +177,11 @@ static double spearman(const double *x, const double *y, int n)
 {
     if (n < 3)
         return NAN;
-    double *rx = malloc((size_t)n * sizeof(double)), *ry = malloc((size_t)n * sizeof(double));
+    double *rx = kvt_malloc(3 * (size_t)n * sizeof(double)), *ry = rx + n, *q = ry + n;
     double rho = NAN;
-    if (rx && ry) {
-        ranks(x, n, rx);
-        ranks(y, n, ry);
+    if (rx) {
+        ranks(x, n, rx, q);
+        ranks(y, n, ry, q);
         double mx = 0, my = 0, sxy = 0, sxx = 0, syy = 0;
         for (int i = 0; i < n; i++)
             mx += rx[i] / n, my += ry[i] / n;
@@ -190,8 +193,7 @@ static double spearman(const double *x, const double *y, int n)
         if (sxx > 0 && syy > 0)
             rho = sxy / sqrt(sxx * syy);
     }
-    free(rx);
-    free(ry);
+    kvt_free(rx);
     return rho;
 }
 
@@ -213,7 +215,8 @@ typedef struct decode_job {
     const int32_t *ids; /* [T + G] */
     int T, V;
     uint32_t G;
-    const float *full; /* [G, V] the reference logits */
+    const double *lp_full; /* [G, V] the reference log-probabilities */
+    const int32_t *ref;    /* [G] the reference's greedy tokens */
     const masks *mk;
     e2e_run *runs; /* [n_pol * n_b] */
     kvt_progress *pr;
@@ -223,8 +226,7 @@ typedef struct decode_job {
     char msg[512];
 } decode_job;
 
-static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_f,
-                             double *lp_c)
+static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c)
 {
     const masks *mk = j->mk;
     const uint8_t *keep = mk->keep[i];
@@ -237,14 +239,13 @@ static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, doub
         const float *lg;
         KVT_FORWARD(kvt_llama2c_state_set_mask(s, keep + (per_step ? g * plane : 0), (uint32_t)T));
         KVT_FORWARD(kvt_llama2c_forward(s, j->ids[T + g], &lg));
-        const float *fl = j->full + (size_t)g * V;
-        log_softmax(fl, V, lp_f);
+        const double *lp_f = j->lp_full + (size_t)g * V;
         log_softmax(lg, V, lp_c);
         double kl = 0.0;
         for (int v = 0; v < V; v++)
             kl += exp(lp_f[v]) * (lp_f[v] - lp_c[v]);
         kl = kl > 0 ? kl : 0.0; /* rounding below zero when identical */
-        int32_t ref = kvt_llama2c_argmax(fl, V);
+        const int32_t ref = j->ref[g];
         r->kl_steps[g] = kl;
         r->kl_mean += kl; /* sums here, means below: a share of G/G is exactly 1 */
         r->kl_max = fmax(r->kl_max, kl);
@@ -260,10 +261,9 @@ static void *decode_worker(void *arg)
 {
     decode_job *j = arg;
     kvt_llama2c_state *s = NULL;
-    double *lp_f = kvt_malloc((size_t)j->V * sizeof(double));
     double *lp_c = kvt_malloc((size_t)j->V * sizeof(double));
-    kvt_status st = lp_f && lp_c ? kvt_llama2c_state_create(j->model, false, &s)
-                                 : kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    kvt_status st = lp_c ? kvt_llama2c_state_create(j->model, false, &s)
+                         : kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     const float *lg;
     for (int i = 0; !st && i < j->T; i++)
         st = kvt_llama2c_forward(s, j->ids[i], &lg);
@@ -279,7 +279,7 @@ static void *decode_worker(void *arg)
             break;
         if (!j->mk->keep[i])
             continue; /* merged: not run */
-        st = decode_one(j, s, i, lp_f, lp_c);
+        st = decode_one(j, s, i, lp_c);
         if (!st) {
             pthread_mutex_lock(&j->mu);
             kvt_progress_update(j->pr, ++j->done, j->n_runs);
@@ -287,7 +287,6 @@ static void *decode_worker(void *arg)
         }
     }
     kvt_llama2c_state_free(s);
-    kvt_free(lp_f);
     kvt_free(lp_c);
     return NULL;
 }
@@ -314,7 +313,8 @@ typedef struct e2e_trace {
     int T;
     uint32_t G;
     int32_t *ids;    /* [T + G] prompt, then decode-step inputs */
-    float *full;     /* [G, V] the uncompressed run's logits */
+    double *lp_full; /* [G, V] the uncompressed run's next-token log-probabilities */
+    int32_t *ref;    /* [G] and its greedy tokens */
     double kerr;     /* layer 0's keys: the trace's against this model's, over their scale */
     double nll_full; /* the uncompressed run's mean -log p of its own greedy token */
     e2e_run *runs;   /* [n_pol * n_b] */
@@ -326,7 +326,8 @@ static void trace_free(e2e_trace *et, size_t n_runs)
         kvt_free(et->runs[i].kl_steps);
     kvt_free(et->runs);
     kvt_free(et->ids);
-    kvt_free(et->full);
+    kvt_free(et->lp_full);
+    kvt_free(et->ref);
 }
 
 /* Check the trace at et->path against the model (shape, decode steps, token tables, layer 0's
@@ -341,7 +342,6 @@ static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *mode
     kvt_trace_reader *rd = NULL;
     kvt_llama2c_state *s = NULL;
     float *kref = NULL;
-    double *lp = NULL;
     cJSON *hdr = NULL;
     KVT_FORWARD(kvt_trace_reader_open(path, &rd));
     kvt_status st = KVT_OK;
@@ -388,10 +388,10 @@ static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *mode
         goto out;
     }
     et->ids = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
-    et->full = kvt_malloc((size_t)G * V * sizeof(float));
+    et->lp_full = kvt_malloc((size_t)G * V * sizeof(double));
+    et->ref = kvt_malloc((size_t)G * sizeof(int32_t));
     kref = kvt_malloc((size_t)Hkv * T * D * sizeof(float));
-    lp = kvt_malloc((size_t)V * sizeof(double));
-    if (!et->ids || !et->full || !kref || !lp) {
+    if (!et->ids || !et->lp_full || !et->ref || !kref) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out;
     }
@@ -435,15 +435,15 @@ static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *mode
     et->nll_full = 0.0;
     for (uint32_t g = 0; g < G && !st; g++)
         if (!(st = kvt_llama2c_forward(s, et->ids[T + g], &lg))) {
-            memcpy(et->full + (size_t)g * V, lg, (size_t)V * sizeof(float));
+            double *lp = et->lp_full + (size_t)g * V;
             log_softmax(lg, V, lp);
-            et->nll_full += -lp[kvt_llama2c_argmax(lg, V)];
+            et->ref[g] = kvt_llama2c_argmax(lg, V);
+            et->nll_full += -lp[et->ref[g]];
         }
     et->nll_full /= G;
 out:
     kvt_llama2c_state_free(s);
     kvt_free(kref);
-    kvt_free(lp);
     cJSON_Delete(hdr);
     kvt_trace_reader_close(rd);
     return st;
@@ -510,7 +510,8 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
                      .T = T,
                      .V = c->vocab_size,
                      .G = G,
-                     .full = et->full,
+                     .lp_full = et->lp_full,
+                     .ref = et->ref,
                      .mk = &mk,
                      .runs = et->runs,
                      .pr = pr,
