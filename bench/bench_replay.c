@@ -23,8 +23,8 @@
 #include "kvt_trace.h"
 
 #define POLICIES                                                                                   \
-    "full,random,streamingllm,tova,snapkv,pyramidkv,adakv,knorm,vnorm,keydiff,mixkv-snapkv,"       \
-    "mixkv-pyramidkv,mixkv-adakv,h2o,oracle,quest,hybridkv-like,lightkv-like"
+    "full,random,streamingllm,tova,snapkv,chunkkv,pyramidkv,adakv,knorm,vnorm,keydiff,"            \
+    "mixkv-snapkv,mixkv-pyramidkv,mixkv-adakv,h2o,oracle,quest,hybridkv-like,lightkv-like"
 
 static void check(kvt_status s, const char *what)
 {

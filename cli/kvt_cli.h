@@ -94,8 +94,8 @@ void kvt_progress_end(kvt_progress *p);
 
 /** The policies `--policies all` names (replay's default). */
 #define KVT_CLI_ALL_POLICIES                                                                       \
-    "full,random,streamingllm,tova,snapkv,pyramidkv,adakv,knorm,vnorm,keydiff,mixkv-snapkv,"       \
-    "mixkv-pyramidkv,mixkv-adakv"
+    "full,random,streamingllm,tova,snapkv,chunkkv,pyramidkv,adakv,knorm,vnorm,keydiff,"            \
+    "mixkv-snapkv,mixkv-pyramidkv,mixkv-adakv"
 /** list + "," + item in a new string (list NULL: item alone); list is freed, also when out of
  *  memory (NULL). */
 char *kvt_cli_append_list(char *list, const char *item);

@@ -196,6 +196,13 @@ kvt_status kvt_sel_rank_window_all(kvt_layer_selection *s, const double *score, 
  *  ranking is computed once per (scores, W) and copied to the policies that ask again. */
 kvt_status kvt_ctx_rank_window_all(kvt_layer_ctx *c, kvt_layer_selection *s, const double *score,
                                    int W);
+/** Chunks of the prefix P = [0, P): chunk i is [i*C, min((i+1)*C, P)), n_chunks = ceil(P/C).
+ *  kvt_chunk_order: cord [n_chunks] = the chunks by score cs descending (ties: lower chunk);
+ *  ord [T] = the window (T-1, ..., T-W) then the chunks' tokens in that order, ascending
+ *  inside a chunk. work is [n_chunks]. kvt_chunk_count: tokens in the first n_take of cord. */
+void kvt_chunk_order(const double *cs, int n_chunks, int C, int P, int W, int T, int32_t *ord,
+                     int32_t *work, int32_t *cord);
+int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P);
 /** count[b][h] = min(T, B_b) for every head (uniform budgets, window included). */
 void kvt_counts_uniform(kvt_layer_selection *s, const int *budgets, int n_b);
 /** Round half to even (torch.round, Python round). */

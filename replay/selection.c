@@ -91,6 +91,28 @@ kvt_status kvt_rank_window(const double *score, int T, int W, int32_t *order)
     return st;
 }
 
+void kvt_chunk_order(const double *cs, int n_chunks, int C, int P, int W, int T, int32_t *ord,
+                     int32_t *work, int32_t *cord)
+{
+    for (int i = 0; i < W; i++)
+        ord[i] = T - 1 - i;
+    kvt_rank_desc_ref(cs, n_chunks, cord, work);
+    int t = W;
+    for (int i = 0; i < n_chunks; i++)
+        for (int j = cord[i] * C; j < P && j < (cord[i] + 1) * C; j++)
+            ord[t++] = j;
+}
+
+int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P)
+{
+    int cnt = 0;
+    for (int i = 0; i < n_take && i < n_chunks; i++) {
+        int j0 = cord[i] * C, j1 = j0 + C < P ? j0 + C : P;
+        cnt += j1 - j0;
+    }
+    return cnt;
+}
+
 void kvt_counts_uniform(kvt_layer_selection *s, const int *budgets, int n_b)
 {
     for (int b = 0; b < n_b; b++)

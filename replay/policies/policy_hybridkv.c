@@ -20,29 +20,6 @@
 
 #include "../replay_internal.h"
 
-static kvt_status chunk_order(const double *cs, int n_chunks, int C, int P, int W, int T,
-                              int32_t *ord, int32_t *work, int32_t *cord)
-{
-    for (int i = 0; i < W; i++)
-        ord[i] = T - 1 - i;
-    kvt_rank_desc_ref(cs, n_chunks, cord, work);
-    int t = W;
-    for (int i = 0; i < n_chunks; i++)
-        for (int j = cord[i] * C; j < P && j < (cord[i] + 1) * C; j++)
-            ord[t++] = j;
-    return KVT_OK;
-}
-
-static int chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P)
-{
-    int cnt = 0;
-    for (int i = 0; i < n_take && i < n_chunks; i++) {
-        int j0 = cord[i] * C, j1 = j0 + C < P ? j0 + C : P;
-        cnt += j1 - j0;
-    }
-    return cnt;
-}
-
 static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
@@ -142,7 +119,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                 }
                 cs[i] = s;
             }
-            chunk_order(cs, n_chunks, C, P, W, T, o_h, work, cord + (size_t)h * nc);
+            kvt_chunk_order(cs, n_chunks, C, P, W, T, o_h, work, cord + (size_t)h * nc);
             if (Gd > 0 && !kvt_kernels_ref_only()) {
                 /* the same chunk maxima with the decode logits of all steps as one product
                  * per query head (kd: the KV head's prefix keys in double, converted once) */
@@ -176,9 +153,9 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                     }
                 }
                 for (int s = 0; s < Gd; s++)
-                    chunk_order(csa + (size_t)s * nc, n_chunks, C, P, W, T,
-                                sel->step_order + ((size_t)h * Gd + s) * T, work,
-                                scord + ((size_t)h * Gd + s) * nc);
+                    kvt_chunk_order(csa + (size_t)s * nc, n_chunks, C, P, W, T,
+                                    sel->step_order + ((size_t)h * Gd + s) * T, work,
+                                    scord + ((size_t)h * Gd + s) * nc);
             } else if (Gd > 0) {
                 sel->step_head[h] = 1;
                 for (int s = 0; s < Gd; s++) {
@@ -192,9 +169,9 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                         for (int j = 0; j < P; j++)
                             cs[j / C] = z[j] > cs[j / C] ? z[j] : cs[j / C];
                     }
-                    chunk_order(cs, n_chunks, C, P, W, T,
-                                sel->step_order + ((size_t)h * Gd + s) * T, work,
-                                scord + ((size_t)h * Gd + s) * nc);
+                    kvt_chunk_order(cs, n_chunks, C, P, W, T,
+                                    sel->step_order + ((size_t)h * Gd + s) * T, work,
+                                    scord + ((size_t)h * Gd + s) * nc);
                 }
             }
         }
@@ -258,14 +235,14 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
             else if (is_static[h])
                 cnt = W + caps[h]; /* <= P: the water-filling caps each head at P */
             else
-                cnt = W + chunk_count(cord + (size_t)h * nc, dyn_chunks, n_chunks, C, P);
+                cnt = W + kvt_chunk_count(cord + (size_t)h * nc, dyn_chunks, n_chunks, C, P);
             sel->count[(size_t)b * H + h] = cnt;
             if (sel->step_head && sel->step_head[h])
                 for (int s = 0; s < Gd; s++) {
                     int sc = cnt;
                     if (T >= B[b] && bb > 0)
-                        sc = W + chunk_count(scord + ((size_t)h * Gd + s) * nc, dyn_chunks,
-                                             n_chunks, C, P);
+                        sc = W + kvt_chunk_count(scord + ((size_t)h * Gd + s) * nc, dyn_chunks,
+                                                 n_chunks, C, P);
                     sel->step_count[((size_t)b * H + h) * Gd + s] = sc;
                 }
         }

@@ -76,6 +76,8 @@ def policy_specs(W, has_decode, has_colsum, scores=None):
     specs = ["full", "streamingllm", "streamingllm:sinks=2", "tova",
              s("snapkv"), s("snapkv", "kernel=7", "pool=max"), s("snapkv", "kernel=1"),
              s("snapkv", "reduce=max", "pool=max", "kernel=3"), s("snapkv", "heads=query"),
+             s("chunkkv"), s("chunkkv", "chunk=7", "kernel=1"),
+             s("chunkkv", "chunk=4", "heads=query", "reduce=max", "pool=max"),
              s("pyramidkv"), s("pyramidkv", "fallback=1"), s("pyramidkv", "beta=5"),
              s("adakv"), s("adakv", "normalize=0"), s("adakv", "alpha=0.5", "pool=max"),
              s("adakv", "heads=query"),

@@ -16,6 +16,9 @@ What it implements (POLICIES.md section in brackets):
     online r, streamingllm [§7] (sinks + recent), h2o [§6] one shot from column sums;
     sparsemm [§5] and headkv [§11] static head budgets from a head-score table (scores=);
     extras: full, knorm, vnorm, keydiff [§8], tova [§8], oracle (decode-attention ranking);
+    chunkkv [§11, kvpress ChunkKVPress]: the prefix in chunks of C from token 0, a chunk's
+    score the mean over its tokens of the snapkv scores summed over the heads, the window
+    plus the floor((B−W)/C) best whole chunks, one set for the layer;
   * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
     renormalised over the kept set) on all stored window queries and on decode queries (which
     also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
@@ -68,6 +71,7 @@ POLICIES = {
     "h2o": {"window": 32, "reduce": "mean", "heads": "kv"},
     "tova": {"heads": "kv"},
     "snapkv": dict(_SNAP),
+    "chunkkv": dict(_SNAP, chunk=10),
     "pyramidkv": dict(_SNAP, beta=20, fallback=0),
     "adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0),
     "knorm": {"window": 0, "heads": "kv"},
@@ -557,6 +561,18 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info):
         red = a if query else reduce_heads(a, ctx.Hkv, o["reduce"])
         sc = pool1d(red, int(o["kernel"]), o["pool"])
     pooled = sc
+    chunk_take = None
+    if name == "chunkkv":
+        # every token carries its chunk's score: a stable sort then orders whole chunks,
+        # best first (ties: lower chunk), ascending inside a chunk
+        C, nP = int(o["chunk"]), N - W
+        tok = sc.sum(axis=0)
+        starts = list(range(0, nP, C))
+        cscore = np.array([tok[a:a + C].mean() for a in starts])
+        per_tok = np.repeat(cscore, [min(C, nP - a) for a in starts]) if starts else tok
+        sc = np.tile(per_tok, (H, 1))
+        ranked = sorted(range(len(starts)), key=lambda i: (-cscore[i], i))
+        chunk_take = [min(C, nP - starts[i]) for i in ranked]
     if name.startswith("mixkv-"):
         sc = np.stack([mixkv_composite(pooled[hh], ctx.K[heads_kv[hh]], ctx.V[heads_kv[hh]], W,
                                        bool(o["clamp_r"]))[0] for hh in range(H)]) \
@@ -571,6 +587,8 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info):
     base = B - W
     if name in ("snapkv", "h2o", "mixkv-snapkv"):
         return orders, [W + min(base, nP)] * H
+    if name == "chunkkv":
+        return orders, [W + sum(chunk_take[:base // int(o["chunk"])])] * H
     if name in ("pyramidkv", "mixkv-pyramidkv"):
         bl = pyramid_budgets(B, W, N, n_layers, int(o["beta"]), bool(o["fallback"]))[layer]
         return orders, [W + max(0, min(bl, nP))] * H

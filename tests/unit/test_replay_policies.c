@@ -2,7 +2,8 @@
  * policy: window protection and ties (lower index first), pooling, GQA groups (mean over the
  * group vs per query head), short prompts, B < W, PyramidKV's schedule, AdaKV's allocation
  * (3a/3b, normalize, ties) and its sums, SparseMM's static caps, MixKV cross-checks
- * (r = 1 is KeyDiff, r = 0 with flat value norms is SnapKV), Quest pages, oracle, merging.
+ * (r = 1 is KeyDiff, r = 0 with flat value norms is SnapKV), ChunkKV's whole chunks, Quest
+ * pages, oracle, merging.
  * Keys are 1-D (D = 1, scale 1) where possible so the logits are the key values.
  */
 #include "replay_test_util.h"
@@ -312,6 +313,54 @@ static void test_tova_h2o_oracle(void)
     EXPECT_KEPT(s, 0, 0, -1, "1,3");
     EXPECT_KEPT(s, 1, 0, -1, "0,1,2,3"); /* 0 and 4 tie: lower first */
     kvt_layer_selection_free(s);
+}
+
+/* chunkkv: W=1, kernel 1, so a token's score is the last query's probability e^k/Z; both
+ * heads have Z = 16 (x = e^k below). Summed over the heads the prefix reads 7,2,2, 2,2,6, 4,4:
+ * chunks of 3 are [0,3) mean 11/3, [3,6) 10/3, and the short [6,8) mean 4, which ranks first
+ * although its sum (8) is the smallest. Head 1 alone would rank token 5 first. */
+static void test_chunkkv(void)
+{
+    const double x0[9] = {6, 1, 1, 1, 1, 1, 2, 2, 1}, x1[9] = {1, 1, 1, 1, 1, 5, 2, 2, 2};
+    float k[18], v[18] = {0};
+    for (int j = 0; j < 9; j++) {
+        k[j] = (float)log(x0[j]);
+        k[9 + j] = (float)log(x1[j]);
+    }
+    const float q[2] = {1, 1};
+    kvt_layer_input in = layer1d(9, 1, 2, 2, k, v, q);
+    const int B[] = {4, 6, 7, 8, 3, 1, 9, 12};
+    kvt_layer_selection *s = tl_select(&in, "chunkkv:window=1,kernel=1,chunk=3", B, 8);
+    for (int h = 0; h < 2; h++) {          /* one set for the layer */
+        EXPECT_KEPT(s, 0, h, -1, "6,7,8"); /* b=3: one chunk, the short one: 3 < B kept */
+        EXPECT_KEPT(s, 1, h, -1, "6,7,8"); /* b=5: still one whole chunk */
+        EXPECT_KEPT(s, 2, h, -1, "0,1,2,6,7,8");
+        EXPECT_KEPT(s, 3, h, -1, "0,1,2,6,7,8");
+        EXPECT_KEPT(s, 4, h, -1, "8"); /* b=2 < chunk: the window only */
+        EXPECT_KEPT(s, 5, h, -1, "8");
+        EXPECT_KEPT(s, 6, h, -1, "0,1,2,3,4,5,6,7,8");
+        EXPECT_KEPT(s, 7, h, -1, "0,1,2,3,4,5,6,7,8"); /* short prompt */
+    }
+    kvt_layer_selection_free(s);
+    /* chunks of 4: [0,4) sums 13, [4,8) 16 */
+    s = tl_select(&in, "chunkkv:window=1,kernel=1,chunk=4", B, 3);
+    EXPECT_KEPT(s, 0, 1, -1, "8");
+    EXPECT_KEPT(s, 1, 0, -1, "4,5,6,7,8");
+    EXPECT_KEPT(s, 2, 1, -1, "4,5,6,7,8");
+    kvt_layer_selection_free(s);
+    /* a chunk larger than the prefix: one short chunk of 8 */
+    s = tl_select(&in, "chunkkv:window=1,kernel=1,chunk=20", B, 7);
+    EXPECT_KEPT(s, 3, 0, -1, "8"); /* B=8 is not a whole chunk of 20 */
+    EXPECT_KEPT(s, 6, 0, -1, "0,1,2,3,4,5,6,7,8");
+    kvt_layer_selection_free(s);
+    /* snapkv on the same layer keeps per head: head 1's best token is 5 */
+    s = tl_select(&in, "snapkv:window=1,kernel=1", B, 5);
+    EXPECT_KEPT(s, 4, 1, -1, "5,6,8");
+    EXPECT_KEPT(s, 4, 0, -1, "0,6,8");
+    kvt_layer_selection_free(s);
+    kvt_policy *p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("chunkkv:chunk=0", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("chunkkv:sinks=4", NULL, &p), KVT_ERR_INVALID_ARG);
 }
 
 static void test_random(void)
@@ -651,7 +700,7 @@ static void test_parse(void)
         KVT_EXPECT_MSG(kvt_budgets_parse(odd[i], &b, &n) == KVT_ERR_INVALID_ARG, "'%s'", odd[i]);
     KVT_CHECK(kvt_budgets_parse("0.5%", &b, &n));
     kvt_free(b);
-    KVT_EXPECT(kvt_policy_registry_size() == 21);
+    KVT_EXPECT(kvt_policy_registry_size() == 22);
 }
 
 int main(void)
@@ -662,6 +711,7 @@ int main(void)
     test_adakv();
     test_positions_and_norms();
     test_tova_h2o_oracle();
+    test_chunkkv();
     test_random();
     test_sparsemm_and_mixkv();
     test_quest();
