@@ -81,7 +81,7 @@ static const opt_desc opts_table[] = {
     {"theta", O_DBL, OFF(theta), 1e-9, 1, "HybridKV-like attention mass threshold"},
     {"tau", O_TAU, OFF(tau), 0, 1, "HybridKV-like static threshold or median"},
     {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
-    {"chunk", O_INT, OFF(chunk), 1, 1e6, "HybridKV-like chunk size"},
+    {"chunk", O_INT, OFF(chunk), 1, 1e6, "chunk size (chunkkv, hybridkv-like)"},
     {"chunk_score", O_REDUCE, OFF(chunk_score), KVT_REDUCE_MAX, KVT_REDUCE_SUM,
      "HybridKV-like chunk score sum|max"},
     {"floor", O_DBL, OFF(floor_frac), 0, 1, "HybridKV-like static floor (share of b)"},
