@@ -42,10 +42,11 @@ typedef struct cd_mem {
 struct kvt_capdev {
     int device;
     kvt_trace_writer *w;
-    bool planes;       /* the writer wants byte-plane split payloads */
-    uint8_t *dring;    /* [n_slots * slot_bytes] device */
-    uint8_t *hring;    /* [n_slots * slot_bytes] pinned host */
-    cudaStream_t side; /* non-blocking copy stream */
+    bool planes;          /* the writer wants byte-plane split payloads */
+    uint8_t *dring;       /* [n_slots * slot_bytes] device */
+    uint8_t *hring;       /* [n_slots * slot_bytes] pinned host */
+    cudaStream_t side;    /* non-blocking copy stream */
+    cudaEvent_t ev_order; /* kvt_capdev_order: one stream's work so far, for another to wait on */
     cd_slot *slots;
     uint32_t head, count; /* in-flight slots head .. head + count - 1 (mod n_slots) */
     kvt_record_info *parts;
@@ -172,6 +173,8 @@ extern "C" void kvt_capdev_free(kvt_capdev *d)
             cudaFree(d->dring);
         if (d->hring)
             cudaFreeHost(d->hring);
+        if (d->ev_order)
+            cudaEventDestroy(d->ev_order);
         if (d->side)
             cudaStreamDestroy(d->side);
     }
@@ -225,6 +228,10 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot pin %llu bytes of host memory: %s",
                                (unsigned long long)(n * slot), cudaGetErrorString(e));
         }
+        if (st == KVT_OK &&
+            (e = cudaEventCreateWithFlags(&d->ev_order, cudaEventDisableTiming)) != cudaSuccess)
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot create events: %s",
+                               cudaGetErrorString(e));
         for (uint64_t i = 0; st == KVT_OK && i < n; i++) {
             e = cudaEventCreateWithFlags(&d->slots[i].ev_gathered, cudaEventDisableTiming);
             if (e == cudaSuccess)
@@ -317,6 +324,23 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
     return KVT_OK;
 }
 
+extern "C" kvt_status kvt_capdev_order(kvt_capdev *d, void *from, void *to)
+{
+    KVT_RETURN_IF(!d, KVT_ERR_INVALID_ARG, "capture: null argument");
+    if (from == to)
+        return KVT_OK;
+    CD_SCOPE(d);
+    /* the wait takes the event's state at this record: reusing the event later is fine */
+    KVT_CU(cudaEventRecord(d->ev_order, kvt_cu_stream(from)));
+    KVT_CU(cudaStreamWaitEvent(kvt_cu_stream(to), d->ev_order, 0));
+    return KVT_OK;
+}
+
+extern "C" void *kvt_capdev_stream(const kvt_capdev *d)
+{
+    return d ? (void *)d->side : NULL;
+}
+
 extern "C" kvt_status kvt_capdev_drain(kvt_capdev *d)
 {
     if (!d)
@@ -324,6 +348,16 @@ extern "C" kvt_status kvt_capdev_drain(kvt_capdev *d)
     CD_SCOPE(d);
     while (d->count > 0)
         KVT_FORWARD(reap(d, true));
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_capdev_sync(kvt_capdev *d)
+{
+    if (!d)
+        return KVT_OK;
+    KVT_FORWARD(kvt_capdev_drain(d));
+    CD_SCOPE(d);
+    KVT_CU(cudaDeviceSynchronize());
     return KVT_OK;
 }
 

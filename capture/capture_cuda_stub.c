@@ -76,3 +76,21 @@ void kvt_capdev_free(kvt_capdev *d)
 {
     (void)d;
 }
+
+kvt_status kvt_capdev_order(kvt_capdev *d, void *from, void *to)
+{
+    (void)d, (void)from, (void)to;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
+}
+
+void *kvt_capdev_stream(const kvt_capdev *d)
+{
+    (void)d;
+    return NULL;
+}
+
+kvt_status kvt_capdev_sync(kvt_capdev *d)
+{
+    (void)d;
+    return KVT_OK;
+}

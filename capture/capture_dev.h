@@ -77,8 +77,19 @@ kvt_status kvt_capdev_colsum(kvt_capdev *d, const float *q, const float *k, doub
                              int n_q_heads, int n_kv_heads, uint32_t q_begin, uint32_t n_q,
                              uint32_t n_k, int head_dim, float scale, void *stream);
 
+/** Make stream `to` wait (on the device) for the work enqueued so far on stream `from`: for
+ *  device buffers one producer stream writes and another reads (nothing when they are the
+ *  same stream). The host does not wait. */
+kvt_status kvt_capdev_order(kvt_capdev *d, void *from, void *to);
+
+/** The side stream the ring's device-to-host copies run on (a cudaStream_t), or NULL. */
+void *kvt_capdev_stream(const kvt_capdev *d);
+
 /** Wait for every queued copy and hand the records to the writer. */
 kvt_status kvt_capdev_drain(kvt_capdev *d);
+
+/** kvt_capdev_drain, then wait until the device has finished all work (every stream). */
+kvt_status kvt_capdev_sync(kvt_capdev *d);
 
 void kvt_capdev_get_stats(const kvt_capdev *d, kvt_capdev_stats *out);
 

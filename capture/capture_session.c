@@ -33,8 +33,10 @@ typedef struct layer_state {
     uint8_t *dk;          /* [Hkv, chunk, D] */
     uint8_t *dv;          /* [Hkv, chunk, D] */
     /* device views (KVT_MEM_CUDA) */
-    bool kv_dev;              /* with column sums: the keys came from device memory */
-    float *dk_f32;            /* device [Hkv, T, D] keys for the GPU column sums */
+    bool kv_dev;     /* with column sums: the keys came from device memory */
+    float *dk_f32;   /* device [Hkv, T, D] keys for the GPU column sums */
+    void *dk_stream; /* stream of the last gather into dk_f32 (dk_has: one happened) */
+    bool dk_has;
     double *dcolsum;          /* device [Hq, T] accumulator */
     void *cs_stream;          /* stream the column sums were enqueued on */
     int dec_mem;              /* decode views: 0 none yet, 1 host, 2 device */
@@ -65,6 +67,8 @@ struct kvt_capture_session {
     int dev_device;  /* its CUDA ordinal */
     float *dq_f32;   /* device f32 queries for the GPU column sums */
     size_t dq_f32_cap;
+    void *cs_last; /* stream of the last column-sum launch, which read dq_f32 (cs_has: one ran) */
+    bool cs_has;
     kvt_status err; /* sticky write error */
     char err_msg[256];
     struct kvt_capture_stats stats;
@@ -243,6 +247,15 @@ static kvt_status dev_fail(kvt_capture_session *s, kvt_status st)
         snprintf(s->err_msg, sizeof(s->err_msg), "%s", kvt_error_msg());
     }
     return st;
+}
+
+/* Engines may hand each tensor on its own stream: before a device buffer that one stream wrote
+ * (or read) is read (or overwritten) on another, that stream waits for the first one's work. */
+static kvt_status dev_order(kvt_capture_session *s, bool has, void *from, void *to)
+{
+    if (!has || from == to)
+        return KVT_OK;
+    return dev_fail(s, kvt_capdev_order(s->dev, from, to));
 }
 
 /* Check a view before anything of a submission is queued: a device view needs the device side
@@ -598,8 +611,12 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
     KVT_FORWARD(emit_view(s, KVT_KIND_V, layer, &hv, 0, hv.n_t, tok_begin));
     if (s->opts.with_colsum && hk.dev) {
         kvt_capdev_view dk = dev_view(&hk);
+        /* chained, so that the last gather's stream carries every earlier one */
+        KVT_FORWARD(dev_order(s, ls->dk_has, ls->dk_stream, hk.stream));
         KVT_FORWARD(dev_fail(
             s, kvt_capdev_gather(s->dev, &dk, 0, hk.n_t, KVT_DTYPE_F32, ls->dk_f32, T, tok_begin)));
+        ls->dk_stream = hk.stream;
+        ls->dk_has = true;
     } else if (ls->k_f32) {
         gather(&hk, 0, hk.n_t, KVT_DTYPE_F32, ls->k_f32 + (size_t)tok_begin * hk.n_d, T);
     }
@@ -744,13 +761,18 @@ kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_
     if (s->opts.with_colsum && hq.dev) { /* enqueued on the query's stream; host time only */
         uint64_t t0 = kvt_now_ns();
         kvt_capdev_view dq = dev_view(&hq);
+        /* dq_f32 and the sums' workspace: after the last sums that read them (any layer's,
+         * which also chains this layer's accumulation); the keys: after their gathers */
+        KVT_FORWARD(dev_order(s, s->cs_has, s->cs_last, hq.stream));
+        KVT_FORWARD(dev_order(s, ls->dk_has, ls->dk_stream, hq.stream));
         KVT_FORWARD(dev_fail(
             s, kvt_capdev_gather(s->dev, &dq, 0, hq.n_t, KVT_DTYPE_F32, s->dq_f32, hq.n_t, 0)));
         KVT_FORWARD(
             dev_fail(s, kvt_capdev_colsum(s->dev, s->dq_f32, ls->dk_f32, ls->dcolsum,
                                           s->model.n_q_heads, s->model.n_kv_heads, tok_begin, n, T,
                                           s->model.head_dim, s->scale, hq.stream)));
-        ls->cs_stream = hq.stream;
+        ls->cs_stream = s->cs_last = hq.stream;
+        s->cs_has = true;
         s->stats.colsum_ns += kvt_now_ns() - t0;
     } else if (s->opts.with_colsum) {
         uint64_t t0 = kvt_now_ns();
@@ -909,6 +931,10 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
             KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vq, t, take, dt, ls->ddq, C, c)));
             KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vk, t, take, dt, ls->ddk, C, c)));
             KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vv, t, take, dt, ls->ddv, C, c)));
+            /* the flush copies on the query's stream: after every gather into the chunk */
+            KVT_FORWARD(dev_order(s, true, hk.stream, hq.stream));
+            KVT_FORWARD(dev_order(s, true, hv.stream, hq.stream));
+            KVT_FORWARD(dev_order(s, c > 0, ls->dec_stream, hq.stream));
             ls->dec_stream = hq.stream;
         } else {
             gather(&hq, t, take, dt, ls->dq + c * row, C);
@@ -1093,6 +1119,17 @@ kvt_status kvt_capture_set_timeline_absent(kvt_capture_session *s, const char *r
 const char *kvt_capture_file(const kvt_capture_session *s)
 {
     return s ? kvt_trace_writer_file(s->w) : NULL;
+}
+
+void *kvt_capture_device_stream(const kvt_capture_session *s)
+{
+    return s ? kvt_capdev_stream(s->dev) : NULL;
+}
+
+kvt_status kvt_capture_sync_device(kvt_capture_session *s)
+{
+    KVT_RETURN_IF(!s, KVT_ERR_INVALID_ARG, "sync_device: null session");
+    return s->dev ? dev_fail(s, kvt_capdev_sync(s->dev)) : KVT_OK;
 }
 
 kvt_status kvt_capture_close(kvt_capture_session *s, struct kvt_capture_stats *stats)

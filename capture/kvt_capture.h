@@ -216,6 +216,17 @@ kvt_status kvt_capture_set_timeline_absent(kvt_capture_session *s, const char *r
  *  kvt_capture_close. */
 const char *kvt_capture_file(const kvt_capture_session *s);
 
+/** The CUDA stream (a cudaStream_t) on which the session copies device tensors to the host:
+ *  its own, created with the first device tensor; NULL before that or without CUDA. For
+ *  kvt_timeline_stream_id, so that a CUPTI timeline counts those copies as the capture's. */
+void *kvt_capture_device_stream(const kvt_capture_session *s);
+
+/** Wait until every device-to-host copy the session queued is done (their records go to the
+ *  writer) and the session's device has finished all work. Call it before kvt_timeline_stop:
+ *  CUPTI's flush returns complete records only for finished work. KVT_OK at once for a session
+ *  without device tensors; a CUDA failure is the session's sticky error. */
+kvt_status kvt_capture_sync_device(kvt_capture_session *s);
+
 /** Finish and free the session: flush buffered decode steps, write the token tables if they
  *  were not given, a meta_json record with the statistics, the index and the trailer. The
  *  session is freed whatever the result.
@@ -275,7 +286,8 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap);
  *  kvt_timeline_stop's capture_stream. KVT_ERR_NOT_FOUND when CUPTI does not know it. */
 kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id);
 /** Stop collecting and summarise; copies on CUDA stream id capture_stream (CUPTI's stream id,
- *  0 = none) count as the capture's own. Frees the collector. */
+ *  0 = none) count as the capture's own. Frees the collector. Synchronise first (a capture:
+ *  kvt_capture_sync_device): activity still running on the GPU is missing or incomplete. */
 kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out);
 
 #ifdef __cplusplus

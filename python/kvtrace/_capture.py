@@ -185,10 +185,12 @@ class CaptureSession(_NoCopy):
     same TraceError again; stats() still returns the final counters).
 
     timeline=True collects a GPU timeline with CUPTI from open to close (kernel time by
-    category, copies, and how much of the copies on capture_stream, a CUDA stream handle or
-    an object with .cuda_stream such as torch.cuda.Stream, overlapped compute); where CUPTI
-    cannot run, timeline_reason says why and the trace records it. set_timeline_absent(reason)
-    records why an engine has no timeline.
+    category, copies, and how much of the capture's own copies overlapped compute: those on
+    capture_stream, a CUDA stream handle or an object with .cuda_stream such as
+    torch.cuda.Stream, or without it those the session made of device tensors on its own
+    stream); close() waits for the device before it stops CUPTI. Where CUPTI cannot run,
+    timeline_reason says why and the trace records it. set_timeline_absent(reason) records why
+    an engine has no timeline.
 
     Arguments are checked before the C call: integers must fit their C field (n_tokens,
     window, n_decode: uint32; n_layers, heads, head_dim, level, n_threads: int), strings and
@@ -301,6 +303,15 @@ class CaptureSession(_NoCopy):
         if not tl:
             return
         L = _lib.lib()
+        # CUPTI's flush holds complete records only of finished work: the capture's own copies
+        # and the engine's kernels first; a failure here is the session's, raised by close
+        L.kvt_capture_sync_device(h)
+        if not self._tl_stream:  # device tensors: the capture copies them on its own stream
+            dev_stream = L.kvt_capture_device_stream(h)
+            sid = ctypes.c_uint32()
+            if dev_stream and L.kvt_timeline_stream_id(tl, ctypes.c_void_p(dev_stream),
+                                                       ctypes.byref(sid)) == 0:
+                self._tl_stream = sid.value
         t = _lib.CaptureTimeline()
         st = L.kvt_timeline_stop(tl, self._tl_stream, ctypes.byref(t))
         if st == 0:

@@ -255,6 +255,8 @@ _CAPTURE_PROTOS = {
     "kvt_capture_get_stats": (None, [_vp, _P(CaptureStats)]),
     "kvt_capture_close": (_int, [_vp, _P(CaptureStats)]),
     "kvt_capture_file": (_cp, [_vp]),
+    "kvt_capture_device_stream": (_vp, [_vp]),
+    "kvt_capture_sync_device": (_int, [_vp]),
     "kvt_capture_set_timeline": (_int, [_vp, _P(CaptureTimeline)]),
     "kvt_capture_set_timeline_absent": (_int, [_vp, _cp]),
     "kvt_timeline_start": (_vp, [ctypes.c_char_p, _sz]),

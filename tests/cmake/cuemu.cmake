@@ -72,7 +72,8 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
             set(labels "cpu;noasan")
         endif()
         set_tests_properties(${tn}_cuemu PROPERTIES LABELS "${labels}" SKIP_RETURN_CODE 77
-                             TIMEOUT 600 ENVIRONMENT "KVT_COLSUM_BENCH_T=0")
+                             TIMEOUT 600
+                             ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
     endforeach()
 
     # the kvtrace command on the stand-in, for replay --device cuda end to end

@@ -9,6 +9,9 @@
  * wait for free slots (backpressure) and slots are reused. After each device submission the
  * source memory is overwritten on the producer stream: the trace must still hold what was
  * submitted (the capture reads the engine's memory only before the engine's next work).
+ * One case hands K, V and Q on three streams, the keys' stream kept busy (a large memset,
+ * KVT_TEST_DELAY_BYTES, default 1 GiB) before each key submission: the column sums (queries'
+ * stream) and the decode chunks' copies must still see the keys the other streams gathered.
  */
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -117,13 +120,23 @@ static void clobber(const etensor *e, cudaStream_t st)
     CU_OK(cudaMemsetAsync(e->dev, 0x7f, e->bytes, st));
 }
 
+/* a device buffer the streams' delays write, and its size */
+static void *g_delay;
+static size_t g_delay_bytes;
+
+/* Keep stream st busy for a while (a large memset) before the work that follows on it. */
+static void delay(cudaStream_t st)
+{
+    CU_OK(cudaMemsetAsync(g_delay, 0x55, g_delay_bytes, st));
+}
+
 typedef struct engine {
     etensor k[NL], v[NL], q[NL];    /* prompt: K/V [Hkv, T], Q [Hq, T] */
     etensor dq[NL], dk[NL], dv[NL]; /* decode: [H, G] */
 } engine;
 
 static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, uint64_t ring,
-                    struct kvt_capture_stats *stats)
+                    bool multi, struct kvt_capture_stats *stats)
 {
     struct kvt_capture_model m = {.name = "gpu-test",
                                   .arch = "llama",
@@ -146,8 +159,15 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         .device_ring_bytes = 4 * 6000};
     if (ring)
         o.device_ring_bytes = ring;
-    cudaStream_t st;
-    CU_OK(cudaStreamCreate(&st));
+    /* one stream, or (multi) K on sk, V on sv and the queries on sq */
+    cudaStream_t sk, sv, sq;
+    CU_OK(cudaStreamCreate(&sk));
+    sv = sq = sk;
+    if (multi) {
+        CU_OK(cudaStreamCreate(&sv));
+        CU_OK(cudaStreamCreate(&sq));
+    }
+    multi = multi && dev;
     kvt_capture_session *s;
     KVT_CHECK(kvt_capture_open(path, &m, &o, &s));
     for (int l = 0; l < NL; l++) {
@@ -155,34 +175,49 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         int64_t cut = 61;
         for (int part = 0; part < 2; part++) {
             int64_t t0 = part ? cut : 0, nt = part ? TT - cut : cut;
-            struct kvt_tensor_view kv = et_view(&en->k[l], t0, nt, dev, st);
-            struct kvt_tensor_view vv = et_view(&en->v[l], t0, nt, dev, st);
+            if (multi)
+                delay(sk);
+            struct kvt_tensor_view kv = et_view(&en->k[l], t0, nt, dev, sk);
+            struct kvt_tensor_view vv = et_view(&en->v[l], t0, nt, dev, sv);
             KVT_CHECK(kvt_capture_submit_kv(s, l, (uint32_t)t0, &kv, &vv));
         }
         for (int part = 0; part < 2; part++) {
             int64_t t0 = part ? 100 : 0, nt = part ? TT - 100 : 100;
-            struct kvt_tensor_view qv = et_view(&en->q[l], t0, nt, dev, st);
+            struct kvt_tensor_view qv = et_view(&en->q[l], t0, nt, dev, sq);
             KVT_CHECK(kvt_capture_submit_queries(s, l, (uint32_t)t0, &qv));
         }
     }
     if (dev)
         for (int l = 0; l < NL; l++) {
-            clobber(&en->k[l], st);
-            clobber(&en->v[l], st);
-            clobber(&en->q[l], st);
+            clobber(&en->k[l], sk);
+            clobber(&en->v[l], sv);
+            clobber(&en->q[l], sq);
         }
     for (int64_t g = 0; g < GG; g += 10) {
         int64_t n = GG - g < 10 ? GG - g : 10;
         for (int l = 0; l < NL; l++) {
-            struct kvt_tensor_view qv = et_view(&en->dq[l], g, n, dev, st);
-            struct kvt_tensor_view kv = et_view(&en->dk[l], g, n, dev, st);
-            struct kvt_tensor_view vv = et_view(&en->dv[l], g, n, dev, st);
+            if (multi) {
+                delay(sk);
+                delay(sv);
+            }
+            struct kvt_tensor_view qv = et_view(&en->dq[l], g, n, dev, sq);
+            struct kvt_tensor_view kv = et_view(&en->dk[l], g, n, dev, sk);
+            struct kvt_tensor_view vv = et_view(&en->dv[l], g, n, dev, sv);
             KVT_CHECK(kvt_capture_submit_decode(s, l, (uint32_t)g, &qv, &kv, &vv));
         }
     }
+    if (dev) /* the capture's own copy stream exists once a device tensor was submitted */
+        KVT_EXPECT(kvt_capture_device_stream(s) != NULL);
+    else
+        KVT_EXPECT(kvt_capture_device_stream(s) == NULL);
+    KVT_CHECK(kvt_capture_sync_device(s));
     KVT_CHECK(kvt_capture_close(s, stats));
-    CU_OK(cudaStreamSynchronize(st));
-    CU_OK(cudaStreamDestroy(st));
+    CU_OK(cudaDeviceSynchronize());
+    CU_OK(cudaStreamDestroy(sk));
+    if (sv != sk) {
+        CU_OK(cudaStreamDestroy(sv));
+        CU_OK(cudaStreamDestroy(sq));
+    }
 }
 
 static void compare(const char *a, const char *b, const char *what)
@@ -245,7 +280,8 @@ static void read_meta(const char *path, char *buf, size_t cap)
     kvt_trace_reader_close(r);
 }
 
-static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, uint64_t ring)
+static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, uint64_t ring,
+                     bool multi)
 {
     engine en;
     uint64_t seed = (uint64_t)engine_dt * 101 + (uint64_t)stored * 7 + token_major;
@@ -258,11 +294,12 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
         et_make(&en.dv[l], seed + 10 * l + 6, engine_dt, HKV, GG, token_major);
     }
     char pa[256], pb[256], what[128];
-    snprintf(what, sizeof(what), "%s->%s %s ring %llu", kvt_dtype_name(engine_dt),
-             kvt_dtype_name(stored), token_major ? "[T,H,D]" : "[H,T,D]", (unsigned long long)ring);
+    snprintf(what, sizeof(what), "%s->%s %s ring %llu%s", kvt_dtype_name(engine_dt),
+             kvt_dtype_name(stored), token_major ? "[T,H,D]" : "[H,T,D]", (unsigned long long)ring,
+             multi ? ", K/V/Q on three streams" : "");
     struct kvt_capture_stats sh, sd;
-    capture(kvt_test_tmp(pa, sizeof(pa), "host.kvt"), &en, false, stored, ring, &sh);
-    capture(kvt_test_tmp(pb, sizeof(pb), "dev.kvt"), &en, true, stored, ring, &sd);
+    capture(kvt_test_tmp(pa, sizeof(pa), "host.kvt"), &en, false, stored, ring, multi, &sh);
+    capture(kvt_test_tmp(pb, sizeof(pb), "dev.kvt"), &en, true, stored, ring, multi, &sd);
     KVT_EXPECT_EQ_U64(sd.bytes_submitted, sh.bytes_submitted);
     KVT_EXPECT(sd.device_d2h_bytes > 0 && sd.device_slots >= 2);
     KVT_EXPECT(sd.device_peak_slots <= sd.device_slots);
@@ -335,11 +372,19 @@ int main(void)
     struct cudaDeviceProp prop;
     CU_OK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s\n", prop.name);
-    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, false, 0);
-    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0);
-    run_case(KVT_DTYPE_F32, KVT_DTYPE_BF16, true, 0);
-    run_case(KVT_DTYPE_F16, KVT_DTYPE_F32, false, 0);
-    run_case(KVT_DTYPE_F32, KVT_DTYPE_F16, true, 1ull << 20); /* a roomier ring */
+    const char *db = getenv("KVT_TEST_DELAY_BYTES");
+    g_delay_bytes = db ? (size_t)strtoull(db, NULL, 10) : (size_t)1 << 30;
+    if (g_delay_bytes < 4)
+        g_delay_bytes = 4;
+    CU_OK(cudaMalloc(&g_delay, g_delay_bytes));
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, false, 0, false);
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0, false);
+    run_case(KVT_DTYPE_F32, KVT_DTYPE_BF16, true, 0, false);
+    run_case(KVT_DTYPE_F16, KVT_DTYPE_F32, false, 0, false);
+    run_case(KVT_DTYPE_F32, KVT_DTYPE_F16, true, 1ull << 20, false); /* a roomier ring */
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_F32, false, 0, true);
+    run_case(KVT_DTYPE_F16, KVT_DTYPE_BF16, true, 0, true);
+    CU_OK(cudaFree(g_delay));
     bad_device();
     return kvt_test_result("test_capture_device_gpu");
 }
