@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -294,4 +295,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:  # a crash (out of memory, a CUDA error) is not a disagreement (exit 1)
+        traceback.print_exc()
+        sys.exit(2)

@@ -3,10 +3,11 @@
 # no network; nvcc, CMake, Python with torch): a llama3-8b-shaped synthetic trace at T=32768
 # (bf16), all policies (streamingllm, h2o, snapkv, pyramidkv, adakv, knorm, random, oracle) at 8
 # budgets, replayed by
-#   1. `kvtrace replay` on the CPU (threads = nproc),
-#   2. `kvtrace replay --device cuda` (its results must agree with the CPU replay's: every
+#   1. `kvtrace replay --device cuda` (its results must agree with the CPU replay's: every
 #      metric mean within 1e-3, the bound tests/unit/test_replay_fast_vs_ref.sh sets on the
-#      output errors; the other metrics agree far closer),
+#      output errors; the other metrics agree far closer), then again with one worker,
+#   2. `kvtrace replay` on the CPU (threads = nproc; after the GPU runs, so that a short
+#      deadline skips it rather than them),
 #   3. bench/peer_torch.py --device cuda (the PyTorch peer: topk per budget, nothing shared),
 # each one's wall time and results into $OUT as JSON, plus summary.md with the device name and
 # the ratios (issue #7's target: the whole replay at least 10x faster than the PyTorch peer).
@@ -41,7 +42,8 @@
 # usage (on the device machine, from anywhere):  bash bench/run_gpu.sh
 # environment (defaults in brackets):
 #   OUT [/tmp/kvt_gpu_bench]  results: bench.json, summary.md, run_gpu.log, kvtrace_cpu.json,
-#                             kvtrace_cuda.json, peer_torch.json (at most 8 files, small)
+#                             kvtrace_cuda.json, peer_torch.json, run_gpu_logs.tar.gz (every
+#                             step's whole log) (at most 8 files, small)
 #   WORK [/tmp/kvt_gpu_work]  traces (the synth with Q_all is about 4 GB at T=32768 and 16
 #                             layers) and step logs; reused if present
 #   KVT_BIN, KVT_LIB  the kvtrace CLI and libkvtrace.so to use (scripts/gpu_session.sh sets
@@ -136,6 +138,8 @@ step() {
     fi
     echo "$name: exit $rc, ${WALL[$name]} s wall"
     [ "$rc" = 0 ] || FAILED+=("$name (exit $rc)")
+    # every step's whole log comes back (one file: the device tool returns few)
+    (cd "$WORK" && tar -czf "$OUT/run_gpu_logs.tar.gz" ./*.log ./*_profile.txt) 2>/dev/null || true
     return 0
 }
 
@@ -307,30 +311,32 @@ if ! grep -q '^attn_colsum' "$WORK/trace_info.txt"; then
 fi
 sync
 # --profile: the time split (read / context / sweeps; with --device cuda uploads, kernels
-# with the bandwidth they achieved, downloads), kept as kvtrace_*_profile.txt
+# with the bandwidth they achieved, downloads), kept as kvtrace_*_profile.txt (in the logs)
 REPLAY_ARGS=(--policies "$POLICIES" --budgets "$BUDGETS" --coverage-probes "$PROBES" --force
     --profile)
 
-# ---- 1. kvtrace replay on the CPU ----------------------------------------------------------
-step kvtrace_cpu "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" --threads "$THREADS" \
-    -o "$OUT/kvtrace_cpu.json"
-grep '^profile:' "$WORK/kvtrace_cpu.log" >"$OUT/kvtrace_cpu_profile.txt" || true
-
-# ---- 2. kvtrace replay --device cuda --------------------------------------------------------
+# ---- 1. kvtrace replay --device cuda --------------------------------------------------------
 step kvtrace_cuda "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
     --threads "$THREADS" --device "$DEVICE" -o "$OUT/kvtrace_cuda.json"
-grep '^profile:' "$WORK/kvtrace_cuda.log" >"$OUT/kvtrace_cuda_profile.txt" || true
+grep '^profile:' "$WORK/kvtrace_cuda.log" >"$WORK/kvtrace_cuda_profile.txt" || true
 # the kernels' own figures without other workers' kernels beside them: one worker, the
 # layers of shard 0 of 8 (2 of 16); appended to the profile file after a marker line
 step kvtrace_cuda_1t "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
     --threads 1 --shard 0/8 --device "$DEVICE" -o "$WORK/kvtrace_cuda_1t.json"
 { echo "# one worker, shard 0/8"; grep '^profile:' "$WORK/kvtrace_cuda_1t.log"; } \
-    >>"$OUT/kvtrace_cuda_profile.txt" || true
+    >>"$WORK/kvtrace_cuda_profile.txt" || true
+
+# ---- 2. kvtrace replay on the CPU (after the GPU runs: a short deadline skips this one) -----
+step kvtrace_cpu "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" --threads "$THREADS" \
+    -o "$OUT/kvtrace_cpu.json"
+grep '^profile:' "$WORK/kvtrace_cpu.log" >"$WORK/kvtrace_cpu_profile.txt" || true
 
 # ---- 3. the PyTorch peer on the GPU ---------------------------------------------------------
+CMP="$OUT/kvtrace_cpu.json" # its metrics checked against kvtrace's (the GPU run's without it)
+[ -s "$CMP" ] || CMP="$OUT/kvtrace_cuda.json"
 step peer_torch "$TO_PEER" "$PYTHON" bench/peer_torch.py "$TRACE" --device "$DEVICE" \
     --policies "$POLICIES" --budgets "$BUDGETS" --probes "$PROBES" \
-    --compare "$OUT/kvtrace_cpu.json" -o "$OUT/peer_torch.json"
+    --compare "$CMP" -o "$OUT/peer_torch.json"
 grep -E '^(peer_total_s|agreement)' "$WORK/peer_torch.log" || true
 
 # ---- the device's ceilings, measured here (the roofline the kernels are held to) -----------
@@ -427,7 +433,8 @@ pw = num(e["W_PEER"])
 ps = peer and peer["total_s"]
 for k in ("kvtrace_cpu", "kvtrace_cuda"):
     w = steps[k].get("wall_s")
-    if w and steps[k]["exit"] == "0" and pw and e["R_PEER"] in ("0", "1"):
+    # the peer's exit 1 is a disagreement (its timings stand); no results file: no ratio
+    if w and steps[k]["exit"] == "0" and pw and ps and e["R_PEER"] in ("0", "1"):
         ratios["peer_torch_process / " + k] = pw / w
         ratios["peer_torch_sweep / " + k] = ps / w
 agree = {}  # policy: the largest |diff| of any metric mean, kvtrace --device cuda vs CPU
@@ -504,7 +511,7 @@ try:
     peak = json.load(open(os.path.join(e["WORK"], "peak.json")))
 except (OSError, ValueError):
     peak = None
-roof = roofline(profile_kernels(os.path.join(out, "kvtrace_cuda_profile.txt")), peak)
+roof = roofline(profile_kernels(os.path.join(e["WORK"], "kvtrace_cuda_profile.txt")), peak)
 bench = {"issue": 7, "device_name": e["GPU_NAME"], "cpu": e["CPU_NAME"], "threads": int(e["THREADS"]),
          "kvtrace_openblas": e["BLAS"] == "yes",
          "trace": {"path": e["TRACE"], "shape": "llama3-8b", "T": int(e["T"]),
