@@ -15,6 +15,7 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
                      kernels/cuda/sweep_cuda.cu kernels/cuda/device_cuda.cu
                      capture/capture_cuda.cu capture/colsum_cuda.cu)
     set(KVT_CUEMU_GEN "")
+    file(MAKE_DIRECTORY ${CMAKE_CURRENT_BINARY_DIR}/cuemu) # Ninja makes it; Make does not
     foreach(cu IN LISTS KVT_CUEMU_CU)
         get_filename_component(base ${cu} NAME_WE)
         set(out ${CMAKE_CURRENT_BINARY_DIR}/cuemu/${base}.cpp)
@@ -76,6 +77,11 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
                              ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
     endforeach()
 
+    # the same kernels on a GPU without memory pools (the plain-allocation fallback)
+    add_test(NAME test_kernels_cuemu_nopools COMMAND test_kernels_cuemu)
+    set_tests_properties(test_kernels_cuemu_nopools PROPERTIES LABELS "cpu" SKIP_RETURN_CODE 77
+                         TIMEOUT 600 ENVIRONMENT "CUEMU_NO_POOLS=1")
+
     # the kvtrace command on the stand-in, for replay --device cuda end to end
     file(GLOB KVT_CUEMU_CLI ${PROJECT_SOURCE_DIR}/cli/*.c)
     add_executable(kvtrace_cuemu ${KVT_CUEMU_CLI} ${KVT_CUEMU_OBJS}
@@ -89,4 +95,15 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     set_tests_properties(test_replay_device_cuemu PROPERTIES LABELS "cpu;noasan"
         SKIP_RETURN_CODE 77 TIMEOUT 600
         ENVIRONMENT "KVT_SOURCE_ROOT=${PROJECT_SOURCE_DIR};KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_PYTHON=${KVT_SYS_PYTHON}")
+    # replay --device cuda on a GPU without memory pools writes the same results
+    set(nop ${CMAKE_CURRENT_BINARY_DIR}/nopools)
+    set(nop_args replay ${PROJECT_SOURCE_DIR}/traces/samples/stories260K.kvt --device cuda
+                 --policies snapkv,adakv,h2o --budgets 48,96 --force)
+    add_test(NAME test_replay_device_cuemu_nopools
+             COMMAND sh -c "mkdir -p '${nop}' && \"$0\" \"$@\" -o '${nop}/pools.json' && \
+CUEMU_NO_POOLS=1 \"$0\" \"$@\" -o '${nop}/nopools.json' && \
+cmp '${nop}/pools.json' '${nop}/nopools.json'"
+                     $<TARGET_FILE:kvtrace_cuemu> ${nop_args})
+    set_tests_properties(test_replay_device_cuemu_nopools PROPERTIES LABELS "cpu;noasan"
+                         TIMEOUT 300)
 endif()
