@@ -200,10 +200,11 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
     unsigned long long *dbad = NULL, bad = ~0ull;
     cudaError_t e;
     /* stream-ordered temporaries: freeing them does not synchronise the whole device */
-    if ((e = cudaMallocAsync((void **)&dvis, (size_t)n_q * 2 * sizeof(int), st)) == cudaSuccess &&
-        (e = cudaMallocAsync((void **)&dw, ((size_t)n_kt + 1) * 2 * n_q * sizeof(double), st)) ==
-            cudaSuccess &&
-        (e = cudaMallocAsync((void **)&dbad, sizeof(bad), st)) == cudaSuccess &&
+    if ((e = (cudaError_t)kvt_cuda_malloc_async((void **)&dvis, (size_t)n_q * 2 * sizeof(int),
+                                                st)) == cudaSuccess &&
+        (e = (cudaError_t)kvt_cuda_malloc_async(
+             (void **)&dw, ((size_t)n_kt + 1) * 2 * n_q * sizeof(double), st)) == cudaSuccess &&
+        (e = (cudaError_t)kvt_cuda_malloc_async((void **)&dbad, sizeof(bad), st)) == cudaSuccess &&
         (e = cudaMemcpyAsync(dvis, vis, (size_t)n_q * 2 * sizeof(int), cudaMemcpyHostToDevice,
                              st)) == cudaSuccess &&
         (e = cudaMemcpyAsync(dbad, &bad, sizeof(bad), cudaMemcpyHostToDevice, st)) == cudaSuccess) {
@@ -225,11 +226,11 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
     }
     free(vis);
     if (dvis)
-        cudaFreeAsync(dvis, st);
+        kvt_cuda_free_async(dvis, st);
     if (dw)
-        cudaFreeAsync(dw, st);
+        kvt_cuda_free_async(dw, st);
     if (dbad)
-        cudaFreeAsync(dbad, st);
+        kvt_cuda_free_async(dbad, st);
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_probs_cuda: %s", cudaGetErrorString(e));
     if (bad != ~0ull) {
         unsigned j = (unsigned)(bad & 0xffffffffu);
@@ -257,19 +258,20 @@ extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_
     const int n_kb = (T + OUT_KEYS - 1) / OUT_KEYS, n_rb = (n_q + OUT_ROWS - 1) / OUT_ROWS;
     double *part = NULL; /* [n_kb, n_q, D], stream-ordered: no device-wide synchronisation */
     if (n_kb > 0) {
-        KVT_CU(cudaMallocAsync((void **)&part, (size_t)n_kb * n * sizeof(double), st));
+        KVT_CU((cudaError_t)kvt_cuda_malloc_async((void **)&part, (size_t)n_kb * n * sizeof(double),
+                                                  st));
         output_part_k<<<dim3((unsigned)n_kb, (unsigned)n_rb), OUT_THREADS, 0, st>>>(
             p, n_q, T, stride_p, v, D, part);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) {
-            cudaFreeAsync(part, st);
+            kvt_cuda_free_async(part, st);
             return kvt_error_set(KVT_ERR_CUDA, "attn_output_cuda: %s", cudaGetErrorString(e));
         }
     }
     output_sum_k<<<kvt_cu_blocks(n, 128), 128, 0, st>>>(part, n_kb, n_q, D, out, stride_out);
     cudaError_t e = cudaGetLastError();
     if (part)
-        cudaFreeAsync(part, st);
+        kvt_cuda_free_async(part, st);
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_output_cuda: %s", cudaGetErrorString(e));
     return KVT_OK;
 }

@@ -1,4 +1,5 @@
-/* device_cuda.cu - kvt_cuda_devices: whether CUDA kernels can run here, and why not. */
+/* device_cuda.cu - kvt_cuda_devices: whether CUDA kernels can run here, and why not;
+ * kvt_cuda_malloc_async / kvt_cuda_free_async: stream-ordered memory, or plain without pools. */
 #include <dlfcn.h>
 #include <stdio.h>
 
@@ -31,4 +32,40 @@ extern "C" int kvt_cuda_devices(char *why, size_t cap)
     if (n == 0 && why && cap)
         snprintf(why, cap, "CUDA: no device");
     return n;
+}
+
+/* Whether the current device has memory pools (stream-ordered allocation), asked once per
+ * device; racing threads store the same answer. */
+static bool pools_ok(void)
+{
+    static int known[64]; /* 0 not asked, 1 yes, 2 no */
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
+        return false;
+    int v = __atomic_load_n(&known[dev], __ATOMIC_RELAXED);
+    if (!v) {
+        int a = 0;
+        v = cudaDeviceGetAttribute(&a, cudaDevAttrMemoryPoolsSupported, dev) == cudaSuccess && a
+                ? 1
+                : 2;
+        cudaGetLastError();
+        __atomic_store_n(&known[dev], v, __ATOMIC_RELAXED);
+    }
+    return v == 1;
+}
+
+extern "C" int kvt_cuda_malloc_async(void **p, size_t bytes, void *stream)
+{
+    if (pools_ok())
+        return (int)cudaMallocAsync(p, bytes, kvt_cu_stream(stream));
+    return (int)cudaMalloc(p, bytes);
+}
+
+extern "C" int kvt_cuda_free_async(void *p, void *stream)
+{
+    if (pools_ok())
+        return (int)cudaFreeAsync(p, kvt_cu_stream(stream));
+    cudaError_t e = cudaStreamSynchronize(kvt_cu_stream(stream)); /* its work may still read p */
+    cudaError_t f = cudaFree(p);
+    return (int)(e != cudaSuccess ? e : f);
 }

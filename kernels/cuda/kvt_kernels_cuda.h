@@ -23,6 +23,12 @@ extern "C" {
 /** Usable CUDA devices; 0 with a one-line reason in why[cap] (no driver, no device). */
 int kvt_cuda_devices(char *why, size_t cap);
 
+/** Stream-ordered device memory (cudaMallocAsync / cudaFreeAsync, returning a cudaError_t)
+ *  where the current device has memory pools; on one without them (some virtualised GPUs)
+ *  cudaMalloc, and a free that first waits for the stream. */
+int kvt_cuda_malloc_async(void **p, size_t bytes, void *stream);
+int kvt_cuda_free_async(void *p, void *stream);
+
 /** kvt_attn_probs_ref on the device: q [n_q, D], k [T, D], k2 [n2, D] or NULL; n_vis and
  *  n_vis2 are HOST arrays [n_q] (clamped like the reference; a query that sees no key is
  *  KVT_ERR_INVALID_ARG); pr [n_q, T], pr2 [n_q, n2], lse [n_q] or NULL. A non-finite logit is

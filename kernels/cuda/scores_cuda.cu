@@ -177,7 +177,8 @@ extern "C" kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T
         return KVT_OK;
     cudaStream_t st = kvt_cu_stream(stream);
     unsigned long long *dbad = NULL, bad = ~0ull;
-    KVT_CU(cudaMallocAsync((void **)&dbad, sizeof(bad), st)); /* stream-ordered: see attn */
+    KVT_CU((cudaError_t)kvt_cuda_malloc_async((void **)&dbad, sizeof(bad),
+                                              st)); /* stream-ordered: see attn */
     cs_args ca;
     ca.q = q, ca.k = k, ca.T = T, ca.D = D, ca.n_rt = (T + KVT_TILE_ROWS - 1) / KVT_TILE_ROWS;
     ca.scale = scale, ca.m = work, ca.s = work + T, ca.colsum = colsum, ca.bad = dbad;
@@ -190,7 +191,7 @@ extern "C" kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T
         e = cudaMemcpyAsync(&bad, dbad, sizeof(bad), cudaMemcpyDeviceToHost, st);
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(st);
-    cudaFreeAsync(dbad, st);
+    kvt_cuda_free_async(dbad, st);
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_colsum_cuda: %s", cudaGetErrorString(e));
     if (bad != ~0ull)
         return kvt_error_set(KVT_ERR_NAN, "attn_colsum: logit (%d,%u) not finite", (int)(bad >> 32),

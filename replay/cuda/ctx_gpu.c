@@ -74,18 +74,19 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
     return kvt_cuda_devices(why, cap);
 }
 
-/* Device memory is stream-ordered (cudaMallocAsync on the context's stream): freeing it does
+/* Device memory is stream-ordered (cudaMallocAsync on the context's stream; plain cudaMalloc
+ * on a GPU without memory pools, kvt_cuda_malloc_async): freeing it does
  * not synchronise the whole device, which would stall the other workers' kernels. */
 static kvt_status dalloc(kvt_ctx_gpu *g, void **p, size_t bytes)
 {
-    GPU_OK(cudaMallocAsync(p, bytes ? bytes : 1, g->st));
+    GPU_OK((cudaError_t)kvt_cuda_malloc_async(p, bytes ? bytes : 1, g->st));
     return KVT_OK;
 }
 
 static void dfree(kvt_ctx_gpu *g, void *p)
 {
     if (p)
-        cudaFreeAsync(p, g->st);
+        kvt_cuda_free_async(p, g->st);
 }
 
 static kvt_status upload(kvt_ctx_gpu *g, void **dst, const void *src, size_t bytes)

@@ -27,7 +27,12 @@ typedef enum cudaError {
     cudaErrorIllegalAddress = 700,
     cudaErrorInsufficientDriver = 35,
     cudaErrorNoDevice = 100,
+    cudaErrorNotSupported = 801,
 } cudaError_t;
+
+typedef enum cudaDeviceAttr {
+    cudaDevAttrMemoryPoolsSupported = 115,
+} cudaDeviceAttr;
 
 typedef enum cudaMemcpyKind {
     cudaMemcpyHostToHost = 0,
@@ -66,6 +71,9 @@ cudaError_t cudaGetDevice(int *d);
 cudaError_t cudaSetDevice(int d);
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d);
 cudaError_t cudaDeviceSynchronize(void);
+/* cudaDevAttrMemoryPoolsSupported: 1, or 0 with CUEMU_NO_POOLS=1 in the environment, which
+ * also makes cudaMallocAsync / cudaFreeAsync fail (a GPU without memory pools) */
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d);
 
 cudaError_t cudaMalloc(void **p, size_t n);
 cudaError_t cudaFree(void *p);

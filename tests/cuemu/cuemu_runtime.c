@@ -73,6 +73,8 @@ const char *cudaGetErrorString(cudaError_t e)
         return "CUDA driver version is insufficient for CUDA runtime version";
     case cudaErrorNoDevice:
         return "no CUDA-capable device is detected";
+    case cudaErrorNotSupported:
+        return "operation not supported";
     }
     return "unknown error";
 }
@@ -189,15 +191,35 @@ cudaError_t cudaFree(void *p)
     return fail(cudaErrorInvalidDevicePointer, "cudaFree of a pointer cudaMalloc did not return");
 }
 
+static int no_pools(void)
+{
+    const char *e = getenv("CUEMU_NO_POOLS");
+    return e && *e && strcmp(e, "0") != 0;
+}
+
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d)
+{
+    if (d != 0)
+        return fail(cudaErrorInvalidDevice, "cudaDeviceGetAttribute");
+    if (a != cudaDevAttrMemoryPoolsSupported)
+        return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute");
+    *v = !no_pools();
+    return cudaSuccess;
+}
+
 cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s)
 {
     (void)s;
+    if (no_pools())
+        return fail(cudaErrorNotSupported, "cudaMallocAsync without memory pools");
     return cudaMalloc(p, n);
 }
 
 cudaError_t cudaFreeAsync(void *p, cudaStream_t s)
 {
     (void)s;
+    if (no_pools())
+        return fail(cudaErrorNotSupported, "cudaFreeAsync without memory pools");
     return p ? cudaFree(p) : fail(cudaErrorInvalidValue, "cudaFreeAsync(NULL)");
 }
 
