@@ -45,7 +45,10 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capt
 #ifndef KVT_CUPTI_SONAME
 #define KVT_CUPTI_SONAME "libcupti.so"
 #endif
-#define BUF_BYTES (1u << 20)
+#define BUF_BYTES             (1u << 20)
+/* The records read (CUpti_ActivityKernel10, CUpti_ActivityMemcpy6) are CUDA 13's: any CUDA 13
+ * CUPTI (API version 13yyzz) has them, whatever update these headers came from */
+#define KVT_CUPTI_MIN_VERSION 130000u
 
 typedef struct raw_event {
     uint64_t start, end, bytes;
@@ -177,9 +180,9 @@ static bool load(char *why, size_t cap)
     SYM(version, "cuptiGetVersion");
     SYM(stream_id, "cuptiGetStreamIdEx");
     uint32_t v = 0;
-    if (g.version(&v) != CUPTI_SUCCESS || v < CUPTI_API_VERSION) {
+    if (g.version(&v) != CUPTI_SUCCESS || v < KVT_CUPTI_MIN_VERSION) {
         snprintf(why, cap, "CUPTI: %s has API version %u, kvtrace needs %u or newer",
-                 KVT_CUPTI_SONAME, v, (unsigned)CUPTI_API_VERSION);
+                 KVT_CUPTI_SONAME, v, (unsigned)KVT_CUPTI_MIN_VERSION);
         g.enable = NULL; /* unusable: fail the same way next time */
         return false;
     }
