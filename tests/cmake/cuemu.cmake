@@ -77,6 +77,14 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
                              ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
     endforeach()
 
+    # the same with each stream's work deferred until something waits for it (CUEMU_DEFER=1):
+    # work that reads another stream's results without an event in between fails every time
+    foreach(tn test_kernels test_capture_device)
+        add_test(NAME ${tn}_cuemu_defer COMMAND ${tn}_cuemu)
+        set_tests_properties(${tn}_cuemu_defer PROPERTIES LABELS "cpu" SKIP_RETURN_CODE 77
+            TIMEOUT 600 ENVIRONMENT "CUEMU_DEFER=1;KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
+    endforeach()
+
     # the same kernels on a GPU without memory pools (the plain-allocation fallback)
     add_test(NAME test_kernels_cuemu_nopools COMMAND test_kernels_cuemu)
     set_tests_properties(test_kernels_cuemu_nopools PROPERTIES LABELS "cpu" SKIP_RETURN_CODE 77
@@ -95,14 +103,16 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     set_tests_properties(test_replay_device_cuemu PROPERTIES LABELS "cpu;noasan"
         SKIP_RETURN_CODE 77 TIMEOUT 600
         ENVIRONMENT "KVT_SOURCE_ROOT=${PROJECT_SOURCE_DIR};KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_PYTHON=${KVT_SYS_PYTHON}")
-    # replay --device cuda on a GPU without memory pools writes the same results
+    # replay --device cuda on a GPU without memory pools, and with deferred stream work, writes
+    # the same results
     set(nop ${CMAKE_CURRENT_BINARY_DIR}/nopools)
     set(nop_args replay ${PROJECT_SOURCE_DIR}/traces/samples/stories260K.kvt --device cuda
-                 --policies snapkv,adakv,h2o --budgets 48,96 --force)
+                 --policies snapkv,adakv,h2o --budgets 48,96 --threads 2 --force)
     add_test(NAME test_replay_device_cuemu_nopools
              COMMAND sh -c "mkdir -p '${nop}' && \"$0\" \"$@\" -o '${nop}/pools.json' && \
 CUEMU_NO_POOLS=1 \"$0\" \"$@\" -o '${nop}/nopools.json' && \
-cmp '${nop}/pools.json' '${nop}/nopools.json'"
+CUEMU_DEFER=1 \"$0\" \"$@\" -o '${nop}/defer.json' && \
+cmp '${nop}/pools.json' '${nop}/nopools.json' && cmp '${nop}/pools.json' '${nop}/defer.json'"
                      $<TARGET_FILE:kvtrace_cuemu> ${nop_args})
     set_tests_properties(test_replay_device_cuemu_nopools PROPERTIES LABELS "cpu;noasan"
                          TIMEOUT 300)

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -170,23 +171,35 @@ struct Launch {
             cuemu_set_error(cudaErrorInvalidValue, "kernel launch: bad configuration");
             return;
         }
+        /* the launch with copies of its arguments, run now or when its stream's work runs */
         typedef decltype(args) Args;
-        struct Call {
+        struct Job {
             void (*k)(P...);
-            Args *a;
-        } call = {k, &args};
-        auto body = [](void *c) {
-            Call *cc = (Call *)c;
-            std::apply(cc->k, *cc->a);
+            Args a;
+            dim3 grid, block;
         };
-        g_grid_dim = grid;
-        g_block_dim = block;
-        for (unsigned z = 0; z < grid.z; z++)
-            for (unsigned y = 0; y < grid.y; y++)
-                for (unsigned x = 0; x < grid.x; x++) {
-                    g_block_idx = dim3(x, y, z);
-                    run_block(block.x * block.y * block.z, body, &call);
-                }
+        Job *job = new (std::nothrow) Job{k, std::move(args), grid, block};
+        if (!job) {
+            cuemu_set_error(cudaErrorMemoryAllocation, "kernel launch");
+            return;
+        }
+        void (*exec)(void *) = [](void *c) {
+            Job *j = (Job *)c;
+            void (*body)(void *) = [](void *jj) {
+                Job *x = (Job *)jj;
+                std::apply(x->k, x->a);
+            };
+            g_grid_dim = j->grid;
+            g_block_dim = j->block;
+            for (unsigned z = 0; z < j->grid.z; z++)
+                for (unsigned y = 0; y < j->grid.y; y++)
+                    for (unsigned x = 0; x < j->grid.x; x++) {
+                        g_block_idx = dim3(x, y, z);
+                        run_block(j->block.x * j->block.y * j->block.z, body, j);
+                    }
+        };
+        void (*del)(void *) = [](void *c) { delete (Job *)c; };
+        cuemu_enqueue(stream, exec, job, del);
     }
 };
 

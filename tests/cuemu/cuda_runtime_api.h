@@ -100,7 +100,10 @@ cudaError_t cudaEventQuery(cudaEvent_t e);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
 
-/* cuemu's own: whether [p, p + n) lies in one live cudaMalloc block (1), or p is NULL (1). */
+/* cuemu's own: work for stream s (cuemu_runtime.c: at once, or queued with CUEMU_DEFER=1); del
+ * (may be NULL) frees ctx after fn ran. */
+void cuemu_enqueue(cudaStream_t s, void (*fn)(void *), void *ctx, void (*del)(void *));
+/* whether [p, p + n) lies in one live cudaMalloc block (1), or p is NULL (1). */
 int cuemu_is_device(const void *p, size_t n);
 /* Record a launch or runtime error (returned by the next cudaGetLastError) and say so on
  * stderr; used by the device side. */

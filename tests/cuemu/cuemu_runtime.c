@@ -1,7 +1,17 @@
-/* cuemu_runtime.c - the runtime half of cuemu (cuda_runtime_api.h): one device, everything
- * synchronous and in order, device memory tracked so that copies in the wrong direction and
- * host pointers handed to kernels are reported as the errors a GPU would give (an illegal
- * address). Thread-safe (replay workers call it from several threads).
+/* cuemu_runtime.c - the runtime half of cuemu (cuda_runtime_api.h): one device, device memory
+ * tracked so that copies in the wrong direction and host pointers handed to kernels are
+ * reported as the errors a GPU would give (an illegal address). Thread-safe (replay workers
+ * call it from several threads).
+ *
+ * By default everything runs when it is enqueued. With CUEMU_DEFER=1 the work of a created
+ * stream (kernels, async copies and memsets, frees) waits in the stream's queue and runs only
+ * when something needs it done: a synchronize of the stream, an event on it that is queried,
+ * synchronized or waited for by another stream's work, a synchronous copy or the legacy
+ * default stream (which wait for the blocking streams), a cudaFree or cudaDeviceSynchronize
+ * (everything). Work on one stream that reads what another stream's work writes, with no
+ * event between them, then sees the memory as it was: the cross-stream races a real GPU shows
+ * only sometimes fail every time here. Copies from pageable host memory are staged at the
+ * call and copies into it complete before the call returns, as CUDA does.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -23,15 +33,143 @@ static size_t n_blocks, cap_blocks;
 static _Thread_local cudaError_t last_error = cudaSuccess;
 static _Thread_local int cur_device = 0;
 
+/* ---- deferred work (CUEMU_DEFER=1) ---- */
+typedef struct op {
+    void (*fn)(void *);
+    void *ctx;
+    void (*del)(void *);
+    struct op *next;
+} op;
+
 struct CUstream_st {
     unsigned flags;
+    uint64_t id;     /* > 0; streams are looked up by id (a queued wait may outlive one) */
+    op *head, *tail; /* queued work, oldest first (deferred mode) */
+    uint64_t n_enq, n_done;
+    struct CUstream_st *next; /* every live stream */
 };
 struct CUevent_st {
     unsigned flags;
     int recorded;
-    double t_ms; /* host clock when recorded: work queued before it has run (launches and copies
-                    complete at once here) */
+    double t_ms;  /* host clock when recorded */
+    uint64_t sid; /* deferred: the stream recorded on (0: complete), and its work count then */
+    uint64_t seq;
 };
+
+static pthread_mutex_t qmu; /* recursive: the queues; held while deferred work runs */
+static pthread_once_t q_once = PTHREAD_ONCE_INIT;
+static int g_defer;
+static struct CUstream_st *g_streams;
+static uint64_t g_next_sid = 1;
+
+static void q_init(void)
+{
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&qmu, &a);
+    pthread_mutexattr_destroy(&a);
+    const char *e = getenv("CUEMU_DEFER");
+    g_defer = e && *e && strcmp(e, "0") != 0;
+}
+
+static int deferred(void)
+{
+    pthread_once(&q_once, q_init);
+    return g_defer;
+}
+
+static struct CUstream_st *stream_by_id(uint64_t id)
+{
+    for (struct CUstream_st *s = g_streams; s; s = s->next)
+        if (s->id == id)
+            return s;
+    return NULL;
+}
+
+/* Run s's queued work until n_done reaches upto (qmu held). */
+static void run_stream(struct CUstream_st *s, uint64_t upto)
+{
+    while (s->n_done < upto && s->head) {
+        op *o = s->head;
+        s->head = o->next;
+        if (!s->head)
+            s->tail = NULL;
+        o->fn(o->ctx);
+        if (o->del)
+            o->del(o->ctx);
+        free(o);
+        s->n_done++;
+    }
+}
+
+/* Run every stream's work (blocking_only: the streams the legacy default stream waits for). */
+static void run_all(int blocking_only)
+{
+    if (!deferred())
+        return;
+    pthread_mutex_lock(&qmu);
+    for (int again = 1; again;) {
+        again = 0;
+        for (struct CUstream_st *s = g_streams; s; s = s->next)
+            if (s->head && !(blocking_only && (s->flags & cudaStreamNonBlocking))) {
+                run_stream(s, s->n_enq);
+                again = 1;
+            }
+    }
+    pthread_mutex_unlock(&qmu);
+}
+
+/* Work for stream s: run now (immediate mode; the legacy default stream after the blocking
+ * streams), or queued. del (may be NULL) frees ctx after fn ran. */
+void cuemu_enqueue(cudaStream_t s, void (*fn)(void *), void *ctx, void (*del)(void *))
+{
+    op *o = NULL;
+    if (deferred() && s && (o = malloc(sizeof(*o))) != NULL) {
+        o->fn = fn;
+        o->ctx = ctx;
+        o->del = del;
+        o->next = NULL;
+        pthread_mutex_lock(&qmu);
+        if (s->tail)
+            s->tail->next = o;
+        else
+            s->head = o;
+        s->tail = o;
+        s->n_enq++;
+        pthread_mutex_unlock(&qmu);
+        return;
+    }
+    if (deferred() && !s)
+        run_all(1);
+    fn(ctx);
+    if (del)
+        del(ctx);
+}
+
+/* a wait queued on a stream: another stream's work up to a point */
+typedef struct wait_ctx {
+    uint64_t sid, seq;
+} wait_ctx;
+static void do_wait(void *c)
+{
+    wait_ctx *w = c;
+    struct CUstream_st *t = stream_by_id(w->sid); /* gone: its work ran when it was destroyed */
+    if (t)
+        run_stream(t, w->seq);
+}
+
+/* Make event e's work done (qmu taken here). */
+static void event_complete(cudaEvent_t e)
+{
+    if (!deferred() || !e->sid)
+        return;
+    pthread_mutex_lock(&qmu);
+    struct CUstream_st *t = stream_by_id(e->sid);
+    if (t)
+        run_stream(t, e->seq);
+    pthread_mutex_unlock(&qmu);
+}
 
 void cuemu_set_error(cudaError_t e, const char *what)
 {
@@ -129,6 +267,7 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d)
 
 cudaError_t cudaDeviceSynchronize(void)
 {
+    run_all(0);
     return cudaSuccess;
 }
 
@@ -175,7 +314,15 @@ cudaError_t cudaMalloc(void **p, size_t n)
     return cudaSuccess;
 }
 
+static cudaError_t free_block(void *p);
+
 cudaError_t cudaFree(void *p)
+{
+    run_all(0); /* cudaFree waits for the device */
+    return free_block(p);
+}
+
+static cudaError_t free_block(void *p)
 {
     if (!p)
         return cudaSuccess;
@@ -215,19 +362,64 @@ cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s)
     return cudaMalloc(p, n);
 }
 
+static void do_free(void *p)
+{
+    free_block(p);
+}
+
 cudaError_t cudaFreeAsync(void *p, cudaStream_t s)
 {
-    (void)s;
     if (no_pools())
         return fail(cudaErrorNotSupported, "cudaFreeAsync without memory pools");
-    return p ? cudaFree(p) : fail(cudaErrorInvalidValue, "cudaFreeAsync(NULL)");
+    if (!p)
+        return fail(cudaErrorInvalidValue, "cudaFreeAsync(NULL)");
+    if (!cuemu_is_device(p, 1))
+        return fail(cudaErrorInvalidDevicePointer,
+                    "cudaFreeAsync of a pointer not from cudaMalloc");
+    cuemu_enqueue(s, do_free, p, NULL);
+    return cudaSuccess;
+}
+
+/* pinned host blocks (cudaHostAlloc): copies to and from them stay asynchronous */
+static blk *pinned;
+static size_t n_pinned, cap_pinned;
+
+static int is_pinned(const void *ptr, size_t n)
+{
+    uintptr_t p = (uintptr_t)ptr;
+    int ok = 0;
+    pthread_mutex_lock(&mu);
+    for (size_t i = 0; i < n_pinned && !ok; i++)
+        ok = p >= pinned[i].p && p - pinned[i].p <= pinned[i].n &&
+             n <= pinned[i].n - (p - pinned[i].p);
+    pthread_mutex_unlock(&mu);
+    return ok;
 }
 
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
 {
     (void)flags;
     *p = malloc(n ? n : 1);
-    return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
+    if (!*p)
+        return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
+    pthread_mutex_lock(&mu);
+    if (n_pinned == cap_pinned) {
+        size_t nc = cap_pinned ? 2 * cap_pinned : 16;
+        blk *nb = realloc(pinned, nc * sizeof(*nb));
+        if (!nb) {
+            pthread_mutex_unlock(&mu);
+            free(*p);
+            *p = NULL;
+            return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
+        }
+        pinned = nb;
+        cap_pinned = nc;
+    }
+    pinned[n_pinned].p = (uintptr_t)*p;
+    pinned[n_pinned].n = n;
+    n_pinned++;
+    pthread_mutex_unlock(&mu);
+    return cudaSuccess;
 }
 
 cudaError_t cudaMallocHost(void **p, size_t n)
@@ -237,7 +429,34 @@ cudaError_t cudaMallocHost(void **p, size_t n)
 
 cudaError_t cudaFreeHost(void *p)
 {
+    run_all(0); /* as cudaFree */
+    pthread_mutex_lock(&mu);
+    for (size_t i = 0; i < n_pinned; i++)
+        if (pinned[i].p == (uintptr_t)p) {
+            pinned[i] = pinned[--n_pinned];
+            break;
+        }
+    if (n_pinned == 0) {
+        free(pinned);
+        pinned = NULL;
+        cap_pinned = 0;
+    }
+    pthread_mutex_unlock(&mu);
     free(p);
+    return cudaSuccess;
+}
+
+/* 0, or the error of a copy whose pointers are not on the sides its kind says */
+static cudaError_t copy_check(void *dst, const void *src, size_t n, cudaMemcpyKind k, int *dd,
+                              int *sd)
+{
+    *dd = cuemu_is_device(dst, n);
+    *sd = cuemu_is_device(src, n);
+    int want_d = k == cudaMemcpyHostToDevice || k == cudaMemcpyDeviceToDevice;
+    int want_s = k == cudaMemcpyDeviceToHost || k == cudaMemcpyDeviceToDevice;
+    if (k != cudaMemcpyDefault && k != cudaMemcpyHostToHost && (*dd != want_d || *sd != want_s))
+        return fail(cudaErrorInvalidValue,
+                    "cudaMemcpy: a pointer is not on the side its kind says");
     return cudaSuccess;
 }
 
@@ -245,34 +464,93 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k)
 {
     if (n == 0)
         return cudaSuccess;
-    int dd = cuemu_is_device(dst, n), sd = cuemu_is_device(src, n);
-    int want_d = k == cudaMemcpyHostToDevice || k == cudaMemcpyDeviceToDevice;
-    int want_s = k == cudaMemcpyDeviceToHost || k == cudaMemcpyDeviceToDevice;
-    if (k != cudaMemcpyDefault && k != cudaMemcpyHostToHost && (dd != want_d || sd != want_s))
-        return fail(cudaErrorInvalidValue,
-                    "cudaMemcpy: a pointer is not on the side its kind says");
+    int dd, sd;
+    cudaError_t e = copy_check(dst, src, n, k, &dd, &sd);
+    if (e != cudaSuccess)
+        return e;
+    run_all(1); /* the legacy default stream waits for the blocking streams */
     memmove(dst, src, n);
     return cudaSuccess;
 }
 
+typedef struct copy_ctx {
+    void *dst;
+    const void *src;
+    size_t n;
+    int v;        /* memset value */
+    void *staged; /* owned copy of pageable source bytes */
+} copy_ctx;
+static void do_copy(void *c)
+{
+    copy_ctx *x = c;
+    memmove(x->dst, x->staged ? x->staged : x->src, x->n);
+}
+static void do_set(void *c)
+{
+    copy_ctx *x = c;
+    memset(x->dst, x->v, x->n);
+}
+static void del_copy(void *c)
+{
+    copy_ctx *x = c;
+    free(x->staged);
+    free(x);
+}
+
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind k, cudaStream_t s)
 {
-    (void)s;
-    return cudaMemcpy(dst, src, n, k);
+    if (!deferred() || !s || n == 0)
+        return cudaMemcpy(dst, src, n, k);
+    int dd, sd;
+    cudaError_t e = copy_check(dst, src, n, k, &dd, &sd);
+    if (e != cudaSuccess)
+        return e;
+    if (!dd && !is_pinned(dst, n)) { /* into pageable memory: done when the call returns */
+        cudaStreamSynchronize(s);
+        memmove(dst, src, n);
+        return cudaSuccess;
+    }
+    copy_ctx *x = calloc(1, sizeof(*x));
+    if (!x)
+        return fail(cudaErrorMemoryAllocation, "cudaMemcpyAsync");
+    x->dst = dst;
+    x->src = src;
+    x->n = n;
+    if (!sd && !is_pinned(src, n)) { /* from pageable memory: staged now, as CUDA does */
+        x->staged = malloc(n);
+        if (!x->staged) {
+            free(x);
+            return fail(cudaErrorMemoryAllocation, "cudaMemcpyAsync");
+        }
+        memcpy(x->staged, src, n);
+    }
+    cuemu_enqueue(s, do_copy, x, del_copy);
+    return cudaSuccess;
 }
 
 cudaError_t cudaMemset(void *p, int v, size_t n)
 {
     if (!cuemu_is_device(p, n))
         return fail(cudaErrorInvalidValue, "cudaMemset of memory that is not a device block");
+    run_all(1);
     memset(p, v, n);
     return cudaSuccess;
 }
 
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s)
 {
-    (void)s;
-    return cudaMemset(p, v, n);
+    if (!deferred() || !s)
+        return cudaMemset(p, v, n);
+    if (!cuemu_is_device(p, n))
+        return fail(cudaErrorInvalidValue, "cudaMemset of memory that is not a device block");
+    copy_ctx *x = calloc(1, sizeof(*x));
+    if (!x)
+        return fail(cudaErrorMemoryAllocation, "cudaMemsetAsync");
+    x->dst = p;
+    x->v = v;
+    x->n = n;
+    cuemu_enqueue(s, do_set, x, del_copy);
+    return cudaSuccess;
 }
 
 /* ---- streams and events: everything has completed when it is enqueued ---- */
@@ -288,25 +566,64 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags)
     if (!*s)
         return fail(cudaErrorMemoryAllocation, "cudaStreamCreate");
     (*s)->flags = flags;
+    deferred();
+    pthread_mutex_lock(&qmu);
+    (*s)->id = g_next_sid++;
+    (*s)->next = g_streams;
+    g_streams = *s;
+    pthread_mutex_unlock(&qmu);
     return cudaSuccess;
 }
 
 cudaError_t cudaStreamDestroy(cudaStream_t s)
 {
+    if (!s)
+        return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy");
+    deferred();
+    pthread_mutex_lock(&qmu);
+    run_stream(s, s->n_enq); /* its work completes */
+    for (struct CUstream_st **pp = &g_streams; *pp; pp = &(*pp)->next)
+        if (*pp == s) {
+            *pp = s->next;
+            break;
+        }
+    pthread_mutex_unlock(&qmu);
     free(s);
     return cudaSuccess;
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
-    (void)s;
+    if (!deferred())
+        return cudaSuccess;
+    if (!s) {
+        run_all(1);
+        return cudaSuccess;
+    }
+    pthread_mutex_lock(&qmu);
+    run_stream(s, s->n_enq);
+    pthread_mutex_unlock(&qmu);
     return cudaSuccess;
 }
 
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags)
 {
-    (void)s, (void)flags;
-    return e ? cudaSuccess : fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent");
+    (void)flags;
+    if (!e)
+        return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent");
+    if (!deferred() || !e->sid)
+        return cudaSuccess;
+    if (!s) {
+        event_complete(e);
+        return cudaSuccess;
+    }
+    wait_ctx *w = malloc(sizeof(*w)); /* the event as it is now: a later record does not count */
+    if (!w)
+        return fail(cudaErrorMemoryAllocation, "cudaStreamWaitEvent");
+    w->sid = e->sid;
+    w->seq = e->seq;
+    cuemu_enqueue(s, do_wait, w, free);
+    return cudaSuccess;
 }
 
 cudaError_t cudaEventCreate(cudaEvent_t *e)
@@ -338,17 +655,33 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     e->t_ms = (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
     e->recorded = 1;
+    e->sid = 0;
+    if (deferred() && s) {
+        pthread_mutex_lock(&qmu);
+        e->sid = s->id;
+        e->seq = s->n_enq;
+        pthread_mutex_unlock(&qmu);
+    } else if (deferred()) {
+        run_all(1);
+    }
     return cudaSuccess;
 }
 
+/* Deferred work completes when asked for: a query finds it done (a fast GPU). */
 cudaError_t cudaEventQuery(cudaEvent_t e)
 {
-    return e ? cudaSuccess : fail(cudaErrorInvalidResourceHandle, "cudaEventQuery");
+    if (!e)
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventQuery");
+    event_complete(e);
+    return cudaSuccess;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e)
 {
-    return e ? cudaSuccess : fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize");
+    if (!e)
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize");
+    event_complete(e);
+    return cudaSuccess;
 }
 
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b)
