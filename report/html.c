@@ -206,11 +206,13 @@ static void put_recommendation(FILE *f, const kvt_results *r, const kvt_recommen
         free(text);
     }
     /* best candidate per budget, smallest budget first; what each keeps is beside it, since a
-       policy may keep more than its budget (lightkv-like never drops text tokens) */
+       policy may keep more than its budget (lightkv-like never drops text tokens) or fewer
+       (chunkkv keeps whole chunks) */
     fprintf(f,
             "<h2>Best policy per budget (%s)</h2>\n<p>At each budget, the candidate with the best "
-            "%s, and the share of the KV cache it keeps: a policy may keep more than the budget "
-            "says (compare the kept shares).</p>\n<table><tr><th>budget</th><th>policy</th>"
+            "%s, and the share of the KV cache it keeps: a policy may keep more or fewer entries "
+            "than the budget says (compare the kept "
+            "shares).</p>\n<table><tr><th>budget</th><th>policy</th>"
             "<th>%s</th><th>KV kept</th></tr>\n",
             kvt_rec_metric_name(rec->metric), kvt_rec_metric_name(rec->metric),
             kvt_rec_metric_name(rec->metric));
