@@ -273,18 +273,22 @@ cudaError_t cudaDeviceSynchronize(void)
 
 /* ---- device memory ---- */
 
-int cuemu_is_device(const void *ptr, size_t n)
+/* whether [ptr, ptr + n) lies in one block of list[cnt] (under mu) */
+static int in_blocks(blk *const *list, const size_t *cnt, const void *ptr, size_t n)
 {
-    if (!ptr)
-        return 1;
     uintptr_t p = (uintptr_t)ptr;
     int ok = 0;
     pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < n_blocks && !ok; i++)
-        ok = p >= blocks[i].p && p - blocks[i].p <= blocks[i].n &&
-             n <= blocks[i].n - (p - blocks[i].p);
+    for (size_t i = 0; i < *cnt && !ok; i++)
+        ok = p >= (*list)[i].p && p - (*list)[i].p <= (*list)[i].n &&
+             n <= (*list)[i].n - (p - (*list)[i].p);
     pthread_mutex_unlock(&mu);
     return ok;
+}
+
+int cuemu_is_device(const void *ptr, size_t n)
+{
+    return !ptr || in_blocks(&blocks, &n_blocks, ptr, n);
 }
 
 cudaError_t cudaMalloc(void **p, size_t n)
@@ -386,14 +390,7 @@ static size_t n_pinned, cap_pinned;
 
 static int is_pinned(const void *ptr, size_t n)
 {
-    uintptr_t p = (uintptr_t)ptr;
-    int ok = 0;
-    pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < n_pinned && !ok; i++)
-        ok = p >= pinned[i].p && p - pinned[i].p <= pinned[i].n &&
-             n <= pinned[i].n - (p - pinned[i].p);
-    pthread_mutex_unlock(&mu);
-    return ok;
+    return in_blocks(&pinned, &n_pinned, ptr, n);
 }
 
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
