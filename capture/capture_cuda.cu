@@ -34,6 +34,11 @@ typedef struct cd_slot {
     cudaEvent_t ev_gathered, ev_done;
 } cd_slot;
 
+struct kvt_capdev_mark {
+    cudaEvent_t ev;
+    kvt_capdev_mark *next;
+};
+
 typedef struct cd_mem {
     void *p;
     size_t n;
@@ -42,11 +47,11 @@ typedef struct cd_mem {
 struct kvt_capdev {
     int device;
     kvt_trace_writer *w;
-    bool planes;          /* the writer wants byte-plane split payloads */
-    uint8_t *dring;       /* [n_slots * slot_bytes] device */
-    uint8_t *hring;       /* [n_slots * slot_bytes] pinned host */
-    cudaStream_t side;    /* non-blocking copy stream */
-    cudaEvent_t ev_order; /* kvt_capdev_order: one stream's work so far, for another to wait on */
+    bool planes;            /* the writer wants byte-plane split payloads */
+    uint8_t *dring;         /* [n_slots * slot_bytes] device */
+    uint8_t *hring;         /* [n_slots * slot_bytes] pinned host */
+    cudaStream_t side;      /* non-blocking copy stream */
+    kvt_capdev_mark *marks; /* every mark made (freed with the device side) */
     cd_slot *slots;
     uint32_t head, count; /* in-flight slots head .. head + count - 1 (mod n_slots) */
     kvt_record_info *parts;
@@ -173,8 +178,11 @@ extern "C" void kvt_capdev_free(kvt_capdev *d)
             cudaFree(d->dring);
         if (d->hring)
             cudaFreeHost(d->hring);
-        if (d->ev_order)
-            cudaEventDestroy(d->ev_order);
+        for (kvt_capdev_mark *m = d->marks, *nx; m; m = nx) {
+            nx = m->next;
+            cudaEventDestroy(m->ev);
+            free(m);
+        }
         if (d->side)
             cudaStreamDestroy(d->side);
     }
@@ -228,10 +236,6 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot pin %llu bytes of host memory: %s",
                                (unsigned long long)(n * slot), cudaGetErrorString(e));
         }
-        if (st == KVT_OK &&
-            (e = cudaEventCreateWithFlags(&d->ev_order, cudaEventDisableTiming)) != cudaSuccess)
-            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot create events: %s",
-                               cudaGetErrorString(e));
         for (uint64_t i = 0; st == KVT_OK && i < n; i++) {
             e = cudaEventCreateWithFlags(&d->slots[i].ev_gathered, cudaEventDisableTiming);
             if (e == cudaSuccess)
@@ -324,15 +328,53 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
     return KVT_OK;
 }
 
-extern "C" kvt_status kvt_capdev_order(kvt_capdev *d, void *from, void *to)
+/* ---- marks ---- */
+
+extern "C" kvt_status kvt_capdev_mark_at(kvt_capdev *d, kvt_capdev_mark **m, void *stream)
+{
+    KVT_RETURN_IF(!d || !m, KVT_ERR_INVALID_ARG, "capture: null argument");
+    CD_SCOPE(d);
+    if (!*m) {
+        kvt_capdev_mark *nm = (kvt_capdev_mark *)calloc(1, sizeof(*nm));
+        KVT_RETURN_IF(!nm, KVT_ERR_NOMEM, "out of memory");
+        cudaError_t e = cudaEventCreateWithFlags(&nm->ev, cudaEventDisableTiming);
+        if (e != cudaSuccess) {
+            free(nm);
+            return kvt_error_set(KVT_ERR_CUDA, "capture: cannot create an event: %s",
+                                 cudaGetErrorString(e));
+        }
+        nm->next = d->marks;
+        d->marks = nm;
+        *m = nm;
+    }
+    /* a wait already enqueued keeps the point it was given: recording again is fine */
+    KVT_CU(cudaEventRecord((*m)->ev, kvt_cu_stream(stream)));
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_capdev_after(kvt_capdev *d, const kvt_capdev_mark *m, void *stream)
 {
     KVT_RETURN_IF(!d, KVT_ERR_INVALID_ARG, "capture: null argument");
-    if (from == to)
+    if (!m)
         return KVT_OK;
     CD_SCOPE(d);
-    /* the wait takes the event's state at this record: reusing the event later is fine */
-    KVT_CU(cudaEventRecord(d->ev_order, kvt_cu_stream(from)));
-    KVT_CU(cudaStreamWaitEvent(kvt_cu_stream(to), d->ev_order, 0));
+    KVT_CU(cudaStreamWaitEvent(kvt_cu_stream(stream), m->ev, 0));
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_capdev_side_after(kvt_capdev *d, const kvt_capdev_mark *m)
+{
+    KVT_RETURN_IF(!d, KVT_ERR_INVALID_ARG, "capture: null argument");
+    return kvt_capdev_after(d, m, d->side);
+}
+
+extern "C" kvt_status kvt_capdev_mark_sync(kvt_capdev *d, const kvt_capdev_mark *m)
+{
+    KVT_RETURN_IF(!d, KVT_ERR_INVALID_ARG, "capture: null argument");
+    if (!m)
+        return KVT_OK;
+    CD_SCOPE(d);
+    KVT_CU(cudaEventSynchronize(m->ev));
     return KVT_OK;
 }
 
@@ -424,13 +466,14 @@ extern "C" void kvt_capdev_mem_free(kvt_capdev *d, void *p)
     }
 }
 
-extern "C" kvt_status kvt_capdev_to_host(kvt_capdev *d, const void *src, void *dst, size_t bytes,
-                                         void *stream)
+extern "C" kvt_status kvt_capdev_to_host(kvt_capdev *d, const kvt_capdev_mark *after,
+                                         const void *src, void *dst, size_t bytes)
 {
     KVT_RETURN_IF(!d || !src || !dst, KVT_ERR_INVALID_ARG, "capture: null argument");
     CD_SCOPE(d);
-    KVT_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, kvt_cu_stream(stream)));
-    KVT_CU(cudaStreamSynchronize(kvt_cu_stream(stream)));
+    KVT_FORWARD(kvt_capdev_after(d, after, d->side));
+    KVT_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, d->side));
+    KVT_CU(cudaStreamSynchronize(d->side));
     return KVT_OK;
 }
 

@@ -44,9 +44,34 @@ void kvt_capdev_mem_free(kvt_capdev *d, void *p)
     (void)d, (void)p;
 }
 
-kvt_status kvt_capdev_to_host(kvt_capdev *d, const void *src, void *dst, size_t bytes, void *stream)
+kvt_status kvt_capdev_to_host(kvt_capdev *d, const kvt_capdev_mark *after, const void *src,
+                              void *dst, size_t bytes)
 {
-    (void)d, (void)src, (void)dst, (void)bytes, (void)stream;
+    (void)d, (void)after, (void)src, (void)dst, (void)bytes;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
+}
+
+kvt_status kvt_capdev_mark_at(kvt_capdev *d, kvt_capdev_mark **m, void *stream)
+{
+    (void)d, (void)m, (void)stream;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
+}
+
+kvt_status kvt_capdev_after(kvt_capdev *d, const kvt_capdev_mark *m, void *stream)
+{
+    (void)d, (void)m, (void)stream;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
+}
+
+kvt_status kvt_capdev_side_after(kvt_capdev *d, const kvt_capdev_mark *m)
+{
+    (void)d, (void)m;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
+}
+
+kvt_status kvt_capdev_mark_sync(kvt_capdev *d, const kvt_capdev_mark *m)
+{
+    (void)d, (void)m;
     return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
 }
 
@@ -75,12 +100,6 @@ void kvt_capdev_get_stats(const kvt_capdev *d, kvt_capdev_stats *out)
 void kvt_capdev_free(kvt_capdev *d)
 {
     (void)d;
-}
-
-kvt_status kvt_capdev_order(kvt_capdev *d, void *from, void *to)
-{
-    (void)d, (void)from, (void)to;
-    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
 }
 
 void *kvt_capdev_stream(const kvt_capdev *d)

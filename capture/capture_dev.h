@@ -66,21 +66,33 @@ kvt_status kvt_capdev_gather(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0
 kvt_status kvt_capdev_mem_alloc(kvt_capdev *d, size_t bytes, bool zero, void *stream, void **out);
 void kvt_capdev_mem_free(kvt_capdev *d, void *p);
 
-/** Copy bytes from device to host on `stream` and wait for it (rare: column sums, decode
- *  chunks). */
-kvt_status kvt_capdev_to_host(kvt_capdev *d, const void *src, void *dst, size_t bytes,
-                              void *stream);
+/** A point in a stream's work: what was enqueued on it before kvt_capdev_mark_at, for other
+ *  streams (kvt_capdev_after, kvt_capdev_side_after) or the host (kvt_capdev_mark_sync) to
+ *  wait for. Marks are events the device side owns (freed with it), so the session keeps no
+ *  engine stream beyond the call that handed it: a buffer's producer marks it, its consumer
+ *  waits for the mark. */
+typedef struct kvt_capdev_mark kvt_capdev_mark;
+/** Record *m (created on first use) at the end of the work enqueued so far on `stream`. A
+ *  wait already enqueued on the mark keeps the point it saw. */
+kvt_status kvt_capdev_mark_at(kvt_capdev *d, kvt_capdev_mark **m, void *stream);
+/** Work enqueued on `stream` from now on waits for m (NULL: nothing). The host does not wait. */
+kvt_status kvt_capdev_after(kvt_capdev *d, const kvt_capdev_mark *m, void *stream);
+/** The same for the session's own side stream (its copies to the host). */
+kvt_status kvt_capdev_side_after(kvt_capdev *d, const kvt_capdev_mark *m);
+/** The host waits for m (NULL: nothing). */
+kvt_status kvt_capdev_mark_sync(kvt_capdev *d, const kvt_capdev_mark *m);
+
+/** Copy bytes from device to host on the side stream after `after` (NULL: no mark; the side
+ *  stream also waits for what kvt_capdev_side_after gave it) and wait for it (rare: column
+ *  sums, decode chunks). */
+kvt_status kvt_capdev_to_host(kvt_capdev *d, const kvt_capdev_mark *after, const void *src,
+                              void *dst, size_t bytes);
 
 /** Causal column sums on the device (kvt_colsum_accumulate_ref's contract, device pointers:
  *  q [Hq, n_q, D] f32, k [Hkv, n_k, D] f32, colsum [Hq, n_k] f64 += ), on `stream`. */
 kvt_status kvt_capdev_colsum(kvt_capdev *d, const float *q, const float *k, double *colsum,
                              int n_q_heads, int n_kv_heads, uint32_t q_begin, uint32_t n_q,
                              uint32_t n_k, int head_dim, float scale, void *stream);
-
-/** Make stream `to` wait (on the device) for the work enqueued so far on stream `from`: for
- *  device buffers one producer stream writes and another reads (nothing when they are the
- *  same stream). The host does not wait. */
-kvt_status kvt_capdev_order(kvt_capdev *d, void *from, void *to);
 
 /** The side stream the ring's device-to-host copies run on (a cudaStream_t), or NULL. */
 void *kvt_capdev_stream(const kvt_capdev *d);

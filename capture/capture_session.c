@@ -33,15 +33,13 @@ typedef struct layer_state {
     uint8_t *dk;          /* [Hkv, chunk, D] */
     uint8_t *dv;          /* [Hkv, chunk, D] */
     /* device views (KVT_MEM_CUDA) */
-    bool kv_dev;     /* with column sums: the keys came from device memory */
-    float *dk_f32;   /* device [Hkv, T, D] keys for the GPU column sums */
-    void *dk_stream; /* stream of the last gather into dk_f32 (dk_has: one happened) */
-    bool dk_has;
+    bool kv_dev;              /* with column sums: the keys came from device memory */
+    float *dk_f32;            /* device [Hkv, T, D] keys for the GPU column sums */
+    kvt_capdev_mark *dk_mark; /* after every gather into dk_f32 so far (NULL: none yet) */
     double *dcolsum;          /* device [Hq, T] accumulator */
-    void *cs_stream;          /* stream the column sums were enqueued on */
+    kvt_capdev_mark *cs_mark; /* after the layer's column sums so far */
     int dec_mem;              /* decode views: 0 none yet, 1 host, 2 device */
     uint8_t *ddq, *ddk, *ddv; /* device decode chunks, laid out as dq, dk, dv */
-    void *dec_stream;         /* stream of the last device decode submission */
 } layer_state;
 
 struct kvt_capture_session {
@@ -67,9 +65,10 @@ struct kvt_capture_session {
     int dev_device;  /* its CUDA ordinal */
     float *dq_f32;   /* device f32 queries for the GPU column sums */
     size_t dq_f32_cap;
-    void *cs_last; /* stream of the last column-sum launch, which read dq_f32 (cs_has: one ran) */
-    bool cs_has;
-    kvt_status err; /* sticky write error */
+    kvt_capdev_mark *cs_last;      /* after the last column sums (any layer's): they read dq_f32 and
+                                      the sums' workspace */
+    kvt_capdev_mark *dec_marks[3]; /* a decode step's gathers of Q, K, V, for the side stream */
+    kvt_status err;                /* sticky write error */
     char err_msg[256];
     struct kvt_capture_stats stats;
     kvt_capture_timeline timeline; /* valid when has_timeline */
@@ -249,13 +248,16 @@ static kvt_status dev_fail(kvt_capture_session *s, kvt_status st)
     return st;
 }
 
-/* Engines may hand each tensor on its own stream: before a device buffer that one stream wrote
- * (or read) is read (or overwritten) on another, that stream waits for the first one's work. */
-static kvt_status dev_order(kvt_capture_session *s, bool has, void *from, void *to)
+/* Engines may hand each tensor on its own stream, and a view's stream is borrowed for the call
+ * only: a device buffer's producer marks its stream (kvt_capdev_mark_at) in the call that
+ * enqueues the work, and its consumer, in a later call, waits for the mark. */
+static kvt_status dev_mark(kvt_capture_session *s, kvt_capdev_mark **m, void *stream)
 {
-    if (!has || from == to)
-        return KVT_OK;
-    return dev_fail(s, kvt_capdev_order(s->dev, from, to));
+    return dev_fail(s, kvt_capdev_mark_at(s->dev, m, stream));
+}
+static kvt_status dev_after(kvt_capture_session *s, const kvt_capdev_mark *m, void *stream)
+{
+    return dev_fail(s, kvt_capdev_after(s->dev, m, stream));
 }
 
 /* Check a view before anything of a submission is queued: a device view needs the device side
@@ -611,12 +613,12 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
     KVT_FORWARD(emit_view(s, KVT_KIND_V, layer, &hv, 0, hv.n_t, tok_begin));
     if (s->opts.with_colsum && hk.dev) {
         kvt_capdev_view dk = dev_view(&hk);
-        /* chained, so that the last gather's stream carries every earlier one */
-        KVT_FORWARD(dev_order(s, ls->dk_has, ls->dk_stream, hk.stream));
+        /* chained: after the earlier gathers (maybe on other streams), so that the mark covers
+           them all */
+        KVT_FORWARD(dev_after(s, ls->dk_mark, hk.stream));
         KVT_FORWARD(dev_fail(
             s, kvt_capdev_gather(s->dev, &dk, 0, hk.n_t, KVT_DTYPE_F32, ls->dk_f32, T, tok_begin)));
-        ls->dk_stream = hk.stream;
-        ls->dk_has = true;
+        KVT_FORWARD(dev_mark(s, &ls->dk_mark, hk.stream));
     } else if (ls->k_f32) {
         gather(&hk, 0, hk.n_t, KVT_DTYPE_F32, ls->k_f32 + (size_t)tok_begin * hk.n_d, T);
     }
@@ -667,8 +669,8 @@ static kvt_status finish_colsum(kvt_capture_session *s, int layer)
     if (ls->dcolsum) { /* the GPU's sums: wait for them, free the layer's device buffers */
         ls->colsum = kvt_malloc(n * sizeof(double));
         KVT_RETURN_IF(!ls->colsum, KVT_ERR_NOMEM, "out of memory (column sums)");
-        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->dcolsum, ls->colsum,
-                                                   n * sizeof(double), ls->cs_stream)));
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->cs_mark, ls->dcolsum, ls->colsum,
+                                                   n * sizeof(double))));
         kvt_capdev_mem_free(s->dev, ls->dcolsum);
         kvt_capdev_mem_free(s->dev, ls->dk_f32);
         ls->dcolsum = NULL;
@@ -729,7 +731,8 @@ kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_
     }
     if (s->opts.with_colsum && hq.dev) {
         size_t need = (size_t)hq.n_h * n * (size_t)hq.n_d * sizeof(float);
-        if (need > s->dq_f32_cap) { /* freeing waits for earlier sums that read it */
+        if (need > s->dq_f32_cap) { /* the earlier sums that read it first */
+            KVT_FORWARD(dev_fail(s, kvt_capdev_mark_sync(s->dev, s->cs_last)));
             kvt_capdev_mem_free(s->dev, s->dq_f32);
             s->dq_f32 = NULL;
             s->dq_f32_cap = 0;
@@ -763,16 +766,16 @@ kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_
         kvt_capdev_view dq = dev_view(&hq);
         /* dq_f32 and the sums' workspace: after the last sums that read them (any layer's,
          * which also chains this layer's accumulation); the keys: after their gathers */
-        KVT_FORWARD(dev_order(s, s->cs_has, s->cs_last, hq.stream));
-        KVT_FORWARD(dev_order(s, ls->dk_has, ls->dk_stream, hq.stream));
+        KVT_FORWARD(dev_after(s, s->cs_last, hq.stream));
+        KVT_FORWARD(dev_after(s, ls->dk_mark, hq.stream));
         KVT_FORWARD(dev_fail(
             s, kvt_capdev_gather(s->dev, &dq, 0, hq.n_t, KVT_DTYPE_F32, s->dq_f32, hq.n_t, 0)));
         KVT_FORWARD(
             dev_fail(s, kvt_capdev_colsum(s->dev, s->dq_f32, ls->dk_f32, ls->dcolsum,
                                           s->model.n_q_heads, s->model.n_kv_heads, tok_begin, n, T,
                                           s->model.head_dim, s->scale, hq.stream)));
-        ls->cs_stream = s->cs_last = hq.stream;
-        s->cs_has = true;
+        KVT_FORWARD(dev_mark(s, &s->cs_last, hq.stream));
+        KVT_FORWARD(dev_mark(s, &ls->cs_mark, hq.stream));
         s->stats.colsum_ns += kvt_now_ns() - t0;
     } else if (s->opts.with_colsum) {
         uint64_t t0 = kvt_now_ns();
@@ -823,9 +826,10 @@ static kvt_status flush_decode(kvt_capture_session *s, int layer)
     int hq = s->model.n_q_heads, hkv = s->model.n_kv_heads;
     if (ls->dec_mem == 2) { /* the device chunk, same layout */
         size_t cq = row * C * (size_t)hq, ckv = row * C * (size_t)hkv;
-        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->ddq, ls->dq, cq, ls->dec_stream)));
-        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->ddk, ls->dk, ckv, ls->dec_stream)));
-        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->ddv, ls->dv, ckv, ls->dec_stream)));
+        /* the side stream waited for every gather into the chunk (submit_decode) */
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, NULL, ls->ddq, ls->dq, cq)));
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, NULL, ls->ddk, ls->dk, ckv)));
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, NULL, ls->ddv, ls->dv, ckv)));
     }
     if (n < C) { /* compact [H, C, D] to [H, n, D] */
         for (int h = 1; h < hq; h++)
@@ -931,11 +935,14 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
             KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vq, t, take, dt, ls->ddq, C, c)));
             KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vk, t, take, dt, ls->ddk, C, c)));
             KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vv, t, take, dt, ls->ddv, C, c)));
-            /* the flush copies on the query's stream: after every gather into the chunk */
-            KVT_FORWARD(dev_order(s, true, hk.stream, hq.stream));
-            KVT_FORWARD(dev_order(s, true, hv.stream, hq.stream));
-            KVT_FORWARD(dev_order(s, c > 0, ls->dec_stream, hq.stream));
-            ls->dec_stream = hq.stream;
+            /* the flush copies on the side stream: it waits for each gather now, so the
+               engine's streams wait for nothing of the capture's */
+            kvt_capdev_mark **mk = s->dec_marks;
+            KVT_FORWARD(dev_mark(s, &mk[0], hq.stream));
+            KVT_FORWARD(dev_mark(s, &mk[1], hk.stream));
+            KVT_FORWARD(dev_mark(s, &mk[2], hv.stream));
+            for (int i = 0; i < 3; i++)
+                KVT_FORWARD(dev_fail(s, kvt_capdev_side_after(s->dev, mk[i])));
         } else {
             gather(&hq, t, take, dt, ls->dq + c * row, C);
             gather(&hk, t, take, dt, ls->dk + c * row, C);

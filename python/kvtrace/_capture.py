@@ -188,7 +188,8 @@ class CaptureSession(_NoCopy):
     category, copies, and how much of the capture's own copies overlapped compute: those on
     capture_stream, a CUDA stream handle or an object with .cuda_stream such as
     torch.cuda.Stream, or without it those the session made of device tensors on its own
-    stream); close() waits for the device before it stops CUPTI. Where CUPTI cannot run,
+    stream); with device tensors, close() waits for the device before it stops CUPTI (with
+    host tensors an engine should synchronise before close). Where CUPTI cannot run,
     timeline_reason says why and the trace records it. set_timeline_absent(reason) records why
     an engine has no timeline.
 

@@ -9,9 +9,12 @@
  * wait for free slots (backpressure) and slots are reused. After each device submission the
  * source memory is overwritten on the producer stream: the trace must still hold what was
  * submitted (the capture reads the engine's memory only before the engine's next work).
- * One case hands K, V and Q on three streams, the keys' stream kept busy (a large memset,
- * KVT_TEST_DELAY_BYTES, default 1 GiB) before each key submission: the column sums (queries'
- * stream) and the decode chunks' copies must still see the keys the other streams gathered.
+ * Two cases hand K, V and Q on three streams, two rotate every submission over four streams
+ * (parts of a layer, layers, decode chunks), the keys' and values' streams kept busy (a large
+ * memset, KVT_TEST_DELAY_BYTES, default 1 GiB) before each submission: the column sums and
+ * the decode chunks' copies must still see what the other streams gathered, and a buffer must
+ * not be refilled on one stream while another still reads it. On the CPU stand-in these
+ * cases fail only with deferred streams (CUEMU_DEFER=1, test_capture_device_cuemu_defer).
  */
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -135,8 +138,17 @@ typedef struct engine {
     etensor dq[NL], dk[NL], dv[NL]; /* decode: [H, G] */
 } engine;
 
+enum { ONE, THREE, ROT };
+
+/* The stream of a submission: what (0 K, 1 V, 2 queries), r = layer + part (prompt) or decode
+ * chunk + layer. */
+static cudaStream_t pick(const cudaStream_t *S, int mode, int what, int r)
+{
+    return mode == ONE ? S[0] : mode == THREE ? S[what] : S[(r + what) % 4];
+}
+
 static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, uint64_t ring,
-                    bool multi, struct kvt_capture_stats *stats)
+                    int mode, struct kvt_capture_stats *stats)
 {
     struct kvt_capture_model m = {.name = "gpu-test",
                                   .arch = "llama",
@@ -159,15 +171,14 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         .device_ring_bytes = 4 * 6000};
     if (ring)
         o.device_ring_bytes = ring;
-    /* one stream, or (multi) K on sk, V on sv and the queries on sq */
-    cudaStream_t sk, sv, sq;
-    CU_OK(cudaStreamCreate(&sk));
-    sv = sq = sk;
-    if (multi) {
-        CU_OK(cudaStreamCreate(&sv));
-        CU_OK(cudaStreamCreate(&sq));
-    }
-    multi = multi && dev;
+    /* streams: ONE for everything; THREE: K on S[0], V on S[1], queries on S[2]; ROT: each
+       submission on another of four streams (parts of one layer, layers, decode chunks), so
+       that every buffer a stream fills is read or refilled from another one */
+    cudaStream_t S[4];
+    int n_st = mode == ONE ? 1 : mode == THREE ? 3 : 4;
+    for (int i = 0; i < n_st; i++)
+        CU_OK(cudaStreamCreate(&S[i]));
+    bool delays = mode != ONE && dev;
     kvt_capture_session *s;
     KVT_CHECK(kvt_capture_open(path, &m, &o, &s));
     for (int l = 0; l < NL; l++) {
@@ -175,7 +186,8 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         int64_t cut = 61;
         for (int part = 0; part < 2; part++) {
             int64_t t0 = part ? cut : 0, nt = part ? TT - cut : cut;
-            if (multi)
+            cudaStream_t sk = pick(S, mode, 0, l + part), sv = pick(S, mode, 1, l + part);
+            if (delays)
                 delay(sk);
             struct kvt_tensor_view kv = et_view(&en->k[l], t0, nt, dev, sk);
             struct kvt_tensor_view vv = et_view(&en->v[l], t0, nt, dev, sv);
@@ -183,20 +195,23 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         }
         for (int part = 0; part < 2; part++) {
             int64_t t0 = part ? 100 : 0, nt = part ? TT - 100 : 100;
-            struct kvt_tensor_view qv = et_view(&en->q[l], t0, nt, dev, sq);
+            struct kvt_tensor_view qv = et_view(&en->q[l], t0, nt, dev, pick(S, mode, 2, l + part));
             KVT_CHECK(kvt_capture_submit_queries(s, l, (uint32_t)t0, &qv));
         }
     }
-    if (dev)
+    if (dev && mode != ROT) /* (ROT: a tensor's parts went on several streams) */
         for (int l = 0; l < NL; l++) {
-            clobber(&en->k[l], sk);
-            clobber(&en->v[l], sv);
-            clobber(&en->q[l], sq);
+            clobber(&en->k[l], pick(S, mode, 0, 0));
+            clobber(&en->v[l], pick(S, mode, 1, 0));
+            clobber(&en->q[l], pick(S, mode, 2, 0));
         }
     for (int64_t g = 0; g < GG; g += 10) {
         int64_t n = GG - g < 10 ? GG - g : 10;
         for (int l = 0; l < NL; l++) {
-            if (multi) {
+            int r = (int)(g / 10) + l;
+            cudaStream_t sq = pick(S, mode, 2, r), sk = pick(S, mode, 0, r),
+                         sv = pick(S, mode, 1, r);
+            if (delays) {
                 delay(sk);
                 delay(sv);
             }
@@ -213,11 +228,8 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
     KVT_CHECK(kvt_capture_sync_device(s));
     KVT_CHECK(kvt_capture_close(s, stats));
     CU_OK(cudaDeviceSynchronize());
-    CU_OK(cudaStreamDestroy(sk));
-    if (sv != sk) {
-        CU_OK(cudaStreamDestroy(sv));
-        CU_OK(cudaStreamDestroy(sq));
-    }
+    for (int i = 0; i < n_st; i++)
+        CU_OK(cudaStreamDestroy(S[i]));
 }
 
 static void compare(const char *a, const char *b, const char *what)
@@ -281,7 +293,7 @@ static void read_meta(const char *path, char *buf, size_t cap)
 }
 
 static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, uint64_t ring,
-                     bool multi)
+                     int mode)
 {
     engine en;
     uint64_t seed = (uint64_t)engine_dt * 101 + (uint64_t)stored * 7 + token_major;
@@ -296,10 +308,12 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
     char pa[256], pb[256], what[128];
     snprintf(what, sizeof(what), "%s->%s %s ring %llu%s", kvt_dtype_name(engine_dt),
              kvt_dtype_name(stored), token_major ? "[T,H,D]" : "[H,T,D]", (unsigned long long)ring,
-             multi ? ", K/V/Q on three streams" : "");
+             mode == THREE ? ", K/V/Q on three streams"
+             : mode == ROT ? ", streams rotated"
+                           : "");
     struct kvt_capture_stats sh, sd;
-    capture(kvt_test_tmp(pa, sizeof(pa), "host.kvt"), &en, false, stored, ring, multi, &sh);
-    capture(kvt_test_tmp(pb, sizeof(pb), "dev.kvt"), &en, true, stored, ring, multi, &sd);
+    capture(kvt_test_tmp(pa, sizeof(pa), "host.kvt"), &en, false, stored, ring, mode, &sh);
+    capture(kvt_test_tmp(pb, sizeof(pb), "dev.kvt"), &en, true, stored, ring, mode, &sd);
     KVT_EXPECT_EQ_U64(sd.bytes_submitted, sh.bytes_submitted);
     KVT_EXPECT(sd.device_d2h_bytes > 0 && sd.device_slots >= 2);
     KVT_EXPECT(sd.device_peak_slots <= sd.device_slots);
@@ -377,13 +391,15 @@ int main(void)
     if (g_delay_bytes < 4)
         g_delay_bytes = 4;
     CU_OK(cudaMalloc(&g_delay, g_delay_bytes));
-    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, false, 0, false);
-    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0, false);
-    run_case(KVT_DTYPE_F32, KVT_DTYPE_BF16, true, 0, false);
-    run_case(KVT_DTYPE_F16, KVT_DTYPE_F32, false, 0, false);
-    run_case(KVT_DTYPE_F32, KVT_DTYPE_F16, true, 1ull << 20, false); /* a roomier ring */
-    run_case(KVT_DTYPE_BF16, KVT_DTYPE_F32, false, 0, true);
-    run_case(KVT_DTYPE_F16, KVT_DTYPE_BF16, true, 0, true);
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, false, 0, ONE);
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0, ONE);
+    run_case(KVT_DTYPE_F32, KVT_DTYPE_BF16, true, 0, ONE);
+    run_case(KVT_DTYPE_F16, KVT_DTYPE_F32, false, 0, ONE);
+    run_case(KVT_DTYPE_F32, KVT_DTYPE_F16, true, 1ull << 20, ONE); /* a roomier ring */
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_F32, false, 0, THREE);
+    run_case(KVT_DTYPE_F16, KVT_DTYPE_BF16, true, 0, THREE);
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, false, 0, ROT);
+    run_case(KVT_DTYPE_F32, KVT_DTYPE_F16, true, 0, ROT);
     CU_OK(cudaFree(g_delay));
     bad_device();
     return kvt_test_result("test_capture_device_gpu");
