@@ -5,13 +5,15 @@
  *
  * By default everything runs when it is enqueued. With CUEMU_DEFER=1 the work of a created
  * stream (kernels, async copies and memsets, frees) waits in the stream's queue and runs only
- * when something needs it done: a synchronize of the stream, an event on it that is queried,
+ * when something needs it done: a synchronize of the stream, an event on it that is
  * synchronized or waited for by another stream's work, a synchronous copy or the legacy
  * default stream (which wait for the blocking streams), a cudaFree or cudaDeviceSynchronize
- * (everything). Work on one stream that reads what another stream's work writes, with no
- * event between them, then sees the memory as it was: the cross-stream races a real GPU shows
- * only sometimes fail every time here. Copies from pageable host memory are staged at the
- * call and copies into it complete before the call returns, as CUDA does.
+ * (everything); a query of an event whose work has not run says not ready (a slow GPU). Work
+ * on one stream that reads what another stream's work writes, with no event between them,
+ * then sees the memory as it was whenever the other stream has not been made to run first:
+ * cross-stream races a real GPU shows only sometimes fail here in most orders of submission.
+ * Copies from pageable host memory are staged at the call and copies into it complete before
+ * the call returns, as CUDA does.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -125,7 +127,12 @@ static void run_all(int blocking_only)
 void cuemu_enqueue(cudaStream_t s, void (*fn)(void *), void *ctx, void (*del)(void *))
 {
     op *o = NULL;
-    if (deferred() && s && (o = malloc(sizeof(*o))) != NULL) {
+    if (deferred() && s && !(o = malloc(sizeof(*o)))) { /* no room to queue: in order, now */
+        pthread_mutex_lock(&qmu);
+        run_stream(s, s->n_enq);
+        pthread_mutex_unlock(&qmu);
+    }
+    if (o) {
         o->fn = fn;
         o->ctx = ctx;
         o->del = del;
@@ -664,13 +671,18 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
     return cudaSuccess;
 }
 
-/* Deferred work completes when asked for: a query finds it done (a fast GPU). */
+/* Deferred work not yet run is not ready (a slow GPU): the caller has to wait for it. */
 cudaError_t cudaEventQuery(cudaEvent_t e)
 {
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventQuery");
-    event_complete(e);
-    return cudaSuccess;
+    if (!deferred() || !e->sid)
+        return cudaSuccess;
+    pthread_mutex_lock(&qmu);
+    struct CUstream_st *t = stream_by_id(e->sid);
+    int pending = t && t->n_done < e->seq;
+    pthread_mutex_unlock(&qmu);
+    return pending ? cudaErrorNotReady : cudaSuccess;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e)
