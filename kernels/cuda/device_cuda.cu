@@ -45,10 +45,10 @@ static bool pools_ok(void)
     int v = __atomic_load_n(&known[dev], __ATOMIC_RELAXED);
     if (!v) {
         int a = 0;
-        v = cudaDeviceGetAttribute(&a, cudaDevAttrMemoryPoolsSupported, dev) == cudaSuccess && a
-                ? 1
-                : 2;
-        cudaGetLastError();
+        cudaError_t e = cudaDeviceGetAttribute(&a, cudaDevAttrMemoryPoolsSupported, dev);
+        if (e != cudaSuccess)
+            cudaGetLastError(); /* this call's error only: a pending launch error stays */
+        v = e == cudaSuccess && a ? 1 : 2;
         __atomic_store_n(&known[dev], v, __ATOMIC_RELAXED);
     }
     return v == 1;
