@@ -114,12 +114,25 @@ static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int t
     if (s)
         return kvt_error_set(s, "layer %d: %s missing", layer, kvt_kind_name(kind));
     uint32_t want_d = kind == KVT_KIND_ATTN_COLSUM ? 1 : (uint32_t)sh->D;
-    if ((int)h != heads || (int)t != tok || d != want_d)
+    /* decode kinds may hold more steps than every layer has (a capture cut short): the first
+       tok of them */
+    bool decode =
+        kind == KVT_KIND_Q_DECODE || kind == KVT_KIND_K_DECODE || kind == KVT_KIND_V_DECODE;
+    if ((int)h != heads || (decode ? (int)t < tok : (int)t != tok) || d != want_d)
         return kvt_error_set(KVT_ERR_CORRUPT,
                              "layer %d: %s has shape [%u,%u,%u], expected [%d,%d,%u]", layer,
                              kvt_kind_name(kind), h, t, d, heads, tok, want_d);
-    return kvt_trace_reader_read(sh->rd, layer, kind, 0, h, KVT_DTYPE_F32, dst,
-                                 (size_t)h * t * d * sizeof(float));
+    if ((int)t == tok)
+        return kvt_trace_reader_read(sh->rd, layer, kind, 0, h, KVT_DTYPE_F32, dst,
+                                     (size_t)h * t * d * sizeof(float));
+    size_t all = (size_t)h * t * d, row = (size_t)tok * d;
+    float *tmp = kvt_malloc(all * sizeof(float));
+    KVT_RETURN_IF(!tmp, KVT_ERR_NOMEM, "out of memory (layer %d %s)", layer, kvt_kind_name(kind));
+    s = kvt_trace_reader_read(sh->rd, layer, kind, 0, h, KVT_DTYPE_F32, tmp, all * sizeof(float));
+    for (uint32_t i = 0; !s && i < h; i++)
+        memcpy(dst + i * row, tmp + (size_t)i * t * d, row * sizeof(float));
+    kvt_free(tmp);
+    return s;
 }
 
 typedef struct qa_load {
@@ -513,13 +526,27 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
         return st;
     }
     sh->W = (int)t; /* the records say how many window queries were stored */
-    if (has_kind(sh->rd, 0, KVT_KIND_Q_DECODE, &h, &t, &d, NULL) && t > 0) {
+    /* decode steps: those every layer holds whole. A capture cut short in its decode steps
+       (killed, disk full) leaves layers with different counts, and a layer's K_decode may end
+       before its Q_decode: the replay uses the steps all of them have */
+    uint32_t g_q = UINT32_MAX, g_kv = UINT32_MAX;
+    for (int l = 0; l < sh->L; l++) {
+        uint32_t tq = 0, tk = 0, tv = 0;
+        if (!has_kind(sh->rd, l, KVT_KIND_Q_DECODE, NULL, &tq, NULL, NULL))
+            tq = 0;
+        if (!has_kind(sh->rd, l, KVT_KIND_K_DECODE, NULL, &tk, NULL, NULL) ||
+            !has_kind(sh->rd, l, KVT_KIND_V_DECODE, NULL, &tv, NULL, NULL))
+            tk = tv = 0;
+        g_q = tq < g_q ? tq : g_q;
+        g_kv = tk < g_kv ? tk : g_kv;
+        g_kv = tv < g_kv ? tv : g_kv;
+    }
+    if (sh->L > 0 && g_q > 0 && g_q != UINT32_MAX) {
         sh->has_qd = true;
-        sh->G = (int)t;
-        uint32_t h2, t2, d2, h3, t3, d3;
-        sh->has_kvd = has_kind(sh->rd, 0, KVT_KIND_K_DECODE, &h2, &t2, &d2, NULL) &&
-                      has_kind(sh->rd, 0, KVT_KIND_V_DECODE, &h3, &t3, &d3, NULL) &&
-                      (int)t2 == sh->G && (int)t3 == sh->G;
+        /* with decode keys in every layer, the steps all three kinds hold (the decode queries
+           see the decode keys); without, the queries' */
+        sh->has_kvd = g_kv > 0;
+        sh->G = (int)(sh->has_kvd && g_kv < g_q ? g_kv : g_q);
     }
     sh->has_colsum = has_kind(sh->rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
     sh->has_qall = has_kind(sh->rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);

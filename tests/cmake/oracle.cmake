@@ -15,7 +15,7 @@
 #                                sets against llama2c_oracle.py's masked float64 forward
 if(KVT_SYS_PYTHON)
     foreach(t test_replay_oracle_selftest test_peer_torch test_format_spec test_external_policy
-              test_e2e_llama2c)
+              test_e2e_llama2c test_replay_cut_decode)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)
