@@ -7,7 +7,9 @@
  * Test hooks (tests/unit/test_reliability_capture.c): KVT_CAPTURE_STEP_DELAY_US=N sleeps N
  * microseconds before each position, so a test can signal a capture while it runs;
  * KVT_CAPTURE_KILL_AT=P sends SIGKILL to the process itself before position P (prompt
- * positions 0..T-1, then decode positions T..), a crash at an exact, repeatable point.
+ * positions 0..T-1, then decode positions T..), a crash at an exact, repeatable point;
+ * KVT_CAPTURE_STOP_DELAY_US=N sleeps N microseconds once a stop signal was seen (a slow
+ * wind-down, so a test can send a second signal during it).
  */
 #include <signal.h>
 #include <stdio.h>
@@ -29,8 +31,10 @@ static void on_stop_signal(int sig)
     stop_signal = sig;
 }
 
-/* SIGINT/SIGTERM stop the run cleanly; a second one kills as usual (SA_RESETHAND). (SIGXFSZ
- * is ignored for every command in main.c, so a file size limit is a write error.) */
+/* SIGINT/SIGTERM stop the run cleanly. A second Ctrl-C kills as usual (SA_RESETHAND); a
+ * second SIGTERM is the same request (GNU timeout sends one to the process and one to its
+ * group), and whoever must stop it at once sends SIGKILL. (SIGXFSZ is ignored for every command
+ * in main.c, so a file size limit is a write error.) */
 static void install_signals(void)
 {
     struct sigaction sa;
@@ -39,6 +43,7 @@ static void install_signals(void)
     sa.sa_flags = SA_RESETHAND | SA_RESTART;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
+    sa.sa_flags = SA_RESTART;
     sigaction(SIGTERM, &sa, NULL);
 }
 
@@ -60,10 +65,11 @@ static void drop_log_line(void *user, const char *line)
 }
 
 struct test_hooks {
-    long delay_us;     /* KVT_CAPTURE_STEP_DELAY_US */
-    long kill_at;      /* KVT_CAPTURE_KILL_AT, -1 = never */
-    uint32_t n_prompt; /* T: a stop before position T is inside the prompt */
-    bool quiet;        /* drop_log_line is installed */
+    long delay_us;      /* KVT_CAPTURE_STEP_DELAY_US */
+    long kill_at;       /* KVT_CAPTURE_KILL_AT, -1 = never */
+    long stop_delay_us; /* KVT_CAPTURE_STOP_DELAY_US */
+    uint32_t n_prompt;  /* T: a stop before position T is inside the prompt */
+    bool quiet;         /* drop_log_line is installed */
 };
 
 static bool keep_going(void *user, uint32_t pos)
@@ -77,6 +83,13 @@ static bool keep_going(void *user, uint32_t pos)
         nanosleep(&ts, NULL);
     }
     bool stop = stop_signal != 0; /* read once: the answer and the hook agree */
+    if (stop && h->stop_delay_us > 0) {
+        struct timespec ts = {.tv_sec = h->stop_delay_us / 1000000,
+                              .tv_nsec = (h->stop_delay_us % 1000000) * 1000};
+        h->stop_delay_us = 0;
+        while (nanosleep(&ts, &ts) != 0) /* a second signal interrupts the sleep */
+            ;
+    }
     if (stop && pos < h->n_prompt && !h->quiet) {
         kvt_log_set_hook(drop_log_line, NULL);
         h->quiet = true;
@@ -254,8 +267,10 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
     };
     const char *delay_env = getenv("KVT_CAPTURE_STEP_DELAY_US");
     const char *kill_env = getenv("KVT_CAPTURE_KILL_AT");
+    const char *stop_env = getenv("KVT_CAPTURE_STOP_DELAY_US");
     struct test_hooks hooks = {.delay_us = delay_env ? strtol(delay_env, NULL, 10) : 0,
                                .kill_at = kill_env ? strtol(kill_env, NULL, 10) : -1,
+                               .stop_delay_us = stop_env ? strtol(stop_env, NULL, 10) : 0,
                                .n_prompt = o.n_prompt};
     o.keep_going = keep_going;
     o.keep_going_user = &hooks;

@@ -3,7 +3,8 @@
 # bad usage and bad inputs, a capture from sampled and from file prompts that verifies, the
 # same options giving the same bytes, `info` on decode steps written in chunks (layers, not
 # records) and on a capture interrupted in the decode steps (the steps it holds), SIGINT and
-# SIGTERM inside the prompt (one line, no trace kept, an existing one unchanged), and the
+# SIGTERM inside the prompt (one line, no trace kept, an existing one unchanged; two SIGTERMs
+# back to back are one), and the
 # bundled sample trace: it verifies and scripts/make_sample_trace.sh regenerates it byte for
 # byte.
 set -u
@@ -156,8 +157,9 @@ check "info --json: $g of 400 decode steps, stopped early" \
 # and one line says so; over an existing trace (--force) the old one is unchanged and no
 # temporary file is left (the signal is sent once the new file exists: OUT, or with --force
 # its temporary)
-interrupt_prompt() { # SIG OUT [--force]
-    KVT_CAPTURE_STEP_DELAY_US=20000 $C --model $MODEL --tokens 200 --decode 4 --window 4 \
+interrupt_prompt() { # "SIG..." OUT [--force]  (signals 0.1 s apart, in a 0.4 s wind-down)
+    KVT_CAPTURE_STEP_DELAY_US=20000 KVT_CAPTURE_STOP_DELAY_US=400000 \
+        $C --model $MODEL --tokens 200 --decode 4 --window 4 \
         -o "$2" ${3:-} >/dev/null 2>$TMP/p.err &
     local p=$! f
     for _ in $(seq 300); do
@@ -168,7 +170,11 @@ interrupt_prompt() { # SIG OUT [--force]
         fi
         sleep 0.1
     done
-    kill -"$1" $p
+    local sig
+    for sig in $1; do
+        kill -"$sig" $p
+        sleep 0.1
+    done
     wait $p
 }
 interrupt_prompt INT $TMP/p.kvt
@@ -183,6 +189,12 @@ check "SIGTERM inside the prompt, --force: exit 143, one line" \
     "[ $rc -eq 143 ] && [ \$(wc -l <$TMP/p.err) -eq 1 ] && grep -q 'interrupted (SIGTERM) at prompt token [0-9]* of 200: nothing captured; $TMP/old.kvt is unchanged' $TMP/p.err"
 check "SIGTERM inside the prompt, --force: the old trace unchanged, no temporary left" \
     "cmp -s $TMP/old.kvt $TMP/ch.kvt && ! ls $TMP/old.kvt.tmp.* >/dev/null 2>&1"
+# two SIGTERMs back to back (GNU timeout sends one to the process and one to its group): the
+# same clean stop, not a kill that leaves the file
+interrupt_prompt "TERM TERM" $TMP/p2.kvt
+rc=$?
+check "two SIGTERMs inside the prompt: exit 143, one line, no file left" \
+    "[ $rc -eq 143 ] && [ \$(wc -l <$TMP/p.err) -eq 1 ] && ! ls $TMP/p2.kvt* >/dev/null 2>&1"
 
 SAMPLE=$ROOT/traces/samples/stories260K.kvt
 if [ -f "$SAMPLE" ]; then
