@@ -338,6 +338,8 @@ def lib():
         errors = []
         for cand in _candidates():
             if os.sep in cand and not os.path.exists(cand):
+                if os.environ.get("KVT_LIB"):  # the user's own choice: say it is not there
+                    errors.append("%s (KVT_LIB): no such file" % cand)
                 continue
             try:
                 handle = ctypes.CDLL(cand)

@@ -1430,7 +1430,7 @@ class Lookup(unittest.TestCase):
         self.assertIn("libkvtrace.so", p.stdout)
         p = self.run_py("/nonexistent/libkvtrace.so", code)
         self.assertNotEqual(p.returncode, 0)
-        self.assertIn("KVT_LIB", p.stdout)
+        self.assertIn("/nonexistent/libkvtrace.so (KVT_LIB): no such file", p.stdout)
 
     def test_sample_trace(self):
         sample = os.path.join(ROOT, "traces", "samples", "stories260K.kvt")
