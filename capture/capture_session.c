@@ -937,12 +937,13 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
             KVT_FORWARD(dev_fail(s, kvt_capdev_gather(s->dev, &vv, t, take, dt, ls->ddv, C, c)));
             /* the flush copies on the side stream: it waits for each gather now, so the
                engine's streams wait for nothing of the capture's */
-            kvt_capdev_mark **mk = s->dec_marks;
-            KVT_FORWARD(dev_mark(s, &mk[0], hq.stream));
-            KVT_FORWARD(dev_mark(s, &mk[1], hk.stream));
-            KVT_FORWARD(dev_mark(s, &mk[2], hv.stream));
-            for (int i = 0; i < 3; i++)
-                KVT_FORWARD(dev_fail(s, kvt_capdev_side_after(s->dev, mk[i])));
+            void *st[3] = {hq.stream, hk.stream, hv.stream}; /* one mark per distinct stream */
+            for (int i = 0; i < 3; i++) {
+                if ((i > 0 && st[i] == st[0]) || (i > 1 && st[i] == st[1]))
+                    continue;
+                KVT_FORWARD(dev_mark(s, &s->dec_marks[i], st[i]));
+                KVT_FORWARD(dev_fail(s, kvt_capdev_side_after(s->dev, s->dec_marks[i])));
+            }
         } else {
             gather(&hq, t, take, dt, ls->dq + c * row, C);
             gather(&hk, t, take, dt, ls->dk + c * row, C);
