@@ -530,7 +530,8 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
        (killed, disk full) leaves layers with different counts, and a layer's K_decode may end
        before its Q_decode: the replay uses the steps all of them have */
     uint32_t g_q = UINT32_MAX, g_kv = UINT32_MAX;
-    for (int l = 0; l < sh->L; l++) {
+    for (int l = 0; l < sh->L && g_q > 0; l++) { /* (a layer without decode steps ends it: the
+                                                    header's layer count is not trusted) */
         uint32_t tq = 0, tk = 0, tv = 0;
         if (!has_kind(sh->rd, l, KVT_KIND_Q_DECODE, NULL, &tq, NULL, NULL))
             tq = 0;
