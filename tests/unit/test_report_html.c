@@ -326,8 +326,8 @@ int main(void)
     check_data_helpers(r);
 
     char dir[256], path[512], js[512];
-    kvt_test_tmp(dir, sizeof(dir), "report");
-    KVT_EXPECT(mkdir(dir, 0777) == 0);
+    kvt_test_tmp(dir, sizeof(dir), "report_XXXXXX"); /* fresh even where a pid's old one stayed */
+    KVT_EXPECT(mkdtemp(dir) != NULL);
     snprintf(js, sizeof(js), "%s/fake-chart.js", dir);
     FILE *f = fopen(js, "w");
     KVT_EXPECT(f != NULL);
@@ -373,7 +373,9 @@ int main(void)
     remove(path);
     KVT_EXPECT_EQ_U64(check_all_pngs(dir), 15);
     unsetenv("KVT_CHARTJS");
-    rmdir(dir);
+    snprintf(path, sizeof(path), "%s/.kvtrace-report-files", dir); /* the report's manifest */
+    remove(path);
+    KVT_EXPECT(rmdir(dir) == 0);
     kvt_results_free(r);
     kvt_report_global_cleanup(); /* LeakSanitizer: cairo's and fontconfig's caches */
     return kvt_test_result("test_report_html");
