@@ -37,7 +37,6 @@ typedef struct layer_state {
     float *dk_f32;            /* device [Hkv, T, D] keys for the GPU column sums */
     kvt_capdev_mark *dk_mark; /* after every gather into dk_f32 so far (NULL: none yet) */
     double *dcolsum;          /* device [Hq, T] accumulator */
-    kvt_capdev_mark *cs_mark; /* after the layer's column sums so far */
     int dec_mem;              /* decode views: 0 none yet, 1 host, 2 device */
     uint8_t *ddq, *ddk, *ddv; /* device decode chunks, laid out as dq, dk, dv */
 } layer_state;
@@ -669,7 +668,7 @@ static kvt_status finish_colsum(kvt_capture_session *s, int layer)
     if (ls->dcolsum) { /* the GPU's sums: wait for them, free the layer's device buffers */
         ls->colsum = kvt_malloc(n * sizeof(double));
         KVT_RETURN_IF(!ls->colsum, KVT_ERR_NOMEM, "out of memory (column sums)");
-        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, ls->cs_mark, ls->dcolsum, ls->colsum,
+        KVT_FORWARD(dev_fail(s, kvt_capdev_to_host(s->dev, s->cs_last, ls->dcolsum, ls->colsum,
                                                    n * sizeof(double))));
         kvt_capdev_mem_free(s->dev, ls->dcolsum);
         kvt_capdev_mem_free(s->dev, ls->dk_f32);
@@ -774,8 +773,7 @@ kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_
             dev_fail(s, kvt_capdev_colsum(s->dev, s->dq_f32, ls->dk_f32, ls->dcolsum,
                                           s->model.n_q_heads, s->model.n_kv_heads, tok_begin, n, T,
                                           s->model.head_dim, s->scale, hq.stream)));
-        KVT_FORWARD(dev_mark(s, &s->cs_last, hq.stream));
-        KVT_FORWARD(dev_mark(s, &ls->cs_mark, hq.stream));
+        KVT_FORWARD(dev_mark(s, &s->cs_last, hq.stream)); /* covers this layer's sums too */
         s->stats.colsum_ns += kvt_now_ns() - t0;
     } else if (s->opts.with_colsum) {
         uint64_t t0 = kvt_now_ns();

@@ -533,8 +533,7 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
     for (int l = 0; l < sh->L && g_q > 0; l++) { /* (a layer without decode steps ends it: the
                                                     header's layer count is not trusted) */
         uint32_t tq = 0, tk = 0, tv = 0;
-        if (!has_kind(sh->rd, l, KVT_KIND_Q_DECODE, NULL, &tq, NULL, NULL))
-            tq = 0;
+        (void)has_kind(sh->rd, l, KVT_KIND_Q_DECODE, NULL, &tq, NULL, NULL); /* absent: 0 */
         if (!has_kind(sh->rd, l, KVT_KIND_K_DECODE, NULL, &tk, NULL, NULL) ||
             !has_kind(sh->rd, l, KVT_KIND_V_DECODE, NULL, &tv, NULL, NULL))
             tk = tv = 0;
@@ -542,7 +541,7 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
         g_kv = tk < g_kv ? tk : g_kv;
         g_kv = tv < g_kv ? tv : g_kv;
     }
-    if (sh->L > 0 && g_q > 0 && g_q != UINT32_MAX) {
+    if (sh->L > 0 && g_q > 0) {
         sh->has_qd = true;
         /* with decode keys in every layer, the steps all three kinds hold (the decode queries
            see the decode keys); without, the queries' */

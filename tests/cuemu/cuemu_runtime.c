@@ -28,10 +28,14 @@ typedef struct blk {
     uintptr_t p;
     size_t n;
 } blk;
+typedef struct blk_list {
+    blk *b;
+    size_t n, cap;
+} blk_list;
 
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static blk *blocks;
-static size_t n_blocks, cap_blocks;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* the block lists */
+static blk_list blocks;                                /* device memory (cudaMalloc) */
+static blk_list pinned; /* pinned host memory (cudaHostAlloc): copies with it stay asynchronous */
 static _Thread_local cudaError_t last_error = cudaSuccess;
 static _Thread_local int cur_device = 0;
 
@@ -280,22 +284,56 @@ cudaError_t cudaDeviceSynchronize(void)
 
 /* ---- device memory ---- */
 
-/* whether [ptr, ptr + n) lies in one block of list[cnt] (under mu) */
-static int in_blocks(blk *const *list, const size_t *cnt, const void *ptr, size_t n)
+/* whether [ptr, ptr + n) lies in one block of l */
+static int in_blocks(const blk_list *l, const void *ptr, size_t n)
 {
     uintptr_t p = (uintptr_t)ptr;
     int ok = 0;
     pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < *cnt && !ok; i++)
-        ok = p >= (*list)[i].p && p - (*list)[i].p <= (*list)[i].n &&
-             n <= (*list)[i].n - (p - (*list)[i].p);
+    for (size_t i = 0; i < l->n && !ok; i++)
+        ok = p >= l->b[i].p && p - l->b[i].p <= l->b[i].n && n <= l->b[i].n - (p - l->b[i].p);
     pthread_mutex_unlock(&mu);
     return ok;
 }
 
+/* add [p, p + n) to l: 0, or -1 out of memory */
+static int add_block(blk_list *l, void *p, size_t n)
+{
+    pthread_mutex_lock(&mu);
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? 2 * l->cap : 64;
+        blk *nb = realloc(l->b, nc * sizeof(*nb));
+        if (!nb) {
+            pthread_mutex_unlock(&mu);
+            return -1;
+        }
+        l->b = nb;
+        l->cap = nc;
+    }
+    l->b[l->n].p = (uintptr_t)p;
+    l->b[l->n].n = n;
+    l->n++;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+
+/* remove the block starting at p from l: 1, or 0 if l has none */
+static int remove_block(blk_list *l, const void *p)
+{
+    int found = 0;
+    pthread_mutex_lock(&mu);
+    for (size_t i = 0; i < l->n && !found; i++)
+        if (l->b[i].p == (uintptr_t)p) {
+            l->b[i] = l->b[--l->n];
+            found = 1;
+        }
+    pthread_mutex_unlock(&mu);
+    return found;
+}
+
 int cuemu_is_device(const void *ptr, size_t n)
 {
-    return !ptr || in_blocks(&blocks, &n_blocks, ptr, n);
+    return !ptr || in_blocks(&blocks, ptr, n);
 }
 
 cudaError_t cudaMalloc(void **p, size_t n)
@@ -305,22 +343,10 @@ cudaError_t cudaMalloc(void **p, size_t n)
     if (!m)
         return fail(cudaErrorMemoryAllocation, "cudaMalloc");
     memset(m, 0xff, n); /* a GPU's fresh memory is not zero: NaN for floats here */
-    pthread_mutex_lock(&mu);
-    if (n_blocks == cap_blocks) {
-        size_t nc = cap_blocks ? 2 * cap_blocks : 64;
-        blk *nb = realloc(blocks, nc * sizeof(*nb));
-        if (!nb) {
-            pthread_mutex_unlock(&mu);
-            free(m);
-            return fail(cudaErrorMemoryAllocation, "cudaMalloc");
-        }
-        blocks = nb;
-        cap_blocks = nc;
+    if (add_block(&blocks, m, n) != 0) {
+        free(m);
+        return fail(cudaErrorMemoryAllocation, "cudaMalloc");
     }
-    blocks[n_blocks].p = (uintptr_t)m;
-    blocks[n_blocks].n = n;
-    n_blocks++;
-    pthread_mutex_unlock(&mu);
     *p = m;
     return cudaSuccess;
 }
@@ -337,15 +363,10 @@ static cudaError_t free_block(void *p)
 {
     if (!p)
         return cudaSuccess;
-    pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < n_blocks; i++)
-        if (blocks[i].p == (uintptr_t)p) {
-            blocks[i] = blocks[--n_blocks];
-            pthread_mutex_unlock(&mu);
-            free(p);
-            return cudaSuccess;
-        }
-    pthread_mutex_unlock(&mu);
+    if (remove_block(&blocks, p)) {
+        free(p);
+        return cudaSuccess;
+    }
     return fail(cudaErrorInvalidDevicePointer, "cudaFree of a pointer cudaMalloc did not return");
 }
 
@@ -391,38 +412,20 @@ cudaError_t cudaFreeAsync(void *p, cudaStream_t s)
     return cudaSuccess;
 }
 
-/* pinned host blocks (cudaHostAlloc): copies to and from them stay asynchronous */
-static blk *pinned;
-static size_t n_pinned, cap_pinned;
-
 static int is_pinned(const void *ptr, size_t n)
 {
-    return in_blocks(&pinned, &n_pinned, ptr, n);
+    return in_blocks(&pinned, ptr, n);
 }
 
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
 {
     (void)flags;
     *p = malloc(n ? n : 1);
-    if (!*p)
+    if (!*p || add_block(&pinned, *p, n) != 0) {
+        free(*p);
+        *p = NULL;
         return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
-    pthread_mutex_lock(&mu);
-    if (n_pinned == cap_pinned) {
-        size_t nc = cap_pinned ? 2 * cap_pinned : 16;
-        blk *nb = realloc(pinned, nc * sizeof(*nb));
-        if (!nb) {
-            pthread_mutex_unlock(&mu);
-            free(*p);
-            *p = NULL;
-            return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
-        }
-        pinned = nb;
-        cap_pinned = nc;
     }
-    pinned[n_pinned].p = (uintptr_t)*p;
-    pinned[n_pinned].n = n;
-    n_pinned++;
-    pthread_mutex_unlock(&mu);
     return cudaSuccess;
 }
 
@@ -434,18 +437,7 @@ cudaError_t cudaMallocHost(void **p, size_t n)
 cudaError_t cudaFreeHost(void *p)
 {
     run_all(0); /* as cudaFree */
-    pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < n_pinned; i++)
-        if (pinned[i].p == (uintptr_t)p) {
-            pinned[i] = pinned[--n_pinned];
-            break;
-        }
-    if (n_pinned == 0) {
-        free(pinned);
-        pinned = NULL;
-        cap_pinned = 0;
-    }
-    pthread_mutex_unlock(&mu);
+    remove_block(&pinned, p);
     free(p);
     return cudaSuccess;
 }
