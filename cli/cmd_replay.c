@@ -132,6 +132,19 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
                     "memory (fewer --threads)\n",
                     cmd, used, kvt_cli_bytes_text((double)used * *wb, total, sizeof(total)), each,
                     have, what);
+    } else if (mem_limit) { /* a limit above what the machine has: the plan may still not fit */
+        uint64_t real = kvt_mem_available() / (uint64_t)local;
+        if (real && (uint64_t)used * *wb > real) {
+            char mach[32];
+            kvt_cli_bytes_text((double)real, mach, sizeof(mach));
+            fprintf(stderr,
+                    "kvtrace %s: warning: %d worker thread%s hold%s about %s, within the %s "
+                    "--memory-limit but more than the %s this machine has available%s: the "
+                    "system may kill the replay for lack of memory\n",
+                    cmd, used, used == 1 ? "" : "s", used == 1 ? "s" : "",
+                    kvt_cli_bytes_text((double)used * *wb, total, sizeof(total)), have, mach,
+                    local > 1 ? " for each of its MPI processes" : "");
+        }
     }
     return n;
 }

@@ -137,7 +137,8 @@ int kvt_cpu_count(void);
 /** Memory this process can still take, in bytes: the smallest of the system's MemAvailable
  *  (/proc/meminfo) and the room under each cgroup memory limit on the process's cgroup or an
  *  ancestor (v2 memory.max, v1 memory.limit_in_bytes): the limit less the usage, the
- *  inactive page cache not counted as used. 0 when none of them can be read. */
+ *  inactive page cache not counted as used. 0 when none of them can be read. Tests set
+ *  KVT_TEST_MEM_ROOT to read a made-up machine's files instead (kvt_mem_available_in). */
 uint64_t kvt_mem_available(void);
 /** kvt_mem_available with every path under `root` (root + "/proc/meminfo", ... + "/sys/fs/
  *  cgroup/..."): for tests. */

@@ -75,6 +75,16 @@ grep -q "^kvtrace replay: warning: 2 worker threads hold about .* each for a lay
     -o "$TMP/one.json" >/dev/null 2>"$TMP/one.err" || fail "one run"
 grep -q "^kvtrace replay: warning: one worker thread holds about .* more than the 10.0 MiB --memory-limit" \
     "$TMP/one.err" || { cat "$TMP/one.err"; fail "no warning for one worker"; }
+# a limit above what the machine has (a made-up machine with 1 MiB available): the threads
+# planned for the limit may not fit the machine, a warning; without the limit, a note
+mkdir -p "$TMP/root/proc/self"
+printf 'MemTotal: 4096 kB\nMemAvailable: 1024 kB\n' >"$TMP/root/proc/meminfo"
+: >"$TMP/root/proc/self/cgroup"
+KVT_TEST_MEM_ROOT="$TMP/root" "$BIN" replay "$T3" --policies snapkv --budgets 64 --threads 1 \
+    --memory-limit 64G -o "$TMP/over.json" >/dev/null 2>"$TMP/over.err" || fail "over run"
+grep -q "^kvtrace replay: warning: 1 worker thread holds about .*, within the 64.0 GiB --memory-limit but more than the 1.0 MiB this machine has available: the system may kill the replay for lack of memory$" \
+    "$TMP/over.err" || { cat "$TMP/over.err"; fail "no warning for a limit above the machine"; }
+[ -s "$TMP/over.json" ] || fail "no results with the warning above the machine"
 echo "ok: notes and warnings"
 
 # 3. usage errors: one line, exit 2, no output
