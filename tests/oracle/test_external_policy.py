@@ -289,6 +289,12 @@ with tempfile.TemporaryDirectory() as tmp:
     r = run("replay", tr, "--policy", "external", "-o", os.path.join(tmp, "x.json"))
     check(r.returncode == 2 and "external needs scores=FILE.npy" in r.stderr and
           len(r.stderr.strip().splitlines()) == 1, "no scores=: %d %r" % (r.returncode, r.stderr))
+    # a path with a comma is cut there (options are comma-separated): say so, not "No such file"
+    r = run("replay", tr, "--policies", "external:scores=%s,b.npy,snapkv" % f32, "-o",
+            os.path.join(tmp, "x.json"))
+    check(r.returncode == 2 and "'b.npy' after 'external:scores=%s' is not a policy: a scores= "
+          "path may not contain a comma" % f32 in r.stderr and
+          len(r.stderr.strip().splitlines()) == 1, "comma: %d %r" % (r.returncode, r.stderr))
 
 # the README's example ("Your own policy"), run as written on the bundled trace
 readme = open(os.path.join(ROOT, "README.md")).read()
