@@ -43,7 +43,8 @@ typedef enum {
     O_ALLOC,
     O_STR,
     O_U64,
-    O_TAU
+    O_TAU,
+    O_ALIGN
 } okind;
 typedef struct opt_desc {
     const char *key;
@@ -82,6 +83,9 @@ static const opt_desc opts_table[] = {
     {"tau", O_TAU, OFF(tau), 0, 1, "HybridKV-like static threshold or median"},
     {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
     {"chunk", O_INT, OFF(chunk), 1, 1e6, "chunk size (chunkkv, hybridkv-like)"},
+    {"align", O_ALIGN, OFF(chunk_kvpress), 0, 0,
+     "ChunkKV chunks: prefix (the window apart, B-W in chunks) | kvpress (ChunkKVPress: the "
+     "whole sequence, max(1, floor(n_chunks*B/T)) chunks)"},
     {"chunk_score", O_REDUCE, OFF(chunk_score), KVT_REDUCE_MAX, KVT_REDUCE_SUM,
      "HybridKV-like chunk score sum|max"},
     {"floor", O_DBL, OFF(floor_frac), 0, 1, "HybridKV-like static floor (share of b)"},
@@ -229,6 +233,15 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
         else
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: heads=%s: expected kv or query", d->name,
                                  val);
+        return KVT_OK;
+    case O_ALIGN:
+        if (!strcmp(val, "prefix"))
+            p->o.chunk_kvpress = false;
+        else if (!strcmp(val, "kvpress"))
+            p->o.chunk_kvpress = true;
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: align=%s: expected prefix or kvpress",
+                                 d->name, val);
         return KVT_OK;
     case O_ALLOC:
         if (!strcmp(val, "a") || !strcmp(val, "3a"))
@@ -559,6 +572,9 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         break;
     case O_ALLOC:
         snprintf(buf, cap, "%s%c%s", q, o->alloc, q);
+        break;
+    case O_ALIGN:
+        snprintf(buf, cap, "%s%s%s", q, o->chunk_kvpress ? "kvpress" : "prefix", q);
         break;
     case O_STR: {
         const char *s = *(char *const *)(base + od->off);

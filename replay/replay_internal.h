@@ -33,7 +33,8 @@ typedef struct kvt_policy_opts {
     double theta;           /* HybridKV-like sparsity mass threshold */
     double tau;             /* HybridKV-like static threshold on k_theta/|P|; NaN = median split */
     double split;           /* HybridKV-like share r of the budget for static heads */
-    int chunk;              /* HybridKV-like chunk size C */
+    int chunk;              /* ChunkKV, HybridKV-like chunk size C */
+    bool chunk_kvpress;     /* ChunkKV align=kvpress: kvpress's chunks of the whole sequence */
     kvt_reduce chunk_score; /* HybridKV-like chunk score: sum | max */
     double floor_frac;      /* HybridKV-like static floor as a fraction of b */
     int merge_window;       /* LightKV-like matching window (vision tokens) */

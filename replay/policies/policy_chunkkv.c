@@ -6,7 +6,12 @@
  * same chunks for every head (ties: lower chunk). A short last chunk among them keeps fewer
  * than B tokens; the results record the count kept. Defaults: chunk 10 (the paper's), W=32,
  * kernel 5, avgpool, GQA mean. Not emulated: the paper's layer-wise index reuse (each layer
- * selects its own chunks here). */
+ * selects its own chunks here).
+ * align=kvpress: kvpress's own accounting instead. The whole sequence [0, T) is cut into chunks
+ * from token 0, the window's tokens scoring the largest prefix score of any head (SnapKVPress
+ * pads the window with it), and the layer keeps the max(1, floor(n_chunks*B/T)) best chunks
+ * (ChunkKVPress's int(n_chunks*(1-ratio)) at ratio 1-B/T), which may be up to chunk-1 tokens
+ * more than B. */
 #include <string.h>
 
 #include "../replay_internal.h"
@@ -21,32 +26,45 @@ static kvt_status sel_chunkkv(kvt_layer_ctx *c, const kvt_policy *p, const int *
         kvt_ctx_window_scores(c, o->window, o->kernel, o->pool, o->reduce, o->per_query, &s));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window, n_b, true));
     const int T = c->T, W = o->window < T ? o->window : T, P = T - W, C = o->chunk;
-    const int H = kvt_ctx_heads(c, o->per_query), n_chunks = (P + C - 1) / C;
-    const size_t nc = (size_t)(n_chunks > 0 ? n_chunks : 1), Pn = (size_t)(P > 0 ? P : 1);
-    double *tok = kvt_calloc(Pn, sizeof(double)), *cs = kvt_calloc(nc, sizeof(double));
+    const bool kvp = o->chunk_kvpress;
+    const int N = kvp ? T : P; /* the tokens cut into chunks */
+    const int H = kvt_ctx_heads(c, o->per_query), n_chunks = (N + C - 1) / C;
+    const size_t nc = (size_t)(n_chunks > 0 ? n_chunks : 1), Nn = (size_t)(N > 0 ? N : 1);
+    double *tok = kvt_calloc(Nn, sizeof(double)), *cs = kvt_calloc(nc, sizeof(double));
     int32_t *cord = kvt_calloc(nc, sizeof(int32_t)), *work = kvt_calloc(nc, sizeof(int32_t));
     kvt_status st = KVT_OK;
     if (!tok || !cs || !cord || !work) {
         st = kvt_error_set(KVT_ERR_NOMEM, "chunkkv: out of memory");
         goto cleanup;
     }
-    for (int h = 0; h < H; h++) /* the heads' sum, head by head */
+    double top = 0; /* align=kvpress: the window's score, the largest prefix score of any head */
+    for (size_t i = 0; kvp && i < (size_t)H * P; i++)
+        top = i == 0 || s[i] > top ? s[i] : top;
+    for (int h = 0; h < H; h++) { /* the heads' sum, head by head */
         for (int j = 0; j < P; j++)
             tok[j] += s[(size_t)h * P + j];
-    for (int i = 0; i < n_chunks; i++) {
-        int j0 = i * C, j1 = j0 + C < P ? j0 + C : P;
-        double sum = 0;
-        for (int j = j0; j < j1; j++)
-            sum += tok[j];
-        cs[i] = sum / (j1 - j0);
+        for (int j = P; j < N; j++)
+            tok[j] += top;
     }
-    kvt_chunk_order(cs, n_chunks, C, P, W, T, sel->order, work, cord);
+    for (int i = 0; i < n_chunks; i++) { /* the mean, exact when the tokens are equal (the */
+        int j0 = i * C, j1 = j0 + C < N ? j0 + C : N; /* window's): such chunks tie */
+        double d = 0;
+        for (int j = j0; j < j1; j++)
+            d += tok[j] - tok[j0];
+        cs[i] = tok[j0] + d / (j1 - j0);
+    }
+    kvt_chunk_order(cs, n_chunks, C, N, kvp ? 0 : W, T, sel->order, work, cord);
     for (int h = 1; h < sel->n_heads; h++)
         memcpy(sel->order + (size_t)h * T, sel->order, (size_t)T * sizeof(int32_t));
     for (int b = 0; b < n_b; b++) {
-        int keep = B[b] >= T   ? T
-                   : B[b] <= W ? B[b]
-                               : W + kvt_chunk_count(cord, (B[b] - W) / C, n_chunks, C, P);
+        int keep;
+        if (B[b] >= T)
+            keep = T;
+        else if (kvp) { /* kvpress: at least one chunk */
+            int64_t take = (int64_t)n_chunks * B[b] / T;
+            keep = kvt_chunk_count(cord, take > 1 ? (int)take : 1, n_chunks, C, N);
+        } else
+            keep = B[b] <= W ? B[b] : W + kvt_chunk_count(cord, (B[b] - W) / C, n_chunks, C, P);
         for (int h = 0; h < sel->n_heads; h++)
             sel->count[(size_t)b * sel->n_heads + h] = keep;
     }
@@ -67,7 +85,7 @@ const kvt_policy_def kvt_policy_def_chunkkv = {
     .name = "chunkkv",
     .summary = "ChunkKV: whole chunks of the prefix by their SnapKV score, one set per layer",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,chunk",
+    .keys = "window,kernel,pool,reduce,heads,chunk,align",
     .defaults = d_chunkkv,
     .select = sel_chunkkv,
 };

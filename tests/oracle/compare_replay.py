@@ -78,6 +78,7 @@ def policy_specs(W, has_decode, has_colsum, scores=None):
              s("snapkv", "reduce=max", "pool=max", "kernel=3"), s("snapkv", "heads=query"),
              s("chunkkv"), s("chunkkv", "chunk=7", "kernel=1"),
              s("chunkkv", "chunk=4", "heads=query", "reduce=max", "pool=max"),
+             s("chunkkv", "align=kvpress"), s("chunkkv", "align=kvpress", "chunk=7", "kernel=1"),
              s("pyramidkv"), s("pyramidkv", "fallback=1"), s("pyramidkv", "beta=5"),
              s("adakv"), s("adakv", "normalize=0"), s("adakv", "alpha=0.5", "pool=max"),
              s("adakv", "heads=query"),

@@ -18,7 +18,10 @@ What it implements (POLICIES.md section in brackets):
     extras: full, knorm, vnorm, keydiff [§8], tova [§8], oracle (decode-attention ranking);
     chunkkv [§11, kvpress ChunkKVPress]: the prefix in chunks of C from token 0, a chunk's
     score the mean over its tokens of the snapkv scores summed over the heads, the window
-    plus the floor((B−W)/C) best whole chunks, one set for the layer;
+    plus the floor((B−W)/C) best whole chunks, one set for the layer; with align=kvpress,
+    kvpress's own rule (SnapKVPress pads the window with the largest score of any head, then
+    ChunkKVPress cuts all N tokens into chunks and keeps max(1, int(n_chunks·(1−ratio)))
+    of them, ratio = 1 − B/N);
   * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
     renormalised over the kept set) on all stored window queries and on decode queries (which
     also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
@@ -71,7 +74,7 @@ POLICIES = {
     "h2o": {"window": 32, "reduce": "mean", "heads": "kv"},
     "tova": {"heads": "kv"},
     "snapkv": dict(_SNAP),
-    "chunkkv": dict(_SNAP, chunk=10),
+    "chunkkv": dict(_SNAP, chunk=10, align="prefix"),
     "pyramidkv": dict(_SNAP, beta=20, fallback=0),
     "adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0),
     "knorm": {"window": 0, "heads": "kv"},
@@ -251,6 +254,12 @@ def stable_desc_order(score):
     s = np.asarray(score, dtype=np.float64)
     key = np.where(np.isnan(s), np.inf, -s)
     return np.argsort(key, kind="stable")
+
+
+def chunk_mean(x):
+    """A chunk's mean score, x[0] + mean(x − x[0]): exact when every token scores the same
+    (the window's tokens under align=kvpress), so such chunks tie whatever their size."""
+    return x[0] + (x - x[0]).mean()
 
 
 def window_first_order(prefix_score, N, W):
@@ -562,13 +571,29 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info):
         sc = pool1d(red, int(o["kernel"]), o["pool"])
     pooled = sc
     chunk_take = None
+    if name == "chunkkv" and o["align"] == "kvpress":
+        # kvpress: SnapKVPress.score pads the window with scores.max() (over every head and
+        # prefix token), ChunkKVPress sums the heads and averages each chunk of the sequence
+        C, nP = int(o["chunk"]), N - W
+        padded = np.concatenate([sc, np.full((H, W), sc.max() if sc.size else 0.0)], axis=1)
+        tok = padded.sum(axis=0)
+        starts = list(range(0, N, C))
+        sizes = [min(C, N - a) for a in starts]
+        cscore = np.array([chunk_mean(tok[a:a + C]) for a in starts])
+        ranked = sorted(range(len(starts)), key=lambda i: (-cscore[i], i))
+        order = np.concatenate([np.arange(starts[i], starts[i] + sizes[i]) for i in ranked])
+        info["scores"] = [np.repeat(cscore, sizes)] * H
+        if B >= N:
+            return [order] * H, [N] * H
+        take = max(1, len(starts) * B // N)
+        return [order] * H, [sum(sizes[i] for i in ranked[:take])] * H
     if name == "chunkkv":
         # every token carries its chunk's score: a stable sort then orders whole chunks,
         # best first (ties: lower chunk), ascending inside a chunk
         C, nP = int(o["chunk"]), N - W
         tok = sc.sum(axis=0)
         starts = list(range(0, nP, C))
-        cscore = np.array([tok[a:a + C].mean() for a in starts])
+        cscore = np.array([chunk_mean(tok[a:a + C]) for a in starts])
         per_tok = np.repeat(cscore, [min(C, nP - a) for a in starts]) if starts else tok
         sc = np.tile(per_tok, (H, 1))
         ranked = sorted(range(len(starts)), key=lambda i: (-cscore[i], i))

@@ -358,7 +358,32 @@ static void test_chunkkv(void)
     EXPECT_KEPT(s, 4, 1, -1, "5,6,8");
     EXPECT_KEPT(s, 4, 0, -1, "0,6,8");
     kvt_layer_selection_free(s);
+    /* align=kvpress: chunks of the whole sequence, the window token scoring 2 x 6 (the largest
+     * prefix score of any head, 6, once per head): chunks of 2 read 4.5, 2, 4, 4 and [8,9) 12,
+     * ranked 4, 0, 2, 3 (a tie: the lower first), 1; max(1, floor(5B/9)) of them are kept */
+    s = tl_select(&in, "chunkkv:window=1,kernel=1,chunk=2,align=kvpress", B, 8);
+    for (int h = 0; h < 2; h++) {
+        EXPECT_KEPT(s, 0, h, -1, "0,1,8");     /* B=4: 2 chunks, 3 tokens */
+        EXPECT_KEPT(s, 1, h, -1, "0,1,4,5,8"); /* B=6: 3 */
+        EXPECT_KEPT(s, 2, h, -1, "0,1,4,5,8"); /* B=7: 3 (the window apart, 3 whole chunks) */
+        EXPECT_KEPT(s, 3, h, -1, "0,1,4,5,6,7,8");
+        EXPECT_KEPT(s, 4, h, -1, "8"); /* B=3: 1 chunk */
+        EXPECT_KEPT(s, 5, h, -1, "8"); /* B=1: at least one chunk */
+        EXPECT_KEPT(s, 6, h, -1, "0,1,2,3,4,5,6,7,8");
+    }
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "chunkkv:window=1,kernel=1,chunk=2", B, 5);
+    EXPECT_KEPT(s, 2, 0, -1, "0,1,4,5,6,7,8"); /* the prefix accounting: B=7 is W + 3 chunks */
+    EXPECT_KEPT(s, 4, 0, -1, "0,1,8");
+    kvt_layer_selection_free(s);
+    /* chunks of 3: [6,9) holds the window and ranks first (20/3); B=1 keeps it, 3 tokens */
+    s = tl_select(&in, "chunkkv:window=1,kernel=1,chunk=3,align=kvpress", B, 6);
+    EXPECT_KEPT(s, 5, 1, -1, "6,7,8");
+    EXPECT_KEPT(s, 1, 1, -1, "0,1,2,6,7,8");
+    kvt_layer_selection_free(s);
     kvt_policy *p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("chunkkv:align=sequence", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("snapkv:align=kvpress", NULL, &p), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_policy_create("chunkkv:chunk=0", NULL, &p), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_policy_create("chunkkv:sinks=4", NULL, &p), KVT_ERR_INVALID_ARG);
 }
