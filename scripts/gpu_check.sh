@@ -39,7 +39,7 @@ done
 $CC $CFLAGS $INC -DKVT_HAVE_CUPTI=1 -DKVT_CUPTI_SONAME=\"libcupti.so.13\" \
     -c capture/cupti_timeline.c -o "$B/cupti.o" || { echo "FAILED: cc cupti_timeline.c"; exit 1; }
 for f in kernels/cuda/*.cu; do
-    "$NVCC" -O2 -g -std=c++17 -arch=sm_$ARCH -lineinfo $INC -c "$f" \
+    "$NVCC" -O2 -g -std=c++17 -arch=sm_$ARCH -lineinfo --fmad=false $INC -c "$f" \
         -o "$B/$(basename "$f").o" || { echo "FAILED: nvcc $f"; exit 1; }
 done
 $CC $CFLAGS $INC -c tests/unit/test_kernels_cuda.c -o "$B/tkc.o" &&
