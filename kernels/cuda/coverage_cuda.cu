@@ -1,11 +1,12 @@
 /* coverage_cuda.cu - coverage on probe keys: the cosine table (kvt_cosine_table_ref: dot
  * products of f32 unit keys summed in double, rounded to f32), and each probe's running best
  * cosine in ranking order up to every cut (the running part of kvt_sweep_coverage_ref, with
- * the reference's comparison, so the bests are bitwise the reference's). The table: one thread
- * per (token, probe). The bests: the ranked positions of each cut are cut into chunks of
- * KVT_CB_CHUNK, one block per (32 probes, chunk) reduces its chunk on 8 token lanes, and one
- * thread per probe then runs the prefix over chunks up to every cut (cb_better keeps the
- * reduction bitwise the reference's scan).
+ * the reference's comparison, so the bests are bitwise the reference's). The table: tiles of
+ * 32 tokens x 32 probes staged in shared memory (cosine_k), bitwise the reference's. The bests:
+ * the ranked positions of each cut are cut into chunks of KVT_CB_CHUNK, one block per (32
+ * probes, chunk) reduces its chunk on 8 token lanes, and one thread per probe then runs the
+ * prefix over chunks up to every cut (cb_better keeps the reduction bitwise the reference's
+ * scan).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -13,16 +14,45 @@
 #include "../ref/sweep_cuts.h"
 #include "cuda_util.cuh"
 
+#define CT_TILE    32  /* tokens and probes per block */
+#define CT_DC      32  /* dimensions staged in shared memory at a time */
+#define CT_THREADS 256 /* lane tx: probe tx of the tile; warp ty: tokens ty, ty + 8, ... */
+
+/* One block per (32 probes, 32-token tiles blockIdx.y, blockIdx.y + gridDim.y, ...): the tile's
+ * token rows and probe rows are staged CT_DC dimensions at a time (coalesced reads along d,
+ * padded rows: no bank conflicts), and each thread sums its 4 dot products in double, d in
+ * order, without fused multiply-adds: bitwise kvt_cu_dot_f32 and the reference. */
 static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *probe, int P,
                                 float *ct)
 {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= P)
-        return;
-    const float *kp = ku + (size_t)probe[i] * D;
-    for (int t = blockIdx.y; t < T; t += gridDim.y) {
-        const float *kt = ku + (size_t)t * D;
-        ct[(size_t)t * P + i] = (float)kvt_cu_dot_f32(kt, kp, D);
+    __shared__ float sk[CT_DC][CT_TILE + 1]; /* [d][token of the tile] */
+    __shared__ float sp[CT_DC][CT_TILE + 1]; /* [d][probe of the tile] */
+    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32, p0 = blockIdx.x * CT_TILE;
+    const int i = p0 + tx;
+    for (size_t t0 = (size_t)blockIdx.y * CT_TILE; t0 < (size_t)T;
+         t0 += (size_t)gridDim.y * CT_TILE) {
+        double acc[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int d0 = 0; d0 < D; d0 += CT_DC) {
+            const int dc = D - d0 < CT_DC ? D - d0 : CT_DC;
+            __syncthreads(); /* the previous chunk is consumed */
+            for (int r = ty; r < CT_TILE; r += CT_THREADS / 32) {
+                const size_t t = t0 + r;
+                const int pi = p0 + r;
+                sk[tx][r] = tx < dc && t < (size_t)T ? ku[t * D + d0 + tx] : 0.0f;
+                sp[tx][r] = tx < dc && pi < P ? ku[(size_t)probe[pi] * D + d0 + tx] : 0.0f;
+            }
+            __syncthreads();
+            for (int dd = 0; dd < dc; dd++) {
+                const double pv = (double)sp[dd][tx];
+                for (int u = 0; u < 4; u++)
+                    acc[u] = __dadd_rn(acc[u], __dmul_rn((double)sk[dd][ty + 8 * u], pv));
+            }
+        }
+        for (int u = 0; u < 4; u++) {
+            const size_t t = t0 + ty + 8 * u;
+            if (t < (size_t)T && i < P)
+                ct[t * P + i] = (float)acc[u];
+        }
     }
 }
 
@@ -92,8 +122,9 @@ extern "C" kvt_status kvt_cosine_table_cuda(const float *ku, int T, int D, const
                   "cosine_table_cuda: bad shape T=%d D=%d n_probe=%d", T, D, n_probe);
     if (T == 0 || n_probe == 0)
         return KVT_OK;
-    dim3 grid(kvt_cu_blocks((size_t)n_probe, 128), T < 65535 ? T : 65535);
-    cosine_k<<<grid, 128, 0, kvt_cu_stream(stream)>>>(ku, T, D, probe, n_probe, ct);
+    const unsigned n_tiles = kvt_cu_blocks((size_t)T, CT_TILE);
+    dim3 grid(kvt_cu_blocks((size_t)n_probe, CT_TILE), n_tiles < 65535 ? n_tiles : 65535);
+    cosine_k<<<grid, CT_THREADS, 0, kvt_cu_stream(stream)>>>(ku, T, D, probe, n_probe, ct);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }

@@ -338,7 +338,7 @@ static void test_rank(int n_seg, int n, int kind, uint64_t seed)
     free(s), free(oa), free(ob), free(w);
 }
 
-static void test_coverage(int T, int D, uint64_t seed)
+static void test_coverage(int T, int D, int n_probe, uint64_t seed)
 {
     kvt_rng r;
     kvt_rng_seed(&r, seed);
@@ -346,9 +346,9 @@ static void test_coverage(int T, int D, uint64_t seed)
     float *k = malloc(nk * 4), *ku = malloc(nk * 4);
     kt_fill(&r, k, nk, 1.0f);
     kvt_unit_rows_ref(k, T, D, ku, NULL);
-    int P = T < 37 ? T : 37;
+    int P = T < n_probe ? T : n_probe;
     int32_t *probe = malloc((size_t)P * 4), *order = malloc((size_t)T * 4);
-    uint8_t pm[64];
+    uint8_t *pm = malloc((size_t)P);
     for (int i = 0; i < P; i++) {
         probe[i] = (int32_t)((int64_t)i * T / P);
         pm[i] = (uint8_t)(i % 3);
@@ -363,6 +363,8 @@ static void test_coverage(int T, int D, uint64_t seed)
     KVT_CHECK(kvt_cosine_table_cuda(dku, T, D, dprobe, P, dct, NULL));
     from_dev(cb, dct, nc * 4, "cosine_table");
     KVT_EXPECT_MSG(cmp32("cosine", ca, cb, nc) == 0, "cosine T=%d D=%d", T, D);
+    KVT_EXPECT_MSG(!memcmp(ca, cb, nc * 4), "cosine T=%d D=%d P=%d: not bitwise the reference's", T,
+                   D, P); /* the same products and sums in the same order */
 
     /* running bests from the reference's table: bitwise the reference's, and through the
      * shared summary the reference's metrics exactly */
@@ -377,9 +379,9 @@ static void test_coverage(int T, int D, uint64_t seed)
     KVT_CHECK(kvt_coverage_best_cuda(dct, T, P, dord, cuts, n_cut, dbest, NULL));
     from_dev(best, dbest, (size_t)n_cut * P * 4, "coverage_best");
     double cva[16], rda[16], cma[16 * KVT_N_MODALITIES], cvb, rdb, cmb[KVT_N_MODALITIES];
-    float wf[64];
+    float *wf = malloc((size_t)P * 4);
     double cda[16], cdb;
-    int32_t pp[64]; /* each probe's place in the ranking */
+    int32_t *pp = malloc((size_t)P * 4); /* each probe's place in the ranking */
     kt_probe_positions(order, T, probe, P, pp);
     KVT_CHECK(kvt_sweep_coverage_ref(ca, T, P, order, cuts, n_cut, pm, pp, wf, cva, rda, cma, cda));
     int bad = 0;
@@ -427,7 +429,8 @@ static void test_coverage(int T, int D, uint64_t seed)
     KVT_EXPECT_STATUS(kvt_coverage_best_cuda(dct, T, P, dord, badcuts, 2, dbest, NULL),
                       KVT_ERR_INVALID_ARG);
     cudaFree(dku), cudaFree(dct), cudaFree(dprobe), cudaFree(dord), cudaFree(dbest);
-    free(k), free(ku), free(probe), free(order), free(ca), free(cb), free(best);
+    free(k), free(ku), free(probe), free(pm), free(order), free(ca), free(cb), free(best);
+    free(wf), free(pp);
 }
 
 int main(void)
@@ -452,10 +455,12 @@ int main(void)
         test_norms(1, Ds[i], 11 + i);
         test_norms(257, Ds[i], 21 + i);
         test_norms(1000, Ds[i], 31 + i);
-        test_coverage(1, Ds[i], 41 + i);
-        test_coverage(300, Ds[i], 51 + i);
-        test_coverage(1030, Ds[i], 61 + i);
-        test_coverage(2600, Ds[i], 71 + i); /* cuts spanning several chunks of positions */
+        test_coverage(1, Ds[i], 37, 41 + i);
+        test_coverage(300, Ds[i], 37, 51 + i);
+        test_coverage(1030, Ds[i], 37, 61 + i);
+        test_coverage(2600, Ds[i], 37, 71 + i);  /* cuts spanning several chunks of positions */
+        test_coverage(1500, Ds[i], 256, 75 + i); /* the replay's default probes: 8 tiles */
+        test_coverage(333, Ds[i], 70, 78 + i);   /* a partial tile of probes and of tokens */
     }
     const int ns[] = {1, 63, 64, 1000, 8160};
     for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++)
