@@ -519,10 +519,11 @@ kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double
     KVT_FORWARD(
         kvt_attn_colsum_cuda(g->qa, K, g->T, g->D, scale, g->cs_work, g->cs, (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
-    /* at least: the head's queries and keys read, the sums written */
+    /* at least: the head's queries and keys read, the sums written; the logits of the causal
+     * triangle, computed in both passes (row stats, column sums), 2 flop per dimension */
     PROF(g, gpu_colsum_ns, ns);
     PROF(g, gpu_colsum_bytes, 2 * T * D * sizeof(float) + T * sizeof(double));
-    PROF(g, gpu_colsum_flop, (uint64_t)T * (T + 1) / 2 * 2 * D);
+    PROF(g, gpu_colsum_flop, (uint64_t)T * (T + 1) / 2 * 4 * D);
     KVT_FORWARD(download(g, out, g->cs, T * sizeof(double)));
     return sync_copies(g, false, &t1);
 }
