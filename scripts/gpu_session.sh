@@ -22,8 +22,9 @@
 #             the column sums
 # If the bundle's binaries cannot run there (other system libraries), `tests` falls back to
 # scripts/gpu_check.sh, which builds the kernel tests with nvcc alone.
-# Environment: BUDGET_S [540]; BUNDLE [.devbundle]; PYTHON [python3]; bench/run_gpu.sh's
-# variables (T, LAYERS, ...) pass through.
+# Environment: BUDGET_S [540]; BUNDLE [.devbundle]; PYTHON [python3]; KVT_ALLOW_STALE [0]: 1
+# runs a bundle built from other sources than these (refused by default: it would measure old
+# code; exit 3); bench/run_gpu.sh's variables (T, LAYERS, ...) pass through.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-/tmp/kvt_gpu_out}
@@ -119,7 +120,14 @@ echo "bundle $(cat "$BUNDLE/REVISION" 2>/dev/null || echo missing), tree $(git r
 # a bundle built from other sources than these tests and scripts would measure old code
 if [ -f "$BUNDLE/SOURCES.sha1" ]; then
     stale=$(sha1sum -c --quiet "$BUNDLE/SOURCES.sha1" 2>/dev/null | grep -c ': FAILED' || true)
-    if [ "$stale" != 0 ]; then
+    if [ "$stale" != 0 ] && [ "${KVT_ALLOW_STALE:-0}" != 1 ]; then
+        echo "REFUSED: the bundle is STALE: $stale source files differ from those it was built" \
+            "from; run scripts/device_bundle.sh again (or KVT_ALLOW_STALE=1 to run it anyway)"
+        sha1sum -c --quiet "$BUNDLE/SOURCES.sha1" 2>/dev/null | head -20
+        note bundle "STALE ($stale source files changed since scripts/device_bundle.sh): refused"
+        pack
+        exit 3
+    elif [ "$stale" != 0 ]; then
         echo "WARNING: the bundle is STALE: $stale source files differ from those it was built from"
         note bundle "STALE: $stale source files changed since scripts/device_bundle.sh"
     else
