@@ -73,10 +73,12 @@ kvt_status kvt_attn_colsum_cuda(const float *q, const float *k, int T, int D, do
 kvt_status kvt_row_norms_cuda(const float *x, int n, int D, double *out, void *stream);
 
 /** kvt_unit_rows_ref: ku [n, D] = x / max(||x||, 1e-12) in f32 (ku may be NULL); mean [D]
- *  the mean unit row in double, summed in row order like the reference (may be NULL).
- *  inv_work: n doubles of device workspace. */
+ *  the mean unit row in double (may be NULL), summed in parts of rows in a fixed order: the
+ *  reference's up to rounding. inv_work: kvt_unit_rows_cuda_work(n, D) doubles of device
+ *  workspace (n without the mean). */
 kvt_status kvt_unit_rows_cuda(const float *x, int n, int D, float *ku, double *mean,
                               double *inv_work, void *stream);
+size_t kvt_unit_rows_cuda_work(int n, int D);
 
 /** kvt_rank_desc_ref on each of n_seg segments: score [n_seg, n] (double), order [n_seg, n]
  *  receives each segment's permutation of 0..n-1 (score descending, ties by lower index, NaN

@@ -1,6 +1,9 @@
 /* norms_cuda.cu - row norms and unit rows (kvt_row_norms_ref, kvt_unit_rows_ref): one warp
- * per row, the squares summed in double across lanes; the mean unit row is summed in row order
- * by one thread per dimension, as the reference sums it.
+ * per row, the squares summed in double across lanes. The mean unit row is summed in a fixed
+ * order (the same bits on every run): each block sums 32 dimensions over a part of
+ * kvt_unit_mean_rows rows on 8 row lanes, merged in lane order, and one thread per dimension
+ * then adds the parts in order; the reference sums the rows in order, so the two agree to
+ * rounding.
  */
 #include "cuda_util.cuh"
 
@@ -44,14 +47,54 @@ static __global__ void unit_rows_k(const float *x, int n, int D, float *ku, doub
             ku[(size_t)row * D + d] = (float)((double)x[(size_t)row * D + d] * iv);
 }
 
-static __global__ void unit_mean_k(const float *x, int n, int D, const double *inv, double *mean)
+#define UM_LANES 8 /* row lanes per block of 32 dimensions */
+
+/* rows per part: 1024, more when the parts would exceed a grid's 65535 rows of blocks */
+static int unit_mean_rows(int n)
+{
+    int r = 1024;
+    if ((n + r - 1) / r > 65535)
+        r = (n + 65534) / 65535;
+    return r;
+}
+
+extern "C" size_t kvt_unit_rows_cuda_work(int n, int D)
+{
+    if (n < 0 || D <= 0)
+        return 0;
+    int r = unit_mean_rows(n);
+    return (size_t)n + (size_t)((n + r - 1) / r) * D;
+}
+
+/* part [blockIdx.y, D]: the sum over rows [y R, (y+1) R) of x[t][d] inv[t], for the block's 32
+ * dimensions; lane l adds rows y R + l, + 2l, ... in order, then the lanes are added in order */
+static __global__ void unit_mean_part_k(const float *x, int n, int D, int R, const double *inv,
+                                        double *part)
+{
+    __shared__ double sm[UM_LANES][33];
+    const int dl = threadIdx.x % 32, lane = threadIdx.x / 32, d = blockIdx.x * 32 + dl;
+    const int r0 = blockIdx.y * R, r1 = n - r0 < R ? n : r0 + R;
+    double m = 0.0;
+    if (d < D)
+        for (int t = r0 + lane; t < r1; t += UM_LANES)
+            m = __dadd_rn(m, __dmul_rn((double)x[(size_t)t * D + d], inv[t]));
+    sm[lane][dl] = m;
+    __syncthreads();
+    if (lane == 0 && d < D) {
+        for (int l = 1; l < UM_LANES; l++)
+            m = __dadd_rn(m, sm[l][dl]);
+        part[(size_t)blockIdx.y * D + d] = m;
+    }
+}
+
+static __global__ void unit_mean_sum_k(const double *part, int n_part, int n, int D, double *mean)
 {
     int d = blockIdx.x * blockDim.x + threadIdx.x;
     if (d >= D)
         return;
     double m = 0.0;
-    for (int t = 0; t < n; t++) /* row order, like the reference */
-        m += (double)x[(size_t)t * D + d] * inv[t];
+    for (int c = 0; c < n_part; c++)
+        m = __dadd_rn(m, part[(size_t)c * D + d]);
     mean[d] = n > 0 ? m / n : 0.0;
 }
 
@@ -79,7 +122,14 @@ extern "C" kvt_status kvt_unit_rows_cuda(const float *x, int n, int D, float *ku
         KVT_CU_LAUNCHED();
     }
     if (mean) {
-        unit_mean_k<<<kvt_cu_blocks((size_t)D, 128), 128, 0, st>>>(x, n, D, inv_work, mean);
+        const int R = unit_mean_rows(n), n_part = (n + R - 1) / R;
+        double *part = inv_work + n;
+        if (n_part > 0) {
+            unit_mean_part_k<<<dim3((unsigned)(D + 31) / 32, (unsigned)n_part), 32 * UM_LANES, 0,
+                               st>>>(x, n, D, R, inv_work, part);
+            KVT_CU_LAUNCHED();
+        }
+        unit_mean_sum_k<<<kvt_cu_blocks((size_t)D, 128), 128, 0, st>>>(part, n_part, n, D, mean);
         KVT_CU_LAUNCHED();
     }
     return KVT_OK;

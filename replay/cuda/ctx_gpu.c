@@ -204,7 +204,7 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
     KVT_FORWARD(dalloc(g, (void **)&g->norm, T * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->mean, D * sizeof(double)));
-    KVT_FORWARD(dalloc(g, (void **)&g->inv, T * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->inv, kvt_unit_rows_cuda_work(g->T, g->D) * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->order, T * sizeof(int32_t)));
     return sync_copies(g, true, &t0);
 }

@@ -294,7 +294,7 @@ static void test_norms(int n, int D, uint64_t seed)
     kvt_unit_rows_ref(x, n, D, ka, ma);
     float *dx = to_dev(x, nx * 4), *dku = out_dev(nx * 4);
     double *dn = out_dev((size_t)n * 8), *dm = out_dev((size_t)D * 8),
-           *dinv = out_dev((size_t)n * 8);
+           *dinv = out_dev(kvt_unit_rows_cuda_work(n, D) * 8);
     KVT_CHECK(kvt_row_norms_cuda(dx, n, D, dn, NULL));
     KVT_CHECK(kvt_unit_rows_cuda(dx, n, D, dku, dm, dinv, NULL));
     from_dev(nb, dn, (size_t)n * 8, "row_norms");
@@ -455,6 +455,7 @@ int main(void)
         test_norms(1, Ds[i], 11 + i);
         test_norms(257, Ds[i], 21 + i);
         test_norms(1000, Ds[i], 31 + i);
+        test_norms(2600, Ds[i], 34 + i); /* the mean in 3 parts of rows, the last partial */
         test_coverage(1, Ds[i], 37, 41 + i);
         test_coverage(300, Ds[i], 37, 51 + i);
         test_coverage(1030, Ds[i], 37, 61 + i);
