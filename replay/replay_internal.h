@@ -122,7 +122,17 @@ struct kvt_layer_ctx {
     kvt_score_entry cache[KVT_SCORE_CACHE];
     int n_cache;
     struct kvt_ctx_gpu *gpu; /* replay --device cuda: device copies for the output sweeps */
+    /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
+     * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
+    const double *budget_frac;
 };
+
+/** kvt_replay_layer_metrics with each budget's fraction of T (kvt_layer_ctx.budget_frac; may
+ *  be NULL), as kvt_replay_trace knows it from the budgets as written. */
+kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *const *pols,
+                                         size_t n_pol, const int *budget_tokens,
+                                         const double *budget_frac, size_t n_budgets,
+                                         const kvt_replay_opts *o, kvt_head_metrics *out);
 
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
 /** kvt_ctx_build with the attention probabilities and outputs, norms and unit keys computed on

@@ -93,6 +93,7 @@ typedef struct run_shared {
     kvt_policy *const *pols;
     size_t n_pol, n_b;
     const int *btok;
+    const double *bfrac; /* each budget as a fraction of T (kvt_layer_ctx.budget_frac) */
     const kvt_replay_opts *o;
     kvt_trace_result *res;
     int L, Hq, Hkv, T, D, W, G;
@@ -228,8 +229,8 @@ static void *worker(void *arg)
             in.q_all_head = load_q_all_head;
             in.q_all_user = &qal;
         }
-        if ((st =
-                 kvt_replay_layer_metrics(&in, sh->pols, sh->n_pol, sh->btok, sh->n_b, sh->o, m))) {
+        if ((st = kvt_replay_layer_metrics_frac(&in, sh->pols, sh->n_pol, sh->btok, sh->bfrac,
+                                                sh->n_b, sh->o, m))) {
             char pre[32];
             snprintf(pre, sizeof(pre), "layer %d: ", l);
             if (strncmp(kvt_error_msg(), pre, strlen(pre))) /* not already said */
@@ -615,6 +616,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     kvt_trace_result *res = NULL;
     uint8_t *mod = NULL;
     int *btok = NULL;
+    double *bfrac = NULL;
     pthread_t *th = NULL;
     bound_pols bound = {0};
     if ((st = open_checked(path, pols, n_pol, &sh, &hdr)))
@@ -638,7 +640,9 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     int n_probe = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
     res->n_probes = n_probe < sh.T ? n_probe : sh.T;
     btok = kvt_malloc(n_budgets * sizeof(int));
-    if (!res->path || !res->header_json || !res->model_name || !res->model_arch || !btok) {
+    bfrac = kvt_malloc(n_budgets * sizeof(double));
+    if (!res->path || !res->header_json || !res->model_name || !res->model_arch || !btok ||
+        !bfrac) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_free;
     }
@@ -655,6 +659,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     }
     for (size_t b = 0; b < n_budgets; b++) {
         btok[b] = res->budget_tokens[b] = kvt_budget_tokens(&budgets[b], sh.T);
+        bfrac[b] = budgets[b].is_fraction ? budgets[b].value : (double)btok[b] / sh.T;
         res->budget_texts[b] = kvt_strdup(budgets[b].text);
         if (!res->budget_texts[b]) {
             st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
@@ -678,7 +683,8 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         res->has_modality = true;
         sh.mod = mod;
     }
-    sh.pols = bound.p, sh.n_pol = n_pol, sh.n_b = n_budgets, sh.btok = btok, sh.o = o;
+    sh.pols = bound.p, sh.n_pol = n_pol, sh.n_b = n_budgets, sh.btok = btok, sh.bfrac = bfrac;
+    sh.o = o;
     sh.res = res;
     if (o->layer_mask && o->layer_mask_len != (size_t)sh.L) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: layer mask of %zu layers for a trace of %d",
@@ -725,6 +731,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
 out_free:
     kvt_free(th);
     kvt_free(btok);
+    kvt_free(bfrac);
     kvt_free(mod);
     kvt_trace_result_free(res);
     cJSON_Delete(hdr);

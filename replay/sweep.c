@@ -906,6 +906,14 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
                                     size_t n_pol, const int *budget_tokens, size_t n_budgets,
                                     const kvt_replay_opts *o, kvt_head_metrics *out)
 {
+    return kvt_replay_layer_metrics_frac(in, pols, n_pol, budget_tokens, NULL, n_budgets, o, out);
+}
+
+kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *const *pols,
+                                         size_t n_pol, const int *budget_tokens,
+                                         const double *budget_frac, size_t n_budgets,
+                                         const kvt_replay_opts *o, kvt_head_metrics *out)
+{
     kvt_replay_opts def = {0};
     def.coverage_probes = -1;
     if (!o)
@@ -920,6 +928,7 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
                   "replay: resolve --device auto first (kvt_replay_resolve_device)");
     uint64_t t_ctx = kvt_now_ns();
     KVT_FORWARD(kvt_ctx_build_on(in, &c, o->device == KVT_DEVICE_CUDA, o->profile));
+    c.budget_frac = budget_frac;
     uint64_t t_measure = kvt_now_ns();
     KVT_PROF_ADD(o->profile, context_ns, t_measure - t_ctx);
     kvt_status st = KVT_OK;

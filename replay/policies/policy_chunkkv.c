@@ -9,9 +9,10 @@
  * selects its own chunks here).
  * align=kvpress: kvpress's own accounting instead. The whole sequence [0, T) is cut into chunks
  * from token 0, the window's tokens scoring the largest prefix score of any head (SnapKVPress
- * pads the window with it), and the layer keeps the max(1, floor(n_chunks*B/T)) best chunks
- * (ChunkKVPress's int(n_chunks*(1-ratio)) at ratio 1-B/T), which may be up to chunk-1 tokens
- * more than B. */
+ * pads the window with it), and the layer keeps ChunkKVPress's max(1, int(n_chunks*(1-ratio)))
+ * best chunks, in double as kvpress computes it, at ratio = 1 - f where f is the budget as the
+ * fraction of T it was written as (20% -> 0.2; 64 tokens -> 64/T), which may be up to chunk-1
+ * tokens more than B. */
 #include <string.h>
 
 #include "../replay_internal.h"
@@ -60,9 +61,11 @@ static kvt_status sel_chunkkv(kvt_layer_ctx *c, const kvt_policy *p, const int *
         int keep;
         if (B[b] >= T)
             keep = T;
-        else if (kvp) { /* kvpress: at least one chunk */
-            int64_t take = (int64_t)n_chunks * B[b] / T;
-            keep = kvt_chunk_count(cord, take > 1 ? (int)take : 1, n_chunks, C, N);
+        else if (kvp) { /* kvpress: int(n_chunks * (1 - ratio)) in double, at least one */
+            double f = c->budget_frac ? c->budget_frac[b] : (double)B[b] / T, ratio = 1.0 - f;
+            double x = (double)n_chunks * (1.0 - ratio);
+            int take = x >= 1.0 ? (int)x : 1;
+            keep = kvt_chunk_count(cord, take, n_chunks, C, N);
         } else
             keep = B[b] <= W ? B[b] : W + kvt_chunk_count(cord, (B[b] - W) / C, n_chunks, C, P);
         for (int h = 0; h < sel->n_heads; h++)

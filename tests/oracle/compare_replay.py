@@ -413,9 +413,10 @@ def main():
             scores = os.path.join(outdir, tag + "_heads.json")
             write_head_scores(scores, L, Hq, len(tag) * 7 + L)
             specs = policy_specs(W, dec, cs, scores)
-            # below the window, just above it, mid, a fraction, one where N < 2(B−W) (the
+            # below the window, just above it, mid, two fractions (20%: where kvpress's float
+            # chunk count rounds down, chunkkv align=kvpress), one where N < 2(B−W) (the
             # KVCache-Factory pyramid fallback differs), and a short-prompt budget
-            budgets = [str(max(1, W // 2)), str(W + 8), str(min(T - 1, W + 40)), "30%",
+            budgets = [str(max(1, W // 2)), str(W + 8), str(min(T - 1, W + 40)), "20%", "30%",
                        str(T - 10), str(T + 50)]
             fails, ties, n = compare(tag, path, specs, budgets, kvt_bin, outdir, a.verbose)
             print("%-15s %3d policies x %d budgets: %6d head sets compared, %d ties, %d failures"

@@ -150,6 +150,14 @@ def split_policy_list(text):
     return out
 
 
+def budget_fraction(b, n_tokens):
+    """The fraction of the prompt a budget was written as: "10%" -> 0.1, 64 -> 64/T (of the
+    tokens it resolves to). kvpress-aligned policies take their compression ratio from it."""
+    if isinstance(b, str) and b.strip().endswith("%"):
+        return float(b.strip()[:-1]) / 100.0
+    return resolve_budget(b, n_tokens) / float(n_tokens)
+
+
 def resolve_budget(b, n_tokens):
     """64 -> 64; "64" -> 64; "10%" -> max(1, floor(0.1*T + 0.5))."""
     if isinstance(b, str) and b.strip().endswith("%"):
@@ -499,12 +507,13 @@ class LayerInputs:
         return res
 
 
-def _orders_and_counts(name, o, ctx, B, layer, n_layers):
+def _orders_and_counts(name, o, ctx, B, layer, n_layers, frac=None):
     """For one policy and budget: the per-head ranking (all N tokens) and kept counts.
     Returns (orders [H'][N], counts [H'], info) where info holds "scores" (per head, the
     ranking score of every token, +inf for protected ones, or None) and "alloc_margin"."""
     info = {"scores": None, "alloc_margin": None}
-    o_, c_ = _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info)
+    o_, c_ = _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info,
+                                     B / float(ctx.N) if frac is None else frac)
     return o_, c_, info
 
 
@@ -512,7 +521,7 @@ def _win_scores(prefix_score, N, W):
     return np.concatenate([np.asarray(prefix_score, dtype=np.float64), np.full(W, np.inf)])
 
 
-def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info):
+def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
     N, W = ctx.N, int(o.get("window", 0))
     query = o.get("heads", "kv") == "query"
     H = ctx.Hq if query else ctx.Hkv
@@ -585,7 +594,8 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info):
         info["scores"] = [np.repeat(cscore, sizes)] * H
         if B >= N:
             return [order] * H, [N] * H
-        take = max(1, len(starts) * B // N)
+        ratio = 1.0 - frac  # kvpress's compression_ratio for this budget
+        take = max(1, int(len(starts) * (1 - ratio)))
         return [order] * H, [sum(sizes[i] for i in ranked[:take])] * H
     if name == "chunkkv":
         # every token carries its chunk's score: a stable sort then orders whole chunks,
@@ -738,7 +748,8 @@ def replay_layer(K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, *, policies=N
         res = {}
         for b in budgets:
             B = resolve_budget(b, ctx.N)
-            orders, counts, info = _orders_and_counts(name, o, ctx, B, layer, n_layers)
+            orders, counts, info = _orders_and_counts(name, o, ctx, B, layer, n_layers,
+                                                      budget_fraction(b, ctx.N))
             heads = []
             for hh, (order, n) in enumerate(zip(orders, counts)):
                 S = np.sort(order[:n])
