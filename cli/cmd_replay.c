@@ -139,10 +139,11 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
             kvt_cli_bytes_text((double)real, mach, sizeof(mach));
             fprintf(stderr,
                     "kvtrace %s: warning: %d worker thread%s hold%s about %s, within the %s "
-                    "--memory-limit but more than the %s this machine has available%s: the "
-                    "system may kill the replay for lack of memory\n",
+                    "%s but more than the %s this machine has available%s: the system may "
+                    "kill the replay for lack of memory\n",
                     cmd, used, used == 1 ? "" : "s", used == 1 ? "s" : "",
-                    kvt_cli_bytes_text((double)used * *wb, total, sizeof(total)), have, mach,
+                    kvt_cli_bytes_text((double)used * *wb, total, sizeof(total)), have,
+                    local > 1 ? "share of the --memory-limit" : "--memory-limit", mach,
                     local > 1 ? " for each of its MPI processes" : "");
         }
     }

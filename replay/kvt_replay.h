@@ -191,7 +191,7 @@ typedef struct kvt_replay_profile {
        order, to agree with them bit for bit */
     uint64_t gpu_attn_flop;                   /* attention: 2 x (Q.K + P.V) products */
     uint64_t gpu_colsum_ns, gpu_colsum_bytes; /* h2o column sums from Q_all */
-    uint64_t gpu_colsum_flop; /* Q.K over the causal half, once (as the reference) */
+    uint64_t gpu_colsum_flop; /* Q.K over the causal half, twice (row stats, then sums) */
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {
