@@ -760,20 +760,34 @@ def record_positions(text_model):
     return rec, remove
 
 
+def module_mentions(model, name):
+    """Whether the source of the model's modeling module names `name` (an argument this
+    version may take only through **kwargs)."""
+    try:
+        return name in inspect.getsource(sys.modules[type(model).__module__])
+    except (KeyError, OSError, TypeError):
+        return False
+
+
 def call_get_rope_index(model, inp, torch_inputs):
     """The model's own get_rope_index, wherever this version keeps it, with the arguments
-    its signature names. Returns ([3, T] int64, where)."""
+    its signature names (or, where it takes **kwargs, those its module mentions). Returns
+    ([3, T] int64, where)."""
     for where, obj in (("model.model", getattr(model, "model", None)), ("model", model)):
         fn = getattr(obj, "get_rope_index", None) if obj is not None else None
         if fn is None:
             continue
         import torch
         params = inspect.signature(fn).parameters
+        var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+        def wants(k):
+            return k in params or (var_kw and module_mentions(model, k))
         kw = {}
         for k in ("image_grid_thw", "video_grid_thw", "attention_mask"):
-            if k in params:
+            if wants(k) and torch_inputs.get(k) is not None:
                 kw[k] = torch_inputs.get(k)
-        if "mm_token_type_ids" in params:  # newer versions: 0 text, 1 image, 2 video
+        if wants("mm_token_type_ids"):  # newer versions: 0 text, 1 image, 2 video
             kw["mm_token_type_ids"] = torch.as_tensor(
                 inp["mm_token_type_ids"], device=torch_inputs["input_ids"].device)
         pos = fn(torch_inputs["input_ids"], **kw)
@@ -788,6 +802,20 @@ def accepts(fn, name):
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def forward_wants(model, name):
+    """Whether generate/forward should be given `name`: its forward names it, or takes
+    **kwargs and the model's module uses it (transformers 5.x passes mm_token_type_ids that
+    way; without it generate falls back to text positions, with no error)."""
+    if accepts(model.forward, name):
+        return True
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return (any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+            and module_mentions(model, name))
 
 
 def part_b(rep, args):
@@ -814,7 +842,7 @@ def part_b(rep, args):
            "attention_mask": torch.as_tensor(inp["attention_mask"], device=dev),
            "pixel_values": torch.as_tensor(inp["pixel_values"], device=dev),
            "image_grid_thw": torch.as_tensor(inp["image_grid_thw"], device=dev)}
-    if accepts(model.forward, "mm_token_type_ids"):
+    if forward_wants(model, "mm_token_type_ids"):
         tin["mm_token_type_ids"] = torch.as_tensor(inp["mm_token_type_ids"], device=dev)
     rep.data["b"]["inputs"] = {k: list(v.shape) for k, v in tin.items()}
     rep.data["b"]["T"] = T
@@ -847,6 +875,13 @@ def part_b(rep, args):
         rep.check("b: prefill position ids == NumPy M-RoPE rule",
                   model_pos.shape == ref_pos.shape and np.array_equal(model_pos, ref_pos),
                   strict=False)
+        img = inp["image_mask"].astype(bool)
+        flat = model_pos.shape == (3, T) and all(
+            np.array_equal(model_pos[r][img], model_pos[0][img]) for r in (1, 2))
+        # the issue's check: the image tokens' positions are the model's 3-D ones; flat rows
+        # mean the inputs lacked what this version needs for them (mm_token_type_ids)
+        rep.check("b: the image tokens got 3-D position ids (rows h, w differ from t)",
+                  not flat, "inputs %s" % sorted(tin))
 
     path = os.path.join(args.trace_dir, "b_qwen2vl.kvt")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -147,6 +147,26 @@ def mrope_positions(position_ids, n_tokens):
     return np.ascontiguousarray(p, dtype=np.int32)
 
 
+def mrope_flat_note(positions, modality):
+    """A note (str) when an M-RoPE prompt holds image or video tokens but its position ids
+    [3, T] are the same on all three rows: the model was run without its 3-D positions
+    (transformers 5.x's generate falls back to text positions, with no error, when the inputs
+    lack mm_token_type_ids), so the trace records 1-D positions over the vision tokens. None
+    otherwise (no vision tokens, no table, or 3-D rows)."""
+    if positions is None or modality is None:
+        return None
+    p = np.asarray(positions)
+    vis = np.asarray(modality) > 0
+    if p.ndim != 2 or p.shape[0] != 3 or not vis.any():
+        return None
+    if np.array_equal(p[1], p[0]) and np.array_equal(p[2], p[0]):
+        return ("the prompt holds %d image/video tokens but its M-RoPE position ids are the "
+                "same on all three rows: the model ran with 1-D positions over them (pass "
+                "mm_token_type_ids, or the processor's full output, to generate)"
+                % int(vis.sum()))
+    return None
+
+
 def rope_positions(position_ids, n_tokens):
     """1-D RoPE position ids [T] int32: 0..T-1 when None, else row 0 of [B, T] (or [T])."""
     T = int(n_tokens)
@@ -732,8 +752,14 @@ class Capture(object):
                                           "token ids and modality not recorded"
                                           % (ids_np.shape[0], T))
                 ids_np = None
+        modality = token_modality(ids_np, self._config) if ids_np is not None else None
         if self.mrope:
             pos = mrope_positions(self._prompt_pos, T)
+            note = mrope_flat_note(pos, modality)
+            if note is not None:
+                import warnings
+                info["positions_note"] = note
+                warnings.warn("kvtrace.capture: " + note, stacklevel=2)
         else:
             pos = rope_positions(self._prompt_pos, T)
 
@@ -753,8 +779,7 @@ class Capture(object):
         self._state = [_LayerState() for _ in range(self.n_layers)]
         sess.set_tokens(
             token_ids=ids_np.astype(np.int32) if ids_np is not None else None,
-            modality=token_modality(ids_np, self._config) if ids_np is not None else None,
-            positions=pos)
+            modality=modality, positions=pos)
 
 
 def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,

@@ -720,6 +720,15 @@ def check_plain_functions():
                  "mrope_positions: wrong T")
     expect_error(lambda: hf.mrope_positions(torch.zeros(2, 1, n), n), ["[3, B, T]"],
                  "mrope_positions: 2 rows")
+    mod = np.array([0, 1, 1, 1, 0, 0], np.uint8)
+    flat = np.tile(np.arange(n, dtype=np.int32), (3, 1))
+    note = hf.mrope_flat_note(flat, mod)
+    check(note is not None and "3 image/video tokens" in note and "mm_token_type_ids" in note,
+          "mrope_flat_note: vision tokens with flat positions: %r" % note)
+    check(hf.mrope_flat_note(p3[:, 0].numpy(), mod) is None and
+          hf.mrope_flat_note(flat, np.zeros(n, np.uint8)) is None and
+          hf.mrope_flat_note(flat, None) is None,
+          "mrope_flat_note: 3-D rows, text only or no table: no note")
     check(np.array_equal(hf.rope_positions(None, 4), np.arange(4)) and
           np.array_equal(hf.rope_positions(torch.tensor([[5, 6, 7]]), 3), [5, 6, 7]),
           "rope_positions: None and [B, T]")
