@@ -200,6 +200,17 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
             "profile: gpu sweep calls %llu (kernels: GPU time by CUDA events, GB at least what "
             "each must move; copies: host clock)\n",
             (unsigned long long)p->gpu_sweep_calls);
+    if (p->gpu_worker_bytes) {
+        char per[32], fr[32], tot[32];
+        fprintf(stderr,
+                "profile: gpu memory: about %s per worker's layer, %s free of %s at the start: "
+                "%llu of the %llu worker thread%s on the GPU at a time\n",
+                kvt_cli_bytes_text((double)p->gpu_worker_bytes, per, sizeof(per)),
+                kvt_cli_bytes_text((double)p->gpu_mem_free, fr, sizeof(fr)),
+                kvt_cli_bytes_text((double)p->gpu_mem_total, tot, sizeof(tot)),
+                (unsigned long long)p->gpu_slots, (unsigned long long)p->gpu_threads,
+                p->gpu_threads == 1 ? "" : "s");
+    }
 }
 
 /* MPI: rank 0 receives every process's partial result (txt: this one's) and merges them into

@@ -192,6 +192,10 @@ typedef struct kvt_replay_profile {
     uint64_t gpu_attn_flop;                   /* attention: 2 x (Q.K + P.V) products */
     uint64_t gpu_colsum_ns, gpu_colsum_bytes; /* h2o column sums from Q_all */
     uint64_t gpu_colsum_flop; /* Q.K over the causal half, twice (row stats, then sums) */
+    /* --device cuda's memory plan (set by each trace's replay, not added): the device memory
+       one worker's layer may hold, device 0's free and total memory at the start, and the
+       workers allowed on the GPU at once of the worker threads */
+    uint64_t gpu_worker_bytes, gpu_mem_free, gpu_mem_total, gpu_slots, gpu_threads;
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {

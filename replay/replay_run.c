@@ -103,6 +103,10 @@ typedef struct run_shared {
     const uint8_t *mod;
     pthread_mutex_t mu;
     int next_layer, done, n_sel; /* n_sel: layers to replay (layer_mask) */
+    /* --device cuda: at most gpu_slots workers hold a layer on the GPU at once (what its free
+       memory holds); 0 = no limit */
+    int gpu_slots, gpu_busy;
+    pthread_cond_t gpu_cv;
     kvt_status err;
     char err_msg[512];
 } run_shared;
@@ -229,8 +233,22 @@ static void *worker(void *arg)
             in.q_all_head = load_q_all_head;
             in.q_all_user = &qal;
         }
-        if ((st = kvt_replay_layer_metrics_frac(&in, sh->pols, sh->n_pol, sh->btok, sh->bfrac,
-                                                sh->n_b, sh->o, m))) {
+        if (sh->gpu_slots > 0) { /* wait for room on the GPU */
+            pthread_mutex_lock(&sh->mu);
+            while (sh->gpu_busy >= sh->gpu_slots)
+                pthread_cond_wait(&sh->gpu_cv, &sh->mu);
+            sh->gpu_busy++;
+            pthread_mutex_unlock(&sh->mu);
+        }
+        st = kvt_replay_layer_metrics_frac(&in, sh->pols, sh->n_pol, sh->btok, sh->bfrac, sh->n_b,
+                                           sh->o, m);
+        if (sh->gpu_slots > 0) {
+            pthread_mutex_lock(&sh->mu);
+            sh->gpu_busy--;
+            pthread_cond_signal(&sh->gpu_cv);
+            pthread_mutex_unlock(&sh->mu);
+        }
+        if (st) {
             char pre[32];
             snprintf(pre, sizeof(pre), "layer %d: ", l);
             if (strncmp(kvt_error_msg(), pre, strlen(pre))) /* not already said */
@@ -704,12 +722,31 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     }
     if (n_th > sh.L)
         n_th = sh.L;
+    if (o->device == KVT_DEVICE_CUDA) { /* the workers on the GPU at once: what it holds */
+        int n_probe_all = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
+        uint64_t gb =
+                     kvt_ctx_gpu_worker_bytes(sh.T, sh.D, sh.Hq, sh.Hkv, sh.W, sh.has_qd ? sh.G : 0,
+                                              sh.has_kvd, n_probe_all, (int)n_budgets),
+                 fr = 0, tot = 0;
+        if (gb && kvt_ctx_gpu_mem(&fr, &tot) == 0) {
+            uint64_t fit = fr / gb; /* other processes' memory is already out of fr */
+            sh.gpu_slots = fit < 1 ? 1 : fit < (uint64_t)n_th ? (int)fit : n_th;
+            if (o->profile) {
+                o->profile->gpu_worker_bytes = gb;
+                o->profile->gpu_mem_free = fr;
+                o->profile->gpu_mem_total = tot;
+                o->profile->gpu_slots = (uint64_t)sh.gpu_slots;
+                o->profile->gpu_threads = (uint64_t)n_th;
+            }
+        }
+    }
     th = kvt_calloc((size_t)n_th, sizeof(pthread_t));
     if (!th) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_free;
     }
     pthread_mutex_init(&sh.mu, NULL);
+    pthread_cond_init(&sh.gpu_cv, NULL);
     uint64_t t_wall = kvt_now_ns();
     int started = 0;
     for (; started < n_th; started++)
@@ -721,6 +758,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         pthread_join(th[i], NULL);
     KVT_PROF_ADD(o->profile, wall_ns, kvt_now_ns() - t_wall);
     pthread_mutex_destroy(&sh.mu);
+    pthread_cond_destroy(&sh.gpu_cv);
     if (sh.err) {
         st = kvt_error_set(sh.err, "%s", sh.err_msg);
         goto out_free;

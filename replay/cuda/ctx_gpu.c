@@ -77,9 +77,52 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
 /* Device memory is stream-ordered (cudaMallocAsync on the context's stream; plain cudaMalloc
  * on a GPU without memory pools, kvt_cuda_malloc_async): freeing it does
  * not synchronise the whole device, which would stall the other workers' kernels. */
+uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
+                                  int n_probe, int n_b)
+{
+    if (T < 1 || D < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv)
+        return 0;
+    const double t = T, d = D, hq = Hq, hkv = Hkv, wt = Wt > 0 ? Wt : 0, gd = Gd > 0 ? Gd : 0;
+    const double np = n_probe > 0 ? (n_probe < T ? n_probe : T) : 0, nb = n_b > 0 ? n_b : 1;
+    const double rows = (double)(Hq / Hkv) * (wt > gd ? wt : gd), nm = KVT_NM;
+    double b = 3 * hkv * t * d * 4                        /* K, V, unit keys */
+               + hq * (wt + gd) * (d * 4 + t * 4 + d * 8) /* queries, probabilities, outputs */
+               + (extra ? hkv * gd * d * 4 + rows * gd * 4 : 0) /* decode keys, their probs */
+               + rows * 8 + t * (8 + 4 + 1) + d * 8             /* lse, norms, order, modality */
+               + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
+               + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
+               + (double)kvt_sweep_cuda_work_bytes(T, n_b, (int)np) /* sweep workspace */
+               + rows * nb * 8 * (2 + nm)                           /* sweep results */
+               + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
+               + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
+               + t * d * 4 + 3 * t * 8; /* h2o's column sums from Q_all */
+    return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
+}
+
+int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
+{
+    size_t f = 0, t = 0;
+    if (cudaSetDevice(0) != cudaSuccess || cudaMemGetInfo(&f, &t) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    *free_bytes = f, *total_bytes = t;
+    return 0;
+}
+
 static kvt_status dalloc(kvt_ctx_gpu *g, void **p, size_t bytes)
 {
-    GPU_OK((cudaError_t)kvt_cuda_malloc_async(p, bytes ? bytes : 1, g->st));
+    cudaError_t e = (cudaError_t)kvt_cuda_malloc_async(p, bytes ? bytes : 1, g->st);
+    if (e == cudaErrorMemoryAllocation) {
+        cudaGetLastError(); /* not sticky: clear it */
+        size_t f = 0, t = 0;
+        cudaMemGetInfo(&f, &t);
+        return kvt_error_set(KVT_ERR_NOMEM,
+                             "replay --device cuda: out of GPU memory (%.1f MiB more for a layer; "
+                             "%.1f MiB free of %.1f MiB): fewer --threads, or --device cpu",
+                             bytes / 1048576.0, f / 1048576.0, t / 1048576.0);
+    }
+    GPU_OK(e);
     return KVT_OK;
 }
 

@@ -18,6 +18,15 @@ struct kvt_layer_ctx;
 /** Usable CUDA devices (0 with a one-line reason in why[cap]). */
 int kvt_ctx_gpu_devices(char *why, size_t cap);
 
+/** Device memory one layer's context may hold at most (every array kvt_ctx_gpu_* allocates,
+ *  at its largest for n_b budgets and n_probe probes, h2o's column-sum buffers included),
+ *  with 5% and 16 MiB to spare: what one replay worker thread holds on the GPU at once. 0
+ *  without CUDA. */
+uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
+                                  int n_probe, int n_b);
+/** Device 0's free and total memory (cudaMemGetInfo): 0, or -1 (nothing written). */
+int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
+
 /** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0.
  *  rows: the most query rows of one group (Gs * max(Wt, Gd)). prof (may be NULL) receives the
  *  GPU's share of the time split: uploads, kernels with the bytes they must move, downloads. */

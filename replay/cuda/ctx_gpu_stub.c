@@ -10,6 +10,20 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
     return 0;
 }
 
+uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
+                                  int n_probe, int n_b)
+{
+    (void)T, (void)D, (void)Hq, (void)Hkv, (void)Wt, (void)Gd, (void)extra, (void)n_probe;
+    (void)n_b;
+    return 0;
+}
+
+int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
+{
+    (void)free_bytes, (void)total_bytes;
+    return -1;
+}
+
 kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
                              kvt_ctx_gpu **out)
 {

@@ -116,4 +116,9 @@ cmp '${nop}/pools.json' '${nop}/nopools.json' && cmp '${nop}/pools.json' '${nop}
                      $<TARGET_FILE:kvtrace_cuemu> ${nop_args})
     set_tests_properties(test_replay_device_cuemu_nopools PROPERTIES LABELS "cpu;noasan"
                          TIMEOUT 300)
+    # replay --device cuda on a GPU with little memory: workers take turns, or a clear error
+    add_test(NAME test_replay_gpu_memory_cuemu
+             COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_memory.sh)
+    set_tests_properties(test_replay_gpu_memory_cuemu PROPERTIES LABELS "cpu;noasan"
+        TIMEOUT 600 ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>")
 endif()

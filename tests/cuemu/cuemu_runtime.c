@@ -35,6 +35,18 @@ typedef struct blk_list {
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* the block lists */
 static blk_list blocks;                                /* device memory (cudaMalloc) */
+static size_t dev_used;                                /* bytes of blocks (under mu) */
+
+/* the device's memory: CUEMU_MEM_BYTES (a GPU that small: cudaMalloc past it fails), else 80
+ * GiB that are never enforced */
+static size_t dev_total(int *enforced)
+{
+    const char *e = getenv("CUEMU_MEM_BYTES");
+    unsigned long long v = e && *e ? strtoull(e, NULL, 10) : 0;
+    if (enforced)
+        *enforced = v > 0;
+    return v > 0 ? (size_t)v : (size_t)80 << 30;
+}
 static blk_list pinned; /* pinned host memory (cudaHostAlloc): copies with it stay asynchronous */
 static _Thread_local cudaError_t last_error = cudaSuccess;
 static _Thread_local int cur_device = 0;
@@ -324,6 +336,8 @@ static int remove_block(blk_list *l, const void *p)
     pthread_mutex_lock(&mu);
     for (size_t i = 0; i < l->n && !found; i++)
         if (l->b[i].p == (uintptr_t)p) {
+            if (l == &blocks)
+                dev_used -= l->b[i].n;
             l->b[i] = l->b[--l->n];
             found = 1;
         }
@@ -339,14 +353,24 @@ int cuemu_is_device(const void *ptr, size_t n)
 cudaError_t cudaMalloc(void **p, size_t n)
 {
     *p = NULL;
+    int enforced;
+    size_t total = dev_total(&enforced);
+    pthread_mutex_lock(&mu);
+    int room = !enforced || (dev_used <= total && n <= total - dev_used);
+    if (room)
+        dev_used += n; /* reserved now, so that two threads cannot both take the last bytes */
+    pthread_mutex_unlock(&mu);
+    if (!room)
+        return fail(cudaErrorMemoryAllocation, "cudaMalloc: out of memory (CUEMU_MEM_BYTES)");
     void *m = malloc(n ? n : 1);
-    if (!m)
-        return fail(cudaErrorMemoryAllocation, "cudaMalloc");
-    memset(m, 0xff, n); /* a GPU's fresh memory is not zero: NaN for floats here */
-    if (add_block(&blocks, m, n) != 0) {
+    if (!m || add_block(&blocks, m, n) != 0) {
         free(m);
+        pthread_mutex_lock(&mu);
+        dev_used -= n;
+        pthread_mutex_unlock(&mu);
         return fail(cudaErrorMemoryAllocation, "cudaMalloc");
     }
+    memset(m, 0xff, n); /* a GPU's fresh memory is not zero: NaN for floats here */
     *p = m;
     return cudaSuccess;
 }
@@ -368,6 +392,17 @@ static cudaError_t free_block(void *p)
         return cudaSuccess;
     }
     return fail(cudaErrorInvalidDevicePointer, "cudaFree of a pointer cudaMalloc did not return");
+}
+
+cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b)
+{
+    size_t total = dev_total(NULL);
+    pthread_mutex_lock(&mu);
+    size_t used = dev_used;
+    pthread_mutex_unlock(&mu);
+    *free_b = used < total ? total - used : 0;
+    *total_b = total;
+    return cudaSuccess;
 }
 
 static int no_pools(void)
