@@ -231,6 +231,13 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         kvt_cuda_free_async(dw, st);
     if (dbad)
         kvt_cuda_free_async(dbad, st);
+    if (e == cudaErrorMemoryAllocation) {
+        cudaGetLastError(); /* not sticky: clear it */
+        return kvt_error_set(KVT_ERR_NOMEM,
+                             "attn_probs_cuda: out of GPU memory for %.1f MiB of "
+                             "workspace",
+                             (((size_t)n_kt + 1) * 2 * n_q * sizeof(double)) / 1048576.0);
+    }
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_probs_cuda: %s", cudaGetErrorString(e));
     if (bad != ~0ull) {
         unsigned j = (unsigned)(bad & 0xffffffffu);
@@ -241,6 +248,16 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         return kvt_error_set(KVT_ERR_NAN, "attn_probs: logit (%d,%u) not finite", i, j);
     }
     return KVT_OK;
+}
+
+extern "C" size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D)
+{
+    if (n_q <= 0 || T < 0 || n2 < 0 || D <= 0)
+        return 0;
+    const size_t n_kt = ((size_t)T + n2 + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS;
+    const size_t n_kb = ((size_t)T + OUT_KEYS - 1) / OUT_KEYS;
+    return (size_t)n_q * 2 * sizeof(int) + (n_kt + 1) * 2 * n_q * sizeof(double) +
+           sizeof(unsigned long long) + n_kb * n_q * D * sizeof(double);
 }
 
 extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p,
@@ -258,8 +275,15 @@ extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_
     const int n_kb = (T + OUT_KEYS - 1) / OUT_KEYS, n_rb = (n_q + OUT_ROWS - 1) / OUT_ROWS;
     double *part = NULL; /* [n_kb, n_q, D], stream-ordered: no device-wide synchronisation */
     if (n_kb > 0) {
-        KVT_CU((cudaError_t)kvt_cuda_malloc_async((void **)&part, (size_t)n_kb * n * sizeof(double),
-                                                  st));
+        cudaError_t ea = (cudaError_t)kvt_cuda_malloc_async((void **)&part,
+                                                            (size_t)n_kb * n * sizeof(double), st);
+        if (ea == cudaErrorMemoryAllocation) {
+            cudaGetLastError(); /* not sticky: clear it */
+            return kvt_error_set(KVT_ERR_NOMEM,
+                                 "attn_output_cuda: out of GPU memory for %.1f MiB of workspace",
+                                 ((size_t)n_kb * n * sizeof(double)) / 1048576.0);
+        }
+        KVT_CU(ea);
         output_part_k<<<dim3((unsigned)n_kb, (unsigned)n_rb), OUT_THREADS, 0, st>>>(
             p, n_q, T, stride_p, v, D, part);
         cudaError_t e = cudaGetLastError();

@@ -38,6 +38,12 @@ kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, i
                                const int *n_vis, const float *k2, int n2, const int *n_vis2,
                                double scale, float *pr, float *pr2, double *lse, void *stream);
 
+/** The device memory kvt_attn_probs_cuda and kvt_attn_output_cuda allocate for themselves
+ *  (stream-ordered) for n_q query rows over T keys (+ n2), both counted: with memory pools the
+ *  first's may not be released yet when the second's is taken. Out of GPU memory there is
+ *  KVT_ERR_NOMEM. */
+size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D);
+
 /** kvt_attn_output_ref on the device: out[q][d] = sum over keys j of p[q][j] v[j][d], in
  *  double: in key order within blocks of 1024 keys, the blocks' sums then in order (a few 1e-16
  *  relative from the reference's single chain). D <= 512, else KVT_ERR_UNSUPPORTED. */

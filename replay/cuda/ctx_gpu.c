@@ -9,6 +9,7 @@
  * host work around them (which the replay's host-side times show).
  */
 #include <cuda_runtime_api.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "ctx_gpu.h"
@@ -78,8 +79,9 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
  * on a GPU without memory pools, kvt_cuda_malloc_async): freeing it does
  * not synchronise the whole device, which would stall the other workers' kernels. */
 uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
-                                  int n_probe, int n_b)
+                                  int n_probe, int n_cut)
 {
+    const int n_b = n_cut > 0 ? n_cut : 1;
     if (T < 1 || D < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv)
         return 0;
     const double t = T, d = D, hq = Hq, hkv = Hkv, wt = Wt > 0 ? Wt : 0, gd = Gd > 0 ? Gd : 0;
@@ -95,7 +97,8 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + rows * nb * 8 * (2 + nm)                           /* sweep results */
                + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
                + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
-               + t * d * 4 + 3 * t * 8; /* h2o's column sums from Q_all */
+               + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
+               + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D); /* kernels' */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
 
@@ -108,6 +111,21 @@ int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
     }
     *free_bytes = f, *total_bytes = t;
     return 0;
+}
+
+/* A kernel's own allocation out of GPU memory (KVT_ERR_NOMEM): the same advice as dalloc's */
+static kvt_status kern_nomem(kvt_status st)
+{
+    if (st != KVT_ERR_NOMEM)
+        return st;
+    size_t f = 0, t = 0;
+    cudaMemGetInfo(&f, &t);
+    char msg[256];
+    snprintf(msg, sizeof(msg), "%s", kvt_error_msg());
+    return kvt_error_set(KVT_ERR_NOMEM,
+                         "replay --device cuda: %s (%.1f MiB free of %.1f MiB): fewer --threads, "
+                         "or --device cpu",
+                         msg, f / 1048576.0, t / 1048576.0);
 }
 
 static kvt_status dalloc(kvt_ctx_gpu *g, void **p, size_t bytes)
@@ -286,10 +304,11 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
     const float *Kd = extra ? g->kd + (size_t)group * g->Gd * D : NULL;
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
-    KVT_FORWARD(kvt_attn_probs_cuda(q, n_q, g->D, K, g->T, n_vis, Kd, extra ? g->Gd : 0,
-                                    extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL,
-                                    g->lse, (void *)g->st));
-    KVT_FORWARD(kvt_attn_output_cuda(dpr, n_q, g->T, T, V, g->D, dout, D, (void *)g->st));
+    KVT_FORWARD(kern_nomem(kvt_attn_probs_cuda(q, n_q, g->D, K, g->T, n_vis, Kd, extra ? g->Gd : 0,
+                                               extra ? n_vis2 : NULL, scale, dpr,
+                                               extra ? g->pr2 : NULL, g->lse, (void *)g->st)));
+    KVT_FORWARD(
+        kern_nomem(kvt_attn_output_cuda(dpr, n_q, g->T, T, V, g->D, dout, D, (void *)g->st)));
     KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: Q, K, V read once, P written and read back, the outputs written */
     size_t nx = extra ? (size_t)g->Gd : 0;

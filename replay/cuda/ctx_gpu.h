@@ -19,11 +19,12 @@ struct kvt_layer_ctx;
 int kvt_ctx_gpu_devices(char *why, size_t cap);
 
 /** Device memory one layer's context may hold at most (every array kvt_ctx_gpu_* allocates,
- *  at its largest for n_b budgets and n_probe probes, h2o's column-sum buffers included),
- *  with 5% and 16 MiB to spare: what one replay worker thread holds on the GPU at once. 0
- *  without CUDA. */
+ *  at its largest for sweeps of n_cut cuts (budgets x policies: policies that rank alike share
+ *  a sweep) and n_probe probes, h2o's column-sum buffers and the attention kernels' own
+ *  workspace included), with 5% and 16 MiB to spare: what one replay worker thread holds on
+ *  the GPU at once. 0 without CUDA. */
 uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
-                                  int n_probe, int n_b);
+                                  int n_probe, int n_cut);
 /** Device 0's free and total memory (cudaMemGetInfo): 0, or -1 (nothing written). */
 int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
 

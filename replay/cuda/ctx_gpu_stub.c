@@ -11,10 +11,10 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
 }
 
 uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
-                                  int n_probe, int n_b)
+                                  int n_probe, int n_cut)
 {
     (void)T, (void)D, (void)Hq, (void)Hkv, (void)Wt, (void)Gd, (void)extra, (void)n_probe;
-    (void)n_b;
+    (void)n_cut;
     return 0;
 }
 

@@ -120,5 +120,6 @@ cmp '${nop}/pools.json' '${nop}/nopools.json' && cmp '${nop}/pools.json' '${nop}
     add_test(NAME test_replay_gpu_memory_cuemu
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_memory.sh)
     set_tests_properties(test_replay_gpu_memory_cuemu PROPERTIES LABELS "cpu;noasan"
-        TIMEOUT 600 ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>")
+        TIMEOUT 600 ENVIRONMENT
+        "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_PYTHON=${KVT_SYS_PYTHON};KVT_SOURCE_ROOT=${PROJECT_SOURCE_DIR}")
 endif()

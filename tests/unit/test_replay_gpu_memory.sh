@@ -57,3 +57,51 @@ grep -q "replay --device cuda: out of GPU memory (.* MiB more for a layer; .* Mi
     "$TMP/small.msg" || { cat "$TMP/small.err"; fail "message"; }
 [ ! -e "$TMP/small.json" ] || fail "results written despite the error"
 echo "ok: $(cat "$TMP/small.msg")"
+
+# 3. a layer whose attention kernels need a large workspace of their own (one KV head of
+#    D=256 for 8 query heads, a 512-query window: the outputs' partial sums are 16 MiB): the
+#    estimate covers it (room for the estimate less its spare suffices), and when that
+#    workspace is what no longer fits, the same clear line (from the kernel's allocation)
+PY=${KVT_PYTHON:-/usr/bin/python3}
+SRC=${KVT_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
+if ! "$PY" -c 'import numpy' 2>/dev/null; then
+    echo "skip 3: no numpy for $PY"
+    exit 0
+fi
+PYTHONPATH="$SRC/python" "$PY" - "$TMP/mqa.kvt" <<'PYEOF' || fail "writing the MQA trace"
+import sys
+import numpy as np
+import kvtrace
+Hq, Hkv, D, T, W = 8, 1, 256, 1025, 512
+rng = np.random.default_rng(7)
+hdr = {"format": "kvtrace", "format_version": [1, 0], "created_by": "test_replay_gpu_memory",
+       "endianness": "little",
+       "model": {"name": "mqa", "arch": "llama", "n_layers": 1, "n_q_heads": Hq,
+                 "n_kv_heads": Hkv, "head_dim": D, "attn_scale": 1 / np.sqrt(D),
+                 "vocab_size": 32000, "rope": {"type": "default", "theta": 10000}},
+       "kv_dtype": "f32", "n_tokens": T, "window": W, "n_decode": 0,
+       "engine": {"name": "test", "version": "0"}, "gpu": None,
+       "capture": {"api": "test", "with_colsum": False, "with_q_all": False}}
+with kvtrace.TraceWriter(sys.argv[1], hdr, force=True) as w:
+    w.append("K", rng.standard_normal((Hkv, T, D), dtype=np.float32), layer=0)
+    w.append("V", rng.standard_normal((Hkv, T, D), dtype=np.float32), layer=0)
+    w.append("Q_window", rng.standard_normal((Hq, W, D), dtype=np.float32), layer=0)
+PYEOF
+MARGS=(replay "$TMP/mqa.kvt" --device cuda --policies snapkv --budgets 64 --threads 1 --force)
+"$BIN" "${MARGS[@]}" --profile -o "$TMP/mqa_free.json" >/dev/null 2>"$TMP/mqa_free.err" ||
+    { cat "$TMP/mqa_free.err"; fail "MQA unlimited"; }
+est=$(sed -n 's/^profile: gpu memory: about \([0-9.]*\) MiB per worker.*/\1/p' "$TMP/mqa_free.err")
+[ -n "$est" ] || { cat "$TMP/mqa_free.err"; fail "MQA: no estimate"; }
+room=$(awk -v e="$est" 'BEGIN { printf "%d", (e - 15) * 1048576 }')
+CUEMU_MEM_BYTES=$room "$BIN" "${MARGS[@]}" -o "$TMP/mqa_room.json" >/dev/null 2>"$TMP/mqa_room.err" ||
+    { cat "$TMP/mqa_room.err"; fail "MQA with room for the estimate less its spare ($est MiB)"; }
+cmp -s "$TMP/mqa_free.json" "$TMP/mqa_room.json" || fail "MQA results differ"
+echo "ok: MQA layer, estimate $est MiB covers the attention workspace"
+CUEMU_MEM_BYTES=$((40 * 1048576)) "$BIN" "${MARGS[@]}" -o "$TMP/mqa_small.json" >/dev/null \
+    2>"$TMP/mqa_small.err"
+rc=$?
+grep -v '^cuemu: ' "$TMP/mqa_small.err" >"$TMP/mqa_small.msg"
+[ "$rc" = 1 ] && [ "$(wc -l <"$TMP/mqa_small.msg")" = 1 ] &&
+    grep -q "replay --device cuda: attn_output_cuda: out of GPU memory for .* MiB of workspace (.* MiB free of .* MiB): fewer --threads, or --device cpu" \
+        "$TMP/mqa_small.msg" || { cat "$TMP/mqa_small.err"; fail "MQA: exit $rc, message"; }
+echo "ok: $(cat "$TMP/mqa_small.msg")"
