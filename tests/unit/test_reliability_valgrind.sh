@@ -55,20 +55,36 @@ if [ -f "$MODEL" ]; then
     (ulimit -f 16; run capture_disk_full 1 capture-llama2c --model "$MODEL" --tokens 64 \
         --decode 64 --window 8 --decode-chunk 4 --threads 2 -o "$TMP/c2.kvt")
     [ $? -eq 0 ] && pass=$((pass+1)) || fail=$((fail+1))
-    # SIGINT path: the capture stops, closes the trace and frees everything (exit 130)
-    KVT_CAPTURE_STEP_DELAY_US=10000 $VG "$BIN" capture-llama2c --model "$MODEL" --tokens 16 \
-        --decode 400 --window 8 -o "$TMP/c3.kvt" >/dev/null 2>"$TMP/int.err" &
-    pid=$!
-    for _ in $(seq 600); do [ -s "$TMP/c3.kvt" ] && break; sleep 0.1; done  # capture started
-    sleep 1
-    kill -INT $pid
-    wait $pid
-    rc=$?
-    if [ $rc -eq 130 ] && grep -q interrupted "$TMP/int.err" &&
-        "$BIN" verify "$TMP/c3.kvt" >/dev/null; then
+    # SIGINT path: the capture stops, closes the trace and frees everything (exit 130). Under
+    # load (valgrind beside other tests) the 16-token prompt can outlast the wait, and a SIGINT
+    # inside the prompt is a clean stop too (exit 130, nothing kept, no valgrind error: exit
+    # 99 otherwise); then the next attempt waits longer, to reach the decode steps
+    res=""
+    for wait_s in 1 4 10; do
+        rm -f "$TMP/c3.kvt"
+        KVT_CAPTURE_STEP_DELAY_US=10000 $VG "$BIN" capture-llama2c --model "$MODEL" --tokens 16 \
+            --decode 400 --window 8 -o "$TMP/c3.kvt" >/dev/null 2>"$TMP/int.err" &
+        pid=$!
+        for _ in $(seq 600); do [ -s "$TMP/c3.kvt" ] && break; sleep 0.1; done # capture started
+        sleep $wait_s
+        kill -INT $pid
+        wait $pid
+        rc=$?
+        if [ $rc -eq 130 ] && grep -q 'interrupted .* decode steps' "$TMP/int.err" &&
+            "$BIN" verify "$TMP/c3.kvt" >/dev/null; then
+            res=ok
+            break
+        elif [ $rc -eq 130 ] && grep -q 'interrupted .* at prompt token' "$TMP/int.err" &&
+            [ ! -e "$TMP/c3.kvt" ]; then
+            echo "note: the SIGINT after ${wait_s} s came inside the prompt (a clean stop); again"
+        else
+            break
+        fi
+    done
+    if [ "$res" = ok ]; then
         pass=$((pass+1)); echo "ok: capture_sigint"
     else
-        fail=$((fail+1)); echo "FAILED: capture_sigint: exit $rc"; grep -E '==[0-9]+==' "$TMP/int.err" | head -40
+        fail=$((fail+1)); echo "FAILED: capture_sigint: exit $rc"; cat "$TMP/int.err" | head -40
     fi
 fi
 echo "test_reliability_valgrind: $pass passed, $fail failed"
