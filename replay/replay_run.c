@@ -723,9 +723,8 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     if (n_th > sh.L)
         n_th = sh.L;
     if (o->device == KVT_DEVICE_CUDA) { /* the workers on the GPU at once: what it holds */
-        int n_probe_all = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
         uint64_t gb = kvt_ctx_gpu_worker_bytes(sh.T, sh.D, sh.Hq, sh.Hkv, sh.W,
-                                               sh.has_qd ? sh.G : 0, sh.has_kvd, n_probe_all,
+                                               sh.has_qd ? sh.G : 0, sh.has_kvd, n_probe,
                                                (int)(n_budgets * n_pol)), /* shared sweeps */
             fr = 0, tot = 0;
         if (gb && kvt_ctx_gpu_mem(&fr, &tot) == 0) {

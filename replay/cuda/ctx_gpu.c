@@ -81,11 +81,10 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
 uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
                                   int n_probe, int n_cut)
 {
-    const int n_b = n_cut > 0 ? n_cut : 1;
     if (T < 1 || D < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv)
         return 0;
     const double t = T, d = D, hq = Hq, hkv = Hkv, wt = Wt > 0 ? Wt : 0, gd = Gd > 0 ? Gd : 0;
-    const double np = n_probe > 0 ? (n_probe < T ? n_probe : T) : 0, nb = n_b > 0 ? n_b : 1;
+    const double np = n_probe > 0 ? (n_probe < T ? n_probe : T) : 0, nb = n_cut > 0 ? n_cut : 1;
     const double rows = (double)(Hq / Hkv) * (wt > gd ? wt : gd), nm = KVT_NM;
     double b = 3 * hkv * t * d * 4                        /* K, V, unit keys */
                + hq * (wt + gd) * (d * 4 + t * 4 + d * 8) /* queries, probabilities, outputs */
@@ -93,8 +92,8 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + rows * 8 + t * (8 + 4 + 1) + d * 8             /* lse, norms, order, modality */
                + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
                + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
-               + (double)kvt_sweep_cuda_work_bytes(T, n_b, (int)np) /* sweep workspace */
-               + rows * nb * 8 * (2 + nm)                           /* sweep results */
+               + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
+               + rows * nb * 8 * (2 + nm)                               /* sweep results */
                + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
                + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
                + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
