@@ -182,7 +182,7 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
     } g[] = {{"upload (host to device)", p->gpu_upload_ns, p->gpu_upload_bytes, 0},
              {"attention kernels", p->gpu_attn_ns, p->gpu_attn_bytes, p->gpu_attn_flop},
              {"norm kernels", p->gpu_norm_ns, p->gpu_norm_bytes, 0},
-             {"sweep kernels", p->gpu_sweep_ns, p->gpu_sweep_bytes, 0},
+             {"sweep kernels", p->gpu_sweep_ns, p->gpu_sweep_bytes, p->gpu_sweep_flop},
              {"column-sum kernels", p->gpu_colsum_ns, p->gpu_colsum_bytes, p->gpu_colsum_flop},
              {"download (device to host)", p->gpu_download_ns, p->gpu_download_bytes, 0}};
     for (size_t i = 0; i < sizeof(g) / sizeof(g[0]); i++) {

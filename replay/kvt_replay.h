@@ -189,7 +189,9 @@ typedef struct kvt_replay_profile {
     uint64_t gpu_download_ns, gpu_download_bytes; /* device to host */
     /* FLOP the kernels must do, in double: they take logits and sums in f64, in the references'
        order, to agree with them bit for bit */
-    uint64_t gpu_attn_flop;                   /* attention: 2 x (Q.K + P.V) products */
+    uint64_t gpu_attn_flop;  /* attention: 2 x (Q.K + P.V) products */
+    uint64_t gpu_sweep_flop; /* output sweeps (a product and a sum per walked token, query and
+                                dimension; each cut's error) and coverage's cosine tables */
     uint64_t gpu_colsum_ns, gpu_colsum_bytes; /* h2o column sums from Q_all */
     uint64_t gpu_colsum_flop; /* Q.K over the causal half, twice (row stats, then sums) */
     /* --device cuda's memory plan (set by each trace's replay, not added): the device memory

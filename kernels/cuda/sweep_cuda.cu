@@ -215,9 +215,7 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
         return KVT_OK;
     KVT_RETURN_IF(!work || work_bytes < (size_t)n_cut * sizeof(int32_t), KVT_ERR_INVALID_ARG,
                   "sweep_output_cuda: workspace of %zu bytes is too small", work_bytes);
-    int n_fwd = 0;
-    while (n_fwd < n_cut && cuts[n_fwd] <= T / 2)
-        n_fwd++;
+    int n_fwd = kvt_sweep_n_fwd(cuts, n_cut, T);
     cudaStream_t st = kvt_cu_stream(stream);
     int32_t *dcuts = (int32_t *)work;
     sweep_args a;

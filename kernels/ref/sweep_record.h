@@ -71,9 +71,7 @@ kvt_sweep_drive(int n_q, int T, int D, const float *p, size_t stride_p, const do
     if (!mod)
         recall_mod = NULL;
     double *acc = work, *r = acc + (size_t)n_q * D, *rm = r + n_q, *rf = rm + (size_t)n_q * NM;
-    int half = T / 2, n_fwd = 0;
-    while (n_fwd < n_cut && cuts[n_fwd] <= half)
-        n_fwd++;
+    int n_fwd = kvt_sweep_n_fwd(cuts, n_cut, T);
     memset(work, 0, kvt_sweep_output_workspace_bytes(n_q, D));
     for (int q = 0; q < n_q; q++) {
         if (r_full) {

@@ -15,6 +15,7 @@
 #include "ctx_gpu.h"
 #include "kvt_kernels_cuda.h"
 #include "replay_internal.h"
+#include "../../kernels/ref/sweep_cuts.h"
 
 #define CTX_GPU_MAP 12
 
@@ -459,12 +460,17 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
                                          g->rec, g->err, mod ? g->rmod : NULL, g->work, g->work_cap,
                                          (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
-    /* at least: each query's probabilities, V and the ranking read once, results written */
+    /* at least: the walked tokens' probabilities (every token's when the row masses are not
+     * given), V rows and ranks read once, each query's full output read, the results written;
+     * FLOP: a product and a sum per walked token, query and dimension, 9 per query, dimension
+     * and cut for the error */
+    const uint64_t walk = (uint64_t)kvt_sweep_walk(cuts, n_cut, T);
     PROF(g, gpu_sweep_ns, ns);
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes,
-         ((size_t)n_q * T + (size_t)T * D + T) * sizeof(float) +
-             n * (mod ? 2 + KVT_NM : 2) * sizeof(double));
+         ((n_q + (uint64_t)D + 1) * walk + (r_full ? 0 : (uint64_t)n_q * T)) * sizeof(float) +
+             ((uint64_t)n_q * D + n * (mod ? 2 + KVT_NM : 2)) * sizeof(double));
+    PROF(g, gpu_sweep_flop, 2 * (uint64_t)n_q * D * walk + 9 * (uint64_t)n * D);
     KVT_FORWARD(download(g, recall, g->rec, n * sizeof(double)));
     KVT_FORWARD(download(g, err, g->err, n * sizeof(double)));
     if (mod && recall_mod)
@@ -494,9 +500,11 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
     KVT_FORWARD(kvt_cosine_table_cuda(g->ku + (size_t)group * T * D, g->T, g->D, g->probe, n_probe,
                                       g->ct, (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, NULL));
-    /* at least: the unit keys read, the table written (booked with the sweeps) */
+    /* at least: the unit keys read, the table written; a product and a sum per key, probe and
+     * dimension (booked with the sweeps) */
     PROF(g, gpu_sweep_ns, ns);
     PROF(g, gpu_sweep_bytes, (T * D + T * (size_t)n_probe) * sizeof(float));
+    PROF(g, gpu_sweep_flop, 2 * (uint64_t)T * n_probe * D);
     return KVT_OK;
 }
 

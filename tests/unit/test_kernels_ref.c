@@ -5,6 +5,8 @@
  */
 #include "replay_test_util.h"
 
+#include "../../kernels/ref/sweep_cuts.h"
+
 static void test_attn_probs(void)
 {
     /* D=1, scale 1: q=1 sees keys with logits = key values */
@@ -232,6 +234,21 @@ static void test_sweep_output(void)
     free(v);
 }
 
+/* how far the output sweep walks (the GPU profile books its bytes and FLOP from it) */
+static void test_sweep_walk(void)
+{
+    const int32_t a[4] = {3, 8, 10, 15}; /* T = 20: forward to 10, backward from 20 down to 15 */
+    KVT_EXPECT(kvt_sweep_n_fwd(a, 4, 20) == 3 && kvt_sweep_walk(a, 4, 20) == 10 + 5);
+    KVT_EXPECT(kvt_sweep_n_fwd(a, 4, 21) == 3 && kvt_sweep_walk(a, 4, 21) == 10 + 6);
+    KVT_EXPECT(kvt_sweep_n_fwd(a, 4, 16) == 2 && kvt_sweep_walk(a, 4, 16) == 8 + 6);
+    KVT_EXPECT(kvt_sweep_walk(a, 2, 100) == 8); /* forward only */
+    const int32_t b[2] = {12, 16};              /* backward only: 16 - 12 */
+    KVT_EXPECT(kvt_sweep_n_fwd(b, 2, 16) == 0 && kvt_sweep_walk(b, 2, 16) == 4);
+    const int32_t c[3] = {0, 1, 2}; /* T = 2: 0 and 1 forward (1 = T/2), 2 backward (nothing) */
+    KVT_EXPECT(kvt_sweep_n_fwd(c, 3, 2) == 2 && kvt_sweep_walk(c, 3, 2) == 1);
+    KVT_EXPECT(kvt_sweep_walk(c, 0, 2) == 0);
+}
+
 static void test_pages(void)
 {
     const float k[10] = {1, -1, 2, 0, /* page 0: tokens 0,1 */ -3, 1, 0, 4, /* page 1 */ 5, 5};
@@ -254,6 +271,7 @@ int main(void)
     test_pool_reduce_rank();
     test_redundancy();
     test_sweep_output();
+    test_sweep_walk();
     test_pages();
     return kvt_test_result("test_kernels_ref");
 }

@@ -38,7 +38,7 @@ if [ "$MODE" = cuda ]; then
         cat "$TMP/err"
         fail "replay --device cuda"
     fi
-    grep -q "^profile: gpu sweep kernels" "$TMP/err" || fail "--profile has no GPU lines"
+    grep -q "^profile: gpu sweep kernels .* TFLOP" "$TMP/err" || fail "--profile has no GPU lines"
     FIRST=(env KVT_KERNELS=ref)
 fi
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/dev/null 2>&1 \
