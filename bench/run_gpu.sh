@@ -384,6 +384,22 @@ print(json.dumps(r))
 json.dump(r, open(sys.argv[2], "w"), indent=1)
 EOF2
 step peak 60 "$PYTHON" "$WORK/peak.py" "$DEVICE" "$WORK/peak.json"
+# the scalar f64 rates (bench/gpu_peak.cu): the replay kernels' own arithmetic, separate f64
+# multiplies and adds, has a lower ceiling than the f64 matmul's tensor cores
+PEAK_BIN=$(dirname "$KVT")/bench_gpu_peak
+[ -x "$PEAK_BIN" ] || PEAK_BIN=$BUILD/bench/bench_gpu_peak
+if [ "$DEVICE" = cuda ] && [ -x "$PEAK_BIN" ] && [ -f "$WORK/peak.json" ]; then
+    step gpu_peak 60 "$PEAK_BIN"
+    "$PYTHON" - "$WORK/peak.json" "$WORK/gpu_peak.log" <<'EOF2' || true
+import json, sys
+peak = json.load(open(sys.argv[1]))
+for line in open(sys.argv[2]):
+    if line.startswith("{"):
+        g = json.loads(line)
+        peak.update({k: g[k] for k in ("fp64_muladd_Gops", "fp64_fma_TFLOPps")})
+json.dump(peak, open(sys.argv[1], "w"), indent=1)
+EOF2
+fi
 
 # ---- summary --------------------------------------------------------------------------------
 echo
@@ -492,6 +508,7 @@ def roofline(prof, peak):
         return rows
     bw = peak["read_GBps"]
     fl = peak.get("fp64_matmul_TFLOPps") or 0.0
+    alu = (peak.get("fp64_muladd_Gops") or 0.0) * 1e-3  # separate mul/add, T op/s
     sec = "1t" if any(k[0] == "1t" for k in prof) else "all"
     for (sc, what), d in sorted(prof.items()):
         if sc != sec or "kernels" not in what or d["s"] <= 0:
@@ -499,11 +516,17 @@ def roofline(prof, peak):
         t_mem = d["GB"] / bw
         t_fl = d.get("TFLOP", 0.0) / fl if fl > 0 else 0.0
         bound = max(t_mem, t_fl)
+        # the same against the scalar f64 ceiling: how well the kernel uses the arithmetic it
+        # is made of (its FLOP are separate f64 multiplies and adds)
+        t_alu = d.get("TFLOP", 0.0) / alu if alu > 0 else 0.0
+        bound_alu = max(t_mem, t_alu)
         rows.append({"kernels": what, "run": "one worker" if sec == "1t" else "all workers",
                      "s": d["s"], "GB": d["GB"], "GBps": d["GB"] / d["s"],
                      "TFLOP": d.get("TFLOP"), "bound_s": bound,
                      "bound_by": "memory" if t_mem >= t_fl else "f64 compute",
-                     "x_roofline": d["s"] / bound if bound > 0 else None})
+                     "x_roofline": d["s"] / bound if bound > 0 else None,
+                     "bound_alu_s": bound_alu if alu > 0 else None,
+                     "x_alu_bound": d["s"] / bound_alu if alu > 0 and bound_alu > 0 else None})
     return rows
 
 
@@ -578,14 +601,20 @@ if roof:
            "%.1f TFLOP/s (f32, TF32 off: %.1f); bound = the longer of bytes / read bandwidth "
            "and FLOP / f64 rate (the kernels compute in double, for bitwise agreement with the "
            "references; the matmul's f64 tensor cores make this a generous ceiling); kernel "
-           "time by CUDA events, %s:" % (
+           "time by CUDA events, %s. Last column: the same against separate f64 multiplies "
+           "and adds, the instructions the kernels are made of (bench_gpu_peak: %s G op/s; "
+           "f64 FMA %s TFLOP/s):" % (
                peak["read_GBps"], peak["copy_GBps"], peak["fp64_matmul_TFLOPps"],
-               peak["fp32_matmul_TFLOPps"], roof[0]["run"]), "",
-           "| kernels | GPU s | GB at least | GB/s | TFLOP | bound s (by) | x roofline |",
-           "|---|---|---|---|---|---|---|"]
-    md += ["| %s | %.4f | %.3f | %.0f | %s | %.4f (%s) | **%s** |" % (
+               peak["fp32_matmul_TFLOPps"], roof[0]["run"],
+               fmt(peak.get("fp64_muladd_Gops"), "%.0f"), fmt(peak.get("fp64_fma_TFLOPps"))),
+           "",
+           "| kernels | GPU s | GB at least | GB/s | TFLOP | bound s (by) | x roofline "
+           "| x scalar-f64 bound |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += ["| %s | %.4f | %.3f | %.0f | %s | %.4f (%s) | **%s** | %s |" % (
         r["kernels"], r["s"], r["GB"], r["GBps"], fmt(r["TFLOP"], "%.3f"), r["bound_s"],
-        r["bound_by"], fmt(r["x_roofline"], "%.2f")) for r in roof]
+        r["bound_by"], fmt(r["x_roofline"], "%.2f"), fmt(r["x_alu_bound"], "%.2f"))
+        for r in roof]
 elif peak:
     md += ["", "No GPU kernel figures in the profiles (replay --device %s)." % e["DEVICE"]]
 md += ["", "Preparation (not timed against anything): build %s s, synth %s s, colsum %s s; "
