@@ -43,7 +43,7 @@ for f in .devbundle/bin/*; do patchelf --force-rpath --set-rpath '$ORIGIN/../lib
 strip --strip-debug .devbundle/lib/libkvtrace.so .devbundle/bin/*
 git rev-parse HEAD >.devbundle/REVISION
 # the sources it was built from, so that gpu_session.sh can tell a stale bundle there
-git ls-files -z '*.c' '*.h' '*.cu' '*.cuh' '*.cpp' 'CMakeLists.txt' '*.cmake' |
+git ls-files -z '*.c' '*.h' '*.cu' '*.cuh' '*.cpp' '*CMakeLists.txt' '*.cmake' |
     xargs -0 sha1sum >.devbundle/SOURCES.sha1
 # the device tool carries at most 64 MiB: the working tree (tracked and untracked files git
 # does not ignore) and the bundle together

@@ -23,8 +23,9 @@
 # If the bundle's binaries cannot run there (other system libraries), `tests` falls back to
 # scripts/gpu_check.sh, which builds the kernel tests with nvcc alone.
 # Environment: BUDGET_S [540]; BUNDLE [.devbundle]; PYTHON [python3]; KVT_ALLOW_STALE [0]: 1
-# runs a bundle built from other sources than these (refused by default: it would measure old
-# code; exit 3); bench/run_gpu.sh's variables (T, LAYERS, ...) pass through.
+# runs a bundle built from other sources than these, changed or added since (refused by
+# default: it would measure old code; exit 3); bench/run_gpu.sh's variables (T, LAYERS, ...)
+# pass through.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-/tmp/kvt_gpu_out}
@@ -119,11 +120,19 @@ command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1
 echo "bundle $(cat "$BUNDLE/REVISION" 2>/dev/null || echo missing), tree $(git rev-parse HEAD 2>/dev/null)"
 # a bundle built from other sources than these tests and scripts would measure old code
 if [ -f "$BUNDLE/SOURCES.sha1" ]; then
+    # changed or removed files, and source files added since (in the folders it lists; no git
+    # here: the device's copy of the tree may have no .git)
+    listed=$(awk '{ print $2 }' "$BUNDLE/SOURCES.sha1" | sort)
+    added=$(comm -13 <(echo "$listed") <(echo "$listed" | cut -d/ -f1 | sort -u |
+        xargs -r -I{} find {} -type f \( -name '*.c' -o -name '*.h' -o -name '*.cu' -o \
+        -name '*.cuh' -o -name '*.cpp' -o -name CMakeLists.txt -o -name '*.cmake' \) | sort))
     stale=$(sha1sum -c --quiet "$BUNDLE/SOURCES.sha1" 2>/dev/null | grep -c ': FAILED' || true)
+    stale=$((stale + $(printf '%s' "$added" | grep -c . || true)))
     if [ "$stale" != 0 ] && [ "${KVT_ALLOW_STALE:-0}" != 1 ]; then
         echo "REFUSED: the bundle is STALE: $stale source files differ from those it was built" \
             "from; run scripts/device_bundle.sh again (or KVT_ALLOW_STALE=1 to run it anyway)"
-        sha1sum -c --quiet "$BUNDLE/SOURCES.sha1" 2>/dev/null | head -20
+        { sha1sum -c --quiet "$BUNDLE/SOURCES.sha1" 2>/dev/null; printf '%s' "$added" |
+            sed 's/$/: ADDED since/'; } | head -20
         note bundle "STALE ($stale source files changed since scripts/device_bundle.sh): refused"
         pack
         exit 3

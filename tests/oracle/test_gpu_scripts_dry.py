@@ -15,7 +15,8 @@ installed:
     the kvtrace replays, the PyTorch peer and its agreement check, the summary;
   * scripts/gpu_session.sh (needs KVT_BIN) over a stand-in bundle of this build: its steps
     `tests replay`, a table with a row per step (the GPU tests NOT RUN here), the logs packed,
-    and, with a budget too small for anything, every step SKIPPED and the table still written.
+    and, with a budget too small for anything, every step SKIPPED and the table still written;
+    a bundle whose source list shows a changed or an added file refused (exit 3).
 Exit 77 (not run) without NumPy or torch. Run with /usr/bin/python3; KVT_LIB, KVT_SOURCE_ROOT.
 """
 import json
@@ -107,6 +108,38 @@ def session(tmp, e):
             sys.exit(1)
         print("gpu_session.sh, budget %s s: %s" % (budget, " | ".join(
             " ".join(l.split()) for l in rows.splitlines()[1:])))
+    stale_bundle(fb, e)
+
+
+def stale_bundle(fb, e):
+    """gpu_session.sh refuses a bundle built from other sources (exit 3): a changed file, and a
+    source file the bundle's list lacks (added since); the list of these very sources passes."""
+    ls = subprocess.run(["git", "ls-files", "*.c", "*.h", "*.cu", "*.cuh", "*.cpp",
+                         "*CMakeLists.txt", "*.cmake"], cwd=ROOT, capture_output=True, text=True)
+    files = ls.stdout.split()
+    if ls.returncode != 0 or "bench/gpu_peak.cu" not in files:
+        print("stale-bundle check: not run (no git checkout here)")
+        return
+    sums = subprocess.run(["sha1sum"] + files, cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    changed = [l if not l.endswith(" cli/main.c") else "0" * 40 + "  cli/main.c" for l in sums]
+    added = [l for l in sums if not l.endswith(" bench/gpu_peak.cu")]
+    for what, lines, rc, said in (("current", sums, 0, None),
+                                  ("changed", changed, 3, "cli/main.c: FAILED"),
+                                  ("added", added, 3, "bench/gpu_peak.cu: ADDED since")):
+        with open(os.path.join(fb, "SOURCES.sha1"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        out = os.path.join(os.path.dirname(fb), "gs_stale_" + what)
+        r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_session.sh"), "tests"],
+                           env=dict(e, BUNDLE=fb, BUDGET_S="15", OUT=out), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != rc or (said and said not in r.stdout):
+            print(r.stdout[-3000:], r.stderr[-2000:])
+            print("FAILED: gpu_session.sh with a bundle of %s sources: exit %d, want %d%s" % (
+                what, r.returncode, rc, " and '%s'" % said if said else ""))
+            sys.exit(1)
+    os.remove(os.path.join(fb, "SOURCES.sha1"))
+    print("gpu_session.sh: a bundle of changed or added sources is refused, current ones run")
 
 
 def main():
