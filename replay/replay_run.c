@@ -176,6 +176,7 @@ static void *worker(void *arg)
         if (st && !sh->err) {
             sh->err = st;
             snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
+            pthread_cond_broadcast(&sh->gpu_cv); /* workers waiting for the GPU stop */
         }
         int l = sh->err ? -1 : sh->next_layer++;
         pthread_mutex_unlock(&sh->mu);
@@ -233,28 +234,38 @@ static void *worker(void *arg)
             in.q_all_head = load_q_all_head;
             in.q_all_user = &qal;
         }
-        if (sh->gpu_slots > 0) { /* wait for room on the GPU */
+        if (sh->gpu_slots > 0) { /* wait for room on the GPU; after an error, stop */
             pthread_mutex_lock(&sh->mu);
-            while (sh->gpu_busy >= sh->gpu_slots)
+            while (sh->gpu_busy >= sh->gpu_slots && !sh->err)
                 pthread_cond_wait(&sh->gpu_cv, &sh->mu);
-            sh->gpu_busy++;
+            bool stop = sh->err != KVT_OK;
+            if (!stop)
+                sh->gpu_busy++;
             pthread_mutex_unlock(&sh->mu);
+            if (stop)
+                break;
         }
         st = kvt_replay_layer_metrics_frac(&in, sh->pols, sh->n_pol, sh->btok, sh->bfrac, sh->n_b,
                                            sh->o, m);
-        if (sh->gpu_slots > 0) {
-            pthread_mutex_lock(&sh->mu);
-            sh->gpu_busy--;
-            pthread_cond_signal(&sh->gpu_cv);
-            pthread_mutex_unlock(&sh->mu);
-        }
         if (st) {
             char pre[32];
             snprintf(pre, sizeof(pre), "layer %d: ", l);
             if (strncmp(kvt_error_msg(), pre, strlen(pre))) /* not already said */
                 kvt_error_set(st, "%s%s", pre, kvt_error_msg());
-            continue;
         }
+        if (sh->gpu_slots > 0) { /* an error is recorded before the slot is free, so that the
+                                    workers waiting for it stop instead of running their layers */
+            pthread_mutex_lock(&sh->mu);
+            sh->gpu_busy--;
+            if (st && !sh->err) {
+                sh->err = st;
+                snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
+            }
+            pthread_cond_broadcast(&sh->gpu_cv);
+            pthread_mutex_unlock(&sh->mu);
+        }
+        if (st)
+            continue;
         /* r_all from the unit keys: cheap enough to recompute here */
         double *mean = kvt_malloc((size_t)D * sizeof(double));
         if (!mean) {

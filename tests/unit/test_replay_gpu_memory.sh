@@ -5,7 +5,8 @@
 #      estimate per worker less its fixed spare: the run fails if the estimate misses what a
 #      context takes) and --threads 2, the profile says 1 of the 2 threads at a time and the
 #      results equal those of an unlimited GPU (a second context at once would not fit);
-#   2. with room for less than one layer: one clear line naming GPU memory, exit 1, no results.
+#   2. with room for less than one layer: one clear line naming GPU memory, exit 1, no results,
+#      and only one layer tried (the worker waiting for the GPU stops at the error).
 # Needs KVT_BIN (kvtrace_cuemu, the CUDA code on the CPU stand-in).
 set -uo pipefail
 BIN=${KVT_BIN:?KVT_BIN: the kvtrace_cuemu binary}
@@ -56,6 +57,10 @@ grep -v '^cuemu: ' "$TMP/small.err" >"$TMP/small.msg" # the stand-in's own notes
 grep -q "replay --device cuda: out of GPU memory (.* MiB more for a layer; .* MiB free of .* MiB): fewer --threads, or --device cpu" \
     "$TMP/small.msg" || { cat "$TMP/small.err"; fail "message"; }
 [ ! -e "$TMP/small.json" ] || fail "results written despite the error"
+# the second worker, waiting for the GPU, stops at the first's error instead of running its
+# own layer into the same wall (cuemu notes every failed allocation)
+n_oom=$(grep -c '^cuemu: cudaMalloc: out of memory' "$TMP/small.err")
+[ "$n_oom" = 1 ] || { cat "$TMP/small.err"; fail "$n_oom layers ran out of GPU memory, not 1"; }
 echo "ok: $(cat "$TMP/small.msg")"
 
 # 3. a layer whose attention kernels need a large workspace of their own (one KV head of
