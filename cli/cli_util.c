@@ -275,13 +275,19 @@ bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char 
                      out);
         return false;
     }
-    /* the directory must take a new file: found now, not after the work is done */
-    char dir[4096];
+    /* the directory must take a new file: found now, not after the work is done. A file is
+     * made and removed, as access() says yes to root on a read-only mount, /proc or /sys */
+    char dir[4096], probe[4200];
     kvt_dir_of(out, dir, sizeof(dir));
-    if (access(dir, W_OK | X_OK) != 0) {
-        kvt_cli_fail(cmd, "cannot write %s: %s: %s", out, dir, strerror(errno));
+    snprintf(probe, sizeof(probe), "%s/.kvtrace-probe.XXXXXX", dir);
+    int fd = mkstemp(probe);
+    if (fd < 0) {
+        kvt_cli_fail(cmd, "cannot write %s: cannot create a file in %s: %s", out, dir,
+                     strerror(errno));
         return false;
     }
+    close(fd);
+    unlink(probe);
     struct stat so;
     if (stat(out, &so) != 0)
         return true;            /* does not exist yet */

@@ -10,7 +10,8 @@
 #   needs --force, and an output that is one of the inputs is refused even with --force;
 # - what is not a regular file: a FIFO as any input is refused at once (it would block open()
 #   for good), a FIFO or a directory as an existing output is never replaced, even with
-#   --force; an output directory that is missing is refused before the work;
+#   --force; an output directory that is missing, or one that takes no new file (/proc, even
+#   to root), is refused before the work;
 # - synth --force over an existing trace that dies mid-write (ulimit -f) keeps the old trace;
 # - a 250-character output name works (the temporary name must fit NAME_MAX too);
 # - -o X with --export-selection ./X is refused;
@@ -206,6 +207,14 @@ done
 $R -o "$TMP/nodir/r.json" >/dev/null 2>"$TMP/err"
 check "output in a missing directory: refused before the work" \
     "[ \$? -eq 1 ] && grep -q 'cannot write' $TMP/err && [ \$(lines $TMP/err) -eq 1 ]"
+# /proc takes no new file, though access() says it is writable to root: refused before the
+# work too (not at its end, 'writing the results: ...')
+if [ -d /proc/self ]; then
+    $R -o /proc/kvt_out.json >/dev/null 2>"$TMP/err"
+    check "output under /proc: refused before the work" \
+        "[ \$? -eq 1 ] && grep -q 'cannot create a file in /proc' $TMP/err && [ \$(lines $TMP/err) -eq 1 ]"
+fi
+check "the writability probe leaves no file" "! ls -a $TMP | grep -q kvtrace-probe"
 $BIN synth --shape tiny --tokens 64 -o "$TMP/keep.kvt" >/dev/null 2>&1
 cp "$TMP/keep.kvt" "$TMP/keep.old"
 (ulimit -f 8; exec $BIN synth --shape tiny --tokens 2000 --colsum off --threads 1 \
