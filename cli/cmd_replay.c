@@ -387,14 +387,16 @@ static void progress_cb(void *user, uint64_t done, uint64_t total)
     kvt_progress_update(user, done, total);
 }
 
-/* append "a" to a comma list */
 /* The traces of one replay are prompts of one model: each given once, all of one shape
- * (layers, query and KV heads, head dim), checked from the headers before any work. A trace
- * that cannot be read is left to the replay, which says why. */
-static bool traces_ok(const char *cmd, const char *const *traces, size_t n)
+ * (layers, query and KV heads, head dim), checked from the headers before any work; a model
+ * name or RoPE that differs from the first trace's is a warning (the same model captured by
+ * two engines may be named differently). A trace recovered by scanning is a warning too. A
+ * trace that cannot be read is left to the replay, which says why. Warnings when say. */
+static bool traces_ok(const char *cmd, const char *const *traces, size_t n, bool say)
 {
     int ref[4] = {0};
     const char *ref_path = NULL;
+    char *ref_id = NULL; /* the first trace's model name and RoPE, as JSON */
     for (size_t t = 0; t < n; t++) {
         for (size_t u = 0; u < t; u++)
             if (kvt_cli_same_path(traces[t], traces[u])) {
@@ -405,6 +407,11 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n)
         kvt_trace_reader *rd = NULL;
         if (kvt_trace_reader_open(traces[t], &rd))
             continue;
+        if (say && kvt_trace_reader_recovered(rd))
+            fprintf(stderr,
+                    "kvtrace %s: warning: %s is incomplete (%s): replaying the records it holds "
+                    "('kvtrace verify' lists what was lost)\n",
+                    cmd, traces[t], kvt_trace_reader_recovery_note(rd));
         cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
         const cJSON *m = cJSON_GetObjectItemCaseSensitive(hdr, "model");
         static const char *const keys[4] = {"n_layers", "n_q_heads", "n_kv_heads", "head_dim"};
@@ -413,22 +420,68 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n)
             const cJSON *x = cJSON_GetObjectItemCaseSensitive(m, keys[k]);
             v[k] = cJSON_IsNumber(x) ? x->valueint : -1;
         }
+        cJSON *id = cJSON_CreateObject();
+        if (id) {
+            const cJSON *nm = cJSON_GetObjectItemCaseSensitive(m, "name");
+            const cJSON *rope = cJSON_GetObjectItemCaseSensitive(m, "rope");
+            if (nm)
+                cJSON_AddItemToObject(id, "name", cJSON_Duplicate(nm, true));
+            if (rope)
+                cJSON_AddItemToObject(id, "rope", cJSON_Duplicate(rope, true));
+        }
+        char *idj = id ? cJSON_PrintUnformatted(id) : NULL;
+        cJSON_Delete(id);
         cJSON_Delete(hdr);
         kvt_trace_reader_close(rd);
         if (!ref_path) {
             memcpy(ref, v, sizeof(ref));
             ref_path = traces[t];
-        } else if (memcmp(ref, v, sizeof(ref)) != 0) {
+            ref_id = idj;
+            continue;
+        }
+        if (memcmp(ref, v, sizeof(ref)) != 0) {
             kvt_cli_fail(cmd,
                          "%s is another model (L=%d Hq=%d Hkv=%d D=%d) than %s (L=%d Hq=%d Hkv=%d "
                          "D=%d): the traces of one replay are prompts of one model; replay them "
                          "separately",
                          traces[t], v[0], v[1], v[2], v[3], ref_path, ref[0], ref[1], ref[2],
                          ref[3]);
+            cJSON_free(idj);
+            cJSON_free(ref_id);
             return false;
         }
+        if (say && idj && ref_id && strcmp(idj, ref_id))
+            fprintf(stderr,
+                    "kvtrace %s: warning: %s's model %s differs from %s's %s; their results are "
+                    "aggregated as prompts of one model (replay them separately if they are not)\n",
+                    cmd, traces[t], idj, ref_path, ref_id);
+        cJSON_free(idj);
     }
+    cJSON_free(ref_id);
     return true;
+}
+
+/* A trace whose layers hold fewer decode steps than its header planned (a capture stopped
+ * early, a trace cut short) gives decode metrics from the steps every layer holds whole, or
+ * none: said, as the table shows only '-' or the fewer steps' numbers. */
+static void decode_note(const char *cmd, const char *path, const kvt_trace_result *tr)
+{
+    cJSON *hdr = cJSON_Parse(tr->header_json ? tr->header_json : "");
+    const cJSON *g = cJSON_GetObjectItemCaseSensitive(hdr, "n_decode");
+    int planned = cJSON_IsNumber(g) ? g->valueint : 0;
+    cJSON_Delete(hdr);
+    if (planned <= tr->n_decode)
+        return;
+    if (tr->n_decode > 0)
+        fprintf(stderr,
+                "kvtrace %s: warning: %s: decode metrics from %d of the %d planned decode steps "
+                "(the steps every layer holds whole)\n",
+                cmd, path, tr->n_decode, planned);
+    else
+        fprintf(stderr,
+                "kvtrace %s: warning: %s: no decode metrics: not every layer holds decode steps "
+                "(%d planned)\n",
+                cmd, path, planned);
 }
 
 static const char *fmt(double x, char *buf, size_t cap, const char *f)
@@ -613,7 +666,7 @@ int kvt_cmd_replay(int argc, char **argv)
         if (!ok)
             goto out_free;
     }
-    if (!traces_ok(cmd, (const char *const *)traces, n_traces))
+    if (!traces_ok(cmd, (const char *const *)traces, n_traces, mpi.rank == 0))
         goto out_free;
     {
         char why[160];
@@ -759,6 +812,8 @@ int kvt_cmd_replay(int argc, char **argv)
             kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
+        if (mpi.rank == 0)
+            decode_note(cmd, traces[t], tr);
         /* the last trace is ended only once results.json is written: a selection writer
          * closed with a trace still open discards its file, so a failed results write leaves
          * the old selection export (if any) in place too */

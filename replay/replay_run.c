@@ -560,10 +560,13 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
        (killed, disk full) leaves layers with different counts, and a layer's K_decode may end
        before its Q_decode: the replay uses the steps all of them have */
     uint32_t g_q = UINT32_MAX, g_kv = UINT32_MAX;
+    int l_noq = -1; /* the first layer without decode queries, when layer 0 has them */
     for (int l = 0; l < sh->L && g_q > 0; l++) { /* (a layer without decode steps ends it: the
                                                     header's layer count is not trusted) */
         uint32_t tq = 0, tk = 0, tv = 0;
         (void)has_kind(sh->rd, l, KVT_KIND_Q_DECODE, NULL, &tq, NULL, NULL); /* absent: 0 */
+        if (!tq && l > 0)
+            l_noq = l;
         if (!has_kind(sh->rd, l, KVT_KIND_K_DECODE, NULL, &tk, NULL, NULL) ||
             !has_kind(sh->rd, l, KVT_KIND_V_DECODE, NULL, &tv, NULL, NULL))
             tk = tv = 0;
@@ -589,10 +592,21 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                       "window)",
                       path, kvt_policy_label(pols[p]), pols[p]->o.window, pols[p]->o.window, sh->W);
         if ((f & KVT_POLICY_NEEDS_DECODE) && !sh->has_qd) {
-            st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                               "policy %s needs decode queries (Q_decode), which %s does not "
-                               "have; capture decode steps or drop the policy",
-                               kvt_policy_label(pols[p]), path);
+            if (l_noq > 0) /* some layers have them: a trace cut short, not one without them */
+                st = kvt_error_set(
+                    KVT_ERR_NOT_FOUND,
+                    "policy %s needs decode queries (Q_decode) in every layer, and layer "
+                    "%d has none%s; drop the policy or replay a whole trace",
+                    kvt_policy_label(pols[p]), l_noq,
+                    kvt_trace_reader_recovered(sh->rd)
+                        ? " (the trace is incomplete, recovered by scanning: see "
+                          "kvtrace verify)"
+                        : "");
+            else
+                st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                                   "policy %s needs decode queries (Q_decode), which %s does not "
+                                   "have; capture decode steps or drop the policy",
+                                   kvt_policy_label(pols[p]), path);
             return st;
         }
         if (f & KVT_POLICY_NEEDS_COLSUM) {

@@ -81,7 +81,33 @@ $BIN replay "$TMP/nd.kvt" "$TMP/./nd.kvt" -o "$TMP/mix.json" 2>"$TMP/err" && fai
 grep -q "is given twice" "$TMP/err" || fail "twice message"
 [ -e "$TMP/mix.json" ] && fail "wrote a result"
 $BIN replay "$TMP/nd.kvt" "$TMP/nd_copy.kvt" --policies snapkv --budgets 16 -o "$TMP/two.json" \
-    >/dev/null 2>&1 || fail "two prompts of one model"
+    >/dev/null 2>"$TMP/err" || fail "two prompts of one model"
+grep -q "warning" "$TMP/err" && fail "two prompts of one model: $(cat "$TMP/err")"
+# one shape, another model name or RoPE: replayed, with a warning naming both
+$BIN synth --shape tiny-vl --tokens 64 -o "$TMP/tinyvl.kvt" >/dev/null 2>&1 || fail "synth vl"
+$BIN replay "$TMP/tiny.kvt" "$TMP/tinyvl.kvt" --policies snapkv --budgets 16 -o "$TMP/mix.json" \
+    >/dev/null 2>"$TMP/err" || fail "two models of one shape: $(cat "$TMP/err")"
+grep -q "warning: .*tinyvl.kvt's model .*synthetic-tiny-vl.*mrope.* differs from .*tiny.kvt's" \
+    "$TMP/err" || fail "model warning: $(cat "$TMP/err")"
+rm -f "$TMP/mix.json"
+# a trace cut short in its decode records (layers 0-2 of 5 hold them): replayed with warnings
+# that it is incomplete and has no decode metrics; a policy that needs decode queries says
+# which layer lacks them and why (it said the trace had none)
+SAMPLE=$KVT_SOURCE_ROOT/traces/samples/stories260K.kvt
+$BIN replay "$SAMPLE" --policies snapkv --budgets 24 -o "$TMP/d.json" >/dev/null \
+    2>"$TMP/err" || fail "replay the sample"
+grep -q "warning" "$TMP/err" && fail "whole trace: $(cat "$TMP/err")"
+head -c 700000 "$SAMPLE" >"$TMP/cut.kvt" # (of 758 KiB: the decode records of layers 0-2 stay)
+$BIN info "$TMP/cut.kvt" | grep -q "^Q_decode  *3 " || fail "cut: $($BIN info "$TMP/cut.kvt")"
+$BIN replay "$TMP/cut.kvt" --policies snapkv --budgets 24 -o "$TMP/cut.json" >/dev/null \
+    2>"$TMP/err" || fail "replay cut: $(cat "$TMP/err")"
+grep -q "warning: .*cut.kvt is incomplete (.*recovered by scanning)" "$TMP/err" &&
+    grep -q "warning: .*cut.kvt: no decode metrics: not every layer holds decode steps (64 planned)" \
+        "$TMP/err" || fail "cut trace warnings: $(cat "$TMP/err")"
+$BIN replay "$TMP/cut.kvt" --policies oracle --budgets 24 -o "$TMP/cut2.json" 2>"$TMP/err" &&
+    fail "oracle on a cut trace"
+grep -q "in every layer, and layer 3 has none (the trace is incomplete" "$TMP/err" ||
+    fail "oracle on a cut trace: $(cat "$TMP/err")"
 # an option right after a bare name opens its list; an option given twice is refused
 $BIN replay "$TMP/nd.kvt" --policies adakv,alpha=0.5,snapkv --budgets 16 -o "$TMP/o.json" \
     >"$TMP/out" 2>&1 || fail "adakv,alpha=0.5: $(cat "$TMP/out")"
