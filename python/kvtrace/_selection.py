@@ -11,10 +11,11 @@ engine or studying them in NumPy.
 """
 import contextlib
 import ctypes
+import operator
 
 from . import _lib
 from ._errors import TraceError, call
-from ._trace import _Guard, _NoCopy, path_arg
+from ._trace import C_INT, _Guard, _NoCopy, int_arg, path_arg
 
 _P = ctypes.POINTER
 _ERR_INVALID_ARG = -7  # kvt_status values (common/kvt_common.h)
@@ -157,7 +158,8 @@ class Selection(_NoCopy):
     def _index(value, names, what):
         if isinstance(value, bool):
             raise TypeError("%s must be a name or an index, not a bool" % what)
-        if isinstance(value, int):
+        if not isinstance(value, str) and hasattr(value, "__index__"):  # NumPy ints too
+            value = operator.index(value)
             if 0 <= value < len(names):
                 return value
             raise ValueError("%s %d is out of range: the export has %d (%s)"
@@ -192,14 +194,17 @@ class Selection(_NoCopy):
         message names what was asked)."""
         np = _np()
         p, b, t = self._pbt(policy, budget, trace)
-        if int(step) < -1:
-            raise ValueError("step %d: a decode step is >= 0, or -1 for the prompt's set"
-                             % int(step))
+        # checked here: ctypes would wrap 2**32 + 1 to 1 and truncate 1.9 to 1
+        layer = int_arg(_no_bool(layer, "layer"), "layer", C_INT, lo=0)
+        head = int_arg(_no_bool(head, "head"), "head", C_INT, lo=0)
+        step = int_arg(_no_bool(step, "step"), "step", C_INT)
+        if step < -1:
+            raise ValueError("step %d: a decode step is >= 0, or -1 for the prompt's set" % step)
         idx, n = _P(ctypes.c_int32)(), ctypes.c_size_t()
         missing = None
         with self._use() as h:
             try:
-                call(_L().kvt_selection_find, h, t, p, b, int(layer), int(head), int(step),
+                call(_L().kvt_selection_find, h, t, p, b, layer, head, step,
                      ctypes.byref(idx), ctypes.byref(n))
             except TraceError as e:
                 if e.status != _ERR_NOT_FOUND:
@@ -212,7 +217,7 @@ class Selection(_NoCopy):
                     # a head that does not re-select (hybridkv-like's static heads) keeps its
                     # prompt-time set at every step, as the replay measured it
                     try:
-                        call(_L().kvt_selection_find, h, t, p, b, int(layer), int(head), -1,
+                        call(_L().kvt_selection_find, h, t, p, b, layer, head, -1,
                              ctypes.byref(idx), ctypes.byref(n))
                         missing = None
                     except TraceError as e2:
@@ -228,8 +233,8 @@ class Selection(_NoCopy):
             hint = "; a per-step policy: pass step=0..%d" % (ns - 1)
         raise TraceError(missing.status, "%s: no kept set for policy %s, budget %s, trace %d, "
                          "layer %d, head %d%s (it has %d layers, %d heads, %d steps%s)"
-                         % (self.path, self.policies[p]["label"], self.budgets[b], t, int(layer),
-                            int(head), ", step %d" % step if step >= 0 else "", nl, nh, ns,
+                         % (self.path, self.policies[p]["label"], self.budgets[b], t, layer,
+                            head, ", step %d" % step if step >= 0 else "", nl, nh, ns,
                             hint))
 
     def mask(self, policy, budget, layer, n_tokens, trace=0, step=-1):
@@ -237,7 +242,8 @@ class Selection(_NoCopy):
         engine's attention), for every head of the layer."""
         np = _np()
         nh = self.shape(policy, trace)[1]
-        m = np.zeros((nh, int(n_tokens)), bool)
+        n_tokens = int_arg(_no_bool(n_tokens, "n_tokens"), "n_tokens", C_INT, lo=0)
+        m = np.zeros((nh, n_tokens), bool)
         for h in range(nh):
             k = self.kept(policy, budget, layer, h, trace, step)
             if k.size and k[-1] >= n_tokens:
@@ -264,6 +270,12 @@ class Selection(_NoCopy):
                      "kept": (np.ctypeslib.as_array(r.idx, shape=(r.n,)).copy() if r.n
                               else np.zeros(0, np.int32))}
             yield d
+
+
+def _no_bool(value, name):
+    if isinstance(value, bool):
+        raise TypeError("%s must be an integer, not a bool" % name)
+    return value
 
 
 def read_selection(path):

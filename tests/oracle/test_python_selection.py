@@ -144,6 +144,25 @@ with tempfile.TemporaryDirectory() as tmp:
                    "heads, 0 steps)", "%s: missing set" % name)
             raises(ValueError, lambda: sel.mask(0, 2, 0, n_tokens=10), "beyond n_tokens=10",
                    "%s: mask too short" % name)
+            # integers that do not fit a C int, floats and bools are refused, not wrapped or
+            # truncated into another layer's set (2**32 + 1 was layer 1, 1.9 was 1)
+            for kw, v, exc, said in (("layer", 2**32 + 1, ValueError, "layer = 4294967297"),
+                                     ("head", 2**32, ValueError, "head = 4294967296"),
+                                     ("step", 2**32 + 3, ValueError, "step = 4294967299"),
+                                     ("layer", 1.9, TypeError, "layer must be an integer"),
+                                     ("head", True, TypeError, "not a bool"),
+                                     ("layer", -1, ValueError, "layer = -1")):
+                a = dict(policy=0, budget=0, layer=0, head=0)
+                a[kw] = v
+                raises(exc, lambda: sel.kept(**a), said, "%s: kept(%s=%r)" % (name, kw, v))
+            raises(ValueError, lambda: sel.mask(0, 0, 0, n_tokens=-1), "n_tokens = -1",
+                   "%s: mask(n_tokens=-1)" % name)
+            raises(ValueError, lambda: sel.mask(0, 0, 2**32, n_tokens=T[0]), "layer = 4294967296",
+                   "%s: mask(layer=2**32)" % name)
+            # NumPy integers (argmax, arange) index like ints
+            check(sel.kept(np.int64(0), np.int32(1), np.int64(1), np.uint8(1),
+                           trace=np.int64(0)).tolist() == sel.kept(0, 1, 1, 1).tolist(),
+                  "%s: NumPy integer indices" % name)
         raises(kvtrace.TraceError, lambda: sel.kept(0, 0, 0, 0), "is closed",
                "%s: after close" % name)
         raises(kvtrace.TraceError, lambda: list(sel.records()), "is closed",
