@@ -319,6 +319,8 @@ def head_number(x, name="heads"):
 
 def kind_code(kind):
     """Kind name ("K", "q_window", ...; case-insensitive) or code -> code."""
+    if isinstance(kind, (bool, np.bool_)):
+        raise TypeError("kind must be a name or a code, not a bool")
     if isinstance(kind, (int, np.integer)):
         return int_arg(kind, "kind", C_INT)
     if isinstance(kind, str):
@@ -340,6 +342,8 @@ _DTYPE_ALIAS = {"f16": 1, "fp16": 1, "float16": 1, "half": 1, "bf16": 2, "bfloat
 def dtype_code(dt):
     """"f16"/"float16"/np.float16/torch.float16, "bf16"/"bfloat16"/torch.bfloat16,
     "f32"/"float32"/np.float32/torch.float32, "i32", "u8" -> kvt_dtype code."""
+    if isinstance(dt, (bool, np.bool_)):
+        raise TypeError("dtype must be a name, a NumPy/torch dtype or a code, not a bool")
     if isinstance(dt, (int, np.integer)):
         return int_arg(dt, "dtype code", C_INT)
     if isinstance(dt, str):
@@ -366,6 +370,14 @@ def dtype_code(dt):
     return m[d.name]
 
 
+def _u16_bits(x):
+    """x as native uint16 bit patterns when it holds 16-bit integers (uint16 or int16, either
+    byte order: a '>u2' array's values are the patterns), else None."""
+    if x.dtype.kind in "iu" and x.dtype.itemsize == 2:
+        return x.astype(x.dtype.newbyteorder("="), copy=False).view(np.uint16)
+    return None
+
+
 def bf16_to_f32(a):
     """bf16 bit patterns -> float32 (exact). a: a uint16 (or int16) NumPy array of bit
     patterns, as Trace.read returns a bf16 tensor, an ml_dtypes bfloat16 array, or a
@@ -373,8 +385,9 @@ def bf16_to_f32(a):
     torch float32 tensor) raises TypeError: its bits would be made up from its values."""
     if _is_torch(a) or isinstance(a, (np.ndarray, np.generic)):
         bits, bf16 = host_array(a)
-        if bf16 or bits.dtype in (np.uint16, np.int16):
-            b32 = bits.view(np.uint16).reshape(-1).astype(np.uint32) << np.uint32(16)
+        u16 = bits.view(np.uint16) if bf16 else _u16_bits(bits)
+        if u16 is not None:
+            b32 = u16.reshape(-1).astype(np.uint32) << np.uint32(16)
             return b32.view(np.float32).reshape(bits.shape)
     raise TypeError("bf16_to_f32 takes bf16 bit patterns: a uint16 or int16 NumPy array (what "
                     "Trace.read returns for bf16) or a torch.bfloat16 tensor, got %s"
@@ -395,7 +408,7 @@ def f32_to_bf16(a):
         raise TypeError("f32_to_bf16 takes float values (a float NumPy array, floats, a torch "
                         "floating tensor), got %s%s" % (_describe(a), (
                             ": uint16/int16 data look like bf16 bit patterns already (see "
-                            "bf16_to_f32)" if x.dtype in (np.uint16, np.int16) else
+                            "bf16_to_f32)" if _u16_bits(x) is not None else
                             ": convert integer values first, e.g. np.asarray(a, np.float32)")))
     if x.dtype.itemsize > 4:
         # float64 -> float32 rounded to odd, then float32 -> bf16 to nearest even: the same
@@ -928,8 +941,10 @@ class TraceWriter(_NoCopy):
                 kname, names[-1] if len(names) == 1 else
                 ", ".join(names[:-1]) + " or " + names[-1], _lib.DTYPE_NAMES.get(code, code)))
         if code == _lib.DTYPE_BF16:
-            if bits or a.dtype in (np.uint16, np.int16):
+            if bits:
                 a = a.view(np.uint16)
+            elif _u16_bits(a) is not None:
+                a = _u16_bits(a)
             else:
                 a = f32_to_bf16(a if a.dtype.kind == "f" else a.astype(np.float64))
         else:

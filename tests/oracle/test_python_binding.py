@@ -269,6 +269,30 @@ class RoundTrip(unittest.TestCase):
         w.close()
         w.close()  # idempotent
 
+    def test_bf16_bits_any_byte_order(self):
+        # 16-bit integer arrays are bf16 bit patterns in either byte order: a '>u2' array
+        # (np.frombuffer of big-endian bytes) was stored as bf16 of its numeric values
+        bits = np.array([0x3F80, 0x4000, 0xC040], np.uint16)
+        for a in (bits, bits.astype(">u2"), bits.astype(np.int16), bits.astype(">i2")):
+            np.testing.assert_array_equal(kvtrace.bf16_to_f32(a), [1.0, 2.0, -3.0])
+        p = os.path.join(self.dir, "be.kvt")
+        with kvtrace.TraceWriter(p, HEADER) as w:
+            w.append("K", bits.astype(">u2").reshape(1, 3, 1), layer=0, dtype="bf16")
+            w.append("V", bits.reshape(1, 3, 1), layer=0, dtype="bf16")
+        with kvtrace.open(p) as t:
+            np.testing.assert_array_equal(t.read("K", 0, dtype="float32").ravel(), [1, 2, -3])
+            np.testing.assert_array_equal(t.read("V", 0, dtype="float32").ravel(), [1, 2, -3])
+
+    def test_bool_is_not_a_code(self):
+        # append(True, ...) wrote a K record (kind code 1); a bool dtype code likewise
+        p = os.path.join(self.dir, "b.kvt")
+        with kvtrace.TraceWriter(p, HEADER) as w:
+            with self.assertRaises(TypeError):
+                w.append(True, np.zeros((1, 2, 3), np.float32), layer=0)
+            with self.assertRaises(TypeError):
+                w.append("K", np.zeros((1, 2, 3), np.float32), layer=0, dtype=True)
+            w.append("K", np.zeros((1, 2, 3), np.float32), layer=0)
+
     def test_token_tables_from_int64(self):
         # token tables take their FORMAT.md dtype from any integer or bool array (an int64
         # array, e.g. torch.arange's, was "dtype int64 has no kvtrace equivalent"); values
