@@ -491,6 +491,11 @@ class Capture(object):
         if self._entered:
             raise _fail("a capture object can be used for one with-block only", _ERR_STATE)
         self._entered = True
+        if os.path.exists(self.path) and not os.path.isfile(self.path):
+            # a directory, FIFO or device is never replaced (the C writer refuses it too, but
+            # only at the first forward call, with the model already running)
+            raise _fail("%s exists and is not a regular file: refusing to replace it"
+                        % self.path, _ERR_IO)
         if os.path.exists(self.path) and not self.force:
             raise _fail("%s exists (pass force=True to overwrite it)" % self.path, _ERR_IO)
         self._install()

@@ -408,6 +408,12 @@ def check_errors_and_restore(tmp):
     # existing file
     open(os.path.join(tmp, "x.kvt"), "wb").close()
     expect_error(lambda: cap("x.kvt").__enter__(), ["exists", "force=True"], "existing file")
+    # a directory is never replaced, with force=True too, and refused at the block's start
+    # (it was refused only at the first forward call, with the model running)
+    os.mkdir(os.path.join(tmp, "d.kvt"))
+    for force in (False, True):
+        expect_error(lambda: cap("d.kvt", force=force).__enter__(), ["not a regular file"],
+                     "a directory as the output, force=%s" % force)
 
     # the block raises after the prompt: original exception, registry and hooks restored,
     # the trace holds the prompt
