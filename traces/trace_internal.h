@@ -88,5 +88,9 @@ void kvt_trace_reader_layout_(const kvt_trace_reader *r, uint64_t *header_end,
 /** What the recovery scan of a recovered reader found (see kvt_trace_scan). */
 void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,
                                    uint64_t *n_skipped);
+/** Why a recovered reader could not use the index: KVT_ERR_TRUNCATED when the file ends
+ *  without a trailer (never finished), another status when the trailer or index is there but
+ *  damaged; KVT_OK when not recovered. */
+kvt_status kvt_trace_reader_index_status_(const kvt_trace_reader *r);
 
 #endif /* KVT_TRACE_INTERNAL_H */

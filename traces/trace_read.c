@@ -24,6 +24,7 @@ struct kvt_trace_reader {
     kvt_rec_hdr *recs; /* file order */
     size_t n_recs;
     bool recovered;
+    kvt_status index_status; /* load_index's, when recovered */
     char note[256];
     uint64_t index_offset; /* finished only: where the index frame starts */
     uint64_t valid_end;    /* recovered only: end of the last complete unit */
@@ -239,6 +240,7 @@ kvt_status kvt_trace_reader_open(const char *path, kvt_trace_reader **out)
     if (s != KVT_OK) {
         snprintf(r->note, sizeof(r->note), "%s; records recovered by scanning", kvt_error_msg());
         r->recovered = true;
+        r->index_status = s;
         br = 0;
         s = kvt_trace_scan(r->fd, r->file_size, r->header_end, &r->recs, &r->n_recs, &r->valid_end,
                            &r->n_skipped, &br);
@@ -345,6 +347,11 @@ void kvt_trace_reader_layout_(const kvt_trace_reader *r, uint64_t *header_end,
 {
     *header_end = r->header_end;
     *index_offset = r->index_offset;
+}
+
+kvt_status kvt_trace_reader_index_status_(const kvt_trace_reader *r)
+{
+    return r->recovered ? r->index_status : KVT_OK;
 }
 
 void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,

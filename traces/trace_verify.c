@@ -102,10 +102,13 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
         rep->index_ok = true;
         rep->n_records_expected = n;
     } else {
-        s = add_problem(rep, &cap, size, -1, 0, -1,
-                        "no valid index: %s (the trace was not finished: capture killed or "
-                        "disk full?)",
-                        kvt_trace_reader_recovery_note(r));
+        /* a file that ends without a trailer was never finished; a trailer or index that is
+         * there but fails its checks was damaged after */
+        bool unfinished = kvt_trace_reader_index_status_(r) == KVT_ERR_TRUNCATED;
+        s = add_problem(rep, &cap, size, -1, 0, -1, "no valid index: %s (%s)",
+                        kvt_trace_reader_recovery_note(r),
+                        unfinished ? "the trace was not finished: capture killed or disk full?"
+                                   : "the index or trailer is damaged");
         if (s != KVT_OK)
             goto out;
         kvt_trace_reader_scan_result_(r, &valid_end, &skipped);
@@ -119,12 +122,19 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
         bool index = s == KVT_OK && valid_end < size &&
                      kvt_pread_full(fd, fh, sizeof(fh), valid_end) == KVT_OK &&
                      kvt_get_u32(fh) == KVT_FRAME_INDEX;
-        if (index && valid_end + 8 + kvt_get_u32(fh + 4) <= size)
+        uint64_t after = index && valid_end + 8 + kvt_get_u32(fh + 4) <= size
+                             ? size - valid_end - 8 - kvt_get_u32(fh + 4)
+                             : 0; /* bytes after a complete index frame */
+        if (index && !unfinished && after == KVT_TRAILER_BYTES)
             s = add_problem(rep, &cap, valid_end, -1, 0, -1,
-                            "the index at offset %llu is whole but the trailer after it is "
-                            "missing or cut (%llu bytes): no record lost",
-                            (unsigned long long)valid_end,
-                            (unsigned long long)(size - valid_end - 8 - kvt_get_u32(fh + 4)));
+                            "the index at offset %llu and the trailer after it are there but "
+                            "damaged: no record lost",
+                            (unsigned long long)valid_end);
+        else if (index && valid_end + 8 + kvt_get_u32(fh + 4) <= size)
+            s = add_problem(rep, &cap, valid_end, -1, 0, -1,
+                            "the index frame at offset %llu is complete but the trailer after "
+                            "it is missing or cut (%llu bytes): no record lost",
+                            (unsigned long long)valid_end, (unsigned long long)after);
         else if (index)
             s = add_problem(rep, &cap, valid_end, -1, 0, -1,
                             "the last %llu bytes (from offset %llu) are an index cut short: no "

@@ -143,6 +143,52 @@ static void flips(void)
     }
 }
 
+/* the index or trailer damaged in place (bit rot) is not called an unfinished capture, nor a
+ * trailer "missing or cut"; a trailer cut short is (verify said both of both) */
+static bool said(const kvt_verify_report *rep, const char *what)
+{
+    for (size_t p = 0; p < rep->n_problems; p++)
+        if (strstr(rep->problems[p].what, what))
+            return true;
+    return false;
+}
+
+static void index_damage(void)
+{
+    const struct {
+        const char *want, *not_want;
+    } cases[] = {
+        {"there but damaged: no record lost", "not finished"},    /* the trailer's checksum */
+        {"there but damaged: no record lost", "missing or cut"},  /* an index entry */
+        {"missing or cut (27 bytes): no record lost", "damaged"}, /* the trailer cut short */
+    };
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        uint8_t *b = malloc(orig_n);
+        memcpy(b, orig, orig_n);
+        size_t n = orig_n;
+        if (c == 0)
+            b[orig_n - 8] ^= 0x5a; /* in the trailer's checksum */
+        else if (c == 1)
+            b[index_off + 8 + 16 + 3] ^= 0x5a; /* in the first index entry */
+        else
+            n = orig_n - 5;
+        tt_spit(cut, b, n);
+        kvt_verify_report rep;
+        KVT_CHECK(kvt_trace_verify(cut, &rep));
+        KVT_EXPECT_EQ_U64(rep.n_records_ok, n_recs);
+        KVT_EXPECT_EQ_U64(rep.tail_bytes_lost, 0);
+        KVT_EXPECT_MSG(said(&rep, cases[c].want) && !said(&rep, cases[c].not_want),
+                       "case %zu: verify does not say '%s' alone: %s | %s", c, cases[c].want,
+                       rep.n_problems ? rep.problems[0].what : "",
+                       rep.n_problems > 1 ? rep.problems[1].what : "");
+        KVT_EXPECT(said(&rep, c == 2 ? "the trace was not finished"
+                                     : "the index or trailer is "
+                                       "damaged"));
+        kvt_verify_report_free(&rep);
+        free(b);
+    }
+}
+
 /* a damaged size field of a record's header frame: the index still finds every record, but
  * the file no longer decodes as a zstd stream and a recovery scan would lose the record, so
  * verify must say so (it reported OK before) */
@@ -287,6 +333,7 @@ int main(void)
 
     truncations();
     flips();
+    index_damage();
     frame_sizes();
     hostile_headers();
     unlink(path);
