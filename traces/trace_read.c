@@ -385,8 +385,11 @@ kvt_status kvt_trace_reader_shape(const kvt_trace_reader *r, int32_t layer, int 
         if (in->layer != layer || in->kind != kind)
             continue;
         if (found && (in->dim != d || in->dtype != dt))
-            return kvt_error_set(KVT_ERR_CORRUPT, "records of layer %d %s disagree on shape",
-                                 (int)layer, kvt_kind_name(kind));
+            return kvt_error_set(KVT_ERR_CORRUPT,
+                                 "records of layer %d %s disagree: %s of dim %u and %s of dim %u "
+                                 "(one tensor's records share dtype and dim)",
+                                 (int)layer, kvt_kind_name(kind), kvt_dtype_name(dt), d,
+                                 kvt_dtype_name(in->dtype), in->dim);
         found = true;
         d = in->dim;
         dt = in->dtype;

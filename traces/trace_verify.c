@@ -4,6 +4,7 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cjson/cJSON.h>
@@ -73,6 +74,78 @@ static kvt_status check_promised(kvt_trace_reader *r, kvt_verify_report *rep, si
     }
     cJSON_Delete(root);
     kvt_error_clear();
+    return s;
+}
+
+typedef struct tkey {
+    int32_t layer;
+    int kind;
+    size_t i;
+} tkey;
+
+static int by_tensor(const void *a, const void *b)
+{
+    const tkey *x = a, *y = b;
+    if (x->layer != y->layer)
+        return x->layer < y->layer ? -1 : 1;
+    if (x->kind != y->kind)
+        return x->kind < y->kind ? -1 : 1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* What traces/FORMAT.md asks of a tensor's records as a whole (another writer may not have
+ * kept to it; kvtrace's refuses it at append): one dtype and dim, no overlap, and (in a finished
+ * trace) no rows missing from [0, max Head_End) x [0, max Tok_End). Overlap and gaps are found
+ * by area, without decoding. meta_json records overlap by design. */
+static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished,
+                                kvt_verify_report *rep, size_t *cap)
+{
+    if (n == 0)
+        return KVT_OK;
+    tkey *k = kvt_malloc(n * sizeof(*k));
+    KVT_RETURN_IF(!k, KVT_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        k[i] = (tkey){recs[i].info.layer, recs[i].info.kind, i};
+    qsort(k, n, sizeof(*k), by_tensor);
+    kvt_status s = KVT_OK;
+    for (size_t a = 0, b; a < n && s == KVT_OK; a = b) {
+        const kvt_record_info *f = &recs[k[a].i].info;
+        uint32_t H = 0, T = 0;
+        uint64_t covered = 0;
+        bool mixed = false, big = false;
+        for (b = a; b < n && k[b].layer == f->layer && k[b].kind == f->kind; b++) {
+            const kvt_record_info *in = &recs[k[b].i].info;
+            mixed |= in->dtype != f->dtype || in->dim != f->dim;
+            H = in->head_end > H ? in->head_end : H;
+            T = in->tok_end > T ? in->tok_end : T;
+            uint64_t area =
+                (uint64_t)(in->head_end - in->head_begin) * (in->tok_end - in->tok_begin);
+            big |= area > UINT64_MAX - covered;
+            covered += big ? 0 : area;
+        }
+        if (f->kind == KVT_KIND_META_JSON)
+            continue;
+        char name[64];
+        if (f->layer < 0)
+            snprintf(name, sizeof(name), "%s", kvt_kind_name(f->kind));
+        else
+            snprintf(name, sizeof(name), "layer %d %s", (int)f->layer, kvt_kind_name(f->kind));
+        uint64_t want = (uint64_t)H * T;
+        if (mixed)
+            s = add_problem(rep, cap, f->file_offset, -1, f->kind, f->layer,
+                            "%s: its records differ in dtype or dim (unreadable)", name);
+        else if (big || covered > want)
+            s = add_problem(rep, cap, f->file_offset, -1, f->kind, f->layer,
+                            "%s: its records overlap (they cover more than its %u heads x %u "
+                            "tokens; unreadable)",
+                            name, H, T);
+        else if (finished && covered < want)
+            s = add_problem(rep, cap, f->file_offset, -1, f->kind, f->layer,
+                            "%s: its records leave %llu of its %u heads x %u token rows "
+                            "uncovered (unreadable)",
+                            name, (unsigned long long)(want - covered), H, T);
+    }
+    kvt_free(k);
     return s;
 }
 
@@ -229,7 +302,9 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
         if (s != KVT_OK)
             goto out;
     }
-    s = check_promised(r, rep, &cap);
+    s = check_tensors(recs, n, !kvt_trace_reader_recovered(r), rep, &cap);
+    if (s == KVT_OK)
+        s = check_promised(r, rep, &cap);
 out:
     kvt_trace_reader_close(r);
     if (s != KVT_OK) {

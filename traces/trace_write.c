@@ -36,6 +36,22 @@ typedef struct wctx {
     size_t shuf_cap;
 } wctx;
 
+/* The blocks appended to one (layer, kind) tensor, to refuse what traces/FORMAT.md forbids
+ * (records of one tensor overlap, or differ in dtype or dim) when it is appended rather than
+ * when a reader meets it. end[h] is the largest Tok_End so far of head h (for the first
+ * WT_FAST_HEADS heads): a block that starts at or after it in each of its heads overlaps
+ * nothing, the common case (decode steps in order); others are compared with every block. */
+#define WT_FAST_HEADS 4096u
+typedef struct wtensor {
+    int32_t layer;
+    int kind;
+    kvt_dtype dtype;
+    uint32_t dim;
+    uint32_t *end, n_end; /* [n_end] */
+    uint32_t (*blk)[4];   /* head_begin, head_end, tok_begin, tok_end of each block */
+    size_t n_blk, cap_blk;
+} wtensor;
+
 struct kvt_trace_writer {
     int fd;
     char *path;  /* the file being written: the output, or a temporary next to it */
@@ -64,6 +80,8 @@ struct kvt_trace_writer {
     kvt_rec_hdr *index; /* written records, in file order */
     size_t n_index, cap_index;
     kvt_writer_stats stats;
+    wtensor *tensors; /* every tensor appended to (under mu) */
+    size_t n_tensors, cap_tensors;
 };
 
 static void set_err(kvt_trace_writer *w, kvt_status s, const char *msg)
@@ -396,6 +414,92 @@ static kvt_status validate_info(const kvt_record_info *in)
     return KVT_OK;
 }
 
+/* "layer 3 K" or "token_ids" */
+static const char *tensor_name(const kvt_record_info *in, char *buf, size_t cap)
+{
+    if (in->layer < 0)
+        snprintf(buf, cap, "%s", kvt_kind_name(in->kind));
+    else
+        snprintf(buf, cap, "layer %d %s", (int)in->layer, kvt_kind_name(in->kind));
+    return buf;
+}
+
+/* Check the block against the earlier blocks of its tensor and remember it (under mu). */
+static kvt_status claim_block_locked(kvt_trace_writer *w, const kvt_record_info *in)
+{
+    if (in->kind == KVT_KIND_META_JSON) /* whole JSON objects that overlap by design */
+        return KVT_OK;
+    char name[64];
+    wtensor *t = NULL;
+    for (size_t i = 0; i < w->n_tensors && !t; i++)
+        if (w->tensors[i].layer == in->layer && w->tensors[i].kind == in->kind)
+            t = &w->tensors[i];
+    if (!t) {
+        if (w->n_tensors == w->cap_tensors) {
+            size_t nc = w->cap_tensors ? 2 * w->cap_tensors : 64;
+            wtensor *nt = kvt_realloc(w->tensors, nc * sizeof(*nt));
+            KVT_RETURN_IF(!nt, KVT_ERR_NOMEM, "out of memory");
+            w->tensors = nt;
+            w->cap_tensors = nc;
+        }
+        t = &w->tensors[w->n_tensors++];
+        memset(t, 0, sizeof(*t));
+        t->layer = in->layer;
+        t->kind = in->kind;
+        t->dtype = in->dtype;
+        t->dim = in->dim;
+    } else {
+        KVT_RETURN_IF(in->dtype != t->dtype || in->dim != t->dim, KVT_ERR_INVALID_ARG,
+                      "%s: a %s record of dim %u, but its earlier records are %s of dim %u (the "
+                      "records of one tensor share dtype and dim: traces/FORMAT.md)",
+                      tensor_name(in, name, sizeof(name)), kvt_dtype_name(in->dtype), in->dim,
+                      kvt_dtype_name(t->dtype), t->dim);
+        bool clear = in->head_end <= WT_FAST_HEADS;
+        for (uint32_t h = in->head_begin; clear && h < in->head_end; h++)
+            clear = h >= t->n_end || in->tok_begin >= t->end[h];
+        for (size_t i = 0; !clear && i < t->n_blk; i++) {
+            const uint32_t *b = t->blk[i];
+            KVT_RETURN_IF(in->head_begin < b[1] && b[0] < in->head_end && in->tok_begin < b[3] &&
+                              b[2] < in->tok_end,
+                          KVT_ERR_INVALID_ARG,
+                          "%s: heads [%u,%u) x tokens [%u,%u) overlap an earlier record's heads "
+                          "[%u,%u) x tokens [%u,%u) (the records of one tensor never overlap: "
+                          "traces/FORMAT.md)",
+                          tensor_name(in, name, sizeof(name)), in->head_begin, in->head_end,
+                          in->tok_begin, in->tok_end, b[0], b[1], b[2], b[3]);
+        }
+    }
+    if (t->n_blk == t->cap_blk) {
+        size_t nc = t->cap_blk ? 2 * t->cap_blk : 8;
+        uint32_t(*nb)[4] = kvt_realloc(t->blk, nc * sizeof(*nb));
+        KVT_RETURN_IF(!nb, KVT_ERR_NOMEM, "out of memory");
+        t->blk = nb;
+        t->cap_blk = nc;
+    }
+    uint32_t fast_end = in->head_end < WT_FAST_HEADS ? in->head_end : WT_FAST_HEADS;
+    if (fast_end > t->n_end) {
+        uint32_t *ne = kvt_realloc(t->end, fast_end * sizeof(*ne));
+        KVT_RETURN_IF(!ne, KVT_ERR_NOMEM, "out of memory");
+        memset(ne + t->n_end, 0, (fast_end - t->n_end) * sizeof(*ne));
+        t->end = ne;
+        t->n_end = fast_end;
+    }
+    for (uint32_t h = in->head_begin; h < fast_end; h++)
+        if (in->tok_end > t->end[h])
+            t->end[h] = in->tok_end;
+    uint32_t *b = t->blk[t->n_blk++];
+    b[0] = in->head_begin, b[1] = in->head_end, b[2] = in->tok_begin, b[3] = in->tok_end;
+    return KVT_OK;
+}
+
+static kvt_status claim_block(kvt_trace_writer *w, const kvt_record_info *in)
+{
+    pthread_mutex_lock(&w->mu);
+    kvt_status s = claim_block_locked(w, in);
+    pthread_mutex_unlock(&w->mu);
+    return s;
+}
+
 /* Queue (or, without threads, compress and write) one record covering a contiguous block. */
 static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, const void *data,
                              size_t bytes, bool planes)
@@ -512,6 +616,7 @@ kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *i
     KVT_RETURN_IF(w->finished, KVT_ERR_STATE, "append after finish");
     uint64_t total;
     KVT_FORWARD(kvt_rec_raw_bytes(info, &total));
+    KVT_FORWARD(claim_block(w, info));
     split_plan sp;
     plan_split(w, info, &sp);
     const uint8_t *p = data;
@@ -569,6 +674,7 @@ kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_
     KVT_RETURN_IF(total > w->opts.max_record_bytes, KVT_ERR_INVALID_ARG,
                   "append_planes: a %llu-byte record is larger than max_record_bytes %llu",
                   (unsigned long long)total, (unsigned long long)w->opts.max_record_bytes);
+    KVT_FORWARD(claim_block(w, info));
     bool planes_ok = !w->opts.no_shuffle && kvt_dtype_size(info->dtype) > 1;
     return append_one(w, info, planes, (size_t)total, planes_ok);
 }
@@ -697,6 +803,11 @@ void kvt_trace_writer_free(kvt_trace_writer *w)
         kvt_log(KVT_LOG_WARN, "the new trace (%s) is in %s; %s is unchanged",
                 w->complete ? "finished" : "unfinished, recoverable", w->path, w->final);
     kvt_free(w->index);
+    for (size_t i = 0; i < w->n_tensors; i++) {
+        kvt_free(w->tensors[i].end);
+        kvt_free(w->tensors[i].blk);
+    }
+    kvt_free(w->tensors);
     kvt_free(w->path);
     kvt_free(w->final);
     kvt_free(w);

@@ -189,6 +189,91 @@ static void index_damage(void)
     }
 }
 
+/* traces/FORMAT.md: the records of one tensor never overlap and share dtype and dim. kvtrace's
+ * writer refuses a block that breaks it (the writer goes on); verify names it in a file from
+ * elsewhere (here: layer 0's V record relabelled K, its header checksum redone, the index cut
+ * off so that the scan reads the headers) */
+static void tensor_layout(void)
+{
+    char p2[256];
+    kvt_test_tmp(p2, sizeof(p2), "layout.kvt");
+    kvt_writer_opts o = {.force = true};
+    kvt_trace_writer *w;
+    KVT_CHECK(kvt_trace_writer_create(p2, tt_header_json, &o, &w));
+    float x[2 * 8 * 4] = {0};
+    kvt_record_info a = {.kind = KVT_KIND_K,
+                         .layer = 0,
+                         .head_begin = 0,
+                         .head_end = 1,
+                         .tok_begin = 4,
+                         .tok_end = 8,
+                         .dim = 4,
+                         .dtype = KVT_DTYPE_F32};
+    KVT_CHECK(kvt_trace_writer_append(w, &a, x));
+    kvt_record_info b = a;
+    b.tok_begin = 0, b.tok_end = 4; /* before the first: fine (tensors need no order) */
+    KVT_CHECK(kvt_trace_writer_append(w, &b, x));
+    b.head_begin = 1, b.head_end = 2, b.tok_begin = 2, b.tok_end = 8; /* another head: fine */
+    KVT_CHECK(kvt_trace_writer_append(w, &b, x));
+    kvt_record_info c = a;
+    c.head_end = 2, c.tok_begin = 7, c.tok_end = 9; /* heads 0-1, tokens 7-8: overlaps both */
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &c, x), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "layer 0 K: heads [0,2) x tokens [7,9) overlap an "
+                                       "earlier record's heads [0,1) x tokens [4,8)"));
+    c.head_begin = 1, c.tok_begin = 0, c.tok_end = 3; /* head 1 tokens 0-2: overlaps [2,8) */
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &c, x), KVT_ERR_INVALID_ARG);
+    c.tok_end = 2; /* head 1 tokens 0-1: the gap, fine */
+    KVT_CHECK(kvt_trace_writer_append(w, &c, x));
+    kvt_record_info d = a;
+    d.tok_begin = 8, d.tok_end = 9, d.dtype = KVT_DTYPE_BF16;
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &d, x), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "a bf16 record of dim 4, but its earlier records are f32"));
+    d.dtype = KVT_DTYPE_F32, d.dim = 2;
+    KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &d, x), KVT_ERR_INVALID_ARG);
+    d.dim = 4; /* token 8 of heads 0 and 1, in order: fine */
+    KVT_CHECK(kvt_trace_writer_append(w, &d, x));
+    d.head_begin = 1, d.head_end = 2;
+    KVT_CHECK(kvt_trace_writer_append(w, &d, x));
+    kvt_record_info m = {.kind = KVT_KIND_META_JSON,
+                         .layer = -1,
+                         .head_end = 1,
+                         .tok_end = 2,
+                         .dim = 1,
+                         .dtype = KVT_DTYPE_U8};
+    KVT_CHECK(kvt_trace_writer_append(w, &m, "{}")); /* meta_json records overlap by design */
+    KVT_CHECK(kvt_trace_writer_append(w, &m, "{}"));
+    KVT_CHECK(kvt_trace_writer_finish(w));
+    kvt_trace_writer_free(w);
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(p2, &r));
+    float k[2 * 9 * 4];
+    KVT_CHECK(kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, 2, KVT_DTYPE_F32, k, sizeof(k)));
+    kvt_trace_reader_close(r);
+    unlink(p2);
+
+    for (int mixed = 0; mixed < 2; mixed++) {
+        uint8_t *bb = malloc(orig_n);
+        memcpy(bb, orig, orig_n);
+        uint8_t *h = bb + recs[1].off; /* layer 0 V (bf16), after layer 0 K */
+        KVT_EXPECT(recs[1].kind == KVT_KIND_V && recs[1].layer == 0);
+        h[12] = KVT_KIND_K;
+        if (mixed)
+            h[14] = KVT_DTYPE_F16; /* the same size: the payload still decodes */
+        put32(h + 92, (uint32_t)crc32(0, h + 8, 84));
+        tt_spit(cut, bb, (size_t)index_off);
+        kvt_verify_report rep;
+        KVT_CHECK(kvt_trace_verify(cut, &rep));
+        const char *want = mixed ? "layer 0 K: its records differ in dtype or dim"
+                                 : "layer 0 K: its records overlap";
+        bool named = false;
+        for (size_t p = 0; p < rep.n_problems; p++)
+            named |= strstr(rep.problems[p].what, want) != NULL;
+        KVT_EXPECT_MSG(named, "verify does not say '%s'", want);
+        kvt_verify_report_free(&rep);
+        free(bb);
+    }
+}
+
 /* a damaged size field of a record's header frame: the index still finds every record, but
  * the file no longer decodes as a zstd stream and a recovery scan would lose the record, so
  * verify must say so (it reported OK before) */
@@ -334,6 +419,7 @@ int main(void)
     truncations();
     flips();
     index_damage();
+    tensor_layout();
     frame_sizes();
     hostile_headers();
     unlink(path);
