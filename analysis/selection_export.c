@@ -569,6 +569,7 @@ kvt_status kvt_selection_writer_close(kvt_selection_writer *w)
     }
     kvt_free(w->kept);
     kvt_free(w->path);
+    kvt_tmp_forget(w->tmp);
     kvt_free(w->tmp);
     pthread_mutex_destroy(&w->mu);
     kvt_free(w->pflags);

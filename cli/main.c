@@ -50,6 +50,11 @@ int main(int argc, char **argv)
     /* a file size limit (ulimit -f) must surface as a write error (EFBIG) that the commands
      * report and clean up after, not as a kill by SIGXFSZ that leaves partial outputs */
     signal(SIGXFSZ, SIG_IGN);
+    /* an interrupted command removes the temporary files it was writing (the outputs it
+       replaces stay as they were); capture-llama2c handles SIGINT itself: it finishes the
+       trace, or keeps the interrupted one beside the old */
+    if (argc > 1 && strcmp(argv[1], "capture-llama2c"))
+        kvt_tmp_remove_on_signals();
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -150,6 +150,13 @@ uint64_t kvt_mem_available_in(const char *root);
  *  killed process left behind. *tmp receives its name (caller frees with kvt_free).
  *  @return the descriptor, or -1 with errno set (*tmp NULL). */
 int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp);
+/** The caller is done with the temporary `tmp` from kvt_create_tmp_sibling (renamed, removed,
+ *  or kept on purpose): kvt_tmp_remove_on_signals no longer removes it. */
+void kvt_tmp_forget(const char *tmp);
+/** For a command: SIGINT, SIGTERM and SIGHUP remove the temporaries still being written (a
+ *  replay's selection export, a results.json, synth --force's new trace), then end the process
+ *  by the signal as before. */
+void kvt_tmp_remove_on_signals(void);
 /** Read the regular file `path` whole into a new NUL-terminated buffer (*txt, kvt_free it; *len
  *  bytes before the NUL). KVT_ERR_IO (cannot open, not a regular file, a read error),
  *  KVT_ERR_INVALID_ARG (more than max_bytes: the message says so), KVT_ERR_NOMEM. */

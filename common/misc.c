@@ -7,6 +7,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -203,6 +205,68 @@ static char *kvt_tmp_sibling(const char *path)
     return buf;
 }
 
+/* The temporary siblings being written (kvt_create_tmp_sibling until kvt_tmp_forget), for a
+ * signal handler to remove: fixed slots of static memory, so that the handler (which may run
+ * while another thread registers or forgets) never reads freed memory. A slot is 0 free, 1
+ * being filled, 2 holding a name. A name that does not fit, or a 33rd, is not registered (it
+ * then stays behind on a signal, as every temporary did before). */
+#define TMP_SLOTS 32
+static volatile sig_atomic_t tmp_state[TMP_SLOTS];
+static char tmp_name[TMP_SLOTS][4096];
+static pthread_mutex_t tmp_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void tmp_remember(const char *t)
+{
+    if (strlen(t) >= sizeof(tmp_name[0]))
+        return;
+    pthread_mutex_lock(&tmp_mu);
+    for (int i = 0; i < TMP_SLOTS; i++)
+        if (tmp_state[i] == 0) {
+            tmp_state[i] = 1;
+            strcpy(tmp_name[i], t);
+            tmp_state[i] = 2;
+            break;
+        }
+    pthread_mutex_unlock(&tmp_mu);
+}
+
+void kvt_tmp_forget(const char *tmp)
+{
+    if (!tmp)
+        return;
+    pthread_mutex_lock(&tmp_mu);
+    for (int i = 0; i < TMP_SLOTS; i++)
+        if (tmp_state[i] == 2 && !strcmp(tmp_name[i], tmp)) {
+            tmp_state[i] = 0;
+            break;
+        }
+    pthread_mutex_unlock(&tmp_mu);
+}
+
+static void tmp_on_signal(int sig)
+{
+    int e = errno;
+    for (int i = 0; i < TMP_SLOTS; i++)
+        if (tmp_state[i] == 2)
+            unlink(tmp_name[i]); /* async-signal-safe */
+    signal(sig, SIG_DFL);
+    errno = e;
+    raise(sig); /* delivered when the handler returns: the process ends by the signal */
+}
+
+void kvt_tmp_remove_on_signals(void)
+{
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = tmp_on_signal;
+    sigemptyset(&sa.sa_mask);
+    const int sigs[3] = {SIGINT, SIGTERM, SIGHUP};
+    for (int i = 0; i < 3; i++) /* a signal ignored on entry (nohup, a background job's
+                                   SIGINT) stays ignored */
+        if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler != SIG_IGN)
+            sigaction(sigs[i], &sa, NULL);
+}
+
 int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp)
 {
     *tmp = NULL;
@@ -214,6 +278,7 @@ int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp)
         }
         int fd = open(t, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)mode);
         if (fd >= 0) {
+            tmp_remember(t);
             *tmp = t;
             return fd;
         }
@@ -337,6 +402,7 @@ kvt_status kvt_write_file_atomic(const char *path, const char *txt, size_t len)
 out_remove:
     remove(tmp);
 out_free:
+    kvt_tmp_forget(tmp);
     kvt_free(tmp);
     return st;
 }

@@ -392,6 +392,7 @@ out_close:
     close(w->fd);
     unlink(w->path); /* only ever the file created above */
 out_free_path:
+    kvt_tmp_forget(w->path); /* a temporary sibling when replacing (w->final) */
     kvt_free(w->path);
     kvt_free(w->final);
 out_free_w:
@@ -808,6 +809,7 @@ void kvt_trace_writer_free(kvt_trace_writer *w)
         kvt_free(w->tensors[i].blk);
     }
     kvt_free(w->tensors);
+    kvt_tmp_forget(w->path); /* the unfinished one stays, named in the warning above */
     kvt_free(w->path);
     kvt_free(w->final);
     kvt_free(w);

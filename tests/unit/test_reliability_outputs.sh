@@ -13,6 +13,8 @@
 #   --force; an output directory that is missing, or one that takes no new file (/proc, even
 #   to root), is refused before the work;
 # - synth --force over an existing trace that dies mid-write (ulimit -f) keeps the old trace;
+# - synth --force and replay --export-selection interrupted (SIGTERM, SIGHUP) remove their
+#   temporaries and end by the signal;
 # - a 250-character output name works (the temporary name must fit NAME_MAX too);
 # - -o X with --export-selection ./X is refused;
 # - a report removes the staging directory a killed report of this machine left.
@@ -236,6 +238,32 @@ wait $cap_pid
 check "capture --force interrupted: the old trace is kept, the new one named" \
     "cmp -s $TMP/cap.kvt $TMP/cap.old && grep -q 'cap.kvt is unchanged' $TMP/err"
 rm -f "$TMP"/cap.kvt.tmp.*
+# an interrupted command removes the temporaries it was writing, and ends by the signal:
+# synth --force (SIGTERM, its new trace), replay --export-selection (SIGHUP, the export's
+# temporary, written from the first layer on; reference kernels keep the replay running)
+# (both used to leave NAME.tmp.PID.N behind)
+$BIN synth --shape tiny --tokens 64 -o "$TMP/sig.kvt" >/dev/null 2>&1
+cp "$TMP/sig.kvt" "$TMP/sig.old"
+$BIN synth --shape llama3-8b --tokens 2048 --layers 4 --colsum on --threads 1 \
+    -o "$TMP/sig.kvt" --force >/dev/null 2>&1 &
+sig_pid=$!
+for _ in $(seq 300); do ls "$TMP"/sig.kvt.tmp.* >/dev/null 2>&1 && break; sleep 0.1; done
+kill -TERM $sig_pid
+wait $sig_pid
+rc=$?
+check "synth --force interrupted: exit by SIGTERM (got $rc), no temporary left, old trace kept" \
+    "[ $rc -eq 143 ] && ! ls $TMP/sig.kvt.tmp.* >/dev/null 2>&1 && cmp -s $TMP/sig.kvt $TMP/sig.old"
+$BIN synth --shape llama3-8b --tokens 1024 --layers 2 -o "$TMP/big.kvt" >/dev/null 2>&1
+KVT_KERNELS=ref $BIN replay "$TMP/big.kvt" --policies all --budgets 64,128 --threads 1 \
+    -o "$TMP/sig.json" --export-selection "$TMP/sig.bin" >/dev/null 2>&1 &
+sig_pid=$!
+for _ in $(seq 300); do ls "$TMP"/sig.bin.tmp.* >/dev/null 2>&1 && break; sleep 0.1; done
+kill -HUP $sig_pid
+wait $sig_pid
+rc=$?
+check "replay --export-selection interrupted: exit by SIGHUP (got $rc), no temporary left" \
+    "[ $rc -eq 129 ] && ! ls -a $TMP | grep -q 'sig\.\(bin\|json\)' "
+rm -f "$TMP/big.kvt" "$TMP/sig.kvt" "$TMP/sig.old"
 # a temporary name a killed process left (same pid) is skipped, not an error
 bash -c "touch '$TMP/keep.kvt.tmp.'\$\$'.0'; exec $BIN synth --shape tiny --tokens 64 --force -o '$TMP/keep.kvt'" \
     >/dev/null 2>"$TMP/err"
