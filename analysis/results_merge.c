@@ -59,13 +59,25 @@ static kvt_status check_settings(const kvt_results *a, const kvt_results *b, con
         what = "a different number of traces";
     for (size_t t = 0; !what && t < a->n_traces; t++) {
         const kvt_trace_result *x = a->traces[t], *y = b->traces[t];
-        if (!same_str(x->path, y->path) || x->n_layers != y->n_layers ||
-            x->n_q_heads != y->n_q_heads || x->n_kv_heads != y->n_kv_heads ||
-            x->n_tokens != y->n_tokens || !same_str(x->header_json, y->header_json))
+        const char *xp = x->path ? x->path : "", *yp = y->path ? y->path : "";
+        if (!same_str(x->path, y->path))
             return kvt_error_set(KVT_ERR_INVALID_ARG,
                                  "%s and %s were run on different traces (trace %zu: %s vs %s); "
                                  "give every shard the same traces in the same order",
-                                 an, bn, t, x->path ? x->path : "", y->path ? y->path : "");
+                                 an, bn, t, xp, yp);
+        if (x->n_layers != y->n_layers || x->n_q_heads != y->n_q_heads ||
+            x->n_kv_heads != y->n_kv_heads || x->n_tokens != y->n_tokens ||
+            !same_str(x->header_json, y->header_json))
+            return kvt_error_set(
+                KVT_ERR_INVALID_ARG,
+                "%s and %s were run on different files named %s (trace %zu: L=%d Hq=%d Hkv=%d "
+                "T=%d vs L=%d Hq=%d Hkv=%d T=%d%s): give every shard the same files",
+                an, bn, xp, t, x->n_layers, x->n_q_heads, x->n_kv_heads, x->n_tokens, y->n_layers,
+                y->n_q_heads, y->n_kv_heads, y->n_tokens,
+                x->n_layers == y->n_layers && x->n_q_heads == y->n_q_heads &&
+                        x->n_kv_heads == y->n_kv_heads && x->n_tokens == y->n_tokens
+                    ? ", and their headers differ"
+                    : "");
         if (x->fingerprint[0] && y->fingerprint[0] && strcmp(x->fingerprint, y->fingerprint))
             return kvt_error_set(KVT_ERR_INVALID_ARG,
                                  "%s and %s were run on different files named %s (trace %zu: "

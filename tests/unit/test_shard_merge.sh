@@ -96,6 +96,17 @@ grep -q "different settings" "$TMP/err" || { cat "$TMP/err"; fail "export seed m
 $BIN merge "$TMP/pa0.json" "$TMP/pb1.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "other files"
 grep -q "were run on different files named p.kvt" "$TMP/err" || { cat "$TMP/err"; fail "fingerprint message"; }
 grep -q '"fingerprint":[[:space:]]*"[0-9a-f]\{16\}"' "$TMP/full.json" || fail "no fingerprint in results.json"
+# two files of one name and different headers: the message says how they differ (it printed
+# the same name twice: "(trace 0: q.kvt vs q.kvt)")
+$BIN synth --shape tiny --tokens 64 -o "$TMP/A/q.kvt" >/dev/null 2>&1 || fail "synth qa"
+$BIN synth --shape tiny --tokens 80 -o "$TMP/B/q.kvt" >/dev/null 2>&1 || fail "synth qb"
+(cd "$TMP/A" && $BIN replay q.kvt --policies snapkv --budgets 16 --shard 0/2 -o ../qa.json \
+    >/dev/null 2>&1) || fail "replay qa"
+(cd "$TMP/B" && $BIN replay q.kvt --policies snapkv --budgets 16 --shard 1/2 -o ../qb.json \
+    >/dev/null 2>&1) || fail "replay qb"
+$BIN merge "$TMP/qa.json" "$TMP/qb.json" -o "$TMP/x.json" 2>"$TMP/err" && fail "other headers"
+grep -q "were run on different files named q.kvt (trace 0: L=2 Hq=4 Hkv=2 T=64 vs L=2 Hq=4 Hkv=2 T=80)" \
+    "$TMP/err" || { cat "$TMP/err"; fail "other headers message"; }
 [ -e "$TMP/x.json" ] && fail "a refused merge wrote its output"
 # bad --shard values
 for bad in 4/4 -1/4 1 a/b 0/0; do
