@@ -391,8 +391,9 @@ static void progress_cb(void *user, uint64_t done, uint64_t total)
  * (layers, query and KV heads, head dim), checked from the headers before any work; a model
  * name or RoPE that differs from the first trace's is a warning (the same model captured by
  * two engines may be named differently). A trace recovered by scanning is a warning too. A
- * trace that cannot be read is left to the replay, which says why. Warnings when say. */
-static bool traces_ok(const char *cmd, const char *const *traces, size_t n, bool say)
+ * trace that cannot be read is left to the replay, which says why. Warnings go to notes (may
+ * be NULL). */
+static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE *notes)
 {
     int ref[4] = {0};
     const char *ref_path = NULL;
@@ -407,8 +408,8 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, bool
         kvt_trace_reader *rd = NULL;
         if (kvt_trace_reader_open(traces[t], &rd))
             continue;
-        if (say && kvt_trace_reader_recovered(rd))
-            fprintf(stderr,
+        if (notes && kvt_trace_reader_recovered(rd))
+            fprintf(notes,
                     "kvtrace %s: warning: %s is incomplete (%s): replaying the records it holds "
                     "('kvtrace verify' lists what was lost)\n",
                     cmd, traces[t], kvt_trace_reader_recovery_note(rd));
@@ -450,8 +451,8 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, bool
             cJSON_free(ref_id);
             return false;
         }
-        if (say && idj && ref_id && strcmp(idj, ref_id))
-            fprintf(stderr,
+        if (notes && idj && ref_id && strcmp(idj, ref_id))
+            fprintf(notes,
                     "kvtrace %s: warning: %s's model %s differs from %s's %s; their results are "
                     "aggregated as prompts of one model (replay them separately if they are not)\n",
                     cmd, traces[t], idj, ref_path, ref_id);
@@ -464,7 +465,7 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, bool
 /* A trace whose layers hold fewer decode steps than its header planned (a capture stopped
  * early, a trace cut short) gives decode metrics from the steps every layer holds whole, or
  * none: said, as the table shows only '-' or the fewer steps' numbers. */
-static void decode_note(const char *cmd, const char *path, const kvt_trace_result *tr)
+static void decode_note(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr)
 {
     cJSON *hdr = cJSON_Parse(tr->header_json ? tr->header_json : "");
     const cJSON *g = cJSON_GetObjectItemCaseSensitive(hdr, "n_decode");
@@ -473,15 +474,61 @@ static void decode_note(const char *cmd, const char *path, const kvt_trace_resul
     if (planned <= tr->n_decode)
         return;
     if (tr->n_decode > 0)
-        fprintf(stderr,
+        fprintf(f,
                 "kvtrace %s: warning: %s: decode metrics from %d of the %d planned decode steps "
                 "(the steps every layer holds whole)\n",
                 cmd, path, tr->n_decode, planned);
     else
-        fprintf(stderr,
+        fprintf(f,
                 "kvtrace %s: warning: %s: no decode metrics: not every layer holds decode steps "
                 "(%d planned)\n",
                 cmd, path, planned);
+}
+
+/* Budgets whose rows a reader of the table would misread: every budget keeping the whole
+ * prompt (nothing compressed; one such budget shows as 100.0% kept), budgets below some
+ * policies' observation window (those policies then keep the window's last B tokens and tie),
+ * and two budgets of the same tokens (their rows repeat). results.json marks the first two
+ * per run (short_prompt, budget_below_window). */
+static void budget_notes(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr)
+{
+    char below[512] = "";
+    size_t n_all = 0, lb = 0;
+    int n_below_pol = 0, wmax = 0;
+    for (size_t b = 0; b < tr->n_budgets; b++) {
+        int B = tr->budget_tokens[b];
+        n_all += B >= tr->n_tokens;
+        int n = 0;
+        for (size_t p = 0; p < tr->n_policies; p++)
+            if (B < tr->policy_window[p] && B < tr->n_tokens) {
+                n++;
+                wmax = tr->policy_window[p] > wmax ? tr->policy_window[p] : wmax;
+            }
+        if (n > 1 && lb < sizeof(below)) { /* one such policy ties with none */
+            lb += (size_t)snprintf(below + lb, sizeof(below) - lb, "%s%s", lb ? ", " : "",
+                                   tr->budget_texts[b]);
+            n_below_pol = n > n_below_pol ? n : n_below_pol;
+        }
+        for (size_t c = 0; c < b; c++)
+            if (tr->budget_tokens[c] == B) {
+                fprintf(f,
+                        "kvtrace %s: warning: %s: budgets %s and %s are both %d tokens: their "
+                        "rows repeat\n",
+                        cmd, path, tr->budget_texts[c], tr->budget_texts[b], B);
+                break;
+            }
+    }
+    if (n_all == tr->n_budgets && n_all) /* one such budget shows as 100.0% kept */
+        fprintf(f,
+                "kvtrace %s: warning: %s: every budget keeps the whole prompt (T=%d): nothing "
+                "is compressed\n",
+                cmd, path, tr->n_tokens);
+    if (lb)
+        fprintf(f,
+                "kvtrace %s: warning: %s: at budget%s %s, up to %d policies have an "
+                "observation window above the budget (up to %d tokens): each keeps only the "
+                "window's last B tokens there, so they tie\n",
+                cmd, path, strchr(below, ',') ? "s" : "", below, n_below_pol, wmax);
 }
 
 static const char *fmt(double x, char *buf, size_t cap, const char *f)
@@ -506,6 +553,13 @@ int kvt_cmd_replay(int argc, char **argv)
     size_t n_units = 0, n_units_all = 0;
     uint8_t *mask = NULL;
     uint64_t seed = 0;
+    /* warnings about the traces and budgets, told once the results are written: a run that
+       fails says one line, its error */
+    char *notes_buf = NULL;
+    size_t notes_len = 0;
+    FILE *notes = open_memstream(&notes_buf, &notes_len);
+    if (!notes)
+        notes = stderr;
     bool force = false, per_query = false;
     kvt_device device = KVT_DEVICE_CPU;
     bool profile = false;
@@ -666,7 +720,7 @@ int kvt_cmd_replay(int argc, char **argv)
         if (!ok)
             goto out_free;
     }
-    if (!traces_ok(cmd, (const char *const *)traces, n_traces, mpi.rank == 0))
+    if (!traces_ok(cmd, (const char *const *)traces, n_traces, mpi.rank == 0 ? notes : NULL))
         goto out_free;
     {
         char why[160];
@@ -812,8 +866,10 @@ int kvt_cmd_replay(int argc, char **argv)
             kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
-        if (mpi.rank == 0)
-            decode_note(cmd, traces[t], tr);
+        if (mpi.rank == 0) {
+            decode_note(notes, cmd, traces[t], tr);
+            budget_notes(notes, cmd, traces[t], tr);
+        }
         /* the last trace is ended only once results.json is written: a selection writer
          * closed with a trace still open discards its file, so a failed results write leaves
          * the old selection export (if any) in place too */
@@ -873,6 +929,8 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         }
     }
+    if (notes != stderr && fflush(notes) == 0 && notes_len)
+        fputs(notes_buf, stderr);
     if (shard_n) { /* means over a part would mislead: no table */
         fprintf(stderr,
                 "replay: wrote %s: shard %d/%d, %zu of %zu (trace, layer) units; combine all %d "
@@ -911,6 +969,10 @@ int kvt_cmd_replay(int argc, char **argv)
             n_b == 1 ? "" : "s", procs, export_path ? " and " : "", export_path ? export_path : "");
     rc = 0;
 out_free:
+    if (notes != stderr) {
+        fclose(notes);
+        free(notes_buf); /* open_memstream's, with malloc */
+    }
     if (sw)
         kvt_selection_writer_close(sw);
     kvt_results_free(res);

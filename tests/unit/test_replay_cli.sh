@@ -90,6 +90,17 @@ $BIN replay "$TMP/tiny.kvt" "$TMP/tinyvl.kvt" --policies snapkv --budgets 16 -o 
 grep -q "warning: .*tinyvl.kvt's model .*synthetic-tiny-vl.*mrope.* differs from .*tiny.kvt's" \
     "$TMP/err" || fail "model warning: $(cat "$TMP/err")"
 rm -f "$TMP/mix.json"
+# budgets a reader of the table would misread: two of the same tokens (16 and 25% of 64),
+# budgets below the window policies' window (they tie), every budget keeping the whole prompt
+$BIN replay "$TMP/tiny.kvt" --policies snapkv,adakv,knorm --budgets 4,16,25% \
+    -o "$TMP/bn1.json" >/dev/null 2>"$TMP/err" || fail "budget notes run"
+grep -q "warning: .*tiny.kvt: budgets 16 and 25% are both 16 tokens: their rows repeat" \
+    "$TMP/err" && grep -q "at budgets 4, 16, 25%, up to 2 policies have an observation window above the budget (up to 32 tokens)" \
+    "$TMP/err" || fail "budget notes: $(cat "$TMP/err")"
+$BIN replay "$TMP/tiny.kvt" --policies snapkv --budgets 64,100% -o "$TMP/bn2.json" >/dev/null \
+    2>"$TMP/err" || fail "whole-prompt budgets run"
+grep -q "every budget keeps the whole prompt (T=64): nothing is compressed" "$TMP/err" ||
+    fail "whole-prompt note: $(cat "$TMP/err")"
 # a trace cut short in its decode records (layers 0-2 of 5 hold them): replayed with warnings
 # that it is incomplete and has no decode metrics; a policy that needs decode queries says
 # which layer lacks them and why (it said the trace had none)
