@@ -531,6 +531,7 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
     kvt_trace_result *t = NULL;
     KVT_FORWARD(kvt_trace_result_create(L, Hq, Hkv, r->n_policies, r->n_budgets, &t));
     kvt_status st = KVT_OK;
+    uint8_t *seen = NULL; /* [n_policies, n_budgets] runs read */
     t->path = dup_str(tj, "path");
     const cJSON *hdr = item(tj, "header");
     t->header_json = cJSON_IsObject(hdr) ? cJSON_PrintUnformatted(hdr) : kvt_strdup("{}");
@@ -582,6 +583,13 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
             goto out_fail;
         }
     const cJSON *runs = item(tj, "runs"), *run;
+    /* one run per (policy, budget): a file with runs cut out (edited by hand, say) would
+       read as unmeasured, and recommend or report would explain it wrongly */
+    seen = kvt_calloc(r->n_policies * r->n_budgets + 1, 1);
+    if (!seen) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out_fail;
+    }
     cJSON_ArrayForEach(run, runs)
     {
         int p = get_int(run, "policy", -1), b = get_int(run, "budget", -1);
@@ -589,6 +597,12 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
         if (p < 0 || (size_t)p >= r->n_policies || b < 0 || (size_t)b >= r->n_budgets ||
             (H != Hkv && H != Hq)) {
             st = kvt_error_set(KVT_ERR_CORRUPT, "results: bad run (policy %d, budget %d)", p, b);
+            goto out_fail;
+        }
+        if (seen[(size_t)p * r->n_budgets + (size_t)b]++) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "results: trace %zu has two runs of policy %s at budget %s", idx,
+                               r->policies[p].label, r->budgets[b].text);
             goto out_fail;
         }
         t->policy_heads[p] = H;
@@ -614,9 +628,20 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
                     }
                 }
     }
+    for (size_t c = 0; c < r->n_policies * r->n_budgets; c++)
+        if (!seen[c]) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "results: trace %zu has no run of policy %s at budget %s (runs cut "
+                               "from the file?)",
+                               idx, r->policies[c / r->n_budgets].label,
+                               r->budgets[c % r->n_budgets].text);
+            goto out_fail;
+        }
+    kvt_free(seen);
     *out = t;
     return KVT_OK;
 out_fail:
+    kvt_free(seen);
     kvt_trace_result_free(t);
     return st;
 }

@@ -145,6 +145,13 @@ static kvt_status not_measured(const kvt_results *r, kvt_rec_metric m, const kvt
 {
     const char *mn = kvt_rec_metric_name(m);
     size_t nb = r->n_budgets;
+    bool candidate = false;
+    for (size_t p = 0; p < r->n_policies; p++)
+        candidate |= !is_reference(&r->policies[p]);
+    if (!candidate) /* not a metric's fault */
+        return kvt_error_set(KVT_ERR_INVALID_ARG,
+                             "recommend: the results hold only reference policies (full, "
+                             "oracle), which are never recommended: replay compression policies");
     char refs[64] = "";
     for (size_t p = 0; p < r->n_policies; p++) {
         bool has = false;
