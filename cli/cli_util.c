@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -330,8 +331,8 @@ int kvt_cli_target_arg(const char *cmd, int argc, char **argv, int *i, kvt_cli_t
         t->metric = v;
         return 1;
     }
-    if (!kvt_cli_parse_double(v, &t->o.target)) {
-        kvt_cli_fail(cmd, "%s: '%s' is not a number", a, v);
+    if (!kvt_cli_parse_double(v, &t->o.target) || !isfinite(t->o.target)) {
+        kvt_cli_fail(cmd, "%s: '%s' is not a finite number", a, v);
         return -1;
     }
     t->o.target_is_max = !strcmp(a, "--max-error");

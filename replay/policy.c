@@ -116,9 +116,41 @@ static const opt_desc *find_opt(const char *key)
     return NULL;
 }
 
+/* plain decimal numbers only, as --budgets takes them: strtod alone would take " 8", "0x10",
+ * "inf"; an integer option also refuses a fraction or an exponent ("1e1", "16.0") */
+static bool plain_number(const char *s, bool integer)
+{
+    if (*s == '-' || (*s == '+' && !integer))
+        s++;
+    const char *d = s;
+    while (*s >= '0' && *s <= '9')
+        s++;
+    if (integer)
+        return s > d && *s == '\0';
+    size_t n = (size_t)(s - d); /* digits of the mantissa: 8, 8., 8.5 and .5 */
+    if (*s == '.')
+        for (s++; *s >= '0' && *s <= '9'; s++)
+            n++;
+    if (n == 0)
+        return false;
+    if (*s == 'e' || *s == 'E') {
+        s++;
+        if (*s == '+' || *s == '-')
+            s++;
+        const char *x = s;
+        while (*s >= '0' && *s <= '9')
+            s++;
+        if (s == x)
+            return false;
+    }
+    return *s == '\0';
+}
+
 static bool parse_dbl(const char *s, double *out)
 {
     char *e;
+    if (!plain_number(s, false))
+        return false;
     errno = 0;
     double v = strtod(s, &e);
     if (errno || e == s || *e || !isfinite(v))
@@ -156,7 +188,8 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
     switch (od->kind) {
     case O_INT:
     case O_DBL:
-        if (!parse_dbl(val, &x) || x < od->lo || x > od->hi || (od->kind == O_INT && x != floor(x)))
+        if (!parse_dbl(val, &x) || x < od->lo || x > od->hi ||
+            (od->kind == O_INT && !plain_number(val, true)))
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected %s in [%g, %g]", d->name,
                                  key, val, od->kind == O_INT ? "an integer" : "a number", od->lo,
                                  od->hi);
@@ -181,9 +214,10 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
         char *e;
         errno = 0;
         unsigned long long u = strtoull(val, &e, 10);
-        if (errno || e == val || *e || val[0] == '-')
-            return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: %s=%s: expected an integer", d->name,
-                                 key, val);
+        if (errno || e == val || *e || !plain_number(val, true) || val[0] == '-')
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "%s: %s=%s: expected an integer from 0 to 18446744073709551615",
+                                 d->name, key, val);
         *(uint64_t *)(base + od->off) = u;
         return KVT_OK;
     }

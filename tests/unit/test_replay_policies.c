@@ -725,6 +725,27 @@ static void test_parse(void)
         KVT_EXPECT_MSG(kvt_budgets_parse(odd[i], &b, &n) == KVT_ERR_INVALID_ARG, "'%s'", odd[i]);
     KVT_CHECK(kvt_budgets_parse("0.5%", &b, &n));
     kvt_free(b);
+    /* policy options take plain decimals too (window=1e1 and window=0x10 were 10 and 16, while
+       --budgets refused both); a real option may have a fraction or an exponent */
+    const char *bad_opt[] = {"snapkv:window=1e1", "snapkv:window=0x10", "snapkv:window=16.0",
+                             "snapkv:window=+16", "adakv:alpha=0x0.8",  "adakv:alpha=inf",
+                             "adakv:alpha=.",     "adakv:alpha=1e",     "random:seed=-1",
+                             "random:seed=1e3",   "random:seed=+3"};
+    for (size_t i = 0; i < sizeof(bad_opt) / sizeof(bad_opt[0]); i++) {
+        kvt_policy *p = NULL;
+        KVT_EXPECT_MSG(kvt_policy_create(bad_opt[i], NULL, &p) == KVT_ERR_INVALID_ARG, "'%s'",
+                       bad_opt[i]);
+        kvt_policy_free(p);
+    }
+    const char *good_opt[] = {"snapkv:window=16", "adakv:alpha=.5",
+                              "adakv:alpha=1e-1", "adakv:alpha=0.25",
+                              "adakv:alpha=1.",   "random:seed=18446744073709551615"};
+    for (size_t i = 0; i < sizeof(good_opt) / sizeof(good_opt[0]); i++) {
+        kvt_policy *p = NULL;
+        KVT_EXPECT_MSG(kvt_policy_create(good_opt[i], NULL, &p) == KVT_OK, "'%s': %s", good_opt[i],
+                       kvt_error_msg());
+        kvt_policy_free(p);
+    }
     KVT_EXPECT(kvt_policy_registry_size() == 22);
 }
 

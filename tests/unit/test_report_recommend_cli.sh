@@ -76,7 +76,7 @@ $BIN recommend "$TMP/p.json" >/dev/null 2>"$TMP/err"
 [ $? -eq 1 ] || fail "partial result: want exit 1"
 grep -q "merge" "$TMP/err" || fail "partial result message"
 # targets no setting can have are usage errors
-for bad in "--max-error -1" "--min-recall 2" "--min-recall -1.5" \
+for bad in "--max-error -1" "--min-recall 2" "--min-recall -1.5" "--max-error inf" "--min-recall nan" \
     "--max-error 0.5 --metric coverage_dropped" "--min-recall 0.5 --metric err_decode"; do
     # shellcheck disable=SC2086
     $BIN recommend "$TMP/p.json" $bad >/dev/null 2>"$TMP/err"
