@@ -342,6 +342,10 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
     size_t nlen = colon ? (size_t)(colon - spec) : strlen(spec);
     KVT_RETURN_IF(nlen == 0 || nlen >= sizeof(name), KVT_ERR_INVALID_ARG, "bad policy spec '%s'",
                   spec);
+    KVT_RETURN_IF(colon && !colon[1], KVT_ERR_INVALID_ARG,
+                  "policy spec '%s': a ':' with no options after it (write '%.*s', or "
+                  "'%.*s:key=value')",
+                  spec, (int)nlen, spec, (int)nlen, spec);
     memcpy(name, spec, nlen);
     name[nlen] = '\0';
     const kvt_policy_def *d = kvt_policy_def_find(name);

@@ -730,7 +730,7 @@ static void test_parse(void)
     const char *bad_opt[] = {"snapkv:window=1e1", "snapkv:window=0x10", "snapkv:window=16.0",
                              "snapkv:window=+16", "adakv:alpha=0x0.8",  "adakv:alpha=inf",
                              "adakv:alpha=.",     "adakv:alpha=1e",     "random:seed=-1",
-                             "random:seed=1e3",   "random:seed=+3"};
+                             "random:seed=1e3",   "random:seed=+3",     "snapkv:"};
     for (size_t i = 0; i < sizeof(bad_opt) / sizeof(bad_opt[0]); i++) {
         kvt_policy *p = NULL;
         KVT_EXPECT_MSG(kvt_policy_create(bad_opt[i], NULL, &p) == KVT_ERR_INVALID_ARG, "'%s'",
