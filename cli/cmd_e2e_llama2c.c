@@ -839,10 +839,21 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         kvt_cli_fail_status(cmd, st, out);
         goto out_free;
     }
-    fprintf(stderr,
-            "e2e-llama2c: wrote %s (%zu settings on %zu trace%s); Spearman's rho against the "
-            "end-to-end KL over %d settings: err_decode %.3f, 1 - recall_decode %.3f\n",
-            out, n_runs, n_traces, n_traces == 1 ? "" : "s", n_err, rho_err, rho_rec);
+    char re[16], rr[16]; /* NaN when the KL or the proxy is the same for every setting */
+    snprintf(re, sizeof(re), isnan(rho_err) ? "n/a" : "%.3f", rho_err);
+    snprintf(rr, sizeof(rr), isnan(rho_rec) ? "n/a" : "%.3f", rho_rec);
+    if (n_err >= 3)
+        fprintf(stderr,
+                "e2e-llama2c: wrote %s (%zu setting%s on %zu trace%s); Spearman's rho against the "
+                "end-to-end KL over %d settings: err_decode %s, 1 - recall_decode %s\n",
+                out, n_runs, n_runs == 1 ? "" : "s", n_traces, n_traces == 1 ? "" : "s", n_err, re,
+                rr);
+    else /* a rank correlation needs 3 settings (the JSON holds null) */
+        fprintf(stderr,
+                "e2e-llama2c: wrote %s (%zu setting%s on %zu trace%s); no Spearman's rho: %d "
+                "setting%s with a measured KL, 3 needed\n",
+                out, n_runs, n_runs == 1 ? "" : "s", n_traces, n_traces == 1 ? "" : "s", n_err,
+                n_err == 1 ? "" : "s");
     rc = 0;
 out_free:
     if (sw)

@@ -216,6 +216,15 @@ with tempfile.TemporaryDirectory() as tmp:
         print("ok: two traces: each trace's measures are its own run's; means and the replay's "
               "aggregate over both")
 
+    # one setting: no rank correlation, said in words (it printed "err_decode nan" over
+    # "1 settings"); the JSON holds null
+    one1 = os.path.join(tmp, "one1.json")
+    r1 = run("e2e-llama2c", tr, "--model", MODEL, "--policies", "snapkv:window=16", "--budgets",
+             "24", "-o", one1)
+    check("(1 setting on 1 trace); no Spearman's rho: 1 setting with a measured KL, 3 needed"
+          in r1.stderr and json.load(open(one1))["spearman"]["err_decode_vs_kl"] is None,
+          "one setting: %r" % r1.stderr)
+
     # kvtrace report --e2e: the section, its scatter and a row per setting
     rep = os.path.join(tmp, "rep")
     r2 = run("report", res, "--e2e", out, "-o", rep)
