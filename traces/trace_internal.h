@@ -88,6 +88,13 @@ void kvt_trace_reader_layout_(const kvt_trace_reader *r, uint64_t *header_end,
 /** What the recovery scan of a recovered reader found (see kvt_trace_scan). */
 void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,
                                    uint64_t *n_skipped);
+/** Whether two of the n records `in[i]` (of one tensor) overlap, exactly, from each head's
+ *  token intervals sorted: *a and *b receive an overlapping pair. Tensors of more than
+ *  KVT_OVERLAP_ROWS (record, head) pairs are not checked (*found false). KVT_ERR_NOMEM, or
+ *  KVT_OK with *found. */
+#define KVT_OVERLAP_ROWS (1u << 22)
+kvt_status kvt_records_overlap(const kvt_record_info *const *in, size_t n, bool *found, size_t *a,
+                               size_t *b);
 /** Why a recovered reader could not use the index: KVT_ERR_TRUNCATED when the file ends
  *  without a trailer (never finished), another status when the trailer or index is there but
  *  damaged; KVT_OK when not recovered. */

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -473,6 +474,50 @@ out_free:
     return s;
 }
 
+typedef struct hrow {
+    uint32_t head, tb, te;
+    uint32_t rec; /* index into the caller's list */
+} hrow;
+
+static int by_head_tok(const void *x, const void *y)
+{
+    const hrow *a = x, *b = y;
+    if (a->head != b->head)
+        return a->head < b->head ? -1 : 1;
+    return a->tb < b->tb ? -1 : a->tb > b->tb;
+}
+
+kvt_status kvt_records_overlap(const kvt_record_info *const *in, size_t n, bool *found, size_t *a,
+                               size_t *b)
+{
+    *found = false;
+    if (n < 2)
+        return KVT_OK;
+    /* every (head, record) pair's token interval, sorted by head then start: two records
+       overlap exactly when two neighbours of one head do. Beyond KVT_OVERLAP_ROWS pairs (no
+       trace of a real model comes near) the check is left to the callers' area count. */
+    uint64_t rows = 0;
+    for (size_t i = 0; i < n; i++)
+        rows += (uint64_t)(in[i]->head_end - in[i]->head_begin);
+    if (rows > KVT_OVERLAP_ROWS || n > UINT32_MAX)
+        return KVT_OK;
+    hrow *v = kvt_malloc((size_t)rows * sizeof(*v));
+    KVT_RETURN_IF(!v, KVT_ERR_NOMEM, "out of memory");
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        for (uint32_t h = in[i]->head_begin; h < in[i]->head_end; h++)
+            v[k++] = (hrow){h, in[i]->tok_begin, in[i]->tok_end, (uint32_t)i};
+    qsort(v, k, sizeof(*v), by_head_tok);
+    for (size_t i = 1; i < k && !*found; i++)
+        if (v[i].head == v[i - 1].head && v[i].tb < v[i - 1].te) {
+            *found = true;
+            *a = v[i - 1].rec;
+            *b = v[i].rec;
+        }
+    kvt_free(v);
+    return KVT_OK;
+}
+
 static kvt_status decode_record(kvt_trace_reader *r, size_t i, uint8_t **out)
 {
     uint64_t br = 0;
@@ -513,6 +558,30 @@ kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, u
     KVT_RETURN_IF(dst_cap < need, KVT_ERR_INVALID_ARG,
                   "buffer of %zu bytes too small for %zu bytes", dst_cap, need);
     size_t ies = kvt_dtype_size(st);
+    /* records that overlap cannot be told from the area they cover when a gap of the same
+       area is elsewhere: checked exactly first (the rows of a gap would be left unwritten) */
+    size_t n_t = 0;
+    for (size_t i = 0; i < r->n_recs; i++)
+        n_t += r->recs[i].info.layer == layer && r->recs[i].info.kind == kind;
+    const kvt_record_info **tv = kvt_malloc((n_t ? n_t : 1) * sizeof(*tv));
+    KVT_RETURN_IF(!tv, KVT_ERR_NOMEM, "out of memory");
+    n_t = 0;
+    for (size_t i = 0; i < r->n_recs; i++)
+        if (r->recs[i].info.layer == layer && r->recs[i].info.kind == kind)
+            tv[n_t++] = &r->recs[i].info;
+    bool ov = false;
+    size_t oa = 0, ob = 0;
+    kvt_status os = kvt_records_overlap(tv, n_t, &ov, &oa, &ob);
+    if (os == KVT_OK && ov)
+        os =
+            kvt_error_set(KVT_ERR_CORRUPT,
+                          "layer %d %s: records %u and %u overlap (heads [%u,%u) x tokens [%u,%u) "
+                          "and [%u,%u) x [%u,%u))",
+                          (int)layer, kvt_kind_name(kind), tv[oa]->seq, tv[ob]->seq,
+                          tv[oa]->head_begin, tv[oa]->head_end, tv[oa]->tok_begin, tv[oa]->tok_end,
+                          tv[ob]->head_begin, tv[ob]->head_end, tv[ob]->tok_begin, tv[ob]->tok_end);
+    kvt_free(tv);
+    KVT_FORWARD(os);
     uint64_t covered = 0;
     uint8_t *out = dst;
     for (size_t i = 0; i < r->n_recs; i++) {

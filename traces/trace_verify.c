@@ -94,16 +94,22 @@ static int by_tensor(const void *a, const void *b)
 }
 
 /* What traces/FORMAT.md asks of a tensor's records as a whole (another writer may not have
- * kept to it; kvtrace's refuses it at append): one dtype and dim, no overlap, and (in a finished
- * trace) no rows missing from [0, max Head_End) x [0, max Tok_End). Overlap and gaps are found
- * by area, without decoding. meta_json records overlap by design. */
+ * kept to it; kvtrace's refuses it at append): one dtype and dim, no overlap (checked exactly,
+ * kvt_records_overlap), and (in a finished trace) no rows missing from [0, max Head_End) x
+ * [0, max Tok_End), found by area once there is no overlap. Records of a kind this version
+ * does not know are skipped, as a reader skips them; meta_json records overlap by design. */
 static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished,
                                 kvt_verify_report *rep, size_t *cap)
 {
     if (n == 0)
         return KVT_OK;
     tkey *k = kvt_malloc(n * sizeof(*k));
-    KVT_RETURN_IF(!k, KVT_ERR_NOMEM, "out of memory");
+    const kvt_record_info **g = kvt_malloc(n * sizeof(*g));
+    if (!k || !g) {
+        kvt_free(k);
+        kvt_free(g);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    }
     for (size_t i = 0; i < n; i++)
         k[i] = (tkey){recs[i].info.layer, recs[i].info.kind, i};
     qsort(k, n, sizeof(*k), by_tensor);
@@ -113,8 +119,10 @@ static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished
         uint32_t H = 0, T = 0;
         uint64_t covered = 0;
         bool mixed = false, big = false;
+        size_t m = 0;
         for (b = a; b < n && k[b].layer == f->layer && k[b].kind == f->kind; b++) {
             const kvt_record_info *in = &recs[k[b].i].info;
+            g[m++] = in;
             mixed |= in->dtype != f->dtype || in->dim != f->dim;
             H = in->head_end > H ? in->head_end : H;
             T = in->tok_end > T ? in->tok_end : T;
@@ -123,18 +131,29 @@ static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished
             big |= area > UINT64_MAX - covered;
             covered += big ? 0 : area;
         }
-        if (f->kind == KVT_KIND_META_JSON)
+        if (f->kind == KVT_KIND_META_JSON || !kvt_kind_name(f->kind))
             continue;
         char name[64];
         if (f->layer < 0)
             snprintf(name, sizeof(name), "%s", kvt_kind_name(f->kind));
         else
             snprintf(name, sizeof(name), "layer %d %s", (int)f->layer, kvt_kind_name(f->kind));
+        bool ov = false;
+        size_t x = 0, y = 0;
+        if ((s = kvt_records_overlap(g, m, &ov, &x, &y)) != KVT_OK)
+            break;
         uint64_t want = (uint64_t)H * T;
         if (mixed)
             s = add_problem(rep, cap, f->file_offset, -1, f->kind, f->layer,
                             "%s: its records differ in dtype or dim (unreadable)", name);
-        else if (big || covered > want)
+        else if (ov)
+            s = add_problem(rep, cap, g[y]->file_offset, (int32_t)g[y]->seq, f->kind, f->layer,
+                            "%s: records %u and %u overlap (heads [%u,%u) x tokens [%u,%u) and "
+                            "[%u,%u) x [%u,%u); unreadable)",
+                            name, g[x]->seq, g[y]->seq, g[x]->head_begin, g[x]->head_end,
+                            g[x]->tok_begin, g[x]->tok_end, g[y]->head_begin, g[y]->head_end,
+                            g[y]->tok_begin, g[y]->tok_end);
+        else if (big || covered > want) /* only past kvt_records_overlap's size limit */
             s = add_problem(rep, cap, f->file_offset, -1, f->kind, f->layer,
                             "%s: its records overlap (they cover more than its %u heads x %u "
                             "tokens; unreadable)",
@@ -146,6 +165,7 @@ static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished
                             name, (unsigned long long)(want - covered), H, T);
     }
     kvt_free(k);
+    kvt_free(g);
     return s;
 }
 
@@ -175,30 +195,30 @@ kvt_status kvt_trace_verify_ex(const char *path, kvt_verify_report *rep, kvt_pro
         rep->index_ok = true;
         rep->n_records_expected = n;
     } else {
-        /* a file that ends without a trailer was never finished; a trailer or index that is
-         * there but fails its checks was damaged after */
-        bool unfinished = kvt_trace_reader_index_status_(r) == KVT_ERR_TRUNCATED;
-        s = add_problem(rep, &cap, size, -1, 0, -1, "no valid index: %s (%s)",
-                        kvt_trace_reader_recovery_note(r),
-                        unfinished ? "the trace was not finished: capture killed or disk full?"
-                                   : "the index or trailer is damaged");
-        if (s != KVT_OK)
-            goto out;
         kvt_trace_reader_scan_result_(r, &valid_end, &skipped);
-        if (skipped)
-            s = add_problem(rep, &cap, 0, -1, 0, -1,
-                            "%llu damaged region(s) skipped while scanning (unreadable record "
-                            "headers)",
-                            (unsigned long long)skipped);
         uint8_t fh[8]; /* where the scan stopped: an index (whole or cut) and a cut trailer hold
                           no record, so nothing is lost there */
-        bool index = s == KVT_OK && valid_end < size &&
-                     kvt_pread_full(fd, fh, sizeof(fh), valid_end) == KVT_OK &&
+        bool index = valid_end < size && kvt_pread_full(fd, fh, sizeof(fh), valid_end) == KVT_OK &&
                      kvt_get_u32(fh) == KVT_FRAME_INDEX;
         uint64_t after = index && valid_end + 8 + kvt_get_u32(fh + 4) <= size
                              ? size - valid_end - 8 - kvt_get_u32(fh + 4)
                              : 0; /* bytes after a complete index frame */
-        if (index && !unfinished && after == KVT_TRAILER_BYTES)
+        /* a file that ends without a trailer was never finished; a trailer or index that is
+         * there, whole, but fails its checks (a checksum, a magic word) was damaged after */
+        bool damaged = index && after == KVT_TRAILER_BYTES;
+        bool unfinished = !damaged && kvt_trace_reader_index_status_(r) == KVT_ERR_TRUNCATED;
+        s = add_problem(rep, &cap, size, -1, 0, -1, "no valid index: %s (%s)",
+                        kvt_trace_reader_recovery_note(r),
+                        unfinished ? "the trace was not finished: capture killed or disk full?"
+                                   : "the index or trailer is damaged");
+        if (s == KVT_OK && skipped)
+            s = add_problem(rep, &cap, 0, -1, 0, -1,
+                            "%llu damaged region(s) skipped while scanning (unreadable record "
+                            "headers)",
+                            (unsigned long long)skipped);
+        if (s != KVT_OK)
+            goto out;
+        if (damaged)
             s = add_problem(rep, &cap, valid_end, -1, 0, -1,
                             "the index at offset %llu and the trailer after it are there but "
                             "damaged: no record lost",
