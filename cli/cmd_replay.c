@@ -393,7 +393,7 @@ static void progress_cb(void *user, uint64_t done, uint64_t total)
  * two engines may be named differently). A trace recovered by scanning is a warning too. A
  * trace that cannot be read is left to the replay, which says why. Warnings go to notes (may
  * be NULL). */
-static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE *notes)
+static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE *notes, int *max_g)
 {
     int ref[4] = {0};
     const char *ref_path = NULL;
@@ -403,6 +403,7 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
             if (kvt_cli_same_path(traces[t], traces[u])) {
                 kvt_cli_fail(cmd, "%s is given twice (as %s and %s)", traces[t], traces[u],
                              traces[t]);
+                cJSON_free(ref_id);
                 return false;
             }
         kvt_trace_reader *rd = NULL;
@@ -433,6 +434,14 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
         char *idj = id ? cJSON_PrintUnformatted(id) : NULL;
         cJSON_Delete(id);
         cJSON_Delete(hdr);
+        /* the most decode steps a layer holds (a header's layer count past its records is
+           not trusted) */
+        for (int l = 0; max_g && l < v[0] && (size_t)l < kvt_trace_reader_n_records(rd); l++) {
+            uint32_t g = 0;
+            if (kvt_trace_reader_shape(rd, l, KVT_KIND_Q_DECODE, NULL, &g, NULL, NULL) == KVT_OK)
+                max_g[t] = (int)g > max_g[t] ? (int)g : max_g[t];
+        }
+        kvt_error_clear();
         kvt_trace_reader_close(rd);
         if (!ref_path) {
             memcpy(ref, v, sizeof(ref));
@@ -462,27 +471,25 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
     return true;
 }
 
-/* A trace whose layers hold fewer decode steps than its header planned (a capture stopped
- * early, a trace cut short) gives decode metrics from the steps every layer holds whole, or
- * none: said, as the table shows only '-' or the fewer steps' numbers. */
-static void decode_note(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr)
+/* A trace whose layers hold different numbers of decode steps (a trace cut short) gives
+ * decode metrics from the steps every layer holds whole, or none: said, as the table shows
+ * only '-' or the fewer steps' numbers. max_g: the most any layer holds. */
+static void decode_note(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr,
+                        int max_g)
 {
-    cJSON *hdr = cJSON_Parse(tr->header_json ? tr->header_json : "");
-    const cJSON *g = cJSON_GetObjectItemCaseSensitive(hdr, "n_decode");
-    int planned = cJSON_IsNumber(g) ? g->valueint : 0;
-    cJSON_Delete(hdr);
-    if (planned <= tr->n_decode)
+    if (max_g <= tr->n_decode) /* fewer than planned but alike in every layer is a whole
+                                  capture (generate stops early, makes G - 1 decode calls) */
         return;
     if (tr->n_decode > 0)
         fprintf(f,
-                "kvtrace %s: warning: %s: decode metrics from %d of the %d planned decode steps "
-                "(the steps every layer holds whole)\n",
-                cmd, path, tr->n_decode, planned);
+                "kvtrace %s: warning: %s: decode metrics from %d decode steps, those every layer "
+                "holds whole (some layers hold %d)\n",
+                cmd, path, tr->n_decode, max_g);
     else
         fprintf(f,
                 "kvtrace %s: warning: %s: no decode metrics: not every layer holds decode steps "
-                "(%d planned)\n",
-                cmd, path, planned);
+                "(some hold %d)\n",
+                cmd, path, max_g);
 }
 
 /* Budgets whose rows a reader of the table would misread: every budget keeping the whole
@@ -557,6 +564,7 @@ int kvt_cmd_replay(int argc, char **argv)
        fails says one line, its error */
     char *notes_buf = NULL;
     size_t notes_len = 0;
+    int *max_g = NULL; /* [n_traces] the most decode steps a layer of each trace holds */
     FILE *notes = open_memstream(&notes_buf, &notes_len);
     if (!notes)
         notes = stderr;
@@ -574,6 +582,10 @@ int kvt_cmd_replay(int argc, char **argv)
     kvt_cli_mpi mpi; /* a launch by mpirun: one shard per process, rank 0 merges and writes */
     if ((rc = kvt_cli_mpi_begin(&mpi, cmd))) {
         kvt_free(traces);
+        if (notes != stderr) {
+            fclose(notes);
+            free(notes_buf);
+        }
         return rc;
     }
     rc = 1;
@@ -720,7 +732,12 @@ int kvt_cmd_replay(int argc, char **argv)
         if (!ok)
             goto out_free;
     }
-    if (!traces_ok(cmd, (const char *const *)traces, n_traces, mpi.rank == 0 ? notes : NULL))
+    max_g = kvt_calloc(n_traces + 1, sizeof(int));
+    if (!max_g) {
+        kvt_cli_fail(cmd, "out of memory");
+        goto out_free;
+    }
+    if (!traces_ok(cmd, (const char *const *)traces, n_traces, mpi.rank == 0 ? notes : NULL, max_g))
         goto out_free;
     {
         char why[160];
@@ -867,7 +884,7 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         }
         if (mpi.rank == 0) {
-            decode_note(notes, cmd, traces[t], tr);
+            decode_note(notes, cmd, traces[t], tr, max_g[t]);
             budget_notes(notes, cmd, traces[t], tr);
         }
         /* the last trace is ended only once results.json is written: a selection writer
@@ -969,6 +986,7 @@ int kvt_cmd_replay(int argc, char **argv)
             n_b == 1 ? "" : "s", procs, export_path ? " and " : "", export_path ? export_path : "");
     rc = 0;
 out_free:
+    kvt_free(max_g);
     if (notes != stderr) {
         fclose(notes);
         free(notes_buf); /* open_memstream's, with malloc */

@@ -63,10 +63,17 @@ for i, (cut, uneven) in enumerate(cuts):
             ok=False)
     if not check(r.returncode == 0, "cut %d: replay exits %d: %s" % (i, r.returncode, r.stderr)):
         continue
+    # a warning says so when the layers differ (not when every layer holds the same steps,
+    # fewer than planned, as after an early stop), and that the trace is incomplete
+    said = "decode metrics from %d decode steps, those every layer holds whole" % g
+    check((said in r.stderr) == uneven and "is incomplete" in r.stderr,
+          "cut %d: warnings %r" % (i, r.stderr))
     ref = os.path.join(tmp, "ref%d.kvt" % i)
     capture(ref, g)
     ref_out = os.path.join(tmp, "ref%d.json" % i)
-    run("replay", ref, "--policies", POL, "--budgets", "24,48", "--threads", 2, "-o", ref_out)
+    rr = run("replay", ref, "--policies", POL, "--budgets", "24,48", "--threads", 2, "-o",
+             ref_out)
+    check("warning" not in rr.stderr, "a whole %d-step capture: %r" % (g, rr.stderr))
     (gc, a), (gr, b) = runs(out), runs(ref_out)
     check(gc == g and gr == g, "cut %d: n_decode %d / %d, want %d" % (i, gc, gr, g))
     check(a == b, "cut %d: the results differ from a capture of %d steps" % (i, g))
