@@ -165,7 +165,8 @@ if [ ! -x "$KVT" ] || [ ! -e "$KVT_LIB" ]; then
         exit 1
     fi
     step build "$TO_BUILD" bash -c "cmake -S '$ROOT' -B '$BUILD' -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DKVT_CUDA=AUTO -DBUILD_TESTING=OFF && cmake --build '$BUILD' -j$(nproc) --target kvtrace_cli kvtrace"
+        -DKVT_CUDA=AUTO -DBUILD_TESTING=OFF && cmake --build '$BUILD' -j$(nproc) --target kvtrace_cli kvtrace \
+        && { cmake --build '$BUILD' --target bench_gpu_peak >/dev/null 2>&1 || true; }" # (CUDA only)
     if [ "${RC[build]}" != 0 ]; then
         echo "run_gpu: the build failed (missing libraries? the CMake log above names them);" \
              "build elsewhere and pass BUILD= (and DEPS= for its shared libraries)"

@@ -9,6 +9,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -224,6 +225,8 @@ static void tmp_remember(const char *t)
         if (tmp_state[i] == 0) {
             tmp_state[i] = 1;
             strcpy(tmp_name[i], t);
+            atomic_signal_fence(memory_order_seq_cst); /* the name before the state, for a
+                                                          handler in this thread */
             tmp_state[i] = 2;
             break;
         }
