@@ -23,27 +23,48 @@
 
 #define CMD "capture-llama2c"
 
-/* the signal that asked us to stop (0: none); the handler only stores it */
+/* the signal that asked us to stop (0: none), and when it came (CLOCK_MONOTONIC ns) */
 static volatile sig_atomic_t stop_signal;
+static volatile long long stop_ns;
+
+static long long mono_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t); /* async-signal-safe */
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 static void on_stop_signal(int sig)
 {
-    stop_signal = sig;
+    if (!stop_signal) {
+        stop_ns = mono_ns();
+        stop_signal = sig;
+        return;
+    }
+    /* a second Ctrl-C a second or more after the first kills as usual; sooner it is the same
+       request delivered twice (GNU timeout -s INT, and some schedulers, signal the process
+       and its group at once) */
+    if (sig == SIGINT && mono_ns() - stop_ns >= 1000000000LL) {
+        signal(SIGINT, SIG_DFL);
+        raise(SIGINT);
+    }
 }
 
-/* SIGINT/SIGTERM stop the run cleanly. A second Ctrl-C kills as usual (SA_RESETHAND); a
- * second SIGTERM is the same request (GNU timeout sends one to the process and one to its
- * group), and whoever must stop it at once sends SIGKILL. (SIGXFSZ is ignored for every command
- * in main.c, so a file size limit is a write error.) */
+/* SIGINT/SIGTERM stop the run cleanly. A second Ctrl-C, a second or more after the first,
+ * kills as usual; a second SIGTERM, or a SIGINT within that second, is the same request
+ * (GNU timeout sends one to the process and one to its group), and whoever must stop it at
+ * once sends SIGKILL. (SIGXFSZ is ignored for every command in main.c, so a file size limit
+ * is a write error.) */
 static void install_signals(void)
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_stop_signal;
-    sa.sa_flags = SA_RESETHAND | SA_RESTART;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
     sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask); /* one handler at a time */
+    sigaddset(&sa.sa_mask, SIGINT);
+    sigaddset(&sa.sa_mask, SIGTERM);
+    sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 }
 

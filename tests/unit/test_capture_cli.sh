@@ -195,6 +195,12 @@ interrupt_prompt "TERM TERM" $TMP/p2.kvt
 rc=$?
 check "two SIGTERMs inside the prompt: exit 143, one line, no file left" \
     "[ $rc -eq 143 ] && [ \$(wc -l <$TMP/p.err) -eq 1 ] && ! ls $TMP/p2.kvt* >/dev/null 2>&1"
+# two SIGINTs 0.1 s apart (timeout -s INT does the same): one request too (the second killed
+# the capture and left a damaged file, until 2026-12-03)
+interrupt_prompt "INT INT" $TMP/p3.kvt
+rc=$?
+check "two SIGINTs inside the prompt: exit 130, one line, no file left" \
+    "[ $rc -eq 130 ] && [ \$(wc -l <$TMP/p.err) -eq 1 ] && grep -q 'interrupted (SIGINT)' $TMP/p.err && ! ls $TMP/p3.kvt* >/dev/null 2>&1"
 
 SAMPLE=$ROOT/traces/samples/stories260K.kvt
 if [ -f "$SAMPLE" ]; then
