@@ -271,6 +271,30 @@ static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const
         }
         k[best]++;
     }
+    /* the greedy steps can overshoot (a big step taken last where a smaller one elsewhere
+       would have done): step layers back down, the largest saving first, while the mean
+       still meets the target */
+    for (;;) {
+        double s = 0.0;
+        for (int l = 0; l < L; l++)
+            s += lv[(size_t)l * nb + (size_t)k[l]];
+        int best = -1;
+        double best_save = 0.0;
+        for (int l = 0; l < L; l++) {
+            if (k[l] == 0)
+                continue;
+            const double *v = &lv[(size_t)l * nb];
+            double save = cost[order[k[l]]] - cost[order[k[l] - 1]];
+            if (!isnan(v[k[l] - 1]) && meets(rec, (s - v[k[l]] + v[k[l] - 1]) / L) &&
+                save > best_save) {
+                best = l;
+                best_save = save;
+            }
+        }
+        if (best < 0)
+            break;
+        k[best]--;
+    }
     rec->alloc_entries = 0.0;
     for (int l = 0; l < L; l++) {
         k[l] = order[k[l]];
@@ -363,6 +387,13 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
         for (int l = 0; l < L; l++)
             rec->layer_alloc[l] = (int)rec->budget;
         rec->alloc_entries = rec->uniform_entries;
+    }
+    /* every layer meeting the target on its own (the per-layer suggestion) meets it on the
+       mean too: an allocation never costs more */
+    if (!isnan(rec->layer_entries) && rec->layer_entries < rec->alloc_entries) {
+        for (int l = 0; l < L; l++)
+            rec->layer_alloc[l] = rec->layer_budget[l];
+        rec->alloc_entries = rec->layer_entries;
     }
     kvt_free(lv);
     return KVT_OK;

@@ -189,6 +189,17 @@ $BIN recommend "$TMP/vl.json" --max-error 0.5 >"$TMP/rec" 2>&1 || { cat "$TMP/re
 ua=$(grep -o 'uniform [0-9][0-9]*, allocation [0-9][0-9]*' "$TMP/rec")
 [ -n "$ua" ] || fail "no uniform and allocation counts: $(grep entries "$TMP/rec")"
 echo "$ua" | awk '{exit !($4 + 0 <= $2 + 0)}' || fail "allocation above uniform: $ua"
+# ... nor more than the per-layer suggestion, which meets the target on the mean as well (on
+# this trace the greedy steps ended at 256/256 = 4096 entries, the per-layer setting 3688;
+# QA pass 2026-12-03)
+$BIN synth --shape llama3-8b --tokens 2048 --layers 2 -o "$TMP/l3.kvt" >/dev/null 2>&1 ||
+    fail "synth l3"
+$BIN replay "$TMP/l3.kvt" --policies adakv --budgets 64,128,256,512,10% -o "$TMP/l3.json" \
+    >/dev/null 2>&1 || fail "replay l3"
+$BIN recommend "$TMP/l3.json" --max-error 0.7 >"$TMP/rec" 2>&1 || { cat "$TMP/rec"; fail "rec l3"; }
+al=$(sed -n 's/.*allocation \([0-9]*\), per-layer \([0-9]*\),.*/\1 \2/p' "$TMP/rec")
+[ -n "$al" ] && echo "$al" | awk '{exit !($1 + 0 <= $2 + 0)}' ||
+    fail "allocation above per-layer: $(grep entries "$TMP/rec")"
 # results with only references: the message says so (it said "err_window is measured only for
 # full", though the trace has decode steps); results with runs cut out are refused on reading
 # (recommend and report took the missing runs as unmeasured)
