@@ -640,7 +640,8 @@ static kvt_status put_alloc_heads(FILE *f, const kvt_results *r, const report_pl
     char name[256];
     fputs("<h3 id=\"alloc-heads\">Kept entries per layer and head</h3>\n<p>How each of these "
           "policies splits its budget over the heads of each layer (the mean over traces); "
-          "colour scale 0 to the policy's largest count at that budget; grey: not measured. "
+          "one colour scale for all of them, 0 to the largest count of any of them (with the "
+          "same kind of head) at that budget, so that the tables compare; grey: not measured. "
           "Hover a cell for its count and its ratio to the mean head of the layer.",
           f);
     put_heat_controls(f, r, pl, "alloc-budget", "alloc-heatmaps");
