@@ -242,24 +242,30 @@ rm -f "$TMP"/cap.kvt.tmp.*
 # synth --force (SIGTERM, its new trace), replay --export-selection (SIGHUP, the export's
 # temporary, written from the first layer on; reference kernels keep the replay running)
 # (both used to leave NAME.tmp.PID.N behind)
+# signal_at_tmp SIG GLOB CMD...: run CMD in the background, send SIG once a file matches GLOB
+# (the temporary exists), return CMD's exit status
+signal_at_tmp() {
+    local sig=$1 glob=$2 p f
+    shift 2
+    "$@" >/dev/null 2>&1 &
+    p=$!
+    for _ in $(seq 300); do
+        for f in $glob; do [ -e "$f" ] && break 2; done
+        sleep 0.1
+    done
+    kill -"$sig" $p
+    wait $p
+}
 $BIN synth --shape tiny --tokens 64 -o "$TMP/sig.kvt" >/dev/null 2>&1
 cp "$TMP/sig.kvt" "$TMP/sig.old"
-$BIN synth --shape llama3-8b --tokens 2048 --layers 4 --colsum on --threads 1 \
-    -o "$TMP/sig.kvt" --force >/dev/null 2>&1 &
-sig_pid=$!
-for _ in $(seq 300); do ls "$TMP"/sig.kvt.tmp.* >/dev/null 2>&1 && break; sleep 0.1; done
-kill -TERM $sig_pid
-wait $sig_pid
+signal_at_tmp TERM "$TMP/sig.kvt.tmp.*" $BIN synth --shape llama3-8b --tokens 2048 --layers 4 \
+    --colsum on --threads 1 -o "$TMP/sig.kvt" --force
 rc=$?
 check "synth --force interrupted: exit by SIGTERM (got $rc), no temporary left, old trace kept" \
     "[ $rc -eq 143 ] && ! ls $TMP/sig.kvt.tmp.* >/dev/null 2>&1 && cmp -s $TMP/sig.kvt $TMP/sig.old"
 $BIN synth --shape llama3-8b --tokens 1024 --layers 2 -o "$TMP/big.kvt" >/dev/null 2>&1
-KVT_KERNELS=ref $BIN replay "$TMP/big.kvt" --policies all --budgets 64,128 --threads 1 \
-    -o "$TMP/sig.json" --export-selection "$TMP/sig.bin" >/dev/null 2>&1 &
-sig_pid=$!
-for _ in $(seq 300); do ls "$TMP"/sig.bin.tmp.* >/dev/null 2>&1 && break; sleep 0.1; done
-kill -HUP $sig_pid
-wait $sig_pid
+signal_at_tmp HUP "$TMP/sig.bin.tmp.*" env KVT_KERNELS=ref $BIN replay "$TMP/big.kvt" \
+    --policies all --budgets 64,128 --threads 1 -o "$TMP/sig.json" --export-selection "$TMP/sig.bin"
 rc=$?
 check "replay --export-selection interrupted: exit by SIGHUP (got $rc), no temporary left" \
     "[ $rc -eq 129 ] && ! ls -a $TMP | grep -q 'sig\.\(bin\|json\)' "
