@@ -5,6 +5,8 @@
 #ifndef KVT_TRACE_INTERNAL_H
 #define KVT_TRACE_INTERNAL_H
 
+#include <stdio.h>
+
 #include "kvt_trace.h"
 
 #define KVT_INDEX_MAGIC 0x5849564Bu /* "KVIX" */
@@ -88,6 +90,16 @@ void kvt_trace_reader_layout_(const kvt_trace_reader *r, uint64_t *header_end,
 /** What the recovery scan of a recovered reader found (see kvt_trace_scan). */
 void kvt_trace_reader_scan_result_(const kvt_trace_reader *r, uint64_t *valid_end,
                                    uint64_t *n_skipped);
+/** A tensor's name in messages: "layer 3 K", or "token_ids" for a table (layer -1). */
+static inline const char *kvt_tensor_name(int32_t layer, int kind, char *buf, size_t cap)
+{
+    if (layer < 0)
+        snprintf(buf, cap, "%s", kvt_kind_name(kind));
+    else
+        snprintf(buf, cap, "layer %d %s", (int)layer, kvt_kind_name(kind));
+    return buf;
+}
+
 /** Whether two of the n records `in[i]` (of one tensor) overlap, exactly, from each head's
  *  token intervals sorted: *a and *b receive an overlapping pair. Tensors of more than
  *  KVT_OVERLAP_ROWS (record, head) pairs are not checked (*found false). KVT_ERR_NOMEM, or

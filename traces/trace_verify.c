@@ -134,10 +134,7 @@ static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished
         if (f->kind == KVT_KIND_META_JSON || !kvt_kind_name(f->kind))
             continue;
         char name[64];
-        if (f->layer < 0)
-            snprintf(name, sizeof(name), "%s", kvt_kind_name(f->kind));
-        else
-            snprintf(name, sizeof(name), "layer %d %s", (int)f->layer, kvt_kind_name(f->kind));
+        kvt_tensor_name(f->layer, f->kind, name, sizeof(name));
         bool ov = false;
         size_t x = 0, y = 0;
         if ((s = kvt_records_overlap(g, m, &ov, &x, &y)) != KVT_OK)

@@ -415,16 +415,6 @@ static kvt_status validate_info(const kvt_record_info *in)
     return KVT_OK;
 }
 
-/* "layer 3 K" or "token_ids" */
-static const char *tensor_name(const kvt_record_info *in, char *buf, size_t cap)
-{
-    if (in->layer < 0)
-        snprintf(buf, cap, "%s", kvt_kind_name(in->kind));
-    else
-        snprintf(buf, cap, "layer %d %s", (int)in->layer, kvt_kind_name(in->kind));
-    return buf;
-}
-
 /* Check the block against the earlier blocks of its tensor and remember it (under mu). */
 static kvt_status claim_block_locked(kvt_trace_writer *w, const kvt_record_info *in)
 {
@@ -453,8 +443,8 @@ static kvt_status claim_block_locked(kvt_trace_writer *w, const kvt_record_info 
         KVT_RETURN_IF(in->dtype != t->dtype || in->dim != t->dim, KVT_ERR_INVALID_ARG,
                       "%s: a %s record of dim %u, but its earlier records are %s of dim %u (the "
                       "records of one tensor share dtype and dim: traces/FORMAT.md)",
-                      tensor_name(in, name, sizeof(name)), kvt_dtype_name(in->dtype), in->dim,
-                      kvt_dtype_name(t->dtype), t->dim);
+                      kvt_tensor_name(in->layer, in->kind, name, sizeof(name)),
+                      kvt_dtype_name(in->dtype), in->dim, kvt_dtype_name(t->dtype), t->dim);
         bool clear = in->head_end <= WT_FAST_HEADS;
         for (uint32_t h = in->head_begin; clear && h < in->head_end; h++)
             clear = h >= t->n_end || in->tok_begin >= t->end[h];
@@ -466,8 +456,8 @@ static kvt_status claim_block_locked(kvt_trace_writer *w, const kvt_record_info 
                           "%s: heads [%u,%u) x tokens [%u,%u) overlap an earlier record's heads "
                           "[%u,%u) x tokens [%u,%u) (the records of one tensor never overlap: "
                           "traces/FORMAT.md)",
-                          tensor_name(in, name, sizeof(name)), in->head_begin, in->head_end,
-                          in->tok_begin, in->tok_end, b[0], b[1], b[2], b[3]);
+                          kvt_tensor_name(in->layer, in->kind, name, sizeof(name)), in->head_begin,
+                          in->head_end, in->tok_begin, in->tok_end, b[0], b[1], b[2], b[3]);
         }
     }
     if (t->n_blk == t->cap_blk) {
