@@ -124,7 +124,10 @@ kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
 /** Append a tensor or table: `data` is the row-major [head_end-head_begin, tok_end-tok_begin,
  *  dim] block described by `info` (filter/seq/bytes fields ignored). Copied before return;
  *  may block while the queue is full (the wait is counted in stats.stall_ns). Large blocks
- *  are split along heads into several records. Thread-safe.
+ *  are split along heads into several records. Thread-safe. A block that overlaps one
+ *  appended before to its tensor is refused (KVT_ERR_INVALID_ARG; the writer goes on). A
+ *  KVT_ERR_NOMEM before any of the block's records was queued leaves the writer as it was (the
+ *  same block may be appended again); one after some were queued stops the writer (sticky).
  * @return KVT_OK, KVT_ERR_INVALID_ARG, KVT_ERR_NOMEM, KVT_ERR_STATE (after finish), or the
  *         sticky error of an earlier failed write (KVT_ERR_IO...). */
 kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *info,

@@ -486,15 +486,49 @@ static kvt_status claim_block_locked(kvt_trace_writer *w, const kvt_record_info 
 static kvt_status claim_block(kvt_trace_writer *w, const kvt_record_info *in)
 {
     pthread_mutex_lock(&w->mu);
-    kvt_status s = claim_block_locked(w, in);
+    /* a stopped writer says why it stopped, not that its caller's retry overlaps */
+    kvt_status s = w->err != KVT_OK ? sticky(w) : claim_block_locked(w, in);
     pthread_mutex_unlock(&w->mu);
     return s;
 }
 
-/* Queue (or, without threads, compress and write) one record covering a contiguous block. */
-static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, const void *data,
-                             size_t bytes, bool planes)
+/* Forget a claimed block none of whose records was queued (an allocation failed first), so the
+ * caller may append it again. The per-head high-water marks are recomputed from the blocks left. */
+static void unclaim_block(kvt_trace_writer *w, const kvt_record_info *in)
 {
+    if (in->kind == KVT_KIND_META_JSON)
+        return;
+    pthread_mutex_lock(&w->mu);
+    for (size_t i = 0; i < w->n_tensors; i++) {
+        wtensor *t = &w->tensors[i];
+        if (t->layer != in->layer || t->kind != in->kind)
+            continue;
+        for (size_t k = t->n_blk; k-- > 0;) {
+            uint32_t *b = t->blk[k];
+            if (b[0] != in->head_begin || b[1] != in->head_end || b[2] != in->tok_begin ||
+                b[3] != in->tok_end)
+                continue;
+            memmove(t->blk[k], t->blk[k + 1], (t->n_blk - k - 1) * sizeof(*t->blk));
+            t->n_blk--;
+            for (uint32_t h = in->head_begin; h < in->head_end && h < t->n_end; h++) {
+                t->end[h] = 0;
+                for (size_t j = 0; j < t->n_blk; j++)
+                    if (t->blk[j][0] <= h && h < t->blk[j][1] && t->blk[j][3] > t->end[h])
+                        t->end[h] = t->blk[j][3];
+            }
+            break;
+        }
+        break;
+    }
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* Queue (or, without threads, compress and write) one record covering a contiguous block.
+ * *queued says whether it got as far as the queue (its failure then is sticky). */
+static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, const void *data,
+                             size_t bytes, bool planes, bool *queued)
+{
+    *queued = false;
     wjob *j = kvt_calloc(1, sizeof(*j));
     KVT_RETURN_IF(!j, KVT_ERR_NOMEM, "out of memory");
     j->raw = kvt_malloc(bytes);
@@ -524,6 +558,7 @@ static kvt_status append_one(kvt_trace_writer *w, const kvt_record_info *info, c
         return s;
     }
     j->hdr.info.seq = w->next_seq++;
+    *queued = true;
     w->pending_bytes += bytes;
     if (w->pending_bytes > w->stats.peak_pending_bytes)
         w->stats.peak_pending_bytes = w->pending_bytes;
@@ -617,7 +652,20 @@ kvt_status kvt_trace_writer_append(kvt_trace_writer *w, const kvt_record_info *i
         plan_part(&sp, info, i, &part, &off);
         uint64_t bytes =
             (uint64_t)(part.head_end - part.head_begin) * (part.tok_end - part.tok_begin) * sp.row;
-        KVT_FORWARD(append_one(w, &part, p + off, (size_t)bytes, false));
+        bool queued;
+        kvt_status s = append_one(w, &part, p + off, (size_t)bytes, false, &queued);
+        if (s == KVT_OK)
+            continue;
+        if (i == 0 && !queued) { /* nothing of the block was queued: it may be appended again */
+            unclaim_block(w, info);
+            return s;
+        }
+        if (!queued) { /* part of the block is queued: the tensor has a hole, so stop here */
+            pthread_mutex_lock(&w->mu);
+            set_err(w, s, kvt_error_msg());
+            pthread_mutex_unlock(&w->mu);
+        }
+        return s;
     }
     return KVT_OK;
 }
@@ -666,8 +714,11 @@ kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_
                   "append_planes: a %llu-byte record is larger than max_record_bytes %llu",
                   (unsigned long long)total, (unsigned long long)w->opts.max_record_bytes);
     KVT_FORWARD(claim_block(w, info));
-    bool planes_ok = !w->opts.no_shuffle && kvt_dtype_size(info->dtype) > 1;
-    return append_one(w, info, planes, (size_t)total, planes_ok);
+    bool planes_ok = !w->opts.no_shuffle && kvt_dtype_size(info->dtype) > 1, queued;
+    kvt_status s = append_one(w, info, planes, (size_t)total, planes_ok, &queued);
+    if (s != KVT_OK && !queued)
+        unclaim_block(w, info);
+    return s;
 }
 
 kvt_status kvt_trace_writer_append_json(kvt_trace_writer *w, const char *json)

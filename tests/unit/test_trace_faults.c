@@ -4,7 +4,9 @@
  *   readable up to its last complete record;
  * - a full disk at every few hundred bytes (RLIMIT_FSIZE makes write() fail with EFBIG at an
  *   exact offset): the writer reports KVT_ERR_IO with the reason, cuts the file back to its
- *   last complete record, and the reader recovers every record written before the failure.
+ *   last complete record, and the reader recovers every record written before the failure;
+ * - an append that failed for memory before any of its records was queued may be repeated (its
+ *   block is not left claimed); one that failed with part of its records queued stops the writer.
  */
 #include <signal.h>
 #include <sys/resource.h>
@@ -125,6 +127,75 @@ static void disk_full(int threads)
     printf("disk full (%d threads): %d limits tried\n", threads, cases);
 }
 
+/* One block split into several records, its append failing at each allocation in turn; the
+ * caller then repeats it. Either the repeat succeeds and the trace holds the block exactly, or
+ * the writer had queued part of it and every later call fails with the first error: never an
+ * "overlap" refusal of the caller's own retry, never a trace with a hole in the tensor. */
+static void retry_after_nomem(int threads)
+{
+    enum { H = 4, T = 16, D = 8 };
+    float x[H * T * D], back[H * T * D];
+    for (int i = 0; i < H * T * D; i++)
+        x[i] = (float)i * 0.25f - 3.0f;
+    kvt_record_info k = {.kind = KVT_KIND_K,
+                         .layer = 0,
+                         .head_end = H,
+                         .tok_end = T,
+                         .dim = D,
+                         .dtype = KVT_DTYPE_F32};
+    kvt_record_info v = k;
+    v.kind = KVT_KIND_V;
+    int n_retried = 0, n_stopped = 0;
+    for (uint64_t n = 1; n < 1000; n++) {
+        unlink(path);
+        /* 256-byte records: a head's 512 bytes are two records, the block eight */
+        kvt_writer_opts o = {.n_threads = threads, .force = true, .max_record_bytes = 256};
+        kvt_trace_writer *w;
+        KVT_CHECK(kvt_trace_writer_create(path, tt_header_json, &o, &w));
+        kvt_alloc_fail_at(n);
+        kvt_status s = kvt_trace_writer_append(w, &k, x);
+        bool fired = kvt_alloc_fail_fired();
+        kvt_alloc_fail_at(0);
+        if (!fired) {
+            KVT_EXPECT_STATUS(s, KVT_OK);
+            kvt_trace_writer_free(w);
+            break;
+        }
+        if (s == KVT_OK) { /* a compression thread's allocation failed: finish says so */
+            KVT_EXPECT_STATUS(kvt_trace_writer_finish(w), KVT_ERR_NOMEM);
+            kvt_trace_writer_free(w);
+            continue;
+        }
+        KVT_EXPECT_MSG(s == KVT_ERR_NOMEM, "alloc %llu: got %s (%s)", (unsigned long long)n,
+                       kvt_status_str(s), kvt_error_msg());
+        s = kvt_trace_writer_append(w, &k, x);
+        if (s == KVT_OK) {
+            n_retried++;
+            KVT_CHECK(kvt_trace_writer_append(w, &v, x));
+            KVT_CHECK(kvt_trace_writer_finish(w));
+            kvt_trace_writer_free(w);
+            kvt_trace_reader *r;
+            KVT_CHECK(kvt_trace_reader_open(path, &r));
+            KVT_CHECK(
+                kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_F32, back, sizeof(back)));
+            KVT_EXPECT(memcmp(back, x, sizeof(x)) == 0);
+            kvt_trace_reader_close(r);
+            continue;
+        }
+        n_stopped++;
+        KVT_EXPECT_MSG(s == KVT_ERR_NOMEM, "alloc %llu: the repeated append got %s (%s)",
+                       (unsigned long long)n, kvt_status_str(s), kvt_error_msg());
+        KVT_EXPECT_STATUS(kvt_trace_writer_append(w, &v, x), KVT_ERR_NOMEM);
+        KVT_EXPECT_STATUS(kvt_trace_writer_finish(w), KVT_ERR_NOMEM);
+        kvt_trace_writer_free(w);
+    }
+    /* both outcomes were reached: a failure at the first record's job, and one further on */
+    KVT_EXPECT(n_retried >= 2);
+    KVT_EXPECT(n_stopped >= 1);
+    printf("retry after NOMEM (%d threads): %d repeated, %d stopped\n", threads, n_retried,
+           n_stopped);
+}
+
 int main(void)
 {
     signal(SIGXFSZ, SIG_IGN);
@@ -133,6 +204,8 @@ int main(void)
     alloc_faults(2);
     disk_full(0);
     disk_full(2);
+    retry_after_nomem(0);
+    retry_after_nomem(2);
     unlink(path);
     return kvt_test_result("test_trace_faults");
 }
