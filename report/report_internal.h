@@ -55,6 +55,10 @@ void kvt_report_grid_line(cairo_t *cr, double x0, double y0, double x1, double y
 void kvt_report_nice_axis(double lo, double hi, int max_ticks, double *axis_lo, double *axis_hi,
                           double *step, int *decimals);
 
+/** The best-per-budget table ranks the candidates keeping at most this times the budget's
+ *  entries (per-layer and per-head allocations round; chunkkv keeps fewer). */
+#define KVT_REPORT_BUDGET_SLACK 1.05
+
 /** The tokens per head and layer budget b keeps on trace t: its tokens, at most the prompt. */
 static inline int kvt_report_kept_tokens(const kvt_trace_result *t, size_t b)
 {

@@ -111,6 +111,19 @@ $BIN report "$TMP/lk.json" -o "$TMP/lkrep" >/dev/null 2>&1 || fail "report light
     fail "no note for lightkv-like's missing recall lines"
 grep -o 'Not measured, so not drawn: [^.]*' "$TMP/lkrep/index.html" | grep -q snapkv &&
     fail "snapkv named as not measured"
+# on an image-heavy trace lightkv-like keeps every text token, far more than the budget: the
+# best-per-budget table ranks the settings within their budget and names it beside, with what
+# it keeps, rather than crowning it at every budget
+$BIN synth --shape tiny-vl --tokens 256 -o "$TMP/vl.kvt" >/dev/null 2>&1 || fail "synth vl"
+$BIN replay "$TMP/vl.kvt" --policies snapkv,lightkv-like,streamingllm --budgets 16,64 \
+    --threads 1 -o "$TMP/vl.json" >/dev/null 2>&1 || fail "replay vl"
+$BIN report "$TMP/vl.json" -o "$TMP/vlrep" >/dev/null 2>&1 || fail "report vl"
+sed -n '/Best policy per budget/,/<\/table>/p' "$TMP/vlrep/index.html" | grep '^<tr><td>' |
+    sed 's/<\/td><td>/|/g; s/<[^>]*>//g' >"$TMP/vlrows"
+grep -q '^16|streamingllm|[0-9.]*|6.2%|lightkv-like: [0-9.]*, keeping 40.2%$' "$TMP/vlrows" ||
+    fail "best-per-budget at 16 on a VL trace: $(cat "$TMP/vlrows")"
+grep -q '^64|snapkv|[0-9.]*|25.0%|-$' "$TMP/vlrows" ||
+    fail "best-per-budget at 64 on a VL trace: $(cat "$TMP/vlrows")"
 # the quality charts' cost axis is the KV cache kept: a heads=query policy keeps its budget per
 # query head, so G (query heads per KV head) times the entries of the same budget per KV head
 $BIN synth --shape tiny --tokens 96 --window 8 --decode 4 -o "$TMP/gqa.kvt" >/dev/null 2>&1 ||
