@@ -265,6 +265,9 @@ static kvt_status reap(kvt_capdev *d, bool wait)
         cd_slot *s = &d->slots[d->head];
         cudaError_t e = cudaEventQuery(s->ev_done);
         if (e == cudaErrorNotReady) {
+            /* not an error, but some runtimes also leave it as the last error, which the next
+               launch check (cudaGetLastError) would then report as a failure */
+            (void)cudaGetLastError();
             if (!wait)
                 return KVT_OK;
             uint64_t t0 = kvt_now_ns();

@@ -709,7 +709,13 @@ cudaError_t cudaEventQuery(cudaEvent_t e)
     struct CUstream_st *t = stream_by_id(e->sid);
     int pending = t && t->n_done < e->seq;
     pthread_mutex_unlock(&qmu);
-    return pending ? cudaErrorNotReady : cudaSuccess;
+    if (!pending)
+        return cudaSuccess;
+    /* as the strictest CUDA runtimes: "not ready" is also the last error (PyTorch clears it
+       after a query), so a caller must clear it before its next cudaGetLastError check */
+    if (last_error == cudaSuccess)
+        last_error = cudaErrorNotReady;
+    return cudaErrorNotReady;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e)
