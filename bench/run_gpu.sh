@@ -2,13 +2,13 @@
 # run_gpu.sh - the GPU benchmark of issue #7, one command for a device machine (H200, 16 cores,
 # no network; nvcc, CMake, Python with torch): a llama3-8b-shaped synthetic trace at T=32768
 # (bf16), all policies (streamingllm, h2o, snapkv, pyramidkv, adakv, knorm, random, oracle) at 8
-# budgets, replayed by
+# budgets, replayed by (most needed first, so that a short deadline cuts the least needed)
 #   1. `kvtrace replay --device cuda` (its results must agree with the CPU replay's: every
 #      metric mean within 1e-3, the bound tests/unit/test_replay_fast_vs_ref.sh sets on the
-#      output errors; the other metrics agree far closer), then again with one worker,
-#   2. `kvtrace replay` on the CPU (threads = nproc; after the GPU runs, so that a short
-#      deadline skips it rather than them),
-#   3. bench/peer_torch.py --device cuda (the PyTorch peer: topk per budget, nothing shared),
+#      output errors; the other metrics agree far closer), then the device's ceilings,
+#   2. bench/peer_torch.py --device cuda (the PyTorch peer: topk per budget, nothing shared),
+#   3. `kvtrace replay --device cuda` again with one worker (the kernels on their own),
+#   4. `kvtrace replay` on the CPU (threads = nproc),
 # each one's wall time and results into $OUT as JSON, plus summary.md with the device name and
 # the ratios (issue #7's target: the whole replay at least 10x faster than the PyTorch peer).
 # The kernels' roofline (issue #7: within 3x): `replay --profile` books each kernel category's
@@ -320,26 +320,6 @@ REPLAY_ARGS=(--policies "$POLICIES" --budgets "$BUDGETS" --coverage-probes "$PRO
 step kvtrace_cuda "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
     --threads "$THREADS" --device "$DEVICE" -o "$OUT/kvtrace_cuda.json"
 grep '^profile:' "$WORK/kvtrace_cuda.log" >"$WORK/kvtrace_cuda_profile.txt" || true
-# the kernels' own figures without other workers' kernels beside them: one worker, the
-# layers of shard 0 of 8 (2 of 16); appended to the profile file after a marker line
-step kvtrace_cuda_1t "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
-    --threads 1 --shard 0/8 --device "$DEVICE" -o "$WORK/kvtrace_cuda_1t.json"
-{ echo "# one worker, shard 0/8"; grep '^profile:' "$WORK/kvtrace_cuda_1t.log"; } \
-    >>"$WORK/kvtrace_cuda_profile.txt" || true
-
-# ---- 2. kvtrace replay on the CPU (after the GPU runs: a short deadline skips this one) -----
-step kvtrace_cpu "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" --threads "$THREADS" \
-    -o "$OUT/kvtrace_cpu.json"
-grep '^profile:' "$WORK/kvtrace_cpu.log" >"$WORK/kvtrace_cpu_profile.txt" || true
-
-# ---- 3. the PyTorch peer on the GPU ---------------------------------------------------------
-CMP="$OUT/kvtrace_cpu.json" # its metrics checked against kvtrace's (the GPU run's without it)
-[ -s "$CMP" ] || CMP="$OUT/kvtrace_cuda.json"
-step peer_torch "$TO_PEER" "$PYTHON" bench/peer_torch.py "$TRACE" --device "$DEVICE" \
-    --policies "$POLICIES" --budgets "$BUDGETS" --probes "$PROBES" \
-    --compare "$CMP" -o "$OUT/peer_torch.json"
-grep -E '^(peer_total_s|agreement)' "$WORK/peer_torch.log" || true
-
 # ---- the device's ceilings, measured here (the roofline the kernels are held to) -----------
 cat > "$WORK/peak.py" <<'EOF2'
 import json, sys, time
@@ -401,6 +381,27 @@ for line in open(sys.argv[2]):
 json.dump(peak, open(sys.argv[1], "w"), indent=1)
 EOF2
 fi
+
+# ---- 2. the PyTorch peer on the GPU ---------------------------------------------------------
+CMP="$OUT/kvtrace_cuda.json" # its metrics checked against kvtrace's (the CPU run's without it)
+[ -s "$CMP" ] || CMP="$OUT/kvtrace_cpu.json"
+step peer_torch "$TO_PEER" "$PYTHON" bench/peer_torch.py "$TRACE" --device "$DEVICE" \
+    --policies "$POLICIES" --budgets "$BUDGETS" --probes "$PROBES" \
+    --compare "$CMP" -o "$OUT/peer_torch.json"
+grep -E '^(peer_total_s|agreement)' "$WORK/peer_torch.log" || true
+
+# ---- 3. the kernels on their own ------------------------------------------------------------
+# the kernels' own figures without other workers' kernels beside them: one worker, the
+# layers of shard 0 of 8 (2 of 16); appended to the profile file after a marker line
+step kvtrace_cuda_1t "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" \
+    --threads 1 --shard 0/8 --device "$DEVICE" -o "$WORK/kvtrace_cuda_1t.json"
+{ echo "# one worker, shard 0/8"; grep '^profile:' "$WORK/kvtrace_cuda_1t.log"; } \
+    >>"$WORK/kvtrace_cuda_profile.txt" || true
+
+# ---- 4. kvtrace replay on the CPU (last: a short deadline skips this one) ----------------
+step kvtrace_cpu "$TO_REPLAY" "$KVT" replay "$TRACE" "${REPLAY_ARGS[@]}" --threads "$THREADS" \
+    -o "$OUT/kvtrace_cpu.json"
+grep '^profile:' "$WORK/kvtrace_cpu.log" >"$WORK/kvtrace_cpu_profile.txt" || true
 
 # ---- summary --------------------------------------------------------------------------------
 echo

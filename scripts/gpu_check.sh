@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # gpu_check.sh - the GPU checks of issues #6 and #7 as one short command for a device machine
 # (see ../.library/device: the machine is bare, cannot install packages, has nvcc 13, CMake and
-# compute-sanitizer). It builds the GPU tests there straight from the sources with nvcc and the
-# C compiler (they need nothing but the CUDA runtime and CUPTI), runs them, then runs
-# compute-sanitizer memcheck and racecheck on the kernel test. Everything it prints also goes
+# compute-sanitizer), the fallback of scripts/gpu_session.sh where the bundle's binaries do not
+# run. It builds the replay kernels' test there straight from the sources with nvcc and the C
+# compiler (it needs nothing but the CUDA runtime), runs it, then runs compute-sanitizer
+# memcheck and racecheck on it. (The capture tests need the whole library: zstd, cJSON.) Everything it prints also goes
 # to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out).
 #
 # usage (on the device machine, from the repository root):  bash scripts/gpu_check.sh
@@ -31,13 +32,11 @@ INC="-Icommon -Ikernels -Ikernels/cuda -Itraces -Icapture -Itests -I$CUDA_INC"
 [ -d "$CUDA_INC/../extras/CUPTI/include" ] && INC="$INC -I$CUDA_INC/../extras/CUPTI/include"
 objs=()
 for f in common/status.c common/alloc.c common/dtype.c common/misc.c common/version.c \
-         kernels/ref/*.c capture/timeline.c; do
+         kernels/ref/*.c; do
     o=$B/$(echo "$f" | tr / _).o
     $CC $CFLAGS $INC -c "$f" -o "$o" || { echo "FAILED: cc $f"; exit 1; }
     objs+=("$o")
 done
-$CC $CFLAGS $INC -DKVT_HAVE_CUPTI=1 -DKVT_CUPTI_SONAME=\"libcupti.so.13\" \
-    -c capture/cupti_timeline.c -o "$B/cupti.o" || { echo "FAILED: cc cupti_timeline.c"; exit 1; }
 for f in kernels/cuda/*.cu; do
     "$NVCC" -O2 -g -std=c++17 -arch=sm_$ARCH -lineinfo --fmad=false $INC -c "$f" \
         -o "$B/$(basename "$f").o" || { echo "FAILED: nvcc $f"; exit 1; }
@@ -45,11 +44,8 @@ done
 $CC $CFLAGS $INC -c tests/unit/test_kernels_cuda.c -o "$B/tkc.o" &&
     "$NVCC" -arch=sm_$ARCH "$B/tkc.o" "$B"/*.cu.o "${objs[@]}" -o "$B/test_kernels_cuda" -lm \
     || { echo "FAILED: link test_kernels_cuda"; exit 1; }
-$CC $CFLAGS $INC -c tests/unit/test_capture_timeline_gpu.c -o "$B/ttg.o" &&
-    "$NVCC" -arch=sm_$ARCH "$B/ttg.o" "$B/cupti.o" "${objs[@]}" -o "$B/test_capture_timeline_gpu" \
-        -ldl -lm || { echo "FAILED: link test_capture_timeline_gpu"; exit 1; }
 
-for t in test_kernels_cuda test_capture_timeline_gpu; do
+for t in test_kernels_cuda; do
     step "$t"
     "$B/$t"
     r=$?

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # gpu_session.sh - every GPU check of issues #6 and #7 as ONE command for a device machine,
 # built to fit the device lease (15 minutes in all, start-up included; 10 minutes a command):
-# the whole run keeps to BUDGET_S seconds (default 540), each step has its own time limit cut
-# to what is left, a step that no longer fits is skipped (and named, to run in a second call),
-# a failed step is reported and the next one runs. After every step the table of results and
+# the whole run keeps to BUDGET_S seconds (default 450: with the machine's start, about 2
+# minutes, that leaves the lease 4-5 minutes for a second call made at once, within the 30 s
+# the machine stays warm), each step has its own time limit cut to what is left, a step that no
+# longer fits is skipped and named, and the summary ends with the command that runs just the
+# skipped steps (`rerun:`); a failed step is reported and the next one runs. After every step the table of results and
 # the logs so far are written to $OUT/summary.txt and $OUT/gpu_session.tar.gz (the device tool
 # brings back at most 8 files, and brings back what is under $OUT even when a command is
 # killed at its limit).
@@ -11,7 +13,10 @@
 # Prepare here (no GPU needed):   bash scripts/device_bundle.sh      # builds .devbundle/
 # Run there (device tool):        bash scripts/gpu_session.sh [STEPS]   with carry [".devbundle"]
 #                                 and timeout_s >= BUDGET_S + 30
-# STEPS, in the order given (default "tests replay hf overhead sanitize", most needed first):
+# Second call (within 30 s):      BUDGET_S=<lease left - 40> bash scripts/gpu_session.sh <the
+#                                 summary's rerun: list>
+# STEPS, in the order given: groups (default "tests replay hf overhead sanitize", most needed
+# first) or single steps of a group by the name the summary gives them (e.g. hf_gpu_check):
 #   tests     the gpu-labelled tests from the bundle: capture device path, GPU column sums,
 #             replay kernels, CUPTI timeline, replay --device cuda against the references
 #   replay    the replay benchmark of issue #7 (bench/run_gpu.sh; T=32768, 16 layers)
@@ -20,9 +25,10 @@
 #   overhead  Llama-3-8B-shaped prefill with and without capture (bench/capture_overhead.py)
 #   sanitize  compute-sanitizer memcheck on the capture and replay kernels' tests, racecheck on
 #             the column sums
-# If the bundle's binaries cannot run there (other system libraries), `tests` falls back to
-# scripts/gpu_check.sh, which builds the kernel tests with nvcc alone.
-# Environment: BUDGET_S [540]; BUNDLE [.devbundle]; PYTHON [python3]; KVT_ALLOW_STALE [0]: 1
+# If the bundle's binaries cannot run there (other system libraries: ldd and the error are in
+# bundle_check.log), `tests` falls back to scripts/gpu_check.sh, which builds the kernel test
+# with nvcc alone, and the steps that need the bundle are reported NOT RUN.
+# Environment: BUDGET_S [450]; BUNDLE [.devbundle]; PYTHON [python3]; KVT_ALLOW_STALE [0]: 1
 # runs a bundle built from other sources than these, changed or added since (refused by
 # default: it would measure old code; exit 3); bench/run_gpu.sh's variables (T, LAYERS, ...)
 # pass through.
@@ -33,16 +39,42 @@ OUT=$(mktemp -d /tmp/kvt_gpu_session.XXXXXX) # every step's logs and results; pa
 mkdir -p "$FINAL"
 STEPS=${*:-tests replay hf overhead sanitize}
 BUNDLE=${BUNDLE:-$PWD/.devbundle}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-450}
 T_END=$((SECONDS + BUDGET_S))
-# the bundle finds its libraries through its RPATH; CUPTI (loaded at run time) is the toolkit's
-for d in /usr/local/cuda/extras/CUPTI/lib64 /usr/local/cuda/lib64; do
+PY=${PYTHON:-python3}
+# the bundle finds its libraries through its RPATH; CUPTI (loaded at run time by soname,
+# libcupti.so.13) is the toolkit's, or the pip package's that torch uses
+cupti_dirs=$({
+    ls -d /usr/local/cuda*/extras/CUPTI/lib64 /usr/local/cuda*/lib64 2>/dev/null
+    timeout 20 "$PY" -c 'import glob, os, site
+for p in site.getsitepackages():
+    for f in glob.glob(os.path.join(p, "nvidia", "*", "lib", "libcupti.so*")):
+        print(os.path.dirname(f))' 2>/dev/null
+} | awk '!seen[$0]++')
+for d in $cupti_dirs; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
 export KVT_LIB="$BUNDLE/lib/libkvtrace.so" KVT_BIN="$BUNDLE/bin/kvtrace" KVT_SOURCE_ROOT=$PWD
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OUT
-PY=${PYTHON:-python3}
 summary=()
+skipped=() # the steps the budget left out: the summary's rerun: command
+# STEPS may name single steps: then their group runs only those (WHOLE: the groups asked for
+# whole; ONLY: the single steps asked for; CUR_GROUP: the group running)
+WHOLE=" " ONLY=" " groups=""
+for a in $STEPS; do
+    case $a in
+    tests | replay | hf | overhead | sanitize) g=$a WHOLE="$WHOLE$a " ;;
+    test_* | gpu_check_nvcc) g=tests ONLY="$ONLY$a " ;;
+    replay_bench) g=replay ONLY="$ONLY$a " ;;
+    hf_*) g=hf ONLY="$ONLY$a " ;;
+    capture_overhead) g=overhead ONLY="$ONLY$a " ;;
+    memcheck_* | racecheck_*) g=sanitize ONLY="$ONLY$a " ;;
+    *) g=$a ;;
+    esac
+    [[ " $groups " == *" $g "* ]] || groups="$groups $g"
+done
+STEPS=$groups
+wanted() { [[ "$WHOLE" == *" $CUR_GROUP "* ]] || [[ "$ONLY" == *" $1 "* ]]; }
 note() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
 # pack: the table so far and every log into $FINAL (cheap: logs only; traces stay in /tmp)
 pack() {
@@ -51,6 +83,8 @@ pack() {
             "$(cat "$BUNDLE/REVISION" 2>/dev/null || echo missing); budget ${BUDGET_S} s," \
             "used $((SECONDS)) s"
         printf '%s\n' "${summary[@]}"
+        [ ${#skipped[@]} = 0 ] ||
+            echo "rerun: BUDGET_S=<lease left - 40> bash scripts/gpu_session.sh ${skipped[*]}"
     } >"$OUT/summary.txt"
     cp "$OUT/summary.txt" "$FINAL/summary.txt"
     tar -C "$OUT" -czf "$FINAL/gpu_session.tar.gz.part" . 2>/dev/null &&
@@ -64,10 +98,12 @@ pack() {
 run() {
     local name=$1 limit=$2
     shift 2
+    wanted "$name" || return 0
     local left=$((T_END - SECONDS - 10))
     if [ "$left" -lt 20 ]; then
         echo "== $name: skipped (${left} s of the budget left)"
-        note "$name" "SKIPPED (budget: run it in another call)"
+        note "$name" "SKIPPED (budget: see rerun: below)"
+        skipped+=("$name")
         pack
         return
     fi
@@ -97,6 +133,7 @@ run() {
 # than report each as a kernel failure.
 SAN_REFUSED=0
 san() {
+    wanted "$1" || return 0
     if [ "$SAN_REFUSED" = 1 ]; then
         note "$1" "NOT RUN (compute-sanitizer refused this device)"
         return
@@ -114,8 +151,12 @@ san() {
 echo "== machine"
 HAVE_GPU=0 # whether nvidia-smi lists a GPU: then a GPU test's exit 77 is a failure
 nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && HAVE_GPU=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 |
-    tee "$OUT/gpu.txt"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 |
+        tee "$OUT/gpu.txt"
+else
+    echo "none (no nvidia-smi)" | tee "$OUT/gpu.txt"
+fi
 command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1
 echo "bundle $(cat "$BUNDLE/REVISION" 2>/dev/null || echo missing), tree $(git rev-parse HEAD 2>/dev/null)"
 # a bundle built from other sources than these tests and scripts would measure old code
@@ -145,18 +186,26 @@ if [ -f "$BUNDLE/SOURCES.sha1" ]; then
 fi
 
 bundle_ok=0
+{ ldd "$BUNDLE/bin/kvtrace" "$BUNDLE/lib/libkvtrace.so"; "$BUNDLE/bin/kvtrace" --version; } \
+    >"$OUT/bundle_check.log" 2>&1
 if [ -x "$BUNDLE/bin/kvtrace" ] && "$BUNDLE/bin/kvtrace" --version >/dev/null 2>&1; then
     bundle_ok=1
 else
-    echo "the bundle's binaries do not run here (or .devbundle was not carried)"
+    echo "the bundle's binaries do not run here (or .devbundle was not carried):"
+    grep -E 'not found|GLIBC|error' "$OUT/bundle_check.log" | sort -u | head -5
+    note bundle "DOES NOT RUN here (bundle_check.log): the steps that need it are NOT RUN"
 fi
+# a step that needs the bundle's kvtrace or libkvtrace.so, where it does not run
+no_bundle() { wanted "$1" && note "$1" "NOT RUN (the bundle does not run here)"; }
 
 for step in $STEPS; do
+    CUR_GROUP=$step
     case $step in
     tests)
         if [ $bundle_ok = 1 ]; then
             for t in test_capture_device_gpu test_capture_colsum_gpu test_kernels_cuda \
                 test_capture_timeline_gpu; do
+                wanted "$t" || continue
                 if [ -x "$BUNDLE/bin/$t" ]; then
                     run "$t" 90 "$BUNDLE/bin/$t"
                 else
@@ -192,15 +241,28 @@ for step in $STEPS; do
         ;;
     hf)
         run hf_convert_test 60 "$PY" tests/oracle/test_llama2c_hf_convert.py
-        run hf_binding_test 90 env KVT_REQUIRE_CUDA_CAPTURE=1 "$PY" \
-            tests/oracle/test_python_hf_capture.py
-        run hf_gpu_check 150 "$PY" scripts/gpu_hf_check.py
+        if [ $bundle_ok = 1 ]; then
+            run hf_binding_test 90 env KVT_REQUIRE_CUDA_CAPTURE=1 "$PY" \
+                tests/oracle/test_python_hf_capture.py
+            run hf_gpu_check 150 "$PY" scripts/gpu_hf_check.py
+        else
+            no_bundle hf_binding_test
+            no_bundle hf_gpu_check
+        fi
         ;;
     overhead)
-        run capture_overhead 200 "$PY" bench/capture_overhead.py
+        if [ $bundle_ok = 1 ]; then
+            run capture_overhead 200 "$PY" bench/capture_overhead.py
+        else
+            no_bundle capture_overhead
+        fi
         ;;
     replay)
-        run replay_bench 270 bash bench/run_gpu.sh
+        if [ $bundle_ok = 1 ]; then
+            run replay_bench 270 bash bench/run_gpu.sh
+        else
+            no_bundle replay_bench
+        fi
         ;;
     *) note "$step" "unknown step" ;;
     esac

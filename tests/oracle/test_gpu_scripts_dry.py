@@ -15,8 +15,10 @@ installed:
     the kvtrace replays, the PyTorch peer and its agreement check, the summary;
   * scripts/gpu_session.sh (needs KVT_BIN) over a stand-in bundle of this build: its steps
     `tests replay`, a table with a row per step (the GPU tests NOT RUN here), the logs packed,
-    and, with a budget too small for anything, every step SKIPPED and the table still written;
-    a bundle whose source list shows a changed or an added file refused (exit 3).
+    and, with a budget too small for anything, every step SKIPPED, the table still written and
+    a rerun: line naming them; single steps by name run alone; a bundle whose binaries do not
+    run reported (bundle_check.log) and the steps needing it NOT RUN; a bundle whose source
+    list shows a changed or an added file refused (exit 3).
 Exit 77 (not run) without NumPy or torch. Run with /usr/bin/python3; KVT_LIB, KVT_SOURCE_ROOT.
 """
 import json
@@ -101,6 +103,10 @@ def session(tmp, e):
             logs = subprocess.run(["tar", "-tzf", os.path.join(out, "gpu_session.tar.gz")],
                                   capture_output=True, text=True).stdout
             bad = bad or "replay_bench.log" not in logs or "run_gpu.log" not in logs
+        else:  # the second call's command names exactly the skipped steps, in order
+            skipped = [l.split()[0] for l in rows.splitlines() if " SKIPPED " in l]
+            bad = bad or ("rerun: BUDGET_S=<lease left - 40> bash scripts/gpu_session.sh %s"
+                          % " ".join(skipped)) not in rows.splitlines()
         if bad:
             print(r.stdout[-3000:], r.stderr[-2000:], rows)
             print("FAILED: scripts/gpu_session.sh (budget %s s) did not leave the table and "
@@ -108,7 +114,52 @@ def session(tmp, e):
             sys.exit(1)
         print("gpu_session.sh, budget %s s: %s" % (budget, " | ".join(
             " ".join(l.split()) for l in rows.splitlines()[1:])))
+    single_steps(fb, e, tmp)
     stale_bundle(fb, e)
+
+
+def table(out):
+    path = os.path.join(out, "summary.txt")
+    rows = open(path).read().splitlines()[1:] if os.path.exists(path) else []
+    return {l.split()[0]: " ".join(l.split()[1:]) for l in rows if l.strip()}
+
+
+def single_steps(fb, e, tmp):
+    """Steps named alone run alone (the second call's rerun: list); a bundle whose kvtrace does
+    not run is reported, with why, and the steps that need it are NOT RUN, not failed."""
+    out = os.path.join(tmp, "gs_single")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_session.sh"),
+                        "test_kernels_cuda", "hf_convert_test"],
+                       env=dict(e, BUNDLE=fb, BUDGET_S="200", OUT=out), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    rows = table(out)
+    if r.returncode != 0 or set(rows) - {"bundle"} != {"test_kernels_cuda", "hf_convert_test"}:
+        print(r.stdout[-3000:], r.stderr[-2000:])
+        print("FAILED: gpu_session.sh test_kernels_cuda hf_convert_test ran %s" % sorted(rows))
+        sys.exit(1)
+    broken = os.path.join(tmp, "broken_bundle")
+    os.makedirs(os.path.join(broken, "bin"))
+    os.makedirs(os.path.join(broken, "lib"))
+    with open(os.path.join(broken, "bin", "kvtrace"), "w") as f:
+        f.write("#!/bin/sh\necho 'kvtrace: /lib/x86_64-linux-gnu/libc.so.6: version "
+                "GLIBC_2.99 not found' >&2\nexit 1\n")
+    os.chmod(os.path.join(broken, "bin", "kvtrace"), 0o755)
+    out = os.path.join(tmp, "gs_broken")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_session.sh"), "replay",
+                        "hf_binding_test", "capture_overhead"],
+                       env=dict(e, BUNDLE=broken, BUDGET_S="200", OUT=out), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    rows = table(out)
+    logs = subprocess.run(["tar", "-tzf", os.path.join(out, "gpu_session.tar.gz")],
+                          capture_output=True, text=True).stdout
+    want = {"replay_bench", "hf_binding_test", "capture_overhead"}
+    if (r.returncode != 0 or "GLIBC_2.99" not in r.stdout or "bundle_check.log" not in logs or
+            "DOES NOT RUN" not in rows.get("bundle", "") or set(rows) - {"bundle"} != want or
+            any(not rows[k].startswith("NOT RUN (the bundle does not run here)") for k in want)):
+        print(r.stdout[-3000:], r.stderr[-2000:], rows)
+        print("FAILED: gpu_session.sh with a bundle that does not run")
+        sys.exit(1)
+    print("gpu_session.sh: single steps run alone; a bundle that does not run is named, with why")
 
 
 def stale_bundle(fb, e):
