@@ -1164,7 +1164,9 @@ out_free_js:
 /* Move every file of the staging directory into dir (the PNGs, then index.html, so the page
  * never names a figure that is not there yet), or, when !commit, remove them; then remove
  * the staging directory. Nothing is moved if one of the names in dir is not a regular file
- * (only regular files are replaced). Returns the first failure when committing. */
+ * (only regular files are replaced), or is a file of the user's where no report is (dir has
+ * no index.html: a report's files are replaced only with the report, which the command
+ * replaces only with --force). Returns the first failure when committing. */
 #define MANIFEST ".kvtrace-report-files" /* the names of a report's files, one per line */
 
 /* a name a manifest may list: a plain file name of dir, never the page or a staging name */
@@ -1239,6 +1241,9 @@ static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
                    : KVT_OK;
     /* the files of the report being replaced, and of this one */
     char *old = commit ? manifest_read(dir) : NULL, *now = commit ? manifest_read(stage) : NULL;
+    struct stat ib;
+    snprintf(to, sizeof(to), "%s/index.html", dir);
+    bool a_report = lstat(to, &ib) == 0 && S_ISREG(ib.st_mode); /* one to replace is in dir */
     for (int pass = -1; pass < 2; pass++) { /* -1: the names in dir, 0: figures, 1: index */
         rewinddir(d);
         struct dirent *e;
@@ -1254,6 +1259,13 @@ static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
                                        "report: %s exists and is not a regular file; not "
                                        "replaced",
                                        to);
+                else if (commit && !st && !a_report && strcmp(e->d_name, MANIFEST) &&
+                         lstat(to, &sb) == 0)
+                    st = kvt_error_set(KVT_ERR_IO,
+                                       "report: %s exists and %s holds no report (no "
+                                       "index.html): not replaced (move it, or choose another "
+                                       "-o DIR)",
+                                       to, dir);
                 continue;
             }
             if ((pass == 1) != !strcmp(e->d_name, "index.html"))

@@ -110,6 +110,15 @@ check "report into an existing report without --force: exit 1, one line" \
     "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q -- --force $TMP/err"
 check "report into an existing report with --force: replaced" \
     "$BIN report $TMP/r.json -o $TMP/rep1 --force >/dev/null 2>&1"
+# a folder of the user's own files, one named like a figure, and no report in it: nothing of
+# the user's is overwritten, with or without --force (which replaces a report, not the user's
+# files)
+mkdir -p "$TMP/figs" && echo mine >"$TMP/figs/redundancy.png"
+for f in "" --force; do
+    $BIN report "$TMP/r.json" -o "$TMP/figs" $f >/dev/null 2>"$TMP/err"
+    check "report ${f:-(no --force)} into a folder with the user's redundancy.png: exit 1, one line, kept" \
+        "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'redundancy.png exists and .*holds no report' $TMP/err && [ \"\$(cat $TMP/figs/redundancy.png)\" = mine ] && [ ! -e $TMP/figs/index.html ] && ! ls -a $TMP/figs | grep -q kvt-report"
+done
 # a report that fails half-way (a full disk) leaves the previous one whole: at 8K no figure
 # fits, at 64K every figure fits but not index.html (which inlines them), so moving the
 # figures into place as they were drawn would have mixed new figures with the old page
