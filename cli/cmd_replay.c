@@ -393,7 +393,15 @@ static void progress_cb(void *user, uint64_t done, uint64_t total)
  * two engines may be named differently). A trace recovered by scanning is a warning too. A
  * trace that cannot be read is left to the replay, which says why. Warnings go to notes (may
  * be NULL). */
-static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE *notes, int *max_g)
+/* What a trace's layers hold of the decode steps, for decode_note. */
+typedef struct decode_held {
+    int max_g;  /* the most decode queries a layer holds */
+    int max_kv; /* the most decode keys and values a layer holds */
+    int l_nokv; /* the first layer without decode keys or values (-1: none lacks them) */
+} decode_held;
+
+static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE *notes,
+                      decode_held *dh)
 {
     int ref[4] = {0};
     const char *ref_path = NULL;
@@ -436,10 +444,19 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
         cJSON_Delete(hdr);
         /* the most decode steps a layer holds (a header's layer count past its records is
            not trusted) */
-        for (int l = 0; max_g && l < v[0] && (size_t)l < kvt_trace_reader_n_records(rd); l++) {
-            uint32_t g = 0;
+        if (dh)
+            dh[t].l_nokv = -1;
+        for (int l = 0; dh && l < v[0] && (size_t)l < kvt_trace_reader_n_records(rd); l++) {
+            uint32_t g = 0, gk = 0, gv = 0;
             if (kvt_trace_reader_shape(rd, l, KVT_KIND_Q_DECODE, NULL, &g, NULL, NULL) == KVT_OK)
-                max_g[t] = (int)g > max_g[t] ? (int)g : max_g[t];
+                dh[t].max_g = (int)g > dh[t].max_g ? (int)g : dh[t].max_g;
+            if (kvt_trace_reader_shape(rd, l, KVT_KIND_K_DECODE, NULL, &gk, NULL, NULL) ||
+                kvt_trace_reader_shape(rd, l, KVT_KIND_V_DECODE, NULL, &gv, NULL, NULL))
+                gk = gv = 0;
+            gk = gv < gk ? gv : gk;
+            dh[t].max_kv = (int)gk > dh[t].max_kv ? (int)gk : dh[t].max_kv;
+            if (!gk && dh[t].l_nokv < 0)
+                dh[t].l_nokv = l;
         }
         kvt_error_clear();
         kvt_trace_reader_close(rd);
@@ -473,10 +490,18 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
 
 /* A trace whose layers hold different numbers of decode steps (a trace cut short) gives
  * decode metrics from the steps every layer holds whole, or none: said, as the table shows
- * only '-' or the fewer steps' numbers. max_g: the most any layer holds. */
+ * only '-' or the fewer steps' numbers. Decode keys and values missing in some layers change
+ * every layer's decode metrics (the decode queries then see the prompt's keys only): said. */
 static void decode_note(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr,
-                        int max_g)
+                        const decode_held *dh)
 {
+    if (tr->n_decode > 0 && !tr->has_decode_kv && dh->max_kv > 0 && dh->l_nokv >= 0)
+        fprintf(f,
+                "kvtrace %s: warning: %s: layer %d lacks the decode steps' keys or values (other "
+                "layers hold them): every layer's decode metrics leave the decode tokens' own "
+                "keys out, as a trace without them does\n",
+                cmd, path, dh->l_nokv);
+    int max_g = dh->max_g;
     if (max_g <= tr->n_decode) /* fewer than planned but alike in every layer is a whole
                                   capture (generate stops early, makes G - 1 decode calls) */
         return;
@@ -564,7 +589,7 @@ int kvt_cmd_replay(int argc, char **argv)
        fails says one line, its error */
     char *notes_buf = NULL;
     size_t notes_len = 0;
-    int *max_g = NULL; /* [n_traces] the most decode steps a layer of each trace holds */
+    decode_held *dh = NULL; /* [n_traces] the decode steps the layers of each trace hold */
     FILE *notes = open_memstream(&notes_buf, &notes_len);
     if (!notes)
         notes = stderr;
@@ -732,12 +757,12 @@ int kvt_cmd_replay(int argc, char **argv)
         if (!ok)
             goto out_free;
     }
-    max_g = kvt_calloc(n_traces + 1, sizeof(int));
-    if (!max_g) {
+    dh = kvt_calloc(n_traces + 1, sizeof(*dh));
+    if (!dh) {
         kvt_cli_fail(cmd, "out of memory");
         goto out_free;
     }
-    if (!traces_ok(cmd, (const char *const *)traces, n_traces, mpi.rank == 0 ? notes : NULL, max_g))
+    if (!traces_ok(cmd, (const char *const *)traces, n_traces, mpi.rank == 0 ? notes : NULL, dh))
         goto out_free;
     {
         char why[160];
@@ -884,7 +909,7 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         }
         if (mpi.rank == 0) {
-            decode_note(notes, cmd, traces[t], tr, max_g[t]);
+            decode_note(notes, cmd, traces[t], tr, &dh[t]);
             budget_notes(notes, cmd, traces[t], tr);
         }
         /* the last trace is ended only once results.json is written: a selection writer
@@ -986,7 +1011,7 @@ int kvt_cmd_replay(int argc, char **argv)
             n_b == 1 ? "" : "s", procs, export_path ? " and " : "", export_path ? export_path : "");
     rc = 0;
 out_free:
-    kvt_free(max_g);
+    kvt_free(dh);
     if (notes != stderr) {
         fclose(notes);
         free(notes_buf); /* open_memstream's, with malloc */

@@ -79,4 +79,18 @@ for i, (cut, uneven) in enumerate(cuts):
     check(a == b, "cut %d: the results differ from a capture of %d steps" % (i, g))
     print("ok: cut %d at byte %d of %d: %d decode steps replayed, as a %d-step capture" %
           (i, cut, len(data), g, g))
+# a cut right before the first chunk's last V_decode: every layer holds 8 decode queries, the
+# last layer no decode values, so no layer's decode queries see the decode tokens' keys (the
+# metrics of every layer change): a warning names the layer
+cp = os.path.join(tmp, "cut_nov.kvt")
+last_v = dec[3 * L - 1]
+check(last_v["kind"] == "V_decode" and last_v["layer"] == L - 1, "record %r" % last_v)
+with open(cp, "wb") as f:
+    f.write(data[:last_v["file_offset"]])
+r = run("replay", cp, "--policies", POL, "--budgets", "24,48", "--threads", 2, "-o",
+        os.path.join(tmp, "cut_nov.json"), ok=False)
+said = "layer %d lacks the decode steps' keys or values" % (L - 1)
+check(r.returncode == 0 and said in r.stderr, "cut before layer %d's V_decode: exit %d, %r" %
+      (L - 1, r.returncode, r.stderr))
+print("ok: a layer without decode values is named")
 finish("test_replay_cut_decode")
