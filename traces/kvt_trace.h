@@ -176,6 +176,10 @@ void kvt_trace_writer_get_stats(kvt_trace_writer *w, kvt_writer_stats *out);
 /** Free the writer. Without a successful finish, queued records are written (if possible)
  *  but no index/trailer is: the file is what a crash leaves, recoverable by the reader. */
 void kvt_trace_writer_free(kvt_trace_writer *w);
+/** Free the writer and remove the file it wrote, unless a finish committed it: for a trace
+ *  that has no value unfinished (one that can be made again, as synth's). An existing trace
+ *  it would have replaced (opts.force) stays as it was. */
+void kvt_trace_writer_discard(kvt_trace_writer *w);
 
 /* ------------------------------------------------------------------------------------- */
 /* Reader                                                                                */

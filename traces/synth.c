@@ -1554,7 +1554,10 @@ kvt_status kvt_synth_write(const kvt_synth_opts *opts, const char *path, const k
     if (st == KVT_OK)
         st = kvt_trace_writer_finish(w);
 out_writer:
-    kvt_trace_writer_free(w);
+    if (st == KVT_OK)
+        kvt_trace_writer_free(w);
+    else /* deterministic: a part of it is worth nothing, and would fill the disk it filled */
+        kvt_trace_writer_discard(w);
 out_conv:
     kvt_free(conv);
 out_hdr:

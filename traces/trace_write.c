@@ -822,7 +822,7 @@ void kvt_trace_writer_get_stats(kvt_trace_writer *w, kvt_writer_stats *out)
     pthread_mutex_unlock(&w->mu);
 }
 
-void kvt_trace_writer_free(kvt_trace_writer *w)
+static void writer_free(kvt_trace_writer *w, bool discard)
 {
     if (!w)
         return;
@@ -841,7 +841,9 @@ void kvt_trace_writer_free(kvt_trace_writer *w)
     pthread_mutex_destroy(&w->mu);
     if (w->fd >= 0)
         close(w->fd);
-    if (w->final && !w->renamed) /* not committed: the old trace stays, the new one too */
+    if (discard && !w->renamed) /* the file this writer created, never a committed trace */
+        unlink(w->path);
+    else if (w->final && !w->renamed) /* not committed: the old trace stays, the new one too */
         kvt_log(KVT_LOG_WARN, "the new trace (%s) is in %s; %s is unchanged",
                 w->complete ? "finished" : "unfinished, recoverable", w->path, w->final);
     kvt_free(w->index);
@@ -854,4 +856,14 @@ void kvt_trace_writer_free(kvt_trace_writer *w)
     kvt_free(w->path);
     kvt_free(w->final);
     kvt_free(w);
+}
+
+void kvt_trace_writer_free(kvt_trace_writer *w)
+{
+    writer_free(w, false);
+}
+
+void kvt_trace_writer_discard(kvt_trace_writer *w)
+{
+    writer_free(w, true);
 }

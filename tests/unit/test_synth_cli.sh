@@ -56,5 +56,21 @@ check "an image share that does not fit before the window: cut, with a warning, 
     "$BIN synth --shape tiny-vl --tokens 64 --image-frac 0.9 -o $TMP/i9.kvt 2>$TMP/err >/dev/null && grep -q 'image share of 0.9 is 17 of 64 tokens here, not 58' $TMP/err && $BIN info $TMP/i9.kvt --json | grep -q '\"image_tokens\":[[:space:]]*17'"
 check "an image share that fits: no warning" \
     "$BIN synth --shape tiny-vl --tokens 384 -o $TMP/i6.kvt 2>$TMP/err >/dev/null && ! grep -q warning $TMP/err"
+# a full disk (a 64 KiB file size limit): one error line, no partial trace left (a synthetic
+# one can be made again; a part of it would only fill the disk), an existing trace it was to
+# replace (--force) unchanged
+cp "$TMP/c.kvt" "$TMP/full.kvt"
+trap '' XFSZ
+for f in --force ""; do
+    out=$TMP/full.kvt
+    [ -z "$f" ] && out=$TMP/new_full.kvt
+    (ulimit -f 64; exec "$BIN" synth --shape tiny --tokens 4096 $f -o "$out") >/dev/null 2>"$TMP/err"
+    rc=$?
+    check "synth ${f:-(new file)} on a full disk: exit 1 (got $rc), one line" \
+        "[ $rc -eq 1 ] && [ \$(wc -l < $TMP/err) -eq 1 ] && grep -q 'File too large' $TMP/err"
+    check "synth ${f:-(new file)} on a full disk: no partial trace left" \
+        "! ls $TMP | grep -q 'full.kvt.tmp' && [ ! -e $TMP/new_full.kvt ]"
+done
+check "synth --force on a full disk: the old trace unchanged" "cmp -s $TMP/c.kvt $TMP/full.kvt"
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
