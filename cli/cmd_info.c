@@ -105,6 +105,19 @@ static const char *get_str(const cJSON *o, const char *k)
     return cJSON_IsString(x) ? x->valuestring : NULL;
 }
 
+/* The text output prints strings from the trace as they are: control bytes in them (an
+ * escape sequence a terminal would obey) become '?' first (--json escapes them instead). */
+static void printable_strings(cJSON *j)
+{
+    for (; j; j = j->next) {
+        if (cJSON_IsString(j) && j->valuestring)
+            for (unsigned char *p = (unsigned char *)j->valuestring; *p; p++)
+                if (*p < 0x20 || *p == 0x7f)
+                    *p = '?';
+        printable_strings(j->child);
+    }
+}
+
 static double tl_num(const cJSON *o, const char *k)
 {
     const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
@@ -304,6 +317,8 @@ int kvt_cmd_info(int argc, char **argv)
         goto out_free;
     }
 
+    printable_strings(hdr);
+    printable_strings(meta);
     const char *name = get_str(model, "name");
     const cJSON *eng = cJSON_GetObjectItemCaseSensitive(hdr, "engine");
     const char *gpu = get_str(hdr, "gpu");
