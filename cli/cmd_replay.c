@@ -519,20 +519,23 @@ static void decode_note(FILE *f, const char *cmd, const char *path, const kvt_tr
 
 /* Budgets whose rows a reader of the table would misread: every budget keeping the whole
  * prompt (nothing compressed; one such budget shows as 100.0% kept), budgets below some
- * policies' observation window (those policies then keep the window's last B tokens and tie),
- * and two budgets of the same tokens (their rows repeat). results.json marks the first two
- * per run (short_prompt, budget_below_window). */
+ * policies' observation window (those policies then keep the window's last B tokens, and
+ * tie; one such policy alone is the documented budget-below-window case), a window as long as
+ * the prompt (a policy that keeps the last B
+ * tokens at every budget), and two budgets that keep the same tokens (their rows repeat).
+ * results.json marks the first two per run (short_prompt, budget_below_window). */
 static void budget_notes(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr)
 {
     char below[512] = "";
     size_t n_all = 0, lb = 0;
-    int n_below_pol = 0, wmax = 0;
+    int n_below_pol = 0, wmax = 0, T = tr->n_tokens;
+    for (size_t b = 0; b < tr->n_budgets; b++)
+        n_all += tr->budget_tokens[b] >= T;
     for (size_t b = 0; b < tr->n_budgets; b++) {
         int B = tr->budget_tokens[b];
-        n_all += B >= tr->n_tokens;
         int n = 0;
         for (size_t p = 0; p < tr->n_policies; p++)
-            if (B < tr->policy_window[p] && B < tr->n_tokens) {
+            if (B < tr->policy_window[p] && B < T && tr->policy_window[p] < T) {
                 n++;
                 wmax = tr->policy_window[p] > wmax ? tr->policy_window[p] : wmax;
             }
@@ -541,12 +544,18 @@ static void budget_notes(FILE *f, const char *cmd, const char *path, const kvt_t
                                    tr->budget_texts[b]);
             n_below_pol = n > n_below_pol ? n : n_below_pol;
         }
-        for (size_t c = 0; c < b; c++)
-            if (tr->budget_tokens[c] == B) {
-                fprintf(f,
-                        "kvtrace %s: warning: %s: budgets %s and %s are both %d tokens: their "
-                        "rows repeat\n",
-                        cmd, path, tr->budget_texts[c], tr->budget_texts[b], B);
+        for (size_t c = 0; c < b && n_all < tr->n_budgets; c++)
+            if (tr->budget_tokens[c] == B || (B >= T && tr->budget_tokens[c] >= T)) {
+                if (B < T)
+                    fprintf(f,
+                            "kvtrace %s: warning: %s: budgets %s and %s are both %d tokens: "
+                            "their rows repeat\n",
+                            cmd, path, tr->budget_texts[c], tr->budget_texts[b], B);
+                else
+                    fprintf(f,
+                            "kvtrace %s: warning: %s: budgets %s and %s both keep the whole "
+                            "prompt (T=%d): their rows repeat\n",
+                            cmd, path, tr->budget_texts[c], tr->budget_texts[b], T);
                 break;
             }
     }
@@ -554,13 +563,20 @@ static void budget_notes(FILE *f, const char *cmd, const char *path, const kvt_t
         fprintf(f,
                 "kvtrace %s: warning: %s: every budget keeps the whole prompt (T=%d): nothing "
                 "is compressed\n",
-                cmd, path, tr->n_tokens);
+                cmd, path, T);
     if (lb)
         fprintf(f,
                 "kvtrace %s: warning: %s: at budget%s %s, up to %d policies have an "
                 "observation window above the budget (up to %d tokens): each keeps only the "
                 "window's last B tokens there, so they tie\n",
                 cmd, path, strchr(below, ',') ? "s" : "", below, n_below_pol, wmax);
+    for (size_t p = 0; p < tr->n_policies && n_all < tr->n_budgets; p++)
+        if (tr->policy_window[p] >= T)
+            fprintf(f,
+                    "kvtrace %s: warning: %s: %s's observation window (%d tokens) covers the "
+                    "whole prompt (T=%d): it keeps the last B tokens at every budget, nothing "
+                    "of its own ranking\n",
+                    cmd, path, tr->policy_labels[p], tr->policy_window[p], T);
 }
 
 static const char *fmt(double x, char *buf, size_t cap, const char *f)

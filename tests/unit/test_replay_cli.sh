@@ -101,6 +101,13 @@ $BIN replay "$TMP/tiny.kvt" --policies snapkv --budgets 64,100% -o "$TMP/bn2.jso
     2>"$TMP/err" || fail "whole-prompt budgets run"
 grep -q "every budget keeps the whole prompt (T=64): nothing is compressed" "$TMP/err" ||
     fail "whole-prompt note: $(cat "$TMP/err")"
+# a window covering the whole prompt (recency at every budget), two budgets above the prompt
+# (their rows repeat)
+$BIN replay "$TMP/tiny.kvt" --policies snapkv,knorm:window=64 --budgets 40,100,200 \
+    -o "$TMP/bn3.json" >/dev/null 2>"$TMP/err" || fail "budget notes run 3"
+grep -q "knorm:window=64's observation window (64 tokens) covers the whole prompt (T=64): it keeps the last B tokens at every budget" "$TMP/err" &&
+    grep -q "budgets 100 and 200 both keep the whole prompt (T=64): their rows repeat" "$TMP/err" &&
+    [ "$(grep -c warning "$TMP/err")" = 2 ] || fail "budget notes 3: $(cat "$TMP/err")"
 # a trace cut short in its decode records (layers 0-2 of 5 hold them): replayed with warnings
 # that it is incomplete and has no decode metrics; a policy that needs decode queries says
 # which layer lacks them and why (it said the trace had none)
