@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -217,12 +218,12 @@ static kvt_status open_file(const char *path, bool force, const kvt_selection_po
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_fail;
     }
-    w->path = kvt_strdup(path);
-    if (!w->path) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    int mode; /* a symbolic link's target is replaced, with the replaced file's permissions */
+    if ((st = kvt_output_target(path, &w->path, &mode)))
         goto out_fail;
-    }
-    int fd = kvt_create_tmp_sibling(path, 0666, &w->tmp);
+    int fd = kvt_create_tmp_sibling(w->path, 0666, &w->tmp);
+    if (fd >= 0 && mode >= 0)
+        (void)fchmod(fd, (mode_t)mode);
     if (fd < 0) {
         st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
                            "cannot write next to %s: %s", path, strerror(errno));

@@ -157,13 +157,19 @@ void kvt_tmp_forget(const char *tmp);
  *  replay's selection export, a results.json, synth --force's new trace), then end the process
  *  by the signal as before. */
 void kvt_tmp_remove_on_signals(void);
+/** The file an output written to `path` replaces, as a trace does: `path`, or where it is a
+ *  symbolic link its target (the link stays and points at the new file). *final receives it
+ *  (kvt_free it), *mode the existing file's permissions, or -1 when there is none.
+ * @return KVT_OK, KVT_ERR_IO (a link to a missing file), KVT_ERR_NOMEM. */
+kvt_status kvt_output_target(const char *path, char **final, int *mode);
 /** Read the regular file `path` whole into a new NUL-terminated buffer (*txt, kvt_free it; *len
  *  bytes before the NUL). KVT_ERR_IO (cannot open, not a regular file, a read error),
  *  KVT_ERR_INVALID_ARG (more than max_bytes: the message says so), KVT_ERR_NOMEM. */
 kvt_status kvt_read_text_file(const char *path, size_t max_bytes, char **txt, size_t *len);
 /** Write `len` bytes of `txt` plus a newline to `path` atomically: a temporary sibling
- *  (kvt_create_tmp_sibling, mode 0666 & ~umask), fsync, rename over `path`, fsync the
- *  directory. On any failure the temporary is removed and `path` is untouched.
+ *  (kvt_create_tmp_sibling, mode 0666 & ~umask, or the replaced file's), fsync, rename over
+ *  `path` (a symbolic link's target: kvt_output_target), fsync the directory. On any failure
+ *  the temporary is removed and `path` is untouched.
  * @return KVT_OK, KVT_ERR_IO (the message names the file and errno), KVT_ERR_NOMEM. */
 kvt_status kvt_write_file_atomic(const char *path, const char *txt, size_t len);
 /** fsync the directory holding `path`, so that a rename into it is durable (best effort). */

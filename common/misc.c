@@ -368,11 +368,38 @@ void kvt_fmt_double(double x, char *buf, size_t cap)
     }
 }
 
-kvt_status kvt_write_file_atomic(const char *path, const char *txt, size_t len)
+kvt_status kvt_output_target(const char *path, char **final, int *mode)
 {
-    char *tmp = NULL;
-    kvt_status st = KVT_OK;
+    *final = NULL;
+    *mode = -1;
+    struct stat sb;
+    char *target = NULL;
+    if (lstat(path, &sb) == 0 && S_ISLNK(sb.st_mode)) {
+        target = realpath(path, NULL);
+        if (!target || stat(target, &sb) != 0) {
+            free(target); /* realpath's, from malloc */
+            return kvt_error_set(KVT_ERR_IO, "%s is a symbolic link to a missing file", path);
+        }
+        *mode = (int)(sb.st_mode & 07777);
+    } else if (lstat(path, &sb) == 0) {
+        *mode = (int)(sb.st_mode & 07777);
+    }
+    *final = kvt_strdup(target ? target : path);
+    free(target);
+    KVT_RETURN_IF(!*final, KVT_ERR_NOMEM, "out of memory");
+    return KVT_OK;
+}
+
+kvt_status kvt_write_file_atomic(const char *out, const char *txt, size_t len)
+{
+    char *tmp = NULL, *path = NULL;
+    int mode;
+    kvt_status st = kvt_output_target(out, &path, &mode);
+    if (st)
+        return st;
     int fd = kvt_create_tmp_sibling(path, 0666, &tmp);
+    if (fd >= 0 && mode >= 0)
+        (void)fchmod(fd, (mode_t)mode); /* the replaced file's permissions */
     if (fd < 0) {
         st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
                            "cannot write next to %s: %s", path, strerror(errno));
@@ -407,6 +434,7 @@ out_remove:
 out_free:
     kvt_tmp_forget(tmp);
     kvt_free(tmp);
+    kvt_free(path);
     return st;
 }
 

@@ -32,6 +32,16 @@ lines() { wc -l <"$1"; }
 no_temps() { ! ls -a "$TMP" | grep -q '\.tmp\.\|^\.kvt-.*\.tmp$'; }
 R="$BIN replay $S --policies snapkv,h2o --budgets 8,16 --threads 1"
 
+# ---- replacing an output (--force) keeps its permissions, and a symbolic link's target is
+# replaced (the link stays), as for traces ----
+$R -o "$TMP/p.json" --export-selection "$TMP/p.sel" >/dev/null 2>&1 || { echo "FAILED: setup"; exit 1; }
+chmod 600 "$TMP/p.json" "$TMP/p.sel"
+mkdir -p "$TMP/links" && ln -s ../p.json "$TMP/links/l.json" && ln -s ../p.sel "$TMP/links/l.sel"
+$R -o "$TMP/links/l.json" --export-selection "$TMP/links/l.sel" --force >/dev/null 2>&1
+check "replay --force over links: the links stay, their targets replaced with mode 600" \
+    "[ -L $TMP/links/l.json ] && [ -L $TMP/links/l.sel ] && [ \$(stat -c %a $TMP/p.json) = 600 ] && [ \$(stat -c %a $TMP/p.sel) = 600 ] && [ $TMP/p.json -nt $TMP/links ] && ! ls -a $TMP/links | grep -q tmp"
+rm -rf "$TMP/links" "$TMP/p.json" "$TMP/p.sel"
+
 # ---- write failures: full disk during replay output ----
 $R -o "$TMP/r.json" --export-selection "$TMP/s.bin" >/dev/null 2>&1 || { echo "FAILED: setup"; exit 1; }
 $R -o "$TMP/rj.json" --export-selection "$TMP/s.json" >/dev/null 2>&1 || { echo "FAILED: setup"; exit 1; }
