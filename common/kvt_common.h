@@ -153,9 +153,14 @@ int kvt_create_tmp_sibling(const char *path, unsigned mode, char **tmp);
 /** The caller is done with the temporary `tmp` from kvt_create_tmp_sibling (renamed, removed,
  *  or kept on purpose): kvt_tmp_remove_on_signals no longer removes it. */
 void kvt_tmp_forget(const char *tmp);
+/** A temporary directory of plain files (a report's staging directory), removed with its
+ *  files by kvt_tmp_remove_on_signals until kvt_tmp_dir_forget; one at a time (a second is not
+ *  registered). */
+void kvt_tmp_dir_remember(const char *dir);
+void kvt_tmp_dir_forget(const char *dir);
 /** For a command: SIGINT, SIGTERM and SIGHUP remove the temporaries still being written (a
- *  replay's selection export, a results.json, synth --force's new trace), then end the process
- *  by the signal as before. */
+ *  replay's selection export, a results.json, synth --force's new trace, a report's staging
+ *  directory), then end the process by the signal as before. */
 void kvt_tmp_remove_on_signals(void);
 /** The file an output written to `path` replaces, as a trace does: `path`, or where it is a
  *  symbolic link its target (the link stays and points at the new file). *final receives it

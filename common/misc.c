@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -246,12 +247,62 @@ void kvt_tmp_forget(const char *tmp)
     pthread_mutex_unlock(&tmp_mu);
 }
 
+/* The temporary directory (one slot, the same protocol as the files'). */
+static volatile sig_atomic_t tmpdir_state;
+static char tmpdir_name[4096];
+
+void kvt_tmp_dir_remember(const char *dir)
+{
+    if (strlen(dir) >= sizeof(tmpdir_name))
+        return;
+    pthread_mutex_lock(&tmp_mu);
+    if (tmpdir_state == 0) {
+        tmpdir_state = 1;
+        strcpy(tmpdir_name, dir);
+        atomic_signal_fence(memory_order_seq_cst);
+        tmpdir_state = 2;
+    }
+    pthread_mutex_unlock(&tmp_mu);
+}
+
+void kvt_tmp_dir_forget(const char *dir)
+{
+    pthread_mutex_lock(&tmp_mu);
+    if (tmpdir_state == 2 && !strcmp(tmpdir_name, dir))
+        tmpdir_state = 0;
+    pthread_mutex_unlock(&tmp_mu);
+}
+
+/* Remove the registered directory's files and the directory, with system calls only (a
+ * signal handler may not use opendir: it allocates). */
+static void tmpdir_remove(void)
+{
+    static char buf[8192] __attribute__((aligned(8)));
+    if (tmpdir_state != 2)
+        return;
+    int fd = open(tmpdir_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    for (long n; fd >= 0 && (n = syscall(SYS_getdents64, fd, buf, sizeof(buf))) > 0;)
+        for (long off = 0; off < n;) {
+            /* struct linux_dirent64: ino (8), off (8), reclen (2), type (1), name */
+            unsigned short reclen;
+            memcpy(&reclen, buf + off + 16, sizeof(reclen));
+            const char *name = buf + off + 19;
+            if (strcmp(name, ".") && strcmp(name, ".."))
+                unlinkat(fd, name, 0);
+            off += reclen;
+        }
+    if (fd >= 0)
+        close(fd);
+    rmdir(tmpdir_name);
+}
+
 static void tmp_on_signal(int sig)
 {
     int e = errno;
     for (int i = 0; i < TMP_SLOTS; i++)
         if (tmp_state[i] == 2)
             unlink(tmp_name[i]); /* async-signal-safe */
+    tmpdir_remove();
     signal(sig, SIG_DFL);
     errno = e;
     raise(sig); /* delivered when the handler returns: the process ends by the signal */

@@ -1370,6 +1370,8 @@ kvt_status kvt_report_write_e2e(const kvt_results *r, const char *dir,
         st = kvt_error_set(KVT_ERR_INVALID_ARG, "report: the directory name is too long: %s", dir);
     else if (!mkdtemp(stage))
         st = kvt_error_set(KVT_ERR_IO, "report: cannot write in %s: %s", dir, strerror(errno));
+    else /* removed on SIGINT, SIGTERM, SIGHUP (kvt_tmp_remove_on_signals) */
+        kvt_tmp_dir_remember(stage);
     if (st) {
         plan_free(&pl);
         return st;
@@ -1395,5 +1397,6 @@ kvt_status kvt_report_write_e2e(const kvt_results *r, const char *dir,
 out:
     plan_free(&pl);
     kvt_status fin = stage_finish(stage, dir, st == KVT_OK);
+    kvt_tmp_dir_forget(stage);
     return st ? st : fin;
 }

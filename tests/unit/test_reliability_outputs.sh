@@ -13,7 +13,7 @@
 #   --force; an output directory that is missing, or one that takes no new file (/proc, even
 #   to root), is refused before the work;
 # - synth --force over an existing trace that dies mid-write (ulimit -f) keeps the old trace;
-# - synth --force and replay --export-selection interrupted (SIGTERM, SIGHUP) remove their
+# - synth --force, replay --export-selection and report interrupted (SIGTERM, SIGHUP) remove their
 #   temporaries and end by the signal;
 # - a 250-character output name works (the temporary name must fit NAME_MAX too);
 # - -o X with --export-selection ./X is refused;
@@ -288,7 +288,16 @@ signal_at_tmp HUP "$TMP/sig.bin.tmp.*" env KVT_KERNELS=ref $BIN replay "$TMP/big
 rc=$?
 check "replay --export-selection interrupted: exit by SIGHUP (got $rc), no temporary left" \
     "[ $rc -eq 129 ] && ! ls -a $TMP | grep -q 'sig\.\(bin\|json\)' "
-rm -f "$TMP/big.kvt" "$TMP/sig.kvt" "$TMP/sig.old"
+# report (SIGTERM, once its staging directory exists): the staging directory and its figures
+# are removed, the previous report is unchanged
+$BIN replay $S --policies all --budgets "$(seq -s, 8 8 400)" --threads 2 -o "$TMP/many.json" \
+    >/dev/null 2>&1
+$BIN report "$TMP/r.json" -o "$TMP/srep" >/dev/null 2>&1 && cp -r "$TMP/srep" "$TMP/srep.old"
+signal_at_tmp TERM "$TMP/srep/.kvt-report-*" $BIN report "$TMP/many.json" -o "$TMP/srep" --force
+rc=$?
+check "report interrupted: exit by SIGTERM (got $rc), no staging directory left, old report kept" \
+    "[ $rc -eq 143 ] && ! ls -a $TMP/srep | grep -q kvt-report && diff -r $TMP/srep $TMP/srep.old >/dev/null"
+rm -rf "$TMP/big.kvt" "$TMP/sig.kvt" "$TMP/sig.old" "$TMP/many.json" "$TMP/srep" "$TMP/srep.old"
 # a temporary name a killed process left (same pid) is skipped, not an error
 bash -c "touch '$TMP/keep.kvt.tmp.'\$\$'.0'; exec $BIN synth --shape tiny --tokens 64 --force -o '$TMP/keep.kvt'" \
     >/dev/null 2>"$TMP/err"
