@@ -605,9 +605,21 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
                                r->policies[p].label, r->budgets[b].text);
             goto out_fail;
         }
+        /* a run names its policy and budget as the settings do (a hand-edited file may not) */
+        const cJSON *lb = item(run, "label"), *bt = item(run, "budget_text");
+        int B = get_int(run, "budget_tokens", 0);
+        if ((lb && (!cJSON_IsString(lb) || strcmp(lb->valuestring, r->policies[p].label))) ||
+            (bt && (!cJSON_IsString(bt) || strcmp(bt->valuestring, r->budgets[b].text))) || B < 1) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "results: trace %zu: the run of policy %d at budget %d is not "
+                               "labelled %s at budget %s with budget_tokens >= 1, as the "
+                               "settings say",
+                               idx, p, b, r->policies[p].label, r->budgets[b].text);
+            goto out_fail;
+        }
         t->policy_heads[p] = H;
         t->policy_window[p] = get_int(run, "window", 0);
-        t->budget_tokens[b] = get_int(run, "budget_tokens", 0);
+        t->budget_tokens[b] = B;
         const cJSON *mj = item(run, "metrics");
         for (size_t k = 0; k < N_METRICS; k++)
             if (!(metrics[k].optional && !item(mj, metrics[k].name)) &&
@@ -714,6 +726,12 @@ kvt_status kvt_results_parse(const char *txt, size_t len, const char *path, kvt_
             st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
             goto out_free;
         }
+        for (int q = 0; q + 1 < i; q++) /* labels name the rows: replay makes them unique */
+            if (!strcmp(r->policies[q].label, p->label)) {
+                st = kvt_error_set(KVT_ERR_CORRUPT, "%s: two policies are labelled %s", path,
+                                   p->label);
+                goto out_free;
+            }
     }
     r->n_budgets = (size_t)nb;
     i = 0;

@@ -50,7 +50,7 @@ static void write_claim(const char *path, int n_layers, int n_q, int n_kv, int n
             n_layers, n_q, n_kv, claim_tokens, r_all);
     if (grid) {
         fprintf(f,
-                "{\"policy\": 0, \"budget\": 0, \"n_heads\": %d, "
+                "{\"policy\": 0, \"budget\": 0, \"n_heads\": %d, \"budget_tokens\": 40, "
                 "\"metrics\": {",
                 n_heads);
         for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
@@ -108,6 +108,17 @@ static void test_claimed_dimensions(const char *path)
     KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
     write_claim(path, 2, 4, 2, 3, g22, "null", "");
     KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT); /* n_heads not Hkv or Hq */
+    /* a run that names another policy or budget than the settings (a hand edit) */
+    write_claim(path, 2, 2, 2, 2, g22, "null", ", \"label\": \"h2o\"");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "is not labelled snapkv at budget 40"), "message: %s",
+                   kvt_error_msg());
+    write_claim(path, 2, 2, 2, 2, g22, "null", ", \"budget_text\": \"64\"");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    write_claim(path, 2, 2, 2, 2, g22, "null", ", \"label\": \"snapkv\", \"budget_text\": \"40\"");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_OK);
+    kvt_results_free(r);
+    r = NULL;
     /* ... and a matching file still reads: null = NaN, r_all absent = NaN */
     write_claim(path, 2, 2, 2, 2, g22, "null", "");
     KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_OK);

@@ -111,6 +111,24 @@ assert "all" in rec["layer_budget"], rec["layer_budget"]
 PYEOF2
 fi
 
+# a results.json whose two policies were given one label (a hand edit; replay refuses it):
+# refused on reading, one line
+if [ -n "$PY" ] && [ -x "$PY" ]; then
+    "$PY" - "$TMP/r.json" "$TMP/dup.json" <<'PYEOF3' || fail "dup labels: edit"
+import json, sys
+r = json.load(open(sys.argv[1]))
+pols = r["settings"]["policies"]
+pols[1]["label"] = pols[0]["label"]
+for t in r["traces"]:
+    for run in t["runs"]:
+        run["label"] = pols[run["policy"]]["label"]
+json.dump(r, open(sys.argv[2], "w"))
+PYEOF3
+    $BIN recommend "$TMP/dup.json" >/dev/null 2>"$TMP/err" && fail "dup labels: accepted"
+    grep -q "two policies are labelled" "$TMP/err" && [ "$(wc -l <"$TMP/err")" -eq 1 ] ||
+        fail "dup labels: $(cat "$TMP/err")"
+fi
+
 # every budget keeps the whole prompt: nothing is recommended, and the text says why
 $BIN replay "$SAMPLE" --policies tova,snapkv --budgets 448,1000,100% --threads 2 \
     -o "$TMP/whole.json" >/dev/null 2>&1 || fail "replay whole"
