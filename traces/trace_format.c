@@ -214,9 +214,12 @@ kvt_status kvt_read_file_header(int fd, uint64_t file_size, char **json, uint64_
                   ma > KVT_FORMAT_MAJOR ? "upgrade kvtrace" : "the file is not a valid trace");
     KVT_RETURN_IF(json_len > KVT_MAX_JSON, KVT_ERR_CORRUPT, "JSON header length %u too large",
                   (unsigned)json_len);
-    KVT_RETURN_IF((uint64_t)frame_size != 16ull + json_len + 4ull || 8ull + frame_size > file_size,
-                  KVT_ERR_CORRUPT, "file header frame size %u is inconsistent",
-                  (unsigned)frame_size);
+    KVT_RETURN_IF((uint64_t)frame_size != 16ull + json_len + 4ull, KVT_ERR_CORRUPT,
+                  "file header frame size %u is inconsistent", (unsigned)frame_size);
+    KVT_RETURN_IF(8ull + frame_size > file_size, KVT_ERR_CORRUPT,
+                  "the file is cut short inside its header (%llu of its %llu bytes), before "
+                  "any record",
+                  (unsigned long long)file_size, 8ull + frame_size);
     uint8_t *buf = kvt_malloc((size_t)json_len + 4 + 1);
     KVT_RETURN_IF(!buf, KVT_ERR_NOMEM, "out of memory reading the JSON header");
     s = kvt_pread_full(fd, buf, (size_t)json_len + 4, sizeof(fh));

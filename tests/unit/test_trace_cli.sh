@@ -35,6 +35,9 @@ check "nonexistent trace: one error line" \
 
 size=$(stat -c %s "$TMP/t.kvt")
 head -c $((size * 2 / 3)) "$TMP/t.kvt" > "$TMP/cut.kvt"
+head -c 300 "$TMP/t.kvt" > "$TMP/hcut.kvt" # inside the JSON header: says so, not "inconsistent"
+check "verify on a trace cut inside its header: exit 2, one line saying so" \
+    "$BIN verify $TMP/hcut.kvt >/dev/null 2>$TMP/err; [ \$? -eq 2 ] && [ \$(wc -l < $TMP/err) -eq 1 ] && grep -q 'cut short inside its header (300 of its' $TMP/err"
 check "verify on a truncated trace exits 1" "$BIN verify $TMP/cut.kvt >$TMP/v.out; [ \$? -eq 1 ]"
 check "verify says the trace was not finished" "grep -q 'not finished' $TMP/v.out"
 check "verify names missing tensors" "grep -q 'missing' $TMP/v.out"
