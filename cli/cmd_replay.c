@@ -414,6 +414,10 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
                 cJSON_free(ref_id);
                 return false;
             }
+        if (!kvt_cli_json_path_ok(cmd, traces[t])) { /* results.json names it */
+            cJSON_free(ref_id);
+            return false;
+        }
         kvt_trace_reader *rd = NULL;
         if (kvt_trace_reader_open(traces[t], &rd))
             continue;

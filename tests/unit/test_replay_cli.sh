@@ -101,6 +101,19 @@ $BIN replay "$TMP/tiny.kvt" --policies snapkv --budgets 64,100% -o "$TMP/bn2.jso
     2>"$TMP/err" || fail "whole-prompt budgets run"
 grep -q "every budget keeps the whole prompt (T=64): nothing is compressed" "$TMP/err" ||
     fail "whole-prompt note: $(cat "$TMP/err")"
+# a trace path that is not UTF-8 cannot be named in results.json (JSON is UTF-8: a raw 0xFF
+# byte makes the file unreadable to other parsers): refused before any work, one line; a
+# UTF-8 name works
+bad=$TMP/$(printf 'bad\xffname').kvt
+cp "$TMP/tiny.kvt" "$bad" && cp "$TMP/tiny.kvt" "$TMP/café.kvt"
+$BIN replay "$bad" --policies snapkv --budgets 40 -o "$TMP/u.json" >/dev/null 2>"$TMP/err" &&
+    fail "a non-UTF-8 path was accepted"
+[ "$(wc -l <"$TMP/err")" = 1 ] && grep -q "is not valid UTF-8 (byte " "$TMP/err" &&
+    [ ! -e "$TMP/u.json" ] || fail "non-UTF-8 path: $(cat "$TMP/err")"
+$BIN info --json "$bad" >/dev/null 2>&1 && fail "info --json accepted a non-UTF-8 path"
+$BIN replay "$TMP/café.kvt" --policies snapkv --budgets 40 -o "$TMP/u.json" >/dev/null 2>&1 &&
+    grep -q 'café.kvt' "$TMP/u.json" || fail "a UTF-8 path"
+rm -f "$bad" "$TMP/café.kvt" "$TMP/u.json"
 # a window covering the whole prompt (recency at every budget), two budgets above the prompt
 # (their rows repeat)
 $BIN replay "$TMP/tiny.kvt" --policies snapkv,knorm:window=64 --budgets 40,100,200 \
