@@ -317,7 +317,8 @@ typedef struct e2e_trace {
     int32_t *ref;    /* [G] and its greedy tokens */
     double kerr;     /* layer 0's keys: the trace's against this model's, over their scale */
     double nll_full; /* the uncompressed run's mean -log p of its own greedy token */
-    e2e_run *runs;   /* [n_pol * n_b] */
+    kvt_cli_decode_held held; /* what the trace's layers hold of the decode steps */
+    e2e_run *runs;            /* [n_pol * n_b] */
 } e2e_trace;
 
 static void trace_free(e2e_trace *et, size_t n_runs)
@@ -331,9 +332,10 @@ static void trace_free(e2e_trace *et, size_t n_runs)
 }
 
 /* Check the trace at et->path against the model (shape, decode steps, token tables, layer 0's
- * keys) and run the model over it uncompressed. Errors name the trace. */
+ * keys) and run the model over it uncompressed. Errors name the trace; warnings (a trace cut
+ * short) go to notes. */
 static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *model_path,
-                                e2e_trace *et)
+                                e2e_trace *et, FILE *notes)
 {
     const kvt_llama2c_config *c = kvt_llama2c_model_config(model);
     const int L = c->n_layers, Hq = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim;
@@ -345,6 +347,7 @@ static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *mode
     cJSON *hdr = NULL;
     KVT_FORWARD(kvt_trace_reader_open(path, &rd));
     kvt_status st = KVT_OK;
+    kvt_cli_trace_note(notes, CMD, path, rd, L, &et->held);
     hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
     const cJSON *mo = cJSON_GetObjectItemCaseSensitive(hdr, "model");
     const cJSON *jf[] = {cJSON_GetObjectItemCaseSensitive(mo, "n_layers"),
@@ -450,11 +453,12 @@ out:
 }
 
 /* Replay the policies on trace t and rerun its decode steps with their kept sets: et->runs.
- * The replay's result goes into res (the proxies), its kept sets to sw when exporting. */
+ * The replay's result goes into res (the proxies), its kept sets to sw when exporting, what
+ * the replay's table would warn of to notes. */
 static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_t t,
                             kvt_policy *const *pols, size_t n_pol, const kvt_budget *budgets,
                             size_t n_b, int threads, kvt_selection_writer *sw, kvt_results *res,
-                            kvt_progress *pr)
+                            kvt_progress *pr, FILE *notes)
 {
     const kvt_llama2c_config *c = kvt_llama2c_model_config(model);
     const int L = c->n_layers, Hq = c->n_heads, T = et->T;
@@ -500,6 +504,8 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
     kvt_progress_end(pr);
     if (st || (sw && (st = kvt_selection_writer_end_trace(sw))))
         goto out;
+    kvt_cli_decode_note(notes, CMD, et->path, tr, &et->held); /* e.g. no proxies: said why */
+    kvt_cli_budget_notes(notes, CMD, et->path, tr);
     st = kvt_results_add_trace(res, tr); /* takes tr, also on failure */
     tr = NULL;
     if (st)
@@ -645,6 +651,13 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     double *xs = NULL;
     char *txt = NULL;
     kvt_progress pr;
+    /* warnings about the traces and budgets, told once e2e.json is written (as replay): a run
+       that fails says one line, its error */
+    char *notes_buf = NULL;
+    size_t notes_len = 0;
+    FILE *notes = open_memstream(&notes_buf, &notes_len);
+    if (!notes)
+        notes = stderr;
     if (!ets) {
         kvt_cli_fail(cmd, "out of memory");
         goto out_free;
@@ -656,7 +669,7 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     /* every trace checked and run uncompressed before any replay */
     for (size_t t = 0; t < n_traces; t++) {
         ets[t].path = traces[t];
-        if ((st = trace_prepare(model, model_path, &ets[t]))) {
+        if ((st = trace_prepare(model, model_path, &ets[t], notes))) {
             kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
@@ -699,7 +712,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     }
     res->seed = seed;
     for (size_t t = 0; t < n_traces; t++)
-        if ((st = trace_run(model, &ets[t], t, pols, n_pol, budgets, n_b, threads, sw, res, &pr))) {
+        if ((st = trace_run(model, &ets[t], t, pols, n_pol, budgets, n_b, threads, sw, res, &pr,
+                            notes))) {
             kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }
@@ -839,6 +853,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         kvt_cli_fail_status(cmd, st, out);
         goto out_free;
     }
+    if (notes != stderr && fflush(notes) == 0 && notes_len)
+        fputs(notes_buf, stderr);
     char re[16], rr[16]; /* NaN when the KL or the proxy is the same for every setting */
     snprintf(re, sizeof(re), isnan(rho_err) ? "n/a" : "%.3f", rho_err);
     snprintf(rr, sizeof(rr), isnan(rho_rec) ? "n/a" : "%.3f", rho_rec);
@@ -848,12 +864,19 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
                 "end-to-end KL over %d settings: err_decode %s, 1 - recall_decode %s\n",
                 out, n_runs, n_runs == 1 ? "" : "s", n_traces, n_traces == 1 ? "" : "s", n_err, re,
                 rr);
-    else /* a rank correlation needs 3 settings (the JSON holds null) */
+    else if (n_runs < 3) /* a rank correlation needs 3 settings (the JSON holds null) */
         fprintf(stderr,
-                "e2e-llama2c: wrote %s (%zu setting%s on %zu trace%s); no Spearman's rho: %d "
+                "e2e-llama2c: wrote %s (%zu setting%s on %zu trace%s); no Spearman's rho: %zu "
                 "setting%s with a measured KL, 3 needed\n",
-                out, n_runs, n_runs == 1 ? "" : "s", n_traces, n_traces == 1 ? "" : "s", n_err,
-                n_err == 1 ? "" : "s");
+                out, n_runs, n_runs == 1 ? "" : "s", n_traces, n_traces == 1 ? "" : "s", n_runs,
+                n_runs == 1 ? "" : "s");
+    else /* the KL was measured, the replay's proxies were not (a trace cut short) */
+        fprintf(stderr,
+                "e2e-llama2c: wrote %s (%zu settings on %zu trace%s); no Spearman's rho: the "
+                "replay measured its proxies (err_decode, recall_decode) for %d of the %zu "
+                "settings with a measured KL, 3 needed (decode metrics need decode steps that "
+                "every layer of the trace holds)\n",
+                out, n_runs, n_traces, n_traces == 1 ? "" : "s", n_err, n_runs);
     rc = 0;
 out_free:
     if (sw)
@@ -872,5 +895,9 @@ out_free:
     kvt_free(traces);
     kvt_free(policies_arg);
     kvt_free(budgets_arg);
+    if (notes != stderr) {
+        fclose(notes);
+        free(notes_buf); /* open_memstream's, with malloc */
+    }
     return rc;
 }

@@ -393,15 +393,8 @@ static void progress_cb(void *user, uint64_t done, uint64_t total)
  * two engines may be named differently). A trace recovered by scanning is a warning too. A
  * trace that cannot be read is left to the replay, which says why. Warnings go to notes (may
  * be NULL). */
-/* What a trace's layers hold of the decode steps, for decode_note. */
-typedef struct decode_held {
-    int max_g;  /* the most decode queries a layer holds */
-    int max_kv; /* the most decode keys and values a layer holds */
-    int l_nokv; /* the first layer without decode keys or values (-1: none lacks them) */
-} decode_held;
-
 static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE *notes,
-                      decode_held *dh)
+                      kvt_cli_decode_held *dh)
 {
     int ref[4] = {0};
     const char *ref_path = NULL;
@@ -421,11 +414,6 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
         kvt_trace_reader *rd = NULL;
         if (kvt_trace_reader_open(traces[t], &rd))
             continue;
-        if (notes && kvt_trace_reader_recovered(rd))
-            fprintf(notes,
-                    "kvtrace %s: warning: %s is incomplete (%s): replaying the records it holds "
-                    "('kvtrace verify' lists what was lost)\n",
-                    cmd, traces[t], kvt_trace_reader_recovery_note(rd));
         cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
         const cJSON *m = cJSON_GetObjectItemCaseSensitive(hdr, "model");
         static const char *const keys[4] = {"n_layers", "n_q_heads", "n_kv_heads", "head_dim"};
@@ -446,23 +434,8 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
         char *idj = id ? cJSON_PrintUnformatted(id) : NULL;
         cJSON_Delete(id);
         cJSON_Delete(hdr);
-        /* the most decode steps a layer holds (a header's layer count past its records is
-           not trusted) */
-        if (dh)
-            dh[t].l_nokv = -1;
-        for (int l = 0; dh && l < v[0] && (size_t)l < kvt_trace_reader_n_records(rd); l++) {
-            uint32_t g = 0, gk = 0, gv = 0;
-            if (kvt_trace_reader_shape(rd, l, KVT_KIND_Q_DECODE, NULL, &g, NULL, NULL) == KVT_OK)
-                dh[t].max_g = (int)g > dh[t].max_g ? (int)g : dh[t].max_g;
-            if (kvt_trace_reader_shape(rd, l, KVT_KIND_K_DECODE, NULL, &gk, NULL, NULL) ||
-                kvt_trace_reader_shape(rd, l, KVT_KIND_V_DECODE, NULL, &gv, NULL, NULL))
-                gk = gv = 0;
-            gk = gv < gk ? gv : gk;
-            dh[t].max_kv = (int)gk > dh[t].max_kv ? (int)gk : dh[t].max_kv;
-            if (!gk && dh[t].l_nokv < 0)
-                dh[t].l_nokv = l;
-        }
-        kvt_error_clear();
+        kvt_cli_decode_held none;
+        kvt_cli_trace_note(notes, cmd, traces[t], rd, v[0], dh ? &dh[t] : &none); /* incomplete */
         kvt_trace_reader_close(rd);
         if (!ref_path) {
             memcpy(ref, v, sizeof(ref));
@@ -492,97 +465,6 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
     return true;
 }
 
-/* A trace whose layers hold different numbers of decode steps (a trace cut short) gives
- * decode metrics from the steps every layer holds whole, or none: said, as the table shows
- * only '-' or the fewer steps' numbers. Decode keys and values missing in some layers change
- * every layer's decode metrics (the decode queries then see the prompt's keys only): said. */
-static void decode_note(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr,
-                        const decode_held *dh)
-{
-    if (tr->n_decode > 0 && !tr->has_decode_kv && dh->max_kv > 0 && dh->l_nokv >= 0)
-        fprintf(f,
-                "kvtrace %s: warning: %s: layer %d lacks the decode steps' keys or values (other "
-                "layers hold them): every layer's decode metrics leave the decode tokens' own "
-                "keys out, as a trace without them does\n",
-                cmd, path, dh->l_nokv);
-    int max_g = dh->max_g;
-    if (max_g <= tr->n_decode) /* fewer than planned but alike in every layer is a whole
-                                  capture (generate stops early, makes G - 1 decode calls) */
-        return;
-    if (tr->n_decode > 0)
-        fprintf(f,
-                "kvtrace %s: warning: %s: decode metrics from %d decode steps, those every layer "
-                "holds whole (some layers hold %d)\n",
-                cmd, path, tr->n_decode, max_g);
-    else
-        fprintf(f,
-                "kvtrace %s: warning: %s: no decode metrics: not every layer holds decode steps "
-                "(some hold %d)\n",
-                cmd, path, max_g);
-}
-
-/* Budgets whose rows a reader of the table would misread: every budget keeping the whole
- * prompt (nothing compressed; one such budget shows as 100.0% kept), budgets below some
- * policies' observation window (those policies then keep the window's last B tokens, and
- * tie; one such policy alone is the documented budget-below-window case), a window as long as
- * the prompt (a policy that keeps the last B
- * tokens at every budget), and two budgets that keep the same tokens (their rows repeat).
- * results.json marks the first two per run (short_prompt, budget_below_window). */
-static void budget_notes(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr)
-{
-    char below[512] = "";
-    size_t n_all = 0, lb = 0;
-    int n_below_pol = 0, wmax = 0, T = tr->n_tokens;
-    for (size_t b = 0; b < tr->n_budgets; b++)
-        n_all += tr->budget_tokens[b] >= T;
-    for (size_t b = 0; b < tr->n_budgets; b++) {
-        int B = tr->budget_tokens[b];
-        int n = 0;
-        for (size_t p = 0; p < tr->n_policies; p++)
-            if (B < tr->policy_window[p] && B < T && tr->policy_window[p] < T) {
-                n++;
-                wmax = tr->policy_window[p] > wmax ? tr->policy_window[p] : wmax;
-            }
-        if (n > 1 && lb < sizeof(below)) { /* one such policy ties with none */
-            lb += (size_t)snprintf(below + lb, sizeof(below) - lb, "%s%s", lb ? ", " : "",
-                                   tr->budget_texts[b]);
-            n_below_pol = n > n_below_pol ? n : n_below_pol;
-        }
-        for (size_t c = 0; c < b && n_all < tr->n_budgets; c++)
-            if (tr->budget_tokens[c] == B || (B >= T && tr->budget_tokens[c] >= T)) {
-                if (B < T)
-                    fprintf(f,
-                            "kvtrace %s: warning: %s: budgets %s and %s are both %d tokens: "
-                            "their rows repeat\n",
-                            cmd, path, tr->budget_texts[c], tr->budget_texts[b], B);
-                else
-                    fprintf(f,
-                            "kvtrace %s: warning: %s: budgets %s and %s both keep the whole "
-                            "prompt (T=%d): their rows repeat\n",
-                            cmd, path, tr->budget_texts[c], tr->budget_texts[b], T);
-                break;
-            }
-    }
-    if (n_all == tr->n_budgets && n_all) /* one such budget shows as 100.0% kept */
-        fprintf(f,
-                "kvtrace %s: warning: %s: every budget keeps the whole prompt (T=%d): nothing "
-                "is compressed\n",
-                cmd, path, T);
-    if (lb)
-        fprintf(f,
-                "kvtrace %s: warning: %s: at budget%s %s, up to %d policies have an "
-                "observation window above the budget (up to %d tokens): each keeps only the "
-                "window's last B tokens there, so they tie\n",
-                cmd, path, strchr(below, ',') ? "s" : "", below, n_below_pol, wmax);
-    for (size_t p = 0; p < tr->n_policies && n_all < tr->n_budgets; p++)
-        if (tr->policy_window[p] >= T)
-            fprintf(f,
-                    "kvtrace %s: warning: %s: %s's observation window (%d tokens) covers the "
-                    "whole prompt (T=%d): it keeps the last B tokens at every budget, nothing "
-                    "of its own ranking\n",
-                    cmd, path, tr->policy_labels[p], tr->policy_window[p], T);
-}
-
 static const char *fmt(double x, char *buf, size_t cap, const char *f)
 {
     if (isnan(x))
@@ -609,7 +491,7 @@ int kvt_cmd_replay(int argc, char **argv)
        fails says one line, its error */
     char *notes_buf = NULL;
     size_t notes_len = 0;
-    decode_held *dh = NULL; /* [n_traces] the decode steps the layers of each trace hold */
+    kvt_cli_decode_held *dh = NULL; /* [n_traces] the decode steps the layers of each trace hold */
     FILE *notes = open_memstream(&notes_buf, &notes_len);
     if (!notes)
         notes = stderr;
@@ -929,8 +811,8 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         }
         if (mpi.rank == 0) {
-            decode_note(notes, cmd, traces[t], tr, &dh[t]);
-            budget_notes(notes, cmd, traces[t], tr);
+            kvt_cli_decode_note(notes, cmd, traces[t], tr, &dh[t]);
+            kvt_cli_budget_notes(notes, cmd, traces[t], tr);
         }
         /* the last trace is ended only once results.json is written: a selection writer
          * closed with a trace still open discards its file, so a failed results write leaves

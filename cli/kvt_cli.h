@@ -8,10 +8,12 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "kvt_common.h"
 #include "kvt_replay.h"
 #include "kvt_report.h"
+#include "kvt_trace.h"
 
 typedef struct kvt_cli_command {
     const char *name;
@@ -109,6 +111,31 @@ int kvt_cli_append_policies(const char *cmd, char **list, const char *v);
  *  Returns 0, or 2 (a usage error) after printing it. */
 int kvt_cli_policy_files_ok(const char *cmd, kvt_policy *const *pols, size_t n_pol,
                             const char *const *traces, size_t n_traces);
+
+/* Warnings about the traces and budgets of a run (cli_notes.c), as `replay` and `e2e-llama2c`
+ * give them: written to a notes stream the command prints once its results are written, so a
+ * run that fails says one line, its error. */
+/** What a trace's layers hold of the decode steps (kvt_cli_trace_note), for
+ *  kvt_cli_decode_note. */
+typedef struct kvt_cli_decode_held {
+    int max_g;  /* the most decode queries a layer holds */
+    int max_kv; /* the most decode keys and values a layer holds */
+    int l_nokv; /* the first layer without decode keys or values (-1: none lacks them) */
+} kvt_cli_decode_held;
+/** rd's trace (opened from `path`): "is incomplete" to notes (NULL: none) when it was
+ *  recovered by scanning; *dh: what its first n_layers layers hold of the decode steps. */
+void kvt_cli_trace_note(FILE *notes, const char *cmd, const char *path, const kvt_trace_reader *rd,
+                        int n_layers, kvt_cli_decode_held *dh);
+/** A trace whose layers hold different numbers of decode steps (cut short): its decode metrics
+ *  are from the tr->n_decode steps every layer holds whole, or there are none; one whose layer
+ *  lacks the decode keys or values: no layer's decode queries see them. */
+void kvt_cli_decode_note(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr,
+                         const kvt_cli_decode_held *dh);
+/** Budgets whose rows a reader of the table would misread: every budget keeping the whole
+ *  prompt (nothing compressed), budgets below some policies' observation window (those
+ *  policies then keep the window's last B tokens and tie), a window covering the whole prompt,
+ *  two budgets that keep the same tokens. */
+void kvt_cli_budget_notes(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr);
 
 /** Parse a non-negative integer with optional k/M/G suffix; false on junk or overflow. */
 bool kvt_cli_parse_u64(const char *s, uint64_t *out);

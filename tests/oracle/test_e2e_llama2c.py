@@ -17,6 +17,8 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
   * the proxies beside them are the replay's (results of `kvtrace replay` on the same trace)
     and Spearman's rho is recomputed here from e2e.json's own columns;
   * a merged policy is listed as not applied, with why;
+  * a trace cut short: replay's warnings (incomplete, no decode metrics) after the file is
+    written, a missing rho blamed on the proxies, and a refusal of it in one line;
   * kvtrace report --e2e: the section (scatter, rho, a row per setting), a note for another
     trace's e2e.json, and damaged ones refused with one line and no report;
   * refused with one line: a trace of another model, a trace without decode steps, a trace
@@ -224,6 +226,50 @@ with tempfile.TemporaryDirectory() as tmp:
     check("(1 setting on 1 trace); no Spearman's rho: 1 setting with a measured KL, 3 needed"
           in r1.stderr and json.load(open(one1))["spearman"]["err_decode_vs_kl"] is None,
           "one setting: %r" % r1.stderr)
+
+    # a trace cut short (capture killed, disk full): the replay's warnings, told after the
+    # file is written, and a missing rho blamed on the proxies, not the KL (it said "0 settings
+    # with a measured KL" over 6 KLs, and nothing at all for a cut before the last V_decode)
+    chunked = os.path.join(tmp, "chunked.kvt")  # decode records in chunks of 4 steps
+    run("capture-llama2c", "--model", MODEL, "--tokens", str(T), "--decode", str(G), "--window",
+        "16", "--colsum", "--decode-chunk", "4", "-o", chunked)
+    with kvtrace.open(chunked) as t:
+        recs = t.records
+    qd = [x for x in recs if x["kind"] == "Q_decode"]
+    vd = [x for x in recs if x["kind"] == "V_decode"]
+    whole = open(chunked, "rb").read()
+    pol3 = "snapkv:window=16,h2o:window=8,streamingllm:sinks=4"
+    for name, cut, want, unwanted in (
+            ("cut_q.kvt", qd[2]["file_offset"] + 7,  # in the first chunk: layers 2.. hold none
+             ["is incomplete", "no decode metrics: not every layer holds decode steps",
+              "no Spearman's rho: the replay measured its proxies (err_decode, recall_decode) "
+              "for 0 of the 6 settings with a measured KL, 3 needed"], "0 settings"),
+            ("cut_v.kvt", vd[-1]["file_offset"],  # the last layer's last V_decode is lost
+             ["is incomplete", "decode metrics from %d decode steps, those every layer holds "
+              "whole (some layers hold %d)" % (G - 4, G),
+              "Spearman's rho against the end-to-end KL over 6 settings"], "no decode metrics"),
+            ("cut_end.kvt", recs[-1]["file_offset"],  # only the index is lost
+             ["is incomplete", "Spearman's rho against the end-to-end KL over 6 settings"],
+             "decode metrics")):
+        cp = os.path.join(tmp, name)
+        open(cp, "wb").write(whole[:cut])
+        ce = os.path.join(tmp, name + ".json")
+        rc = run("e2e-llama2c", cp, "--model", MODEL, "--policies", pol3, "--budgets", "16,48",
+                 "-o", ce)
+        ej = json.load(open(ce))
+        lines = rc.stderr.strip().splitlines()
+        check(all(w in rc.stderr for w in want) and unwanted not in rc.stderr and
+              lines[-1].startswith("e2e-llama2c: wrote") and
+              all(x["kl_mean"] is not None for x in ej["runs"]),
+              "%s: stderr %r" % (name, rc.stderr))
+    # ... and a run refused on it says one line, its error (the warnings are not told)
+    bq = os.path.join(tmp, "cutq.json")
+    rq = run("e2e-llama2c", os.path.join(tmp, "cut_q.kvt"), "--model", MODEL, "--policies",
+             "quest:page=8", "-o", bq, ok=False)
+    check(rq.returncode == 1 and len(rq.stderr.strip().splitlines()) == 1 and
+          "needs decode queries" in rq.stderr and not os.path.exists(bq),
+          "a refused cut trace: exit %d %r" % (rq.returncode, rq.stderr))
+    print("ok: a trace cut short: the replay's warnings, and why there is no rho")
 
     # kvtrace report --e2e: the section, its scatter and a row per setting
     rep = os.path.join(tmp, "rep")
