@@ -549,6 +549,41 @@ out:
     return st;
 }
 
+/* one line of the table on stdout: a (policy, budget)'s model-level numbers */
+typedef struct e2e_row {
+    bool applied;
+    double kept, err_decode, recall_decode, kl, kl_max, top1;
+} e2e_row;
+
+/* The table, printed only once e2e.json is written: a script reading stdout never sees the
+ * results of a failed run */
+static void print_table(kvt_policy *const *pols, size_t n_pol, const kvt_budget *budgets,
+                        size_t n_b, const e2e_row *rows)
+{
+    int lw = 24;
+    for (size_t p = 0; p < n_pol; p++)
+        lw = (int)strlen(kvt_policy_label(pols[p])) > lw ? (int)strlen(kvt_policy_label(pols[p]))
+                                                         : lw;
+    printf("%-*s %8s %7s %9s %9s %10s %8s %8s\n", lw, "policy", "budget", "kept", "err_d",
+           "recall_d", "KL", "KL max", "top1");
+    for (size_t p = 0; p < n_pol; p++)
+        for (size_t b = 0; b < n_b; b++) {
+            const e2e_row *x = &rows[p * n_b + b];
+            char c1[32] = "-", c2[32] = "-";
+            if (isfinite(x->err_decode))
+                snprintf(c1, sizeof(c1), "%.4f", x->err_decode);
+            if (isfinite(x->recall_decode))
+                snprintf(c2, sizeof(c2), "%.4f", x->recall_decode);
+            if (x->applied)
+                printf("%-*s %8s %6.1f%% %9s %9s %10.3g %8.3g %7.1f%%\n", lw,
+                       kvt_policy_label(pols[p]), budgets[b].text, 100.0 * x->kept, c1, c2, x->kl,
+                       x->kl_max, 100.0 * x->top1);
+            else
+                printf("%-*s %8s %6.1f%% %9s %9s %10s %8s %8s\n", lw, kvt_policy_label(pols[p]),
+                       budgets[b].text, 100.0 * x->kept, c1, c2, "-", "-", "-");
+        }
+}
+
 int kvt_cmd_e2e_llama2c(int argc, char **argv)
 {
     const char *cmd = CMD;
@@ -649,6 +684,7 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     kvt_selection_writer *sw = NULL;
     e2e_trace *ets = kvt_calloc(n_traces, sizeof(e2e_trace));
     double *xs = NULL;
+    e2e_row *rows = NULL;
     char *txt = NULL;
     kvt_progress pr;
     /* warnings about the traces and budgets, told once e2e.json is written (as replay): a run
@@ -722,7 +758,9 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
        are the means over the traces (the largest KL the largest), its proxies the replay's
        aggregate (the mean of the per-trace means, as results.json's) */
     const size_t nr = n_pol * n_b;
-    if (!(xs = kvt_malloc(nr * 4 * sizeof(double)))) { /* the proxies' and KL's pairs */
+    xs = kvt_malloc(nr * 4 * sizeof(double)); /* the proxies' and KL's pairs */
+    rows = kvt_malloc(nr * sizeof(e2e_row));
+    if (!xs || !rows) {
         kvt_cli_fail(cmd, "out of memory");
         goto out_free;
     }
@@ -745,12 +783,6 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         cJSON_AddItemToArray(jt, o);
     }
     cJSON *jruns = cJSON_AddArrayToObject(root, "runs");
-    int lw = 24;
-    for (size_t p = 0; p < n_pol; p++)
-        lw = (int)strlen(kvt_policy_label(pols[p])) > lw ? (int)strlen(kvt_policy_label(pols[p]))
-                                                         : lw;
-    printf("%-*s %8s %7s %9s %9s %10s %8s %8s\n", lw, "policy", "budget", "kept", "err_d",
-           "recall_d", "KL", "KL max", "top1");
     for (size_t p = 0; p < n_pol; p++)
         for (size_t b = 0; b < n_b; b++) {
             const size_t i = p * n_b + b;
@@ -811,18 +843,13 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
                 cJSON_AddItemToArray(pt, q);
             }
             cJSON_AddItemToArray(jruns, o);
-            char c1[32] = "-", c2[32] = "-";
-            if (isfinite(sm.err_decode))
-                snprintf(c1, sizeof(c1), "%.4f", sm.err_decode);
-            if (isfinite(sm.recall_decode))
-                snprintf(c2, sizeof(c2), "%.4f", sm.recall_decode);
-            if (applied)
-                printf("%-*s %8s %6.1f%% %9s %9s %10.3g %8.3g %7.1f%%\n", lw,
-                       kvt_policy_label(pols[p]), budgets[b].text, 100.0 * sm.kept_fraction, c1, c2,
-                       kl, kl_max, 100.0 * top1);
-            else
-                printf("%-*s %8s %6.1f%% %9s %9s %10s %8s %8s\n", lw, kvt_policy_label(pols[p]),
-                       budgets[b].text, 100.0 * sm.kept_fraction, c1, c2, "-", "-", "-");
+            rows[i] = (e2e_row){.applied = applied,
+                                .kept = sm.kept_fraction,
+                                .err_decode = sm.err_decode,
+                                .recall_decode = sm.recall_decode,
+                                .kl = kl,
+                                .kl_max = kl_max,
+                                .top1 = top1};
             if (applied && isfinite(sm.err_decode)) {
                 e_x[n_err] = sm.err_decode;
                 e_kl[n_err++] = kl;
@@ -855,6 +882,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     }
     if (notes != stderr && fflush(notes) == 0 && notes_len)
         fputs(notes_buf, stderr);
+    print_table(pols, n_pol, budgets, n_b, rows);
+    fflush(stdout);      /* the table before the summary line, when both go to one file */
     char re[16], rr[16]; /* NaN when the KL or the proxy is the same for every setting */
     snprintf(re, sizeof(re), isnan(rho_err) ? "n/a" : "%.3f", rho_err);
     snprintf(rr, sizeof(rr), isnan(rho_rec) ? "n/a" : "%.3f", rho_rec);
@@ -885,6 +914,7 @@ out_free:
         trace_free(&ets[t], n_pol * n_b);
     kvt_free(ets);
     kvt_free(xs);
+    kvt_free(rows);
     if (txt)
         cJSON_free(txt);
     cJSON_Delete(root);

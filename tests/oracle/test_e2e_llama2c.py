@@ -19,6 +19,7 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
   * a merged policy is listed as not applied, with why;
   * a trace cut short: replay's warnings (incomplete, no decode metrics) after the file is
     written, a missing rho blamed on the proxies, and a refusal of it in one line;
+  * an e2e.json that cannot be written (a full disk): one line, no table on stdout;
   * kvtrace report --e2e: the section (scatter, rho, a row per setting), a note for another
     trace's e2e.json, and damaged ones refused with one line and no report;
   * refused with one line: a trace of another model, a trace without decode steps, a trace
@@ -31,12 +32,15 @@ Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without NumPy, the CLI o
 """
 import json
 import os
+import resource
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import ROOT, check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
+from cli_test import BIN, ROOT, check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
 import numpy as np  # noqa: E402
 import kvtrace  # noqa: E402
 import llama2c_oracle  # noqa: E402
@@ -270,6 +274,25 @@ with tempfile.TemporaryDirectory() as tmp:
           "needs decode queries" in rq.stderr and not os.path.exists(bq),
           "a refused cut trace: exit %d %r" % (rq.returncode, rq.stderr))
     print("ok: a trace cut short: the replay's warnings, and why there is no rho")
+
+    # e2e.json cannot be written (a full disk, here RLIMIT_FSIZE: write() fails with EFBIG):
+    # exit 1 with one line, and nothing on stdout (the table was printed before the failed
+    # write, so a script reading stdout saw results of a failed run), not even on a cut trace
+    # with warnings to tell
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+    for src in (tr, os.path.join(tmp, "cut_q.kvt")):
+        full_o = os.path.join(tmp, "full_disk.json")
+        rf = subprocess.run([BIN, "e2e-llama2c", src, "--model", MODEL, "--policies", pol3,
+                             "--budgets", "16,48", "-o", full_o], capture_output=True, text=True,
+                            preexec_fn=small_disk)
+        check(rf.returncode == 1 and rf.stdout == "" and
+              len(rf.stderr.strip().splitlines()) == 1 and full_o in rf.stderr and
+              not os.path.exists(full_o),
+              "a full disk: exit %d, stdout %r, stderr %r" % (rf.returncode, rf.stdout[:200],
+                                                             rf.stderr))
+    print("ok: e2e.json not written: one line, no table")
 
     # kvtrace report --e2e: the section, its scatter and a row per setting
     rep = os.path.join(tmp, "rep")
