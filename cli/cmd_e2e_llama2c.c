@@ -776,6 +776,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     for (size_t t = 0; t < n_traces; t++) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "path", ets[t].path);
+        if (res->traces[t]->fingerprint[0]) /* what report --e2e matches results.json's by */
+            cJSON_AddStringToObject(o, "fingerprint", res->traces[t]->fingerprint);
         cJSON_AddNumberToObject(o, "n_prompt", ets[t].T);
         cJSON_AddNumberToObject(o, "n_decode", ets[t].G);
         cJSON_AddItemToObject(o, "trace_key_error", num(ets[t].kerr));

@@ -170,14 +170,24 @@ int kvt_cmd_report(int argc, char **argv)
             goto out_free;
         }
         for (size_t k = 0; k < e2e->n_traces; k++) {
-            bool ours = false; /* a trace of these results? */
-            for (size_t t = 0; t < res->n_traces && !ours; t++)
-                ours = kvt_cli_same_path(res->traces[t]->path, e2e->traces[k].path);
-            if (!ours)
-                fprintf(stderr,
-                        "kvtrace report: note: %s checked %s, which %s does not hold; the "
-                        "end-to-end section is shown as it is\n",
-                        e2e_path, e2e->traces[k].path, path);
+            const kvt_e2e_trace *x = &e2e->traces[k];
+            if (kvt_e2e_find_trace(e2e, k, res) >= 0) /* a trace of these results */
+                continue;
+            const char *other = NULL; /* results' trace of that path, another capture */
+            for (size_t t = 0; t < res->n_traces && !other; t++)
+                if (x->fingerprint[0] && res->traces[t]->fingerprint[0] &&
+                    kvt_cli_same_path(res->traces[t]->path, x->path))
+                    other = res->traces[t]->fingerprint;
+            char why[160] = "";
+            if (other)
+                snprintf(why, sizeof(why),
+                         " (its trace of that path is another capture: "
+                         "fingerprint %s, not %s)",
+                         other, x->fingerprint);
+            fprintf(stderr,
+                    "kvtrace report: note: %s checked %s, which %s does not hold%s; the "
+                    "end-to-end section is shown as it is\n",
+                    e2e_path, x->path, path, why);
         }
     }
     /* a target given must be answerable (kvt_report_write says why not); without one the page

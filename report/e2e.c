@@ -3,7 +3,9 @@
  * setting's proxy (the replay's err_decode) against what the compression did to the model's
  * output (the mean next-token KL), one colour per policy.
  */
+#include <limits.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cairo.h>
@@ -27,6 +29,24 @@ void kvt_e2e_free(kvt_e2e *e)
     kvt_free(e->traces);
     kvt_free(e->model);
     kvt_free(e);
+}
+
+long kvt_e2e_find_trace(const kvt_e2e *e, size_t k, const kvt_results *r)
+{
+    const kvt_e2e_trace *x = &e->traces[k];
+    for (size_t t = 0; t < r->n_traces; t++) {
+        const kvt_trace_result *y = r->traces[t];
+        if (x->fingerprint[0] && y->fingerprint[0]) {
+            if (!strcmp(x->fingerprint, y->fingerprint))
+                return (long)t;
+            continue; /* another capture, whatever its name */
+        }
+        char a[PATH_MAX], b[PATH_MAX];
+        if (!strcmp(y->path, x->path) ||
+            (realpath(y->path, a) && realpath(x->path, b) && !strcmp(a, b)))
+            return (long)t;
+    }
+    return -1;
 }
 
 /* a number or null (NaN) at o[key]; false when absent or of another type */
@@ -102,6 +122,15 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
             goto out_free;
         }
         x->n_prompt = np->valueint, x->n_decode = nd->valueint;
+        const cJSON *fp = cJSON_GetObjectItemCaseSensitive(tj, "fingerprint");
+        if (fp && !(cJSON_IsString(fp) && strlen(fp->valuestring) == 16 &&
+                    strspn(fp->valuestring, "0123456789abcdef") == 16)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: traces[%zu].fingerprint is not 16 hex digits",
+                               path, k);
+            goto out_free;
+        }
+        if (fp) /* absent in files written before it was: "", matched by path */
+            memcpy(x->fingerprint, fp->valuestring, 17);
         k++;
     }
     e->n_runs = (size_t)cJSON_GetArraySize(runs);

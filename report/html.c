@@ -1035,16 +1035,8 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
           "uncompressed run.</figcaption></figure>\n",
           f);
     bool ours = true; /* is every trace of the check one of these results'? */
-    for (size_t k = 0; k < e->n_traces && ours; k++) {
-        bool found = false;
-        for (size_t t = 0; t < r->n_traces && !found; t++) {
-            char ra[PATH_MAX], rb[PATH_MAX];
-            found = !strcmp(r->traces[t]->path, e->traces[k].path) ||
-                    (realpath(r->traces[t]->path, ra) && realpath(e->traces[k].path, rb) &&
-                     !strcmp(ra, rb));
-        }
-        ours = found;
-    }
+    for (size_t k = 0; k < e->n_traces && ours; k++)
+        ours = kvt_e2e_find_trace(e, k, r) >= 0;
     if (!ours)
         fputs("<p class=\"note\" id=\"e2e-other-trace\">Note: this check ran on a trace the "
               "results above do not hold; its settings and numbers are its own.</p>\n",

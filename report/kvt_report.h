@@ -274,7 +274,8 @@ typedef struct kvt_e2e_run {
 
 /** A trace the check ran on. */
 typedef struct kvt_e2e_trace {
-    char *path; /* as the command was given it */
+    char *path;           /* as the command was given it */
+    char fingerprint[17]; /* kvt_trace_reader_fingerprint ("" from an older e2e.json) */
     int n_prompt, n_decode;
 } kvt_e2e_trace;
 
@@ -295,6 +296,12 @@ kvt_status kvt_e2e_read(const char *path, kvt_e2e **out);
 /** kvt_e2e_read of a text already in memory (`path` names it in messages). */
 kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e **out);
 void kvt_e2e_free(kvt_e2e *e);
+/** The trace of r that the check's trace k ran on: the one of its fingerprint when both files
+ *  hold one (copies of one capture match wherever they are and however their paths were
+ *  given; another capture of the same name does not), else the one at its path (the same
+ *  file, however spelt, as seen from the current directory).
+ *  @return its index in r->traces, or -1 when r holds none. */
+long kvt_e2e_find_trace(const kvt_e2e *e, size_t k, const kvt_results *r);
 /** PNG scatter: each applied setting's proxy err_decode (x) against its mean next-token KL
  *  (y), one colour per policy, Spearman's rho in the title. */
 kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, int height);

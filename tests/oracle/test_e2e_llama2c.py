@@ -22,6 +22,9 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
   * an e2e.json that cannot be written (a full disk): one line, no table on stdout;
   * kvtrace report --e2e: the section (scatter, rho, a row per setting), a note for another
     trace's e2e.json, and damaged ones refused with one line and no report;
+  * e2e.json holds each trace's fingerprint (results.json's), and report --e2e matches traces
+    by it: one trace given as ../t.kvt and t.kvt is one, another capture named t.kvt is not;
+    an e2e.json without fingerprints is matched by path;
   * refused with one line: a trace of another model, a trace without decode steps, a trace
     whose keys this model did not produce, a header whose n_tokens its records contradict, a
     missing --model;
@@ -309,11 +312,13 @@ with tempfile.TemporaryDirectory() as tmp:
           "report --e2e: section %d chars, %d rows, rho %s, png %d bytes, stderr %r" %
           (len(sec), rows, rho_txt, len(png), r2.stderr))
     print("ok: report --e2e: section with the scatter, rho %s and %d rows" % (rho_txt, rows))
-    # ... of another trace: said, still drawn
+    # ... of another trace: said, still drawn (an e2e.json without fingerprints, as written
+    # before they were, is matched by path)
     other = os.path.join(tmp, "r_other.json")
     run("replay", tr, "--policies", "snapkv:window=16", "--budgets", "24",
         "-o", other)
-    moved = dict(e2e, traces=[dict(t0, path=os.path.join(tmp, "elsewhere.kvt"))])
+    old_t0 = {k: v for k, v in t0.items() if k != "fingerprint"}
+    moved = dict(e2e, traces=[dict(old_t0, path=os.path.join(tmp, "elsewhere.kvt"))])
     mj = os.path.join(tmp, "moved.json")
     json.dump(moved, open(mj, "w"))
     r3 = run("report", other, "--e2e", mj, "-o", os.path.join(tmp, "rep2"))
@@ -321,6 +326,39 @@ with tempfile.TemporaryDirectory() as tmp:
           'id="e2e-other-trace"' in open(os.path.join(tmp, "rep2", "index.html")).read() and
           'id="e2e-other-trace"' not in html,
           "report --e2e of another trace: %r" % r3.stderr)
+    oldj = os.path.join(tmp, "old.json")
+    json.dump(dict(e2e, traces=[old_t0]), open(oldj, "w"))
+    r5 = run("report", other, "--e2e", oldj, "-o", os.path.join(tmp, "rep_old"))
+    check("note:" not in r5.stderr, "an e2e.json without fingerprints: %r" % r5.stderr)
+
+    # traces are matched by fingerprint, not by the path as given (it said "which r.json does
+    # not hold" of one trace given as ../t.kvt and t.kvt, and took another capture of the same
+    # name silently). e2e.json holds the replay's fingerprint of each trace
+    fp = json.load(open(res))["traces"][0]["fingerprint"]
+    check(t0.get("fingerprint") == fp, "e2e.json fingerprint %r, results.json's %r" %
+          (t0.get("fingerprint"), fp))
+    sub, d3 = os.path.join(tmp, "sub"), os.path.join(tmp, "d3")
+    os.mkdir(sub)
+    os.mkdir(d3)
+    shutil.copy(tr2, os.path.join(d3, "t.kvt"))  # another capture named t.kvt
+    for cwd, trace, name in ((sub, "../t.kvt", "rel.json"), (d3, "t.kvt", "same_name.json")):
+        subprocess.run([BIN, "e2e-llama2c", trace, "--model", MODEL, "--policies",
+                        "snapkv:window=16", "--budgets", "24", "-o", name], cwd=cwd, check=True,
+                       capture_output=True)
+    for e2e_in, want in ((os.path.join(sub, "rel.json"), None),
+                         (os.path.join(d3, "same_name.json"), "another capture")):
+        rd = os.path.join(tmp, "rep_" + os.path.basename(e2e_in))
+        # from tmp: ../t.kvt is not there, t.kvt is the results' trace
+        rr = subprocess.run([BIN, "report", other, "--e2e", e2e_in, "-o", rd], cwd=tmp,
+                            capture_output=True, text=True)
+        page = open(os.path.join(rd, "index.html")).read() if rr.returncode == 0 else ""
+        said = 'id="e2e-other-trace"' in page
+        check(rr.returncode == 0 and (("note:" in rr.stderr) == bool(want)) == True and
+              said == bool(want) and (not want or want in rr.stderr),
+              "report --e2e %s: exit %d, page note %s, stderr %r" %
+              (e2e_in, rr.returncode, said, rr.stderr))
+    print("ok: report --e2e matches traces by fingerprint")
+
     # the table lists each policy's budgets smallest first, whatever order the file has
     rev = dict(e2e, runs=e2e["runs"][::-1])
     rj = os.path.join(tmp, "rev.json")
@@ -342,7 +380,9 @@ with tempfile.TemporaryDirectory() as tmp:
                                  {k: v for k, v in e2e["runs"][1].items() if k != "kl_mean"}])),
                               "runs[0] lacks a field"),
                              ("neg.json", json.dumps(dict(e2e, runs=[
-                                 dict(e2e["runs"][1], kl_mean=-1.0)])), "are not a KL >= 0")):
+                                 dict(e2e["runs"][1], kl_mean=-1.0)])), "are not a KL >= 0"),
+                             ("fp.json", json.dumps(dict(e2e, traces=[
+                                 dict(t0, fingerprint="0123")])), "is not 16 hex digits")):
         bp = os.path.join(tmp, name)
         open(bp, "w").write(text)
         rd = os.path.join(tmp, "rep_" + name)
