@@ -67,9 +67,9 @@ static void help(void)
            kvt_report_chartjs_path());
 }
 
-/* The report replaces DIR/index.html and DIR/<figure>.png: an existing report needs --force,
- * and RESULTS itself must never be one of those files. */
-static bool report_output_ok(const char *cmd, const char *path, const char *dir, bool force)
+/* false, said in one line, when the input at path is one of the files the report in dir
+ * replaces (index.html or a PNG) */
+static bool input_ok(const char *cmd, const char *path, const char *dir)
 {
     char *rdir = kvt_strdup(path), *slash = rdir ? strrchr(rdir, '/') : NULL;
     const char *base = slash ? slash + 1 : path;
@@ -85,19 +85,27 @@ static bool report_output_ok(const char *cmd, const char *path, const char *dir,
                  a.st_ino == b.st_ino &&
                  (!strcmp(base, "index.html") || (nb > 4 && !strcmp(base + nb - 4, ".png")));
     kvt_free(rdir);
-    if (clash) {
+    if (clash)
         kvt_cli_fail(cmd,
                      "%s is in %s, where the report writes index.html and its PNGs: "
                      "refusing to overwrite the input (choose another -o DIR)",
                      path, dir);
-        return false;
-    }
+    return !clash;
+}
+
+/* The report replaces DIR/index.html and DIR/<figure>.png: an existing report needs --force,
+ * and no input (RESULTS, the --e2e file) may ever be one of those files. */
+static bool report_output_ok(const char *cmd, const char *const *inputs, size_t n_inputs,
+                             const char *dir, bool force)
+{
+    for (size_t i = 0; i < n_inputs; i++)
+        if (inputs[i] && !input_ok(cmd, inputs[i], dir))
+            return false;
     char index[4096];
     if (snprintf(index, sizeof(index), "%s/index.html", dir) >= (int)sizeof(index)) {
         kvt_cli_fail(cmd, "output directory name too long");
         return false;
     }
-    const char *inputs[1] = {path};
     struct stat ds;
     if (stat(dir, &ds) != 0)
         return true; /* a new directory: the report creates it */
@@ -105,7 +113,7 @@ static bool report_output_ok(const char *cmd, const char *path, const char *dir,
         kvt_cli_fail(cmd, "%s exists and is not a directory", dir);
         return false;
     }
-    return kvt_cli_output_ok(cmd, index, force, inputs, 1);
+    return kvt_cli_output_ok(cmd, index, force, inputs, n_inputs);
 }
 
 int kvt_cmd_report(int argc, char **argv)
@@ -158,7 +166,8 @@ int kvt_cmd_report(int argc, char **argv)
     }
     if (!kvt_cli_target_finish(cmd, &tg))
         return 2;
-    if (!report_output_ok(cmd, path, dir, force))
+    const char *inputs[2] = {path, e2e_path}; /* e2e_path NULL without --e2e */
+    if (!report_output_ok(cmd, inputs, 2, dir, force))
         return 1;
     if ((st = kvt_results_read(path, &res))) {
         kvt_cli_fail_status(cmd, st, path);

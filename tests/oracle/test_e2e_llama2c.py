@@ -24,7 +24,8 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
     trace's e2e.json, and damaged ones refused with one line and no report;
   * e2e.json holds each trace's fingerprint (results.json's), and report --e2e matches traces
     by it: one trace given as ../t.kvt and t.kvt is one, another capture named t.kvt is not;
-    an e2e.json without fingerprints is matched by path;
+    an e2e.json without fingerprints is matched by path; an --e2e input that is one of the
+    report's own files (DIR/e2e.png) is refused, not overwritten;
   * refused with one line: a trace of another model, a trace without decode steps, a trace
     whose keys this model did not produce, a header whose n_tokens its records contradict, a
     missing --model;
@@ -358,6 +359,21 @@ with tempfile.TemporaryDirectory() as tmp:
               "report --e2e %s: exit %d, page note %s, stderr %r" %
               (e2e_in, rr.returncode, said, rr.stderr))
     print("ok: report --e2e matches traces by fingerprint")
+
+    # an --e2e input among the files the report writes (DIR/e2e.png, DIR/index.html) is
+    # refused, even with --force, as RESULTS is (it was overwritten with the figure)
+    for name in ("e2e.png", "index.html"):
+        rd = os.path.join(tmp, "rep_in_" + name)
+        os.mkdir(rd)
+        inside = os.path.join(rd, name)
+        shutil.copy(out, inside)
+        r6 = run("report", res, "-o", rd, "--e2e", inside, "--force", ok=False)
+        check(r6.returncode == 1 and len(r6.stderr.strip().splitlines()) == 1 and
+              "refusing to overwrite the input" in r6.stderr and
+              open(inside, "rb").read() == open(out, "rb").read() and
+              sorted(os.listdir(rd)) == [name],
+              "report --e2e %s inside -o DIR: exit %d %r" % (name, r6.returncode, r6.stderr))
+    print("ok: report refuses an --e2e input it would overwrite")
 
     # the table lists each policy's budgets smallest first, whatever order the file has
     rev = dict(e2e, runs=e2e["runs"][::-1])
