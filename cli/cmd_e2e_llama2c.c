@@ -506,6 +506,16 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
         goto out;
     kvt_cli_decode_note(notes, CMD, et->path, tr, &et->held); /* e.g. no proxies: said why */
     kvt_cli_budget_notes(notes, CMD, et->path, tr);
+    if (tr->n_decode > 0 && (uint32_t)tr->n_decode < G) {
+        /* a trace cut short in its decode records: layer 0 holds more steps than every layer
+           holds whole. The replay's proxies, and a per-step policy's kept sets, are of the
+           first tr->n_decode steps: rerun those (a later step would see no prompt token) */
+        et->G = (uint32_t)tr->n_decode;
+        et->nll_full = 0.0;
+        for (uint32_t g = 0; g < et->G; g++)
+            et->nll_full += -et->lp_full[(size_t)g * c->vocab_size + et->ref[g]];
+        et->nll_full /= et->G;
+    }
     st = kvt_results_add_trace(res, tr); /* takes tr, also on failure */
     tr = NULL;
     if (st)
@@ -515,7 +525,7 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
                      .ids = et->ids,
                      .T = T,
                      .V = c->vocab_size,
-                     .G = G,
+                     .G = et->G,
                      .lp_full = et->lp_full,
                      .ref = et->ref,
                      .mk = &mk,

@@ -18,7 +18,9 @@ per decode step, merged) and reruns the decode steps with their kept sets. Check
     and Spearman's rho is recomputed here from e2e.json's own columns;
   * a merged policy is listed as not applied, with why;
   * a trace cut short: replay's warnings (incomplete, no decode metrics) after the file is
-    written, a missing rho blamed on the proxies, and a refusal of it in one line;
+    written, a missing rho blamed on the proxies, and a refusal of it in one line; one whose
+    layers hold different numbers of decode steps reruns the steps every layer holds whole
+    and gives what a capture of that many steps gives;
   * an e2e.json that cannot be written (a full disk): one line, no table on stdout;
   * kvtrace report --e2e: the section (scatter, rho, a row per setting), a note for another
     trace's e2e.json, and damaged ones refused with one line and no report;
@@ -277,6 +279,27 @@ with tempfile.TemporaryDirectory() as tmp:
     check(rq.returncode == 1 and len(rq.stderr.strip().splitlines()) == 1 and
           "needs decode queries" in rq.stderr and not os.path.exists(bq),
           "a refused cut trace: exit %d %r" % (rq.returncode, rq.stderr))
+    # on the cut whose layers hold different numbers of steps, the steps every layer holds
+    # whole are rerun, as the replay measures its proxies: the result is that of a capture of
+    # that many steps (it reran layer 0's 12, where quest's per-step sets stop at 8, so its
+    # last steps saw no prompt token)
+    short = os.path.join(tmp, "short.kvt")
+    run("capture-llama2c", "--model", MODEL, "--tokens", str(T), "--decode", str(G - 4),
+        "--window", "16", "--colsum", "--decode-chunk", "4", "-o", short)
+    pq = pol3 + ",quest:page=8,hybridkv-like:window=16"
+    ecut, eshort = (os.path.join(tmp, n) for n in ("ecut.json", "eshort.json"))
+    run("e2e-llama2c", os.path.join(tmp, "cut_v.kvt"), "--model", MODEL, "--policies", pq,
+        "--budgets", "16,48", "-o", ecut)
+    run("e2e-llama2c", short, "--model", MODEL, "--policies", pq, "--budgets", "16,48",
+        "-o", eshort)
+    a, b = json.load(open(ecut)), json.load(open(eshort))
+    check(a["runs"] == b["runs"] and a["spearman"] == b["spearman"] and
+          [(x["n_decode"], x["nll_uncompressed"]) for x in a["traces"]] ==
+          [(x["n_decode"], x["nll_uncompressed"]) for x in b["traces"]] == [
+              (G - 4, b["traces"][0]["nll_uncompressed"])],
+          "a cut with %d whole steps vs a %d-step capture: %s" %
+          (G - 4, G - 4, [(x["policy"], x["budget"], x["kl_mean"], y["kl_mean"])
+                          for x, y in zip(a["runs"], b["runs"]) if x != y][:4]))
     print("ok: a trace cut short: the replay's warnings, and why there is no rho")
 
     # e2e.json cannot be written (a full disk, here RLIMIT_FSIZE: write() fails with EFBIG):
