@@ -654,6 +654,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
                     kvt_cli_fail(cmd, "%s is given twice (as %s and %s)", a, traces[t], a);
                     prc = 2;
                 }
+            if (!prc && !kvt_cli_json_path_ok(cmd, a)) /* e2e.json names it */
+                prc = 1;
             traces[n_traces++] = a;
         }
     }

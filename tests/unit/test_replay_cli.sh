@@ -111,6 +111,9 @@ $BIN replay "$bad" --policies snapkv --budgets 40 -o "$TMP/u.json" >/dev/null 2>
 [ "$(wc -l <"$TMP/err")" = 1 ] && grep -q "is not valid UTF-8 (byte " "$TMP/err" &&
     [ ! -e "$TMP/u.json" ] || fail "non-UTF-8 path: $(cat "$TMP/err")"
 $BIN info --json "$bad" >/dev/null 2>&1 && fail "info --json accepted a non-UTF-8 path"
+$BIN e2e-llama2c "$bad" --model "$MODEL" --policies snapkv --budgets 40 -o "$TMP/u.json" \
+    >/dev/null 2>"$TMP/err" && fail "e2e-llama2c accepted a non-UTF-8 path"
+grep -q "is not valid UTF-8" "$TMP/err" || fail "e2e non-UTF-8 path: $(cat "$TMP/err")"
 $BIN replay "$TMP/café.kvt" --policies snapkv --budgets 40 -o "$TMP/u.json" >/dev/null 2>&1 &&
     grep -q 'café.kvt' "$TMP/u.json" || fail "a UTF-8 path"
 rm -f "$bad" "$TMP/café.kvt" "$TMP/u.json"
