@@ -781,7 +781,9 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     size_t n_runs = 0;
     root = cJSON_CreateObject();
     cJSON_AddNumberToObject(root, "e2e_version", E2E_VERSION);
-    cJSON_AddStringToObject(root, "generator", kvt_version_string());
+    char gen[64]; /* as results.json and the selection export */
+    snprintf(gen, sizeof(gen), "kvtrace %s", kvt_version_string());
+    cJSON_AddStringToObject(root, "generator", gen);
     cJSON_AddStringToObject(root, "model", model_path);
     cJSON_AddNumberToObject(root, "vocab_size", kvt_llama2c_model_config(model)->vocab_size);
     cJSON *jt = cJSON_AddArrayToObject(root, "traces");

@@ -9,7 +9,7 @@
         t.verify()["ok"]
 
     with kvtrace.capture(model, "out.kvt", window=32, decode=64):   # HF transformers
-        model.generate(**inputs, max_new_tokens=64)
+        model.generate(**inputs, max_new_tokens=65)   # 64 decode steps
 
     with kvtrace.read_selection("sel.bin") as sel:   # replay --export-selection
         idx = sel.kept("snapkv", "64", layer=0, head=1)    # kept token indices

@@ -2,7 +2,7 @@
 
     import kvtrace
     with kvtrace.capture(model, "out.kvt", window=32, decode=64) as cap:
-        model.generate(**inputs, max_new_tokens=64, do_sample=False)
+        model.generate(**inputs, max_new_tokens=65, do_sample=False)  # 64 decode steps
     cap.stats                                   # the session's counters, after the block
 
 What is recorded (text decoder layers only; vision towers are left alone):
@@ -792,7 +792,7 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
     """Record the KV cache of a transformers model into a .kvt trace while it runs:
 
         with kvtrace.capture(model, "out.kvt", window=32, decode=64):
-            model.generate(**inputs, max_new_tokens=64, do_sample=False)
+            model.generate(**inputs, max_new_tokens=65, do_sample=False)  # 64 decode steps
 
     Supported: model types llama, mistral, qwen2, qwen2_vl, qwen2_5_vl and llava (with a
     llama, mistral or qwen2 language model), transformers >= 4.48, an attention

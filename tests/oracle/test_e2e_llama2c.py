@@ -85,6 +85,8 @@ with tempfile.TemporaryDirectory() as tmp:
     r = run("e2e-llama2c", tr, "--model", MODEL, "--policies", ",".join(SPECS), "--budgets",
             budgets, "--threads", "2", "--export-selection", sel_path, "-o", out)
     e2e = json.load(open(out))
+    check(e2e["generator"].startswith("kvtrace "), "generator %r, not as results.json's" %
+          e2e["generator"])
     # the decode reruns are spread over threads: one thread writes the same file
     out1 = os.path.join(tmp, "e2e1.json")
     run("e2e-llama2c", tr, "--model", MODEL, "--policies", ",".join(SPECS), "--budgets",
