@@ -40,6 +40,7 @@ assert rec["value"] <= 0.6 and len(rec["layer_budget_tokens"]) == 5
 assert len(rec["layer_alloc_tokens"]) == 5
 assert [p["label"] for p in d["policies"]] == ["full", "tova", "snapkv", "oracle"]
 assert not d["policies"][0]["candidate"] and not d["policies"][3]["candidate"]
+assert rec["barely_compresses"] is False, rec
 PYEOF
 fi
 
@@ -153,6 +154,8 @@ if [ -f "$ROOT/models/stories260K.bin" ]; then
     grep -q "^recommended: adakv at budget 100% .* keeps 99.7% of the KV cache" "$TMP/out100" &&
         grep -q "^note: it barely compresses: the target needs nearly the whole cache" \
             "$TMP/out100" || { cat "$TMP/out100"; fail "barely-compresses note"; }
+    $BIN recommend "$TMP/r100.json" --max-error 0.05 --json 2>/dev/null |
+        grep -q '"barely_compresses":[[:space:]]*true' || fail "barely_compresses in --json"
     $BIN report "$TMP/r100.json" --max-error 0.05 -o "$TMP/rep100" >/dev/null 2>&1 ||
         fail "report 100%"
     grep -q "It barely compresses: the target needs nearly the whole cache" \
