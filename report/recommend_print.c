@@ -355,8 +355,7 @@ kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kv
         cJSON_AddItemToObject(o, "kept_fraction", num_json(rec->summary.kept_fraction));
         cJSON_AddItemToObject(o, "compression_ratio", num_json(rec->summary.compression_ratio));
         /* the text's "it barely compresses" note */
-        cJSON_AddBoolToObject(o, "barely_compresses",
-                              rec->summary.kept_fraction >= KVT_REC_BARELY);
+        cJSON_AddBoolToObject(o, "barely_compresses", rec->summary.kept_fraction >= KVT_REC_BARELY);
         if (rec->n_layers > 0 && !suggestions_json(rec, r, o))
             goto out_nomem;
     } else {
