@@ -226,7 +226,7 @@ static kvt_status open_file(const char *path, bool force, const kvt_selection_po
         (void)fchmod(fd, (mode_t)mode);
     if (fd < 0) {
         st = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
-                           "cannot write next to %s: %s", path, strerror(errno));
+                           "cannot write next to %s: %s", w->path, strerror(errno));
         goto out_fail;
     }
     w->f = fdopen(fd, "wb");

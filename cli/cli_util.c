@@ -307,9 +307,17 @@ bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char 
         return false;
     }
     /* the directory must take a new file: found now, not after the work is done. A file is
-     * made and removed, as access() says yes to root on a read-only mount, /proc or /sys */
-    char dir[4096], probe[4200];
-    kvt_dir_of(out, dir, sizeof(dir));
+     * made and removed, as access() says yes to root on a read-only mount, /proc or /sys. An
+     * output replaces a symbolic link's target (kvt_output_target): its directory is tested,
+     * and a link to a missing file is refused here */
+    char dir[4096], probe[4200], *target = NULL;
+    int mode;
+    if (kvt_output_target(out, &target, &mode) != KVT_OK) {
+        kvt_cli_fail(cmd, "cannot write %s: %s", out, kvt_error_msg());
+        return false;
+    }
+    kvt_dir_of(target, dir, sizeof(dir));
+    kvt_free(target);
     snprintf(probe, sizeof(probe), "%s/.kvtrace-probe.XXXXXX", dir);
     int fd = mkstemp(probe);
     if (fd < 0) {

@@ -40,6 +40,10 @@ mkdir -p "$TMP/links" && ln -s ../p.json "$TMP/links/l.json" && ln -s ../p.sel "
 $R -o "$TMP/links/l.json" --export-selection "$TMP/links/l.sel" --force >/dev/null 2>&1
 check "replay --force over links: the links stay, their targets replaced with mode 600" \
     "[ -L $TMP/links/l.json ] && [ -L $TMP/links/l.sel ] && [ \$(stat -c %a $TMP/p.json) = 600 ] && [ \$(stat -c %a $TMP/p.sel) = 600 ] && [ $TMP/p.json -nt $TMP/links ] && ! ls -a $TMP/links | grep -q tmp"
+ln -s nowhere.json "$TMP/links/dang.json"
+$R -o "$TMP/links/dang.json" >/dev/null 2>"$TMP/err"
+check "replay -o a link to a missing file: refused before the work, one line" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'symbolic link to a missing file' $TMP/err && ! grep -q 'writing the results' $TMP/err"
 rm -rf "$TMP/links" "$TMP/p.json" "$TMP/p.sel"
 
 # ---- write failures: full disk during replay output ----
