@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "kvt_cli.h"
 #include "kvt_report.h"
@@ -111,6 +112,14 @@ static bool report_output_ok(const char *cmd, const char *const *inputs, size_t 
         return true; /* a new directory: the report creates it */
     if (!S_ISDIR(ds.st_mode)) {
         kvt_cli_fail(cmd, "%s exists and is not a directory", dir);
+        return false;
+    }
+    /* a report whose page is gone (deleted, or a commit cut short) still has its file list */
+    char list[4096 + 32];
+    snprintf(list, sizeof(list), "%s/.kvtrace-report-files", dir);
+    if (!force && access(index, F_OK) != 0 && access(list, F_OK) == 0) {
+        kvt_cli_fail(cmd, "%s holds the files of a report (%s) (use --force to replace it)", dir,
+                     list);
         return false;
     }
     return kvt_cli_output_ok(cmd, index, force, inputs, n_inputs);

@@ -1157,8 +1157,10 @@ out_free_js:
  * never names a figure that is not there yet), or, when !commit, remove them; then remove
  * the staging directory. Nothing is moved if one of the names in dir is not a regular file
  * (only regular files are replaced), or is a file of the user's where no report is (dir has
- * no index.html: a report's files are replaced only with the report, which the command
- * replaces only with --force). Returns the first failure when committing. */
+ * neither index.html nor a report's file list: a report's files are replaced only with the
+ * report, which the command replaces only with --force). The file list is moved first, so
+ * that a commit cut short leaves a folder a later report recognises. Returns the first
+ * failure when committing. */
 #define MANIFEST ".kvtrace-report-files" /* the names of a report's files, one per line */
 
 /* a name a manifest may list: a plain file name of dir, never the page or a staging name */
@@ -1233,10 +1235,13 @@ static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
                    : KVT_OK;
     /* the files of the report being replaced, and of this one */
     char *old = commit ? manifest_read(dir) : NULL, *now = commit ? manifest_read(stage) : NULL;
-    struct stat ib;
+    struct stat ib; /* a report to replace is in dir: its page, or its file list */
     snprintf(to, sizeof(to), "%s/index.html", dir);
-    bool a_report = lstat(to, &ib) == 0 && S_ISREG(ib.st_mode); /* one to replace is in dir */
-    for (int pass = -1; pass < 2; pass++) { /* -1: the names in dir, 0: figures, 1: index */
+    bool a_report = lstat(to, &ib) == 0 && S_ISREG(ib.st_mode);
+    snprintf(to, sizeof(to), "%s/" MANIFEST, dir);
+    a_report = a_report || (lstat(to, &ib) == 0 && S_ISREG(ib.st_mode));
+    for (int pass = -1; pass < 3; pass++) { /* -1: the names in dir, 0: the file list, 1:
+                                               figures, 2: index */
         rewinddir(d);
         struct dirent *e;
         while ((e = readdir(d)) != NULL) {
@@ -1255,12 +1260,13 @@ static kvt_status stage_finish(const char *stage, const char *dir, bool commit)
                          lstat(to, &sb) == 0)
                     st = kvt_error_set(KVT_ERR_IO,
                                        "report: %s exists and %s holds no report (no "
-                                       "index.html): not replaced (move it, or choose another "
-                                       "-o DIR)",
+                                       "index.html, no " MANIFEST "): not replaced (move it, "
+                                       "or choose another -o DIR)",
                                        to, dir);
                 continue;
             }
-            if ((pass == 1) != !strcmp(e->d_name, "index.html"))
+            int kind = !strcmp(e->d_name, MANIFEST) ? 0 : !strcmp(e->d_name, "index.html") ? 2 : 1;
+            if (kind != pass)
                 continue;
             if (commit && !st) {
                 int fd = open(from, O_RDONLY | O_CLOEXEC); /* the bytes before the name */

@@ -133,6 +133,15 @@ for f in "" --force; do
     check "report ${f:-(no --force)} into a folder with the user's redundancy.png: exit 1, one line, kept" \
         "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'redundancy.png exists and .*holds no report' $TMP/err && [ \"\$(cat $TMP/figs/redundancy.png)\" = mine ] && [ ! -e $TMP/figs/index.html ] && ! ls -a $TMP/figs | grep -q kvt-report"
 done
+# a report whose page is gone (deleted, or a commit cut short: the file list is moved first)
+# is still a report: replaced with --force, refused without
+$BIN report "$TMP/r.json" -o "$TMP/nopage" >/dev/null 2>&1 && rm "$TMP/nopage/index.html"
+$BIN report "$TMP/r.json" -o "$TMP/nopage" >/dev/null 2>"$TMP/err"
+check "report into a report without its page, no --force: exit 1, one line naming its file list" \
+    "[ \$? -eq 1 ] && [ \$(lines $TMP/err) -eq 1 ] && grep -q 'holds the files of a report' $TMP/err"
+check "report into a report without its page, --force: replaced" \
+    "$BIN report $TMP/r.json -o $TMP/nopage --force >/dev/null 2>&1 && [ -f $TMP/nopage/index.html ]"
+rm -rf "$TMP/nopage"
 # a report that fails half-way (a full disk) leaves the previous one whole: at 8K no figure
 # fits, at 64K every figure fits but not index.html (which inlines them), so moving the
 # figures into place as they were drawn would have mixed new figures with the old page
