@@ -250,9 +250,9 @@ bool kvt_cli_wants_help(int argc, char **argv)
     return false;
 }
 
-bool kvt_cli_json_path_ok(const char *cmd, const char *path)
+bool kvt_cli_json_text_ok(const char *cmd, const char *what, const char *text)
 {
-    const unsigned char *p = (const unsigned char *)path;
+    const unsigned char *p = (const unsigned char *)text;
     while (*p) {
         int n = *p < 0x80             ? 0
                 : (*p & 0xe0) == 0xc0 ? 1
@@ -271,9 +271,9 @@ bool kvt_cli_json_path_ok(const char *cmd, const char *path)
              !(n == 3 && (c < 0x10000 || c > 0x10ffff));
         if (!ok) {
             kvt_cli_fail(cmd,
-                         "the path %s is not valid UTF-8 (byte %zu), which the JSON output that "
-                         "names it cannot hold: rename the file",
-                         path, (size_t)(p - (const unsigned char *)path));
+                         "%s %s is not valid UTF-8 (byte %zu): the JSON output that names it "
+                         "cannot hold it",
+                         what, text, (size_t)(p - (const unsigned char *)text));
             return false;
         }
         p += n + 1;
@@ -443,6 +443,8 @@ char *kvt_cli_append_list(char *list, const char *item)
  * error, printed) */
 int kvt_cli_append_policies(const char *cmd, char **list, const char *v)
 {
+    if (!kvt_cli_json_text_ok(cmd, "--policies", v)) /* labels and options go into the JSON */
+        return 2;
     char *copy = kvt_strdup(v);
     if (!copy)
         return kvt_cli_fail(cmd, "out of memory");

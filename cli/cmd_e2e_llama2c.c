@@ -624,6 +624,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         } else if (target) {
             *target = v;
             i++;
+            if (target == &model_path && !kvt_cli_json_text_ok(cmd, "the path", v))
+                prc = 1; /* e2e.json names the model */
         } else if (pol) {
             prc = kvt_cli_append_policies(cmd, &policies_arg, v);
             i++;
@@ -654,7 +656,7 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
                     kvt_cli_fail(cmd, "%s is given twice (as %s and %s)", a, traces[t], a);
                     prc = 2;
                 }
-            if (!prc && !kvt_cli_json_path_ok(cmd, a)) /* e2e.json names it */
+            if (!prc && !kvt_cli_json_text_ok(cmd, "the path", a)) /* e2e.json names it */
                 prc = 1;
             traces[n_traces++] = a;
         }

@@ -190,7 +190,7 @@ int kvt_cmd_info(int argc, char **argv)
     if (!path)
         return kvt_cli_fail("info", "no trace given (usage: kvtrace info TRACE [--json])"), 2;
 
-    if (json && !kvt_cli_json_path_ok("info", path))
+    if (json && !kvt_cli_json_text_ok("info", "the path", path))
         return 1;
     kvt_trace_reader *r;
     kvt_status s = kvt_trace_reader_open(path, &r);

@@ -407,7 +407,7 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
                 cJSON_free(ref_id);
                 return false;
             }
-        if (!kvt_cli_json_path_ok(cmd, traces[t])) { /* results.json names it */
+        if (!kvt_cli_json_text_ok(cmd, "the path", traces[t])) { /* results.json names it */
             cJSON_free(ref_id);
             return false;
         }

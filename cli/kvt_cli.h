@@ -169,10 +169,10 @@ int kvt_cli_target_arg(const char *cmd, int argc, char **argv, int *i, kvt_cli_t
  *  a recall metric without --min-recall. false after printing the error (exit 2). */
 bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t);
 
-/** true if `path` is valid UTF-8, which a JSON output that names it needs (JSON text is
- *  UTF-8: a raw 0xFF byte would make the whole file unreadable to other parsers); else prints
- *  one error line for cmd and returns false. */
-bool kvt_cli_json_path_ok(const char *cmd, const char *path);
+/** true if `text` (what: "the path", "--policies", ...) is valid UTF-8, which a JSON output
+ *  that holds it needs (JSON text is UTF-8: a raw 0xFF byte would make the whole file
+ *  unreadable to other parsers); else prints one error line for cmd and returns false. */
+bool kvt_cli_json_text_ok(const char *cmd, const char *what, const char *text);
 
 /** true if a and b name the same file, whether or not it exists yet (same directory and
  *  name, however spelt: "x" and "./x"). */

@@ -114,6 +114,15 @@ $BIN info --json "$bad" >/dev/null 2>&1 && fail "info --json accepted a non-UTF-
 $BIN e2e-llama2c "$bad" --model "$MODEL" --policies snapkv --budgets 40 -o "$TMP/u.json" \
     >/dev/null 2>"$TMP/err" && fail "e2e-llama2c accepted a non-UTF-8 path"
 grep -q "is not valid UTF-8" "$TMP/err" || fail "e2e non-UTF-8 path: $(cat "$TMP/err")"
+cp "$MODEL" "$bad.bin"
+$BIN e2e-llama2c "$TMP/tiny.kvt" --model "$bad.bin" --policies snapkv --budgets 40 \
+    -o "$TMP/u.json" >/dev/null 2>"$TMP/err" && fail "e2e-llama2c accepted a non-UTF-8 model path"
+LC_ALL=C grep -q "the path .* is not valid UTF-8" "$TMP/err" || fail "e2e model path: $(cat "$TMP/err")"
+$BIN replay "$TMP/tiny.kvt" --policies "snapkv:label=$(printf 'a\xff')" --budgets 40 \
+    -o "$TMP/u.json" >/dev/null 2>"$TMP/err" && fail "a non-UTF-8 policy label was accepted"
+LC_ALL=C grep -q "^kvtrace replay: error: --policies .* is not valid UTF-8" "$TMP/err" ||
+    fail "non-UTF-8 label: $(cat "$TMP/err")"
+rm -f "$bad.bin"
 $BIN replay "$TMP/café.kvt" --policies snapkv --budgets 40 -o "$TMP/u.json" >/dev/null 2>&1 &&
     grep -q 'café.kvt' "$TMP/u.json" || fail "a UTF-8 path"
 rm -f "$bad" "$TMP/café.kvt" "$TMP/u.json"
