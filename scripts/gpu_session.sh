@@ -36,6 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-/tmp/kvt_gpu_out}
 OUT=$(mktemp -d /tmp/kvt_gpu_session.XXXXXX) # every step's logs and results; packed at the end
+trap 'rm -rf "$OUT"' EXIT                     # (packed into $FINAL after every step)
 mkdir -p "$FINAL"
 STEPS=${*:-tests replay hf overhead sanitize}
 BUNDLE=${BUNDLE:-$PWD/.devbundle}
@@ -202,6 +203,16 @@ for step in $STEPS; do
     CUR_GROUP=$step
     case $step in
     tests)
+        # the bundle's tests and the nvcc fallback stand for each other: a rerun list made on
+        # one kind of machine may name the other's steps
+        if [ $bundle_ok = 1 ] && wanted gpu_check_nvcc; then
+            WHOLE="$WHOLE""tests "
+        elif [ $bundle_ok = 0 ]; then
+            for t in test_capture_device_gpu test_capture_colsum_gpu test_kernels_cuda \
+                test_capture_timeline_gpu test_replay_device_gpu; do
+                wanted "$t" && ONLY="$ONLY""gpu_check_nvcc "
+            done
+        fi
         if [ $bundle_ok = 1 ]; then
             for t in test_capture_device_gpu test_capture_colsum_gpu test_kernels_cuda \
                 test_capture_timeline_gpu; do
