@@ -1392,6 +1392,9 @@ kvt_status kvt_report_write_e2e(const kvt_results *r, const char *dir,
         st = kvt_error_set(KVT_ERR_IO, "report: write failed: %s: %s", path, strerror(errno));
     if (!st) /* the figures' names, so that a later report into dir can remove stale ones */
         st = manifest_write(stage);
+    const char *hold = getenv("KVT_TEST_REPORT_HOLD_S"); /* tests: a signal while staged */
+    if (!st && hold)
+        sleep((unsigned)atoi(hold));
 out:
     plan_free(&pl);
     kvt_status fin = stage_finish(stage, dir, st == KVT_OK);
