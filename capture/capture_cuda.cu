@@ -266,8 +266,10 @@ static kvt_status reap(kvt_capdev *d, bool wait)
         cudaError_t e = cudaEventQuery(s->ev_done);
         if (e == cudaErrorNotReady) {
             /* not an error, but some runtimes also leave it as the last error, which the next
-               launch check (cudaGetLastError) would then report as a failure */
-            (void)cudaGetLastError();
+               launch check (cudaGetLastError) would then report as a failure; only that one is
+               cleared (another, the host program's, stays for its owner to see) */
+            if (cudaPeekAtLastError() == cudaErrorNotReady)
+                (void)cudaGetLastError();
             if (!wait)
                 return KVT_OK;
             uint64_t t0 = kvt_now_ns();

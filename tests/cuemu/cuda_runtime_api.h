@@ -65,6 +65,7 @@ struct cudaDeviceProp {
 
 const char *cudaGetErrorString(cudaError_t e);
 cudaError_t cudaGetLastError(void);
+cudaError_t cudaPeekAtLastError(void);
 cudaError_t cudaGetDeviceCount(int *n);
 cudaError_t cudaRuntimeGetVersion(int *v);
 cudaError_t cudaGetDevice(int *d);

@@ -247,6 +247,11 @@ cudaError_t cudaGetLastError(void)
     return e;
 }
 
+cudaError_t cudaPeekAtLastError(void)
+{
+    return last_error;
+}
+
 cudaError_t cudaGetDeviceCount(int *n)
 {
     *n = 1;
