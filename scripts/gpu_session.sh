@@ -44,13 +44,16 @@ BUDGET_S=${BUDGET_S:-450}
 T_END=$((SECONDS + BUDGET_S))
 PY=${PYTHON:-python3}
 # the bundle finds its libraries through its RPATH; CUPTI (loaded at run time by soname,
-# libcupti.so.13) is the toolkit's, or the pip package's that torch uses
+# libcupti.so.13) is the pip package's that torch uses (first: the folder holds the CUDA
+# libraries torch loads anyway, so nothing of torch's is shadowed by another version), or the
+# toolkit's CUPTI folder (CUPTI's libraries only; never the toolkit's lib64, which would come
+# before torch's RUNPATH)
 cupti_dirs=$({
-    ls -d /usr/local/cuda*/extras/CUPTI/lib64 /usr/local/cuda*/lib64 2>/dev/null
     timeout 20 "$PY" -c 'import glob, os, site
 for p in site.getsitepackages():
     for f in glob.glob(os.path.join(p, "nvidia", "*", "lib", "libcupti.so*")):
         print(os.path.dirname(f))' 2>/dev/null
+    ls -d /usr/local/cuda/extras/CUPTI/lib64 2>/dev/null
 } | awk '!seen[$0]++')
 for d in $cupti_dirs; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
