@@ -267,7 +267,8 @@ static kvt_status reap(kvt_capdev *d, bool wait)
         if (e == cudaErrorNotReady) {
             /* not an error, but some runtimes also leave it as the last error, which the next
                launch check (cudaGetLastError) would then report as a failure; only that one is
-               cleared (another, the host program's, stays for its owner to see) */
+               cleared (another, e.g. the host program's, stays pending: the next launch check
+               reports it) */
             if (cudaPeekAtLastError() == cudaErrorNotReady)
                 (void)cudaGetLastError();
             if (!wait)

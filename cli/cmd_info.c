@@ -108,16 +108,23 @@ static const char *get_str(const cJSON *o, const char *k)
 /* The text output prints strings from the trace as they are: control bytes in them (an
  * escape sequence a terminal would obey; C1 ones too, as UTF-8) become '?' first (--json
  * escapes them instead). */
+static void printable_text(char *s)
+{
+    for (unsigned char *p = (unsigned char *)s; p && *p; p++) {
+        if (*p < 0x20 || *p == 0x7f)
+            *p = '?';
+        else if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) /* C1: U+0080..9F */
+            p[0] = p[1] = '?';
+    }
+}
+
 static void printable_strings(cJSON *j)
 {
     for (; j; j = j->next) {
-        if (cJSON_IsString(j) && j->valuestring)
-            for (unsigned char *p = (unsigned char *)j->valuestring; *p; p++) {
-                if (*p < 0x20 || *p == 0x7f)
-                    *p = '?';
-                else if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) /* C1: U+0080..9F */
-                    p[0] = p[1] = '?';
-            }
+        if (cJSON_IsString(j))
+            printable_text(j->valuestring);
+        if (!(j->type & cJSON_StringIsConst))
+            printable_text(j->string); /* a key (the metadata lines print objects whole) */
         printable_strings(j->child);
     }
 }

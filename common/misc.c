@@ -428,8 +428,11 @@ kvt_status kvt_output_target(const char *path, char **final, int *mode)
     if (lstat(path, &sb) == 0 && S_ISLNK(sb.st_mode)) {
         target = realpath(path, NULL);
         if (!target || stat(target, &sb) != 0) {
+            int e = errno;
             free(target); /* realpath's, from malloc */
-            return kvt_error_set(KVT_ERR_IO, "%s is a symbolic link to a missing file", path);
+            return e == ENOENT
+                       ? kvt_error_set(KVT_ERR_IO, "%s is a symbolic link to a missing file", path)
+                       : kvt_error_set(KVT_ERR_IO, "%s: a symbolic link: %s", path, strerror(e));
         }
         *mode = (int)(sb.st_mode & 07777);
     } else if (lstat(path, &sb) == 0) {

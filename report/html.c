@@ -1393,8 +1393,8 @@ kvt_status kvt_report_write_e2e(const kvt_results *r, const char *dir,
     if (!st) /* the figures' names, so that a later report into dir can remove stale ones */
         st = manifest_write(stage);
     const char *hold = getenv("KVT_TEST_REPORT_HOLD_S"); /* tests: a signal while staged */
-    if (!st && hold)
-        sleep((unsigned)atoi(hold));
+    if (!st && hold && atoi(hold) > 0)
+        sleep((unsigned)(atoi(hold) < 600 ? atoi(hold) : 600));
 out:
     plan_free(&pl);
     kvt_status fin = stage_finish(stage, dir, st == KVT_OK);

@@ -418,7 +418,7 @@ def make_writer_trace(work):
         w.append("Q_window", rng.standard_normal((4, 8, D)).astype(np.float32), layer=0,
                  dtype="f16")
         w.append("attn_colsum", rng.random((4, T, 1)).astype(np.float32), layer=0)
-        w.append_json({"first": 1, "text": "\u00e9"})
+        w.append_json({"first": 1, "text": "\u00e9", "\u009b2Jkey": 1})  # info: no raw C1
         w.append_json({"second": [1, 2, {"x": None}]})
     return path
 
@@ -662,7 +662,8 @@ def main():
         wt = make_writer_trace(work)
         traces.append(("TraceWriter token splits", wt))
         rc, out = cli("info", wt)
-        rep.check(rc == 0 and "\x1b" not in out and "model      format-spec?[31m?? (llama)" in out,
+        rep.check(rc == 0 and "\x1b" not in out and "\u009b" not in out and
+                  "model      format-spec?[31m?? (llama)" in out,
                   "info", "a control byte in the header printed as it is: %r" % out[:300])
 
         for name, path in traces:
