@@ -17,6 +17,7 @@ CC=${CC:-cc}
 NVCC=${NVCC:-nvcc}
 mkdir -p "$OUT"
 B=$(mktemp -d)
+trap 'rm -rf "$B"' EXIT
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 rc=0
 step() { echo; echo "== $*"; }

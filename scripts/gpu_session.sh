@@ -46,14 +46,19 @@ PY=${PYTHON:-python3}
 # the bundle finds its libraries through its RPATH; CUPTI (loaded at run time by soname,
 # libcupti.so.13) is the pip package's that torch uses (first: the folder holds the CUDA
 # libraries torch loads anyway, so nothing of torch's is shadowed by another version), or the
-# toolkit's CUPTI folder (CUPTI's libraries only; never the toolkit's lib64, which would come
-# before torch's RUNPATH)
+# toolkit's, through a folder holding a link to it alone (the toolkit's lib64 itself would come
+# before torch's RUNPATH for every library in it; libcupti needs only libc's)
+mkdir -p "$OUT/cupti"
+for f in /usr/local/cuda*/extras/CUPTI/lib64/libcupti.so.13 /usr/local/cuda*/lib64/libcupti.so.13 \
+    /usr/local/cuda*/lib/libcupti.so.13; do
+    [ -e "$f" ] && ln -sf "$f" "$OUT/cupti/libcupti.so.13" && break
+done
 cupti_dirs=$({
     timeout 20 "$PY" -c 'import glob, os, site
 for p in site.getsitepackages():
     for f in glob.glob(os.path.join(p, "nvidia", "*", "lib", "libcupti.so*")):
         print(os.path.dirname(f))' 2>/dev/null
-    ls -d /usr/local/cuda/extras/CUPTI/lib64 2>/dev/null
+    [ -e "$OUT/cupti/libcupti.so.13" ] && echo "$OUT/cupti"
 } | awk '!seen[$0]++')
 for d in $cupti_dirs; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
