@@ -290,46 +290,35 @@ kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
        next to it and renamed over it, so a failure keeps the old one. A symbolic link is
        followed (its target is replaced, with the target's permissions). Anything but a regular
        file (a device, a FIFO, a directory) is never replaced. */
+    char *target; /* path, or a symbolic link's target (kvt_output_target) */
+    int mode;     /* an existing file's permissions, or -1 */
+    if ((s = kvt_output_target(path, &target, &mode)) != KVT_OK)
+        goto out_free_w;
     struct stat ex;
-    if (lstat(path, &ex) == 0) {
-        char *target = S_ISLNK(ex.st_mode) ? realpath(path, NULL) : NULL;
-        if (S_ISLNK(ex.st_mode) && (!target || stat(target, &ex) != 0)) {
-            s = kvt_error_set(KVT_ERR_IO, "%s is a symbolic link to a missing file", path);
-            free(target);
-            goto out_free_w;
-        }
-        if (!S_ISREG(ex.st_mode)) {
+    if (mode >= 0) {
+        if (stat(target, &ex) != 0 || !S_ISREG(ex.st_mode)) {
             s = kvt_error_set(KVT_ERR_IO,
                               "%s exists and is not a regular file: refusing to "
                               "replace it",
                               path);
-            free(target);
+            kvt_free(target);
             goto out_free_w;
         }
         if (!w->opts.force) {
             s = kvt_error_set(KVT_ERR_IO, "%s already exists (use --force to overwrite)", path);
-            free(target);
+            kvt_free(target);
             goto out_free_w;
         }
-        w->final = kvt_strdup(target ? target : path);
-        free(target); /* realpath's, from malloc */
-        if (!w->final) {
-            s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-            goto out_free_w;
-        }
+        w->final = target;
         w->fd = kvt_create_tmp_sibling(w->final, 0644, &w->path);
         if (w->fd < 0) {
             s = kvt_error_set(errno == ENOMEM ? KVT_ERR_NOMEM : KVT_ERR_IO,
                               "cannot write next to %s: %s", w->final, strerror(errno));
             goto out_free_path;
         }
-        (void)fchmod(w->fd, ex.st_mode & 07777); /* the replaced trace's permissions */
+        (void)fchmod(w->fd, (mode_t)mode); /* the replaced trace's permissions */
     } else {
-        w->path = kvt_strdup(path);
-        if (!w->path) {
-            s = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-            goto out_free_w;
-        }
+        w->path = target;
         w->fd = open(w->path, O_WRONLY | O_CREAT | O_CLOEXEC | O_EXCL, 0644);
         if (w->fd < 0) {
             if (errno == EEXIST)
