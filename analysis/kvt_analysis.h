@@ -171,6 +171,9 @@ kvt_status kvt_selection_writer_put_block(kvt_selection_writer *w, int layer, ch
  *  that was begun also ended and no write failed; otherwise the temporary is removed, an
  *  existing file at the path is left as it was, and the first error seen is returned. */
 kvt_status kvt_selection_writer_close(kvt_selection_writer *w);
+/** Close without publishing, complete or not: the temporary is removed and an existing file
+ *  at the path is left as it was (for a caller whose other output failed). NULL is a no-op. */
+void kvt_selection_writer_discard(kvt_selection_writer *w);
 
 /** Merge the selection exports of every shard of one `replay --shard i/n --export-selection`
  *  (n parts, any order) into `out` (binary, or JSON if it ends in .json): the export one

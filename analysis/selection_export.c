@@ -541,18 +541,21 @@ static kvt_status commit(kvt_selection_writer *w)
     return KVT_OK;
 }
 
-kvt_status kvt_selection_writer_close(kvt_selection_writer *w)
+/* close, publishing the export only when `publish` and it is complete */
+static kvt_status writer_close(kvt_selection_writer *w, bool publish)
 {
     if (!w)
         return KVT_OK;
     kvt_status st = w->err;
     if (w->f) {
-        if (st == KVT_OK && w->trace < 0 && w->n_traces_done == w->n_traces) {
+        if (publish && st == KVT_OK && w->trace < 0 && w->n_traces_done == w->n_traces) {
             st = commit(w);
-        } else { /* failed or incomplete: nothing is published */
+        } else { /* failed, incomplete or discarded: nothing is published */
             fclose(w->f);
             remove(w->tmp);
-            if (st)
+            if (!publish)
+                st = KVT_OK;
+            else if (st)
                 kvt_error_set(st, "%s", w->err_msg);
             else
                 st = kvt_error_set(KVT_ERR_STATE,
@@ -577,4 +580,14 @@ kvt_status kvt_selection_writer_close(kvt_selection_writer *w)
     kvt_free(w->btok);
     kvt_free(w);
     return st;
+}
+
+kvt_status kvt_selection_writer_close(kvt_selection_writer *w)
+{
+    return writer_close(w, true);
+}
+
+void kvt_selection_writer_discard(kvt_selection_writer *w)
+{
+    writer_close(w, false);
 }

@@ -207,14 +207,10 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
                                "shard %zu/%zu holds records out of (trace, layer) order", s, n);
 out:
     if (w) {
-        kvt_status cs = st ? KVT_OK : kvt_selection_writer_close(w); /* renames into place */
-        if (st) {
-            char msg[600];
-            snprintf(msg, sizeof(msg), "%s", kvt_error_msg());
-            kvt_selection_writer_close(w); /* removes the temporary */
-            kvt_error_set(st, "%s", msg);
-        }
-        st = st ? st : cs;
+        if (st)
+            kvt_selection_writer_discard(w); /* removes the temporary; the error stays */
+        else
+            st = kvt_selection_writer_close(w); /* renames into place */
     }
     for (size_t i = 0; sel && i < n; i++)
         kvt_selection_free(sel[i]);

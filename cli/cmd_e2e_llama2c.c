@@ -886,17 +886,17 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         kvt_cli_fail(cmd, "out of memory");
         goto out_free;
     }
-    if (sw) {
+    if ((st = kvt_write_file_atomic(out, txt, strlen(txt)))) {
+        kvt_cli_fail_status(cmd, st, out);
+        goto out_free; /* the export is discarded */
+    }
+    if (sw) { /* after e2e.json, as replay puts its export after results.json */
         st = kvt_selection_writer_close(sw);
         sw = NULL;
         if (st) {
             kvt_cli_fail_status(cmd, st, export_path);
             goto out_free;
         }
-    }
-    if ((st = kvt_write_file_atomic(out, txt, strlen(txt)))) {
-        kvt_cli_fail_status(cmd, st, out);
-        goto out_free;
     }
     if (notes != stderr && fflush(notes) == 0 && notes_len)
         fputs(notes_buf, stderr);
@@ -927,7 +927,7 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
     rc = 0;
 out_free:
     if (sw)
-        kvt_selection_writer_close(sw); /* failed before the end: the export is discarded */
+        kvt_selection_writer_discard(sw); /* failed: an old export is left as it was */
     for (size_t t = 0; ets && t < n_traces; t++)
         trace_free(&ets[t], n_pol * n_b);
     kvt_free(ets);

@@ -317,7 +317,7 @@ static kvt_status mpi_selection(kvt_cli_mpi *m, kvt_selection_writer **sw, const
         kvt_selection_writer_close(*sw);
         *sw = NULL;
         if (st) /* nothing published; an old export is left as it was */
-            kvt_selection_writer_close(fw);
+            kvt_selection_writer_discard(fw);
         else
             *sw = fw;
     }
@@ -918,8 +918,7 @@ out_free:
         fclose(notes);
         free(notes_buf); /* open_memstream's, with malloc */
     }
-    if (sw)
-        kvt_selection_writer_close(sw);
+    kvt_selection_writer_discard(sw); /* failed: an old export is left as it was */
     kvt_results_free(res);
     kvt_free(budgets);
     kvt_policy_list_free(pols, n_pol);
