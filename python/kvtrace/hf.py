@@ -13,7 +13,7 @@ What is recorded (text decoder layers only; vision towers are left alone):
   * per-token tables: prompt token ids, modality (image/video token ids from the config),
     position ids (3 rows per token for M-RoPE models: Qwen2-VL, Qwen2.5-VL).
 
-How: transformers (>= 4.48) dispatches attention through a registry, ALL_ATTENTION_FUNCTIONS
+How: transformers (>= 4.48; Qwen2-VL, Qwen2.5-VL >= 4.53) dispatches attention through a registry, ALL_ATTENTION_FUNCTIONS
 ("sdpa", "flash_attention_2", ...). For the duration of the block the model's entry is
 replaced by a wrapper that hands query/key/value of the text attention modules to the C
 capture session (by data pointer, strides and, on a GPU, torch's current stream: nothing is
@@ -47,6 +47,10 @@ from ._lib import DTYPE_NAMES
 from ._trace import C_INT, C_UINT32, int_arg, path_arg
 
 MIN_TRANSFORMERS = (4, 48)
+# model types whose attention classes went through the registry later than 4.48: Qwen2-VL and
+# Qwen2.5-VL kept their own Qwen2VLSdpaAttention-style classes (torch's SDPA called directly)
+# until transformers 4.53
+MIN_TRANSFORMERS_BY_TYPE = {"qwen2_vl": (4, 53), "qwen2_5_vl": (4, 53)}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "llava")
 LLAVA_TEXT_TYPES = ("llama", "mistral", "qwen2")
 MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -190,13 +194,18 @@ def _version_tuple(v):
     return tuple(int(x) if x is not None else 0 for x in m.groups())
 
 
-def check_transformers_version(version):
-    """Raise TraceError if `version` (a transformers version string) is too old."""
+def check_transformers_version(version, model_type=None):
+    """Raise TraceError if `version` (a transformers version string) is too old, for any model
+    or, given `model_type`, for that model type (Qwen2-VL and Qwen2.5-VL need 4.53)."""
     t = _version_tuple(version)
-    if t is None or t[:2] < MIN_TRANSFORMERS:
-        raise _fail("transformers %s is not supported: it needs transformers >= %d.%d (the "
-                    "attention registry, ALL_ATTENTION_FUNCTIONS)"
-                    % (version, MIN_TRANSFORMERS[0], MIN_TRANSFORMERS[1]))
+    need = MIN_TRANSFORMERS_BY_TYPE.get(model_type, MIN_TRANSFORMERS)
+    if t is None or t[:2] < need:
+        raise _fail("transformers %s is not supported%s: it needs transformers >= %d.%d (the "
+                    "version whose %s attention dispatches through the attention registry, "
+                    "ALL_ATTENTION_FUNCTIONS)"
+                    % (version, " for %s" % model_type if model_type in MIN_TRANSFORMERS_BY_TYPE
+                       else "", need[0], need[1],
+                       model_type if model_type in MIN_TRANSFORMERS_BY_TYPE else "text"))
 
 
 def check_model_type(config):
@@ -240,6 +249,33 @@ def _rope_params(tc):
     if theta is None:
         theta = getattr(tc, "rope_theta", None)
     return section is not None, section, float(theta) if theta is not None else 0.0
+
+
+def rope_scaling_info(tc):
+    """The text config's RoPE scaling as a JSON-safe dict ({"rope_type": "llama3", "factor":
+    8.0, ...} for Llama 3.1), or None for plain RoPE: the trace's model.rope says "default"
+    (or "mrope") and its theta, and this, recorded in the capture object, says how the
+    frequencies were scaled. rope_parameters (5.x) or rope_scaling (4.x); rope_theta and
+    mrope_section are left out (model.rope and capture.mrope_section hold them)."""
+    for attr in ("rope_parameters", "rope_scaling"):
+        d = getattr(tc, attr, None)
+        if not isinstance(d, dict):
+            continue
+        kind = d.get("rope_type", d.get("type"))
+        if kind in (None, "default", "mrope"):
+            return None
+        out = {}
+        for k, v in d.items():
+            if k in ("rope_theta", "mrope_section", "type"):
+                continue
+            try:
+                json.dumps(v, allow_nan=False)
+            except (TypeError, ValueError):
+                v = repr(v)
+            out[str(k)] = v
+        out["rope_type"] = str(kind)
+        return out
+    return None
 
 
 def _kv_dtype_of(tensor):
@@ -387,6 +423,7 @@ class Capture(object):
             raise _fail("%s has no .config: pass a transformers PreTrainedModel"
                         % type(model).__name__, _ERR_INVALID)
         self.model_type, self.text_model_type = check_model_type(config)
+        check_transformers_version(tv, self.model_type)
         tc = _text_config(config)
         self._config = config
 
@@ -465,6 +502,9 @@ class Capture(object):
             "text_model": type(self._text_model).__name__ if self._text_model is not None
             else None,
         }
+        scaling = rope_scaling_info(tc)
+        if scaling is not None:
+            self.info["rope_scaling"] = scaling
         # run state
         self.session = None
         self.stats = None
@@ -795,7 +835,8 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
             model.generate(**inputs, max_new_tokens=65, do_sample=False)  # 64 decode steps
 
     Supported: model types llama, mistral, qwen2, qwen2_vl, qwen2_5_vl and llava (with a
-    llama, mistral or qwen2 language model), transformers >= 4.48, an attention
+    llama, mistral or qwen2 language model), transformers >= 4.48 (qwen2_vl and qwen2_5_vl:
+    >= 4.53), an attention
     implementation from transformers' registry ("sdpa", "flash_attention_2", ...; not
     "eager"), batch size 1.
 

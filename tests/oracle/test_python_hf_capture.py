@@ -284,7 +284,8 @@ def check_capture(device, tmp, label=None):
               c.get("transformers_version") == transformers.__version__ and
               c.get("torch_version") == torch.__version__ and
               c.get("attn_implementation") == "sdpa" and
-              c.get("model_class") == "LlamaForCausalLM",
+              c.get("model_class") == "LlamaForCausalLM" and
+              "rope_scaling" not in c,  # plain RoPE: model.rope says it all
               tag + "header engine and capture JSON (%s, %s)" % (h["engine"], {
                   k: c.get(k) for k in ("transformers_version", "torch_version",
                                         "attn_implementation", "model_class")}))
@@ -748,6 +749,34 @@ def check_plain_functions():
             res = False
         check(res == ok, "check_transformers_version(%r) %s" % (v, "accepted" if ok
                                                                   else "refused"))
+    # Qwen2-VL / Qwen2.5-VL attention went through the registry from 4.53 on
+    for v, mt, ok in (("4.52.4", "qwen2_vl", False), ("4.52.4", "qwen2_5_vl", False),
+                      ("4.53.0", "qwen2_vl", True), ("5.0.0", "qwen2_5_vl", True),
+                      ("4.52.4", "llama", True), ("4.48.0", "llava", True)):
+        try:
+            hf.check_transformers_version(v, mt)
+            res, msg = True, ""
+        except kvtrace.TraceError as e:
+            res, msg = False, str(e)
+        check(res == ok and (ok or ("4.53" in msg and mt in msg)),
+              "check_transformers_version(%r, %r) %s: %s"
+              % (v, mt, "accepted" if ok else "refused naming 4.53", msg))
+
+    # RoPE scaling recorded beside model.rope: 4.x rope_scaling, 5.x rope_parameters
+    ns = types.SimpleNamespace
+    l31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    check(hf.rope_scaling_info(ns(rope_scaling=dict(l31), rope_theta=5e5)) == l31,
+          "rope_scaling_info: 4.x llama3 rope_scaling")
+    check(hf.rope_scaling_info(ns(rope_parameters=dict(l31, rope_theta=5e5))) == l31,
+          "rope_scaling_info: 5.x rope_parameters without rope_theta")
+    check(hf.rope_scaling_info(ns(rope_scaling={"type": "linear", "factor": 2.0})) ==
+          {"rope_type": "linear", "factor": 2.0}, "rope_scaling_info: old 'type' key")
+    check(all(hf.rope_scaling_info(c) is None for c in (
+        ns(rope_scaling=None, rope_theta=1e4), ns(),
+        ns(rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+        ns(rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}))),
+        "rope_scaling_info: plain RoPE and M-RoPE give None")
 
     def cfg(mt, text=None):
         tc = types.SimpleNamespace(model_type=text) if text else None
