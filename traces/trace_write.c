@@ -219,10 +219,11 @@ static void *worker_main(void *arg)
         w->q_head = j->next;
         if (!w->q_head)
             w->q_tail = NULL;
+        bool failed = w->err != KVT_OK; /* read under mu: set_err writes it under mu */
         pthread_mutex_unlock(&w->mu);
         if (!c.cctx)
             j->status = kvt_error_set(KVT_ERR_NOMEM, "out of memory (zstd context)");
-        else if (w->err != KVT_OK)
+        else if (failed)
             j->status = KVT_OK; /* will be dropped by write_job; skip the work */
         else
             j->status = compress_job(w, &c, j);

@@ -4,6 +4,8 @@
  * uniform-budget policy's, the sweep equal to a brute-force evaluation of the kept set, and
  * the whole-trace driver (threads, sink) equal to the in-memory layer.
  */
+#include <pthread.h>
+
 #include "replay_internal.h" /* the merged K/V of a lightkv-like selection */
 #include "replay_test_util.h"
 
@@ -460,6 +462,7 @@ static void test_layer_metrics(bool per_query)
 
 /* ---- the trace driver ---- */
 typedef struct sink_state {
+    pthread_mutex_t mu; /* the sink is called from worker threads; the callee serialises */
     int n_calls;
     size_t n_recs;
 } sink_state;
@@ -467,8 +470,10 @@ typedef struct sink_state {
 static kvt_status sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
 {
     sink_state *s = user;
+    pthread_mutex_lock(&s->mu);
     s->n_calls++;
     s->n_recs += n;
+    pthread_mutex_unlock(&s->mu);
     for (size_t i = 0; i < n; i++)
         for (size_t j = 1; j < recs[i].n; j++)
             if (recs[i].idx[j] <= recs[i].idx[j - 1] || recs[i].layer != layer)
@@ -492,7 +497,7 @@ static void test_trace_driver(void)
     kvt_budget *bud;
     size_t nb;
     KVT_CHECK(kvt_budgets_parse("16,25%,32", &bud, &nb));
-    sink_state ss = {0};
+    sink_state ss = {.mu = PTHREAD_MUTEX_INITIALIZER};
     kvt_replay_opts o = {.n_threads = 2, .coverage_probes = 32, .sink = sink, .sink_user = &ss};
     kvt_trace_result *res = NULL;
     KVT_EXPECT_STATUS(kvt_replay_trace(path, (kvt_policy *const *)pols, NPOL, bud, nb, &o, &res),
