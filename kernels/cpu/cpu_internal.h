@@ -9,7 +9,7 @@
 #include <stddef.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) &&       \
-    !defined(KVT_NO_CLONES)
+    !defined(KVT_NO_CLONES) && !defined(__SANITIZE_THREAD__) /* TSan: resolvers run before it */
 #define KVT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define KVT_CLONES

@@ -1,8 +1,8 @@
 # capture/: the capture session API and the built-in llama2.c engine.
 kvt_add_test(test_capture_session SOURCES unit/test_capture_session.c
-             LIBS kvt_capture PkgConfig::CJSON LABELS cpu)
+             LIBS kvt_capture PkgConfig::CJSON LABELS cpu threads)
 kvt_add_test(test_capture_llama2c SOURCES unit/test_capture_llama2c.c LIBS kvt_capture
-             LABELS cpu)
+             LABELS cpu threads)
 kvt_add_test(test_llama2c_checkpoint SOURCES unit/test_llama2c_checkpoint.c LIBS kvt_capture
              LABELS cpu)
 kvt_add_script_test(test_capture_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_capture_cli.sh

@@ -71,6 +71,8 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
         set(labels "cpu")
         if(tn STREQUAL "test_capture_colsum")
             set(labels "cpu;noasan")
+        elseif(tn STREQUAL "test_capture_device") # the async capture pipeline's threads
+            set(labels "cpu;threads")
         endif()
         set_tests_properties(${tn}_cuemu PROPERTIES LABELS "${labels}" SKIP_RETURN_CODE 77
                              TIMEOUT 600
@@ -81,7 +83,7 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     # work that reads another stream's results without an event in between fails every time
     # (the kernels' test launches on the default stream only: nothing there to defer)
     add_test(NAME test_capture_device_cuemu_defer COMMAND test_capture_device_cuemu)
-    set_tests_properties(test_capture_device_cuemu_defer PROPERTIES LABELS "cpu"
+    set_tests_properties(test_capture_device_cuemu_defer PROPERTIES LABELS "cpu;threads"
         SKIP_RETURN_CODE 77 TIMEOUT 600
         ENVIRONMENT "CUEMU_DEFER=1;KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
 

@@ -6,7 +6,8 @@ kvt_add_test(test_replay_hybridkv SOURCES unit/test_replay_hybridkv.c LIBS kvt_r
 # LightKV-like's merged keys and values, AdaKV alloc=b and random, worked by hand.
 kvt_add_test(test_replay_merge_alloc SOURCES unit/test_replay_merge_alloc.c LIBS kvt_replay
              LABELS cpu)
-kvt_add_test(test_replay_metrics SOURCES unit/test_replay_metrics.c LIBS kvt_replay LABELS cpu)
+kvt_add_test(test_replay_metrics SOURCES unit/test_replay_metrics.c LIBS kvt_replay
+             LABELS cpu threads)
 kvt_add_test(test_analysis_results SOURCES unit/test_analysis_results.c LIBS kvt_analysis
              PkgConfig::CJSON LABELS cpu)
 kvt_add_script_test(test_replay_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_cli.sh
@@ -17,10 +18,10 @@ kvt_add_script_test(test_replay_fast_vs_ref
                     COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh LABELS cpu)
 # Allocation failure at every site of a replay, a threaded trace replay and results I/O.
 kvt_add_test(test_replay_faults SOURCES unit/test_replay_faults.c LIBS kvt_analysis kvt_replay
-             LABELS cpu)
+             LABELS cpu threads)
 # The selection export reader against the replay's kept sets, cuts and damaged bytes (#9).
 kvt_add_test(test_selection_read SOURCES unit/test_selection_read.c LIBS kvt_analysis kvt_replay
-             LABELS cpu)
+             LABELS cpu threads)
 # replay --device cuda against the all-reference replay (label gpu; "not run" without a GPU)
 kvt_add_script_test(test_replay_device_gpu
                     COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh cuda LABELS gpu)
