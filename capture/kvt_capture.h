@@ -267,8 +267,11 @@ typedef struct kvt_timeline_event {
 
 enum { KVT_TL_ATTENTION = 0, KVT_TL_GEMM = 1, KVT_TL_OTHER = 2 };
 /** Category of a kernel by its (mangled or demangled) name, case-insensitive substrings:
- *  attention ("attn", "attention", "flash", "fmha", "sdpa", "softmax", "paged"), then GEMM
- *  ("gemm", "gemv", "cutlass", "xmma", "cublas", "matmul"), else other. */
+ *  attention ("attn", "attention", "flash", "fmha", "sdpa", "softmax", "paged"; in a name that
+ *  says "flashinfer" instead "attn", "attention", "fmha", "paged", "kvcache", "prefill",
+ *  "decode", so that FlashInfer's norms, all-reduce and sampling are not attention), then GEMM
+ *  ("gemm", "gemv", "cutlass", "xmma", "cublas", "matmul", "nvjet": cuBLAS's Hopper GEMMs),
+ *  else other. */
 int kvt_timeline_category(const char *name);
 /** Sum events into t (zeroed first). Overlap: the time of each capture copy during which at
  *  least one kernel ran (kernel intervals merged first). Events need not be sorted. Allocates

@@ -22,18 +22,35 @@ static bool has_ci(const char *s, const char *sub)
     return false;
 }
 
+static bool has_any(const char *name, const char *const *subs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (has_ci(name, subs[i]))
+            return true;
+    return false;
+}
+
+#define N_OF(a) (sizeof(a) / sizeof((a)[0]))
+
 int kvt_timeline_category(const char *name)
 {
-    static const char *attn[] = {"attn", "attention", "flash", "fmha", "sdpa", "softmax", "paged"};
-    static const char *gemm[] = {"gemm", "gemv", "cutlass", "xmma", "cublas", "matmul"};
+    static const char *const attn[] = {"attn", "attention", "flash", "fmha",
+                                       "sdpa", "softmax",   "paged"};
+    /* Every FlashInfer kernel says "flashinfer" (so "flash"), and its sampling kernels say
+     * "softmax": in its names only these mark attention (BatchPrefillWithPagedKVCache,
+     * SingleDecodeWithKVCache, BatchMLAPagedAttention...), not RMSNorm, allreduce, sampling */
+    static const char *const attn_flashinfer[] = {"attn",    "attention", "fmha",  "paged",
+                                                  "kvcache", "prefill",   "decode"};
+    /* nvjet: cuBLAS's Hopper and Blackwell GEMMs (nvjet_hsh_192x192_64x3_2x1_v_bz_coopB_NTN) */
+    static const char *const gemm[] = {"gemm",   "gemv",   "cutlass", "xmma",
+                                       "cublas", "matmul", "nvjet"};
     if (!name)
         return KVT_TL_OTHER;
-    for (size_t i = 0; i < sizeof(attn) / sizeof(attn[0]); i++)
-        if (has_ci(name, attn[i]))
-            return KVT_TL_ATTENTION;
-    for (size_t i = 0; i < sizeof(gemm) / sizeof(gemm[0]); i++)
-        if (has_ci(name, gemm[i]))
-            return KVT_TL_GEMM;
+    if (has_ci(name, "flashinfer") ? has_any(name, attn_flashinfer, N_OF(attn_flashinfer))
+                                   : has_any(name, attn, N_OF(attn)))
+        return KVT_TL_ATTENTION;
+    if (has_any(name, gemm, N_OF(gemm)))
+        return KVT_TL_GEMM;
     return KVT_TL_OTHER;
 }
 

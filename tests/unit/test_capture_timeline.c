@@ -25,6 +25,41 @@ static void test_category(void)
     KVT_EXPECT(kvt_timeline_category("MatMul_kernel") == KVT_TL_GEMM); /* case-insensitive */
     KVT_EXPECT(kvt_timeline_category("void at::native::vectorized_elementwise_kernel<4>") ==
                KVT_TL_OTHER);
+    /* cuBLAS's Hopper/Blackwell GEMMs have neither "gemm" nor "cublas" in their names */
+    KVT_EXPECT(kvt_timeline_category("nvjet_hsh_192x192_64x3_2x1_v_bz_coopB_NTN") == KVT_TL_GEMM);
+    KVT_EXPECT(kvt_timeline_category("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_TNT") ==
+               KVT_TL_GEMM);
+    /* FlashInfer: every name says "flashinfer", so "flash" marks nothing there; its attention
+     * kernels (prefill, decode, paged or not, MLA) are attention, demangled or mangled ... */
+    KVT_EXPECT(kvt_timeline_category(
+                   "void flashinfer::BatchPrefillWithPagedKVCacheKernel<KernelTraits<...>>") ==
+               KVT_TL_ATTENTION);
+    KVT_EXPECT(kvt_timeline_category("_ZN10flashinfer33BatchDecodeWithPagedKVCacheKernelILj8E") ==
+               KVT_TL_ATTENTION);
+    KVT_EXPECT(kvt_timeline_category("void flashinfer::SingleDecodeWithKVCacheKernel<...>") ==
+               KVT_TL_ATTENTION);
+    KVT_EXPECT(kvt_timeline_category("void flashinfer::SinglePrefillWithKVCacheKernel<...>") ==
+               KVT_TL_ATTENTION);
+    KVT_EXPECT(kvt_timeline_category("void flashinfer::mla::BatchMLAPagedAttentionKernel<...>") ==
+               KVT_TL_ATTENTION);
+    /* ... its norms, all-reduce and sampling (even the softmax one) are not */
+    KVT_EXPECT(
+        kvt_timeline_category("_ZN10flashinfer4norm13RMSNormKernelILj8EN3c108BFloat16EEEvPT0_"
+                              "S5_S5_jjjf") == KVT_TL_OTHER);
+    KVT_EXPECT(kvt_timeline_category("void flashinfer::norm::FusedAddRMSNormKernel<8u, bf16>") ==
+               KVT_TL_OTHER);
+    KVT_EXPECT(kvt_timeline_category("void flashinfer::trtllm_allreduce_fusion::"
+                                     "allreduce_fusion_kernel_oneshot_lamport<...>") ==
+               KVT_TL_OTHER);
+    KVT_EXPECT(kvt_timeline_category(
+                   "void flashinfer::sampling::TopKTopPSamplingFromProbKernel<1024u, ...>") ==
+               KVT_TL_OTHER);
+    KVT_EXPECT(kvt_timeline_category(
+                   "void flashinfer::sampling::OnlineSoftmaxFusedKernel<1024u, 4u, float>") ==
+               KVT_TL_OTHER);
+    /* outside FlashInfer, "flash" still marks attention (FlashAttention, vLLM's cache writes) */
+    KVT_EXPECT(kvt_timeline_category("void vllm::reshape_and_cache_flash_kernel<...>") ==
+               KVT_TL_ATTENTION);
     KVT_EXPECT(kvt_timeline_category("") == KVT_TL_OTHER);
     KVT_EXPECT(kvt_timeline_category(NULL) == KVT_TL_OTHER);
 }
