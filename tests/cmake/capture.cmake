@@ -21,3 +21,35 @@ if(KVT_HAVE_CUDA)
     kvt_add_test(test_capture_colsum_gpu SOURCES unit/test_capture_colsum_gpu.c
                  LIBS kvt_capture kvt_traces kvt_common CUDA::cudart LABELS gpu)
 endif()
+# The CUPTI collector on any machine: a mock libcupti (its Activity API scripted by the test)
+# and a fake libcuda.so.1 (tests/mock_cupti), found first through LD_LIBRARY_PATH. Built
+# wherever the collector itself is (CUPTI's headers found).
+if(KVT_HAVE_CUDA AND KVT_CUPTI_INCLUDE)
+    set(KVT_MOCK_CUPTI_DIR ${CMAKE_CURRENT_BINARY_DIR}/mock_cupti)
+    set(KVT_MOCK_CUPTI_SONAME libcupti.so.${CUDAToolkit_VERSION_MAJOR})
+    # kvt_mock_library(target source file_name folder [definitions...])
+    function(kvt_mock_library tgt src file dir)
+        add_library(${tgt} SHARED ${KVT_TEST_DIR}/mock_cupti/${src})
+        kvt_target_defaults(${tgt})
+        target_compile_definitions(${tgt} PRIVATE ${ARGN})
+        target_include_directories(${tgt} PRIVATE ${KVT_TEST_DIR}/mock_cupti)
+        target_include_directories(${tgt} SYSTEM PRIVATE ${KVT_CUPTI_INCLUDE}
+                                                         ${CUDAToolkit_INCLUDE_DIRS})
+        target_link_libraries(${tgt} PRIVATE Threads::Threads)
+        set_target_properties(${tgt} PROPERTIES PREFIX "" OUTPUT_NAME ${file} SUFFIX ""
+                              NO_SONAME OFF C_VISIBILITY_PRESET hidden
+                              LIBRARY_OUTPUT_DIRECTORY ${dir})
+    endfunction()
+    kvt_mock_library(kvt_mock_cupti mock_cupti.c ${KVT_MOCK_CUPTI_SONAME} ${KVT_MOCK_CUPTI_DIR})
+    kvt_mock_library(kvt_mock_cuda_driver mock_cuda_driver.c libcuda.so.1 ${KVT_MOCK_CUPTI_DIR})
+    kvt_add_test(test_capture_cupti_mock SOURCES unit/test_capture_cupti_mock.c
+                 LIBS kvt_capture ${CMAKE_DL_LIBS} LABELS cpu)
+    target_include_directories(test_capture_cupti_mock PRIVATE ${KVT_TEST_DIR}/mock_cupti)
+    target_include_directories(test_capture_cupti_mock SYSTEM PRIVATE ${KVT_CUPTI_INCLUDE}
+                                                                      ${CUDAToolkit_INCLUDE_DIRS})
+    target_compile_definitions(test_capture_cupti_mock
+                               PRIVATE KVT_MOCK_CUPTI_SONAME="${KVT_MOCK_CUPTI_SONAME}")
+    add_dependencies(test_capture_cupti_mock kvt_mock_cupti kvt_mock_cuda_driver)
+    set_property(TEST test_capture_cupti_mock APPEND PROPERTY ENVIRONMENT_MODIFICATION
+                 "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}")
+endif()

@@ -1,0 +1,199 @@
+/* test_capture_cupti_mock.c - the CUPTI collector (capture/cupti_timeline.c) on a mock libcupti
+ * and a fake driver (tests/mock_cupti), so that it runs in CI without a GPU: scripted kernels
+ * and copies must come out of kvt_timeline_stop as summaries worked by hand, and every way
+ * CUPTI can fail must give a NULL collector or a failed stop with a one-line reason, never a
+ * crash or a silent wrong number. ctest puts the mock's folder first on LD_LIBRARY_PATH;
+ * the test opens the same library to reach its knobs (kvt_mock_cupti.h).
+ */
+#include <cupti.h>
+#include <dlfcn.h>
+
+#include "kvt_capture.h"
+#include "kvt_mock_cupti.h"
+#include "kvt_test.h"
+
+#ifndef KVT_MOCK_CUPTI_SONAME
+#error "KVT_MOCK_CUPTI_SONAME: the name the collector loads CUPTI by (tests/cmake/capture.cmake)"
+#endif
+
+static kvt_mock_cupti_set_fn mock_set;
+static kvt_mock_cupti_get_fn mock_get;
+static kvt_mock_cupti_kernel_fn mock_kernel;
+static kvt_mock_cupti_copy_fn mock_copy;
+static kvt_mock_cupti_reset_fn mock_reset;
+
+static void load_mock(void)
+{
+    void *lib = dlopen(KVT_MOCK_CUPTI_SONAME, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        fprintf(stderr,
+                "test_capture_cupti_mock: cannot load the mock %s (%s): run it through "
+                "ctest, which puts the mock's folder on LD_LIBRARY_PATH\n",
+                KVT_MOCK_CUPTI_SONAME, dlerror());
+        exit(1);
+    }
+    *(void **)&mock_set = dlsym(lib, "kvt_mock_cupti_set");
+    *(void **)&mock_get = dlsym(lib, "kvt_mock_cupti_get");
+    *(void **)&mock_kernel = dlsym(lib, "kvt_mock_cupti_kernel");
+    *(void **)&mock_copy = dlsym(lib, "kvt_mock_cupti_copy");
+    *(void **)&mock_reset = dlsym(lib, "kvt_mock_cupti_reset");
+    if (!mock_set || !mock_get || !mock_kernel || !mock_copy || !mock_reset) {
+        fprintf(stderr, "test_capture_cupti_mock: %s is not the mock (no kvt_mock_cupti_*)\n",
+                KVT_MOCK_CUPTI_SONAME);
+        exit(1);
+    }
+}
+
+static kvt_timeline *start_ok(void)
+{
+    char why[256] = "";
+    kvt_timeline *tl = kvt_timeline_start(why, sizeof(why));
+    KVT_EXPECT_MSG(tl != NULL, "start: %s", why);
+    return tl;
+}
+
+/* a start that must fail: its reason must begin with "CUPTI: " and contain want */
+static void start_refused(const char *want)
+{
+    char why[256] = "unchanged";
+    kvt_timeline *tl = kvt_timeline_start(why, sizeof(why));
+    KVT_EXPECT_MSG(tl == NULL, "started where it should say \"%s\"", want);
+    KVT_EXPECT_MSG(!strncmp(why, "CUPTI: ", 7) && strstr(why, want) && !strchr(why, '\n'),
+                   "reason \"%s\", want \"%s\"", why, want);
+    if (tl) { /* don't leave it collecting for the next case */
+        kvt_capture_timeline t;
+        kvt_timeline_stop(tl, 0, &t);
+    }
+}
+
+#define CAP_CTX    1u
+#define CAP_STREAM 7u
+
+/* Kernels (context 1): attention [1000,1400), GEMM [1400,2000), other [1800,2100) on another
+ * stream, attention [2500,2600); merged: [1000,2100) and [2500,2600). Copies: the capture's
+ * (stream 7) [1300,1900) lies inside the first span (600 overlapped) and [2050,2700) meets it
+ * for 50 and the second for 100; an engine copy [0,500) on stream 3 is not the capture's. */
+static void script_run(void)
+{
+    mock_kernel(CAP_CTX, 3, 1000, 1400,
+                "void flashinfer::BatchPrefillWithPagedKVCacheKernel<KernelTraits<...>>");
+    mock_kernel(CAP_CTX, 3, 1400, 2000, "nvjet_hsh_192x192_64x3_2x1_v_bz_coopB_NTN");
+    mock_kernel(CAP_CTX, 4, 1800, 2100, "_ZN10flashinfer4norm13RMSNormKernelILj8EN3c108BFloat16E");
+    mock_kernel(CAP_CTX, 3, 2500, 2600, "flash_fwd_kernel<Flash_fwd_kernel_traits<128>>");
+    mock_copy(CAP_CTX, CAP_STREAM, 1300, 1900, 4096, 1);
+    mock_copy(CAP_CTX, CAP_STREAM, 2050, 2700, 8192, 1);
+    mock_copy(CAP_CTX, 3, 0, 500, 1000, 1);
+}
+
+static void expect_run(const kvt_capture_timeline *t)
+{
+    KVT_EXPECT_EQ_U64(t->n_kernels, 4);
+    KVT_EXPECT_EQ_U64(t->attention_ns, 400 + 100);
+    KVT_EXPECT_EQ_U64(t->gemm_ns, 600);
+    KVT_EXPECT_EQ_U64(t->other_ns, 300);
+    KVT_EXPECT_EQ_U64(t->n_memcpy, 3);
+    KVT_EXPECT_EQ_U64(t->memcpy_bytes, 4096 + 8192 + 1000);
+    KVT_EXPECT_EQ_U64(t->memcpy_ns, 600 + 650 + 500);
+    KVT_EXPECT_EQ_U64(t->capture_copy_bytes, 4096 + 8192);
+    KVT_EXPECT_EQ_U64(t->capture_copy_ns, 600 + 650);
+    KVT_EXPECT_EQ_U64(t->capture_copy_overlap_ns, 600 + 50 + 100);
+}
+
+/* A scripted run, delivered two records per buffer from CUPTI's side; the collector leaves
+ * CUPTI as it found it. Then a second session in the same process. */
+static void test_run(void)
+{
+    mock_reset();
+    long long delivered = mock_get(KVT_MOCK_BUFFERS_DELIVERED);
+    kvt_timeline *tl = start_ok();
+    if (!tl)
+        return;
+    KVT_EXPECT(mock_get(KVT_MOCK_KERNEL_ENABLED) && mock_get(KVT_MOCK_MEMCPY_ENABLED));
+    uint32_t sid = 0;
+    KVT_CHECK(kvt_timeline_stream_id(tl, KVT_MOCK_STREAM(CAP_CTX, CAP_STREAM), &sid));
+    KVT_EXPECT_EQ_U64(sid, CAP_STREAM);
+    mock_set(KVT_MOCK_RECORDS_PER_BUFFER, 2);
+    script_run();
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_PENDING), 7);
+    kvt_capture_timeline t;
+    KVT_CHECK(kvt_timeline_stop(tl, sid, &t));
+    expect_run(&t);
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_BUFFERS_DELIVERED) - delivered, 4); /* 7 records */
+    KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED) && !mock_get(KVT_MOCK_MEMCPY_ENABLED));
+    mock_kernel(CAP_CTX, 3, 0, 10, "after stop"); /* not recorded any more */
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_PENDING), 0);
+
+    /* the second session sees only its own activity */
+    mock_set(KVT_MOCK_RECORDS_PER_BUFFER, 0);
+    tl = start_ok();
+    if (!tl)
+        return;
+    mock_copy(CAP_CTX, CAP_STREAM, 0, 10, 4, 1);
+    KVT_CHECK(kvt_timeline_stop(tl, CAP_STREAM, &t));
+    KVT_EXPECT_EQ_U64(t.n_memcpy, 1);
+    KVT_EXPECT_EQ_U64(t.capture_copy_bytes, 4);
+    KVT_EXPECT_EQ_U64(t.n_kernels, 0);
+}
+
+/* One collector at a time; the refused second start changes nothing for the first. */
+static void test_one_at_a_time(void)
+{
+    mock_reset();
+    kvt_timeline *tl = start_ok();
+    if (!tl)
+        return;
+    start_refused("already collecting");
+    mock_kernel(CAP_CTX, 3, 0, 40, "cutlass_80_tensorop_bf16_s16816gemm");
+    kvt_capture_timeline t;
+    KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
+    KVT_EXPECT_EQ_U64(t.gemm_ns, 40);
+    KVT_EXPECT_EQ_U64(t.capture_copy_bytes, 0);
+}
+
+/* An enable CUPTI refuses: NULL and CUPTI's error, the kind already enabled is disabled again,
+ * and the next start works. */
+static void test_enable_refused(void)
+{
+    mock_reset();
+    mock_set(KVT_MOCK_ENABLE_FAIL_KIND, CUPTI_ACTIVITY_KIND_MEMCPY);
+    mock_set(KVT_MOCK_ENABLE_FAIL_RESULT, CUPTI_ERROR_NOT_COMPATIBLE);
+    start_refused("CUPTI_ERROR_NOT_COMPATIBLE");
+    KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED));
+    mock_kernel(CAP_CTX, 3, 0, 10, "k");
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_PENDING), 0);
+    mock_reset();
+    kvt_timeline *tl = start_ok();
+    if (!tl)
+        return;
+    mock_kernel(CAP_CTX, 3, 0, 10, "k");
+    kvt_capture_timeline t;
+    KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
+    KVT_EXPECT_EQ_U64(t.n_kernels, 1);
+}
+
+/* Records CUPTI dropped: the summary would be short, so stop fails and says how many. */
+static void test_dropped(void)
+{
+    mock_reset();
+    kvt_timeline *tl = start_ok();
+    if (!tl)
+        return;
+    mock_kernel(CAP_CTX, 3, 0, 10, "k");
+    mock_set(KVT_MOCK_DROPPED, 3);
+    kvt_capture_timeline t;
+    KVT_EXPECT_STATUS(kvt_timeline_stop(tl, 0, &t), KVT_ERR_STATE);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "dropped 3 activity records") != NULL, "%s",
+                   kvt_error_msg());
+}
+
+int main(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    load_mock();
+    test_run();
+    test_one_at_a_time();
+    test_enable_refused();
+    test_dropped();
+    test_run(); /* everything before left CUPTI usable */
+    return kvt_test_result("test_capture_cupti_mock");
+}
