@@ -5,6 +5,7 @@
  * where CUPTI or the NVIDIA driver is missing; every way it can fail becomes the one-line
  * reason the trace records instead of a timeline. One collector at a time per process.
  */
+#define _GNU_SOURCE /* dlinfo: the path of the CUPTI that loaded, for the reasons */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +41,7 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capt
 
 #include <cupti.h>
 #include <dlfcn.h>
+#include <link.h>
 #include <pthread.h>
 
 #ifndef KVT_CUPTI_SONAME
@@ -47,8 +49,10 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capt
 #endif
 #define BUF_BYTES             (1u << 20)
 /* The records read (CUpti_ActivityKernel10, CUpti_ActivityMemcpy6) are CUDA 13's: any CUDA 13
- * CUPTI (API version 13yyzz) has them, whatever update these headers came from */
+ * CUPTI (API version 13yyzz) has them, whatever update these headers came from; another major
+ * version may lay them out differently */
 #define KVT_CUPTI_MIN_VERSION 130000u
+#define KVT_CUPTI_END_VERSION 140000u
 
 typedef struct raw_event {
     uint64_t start, end, bytes;
@@ -65,7 +69,7 @@ struct kvt_timeline {
 };
 
 static struct {
-    void *lib;
+    void *lib, *drv; /* CUPTI and the driver, both loaded or neither */
     CUptiResult (*enable)(CUpti_ActivityKind);
     CUptiResult (*disable)(CUpti_ActivityKind);
     CUptiResult (*reg)(CUpti_BuffersCallbackRequestFunc, CUpti_BuffersCallbackCompleteFunc);
@@ -76,6 +80,7 @@ static struct {
     CUptiResult (*version)(uint32_t *);
     CUptiResult (*stream_id)(CUcontext, CUstream, uint8_t, uint32_t *);
 } g;
+static char g_fail[320]; /* why the CUPTI this process loaded cannot be used (sticky) */
 static kvt_timeline *g_active;
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -142,51 +147,97 @@ static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf,
     free(buf);
 }
 
-#define SYM(field, name)                                                                           \
-    do {                                                                                           \
-        *(void **)&g.field = dlsym(g.lib, name);                                                   \
-        if (!g.field) {                                                                            \
-            snprintf(why, cap, "CUPTI: %s lacks %s", KVT_CUPTI_SONAME, name);                      \
-            return false;                                                                          \
-        }                                                                                          \
-    } while (0)
+static void unload(void)
+{
+    if (g.lib)
+        dlclose(g.lib);
+    if (g.drv)
+        dlclose(g.drv);
+    memset(&g, 0, sizeof(g));
+}
 
+/* The file a dlopen found (a process may hold several CUPTIs: torch's, the toolkit's) */
+static void lib_path(void *lib, const char *asked, char *out, size_t cap)
+{
+    struct link_map *lm = NULL;
+    if (dlinfo(lib, RTLD_DI_LINKMAP, &lm) == 0 && lm && lm->l_name && lm->l_name[0])
+        snprintf(out, cap, "%s", lm->l_name);
+    else
+        snprintf(out, cap, "%s", asked);
+}
+
+/* Load the driver and CUPTI and resolve every function, or load nothing. A CUPTI that loads
+ * but cannot be used (a missing function, another API version) stays unusable for the process:
+ * its reason is kept in g_fail and given again without loading it again. A library or driver
+ * not found is not kept: a later start may find one that was loaded since (torch's libcupti). */
 static bool load(char *why, size_t cap)
 {
     if (g.lib)
         return true;
+    if (g_fail[0]) {
+        snprintf(why, cap, "%s", g_fail);
+        return false;
+    }
     /* CUPTI needs the driver; without it, say so rather than CUPTI's "unknown error" */
-    void *drv = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!drv) {
+    g.drv = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!g.drv) {
         snprintf(why, cap, "CUPTI: no NVIDIA driver (libcuda.so.1 not found): no GPU to time");
         return false;
     }
-    dlclose(drv);
-    g.lib = dlopen(KVT_CUPTI_SONAME, RTLD_NOW | RTLD_LOCAL);
-    if (!g.lib)
-        g.lib = dlopen("libcupti.so", RTLD_NOW | RTLD_LOCAL);
+    const char *asked = KVT_CUPTI_SONAME;
+    g.lib = dlopen(asked, RTLD_NOW | RTLD_LOCAL);
     if (!g.lib) {
         const char *e = dlerror();
-        snprintf(why, cap, "CUPTI: cannot load %s (%s)", KVT_CUPTI_SONAME, e ? e : "not found");
-        return false;
+        snprintf(why, cap, "CUPTI: cannot load %s (%s)", asked, e ? e : "not found");
+        asked = "libcupti.so"; /* an unversioned link; the version check below decides */
+        g.lib = dlopen(asked, RTLD_NOW | RTLD_LOCAL);
+        if (!g.lib) {
+            unload();
+            return false;
+        }
+        why[0] = '\0';
     }
-    SYM(enable, "cuptiActivityEnable");
-    SYM(disable, "cuptiActivityDisable");
-    SYM(reg, "cuptiActivityRegisterCallbacks");
-    SYM(flush, "cuptiActivityFlushAll");
-    SYM(next, "cuptiActivityGetNextRecord");
-    SYM(dropped, "cuptiActivityGetNumDroppedRecords");
-    SYM(errstr, "cuptiGetResultString");
-    SYM(version, "cuptiGetVersion");
-    SYM(stream_id, "cuptiGetStreamIdEx");
+    char path[160];
+    lib_path(g.lib, asked, path, sizeof(path));
+    const struct {
+        void **fn;
+        const char *name;
+    } sym[] = {
+        {(void **)&g.enable, "cuptiActivityEnable"},
+        {(void **)&g.disable, "cuptiActivityDisable"},
+        {(void **)&g.reg, "cuptiActivityRegisterCallbacks"},
+        {(void **)&g.flush, "cuptiActivityFlushAll"},
+        {(void **)&g.next, "cuptiActivityGetNextRecord"},
+        {(void **)&g.dropped, "cuptiActivityGetNumDroppedRecords"},
+        {(void **)&g.errstr, "cuptiGetResultString"},
+        {(void **)&g.version, "cuptiGetVersion"},
+        {(void **)&g.stream_id, "cuptiGetStreamIdEx"},
+    };
+    for (size_t i = 0; i < sizeof(sym) / sizeof(sym[0]); i++) {
+        *sym[i].fn = dlsym(g.lib, sym[i].name);
+        if (!*sym[i].fn) {
+            snprintf(g_fail, sizeof(g_fail), "CUPTI: %s lacks %s", path, sym[i].name);
+            goto out_unusable;
+        }
+    }
     uint32_t v = 0;
-    if (g.version(&v) != CUPTI_SUCCESS || v < KVT_CUPTI_MIN_VERSION) {
-        snprintf(why, cap, "CUPTI: %s has API version %u, kvtrace needs %u or newer",
-                 KVT_CUPTI_SONAME, v, (unsigned)KVT_CUPTI_MIN_VERSION);
-        g.enable = NULL; /* unusable: fail the same way next time */
-        return false;
+    CUptiResult r = g.version(&v);
+    if (r != CUPTI_SUCCESS) {
+        snprintf(g_fail, sizeof(g_fail), "CUPTI: %s: cuptiGetVersion: %s", path, result_str(r));
+        goto out_unusable;
+    }
+    if (v < KVT_CUPTI_MIN_VERSION || v >= KVT_CUPTI_END_VERSION) {
+        snprintf(g_fail, sizeof(g_fail),
+                 "CUPTI: %s has API version %u; kvtrace reads CUDA 13's records: it needs "
+                 "%u <= version < %u",
+                 path, v, (unsigned)KVT_CUPTI_MIN_VERSION, (unsigned)KVT_CUPTI_END_VERSION);
+        goto out_unusable;
     }
     return true;
+out_unusable:
+    snprintf(why, cap, "%s", g_fail);
+    unload();
+    return false;
 }
 
 kvt_timeline *kvt_timeline_start(char *why, size_t cap)
@@ -203,10 +254,6 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
     }
     if (!load(why, cap))
         goto out;
-    if (!g.enable) {
-        snprintf(why, cap, "CUPTI: %s is too old", KVT_CUPTI_SONAME);
-        goto out;
-    }
     tl = kvt_calloc(1, sizeof(*tl));
     if (!tl) {
         snprintf(why, cap, "CUPTI: out of memory");

@@ -42,6 +42,9 @@ if(KVT_HAVE_CUDA AND KVT_CUPTI_INCLUDE)
     endfunction()
     kvt_mock_library(kvt_mock_cupti mock_cupti.c ${KVT_MOCK_CUPTI_SONAME} ${KVT_MOCK_CUPTI_DIR})
     kvt_mock_library(kvt_mock_cuda_driver mock_cuda_driver.c libcuda.so.1 ${KVT_MOCK_CUPTI_DIR})
+    # a CUPTI that lacks a function the collector needs
+    kvt_mock_library(kvt_mock_cupti_nosym mock_cupti.c ${KVT_MOCK_CUPTI_SONAME}
+                     ${KVT_MOCK_CUPTI_DIR}/nosym KVT_MOCK_OMIT_STREAM_ID)
     kvt_add_test(test_capture_cupti_mock SOURCES unit/test_capture_cupti_mock.c
                  LIBS kvt_capture ${CMAKE_DL_LIBS} LABELS cpu)
     target_include_directories(test_capture_cupti_mock PRIVATE ${KVT_TEST_DIR}/mock_cupti)
@@ -49,7 +52,20 @@ if(KVT_HAVE_CUDA AND KVT_CUPTI_INCLUDE)
                                                                       ${CUDAToolkit_INCLUDE_DIRS})
     target_compile_definitions(test_capture_cupti_mock
                                PRIVATE KVT_MOCK_CUPTI_SONAME="${KVT_MOCK_CUPTI_SONAME}")
-    add_dependencies(test_capture_cupti_mock kvt_mock_cupti kvt_mock_cuda_driver)
+    add_dependencies(test_capture_cupti_mock kvt_mock_cupti kvt_mock_cupti_nosym
+                     kvt_mock_cuda_driver)
     set_property(TEST test_capture_cupti_mock APPEND PROPERTY ENVIRONMENT_MODIFICATION
                  "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}")
+    # an unusable CUPTI is refused for the rest of the process: one process per case
+    add_test(NAME test_capture_cupti_mock_nosym
+             COMMAND test_capture_cupti_mock nosym ${KVT_MOCK_CUPTI_DIR}/nosym)
+    set_tests_properties(test_capture_cupti_mock_nosym PROPERTIES LABELS cpu TIMEOUT 60
+        ENVIRONMENT_MODIFICATION
+        "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR};LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}/nosym")
+    foreach(v 120000 140000) # CUDA 12's CUPTI, and a future major version
+        add_test(NAME test_capture_cupti_mock_v${v}
+                 COMMAND test_capture_cupti_mock version ${v} ${KVT_MOCK_CUPTI_DIR})
+        set_tests_properties(test_capture_cupti_mock_v${v} PROPERTIES LABELS cpu TIMEOUT 60
+            ENVIRONMENT_MODIFICATION "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}")
+    endforeach()
 endif()

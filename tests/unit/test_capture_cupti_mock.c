@@ -186,10 +186,57 @@ static void test_dropped(void)
                    kvt_error_msg());
 }
 
+/* A CUPTI that loads but cannot be used (a missing function, another major version): NULL and
+ * a reason naming the file that loaded, then the same reason again on every later start,
+ * nothing loaded or enabled in between (the old collector started the second time with NULL
+ * functions). Run as its own process: the refusal lasts for the process. */
+static void test_unusable(const char *want, const char *dir)
+{
+    char why[320] = "", why2[320] = "";
+    kvt_timeline *tl = kvt_timeline_start(why, sizeof(why));
+    KVT_EXPECT_MSG(tl == NULL, "started on an unusable CUPTI");
+    KVT_EXPECT_MSG(!strncmp(why, "CUPTI: ", 7) && strstr(why, want) && !strchr(why, '\n'),
+                   "reason \"%s\", want \"%s\"", why, want);
+    char file[300];
+    snprintf(file, sizeof(file), "%s/%s", dir, KVT_MOCK_CUPTI_SONAME);
+    KVT_EXPECT_MSG(strstr(why, file) != NULL, "reason \"%s\" does not name %s", why, file);
+    for (int i = 0; i < 2; i++) {
+        kvt_timeline *tl2 = kvt_timeline_start(why2, sizeof(why2));
+        KVT_EXPECT_MSG(tl2 == NULL && !strcmp(why2, why), "start %d: \"%s\"", i + 2, why2);
+        if (tl2) {
+            uint32_t id;
+            kvt_capture_timeline t;
+            kvt_timeline_stream_id(tl2, KVT_MOCK_STREAM(CAP_CTX, CAP_STREAM), &id);
+            kvt_timeline_stop(tl2, 0, &t);
+        }
+    }
+    KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED) && !mock_get(KVT_MOCK_MEMCPY_ENABLED));
+    if (tl) {
+        kvt_capture_timeline t;
+        kvt_timeline_stop(tl, 0, &t);
+    }
+}
+
+/* argv: nothing (the main cases) | "nosym" DIR: the mock in DIR lacks cuptiGetStreamIdEx |
+ * "version" V DIR: the mock in DIR reports API version V (outside CUDA 13's range) */
 int main(int argc, char **argv)
 {
-    (void)argc, (void)argv;
     load_mock();
+    if (argc == 3 && !strcmp(argv[1], "nosym")) {
+        test_unusable("lacks cuptiGetStreamIdEx", argv[2]);
+        return kvt_test_result("test_capture_cupti_mock nosym");
+    }
+    if (argc == 4 && !strcmp(argv[1], "version")) {
+        char want[64];
+        snprintf(want, sizeof(want), "has API version %s;", argv[2]);
+        mock_set(KVT_MOCK_VERSION, atoll(argv[2]));
+        test_unusable(want, argv[3]);
+        return kvt_test_result("test_capture_cupti_mock version");
+    }
+    if (argc != 1) {
+        fprintf(stderr, "usage: %s [nosym DIR | version V DIR]\n", argv[0]);
+        return 2;
+    }
     test_run();
     test_one_at_a_time();
     test_enable_refused();
