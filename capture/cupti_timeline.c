@@ -64,8 +64,9 @@ struct kvt_timeline {
     pthread_mutex_t mu;
     raw_event *ev;
     size_t n, cap;
-    bool oom;         /* an event was dropped for lack of memory */
-    uint64_t dropped; /* records CUPTI dropped */
+    CUpti_SubscriberHandle sub; /* held from start to stop */
+    bool oom;                   /* an event was dropped for lack of memory */
+    uint64_t dropped;           /* records CUPTI dropped */
 };
 
 static struct {
@@ -79,6 +80,8 @@ static struct {
     CUptiResult (*errstr)(CUptiResult, const char **);
     CUptiResult (*version)(uint32_t *);
     CUptiResult (*stream_id)(CUcontext, CUstream, uint8_t, uint32_t *);
+    CUptiResult (*subscribe)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *);
+    CUptiResult (*unsubscribe)(CUpti_SubscriberHandle);
 } g;
 static char g_fail[320]; /* why the CUPTI this process loaded cannot be used (sticky) */
 static kvt_timeline *g_active;
@@ -212,6 +215,8 @@ static bool load(char *why, size_t cap)
         {(void **)&g.errstr, "cuptiGetResultString"},
         {(void **)&g.version, "cuptiGetVersion"},
         {(void **)&g.stream_id, "cuptiGetStreamIdEx"},
+        {(void **)&g.subscribe, "cuptiSubscribe"},
+        {(void **)&g.unsubscribe, "cuptiUnsubscribe"},
     };
     for (size_t i = 0; i < sizeof(sym) / sizeof(sym[0]); i++) {
         *sym[i].fn = dlsym(g.lib, sym[i].name);
@@ -240,6 +245,19 @@ out_unusable:
     return false;
 }
 
+/* The subscriber only holds CUPTI's one subscriber slot while the collector runs: no domain
+ * or callback is enabled, so this is never called */
+static void CUPTIAPI no_callback(void *ud, CUpti_CallbackDomain domain, CUpti_CallbackId id,
+                                 const void *data)
+{
+    (void)ud, (void)domain, (void)id, (void)data;
+}
+
+static void tracing_refused(char *why, size_t cap, CUptiResult r)
+{
+    snprintf(why, cap, "CUPTI: activity tracing unavailable: %s", result_str(r));
+}
+
 kvt_timeline *kvt_timeline_start(char *why, size_t cap)
 {
     char tmp[8];
@@ -250,36 +268,60 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
     kvt_timeline *tl = NULL;
     if (g_active) {
         snprintf(why, cap, "CUPTI: another kvtrace timeline is already collecting");
-        goto out;
+        goto out_unlock;
     }
     if (!load(why, cap))
-        goto out;
+        goto out_unlock;
     tl = kvt_calloc(1, sizeof(*tl));
     if (!tl) {
         snprintf(why, cap, "CUPTI: out of memory");
-        goto out;
+        goto out_unlock;
     }
     pthread_mutex_init(&tl->mu, NULL);
-    CUptiResult r = g.reg(buf_requested, buf_completed);
-    if (r == CUPTI_SUCCESS) {
-        r = g.enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
-        if (r == CUPTI_SUCCESS) {
-            r = g.enable(CUPTI_ACTIVITY_KIND_MEMCPY);
-            if (r != CUPTI_SUCCESS)
-                g.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
-        }
+    /* Subscribe before anything else (cupti_callbacks.h): it is the call that tells another
+     * CUPTI client. The activity calls report no such error: without this, the collector would
+     * take over the other client's buffer callbacks and turn its tracing off at stop. Held
+     * until stop, it keeps a profiler started meanwhile from attaching. */
+    CUptiResult r = g.subscribe(&tl->sub, no_callback, NULL);
+    if (r == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED) {
+        snprintf(why, cap,
+                 "CUPTI: another CUPTI client is attached (Nsight Systems/Compute, cuda-gdb, "
+                 "compute-sanitizer, torch.profiler...): %s",
+                 result_str(r));
+        goto out_free;
     }
     if (r != CUPTI_SUCCESS) {
-        /* e.g. CUPTI_ERROR_INSUFFICIENT_PRIVILEGES, CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED
-         * (another profiler), or no driver / no device */
-        snprintf(why, cap, "CUPTI: activity tracing unavailable: %s", result_str(r));
-        pthread_mutex_destroy(&tl->mu);
-        kvt_free(tl);
-        tl = NULL;
-        goto out;
+        snprintf(why, cap, "CUPTI: cannot subscribe: %s", result_str(r));
+        goto out_free;
+    }
+    r = g.reg(buf_requested, buf_completed);
+    if (r != CUPTI_SUCCESS) {
+        tracing_refused(why, cap, r);
+        goto out_unsubscribe;
+    }
+    r = g.enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+    if (r != CUPTI_SUCCESS) {
+        tracing_refused(why, cap, r);
+        goto out_unsubscribe;
+    }
+    r = g.enable(CUPTI_ACTIVITY_KIND_MEMCPY);
+    if (r != CUPTI_SUCCESS) {
+        tracing_refused(why, cap, r);
+        goto out_disable_kernels;
     }
     g_active = tl;
-out:
+    pthread_mutex_unlock(&g_mu);
+    return tl;
+
+out_disable_kernels:
+    g.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+out_unsubscribe:
+    g.unsubscribe(tl->sub);
+out_free:
+    pthread_mutex_destroy(&tl->mu);
+    kvt_free(tl);
+    tl = NULL;
+out_unlock:
     pthread_mutex_unlock(&g_mu);
     return tl;
 }
@@ -301,6 +343,7 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capt
     g.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
     g.disable(CUPTI_ACTIVITY_KIND_MEMCPY);
     g.flush(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+    g.unsubscribe(tl->sub); /* before a new start can subscribe */
     pthread_mutex_lock(&g_mu);
     g_active = NULL;
     pthread_mutex_unlock(&g_mu);

@@ -281,8 +281,12 @@ kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_ca
 /** A CUPTI activity collector (kernels and copies of every CUDA context of the process).
  *  CUPTI is loaded at run time (dlopen), so a machine without it or without a GPU runs the
  *  capture without a timeline. Returns NULL, with a one-line reason in why[cap], when CUPTI
- *  cannot be used (not built in, library or driver missing, another profiler attached, no
- *  permission); hand that reason to kvt_capture_set_timeline_absent. */
+ *  cannot be used (not built in, library or driver missing, a libcupti of another major
+ *  version or lacking a function, another CUPTI client attached: Nsight Systems/Compute,
+ *  cuda-gdb, compute-sanitizer, torch.profiler); hand that reason to
+ *  kvt_capture_set_timeline_absent. The collector holds CUPTI's only subscriber from start to
+ *  stop, so a profiler started meanwhile (torch.profiler included) cannot attach: its own
+ *  start fails, and torch.profiler does not retry. */
 typedef struct kvt_timeline kvt_timeline;
 kvt_timeline *kvt_timeline_start(char *why, size_t cap);
 /** CUPTI's id of a CUDA stream (a cudaStream_t / CUstream passed as void *), for

@@ -189,9 +189,11 @@ class CaptureSession(_NoCopy):
     capture_stream, a CUDA stream handle or an object with .cuda_stream such as
     torch.cuda.Stream, or without it those the session made of device tensors on its own
     stream); with device tensors, close() waits for the device before it stops CUPTI (with
-    host tensors an engine should synchronise before close). Where CUPTI cannot run,
-    timeline_reason says why and the trace records it. set_timeline_absent(reason) records why
-    an engine has no timeline.
+    host tensors an engine should synchronise before close). Where CUPTI cannot run (another
+    CUPTI client such as a profiler is attached, no driver...), timeline_reason says why and
+    the trace records it; while it collects, a profiler started meanwhile (torch.profiler
+    included) cannot attach. set_timeline_absent(reason) records why an engine has no
+    timeline.
 
     Arguments are checked before the C call: integers must fit their C field (n_tokens,
     window, n_decode: uint32; n_layers, heads, head_dim, level, n_threads: int), strings and

@@ -847,7 +847,9 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
                  tensors (the model's dtype).
     with_colsum: also attention column sums over all prompt queries (computed by the library).
     with_q_all:  also every prompt query (Q_all).
-    timeline:    collect a CUPTI GPU timeline from the first prompt call to the end.
+    timeline:    collect a CUPTI GPU timeline from the first prompt call to the end (not
+                 with another CUPTI client attached; a profiler started meanwhile, such as
+                 torch.profiler, cannot attach).
     level, n_threads: zstd level (default 1; 0 = the library's, 3) and compressor threads (0 =
                  all cores but two), so that compression keeps pace with a GPU's prefill: on
                  byte-planed bf16 KV level 1 compresses about 1.7-2x faster than level 3 and as

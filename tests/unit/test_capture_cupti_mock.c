@@ -109,6 +109,7 @@ static void test_run(void)
     if (!tl)
         return;
     KVT_EXPECT(mock_get(KVT_MOCK_KERNEL_ENABLED) && mock_get(KVT_MOCK_MEMCPY_ENABLED));
+    KVT_EXPECT(mock_get(KVT_MOCK_SUBSCRIBED));
     uint32_t sid = 0;
     KVT_CHECK(kvt_timeline_stream_id(tl, KVT_MOCK_STREAM(CAP_CTX, CAP_STREAM), &sid));
     KVT_EXPECT_EQ_U64(sid, CAP_STREAM);
@@ -120,7 +121,9 @@ static void test_run(void)
     expect_run(&t);
     KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_BUFFERS_DELIVERED) - delivered, 4); /* 7 records */
     KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED) && !mock_get(KVT_MOCK_MEMCPY_ENABLED));
-    mock_kernel(CAP_CTX, 3, 0, 10, "after stop"); /* not recorded any more */
+    KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_UNSUBSCRIBED_CALLS), 0); /* all while subscribed */
+    mock_kernel(CAP_CTX, 3, 0, 10, "after stop");                /* not recorded any more */
     KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_PENDING), 0);
 
     /* the second session sees only its own activity */
@@ -159,6 +162,7 @@ static void test_enable_refused(void)
     mock_set(KVT_MOCK_ENABLE_FAIL_RESULT, CUPTI_ERROR_NOT_COMPATIBLE);
     start_refused("CUPTI_ERROR_NOT_COMPATIBLE");
     KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED));
+    KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED)); /* or no later start could subscribe */
     mock_kernel(CAP_CTX, 3, 0, 10, "k");
     KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_PENDING), 0);
     mock_reset();
@@ -169,6 +173,33 @@ static void test_enable_refused(void)
     kvt_capture_timeline t;
     KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
     KVT_EXPECT_EQ_U64(t.n_kernels, 1);
+}
+
+/* Another CUPTI client (a profiler, torch.profiler) holds CUPTI's subscriber slot: NULL and a
+ * reason naming the likely clients, and nothing of the other client's is touched (the old
+ * collector registered its callbacks over the other's and started). Once it is gone, a start
+ * works; while the collector runs, another client cannot attach. */
+static void test_other_subscriber(void)
+{
+    mock_reset();
+    mock_set(KVT_MOCK_OTHER_SUBSCRIBER, 1);
+    start_refused("another CUPTI client is attached");
+    start_refused("torch.profiler");
+    start_refused("Nsight Systems");
+    KVT_EXPECT(mock_get(KVT_MOCK_OTHER_SUBSCRIBER)); /* still the other's */
+    KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED) && !mock_get(KVT_MOCK_MEMCPY_ENABLED));
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_UNSUBSCRIBED_CALLS), 0);
+    mock_set(KVT_MOCK_OTHER_SUBSCRIBER, 0);
+    kvt_timeline *tl = start_ok();
+    if (!tl)
+        return;
+    mock_set(KVT_MOCK_OTHER_SUBSCRIBER, 1); /* a profiler started during the capture */
+    KVT_EXPECT(!mock_get(KVT_MOCK_OTHER_SUBSCRIBER));
+    mock_kernel(CAP_CTX, 3, 0, 10, "k");
+    kvt_capture_timeline t;
+    KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
+    KVT_EXPECT_EQ_U64(t.n_kernels, 1);
+    KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
 }
 
 /* Records CUPTI dropped: the summary would be short, so stop fails and says how many. */
@@ -211,6 +242,7 @@ static void test_unusable(const char *want, const char *dir)
         }
     }
     KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED) && !mock_get(KVT_MOCK_MEMCPY_ENABLED));
+    KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
     if (tl) {
         kvt_capture_timeline t;
         kvt_timeline_stop(tl, 0, &t);
@@ -240,6 +272,7 @@ int main(int argc, char **argv)
     test_run();
     test_one_at_a_time();
     test_enable_refused();
+    test_other_subscriber();
     test_dropped();
     test_run(); /* everything before left CUPTI usable */
     return kvt_test_result("test_capture_cupti_mock");
