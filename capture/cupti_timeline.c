@@ -67,6 +67,8 @@ struct kvt_timeline {
     CUpti_SubscriberHandle sub; /* held from start to stop */
     bool oom;                   /* an event was dropped for lack of memory */
     uint64_t dropped;           /* records CUPTI dropped */
+    uint64_t bad_buffers;       /* buffers cut short by an incomplete or invalid record */
+    CUptiResult bad_result;     /* what cuptiActivityGetNextRecord said of the last of them */
 };
 
 static struct {
@@ -124,7 +126,8 @@ static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf,
     if (tl) {
         pthread_mutex_lock(&tl->mu);
         CUpti_Activity *rec = NULL;
-        while (g.next(buf, valid, &rec) == CUPTI_SUCCESS) {
+        CUptiResult r;
+        while ((r = g.next(buf, valid, &rec)) == CUPTI_SUCCESS) {
             if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL ||
                 rec->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
                 const CUpti_ActivityKernel10 *k = (const CUpti_ActivityKernel10 *)rec;
@@ -140,6 +143,12 @@ static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf,
                                      .stream = c->streamId,
                                      .is_copy = 1});
             }
+        }
+        /* anything but the end of the buffer is a record CUPTI calls incomplete or invalid
+         * (cupti_activity.h): the rest of the buffer cannot be read */
+        if (r != CUPTI_ERROR_MAX_LIMIT_REACHED) {
+            tl->bad_buffers++;
+            tl->bad_result = r;
         }
         size_t d = 0;
         if (g.dropped && g.dropped(ctx, stream, &d) == CUPTI_SUCCESS)
@@ -364,6 +373,12 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capt
     }
     if (!st)
         st = kvt_timeline_summarize(ev, tl->n, out);
+    if (!st && tl->bad_buffers)
+        st = kvt_error_set(KVT_ERR_STATE,
+                           "timeline: %llu CUPTI activity buffer(s) held incomplete or invalid "
+                           "records (%s): work still ran at stop; synchronise every device "
+                           "before stopping",
+                           (unsigned long long)tl->bad_buffers, result_str(tl->bad_result));
     if (!st && tl->dropped)
         st = kvt_error_set(KVT_ERR_STATE, "timeline: CUPTI dropped %llu activity records",
                            (unsigned long long)tl->dropped);

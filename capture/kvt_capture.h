@@ -294,7 +294,10 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap);
 kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id);
 /** Stop collecting and summarise; copies on CUDA stream id capture_stream (CUPTI's stream id,
  *  0 = none) count as the capture's own. Frees the collector. Synchronise first (a capture:
- *  kvt_capture_sync_device): activity still running on the GPU is missing or incomplete. */
+ *  kvt_capture_sync_device): activity still running on the GPU is missing or incomplete.
+ * @return KVT_OK; KVT_ERR_STATE when the summary would be short: CUPTI dropped records, or
+ *  delivered incomplete or invalid ones (work still running); KVT_ERR_NOMEM;
+ *  KVT_ERR_INVALID_ARG (no collector). The message says which. */
 kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out);
 
 #ifdef __cplusplus

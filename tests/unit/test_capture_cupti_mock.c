@@ -251,6 +251,29 @@ static void test_unusable(const char *want, const char *dir)
 
 /* argv: nothing (the main cases) | "nosym" DIR: the mock in DIR lacks cuptiGetStreamIdEx |
  * "version" V DIR: the mock in DIR reports API version V (outside CUDA 13's range) */
+/* An incomplete record (work still running at a forced flush): cuptiActivityGetNextRecord
+ * refuses it and the rest of its buffer, so stop fails with a reason instead of summing what
+ * came before it (the old collector returned KVT_OK with 1 of 3 kernels and no copy). */
+static void test_incomplete(void)
+{
+    mock_reset();
+    kvt_timeline *tl = start_ok();
+    if (!tl)
+        return;
+    mock_kernel(CAP_CTX, 3, 0, 10, "k");
+    mock_kernel(CAP_CTX, 3, 10, 20, "k");
+    mock_kernel(CAP_CTX, 3, 20, 30, "k");
+    mock_copy(CAP_CTX, CAP_STREAM, 0, 5, 64, 1);
+    mock_set(KVT_MOCK_INCOMPLETE_AT, 1);
+    kvt_capture_timeline t;
+    KVT_EXPECT_STATUS(kvt_timeline_stop(tl, CAP_STREAM, &t), KVT_ERR_STATE);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "1 CUPTI activity buffer(s) held incomplete or "
+                                           "invalid records (CUPTI_ERROR_INVALID_KIND)") &&
+                       strstr(kvt_error_msg(), "synchronise every device"),
+                   "%s", kvt_error_msg());
+    KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
+}
+
 int main(int argc, char **argv)
 {
     load_mock();
@@ -274,6 +297,7 @@ int main(int argc, char **argv)
     test_enable_refused();
     test_other_subscriber();
     test_dropped();
+    test_incomplete();
     test_run(); /* everything before left CUPTI usable */
     return kvt_test_result("test_capture_cupti_mock");
 }
