@@ -21,17 +21,19 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
     return NULL;
 }
 
-kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id)
+kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *context_id,
+                                  uint32_t *stream_id)
 {
     (void)stream;
-    *id = 0;
+    *context_id = *stream_id = 0;
     KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
     return kvt_error_set(KVT_ERR_NOT_FOUND, "timeline: built without CUPTI");
 }
 
-kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out)
+kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_context, uint32_t capture_stream,
+                             kvt_capture_timeline *out)
 {
-    (void)capture_stream;
+    (void)capture_context, (void)capture_stream;
     memset(out, 0, sizeof(*out));
     KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
     return kvt_error_set(KVT_ERR_STATE, "timeline: no collector (built without CUPTI)");
@@ -56,7 +58,7 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capt
 
 typedef struct raw_event {
     uint64_t start, end, bytes;
-    uint32_t stream;
+    uint32_t context, stream; /* a stream id is unique only within its context */
     uint8_t is_copy, category;
 } raw_event;
 
@@ -82,6 +84,8 @@ static struct {
     CUptiResult (*errstr)(CUptiResult, const char **);
     CUptiResult (*version)(uint32_t *);
     CUptiResult (*stream_id)(CUcontext, CUstream, uint8_t, uint32_t *);
+    CUptiResult (*context_id)(CUcontext, uint32_t *);
+    CUresult (*stream_ctx)(CUstream, CUcontext *); /* the driver's cuStreamGetCtx */
     CUptiResult (*subscribe)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *);
     CUptiResult (*unsubscribe)(CUpti_SubscriberHandle);
 } g;
@@ -133,6 +137,7 @@ static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf,
                 const CUpti_ActivityKernel10 *k = (const CUpti_ActivityKernel10 *)rec;
                 push(tl, (raw_event){.start = k->start,
                                      .end = k->end,
+                                     .context = k->contextId,
                                      .stream = k->streamId,
                                      .category = (uint8_t)kvt_timeline_category(k->name)});
             } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
@@ -140,6 +145,7 @@ static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf,
                 push(tl, (raw_event){.start = c->start,
                                      .end = c->end,
                                      .bytes = c->bytes,
+                                     .context = c->contextId,
                                      .stream = c->streamId,
                                      .is_copy = 1});
             }
@@ -226,6 +232,7 @@ static bool load(char *why, size_t cap)
         {(void **)&g.stream_id, "cuptiGetStreamIdEx"},
         {(void **)&g.subscribe, "cuptiSubscribe"},
         {(void **)&g.unsubscribe, "cuptiUnsubscribe"},
+        {(void **)&g.context_id, "cuptiGetContextId"},
     };
     for (size_t i = 0; i < sizeof(sym) / sizeof(sym[0]); i++) {
         *sym[i].fn = dlsym(g.lib, sym[i].name);
@@ -233,6 +240,12 @@ static bool load(char *why, size_t cap)
             snprintf(g_fail, sizeof(g_fail), "CUPTI: %s lacks %s", path, sym[i].name);
             goto out_unusable;
         }
+    }
+    *(void **)&g.stream_ctx = dlsym(g.drv, "cuStreamGetCtx");
+    if (!g.stream_ctx) {
+        lib_path(g.drv, "libcuda.so.1", path, sizeof(path));
+        snprintf(g_fail, sizeof(g_fail), "CUPTI: %s lacks cuStreamGetCtx", path);
+        goto out_unusable;
     }
     uint32_t v = 0;
     CUptiResult r = g.version(&v);
@@ -335,16 +348,25 @@ out_unlock:
     return tl;
 }
 
-kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id)
+kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *context_id,
+                                  uint32_t *stream_id)
 {
-    *id = 0;
+    *context_id = *stream_id = 0;
     KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
-    CUptiResult r = g.stream_id(NULL, (CUstream)stream, 0, id);
+    /* CUPTI's stream ids are unique within a context only: the context's id goes with it */
+    CUcontext ctx = NULL;
+    CUresult cr = g.stream_ctx((CUstream)stream, &ctx);
+    KVT_RETURN_IF(cr != CUDA_SUCCESS || !ctx, KVT_ERR_NOT_FOUND,
+                  "timeline: the stream's context: cuStreamGetCtx error %d", (int)cr);
+    CUptiResult r = g.context_id(ctx, context_id);
+    KVT_RETURN_IF(r != CUPTI_SUCCESS, KVT_ERR_NOT_FOUND, "timeline: context id: %s", result_str(r));
+    r = g.stream_id(NULL, (CUstream)stream, 0, stream_id);
     KVT_RETURN_IF(r != CUPTI_SUCCESS, KVT_ERR_NOT_FOUND, "timeline: stream id: %s", result_str(r));
     return KVT_OK;
 }
 
-kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out)
+kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_context, uint32_t capture_stream,
+                             kvt_capture_timeline *out)
 {
     memset(out, 0, sizeof(*out));
     KVT_RETURN_IF(!tl, KVT_ERR_INVALID_ARG, "timeline: no collector");
@@ -367,9 +389,11 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capt
                                      .end_ns = e->end,
                                      .is_copy = e->is_copy,
                                      .capture = e->is_copy && capture_stream &&
+                                                e->context == capture_context &&
                                                 e->stream == capture_stream,
                                      .bytes = e->bytes,
-                                     .name = cat_name[e->category < 3 ? e->category : 2]};
+                                     .name = cat_name[e->category < 3 ? e->category : 2],
+                                     .context = e->context};
     }
     if (!st)
         st = kvt_timeline_summarize(ev, tl->n, out);

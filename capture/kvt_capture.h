@@ -196,7 +196,8 @@ void kvt_capture_get_stats(kvt_capture_session *s, struct kvt_capture_stats *out
 /** Timeline summary of the captured GPU run (from CUPTI, see kvt_timeline_start), written to
  *  the trace's final meta_json as "timeline" and shown by `kvtrace info`. Kernel times are
  *  sums of kernel durations (concurrent kernels each count); categories by kernel name
- *  (kvt_timeline_category). */
+ *  (kvt_timeline_category); overlap counts kernels of the copy's own CUDA context (its
+ *  device) only. */
 typedef struct kvt_capture_timeline {
     uint64_t n_kernels;
     uint64_t attention_ns, gemm_ns, other_ns;     /* GPU time by kernel category */
@@ -256,13 +257,16 @@ void kvt_colsum_accumulate_ref(const float *q, const float *k, double *colsum, i
                                int head_dim, float scale, float *scratch);
 
 /** One GPU activity for kvt_timeline_summarize: a kernel (name) or a copy (bytes; capture: a
- *  copy the capture made itself). Times in ns on one clock. */
+ *  copy the capture made itself). Times in ns on one clock. context: the CUDA context it ran
+ *  in (CUPTI's context id; 0 for all when there is one): a copy overlaps only the kernels of
+ *  its own context, which run on the same device. */
 typedef struct kvt_timeline_event {
     uint64_t start_ns, end_ns;
     bool is_copy;
     bool capture;
     uint64_t bytes;
     const char *name;
+    uint32_t context;
 } kvt_timeline_event;
 
 enum { KVT_TL_ATTENTION = 0, KVT_TL_GEMM = 1, KVT_TL_OTHER = 2 };
@@ -274,8 +278,9 @@ enum { KVT_TL_ATTENTION = 0, KVT_TL_GEMM = 1, KVT_TL_OTHER = 2 };
  *  else other. */
 int kvt_timeline_category(const char *name);
 /** Sum events into t (zeroed first). Overlap: the time of each capture copy during which at
- *  least one kernel ran (kernel intervals merged first). Events need not be sorted. Allocates
- *  a sorted copy of the kernel intervals (KVT_ERR_NOMEM). */
+ *  least one kernel of the copy's context ran (kernel intervals merged per context first).
+ *  Events need not be sorted. Allocates a sorted copy of the kernel intervals
+ *  (KVT_ERR_NOMEM). */
 kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_capture_timeline *t);
 
 /** A CUPTI activity collector (kernels and copies of every CUDA context of the process).
@@ -289,16 +294,22 @@ kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_ca
  *  start fails, and torch.profiler does not retry. */
 typedef struct kvt_timeline kvt_timeline;
 kvt_timeline *kvt_timeline_start(char *why, size_t cap);
-/** CUPTI's id of a CUDA stream (a cudaStream_t / CUstream passed as void *), for
- *  kvt_timeline_stop's capture_stream. KVT_ERR_NOT_FOUND when CUPTI does not know it. */
-kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *id);
-/** Stop collecting and summarise; copies on CUDA stream id capture_stream (CUPTI's stream id,
- *  0 = none) count as the capture's own. Frees the collector. Synchronise first (a capture:
- *  kvt_capture_sync_device): activity still running on the GPU is missing or incomplete.
+/** CUPTI's ids of a CUDA stream (a cudaStream_t / CUstream passed as void *): its context's
+ *  and its own, which is unique only within that context. For kvt_timeline_stop's
+ *  capture_context and capture_stream. KVT_ERR_NOT_FOUND when the driver or CUPTI does not
+ *  know the stream (the default stream without a current context). */
+kvt_status kvt_timeline_stream_id(kvt_timeline *tl, void *stream, uint32_t *context_id,
+                                  uint32_t *stream_id);
+/** Stop collecting and summarise; copies on CUPTI's stream capture_stream of context
+ *  capture_context (kvt_timeline_stream_id; capture_stream 0 = none) count as the capture's
+ *  own, and their overlap counts kernels of that context only. Frees the collector.
+ *  Synchronise first (a capture: kvt_capture_sync_device): activity still running on the GPU
+ *  is missing or incomplete.
  * @return KVT_OK; KVT_ERR_STATE when the summary would be short: CUPTI dropped records, or
  *  delivered incomplete or invalid ones (work still running); KVT_ERR_NOMEM;
  *  KVT_ERR_INVALID_ARG (no collector). The message says which. */
-kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_stream, kvt_capture_timeline *out);
+kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_context, uint32_t capture_stream,
+                             kvt_capture_timeline *out);
 
 #ifdef __cplusplus
 }

@@ -1,7 +1,7 @@
 /* timeline.c - the GPU timeline summary of a capture (issue #6): kernel categories by name,
  * sums of kernel and copy time, and how much of the capture's own copying overlapped compute
- * (merged kernel intervals against each capture copy). Pure C; the CUPTI collector that
- * produces the events is cupti_timeline.c.
+ * (merged kernel intervals of its context against each capture copy). Pure C; the CUPTI collector
+ * that produces the events is cupti_timeline.c.
  */
 #include <ctype.h>
 #include <stdlib.h>
@@ -56,11 +56,15 @@ int kvt_timeline_category(const char *name)
 
 typedef struct span {
     uint64_t a, b;
+    uint32_t ctx;
 } span;
 
+/* by context, then by start */
 static int cmp_span(const void *x, const void *y)
 {
     const span *p = x, *q = y;
+    if (p->ctx != q->ctx)
+        return (p->ctx > q->ctx) - (p->ctx < q->ctx);
     return (p->a > q->a) - (p->a < q->a);
 }
 
@@ -93,13 +97,14 @@ kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_ca
           : c == KVT_TL_GEMM    ? &t->gemm_ns
                                 : &t->other_ns) += d;
         if (d)
-            k[nk++] = (span){e->start_ns, e->end_ns};
+            k[nk++] = (span){e->start_ns, e->end_ns, e->context};
     }
-    /* kernel intervals merged into disjoint, sorted spans */
+    /* kernel intervals merged, per context, into disjoint spans sorted by (context, start):
+     * within a context the ends are sorted too */
     qsort(k, nk, sizeof(*k), cmp_span);
     size_t m = 0;
     for (size_t i = 0; i < nk; i++) {
-        if (m && k[i].a <= k[m - 1].b) {
+        if (m && k[i].ctx == k[m - 1].ctx && k[i].a <= k[m - 1].b) {
             if (k[i].b > k[m - 1].b)
                 k[m - 1].b = k[i].b;
         } else
@@ -109,16 +114,17 @@ kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_ca
         const kvt_timeline_event *e = &ev[i];
         if (!e->is_copy || !e->capture || e->end_ns <= e->start_ns)
             continue;
-        /* first span that ends after the copy starts, then every span it meets */
+        /* the copy's context's first span that ends after the copy starts, then every span of
+         * that context it meets: (context, end) increases along k */
         size_t lo = 0, hi = m;
         while (lo < hi) {
             size_t mid = (lo + hi) / 2;
-            if (k[mid].b <= e->start_ns)
+            if (k[mid].ctx < e->context || (k[mid].ctx == e->context && k[mid].b <= e->start_ns))
                 lo = mid + 1;
             else
                 hi = mid;
         }
-        for (size_t j = lo; j < m && k[j].a < e->end_ns; j++) {
+        for (size_t j = lo; j < m && k[j].ctx == e->context && k[j].a < e->end_ns; j++) {
             uint64_t a = k[j].a > e->start_ns ? k[j].a : e->start_ns;
             uint64_t b = k[j].b < e->end_ns ? k[j].b : e->end_ns;
             if (b > a)

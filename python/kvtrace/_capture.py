@@ -273,7 +273,7 @@ class CaptureSession(_NoCopy):
         self._replacing.after(L.kvt_capture_file(h))
         self.n_layers = model.n_layers
         self.n_tokens = n_tokens
-        self._tl_stream = 0
+        self._tl_stream = (0, 0)  # CUPTI's (context id, stream id) of the capture's copies
         self.timeline_reason = None
         self.timeline = None
         if timeline:
@@ -289,9 +289,10 @@ class CaptureSession(_NoCopy):
         self._tl = tl
         if capture_stream is not None:
             handle = getattr(capture_stream, "cuda_stream", capture_stream)
-            sid = ctypes.c_uint32()
-            call(L.kvt_timeline_stream_id, tl, ctypes.c_void_p(int(handle)), ctypes.byref(sid))
-            self._tl_stream = sid.value
+            cid, sid = ctypes.c_uint32(), ctypes.c_uint32()
+            call(L.kvt_timeline_stream_id, tl, ctypes.c_void_p(int(handle)), ctypes.byref(cid),
+                 ctypes.byref(sid))
+            self._tl_stream = (cid.value, sid.value)
 
     def set_timeline_absent(self, reason):
         """Record why the trace has no GPU timeline (one line)."""
@@ -309,14 +310,14 @@ class CaptureSession(_NoCopy):
         # CUPTI's flush holds complete records only of finished work: the capture's own copies
         # and the engine's kernels first; a failure here is the session's, raised by close
         L.kvt_capture_sync_device(h)
-        if not self._tl_stream:  # device tensors: the capture copies them on its own stream
+        if not self._tl_stream[1]:  # device tensors: the capture copies them on its own stream
             dev_stream = L.kvt_capture_device_stream(h)
-            sid = ctypes.c_uint32()
+            cid, sid = ctypes.c_uint32(), ctypes.c_uint32()
             if dev_stream and L.kvt_timeline_stream_id(tl, ctypes.c_void_p(dev_stream),
-                                                       ctypes.byref(sid)) == 0:
-                self._tl_stream = sid.value
+                                                       ctypes.byref(cid), ctypes.byref(sid)) == 0:
+                self._tl_stream = (cid.value, sid.value)
         t = _lib.CaptureTimeline()
-        st = L.kvt_timeline_stop(tl, self._tl_stream, ctypes.byref(t))
+        st = L.kvt_timeline_stop(tl, self._tl_stream[0], self._tl_stream[1], ctypes.byref(t))
         if st == 0:
             self.timeline = {n: int(getattr(t, n)) for n, _ in _lib.CaptureTimeline._fields_}
             call(L.kvt_capture_set_timeline, h, ctypes.byref(t))
@@ -489,7 +490,7 @@ class CaptureSession(_NoCopy):
                 return
             if getattr(self, "_tl", None):  # never closed: stop collecting, drop the summary
                 tl, self._tl = self._tl, None
-                _lib.lib().kvt_timeline_stop(tl, 0, ctypes.byref(_lib.CaptureTimeline()))
+                _lib.lib().kvt_timeline_stop(tl, 0, 0, ctypes.byref(_lib.CaptureTimeline()))
             if getattr(self, "_h", None) is not None:
                 h, self._h = self._h, None
                 _lib.lib().kvt_capture_close(h, None)

@@ -260,8 +260,8 @@ _CAPTURE_PROTOS = {
     "kvt_capture_set_timeline": (_int, [_vp, _P(CaptureTimeline)]),
     "kvt_capture_set_timeline_absent": (_int, [_vp, _cp]),
     "kvt_timeline_start": (_vp, [ctypes.c_char_p, _sz]),
-    "kvt_timeline_stream_id": (_int, [_vp, _vp, _P(_u32)]),
-    "kvt_timeline_stop": (_int, [_vp, _u32, _P(CaptureTimeline)]),
+    "kvt_timeline_stream_id": (_int, [_vp, _vp, _P(_u32), _P(_u32)]),
+    "kvt_timeline_stop": (_int, [_vp, _u32, _u32, _P(CaptureTimeline)]),
 }
 
 _lib = None

@@ -62,7 +62,7 @@ static void start_refused(const char *want)
                    "reason \"%s\", want \"%s\"", why, want);
     if (tl) { /* don't leave it collecting for the next case */
         kvt_capture_timeline t;
-        kvt_timeline_stop(tl, 0, &t);
+        kvt_timeline_stop(tl, 0, 0, &t);
     }
 }
 
@@ -72,9 +72,15 @@ static void start_refused(const char *want)
 /* Kernels (context 1): attention [1000,1400), GEMM [1400,2000), other [1800,2100) on another
  * stream, attention [2500,2600); merged: [1000,2100) and [2500,2600). Copies: the capture's
  * (stream 7) [1300,1900) lies inside the first span (600 overlapped) and [2050,2700) meets it
- * for 50 and the second for 100; an engine copy [0,500) on stream 3 is not the capture's. */
+ * for 50 and the second for 100; an engine copy [0,500) on stream 3 is not the capture's.
+ * Context 2 (another GPU) has a stream 7 too: its copy [100,300) is not the capture's, and
+ * its GEMM [2200,2500), inside the capture's copy [2050,2700), is not compute that copy
+ * overlapped (the old collector counted 1 MiB more and 1050 ns). */
 static void script_run(void)
 {
+    mock_kernel(CAP_CTX + 1, CAP_STREAM, 2200, 2500,
+                "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_tn");
+    mock_copy(CAP_CTX + 1, CAP_STREAM, 100, 300, 1u << 20, 1);
     mock_kernel(CAP_CTX, 3, 1000, 1400,
                 "void flashinfer::BatchPrefillWithPagedKVCacheKernel<KernelTraits<...>>");
     mock_kernel(CAP_CTX, 3, 1400, 2000, "nvjet_hsh_192x192_64x3_2x1_v_bz_coopB_NTN");
@@ -87,13 +93,13 @@ static void script_run(void)
 
 static void expect_run(const kvt_capture_timeline *t)
 {
-    KVT_EXPECT_EQ_U64(t->n_kernels, 4);
+    KVT_EXPECT_EQ_U64(t->n_kernels, 5);
     KVT_EXPECT_EQ_U64(t->attention_ns, 400 + 100);
-    KVT_EXPECT_EQ_U64(t->gemm_ns, 600);
+    KVT_EXPECT_EQ_U64(t->gemm_ns, 600 + 300);
     KVT_EXPECT_EQ_U64(t->other_ns, 300);
-    KVT_EXPECT_EQ_U64(t->n_memcpy, 3);
-    KVT_EXPECT_EQ_U64(t->memcpy_bytes, 4096 + 8192 + 1000);
-    KVT_EXPECT_EQ_U64(t->memcpy_ns, 600 + 650 + 500);
+    KVT_EXPECT_EQ_U64(t->n_memcpy, 4);
+    KVT_EXPECT_EQ_U64(t->memcpy_bytes, 4096 + 8192 + 1000 + (1u << 20));
+    KVT_EXPECT_EQ_U64(t->memcpy_ns, 600 + 650 + 500 + 200);
     KVT_EXPECT_EQ_U64(t->capture_copy_bytes, 4096 + 8192);
     KVT_EXPECT_EQ_U64(t->capture_copy_ns, 600 + 650);
     KVT_EXPECT_EQ_U64(t->capture_copy_overlap_ns, 600 + 50 + 100);
@@ -110,16 +116,22 @@ static void test_run(void)
         return;
     KVT_EXPECT(mock_get(KVT_MOCK_KERNEL_ENABLED) && mock_get(KVT_MOCK_MEMCPY_ENABLED));
     KVT_EXPECT(mock_get(KVT_MOCK_SUBSCRIBED));
-    uint32_t sid = 0;
-    KVT_CHECK(kvt_timeline_stream_id(tl, KVT_MOCK_STREAM(CAP_CTX, CAP_STREAM), &sid));
-    KVT_EXPECT_EQ_U64(sid, CAP_STREAM);
+    /* the capture's stream: its context (the driver's cuStreamGetCtx, CUPTI's id) and its id;
+     * another context's stream with the same id; a stream the driver knows no context of */
+    uint32_t cid = 0, sid = 0;
+    KVT_CHECK(kvt_timeline_stream_id(tl, KVT_MOCK_STREAM(CAP_CTX + 1, CAP_STREAM), &cid, &sid));
+    KVT_EXPECT(cid == CAP_CTX + 1 && sid == CAP_STREAM);
+    KVT_EXPECT_STATUS(kvt_timeline_stream_id(tl, NULL, &cid, &sid), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(cid == 0 && sid == 0);
+    KVT_CHECK(kvt_timeline_stream_id(tl, KVT_MOCK_STREAM(CAP_CTX, CAP_STREAM), &cid, &sid));
+    KVT_EXPECT(cid == CAP_CTX && sid == CAP_STREAM);
     mock_set(KVT_MOCK_RECORDS_PER_BUFFER, 2);
     script_run();
-    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_PENDING), 7);
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_PENDING), 9);
     kvt_capture_timeline t;
-    KVT_CHECK(kvt_timeline_stop(tl, sid, &t));
+    KVT_CHECK(kvt_timeline_stop(tl, cid, sid, &t));
     expect_run(&t);
-    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_BUFFERS_DELIVERED) - delivered, 4); /* 7 records */
+    KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_BUFFERS_DELIVERED) - delivered, 5); /* 9 records */
     KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED) && !mock_get(KVT_MOCK_MEMCPY_ENABLED));
     KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
     KVT_EXPECT_EQ_U64(mock_get(KVT_MOCK_UNSUBSCRIBED_CALLS), 0); /* all while subscribed */
@@ -132,7 +144,7 @@ static void test_run(void)
     if (!tl)
         return;
     mock_copy(CAP_CTX, CAP_STREAM, 0, 10, 4, 1);
-    KVT_CHECK(kvt_timeline_stop(tl, CAP_STREAM, &t));
+    KVT_CHECK(kvt_timeline_stop(tl, CAP_CTX, CAP_STREAM, &t));
     KVT_EXPECT_EQ_U64(t.n_memcpy, 1);
     KVT_EXPECT_EQ_U64(t.capture_copy_bytes, 4);
     KVT_EXPECT_EQ_U64(t.n_kernels, 0);
@@ -148,7 +160,7 @@ static void test_one_at_a_time(void)
     start_refused("already collecting");
     mock_kernel(CAP_CTX, 3, 0, 40, "cutlass_80_tensorop_bf16_s16816gemm");
     kvt_capture_timeline t;
-    KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
+    KVT_CHECK(kvt_timeline_stop(tl, 0, 0, &t));
     KVT_EXPECT_EQ_U64(t.gemm_ns, 40);
     KVT_EXPECT_EQ_U64(t.capture_copy_bytes, 0);
 }
@@ -171,7 +183,7 @@ static void test_enable_refused(void)
         return;
     mock_kernel(CAP_CTX, 3, 0, 10, "k");
     kvt_capture_timeline t;
-    KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
+    KVT_CHECK(kvt_timeline_stop(tl, 0, 0, &t));
     KVT_EXPECT_EQ_U64(t.n_kernels, 1);
 }
 
@@ -197,7 +209,7 @@ static void test_other_subscriber(void)
     KVT_EXPECT(!mock_get(KVT_MOCK_OTHER_SUBSCRIBER));
     mock_kernel(CAP_CTX, 3, 0, 10, "k");
     kvt_capture_timeline t;
-    KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
+    KVT_CHECK(kvt_timeline_stop(tl, 0, 0, &t));
     KVT_EXPECT_EQ_U64(t.n_kernels, 1);
     KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
 }
@@ -212,7 +224,7 @@ static void test_dropped(void)
     mock_kernel(CAP_CTX, 3, 0, 10, "k");
     mock_set(KVT_MOCK_DROPPED, 3);
     kvt_capture_timeline t;
-    KVT_EXPECT_STATUS(kvt_timeline_stop(tl, 0, &t), KVT_ERR_STATE);
+    KVT_EXPECT_STATUS(kvt_timeline_stop(tl, 0, 0, &t), KVT_ERR_STATE);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "dropped 3 activity records") != NULL, "%s",
                    kvt_error_msg());
 }
@@ -235,17 +247,17 @@ static void test_unusable(const char *want, const char *dir)
         kvt_timeline *tl2 = kvt_timeline_start(why2, sizeof(why2));
         KVT_EXPECT_MSG(tl2 == NULL && !strcmp(why2, why), "start %d: \"%s\"", i + 2, why2);
         if (tl2) {
-            uint32_t id;
+            uint32_t cid, sid;
             kvt_capture_timeline t;
-            kvt_timeline_stream_id(tl2, KVT_MOCK_STREAM(CAP_CTX, CAP_STREAM), &id);
-            kvt_timeline_stop(tl2, 0, &t);
+            kvt_timeline_stream_id(tl2, KVT_MOCK_STREAM(CAP_CTX, CAP_STREAM), &cid, &sid);
+            kvt_timeline_stop(tl2, 0, 0, &t);
         }
     }
     KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED) && !mock_get(KVT_MOCK_MEMCPY_ENABLED));
     KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
     if (tl) {
         kvt_capture_timeline t;
-        kvt_timeline_stop(tl, 0, &t);
+        kvt_timeline_stop(tl, 0, 0, &t);
     }
 }
 
@@ -266,7 +278,7 @@ static void test_incomplete(void)
     mock_copy(CAP_CTX, CAP_STREAM, 0, 5, 64, 1);
     mock_set(KVT_MOCK_INCOMPLETE_AT, 1);
     kvt_capture_timeline t;
-    KVT_EXPECT_STATUS(kvt_timeline_stop(tl, CAP_STREAM, &t), KVT_ERR_STATE);
+    KVT_EXPECT_STATUS(kvt_timeline_stop(tl, CAP_CTX, CAP_STREAM, &t), KVT_ERR_STATE);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "1 CUPTI activity buffer(s) held incomplete or "
                                            "invalid records (CUPTI_ERROR_INVALID_KIND)") &&
                        strstr(kvt_error_msg(), "synchronise every device"),

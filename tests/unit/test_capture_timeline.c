@@ -102,6 +102,23 @@ static void test_summarize(void)
     KVT_CHECK(kvt_timeline_summarize(ev2, 5, &t));
     KVT_EXPECT_EQ_U64(t.capture_copy_ns, 102);
     KVT_EXPECT_EQ_U64(t.capture_copy_overlap_ns, 10 + 30 + 2);
+    /* contexts (devices): a copy overlaps only kernels of its own context, and kernels of two
+     * contexts are not merged. Context 1: [0,100); context 2: [50,150) and [140,200), merged
+     * to [50,200). The capture's copy in context 1 [0,150) meets [0,100) only: 100, not 150;
+     * in context 2 [120,260) meets [50,200) for 80; in context 3, which ran no kernel, 0 (not
+     * 200). */
+    const kvt_timeline_event ev3[] = {
+        {.start_ns = 0, .end_ns = 100, .name = "a", .context = 1},
+        {.start_ns = 50, .end_ns = 150, .name = "b", .context = 2},
+        {.start_ns = 140, .end_ns = 200, .name = "c", .context = 2},
+        {.start_ns = 0, .end_ns = 150, .is_copy = true, .capture = true, .context = 1},
+        {.start_ns = 120, .end_ns = 260, .is_copy = true, .capture = true, .context = 2},
+        {.start_ns = 0, .end_ns = 300, .is_copy = true, .capture = true, .context = 3},
+    };
+    KVT_CHECK(kvt_timeline_summarize(ev3, 6, &t));
+    KVT_EXPECT_EQ_U64(t.n_kernels, 3);
+    KVT_EXPECT_EQ_U64(t.capture_copy_ns, 150 + 140 + 300);
+    KVT_EXPECT_EQ_U64(t.capture_copy_overlap_ns, 100 + 80 + 0);
     KVT_CHECK(kvt_timeline_summarize(NULL, 0, &t));
     KVT_EXPECT_EQ_U64(t.n_kernels + t.n_memcpy + t.capture_copy_overlap_ns, 0);
     KVT_EXPECT_STATUS(kvt_timeline_summarize(NULL, 3, &t), KVT_ERR_INVALID_ARG);
@@ -208,14 +225,14 @@ static void test_collector(void)
                        "reason: %s", why);
         printf("test_capture_timeline: no timeline here: %s\n", why);
         kvt_capture_timeline t;
-        KVT_EXPECT_STATUS(kvt_timeline_stop(NULL, 0, &t), KVT_ERR_INVALID_ARG);
+        KVT_EXPECT_STATUS(kvt_timeline_stop(NULL, 0, 0, &t), KVT_ERR_INVALID_ARG);
         return;
     }
     char why2[128] = "";
     KVT_EXPECT(kvt_timeline_start(why2, sizeof(why2)) == NULL); /* one at a time */
     KVT_EXPECT(strstr(why2, "already") != NULL);
     kvt_capture_timeline t;
-    KVT_CHECK(kvt_timeline_stop(tl, 0, &t));
+    KVT_CHECK(kvt_timeline_stop(tl, 0, 0, &t));
     KVT_EXPECT_EQ_U64(t.capture_copy_bytes, 0);
 }
 

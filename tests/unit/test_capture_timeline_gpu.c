@@ -30,14 +30,14 @@ int main(void)
     cudaStream_t st;
     KVT_EXPECT(cudaMalloc(&d, N) == cudaSuccess && cudaMallocHost(&h, N) == cudaSuccess);
     KVT_EXPECT(cudaStreamCreate(&st) == cudaSuccess);
-    uint32_t sid = 0;
-    KVT_CHECK(kvt_timeline_stream_id(tl, st, &sid));
+    uint32_t cid = 0, sid = 0;
+    KVT_CHECK(kvt_timeline_stream_id(tl, st, &cid, &sid));
     KVT_EXPECT(cudaMemcpyAsync(d, h, N, cudaMemcpyHostToDevice, st) == cudaSuccess);
     KVT_EXPECT(cudaStreamSynchronize(st) == cudaSuccess);
     KVT_EXPECT(cudaMemcpy(h, d, N, cudaMemcpyDeviceToHost) == cudaSuccess);
     KVT_EXPECT(cudaDeviceSynchronize() == cudaSuccess);
     kvt_capture_timeline t;
-    KVT_CHECK(kvt_timeline_stop(tl, sid, &t));
+    KVT_CHECK(kvt_timeline_stop(tl, cid, sid, &t));
     printf("timeline: %llu copies, %llu bytes, %llu ns; capture's %llu bytes; %llu kernels\n",
            (unsigned long long)t.n_memcpy, (unsigned long long)t.memcpy_bytes,
            (unsigned long long)t.memcpy_ns, (unsigned long long)t.capture_copy_bytes,
@@ -83,13 +83,13 @@ int main(void)
     KVT_CHECK(kvt_capture_sync_device(s));
     void *own = kvt_capture_device_stream(s);
     KVT_EXPECT(own != NULL);
-    sid = 0;
+    cid = sid = 0;
     if (tl && own)
-        KVT_CHECK(kvt_timeline_stream_id(tl, own, &sid));
+        KVT_CHECK(kvt_timeline_stream_id(tl, own, &cid, &sid));
     struct kvt_capture_stats cs;
     kvt_capture_get_stats(s, &cs);
     if (tl) {
-        KVT_CHECK(kvt_timeline_stop(tl, sid, &t));
+        KVT_CHECK(kvt_timeline_stop(tl, cid, sid, &t));
         printf("capture timeline: %llu copies, capture's %llu bytes (session copied %llu)\n",
                (unsigned long long)t.n_memcpy, (unsigned long long)t.capture_copy_bytes,
                (unsigned long long)cs.device_d2h_bytes);
