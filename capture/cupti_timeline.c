@@ -57,7 +57,7 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_context, uint32_
 #define KVT_CUPTI_END_VERSION 140000u
 
 typedef struct raw_event {
-    uint64_t start, end, bytes;
+    uint64_t start, end, bytes, n_copies;
     uint32_t context, stream; /* a stream id is unique only within its context */
     uint8_t is_copy, category;
 } raw_event;
@@ -145,6 +145,7 @@ static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf,
                 push(tl, (raw_event){.start = c->start,
                                      .end = c->end,
                                      .bytes = c->bytes,
+                                     .n_copies = c->copyCount,
                                      .context = c->contextId,
                                      .stream = c->streamId,
                                      .is_copy = 1});
@@ -392,6 +393,7 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_context, uint32_
                                                 e->context == capture_context &&
                                                 e->stream == capture_stream,
                                      .bytes = e->bytes,
+                                     .n_copies = e->n_copies,
                                      .name = cat_name[e->category < 3 ? e->category : 2],
                                      .context = e->context};
     }

@@ -197,7 +197,7 @@ void kvt_capture_get_stats(kvt_capture_session *s, struct kvt_capture_stats *out
  *  the trace's final meta_json as "timeline" and shown by `kvtrace info`. Kernel times are
  *  sums of kernel durations (concurrent kernels each count); categories by kernel name
  *  (kvt_timeline_category); overlap counts kernels of the copy's own CUDA context (its
- *  device) only. */
+ *  device) only. n_memcpy counts each copy of a batched copy record. */
 typedef struct kvt_capture_timeline {
     uint64_t n_kernels;
     uint64_t attention_ns, gemm_ns, other_ns;     /* GPU time by kernel category */
@@ -256,10 +256,11 @@ void kvt_colsum_accumulate_ref(const float *q, const float *k, double *colsum, i
                                int n_kv_heads, uint32_t q_begin, uint32_t n_q, uint32_t n_k,
                                int head_dim, float scale, float *scratch);
 
-/** One GPU activity for kvt_timeline_summarize: a kernel (name) or a copy (bytes; capture: a
- *  copy the capture made itself). Times in ns on one clock. context: the CUDA context it ran
- *  in (CUPTI's context id; 0 for all when there is one): a copy overlaps only the kernels of
- *  its own context, which run on the same device. */
+/** One GPU activity for kvt_timeline_summarize: a kernel (name) or a copy (bytes, in all;
+ *  n_copies: the copies one batched record stands for, 0 counting as 1; capture: a copy the
+ *  capture made itself). Times in ns on one clock. context: the CUDA context it ran in
+ *  (CUPTI's context id; 0 for all when there is one): a copy overlaps only the kernels of its
+ *  own context, which run on the same device. */
 typedef struct kvt_timeline_event {
     uint64_t start_ns, end_ns;
     bool is_copy;
@@ -267,6 +268,7 @@ typedef struct kvt_timeline_event {
     uint64_t bytes;
     const char *name;
     uint32_t context;
+    uint64_t n_copies;
 } kvt_timeline_event;
 
 enum { KVT_TL_ATTENTION = 0, KVT_TL_GEMM = 1, KVT_TL_OTHER = 2 };

@@ -82,7 +82,7 @@ kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_ca
         const kvt_timeline_event *e = &ev[i];
         uint64_t d = e->end_ns > e->start_ns ? e->end_ns - e->start_ns : 0;
         if (e->is_copy) {
-            t->n_memcpy++;
+            t->n_memcpy += e->n_copies ? e->n_copies : 1;
             t->memcpy_bytes += e->bytes;
             t->memcpy_ns += d;
             if (e->capture) {

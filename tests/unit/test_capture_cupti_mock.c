@@ -72,7 +72,8 @@ static void start_refused(const char *want)
 /* Kernels (context 1): attention [1000,1400), GEMM [1400,2000), other [1800,2100) on another
  * stream, attention [2500,2600); merged: [1000,2100) and [2500,2600). Copies: the capture's
  * (stream 7) [1300,1900) lies inside the first span (600 overlapped) and [2050,2700) meets it
- * for 50 and the second for 100; an engine copy [0,500) on stream 3 is not the capture's.
+ * for 50 and the second for 100; an engine record of 3 copies [0,500) on stream 3 is not the
+ * capture's.
  * Context 2 (another GPU) has a stream 7 too: its copy [100,300) is not the capture's, and
  * its GEMM [2200,2500), inside the capture's copy [2050,2700), is not compute that copy
  * overlapped (the old collector counted 1 MiB more and 1050 ns). */
@@ -88,7 +89,7 @@ static void script_run(void)
     mock_kernel(CAP_CTX, 3, 2500, 2600, "flash_fwd_kernel<Flash_fwd_kernel_traits<128>>");
     mock_copy(CAP_CTX, CAP_STREAM, 1300, 1900, 4096, 1);
     mock_copy(CAP_CTX, CAP_STREAM, 2050, 2700, 8192, 1);
-    mock_copy(CAP_CTX, 3, 0, 500, 1000, 1);
+    mock_copy(CAP_CTX, 3, 0, 500, 1000, 3); /* one record of 3 batched copies */
 }
 
 static void expect_run(const kvt_capture_timeline *t)
@@ -97,7 +98,7 @@ static void expect_run(const kvt_capture_timeline *t)
     KVT_EXPECT_EQ_U64(t->attention_ns, 400 + 100);
     KVT_EXPECT_EQ_U64(t->gemm_ns, 600 + 300);
     KVT_EXPECT_EQ_U64(t->other_ns, 300);
-    KVT_EXPECT_EQ_U64(t->n_memcpy, 4);
+    KVT_EXPECT_EQ_U64(t->n_memcpy, 6); /* 4 records, one of them 3 copies */
     KVT_EXPECT_EQ_U64(t->memcpy_bytes, 4096 + 8192 + 1000 + (1u << 20));
     KVT_EXPECT_EQ_U64(t->memcpy_ns, 600 + 650 + 500 + 200);
     KVT_EXPECT_EQ_U64(t->capture_copy_bytes, 4096 + 8192);

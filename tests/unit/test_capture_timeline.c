@@ -119,6 +119,14 @@ static void test_summarize(void)
     KVT_EXPECT_EQ_U64(t.n_kernels, 3);
     KVT_EXPECT_EQ_U64(t.capture_copy_ns, 150 + 140 + 300);
     KVT_EXPECT_EQ_U64(t.capture_copy_overlap_ns, 100 + 80 + 0);
+    /* a batched copy record (CUPTI's copyCount) counts each copy; 0 counts as 1 */
+    const kvt_timeline_event ev4[] = {
+        {.start_ns = 0, .end_ns = 10, .is_copy = true, .bytes = 300, .n_copies = 3},
+        {.start_ns = 0, .end_ns = 10, .is_copy = true, .bytes = 1},
+    };
+    KVT_CHECK(kvt_timeline_summarize(ev4, 2, &t));
+    KVT_EXPECT_EQ_U64(t.n_memcpy, 4);
+    KVT_EXPECT_EQ_U64(t.memcpy_bytes, 301);
     KVT_CHECK(kvt_timeline_summarize(NULL, 0, &t));
     KVT_EXPECT_EQ_U64(t.n_kernels + t.n_memcpy + t.capture_copy_overlap_ns, 0);
     KVT_EXPECT_STATUS(kvt_timeline_summarize(NULL, 3, &t), KVT_ERR_INVALID_ARG);
