@@ -401,12 +401,14 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_context, uint32_
         st = kvt_timeline_summarize(ev, tl->n, out);
     if (!st && tl->bad_buffers)
         st = kvt_error_set(KVT_ERR_STATE,
-                           "timeline: %llu CUPTI activity buffer(s) held incomplete or invalid "
+                           "timeline: %llu activity buffer(s) held incomplete or invalid "
                            "records (%s): work still ran at stop; synchronise every device "
                            "before stopping",
                            (unsigned long long)tl->bad_buffers, result_str(tl->bad_result));
     if (!st && tl->dropped)
-        st = kvt_error_set(KVT_ERR_STATE, "timeline: CUPTI dropped %llu activity records",
+        st = kvt_error_set(KVT_ERR_STATE,
+                           "timeline: %llu activity records dropped: CUPTI had no buffer space "
+                           "for them",
                            (unsigned long long)tl->dropped);
     kvt_free(ev);
     kvt_free(tl->ev);

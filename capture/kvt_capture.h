@@ -208,7 +208,7 @@ typedef struct kvt_capture_timeline {
 
 /** Attach a timeline summary; the last call wins. */
 kvt_status kvt_capture_set_timeline(kvt_capture_session *s, const kvt_capture_timeline *t);
-/** Say why the trace has no timeline (one line, e.g. "CUPTI: insufficient privileges"); the
+/** Say why the trace has no timeline (one line, e.g. "CUPTI: no NVIDIA driver"); the
  *  default for a session given neither is "not collected by this engine". */
 kvt_status kvt_capture_set_timeline_absent(kvt_capture_session *s, const char *reason);
 

@@ -322,7 +322,10 @@ class CaptureSession(_NoCopy):
             self.timeline = {n: int(getattr(t, n)) for n, _ in _lib.CaptureTimeline._fields_}
             call(L.kvt_capture_set_timeline, h, ctypes.byref(t))
         else:
-            self.timeline_reason = "CUPTI: " + L.kvt_error_msg().decode("utf-8", "replace")
+            msg = L.kvt_error_msg().decode("utf-8", "replace")
+            if msg.startswith("timeline: "):  # the library's prefix; the reason's is "CUPTI: "
+                msg = msg[len("timeline: "):]
+            self.timeline_reason = "CUPTI: " + msg
             call(L.kvt_capture_set_timeline_absent, h, self.timeline_reason.encode("utf-8"))
 
     def _after_fork(self):

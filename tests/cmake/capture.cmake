@@ -62,6 +62,16 @@ if(KVT_HAVE_CUDA AND KVT_CUPTI_INCLUDE)
     set_tests_properties(test_capture_cupti_mock_nosym PROPERTIES LABELS cpu TIMEOUT 60
         ENVIRONMENT_MODIFICATION
         "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR};LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}/nosym")
+    # the Python binding's side (CaptureSession(timeline=True)) over the same mock
+    if(KVT_SYS_PYTHON)
+        kvt_add_script_test(test_python_timeline_mock
+            COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/test_python_timeline_mock.py
+            LABELS cpu noasan)
+        set_property(TEST test_python_timeline_mock APPEND PROPERTY ENVIRONMENT
+                     "KVT_MOCK_CUPTI_SONAME=${KVT_MOCK_CUPTI_SONAME}")
+        set_property(TEST test_python_timeline_mock APPEND PROPERTY ENVIRONMENT_MODIFICATION
+                     "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}")
+    endif()
     foreach(v 120000 140000) # CUDA 12's CUPTI, and a future major version
         add_test(NAME test_capture_cupti_mock_v${v}
                  COMMAND test_capture_cupti_mock version ${v} ${KVT_MOCK_CUPTI_DIR})
