@@ -89,8 +89,9 @@ static struct {
     CUptiResult (*subscribe)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *);
     CUptiResult (*unsubscribe)(CUpti_SubscriberHandle);
 } g;
-static char g_fail[320]; /* why the CUPTI this process loaded cannot be used (sticky) */
-static kvt_timeline *g_active;
+static char g_fail[320];       /* why the CUPTI this process loaded cannot be used (sticky) */
+static kvt_timeline *g_active; /* the collector buffers go to; g_mu */
+static bool g_starting;        /* a start is calling CUPTI without g_mu; g_mu */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static const char *result_str(CUptiResult r)
@@ -281,24 +282,39 @@ static void tracing_refused(char *why, size_t cap, CUptiResult r)
     snprintf(why, cap, "CUPTI: activity tracing unavailable: %s", result_str(r));
 }
 
+/* The collector that buf_completed fills: set before the first CUPTI call that may deliver a
+ * buffer, cleared before the collector is freed (a callback uses it under g_mu only). */
+static void set_active(kvt_timeline *tl)
+{
+    pthread_mutex_lock(&g_mu);
+    g_active = tl;
+    pthread_mutex_unlock(&g_mu);
+}
+
 kvt_timeline *kvt_timeline_start(char *why, size_t cap)
 {
     char tmp[8];
     if (!why || !cap)
         why = tmp, cap = sizeof(tmp);
     why[0] = '\0';
+    /* Claim the start, then call CUPTI without g_mu: were CUPTI to deliver a buffer while
+     * registering or enabling, buf_completed, which takes g_mu, would wait for this very call */
     pthread_mutex_lock(&g_mu);
-    kvt_timeline *tl = NULL;
-    if (g_active) {
+    bool busy = g_active || g_starting;
+    if (!busy)
+        g_starting = true;
+    pthread_mutex_unlock(&g_mu);
+    if (busy) {
         snprintf(why, cap, "CUPTI: another kvtrace timeline is already collecting");
-        goto out_unlock;
+        return NULL;
     }
+    kvt_timeline *tl = NULL;
     if (!load(why, cap))
-        goto out_unlock;
+        goto out_done;
     tl = kvt_calloc(1, sizeof(*tl));
     if (!tl) {
         snprintf(why, cap, "CUPTI: out of memory");
-        goto out_unlock;
+        goto out_done;
     }
     pthread_mutex_init(&tl->mu, NULL);
     /* Subscribe before anything else (cupti_callbacks.h): it is the call that tells another
@@ -317,6 +333,7 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
         snprintf(why, cap, "CUPTI: cannot subscribe: %s", result_str(r));
         goto out_free;
     }
+    set_active(tl);
     r = g.reg(buf_requested, buf_completed);
     if (r != CUPTI_SUCCESS) {
         tracing_refused(why, cap, r);
@@ -332,19 +349,21 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
         tracing_refused(why, cap, r);
         goto out_disable_kernels;
     }
-    g_active = tl;
-    pthread_mutex_unlock(&g_mu);
-    return tl;
+    goto out_done;
 
 out_disable_kernels:
     g.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+    g.flush(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); /* into this collector, not the next one */
 out_unsubscribe:
+    set_active(NULL);
     g.unsubscribe(tl->sub);
 out_free:
     pthread_mutex_destroy(&tl->mu);
     kvt_free(tl);
     tl = NULL;
-out_unlock:
+out_done:
+    pthread_mutex_lock(&g_mu);
+    g_starting = false;
     pthread_mutex_unlock(&g_mu);
     return tl;
 }
@@ -376,9 +395,7 @@ kvt_status kvt_timeline_stop(kvt_timeline *tl, uint32_t capture_context, uint32_
     g.disable(CUPTI_ACTIVITY_KIND_MEMCPY);
     g.flush(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
     g.unsubscribe(tl->sub); /* before a new start can subscribe */
-    pthread_mutex_lock(&g_mu);
-    g_active = NULL;
-    pthread_mutex_unlock(&g_mu);
+    set_active(NULL);
     static const char *cat_name[] = {"attention", "gemm", "other"};
     kvt_timeline_event *ev = kvt_malloc((tl->n + 1) * sizeof(*ev));
     kvt_status st = KVT_OK;

@@ -24,6 +24,9 @@ enum kvt_mock_knob {
     KVT_MOCK_INCOMPLETE_AT,      /* the Nth record (0-based) of the next flush is incomplete */
     KVT_MOCK_DROPPED,            /* records reported dropped with the next delivered buffer */
     KVT_MOCK_RECORDS_PER_BUFFER, /* records per delivered buffer; 0: as many as fit */
+    KVT_MOCK_DELIVER_IN_ENABLE,  /* 1: enabling MEMCPY records a kernel ("delivered_in_enable",
+                                    [0,1) on context 1 stream 1) and delivers it at once from
+                                    another thread, waiting for the callback to return */
     /* read only */
     KVT_MOCK_SUBSCRIBED,         /* 1 while the collector holds the subscriber slot */
     KVT_MOCK_KERNEL_ENABLED,     /* CONCURRENT_KERNEL activity enabled */

@@ -215,6 +215,23 @@ static void test_other_subscriber(void)
     KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
 }
 
+/* A buffer CUPTI delivers while start is still enabling, from another thread that start waits
+ * for: the callback must neither wait for start (the old collector held its lock across the
+ * CUPTI calls: a deadlock, turned into a failure by the alarm in main) nor lose the record. */
+static void test_delivery_during_start(void)
+{
+    mock_reset();
+    mock_set(KVT_MOCK_DELIVER_IN_ENABLE, 1);
+    kvt_timeline *tl = start_ok();
+    mock_set(KVT_MOCK_DELIVER_IN_ENABLE, 0);
+    if (!tl)
+        return;
+    kvt_capture_timeline t;
+    KVT_CHECK(kvt_timeline_stop(tl, 0, 0, &t));
+    KVT_EXPECT_EQ_U64(t.n_kernels, 1);
+    KVT_EXPECT_EQ_U64(t.other_ns, 1);
+}
+
 /* Records CUPTI dropped: the summary would be short, so stop fails and says how many. */
 static void test_dropped(void)
 {
@@ -291,6 +308,7 @@ static void test_incomplete(void)
 
 int main(int argc, char **argv)
 {
+    alarm(60); /* a deadlock fails the test instead of hanging it */
     load_mock();
     if (argc == 3 && !strcmp(argv[1], "nosym")) {
         test_unusable("lacks cuptiGetStreamIdEx", argv[2]);
@@ -313,6 +331,7 @@ int main(int argc, char **argv)
     test_other_subscriber();
     test_dropped();
     test_incomplete();
+    test_delivery_during_start();
     test_run(); /* everything before left CUPTI usable */
     return kvt_test_result("test_capture_cupti_mock");
 }
