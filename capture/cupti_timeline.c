@@ -131,8 +131,9 @@ static void CUPTIAPI buf_completed(CUcontext ctx, uint32_t stream, uint8_t *buf,
     if (tl) {
         pthread_mutex_lock(&tl->mu);
         CUpti_Activity *rec = NULL;
-        CUptiResult r;
-        while ((r = g.next(buf, valid, &rec)) == CUPTI_SUCCESS) {
+        CUptiResult r = CUPTI_ERROR_MAX_LIMIT_REACHED;
+        /* an empty buffer is not read at all, as in NVIDIA's samples */
+        while (valid && (r = g.next(buf, valid, &rec)) == CUPTI_SUCCESS) {
             if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL ||
                 rec->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
                 const CUpti_ActivityKernel10 *k = (const CUpti_ActivityKernel10 *)rec;
