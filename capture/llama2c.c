@@ -632,6 +632,7 @@ static void model_name_from_path(const char *path, char *out, size_t cap)
     size_t n = strlen(out);
     if (n > 4 && !strcmp(out + n - 4, ".bin"))
         out[n - 4] = '\0';
+    kvt_utf8_sanitize(out); /* the header's JSON holds UTF-8 only: a file named in Latin-1 */
 }
 
 /* Submit the prompt of every layer: K, V from the caches ([S, Hkv, D] seen as [Hkv, T, D])

@@ -252,33 +252,13 @@ bool kvt_cli_wants_help(int argc, char **argv)
 
 bool kvt_cli_json_text_ok(const char *cmd, const char *what, const char *text)
 {
-    const unsigned char *p = (const unsigned char *)text;
-    while (*p) {
-        int n = *p < 0x80             ? 0
-                : (*p & 0xe0) == 0xc0 ? 1
-                : (*p & 0xf0) == 0xe0 ? 2
-                : (*p & 0xf8) == 0xf0 ? 3
-                                      : -1;
-        uint32_t c = n == 0 ? *p : n == 1 ? *p & 0x1fu : n == 2 ? *p & 0x0fu : *p & 0x07u;
-        bool ok = n >= 0;
-        for (int k = 1; ok && k <= n; k++) {
-            ok = (p[k] & 0xc0) == 0x80;
-            c = (c << 6) | (p[k] & 0x3fu);
-        }
-        /* no overlong forms, surrogates or code points past U+10FFFF */
-        ok = ok && !(n == 1 && c < 0x80) &&
-             !(n == 2 && (c < 0x800 || (c >= 0xd800 && c < 0xe000))) &&
-             !(n == 3 && (c < 0x10000 || c > 0x10ffff));
-        if (!ok) {
-            kvt_cli_fail(cmd,
-                         "%s %s is not valid UTF-8 (byte %zu): the JSON output that names it "
-                         "cannot hold it",
-                         what, text, (size_t)(p - (const unsigned char *)text));
-            return false;
-        }
-        p += n + 1;
-    }
-    return true;
+    ptrdiff_t bad = kvt_utf8_invalid_at(text);
+    if (bad >= 0)
+        kvt_cli_fail(cmd,
+                     "%s %s is not valid UTF-8 (byte %td): the JSON output that names it cannot "
+                     "hold it",
+                     what, text, bad);
+    return bad < 0;
 }
 
 bool kvt_cli_same_path(const char *a, const char *b)

@@ -167,6 +167,14 @@ void kvt_tmp_remove_on_signals(void);
  *  (kvt_free it), *mode the existing file's permissions, or -1 when there is none.
  * @return KVT_OK, KVT_ERR_IO (a link to a missing file), KVT_ERR_NOMEM. */
 kvt_status kvt_output_target(const char *path, char **final, int *mode);
+
+/* ---- UTF-8 text (JSON holds nothing else) ---- */
+/** The offset of the first byte of `s` that does not begin a valid UTF-8 sequence (an overlong
+ *  form, a surrogate, past U+10FFFF, a cut sequence), or -1 when all of `s` is valid. */
+ptrdiff_t kvt_utf8_invalid_at(const char *s);
+/** Replace each byte of `s` that is not part of a valid UTF-8 sequence with '?', in place (a
+ *  name derived from a file name, before it goes into JSON). Returns how many it replaced. */
+size_t kvt_utf8_sanitize(char *s);
 /** Read the regular file `path` whole into a new NUL-terminated buffer (*txt, kvt_free it; *len
  *  bytes before the NUL). KVT_ERR_IO (cannot open, not a regular file, a read error),
  *  KVT_ERR_INVALID_ARG (more than max_bytes: the message says so), KVT_ERR_NOMEM. */

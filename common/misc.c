@@ -533,3 +533,54 @@ kvt_status kvt_read_text_file(const char *path, size_t max_bytes, char **txt, si
     *len = n;
     return KVT_OK;
 }
+
+/* the length of the valid UTF-8 sequence at p (1..4), or 0 */
+static int utf8_seq(const unsigned char *p)
+{
+    int n = *p < 0x80             ? 0
+            : (*p & 0xe0) == 0xc0 ? 1
+            : (*p & 0xf0) == 0xe0 ? 2
+            : (*p & 0xf8) == 0xf0 ? 3
+                                  : -1;
+    if (n < 0)
+        return 0;
+    uint32_t c = n == 0 ? *p : n == 1 ? *p & 0x1fu : n == 2 ? *p & 0x0fu : *p & 0x07u;
+    for (int k = 1; k <= n; k++) {
+        if ((p[k] & 0xc0) != 0x80) /* also stops at the terminating NUL */
+            return 0;
+        c = (c << 6) | (p[k] & 0x3fu);
+    }
+    /* no overlong forms, surrogates or code points past U+10FFFF */
+    if ((n == 1 && c < 0x80) || (n == 2 && (c < 0x800 || (c >= 0xd800 && c < 0xe000))) ||
+        (n == 3 && (c < 0x10000 || c > 0x10ffff)))
+        return 0;
+    return n + 1;
+}
+
+ptrdiff_t kvt_utf8_invalid_at(const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p) {
+        int n = utf8_seq(p);
+        if (!n)
+            return (ptrdiff_t)(p - (const unsigned char *)s);
+        p += n;
+    }
+    return -1;
+}
+
+size_t kvt_utf8_sanitize(char *s)
+{
+    size_t n_bad = 0;
+    unsigned char *p = (unsigned char *)s;
+    while (*p) {
+        int n = utf8_seq(p);
+        if (n) {
+            p += n;
+        } else {
+            *p++ = '?';
+            n_bad++;
+        }
+    }
+    return n_bad;
+}

@@ -306,10 +306,15 @@ static int jint(const cJSON *o, const char *k)
     return cJSON_IsNumber(x) ? x->valueint : -1;
 }
 
+/* a header string for results.json, which holds UTF-8 only: another writer's bytes that are
+ * not (a name from a Latin-1 file name) become '?' */
 static char *jstr(const cJSON *o, const char *k)
 {
     const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
-    return kvt_strdup(cJSON_IsString(x) ? x->valuestring : "");
+    char *s = kvt_strdup(cJSON_IsString(x) ? x->valuestring : "");
+    if (s)
+        kvt_utf8_sanitize(s);
+    return s;
 }
 
 static bool has_kind(kvt_trace_reader *rd, int layer, int kind, uint32_t *h, uint32_t *t,

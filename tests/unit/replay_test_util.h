@@ -124,16 +124,17 @@ static inline const char *tl_kept_str(const kvt_layer_selection *s, size_t b, in
     } while (0)
 
 /* a trace file of L layers with K, V, Q_window, decode Q/K/V and layer 0's modality */
-static inline void tl_write_trace(const char *path, int L, int T, int D, int Hq, int Hkv, int W,
-                                  int G, test_layer *layers)
+/* a trace whose header names the model `name` (written as given: any bytes but '"') */
+static inline void tl_write_trace_named(const char *path, const char *name, int L, int T, int D,
+                                        int Hq, int Hkv, int W, int G, test_layer *layers)
 {
     char hdr[512];
     snprintf(hdr, sizeof(hdr),
-             "{\"format\":\"kvtrace\",\"model\":{\"name\":\"tiny\",\"arch\":\"llama\","
+             "{\"format\":\"kvtrace\",\"model\":{\"name\":\"%s\",\"arch\":\"llama\","
              "\"n_layers\":%d,\"n_q_heads\":%d,\"n_kv_heads\":%d,\"head_dim\":%d,"
              "\"rope\":{\"type\":\"default\",\"theta\":10000}},\"kv_dtype\":\"f32\","
              "\"n_tokens\":%d,\"window\":%d,\"n_decode\":%d}",
-             L, Hq, Hkv, D, T, W, G);
+             name, L, Hq, Hkv, D, T, W, G);
     kvt_writer_opts wo = {.force = true};
     kvt_trace_writer *w;
     KVT_CHECK(kvt_trace_writer_create(path, hdr, &wo, &w));
@@ -177,6 +178,12 @@ static inline void tl_write_trace(const char *path, int L, int T, int D, int Hq,
     KVT_CHECK(kvt_trace_writer_append(w, &mo, layers[0].mod));
     KVT_CHECK(kvt_trace_writer_finish(w));
     kvt_trace_writer_free(w);
+}
+
+static inline void tl_write_trace(const char *path, int L, int T, int D, int Hq, int Hkv, int W,
+                                  int G, test_layer *layers)
+{
+    tl_write_trace_named(path, "tiny", L, T, D, Hq, Hkv, W, G, layers);
 }
 
 #endif /* REPLAY_TEST_UTIL_H */

@@ -532,6 +532,16 @@ static void test_trace_driver(void)
     KVT_EXPECT_STATUS(kvt_replay_trace(path, &h2o, 1, bud, nb, NULL, &res), KVT_ERR_NOT_FOUND);
     KVT_EXPECT(strstr(kvt_error_msg(), "attn_colsum") != NULL);
     kvt_policy_free(h2o);
+    /* another writer's header naming the model in Latin-1 (not UTF-8): results.json holds the
+       name, and JSON holds UTF-8 only, so the stray byte reads as '?' */
+    tl_write_trace_named(path, "caf\xe9 \xc3\xa9", L, T, D, Hq, Hkv, W, G, layers);
+    o.sink = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, (kvt_policy *const *)pols, 1, bud, nb, &o, &res),
+                      KVT_OK);
+    if (res)
+        KVT_EXPECT_MSG(!strcmp(res->model_name, "caf? \xc3\xa9"), "model name \"%s\"",
+                       res->model_name);
+    kvt_trace_result_free(res);
     kvt_free(bud);
     free_policies(pols);
     for (int l = 0; l < L; l++)
