@@ -145,11 +145,19 @@ def kv_dtype_code(kv_dtype, name="kv_dtype"):
     return code
 
 
+def _host_array(a):
+    """A NumPy array of `a`: an array, a sequence, a scalar, or a torch tensor (on any device;
+    copied to the host)."""
+    if hasattr(a, "detach") and hasattr(a, "cpu") and hasattr(a, "numpy"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
 def _int_table(a, name, n_tokens, np_dtype, lo, hi, rows_ok=False):
     """A per-token table as a contiguous array of np_dtype: [T] (or [P, T] with rows_ok), of
     integers within [lo, hi]. ValueError/TypeError naming the table (a wrong length: its shape
     and T; a bad value: the value)."""
-    arr = np.asarray(a)
+    arr = _host_array(a)
     shape_ok = arr.ndim == 1 or (rows_ok and arr.ndim == 2)
     if not shape_ok or arr.shape[-1] != n_tokens:
         raise ValueError("set_tokens: %s has shape %s; this session has n_tokens = %d, so it "
@@ -351,9 +359,11 @@ class CaptureSession(_NoCopy):
         if token_ids is not None:
             ids = _int_table(token_ids, "token_ids", T, np.int32, C_INT32[1], C_INT32[2])
         if modality is not None:
-            m = modality if isinstance(modality, np.ndarray) else list(modality)
-            if not (isinstance(m, np.ndarray) and m.dtype.kind in "iub") and \
-                    any(isinstance(x, str) for x in m):
+            # names in a list or tuple; numbers in an array, a torch tensor or a sequence
+            m = list(modality) if isinstance(modality, (list, tuple)) else _host_array(modality)
+            if isinstance(m, np.ndarray) and m.dtype.kind == "U" and m.ndim == 1:
+                m = [str(x) for x in m]  # an array of names
+            if isinstance(m, list) and any(isinstance(x, str) for x in m):
                 names = []
                 for x in m:
                     if isinstance(x, str) and x not in _lib.MODALITIES:
@@ -463,8 +473,7 @@ class CaptureSession(_NoCopy):
                 self._close_error = e
                 raise
             finally:
-                self.partial_path = self._replacing.partial("capture session closed "
-                                                            "incomplete or failed")
+                self._replacing.partial("capture session closed incomplete or failed", self)
             return self._copy_stats(self._final)
 
     @property

@@ -79,14 +79,19 @@ def path_arg(path, name="path"):
 
 def str_arg(value, name):
     """A str (or None) as UTF-8 bytes for a char * argument; TypeError for a non-str,
-    ValueError for a NUL (C would cut the string there)."""
+    ValueError for a NUL (C would cut the string there) or a lone surrogate (os.fsdecode's
+    stand-in for a non-UTF-8 byte: the trace's JSON header holds UTF-8 text only)."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise TypeError("%s must be a str, got %r (%s)" % (name, value, type(value).__name__))
     if "\0" in value:
         raise ValueError("%s %r contains a NUL character" % (name, value))
-    return value.encode("utf-8")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("%s %r is not valid Unicode text (a lone surrogate)"
+                         % (name, value)) from None
 
 
 def _is_torch(x):
@@ -198,8 +203,9 @@ class _Replacing(object):
     library renames it over the trace only when the new one is finished (and, for a capture,
     complete), and otherwise leaves it there and the old trace unchanged, which it reports
     only on stderr. after(file) takes kvt_trace_writer_file / kvt_capture_file right after the
-    open; partial() after the close: that temporary file if it is still there, with a Python
-    warning naming it."""
+    open; partial(what, owner) after the close: owner.partial_path = that temporary file if it
+    is still there (else None), then a Python warning naming it (set first: with warnings as
+    errors, the warning is raised and partial_path still says where the new trace is)."""
 
     def __init__(self, path_str, path_bytes):
         self.final = path_str
@@ -210,12 +216,13 @@ class _Replacing(object):
         if file_bytes and file_bytes != self._bytes:
             self.tmp = os.fsdecode(file_bytes)
 
-    def partial(self, what):
+    def partial(self, what, owner):
+        owner.partial_path = None
         if self.tmp is None or not os.path.exists(self.tmp):
-            return None
+            return
+        owner.partial_path = self.tmp
         warnings.warn("kvtrace: %s: %s was not replaced (it is unchanged); the new trace is in "
                       "%s" % (what, self.final, self.tmp), RuntimeWarning, stacklevel=3)
-        return self.tmp
 
 
 # Objects whose locks a forked child must not inherit in the state another thread of the
@@ -510,7 +517,9 @@ class Trace(_NoCopy):
         self._tokens = None
         try:
             txt = L.kvt_trace_reader_header_json(h)
-            self.header = json.loads(txt.decode("utf-8")) if txt else {}
+            # a header string that is not UTF-8 (another writer's, or kvtrace's before
+            # 2026-12-03 given a non-UTF-8 file name) reads as os.fsdecode reads file names
+            self.header = json.loads(txt.decode("utf-8", "surrogateescape")) if txt else {}
         except Exception:
             self.close()
             raise
@@ -1021,7 +1030,7 @@ class TraceWriter(_NoCopy):
             if os.getpid() != self._pid:
                 return  # a forked child: the writer is the parent's
             _lib.lib().kvt_trace_writer_free(h)
-        self.partial_path = self._replacing.partial("TraceWriter closed unfinished")
+        self._replacing.partial("TraceWriter closed unfinished", self)
 
     def __enter__(self):
         return self

@@ -289,6 +289,15 @@ def _kv_dtype_of(tensor):
     return DTYPE_NAMES[TORCH_DTYPES[name]]
 
 
+def _sliding_window(v):
+    """A sliding window's size in tokens (an int >= 1), or 0 for none (None, False, 0)."""
+    try:
+        n = int(v) if v is not None and not isinstance(v, bool) else 0
+    except (TypeError, ValueError):
+        return 0
+    return n if n > 0 else 0
+
+
 def _cfg_int(tc, name):
     v = getattr(tc, name, None)
     if v is None:
@@ -396,6 +405,11 @@ class Capture(object):
             self.path = path_arg(path)[0]
         except (TypeError, ValueError) as e:
             raise _fail(str(e), _ERR_INVALID) from None
+        p = os.fsdecode(self.path)
+        if not p or p.endswith(os.sep):  # (an existing directory: refused on entering)
+            raise _fail("cannot write %r: %s" % (p, "an empty path" if not p else
+                                                 "it names a directory, not a trace file"),
+                        _ERR_INVALID)
         out_dir = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(out_dir):
             raise _fail("cannot write %s: the directory %s does not exist"
@@ -415,6 +429,12 @@ class Capture(object):
                 raise _fail(str(e), _ERR_INVALID) from None
         if name is not None and "\0" in str(name):
             raise _fail("name %r contains a NUL character" % (name,), _ERR_INVALID)
+        if name is not None:
+            try:
+                str(name).encode("utf-8")
+            except UnicodeEncodeError:  # a surrogate (os.fsdecode of a non-UTF-8 name)
+                raise _fail("name %r is not valid Unicode text: the trace's JSON header "
+                            "holds it as UTF-8" % (name,), _ERR_INVALID) from None
 
         tv = getattr(transformers, "__version__", "unknown")
         check_transformers_version(tv)
@@ -487,6 +507,8 @@ class Capture(object):
                         % self.model_type, _ERR_INVALID)
         self.kv_dtype = kv_dtype  # None: the attention tensors' dtype, at the first call
         self.name = name or getattr(config, "_name_or_path", None) or type(model).__name__
+        # the default name: a path from a non-UTF-8 folder holds surrogates; they become U+FFFD
+        self.name = str(self.name).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
         self._model = model
         self._text_model = _find_text_model(model, set(self._layer_of))
@@ -627,7 +649,13 @@ class Capture(object):
             self._layer_of = {}
 
     def __exit__(self, et, ev, tb):
-        self._uninstall()
+        try:
+            self._uninstall()  # may warn: with warnings as errors, that raises
+        finally:
+            self._end_session(et)
+        return False
+
+    def _end_session(self, et):
         s = self.session
         if s is None:
             if et is None:
@@ -663,6 +691,8 @@ class Capture(object):
                           kwargs.get("past_key_values", None) is None)
 
     def _on_model_forward(self, module, args, kwargs):
+        if not self._installed:  # a wrapper left on the model (torch < 2.0): passes calls on
+            return
         torch = self._torch
         self._n_model_forward += 1
         self._note_cache(module, kwargs)
@@ -698,6 +728,8 @@ class Capture(object):
             self._decode_tokens[g] = int(ids.reshape(-1)[-1])
 
     def _on_text_forward(self, module, args, kwargs):
+        if not self._installed:
+            return
         self._n_text_forward += 1
         if "use_cache" in kwargs or "past_key_values" in kwargs:
             self._note_cache(module, kwargs)
@@ -744,17 +776,24 @@ class Capture(object):
                             if k_len == q_len else "")))
         g = st.n_decode_calls
         st.n_decode_calls += 1
-        if g >= self.decode:
-            return
-        sliding = kwargs.get("sliding_window", None) or getattr(module, "sliding_window", None)
+        # checked at every step, also past the captured ones: a second generate (a 1-token
+        # prompt has a fresh cache) is refused as documented, whenever it comes
         if k_len > T + g + 1:
             raise _fail("layer %d decode step %d: %d keys in the cache, expected %d (a static "
                         "cache is not supported)" % (layer, g, k_len, T + g + 1))
-        if k_len < T + g + 1 and not sliding:
+        want = T + g + 1
+        sliding = _sliding_window(kwargs.get("sliding_window", None)) or \
+            _sliding_window(getattr(module, "sliding_window", None))
+        if sliding:  # the cache keeps the last sliding_window - 1 (or sliding_window) tokens
+            want = min(want, max(1, sliding - 1))
+        if k_len < want:
             raise _fail("layer %d: a 1-token forward call with %d key(s) in its cache after "
-                        "the %d-token prompt (decode step %d expects %d): a second generate or "
+                        "the %d-token prompt (decode step %d expects %s%d): a second generate or "
                         "forward call inside one capture block (one prompt per capture), or "
-                        "an offloaded cache, is not supported" % (layer, k_len, T, g, T + g + 1))
+                        "an offloaded cache, is not supported"
+                        % (layer, k_len, T, g, "at least " if want < T + g + 1 else "", want))
+        if g >= self.decode:
+            return
         self.session.submit_decode(layer, g, query, key[:, :, -1:, :], value[:, :, -1:, :])
         st.n_captured = g + 1
         tok = self._decode_tokens.get(g)

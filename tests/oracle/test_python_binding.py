@@ -1439,6 +1439,78 @@ class QAFindingsCapture(CaptureCase):
         self.assertEqual(s.stats()["n_submits"], 1)
 
 
+class QAFindings2(unittest.TestCase):
+    """A second QA pass (2026-12-03): each case failed before its fix."""
+
+    def setUp(self):
+        if not kvtrace.has_capture():
+            self.skipTest("library built without the capture API")
+        self.dir = tmpdir()
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def sess(self, fname, **kw):
+        return kvtrace.CaptureSession(os.path.join(self.dir, fname), n_layers=1, n_q_heads=2,
+                                      n_kv_heads=1, head_dim=4, n_tokens=8, window=2, **kw)
+
+    def test_modality_from_torch(self):
+        torch = optional_torch()
+        if torch is None:
+            self.skipTest("no torch")
+        ids = torch.tensor([[5, 9, 9, 5, 9, 5, 5, 5]])  # HF-shaped [1, T]
+        s = self.sess("m.kvt")
+        try:
+            # a [1, T] mask: a ValueError naming the table (was: torch's "Boolean value of
+            # Tensor with more than one value is ambiguous"); a scalar: the same (was:
+            # "'int' object is not iterable")
+            for bad in ((ids == 9), 5):
+                with self.assertRaises(ValueError) as e:
+                    s.set_tokens(modality=bad)
+                self.assertIn("modality", str(e.exception))
+            s.set_tokens(token_ids=ids[0], modality=(ids[0] == 9))  # a 1-D torch mask
+            x = np.ones((1, 8, 4), np.float32)
+            s.submit_kv(0, 0, x, x)
+            s.submit_queries(0, 6, np.ones((2, 2, 4), np.float32))
+        finally:
+            s.close()
+        with kvtrace.open(s.path) as t:
+            np.testing.assert_array_equal(t.tokens["modality"], [0, 1, 1, 0, 1, 0, 0, 0])
+
+    def test_partial_path_with_warnings_as_errors(self):
+        x = np.ones((1, 8, 4), np.float32)
+        with self.sess("w.kvt") as s:
+            s.submit_kv(0, 0, x, x)
+            s.submit_queries(0, 6, np.ones((2, 2, 4), np.float32))
+        s = self.sess("w.kvt", force=True)
+        s.submit_kv(0, 0, x, x)  # incomplete
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with self.assertRaises(RuntimeWarning):
+                s.close()
+        # the warning names the temporary; partial_path does too (was: None)
+        self.assertTrue(s.partial_path and os.path.exists(s.partial_path), s.partial_path)
+
+    def test_lone_surrogate_refused(self):
+        with self.assertRaises(ValueError) as e:
+            self.sess("n.kvt", name="caf\udce9")
+        self.assertIn("not valid Unicode", str(e.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "n.kvt")))
+
+    def test_header_not_utf8_reads(self):
+        # another writer's header naming the model in Latin-1: kvtrace.open reads it as
+        # os.fsdecode reads such a file name (was: a bare UnicodeDecodeError)
+        L = kvtrace._lib.lib()
+        path = os.path.join(self.dir, "l1.kvt").encode()
+        h = ctypes.c_void_p()
+        hdr = b'{"format":"kvtrace","model":{"name":"caf\xe9"}}'
+        self.assertEqual(L.kvt_trace_writer_create(path, hdr, None, ctypes.byref(h)), 0)
+        self.assertEqual(L.kvt_trace_writer_finish(h), 0)
+        L.kvt_trace_writer_free(h)
+        with kvtrace.open(path) as t:
+            self.assertEqual(t.header["model"]["name"], "caf\udce9")
+
+
 class Lookup(unittest.TestCase):
     def run_py(self, env_lib, code):
         env = dict(os.environ)

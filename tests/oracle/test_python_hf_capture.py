@@ -689,6 +689,112 @@ def check_robustness(tmp):
         os.remove(p("nc.kvt"))
     section(no_cache)
 
+    def second_generate_more():
+        # a Python QA pass: a sliding-window model (Mistral-7B-v0.1's config) skipped the
+        # check, so a second generate's tokens became more decode steps of the first sequence;
+        # and once the decode steps were used up, a second generate ran on unrefused
+        def run(decode, sliding):
+            for layer in model.model.layers:
+                layer.self_attn.sliding_window = sliding
+            try:
+                with kvtrace.capture(model, p("g3.kvt"), window=W, decode=decode, force=True):
+                    with torch.no_grad():
+                        model.generate(ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=3, do_sample=False)
+                        one = ids[:, :1]
+                        model.generate(one, attention_mask=torch.ones_like(one),
+                                       max_new_tokens=4, do_sample=False)
+                return "no error raised"
+            except kvtrace.TraceError as e:
+                return str(e)
+            finally:
+                for layer in model.model.layers:
+                    del layer.self_attn.sliding_window
+        for decode, sliding in ((6, 4096), (6, 8), (2, None), (0, None)):
+            msg = run(decode, sliding)
+            check("second generate" in msg and "1-token forward call" in msg,
+                  "second generate (decode=%d, sliding_window=%s): refused: %s"
+                  % (decode, sliding, msg))
+            with kvtrace.open(p("g3.kvt")) as t:
+                g = min(decode, 2)
+                dt = t.tokens["decode_token_ids"]
+                check(t.shape("Q_decode", 0)[1] == g if g else True,
+                      "second generate (decode=%d, sliding_window=%s): the first sequence's "
+                      "%d steps only (decode ids %s)" % (decode, sliding, g, dt))
+        os.remove(p("g3.kvt"))
+    section(second_generate_more)
+
+    def warnings_as_errors():
+        # with warnings turned into errors (pytest -W error), the warning that another library
+        # replaced the registry entry was raised before the session was closed: the trace
+        # stayed unfinished and stats None
+        c = kvtrace.capture(model, p("wae.kvt"), window=W, decode=2, force=True)
+        raised = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                with c:
+                    generate(model, ids)
+                    set_registry("sdpa", lambda *a, **k: before(*a, **k))
+            except UserWarning as e:
+                raised = e
+        set_registry("sdpa", before)
+        check(raised is not None and "replaced during the capture" in str(raised),
+              "warnings as errors: the registry warning is raised (%r)" % (raised,))
+        check(c.session is not None and c.session.closed and c.stats is not None,
+              "warnings as errors: the session is closed all the same (stats %s)"
+              % (c.stats is not None))
+        with kvtrace.open(p("wae.kvt")) as t:
+            check(t.verify()["ok"] and not t.recovered, "warnings as errors: the trace is finished")
+    section(warnings_as_errors)
+
+    def stale_forward():
+        # torch < 2.0 shadows model.forward; a capture ending while another capture (or a
+        # library) had wrapped it over ours left its wrapper in the chain, which still refused
+        # uncaptured batches of 2 after both captures ended
+        a = kvtrace.capture(model, p("sf1.kvt"), window=W, decode=2, force=True)
+        b = kvtrace.capture(model, p("sf2.kvt"), window=W, decode=2, force=True)
+        a.__enter__()
+        b.__enter__()
+        for x in (a, b):  # a ends first, under b's wrapper; neither saw a forward call
+            try:
+                x.__exit__(None, None, None)
+            except kvtrace.TraceError:
+                pass  # "nothing was captured"
+        try:
+            with torch.no_grad():
+                model(torch.cat([ids, ids]))
+            ok = True, ""
+        except kvtrace.TraceError as e:
+            ok = False, str(e)
+        check(ok[0], "after two captures ended out of order, an uncaptured batch of 2 runs "
+              "(%s)" % ok[1])
+        model.__dict__.pop("forward", None)  # a's wrapper, which only passes calls on
+    section(stale_forward)
+
+    def paths_and_names():
+        # refused by capture() itself, not after the model ran (before: "" and a folder path
+        # passed, and the error came from the first forward call)
+        expect_error(lambda: kvtrace.capture(model, ""), ["an empty path"], "path ''")
+        expect_error(lambda: kvtrace.capture(model, os.path.join(tmp, "newdir") + os.sep),
+                     ["names a directory"], "a path ending in /")
+        # a name that is not text (os.fsdecode of a Latin-1 byte): refused up front; the
+        # default name from such a folder is repaired
+        expect_error(lambda: kvtrace.capture(model, p("nm.kvt"), name="caf\udce9"),
+                     ["not valid Unicode"], "name with a lone surrogate", exc=kvtrace.TraceError)
+        saved = getattr(model.config, "_name_or_path", None)
+        model.config._name_or_path = "/models/caf\udce9"
+        try:
+            with kvtrace.capture(model, p("nm.kvt"), window=W, decode=2, force=True):
+                generate(model, ids)
+        finally:
+            model.config._name_or_path = saved
+        with kvtrace.open(p("nm.kvt")) as t:
+            check(t.header["model"]["name"] == "/models/caf\ufffd",
+                  "a default name from a Latin-1 folder: U+FFFD (%r)" % t.header["model"]["name"])
+        os.remove(p("nm.kvt"))
+    section(paths_and_names)
+
     check(registry()["sdpa"] is before, "after the robustness checks: registry restored")
 
 def check_plain_functions():
