@@ -88,6 +88,10 @@ static struct {
     CUresult (*stream_ctx)(CUstream, CUcontext *); /* the driver's cuStreamGetCtx */
     CUptiResult (*subscribe)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *);
     CUptiResult (*unsubscribe)(CUpti_SubscriberHandle);
+    /* optional: names this subscriber to other tools and tells the name of the one holding
+     * CUPTI (cupti_callbacks.h) */
+    CUptiResult (*subscribe_v2)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *,
+                                CUpti_SubscriberParams *);
 } g;
 static char g_fail[320];       /* why the CUPTI this process loaded cannot be used (sticky) */
 static kvt_timeline *g_active; /* the collector buffers go to; g_mu */
@@ -244,6 +248,7 @@ static bool load(char *why, size_t cap)
             goto out_unusable;
         }
     }
+    *(void **)&g.subscribe_v2 = dlsym(g.lib, "cuptiSubscribe_v2"); /* may be absent */
     *(void **)&g.stream_ctx = dlsym(g.drv, "cuStreamGetCtx");
     if (!g.stream_ctx) {
         lib_path(g.drv, "libcuda.so.1", path, sizeof(path));
@@ -322,12 +327,31 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
      * CUPTI client. The activity calls report no such error: without this, the collector would
      * take over the other client's buffer callbacks and turn its tracing off at stop. Held
      * until stop, it keeps a profiler started meanwhile from attaching. */
-    CUptiResult r = g.subscribe(&tl->sub, no_callback, NULL);
+    char other[CUPTI_OLD_SUBSCRIBER_NAME_MIN_LEN + 1] = "";
+    CUptiResult r;
+    if (g.subscribe_v2) {
+        CUpti_SubscriberParams sp = {.structSize = CUpti_SubscriberParams_STRUCT_SIZE,
+                                     .subscriberName = "kvtrace",
+                                     .oldSubscriberName = other,
+                                     .oldSubscriberSize = sizeof(other) - 1};
+        r = g.subscribe_v2(&tl->sub, no_callback, NULL, &sp);
+        other[sizeof(other) - 1] = '\0';
+        for (char *c = other; *c; c++) /* one line of UTF-8 in the trace's reason */
+            if ((unsigned char)*c < 0x20 || *c == 0x7f)
+                *c = ' ';
+        kvt_utf8_sanitize(other);
+    } else {
+        r = g.subscribe(&tl->sub, no_callback, NULL);
+    }
     if (r == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED) {
-        snprintf(why, cap,
-                 "CUPTI: another CUPTI client is attached (Nsight Systems/Compute, cuda-gdb, "
-                 "compute-sanitizer, torch.profiler...): %s",
-                 result_str(r));
+        if (other[0])
+            snprintf(why, cap, "CUPTI: another CUPTI client is attached: %s (%s)", other,
+                     result_str(r));
+        else
+            snprintf(why, cap,
+                     "CUPTI: another CUPTI client is attached (Nsight Systems/Compute, cuda-gdb, "
+                     "compute-sanitizer, torch.profiler...): %s",
+                     result_str(r));
         goto out_free;
     }
     if (r != CUPTI_SUCCESS) {

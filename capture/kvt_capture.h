@@ -290,8 +290,9 @@ kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_ca
  *  capture without a timeline. Returns NULL, with a one-line reason in why[cap], when CUPTI
  *  cannot be used (not built in, library or driver missing, a libcupti of another major
  *  version or lacking a function, another CUPTI client attached: Nsight Systems/Compute,
- *  cuda-gdb, compute-sanitizer, torch.profiler); hand that reason to
- *  kvt_capture_set_timeline_absent. The collector holds CUPTI's only subscriber from start to
+ *  cuda-gdb, compute-sanitizer, torch.profiler: named as CUPTI names it where its
+ *  cuptiSubscribe_v2 does); hand that reason to kvt_capture_set_timeline_absent. The
+ *  collector holds CUPTI's only subscriber (named "kvtrace") from start to
  *  stop, so a profiler started meanwhile (torch.profiler included) cannot attach: its own
  *  start fails, and torch.profiler does not retry. */
 typedef struct kvt_timeline kvt_timeline;

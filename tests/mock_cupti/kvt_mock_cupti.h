@@ -33,6 +33,9 @@ enum kvt_mock_knob {
     KVT_MOCK_MEMCPY_ENABLED,     /* MEMCPY activity enabled */
     KVT_MOCK_PENDING,            /* scripted records recorded but not yet delivered */
     KVT_MOCK_BUFFERS_DELIVERED,  /* buffers handed to the completion callback, in all */
+    KVT_MOCK_NAMED_KVTRACE,      /* 1: the collector's subscriber was named "kvtrace"
+                                    (cuptiSubscribe_v2; the other client's name, given back
+                                    when it holds the slot, is "CUPTI for mock-profiler") */
     KVT_MOCK_UNSUBSCRIBED_CALLS, /* Activity API calls made without holding the subscriber */
 };
 

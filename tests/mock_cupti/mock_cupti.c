@@ -43,6 +43,7 @@ static struct {
     CUpti_BuffersCallbackCompleteFunc complete;
     scripted *pending;
     size_t n_pending, cap_pending;
+    char subscriber_name[64]; /* the collector's, from cuptiSubscribe_v2 */
 } m;
 static int subscriber_token; /* the handle cuptiSubscribe gives out is its address */
 
@@ -100,6 +101,9 @@ EXPORT long long kvt_mock_cupti_get(int knob)
         break;
     case KVT_MOCK_PENDING:
         v = (long long)m.n_pending;
+        break;
+    case KVT_MOCK_NAMED_KVTRACE:
+        v = m.holder == 2 && !strcmp(m.subscriber_name, "kvtrace");
         break;
     default:
         if (knob >= 0 && knob <= KVT_MOCK_UNSUBSCRIBED_CALLS)
@@ -171,6 +175,27 @@ EXPORT CUptiResult cuptiSubscribe(CUpti_SubscriberHandle *sub, CUpti_CallbackFun
         r = CUPTI_SUCCESS;
     }
     pthread_mutex_unlock(&mu);
+    return r;
+}
+
+/* the same, naming the subscriber; the other client, when there is one, is "CUPTI for
+ * mock-profiler" (a name as CUPTI writes it, cut to the caller's size) */
+EXPORT CUptiResult cuptiSubscribe_v2(CUpti_SubscriberHandle *sub, CUpti_CallbackFunc cb, void *ud,
+                                     CUpti_SubscriberParams *params)
+{
+    if (params && params->structSize != CUpti_SubscriberParams_STRUCT_SIZE)
+        return CUPTI_ERROR_INVALID_PARAMETER;
+    CUptiResult r = cuptiSubscribe(sub, cb, ud);
+    if (r == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED && params &&
+        params->oldSubscriberName && params->oldSubscriberSize)
+        snprintf(params->oldSubscriberName, params->oldSubscriberSize, "%s",
+                 "CUPTI for mock-profiler");
+    if (r == CUPTI_SUCCESS) {
+        pthread_mutex_lock(&mu);
+        snprintf(m.subscriber_name, sizeof(m.subscriber_name), "%s",
+                 params && params->subscriberName ? params->subscriberName : "");
+        pthread_mutex_unlock(&mu);
+    }
     return r;
 }
 
