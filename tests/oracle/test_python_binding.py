@@ -1439,16 +1439,8 @@ class QAFindingsCapture(CaptureCase):
         self.assertEqual(s.stats()["n_submits"], 1)
 
 
-class QAFindings2(unittest.TestCase):
+class QAFindings2(CaptureCase):
     """A second QA pass (2026-12-03): each case failed before its fix."""
-
-    def setUp(self):
-        if not kvtrace.has_capture():
-            self.skipTest("library built without the capture API")
-        self.dir = tmpdir()
-
-    def tearDown(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def sess(self, fname, **kw):
         return kvtrace.CaptureSession(os.path.join(self.dir, fname), n_layers=1, n_q_heads=2,
