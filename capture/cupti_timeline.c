@@ -384,6 +384,7 @@ out_unsubscribe:
     g.unsubscribe(tl->sub);
 out_free:
     pthread_mutex_destroy(&tl->mu);
+    kvt_free(tl->ev); /* what the flush above delivered into it */
     kvt_free(tl);
     tl = NULL;
 out_done:

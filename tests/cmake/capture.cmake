@@ -56,6 +56,18 @@ if(KVT_HAVE_CUDA AND KVT_CUPTI_INCLUDE)
                      kvt_mock_cuda_driver)
     set_property(TEST test_capture_cupti_mock APPEND PROPERTY ENVIRONMENT_MODIFICATION
                  "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}")
+    # the same under valgrind: this build (CUPTI's headers found) is the only one that has the
+    # collector, so its failure paths are checked for leaks and bad reads here
+    find_program(KVT_VALGRIND valgrind)
+    if(KVT_VALGRIND)
+        add_test(NAME test_capture_cupti_mock_valgrind
+                 COMMAND ${KVT_VALGRIND} -q --error-exitcode=1 --leak-check=full
+                         --errors-for-leak-kinds=definite,indirect
+                         $<TARGET_FILE:test_capture_cupti_mock>)
+        set_tests_properties(test_capture_cupti_mock_valgrind PROPERTIES LABELS "cpu;noasan"
+            TIMEOUT 300 ENVIRONMENT_MODIFICATION
+            "LD_LIBRARY_PATH=path_list_prepend:${KVT_MOCK_CUPTI_DIR}")
+    endif()
     # an unusable CUPTI is refused for the rest of the process: one process per case
     add_test(NAME test_capture_cupti_mock_nosym
              COMMAND test_capture_cupti_mock nosym ${KVT_MOCK_CUPTI_DIR}/nosym)

@@ -27,6 +27,8 @@ enum kvt_mock_knob {
     KVT_MOCK_DELIVER_IN_ENABLE,  /* 1: enabling MEMCPY records a kernel ("delivered_in_enable",
                                     [0,1) on context 1 stream 1) and delivers it at once from
                                     another thread, waiting for the callback to return */
+    KVT_MOCK_KERNEL_ON_ENABLE,   /* 1: enabling CONCURRENT_KERNEL records a kernel ("engine",
+                                    [0,1) on context 1 stream 1): work already running */
     /* read only */
     KVT_MOCK_SUBSCRIBED,         /* 1 while the collector holds the subscriber slot */
     KVT_MOCK_KERNEL_ENABLED,     /* CONCURRENT_KERNEL activity enabled */

@@ -56,6 +56,7 @@ static void defaults(void)
     m.knob[KVT_MOCK_DROPPED] = 0;
     m.knob[KVT_MOCK_RECORDS_PER_BUFFER] = 0;
     m.knob[KVT_MOCK_DELIVER_IN_ENABLE] = 0;
+    m.knob[KVT_MOCK_KERNEL_ON_ENABLE] = 0;
 }
 
 __attribute__((constructor)) static void init(void)
@@ -80,7 +81,7 @@ EXPORT long long kvt_mock_cupti_set(int knob, long long value)
             m.holder = 1;
         else if (!value && m.holder == 1)
             m.holder = 0;
-    } else if (knob >= 0 && knob <= KVT_MOCK_DELIVER_IN_ENABLE) {
+    } else if (knob >= 0 && knob <= KVT_MOCK_KERNEL_ON_ENABLE) { /* the settable ones */
         old = m.knob[knob];
         m.knob[knob] = value;
     }
@@ -245,6 +246,9 @@ static CUptiResult set_enabled(CUpti_ActivityKind kind, long long on)
 EXPORT CUptiResult cuptiActivityEnable(CUpti_ActivityKind kind)
 {
     CUptiResult r = set_enabled(kind, 1);
+    if (r == CUPTI_SUCCESS && kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL &&
+        kvt_mock_cupti_get(KVT_MOCK_KERNEL_ON_ENABLE))
+        kvt_mock_cupti_kernel(1, 1, 0, 1, "engine");
     if (r == CUPTI_SUCCESS && kind == CUPTI_ACTIVITY_KIND_MEMCPY &&
         kvt_mock_cupti_get(KVT_MOCK_DELIVER_IN_ENABLE)) {
         kvt_mock_cupti_kernel(1, 1, 0, 1, "delivered_in_enable");

@@ -173,7 +173,12 @@ static void test_enable_refused(void)
     mock_reset();
     mock_set(KVT_MOCK_ENABLE_FAIL_KIND, CUPTI_ACTIVITY_KIND_MEMCPY);
     mock_set(KVT_MOCK_ENABLE_FAIL_RESULT, CUPTI_ERROR_NOT_COMPATIBLE);
+    /* a kernel ran between the two enables: the failed start's flush delivers it into the
+       collector it frees (test_capture_cupti_mock_valgrind: nothing of it may leak) */
+    mock_set(KVT_MOCK_KERNEL_ON_ENABLE, 1);
+    long long delivered = mock_get(KVT_MOCK_BUFFERS_DELIVERED);
     start_refused("CUPTI_ERROR_NOT_COMPATIBLE");
+    KVT_EXPECT(mock_get(KVT_MOCK_BUFFERS_DELIVERED) > delivered);
     KVT_EXPECT(!mock_get(KVT_MOCK_KERNEL_ENABLED));
     KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED)); /* or no later start could subscribe */
     mock_kernel(CAP_CTX, 3, 0, 10, "k");
@@ -280,8 +285,6 @@ static void test_unusable(const char *want, const char *dir)
     }
 }
 
-/* argv: nothing (the main cases) | "nosym" DIR: the mock in DIR lacks cuptiGetStreamIdEx |
- * "version" V DIR: the mock in DIR reports API version V (outside CUDA 13's range) */
 /* An incomplete record (work still running at a forced flush): cuptiActivityGetNextRecord
  * refuses it and the rest of its buffer, so stop fails with a reason instead of summing what
  * came before it (the old collector returned KVT_OK with 1 of 3 kernels and no copy). */
@@ -306,6 +309,8 @@ static void test_incomplete(void)
     KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
 }
 
+/* argv: nothing (the main cases) | "nosym" DIR: the mock in DIR lacks cuptiGetStreamIdEx |
+ * "version" V DIR: the mock in DIR reports API version V (outside CUDA 13's range) */
 int main(int argc, char **argv)
 {
     alarm(60); /* a deadlock fails the test instead of hanging it */
