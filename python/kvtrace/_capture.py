@@ -359,10 +359,15 @@ class CaptureSession(_NoCopy):
         if token_ids is not None:
             ids = _int_table(token_ids, "token_ids", T, np.int32, C_INT32[1], C_INT32[2])
         if modality is not None:
-            # names in a list or tuple; numbers in an array, a torch tensor or a sequence
-            m = list(modality) if isinstance(modality, (list, tuple)) else _host_array(modality)
-            if isinstance(m, np.ndarray) and m.dtype.kind == "U" and m.ndim == 1:
-                m = [str(x) for x in m]  # an array of names
+            # numbers (an array, a torch tensor, a sequence) or names (any iterable of them)
+            if isinstance(modality, np.ndarray) or hasattr(modality, "detach"):
+                m = _host_array(modality)
+            elif isinstance(modality, (str, bytes)) or not hasattr(modality, "__iter__"):
+                m = np.asarray(modality)  # a scalar: refused below, naming the table
+            else:
+                m = list(modality)  # a list, tuple, generator...
+            if isinstance(m, np.ndarray) and m.dtype.kind in "UO" and m.ndim == 1:
+                m = list(m)  # an array of names (or of names and numbers)
             if isinstance(m, list) and any(isinstance(x, str) for x in m):
                 names = []
                 for x in m:

@@ -289,6 +289,11 @@ def _kv_dtype_of(tensor):
     return DTYPE_NAMES[TORCH_DTYPES[name]]
 
 
+def _escapes_only(s):
+    """Whether every lone surrogate in s is one os.fsdecode makes (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in s)
+
+
 def _sliding_window(v):
     """A sliding window's size in tokens (an int >= 1), or 0 for none (None, False, 0)."""
     try:
@@ -508,7 +513,8 @@ class Capture(object):
         self.kv_dtype = kv_dtype  # None: the attention tensors' dtype, at the first call
         self.name = name or getattr(config, "_name_or_path", None) or type(model).__name__
         # the default name: a path from a non-UTF-8 folder holds surrogates; they become U+FFFD
-        self.name = str(self.name).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        self.name = str(self.name).encode("utf-8", "surrogateescape" if _escapes_only(
+            str(self.name)) else "replace").decode("utf-8", "replace")
 
         self._model = model
         self._text_model = _find_text_model(model, set(self._layer_of))

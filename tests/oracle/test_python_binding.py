@@ -1451,6 +1451,7 @@ class QAFindings2(CaptureCase):
         if torch is None:
             self.skipTest("no torch")
         ids = torch.tensor([[5, 9, 9, 5, 9, 5, 5, 5]])  # HF-shaped [1, T]
+        want = [0, 1, 1, 0, 1, 0, 0, 0]
         s = self.sess("m.kvt")
         try:
             # a [1, T] mask: a ValueError naming the table (was: torch's "Boolean value of
@@ -1460,14 +1461,24 @@ class QAFindings2(CaptureCase):
                 with self.assertRaises(ValueError) as e:
                     s.set_tokens(modality=bad)
                 self.assertIn("modality", str(e.exception))
-            s.set_tokens(token_ids=ids[0], modality=(ids[0] == 9))  # a 1-D torch mask
+        finally:
+            try:
+                s.close()
+            except kvtrace.TraceError:
+                pass  # nothing was submitted: an incomplete trace
+        names = ["image" if w else "text" for w in want]
+        # a 1-D torch mask; names still in any iterable: an object array, a generator (a
+        # review of the fix found both refused by its first version)
+        for i, mod in enumerate(((ids[0] == 9), np.array(names, dtype=object),
+                                 (n for n in names))):
+            s = self.sess("m%d.kvt" % i)
+            s.set_tokens(token_ids=ids[0], modality=mod)
             x = np.ones((1, 8, 4), np.float32)
             s.submit_kv(0, 0, x, x)
             s.submit_queries(0, 6, np.ones((2, 2, 4), np.float32))
-        finally:
             s.close()
-        with kvtrace.open(s.path) as t:
-            np.testing.assert_array_equal(t.tokens["modality"], [0, 1, 1, 0, 1, 0, 0, 0])
+            with kvtrace.open(s.path) as t:
+                np.testing.assert_array_equal(t.tokens["modality"], want)
 
     def test_partial_path_with_warnings_as_errors(self):
         x = np.ones((1, 8, 4), np.float32)

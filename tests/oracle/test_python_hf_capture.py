@@ -783,15 +783,17 @@ def check_robustness(tmp):
         expect_error(lambda: kvtrace.capture(model, p("nm.kvt"), name="caf\udce9"),
                      ["not valid Unicode"], "name with a lone surrogate", exc=kvtrace.TraceError)
         saved = getattr(model.config, "_name_or_path", None)
-        model.config._name_or_path = "/models/caf\udce9"
-        try:
-            with kvtrace.capture(model, p("nm.kvt"), window=W, decode=2, force=True):
-                generate(model, ids)
-        finally:
-            model.config._name_or_path = saved
-        with kvtrace.open(p("nm.kvt")) as t:
-            check(t.header["model"]["name"] == "/models/caf\ufffd",
-                  "a default name from a Latin-1 folder: U+FFFD (%r)" % t.header["model"]["name"])
+        for raw, want in (("/models/caf\udce9", "/models/caf\ufffd"),
+                          ("/models/\ud800x", "/models/?x")):  # not os.fsdecode's: '?'
+            model.config._name_or_path = raw
+            try:
+                with kvtrace.capture(model, p("nm.kvt"), window=W, decode=2, force=True):
+                    generate(model, ids)
+            finally:
+                model.config._name_or_path = saved
+            with kvtrace.open(p("nm.kvt")) as t:
+                check(t.header["model"]["name"] == want, "a default name %r: %r (%r)"
+                      % (raw, want, t.header["model"]["name"]))
         os.remove(p("nm.kvt"))
     section(paths_and_names)
 
