@@ -294,7 +294,8 @@ kvt_status kvt_timeline_summarize(const kvt_timeline_event *ev, size_t n, kvt_ca
  *  cuptiSubscribe_v2 does); hand that reason to kvt_capture_set_timeline_absent. The
  *  collector holds CUPTI's only subscriber (named "kvtrace") from start to
  *  stop, so a profiler started meanwhile (torch.profiler included) cannot attach: its own
- *  start fails, and torch.profiler does not retry. */
+ *  start fails, and torch.profiler does not retry. torch.profiler holds CUPTI from its first
+ *  use to the end of the process, so a timeline after it is refused. */
 typedef struct kvt_timeline kvt_timeline;
 kvt_timeline *kvt_timeline_start(char *why, size_t cap);
 /** CUPTI's ids of a CUDA stream (a cudaStream_t / CUstream passed as void *): its context's
