@@ -328,7 +328,7 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
      * take over the other client's buffer callbacks and turn its tracing off at stop. Held
      * until stop, it keeps a profiler started meanwhile from attaching. */
     char other[CUPTI_OLD_SUBSCRIBER_NAME_MIN_LEN + 1] = "";
-    CUptiResult r;
+    CUptiResult r = CUPTI_ERROR_INVALID_PARAMETER;
     if (g.subscribe_v2) {
         CUpti_SubscriberParams sp = {.structSize = CUpti_SubscriberParams_STRUCT_SIZE,
                                      .subscriberName = "kvtrace",
@@ -340,9 +340,9 @@ kvt_timeline *kvt_timeline_start(char *why, size_t cap)
             if ((unsigned char)*c < 0x20 || *c == 0x7f)
                 *c = ' ';
         kvt_utf8_sanitize(other);
-    } else {
-        r = g.subscribe(&tl->sub, no_callback, NULL);
     }
+    if (r == CUPTI_ERROR_INVALID_PARAMETER) /* no _v2, or one that refuses these params */
+        r = g.subscribe(&tl->sub, no_callback, NULL);
     if (r == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED) {
         if (other[0])
             snprintf(why, cap, "CUPTI: another CUPTI client is attached: %s (%s)", other,

@@ -29,6 +29,8 @@ enum kvt_mock_knob {
                                     another thread, waiting for the callback to return */
     KVT_MOCK_KERNEL_ON_ENABLE,   /* 1: enabling CONCURRENT_KERNEL records a kernel ("engine",
                                     [0,1) on context 1 stream 1): work already running */
+    KVT_MOCK_V2_REFUSES,         /* 1: cuptiSubscribe_v2 answers CUPTI_ERROR_INVALID_PARAMETER
+                                    (a CUPTI that does not take the caller's params) */
     /* read only */
     KVT_MOCK_SUBSCRIBED,         /* 1 while the collector holds the subscriber slot */
     KVT_MOCK_KERNEL_ENABLED,     /* CONCURRENT_KERNEL activity enabled */

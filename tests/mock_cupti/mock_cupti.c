@@ -57,6 +57,7 @@ static void defaults(void)
     m.knob[KVT_MOCK_RECORDS_PER_BUFFER] = 0;
     m.knob[KVT_MOCK_DELIVER_IN_ENABLE] = 0;
     m.knob[KVT_MOCK_KERNEL_ON_ENABLE] = 0;
+    m.knob[KVT_MOCK_V2_REFUSES] = 0;
 }
 
 __attribute__((constructor)) static void init(void)
@@ -81,7 +82,7 @@ EXPORT long long kvt_mock_cupti_set(int knob, long long value)
             m.holder = 1;
         else if (!value && m.holder == 1)
             m.holder = 0;
-    } else if (knob >= 0 && knob <= KVT_MOCK_KERNEL_ON_ENABLE) { /* the settable ones */
+    } else if (knob >= 0 && knob <= KVT_MOCK_V2_REFUSES) { /* the settable ones */
         old = m.knob[knob];
         m.knob[knob] = value;
     }
@@ -172,6 +173,7 @@ EXPORT CUptiResult cuptiSubscribe(CUpti_SubscriberHandle *sub, CUpti_CallbackFun
     CUptiResult r = CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED;
     if (!m.holder) {
         m.holder = 2;
+        m.subscriber_name[0] = '\0'; /* unnamed (cuptiSubscribe_v2 names it after) */
         *sub = (CUpti_SubscriberHandle)&subscriber_token;
         r = CUPTI_SUCCESS;
     }
@@ -184,7 +186,8 @@ EXPORT CUptiResult cuptiSubscribe(CUpti_SubscriberHandle *sub, CUpti_CallbackFun
 EXPORT CUptiResult cuptiSubscribe_v2(CUpti_SubscriberHandle *sub, CUpti_CallbackFunc cb, void *ud,
                                      CUpti_SubscriberParams *params)
 {
-    if (params && params->structSize != CUpti_SubscriberParams_STRUCT_SIZE)
+    if ((params && params->structSize != CUpti_SubscriberParams_STRUCT_SIZE) ||
+        kvt_mock_cupti_get(KVT_MOCK_V2_REFUSES))
         return CUPTI_ERROR_INVALID_PARAMETER;
     CUptiResult r = cuptiSubscribe(sub, cb, ud);
     if (r == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED && params &&

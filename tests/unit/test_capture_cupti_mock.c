@@ -218,6 +218,16 @@ static void test_other_subscriber(void)
     KVT_CHECK(kvt_timeline_stop(tl, 0, 0, &t));
     KVT_EXPECT_EQ_U64(t.n_kernels, 1);
     KVT_EXPECT(!mock_get(KVT_MOCK_SUBSCRIBED));
+    /* a cuptiSubscribe_v2 that refuses the params: cuptiSubscribe, unnamed, still guards */
+    mock_set(KVT_MOCK_V2_REFUSES, 1);
+    tl = start_ok();
+    if (!tl)
+        return;
+    KVT_EXPECT(mock_get(KVT_MOCK_SUBSCRIBED) && !mock_get(KVT_MOCK_NAMED_KVTRACE));
+    KVT_CHECK(kvt_timeline_stop(tl, 0, 0, &t));
+    mock_set(KVT_MOCK_OTHER_SUBSCRIBER, 1);
+    start_refused("another CUPTI client is attached (Nsight Systems/Compute");
+    mock_reset();
 }
 
 /* A buffer CUPTI delivers while start is still enabling, from another thread that start waits
