@@ -13,14 +13,14 @@ What is recorded (text decoder layers only; vision towers are left alone):
   * per-token tables: prompt token ids, modality (image/video token ids from the config),
     position ids (3 rows per token for M-RoPE models: Qwen2-VL, Qwen2.5-VL).
 
-How: transformers (>= 4.48; Qwen2-VL, Qwen2.5-VL >= 4.53) dispatches attention through a registry, ALL_ATTENTION_FUNCTIONS
-("sdpa", "flash_attention_2", ...). For the duration of the block the model's entry is
-replaced by a wrapper that hands query/key/value of the text attention modules to the C
-capture session (by data pointer, strides and, on a GPU, torch's current stream: nothing is
-copied through Python memory) and then calls the original function, unchanged; the name
-stays the same, so mask creation is untouched and the logits are those of an uncaptured
-run. Forward pre-hooks on the model and on its text model see input_ids and position_ids.
-The registry and the hooks are restored when the block ends, also on an exception.
+How: transformers (>= 4.48; for Qwen2-VL and Qwen2.5-VL >= 4.53) dispatches attention through
+a registry, ALL_ATTENTION_FUNCTIONS ("sdpa", "flash_attention_2", ...). For the duration of the
+block the model's entry is replaced by a wrapper that hands query/key/value of the text
+attention modules to the C capture session (by data pointer, strides and, on a GPU, torch's
+current stream: nothing is copied through Python memory) and then calls the original function,
+unchanged; the name stays the same, so mask creation is untouched and the logits are those of
+an uncaptured run. Forward pre-hooks on the model and on its text model see input_ids and
+position_ids. The registry and the hooks are restored when the block ends, also on an exception.
 
 Limits (each fails with a message saying so): batch size 1 (num_beams=1), no padding in the
 attention mask, the prompt in one forward call (no chunked prefill, assisted decoding, or a
@@ -198,14 +198,14 @@ def check_transformers_version(version, model_type=None):
     """Raise TraceError if `version` (a transformers version string) is too old, for any model
     or, given `model_type`, for that model type (Qwen2-VL and Qwen2.5-VL need 4.53)."""
     t = _version_tuple(version)
-    need = MIN_TRANSFORMERS_BY_TYPE.get(model_type, MIN_TRANSFORMERS)
+    late = model_type in MIN_TRANSFORMERS_BY_TYPE
+    need = MIN_TRANSFORMERS_BY_TYPE[model_type] if late else MIN_TRANSFORMERS
     if t is None or t[:2] < need:
-        raise _fail("transformers %s is not supported%s: it needs transformers >= %d.%d (the "
-                    "version whose %s attention dispatches through the attention registry, "
+        raise _fail("transformers %s is not supported%s: it needs transformers >= %d.%d (from "
+                    "that version on, %s attention goes through the attention registry, "
                     "ALL_ATTENTION_FUNCTIONS)"
-                    % (version, " for %s" % model_type if model_type in MIN_TRANSFORMERS_BY_TYPE
-                       else "", need[0], need[1],
-                       model_type if model_type in MIN_TRANSFORMERS_BY_TYPE else "text"))
+                    % (version, " for " + model_type if late else "", need[0], need[1],
+                       model_type + "'s" if late else "text"))
 
 
 def check_model_type(config):
