@@ -261,6 +261,16 @@ bool kvt_cli_json_text_ok(const char *cmd, const char *what, const char *text)
     return bad < 0;
 }
 
+int kvt_cli_label_width(kvt_policy *const *pols, size_t n, int min)
+{
+    int w = min;
+    for (size_t p = 0; p < n; p++) {
+        int len = (int)strlen(kvt_policy_label(pols[p]));
+        w = len > w ? len : w;
+    }
+    return w;
+}
+
 bool kvt_cli_same_path(const char *a, const char *b)
 {
     struct stat x, y;

@@ -570,10 +570,7 @@ typedef struct e2e_row {
 static void print_table(kvt_policy *const *pols, size_t n_pol, const kvt_budget *budgets,
                         size_t n_b, const e2e_row *rows)
 {
-    int lw = 24;
-    for (size_t p = 0; p < n_pol; p++)
-        lw = (int)strlen(kvt_policy_label(pols[p])) > lw ? (int)strlen(kvt_policy_label(pols[p]))
-                                                         : lw;
+    int lw = kvt_cli_label_width(pols, n_pol, 24);
     printf("%-*s %8s %7s %9s %9s %10s %8s %8s\n", lw, "policy", "budget", "kept", "err_d",
            "recall_d", "KL", "KL max", "top1");
     for (size_t p = 0; p < n_pol; p++)

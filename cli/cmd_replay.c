@@ -884,10 +884,7 @@ int kvt_cmd_replay(int argc, char **argv)
         goto out_free;
     }
     /* a short table on stdout: model-level means over all traces */
-    int lw = 28; /* the longest label, so that two specs never print alike */
-    for (size_t p = 0; p < n_pol; p++)
-        lw = (int)strlen(kvt_policy_label(pols[p])) > lw ? (int)strlen(kvt_policy_label(pols[p]))
-                                                         : lw;
+    int lw = kvt_cli_label_width(pols, n_pol, 28);
     printf("%-*s %8s %8s %9s %9s %9s %9s %8s\n", lw, "policy", "budget", "kept", "recall_w",
            "err_w", "recall_d", "err_d", "cover");
     for (size_t p = 0; p < n_pol; p++)

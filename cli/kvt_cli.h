@@ -174,6 +174,10 @@ bool kvt_cli_target_finish(const char *cmd, kvt_cli_target *t);
  *  unreadable to other parsers); else prints one error line for cmd and returns false. */
 bool kvt_cli_json_text_ok(const char *cmd, const char *what, const char *text);
 
+/** The width of a table's policy column: the longest label of pols[0..n), at least min (so
+ *  that two specs never print alike). */
+int kvt_cli_label_width(kvt_policy *const *pols, size_t n, int min);
+
 /** true if a and b name the same file, whether or not it exists yet (same directory and
  *  name, however spelt: "x" and "./x"). */
 bool kvt_cli_same_path(const char *a, const char *b);

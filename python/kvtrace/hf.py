@@ -41,7 +41,7 @@ import re
 
 import numpy as np
 
-from ._capture import TORCH_DTYPES, kv_dtype_code
+from ._capture import TORCH_DTYPES, _host_array, kv_dtype_code
 from ._errors import TraceError
 from ._lib import DTYPE_NAMES
 from ._trace import C_INT, C_UINT32, int_arg, path_arg
@@ -85,9 +85,7 @@ def _int_option(value, name, ctype, lo=None, hi=None):
 def _np(x, dtype=None):
     if x is None:
         return None
-    if hasattr(x, "detach"):  # torch.Tensor
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
+    a = _host_array(x)  # a torch tensor copied to the host
     return a.astype(dtype) if dtype is not None else a
 
 
