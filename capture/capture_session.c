@@ -341,6 +341,30 @@ static kvt_status check_model(const struct kvt_capture_model *m, const struct kv
                   KVT_ERR_INVALID_ARG, "model: unknown rope kind %d", (int)m->rope);
     KVT_RETURN_IF(!(m->attn_scale >= 0.0) || !isfinite(m->attn_scale) || !isfinite(m->rope_theta),
                   KVT_ERR_INVALID_ARG, "model: attn_scale and rope_theta must be finite");
+    KVT_RETURN_IF(m->rope_pairs != KVT_ROPE_PAIRS_UNKNOWN && m->rope_pairs != KVT_ROPE_PAIRS_HALF &&
+                      m->rope_pairs != KVT_ROPE_PAIRS_INTERLEAVED,
+                  KVT_ERR_INVALID_ARG, "model: unknown rope pairs %d", (int)m->rope_pairs);
+    KVT_RETURN_IF((m->rope_pairs || m->rope_inv_freq) && m->head_dim % 2, KVT_ERR_INVALID_ARG,
+                  "model: rope pairs need an even head_dim (%d)", m->head_dim);
+    for (int i = 0; m->rope_inv_freq && i < m->head_dim / 2; i++)
+        KVT_RETURN_IF(!(m->rope_inv_freq[i] >= 0.0) || !isfinite(m->rope_inv_freq[i]),
+                      KVT_ERR_INVALID_ARG,
+                      "model: rope_inv_freq[%d] = %g is not a finite "
+                      "frequency >= 0",
+                      i, m->rope_inv_freq[i]);
+    KVT_RETURN_IF(!(m->rope_attention_scaling >= 0.0) || !isfinite(m->rope_attention_scaling),
+                  KVT_ERR_INVALID_ARG, "model: rope_attention_scaling must be finite and >= 0");
+    {
+        const int *ms = m->mrope_section;
+        bool any = ms[0] || ms[1] || ms[2];
+        KVT_RETURN_IF(any && (ms[0] < 0 || ms[1] < 0 || ms[2] < 0 ||
+                              (long)ms[0] + ms[1] + ms[2] != m->head_dim / 2 ||
+                              m->rope != KVT_ROPE_MROPE),
+                      KVT_ERR_INVALID_ARG,
+                      "model: mrope_section [%d,%d,%d] must be >= 0 and sum to head_dim/2 = %d, "
+                      "with rope mrope",
+                      ms[0], ms[1], ms[2], m->head_dim / 2);
+    }
     KVT_RETURN_IF(o->n_tokens < 1 || o->n_tokens > (1u << 30), KVT_ERR_INVALID_ARG,
                   "n_tokens %u out of range [1, 2^30]", o->n_tokens);
     KVT_RETURN_IF(o->window < 1 || o->window > o->n_tokens, KVT_ERR_INVALID_ARG,
@@ -390,6 +414,21 @@ static kvt_status build_header(const kvt_capture_session *s, const char *capture
             cJSON_AddStringToObject(ro, "type", rope_name(m->rope));
             if (m->rope != KVT_ROPE_NONE)
                 cJSON_AddNumberToObject(ro, "theta", m->rope_theta);
+            if (m->rope_pairs)
+                cJSON_AddStringToObject(
+                    ro, "pairs", m->rope_pairs == KVT_ROPE_PAIRS_HALF ? "half" : "interleaved");
+            if (m->rope_inv_freq) {
+                cJSON *fa = cJSON_AddArrayToObject(ro, "inv_freq");
+                for (int i = 0; fa && i < m->head_dim / 2; i++)
+                    cJSON_AddItemToArray(fa, cJSON_CreateNumber(m->rope_inv_freq[i]));
+            }
+            if (m->rope_attention_scaling > 0)
+                cJSON_AddNumberToObject(ro, "attention_scaling", m->rope_attention_scaling);
+            if (m->mrope_section[0] || m->mrope_section[1] || m->mrope_section[2]) {
+                cJSON *sa = cJSON_AddArrayToObject(ro, "mrope_section");
+                for (int i = 0; sa && i < 3; i++)
+                    cJSON_AddItemToArray(sa, cJSON_CreateNumber(m->mrope_section[i]));
+            }
         }
     }
     cJSON_AddStringToObject(root, "kv_dtype", kvt_dtype_name(m->kv_dtype));
@@ -516,6 +555,7 @@ kvt_status kvt_capture_open(const char *path, const struct kvt_capture_model *mo
         }
     }
     st = build_header(s, opts->capture_json, &hdr);
+    s->model.rope_inv_freq = NULL; /* the caller's array: only the header holds it */
     if (st != KVT_OK)
         goto out_free_s;
     st = kvt_trace_writer_create(path, hdr, &s->opts.writer, &s->w);

@@ -64,6 +64,13 @@ typedef enum kvt_rope_kind {
     KVT_ROPE_MROPE = 2,   /* multimodal rotary on 3 position ids (t, h, w) */
 } kvt_rope_kind;
 
+/** Which dimensions of a head RoPE rotates together (recorded as model.rope.pairs). */
+typedef enum kvt_rope_pairs {
+    KVT_ROPE_PAIRS_UNKNOWN = 0,     /* not recorded */
+    KVT_ROPE_PAIRS_HALF = 1,        /* (i, i + D/2): HF transformers' rotate_half */
+    KVT_ROPE_PAIRS_INTERLEAVED = 2, /* (2i, 2i + 1): llama2.c, Meta's reference code */
+} kvt_rope_pairs;
+
 /** The model whose cache is captured. Strings are copied at open. */
 struct kvt_capture_model {
     const char *name;   /* e.g. "stories260K" */
@@ -79,6 +86,13 @@ struct kvt_capture_model {
     const char *engine_name;
     const char *engine_version;
     const char *gpu; /* device name, NULL on CPU (header "gpu": null) */
+    /* Optional RoPE details, recorded in model.rope when set (zero: not recorded). Replaying
+       a policy that needs pre-RoPE queries (expected-attention) needs rope_pairs. */
+    kvt_rope_pairs rope_pairs;
+    const double *rope_inv_freq;   /* [head_dim/2] frequencies of the pairs as the model uses
+                                      them (scaled RoPE included); NULL: theta^(-2i/D) */
+    double rope_attention_scaling; /* the factor on cos and sin (HF's attention_scaling; 0: 1) */
+    int mrope_section[3];          /* M-RoPE: pairs in the t, h, w sections (sum head_dim/2) */
 };
 
 /** Capture settings. */

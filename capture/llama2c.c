@@ -793,6 +793,7 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
         .kv_dtype = o->kv_dtype == KVT_DTYPE_INVALID ? KVT_DTYPE_F32 : o->kv_dtype,
         .rope = KVT_ROPE_DEFAULT,
         .rope_theta = KVT_LLAMA2C_ROPE_THETA,
+        .rope_pairs = KVT_ROPE_PAIRS_INTERLEAVED,
         .engine_name = "kvtrace-llama2c",
         .engine_version = kvt_version_string(),
         .gpu = NULL,

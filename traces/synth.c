@@ -1263,6 +1263,7 @@ static kvt_status build_header(const kvt_synth_opts *o, const kvt_synth_shape *s
             bool mrope = sh->rope == KVT_SYNTH_ROPE_MROPE;
             cJSON_AddStringToObject(ro, "type", mrope ? "mrope" : "default");
             cJSON_AddNumberToObject(ro, "theta", sh->rope_theta);
+            cJSON_AddStringToObject(ro, "pairs", "half"); /* add_carrier's rotate_half pairing */
             if (mrope)
                 cJSON_AddItemToObject(ro, "mrope_section",
                                       cJSON_CreateIntArray(sh->mrope_section, 3));

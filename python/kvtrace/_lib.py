@@ -47,6 +47,7 @@ TABLE_KINDS = {16, 17, 18, 19, 20, 32}  # layer -1
 
 MODALITIES = {"text": 0, "image": 1, "video": 2, "other": 3}
 ROPE_KINDS = {"none": 0, "default": 1, "mrope": 2}
+ROPE_PAIRS = {None: 0, "half": 1, "interleaved": 2}
 
 
 # ---- structures ----
@@ -145,6 +146,10 @@ class CaptureModel(ctypes.Structure):
         ("engine_name", ctypes.c_char_p),
         ("engine_version", ctypes.c_char_p),
         ("gpu", ctypes.c_char_p),
+        ("rope_pairs", ctypes.c_int),
+        ("rope_inv_freq", ctypes.POINTER(ctypes.c_double)),
+        ("rope_attention_scaling", ctypes.c_double),
+        ("mrope_section", ctypes.c_int * 3),
     ]
 
 

@@ -12,6 +12,7 @@
  * - a write failure mid-capture (RLIMIT_FSIZE: write() fails with EFBIG at an exact offset)
  *   returns KVT_ERR_IO, and the reader recovers every record before the failure.
  */
+#include <math.h>
 #include <signal.h>
 #include <sys/resource.h>
 
@@ -143,10 +144,12 @@ static int32_t tok_id(int t)
 }
 
 /* A whole capture in one layout; returns the first error. */
+static const struct kvt_capture_model *g_model; /* capture()'s model; NULL: test_model() */
+
 static kvt_status capture(const char *p, enum layout lay, const struct kvt_capture_opts *o,
                           struct kvt_capture_stats *stats)
 {
-    struct kvt_capture_model m = test_model();
+    struct kvt_capture_model m = g_model ? *g_model : test_model();
     kvt_capture_session *s;
     KVT_FORWARD(kvt_capture_open(p, &m, o, &s));
     int32_t ids[TT];
@@ -429,6 +432,64 @@ static void test_open_errors(void)
     KVT_EXPECT(strstr(kvt_error_msg(), "already exists") != NULL);
     KVT_EXPECT_STATUS(kvt_capture_open("/nonexistent-dir/x.kvt", &m, &o, &s), KVT_ERR_IO);
     KVT_EXPECT_STATUS(kvt_capture_close(NULL, NULL), KVT_OK);
+}
+
+/* The optional RoPE details reach model.rope exactly, and bad ones are refused at open. */
+static void test_rope_details(void)
+{
+    double f[DD / 2];
+    for (int i = 0; i < DD / 2; i++)
+        f[i] = 1.0 / (3.0 + i); /* not representable in a short decimal: the header is exact */
+    struct kvt_capture_model m = test_model();
+    m.rope_pairs = KVT_ROPE_PAIRS_HALF;
+    m.rope_inv_freq = f;
+    m.rope_attention_scaling = 1.25;
+    struct kvt_capture_opts o = test_opts();
+    g_model = &m;
+    KVT_CHECK(capture(path, CONTIG, &o, NULL));
+    g_model = NULL;
+    kvt_trace_reader *r = NULL;
+    KVT_CHECK(kvt_trace_reader_open(path, &r));
+    cJSON *h = r ? cJSON_Parse(kvt_trace_reader_header_json(r)) : NULL;
+    const cJSON *ro =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"), "rope");
+    const cJSON *pairs = cJSON_GetObjectItemCaseSensitive(ro, "pairs");
+    const cJSON *fa = cJSON_GetObjectItemCaseSensitive(ro, "inv_freq");
+    const cJSON *sc = cJSON_GetObjectItemCaseSensitive(ro, "attention_scaling");
+    KVT_EXPECT(cJSON_IsString(pairs) && !strcmp(pairs->valuestring, "half"));
+    KVT_EXPECT(cJSON_GetArraySize(fa) == DD / 2);
+    for (int i = 0; i < DD / 2 && cJSON_GetArraySize(fa) == DD / 2; i++)
+        KVT_EXPECT_MSG(cJSON_GetArrayItem(fa, i)->valuedouble == f[i], "inv_freq[%d] %.17g", i,
+                       cJSON_GetArrayItem(fa, i)->valuedouble);
+    KVT_EXPECT(cJSON_IsNumber(sc) && sc->valuedouble == 1.25);
+    KVT_EXPECT(!cJSON_GetObjectItemCaseSensitive(ro, "mrope_section"));
+    cJSON_Delete(h);
+    kvt_trace_reader_close(r);
+    /* refused */
+    kvt_capture_session *s = NULL;
+    m.rope_pairs = (kvt_rope_pairs)3;
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "rope pairs 3") != NULL);
+    m.rope_pairs = KVT_ROPE_PAIRS_INTERLEAVED;
+    f[1] = NAN;
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "rope_inv_freq[1]") != NULL);
+    f[1] = -1.0;
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    f[1] = 0.5;
+    m.rope_attention_scaling = -1.0;
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    m.rope_attention_scaling = 0;
+    m.mrope_section[0] = DD / 2; /* a section with 1-D RoPE */
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "mrope_section") != NULL);
+    m.rope = KVT_ROPE_MROPE;
+    m.mrope_section[1] = 1; /* sums to D/2 + 1 */
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    m.mrope_section[0] = DD / 2 - 1; /* sums to D/2 */
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_OK);
+    KVT_EXPECT(s != NULL);
+    (void)kvt_capture_close(s, NULL); /* nothing submitted: incomplete, whatever it says */
 }
 
 /* Every rejected call leaves the session usable: the capture still finishes intact. */
@@ -718,6 +779,7 @@ int main(void)
     kvt_test_tmp(path, sizeof(path), "capture.kvt");
     kvt_test_tmp(path2, sizeof(path2), "capture2.kvt");
     test_open_errors();
+    test_rope_details();
     test_ordering();
     test_layouts();
     test_dtypes();
