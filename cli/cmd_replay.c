@@ -369,14 +369,14 @@ static bool parse_shard(const char *v, int *index, int *count)
 
 static void list_policies(void)
 {
-    printf("%-16s %s\n", "policy", "description / options (defaults)");
+    printf("%-18s %s\n", "policy", "description / options (defaults)");
     for (size_t i = 0; i < kvt_policy_registry_size(); i++) {
         kvt_policy_about a;
         kvt_policy_registry_get(i, &a);
-        printf("%-16s %s%s%s\n%-16s   %s\n", a.name, a.summary,
+        printf("%-18s %s%s%s%s\n%-18s   %s\n", a.name, a.summary,
                (a.flags & KVT_POLICY_NEEDS_DECODE) ? " [needs decode queries]" : "",
-               (a.flags & KVT_POLICY_NEEDS_COLSUM) ? " [needs attn_colsum or Q_all]" : "", "",
-               a.options);
+               (a.flags & KVT_POLICY_NEEDS_COLSUM) ? " [needs attn_colsum or Q_all]" : "",
+               (a.flags & KVT_POLICY_NEEDS_QALL) ? " [needs Q_all]" : "", "", a.options);
     }
     printf("\nEvery policy also takes label=NAME: the name results, tables and reports show\n"
            "(default: the spec as given), e.g. external:scores=s.npy,label=mine.\n");

@@ -48,6 +48,7 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_NEEDS_DECODE 0x8u  /* needs Q_decode (oracle, quest) */
 #define KVT_POLICY_NEEDS_COLSUM 0x10u /* needs attn_colsum or Q_all (h2o) */
 #define KVT_POLICY_WINDOW_QUERY 0x20u /* ranks by the window queries: window >= 1 (snapkv, ...) */
+#define KVT_POLICY_NEEDS_QALL   0x40u /* needs Q_all and the RoPE layout (expected-attention) */
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {
@@ -103,6 +104,19 @@ void kvt_policy_registry_get(size_t i, kvt_policy_about *out);
 /* One layer in memory                                                                   */
 /* ------------------------------------------------------------------------------------- */
 /** The tensors of one layer, f32, borrowed for the duration of a call. */
+/** RoPE as a trace header's model.rope records it (traces/FORMAT.md), for policies that work on
+ *  pre-RoPE queries (expected-attention). Pair i of a head turns by position * freq_i, with
+ *  freq_i = inv_freq[i] or theta^(-2i/D); with M-RoPE the position is the t, h or w id of the
+ *  section that holds pair i. */
+typedef struct kvt_rope_info {
+    int type;                 /* 0 none, 1 default (1-D), 2 mrope */
+    int pairs;                /* 0 unknown, 1 half (i, i + D/2), 2 interleaved (2i, 2i + 1) */
+    double theta;             /* base of the frequencies */
+    const double *inv_freq;   /* [D/2] or NULL */
+    double attention_scaling; /* the factor on cos and sin (0: 1) */
+    int mrope_section[3];     /* M-RoPE: pairs in the t, h, w sections */
+} kvt_rope_info;
+
 typedef struct kvt_layer_input {
     int layer, n_layers;
     int T, D, Hq, Hkv;
@@ -121,6 +135,9 @@ typedef struct kvt_layer_input {
      * them from the trace this way). */
     kvt_status (*q_all_head)(void *user, int h, float *dst);
     void *q_all_user;
+    const int32_t *positions;  /* [n_pos_rows, T] prompt position ids, or NULL (0..T-1) */
+    int n_pos_rows;            /* rows of positions: 1, or 3 with M-RoPE */
+    const kvt_rope_info *rope; /* or NULL: not known */
 } kvt_layer_input;
 
 /** Metrics of one (policy, budget, layer, head); NaN = not applicable (written as null).

@@ -70,7 +70,7 @@ static const opt_desc opts_table[] = {
      "external: AdaKV's head-adaptive budgets from the scores 0|1"},
     {"beta", O_DBL, OFF(beta), 1e-9, 1e9, "PyramidKV beta; HeadKV head_beta (>= 1)"},
     {"fallback", O_BOOL, OFF(fallback), 0, 0, "PyramidKV uniform fallback when N < 2(B-W)"},
-    {"sinks", O_INT, OFF(sinks), 0, 1e9, "StreamingLLM sink tokens"},
+    {"sinks", O_INT, OFF(sinks), 0, 1e9, "sink tokens (streamingllm; expected-attention)"},
     {"ratio", O_DBL, OFF(ratio), 0, 1, "SparseMM minimum share of b per head"},
     {"scores", O_STR, OFF(scores), 0, 0,
      "score file: SparseMM/HeadKV head scores (JSON), external token scores (.npy, or a directory "
@@ -91,6 +91,11 @@ static const opt_desc opts_table[] = {
     {"floor", O_DBL, OFF(floor_frac), 0, 1, "HybridKV-like static floor (share of b)"},
     {"merge_window", O_INT, OFF(merge_window), 2, 1e6, "LightKV-like matching window"},
     {"seed", O_U64, OFF(seed), 0, 0, "random seed"},
+    {"future", O_INT, OFF(n_future), 1, 1e7,
+     "expected-attention: future positions the mean rotation averages"},
+    {"cov", O_BOOL, OFF(use_cov), 0, 0, "expected-attention: the queries' covariance term 0|1"},
+    {"vnorm", O_BOOL, OFF(use_vnorm), 0, 0, "expected-attention: scores times ||v|| 0|1"},
+    {"epsilon", O_DBL, OFF(epsilon), 0, 1e9, "expected-attention: added to scores before ||v||"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 

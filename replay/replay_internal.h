@@ -38,6 +38,10 @@ typedef struct kvt_policy_opts {
     kvt_reduce chunk_score; /* HybridKV-like chunk score: sum | max */
     double floor_frac;      /* HybridKV-like static floor as a fraction of b */
     int merge_window;       /* LightKV-like matching window (vision tokens) */
+    int n_future;           /* expected-attention: future positions the rotation averages */
+    bool use_cov;           /* expected-attention: the queries' covariance term */
+    bool use_vnorm;         /* expected-attention: scores times ||v|| */
+    double epsilon;         /* expected-attention: added to the scores before ||v|| */
     uint64_t seed;          /* random */
 } kvt_policy_opts;
 

@@ -88,6 +88,7 @@ bool kvt_shard_owns(uint64_t unit, int index, int count)
 }
 
 /* ---- the driver ---- */
+#define KVT_ROPE_MAX_PAIRS 1024
 typedef struct run_shared {
     kvt_trace_reader *rd;
     kvt_policy *const *pols;
@@ -99,8 +100,13 @@ typedef struct run_shared {
     int L, Hq, Hkv, T, D, W, G;
     double scale;  /* the header's model.attn_scale, 0 when absent (1/sqrt(D)) */
     kvt_dtype kdt; /* K's stored dtype */
-    bool has_qd, has_kvd, has_colsum, has_qall, need_colsum;
+    bool has_qd, has_kvd, has_colsum, has_qall, need_colsum, need_qall;
     const uint8_t *mod;
+    const int32_t *pos; /* [n_pos_rows, T] prompt positions, or NULL */
+    int n_pos_rows;
+    kvt_rope_info rope;                   /* model.rope (rope_known: parsed) */
+    double rope_freq[KVT_ROPE_MAX_PAIRS]; /* rope.inv_freq points here when the header has it */
+    bool rope_known;
     pthread_mutex_t mu;
     int next_layer, done, n_sel; /* n_sel: layers to replay (layer_mask) */
     /* --device cuda: at most gpu_slots workers hold a layer on the GPU at once (what its free
@@ -109,6 +115,7 @@ typedef struct run_shared {
     pthread_cond_t gpu_cv;
     kvt_status err;
     char err_msg[512];
+    char rope_why[200]; /* why rope_known is false */
 } run_shared;
 
 static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int tok, float *dst)
@@ -165,7 +172,7 @@ static void *worker(void *arg)
     float *vd = sh->has_kvd ? kvt_malloc((size_t)Hkv * G * D * sizeof(float)) : NULL;
     float *cs =
         sh->need_colsum && sh->has_colsum ? kvt_malloc((size_t)Hq * T * sizeof(float)) : NULL;
-    const bool stream_qa = sh->need_colsum && !sh->has_colsum && sh->has_qall;
+    const bool stream_qa = (sh->need_colsum && !sh->has_colsum && sh->has_qall) || sh->need_qall;
     kvt_head_metrics *m = kvt_malloc(sh->n_pol * sh->n_b * (size_t)Hq * sizeof(*m));
     kvt_status st = KVT_OK;
     if (!k || !v || !qw || !m || (sh->has_qd && !qd) || (sh->has_kvd && (!kd || !vd)) ||
@@ -196,7 +203,10 @@ static void *worker(void *arg)
                               .k = k,
                               .v = v,
                               .q_window = qw,
-                              .modality = sh->mod};
+                              .modality = sh->mod,
+                              .positions = sh->pos,
+                              .n_pos_rows = sh->n_pos_rows,
+                              .rope = sh->rope_known ? &sh->rope : NULL};
         uint64_t t_read = kvt_now_ns();
         if ((st = read_f32(sh, l, KVT_KIND_K, Hkv, T, k)) ||
             (st = read_f32(sh, l, KVT_KIND_V, Hkv, T, v)) ||
@@ -221,7 +231,7 @@ static void *worker(void *arg)
         }
         KVT_PROF_ADD(sh->o->profile, read_ns, kvt_now_ns() - t_read);
         qa_load qal = {sh, l};
-        if (stream_qa) { /* H2O column sums from Q_all, read one head at a time */
+        if (stream_qa) { /* Q_all read one head at a time (H2O column sums, expected-attention) */
             uint32_t h, t, d;
             kvt_dtype dt;
             if ((st = kvt_trace_reader_shape(sh->rd, l, KVT_KIND_Q_ALL, &h, &t, &d, &dt)))
@@ -413,6 +423,8 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
             b += 3584;
         if (f & KVT_POLICY_PER_STEP)
             b += 1024 + 96.0 * Hkv;
+        if (f & KVT_POLICY_NEEDS_QALL) /* expected-attention: f64 queries, keys, K S', angles */
+            b += 36.0 * D + 16.0 * Hq;
     }
     return b;
 }
@@ -496,6 +508,92 @@ kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why
     return KVT_OK;
 }
 
+/* The header's model.rope into sh->rope (FORMAT.md); sh->rope_known false, with sh->rope_why,
+ * when it is absent or cannot be used to undo RoPE. A trace written by kvtrace's llama2.c engine
+ * before model.rope.pairs was recorded rotates interleaved pairs. */
+static void parse_rope(const cJSON *hdr, run_shared *sh)
+{
+    const cJSON *ro =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(hdr, "model"), "rope");
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(ro, "type");
+    kvt_rope_info *r = &sh->rope;
+    memset(r, 0, sizeof(*r));
+    sh->rope_known = false;
+#define ROPE_FAIL(...)                                                                             \
+    do {                                                                                           \
+        snprintf(sh->rope_why, sizeof(sh->rope_why), __VA_ARGS__);                                 \
+        return;                                                                                    \
+    } while (0)
+    if (!cJSON_IsString(ty))
+        ROPE_FAIL("the header does not say how RoPE was applied (model.rope.type)");
+    if (!strcmp(ty->valuestring, "none")) {
+        sh->rope_known = true; /* queries and keys were never rotated */
+        return;
+    }
+    r->type = !strcmp(ty->valuestring, "default") ? 1 : !strcmp(ty->valuestring, "mrope") ? 2 : 0;
+    if (!r->type)
+        ROPE_FAIL("model.rope.type \"%.40s\" is not one kvtrace knows", ty->valuestring);
+    const cJSON *pa = cJSON_GetObjectItemCaseSensitive(ro, "pairs");
+    const cJSON *en =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(hdr, "engine"), "name");
+    if (cJSON_IsString(pa))
+        r->pairs = !strcmp(pa->valuestring, "half")          ? 1
+                   : !strcmp(pa->valuestring, "interleaved") ? 2
+                                                             : 0;
+    else if (!pa && cJSON_IsString(en) && !strcmp(en->valuestring, "kvtrace-llama2c"))
+        r->pairs = 2;
+    if (!r->pairs)
+        ROPE_FAIL("the header does not say which dimensions RoPE rotates together "
+                  "(model.rope.pairs \"half\" or \"interleaved\"): capture the trace "
+                  "with this version of kvtrace");
+    const int half = sh->D / 2;
+    if (sh->D % 2 || half > KVT_ROPE_MAX_PAIRS)
+        ROPE_FAIL("RoPE with head_dim %d is not supported", sh->D);
+    const cJSON *th = cJSON_GetObjectItemCaseSensitive(ro, "theta");
+    r->theta = cJSON_IsNumber(th) ? th->valuedouble : 0.0;
+    const cJSON *fa = cJSON_GetObjectItemCaseSensitive(ro, "inv_freq");
+    if (fa) {
+        if (!cJSON_IsArray(fa) || cJSON_GetArraySize(fa) != half)
+            ROPE_FAIL("model.rope.inv_freq is not an array of head_dim/2 = %d numbers", half);
+        int i = 0;
+        for (const cJSON *e = fa->child; e; e = e->next, i++) {
+            if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble) || e->valuedouble < 0)
+                ROPE_FAIL("model.rope.inv_freq[%d] is not a finite number >= 0", i);
+            sh->rope_freq[i] = e->valuedouble;
+        }
+        r->inv_freq = sh->rope_freq;
+    } else if (!(r->theta > 0 && isfinite(r->theta))) {
+        ROPE_FAIL("model.rope has neither inv_freq nor a positive theta");
+    }
+    const cJSON *as = cJSON_GetObjectItemCaseSensitive(ro, "attention_scaling");
+    if (as && !(cJSON_IsNumber(as) && isfinite(as->valuedouble) && as->valuedouble > 0))
+        ROPE_FAIL("model.rope.attention_scaling is not a positive number");
+    r->attention_scaling = as ? as->valuedouble : 1.0;
+    if (r->type == 2) {
+        const cJSON *ms = cJSON_GetObjectItemCaseSensitive(ro, "mrope_section");
+        if (!ms) { /* kvtrace.capture before it was in model.rope kept it in "capture" */
+            ms = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(hdr, "capture"),
+                                                  "mrope_section");
+        }
+        int sum = 0, i = 0;
+        for (const cJSON *e = cJSON_IsArray(ms) ? ms->child : NULL; e && i < 3; e = e->next, i++) {
+            r->mrope_section[i] = cJSON_IsNumber(e) && e->valuedouble >= 0 &&
+                                          e->valuedouble <= half &&
+                                          e->valuedouble == (int)e->valuedouble
+                                      ? (int)e->valuedouble
+                                      : -1;
+            sum += r->mrope_section[i];
+        }
+        if (!cJSON_IsArray(ms) || cJSON_GetArraySize(ms) != 3 || i != 3 || sum != half ||
+            r->mrope_section[0] < 0 || r->mrope_section[1] < 0 || r->mrope_section[2] < 0)
+            ROPE_FAIL("an M-RoPE trace needs model.rope.mrope_section: 3 integers >= 0 "
+                      "summing to head_dim/2 = %d",
+                      half);
+    }
+#undef ROPE_FAIL
+    sh->rope_known = true;
+}
+
 /* Open the trace at path into sh (reader, shape, tensors present; *hdr_out its parsed header,
  * both for the caller to free, also on failure), check the header against layer 0's records
  * and these policies against what the trace holds (stored window queries, decode queries,
@@ -537,6 +635,7 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
             return st;
         }
         sh->scale = as ? as->valuedouble : 0.0;
+        parse_rope(hdr, sh);
         if (sh->Hq % sh->Hkv) {
             st = kvt_error_set(KVT_ERR_CORRUPT,
                                "%s: %d query heads are not a multiple of %d KV heads (GQA needs "
@@ -614,6 +713,22 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                                    kvt_policy_label(pols[p]), path);
             return st;
         }
+        if (f & KVT_POLICY_NEEDS_QALL) {
+            sh->need_qall = true;
+            if (!sh->has_qall) {
+                st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                                   "policy %s needs every prompt query (Q_all), which %s does not "
+                                   "have: capture with --q-all (kvtrace capture-llama2c) or "
+                                   "with_q_all=True (kvtrace.capture), or drop the policy",
+                                   kvt_policy_label(pols[p]), path);
+                return st;
+            }
+            if (!sh->rope_known) {
+                st = kvt_error_set(KVT_ERR_NOT_FOUND, "policy %s: %s: %s",
+                                   kvt_policy_label(pols[p]), path, sh->rope_why);
+                return st;
+            }
+        }
         if (f & KVT_POLICY_NEEDS_COLSUM) {
             sh->need_colsum = true;
             if (!sh->has_colsum && !sh->has_qall) {
@@ -663,6 +778,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     cJSON *hdr = NULL;
     kvt_trace_result *res = NULL;
     uint8_t *mod = NULL;
+    int32_t *pos = NULL;
     int *btok = NULL;
     double *bfrac = NULL;
     pthread_t *th = NULL;
@@ -730,6 +846,19 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         }
         res->has_modality = true;
         sh.mod = mod;
+    }
+    if (sh.need_qall && has_kind(sh.rd, -1, KVT_KIND_POSITIONS, &h, &t, &d, NULL) &&
+        (int)t == sh.T && d == 1 && (h == 1 || h == 3)) { /* for undoing RoPE */
+        pos = kvt_malloc((size_t)h * sh.T * sizeof(int32_t));
+        if (!pos) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
+        if ((st = kvt_trace_reader_read(sh.rd, -1, KVT_KIND_POSITIONS, 0, h, KVT_DTYPE_INVALID, pos,
+                                        (size_t)h * sh.T * sizeof(int32_t))))
+            goto out_free;
+        sh.pos = pos;
+        sh.n_pos_rows = (int)h;
     }
     sh.pols = bound.p, sh.n_pol = n_pol, sh.n_b = n_budgets, sh.btok = btok, sh.bfrac = bfrac;
     sh.o = o;
@@ -800,6 +929,7 @@ out_free:
     kvt_free(btok);
     kvt_free(bfrac);
     kvt_free(mod);
+    kvt_free(pos);
     kvt_trace_result_free(res);
     cJSON_Delete(hdr);
     kvt_trace_reader_close(sh.rd);

@@ -1,6 +1,9 @@
 # Replay engine, kernels and analysis tests (issue #3).
 kvt_add_test(test_kernels_ref SOURCES unit/test_kernels_ref.c LIBS kvt_replay LABELS cpu)
 kvt_add_test(test_replay_policies SOURCES unit/test_replay_policies.c LIBS kvt_replay LABELS cpu)
+# expected-attention (kvpress's ExpectedAttentionPress) on layers worked by hand.
+kvt_add_test(test_replay_expected_attention SOURCES unit/test_replay_expected_attention.c
+             LIBS kvt_replay LABELS cpu)
 # HybridKV-like's classification, allocation and per-step chunks, worked by hand (POLICIES §9).
 kvt_add_test(test_replay_hybridkv SOURCES unit/test_replay_hybridkv.c LIBS kvt_replay LABELS cpu)
 # LightKV-like's merged keys and values, AdaKV alloc=b and random, worked by hand.

@@ -203,4 +203,21 @@ $BIN replay "$TMP/nd.kvt" --budgets 16 -o "$TMP/l.json" \
     >"$TMP/out" 2>&1 || fail "long labels"
 grep -q "^snapkv:window=32,kernel=7,pool=max " "$TMP/out" &&
     grep -q "^snapkv:window=32,kernel=7,pool=avg " "$TMP/out" || fail "labels cut: $(cat "$TMP/out")"
+# expected-attention needs Q_all: one clear line without it; with it (llama2.c's interleaved
+# RoPE, and synth's rotate_half) it runs, keeping the 4 sinks first at every budget
+$BIN replay "$TMP/t.kvt" --policies expected-attention --budgets 24 -o "$TMP/ea.json" \
+    2>"$TMP/err" && fail "expected-attention without Q_all"
+grep -q "needs every prompt query (Q_all), which .*t.kvt does not have: capture with --q-all" \
+    "$TMP/err" && [ "$(wc -l <"$TMP/err")" = 1 ] || fail "no Q_all message: $(cat "$TMP/err")"
+$BIN capture-llama2c --model "$MODEL" --tokens 60 --decode 2 --window 8 --q-all \
+    -o "$TMP/qa.kvt" >/dev/null 2>&1 || fail "capture --q-all"
+$BIN synth --shape tiny --tokens 80 --q-all -o "$TMP/sqa.kvt" >/dev/null 2>&1 || fail "synth"
+for tr in qa sqa; do
+    $BIN replay "$TMP/$tr.kvt" --policies expected-attention,expected-attention:heads=query \
+        --budgets 4,9,30% --export-selection "$TMP/ea_$tr.json" -o "$TMP/ea_$tr.r.json" \
+        >/dev/null 2>"$TMP/err" || fail "expected-attention on $tr: $(cat "$TMP/err")"
+    n4=$(grep -c '"budget_tokens":4,' "$TMP/ea_$tr.json")
+    n4s=$(grep -c '"budget_tokens":4,.*"kept":\[0,1,2,3\]}' "$TMP/ea_$tr.json")
+    [ "$n4" -gt 0 ] && [ "$n4" = "$n4s" ] || fail "$tr: budget 4 keeps other than the sinks"
+done
 echo "test_replay_cli: ok"

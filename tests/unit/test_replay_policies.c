@@ -746,7 +746,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 22);
+    KVT_EXPECT(kvt_policy_registry_size() == 23);
 }
 
 int main(void)
