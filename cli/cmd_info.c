@@ -323,8 +323,11 @@ int kvt_cmd_info(int argc, char **argv)
         cJSON_AddItemToObject(out, "metadata", meta);
         meta = NULL;
         char *js = cJSON_Print(out);
-        if (js)
+        if (js) { /* a path or another writer's header string that is not UTF-8: '?' per byte,
+                     so that the output is JSON text (cJSON copies such bytes through) */
+            kvt_utf8_sanitize(js);
             printf("%s\n", js);
+        }
         cJSON_free(js);
         rc = 0;
         goto out_free;

@@ -25,6 +25,22 @@ $BIN info $TMP/t.kvt >$TMP/t.info
 check "info: K in 5 layers" "grep -Eq '^K +5 +5 ' $TMP/t.info"
 check "info: token_ids in no layer" "grep -Eq '^token_ids +- +1 ' $TMP/t.info"
 check "info: all 64 decode steps, nothing more said" "grep -q ' G=64  kv dtype' $TMP/t.info"
+# a header string that is not UTF-8 (another writer's Latin-1 model name, crc32 redone):
+# --json stays UTF-8 text, the byte a '?'
+if PY=$(command -v python3); then
+    "$PY" - "$TMP/t.kvt" "$TMP/lat.kvt" <<'PYEOF'
+import struct, sys, zlib
+d = bytearray(open(sys.argv[1], "rb").read())
+j = struct.unpack_from("<I", d, 20)[0]
+i = d.index(b'"stories260K"', 24, 24 + j)
+d[i + 11] = 0xE9  # the K of "stories260K"
+struct.pack_into("<I", d, 24 + j, zlib.crc32(bytes(d[8:24 + j])))
+open(sys.argv[2], "wb").write(bytes(d))
+PYEOF
+    check "info --json on a Latin-1 header string is UTF-8 text" \
+        "$BIN info --json $TMP/lat.kvt | iconv -f UTF-8 -t UTF-8 >/dev/null 2>&1 &&
+         $BIN info --json $TMP/lat.kvt | grep -q '\"name\":[[:space:]]*\"stories260?\"'"
+fi
 $BIN info --json $TMP/t.kvt | tr -d ' \t\n' >$TMP/t.json
 check "info --json: K layers 5, token_ids layers 0" \
     "grep -q '\"K\":{\"records\":5,\"layers\":5,' $TMP/t.json && grep -q '\"token_ids\":{\"records\":1,\"layers\":0,' $TMP/t.json"
