@@ -629,6 +629,21 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
                                    p, b, metrics[k].name, L, H);
                 goto out_fail;
             }
+        /* a head measured (any metric) has its kept count: a shard part's other layers are
+           null throughout, while a null n_keep beside measured metrics (a file edited by hand)
+           would read as keeping nothing */
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++) {
+                const kvt_head_metrics *hm = kvt_trace_result_at(t, (size_t)p, (size_t)b, l, h);
+                if (isnan(hm->n_keep) && !(isnan(hm->recall_window) && isnan(hm->err_window) &&
+                                           isnan(hm->coverage) && isnan(hm->recall_decode))) {
+                    st = kvt_error_set(KVT_ERR_CORRUPT,
+                                       "results: trace %zu, policy %s at budget %s: n_keep is "
+                                       "null at layer %d head %d, which has other metrics",
+                                       idx, r->policies[p].label, r->budgets[b].text, l, h);
+                    goto out_fail;
+                }
+            }
         const cJSON *bm = item(run, "by_modality");
         if (cJSON_IsObject(bm))
             for (size_t k = 0; k < N_MOD_METRICS; k++)

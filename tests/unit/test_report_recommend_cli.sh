@@ -239,5 +239,14 @@ json.dump(d, open(sys.argv[2], "w"))' "$TMP/vl.json" "$TMP/cut.json" || fail "cu
         [ $? -eq 1 ] && grep -q "trace 0 has no run of policy streamingllm at budget 10% (runs cut" \
             "$TMP/err" || { cat "$TMP/err"; fail "$c: runs cut out"; }
     done
+    # a null n_keep beside measured metrics (edited by hand) is refused on reading: recommend
+    # took it as keeping nothing ("0.0% of the KV cache (nanx smaller)")
+    "$PY" -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+d["traces"][0]["runs"][0]["metrics"]["n_keep"][1][0] = None
+json.dump(d, open(sys.argv[2], "w"))' "$TMP/vl.json" "$TMP/nk.json" || fail "null n_keep"
+    $BIN recommend "$TMP/nk.json" >/dev/null 2>"$TMP/err"
+    [ $? -eq 1 ] && grep -q "n_keep is null at layer 1 head 0, which has other metrics" \
+        "$TMP/err" || { cat "$TMP/err"; fail "null n_keep"; }
 fi
 echo "test_report_recommend_cli: ok"
