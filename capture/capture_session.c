@@ -379,6 +379,16 @@ static const char *rope_name(kvt_rope_kind k)
     return k == KVT_ROPE_DEFAULT ? "default" : k == KVT_ROPE_MROPE ? "mrope" : "none";
 }
 
+/* A finite number as the 17 significant digits that read back to the same double: cJSON's
+ * printer writes 15 whenever they read back within DBL_EPSILON, 1 ulp off for some values
+ * (float32 0.01 as a double), and RoPE's frequencies should reach the replay exactly. */
+static cJSON *exact_number(double x)
+{
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%.17g", x);
+    return cJSON_CreateRaw(buf);
+}
+
 /* The trace's JSON header (FORMAT.md §JSON header). Caller frees with cJSON_free. */
 static kvt_status build_header(const kvt_capture_session *s, const char *capture_json, char **out)
 {
@@ -420,10 +430,11 @@ static kvt_status build_header(const kvt_capture_session *s, const char *capture
             if (m->rope_inv_freq) {
                 cJSON *fa = cJSON_AddArrayToObject(ro, "inv_freq");
                 for (int i = 0; fa && i < m->head_dim / 2; i++)
-                    cJSON_AddItemToArray(fa, cJSON_CreateNumber(m->rope_inv_freq[i]));
+                    cJSON_AddItemToArray(fa, exact_number(m->rope_inv_freq[i]));
             }
             if (m->rope_attention_scaling > 0)
-                cJSON_AddNumberToObject(ro, "attention_scaling", m->rope_attention_scaling);
+                cJSON_AddItemToObject(ro, "attention_scaling",
+                                      exact_number(m->rope_attention_scaling));
             if (m->mrope_section[0] || m->mrope_section[1] || m->mrope_section[2]) {
                 cJSON *sa = cJSON_AddArrayToObject(ro, "mrope_section");
                 for (int i = 0; sa && i < 3; i++)
