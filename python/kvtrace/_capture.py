@@ -178,6 +178,71 @@ def _int_table(a, name, n_tokens, np_dtype, lo, hi, rows_ok=False):
     return np.ascontiguousarray(arr, dtype=np_dtype)
 
 
+def _rope_pairs_code(rope_pairs):
+    """The kvt_rope_pairs code of "half", "interleaved" or None; ValueError otherwise."""
+    if isinstance(rope_pairs, (str, type(None))) and rope_pairs in _lib.ROPE_PAIRS:
+        return _lib.ROPE_PAIRS[rope_pairs]
+    raise ValueError("rope_pairs %r is not a RoPE pairing (known: \"half\", \"interleaved\", "
+                     "or None)" % (rope_pairs,))
+
+
+def _float_arg(value, name):
+    """value as a finite float >= 0; TypeError for a non-number, ValueError otherwise."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError("%s must be a number, got %r" % (name, value))
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError("%s must be a number, got %r (%s)"
+                        % (name, value, type(value).__name__)) from None
+    if not (np.isfinite(v) and v >= 0.0):
+        raise ValueError("%s = %r must be a finite number >= 0" % (name, v))
+    return v
+
+
+def _rope_inv_freq_array(inv_freq, head_dim):
+    """A ctypes double array of the head_dim/2 RoPE frequencies, or None for None. ValueError
+    naming rope_inv_freq for an odd head_dim, another shape, or a value that is not a finite
+    number >= 0; TypeError for values that are not numbers."""
+    if inv_freq is None:
+        return None
+    if head_dim % 2:
+        raise ValueError("rope_inv_freq needs an even head_dim (head_dim = %d)" % head_dim)
+    arr = _host_array(inv_freq)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError("rope_inv_freq must hold numbers, got dtype %s" % arr.dtype)
+    n = head_dim // 2
+    if arr.shape != (n,):
+        raise ValueError("rope_inv_freq has shape %s; head_dim = %d, so it must be [%d] (one "
+                         "frequency per pair)" % (arr.shape, head_dim, n))
+    arr = arr.astype(np.float64)
+    bad = np.flatnonzero(~(np.isfinite(arr) & (arr >= 0.0)))
+    if bad.size:
+        raise ValueError("rope_inv_freq[%d] = %r is not a finite frequency >= 0"
+                         % (bad[0], float(arr[bad[0]])))
+    return (ctypes.c_double * n)(*arr.tolist())
+
+
+def _mrope_section(section, head_dim, rope_code):
+    """M-RoPE's 3 section sizes as a list of ints ([0, 0, 0] for None). ValueError naming
+    mrope_section unless they are 3 integers >= 0 summing to head_dim/2, with rope "mrope"."""
+    if section is None:
+        return [0, 0, 0]
+    vals = list(_host_array(section).reshape(-1)) if not isinstance(section, (str, bytes)) \
+        else None
+    if vals is None or len(vals) != 3:
+        raise ValueError("mrope_section %r must be 3 integers (pairs in the t, h, w sections)"
+                         % (section,))
+    out = [int_arg(v.item() if hasattr(v, "item") else v, "mrope_section[%d]" % i, C_INT, 0)
+           for i, v in enumerate(vals)]
+    if sum(out) != head_dim // 2:
+        raise ValueError("mrope_section %s sums to %d; it must sum to head_dim/2 = %d"
+                         % (out, sum(out), head_dim // 2))
+    if rope_code != _lib.ROPE_KINDS["mrope"]:
+        raise ValueError("mrope_section %s is for M-RoPE: pass rope=\"mrope\"" % (out,))
+    return out
+
+
 class CaptureSession(_NoCopy):
     """A capture session writing one .kvt trace (kvt_capture_open ... kvt_capture_close).
 
@@ -208,6 +273,20 @@ class CaptureSession(_NoCopy):
     the path hold no NUL, kv_dtype is f32/bf16/f16 (torch dtypes accepted), rope is "none",
     "default", "mrope" or its code.
 
+    Optional RoPE details, recorded in the header's model.rope (traces/FORMAT.md) when given
+    (a replay policy that works on pre-RoPE queries, expected-attention, needs rope_pairs):
+      rope_pairs:             which dimensions rotate together: "half" (i and i + D/2,
+                              transformers' rotate_half), "interleaved" (2i and 2i + 1,
+                              llama2.c, Meta's reference code), or None (not recorded);
+      rope_inv_freq:          the model's own frequencies of the D/2 pairs (scaled RoPE such as
+                              Llama 3.1's included): a sequence, NumPy array or torch tensor of
+                              head_dim/2 finite numbers >= 0; None: theta^(-2i/D);
+      rope_attention_scaling: the factor on cos and sin (transformers' attention_scaling); 0
+                              (the default): not recorded, readers take 1;
+      mrope_section:          M-RoPE (rope="mrope") only: the pairs in the t, h, w sections,
+                              3 integers >= 0 summing to head_dim/2; None: not recorded.
+    Each is checked here (ValueError or TypeError naming it).
+
     Threads may share a session: every call is serialised by a lock (the C session is not
     thread-safe), and a submission after close() raises TraceError ("is closed"). With
     force=True over an existing trace, a session that does not finish complete leaves the
@@ -220,7 +299,9 @@ class CaptureSession(_NoCopy):
                  attn_scale=0.0, engine_name="kvtrace-python", engine_version=None, gpu=None,
                  n_decode=0, decode_chunk=0, with_colsum=False, with_q_all=False, capture=None,
                  level=0, n_threads=0, max_pending_bytes=0, max_record_bytes=0,
-                 no_shuffle=False, force=False, timeline=False, capture_stream=None):
+                 no_shuffle=False, force=False, timeline=False, capture_stream=None,
+                 rope_pairs=None, rope_inv_freq=None, rope_attention_scaling=0.0,
+                 mrope_section=None):
         self._h = None
         self._tl = None
         L = _lib.lib()
@@ -239,15 +320,24 @@ class CaptureSession(_NoCopy):
         else:
             rope_code = int_arg(rope, "rope", C_INT)
         n_tokens = int_arg(n_tokens, "n_tokens", C_UINT32)
+        head_dim = int_arg(head_dim, "head_dim", C_INT)
+        pairs_code = _rope_pairs_code(rope_pairs)
+        # the frequencies as a C double array: the library copies them into the header at
+        # open; kept on self all the same, as long as the session that was given them
+        self._rope_inv_freq = _rope_inv_freq_array(rope_inv_freq, head_dim)
+        sections = _mrope_section(mrope_section, head_dim, rope_code)
         model = _lib.CaptureModel(
             name=self._strings[0], arch=self._strings[1],
             n_layers=int_arg(n_layers, "n_layers", C_INT),
             n_q_heads=int_arg(n_q_heads, "n_q_heads", C_INT),
             n_kv_heads=int_arg(n_kv_heads, "n_kv_heads", C_INT),
-            head_dim=int_arg(head_dim, "head_dim", C_INT),
+            head_dim=head_dim,
             kv_dtype=kv_dtype_code(kv_dtype), rope=rope_code, rope_theta=rope_theta,
             attn_scale=attn_scale, engine_name=self._strings[2],
-            engine_version=self._strings[3], gpu=self._strings[4])
+            engine_version=self._strings[3], gpu=self._strings[4],
+            rope_pairs=pairs_code, rope_inv_freq=self._rope_inv_freq,
+            rope_attention_scaling=_float_arg(rope_attention_scaling, "rope_attention_scaling"),
+            mrope_section=(ctypes.c_int * 3)(*sections))
         cj = None
         if capture is not None:
             cj = header_text(capture, "capture")

@@ -18,7 +18,9 @@
     trace and naming the new one (partial_path, RuntimeWarning), append_json/meta with bad
     JSON, integers that do not fit their C type and NUL in paths and strings, copy/pickle
     refused, a forked child's garbage collection leaving the parent's session alone, and
-    errors that name the argument (rope, name, modality, read_record);
+    errors that name the argument (rope, name, modality, read_record); the RoPE details
+    (rope_pairs, rope_inv_freq, rope_attention_scaling, mrope_section) read back exactly from
+    model.rope, and bad ones are refused naming the argument (and by the C library itself);
   * a QA pass (classes QAFindings, QAFindingsCapture): heads= refuses floats and bools,
     bf16_to_f32/f32_to_bf16 refuse what they would turn into garbage (float64 rounded once),
     TraceWriter.append takes torch bf16 and requires_grad tensors and says what to do with
@@ -746,6 +748,79 @@ class Robustness(CaptureCase):
             self.sess("x.kvt", name="a\0b")
         self.assertIn("NUL", str(e.exception))
         self.assertFalse(os.path.exists(os.path.join(self.dir, "x.kvt")))
+
+    # ---- RoPE details (model.rope: pairs, inv_freq, attention_scaling, mrope_section) ----
+    def test_rope_details_round_trip(self):
+        # head_dim 4: two pairs. Frequencies that are not float32 values, and float32 ones
+        # (a torch buffer), must read back as the same doubles.
+        cases = [
+            ("none.kvt", dict(), {"type": "default", "theta": 0}),
+            ("half.kvt", dict(rope_pairs="half", rope_inv_freq=[1.0, 1.0 / 3.0],
+                              rope_attention_scaling=1.0 / 7.0),
+             {"type": "default", "theta": 0, "pairs": "half", "inv_freq": [1.0, 1.0 / 3.0],
+              "attention_scaling": 1.0 / 7.0}),
+            ("inter.kvt", dict(rope_pairs="interleaved", rope_theta=1e4,
+                               rope_inv_freq=np.array([0.5, 0.0], np.float32)),
+             {"type": "default", "theta": 1e4, "pairs": "interleaved", "inv_freq": [0.5, 0.0]}),
+            ("mrope.kvt", dict(rope="mrope", rope_pairs="half", mrope_section=(1, 0, 1),
+                               rope_theta=1e6),
+             {"type": "mrope", "theta": 1e6, "pairs": "half", "mrope_section": [1, 0, 1]}),
+        ]
+        torch = optional_torch()
+        if torch is not None:
+            f = torch.tensor([1.0, 0.1], dtype=torch.float32)
+            cases.append(("torch.kvt", dict(rope_pairs="half", rope_inv_freq=f),
+                          {"type": "default", "theta": 0, "pairs": "half",
+                           "inv_freq": [float(x) for x in f.double()]}))
+        for fname, kw, want in cases:
+            with self.sess(fname, **kw) as s:
+                self.fill(s)
+            with kvtrace.open(s.path) as t:
+                self.assertEqual(t.header["model"]["rope"], want, fname)
+                self.assertTrue(t.verify()["ok"], fname)
+
+    def test_rope_details_refused(self):
+        bad = [
+            (dict(rope_pairs="rotate_half"), ValueError, ["rope_pairs 'rotate_half'", "half"]),
+            (dict(rope_pairs=1), ValueError, ["rope_pairs 1"]),
+            (dict(rope_inv_freq=[1.0, 0.1, 0.01]), ValueError,
+             ["rope_inv_freq", "(3,)", "[2]"]),
+            (dict(rope_inv_freq=[[1.0, 0.1]]), ValueError, ["rope_inv_freq", "(1, 2)"]),
+            (dict(rope_inv_freq=[1.0, float("nan")]), ValueError,
+             ["rope_inv_freq[1] = nan", "finite"]),
+            (dict(rope_inv_freq=[-1.0, 0.1]), ValueError, ["rope_inv_freq[0] = -1.0"]),
+            (dict(rope_inv_freq=[1.0, float("inf")]), ValueError, ["rope_inv_freq[1] = inf"]),
+            (dict(rope_inv_freq=["a", "b"]), TypeError, ["rope_inv_freq", "numbers"]),
+            (dict(head_dim=5, rope_inv_freq=[1.0, 0.1]), ValueError,
+             ["rope_inv_freq", "even head_dim"]),
+            (dict(rope_attention_scaling=-0.5), ValueError, ["rope_attention_scaling", ">= 0"]),
+            (dict(rope_attention_scaling=float("nan")), ValueError,
+             ["rope_attention_scaling"]),
+            (dict(rope_attention_scaling="1"), TypeError, ["rope_attention_scaling"]),
+            (dict(rope="mrope", mrope_section=[1, 1]), ValueError,
+             ["mrope_section", "3 integers"]),
+            (dict(rope="mrope", mrope_section=[1, 1, 1]), ValueError,
+             ["mrope_section [1, 1, 1] sums to 3", "head_dim/2 = 2"]),
+            (dict(rope="mrope", mrope_section=[3, -1, 0]), ValueError, ["mrope_section[1]"]),
+            (dict(rope="mrope", mrope_section=[1.5, 0.5, 0]), TypeError, ["mrope_section[0]"]),
+            (dict(mrope_section=[1, 0, 1]), ValueError, ["mrope_section", "rope=\"mrope\""]),
+        ]
+        for kw, exc, words in bad:
+            with self.assertRaises(exc, msg=repr(kw)) as e:
+                self.sess("x.kvt", **kw)
+            for w in words:
+                self.assertIn(w, str(e.exception), repr(kw))
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "x.kvt")))
+        # the C library checks the same itself (a struct filled without the binding's checks)
+        L = _lib.lib()
+        m = _lib.CaptureModel(name=b"m", arch=b"llama", n_layers=1, n_q_heads=1, n_kv_heads=1,
+                              head_dim=4, kv_dtype=_lib.DTYPE_F32, rope=1, rope_pairs=3)
+        o = _lib.CaptureOpts(n_tokens=8, window=2)
+        h = ctypes.c_void_p()
+        with self.assertRaises(kvtrace.TraceError) as e:
+            kvtrace._errors.call(L.kvt_capture_open, os.path.join(self.dir, "c.kvt").encode(),
+                                 ctypes.byref(m), ctypes.byref(o), ctypes.byref(h))
+        self.assertIn("rope pairs 3", str(e.exception))
 
     # ---- finding 3: threads ----
     def test_threads_share_a_session_exactly(self):
