@@ -11,7 +11,10 @@ What is recorded (text decoder layers only; vision towers are left alone):
   * the first `decode` decode steps: the query, key and value of each new token, and its
     input token id; generation goes on after that, uncaptured;
   * per-token tables: prompt token ids, modality (image/video token ids from the config),
-    position ids (3 rows per token for M-RoPE models: Qwen2-VL, Qwen2.5-VL).
+    position ids (3 rows per token for M-RoPE models: Qwen2-VL, Qwen2.5-VL);
+  * in the header's model.rope: pairs "half" (every supported model rotates with
+    transformers' rotate_half), the text rotary embedding's own frequencies (its inv_freq
+    buffer, scaled RoPE included) and attention_scaling, and M-RoPE's mrope_section.
 
 How: transformers (>= 4.48; for Qwen2-VL and Qwen2.5-VL >= 4.53) dispatches attention through
 a registry, ALL_ATTENTION_FUNCTIONS ("sdpa", "flash_attention_2", ...). For the duration of the
@@ -276,6 +279,50 @@ def rope_scaling_info(tc):
     return None
 
 
+def find_rotary_emb(text_model, attn_modules=()):
+    """The rotary embedding module of the text decoder: the text model's `rotary_emb` (Llama,
+    Mistral, Qwen2, Qwen2-VL's and Qwen2.5-VL's language model, LLaVA's language model, in
+    transformers 4.48 to 5.x), else one kept on a text attention module (some versions hold one
+    there as well); None when neither has one."""
+    for owner in [text_model] + [m for _, m in attn_modules][:1]:
+        rot = getattr(owner, "rotary_emb", None) if owner is not None else None
+        if rot is not None and getattr(rot, "inv_freq", None) is not None:
+            return rot
+    return None
+
+
+def rope_frequencies(rotary, head_dim):
+    """(inv_freq, attention_scaling, note) of a rotary embedding module, as the capture records
+    them in model.rope: inv_freq, its `inv_freq` buffer as float64 [head_dim/2] (the model's
+    own frequencies, scaled RoPE included; None without the module, or when the buffer has
+    another shape: note then says why); attention_scaling, its `attention_scaling` attribute
+    (the factor on cos and sin; 0.0 when absent: not recorded)."""
+    if rotary is None:
+        return None, 0.0, None
+    scaling = getattr(rotary, "attention_scaling", None)
+    try:
+        scaling = float(scaling) if scaling is not None else 0.0
+    except (TypeError, ValueError):
+        scaling = 0.0
+    if not (np.isfinite(scaling) and scaling >= 0.0):
+        scaling = 0.0
+    buf = rotary.inv_freq
+    if hasattr(buf, "detach"):  # a torch tensor, bf16 included (NumPy has no bf16)
+        import torch
+        inv = buf.detach().to("cpu", torch.float64).numpy()
+    else:
+        inv = np.asarray(buf, dtype=np.float64)
+    n = int(head_dim) // 2
+    if inv.shape != (n,):
+        return None, scaling, ("%s.inv_freq has shape %s, not [%d] (head_dim / 2): the "
+                               "frequencies are not recorded" % (type(rotary).__name__,
+                                                                tuple(inv.shape), n))
+    if not bool(np.all(np.isfinite(inv) & (inv >= 0.0))):
+        return None, scaling, ("%s.inv_freq holds values that are not finite frequencies >= "
+                               "0: the frequencies are not recorded" % type(rotary).__name__)
+    return np.ascontiguousarray(inv), scaling, None
+
+
 def _kv_dtype_of(tensor):
     """The trace dtype ("bf16", "f16", "f32") of a torch tensor's dtype. The capture reads
     float32, float16 and bfloat16 tensors only, whatever kv_dtype says."""
@@ -508,6 +555,17 @@ class Capture(object):
         if self.model_type in MROPE_MODEL_TYPES and not self.mrope:
             raise _fail("%s config has no mrope_section in rope_scaling/rope_parameters"
                         % self.model_type, _ERR_INVALID)
+        if self.mrope:
+            ok = len(self.mrope_section) == 3
+            try:
+                self.mrope_section = [int_arg(v, "mrope_section", C_INT, 0)
+                                      for v in self.mrope_section]
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or sum(self.mrope_section) != self.head_dim // 2:
+                raise _fail("the config's mrope_section %s is not 3 integers >= 0 summing to "
+                            "head_dim / 2 = %d" % (self.mrope_section, self.head_dim // 2),
+                            _ERR_INVALID)
         self.kv_dtype = kv_dtype  # None: the attention tensors' dtype, at the first call
         self.name = name or getattr(config, "_name_or_path", None) or type(model).__name__
         # the default name: a path from a non-UTF-8 folder holds surrogates; they become U+FFFD
@@ -516,6 +574,7 @@ class Capture(object):
 
         self._model = model
         self._text_model = _find_text_model(model, set(self._layer_of))
+        self._attn = attn
         self.info = {
             "transformers_version": str(tv),
             "torch_version": str(torch.__version__),
@@ -649,7 +708,7 @@ class Capture(object):
             self._saved_forward = []
             # a wrapper left in the registry (another wrapper was put over ours) only passes
             # calls on, but it holds this capture: let go of the model (its weights) here
-            self._model = self._text_model = None
+            self._model = self._text_model = self._attn = None
             self._layer_of = {}
 
     def __exit__(self, et, ev, tb):
@@ -850,6 +909,12 @@ class Capture(object):
                 warnings.warn("kvtrace.capture: " + note, stacklevel=2)
         else:
             pos = rope_positions(self._prompt_pos, T)
+        # the frequencies the prompt was rotated with: read now, after the text model's rotary
+        # embedding ran for the prompt (a dynamic RoPE updates inv_freq there)
+        inv_freq, attention_scaling, note = rope_frequencies(
+            find_rotary_emb(self._text_model, self._attn), d)
+        if note is not None:
+            info["rope_note"] = note
 
         sess = CaptureSession(
             self.path, n_layers=self.n_layers, n_q_heads=hq, n_kv_heads=hkv, head_dim=d,
@@ -860,7 +925,9 @@ class Capture(object):
             engine_version=self.info["transformers_version"], gpu=gpu, n_decode=self.decode,
             with_colsum=self.with_colsum, with_q_all=self.with_q_all, capture=json.dumps(info),
             level=self.level, n_threads=self.n_threads or max(1, (os.cpu_count() or 2) - 2),
-            force=self.force, timeline=self.timeline, capture_stream=None)
+            force=self.force, timeline=self.timeline, capture_stream=None,
+            rope_pairs="half", rope_inv_freq=inv_freq, rope_attention_scaling=attention_scaling,
+            mrope_section=self.mrope_section if self.mrope else None)
         self.session = sess
         self.n_tokens = T
         self.window = W

@@ -17,7 +17,8 @@ attention registry keeps the q/k/v tensors the model itself hands to attention. 
   * decode Q/K/V for exactly 5 steps (8 new tokens = 7 decode calls: capture stops at
     `decode`, generation goes on), decode token ids, prompt token ids, positions, modality;
   * header: model shape, n_tokens, window, kv_dtype, engine, capture JSON (versions, attn
-    implementation, model class); verify() ok; stats;
+    implementation, model class); model.rope pairs "half", inv_freq and attention_scaling
+    equal to the rotary embedding module's (also a scaled one); verify() ok; stats;
   * logits and generated tokens with and without capture are bit-identical;
   * the registry entry and the model's forward/hooks are restored after the block, also when
     the block raises (the original exception propagates, the trace holds the prompt);
@@ -214,6 +215,15 @@ def within_bf16(got_bits, ref_f32):
     return bool(np.all(np.abs(got - ref) <= np.abs(ref) * 2.0 ** -8 + 1e-30))
 
 
+def same_freqs(header_list, buf):
+    """The header's inv_freq is the buffer's values, as doubles, to the last bit but one:
+    cJSON (1.7.15) prints 15 significant digits whenever they read back within DBL_EPSILON
+    relative, which can lose a double's last bit."""
+    want = buf.detach().double().cpu().numpy()
+    got = np.asarray(header_list if header_list is not None else [], np.float64)
+    return got.shape == want.shape and bool(np.all(np.abs(got - want) <= 2.3e-16 * np.abs(want)))
+
+
 # ------------------------------------------------------------------------------------------
 def check_config_convention(style):
     """The stand-in really follows the style's config convention (so the capture checks after
@@ -291,6 +301,13 @@ def check_capture(device, tmp, label=None):
                                         "attn_implementation", "model_class")}))
         check(c.get("zstd_level") == 1, tag + "default zstd level 1 (got %r)"
               % c.get("zstd_level"))
+        rot = model.model.rotary_emb
+        check(m["rope"].get("pairs") == "half" and
+              same_freqs(m["rope"].get("inv_freq"), rot.inv_freq) and
+              m["rope"].get("attention_scaling") == float(rot.attention_scaling) and
+              "mrope_section" not in m["rope"],
+              tag + "header model.rope: pairs half, inv_freq == the rotary embedding's buffer, "
+              "its attention_scaling (%s)" % m["rope"])
         if device != "cpu":
             check(h.get("gpu") not in (None, ""), tag + "header gpu %r" % h.get("gpu"))
         check(t.verify()["ok"], tag + "verify ok")
@@ -360,6 +377,29 @@ def check_capture(device, tmp, label=None):
     check(not bad, tag + "bf16 K, V, Q_window, Q_all, Q_decode within bf16 rounding of the "
           "model's f32 tensors%s (%d/%d equal to round-to-nearest-even)"
           % ((": " + ", ".join(bad)) if bad else "", exact, total))
+
+
+def check_rope_details(tmp):
+    """model.rope records the rotary embedding module's own inv_freq and attention_scaling (as
+    scaled RoPE types set them), read when the prompt runs; the trace's K still equals the
+    model's tensors."""
+    model = build()
+    rot = model.model.rotary_emb
+    with torch.no_grad():
+        rot.inv_freq.mul_(0.25)  # as a linear scaling with factor 4 would
+    rot.attention_scaling = 1.1
+    path = os.path.join(tmp, "llama-scaled-rope.kvt")
+    with Recorder() as rec:
+        with kvtrace.capture(model, path, window=W, decode=1):
+            generate(model, prompt())
+    pre, _ = rec.split()
+    with kvtrace.open(path) as t:
+        r = t.header["model"]["rope"]
+        k_ok = np.array_equal(t.read("K", layer=1), pre[1][1][0])
+    check(r.get("pairs") == "half" and same_freqs(r.get("inv_freq"), rot.inv_freq) and
+          r.get("attention_scaling") == 1.1 and k_ok,
+          "scaled rotary embedding: header inv_freq and attention_scaling are the module's "
+          "(%s), K unchanged" % r)
 
 
 def check_errors_and_restore(tmp):
@@ -631,9 +671,11 @@ def check_robustness(tmp):
             set_registry("sdpa", rec.fn)
             generate(m3, ids)
         alive = weakref.ref(m3)
+        alive_attn = weakref.ref(m3.model.layers[0].self_attn)
         del m3
         gc.collect()
-        check(alive() is None, "a capture left inside another wrapper frees the model")
+        check(alive() is None and alive_attn() is None,
+              "a capture left inside another wrapper frees the model and its modules")
         set_registry("sdpa", before)  # undo the foreign wrapper (and ours under it)
     section(wrapped_over)
 
@@ -925,6 +967,36 @@ def check_plain_functions():
           "find_text_attention: only the text layers (%s)" % [n for n, _ in found])
 
 
+def check_rope_frequencies():
+    """hf.find_rotary_emb and hf.rope_frequencies on stand-in modules."""
+    D = 8
+    rot = torch.nn.Module()
+    rot.register_buffer("inv_freq", torch.tensor([1.0, 0.5, 0.25, 0.125]), persistent=False)
+    rot.attention_scaling = 0.9
+    text = types.SimpleNamespace(rotary_emb=rot)
+    attn_rot = torch.nn.Module()
+    attn_rot.register_buffer("inv_freq", torch.ones(4), persistent=False)
+    attn = [("layers.0.self_attn", types.SimpleNamespace(rotary_emb=attn_rot))]
+    check(hf.find_rotary_emb(text, attn) is rot and
+          hf.find_rotary_emb(types.SimpleNamespace(), attn) is attn_rot and
+          hf.find_rotary_emb(None, []) is None and
+          hf.find_rotary_emb(types.SimpleNamespace(rotary_emb=None), []) is None,
+          "find_rotary_emb: the text model's, else an attention module's, else None")
+    inv, sc, note = hf.rope_frequencies(rot, D)
+    check(inv.dtype == np.float64 and list(inv) == [1.0, 0.5, 0.25, 0.125] and sc == 0.9 and
+          note is None, "rope_frequencies: float64 inv_freq and attention_scaling")
+    rot16 = torch.nn.Module()
+    rot16.register_buffer("inv_freq", torch.tensor([1.0, 0.1], dtype=torch.bfloat16))
+    inv, sc, note = hf.rope_frequencies(rot16, 4)
+    check(list(inv) == [1.0, float(torch.tensor(0.1, dtype=torch.bfloat16).double())] and
+          sc == 0.0 and note is None,
+          "rope_frequencies: a bf16 buffer's values; no attention_scaling: 0 (not recorded)")
+    inv, sc, note = hf.rope_frequencies(rot, 16)
+    check(inv is None and sc == 0.9 and "shape (4,), not [8]" in note,
+          "rope_frequencies: a buffer of another size is not recorded (%s)" % note)
+    check(hf.rope_frequencies(None, D) == (None, 0.0, None), "rope_frequencies: no module")
+
+
 def check_tensor_view():
     """kvtrace.tensor_view: host tensors keep mem 0 / no stream; a CUDA tensor (faked here:
     only its attributes are read) gives mem 1, its device ordinal and torch's current stream
@@ -987,6 +1059,8 @@ def main():
                 check_capture("cpu", tmp, "cpu, stand-in %s" % transformers.__version__)
         else:
             check_capture("cpu", tmp)
+        check_rope_frequencies()
+        check_rope_details(tmp)
         check_errors_and_restore(tmp)
         check_robustness(tmp)
         if torch.cuda.is_available():

@@ -43,8 +43,9 @@ class LlamaRMSNorm(nn.Module):
 
 
 class LlamaRotaryEmbedding(nn.Module):
-    """cos/sin tables [B, T, D] for integer positions [B, T] (frequencies theta^(-2i/D),
-    each repeated for the two halves of the head)."""
+    """cos/sin tables [B, T, D] for integer positions [B, T] (frequencies theta^(-2i/D) in the
+    buffer inv_freq [D/2], each repeated for the two halves of the head), times
+    attention_scaling (1.0 here: the factor transformers' scaled RoPE types such as YaRN set)."""
 
     def __init__(self, config, device=None):
         super().__init__()
@@ -52,13 +53,16 @@ class LlamaRotaryEmbedding(nn.Module):
         exponents = torch.arange(0, d, 2, dtype=torch.float32) / d
         theta = config.rope_theta_of()  # config.rope_theta (4.x), rope_parameters (5.x)
         self.register_buffer("inv_freq", 1.0 / (theta ** exponents), persistent=False)
+        self.attention_scaling = 1.0
 
     @torch.no_grad()
     def forward(self, x, position_ids):
         angles = position_ids[:, :, None].to(torch.float32) * self.inv_freq[None, None, :].to(
             x.device)
         full = torch.cat([angles, angles], dim=-1)
-        return full.cos().to(x.dtype), full.sin().to(x.dtype)
+        cos = full.cos() * self.attention_scaling
+        sin = full.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x):
