@@ -12,6 +12,10 @@
 #   test_llama2c_hf_convert      stories260K as a HF Llama (python/kvtrace/llama2c_hf.py): the
 #                                RoPE channel order, an independent NumPy forward in HF's
 #                                convention against the llama2.c oracle and the C trace
+#   test_expected_attention      kvtrace replay's expected-attention against an independent
+#                                implementation of kvpress's ExpectedAttentionPress on the HF
+#                                stories260K (hidden states, q_proj, rotary_emb), on a C-engine
+#                                trace and a kvtrace.capture trace of one prompt; needs torch
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -19,7 +23,7 @@
 if(KVT_SYS_PYTHON)
     foreach(t test_python_binding test_python_capture_llama2c test_python_hf_capture
               test_python_selection
-              test_llama2c_hf_convert test_gpu_scripts_dry)
+              test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)
