@@ -716,16 +716,17 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
         if (f & KVT_POLICY_NEEDS_QALL) {
             sh->need_qall = true;
             if (!sh->has_qall) {
-                st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                                   "policy %s needs every prompt query (Q_all), which %s does not "
-                                   "have: capture with --q-all (kvtrace capture-llama2c) or "
-                                   "with_q_all=True (kvtrace.capture), or drop the policy",
-                                   kvt_policy_label(pols[p]), path);
+                st = kvt_error_set(
+                    KVT_ERR_NOT_FOUND,
+                    "policy %s needs every prompt query (Q_all), which the trace does "
+                    "not have: capture with --q-all (kvtrace capture-llama2c) or "
+                    "with_q_all=True (kvtrace.capture), or drop the policy",
+                    kvt_policy_label(pols[p]));
                 return st;
             }
             if (!sh->rope_known) {
-                st = kvt_error_set(KVT_ERR_NOT_FOUND, "policy %s: %s: %s",
-                                   kvt_policy_label(pols[p]), path, sh->rope_why);
+                st = kvt_error_set(KVT_ERR_NOT_FOUND, "policy %s: %s", kvt_policy_label(pols[p]),
+                                   sh->rope_why);
                 return st;
             }
         }

@@ -124,6 +124,13 @@ static kvt_status ea_rope_init(const kvt_layer_ctx *c, int n_future, ea_rope *r)
         }
         r->cb[i] = r->a * sc / n_future;
         r->sb[i] = r->a * ss / n_future;
+        if (!isfinite(r->cb[i]) || !isfinite(r->sb[i])) {
+            ea_rope_free(r);
+            return kvt_error_set(KVT_ERR_NAN,
+                                 "expected-attention: the header's model.rope gives pair %d a "
+                                 "rotation that is not finite (inv_freq %g, attention_scaling %g)",
+                                 i, ri->inv_freq ? ri->inv_freq[i] : -1.0, r->a);
+        }
     }
     return KVT_OK;
 }
@@ -150,6 +157,10 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
     const float *q = in->q_all ? in->q_all + (size_t)h * T * D : qh;
     if (!in->q_all)
         KVT_FORWARD(in->q_all_head(in->q_all_user, h, qh));
+    size_t bad = kvt_first_nonfinite_f32_cpu(q, (size_t)T * D);
+    KVT_RETURN_IF(bad < (size_t)T * D, KVT_ERR_NAN,
+                  "expected-attention: Q_all of query head %d, token %zu, is not finite", h,
+                  bad / (size_t)D);
     /* the pre-RoPE queries of tokens S..T-1 and their mean */
     memset(mu, 0, (size_t)D * sizeof(double));
     for (int t = S; t < T; t++) {
@@ -201,8 +212,14 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
     double sum = 0;
     for (int j = S; j < T; j++)
         sum += p_out[j] = exp(p_out[j] - zmax);
-    for (int j = S; j < T; j++)
+    for (int j = S; j < T; j++) {
         p_out[j] /= sum;
+        KVT_RETURN_IF(!isfinite(p_out[j]), KVT_ERR_NAN,
+                      "expected-attention: query head %d: the expected attention to token %d is "
+                      "not finite (the header's model.rope frequencies or attention_scaling, or "
+                      "the queries, are out of range)",
+                      h, j);
+    }
     return KVT_OK;
 }
 

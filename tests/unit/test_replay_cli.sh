@@ -207,7 +207,7 @@ grep -q "^snapkv:window=32,kernel=7,pool=max " "$TMP/out" &&
 # RoPE, and synth's rotate_half) it runs, keeping the 4 sinks first at every budget
 $BIN replay "$TMP/t.kvt" --policies expected-attention --budgets 24 -o "$TMP/ea.json" \
     2>"$TMP/err" && fail "expected-attention without Q_all"
-grep -q "needs every prompt query (Q_all), which .*t.kvt does not have: capture with --q-all" \
+grep -q "t.kvt: policy expected-attention needs every prompt query (Q_all), which the trace does not have: capture with --q-all" \
     "$TMP/err" && [ "$(wc -l <"$TMP/err")" = 1 ] || fail "no Q_all message: $(cat "$TMP/err")"
 $BIN capture-llama2c --model "$MODEL" --tokens 60 --decode 2 --window 8 --q-all \
     -o "$TMP/qa.kvt" >/dev/null 2>&1 || fail "capture --q-all"

@@ -170,6 +170,23 @@ static void test_refused(void)
     KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &s), KVT_ERR_NOT_FOUND);
     KVT_EXPECT(strstr(kvt_error_msg(), "Q_all") != NULL);
     KVT_EXPECT(s == NULL);
+    /* a NaN query, a frequency whose angles overflow: refused, not ranked as ties */
+    kvt_policy_free(p);
+    KVT_CHECK(kvt_policy_create("expected-attention:sinks=0", NULL, &p));
+    float qn[8] = {1, 0, 1, 0, NAN, 0, 1, 0};
+    in.q_all = qn;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &s), KVT_ERR_NAN);
+    KVT_EXPECT(strstr(kvt_error_msg(), "Q_all of query head 0, token 2, is not finite") != NULL);
+    in.q_all = ones;
+    const double huge[1] = {1e308};
+    r.inv_freq = huge;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &s), KVT_ERR_NAN);
+    KVT_EXPECT(strstr(kvt_error_msg(), "not finite") != NULL);
+    const double tiny[1] = {1e-3};
+    r.inv_freq = tiny;
+    r.attention_scaling = 1e-320; /* undone: the queries overflow */
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &s), KVT_ERR_NAN);
+    KVT_EXPECT(s == NULL);
     kvt_policy_free(p);
     KVT_EXPECT_STATUS(kvt_policy_create("expected-attention:future=0", NULL, &p),
                       KVT_ERR_INVALID_ARG);
