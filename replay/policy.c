@@ -84,8 +84,9 @@ static const opt_desc opts_table[] = {
     {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
     {"chunk", O_INT, OFF(chunk), 1, 1e6, "chunk size (chunkkv, hybridkv-like)"},
     {"align", O_ALIGN, OFF(chunk_kvpress), 0, 0,
-     "ChunkKV chunks: prefix (the window apart, B-W in chunks) | kvpress (ChunkKVPress: the "
-     "whole sequence, max(1, int(n_chunks*(1-ratio))) chunks, ratio 1 - the budget's share)"},
+     "prefix (chunkkv: the window apart, B-W in chunks; pyramidkv: the schedule on B-W, window "
+     "on top) | kvpress (ChunkKVPress: the whole sequence, max(1, int(n_chunks*(1-ratio))) "
+     "chunks; PyramidKVPress: its layer counts, window inside; ratio 1 - the budget's share)"},
     {"chunk_score", O_REDUCE, OFF(chunk_score), KVT_REDUCE_MAX, KVT_REDUCE_SUM,
      "HybridKV-like chunk score sum|max"},
     {"floor", O_DBL, OFF(floor_frac), 0, 1, "HybridKV-like static floor (share of b)"},

@@ -34,7 +34,8 @@ typedef struct kvt_policy_opts {
     double tau;             /* HybridKV-like static threshold on k_theta/|P|; NaN = median split */
     double split;           /* HybridKV-like share r of the budget for static heads */
     int chunk;              /* ChunkKV, HybridKV-like chunk size C */
-    bool chunk_kvpress;     /* ChunkKV align=kvpress: kvpress's chunks of the whole sequence */
+    bool chunk_kvpress;     /* align=kvpress: ChunkKV's chunks of the whole sequence, PyramidKV's
+                               layer counts, as kvpress computes them */
     kvt_reduce chunk_score; /* HybridKV-like chunk score: sum | max */
     double floor_frac;      /* HybridKV-like static floor as a fraction of b */
     int merge_window;       /* LightKV-like matching window (vision tokens) */
@@ -246,6 +247,9 @@ kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const dou
 /** PyramidKV: selected prefix tokens at layer l for budget B (POLICIES §2). Returns -1 when
  *  the prompt is short (no compression). */
 int kvt_pyramid_layer_budget(int B, int W, int T, int L, int l, double beta, bool fallback);
+/** Entries layer l keeps under kvpress's PyramidKVPress at compression_ratio ratio, window W
+ *  included (policy_pyramidkv.c, align=kvpress), in [0, T]. */
+int kvt_pyramid_kvpress_count(double ratio, int W, int T, int L, int l, double beta);
 
 /** Read a JSON file of per-(layer, head) numbers: an object with keys "L-H" or "L-H-key"
  *  whose values are numbers or arrays of numbers (averaged), or an array of arrays [L][H].

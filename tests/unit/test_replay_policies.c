@@ -102,6 +102,33 @@ static void test_pyramid(void)
     KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 18, 3, 2, 20, false) == 6);
     KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 10, 3, 0, 20, false) == -1);  /* short */
     KVT_EXPECT(kvt_pyramid_layer_budget(14, 4, 100, 1, 0, 20, false) == 10); /* L = 1 */
+    /* kvpress's PyramidKVPress (align=kvpress), window inside. T=4096, ratio 0.5, W=64, L=32:
+       x 2048, min 102.4, max 3993.6, steps 125.52: layers 0/15/31 keep 3994/2111/102 */
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 4096, 32, 0, 20) == 3994);
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 4096, 32, 15, 20) == 2111);
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 4096, 32, 31, 20) == 102);
+    /* ratio 0.2: max 6389.76 clamped to T-W = 4032, min 2521.6 */
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.2, 64, 4096, 32, 0, 20) == 4032);
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.2, 64, 4096, 32, 31, 20) == 2522);
+    /* T=1002, ratio 0.75: x 250.5, min 12.525 < W: SnapKV's round(x) = 250 (half to even) */
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.75, 64, 1002, 32, 0, 20) == 250);
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.75, 64, 1010, 32, 5, 20) == 252); /* 252.5 */
+    /* T=1001, ratio 0.5: max clamped to T-W = 937 makes min 64 = W: no fallback */
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 1001, 32, 0, 20) == 937);
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 1001, 32, 31, 20) == 64);
+    /* through the policy: T=200, W=4, B=100 (ratio 0.5), L=3: min 5, max 195, steps 95 */
+    for (int l = 0; l < 3; l++) {
+        test_layer t;
+        tl_random(&t, 5, 200, 4, 2, 1, 4, 0, false);
+        t.in.layer = l;
+        t.in.n_layers = 3;
+        const int B[] = {100};
+        kvt_layer_selection *s = tl_select(&t.in, "pyramidkv:window=4,align=kvpress", B, 1);
+        KVT_EXPECT_MSG(tl_count(s, 0, 0) == 195 - 95 * l, "align=kvpress layer %d keeps %d", l,
+                       tl_count(s, 0, 0));
+        kvt_layer_selection_free(s);
+        tl_free(&t);
+    }
 
     /* through the policy: per-layer counts, the same ranking as snapkv */
     const int want[3][3] = {{24, 14, 4}, {20, 14, 8}, {18, 14, 10}};
