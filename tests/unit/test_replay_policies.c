@@ -293,6 +293,17 @@ static void test_tova_h2o_oracle(void)
     EXPECT_KEPT(s, 0, 0, -1, "0,4,5");
     EXPECT_KEPT(s, 1, 0, -1, "0,2,4,5"); /* 2 and 3 tie */
     kvt_layer_selection_free(s);
+    /* observed-attention (kvpress): each sum over the T - j queries that see key j, mean over
+       the group: 0.83, 0.2, 0.75, 1, 2.25, 4.5; no window */
+    s = tl_select(&in, "observed-attention", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "3,4,5");
+    EXPECT_KEPT(s, 1, 0, -1, "0,3,4,5");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "observed-attention:heads=query", B, 2); /* head 0: 0.83, .2, .75, 1, 0, 0 */
+    EXPECT_KEPT(s, 0, 0, -1, "0,2,3");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,2,3");
+    EXPECT_KEPT(s, 0, 1, -1, "3,4,5");
+    kvt_layer_selection_free(s);
     in.attn_colsum = NULL;
     kvt_policy *p = mk("h2o");
     kvt_layer_selection *bad = NULL;
@@ -773,7 +784,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 23);
+    KVT_EXPECT(kvt_policy_registry_size() == 24);
 }
 
 int main(void)
