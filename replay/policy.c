@@ -70,7 +70,7 @@ static const opt_desc opts_table[] = {
      "external: AdaKV's head-adaptive budgets from the scores 0|1"},
     {"beta", O_DBL, OFF(beta), 1e-9, 1e9, "PyramidKV beta; HeadKV head_beta (>= 1)"},
     {"fallback", O_BOOL, OFF(fallback), 0, 0, "PyramidKV uniform fallback when N < 2(B-W)"},
-    {"sinks", O_INT, OFF(sinks), 0, 1e9, "sink tokens (streamingllm; expected-attention)"},
+    {"sinks", O_INT, OFF(sinks), 0, 1e9, "sink tokens (streamingllm, expected-attention, lagkv)"},
     {"ratio", O_DBL, OFF(ratio), 0, 1, "SparseMM minimum share of b per head"},
     {"scores", O_STR, OFF(scores), 0, 0,
      "score file: SparseMM/HeadKV head scores (JSON), external token scores (.npy, or a directory "
@@ -97,6 +97,8 @@ static const opt_desc opts_table[] = {
     {"cov", O_BOOL, OFF(use_cov), 0, 0, "expected-attention: the queries' covariance term 0|1"},
     {"vnorm", O_BOOL, OFF(use_vnorm), 0, 0, "expected-attention: scores times ||v|| 0|1"},
     {"epsilon", O_DBL, OFF(epsilon), 0, 1e9, "expected-attention: added to scores before ||v||"},
+    {"lag", O_INT, OFF(lag), 2, 1e6, "lagkv: partition size"},
+    {"cross", O_BOOL, OFF(cross), 0, 0, "lagkv: compare scores across partitions, not ranks 0|1"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 

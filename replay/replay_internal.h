@@ -43,6 +43,8 @@ typedef struct kvt_policy_opts {
     bool use_cov;           /* expected-attention: the queries' covariance term */
     bool use_vnorm;         /* expected-attention: scores times ||v|| */
     double epsilon;         /* expected-attention: added to the scores before ||v|| */
+    int lag;                /* lagkv: partition size */
+    bool cross;             /* lagkv: scores compared across partitions (not ranks) */
     uint64_t seed;          /* random */
 } kvt_policy_opts;
 

@@ -784,7 +784,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 24);
+    KVT_EXPECT(kvt_policy_registry_size() == 25);
 }
 
 int main(void)

@@ -1,0 +1,121 @@
+#!/usr/bin/python3
+"""test_lagkv.py - `kvtrace replay --policy lagkv` against NumPy, written from kvpress's
+LagKVPress.score (kvpress/presses/lagkv_press.py @08a43bf): sinks; partitions of `lag` tokens
+each scored against the next one (min-max scaled per dimension by the reference partition,
+torch.std over the dimensions with the n - 1 divisor, softmax over the partition), keys and
+values averaged; without cross_scoring the rank inside the partition over lag; the sinks and
+the tail (last whole partition and the rest) 1; a prompt shorter than sinks + 2 lag ranked as
+sinks, then the most recent. kvpress then keeps the top n_kept; the check breaks ties toward the
+earlier token, as kvtrace documents (torch.topk leaves them unspecified), and computes in
+float64.
+
+Traces: a llama2.c capture (T = 150: lag 16 and 8 give 8 and 18 partitions; lag 80 is the
+uncompressed case) and a llama3-8b-shaped synthetic one (bf16, GQA). Every exported kept set must
+equal the check's. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the
+CLI or the library.
+"""
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_test import ROOT, check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
+import numpy as np  # noqa: E402
+
+LIB = os.environ.get("KVT_LIB")
+if not LIB or not os.path.exists(LIB):
+    print("SKIP: KVT_LIB does not name libkvtrace.so")
+    sys.exit(77)
+import kvtrace  # noqa: E402
+
+
+def states_score(x, lag):
+    """x [n_part, lag, D]: the scores of partitions 0..n_part-2 against their next one."""
+    ref, v = x[1:], x[:-1]
+    lo = ref.min(axis=1, keepdims=True)
+    hi = ref.max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd = ((v - lo) / (hi - lo)).std(axis=-1, ddof=1)  # [n_part-1, lag]
+    e = np.exp(sd - sd.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def lag_scores(K, V, sinks, lag, cross):
+    """[T] kvpress's LagKV score of one KV head (K, V [T, D] float64)."""
+    T, D = K.shape
+    if T < sinks + 2 * lag:
+        s = np.ones(T)
+        if T > sinks:
+            s[sinks:] = np.arange(T - sinks) / (T - sinks)
+        return s
+    end = sinks + ((T - sinks) // lag) * lag
+    ks = states_score(K[sinks:end].reshape(-1, lag, D), lag)
+    vs = states_score(V[sinks:end].reshape(-1, lag, D), lag)
+    sc = (ks + vs) / 2
+    if not cross:
+        # ascending rank inside each partition, NaN above numbers, ties to the earlier token
+        key = np.where(np.isnan(sc), np.inf, sc)
+        nan = np.isnan(sc).astype(int)
+        rk = np.empty_like(sc)
+        for i in range(sc.shape[0]):
+            order = sorted(range(lag), key=lambda t: (nan[i, t], key[i, t], t))
+            rk[i, order] = np.arange(lag)
+        sc = rk / lag
+    return np.concatenate([np.ones(sinks), sc.reshape(-1), np.ones(T - end + lag)])
+
+
+def compare(name, path, spec, sinks, lag, cross, budgets, work):
+    sel = os.path.join(work, "sel.json")
+    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
+        "-o", os.path.join(work, "r.json"), "--force")
+    with open(sel) as f:
+        exp = json.load(f)
+    recs = exp["records"]
+    per_query = exp["policies"][0]["granularity"] == "query_head"
+    bad = 0
+    with kvtrace.open(path) as t:
+        T = t.header["n_tokens"]
+        m = t.header["model"]
+        group = m["n_q_heads"] // m["n_kv_heads"] if per_query else 1
+        cache = {}
+        for r in recs:
+            layer, g = r["layer"], r["head"]
+            if layer not in cache:
+                K = t.read("K", layer, dtype="float32").astype(np.float64)
+                V = t.read("V", layer, dtype="float32").astype(np.float64)
+                cache = {layer: [lag_scores(K[h], V[h], sinks, lag, cross)
+                                 for h in range(K.shape[0])]}
+            s = cache[layer][g // group]
+            order = sorted(range(T), key=lambda j: (-s[j] if not np.isnan(s[j]) else np.inf, j))
+            want = set(order[:min(r["budget_tokens"], T)])
+            if want != set(r["kept"]):
+                bad += 1
+                if bad <= 3:
+                    print("  %s %s layer %d head %d B %d: check %s, replay %s" % (
+                        name, spec, layer, g, r["budget_tokens"], sorted(want - set(r["kept"])),
+                        sorted(set(r["kept"]) - want)))
+    print("%s %s: %d sets, %d differ" % (name, spec, len(recs), bad))
+    check(recs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(recs)))
+
+
+def main():
+    with tempfile.TemporaryDirectory() as work:
+        a = os.path.join(work, "a.kvt")
+        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+            "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)
+        s = os.path.join(work, "s.kvt")
+        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "-o", s)
+        cases = [("lagkv:lag=16", 4, 16, False), ("lagkv:lag=8,sinks=2", 2, 8, False),
+                 ("lagkv:lag=16,cross=1", 4, 16, True), ("lagkv:lag=80", 4, 80, False),
+                 ("lagkv:lag=8,heads=query", 4, 8, False)]
+        for spec, sinks, lag, cross in cases:
+            compare("llama2c", a, spec, sinks, lag, cross, "3,10,40,50%,200", work)
+        compare("llama3-8b", s, "lagkv", 4, 128, False, "8,60,50%", work)
+        compare("llama3-8b", s, "lagkv:lag=32,cross=1", 4, 32, True, "8,60,50%", work)
+    finish("test_lagkv")
+
+
+if __name__ == "__main__":
+    main()
