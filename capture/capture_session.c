@@ -386,6 +386,9 @@ static cJSON *exact_number(double x)
 {
     char buf[32];
     snprintf(buf, sizeof(buf), "%.17g", x);
+    for (char *c = buf; *c; c++) /* a locale's decimal comma (a host program's setlocale) */
+        if (!((*c >= '0' && *c <= '9') || *c == '-' || *c == '+' || *c == 'e' || *c == 'E'))
+            *c = '.';
     return cJSON_CreateRaw(buf);
 }
 

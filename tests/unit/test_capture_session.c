@@ -12,6 +12,7 @@
  * - a write failure mid-capture (RLIMIT_FSIZE: write() fails with EFBIG at an exact offset)
  *   returns KVT_ERR_IO, and the reader recovers every record before the failure.
  */
+#include <locale.h>
 #include <math.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -493,6 +494,58 @@ static void test_rope_details(void)
     (void)kvt_capture_close(s, NULL); /* nothing submitted: incomplete, whatever it says */
 }
 
+/* A host program that set a decimal-comma locale (Python's locale.setlocale(LC_ALL, "") under
+ * a German LANG): model.rope's numbers still print with a '.', so the header is JSON. Skipped
+ * where no such locale can be made (localedef, or the de_DE source, missing). */
+static void test_rope_decimal_comma(void)
+{
+    char dir[512], cmd[1200];
+    kvt_test_tmp(dir, sizeof(dir), "locales");
+    snprintf(cmd, sizeof(cmd),
+             "mkdir -p '%s' && localedef -i de_DE -f UTF-8 '%s/de_DE.UTF-8' >/dev/null 2>&1", dir,
+             dir);
+    const char *old = getenv("LOCPATH");
+    char *saved = old ? strdup(old) : NULL;
+    if (system(cmd) != 0 || setenv("LOCPATH", dir, 1) != 0 ||
+        !setlocale(LC_NUMERIC, "de_DE.UTF-8")) {
+        printf("note: no de_DE locale could be made: the decimal-comma check did not run\n");
+    } else {
+        char probe[16];
+        snprintf(probe, sizeof(probe), "%.1f", 1.5);
+        KVT_EXPECT_MSG(!strcmp(probe, "1,5"), "the locale prints %s", probe);
+        double f[DD / 2] = {0.5, 0.25, 0.125, 1.1};
+        struct kvt_capture_model m = test_model();
+        m.rope_pairs = KVT_ROPE_PAIRS_HALF;
+        m.rope_inv_freq = f;
+        m.rope_attention_scaling = 1.1;
+        struct kvt_capture_opts o = test_opts();
+        g_model = &m;
+        KVT_CHECK(capture(path, CONTIG, &o, NULL));
+        g_model = NULL;
+        setlocale(LC_NUMERIC, "C");
+        kvt_trace_reader *r = NULL;
+        KVT_CHECK(kvt_trace_reader_open(path, &r));
+        cJSON *h = r ? cJSON_Parse(kvt_trace_reader_header_json(r)) : NULL;
+        const cJSON *ro =
+            cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"), "rope");
+        const cJSON *fa = cJSON_GetObjectItemCaseSensitive(ro, "inv_freq");
+        KVT_EXPECT(cJSON_GetArraySize(fa) == DD / 2 &&
+                   cJSON_GetArrayItem(fa, 3)->valuedouble == 1.1);
+        KVT_EXPECT(cJSON_GetObjectItemCaseSensitive(ro, "attention_scaling")->valuedouble == 1.1);
+        cJSON_Delete(h);
+        kvt_trace_reader_close(r);
+    }
+    setlocale(LC_NUMERIC, "C");
+    if (saved)
+        setenv("LOCPATH", saved, 1);
+    else
+        unsetenv("LOCPATH");
+    free(saved);
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    if (system(cmd) != 0)
+        printf("note: %s left behind\n", dir);
+}
+
 /* Every rejected call leaves the session usable: the capture still finishes intact. */
 static void test_ordering(void)
 {
@@ -781,6 +834,7 @@ int main(void)
     kvt_test_tmp(path2, sizeof(path2), "capture2.kvt");
     test_open_errors();
     test_rope_details();
+    test_rope_decimal_comma();
     test_ordering();
     test_layouts();
     test_dtypes();
