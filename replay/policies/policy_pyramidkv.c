@@ -21,10 +21,10 @@ int kvt_pyramid_kvpress_count(double ratio, int W, int T, int L, int l, double b
         min_num = (mcp - W) * 2 - max_num;
     }
     double n;
-    if (!(T >= max_num && max_num >= min_num && min_num >= W))
-        n = kvt_round_even(x);
+    if (L <= 1 || !(T >= max_num && max_num >= min_num && min_num >= W))
+        n = kvt_round_even(x); /* (one layer: kvpress divides by L - 1 = 0; the plain budget) */
     else
-        n = kvt_round_even(max_num - l * (L > 1 ? (max_num - min_num) / (L - 1) : 0.0));
+        n = kvt_round_even(max_num - l * ((max_num - min_num) / (L - 1)));
     return n < 0 ? 0 : n > T ? T : (int)n;
 }
 

@@ -116,6 +116,8 @@ static void test_pyramid(void)
     /* T=1001, ratio 0.5: max clamped to T-W = 937 makes min 64 = W: no fallback */
     KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 1001, 32, 0, 20) == 937);
     KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 1001, 32, 31, 20) == 64);
+    /* one layer (kvpress divides by zero): the plain budget, not the pyramid's top */
+    KVT_EXPECT(kvt_pyramid_kvpress_count(0.5, 64, 4096, 1, 0, 20) == 2048);
     /* through the policy: T=200, W=4, B=100 (ratio 0.5), L=3: min 5, max 195, steps 95 */
     for (int l = 0; l < 3; l++) {
         test_layer t;
