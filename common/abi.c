@@ -6,5 +6,5 @@
 /** ABI of libkvtrace.so: bumped when a public struct or signature changes. */
 int kvt_abi_version(void)
 {
-    return 3; /* 3: kvt_capture_model and kvt_layer_input gained RoPE details */
+    return KVT_ABI_VERSION;
 }

@@ -130,6 +130,12 @@ kvt_status kvt_convert_from_f32(kvt_dtype dst_dt, const float *src, void *dst, s
 /* ---- misc ---- */
 /** "0.1.0": the library version. */
 const char *kvt_version_string(void);
+/** The ABI these headers describe: bumped when a public struct or signature changes (3:
+ *  kvt_capture_model and kvt_layer_input gained RoPE details). An engine that may load another
+ *  build of libkvtrace.so checks kvt_abi_version() == KVT_ABI_VERSION before any other call. */
+#define KVT_ABI_VERSION 3
+/** The ABI of the loaded libkvtrace.so (only the shared library defines it). */
+int kvt_abi_version(void);
 /** Monotonic time in nanoseconds. */
 uint64_t kvt_now_ns(void);
 /** Number of online CPUs (>= 1). */

@@ -18,6 +18,10 @@ cat > "$TMP/engine.c" <<'C'
 #include <stdio.h>
 int main(int argc, char **argv)
 {
+    if (kvt_abi_version() != KVT_ABI_VERSION) { /* the headers and the library agree */
+        fprintf(stderr, "ABI %d, headers %d\n", kvt_abi_version(), KVT_ABI_VERSION);
+        return 1;
+    }
     kvt_trace_writer *w;
     kvt_writer_opts o = {.force = true};
     float k[2 * 3 * 4];
