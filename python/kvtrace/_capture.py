@@ -208,6 +208,8 @@ def _rope_inv_freq_array(inv_freq, head_dim):
         return None
     if head_dim % 2:
         raise ValueError("rope_inv_freq needs an even head_dim (head_dim = %d)" % head_dim)
+    if hasattr(inv_freq, "detach") and hasattr(inv_freq, "double"):
+        inv_freq = inv_freq.detach().double()  # a torch tensor: bf16 has no NumPy dtype
     arr = _host_array(inv_freq)
     if arr.dtype.kind not in "fiu":
         raise TypeError("rope_inv_freq must hold numbers, got dtype %s" % arr.dtype)

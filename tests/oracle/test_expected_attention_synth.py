@@ -140,6 +140,23 @@ def compare(name, path, spec, opts, budgets, work):
           % (name, spec, bad, len(recs), near))
 
 
+def with_rope(src, dst, rope):
+    """A copy of the trace at src whose header's model.rope is `rope` (the tensors as they are,
+    in f32): the check and the replay read the queries through the same header, so a header
+    unlike the one the tensors were rotated with still tests that both use every field."""
+    with kvtrace.open(src) as t:
+        h = json.loads(json.dumps(t.header))
+        h["model"]["rope"] = rope
+        with kvtrace.TraceWriter(dst, h) as w:
+            for kind in ("positions", "modality", "token_ids"):
+                if t.has(kind):
+                    w.append(kind, t.read(kind))
+            for layer in t.layers():
+                for kind in ("K", "V", "Q_window", "Q_all"):
+                    w.append(kind, t.read(kind, layer, dtype="float32"), layer=layer)
+    return dst
+
+
 def main():
     with tempfile.TemporaryDirectory() as work:
         vl = os.path.join(work, "vl.kvt")
@@ -161,7 +178,22 @@ def main():
             ("expected-attention:vnorm=0,sinks=0", {"vnorm": False, "sinks": 0}),
             ("expected-attention:heads=query", {"per_query": True}),
         ]
-        for name, path in (("tiny-vl", vl), ("qwen2-vl-7b", q7), ("llama3-8b", l3)):
+        # the header's own frequencies (a scaled RoPE), attention_scaling and llama2.c's pairs
+        with kvtrace.open(l3) as t:
+            ro = dict(t.header["model"]["rope"])
+            D = t.header["model"]["head_dim"]
+        ro.update(pairs="interleaved", attention_scaling=1.25,
+                  inv_freq=[0.25 * ro["theta"] ** (-2.0 * i / D) for i in range(D // 2)])
+        l3x = with_rope(l3, os.path.join(work, "l3x.kvt"), ro)
+        with kvtrace.open(vl) as t:
+            ro = dict(t.header["model"]["rope"])
+            D = t.header["model"]["head_dim"]
+        ro.update(attention_scaling=0.8,
+                  inv_freq=[3.0 * ro["theta"] ** (-2.0 * i / D) for i in range(D // 2)])
+        vlx = with_rope(vl, os.path.join(work, "vlx.kvt"), ro)
+        for name, path in (("tiny-vl", vl), ("qwen2-vl-7b", q7), ("llama3-8b", l3),
+                           ("llama3-8b inv_freq/interleaved", l3x),
+                           ("tiny-vl inv_freq", vlx)):
             for spec, opts in cases[: 5 if name == "tiny-vl" else 2]:
                 compare(name, path, spec, opts, "1,5,17,30%,60%", work)
     finish("test_expected_attention_synth")

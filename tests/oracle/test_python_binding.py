@@ -762,13 +762,17 @@ class Robustness(CaptureCase):
             ("inter.kvt", dict(rope_pairs="interleaved", rope_theta=1e4,
                                rope_inv_freq=np.array([0.5, 0.0], np.float32)),
              {"type": "default", "theta": 1e4, "pairs": "interleaved", "inv_freq": [0.5, 0.0]}),
+            # float32 0.01 as a double: cJSON's own printer writes it 1 ulp off
+            ("f32.kvt", dict(rope_pairs="half", rope_inv_freq=np.array([0.01, 1e-4], np.float32)),
+             {"type": "default", "theta": 0, "pairs": "half",
+              "inv_freq": [float(np.float32(0.01)), float(np.float32(1e-4))]}),
             ("mrope.kvt", dict(rope="mrope", rope_pairs="half", mrope_section=(1, 0, 1),
                                rope_theta=1e6),
              {"type": "mrope", "theta": 1e6, "pairs": "half", "mrope_section": [1, 0, 1]}),
         ]
         torch = optional_torch()
         if torch is not None:
-            f = torch.tensor([1.0, 0.1], dtype=torch.float32)
+            f = torch.tensor([1.0, 0.1], dtype=torch.bfloat16)  # no NumPy dtype: converted
             cases.append(("torch.kvt", dict(rope_pairs="half", rope_inv_freq=f),
                           {"type": "default", "theta": 0, "pairs": "half",
                            "inv_freq": [float(x) for x in f.double()]}))

@@ -216,12 +216,11 @@ def within_bf16(got_bits, ref_f32):
 
 
 def same_freqs(header_list, buf):
-    """The header's inv_freq is the buffer's values, as doubles, to the last bit but one:
-    cJSON (1.7.15) prints 15 significant digits whenever they read back within DBL_EPSILON
-    relative, which can lose a double's last bit."""
+    """The header's inv_freq is the buffer's values, as doubles, exactly (the capture prints
+    them with 17 significant digits)."""
     want = buf.detach().double().cpu().numpy()
     got = np.asarray(header_list if header_list is not None else [], np.float64)
-    return got.shape == want.shape and bool(np.all(np.abs(got - want) <= 2.3e-16 * np.abs(want)))
+    return got.shape == want.shape and bool(np.all(got == want))
 
 
 # ------------------------------------------------------------------------------------------
