@@ -246,6 +246,13 @@ kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const do
 kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const double *x, double sign,
                                 const int *B, int n_b, kvt_layer_selection *sel);
 
+/** Column-sum policies (h2o, observed-attention): rank the prefix [0, T-W) of each head by the
+ *  H2O column sums (attn_colsum or Q_all), each divided by the T - j queries that see token j
+ *  with per_viewer, GQA-reduced with reduce (heads=kv), window W = p->o.window, uniform
+ *  counts. */
+kvt_status kvt_rank_by_colsum(kvt_layer_ctx *c, const kvt_policy *p, kvt_reduce reduce,
+                              bool per_viewer, const int *B, int n_b, kvt_layer_selection *sel);
+
 /** PyramidKV: selected prefix tokens at layer l for budget B (POLICIES §2). Returns -1 when
  *  the prompt is short (no compression). */
 int kvt_pyramid_layer_budget(int B, int W, int T, int L, int l, double beta, bool fallback);

@@ -3,8 +3,8 @@
  * computed from Q_all), GQA-reduced, no pooling; top-(B-W) of the prefix plus the window. */
 #include "../replay_internal.h"
 
-static kvt_status sel_h2o(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
-                          kvt_layer_selection *sel)
+kvt_status kvt_rank_by_colsum(kvt_layer_ctx *c, const kvt_policy *p, kvt_reduce reduce,
+                              bool per_viewer, const int *B, int n_b, kvt_layer_selection *sel)
 {
     const kvt_policy_opts *o = &p->o;
     const double *cs;
@@ -15,13 +15,13 @@ static kvt_status sel_h2o(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     double *r = kvt_malloc(((size_t)Hq * P + 1) * sizeof(double));
     kvt_status st = KVT_OK;
     if (!a || !r) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "h2o: out of memory");
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
         goto out_free;
     }
     for (int h = 0; h < Hq; h++)
         for (int j = 0; j < P; j++)
-            a[(size_t)h * P + j] = cs[(size_t)h * T + j];
-    if (!o->per_query && (st = kvt_gqa_reduce_ref(a, Hq, c->Hkv, P, o->reduce, r)))
+            a[(size_t)h * P + j] = cs[(size_t)h * T + j] / (per_viewer ? (double)(T - j) : 1.0);
+    if (!o->per_query && (st = kvt_gqa_reduce_ref(a, Hq, c->Hkv, P, reduce, r)))
         goto out_free;
     st = kvt_sel_rank_window_all(sel, o->per_query ? a : r, W);
     kvt_counts_uniform(sel, B, n_b);
@@ -29,6 +29,12 @@ out_free:
     kvt_free(a);
     kvt_free(r);
     return st;
+}
+
+static kvt_status sel_h2o(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                          kvt_layer_selection *sel)
+{
+    return kvt_rank_by_colsum(c, p, p->o.reduce, false, B, n_b, sel);
 }
 
 const kvt_policy_def kvt_policy_def_h2o = {
