@@ -441,6 +441,30 @@ def check_header(rep, tag, t, **want):
     return got
 
 
+def check_rope_details(rep, tag, t, model, mrope_section=None):
+    """model.rope holds what kvtrace replay's expected-attention needs to undo RoPE: pairs
+    "half", inv_freq equal to the text rotary embedding's own buffer (as doubles, exactly),
+    attention_scaling as the module's, and M-RoPE's sections."""
+    ro = (t.header.get("model") or {}).get("rope") or {}
+    rot = None
+    for name, mod in model.named_modules():  # the text decoder's, not a vision tower's
+        if name.endswith("rotary_emb") and getattr(mod, "inv_freq", None) is not None \
+                and "visual" not in name and "vision" not in name:
+            rot = mod
+            break
+    want = None if rot is None else rot.inv_freq.detach().double().cpu().numpy()
+    got = np.asarray(ro.get("inv_freq", []), np.float64)
+    scaling = None if rot is None else getattr(rot, "attention_scaling", None)
+    ok = (ro.get("pairs") == "half" and want is not None and got.shape == want.shape
+          and bool(np.all(got == want))
+          and (scaling is None or ro.get("attention_scaling") == float(scaling))
+          and (mrope_section is None or ro.get("mrope_section") == list(mrope_section)))
+    rep.check("%s: header model.rope pairs half, inv_freq == rotary_emb's%s" % (
+        tag, ", mrope_section %s" % list(mrope_section) if mrope_section else ""), ok,
+        "model.rope %s; module %s" % (json.dumps({k: v for k, v in ro.items() if k != "inv_freq"}),
+                                      type(rot).__name__ if rot is not None else None))
+
+
 def check_verify(rep, tag, path):
     import kvtrace
     v = kvtrace.verify(path)
@@ -579,6 +603,7 @@ def part_a_dtype(rep, args, ck, ref, prompt, decode, order, dtname, kvname, tol_
     t = kvtrace.open(p_gen)
     check_header(rep, tag + " generate", t, n_tokens=T, window=W, n_decode=G, kv_dtype=kvname,
                  n_layers=L, rope="default", rope_theta=10000.0)
+    check_rope_details(rep, tag + " generate", t, model)
     tk = t.tokens
     rep.check("%s: token_ids == prompt" % tag, tk["token_ids"] is not None
               and np.array_equal(tk["token_ids"], prompt))
@@ -897,6 +922,7 @@ def part_b(rep, args):
     check_header(rep, "b", t, n_tokens=T, window=W, n_decode=G, n_layers=spec["layers"],
                  n_q_heads=spec["heads"], n_kv_heads=spec["kv_heads"],
                  head_dim=spec["hidden"] // spec["heads"], rope="mrope")
+    check_rope_details(rep, "b", t, model, spec["mrope_section"])
     tk = t.tokens
     rep.check("b: token_ids == input_ids", tk["token_ids"] is not None
               and np.array_equal(tk["token_ids"], inp["input_ids"][0]))
