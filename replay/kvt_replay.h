@@ -48,7 +48,8 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_NEEDS_DECODE 0x8u  /* needs Q_decode (oracle, quest) */
 #define KVT_POLICY_NEEDS_COLSUM 0x10u /* needs attn_colsum or Q_all (h2o) */
 #define KVT_POLICY_WINDOW_QUERY 0x20u /* ranks by the window queries: window >= 1 (snapkv, ...) */
-#define KVT_POLICY_NEEDS_QALL   0x40u /* needs Q_all and the RoPE layout (expected-attention) */
+#define KVT_POLICY_NEEDS_QALL   0x40u /* needs Q_all (expected-attention, noncausal-attention) */
+#define KVT_POLICY_NEEDS_ROPE   0x80u /* needs the header's model.rope (expected-attention) */
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {

@@ -82,7 +82,8 @@ static const opt_desc opts_table[] = {
     {"theta", O_DBL, OFF(theta), 1e-9, 1, "HybridKV-like attention mass threshold"},
     {"tau", O_TAU, OFF(tau), 0, 1, "HybridKV-like static threshold or median"},
     {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
-    {"chunk", O_INT, OFF(chunk), 1, 1e6, "chunk size (chunkkv, hybridkv-like)"},
+    {"chunk", O_INT, OFF(chunk), 1, 1e6,
+     "chunk size (chunkkv, hybridkv-like, noncausal-attention)"},
     {"align", O_ALIGN, OFF(chunk_kvpress), 0, 0,
      "prefix (chunkkv: the window apart, B-W in chunks; pyramidkv: the schedule on B-W, window "
      "on top) | kvpress (ChunkKVPress: the whole sequence, max(1, int(n_chunks*(1-ratio))) "

@@ -423,8 +423,10 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
             b += 3584;
         if (f & KVT_POLICY_PER_STEP)
             b += 1024 + 96.0 * Hkv;
-        if (f & KVT_POLICY_NEEDS_QALL) /* expected-attention: f64 queries, keys, K S', angles */
+        if (f & KVT_POLICY_NEEDS_ROPE) /* expected-attention: f64 queries, keys, K S', angles */
             b += 36.0 * D + 16.0 * Hq;
+        else if (f & KVT_POLICY_NEEDS_QALL) /* one head's queries, scores */
+            b += 4.0 * D + 16.0 * Hq;
     }
     return b;
 }
@@ -724,11 +726,11 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                     kvt_policy_label(pols[p]));
                 return st;
             }
-            if (!sh->rope_known) {
-                st = kvt_error_set(KVT_ERR_NOT_FOUND, "policy %s: %s", kvt_policy_label(pols[p]),
-                                   sh->rope_why);
-                return st;
-            }
+        }
+        if ((f & KVT_POLICY_NEEDS_ROPE) && !sh->rope_known) {
+            st = kvt_error_set(KVT_ERR_NOT_FOUND, "policy %s: %s", kvt_policy_label(pols[p]),
+                               sh->rope_why);
+            return st;
         }
         if (f & KVT_POLICY_NEEDS_COLSUM) {
             sh->need_colsum = true;

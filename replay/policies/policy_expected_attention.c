@@ -304,7 +304,7 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .summary = "kvpress ExpectedAttention: attention expected from the queries' mean and "
                "covariance at future positions, times ||v||",
     .keys = "window,heads,sinks,future,cov,vnorm,epsilon",
-    .flags = KVT_POLICY_NEEDS_QALL,
+    .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_NEEDS_ROPE,
     .defaults = d_ea,
     .select = sel_ea,
 };

@@ -20,6 +20,8 @@
 #                                and rotate_half (llama3-8b) traces against a NumPy check with
 #                                full per-token rotation matrices
 #   test_lagkv                   lagkv against NumPy written from kvpress's LagKVPress.score
+#   test_noncausal_attention     noncausal-attention against NumPy written from kvpress's
+#                                NonCausalAttnPress
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -28,7 +30,7 @@ if(KVT_SYS_PYTHON)
     foreach(t test_python_binding test_python_capture_llama2c test_python_hf_capture
               test_python_selection
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
-              test_expected_attention_synth test_lagkv)
+              test_expected_attention_synth test_lagkv test_noncausal_attention)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -786,7 +786,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 25);
+    KVT_EXPECT(kvt_policy_registry_size() == 26);
 }
 
 int main(void)
