@@ -10,8 +10,9 @@
  * score 1 and the others (j - sinks) / (T - sinks), so a budget keeps the sinks and the most
  * recent tokens. Ties (many: every partition has the same ranks) go to the earlier token;
  * torch.topk leaves them unspecified. kvpress computes in the model's dtype, kvtrace in double.
- * A dimension constant over a reference partition gives 0/0 in both; kvtrace ranks such a
- * score (NaN) above every number, as torch's sort does, before the ranks are taken. */
+ * A dimension constant over a reference partition gives 0/0 in both, and a NaN score: it ranks
+ * above every number inside its partition (cross=0, as torch's sort), or is kept first, before
+ * the sinks (cross=1, as torch.topk). */
 #include <math.h>
 
 #include "../replay_internal.h"
@@ -109,8 +110,8 @@ static kvt_status sel_lag(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
                 ks[t] = (ks[t] + vs[t]) / 2;
             if (!o->cross)
                 ascending_ranks(ks, lag, ord, wk, neg, vs); /* vs <- ranks */
-            for (int t = 0; t < lag; t++)
-                s[t0 + t] = o->cross ? ks[t] : vs[t] / lag;
+            for (int t = 0; t < lag; t++) /* cross=1: a NaN score first, as torch.topk keeps it */
+                s[t0 + t] = !o->cross ? vs[t] / lag : isnan(ks[t]) ? INFINITY : ks[t];
         }
     }
     st = kvt_sel_rank_window_all(sel, sc, 0);

@@ -63,6 +63,8 @@ def lag_scores(K, V, sinks, lag, cross):
             order = sorted(range(lag), key=lambda t: (nan[i, t], key[i, t], t))
             rk[i, order] = np.arange(lag)
         sc = rk / lag
+    if cross:  # torch.topk puts a NaN score above every number
+        sc = np.where(np.isnan(sc), np.inf, sc)
     return np.concatenate([np.ones(sinks), sc.reshape(-1), np.ones(T - end + lag)])
 
 
@@ -113,6 +115,22 @@ def main():
         for spec, sinks, lag, cross in cases:
             compare("llama2c", a, spec, sinks, lag, cross, "3,10,40,50%,200", work)
         compare("llama3-8b", s, "lagkv", 4, 128, False, "8,60,50%", work)
+        # a dimension constant over a reference partition: 0/0, NaN scores (both modes)
+        c = os.path.join(work, "c.kvt")
+        with kvtrace.open(a) as t:
+            with kvtrace.TraceWriter(c, t.header) as w:
+                for kind in ("positions", "modality", "token_ids"):
+                    if t.has(kind):
+                        w.append(kind, t.read(kind))
+                for layer in t.layers():
+                    K = t.read("K", layer, dtype="float32")
+                    if layer == 0:
+                        K[1, 68:100, 3] = 0.5
+                    w.append("K", K, layer=layer)
+                    for kind in ("V", "Q_window"):
+                        w.append(kind, t.read(kind, layer, dtype="float32"), layer=layer)
+        compare("constant dim", c, "lagkv:lag=32,cross=1", 4, 32, True, "1,3,40,60", work)
+        compare("constant dim", c, "lagkv:lag=32", 4, 32, False, "1,3,40,60", work)
         compare("llama3-8b", s, "lagkv:lag=32,cross=1", 4, 32, True, "8,60,50%", work)
     finish("test_lagkv")
 
