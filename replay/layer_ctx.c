@@ -27,6 +27,33 @@ static kvt_status check_finite(const float *x, size_t n, const char *what, int l
     return KVT_OK;
 }
 
+kvt_status kvt_ctx_check_q_all(const kvt_layer_ctx *c, const char *policy)
+{
+    KVT_RETURN_IF(!c->in->q_all && !c->in->q_all_head, KVT_ERR_NOT_FOUND,
+                  "%s needs every prompt query (Q_all): capture with --q-all (kvtrace "
+                  "capture-llama2c) or with_q_all=True (kvtrace.capture)",
+                  policy);
+    return KVT_OK;
+}
+
+kvt_status kvt_ctx_q_all_head(const kvt_layer_ctx *c, const char *policy, int h, float *buf,
+                              const float **q)
+{
+    const kvt_layer_input *in = c->in;
+    const size_t n = (size_t)c->T * c->D;
+    KVT_FORWARD(kvt_ctx_check_q_all(c, policy));
+    if (in->q_all) {
+        *q = in->q_all + (size_t)h * n;
+    } else {
+        KVT_FORWARD(in->q_all_head(in->q_all_user, h, buf));
+        *q = buf;
+    }
+    size_t bad = kvt_first_nonfinite_f32_cpu(*q, n);
+    KVT_RETURN_IF(bad < n, KVT_ERR_NAN, "%s: Q_all of query head %d, token %zu, is not finite",
+                  policy, h, bad / (size_t)c->D);
+    return KVT_OK;
+}
+
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
 {
     return kvt_ctx_build_on(in, c, false, NULL);

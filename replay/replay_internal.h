@@ -177,6 +177,13 @@ kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool p
 kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out);
 /** Validate a window W against the stored window (policies that use window queries). */
 kvt_status kvt_ctx_check_window(const kvt_layer_ctx *c, const char *policy, int W);
+/** A policy that reads every prompt query: KVT_ERR_NOT_FOUND, saying how to capture them, when
+ *  the layer input has no Q_all. */
+kvt_status kvt_ctx_check_q_all(const kvt_layer_ctx *c, const char *policy);
+/** Query head h's Q_all [T, D] in *q: the input's own rows, or loaded into buf [T * D] through
+ *  q_all_head; KVT_ERR_NAN naming the policy, head and token when one is not finite. */
+kvt_status kvt_ctx_q_all_head(const kvt_layer_ctx *c, const char *policy, int h, float *buf,
+                              const float **q);
 
 /* ---- the selection a policy fills ---- */
 typedef struct kvt_merged_set {

@@ -100,7 +100,7 @@ typedef struct run_shared {
     int L, Hq, Hkv, T, D, W, G;
     double scale;  /* the header's model.attn_scale, 0 when absent (1/sqrt(D)) */
     kvt_dtype kdt; /* K's stored dtype */
-    bool has_qd, has_kvd, has_colsum, has_qall, need_colsum, need_qall;
+    bool has_qd, has_kvd, has_colsum, has_qall, need_colsum, need_qall, need_rope;
     const uint8_t *mod;
     const int32_t *pos; /* [n_pos_rows, T] prompt positions, or NULL */
     int n_pos_rows;
@@ -727,6 +727,7 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                 return st;
             }
         }
+        sh->need_rope |= (f & KVT_POLICY_NEEDS_ROPE) != 0;
         if ((f & KVT_POLICY_NEEDS_ROPE) && !sh->rope_known) {
             st = kvt_error_set(KVT_ERR_NOT_FOUND, "policy %s: %s", kvt_policy_label(pols[p]),
                                sh->rope_why);
@@ -850,7 +851,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         res->has_modality = true;
         sh.mod = mod;
     }
-    if (sh.need_qall && has_kind(sh.rd, -1, KVT_KIND_POSITIONS, &h, &t, &d, NULL) &&
+    if (sh.need_rope && has_kind(sh.rd, -1, KVT_KIND_POSITIONS, &h, &t, &d, NULL) &&
         (int)t == sh.T && d == 1 && (h == 1 || h == 3)) { /* for undoing RoPE */
         pos = kvt_malloc((size_t)h * sh.T * sizeof(int32_t));
         if (!pos) {

@@ -147,9 +147,12 @@ def kv_dtype_code(kv_dtype, name="kv_dtype"):
 
 def _host_array(a):
     """A NumPy array of `a`: an array, a sequence, a scalar, or a torch tensor (on any device;
-    copied to the host)."""
+    copied to the host; bfloat16, which NumPy lacks, as float32, exactly)."""
     if hasattr(a, "detach") and hasattr(a, "cpu") and hasattr(a, "numpy"):
-        a = a.detach().cpu().numpy()
+        a = a.detach()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()
+        a = a.cpu().numpy()
     return np.asarray(a)
 
 
@@ -208,8 +211,6 @@ def _rope_inv_freq_array(inv_freq, head_dim):
         return None
     if head_dim % 2:
         raise ValueError("rope_inv_freq needs an even head_dim (head_dim = %d)" % head_dim)
-    if hasattr(inv_freq, "detach") and hasattr(inv_freq, "double"):
-        inv_freq = inv_freq.detach().double()  # a torch tensor: bf16 has no NumPy dtype
     arr = _host_array(inv_freq)
     if arr.dtype.kind not in "fiu":
         raise TypeError("rope_inv_freq must hold numbers, got dtype %s" % arr.dtype)

@@ -306,12 +306,7 @@ def rope_frequencies(rotary, head_dim):
         scaling = 0.0
     if not (np.isfinite(scaling) and scaling >= 0.0):
         scaling = 0.0
-    buf = rotary.inv_freq
-    if hasattr(buf, "detach"):  # a torch tensor, bf16 included (NumPy has no bf16)
-        import torch
-        inv = buf.detach().to("cpu", torch.float64).numpy()
-    else:
-        inv = np.asarray(buf, dtype=np.float64)
+    inv = _host_array(rotary.inv_freq).astype(np.float64)  # a bf16 buffer exactly, too
     n = int(head_dim) // 2
     if inv.shape != (n,):
         return None, scaling, ("%s.inv_freq has shape %s, not [%d] (head_dim / 2): the "

@@ -151,16 +151,10 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
                           const double *rot, int h, float *qh, double *X, const double *Kd,
                           double *M, double *cov, double *mu, double *p_out)
 {
-    const kvt_layer_input *in = c->in;
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, D = c->D, S = o->sinks < T ? o->sinks : T, N = T - S;
-    const float *q = in->q_all ? in->q_all + (size_t)h * T * D : qh;
-    if (!in->q_all)
-        KVT_FORWARD(in->q_all_head(in->q_all_user, h, qh));
-    size_t bad = kvt_first_nonfinite_f32_cpu(q, (size_t)T * D);
-    KVT_RETURN_IF(bad < (size_t)T * D, KVT_ERR_NAN,
-                  "expected-attention: Q_all of query head %d, token %zu, is not finite", h,
-                  bad / (size_t)D);
+    const float *q;
+    KVT_FORWARD(kvt_ctx_q_all_head(c, "expected-attention", h, qh, &q));
     /* the pre-RoPE queries of tokens S..T-1 and their mean */
     memset(mu, 0, (size_t)D * sizeof(double));
     for (int t = S; t < T; t++) {
@@ -231,9 +225,7 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
     const int T = c->T, D = c->D, Hkv = c->Hkv, Gs = c->Gs;
     const int W = o->window < T ? o->window : T, P = T - W, S = o->sinks < T ? o->sinks : T;
     const int N = T - S, H = kvt_ctx_heads(c, o->per_query);
-    KVT_RETURN_IF(!in->q_all && !in->q_all_head, KVT_ERR_NOT_FOUND,
-                  "expected-attention needs every prompt query (Q_all): capture with --q-all "
-                  "(kvtrace capture-llama2c) or with_q_all=True (kvtrace.capture)");
+    KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
     ea_rope r;
     KVT_FORWARD(ea_rope_init(c, o->n_future, &r));
     kvt_status st = kvt_sel_init(sel, c, o->per_query, W, n_b, true);

@@ -27,9 +27,7 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, D = c->D, Hq = c->Hq, Gs = c->Gs, C = o->chunk;
     const int W = o->window < T ? o->window : T, P = T - W, H = kvt_ctx_heads(c, o->per_query);
-    KVT_RETURN_IF(!in->q_all && !in->q_all_head, KVT_ERR_NOT_FOUND,
-                  "noncausal-attention needs every prompt query (Q_all): capture with --q-all "
-                  "(kvtrace capture-llama2c) or with_q_all=True (kvtrace.capture)");
+    KVT_FORWARD(kvt_ctx_check_q_all(c, "noncausal-attention"));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
     double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
     double *sc = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
@@ -41,17 +39,9 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
         goto out;
     }
     for (int h = 0; h < Hq; h++) {
-        const float *q = in->q_all ? in->q_all + (size_t)h * T * D : qh;
-        if (!in->q_all && (st = in->q_all_head(in->q_all_user, h, qh)))
+        const float *q;
+        if ((st = kvt_ctx_q_all_head(c, "noncausal-attention", h, qh, &q)))
             goto out;
-        size_t bad = kvt_first_nonfinite_f32_cpu(q, (size_t)T * D);
-        if (bad < (size_t)T * D) {
-            st = kvt_error_set(KVT_ERR_NAN,
-                               "noncausal-attention: Q_all of query head %d, token %zu, is not "
-                               "finite",
-                               h, bad / (size_t)D);
-            goto out;
-        }
         const int g = h / Gs;
         const float *k = in->k + (size_t)g * T * D;
         double *a = acc + (size_t)(o->per_query ? h : g) * T, w = o->per_query ? 1.0 : 1.0 / Gs;

@@ -1,11 +1,14 @@
 """cli_test.py - what the Python tests of the kvtrace command share: the environment (KVT_BIN,
 KVT_SOURCE_ROOT; the python/kvtrace package put on sys.path; exit 77, "not run", without NumPy
 or the CLI), check() that records a failure and goes on, run() of the CLI, raises() and the
-final exit. Import it first:
+final exit; for the policy oracles, need_library() (the binding, or exit 77), replay_export()
+(a replay's kept sets) and copy_trace() (a trace with another header or edited tensors).
+Import it first:
 
     from cli_test import BIN, ROOT, check, run, raises, finish
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +63,43 @@ def finish(name):
         print("%d failure(s)" % len(failures))
         sys.exit(1)
     print("%s: ok" % name)
+
+
+def need_library():
+    """The kvtrace package over the library KVT_LIB names; exit 77 ("not run") without it."""
+    lib = os.environ.get("KVT_LIB")
+    if not lib or not os.path.exists(lib):
+        print("SKIP: KVT_LIB does not name libkvtrace.so")
+        sys.exit(77)
+    import kvtrace
+    return kvtrace
+
+
+def replay_export(path, spec, budgets, work):
+    """kvtrace replay PATH --policy SPEC --budgets BUDGETS --export-selection (JSON) in WORK: the
+    export as a dict (policies[0].granularity; records of layer, head, budget_tokens, kept)."""
+    sel = os.path.join(work, "sel.json")
+    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
+        "-o", os.path.join(work, "r.json"), "--force")
+    with open(sel) as f:
+        return json.load(f)
+
+
+def copy_trace(src, dst, header=None, edit=None, kinds=("K", "V", "Q_window", "Q_all")):
+    """A copy of the trace at src written to dst: its token tables, and each layer's `kinds` it
+    holds as f32 (edit(kind, layer, array) may change them in place), under `header` (default:
+    src's). Returns dst."""
+    kvtrace = need_library()
+    with kvtrace.open(src) as t:
+        with kvtrace.TraceWriter(dst, t.header if header is None else header) as w:
+            for kind in ("positions", "modality", "token_ids"):
+                if t.has(kind):
+                    w.append(kind, t.read(kind))
+            for layer in t.layers():
+                for kind in kinds:
+                    if t.has(kind, layer):
+                        x = t.read(kind, layer, dtype="float32")
+                        if edit is not None:
+                            edit(kind, layer, x)
+                        w.append(kind, x, layer=layer)
+    return dst

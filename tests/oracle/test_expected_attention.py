@@ -54,7 +54,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import ROOT, check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
+from cli_test import ROOT, check, finish, need_library, run  # noqa: E402 (77: no NumPy/CLI)
 import numpy as np  # noqa: E402
 
 try:
@@ -62,10 +62,7 @@ try:
 except ImportError:
     print("SKIP: torch is not installed for " + sys.executable)
     sys.exit(77)
-LIB = os.environ.get("KVT_LIB")
-if not LIB or not os.path.exists(LIB):
-    print("SKIP: KVT_LIB does not name libkvtrace.so")
-    sys.exit(77)
+kvtrace = need_library()
 try:
     import transformers  # noqa: F401
     STANDIN = False
@@ -74,7 +71,6 @@ except ImportError:
     import transformers  # noqa: F401
     STANDIN = True
 
-import kvtrace  # noqa: E402
 from kvtrace import llama2c_hf  # noqa: E402
 
 MODEL = os.path.join(ROOT, "models", "stories260K.bin")

@@ -27,14 +27,11 @@ import tempfile
 # busy cores)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
+from cli_test import (check, copy_trace, finish, need_library,  # noqa: E402
+                      replay_export, run)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
-LIB = os.environ.get("KVT_LIB")
-if not LIB or not os.path.exists(LIB):
-    print("SKIP: KVT_LIB does not name libkvtrace.so")
-    sys.exit(77)
-import kvtrace  # noqa: E402
+kvtrace = need_library()
 
 NEAR = 1e-6
 MAX_NEAR = 2
@@ -110,12 +107,8 @@ def scores(path, sinks=4, future=512, cov=True, vnorm=True, epsilon=0.0, per_que
 
 
 def compare(name, path, spec, opts, budgets, work):
-    sel = os.path.join(work, "sel.json")
-    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
-        "-o", os.path.join(work, "r.json"), "--force")
+    recs = replay_export(path, spec, budgets, work)["records"]
     sc, T = scores(path, **opts)
-    with open(sel) as f:
-        recs = json.load(f)["records"]
     bad = near = 0
     for r in recs:
         s = sc[r["layer"]][r["head"]]
@@ -146,15 +139,8 @@ def with_rope(src, dst, rope):
     unlike the one the tensors were rotated with still tests that both use every field."""
     with kvtrace.open(src) as t:
         h = json.loads(json.dumps(t.header))
-        h["model"]["rope"] = rope
-        with kvtrace.TraceWriter(dst, h) as w:
-            for kind in ("positions", "modality", "token_ids"):
-                if t.has(kind):
-                    w.append(kind, t.read(kind))
-            for layer in t.layers():
-                for kind in ("K", "V", "Q_window", "Q_all"):
-                    w.append(kind, t.read(kind, layer, dtype="float32"), layer=layer)
-    return dst
+    h["model"]["rope"] = rope
+    return copy_trace(src, dst, header=h)
 
 
 def main():

@@ -14,21 +14,17 @@ uncompressed case) and a llama3-8b-shaped synthetic one (bf16, GQA). Every expor
 equal the check's. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the
 CLI or the library.
 """
-import json
 import os
 import sys
 import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import ROOT, check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
+from cli_test import (ROOT, check, copy_trace, finish, need_library,  # noqa: E402
+                      replay_export, run)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
-LIB = os.environ.get("KVT_LIB")
-if not LIB or not os.path.exists(LIB):
-    print("SKIP: KVT_LIB does not name libkvtrace.so")
-    sys.exit(77)
-import kvtrace  # noqa: E402
+kvtrace = need_library()
 
 
 def states_score(x, lag):
@@ -69,11 +65,7 @@ def lag_scores(K, V, sinks, lag, cross):
 
 
 def compare(name, path, spec, sinks, lag, cross, budgets, work):
-    sel = os.path.join(work, "sel.json")
-    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
-        "-o", os.path.join(work, "r.json"), "--force")
-    with open(sel) as f:
-        exp = json.load(f)
+    exp = replay_export(path, spec, budgets, work)
     recs = exp["records"]
     per_query = exp["policies"][0]["granularity"] == "query_head"
     bad = 0
@@ -116,19 +108,10 @@ def main():
             compare("llama2c", a, spec, sinks, lag, cross, "3,10,40,50%,200", work)
         compare("llama3-8b", s, "lagkv", 4, 128, False, "8,60,50%", work)
         # a dimension constant over a reference partition: 0/0, NaN scores (both modes)
-        c = os.path.join(work, "c.kvt")
-        with kvtrace.open(a) as t:
-            with kvtrace.TraceWriter(c, t.header) as w:
-                for kind in ("positions", "modality", "token_ids"):
-                    if t.has(kind):
-                        w.append(kind, t.read(kind))
-                for layer in t.layers():
-                    K = t.read("K", layer, dtype="float32")
-                    if layer == 0:
-                        K[1, 68:100, 3] = 0.5
-                    w.append("K", K, layer=layer)
-                    for kind in ("V", "Q_window"):
-                        w.append(kind, t.read(kind, layer, dtype="float32"), layer=layer)
+        def constant(kind, layer, x):
+            if kind == "K" and layer == 0:
+                x[1, 68:100, 3] = 0.5
+        c = copy_trace(a, os.path.join(work, "c.kvt"), edit=constant)
         compare("constant dim", c, "lagkv:lag=32,cross=1", 4, 32, True, "1,3,40,60", work)
         compare("constant dim", c, "lagkv:lag=32", 4, 32, False, "1,3,40,60", work)
         compare("llama3-8b", s, "lagkv:lag=32,cross=1", 4, 32, True, "8,60,50%", work)

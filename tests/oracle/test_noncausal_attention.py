@@ -14,21 +14,17 @@ divides it, chunk 256 is one partial chunk) and a llama3-8b-shaped synthetic one
 Every exported kept set must equal the check's. Environment: KVT_BIN, KVT_LIB,
 KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
 """
-import json
 import os
 import sys
 import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import ROOT, check, finish, run  # noqa: E402 - exits 77 without NumPy/CLI
+from cli_test import (ROOT, check, finish, need_library, replay_export,  # noqa: E402
+                      run)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
-LIB = os.environ.get("KVT_LIB")
-if not LIB or not os.path.exists(LIB):
-    print("SKIP: KVT_LIB does not name libkvtrace.so")
-    sys.exit(77)
-import kvtrace  # noqa: E402
+kvtrace = need_library()
 
 
 def scores(Q, K, V, chunk, per_query):
@@ -54,11 +50,7 @@ def scores(Q, K, V, chunk, per_query):
 
 
 def compare(name, path, spec, chunk, per_query, window, budgets, work):
-    sel = os.path.join(work, "sel.json")
-    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
-        "-o", os.path.join(work, "r.json"), "--force")
-    with open(sel) as f:
-        recs = json.load(f)["records"]
+    recs = replay_export(path, spec, budgets, work)["records"]
     bad = 0
     with kvtrace.open(path) as t:
         T = t.header["n_tokens"]

@@ -435,6 +435,31 @@ static void test_open_errors(void)
     KVT_EXPECT_STATUS(kvt_capture_close(NULL, NULL), KVT_OK);
 }
 
+/* test_model() with half pairs, the frequencies f and this attention_scaling */
+static struct kvt_capture_model rope_model(const double *f, double scaling)
+{
+    struct kvt_capture_model m = test_model();
+    m.rope_pairs = KVT_ROPE_PAIRS_HALF;
+    m.rope_inv_freq = f;
+    m.rope_attention_scaling = scaling;
+    return m;
+}
+
+/* The JSON header of the trace at `path` (cJSON_Delete it), or NULL */
+static cJSON *read_header(void)
+{
+    kvt_trace_reader *r = NULL;
+    KVT_CHECK(kvt_trace_reader_open(path, &r));
+    cJSON *h = r ? cJSON_Parse(kvt_trace_reader_header_json(r)) : NULL;
+    kvt_trace_reader_close(r);
+    return h;
+}
+
+static const cJSON *rope_of(const cJSON *h)
+{
+    return cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"), "rope");
+}
+
 /* The optional RoPE details reach model.rope exactly, and bad ones are refused at open. */
 static void test_rope_details(void)
 {
@@ -442,19 +467,13 @@ static void test_rope_details(void)
     for (int i = 0; i < DD / 2; i++)
         f[i] = 1.0 / (3.0 + i); /* not representable in a short decimal: the header is exact */
     f[1] = (double)0.01f; /* cJSON's own printer writes 15 digits, which read back 1 ulp off */
-    struct kvt_capture_model m = test_model();
-    m.rope_pairs = KVT_ROPE_PAIRS_HALF;
-    m.rope_inv_freq = f;
-    m.rope_attention_scaling = 1.25;
+    struct kvt_capture_model m = rope_model(f, 1.25);
     struct kvt_capture_opts o = test_opts();
     g_model = &m;
     KVT_CHECK(capture(path, CONTIG, &o, NULL));
     g_model = NULL;
-    kvt_trace_reader *r = NULL;
-    KVT_CHECK(kvt_trace_reader_open(path, &r));
-    cJSON *h = r ? cJSON_Parse(kvt_trace_reader_header_json(r)) : NULL;
-    const cJSON *ro =
-        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"), "rope");
+    cJSON *h = read_header();
+    const cJSON *ro = rope_of(h);
     const cJSON *pairs = cJSON_GetObjectItemCaseSensitive(ro, "pairs");
     const cJSON *fa = cJSON_GetObjectItemCaseSensitive(ro, "inv_freq");
     const cJSON *sc = cJSON_GetObjectItemCaseSensitive(ro, "attention_scaling");
@@ -466,7 +485,6 @@ static void test_rope_details(void)
     KVT_EXPECT(cJSON_IsNumber(sc) && sc->valuedouble == 1.25);
     KVT_EXPECT(!cJSON_GetObjectItemCaseSensitive(ro, "mrope_section"));
     cJSON_Delete(h);
-    kvt_trace_reader_close(r);
     /* refused */
     kvt_capture_session *s = NULL;
     m.rope_pairs = (kvt_rope_pairs)3;
@@ -514,26 +532,19 @@ static void test_rope_decimal_comma(void)
         snprintf(probe, sizeof(probe), "%.1f", 1.5);
         KVT_EXPECT_MSG(!strcmp(probe, "1,5"), "the locale prints %s", probe);
         double f[DD / 2] = {0.5, 0.25, 0.125, 1.1};
-        struct kvt_capture_model m = test_model();
-        m.rope_pairs = KVT_ROPE_PAIRS_HALF;
-        m.rope_inv_freq = f;
-        m.rope_attention_scaling = 1.1;
+        struct kvt_capture_model m = rope_model(f, 1.1);
         struct kvt_capture_opts o = test_opts();
         g_model = &m;
         KVT_CHECK(capture(path, CONTIG, &o, NULL));
         g_model = NULL;
         setlocale(LC_NUMERIC, "C");
-        kvt_trace_reader *r = NULL;
-        KVT_CHECK(kvt_trace_reader_open(path, &r));
-        cJSON *h = r ? cJSON_Parse(kvt_trace_reader_header_json(r)) : NULL;
-        const cJSON *ro =
-            cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"), "rope");
+        cJSON *h = read_header();
+        const cJSON *ro = rope_of(h);
         const cJSON *fa = cJSON_GetObjectItemCaseSensitive(ro, "inv_freq");
         KVT_EXPECT(cJSON_GetArraySize(fa) == DD / 2 &&
                    cJSON_GetArrayItem(fa, 3)->valuedouble == 1.1);
         KVT_EXPECT(cJSON_GetObjectItemCaseSensitive(ro, "attention_scaling")->valuedouble == 1.1);
         cJSON_Delete(h);
-        kvt_trace_reader_close(r);
     }
     setlocale(LC_NUMERIC, "C");
     if (saved)
