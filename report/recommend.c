@@ -234,9 +234,10 @@ static int sorted_points(const double *key, const double *val, size_t n, int *id
     return k;
 }
 
-/* the greedy layer allocation of kvt_recommend; lv [L, nb] in the order of `order` */
+/* the greedy layer allocation of kvt_recommend; lv [L, nb] in the order of `order`; lc [L, nb]
+   the entries each layer keeps at each budget (budget order) */
 static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const int *order,
-                     int n_order, const double *cost)
+                     int n_order, const double *lc)
 {
     int L = rec->n_layers, *k = rec->layer_alloc;
     double sign = rec->target_is_max ? 1.0 : -1.0;
@@ -254,8 +255,8 @@ static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const
         for (int l = 0; l < L; l++) {
             if (k[l] + 1 >= n_order)
                 continue;
-            const double *v = &lv[(size_t)l * nb];
-            double added = cost[order[k[l] + 1]] - cost[order[k[l]]];
+            const double *v = &lv[(size_t)l * nb], *c = &lc[(size_t)l * nb];
+            double added = c[order[k[l] + 1]] - c[order[k[l]]];
             double gain = sign * (v[k[l]] - v[k[l] + 1]) / (added > 0 ? added : 1.0);
             if (isnan(gain))
                 gain = -INFINITY; /* still movable, as a last resort */
@@ -283,8 +284,8 @@ static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const
         for (int l = 0; l < L; l++) {
             if (k[l] == 0)
                 continue;
-            const double *v = &lv[(size_t)l * nb];
-            double save = cost[order[k[l]]] - cost[order[k[l] - 1]];
+            const double *v = &lv[(size_t)l * nb], *c = &lc[(size_t)l * nb];
+            double save = c[order[k[l]]] - c[order[k[l] - 1]];
             if (!isnan(v[k[l] - 1]) && meets(rec, (s - v[k[l]] + v[k[l] - 1]) / L) &&
                 save > best_save) {
                 best = l;
@@ -298,7 +299,7 @@ static void allocate(kvt_recommendation *rec, const double *lv, size_t nb, const
     rec->alloc_entries = 0.0;
     for (int l = 0; l < L; l++) {
         k[l] = order[k[l]];
-        rec->alloc_entries += (double)rec->n_heads * cost[k[l]];
+        rec->alloc_entries += lc[(size_t)l * nb + (size_t)k[l]];
     }
 }
 
@@ -310,32 +311,34 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
     for (size_t i = 1; i < r->n_traces; i++)
         if (r->traces[i]->n_layers != L || r->traces[i]->policy_heads[pol] != H)
             return KVT_OK; /* different models: no per-layer suggestion */
-    /* cost of each budget per head and layer: the tokens it keeps, summed over traces, so
-       every entry count is over the same traces as summary.kept_entries */
-    double cost[64];
-    int order[64];
-    if (nb > 64)
-        return KVT_OK;
+    /* the budgets in the order of the tokens they keep per head (summed over traces); each
+       suggestion is priced by the entries the policy keeps there (lc, per head below), summed
+       over the traces as summary.kept_entries is: a policy whose layers or heads keep other
+       than the budget (quest's dense layers, adakv's allocation, chunkkv's whole chunks) is
+       priced by what it keeps */
+    kvt_status st = KVT_OK;
+    double *cost = kvt_malloc(nb * sizeof(double));
+    int *order = kvt_malloc(nb * sizeof(int));
+    double *lv = kvt_malloc((size_t)L * nb * sizeof(double)); /* [L, nb] layer values */
+    double *lc = kvt_calloc((size_t)L * nb, sizeof(double));  /* [L, nb] layer entries */
+    size_t n_lh = (size_t)L * (size_t)H;
+    rec->layer_budget = kvt_malloc((size_t)L * sizeof(int));
+    rec->layer_alloc = kvt_malloc((size_t)L * sizeof(int));
+    rec->head_budget = kvt_malloc(n_lh * sizeof(int));
+    if (!cost || !order || !lv || !lc || !rec->layer_budget || !rec->head_budget ||
+        !rec->layer_alloc) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        goto out;
+    }
     for (size_t b = 0; b < nb; b++) {
         cost[b] = 0.0;
         for (size_t i = 0; i < r->n_traces; i++)
             cost[b] += kvt_report_kept_tokens(r->traces[i], b);
     }
     int n_order = sorted_points(cost, NULL, nb, order);
-    size_t n_lh = (size_t)L * (size_t)H;
-    double *lv = kvt_malloc((size_t)L * nb * sizeof(double)); /* [L, nb] layer values */
-    if (!lv)
-        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-    rec->layer_budget = kvt_malloc((size_t)L * sizeof(int));
-    rec->layer_alloc = kvt_malloc((size_t)L * sizeof(int));
-    rec->head_budget = kvt_malloc(n_lh * sizeof(int));
-    if (!rec->layer_budget || !rec->head_budget || !rec->layer_alloc) {
-        kvt_free(lv);
-        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-    }
     rec->n_layers = L;
     rec->n_heads = H;
-    rec->uniform_entries = (double)n_lh * cost[rec->budget];
+    rec->uniform_entries = 0.0;
     rec->layer_entries = 0.0;
     rec->head_entries = 0.0;
     for (int l = 0; l < L; l++) {
@@ -345,11 +348,9 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
             int n = 0;
             for (size_t i = 0; i < r->n_traces; i++) {
                 kvt_run_summary sm;
-                kvt_status st = kvt_summarize_trace(r->traces[i], pol, (size_t)order[k], l, &sm);
-                if (st) {
-                    kvt_free(lv);
-                    return st;
-                }
+                if ((st = kvt_summarize_trace(r->traces[i], pol, (size_t)order[k], l, &sm)))
+                    goto out;
+                lc[(size_t)l * nb + (size_t)order[k]] += sm.kept_entries;
                 double v = kvt_rec_summary_value(&sm, rec->metric);
                 if (!isnan(v))
                     s += v, n++;
@@ -358,8 +359,9 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
             if (rec->layer_budget[l] < 0 && n && meets(rec, s / n))
                 rec->layer_budget[l] = order[k];
         }
+        rec->uniform_entries += lc[(size_t)l * nb + rec->budget];
         rec->layer_entries +=
-            rec->layer_budget[l] < 0 ? NAN : (double)H * cost[rec->layer_budget[l]];
+            rec->layer_budget[l] < 0 ? NAN : lc[(size_t)l * nb + (size_t)rec->layer_budget[l]];
         for (int h = 0; h < H; h++) {
             int *hb = &rec->head_budget[(size_t)l * H + h];
             *hb = -1;
@@ -376,10 +378,14 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
                 if (n && meets(rec, s / n))
                     *hb = order[k];
             }
-            rec->head_entries += *hb < 0 ? NAN : cost[*hb];
+            for (size_t i = 0; i < r->n_traces && *hb >= 0; i++)
+                rec->head_entries +=
+                    kvt_trace_result_at(r->traces[i], pol, (size_t)*hb, l, h)->n_keep;
+            if (*hb < 0)
+                rec->head_entries = NAN;
         }
     }
-    allocate(rec, lv, nb, order, n_order, cost);
+    allocate(rec, lv, nb, order, n_order, lc);
     /* the greedy steps can end above the uniform setting it is meant to improve on (a small
        budget's saving in one layer, a big step in another): then the uniform budget is the
        allocation, which the recommendation already shows meets the target */
@@ -395,8 +401,12 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
             rec->layer_alloc[l] = rec->layer_budget[l];
         rec->alloc_entries = rec->layer_entries;
     }
+out:
+    kvt_free(cost);
+    kvt_free(order);
     kvt_free(lv);
-    return KVT_OK;
+    kvt_free(lc);
+    return st;
 }
 
 kvt_status kvt_recommend(const kvt_results *r, const kvt_recommend_opts *o,

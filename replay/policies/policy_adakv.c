@@ -20,7 +20,7 @@ kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const do
     for (int b = 0; b < n_b && !st; b++) {
         int32_t *cnt = sel->count + (size_t)b * H;
         int bb = B[b] - W;
-        if (T < B[b] || bb > P) { /* short prompt: keep everything */
+        if (T <= B[b] || bb > P) { /* short prompt, or B = T: keep everything */
             for (int h = 0; h < H; h++)
                 cnt[h] = T;
         } else if (bb <= 0) {

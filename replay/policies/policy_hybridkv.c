@@ -228,7 +228,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
         int dyn_chunks = (n_dyn > 0 && bb > 0) ? (int)((b_dyn / n_dyn) / C) : 0;
         for (int h = 0; h < H; h++) {
             int cnt;
-            if (T < B[b])
+            if (T <= B[b]) /* B = T keeps everything, as for every policy */
                 cnt = T;
             else if (bb <= 0)
                 cnt = B[b];
@@ -240,7 +240,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
             if (sel->step_head && sel->step_head[h])
                 for (int s = 0; s < Gd; s++) {
                     int sc = cnt;
-                    if (T >= B[b] && bb > 0)
+                    if (T > B[b] && bb > 0)
                         sc = W + kvt_chunk_count(scord + ((size_t)h * Gd + s) * nc, dyn_chunks,
                                                  n_chunks, C, P);
                     sel->step_count[((size_t)b * H + h) * Gd + s] = sc;

@@ -90,7 +90,7 @@ static kvt_status sel_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
         double mn = headkv ? bb - floor(bb / o->beta) : floor(o->ratio * bb);
         for (int h = 0; h < H; h++) {
             int cnt;
-            if (T < B[b])
+            if (T <= B[b]) /* B = T keeps everything, as for every policy */
                 cnt = T;
             else if (bb <= 0)
                 cnt = B[b];

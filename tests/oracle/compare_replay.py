@@ -415,9 +415,10 @@ def main():
             specs = policy_specs(W, dec, cs, scores)
             # below the window, just above it, mid, two fractions (20%: where kvpress's float
             # chunk count rounds down, chunkkv align=kvpress), one where N < 2(B−W) (the
-            # KVCache-Factory pyramid fallback differs), and a short-prompt budget
+            # KVCache-Factory pyramid fallback differs), B = T (keeps everything, whatever the
+            # allocation would do) and a short-prompt budget
             budgets = [str(max(1, W // 2)), str(W + 8), str(min(T - 1, W + 40)), "20%", "30%",
-                       str(T - 10), str(T + 50)]
+                       str(T - 10), str(T), str(T + 50)]
             fails, ties, n = compare(tag, path, specs, budgets, kvt_bin, outdir, a.verbose)
             print("%-15s %3d policies x %d budgets: %6d head sets compared, %d ties, %d failures"
                   % (tag, len(specs), len(budgets), n, ties, len(fails)))

@@ -34,7 +34,7 @@ What it implements (POLICIES.md section in brackets):
 
 Conventions (where the spec leaves room; the same as analysis/RESULTS.md documents):
   * Budget B = entries kept per head, window included: b = B − W prefix tokens are selected.
-    If N < B every policy keeps all N. If B < W, a window policy keeps the last B tokens.
+    If N <= B every policy keeps all N. If B < W, a window policy keeps the last B tokens.
   * Ranking: window first (most recent first), then the prefix by score descending, ties to
     the LOWER token index (np.argsort(-s, kind="stable")); NaN last.
   * AdaKV's global top-k breaks ties by the lower flattened index g·|P| + rank.
@@ -526,7 +526,7 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
     query = o.get("heads", "kv") == "query"
     H = ctx.Hq if query else ctx.Hkv
     heads_kv = [ctx.gi[h] for h in range(H)] if query else list(range(H))
-    short = N < B
+    short = N <= B  # B = T keeps everything too, for every policy (RESULTS.md)
 
     def uniform(n):
         return [min(n, N)] * H
