@@ -33,7 +33,7 @@ typedef struct kvt_budget {
 kvt_status kvt_budgets_parse(const char *list, kvt_budget **out, size_t *n_out);
 
 /** Tokens of a budget for a prompt of T tokens: the value itself, or max(1, floor(f*T + 0.5))
- *  for a fraction f. */
+ *  for a fraction f, computed exactly from the decimal text ("20.5%" of 300 is 62). */
 int kvt_budget_tokens(const kvt_budget *b, int n_tokens);
 
 /* ------------------------------------------------------------------------------------- */

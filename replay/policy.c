@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -769,10 +770,41 @@ kvt_status kvt_budgets_parse(const char *list, kvt_budget **out, size_t *n_out)
     return KVT_OK;
 }
 
+/* floor(P/100 * T + 1/2) for a percentage written P% ("12.5%"), exactly: P = num/scale in
+   integers, so a product on .5 rounds up ("20.5%" of 300 is 61.5 -> 62; in double, 0.205 * 300
+   is 61.4999... -> 61). false when the text is not plain decimals or the integers could
+   overflow (the caller then rounds in double). */
+static bool percent_tokens_exact(const char *text, int n_tokens, int64_t *out)
+{
+    int64_t num = 0, scale = 1;
+    const char *s = text;
+    if (!isdigit((unsigned char)*s) || n_tokens < 0)
+        return false;
+    for (; isdigit((unsigned char)*s); s++) {
+        if (num > 1000)
+            return false;
+        num = num * 10 + (*s - '0');
+    }
+    if (*s == '.')
+        for (s++; isdigit((unsigned char)*s); s++) {
+            if (scale >= 1000000000)
+                return false;
+            num = num * 10 + (*s - '0');
+            scale *= 10;
+        }
+    if (strcmp(s, "%") ||
+        (n_tokens > 0 && num > (INT64_MAX - 100 * scale) / (2 * (int64_t)n_tokens)))
+        return false;
+    *out = (2 * num * n_tokens + 100 * scale) / (200 * scale);
+    return true;
+}
+
 int kvt_budget_tokens(const kvt_budget *b, int n_tokens)
 {
     if (!b->is_fraction)
         return (int)b->value;
-    double t = floor(b->value * n_tokens + 0.5);
+    int64_t e;
+    double t =
+        percent_tokens_exact(b->text, n_tokens, &e) ? (double)e : floor(b->value * n_tokens + 0.5);
     return t < 1 ? 1 : (int)t;
 }

@@ -52,6 +52,7 @@ Output JSON: {"settings": {...}, "trace": {...}, "policies": {label: {"budgets":
 """
 import argparse
 import functools
+import fractions
 import json
 import math
 import os
@@ -159,10 +160,11 @@ def budget_fraction(b, n_tokens):
 
 
 def resolve_budget(b, n_tokens):
-    """64 -> 64; "64" -> 64; "10%" -> max(1, floor(0.1*T + 0.5))."""
+    """64 -> 64; "64" -> 64; "10%" -> max(1, floor(0.1*T + 0.5)), in exact decimal arithmetic
+    ("20.5%" of 300 is 61.5 -> 62)."""
     if isinstance(b, str) and b.strip().endswith("%"):
-        f = float(b.strip()[:-1]) / 100.0
-        return max(1, int(math.floor(f * n_tokens + 0.5)))
+        f = fractions.Fraction(b.strip()[:-1]) / 100
+        return max(1, int(math.floor(f * n_tokens + fractions.Fraction(1, 2))))
     return int(b)
 
 

@@ -765,6 +765,15 @@ static void test_parse(void)
         KVT_EXPECT_MSG(kvt_budgets_parse(odd[i], &b, &n) == KVT_ERR_INVALID_ARG, "'%s'", odd[i]);
     KVT_CHECK(kvt_budgets_parse("0.5%", &b, &n));
     kvt_free(b);
+    /* a product on .5 rounds up exactly: P/100 in double made 0.205 * 300 = 61.4999... -> 61 */
+    KVT_CHECK(kvt_budgets_parse("20.5%,28.5%,34.5%,56.5%,12.5%,0.25%,99.999%,100%", &b, &n));
+    const int want_300[] = {62, 86, 104, 170, 38, 1, 300, 300};
+    for (size_t i = 0; i < n; i++)
+        KVT_EXPECT_MSG(kvt_budget_tokens(&b[i], 300) == want_300[i], "%s of 300: %d", b[i].text,
+                       kvt_budget_tokens(&b[i], 300));
+    KVT_EXPECT(kvt_budget_tokens(&b[5], 200) == 1);                 /* 0.5: half up */
+    KVT_EXPECT(kvt_budget_tokens(&b[6], 2000000000) == 1999980000); /* no overflow */
+    kvt_free(b);
     /* policy options take plain decimals too (window=1e1 and window=0x10 were 10 and 16, while
        --budgets refused both); a real option may have a fraction or an exponent */
     const char *bad_opt[] = {"snapkv:window=1e1", "snapkv:window=0x10", "snapkv:window=16.0",
