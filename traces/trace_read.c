@@ -413,9 +413,21 @@ kvt_status kvt_trace_reader_shape(const kvt_trace_reader *r, int32_t layer, int 
     return KVT_OK;
 }
 
+/* every field of a record header but its offset: the on-disk header and the index copy */
+static bool same_record(const kvt_rec_hdr *a, const kvt_rec_hdr *b)
+{
+    const kvt_record_info *x = &a->info, *y = &b->info;
+    return x->kind == y->kind && x->layer == y->layer && x->head_begin == y->head_begin &&
+           x->head_end == y->head_end && x->tok_begin == y->tok_begin && x->tok_end == y->tok_end &&
+           x->dim == y->dim && x->dtype == y->dtype && x->filter == y->filter && x->seq == y->seq &&
+           x->raw_bytes == y->raw_bytes && x->comp_bytes == y->comp_bytes &&
+           a->payload_crc == b->payload_crc;
+}
+
 /* Read, check and decode the record described by h into a fresh buffer (caller frees). The
- * on-disk header must agree with h (the index copy), the payload crc must match, and the zstd
- * frame must decode (its own content checksum included) to exactly raw_bytes. */
+ * on-disk header must agree with h (the index copy) in every field, the payload crc must
+ * match, and the zstd frame must decode (its own content checksum included) to exactly
+ * raw_bytes. */
 kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uint64_t *bytes_read)
 {
     const kvt_record_info *in = &h->info;
@@ -439,10 +451,18 @@ kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uin
     *bytes_read += unit;
     kvt_rec_hdr disk;
     if (kvt_get_u32(buf) != KVT_FRAME_RECORD ||
-        kvt_rec_decode(buf + KVT_SKIP_HDR, &disk) != KVT_OK || disk.info.seq != in->seq ||
-        disk.payload_crc != h->payload_crc || disk.info.comp_bytes != in->comp_bytes) {
+        kvt_rec_decode(buf + KVT_SKIP_HDR, &disk) != KVT_OK) {
         s = kvt_error_set(KVT_ERR_CHECKSUM, "record %u (layer %d %s): damaged record header",
                           (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind));
+        goto out_free;
+    }
+    if (!same_record(&disk, h)) { /* each frame checks out, but they describe other records */
+        s = kvt_error_set(KVT_ERR_CORRUPT,
+                          "record %u (layer %d %s): its header on disk (record %u, layer %d %s) "
+                          "disagrees with the index",
+                          (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind),
+                          (unsigned)disk.info.seq, (int)disk.info.layer,
+                          kvt_kind_name(disk.info.kind));
         goto out_free;
     }
     if (kvt_crc32(buf + KVT_REC_UNIT, (size_t)in->comp_bytes) != h->payload_crc) {

@@ -330,6 +330,36 @@ static void tensor_layout(void)
         kvt_verify_report_free(&rep);
         free(bb);
     }
+    /* the same relabelled header (valid Header_Crc) with the index kept: the index copy says
+     * layer 0 V, the header layer 0 K. verify said OK and a read took the index's word */
+    {
+        uint8_t *bb = malloc(orig_n);
+        memcpy(bb, orig, orig_n);
+        uint8_t *h = bb + recs[1].off;
+        h[12] = KVT_KIND_K;
+        put32(h + 92, (uint32_t)crc32(0, h + 8, 84));
+        tt_spit(cut, bb, orig_n);
+        kvt_verify_report rep;
+        KVT_CHECK(kvt_trace_verify(cut, &rep));
+        bool named = false;
+        for (size_t p = 0; p < rep.n_problems; p++)
+            named |= strstr(rep.problems[p].what, "(layer 0 V): its header on disk (record 1, "
+                                                  "layer 0 K) disagrees with the index") != NULL;
+        KVT_EXPECT_MSG(named && rep.n_records_bad == 1,
+                       "verify misses a header that disagrees with the index");
+        kvt_verify_report_free(&rep);
+        KVT_CHECK(kvt_trace_reader_open(cut, &r));
+        KVT_EXPECT(!kvt_trace_reader_recovered(r));
+        kvt_record_info in;
+        KVT_CHECK(kvt_trace_reader_record(r, 1, &in));
+        KVT_EXPECT(in.kind == KVT_KIND_V && in.layer == 0); /* the index's word */
+        void *v = malloc((size_t)in.raw_bytes + 1);
+        KVT_EXPECT_STATUS(kvt_trace_reader_read_record(r, 1, v, (size_t)in.raw_bytes),
+                          KVT_ERR_CORRUPT);
+        free(v);
+        kvt_trace_reader_close(r);
+        free(bb);
+    }
 }
 
 /* a damaged size field of a record's header frame: the index still finds every record, but
