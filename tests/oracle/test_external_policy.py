@@ -135,7 +135,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for rec in sel["records"]:
         l, h, b = rec["layer"], rec["head"], btok[rec["budget"]]
         P = T - Wa
-        if b - Wa > P:  # a budget above the prompt keeps it (at B = T AdaKV still shares)
+        if b >= T:  # a budget of the prompt or above keeps it (RESULTS.md "Short prompts")
             want = list(range(T))
         elif b <= Wa:
             want = list(range(T - b, T))
