@@ -153,20 +153,22 @@ kvt_status kvt_sweep_output_ref(int n_q, int T, int D, const float *p, size_t st
 kvt_status kvt_cosine_table_ref(const float *ku, int T, int D, const int32_t *probe, int n_probe,
                                 float *ct);
 
-/** Key-space coverage of every cut: for each probe i, best_i = max_{s in order[0..c)} ct[s,i];
- *  cov = mean_i best_i, radius = max_i (1 - best_i), cov_mod[m] = mean over probes of
- *  modality m (NaN if none), cov_drop = mean over the dropped probes (probe_pos[i] >= c: not
- *  among the kept) of best_i (NaN if none). NaN everywhere for c = 0.
+/** Key-space coverage of every cut over the first n_eval probes (n_eval <= n_probe: those in
+ *  the policy's prefix [0, T-W) when the probes ascend; ct rows stay n_probe long): for each
+ *  probe i < n_eval, best_i = max_{s in order[0..c)} ct[s,i]; cov = mean_i best_i, radius =
+ *  max_i (1 - best_i), cov_mod[m] = mean over probes of modality m (NaN if none), cov_drop =
+ *  mean over the dropped probes (probe_pos[i] >= c: not among the kept) of best_i (NaN if
+ *  none). NaN everywhere for c = 0 or n_eval = 0.
  * @param probe_mod [n_probe] modality of each probe or NULL (then cov_mod is not written)
  * @param probe_pos [n_probe] position of each probe's token in order, or NULL (then cov_drop
  *                  is not written)
  * @param work      [n_probe] floats
  * @param cov, radius out [n_cut]; cov_mod out [n_cut, KVT_N_MODALITIES] or NULL; cov_drop out
  *                  [n_cut] or NULL */
-kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int32_t *order,
-                                  const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
-                                  const int32_t *probe_pos, float *work, double *cov,
-                                  double *radius, double *cov_mod, double *cov_drop);
+kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, int n_eval,
+                                  const int32_t *order, const int32_t *cuts, int n_cut,
+                                  const uint8_t *probe_mod, const int32_t *probe_pos, float *work,
+                                  double *cov, double *radius, double *cov_mod, double *cov_drop);
 /** The per-cut summary of kvt_sweep_coverage_ref from best [n_probe] (each probe's best cosine
  *  among the first `cut` ranked tokens): *cov the mean, *radius the largest 1 - best, cov_mod
  *  [NM] the mean by probe modality (NULL: skipped), *cov_drop the mean over the probes with
@@ -304,13 +306,13 @@ void kvt_unit_rows(const float *x, int n, int D, float *ku, double *mean);
 
 /** kvt_sweep_coverage_ref and kvt_sweep_redundancy_ref vectorised over probes / dimensions;
  *  bitwise the same results. Then their dispatchers. */
-kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe, const int32_t *order,
-                                  const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
-                                  const int32_t *probe_pos, float *work, double *cov,
-                                  double *radius, double *cov_mod, double *cov_drop);
+kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe, int n_eval,
+                                  const int32_t *order, const int32_t *cuts, int n_cut,
+                                  const uint8_t *probe_mod, const int32_t *probe_pos, float *work,
+                                  double *cov, double *radius, double *cov_mod, double *cov_drop);
 kvt_status kvt_sweep_redundancy_cpu(const float *ku, int T, int D, const int32_t *order,
                                     const int32_t *cuts, int n_cut, double *work, double *r);
-kvt_status kvt_sweep_coverage(const float *ct, int T, int n_probe, const int32_t *order,
+kvt_status kvt_sweep_coverage(const float *ct, int T, int n_probe, int n_eval, const int32_t *order,
                               const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
                               const int32_t *probe_pos, float *work, double *cov, double *radius,
                               double *cov_mod, double *cov_drop);

@@ -250,15 +250,25 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
     return KVT_OK;
 }
 
+/* the probes in a policy's prefix [0, T-W) (POLICIES §12: coverage is a mean over j in P):
+ * the probes ascend, so they are the first ones */
+static int probes_in_prefix(const scratch *s, int T, int W)
+{
+    int n = 0;
+    while (n < s->n_probe && s->probe[n] < T - W)
+        n++;
+    return n;
+}
+
 /* set metrics of one ranking at budgets [n_b]: coverage, radius, by modality, r_kept, kept by
- * modality, oracle overlap. Results are ADDED to the metric slots m[b] times `wgt` (for
- * averaging over decode steps). oord/ocnt [n_b]: the oracle's ranking and counts of the same
- * head, or NULL. */
-static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int32_t *order,
+ * modality, oracle overlap. Coverage is over the probes of the prefix of window W. Results are
+ * ADDED to the metric slots m[b] times `wgt` (for averaging over decode steps). oord/ocnt [n_b]:
+ * the oracle's ranking and counts of the same head, or NULL. */
+static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, int W, const int32_t *order,
                             const int32_t *cnt, size_t cstride, int n_b, const int32_t *oord,
                             const int32_t *ocnt, double wgt, kvt_head_metrics *const *m)
 {
-    const int T = c->T, D = c->D;
+    const int T = c->T, D = c->D, n_eval = probes_in_prefix(s, T, W);
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
     if (s->n_probe > 0) { /* where each probe's token is in the ranking: kept below a cut */
         for (int t = 0; t < T; t++)
@@ -269,12 +279,13 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, const int
     if (s->n_probe > 0 && c->gpu) { /* each probe's best per cut on the GPU, summarised here */
         KVT_FORWARD(kvt_ctx_gpu_coverage_best(c->gpu, order, s->cuts, n_cut, s->cbest));
         for (int ci = 0; ci < n_cut; ci++)
-            kvt_coverage_summary(s->cbest + (size_t)ci * s->n_probe, s->n_probe, s->cuts[ci],
+            kvt_coverage_summary(s->cbest + (size_t)ci * s->n_probe, n_eval, s->cuts[ci],
                                  s->probe_mod, s->probe_pos, s->cov + ci, s->rad + ci,
                                  s->cmod + (size_t)ci * KVT_NM, s->cdrop + ci);
     } else if (s->n_probe > 0) {
-        KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, order, s->cuts, n_cut, s->probe_mod,
-                                       s->probe_pos, s->cwork, s->cov, s->rad, s->cmod, s->cdrop));
+        KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, n_eval, order, s->cuts, n_cut,
+                                       s->probe_mod, s->probe_pos, s->cwork, s->cov, s->rad,
+                                       s->cmod, s->cdrop));
     }
     KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
                                      s->rwork, s->rk));
@@ -384,8 +395,8 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
             }
         }
         /* a per-step head's set metrics are the mean over its step sets (below) */
-        if (!(Gd > 0 && step) &&
-            (st = set_sweep(c, s, g, ord, s->vcnt, 1, n_v, oord, s->vocnt, 1.0, s->vm)))
+        if (!(Gd > 0 && step) && (st = set_sweep(c, s, g, sel->window, ord, s->vcnt, 1, n_v, oord,
+                                                 s->vocnt, 1.0, s->vm)))
             return st;
     }
     if (Gd > 0 && step) { /* a single member (per-step rankings are never shared) */
@@ -402,7 +413,8 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
                 s->vm[b]->recall_decode += brec[b] / Gd;
                 s->vm[b]->err_decode += berr[b] / Gd;
             }
-            if ((st = set_sweep(c, s, g, ord, cnt, cs, n_b, oord, s->vocnt, 1.0 / Gd, s->vm)))
+            if ((st = set_sweep(c, s, g, sel->window, ord, cnt, cs, n_b, oord, s->vocnt, 1.0 / Gd,
+                                s->vm)))
                 return st;
         }
     }
@@ -651,19 +663,19 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             /* best cosine of each probe: entries outer so that the table is read by rows. With
                the GPU the cosine table stays on the device: unchanged keys like changed ones */
             float *bestv = s->cwork;
-            const int np = s->n_probe;
-            for (int i = 0; i < np; i++)
+            const int np = s->n_probe, ne = probes_in_prefix(s, T, sel->window);
+            for (int i = 0; i < ne; i++)
                 bestv[i] = -INFINITY;
             for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
                 if (!ms->changed[e2] && s->ct) {
                     const float *row = s->ct + (size_t)ms->idx[e2] * np;
-                    for (int i = 0; i < np; i++)
+                    for (int i = 0; i < ne; i++)
                         bestv[i] = row[i] > bestv[i] ? row[i] : bestv[i];
                     continue;
                 }
                 const float *ke = ms->changed[e2] ? cu + (size_t)ce++ * D
                                                   : c->ku + ((size_t)g * T + ms->idx[e2]) * D;
-                for (int i = 0; i < np; i++) {
+                for (int i = 0; i < ne; i++) {
                     const float *kp = c->ku + ((size_t)g * T + s->probe[i]) * D;
                     double x = 0.0;
                     for (int d = 0; d < D; d++)
@@ -672,7 +684,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
                     bestv[i] = xf > bestv[i] ? xf : bestv[i];
                 }
             }
-            for (int i = 0; i < np; i++) {
+            for (int i = 0; i < ne; i++) {
                 double best = bestv[i];
                 sum += best;
                 rad = 1.0 - best > rad ? 1.0 - best : rad;
@@ -683,8 +695,8 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
                     nd++;
                 }
             }
-            hm->coverage = sum / s->n_probe;
-            hm->coverage_radius = rad;
+            hm->coverage = ne ? sum / ne : NAN;
+            hm->coverage_radius = ne ? rad : NAN;
             hm->coverage_dropped = nd ? sd / nd : NAN;
             for (int k = 0; k < KVT_NM; k++)
                 hm->coverage_mod[k] = mod && cm[k] ? sm[k] / cm[k] : NAN;
@@ -707,8 +719,8 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
     return KVT_OK;
 }
 
-/* head h of sel can share its sweeps with another selection of the same ranking: one fixed
- * ranking, no per-step rankings, not merged */
+/* head h of sel can share its sweeps with another selection of the same ranking and window
+ * (coverage is over the window's prefix): one fixed ranking, no per-step rankings, not merged */
 static bool shareable(const kvt_layer_selection *sel, int h)
 {
     return !sel->merged && sel->has_fixed && !(sel->step_head && sel->step_head[h]);
@@ -1026,7 +1038,8 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                 int n_mem = 1;
                 grp_sel[0] = sel, grp_m[0] = m;
                 for (size_t p2 = p + 1; p2 < n_pol && shareable(sel, h); p2++)
-                    if (sels[p2].per_query == sel->per_query && shareable(&sels[p2], h) &&
+                    if (sels[p2].per_query == sel->per_query && sels[p2].window == sel->window &&
+                        shareable(&sels[p2], h) &&
                         memcmp(sels[p2].order + (size_t)h * c.T, sel->order + (size_t)h * c.T,
                                (size_t)c.T * sizeof(int32_t)) == 0) {
                         done[p2 * (size_t)c.Gs + (size_t)(h - h0)] = 1;

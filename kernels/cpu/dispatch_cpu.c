@@ -64,14 +64,14 @@ void kvt_unit_rows(const float *x, int n, int D, float *ku, double *mean)
     (kvt_kernels_ref_only() ? kvt_unit_rows_ref : kvt_unit_rows_cpu)(x, n, D, ku, mean);
 }
 
-kvt_status kvt_sweep_coverage(const float *ct, int T, int n_probe, const int32_t *order,
+kvt_status kvt_sweep_coverage(const float *ct, int T, int n_probe, int n_eval, const int32_t *order,
                               const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
                               const int32_t *probe_pos, float *work, double *cov, double *radius,
                               double *cov_mod, double *cov_drop)
 {
     return (kvt_kernels_ref_only() ? kvt_sweep_coverage_ref : kvt_sweep_coverage_cpu)(
-        ct, T, n_probe, order, cuts, n_cut, probe_mod, probe_pos, work, cov, radius, cov_mod,
-        cov_drop);
+        ct, T, n_probe, n_eval, order, cuts, n_cut, probe_mod, probe_pos, work, cov, radius,
+        cov_mod, cov_drop);
 }
 
 kvt_status kvt_sweep_redundancy(const float *ku, int T, int D, const int32_t *order,

@@ -197,30 +197,30 @@ void kvt_transpose_f32_cpu(const float *src, int rows, int cols, size_t ld_src, 
         }
 }
 
-KVT_CLONES kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe,
+KVT_CLONES kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe, int n_eval,
                                              const int32_t *order, const int32_t *cuts, int n_cut,
                                              const uint8_t *probe_mod, const int32_t *probe_pos,
                                              float *work, double *cov, double *radius,
                                              double *cov_mod, double *cov_drop)
 {
-    KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
-                  "sweep_coverage: bad shape");
+    KVT_RETURN_IF(T < 0 || n_probe < 0 || n_eval < 0 || n_eval > n_probe || n_cut < 0,
+                  KVT_ERR_INVALID_ARG, "sweep_coverage: bad shape");
     KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
-    float *best = work; /* (n_probe) */
-    for (int i = 0; i < n_probe; i++)
+    float *best = work; /* (n_eval) */
+    for (int i = 0; i < n_eval; i++)
         best[i] = -INFINITY;
     int t = 0;
     for (int ci = 0; ci < n_cut; ci++) {
         for (; t < cuts[ci]; t++) {
             const float *row = ct + (size_t)order[t] * n_probe;
             if (t + PREFETCH < T)
-                prefetch_row(ct + (size_t)order[t + PREFETCH] * n_probe, (size_t)n_probe);
+                prefetch_row(ct + (size_t)order[t + PREFETCH] * n_probe, (size_t)n_eval);
 #pragma omp simd
-            for (int i = 0; i < n_probe; i++)
+            for (int i = 0; i < n_eval; i++)
                 best[i] = row[i] > best[i] ? row[i] : best[i];
         }
         /* the per-cut summary is the reference's own */
-        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, probe_pos, cov + ci, radius + ci,
+        kvt_coverage_summary(best, n_eval, cuts[ci], probe_mod, probe_pos, cov + ci, radius + ci,
                              cov_mod ? cov_mod + (size_t)ci * NM : NULL,
                              cov_drop ? cov_drop + ci : NULL);
     }

@@ -89,25 +89,25 @@ kvt_status kvt_cosine_table_ref(const float *ku, int T, int D, const int32_t *pr
     return KVT_OK;
 }
 
-kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, const int32_t *order,
-                                  const int32_t *cuts, int n_cut, const uint8_t *probe_mod,
-                                  const int32_t *probe_pos, float *work, double *cov,
-                                  double *radius, double *cov_mod, double *cov_drop)
+kvt_status kvt_sweep_coverage_ref(const float *ct, int T, int n_probe, int n_eval,
+                                  const int32_t *order, const int32_t *cuts, int n_cut,
+                                  const uint8_t *probe_mod, const int32_t *probe_pos, float *work,
+                                  double *cov, double *radius, double *cov_mod, double *cov_drop)
 {
-    KVT_RETURN_IF(T < 0 || n_probe < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
-                  "sweep_coverage: bad shape");
+    KVT_RETURN_IF(T < 0 || n_probe < 0 || n_eval < 0 || n_eval > n_probe || n_cut < 0,
+                  KVT_ERR_INVALID_ARG, "sweep_coverage: bad shape");
     KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
-    float *best = work; /* (n_probe) */
-    for (int i = 0; i < n_probe; i++)
+    float *best = work; /* (n_eval) */
+    for (int i = 0; i < n_eval; i++)
         best[i] = -INFINITY;
     int t = 0;
     for (int ci = 0; ci < n_cut; ci++) {
         for (; t < cuts[ci]; t++) {
             const float *row = ct + (size_t)order[t] * n_probe;
-            for (int i = 0; i < n_probe; i++)
+            for (int i = 0; i < n_eval; i++)
                 best[i] = row[i] > best[i] ? row[i] : best[i];
         }
-        kvt_coverage_summary(best, n_probe, cuts[ci], probe_mod, probe_pos, cov + ci, radius + ci,
+        kvt_coverage_summary(best, n_eval, cuts[ci], probe_mod, probe_pos, cov + ci, radius + ci,
                              cov_mod ? cov_mod + (size_t)ci * NM : NULL,
                              cov_drop ? cov_drop + ci : NULL);
     }

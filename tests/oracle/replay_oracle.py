@@ -441,9 +441,11 @@ class LayerInputs:
         err[ok] = np.linalg.norm(oS - o[ok], axis=1) / no
         return float(rec.mean()), float(err.mean())
 
-    def metrics(self, qheads, g, S, probes):
+    def metrics(self, qheads, g, S, probes, W=0):
         """Metrics of kept set S (sorted index array) of KV head g, judged on query heads
-        `qheads` (the group for kv granularity, one head for query granularity).
+        `qheads` (the group for kv granularity, one head for query granularity). Coverage is
+        over the probe keys of the policy's prefix [0, N-W) (POLICIES §12: j in P); the probe
+        grid is floor(i*N/n) over all N tokens, n = min(probes, N).
         coverage_dropped: the mean of max_{s in S} cos(k_j, k_s) over the probe keys j that
         are not in S (the same probes and cosines as coverage); None when every probe is kept
         or S is empty. head_overlap needs the other heads: replay_layer adds it."""
@@ -459,6 +461,9 @@ class LayerInputs:
         kh = unit_rows(self.K[g])
         n = min(probes, self.N)
         pidx = (np.arange(n) * self.N) // n if n > 0 else None
+        if pidx is not None:
+            pidx = pidx[pidx < self.N - W]
+            n = len(pidx)
         best = None
         cov = rad = cov_drop = None
         if n > 0 and len(S):
@@ -722,6 +727,16 @@ def head_overlaps(sets):
     return out
 
 
+def cov_window(name, o):
+    """The window W whose prefix [0, N-W) coverage is measured over: the policy's own window
+    (tova's is its last token; streamingllm, full and quest have none)."""
+    if name == "tova":
+        return 1
+    if name in ("streamingllm", "full", "quest", "lagkv"):
+        return 0
+    return int(o.get("window", 0))
+
+
 def replay_layer(K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, *, policies=None,
                  budgets=(64, 128), layer=0, n_layers=1, scale=None, coverage_probes=256,
                  ctx=None, debug=False):
@@ -758,7 +773,7 @@ def replay_layer(K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, *, policies=N
                 g = int(ctx.gi[hh]) if query else hh
                 qheads = [hh] if query else list(range(g * ctx.G, (g + 1) * ctx.G))
                 d = {"kept": [int(x) for x in S], "n_keep": int(len(S))}
-                d.update(ctx.metrics(qheads, g, S, coverage_probes))
+                d.update(ctx.metrics(qheads, g, S, coverage_probes, cov_window(name, o)))
                 if debug:
                     d["tie_margin"] = _tie_margin(order, n, info["scores"], hh)
                     d["alloc_margin"] = info["alloc_margin"]

@@ -306,19 +306,26 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, bool tr
         int32_t pp[64]; /* each probe's place in the ranking */
         kt_probe_positions(order, T, probe, n_probe, pp);
         put_guard(cvb + n_cut), put_guard(cmb + nk), put_guard(rkb + n_cut), put_guard(cdb + n_cut);
-        KVT_CHECK(kvt_sweep_coverage_ref(ca, T, n_probe, order, cuts, n_cut, pm, pp, wf, cva, rda,
-                                         cma, cda));
-        KVT_CHECK(kvt_sweep_coverage_cpu(ca, T, n_probe, order, cuts, n_cut, pm, pp, wf, cvb, rdb,
-                                         cmb, cdb));
-        KVT_EXPECT(!memcmp(cva, cvb, (size_t)n_cut * 8) && !memcmp(rda, rdb, (size_t)n_cut * 8));
-        KVT_EXPECT(!memcmp(cma, cmb, nk * 8) && !memcmp(cda, cdb, (size_t)n_cut * 8));
-        KVT_EXPECT(guard_ok(cdb + n_cut));
+        /* every probe, and the first ones only (a policy's prefix) */
+        const int nes[2] = {n_probe, n_probe * 2 / 3};
+        for (int k = 0; k < 2; k++) {
+            const int ne = nes[k];
+            KVT_CHECK(kvt_sweep_coverage_ref(ca, T, n_probe, ne, order, cuts, n_cut, pm, pp, wf,
+                                             cva, rda, cma, cda));
+            KVT_CHECK(kvt_sweep_coverage_cpu(ca, T, n_probe, ne, order, cuts, n_cut, pm, pp, wf,
+                                             cvb, rdb, cmb, cdb));
+            KVT_EXPECT_MSG(!memcmp(cva, cvb, (size_t)n_cut * 8) &&
+                               !memcmp(rda, rdb, (size_t)n_cut * 8) && !memcmp(cma, cmb, nk * 8) &&
+                               !memcmp(cda, cdb, (size_t)n_cut * 8),
+                           "coverage over %d of %d probes", ne, n_probe);
+            KVT_EXPECT(guard_ok(cdb + n_cut));
+        }
         KVT_CHECK(kvt_sweep_redundancy_ref(ku, T, D, order, cuts, n_cut, wk, rka));
         KVT_CHECK(kvt_sweep_redundancy_cpu(ku, T, D, order, cuts, n_cut, wk, rkb));
         KVT_EXPECT(!memcmp(rka, rkb, (size_t)n_cut * 8));
         KVT_EXPECT(guard_ok(cvb + n_cut) && guard_ok(cmb + nk) && guard_ok(rkb + n_cut));
-        KVT_EXPECT_STATUS(kvt_sweep_coverage_cpu(ca, T, n_probe, order, bad, 2, pm, NULL, wf, cvb,
-                                                 rdb, cmb, NULL),
+        KVT_EXPECT_STATUS(kvt_sweep_coverage_cpu(ca, T, n_probe, n_probe, order, bad, 2, pm, NULL,
+                                                 wf, cvb, rdb, cmb, NULL),
                           KVT_ERR_INVALID_ARG);
         KVT_EXPECT_STATUS(kvt_sweep_redundancy_cpu(ku, T, D, order, bad, 2, wk, rkb),
                           KVT_ERR_INVALID_ARG);

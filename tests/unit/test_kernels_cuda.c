@@ -383,7 +383,8 @@ static void test_coverage(int T, int D, int n_probe, uint64_t seed)
     double cda[16], cdb;
     int32_t *pp = malloc((size_t)P * 4); /* each probe's place in the ranking */
     kt_probe_positions(order, T, probe, P, pp);
-    KVT_CHECK(kvt_sweep_coverage_ref(ca, T, P, order, cuts, n_cut, pm, pp, wf, cva, rda, cma, cda));
+    KVT_CHECK(
+        kvt_sweep_coverage_ref(ca, T, P, P, order, cuts, n_cut, pm, pp, wf, cva, rda, cma, cda));
     int bad = 0;
     for (int c = 0; c < n_cut; c++) {
         kvt_coverage_summary(best + (size_t)c * P, P, cuts[c], pm, pp, &cvb, &rdb, cmb, &cdb);

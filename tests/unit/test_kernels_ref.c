@@ -190,12 +190,20 @@ static void test_sweep_output(void)
         pos[order[t]] = t;
     for (int i = 0; i < 4; i++)
         pp[i] = pos[probe[i]];
-    KVT_CHECK(kvt_sweep_coverage_ref(ct, T, 4, order, cuts, nc, pm, pp, cw, cov, rad, cm, cd));
+    KVT_CHECK(kvt_sweep_coverage_ref(ct, T, 4, 4, order, cuts, nc, pm, pp, cw, cov, rad, cm, cd));
+    /* over the first 2 probes only (a policy's prefix): the same sweep, summarised over 2 */
+    double cov2[8], rad2[8], cm2[8 * KVT_N_MODALITIES], cd2[8];
+    KVT_CHECK(
+        kvt_sweep_coverage_ref(ct, T, 4, 2, order, cuts, nc, pm, pp, cw, cov2, rad2, cm2, cd2));
+    KVT_EXPECT(isnan(cov2[0]));
+    KVT_EXPECT_STATUS(
+        kvt_sweep_coverage_ref(ct, T, 4, 5, order, cuts, nc, pm, pp, cw, cov2, rad2, cm2, cd2),
+        KVT_ERR_INVALID_ARG);
     KVT_CHECK(kvt_sweep_redundancy_ref(ku, T, D, order, cuts, nc, rw, rr));
     KVT_EXPECT(isnan(cov[0]) && isnan(rr[0]) && isnan(rr[1]));
     for (int c = 1; c < nc; c++) {
-        double s = 0, mx = 0, m0 = 0, sd = 0;
-        int nd = 0;
+        double s = 0, mx = 0, m0 = 0, sd = 0, s2 = 0, mx2 = 0, sd2 = 0, bests[4];
+        int nd = 0, nd2 = 0;
         for (int i = 0; i < 4; i++) {
             double best = -2;
             bool kept = false;
@@ -209,7 +217,19 @@ static void test_sweep_output(void)
             mx = 1 - best > mx ? 1 - best : mx;
             if (i == 0 || i == 3)
                 m0 += best / 2;
+            bests[i] = best;
+            if (i < 2) {
+                s2 += best / 2;
+                mx2 = 1 - best > mx2 ? 1 - best : mx2;
+                if (!kept)
+                    sd2 += best, nd2++;
+            }
         }
+        KVT_EXPECT_NEAR(cov2[c], s2, 1e-12);
+        KVT_EXPECT_NEAR(rad2[c], mx2, 1e-12);
+        KVT_EXPECT(nd2 > 0 ? fabs(cd2[c] - sd2 / nd2) < 1e-12 : isnan(cd2[c]));
+        KVT_EXPECT_NEAR(cm2[c * KVT_N_MODALITIES + 0], bests[0], 1e-12); /* probe 0 alone */
+        KVT_EXPECT_NEAR(cm2[c * KVT_N_MODALITIES + 1], bests[1], 1e-12); /* probe 1 alone */
         KVT_EXPECT_NEAR(cov[c], s / 4, 1e-12);
         if (nd > 0)
             KVT_EXPECT_NEAR(cd[c], sd / nd, 1e-12);

@@ -329,6 +329,42 @@ static void test_step_coverage_dropped(void)
     tl_free(&t);
 }
 
+/* coverage is a mean over the policy's prefix [0, T-W) (POLICIES §12), not over the window it
+ * keeps for free. T = 8, W = 2: prefix keys e1 (even j) and e3 (odd j), j = 0 and 1 shortest;
+ * window keys e2. snapkv:window=2 at B = 2 keeps the window alone: coverage 0 over the 6
+ * prefix keys (0.25 over all 8, as it was); knorm (no window) at B = 2 keeps {0, 1}: 6 of the
+ * 8 keys covered at cosine 1, the window's two at 0 */
+static void test_coverage_prefix(void)
+{
+    enum { T = 8, D = 4 };
+    test_layer t;
+    tl_random(&t, 5, T, D, 1, 1, 2, 0, false);
+    for (int j = 0; j < T; j++) {
+        float *k = t.k + (size_t)j * D;
+        memset(k, 0, D * sizeof(float));
+        k[j >= T - 2 ? 1 : j % 2 ? 2 : 0] = j < 2 ? 0.5f : 1.0f;
+    }
+    kvt_policy *p[2] = {NULL, NULL};
+    KVT_CHECK(kvt_policy_create("snapkv:window=2", NULL, &p[0]));
+    KVT_CHECK(kvt_policy_create("knorm", NULL, &p[1]));
+    const int B[1] = {2};
+    kvt_head_metrics m[2];
+    kvt_replay_opts o = {.coverage_probes = -1};
+    KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&t.in, p, 2, B, 1, &o, m), KVT_OK);
+    KVT_EXPECT_MSG(fabs(m[0].coverage) < 1e-7 && fabs(m[0].coverage_radius - 1.0) < 1e-7,
+                   "snapkv: coverage %g radius %g (want 0, 1)", m[0].coverage,
+                   m[0].coverage_radius);
+    KVT_EXPECT_MSG(fabs(m[0].coverage_dropped) < 1e-7, "snapkv dropped %g", m[0].coverage_dropped);
+    KVT_EXPECT_MSG(fabs(m[1].coverage - 0.75) < 1e-7 && fabs(m[1].coverage_radius - 1.0) < 1e-7,
+                   "knorm: coverage %g radius %g (want 0.75, 1)", m[1].coverage,
+                   m[1].coverage_radius);
+    KVT_EXPECT_MSG(fabs(m[1].coverage_dropped - 4.0 / 6.0) < 1e-7, "knorm dropped %g",
+                   m[1].coverage_dropped);
+    kvt_policy_free(p[0]);
+    kvt_policy_free(p[1]);
+    tl_free(&t);
+}
+
 static void test_layer_metrics(bool per_query)
 {
     enum { T = 120, D = 16, Hq = 4, Hkv = 2, W = 8, G = 5, NB = 5 };
@@ -556,6 +592,7 @@ int main(void)
     test_step_set_means();
     test_merged_causal();
     test_step_coverage_dropped();
+    test_coverage_prefix();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }
