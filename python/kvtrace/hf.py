@@ -809,11 +809,30 @@ class Capture(object):
             self._open(module, query, key, kwargs)
         st = self._state[layer]
         T = self.n_tokens
+        sliding = _sliding_window(kwargs.get("sliding_window", None)) or \
+            _sliding_window(getattr(module, "sliding_window", None))
         if not st.prefilled:
             if q_len != T or k_len != T:
                 raise _fail("layer %d: a prompt split over several forward calls (%d queries, "
                             "%d keys; the first call had %d tokens): chunked prefill is not "
                             "supported" % (layer, q_len, k_len, T))
+            # a query at position p sees the keys (p - sliding, p]: all of the prompt's only
+            # while T <= sliding, and a decode step g's only while T + g + 1 <= sliding.
+            # The replay computes full causal attention, so a prompt past the window is
+            # refused, and decode steps stop where the window starts to hide keys
+            if sliding and T > sliding:
+                raise _fail("layer %d attends through a sliding window of %d tokens, shorter "
+                            "than the %d-token prompt: the replay computes full causal "
+                            "attention, so its recall and errors would not be this model's; "
+                            "capture a prompt of at most %d tokens" % (layer, sliding, T,
+                                                                       sliding))
+            if sliding and self.decode > sliding - T:
+                import warnings
+                warnings.warn("kvtrace.capture: layer %d attends through a sliding window of %d "
+                              "tokens: %d of the %d decode steps are captured (a later step's "
+                              "window no longer holds the whole prompt)"
+                              % (layer, sliding, sliding - T, self.decode), stacklevel=2)
+                self.decode = sliding - T
             s = self.session
             s.submit_kv(layer, 0, key, value)
             qb = 0 if (self.with_colsum or self.with_q_all) else T - self.window
@@ -840,8 +859,6 @@ class Capture(object):
             raise _fail("layer %d decode step %d: %d keys in the cache, expected %d (a static "
                         "cache is not supported)" % (layer, g, k_len, T + g + 1))
         want = T + g + 1
-        sliding = _sliding_window(kwargs.get("sliding_window", None)) or \
-            _sliding_window(getattr(module, "sliding_window", None))
         if sliding:  # the cache keeps the last sliding_window - 1 (or sliding_window) tokens
             want = min(want, max(1, sliding - 1))
         if k_len < want:

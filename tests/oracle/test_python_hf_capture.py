@@ -751,7 +751,7 @@ def check_robustness(tmp):
             finally:
                 for layer in model.model.layers:
                     del layer.self_attn.sliding_window
-        for decode, sliding in ((6, 4096), (6, 8), (2, None), (0, None)):
+        for decode, sliding in ((6, 4096), (6, T + 4), (2, None), (0, None)):
             msg = run(decode, sliding)
             check("second generate" in msg and "1-token forward call" in msg,
                   "second generate (decode=%d, sliding_window=%s): refused: %s"
@@ -764,6 +764,48 @@ def check_robustness(tmp):
                       "%d steps only (decode ids %s)" % (decode, sliding, g, dt))
         os.remove(p("g3.kvt"))
     section(second_generate_more)
+
+    def sliding_window():
+        # a layer attending through a sliding window shorter than the prompt (Mistral-7B-v0.1
+        # past 4096 tokens) was captured as if it saw the whole prompt, and replayed with full
+        # causal attention: refused now, naming the layer; decode steps stop where the window
+        # starts to hide keys, with a warning
+        import warnings
+        layer = model.model.layers[1].self_attn
+
+        def run(sliding, decode, name):
+            layer.sliding_window = sliding
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with kvtrace.capture(model, p(name), window=W, decode=decode, force=True):
+                        with torch.no_grad():
+                            model.generate(ids, attention_mask=torch.ones_like(ids),
+                                           max_new_tokens=decode + 1, do_sample=False)
+                return [str(w.message) for w in caught]
+            finally:
+                del layer.sliding_window
+        expect_error(lambda: run(T - 1, 2, "sw1.kvt"),
+                     ["layer 1", "sliding window of %d tokens" % (T - 1),
+                      "%d-token prompt" % T, "at most %d tokens" % (T - 1)],
+                     "a sliding window shorter than the prompt: refused")
+        msgs = run(T + 2, 5, "sw2.kvt")
+        check(any("layer 1" in m and "2 of the 5 decode steps" in m for m in msgs),
+              "a sliding window 2 past the prompt: warns that 2 of 5 steps are captured (%s)"
+              % msgs)
+        with kvtrace.open(p("sw2.kvt")) as t:
+            check(t.verify()["ok"] and t.shape("Q_decode", 0)[1] == 2 and
+                  t.shape("Q_decode", 1)[1] == 2 and len(t.tokens["decode_token_ids"]) == 2,
+                  "a sliding window 2 past the prompt: every layer holds 2 decode steps")
+        msgs = run(T + 10, 5, "sw3.kvt")
+        check(not any("sliding" in m for m in msgs),
+              "a sliding window past prompt and decode steps: no warning (%s)" % msgs)
+        with kvtrace.open(p("sw3.kvt")) as t:
+            check(t.shape("Q_decode", 0)[1] == 5, "a wide sliding window: 5 decode steps")
+        for name in ("sw1.kvt", "sw2.kvt", "sw3.kvt"):
+            if os.path.exists(p(name)):
+                os.remove(p(name))
+    section(sliding_window)
 
     def warnings_as_errors():
         # with warnings turned into errors (pytest -W error), the warning that another library
