@@ -369,10 +369,16 @@ static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *mode
         goto out;
     }
     if (kvt_trace_reader_shape(rd, 0, KVT_KIND_Q_DECODE, &h, &G, &d, &dt) || G == 0) {
-        st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                           "%s has no decode steps: the end-to-end check reruns them (capture "
-                           "with --decode G)",
-                           path);
+        st = kvt_trace_reader_recovered(rd)
+                 ? kvt_error_set(KVT_ERR_NOT_FOUND,
+                                 "%s has no decode steps: the trace is incomplete (recovered by "
+                                 "scanning), cut short before them; the end-to-end check reruns "
+                                 "them (see kvtrace verify)",
+                                 path)
+                 : kvt_error_set(KVT_ERR_NOT_FOUND,
+                                 "%s has no decode steps: the end-to-end check reruns them "
+                                 "(capture with --decode G)",
+                                 path);
         goto out;
     }
     et->G = G;

@@ -687,6 +687,12 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
         sh->has_kvd = g_kv > 0;
         sh->G = (int)(sh->has_kvd && g_kv < g_q ? g_kv : g_q);
     }
+    int l_cut = -1; /* the first layer without its prompt tensors: a trace cut inside them */
+    for (int l = 0; l < sh->L && l_cut < 0 && kvt_trace_reader_recovered(sh->rd); l++)
+        if (!has_kind(sh->rd, l, KVT_KIND_K, NULL, NULL, NULL, NULL) ||
+            !has_kind(sh->rd, l, KVT_KIND_V, NULL, NULL, NULL, NULL) ||
+            !has_kind(sh->rd, l, KVT_KIND_Q_WINDOW, NULL, NULL, NULL, NULL))
+            l_cut = l;
     sh->has_colsum = has_kind(sh->rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
     sh->has_qall = has_kind(sh->rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
     for (size_t p = 0; p < n_pol; p++) {
@@ -708,6 +714,14 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                         ? " (the trace is incomplete, recovered by scanning: see "
                           "kvtrace verify)"
                         : "");
+            else if (kvt_trace_reader_recovered(sh->rd)) /* cut short before its decode steps */
+                st = kvt_error_set(
+                    KVT_ERR_NOT_FOUND,
+                    "policy %s needs decode queries (Q_decode), and %s holds none: the trace is "
+                    "incomplete (recovered by scanning), cut short %s; drop the policy or "
+                    "replay a whole trace (see kvtrace verify)",
+                    kvt_policy_label(pols[p]), path,
+                    l_cut >= 0 ? "inside the prompt" : "before its decode steps");
             else
                 st = kvt_error_set(KVT_ERR_NOT_FOUND,
                                    "policy %s needs decode queries (Q_decode), which %s does not "

@@ -230,4 +230,12 @@ $BIN replay "$TMP/t.kvt" --policies adakv,mixkv-adakv,hybridkv-like,hybridkv-lik
     { cat "$TMP/err"; fail "replay B = T"; }
 n=$(grep -cE ' (120|100%) +(100|200)\.0% ' "$TMP/out") # headkv: per query head, 2 per KV head
 [ "$n" -eq 16 ] || { cat "$TMP/out"; fail "B = T: $n of 16 settings keep the whole prompt"; }
+# a trace cut inside the prompt, with a policy that needs decode queries: the message says the
+# trace is incomplete (it said to capture decode steps, though the capture had them)
+sz=$(wc -c <"$TMP/t.kvt")
+head -c $((sz / 2)) "$TMP/t.kvt" >"$TMP/cut.kvt"
+$BIN replay "$TMP/cut.kvt" --policies quest --budgets 16 -o "$TMP/cutq.json" >/dev/null 2>"$TMP/err" &&
+    fail "cut trace: accepted"
+grep -q "needs decode queries (Q_decode), and .*cut.kvt holds none: the trace is incomplete (recovered by scanning), cut short inside the prompt" \
+    "$TMP/err" && [ "$(wc -l <"$TMP/err")" -eq 1 ] || { cat "$TMP/err"; fail "cut trace: message"; }
 echo "test_replay_cli: ok"
