@@ -39,6 +39,8 @@ int kvt_cli_fail(const char *cmd, const char *fmt, ...)
 
 int kvt_cli_fail_status(const char *cmd, kvt_status s, const char *what)
 {
+    if (what && !*what) /* the open's ": No such file" would print as ": : No such file" */
+        return kvt_cli_fail(cmd, "an empty path: give a file name");
     const char *m = kvt_error_msg();
     size_t n = what ? strlen(what) : 0;
     if (m && *m && n && !strncmp(m, what, n) && (m[n] == ':' || m[n] == ' '))
@@ -291,8 +293,9 @@ bool kvt_cli_output_ok(const char *cmd, const char *out, bool force, const char 
     size_t ol = out ? strlen(out) : 0;
     if (!ol || out[ol - 1] == '/') {
         kvt_cli_fail(cmd,
-                     out && ol ? "%s: an output file name, not a directory"
-                               : "no output file (-o FILE)",
+                     !out ? "no output file (-o FILE)"
+                     : ol ? "%s: an output file name, not a directory"
+                          : "an empty output path: give a file name",
                      out);
         return false;
     }

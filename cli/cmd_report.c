@@ -173,6 +173,10 @@ int kvt_cmd_report(int argc, char **argv)
         kvt_cli_fail(cmd, "usage: kvtrace report RESULTS -o DIR");
         return 2;
     }
+    if (!*dir) {
+        kvt_cli_fail(cmd, "an empty output directory (-o): give a directory name");
+        return 2;
+    }
     if (!kvt_cli_target_finish(cmd, &tg))
         return 2;
     const char *inputs[2] = {path, e2e_path}; /* e2e_path NULL without --e2e */
@@ -180,6 +184,13 @@ int kvt_cmd_report(int argc, char **argv)
         return 1;
     if ((st = kvt_results_read(path, &res))) {
         kvt_cli_fail_status(cmd, st, path);
+        goto out_free;
+    }
+    if (res->shard_count > 0) { /* the input's fault: named as the input (it named -o DIR) */
+        kvt_cli_fail(cmd,
+                     "%s: a partial result of replay --shard %d/%d: its summaries cover one "
+                     "shard's layers (combine all parts with kvtrace merge first)",
+                     path, res->shard_index, res->shard_count);
         goto out_free;
     }
     if (e2e_path) {

@@ -238,4 +238,14 @@ $BIN replay "$TMP/cut.kvt" --policies quest --budgets 16 -o "$TMP/cutq.json" >/d
     fail "cut trace: accepted"
 grep -q "needs decode queries (Q_decode), and .*cut.kvt holds none: the trace is incomplete (recovered by scanning), cut short inside the prompt" \
     "$TMP/err" && [ "$(wc -l <"$TMP/err")" -eq 1 ] || { cat "$TMP/err"; fail "cut trace: message"; }
+# empty paths: one line saying so (it printed "error: : : No such file or directory", or blamed
+# a missing -o when --export-selection was empty)
+for args in "info ''" "verify ''" "replay '' --policies snapkv -o $TMP/e1.json" \
+    "replay $TMP/t.kvt --policies snapkv -o ''" \
+    "replay $TMP/t.kvt --policies snapkv --export-selection '' -o $TMP/e2.json" \
+    "recommend ''" "report $TMP/r.json -o ''"; do
+    eval "$BIN $args" >/dev/null 2>"$TMP/err" && fail "$args: accepted"
+    grep -Eq "error: an empty (output )?(path|directory)" "$TMP/err" &&
+        [ "$(wc -l <"$TMP/err")" -eq 1 ] || { cat "$TMP/err"; fail "$args: message"; }
+done
 echo "test_replay_cli: ok"
