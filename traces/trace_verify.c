@@ -45,31 +45,73 @@ static int json_int(const cJSON *o, const char *a, const char *b, int dflt)
     return cJSON_IsNumber(x) ? x->valueint : dflt;
 }
 
-/* Check that every layer the header promises has K, V and Q_window, fully covered. */
+static bool layer_absent(kvt_trace_reader *r, int l)
+{
+    uint32_t H, T, D;
+    return kvt_trace_reader_shape(r, l, KVT_KIND_K, &H, &T, &D, NULL) != KVT_OK &&
+           kvt_trace_reader_shape(r, l, KVT_KIND_V, &H, &T, &D, NULL) != KVT_OK &&
+           kvt_trace_reader_shape(r, l, KVT_KIND_Q_WINDOW, &H, &T, &D, NULL) != KVT_OK;
+}
+
+/* In a trace whose header describes a model: check the header fields a replay needs, and that every
+ * layer the header promises has K, V and Q_window of the promised shape. A run of layers with none
+ * of them is one problem (a header promising a million layers named each). */
 static kvt_status check_promised(kvt_trace_reader *r, kvt_verify_report *rep, size_t *cap)
 {
     cJSON *root = cJSON_Parse(kvt_trace_reader_header_json(r));
-    if (!root)
+    if (!cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(root, "model"))) {
+        cJSON_Delete(root); /* not a model's trace (a container written by other means) */
         return KVT_OK;
-    int L = json_int(root, "model", "n_layers", 0);
-    int hkv = json_int(root, "model", "n_kv_heads", 0);
-    int hq = json_int(root, "model", "n_q_heads", 0);
-    int T = json_int(root, "n_tokens", NULL, 0);
+    }
+    static const char *const need[6][2] = {{"model", "n_layers"},   {"model", "n_q_heads"},
+                                           {"model", "n_kv_heads"}, {"model", "head_dim"},
+                                           {"n_tokens", NULL},      {"window", NULL}};
+    int v[6];
     kvt_status s = KVT_OK;
+    for (int i = 0; i < 6 && s == KVT_OK; i++)
+        if ((v[i] = json_int(root, need[i][0], need[i][1], 0)) <= 0)
+            s = add_problem(rep, cap, 0, -1, 0, -1,
+                            "header: %s%s%s is missing or not a positive integer (a replay "
+                            "needs it)",
+                            need[i][0], need[i][1] ? "." : "", need[i][1] ? need[i][1] : "");
+    const int L = v[0], hq = v[1], hkv = v[2], D = v[3], T = v[4], W = v[5];
+    if (s == KVT_OK && hq > 0 && hkv > 0 && hq % hkv)
+        s = add_problem(rep, cap, 0, -1, 0, -1,
+                        "header: %d query heads are not a multiple of %d KV heads", hq, hkv);
     static const int kinds[] = {KVT_KIND_K, KVT_KIND_V, KVT_KIND_Q_WINDOW};
-    for (int l = 0; l < L && l < 100000 && s == KVT_OK; l++) {
+    int l_end = 0; /* past the last layer with one of them: beyond it every layer is absent */
+    for (size_t i = 0; i < kvt_trace_reader_n_records(r); i++) {
+        kvt_record_info in;
+        if (kvt_trace_reader_record(r, i, &in) == KVT_OK &&
+            (in.kind == KVT_KIND_K || in.kind == KVT_KIND_V || in.kind == KVT_KIND_Q_WINDOW) &&
+            in.layer >= l_end)
+            l_end = in.layer + 1;
+    }
+    for (int l = 0; l < L && s == KVT_OK; l++) {
+        if (l >= l_end || layer_absent(r, l)) {
+            int e = l >= l_end ? L - 1 : l; /* a run before l_end ends before it */
+            while (e + 1 < l_end && layer_absent(r, e + 1))
+                e++;
+            s = e == l ? add_problem(rep, cap, 0, -1, KVT_KIND_K, l,
+                                     "layer %d: K, V and Q_window missing", l)
+                       : add_problem(rep, cap, 0, -1, KVT_KIND_K, l,
+                                     "layers %d-%d: K, V and Q_window missing", l, e);
+            l = e;
+            continue;
+        }
         for (size_t k = 0; k < 3 && s == KVT_OK; k++) {
-            uint32_t H, Tt, D;
-            int want_h = kinds[k] == KVT_KIND_Q_WINDOW ? hq : hkv;
-            if (kvt_trace_reader_shape(r, l, kinds[k], &H, &Tt, &D, NULL) != KVT_OK)
+            uint32_t H, Tt, Dd;
+            const bool q = kinds[k] == KVT_KIND_Q_WINDOW;
+            int want_h = q ? hq : hkv, want_t = q ? W : T;
+            if (kvt_trace_reader_shape(r, l, kinds[k], &H, &Tt, &Dd, NULL) != KVT_OK)
                 s = add_problem(rep, cap, 0, -1, kinds[k], l, "layer %d %s: missing", l,
                                 kvt_kind_name(kinds[k]));
             else if ((want_h > 0 && H != (uint32_t)want_h) ||
-                     (kinds[k] != KVT_KIND_Q_WINDOW && T > 0 && Tt != (uint32_t)T))
+                     (want_t > 0 && Tt != (uint32_t)want_t) || (D > 0 && Dd != (uint32_t)D))
                 s = add_problem(rep, cap, 0, -1, kinds[k], l,
-                                "layer %d %s: has %u heads x %u tokens, header promises %d x %d", l,
-                                kvt_kind_name(kinds[k]), H, Tt, want_h,
-                                kinds[k] == KVT_KIND_Q_WINDOW ? (int)Tt : T);
+                                "layer %d %s: has %u heads x %u tokens x dim %u, the header "
+                                "promises %d x %d x %d",
+                                l, kvt_kind_name(kinds[k]), H, Tt, Dd, want_h, want_t, D);
         }
     }
     cJSON_Delete(root);

@@ -332,7 +332,7 @@ check "--force to a dangling symlink: refused" \
     "[ \$? -eq 1 ] && grep -q 'symbolic link to a missing file' $TMP/err"
 rm -f "$TMP/link.kvt" "$TMP/dangling.kvt"
 $R -o "" >/dev/null 2>"$TMP/err"
-check "-o '': refused before the work" "[ \$? -ne 0 ] && grep -q 'no output file' $TMP/err"
+check "-o '': refused before the work" "[ \$? -ne 0 ] && grep -q 'an empty output path' $TMP/err"
 long=$(printf 'a%.0s' $(seq 1 245))
 $R -o "$TMP/$long.json" --export-selection "$TMP/$long.sel" >/dev/null 2>"$TMP/err"
 check "250-character output names: written" \

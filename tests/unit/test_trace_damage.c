@@ -480,6 +480,71 @@ static void hostile_headers(void)
     free(b);
 }
 
+/* a header that does not describe the records, or promises layers that are not there: verify
+ * names each (it passed head_dim 4 over dim-8 records and window 0, which replay refuses, and
+ * named each of a million missing layers) */
+static bool has_problem(const kvt_verify_report *rep, const char *what)
+{
+    for (size_t i = 0; i < rep->n_problems; i++)
+        if (strstr(rep->problems[i].what, what))
+            return true;
+    return false;
+}
+
+static void promised_layers(void)
+{
+    const char *hdr[2] = {
+        "{\"model\":{\"n_layers\":1000000,\"n_q_heads\":4,\"n_kv_heads\":2,\"head_dim\":8},"
+        "\"n_tokens\":37,\"window\":5}",
+        "{\"model\":{\"n_layers\":1,\"n_q_heads\":4,\"n_kv_heads\":2,\"head_dim\":4},"
+        "\"n_tokens\":37,\"window\":0}"};
+    for (int c = 0; c < 2; c++) {
+        kvt_writer_opts o = {.force = true};
+        kvt_trace_writer *w;
+        KVT_CHECK(kvt_trace_writer_create(cut, hdr[c], &o, &w));
+        static float buf[TT_HQ * TT_T * TT_D];
+        const int layers[2] = {0, 3};
+        for (int i = 0; i < (c ? 1 : 2); i++) {
+            kvt_record_info k = {.kind = KVT_KIND_K,
+                                 .layer = layers[i],
+                                 .head_end = TT_HKV,
+                                 .tok_end = TT_T,
+                                 .dim = TT_D,
+                                 .dtype = KVT_DTYPE_F32};
+            KVT_CHECK(kvt_trace_writer_append(w, &k, buf));
+            k.kind = KVT_KIND_V;
+            KVT_CHECK(kvt_trace_writer_append(w, &k, buf));
+            kvt_record_info q = {.kind = KVT_KIND_Q_WINDOW,
+                                 .layer = layers[i],
+                                 .head_end = TT_HQ,
+                                 .tok_end = TT_W,
+                                 .dim = TT_D,
+                                 .dtype = KVT_DTYPE_F32};
+            KVT_CHECK(kvt_trace_writer_append(w, &q, buf));
+        }
+        KVT_CHECK(kvt_trace_writer_finish(w));
+        kvt_trace_writer_free(w);
+        kvt_verify_report rep;
+        KVT_CHECK(kvt_trace_verify(cut, &rep));
+        if (c == 0)
+            KVT_EXPECT_MSG(rep.n_problems == 2 &&
+                               has_problem(&rep, "layers 1-2: K, V and Q_window missing") &&
+                               has_problem(&rep, "layers 4-999999: K, V and Q_window missing"),
+                           "%zu problems, first '%s'", rep.n_problems,
+                           rep.n_problems ? rep.problems[0].what : "");
+        else
+            KVT_EXPECT_MSG(
+                rep.n_problems == 4 &&
+                    has_problem(&rep, "header: window is missing or not a positive integer") &&
+                    has_problem(&rep, "layer 0 K: has 2 heads x 37 tokens x dim 8, the header "
+                                      "promises 2 x 37 x 4"),
+                "%zu problems, first '%s'", rep.n_problems,
+                rep.n_problems ? rep.problems[0].what : "");
+        kvt_verify_report_free(&rep);
+    }
+    unlink(cut);
+}
+
 int main(void)
 {
     kvt_writer_opts o = {.force = true};
@@ -510,6 +575,7 @@ int main(void)
     tensor_layout();
     frame_sizes();
     hostile_headers();
+    promised_layers();
     unlink(path);
     unlink(cut);
     free(orig);
