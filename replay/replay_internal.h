@@ -272,6 +272,26 @@ int kvt_pyramid_kvpress_count(double ratio, int W, int T, int L, int l, double b
  *  *out [L*H] (missing = NaN). Caller frees with kvt_free. */
 kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, double **out);
 
+/** Offline per-(layer, head) scores of SparseMM and HeadKV (scores=FILE) [n_layers, n_heads]:
+ *  a column per query head, or per KV head. */
+typedef struct kvt_head_scores {
+    int n_layers, n_heads;
+    double *score; /* [n_layers, n_heads], owned (kvt_free) */
+} kvt_head_scores;
+/** Read p->o.scores (kvt_read_head_table) into *hs; KVT_ERR_INVALID_ARG naming the policy when
+ *  it has no scores= option. The caller frees hs->score with kvt_free. */
+kvt_status kvt_head_scores_read(const kvt_policy *p, kvt_head_scores *hs);
+/** count[b][h] of the SparseMM allocation (POLICIES §5), or HeadKV's for the policy `headkv`
+ *  (§11), from hs (sel initialised, its heads' granularity that of p->o.per_query):
+ *  sigma = score / the sum over the model's layers, summed over a selection head's columns;
+ *  W + round_half_even(sigma*(b - min)*L*H' + min) clamped to the prefix, b = B - W,
+ *  min = floor(ratio*b) (headkv: b - floor(b/beta)); T <= B keeps all T, B <= W keeps B.
+ *  KVT_ERR_INVALID_ARG when the table does not fit the model (too few layers, neither Hq nor
+ *  Hkv columns, Hkv columns with heads=query, a missing score, a sum that is not positive). */
+kvt_status kvt_head_score_counts(const kvt_layer_ctx *c, const kvt_policy *p,
+                                 const kvt_head_scores *hs, const int *B, int n_b,
+                                 kvt_layer_selection *sel);
+
 /** A NumPy .npy array of floats (npy.c), little-endian, C order. */
 #define KVT_NPY_MAX_DIMS 8
 typedef struct kvt_npy {

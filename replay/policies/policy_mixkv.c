@@ -1,38 +1,59 @@
-/* policy_mixkv.c - `mixkv-snapkv`, `mixkv-pyramidkv`, `mixkv-adakv` (POLICIES §4): rank by
- * c = r*d' + (1-r)*(p + v') where p is the SnapKV score, v' the min-max VNorm and d' the
- * min-max KeyDiff diversity, both rescaled to mean(p), and r the head redundancy (online from
- * this prompt's keys by default, clamped to [0,1]; rtable=FILE for an offline table keyed
- * "layer-kvhead[-key]"). The budget allocation is the base method's; AdaKV allocates from
- * pure attention p and ranks by c (§4.3). One file for the three variants: they share all. */
+/* policy_mixkv.c - `mixkv-snapkv`, `mixkv-pyramidkv`, `mixkv-adakv`, `mixkv-sparsemm`
+ * (POLICIES §4): rank by c = r*d' + (1-r)*(p + v') where p is the SnapKV score, v' the min-max
+ * VNorm and d' the min-max KeyDiff diversity, both rescaled to mean(p), and r the head
+ * redundancy (online from this prompt's keys by default, clamped to [0,1]; rtable=FILE for an
+ * offline table keyed "layer-kvhead[-key]"). The budget allocation is the base method's (§4.3):
+ * AdaKV allocates from pure attention p, SparseMM from its offline head scores (scores=FILE,
+ * the caps of policy_sparsemm.c), and each head keeps its top-cap by c. One file for the four
+ * variants: they share all. */
 #include <math.h>
 
 #include "../replay_internal.h"
 
 typedef struct mix_state {
     int L, H;
-    double *r; /* [L, H] offline redundancy */
+    double *r;          /* [L, H] offline redundancy, or NULL (online r) */
+    kvt_head_scores hs; /* mixkv-sparsemm's head scores (score NULL for the others) */
 } mix_state;
+
+static bool is_mix_sparsemm(const kvt_policy *p)
+{
+    return p->def == &kvt_policy_def_mixkv_sparsemm;
+}
 
 static kvt_status mix_init(kvt_policy *p)
 {
-    if (!p->o.rtable)
+    const bool smm = is_mix_sparsemm(p);
+    if (!p->o.rtable && !smm)
         return KVT_OK;
     mix_state *s = kvt_calloc(1, sizeof(*s));
     KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
-    kvt_status st = kvt_read_head_table(p->o.rtable, &s->L, &s->H, &s->r);
-    if (st) {
-        kvt_free(s);
-        return st;
+    kvt_status st = KVT_OK;
+    if (smm) {
+        st = kvt_head_scores_read(p, &s->hs);
+        if (st)
+            goto out_free;
+    }
+    if (p->o.rtable) {
+        st = kvt_read_head_table(p->o.rtable, &s->L, &s->H, &s->r);
+        if (st)
+            goto out_free;
     }
     p->state = s;
     return KVT_OK;
+out_free:
+    kvt_free(s->hs.score);
+    kvt_free(s);
+    return st;
 }
 
 static void mix_fini(kvt_policy *p)
 {
     mix_state *s = p->state;
-    if (s)
+    if (s) {
         kvt_free(s->r);
+        kvt_free(s->hs.score);
+    }
     kvt_free(s);
     p->state = NULL;
 }
@@ -93,7 +114,7 @@ static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double 
         for (int j = 0; j < P; j++)
             dv[j] = dv[j] * mean_p / (mu + 1e-8);
         double r;
-        if (ms) {
+        if (ms && ms->r) {
             if (c->layer >= ms->L || g >= ms->H || isnan(ms->r[(size_t)c->layer * ms->H + g])) {
                 st = kvt_error_set(KVT_ERR_NOT_FOUND,
                                    "%s: rtable %s has no entry for layer %d KV head %d",
@@ -135,6 +156,10 @@ static kvt_status sel_mix(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
         return st;
     if (base == 'a')
         return kvt_adakv_counts(c, o, s, B, n_b, sel);
+    if (base == 'm') {
+        const mix_state *ms = p->state;
+        return kvt_head_score_counts(c, p, &ms->hs, B, n_b, sel);
+    }
     for (int b = 0; b < n_b; b++) {
         int cnt = B[b] < c->T ? B[b] : c->T;
         if (base == 'p' && c->T >= B[b] && B[b] > o->window)
@@ -162,6 +187,12 @@ static kvt_status sel_mix_ada(kvt_layer_ctx *c, const kvt_policy *p, const int *
                               kvt_layer_selection *sel)
 {
     return sel_mix(c, p, B, n_b, sel, 'a');
+}
+
+static kvt_status sel_mix_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                              kvt_layer_selection *sel)
+{
+    return sel_mix(c, p, B, n_b, sel, 'm');
 }
 
 const kvt_policy_def kvt_policy_def_mixkv_snapkv = {
@@ -192,4 +223,15 @@ const kvt_policy_def kvt_policy_def_mixkv_adakv = {
     .init = mix_init,
     .fini = mix_fini,
     .select = sel_mix_ada,
+};
+
+const kvt_policy_def kvt_policy_def_mixkv_sparsemm = {
+    .name = "mixkv-sparsemm",
+    .summary = "MixKV on SparseMM: head budgets from offline head scores (scores=FILE), "
+               "ranking by the mixture",
+    .flags = KVT_POLICY_WINDOW_QUERY,
+    .keys = "window,kernel,pool,reduce,heads,rtable,ratio,scores",
+    .init = mix_init,
+    .fini = mix_fini,
+    .select = sel_mix_smm,
 };

@@ -66,7 +66,7 @@ METRICS = [("recall_window", "recall"), ("err_window", "err_window"),
 def policy_specs(W, has_decode, has_colsum, scores=None):
     """Policy specs for a trace whose stored window is W (policies use window=W unless it is
     32, the default). Every option the oracle knows is exercised at least once. scores: a
-    head-score table (JSON) for sparsemm and headkv."""
+    head-score table (JSON) for sparsemm, headkv and mixkv-sparsemm."""
     w = "" if W == 32 else "window=%d" % W
 
     def s(name, *opts):
@@ -92,7 +92,9 @@ def policy_specs(W, has_decode, has_colsum, scores=None):
     if scores:
         f = "scores=" + scores
         specs += [s("sparsemm", f), s("sparsemm", "ratio=0.25", "heads=query", f),
-                  s("headkv", f), s("headkv", "heads=kv", "beta=2", "kernel=5", f)]
+                  s("headkv", f), s("headkv", "heads=kv", "beta=2", "kernel=5", f),
+                  s("mixkv-sparsemm", f),
+                  s("mixkv-sparsemm", "ratio=0.25", "heads=query", "kernel=7", f)]
     return specs
 
 

@@ -14,7 +14,8 @@ What it implements (POLICIES.md section in brackets):
     fallback with fallback=1), adakv allocation 3a [§3] (normalize, alpha, floor, round half
     to even = torch.round), mixkv-snapkv / mixkv-pyramidkv / mixkv-adakv [§4.1, §4.3] with
     online r, streamingllm [§7] (sinks + recent), h2o [§6] one shot from column sums;
-    sparsemm [§5] and headkv [§11] static head budgets from a head-score table (scores=);
+    sparsemm [§5] and headkv [§11] static head budgets from a head-score table (scores=),
+    mixkv-sparsemm [§4.3] (sparsemm's caps, each head's top-cap by the MixKV composite);
     extras: full, knorm, vnorm, keydiff [§8], tova [§8], oracle (decode-attention ranking);
     chunkkv [§11, kvpress ChunkKVPress]: the prefix in chunks of C from token 0, a chunk's
     score the mean over its tokens of the snapkv scores summed over the heads, the window
@@ -84,6 +85,7 @@ POLICIES = {
     "mixkv-snapkv": dict(_SNAP, clamp_r=1),
     "mixkv-pyramidkv": dict(_SNAP, beta=20, fallback=0, clamp_r=1),
     "mixkv-adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0, clamp_r=1),
+    "mixkv-sparsemm": dict(_SNAP, ratio=0.1, scores="", clamp_r=1),
     "oracle": {"window": 0, "heads": "kv"},
     "sparsemm": dict(_SNAP, ratio=0.1, scores=""),
     "headkv": {"window": 32, "kernel": 7, "pool": "max", "reduce": "mean", "heads": "query",
@@ -642,13 +644,14 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
         if caps is None:
             return orders, [N] * H
         return orders, [W + int(c) for c in caps]
-    if name in ("sparsemm", "headkv"):
+    if name in ("sparsemm", "headkv", "mixkv-sparsemm"):
         return orders, [W + c for c in head_score_caps(name, o, base, nP, layer, n_layers, H)]
     raise ValueError("unknown policy %s" % name)
 
 
 def head_score_caps(name, o, b, nP, layer, n_layers, H):
-    """SparseMM (POLICIES §5) and HeadKV (§11) caps of the H selection heads of `layer`:
+    """SparseMM (POLICIES §5; also mixkv-sparsemm's, §4.3) and HeadKV (§11) caps of the H
+    selection heads of `layer`:
     sigma = score / (sum of the first n_layers rows of the table), summed over a head's
     columns (a GQA group, when the table has a column per query head and H is per KV head);
     min = floor(ratio*b) (sparsemm) or b - floor(b/beta) (headkv);

@@ -15,6 +15,8 @@ $BIN capture-llama2c --model "$MODEL" --tokens 120 --decode 4 --window 32 --cols
     -o "$TMP/t.kvt" >/dev/null 2>&1 || fail "capture"
 $BIN replay --help | grep -q -- "--budgets" || fail "--help"
 $BIN replay --list-policies | grep -q "mixkv-adakv" || fail "--list-policies"
+$BIN replay --list-policies | grep -A1 "^mixkv-sparsemm " | grep -q "ratio=0.1,scores=none,rtable" ||
+    fail "--list-policies: mixkv-sparsemm and its options"
 $BIN replay "$TMP/t.kvt" --policies all,h2o,oracle,quest,hybridkv-like \
     --budgets 24,48,25% --threads 2 --export-selection "$TMP/sel.bin" -o "$TMP/r.json" \
     >"$TMP/out" 2>"$TMP/err" || { cat "$TMP/err"; fail "replay"; }
@@ -225,11 +227,11 @@ done
 # it); the summary table prints each policy's kept share
 printf '[[1,2,3,4,5,6,7,8],[8,7,6,5,4,3,2,1],[1,1,1,1,2,2,2,2],[2,1,2,1,2,1,2,1],[3,3,1,1,3,3,1,1]]' \
     >"$TMP/hs.json"
-$BIN replay "$TMP/t.kvt" --policies adakv,mixkv-adakv,hybridkv-like,hybridkv-like:window=8,sparsemm:scores="$TMP/hs.json",headkv:scores="$TMP/hs.json",chunkkv,pyramidkv \
+$BIN replay "$TMP/t.kvt" --policies adakv,mixkv-adakv,hybridkv-like,hybridkv-like:window=8,sparsemm:scores="$TMP/hs.json",headkv:scores="$TMP/hs.json",chunkkv,pyramidkv,mixkv-sparsemm:scores="$TMP/hs.json" \
     --budgets 120,100% --threads 1 -o "$TMP/bt.json" >"$TMP/out" 2>"$TMP/err" ||
     { cat "$TMP/err"; fail "replay B = T"; }
 n=$(grep -cE ' (120|100%) +(100|200)\.0% ' "$TMP/out") # headkv: per query head, 2 per KV head
-[ "$n" -eq 16 ] || { cat "$TMP/out"; fail "B = T: $n of 16 settings keep the whole prompt"; }
+[ "$n" -eq 18 ] || { cat "$TMP/out"; fail "B = T: $n of 18 settings keep the whole prompt"; }
 # a trace cut inside the prompt, with a policy that needs decode queries: the message says the
 # trace is incomplete (it said to capture decode steps, though the capture had them)
 sz=$(wc -c <"$TMP/t.kvt")

@@ -1,11 +1,11 @@
 #!/bin/bash
 # test_replay_fast_vs_ref.sh - a whole replay with the fast CPU kernels (the default) against
 # the same replay with the plain references (KVT_KERNELS=ref), every policy (the 13 of 'all'
-# and h2o, oracle, quest, hybridkv-like, lightkv-like, sparsemm, headkv) at several budgets,
-# on the bundled real trace and on a synthetic vision-language trace long enough for several
-# 256-key blocks. Kept counts and every metric but the output error and coverage must agree
-# within 1e-9. Coverage comes from an f32 cosine table in both paths, a dense f32 product on
-# the fast path: it may differ by a few f32 ulps (within 1e-6).
+# and h2o, oracle, quest, hybridkv-like, lightkv-like, sparsemm, headkv, mixkv-sparsemm) at
+# several budgets, on the bundled real trace and on a synthetic vision-language trace long
+# enough for several 256-key blocks. Kept counts and every metric but the output error and
+# coverage must agree within 1e-9. Coverage comes from an f32 cosine table in both paths, a
+# dense f32 product on the fast path: it may differ by a few f32 ulps (within 1e-6).
 # The output errors may differ more: both paths store probabilities in f32, the fast path's
 # logits differ from the reference's in the last bits of a double, which now and then moves a
 # probability by one f32 ulp, and a relative error ||o_S - o|| / ||o|| whose ||o|| is small
@@ -54,7 +54,7 @@ for path, L, H in (("stories260K", 5, 8), ("vl", 2, 4)):
 for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt"; do
     name=$(basename "$tr" .kvt)
     # every policy: the defaults, and those that need more than K, V and the window queries
-    SET=(--policies "all,h2o,oracle,quest,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json"
+    SET=(--policies "all,h2o,oracle,quest,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json"
         --budgets 16,64,300,50% --threads 2 --seed 7)
     [ "$name" = qa ] &&
         SET=(--policies h2o,snapkv,full --budgets 8,16,32,64,128,50% --threads 2 --seed 7)

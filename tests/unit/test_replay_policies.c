@@ -2,7 +2,8 @@
  * policy: window protection and ties (lower index first), pooling, GQA groups (mean over the
  * group vs per query head), short prompts, B < W, PyramidKV's schedule, AdaKV's allocation
  * (3a/3b, normalize, ties) and its sums, SparseMM's static caps, MixKV cross-checks
- * (r = 1 is KeyDiff, r = 0 with flat value norms is SnapKV), ChunkKV's whole chunks, Quest
+ * (r = 1 is KeyDiff, r = 0 with flat value norms is SnapKV), MixKV on SparseMM (a composite
+ * worked by hand; SparseMM's counts, mixkv-snapkv's ranking), ChunkKV's whole chunks, Quest
  * pages, oracle, merging.
  * Keys are 1-D (D = 1, scale 1) where possible so the logits are the key values.
  */
@@ -597,6 +598,129 @@ static void test_sparsemm_and_mixkv(void)
     tl_free(&t);
 }
 
+/* mixkv-sparsemm (POLICIES §4.3): SparseMM's caps from the head-score file, each head's top-cap
+ * by MixKV's composite c. */
+static void test_mixkv_sparsemm(void)
+{
+    char path[256], rpath[256], spec[600];
+    /* By hand: T=8, W=2, D=1 (logits = key values), one head, kernel 1, the same tensors in
+       layers 0 and 1. Keys 2 -1 1 .5 -.5 1.5 | 1 1, values 1 4 2 1 3 .5 | 1 1, window queries
+       1 1: p = [.3485 .0174 .1282 .0778 .0286 .2114] over the prefix (mean .1353).
+       Online r: six unit keys +1, two -1: m = .5, r = (8*.25 - 1)/7 = 1/7.
+       v' = minmax(|v|) = [1 7 3 1 5 0]/7, scaled to mean(p): [.0478 .3343 .1433 .0478 .2388 0].
+       d' = minmax(-sign(k)*m) = [0 1 0 0 1 0], scaled to mean(p): [0 .4059 0 0 .4059 0].
+       c = r d' + (1-r)(p + v') = [.3396 .3594 .2327 .1076 .2872 .1812]: 1 0 4 2 5 3
+       (attention alone: 0 5 2 3 4 1).
+       Scores {"0-0": 3, "1-0": 1}: sigma .75 / .25. B = 5: b = 3, min = floor(.1*3) = 0; caps
+       round(.75*3*2) = round(4.5) = 4 and round(.25*3*2) = round(1.5) = 2 (ties to even):
+       layer 0 keeps {1 0 4 2} + window, layer 1 {1 0} + window; sparsemm keeps 0 5 2 3 / 0 5. */
+    const float k[8] = {2, -1, 1, 0.5f, -0.5f, 1.5f, 1, 1}, v[8] = {1, 4, 2, 1, 3, 0.5f, 1, 1};
+    const float q[2] = {1, 1};
+    kvt_layer_input in = layer1d(8, 2, 1, 1, k, v, q);
+    in.n_layers = 2;
+    kvt_test_tmp(path, sizeof(path), "mixsp_heads.json");
+    write_file(path, "{\"0-0\": 3, \"1-0\": 1}");
+    const int B[] = {5, 1, 8, 20};
+    const char *want_mix[2] = {"0,1,2,4,6,7", "0,1,6,7"}, *want_smm[2] = {"0,2,3,5,6,7", "0,5,6,7"};
+    for (int l = 0; l < 2; l++) {
+        in.layer = l;
+        snprintf(spec, sizeof(spec), "mixkv-sparsemm:window=2,kernel=1,scores=%s", path);
+        kvt_layer_selection *s = tl_select(&in, spec, B, 4);
+        EXPECT_KEPT(s, 0, 0, -1, want_mix[l]);
+        EXPECT_KEPT(s, 1, 0, -1, "7");               /* B < W: the most recent B tokens */
+        EXPECT_KEPT(s, 2, 0, -1, "0,1,2,3,4,5,6,7"); /* B = T keeps everything */
+        EXPECT_KEPT(s, 3, 0, -1, "0,1,2,3,4,5,6,7"); /* short prompt */
+        kvt_layer_selection_free(s);
+        snprintf(spec, sizeof(spec), "sparsemm:window=2,kernel=1,scores=%s", path);
+        s = tl_select(&in, spec, B, 1);
+        EXPECT_KEPT(s, 0, 0, -1, want_smm[l]);
+        kvt_layer_selection_free(s);
+    }
+    /* rtable: r = 0 in layer 0 ranks by p + v' = [.3962 .3516 .2715 .1255 .2674 .2114]: 0 1 2 4
+       5 3; r = 1 in layer 1 by d' alone: the negative keys 1 and 4 */
+    kvt_test_tmp(rpath, sizeof(rpath), "mixsp_r.json");
+    write_file(rpath, "[[0], [1]]");
+    const char *want_r[2] = {"0,1,2,4,6,7", "1,4,6,7"};
+    for (int l = 0; l < 2; l++) {
+        in.layer = l;
+        snprintf(spec, sizeof(spec), "mixkv-sparsemm:window=2,kernel=1,scores=%s,rtable=%s", path,
+                 rpath);
+        kvt_layer_selection *s = tl_select(&in, spec, B, 1);
+        EXPECT_KEPT(s, 0, 0, -1, want_r[l]);
+        kvt_layer_selection_free(s);
+    }
+
+    /* GQA (Hq 4, Hkv 2), the hand-worked table of test_sparsemm_and_mixkv: query-head scores
+       1 1 2 4, ratio .25, B = 12: kept 8 and 16 (heads=query: 8 8 12 20). The counts are
+       sparsemm's at every budget, and each head's set is mixkv-snapkv's at that head's count:
+       the top of the same composite ranking. Some head must differ from sparsemm's set, or
+       this layer would not tell the composite from attention. */
+    test_layer t;
+    tl_random(&t, 3, 20, 4, 4, 2, 2, 0, false);
+    t.in.n_layers = 1, t.in.layer = 0;
+    write_file(path, "[[1, 1, 2, 4]]");
+    const int Bg[] = {12, 6, 2, 1, 19, 20, 25};
+    const int nbg = (int)(sizeof(Bg) / sizeof(Bg[0]));
+    for (int hq = 0; hq < 2; hq++) {
+        const char *heads = hq ? ",heads=query" : "";
+        snprintf(spec, sizeof(spec), "mixkv-sparsemm:window=2,ratio=0.25%s,scores=%s", heads, path);
+        kvt_layer_selection *m = tl_select(&t.in, spec, Bg, (size_t)nbg);
+        snprintf(spec, sizeof(spec), "sparsemm:window=2,ratio=0.25%s,scores=%s", heads, path);
+        kvt_layer_selection *sm = tl_select(&t.in, spec, Bg, (size_t)nbg);
+        const int H = kvt_layer_selection_n_heads(m);
+        KVT_EXPECT(H == (hq ? 4 : 2) && kvt_layer_selection_n_heads(sm) == H);
+        if (hq)
+            KVT_EXPECT(tl_count(m, 0, 0) == 8 && tl_count(m, 0, 1) == 8 &&
+                       tl_count(m, 0, 2) == 12 && tl_count(m, 0, 3) == 20);
+        else
+            KVT_EXPECT(tl_count(m, 0, 0) == 8 && tl_count(m, 0, 1) == 16);
+        int differ = 0;
+        for (int b = 0; b < nbg; b++)
+            for (int h = 0; h < H; h++) {
+                int n = tl_count(m, (size_t)b, h);
+                KVT_EXPECT_MSG(n == tl_count(sm, (size_t)b, h), "%s B=%d head %d: %d, sparsemm %d",
+                               heads, Bg[b], h, n, tl_count(sm, (size_t)b, h));
+                if (Bg[b] >= 20)
+                    KVT_EXPECT(n == 20);
+                char a[1024];
+                snprintf(a, sizeof(a), "%s", tl_kept_str(sm, (size_t)b, h, -1));
+                differ += strcmp(a, tl_kept_str(m, (size_t)b, h, -1)) != 0;
+                const int Bn[] = {n};
+                snprintf(spec, sizeof(spec), "mixkv-snapkv:window=2%s", heads);
+                kvt_layer_selection *ms = tl_select(&t.in, spec, Bn, 1);
+                snprintf(a, sizeof(a), "%s", tl_kept_str(ms, 0, h, -1));
+                EXPECT_KEPT(m, (size_t)b, h, -1, a);
+                kvt_layer_selection_free(ms);
+            }
+        KVT_EXPECT_MSG(differ > 0, "%s: every set equals sparsemm's", heads);
+        kvt_layer_selection_free(m);
+        kvt_layer_selection_free(sm);
+    }
+
+    /* errors: no scores= (at create), a table that does not fit the model (at select: 3
+       columns for 4 query heads / 2 KV heads), a layer missing from the rtable */
+    kvt_policy *p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("mixkv-sparsemm", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("mixkv-sparsemm:rtable=none.json", NULL, &p),
+                      KVT_ERR_INVALID_ARG);
+    snprintf(spec, sizeof(spec), "mixkv-sparsemm:scores=%s,rtable=/nonexistent/r.json", path);
+    KVT_EXPECT(kvt_policy_create(spec, NULL, &p) != KVT_OK);
+    const int B1[] = {12};
+    write_file(path, "[[1, 1, 2]]");
+    snprintf(spec, sizeof(spec), "mixkv-sparsemm:window=2,scores=%s", path);
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&t.in, p, B1, 1, &bad), KVT_ERR_INVALID_ARG);
+    kvt_policy_free(p);
+    write_file(path, "[[1, 1, 2, 4]]");
+    write_file(rpath, "[[0.5]]"); /* KV head 1 has no entry */
+    snprintf(spec, sizeof(spec), "mixkv-sparsemm:window=2,scores=%s,rtable=%s", path, rpath);
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&t.in, p, B1, 1, &bad), KVT_ERR_NOT_FOUND);
+    kvt_policy_free(p);
+    tl_free(&t);
+}
+
 static void test_quest(void)
 {
     /* pages of 2: page 0 = [1,0],[0,1]; page 1 = [-1,0],[0,-1]; page 2 = [2,2],[0,0] */
@@ -795,7 +919,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 26);
+    KVT_EXPECT(kvt_policy_registry_size() == 27);
 }
 
 int main(void)
@@ -809,6 +933,7 @@ int main(void)
     test_chunkkv();
     test_random();
     test_sparsemm_and_mixkv();
+    test_mixkv_sparsemm();
     test_quest();
     test_like_policies();
     test_parse();
