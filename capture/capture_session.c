@@ -339,8 +339,15 @@ static kvt_status check_model(const struct kvt_capture_model *m, const struct kv
     KVT_RETURN_IF(m->rope != KVT_ROPE_NONE && m->rope != KVT_ROPE_DEFAULT &&
                       m->rope != KVT_ROPE_MROPE,
                   KVT_ERR_INVALID_ARG, "model: unknown rope kind %d", (int)m->rope);
-    KVT_RETURN_IF(!(m->attn_scale >= 0.0) || !isfinite(m->attn_scale) || !isfinite(m->rope_theta),
-                  KVT_ERR_INVALID_ARG, "model: attn_scale and rope_theta must be finite");
+    /* Both finite and > 0 (the header's model.attn_scale must be positive, FORMAT.md; a
+       negative theta would be written as it is), with 0 keeping its meaning: 1/sqrt(D), and a
+       theta not known (written as 0, which a replay takes for none). */
+    KVT_RETURN_IF(!(m->attn_scale >= 0.0) || !isfinite(m->attn_scale), KVT_ERR_INVALID_ARG,
+                  "model: attn_scale must be finite and > 0 (or 0 for 1/sqrt(head_dim)), got %g",
+                  m->attn_scale);
+    KVT_RETURN_IF(!(m->rope_theta >= 0.0) || !isfinite(m->rope_theta), KVT_ERR_INVALID_ARG,
+                  "model: rope_theta must be finite and > 0 (or 0 when not known), got %g",
+                  m->rope_theta);
     KVT_RETURN_IF(m->rope_pairs != KVT_ROPE_PAIRS_UNKNOWN && m->rope_pairs != KVT_ROPE_PAIRS_HALF &&
                       m->rope_pairs != KVT_ROPE_PAIRS_INTERLEAVED,
                   KVT_ERR_INVALID_ARG, "model: unknown rope pairs %d", (int)m->rope_pairs);
@@ -353,7 +360,9 @@ static kvt_status check_model(const struct kvt_capture_model *m, const struct kv
                       "frequency >= 0",
                       i, m->rope_inv_freq[i]);
     KVT_RETURN_IF(!(m->rope_attention_scaling >= 0.0) || !isfinite(m->rope_attention_scaling),
-                  KVT_ERR_INVALID_ARG, "model: rope_attention_scaling must be finite and >= 0");
+                  KVT_ERR_INVALID_ARG,
+                  "model: rope_attention_scaling must be finite and >= 0, got %g",
+                  m->rope_attention_scaling);
     {
         const int *ms = m->mrope_section;
         bool any = ms[0] || ms[1] || ms[2];

@@ -81,8 +81,8 @@ struct kvt_capture_model {
     int head_dim;       /* D */
     kvt_dtype kv_dtype; /* dtype stored in the trace for K, V and queries (f32/bf16/f16) */
     kvt_rope_kind rope; /* positional encoding, recorded in the header */
-    double rope_theta;  /* 0 when not applicable */
-    double attn_scale;  /* softmax scale; 0 = 1/sqrt(D) */
+    double rope_theta;  /* RoPE base, finite and > 0; 0 when not applicable or not known */
+    double attn_scale;  /* softmax scale, finite and > 0; 0 = 1/sqrt(D) */
     const char *engine_name;
     const char *engine_version;
     const char *gpu; /* device name, NULL on CPU (header "gpu": null) */

@@ -136,6 +136,9 @@ def kv_dtype_code(kv_dtype, name="kv_dtype"):
     torch.float16. ValueError (TypeError for a non-dtype) naming the argument otherwise."""
     stores = ("a capture stores \"f32\", \"bf16\" or \"f16\" (or torch.float32, "
               "torch.bfloat16, torch.float16)")
+    if kv_dtype is None:  # np.dtype(None) would be float64
+        raise TypeError("%s None: a capture session stores one dtype, fixed when it opens; %s"
+                        % (name, stores))
     try:
         code = dtype_code(kv_dtype)
     except (TypeError, ValueError) as e:
@@ -189,8 +192,10 @@ def _rope_pairs_code(rope_pairs):
                      "or None)" % (rope_pairs,))
 
 
-def _float_arg(value, name):
-    """value as a finite float >= 0; TypeError for a non-number, ValueError otherwise."""
+def _float_arg(value, name, zero=None):
+    """value as a finite float >= 0; TypeError for a non-number (None, a str...), ValueError
+    otherwise. Both name the argument and the value. zero, when given, says what 0 means
+    ("0 for ..."): the rule is then said as > 0, or that."""
     if isinstance(value, (str, bytes)):
         raise TypeError("%s must be a number, got %r" % (name, value))
     try:
@@ -199,7 +204,8 @@ def _float_arg(value, name):
         raise TypeError("%s must be a number, got %r (%s)"
                         % (name, value, type(value).__name__)) from None
     if not (np.isfinite(v) and v >= 0.0):
-        raise ValueError("%s = %r must be a finite number >= 0" % (name, v))
+        raise ValueError("%s = %r must be a finite number %s"
+                         % (name, v, "> 0 (or %s)" % zero if zero else ">= 0"))
     return v
 
 
@@ -271,10 +277,13 @@ class CaptureSession(_NoCopy):
     included) cannot attach. set_timeline_absent(reason) records why an engine has no
     timeline.
 
-    Arguments are checked before the C call: integers must fit their C field (n_tokens,
-    window, n_decode: uint32; n_layers, heads, head_dim, level, n_threads: int), strings and
-    the path hold no NUL, kv_dtype is f32/bf16/f16 (torch dtypes accepted), rope is "none",
-    "default", "mrope" or its code.
+    Arguments are checked before the C call (ValueError or TypeError naming the argument and
+    its value): integers must fit their C field (n_tokens, window, n_decode, decode_chunk:
+    uint32; n_layers, heads, head_dim, level, n_threads: int), strings and the path hold no
+    NUL, kv_dtype is f32/bf16/f16 (torch dtypes accepted; not None: the stored dtype is fixed
+    at open), rope is "none", "default", "mrope" or its code, rope_theta and attn_scale are
+    finite numbers > 0 or 0 (rope_theta 0: not known, written as 0; attn_scale 0:
+    1/sqrt(head_dim)), capture_stream is an integer handle or has one in .cuda_stream.
 
     Optional RoPE details, recorded in the header's model.rope (traces/FORMAT.md) when given
     (a replay policy that works on pre-RoPE queries, expected-attention, needs rope_pairs):
@@ -329,14 +338,19 @@ class CaptureSession(_NoCopy):
         # open; kept on self all the same, as long as the session that was given them
         self._rope_inv_freq = _rope_inv_freq_array(rope_inv_freq, head_dim)
         sections = _mrope_section(mrope_section, head_dim, rope_code)
+        if capture_stream is not None:  # a handle (an address) or a torch.cuda.Stream
+            capture_stream = int_arg(getattr(capture_stream, "cuda_stream", capture_stream),
+                                     "capture_stream", C_UINT64)
         model = _lib.CaptureModel(
             name=self._strings[0], arch=self._strings[1],
             n_layers=int_arg(n_layers, "n_layers", C_INT),
             n_q_heads=int_arg(n_q_heads, "n_q_heads", C_INT),
             n_kv_heads=int_arg(n_kv_heads, "n_kv_heads", C_INT),
             head_dim=head_dim,
-            kv_dtype=kv_dtype_code(kv_dtype), rope=rope_code, rope_theta=rope_theta,
-            attn_scale=attn_scale, engine_name=self._strings[2],
+            kv_dtype=kv_dtype_code(kv_dtype), rope=rope_code,
+            rope_theta=_float_arg(rope_theta, "rope_theta", "0 when not known"),
+            attn_scale=_float_arg(attn_scale, "attn_scale", "0 for 1/sqrt(head_dim)"),
+            engine_name=self._strings[2],
             engine_version=self._strings[3], gpu=self._strings[4],
             rope_pairs=pairs_code, rope_inv_freq=self._rope_inv_freq,
             rope_attention_scaling=_float_arg(rope_attention_scaling, "rope_attention_scaling"),

@@ -20,7 +20,9 @@
     refused, a forked child's garbage collection leaving the parent's session alone, and
     errors that name the argument (rope, name, modality, read_record); the RoPE details
     (rope_pairs, rope_inv_freq, rope_attention_scaling, mrope_section) read back exactly from
-    model.rope, and bad ones are refused naming the argument (and by the C library itself);
+    model.rope, and bad ones are refused naming the argument (and by the C library itself),
+    as are rope_theta and attn_scale that are negative, NaN, infinite or not numbers (0
+    keeps its meaning), kv_dtype=None and a capture_stream that is not a handle;
   * a QA pass (classes QAFindings, QAFindingsCapture): heads= refuses floats and bools,
     bf16_to_f32/f32_to_bf16 refuse what they would turn into garbage (float64 rounded once),
     TraceWriter.append takes torch bf16 and requires_grad tensors and says what to do with
@@ -808,13 +810,44 @@ class Robustness(CaptureCase):
             (dict(rope="mrope", mrope_section=[3, -1, 0]), ValueError, ["mrope_section[1]"]),
             (dict(rope="mrope", mrope_section=[1.5, 0.5, 0]), TypeError, ["mrope_section[0]"]),
             (dict(mrope_section=[1, 0, 1]), ValueError, ["mrope_section", "rope=\"mrope\""]),
+            # the model's other numbers: each named with its value, before ctypes sees it (it
+            # said "must be real number, not str"; C took a negative theta into the header,
+            # and refused attn_scale=-1 as "attn_scale and rope_theta must be finite")
+            (dict(rope_theta=-5.0), ValueError, ["rope_theta = -5.0", "> 0", "0 when not known"]),
+            (dict(rope_theta=float("nan")), ValueError, ["rope_theta = nan"]),
+            (dict(rope_theta=float("-inf")), ValueError, ["rope_theta = -inf"]),
+            (dict(rope_theta="1e4"), TypeError, ["rope_theta", "'1e4'"]),
+            (dict(rope_theta=None), TypeError, ["rope_theta", "None"]),
+            (dict(attn_scale=-1.0), ValueError,
+             ["attn_scale = -1.0", "> 0", "0 for 1/sqrt(head_dim)"]),
+            (dict(attn_scale=float("inf")), ValueError, ["attn_scale = inf"]),
+            (dict(attn_scale=float("nan")), ValueError, ["attn_scale = nan"]),
+            (dict(attn_scale=None), TypeError, ["attn_scale", "None"]),
+            (dict(attn_scale="0.125"), TypeError, ["attn_scale", "'0.125'"]),
+            # np.dtype(None) is float64: "dtype float64 has no kvtrace equivalent"
+            (dict(kv_dtype=None), TypeError, ["kv_dtype None", "fixed when it opens", '"f32"',
+                                              '"bf16"', '"f16"']),
+            # was accepted unchecked, and int() raised unnamed later with timeline=True
+            (dict(capture_stream="abc"), TypeError, ["capture_stream", "'abc'"]),
+            (dict(capture_stream=-1), ValueError, ["capture_stream = -1"]),
         ]
         for kw, exc, words in bad:
             with self.assertRaises(exc, msg=repr(kw)) as e:
                 self.sess("x.kvt", **kw)
             for w in words:
                 self.assertIn(w, str(e.exception), repr(kw))
+            self.assertNotIn("float64", str(e.exception), repr(kw))
         self.assertFalse(os.path.exists(os.path.join(self.dir, "x.kvt")))
+        # 0 keeps its meaning (theta not known: written as 0; attn_scale: 1/sqrt(D)), and
+        # NumPy scalars are numbers
+        for fname, kw, theta, scale in (("z.kvt", dict(rope_theta=0, attn_scale=0.0), 0, 0.5),
+                                        ("p.kvt", dict(rope_theta=np.float32(1e4),
+                                                       attn_scale=np.float64(0.125)), 1e4, 0.125)):
+            with self.sess(fname, **kw) as s:
+                self.fill(s)
+            with kvtrace.open(s.path) as t:
+                self.assertEqual(t.header["model"]["rope"]["theta"], theta, fname)
+                self.assertEqual(t.header["model"]["attn_scale"], scale, fname)
         # the C library checks the same itself (a struct filled without the binding's checks)
         L = _lib.lib()
         m = _lib.CaptureModel(name=b"m", arch=b"llama", n_layers=1, n_q_heads=1, n_kv_heads=1,
@@ -825,6 +858,21 @@ class Robustness(CaptureCase):
             kvtrace._errors.call(L.kvt_capture_open, os.path.join(self.dir, "c.kvt").encode(),
                                  ctypes.byref(m), ctypes.byref(o), ctypes.byref(h))
         self.assertIn("rope pairs 3", str(e.exception))
+        # a negative theta was written into the header as "theta": -5; -1 is finite, and the
+        # message said it was not
+        for field, value, words in (("rope_theta", -5.0, ["rope_theta", "> 0", "got -5"]),
+                                    ("attn_scale", -1.0, ["attn_scale", "> 0", "got -1"]),
+                                    ("rope_theta", float("nan"), ["rope_theta", "got nan"])):
+            m = _lib.CaptureModel(name=b"m", arch=b"llama", n_layers=1, n_q_heads=1,
+                                  n_kv_heads=1, head_dim=4, kv_dtype=_lib.DTYPE_F32, rope=1)
+            setattr(m, field, value)
+            with self.assertRaises(kvtrace.TraceError, msg=field) as e:
+                kvtrace._errors.call(L.kvt_capture_open,
+                                     os.path.join(self.dir, "c.kvt").encode(),
+                                     ctypes.byref(m), ctypes.byref(o), ctypes.byref(h))
+            for w in words:
+                self.assertIn(w, str(e.exception), field)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "c.kvt")))
 
     # ---- finding 3: threads ----
     def test_threads_share_a_session_exactly(self):

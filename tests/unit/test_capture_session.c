@@ -460,6 +460,48 @@ static const cJSON *rope_of(const cJSON *h)
     return cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"), "rope");
 }
 
+/* rope_theta and attn_scale: finite and > 0, or 0 (theta not known, written as 0; attn_scale
+ * 1/sqrt(D)). A negative theta was written into the header ("theta": -5), and a negative
+ * attn_scale was refused as "attn_scale and rope_theta must be finite". */
+static void test_theta_and_scale(void)
+{
+    struct kvt_capture_model m = test_model();
+    struct kvt_capture_opts o = test_opts();
+    kvt_capture_session *s = NULL;
+    const double bad[] = {-5.0, -1e-300, NAN, INFINITY, -INFINITY};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char got[64];
+        snprintf(got, sizeof(got), "got %g", bad[i]);
+        m = test_model();
+        m.rope_theta = bad[i];
+        KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+        KVT_EXPECT_MSG(strstr(kvt_error_msg(), "rope_theta must be finite and > 0") &&
+                           strstr(kvt_error_msg(), got),
+                       "%s", kvt_error_msg());
+        m = test_model();
+        m.attn_scale = bad[i];
+        KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+        KVT_EXPECT_MSG(strstr(kvt_error_msg(), "attn_scale must be finite and > 0") &&
+                           strstr(kvt_error_msg(), got),
+                       "%s", kvt_error_msg());
+        KVT_EXPECT(s == NULL);
+    }
+    /* 0 keeps its meaning */
+    m = test_model();
+    m.rope_theta = 0;
+    m.attn_scale = 0;
+    g_model = &m;
+    KVT_CHECK(capture(path, CONTIG, &o, NULL));
+    g_model = NULL;
+    cJSON *h = read_header();
+    const cJSON *th = cJSON_GetObjectItemCaseSensitive(rope_of(h), "theta");
+    const cJSON *sc = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"),
+                                                       "attn_scale");
+    KVT_EXPECT(cJSON_IsNumber(th) && th->valuedouble == 0.0);
+    KVT_EXPECT(cJSON_IsNumber(sc) && fabs(sc->valuedouble - 1.0 / sqrt((double)DD)) < 1e-15);
+    cJSON_Delete(h);
+}
+
 /* The optional RoPE details reach model.rope exactly, and bad ones are refused at open. */
 static void test_rope_details(void)
 {
@@ -844,6 +886,7 @@ int main(void)
     kvt_test_tmp(path, sizeof(path), "capture.kvt");
     kvt_test_tmp(path2, sizeof(path2), "capture2.kvt");
     test_open_errors();
+    test_theta_and_scale();
     test_rope_details();
     test_rope_decimal_comma();
     test_ordering();
