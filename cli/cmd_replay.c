@@ -398,17 +398,24 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
 {
     int ref[4] = {0};
     const char *ref_path = NULL;
-    char *ref_id = NULL; /* the first trace's model name and RoPE, as JSON */
+    char *ref_id = NULL;                    /* the first trace's model name and RoPE, as JSON */
+    char(*fps)[17] = kvt_calloc(n + 1, 17); /* fingerprints: a copy of one capture is noted */
+    if (!fps) {
+        kvt_cli_fail(cmd, "out of memory");
+        return false;
+    }
     for (size_t t = 0; t < n; t++) {
         for (size_t u = 0; u < t; u++)
             if (kvt_cli_same_path(traces[t], traces[u])) {
                 kvt_cli_fail(cmd, "%s is given twice (as %s and %s)", traces[t], traces[u],
                              traces[t]);
                 cJSON_free(ref_id);
+                kvt_free(fps);
                 return false;
             }
         if (!kvt_cli_json_text_ok(cmd, "the path", traces[t])) { /* results.json names it */
             cJSON_free(ref_id);
+            kvt_free(fps);
             return false;
         }
         kvt_trace_reader *rd = NULL;
@@ -436,6 +443,15 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
         cJSON_Delete(hdr);
         kvt_cli_decode_held none;
         kvt_cli_trace_note(notes, cmd, traces[t], rd, v[0], dh ? &dh[t] : &none); /* incomplete */
+        kvt_trace_reader_fingerprint(rd, fps[t]);
+        for (size_t u = 0; u < t && notes; u++)
+            if (!strcmp(fps[u], fps[t])) {
+                fprintf(notes,
+                        "kvtrace %s: warning: %s holds the same capture as %s (fingerprint %s): "
+                        "that prompt counts twice in the aggregates\n",
+                        cmd, traces[t], traces[u], fps[t]);
+                break;
+            }
         kvt_trace_reader_close(rd);
         if (!ref_path) {
             memcpy(ref, v, sizeof(ref));
@@ -452,6 +468,7 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
                          ref[3]);
             cJSON_free(idj);
             cJSON_free(ref_id);
+            kvt_free(fps);
             return false;
         }
         if (notes && idj && ref_id && strcmp(idj, ref_id))
@@ -462,6 +479,7 @@ static bool traces_ok(const char *cmd, const char *const *traces, size_t n, FILE
         cJSON_free(idj);
     }
     cJSON_free(ref_id);
+    kvt_free(fps);
     return true;
 }
 

@@ -82,7 +82,7 @@ $BIN replay "$TMP/nd.kvt" "$TMP/tiny.kvt" -o "$TMP/mix.json" 2>"$TMP/err" && fai
 $BIN replay "$TMP/nd.kvt" "$TMP/./nd.kvt" -o "$TMP/mix.json" 2>"$TMP/err" && fail "twice"
 grep -q "is given twice" "$TMP/err" || fail "twice message"
 [ -e "$TMP/mix.json" ] && fail "wrote a result"
-$BIN replay "$TMP/nd.kvt" "$TMP/nd_copy.kvt" --policies snapkv --budgets 16 -o "$TMP/two.json" \
+$BIN replay "$TMP/nd.kvt" "$TMP/t.kvt" --policies snapkv --budgets 16 -o "$TMP/two.json" \
     >/dev/null 2>"$TMP/err" || fail "two prompts of one model"
 grep -q "warning" "$TMP/err" && fail "two prompts of one model: $(cat "$TMP/err")"
 # one shape, another model name or RoPE: replayed, with a warning naming both
@@ -250,4 +250,10 @@ for args in "info ''" "verify ''" "replay '' --policies snapkv -o $TMP/e1.json" 
     grep -Eq "error: an empty (output )?(path|directory)" "$TMP/err" &&
         [ "$(wc -l <"$TMP/err")" -eq 1 ] || { cat "$TMP/err"; fail "$args: message"; }
 done
+# a byte-identical copy of a trace: replayed, with a warning that the prompt counts twice
+cp "$TMP/t.kvt" "$TMP/copy.kvt"
+$BIN replay "$TMP/t.kvt" "$TMP/copy.kvt" --policies snapkv --budgets 32 -o "$TMP/cp.json" \
+    >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "copy: replay"; }
+grep -q "warning: .*copy.kvt holds the same capture as .*t.kvt (fingerprint [0-9a-f]*): that prompt counts twice" \
+    "$TMP/err" || { cat "$TMP/err"; fail "copy: no warning"; }
 echo "test_replay_cli: ok"
