@@ -101,8 +101,9 @@ class Layer:
         self.Kh = K / K.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         n = min(n_probes, T)
         self.Kp = None
+        self.pidx = (torch.arange(n, device=dev) * T) // n
         if n > 0:
-            self.Kp = self.Kh[:, (torch.arange(n, device=dev) * T) // n]            # [H, n, D]
+            self.Kp = self.Kh[:, self.pidx]                                         # [H, n, D]
 
     def _rec_err(self, P, Z, o, idx, valid, px=None, ox=None):
         R, D = P.shape[1], self.V.shape[2]
@@ -121,9 +122,9 @@ class Layer:
         err = torch.where(ok, err, torch.ones_like(err))
         return (mass / Z).mean(-1), err.mean(-1)
 
-    def metrics(self, idx, valid):
+    def metrics(self, idx, valid, W=0):
         """[H, 6] (KEYS order) for kept indices idx [H, n] (entries where valid [H, n] is
-        False, if given, are not kept)."""
+        False, if given, are not kept); coverage over the probes of the prefix [0, T-W)."""
         H, n = idx.shape
         dev = idx.device
         nk = (valid.sum(-1) if valid is not None else
@@ -134,9 +135,10 @@ class Layer:
         if self.Pd is not None:
             rd, ed = self._rec_err(self.Pd, self.Zd, self.od, idx, valid, self.px, self.ox)
         cov = nan
-        if self.Kp is not None and n > 0:
+        inP = self.pidx < self.Kh.shape[1] - W
+        if self.Kp is not None and n > 0 and bool(inP.any()):
             KS = torch.gather(self.Kh, 1, idx[:, :, None].expand(-1, -1, self.Kh.shape[2]))
-            c = torch.matmul(self.Kp, KS.transpose(1, 2))                           # [H, P, n]
+            c = torch.matmul(self.Kp[:, inP], KS.transpose(1, 2))                   # [H, P, n]
             if valid is not None:
                 c = c.masked_fill(~valid[:, None, :], float("-inf"))
             cov = c.amax(-1).double().mean(-1)
@@ -156,7 +158,7 @@ def kept_sets(pol, B, T, W, H, dev, score=None, n_sel=None):
     or the top B of score [H, T] over all T (knorm, oracle)."""
     def ar(a, b):
         return torch.arange(a, b, device=dev).expand(H, -1)
-    if T < B:
+    if T <= B:  # B = T keeps everything too, for every policy
         return ar(0, T), None
     if pol == "streamingllm":
         s = min(pn.SINKS, B)
@@ -243,7 +245,7 @@ def replay(path, policies, budgets, probes, layers=None, seed=0, device="cpu"):
                     elif pol == "random":
                         score = torch.rand(Hkv, T - W, generator=gen, device=dev)
                     idx, valid = kept_sets(pol, B, T, W, Hkv, dev, score, n_sel)
-                    rows.append(lay.metrics(idx, valid))
+                    rows.append(lay.metrics(idx, valid, pn.cov_window(pol, W)))
             vals = torch.stack(rows).cpu().numpy()            # [n_pol * n_budgets, H, 6]
             t5 = time.perf_counter()                          # .cpu() waited for the device
             i = 0
