@@ -369,7 +369,8 @@ static kvt_status trace_prepare(const kvt_llama2c_model *model, const char *mode
         goto out;
     }
     if (kvt_trace_reader_shape(rd, 0, KVT_KIND_Q_DECODE, &h, &G, &d, &dt) || G == 0) {
-        st = kvt_trace_reader_recovered(rd)
+        const cJSON *nd = cJSON_GetObjectItemCaseSensitive(hdr, "n_decode");
+        st = kvt_trace_reader_recovered(rd) && cJSON_IsNumber(nd) && nd->valueint > 0
                  ? kvt_error_set(KVT_ERR_NOT_FOUND,
                                  "%s has no decode steps: the trace is incomplete (recovered by "
                                  "scanning), cut short before them; the end-to-end check reruns "

@@ -714,7 +714,8 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                         ? " (the trace is incomplete, recovered by scanning: see "
                           "kvtrace verify)"
                         : "");
-            else if (kvt_trace_reader_recovered(sh->rd)) /* cut short before its decode steps */
+            else if (kvt_trace_reader_recovered(sh->rd) && jint(hdr, "n_decode") > 0)
+                /* cut short before the decode steps its capture planned */
                 st = kvt_error_set(
                     KVT_ERR_NOT_FOUND,
                     "policy %s needs decode queries (Q_decode), and %s holds none: the trace is "

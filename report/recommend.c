@@ -378,9 +378,10 @@ static kvt_status suggest(const kvt_results *r, kvt_recommendation *rec)
                 if (n && meets(rec, s / n))
                     *hb = order[k];
             }
-            for (size_t i = 0; i < r->n_traces && *hb >= 0; i++)
-                rec->head_entries +=
-                    kvt_trace_result_at(r->traces[i], pol, (size_t)*hb, l, h)->n_keep;
+            for (size_t i = 0; i < r->n_traces && *hb >= 0; i++) { /* a null head: none */
+                double nk = kvt_trace_result_at(r->traces[i], pol, (size_t)*hb, l, h)->n_keep;
+                rec->head_entries += isnan(nk) ? 0.0 : nk;
+            }
             if (*hb < 0)
                 rec->head_entries = NAN;
         }

@@ -90,7 +90,7 @@ static kvt_status check_promised(kvt_trace_reader *r, kvt_verify_report *rep, si
     for (int l = 0; l < L && s == KVT_OK; l++) {
         if (l >= l_end || layer_absent(r, l)) {
             int e = l >= l_end ? L - 1 : l; /* a run before l_end ends before it */
-            while (e + 1 < l_end && layer_absent(r, e + 1))
+            while (e + 1 < l_end && e + 1 < L && layer_absent(r, e + 1))
                 e++;
             s = e == l ? add_problem(rep, cap, 0, -1, KVT_KIND_K, l,
                                      "layer %d: K, V and Q_window missing", l)

@@ -240,6 +240,14 @@ $BIN replay "$TMP/cut.kvt" --policies quest --budgets 16 -o "$TMP/cutq.json" >/d
     fail "cut trace: accepted"
 grep -q "needs decode queries (Q_decode), and .*cut.kvt holds none: the trace is incomplete (recovered by scanning), cut short inside the prompt" \
     "$TMP/err" && [ "$(wc -l <"$TMP/err")" -eq 1 ] || { cat "$TMP/err"; fail "cut trace: message"; }
+# ... but a trace whose capture planned no decode steps, cut short, is told it has none
+$BIN synth --shape tiny --tokens 64 --decode 0 -o "$TMP/nd0.kvt" >/dev/null 2>&1 || fail "synth nd0"
+sz=$(wc -c <"$TMP/nd0.kvt")
+head -c $((sz - 200)) "$TMP/nd0.kvt" >"$TMP/nd0cut.kvt"
+$BIN replay "$TMP/nd0cut.kvt" --policies quest --budgets 16 -o "$TMP/nd0q.json" >/dev/null \
+    2>"$TMP/err" && fail "nd0 cut: accepted"
+grep -q "needs decode queries (Q_decode), which .*nd0cut.kvt does not have; capture decode steps" \
+    "$TMP/err" || { cat "$TMP/err"; fail "nd0 cut: message"; }
 # empty paths: one line saying so (it printed "error: : : No such file or directory", or blamed
 # a missing -o when --export-selection was empty)
 for args in "info ''" "verify ''" "replay '' --policies snapkv -o $TMP/e1.json" \
