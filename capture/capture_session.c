@@ -47,7 +47,8 @@ struct kvt_capture_session {
     struct kvt_capture_model model; /* string fields point at the copies above */
     struct kvt_capture_opts opts;   /* capture_json is not kept */
     size_t es;                      /* bytes per stored element */
-    float scale;                    /* softmax scale for column sums */
+    uint32_t dec_chunk; /* decode steps per record: decode_chunk, at most n_decode (>= 1) */
+    float scale;        /* softmax scale for column sums */
     layer_state *layers;
     bool tokens_set;
     bool have_positions, have_modality; /* tables given by the engine */
@@ -550,6 +551,11 @@ kvt_status kvt_capture_open(const char *path, const struct kvt_capture_model *mo
     s->opts.capture_json = NULL;
     if (s->opts.decode_chunk == 0)
         s->opts.decode_chunk = KVT_CAPTURE_DECODE_CHUNK;
+    /* a chunk past the planned steps holds them all: buffers of decode_chunk = 2^31 steps were
+       allocated before (8 GiB for the token ids alone) */
+    s->dec_chunk = s->opts.decode_chunk;
+    if (s->dec_chunk > s->opts.n_decode)
+        s->dec_chunk = s->opts.n_decode > 0 ? s->opts.n_decode : 1;
     bool fail = false;
     s->name = dup_or(model->name, "unknown", &fail);
     s->arch = dup_or(model->arch, "unknown", &fail);
@@ -565,7 +571,7 @@ kvt_status kvt_capture_open(const char *path, const struct kvt_capture_model *mo
     s->scale =
         model->attn_scale > 0 ? (float)model->attn_scale : 1.0f / sqrtf((float)model->head_dim);
     s->layers = kvt_calloc((size_t)model->n_layers, sizeof(*s->layers));
-    s->dec_tok = kvt_calloc(s->opts.decode_chunk, sizeof(int32_t));
+    s->dec_tok = kvt_calloc(s->dec_chunk, sizeof(int32_t));
     if (fail || !s->layers || !s->dec_tok) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_free_s;
@@ -880,7 +886,7 @@ static int prompt_gap(const kvt_capture_session *s, char *msg, size_t cap)
 static kvt_status flush_decode(kvt_capture_session *s, int layer)
 {
     layer_state *ls = &s->layers[layer];
-    uint32_t n = ls->dec_done - ls->dec_flushed, C = s->opts.decode_chunk;
+    uint32_t n = ls->dec_done - ls->dec_flushed, C = s->dec_chunk;
     if (n == 0)
         return KVT_OK;
     size_t row = (size_t)s->model.head_dim * s->es;
@@ -945,7 +951,7 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
         s->prompt_complete = true;
     }
     layer_state *ls = &s->layers[layer];
-    uint32_t n = (uint32_t)hq.n_t, G = s->opts.n_decode, C = s->opts.decode_chunk;
+    uint32_t n = (uint32_t)hq.n_t, G = s->opts.n_decode, C = s->dec_chunk;
     KVT_RETURN_IF(step != ls->dec_done, KVT_ERR_STATE,
                   "submit_decode: layer %d: step %u submitted, next expected %u", layer, step,
                   ls->dec_done);
@@ -1031,7 +1037,7 @@ kvt_status kvt_capture_submit_decode_token(kvt_capture_session *s, uint32_t step
     s->dec_tok[s->dec_tok_done - s->dec_tok_flushed] = token_id;
     s->dec_tok_done++;
     s->stats.n_submits++;
-    if (s->dec_tok_done - s->dec_tok_flushed == s->opts.decode_chunk)
+    if (s->dec_tok_done - s->dec_tok_flushed == s->dec_chunk)
         KVT_FORWARD(flush_decode_tokens(s));
     return KVT_OK;
 }

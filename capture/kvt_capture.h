@@ -100,7 +100,7 @@ struct kvt_capture_opts {
     uint32_t n_tokens;          /* T: prompt tokens that will be submitted (>= 1) */
     uint32_t window;            /* W: last prompt queries kept as Q_window (1 <= W <= T) */
     uint32_t n_decode;          /* G planned: upper bound on decode steps (0 = no decode) */
-    uint32_t decode_chunk;      /* decode steps per record (0 = 64); buffered per layer */
+    uint32_t decode_chunk;      /* decode steps per record (0 = 64, capped at n_decode) */
     bool with_colsum;           /* compute attn_colsum [Hq,T] from all prompt queries (causal) */
     bool with_q_all;            /* also store every prompt query as Q_all [Hq,T,D] */
     const char *capture_json;   /* optional JSON object merged into the header's "capture" */

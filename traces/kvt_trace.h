@@ -91,7 +91,7 @@ typedef struct kvt_record_info {
 typedef struct kvt_trace_writer kvt_trace_writer;
 
 typedef struct kvt_writer_opts {
-    int level;                  /* zstd level, default 3 (0 = default) */
+    int level;                  /* zstd level (0 = 3); outside zstd's range: refused */
     int n_threads;              /* compression threads; 0 = compress in the caller */
     uint64_t max_pending_bytes; /* bound on queued + in-flight raw bytes; 0 = 256 MiB */
     bool no_shuffle;            /* disable the byte-plane filter (for benchmarks) */

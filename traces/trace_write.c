@@ -273,6 +273,11 @@ kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
     KVT_RETURN_IF(strlen(header_json) > KVT_MAX_JSON, KVT_ERR_INVALID_ARG,
                   "trace header JSON is larger than %u bytes", KVT_MAX_JSON);
 
+    /* zstd would clamp another level silently, and the header would record it as given */
+    KVT_RETURN_IF(opts && opts->level != 0 &&
+                      (opts->level < ZSTD_minCLevel() || opts->level > ZSTD_maxCLevel()),
+                  KVT_ERR_INVALID_ARG, "zstd level %d is out of range [%d, %d]", opts->level,
+                  ZSTD_minCLevel(), ZSTD_maxCLevel());
     kvt_trace_writer *w = kvt_calloc(1, sizeof(*w));
     KVT_RETURN_IF(!w, KVT_ERR_NOMEM, "out of memory");
     w->fd = -1;

@@ -502,6 +502,37 @@ static void test_theta_and_scale(void)
     cJSON_Delete(h);
 }
 
+/* writer and decode settings past their range: a zstd level zstd would clamp is refused (100
+ * was recorded as given), and a decode chunk past the planned steps holds them all (2^31 steps
+ * allocated 8 GiB of token ids before the first step) */
+static void test_writer_ranges(void)
+{
+    struct kvt_capture_model m = test_model();
+    struct kvt_capture_opts o = test_opts();
+    kvt_capture_session *s = NULL;
+    o.writer.level = 100;
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "zstd level 100 is out of range"), "%s",
+                   kvt_error_msg());
+    KVT_EXPECT(s == NULL);
+    o = test_opts();
+    o.decode_chunk = 1u << 31;
+    KVT_CHECK(capture(path, CONTIG, &o, NULL));
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(path, &r));
+    size_t n_dec = 0;
+    for (size_t i = 0; i < kvt_trace_reader_n_records(r); i++) {
+        kvt_record_info in;
+        KVT_CHECK(kvt_trace_reader_record(r, i, &in));
+        if (in.kind == KVT_KIND_Q_DECODE) {
+            KVT_EXPECT(in.tok_begin == 0 && in.tok_end == GG);
+            n_dec++;
+        }
+    }
+    KVT_EXPECT_EQ_U64(n_dec, NL); /* one record per layer, every step */
+    kvt_trace_reader_close(r);
+}
+
 /* The optional RoPE details reach model.rope exactly, and bad ones are refused at open. */
 static void test_rope_details(void)
 {
@@ -887,6 +918,7 @@ int main(void)
     kvt_test_tmp(path2, sizeof(path2), "capture2.kvt");
     test_open_errors();
     test_theta_and_scale();
+    test_writer_ranges();
     test_rope_details();
     test_rope_decimal_comma();
     test_ordering();
