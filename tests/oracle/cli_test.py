@@ -85,6 +85,22 @@ def replay_export(path, spec, budgets, work):
         return json.load(f)
 
 
+def compare_kept(name, spec, recs, order_of):
+    """Each export record's kept set against the first budget_tokens of order_of(r), a ranking
+    of the trace's tokens; prints the first 3 that differ and checks that none does."""
+    bad = 0
+    for r in recs:
+        want = set(order_of(r)[:r["budget_tokens"]])
+        if want != set(r["kept"]):
+            bad += 1
+            if bad <= 3:
+                print("  %s %s layer %d head %d B %d: check %s, replay %s" % (
+                    name, spec, r["layer"], r["head"], r["budget_tokens"],
+                    sorted(want - set(r["kept"])), sorted(set(r["kept"]) - want)))
+    print("%s %s: %d sets, %d differ" % (name, spec, len(recs), bad))
+    check(recs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(recs)))
+
+
 def copy_trace(src, dst, header=None, edit=None, kinds=("K", "V", "Q_window", "Q_all")):
     """A copy of the trace at src written to dst: its token tables, and each layer's `kinds` it
     holds as f32 (edit(kind, layer, array) may change them in place), under `header` (default:
