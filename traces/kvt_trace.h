@@ -159,6 +159,16 @@ const char *kvt_trace_writer_file(const kvt_trace_writer *w);
 kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_info *info,
                                           const void *planes);
 
+/** kvt_trace_writer_append_planes without the copy: the payload is lent to the writer, which
+ *  reads it from a compression thread and then calls release(ctx), exactly once, from
+ *  whichever thread finishes with it, also when the record is refused or the writer fails
+ *  (then possibly before this returns). The caller must not change or free the payload
+ *  before that. A lent payload does not count against opts.max_pending_bytes and never waits
+ *  for room (its lender bounds the memory); capture's device ring lends its pinned slots.
+ * @return as kvt_trace_writer_append_planes; KVT_ERR_INVALID_ARG without release. */
+kvt_status kvt_trace_writer_lend_planes(kvt_trace_writer *w, const kvt_record_info *info,
+                                        const void *planes, void (*release)(void *ctx), void *ctx);
+
 /** Convenience: append a JSON object as a KVT_KIND_META_JSON record. */
 kvt_status kvt_trace_writer_append_json(kvt_trace_writer *w, const char *json);
 

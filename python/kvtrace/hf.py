@@ -195,6 +195,13 @@ def _version_tuple(v):
     return tuple(int(x) if x is not None else 0 for x in m.groups())
 
 
+def _transformers_version(transformers):
+    """The version of the transformers module in use (a function, so that a test can stand in
+    an old one: transformers 5 keeps __version__ where assigning the module attribute does not
+    reach every reader)."""
+    return str(getattr(transformers, "__version__", "unknown"))
+
+
 def check_transformers_version(version, model_type=None):
     """Raise TraceError if `version` (a transformers version string) is too old, for any model
     or, given `model_type`, for that model type (Qwen2-VL and Qwen2.5-VL need 4.53)."""
@@ -481,7 +488,7 @@ class Capture(object):
                 raise _fail("name %r is not valid Unicode text: the trace's JSON header "
                             "holds it as UTF-8" % (name,), _ERR_INVALID) from None
 
-        tv = getattr(transformers, "__version__", "unknown")
+        tv = _transformers_version(transformers)
         check_transformers_version(tv)
         config = getattr(model, "config", None)
         if config is None:

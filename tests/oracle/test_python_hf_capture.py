@@ -431,13 +431,15 @@ def check_errors_and_restore(tmp):
                  "unsupported model type")
 
     # old transformers
-    saved = transformers.__version__
-    transformers.__version__ = "4.47.1"
+    saved = hf._transformers_version
+    hf._transformers_version = lambda mod: "4.47.1"
     try:
         expect_error(lambda: kvtrace.capture(model, os.path.join(tmp, "o.kvt")),
                      ["4.47.1", ">= 4.48"], "transformers 4.47")
     finally:
-        transformers.__version__ = saved
+        hf._transformers_version = saved
+    check(hf._transformers_version(transformers) == str(transformers.__version__),
+          "the version read is transformers.__version__ (%s)" % transformers.__version__)
 
     # nothing captured
     def nothing():
@@ -579,7 +581,21 @@ def check_robustness(tmp):
             expect_error(lambda: kvtrace.capture(model, p("kw.kvt"), **kw), words,
                          "capture(%s) refused" % kw)
         nocfg = build()
-        del nocfg.config.num_attention_heads
+        # the config seen through a view without the field (transformers 5's configs keep
+        # class defaults that a deleted instance attribute would fall back on)
+        class NoHeads:
+            def __init__(self, cfg):
+                self._cfg = cfg
+
+            def __getattr__(self, name):
+                if name == "num_attention_heads":
+                    raise AttributeError(name)
+                return getattr(self._cfg, name)
+
+            def get_text_config(self, *args, **kwargs):
+                return self
+
+        nocfg.config = NoHeads(nocfg.config)
         expect_error(lambda: kvtrace.capture(nocfg, p("nc.kvt")),
                      ["no num_attention_heads"], "config without num_attention_heads")
         check(registry()["sdpa"] is before, "after the refusals: registry untouched")

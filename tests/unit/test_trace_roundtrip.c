@@ -8,11 +8,25 @@
 
 static char p1[256], p2[256];
 
-/* A producer that cuts the block into the writer's records itself and byte-plane splits each
- * (the GPU capture does) writes the same file, byte for byte, as kvt_trace_writer_append. */
-static void planes_same_file(const kvt_writer_opts *o, const kvt_record_info *info,
-                             const uint8_t *in)
+/* kvt_trace_writer_lend_planes's release: counts the calls and frees the lent buffer */
+static pthread_mutex_t lend_mu = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t lend_released;
+static void lend_release(void *ctx)
 {
+    pthread_mutex_lock(&lend_mu);
+    lend_released++;
+    pthread_mutex_unlock(&lend_mu);
+    free(ctx);
+}
+
+/* A producer that cuts the block into the writer's records itself and byte-plane splits each
+ * (the GPU capture does) writes the same file, byte for byte, as kvt_trace_writer_append;
+ * lend: each record's payload is lent (kvt_trace_writer_lend_planes, as the GPU capture's
+ * pinned ring does), and handed back exactly once, also when refused. */
+static void planes_same_file(const kvt_writer_opts *o, const kvt_record_info *info,
+                             const uint8_t *in, bool lend)
+{
+    lend_released = 0;
     kvt_trace_writer *w;
     KVT_CHECK(kvt_trace_writer_create(kvt_test_tmp(p2, sizeof(p2), "planes.kvt"),
                                       "{\"format\":\"kvtrace\"}", o, &w));
@@ -37,17 +51,37 @@ static void planes_same_file(const kvt_writer_opts *o, const kvt_record_info *in
                           (info->tok_end - info->tok_begin) * info->dim * es +
                       (uint64_t)(parts[i].tok_begin - info->tok_begin) * info->dim * es;
         KVT_EXPECT_EQ_U64(at, off);
+        uint8_t *dst = lend ? malloc(bytes ? bytes : 1) : buf;
         if (shuf)
-            kvt_byteplane_split(in + off, buf, bytes / es, es);
+            kvt_byteplane_split(in + off, dst, bytes / es, es);
         else
-            memcpy(buf, in + off, bytes);
-        KVT_CHECK(kvt_trace_writer_append_planes(w, &parts[i], buf));
+            memcpy(dst, in + off, bytes);
+        if (lend)
+            KVT_CHECK(kvt_trace_writer_lend_planes(w, &parts[i], dst, lend_release, dst));
+        else
+            KVT_CHECK(kvt_trace_writer_append_planes(w, &parts[i], buf));
         off += bytes;
     }
     KVT_EXPECT_EQ_U64(off, total);
-    if (n > 1) /* a whole block larger than a record is refused */
+    if (n > 1) { /* a whole block larger than a record is refused */
         KVT_EXPECT_STATUS(kvt_trace_writer_append_planes(w, info, in), KVT_ERR_INVALID_ARG);
+        if (lend) { /* and handed back */
+            uint8_t *x = malloc(1);
+            KVT_EXPECT_STATUS(kvt_trace_writer_lend_planes(w, info, x, lend_release, x),
+                              KVT_ERR_INVALID_ARG);
+        }
+    }
+    if (lend)
+        KVT_EXPECT_STATUS(kvt_trace_writer_lend_planes(w, &parts[0], buf, NULL, NULL),
+                          KVT_ERR_INVALID_ARG);
     KVT_CHECK(kvt_trace_writer_finish(w));
+    if (lend) { /* every record handed back by now; one lent after finish comes back at once */
+        KVT_EXPECT_EQ_U64(lend_released, n + (n > 1));
+        uint8_t *x = malloc(1);
+        KVT_EXPECT_STATUS(kvt_trace_writer_lend_planes(w, &parts[0], x, lend_release, x),
+                          KVT_ERR_STATE);
+        KVT_EXPECT_EQ_U64(lend_released, n + (n > 1) + 1);
+    }
     kvt_trace_writer_free(w);
     size_t na = 0, nb = 0;
     uint8_t *a = tt_slurp(p1, &na), *b = tt_slurp(p2, &nb);
@@ -92,7 +126,8 @@ static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, in
     KVT_CHECK(kvt_trace_writer_append(w, &info, in));
     KVT_CHECK(kvt_trace_writer_finish(w));
     kvt_trace_writer_free(w);
-    planes_same_file(&o, &info, in);
+    planes_same_file(&o, &info, in, false);
+    planes_same_file(&o, &info, in, true);
 
     kvt_trace_reader *r;
     KVT_CHECK(kvt_trace_reader_open(p1, &r));
