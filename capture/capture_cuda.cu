@@ -165,6 +165,85 @@ static kvt_status launch_gather(const kvt_capdev_view *v, int64_t h0, int64_t nh
     return KVT_OK;
 }
 
+/* ---- a ring reserved ahead of a session (kvt_capdev_reserve) ---- */
+
+static pthread_mutex_t g_res_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    int device;
+    uint64_t bytes; /* 0: none held */
+    uint8_t *dring, *hring;
+} g_res;
+
+/* Slots of `slot` bytes in a ring of about ring_bytes (0: the default). */
+static uint64_t ring_slots(uint64_t ring_bytes, uint64_t slot)
+{
+    uint64_t ring = ring_bytes ? ring_bytes : CD_DEFAULT_RING;
+    uint64_t n = slot ? ring / slot : 0;
+    return n < 2 ? 2 : n > CD_MAX_SLOTS ? CD_MAX_SLOTS : n;
+}
+
+static void res_free_locked(void)
+{
+    if (g_res.bytes) {
+        cd_device_scope scope(g_res.device);
+        cudaFree(g_res.dring);
+        cudaFreeHost(g_res.hring);
+    }
+    memset(&g_res, 0, sizeof(g_res));
+}
+
+extern "C" kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64_t slot_bytes)
+{
+    int n_dev = 0;
+    cudaError_t e = cudaGetDeviceCount(&n_dev);
+    KVT_RETURN_IF(e != cudaSuccess || n_dev == 0, KVT_ERR_NO_CUDA,
+                  "capture: no usable CUDA device (%s)", cudaGetErrorString(e));
+    KVT_RETURN_IF(device < 0 || device >= n_dev, KVT_ERR_INVALID_ARG,
+                  "capture: CUDA device %d does not exist (%d devices)", device, n_dev);
+    uint64_t slot = slot_bytes ? slot_bytes : (4ull << 20); /* the writer's default record */
+    uint64_t bytes = ring_slots(ring_bytes, slot) * slot;
+    kvt_status st = KVT_OK;
+    pthread_mutex_lock(&g_res_mu);
+    if (g_res.bytes != bytes || g_res.device != device) {
+        res_free_locked();
+        cd_device_scope scope(device);
+        uint8_t *dr = NULL, *hr = NULL;
+        if (!scope.ok)
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot select CUDA device %d", device);
+        else if ((e = cudaMalloc(&dr, (size_t)bytes)) != cudaSuccess)
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot allocate a %llu-byte device ring: %s",
+                               (unsigned long long)bytes, cudaGetErrorString(e));
+        else if ((e = cudaHostAlloc(&hr, (size_t)bytes, cudaHostAllocDefault)) != cudaSuccess)
+            st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot pin %llu bytes of host memory: %s",
+                               (unsigned long long)bytes, cudaGetErrorString(e));
+        if (st == KVT_OK) {
+            g_res.device = device;
+            g_res.bytes = bytes;
+            g_res.dring = dr;
+            g_res.hring = hr;
+        } else if (dr) {
+            cudaFree(dr);
+        }
+    }
+    pthread_mutex_unlock(&g_res_mu);
+    return st;
+}
+
+extern "C" void kvt_capdev_unreserve(void)
+{
+    pthread_mutex_lock(&g_res_mu);
+    res_free_locked();
+    pthread_mutex_unlock(&g_res_mu);
+}
+
+extern "C" uint64_t kvt_capdev_reserved_bytes(void)
+{
+    pthread_mutex_lock(&g_res_mu);
+    uint64_t b = g_res.bytes;
+    pthread_mutex_unlock(&g_res_mu);
+    return b;
+}
+
 /* ---- create / free ---- */
 
 /* The writer is done with a lent slot (any thread). */
@@ -225,6 +304,20 @@ extern "C" void kvt_capdev_free(kvt_capdev *d)
     free(d);
 }
 
+/* Take the reserved ring if it has this device and size. */
+static bool take_reserved(kvt_capdev *d, int device, uint64_t bytes)
+{
+    pthread_mutex_lock(&g_res_mu);
+    bool ok = g_res.bytes == bytes && g_res.device == device;
+    if (ok) {
+        d->dring = g_res.dring;
+        d->hring = g_res.hring;
+        memset(&g_res, 0, sizeof(g_res));
+    }
+    pthread_mutex_unlock(&g_res_mu);
+    return ok;
+}
+
 extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_t ring_bytes,
                                         kvt_capdev **out)
 {
@@ -242,9 +335,7 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
     d->w = w;
     d->planes = kvt_trace_writer_shuffles(w);
     uint64_t slot = kvt_trace_writer_max_record_bytes(w);
-    uint64_t ring = ring_bytes ? ring_bytes : CD_DEFAULT_RING;
-    uint64_t n = slot ? ring / slot : 0;
-    n = n < 2 ? 2 : n > CD_MAX_SLOTS ? CD_MAX_SLOTS : n;
+    uint64_t n = ring_slots(ring_bytes, slot);
     d->st.n_slots = (uint32_t)n;
     d->st.slot_bytes = slot;
     kvt_status st = KVT_OK;
@@ -273,6 +364,8 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
                    cudaSuccess) {
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot create a stream: %s",
                                cudaGetErrorString(e));
+        } else if (take_reserved(d, device, n * slot)) {
+            /* the ring reserved ahead (kvt_capdev_reserve): nothing to allocate */
         } else if ((e = cudaMalloc(&d->dring, (size_t)(n * slot))) != cudaSuccess) {
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot allocate a %llu-byte device ring: %s",
                                (unsigned long long)(n * slot), cudaGetErrorString(e));

@@ -17,6 +17,23 @@ kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_t ring_byte
                          "captured (rebuild with the CUDA toolkit, or pass host tensors)");
 }
 
+kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64_t slot_bytes)
+{
+    (void)device;
+    (void)ring_bytes;
+    (void)slot_bytes;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: this kvtrace was built without CUDA");
+}
+
+void kvt_capdev_unreserve(void)
+{
+}
+
+uint64_t kvt_capdev_reserved_bytes(void)
+{
+    return 0;
+}
+
 kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0,
                            const kvt_record_info *info)
 {

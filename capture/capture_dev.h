@@ -49,6 +49,18 @@ typedef struct kvt_capdev kvt_capdev;
 kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_t ring_bytes,
                              kvt_capdev **out);
 
+/** Allocate, ahead of a session, the device ring and pinned host memory that kvt_capdev_create
+ *  would (ring_bytes and slot_bytes as there, 0: 256 MiB and 4 MiB): the next one created with
+ *  that device and size takes them instead of allocating (pinning host memory is the slow part
+ *  of opening a session). One reservation is held per process: another size or device
+ *  replaces it; the same keeps it. Thread-safe.
+ * @return KVT_OK; KVT_ERR_NO_CUDA; KVT_ERR_INVALID_ARG (no such device); KVT_ERR_CUDA. */
+kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64_t slot_bytes);
+/** Free a reservation no session took (none: nothing happens). */
+void kvt_capdev_unreserve(void);
+/** Bytes of the ring held by the reservation (0: none). */
+uint64_t kvt_capdev_reserved_bytes(void);
+
 /** Tokens from t0 of v as the record block `info` (kind, layer, heads [0, H), tokens
  *  [tok_begin, tok_end), dim D, stored dtype): cut into the writer's records
  *  (kvt_trace_writer_parts), each gathered on v->stream into a ring slot and queued for

@@ -1201,6 +1201,21 @@ void *kvt_capture_device_stream(const kvt_capture_session *s)
     return s ? kvt_capdev_stream(s->dev) : NULL;
 }
 
+kvt_status kvt_capture_reserve_device(int device, uint64_t ring_bytes, uint64_t max_record_bytes)
+{
+    return kvt_capdev_reserve(device, ring_bytes, max_record_bytes);
+}
+
+void kvt_capture_release_device_reserve(void)
+{
+    kvt_capdev_unreserve();
+}
+
+uint64_t kvt_capture_device_reserved_bytes(void)
+{
+    return kvt_capdev_reserved_bytes();
+}
+
 kvt_status kvt_capture_sync_device(kvt_capture_session *s)
 {
     KVT_RETURN_IF(!s, KVT_ERR_INVALID_ARG, "sync_device: null session");

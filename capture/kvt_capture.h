@@ -236,6 +236,19 @@ const char *kvt_capture_file(const kvt_capture_session *s);
  *  kvt_timeline_stream_id, so that a CUPTI timeline counts those copies as the capture's. */
 void *kvt_capture_device_stream(const kvt_capture_session *s);
 
+/** Allocate, before the model runs, the device ring and pinned host memory that the next
+ *  session capturing device tensors on `device` would allocate at its first device tensor
+ *  (ring_bytes and max_record_bytes as in its options, 0 for the defaults): that session takes
+ *  them instead, so the first forward pass does not wait while host memory is pinned. One
+ *  reservation per process; another size or device replaces it. Thread-safe.
+ * @return KVT_OK; KVT_ERR_NO_CUDA (no CUDA build or device); KVT_ERR_INVALID_ARG; KVT_ERR_CUDA
+ *         (out of device or pinned memory). */
+kvt_status kvt_capture_reserve_device(int device, uint64_t ring_bytes, uint64_t max_record_bytes);
+/** Free a reservation that no session took (none: nothing happens). */
+void kvt_capture_release_device_reserve(void);
+/** Bytes of device ring held by the reservation (0: none, or a session took it). */
+uint64_t kvt_capture_device_reserved_bytes(void);
+
 /** Wait until every device-to-host copy the session queued is done (their records go to the
  *  writer) and the session's device has finished all work. Call it before kvt_timeline_stop:
  *  CUPTI's flush returns complete records only for finished work. KVT_OK at once for a session

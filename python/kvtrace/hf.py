@@ -625,8 +625,39 @@ class Capture(object):
                         % self.path, _ERR_IO)
         if os.path.exists(self.path) and not self.force:
             raise _fail("%s exists (pass force=True to overwrite it)" % self.path, _ERR_IO)
+        self._reserve_device()
         self._install()
         return self
+
+    def _reserve_device(self):
+        """A model on a CUDA device: its capture's device ring and pinned host memory are
+        allocated now, not in the first forward pass (pinning host memory takes tens of
+        milliseconds). Where that fails, the session allocates them itself when it opens, and
+        says why it cannot."""
+        self._reserved = False
+        try:
+            p = next(self._model.parameters())
+        except (AttributeError, StopIteration, TypeError):
+            return
+        dev = getattr(p, "device", None)
+        if getattr(dev, "type", None) != "cuda":
+            return
+        from . import _lib
+        L = _lib.lib()
+        if not hasattr(L, "kvt_capture_reserve_device"):
+            return
+        idx = dev.index if dev.index is not None else self._torch.cuda.current_device()
+        if L.kvt_capture_reserve_device(int(idx), 0, 0) == 0:
+            self._reserved = True
+        else:
+            L.kvt_error_clear()
+
+    def _release_device(self):
+        """A reservation the session did not take (no forward pass, or an error before it)."""
+        if getattr(self, "_reserved", False):
+            from . import _lib
+            _lib.lib().kvt_capture_release_device_reserve()
+            self._reserved = False
 
     def _install(self):
         orig = self._slot[self.attn_implementation]
@@ -717,7 +748,10 @@ class Capture(object):
         try:
             self._uninstall()  # may warn: with warnings as errors, that raises
         finally:
-            self._end_session(et)
+            try:
+                self._end_session(et)
+            finally:
+                self._release_device()
         return False
 
     def _end_session(self, et):

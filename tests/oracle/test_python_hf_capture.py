@@ -309,6 +309,10 @@ def check_capture(device, tmp, label=None):
               "its attention_scaling (%s)" % m["rope"])
         if device != "cpu":
             check(h.get("gpu") not in (None, ""), tag + "header gpu %r" % h.get("gpu"))
+            # the ring reserved on entering the block was taken by the session (none left)
+            from kvtrace import _lib
+            check(_lib.lib().kvt_capture_device_reserved_bytes() == 0,
+                  tag + "no device ring left reserved after the block")
         check(t.verify()["ok"], tag + "verify ok")
         bad = []
         for l in range(L):

@@ -147,6 +147,8 @@ static cudaStream_t pick(const cudaStream_t *S, int mode, int what, int r)
     return mode == ONE ? S[0] : mode == THREE ? S[what] : S[(r + what) % 4];
 }
 
+static bool g_reserve; /* device captures reserve their ring ahead (kvt_capture_reserve_device) */
+
 static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, uint64_t ring,
                     int mode, struct kvt_capture_stats *stats)
 {
@@ -180,6 +182,10 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         CU_OK(cudaStreamCreate(&S[i]));
     bool delays = mode != ONE && dev;
     kvt_capture_session *s;
+    if (dev && g_reserve) {
+        KVT_CHECK(kvt_capture_reserve_device(0, o.device_ring_bytes, o.writer.max_record_bytes));
+        KVT_EXPECT(kvt_capture_device_reserved_bytes() > 0);
+    }
     KVT_CHECK(kvt_capture_open(path, &m, &o, &s));
     for (int l = 0; l < NL; l++) {
         /* K/V in two ubatches, queries in two ranges */
@@ -226,6 +232,8 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
     else
         KVT_EXPECT(kvt_capture_device_stream(s) == NULL);
     KVT_CHECK(kvt_capture_sync_device(s));
+    if (dev && g_reserve) /* the session took the reserved ring */
+        KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), 0);
     KVT_CHECK(kvt_capture_close(s, stats));
     CU_OK(cudaDeviceSynchronize());
     for (int i = 0; i < n_st; i++)
@@ -349,6 +357,27 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
     }
 }
 
+/* kvt_capture_reserve_device: the size a session would allocate; the same size kept, another
+ * replacing it; released; a device that does not exist refused. (A session taking it: run_case
+ * with g_reserve.) */
+static void reserve(void)
+{
+    KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), 0);
+    kvt_capture_release_device_reserve(); /* none held: nothing happens */
+    KVT_CHECK(kvt_capture_reserve_device(0, 4 * 6000, 6000));
+    KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), 4 * 6000);
+    KVT_CHECK(kvt_capture_reserve_device(0, 4 * 6000 + 100, 6000)); /* the same 4 slots */
+    KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), 4 * 6000);
+    KVT_CHECK(kvt_capture_reserve_device(0, 1ull << 20, 6000));
+    KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), (1048576 / 6000) * 6000);
+    KVT_CHECK(kvt_capture_reserve_device(0, 0, 0)); /* the defaults: 64 slots of 4 MiB */
+    KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), 256ull << 20);
+    kvt_capture_release_device_reserve();
+    KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), 0);
+    KVT_EXPECT_STATUS(kvt_capture_reserve_device(4096, 0, 6000), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_EQ_U64(kvt_capture_device_reserved_bytes(), 0);
+}
+
 /* A device view on a device that does not exist is refused before anything is queued. */
 static void bad_device(void)
 {
@@ -400,6 +429,10 @@ int main(void)
     run_case(KVT_DTYPE_F16, KVT_DTYPE_BF16, true, 0, THREE);
     run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, false, 0, ROT);
     run_case(KVT_DTYPE_F32, KVT_DTYPE_F16, true, 0, ROT);
+    reserve();
+    g_reserve = true; /* a session that takes a reserved ring writes the same trace */
+    run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0, THREE);
+    g_reserve = false;
     CU_OK(cudaFree(g_delay));
     bad_device();
     return kvt_test_result("test_capture_device_gpu");
