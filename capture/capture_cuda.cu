@@ -32,6 +32,7 @@
 #include "dtype_bits.h"
 
 #define CD_DEFAULT_RING (256ull << 20)
+#define CD_HOST_MULT    4u /* pinned slots per device slot: lent slots wait for compression */
 #define CD_MAX_SLOTS    4096u
 #define CD_THREADS      256
 #define CD_MAX_BLOCKS   8192u
@@ -58,12 +59,18 @@ struct kvt_capdev {
     kvt_trace_writer *w;
     bool planes;            /* the writer wants byte-plane split payloads */
     uint8_t *dring;         /* [n_slots * slot_bytes] device */
-    uint8_t *hring;         /* [n_slots * slot_bytes] pinned host */
+    uint8_t *hring;         /* [n_hslots * slot_bytes] pinned host */
     cudaStream_t side;      /* non-blocking copy stream */
     kvt_capdev_mark *marks; /* every mark made (freed with the device side) */
     cd_slot *slots;
-    uint32_t head, count; /* in-flight slots head .. head + count - 1 (mod n_slots) */
-    pthread_mutex_t mu;   /* slots[].lent, n_lent: the writer's threads hand slots back */
+    /* record r (the r-th emitted) uses device slot r % n_slots until its copy to the host is
+       done, and host slot r % n_hslots (>= n_slots: CD_HOST_MULT times, or as many where that
+       much host memory cannot be pinned) until the writer hands it back; slots[] is per host
+       slot. Records next - count .. next - 1 are in flight (count <= n_slots) */
+    uint32_t n_hslots;
+    uint64_t next;
+    uint32_t count;
+    pthread_mutex_t mu; /* slots[].lent, n_lent: the writer's threads hand slots back */
     pthread_cond_t cv;
     uint32_t n_lent;
     bool sync_ok; /* mu and cv were created */
@@ -170,7 +177,8 @@ static kvt_status launch_gather(const kvt_capdev_view *v, int64_t h0, int64_t nh
 static pthread_mutex_t g_res_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct {
     int device;
-    uint64_t bytes; /* 0: none held */
+    uint64_t bytes;  /* device ring; 0: none held */
+    uint64_t hbytes; /* pinned ring */
     uint8_t *dring, *hring;
 } g_res;
 
@@ -180,6 +188,27 @@ static uint64_t ring_slots(uint64_t ring_bytes, uint64_t slot)
     uint64_t ring = ring_bytes ? ring_bytes : CD_DEFAULT_RING;
     uint64_t n = slot ? ring / slot : 0;
     return n < 2 ? 2 : n > CD_MAX_SLOTS ? CD_MAX_SLOTS : n;
+}
+
+/* The pinned ring for a device ring of `bytes`: CD_HOST_MULT times as large, or as large where
+ * that cannot be pinned. */
+static bool pin_ring(uint8_t **out, uint64_t bytes, uint64_t *got)
+{
+    *out = NULL;
+    *got = 0;
+    if (cudaHostAlloc((void **)out, (size_t)(bytes * CD_HOST_MULT), cudaHostAllocDefault) ==
+        cudaSuccess) {
+        *got = bytes * CD_HOST_MULT;
+        return true;
+    }
+    (void)cudaGetLastError();
+    *out = NULL;
+    if (cudaHostAlloc((void **)out, (size_t)bytes, cudaHostAllocDefault) == cudaSuccess) {
+        *got = bytes;
+        return true;
+    }
+    *out = NULL;
+    return false;
 }
 
 static void res_free_locked(void)
@@ -213,9 +242,9 @@ extern "C" kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64
         else if ((e = cudaMalloc(&dr, (size_t)bytes)) != cudaSuccess)
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot allocate a %llu-byte device ring: %s",
                                (unsigned long long)bytes, cudaGetErrorString(e));
-        else if ((e = cudaHostAlloc(&hr, (size_t)bytes, cudaHostAllocDefault)) != cudaSuccess)
+        else if (!pin_ring(&hr, bytes, &g_res.hbytes))
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot pin %llu bytes of host memory: %s",
-                               (unsigned long long)bytes, cudaGetErrorString(e));
+                               (unsigned long long)bytes, cudaGetErrorString(cudaGetLastError()));
         if (st == KVT_OK) {
             g_res.device = device;
             g_res.bytes = bytes;
@@ -275,7 +304,7 @@ extern "C" void kvt_capdev_free(kvt_capdev *d)
         if (d->side)
             cudaStreamSynchronize(d->side); /* no DMA into pinned memory we are about to free */
         if (d->slots) {
-            for (uint32_t i = 0; i < d->st.n_slots; i++) {
+            for (uint32_t i = 0; i < d->n_hslots; i++) {
                 if (d->slots[i].ev_gathered)
                     cudaEventDestroy(d->slots[i].ev_gathered);
                 if (d->slots[i].ev_done)
@@ -304,14 +333,15 @@ extern "C" void kvt_capdev_free(kvt_capdev *d)
     free(d);
 }
 
-/* Take the reserved ring if it has this device and size. */
-static bool take_reserved(kvt_capdev *d, int device, uint64_t bytes)
+/* Take the reserved rings if they have this device and device ring size. */
+static bool take_reserved(kvt_capdev *d, int device, uint64_t bytes, uint64_t *hbytes)
 {
     pthread_mutex_lock(&g_res_mu);
     bool ok = g_res.bytes == bytes && g_res.device == device;
     if (ok) {
         d->dring = g_res.dring;
         d->hring = g_res.hring;
+        *hbytes = g_res.hbytes;
         memset(&g_res, 0, sizeof(g_res));
     }
     pthread_mutex_unlock(&g_res_mu);
@@ -339,13 +369,14 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
     d->st.n_slots = (uint32_t)n;
     d->st.slot_bytes = slot;
     kvt_status st = KVT_OK;
-    d->slots = (cd_slot *)calloc((size_t)n, sizeof(cd_slot));
+    d->slots = (cd_slot *)calloc((size_t)n * CD_HOST_MULT, sizeof(cd_slot));
     if (!d->slots) {
         kvt_capdev_free(d);
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     }
-    for (uint64_t i = 0; i < n; i++)
+    for (uint64_t i = 0; i < n * CD_HOST_MULT; i++)
         d->slots[i].d = d;
+    uint64_t hbytes = 0;
     if (pthread_mutex_init(&d->mu, NULL) != 0) {
         kvt_capdev_free(d);
         return kvt_error_set(KVT_ERR_NOMEM, "capture: cannot create a mutex");
@@ -364,17 +395,18 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
                    cudaSuccess) {
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot create a stream: %s",
                                cudaGetErrorString(e));
-        } else if (take_reserved(d, device, n * slot)) {
-            /* the ring reserved ahead (kvt_capdev_reserve): nothing to allocate */
+        } else if (take_reserved(d, device, n * slot, &hbytes)) {
+            /* the rings reserved ahead (kvt_capdev_reserve): nothing to allocate */
         } else if ((e = cudaMalloc(&d->dring, (size_t)(n * slot))) != cudaSuccess) {
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot allocate a %llu-byte device ring: %s",
                                (unsigned long long)(n * slot), cudaGetErrorString(e));
-        } else if ((e = cudaHostAlloc(&d->hring, (size_t)(n * slot), cudaHostAllocDefault)) !=
-                   cudaSuccess) {
+        } else if (!pin_ring(&d->hring, n * slot, &hbytes)) {
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot pin %llu bytes of host memory: %s",
-                               (unsigned long long)(n * slot), cudaGetErrorString(e));
+                               (unsigned long long)(n * slot),
+                               cudaGetErrorString(cudaGetLastError()));
         }
-        for (uint64_t i = 0; st == KVT_OK && i < n; i++) {
+        d->n_hslots = (uint32_t)(hbytes / slot);
+        for (uint64_t i = 0; st == KVT_OK && i < d->n_hslots; i++) {
             e = cudaEventCreateWithFlags(&d->slots[i].ev_gathered, cudaEventDisableTiming);
             if (e == cudaSuccess)
                 e = cudaEventCreateWithFlags(&d->slots[i].ev_done, cudaEventDisableTiming);
@@ -388,7 +420,7 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
         return st;
     }
     d->st.device_bytes = d->st.peak_device_bytes = n * slot;
-    d->st.pinned_bytes = n * slot;
+    d->st.pinned_bytes = hbytes;
     *out = d;
     return KVT_OK;
 }
@@ -400,7 +432,9 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
 static kvt_status reap(kvt_capdev *d, bool wait)
 {
     while (d->count > 0) {
-        cd_slot *s = &d->slots[d->head];
+        uint64_t r = d->next - d->count; /* the oldest record in flight */
+        uint32_t hs = (uint32_t)(r % d->n_hslots);
+        cd_slot *s = &d->slots[hs];
         cudaError_t e = cudaEventQuery(s->ev_done);
         if (e == cudaErrorNotReady) {
             /* not an error, but some runtimes also leave it as the last error, which the next
@@ -424,8 +458,7 @@ static kvt_status reap(kvt_capdev *d, bool wait)
         pthread_mutex_unlock(&d->mu);
         /* handed back by release_slot, also when the writer refuses it */
         kvt_status st = kvt_trace_writer_lend_planes(
-            d->w, &s->info, d->hring + (size_t)d->head * d->st.slot_bytes, release_slot, s);
-        d->head = (d->head + 1) % d->st.n_slots;
+            d->w, &s->info, d->hring + (size_t)hs * d->st.slot_bytes, release_slot, s);
         d->count--;
         KVT_FORWARD(st);
     }
@@ -456,8 +489,11 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
                       "capture: a %zu-byte record does not fit a %llu-byte slot", bytes,
                       (unsigned long long)d->st.slot_bytes);
         KVT_FORWARD(reap(d, d->count == d->st.n_slots));
-        uint32_t idx = (d->head + d->count) % d->st.n_slots;
-        cd_slot *s = &d->slots[idx];
+        /* record `next`: its device slot's previous record (next - n_slots) is no longer in
+           flight, so its copy is done; its host slot may still be lent */
+        uint32_t hs = (uint32_t)(d->next % d->n_hslots);
+        uint32_t ds = (uint32_t)(d->next % d->st.n_slots);
+        cd_slot *s = &d->slots[hs];
         pthread_mutex_lock(&d->mu);
         if (s->lent) { /* the writer still compresses from it */
             uint64_t w0 = kvt_now_ns();
@@ -466,17 +502,18 @@ extern "C" kvt_status kvt_capdev_emit(kvt_capdev *d, const kvt_capdev_view *v, i
             d->st.stall_ns += kvt_now_ns() - w0;
         }
         pthread_mutex_unlock(&d->mu);
-        size_t off = (size_t)idx * d->st.slot_bytes;
+        size_t off = (size_t)ds * d->st.slot_bytes, hoff = (size_t)hs * d->st.slot_bytes;
         cd_dst dst = {
             d->dring + off, (int)info->dtype, out_es, d->planes && out_es > 1 ? 1 : 0, ntk, 0};
         KVT_FORWARD(launch_gather(v, p->head_begin - info->head_begin, nh,
                                   t0 + (int64_t)(p->tok_begin - info->tok_begin), ntk, &dst));
         KVT_CU(cudaEventRecord(s->ev_gathered, prod));
         KVT_CU(cudaStreamWaitEvent(d->side, s->ev_gathered, 0));
-        KVT_CU(cudaMemcpyAsync(d->hring + off, d->dring + off, bytes, cudaMemcpyDeviceToHost,
+        KVT_CU(cudaMemcpyAsync(d->hring + hoff, d->dring + off, bytes, cudaMemcpyDeviceToHost,
                                d->side));
         KVT_CU(cudaEventRecord(s->ev_done, d->side));
         s->info = *p;
+        d->next++;
         d->count++;
         if (d->count > d->st.peak_in_flight)
             d->st.peak_in_flight = d->count;

@@ -42,7 +42,8 @@ typedef struct kvt_capdev_stats {
 typedef struct kvt_capdev kvt_capdev;
 
 /** Create the device side on CUDA device `device` for writer w: ring of about ring_bytes (0:
- *  256 MiB) in slots of the writer's max_record_bytes, the same in pinned host memory, a
+ *  256 MiB) in slots of the writer's max_record_bytes, four times as much pinned host memory
+ *  (slots lent to the writer until compressed; as much where that cannot be pinned), a
  *  non-blocking side stream. The caller's current device is restored before return.
  * @return KVT_OK; KVT_ERR_NO_CUDA (built without CUDA, or no usable device); KVT_ERR_CUDA
  *         (out of device or pinned memory, or another CUDA failure: the message says which). */

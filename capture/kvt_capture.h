@@ -105,8 +105,9 @@ struct kvt_capture_opts {
     bool with_q_all;            /* also store every prompt query as Q_all [Hq,T,D] */
     const char *capture_json;   /* optional JSON object merged into the header's "capture" */
     kvt_writer_opts writer;     /* compression level, threads, memory bound, force */
-    uint64_t device_ring_bytes; /* device views: device ring, and as much pinned host memory,
-                                   in slots of writer.max_record_bytes (0 = 256 MiB) */
+    uint64_t device_ring_bytes; /* device views: device ring in slots of
+                                   writer.max_record_bytes (0 = 256 MiB), and four times as much
+                                   pinned host memory (as much where that cannot be pinned) */
 };
 
 /** Counters of a session, also written as the trace's final meta_json record. */

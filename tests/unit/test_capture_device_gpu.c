@@ -325,7 +325,9 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
     KVT_EXPECT_EQ_U64(sd.bytes_submitted, sh.bytes_submitted);
     KVT_EXPECT(sd.device_d2h_bytes > 0 && sd.device_slots >= 2);
     KVT_EXPECT(sd.device_peak_slots <= sd.device_slots);
-    KVT_EXPECT(sd.pinned_bytes > 0 && sd.device_bytes >= sd.pinned_bytes);
+    /* pinned: four host slots per device slot (lent to the writer until compressed) */
+    KVT_EXPECT_EQ_U64(sd.pinned_bytes, 4ull * sd.device_slots * 6000);
+    KVT_EXPECT(sd.device_bytes >= (uint64_t)sd.device_slots * 6000);
     KVT_EXPECT_EQ_U64(sh.device_d2h_bytes, 0);
     printf("%s: %llu bytes via the ring, %u slots (peak %u in flight), stall %.3f ms, device "
            "%.1f MiB, pinned %.1f MiB\n",
