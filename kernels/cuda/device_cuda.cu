@@ -1,6 +1,7 @@
 /* device_cuda.cu - kvt_cuda_devices: whether CUDA kernels can run here, and why not;
  * kvt_cuda_malloc_async / kvt_cuda_free_async: stream-ordered memory, or plain without pools. */
 #include <dlfcn.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "cuda_util.cuh"
@@ -34,8 +35,31 @@ extern "C" int kvt_cuda_devices(char *why, size_t cap)
     return n;
 }
 
+/* The device's default pool keeps the memory freed into it (release threshold: all of it) and
+ * does not make one stream's allocation wait for another stream's work (no internal
+ * dependencies). By default it returns unused memory to the driver at every synchronisation, so
+ * each stream-ordered allocation after a cudaStreamSynchronize (the replay: one per kernel call,
+ * every attention call's temporaries, every layer's buffers) maps physical memory again; and
+ * with several worker streams it may reuse a block another worker freed by making the
+ * allocating stream wait for that worker's queued kernels. Setting an attribute twice (racing
+ * threads) is harmless; a failure leaves the pool as it was (only slower). */
+static void pool_setup(int dev)
+{
+    cudaMemPool_t pool;
+    if (cudaDeviceGetDefaultMemPool(&pool, dev) != cudaSuccess) {
+        cudaGetLastError(); /* this call's error only */
+        return;
+    }
+    uint64_t keep = UINT64_MAX;
+    int no = 0;
+    if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) != cudaSuccess ||
+        cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &no) !=
+            cudaSuccess)
+        cudaGetLastError();
+}
+
 /* Whether the current device has memory pools (stream-ordered allocation), asked once per
- * device; racing threads store the same answer. */
+ * device (then its default pool is set up: pool_setup); racing threads store the same answer. */
 static bool pools_ok(void)
 {
     static int known[64]; /* 0 not asked, 1 yes, 2 no */
@@ -49,6 +73,8 @@ static bool pools_ok(void)
         if (e != cudaSuccess)
             cudaGetLastError(); /* this call's error only: a pending launch error stays */
         v = e == cudaSuccess && a ? 1 : 2;
+        if (v == 1)
+            pool_setup(dev);
         __atomic_store_n(&known[dev], v, __ATOMIC_RELAXED);
     }
     return v == 1;

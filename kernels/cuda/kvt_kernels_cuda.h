@@ -25,7 +25,9 @@ int kvt_cuda_devices(char *why, size_t cap);
 
 /** Stream-ordered device memory (cudaMallocAsync / cudaFreeAsync, returning a cudaError_t)
  *  where the current device has memory pools; on one without them (some virtualised GPUs)
- *  cudaMalloc, and a free that first waits for the stream. */
+ *  cudaMalloc, and a free that first waits for the stream. The first call on a device with
+ *  pools sets its default pool to keep freed memory (no release at each synchronisation) and
+ *  not to make one stream's allocation wait for another stream's work. */
 int kvt_cuda_malloc_async(void **p, size_t bytes, void *stream);
 int kvt_cuda_free_async(void *p, void *stream);
 

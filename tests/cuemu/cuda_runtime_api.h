@@ -44,6 +44,14 @@ typedef enum cudaMemcpyKind {
 
 typedef struct CUstream_st *cudaStream_t;
 typedef struct CUevent_st *cudaEvent_t;
+typedef struct CUmemPoolHandle_st *cudaMemPool_t;
+
+typedef enum cudaMemPoolAttr {
+    cudaMemPoolReuseFollowEventDependencies = 1,
+    cudaMemPoolReuseAllowOpportunistic = 2,
+    cudaMemPoolReuseAllowInternalDependencies = 3,
+    cudaMemPoolAttrReleaseThreshold = 4,
+} cudaMemPoolAttr;
 
 #define cudaStreamDefault      0x00
 #define cudaStreamNonBlocking  0x01
@@ -81,6 +89,10 @@ cudaError_t cudaFree(void *p);
 cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s);
 cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b);
 cudaError_t cudaFreeAsync(void *p, cudaStream_t s);
+/* the device's default pool: a handle that only takes the attributes below (recorded, without
+ * effect here: allocations are plain host memory); fails without memory pools */
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t *pool, int d);
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr a, void *v);
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags);
 cudaError_t cudaMallocHost(void **p, size_t n);
 cudaError_t cudaFreeHost(void *p);

@@ -434,6 +434,28 @@ cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s)
     return cudaMalloc(p, n);
 }
 
+static struct CUmemPoolHandle_st {
+    int unused;
+} default_pool;
+
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t *pool, int d)
+{
+    if (d != 0)
+        return fail(cudaErrorInvalidDevice, "cudaDeviceGetDefaultMemPool");
+    if (no_pools())
+        return fail(cudaErrorNotSupported, "cudaDeviceGetDefaultMemPool without memory pools");
+    *pool = &default_pool;
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr a, void *v)
+{
+    if (pool != &default_pool || !v || a < cudaMemPoolReuseFollowEventDependencies ||
+        a > cudaMemPoolAttrReleaseThreshold)
+        return fail(cudaErrorInvalidValue, "cudaMemPoolSetAttribute");
+    return cudaSuccess;
+}
+
 static void do_free(void *p)
 {
     free_block(p);
