@@ -2,8 +2,9 @@
  * attention and norm kernels of kernels/cuda on its own non-blocking stream, copies their
  * results into the host context and keeps the device copies (probabilities, full outputs, row
  * sums, decode-key terms, V, unit keys) for the sweeps, coverage, window scores and column sums
- * of the layer's policies. Every copy is on that stream; downloads are waited for, so host
- * arrays are complete when a call returns. Several replay
+ * of the layer's policies. Every copy is on that stream, through the context's own pinned
+ * staging buffers (copy_up, download); downloads are waited for, so host arrays are complete
+ * when a call returns. Several replay
  * workers may each hold one at once. With a profile, the kernels of each call are timed by CUDA
  * events on the stream: the GPU's own time, without the launches, the synchronisation and the
  * host work around them (which the replay's host-side times show).
@@ -18,6 +19,13 @@
 #include "../../kernels/ref/sweep_cuts.h"
 
 #define CTX_GPU_MAP 12
+#define CTX_STAGE   ((size_t)4 << 20) /* bytes of each pinned staging buffer */
+#define CTX_PEND    16                /* small downloads queued in stage[0] before a wait */
+
+typedef struct ctx_pend {
+    void *dst;       /* host destination */
+    size_t off, len; /* where in stage[0], how many bytes */
+} ctx_pend;
 
 typedef struct ctx_map {
     const char *h; /* host array of the context */
@@ -59,6 +67,15 @@ struct kvt_ctx_gpu {
     kvt_replay_profile *prof;      /* may be NULL */
     cudaEvent_t ev[2];             /* kernel timing (with a profile only) */
     uint64_t up_bytes, down_bytes; /* queued since the last sync */
+    /* Every copy goes through two pinned staging buffers (CTX_STAGE bytes each; NULL when
+     * cudaHostAlloc failed: copies from and to the pageable arrays directly, as before). */
+    char *stage[2];
+    cudaEvent_t sev[2]; /* recorded after the last copy that used stage[i] */
+    int up_next;        /* the staging buffer of the next upload piece */
+    ctx_pend pend[CTX_PEND];
+    int n_pend;
+    size_t pend_end; /* bytes of stage[0] the queued downloads use */
+    bool unsynced;   /* pageable downloads queued (no staging) */
 };
 
 #define PROF(g, field, v) KVT_PROF_ADD((g)->prof, field, (v))
@@ -150,32 +167,107 @@ static void dfree(kvt_ctx_gpu *g, void *p)
         kvt_cuda_free_async(p, g->st);
 }
 
-static kvt_status upload(kvt_ctx_gpu *g, void **dst, const void *src, size_t bytes)
+/* Copies go through pinned staging buffers: a copy from or to pageable memory is synchronous
+ * and staged by the driver through its own buffers, shared by every thread of the process, so
+ * that the replay's workers copied one at a time at a fraction of the link's speed (PCIe or
+ * C2C DMA runs from pinned memory only). Here each context stages its own copies, in pieces
+ * of CTX_STAGE bytes, the host's memcpy of one piece overlapping the transfer of the next.
+ *
+ * flush_down: wait for the queued small downloads and copy them out of stage[0] (before the
+ * host reads them, and before the host writes into the staging buffers). */
+static kvt_status flush_down(kvt_ctx_gpu *g)
 {
-    KVT_FORWARD(dalloc(g, dst, bytes));
-    GPU_OK(cudaMemcpyAsync(*dst, src, bytes, cudaMemcpyHostToDevice, g->st));
-    g->up_bytes += bytes;
+    if (!g->n_pend && !g->unsynced)
+        return KVT_OK;
+    GPU_OK(cudaStreamSynchronize(g->st));
+    for (int i = 0; i < g->n_pend; i++)
+        memcpy(g->pend[i].dst, g->stage[0] + g->pend[i].off, g->pend[i].len);
+    g->n_pend = 0, g->pend_end = 0, g->unsynced = false;
     return KVT_OK;
 }
 
+/* host src [bytes] to device dst, on the stream; src may be reused when it returns */
+static kvt_status copy_up(kvt_ctx_gpu *g, void *dst, const void *src, size_t bytes)
+{
+    g->up_bytes += bytes;
+    if (!g->stage[0]) {
+        GPU_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g->st));
+        return KVT_OK;
+    }
+    KVT_FORWARD(flush_down(g));
+    for (size_t off = 0; off < bytes; off += CTX_STAGE) {
+        const size_t n = bytes - off < CTX_STAGE ? bytes - off : CTX_STAGE;
+        const int b = g->up_next;
+        g->up_next ^= 1;
+        GPU_OK(cudaEventSynchronize(g->sev[b])); /* its last transfer has read it */
+        memcpy(g->stage[b], (const char *)src + off, n);
+        GPU_OK(cudaMemcpyAsync((char *)dst + off, g->stage[b], n, cudaMemcpyHostToDevice, g->st));
+        GPU_OK(cudaEventRecord(g->sev[b], g->st));
+    }
+    return KVT_OK;
+}
+
+static kvt_status upload(kvt_ctx_gpu *g, void **dst, const void *src, size_t bytes)
+{
+    KVT_FORWARD(dalloc(g, dst, bytes));
+    return copy_up(g, *dst, src, bytes);
+}
+
+/* device src [bytes] to host dst: a small one is queued in stage[0] and lands in dst at the
+ * next flush_down (sync_copies); a large one is done when this returns. */
 static kvt_status download(kvt_ctx_gpu *g, void *dst, const void *src, size_t bytes)
 {
-    GPU_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g->st));
     g->down_bytes += bytes;
+    if (!g->stage[0]) {
+        GPU_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g->st));
+        g->unsynced = true;
+        return KVT_OK;
+    }
+    if (bytes <= CTX_STAGE) {
+        size_t off = (g->pend_end + 15) / 16 * 16;
+        if (g->n_pend == CTX_PEND || off + bytes > CTX_STAGE) {
+            KVT_FORWARD(flush_down(g));
+            off = 0;
+        }
+        GPU_OK(cudaMemcpyAsync(g->stage[0] + off, src, bytes, cudaMemcpyDeviceToHost, g->st));
+        g->pend[g->n_pend++] = (ctx_pend){dst, off, bytes};
+        g->pend_end = off + bytes;
+        return KVT_OK;
+    }
+    KVT_FORWARD(flush_down(g));
+    size_t prev = 0, prev_n = 0; /* the piece in flight before this one */
+    int pb = 0;
+    for (size_t off = 0, i = 0; off < bytes; off += CTX_STAGE, i++) {
+        const size_t n = bytes - off < CTX_STAGE ? bytes - off : CTX_STAGE;
+        const int b = (int)(i & 1);
+        GPU_OK(cudaMemcpyAsync(g->stage[b], (const char *)src + off, n, cudaMemcpyDeviceToHost,
+                               g->st));
+        GPU_OK(cudaEventRecord(g->sev[b], g->st));
+        if (prev_n) { /* the previous piece, while this one is in flight */
+            GPU_OK(cudaEventSynchronize(g->sev[pb]));
+            memcpy((char *)dst + prev, g->stage[pb], prev_n);
+        }
+        prev = off, prev_n = n, pb = b;
+    }
+    GPU_OK(cudaEventSynchronize(g->sev[pb]));
+    memcpy((char *)dst + prev, g->stage[pb], prev_n);
     return KVT_OK;
 }
 
 /* Book the time since t0 (and the queued copies' bytes) as uploads or downloads; returns the
- * new time. Downloads are waited for (the host reads them next). Uploads need no wait (a copy
- * from pageable memory has read its source when it returns, and the kernels that use it follow
- * on the stream): only a profile waits for them, to time them. */
+ * new time. Downloads are waited for (the host reads them next). Uploads need no wait (copy_up
+ * has read its source when it returns, and the kernels that use it follow on the stream): only
+ * a profile waits for them, to time them. */
 static kvt_status sync_copies(kvt_ctx_gpu *g, bool up, uint64_t *t0)
 {
     if (up && !g->prof) {
         g->up_bytes = 0;
         return KVT_OK;
     }
-    GPU_OK(cudaStreamSynchronize(g->st));
+    if (up)
+        GPU_OK(cudaStreamSynchronize(g->st));
+    else
+        KVT_FORWARD(flush_down(g));
     uint64_t t = kvt_now_ns();
     if (up) {
         PROF(g, gpu_upload_ns, t - *t0);
@@ -230,9 +322,14 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
         cudaStreamSynchronize(g->st);
         cudaStreamDestroy(g->st);
     }
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
         if (g->ev[i])
             cudaEventDestroy(g->ev[i]);
+        if (g->sev[i])
+            cudaEventDestroy(g->sev[i]);
+        if (g->stage[i])
+            cudaFreeHost(g->stage[i]);
+    }
     kvt_free(g);
 }
 
@@ -245,6 +342,16 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     if (g->prof)
         for (int i = 0; i < 2; i++)
             GPU_OK(cudaEventCreate(&g->ev[i]));
+    for (int i = 0; i < 2; i++) {
+        GPU_OK(cudaEventCreateWithFlags(&g->sev[i], cudaEventDisableTiming));
+        if (cudaHostAlloc((void **)&g->stage[i], CTX_STAGE, cudaHostAllocDefault) != cudaSuccess) {
+            cudaGetLastError(); /* not sticky: copy from and to pageable memory instead */
+            if (g->stage[0])
+                cudaFreeHost(g->stage[0]);
+            g->stage[0] = g->stage[1] = NULL;
+            break;
+        }
+    }
     uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
     KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
@@ -448,9 +555,7 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
         g->res_cap = n;
     }
     uint64_t t0 = kvt_now_ns();
-    GPU_OK(cudaMemcpyAsync(g->order, order, (size_t)T * sizeof(int32_t), cudaMemcpyHostToDevice,
-                           g->st));
-    g->up_bytes += (size_t)T * sizeof(int32_t);
+    KVT_FORWARD(copy_up(g, g->order, order, (size_t)T * sizeof(int32_t)));
     KVT_FORWARD(sync_copies(g, true, &t0));
     KVT_FORWARD(need_work(g, n_cut, 0));
     uint64_t t1 = 0, ns = 0;
@@ -491,9 +596,7 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
         g->n_probe = n_probe;
     }
     uint64_t t0 = kvt_now_ns();
-    GPU_OK(cudaMemcpyAsync(g->probe, probe, (size_t)n_probe * sizeof(int32_t),
-                           cudaMemcpyHostToDevice, g->st));
-    g->up_bytes += (size_t)n_probe * sizeof(int32_t);
+    KVT_FORWARD(copy_up(g, g->probe, probe, (size_t)n_probe * sizeof(int32_t)));
     KVT_FORWARD(sync_copies(g, true, &t0));
     uint64_t ns = 0;
     KVT_FORWARD(kern_begin(g));
@@ -523,9 +626,7 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
         g->best_cap = n;
     }
     uint64_t t0 = kvt_now_ns();
-    GPU_OK(cudaMemcpyAsync(g->order, order, (size_t)g->T * sizeof(int32_t), cudaMemcpyHostToDevice,
-                           g->st));
-    g->up_bytes += (size_t)g->T * sizeof(int32_t);
+    KVT_FORWARD(copy_up(g, g->order, order, (size_t)g->T * sizeof(int32_t)));
     KVT_FORWARD(sync_copies(g, true, &t0));
     KVT_FORWARD(need_work(g, n_cut, g->n_probe));
     uint64_t t1 = 0, ns = 0;
@@ -579,8 +680,7 @@ kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double
         KVT_FORWARD(dalloc(g, (void **)&g->cs_work, 2 * T * sizeof(double)));
     }
     uint64_t t0 = kvt_now_ns();
-    GPU_OK(cudaMemcpyAsync(g->qa, q, T * D * sizeof(float), cudaMemcpyHostToDevice, g->st));
-    g->up_bytes += T * D * sizeof(float);
+    KVT_FORWARD(copy_up(g, g->qa, q, T * D * sizeof(float)));
     KVT_FORWARD(sync_copies(g, true, &t0));
     const float *K = g->k + (size_t)(h / (g->Hq / g->Hkv)) * T * D;
     uint64_t t1 = 0, ns = 0;
