@@ -11,8 +11,15 @@
  * The tokens of a ranking are taken in chunks of SW_THREADS: the block loads the chunk's
  * indices, probabilities and modalities into shared memory together (one coalesced step
  * instead of a chain of dependent loads per token), then every thread walks the chunk in order,
- * loading the V rows of SW_UNROLL tokens before adding them, so that several rows are in
+ * loading the V rows of 16 / PER tokens before adding them, so that several rows are in
  * flight at once. The order of the additions is unchanged.
+ *
+ * A block's walk is one chain over the ranked tokens (its additions must stay in order), and a
+ * sweep has few blocks (n_q / SW_ROWS: 8 to 32 for the replay's heads), so the kernel's time is
+ * the latency of that walk: one round trip to memory per group of V rows loaded together. PER
+ * (dimensions per thread, a template parameter: 1 for D <= 128, 2 for D <= 256, else 4) keeps
+ * the registers of a head dim of 128 to one value per token, so that 16 rows are in flight
+ * rather than 4.
  */
 #include <math.h>
 
@@ -20,9 +27,9 @@
 #include "cuda_util.cuh"
 
 #define SW_THREADS 128
-#define SW_PER     4 /* dimensions per thread: D <= 512 */
-#define SW_UNROLL  4 /* V rows loaded ahead */
-#define SW_ROWS    4 /* query rows per block: they share the ranking, so a V row is loaded once */
+#define SW_PER     4  /* dimensions per thread at most: D <= 512 */
+#define SW_LOADS   16 /* V values loaded ahead per thread: 16 / PER rows */
+#define SW_ROWS    4  /* query rows per block: they share the ranking, so a V row is loaded once */
 #define NM         KVT_N_MODALITIES
 
 typedef struct sweep_args {
@@ -43,9 +50,10 @@ typedef struct sweep_args {
     double *recall, *err, *recall_mod;
 } sweep_args;
 
-static __global__ void sweep_k(sweep_args a)
+template <int PER> static __global__ void sweep_k(sweep_args a)
 {
-    __shared__ double acc_sh[SW_ROWS][SW_THREADS * SW_PER];
+    constexpr int SW_UNROLL = SW_LOADS / PER;               /* V rows loaded ahead */
+    __shared__ double acc_sh[SW_ROWS][SW_THREADS * SW_PER]; /* any PER: D <= 512 */
     __shared__ double rf_sh[SW_ROWS];
     __shared__ int32_t j_sh[SW_THREADS];
     __shared__ float p_sh[SW_ROWS][SW_THREADS];
@@ -65,7 +73,7 @@ static __global__ void sweep_k(sweep_args a)
         rf_sh[tid] = s;
     }
     __syncthreads();
-    double acc[SW_ROWS][SW_PER], r[SW_ROWS], rm[SW_ROWS][NM];
+    double acc[SW_ROWS][PER], r[SW_ROWS], rm[SW_ROWS][NM];
     for (int dir = 0; dir < 2; dir++) {
         int n = dir ? a.n_cut - a.n_fwd : a.n_fwd, t = dir ? a.T : 0;
         if (n == 0)
@@ -74,7 +82,7 @@ static __global__ void sweep_k(sweep_args a)
         for (int rr = 0; rr < SW_ROWS; rr++) {
             const int q = q0 + rr;
             const bool live = rr < nr;
-            for (int k = 0; k < SW_PER; k++) {
+            for (int k = 0; k < PER; k++) {
                 int d = tid + k * SW_THREADS;
                 acc[rr][k] = live && dir && d < D ? a.a_full[(size_t)q * a.stride_a + d] : 0.0;
             }
@@ -98,24 +106,29 @@ static __global__ void sweep_k(sweep_args a)
                 }
                 __syncthreads();
                 for (int u = 0; u < m_ch; u += SW_UNROLL) {
-                    float x[SW_UNROLL][SW_PER];
+                    float x[SW_UNROLL][PER];
+#pragma unroll
                     for (int w = 0; w < SW_UNROLL; w++) { /* loads first: rows in flight */
                         bool any = false;
 #pragma unroll
                         for (int rr = 0; rr < SW_ROWS; rr++)
                             any = any || (u + w < m_ch && p_sh[rr][u + w] != 0.0f);
-                        for (int k = 0; k < SW_PER; k++) {
+#pragma unroll
+                        for (int k = 0; k < PER; k++) {
                             int d = tid + k * SW_THREADS;
                             x[w][k] = any && d < D ? a.v[(size_t)j_sh[u + w] * D + d] : 0.0f;
                         }
                     }
-                    for (int w = 0; w < SW_UNROLL && u + w < m_ch; w++) { /* then in order */
+#pragma unroll
+                    for (int w = 0; w < SW_UNROLL; w++) { /* then in order */
+                        if (u + w >= m_ch)
+                            break;
 #pragma unroll
                         for (int rr = 0; rr < SW_ROWS; rr++) {
                             double pj = (double)p_sh[rr][u + w];
                             if (pj == 0.0)
                                 continue;
-                            for (int k = 0; k < SW_PER; k++) {
+                            for (int k = 0; k < PER; k++) {
                                 int d = tid + k * SW_THREADS;
                                 if (d < D) {
                                     double xv = __dmul_rn(pj, (double)x[w][k]);
@@ -140,7 +153,7 @@ static __global__ void sweep_k(sweep_args a)
             /* record cut ci (kvt_sweep_record, in order over d): thread rr for row q0 + rr */
 #pragma unroll
             for (int rr = 0; rr < SW_ROWS; rr++)
-                for (int k = 0; k < SW_PER; k++) {
+                for (int k = 0; k < PER; k++) {
                     int d = tid + k * SW_THREADS;
                     if (d < D)
                         acc_sh[rr][d] = acc[rr][k];
@@ -226,7 +239,13 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
     a.recall = recall, a.err = err, a.recall_mod = mod ? recall_mod : NULL;
     KVT_CU(
         cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st));
-    sweep_k<<<(n_q + SW_ROWS - 1) / SW_ROWS, SW_THREADS, 0, st>>>(a);
+    const unsigned nb = (unsigned)((n_q + SW_ROWS - 1) / SW_ROWS);
+    if (D <= SW_THREADS)
+        sweep_k<1><<<nb, SW_THREADS, 0, st>>>(a);
+    else if (D <= 2 * SW_THREADS)
+        sweep_k<2><<<nb, SW_THREADS, 0, st>>>(a);
+    else
+        sweep_k<4><<<nb, SW_THREADS, 0, st>>>(a);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }

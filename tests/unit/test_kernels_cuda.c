@@ -442,6 +442,9 @@ int main(void)
         return 77;
     }
     const int Ds[] = {64, 80, 128};
+    /* the output sweep keeps 1, 2 or 4 dimensions per thread by D: the other two */
+    test_sweep(9, 600, 200, true, true, 61);
+    test_sweep(5, 1030, 320, false, true, 62);
     for (int i = 0; i < 3; i++) {
         test_attn(1, 1, Ds[i], 0, 1 + i);     /* T = 1 */
         test_attn(32, 300, Ds[i], 0, 4 + i);  /* T not a multiple of the block */
