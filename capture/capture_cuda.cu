@@ -237,17 +237,19 @@ extern "C" kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64
         res_free_locked();
         cd_device_scope scope(device);
         uint8_t *dr = NULL, *hr = NULL;
+        uint64_t hbytes = 0;
         if (!scope.ok)
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot select CUDA device %d", device);
         else if ((e = cudaMalloc(&dr, (size_t)bytes)) != cudaSuccess)
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot allocate a %llu-byte device ring: %s",
                                (unsigned long long)bytes, cudaGetErrorString(e));
-        else if (!pin_ring(&hr, bytes, &g_res.hbytes))
+        else if (!pin_ring(&hr, bytes, &hbytes))
             st = kvt_error_set(KVT_ERR_CUDA, "capture: cannot pin %llu bytes of host memory: %s",
                                (unsigned long long)bytes, cudaGetErrorString(cudaGetLastError()));
         if (st == KVT_OK) {
             g_res.device = device;
             g_res.bytes = bytes;
+            g_res.hbytes = hbytes;
             g_res.dring = dr;
             g_res.hring = hr;
         } else if (dr) {

@@ -24,9 +24,9 @@ typedef struct wjob {
     uint8_t *raw; /* owned (from the pool when raw_pooled), or lent (release); let go of once
                      compressed */
     size_t raw_bytes;
-    bool planes;     /* raw is already byte-plane split (kvt_trace_writer_append_planes) */
-    bool raw_pooled; /* raw and comp came from the writer's buffer pool */
-    bool comp_pooled;
+    bool planes;      /* raw is already byte-plane split (kvt_trace_writer_append_planes) */
+    bool raw_pooled;  /* raw came from the writer's buffer pool */
+    bool comp_pooled; /* comp did */
     void (*release)(void *ctx); /* a lent payload (kvt_trace_writer_lend_planes): handed back */
     void *release_ctx;
     size_t pend_bytes; /* counted in pending_bytes: raw_bytes, or 0 for a lent payload */
