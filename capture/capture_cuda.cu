@@ -221,7 +221,8 @@ static void res_free_locked(void)
     memset(&g_res, 0, sizeof(g_res));
 }
 
-extern "C" kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64_t slot_bytes)
+/* KVT_OK when CUDA device `device` exists. */
+static kvt_status check_device(int device)
 {
     int n_dev = 0;
     cudaError_t e = cudaGetDeviceCount(&n_dev);
@@ -229,6 +230,13 @@ extern "C" kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64
                   "capture: no usable CUDA device (%s)", cudaGetErrorString(e));
     KVT_RETURN_IF(device < 0 || device >= n_dev, KVT_ERR_INVALID_ARG,
                   "capture: CUDA device %d does not exist (%d devices)", device, n_dev);
+    return KVT_OK;
+}
+
+extern "C" kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64_t slot_bytes)
+{
+    KVT_FORWARD(check_device(device));
+    cudaError_t e;
     uint64_t slot = slot_bytes ? slot_bytes : (4ull << 20); /* the writer's default record */
     uint64_t bytes = ring_slots(ring_bytes, slot) * slot;
     kvt_status st = KVT_OK;
@@ -355,12 +363,8 @@ extern "C" kvt_status kvt_capdev_create(int device, kvt_trace_writer *w, uint64_
 {
     KVT_RETURN_IF(!w || !out, KVT_ERR_INVALID_ARG, "capture: null argument");
     *out = NULL;
-    int n_dev = 0;
-    cudaError_t e = cudaGetDeviceCount(&n_dev);
-    KVT_RETURN_IF(e != cudaSuccess || n_dev == 0, KVT_ERR_NO_CUDA,
-                  "capture: no usable CUDA device (%s)", cudaGetErrorString(e));
-    KVT_RETURN_IF(device < 0 || device >= n_dev, KVT_ERR_INVALID_ARG,
-                  "capture: CUDA device %d does not exist (%d devices)", device, n_dev);
+    KVT_FORWARD(check_device(device));
+    cudaError_t e;
     kvt_capdev *d = (kvt_capdev *)calloc(1, sizeof(*d));
     KVT_RETURN_IF(!d, KVT_ERR_NOMEM, "out of memory");
     d->device = device;

@@ -152,8 +152,8 @@ static cudaStream_t pick(const cudaStream_t *S, int mode, int what, int r)
 
 static bool g_reserve; /* device captures reserve their ring ahead (kvt_capture_reserve_device) */
 
-static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, uint64_t ring,
-                    int mode, struct kvt_capture_stats *stats)
+/* the test model, storing `stored` */
+static struct kvt_capture_model test_model(kvt_dtype stored)
 {
     struct kvt_capture_model m = {.name = "gpu-test",
                                   .arch = "llama",
@@ -166,6 +166,13 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
                                   .rope_theta = 10000.0,
                                   .engine_name = "test",
                                   .engine_version = "0"};
+    return m;
+}
+
+static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, uint64_t ring,
+                    int mode, struct kvt_capture_stats *stats)
+{
+    struct kvt_capture_model m = test_model(stored);
     struct kvt_capture_opts o = {
         .n_tokens = TT,
         .window = WW,
@@ -386,17 +393,7 @@ static void reserve(void)
 /* A device capture of the prompt; the first failing call's status (the session stops there). */
 static kvt_status capture_dev_status(const char *path, engine *en, cudaStream_t st)
 {
-    struct kvt_capture_model m = {.name = "gpu-test",
-                                  .arch = "llama",
-                                  .n_layers = NL,
-                                  .n_q_heads = HQ,
-                                  .n_kv_heads = HKV,
-                                  .head_dim = DD,
-                                  .kv_dtype = KVT_DTYPE_BF16,
-                                  .rope = KVT_ROPE_DEFAULT,
-                                  .rope_theta = 10000.0,
-                                  .engine_name = "test",
-                                  .engine_version = "0"};
+    struct kvt_capture_model m = test_model(KVT_DTYPE_BF16);
     struct kvt_capture_opts o = {
         .n_tokens = TT,
         .window = WW,
