@@ -893,7 +893,9 @@ int kvt_cmd_replay(int argc, char **argv)
     }
     if (notes != stderr && fflush(notes) == 0 && notes_len)
         fputs(notes_buf, stderr);
-    if (shard_n) { /* means over a part would mislead: no table */
+    if (shard_n) { /* means over a part would mislead: no table (its profile is its own) */
+        if (profile)
+            print_profile(&prof, device, worker_bytes, threads);
         fprintf(stderr,
                 "replay: wrote %s: shard %d/%d, %zu of %zu (trace, layer) units; combine all %d "
                 "shards with kvtrace merge\n",

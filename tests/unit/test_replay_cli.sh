@@ -49,6 +49,12 @@ grep -Eq '"device":[[:space:]]*"(cpu|cuda)"' "$TMP/a.json" || fail "auto device 
 $BIN replay "$TMP/t.kvt" --policies snapkv --profile -o "$TMP/p.json" >/dev/null 2>"$TMP/err" ||
     fail "--profile"
 grep -q "^profile: wall .* layers; summed over workers: read" "$TMP/err" || fail "profile line"
+# a shard's profile too (its own layers), before the shard's line
+$BIN replay "$TMP/t.kvt" --policies snapkv --profile --shard 0/2 -o "$TMP/ps.json" >/dev/null \
+    2>"$TMP/err" || fail "--profile --shard"
+grep -q "^profile: wall .* layers; summed over workers: read" "$TMP/err" ||
+    fail "--profile --shard: no profile line"
+grep -q "shard 0/2" "$TMP/err" || fail "--profile --shard: no shard line"
 if ! $BIN replay "$TMP/t.kvt" --policies snapkv --device cuda -o "$TMP/c.json" >/dev/null \
     2>"$TMP/err"; then
     [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "no usable CUDA device" "$TMP/err" ||
