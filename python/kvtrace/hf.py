@@ -626,7 +626,12 @@ class Capture(object):
         if os.path.exists(self.path) and not self.force:
             raise _fail("%s exists (pass force=True to overwrite it)" % self.path, _ERR_IO)
         self._reserve_device()
-        self._install()
+        try:
+            self._install()
+        except BaseException:
+            # __exit__ does not run when __enter__ raises: let go of the reservation here
+            self._release_device()
+            raise
         return self
 
     def _reserve_device(self):

@@ -28,7 +28,7 @@
 #                                do not rot between sessions that have a GPU
 if(KVT_SYS_PYTHON)
     foreach(t test_python_binding test_python_capture_llama2c test_python_hf_capture
-              test_python_selection
+              test_python_hf_reserve test_python_selection
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
               test_expected_attention_synth test_lagkv test_noncausal_attention)
         kvt_add_script_test(${t}
