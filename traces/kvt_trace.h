@@ -163,9 +163,11 @@ kvt_status kvt_trace_writer_append_planes(kvt_trace_writer *w, const kvt_record_
  *  reads it from a compression thread and then calls release(ctx), exactly once, from
  *  whichever thread finishes with it, also when the record is refused or the writer fails
  *  (then possibly before this returns). The caller must not change or free the payload
- *  before that. A lent payload does not count against opts.max_pending_bytes and never waits
- *  for room (its lender bounds the memory); capture's device ring lends its pinned slots.
- * @return as kvt_trace_writer_append_planes; KVT_ERR_INVALID_ARG without release. */
+ *  before that. release may run with the writer's lock held: it must not call the writer. A
+ *  lent payload does not count against opts.max_pending_bytes and never waits for room (its
+ *  lender bounds the memory); capture's device ring lends its pinned slots.
+ * @return as kvt_trace_writer_append_planes (release called whatever the result);
+ *         KVT_ERR_INVALID_ARG with a NULL release (the only case release is not called). */
 kvt_status kvt_trace_writer_lend_planes(kvt_trace_writer *w, const kvt_record_info *info,
                                         const void *planes, void (*release)(void *ctx), void *ctx);
 

@@ -2,19 +2,13 @@
 """test_python_hf_reserve.py - kvtrace.capture's device reservation (Capture._reserve_device /
 _release_device) is let go of on every way out of the with-block, also when __enter__ itself
 raises after reserving (then __exit__ never runs). No torch, GPU or library needed: the
-library's reserve/release calls are stood in for (NumPy too, where it is not installed: the
-package imports it, this test does not use it)."""
+library's reserve/release calls are stood in for."""
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.environ.get("KVT_SOURCE_ROOT") or os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "python"))
-try:
-    import numpy  # noqa: F401
-except ImportError:
-    from unittest import mock
-    sys.modules["numpy"] = mock.MagicMock()
 try:
     from kvtrace import hf, _lib
 except Exception as e:  # pragma: no cover
