@@ -237,7 +237,7 @@ extern "C" kvt_status kvt_capdev_reserve(int device, uint64_t ring_bytes, uint64
 {
     KVT_FORWARD(check_device(device));
     cudaError_t e;
-    uint64_t slot = slot_bytes ? slot_bytes : (4ull << 20); /* the writer's default record */
+    uint64_t slot = slot_bytes ? slot_bytes : KVT_WRITER_MAX_RECORD_DEFAULT;
     uint64_t bytes = ring_slots(ring_bytes, slot) * slot;
     kvt_status st = KVT_OK;
     pthread_mutex_lock(&g_res_mu);

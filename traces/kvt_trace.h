@@ -90,12 +90,16 @@ typedef struct kvt_record_info {
 /* ------------------------------------------------------------------------------------- */
 typedef struct kvt_trace_writer kvt_trace_writer;
 
+/** The writer's record size when opts.max_record_bytes is 0 (the GPU capture's ring slots too). */
+#define KVT_WRITER_MAX_RECORD_DEFAULT (4ull << 20)
+
 typedef struct kvt_writer_opts {
     int level;                  /* zstd level (0 = 3); outside zstd's range: refused */
     int n_threads;              /* compression threads; 0 = compress in the caller */
     uint64_t max_pending_bytes; /* bound on queued + in-flight raw bytes; 0 = 256 MiB */
     bool no_shuffle;            /* disable the byte-plane filter (for benchmarks) */
-    uint64_t max_record_bytes;  /* split tensors along heads above this; 0 = 4 MiB */
+    uint64_t max_record_bytes;  /* split tensors along heads above this; 0 = 4 MiB
+                                   (KVT_WRITER_MAX_RECORD_DEFAULT) */
     bool force;                 /* overwrite an existing file */
 } kvt_writer_opts;
 

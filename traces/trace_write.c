@@ -362,7 +362,7 @@ kvt_status kvt_trace_writer_create(const char *path, const char *header_json,
     if (w->opts.max_pending_bytes == 0)
         w->opts.max_pending_bytes = 256ull << 20;
     if (w->opts.max_record_bytes == 0)
-        w->opts.max_record_bytes = 4ull << 20;
+        w->opts.max_record_bytes = KVT_WRITER_MAX_RECORD_DEFAULT;
     if (w->opts.n_threads < 0)
         w->opts.n_threads = 0;
     /* A new file is written in place (a crash leaves its complete records readable there).

@@ -649,8 +649,6 @@ class Capture(object):
             return
         from . import _lib
         L = _lib.lib()
-        if not hasattr(L, "kvt_capture_reserve_device"):
-            return
         idx = dev.index if dev.index is not None else self._torch.cuda.current_device()
         if L.kvt_capture_reserve_device(int(idx), 0, 0) == 0:
             self._reserved = True
