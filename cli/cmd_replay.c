@@ -157,9 +157,9 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
     fflush(stdout); /* the table first, also when both streams go to one pipe */
     fprintf(stderr,
             "profile: wall %.3f s, %llu layers; summed over workers: read %.3f s, "
-            "context %.3f s, policies+sweeps %.3f s\n",
+            "context %.3f s, policies+sweeps %.3f s (selections %.3f s)\n",
             wall, (unsigned long long)p->n_layers, p->read_ns * 1e-9, p->context_ns * 1e-9,
-            p->measure_ns * 1e-9);
+            p->measure_ns * 1e-9, p->select_ns * 1e-9);
     char blas[160];
     kvt_kernels_cpu_describe(blas, sizeof(blas));
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);
@@ -197,9 +197,9 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
         fputc('\n', stderr);
     }
     fprintf(stderr,
-            "profile: gpu sweep calls %llu (kernels: GPU time by CUDA events, GB at least what "
-            "each must move; copies: host clock)\n",
-            (unsigned long long)p->gpu_sweep_calls);
+            "profile: gpu sweep calls %llu, %.3f s inside them by the host clock (kernels: GPU "
+            "time by CUDA events, GB at least what each must move; copies: host clock)\n",
+            (unsigned long long)p->gpu_sweep_calls, p->gpu_sweep_wall_ns * 1e-9);
     if (p->gpu_worker_bytes) {
         char per[32], fr[32], tot[32];
         fprintf(stderr,

@@ -216,6 +216,9 @@ typedef struct kvt_replay_profile {
        one worker's layer may hold, device 0's free and total memory at the start, and the
        workers allowed on the GPU at once of the worker threads */
     uint64_t gpu_worker_bytes, gpu_mem_free, gpu_mem_total, gpu_slots, gpu_threads;
+    uint64_t select_ns;         /* of measure_ns: the policies' selections (rankings and cuts) */
+    uint64_t gpu_sweep_wall_ns; /* of measure_ns: host clock inside the GPU's sweep, coverage and
+                                   redundancy calls (uploads, kernels, waits, downloads) */
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {

@@ -75,6 +75,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     KVT_RETURN_IF(!in->k_decode != !in->v_decode, KVT_ERR_INVALID_ARG,
                   "K_decode and V_decode go together");
     c->in = in;
+    c->prof = prof;
     c->T = in->T, c->D = in->D, c->Hq = in->Hq, c->Hkv = in->Hkv, c->Gs = in->Hq / in->Hkv;
     c->Wt = in->W, c->Gd = in->q_decode ? in->G : 0, c->layer = in->layer;
     c->n_layers = in->n_layers;

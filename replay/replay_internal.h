@@ -128,7 +128,8 @@ struct kvt_layer_ctx {
     double *colsum;        /* [Hq, T] H2O column sums, lazily (kvt_ctx_colsum) */
     kvt_score_entry cache[KVT_SCORE_CACHE];
     int n_cache;
-    struct kvt_ctx_gpu *gpu; /* replay --device cuda: device copies for the output sweeps */
+    struct kvt_ctx_gpu *gpu;  /* replay --device cuda: device copies for the output sweeps */
+    kvt_replay_profile *prof; /* may be NULL */
     /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
      * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
     const double *budget_frac;

@@ -730,7 +730,9 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                              kvt_layer_selection *sel)
 {
     memset(sel, 0, sizeof(*sel));
+    uint64_t t0 = kvt_now_ns();
     kvt_status st = p->def->select(c, p, B, n_b, sel);
+    KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
     if (st) {
         kvt_sel_clear(sel);
         return st;

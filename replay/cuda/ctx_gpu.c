@@ -524,13 +524,13 @@ static const void *dev_of(const kvt_ctx_gpu *g, const void *h, bool *ok)
     return NULL;
 }
 
-kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
-                                    size_t stride_p, const float *v, const double *a_full,
-                                    size_t stride_a, const double *p_extra, size_t stride_e,
-                                    const double *o_extra, const double *r_full,
-                                    const int32_t *order, const int32_t *cuts, int n_cut,
-                                    const uint8_t *mod, const double *mass_mod, size_t stride_m,
-                                    double *recall, double *err, double *recall_mod)
+static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
+                               size_t stride_p, const float *v, const double *a_full,
+                               size_t stride_a, const double *p_extra, size_t stride_e,
+                               const double *o_extra, const double *r_full, const int32_t *order,
+                               const int32_t *cuts, int n_cut, const uint8_t *mod,
+                               const double *mass_mod, size_t stride_m, double *recall, double *err,
+                               double *recall_mod)
 {
     KVT_RETURN_IF(!g || T != g->T || D != g->D || n_q < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: bad sweep call");
@@ -583,6 +583,23 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
     return sync_copies(g, false, &t1);
 }
 
+kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
+                                    size_t stride_p, const float *v, const double *a_full,
+                                    size_t stride_a, const double *p_extra, size_t stride_e,
+                                    const double *o_extra, const double *r_full,
+                                    const int32_t *order, const int32_t *cuts, int n_cut,
+                                    const uint8_t *mod, const double *mass_mod, size_t stride_m,
+                                    double *recall, double *err, double *recall_mod)
+{
+    uint64_t t0 = kvt_now_ns();
+    kvt_status s =
+        sweep_output(g, n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e, o_extra,
+                     r_full, order, cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod);
+    if (g)
+        PROF(g, gpu_sweep_wall_ns, kvt_now_ns() - t0);
+    return s;
+}
+
 kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, int n_probe)
 {
     KVT_RETURN_IF(!g || group < 0 || group >= g->Hkv || n_probe < 1, KVT_ERR_INVALID_ARG,
@@ -611,8 +628,8 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
     return KVT_OK;
 }
 
-kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
-                                     int n_cut, float *best)
+static kvt_status coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
+                                int n_cut, float *best)
 {
     KVT_RETURN_IF(!g || !g->n_probe || n_cut < 0, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: coverage before a cosine table");
@@ -641,6 +658,16 @@ kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const
     PROF(g, gpu_sweep_bytes, ((size_t)cuts[n_cut - 1] * (g->n_probe + 1) + n) * sizeof(float));
     KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
     return sync_copies(g, false, &t1);
+}
+
+kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
+                                     int n_cut, float *best)
+{
+    uint64_t t0 = kvt_now_ns();
+    kvt_status s = coverage_best(g, order, cuts, n_cut, best);
+    if (g)
+        PROF(g, gpu_sweep_wall_ns, kvt_now_ns() - t0);
+    return s;
 }
 
 kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool pool,
