@@ -19,6 +19,38 @@ static kvt_status alloc_n(void **p, size_t n, size_t elem)
 }
 #define ALLOC(ptr, n) alloc_n((void **)&(ptr), (size_t)(n), sizeof(*(ptr)))
 
+/* The arrays a GPU context keeps on the device until a host reader fetches them: not zeroed
+ * (kvt_ctx_fetch writes them whole), so that fresh pages are never touched when no one asks. */
+static kvt_status alloc_lazy(void **p, size_t n, size_t elem, bool gpu)
+{
+    size_t bytes;
+    if (!gpu)
+        return alloc_n(p, n, elem);
+    if (kvt_mul_overflow(n, elem, &bytes))
+        return kvt_error_set(KVT_ERR_OVERFLOW, "layer context: size overflow");
+    *p = kvt_malloc(bytes ? bytes : 1);
+    return *p ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "layer context: out of memory");
+}
+#define ALLOC_LAZY(ptr, n) alloc_lazy((void **)&(ptr), (size_t)(n), sizeof(*(ptr)), gpu)
+
+kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what)
+{
+    static const struct {
+        unsigned bit;
+        kvt_gpu_array which;
+    } arr[] = {{KVT_CTX_PRW, KVT_GPU_PRW}, {KVT_CTX_PRD, KVT_GPU_PRD}, {KVT_CTX_KU, KVT_GPU_KU}};
+    for (size_t i = 0; i < sizeof(arr) / sizeof(arr[0]); i++) {
+        if (!(what & c->on_device & arr[i].bit))
+            continue;
+        void *host = arr[i].bit == KVT_CTX_PRW   ? (void *)c->prw
+                     : arr[i].bit == KVT_CTX_PRD ? (void *)c->prd
+                                                 : (void *)c->ku;
+        KVT_FORWARD(kvt_ctx_gpu_fetch(c->gpu, arr[i].which, host));
+        c->on_device &= ~arr[i].bit;
+    }
+    return KVT_OK;
+}
+
 static kvt_status check_finite(const float *x, size_t n, const char *what, int layer)
 {
     size_t i = kvt_first_nonfinite_f32_cpu(x, n);
@@ -103,10 +135,10 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     /* the query heads of one KV head share its keys: one call per KV head, Gs*rows queries */
     const int Gs = c->Gs, nqw = Gs * Wt, nqd = Gs * Gd;
     if ((s = ALLOC(work, (size_t)T + (size_t)Gd)) || (s = ALLOC(vis, nqw > nqd ? nqw : nqd)) ||
-        (s = ALLOC(vis2, nqd > 0 ? nqd : 1)) || (s = ALLOC(c->prw, (size_t)Hq * Wt * T)) ||
+        (s = ALLOC(vis2, nqd > 0 ? nqd : 1)) || (s = ALLOC_LAZY(c->prw, (size_t)Hq * Wt * T)) ||
         (s = ALLOC(c->aw, (size_t)Hq * Wt * D)) || (s = ALLOC(c->lsew, (size_t)Hq * Wt)) ||
         (s = ALLOC(c->rsw, (size_t)Hq * Wt)) || (s = ALLOC(c->knorm, (size_t)Hkv * T)) ||
-        (s = ALLOC(c->vnorm, (size_t)Hkv * T)) || (s = ALLOC(c->ku, kv_n)) ||
+        (s = ALLOC(c->vnorm, (size_t)Hkv * T)) || (s = ALLOC_LAZY(c->ku, kv_n)) ||
         (s = ALLOC(c->kmean, (size_t)Hkv * D)) || (s = ALLOC(c->r_all, Hkv)))
         goto out_fail;
     if (in->modality && (s = ALLOC(c->massw_mod, (size_t)Hq * Wt * KVT_NM)))
@@ -121,11 +153,15 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
         size_t q0 = (size_t)g * nqw; /* first window query of the group: (h = g*Gs, i = 0) */
         float *pr = c->prw + q0 * T;
-        if (dev)
-            s = kvt_ctx_gpu_attn(dev, false, g, nqw, vis, NULL, c->scale, pr, NULL, c->lsew + q0,
-                                 c->aw + q0 * D);
-        else if (!(s = kvt_attn_probs(in->q_window + q0 * D, nqw, D, K, T, vis, NULL, 0, NULL,
-                                      c->scale, pr, NULL, c->lsew + q0, work)))
+        if (dev) { /* row masses on the device; the probabilities stay there */
+            if ((s = kvt_ctx_gpu_attn(dev, false, g, nqw, vis, NULL, c->scale, NULL, c->lsew + q0,
+                                      c->aw + q0 * D, c->rsw + q0,
+                                      c->massw_mod ? c->massw_mod + q0 * KVT_NM : NULL)))
+                goto out_fail;
+            continue;
+        }
+        if (!(s = kvt_attn_probs(in->q_window + q0 * D, nqw, D, K, T, vis, NULL, 0, NULL, c->scale,
+                                 pr, NULL, c->lsew + q0, work)))
             s = kvt_attn_output(pr, nqw, T, T, V, D, c->aw + q0 * D, D);
         if (s)
             goto out_fail;
@@ -139,8 +175,9 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 
     /* decode queries: step s sees every prompt key and decode keys 0..s */
     if (Gd > 0) {
-        if ((s = ALLOC(c->prd, (size_t)Hq * Gd * T)) || (s = ALLOC(c->ad, (size_t)Hq * Gd * D)) ||
-            (s = ALLOC(c->lsed, (size_t)Hq * Gd)) || (s = ALLOC(c->rsd, (size_t)Hq * Gd)))
+        if ((s = ALLOC_LAZY(c->prd, (size_t)Hq * Gd * T)) ||
+            (s = ALLOC(c->ad, (size_t)Hq * Gd * D)) || (s = ALLOC(c->lsed, (size_t)Hq * Gd)) ||
+            (s = ALLOC(c->rsd, (size_t)Hq * Gd)))
             goto out_fail;
         if (c->has_extra &&
             ((s = ALLOC(c->pd_extra, (size_t)Hq * Gd)) ||
@@ -157,15 +194,16 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
             size_t q0 = (size_t)g * nqd;
             float *pr = c->prd + q0 * T;
             if (dev)
-                s = kvt_ctx_gpu_attn(dev, true, g, nqd, vis, vis2, c->scale, pr, pr2, c->lsed + q0,
-                                     c->ad + q0 * D);
+                s = kvt_ctx_gpu_attn(dev, true, g, nqd, vis, vis2, c->scale, pr2, c->lsed + q0,
+                                     c->ad + q0 * D, c->rsd + q0, NULL);
             else if (!(s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, K, T, vis, Kd, Gd, vis2,
                                           c->scale, pr, pr2, c->lsed + q0, work)))
                 s = kvt_attn_output(pr, nqd, T, T, V, D, c->ad + q0 * D, D);
             if (s)
                 goto out_fail;
             for (int i = 0; i < nqd; i++) {
-                c->rsd[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
+                if (!dev)
+                    c->rsd[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
                 if (c->has_extra) {
                     const float *p2 = pr2 + (size_t)i * Gd;
                     double pe = 0.0;
@@ -184,7 +222,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
         if (dev) {
             if ((s = kvt_ctx_gpu_norms(dev, g, c->knorm + (size_t)g * T, c->vnorm + (size_t)g * T,
-                                       c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D)))
+                                       c->kmean + (size_t)g * D)))
                 goto out_fail;
         } else {
             kvt_row_norms(K, T, D, c->knorm + (size_t)g * T);
@@ -196,6 +234,8 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     if (dev && (s = kvt_ctx_gpu_finish(dev, c)))
         goto out_fail;
     c->gpu = dev; /* kept for the output sweeps; kvt_ctx_free ends it */
+    if (dev)      /* what host readers must fetch (kvt_ctx_fetch) */
+        c->on_device = KVT_CTX_PRW | KVT_CTX_KU | (Gd > 0 ? KVT_CTX_PRD : 0u);
     kvt_free(work);
     kvt_free(vis);
     kvt_free(vis2);

@@ -129,6 +129,7 @@ struct kvt_layer_ctx {
     kvt_score_entry cache[KVT_SCORE_CACHE];
     int n_cache;
     struct kvt_ctx_gpu *gpu;  /* replay --device cuda: device copies for the output sweeps */
+    unsigned on_device;       /* KVT_CTX_* arrays only on the GPU so far (kvt_ctx_fetch) */
     kvt_replay_profile *prof; /* may be NULL */
     /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
      * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
@@ -149,6 +150,14 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
  *  KVT_KERNELS=ref builds, within their documented tolerances. */
 kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu,
                             kvt_replay_profile *prof);
+
+/** With the GPU, the window and decode probabilities (prw, prd) and the unit keys (ku) stay on
+ *  the device: a host reader of any of them first calls kvt_ctx_fetch with their bits, which
+ *  copies those not yet on the host (a no-op on the CPU). */
+#define KVT_CTX_PRW 1u
+#define KVT_CTX_PRD 2u
+#define KVT_CTX_KU  4u
+kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what);
 
 /** Add v to a profile counter (workers share the profile); prof may be NULL. */
 static inline void kvt_prof_add(kvt_replay_profile *prof, uint64_t *field, uint64_t v)

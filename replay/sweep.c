@@ -276,19 +276,21 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, int W, co
         for (int i = 0; i < s->n_probe; i++)
             s->probe_pos[i] = s->posT[s->probe[i]];
     }
-    if (s->n_probe > 0 && c->gpu) { /* each probe's best per cut on the GPU, summarised here */
-        KVT_FORWARD(kvt_ctx_gpu_coverage_best(c->gpu, order, s->cuts, n_cut, s->cbest));
-        for (int ci = 0; ci < n_cut; ci++)
+    if (c->gpu) { /* each probe's best per cut and the redundancy on the GPU, summarised here */
+        KVT_FORWARD(kvt_ctx_gpu_set_sweep(c->gpu, g, order, s->cuts, n_cut,
+                                          s->n_probe > 0 ? s->cbest : NULL, s->rk));
+        for (int ci = 0; ci < n_cut && s->n_probe > 0; ci++)
             kvt_coverage_summary(s->cbest + (size_t)ci * s->n_probe, n_eval, s->cuts[ci],
                                  s->probe_mod, s->probe_pos, s->cov + ci, s->rad + ci,
                                  s->cmod + (size_t)ci * KVT_NM, s->cdrop + ci);
-    } else if (s->n_probe > 0) {
-        KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, n_eval, order, s->cuts, n_cut,
-                                       s->probe_mod, s->probe_pos, s->cwork, s->cov, s->rad,
-                                       s->cmod, s->cdrop));
+    } else {
+        if (s->n_probe > 0)
+            KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, n_eval, order, s->cuts, n_cut,
+                                           s->probe_mod, s->probe_pos, s->cwork, s->cov, s->rad,
+                                           s->cmod, s->cdrop));
+        KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
+                                         s->rwork, s->rk));
     }
-    KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
-                                     s->rwork, s->rk));
     if (oord)
         for (int t = 0; t < T; t++)
             s->posO[oord[t]] = t;
@@ -1003,6 +1005,9 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                 orcp[gq] = &orc[gq];
             }
         }
+    for (size_t p = 0; p < n_pol; p++) /* the merged sets' metrics read the context on the host */
+        if (sels[p].merged && (st = kvt_ctx_fetch(&c, KVT_CTX_PRW | KVT_CTX_PRD | KVT_CTX_KU)))
+            goto out_free;
     for (size_t i = 0; i < n_pol * n_budgets * (size_t)c.Hq; i++) {
         double *d = (double *)&out[i];
         for (size_t k = 0; k < sizeof(out[0]) / sizeof(double); k++)

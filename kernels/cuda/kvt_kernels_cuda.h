@@ -88,6 +88,12 @@ kvt_status kvt_unit_rows_cuda(const float *x, int n, int D, float *ku, double *m
                               double *inv_work, void *stream);
 size_t kvt_unit_rows_cuda_work(int n, int D);
 
+/** Row masses of probabilities p [n rows at stride] x [T]: sum[i] = the sum of row i in
+ *  double (as kvt_sum_f32_cpu, in another order), and with mod [T] (may be NULL) mass [n, NM]
+ *  as kvt_mass_by_mod_cpu (codes >= NM count as the last). Every pointer on the device. */
+kvt_status kvt_row_mass_cuda(const float *p, int n, int T, size_t stride, const uint8_t *mod,
+                             double *sum, double *mass, void *stream);
+
 /** kvt_rank_desc_ref on each of n_seg segments: score [n_seg, n] (double), order [n_seg, n]
  *  receives each segment's permutation of 0..n-1 (score descending, ties by lower index, NaN
  *  last): the same permutations as the reference (a stable segmented radix sort of
@@ -122,6 +128,11 @@ kvt_status kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_
                                     size_t stride_m, double *recall, double *err,
                                     double *recall_mod, void *work, size_t work_bytes,
                                     void *stream);
+/** kvt_sweep_redundancy_ref on the device, bit for bit (ku, order device; cuts on the HOST,
+ *  copied into work, which needs n_cut int32; r [n_cut] device). */
+kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D, const int32_t *order,
+                                        const int32_t *cuts, int n_cut, double *r, void *work,
+                                        size_t work_bytes, void *stream);
 kvt_status kvt_coverage_best_cuda_ws(const float *ct, int T, int n_probe, const int32_t *order,
                                      const int32_t *cuts, int n_cut, float *best, void *work,
                                      size_t work_bytes, void *stream);

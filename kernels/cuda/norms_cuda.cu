@@ -134,3 +134,59 @@ extern "C" kvt_status kvt_unit_rows_cuda(const float *x, int n, int D, float *ku
     }
     return KVT_OK;
 }
+
+#define RM_THREADS 256
+
+/* One block per row: each thread sums every RM_THREADS-th value (the mass and, with mod, the
+ * mass of each modality), then a tree over the threads in shared memory; a fixed order, so
+ * the same bits on every run. */
+static __global__ void row_mass_k(const float *p, int T, size_t stride, const uint8_t *mod,
+                                  double *sum, double *mass)
+{
+    constexpr int NM = KVT_N_MODALITIES;
+    __shared__ double sh[RM_THREADS][NM + 1];
+    const float *r = p + (size_t)blockIdx.x * stride;
+    const int tid = threadIdx.x;
+    double s = 0.0, m[NM];
+    for (int k = 0; k < NM; k++)
+        m[k] = 0.0;
+    for (int j = tid; j < T; j += RM_THREADS) {
+        double x = r[j];
+        s += x;
+        if (mod) {
+            const int c = mod[j] < NM ? mod[j] : NM - 1;
+#pragma unroll
+            for (int k = 0; k < NM; k++) /* compile-time indices keep m in registers */
+                if (k == c)
+                    m[k] += x;
+        }
+    }
+    sh[tid][0] = s;
+    for (int k = 0; k < NM; k++)
+        sh[tid][k + 1] = m[k];
+    for (int w = RM_THREADS / 2; w > 0; w >>= 1) {
+        __syncthreads();
+        if (tid < w)
+            for (int k = 0; k <= NM; k++)
+                sh[tid][k] += sh[tid + w][k];
+    }
+    if (tid == 0) {
+        sum[blockIdx.x] = sh[0][0];
+        if (mod && mass)
+            for (int k = 0; k < NM; k++)
+                mass[(size_t)blockIdx.x * NM + k] = sh[0][k + 1];
+    }
+}
+
+extern "C" kvt_status kvt_row_mass_cuda(const float *p, int n, int T, size_t stride,
+                                        const uint8_t *mod, double *sum, double *mass, void *stream)
+{
+    KVT_RETURN_IF(n < 0 || T < 0 || stride < (size_t)T || (mod && !mass), KVT_ERR_INVALID_ARG,
+                  "row_mass_cuda: bad shape n=%d T=%d stride=%zu", n, T, stride);
+    if (n == 0)
+        return KVT_OK;
+    KVT_RETURN_IF(n > 0x7fffffff, KVT_ERR_UNSUPPORTED, "row_mass_cuda: %d rows", n);
+    row_mass_k<<<(unsigned)n, RM_THREADS, 0, kvt_cu_stream(stream)>>>(p, T, stride, mod, sum, mass);
+    KVT_CU_LAUNCHED();
+    return KVT_OK;
+}

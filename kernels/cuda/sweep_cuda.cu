@@ -268,3 +268,86 @@ extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *
     cudaFree(work);
     return s;
 }
+
+#define RD_THREADS 128
+#define RD_PER     4  /* dimensions per thread at most: D <= 512 */
+#define RD_LOADS   16 /* ranked rows loaded ahead */
+
+/* kvt_sweep_redundancy_ref in one block: thread d keeps the running sums of dimensions d,
+ * d + 128, ... over the ranked unit keys in ranking order (loading RD_LOADS rows ahead, adding
+ * them in order), and at each cut thread 0 sums the squares over d in order
+ * (kvt_redundancy_of_sum): the reference's additions, in its order, bit for bit. */
+static __global__ void redundancy_k(const float *ku, int D, const int32_t *order,
+                                    const int32_t *cuts, int n_cut, double *r)
+{
+    __shared__ double sum_sh[RD_THREADS * RD_PER];
+    __shared__ int32_t j_sh[RD_THREADS];
+    const int tid = threadIdx.x;
+    double acc[RD_PER];
+    for (int k = 0; k < RD_PER; k++)
+        acc[k] = 0.0;
+    int t = 0;
+    for (int ci = 0; ci < n_cut; ci++) {
+        const int c = cuts[ci];
+        for (int u0 = t; u0 < c; u0 += RD_THREADS) {
+            const int m = c - u0 < RD_THREADS ? c - u0 : RD_THREADS;
+            __syncthreads(); /* the previous chunk has been read */
+            if (tid < m)
+                j_sh[tid] = order[u0 + tid];
+            __syncthreads();
+            for (int u = 0; u < m; u += RD_LOADS) {
+                float x[RD_LOADS][RD_PER];
+#pragma unroll
+                for (int w = 0; w < RD_LOADS; w++)
+#pragma unroll
+                    for (int k = 0; k < RD_PER; k++) {
+                        const int d = tid + k * RD_THREADS;
+                        x[w][k] = u + w < m && d < D ? ku[(size_t)j_sh[u + w] * D + d] : 0.0f;
+                    }
+#pragma unroll
+                for (int w = 0; w < RD_LOADS; w++)
+                    if (u + w < m)
+#pragma unroll
+                        for (int k = 0; k < RD_PER; k++)
+                            acc[k] = __dadd_rn(acc[k], (double)x[w][k]);
+            }
+        }
+        t = c;
+        for (int k = 0; k < RD_PER; k++) {
+            const int d = tid + k * RD_THREADS;
+            if (d < D)
+                sum_sh[d] = acc[k];
+        }
+        __syncthreads();
+        if (tid == 0) {
+            double s2 = 0.0;
+            for (int d = 0; d < D; d++)
+                s2 = __dadd_rn(s2, __dmul_rn(sum_sh[d], sum_sh[d]));
+            r[ci] = c < 2 ? (double)NAN : (s2 / c - 1.0) / (double)(c - 1);
+        }
+        __syncthreads(); /* sum_sh is read before the next cut writes it */
+    }
+}
+
+extern "C" kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D,
+                                                   const int32_t *order, const int32_t *cuts,
+                                                   int n_cut, double *r, void *work,
+                                                   size_t work_bytes, void *stream)
+{
+    KVT_RETURN_IF(T < 0 || D <= 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
+                  "sweep_redundancy_cuda: bad shape T=%d D=%d", T, D);
+    KVT_RETURN_IF(D > RD_THREADS * RD_PER, KVT_ERR_UNSUPPORTED,
+                  "sweep_redundancy_cuda: head dim %d > %d", D, RD_THREADS * RD_PER);
+    KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
+    if (n_cut == 0)
+        return KVT_OK;
+    KVT_RETURN_IF(!work || work_bytes < (size_t)n_cut * sizeof(int32_t), KVT_ERR_INVALID_ARG,
+                  "sweep_redundancy_cuda: workspace of %zu bytes is too small", work_bytes);
+    cudaStream_t st = kvt_cu_stream(stream);
+    int32_t *dcuts = (int32_t *)work;
+    KVT_CU(
+        cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    redundancy_k<<<1, RD_THREADS, 0, st>>>(ku, D, order, dcuts, n_cut, r);
+    KVT_CU_LAUNCHED();
+    return KVT_OK;
+}

@@ -1,9 +1,10 @@
 /* ctx_gpu.c - the layer context's GPU backend (ctx_gpu.h): uploads a layer once, runs the
- * attention and norm kernels of kernels/cuda on its own non-blocking stream, copies their
- * results into the host context and keeps the device copies (probabilities, full outputs, row
- * sums, decode-key terms, V, unit keys) for the sweeps, coverage, window scores and column sums
- * of the layer's policies. Every copy is on that stream, through the context's own pinned
- * staging buffers (copy_up, download); downloads are waited for, so host arrays are complete
+ * attention, row-mass and norm kernels of kernels/cuda on its own non-blocking stream, copies
+ * their small results into the host context (the probabilities and unit keys only when a host
+ * reader fetches them) and keeps the device copies (probabilities, full outputs, row sums,
+ * decode-key terms, V, unit keys) for the sweeps, coverage, redundancy, window scores and
+ * column sums of the layer's policies. Every copy is on that stream, through the context's own
+ * pinned staging buffers (copy_up, download); downloads are waited for, so host arrays are complete
  * when a call returns. Several replay
  * workers may each hold one at once. With a profile, the kernels of each call are timed by CUDA
  * events on the stream: the GPU's own time, without the launches, the synchronisation and the
@@ -56,10 +57,13 @@ struct kvt_ctx_gpu {
     double *cs, *cs_work;      /* [T] its column sums, [2T] workspace */
     size_t sc_cap;             /* doubles of each */
     double *norm, *mean, *inv; /* [T], [D], [T] (scratch) */
-    /* uploaded by kvt_ctx_gpu_finish */
-    double *rsw, *rsd, *pe, *oe, *mm;
-    uint8_t *mod;
-    int32_t *order;           /* [T] the ranking being swept */
+    double *rsw, *rsd, *mm;    /* [Hq, Wt], [Hq, Gd] row masses, [Hq, Wt, NM] by modality */
+    uint8_t *mod;              /* [T] modality codes (NULL: none) */
+    double *pe, *oe;           /* uploaded by kvt_ctx_gpu_finish */
+    int32_t *order;            /* [T] the ranking being swept */
+    int32_t *order_h;          /* [T] host copy of what order holds (NULL: nothing yet) */
+    double *rk;                /* [rk_cap] redundancy of each cut */
+    int rk_cap;
     double *rec, *err, *rmod; /* sweep results */
     size_t res_cap;           /* elements of rec and err (rmod: x KVT_NM) */
     ctx_map map[CTX_GPU_MAP];
@@ -311,11 +315,11 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     if (!g)
         return;
-    void *bufs[] = {g->k,     g->v,   g->qw,      g->qd,   g->kd, g->prw,    g->prd,
-                    g->aw,    g->ad,  g->pr2,     g->lse,  g->ku, g->norm,   g->mean,
-                    g->inv,   g->rsw, g->rsd,     g->pe,   g->oe, g->mm,     g->mod,
-                    g->order, g->rec, g->err,     g->rmod, g->ct, g->probe,  g->best,
-                    g->work,  g->sc,  g->sc_work, g->qa,   g->cs, g->cs_work};
+    void *bufs[] = {g->k,     g->v,   g->qw,      g->qd,   g->kd, g->prw,     g->prd,
+                    g->aw,    g->ad,  g->pr2,     g->lse,  g->ku, g->norm,    g->mean,
+                    g->inv,   g->rsw, g->rsd,     g->pe,   g->oe, g->mm,      g->mod,
+                    g->order, g->rec, g->err,     g->rmod, g->ct, g->probe,   g->best,
+                    g->work,  g->sc,  g->sc_work, g->qa,   g->cs, g->cs_work, g->rk};
     if (g->st) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
             dfree(g, bufs[i]);
@@ -330,6 +334,7 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
         if (g->stage[i])
             cudaFreeHost(g->stage[i]);
     }
+    kvt_free(g->order_h);
     kvt_free(g);
 }
 
@@ -358,10 +363,16 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     KVT_FORWARD(upload(g, (void **)&g->qw, in->q_window, Hq * g->Wt * D * sizeof(float)));
     KVT_FORWARD(dalloc(g, (void **)&g->prw, Hq * g->Wt * T * sizeof(float)));
     KVT_FORWARD(dalloc(g, (void **)&g->aw, Hq * g->Wt * D * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->rsw, Hq * g->Wt * sizeof(double)));
+    if (in->modality) {
+        KVT_FORWARD(upload(g, (void **)&g->mod, in->modality, T));
+        KVT_FORWARD(dalloc(g, (void **)&g->mm, Hq * g->Wt * KVT_NM * sizeof(double)));
+    }
     if (g->Gd > 0) {
         KVT_FORWARD(upload(g, (void **)&g->qd, in->q_decode, Hq * g->Gd * D * sizeof(float)));
         KVT_FORWARD(dalloc(g, (void **)&g->prd, Hq * g->Gd * T * sizeof(float)));
         KVT_FORWARD(dalloc(g, (void **)&g->ad, Hq * g->Gd * D * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->rsd, Hq * g->Gd * sizeof(double)));
     }
     if (g->extra) {
         size_t n = (size_t)g->Hkv * g->Gd * D * sizeof(float);
@@ -397,8 +408,8 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
 }
 
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, const int *n_vis,
-                            const int *n_vis2, double scale, float *pr, float *pr2, double *lse,
-                            double *out)
+                            const int *n_vis2, double scale, float *pr2, double *lse, double *out,
+                            double *rowsum, double *mass)
 {
     KVT_RETURN_IF(!g || n_q < 1 || n_q > g->rows, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: bad attention call (%d rows)", n_q);
@@ -416,6 +427,10 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
                                                extra ? g->pr2 : NULL, g->lse, (void *)g->st)));
     KVT_FORWARD(
         kern_nomem(kvt_attn_output_cuda(dpr, n_q, g->T, T, V, g->D, dout, D, (void *)g->st)));
+    double *drs = (decode ? g->rsd : g->rsw) + q0;
+    double *dmass = !decode && g->mod ? g->mm + q0 * KVT_NM : NULL;
+    KVT_FORWARD(
+        kvt_row_mass_cuda(dpr, n_q, g->T, T, dmass ? g->mod : NULL, drs, dmass, (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: Q, K, V read once, P written and read back, the outputs written */
     size_t nx = extra ? (size_t)g->Gd : 0;
@@ -424,16 +439,17 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, con
          ((size_t)n_q * D + 2 * (T + nx) * D + 2 * (size_t)n_q * (T + nx)) * sizeof(float) +
              (size_t)n_q * (D + 1) * sizeof(double));
     PROF(g, gpu_attn_flop, 4 * (uint64_t)n_q * (T + nx) * D);
-    KVT_FORWARD(download(g, pr, dpr, (size_t)n_q * T * sizeof(float)));
     if (extra && pr2)
         KVT_FORWARD(download(g, pr2, g->pr2, (size_t)n_q * g->Gd * sizeof(float)));
     KVT_FORWARD(download(g, lse, g->lse, (size_t)n_q * sizeof(double)));
     KVT_FORWARD(download(g, out, dout, (size_t)n_q * D * sizeof(double)));
+    KVT_FORWARD(download(g, rowsum, drs, (size_t)n_q * sizeof(double)));
+    if (dmass && mass)
+        KVT_FORWARD(download(g, mass, dmass, (size_t)n_q * KVT_NM * sizeof(double)));
     return sync_copies(g, false, &t1);
 }
 
-kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, float *ku,
-                             double *kmean)
+kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, double *kmean)
 {
     KVT_RETURN_IF(!g, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
     const size_t T = (size_t)g->T, D = (size_t)g->D;
@@ -454,9 +470,25 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *v
     /* at least: K and V read for the norms, K read and the unit keys written */
     PROF(g, gpu_norm_ns, ns);
     PROF(g, gpu_norm_bytes, 4 * T * D * sizeof(float) + (3 * T + D) * sizeof(double));
-    KVT_FORWARD(download(g, ku, dku, T * D * sizeof(float)));
     KVT_FORWARD(download(g, kmean, g->mean, D * sizeof(double)));
     return sync_copies(g, false, &t3);
+}
+
+kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host)
+{
+    KVT_RETURN_IF(!g || !host, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
+    const size_t T = (size_t)g->T;
+    const void *src = which == KVT_GPU_PRW   ? (const void *)g->prw
+                      : which == KVT_GPU_PRD ? (const void *)g->prd
+                                             : (const void *)g->ku;
+    const size_t n = which == KVT_GPU_PRW   ? (size_t)g->Hq * g->Wt * T
+                     : which == KVT_GPU_PRD ? (size_t)g->Hq * g->Gd * T
+                                            : (size_t)g->Hkv * T * g->D;
+    if (!src || !n)
+        return KVT_OK;
+    uint64_t t0 = kvt_now_ns();
+    KVT_FORWARD(download(g, host, src, n * sizeof(float)));
+    return sync_copies(g, false, &t0);
 }
 
 static void add_map(kvt_ctx_gpu *g, const void *h, void *d, size_t bytes)
@@ -471,13 +503,6 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     const size_t T = (size_t)g->T, D = (size_t)g->D, Hq = (size_t)g->Hq;
     const size_t nw = Hq * g->Wt, nd = Hq * g->Gd;
     uint64_t t0 = kvt_now_ns();
-    KVT_FORWARD(upload(g, (void **)&g->rsw, c->rsw, nw * sizeof(double)));
-    if (c->massw_mod)
-        KVT_FORWARD(upload(g, (void **)&g->mm, c->massw_mod, nw * KVT_NM * sizeof(double)));
-    if (c->in->modality)
-        KVT_FORWARD(upload(g, (void **)&g->mod, c->in->modality, T));
-    if (g->Gd > 0)
-        KVT_FORWARD(upload(g, (void **)&g->rsd, c->rsd, nd * sizeof(double)));
     if (c->has_extra) {
         KVT_FORWARD(upload(g, (void **)&g->pe, c->pd_extra, nd * sizeof(double)));
         KVT_FORWARD(upload(g, (void **)&g->oe, c->od_extra, nd * D * sizeof(double)));
@@ -509,6 +534,21 @@ static kvt_status need_work(kvt_ctx_gpu *g, int n_cut, int n_probe)
     KVT_FORWARD(dalloc(g, &g->work, need));
     g->work_cap = need;
     return KVT_OK;
+}
+
+/* The ranking `order` [T] (host) into g->order, unless it holds it already: the sweeps of one
+ * head (window, decode, set metrics) share it. */
+static kvt_status put_order(kvt_ctx_gpu *g, const int32_t *order)
+{
+    const size_t bytes = (size_t)g->T * sizeof(int32_t);
+    if (g->order_h && !memcmp(g->order_h, order, bytes))
+        return KVT_OK;
+    if (!g->order_h && !(g->order_h = kvt_malloc(bytes)))
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    uint64_t t0 = kvt_now_ns();
+    KVT_FORWARD(copy_up(g, g->order, order, bytes));
+    memcpy(g->order_h, order, bytes);
+    return sync_copies(g, true, &t0);
 }
 
 /* The device copy of a host pointer into one of the context's arrays (NULL stays NULL). */
@@ -554,9 +594,7 @@ static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const floa
         KVT_FORWARD(dalloc(g, (void **)&g->rmod, n * KVT_NM * sizeof(double)));
         g->res_cap = n;
     }
-    uint64_t t0 = kvt_now_ns();
-    KVT_FORWARD(copy_up(g, g->order, order, (size_t)T * sizeof(int32_t)));
-    KVT_FORWARD(sync_copies(g, true, &t0));
+    KVT_FORWARD(put_order(g, order));
     KVT_FORWARD(need_work(g, n_cut, 0));
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
@@ -628,43 +666,58 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
     return KVT_OK;
 }
 
-static kvt_status coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
-                                int n_cut, float *best)
+static kvt_status set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order, const int32_t *cuts,
+                            int n_cut, float *best, double *rk)
 {
-    KVT_RETURN_IF(!g || !g->n_probe || n_cut < 0, KVT_ERR_INVALID_ARG,
-                  "replay --device cuda: coverage before a cosine table");
+    KVT_RETURN_IF(!g || group < 0 || group >= g->Hkv || n_cut < 0 || (best && !g->n_probe),
+                  KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad set sweep (coverage before a "
+                  "cosine table?)");
     if (n_cut == 0)
         return KVT_OK;
-    size_t n = (size_t)n_cut * g->n_probe;
+    const size_t T = (size_t)g->T, D = (size_t)g->D, n = best ? (size_t)n_cut * g->n_probe : 0;
     if (n > g->best_cap) {
         dfree(g, g->best);
         g->best = NULL, g->best_cap = 0;
         KVT_FORWARD(dalloc(g, (void **)&g->best, n * sizeof(float)));
         g->best_cap = n;
     }
-    uint64_t t0 = kvt_now_ns();
-    KVT_FORWARD(copy_up(g, g->order, order, (size_t)g->T * sizeof(int32_t)));
-    KVT_FORWARD(sync_copies(g, true, &t0));
-    KVT_FORWARD(need_work(g, n_cut, g->n_probe));
+    if (n_cut > g->rk_cap) {
+        dfree(g, g->rk);
+        g->rk = NULL, g->rk_cap = 0;
+        KVT_FORWARD(dalloc(g, (void **)&g->rk, (size_t)n_cut * sizeof(double)));
+        g->rk_cap = n_cut;
+    }
+    KVT_FORWARD(put_order(g, order));
+    KVT_FORWARD(need_work(g, n_cut, best ? g->n_probe : 0));
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
-    KVT_FORWARD(kvt_coverage_best_cuda_ws(g->ct, g->T, g->n_probe, g->order, cuts, n_cut, g->best,
-                                          g->work, g->work_cap, (void *)g->st));
+    if (best)
+        KVT_FORWARD(kvt_coverage_best_cuda_ws(g->ct, g->T, g->n_probe, g->order, cuts, n_cut,
+                                              g->best, g->work, g->work_cap, (void *)g->st));
+    KVT_FORWARD(kvt_sweep_redundancy_cuda_ws(g->ku + (size_t)group * T * D, g->T, g->D, g->order,
+                                             cuts, n_cut, g->rk, g->work, g->work_cap,
+                                             (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: the kept rows of the table (up to the last cut) and their indices read, best
-     * written */
+     * written; the kept unit keys read; a sum per kept key and dimension */
+    const uint64_t last = (uint64_t)cuts[n_cut - 1];
     PROF(g, gpu_sweep_ns, ns);
     PROF(g, gpu_sweep_calls, 1);
-    PROF(g, gpu_sweep_bytes, ((size_t)cuts[n_cut - 1] * (g->n_probe + 1) + n) * sizeof(float));
-    KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
+    PROF(g, gpu_sweep_bytes,
+         (last * ((best ? g->n_probe : 0) + 1 + D) + n) * sizeof(float) + n_cut * sizeof(double));
+    PROF(g, gpu_sweep_flop, last * D + 2 * (uint64_t)n_cut * D);
+    if (best)
+        KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
+    KVT_FORWARD(download(g, rk, g->rk, (size_t)n_cut * sizeof(double)));
     return sync_copies(g, false, &t1);
 }
 
-kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
-                                     int n_cut, float *best)
+kvt_status kvt_ctx_gpu_set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order,
+                                 const int32_t *cuts, int n_cut, float *best, double *rk)
 {
     uint64_t t0 = kvt_now_ns();
-    kvt_status s = coverage_best(g, order, cuts, n_cut, best);
+    kvt_status s = set_sweep(g, group, order, cuts, n_cut, best, rk);
     if (g)
         PROF(g, gpu_sweep_wall_ns, kvt_now_ns() - t0);
     return s;

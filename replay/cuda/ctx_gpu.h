@@ -1,11 +1,13 @@
 /* ctx_gpu.h - the layer context's GPU backend (replay --device cuda), internal to replay/: the
  * layer's tensors are uploaded once, then the attention probabilities and outputs of each KV
- * group and the key/value norms, unit keys and their mean are computed by the CUDA kernels
- * (kernels/cuda, each checked against its _ref) and copied into the host context, so every
- * policy runs unchanged on the host. The context keeps the device copies for the layer's
- * lifetime: the output sweeps (recall and output error of every cut of a ranking), the coverage
- * cosine tables and bests, SnapKV's window scores and h2o's column sums from Q_all then run on
- * the GPU too. ctx_gpu.c needs CUDA; ctx_gpu_stub.c answers KVT_ERR_NO_CUDA without it.
+ * group, their row masses and the key/value norms, unit keys and their mean are computed by the
+ * CUDA kernels (kernels/cuda, each checked against its _ref). The small results are copied into
+ * the host context; the large ones (probabilities, unit keys) stay on the device until a host
+ * reader asks for them (kvt_ctx_gpu_fetch, through kvt_ctx_fetch), so every policy runs
+ * unchanged on the host. The context keeps the device copies for the layer's lifetime: the
+ * output sweeps (recall and output error of every cut of a ranking), the coverage cosine tables
+ * and bests, the redundancy of kept sets, SnapKV's window scores and h2o's column sums from
+ * Q_all run on the GPU. ctx_gpu.c needs CUDA; ctx_gpu_stub.c answers KVT_ERR_NO_CUDA without it.
  */
 #ifndef KVT_REPLAY_CTX_GPU_H
 #define KVT_REPLAY_CTX_GPU_H
@@ -37,18 +39,26 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
 /** One KV group's attention, as kvt_attn_probs + kvt_attn_output on the host: window queries
  *  (decode false: Q_window rows of group g, keys 0..T-1 visible per n_vis) or decode queries
  *  (decode true: Q_decode rows, plus decode keys per n_vis2 when the layer has them). Host
- *  outputs: pr [n_q, T], pr2 [n_q, Gd] or NULL, lse [n_q], out [n_q, D] (double). */
+ *  outputs: pr2 [n_q, Gd] or NULL, lse [n_q], out [n_q, D] (double), rowsum [n_q] (each
+ *  probability row's sum over the prompt keys, kvt_row_mass_cuda) and, for window queries of a
+ *  layer with modalities, mass [n_q, KVT_NM] (else NULL). The probabilities stay on the device
+ *  (kvt_ctx_gpu_fetch). */
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, const int *n_vis,
-                            const int *n_vis2, double scale, float *pr, float *pr2, double *lse,
-                            double *out);
+                            const int *n_vis2, double scale, float *pr2, double *lse, double *out,
+                            double *rowsum, double *mass);
 
-/** KV head `group`: knorm, vnorm [T], ku [T, D], kmean [D] (host), as kvt_row_norms and
- *  kvt_unit_rows. */
-kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, float *ku,
+/** KV head `group`: knorm, vnorm [T], kmean [D] (host), as kvt_row_norms and kvt_unit_rows;
+ *  the unit keys stay on the device (kvt_ctx_gpu_fetch). */
+kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm,
                              double *kmean);
 
-/** After the host context is complete: upload what the host computed (row sums, masses by
- *  modality, decode-key terms, modality) so that kvt_ctx_gpu_sweep_output can run. */
+/** The large arrays the device keeps, for a host reader: the whole of one into host memory. */
+typedef enum { KVT_GPU_PRW, KVT_GPU_PRD, KVT_GPU_KU } kvt_gpu_array;
+kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host);
+
+/** After the host context is complete: upload what the host computed (decode-key terms) and
+ *  map the host context's arrays to their device copies, so that kvt_ctx_gpu_sweep_output can
+ *  run on the host pointers the host sweep would use. */
 kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const struct kvt_layer_ctx *c);
 
 /** kvt_sweep_output_ref's contract on the GPU, given the HOST pointers the host sweep would
@@ -64,13 +74,15 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
                                     double *recall, double *err, double *recall_mod);
 
 /** The cosine table of KV head `group`'s unit keys against the probe keys (probe [n_probe]
- *  host indices), kept on the device for kvt_ctx_gpu_coverage_best: kvt_cosine_table_ref. */
+ *  host indices), kept on the device for kvt_ctx_gpu_set_sweep: kvt_cosine_table_ref. */
 kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, int n_probe);
 
-/** Each probe's best cosine among the ranked tokens order[0..cuts[c]) for every cut (order,
- *  cuts on the host): best [n_cut, n_probe] into host memory, from the last cosine table. */
-kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
-                                     int n_cut, float *best);
+/** The set metrics of one ranking of KV head `group` at every cut (order, cuts on the host), in
+ *  one round trip: each probe's best cosine among order[0..cuts[c]) into best [n_cut, n_probe]
+ *  (host; NULL: none), from the last cosine table, and the redundancy of each kept set into
+ *  rk [n_cut] (host), kvt_sweep_redundancy_ref bit for bit. */
+kvt_status kvt_ctx_gpu_set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order,
+                                 const int32_t *cuts, int n_cut, float *best, double *rk);
 
 /** SnapKV window scores from the device's window probabilities (kvt_ctx_window_scores'
  *  contract: mean over the last W window queries, GQA reduction unless per_query, pooling),

@@ -33,18 +33,23 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
 }
 
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, const int *n_vis,
-                            const int *n_vis2, double scale, float *pr, float *pr2, double *lse,
-                            double *out)
+                            const int *n_vis2, double scale, float *pr2, double *lse, double *out,
+                            double *rowsum, double *mass)
 {
     (void)g, (void)decode, (void)group, (void)n_q, (void)n_vis, (void)n_vis2, (void)scale;
-    (void)pr, (void)pr2, (void)lse, (void)out;
+    (void)pr2, (void)lse, (void)out, (void)rowsum, (void)mass;
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
-kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, float *ku,
-                             double *kmean)
+kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, double *kmean)
 {
-    (void)g, (void)group, (void)knorm, (void)vnorm, (void)ku, (void)kmean;
+    (void)g, (void)group, (void)knorm, (void)vnorm, (void)kmean;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
+}
+
+kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host)
+{
+    (void)g, (void)which, (void)host;
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
@@ -75,10 +80,10 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
-kvt_status kvt_ctx_gpu_coverage_best(kvt_ctx_gpu *g, const int32_t *order, const int32_t *cuts,
-                                     int n_cut, float *best)
+kvt_status kvt_ctx_gpu_set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order,
+                                 const int32_t *cuts, int n_cut, float *best, double *rk)
 {
-    (void)g, (void)order, (void)cuts, (void)n_cut, (void)best;
+    (void)g, (void)group, (void)order, (void)cuts, (void)n_cut, (void)best, (void)rk;
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 

@@ -23,6 +23,7 @@
 static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRW));
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, D = c->D, W = o->window, P = T - W, C = o->chunk;
     const int n_chunks = (P + C - 1) / C;

@@ -13,6 +13,7 @@ static void d_keydiff(kvt_policy_opts *o)
 static kvt_status sel_keydiff(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                               kvt_layer_selection *sel)
 {
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KU));
     const int T = c->T, D = c->D;
     double *cosm = kvt_malloc((size_t)c->Hkv * T * sizeof(double));
     KVT_RETURN_IF(!cosm, KVT_ERR_NOMEM, "keydiff: out of memory");

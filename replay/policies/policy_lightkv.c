@@ -265,6 +265,7 @@ static kvt_status merged_copy(const kvt_merged_set *src, int D, kvt_merged_set *
 static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRW));
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, D = c->D, W = o->window;
     KVT_FORWARD(kvt_ctx_check_window(c, "lightkv-like", W));

@@ -61,6 +61,7 @@ static void mix_fini(kvt_policy *p)
 /* composite score c [H', P] from pooled attention s [H', P] */
 static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double *s, double *out)
 {
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KU));
     const kvt_policy_opts *o = &p->o;
     const mix_state *ms = p->state;
     const int T = c->T, D = c->D, W = o->window, P = T - W, H = kvt_ctx_heads(c, o->per_query);

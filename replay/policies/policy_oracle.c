@@ -13,6 +13,7 @@ static void d_oracle(kvt_policy_opts *o)
 static kvt_status sel_oracle(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD));
     KVT_RETURN_IF(c->Gd < 1, KVT_ERR_NOT_FOUND,
                   "oracle needs decode queries: the trace has no Q_decode for layer %d "
                   "(capture decode steps)",

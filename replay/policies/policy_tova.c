@@ -6,6 +6,7 @@
 static kvt_status sel_tova(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                            kvt_layer_selection *sel)
 {
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRW));
     const int T = c->T, Hq = c->Hq, P = T - 1;
     KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, 1, n_b, true));
     double *s = kvt_calloc((size_t)P + 1, sizeof(double));

@@ -434,6 +434,103 @@ static void test_coverage(int T, int D, int n_probe, uint64_t seed)
     free(wf), free(pp);
 }
 
+/* row masses: every row's sum and masses by modality (codes past the last count as the
+ * last) against sums in key order; a padded stride; rows of zeros */
+static void test_row_mass(int n, int T, bool with_mod, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    const int NM = KVT_N_MODALITIES;
+    const size_t stride = (size_t)T + 3, np = (size_t)n * stride;
+    float *p = malloc(np * 4 + 4);
+    uint8_t *mod = malloc((size_t)T + 1);
+    kt_fill(&r, p, np, 1e-3f);
+    for (size_t i = 0; i < np; i++)
+        p[i] = fabsf(p[i]);
+    if (n > 1)
+        memset(p + stride, 0, (size_t)T * 4);
+    for (int j = 0; j < T; j++)
+        mod[j] = (uint8_t)(kvt_rng_u64(&r) % 6); /* 4 and 5 count as the last */
+    double *sa = malloc((size_t)n * 8), *sb = malloc((size_t)n * 8);
+    double *ma = malloc((size_t)n * NM * 8), *mb = malloc((size_t)n * NM * 8);
+    for (int i = 0; i < n; i++) {
+        double s = 0.0, m[KVT_N_MODALITIES] = {0};
+        for (int j = 0; j < T; j++) {
+            s += p[(size_t)i * stride + j];
+            m[mod[j] < NM ? mod[j] : NM - 1] += p[(size_t)i * stride + j];
+        }
+        sa[i] = s;
+        for (int k = 0; k < NM; k++)
+            ma[(size_t)i * NM + k] = m[k];
+    }
+    float *dp = to_dev(p, np * 4);
+    uint8_t *dmod = with_mod ? to_dev(mod, (size_t)T) : NULL;
+    double *ds = out_dev((size_t)n * 8), *dm = out_dev((size_t)n * NM * 8);
+    KVT_CHECK(kvt_row_mass_cuda(dp, n, T, stride, dmod, ds, dm, NULL));
+    from_dev(sb, ds, (size_t)n * 8, "row_mass sums");
+    KVT_EXPECT_MSG(cmp64("row sums", sa, sb, (size_t)n, 1e-15, 1e-12) == 0, "row_mass n=%d T=%d", n,
+                   T);
+    if (with_mod) {
+        from_dev(mb, dm, (size_t)n * NM * 8, "row_mass by modality");
+        KVT_EXPECT_MSG(cmp64("row masses", ma, mb, (size_t)n * NM, 1e-15, 1e-12) == 0,
+                       "row_mass by modality n=%d T=%d", n, T);
+    } else {
+        from_dev(NULL, dm, 0, "row_mass (no modality: masses untouched)");
+        unsigned char g[8];
+        KVT_EXPECT(cudaMemcpy(g, dm, 8, cudaMemcpyDeviceToHost) == cudaSuccess);
+        KVT_EXPECT_MSG(g[0] == GUARD && g[7] == GUARD, "row_mass wrote masses without mod");
+    }
+    KVT_EXPECT_STATUS(kvt_row_mass_cuda(dp, n, T, (size_t)T - 1, NULL, ds, NULL, NULL),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(
+        kvt_row_mass_cuda(dp, n, T, stride, dmod ? dmod : (uint8_t *)dp, ds, NULL, NULL),
+        KVT_ERR_INVALID_ARG);
+    cudaFree(dp), cudaFree(dmod), cudaFree(ds), cudaFree(dm);
+    free(p), free(mod), free(sa), free(sb), free(ma), free(mb);
+}
+
+/* the redundancy sweep: bitwise the reference at every cut (NaN below 2 kept keys), cuts
+ * 0, 1 and T, chunks of 128 ranked rows and a partial last one */
+static void test_redundancy(int T, int D, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    size_t nk = (size_t)T * D;
+    float *k = malloc(nk * 4), *ku = malloc(nk * 4);
+    kt_fill(&r, k, nk, 1.0f);
+    kvt_unit_rows_ref(k, T, D, ku, NULL);
+    int32_t *order = malloc((size_t)T * 4);
+    kt_shuffle(&r, order, T);
+    int32_t cand[] = {0, 1, 2, 3, 127, 128, 129, 300, T / 2, T - 1, T}, cuts[16];
+    int n_cut = 0;
+    for (size_t i = 0; i < sizeof(cand) / sizeof(cand[0]); i++)
+        if (cand[i] >= 0 && cand[i] <= T && (n_cut == 0 || cand[i] > cuts[n_cut - 1]))
+            cuts[n_cut++] = cand[i];
+    double ra[16], rb[16], *w = malloc((size_t)D * 8);
+    KVT_CHECK(kvt_sweep_redundancy_ref(ku, T, D, order, cuts, n_cut, w, ra));
+    float *dku = to_dev(ku, nk * 4);
+    int32_t *dord = to_dev(order, (size_t)T * 4);
+    double *dr = out_dev((size_t)n_cut * 8);
+    void *dw = out_dev(64);
+    KVT_CHECK(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, cuts, n_cut, dr, dw, 64, NULL));
+    from_dev(rb, dr, (size_t)n_cut * 8, "redundancy");
+    int bad = 0;
+    for (int c = 0; c < n_cut; c++)
+        bad += memcmp(&ra[c], &rb[c], 8) != 0 && !(isnan(ra[c]) && isnan(rb[c]));
+    KVT_EXPECT_MSG(bad == 0, "redundancy T=%d D=%d: %d of %d cuts not bitwise the reference's", T,
+                   D, bad, n_cut);
+    KVT_EXPECT_STATUS(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, cuts, n_cut, dr, dw, 3, NULL),
+                      KVT_ERR_INVALID_ARG);
+    int32_t badcuts[2] = {5, 3};
+    KVT_EXPECT_STATUS(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, badcuts, 2, dr, dw, 64, NULL),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(
+        kvt_sweep_redundancy_cuda_ws(dku, T, 600, dord, cuts, n_cut, dr, dw, 64, NULL),
+        KVT_ERR_UNSUPPORTED);
+    cudaFree(dku), cudaFree(dord), cudaFree(dr), cudaFree(dw);
+    free(k), free(ku), free(order), free(w);
+}
+
 int main(void)
 {
     char why[256] = "";
@@ -456,6 +553,10 @@ int main(void)
         test_sweep(12, 700, Ds[i], true, false, 17 + i);
         test_sweep(5, 1030, Ds[i], false, true, 24 + i);
         test_sweep(9, 600, Ds[i], true, true, 27 + i);
+        test_row_mass(3, 1, true, 121 + i);
+        test_row_mass(33, 1000 + 7 * i, i != 1, 124 + i);
+        test_redundancy(1, Ds[i], 141 + i);
+        test_redundancy(700, Ds[i], 144 + i);
         test_norms(1, Ds[i], 11 + i);
         test_norms(257, Ds[i], 21 + i);
         test_norms(1000, Ds[i], 31 + i);
@@ -477,6 +578,9 @@ int main(void)
     test_scores(4, 2, 8, 8, 40, 101);   /* GQA, the whole window */
     test_scores(8, 8, 32, 5, 300, 102); /* MHA, part of the window */
     test_scores(2, 1, 4, 4, 5, 103);    /* a prefix of one token */
+    test_redundancy(1030, 200, 151);    /* 2 and 3 dimensions per thread */
+    test_redundancy(300, 320, 152);
+    test_redundancy(260, 512, 153);
     test_colsum(1, 64, 111);
     test_colsum(300, 80, 112);
     test_colsum(1030, 128, 113);
