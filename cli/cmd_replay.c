@@ -150,6 +150,8 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
     return n;
 }
 
+static uint64_t cmd_t0; /* when kvt_cmd_replay started */
+
 /* --profile: where the time went, on stderr (one "profile:" line per part) */
 static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64_t wb, int threads)
 {
@@ -160,6 +162,10 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
             "context %.3f s, policies+sweeps %.3f s (selections %.3f s)\n",
             wall, (unsigned long long)p->n_layers, p->read_ns * 1e-9, p->context_ns * 1e-9,
             p->measure_ns * 1e-9, p->select_ns * 1e-9);
+    fprintf(stderr,
+            "profile: the command so far %.3f s: the wall above, and %.3f s before and after "
+            "it (options, trace headers, device checks, writing the results)\n",
+            (kvt_now_ns() - cmd_t0) * 1e-9, (kvt_now_ns() - cmd_t0) * 1e-9 - wall);
     char blas[160];
     kvt_kernels_cpu_describe(blas, sizeof(blas));
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);
@@ -494,6 +500,7 @@ static const char *fmt(double x, char *buf, size_t cap, const char *f)
 
 int kvt_cmd_replay(int argc, char **argv)
 {
+    cmd_t0 = kvt_now_ns();
     const char *cmd = "replay", *out = NULL, *export_path = NULL;
     char *policies_arg = NULL, *budgets_arg = NULL;
     const char **traces = kvt_calloc((size_t)argc + 1, sizeof(char *));

@@ -110,8 +110,10 @@ typedef struct run_shared {
     pthread_mutex_t mu;
     int next_layer, done, n_sel; /* n_sel: layers to replay (layer_mask) */
     /* --device cuda: at most gpu_slots workers hold a layer on the GPU at once (what its free
-       memory holds); 0 = no limit */
-    int gpu_slots, gpu_busy;
+       memory holds); 0 = no limit. gpu_plan: the workers wait for gpu_planned (gpu_plan_run) */
+    int gpu_slots, gpu_busy, n_threads;
+    bool gpu_plan, gpu_planned;
+    uint64_t gpu_bytes; /* device memory of one worker's layer */
     pthread_cond_t gpu_cv;
     kvt_status err;
     char err_msg[512];
@@ -244,9 +246,10 @@ static void *worker(void *arg)
             in.q_all_head = load_q_all_head;
             in.q_all_user = &qal;
         }
-        if (sh->gpu_slots > 0) { /* wait for room on the GPU; after an error, stop */
+        if (sh->gpu_plan) { /* wait for room on the GPU; after an error, stop */
             pthread_mutex_lock(&sh->mu);
-            while (sh->gpu_busy >= sh->gpu_slots && !sh->err)
+            while ((!sh->gpu_planned || (sh->gpu_slots > 0 && sh->gpu_busy >= sh->gpu_slots)) &&
+                   !sh->err)
                 pthread_cond_wait(&sh->gpu_cv, &sh->mu);
             bool stop = sh->err != KVT_OK;
             if (!stop)
@@ -263,8 +266,8 @@ static void *worker(void *arg)
             if (strncmp(kvt_error_msg(), pre, strlen(pre))) /* not already said */
                 kvt_error_set(st, "%s%s", pre, kvt_error_msg());
         }
-        if (sh->gpu_slots > 0) { /* an error is recorded before the slot is free, so that the
-                                    workers waiting for it stop instead of running their layers */
+        if (sh->gpu_plan) { /* an error is recorded before the slot is free, so that the
+                               workers waiting for it stop instead of running their layers */
             pthread_mutex_lock(&sh->mu);
             sh->gpu_busy--;
             if (st && !sh->err) {
@@ -487,6 +490,35 @@ static int policy_window(const kvt_policy *p)
 const char *kvt_device_name(kvt_device d)
 {
     return d == KVT_DEVICE_CUDA ? "cuda" : d == KVT_DEVICE_AUTO ? "auto" : "cpu";
+}
+
+/* --device cuda: how many workers may hold a layer on the GPU at once, from device 0's free
+ * memory. Asking creates the process's CUDA context (a few hundred milliseconds on a large
+ * GPU), so this runs on its own thread while the workers read their first layers, which they
+ * do before they wait for a slot. */
+static void *gpu_plan_run(void *arg)
+{
+    run_shared *sh = arg;
+    uint64_t fr = 0, tot = 0;
+    int slots = 0;
+    if (sh->gpu_bytes && kvt_ctx_gpu_mem(&fr, &tot) == 0) {
+        uint64_t fit = fr / sh->gpu_bytes; /* other processes' memory is already out of fr */
+        slots = fit < 1 ? 1 : fit < (uint64_t)sh->n_threads ? (int)fit : sh->n_threads;
+        kvt_replay_profile *pr = sh->o->profile;
+        if (pr) { /* set, not added: this thread alone writes them */
+            pr->gpu_worker_bytes = sh->gpu_bytes;
+            pr->gpu_mem_free = fr;
+            pr->gpu_mem_total = tot;
+            pr->gpu_slots = (uint64_t)slots;
+            pr->gpu_threads = (uint64_t)sh->n_threads;
+        }
+    }
+    pthread_mutex_lock(&sh->mu);
+    sh->gpu_slots = slots;
+    sh->gpu_planned = true;
+    pthread_cond_broadcast(&sh->gpu_cv);
+    pthread_mutex_unlock(&sh->mu);
+    return NULL;
 }
 
 kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why, size_t cap)
@@ -900,23 +932,12 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     }
     if (n_th > sh.L)
         n_th = sh.L;
-    if (o->device == KVT_DEVICE_CUDA) { /* the workers on the GPU at once: what it holds */
-        uint64_t gb = kvt_ctx_gpu_worker_bytes(sh.T, sh.D, sh.Hq, sh.Hkv, sh.W,
-                                               sh.has_qd ? sh.G : 0, sh.has_kvd, n_probe,
-                                               (int)(n_budgets * n_pol)), /* shared sweeps */
-            fr = 0, tot = 0;
-        if (gb && kvt_ctx_gpu_mem(&fr, &tot) == 0) {
-            uint64_t fit = fr / gb; /* other processes' memory is already out of fr */
-            sh.gpu_slots = fit < 1 ? 1 : fit < (uint64_t)n_th ? (int)fit : n_th;
-            if (o->profile) {
-                o->profile->gpu_worker_bytes = gb;
-                o->profile->gpu_mem_free = fr;
-                o->profile->gpu_mem_total = tot;
-                o->profile->gpu_slots = (uint64_t)sh.gpu_slots;
-                o->profile->gpu_threads = (uint64_t)n_th;
-            }
-        }
-    }
+    sh.n_threads = n_th;
+    sh.gpu_plan = o->device == KVT_DEVICE_CUDA;
+    if (sh.gpu_plan) /* the workers on the GPU at once: what it holds (gpu_plan_run) */
+        sh.gpu_bytes = kvt_ctx_gpu_worker_bytes(sh.T, sh.D, sh.Hq, sh.Hkv, sh.W,
+                                                sh.has_qd ? sh.G : 0, sh.has_kvd, n_probe,
+                                                (int)(n_budgets * n_pol)); /* shared sweeps */
     th = kvt_calloc((size_t)n_th, sizeof(pthread_t));
     if (!th) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
@@ -925,6 +946,10 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     pthread_mutex_init(&sh.mu, NULL);
     pthread_cond_init(&sh.gpu_cv, NULL);
     uint64_t t_wall = kvt_now_ns();
+    pthread_t plan_th;
+    bool plan_started = sh.gpu_plan && !pthread_create(&plan_th, NULL, gpu_plan_run, &sh);
+    if (sh.gpu_plan && !plan_started)
+        gpu_plan_run(&sh);
     int started = 0;
     for (; started < n_th; started++)
         if (pthread_create(&th[started], NULL, worker, &sh))
@@ -933,6 +958,8 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         worker(&sh); /* no thread could start: run in the caller */
     for (int i = 0; i < started; i++)
         pthread_join(th[i], NULL);
+    if (plan_started)
+        pthread_join(plan_th, NULL);
     KVT_PROF_ADD(o->profile, wall_ns, kvt_now_ns() - t_wall);
     pthread_mutex_destroy(&sh.mu);
     pthread_cond_destroy(&sh.gpu_cv);
