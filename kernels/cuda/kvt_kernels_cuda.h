@@ -53,8 +53,10 @@ kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p,
                                 int D, double *out, size_t stride_out, void *stream);
 
 /** kvt_sweep_output_ref on the device (same arguments; cuts on the HOST, no workspace; head
- *  dim D <= 512, else KVT_ERR_UNSUPPORTED). Tokens are added in the reference's order without
- *  fused multiply-adds. Synchronises the stream. */
+ *  dim D <= 512, else KVT_ERR_UNSUPPORTED). The walked tokens are summed in chunks of at most
+ *  256 ranked positions in parallel, the chunks' sums then in the reference's walk order,
+ *  without fused multiply-adds: the reference's sums up to the order of the additions (within
+ *  rounding, not bit for bit). Synchronises the stream. */
 kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *p, size_t stride_p,
                                  const float *v, const double *a_full, size_t stride_a,
                                  const double *p_extra, size_t stride_e, const double *o_extra,
@@ -116,10 +118,12 @@ kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe, const int
 /* The sweep and coverage kernels above allocate a small device workspace per call, and freeing
  * device memory synchronises the whole device; callers that sweep many rankings (the replay)
  * pass one workspace instead, of at least kvt_sweep_cuda_work_bytes(T, n_cut, n_probe) bytes
- * (n_probe 0 for the output sweep). The _ws calls are asynchronous (they do not synchronise
- * the stream: the workspace must live until their kernels have run). */
+ * (coverage; the output sweep: kvt_sweep_output_cuda_work_bytes). The _ws calls are asynchronous
+ * (they do not synchronise the stream: the workspace must live until their kernels have run). */
 #define KVT_CB_CHUNK 1024 /* ranked positions per block of the coverage bests */
 size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe);
+/* kvt_sweep_output_cuda_ws's workspace: its chunk table and the chunks' sums */
+size_t kvt_sweep_output_cuda_work_bytes(int n_q, int T, int D, int n_cut);
 kvt_status kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
                                     const float *v, const double *a_full, size_t stride_a,
                                     const double *p_extra, size_t stride_e, const double *o_extra,

@@ -1,35 +1,34 @@
 /* sweep_cuda.cu - the output sweep (kvt_sweep_output_ref): recall and relative output error
- * of every cut of one ranking, for a batch of queries sharing it. One block per SW_ROWS
- * queries (they share the ranking, so each V row is loaded once for all of them); thread d
- * keeps each query's running sum of dimensions d, d + 128, ... in registers, every thread keeps
- * the running masses (the same arithmetic in each), and at each cut thread r records query r
- * from the sums staged in shared memory, summing over d in order. Products and sums use the _rn
- * intrinsics (no fused multiply-add), tokens are added in the reference's order (forward from the
- * top of the ranking up to T/2, backward from the full sums beyond), so the results should equal
- * the reference's bit for bit; the test allows the CPU fast path's tolerances.
+ * of every cut of one ranking, for a batch of queries sharing it, and the redundancy sweep
+ * (kvt_sweep_redundancy_ref).
  *
- * The tokens of a ranking are taken in chunks of SW_THREADS: the block loads the chunk's
- * indices, probabilities and modalities into shared memory together (one coalesced step
- * instead of a chain of dependent loads per token), then every thread walks the chunk in order,
- * loading the V rows of 16 / PER tokens before adding them, so that several rows are in
- * flight at once. The order of the additions is unchanged.
+ * The output sweep runs in two kernels, so that the walk over the ranked tokens is spread over
+ * the whole GPU instead of one in-order chain per block (the first version: tens of blocks, a
+ * millisecond per call on an H200, latency-bound). The ranked positions the reference walks
+ * (forward from the top of the ranking for the cuts up to T/2, backward from the full sums for
+ * the larger ones: kvt_sweep_n_fwd) are cut into chunks of at most SW_CHUNK positions that never
+ * straddle a cut. sweep_part_k: one block per (SW_ROWS queries, chunk) sums the chunk's p_j v_j,
+ * masses and masses by modality in double (each V row loaded once for the block's queries, 16 /
+ * PER rows in flight per thread); sweep_rec_k: one block per query adds the chunk sums in walk
+ * order up to each cut (forward from zero, backward from the full output) and records the cut
+ * as kvt_sweep_record does, its sums over d as a tree over the block. Products and sums use
+ * the _rn intrinsics (no fused multiply-add). The sums are the reference's up to the order of
+ * their additions (chunks, then chunks in order; d as a tree): within rounding, not bit for
+ * bit; the test holds recall to 1e-10 and the error to 1e-7 relative.
  *
- * A block's walk is one chain over the ranked tokens (its additions must stay in order), and a
- * sweep has few blocks (n_q / SW_ROWS: 8 to 32 for the replay's heads), so the kernel's time is
- * the latency of that walk: one round trip to memory per group of V rows loaded together. PER
- * (dimensions per thread, a template parameter: 1 for D <= 128, 2 for D <= 256, else 4) keeps
- * the registers of a head dim of 128 to one value per token, so that 16 rows are in flight
- * rather than 4.
+ * PER (dimensions per thread, a template parameter: 1 for D <= 128, 2 for D <= 256, else 4).
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "../ref/sweep_cuts.h"
 #include "cuda_util.cuh"
 
 #define SW_THREADS 128
-#define SW_PER     4  /* dimensions per thread at most: D <= 512 */
-#define SW_LOADS   16 /* V values loaded ahead per thread: 16 / PER rows */
-#define SW_ROWS    4  /* query rows per block: they share the ranking, so a V row is loaded once */
+#define SW_PER     4   /* dimensions per thread at most: D <= 512 */
+#define SW_LOADS   16  /* V values loaded ahead per thread: 16 / PER rows */
+#define SW_ROWS    4   /* query rows per block: they share the ranking, so a V row is loaded once */
+#define SW_CHUNK   256 /* ranked positions per chunk at most */
 #define NM         KVT_N_MODALITIES
 
 typedef struct sweep_args {
@@ -42,162 +41,246 @@ typedef struct sweep_args {
     const double *p_extra;
     size_t stride_e;
     const double *o_extra, *r_full;
-    const int32_t *order, *cuts;
-    int n_cut, n_fwd;
+    const int32_t *order;
+    int n_cut, n_fwd, n_chunk, n_chunk_fwd;
+    const int32_t *cs, *ce, *cend; /* chunk k: positions [cs[k], ce[k]); cut ci: chunks of its
+                                      direction up to cend[ci] */
     const uint8_t *mod;
     const double *mass_mod;
     size_t stride_m;
+    double *pacc, *pr, *prm; /* chunk sums [n_chunk, n_q, D], [n_chunk, n_q], [.., NM] */
     double *recall, *err, *recall_mod;
 } sweep_args;
 
-template <int PER> static __global__ void sweep_k(sweep_args a)
+/* One block per (SW_ROWS queries, chunk): the chunk's sums of p_j v_j, p_j and p_j by
+ * modality. The chunk's indices, probabilities and modalities are staged in shared memory
+ * SW_THREADS at a time; each thread then loads the V values of 16 / PER tokens before adding
+ * them, so that several rows are in flight at once. */
+template <int PER> static __global__ void sweep_part_k(sweep_args a)
 {
-    constexpr int SW_UNROLL = SW_LOADS / PER;               /* V rows loaded ahead */
-    __shared__ double acc_sh[SW_ROWS][SW_THREADS * SW_PER]; /* any PER: D <= 512 */
-    __shared__ double rf_sh[SW_ROWS];
+    constexpr int SW_UNROLL = SW_LOADS / PER; /* V rows loaded ahead */
     __shared__ int32_t j_sh[SW_THREADS];
     __shared__ float p_sh[SW_ROWS][SW_THREADS];
     __shared__ uint8_t m_sh[SW_THREADS];
-    const int q0 = blockIdx.x * SW_ROWS, tid = threadIdx.x, D = a.D;
+    const int q0 = blockIdx.x * SW_ROWS, k = blockIdx.y, tid = threadIdx.x, D = a.D;
     const int nr = a.n_q - q0 < SW_ROWS ? a.n_q - q0 : SW_ROWS; /* rows of this block */
-    if (tid < nr) { /* row q0 + tid's stored mass, summed in key order */
-        const int q = q0 + tid;
-        double s = 0.0;
-        if (a.r_full) {
-            s = a.r_full[(size_t)q * a.stride_e];
-        } else {
-            const float *pq = a.p + (size_t)q * a.stride_p;
-            for (int j = 0; j < a.T; j++)
-                s = __dadd_rn(s, (double)pq[j]);
+    const int lo = a.cs[k], cnt = a.ce[k] - lo;
+    double acc[SW_ROWS][PER], r[SW_ROWS], rm[SW_ROWS][NM];
+#pragma unroll
+    for (int rr = 0; rr < SW_ROWS; rr++) {
+        for (int kk = 0; kk < PER; kk++)
+            acc[rr][kk] = 0.0;
+        r[rr] = 0.0;
+        for (int m = 0; m < NM; m++)
+            rm[rr][m] = 0.0;
+    }
+    for (int u0 = 0; u0 < cnt; u0 += SW_THREADS) { /* cnt is the same in every thread */
+        const int m_ch = cnt - u0 < SW_THREADS ? cnt - u0 : SW_THREADS;
+        __syncthreads(); /* the previous piece has been read */
+        if (tid < m_ch) {
+            int32_t j = a.order[lo + u0 + tid];
+            j_sh[tid] = j;
+#pragma unroll
+            for (int rr = 0; rr < SW_ROWS; rr++) /* rows past the end: weight 0 */
+                p_sh[rr][tid] = rr < nr ? a.p[(size_t)(q0 + rr) * a.stride_p + j] : 0.0f;
+            m_sh[tid] = a.mod ? a.mod[j] : 0;
         }
-        rf_sh[tid] = s;
+        __syncthreads();
+        for (int u = 0; u < m_ch; u += SW_UNROLL) {
+            float x[SW_UNROLL][PER];
+#pragma unroll
+            for (int w = 0; w < SW_UNROLL; w++) { /* loads first: rows in flight */
+                bool any = false;
+#pragma unroll
+                for (int rr = 0; rr < SW_ROWS; rr++)
+                    any = any || (u + w < m_ch && p_sh[rr][u + w] != 0.0f);
+#pragma unroll
+                for (int kk = 0; kk < PER; kk++) {
+                    int d = tid + kk * SW_THREADS;
+                    x[w][kk] = any && d < D ? a.v[(size_t)j_sh[u + w] * D + d] : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int w = 0; w < SW_UNROLL; w++) { /* then in order */
+                if (u + w >= m_ch)
+                    break;
+#pragma unroll
+                for (int rr = 0; rr < SW_ROWS; rr++) {
+                    double pj = (double)p_sh[rr][u + w];
+                    if (pj == 0.0)
+                        continue;
+                    for (int kk = 0; kk < PER; kk++)
+                        acc[rr][kk] = __dadd_rn(acc[rr][kk], __dmul_rn(pj, (double)x[w][kk]));
+                    r[rr] = __dadd_rn(r[rr], pj);
+                    if (a.mod) { /* compile-time indices keep rm in registers */
+                        const int m = m_sh[u + w] < NM ? m_sh[u + w] : NM - 1;
+#pragma unroll
+                        for (int mm = 0; mm < NM; mm++)
+                            if (mm == m)
+                                rm[rr][mm] = __dadd_rn(rm[rr][mm], pj);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < SW_ROWS; rr++) {
+        if (rr >= nr)
+            break;
+        const size_t o = (size_t)k * a.n_q + q0 + rr;
+        for (int kk = 0; kk < PER; kk++) {
+            int d = tid + kk * SW_THREADS;
+            if (d < D)
+                a.pacc[o * D + d] = acc[rr][kk];
+        }
+        if (tid == 0) { /* every thread holds the same masses */
+            a.pr[o] = r[rr];
+            for (int m = 0; m < NM; m++)
+                a.prm[o * NM + m] = rm[rr][m];
+        }
+    }
+}
+
+/* sum of v over the block's threads (a tree in shared memory; every thread must call it) */
+static __device__ double block_sum(double v, double *sh)
+{
+    const int tid = threadIdx.x;
+    __syncthreads(); /* sh's previous use is over */
+    sh[tid] = v;
+    for (int w = SW_THREADS / 2; w > 0; w >>= 1) {
+        __syncthreads();
+        if (tid < w)
+            sh[tid] = __dadd_rn(sh[tid], sh[tid + w]);
     }
     __syncthreads();
-    double acc[SW_ROWS][PER], r[SW_ROWS], rm[SW_ROWS][NM];
+    return sh[0];
+}
+
+/* One block per query: the chunk sums added in walk order up to each cut, then the cut's
+ * recall, error and recall by modality (kvt_sweep_record). */
+template <int PER> static __global__ void sweep_rec_k(sweep_args a)
+{
+    __shared__ double red[SW_THREADS];
+    const int q = blockIdx.x, tid = threadIdx.x, D = a.D;
+    double rf = 0.0;
+    if (a.r_full) {
+        rf = a.r_full[(size_t)q * a.stride_e];
+    } else { /* the row's stored mass */
+        const float *pq = a.p + (size_t)q * a.stride_p;
+        double s = 0.0;
+        for (int j = tid; j < a.T; j += SW_THREADS)
+            s = __dadd_rn(s, (double)pq[j]);
+        rf = block_sum(s, red);
+    }
+    const double pe = a.p_extra ? a.p_extra[(size_t)q * a.stride_e] : 0.0;
+    const double *af = a.a_full + (size_t)q * a.stride_a;
+    const double *oe = a.o_extra ? a.o_extra + (size_t)q * a.stride_a : NULL;
+    const double *mq = a.mod ? a.mass_mod + (size_t)q * a.stride_m : NULL;
+    const double total = __dadd_rn(rf, pe);
+    double o[PER], e[PER];
+    for (int kk = 0; kk < PER; kk++) { /* the full output, normalised */
+        int d = tid + kk * SW_THREADS;
+        e[kk] = d < D && oe ? oe[d] : 0.0;
+        o[kk] = d < D && total > 0.0 ? __dadd_rn(af[d], e[kk]) / total : 0.0;
+    }
+    double den = 0.0;
+    for (int kk = 0; kk < PER; kk++)
+        den = __dadd_rn(den, __dmul_rn(o[kk], o[kk]));
+    den = a.err ? block_sum(den, red) : 0.0;
     for (int dir = 0; dir < 2; dir++) {
-        int n = dir ? a.n_cut - a.n_fwd : a.n_fwd, t = dir ? a.T : 0;
+        const int n = dir ? a.n_cut - a.n_fwd : a.n_fwd;
         if (n == 0)
             continue;
-#pragma unroll
-        for (int rr = 0; rr < SW_ROWS; rr++) {
-            const int q = q0 + rr;
-            const bool live = rr < nr;
-            for (int k = 0; k < PER; k++) {
-                int d = tid + k * SW_THREADS;
-                acc[rr][k] = live && dir && d < D ? a.a_full[(size_t)q * a.stride_a + d] : 0.0;
-            }
-            r[rr] = live && dir ? rf_sh[rr] : 0.0;
-            for (int m = 0; m < NM; m++)
-                rm[rr][m] = live && dir && a.mod ? a.mass_mod[(size_t)q * a.stride_m + m] : 0.0;
+        double acc[PER], r = dir ? rf : 0.0, rm[NM];
+        for (int kk = 0; kk < PER; kk++) {
+            int d = tid + kk * SW_THREADS;
+            acc[kk] = dir && d < D ? af[d] : 0.0;
         }
-        for (int kk = 0; kk < n; kk++) {
-            int ci = dir ? a.n_cut - 1 - kk : kk, c = a.cuts[ci];
-            int cnt = dir ? t - c : c - t;
-            for (int u0 = 0; u0 < cnt; u0 += SW_THREADS) { /* cnt is the same in every thread */
-                const int m_ch = cnt - u0 < SW_THREADS ? cnt - u0 : SW_THREADS;
-                __syncthreads(); /* the previous chunk has been read */
-                if (tid < m_ch) {
-                    int32_t j = a.order[dir ? t - 1 - (u0 + tid) : t + u0 + tid];
-                    j_sh[tid] = j;
-#pragma unroll
-                    for (int rr = 0; rr < SW_ROWS; rr++) /* rows past the end: weight 0 */
-                        p_sh[rr][tid] = rr < nr ? a.p[(size_t)(q0 + rr) * a.stride_p + j] : 0.0f;
-                    m_sh[tid] = a.mod ? a.mod[j] : 0;
-                }
-                __syncthreads();
-                for (int u = 0; u < m_ch; u += SW_UNROLL) {
-                    float x[SW_UNROLL][PER];
-#pragma unroll
-                    for (int w = 0; w < SW_UNROLL; w++) { /* loads first: rows in flight */
-                        bool any = false;
-#pragma unroll
-                        for (int rr = 0; rr < SW_ROWS; rr++)
-                            any = any || (u + w < m_ch && p_sh[rr][u + w] != 0.0f);
-#pragma unroll
-                        for (int k = 0; k < PER; k++) {
-                            int d = tid + k * SW_THREADS;
-                            x[w][k] = any && d < D ? a.v[(size_t)j_sh[u + w] * D + d] : 0.0f;
-                        }
-                    }
-#pragma unroll
-                    for (int w = 0; w < SW_UNROLL; w++) { /* then in order */
-                        if (u + w >= m_ch)
-                            break;
-#pragma unroll
-                        for (int rr = 0; rr < SW_ROWS; rr++) {
-                            double pj = (double)p_sh[rr][u + w];
-                            if (pj == 0.0)
-                                continue;
-                            for (int k = 0; k < PER; k++) {
-                                int d = tid + k * SW_THREADS;
-                                if (d < D) {
-                                    double xv = __dmul_rn(pj, (double)x[w][k]);
-                                    acc[rr][k] =
-                                        dir ? __dsub_rn(acc[rr][k], xv) : __dadd_rn(acc[rr][k], xv);
-                                }
-                            }
-                            r[rr] = dir ? __dsub_rn(r[rr], pj) : __dadd_rn(r[rr], pj);
-                            if (a.mod) { /* compile-time indices keep rm in registers */
-                                const int m = m_sh[u + w];
-#pragma unroll
-                                for (int mm = 0; mm < NM; mm++)
-                                    if (mm == m)
-                                        rm[rr][mm] = dir ? __dsub_rn(rm[rr][mm], pj)
-                                                         : __dadd_rn(rm[rr][mm], pj);
-                            }
-                        }
-                    }
-                }
-            }
-            t = c;
-            /* record cut ci (kvt_sweep_record, in order over d): thread rr for row q0 + rr */
-#pragma unroll
-            for (int rr = 0; rr < SW_ROWS; rr++)
-                for (int k = 0; k < PER; k++) {
-                    int d = tid + k * SW_THREADS;
+        for (int m = 0; m < NM; m++)
+            rm[m] = dir && mq ? mq[m] : 0.0;
+        int k = dir ? a.n_chunk_fwd : 0;
+        for (int kk2 = 0; kk2 < n; kk2++) {
+            const int ci = dir ? a.n_cut - 1 - kk2 : kk2;
+            for (; k < a.cend[ci]; k++) { /* the chunks up to this cut, in walk order */
+                const size_t o2 = (size_t)k * a.n_q + q;
+                for (int kk = 0; kk < PER; kk++) {
+                    int d = tid + kk * SW_THREADS;
                     if (d < D)
-                        acc_sh[rr][d] = acc[rr][k];
+                        acc[kk] = dir ? __dsub_rn(acc[kk], a.pacc[o2 * D + d])
+                                      : __dadd_rn(acc[kk], a.pacc[o2 * D + d]);
                 }
-            __shared__ double r_sh[SW_ROWS], rm_sh[SW_ROWS][NM];
-            if (tid == 0) /* every thread holds the same masses */
-                for (int rr = 0; rr < SW_ROWS; rr++) {
-                    r_sh[rr] = r[rr];
+                r = dir ? __dsub_rn(r, a.pr[o2]) : __dadd_rn(r, a.pr[o2]);
+                if (a.mod)
                     for (int m = 0; m < NM; m++)
-                        rm_sh[rr][m] = rm[rr][m];
-                }
-            __syncthreads();
-            if (tid < nr) {
-                const int q = q0 + tid;
-                const double rf = rf_sh[tid], rq = r_sh[tid];
-                const double pe = a.p_extra ? a.p_extra[(size_t)q * a.stride_e] : 0.0;
-                const double *af = a.a_full + (size_t)q * a.stride_a;
-                const double *oe = a.o_extra ? a.o_extra + (size_t)q * a.stride_a : NULL;
-                double kept = __dadd_rn(rq < 0.0 ? 0.0 : rq, pe), total = __dadd_rn(rf, pe);
-                size_t o = (size_t)q * a.n_cut + ci;
-                a.recall[o] = total > 0.0 ? kept / total : 0.0;
-                if (a.err) {
-                    double num = 0.0, den = 0.0;
-                    for (int d = 0; d < D; d++) {
-                        double e = oe ? oe[d] : 0.0;
-                        double of = total > 0.0 ? __dadd_rn(af[d], e) / total : 0.0;
-                        double os = kept > 0.0 ? __dadd_rn(acc_sh[tid][d], e) / kept : 0.0;
-                        double df = __dsub_rn(os, of);
-                        num = __dadd_rn(num, __dmul_rn(df, df));
-                        den = __dadd_rn(den, __dmul_rn(of, of));
-                    }
-                    a.err[o] = kept <= 0.0 ? 1.0
-                               : den > 0.0 ? sqrt(num / den)
-                                           : (num > 0.0 ? 1.0 : 0.0);
-                }
-                if (a.recall_mod)
-                    for (int m = 0; m < NM; m++) {
-                        double mm = a.mass_mod[(size_t)q * a.stride_m + m];
-                        a.recall_mod[o * NM + m] = mm > 0.0 ? rm_sh[tid][m] / mm : NAN;
-                    }
+                        rm[m] = dir ? __dsub_rn(rm[m], a.prm[o2 * NM + m])
+                                    : __dadd_rn(rm[m], a.prm[o2 * NM + m]);
             }
-            __syncthreads();
+            const double kept = __dadd_rn(r < 0.0 ? 0.0 : r, pe); /* cancellation: -1e-17 */
+            const size_t oc = (size_t)q * a.n_cut + ci;
+            if (a.err) {
+                double num = 0.0;
+                for (int kk = 0; kk < PER; kk++) {
+                    int d = tid + kk * SW_THREADS;
+                    double os = d < D && kept > 0.0 ? __dadd_rn(acc[kk], e[kk]) / kept : 0.0;
+                    double df = __dsub_rn(os, o[kk]);
+                    num = __dadd_rn(num, __dmul_rn(df, df));
+                }
+                num = block_sum(num, red);
+                if (tid == 0)
+                    a.err[oc] = kept <= 0.0 ? 1.0
+                                : den > 0.0 ? sqrt(num / den)
+                                            : (num > 0.0 ? 1.0 : 0.0);
+            }
+            if (tid == 0) {
+                a.recall[oc] = total > 0.0 ? kept / total : 0.0;
+                if (a.recall_mod)
+                    for (int m = 0; m < NM; m++)
+                        a.recall_mod[oc * NM + m] = mq[m] > 0.0 ? rm[m] / mq[m] : NAN;
+            }
         }
     }
+}
+
+/* The chunks of a sweep (host): forward ones over [0, cuts[n_fwd-1]), then backward ones from T
+ * down to cuts[n_fwd], none straddling a cut; cend[ci]: the end of cut ci's chunks. Returns the
+ * count (at most kvt_sweep_max_chunks); *n_fwd_chunk: the forward ones. */
+static int sweep_chunks(const int32_t *cuts, int n_cut, int n_fwd, int T, int32_t *cs, int32_t *ce,
+                        int32_t *cend, int *n_fwd_chunk)
+{
+    int n = 0, t = 0;
+    for (int ci = 0; ci < n_fwd; ci++) {
+        for (int lo = t; lo < cuts[ci]; lo += SW_CHUNK) {
+            cs[n] = lo;
+            ce[n++] = cuts[ci] - lo < SW_CHUNK ? cuts[ci] : lo + SW_CHUNK;
+        }
+        cend[ci] = n;
+        t = cuts[ci];
+    }
+    *n_fwd_chunk = n;
+    t = T;
+    for (int ci = n_cut - 1; ci >= n_fwd; ci--) {
+        for (int hi = t; hi > cuts[ci]; hi -= SW_CHUNK) {
+            cs[n] = hi - cuts[ci] < SW_CHUNK ? cuts[ci] : hi - SW_CHUNK;
+            ce[n++] = hi;
+        }
+        cend[ci] = n;
+        t = cuts[ci];
+    }
+    return n;
+}
+
+/* a bound on sweep_chunks' count: each direction walks at most T/2 positions */
+static size_t sweep_max_chunks(int T, int n_cut)
+{
+    return (size_t)(T > 0 ? T : 0) / SW_CHUNK + (size_t)(n_cut > 0 ? n_cut : 0) + 2;
+}
+
+extern "C" size_t kvt_sweep_output_cuda_work_bytes(int n_q, int T, int D, int n_cut)
+{
+    size_t mc = sweep_max_chunks(T, n_cut), nq = n_q > 0 ? (size_t)n_q : 0;
+    size_t ints = 2 * mc + (size_t)(n_cut > 0 ? n_cut : 0);
+    return ((ints * sizeof(int32_t) + 15) / 16) * 16 +
+           mc * nq * ((size_t)(D > 0 ? D : 0) + 1 + NM) * sizeof(double) + 16;
 }
 
 extern "C" size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe)
@@ -226,26 +309,48 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
     KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     if (n_q == 0 || n_cut == 0)
         return KVT_OK;
-    KVT_RETURN_IF(!work || work_bytes < (size_t)n_cut * sizeof(int32_t), KVT_ERR_INVALID_ARG,
-                  "sweep_output_cuda: workspace of %zu bytes is too small", work_bytes);
-    int n_fwd = kvt_sweep_n_fwd(cuts, n_cut, T);
+    KVT_RETURN_IF(!work || work_bytes < kvt_sweep_output_cuda_work_bytes(n_q, T, D, n_cut),
+                  KVT_ERR_INVALID_ARG, "sweep_output_cuda: workspace of %zu bytes is too small",
+                  work_bytes);
+    const int n_fwd = kvt_sweep_n_fwd(cuts, n_cut, T);
+    const size_t mc = sweep_max_chunks(T, n_cut), ints = 2 * mc + (size_t)n_cut;
+    int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
+    KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
+    int n_chunk_fwd = 0;
+    const int n_chunk =
+        sweep_chunks(cuts, n_cut, n_fwd, T, tab, tab + mc, tab + 2 * mc, &n_chunk_fwd);
     cudaStream_t st = kvt_cu_stream(stream);
-    int32_t *dcuts = (int32_t *)work;
+    int32_t *dtab = (int32_t *)work;
+    cudaError_t e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
+    free(tab); /* a pageable source is staged before the call returns */
+    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "sweep_output_cuda: %s", cudaGetErrorString(e));
+    KVT_RETURN_IF(n_chunk > 65535, KVT_ERR_UNSUPPORTED, "sweep_output_cuda: %d chunks", n_chunk);
+    double *pacc = (double *)((char *)work + ((ints * sizeof(int32_t) + 15) / 16) * 16);
     sweep_args a;
     a.n_q = n_q, a.T = T, a.D = D, a.p = p, a.stride_p = stride_p, a.v = v;
     a.a_full = a_full, a.stride_a = stride_a, a.p_extra = p_extra, a.stride_e = stride_e;
-    a.o_extra = o_extra, a.r_full = r_full, a.order = order, a.cuts = dcuts, a.n_cut = n_cut;
-    a.n_fwd = n_fwd, a.mod = mod, a.mass_mod = mass_mod, a.stride_m = stride_m;
+    a.o_extra = o_extra, a.r_full = r_full, a.order = order, a.n_cut = n_cut, a.n_fwd = n_fwd;
+    a.n_chunk = n_chunk, a.n_chunk_fwd = n_chunk_fwd;
+    a.cs = dtab, a.ce = dtab + mc, a.cend = dtab + 2 * mc;
+    a.mod = mod, a.mass_mod = mass_mod, a.stride_m = stride_m;
+    a.pacc = pacc, a.pr = pacc + (size_t)n_chunk * n_q * D, a.prm = a.pr + (size_t)n_chunk * n_q;
     a.recall = recall, a.err = err, a.recall_mod = mod ? recall_mod : NULL;
-    KVT_CU(
-        cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st));
-    const unsigned nb = (unsigned)((n_q + SW_ROWS - 1) / SW_ROWS);
+    if (n_chunk > 0) {
+        const dim3 grid((unsigned)((n_q + SW_ROWS - 1) / SW_ROWS), (unsigned)n_chunk);
+        if (D <= SW_THREADS)
+            sweep_part_k<1><<<grid, SW_THREADS, 0, st>>>(a);
+        else if (D <= 2 * SW_THREADS)
+            sweep_part_k<2><<<grid, SW_THREADS, 0, st>>>(a);
+        else
+            sweep_part_k<4><<<grid, SW_THREADS, 0, st>>>(a);
+        KVT_CU_LAUNCHED();
+    }
     if (D <= SW_THREADS)
-        sweep_k<1><<<nb, SW_THREADS, 0, st>>>(a);
+        sweep_rec_k<1><<<(unsigned)n_q, SW_THREADS, 0, st>>>(a);
     else if (D <= 2 * SW_THREADS)
-        sweep_k<2><<<nb, SW_THREADS, 0, st>>>(a);
+        sweep_rec_k<2><<<(unsigned)n_q, SW_THREADS, 0, st>>>(a);
     else
-        sweep_k<4><<<nb, SW_THREADS, 0, st>>>(a);
+        sweep_rec_k<4><<<(unsigned)n_q, SW_THREADS, 0, st>>>(a);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }
@@ -259,7 +364,7 @@ extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *
                                             size_t stride_m, double *recall, double *err,
                                             double *recall_mod, void *stream)
 {
-    size_t wb = kvt_sweep_cuda_work_bytes(T, n_cut, 0);
+    size_t wb = kvt_sweep_output_cuda_work_bytes(n_q, T, D, n_cut);
     void *work = NULL;
     KVT_CU(cudaMalloc(&work, wb));
     kvt_status s = kvt_sweep_output_cuda_ws(

@@ -115,7 +115,8 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
                + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
                + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
-               + rows * nb * 8 * (2 + nm)                               /* sweep results */
+               + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) +
+               rows * nb * 8 * (2 + nm) /* sweep results */
                + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
                + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
                + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
@@ -523,10 +524,13 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     return KVT_OK;
 }
 
-/* The sweep kernels' workspace for n_cut cuts and n_probe probes (grown, never shrunk). */
-static kvt_status need_work(kvt_ctx_gpu *g, int n_cut, int n_probe)
+/* The sweep kernels' workspace for output sweeps of n_q queries (0: none), n_cut cuts and
+ * n_probe probes (grown, never shrunk). */
+static kvt_status need_work(kvt_ctx_gpu *g, int n_q, int n_cut, int n_probe)
 {
     size_t need = kvt_sweep_cuda_work_bytes(g->T, n_cut, n_probe);
+    size_t out = n_q > 0 ? kvt_sweep_output_cuda_work_bytes(n_q, g->T, g->D, n_cut) : 0;
+    need = out > need ? out : need;
     if (need <= g->work_cap)
         return KVT_OK;
     dfree(g, g->work);
@@ -595,7 +599,7 @@ static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const floa
         g->res_cap = n;
     }
     KVT_FORWARD(put_order(g, order));
-    KVT_FORWARD(need_work(g, n_cut, 0));
+    KVT_FORWARD(need_work(g, n_q, n_cut, 0));
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_sweep_output_cuda_ws(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e,
@@ -689,7 +693,7 @@ static kvt_status set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order, con
         g->rk_cap = n_cut;
     }
     KVT_FORWARD(put_order(g, order));
-    KVT_FORWARD(need_work(g, n_cut, best ? g->n_probe : 0));
+    KVT_FORWARD(need_work(g, 0, n_cut, best ? g->n_probe : 0));
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     if (best)
