@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -127,6 +128,115 @@ static cJSON *grid(const kvt_trace_result *t, size_t p, size_t b, int H, size_t 
     return a;
 }
 
+/* one (policy, budget) run of a trace: its settings, metrics per layer and head, per-layer and
+ * whole summaries; NULL when out of memory */
+static cJSON *run_json(const kvt_trace_result *t, size_t p, size_t b)
+{
+    cJSON *run = cJSON_CreateObject();
+    int H = t->policy_heads[p], B = t->budget_tokens[b];
+    cJSON_AddNumberToObject(run, "policy", (double)p);
+    cJSON_AddNumberToObject(run, "budget", (double)b);
+    cJSON_AddStringToObject(run, "label", t->policy_labels[p]);
+    cJSON_AddStringToObject(run, "budget_text", t->budget_texts[b]);
+    cJSON_AddNumberToObject(run, "budget_tokens", B);
+    cJSON_AddNumberToObject(run, "window", t->policy_window[p]);
+    cJSON_AddStringToObject(run, "granularity", H == t->n_kv_heads ? "kv_head" : "query_head");
+    cJSON_AddNumberToObject(run, "n_heads", H);
+    cJSON_AddBoolToObject(run, "short_prompt", t->n_tokens < B);
+    cJSON_AddBoolToObject(run, "budget_below_window", B < t->policy_window[p]);
+    cJSON *mj = cJSON_AddObjectToObject(run, "metrics");
+    for (size_t k = 0; k < N_METRICS; k++)
+        cJSON_AddItemToObject(mj, metrics[k].name, grid(t, p, b, H, metrics[k].off, -1));
+    if (t->has_modality) {
+        cJSON *bm = cJSON_AddObjectToObject(run, "by_modality");
+        for (size_t k = 0; k < N_MOD_METRICS; k++) {
+            cJSON *x = cJSON_AddObjectToObject(bm, mod_metrics[k].name);
+            for (int m = 0; m < KVT_N_MODALITIES; m++)
+                cJSON_AddItemToObject(x, mod_names[m], grid(t, p, b, H, mod_metrics[k].off, m));
+        }
+    } else
+        cJSON_AddNullToObject(run, "by_modality");
+    cJSON *pl = cJSON_AddObjectToObject(run, "per_layer");
+    kvt_run_summary *ls = kvt_malloc((size_t)t->n_layers * sizeof(*ls));
+    if (!ls) { /* never write a results file with a section missing */
+        cJSON_Delete(run);
+        return NULL;
+    }
+    {
+        for (int l = 0; l < t->n_layers; l++)
+            kvt_summarize_trace(t, p, b, l, &ls[l]);
+        const struct {
+            const char *n;
+            size_t off;
+        } f[] = {{"n_keep", offsetof(kvt_run_summary, n_keep)},
+                 {"recall_window", offsetof(kvt_run_summary, recall_window)},
+                 {"err_window", offsetof(kvt_run_summary, err_window)},
+                 {"recall_decode", offsetof(kvt_run_summary, recall_decode)},
+                 {"err_decode", offsetof(kvt_run_summary, err_decode)},
+                 {"coverage", offsetof(kvt_run_summary, coverage)},
+                 {"coverage_dropped", offsetof(kvt_run_summary, coverage_dropped)},
+                 {"head_overlap", offsetof(kvt_run_summary, head_overlap)},
+                 {"r_kept", offsetof(kvt_run_summary, r_kept)},
+                 {"r_all", offsetof(kvt_run_summary, r_all)},
+                 {"oracle_overlap", offsetof(kvt_run_summary, oracle_overlap)},
+                 {"kept_entries", offsetof(kvt_run_summary, kept_entries)}};
+        for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
+            cJSON *arr = cJSON_AddArrayToObject(pl, f[k].n);
+            for (int l = 0; l < t->n_layers; l++)
+                cJSON_AddItemToArray(arr, num(*(const double *)((const char *)&ls[l] + f[k].off)));
+        }
+        kvt_free(ls);
+    }
+    kvt_run_summary s;
+    kvt_summarize_trace(t, p, b, -1, &s);
+    cJSON_AddItemToObject(run, "summary", summary_json(&s, t->has_modality));
+    return run;
+}
+
+/* The runs of a trace are built on several threads: formatting their numbers (the shortest
+ * round-tripping text of each, kvt_fmt_double) is most of the time results.json takes, and a
+ * large replay writes hundreds of thousands of them. Each run is built whole by one thread and
+ * the runs are added in order, so the text does not depend on the threads. */
+typedef struct runs_job {
+    const kvt_trace_result *t;
+    cJSON **out; /* [n] */
+    size_t n, next;
+    pthread_mutex_t mu;
+} runs_job;
+
+static void *runs_worker(void *arg)
+{
+    runs_job *j = arg;
+    for (;;) {
+        pthread_mutex_lock(&j->mu);
+        size_t i = j->next++;
+        pthread_mutex_unlock(&j->mu);
+        if (i >= j->n)
+            return NULL;
+        j->out[i] = run_json(j->t, i / j->t->n_budgets, i % j->t->n_budgets);
+    }
+}
+
+/* every run of t into out [n_policies * n_budgets] (NULL where out of memory) */
+static void build_runs(const kvt_trace_result *t, cJSON **out, size_t n)
+{
+    runs_job j = {t, out, n, 0, PTHREAD_MUTEX_INITIALIZER};
+    long nc = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t numbers = n * (size_t)t->n_layers * (size_t)(t->n_q_heads > 0 ? t->n_q_heads : 1);
+    int n_th = numbers < 20000 ? 1 : nc < 1 ? 1 : nc > 32 ? 32 : (int)nc; /* small: not worth it */
+    if ((size_t)n_th > n)
+        n_th = (int)n;
+    pthread_t th[32];
+    int started = 0;
+    for (; started < n_th - 1; started++) /* the caller is one of them */
+        if (pthread_create(&th[started], NULL, runs_worker, &j))
+            break;
+    runs_worker(&j);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    pthread_mutex_destroy(&j.mu);
+}
+
 static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
 {
     cJSON *o = cJSON_CreateObject();
@@ -163,72 +273,26 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
         cJSON_AddItemToArray(ra, row);
     }
     cJSON *runs = cJSON_AddArrayToObject(o, "runs");
-    for (size_t p = 0; p < t->n_policies; p++)
-        for (size_t b = 0; b < t->n_budgets; b++) {
-            cJSON *run = cJSON_CreateObject();
-            int H = t->policy_heads[p], B = t->budget_tokens[b];
-            cJSON_AddNumberToObject(run, "policy", (double)p);
-            cJSON_AddNumberToObject(run, "budget", (double)b);
-            cJSON_AddStringToObject(run, "label", t->policy_labels[p]);
-            cJSON_AddStringToObject(run, "budget_text", t->budget_texts[b]);
-            cJSON_AddNumberToObject(run, "budget_tokens", B);
-            cJSON_AddNumberToObject(run, "window", t->policy_window[p]);
-            cJSON_AddStringToObject(run, "granularity",
-                                    H == t->n_kv_heads ? "kv_head" : "query_head");
-            cJSON_AddNumberToObject(run, "n_heads", H);
-            cJSON_AddBoolToObject(run, "short_prompt", t->n_tokens < B);
-            cJSON_AddBoolToObject(run, "budget_below_window", B < t->policy_window[p]);
-            cJSON *mj = cJSON_AddObjectToObject(run, "metrics");
-            for (size_t k = 0; k < N_METRICS; k++)
-                cJSON_AddItemToObject(mj, metrics[k].name, grid(t, p, b, H, metrics[k].off, -1));
-            if (t->has_modality) {
-                cJSON *bm = cJSON_AddObjectToObject(run, "by_modality");
-                for (size_t k = 0; k < N_MOD_METRICS; k++) {
-                    cJSON *x = cJSON_AddObjectToObject(bm, mod_metrics[k].name);
-                    for (int m = 0; m < KVT_N_MODALITIES; m++)
-                        cJSON_AddItemToObject(x, mod_names[m],
-                                              grid(t, p, b, H, mod_metrics[k].off, m));
-                }
-            } else
-                cJSON_AddNullToObject(run, "by_modality");
-            cJSON *pl = cJSON_AddObjectToObject(run, "per_layer");
-            kvt_run_summary *ls = kvt_malloc((size_t)t->n_layers * sizeof(*ls));
-            if (!ls) {             /* never write a results file with a section missing */
-                cJSON_Delete(run); /* not yet in o */
-                cJSON_Delete(o);
-                return NULL;
-            }
-            {
-                for (int l = 0; l < t->n_layers; l++)
-                    kvt_summarize_trace(t, p, b, l, &ls[l]);
-                const struct {
-                    const char *n;
-                    size_t off;
-                } f[] = {{"n_keep", offsetof(kvt_run_summary, n_keep)},
-                         {"recall_window", offsetof(kvt_run_summary, recall_window)},
-                         {"err_window", offsetof(kvt_run_summary, err_window)},
-                         {"recall_decode", offsetof(kvt_run_summary, recall_decode)},
-                         {"err_decode", offsetof(kvt_run_summary, err_decode)},
-                         {"coverage", offsetof(kvt_run_summary, coverage)},
-                         {"coverage_dropped", offsetof(kvt_run_summary, coverage_dropped)},
-                         {"head_overlap", offsetof(kvt_run_summary, head_overlap)},
-                         {"r_kept", offsetof(kvt_run_summary, r_kept)},
-                         {"r_all", offsetof(kvt_run_summary, r_all)},
-                         {"oracle_overlap", offsetof(kvt_run_summary, oracle_overlap)},
-                         {"kept_entries", offsetof(kvt_run_summary, kept_entries)}};
-                for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
-                    cJSON *arr = cJSON_AddArrayToObject(pl, f[k].n);
-                    for (int l = 0; l < t->n_layers; l++)
-                        cJSON_AddItemToArray(
-                            arr, num(*(const double *)((const char *)&ls[l] + f[k].off)));
-                }
-                kvt_free(ls);
-            }
-            kvt_run_summary s;
-            kvt_summarize_trace(t, p, b, -1, &s);
-            cJSON_AddItemToObject(run, "summary", summary_json(&s, t->has_modality));
-            cJSON_AddItemToArray(runs, run);
-        }
+    const size_t n_runs = t->n_policies * t->n_budgets;
+    cJSON **rj = kvt_calloc(n_runs ? n_runs : 1, sizeof(*rj));
+    if (!rj) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    build_runs(t, rj, n_runs);
+    bool ok = true;
+    for (size_t i = 0; i < n_runs; i++) {
+        ok = ok && rj[i];
+        if (ok)
+            cJSON_AddItemToArray(runs, rj[i]);
+        else
+            cJSON_Delete(rj[i]); /* never write a results file with a section missing */
+    }
+    kvt_free(rj);
+    if (!ok) {
+        cJSON_Delete(o);
+        return NULL;
+    }
     (void)r;
     return o;
 }
