@@ -77,6 +77,14 @@ kvt_status kvt_read_file_header(int fd, uint64_t file_size, char **json, uint64_
  *  order, *valid_end the end of the last complete unit, *n_skipped the damaged regions. */
 kvt_status kvt_trace_scan(int fd, uint64_t size, uint64_t start, kvt_rec_hdr **out, size_t *n_out,
                           uint64_t *valid_end, uint64_t *n_skipped, uint64_t *bytes_read);
+/** Elements [first, first + count) of n elements of `elem` bytes stored as byte planes
+ *  (kvt_byteplane_split's layout), merged into dst: kvt_byteplane_merge of a slice. */
+void kvt_byteplane_merge_range(const void *planes, size_t n, size_t elem, size_t first,
+                               size_t count, void *dst);
+/** The same slice of a float tensor of dtype dt (f16, bf16 or f32) converted to f32 in the
+ *  same pass, bit for bit what kvt_byteplane_merge then kvt_convert_to_f32 give. */
+void kvt_byteplane_to_f32(kvt_dtype dt, const void *planes, size_t n, size_t first, size_t count,
+                          float *dst);
 /** Read, check and decode one record (see trace_read.c); caller frees *out. */
 kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uint64_t *bytes_read);
 

@@ -424,11 +424,12 @@ static bool same_record(const kvt_rec_hdr *a, const kvt_rec_hdr *b)
            a->payload_crc == b->payload_crc;
 }
 
-/* Read, check and decode the record described by h into a fresh buffer (caller frees). The
+/* Read and check the record described by h, and decompress its payload into a fresh buffer
+ * (caller frees): the elements as stored, byte-plane shuffled when its filter says so. The
  * on-disk header must agree with h (the index copy) in every field, the payload crc must
  * match, and the zstd frame must decode (its own content checksum included) to exactly
  * raw_bytes. */
-kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uint64_t *bytes_read)
+static kvt_status record_payload(int fd, const kvt_rec_hdr *h, uint8_t **out, uint64_t *bytes_read)
 {
     const kvt_record_info *in = &h->info;
     kvt_status s;
@@ -440,8 +441,7 @@ kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uin
     uint8_t *buf = kvt_malloc(unit);
     KVT_RETURN_IF(!buf, KVT_ERR_NOMEM, "out of memory reading a record");
     uint8_t *raw = kvt_malloc((size_t)in->raw_bytes);
-    uint8_t *tmp = in->filter == KVT_FILTER_BYTEPLANE ? kvt_malloc((size_t)in->raw_bytes) : NULL;
-    if (!raw || (in->filter == KVT_FILTER_BYTEPLANE && !tmp)) {
+    if (!raw) {
         s = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading a record");
         goto out_free;
     }
@@ -470,28 +470,44 @@ kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uin
                           (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind));
         goto out_free;
     }
-    uint8_t *dst = tmp ? tmp : raw;
     size_t got =
-        ZSTD_decompress(dst, (size_t)in->raw_bytes, buf + KVT_REC_UNIT, (size_t)in->comp_bytes);
+        ZSTD_decompress(raw, (size_t)in->raw_bytes, buf + KVT_REC_UNIT, (size_t)in->comp_bytes);
     if (ZSTD_isError(got) || got != in->raw_bytes) {
         s = kvt_error_set(KVT_ERR_CORRUPT, "record %u (layer %d %s): payload does not decode: %s",
                           (unsigned)in->seq, (int)in->layer, kvt_kind_name(in->kind),
                           ZSTD_isError(got) ? ZSTD_getErrorName(got) : "wrong size");
         goto out_free;
     }
-    if (tmp) {
-        size_t es = kvt_dtype_size(in->dtype);
-        kvt_byteplane_merge(tmp, raw, (size_t)in->raw_bytes / es, es);
-    }
-    kvt_free(tmp);
     kvt_free(buf);
     *out = raw;
     return KVT_OK;
 out_free:
-    kvt_free(tmp);
     kvt_free(raw);
     kvt_free(buf);
     return s;
+}
+
+/* record_payload, then the filter undone: the record's elements in order (caller frees). */
+kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uint64_t *bytes_read)
+{
+    const kvt_record_info *in = &h->info;
+    uint8_t *stored;
+    *out = NULL;
+    KVT_FORWARD(record_payload(fd, h, &stored, bytes_read));
+    if (in->filter != KVT_FILTER_BYTEPLANE) {
+        *out = stored;
+        return KVT_OK;
+    }
+    uint8_t *raw = kvt_malloc((size_t)in->raw_bytes);
+    if (!raw) {
+        kvt_free(stored);
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory reading a record");
+    }
+    size_t es = kvt_dtype_size(in->dtype);
+    kvt_byteplane_merge(stored, raw, (size_t)in->raw_bytes / es, es);
+    kvt_free(stored);
+    *out = raw;
+    return KVT_OK;
 }
 
 typedef struct hrow {
@@ -542,6 +558,16 @@ static kvt_status decode_record(kvt_trace_reader *r, size_t i, uint8_t **out)
 {
     uint64_t br = 0;
     kvt_status s = kvt_record_decode_at(r->fd, &r->recs[i], out, &br);
+    r->bytes_read += br;
+    return s;
+}
+
+/* record i's payload as stored (record_payload), for the caller to unshuffle and convert the
+   rows it wants in one pass */
+static kvt_status load_payload(kvt_trace_reader *r, size_t i, uint8_t **out)
+{
+    uint64_t br = 0;
+    kvt_status s = record_payload(r->fd, &r->recs[i], out, &br);
     r->bytes_read += br;
     return s;
 }
@@ -610,17 +636,21 @@ kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, u
             in->head_begin >= head_end)
             continue;
         uint8_t *raw;
-        KVT_FORWARD(decode_record(r, i, &raw));
+        KVT_FORWARD(load_payload(r, i, &raw));
         uint32_t h0 = in->head_begin > head_begin ? in->head_begin : head_begin;
         uint32_t h1 = in->head_end < head_end ? in->head_end : head_end;
-        size_t nt = in->tok_end - in->tok_begin;
+        size_t nt = in->tok_end - in->tok_begin, n = (size_t)in->raw_bytes / ies;
         for (uint32_t h = h0; h < h1; h++) {
-            const uint8_t *src = raw + (size_t)(h - in->head_begin) * nt * D * ies;
+            size_t first = (size_t)(h - in->head_begin) * nt * D;
             uint8_t *d = out + (((size_t)(h - head_begin) * T + in->tok_begin) * D) * oes;
-            if (out_dt == st)
-                memcpy(d, src, nt * D * ies);
+            if (in->filter == KVT_FILTER_BYTEPLANE && out_dt == st)
+                kvt_byteplane_merge_range(raw, n, ies, first, nt * D, d);
+            else if (in->filter == KVT_FILTER_BYTEPLANE)
+                kvt_byteplane_to_f32(st, raw, n, first, nt * D, (float *)(void *)d);
+            else if (out_dt == st)
+                memcpy(d, raw + first * ies, nt * D * ies);
             else
-                kvt_convert_to_f32(st, src, (float *)(void *)d, nt * D);
+                kvt_convert_to_f32(st, raw + first * ies, (float *)(void *)d, nt * D);
         }
         covered += (uint64_t)(h1 - h0) * nt;
         kvt_free(raw);

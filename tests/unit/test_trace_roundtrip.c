@@ -154,6 +154,12 @@ static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, in
         KVT_CHECK(kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_F32, f, n * 4));
         kvt_convert_to_f32(dt, in, ref, n);
         KVT_EXPECT(memcmp(f, ref, n * 4) == 0);
+        if (H > 2) { /* a head sub-range: unshuffled and converted from inside the records */
+            size_t per = (size_t)T * D;
+            memset(f, 0, n * 4);
+            KVT_CHECK(kvt_trace_reader_read(r, 0, KVT_KIND_K, 1, H - 1, KVT_DTYPE_F32, f, n * 4));
+            KVT_EXPECT(memcmp(ref + per, f, per * (H - 2) * 4) == 0);
+        }
         free(f);
         free(ref);
     } else {
