@@ -1,12 +1,11 @@
 /* trace_format.c - names of kinds and modalities, record header encode/decode with every
- * field range-checked, checksums, full-length I/O helpers and the file header parser.
- * Shared by trace_write.c, trace_read.c and trace_verify.c.
+ * field range-checked, full-length I/O helpers and the file header parser (the crc32 is in
+ * crc32.c). Shared by trace_write.c, trace_read.c and trace_verify.c.
  */
 #include <errno.h>
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include <cjson/cJSON.h>
 
@@ -62,24 +61,6 @@ const char *kvt_modality_name(int m)
     default:
         return "unknown";
     }
-}
-
-uint32_t kvt_crc32_update(uint32_t crc, const void *p, size_t n)
-{
-    const uint8_t *b = p;
-    uLong c = crc;
-    while (n > 0) {
-        uInt chunk = n > (1u << 30) ? (1u << 30) : (uInt)n;
-        c = crc32(c, b, chunk);
-        b += chunk;
-        n -= chunk;
-    }
-    return (uint32_t)c;
-}
-
-uint32_t kvt_crc32(const void *p, size_t n)
-{
-    return kvt_crc32_update(0, p, n);
 }
 
 /* Record header, 88 bytes (FORMAT.md §Record_Header). */
