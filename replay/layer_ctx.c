@@ -59,6 +59,19 @@ static kvt_status check_finite(const float *x, size_t n, const char *what, int l
     return KVT_OK;
 }
 
+kvt_status kvt_ctx_decode_means(kvt_layer_ctx *c, bool per_query, int P, double *out)
+{
+    KVT_RETURN_IF(c->Gd < 1 || P < 0 || P > c->T, KVT_ERR_INVALID_ARG,
+                  "decode means: no decode queries, or P=%d", P);
+    if (c->gpu) /* kvt_col_mean_cuda: bitwise kvt_col_mean_ref */
+        return kvt_ctx_gpu_decode_scores(c->gpu, per_query, P, out);
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD));
+    const int per = per_query ? 1 : c->Gs, H = per_query ? c->Hq : c->Hkv, R = per * c->Gd;
+    for (int h = 0; h < H; h++)
+        kvt_col_mean_ref(c->prd + (size_t)h * R * c->T, R, c->T, P, out + (size_t)h * P);
+    return KVT_OK;
+}
+
 kvt_status kvt_ctx_check_q_all(const kvt_layer_ctx *c, const char *policy)
 {
     KVT_RETURN_IF(!c->in->q_all && !c->in->q_all_head, KVT_ERR_NOT_FOUND,

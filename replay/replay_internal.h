@@ -159,6 +159,11 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 #define KVT_CTX_KU  4u
 kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what);
 
+/** For each head (query heads with per_query, else KV heads) the mean over its query heads'
+ *  decode probability rows (in head then step order) of each prompt key j < P: out [H', P]
+ *  (the oracle's scores; on the GPU without copying the probabilities, bitwise the same). */
+kvt_status kvt_ctx_decode_means(kvt_layer_ctx *c, bool per_query, int P, double *out);
+
 /** Add v to a profile counter (workers share the profile); prof may be NULL. */
 static inline void kvt_prof_add(kvt_replay_profile *prof, uint64_t *field, uint64_t v)
 {

@@ -73,6 +73,11 @@ kvt_status kvt_window_scores_cuda(const float *prw, int Hq, int Hkv, int Wt, int
                                   int kernel, kvt_pool pool, kvt_reduce reduce, bool per_query,
                                   double *work, double *out, void *stream);
 
+/** out[h][j] = the mean of rows h*R .. h*R+R-1 of x [H*R, T] at column j < P, the rows added in
+ *  order and the sum divided by R: kvt_col_mean_ref(x + h*R*T, R, T, P, out + h*P), bitwise
+ *  (the oracle's scores from the decode probabilities). */
+kvt_status kvt_col_mean_cuda(const float *x, int H, int R, int T, int P, double *out, void *stream);
+
 /** kvt_attn_colsum_ref on the device (H2O's column sums of one head from every prompt query,
  *  q and k [T, D]): colsum [T]; work: 2T doubles. A non-finite logit is KVT_ERR_NAN with the
  *  reference's message. Synchronises the stream once (for that check). */

@@ -51,6 +51,19 @@ static __global__ void pool_k(const double *s, int H, int P, int k, int op, doub
     out[t] = op == KVT_POOL_AVG ? acc / k : acc;
 }
 
+extern "C" kvt_status kvt_col_mean_cuda(const float *x, int H, int R, int T, int P, double *out,
+                                        void *stream)
+{
+    KVT_RETURN_IF(H < 0 || R < 1 || T < 0 || P < 0 || P > T, KVT_ERR_INVALID_ARG,
+                  "col_mean_cuda: bad shape H=%d R=%d T=%d P=%d", H, R, T, P);
+    if (H == 0 || P == 0)
+        return KVT_OK;
+    col_mean_k<<<kvt_cu_blocks((size_t)H * P, 256), 256, 0, kvt_cu_stream(stream)>>>(x, H, R, R, T,
+                                                                                     P, out);
+    KVT_CU_LAUNCHED();
+    return KVT_OK;
+}
+
 extern "C" kvt_status kvt_window_scores_cuda(const float *prw, int Hq, int Hkv, int Wt, int W,
                                              int T, int kernel, kvt_pool pool, kvt_reduce reduce,
                                              bool per_query, double *work, double *out,

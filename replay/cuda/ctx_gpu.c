@@ -753,6 +753,31 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
     return sync_copies(g, false, &t1);
 }
 
+kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, double *out)
+{
+    KVT_RETURN_IF(!g || g->Gd < 1 || P < 0 || P > g->T, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad decode scores call (P=%d)", P);
+    const int per = per_query ? 1 : g->Hq / g->Hkv, H = per_query ? g->Hq : g->Hkv;
+    const size_t need = (size_t)(g->Hq + g->Hkv) * (size_t)g->T; /* window scores' too */
+    if (need > g->sc_cap) {
+        dfree(g, g->sc), dfree(g, g->sc_work);
+        g->sc = g->sc_work = NULL, g->sc_cap = 0;
+        KVT_FORWARD(dalloc(g, (void **)&g->sc, need * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->sc_work, need * sizeof(double)));
+        g->sc_cap = need;
+    }
+    uint64_t t1 = 0, ns = 0;
+    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(kvt_col_mean_cuda(g->prd, H, per * g->Gd, g->T, P, g->sc, (void *)g->st));
+    KVT_FORWARD(kern_end(g, &ns, &t1));
+    /* at least: the decode probabilities of the prefix read, the scores written */
+    PROF(g, gpu_sweep_ns, ns);
+    PROF(g, gpu_sweep_bytes,
+         (size_t)g->Hq * g->Gd * P * sizeof(float) + (size_t)H * P * sizeof(double));
+    KVT_FORWARD(download(g, out, g->sc, (size_t)H * P * sizeof(double)));
+    return sync_copies(g, false, &t1);
+}
+
 kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double scale, double *out)
 {
     KVT_RETURN_IF(!g || h < 0 || h >= g->Hq, KVT_ERR_INVALID_ARG,

@@ -90,6 +90,11 @@ kvt_status kvt_ctx_gpu_set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order
 kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool pool,
                                      kvt_reduce reduce, bool per_query, double *out);
 
+/** The oracle's scores from the device's decode probabilities: for each head (query heads with
+ *  per_query, else KV heads) the mean over its query heads' decode rows (in order) of each
+ *  prompt key j < P, out [H', P] into host memory (kvt_col_mean_ref's arithmetic). */
+kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, double *out);
+
 /** H2O column sums of query head h from all its prompt queries q [T, D] (host), against its
  *  KV head's keys already on the device: kvt_attn_colsum_ref's contract, out [T] (host). */
 kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double scale,

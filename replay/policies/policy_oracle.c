@@ -13,30 +13,17 @@ static void d_oracle(kvt_policy_opts *o)
 static kvt_status sel_oracle(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD));
     KVT_RETURN_IF(c->Gd < 1, KVT_ERR_NOT_FOUND,
                   "oracle needs decode queries: the trace has no Q_decode for layer %d "
                   "(capture decode steps)",
                   c->layer);
-    const int T = c->T, W = p->o.window < T ? p->o.window : T, P = T - W, Gd = c->Gd;
+    const int T = c->T, W = p->o.window < T ? p->o.window : T, P = T - W;
     KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, W, n_b, true));
     double *s = kvt_calloc((size_t)sel->n_heads * P + 1, sizeof(double));
     KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "oracle: out of memory");
-    int per = p->o.per_query ? 1 : c->Gs;
-    for (int h = 0; h < sel->n_heads; h++) {
-        double *sh = s + (size_t)h * P;
-        for (int u = 0; u < per; u++) {
-            int hq = h * per + u;
-            for (int st = 0; st < Gd; st++) {
-                const float *pr = c->prd + ((size_t)hq * Gd + st) * T;
-                for (int j = 0; j < P; j++)
-                    sh[j] += pr[j];
-            }
-        }
-        for (int j = 0; j < P; j++)
-            sh[j] /= (double)per * Gd;
-    }
-    kvt_status st = kvt_sel_rank_window_all(sel, s, W);
+    kvt_status st = kvt_ctx_decode_means(c, p->o.per_query, P, s);
+    if (!st)
+        st = kvt_sel_rank_window_all(sel, s, W);
     kvt_free(s);
     kvt_counts_uniform(sel, B, n_b);
     return st;

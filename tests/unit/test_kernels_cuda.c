@@ -265,8 +265,19 @@ static void test_scores(int Hq, int Hkv, int Wt, int W, int T, uint64_t seed)
     KVT_EXPECT_STATUS(kvt_window_scores_cuda(dprw, Hq, Hkv, Wt, Wt + 1, T, 1, KVT_POOL_AVG,
                                              KVT_REDUCE_MEAN, false, dwork, dout, NULL),
                       KVT_ERR_INVALID_ARG);
-    cudaFree(dprw), cudaFree(dwork), cudaFree(dout);
-    free(prw), free(a), free(red), free(want), free(got);
+    /* the oracle's means: groups of R = Wt / 2 consecutive rows, bitwise kvt_col_mean_ref */
+    const int R = Wt / 2 > 0 ? Wt / 2 : 1, H2 = Hq * Wt / R;
+    double *mw = malloc((size_t)H2 * P * 8 + 8), *mg = malloc((size_t)H2 * P * 8 + 8);
+    for (int h = 0; h < H2; h++)
+        kvt_col_mean_ref(prw + (size_t)h * R * T, R, T, P, mw + (size_t)h * P);
+    double *dmean = out_dev((size_t)H2 * P * 8);
+    KVT_CHECK(kvt_col_mean_cuda(dprw, H2, R, T, P, dmean, NULL));
+    from_dev(mg, dmean, (size_t)H2 * P * 8, "col_mean");
+    KVT_EXPECT_MSG(!memcmp(mw, mg, (size_t)H2 * P * 8),
+                   "col_mean H=%d R=%d T=%d P=%d: not bitwise the reference's", H2, R, T, P);
+    KVT_EXPECT_STATUS(kvt_col_mean_cuda(dprw, H2, R, T, T + 1, dmean, NULL), KVT_ERR_INVALID_ARG);
+    cudaFree(dprw), cudaFree(dwork), cudaFree(dout), cudaFree(dmean);
+    free(prw), free(a), free(red), free(want), free(got), free(mw), free(mg);
 }
 
 static void test_colsum(int T, int D, uint64_t seed)
