@@ -213,12 +213,14 @@ typedef struct kvt_merged_set {
 struct kvt_layer_selection {
     int n_heads, per_query, window, n_budgets, T, D, n_steps;
     bool has_fixed;
-    int32_t *order;         /* [H', T] fixed ranking: a permutation of 0..T-1 */
-    int32_t *count;         /* [n_b, H'] entries kept from the top of the ranking */
-    uint8_t *step_head;     /* [H'] 1 if the head re-selects per decode step */
-    int32_t *step_order;    /* [H', n_steps, T] */
-    int32_t *step_count;    /* [n_b, H', n_steps] */
-    kvt_merged_set *merged; /* [n_b, H'] (merged policies only) */
+    int32_t *order;          /* [H', T] fixed ranking: a permutation of 0..T-1 */
+    int32_t *count;          /* [n_b, H'] entries kept from the top of the ranking */
+    uint8_t *step_head;      /* [H'] 1 if the head re-selects per decode step */
+    int32_t *step_order;     /* [H', n_steps, T] */
+    int32_t *step_count;     /* [n_b, H', n_steps] */
+    kvt_merged_set *merged;  /* [n_b, H'] (merged policies only) */
+    struct kvt_ctx_gpu *gpu; /* the layer context's GPU while the policy selects (rankings there);
+                                NULL after run_select */
 };
 
 kvt_status kvt_sel_init(kvt_layer_selection *s, const kvt_layer_ctx *c, bool per_query, int window,

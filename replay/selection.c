@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/ctx_gpu.h"
 #include "replay_internal.h"
 
 static kvt_status zalloc(void **p, size_t n, size_t elem)
@@ -27,6 +28,7 @@ kvt_status kvt_sel_init(kvt_layer_selection *s, const kvt_layer_ctx *c, bool per
     s->n_budgets = n_b;
     s->T = c->T;
     s->D = c->D;
+    s->gpu = c->gpu;
     s->has_fixed = fixed;
     if (!fixed)
         return KVT_OK;
@@ -193,7 +195,20 @@ kvt_status kvt_layer_selection_kept(const kvt_layer_selection *s, size_t budget,
 
 kvt_status kvt_sel_rank_window_all(kvt_layer_selection *s, const double *score, int W)
 {
-    int T = s->T, P = T - (W < T ? W : T);
+    int T = s->T, P = T - (W < T ? W : T), Wc = T - P;
+    if (s->gpu && P >= 4096) { /* the same permutations (a stable radix sort of kvt_rank_key) */
+        int32_t *ord = kvt_malloc((size_t)s->n_heads * P * sizeof(int32_t));
+        KVT_RETURN_IF(!ord, KVT_ERR_NOMEM, "rank: out of memory");
+        kvt_status st = kvt_ctx_gpu_rank(s->gpu, score, s->n_heads, P, ord);
+        for (int h = 0; h < s->n_heads && !st; h++) {
+            int32_t *o = s->order + (size_t)h * T;
+            for (int i = 0; i < Wc; i++)
+                o[i] = T - 1 - i; /* as kvt_rank_window */
+            memcpy(o + Wc, ord + (size_t)h * P, (size_t)P * sizeof(int32_t));
+        }
+        kvt_free(ord);
+        return st;
+    }
     for (int h = 0; h < s->n_heads; h++)
         KVT_FORWARD(kvt_rank_window(score + (size_t)h * P, T, W, s->order + (size_t)h * T));
     return KVT_OK;

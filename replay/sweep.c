@@ -735,6 +735,7 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     uint64_t t0 = kvt_now_ns();
     kvt_status st = p->def->select(c, p, B, n_b, sel);
     KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
+    sel->gpu = NULL; /* only while selecting */
     if (st) {
         kvt_sel_clear(sel);
         return st;

@@ -1,7 +1,8 @@
 /* rank_cuda.cu - per-segment rankings (kvt_rank_desc_ref on each head's scores): every score
  * becomes kvt_rank_key (ascending key = the ranking order), then CUB's stable segmented radix
  * sort orders (key, index) pairs; stability keeps ties in index order, so each permutation is
- * the reference's exactly.
+ * the reference's exactly. Its temporaries are stream-ordered (kvt_cuda_malloc_async): a plain
+ * cudaFree would wait for every stream of the device, the other replay workers' too.
  */
 #include <cub/device/device_segmented_radix_sort.cuh>
 
@@ -36,10 +37,14 @@ extern "C" kvt_status kvt_rank_desc_segmented_cuda(const double *score, int n_se
     size_t tmp_bytes = 0;
     kvt_status s = KVT_OK;
     cudaError_t e;
-    if ((e = cudaMalloc(&k_in, total * sizeof(uint64_t))) != cudaSuccess ||
-        (e = cudaMalloc(&k_out, total * sizeof(uint64_t))) != cudaSuccess ||
-        (e = cudaMalloc(&idx, total * sizeof(int32_t))) != cudaSuccess ||
-        (e = cudaMalloc(&off, ((size_t)n_seg + 1) * sizeof(int))) != cudaSuccess) {
+    if ((e = (cudaError_t)kvt_cuda_malloc_async((void **)&k_in, total * sizeof(uint64_t), st)) !=
+            cudaSuccess ||
+        (e = (cudaError_t)kvt_cuda_malloc_async((void **)&k_out, total * sizeof(uint64_t), st)) !=
+            cudaSuccess ||
+        (e = (cudaError_t)kvt_cuda_malloc_async((void **)&idx, total * sizeof(int32_t), st)) !=
+            cudaSuccess ||
+        (e = (cudaError_t)kvt_cuda_malloc_async((void **)&off, ((size_t)n_seg + 1) * sizeof(int),
+                                                st)) != cudaSuccess) {
         s = kvt_error_set(KVT_ERR_CUDA, "rank_cuda: cudaMalloc: %s", cudaGetErrorString(e));
         goto out;
     }
@@ -48,17 +53,17 @@ extern "C" kvt_status kvt_rank_desc_segmented_cuda(const double *score, int n_se
         (e = cub::DeviceSegmentedRadixSort::SortPairs(NULL, tmp_bytes, k_in, k_out, idx, order,
                                                       (int)total, n_seg, off, off + 1, 0, 64,
                                                       st)) != cudaSuccess ||
-        (e = cudaMalloc(&tmp, tmp_bytes ? tmp_bytes : 1)) != cudaSuccess ||
+        (e = (cudaError_t)kvt_cuda_malloc_async(&tmp, tmp_bytes ? tmp_bytes : 1, st)) !=
+            cudaSuccess ||
         (e = cub::DeviceSegmentedRadixSort::SortPairs(tmp, tmp_bytes, k_in, k_out, idx, order,
                                                       (int)total, n_seg, off, off + 1, 0, 64,
                                                       st)) != cudaSuccess ||
         (e = cudaStreamSynchronize(st)) != cudaSuccess)
         s = kvt_error_set(KVT_ERR_CUDA, "rank_cuda: %s", cudaGetErrorString(e));
-out:
-    cudaFree(k_in);
-    cudaFree(k_out);
-    cudaFree(idx);
-    cudaFree(off);
-    cudaFree(tmp);
+out: /* freed in stream order, after the sort (NULL is fine) */
+    void *bufs[] = {k_in, k_out, idx, off, tmp};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+        if (bufs[i])
+            kvt_cuda_free_async(bufs[i], st);
     return s;
 }

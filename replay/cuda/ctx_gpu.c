@@ -64,6 +64,9 @@ struct kvt_ctx_gpu {
     int32_t *order_h;          /* [T] host copy of what order holds (NULL: nothing yet) */
     double *rk;                /* [rk_cap] redundancy of each cut */
     int rk_cap;
+    double *rscore;  /* [rank_cap] scores being ranked */
+    int32_t *rorder; /* [rank_cap] their permutations */
+    size_t rank_cap;
     double *rec, *err, *rmod; /* sweep results */
     size_t res_cap;           /* elements of rec and err (rmod: x KVT_NM) */
     ctx_map map[CTX_GPU_MAP];
@@ -120,6 +123,7 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
                + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
                + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
+               + hq * t * (12 + 28)     /* rankings: scores, orders, the sort's own */
                + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D); /* kernels' */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
@@ -316,11 +320,12 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     if (!g)
         return;
-    void *bufs[] = {g->k,     g->v,   g->qw,      g->qd,   g->kd, g->prw,     g->prd,
-                    g->aw,    g->ad,  g->pr2,     g->lse,  g->ku, g->norm,    g->mean,
-                    g->inv,   g->rsw, g->rsd,     g->pe,   g->oe, g->mm,      g->mod,
-                    g->order, g->rec, g->err,     g->rmod, g->ct, g->probe,   g->best,
-                    g->work,  g->sc,  g->sc_work, g->qa,   g->cs, g->cs_work, g->rk};
+    void *bufs[] = {g->k,      g->v,     g->qw,      g->qd,   g->kd, g->prw,     g->prd,
+                    g->aw,     g->ad,    g->pr2,     g->lse,  g->ku, g->norm,    g->mean,
+                    g->inv,    g->rsw,   g->rsd,     g->pe,   g->oe, g->mm,      g->mod,
+                    g->order,  g->rec,   g->err,     g->rmod, g->ct, g->probe,   g->best,
+                    g->work,   g->sc,    g->sc_work, g->qa,   g->cs, g->cs_work, g->rk,
+                    g->rscore, g->rorder};
     if (g->st) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
             dfree(g, bufs[i]);
@@ -775,6 +780,33 @@ kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, doub
     PROF(g, gpu_sweep_bytes,
          (size_t)g->Hq * g->Gd * P * sizeof(float) + (size_t)H * P * sizeof(double));
     KVT_FORWARD(download(g, out, g->sc, (size_t)H * P * sizeof(double)));
+    return sync_copies(g, false, &t1);
+}
+
+kvt_status kvt_ctx_gpu_rank(kvt_ctx_gpu *g, const double *score, int H, int P, int32_t *order)
+{
+    KVT_RETURN_IF(!g || H < 1 || H > g->Hq || P < 1 || P > g->T, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad rank call (H=%d P=%d)", H, P);
+    const size_t n = (size_t)H * P;
+    if (n > g->rank_cap) {
+        dfree(g, g->rscore), dfree(g, g->rorder);
+        g->rscore = NULL, g->rorder = NULL, g->rank_cap = 0;
+        KVT_FORWARD(dalloc(g, (void **)&g->rscore, n * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->rorder, n * sizeof(int32_t)));
+        g->rank_cap = n;
+    }
+    uint64_t t0 = kvt_now_ns();
+    KVT_FORWARD(copy_up(g, g->rscore, score, n * sizeof(double)));
+    KVT_FORWARD(sync_copies(g, true, &t0));
+    uint64_t t1 = 0, ns = 0;
+    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(kvt_rank_desc_segmented_cuda(g->rscore, H, P, g->rorder, (void *)g->st));
+    KVT_FORWARD(kern_end(g, &ns, &t1));
+    /* at least: the scores read, the keys and indices written and read once per 8-bit pass
+     * (8 passes of 64-bit keys), the permutations written */
+    PROF(g, gpu_sweep_ns, ns);
+    PROF(g, gpu_sweep_bytes, n * (sizeof(double) + 8 * 2 * (8 + 4) + 4));
+    KVT_FORWARD(download(g, order, g->rorder, n * sizeof(int32_t)));
     return sync_copies(g, false, &t1);
 }
 

@@ -95,6 +95,10 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
  *  prompt key j < P, out [H', P] into host memory (kvt_col_mean_ref's arithmetic). */
 kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, double *out);
 
+/** kvt_rank_desc on each of H rows of score [H, P] (host), order [H, P] (host): the same
+ *  permutations, from a stable radix sort on the device (kvt_rank_desc_segmented_cuda). */
+kvt_status kvt_ctx_gpu_rank(kvt_ctx_gpu *g, const double *score, int H, int P, int32_t *order);
+
 /** H2O column sums of query head h from all its prompt queries q [T, D] (host), against its
  *  KV head's keys already on the device: kvt_attn_colsum_ref's contract, out [T] (host). */
 kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double scale,

@@ -100,6 +100,12 @@ kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, doub
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
+kvt_status kvt_ctx_gpu_rank(kvt_ctx_gpu *g, const double *score, int H, int P, int32_t *order)
+{
+    (void)g, (void)score, (void)H, (void)P, (void)order;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
+}
+
 kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double scale, double *out)
 {
     (void)g, (void)h, (void)q, (void)scale, (void)out;

@@ -11,8 +11,10 @@
 kvt_status kvt_rank_desc_segmented_cuda(const double *score, int n_seg, int n, int32_t *order,
                                         void *stream)
 {
-    (void)stream;
     KVT_RETURN_IF(n_seg < 0 || n < 0, KVT_ERR_INVALID_ARG, "rank: bad shape");
+    /* the work queued before on the stream (deferred under CUEMU_DEFER) writes the scores */
+    KVT_RETURN_IF(cudaStreamSynchronize((cudaStream_t)stream) != cudaSuccess, KVT_ERR_CUDA,
+                  "rank: the stream failed");
     KVT_RETURN_IF(!cuemu_is_device(score, (size_t)n_seg * n * sizeof(double)) ||
                       !cuemu_is_device(order, (size_t)n_seg * n * sizeof(int32_t)),
                   KVT_ERR_CUDA, "rank: pointers outside device memory");

@@ -11,7 +11,8 @@
 # probability by one f32 ulp, and a relative error ||o_S - o|| / ||o|| whose ||o|| is small
 # amplifies that (seen: 4.5e-5 on an error of 1.1 for knorm on the sample trace). So errors
 # must agree within 1e-3, and at most 1% of them may differ by more than 1e-9. A third trace
-# has Q_all and no stored column sums, so that h2o's sums are computed by the replay.
+# has Q_all and no stored column sums, so that h2o's sums are computed by the replay; a fourth
+# has a prompt of 4300 tokens, so that the rankings with --device cuda run on the GPU.
 #
 # With the argument `cuda` (test_replay_device_gpu, label gpu) the first replay is
 # `--device cuda` with the reference kernels on the host (KVT_KERNELS=ref), so the layer
@@ -46,18 +47,24 @@ $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/d
 # h2o from Q_all (no stored column sums): the replay computes the sums itself
 $BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off -o "$TMP/qa.kvt" \
     >/dev/null 2>&1 || fail "synth q-all"
+# a prompt long enough (over 4096 ranked tokens) for the GPU's rankings (kvt_ctx_gpu_rank)
+$BIN synth --shape tiny --tokens 4300 --decode 4 --seed 9 -o "$TMP/long.kvt" >/dev/null 2>&1 \
+    || fail "synth long"
 # SparseMM's per-head scores for the sample (5 layers x 8 query heads) and vl (2 x 4)
 "$PY" -c 'import json, sys
 for path, L, H in (("stories260K", 5, 8), ("vl", 2, 4)):
     json.dump([[((l * 7 + h * 3) % 11) / 10 for h in range(H)] for l in range(L)],
               open(sys.argv[1] + "/scores_" + path + ".json", "w"))' "$TMP" || fail "scores"
-for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt"; do
+for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt"; do
     name=$(basename "$tr" .kvt)
     # every policy: the defaults, and those that need more than K, V and the window queries
     SET=(--policies "all,h2o,oracle,quest,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json"
         --budgets 16,64,300,50% --threads 2 --seed 7)
     [ "$name" = qa ] &&
         SET=(--policies h2o,snapkv,full --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
+    [ "$name" = long ] &&
+        SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
+            --threads 2 --seed 7)
     DEV=()
     [ "$MODE" = cuda ] && DEV=(--device cuda)
     "${FIRST[@]}" $BIN replay "$tr" "${SET[@]}" "${DEV[@]}" -o "$TMP/$name.fast.json" >/dev/null \
