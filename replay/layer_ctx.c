@@ -134,9 +134,11 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     float *pr2 = NULL;
     kvt_ctx_gpu *dev = NULL;
 
-    if ((s = check_finite(in->k, kv_n, "K", in->layer)) ||
-        (s = check_finite(in->v, kv_n, "V", in->layer)) ||
-        (s = check_finite(in->q_window, (size_t)Hq * Wt * D, "Q_window", in->layer)))
+    /* K and V (the large inputs) are checked on the GPU with --device cuda, once uploaded */
+    if (!gpu && ((s = check_finite(in->k, kv_n, "K", in->layer)) ||
+                 (s = check_finite(in->v, kv_n, "V", in->layer))))
+        goto out_fail;
+    if ((s = check_finite(in->q_window, (size_t)Hq * Wt * D, "Q_window", in->layer)))
         goto out_fail;
     if (Gd > 0 && (s = check_finite(in->q_decode, (size_t)Hq * Gd * D, "Q_decode", in->layer)))
         goto out_fail;
@@ -156,8 +158,17 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         goto out_fail;
     if (in->modality && (s = ALLOC(c->massw_mod, (size_t)Hq * Wt * KVT_NM)))
         goto out_fail;
-    if (gpu && (s = kvt_ctx_gpu_begin(in, Gd, nqw > nqd ? nqw : nqd, prof, &dev)))
-        goto out_fail;
+    if (gpu) {
+        size_t bad_k = 0, bad_v = 0;
+        if ((s = kvt_ctx_gpu_begin(in, Gd, nqw > nqd ? nqw : nqd, prof, &dev)) ||
+            (s = kvt_ctx_gpu_check_kv(dev, &bad_k, &bad_v)))
+            goto out_fail;
+        if (bad_k < kv_n || bad_v < kv_n) { /* check_finite's message */
+            s = kvt_error_set(KVT_ERR_NAN, "layer %d: %s element %zu is not finite", in->layer,
+                              bad_k < kv_n ? "K" : "V", bad_k < kv_n ? bad_k : bad_v);
+            goto out_fail;
+        }
+    }
 
     /* window queries: query i sits at position T-Wt+i and sees keys 0..T-Wt+i (§0.1.2) */
     for (int i = 0; i < nqw; i++)

@@ -101,6 +101,11 @@ size_t kvt_unit_rows_cuda_work(int n, int D);
 kvt_status kvt_row_mass_cuda(const float *p, int n, int T, size_t stride, const uint8_t *mod,
                              double *sum, double *mass, void *stream);
 
+/** *first (device) = the lowest index i < n with x[i] (device) not finite, or n when all are:
+ *  kvt_first_nonfinite_f32_cpu on the device. */
+kvt_status kvt_first_nonfinite_cuda(const float *x, size_t n, unsigned long long *first,
+                                    void *stream);
+
 /** kvt_rank_desc_ref on each of n_seg segments: score [n_seg, n] (double), order [n_seg, n]
  *  receives each segment's permutation of 0..n-1 (score descending, ties by lower index, NaN
  *  last): the same permutations as the reference (a stable segmented radix sort of

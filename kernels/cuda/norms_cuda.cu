@@ -190,3 +190,31 @@ extern "C" kvt_status kvt_row_mass_cuda(const float *p, int n, int T, size_t str
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }
+
+static __global__ void nf_init_k(unsigned long long *first, unsigned long long n)
+{
+    *first = n;
+}
+
+static __global__ void nf_k(const float *x, size_t n, unsigned long long *first)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        if (!isfinite(x[i]))
+            atomicMin(first, (unsigned long long)i);
+}
+
+extern "C" kvt_status kvt_first_nonfinite_cuda(const float *x, size_t n, unsigned long long *first,
+                                               void *stream)
+{
+    KVT_RETURN_IF(!first || (n && !x), KVT_ERR_INVALID_ARG, "first_nonfinite_cuda: no buffer");
+    cudaStream_t st = kvt_cu_stream(stream);
+    nf_init_k<<<1, 1, 0, st>>>(first, (unsigned long long)n);
+    KVT_CU_LAUNCHED();
+    if (n == 0)
+        return KVT_OK;
+    const unsigned nb = kvt_cu_blocks(n, 256), grid = nb < 4096 ? nb : 4096;
+    nf_k<<<grid, 256, 0, st>>>(x, n, first);
+    KVT_CU_LAUNCHED();
+    return KVT_OK;
+}

@@ -385,7 +385,7 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
         KVT_FORWARD(upload(g, (void **)&g->kd, in->k_decode, n));
         KVT_FORWARD(dalloc(g, (void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
     }
-    KVT_FORWARD(dalloc(g, (void **)&g->lse, rows * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->lse, (rows > 2 ? rows : 2) * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
     KVT_FORWARD(dalloc(g, (void **)&g->norm, T * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->mean, D * sizeof(double)));
@@ -410,6 +410,24 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
         return s;
     }
     *out = g;
+    return KVT_OK;
+}
+
+kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
+{
+    KVT_RETURN_IF(!g, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
+    const size_t n = (size_t)g->Hkv * g->T * g->D;
+    unsigned long long *d = (unsigned long long *)g->lse, h[2]; /* lse: rows >= 2 doubles */
+    uint64_t t1 = 0, ns = 0;
+    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(kvt_first_nonfinite_cuda(g->k, n, d, (void *)g->st));
+    KVT_FORWARD(kvt_first_nonfinite_cuda(g->v, n, d + 1, (void *)g->st));
+    KVT_FORWARD(kern_end(g, &ns, &t1));
+    PROF(g, gpu_norm_ns, ns); /* booked with the norms: K and V read once more */
+    PROF(g, gpu_norm_bytes, 2 * n * sizeof(float));
+    KVT_FORWARD(download(g, h, d, sizeof(h)));
+    KVT_FORWARD(sync_copies(g, false, &t1));
+    *bad_k = (size_t)h[0], *bad_v = (size_t)h[1];
     return KVT_OK;
 }
 

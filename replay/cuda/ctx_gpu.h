@@ -36,6 +36,10 @@ int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
 kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
                              kvt_ctx_gpu **out);
 
+/** The first non-finite element of the uploaded K and of V (their index, or Hkv*T*D when all
+ *  are finite): the layer's check of its inputs, on the device instead of a host scan. */
+kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v);
+
 /** One KV group's attention, as kvt_attn_probs + kvt_attn_output on the host: window queries
  *  (decode false: Q_window rows of group g, keys 0..T-1 visible per n_vis) or decode queries
  *  (decode true: Q_decode rows, plus decode keys per n_vis2 when the layer has them). Host

@@ -32,6 +32,12 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
+kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
+{
+    (void)g, (void)bad_k, (void)bad_v;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
+}
+
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, const int *n_vis,
                             const int *n_vis2, double scale, float *pr2, double *lse, double *out,
                             double *rowsum, double *mass)

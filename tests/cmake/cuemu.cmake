@@ -105,6 +105,12 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     set_tests_properties(test_replay_device_cuemu PROPERTIES LABELS "cpu;noasan"
         SKIP_RETURN_CODE 77 TIMEOUT 600
         ENVIRONMENT "KVT_SOURCE_ROOT=${PROJECT_SOURCE_DIR};KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_PYTHON=${KVT_SYS_PYTHON}")
+    # hostile traces (NaN or Inf in K, V, queries; odd shapes) through replay --device cuda: the
+    # same clear errors and results as the CPU path's (K and V are checked on the device)
+    add_test(NAME test_reliability_hostile_cuemu COMMAND test_reliability_hostile)
+    set_tests_properties(test_reliability_hostile_cuemu PROPERTIES LABELS "cpu;noasan"
+        SKIP_RETURN_CODE 77 TIMEOUT 600
+        ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_HOSTILE_REPLAY_ARGS=--device cuda")
     # replay --device cuda on a GPU without memory pools, and with deferred stream work, writes
     # the same results
     set(nop ${CMAKE_CURRENT_BINARY_DIR}/nopools)

@@ -565,6 +565,28 @@ static void test_redundancy(int T, int D, uint64_t seed)
     free(k), free(ku), free(order), free(w);
 }
 
+/* the first non-finite element: the lowest index of several, none, an empty array */
+static void test_nonfinite(void)
+{
+    const size_t n = 1 << 20;
+    float *x = calloc(n, 4);
+    x[n - 1] = INFINITY, x[777] = NAN, x[1500] = -INFINITY;
+    float *dx = to_dev(x, n * 4);
+    unsigned long long *d = out_dev(8), got = 0;
+    KVT_CHECK(kvt_first_nonfinite_cuda(dx, n, d, NULL));
+    from_dev(&got, d, 8, "first_nonfinite");
+    KVT_EXPECT_MSG(got == 777, "first non-finite: %llu, want 777", got);
+    KVT_CHECK(kvt_first_nonfinite_cuda(dx, 777, d, NULL)); /* the finite prefix */
+    from_dev(&got, d, 8, "first_nonfinite");
+    KVT_EXPECT_MSG(got == 777, "all finite: %llu, want n = 777", got);
+    KVT_CHECK(kvt_first_nonfinite_cuda(dx, 0, d, NULL));
+    from_dev(&got, d, 8, "first_nonfinite");
+    KVT_EXPECT_MSG(got == 0, "empty: %llu, want 0", got);
+    KVT_EXPECT_STATUS(kvt_first_nonfinite_cuda(dx, n, NULL, NULL), KVT_ERR_INVALID_ARG);
+    cudaFree(dx), cudaFree(d);
+    free(x);
+}
+
 int main(void)
 {
     char why[256] = "";
@@ -615,7 +637,8 @@ int main(void)
     test_scores(4, 2, 8, 8, 40, 101);   /* GQA, the whole window */
     test_scores(8, 8, 32, 5, 300, 102); /* MHA, part of the window */
     test_scores(2, 1, 4, 4, 5, 103);    /* a prefix of one token */
-    test_redundancy(1030, 200, 151);    /* 2 and 3 dimensions per thread */
+    test_nonfinite();
+    test_redundancy(1030, 200, 151); /* 2 and 3 dimensions per thread */
     test_redundancy(300, 320, 152);
     test_redundancy(260, 512, 153);
     test_colsum(1, 64, 111);

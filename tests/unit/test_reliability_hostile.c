@@ -353,6 +353,8 @@ int main(void)
      * naming it in KVT_HOSTILE_SKIP_REPLAY (comma list; none today), with the bug written up
      * in tests/RELIABILITY.md, so the other cases stay a regression test. */
     const char *skip = getenv("KVT_HOSTILE_SKIP_REPLAY");
+    /* e.g. "--device cuda" (test_reliability_hostile_cuemu): the same cases on that path */
+    const char *extra = getenv("KVT_HOSTILE_REPLAY_ARGS") ? getenv("KVT_HOSTILE_REPLAY_ARGS") : "";
     for (size_t i = 0; i < n_cases; i++) {
         const hcase *c = &cases[i];
         char trace[512], args[2048], out[600], rep[600];
@@ -375,15 +377,16 @@ int main(void)
             skip_replay = strstr(list, key) != NULL;
         }
         snprintf(args, sizeof(args),
-                 "replay %s --policies all --budgets 8,16,1000 --threads 2 -o %s", trace, out);
+                 "replay %s --policies all --budgets 8,16,1000 --threads 2 %s -o %s", trace, extra,
+                 out);
         int rc = check_cmd(c->name, "replay", args, skip_replay ? any : c->replay);
         if (skip_replay)
             printf("  (replay expectation skipped: known bug, see tests/RELIABILITY.md)\n");
         if (rc == 0)
             check_results(c->name, out, rep, skip_replay);
         if (c->m == MUT_NAN_COLSUM) { /* only H2O reads the column sums */
-            snprintf(args, sizeof(args), "replay %s --policies h2o --budgets 8 -o %s/h2o.json",
-                     trace, dir);
+            snprintf(args, sizeof(args), "replay %s --policies h2o --budgets 8 %s -o %s/h2o.json",
+                     trace, extra, dir);
             check_cmd(c->name, "replay_h2o", args, (expect){1, "is not finite"});
         }
         if (!c->small_window)
@@ -393,8 +396,9 @@ int main(void)
         snprintf(name2, sizeof(name2), "%s_w1", c->name);
         snprintf(out, sizeof(out), "%s/%s.json", dir, name2);
         snprintf(rep, sizeof(rep), "%s/%s_report", dir, name2);
-        snprintf(args, sizeof(args), "replay %s --policies %s --budgets 1,8,1000 --threads 2 -o %s",
-                 trace, WINDOW1_POLICIES, out);
+        snprintf(args, sizeof(args),
+                 "replay %s --policies %s --budgets 1,8,1000 --threads 2 %s -o %s", trace,
+                 WINDOW1_POLICIES, extra, out);
         if (check_cmd(name2, "replay", args, ok) == 0)
             check_results(name2, out, rep, false);
     }
