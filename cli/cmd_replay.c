@@ -150,7 +150,8 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
     return n;
 }
 
-static uint64_t cmd_t0; /* when kvt_cmd_replay started */
+static uint64_t cmd_t0;     /* when kvt_cmd_replay started */
+static uint64_t cmd_dev_ns; /* resolving --device (loading the CUDA driver) */
 
 /* --profile: where the time went, on stderr (one "profile:" line per part) */
 static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64_t wb, int threads)
@@ -164,8 +165,14 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
             p->measure_ns * 1e-9, p->select_ns * 1e-9);
     fprintf(stderr,
             "profile: the command so far %.3f s: the wall above, and %.3f s before and after "
-            "it (options, trace headers, device checks, writing the results)\n",
-            (kvt_now_ns() - cmd_t0) * 1e-9, (kvt_now_ns() - cmd_t0) * 1e-9 - wall);
+            "it (options, trace headers, device checks %.3f s, writing the results)\n",
+            (kvt_now_ns() - cmd_t0) * 1e-9, (kvt_now_ns() - cmd_t0) * 1e-9 - wall,
+            cmd_dev_ns * 1e-9);
+    if (device == KVT_DEVICE_CUDA)
+        fprintf(stderr,
+                "profile: gpu: CUDA context and memory plan %.3f s (a thread, while the workers "
+                "read); workers waiting for it or for room on the GPU %.3f s, summed\n",
+                p->gpu_plan_ns * 1e-9, p->gpu_wait_ns * 1e-9);
     char blas[160];
     kvt_kernels_cpu_describe(blas, sizeof(blas));
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);
@@ -694,7 +701,10 @@ int kvt_cmd_replay(int argc, char **argv)
     {
         char why[160];
         kvt_device want = device;
-        if ((st = kvt_replay_resolve_device(want, &device, why, sizeof(why)))) {
+        uint64_t t_dev = kvt_now_ns();
+        st = kvt_replay_resolve_device(want, &device, why, sizeof(why));
+        cmd_dev_ns = kvt_now_ns() - t_dev;
+        if (st) {
             kvt_cli_fail_status(cmd, st, "--device");
             goto out_free;
         }

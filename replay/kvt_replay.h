@@ -219,6 +219,8 @@ typedef struct kvt_replay_profile {
     uint64_t select_ns;         /* of measure_ns: the policies' selections (rankings and cuts) */
     uint64_t gpu_sweep_wall_ns; /* of measure_ns: host clock inside the GPU's sweep, coverage and
                                    redundancy calls (uploads, kernels, waits, downloads) */
+    uint64_t gpu_plan_ns; /* creating the CUDA context and asking its free memory (a thread) */
+    uint64_t gpu_wait_ns; /* workers waiting, after reading, for the plan or a GPU slot */
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {

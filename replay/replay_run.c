@@ -247,6 +247,7 @@ static void *worker(void *arg)
             in.q_all_user = &qal;
         }
         if (sh->gpu_plan) { /* wait for room on the GPU; after an error, stop */
+            uint64_t t_wait = kvt_now_ns();
             pthread_mutex_lock(&sh->mu);
             while ((!sh->gpu_planned || (sh->gpu_slots > 0 && sh->gpu_busy >= sh->gpu_slots)) &&
                    !sh->err)
@@ -255,6 +256,7 @@ static void *worker(void *arg)
             if (!stop)
                 sh->gpu_busy++;
             pthread_mutex_unlock(&sh->mu);
+            KVT_PROF_ADD(sh->o->profile, gpu_wait_ns, kvt_now_ns() - t_wait);
             if (stop)
                 break;
         }
@@ -499,7 +501,7 @@ const char *kvt_device_name(kvt_device d)
 static void *gpu_plan_run(void *arg)
 {
     run_shared *sh = arg;
-    uint64_t fr = 0, tot = 0;
+    uint64_t fr = 0, tot = 0, t0 = kvt_now_ns();
     int slots = 0;
     if (sh->gpu_bytes && kvt_ctx_gpu_mem(&fr, &tot) == 0) {
         uint64_t fit = fr / sh->gpu_bytes; /* other processes' memory is already out of fr */
@@ -513,6 +515,7 @@ static void *gpu_plan_run(void *arg)
             pr->gpu_threads = (uint64_t)sh->n_threads;
         }
     }
+    KVT_PROF_ADD(sh->o->profile, gpu_plan_ns, kvt_now_ns() - t0);
     pthread_mutex_lock(&sh->mu);
     sh->gpu_slots = slots;
     sh->gpu_planned = true;
