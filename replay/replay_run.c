@@ -261,7 +261,7 @@ static void *worker(void *arg)
                 break;
         }
         st = kvt_replay_layer_metrics_frac(&in, sh->pols, sh->n_pol, sh->btok, sh->bfrac, sh->n_b,
-                                           sh->o, m);
+                                           sh->o, m, sh->res->r_all + (size_t)l * Hkv);
         if (st) {
             char pre[32];
             snprintf(pre, sizeof(pre), "layer %d: ", l);
@@ -281,17 +281,6 @@ static void *worker(void *arg)
         }
         if (st)
             continue;
-        /* r_all from the unit keys: cheap enough to recompute here */
-        double *mean = kvt_malloc((size_t)D * sizeof(double));
-        if (!mean) {
-            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-            continue;
-        }
-        for (int g = 0; g < Hkv; g++) {
-            kvt_unit_rows(k + (size_t)g * T * D, T, D, NULL, mean);
-            sh->res->r_all[(size_t)l * Hkv + g] = kvt_redundancy_ref(mean, D, T);
-        }
-        kvt_free(mean);
         for (size_t p = 0; p < sh->n_pol; p++)
             for (size_t b = 0; b < sh->n_b; b++)
                 memcpy(kvt_trace_result_at(sh->res, p, b, l, 0), m + (p * sh->n_b + b) * (size_t)Hq,

@@ -923,13 +923,15 @@ kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const
                                     size_t n_pol, const int *budget_tokens, size_t n_budgets,
                                     const kvt_replay_opts *o, kvt_head_metrics *out)
 {
-    return kvt_replay_layer_metrics_frac(in, pols, n_pol, budget_tokens, NULL, n_budgets, o, out);
+    return kvt_replay_layer_metrics_frac(in, pols, n_pol, budget_tokens, NULL, n_budgets, o, out,
+                                         NULL);
 }
 
 kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *const *pols,
                                          size_t n_pol, const int *budget_tokens,
                                          const double *budget_frac, size_t n_budgets,
-                                         const kvt_replay_opts *o, kvt_head_metrics *out)
+                                         const kvt_replay_opts *o, kvt_head_metrics *out,
+                                         double *r_all)
 {
     kvt_replay_opts def = {0};
     def.coverage_probes = -1;
@@ -1064,6 +1066,8 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
             goto out_free;
     if (o->sink)
         st = export_layer(&c, sels, n_pol, n_b, o);
+    if (!st && r_all) /* the context's head redundancy, from its mean unit keys */
+        memcpy(r_all, c.r_all, (size_t)c.Hkv * sizeof(double));
 out_free:
     if (sels)
         for (size_t p = 0; p < n_pol; p++)
