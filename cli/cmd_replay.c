@@ -702,7 +702,10 @@ int kvt_cmd_replay(int argc, char **argv)
         char why[160];
         kvt_device want = device;
         uint64_t t_dev = kvt_now_ns();
-        st = kvt_replay_resolve_device(want, &device, why, sizeof(why));
+        /* --device cuda is checked by the replay itself, while its workers read their first
+           layers (starting the CUDA driver takes about 0.1 s); auto needs the answer now */
+        st = want == KVT_DEVICE_CUDA ? KVT_OK
+                                     : kvt_replay_resolve_device(want, &device, why, sizeof(why));
         cmd_dev_ns = kvt_now_ns() - t_dev;
         if (st) {
             kvt_cli_fail_status(cmd, st, "--device");

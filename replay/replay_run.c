@@ -483,15 +483,28 @@ const char *kvt_device_name(kvt_device d)
     return d == KVT_DEVICE_CUDA ? "cuda" : d == KVT_DEVICE_AUTO ? "auto" : "cpu";
 }
 
-/* --device cuda: how many workers may hold a layer on the GPU at once, from device 0's free
- * memory. Asking creates the process's CUDA context (a few hundred milliseconds on a large
- * GPU), so this runs on its own thread while the workers read their first layers, which they
- * do before they wait for a slot. */
+/* --device cuda: whether a device is there at all (the CUDA driver's start, about 0.1 s on an
+ * H200), then how many workers may hold a layer on the GPU at once, from device 0's free
+ * memory (asking creates the process's CUDA context, a few hundred milliseconds on a large
+ * GPU). This runs on its own thread while the workers read their first layers, which they do
+ * before they wait for a slot; without a device the workers stop there, with the error. */
 static void *gpu_plan_run(void *arg)
 {
     run_shared *sh = arg;
     uint64_t fr = 0, tot = 0, t0 = kvt_now_ns();
     int slots = 0;
+    char why[160] = "";
+    if (kvt_ctx_gpu_devices(why, sizeof(why)) <= 0) {
+        pthread_mutex_lock(&sh->mu);
+        if (!sh->err) {
+            sh->err = kvt_error_set(KVT_ERR_NO_CUDA, "no usable CUDA device (%s)", why);
+            snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
+        }
+        sh->gpu_planned = true;
+        pthread_cond_broadcast(&sh->gpu_cv);
+        pthread_mutex_unlock(&sh->mu);
+        return NULL;
+    }
     if (sh->gpu_bytes && kvt_ctx_gpu_mem(&fr, &tot) == 0) {
         uint64_t fit = fr / sh->gpu_bytes; /* other processes' memory is already out of fr */
         slots = fit < 1 ? 1 : fit < (uint64_t)sh->n_threads ? (int)fit : sh->n_threads;
