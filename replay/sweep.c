@@ -19,6 +19,7 @@ typedef struct scratch {
     int32_t *cuts;
     int *map;
     double *rec, *err, *rmod; /* [n_qmax, n_b(, NM)] */
+    double *rec2, *err2;      /* [n_qmax, n_b]: the decode sweep's, queued beside the window's */
     void *sw;                 /* sweep_output workspace */
     double *cov, *rad, *cmod, *rk, *cdrop;
     double *cd_sum; /* [n_v] coverage_dropped over the sets that have dropped probes, */
@@ -50,6 +51,8 @@ static void scratch_free(scratch *s)
     kvt_free(s->rec);
     kvt_free(s->err);
     kvt_free(s->rmod);
+    kvt_free(s->rec2);
+    kvt_free(s->err2);
     kvt_free(s->sw);
     kvt_free(s->cov);
     kvt_free(s->rad);
@@ -95,6 +98,8 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->rec = kvt_malloc((size_t)nq * nb * sizeof(double));
     s->err = kvt_malloc((size_t)nq * nb * sizeof(double));
     s->rmod = kvt_malloc((size_t)nq * nb * KVT_NM * sizeof(double));
+    s->rec2 = kvt_malloc((size_t)nq * nb * sizeof(double));
+    s->err2 = kvt_malloc((size_t)nq * nb * sizeof(double));
     s->sw = kvt_malloc(kvt_sweep_output_cpu_workspace_bytes(nq, c->D) + 8);
     s->cov = kvt_malloc(nb * sizeof(double));
     s->rad = kvt_malloc(nb * sizeof(double));
@@ -132,10 +137,10 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
         }
     }
     if (!s->vcnt || !s->vocnt || !s->vm || !s->brec || !s->berr || !s->brmod || !s->cuts ||
-        !s->map || !s->rec || !s->err || !s->rmod || !s->sw || !s->cov || !s->rad || !s->cmod ||
-        !s->rk || !s->cdrop || !s->cd_sum || !s->cd_n || !s->posT || !s->probe_pos || !s->cwork ||
-        !s->rwork || !s->posO || !s->probe || !s->probe_mod || !(s->ct || s->cbest) || !s->z ||
-        !s->keep || !s->acc) {
+        !s->map || !s->rec || !s->err || !s->rmod || !s->rec2 || !s->err2 || !s->sw || !s->cov ||
+        !s->rad || !s->cmod || !s->rk || !s->cdrop || !s->cd_sum || !s->cd_n || !s->posT ||
+        !s->probe_pos || !s->cwork || !s->rwork || !s->posO || !s->probe || !s->probe_mod ||
+        !(s->ct || s->cbest) || !s->z || !s->keep || !s->acc) {
         scratch_free(s);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
     }
@@ -173,11 +178,22 @@ static int make_cuts(const int32_t *cnt, size_t stride, int n_b, int32_t *cuts, 
 
 enum { Q_WINDOW, Q_DECODE_ALL, Q_DECODE_STEP };
 
-/* mean recall/err (and window recall by modality) over the queries of query heads
- * [hq0, hq0+nh), for every budget: out_rec[b], out_err[b], out_rmod[b][NM] (may be NULL) */
-static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int step, int hq0,
-                              int nh, const int32_t *order, const int32_t *cnt, size_t cstride,
-                              int n_b, double *out_rec, double *out_err, double *out_rmod)
+/* One output sweep launched (query_launch) and reduced to its means (query_reduce). With the
+ * GPU a head's window, decode and set sweeps are queued together and their results waited for
+ * once (kvt_ctx_gpu_defer); query_reduce reads s->map, which every sweep of the head computes
+ * alike from the same counts. */
+typedef struct qs_job {
+    int n_q, n_cut;
+    bool mod;                 /* recall by modality swept */
+    double *rec, *err, *rmod; /* [n_q, n_cut(, NM)] */
+} qs_job;
+
+/* the sweep of the queries of query heads [hq0, hq0+nh) into rec, err (and rmod when want_mod
+ * and the layer has modalities) */
+static kvt_status query_launch(const kvt_layer_ctx *c, scratch *s, int kind, int step, int hq0,
+                               int nh, const int32_t *order, const int32_t *cnt, size_t cstride,
+                               int n_b, bool want_mod, double *rec, double *err, double *rmod,
+                               qs_job *j)
 {
     const int T = c->T, D = c->D, Wt = c->Wt, Gd = c->Gd;
     int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
@@ -194,7 +210,7 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         rf = c->rsw + (size_t)hq0 * Wt;
         if (s->pwt)
             pt = s->pwt + (size_t)hr * Wt, st = (size_t)c->Gs * Wt;
-        if (c->massw_mod && out_rmod) {
+        if (c->massw_mod && want_mod) {
             mod = c->in->modality;
             mm = c->massw_mod + (size_t)hq0 * Wt * KVT_NM;
         }
@@ -218,20 +234,27 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
         }
     }
     const float *v = c->in->v + (size_t)(hq0 / c->Gs) * T * D;
+    *j = (qs_job){n_q, n_cut, mod != NULL, rec, err, rmod};
     if (c->gpu) /* --device cuda (pt is NULL then: see scratch_init) */
-        KVT_FORWARD(kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, v, a, sa, pe, se, oe, rf,
-                                             order, s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
-                                             mod ? s->rmod : NULL));
-    else
-        KVT_FORWARD(kvt_sweep_output(n_q, T, D, p, sp, pt, st, v, a, sa, pe, se, oe, rf, order,
-                                     s->cuts, n_cut, mod, mm, KVT_NM, s->rec, s->err,
-                                     mod ? s->rmod : NULL, s->sw));
+        return kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, v, a, sa, pe, se, oe, rf, order,
+                                        s->cuts, n_cut, mod, mm, KVT_NM, rec, err,
+                                        mod ? rmod : NULL);
+    return kvt_sweep_output(n_q, T, D, p, sp, pt, st, v, a, sa, pe, se, oe, rf, order, s->cuts,
+                            n_cut, mod, mm, KVT_NM, rec, err, mod ? rmod : NULL, s->sw);
+}
+
+/* mean recall/err (and window recall by modality) over the job's queries, for every budget:
+ * out_rec[b], out_err[b], out_rmod[b][NM] (may be NULL) */
+static void query_reduce(const scratch *s, const qs_job *j, int n_b, double *out_rec,
+                         double *out_err, double *out_rmod)
+{
+    const int n_q = j->n_q, n_cut = j->n_cut;
     for (int b = 0; b < n_b; b++) {
         int ci = s->map[b];
         double r = 0.0, e = 0.0;
         for (int q = 0; q < n_q; q++) {
-            r += s->rec[(size_t)q * n_cut + ci];
-            e += s->err[(size_t)q * n_cut + ci];
+            r += j->rec[(size_t)q * n_cut + ci];
+            e += j->err[(size_t)q * n_cut + ci];
         }
         out_rec[b] = r / n_q;
         out_err[b] = e / n_q;
@@ -239,14 +262,25 @@ static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int 
             for (int m = 0; m < KVT_NM; m++) {
                 double sum = 0.0;
                 int k = 0;
-                for (int q = 0; mod && q < n_q; q++) {
-                    double x = s->rmod[((size_t)q * n_cut + ci) * KVT_NM + m];
+                for (int q = 0; j->mod && q < n_q; q++) {
+                    double x = j->rmod[((size_t)q * n_cut + ci) * KVT_NM + m];
                     if (!isnan(x))
                         sum += x, k++;
                 }
                 out_rmod[(size_t)b * KVT_NM + m] = k ? sum / k : NAN;
             }
     }
+}
+
+/* one sweep at once: query_launch, its results waited for, query_reduce */
+static kvt_status query_sweep(const kvt_layer_ctx *c, scratch *s, int kind, int step, int hq0,
+                              int nh, const int32_t *order, const int32_t *cnt, size_t cstride,
+                              int n_b, double *out_rec, double *out_err, double *out_rmod)
+{
+    qs_job j;
+    KVT_FORWARD(query_launch(c, s, kind, step, hq0, nh, order, cnt, cstride, n_b, out_rmod != NULL,
+                             s->rec, s->err, s->rmod, &j));
+    query_reduce(s, &j, n_b, out_rec, out_err, out_rmod);
     return KVT_OK;
 }
 
@@ -264,33 +298,42 @@ static int probes_in_prefix(const scratch *s, int T, int W)
  * modality, oracle overlap. Coverage is over the probes of the prefix of window W. Results are
  * ADDED to the metric slots m[b] times `wgt` (for averaging over decode steps). oord/ocnt [n_b]:
  * the oracle's ranking and counts of the same head, or NULL. */
-static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, int W, const int32_t *order,
-                            const int32_t *cnt, size_t cstride, int n_b, const int32_t *oord,
-                            const int32_t *ocnt, double wgt, kvt_head_metrics *const *m)
+/* The set metrics of one ranking in two steps, as the output sweeps (query_launch): set_launch
+ * sweeps coverage and redundancy (with the GPU: queued, the results waited for by the caller,
+ * *n_cut cuts), set_finish adds them (and the kept counts, modality mix and oracle overlap) to
+ * the metrics. */
+static kvt_status set_launch(const kvt_layer_ctx *c, scratch *s, int g, int W, const int32_t *order,
+                             const int32_t *cnt, size_t cstride, int n_b, int *n_cut_out)
 {
     const int T = c->T, D = c->D, n_eval = probes_in_prefix(s, T, W);
-    int n_cut = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
+    int n_cut = *n_cut_out = make_cuts(cnt, cstride, n_b, s->cuts, s->map);
     if (s->n_probe > 0) { /* where each probe's token is in the ranking: kept below a cut */
         for (int t = 0; t < T; t++)
             s->posT[order[t]] = t;
         for (int i = 0; i < s->n_probe; i++)
             s->probe_pos[i] = s->posT[s->probe[i]];
     }
-    if (c->gpu) { /* each probe's best per cut and the redundancy on the GPU, summarised here */
-        KVT_FORWARD(kvt_ctx_gpu_set_sweep(c->gpu, g, order, s->cuts, n_cut,
-                                          s->n_probe > 0 ? s->cbest : NULL, s->rk));
+    if (c->gpu) /* each probe's best per cut and the redundancy on the GPU */
+        return kvt_ctx_gpu_set_sweep(c->gpu, g, order, s->cuts, n_cut,
+                                     s->n_probe > 0 ? s->cbest : NULL, s->rk);
+    if (s->n_probe > 0)
+        KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, n_eval, order, s->cuts, n_cut,
+                                       s->probe_mod, s->probe_pos, s->cwork, s->cov, s->rad,
+                                       s->cmod, s->cdrop));
+    return kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut, s->rwork,
+                                s->rk);
+}
+
+static void set_finish(const kvt_layer_ctx *c, scratch *s, int W, const int32_t *order,
+                       const int32_t *cnt, size_t cstride, int n_b, int n_cut, const int32_t *oord,
+                       const int32_t *ocnt, double wgt, kvt_head_metrics *const *m)
+{
+    const int T = c->T, n_eval = probes_in_prefix(s, T, W);
+    if (c->gpu) /* the GPU's bests summarised here */
         for (int ci = 0; ci < n_cut && s->n_probe > 0; ci++)
             kvt_coverage_summary(s->cbest + (size_t)ci * s->n_probe, n_eval, s->cuts[ci],
                                  s->probe_mod, s->probe_pos, s->cov + ci, s->rad + ci,
                                  s->cmod + (size_t)ci * KVT_NM, s->cdrop + ci);
-    } else {
-        if (s->n_probe > 0)
-            KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, n_eval, order, s->cuts, n_cut,
-                                           s->probe_mod, s->probe_pos, s->cwork, s->cov, s->rad,
-                                           s->cmod, s->cdrop));
-        KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
-                                         s->rwork, s->rk));
-    }
     if (oord)
         for (int t = 0; t < T; t++)
             s->posO[oord[t]] = t;
@@ -324,6 +367,16 @@ static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, int W, co
             hm->oracle_overlap += wgt * (no > 0 ? (double)hit / no : NAN);
         }
     }
+}
+
+/* one ranking's set metrics at once: set_launch, its results waited for, set_finish */
+static kvt_status set_sweep(const kvt_layer_ctx *c, scratch *s, int g, int W, const int32_t *order,
+                            const int32_t *cnt, size_t cstride, int n_b, const int32_t *oord,
+                            const int32_t *ocnt, double wgt, kvt_head_metrics *const *m)
+{
+    int n_cut = 0;
+    KVT_FORWARD(set_launch(c, s, g, W, order, cnt, cstride, n_b, &n_cut));
+    set_finish(c, s, W, order, cnt, cstride, n_b, n_cut, oord, ocnt, wgt, m);
     return KVT_OK;
 }
 
@@ -378,8 +431,28 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
     }
     if (sel->has_fixed) {
         const int32_t *ord = sel->order + (size_t)h * T;
-        if ((st = query_sweep(c, s, Q_WINDOW, 0, hq0, nh, ord, s->vcnt, 1, n_v, brec, berr, rmod)))
+        /* the window, decode and set sweeps of the head's ranking (the same counts, so the same
+           cuts), queued together on the GPU and waited for once */
+        const bool dec = Gd > 0 && !step, set = !(Gd > 0 && step);
+        qs_job jw, jd;
+        int set_cuts = 0;
+        if (c->gpu)
+            kvt_ctx_gpu_defer(c->gpu, true);
+        st = query_launch(c, s, Q_WINDOW, 0, hq0, nh, ord, s->vcnt, 1, n_v, true, s->rec, s->err,
+                          s->rmod, &jw);
+        if (!st && dec)
+            st = query_launch(c, s, Q_DECODE_ALL, 0, hq0, nh, ord, s->vcnt, 1, n_v, false, s->rec2,
+                              s->err2, NULL, &jd);
+        /* a per-step head's set metrics are the mean over its step sets (below) */
+        if (!st && set)
+            st = set_launch(c, s, g, sel->window, ord, s->vcnt, 1, n_v, &set_cuts);
+        if (c->gpu) { /* the results, now */
+            kvt_status st2 = kvt_ctx_gpu_defer(c->gpu, false);
+            st = st ? st : st2;
+        }
+        if (st)
             return st;
+        query_reduce(s, &jw, n_v, brec, berr, rmod);
         for (int v = 0; v < n_v; v++) {
             kvt_head_metrics *hm = s->vm[v];
             hm->recall_window = brec[v];
@@ -387,19 +460,16 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
             for (int k = 0; k < KVT_NM; k++)
                 hm->recall_window_mod[k] = mod ? rmod[(size_t)v * KVT_NM + k] : NAN;
         }
-        if (Gd > 0 && !step) {
-            if ((st = query_sweep(c, s, Q_DECODE_ALL, 0, hq0, nh, ord, s->vcnt, 1, n_v, brec, berr,
-                                  NULL)))
-                return st;
+        if (dec) {
+            query_reduce(s, &jd, n_v, brec, berr, NULL);
             for (int v = 0; v < n_v; v++) {
                 s->vm[v]->recall_decode = brec[v];
                 s->vm[v]->err_decode = berr[v];
             }
         }
-        /* a per-step head's set metrics are the mean over its step sets (below) */
-        if (!(Gd > 0 && step) && (st = set_sweep(c, s, g, sel->window, ord, s->vcnt, 1, n_v, oord,
-                                                 s->vocnt, 1.0, s->vm)))
-            return st;
+        if (set)
+            set_finish(c, s, sel->window, ord, s->vcnt, 1, n_v, set_cuts, oord, s->vocnt, 1.0,
+                       s->vm);
     }
     if (Gd > 0 && step) { /* a single member (per-step rankings are never shared) */
         for (int b = 0; b < n_b; b++)

@@ -83,6 +83,7 @@ struct kvt_ctx_gpu {
     int n_pend;
     size_t pend_end; /* bytes of stage[0] the queued downloads use */
     bool unsynced;   /* pageable downloads queued (no staging) */
+    bool defer;      /* kvt_ctx_gpu_defer: sweeps leave their downloads queued */
 };
 
 #define PROF(g, field, v) KVT_PROF_ADD((g)->prof, field, (v))
@@ -645,7 +646,9 @@ static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const floa
     KVT_FORWARD(download(g, err, g->err, n * sizeof(double)));
     if (mod && recall_mod)
         KVT_FORWARD(download(g, recall_mod, g->rmod, n * KVT_NM * sizeof(double)));
-    return sync_copies(g, false, &t1);
+    /* deferred: the copies are queued in stream order, before any later kernel reuses the
+       device buffers, and each has its own part of the staging buffer */
+    return g->defer ? KVT_OK : sync_copies(g, false, &t1);
 }
 
 kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
@@ -662,6 +665,20 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
                      r_full, order, cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod);
     if (g)
         PROF(g, gpu_sweep_wall_ns, kvt_now_ns() - t0);
+    return s;
+}
+
+kvt_status kvt_ctx_gpu_defer(kvt_ctx_gpu *g, bool on)
+{
+    KVT_RETURN_IF(!g, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
+    g->defer = on;
+    if (on)
+        return KVT_OK;
+    /* the wait: the queued kernels (unless a profile waited for them) and copies, booked as
+       downloads and as the sweeps' host time */
+    uint64_t t0 = kvt_now_ns(), t1 = t0;
+    kvt_status s = sync_copies(g, false, &t1);
+    PROF(g, gpu_sweep_wall_ns, kvt_now_ns() - t0);
     return s;
 }
 
@@ -737,7 +754,7 @@ static kvt_status set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order, con
     if (best)
         KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
     KVT_FORWARD(download(g, rk, g->rk, (size_t)n_cut * sizeof(double)));
-    return sync_copies(g, false, &t1);
+    return g->defer ? KVT_OK : sync_copies(g, false, &t1);
 }
 
 kvt_status kvt_ctx_gpu_set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order,

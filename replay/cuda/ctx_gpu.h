@@ -77,6 +77,12 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
                                     const uint8_t *mod, const double *mass_mod, size_t stride_m,
                                     double *recall, double *err, double *recall_mod);
 
+/** With on, the sweep and set-sweep calls that follow only queue their work and their results'
+ *  downloads; with off, they are waited for (the host arrays complete), so that a head's sweeps
+ *  cost one round trip. Their host result arrays must not be read in between. Returns the
+ *  wait's status (a kernel's fault surfaces there). */
+kvt_status kvt_ctx_gpu_defer(kvt_ctx_gpu *g, bool on);
+
 /** The cosine table of KV head `group`'s unit keys against the probe keys (probe [n_probe]
  *  host indices), kept on the device for kvt_ctx_gpu_set_sweep: kvt_cosine_table_ref. */
 kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, int n_probe);

@@ -80,6 +80,12 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
+kvt_status kvt_ctx_gpu_defer(kvt_ctx_gpu *g, bool on)
+{
+    (void)g, (void)on;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
+}
+
 kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, int n_probe)
 {
     (void)g, (void)group, (void)probe, (void)n_probe;
