@@ -4,11 +4,11 @@
  * reader fetches them) and keeps the device copies (probabilities, full outputs, row sums,
  * decode-key terms, V, unit keys) for the sweeps, coverage, redundancy, window scores and
  * column sums of the layer's policies. Every copy is on that stream, through the context's own
- * pinned staging buffers (copy_up, download); downloads are waited for, so host arrays are complete
- * when a call returns. Several replay
- * workers may each hold one at once. With a profile, the kernels of each call are timed by CUDA
- * events on the stream: the GPU's own time, without the launches, the synchronisation and the
- * host work around them (which the replay's host-side times show).
+ * pinned staging buffers (copy_up, download); downloads are waited for, so host arrays are
+ * complete when a call returns (between kvt_ctx_gpu_defer on and off, the sweeps' only when
+ * it is turned off). Several replay workers may each hold one at once. With a profile, the kernels
+ * of each call are timed by CUDA events on the stream: the GPU's own time, without the launches,
+ * the synchronisation and the host work around them (which the replay's host-side times show).
  */
 #include <cuda_runtime_api.h>
 #include <stdio.h>
@@ -119,12 +119,12 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
                + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
                + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
-               + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) +
-               rows * nb * 8 * (2 + nm) /* sweep results */
-               + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
-               + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
-               + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
-               + hq * t * (12 + 28)     /* rankings: scores, orders, the sort's own */
+               + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) /* chunks */
+               + rows * nb * 8 * (2 + nm) /* sweep results */
+               + np * (t + 1 + nb) * 4    /* cosine table, probes, bests */
+               + 2 * (hq + hkv) * t * 8   /* window scores, workspace */
+               + t * d * 4 + 3 * t * 8    /* h2o's column sums from Q_all */
+               + hq * t * (12 + 28)       /* rankings: scores, orders, the sort's own */
                + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D); /* kernels' */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
@@ -715,8 +715,7 @@ static kvt_status set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order, con
 {
     KVT_RETURN_IF(!g || group < 0 || group >= g->Hkv || n_cut < 0 || (best && !g->n_probe),
                   KVT_ERR_INVALID_ARG,
-                  "replay --device cuda: bad set sweep (coverage before a "
-                  "cosine table?)");
+                  "replay --device cuda: bad set sweep (coverage before a cosine table?)");
     if (n_cut == 0)
         return KVT_OK;
     const size_t T = (size_t)g->T, D = (size_t)g->D, n = best ? (size_t)n_cut * g->n_probe : 0;
