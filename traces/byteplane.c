@@ -36,29 +36,7 @@ void kvt_byteplane_split(const void *src, void *dst, size_t n, size_t elem)
 
 void kvt_byteplane_merge(const void *src, void *dst, size_t n, size_t elem)
 {
-    const uint8_t *s = src;
-    uint8_t *d = dst;
-    if (elem == 2) {
-        const uint8_t *p0 = s, *p1 = s + n;
-        for (size_t i = 0; i < n; i++) {
-            d[2 * i] = p0[i];
-            d[2 * i + 1] = p1[i];
-        }
-        return;
-    }
-    if (elem == 4) {
-        const uint8_t *p0 = s, *p1 = s + n, *p2 = s + 2 * n, *p3 = s + 3 * n;
-        for (size_t i = 0; i < n; i++) {
-            d[4 * i] = p0[i];
-            d[4 * i + 1] = p1[i];
-            d[4 * i + 2] = p2[i];
-            d[4 * i + 3] = p3[i];
-        }
-        return;
-    }
-    for (size_t b = 0; b < elem; b++)
-        for (size_t i = 0; i < n; i++)
-            d[i * elem + b] = s[b * n + i];
+    kvt_byteplane_merge_range(src, n, elem, 0, n, dst);
 }
 
 void kvt_byteplane_merge_range(const void *planes, size_t n, size_t elem, size_t first,

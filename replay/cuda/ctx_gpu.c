@@ -766,20 +766,27 @@ kvt_status kvt_ctx_gpu_set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order
     return s;
 }
 
+/* the scores' buffers, (Hq + Hkv) x T doubles each: every kind of scores at any window fits */
+static kvt_status need_scores(kvt_ctx_gpu *g)
+{
+    const size_t need = (size_t)(g->Hq + g->Hkv) * (size_t)g->T;
+    if (need <= g->sc_cap)
+        return KVT_OK;
+    dfree(g, g->sc), dfree(g, g->sc_work);
+    g->sc = g->sc_work = NULL, g->sc_cap = 0;
+    KVT_FORWARD(dalloc(g, (void **)&g->sc, need * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->sc_work, need * sizeof(double)));
+    g->sc_cap = need;
+    return KVT_OK;
+}
+
 kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool pool,
                                      kvt_reduce reduce, bool per_query, double *out)
 {
     KVT_RETURN_IF(!g || W < 1 || W > g->Wt || W >= g->T, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: bad window scores call (W=%d)", W);
     const size_t P = (size_t)(g->T - W), H = (size_t)(per_query ? g->Hq : g->Hkv);
-    const size_t need = (size_t)(g->Hq + g->Hkv) * P; /* the larger of the two */
-    if (need > g->sc_cap) {
-        dfree(g, g->sc), dfree(g, g->sc_work);
-        g->sc = g->sc_work = NULL, g->sc_cap = 0;
-        KVT_FORWARD(dalloc(g, (void **)&g->sc, need * sizeof(double)));
-        KVT_FORWARD(dalloc(g, (void **)&g->sc_work, need * sizeof(double)));
-        g->sc_cap = need;
-    }
+    KVT_FORWARD(need_scores(g));
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_window_scores_cuda(g->prw, g->Hq, g->Hkv, g->Wt, W, g->T, kernel, pool, reduce,
@@ -797,14 +804,7 @@ kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, doub
     KVT_RETURN_IF(!g || g->Gd < 1 || P < 0 || P > g->T, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: bad decode scores call (P=%d)", P);
     const int per = per_query ? 1 : g->Hq / g->Hkv, H = per_query ? g->Hq : g->Hkv;
-    const size_t need = (size_t)(g->Hq + g->Hkv) * (size_t)g->T; /* window scores' too */
-    if (need > g->sc_cap) {
-        dfree(g, g->sc), dfree(g, g->sc_work);
-        g->sc = g->sc_work = NULL, g->sc_cap = 0;
-        KVT_FORWARD(dalloc(g, (void **)&g->sc, need * sizeof(double)));
-        KVT_FORWARD(dalloc(g, (void **)&g->sc_work, need * sizeof(double)));
-        g->sc_cap = need;
-    }
+    KVT_FORWARD(need_scores(g));
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_col_mean_cuda(g->prd, H, per * g->Gd, g->T, P, g->sc, (void *)g->st));

@@ -372,14 +372,23 @@ static void test_rank(int n_seg, int n, int kind, uint64_t seed)
     free(s), free(oa), free(ob), free(w);
 }
 
+/* T random unit keys [T, D] (malloc) */
+static float *unit_keys(kvt_rng *r, int T, int D)
+{
+    size_t nk = (size_t)T * D;
+    float *k = malloc(nk * 4), *ku = malloc(nk * 4);
+    kt_fill(r, k, nk, 1.0f);
+    kvt_unit_rows_ref(k, T, D, ku, NULL);
+    free(k);
+    return ku;
+}
+
 static void test_coverage(int T, int D, int n_probe, uint64_t seed)
 {
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     size_t nk = (size_t)T * D;
-    float *k = malloc(nk * 4), *ku = malloc(nk * 4);
-    kt_fill(&r, k, nk, 1.0f);
-    kvt_unit_rows_ref(k, T, D, ku, NULL);
+    float *ku = unit_keys(&r, T, D);
     int P = T < n_probe ? T : n_probe;
     int32_t *probe = malloc((size_t)P * 4), *order = malloc((size_t)T * 4);
     uint8_t *pm = malloc((size_t)P);
@@ -464,7 +473,7 @@ static void test_coverage(int T, int D, int n_probe, uint64_t seed)
     KVT_EXPECT_STATUS(kvt_coverage_best_cuda(dct, T, P, dord, badcuts, 2, dbest, NULL),
                       KVT_ERR_INVALID_ARG);
     cudaFree(dku), cudaFree(dct), cudaFree(dprobe), cudaFree(dord), cudaFree(dbest);
-    free(k), free(ku), free(probe), free(pm), free(order), free(ca), free(cb), free(best);
+    free(ku), free(probe), free(pm), free(order), free(ca), free(cb), free(best);
     free(wf), free(pp);
 }
 
@@ -530,9 +539,7 @@ static void test_redundancy(int T, int D, uint64_t seed)
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     size_t nk = (size_t)T * D;
-    float *k = malloc(nk * 4), *ku = malloc(nk * 4);
-    kt_fill(&r, k, nk, 1.0f);
-    kvt_unit_rows_ref(k, T, D, ku, NULL);
+    float *ku = unit_keys(&r, T, D);
     int32_t *order = malloc((size_t)T * 4);
     kt_shuffle(&r, order, T);
     int32_t cand[] = {0, 1, 2, 3, 127, 128, 129, 300, T / 2, T - 1, T}, cuts[16];
@@ -562,7 +569,7 @@ static void test_redundancy(int T, int D, uint64_t seed)
         kvt_sweep_redundancy_cuda_ws(dku, T, 600, dord, cuts, n_cut, dr, dw, 64, NULL),
         KVT_ERR_UNSUPPORTED);
     cudaFree(dku), cudaFree(dord), cudaFree(dr), cudaFree(dw);
-    free(k), free(ku), free(order), free(w);
+    free(ku), free(order), free(w);
 }
 
 /* the first non-finite element: the lowest index of several, none, an empty array */
