@@ -174,9 +174,11 @@ typedef kvt_status (*kvt_selection_sink)(void *user, int layer, const kvt_select
                                          size_t n_recs);
 
 /** Where the layer context (attention probabilities and outputs, norms, unit keys) and the
- *  recall/output-error and coverage sweeps run: on the host, or on CUDA device 0 with the
- *  kernels of kernels/cuda (policies, rankings and redundancy run on the host either way).
- *  AUTO: CUDA when a device is usable, else the host. */
+ *  recall/output-error, coverage and redundancy sweeps run: on the host, or on CUDA device 0
+ *  with the kernels of kernels/cuda (which also rank long prompts' scores; the policies' own
+ *  logic runs on the host either way). AUTO: CUDA when a device is usable, else the host.
+ *  kvt_replay_trace with CUDA checks for a device itself, while its workers read their first
+ *  layers (KVT_ERR_NO_CUDA, "no usable CUDA device (...)", without one). */
 typedef enum kvt_device { KVT_DEVICE_CPU = 0, KVT_DEVICE_CUDA = 1, KVT_DEVICE_AUTO = 2 } kvt_device;
 
 /** Resolve a requested device: AUTO becomes CUDA or CPU (why[cap] says why not CUDA); CUDA
