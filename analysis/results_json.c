@@ -162,31 +162,29 @@ static cJSON *run_json(const kvt_trace_result *t, size_t p, size_t b)
         cJSON_Delete(run);
         return NULL;
     }
-    {
+    for (int l = 0; l < t->n_layers; l++)
+        kvt_summarize_trace(t, p, b, l, &ls[l]);
+    const struct {
+        const char *n;
+        size_t off;
+    } f[] = {{"n_keep", offsetof(kvt_run_summary, n_keep)},
+             {"recall_window", offsetof(kvt_run_summary, recall_window)},
+             {"err_window", offsetof(kvt_run_summary, err_window)},
+             {"recall_decode", offsetof(kvt_run_summary, recall_decode)},
+             {"err_decode", offsetof(kvt_run_summary, err_decode)},
+             {"coverage", offsetof(kvt_run_summary, coverage)},
+             {"coverage_dropped", offsetof(kvt_run_summary, coverage_dropped)},
+             {"head_overlap", offsetof(kvt_run_summary, head_overlap)},
+             {"r_kept", offsetof(kvt_run_summary, r_kept)},
+             {"r_all", offsetof(kvt_run_summary, r_all)},
+             {"oracle_overlap", offsetof(kvt_run_summary, oracle_overlap)},
+             {"kept_entries", offsetof(kvt_run_summary, kept_entries)}};
+    for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
+        cJSON *arr = cJSON_AddArrayToObject(pl, f[k].n);
         for (int l = 0; l < t->n_layers; l++)
-            kvt_summarize_trace(t, p, b, l, &ls[l]);
-        const struct {
-            const char *n;
-            size_t off;
-        } f[] = {{"n_keep", offsetof(kvt_run_summary, n_keep)},
-                 {"recall_window", offsetof(kvt_run_summary, recall_window)},
-                 {"err_window", offsetof(kvt_run_summary, err_window)},
-                 {"recall_decode", offsetof(kvt_run_summary, recall_decode)},
-                 {"err_decode", offsetof(kvt_run_summary, err_decode)},
-                 {"coverage", offsetof(kvt_run_summary, coverage)},
-                 {"coverage_dropped", offsetof(kvt_run_summary, coverage_dropped)},
-                 {"head_overlap", offsetof(kvt_run_summary, head_overlap)},
-                 {"r_kept", offsetof(kvt_run_summary, r_kept)},
-                 {"r_all", offsetof(kvt_run_summary, r_all)},
-                 {"oracle_overlap", offsetof(kvt_run_summary, oracle_overlap)},
-                 {"kept_entries", offsetof(kvt_run_summary, kept_entries)}};
-        for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
-            cJSON *arr = cJSON_AddArrayToObject(pl, f[k].n);
-            for (int l = 0; l < t->n_layers; l++)
-                cJSON_AddItemToArray(arr, num(*(const double *)((const char *)&ls[l] + f[k].off)));
-        }
-        kvt_free(ls);
+            cJSON_AddItemToArray(arr, num(*(const double *)((const char *)&ls[l] + f[k].off)));
     }
+    kvt_free(ls);
     kvt_run_summary s;
     kvt_summarize_trace(t, p, b, -1, &s);
     cJSON_AddItemToObject(run, "summary", summary_json(&s, t->has_modality));

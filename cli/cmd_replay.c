@@ -163,11 +163,11 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
             "context %.3f s, policies+sweeps %.3f s (selections %.3f s)\n",
             wall, (unsigned long long)p->n_layers, p->read_ns * 1e-9, p->context_ns * 1e-9,
             p->measure_ns * 1e-9, p->select_ns * 1e-9);
+    const double so_far = (kvt_now_ns() - cmd_t0) * 1e-9;
     fprintf(stderr,
             "profile: the command so far %.3f s: the wall above, and %.3f s before and after "
             "it (options, trace headers, device checks %.3f s, writing the results)\n",
-            (kvt_now_ns() - cmd_t0) * 1e-9, (kvt_now_ns() - cmd_t0) * 1e-9 - wall,
-            cmd_dev_ns * 1e-9);
+            so_far, so_far - wall, cmd_dev_ns * 1e-9);
     if (device == KVT_DEVICE_CUDA)
         fprintf(stderr,
                 "profile: gpu: CUDA context and memory plan %.3f s (a thread, while the workers "

@@ -75,6 +75,13 @@ void kvt_sel_clear(kvt_layer_selection *s)
     memset(s, 0, sizeof(*s));
 }
 
+/* the window first, most recent first: a budget B < W keeps the last B tokens */
+static void window_first(int T, int W, int32_t *order)
+{
+    for (int i = 0; i < W; i++)
+        order[i] = T - 1 - i;
+}
+
 kvt_status kvt_rank_window(const double *score, int T, int W, int32_t *order)
 {
     if (W > T)
@@ -82,8 +89,7 @@ kvt_status kvt_rank_window(const double *score, int T, int W, int32_t *order)
     if (W < 0)
         W = 0;
     int P = T - W;
-    for (int i = 0; i < W; i++)
-        order[i] = T - 1 - i; /* most recent first: B < W keeps the last B tokens */
+    window_first(T, W, order);
     if (P == 0)
         return KVT_OK;
     int32_t *work = kvt_malloc((size_t)P * sizeof(int32_t));
@@ -96,8 +102,7 @@ kvt_status kvt_rank_window(const double *score, int T, int W, int32_t *order)
 void kvt_chunk_order(const double *cs, int n_chunks, int C, int P, int W, int T, int32_t *ord,
                      int32_t *work, int32_t *cord)
 {
-    for (int i = 0; i < W; i++)
-        ord[i] = T - 1 - i;
+    window_first(T, W, ord);
     kvt_rank_desc_ref(cs, n_chunks, cord, work);
     int t = W;
     for (int i = 0; i < n_chunks; i++)
@@ -201,10 +206,8 @@ kvt_status kvt_sel_rank_window_all(kvt_layer_selection *s, const double *score, 
         KVT_RETURN_IF(!ord, KVT_ERR_NOMEM, "rank: out of memory");
         kvt_status st = kvt_ctx_gpu_rank(s->gpu, score, s->n_heads, P, ord);
         for (int h = 0; h < s->n_heads && !st; h++) {
-            int32_t *o = s->order + (size_t)h * T;
-            for (int i = 0; i < Wc; i++)
-                o[i] = T - 1 - i; /* as kvt_rank_window */
-            memcpy(o + Wc, ord + (size_t)h * P, (size_t)P * sizeof(int32_t));
+            window_first(T, Wc, s->order + (size_t)h * T);
+            memcpy(s->order + (size_t)h * T + Wc, ord + (size_t)h * P, (size_t)P * sizeof(int32_t));
         }
         kvt_free(ord);
         return st;

@@ -297,11 +297,10 @@ static int probes_in_prefix(const scratch *s, int T, int W)
 /* set metrics of one ranking at budgets [n_b]: coverage, radius, by modality, r_kept, kept by
  * modality, oracle overlap. Coverage is over the probes of the prefix of window W. Results are
  * ADDED to the metric slots m[b] times `wgt` (for averaging over decode steps). oord/ocnt [n_b]:
- * the oracle's ranking and counts of the same head, or NULL. */
-/* The set metrics of one ranking in two steps, as the output sweeps (query_launch): set_launch
- * sweeps coverage and redundancy (with the GPU: queued, the results waited for by the caller,
- * *n_cut cuts), set_finish adds them (and the kept counts, modality mix and oracle overlap) to
- * the metrics. */
+ * the oracle's ranking and counts of the same head, or NULL. In two steps, as the output
+ * sweeps (query_launch): set_launch sweeps coverage and redundancy (with the GPU: queued, the
+ * results waited for by the caller; *n_cut_out cuts), set_finish adds them, with the kept
+ * counts, modality mix and oracle overlap, to the metrics. */
 static kvt_status set_launch(const kvt_layer_ctx *c, scratch *s, int g, int W, const int32_t *order,
                              const int32_t *cnt, size_t cstride, int n_b, int *n_cut_out)
 {

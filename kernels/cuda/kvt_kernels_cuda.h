@@ -128,8 +128,9 @@ kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe, const int
 /* The sweep and coverage kernels above allocate a small device workspace per call, and freeing
  * device memory synchronises the whole device; callers that sweep many rankings (the replay)
  * pass one workspace instead, of at least kvt_sweep_cuda_work_bytes(T, n_cut, n_probe) bytes
- * (coverage; the output sweep: kvt_sweep_output_cuda_work_bytes). The _ws calls are asynchronous
- * (they do not synchronise the stream: the workspace must live until their kernels have run). */
+ * (coverage and redundancy; the output sweep: kvt_sweep_output_cuda_work_bytes). The _ws calls are
+ * asynchronous (they do not synchronise the stream: the workspace must live until their kernels
+ * have run). */
 #define KVT_CB_CHUNK 1024 /* ranked positions per block of the coverage bests */
 size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe);
 /* kvt_sweep_output_cuda_ws's workspace: its chunk table and the chunks' sums */

@@ -42,7 +42,7 @@ typedef struct sweep_args {
     size_t stride_e;
     const double *o_extra, *r_full;
     const int32_t *order;
-    int n_cut, n_fwd, n_chunk, n_chunk_fwd;
+    int n_cut, n_fwd, n_chunk_fwd;
     const int32_t *cs, *ce, *cend; /* chunk k: positions [cs[k], ce[k]); cut ci: chunks of its
                                       direction up to cend[ci] */
     const uint8_t *mod;
@@ -287,8 +287,8 @@ extern "C" size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe)
 {
     size_t nc = n_cut > 0 ? (size_t)n_cut : 0, np = n_probe > 0 ? (size_t)n_probe : 0;
     size_t n_chunk = nc + (T > 0 ? (size_t)T / KVT_CB_CHUNK + 1 : 0);
-    /* sweep: the cuts; coverage: chunk starts, ends, each cut's first chunk (ints), then the
-     * chunks' best values (floats) and positions (ints) */
+    /* redundancy: the cuts; coverage: chunk starts, ends, each cut's first chunk (ints), then
+     * the chunks' best values (floats) and positions (ints) */
     size_t ints = 2 * n_chunk + nc + 1;
     return ((ints * sizeof(int32_t) + 15) / 16) * 16 + n_chunk * np * (sizeof(float) + 4) + 16;
 }
@@ -330,7 +330,7 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
     a.n_q = n_q, a.T = T, a.D = D, a.p = p, a.stride_p = stride_p, a.v = v;
     a.a_full = a_full, a.stride_a = stride_a, a.p_extra = p_extra, a.stride_e = stride_e;
     a.o_extra = o_extra, a.r_full = r_full, a.order = order, a.n_cut = n_cut, a.n_fwd = n_fwd;
-    a.n_chunk = n_chunk, a.n_chunk_fwd = n_chunk_fwd;
+    a.n_chunk_fwd = n_chunk_fwd;
     a.cs = dtab, a.ce = dtab + mc, a.cend = dtab + 2 * mc;
     a.mod = mod, a.mass_mod = mass_mod, a.stride_m = stride_m;
     a.pacc = pacc, a.pr = pacc + (size_t)n_chunk * n_q * D, a.prm = a.pr + (size_t)n_chunk * n_q;
