@@ -131,9 +131,10 @@ kvt_status kvt_convert_from_f32(kvt_dtype dst_dt, const float *src, void *dst, s
 /** "0.1.0": the library version. */
 const char *kvt_version_string(void);
 /** The ABI these headers describe: bumped when a public struct or signature changes (3:
- *  kvt_capture_model and kvt_layer_input gained RoPE details). An engine that may load another
+ *  kvt_capture_model and kvt_layer_input gained RoPE details; 4: kvt_layer_input's 16-bit K
+ *  and V). An engine that may load another
  *  build of libkvtrace.so checks kvt_abi_version() == KVT_ABI_VERSION before any other call. */
-#define KVT_ABI_VERSION 3
+#define KVT_ABI_VERSION 4
 /** The ABI of the loaded libkvtrace.so (only the shared library defines it). */
 int kvt_abi_version(void);
 /** Monotonic time in nanoseconds. */

@@ -121,10 +121,17 @@ typedef struct kvt_rope_info {
 typedef struct kvt_layer_input {
     int layer, n_layers;
     int T, D, Hq, Hkv;
-    int W;                            /* stored window queries */
-    int G;                            /* decode steps captured (0 if none) */
-    double scale;                     /* softmax scale of the logits; 0 = 1/sqrt(D) */
-    const float *k, *v;               /* [Hkv, T, D] post-RoPE keys, values */
+    int W;              /* stored window queries */
+    int G;              /* decode steps captured (0 if none) */
+    double scale;       /* softmax scale of the logits; 0 = 1/sqrt(D) */
+    const float *k, *v; /* [Hkv, T, D] post-RoPE keys, values */
+    /* Or, instead of k and v (both NULL then): K and V as a trace stores them, [Hkv, T, D]
+     * elements of k16_dtype (KVT_DTYPE_BF16 or KVT_DTYPE_F16). With the CUDA device they are
+     * uploaded as they are (half the bytes) and widened there, and the host's f32 copies are
+     * made only for the policies and metrics that read K or V on the host; on the host they are
+     * widened first. Either way the results equal those from k and v widened beforehand. */
+    const uint16_t *k16, *v16;
+    kvt_dtype k16_dtype;
     const float *q_window;            /* [Hq, W, D] last W prompt queries */
     const float *q_decode;            /* [Hq, G, D] or NULL */
     const float *k_decode, *v_decode; /* [Hkv, G, D] or NULL (both or neither) */

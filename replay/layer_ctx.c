@@ -33,8 +33,24 @@ static kvt_status alloc_lazy(void **p, size_t n, size_t elem, bool gpu)
 }
 #define ALLOC_LAZY(ptr, n) alloc_lazy((void **)&(ptr), (size_t)(n), sizeof(*(ptr)), gpu)
 
+/* K and V widened from the input's 16-bit arrays into kv_own */
+static kvt_status widen_kv(kvt_layer_ctx *c)
+{
+    const size_t n = (size_t)c->Hkv * c->T * c->D;
+    if (!c->kv_own && !(c->kv_own = kvt_malloc(2 * n * sizeof(float))))
+        return kvt_error_set(KVT_ERR_NOMEM, "layer %d: out of memory for K and V in f32", c->layer);
+    KVT_FORWARD(kvt_convert_to_f32(c->in->k16_dtype, c->in->k16, c->kv_own, n));
+    KVT_FORWARD(kvt_convert_to_f32(c->in->k16_dtype, c->in->v16, c->kv_own + n, n));
+    c->k = c->kv_own, c->v = c->kv_own + n;
+    return KVT_OK;
+}
+
 kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what)
 {
+    if (what & c->on_device & KVT_CTX_KV) {
+        KVT_FORWARD(widen_kv(c));
+        c->on_device &= ~KVT_CTX_KV;
+    }
     static const struct {
         unsigned bit;
         kvt_gpu_array which;
@@ -108,8 +124,14 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
                             kvt_replay_profile *prof)
 {
     memset(c, 0, sizeof(*c));
-    KVT_RETURN_IF(!in || !in->k || !in->v || !in->q_window, KVT_ERR_INVALID_ARG,
-                  "layer context: K, V and Q_window are required");
+    KVT_RETURN_IF(!in || !in->q_window ||
+                      (in->k16
+                           ? !in->v16 || in->k || in->v ||
+                                 (in->k16_dtype != KVT_DTYPE_BF16 && in->k16_dtype != KVT_DTYPE_F16)
+                           : !in->k || !in->v || in->v16),
+                  KVT_ERR_INVALID_ARG,
+                  "layer context: K and V (f32, or 16-bit with their dtype, not both) and "
+                  "Q_window are required");
     KVT_RETURN_IF(in->T < 1 || in->D < 1 || in->Hkv < 1 || in->Hq < in->Hkv || in->Hq % in->Hkv ||
                       in->W < 1 || in->W > in->T || in->G < 0,
                   KVT_ERR_INVALID_ARG,
@@ -126,6 +148,9 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     c->n_layers = in->n_layers;
     c->scale = in->scale > 0.0 ? in->scale : 1.0 / sqrt((double)in->D);
     c->has_extra = c->Gd > 0 && in->k_decode;
+    c->k = in->k, c->v = in->v;
+    if (in->k16) /* widened on the device; on the host here, or when a host reader asks */
+        c->on_device = KVT_CTX_KV;
     const int T = c->T, D = c->D, Hq = c->Hq, Hkv = c->Hkv, Wt = c->Wt, Gd = c->Gd;
     size_t kv_n = (size_t)Hkv * T * D;
     kvt_status s;
@@ -135,8 +160,9 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     kvt_ctx_gpu *dev = NULL;
 
     /* K and V (the large inputs) are checked on the GPU with --device cuda, once uploaded */
-    if (!gpu && ((s = check_finite(in->k, kv_n, "K", in->layer)) ||
-                 (s = check_finite(in->v, kv_n, "V", in->layer))))
+    if (!gpu &&
+        ((s = kvt_ctx_fetch(c, KVT_CTX_KV)) || (s = check_finite(c->k, kv_n, "K", in->layer)) ||
+         (s = check_finite(c->v, kv_n, "V", in->layer))))
         goto out_fail;
     if ((s = check_finite(in->q_window, (size_t)Hq * Wt * D, "Q_window", in->layer)))
         goto out_fail;
@@ -174,7 +200,6 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     for (int i = 0; i < nqw; i++)
         vis[i] = T - Wt + i % Wt + 1;
     for (int g = 0; g < Hkv; g++) {
-        const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
         size_t q0 = (size_t)g * nqw; /* first window query of the group: (h = g*Gs, i = 0) */
         float *pr = c->prw + q0 * T;
         if (dev) { /* row masses on the device; the probabilities stay there */
@@ -184,6 +209,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
                 goto out_fail;
             continue;
         }
+        const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
         if (!(s = kvt_attn_probs(in->q_window + q0 * D, nqw, D, K, T, vis, NULL, 0, NULL, c->scale,
                                  pr, NULL, c->lsew + q0, work)))
             s = kvt_attn_output(pr, nqw, T, T, V, D, c->aw + q0 * D, D);
@@ -212,7 +238,6 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
             vis2[i] = i % Gd + 1;
         }
         for (int g = 0; g < Hkv; g++) {
-            const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
             const float *Kd = c->has_extra ? in->k_decode + (size_t)g * Gd * D : NULL;
             const float *Vd = c->has_extra ? in->v_decode + (size_t)g * Gd * D : NULL;
             size_t q0 = (size_t)g * nqd;
@@ -220,9 +245,10 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
             if (dev)
                 s = kvt_ctx_gpu_attn(dev, true, g, nqd, vis, vis2, c->scale, pr2, c->lsed + q0,
                                      c->ad + q0 * D, c->rsd + q0, NULL);
-            else if (!(s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, K, T, vis, Kd, Gd, vis2,
-                                          c->scale, pr, pr2, c->lsed + q0, work)))
-                s = kvt_attn_output(pr, nqd, T, T, V, D, c->ad + q0 * D, D);
+            else if (!(s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, c->k + (size_t)g * T * D,
+                                          T, vis, Kd, Gd, vis2, c->scale, pr, pr2, c->lsed + q0,
+                                          work)))
+                s = kvt_attn_output(pr, nqd, T, T, c->v + (size_t)g * T * D, D, c->ad + q0 * D, D);
             if (s)
                 goto out_fail;
             for (int i = 0; i < nqd; i++) {
@@ -243,12 +269,12 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 
     /* per KV head: norms, unit keys, their mean over all T (window included, §4.1.3), r */
     for (int g = 0; g < Hkv; g++) {
-        const float *K = in->k + (size_t)g * T * D, *V = in->v + (size_t)g * T * D;
         if (dev) {
             if ((s = kvt_ctx_gpu_norms(dev, g, c->knorm + (size_t)g * T, c->vnorm + (size_t)g * T,
                                        c->kmean + (size_t)g * D)))
                 goto out_fail;
         } else {
+            const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
             kvt_row_norms(K, T, D, c->knorm + (size_t)g * T);
             kvt_row_norms(V, T, D, c->vnorm + (size_t)g * T);
             kvt_unit_rows(K, T, D, c->ku + (size_t)g * T * D, c->kmean + (size_t)g * D);
@@ -259,7 +285,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         goto out_fail;
     c->gpu = dev; /* kept for the output sweeps; kvt_ctx_free ends it */
     if (dev)      /* what host readers must fetch (kvt_ctx_fetch) */
-        c->on_device = KVT_CTX_PRW | KVT_CTX_KU | (Gd > 0 ? KVT_CTX_PRD : 0u);
+        c->on_device |= KVT_CTX_PRW | KVT_CTX_KU | (Gd > 0 ? KVT_CTX_PRD : 0u);
     kvt_free(work);
     kvt_free(vis);
     kvt_free(vis2);
@@ -297,6 +323,7 @@ void kvt_ctx_free(kvt_layer_ctx *c)
     kvt_free(c->kmean);
     kvt_free(c->r_all);
     kvt_free(c->colsum);
+    kvt_free(c->kv_own);
     kvt_ctx_gpu_end(c->gpu);
     for (int i = 0; i < c->n_cache; i++) {
         kvt_free(c->cache[i].s);
@@ -401,7 +428,7 @@ kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out)
             if (c->gpu) /* the keys are on the device already */
                 s = kvt_ctx_gpu_colsum_head(c->gpu, h, q, c->scale, c->colsum + (size_t)h * T);
             else
-                s = kvt_attn_colsum(q, in->k + (size_t)(h / c->Gs) * T * D, T, D, c->scale, work,
+                s = kvt_attn_colsum(q, c->k + (size_t)(h / c->Gs) * T * D, T, D, c->scale, work,
                                     c->colsum + (size_t)h * T);
         }
     out_colsum:

@@ -107,6 +107,10 @@ struct kvt_layer_ctx {
     int T, D, Hq, Hkv, Gs, Wt, Gd, layer, n_layers;
     double scale;   /* the input's scale, or 1/sqrt(D) */
     bool has_extra; /* decode keys/values present: decode queries also see them */
+    /* [Hkv, T, D] K and V in f32 on the host: the input's, or widened from its 16-bit ones
+     * (into kv_own); with the GPU and 16-bit input NULL until kvt_ctx_fetch(KVT_CTX_KV) */
+    const float *k, *v;
+    float *kv_own;
     /* window queries (all W stored, causal inside the window) */
     float *prw;        /* [Hq, Wt, T] f32 probabilities */
     double *aw;        /* [Hq, Wt, D] sum_j p_j v_j */
@@ -155,10 +159,12 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 
 /** With the GPU, the window and decode probabilities (prw, prd) and the unit keys (ku) stay on
  *  the device: a host reader of any of them first calls kvt_ctx_fetch with their bits, which
- *  copies those not yet on the host (a no-op on the CPU). */
+ *  copies those not yet on the host (a no-op on the CPU). So do the readers of K or V (k, v)
+ *  when the input's are 16-bit: KVT_CTX_KV widens them on the host. */
 #define KVT_CTX_PRW 1u
 #define KVT_CTX_PRD 2u
 #define KVT_CTX_KU  4u
+#define KVT_CTX_KV  8u
 kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what);
 
 /** For each head (query heads with per_query, else KV heads) the mean over its query heads'

@@ -98,8 +98,10 @@ typedef struct run_shared {
     const kvt_replay_opts *o;
     kvt_trace_result *res;
     int L, Hq, Hkv, T, D, W, G;
-    double scale;  /* the header's model.attn_scale, 0 when absent (1/sqrt(D)) */
-    kvt_dtype kdt; /* K's stored dtype */
+    double scale;   /* the header's model.attn_scale, 0 when absent (1/sqrt(D)) */
+    kvt_dtype kdt;  /* K's stored dtype */
+    kvt_dtype kv16; /* --device cuda: K and V read as stored in this 16-bit dtype (uploaded so,
+                       widened on the GPU); KVT_DTYPE_INVALID: read in f32 */
     bool has_qd, has_kvd, has_colsum, has_qall, need_colsum, need_qall, need_rope;
     const uint8_t *mod;
     const int32_t *pos; /* [n_pos_rows, T] prompt positions, or NULL */
@@ -120,7 +122,9 @@ typedef struct run_shared {
     char rope_why[200]; /* why rope_known is false */
 } run_shared;
 
-static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int tok, float *dst)
+/* (layer, kind) [heads, tok, D] into dst as `as` (KVT_DTYPE_F32, or the stored dtype) */
+static kvt_status read_as(run_shared *sh, int layer, int kind, int heads, int tok, kvt_dtype as,
+                          void *dst)
 {
     uint32_t h, t, d;
     kvt_dtype dt;
@@ -136,17 +140,41 @@ static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int t
         return kvt_error_set(KVT_ERR_CORRUPT,
                              "layer %d: %s has shape [%u,%u,%u], expected [%d,%d,%u]", layer,
                              kvt_kind_name(kind), h, t, d, heads, tok, want_d);
+    const size_t es = kvt_dtype_size(as);
     if ((int)t == tok)
-        return kvt_trace_reader_read(sh->rd, layer, kind, 0, h, KVT_DTYPE_F32, dst,
-                                     (size_t)h * t * d * sizeof(float));
+        return kvt_trace_reader_read(sh->rd, layer, kind, 0, h, as, dst, (size_t)h * t * d * es);
     size_t all = (size_t)h * t * d, row = (size_t)tok * d;
-    float *tmp = kvt_malloc(all * sizeof(float));
+    char *tmp = kvt_malloc(all * es);
     KVT_RETURN_IF(!tmp, KVT_ERR_NOMEM, "out of memory (layer %d %s)", layer, kvt_kind_name(kind));
-    s = kvt_trace_reader_read(sh->rd, layer, kind, 0, h, KVT_DTYPE_F32, tmp, all * sizeof(float));
+    s = kvt_trace_reader_read(sh->rd, layer, kind, 0, h, as, tmp, all * es);
     for (uint32_t i = 0; !s && i < h; i++)
-        memcpy(dst + i * row, tmp + (size_t)i * t * d, row * sizeof(float));
+        memcpy((char *)dst + i * row * es, tmp + (size_t)i * t * d * es, row * es);
     kvt_free(tmp);
     return s;
+}
+
+static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int tok, float *dst)
+{
+    return read_as(sh, layer, kind, heads, tok, KVT_DTYPE_F32, dst);
+}
+
+/* K and V of a layer as stored, when the run takes them so (kv16) and the layer stores both in
+ * that dtype; else (false) they are read in f32 */
+static bool layer_kv16(run_shared *sh, int layer)
+{
+    uint32_t h, t, d;
+    kvt_dtype dk = KVT_DTYPE_INVALID, dv = KVT_DTYPE_INVALID;
+    return sh->kv16 && !kvt_trace_reader_shape(sh->rd, layer, KVT_KIND_K, &h, &t, &d, &dk) &&
+           !kvt_trace_reader_shape(sh->rd, layer, KVT_KIND_V, &h, &t, &d, &dv) && dk == sh->kv16 &&
+           dv == sh->kv16;
+}
+
+/* *buf of `bytes`, allocated at its first use (freed by the worker at its end) */
+static kvt_status have_buf(void **buf, size_t bytes)
+{
+    if (!*buf && !(*buf = kvt_malloc(bytes)))
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory for one layer's tensors");
+    return KVT_OK;
 }
 
 typedef struct qa_load {
@@ -167,7 +195,8 @@ static void *worker(void *arg)
     const int T = sh->T, D = sh->D, Hq = sh->Hq, Hkv = sh->Hkv, W = sh->W, G = sh->G;
     size_t kv = (size_t)Hkv * T * D;
     kvt_alloc_cache_begin(); /* every layer allocates the same large arrays: keep them */
-    float *k = kvt_malloc(kv * sizeof(float)), *v = kvt_malloc(kv * sizeof(float));
+    /* K and V in f32 or as stored (kv16): allocated for the first layer that reads them so */
+    void *k = NULL, *v = NULL, *k16 = NULL, *v16 = NULL;
     float *qw = kvt_malloc((size_t)Hq * W * D * sizeof(float));
     float *qd = sh->has_qd ? kvt_malloc((size_t)Hq * G * D * sizeof(float)) : NULL;
     float *kd = sh->has_kvd ? kvt_malloc((size_t)Hkv * G * D * sizeof(float)) : NULL;
@@ -177,7 +206,7 @@ static void *worker(void *arg)
     const bool stream_qa = (sh->need_colsum && !sh->has_colsum && sh->has_qall) || sh->need_qall;
     kvt_head_metrics *m = kvt_malloc(sh->n_pol * sh->n_b * (size_t)Hq * sizeof(*m));
     kvt_status st = KVT_OK;
-    if (!k || !v || !qw || !m || (sh->has_qd && !qd) || (sh->has_kvd && (!kd || !vd)) ||
+    if (!qw || !m || (sh->has_qd && !qd) || (sh->has_kvd && (!kd || !vd)) ||
         (sh->need_colsum && sh->has_colsum && !cs))
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory for one layer's tensors");
     for (;;) {
@@ -202,17 +231,27 @@ static void *worker(void *arg)
                               .W = W,
                               .G = sh->has_qd ? G : 0,
                               .scale = sh->scale,
-                              .k = k,
-                              .v = v,
                               .q_window = qw,
                               .modality = sh->mod,
                               .positions = sh->pos,
                               .n_pos_rows = sh->n_pos_rows,
                               .rope = sh->rope_known ? &sh->rope : NULL};
         uint64_t t_read = kvt_now_ns();
-        if ((st = read_f32(sh, l, KVT_KIND_K, Hkv, T, k)) ||
-            (st = read_f32(sh, l, KVT_KIND_V, Hkv, T, v)) ||
-            (st = read_f32(sh, l, KVT_KIND_Q_WINDOW, Hq, W, qw)))
+        if (layer_kv16(sh, l)) {
+            if ((st = have_buf(&k16, kv * 2)) || (st = have_buf(&v16, kv * 2)) ||
+                (st = read_as(sh, l, KVT_KIND_K, Hkv, T, sh->kv16, k16)) ||
+                (st = read_as(sh, l, KVT_KIND_V, Hkv, T, sh->kv16, v16)))
+                continue;
+            in.k16 = k16, in.v16 = v16, in.k16_dtype = sh->kv16;
+        } else {
+            if ((st = have_buf(&k, kv * sizeof(float))) ||
+                (st = have_buf(&v, kv * sizeof(float))) ||
+                (st = read_f32(sh, l, KVT_KIND_K, Hkv, T, k)) ||
+                (st = read_f32(sh, l, KVT_KIND_V, Hkv, T, v)))
+                continue;
+            in.k = k, in.v = v;
+        }
+        if ((st = read_f32(sh, l, KVT_KIND_Q_WINDOW, Hq, W, qw)))
             continue;
         if (sh->has_qd) {
             if ((st = read_f32(sh, l, KVT_KIND_Q_DECODE, Hq, G, qd)))
@@ -294,6 +333,8 @@ static void *worker(void *arg)
     }
     kvt_free(k);
     kvt_free(v);
+    kvt_free(k16);
+    kvt_free(v16);
     kvt_free(qw);
     kvt_free(qd);
     kvt_free(kd);
@@ -939,7 +980,9 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         n_th = sh.L;
     sh.n_threads = n_th;
     sh.gpu_plan = o->device == KVT_DEVICE_CUDA;
-    if (sh.gpu_plan) /* the workers on the GPU at once: what it holds (gpu_plan_run) */
+    if (sh.gpu_plan && (sh.kdt == KVT_DTYPE_BF16 || sh.kdt == KVT_DTYPE_F16))
+        sh.kv16 = sh.kdt; /* half the bytes to read, to copy and to upload */
+    if (sh.gpu_plan)      /* the workers on the GPU at once: what it holds (gpu_plan_run) */
         sh.gpu_bytes = kvt_ctx_gpu_worker_bytes(sh.T, sh.D, sh.Hq, sh.Hkv, sh.W,
                                                 sh.has_qd ? sh.G : 0, sh.has_kvd, n_probe,
                                                 (int)(n_budgets * n_pol)); /* shared sweeps */

@@ -233,12 +233,12 @@ static kvt_status query_launch(const kvt_layer_ctx *c, scratch *s, int kind, int
             oe = c->od_extra + ((size_t)hq0 * Gd + step) * D;
         }
     }
-    const float *v = c->in->v + (size_t)(hq0 / c->Gs) * T * D;
     *j = (qs_job){n_q, n_cut, mod != NULL, rec, err, rmod};
-    if (c->gpu) /* --device cuda (pt is NULL then: see scratch_init) */
-        return kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, v, a, sa, pe, se, oe, rf, order,
-                                        s->cuts, n_cut, mod, mm, KVT_NM, rec, err,
+    if (c->gpu) /* --device cuda (pt is NULL then: see scratch_init); V is the KV head's */
+        return kvt_ctx_gpu_sweep_output(c->gpu, n_q, T, D, p, sp, hq0 / c->Gs, a, sa, pe, se, oe,
+                                        rf, order, s->cuts, n_cut, mod, mm, KVT_NM, rec, err,
                                         mod ? rmod : NULL);
+    const float *v = c->v + (size_t)(hq0 / c->Gs) * T * D;
     return kvt_sweep_output(n_q, T, D, p, sp, pt, st, v, a, sa, pe, se, oe, rf, order, s->cuts,
                             n_cut, mod, mm, KVT_NM, rec, err, mod ? rmod : NULL, s->sw);
 }
@@ -505,7 +505,7 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
                          double pe, const double *oe)
 {
     const int T = c->T, D = c->D;
-    const float *V = c->in->v + (size_t)(s->cur_g) * T * D;
+    const float *V = c->v + (size_t)(s->cur_g) * T * D;
     double r_full = 0.0;
     for (int j = 0; j < T; j++)
         r_full += p[j];
@@ -554,7 +554,7 @@ static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merg
                                    double *err_sum)
 {
     const int T = c->T, D = c->D;
-    const float *V = c->in->v + (size_t)g * T * D;
+    const float *V = c->v + (size_t)g * T * D;
     size_t nq = (size_t)n_q;
     double *acc =
         kvt_malloc((nq * D + nq * 2 + nq * MB + (size_t)MB * D * 2 + nq * D) * sizeof(double));
@@ -717,8 +717,8 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         for (int d = 0; d < D; d++)
             mean[d] = 0.0;
         for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
-            const float *row = ms->changed[e2] ? ms->k + (size_t)ce * D
-                                               : c->in->k + ((size_t)g * T + ms->idx[e2]) * D;
+            const float *row =
+                ms->changed[e2] ? ms->k + (size_t)ce * D : c->k + ((size_t)g * T + ms->idx[e2]) * D;
             kvt_unit_rows_ref(row, 1, D, ms->changed[e2] ? cu + (size_t)ce * D : NULL, u);
             ce += ms->changed[e2] != 0;
             for (int d = 0; d < D; d++)
@@ -1078,7 +1078,8 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
             }
         }
     for (size_t p = 0; p < n_pol; p++) /* the merged sets' metrics read the context on the host */
-        if (sels[p].merged && (st = kvt_ctx_fetch(&c, KVT_CTX_PRW | KVT_CTX_PRD | KVT_CTX_KU)))
+        if (sels[p].merged &&
+            (st = kvt_ctx_fetch(&c, KVT_CTX_PRW | KVT_CTX_PRD | KVT_CTX_KU | KVT_CTX_KV)))
             goto out_free;
     for (size_t i = 0; i < n_pol * n_budgets * (size_t)c.Hq; i++) {
         double *d = (double *)&out[i];

@@ -5,11 +5,10 @@
  * result comes back to the host. Each op is checked against its kernels/ref/ oracle by
  * tests/unit/test_kernels_cuda.c (label gpu: "not run" without a device).
  *
- * Status: these kernels compile in CI but have not yet run on a GPU (no device in the sessions
- * that wrote them; they run in CI on cuemu, tests/cuemu). `replay --device cuda` uses the
- * attention, output, norm, unit-row, window-score, output-sweep, cosine-table, coverage and
- * (for h2o on traces with Q_all) column-sum kernels (replay/cuda/ctx_gpu.c); the rankings are
- * not yet called by the replay.
+ * Status: every kernel here runs in CI on cuemu (tests/cuemu), but the CUB ranking (the
+ * reference stands in for it there), and passed test_kernels_cuda on an H200 (bench/RESULTS.md), except
+ * kvt_widen_cuda, written after the last GPU session (checked on cuemu only so far). All are
+ * used by `replay --device cuda` (replay/cuda/ctx_gpu.c).
  */
 #ifndef KVT_KERNELS_CUDA_H
 #define KVT_KERNELS_CUDA_H
@@ -105,6 +104,11 @@ kvt_status kvt_row_mass_cuda(const float *p, int n, int T, size_t stride, const 
  *  kvt_first_nonfinite_f32_cpu on the device. */
 kvt_status kvt_first_nonfinite_cuda(const float *x, size_t n, unsigned long long *first,
                                     void *stream);
+
+/** dst[i] = src[i] widened to f32 for n elements of dt (KVT_DTYPE_BF16 or KVT_DTYPE_F16, in
+ *  the low bits of each uint16_t), bit for bit as kvt_convert_to_f32 (NaN and Inf kept, f16
+ *  subnormals exact). */
+kvt_status kvt_widen_cuda(kvt_dtype dt, const uint16_t *src, size_t n, float *dst, void *stream);
 
 /** kvt_rank_desc_ref on each of n_seg segments: score [n_seg, n] (double), order [n_seg, n]
  *  receives each segment's permutation of 0..n-1 (score descending, ties by lower index, NaN

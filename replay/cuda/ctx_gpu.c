@@ -345,6 +345,16 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
     kvt_free(g);
 }
 
+/* K or V given in 16 bits (n elements of dt): uploaded as they are into the unit keys' buffer
+ * (which the norms fill later), widened from there into a new f32 array *dst. Stream order
+ * keeps the next upload into that buffer after the widening. */
+static kvt_status put_kv16(kvt_ctx_gpu *g, float **dst, const uint16_t *src, kvt_dtype dt, size_t n)
+{
+    KVT_FORWARD(dalloc(g, (void **)dst, n * sizeof(float)));
+    KVT_FORWARD(copy_up(g, g->ku, src, n * sizeof(uint16_t)));
+    return kvt_widen_cuda(dt, (const uint16_t *)g->ku, n, *dst, (void *)g->st);
+}
+
 static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
 {
     const size_t T = (size_t)g->T, D = (size_t)g->D, kv = (size_t)g->Hkv * T * D;
@@ -365,8 +375,14 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
         }
     }
     uint64_t t0 = kvt_now_ns();
-    KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
-    KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
+    KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
+    if (in->k16) {
+        KVT_FORWARD(put_kv16(g, &g->k, in->k16, in->k16_dtype, kv));
+        KVT_FORWARD(put_kv16(g, &g->v, in->v16, in->k16_dtype, kv));
+    } else {
+        KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
+        KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
+    }
     KVT_FORWARD(upload(g, (void **)&g->qw, in->q_window, Hq * g->Wt * D * sizeof(float)));
     KVT_FORWARD(dalloc(g, (void **)&g->prw, Hq * g->Wt * T * sizeof(float)));
     KVT_FORWARD(dalloc(g, (void **)&g->aw, Hq * g->Wt * D * sizeof(double)));
@@ -387,7 +403,6 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
         KVT_FORWARD(dalloc(g, (void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
     }
     KVT_FORWARD(dalloc(g, (void **)&g->lse, (rows > 2 ? rows : 2) * sizeof(double)));
-    KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
     KVT_FORWARD(dalloc(g, (void **)&g->norm, T * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->mean, D * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->inv, kvt_unit_rows_cuda_work(g->T, g->D) * sizeof(double)));
@@ -543,7 +558,6 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     add_map(g, c->rsd, g->rsd, nd * sizeof(double));
     add_map(g, c->pd_extra, g->pe, nd * sizeof(double));
     add_map(g, c->od_extra, g->oe, nd * D * sizeof(double));
-    add_map(g, c->in->v, g->v, (size_t)g->Hkv * T * D * sizeof(float));
     add_map(g, c->in->modality, g->mod, T);
     return KVT_OK;
 }
@@ -593,19 +607,19 @@ static const void *dev_of(const kvt_ctx_gpu *g, const void *h, bool *ok)
 }
 
 static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
-                               size_t stride_p, const float *v, const double *a_full,
-                               size_t stride_a, const double *p_extra, size_t stride_e,
-                               const double *o_extra, const double *r_full, const int32_t *order,
-                               const int32_t *cuts, int n_cut, const uint8_t *mod,
-                               const double *mass_mod, size_t stride_m, double *recall, double *err,
-                               double *recall_mod)
+                               size_t stride_p, int group, const double *a_full, size_t stride_a,
+                               const double *p_extra, size_t stride_e, const double *o_extra,
+                               const double *r_full, const int32_t *order, const int32_t *cuts,
+                               int n_cut, const uint8_t *mod, const double *mass_mod,
+                               size_t stride_m, double *recall, double *err, double *recall_mod)
 {
-    KVT_RETURN_IF(!g || T != g->T || D != g->D || n_q < 0 || n_cut < 0, KVT_ERR_INVALID_ARG,
-                  "replay --device cuda: bad sweep call");
+    KVT_RETURN_IF(!g || T != g->T || D != g->D || n_q < 0 || n_cut < 0 || group < 0 ||
+                      group >= g->Hkv,
+                  KVT_ERR_INVALID_ARG, "replay --device cuda: bad sweep call");
     if (n_q == 0 || n_cut == 0)
         return KVT_OK;
     bool ok = true;
-    const float *dp = dev_of(g, p, &ok), *dv = dev_of(g, v, &ok);
+    const float *dp = dev_of(g, p, &ok), *dv = g->v + (size_t)group * T * D;
     const double *da = dev_of(g, a_full, &ok), *dpe = dev_of(g, p_extra, &ok);
     const double *doe = dev_of(g, o_extra, &ok), *drf = dev_of(g, r_full, &ok);
     const uint8_t *dmod = dev_of(g, mod, &ok);
@@ -652,7 +666,7 @@ static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const floa
 }
 
 kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
-                                    size_t stride_p, const float *v, const double *a_full,
+                                    size_t stride_p, int group, const double *a_full,
                                     size_t stride_a, const double *p_extra, size_t stride_e,
                                     const double *o_extra, const double *r_full,
                                     const int32_t *order, const int32_t *cuts, int n_cut,
@@ -661,7 +675,7 @@ kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const
 {
     uint64_t t0 = kvt_now_ns();
     kvt_status s =
-        sweep_output(g, n_q, T, D, p, stride_p, v, a_full, stride_a, p_extra, stride_e, o_extra,
+        sweep_output(g, n_q, T, D, p, stride_p, group, a_full, stride_a, p_extra, stride_e, o_extra,
                      r_full, order, cuts, n_cut, mod, mass_mod, stride_m, recall, err, recall_mod);
     if (g)
         PROF(g, gpu_sweep_wall_ns, kvt_now_ns() - t0);

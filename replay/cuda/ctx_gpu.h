@@ -30,7 +30,8 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
 /** Device 0's free and total memory (cudaMemGetInfo): 0, or -1 (nothing written). */
 int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
 
-/** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0.
+/** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0; K and V
+ *  given in 16 bits (in->k16, in->v16) are uploaded so and widened to f32 there.
  *  rows: the most query rows of one group (Gs * max(Wt, Gd)). prof (may be NULL) receives the
  *  GPU's share of the time split: uploads, kernels with the bytes they must move, downloads. */
 kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
@@ -66,11 +67,12 @@ kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host);
 kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const struct kvt_layer_ctx *c);
 
 /** kvt_sweep_output_ref's contract on the GPU, given the HOST pointers the host sweep would
- *  use (each must point into the context's arrays or the layer's V; they are mapped to the
- *  device copies); order and cuts on the host; results [n_q, n_cut] (and by modality) into
- *  host memory. (A head dim the kernels do not take fails earlier, at the layer's attention.) */
+ *  use (each must point into the context's arrays; they are mapped to the device copies) and
+ *  the KV head `group` whose values V the queries read; order and cuts on the host; results
+ *  [n_q, n_cut] (and by modality) into host memory. (A head dim the kernels do not take fails
+ *  earlier, at the layer's attention.) */
 kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
-                                    size_t stride_p, const float *v, const double *a_full,
+                                    size_t stride_p, int group, const double *a_full,
                                     size_t stride_a, const double *p_extra, size_t stride_e,
                                     const double *o_extra, const double *r_full,
                                     const int32_t *order, const int32_t *cuts, int n_cut,

@@ -66,14 +66,14 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const struct kvt_layer_ctx *c)
 }
 
 kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
-                                    size_t stride_p, const float *v, const double *a_full,
+                                    size_t stride_p, int group, const double *a_full,
                                     size_t stride_a, const double *p_extra, size_t stride_e,
                                     const double *o_extra, const double *r_full,
                                     const int32_t *order, const int32_t *cuts, int n_cut,
                                     const uint8_t *mod, const double *mass_mod, size_t stride_m,
                                     double *recall, double *err, double *recall_mod)
 {
-    (void)g, (void)n_q, (void)T, (void)D, (void)p, (void)stride_p, (void)v, (void)a_full;
+    (void)g, (void)n_q, (void)T, (void)D, (void)p, (void)stride_p, (void)group, (void)a_full;
     (void)stride_a, (void)p_extra, (void)stride_e, (void)o_extra, (void)r_full, (void)order;
     (void)cuts, (void)n_cut, (void)mod, (void)mass_mod, (void)stride_m, (void)recall, (void)err;
     (void)recall_mod;

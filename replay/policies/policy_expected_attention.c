@@ -226,6 +226,7 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
     const int W = o->window < T ? o->window : T, P = T - W, S = o->sinks < T ? o->sinks : T;
     const int N = T - S, H = kvt_ctx_heads(c, o->per_query);
     KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     ea_rope r;
     KVT_FORWARD(ea_rope_init(c, o->n_future, &r));
     kvt_status st = kvt_sel_init(sel, c, o->per_query, W, n_b, true);
@@ -255,7 +256,7 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
             rot[((size_t)(t - S) * r.half + i) * 2 + 1] = sin(ang);
         }
     for (int g = 0; N > 0 && g < Hkv; g++) {
-        const float *k = in->k + (size_t)g * T * D;
+        const float *k = c->k + (size_t)g * T * D;
         for (size_t i = 0; i < (size_t)T * D; i++)
             Kd[i] = k[i];
         for (int h = g * Gs; h < (g + 1) * Gs; h++) {

@@ -23,7 +23,7 @@
 static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRW));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRW | KVT_CTX_KV));
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, D = c->D, W = o->window, P = T - W, C = o->chunk;
     const int n_chunks = (P + C - 1) / C;
@@ -137,7 +137,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                 for (int u = 0; u < per; u++) {
                     int hq = h * per + u, g = hq / c->Gs;
                     if (kd_g != g) {
-                        const float *K = c->in->k + (size_t)g * T * D;
+                        const float *K = c->k + (size_t)g * T * D;
                         for (size_t i = 0; i < (size_t)P * D; i++)
                             kd[i] = K[i];
                         kd_g = g;
@@ -165,8 +165,7 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                     for (int u = 0; u < per; u++) {
                         int hq = h * per + u;
                         kvt_dot_rows_ref(c->in->q_decode + ((size_t)hq * Gd + s) * D,
-                                         c->in->k + (size_t)(hq / c->Gs) * T * D, P, D, c->scale,
-                                         z);
+                                         c->k + (size_t)(hq / c->Gs) * T * D, P, D, c->scale, z);
                         for (int j = 0; j < P; j++)
                             cs[j / C] = z[j] > cs[j / C] ? z[j] : cs[j / C];
                     }

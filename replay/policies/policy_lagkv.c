@@ -76,6 +76,7 @@ static kvt_status sel_lag(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, D = c->D, S = o->sinks < T ? o->sinks : T, lag = o->lag;
     const int H = kvt_ctx_heads(c, o->per_query);
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, 0, n_b, true));
     double *sc = kvt_malloc(((size_t)H * T + 1) * sizeof(double));
     double *ks = kvt_malloc(((size_t)lag + 1) * sizeof(double));
@@ -101,7 +102,7 @@ static kvt_status sel_lag(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
             continue;
         }
         const int n_part = (T - S) / lag; /* whole partitions; the last is the tail's start */
-        const float *K = c->in->k + (size_t)g * T * D, *V = c->in->v + (size_t)g * T * D;
+        const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
         for (int i = 0; i + 1 < n_part; i++) {
             size_t t0 = (size_t)S + (size_t)i * lag;
             lag_states_score(K + t0 * D, K + (t0 + lag) * D, lag, D, mn, mx, ks);

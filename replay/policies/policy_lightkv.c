@@ -201,8 +201,8 @@ static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, co
     int n = 0;
     for (int j = 0; j < P; j++)
         if (mod && (mod[j] == 1 || mod[j] == 2)) {
-            memcpy(st->k + (size_t)n * D, c->in->k + ((size_t)g * T + j) * D, D * sizeof(float));
-            memcpy(st->v + (size_t)n * D, c->in->v + ((size_t)g * T + j) * D, D * sizeof(float));
+            memcpy(st->k + (size_t)n * D, c->k + ((size_t)g * T + j) * D, D * sizeof(float));
+            memcpy(st->v + (size_t)n * D, c->v + ((size_t)g * T + j) * D, D * sizeof(float));
             st->w[n] = wt[j];
             st->idx[n] = j;
             st->chg[n] = 0;
@@ -265,7 +265,7 @@ static kvt_status merged_copy(const kvt_merged_set *src, int D, kvt_merged_set *
 static kvt_status sel_light(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRW));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRW | KVT_CTX_KV));
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, D = c->D, W = o->window;
     KVT_FORWARD(kvt_ctx_check_window(c, "lightkv-like", W));

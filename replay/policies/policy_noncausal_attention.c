@@ -28,6 +28,7 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     const int T = c->T, D = c->D, Hq = c->Hq, Gs = c->Gs, C = o->chunk;
     const int W = o->window < T ? o->window : T, P = T - W, H = kvt_ctx_heads(c, o->per_query);
     KVT_FORWARD(kvt_ctx_check_q_all(c, "noncausal-attention"));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
     double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
     double *sc = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
@@ -43,7 +44,7 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
         if ((st = kvt_ctx_q_all_head(c, "noncausal-attention", h, qh, &q)))
             goto out;
         const int g = h / Gs;
-        const float *k = in->k + (size_t)g * T * D;
+        const float *k = c->k + (size_t)g * T * D;
         double *a = acc + (size_t)(o->per_query ? h : g) * T, w = o->per_query ? 1.0 : 1.0 / Gs;
         for (int c0 = 0; c0 < T; c0 += C) {
             const int n = T - c0 < C ? T - c0 : C;

@@ -17,6 +17,7 @@ static kvt_status sel_quest(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     KVT_RETURN_IF(c->Gd < 1, KVT_ERR_NOT_FOUND,
                   "quest needs decode queries: the trace has no Q_decode for layer %d", c->layer);
     const int T = c->T, D = c->D, Gd = c->Gd, Pg = o->page, n_pages = (T + Pg - 1) / Pg;
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, 0, n_b, false));
     KVT_FORWARD(kvt_sel_init_steps(sel, Gd));
     const int H = sel->n_heads, per = o->per_query ? 1 : c->Gs;
@@ -35,7 +36,7 @@ static kvt_status sel_quest(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     for (int h = 0; h < H; h++) {
         int g = kvt_ctx_kv_of(c, o->per_query, h);
         sel->step_head[h] = 1;
-        if ((st = kvt_page_bounds_ref(c->in->k + (size_t)g * T * D, T, D, Pg, kmin, kmax)))
+        if ((st = kvt_page_bounds_ref(c->k + (size_t)g * T * D, T, D, Pg, kmin, kmax)))
             goto out_free;
         for (int s = 0; s < Gd; s++) {
             for (int i = 0; i < n_pages; i++)

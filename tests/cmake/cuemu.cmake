@@ -13,6 +13,7 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     set(KVT_CUEMU_CU kernels/cuda/attn_cuda.cu kernels/cuda/coverage_cuda.cu
                      kernels/cuda/norms_cuda.cu kernels/cuda/scores_cuda.cu
                      kernels/cuda/sweep_cuda.cu kernels/cuda/device_cuda.cu
+                     kernels/cuda/convert_cuda.cu
                      capture/capture_cuda.cu capture/colsum_cuda.cu)
     set(KVT_CUEMU_GEN "")
     file(MAKE_DIRECTORY ${CMAKE_CURRENT_BINARY_DIR}/cuemu) # Ninja makes it; Make does not

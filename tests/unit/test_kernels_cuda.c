@@ -594,6 +594,36 @@ static void test_nonfinite(void)
     free(x);
 }
 
+/* every 16-bit pattern of bf16 and f16 (NaNs, infinities, f16 subnormals, signed zeros) widened
+ * on the device, bit for bit as kvt_convert_to_f32; an odd count at an odd offset; nothing */
+static void test_widen(void)
+{
+    const size_t n = 65536 + 3;
+    uint16_t *x = malloc(n * 2);
+    float *want = malloc(n * 4), *got = malloc(n * 4);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (uint16_t)(i * 40503u); /* a permutation of the patterns, then 3 more */
+    const kvt_dtype dts[] = {KVT_DTYPE_BF16, KVT_DTYPE_F16};
+    for (int t = 0; t < 2; t++) {
+        const size_t off = 1, m = n - off; /* src 2 bytes into its buffer */
+        uint16_t *dx = to_dev(x, n * 2);
+        float *dy = out_dev(m * 4);
+        KVT_CHECK(kvt_convert_to_f32(dts[t], x + off, want, m));
+        KVT_CHECK(kvt_widen_cuda(dts[t], dx + off, m, dy, NULL));
+        from_dev(got, dy, m * 4, "widen");
+        size_t bad = 0;
+        for (size_t i = 0; i < m; i++)
+            bad += memcmp(&got[i], &want[i], 4) != 0;
+        KVT_EXPECT_MSG(bad == 0, "widen %s: %zu of %zu elements not bitwise the host's",
+                       kvt_dtype_name(dts[t]), bad, m);
+        KVT_CHECK(kvt_widen_cuda(dts[t], dx, 0, NULL, NULL));
+        cudaFree(dx), cudaFree(dy);
+    }
+    KVT_EXPECT_STATUS(kvt_widen_cuda(KVT_DTYPE_F32, x, 4, want, NULL), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_widen_cuda(KVT_DTYPE_BF16, NULL, 4, want, NULL), KVT_ERR_INVALID_ARG);
+    free(x), free(want), free(got);
+}
+
 int main(void)
 {
     char why[256] = "";
@@ -645,6 +675,7 @@ int main(void)
     test_scores(8, 8, 32, 5, 300, 102); /* MHA, part of the window */
     test_scores(2, 1, 4, 4, 5, 103);    /* a prefix of one token */
     test_nonfinite();
+    test_widen();
     test_redundancy(1030, 200, 151); /* 2 and 3 dimensions per thread */
     test_redundancy(300, 320, 152);
     test_redundancy(260, 512, 153);

@@ -11,8 +11,12 @@
 # probability by one f32 ulp, and a relative error ||o_S - o|| / ||o|| whose ||o|| is small
 # amplifies that (seen: 4.5e-5 on an error of 1.1 for knorm on the sample trace). So errors
 # must agree within 1e-3, and at most 1% of them may differ by more than 1e-9. A third trace
-# has Q_all and no stored column sums, so that h2o's sums are computed by the replay; a fourth
-# has a prompt of 4300 tokens, so that the rankings with --device cuda run on the GPU.
+# has Q_all and no stored column sums, so that h2o's sums are computed by the replay (and
+# expected-attention and noncausal-attention, which read Q_all, run); a fourth has a prompt of
+# 4300 tokens, so that the rankings with --device cuda run on the GPU. The synthetic traces
+# store K and V in bf16 (the Q_all one in f16), which --device cuda uploads as stored and widens
+# on the GPU; the policies that read K or V on the host (quest, lagkv, the merging ones, the
+# Q_all ones) then get them widened on the host.
 #
 # With the argument `cuda` (test_replay_device_gpu, label gpu) the first replay is
 # `--device cuda` with the reference kernels on the host (KVT_KERNELS=ref), so the layer
@@ -45,8 +49,8 @@ fi
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/dev/null 2>&1 \
     || fail "synth"
 # h2o from Q_all (no stored column sums): the replay computes the sums itself
-$BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off -o "$TMP/qa.kvt" \
-    >/dev/null 2>&1 || fail "synth q-all"
+$BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off --dtype f16 \
+    -o "$TMP/qa.kvt" >/dev/null 2>&1 || fail "synth q-all"
 # a prompt long enough (over 4096 ranked tokens) for the GPU's rankings (kvt_ctx_gpu_rank)
 $BIN synth --shape tiny --tokens 4300 --decode 4 --seed 9 -o "$TMP/long.kvt" >/dev/null 2>&1 \
     || fail "synth long"
@@ -58,10 +62,10 @@ for path, L, H in (("stories260K", 5, 8), ("vl", 2, 4)):
 for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt"; do
     name=$(basename "$tr" .kvt)
     # every policy: the defaults, and those that need more than K, V and the window queries
-    SET=(--policies "all,h2o,oracle,quest,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json"
+    SET=(--policies "all,h2o,oracle,quest,lagkv,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json"
         --budgets 16,64,300,50% --threads 2 --seed 7)
     [ "$name" = qa ] &&
-        SET=(--policies h2o,snapkv,full --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
+        SET=(--policies h2o,snapkv,full,expected-attention,noncausal-attention --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
     [ "$name" = long ] &&
         SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
             --threads 2 --seed 7)

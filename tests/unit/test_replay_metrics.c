@@ -585,8 +585,60 @@ static void test_trace_driver(void)
     unlink(path);
 }
 
+/* K and V given in 16 bits (k16, v16) give, bit for bit, the metrics of the same values given
+ * widened to f32, for every policy (those that read K or V on the host included: quest, the
+ * merging ones), in bf16 and f16; a layer given both ways, or a dtype that is not 16-bit, is
+ * refused */
+static void test_kv16_input(void)
+{
+    enum { T = 90, D = 16, Hq = 4, Hkv = 2, W = 8, G = 4, NB = 3 };
+    const size_t n = (size_t)Hkv * T * D;
+    const kvt_dtype dts[] = {KVT_DTYPE_BF16, KVT_DTYPE_F16};
+    kvt_policy **pols = make_policies(false);
+    const int B[NB] = {8, 30, 60};
+    kvt_head_metrics *m32 = malloc(sizeof(*m32) * NPOL * NB * Hq);
+    kvt_head_metrics *m16 = malloc(sizeof(*m16) * NPOL * NB * Hq);
+    uint16_t *k16 = malloc(n * 2), *v16 = malloc(n * 2);
+    kvt_replay_opts o = {.coverage_probes = -1};
+    for (int t_i = 0; t_i < 2; t_i++) {
+        test_layer t;
+        tl_random(&t, 91 + t_i, T, D, Hq, Hkv, W, G, true);
+        /* the 16-bit values, and the same widened into the f32 arrays */
+        KVT_CHECK(kvt_convert_from_f32(dts[t_i], t.k, k16, n));
+        KVT_CHECK(kvt_convert_from_f32(dts[t_i], t.v, v16, n));
+        KVT_CHECK(kvt_convert_to_f32(dts[t_i], k16, t.k, n));
+        KVT_CHECK(kvt_convert_to_f32(dts[t_i], v16, t.v, n));
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&t.in, (kvt_policy *const *)pols, NPOL, B, NB, &o, m32),
+            KVT_OK);
+        kvt_layer_input in = t.in;
+        in.k = in.v = NULL, in.k16 = k16, in.v16 = v16, in.k16_dtype = dts[t_i];
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, NPOL, B, NB, &o, m16), KVT_OK);
+        KVT_EXPECT_MSG(!memcmp(m32, m16, sizeof(*m32) * NPOL * NB * Hq),
+                       "%s K and V: metrics differ from the widened f32 input's",
+                       kvt_dtype_name(dts[t_i]));
+        in.k = t.k; /* both ways */
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        in.k = NULL, in.k16_dtype = KVT_DTYPE_F32;
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        in.k16_dtype = dts[t_i], in.v16 = NULL; /* K without V */
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        tl_free(&t);
+    }
+    free_policies(pols);
+    free(m32), free(m16), free(k16), free(v16);
+}
+
 int main(void)
 {
+    test_kv16_input();
     test_layer_metrics(false);
     test_layer_metrics(true);
     test_step_set_means();
