@@ -4,6 +4,7 @@
  * (--export-selection). Thin: parsing and progress here, the work in replay/ and analysis/.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,6 +154,33 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
 static uint64_t cmd_t0;     /* when kvt_cmd_replay started */
 static uint64_t cmd_dev_ns; /* resolving --device (loading the CUDA driver) */
 
+/* --device cuda: after the last replay the GPU is released (kvt_replay_release_device, CUDA's
+ * teardown) on a thread while the results are written, instead of at exit */
+typedef struct dev_release {
+    pthread_t th;
+    bool started, done;
+    kvt_status st;
+    uint64_t ns;
+} dev_release;
+static dev_release cmd_release;
+
+static void *release_run(void *arg)
+{
+    dev_release *r = arg;
+    uint64_t t0 = kvt_now_ns();
+    r->st = kvt_replay_release_device();
+    r->ns = kvt_now_ns() - t0;
+    return NULL;
+}
+
+static void release_join(dev_release *r)
+{
+    if (r->started && !r->done) {
+        pthread_join(r->th, NULL);
+        r->done = true;
+    }
+}
+
 /* --profile: where the time went, on stderr (one "profile:" line per part) */
 static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64_t wb, int threads)
 {
@@ -173,6 +201,12 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
                 "profile: gpu: CUDA context and memory plan %.3f s (a thread, while the workers "
                 "read); workers waiting for it or for room on the GPU %.3f s, summed\n",
                 p->gpu_plan_ns * 1e-9, p->gpu_wait_ns * 1e-9);
+    release_join(&cmd_release);
+    if (cmd_release.started)
+        fprintf(stderr,
+                "profile: gpu: device released in %.3f s%s (CUDA's teardown, on a thread while "
+                "the results were written)\n",
+                cmd_release.ns * 1e-9, cmd_release.st ? ", with an error" : "");
     char blas[160];
     kvt_kernels_cpu_describe(blas, sizeof(blas));
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);
@@ -508,6 +542,7 @@ static const char *fmt(double x, char *buf, size_t cap, const char *f)
 int kvt_cmd_replay(int argc, char **argv)
 {
     cmd_t0 = kvt_now_ns();
+    cmd_release = (dev_release){0};
     const char *cmd = "replay", *out = NULL, *export_path = NULL;
     char *policies_arg = NULL, *budgets_arg = NULL;
     const char **traces = kvt_calloc((size_t)argc + 1, sizeof(char *));
@@ -864,6 +899,9 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         }
     }
+    /* nothing uses the GPU from here on: its teardown overlaps the writing */
+    if (device == KVT_DEVICE_CUDA)
+        cmd_release.started = !pthread_create(&cmd_release.th, NULL, release_run, &cmd_release);
     if (shard_n && (st = kvt_results_set_shard(res, shard_i, shard_n, units, n_units))) {
         kvt_cli_fail_status(cmd, st, "--shard");
         goto out_free;
@@ -950,6 +988,7 @@ int kvt_cmd_replay(int argc, char **argv)
             n_b == 1 ? "" : "s", procs, export_path ? " and " : "", export_path ? export_path : "");
     rc = 0;
 out_free:
+    release_join(&cmd_release);
     kvt_free(dh);
     if (notes != stderr) {
         fclose(notes);

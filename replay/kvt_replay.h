@@ -191,6 +191,14 @@ typedef enum kvt_device { KVT_DEVICE_CPU = 0, KVT_DEVICE_CUDA = 1, KVT_DEVICE_AU
 /** Resolve a requested device: AUTO becomes CUDA or CPU (why[cap] says why not CUDA); CUDA
  *  without a usable device (or without CUDA in the build) is KVT_ERR_NO_CUDA with the reason. */
 kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why, size_t cap);
+
+/** For a program done with the GPU (after its last CUDA replay): releases what the process holds
+ *  on CUDA device 0 (cudaDeviceReset: device memory, streams, the context), which CUDA would
+ *  otherwise do at exit (0.13-0.19 s after a replay on an H200). Called on a thread while the
+ *  program writes its results, the teardown overlaps them. Nothing may use the device in this
+ *  process during or after the call: other libraries' CUDA state on it (a framework's tensors)
+ *  is lost too. KVT_OK without CUDA in the build (nothing to release). */
+kvt_status kvt_replay_release_device(void);
 /** "cpu", "cuda" or "auto". */
 const char *kvt_device_name(kvt_device d);
 

@@ -567,6 +567,11 @@ static void *gpu_plan_run(void *arg)
     return NULL;
 }
 
+kvt_status kvt_replay_release_device(void)
+{
+    return kvt_ctx_gpu_release();
+}
+
 kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why, size_t cap)
 {
     KVT_RETURN_IF(!got, KVT_ERR_INVALID_ARG, "null argument");

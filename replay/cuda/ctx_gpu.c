@@ -140,6 +140,13 @@ int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
     return 0;
 }
 
+kvt_status kvt_ctx_gpu_release(void)
+{
+    GPU_OK(cudaSetDevice(0));
+    GPU_OK(cudaDeviceReset());
+    return KVT_OK;
+}
+
 /* A kernel's own allocation out of GPU memory (KVT_ERR_NOMEM): the same advice as dalloc's */
 static kvt_status kern_nomem(kvt_status st)
 {

@@ -29,6 +29,8 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                                   int n_probe, int n_cut);
 /** Device 0's free and total memory (cudaMemGetInfo): 0, or -1 (nothing written). */
 int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
+/** cudaDeviceReset of device 0 (kvt_replay_release_device); KVT_OK without CUDA. */
+kvt_status kvt_ctx_gpu_release(void);
 
 /** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0; K and V
  *  given in 16 bits (in->k16, in->v16) are uploaded so and widened to f32 there.

@@ -80,6 +80,7 @@ cudaError_t cudaGetDevice(int *d);
 cudaError_t cudaSetDevice(int d);
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d);
 cudaError_t cudaDeviceSynchronize(void);
+cudaError_t cudaDeviceReset(void);
 /* cudaDevAttrMemoryPoolsSupported: 1, or 0 with CUEMU_NO_POOLS=1 in the environment, which
  * also makes cudaMallocAsync / cudaFreeAsync fail (a GPU without memory pools) */
 cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d);

@@ -299,6 +299,19 @@ cudaError_t cudaDeviceSynchronize(void)
     return cudaSuccess;
 }
 
+/* everything queued done, then every device allocation freed (streams and events stay: the
+ * replay destroys its own before it releases the device) */
+cudaError_t cudaDeviceReset(void)
+{
+    run_all(0);
+    pthread_mutex_lock(&mu);
+    for (size_t i = 0; i < blocks.n; i++)
+        free((void *)blocks.b[i].p);
+    blocks.n = 0, dev_used = 0;
+    pthread_mutex_unlock(&mu);
+    return cudaSuccess;
+}
+
 /* ---- device memory ---- */
 
 /* whether [ptr, ptr + n) lies in one block of l */

@@ -44,6 +44,8 @@ if [ "$MODE" = cuda ]; then
         fail "replay --device cuda"
     fi
     grep -q "^profile: gpu sweep kernels .* TFLOP" "$TMP/err" || fail "--profile has no GPU lines"
+    grep -q "^profile: gpu: device released in [0-9.]* s (" "$TMP/err" \
+        || fail "the GPU was not released while the results were written"
     FIRST=(env KVT_KERNELS=ref)
 fi
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/dev/null 2>&1 \
