@@ -6,8 +6,8 @@
  * tests/unit/test_kernels_cuda.c (label gpu: "not run" without a device).
  *
  * Status: every kernel here runs in CI on cuemu (tests/cuemu), but the CUB ranking (the
- * reference stands in for it there), and passed test_kernels_cuda on an H200 (bench/RESULTS.md), except
- * kvt_widen_cuda, written after the last GPU session (checked on cuemu only so far). All are
+ * reference stands in for it there), and passed test_kernels_cuda on an H200 (bench/RESULTS.md),
+ * except kvt_widen_cuda, written after the last GPU session (checked on cuemu only so far). All are
  * used by `replay --device cuda` (replay/cuda/ctx_gpu.c).
  */
 #ifndef KVT_KERNELS_CUDA_H
@@ -132,7 +132,8 @@ kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe, const int
 /* The sweep and coverage kernels above allocate a small device workspace per call, and freeing
  * device memory synchronises the whole device; callers that sweep many rankings (the replay)
  * pass one workspace instead, of at least kvt_sweep_cuda_work_bytes(T, n_cut, n_probe) bytes
- * (coverage and redundancy; the output sweep: kvt_sweep_output_cuda_work_bytes). The _ws calls are
+ * (coverage; the output sweep: kvt_sweep_output_cuda_work_bytes; the redundancy sweep:
+ * kvt_sweep_redundancy_cuda_work_bytes). The _ws calls are
  * asynchronous (they do not synchronise the stream: the workspace must live until their kernels
  * have run). */
 #define KVT_CB_CHUNK 1024 /* ranked positions per block of the coverage bests */
@@ -147,8 +148,11 @@ kvt_status kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_
                                     size_t stride_m, double *recall, double *err,
                                     double *recall_mod, void *work, size_t work_bytes,
                                     void *stream);
-/** kvt_sweep_redundancy_ref on the device, bit for bit (ku, order device; cuts on the HOST,
- *  copied into work, which needs n_cut int32; r [n_cut] device). */
+/** kvt_sweep_redundancy_ref on the device (ku, order device; cuts on the HOST, copied into
+ *  work, of at least kvt_sweep_redundancy_cuda_work_bytes; r [n_cut] device): the walk in
+ *  chunks summed in parallel, then in order, so within rounding of the reference's one chain
+ *  of sums (not bit for bit). */
+size_t kvt_sweep_redundancy_cuda_work_bytes(int T, int D, int n_cut);
 kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D, const int32_t *order,
                                         const int32_t *cuts, int n_cut, double *r, void *work,
                                         size_t work_bytes, void *stream);

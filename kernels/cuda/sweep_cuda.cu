@@ -17,9 +17,15 @@
  * bit; the test holds recall to 1e-10 and the error to 1e-7 relative.
  *
  * PER (dimensions per thread, a template parameter: 1 for D <= 128, 2 for D <= 256, else 4).
+ *
+ * The redundancy sweep likewise: rd_part_k sums each chunk's unit keys (one block per chunk,
+ * the chunks forward only, as the reference walks), rd_cut_k adds the chunk sums in order up to
+ * each cut and takes the cut's redundancy from their squares. Within rounding of the reference
+ * (its sums in one chain), not bit for bit.
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../ref/sweep_cuts.h"
 #include "cuda_util.cuh"
@@ -378,60 +384,91 @@ extern "C" kvt_status kvt_sweep_output_cuda(int n_q, int T, int D, const float *
 #define RD_PER     4  /* dimensions per thread at most: D <= 512 */
 #define RD_LOADS   16 /* ranked rows loaded ahead */
 
-/* kvt_sweep_redundancy_ref in one block: thread d keeps the running sums of dimensions d,
- * d + 128, ... over the ranked unit keys in ranking order (loading RD_LOADS rows ahead, adding
- * them in order), and at each cut thread 0 sums the squares over d in order
- * (kvt_redundancy_of_sum): the reference's additions, in its order, bit for bit. */
-static __global__ void redundancy_k(const float *ku, int D, const int32_t *order,
-                                    const int32_t *cuts, int n_cut, double *r)
+typedef struct rd_args {
+    const float *ku;
+    int D, n_cut;
+    const int32_t *order, *cuts, *cs, *ce, *cend; /* as sweep_args (forward chunks only) */
+    double *part;                                 /* [n_chunk, D] each chunk's sums */
+    double *r;
+} rd_args;
+
+/* One block per chunk of ranked positions: thread d sums dimensions d, d + 128, ... of the
+ * chunk's unit keys in ranking order (RD_LOADS rows loaded ahead, added in order). */
+static __global__ void rd_part_k(rd_args a)
+{
+    __shared__ int32_t j_sh[RD_THREADS];
+    const int k = blockIdx.x, tid = threadIdx.x, D = a.D, lo = a.cs[k], cnt = a.ce[k] - lo;
+    double acc[RD_PER];
+    for (int kk = 0; kk < RD_PER; kk++)
+        acc[kk] = 0.0;
+    for (int u0 = 0; u0 < cnt; u0 += RD_THREADS) {
+        const int m = cnt - u0 < RD_THREADS ? cnt - u0 : RD_THREADS;
+        __syncthreads(); /* the previous piece has been read */
+        if (tid < m)
+            j_sh[tid] = a.order[lo + u0 + tid];
+        __syncthreads();
+        for (int u = 0; u < m; u += RD_LOADS) {
+            float x[RD_LOADS][RD_PER];
+#pragma unroll
+            for (int w = 0; w < RD_LOADS; w++)
+#pragma unroll
+                for (int kk = 0; kk < RD_PER; kk++) {
+                    const int d = tid + kk * RD_THREADS;
+                    x[w][kk] = u + w < m && d < D ? a.ku[(size_t)j_sh[u + w] * D + d] : 0.0f;
+                }
+#pragma unroll
+            for (int w = 0; w < RD_LOADS; w++)
+                if (u + w < m)
+#pragma unroll
+                    for (int kk = 0; kk < RD_PER; kk++)
+                        acc[kk] = __dadd_rn(acc[kk], (double)x[w][kk]);
+        }
+    }
+    for (int kk = 0; kk < RD_PER; kk++) {
+        const int d = tid + kk * RD_THREADS;
+        if (d < D)
+            a.part[(size_t)k * D + d] = acc[kk];
+    }
+}
+
+/* One block: the chunk sums added in walk order up to each cut, then thread 0 sums the squares
+ * over d in order (kvt_redundancy_of_sum). */
+static __global__ void rd_cut_k(rd_args a)
 {
     __shared__ double sum_sh[RD_THREADS * RD_PER];
-    __shared__ int32_t j_sh[RD_THREADS];
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, D = a.D;
     double acc[RD_PER];
-    for (int k = 0; k < RD_PER; k++)
-        acc[k] = 0.0;
-    int t = 0;
-    for (int ci = 0; ci < n_cut; ci++) {
-        const int c = cuts[ci];
-        for (int u0 = t; u0 < c; u0 += RD_THREADS) {
-            const int m = c - u0 < RD_THREADS ? c - u0 : RD_THREADS;
-            __syncthreads(); /* the previous chunk has been read */
-            if (tid < m)
-                j_sh[tid] = order[u0 + tid];
-            __syncthreads();
-            for (int u = 0; u < m; u += RD_LOADS) {
-                float x[RD_LOADS][RD_PER];
-#pragma unroll
-                for (int w = 0; w < RD_LOADS; w++)
-#pragma unroll
-                    for (int k = 0; k < RD_PER; k++) {
-                        const int d = tid + k * RD_THREADS;
-                        x[w][k] = u + w < m && d < D ? ku[(size_t)j_sh[u + w] * D + d] : 0.0f;
-                    }
-#pragma unroll
-                for (int w = 0; w < RD_LOADS; w++)
-                    if (u + w < m)
-#pragma unroll
-                        for (int k = 0; k < RD_PER; k++)
-                            acc[k] = __dadd_rn(acc[k], (double)x[w][k]);
+    for (int kk = 0; kk < RD_PER; kk++)
+        acc[kk] = 0.0;
+    for (int ci = 0, k = 0; ci < a.n_cut; ci++) {
+        for (; k < a.cend[ci]; k++)
+            for (int kk = 0; kk < RD_PER; kk++) {
+                const int d = tid + kk * RD_THREADS;
+                if (d < D)
+                    acc[kk] = __dadd_rn(acc[kk], a.part[(size_t)k * D + d]);
             }
-        }
-        t = c;
-        for (int k = 0; k < RD_PER; k++) {
-            const int d = tid + k * RD_THREADS;
+        for (int kk = 0; kk < RD_PER; kk++) {
+            const int d = tid + kk * RD_THREADS;
             if (d < D)
-                sum_sh[d] = acc[k];
+                sum_sh[d] = acc[kk];
         }
         __syncthreads();
         if (tid == 0) {
+            const int c = a.cuts[ci];
             double s2 = 0.0;
             for (int d = 0; d < D; d++)
                 s2 = __dadd_rn(s2, __dmul_rn(sum_sh[d], sum_sh[d]));
-            r[ci] = c < 2 ? (double)NAN : (s2 / c - 1.0) / (double)(c - 1);
+            a.r[ci] = c < 2 ? (double)NAN : (s2 / c - 1.0) / (double)(c - 1);
         }
         __syncthreads(); /* sum_sh is read before the next cut writes it */
     }
+}
+
+extern "C" size_t kvt_sweep_redundancy_cuda_work_bytes(int T, int D, int n_cut)
+{
+    const size_t mc = sweep_max_chunks(T, n_cut), nc = n_cut > 0 ? (size_t)n_cut : 0;
+    return ((3 * mc + nc) * sizeof(int32_t) + 15) / 16 * 16 +
+           mc * (size_t)(D > 0 ? D : 0) * sizeof(double);
 }
 
 extern "C" kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D,
@@ -446,13 +483,34 @@ extern "C" kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D
     KVT_FORWARD(kvt_sweep_check_cuts(cuts, n_cut, T));
     if (n_cut == 0)
         return KVT_OK;
-    KVT_RETURN_IF(!work || work_bytes < (size_t)n_cut * sizeof(int32_t), KVT_ERR_INVALID_ARG,
-                  "sweep_redundancy_cuda: workspace of %zu bytes is too small", work_bytes);
+    KVT_RETURN_IF(!work || work_bytes < kvt_sweep_redundancy_cuda_work_bytes(T, D, n_cut),
+                  KVT_ERR_INVALID_ARG, "sweep_redundancy_cuda: workspace of %zu bytes is too small",
+                  work_bytes);
+    /* the table: chunk starts, ends, each cut's end of chunks (sweep_chunks, forward only), the
+       cuts; then the chunks' sums */
+    const size_t mc = sweep_max_chunks(T, n_cut), ints = 3 * mc + (size_t)n_cut;
+    int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
+    KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
+    int n_fwd_chunk = 0;
+    const int n_chunk =
+        sweep_chunks(cuts, n_cut, n_cut, T, tab, tab + mc, tab + 2 * mc, &n_fwd_chunk);
+    memcpy(tab + 3 * mc, cuts, (size_t)n_cut * sizeof(int32_t));
     cudaStream_t st = kvt_cu_stream(stream);
-    int32_t *dcuts = (int32_t *)work;
-    KVT_CU(
-        cudaMemcpyAsync(dcuts, cuts, (size_t)n_cut * sizeof(int32_t), cudaMemcpyHostToDevice, st));
-    redundancy_k<<<1, RD_THREADS, 0, st>>>(ku, D, order, dcuts, n_cut, r);
+    int32_t *dtab = (int32_t *)work;
+    cudaError_t e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
+    free(tab); /* a pageable source is staged before the call returns */
+    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "sweep_redundancy_cuda: %s",
+                  cudaGetErrorString(e));
+    rd_args a;
+    a.ku = ku, a.D = D, a.n_cut = n_cut, a.order = order;
+    a.cs = dtab, a.ce = dtab + mc, a.cend = dtab + 2 * mc, a.cuts = dtab + 3 * mc;
+    a.part = (double *)((char *)work + (ints * sizeof(int32_t) + 15) / 16 * 16);
+    a.r = r;
+    if (n_chunk > 0) {
+        rd_part_k<<<(unsigned)n_chunk, RD_THREADS, 0, st>>>(a);
+        KVT_CU_LAUNCHED();
+    }
+    rd_cut_k<<<1, RD_THREADS, 0, st>>>(a);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }

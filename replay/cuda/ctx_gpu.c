@@ -120,11 +120,12 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
                + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
                + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) /* chunks */
-               + rows * nb * 8 * (2 + nm) /* sweep results */
-               + np * (t + 1 + nb) * 4    /* cosine table, probes, bests */
-               + 2 * (hq + hkv) * t * 8   /* window scores, workspace */
-               + t * d * 4 + 3 * t * 8    /* h2o's column sums from Q_all */
-               + hq * t * (12 + 28)       /* rankings: scores, orders, the sort's own */
+               + (double)kvt_sweep_redundancy_cuda_work_bytes(T, D, (int)nb) +
+               rows * nb * 8 * (2 + nm) /* sweep results */
+               + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
+               + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
+               + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
+               + hq * t * (12 + 28)     /* rankings: scores, orders, the sort's own */
                + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D); /* kernels' */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
@@ -569,13 +570,15 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     return KVT_OK;
 }
 
-/* The sweep kernels' workspace for output sweeps of n_q queries (0: none), n_cut cuts and
- * n_probe probes (grown, never shrunk). */
+/* The sweep kernels' workspace for output sweeps of n_q queries (0: a set sweep, coverage of
+ * n_probe probes and redundancy), n_cut cuts (grown, never shrunk). */
 static kvt_status need_work(kvt_ctx_gpu *g, int n_q, int n_cut, int n_probe)
 {
     size_t need = kvt_sweep_cuda_work_bytes(g->T, n_cut, n_probe);
     size_t out = n_q > 0 ? kvt_sweep_output_cuda_work_bytes(n_q, g->T, g->D, n_cut) : 0;
+    size_t red = n_q > 0 ? 0 : kvt_sweep_redundancy_cuda_work_bytes(g->T, g->D, n_cut);
     need = out > need ? out : need;
+    need = red > need ? red : need;
     if (need <= g->work_cap)
         return KVT_OK;
     dfree(g, g->work);

@@ -552,21 +552,26 @@ static void test_redundancy(int T, int D, uint64_t seed)
     float *dku = to_dev(ku, nk * 4);
     int32_t *dord = to_dev(order, (size_t)T * 4);
     double *dr = out_dev((size_t)n_cut * 8);
-    void *dw = out_dev(64);
-    KVT_CHECK(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, cuts, n_cut, dr, dw, 64, NULL));
+    const size_t wb = kvt_sweep_redundancy_cuda_work_bytes(T, D, n_cut);
+    void *dw = out_dev(wb);
+    KVT_CHECK(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, cuts, n_cut, dr, dw, wb, NULL));
     from_dev(rb, dr, (size_t)n_cut * 8, "redundancy");
+    from_dev(NULL, (char *)dw + wb, 0, "redundancy workspace"); /* its guard */
+    /* the sums in chunks, then in order: the reference's up to rounding (r is a difference of
+       O(1) terms, so an absolute bound) */
     int bad = 0;
     for (int c = 0; c < n_cut; c++)
-        bad += memcmp(&ra[c], &rb[c], 8) != 0 && !(isnan(ra[c]) && isnan(rb[c]));
-    KVT_EXPECT_MSG(bad == 0, "redundancy T=%d D=%d: %d of %d cuts not bitwise the reference's", T,
-                   D, bad, n_cut);
-    KVT_EXPECT_STATUS(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, cuts, n_cut, dr, dw, 3, NULL),
-                      KVT_ERR_INVALID_ARG);
+        bad += isnan(ra[c]) != isnan(rb[c]) || (!isnan(ra[c]) && !(fabs(ra[c] - rb[c]) <= 1e-12));
+    KVT_EXPECT_MSG(bad == 0, "redundancy T=%d D=%d: %d of %d cuts off the reference's by > 1e-12",
+                   T, D, bad, n_cut);
+    KVT_EXPECT_STATUS(
+        kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, cuts, n_cut, dr, dw, wb - 1, NULL),
+        KVT_ERR_INVALID_ARG);
     int32_t badcuts[2] = {5, 3};
-    KVT_EXPECT_STATUS(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, badcuts, 2, dr, dw, 64, NULL),
+    KVT_EXPECT_STATUS(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, badcuts, 2, dr, dw, wb, NULL),
                       KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(
-        kvt_sweep_redundancy_cuda_ws(dku, T, 600, dord, cuts, n_cut, dr, dw, 64, NULL),
+        kvt_sweep_redundancy_cuda_ws(dku, T, 600, dord, cuts, n_cut, dr, dw, wb, NULL),
         KVT_ERR_UNSUPPORTED);
     cudaFree(dku), cudaFree(dord), cudaFree(dr), cudaFree(dw);
     free(ku), free(order), free(w);
@@ -679,6 +684,7 @@ int main(void)
     test_redundancy(1030, 200, 151); /* 2 and 3 dimensions per thread */
     test_redundancy(300, 320, 152);
     test_redundancy(260, 512, 153);
+    test_redundancy(5000, 128, 154); /* chunks of 256 positions between distant cuts */
     test_colsum(1, 64, 111);
     test_colsum(300, 80, 112);
     test_colsum(1030, 128, 113);
