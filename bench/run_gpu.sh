@@ -635,6 +635,19 @@ if roof:
         r["kernels"], r["s"], r["GB"], r["GBps"], fmt(r["TFLOP"], "%.3f"), r["bound_s"],
         r["bound_by"], fmt(r["x_roofline"], "%.2f"), fmt(r["x_alu_bound"], "%.2f"))
         for r in roof]
+    # the sweep category by kind, from the same run (one worker when there is one)
+    kinds, sec = {}, "all"
+    try:
+        for line in open(os.path.join(e["WORK"], "kvtrace_cuda_profile.txt")):
+            if line.startswith("# one worker"):
+                sec = "1t"
+            elif line.startswith("profile: gpu sweep kernels by kind: "):
+                kinds[sec] = line.strip()[len("profile: gpu sweep kernels by kind: "):]
+    except OSError:
+        pass
+    if kinds:
+        md += ["", "Sweep kernels by kind (%s): %s." % (
+            "one worker" if "1t" in kinds else "all workers", kinds.get("1t", kinds.get("all")))]
 elif peak:
     md += ["", "No GPU kernel figures in the profiles (replay --device %s)." % e["DEVICE"]]
 md += ["", "Preparation (not timed against anything): build %s s, synth %s s, colsum %s s; "

@@ -243,6 +243,13 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
                     g[i].ns ? (double)g[i].flop / (double)g[i].ns * 1e-3 : 0.0);
         fputc('\n', stderr);
     }
+    const uint64_t *k = p->gpu_sweep_kind_ns;
+    fprintf(stderr,
+            "profile: gpu sweep kernels by kind: output sweeps %.3f s, coverage %.3f s (cosine "
+            "tables, bests), redundancy %.3f s, scores %.3f s (window, decode), rankings %.3f s\n",
+            k[KVT_GPU_SWEEP_OUTPUT] * 1e-9, k[KVT_GPU_SWEEP_COVERAGE] * 1e-9,
+            k[KVT_GPU_SWEEP_REDUNDANCY] * 1e-9, k[KVT_GPU_SWEEP_SCORES] * 1e-9,
+            k[KVT_GPU_SWEEP_RANK] * 1e-9);
     fprintf(stderr,
             "profile: gpu sweep calls %llu, %.3f s inside them by the host clock (kernels: GPU "
             "time by CUDA events, GB at least what each must move; copies: host clock)\n",

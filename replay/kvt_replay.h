@@ -202,6 +202,18 @@ kvt_status kvt_replay_release_device(void);
 /** "cpu", "cuda" or "auto". */
 const char *kvt_device_name(kvt_device d);
 
+/** The kinds of kernels booked as sweeps (kvt_replay_profile.gpu_sweep_kind_ns): recall and
+ *  output-error sweeps; coverage (cosine tables and each cut's bests); the kept sets'
+ *  redundancy; scores (SnapKV's window scores, the oracle's decode means); rankings. */
+enum {
+    KVT_GPU_SWEEP_OUTPUT,
+    KVT_GPU_SWEEP_COVERAGE,
+    KVT_GPU_SWEEP_REDUNDANCY,
+    KVT_GPU_SWEEP_SCORES,
+    KVT_GPU_SWEEP_RANK,
+    KVT_GPU_SWEEP_KINDS
+};
+
 /** Where a replay's time goes (replay --profile), summed over the workers (so the parts can
  *  exceed the wall time). The gpu_* fields are filled with --device cuda; their byte counts
  *  are what the kernels must read and write at least (inputs once, outputs once), so
@@ -238,6 +250,7 @@ typedef struct kvt_replay_profile {
                                    redundancy calls (uploads, kernels, waits, downloads) */
     uint64_t gpu_plan_ns; /* creating the CUDA context and asking its free memory (a thread) */
     uint64_t gpu_wait_ns; /* workers waiting, after reading, for the plan or a GPU slot */
+    uint64_t gpu_sweep_kind_ns[KVT_GPU_SWEEP_KINDS]; /* gpu_sweep_ns by kind (they add up to it) */
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {

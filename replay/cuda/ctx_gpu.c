@@ -88,6 +88,13 @@ struct kvt_ctx_gpu {
 
 #define PROF(g, field, v) KVT_PROF_ADD((g)->prof, field, (v))
 
+/* a sweep-category kernel time: into the category and its kind */
+static void book_sweep(kvt_ctx_gpu *g, int kind, uint64_t ns)
+{
+    PROF(g, gpu_sweep_ns, ns);
+    PROF(g, gpu_sweep_kind_ns[kind], ns);
+}
+
 #define GPU_OK(call)                                                                               \
     do {                                                                                           \
         cudaError_t e_ = (call);                                                                   \
@@ -660,7 +667,7 @@ static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const floa
      * FLOP: a product and a sum per walked token, query and dimension, 9 per query, dimension
      * and cut for the error */
     const uint64_t walk = (uint64_t)kvt_sweep_walk(cuts, n_cut, T);
-    PROF(g, gpu_sweep_ns, ns);
+    book_sweep(g, KVT_GPU_SWEEP_OUTPUT, ns);
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes,
          ((n_q + (uint64_t)D + 1) * walk + (r_full ? 0 : (uint64_t)n_q * T)) * sizeof(float) +
@@ -728,7 +735,7 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
     KVT_FORWARD(kern_end(g, &ns, NULL));
     /* at least: the unit keys read, the table written; a product and a sum per key, probe and
      * dimension (booked with the sweeps) */
-    PROF(g, gpu_sweep_ns, ns);
+    book_sweep(g, KVT_GPU_SWEEP_COVERAGE, ns);
     PROF(g, gpu_sweep_bytes, (T * D + T * (size_t)n_probe) * sizeof(float));
     PROF(g, gpu_sweep_flop, 2 * (uint64_t)T * n_probe * D);
     return KVT_OK;
@@ -757,19 +764,23 @@ static kvt_status set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order, con
     }
     KVT_FORWARD(put_order(g, order));
     KVT_FORWARD(need_work(g, 0, n_cut, best ? g->n_probe : 0));
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
-    if (best)
+    uint64_t t1 = 0, ns_c = 0, ns_r = 0; /* coverage, redundancy: timed apart */
+    if (best) {
+        KVT_FORWARD(kern_begin(g));
         KVT_FORWARD(kvt_coverage_best_cuda_ws(g->ct, g->T, g->n_probe, g->order, cuts, n_cut,
                                               g->best, g->work, g->work_cap, (void *)g->st));
+        KVT_FORWARD(kern_end(g, &ns_c, &t1));
+    }
+    KVT_FORWARD(kern_begin(g));
     KVT_FORWARD(kvt_sweep_redundancy_cuda_ws(g->ku + (size_t)group * T * D, g->T, g->D, g->order,
                                              cuts, n_cut, g->rk, g->work, g->work_cap,
                                              (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(kern_end(g, &ns_r, &t1));
     /* at least: the kept rows of the table (up to the last cut) and their indices read, best
      * written; the kept unit keys read; a sum per kept key and dimension */
     const uint64_t last = (uint64_t)cuts[n_cut - 1];
-    PROF(g, gpu_sweep_ns, ns);
+    book_sweep(g, KVT_GPU_SWEEP_COVERAGE, ns_c);
+    book_sweep(g, KVT_GPU_SWEEP_REDUNDANCY, ns_r);
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes,
          (last * ((best ? g->n_probe : 0) + 1 + D) + n) * sizeof(float) + n_cut * sizeof(double));
@@ -817,7 +828,7 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
                                        per_query, g->sc_work, g->sc, (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: the last W window rows of every query head read, the scores written */
-    PROF(g, gpu_sweep_ns, ns);
+    book_sweep(g, KVT_GPU_SWEEP_SCORES, ns);
     PROF(g, gpu_sweep_bytes, (size_t)g->Hq * W * P * sizeof(float) + H * P * sizeof(double));
     KVT_FORWARD(download(g, out, g->sc, H * P * sizeof(double)));
     return sync_copies(g, false, &t1);
@@ -834,7 +845,7 @@ kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, doub
     KVT_FORWARD(kvt_col_mean_cuda(g->prd, H, per * g->Gd, g->T, P, g->sc, (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: the decode probabilities of the prefix read, the scores written */
-    PROF(g, gpu_sweep_ns, ns);
+    book_sweep(g, KVT_GPU_SWEEP_SCORES, ns);
     PROF(g, gpu_sweep_bytes,
          (size_t)g->Hq * g->Gd * P * sizeof(float) + (size_t)H * P * sizeof(double));
     KVT_FORWARD(download(g, out, g->sc, (size_t)H * P * sizeof(double)));
@@ -862,7 +873,7 @@ kvt_status kvt_ctx_gpu_rank(kvt_ctx_gpu *g, const double *score, int H, int P, i
     KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: the scores read, the keys and indices written and read once per 8-bit pass
      * (8 passes of 64-bit keys), the permutations written */
-    PROF(g, gpu_sweep_ns, ns);
+    book_sweep(g, KVT_GPU_SWEEP_RANK, ns);
     PROF(g, gpu_sweep_bytes, n * (sizeof(double) + 8 * 2 * (8 + 4) + 4));
     KVT_FORWARD(download(g, order, g->rorder, n * sizeof(int32_t)));
     return sync_copies(g, false, &t1);

@@ -44,6 +44,8 @@ if [ "$MODE" = cuda ]; then
         fail "replay --device cuda"
     fi
     grep -q "^profile: gpu sweep kernels .* TFLOP" "$TMP/err" || fail "--profile has no GPU lines"
+    grep -q "^profile: gpu sweep kernels by kind: output sweeps [0-9.]* s, coverage" "$TMP/err" \
+        || fail "--profile does not split the sweep kernels by kind"
     grep -q "^profile: gpu: device released in [0-9.]* s (" "$TMP/err" \
         || fail "the GPU was not released while the results were written"
     FIRST=(env KVT_KERNELS=ref)
