@@ -9,9 +9,11 @@
  * the larger ones: kvt_sweep_n_fwd) are cut into chunks of at most SW_CHUNK positions that never
  * straddle a cut. sweep_part_k: one block per (SW_ROWS queries, chunk) sums the chunk's p_j v_j,
  * masses and masses by modality in double (each V row loaded once for the block's queries, 16 /
- * PER rows in flight per thread); sweep_rec_k: one block per query adds the chunk sums in walk
- * order up to each cut (forward from zero, backward from the full output) and records the cut
- * as kvt_sweep_record does, its sums over d as a tree over the block. Products and sums use
+ * PER rows in flight per thread); sweep_rec_k: one block per (query, cut) adds the chunk sums
+ * in walk order up to its cut (forward from zero, backward from the full output), so that no
+ * cut waits for the chain of the cuts before it, and records the cut as kvt_sweep_record does,
+ * its sums over d as a tree over the block (sweep_rf_k first sums each query's row mass when
+ * the caller does not give it). Products and sums use
  * the _rn intrinsics (no fused multiply-add). The sums are the reference's up to the order of
  * their additions (chunks, then chunks in order; d as a tree): within rounding, not bit for
  * bit; the test holds recall to 1e-10 and the error to 1e-7 relative.
@@ -20,8 +22,8 @@
  *
  * The redundancy sweep likewise: rd_part_k sums each chunk's unit keys (one block per chunk,
  * the chunks forward only, as the reference walks), rd_cut_k adds the chunk sums in order up to
- * each cut and takes the cut's redundancy from their squares. Within rounding of the reference
- * (its sums in one chain), not bit for bit.
+ * its cut (one block per cut) and takes the redundancy from their squares. Within rounding of
+ * the reference (its sums in one chain), not bit for bit.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -55,6 +57,7 @@ typedef struct sweep_args {
     const double *mass_mod;
     size_t stride_m;
     double *pacc, *pr, *prm; /* chunk sums [n_chunk, n_q, D], [n_chunk, n_q], [.., NM] */
+    double *rfw;             /* [n_q] row masses when r_full is NULL (sweep_rf_k) */
     double *recall, *err, *recall_mod;
 } sweep_args;
 
@@ -162,88 +165,80 @@ static __device__ double block_sum(double v, double *sh)
     return sh[0];
 }
 
-/* One block per query: the chunk sums added in walk order up to each cut, then the cut's
- * recall, error and recall by modality (kvt_sweep_record). */
+/* Without the row masses given (r_full NULL): one block per query sums its stored
+ * probability row into rfw[q], once for all its cuts. */
+static __global__ void sweep_rf_k(sweep_args a)
+{
+    __shared__ double red[SW_THREADS];
+    const int q = blockIdx.x, tid = threadIdx.x;
+    const float *pq = a.p + (size_t)q * a.stride_p;
+    double s = 0.0;
+    for (int j = tid; j < a.T; j += SW_THREADS)
+        s = __dadd_rn(s, (double)pq[j]);
+    s = block_sum(s, red);
+    if (tid == 0)
+        a.rfw[q] = s;
+}
+
+/* One block per (query, cut): the chunk sums of the cut's direction added in walk order up to
+ * the cut (forward from zero, backward from the full output: the same additions, in the same
+ * order, as one running sum over the cuts), then the cut's recall, error and recall by
+ * modality (kvt_sweep_record). The cuts are independent, so none waits for another's chain. */
 template <int PER> static __global__ void sweep_rec_k(sweep_args a)
 {
     __shared__ double red[SW_THREADS];
-    const int q = blockIdx.x, tid = threadIdx.x, D = a.D;
-    double rf = 0.0;
-    if (a.r_full) {
-        rf = a.r_full[(size_t)q * a.stride_e];
-    } else { /* the row's stored mass */
-        const float *pq = a.p + (size_t)q * a.stride_p;
-        double s = 0.0;
-        for (int j = tid; j < a.T; j += SW_THREADS)
-            s = __dadd_rn(s, (double)pq[j]);
-        rf = block_sum(s, red);
-    }
+    const int q = blockIdx.x, ci = blockIdx.y, tid = threadIdx.x, D = a.D;
+    const double rf = a.r_full ? a.r_full[(size_t)q * a.stride_e] : a.rfw[q];
     const double pe = a.p_extra ? a.p_extra[(size_t)q * a.stride_e] : 0.0;
     const double *af = a.a_full + (size_t)q * a.stride_a;
     const double *oe = a.o_extra ? a.o_extra + (size_t)q * a.stride_a : NULL;
     const double *mq = a.mod ? a.mass_mod + (size_t)q * a.stride_m : NULL;
     const double total = __dadd_rn(rf, pe);
-    double o[PER], e[PER];
+    const bool dir = ci >= a.n_fwd; /* backward: from the full sums down */
+    double o[PER], e[PER], acc[PER], r = dir ? rf : 0.0, rm[NM];
     for (int kk = 0; kk < PER; kk++) { /* the full output, normalised */
         int d = tid + kk * SW_THREADS;
         e[kk] = d < D && oe ? oe[d] : 0.0;
         o[kk] = d < D && total > 0.0 ? __dadd_rn(af[d], e[kk]) / total : 0.0;
+        acc[kk] = dir && d < D ? af[d] : 0.0;
     }
-    double den = 0.0;
-    for (int kk = 0; kk < PER; kk++)
-        den = __dadd_rn(den, __dmul_rn(o[kk], o[kk]));
-    den = a.err ? block_sum(den, red) : 0.0;
-    for (int dir = 0; dir < 2; dir++) {
-        const int n = dir ? a.n_cut - a.n_fwd : a.n_fwd;
-        if (n == 0)
-            continue;
-        double acc[PER], r = dir ? rf : 0.0, rm[NM];
+    for (int m = 0; m < NM; m++)
+        rm[m] = dir && mq ? mq[m] : 0.0;
+    for (int k = dir ? a.n_chunk_fwd : 0; k < a.cend[ci]; k++) { /* in walk order */
+        const size_t o2 = (size_t)k * a.n_q + q;
         for (int kk = 0; kk < PER; kk++) {
             int d = tid + kk * SW_THREADS;
-            acc[kk] = dir && d < D ? af[d] : 0.0;
+            if (d < D)
+                acc[kk] = dir ? __dsub_rn(acc[kk], a.pacc[o2 * D + d])
+                              : __dadd_rn(acc[kk], a.pacc[o2 * D + d]);
         }
-        for (int m = 0; m < NM; m++)
-            rm[m] = dir && mq ? mq[m] : 0.0;
-        int k = dir ? a.n_chunk_fwd : 0;
-        for (int kk2 = 0; kk2 < n; kk2++) {
-            const int ci = dir ? a.n_cut - 1 - kk2 : kk2;
-            for (; k < a.cend[ci]; k++) { /* the chunks up to this cut, in walk order */
-                const size_t o2 = (size_t)k * a.n_q + q;
-                for (int kk = 0; kk < PER; kk++) {
-                    int d = tid + kk * SW_THREADS;
-                    if (d < D)
-                        acc[kk] = dir ? __dsub_rn(acc[kk], a.pacc[o2 * D + d])
-                                      : __dadd_rn(acc[kk], a.pacc[o2 * D + d]);
-                }
-                r = dir ? __dsub_rn(r, a.pr[o2]) : __dadd_rn(r, a.pr[o2]);
-                if (a.mod)
-                    for (int m = 0; m < NM; m++)
-                        rm[m] = dir ? __dsub_rn(rm[m], a.prm[o2 * NM + m])
-                                    : __dadd_rn(rm[m], a.prm[o2 * NM + m]);
-            }
-            const double kept = __dadd_rn(r < 0.0 ? 0.0 : r, pe); /* cancellation: -1e-17 */
-            const size_t oc = (size_t)q * a.n_cut + ci;
-            if (a.err) {
-                double num = 0.0;
-                for (int kk = 0; kk < PER; kk++) {
-                    int d = tid + kk * SW_THREADS;
-                    double os = d < D && kept > 0.0 ? __dadd_rn(acc[kk], e[kk]) / kept : 0.0;
-                    double df = __dsub_rn(os, o[kk]);
-                    num = __dadd_rn(num, __dmul_rn(df, df));
-                }
-                num = block_sum(num, red);
-                if (tid == 0)
-                    a.err[oc] = kept <= 0.0 ? 1.0
-                                : den > 0.0 ? sqrt(num / den)
-                                            : (num > 0.0 ? 1.0 : 0.0);
-            }
-            if (tid == 0) {
-                a.recall[oc] = total > 0.0 ? kept / total : 0.0;
-                if (a.recall_mod)
-                    for (int m = 0; m < NM; m++)
-                        a.recall_mod[oc * NM + m] = mq[m] > 0.0 ? rm[m] / mq[m] : NAN;
-            }
+        r = dir ? __dsub_rn(r, a.pr[o2]) : __dadd_rn(r, a.pr[o2]);
+        if (a.mod)
+            for (int m = 0; m < NM; m++)
+                rm[m] = dir ? __dsub_rn(rm[m], a.prm[o2 * NM + m])
+                            : __dadd_rn(rm[m], a.prm[o2 * NM + m]);
+    }
+    const double kept = __dadd_rn(r < 0.0 ? 0.0 : r, pe); /* cancellation: -1e-17 */
+    const size_t oc = (size_t)q * a.n_cut + ci;
+    if (a.err) {
+        double den = 0.0, num = 0.0;
+        for (int kk = 0; kk < PER; kk++) {
+            int d = tid + kk * SW_THREADS;
+            double os = d < D && kept > 0.0 ? __dadd_rn(acc[kk], e[kk]) / kept : 0.0;
+            double df = __dsub_rn(os, o[kk]);
+            den = __dadd_rn(den, __dmul_rn(o[kk], o[kk]));
+            num = __dadd_rn(num, __dmul_rn(df, df));
         }
+        den = block_sum(den, red);
+        num = block_sum(num, red);
+        if (tid == 0)
+            a.err[oc] = kept <= 0.0 ? 1.0 : den > 0.0 ? sqrt(num / den) : (num > 0.0 ? 1.0 : 0.0);
+    }
+    if (tid == 0) {
+        a.recall[oc] = total > 0.0 ? kept / total : 0.0;
+        if (a.recall_mod)
+            for (int m = 0; m < NM; m++)
+                a.recall_mod[oc * NM + m] = mq[m] > 0.0 ? rm[m] / mq[m] : NAN;
     }
 }
 
@@ -286,7 +281,7 @@ extern "C" size_t kvt_sweep_output_cuda_work_bytes(int n_q, int T, int D, int n_
     size_t mc = sweep_max_chunks(T, n_cut), nq = n_q > 0 ? (size_t)n_q : 0;
     size_t ints = 2 * mc + (size_t)(n_cut > 0 ? n_cut : 0);
     return ((ints * sizeof(int32_t) + 15) / 16) * 16 +
-           mc * nq * ((size_t)(D > 0 ? D : 0) + 1 + NM) * sizeof(double) + 16;
+           (mc * nq * ((size_t)(D > 0 ? D : 0) + 1 + NM) + nq) * sizeof(double) + 16;
 }
 
 extern "C" size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe)
@@ -330,7 +325,8 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
     cudaError_t e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
     free(tab); /* a pageable source is staged before the call returns */
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "sweep_output_cuda: %s", cudaGetErrorString(e));
-    KVT_RETURN_IF(n_chunk > 65535, KVT_ERR_UNSUPPORTED, "sweep_output_cuda: %d chunks", n_chunk);
+    KVT_RETURN_IF(n_chunk > 65535 || n_cut > 65535, KVT_ERR_UNSUPPORTED,
+                  "sweep_output_cuda: %d chunks, %d cuts", n_chunk, n_cut);
     double *pacc = (double *)((char *)work + ((ints * sizeof(int32_t) + 15) / 16) * 16);
     sweep_args a;
     a.n_q = n_q, a.T = T, a.D = D, a.p = p, a.stride_p = stride_p, a.v = v;
@@ -340,6 +336,7 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
     a.cs = dtab, a.ce = dtab + mc, a.cend = dtab + 2 * mc;
     a.mod = mod, a.mass_mod = mass_mod, a.stride_m = stride_m;
     a.pacc = pacc, a.pr = pacc + (size_t)n_chunk * n_q * D, a.prm = a.pr + (size_t)n_chunk * n_q;
+    a.rfw = a.prm + (size_t)n_chunk * n_q * NM;
     a.recall = recall, a.err = err, a.recall_mod = mod ? recall_mod : NULL;
     if (n_chunk > 0) {
         const dim3 grid((unsigned)((n_q + SW_ROWS - 1) / SW_ROWS), (unsigned)n_chunk);
@@ -351,12 +348,17 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
             sweep_part_k<4><<<grid, SW_THREADS, 0, st>>>(a);
         KVT_CU_LAUNCHED();
     }
+    if (!r_full) {
+        sweep_rf_k<<<(unsigned)n_q, SW_THREADS, 0, st>>>(a);
+        KVT_CU_LAUNCHED();
+    }
+    const dim3 grid_c((unsigned)n_q, (unsigned)n_cut);
     if (D <= SW_THREADS)
-        sweep_rec_k<1><<<(unsigned)n_q, SW_THREADS, 0, st>>>(a);
+        sweep_rec_k<1><<<grid_c, SW_THREADS, 0, st>>>(a);
     else if (D <= 2 * SW_THREADS)
-        sweep_rec_k<2><<<(unsigned)n_q, SW_THREADS, 0, st>>>(a);
+        sweep_rec_k<2><<<grid_c, SW_THREADS, 0, st>>>(a);
     else
-        sweep_rec_k<4><<<(unsigned)n_q, SW_THREADS, 0, st>>>(a);
+        sweep_rec_k<4><<<grid_c, SW_THREADS, 0, st>>>(a);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }
@@ -431,36 +433,33 @@ static __global__ void rd_part_k(rd_args a)
     }
 }
 
-/* One block: the chunk sums added in walk order up to each cut, then thread 0 sums the squares
- * over d in order (kvt_redundancy_of_sum). */
+/* One block per cut: the chunk sums added in walk order up to the cut, then thread 0 sums the
+ * squares over d in order (kvt_redundancy_of_sum). */
 static __global__ void rd_cut_k(rd_args a)
 {
     __shared__ double sum_sh[RD_THREADS * RD_PER];
-    const int tid = threadIdx.x, D = a.D;
+    const int ci = blockIdx.x, tid = threadIdx.x, D = a.D;
     double acc[RD_PER];
     for (int kk = 0; kk < RD_PER; kk++)
         acc[kk] = 0.0;
-    for (int ci = 0, k = 0; ci < a.n_cut; ci++) {
-        for (; k < a.cend[ci]; k++)
-            for (int kk = 0; kk < RD_PER; kk++) {
-                const int d = tid + kk * RD_THREADS;
-                if (d < D)
-                    acc[kk] = __dadd_rn(acc[kk], a.part[(size_t)k * D + d]);
-            }
+    for (int k = 0; k < a.cend[ci]; k++)
         for (int kk = 0; kk < RD_PER; kk++) {
             const int d = tid + kk * RD_THREADS;
             if (d < D)
-                sum_sh[d] = acc[kk];
+                acc[kk] = __dadd_rn(acc[kk], a.part[(size_t)k * D + d]);
         }
-        __syncthreads();
-        if (tid == 0) {
-            const int c = a.cuts[ci];
-            double s2 = 0.0;
-            for (int d = 0; d < D; d++)
-                s2 = __dadd_rn(s2, __dmul_rn(sum_sh[d], sum_sh[d]));
-            a.r[ci] = c < 2 ? (double)NAN : (s2 / c - 1.0) / (double)(c - 1);
-        }
-        __syncthreads(); /* sum_sh is read before the next cut writes it */
+    for (int kk = 0; kk < RD_PER; kk++) {
+        const int d = tid + kk * RD_THREADS;
+        if (d < D)
+            sum_sh[d] = acc[kk];
+    }
+    __syncthreads();
+    if (tid == 0) {
+        const int c = a.cuts[ci];
+        double s2 = 0.0;
+        for (int d = 0; d < D; d++)
+            s2 = __dadd_rn(s2, __dmul_rn(sum_sh[d], sum_sh[d]));
+        a.r[ci] = c < 2 ? (double)NAN : (s2 / c - 1.0) / (double)(c - 1);
     }
 }
 
@@ -510,7 +509,7 @@ extern "C" kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D
         rd_part_k<<<(unsigned)n_chunk, RD_THREADS, 0, st>>>(a);
         KVT_CU_LAUNCHED();
     }
-    rd_cut_k<<<1, RD_THREADS, 0, st>>>(a);
+    rd_cut_k<<<(unsigned)n_cut, RD_THREADS, 0, st>>>(a);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }
