@@ -3,7 +3,7 @@
  * cosine in ranking order up to every cut (the running part of kvt_sweep_coverage_ref, with
  * the reference's comparison, so the bests are bitwise the reference's). The table: tiles of
  * 32 tokens x 32 probes staged in shared memory (cosine_k), bitwise the reference's. The bests:
- * the ranked positions of each cut are cut into chunks of KVT_CB_CHUNK, one block per (32
+ * the ranked positions of each cut are cut into chunks of KVT_CB_CHUNK (256), one block per (32
  * probes, chunk) reduces its chunk on 8 token lanes, and one thread per probe then runs the
  * prefix over chunks up to every cut (cb_better keeps the reduction bitwise the reference's
  * scan).
@@ -69,7 +69,10 @@ static __device__ inline bool cb_better(float v, int t, float bv, int bt)
 #define CB_LANES 8  /* token lanes per block */
 
 /* One block per (probe tile, chunk of ranked positions [cstart, cend)): each lane scans every
- * CB_LANES-th position, then lane 0 of each probe merges the lanes. */
+ * CB_LANES-th position (CB_AHEAD of them loaded before they are compared, so that several
+ * loads are in flight: the reduction's result does not depend on its order), then lane 0 of
+ * each probe merges the lanes. */
+#define CB_AHEAD 4
 static __global__ void chunk_best_k(const float *ct, int P, const int32_t *order,
                                     const int32_t *cstart, const int32_t *cend, float *segv,
                                     int32_t *segt)
@@ -81,10 +84,19 @@ static __global__ void chunk_best_k(const float *ct, int P, const int32_t *order
     float bv = -INFINITY;
     int32_t bt = 0x7fffffff;
     if (i < P)
-        for (int t = cstart[k] + lt; t < cend[k]; t += CB_LANES) {
-            float v = ct[(size_t)order[t] * P + i];
-            if (cb_better(v, t, bv, bt))
-                bv = v, bt = t;
+        for (int t0 = cstart[k] + lt; t0 < cend[k]; t0 += CB_LANES * CB_AHEAD) {
+            float v[CB_AHEAD];
+#pragma unroll
+            for (int u = 0; u < CB_AHEAD; u++) {
+                const int t = t0 + u * CB_LANES;
+                v[u] = t < cend[k] ? ct[(size_t)order[t] * P + i] : -INFINITY;
+            }
+#pragma unroll
+            for (int u = 0; u < CB_AHEAD; u++) {
+                const int t = t0 + u * CB_LANES;
+                if (t < cend[k] && cb_better(v[u], t, bv, bt))
+                    bv = v[u], bt = t;
+            }
         }
     sv[lt][lp] = bv;
     st[lt][lp] = bt;

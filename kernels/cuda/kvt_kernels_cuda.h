@@ -136,7 +136,7 @@ kvt_status kvt_coverage_best_cuda(const float *ct, int T, int n_probe, const int
  * kvt_sweep_redundancy_cuda_work_bytes). The _ws calls are
  * asynchronous (they do not synchronise the stream: the workspace must live until their kernels
  * have run). */
-#define KVT_CB_CHUNK 1024 /* ranked positions per block of the coverage bests */
+#define KVT_CB_CHUNK 256 /* ranked positions per block of the coverage bests */
 size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe);
 /* kvt_sweep_output_cuda_ws's workspace: its chunk table and the chunks' sums */
 size_t kvt_sweep_output_cuda_work_bytes(int n_q, int T, int D, int n_cut);
