@@ -906,8 +906,9 @@ int kvt_cmd_replay(int argc, char **argv)
             goto out_free;
         }
     }
-    /* nothing uses the GPU from here on: its teardown overlaps the writing */
-    if (device == KVT_DEVICE_CUDA)
+    /* nothing uses the GPU from here on: its teardown overlaps the writing (not under MPI,
+       whose transports may hold CUDA state of their own until MPI_Finalize) */
+    if (device == KVT_DEVICE_CUDA && mpi.size <= 1)
         cmd_release.started = !pthread_create(&cmd_release.th, NULL, release_run, &cmd_release);
     if (shard_n && (st = kvt_results_set_shard(res, shard_i, shard_n, units, n_units))) {
         kvt_cli_fail_status(cmd, st, "--shard");

@@ -127,12 +127,12 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
                + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
                + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) /* chunks */
-               + (double)kvt_sweep_redundancy_cuda_work_bytes(T, D, (int)nb) +
-               rows * nb * 8 * (2 + nm) /* sweep results */
-               + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
-               + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
-               + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
-               + hq * t * (12 + 28)     /* rankings: scores, orders, the sort's own */
+               + (double)kvt_sweep_redundancy_cuda_work_bytes(T, D, (int)nb)        /* redundancy */
+               + rows * nb * 8 * (2 + nm) /* sweep results */
+               + np * (t + 1 + nb) * 4    /* cosine table, probes, bests */
+               + 2 * (hq + hkv) * t * 8   /* window scores, workspace */
+               + t * d * 4 + 3 * t * 8    /* h2o's column sums from Q_all */
+               + hq * t * (12 + 28)       /* rankings: scores, orders, the sort's own */
                + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D); /* kernels' */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
