@@ -276,11 +276,39 @@ static size_t sweep_max_chunks(int T, int n_cut)
     return (size_t)(T > 0 ? T : 0) / SW_CHUNK + (size_t)(n_cut > 0 ? n_cut : 0) + 2;
 }
 
+/* A sweep's chunk table in its workspace: chunk starts [mc], ends [mc], each cut's end of
+ * chunks [n_cut], then, with_cuts, the cuts [n_cut]; the chunk sums follow at
+ * chunk_table_bytes (16-byte aligned). */
+static size_t chunk_table_bytes(int T, int n_cut, bool with_cuts)
+{
+    const size_t nc = n_cut > 0 ? (size_t)n_cut : 0;
+    return ((2 * sweep_max_chunks(T, n_cut) + nc * (with_cuts ? 2 : 1)) * sizeof(int32_t) + 15) /
+           16 * 16;
+}
+
+/* sweep_chunks' table (the cuts of index < n_fwd walked forward) copied into work on the
+ * stream; *n_chunk, *n_chunk_fwd: all the chunks, the forward ones */
+static kvt_status put_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T, bool with_cuts,
+                                  void *work, cudaStream_t st, const char *who, int *n_chunk,
+                                  int *n_chunk_fwd)
+{
+    const size_t mc = sweep_max_chunks(T, n_cut);
+    const size_t ints = 2 * mc + (size_t)n_cut * (with_cuts ? 2 : 1);
+    int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
+    KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
+    *n_chunk = sweep_chunks(cuts, n_cut, n_fwd, T, tab, tab + mc, tab + 2 * mc, n_chunk_fwd);
+    if (with_cuts)
+        memcpy(tab + 2 * mc + n_cut, cuts, (size_t)n_cut * sizeof(int32_t));
+    cudaError_t e = cudaMemcpyAsync(work, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
+    free(tab); /* a pageable source is staged before the call returns */
+    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "%s: %s", who, cudaGetErrorString(e));
+    return KVT_OK;
+}
+
 extern "C" size_t kvt_sweep_output_cuda_work_bytes(int n_q, int T, int D, int n_cut)
 {
     size_t mc = sweep_max_chunks(T, n_cut), nq = n_q > 0 ? (size_t)n_q : 0;
-    size_t ints = 2 * mc + (size_t)(n_cut > 0 ? n_cut : 0);
-    return ((ints * sizeof(int32_t) + 15) / 16) * 16 +
+    return chunk_table_bytes(T, n_cut, false) +
            (mc * nq * ((size_t)(D > 0 ? D : 0) + 1 + NM) + nq) * sizeof(double) + 16;
 }
 
@@ -288,8 +316,8 @@ extern "C" size_t kvt_sweep_cuda_work_bytes(int T, int n_cut, int n_probe)
 {
     size_t nc = n_cut > 0 ? (size_t)n_cut : 0, np = n_probe > 0 ? (size_t)n_probe : 0;
     size_t n_chunk = nc + (T > 0 ? (size_t)T / KVT_CB_CHUNK + 1 : 0);
-    /* redundancy: the cuts; coverage: chunk starts, ends, each cut's first chunk (ints), then
-     * the chunks' best values (floats) and positions (ints) */
+    /* coverage: chunk starts, ends, each cut's first chunk (ints), then the chunks' best values
+     * (floats) and positions (ints) */
     size_t ints = 2 * n_chunk + nc + 1;
     return ((ints * sizeof(int32_t) + 15) / 16) * 16 + n_chunk * np * (sizeof(float) + 4) + 16;
 }
@@ -314,20 +342,15 @@ kvt_sweep_output_cuda_ws(int n_q, int T, int D, const float *p, size_t stride_p,
                   KVT_ERR_INVALID_ARG, "sweep_output_cuda: workspace of %zu bytes is too small",
                   work_bytes);
     const int n_fwd = kvt_sweep_n_fwd(cuts, n_cut, T);
-    const size_t mc = sweep_max_chunks(T, n_cut), ints = 2 * mc + (size_t)n_cut;
-    int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
-    KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
-    int n_chunk_fwd = 0;
-    const int n_chunk =
-        sweep_chunks(cuts, n_cut, n_fwd, T, tab, tab + mc, tab + 2 * mc, &n_chunk_fwd);
+    const size_t mc = sweep_max_chunks(T, n_cut);
     cudaStream_t st = kvt_cu_stream(stream);
-    int32_t *dtab = (int32_t *)work;
-    cudaError_t e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
-    free(tab); /* a pageable source is staged before the call returns */
-    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "sweep_output_cuda: %s", cudaGetErrorString(e));
+    int n_chunk = 0, n_chunk_fwd = 0;
+    KVT_FORWARD(put_chunk_table(cuts, n_cut, n_fwd, T, false, work, st, "sweep_output_cuda",
+                                &n_chunk, &n_chunk_fwd));
     KVT_RETURN_IF(n_chunk > 65535 || n_cut > 65535, KVT_ERR_UNSUPPORTED,
                   "sweep_output_cuda: %d chunks, %d cuts", n_chunk, n_cut);
-    double *pacc = (double *)((char *)work + ((ints * sizeof(int32_t) + 15) / 16) * 16);
+    const int32_t *dtab = (const int32_t *)work;
+    double *pacc = (double *)((char *)work + chunk_table_bytes(T, n_cut, false));
     sweep_args a;
     a.n_q = n_q, a.T = T, a.D = D, a.p = p, a.stride_p = stride_p, a.v = v;
     a.a_full = a_full, a.stride_a = stride_a, a.p_extra = p_extra, a.stride_e = stride_e;
@@ -465,9 +488,8 @@ static __global__ void rd_cut_k(rd_args a)
 
 extern "C" size_t kvt_sweep_redundancy_cuda_work_bytes(int T, int D, int n_cut)
 {
-    const size_t mc = sweep_max_chunks(T, n_cut), nc = n_cut > 0 ? (size_t)n_cut : 0;
-    return ((3 * mc + nc) * sizeof(int32_t) + 15) / 16 * 16 +
-           mc * (size_t)(D > 0 ? D : 0) * sizeof(double);
+    return chunk_table_bytes(T, n_cut, true) +
+           sweep_max_chunks(T, n_cut) * (size_t)(D > 0 ? D : 0) * sizeof(double);
 }
 
 extern "C" kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D,
@@ -485,25 +507,17 @@ extern "C" kvt_status kvt_sweep_redundancy_cuda_ws(const float *ku, int T, int D
     KVT_RETURN_IF(!work || work_bytes < kvt_sweep_redundancy_cuda_work_bytes(T, D, n_cut),
                   KVT_ERR_INVALID_ARG, "sweep_redundancy_cuda: workspace of %zu bytes is too small",
                   work_bytes);
-    /* the table: chunk starts, ends, each cut's end of chunks (sweep_chunks, forward only), the
-       cuts; then the chunks' sums */
-    const size_t mc = sweep_max_chunks(T, n_cut), ints = 3 * mc + (size_t)n_cut;
-    int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
-    KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
-    int n_fwd_chunk = 0;
-    const int n_chunk =
-        sweep_chunks(cuts, n_cut, n_cut, T, tab, tab + mc, tab + 2 * mc, &n_fwd_chunk);
-    memcpy(tab + 3 * mc, cuts, (size_t)n_cut * sizeof(int32_t));
+    /* the chunk table (forward only, as the reference walks) with the cuts; the chunks' sums */
+    const size_t mc = sweep_max_chunks(T, n_cut);
     cudaStream_t st = kvt_cu_stream(stream);
-    int32_t *dtab = (int32_t *)work;
-    cudaError_t e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
-    free(tab); /* a pageable source is staged before the call returns */
-    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "sweep_redundancy_cuda: %s",
-                  cudaGetErrorString(e));
+    int n_chunk = 0, n_chunk_fwd = 0;
+    KVT_FORWARD(put_chunk_table(cuts, n_cut, n_cut, T, true, work, st, "sweep_redundancy_cuda",
+                                &n_chunk, &n_chunk_fwd));
+    const int32_t *dtab = (const int32_t *)work;
     rd_args a;
     a.ku = ku, a.D = D, a.n_cut = n_cut, a.order = order;
-    a.cs = dtab, a.ce = dtab + mc, a.cend = dtab + 2 * mc, a.cuts = dtab + 3 * mc;
-    a.part = (double *)((char *)work + (ints * sizeof(int32_t) + 15) / 16 * 16);
+    a.cs = dtab, a.ce = dtab + mc, a.cend = dtab + 2 * mc, a.cuts = dtab + 2 * mc + n_cut;
+    a.part = (double *)((char *)work + chunk_table_bytes(T, n_cut, true));
     a.r = r;
     if (n_chunk > 0) {
         rd_part_k<<<(unsigned)n_chunk, RD_THREADS, 0, st>>>(a);
