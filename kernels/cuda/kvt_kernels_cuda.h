@@ -7,8 +7,9 @@
  *
  * Status: every kernel here runs in CI on cuemu (tests/cuemu), but the CUB ranking (the
  * reference stands in for it there), and passed test_kernels_cuda on an H200 (bench/RESULTS.md),
- * except kvt_widen_cuda, written after the last GPU session (checked on cuemu only so far). All are
- * used by `replay --device cuda` (replay/cuda/ctx_gpu.c).
+ * except what changed after the last GPU session (checked on cuemu only so far): kvt_widen_cuda,
+ * the redundancy sweep in chunks, the sweeps' one block per cut, the coverage bests' smaller
+ * chunks. All are used by `replay --device cuda` (replay/cuda/ctx_gpu.c).
  */
 #ifndef KVT_KERNELS_CUDA_H
 #define KVT_KERNELS_CUDA_H
