@@ -1,11 +1,12 @@
 #!/bin/bash
 # test_replay_fast_vs_ref.sh - a whole replay with the fast CPU kernels (the default) against
-# the same replay with the plain references (KVT_KERNELS=ref), every policy (the 13 of 'all'
-# and h2o, oracle, quest, hybridkv-like, lightkv-like, sparsemm, headkv, mixkv-sparsemm) at
-# several budgets, on the bundled real trace and on a synthetic vision-language trace long
-# enough for several 256-key blocks. Kept counts and every metric but the output error and
-# coverage must agree within 1e-9. Coverage comes from an f32 cosine table in both paths, a
-# dense f32 product on the fast path: it may differ by a few f32 ulps (within 1e-6).
+# the same replay with the plain references (KVT_KERNELS=ref), every policy (the 14 of 'all'
+# and h2o, oracle, quest, lagkv, hybridkv-like, lightkv-like, sparsemm, headkv,
+# mixkv-sparsemm) at several budgets, on the bundled real trace and on a synthetic
+# vision-language trace long enough for several 256-key blocks. Kept counts and every metric
+# but the output error and coverage must agree within 1e-9. Coverage comes from an f32 cosine
+# table in both paths, a dense f32 product on the fast path: it may differ by a few f32 ulps
+# (within 1e-6).
 # The output errors may differ more: both paths store probabilities in f32, the fast path's
 # logits differ from the reference's in the last bits of a double, which now and then moves a
 # probability by one f32 ulp, and a relative error ||o_S - o|| / ||o|| whose ||o|| is small
