@@ -219,9 +219,9 @@ static void *runs_worker(void *arg)
 static void build_runs(const kvt_trace_result *t, cJSON **out, size_t n)
 {
     runs_job j = {t, out, n, 0, PTHREAD_MUTEX_INITIALIZER};
-    long nc = sysconf(_SC_NPROCESSORS_ONLN);
+    const int nc = kvt_cpu_count();
     size_t numbers = n * (size_t)t->n_layers * (size_t)(t->n_q_heads > 0 ? t->n_q_heads : 1);
-    int n_th = numbers < 20000 ? 1 : nc < 1 ? 1 : nc > 32 ? 32 : (int)nc; /* small: not worth it */
+    int n_th = numbers < 20000 ? 1 : nc > 32 ? 32 : nc; /* small: not worth it */
     if ((size_t)n_th > n)
         n_th = (int)n;
     pthread_t th[32];
