@@ -1,15 +1,17 @@
 /* attn_cuda.cu - window/decode attention (kvt_attn_probs_ref, kvt_attn_output_ref).
  *
- * Probabilities: tiles of KVT_TILE_ROWS (32) query rows x KVT_TILE_KEYS (64) keys (keys of k,
- * then of k2), one block each, in two passes over the tiles: each row's max over the tile and sum
- * of exp(z - that max), then the probabilities. Each pass computes the tile's logits (nothing
- * T-long is stored) from query rows and keys staged in shared memory (kvt_cu_tile_dots,
- * cuda_util.cuh), so a key is read from device memory once per tile of rows. Logits are dot
- * products of f32 vectors summed in double in d order without fused multiply-adds: bitwise the
- * reference's. Between the passes one thread per row takes the max m over its tiles (exact in any
- * order) and adds its tiles' sums rescaled to m in tile order: only the summation of the
- * exponentials differs from the reference's (its grouping, and the rescaling by exp(tile max - m):
- * relative differences of a few 1e-16 in the sum, a probability now and then one f32 ulp away).
+ * Probabilities, for blocks of query rows at a time (as many as fit a logit buffer of
+ * KVT_ATTN_ZBUF_BYTES): tiles of KVT_TILE_ROWS (32) query rows x KVT_TILE_KEYS (64) keys (keys of
+ * k, then of k2), one block each, compute their logits from query rows and keys staged in shared
+ * memory (kvt_cu_tile_dots, cuda_util.cuh: a key is read from device memory once per tile of
+ * rows), store them (double) and each row's max over the tile and sum of exp(z - that max). Logits
+ * are dot products of f32 vectors summed in double in d order without fused multiply-adds:
+ * bitwise the reference's. Then one thread per row takes the max m over its tiles (exact in any
+ * order) and adds its tiles' sums rescaled to m in tile order, and one thread per stored logit
+ * writes its probability: only the summation of the exponentials differs from the reference's
+ * (its grouping, and the rescaling by exp(tile max - m): relative differences of a few 1e-16 in
+ * the sum, a probability now and then one f32 ulp away). (The logits were computed twice before,
+ * once per pass; storing them halves the dot products, with the same bits.)
  * Outputs: sums over blocks of keys for blocks of queries, then over the key blocks in order
  * (see output_part_k).
  */
@@ -20,6 +22,8 @@
 typedef struct pr_args {
     const float *q, *k, *k2;
     int n_q, D, T, n2, n_kt; /* n_kt: key tiles over the T + n2 keys */
+    int row0, n_rows;        /* this block of rows: row0 .. row0 + n_rows - 1 */
+    double *z;               /* [n_rows, T + n2] the block's logits */
     const int *nv, *nv2;     /* [n_q] clamped visible prefixes of k and k2 */
     double scale;
     double *tmax, *tsum; /* [n_q, n_kt] per tile */
@@ -29,16 +33,17 @@ typedef struct pr_args {
     unsigned long long *bad;
 } pr_args;
 
-/* Pass PASS (0: max and sum, 1: probabilities) over the tile (blockIdx.y: rows, blockIdx.x: keys).
- * Thread (ty = warp, tx = lane) holds the logits of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of
- * the tile. */
-template <int PASS> static __global__ void probs_tile_k(pr_args a)
+/* The tile's logits (blockIdx.y: rows from a.row0, blockIdx.x: keys) into a.z, and each row's
+ * max over the tile and sum of exp(z - that max). Thread (ty = warp, tx = lane) holds the logits
+ * of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of the tile. */
+static __global__ void probs_tile_k(pr_args a)
 {
     __shared__ kvt_cu_tile_sm sm;
     const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
-    const int r0 = blockIdx.y * KVT_TILE_ROWS, j0 = blockIdx.x * KVT_TILE_KEYS, n_all = a.T + a.n2;
+    const int r0 = a.row0 + blockIdx.y * KVT_TILE_ROWS, j0 = blockIdx.x * KVT_TILE_KEYS,
+              n_all = a.T + a.n2, r_end = a.row0 + a.n_rows;
     double acc[4][2];
-    kvt_cu_tile_dots(a.q, a.n_q, r0, a.k, a.T, a.k2, n_all, j0, a.D, sm, acc);
+    kvt_cu_tile_dots(a.q, r_end, r0, a.k, a.T, a.k2, n_all, j0, a.D, sm, acc);
     for (int u = 0; u < 4; u++) {
         const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
         double z[2];
@@ -46,47 +51,49 @@ template <int PASS> static __global__ void probs_tile_k(pr_args a)
         for (int c = 0; c < 2; c++) {
             const int j = j0 + tx + 32 * c;
             vis[c] = false;
-            if (i < a.n_q && j < n_all)
+            if (i < r_end && j < n_all)
                 vis[c] = j < a.T ? j < a.nv[i] : j - a.T < a.nv2[i];
             z[c] = __dmul_rn(acc[u][c], a.scale);
+            if (i < r_end && j < n_all)
+                a.z[(size_t)(i - a.row0) * n_all + j] = z[c];
+            if (vis[c] && !isfinite(z[c]))
+                atomicMin(a.bad, ((unsigned long long)i << 32) |
+                                     (j < a.T ? (unsigned)j : 0x80000000u | (unsigned)(j - a.T)));
         }
-        if (PASS == 0) {
-            /* the row's max over the tile and its sum of exp(z - that max): fixed trees over
-               the lanes */
-            for (int c = 0; c < 2; c++) {
-                const int j = j0 + tx + 32 * c;
-                if (vis[c] && !isfinite(z[c]))
-                    atomicMin(a.bad,
-                              ((unsigned long long)i << 32) |
-                                  (j < a.T ? (unsigned)j : 0x80000000u | (unsigned)(j - a.T)));
-            }
-            double tm, ts;
-            kvt_cu_warp_max_sumexp(z, vis, &tm, &ts);
-            if (tx == 0 && i < a.n_q) {
-                a.tmax[(size_t)i * a.n_kt + blockIdx.x] = tm;
-                a.tsum[(size_t)i * a.n_kt + blockIdx.x] = ts;
-            }
-        } else {
-            for (int c = 0; c < 2; c++) {
-                const int j = j0 + tx + 32 * c;
-                if (i >= a.n_q || j >= n_all)
-                    continue;
-                float p = vis[c] ? (float)(exp(__dsub_rn(z[c], a.m[i])) / a.s[i]) : 0.0f;
-                if (j < a.T)
-                    a.pr[(size_t)i * a.T + j] = p;
-                else
-                    a.pr2[(size_t)i * a.n2 + (j - a.T)] = p;
-            }
+        /* the row's max over the tile and its sum of exp(z - that max): fixed trees over the
+           lanes */
+        double tm, ts;
+        kvt_cu_warp_max_sumexp(z, vis, &tm, &ts);
+        if (tx == 0 && i < r_end) {
+            a.tmax[(size_t)i * a.n_kt + blockIdx.x] = tm;
+            a.tsum[(size_t)i * a.n_kt + blockIdx.x] = ts;
         }
     }
+}
+
+/* one thread per stored logit of the block's rows (blockIdx.y: row - a.row0): its probability
+ * from the row's max and sum (a masked key 0) */
+static __global__ void probs_write_k(pr_args a)
+{
+    const int n_all = a.T + a.n2, j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = a.row0 + blockIdx.y;
+    if (j >= n_all)
+        return;
+    const bool vis = j < a.T ? j < a.nv[i] : j - a.T < a.nv2[i];
+    const double z = a.z[(size_t)blockIdx.y * n_all + j];
+    float p = vis ? (float)(exp(__dsub_rn(z, a.m[i])) / a.s[i]) : 0.0f;
+    if (j < a.T)
+        a.pr[(size_t)i * a.T + j] = p;
+    else
+        a.pr2[(size_t)i * a.n2 + (j - a.T)] = p;
 }
 
 /* one thread per row: m = the max over the row's tiles (exact in any order), s = the sum in
  * tile order of each tile's sum rescaled to m (tile sum x exp(tile max - m)), the log-sum-exp */
 static __global__ void probs_rows_k(pr_args a)
 {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= a.n_q)
+    const int i = a.row0 + blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= a.row0 + a.n_rows)
         return;
     const double *tm = a.tmax + (size_t)i * a.n_kt, *ts = a.tsum + (size_t)i * a.n_kt;
     double m = -INFINITY, s = 0.0;
@@ -168,6 +175,28 @@ static __global__ void output_sum_k(const double *part, int n_kb, int n_q, int D
     out[(size_t)qi * stride_out + d] = s;
 }
 
+/* the logit buffer's size: rows of T + n2 logits in whole tiles of rows, at least one tile, at
+ * most 32768 rows (a grid's y extent) */
+#define KVT_ATTN_ZBUF_BYTES ((size_t)64 << 20)
+static size_t zbuf_bytes = KVT_ATTN_ZBUF_BYTES;
+
+extern "C" void kvt_attn_cuda_set_zbuf_bytes(size_t bytes)
+{
+    zbuf_bytes = bytes ? bytes : KVT_ATTN_ZBUF_BYTES;
+}
+
+static int zbuf_rows(int n_q, int n_all)
+{
+    size_t r = zbuf_bytes / ((size_t)n_all * sizeof(double));
+    r = r / KVT_TILE_ROWS * KVT_TILE_ROWS;
+    if (r < KVT_TILE_ROWS)
+        r = KVT_TILE_ROWS;
+    if (r > 32768)
+        r = 32768;
+    const size_t all = ((size_t)n_q + KVT_TILE_ROWS - 1) / KVT_TILE_ROWS * KVT_TILE_ROWS;
+    return (int)(r < all ? r : all);
+}
+
 extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, int T,
                                           const int *n_vis, const float *k2, int n2,
                                           const int *n_vis2, double scale, float *pr, float *pr2,
@@ -193,17 +222,19 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         }
     }
     cudaStream_t st = kvt_cu_stream(stream);
-    const int n_kt = (T + n2 + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS,
-              n_rt = (n_q + KVT_TILE_ROWS - 1) / KVT_TILE_ROWS;
+    const int n_all = T + n2, n_kt = (n_all + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS,
+              R = zbuf_rows(n_q, n_all);
+    const size_t n_w = ((size_t)n_kt + 1) * 2 * n_q + (size_t)R * n_all;
     int *dvis = NULL;
-    double *dw = NULL; /* tile maxima and sums [2, n_q, n_kt], row max and sum [2, n_q] */
+    /* tile maxima and sums [2, n_q, n_kt], row max and sum [2, n_q], logits [R, n_all] */
+    double *dw = NULL;
     unsigned long long *dbad = NULL, bad = ~0ull;
     cudaError_t e;
     /* stream-ordered temporaries: freeing them does not synchronise the whole device */
     if ((e = (cudaError_t)kvt_cuda_malloc_async((void **)&dvis, (size_t)n_q * 2 * sizeof(int),
                                                 st)) == cudaSuccess &&
-        (e = (cudaError_t)kvt_cuda_malloc_async(
-             (void **)&dw, ((size_t)n_kt + 1) * 2 * n_q * sizeof(double), st)) == cudaSuccess &&
+        (e = (cudaError_t)kvt_cuda_malloc_async((void **)&dw, n_w * sizeof(double), st)) ==
+            cudaSuccess &&
         (e = (cudaError_t)kvt_cuda_malloc_async((void **)&dbad, sizeof(bad), st)) == cudaSuccess &&
         (e = cudaMemcpyAsync(dvis, vis, (size_t)n_q * 2 * sizeof(int), cudaMemcpyHostToDevice,
                              st)) == cudaSuccess &&
@@ -212,13 +243,16 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         a.q = q, a.k = k, a.k2 = k2, a.n_q = n_q, a.D = D, a.T = T, a.n2 = n2, a.n_kt = n_kt;
         a.nv = dvis, a.nv2 = dvis + n_q, a.scale = scale;
         a.tmax = dw, a.tsum = dw + (size_t)n_q * n_kt;
-        a.m = dw + (size_t)2 * n_q * n_kt, a.s = a.m + n_q;
+        a.m = dw + (size_t)2 * n_q * n_kt, a.s = a.m + n_q, a.z = a.s + n_q;
         a.pr = pr, a.pr2 = pr2, a.lse = lse, a.bad = dbad;
-        const dim3 grid((unsigned)n_kt, (unsigned)n_rt);
-        const unsigned rb = (unsigned)((n_q + 127) / 128);
-        probs_tile_k<0><<<grid, KVT_TILE_THREADS, 0, st>>>(a);
-        probs_rows_k<<<rb, 128, 0, st>>>(a);
-        probs_tile_k<1><<<grid, KVT_TILE_THREADS, 0, st>>>(a);
+        for (int r0 = 0; r0 < n_q; r0 += R) { /* one block of rows at a time */
+            a.row0 = r0, a.n_rows = n_q - r0 < R ? n_q - r0 : R;
+            const unsigned n_rt = (unsigned)((a.n_rows + KVT_TILE_ROWS - 1) / KVT_TILE_ROWS);
+            probs_tile_k<<<dim3((unsigned)n_kt, n_rt), KVT_TILE_THREADS, 0, st>>>(a);
+            probs_rows_k<<<(unsigned)((a.n_rows + 127) / 128), 128, 0, st>>>(a);
+            probs_write_k<<<dim3(kvt_cu_blocks((size_t)n_all, 256), (unsigned)a.n_rows), 256, 0,
+                            st>>>(a);
+        }
         if ((e = cudaGetLastError()) == cudaSuccess)
             e = cudaMemcpyAsync(&bad, dbad, sizeof(bad), cudaMemcpyDeviceToHost, st);
         if (e == cudaSuccess)
@@ -236,7 +270,7 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         return kvt_error_set(KVT_ERR_NOMEM,
                              "attn_probs_cuda: out of GPU memory for %.1f MiB of "
                              "workspace",
-                             (((size_t)n_kt + 1) * 2 * n_q * sizeof(double)) / 1048576.0);
+                             (n_w * sizeof(double)) / 1048576.0);
     }
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_probs_cuda: %s", cudaGetErrorString(e));
     if (bad != ~0ull) {
@@ -256,7 +290,8 @@ extern "C" size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D)
         return 0;
     const size_t n_kt = ((size_t)T + n2 + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS;
     const size_t n_kb = ((size_t)T + OUT_KEYS - 1) / OUT_KEYS;
-    return (size_t)n_q * 2 * sizeof(int) + (n_kt + 1) * 2 * n_q * sizeof(double) +
+    const size_t zb = (size_t)zbuf_rows(n_q, T + n2) * ((size_t)T + n2) * sizeof(double);
+    return (size_t)n_q * 2 * sizeof(int) + (n_kt + 1) * 2 * n_q * sizeof(double) + zb +
            sizeof(unsigned long long) + n_kb * n_q * D * sizeof(double);
 }
 

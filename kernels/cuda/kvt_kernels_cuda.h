@@ -46,6 +46,11 @@ kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, i
  *  KVT_ERR_NOMEM. */
 size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D);
 
+/** Tests only: the size of kvt_attn_probs_cuda's logit buffer (the rows of logits it computes
+ *  at a time, at least 32, 64 MiB by default; 0 restores the default). Any size gives the same
+ *  bits. Not thread-safe: set it before kernels run. */
+void kvt_attn_cuda_set_zbuf_bytes(size_t bytes);
+
 /** kvt_attn_output_ref on the device: out[q][d] = sum over keys j of p[q][j] v[j][d], in
  *  double: in key order within blocks of 1024 keys, the blocks' sums then in order (a few 1e-16
  *  relative from the reference's single chain). D <= 512, else KVT_ERR_UNSUPPORTED. */

@@ -108,6 +108,21 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
     for (int i = 0; i < n_q; i++) /* masked keys exactly 0 */
         for (int j = vis[i]; j < T; j++)
             KVT_EXPECT(pb[(size_t)i * T + j] == 0.0f);
+    if (n_q > 32) { /* 32 rows of logits at a time: the same bits as all rows at once */
+        kvt_attn_cuda_set_zbuf_bytes(1);
+        KVT_CHECK(kvt_attn_probs_cuda(dq, n_q, D, dk, T, vis, n2 ? dk2 : NULL, n2, vis2, scale, dp,
+                                      n2 ? dp2 : NULL, dl, NULL));
+        kvt_attn_cuda_set_zbuf_bytes(0);
+        float *pc = malloc(np * 4 + 4), *qc = malloc(np2 * 4 + 4);
+        double *lc = malloc((size_t)n_q * 8);
+        from_dev(pc, dp, np * 4, "probs (row blocks)");
+        from_dev(qc, dp2, np2 * 4, "probs2 (row blocks)");
+        from_dev(lc, dl, (size_t)n_q * 8, "lse (row blocks)");
+        KVT_EXPECT_MSG(!memcmp(pb, pc, np * 4) && !memcmp(qb, qc, np2 * 4) &&
+                           !memcmp(lb, lc, (size_t)n_q * 8),
+                       "probs in blocks of 32 rows differ: n_q=%d T=%d D=%d n2=%d", n_q, T, D, n2);
+        free(pc), free(qc), free(lc);
+    }
     /* outputs from the reference's probabilities */
     KVT_EXPECT(cudaMemcpy(dp, pa, np * 4, cudaMemcpyHostToDevice) == cudaSuccess);
     KVT_CHECK(kvt_attn_output_cuda(dp, n_q, T, T, dv, D, dout, D, NULL));
