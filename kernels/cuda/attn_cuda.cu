@@ -110,37 +110,42 @@ static __global__ void probs_rows_k(pr_args a)
 
 /* Outputs in two steps: blocks of OUT_ROWS queries x OUT_KEYS keys sum p[q][j] v[j][d] over
  * their keys in key order (thread d keeps the OUT_ROWS running sums of dimensions d, d + 128,
- * ...; a V row is loaded once for all of the block's queries), then one thread per (query, d)
- * adds the key blocks' sums in block order. Only the grouping of the sum differs from the
- * reference's single in-order chain (relative differences of a few 1e-16). */
+ * ... up to PER of them, a template parameter: 1 for D <= 128, 2 for D <= 256, else 4; a V row is
+ * loaded once for all of the block's queries, the probabilities converted to double once, as
+ * they are staged), then one thread per (query, d) adds the key blocks' sums in block order. Only
+ * the grouping of the sum differs from the reference's single in-order chain (relative
+ * differences of a few 1e-16). (Before, every thread kept 4 dimensions whatever D: at D = 128
+ * three quarters of the products were of zeros.) */
 #define OUT_ROWS    8
 #define OUT_KEYS    1024
 #define OUT_THREADS 128
-#define OUT_PER     4  /* dimensions per thread: D <= 512 */
+#define OUT_PER     4  /* dimensions per thread at most: D <= 512 */
 #define OUT_CH      64 /* probabilities staged at a time */
 
+template <int PER>
 static __global__ void output_part_k(const float *p, int n_q, int T, size_t stride_p,
                                      const float *v, int D, double *part)
 {
-    __shared__ float p_sh[OUT_ROWS][OUT_CH];
+    __shared__ double p_sh[OUT_ROWS][OUT_CH];
     const int tid = threadIdx.x, q0 = blockIdx.y * OUT_ROWS, jb = blockIdx.x * OUT_KEYS;
     const int je = T - jb < OUT_KEYS ? T : jb + OUT_KEYS;
-    double acc[OUT_ROWS][OUT_PER];
+    double acc[OUT_ROWS][PER];
 #pragma unroll
     for (int r = 0; r < OUT_ROWS; r++)
-        for (int u = 0; u < OUT_PER; u++)
+        for (int u = 0; u < PER; u++)
             acc[r][u] = 0.0;
     for (int j0 = jb; j0 < je; j0 += OUT_CH) {
         const int n = je - j0 < OUT_CH ? je - j0 : OUT_CH;
         __syncthreads(); /* the previous chunk is consumed */
         for (int e = tid; e < OUT_ROWS * OUT_CH; e += OUT_THREADS) {
             int r = e / OUT_CH, c = e % OUT_CH;
-            p_sh[r][c] = q0 + r < n_q && c < n ? p[(size_t)(q0 + r) * stride_p + j0 + c] : 0.0f;
+            p_sh[r][c] =
+                q0 + r < n_q && c < n ? (double)p[(size_t)(q0 + r) * stride_p + j0 + c] : 0.0;
         }
         __syncthreads();
         for (int c = 0; c < n; c++) { /* key order, skipping zeros, like the reference */
-            double x[OUT_PER];
-            for (int u = 0; u < OUT_PER; u++) {
+            double x[PER];
+            for (int u = 0; u < PER; u++) {
                 int d = tid + u * OUT_THREADS;
                 x[u] = d < D ? (double)v[(size_t)(j0 + c) * D + d] : 0.0;
             }
@@ -148,14 +153,14 @@ static __global__ void output_part_k(const float *p, int n_q, int T, size_t stri
             for (int r = 0; r < OUT_ROWS; r++) {
                 double pj = p_sh[r][c];
                 if (pj != 0.0)
-                    for (int u = 0; u < OUT_PER; u++)
+                    for (int u = 0; u < PER; u++)
                         acc[r][u] = __dadd_rn(acc[r][u], __dmul_rn(pj, x[u]));
             }
         }
     }
 #pragma unroll
     for (int r = 0; r < OUT_ROWS; r++)
-        for (int u = 0; u < OUT_PER; u++) {
+        for (int u = 0; u < PER; u++) {
             int d = tid + u * OUT_THREADS;
             if (q0 + r < n_q && d < D)
                 part[((size_t)blockIdx.x * n_q + q0 + r) * D + d] = acc[r][u];
@@ -319,8 +324,13 @@ extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_
                                  ((size_t)n_kb * n * sizeof(double)) / 1048576.0);
         }
         KVT_CU(ea);
-        output_part_k<<<dim3((unsigned)n_kb, (unsigned)n_rb), OUT_THREADS, 0, st>>>(
-            p, n_q, T, stride_p, v, D, part);
+        const dim3 grid((unsigned)n_kb, (unsigned)n_rb);
+        if (D <= OUT_THREADS)
+            output_part_k<1><<<grid, OUT_THREADS, 0, st>>>(p, n_q, T, stride_p, v, D, part);
+        else if (D <= 2 * OUT_THREADS)
+            output_part_k<2><<<grid, OUT_THREADS, 0, st>>>(p, n_q, T, stride_p, v, D, part);
+        else
+            output_part_k<4><<<grid, OUT_THREADS, 0, st>>>(p, n_q, T, stride_p, v, D, part);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) {
             kvt_cuda_free_async(part, st);

@@ -655,6 +655,9 @@ int main(void)
     /* the output sweep keeps 1, 2 or 4 dimensions per thread by D: the other two */
     test_sweep(9, 600, 200, true, true, 61);
     test_sweep(5, 1030, 320, false, true, 62);
+    /* the attention outputs likewise (and the logits' tiles over D in several chunks) */
+    test_attn(20, 1300, 200, 3, 63);
+    test_attn(9, 400, 320, 0, 64);
     /* many chunks each way, the masses given as the replay gives them, a partial block of rows */
     test_sweep_rf(7, 5000, 128, true, true, true, 63);
     test_sweep_rf(128, 3000, 128, false, false, true, 64);
