@@ -20,13 +20,15 @@
 
 /* One block per (32 probes, 32-token tiles blockIdx.y, blockIdx.y + gridDim.y, ...): the tile's
  * token rows and probe rows are staged CT_DC dimensions at a time (coalesced reads along d,
- * padded rows: no bank conflicts), and each thread sums its 4 dot products in double, d in
- * order, without fused multiply-adds: bitwise kvt_cu_dot_f32 and the reference. */
+ * padded rows), converted to double as they are staged (once, not at each of the 32 uses: f32
+ * to f64 conversions run at a quarter of the f64 rate on sm_90), and each thread sums its 4 dot
+ * products in double, d in order, without fused multiply-adds: bitwise kvt_cu_dot_f32 and the
+ * reference. */
 static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *probe, int P,
                                 float *ct)
 {
-    __shared__ float sk[CT_DC][CT_TILE + 1]; /* [d][token of the tile] */
-    __shared__ float sp[CT_DC][CT_TILE + 1]; /* [d][probe of the tile] */
+    __shared__ double sk[CT_DC][CT_TILE + 1]; /* [d][token of the tile] */
+    __shared__ double sp[CT_DC][CT_TILE + 1]; /* [d][probe of the tile] */
     const int tx = threadIdx.x % 32, ty = threadIdx.x / 32, p0 = blockIdx.x * CT_TILE;
     const int i = p0 + tx;
     for (size_t t0 = (size_t)blockIdx.y * CT_TILE; t0 < (size_t)T;
@@ -38,14 +40,14 @@ static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *pr
             for (int r = ty; r < CT_TILE; r += CT_THREADS / 32) {
                 const size_t t = t0 + r;
                 const int pi = p0 + r;
-                sk[tx][r] = tx < dc && t < (size_t)T ? ku[t * D + d0 + tx] : 0.0f;
-                sp[tx][r] = tx < dc && pi < P ? ku[(size_t)probe[pi] * D + d0 + tx] : 0.0f;
+                sk[tx][r] = tx < dc && t < (size_t)T ? (double)ku[t * D + d0 + tx] : 0.0;
+                sp[tx][r] = tx < dc && pi < P ? (double)ku[(size_t)probe[pi] * D + d0 + tx] : 0.0;
             }
             __syncthreads();
             for (int dd = 0; dd < dc; dd++) {
-                const double pv = (double)sp[dd][tx];
+                const double pv = sp[dd][tx];
                 for (int u = 0; u < 4; u++)
-                    acc[u] = __dadd_rn(acc[u], __dmul_rn((double)sk[dd][ty + 8 * u], pv));
+                    acc[u] = __dadd_rn(acc[u], __dmul_rn(sk[dd][ty + 8 * u], pv));
             }
         }
         for (int u = 0; u < 4; u++) {

@@ -62,14 +62,14 @@ typedef struct sweep_args {
 } sweep_args;
 
 /* One block per (SW_ROWS queries, chunk): the chunk's sums of p_j v_j, p_j and p_j by
- * modality. The chunk's indices, probabilities and modalities are staged in shared memory
- * SW_THREADS at a time; each thread then loads the V values of 16 / PER tokens before adding
- * them, so that several rows are in flight at once. */
+ * modality. The chunk's indices, probabilities (converted to double once, as they are staged)
+ * and modalities are staged in shared memory SW_THREADS at a time; each thread then loads the V
+ * values of 16 / PER tokens before adding them, so that several rows are in flight at once. */
 template <int PER> static __global__ void sweep_part_k(sweep_args a)
 {
     constexpr int SW_UNROLL = SW_LOADS / PER; /* V rows loaded ahead */
     __shared__ int32_t j_sh[SW_THREADS];
-    __shared__ float p_sh[SW_ROWS][SW_THREADS];
+    __shared__ double p_sh[SW_ROWS][SW_THREADS];
     __shared__ uint8_t m_sh[SW_THREADS];
     const int q0 = blockIdx.x * SW_ROWS, k = blockIdx.y, tid = threadIdx.x, D = a.D;
     const int nr = a.n_q - q0 < SW_ROWS ? a.n_q - q0 : SW_ROWS; /* rows of this block */
@@ -91,7 +91,7 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
             j_sh[tid] = j;
 #pragma unroll
             for (int rr = 0; rr < SW_ROWS; rr++) /* rows past the end: weight 0 */
-                p_sh[rr][tid] = rr < nr ? a.p[(size_t)(q0 + rr) * a.stride_p + j] : 0.0f;
+                p_sh[rr][tid] = rr < nr ? (double)a.p[(size_t)(q0 + rr) * a.stride_p + j] : 0.0;
             m_sh[tid] = a.mod ? a.mod[j] : 0;
         }
         __syncthreads();
@@ -102,7 +102,7 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
                 bool any = false;
 #pragma unroll
                 for (int rr = 0; rr < SW_ROWS; rr++)
-                    any = any || (u + w < m_ch && p_sh[rr][u + w] != 0.0f);
+                    any = any || (u + w < m_ch && p_sh[rr][u + w] != 0.0);
 #pragma unroll
                 for (int kk = 0; kk < PER; kk++) {
                     int d = tid + kk * SW_THREADS;
@@ -115,7 +115,7 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
                     break;
 #pragma unroll
                 for (int rr = 0; rr < SW_ROWS; rr++) {
-                    double pj = (double)p_sh[rr][u + w];
+                    double pj = p_sh[rr][u + w];
                     if (pj == 0.0)
                         continue;
                     for (int kk = 0; kk < PER; kk++)
