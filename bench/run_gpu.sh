@@ -42,8 +42,9 @@
 # usage (on the device machine, from anywhere):  bash bench/run_gpu.sh
 # environment (defaults in brackets):
 #   OUT [/tmp/kvt_gpu_bench]  results: bench.json, summary.md, run_gpu.log, kvtrace_cpu.json,
-#                             kvtrace_cuda.json, peer_torch.json, run_gpu_logs.tar.gz (every
-#                             step's whole log) (at most 8 files, small)
+#                             kvtrace_cuda.json, peer_torch.json, gpu_kernels.json (each kernel
+#                             alone: bench_gpu_kernels), run_gpu_logs.tar.gz (every step's whole
+#                             log) (at most 8 files, small)
 #   WORK [/tmp/kvt_gpu_work]  traces (the synth with Q_all is about 4 GB at T=32768 and 16
 #                             layers) and step logs; reused if present
 #   KVT_BIN, KVT_LIB  the kvtrace CLI and libkvtrace.so to use (scripts/gpu_session.sh sets
@@ -168,7 +169,7 @@ if [ ! -x "$KVT" ] || [ ! -e "$KVT_LIB" ]; then
     fi
     step build "$TO_BUILD" bash -c "cmake -S '$ROOT' -B '$BUILD' -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DKVT_CUDA=AUTO -DBUILD_TESTING=OFF && cmake --build '$BUILD' -j$(nproc) --target kvtrace_cli kvtrace \
-        && { cmake --build '$BUILD' --target bench_gpu_peak >/dev/null 2>&1 || true; }" # (CUDA only)
+        && { cmake --build '$BUILD' --target bench_gpu_peak bench_gpu_kernels >/dev/null 2>&1 || true; }" # (CUDA only)
     if [ "${RC[build]}" != 0 ]; then
         echo "run_gpu: the build failed (missing libraries? the CMake log above names them);" \
              "build elsewhere and pass BUILD= (and DEPS= for its shared libraries)"
@@ -391,6 +392,20 @@ for line in open(sys.argv[2]):
         peak.update({k: g[k] for k in ("fp64_muladd_Gops", "fp64_fma_TFLOPps")})
 json.dump(peak, open(sys.argv[1], "w"), indent=1)
 EOF2
+fi
+# each replay kernel alone at this run's T (bench/gpu_kernels.c), against the ceilings above:
+# which kernel is how far from its bound, and what a call costs the host beyond the GPU's time
+KERN_BIN=$(dirname "$KVT")/bench_gpu_kernels
+[ -x "$KERN_BIN" ] || KERN_BIN=$BUILD/bench/bench_gpu_kernels
+if [ "$DEVICE" = cuda ] && [ -x "$KERN_BIN" ]; then
+    read -r READ_GBS F64_GOPS < <("$PYTHON" -c 'import json, sys
+try:
+    p = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    p = {}
+print(p.get("read_GBps") or 0, p.get("fp64_muladd_Gops") or 0)' "$WORK/peak.json")
+    step gpu_kernels 60 "$KERN_BIN" --tokens "$T" --probes "$PROBES" --read-gbs "$READ_GBS" \
+        --f64-gops "$F64_GOPS" --json "$OUT/gpu_kernels.json"
 fi
 
 # ---- 2. the PyTorch peer on the GPU ---------------------------------------------------------
@@ -650,6 +665,16 @@ if roof:
             "one worker" if "1t" in kinds else "all workers", kinds.get("1t", kinds.get("all")))]
 elif peak:
     md += ["", "No GPU kernel figures in the profiles (replay --device %s)." % e["DEVICE"]]
+try:  # each kernel alone (bench_gpu_kernels): its markdown table as it printed it
+    kl = [l.rstrip() for l in open(os.path.join(e["WORK"], "gpu_kernels.log"))
+          if l.startswith("|") or l.startswith("# bench_gpu_kernels")]
+except OSError:
+    kl = []
+if kl:
+    md += ["", "Each kernel alone, one call of one query group or KV head at this T "
+           "(bench_gpu_kernels; x bound: GPU time over the longer of bytes / read bandwidth and "
+           "f64 multiplies and adds / bench_gpu_peak's rate; host us: the call until its work "
+           "is done):", "", kl[0].lstrip("# "), ""] + kl[1:]
 md += ["", "Preparation (not timed against anything): build %s s, synth %s s, colsum %s s; "
        "whole script %s s." % (fmt(num(e["W_BUILD"])), fmt(num(e["W_SYNTH"])),
                                fmt(num(e["W_COLSUM"])), fmt(num(e["W_SCRIPT"])))]

@@ -3,7 +3,8 @@
 # session needs into .devbundle/ (ignored by git; name it in the device tool's `carry`):
 #   .devbundle/lib  libkvtrace.so and every shared library it and the binaries need that a bare
 #                   CUDA image may lack (zstd, cJSON, cairo/png, ...; glibc and libstdc++ stay)
-#   .devbundle/bin  the kvtrace CLI, the GPU tests (label gpu) and bench_gpu_peak
+#   .devbundle/bin  the kvtrace CLI, the GPU tests (label gpu), bench_gpu_peak and
+#                   bench_gpu_kernels
 # The build is Release-with-debug-info, CUDA on (sm_90 machine code, compute_90 PTX), with
 # OpenBLAS (37 MB of the bundle's about 50 MB: the replay benchmark times kvtrace's CPU path
 # as a peer, and without BLAS that path is several times slower; BLAS=0 leaves it out). The
@@ -27,7 +28,8 @@ for t in test_capture_device_gpu test_capture_colsum_gpu test_kernels_cuda \
     test_capture_timeline_gpu; do
     if [ -x "$B/tests/$t" ]; then cp "$B/tests/$t" .devbundle/bin/; fi
 done
-cp "$B/bench/bench_gpu_peak" .devbundle/bin/ # bench/run_gpu.sh's scalar f64 ceiling
+cp "$B/bench/bench_gpu_peak" .devbundle/bin/    # bench/run_gpu.sh's scalar f64 ceiling
+cp "$B/bench/bench_gpu_kernels" .devbundle/bin/ # and each replay kernel alone
 for f in .devbundle/lib/libkvtrace.so .devbundle/bin/*; do ldd "$f"; done |
     awk '/=> \//{print $3}' | sort -u |
     grep -v -E '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|libkvtrace)\.so' |

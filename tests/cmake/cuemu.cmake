@@ -80,6 +80,19 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
                              ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
     endforeach()
 
+    # bench_gpu_kernels on the stand-in, small: every case runs (its times mean nothing here)
+    add_executable(bench_gpu_kernels_cuemu ${PROJECT_SOURCE_DIR}/bench/gpu_kernels.c
+                   ${KVT_CUEMU_OBJS})
+    kvt_target_defaults(bench_gpu_kernels_cuemu)
+    target_link_libraries(bench_gpu_kernels_cuemu PRIVATE ${KVT_CUEMU_LIBS})
+    set_target_properties(bench_gpu_kernels_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    add_test(NAME bench_gpu_kernels_cuemu
+             COMMAND bench_gpu_kernels_cuemu --tokens 300 --kv-heads 2 --window 8 --decode 4
+                     --probes 16 --reps 1
+                     --json ${CMAKE_CURRENT_BINARY_DIR}/bench_gpu_kernels_cuemu.json)
+    set_tests_properties(bench_gpu_kernels_cuemu PROPERTIES LABELS "cpu" SKIP_RETURN_CODE 77
+                         TIMEOUT 600)
+
     # the same with each stream's work deferred until something waits for it (CUEMU_DEFER=1):
     # work that reads another stream's results without an event in between fails every time
     # (the kernels' test launches on the default stream only: nothing there to defer)
