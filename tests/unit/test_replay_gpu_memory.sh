@@ -64,9 +64,10 @@ n_oom=$(grep -c '^cuemu: cudaMalloc: out of memory' "$TMP/small.err")
 echo "ok: $(cat "$TMP/small.msg")"
 
 # 3. a layer whose attention kernels need a large workspace of their own (one KV head of
-#    D=256 for 8 query heads, a 512-query window: the outputs' partial sums are 16 MiB): the
-#    estimate covers it (room for the estimate less its spare suffices), and when that
-#    workspace is what no longer fits, the same clear line (from the kernel's allocation)
+#    D=256 for 8 query heads, a 512-query window: the probabilities' stored logits 33 MiB, the
+#    outputs' partial sums 16 MiB): the estimate covers it (room for the estimate less its
+#    spare suffices), and when that workspace is what no longer fits, the same clear line
+#    (from the kernel's allocation)
 PY=${KVT_PYTHON:-/usr/bin/python3}
 SRC=${KVT_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
 if ! "$PY" -c 'import numpy' 2>/dev/null; then
@@ -107,6 +108,6 @@ CUEMU_MEM_BYTES=$((40 * 1048576)) "$BIN" "${MARGS[@]}" -o "$TMP/mqa_small.json" 
 rc=$?
 grep -v '^cuemu: ' "$TMP/mqa_small.err" >"$TMP/mqa_small.msg"
 [ "$rc" = 1 ] && [ "$(wc -l <"$TMP/mqa_small.msg")" = 1 ] &&
-    grep -q "replay --device cuda: attn_output_cuda: out of GPU memory for .* MiB of workspace (.* MiB free of .* MiB): fewer --threads, or --device cpu" \
+    grep -q "replay --device cuda: attn_\(probs\|output\)_cuda: out of GPU memory for .* MiB of workspace (.* MiB free of .* MiB): fewer --threads, or --device cpu" \
         "$TMP/mqa_small.msg" || { cat "$TMP/mqa_small.err"; fail "MQA: exit $rc, message"; }
 echo "ok: $(cat "$TMP/mqa_small.msg")"
