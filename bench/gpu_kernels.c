@@ -10,9 +10,10 @@
  * kernel must move at least and the f64 multiplies and adds it must make (the kernels take
  * their sums in double with separate multiply and add instructions, for bitwise agreement with
  * the references), and, given the ceilings (--read-gbs, --f64-gops: bench_gpu_peak and
- * run_gpu.sh measure them), the time against the larger bound. One query group (the Gs query
- * heads of one KV head) per call, as the replay makes them; a layer makes Hkv of each
- * attention and norm call, and one output sweep per (ranking, query kind, KV head).
+ * run_gpu.sh measure them), the time against the larger bound. Each call as the replay makes
+ * it: the attention and norms of every KV head at once (one call per layer), the cosine table
+ * per KV head, an output sweep per (ranking, query kind, KV head) over the Gs query heads of
+ * one KV head, a redundancy sweep and coverage bests per (ranking, KV head).
  *
  * usage: bench_gpu_kernels [--tokens T] [--dim D] [--group Gs] [--kv-heads Hkv] [--window W]
  *                          [--decode G] [--probes P] [--reps N] [--read-gbs X] [--f64-gops Y]
@@ -39,7 +40,8 @@ typedef struct bk_shape {
 } bk_shape;
 
 typedef struct bk_data {
-    float *k, *v, *kd, *qw, *qd, *prw, *prd, *pr2, *ku, *kvf, *ct, *best, *prw_all, *prd_all;
+    float *v, *kd, *qw, *qd, *prw, *prd, *pr2, *ku, *kvf, *ct, *best, *prw_all, *prd_all;
+    float *v_all; /* [Hkv, T, D] (K of every head: kvf) */
     uint16_t *kv16;
     double *lse, *aw, *ad, *rsw, *rsd, *mean, *inv, *norm, *rec, *err, *rd, *sc, *sc_work, *rs;
     int32_t *order, *probe, *rorder;
@@ -55,15 +57,24 @@ typedef struct bk_result {
 } bk_result;
 
 static const char *case_name[N_CASES] = {
-    "widen bf16 K (all KV heads)", "nonfinite check K (all KV heads)",
-    "attn probs, window rows",     "attn probs, decode rows (+ decode keys)",
-    "attn output, window rows",    "attn output, decode rows",
-    "row masses, window rows",     "row norms K",
-    "unit keys and their mean",    "cosine table (probes)",
-    "coverage bests (all cuts)",   "output sweep, window rows",
-    "output sweep, decode rows",   "redundancy sweep",
-    "rankings (KV heads)",         "window scores (snapkv)",
-    "decode scores (oracle)",      "output sweep, window rows, 1 cut",
+    "widen bf16 K (all KV heads)",
+    "nonfinite check K (all KV heads)",
+    "attn probs, window rows (all KV heads)",
+    "attn probs, decode rows + keys (all KV heads)",
+    "attn output, window rows (all KV heads)",
+    "attn output, decode rows (all KV heads)",
+    "row masses, window rows (all KV heads)",
+    "row norms K and V (all KV heads)",
+    "unit keys and means (a call per KV head)",
+    "cosine table (probes, one KV head)",
+    "coverage bests (all cuts)",
+    "output sweep, window rows",
+    "output sweep, decode rows",
+    "redundancy sweep",
+    "rankings (KV heads)",
+    "window scores (snapkv)",
+    "decode scores (oracle)",
+    "output sweep, window rows, 1 cut",
 };
 
 /* the case's bytes at least and f64 operations (multiplies and adds) */
@@ -95,8 +106,8 @@ static void case_cost(int c, const bk_shape *s, double *bytes, double *ops)
     case 6:
         *bytes = 4 * nw * T, *ops = nw * T;
         break;
-    case 7:
-        *bytes = 4 * T * D + 8 * T, *ops = 2 * T * D;
+    case 7: /* K and V */
+        *bytes = 8 * T * D + 16 * T, *ops = 4 * T * D;
         break;
     case 8:
         *bytes = 12 * T * D + 8 * D, *ops = 4 * T * D;
@@ -129,6 +140,8 @@ static void case_cost(int c, const bk_shape *s, double *bytes, double *ops)
     default:
         *bytes = 0;
     }
+    if (c >= 2 && c <= 8) /* every KV head in the call */
+        *bytes *= s->Hkv, *ops *= s->Hkv;
     if (c == 17) /* one cut: the walk up to the first */
         *bytes *= (double)s->cuts[0] / walk, *ops *= (double)s->cuts[0] / walk;
 }
@@ -145,21 +158,33 @@ static kvt_status run_case(int c, const bk_shape *s, bk_data *d, cudaStream_t st
     case 1:
         return kvt_first_nonfinite_cuda(d->kvf, n, d->first, sp);
     case 2:
-        return kvt_attn_probs_cuda(d->qw, nw, D, d->k, T, d->vis_w, NULL, 0, NULL, scale, d->prw,
-                                   NULL, d->lse, sp);
+        return kvt_attn_probs_batch_cuda(d->qw, nw, D, d->kvf, T, d->vis_w, NULL, 0, NULL, scale,
+                                         d->prw_all, NULL, d->lse, s->Hkv, sp);
     case 3:
-        return kvt_attn_probs_cuda(d->qd, nd, D, d->k, T, d->vis_d, d->kd, s->G, d->vis2_d, scale,
-                                   d->prd, d->pr2, d->lse, sp);
+        return kvt_attn_probs_batch_cuda(d->qd, nd, D, d->kvf, T, d->vis_d, d->kd, s->G, d->vis2_d,
+                                         scale, d->prd_all, d->pr2, d->lse, s->Hkv, sp);
     case 4:
-        return kvt_attn_output_cuda(d->prw, nw, T, (size_t)T, d->v, D, d->aw, (size_t)D, sp);
+        return kvt_attn_output_batch_cuda(d->prw_all, nw, T, (size_t)T, d->v_all, D, d->aw,
+                                          (size_t)D, s->Hkv, sp);
     case 5:
-        return kvt_attn_output_cuda(d->prd, nd, T, (size_t)T, d->v, D, d->ad, (size_t)D, sp);
+        return kvt_attn_output_batch_cuda(d->prd_all, nd, T, (size_t)T, d->v_all, D, d->ad,
+                                          (size_t)D, s->Hkv, sp);
     case 6:
-        return kvt_row_mass_cuda(d->prw, nw, T, (size_t)T, NULL, d->rsw, NULL, sp);
-    case 7:
-        return kvt_row_norms_cuda(d->k, T, D, d->norm, sp);
+        return kvt_row_mass_cuda(d->prw_all, nw * s->Hkv, T, (size_t)T, NULL, d->rsw, NULL, sp);
+    case 7: {
+        kvt_status e = kvt_row_norms_cuda(d->kvf, T * s->Hkv, D, d->norm, sp);
+        return e ? e
+                 : kvt_row_norms_cuda(d->v_all, T * s->Hkv, D, d->norm + (size_t)T * s->Hkv, sp);
+    }
     case 8:
-        return kvt_unit_rows_cuda(d->k, T, D, d->ku, d->mean, d->inv, sp);
+        for (int h = 0; h < s->Hkv; h++) {
+            const size_t o = (size_t)h * T * D;
+            kvt_status e = kvt_unit_rows_cuda(d->kvf + o, T, D, d->ku + o, d->mean + (size_t)h * D,
+                                              d->inv, sp);
+            if (e)
+                return e;
+        }
+        return KVT_OK;
     case 9:
         return kvt_cosine_table_cuda(d->ku, T, D, d->probe, s->P, d->ct, sp);
     case 10:
@@ -244,29 +269,30 @@ static bool alloc_data(const bk_shape *s, bk_data *d)
     kvt_rng_seed(&r, 7);
     bool ok = true;
     memset(d, 0, sizeof(*d));
-    d->k = dev_random(T * D, &r, -1.0f, 2.0f, &ok);
     d->v = dev_random(T * D, &r, -1.0f, 2.0f, &ok);
-    d->kd = dev_random((size_t)s->G * D, &r, -1.0f, 2.0f, &ok);
-    d->qw = dev_random(nw * D, &r, -1.0f, 2.0f, &ok);
-    d->qd = dev_random(nd * D, &r, -1.0f, 2.0f, &ok);
+    const size_t H = (size_t)s->Hkv;
+    d->kd = dev_random(H * s->G * D, &r, -1.0f, 2.0f, &ok);
+    d->qw = dev_random(H * nw * D, &r, -1.0f, 2.0f, &ok);
+    d->qd = dev_random(H * nd * D, &r, -1.0f, 2.0f, &ok);
+    d->v_all = dev_random(n, &r, -1.0f, 2.0f, &ok);
     d->prw = dev_random(nw * T, &r, 1e-6f, 1e-5f, &ok);
     d->prd = dev_random(nd * T, &r, 1e-6f, 1e-5f, &ok);
     d->prw_all = dev_random(Hq * s->W * T, &r, 1e-6f, 1e-5f, &ok);
     d->prd_all = dev_random(Hq * s->G * T, &r, 1e-6f, 1e-5f, &ok);
     d->kvf = dev_random(n, &r, -1.0f, 2.0f, &ok);
-    d->pr2 = dev_zero(nd * (size_t)s->G * sizeof(float), &ok);
-    d->ku = dev_zero(T * D * sizeof(float), &ok);
+    d->pr2 = dev_zero(H * nd * (size_t)s->G * sizeof(float), &ok);
+    d->ku = dev_zero(n * sizeof(float), &ok);
     d->ct = dev_zero(T * P * sizeof(float), &ok);
     d->best = dev_zero((size_t)s->n_cut * P * sizeof(float), &ok);
     d->kv16 = dev_zero(n * sizeof(uint16_t), &ok); /* zeros: finite bf16 */
-    d->lse = dev_zero((nw > nd ? nw : nd) * sizeof(double), &ok);
-    d->aw = dev_zero(nw * D * sizeof(double), &ok);
-    d->ad = dev_zero(nd * D * sizeof(double), &ok);
-    d->rsw = dev_zero(nw * sizeof(double), &ok);
+    d->lse = dev_zero(H * (nw > nd ? nw : nd) * sizeof(double), &ok);
+    d->aw = dev_zero(H * nw * D * sizeof(double), &ok);
+    d->ad = dev_zero(H * nd * D * sizeof(double), &ok);
+    d->rsw = dev_zero(H * nw * sizeof(double), &ok);
     d->rsd = dev_zero(nd * sizeof(double), &ok);
-    d->mean = dev_zero(D * sizeof(double), &ok);
+    d->mean = dev_zero(H * D * sizeof(double), &ok);
     d->inv = dev_zero(kvt_unit_rows_cuda_work(s->T, s->D) * sizeof(double), &ok);
-    d->norm = dev_zero(T * sizeof(double), &ok);
+    d->norm = dev_zero(2 * H * T * sizeof(double), &ok);
     d->rec = dev_zero((nw > nd ? nw : nd) * s->n_cut * sizeof(double), &ok);
     d->err = dev_zero((nw > nd ? nw : nd) * s->n_cut * sizeof(double), &ok);
     d->rd = dev_zero((size_t)s->n_cut * sizeof(double), &ok);
@@ -314,11 +340,11 @@ static bool alloc_data(const bk_shape *s, bk_data *d)
 
 static void free_data(bk_data *d)
 {
-    void *p[] = {d->k,     d->v,    d->kd,  d->qw,      d->qd,      d->prw,    d->prd,
-                 d->pr2,   d->ku,   d->kvf, d->ct,      d->best,    d->kv16,   d->lse,
-                 d->aw,    d->ad,   d->rsw, d->rsd,     d->mean,    d->inv,    d->norm,
-                 d->rec,   d->err,  d->rd,  d->sc,      d->order,   d->probe,  d->rorder,
-                 d->first, d->work, d->rs,  d->sc_work, d->prw_all, d->prd_all};
+    void *p[] = {d->v,    d->kd,  d->qw,      d->qd,      d->prw,     d->prd,    d->pr2,
+                 d->ku,   d->kvf, d->ct,      d->best,    d->kv16,    d->lse,    d->aw,
+                 d->ad,   d->rsw, d->rsd,     d->mean,    d->inv,     d->norm,   d->rec,
+                 d->err,  d->rd,  d->sc,      d->order,   d->probe,   d->rorder, d->first,
+                 d->work, d->rs,  d->sc_work, d->prw_all, d->prd_all, d->v_all};
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++)
         if (p[i])
             cudaFree(p[i]);

@@ -199,16 +199,13 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     /* window queries: query i sits at position T-Wt+i and sees keys 0..T-Wt+i (§0.1.2) */
     for (int i = 0; i < nqw; i++)
         vis[i] = T - Wt + i % Wt + 1;
-    for (int g = 0; g < Hkv; g++) {
+    /* every group at once on the device, with the row masses; the probabilities stay there */
+    if (dev && (s = kvt_ctx_gpu_attn(dev, false, nqw, vis, NULL, c->scale, NULL, c->lsew, c->aw,
+                                     c->rsw, c->massw_mod)))
+        goto out_fail;
+    for (int g = 0; !dev && g < Hkv; g++) {
         size_t q0 = (size_t)g * nqw; /* first window query of the group: (h = g*Gs, i = 0) */
         float *pr = c->prw + q0 * T;
-        if (dev) { /* row masses on the device; the probabilities stay there */
-            if ((s = kvt_ctx_gpu_attn(dev, false, g, nqw, vis, NULL, c->scale, NULL, c->lsew + q0,
-                                      c->aw + q0 * D, c->rsw + q0,
-                                      c->massw_mod ? c->massw_mod + q0 * KVT_NM : NULL)))
-                goto out_fail;
-            continue;
-        }
         const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
         if (!(s = kvt_attn_probs(in->q_window + q0 * D, nqw, D, K, T, vis, NULL, 0, NULL, c->scale,
                                  pr, NULL, c->lsew + q0, work)))
@@ -231,23 +228,24 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
             goto out_fail;
         if (c->has_extra &&
             ((s = ALLOC(c->pd_extra, (size_t)Hq * Gd)) ||
-             (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D)) || (s = ALLOC(pr2, (size_t)nqd * Gd))))
+             (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D)) ||
+             (s = ALLOC(pr2, (size_t)(dev ? Hkv : 1) * nqd * Gd)))) /* the device's: all groups' */
             goto out_fail;
         for (int i = 0; i < nqd; i++) {
             vis[i] = T;
             vis2[i] = i % Gd + 1;
         }
+        if (dev && (s = kvt_ctx_gpu_attn(dev, true, nqd, vis, vis2, c->scale, pr2, c->lsed, c->ad,
+                                         c->rsd, NULL)))
+            goto out_fail;
         for (int g = 0; g < Hkv; g++) {
             const float *Kd = c->has_extra ? in->k_decode + (size_t)g * Gd * D : NULL;
             const float *Vd = c->has_extra ? in->v_decode + (size_t)g * Gd * D : NULL;
             size_t q0 = (size_t)g * nqd;
-            float *pr = c->prd + q0 * T;
-            if (dev)
-                s = kvt_ctx_gpu_attn(dev, true, g, nqd, vis, vis2, c->scale, pr2, c->lsed + q0,
-                                     c->ad + q0 * D, c->rsd + q0, NULL);
-            else if (!(s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, c->k + (size_t)g * T * D,
-                                          T, vis, Kd, Gd, vis2, c->scale, pr, pr2, c->lsed + q0,
-                                          work)))
+            float *pr = c->prd + q0 * T, *pr2g = dev && pr2 ? pr2 + q0 * Gd : pr2;
+            if (!dev &&
+                !(s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, c->k + (size_t)g * T * D, T,
+                                     vis, Kd, Gd, vis2, c->scale, pr, pr2, c->lsed + q0, work)))
                 s = kvt_attn_output(pr, nqd, T, T, c->v + (size_t)g * T * D, D, c->ad + q0 * D, D);
             if (s)
                 goto out_fail;
@@ -255,7 +253,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
                 if (!dev)
                     c->rsd[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
                 if (c->has_extra) {
-                    const float *p2 = pr2 + (size_t)i * Gd;
+                    const float *p2 = pr2g + (size_t)i * Gd;
                     double pe = 0.0;
                     for (int e = 0; e < Gd; e++)
                         pe += p2[e];
@@ -268,12 +266,10 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     }
 
     /* per KV head: norms, unit keys, their mean over all T (window included, §4.1.3), r */
+    if (dev && (s = kvt_ctx_gpu_norms(dev, c->knorm, c->vnorm, c->kmean)))
+        goto out_fail;
     for (int g = 0; g < Hkv; g++) {
-        if (dev) {
-            if ((s = kvt_ctx_gpu_norms(dev, g, c->knorm + (size_t)g * T, c->vnorm + (size_t)g * T,
-                                       c->kmean + (size_t)g * D)))
-                goto out_fail;
-        } else {
+        if (!dev) {
             const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
             kvt_row_norms(K, T, D, c->knorm + (size_t)g * T);
             kvt_row_norms(V, T, D, c->vnorm + (size_t)g * T);

@@ -19,11 +19,13 @@
 
 #include "cuda_util.cuh"
 
+/* One batch's arguments (blockIdx.z: the batch, whose arrays follow the previous batch's:
+ * batch_of moves every pointer but the visible prefixes, which the batches share) */
 typedef struct pr_args {
     const float *q, *k, *k2;
     int n_q, D, T, n2, n_kt; /* n_kt: key tiles over the T + n2 keys */
-    int row0, n_rows;        /* this block of rows: row0 .. row0 + n_rows - 1 */
-    double *z;               /* [n_rows, T + n2] the block's logits */
+    int row0, n_rows, zrows; /* this block of rows: row0 .. row0 + n_rows - 1, of zrows at most */
+    double *z;               /* [zrows, T + n2] the block's logits */
     const int *nv, *nv2;     /* [n_q] clamped visible prefixes of k and k2 */
     double scale;
     double *tmax, *tsum; /* [n_q, n_kt] per tile */
@@ -33,12 +35,26 @@ typedef struct pr_args {
     unsigned long long *bad;
 } pr_args;
 
+static __device__ inline pr_args batch_of(pr_args a)
+{
+    const size_t b = blockIdx.z, nq = (size_t)a.n_q, n_all = (size_t)a.T + a.n2;
+    a.q += b * nq * a.D, a.k += b * a.T * a.D;
+    if (a.k2)
+        a.k2 += b * a.n2 * a.D, a.pr2 += b * nq * a.n2;
+    a.z += b * a.zrows * n_all, a.tmax += b * nq * a.n_kt, a.tsum += b * nq * a.n_kt;
+    a.m += b * nq, a.s += b * nq, a.pr += b * nq * a.T, a.bad += b;
+    if (a.lse)
+        a.lse += b * nq;
+    return a;
+}
+
 /* The tile's logits (blockIdx.y: rows from a.row0, blockIdx.x: keys) into a.z, and each row's
  * max over the tile and sum of exp(z - that max). Thread (ty = warp, tx = lane) holds the logits
  * of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of the tile. */
-static __global__ void probs_tile_k(pr_args a)
+static __global__ void probs_tile_k(pr_args a0)
 {
     __shared__ kvt_cu_tile_sm sm;
+    const pr_args a = batch_of(a0);
     const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     const int r0 = a.row0 + blockIdx.y * KVT_TILE_ROWS, j0 = blockIdx.x * KVT_TILE_KEYS,
               n_all = a.T + a.n2, r_end = a.row0 + a.n_rows;
@@ -73,8 +89,9 @@ static __global__ void probs_tile_k(pr_args a)
 
 /* one thread per stored logit of the block's rows (blockIdx.y: row - a.row0): its probability
  * from the row's max and sum (a masked key 0) */
-static __global__ void probs_write_k(pr_args a)
+static __global__ void probs_write_k(pr_args a0)
 {
+    const pr_args a = batch_of(a0);
     const int n_all = a.T + a.n2, j = blockIdx.x * blockDim.x + threadIdx.x;
     const int i = a.row0 + blockIdx.y;
     if (j >= n_all)
@@ -90,8 +107,9 @@ static __global__ void probs_write_k(pr_args a)
 
 /* one thread per row: m = the max over the row's tiles (exact in any order), s = the sum in
  * tile order of each tile's sum rescaled to m (tile sum x exp(tile max - m)), the log-sum-exp */
-static __global__ void probs_rows_k(pr_args a)
+static __global__ void probs_rows_k(pr_args a0)
 {
+    const pr_args a = batch_of(a0);
     const int i = a.row0 + blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= a.row0 + a.n_rows)
         return;
@@ -127,6 +145,8 @@ static __global__ void output_part_k(const float *p, int n_q, int T, size_t stri
                                      const float *v, int D, double *part)
 {
     __shared__ double p_sh[OUT_ROWS][OUT_CH];
+    p += (size_t)blockIdx.z * n_q * stride_p, v += (size_t)blockIdx.z * T * D; /* the batch's */
+    part += (size_t)blockIdx.z * gridDim.x * n_q * D;
     const int tid = threadIdx.x, q0 = blockIdx.y * OUT_ROWS, jb = blockIdx.x * OUT_KEYS;
     const int je = T - jb < OUT_KEYS ? T : jb + OUT_KEYS;
     double acc[OUT_ROWS][PER];
@@ -171,6 +191,7 @@ static __global__ void output_sum_k(const double *part, int n_kb, int n_q, int D
                                     size_t stride_out)
 {
     size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    part += (size_t)blockIdx.z * n_kb * n_q * D, out += (size_t)blockIdx.z * n_q * stride_out;
     if (t >= (size_t)n_q * D)
         return;
     int qi = (int)(t / D), d = (int)(t % D);
@@ -190,9 +211,9 @@ extern "C" void kvt_attn_cuda_set_zbuf_bytes(size_t bytes)
     zbuf_bytes = bytes ? bytes : KVT_ATTN_ZBUF_BYTES;
 }
 
-static int zbuf_rows(int n_q, int n_all)
+static int zbuf_rows(int n_q, int n_all, int n_batch)
 {
-    size_t r = zbuf_bytes / ((size_t)n_all * sizeof(double));
+    size_t r = zbuf_bytes / ((size_t)n_all * n_batch * sizeof(double));
     r = r / KVT_TILE_ROWS * KVT_TILE_ROWS;
     if (r < KVT_TILE_ROWS)
         r = KVT_TILE_ROWS;
@@ -207,8 +228,18 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
                                           const int *n_vis2, double scale, float *pr, float *pr2,
                                           double *lse, void *stream)
 {
-    KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0 || (k2 && n2 < 0), KVT_ERR_INVALID_ARG,
-                  "attn_probs_cuda: bad shape n_q=%d D=%d T=%d n2=%d", n_q, D, T, n2);
+    return kvt_attn_probs_batch_cuda(q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, 1,
+                                     stream);
+}
+
+extern "C" kvt_status kvt_attn_probs_batch_cuda(const float *q, int n_q, int D, const float *k,
+                                                int T, const int *n_vis, const float *k2, int n2,
+                                                const int *n_vis2, double scale, float *pr,
+                                                float *pr2, double *lse, int n_batch, void *stream)
+{
+    KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0 || (k2 && n2 < 0) || n_batch < 1 || n_batch > 65535,
+                  KVT_ERR_INVALID_ARG, "attn_probs_cuda: bad shape n_q=%d D=%d T=%d n2=%d x %d",
+                  n_q, D, T, n2, n_batch);
     KVT_RETURN_IF(k2 && !pr2, KVT_ERR_INVALID_ARG, "attn_probs_cuda: pr2 is NULL");
     if (!k2)
         n2 = 0;
@@ -228,38 +259,50 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
     }
     cudaStream_t st = kvt_cu_stream(stream);
     const int n_all = T + n2, n_kt = (n_all + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS,
-              R = zbuf_rows(n_q, n_all);
-    const size_t n_w = ((size_t)n_kt + 1) * 2 * n_q + (size_t)R * n_all;
+              R = zbuf_rows(n_q, n_all, n_batch);
+    const size_t nb = (size_t)n_batch,
+                 n_w = nb * (((size_t)n_kt + 1) * 2 * n_q + (size_t)R * n_all);
     int *dvis = NULL;
-    /* tile maxima and sums [2, n_q, n_kt], row max and sum [2, n_q], logits [R, n_all] */
+    /* per batch: tile maxima, tile sums [n_q, n_kt] each, row max, row sum [n_q] each, logits
+       [R, n_all] */
     double *dw = NULL;
-    unsigned long long *dbad = NULL, bad = ~0ull;
+    unsigned long long *dbad = NULL, *bad = (unsigned long long *)malloc(nb * sizeof(*bad));
+    if (!bad) {
+        free(vis);
+        return kvt_error_set(KVT_ERR_NOMEM, "attn_probs_cuda: out of memory");
+    }
+    for (size_t b = 0; b < nb; b++)
+        bad[b] = ~0ull;
     cudaError_t e;
     /* stream-ordered temporaries: freeing them does not synchronise the whole device */
     if ((e = (cudaError_t)kvt_cuda_malloc_async((void **)&dvis, (size_t)n_q * 2 * sizeof(int),
                                                 st)) == cudaSuccess &&
         (e = (cudaError_t)kvt_cuda_malloc_async((void **)&dw, n_w * sizeof(double), st)) ==
             cudaSuccess &&
-        (e = (cudaError_t)kvt_cuda_malloc_async((void **)&dbad, sizeof(bad), st)) == cudaSuccess &&
+        (e = (cudaError_t)kvt_cuda_malloc_async((void **)&dbad, nb * sizeof(*bad), st)) ==
+            cudaSuccess &&
         (e = cudaMemcpyAsync(dvis, vis, (size_t)n_q * 2 * sizeof(int), cudaMemcpyHostToDevice,
                              st)) == cudaSuccess &&
-        (e = cudaMemcpyAsync(dbad, &bad, sizeof(bad), cudaMemcpyHostToDevice, st)) == cudaSuccess) {
+        (e = cudaMemcpyAsync(dbad, bad, nb * sizeof(*bad), cudaMemcpyHostToDevice, st)) ==
+            cudaSuccess) {
         pr_args a;
         a.q = q, a.k = k, a.k2 = k2, a.n_q = n_q, a.D = D, a.T = T, a.n2 = n2, a.n_kt = n_kt;
-        a.nv = dvis, a.nv2 = dvis + n_q, a.scale = scale;
-        a.tmax = dw, a.tsum = dw + (size_t)n_q * n_kt;
-        a.m = dw + (size_t)2 * n_q * n_kt, a.s = a.m + n_q, a.z = a.s + n_q;
+        a.nv = dvis, a.nv2 = dvis + n_q, a.scale = scale, a.zrows = R;
+        a.tmax = dw, a.tsum = a.tmax + nb * n_q * n_kt, a.m = a.tsum + nb * n_q * n_kt;
+        a.s = a.m + nb * n_q, a.z = a.s + nb * n_q;
         a.pr = pr, a.pr2 = pr2, a.lse = lse, a.bad = dbad;
         for (int r0 = 0; r0 < n_q; r0 += R) { /* one block of rows at a time */
             a.row0 = r0, a.n_rows = n_q - r0 < R ? n_q - r0 : R;
             const unsigned n_rt = (unsigned)((a.n_rows + KVT_TILE_ROWS - 1) / KVT_TILE_ROWS);
-            probs_tile_k<<<dim3((unsigned)n_kt, n_rt), KVT_TILE_THREADS, 0, st>>>(a);
-            probs_rows_k<<<(unsigned)((a.n_rows + 127) / 128), 128, 0, st>>>(a);
-            probs_write_k<<<dim3(kvt_cu_blocks((size_t)n_all, 256), (unsigned)a.n_rows), 256, 0,
-                            st>>>(a);
+            probs_tile_k<<<dim3((unsigned)n_kt, n_rt, (unsigned)nb), KVT_TILE_THREADS, 0, st>>>(a);
+            probs_rows_k<<<dim3((unsigned)((a.n_rows + 127) / 128), 1, (unsigned)nb), 128, 0, st>>>(
+                a);
+            probs_write_k<<<dim3(kvt_cu_blocks((size_t)n_all, 256), (unsigned)a.n_rows,
+                                 (unsigned)nb),
+                            256, 0, st>>>(a);
         }
         if ((e = cudaGetLastError()) == cudaSuccess)
-            e = cudaMemcpyAsync(&bad, dbad, sizeof(bad), cudaMemcpyDeviceToHost, st);
+            e = cudaMemcpyAsync(bad, dbad, nb * sizeof(*bad), cudaMemcpyDeviceToHost, st);
         if (e == cudaSuccess)
             e = cudaStreamSynchronize(st);
     }
@@ -272,15 +315,24 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
         kvt_cuda_free_async(dbad, st);
     if (e == cudaErrorMemoryAllocation) {
         cudaGetLastError(); /* not sticky: clear it */
+        free(bad);
         return kvt_error_set(KVT_ERR_NOMEM,
                              "attn_probs_cuda: out of GPU memory for %.1f MiB of "
                              "workspace",
                              (n_w * sizeof(double)) / 1048576.0);
     }
-    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "attn_probs_cuda: %s", cudaGetErrorString(e));
-    if (bad != ~0ull) {
-        unsigned j = (unsigned)(bad & 0xffffffffu);
-        int i = (int)(bad >> 32);
+    if (e != cudaSuccess) {
+        free(bad);
+        return kvt_error_set(KVT_ERR_CUDA, "attn_probs_cuda: %s", cudaGetErrorString(e));
+    }
+    /* the first batch with a non-finite logit, as the batches one call each would report it */
+    unsigned long long first = ~0ull;
+    for (size_t b = 0; b < nb && first == ~0ull; b++)
+        first = bad[b];
+    free(bad);
+    if (first != ~0ull) {
+        unsigned j = (unsigned)(first & 0xffffffffu);
+        int i = (int)(first >> 32);
         if (j & 0x80000000u)
             return kvt_error_set(KVT_ERR_NAN, "attn_probs: logit (%d,k2 %u) not finite", i,
                                  j & 0x7fffffffu);
@@ -289,42 +341,51 @@ extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const 
     return KVT_OK;
 }
 
-extern "C" size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D)
+extern "C" size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D, int n_batch)
 {
-    if (n_q <= 0 || T < 0 || n2 < 0 || D <= 0)
+    if (n_q <= 0 || T < 0 || n2 < 0 || D <= 0 || n_batch < 1)
         return 0;
-    const size_t n_kt = ((size_t)T + n2 + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS;
+    const size_t n_kt = ((size_t)T + n2 + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS, nb = n_batch;
     const size_t n_kb = ((size_t)T + OUT_KEYS - 1) / OUT_KEYS;
-    const size_t zb = (size_t)zbuf_rows(n_q, T + n2) * ((size_t)T + n2) * sizeof(double);
-    return (size_t)n_q * 2 * sizeof(int) + (n_kt + 1) * 2 * n_q * sizeof(double) + zb +
-           sizeof(unsigned long long) + n_kb * n_q * D * sizeof(double);
+    const size_t zb = (size_t)zbuf_rows(n_q, T + n2, n_batch) * ((size_t)T + n2) * sizeof(double);
+    return (size_t)n_q * 2 * sizeof(int) +
+           nb * ((n_kt + 1) * 2 * n_q * sizeof(double) + zb + sizeof(unsigned long long) +
+                 n_kb * n_q * D * sizeof(double));
 }
 
 extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p,
                                            const float *v, int D, double *out, size_t stride_out,
                                            void *stream)
 {
-    KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0, KVT_ERR_INVALID_ARG,
-                  "attn_output_cuda: bad shape n_q=%d T=%d D=%d", n_q, T, D);
+    return kvt_attn_output_batch_cuda(p, n_q, T, stride_p, v, D, out, stride_out, 1, stream);
+}
+
+extern "C" kvt_status kvt_attn_output_batch_cuda(const float *p, int n_q, int T, size_t stride_p,
+                                                 const float *v, int D, double *out,
+                                                 size_t stride_out, int n_batch, void *stream)
+{
+    KVT_RETURN_IF(n_q < 0 || T < 0 || D <= 0 || n_batch < 1 || n_batch > 65535, KVT_ERR_INVALID_ARG,
+                  "attn_output_cuda: bad shape n_q=%d T=%d D=%d x %d", n_q, T, D, n_batch);
     KVT_RETURN_IF(D > OUT_THREADS * OUT_PER, KVT_ERR_UNSUPPORTED,
                   "attn_output_cuda: head dim %d > %d", D, OUT_THREADS * OUT_PER);
-    size_t n = (size_t)n_q * D;
+    size_t n = (size_t)n_q * D, nb = (size_t)n_batch;
     if (n == 0)
         return KVT_OK;
     cudaStream_t st = kvt_cu_stream(stream);
     const int n_kb = (T + OUT_KEYS - 1) / OUT_KEYS, n_rb = (n_q + OUT_ROWS - 1) / OUT_ROWS;
-    double *part = NULL; /* [n_kb, n_q, D], stream-ordered: no device-wide synchronisation */
+    /* [n_batch, n_kb, n_q, D], stream-ordered: no device-wide synchronisation */
+    double *part = NULL;
     if (n_kb > 0) {
-        cudaError_t ea = (cudaError_t)kvt_cuda_malloc_async((void **)&part,
-                                                            (size_t)n_kb * n * sizeof(double), st);
+        cudaError_t ea =
+            (cudaError_t)kvt_cuda_malloc_async((void **)&part, nb * n_kb * n * sizeof(double), st);
         if (ea == cudaErrorMemoryAllocation) {
             cudaGetLastError(); /* not sticky: clear it */
             return kvt_error_set(KVT_ERR_NOMEM,
                                  "attn_output_cuda: out of GPU memory for %.1f MiB of workspace",
-                                 ((size_t)n_kb * n * sizeof(double)) / 1048576.0);
+                                 (nb * n_kb * n * sizeof(double)) / 1048576.0);
         }
         KVT_CU(ea);
-        const dim3 grid((unsigned)n_kb, (unsigned)n_rb);
+        const dim3 grid((unsigned)n_kb, (unsigned)n_rb, (unsigned)nb);
         if (D <= OUT_THREADS)
             output_part_k<1><<<grid, OUT_THREADS, 0, st>>>(p, n_q, T, stride_p, v, D, part);
         else if (D <= 2 * OUT_THREADS)
@@ -337,7 +398,8 @@ extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_
             return kvt_error_set(KVT_ERR_CUDA, "attn_output_cuda: %s", cudaGetErrorString(e));
         }
     }
-    output_sum_k<<<kvt_cu_blocks(n, 128), 128, 0, st>>>(part, n_kb, n_q, D, out, stride_out);
+    output_sum_k<<<dim3(kvt_cu_blocks(n, 128), 1, (unsigned)nb), 128, 0, st>>>(part, n_kb, n_q, D,
+                                                                               out, stride_out);
     cudaError_t e = cudaGetLastError();
     if (part)
         kvt_cuda_free_async(part, st);

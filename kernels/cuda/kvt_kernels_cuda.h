@@ -9,7 +9,9 @@
  * reference stands in for it there), and passed test_kernels_cuda on an H200 (bench/RESULTS.md),
  * except what changed after the last GPU session (checked on cuemu only so far): kvt_widen_cuda,
  * the redundancy sweep in chunks, the sweeps' one block per cut, the coverage bests' smaller
- * chunks. All are used by `replay --device cuda` (replay/cuda/ctx_gpu.c).
+ * chunks, the attention's stored logits and batches (every KV group in one call), the output
+ * kernel's dimensions per thread, the cosine table's and output sweep's double stages. All are
+ * used by `replay --device cuda` (replay/cuda/ctx_gpu.c).
  */
 #ifndef KVT_KERNELS_CUDA_H
 #define KVT_KERNELS_CUDA_H
@@ -39,12 +41,21 @@ int kvt_cuda_free_async(void *p, void *stream);
 kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, int T,
                                const int *n_vis, const float *k2, int n2, const int *n_vis2,
                                double scale, float *pr, float *pr2, double *lse, void *stream);
+/** kvt_attn_probs_cuda on n_batch (1..65535) batches in one call, each with its own arrays
+ *  following the previous batch's (batch b: q + b n_q D, k + b T D, k2 + b n2 D, pr + b n_q T,
+ *  pr2 + b n_q n2, lse + b n_q) and the same visible prefixes: the replay's KV groups at once.
+ *  Each batch's results are bitwise those of a call of its own; a non-finite logit is reported
+ *  for the first batch that has one, as calls in batch order would. */
+kvt_status kvt_attn_probs_batch_cuda(const float *q, int n_q, int D, const float *k, int T,
+                                     const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                                     double scale, float *pr, float *pr2, double *lse, int n_batch,
+                                     void *stream);
 
-/** The device memory kvt_attn_probs_cuda and kvt_attn_output_cuda allocate for themselves
- *  (stream-ordered) for n_q query rows over T keys (+ n2), both counted: with memory pools the
- *  first's may not be released yet when the second's is taken. Out of GPU memory there is
- *  KVT_ERR_NOMEM. */
-size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D);
+/** The device memory kvt_attn_probs_batch_cuda and kvt_attn_output_batch_cuda allocate for
+ *  themselves (stream-ordered) for n_batch batches of n_q query rows over T keys (+ n2), both
+ *  counted: with memory pools the first's may not be released yet when the second's is taken.
+ *  Out of GPU memory there is KVT_ERR_NOMEM. */
+size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D, int n_batch);
 
 /** Tests only: the size of kvt_attn_probs_cuda's logit buffer (the rows of logits it computes
  *  at a time, at least 32, 64 MiB by default; 0 restores the default). Any size gives the same
@@ -56,6 +67,11 @@ void kvt_attn_cuda_set_zbuf_bytes(size_t bytes);
  *  relative from the reference's single chain). D <= 512, else KVT_ERR_UNSUPPORTED. */
 kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p, const float *v,
                                 int D, double *out, size_t stride_out, void *stream);
+/** kvt_attn_output_cuda on n_batch (1..65535) batches in one call (batch b: p + b n_q stride_p,
+ *  v + b T D, out + b n_q stride_out), each bitwise a call of its own. */
+kvt_status kvt_attn_output_batch_cuda(const float *p, int n_q, int T, size_t stride_p,
+                                      const float *v, int D, double *out, size_t stride_out,
+                                      int n_batch, void *stream);
 
 /** kvt_sweep_output_ref on the device (same arguments; cuts on the HOST, no workspace; head
  *  dim D <= 512, else KVT_ERR_UNSUPPORTED). The walked tokens are summed in chunks of at most

@@ -42,8 +42,8 @@ struct kvt_ctx_gpu {
                                     the host context) */
     float *prw, *prd;            /* [Hq, Wt, T], [Hq, Gd, T] probabilities */
     double *aw, *ad;             /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
-    float *pr2;                  /* [rows, Gd] probabilities on decode keys (scratch) */
-    double *lse;                 /* [rows] (scratch) */
+    float *pr2;                  /* [Hkv, rows, Gd] probabilities on decode keys (scratch) */
+    double *lse;                 /* [Hkv, rows] (scratch) */
     float *ku;                   /* [Hkv, T, D] unit keys */
     float *ct;                   /* [T, n_probe] cosine table of one KV head */
     int32_t *probe;              /* [n_probe] */
@@ -56,7 +56,7 @@ struct kvt_ctx_gpu {
     float *qa;                 /* [T, D] one query head's prompt queries (H2O) */
     double *cs, *cs_work;      /* [T] its column sums, [2T] workspace */
     size_t sc_cap;             /* doubles of each */
-    double *norm, *mean, *inv; /* [T], [D], [T] (scratch) */
+    double *norm, *mean, *inv; /* [2, Hkv, T] K's then V's, [Hkv, D], unit rows' (scratch) */
     double *rsw, *rsd, *mm;    /* [Hq, Wt], [Hq, Gd] row masses, [Hq, Wt, NM] by modality */
     uint8_t *mod;              /* [T] modality codes (NULL: none) */
     double *pe, *oe;           /* uploaded by kvt_ctx_gpu_finish */
@@ -121,8 +121,9 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
     const double rows = (double)(Hq / Hkv) * (wt > gd ? wt : gd), nm = KVT_NM;
     double b = 3 * hkv * t * d * 4                        /* K, V, unit keys */
                + hq * (wt + gd) * (d * 4 + t * 4 + d * 8) /* queries, probabilities, outputs */
-               + (extra ? hkv * gd * d * 4 + rows * gd * 4 : 0) /* decode keys, their probs */
-               + rows * 8 + t * (8 + 4 + 1) + d * 8             /* lse, norms, order, modality */
+               + (extra ? hkv * gd * d * 4 + hkv * rows * gd * 4 : 0) /* decode keys, probs */
+               + hkv * (rows * 8 + 2 * t * 8 + d * 8)                 /* lse, norms, means */
+               + t * (4 + 1)                                          /* order, modality */
                + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
                + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
                + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
@@ -133,7 +134,8 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + 2 * (hq + hkv) * t * 8   /* window scores, workspace */
                + t * d * 4 + 3 * t * 8    /* h2o's column sums from Q_all */
                + hq * t * (12 + 28)       /* rankings: scores, orders, the sort's own */
-               + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D); /* kernels' */
+               + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D,
+                                                  Hkv); /* the attention kernels' own */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
 
@@ -373,7 +375,7 @@ static kvt_status put_kv16(kvt_ctx_gpu *g, float **dst, const uint16_t *src, kvt
 static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
 {
     const size_t T = (size_t)g->T, D = (size_t)g->D, kv = (size_t)g->Hkv * T * D;
-    const size_t rows = (size_t)g->rows, Hq = (size_t)g->Hq;
+    const size_t rows = (size_t)g->rows, Hq = (size_t)g->Hq, Hkv = (size_t)g->Hkv;
     GPU_OK(cudaSetDevice(0));
     GPU_OK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking));
     if (g->prof)
@@ -415,11 +417,11 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     if (g->extra) {
         size_t n = (size_t)g->Hkv * g->Gd * D * sizeof(float);
         KVT_FORWARD(upload(g, (void **)&g->kd, in->k_decode, n));
-        KVT_FORWARD(dalloc(g, (void **)&g->pr2, rows * (size_t)g->Gd * sizeof(float)));
+        KVT_FORWARD(dalloc(g, (void **)&g->pr2, Hkv * rows * (size_t)g->Gd * sizeof(float)));
     }
-    KVT_FORWARD(dalloc(g, (void **)&g->lse, (rows > 2 ? rows : 2) * sizeof(double)));
-    KVT_FORWARD(dalloc(g, (void **)&g->norm, T * sizeof(double)));
-    KVT_FORWARD(dalloc(g, (void **)&g->mean, D * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->lse, (Hkv * rows > 2 ? Hkv * rows : 2) * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->norm, 2 * Hkv * T * sizeof(double)));
+    KVT_FORWARD(dalloc(g, (void **)&g->mean, Hkv * D * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->inv, kvt_unit_rows_cuda_work(g->T, g->D) * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->order, T * sizeof(int32_t)));
     return sync_copies(g, true, &t0);
@@ -462,71 +464,68 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
     return KVT_OK;
 }
 
-kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, const int *n_vis,
+kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_vis,
                             const int *n_vis2, double scale, float *pr2, double *lse, double *out,
                             double *rowsum, double *mass)
 {
     KVT_RETURN_IF(!g || n_q < 1 || n_q > g->rows, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: bad attention call (%d rows)", n_q);
-    const size_t T = (size_t)g->T, D = (size_t)g->D, q0 = (size_t)group * n_q; /* first row */
-    const float *q = (decode ? g->qd : g->qw) + q0 * D;
-    float *dpr = (decode ? g->prd : g->prw) + q0 * T;
-    double *dout = (decode ? g->ad : g->aw) + q0 * D;
-    const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
+    const size_t T = (size_t)g->T, D = (size_t)g->D, Hkv = (size_t)g->Hkv, nq = (size_t)n_q;
+    const size_t rows = Hkv * nq; /* every group's, group after group */
+    const float *q = decode ? g->qd : g->qw;
+    float *dpr = decode ? g->prd : g->prw;
+    double *dout = decode ? g->ad : g->aw;
     bool extra = decode && g->extra;
-    const float *Kd = extra ? g->kd + (size_t)group * g->Gd * D : NULL;
     uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
-    KVT_FORWARD(kern_nomem(kvt_attn_probs_cuda(q, n_q, g->D, K, g->T, n_vis, Kd, extra ? g->Gd : 0,
-                                               extra ? n_vis2 : NULL, scale, dpr,
-                                               extra ? g->pr2 : NULL, g->lse, (void *)g->st)));
-    KVT_FORWARD(
-        kern_nomem(kvt_attn_output_cuda(dpr, n_q, g->T, T, V, g->D, dout, D, (void *)g->st)));
-    double *drs = (decode ? g->rsd : g->rsw) + q0;
-    double *dmass = !decode && g->mod ? g->mm + q0 * KVT_NM : NULL;
-    KVT_FORWARD(
-        kvt_row_mass_cuda(dpr, n_q, g->T, T, dmass ? g->mod : NULL, drs, dmass, (void *)g->st));
+    KVT_FORWARD(kern_nomem(kvt_attn_probs_batch_cuda(
+        q, n_q, g->D, g->k, g->T, n_vis, extra ? g->kd : NULL, extra ? g->Gd : 0,
+        extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL, g->lse, g->Hkv, (void *)g->st)));
+    KVT_FORWARD(kern_nomem(
+        kvt_attn_output_batch_cuda(dpr, n_q, g->T, T, g->v, g->D, dout, D, g->Hkv, (void *)g->st)));
+    double *drs = decode ? g->rsd : g->rsw;
+    double *dmass = !decode && g->mod ? g->mm : NULL;
+    KVT_FORWARD(kvt_row_mass_cuda(dpr, (int)rows, g->T, T, dmass ? g->mod : NULL, drs, dmass,
+                                  (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
     /* at least: Q, K, V read once, P written and read back, the outputs written */
     size_t nx = extra ? (size_t)g->Gd : 0;
     PROF(g, gpu_attn_ns, ns);
     PROF(g, gpu_attn_bytes,
-         ((size_t)n_q * D + 2 * (T + nx) * D + 2 * (size_t)n_q * (T + nx)) * sizeof(float) +
-             (size_t)n_q * (D + 1) * sizeof(double));
-    PROF(g, gpu_attn_flop, 4 * (uint64_t)n_q * (T + nx) * D);
+         Hkv * ((nq * D + 2 * (T + nx) * D + 2 * nq * (T + nx)) * sizeof(float) +
+                nq * (D + 1) * sizeof(double)));
+    PROF(g, gpu_attn_flop, 4 * (uint64_t)rows * (T + nx) * D);
     if (extra && pr2)
-        KVT_FORWARD(download(g, pr2, g->pr2, (size_t)n_q * g->Gd * sizeof(float)));
-    KVT_FORWARD(download(g, lse, g->lse, (size_t)n_q * sizeof(double)));
-    KVT_FORWARD(download(g, out, dout, (size_t)n_q * D * sizeof(double)));
-    KVT_FORWARD(download(g, rowsum, drs, (size_t)n_q * sizeof(double)));
+        KVT_FORWARD(download(g, pr2, g->pr2, rows * g->Gd * sizeof(float)));
+    KVT_FORWARD(download(g, lse, g->lse, rows * sizeof(double)));
+    KVT_FORWARD(download(g, out, dout, rows * D * sizeof(double)));
+    KVT_FORWARD(download(g, rowsum, drs, rows * sizeof(double)));
     if (dmass && mass)
-        KVT_FORWARD(download(g, mass, dmass, (size_t)n_q * KVT_NM * sizeof(double)));
+        KVT_FORWARD(download(g, mass, dmass, rows * KVT_NM * sizeof(double)));
     return sync_copies(g, false, &t1);
 }
 
-kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, double *kmean)
+kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, double *knorm, double *vnorm, double *kmean)
 {
     KVT_RETURN_IF(!g, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
-    const size_t T = (size_t)g->T, D = (size_t)g->D;
-    const float *K = g->k + (size_t)group * T * D, *V = g->v + (size_t)group * T * D;
-    double *vn = g->inv; /* V's norms before unit_rows uses it as its workspace */
-    uint64_t t1 = 0, t3 = 0, ns = 0;
+    const size_t T = (size_t)g->T, D = (size_t)g->D, Hkv = (size_t)g->Hkv;
+    double *kn = g->norm, *vn = g->norm + Hkv * T;
+    uint64_t t1 = 0, ns = 0;
     KVT_FORWARD(kern_begin(g));
-    KVT_FORWARD(kvt_row_norms_cuda(K, g->T, g->D, g->norm, (void *)g->st));
-    KVT_FORWARD(kvt_row_norms_cuda(V, g->T, g->D, vn, (void *)g->st));
+    /* every KV head's rows at once: the norms are per row */
+    KVT_FORWARD(kvt_row_norms_cuda(g->k, (int)(Hkv * T), g->D, kn, (void *)g->st));
+    KVT_FORWARD(kvt_row_norms_cuda(g->v, (int)(Hkv * T), g->D, vn, (void *)g->st));
+    for (size_t h = 0; h < Hkv; h++) /* unit keys and their mean, one head at a time */
+        KVT_FORWARD(kvt_unit_rows_cuda(g->k + h * T * D, g->T, g->D, g->ku + h * T * D,
+                                       g->mean + h * D, g->inv, (void *)g->st));
     KVT_FORWARD(kern_end(g, &ns, &t1));
-    KVT_FORWARD(download(g, knorm, g->norm, T * sizeof(double)));
-    KVT_FORWARD(download(g, vnorm, vn, T * sizeof(double)));
-    KVT_FORWARD(sync_copies(g, false, &t1));
-    float *dku = g->ku + (size_t)group * T * D;
-    KVT_FORWARD(kern_begin(g));
-    KVT_FORWARD(kvt_unit_rows_cuda(K, g->T, g->D, dku, g->mean, g->inv, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t3));
     /* at least: K and V read for the norms, K read and the unit keys written */
     PROF(g, gpu_norm_ns, ns);
-    PROF(g, gpu_norm_bytes, 4 * T * D * sizeof(float) + (3 * T + D) * sizeof(double));
-    KVT_FORWARD(download(g, kmean, g->mean, D * sizeof(double)));
-    return sync_copies(g, false, &t3);
+    PROF(g, gpu_norm_bytes, Hkv * (4 * T * D * sizeof(float) + (3 * T + D) * sizeof(double)));
+    KVT_FORWARD(download(g, knorm, kn, Hkv * T * sizeof(double)));
+    KVT_FORWARD(download(g, vnorm, vn, Hkv * T * sizeof(double)));
+    KVT_FORWARD(download(g, kmean, g->mean, Hkv * D * sizeof(double)));
+    return sync_copies(g, false, &t1);
 }
 
 kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host)

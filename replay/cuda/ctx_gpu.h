@@ -43,21 +43,23 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
  *  are finite): the layer's check of its inputs, on the device instead of a host scan. */
 kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v);
 
-/** One KV group's attention, as kvt_attn_probs + kvt_attn_output on the host: window queries
- *  (decode false: Q_window rows of group g, keys 0..T-1 visible per n_vis) or decode queries
- *  (decode true: Q_decode rows, plus decode keys per n_vis2 when the layer has them). Host
- *  outputs: pr2 [n_q, Gd] or NULL, lse [n_q], out [n_q, D] (double), rowsum [n_q] (each
- *  probability row's sum over the prompt keys, kvt_row_mass_cuda) and, for window queries of a
- *  layer with modalities, mass [n_q, KVT_NM] (else NULL). The probabilities stay on the device
- *  (kvt_ctx_gpu_fetch). */
-kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, const int *n_vis,
+/** Every KV group's attention in one call and one round trip, as kvt_attn_probs +
+ *  kvt_attn_output on the host for each group: window queries (decode false: the n_q Q_window
+ *  rows of each group, keys 0..T-1 visible per n_vis) or decode queries (decode true: Q_decode
+ *  rows, plus decode keys per n_vis2 when the layer has them); n_vis, n_vis2 [n_q] the same for
+ *  every group. Host outputs, group after group (Hkv n_q rows): pr2 [rows, Gd] or NULL, lse
+ *  [rows], out [rows, D] (double), rowsum [rows] (each probability row's sum over the prompt
+ *  keys, kvt_row_mass_cuda) and, for window queries of a layer with modalities, mass [rows,
+ *  KVT_NM] (else NULL). The probabilities stay on the device (kvt_ctx_gpu_fetch). A
+ *  non-finite logit is reported for the first group that has one. */
+kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_vis,
                             const int *n_vis2, double scale, float *pr2, double *lse, double *out,
                             double *rowsum, double *mass);
 
-/** KV head `group`: knorm, vnorm [T], kmean [D] (host), as kvt_row_norms and kvt_unit_rows;
- *  the unit keys stay on the device (kvt_ctx_gpu_fetch). */
-kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm,
-                             double *kmean);
+/** Every KV head's knorm, vnorm [Hkv, T], kmean [Hkv, D] (host) in one round trip, as
+ *  kvt_row_norms and kvt_unit_rows per head; the unit keys stay on the device
+ *  (kvt_ctx_gpu_fetch). */
+kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, double *knorm, double *vnorm, double *kmean);
 
 /** The large arrays the device keeps, for a host reader: the whole of one into host memory. */
 typedef enum { KVT_GPU_PRW, KVT_GPU_PRD, KVT_GPU_KU } kvt_gpu_array;

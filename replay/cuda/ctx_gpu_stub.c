@@ -43,18 +43,18 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
-kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int group, int n_q, const int *n_vis,
+kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_vis,
                             const int *n_vis2, double scale, float *pr2, double *lse, double *out,
                             double *rowsum, double *mass)
 {
-    (void)g, (void)decode, (void)group, (void)n_q, (void)n_vis, (void)n_vis2, (void)scale;
+    (void)g, (void)decode, (void)n_q, (void)n_vis, (void)n_vis2, (void)scale;
     (void)pr2, (void)lse, (void)out, (void)rowsum, (void)mass;
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
-kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, int group, double *knorm, double *vnorm, double *kmean)
+kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, double *knorm, double *vnorm, double *kmean)
 {
-    (void)g, (void)group, (void)knorm, (void)vnorm, (void)kmean;
+    (void)g, (void)knorm, (void)vnorm, (void)kmean;
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 

@@ -164,6 +164,86 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
     free(qb), free(la), free(lb), free(oa), free(ob), free(work);
 }
 
+/* nb batches in one call (the replay's KV groups at once): each batch bit for bit the call of
+ * its own, the first batch's non-finite logit the one reported, and batches of 32 rows of
+ * logits at a time (the smallest buffer) the same bits again */
+static void test_attn_batch(int n_q, int T, int D, int n2, int nb, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    const size_t nqd = (size_t)n_q * D, nkd = (size_t)T * D, n2d = (size_t)n2 * D;
+    const size_t np = (size_t)n_q * T, np2 = (size_t)n_q * n2, no = (size_t)n_q * D;
+    float *q = malloc(nb * nqd * 4 + 4), *k = malloc(nb * nkd * 4 + 4);
+    float *k2 = malloc(nb * n2d * 4 + 4), *v = malloc(nb * nkd * 4 + 4);
+    kt_fill(&r, q, nb * nqd, 2.0f), kt_fill(&r, k, nb * nkd, 2.0f);
+    kt_fill(&r, k2, nb * n2d, 2.0f), kt_fill(&r, v, nb * nkd, 1.0f);
+    int *vis = malloc((size_t)n_q * sizeof(int)), *vis2 = malloc((size_t)n_q * sizeof(int));
+    for (int i = 0; i < n_q; i++) {
+        vis[i] = T - n_q + i + 1 > 1 ? T - n_q + i + 1 : 1;
+        vis2[i] = n2 ? i % (n2 + 1) : 0;
+    }
+    const double scale = 1.0 / sqrt((double)D);
+    float *dq = to_dev(q, nb * nqd * 4), *dk = to_dev(k, nb * nkd * 4);
+    float *dk2 = to_dev(k2, nb * n2d * 4 + 4), *dv = to_dev(v, nb * nkd * 4);
+    float *dp = out_dev(nb * np * 4), *dp2 = out_dev(nb * np2 * 4 + 4);
+    double *dl = out_dev(nb * (size_t)n_q * 8), *dout = out_dev(nb * no * 8);
+    float *pa = malloc(nb * np * 4 + 4), *pb = malloc(nb * np * 4 + 4);
+    float *qa = malloc(nb * np2 * 4 + 4), *qb = malloc(nb * np2 * 4 + 4);
+    double *la = malloc(nb * (size_t)n_q * 8), *lb = malloc(nb * (size_t)n_q * 8);
+    double *oa = malloc(nb * no * 8), *ob = malloc(nb * no * 8);
+    float *kk2 = n2 ? dk2 : NULL, *pp2 = n2 ? dp2 : NULL;
+    for (int b = 0; b < nb; b++) { /* one call each */
+        KVT_CHECK(kvt_attn_probs_cuda(dq + b * nqd, n_q, D, dk + b * nkd, T, vis,
+                                      n2 ? kk2 + b * n2d : NULL, n2, vis2, scale, dp + b * np,
+                                      n2 ? pp2 + b * np2 : NULL, dl + (size_t)b * n_q, NULL));
+        KVT_CHECK(
+            kvt_attn_output_cuda(dp + b * np, n_q, T, T, dv + b * nkd, D, dout + b * no, D, NULL));
+    }
+    from_dev(pa, dp, nb * np * 4, "probs"), from_dev(qa, dp2, nb * np2 * 4, "probs2");
+    from_dev(la, dl, nb * (size_t)n_q * 8, "lse"), from_dev(oa, dout, nb * no * 8, "outputs");
+    for (int zb = 0; zb < 2; zb++) { /* the default logit buffer, then 32 rows at a time */
+        kvt_attn_cuda_set_zbuf_bytes(zb ? 1 : 0);
+        KVT_EXPECT(cudaMemset(dp, 0, nb * np * 4) == cudaSuccess);
+        KVT_EXPECT(cudaMemset(dout, 0, nb * no * 8) == cudaSuccess);
+        KVT_CHECK(kvt_attn_probs_batch_cuda(dq, n_q, D, dk, T, vis, kk2, n2, vis2, scale, dp, pp2,
+                                            dl, nb, NULL));
+        KVT_CHECK(kvt_attn_output_batch_cuda(dp, n_q, T, T, dv, D, dout, D, nb, NULL));
+        from_dev(pb, dp, nb * np * 4, "probs"), from_dev(qb, dp2, nb * np2 * 4, "probs2");
+        from_dev(lb, dl, nb * (size_t)n_q * 8, "lse"), from_dev(ob, dout, nb * no * 8, "outputs");
+        KVT_EXPECT_MSG(!memcmp(pa, pb, nb * np * 4) && !memcmp(qa, qb, nb * np2 * 4) &&
+                           !memcmp(la, lb, nb * (size_t)n_q * 8) && !memcmp(oa, ob, nb * no * 8),
+                       "batch of %d differs from its calls: n_q=%d T=%d D=%d n2=%d zbuf %d", nb,
+                       n_q, T, D, n2, zb);
+    }
+    kvt_attn_cuda_set_zbuf_bytes(0);
+    /* a NaN key in the last batch, then another in the second: the second's is the one
+       reported, with its own call's message */
+    if (nb >= 3 && T > 1) {
+        char want[256] = "";
+        for (int pass = 0; pass < 2; pass++) {
+            const int b = pass ? 1 : nb - 1;
+            k[b * nkd + (size_t)(T / 2 - pass) * D + 1] = NAN; /* another key: another message */
+            KVT_EXPECT(cudaMemcpy(dk, k, nb * nkd * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+            KVT_EXPECT_STATUS(kvt_attn_probs_cuda(dq + b * nqd, n_q, D, dk + b * nkd, T, vis,
+                                                  n2 ? kk2 + b * n2d : NULL, n2, vis2, scale, dp,
+                                                  pp2, dl, NULL),
+                              KVT_ERR_NAN);
+            snprintf(want, sizeof(want), "%s", kvt_error_msg());
+            KVT_EXPECT_STATUS(kvt_attn_probs_batch_cuda(dq, n_q, D, dk, T, vis, kk2, n2, vis2,
+                                                        scale, dp, pp2, dl, nb, NULL),
+                              KVT_ERR_NAN);
+            KVT_EXPECT_MSG(!strcmp(kvt_error_msg(), want), "%s vs %s", kvt_error_msg(), want);
+        }
+    }
+    KVT_EXPECT_STATUS(kvt_attn_probs_batch_cuda(dq, n_q, D, dk, T, vis, kk2, n2, vis2, scale, dp,
+                                                pp2, dl, 0, NULL),
+                      KVT_ERR_INVALID_ARG);
+    cudaFree(dq), cudaFree(dk), cudaFree(dk2), cudaFree(dv), cudaFree(dp), cudaFree(dp2);
+    cudaFree(dl), cudaFree(dout);
+    free(q), free(k), free(k2), free(v), free(vis), free(vis2), free(pa), free(pb), free(qa);
+    free(qb), free(la), free(lb), free(oa), free(ob);
+}
+
 /* rfull: the rows' stored masses given (as the replay gives them), else summed by the kernel */
 static void test_sweep_rf(int n_q, int T, int D, bool with_mod, bool extra, bool rfull,
                           uint64_t seed)
@@ -655,6 +735,11 @@ int main(void)
     /* the output sweep keeps 1, 2 or 4 dimensions per thread by D: the other two */
     test_sweep(9, 600, 200, true, true, 61);
     test_sweep(5, 1030, 320, false, true, 62);
+    /* the KV groups of a layer at once: batches of rows past a tile, a second key block, decode
+       keys; one of 5 rows */
+    test_attn_batch(40, 1100, 128, 0, 3, 65);
+    test_attn_batch(70, 700, 64, 5, 4, 66);
+    test_attn_batch(5, 300, 80, 3, 2, 67);
     /* the attention outputs likewise (and the logits' tiles over D in several chunks) */
     test_attn(20, 1300, 200, 3, 63);
     test_attn(9, 400, 320, 0, 64);
