@@ -64,7 +64,9 @@ typedef struct sweep_args {
 /* One block per (SW_ROWS queries, chunk): the chunk's sums of p_j v_j, p_j and p_j by
  * modality. The chunk's indices, probabilities (converted to double once, as they are staged)
  * and modalities are staged in shared memory SW_THREADS at a time; each thread then loads the V
- * values of 16 / PER tokens before adding them, so that several rows are in flight at once. */
+ * values of 16 / PER tokens before adding them, so that several rows are in flight at once.
+ * Only the first warp sums the masses (every thread summed them, a third of the block's f64
+ * additions at D = 128, for thread 0 to store them). */
 template <int PER> static __global__ void sweep_part_k(sweep_args a)
 {
     constexpr int SW_UNROLL = SW_LOADS / PER; /* V rows loaded ahead */
@@ -73,6 +75,7 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
     __shared__ uint8_t m_sh[SW_THREADS];
     const int q0 = blockIdx.x * SW_ROWS, k = blockIdx.y, tid = threadIdx.x, D = a.D;
     const int nr = a.n_q - q0 < SW_ROWS ? a.n_q - q0 : SW_ROWS; /* rows of this block */
+    const bool masses = tid < 32; /* the first warp sums the masses (thread 0 stores them) */
     const int lo = a.cs[k], cnt = a.ce[k] - lo;
     double acc[SW_ROWS][PER], r[SW_ROWS], rm[SW_ROWS][NM];
 #pragma unroll
@@ -120,6 +123,8 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
                         continue;
                     for (int kk = 0; kk < PER; kk++)
                         acc[rr][kk] = __dadd_rn(acc[rr][kk], __dmul_rn(pj, (double)x[w][kk]));
+                    if (!masses) /* warp-uniform */
+                        continue;
                     r[rr] = __dadd_rn(r[rr], pj);
                     if (a.mod) { /* compile-time indices keep rm in registers */
                         const int m = m_sh[u + w] < NM ? m_sh[u + w] : NM - 1;
@@ -142,7 +147,7 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
             if (d < D)
                 a.pacc[o * D + d] = acc[rr][kk];
         }
-        if (tid == 0) { /* every thread holds the same masses */
+        if (tid == 0) { /* the first warp's threads hold the masses */
             a.pr[o] = r[rr];
             for (int m = 0; m < NM; m++)
                 a.prm[o * NM + m] = rm[rr][m];
