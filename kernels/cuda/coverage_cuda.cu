@@ -156,28 +156,38 @@ extern "C" kvt_status kvt_coverage_best_cuda_ws(const float *ct, int T, int n_pr
     KVT_RETURN_IF(!work || work_bytes < kvt_sweep_cuda_work_bytes(T, n_cut, n_probe),
                   KVT_ERR_INVALID_ARG, "coverage_cuda: workspace of %zu bytes is too small",
                   work_bytes);
-    /* the chunks: each cut's new positions [cuts[c-1], cuts[c]) in pieces of KVT_CB_CHUNK */
+    /* the chunks: each cut's new positions [cuts[c-1], cuts[c]) in pieces of KVT_CB_CHUNK;
+       cf[c]: cut c's first chunk, cf[n_cut] their count. Built on the device from the cuts
+       (kvt_cu_chunk_table: all cuts forward, the cuts' ends one place on), or for more than
+       KVT_CU_PCUTS cuts here and copied */
     size_t max_chunk = (size_t)n_cut + (size_t)T / KVT_CB_CHUNK + 1;
-    int32_t *tab = (int32_t *)malloc((2 * max_chunk + (size_t)n_cut + 1) * sizeof(int32_t));
-    KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
-    int32_t *cs = tab, *ce = tab + max_chunk, *cf = tab + 2 * max_chunk;
-    int n_chunk = 0;
-    for (int c = 0; c < n_cut; c++) {
-        cf[c] = n_chunk;
-        for (int32_t lo = c ? cuts[c - 1] : 0; lo < cuts[c]; lo += KVT_CB_CHUNK) {
-            cs[n_chunk] = lo;
-            ce[n_chunk] = cuts[c] - lo < KVT_CB_CHUNK ? cuts[c] : lo + KVT_CB_CHUNK;
-            n_chunk++;
-        }
-    }
-    cf[n_cut] = n_chunk;
     size_t ints = 2 * max_chunk + (size_t)n_cut + 1;
     int32_t *dtab = (int32_t *)work;
     float *segv = (float *)((char *)work + ((ints * sizeof(int32_t) + 15) / 16) * 16);
     int32_t *segt = (int32_t *)(segv + max_chunk * (size_t)n_probe);
     cudaStream_t st = kvt_cu_stream(stream);
-    cudaError_t e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
-    free(tab); /* a pageable source is staged before the call returns */
+    int n_chunk = 0, n_fwd_chunk = 0;
+    cudaError_t e;
+    if (n_cut <= KVT_CU_PCUTS) {
+        n_chunk = kvt_cu_chunk_count(cuts, n_cut, n_cut, T, KVT_CB_CHUNK, &n_fwd_chunk);
+        e = kvt_cu_chunk_table(cuts, n_cut, n_cut, T, KVT_CB_CHUNK, dtab, dtab + max_chunk,
+                               dtab + 2 * max_chunk + 1, NULL, dtab + 2 * max_chunk, st);
+    } else {
+        int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
+        KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
+        int32_t *cs = tab, *ce = tab + max_chunk, *cf = tab + 2 * max_chunk;
+        for (int c = 0; c < n_cut; c++) {
+            cf[c] = n_chunk;
+            for (int32_t lo = c ? cuts[c - 1] : 0; lo < cuts[c]; lo += KVT_CB_CHUNK) {
+                cs[n_chunk] = lo;
+                ce[n_chunk] = cuts[c] - lo < KVT_CB_CHUNK ? cuts[c] : lo + KVT_CB_CHUNK;
+                n_chunk++;
+            }
+        }
+        cf[n_cut] = n_chunk;
+        e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
+        free(tab); /* a pageable source is staged before the call returns */
+    }
     KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "coverage_cuda: %s", cudaGetErrorString(e));
     if (n_chunk > 0) {
         KVT_RETURN_IF(n_chunk > 65535, KVT_ERR_UNSUPPORTED, "coverage_cuda: %d chunks", n_chunk);

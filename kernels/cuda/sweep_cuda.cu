@@ -291,13 +291,80 @@ static size_t chunk_table_bytes(int T, int n_cut, bool with_cuts)
            16 * 16;
 }
 
-/* sweep_chunks' table (the cuts of index < n_fwd walked forward) copied into work on the
- * stream; *n_chunk, *n_chunk_fwd: all the chunks, the forward ones */
+typedef struct kvt_cu_cuts {
+    int32_t c[KVT_CU_PCUTS];
+} kvt_cu_cuts;
+
+static __global__ void kvt_cu_chunk_table_k(kvt_cu_cuts cp, int n_cut, int n_fwd, int T, int chunk,
+                                            int32_t *cs, int32_t *ce, int32_t *cend,
+                                            int32_t *cuts_out, int32_t *zero_at)
+{
+    __shared__ int32_t first[KVT_CU_PCUTS]; /* each cut's first chunk in the table */
+    const int32_t *cuts = cp.c;
+    if (threadIdx.x == 0) {
+        int n = 0;
+        for (int ci = 0; ci < n_fwd; ci++) {
+            first[ci] = n;
+            n += (cuts[ci] - (ci ? cuts[ci - 1] : 0) + chunk - 1) / chunk;
+            cend[ci] = n;
+        }
+        for (int ci = n_cut - 1; ci >= n_fwd; ci--) {
+            first[ci] = n;
+            n += ((ci + 1 < n_cut ? cuts[ci + 1] : T) - cuts[ci] + chunk - 1) / chunk;
+            cend[ci] = n;
+        }
+        if (zero_at)
+            *zero_at = 0;
+    }
+    __syncthreads();
+    for (int ci = 0; ci < n_cut; ci++) {
+        const bool fwd = ci < n_fwd;
+        const int32_t lo = fwd ? (ci ? cuts[ci - 1] : 0) : cuts[ci];
+        const int32_t hi = fwd ? cuts[ci] : (ci + 1 < n_cut ? cuts[ci + 1] : T);
+        const int nch = (hi - lo + chunk - 1) / chunk;
+        for (int k = threadIdx.x; k < nch; k += blockDim.x) {
+            int32_t b, e;
+            if (fwd)
+                b = lo + k * chunk, e = hi - b < chunk ? hi : b + chunk;
+            else
+                e = hi - k * chunk, b = e - lo < chunk ? lo : e - chunk;
+            cs[first[ci] + k] = b;
+            ce[first[ci] + k] = e;
+        }
+        if (cuts_out && threadIdx.x == 0)
+            cuts_out[ci] = cuts[ci];
+    }
+}
+
+cudaError_t kvt_cu_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T, int chunk,
+                               int32_t *cs, int32_t *ce, int32_t *cend, int32_t *cuts_out,
+                               int32_t *zero_at, cudaStream_t st)
+{
+    kvt_cu_cuts cp;
+    memset(&cp, 0, sizeof(cp));
+    memcpy(cp.c, cuts, (size_t)n_cut * sizeof(int32_t));
+    kvt_cu_chunk_table_k<<<1, 128, 0, st>>>(cp, n_cut, n_fwd, T, chunk, cs, ce, cend, cuts_out,
+                                            zero_at);
+    return cudaGetLastError();
+}
+
+/* sweep_chunks' table (the cuts of index < n_fwd walked forward) into work on the stream: built
+ * there from the cuts (kvt_cu_chunk_table), or for more than KVT_CU_PCUTS cuts built here and
+ * copied; *n_chunk, *n_chunk_fwd: all the chunks, the forward ones */
 static kvt_status put_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T, bool with_cuts,
                                   void *work, cudaStream_t st, const char *who, int *n_chunk,
                                   int *n_chunk_fwd)
 {
     const size_t mc = sweep_max_chunks(T, n_cut);
+    if (n_cut <= KVT_CU_PCUTS) {
+        int32_t *tab = (int32_t *)work;
+        *n_chunk = kvt_cu_chunk_count(cuts, n_cut, n_fwd, T, SW_CHUNK, n_chunk_fwd);
+        cudaError_t e =
+            kvt_cu_chunk_table(cuts, n_cut, n_fwd, T, SW_CHUNK, tab, tab + mc, tab + 2 * mc,
+                               with_cuts ? tab + 2 * mc + n_cut : NULL, NULL, st);
+        KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA, "%s: %s", who, cudaGetErrorString(e));
+        return KVT_OK;
+    }
     const size_t ints = 2 * mc + (size_t)n_cut * (with_cuts ? 2 : 1);
     int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
     KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");

@@ -627,6 +627,75 @@ static void test_row_mass(int n, int T, bool with_mod, uint64_t seed)
     free(p), free(mod), free(sa), free(sb), free(ma), free(mb);
 }
 
+/* Many cuts: up to KVT_CU_PCUTS (128) the sweeps' chunk tables are built on the device, beyond
+ * it on the host and copied; either way the output sweep (forward and backward cuts), the
+ * coverage bests and the redundancy agree with the references as with a few cuts. */
+static void test_many_cuts(int T, int n_cut, uint64_t seed)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, seed);
+    const int n_q = 3, D = 64, P = 16;
+    int32_t *cuts = malloc((size_t)n_cut * 4);
+    for (int c = 0; c < n_cut; c++) /* 1 .. T, strictly increasing */
+        cuts[c] = (int32_t)((int64_t)(c + 1) * T / n_cut);
+    kt_sweep S;
+    kt_sweep_make(&S, &r, n_q, T, D);
+    size_t nr = (size_t)n_q * n_cut;
+    double *ra = malloc(nr * 8), *ea = malloc(nr * 8), *rb = malloc(nr * 8), *eb = malloc(nr * 8);
+    void *wa = malloc(kvt_sweep_output_workspace_bytes(n_q, D));
+    KVT_CHECK(kvt_sweep_output_ref(n_q, T, D, S.p, T, S.v, S.a, D, NULL, 1, NULL, NULL, S.order,
+                                   cuts, n_cut, NULL, NULL, 0, ra, ea, NULL, wa));
+    float *dp = to_dev(S.p, (size_t)n_q * T * 4), *dv = to_dev(S.v, (size_t)T * D * 4);
+    double *da = to_dev(S.a, (size_t)n_q * D * 8), *dr = out_dev(nr * 8), *de = out_dev(nr * 8);
+    int32_t *dord = to_dev(S.order, (size_t)T * 4);
+    KVT_CHECK(kvt_sweep_output_cuda(n_q, T, D, dp, T, dv, da, D, NULL, 1, NULL, NULL, dord, cuts,
+                                    n_cut, NULL, NULL, 0, dr, de, NULL, NULL));
+    from_dev(rb, dr, nr * 8, "recall"), from_dev(eb, de, nr * 8, "err");
+    KVT_EXPECT_MSG(cmp64("recall", ra, rb, nr, 1e-14, 1e-12) == 0 &&
+                       cmp64("err", ea, eb, nr, 1e-12, 1e-9) == 0,
+                   "output sweep with %d cuts, T=%d", n_cut, T);
+    /* coverage bests on a random table: bitwise the reference's scan */
+    float *ct = malloc((size_t)T * P * 4), *best = malloc((size_t)n_cut * P * 4);
+    kt_fill(&r, ct, (size_t)T * P, 1.0f);
+    float *dct = to_dev(ct, (size_t)T * P * 4), *dbest = out_dev((size_t)n_cut * P * 4);
+    KVT_CHECK(kvt_coverage_best_cuda(dct, T, P, dord, cuts, n_cut, dbest, NULL));
+    from_dev(best, dbest, (size_t)n_cut * P * 4, "coverage_best");
+    int bad = 0;
+    for (int i = 0; i < P; i++) {
+        float b = -INFINITY;
+        for (int t = 0, c = 0; c < n_cut; t++) {
+            for (; c < n_cut && cuts[c] == t; c++)
+                bad += memcmp(&best[(size_t)c * P + i], &b, 4) != 0;
+            if (t < T) {
+                float v = ct[(size_t)S.order[t] * P + i];
+                b = v > b ? v : b;
+            }
+        }
+    }
+    KVT_EXPECT_MSG(bad == 0, "coverage bests with %d cuts, T=%d: %d differ", n_cut, T, bad);
+    /* redundancy of the kept unit keys */
+    float *ku = unit_keys(&r, T, D);
+    double *rka = malloc((size_t)n_cut * 8), *rkb = malloc((size_t)n_cut * 8);
+    double *w = malloc((size_t)D * 8);
+    KVT_CHECK(kvt_sweep_redundancy_ref(ku, T, D, S.order, cuts, n_cut, w, rka));
+    float *dku = to_dev(ku, (size_t)T * D * 4);
+    double *drk = out_dev((size_t)n_cut * 8);
+    const size_t wb = kvt_sweep_redundancy_cuda_work_bytes(T, D, n_cut);
+    void *dw = out_dev(wb);
+    KVT_CHECK(kvt_sweep_redundancy_cuda_ws(dku, T, D, dord, cuts, n_cut, drk, dw, wb, NULL));
+    from_dev(rkb, drk, (size_t)n_cut * 8, "redundancy");
+    bad = 0;
+    for (int c = 0; c < n_cut; c++)
+        bad +=
+            isnan(rka[c]) != isnan(rkb[c]) || (!isnan(rka[c]) && !(fabs(rka[c] - rkb[c]) <= 1e-12));
+    KVT_EXPECT_MSG(bad == 0, "redundancy with %d cuts, T=%d: %d cuts off", n_cut, T, bad);
+    cudaFree(dp), cudaFree(dv), cudaFree(da), cudaFree(dr), cudaFree(de), cudaFree(dord);
+    cudaFree(dct), cudaFree(dbest), cudaFree(dku), cudaFree(drk), cudaFree(dw);
+    kt_sweep_free(&S);
+    free(cuts), free(ra), free(ea), free(rb), free(eb), free(wa), free(ct), free(best), free(ku);
+    free(rka), free(rkb), free(w);
+}
+
 /* the redundancy sweep: bitwise the reference at every cut (NaN below 2 kept keys), cuts
  * 0, 1 and T, chunks of 128 ranked rows and a partial last one */
 static void test_redundancy(int T, int D, uint64_t seed)
@@ -735,6 +804,9 @@ int main(void)
     /* the output sweep keeps 1, 2 or 4 dimensions per thread by D: the other two */
     test_sweep(9, 600, 200, true, true, 61);
     test_sweep(5, 1030, 320, false, true, 62);
+    /* the sweeps' chunk tables built on the device (up to 128 cuts) and on the host (more) */
+    test_many_cuts(1000, 128, 68);
+    test_many_cuts(1000, 200, 69);
     /* the KV groups of a layer at once: batches of rows past a tile, a second key block, decode
        keys; one of 5 rows */
     test_attn_batch(40, 1100, 128, 0, 3, 65);
