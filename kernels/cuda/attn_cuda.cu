@@ -223,6 +223,21 @@ static int zbuf_rows(int n_q, int n_all, int n_batch)
     return (int)(r < all ? r : all);
 }
 
+/* batches per launch: as many as fit the same buffer size at `each` bytes a batch, at least one
+ * (so that batching the groups never makes a workspace larger than one group's at its least) */
+static int sub_batches(size_t each, int n_batch)
+{
+    size_t k = zbuf_bytes / (each ? each : 1);
+    if (k < 1)
+        k = 1;
+    return k < (size_t)n_batch ? (int)k : n_batch;
+}
+
+static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, int T,
+                              const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                              double scale, float *pr, float *pr2, double *lse, int n_batch, int R,
+                              void *stream);
+
 extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, int T,
                                           const int *n_vis, const float *k2, int n2,
                                           const int *n_vis2, double scale, float *pr, float *pr2,
@@ -245,6 +260,27 @@ extern "C" kvt_status kvt_attn_probs_batch_cuda(const float *q, int n_q, int D, 
         n2 = 0;
     if (n_q == 0)
         return KVT_OK;
+    /* as many batches per launch as fit the logit buffer at one tile of rows each; the first
+       launch with a non-finite logit reports it, so batches are still reported in order */
+    const size_t n_all = (size_t)T + n2, nq = (size_t)n_q;
+    const int nbs = sub_batches(KVT_TILE_ROWS * n_all * sizeof(double), n_batch);
+    const int R = zbuf_rows(n_q, (int)n_all, nbs);
+    for (int b0 = 0; b0 < n_batch; b0 += nbs) {
+        const size_t b = (size_t)b0;
+        KVT_FORWARD(probs_batch(q + b * nq * D, n_q, D, k + b * T * D, T, n_vis,
+                                k2 ? k2 + b * n2 * D : NULL, n2, n_vis2, scale, pr + b * nq * T,
+                                pr2 ? pr2 + b * nq * n2 : NULL, lse ? lse + b * nq : NULL,
+                                n_batch - b0 < nbs ? n_batch - b0 : nbs, R, stream));
+    }
+    return KVT_OK;
+}
+
+/* kvt_attn_probs_batch_cuda for n_batch batches in one launch, R rows of logits at a time */
+static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, int T,
+                              const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                              double scale, float *pr, float *pr2, double *lse, int n_batch, int R,
+                              void *stream)
+{
     /* visible prefixes clamped as the reference clamps them; a query must see a key */
     int *vis = (int *)malloc((size_t)n_q * 2 * sizeof(int));
     KVT_RETURN_IF(!vis, KVT_ERR_NOMEM, "attn_probs_cuda: out of memory");
@@ -258,8 +294,7 @@ extern "C" kvt_status kvt_attn_probs_batch_cuda(const float *q, int n_q, int D, 
         }
     }
     cudaStream_t st = kvt_cu_stream(stream);
-    const int n_all = T + n2, n_kt = (n_all + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS,
-              R = zbuf_rows(n_q, n_all, n_batch);
+    const int n_all = T + n2, n_kt = (n_all + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS;
     const size_t nb = (size_t)n_batch,
                  n_w = nb * (((size_t)n_kt + 1) * 2 * n_q + (size_t)R * n_all);
     int *dvis = NULL;
@@ -345,12 +380,15 @@ extern "C" size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D, int n_
 {
     if (n_q <= 0 || T < 0 || n2 < 0 || D <= 0 || n_batch < 1)
         return 0;
-    const size_t n_kt = ((size_t)T + n2 + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS, nb = n_batch;
+    const size_t n_all = (size_t)T + n2, n_kt = (n_all + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS;
     const size_t n_kb = ((size_t)T + OUT_KEYS - 1) / OUT_KEYS;
-    const size_t zb = (size_t)zbuf_rows(n_q, T + n2, n_batch) * ((size_t)T + n2) * sizeof(double);
+    /* the batches one launch takes (as the two calls split them) */
+    const size_t nbs = (size_t)sub_batches(KVT_TILE_ROWS * n_all * sizeof(double), n_batch);
+    const size_t nbo = (size_t)sub_batches(n_kb * n_q * D * sizeof(double), n_batch);
+    const size_t zb = (size_t)zbuf_rows(n_q, (int)n_all, (int)nbs) * n_all * sizeof(double);
     return (size_t)n_q * 2 * sizeof(int) +
-           nb * ((n_kt + 1) * 2 * n_q * sizeof(double) + zb + sizeof(unsigned long long) +
-                 n_kb * n_q * D * sizeof(double));
+           nbs * ((n_kt + 1) * 2 * n_q * sizeof(double) + zb + sizeof(unsigned long long)) +
+           nbo * n_kb * n_q * D * sizeof(double);
 }
 
 extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p,
@@ -360,6 +398,9 @@ extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_
     return kvt_attn_output_batch_cuda(p, n_q, T, stride_p, v, D, out, stride_out, 1, stream);
 }
 
+static kvt_status output_batch(const float *p, int n_q, int T, size_t stride_p, const float *v,
+                               int D, double *out, size_t stride_out, int n_batch, void *stream);
+
 extern "C" kvt_status kvt_attn_output_batch_cuda(const float *p, int n_q, int T, size_t stride_p,
                                                  const float *v, int D, double *out,
                                                  size_t stride_out, int n_batch, void *stream)
@@ -368,9 +409,25 @@ extern "C" kvt_status kvt_attn_output_batch_cuda(const float *p, int n_q, int T,
                   "attn_output_cuda: bad shape n_q=%d T=%d D=%d x %d", n_q, T, D, n_batch);
     KVT_RETURN_IF(D > OUT_THREADS * OUT_PER, KVT_ERR_UNSUPPORTED,
                   "attn_output_cuda: head dim %d > %d", D, OUT_THREADS * OUT_PER);
-    size_t n = (size_t)n_q * D, nb = (size_t)n_batch;
-    if (n == 0)
+    if ((size_t)n_q * D == 0)
         return KVT_OK;
+    /* as many batches per launch as keep the key blocks' sums within the logit buffer's size */
+    const size_t n_kb = ((size_t)T + OUT_KEYS - 1) / OUT_KEYS, nq = (size_t)n_q;
+    const int nbo = sub_batches(n_kb * nq * D * sizeof(double), n_batch);
+    for (int b0 = 0; b0 < n_batch; b0 += nbo) {
+        const size_t b = (size_t)b0;
+        KVT_FORWARD(output_batch(p + b * nq * stride_p, n_q, T, stride_p, v + b * T * D, D,
+                                 out + b * nq * stride_out, stride_out,
+                                 n_batch - b0 < nbo ? n_batch - b0 : nbo, stream));
+    }
+    return KVT_OK;
+}
+
+/* kvt_attn_output_batch_cuda for n_batch batches in one launch */
+static kvt_status output_batch(const float *p, int n_q, int T, size_t stride_p, const float *v,
+                               int D, double *out, size_t stride_out, int n_batch, void *stream)
+{
+    size_t n = (size_t)n_q * D, nb = (size_t)n_batch;
     cudaStream_t st = kvt_cu_stream(stream);
     const int n_kb = (T + OUT_KEYS - 1) / OUT_KEYS, n_rb = (n_q + OUT_ROWS - 1) / OUT_ROWS;
     /* [n_batch, n_kb, n_q, D], stream-ordered: no device-wide synchronisation */

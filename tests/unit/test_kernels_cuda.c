@@ -165,8 +165,8 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
 }
 
 /* nb batches in one call (the replay's KV groups at once): each batch bit for bit the call of
- * its own, the first batch's non-finite logit the one reported, and batches of 32 rows of
- * logits at a time (the smallest buffer) the same bits again */
+ * its own, the first batch's non-finite logit the one reported, and with the smallest buffer
+ * (a launch per batch, 32 rows of logits at a time) the same bits and the same report */
 static void test_attn_batch(int n_q, int T, int D, int n2, int nb, uint64_t seed)
 {
     kvt_rng r;
@@ -229,10 +229,14 @@ static void test_attn_batch(int n_q, int T, int D, int n2, int nb, uint64_t seed
                                                   pp2, dl, NULL),
                               KVT_ERR_NAN);
             snprintf(want, sizeof(want), "%s", kvt_error_msg());
-            KVT_EXPECT_STATUS(kvt_attn_probs_batch_cuda(dq, n_q, D, dk, T, vis, kk2, n2, vis2,
-                                                        scale, dp, pp2, dl, nb, NULL),
-                              KVT_ERR_NAN);
-            KVT_EXPECT_MSG(!strcmp(kvt_error_msg(), want), "%s vs %s", kvt_error_msg(), want);
+            for (int zb = 0; zb < 2; zb++) { /* one launch; a launch per batch */
+                kvt_attn_cuda_set_zbuf_bytes(zb ? 1 : 0);
+                KVT_EXPECT_STATUS(kvt_attn_probs_batch_cuda(dq, n_q, D, dk, T, vis, kk2, n2, vis2,
+                                                            scale, dp, pp2, dl, nb, NULL),
+                                  KVT_ERR_NAN);
+                KVT_EXPECT_MSG(!strcmp(kvt_error_msg(), want), "%s vs %s", kvt_error_msg(), want);
+            }
+            kvt_attn_cuda_set_zbuf_bytes(0);
         }
     }
     KVT_EXPECT_STATUS(kvt_attn_probs_batch_cuda(dq, n_q, D, dk, T, vis, kk2, n2, vis2, scale, dp,
