@@ -1,6 +1,7 @@
 /* cuda_util.cuh - shared by the CUDA kernels: CUDA errors as kvt_status (KVT_ERR_CUDA with the
- * call and CUDA's message), the stream cast, grid sizes, the references' dot product, tiles of
- * logits and their warp-wide max and exponential sum. Internal to kernels/cuda/.
+ * call and CUDA's message), the stream cast, grid sizes, the sweeps' chunk tables, the
+ * references' dot product, tiles of logits and their warp-wide max and exponential sum. Internal to
+ * kernels/cuda/.
  */
 #ifndef KVT_CUDA_UTIL_CUH
 #define KVT_CUDA_UTIL_CUH
@@ -31,17 +32,6 @@ static inline unsigned kvt_cu_blocks(size_t n, unsigned threads)
     return (unsigned)(b > 0x7fffffffu ? 0x7fffffffu : (b ? b : 1));
 }
 
-/* Chunk tables of the sweeps, built on the device (kvt_cu_chunk_table_k, sweep_cuda.cu) from
- * cuts passed by value (KVT_CU_PCUTS at most): a table copied from pageable host memory may make
- * the stream wait for all the work queued on it before the copy (CUDA's documented behaviour for
- * pageable staging), so that sweeps queued together would run one round trip each. The ranked
- * positions walked for each cut, in pieces of `chunk` that never straddle a cut: the cuts of index
- * < n_fwd forward from the previous cut (0 for the first), the others backward from the next cut (T
- * for the last); table order: the forward cuts' chunks in cut order, then the backward ones from
- * the last cut down. cs, ce: each chunk's positions [cs, ce) (forward chunks ascending, backward
- * ones descending from the upper end); cend[ci]: the end of cut ci's chunks in the table. Optional:
- * the cuts copied to cuts_out, *zero_at = 0 (for a table of starts, cend = starts + 1).
- * chunk_count on the host gives the counts the launches need. One block. */
 /* the number of chunks kvt_cu_chunk_table_k writes, and (*n_fwd_chunk) the forward ones */
 static inline int kvt_cu_chunk_count(const int32_t *cuts, int n_cut, int n_fwd, int T, int chunk,
                                      int *n_fwd_chunk)
@@ -55,7 +45,8 @@ static inline int kvt_cu_chunk_count(const int32_t *cuts, int n_cut, int n_fwd, 
     return n;
 }
 
-/* kvt_cu_chunk_table_k for n_cut <= KVT_CU_PCUTS cuts, on the stream (sweep_cuda.cu) */
+/* The sweeps' chunk tables built on the device from n_cut <= KVT_CU_PCUTS cuts passed by value
+ * (kvt_cu_chunk_table_k in sweep_cuda.cu, which says what the table holds), on the stream */
 #define KVT_CU_PCUTS 128
 cudaError_t kvt_cu_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T, int chunk,
                                int32_t *cs, int32_t *ce, int32_t *cend, int32_t *cuts_out,

@@ -291,6 +291,18 @@ static size_t chunk_table_bytes(int T, int n_cut, bool with_cuts)
            16 * 16;
 }
 
+/* Chunk tables of the sweeps (this file's output and redundancy sweeps, coverage_cuda.cu's
+ * bests), built on the device from cuts passed by value (KVT_CU_PCUTS at most): a table copied from
+ * pageable host memory may make the stream wait for all the work queued on it before the copy
+ * (CUDA's documented behaviour for pageable staging), so that sweeps queued together would run one
+ * round trip each. The ranked positions walked for each cut, in pieces of `chunk` that never
+ * straddle a cut: the cuts of index < n_fwd forward from the previous cut (0 for the first), the
+ * others backward from the next cut (T for the last); table order: the forward cuts' chunks in cut
+ * order, then the backward ones from the last cut down. cs, ce: each chunk's positions [cs, ce)
+ * (forward chunks ascending, backward ones descending from the upper end); cend[ci]: the end of cut
+ * ci's chunks in the table. Optional: the cuts copied to cuts_out, *zero_at = 0 (for a table of
+ * starts, cend = starts + 1). kvt_cu_chunk_count (cuda_util.cuh) gives the host the counts its
+ * launches need. One block. */
 typedef struct kvt_cu_cuts {
     int32_t c[KVT_CU_PCUTS];
 } kvt_cu_cuts;
