@@ -233,10 +233,9 @@ static int sub_batches(size_t each, int n_batch)
     return k < (size_t)n_batch ? (int)k : n_batch;
 }
 
-static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, int T,
-                              const int *n_vis, const float *k2, int n2, const int *n_vis2,
-                              double scale, float *pr, float *pr2, double *lse, int n_batch, int R,
-                              void *stream);
+static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, int T, const int *vis,
+                              const float *k2, int n2, double scale, float *pr, float *pr2,
+                              double *lse, int n_batch, int R, void *stream);
 
 extern "C" kvt_status kvt_attn_probs_cuda(const float *q, int n_q, int D, const float *k, int T,
                                           const int *n_vis, const float *k2, int n2,
@@ -260,27 +259,6 @@ extern "C" kvt_status kvt_attn_probs_batch_cuda(const float *q, int n_q, int D, 
         n2 = 0;
     if (n_q == 0)
         return KVT_OK;
-    /* as many batches per launch as fit the logit buffer at one tile of rows each; the first
-       launch with a non-finite logit reports it, so batches are still reported in order */
-    const size_t n_all = (size_t)T + n2, nq = (size_t)n_q;
-    const int nbs = sub_batches(KVT_TILE_ROWS * n_all * sizeof(double), n_batch);
-    const int R = zbuf_rows(n_q, (int)n_all, nbs);
-    for (int b0 = 0; b0 < n_batch; b0 += nbs) {
-        const size_t b = (size_t)b0;
-        KVT_FORWARD(probs_batch(q + b * nq * D, n_q, D, k + b * T * D, T, n_vis,
-                                k2 ? k2 + b * n2 * D : NULL, n2, n_vis2, scale, pr + b * nq * T,
-                                pr2 ? pr2 + b * nq * n2 : NULL, lse ? lse + b * nq : NULL,
-                                n_batch - b0 < nbs ? n_batch - b0 : nbs, R, stream));
-    }
-    return KVT_OK;
-}
-
-/* kvt_attn_probs_batch_cuda for n_batch batches in one launch, R rows of logits at a time */
-static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, int T,
-                              const int *n_vis, const float *k2, int n2, const int *n_vis2,
-                              double scale, float *pr, float *pr2, double *lse, int n_batch, int R,
-                              void *stream)
-{
     /* visible prefixes clamped as the reference clamps them; a query must see a key */
     int *vis = (int *)malloc((size_t)n_q * 2 * sizeof(int));
     KVT_RETURN_IF(!vis, KVT_ERR_NOMEM, "attn_probs_cuda: out of memory");
@@ -293,6 +271,29 @@ static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, in
             return kvt_error_set(KVT_ERR_INVALID_ARG, "attn_probs: query %d sees no key", i);
         }
     }
+    /* as many batches per launch as fit the logit buffer at one tile of rows each; the first
+       launch with a non-finite logit reports it, so batches are still reported in order */
+    const size_t n_all = (size_t)T + n2, nq = (size_t)n_q;
+    const int nbs = sub_batches(KVT_TILE_ROWS * n_all * sizeof(double), n_batch);
+    const int R = zbuf_rows(n_q, (int)n_all, nbs);
+    kvt_status s = KVT_OK;
+    for (int b0 = 0; !s && b0 < n_batch; b0 += nbs) {
+        const size_t b = (size_t)b0;
+        s = probs_batch(q + b * nq * D, n_q, D, k + b * T * D, T, vis, k2 ? k2 + b * n2 * D : NULL,
+                        n2, scale, pr + b * nq * T, pr2 ? pr2 + b * nq * n2 : NULL,
+                        lse ? lse + b * nq : NULL, n_batch - b0 < nbs ? n_batch - b0 : nbs, R,
+                        stream);
+    }
+    free(vis);
+    return s;
+}
+
+/* kvt_attn_probs_batch_cuda for n_batch batches in one launch, R rows of logits at a time; vis
+ * [2, n_q] the clamped visible prefixes of k and k2 (host) */
+static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, int T, const int *vis,
+                              const float *k2, int n2, double scale, float *pr, float *pr2,
+                              double *lse, int n_batch, int R, void *stream)
+{
     cudaStream_t st = kvt_cu_stream(stream);
     const int n_all = T + n2, n_kt = (n_all + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS;
     const size_t nb = (size_t)n_batch,
@@ -302,10 +303,8 @@ static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, in
        [R, n_all] */
     double *dw = NULL;
     unsigned long long *dbad = NULL, *bad = (unsigned long long *)malloc(nb * sizeof(*bad));
-    if (!bad) {
-        free(vis);
+    if (!bad)
         return kvt_error_set(KVT_ERR_NOMEM, "attn_probs_cuda: out of memory");
-    }
     for (size_t b = 0; b < nb; b++)
         bad[b] = ~0ull;
     cudaError_t e;
@@ -341,7 +340,6 @@ static kvt_status probs_batch(const float *q, int n_q, int D, const float *k, in
         if (e == cudaSuccess)
             e = cudaStreamSynchronize(st);
     }
-    free(vis);
     if (dvis)
         kvt_cuda_free_async(dvis, st);
     if (dw)
