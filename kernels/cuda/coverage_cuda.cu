@@ -175,16 +175,10 @@ extern "C" kvt_status kvt_coverage_best_cuda_ws(const float *ct, int T, int n_pr
     } else {
         int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
         KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
-        int32_t *cs = tab, *ce = tab + max_chunk, *cf = tab + 2 * max_chunk;
-        for (int c = 0; c < n_cut; c++) {
-            cf[c] = n_chunk;
-            for (int32_t lo = c ? cuts[c - 1] : 0; lo < cuts[c]; lo += KVT_CB_CHUNK) {
-                cs[n_chunk] = lo;
-                ce[n_chunk] = cuts[c] - lo < KVT_CB_CHUNK ? cuts[c] : lo + KVT_CB_CHUNK;
-                n_chunk++;
-            }
-        }
-        cf[n_cut] = n_chunk;
+        int32_t *cf = tab + 2 * max_chunk;
+        cf[0] = 0; /* cut c's first chunk: the end of cut c - 1's */
+        n_chunk = kvt_cu_chunks_host(cuts, n_cut, n_cut, T, KVT_CB_CHUNK, tab, tab + max_chunk,
+                                     cf + 1, &n_fwd_chunk);
         e = cudaMemcpyAsync(dtab, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
         free(tab); /* a pageable source is staged before the call returns */
     }

@@ -51,6 +51,9 @@ static inline int kvt_cu_chunk_count(const int32_t *cuts, int n_cut, int n_fwd, 
 cudaError_t kvt_cu_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T, int chunk,
                                int32_t *cs, int32_t *ce, int32_t *cend, int32_t *cuts_out,
                                int32_t *zero_at, cudaStream_t st);
+/* the same table built on the host (for more cuts than a launch takes); returns the count */
+int kvt_cu_chunks_host(const int32_t *cuts, int n_cut, int n_fwd, int T, int chunk, int32_t *cs,
+                       int32_t *ce, int32_t *cend, int *n_fwd_chunk);
 
 /* Dot product of two f32 vectors in double, d in order, each product and sum rounded as the
  * CPU references round them (no fused multiply-add). */

@@ -247,17 +247,18 @@ template <int PER> static __global__ void sweep_rec_k(sweep_args a)
     }
 }
 
-/* The chunks of a sweep (host): forward ones over [0, cuts[n_fwd-1]), then backward ones from T
- * down to cuts[n_fwd], none straddling a cut; cend[ci]: the end of cut ci's chunks. Returns the
- * count (at most kvt_sweep_max_chunks); *n_fwd_chunk: the forward ones. */
-static int sweep_chunks(const int32_t *cuts, int n_cut, int n_fwd, int T, int32_t *cs, int32_t *ce,
-                        int32_t *cend, int *n_fwd_chunk)
+/* The chunks of a sweep on the host (kvt_cu_chunk_table_k's table, in pieces of `chunk`): forward
+ * ones over [0, cuts[n_fwd-1]), then backward ones from T down to cuts[n_fwd], none straddling a
+ * cut; cend[ci]: the end of cut ci's chunks. Returns the count (at most kvt_sweep_max_chunks);
+ * *n_fwd_chunk: the forward ones. */
+int kvt_cu_chunks_host(const int32_t *cuts, int n_cut, int n_fwd, int T, int chunk, int32_t *cs,
+                       int32_t *ce, int32_t *cend, int *n_fwd_chunk)
 {
     int n = 0, t = 0;
     for (int ci = 0; ci < n_fwd; ci++) {
-        for (int lo = t; lo < cuts[ci]; lo += SW_CHUNK) {
+        for (int lo = t; lo < cuts[ci]; lo += chunk) {
             cs[n] = lo;
-            ce[n++] = cuts[ci] - lo < SW_CHUNK ? cuts[ci] : lo + SW_CHUNK;
+            ce[n++] = cuts[ci] - lo < chunk ? cuts[ci] : lo + chunk;
         }
         cend[ci] = n;
         t = cuts[ci];
@@ -265,8 +266,8 @@ static int sweep_chunks(const int32_t *cuts, int n_cut, int n_fwd, int T, int32_
     *n_fwd_chunk = n;
     t = T;
     for (int ci = n_cut - 1; ci >= n_fwd; ci--) {
-        for (int hi = t; hi > cuts[ci]; hi -= SW_CHUNK) {
-            cs[n] = hi - cuts[ci] < SW_CHUNK ? cuts[ci] : hi - SW_CHUNK;
+        for (int hi = t; hi > cuts[ci]; hi -= chunk) {
+            cs[n] = hi - cuts[ci] < chunk ? cuts[ci] : hi - chunk;
             ce[n++] = hi;
         }
         cend[ci] = n;
@@ -275,7 +276,7 @@ static int sweep_chunks(const int32_t *cuts, int n_cut, int n_fwd, int T, int32_
     return n;
 }
 
-/* a bound on sweep_chunks' count: each direction walks at most T/2 positions */
+/* a bound on kvt_cu_chunks_host's count: each direction walks at most T/2 positions */
 static size_t sweep_max_chunks(int T, int n_cut)
 {
     return (size_t)(T > 0 ? T : 0) / SW_CHUNK + (size_t)(n_cut > 0 ? n_cut : 0) + 2;
@@ -360,8 +361,8 @@ cudaError_t kvt_cu_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T,
     return cudaGetLastError();
 }
 
-/* sweep_chunks' table (the cuts of index < n_fwd walked forward) into work on the stream: built
- * there from the cuts (kvt_cu_chunk_table), or for more than KVT_CU_PCUTS cuts built here and
+/* kvt_cu_chunks_host's table (the cuts of index < n_fwd walked forward) into work on the stream:
+ * built there from the cuts (kvt_cu_chunk_table), or for more than KVT_CU_PCUTS cuts built here and
  * copied; *n_chunk, *n_chunk_fwd: all the chunks, the forward ones */
 static kvt_status put_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T, bool with_cuts,
                                   void *work, cudaStream_t st, const char *who, int *n_chunk,
@@ -380,7 +381,8 @@ static kvt_status put_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int
     const size_t ints = 2 * mc + (size_t)n_cut * (with_cuts ? 2 : 1);
     int32_t *tab = (int32_t *)malloc(ints * sizeof(int32_t));
     KVT_RETURN_IF(!tab, KVT_ERR_NOMEM, "out of memory");
-    *n_chunk = sweep_chunks(cuts, n_cut, n_fwd, T, tab, tab + mc, tab + 2 * mc, n_chunk_fwd);
+    *n_chunk = kvt_cu_chunks_host(cuts, n_cut, n_fwd, T, SW_CHUNK, tab, tab + mc, tab + 2 * mc,
+                                  n_chunk_fwd);
     if (with_cuts)
         memcpy(tab + 2 * mc + n_cut, cuts, (size_t)n_cut * sizeof(int32_t));
     cudaError_t e = cudaMemcpyAsync(work, tab, ints * sizeof(int32_t), cudaMemcpyHostToDevice, st);
