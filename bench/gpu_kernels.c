@@ -40,8 +40,9 @@ typedef struct bk_shape {
 } bk_shape;
 
 typedef struct bk_data {
-    float *v, *kd, *qw, *qd, *prw, *prd, *pr2, *ku, *kvf, *ct, *best, *prw_all, *prd_all;
-    float *v_all; /* [Hkv, T, D] (K of every head: kvf) */
+    /* every KV head's (K: kvf, V: v [Hkv, T, D]; probabilities prw, prd [Hq, W or G, T]): the
+       attention and norms take them all, a sweep the first head's */
+    float *v, *kd, *qw, *qd, *prw, *prd, *pr2, *ku, *kvf, *ct, *best;
     uint16_t *kv16;
     double *lse, *aw, *ad, *rsw, *rsd, *mean, *inv, *norm, *rec, *err, *rd, *sc, *sc_work, *rs;
     int32_t *order, *probe, *rorder;
@@ -159,22 +160,21 @@ static kvt_status run_case(int c, const bk_shape *s, bk_data *d, cudaStream_t st
         return kvt_first_nonfinite_cuda(d->kvf, n, d->first, sp);
     case 2:
         return kvt_attn_probs_batch_cuda(d->qw, nw, D, d->kvf, T, d->vis_w, NULL, 0, NULL, scale,
-                                         d->prw_all, NULL, d->lse, s->Hkv, sp);
+                                         d->prw, NULL, d->lse, s->Hkv, sp);
     case 3:
         return kvt_attn_probs_batch_cuda(d->qd, nd, D, d->kvf, T, d->vis_d, d->kd, s->G, d->vis2_d,
-                                         scale, d->prd_all, d->pr2, d->lse, s->Hkv, sp);
+                                         scale, d->prd, d->pr2, d->lse, s->Hkv, sp);
     case 4:
-        return kvt_attn_output_batch_cuda(d->prw_all, nw, T, (size_t)T, d->v_all, D, d->aw,
-                                          (size_t)D, s->Hkv, sp);
+        return kvt_attn_output_batch_cuda(d->prw, nw, T, (size_t)T, d->v, D, d->aw, (size_t)D,
+                                          s->Hkv, sp);
     case 5:
-        return kvt_attn_output_batch_cuda(d->prd_all, nd, T, (size_t)T, d->v_all, D, d->ad,
-                                          (size_t)D, s->Hkv, sp);
+        return kvt_attn_output_batch_cuda(d->prd, nd, T, (size_t)T, d->v, D, d->ad, (size_t)D,
+                                          s->Hkv, sp);
     case 6:
-        return kvt_row_mass_cuda(d->prw_all, nw * s->Hkv, T, (size_t)T, NULL, d->rsw, NULL, sp);
+        return kvt_row_mass_cuda(d->prw, nw * s->Hkv, T, (size_t)T, NULL, d->rsw, NULL, sp);
     case 7: {
         kvt_status e = kvt_row_norms_cuda(d->kvf, T * s->Hkv, D, d->norm, sp);
-        return e ? e
-                 : kvt_row_norms_cuda(d->v_all, T * s->Hkv, D, d->norm + (size_t)T * s->Hkv, sp);
+        return e ? e : kvt_row_norms_cuda(d->v, T * s->Hkv, D, d->norm + (size_t)T * s->Hkv, sp);
     }
     case 8:
         for (int h = 0; h < s->Hkv; h++) {
@@ -206,10 +206,10 @@ static kvt_status run_case(int c, const bk_shape *s, bk_data *d, cudaStream_t st
     case 14:
         return kvt_rank_desc_segmented_cuda(d->rs, s->Hkv, T, d->rorder, sp);
     case 15:
-        return kvt_window_scores_cuda(d->prw_all, s->Gs * s->Hkv, s->Hkv, s->W, s->W, T, 7,
+        return kvt_window_scores_cuda(d->prw, s->Gs * s->Hkv, s->Hkv, s->W, s->W, T, 7,
                                       KVT_POOL_AVG, KVT_REDUCE_MEAN, false, d->sc_work, d->sc, sp);
     case 16:
-        return kvt_col_mean_cuda(d->prd_all, s->Hkv, nd, T, T, d->sc, sp);
+        return kvt_col_mean_cuda(d->prd, s->Hkv, nd, T, T, d->sc, sp);
     }
     return KVT_ERR_INVALID_ARG;
 }
@@ -269,16 +269,13 @@ static bool alloc_data(const bk_shape *s, bk_data *d)
     kvt_rng_seed(&r, 7);
     bool ok = true;
     memset(d, 0, sizeof(*d));
-    d->v = dev_random(T * D, &r, -1.0f, 2.0f, &ok);
     const size_t H = (size_t)s->Hkv;
     d->kd = dev_random(H * s->G * D, &r, -1.0f, 2.0f, &ok);
     d->qw = dev_random(H * nw * D, &r, -1.0f, 2.0f, &ok);
     d->qd = dev_random(H * nd * D, &r, -1.0f, 2.0f, &ok);
-    d->v_all = dev_random(n, &r, -1.0f, 2.0f, &ok);
-    d->prw = dev_random(nw * T, &r, 1e-6f, 1e-5f, &ok);
-    d->prd = dev_random(nd * T, &r, 1e-6f, 1e-5f, &ok);
-    d->prw_all = dev_random(Hq * s->W * T, &r, 1e-6f, 1e-5f, &ok);
-    d->prd_all = dev_random(Hq * s->G * T, &r, 1e-6f, 1e-5f, &ok);
+    d->v = dev_random(n, &r, -1.0f, 2.0f, &ok);
+    d->prw = dev_random(Hq * s->W * T, &r, 1e-6f, 1e-5f, &ok);
+    d->prd = dev_random(Hq * s->G * T, &r, 1e-6f, 1e-5f, &ok);
     d->kvf = dev_random(n, &r, -1.0f, 2.0f, &ok);
     d->pr2 = dev_zero(H * nd * (size_t)s->G * sizeof(float), &ok);
     d->ku = dev_zero(n * sizeof(float), &ok);
@@ -340,11 +337,10 @@ static bool alloc_data(const bk_shape *s, bk_data *d)
 
 static void free_data(bk_data *d)
 {
-    void *p[] = {d->v,    d->kd,  d->qw,      d->qd,      d->prw,     d->prd,    d->pr2,
-                 d->ku,   d->kvf, d->ct,      d->best,    d->kv16,    d->lse,    d->aw,
-                 d->ad,   d->rsw, d->rsd,     d->mean,    d->inv,     d->norm,   d->rec,
-                 d->err,  d->rd,  d->sc,      d->order,   d->probe,   d->rorder, d->first,
-                 d->work, d->rs,  d->sc_work, d->prw_all, d->prd_all, d->v_all};
+    void *p[] = {d->v,     d->kd,    d->qw,     d->qd,    d->prw,  d->prd, d->pr2,    d->ku,
+                 d->kvf,   d->ct,    d->best,   d->kv16,  d->lse,  d->aw,  d->ad,     d->rsw,
+                 d->rsd,   d->mean,  d->inv,    d->norm,  d->rec,  d->err, d->rd,     d->sc,
+                 d->order, d->probe, d->rorder, d->first, d->work, d->rs,  d->sc_work};
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++)
         if (p[i])
             cudaFree(p[i]);
