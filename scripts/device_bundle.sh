@@ -6,9 +6,10 @@
 #   .devbundle/bin  the kvtrace CLI, the GPU tests (label gpu), bench_gpu_peak and
 #                   bench_gpu_kernels
 # The build is Release-with-debug-info, CUDA on (sm_90 machine code, compute_90 PTX), with
-# OpenBLAS (37 MB of the bundle's about 50 MB: the replay benchmark times kvtrace's CPU path
-# as a peer, and without BLAS that path is several times slower; BLAS=0 leaves it out). The
-# device tool carries at most 64 MiB with the working tree.
+# OpenBLAS (the replay benchmark times kvtrace's CPU path as a peer, and without BLAS that path
+# is several times slower; BLAS=0 leaves it out). The device tool carries at most 64 MiB with
+# the working tree: the libraries over 1 MiB (OpenBLAS 37 MB) travel gzipped, and
+# gpu_session.sh unpacks them before anything runs.
 # scripts/gpu_session.sh runs them there. usage: bash scripts/device_bundle.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,9 @@ done
 for f in .devbundle/bin/*; do patchelf --force-rpath --set-rpath '$ORIGIN/../lib' "$f"; done
 # debug info out, symbols kept (compute-sanitizer's host backtraces still name functions)
 strip --strip-debug .devbundle/lib/libkvtrace.so .devbundle/bin/*
+# the shared libraries over 1 MiB travel gzipped (OpenBLAS 37 -> 11 MB; the device tool
+# carries 64 MiB with the working tree) and gpu_session.sh unpacks them there
+find .devbundle/lib -name '*.so*' -type f -size +1M ! -name libkvtrace.so -exec gzip -9 {} +
 git rev-parse HEAD >.devbundle/REVISION
 # the sources it was built from, so that gpu_session.sh can tell a stale bundle there
 git ls-files -z '*.c' '*.h' '*.cu' '*.cuh' '*.cpp' '*CMakeLists.txt' '*.cmake' |

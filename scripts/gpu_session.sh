@@ -194,6 +194,18 @@ if [ -f "$BUNDLE/SOURCES.sha1" ]; then
     fi
 fi
 
+# device_bundle.sh gzips its large libraries (the device tool's 64 MiB): unpacked in place
+for z in "$BUNDLE"/lib/*.gz; do
+    [ -e "$z" ] || continue
+    if command -v gzip >/dev/null; then
+        gzip -d -f "$z"
+    else
+        "$PY" -c 'import gzip, shutil, sys, os
+with gzip.open(sys.argv[1]) as i, open(sys.argv[1][:-3], "wb") as o:
+    shutil.copyfileobj(i, o)
+os.remove(sys.argv[1])' "$z"
+    fi || echo "could not unpack $z"
+done
 bundle_ok=0
 { ldd "$BUNDLE/bin/kvtrace" "$BUNDLE/lib/libkvtrace.so"; "$BUNDLE/bin/kvtrace" --version; } \
     >"$OUT/bundle_check.log" 2>&1

@@ -21,6 +21,7 @@ installed:
     list shows a changed or an added file refused (exit 3).
 Exit 77 (not run) without NumPy or torch. Run with /usr/bin/python3; KVT_LIB, KVT_SOURCE_ROOT.
 """
+import gzip
 import json
 import os
 import subprocess
@@ -82,6 +83,10 @@ def session(tmp, e):
             os.symlink(p, os.path.join(fb, "bin", t))
     with open(os.path.join(fb, "REVISION"), "w") as f:
         f.write("stand-in\n")
+    # device_bundle.sh gzips the large libraries; the session unpacks them before anything runs
+    packed = b"\x7fELF stand-in library " * 1000
+    with gzip.open(os.path.join(fb, "lib", "libstandin.so.1.gz"), "wb") as f:
+        f.write(packed)
     # (budget, what each row may say): the GPU tests cannot run here (77: NOT RUN)
     for budget, want in (("300", {"test_replay_device_gpu": ("NOT RUN", "PASS"),
                                   "replay_bench": ("PASS",)}),
@@ -100,6 +105,11 @@ def session(tmp, e):
             if not row or not any(w in row[0] for w in ok):
                 bad = True
         if budget == "300":
+            lib = os.path.join(fb, "lib", "libstandin.so.1")
+            if not os.path.exists(lib) or open(lib, "rb").read() != packed or \
+                    os.path.exists(lib + ".gz"):
+                print("FAILED: scripts/gpu_session.sh did not unpack the bundle's gzipped library")
+                sys.exit(1)
             logs = subprocess.run(["tar", "-tzf", os.path.join(out, "gpu_session.tar.gz")],
                                   capture_output=True, text=True).stdout
             bad = bad or "replay_bench.log" not in logs or "run_gpu.log" not in logs
