@@ -244,6 +244,39 @@ kvt_status kvt_trace_reader_shape(const kvt_trace_reader *r, int32_t layer, int 
 kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, uint32_t head_begin,
                                  uint32_t head_end, kvt_dtype as_dtype, void *dst, size_t dst_cap);
 
+/** One record of a tensor read as stored (kvt_trace_reader_read_sink): the rectangle
+ *  [head_begin, head_end) x [tok_begin, tok_end) x dim, its n elements row-major or, when
+ *  `planes` (FORMAT.md filter 1), as byte planes: byte b of element i at b n + i. `offset`:
+ *  the bytes of the tensor's records before it, in file order (where it lands when they are
+ *  stored back to back). */
+typedef struct kvt_trace_piece {
+    uint32_t head_begin, head_end, tok_begin, tok_end;
+    bool planes;
+    uint64_t offset;
+} kvt_trace_piece;
+
+/** Where kvt_trace_reader_read_sink puts a tensor's records. */
+typedef struct kvt_trace_sink {
+    /** *buf = room for the next record's `bytes`, or NULL to stop before it */
+    kvt_status (*room)(void *user, size_t bytes, void **buf);
+    /** the record's elements as stored are in room's buffer */
+    kvt_status (*put)(void *user, const kvt_trace_piece *p, void *buf);
+    void *user;
+} kvt_trace_sink;
+
+/** Records holding (layer, kind). */
+size_t kvt_trace_reader_n_pieces(const kvt_trace_reader *r, int32_t layer, int kind);
+
+/** The records of (layer, kind) from the first-th (in file order) as the trace stores them,
+ *  one at a time: each decompressed straight into the sink's room and handed to its put, no
+ *  byte-plane merge, no conversion, for a caller that places the elements itself
+ *  (`replay --device cuda` merges and widens them on the GPU, reading into pinned memory). *next
+ *  (may be NULL): the record it stopped before (room gave NULL), or the record count. Every
+ *  call first checks the whole tensor from the index (overlapping records, rows not covered:
+ *  the errors of kvt_trace_reader_read); a damaged record is its error. Thread-safe. */
+kvt_status kvt_trace_reader_read_sink(kvt_trace_reader *r, int32_t layer, int kind, size_t first,
+                                      const kvt_trace_sink *sink, size_t *next);
+
 /** Read one record's decoded payload (row-major rectangle, stored dtype). */
 kvt_status kvt_trace_reader_read_record(kvt_trace_reader *r, size_t i, void *dst, size_t dst_cap);
 

@@ -424,12 +424,13 @@ static bool same_record(const kvt_rec_hdr *a, const kvt_rec_hdr *b)
            a->payload_crc == b->payload_crc;
 }
 
-/* Read and check the record described by h, and decompress its payload into a fresh buffer
- * (caller frees): the elements as stored, byte-plane shuffled when its filter says so. The
- * on-disk header must agree with h (the index copy) in every field, the payload crc must
- * match, and the zstd frame must decode (its own content checksum included) to exactly
- * raw_bytes. */
-static kvt_status record_payload(int fd, const kvt_rec_hdr *h, uint8_t **out, uint64_t *bytes_read)
+/* Read and check the record described by h, and decompress its payload into `into`
+ * (raw_bytes of room) or, when into is NULL, into a fresh buffer (caller frees): the elements
+ * as stored, byte-plane shuffled when its filter says so. The on-disk header must agree with h
+ * (the index copy) in every field, the payload crc must match, and the zstd frame must decode
+ * (its own content checksum included) to exactly raw_bytes. */
+static kvt_status record_payload(int fd, const kvt_rec_hdr *h, uint8_t *into, uint8_t **out,
+                                 uint64_t *bytes_read)
 {
     const kvt_record_info *in = &h->info;
     kvt_status s;
@@ -440,7 +441,7 @@ static kvt_status record_payload(int fd, const kvt_rec_hdr *h, uint8_t **out, ui
                   (unsigned)in->seq, (int)in->filter);
     uint8_t *buf = kvt_malloc(unit);
     KVT_RETURN_IF(!buf, KVT_ERR_NOMEM, "out of memory reading a record");
-    uint8_t *raw = kvt_malloc((size_t)in->raw_bytes);
+    uint8_t *raw = into ? into : kvt_malloc((size_t)in->raw_bytes);
     if (!raw) {
         s = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading a record");
         goto out_free;
@@ -482,7 +483,8 @@ static kvt_status record_payload(int fd, const kvt_rec_hdr *h, uint8_t **out, ui
     *out = raw;
     return KVT_OK;
 out_free:
-    kvt_free(raw);
+    if (!into)
+        kvt_free(raw);
     kvt_free(buf);
     return s;
 }
@@ -493,7 +495,7 @@ kvt_status kvt_record_decode_at(int fd, const kvt_rec_hdr *h, uint8_t **out, uin
     const kvt_record_info *in = &h->info;
     uint8_t *stored;
     *out = NULL;
-    KVT_FORWARD(record_payload(fd, h, &stored, bytes_read));
+    KVT_FORWARD(record_payload(fd, h, NULL, &stored, bytes_read));
     if (in->filter != KVT_FILTER_BYTEPLANE) {
         *out = stored;
         return KVT_OK;
@@ -564,10 +566,10 @@ static kvt_status decode_record(kvt_trace_reader *r, size_t i, uint8_t **out)
 
 /* record i's payload as stored (record_payload), for the caller to unshuffle and convert the
    rows it wants in one pass */
-static kvt_status load_payload(kvt_trace_reader *r, size_t i, uint8_t **out)
+static kvt_status load_payload(kvt_trace_reader *r, size_t i, uint8_t *into, uint8_t **out)
 {
     uint64_t br = 0;
-    kvt_status s = record_payload(r->fd, &r->recs[i], out, &br);
+    kvt_status s = record_payload(r->fd, &r->recs[i], into, out, &br);
     r->bytes_read += br;
     return s;
 }
@@ -581,6 +583,54 @@ kvt_status kvt_trace_reader_read_record(kvt_trace_reader *r, size_t i, void *dst
     KVT_FORWARD(decode_record(r, i, &raw));
     memcpy(dst, raw, (size_t)r->recs[i].info.raw_bytes);
     kvt_free(raw);
+    return KVT_OK;
+}
+
+size_t kvt_trace_reader_n_pieces(const kvt_trace_reader *r, int32_t layer, int kind)
+{
+    size_t n = 0;
+    for (size_t i = 0; r && i < r->n_recs; i++)
+        n += r->recs[i].info.layer == layer && r->recs[i].info.kind == kind;
+    return n;
+}
+
+/* Records of (layer, kind) that overlap cannot be told from the area they cover when a gap of
+ * the same area is elsewhere: checked exactly before a read (the rows of a gap would be left
+ * unwritten). */
+static kvt_status check_overlap(const kvt_trace_reader *r, int32_t layer, int kind)
+{
+    size_t n_t = kvt_trace_reader_n_pieces(r, layer, kind);
+    const kvt_record_info **tv = kvt_malloc((n_t ? n_t : 1) * sizeof(*tv));
+    KVT_RETURN_IF(!tv, KVT_ERR_NOMEM, "out of memory");
+    n_t = 0;
+    for (size_t i = 0; i < r->n_recs; i++)
+        if (r->recs[i].info.layer == layer && r->recs[i].info.kind == kind)
+            tv[n_t++] = &r->recs[i].info;
+    bool ov = false;
+    size_t oa = 0, ob = 0;
+    kvt_status os = kvt_records_overlap(tv, n_t, &ov, &oa, &ob);
+    if (os == KVT_OK && ov)
+        os =
+            kvt_error_set(KVT_ERR_CORRUPT,
+                          "layer %d %s: records %u and %u overlap (heads [%u,%u) x tokens [%u,%u) "
+                          "and [%u,%u) x [%u,%u))",
+                          (int)layer, kvt_kind_name(kind), tv[oa]->seq, tv[ob]->seq,
+                          tv[oa]->head_begin, tv[oa]->head_end, tv[oa]->tok_begin, tv[oa]->tok_end,
+                          tv[ob]->head_begin, tv[ob]->head_end, tv[ob]->tok_begin, tv[ob]->tok_end);
+    kvt_free(tv);
+    return os;
+}
+
+/* The read's last check: every token row of heads [head_begin, head_end) covered once. */
+static kvt_status check_covered(int32_t layer, int kind, uint32_t head_begin, uint32_t head_end,
+                                uint32_t T, uint64_t covered)
+{
+    uint64_t want = (uint64_t)(head_end - head_begin) * T;
+    KVT_RETURN_IF(covered != want, covered < want ? KVT_ERR_NOT_FOUND : KVT_ERR_CORRUPT,
+                  "layer %d %s heads [%u,%u): records cover %llu of %llu token rows%s", (int)layer,
+                  kvt_kind_name(kind), head_begin, head_end, (unsigned long long)covered,
+                  (unsigned long long)want,
+                  covered < want ? " (records missing)" : " (overlapping records)");
     return KVT_OK;
 }
 
@@ -604,30 +654,7 @@ kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, u
     KVT_RETURN_IF(dst_cap < need, KVT_ERR_INVALID_ARG,
                   "buffer of %zu bytes too small for %zu bytes", dst_cap, need);
     size_t ies = kvt_dtype_size(st);
-    /* records that overlap cannot be told from the area they cover when a gap of the same
-       area is elsewhere: checked exactly first (the rows of a gap would be left unwritten) */
-    size_t n_t = 0;
-    for (size_t i = 0; i < r->n_recs; i++)
-        n_t += r->recs[i].info.layer == layer && r->recs[i].info.kind == kind;
-    const kvt_record_info **tv = kvt_malloc((n_t ? n_t : 1) * sizeof(*tv));
-    KVT_RETURN_IF(!tv, KVT_ERR_NOMEM, "out of memory");
-    n_t = 0;
-    for (size_t i = 0; i < r->n_recs; i++)
-        if (r->recs[i].info.layer == layer && r->recs[i].info.kind == kind)
-            tv[n_t++] = &r->recs[i].info;
-    bool ov = false;
-    size_t oa = 0, ob = 0;
-    kvt_status os = kvt_records_overlap(tv, n_t, &ov, &oa, &ob);
-    if (os == KVT_OK && ov)
-        os =
-            kvt_error_set(KVT_ERR_CORRUPT,
-                          "layer %d %s: records %u and %u overlap (heads [%u,%u) x tokens [%u,%u) "
-                          "and [%u,%u) x [%u,%u))",
-                          (int)layer, kvt_kind_name(kind), tv[oa]->seq, tv[ob]->seq,
-                          tv[oa]->head_begin, tv[oa]->head_end, tv[oa]->tok_begin, tv[oa]->tok_end,
-                          tv[ob]->head_begin, tv[ob]->head_end, tv[ob]->tok_begin, tv[ob]->tok_end);
-    kvt_free(tv);
-    KVT_FORWARD(os);
+    KVT_FORWARD(check_overlap(r, layer, kind));
     uint64_t covered = 0;
     uint8_t *out = dst;
     for (size_t i = 0; i < r->n_recs; i++) {
@@ -636,7 +663,7 @@ kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, u
             in->head_begin >= head_end)
             continue;
         uint8_t *raw;
-        KVT_FORWARD(load_payload(r, i, &raw));
+        KVT_FORWARD(load_payload(r, i, NULL, &raw));
         uint32_t h0 = in->head_begin > head_begin ? in->head_begin : head_begin;
         uint32_t h1 = in->head_end < head_end ? in->head_end : head_end;
         size_t nt = in->tok_end - in->tok_begin, n = (size_t)in->raw_bytes / ies;
@@ -655,11 +682,50 @@ kvt_status kvt_trace_reader_read(kvt_trace_reader *r, int32_t layer, int kind, u
         covered += (uint64_t)(h1 - h0) * nt;
         kvt_free(raw);
     }
-    uint64_t want = (uint64_t)(head_end - head_begin) * T;
-    KVT_RETURN_IF(covered != want, covered < want ? KVT_ERR_NOT_FOUND : KVT_ERR_CORRUPT,
-                  "layer %d %s heads [%u,%u): records cover %llu of %llu token rows%s", (int)layer,
-                  kvt_kind_name(kind), head_begin, head_end, (unsigned long long)covered,
-                  (unsigned long long)want,
-                  covered < want ? " (records missing)" : " (overlapping records)");
+    return check_covered(layer, kind, head_begin, head_end, T, covered);
+}
+
+kvt_status kvt_trace_reader_read_sink(kvt_trace_reader *r, int32_t layer, int kind, size_t first,
+                                      const kvt_trace_sink *sink, size_t *next)
+{
+    uint32_t H, T, D;
+    kvt_dtype st;
+    KVT_RETURN_IF(!r || !sink || !sink->room || !sink->put, KVT_ERR_INVALID_ARG, "null argument");
+    KVT_FORWARD(kvt_trace_reader_shape(r, layer, kind, &H, &T, &D, &st));
+    KVT_FORWARD(check_overlap(r, layer, kind));
+    uint64_t covered = 0, off = 0;
+    for (size_t i = 0; i < r->n_recs; i++) {
+        const kvt_record_info *in = &r->recs[i].info;
+        if (in->layer == layer && in->kind == kind)
+            covered += (uint64_t)(in->head_end - in->head_begin) * (in->tok_end - in->tok_begin);
+    }
+    KVT_FORWARD(check_covered(layer, kind, 0, H, T, covered));
+    size_t j = 0; /* the tensor's records in file order */
+    for (size_t i = 0; i < r->n_recs; i++) {
+        const kvt_record_info *in = &r->recs[i].info;
+        if (in->layer != layer || in->kind != kind)
+            continue;
+        if (j++ >= first) {
+            void *buf = NULL;
+            uint8_t *raw;
+            KVT_FORWARD(sink->room(sink->user, (size_t)in->raw_bytes, &buf));
+            if (!buf) {
+                if (next)
+                    *next = j - 1;
+                return KVT_OK;
+            }
+            KVT_FORWARD(load_payload(r, i, buf, &raw));
+            const kvt_trace_piece p = {in->head_begin,
+                                       in->head_end,
+                                       in->tok_begin,
+                                       in->tok_end,
+                                       in->filter == KVT_FILTER_BYTEPLANE,
+                                       off};
+            KVT_FORWARD(sink->put(sink->user, &p, buf));
+        }
+        off += in->raw_bytes;
+    }
+    if (next)
+        *next = j;
     return KVT_OK;
 }

@@ -196,6 +196,19 @@ static void index_damage(void)
  * writer refuses a block that breaks it (the writer goes on); verify names it in a file from
  * elsewhere (here: layer 0's V record relabelled K, its header checksum redone, the index cut
  * off so that the scan reads the headers) */
+/* a sink that must not be called: the read is refused from the index */
+static kvt_status sink_room_none(void *user, size_t bytes, void **buf)
+{
+    KVT_EXPECT_MSG(0, "read_sink asked for room for a record of a refused tensor");
+    *buf = NULL;
+    return KVT_OK;
+}
+
+static kvt_status sink_put_none(void *user, const kvt_trace_piece *p, void *buf)
+{
+    return KVT_ERR_STATE;
+}
+
 static void tensor_layout(void)
 {
     char p2[256];
@@ -289,6 +302,10 @@ static void tensor_layout(void)
         KVT_EXPECT_STATUS(
             kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, 2, KVT_DTYPE_F32, k, sizeof(k)),
             KVT_ERR_CORRUPT);
+        /* as does a read as stored (replay --device cuda) */
+        kvt_trace_sink sink = {sink_room_none, sink_put_none, NULL};
+        KVT_EXPECT_STATUS(kvt_trace_reader_read_sink(r, 0, KVT_KIND_K, 0, &sink, NULL),
+                          KVT_ERR_CORRUPT);
         kvt_trace_reader_close(r);
         /* (2) the two meta_json records as a kind this version does not know (a newer minor
          * version's): skipped, as a reader skips them, not called overlapping */

@@ -94,6 +94,79 @@ static void planes_same_file(const kvt_writer_opts *o, const kvt_record_info *in
     unlink(p2);
 }
 
+/* a sink that stores the records back to back, stopping before the stop-th */
+typedef struct b2b_sink {
+    uint8_t *dst;
+    size_t off, n, stop;
+    kvt_trace_piece *pc;
+} b2b_sink;
+
+static kvt_status b2b_room(void *user, size_t bytes, void **buf)
+{
+    b2b_sink *b = user;
+    *buf = b->n == b->stop ? NULL : b->dst + b->off;
+    b->off += *buf ? bytes : 0;
+    return KVT_OK;
+}
+
+static kvt_status b2b_put(void *user, const kvt_trace_piece *p, void *buf)
+{
+    b2b_sink *b = user;
+    KVT_EXPECT(p->offset + (uint8_t *)b->dst == (uint8_t *)buf); /* offset: back to back */
+    b->pc[b->n++] = *p;
+    return KVT_OK;
+}
+
+/* kvt_trace_reader_read_sink: the records as stored and their pieces, which put together
+ * (planes merged here) give the tensor `want` [H, T, D] byte for byte, whether read in one call
+ * or stopped halfway and resumed from where it stopped */
+static void read_sink_check(kvt_trace_reader *r, const uint8_t *want, kvt_dtype dt, uint32_t H,
+                            uint32_t T, uint32_t D)
+{
+    const size_t es = kvt_dtype_size(dt), bytes = (size_t)H * T * D * es;
+    const size_t n_pc = kvt_trace_reader_n_pieces(r, 0, KVT_KIND_K);
+    uint8_t *st = malloc(bytes), *got = malloc(bytes);
+    kvt_trace_piece *pc = calloc(n_pc, sizeof(*pc));
+    for (int resume = 0; resume < 2; resume++) {
+        b2b_sink b = {st, 0, 0, resume ? n_pc / 2 : (size_t)-1, pc};
+        kvt_trace_sink sink = {b2b_room, b2b_put, &b};
+        size_t next = 99;
+        memset(got, 0xAB, bytes);
+        KVT_CHECK(kvt_trace_reader_read_sink(r, 0, KVT_KIND_K, 0, &sink, &next));
+        KVT_EXPECT_EQ_U64(next, resume ? n_pc / 2 : n_pc);
+        if (resume) {
+            b.stop = (size_t)-1;
+            KVT_CHECK(kvt_trace_reader_read_sink(r, 0, KVT_KIND_K, next, &sink, &next));
+            KVT_EXPECT_EQ_U64(next, n_pc);
+        }
+        KVT_EXPECT_EQ_U64(b.n, n_pc);
+        for (size_t i = 0; i < b.n; i++) {
+            const kvt_trace_piece *p = &pc[i];
+            const size_t nt = p->tok_end - p->tok_begin, m = (p->head_end - p->head_begin) * nt * D;
+            for (size_t j = 0; j < m; j++) {
+                const size_t h = p->head_begin + j / (nt * D), rest = j % (nt * D);
+                uint8_t *e = got + ((h * T + p->tok_begin) * D + rest) * es;
+                for (size_t q = 0; q < es; q++)
+                    e[q] = st[p->offset + (p->planes ? q * m + j : j * es + q)];
+            }
+        }
+        KVT_EXPECT_MSG(b.off == bytes && !memcmp(got, want, bytes),
+                       "read_sink (resumed %d): %zu pieces do not put back the %s tensor "
+                       "[%u,%u,%u]",
+                       resume, b.n, kvt_dtype_name(dt), H, T, D);
+    }
+    b2b_sink b = {st, 0, 0, (size_t)-1, pc};
+    kvt_trace_sink sink = {b2b_room, b2b_put, &b};
+    KVT_EXPECT_STATUS(kvt_trace_reader_read_sink(r, 0, KVT_KIND_V, 0, &sink, NULL),
+                      KVT_ERR_NOT_FOUND);
+    sink.put = NULL;
+    KVT_EXPECT_STATUS(kvt_trace_reader_read_sink(r, 0, KVT_KIND_K, 0, &sink, NULL),
+                      KVT_ERR_INVALID_ARG);
+    free(st);
+    free(got);
+    free(pc);
+}
+
 static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, int threads,
                             bool no_shuffle, uint64_t max_rec)
 {
@@ -167,6 +240,7 @@ static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, in
         KVT_EXPECT_STATUS(kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_F32, f, 0),
                           KVT_ERR_INVALID_ARG);
     }
+    read_sink_check(r, in, dt, H, T, D);
     KVT_EXPECT_STATUS(
         kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, H, KVT_DTYPE_INVALID, out, n * es - 1),
         KVT_ERR_INVALID_ARG);
@@ -179,6 +253,43 @@ static void roundtrip_dtype(kvt_dtype dt, uint32_t H, uint32_t T, uint32_t D, in
     unlink(p1);
     free(in);
     free(out);
+}
+
+/* a tensor whose records leave rows out (head 1 of 3 never written): both reads refuse it */
+static void rows_missing(void)
+{
+    kvt_writer_opts o = {.force = true};
+    kvt_trace_writer *w;
+    KVT_CHECK(kvt_trace_writer_create(kvt_test_tmp(p1, sizeof(p1), "gap.kvt"),
+                                      "{\"format\":\"kvtrace\"}", &o, &w));
+    uint16_t x[4 * 2] = {0};
+    for (uint32_t h = 0; h < 3; h += 2) {
+        kvt_record_info info = {.kind = KVT_KIND_K,
+                                .layer = 0,
+                                .head_begin = h,
+                                .head_end = h + 1,
+                                .tok_end = 4,
+                                .dim = 2,
+                                .dtype = KVT_DTYPE_BF16};
+        KVT_CHECK(kvt_trace_writer_append(w, &info, x));
+    }
+    KVT_CHECK(kvt_trace_writer_finish(w));
+    kvt_trace_writer_free(w);
+    kvt_trace_reader *r;
+    KVT_CHECK(kvt_trace_reader_open(p1, &r));
+    uint16_t out[3 * 4 * 2];
+    kvt_trace_piece pc[2];
+    KVT_EXPECT_STATUS(
+        kvt_trace_reader_read(r, 0, KVT_KIND_K, 0, 3, KVT_DTYPE_INVALID, out, sizeof(out)),
+        KVT_ERR_NOT_FOUND);
+    b2b_sink b = {(uint8_t *)out, 0, 0, (size_t)-1, pc};
+    kvt_trace_sink sink = {b2b_room, b2b_put, &b};
+    KVT_EXPECT_STATUS(kvt_trace_reader_read_sink(r, 0, KVT_KIND_K, 0, &sink, NULL),
+                      KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(b.n == 0); /* refused before any record was read */
+    KVT_EXPECT(strstr(kvt_error_msg(), "records cover 8 of 12 token rows") != NULL);
+    kvt_trace_reader_close(r);
+    unlink(p1);
 }
 
 static void determinism_and_threads(void)
@@ -391,6 +502,7 @@ int main(void)
             roundtrip_dtype(dts[i], 7, 9, 8, 1, shuf, 300); /* split along heads */
         }
     }
+    rows_missing();
     determinism_and_threads();
     random_access_bytes();
     concurrent_appenders();
