@@ -326,6 +326,14 @@ kvt_status kvt_cosine_table_cpu(const float *ku, int T, int D, const int32_t *pr
 kvt_status kvt_cosine_table(const float *ku, int T, int D, const int32_t *probe, int n_probe,
                             float *ct);
 
+/** One trace record's elements as stored (traces/FORMAT.md) widened to f32 into their place:
+ *  src holds n_heads x n_tok x D elements of dt (KVT_DTYPE_BF16 or KVT_DTYPE_F16) row-major,
+ *  or, when planes, as byte planes (the n low bytes, then the n high bytes); element (h, t, d)
+ *  goes to dst[h * stride_head + t * D + d]. Bit for bit kvt_convert_to_f32 of the merged
+ *  elements. */
+kvt_status kvt_widen_stored_ref(kvt_dtype dt, bool planes, const uint8_t *src, int n_heads,
+                                int n_tok, int D, size_t stride_head, float *dst);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,6 +8,7 @@
  * Status: every kernel here runs in CI on cuemu (tests/cuemu), but the CUB ranking (the
  * reference stands in for it there), and passed test_kernels_cuda on an H200 (bench/RESULTS.md),
  * except what changed after the last GPU session (checked on cuemu only so far): kvt_widen_cuda,
+ * kvt_widen_stored_cuda,
  * the redundancy sweep in chunks, the sweeps' one block per cut, the coverage bests' smaller
  * chunks, the attention's stored logits and batches (every KV group in one call), the output
  * kernel's dimensions per thread, the cosine table's and output sweep's double stages, the
@@ -132,6 +133,11 @@ kvt_status kvt_first_nonfinite_cuda(const float *x, size_t n, unsigned long long
  *  the low bits of each uint16_t), bit for bit as kvt_convert_to_f32 (NaN and Inf kept, f16
  *  subnormals exact). */
 kvt_status kvt_widen_cuda(kvt_dtype dt, const uint16_t *src, size_t n, float *dst, void *stream);
+/** kvt_widen_stored_ref on the device (src and dst device memory; src 2-byte aligned unless
+ *  planes): one trace record's elements as stored, byte planes merged here, widened into their
+ *  rows. Bit for bit the reference. */
+kvt_status kvt_widen_stored_cuda(kvt_dtype dt, bool planes, const uint8_t *src, int n_heads,
+                                 int n_tok, int D, size_t stride_head, float *dst, void *stream);
 
 /** kvt_rank_desc_ref on each of n_seg segments: score [n_seg, n] (double), order [n_seg, n]
  *  receives each segment's permutation of 0..n-1 (score descending, ties by lower index, NaN

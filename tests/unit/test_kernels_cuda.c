@@ -797,6 +797,60 @@ static void test_widen(void)
     free(x), free(want), free(got);
 }
 
+/* one trace record's elements as stored (row-major or byte planes) widened into their rows of a
+ * [H, T, D] tensor on the device, bit for bit kvt_widen_stored_ref, the rows around the piece
+ * left as they were: bf16 and f16, every bit pattern among the elements, pieces of one head or
+ * several, T not a multiple of the block, D = 1, 3, 64, 80, 128, an odd element count */
+static void test_widen_stored(void)
+{
+    static const struct {
+        int H, T, D, h0, h1, t0, t1;
+    } cs[] = {{4, 33, 64, 1, 3, 0, 33}, {1, 1, 1, 0, 1, 0, 1},       {2, 300, 3, 1, 2, 17, 290},
+              {8, 70, 80, 0, 8, 5, 6},  {3, 257, 128, 0, 3, 0, 257}, {5, 9, 128, 2, 5, 3, 9}};
+    const kvt_dtype dts[] = {KVT_DTYPE_BF16, KVT_DTYPE_F16};
+    for (size_t c = 0; c < sizeof(cs) / sizeof(cs[0]); c++)
+        for (int t = 0; t < 2; t++)
+            for (int planes = 0; planes < 2; planes++) {
+                const int H = cs[c].H, T = cs[c].T, D = cs[c].D;
+                const int nh = cs[c].h1 - cs[c].h0, nt = cs[c].t1 - cs[c].t0;
+                const size_t all = (size_t)H * T * D, n = (size_t)nh * nt * D;
+                const size_t first = ((size_t)cs[c].h0 * T + cs[c].t0) * D;
+                uint8_t *src = malloc(2 * n);
+                float *want = malloc(all * 4), *got = malloc(all * 4);
+                for (size_t i = 0; i < 2 * n; i++)
+                    src[i] = (uint8_t)((i * 2654435761u) >> 13); /* every byte value */
+                for (size_t i = 0; i < all; i++)
+                    want[i] = -(float)i; /* the rows outside the piece */
+                float *dy = out_dev(all * 4);
+                KVT_EXPECT(cudaMemcpy(dy, want, all * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+                uint8_t *dx = to_dev(src, 2 * n);
+                KVT_CHECK(kvt_widen_stored_ref(dts[t], planes, src, nh, nt, D, (size_t)T * D,
+                                               want + first));
+                KVT_CHECK(kvt_widen_stored_cuda(dts[t], planes, dx, nh, nt, D, (size_t)T * D,
+                                                dy + first, NULL));
+                from_dev(got, dy, all * 4, "widen_stored");
+                size_t bad = 0;
+                for (size_t i = 0; i < all; i++)
+                    bad += memcmp(&got[i], &want[i], 4) != 0;
+                KVT_EXPECT_MSG(bad == 0,
+                               "widen_stored %s planes %d [%d,%d,%d] heads [%d,%d) tokens [%d,%d): "
+                               "%zu of %zu elements not bitwise the reference's",
+                               kvt_dtype_name(dts[t]), planes, H, T, D, cs[c].h0, cs[c].h1,
+                               cs[c].t0, cs[c].t1, bad, all);
+                cudaFree(dx), cudaFree(dy);
+                free(src), free(want), free(got);
+            }
+    float f[4];
+    uint16_t x[4] = {0};
+    KVT_EXPECT_STATUS(kvt_widen_stored_cuda(KVT_DTYPE_F32, true, (uint8_t *)x, 1, 1, 4, 4, f, NULL),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(
+        kvt_widen_stored_cuda(KVT_DTYPE_BF16, true, (uint8_t *)x, 2, 1, 4, 3, f, NULL),
+        KVT_ERR_INVALID_ARG); /* head stride under a head's rows */
+    KVT_EXPECT_STATUS(kvt_widen_stored_ref(KVT_DTYPE_BF16, true, (uint8_t *)x, 2, 1, 4, 3, f),
+                      KVT_ERR_INVALID_ARG);
+}
+
 int main(void)
 {
     char why[256] = "";
@@ -860,6 +914,7 @@ int main(void)
     test_scores(2, 1, 4, 4, 5, 103);    /* a prefix of one token */
     test_nonfinite();
     test_widen();
+    test_widen_stored();
     test_redundancy(1030, 200, 151); /* 2 and 3 dimensions per thread */
     test_redundancy(300, 320, 152);
     test_redundancy(260, 512, 153);
