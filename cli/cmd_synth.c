@@ -31,6 +31,8 @@ static void help(void)
            "  --layers N         only the shape's first N layers (their records are those\n"
            "                     of the whole trace; default: all)\n"
            "  --level N          zstd level (default 3)\n"
+           "  --record-bytes N   split each tensor into records of at most N bytes (K/M/G\n"
+           "                     suffixes; default 4M, as a capture writes them)\n"
            "  --threads N        generator and compression threads (default: CPU count)\n"
            "  --force            overwrite FILE\n"
            "  -o, --output FILE  output trace\n\nshapes:\n",
@@ -144,6 +146,15 @@ int kvt_cmd_synth(int argc, char **argv)
                 return 2;
             if (!kvt_cli_parse_int(v, 1, 22, &wo.level))
                 return kvt_cli_fail("synth", "--level wants an integer in 1..22 (got '%s')", v), 2;
+        } else if (!strcmp(a, "--record-bytes")) {
+            if (!(v = value(argc, argv, &i)))
+                return 2;
+            if (!kvt_cli_parse_size(v, &wo.max_record_bytes) || wo.max_record_bytes < 64)
+                return kvt_cli_fail("synth",
+                                    "--record-bytes wants a size of 64 bytes or more "
+                                    "(got '%s')",
+                                    v),
+                       2;
         } else if (!strcmp(a, "--threads")) {
             if (!(v = value(argc, argv, &i)))
                 return 2;

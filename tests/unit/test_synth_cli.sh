@@ -54,6 +54,9 @@ check "--layers 1 writes one layer" \
     "$BIN synth --shape llama3-8b --tokens 64 --layers 1 --decode 0 -o $TMP/e.kvt | grep -q 'L=1 ' && $BIN info $TMP/e.kvt | grep -q 'L=1 Hq=32'"
 check "an image share that does not fit before the window: cut, with a warning, and recorded" \
     "$BIN synth --shape tiny-vl --tokens 64 --image-frac 0.9 -o $TMP/i9.kvt 2>$TMP/err >/dev/null && grep -q 'image share of 0.9 is 17 of 64 tokens here, not 58' $TMP/err && $BIN info $TMP/i9.kvt --json | grep -q '\"image_tokens\":[[:space:]]*17'"
+check "--record-bytes splits the tensors into small records, readable as one" \
+    "$BIN synth --shape tiny-vl --tokens 700 --seed 3 --record-bytes 2k -o $TMP/r2k.kvt >/dev/null && $BIN synth --shape tiny-vl --tokens 700 --seed 3 -o $TMP/r4m.kvt >/dev/null && $BIN info $TMP/r2k.kvt | grep -Eq '^K +2 +44 ' && $BIN info $TMP/r4m.kvt | grep -Eq '^K +2 +2 ' && $BIN verify $TMP/r2k.kvt >/dev/null"
+one_error "--record-bytes below 64" --shape tiny --tokens 10 --record-bytes 12 -o "$TMP/rb.kvt"
 check "an image share that fits: no warning" \
     "$BIN synth --shape tiny-vl --tokens 384 -o $TMP/i6.kvt 2>$TMP/err >/dev/null && ! grep -q warning $TMP/err"
 # a full disk (a 64 KiB file size limit): one error line, no partial trace left (a synthetic
