@@ -665,6 +665,21 @@ if roof:
             "one worker" if "1t" in kinds else "all workers", kinds.get("1t", kinds.get("all")))]
 elif peak:
     md += ["", "No GPU kernel figures in the profiles (replay --device %s)." % e["DEVICE"]]
+# the whole run's time split and how K and V were read (ahead into host memory, or streamed
+# through pinned memory once the GPU was ready), as --profile printed them
+try:
+    split = []
+    for line in open(os.path.join(e["WORK"], "kvtrace_cuda_profile.txt")):
+        if line.startswith("# one worker"):
+            break
+        if line.startswith(("profile: wall ", "profile: gpu: CUDA context",
+                            "profile: gpu: K and V as stored")):
+            split.append(line.strip()[len("profile: "):])
+    if split:
+        md += ["", "Time split of `--device cuda` (all workers, --profile):", ""]
+        md += ["- " + l for l in split]
+except OSError:
+    pass
 try:  # each kernel alone (bench_gpu_kernels): its markdown table as it printed it
     kl = [l.rstrip() for l in open(os.path.join(e["WORK"], "gpu_kernels.log"))
           if l.startswith("|") or l.startswith("# bench_gpu_kernels")]

@@ -201,6 +201,15 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
                 "profile: gpu: CUDA context and memory plan %.3f s (a thread, while the workers "
                 "read); workers waiting for it or for room on the GPU %.3f s, summed\n",
                 p->gpu_plan_ns * 1e-9, p->gpu_wait_ns * 1e-9);
+    if (device == KVT_DEVICE_CUDA && (p->kv_ahead_bytes || p->kv_streamed_bytes)) {
+        char ahead[32], streamed[32];
+        fprintf(stderr,
+                "profile: gpu: K and V as stored: %s read ahead into host memory while the GPU "
+                "was not ready for their layer, %s decompressed into pinned memory as the "
+                "layer's context started (both in the read above)\n",
+                kvt_cli_bytes_text((double)p->kv_ahead_bytes, ahead, sizeof(ahead)),
+                kvt_cli_bytes_text((double)p->kv_streamed_bytes, streamed, sizeof(streamed)));
+    }
     release_join(&cmd_release);
     if (cmd_release.started)
         fprintf(stderr,

@@ -132,9 +132,10 @@ kvt_status kvt_convert_from_f32(kvt_dtype dst_dt, const float *src, void *dst, s
 const char *kvt_version_string(void);
 /** The ABI these headers describe: bumped when a public struct or signature changes (3:
  *  kvt_capture_model and kvt_layer_input gained RoPE details; 4: kvt_layer_input's 16-bit K
- *  and V). An engine that may load another
- *  build of libkvtrace.so checks kvt_abi_version() == KVT_ABI_VERSION before any other call. */
-#define KVT_ABI_VERSION 4
+ *  and V; 5: kvt_layer_input's K and V as stored, kvt_replay_profile's K and V bytes). An
+ *  engine that may load another build of libkvtrace.so checks kvt_abi_version() ==
+ *  KVT_ABI_VERSION before any other call. */
+#define KVT_ABI_VERSION 5
 /** The ABI of the loaded libkvtrace.so (only the shared library defines it). */
 int kvt_abi_version(void);
 /** Monotonic time in nanoseconds. */

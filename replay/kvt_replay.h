@@ -14,6 +14,7 @@
 
 #include "kvt_common.h"
 #include "kvt_kernels.h"
+#include "kvt_trace.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -132,6 +133,18 @@ typedef struct kvt_layer_input {
      * widened first. Either way the results equal those from k and v widened beforehand. */
     const uint16_t *k16, *v16;
     kvt_dtype k16_dtype;
+    /* Or K and V as a trace stores them (k16_dtype set, k and v NULL): k16 holds K's first
+     * n_k_pieces records back to back, each described by a piece (kvt_trace_reader_read_sink:
+     * its rectangle, its byte offset, byte planes not merged), v16 V's first n_v_pieces; and
+     * kv_rest, when not NULL, reads the records after those (kv_rest(kv_user, KVT_KIND_K or
+     * KVT_KIND_V, first record, sink): kvt_trace_reader_read_sink's contract). `replay --device
+     * cuda` decompresses those into pinned memory as the GPU context starts, with no host copy
+     * of the tensor, and merges the byte planes where it widens the elements. Each tensor's
+     * pieces and records must cover its [Hkv, T] rows once. */
+    const kvt_trace_piece *k_pieces, *v_pieces;
+    size_t n_k_pieces, n_v_pieces;
+    kvt_status (*kv_rest)(void *user, int kind, size_t first, const kvt_trace_sink *sink);
+    void *kv_user;
     const float *q_window;            /* [Hq, W, D] last W prompt queries */
     const float *q_decode;            /* [Hq, G, D] or NULL */
     const float *k_decode, *v_decode; /* [Hkv, G, D] or NULL (both or neither) */
@@ -251,6 +264,10 @@ typedef struct kvt_replay_profile {
     uint64_t gpu_plan_ns; /* creating the CUDA context and asking its free memory (a thread) */
     uint64_t gpu_wait_ns; /* workers waiting, after reading, for the plan or a GPU slot */
     uint64_t gpu_sweep_kind_ns[KVT_GPU_SWEEP_KINDS]; /* gpu_sweep_ns by kind (they add up to it) */
+    /* --device cuda, K and V stored in 16 bits: bytes read ahead into host memory while the GPU
+       was not ready for the layer, and bytes decompressed straight into pinned memory as the
+       layer's context started (both in read_ns) */
+    uint64_t kv_ahead_bytes, kv_streamed_bytes;
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {

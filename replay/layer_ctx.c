@@ -33,14 +33,129 @@ static kvt_status alloc_lazy(void **p, size_t n, size_t elem, bool gpu)
 }
 #define ALLOC_LAZY(ptr, n) alloc_lazy((void **)&(ptr), (size_t)(n), sizeof(*(ptr)), gpu)
 
-/* K and V widened from the input's 16-bit arrays into kv_own */
+kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const char *what)
+{
+    c->in = in, c->what = what, c->covered = 0, c->n = (size_t)in->Hkv * in->T;
+    c->seen = kvt_calloc(c->n ? c->n : 1, 1);
+    return c->seen ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "layer context: out of memory");
+}
+
+kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p)
+{
+    const kvt_layer_input *in = c->in;
+    const uint64_t bytes = (uint64_t)c->n * in->D * 2;
+    const bool inside = p->head_begin < p->head_end && p->head_end <= (uint32_t)in->Hkv &&
+                        p->tok_begin < p->tok_end && p->tok_end <= (uint32_t)in->T;
+    const uint64_t nb =
+        inside ? (uint64_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) * in->D * 2
+               : 0;
+    KVT_RETURN_IF(!inside || p->offset % 2 || p->offset > bytes || nb > bytes - p->offset,
+                  KVT_ERR_INVALID_ARG,
+                  "layer %d: %s piece heads [%u,%u) x tokens [%u,%u) at byte %llu lies outside "
+                  "[%d, %d] or its %llu bytes",
+                  in->layer, c->what, p->head_begin, p->head_end, p->tok_begin, p->tok_end,
+                  (unsigned long long)p->offset, in->Hkv, in->T, (unsigned long long)bytes);
+    for (uint32_t h = p->head_begin; h < p->head_end; h++) {
+        uint8_t *r = c->seen + (size_t)h * in->T;
+        for (uint32_t t = p->tok_begin; t < p->tok_end; t++)
+            KVT_RETURN_IF(r[t]++, KVT_ERR_INVALID_ARG,
+                          "layer %d: %s pieces overlap at head %u token %u", in->layer, c->what, h,
+                          t);
+        c->covered += p->tok_end - p->tok_begin;
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok)
+{
+    kvt_free(c->seen);
+    c->seen = NULL;
+    KVT_RETURN_IF(ok && c->covered != c->n, KVT_ERR_INVALID_ARG,
+                  "layer %d: %s pieces cover %zu of %zu rows", c->in->layer, c->what, c->covered,
+                  c->n);
+    return KVT_OK;
+}
+
+/* piece p's elements (src: as stored) widened into x [Hkv, T, D] */
+static kvt_status widen_piece(const kvt_layer_ctx *c, const kvt_trace_piece *p, const void *src,
+                              float *x)
+{
+    const size_t T = (size_t)c->T, D = (size_t)c->D;
+    return kvt_widen_stored_ref(c->in->k16_dtype, p->planes, src,
+                                (int)(p->head_end - p->head_begin),
+                                (int)(p->tok_end - p->tok_begin), c->D, T * D,
+                                x + ((size_t)p->head_begin * T + p->tok_begin) * D);
+}
+
+/* kv_rest's records on the host: each into one buffer, then widened into x */
+typedef struct host_sink {
+    const kvt_layer_ctx *c;
+    kvt_kv_cover *cov;
+    float *x;
+    void *buf;
+    size_t cap, last; /* buf's bytes; the last record's */
+} host_sink;
+
+static kvt_status host_room(void *user, size_t bytes, void **buf)
+{
+    host_sink *h = user;
+    if (bytes > h->cap) {
+        kvt_free(h->buf);
+        h->cap = 0;
+        KVT_RETURN_IF(!(h->buf = kvt_malloc(bytes ? bytes : 1)), KVT_ERR_NOMEM,
+                      "layer %d: out of memory reading %s", h->c->layer, h->cov->what);
+        h->cap = bytes;
+    }
+    h->last = bytes;
+    *buf = h->buf;
+    return KVT_OK;
+}
+
+static kvt_status host_put(void *user, const kvt_trace_piece *p, void *buf)
+{
+    host_sink *h = user;
+    KVT_FORWARD(kvt_kv_cover_add(h->cov, p));
+    KVT_RETURN_IF((uint64_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) * h->c->D *
+                          2 !=
+                      h->last,
+                  KVT_ERR_INVALID_ARG, "layer %d: a %s record's bytes disagree with its piece",
+                  h->c->layer, h->cov->what);
+    return widen_piece(h->c, p, buf, h->x);
+}
+
+/* x [Hkv, T, D] in f32 from the 16-bit src (kind: KVT_KIND_K or V): its elements in order, or
+ * the input's pieces as stored and the records kv_rest reads after them */
+static kvt_status widen_16(const kvt_layer_ctx *c, int kind, const uint16_t *src, float *x)
+{
+    const kvt_layer_input *in = c->in;
+    if (!kvt_kv_stored(in))
+        return kvt_convert_to_f32(in->k16_dtype, src, x, (size_t)c->Hkv * c->T * c->D);
+    const bool is_k = kind == KVT_KIND_K;
+    const kvt_trace_piece *pc = is_k ? in->k_pieces : in->v_pieces;
+    const size_t n_pc = is_k ? in->n_k_pieces : in->n_v_pieces;
+    kvt_kv_cover cov;
+    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, is_k ? "K" : "V"));
+    kvt_status s = KVT_OK;
+    for (size_t i = 0; i < n_pc && !s; i++)
+        if (!(s = kvt_kv_cover_add(&cov, &pc[i])))
+            s = widen_piece(c, &pc[i], (const uint8_t *)src + pc[i].offset, x);
+    host_sink h = {c, &cov, x, NULL, 0, 0};
+    const kvt_trace_sink sink = {host_room, host_put, &h};
+    if (!s && in->kv_rest)
+        s = in->kv_rest(in->kv_user, kind, n_pc, &sink);
+    kvt_free(h.buf);
+    kvt_status e = kvt_kv_cover_end(&cov, !s);
+    return s ? s : e;
+}
+
+/* K and V widened from the input's 16-bit arrays (or pieces) into kv_own */
 static kvt_status widen_kv(kvt_layer_ctx *c)
 {
     const size_t n = (size_t)c->Hkv * c->T * c->D;
     if (!c->kv_own && !(c->kv_own = kvt_malloc(2 * n * sizeof(float))))
         return kvt_error_set(KVT_ERR_NOMEM, "layer %d: out of memory for K and V in f32", c->layer);
-    KVT_FORWARD(kvt_convert_to_f32(c->in->k16_dtype, c->in->k16, c->kv_own, n));
-    KVT_FORWARD(kvt_convert_to_f32(c->in->k16_dtype, c->in->v16, c->kv_own + n, n));
+    KVT_FORWARD(widen_16(c, KVT_KIND_K, c->in->k16, c->kv_own));
+    KVT_FORWARD(widen_16(c, KVT_KIND_V, c->in->v16, c->kv_own + n));
     c->k = c->kv_own, c->v = c->kv_own + n;
     return KVT_OK;
 }
@@ -124,14 +239,17 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
                             kvt_replay_profile *prof)
 {
     memset(c, 0, sizeof(*c));
-    KVT_RETURN_IF(!in || !in->q_window ||
-                      (in->k16
-                           ? !in->v16 || in->k || in->v ||
-                                 (in->k16_dtype != KVT_DTYPE_BF16 && in->k16_dtype != KVT_DTYPE_F16)
-                           : !in->k || !in->v || in->v16),
+    KVT_RETURN_IF(!in || !in->q_window, KVT_ERR_INVALID_ARG, "layer context: Q_window is required");
+    const bool stored = kvt_kv_stored(in),
+               is16 = in->k16_dtype == KVT_DTYPE_BF16 || in->k16_dtype == KVT_DTYPE_F16;
+    KVT_RETURN_IF(stored ? in->k || in->v || !is16 ||
+                               (in->n_k_pieces && (!in->k16 || !in->k_pieces)) ||
+                               (in->n_v_pieces && (!in->v16 || !in->v_pieces))
+                  : in->k16 ? !in->v16 || in->k || in->v || !is16
+                            : !in->k || !in->v || in->v16,
                   KVT_ERR_INVALID_ARG,
-                  "layer context: K and V (f32, or 16-bit with their dtype, not both) and "
-                  "Q_window are required");
+                  "layer context: K and V are required, in f32 or 16-bit with their dtype (in "
+                  "order, or as stored pieces with their arrays), one way");
     KVT_RETURN_IF(in->T < 1 || in->D < 1 || in->Hkv < 1 || in->Hq < in->Hkv || in->Hq % in->Hkv ||
                       in->W < 1 || in->W > in->T || in->G < 0,
                   KVT_ERR_INVALID_ARG,
@@ -149,7 +267,7 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     c->scale = in->scale > 0.0 ? in->scale : 1.0 / sqrt((double)in->D);
     c->has_extra = c->Gd > 0 && in->k_decode;
     c->k = in->k, c->v = in->v;
-    if (in->k16) /* widened on the device; on the host here, or when a host reader asks */
+    if (in->k16 || stored) /* widened on the device; on the host here, or when asked */
         c->on_device = KVT_CTX_KV;
     const int T = c->T, D = c->D, Hq = c->Hq, Hkv = c->Hkv, Wt = c->Wt, Gd = c->Gd;
     size_t kv_n = (size_t)Hkv * T * D;
@@ -186,8 +304,9 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         goto out_fail;
     if (gpu) {
         size_t bad_k = 0, bad_v = 0;
-        if ((s = kvt_ctx_gpu_begin(in, Gd, nqw > nqd ? nqw : nqd, prof, &dev)) ||
-            (s = kvt_ctx_gpu_check_kv(dev, &bad_k, &bad_v)))
+        s = kvt_ctx_gpu_begin(in, Gd, nqw > nqd ? nqw : nqd, prof, &dev);
+        c->read_ns = kvt_ctx_gpu_read_ns(dev);
+        if (s || (s = kvt_ctx_gpu_check_kv(dev, &bad_k, &bad_v)))
             goto out_fail;
         if (bad_k < kv_n || bad_v < kv_n) { /* check_finite's message */
             s = kvt_error_set(KVT_ERR_NAN, "layer %d: %s element %zu is not finite", in->layer,

@@ -135,6 +135,7 @@ struct kvt_layer_ctx {
     struct kvt_ctx_gpu *gpu;  /* replay --device cuda: device copies for the output sweeps */
     unsigned on_device;       /* KVT_CTX_* arrays only on the GPU so far (kvt_ctx_fetch) */
     kvt_replay_profile *prof; /* may be NULL */
+    uint64_t read_ns;         /* building it read K and V from the trace (kv_rest) this long */
     /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
      * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
     const double *budget_frac;
@@ -178,6 +179,25 @@ static inline void kvt_prof_add(kvt_replay_profile *prof, uint64_t *field, uint6
     if (prof)
         __atomic_fetch_add(field, v, __ATOMIC_RELAXED);
 }
+/* K or V given as a trace stores it (kvt_layer_input.k_pieces, kv_rest): the rows its pieces
+ * cover so far, checked in bounds, once each, and complete at the end */
+typedef struct kvt_kv_cover {
+    const kvt_layer_input *in;
+    const char *what; /* "K" or "V" */
+    uint8_t *seen;    /* [Hkv * T] */
+    size_t covered, n;
+} kvt_kv_cover;
+kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const char *what);
+/** Piece p (its bytes at p->offset of a tensor's [Hkv, T, D] 16-bit elements) added. */
+kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p);
+/** Every row covered; frees the tracker either way (ok: false just frees it). */
+kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok);
+/** The layer's K and V come as stored pieces (kvt_layer_input.k_pieces, kv_rest). */
+static inline bool kvt_kv_stored(const kvt_layer_input *in)
+{
+    return in->kv_rest || in->n_k_pieces || in->n_v_pieces;
+}
+
 #define KVT_PROF_ADD(prof, field, v) kvt_prof_add((prof), (prof) ? &(prof)->field : NULL, (v))
 void kvt_ctx_free(kvt_layer_ctx *c);
 

@@ -122,13 +122,12 @@ typedef struct run_shared {
     char rope_why[200]; /* why rope_known is false */
 } run_shared;
 
-/* (layer, kind) [heads, tok, D] into dst as `as` (KVT_DTYPE_F32, or the stored dtype) */
-static kvt_status read_as(run_shared *sh, int layer, int kind, int heads, int tok, kvt_dtype as,
-                          void *dst)
+/* (layer, kind) of [heads, tok, D] (*t its tokens: decode kinds may hold more) */
+static kvt_status check_shape(run_shared *sh, int layer, int kind, int heads, int tok, uint32_t *t)
 {
-    uint32_t h, t, d;
+    uint32_t h, d;
     kvt_dtype dt;
-    kvt_status s = kvt_trace_reader_shape(sh->rd, layer, kind, &h, &t, &d, &dt);
+    kvt_status s = kvt_trace_reader_shape(sh->rd, layer, kind, &h, t, &d, &dt);
     if (s)
         return kvt_error_set(s, "layer %d: %s missing", layer, kvt_kind_name(kind));
     uint32_t want_d = kind == KVT_KIND_ATTN_COLSUM ? 1 : (uint32_t)sh->D;
@@ -136,21 +135,114 @@ static kvt_status read_as(run_shared *sh, int layer, int kind, int heads, int to
        tok of them */
     bool decode =
         kind == KVT_KIND_Q_DECODE || kind == KVT_KIND_K_DECODE || kind == KVT_KIND_V_DECODE;
-    if ((int)h != heads || (decode ? (int)t < tok : (int)t != tok) || d != want_d)
+    if ((int)h != heads || (decode ? (int)*t < tok : (int)*t != tok) || d != want_d)
         return kvt_error_set(KVT_ERR_CORRUPT,
                              "layer %d: %s has shape [%u,%u,%u], expected [%d,%d,%u]", layer,
-                             kvt_kind_name(kind), h, t, d, heads, tok, want_d);
+                             kvt_kind_name(kind), h, *t, d, heads, tok, want_d);
+    return KVT_OK;
+}
+
+/* (layer, kind) [heads, tok, D] into dst as `as` (KVT_DTYPE_F32, or the stored dtype) */
+static kvt_status read_as(run_shared *sh, int layer, int kind, int heads, int tok, kvt_dtype as,
+                          void *dst)
+{
+    uint32_t t, h = (uint32_t)heads, d = kind == KVT_KIND_ATTN_COLSUM ? 1 : (uint32_t)sh->D;
+    KVT_FORWARD(check_shape(sh, layer, kind, heads, tok, &t));
     const size_t es = kvt_dtype_size(as);
     if ((int)t == tok)
         return kvt_trace_reader_read(sh->rd, layer, kind, 0, h, as, dst, (size_t)h * t * d * es);
     size_t all = (size_t)h * t * d, row = (size_t)tok * d;
     char *tmp = kvt_malloc(all * es);
     KVT_RETURN_IF(!tmp, KVT_ERR_NOMEM, "out of memory (layer %d %s)", layer, kvt_kind_name(kind));
-    s = kvt_trace_reader_read(sh->rd, layer, kind, 0, h, as, tmp, all * es);
+    kvt_status s = kvt_trace_reader_read(sh->rd, layer, kind, 0, h, as, tmp, all * es);
     for (uint32_t i = 0; !s && i < h; i++)
         memcpy((char *)dst + i * row * es, tmp + (size_t)i * t * d * es, row * es);
     kvt_free(tmp);
     return s;
+}
+
+/* *buf of `bytes`, allocated at its first use (freed by the worker at its end) */
+static kvt_status have_buf(void **buf, size_t bytes)
+{
+    if (!*buf && !(*buf = kvt_malloc(bytes)))
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory for one layer's tensors");
+    return KVT_OK;
+}
+
+/* Whether a worker would get the GPU now (the plan made, a slot free) or must stop (an
+ * error): then it stops reading K and V ahead into host memory (kv_pre). */
+static bool gpu_ready(run_shared *sh)
+{
+    pthread_mutex_lock(&sh->mu);
+    bool r = sh->err || (sh->gpu_planned && (sh->gpu_slots <= 0 || sh->gpu_busy < sh->gpu_slots));
+    pthread_mutex_unlock(&sh->mu);
+    return r;
+}
+
+/* --device cuda, K or V of a layer as stored (kv16): its records read ahead into the worker's
+ * host buffer (planes kept, back to back) while the GPU is not ready for the layer; the layer
+ * context reads the rest straight into pinned memory as it starts (kv_rest), so that the
+ * reading overlaps the CUDA context's creation and yet the tensor is not copied on the host
+ * once the GPU is there. */
+typedef struct kv_pre {
+    run_shared *sh;
+    void **buf; /* the worker's [kv] 16-bit buffer, allocated at the first record */
+    size_t bytes, off;
+    kvt_trace_piece **pc; /* grown */
+    size_t *cap, n;
+} kv_pre;
+
+static kvt_status pre_room(void *user, size_t bytes, void **buf)
+{
+    kv_pre *p = user;
+    *buf = NULL;
+    if (gpu_ready(p->sh))
+        return KVT_OK; /* the context reads this record and the rest */
+    KVT_FORWARD(have_buf(p->buf, p->bytes));
+    KVT_RETURN_IF(bytes > p->bytes - p->off, KVT_ERR_CORRUPT,
+                  "K or V records larger than the tensor");
+    *buf = (uint8_t *)*p->buf + p->off;
+    p->off += bytes;
+    return KVT_OK;
+}
+
+static kvt_status pre_put(void *user, const kvt_trace_piece *pc, void *buf)
+{
+    kv_pre *p = user;
+    if (p->n == *p->cap) {
+        size_t cap = *p->cap ? 2 * *p->cap : 16;
+        kvt_trace_piece *g = kvt_realloc(*p->pc, cap * sizeof(*g));
+        KVT_RETURN_IF(!g, KVT_ERR_NOMEM, "out of memory for one layer's tensors");
+        *p->pc = g, *p->cap = cap;
+    }
+    (*p->pc)[p->n++] = *pc;
+    return KVT_OK;
+}
+
+/* K or V (kind) of layer l read ahead (kv_pre) into *buf, its pieces into *pc[*n] */
+static kvt_status read_ahead(run_shared *sh, int l, int kind, void **buf, kvt_trace_piece **pc,
+                             size_t *cap, size_t *n)
+{
+    uint32_t t;
+    KVT_FORWARD(check_shape(sh, l, kind, sh->Hkv, sh->T, &t));
+    kv_pre p = {sh, buf, (size_t)sh->Hkv * sh->T * sh->D * 2, 0, pc, cap, 0};
+    const kvt_trace_sink sink = {pre_room, pre_put, &p};
+    kvt_status s = kvt_trace_reader_read_sink(sh->rd, l, kind, 0, &sink, NULL);
+    *n = p.n;
+    KVT_PROF_ADD(sh->o->profile, kv_ahead_bytes, p.off);
+    return s;
+}
+
+typedef struct kv_rest_src {
+    run_shared *sh;
+    int layer;
+} kv_rest_src;
+
+/* kvt_layer_input.kv_rest: the records after those read ahead */
+static kvt_status kv_rest_read(void *user, int kind, size_t first, const kvt_trace_sink *sink)
+{
+    const kv_rest_src *r = user;
+    return kvt_trace_reader_read_sink(r->sh->rd, r->layer, kind, first, sink, NULL);
 }
 
 static kvt_status read_f32(run_shared *sh, int layer, int kind, int heads, int tok, float *dst)
@@ -167,14 +259,6 @@ static bool layer_kv16(run_shared *sh, int layer)
     return sh->kv16 && !kvt_trace_reader_shape(sh->rd, layer, KVT_KIND_K, &h, &t, &d, &dk) &&
            !kvt_trace_reader_shape(sh->rd, layer, KVT_KIND_V, &h, &t, &d, &dv) && dk == sh->kv16 &&
            dv == sh->kv16;
-}
-
-/* *buf of `bytes`, allocated at its first use (freed by the worker at its end) */
-static kvt_status have_buf(void **buf, size_t bytes)
-{
-    if (!*buf && !(*buf = kvt_malloc(bytes)))
-        return kvt_error_set(KVT_ERR_NOMEM, "out of memory for one layer's tensors");
-    return KVT_OK;
 }
 
 typedef struct qa_load {
@@ -197,6 +281,8 @@ static void *worker(void *arg)
     kvt_alloc_cache_begin(); /* every layer allocates the same large arrays: keep them */
     /* K and V in f32 or as stored (kv16): allocated for the first layer that reads them so */
     void *k = NULL, *v = NULL, *k16 = NULL, *v16 = NULL;
+    kvt_trace_piece *kpc = NULL, *vpc = NULL; /* kv16: K's and V's records (read_stored) */
+    size_t kpc_cap = 0, vpc_cap = 0;
     float *qw = kvt_malloc((size_t)Hq * W * D * sizeof(float));
     float *qd = sh->has_qd ? kvt_malloc((size_t)Hq * G * D * sizeof(float)) : NULL;
     float *kd = sh->has_kvd ? kvt_malloc((size_t)Hkv * G * D * sizeof(float)) : NULL;
@@ -237,20 +323,6 @@ static void *worker(void *arg)
                               .n_pos_rows = sh->n_pos_rows,
                               .rope = sh->rope_known ? &sh->rope : NULL};
         uint64_t t_read = kvt_now_ns();
-        if (layer_kv16(sh, l)) {
-            if ((st = have_buf(&k16, kv * 2)) || (st = have_buf(&v16, kv * 2)) ||
-                (st = read_as(sh, l, KVT_KIND_K, Hkv, T, sh->kv16, k16)) ||
-                (st = read_as(sh, l, KVT_KIND_V, Hkv, T, sh->kv16, v16)))
-                continue;
-            in.k16 = k16, in.v16 = v16, in.k16_dtype = sh->kv16;
-        } else {
-            if ((st = have_buf(&k, kv * sizeof(float))) ||
-                (st = have_buf(&v, kv * sizeof(float))) ||
-                (st = read_f32(sh, l, KVT_KIND_K, Hkv, T, k)) ||
-                (st = read_f32(sh, l, KVT_KIND_V, Hkv, T, v)))
-                continue;
-            in.k = k, in.v = v;
-        }
         if ((st = read_f32(sh, l, KVT_KIND_Q_WINDOW, Hq, W, qw)))
             continue;
         if (sh->has_qd) {
@@ -269,6 +341,23 @@ static void *worker(void *arg)
             if ((st = read_f32(sh, l, KVT_KIND_ATTN_COLSUM, Hq, T, cs)))
                 continue;
             in.attn_colsum = cs;
+        }
+        /* K and V last: with --device cuda the GPU may be ready by then (kv_pre) */
+        kv_rest_src rest = {sh, l};
+        if (layer_kv16(sh, l)) {
+            if ((st = read_ahead(sh, l, KVT_KIND_K, &k16, &kpc, &kpc_cap, &in.n_k_pieces)) ||
+                (st = read_ahead(sh, l, KVT_KIND_V, &v16, &vpc, &vpc_cap, &in.n_v_pieces)))
+                continue;
+            in.k16 = k16, in.v16 = v16, in.k16_dtype = sh->kv16;
+            in.k_pieces = kpc, in.v_pieces = vpc;
+            in.kv_rest = kv_rest_read, in.kv_user = &rest;
+        } else {
+            if ((st = have_buf(&k, kv * sizeof(float))) ||
+                (st = have_buf(&v, kv * sizeof(float))) ||
+                (st = read_f32(sh, l, KVT_KIND_K, Hkv, T, k)) ||
+                (st = read_f32(sh, l, KVT_KIND_V, Hkv, T, v)))
+                continue;
+            in.k = k, in.v = v;
         }
         KVT_PROF_ADD(sh->o->profile, read_ns, kvt_now_ns() - t_read);
         qa_load qal = {sh, l};
@@ -335,6 +424,8 @@ static void *worker(void *arg)
     kvt_free(v);
     kvt_free(k16);
     kvt_free(v16);
+    kvt_free(kpc);
+    kvt_free(vpc);
     kvt_free(qw);
     kvt_free(qd);
     kvt_free(kd);

@@ -1018,7 +1018,8 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
     KVT_FORWARD(kvt_ctx_build_on(in, &c, o->device == KVT_DEVICE_CUDA, o->profile));
     c.budget_frac = budget_frac;
     uint64_t t_measure = kvt_now_ns();
-    KVT_PROF_ADD(o->profile, context_ns, t_measure - t_ctx);
+    KVT_PROF_ADD(o->profile, context_ns, t_measure - t_ctx - c.read_ns);
+    KVT_PROF_ADD(o->profile, read_ns, c.read_ns); /* K and V streamed to the GPU */
     kvt_status st = KVT_OK;
     scratch s = {0};
     kvt_layer_selection orc[2];

@@ -20,7 +20,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # ---- enums (numbers are part of the trace format / public ABI) ----
 KVT_OK = 0

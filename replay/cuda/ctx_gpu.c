@@ -74,6 +74,7 @@ struct kvt_ctx_gpu {
     kvt_replay_profile *prof;      /* may be NULL */
     cudaEvent_t ev[2];             /* kernel timing (with a profile only) */
     uint64_t up_bytes, down_bytes; /* queued since the last sync */
+    uint64_t read_ns;              /* inside the input's kv_rest (kvt_ctx_gpu_read_ns) */
     /* Every copy goes through two pinned staging buffers (CTX_STAGE bytes each; NULL when
      * cudaHostAlloc failed: copies from and to the pageable arrays directly, as before). */
     char *stage[2];
@@ -362,14 +363,119 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
     kvt_free(g);
 }
 
-/* K or V given in 16 bits (n elements of dt): uploaded as they are into the unit keys' buffer
- * (which the norms fill later), widened from there into a new f32 array *dst. Stream order
- * keeps the next upload into that buffer after the widening. */
-static kvt_status put_kv16(kvt_ctx_gpu *g, float **dst, const uint16_t *src, kvt_dtype dt, size_t n)
+/* piece p's elements as stored, at src on the device, widened into their rows of x */
+static kvt_status widen_piece(kvt_ctx_gpu *g, kvt_dtype dt, const kvt_trace_piece *p,
+                              const uint8_t *src, float *x)
 {
+    const size_t T = (size_t)g->T, D = (size_t)g->D;
+    return kvt_widen_stored_cuda(dt, p->planes, src, (int)(p->head_end - p->head_begin),
+                                 (int)(p->tok_end - p->tok_begin), g->D, T * D,
+                                 x + ((size_t)p->head_begin * T + p->tok_begin) * D, (void *)g->st);
+}
+
+/* The records kv_rest reads, on their way to the device: each decompressed into a pinned
+ * staging buffer (one larger than a buffer: into a host buffer, copied through them), sent to
+ * its place in the unit keys' buffer while the next is decompressed, and widened from there.
+ * No host copy of the tensor. */
+typedef struct gpu_sink {
+    kvt_ctx_gpu *g;
+    kvt_kv_cover *cov;
+    kvt_dtype dt;
+    float *x;
+    void *host;
+    size_t cap, last; /* host's bytes; the last record's */
+    int b;            /* the staging buffer room gave, -1: host */
+} gpu_sink;
+
+static kvt_status gpu_room(void *user, size_t bytes, void **buf)
+{
+    gpu_sink *k = user;
+    kvt_ctx_gpu *g = k->g;
+    k->last = bytes;
+    if (g->stage[0] && bytes <= CTX_STAGE) {
+        KVT_FORWARD(flush_down(g)); /* stage[0] may hold queued downloads */
+        k->b = g->up_next;
+        g->up_next ^= 1;
+        GPU_OK(cudaEventSynchronize(g->sev[k->b])); /* its last transfer has read it */
+        *buf = g->stage[k->b];
+        return KVT_OK;
+    }
+    k->b = -1;
+    if (bytes > k->cap) {
+        kvt_free(k->host);
+        k->cap = 0;
+        KVT_RETURN_IF(!(k->host = kvt_malloc(bytes ? bytes : 1)), KVT_ERR_NOMEM,
+                      "replay --device cuda: out of memory reading %s", k->cov->what);
+        k->cap = bytes;
+    }
+    *buf = k->host;
+    return KVT_OK;
+}
+
+static kvt_status gpu_put(void *user, const kvt_trace_piece *p, void *buf)
+{
+    gpu_sink *k = user;
+    kvt_ctx_gpu *g = k->g;
+    KVT_FORWARD(kvt_kv_cover_add(k->cov, p));
+    KVT_RETURN_IF(
+        (uint64_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) * g->D * 2 != k->last,
+        KVT_ERR_INVALID_ARG, "layer %d: a %s record's bytes disagree with its piece",
+        k->cov->in->layer, k->cov->what);
+    uint8_t *d = (uint8_t *)g->ku + p->offset;
+    PROF(g, kv_streamed_bytes, k->last);
+    if (k->b < 0) {
+        KVT_FORWARD(copy_up(g, d, buf, k->last));
+    } else {
+        g->up_bytes += k->last;
+        GPU_OK(cudaMemcpyAsync(d, buf, k->last, cudaMemcpyHostToDevice, g->st));
+        GPU_OK(cudaEventRecord(g->sev[k->b], g->st));
+    }
+    return widen_piece(g, k->dt, p, d, k->x);
+}
+
+/* K or V (kind) given in 16 bits, into a new f32 array *dst: its n elements in order, or its
+ * pieces as a trace stores them (the input's, then the records kv_rest reads). Uploaded as
+ * they are into the unit keys' buffer (which the norms fill later) and widened from there, the
+ * pieces' byte planes merged on the way. Stream order keeps the next upload into that buffer
+ * after the widening. *read_ns: the time inside kv_rest (decompression, with the copies
+ * overlapping it). */
+static kvt_status put_kv16(kvt_ctx_gpu *g, const kvt_layer_input *in, int kind, float **dst,
+                           size_t n, uint64_t *read_ns)
+{
+    const bool is_k = kind == KVT_KIND_K;
+    const uint16_t *src = is_k ? in->k16 : in->v16;
     KVT_FORWARD(dalloc(g, (void **)dst, n * sizeof(float)));
-    KVT_FORWARD(copy_up(g, g->ku, src, n * sizeof(uint16_t)));
-    return kvt_widen_cuda(dt, (const uint16_t *)g->ku, n, *dst, (void *)g->st);
+    if (!kvt_kv_stored(in)) {
+        KVT_FORWARD(copy_up(g, g->ku, src, n * sizeof(uint16_t)));
+        return kvt_widen_cuda(in->k16_dtype, (const uint16_t *)g->ku, n, *dst, (void *)g->st);
+    }
+    const kvt_trace_piece *pc = is_k ? in->k_pieces : in->v_pieces;
+    const size_t n_pc = is_k ? in->n_k_pieces : in->n_v_pieces;
+    kvt_kv_cover cov;
+    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, is_k ? "K" : "V"));
+    kvt_status s = KVT_OK;
+    uint64_t end = 0; /* the input's pieces: back to back from byte 0, one upload */
+    for (size_t i = 0; i < n_pc && !s; i++) {
+        const kvt_trace_piece *p = &pc[i];
+        s = kvt_kv_cover_add(&cov, p);
+        uint64_t e = p->offset + (uint64_t)(p->head_end - p->head_begin) *
+                                     (p->tok_end - p->tok_begin) * g->D * 2;
+        end = e > end ? e : end;
+    }
+    if (!s && end)
+        s = copy_up(g, g->ku, src, (size_t)end);
+    for (size_t i = 0; i < n_pc && !s; i++)
+        s = widen_piece(g, in->k16_dtype, &pc[i], (const uint8_t *)g->ku + pc[i].offset, *dst);
+    gpu_sink k = {g, &cov, in->k16_dtype, *dst, NULL, 0, 0, -1};
+    const kvt_trace_sink sink = {gpu_room, gpu_put, &k};
+    if (!s && in->kv_rest) {
+        uint64_t t0 = kvt_now_ns();
+        s = in->kv_rest(in->kv_user, kind, n_pc, &sink);
+        *read_ns += kvt_now_ns() - t0;
+    }
+    kvt_free(k.host);
+    kvt_status e = kvt_kv_cover_end(&cov, !s);
+    return s ? s : e;
 }
 
 static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
@@ -393,9 +499,10 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     }
     uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
-    if (in->k16) {
-        KVT_FORWARD(put_kv16(g, &g->k, in->k16, in->k16_dtype, kv));
-        KVT_FORWARD(put_kv16(g, &g->v, in->v16, in->k16_dtype, kv));
+    if (in->k16 || kvt_kv_stored(in)) {
+        KVT_FORWARD(put_kv16(g, in, KVT_KIND_K, &g->k, kv, &g->read_ns));
+        KVT_FORWARD(put_kv16(g, in, KVT_KIND_V, &g->v, kv, &g->read_ns));
+        t0 += g->read_ns; /* the uploads' time: without the reading they overlapped */
     } else {
         KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
         KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
@@ -444,6 +551,11 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
     }
     *out = g;
     return KVT_OK;
+}
+
+uint64_t kvt_ctx_gpu_read_ns(const kvt_ctx_gpu *g)
+{
+    return g ? g->read_ns : 0;
 }
 
 kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)

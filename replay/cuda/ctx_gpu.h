@@ -33,11 +33,16 @@ int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
 kvt_status kvt_ctx_gpu_release(void);
 
 /** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0; K and V
- *  given in 16 bits (in->k16, in->v16) are uploaded so and widened to f32 there.
+ *  given in 16 bits (in->k16, in->v16, or as stored: in->k_pieces, in->kv_rest) are uploaded
+ *  so and widened to f32 there.
  *  rows: the most query rows of one group (Gs * max(Wt, Gd)). prof (may be NULL) receives the
  *  GPU's share of the time split: uploads, kernels with the bytes they must move, downloads. */
 kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
                              kvt_ctx_gpu **out);
+
+/** Nanoseconds kvt_ctx_gpu_begin spent inside the input's kv_rest (reading K and V from the
+ *  trace into pinned memory, their copies overlapping it): the profile's read, not context. */
+uint64_t kvt_ctx_gpu_read_ns(const kvt_ctx_gpu *g);
 
 /** The first non-finite element of the uploaded K and of V (their index, or Hkv*T*D when all
  *  are finite): the layer's check of its inputs, on the device instead of a host scan. */

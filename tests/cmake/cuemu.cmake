@@ -138,6 +138,13 @@ cmp '${nop}/pools.json' '${nop}/nopools.json' && cmp '${nop}/pools.json' '${nop}
                      $<TARGET_FILE:kvtrace_cuemu> ${nop_args})
     set_tests_properties(test_replay_device_cuemu_nopools PROPERTIES LABELS "cpu;noasan"
                          TIMEOUT 300)
+    # replay --device cuda reading K and V as stored: read ahead while the GPU is not ready,
+    # streamed through pinned memory after; the same metrics either way
+    add_test(NAME test_replay_kv_stream_cuemu
+             COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_kv_stream.sh)
+    set_tests_properties(test_replay_kv_stream_cuemu PROPERTIES LABELS "cpu;noasan"
+        TIMEOUT 600 ENVIRONMENT
+        "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_PYTHON=${KVT_SYS_PYTHON}")
     # replay --device cuda on a GPU with little memory: workers take turns, or a clear error
     add_test(NAME test_replay_gpu_memory_cuemu
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_memory.sh)

@@ -585,9 +585,65 @@ static void test_trace_driver(void)
     unlink(path);
 }
 
-/* K and V given in 16 bits (k16, v16) give, bit for bit, the metrics of the same values given
- * widened to f32, for every policy (those that read K or V on the host included: quest, the
- * merging ones), in bf16 and f16; a layer given both ways, or a dtype that is not 16-bit, is
+/* x [2, T, D] (16-bit) as a trace may store it, into out (3 pieces, in pc): head 1's tokens
+ * [40, T) as byte planes first, then head 0 in row order, then head 1's tokens [0, 40) as byte
+ * planes */
+static void stored_pieces(const uint16_t *x, int T, int D, uint8_t *out, kvt_trace_piece *pc)
+{
+    const uint32_t t = (uint32_t)T;
+    const kvt_trace_piece want[3] = {
+        {1, 2, 40, t, true, 0}, {0, 1, 0, t, false, 0}, {1, 2, 0, 40, true, 0}};
+    size_t off = 0;
+    for (int i = 0; i < 3; i++) {
+        pc[i] = want[i];
+        pc[i].offset = off;
+        const size_t n = (size_t)(pc[i].tok_end - pc[i].tok_begin) * D;
+        const uint16_t *src = x + ((size_t)pc[i].head_begin * T + pc[i].tok_begin) * D;
+        for (size_t j = 0; j < n; j++) {
+            if (pc[i].planes) {
+                out[off + j] = (uint8_t)(src[j] & 0xff);
+                out[off + n + j] = (uint8_t)(src[j] >> 8);
+            } else {
+                out[off + 2 * j] = (uint8_t)(src[j] & 0xff);
+                out[off + 2 * j + 1] = (uint8_t)(src[j] >> 8);
+            }
+        }
+        off += 2 * n;
+    }
+}
+
+/* a kvt_layer_input.kv_rest over the pieces stored_pieces made (K's and V's), failing the
+ * last record with `fail` unless it is KVT_OK */
+typedef struct stored_src {
+    const uint8_t *st[2];
+    const kvt_trace_piece *pc[2];
+    kvt_status fail;
+} stored_src;
+
+static kvt_status feed_rest(void *user, int kind, size_t first, const kvt_trace_sink *sink)
+{
+    const stored_src *s = user;
+    const int t = kind == KVT_KIND_K ? 0 : 1;
+    for (size_t i = first; i < 3; i++) {
+        const kvt_trace_piece *p = &s->pc[t][i];
+        const size_t bytes = (size_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) *
+                             16 * 2; /* D = 16 */
+        void *buf;
+        KVT_FORWARD(sink->room(sink->user, bytes, &buf));
+        if (!buf)
+            return KVT_OK;
+        if (s->fail && i == 2)
+            return kvt_error_set(s->fail, "record %zu: payload checksum mismatch", i);
+        memcpy(buf, s->st[t] + p->offset, bytes);
+        KVT_FORWARD(sink->put(sink->user, p, buf));
+    }
+    return KVT_OK;
+}
+
+/* K and V given in 16 bits (k16, v16), in order or as a trace stores them (pieces), give, bit for
+ * bit, the metrics of the same values given widened to f32, for every policy (those that read K
+ * or V on the host included: quest, the merging ones), in bf16 and f16; a layer given both ways,
+ * a dtype that is not 16-bit, or pieces that overlap, leave rows out or lie outside, are
  * refused */
 static void test_kv16_input(void)
 {
@@ -618,6 +674,62 @@ static void test_kv16_input(void)
         KVT_EXPECT_MSG(!memcmp(m32, m16, sizeof(*m32) * NPOL * NB * Hq),
                        "%s K and V: metrics differ from the widened f32 input's",
                        kvt_dtype_name(dts[t_i]));
+        /* the same as a trace stores them: pieces out of order, split along heads and tokens,
+           byte planes and not (kvt_trace_reader_read_sink's pieces) */
+        kvt_trace_piece kp[3], vp[3];
+        uint8_t *ks = malloc(n * 2), *vs = malloc(n * 2);
+        stored_pieces(k16, T, D, ks, kp);
+        stored_pieces(v16, T, D, vs, vp);
+        in.k16 = (const uint16_t *)ks, in.v16 = (const uint16_t *)vs;
+        in.k_pieces = kp, in.v_pieces = vp, in.n_k_pieces = in.n_v_pieces = 3;
+        memset(m16, 0, sizeof(*m16) * NPOL * NB * Hq);
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, NPOL, B, NB, &o, m16), KVT_OK);
+        KVT_EXPECT_MSG(!memcmp(m32, m16, sizeof(*m32) * NPOL * NB * Hq),
+                       "%s K and V as stored pieces: metrics differ from the widened f32 input's",
+                       kvt_dtype_name(dts[t_i]));
+        /* the first pieces given, the rest read through kv_rest (as replay --device cuda's
+           worker reads ahead until the GPU is ready, and the context reads the rest), with no
+           array at all when none is given; a record kv_rest fails on is the layer's error */
+        stored_src src = {{ks, vs}, {kp, vp}, KVT_OK};
+        in.kv_rest = feed_rest, in.kv_user = &src;
+        for (size_t m = 0; m <= 3; m++) {
+            in.n_k_pieces = m, in.n_v_pieces = 3 - m;
+            in.k16 = m ? (const uint16_t *)ks : NULL, in.v16 = m < 3 ? (const uint16_t *)vs : NULL;
+            memset(m16, 0, sizeof(*m16) * NPOL * NB * Hq);
+            KVT_EXPECT_STATUS(
+                kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, NPOL, B, NB, &o, m16),
+                KVT_OK);
+            KVT_EXPECT_MSG(!memcmp(m32, m16, sizeof(*m32) * NPOL * NB * Hq),
+                           "%s K and V, %zu and %zu pieces given, the rest through kv_rest: "
+                           "metrics differ from the widened f32 input's",
+                           kvt_dtype_name(dts[t_i]), m, 3 - m);
+        }
+        src.fail = KVT_ERR_CHECKSUM;
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_CHECKSUM);
+        in.kv_rest = NULL, in.k16 = (const uint16_t *)ks, in.v16 = (const uint16_t *)vs;
+        in.n_k_pieces = in.n_v_pieces = 3;
+        /* pieces that overlap, leave rows out, or lie outside the array are refused */
+        kp[2].tok_end = 41; /* overlaps piece 0 at token 40 */
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        kp[2].tok_end = 39; /* row 39 of head 1 missing */
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        kp[2].tok_end = 40, vp[1].offset = n * 2 - 2; /* past the end */
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        in.n_v_pieces = 0; /* K's pieces without V's */
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        free(ks), free(vs);
+        in.k16 = k16, in.v16 = v16, in.k_pieces = in.v_pieces = NULL, in.n_k_pieces = 0;
         in.k = t.k; /* both ways */
         KVT_EXPECT_STATUS(
             kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
