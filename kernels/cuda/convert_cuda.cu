@@ -7,6 +7,7 @@
  */
 #include <stdint.h>
 
+#include "../ref/widen_args.h"
 #include "cuda_util.cuh"
 #include "dtype_bits.h"
 
@@ -55,12 +56,7 @@ extern "C" kvt_status kvt_widen_stored_cuda(kvt_dtype dt, bool planes, const uin
                                             int n_heads, int n_tok, int D, size_t stride_head,
                                             float *dst, void *stream)
 {
-    KVT_RETURN_IF(dt != KVT_DTYPE_BF16 && dt != KVT_DTYPE_F16, KVT_ERR_INVALID_ARG,
-                  "widen_stored_cuda: %s is not a 16-bit float dtype",
-                  kvt_dtype_name(dt) ? kvt_dtype_name(dt) : "an unknown code");
-    KVT_RETURN_IF(n_heads < 0 || n_tok < 0 || D < 1 || stride_head < (size_t)n_tok * D,
-                  KVT_ERR_INVALID_ARG, "widen_stored_cuda: bad shape %d x %d x %d, head stride %zu",
-                  n_heads, n_tok, D, stride_head);
+    KVT_FORWARD(kvt_widen_stored_args("widen_stored_cuda", dt, n_heads, n_tok, D, stride_head));
     const size_t row = (size_t)n_tok * D, n = (size_t)n_heads * row;
     KVT_RETURN_IF(n && (!src || !dst || (!planes && ((uintptr_t)src & 1))), KVT_ERR_INVALID_ARG,
                   "widen_stored_cuda: no buffer, or 16-bit elements not 2-byte aligned");

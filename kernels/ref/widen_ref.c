@@ -5,16 +5,12 @@
  */
 #include "dtype_bits.h"
 #include "kvt_kernels.h"
+#include "widen_args.h"
 
 kvt_status kvt_widen_stored_ref(kvt_dtype dt, bool planes, const uint8_t *src, int n_heads,
                                 int n_tok, int D, size_t stride_head, float *dst)
 {
-    KVT_RETURN_IF(dt != KVT_DTYPE_BF16 && dt != KVT_DTYPE_F16, KVT_ERR_INVALID_ARG,
-                  "widen_stored: %s is not a 16-bit float dtype",
-                  kvt_dtype_name(dt) ? kvt_dtype_name(dt) : "an unknown code");
-    KVT_RETURN_IF(n_heads < 0 || n_tok < 0 || D < 1 || stride_head < (size_t)n_tok * D,
-                  KVT_ERR_INVALID_ARG, "widen_stored: bad shape %d x %d x %d, head stride %zu",
-                  n_heads, n_tok, D, stride_head);
+    KVT_FORWARD(kvt_widen_stored_args("widen_stored", dt, n_heads, n_tok, D, stride_head));
     const size_t row = (size_t)n_tok * D, n = (size_t)n_heads * row;
     /* element i = (h, r): its bytes at src[2i], src[2i + 1], or src[i], src[n + i] */
     const size_t lo_step = planes ? 1 : 2, hi_at = planes ? n : 1;
