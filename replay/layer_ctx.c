@@ -40,21 +40,24 @@ kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const 
     return c->seen ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "layer context: out of memory");
 }
 
-kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p)
+kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p, uint64_t bytes)
 {
     const kvt_layer_input *in = c->in;
-    const uint64_t bytes = (uint64_t)c->n * in->D * 2;
+    const uint64_t all = (uint64_t)c->n * in->D * 2;
     const bool inside = p->head_begin < p->head_end && p->head_end <= (uint32_t)in->Hkv &&
                         p->tok_begin < p->tok_end && p->tok_end <= (uint32_t)in->T;
     const uint64_t nb =
         inside ? (uint64_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) * in->D * 2
                : 0;
-    KVT_RETURN_IF(!inside || p->offset % 2 || p->offset > bytes || nb > bytes - p->offset,
+    KVT_RETURN_IF(!inside || p->offset % 2 || p->offset > all || nb > all - p->offset,
                   KVT_ERR_INVALID_ARG,
                   "layer %d: %s piece heads [%u,%u) x tokens [%u,%u) at byte %llu lies outside "
                   "[%d, %d] or its %llu bytes",
                   in->layer, c->what, p->head_begin, p->head_end, p->tok_begin, p->tok_end,
-                  (unsigned long long)p->offset, in->Hkv, in->T, (unsigned long long)bytes);
+                  (unsigned long long)p->offset, in->Hkv, in->T, (unsigned long long)all);
+    KVT_RETURN_IF(bytes && nb != bytes, KVT_ERR_INVALID_ARG,
+                  "layer %d: a %s record's %llu bytes disagree with its piece", in->layer, c->what,
+                  (unsigned long long)bytes);
     for (uint32_t h = p->head_begin; h < p->head_end; h++) {
         uint8_t *r = c->seen + (size_t)h * in->T;
         for (uint32_t t = p->tok_begin; t < p->tok_end; t++)
@@ -114,12 +117,7 @@ static kvt_status host_room(void *user, size_t bytes, void **buf)
 static kvt_status host_put(void *user, const kvt_trace_piece *p, void *buf)
 {
     host_sink *h = user;
-    KVT_FORWARD(kvt_kv_cover_add(h->cov, p));
-    KVT_RETURN_IF((uint64_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) * h->c->D *
-                          2 !=
-                      h->last,
-                  KVT_ERR_INVALID_ARG, "layer %d: a %s record's bytes disagree with its piece",
-                  h->c->layer, h->cov->what);
+    KVT_FORWARD(kvt_kv_cover_add(h->cov, p, h->last));
     return widen_piece(h->c, p, buf, h->x);
 }
 
@@ -137,7 +135,7 @@ static kvt_status widen_16(const kvt_layer_ctx *c, int kind, const uint16_t *src
     KVT_FORWARD(kvt_kv_cover_begin(&cov, in, is_k ? "K" : "V"));
     kvt_status s = KVT_OK;
     for (size_t i = 0; i < n_pc && !s; i++)
-        if (!(s = kvt_kv_cover_add(&cov, &pc[i])))
+        if (!(s = kvt_kv_cover_add(&cov, &pc[i], 0)))
             s = widen_piece(c, &pc[i], (const uint8_t *)src + pc[i].offset, x);
     host_sink h = {c, &cov, x, NULL, 0, 0};
     const kvt_trace_sink sink = {host_room, host_put, &h};

@@ -188,8 +188,9 @@ typedef struct kvt_kv_cover {
     size_t covered, n;
 } kvt_kv_cover;
 kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const char *what);
-/** Piece p (its bytes at p->offset of a tensor's [Hkv, T, D] 16-bit elements) added. */
-kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p);
+/** Piece p (its bytes at p->offset of a tensor's [Hkv, T, D] 16-bit elements) added; `bytes`:
+ *  the record's size as read, which must be the piece's (0: not read, not checked). */
+kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p, uint64_t bytes);
 /** Every row covered; frees the tracker either way (ok: false just frees it). */
 kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok);
 /** The layer's K and V come as stored pieces (kvt_layer_input.k_pieces, kv_rest). */

@@ -416,11 +416,7 @@ static kvt_status gpu_put(void *user, const kvt_trace_piece *p, void *buf)
 {
     gpu_sink *k = user;
     kvt_ctx_gpu *g = k->g;
-    KVT_FORWARD(kvt_kv_cover_add(k->cov, p));
-    KVT_RETURN_IF(
-        (uint64_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) * g->D * 2 != k->last,
-        KVT_ERR_INVALID_ARG, "layer %d: a %s record's bytes disagree with its piece",
-        k->cov->in->layer, k->cov->what);
+    KVT_FORWARD(kvt_kv_cover_add(k->cov, p, k->last));
     uint8_t *d = (uint8_t *)g->ku + p->offset;
     PROF(g, kv_streamed_bytes, k->last);
     if (k->b < 0) {
@@ -457,7 +453,7 @@ static kvt_status put_kv16(kvt_ctx_gpu *g, const kvt_layer_input *in, int kind, 
     uint64_t end = 0; /* the input's pieces: back to back from byte 0, one upload */
     for (size_t i = 0; i < n_pc && !s; i++) {
         const kvt_trace_piece *p = &pc[i];
-        s = kvt_kv_cover_add(&cov, p);
+        s = kvt_kv_cover_add(&cov, p, 0);
         uint64_t e = p->offset + (uint64_t)(p->head_end - p->head_begin) *
                                      (p->tok_end - p->tok_begin) * g->D * 2;
         end = e > end ? e : end;

@@ -618,6 +618,8 @@ typedef struct stored_src {
     const uint8_t *st[2];
     const kvt_trace_piece *pc[2];
     kvt_status fail;
+    size_t
+        extra; /* bytes asked for beyond each record's (a record that disagrees with its piece) */
 } stored_src;
 
 static kvt_status feed_rest(void *user, int kind, size_t first, const kvt_trace_sink *sink)
@@ -629,7 +631,7 @@ static kvt_status feed_rest(void *user, int kind, size_t first, const kvt_trace_
         const size_t bytes = (size_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) *
                              16 * 2; /* D = 16 */
         void *buf;
-        KVT_FORWARD(sink->room(sink->user, bytes, &buf));
+        KVT_FORWARD(sink->room(sink->user, bytes + s->extra, &buf));
         if (!buf)
             return KVT_OK;
         if (s->fail && i == 2)
@@ -691,7 +693,7 @@ static void test_kv16_input(void)
         /* the first pieces given, the rest read through kv_rest (as replay --device cuda's
            worker reads ahead until the GPU is ready, and the context reads the rest), with no
            array at all when none is given; a record kv_rest fails on is the layer's error */
-        stored_src src = {{ks, vs}, {kp, vp}, KVT_OK};
+        stored_src src = {{ks, vs}, {kp, vp}, KVT_OK, 0};
         in.kv_rest = feed_rest, in.kv_user = &src;
         for (size_t m = 0; m <= 3; m++) {
             in.n_k_pieces = m, in.n_v_pieces = 3 - m;
@@ -705,7 +707,12 @@ static void test_kv16_input(void)
                            "metrics differ from the widened f32 input's",
                            kvt_dtype_name(dts[t_i]), m, 3 - m);
         }
-        src.fail = KVT_ERR_CHECKSUM;
+        src.extra = 2; /* a record two bytes longer than its piece */
+        KVT_EXPECT_STATUS(
+            kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
+            KVT_ERR_INVALID_ARG);
+        KVT_EXPECT(strstr(kvt_error_msg(), "bytes disagree with its piece") != NULL);
+        src.extra = 0, src.fail = KVT_ERR_CHECKSUM;
         KVT_EXPECT_STATUS(
             kvt_replay_layer_metrics(&in, (kvt_policy *const *)pols, 1, B, NB, &o, m16),
             KVT_ERR_CHECKSUM);
