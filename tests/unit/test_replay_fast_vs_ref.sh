@@ -17,7 +17,8 @@
 # 4300 tokens, so that the rankings with --device cuda run on the GPU. The synthetic traces
 # store K and V in bf16 (the Q_all one in f16), which --device cuda uploads as stored and widens
 # on the GPU; the policies that read K or V on the host (quest, lagkv, the merging ones, the
-# Q_all ones) then get them widened on the host.
+# Q_all ones) then get them widened on the host. The vision-language trace is also written in
+# small records (several per tensor), which must give exactly its metrics.
 #
 # With the argument `cuda` (test_replay_device_gpu, label gpu) the first replay is
 # `--device cuda` with the reference kernels on the host (KVT_KERNELS=ref), so the layer
@@ -118,4 +119,22 @@ assert wcov[0] <= 1e-6, wcov
 assert werr[0] <= 1e-3 and n_err_off[0] <= 0.01 * n_err[0], werr
 PYEOF
 done
+# the vision-language trace written in small records (split along heads and tokens; with
+# --device cuda, read ahead or streamed through pinned memory and merged on the GPU): the same
+# metrics as the trace in one record per tensor, exactly
+$BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 --record-bytes 2k \
+    -o "$TMP/vl_split.kvt" >/dev/null 2>&1 || fail "synth split"
+SET=(--policies "all,h2o,oracle,quest,lagkv,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_vl.json,headkv:scores=$TMP/scores_vl.json,mixkv-sparsemm:scores=$TMP/scores_vl.json"
+    --budgets 16,64,300,50% --threads 2 --seed 7)
+"${FIRST[@]}" $BIN replay "$TMP/vl_split.kvt" "${SET[@]}" "${DEV[@]}" -o "$TMP/vl_split.json" \
+    >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "$MODE replay of the split trace"; }
+"$PY" - "$TMP/vl_split.json" "$TMP/vl.fast.json" <<'PYEOF' || fail "the split trace's metrics differ"
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+for r in (a, b):
+    for t in r["traces"]:
+        t.pop("path"), t.pop("fingerprint")
+assert a["traces"] == b["traces"] and a["aggregate"] == b["aggregate"]
+print("the trace in small records: the same metrics")
+PYEOF
 echo "$MODE == ref"
