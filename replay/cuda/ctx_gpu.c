@@ -11,6 +11,7 @@
  * the synchronisation and the host work around them (which the replay's host-side times show).
  */
 #include <cuda_runtime_api.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -76,8 +77,10 @@ struct kvt_ctx_gpu {
     uint64_t up_bytes, down_bytes; /* queued since the last sync */
     uint64_t read_ns;              /* inside the input's kv_rest (kvt_ctx_gpu_read_ns) */
     /* Every copy goes through two pinned staging buffers (CTX_STAGE bytes each; NULL when
-     * cudaHostAlloc failed: copies from and to the pageable arrays directly, as before). */
+     * cudaHostAlloc failed: copies from and to the pageable arrays directly, as before): the
+     * thread's (ts, stage_take), or the context's own when another context holds those. */
     char *stage[2];
+    struct thread_stage *ts;
     cudaEvent_t sev[2]; /* recorded after the last copy that used stage[i] */
     int up_next;        /* the staging buffer of the next upload piece */
     ctx_pend pend[CTX_PEND];
@@ -88,6 +91,84 @@ struct kvt_ctx_gpu {
 };
 
 #define PROF(g, field, v) KVT_PROF_ADD((g)->prof, field, (v))
+
+/* A thread's pinned staging buffers, kept from one of its layer contexts to the next: pinning
+ * memory is slow, and cudaFreeHost may wait for the whole device (CUDA allows its freeing
+ * calls to synchronize), which at every layer's end made a worker wait for every other
+ * worker's queued work. A second context alive on the same thread pins a pair of its own. The
+ * thread's exit frees them (the key's destructor). */
+typedef struct thread_stage {
+    char *p[2];
+    bool busy;    /* a context of this thread holds them */
+    unsigned gen; /* stage_gen when pinned */
+} thread_stage;
+static unsigned stage_gen; /* kvt_ctx_gpu_release's resets so far: older pairs are gone */
+static pthread_key_t stage_key;
+static pthread_once_t stage_once = PTHREAD_ONCE_INIT;
+static bool stage_key_ok;
+
+/* p[0..1] pinned, or both NULL (the error cleared: it is not sticky) */
+static bool pin_pair(char *p[2])
+{
+    for (int i = 0; i < 2; i++)
+        if (cudaHostAlloc((void **)&p[i], CTX_STAGE, cudaHostAllocDefault) != cudaSuccess) {
+            cudaGetLastError();
+            if (i)
+                cudaFreeHost(p[0]);
+            p[0] = p[1] = NULL;
+            return false;
+        }
+    return true;
+}
+
+static void thread_stage_free(void *v)
+{
+    thread_stage *t = v;
+    for (int i = 0; i < 2; i++)
+        if (t->p[i] && t->gen == __atomic_load_n(&stage_gen, __ATOMIC_RELAXED))
+            cudaFreeHost(t->p[i]);
+    kvt_free(t);
+}
+
+static void stage_key_make(void)
+{
+    stage_key_ok = pthread_key_create(&stage_key, thread_stage_free) == 0;
+}
+
+/* g->stage: the thread's pair when no other context holds it, else a pair of g's own */
+static void stage_take(kvt_ctx_gpu *g)
+{
+    pthread_once(&stage_once, stage_key_make);
+    thread_stage *t = stage_key_ok ? pthread_getspecific(stage_key) : NULL;
+    if (stage_key_ok && !t && (t = kvt_calloc(1, sizeof(*t))) &&
+        pthread_setspecific(stage_key, t)) {
+        kvt_free(t);
+        t = NULL;
+    }
+    const unsigned gen = __atomic_load_n(&stage_gen, __ATOMIC_RELAXED);
+    if (t && !t->busy && t->p[0] && t->gen != gen)
+        t->p[0] = t->p[1] = NULL; /* unpinned and freed by the device's reset */
+    if (t && !t->busy && !t->p[0] && pin_pair(t->p))
+        t->gen = gen;
+    if (t && !t->busy && t->p[0]) {
+        t->busy = true;
+        g->ts = t, g->stage[0] = t->p[0], g->stage[1] = t->p[1];
+        return;
+    }
+    pin_pair(g->stage);
+}
+
+/* after the context's stream is idle: the thread's pair back, or g's own freed */
+static void stage_give(kvt_ctx_gpu *g)
+{
+    if (g->ts) {
+        g->ts->busy = false;
+        return;
+    }
+    for (int i = 0; i < 2; i++)
+        if (g->stage[i])
+            cudaFreeHost(g->stage[i]);
+}
 
 /* a sweep-category kernel time: into the category and its kind */
 static void book_sweep(kvt_ctx_gpu *g, int kind, uint64_t ns)
@@ -153,6 +234,7 @@ int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
 
 kvt_status kvt_ctx_gpu_release(void)
 {
+    __atomic_fetch_add(&stage_gen, 1, __ATOMIC_RELAXED); /* the reset unpins every pair */
     GPU_OK(cudaSetDevice(0));
     GPU_OK(cudaDeviceReset());
     return KVT_OK;
@@ -356,9 +438,8 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
             cudaEventDestroy(g->ev[i]);
         if (g->sev[i])
             cudaEventDestroy(g->sev[i]);
-        if (g->stage[i])
-            cudaFreeHost(g->stage[i]);
     }
+    stage_give(g);
     kvt_free(g->order_h);
     kvt_free(g);
 }
@@ -483,16 +564,9 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     if (g->prof)
         for (int i = 0; i < 2; i++)
             GPU_OK(cudaEventCreate(&g->ev[i]));
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 2; i++)
         GPU_OK(cudaEventCreateWithFlags(&g->sev[i], cudaEventDisableTiming));
-        if (cudaHostAlloc((void **)&g->stage[i], CTX_STAGE, cudaHostAllocDefault) != cudaSuccess) {
-            cudaGetLastError(); /* not sticky: copy from and to pageable memory instead */
-            if (g->stage[0])
-                cudaFreeHost(g->stage[0]);
-            g->stage[0] = g->stage[1] = NULL;
-            break;
-        }
-    }
+    stage_take(g); /* without pinned memory: copies from and to the pageable arrays directly */
     uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
     if (in->k16 || kvt_kv_stored(in)) {
