@@ -35,7 +35,8 @@ static kvt_status alloc_lazy(void **p, size_t n, size_t elem, bool gpu)
 
 kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const char *what)
 {
-    c->in = in, c->what = what, c->covered = 0, c->n = (size_t)in->Hkv * in->T;
+    c->in = in, c->what = what, c->covered = 0, c->n = (size_t)in->Hkv * in->T, c->end = 0;
+    c->buf = NULL, c->cap = 0;
     c->seen = kvt_calloc(c->n ? c->n : 1, 1);
     return c->seen ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "layer context: out of memory");
 }
@@ -66,13 +67,28 @@ kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p, uint64_t 
                           t);
         c->covered += p->tok_end - p->tok_begin;
     }
+    c->end = p->offset + nb > c->end ? p->offset + nb : c->end;
+    return KVT_OK;
+}
+
+kvt_status kvt_kv_cover_room(kvt_kv_cover *c, size_t bytes, void **buf)
+{
+    if (bytes > c->cap) {
+        kvt_free(c->buf);
+        c->cap = 0;
+        KVT_RETURN_IF(!(c->buf = kvt_malloc(bytes ? bytes : 1)), KVT_ERR_NOMEM,
+                      "layer %d: out of memory reading %s", c->in->layer, c->what);
+        c->cap = bytes;
+    }
+    *buf = c->buf;
     return KVT_OK;
 }
 
 kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok)
 {
     kvt_free(c->seen);
-    c->seen = NULL;
+    kvt_free(c->buf);
+    c->seen = c->buf = NULL;
     KVT_RETURN_IF(ok && c->covered != c->n, KVT_ERR_INVALID_ARG,
                   "layer %d: %s pieces cover %zu of %zu rows", c->in->layer, c->what, c->covered,
                   c->n);
@@ -90,28 +106,19 @@ static kvt_status widen_piece(const kvt_layer_ctx *c, const kvt_trace_piece *p, 
                                 x + ((size_t)p->head_begin * T + p->tok_begin) * D);
 }
 
-/* kv_rest's records on the host: each into one buffer, then widened into x */
+/* kv_rest's records on the host: each into the cover's buffer, then widened into x */
 typedef struct host_sink {
     const kvt_layer_ctx *c;
     kvt_kv_cover *cov;
     float *x;
-    void *buf;
-    size_t cap, last; /* buf's bytes; the last record's */
+    size_t last; /* the last record's bytes */
 } host_sink;
 
 static kvt_status host_room(void *user, size_t bytes, void **buf)
 {
     host_sink *h = user;
-    if (bytes > h->cap) {
-        kvt_free(h->buf);
-        h->cap = 0;
-        KVT_RETURN_IF(!(h->buf = kvt_malloc(bytes ? bytes : 1)), KVT_ERR_NOMEM,
-                      "layer %d: out of memory reading %s", h->c->layer, h->cov->what);
-        h->cap = bytes;
-    }
     h->last = bytes;
-    *buf = h->buf;
-    return KVT_OK;
+    return kvt_kv_cover_room(h->cov, bytes, buf);
 }
 
 static kvt_status host_put(void *user, const kvt_trace_piece *p, void *buf)
@@ -137,11 +144,10 @@ static kvt_status widen_16(const kvt_layer_ctx *c, int kind, const uint16_t *src
     for (size_t i = 0; i < n_pc && !s; i++)
         if (!(s = kvt_kv_cover_add(&cov, &pc[i], 0)))
             s = widen_piece(c, &pc[i], (const uint8_t *)src + pc[i].offset, x);
-    host_sink h = {c, &cov, x, NULL, 0, 0};
+    host_sink h = {c, &cov, x, 0};
     const kvt_trace_sink sink = {host_room, host_put, &h};
     if (!s && in->kv_rest)
         s = in->kv_rest(in->kv_user, kind, n_pc, &sink);
-    kvt_free(h.buf);
     kvt_status e = kvt_kv_cover_end(&cov, !s);
     return s ? s : e;
 }

@@ -186,11 +186,17 @@ typedef struct kvt_kv_cover {
     const char *what; /* "K" or "V" */
     uint8_t *seen;    /* [Hkv * T] */
     size_t covered, n;
+    uint64_t end; /* the last byte of any piece so far, plus one */
+    void *buf;    /* kvt_kv_cover_room's buffer, of cap bytes */
+    size_t cap;
 } kvt_kv_cover;
 kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const char *what);
 /** Piece p (its bytes at p->offset of a tensor's [Hkv, T, D] 16-bit elements) added; `bytes`:
  *  the record's size as read, which must be the piece's (0: not read, not checked). */
 kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p, uint64_t bytes);
+/** *buf = host room for a record of `bytes` read for this tensor (one buffer, grown; freed by
+ *  kvt_kv_cover_end). */
+kvt_status kvt_kv_cover_room(kvt_kv_cover *c, size_t bytes, void **buf);
 /** Every row covered; frees the tracker either way (ok: false just frees it). */
 kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok);
 /** The layer's K and V come as stored pieces (kvt_layer_input.k_pieces, kv_rest). */

@@ -188,8 +188,8 @@ typedef struct kv_pre {
     run_shared *sh;
     void **buf; /* the worker's [kv] 16-bit buffer, allocated at the first record */
     size_t bytes, off;
-    kvt_trace_piece **pc; /* grown */
-    size_t *cap, n;
+    kvt_trace_piece *pc; /* room for every record of the tensor */
+    size_t n;
 } kv_pre;
 
 static kvt_status pre_room(void *user, size_t bytes, void **buf)
@@ -209,13 +209,7 @@ static kvt_status pre_room(void *user, size_t bytes, void **buf)
 static kvt_status pre_put(void *user, const kvt_trace_piece *pc, void *buf)
 {
     kv_pre *p = user;
-    if (p->n == *p->cap) {
-        size_t cap = *p->cap ? 2 * *p->cap : 16;
-        kvt_trace_piece *g = kvt_realloc(*p->pc, cap * sizeof(*g));
-        KVT_RETURN_IF(!g, KVT_ERR_NOMEM, "out of memory for one layer's tensors");
-        *p->pc = g, *p->cap = cap;
-    }
-    (*p->pc)[p->n++] = *pc;
+    p->pc[p->n++] = *pc;
     return KVT_OK;
 }
 
@@ -225,7 +219,15 @@ static kvt_status read_ahead(run_shared *sh, int l, int kind, void **buf, kvt_tr
 {
     uint32_t t;
     KVT_FORWARD(check_shape(sh, l, kind, sh->Hkv, sh->T, &t));
-    kv_pre p = {sh, buf, (size_t)sh->Hkv * sh->T * sh->D * 2, 0, pc, cap, 0};
+    const size_t need = kvt_trace_reader_n_pieces(sh->rd, l, kind);
+    if (need > *cap) {
+        kvt_free(*pc);
+        *cap = 0;
+        KVT_RETURN_IF(!(*pc = kvt_malloc(need * sizeof(**pc))), KVT_ERR_NOMEM,
+                      "out of memory for one layer's tensors");
+        *cap = need;
+    }
+    kv_pre p = {sh, buf, (size_t)sh->Hkv * sh->T * sh->D * 2, 0, *pc, 0};
     const kvt_trace_sink sink = {pre_room, pre_put, &p};
     kvt_status s = kvt_trace_reader_read_sink(sh->rd, l, kind, 0, &sink, NULL);
     *n = p.n;
@@ -281,7 +283,7 @@ static void *worker(void *arg)
     kvt_alloc_cache_begin(); /* every layer allocates the same large arrays: keep them */
     /* K and V in f32 or as stored (kv16): allocated for the first layer that reads them so */
     void *k = NULL, *v = NULL, *k16 = NULL, *v16 = NULL;
-    kvt_trace_piece *kpc = NULL, *vpc = NULL; /* kv16: K's and V's records (read_stored) */
+    kvt_trace_piece *kpc = NULL, *vpc = NULL; /* kv16: K's and V's records read ahead */
     size_t kpc_cap = 0, vpc_cap = 0;
     float *qw = kvt_malloc((size_t)Hq * W * D * sizeof(float));
     float *qd = sh->has_qd ? kvt_malloc((size_t)Hq * G * D * sizeof(float)) : NULL;

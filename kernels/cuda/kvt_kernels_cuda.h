@@ -8,11 +8,10 @@
  * Status: every kernel here runs in CI on cuemu (tests/cuemu), but the CUB ranking (the
  * reference stands in for it there), and passed test_kernels_cuda on an H200 (bench/RESULTS.md),
  * except what changed after the last GPU session (checked on cuemu only so far): kvt_widen_cuda,
- * kvt_widen_stored_cuda,
- * the redundancy sweep in chunks, the sweeps' one block per cut, the coverage bests' smaller
- * chunks, the attention's stored logits and batches (every KV group in one call), the output
- * kernel's dimensions per thread, the cosine table's and output sweep's double stages, the
- * sweeps' chunk tables built on the device (kvt_cu_chunk_table_k). All are
+ * kvt_widen_stored_cuda, the redundancy sweep in chunks, the sweeps' one block per cut, the
+ * coverage bests' smaller chunks, the attention's stored logits and batches (every KV group in
+ * one call), the output kernel's dimensions per thread, the cosine table's and output sweep's
+ * double stages, the sweeps' chunk tables built on the device (kvt_cu_chunk_table_k). All are
  * used by `replay --device cuda` (replay/cuda/ctx_gpu.c).
  */
 #ifndef KVT_KERNELS_CUDA_H

@@ -455,7 +455,7 @@ static kvt_status widen_piece(kvt_ctx_gpu *g, kvt_dtype dt, const kvt_trace_piec
 }
 
 /* The records kv_rest reads, on their way to the device: each decompressed into a pinned
- * staging buffer (one larger than a buffer: into a host buffer, copied through them), sent to
+ * staging buffer (one larger than a buffer: into the cover's, copied through them), sent to
  * its place in the unit keys' buffer while the next is decompressed, and widened from there.
  * No host copy of the tensor. */
 typedef struct gpu_sink {
@@ -463,9 +463,8 @@ typedef struct gpu_sink {
     kvt_kv_cover *cov;
     kvt_dtype dt;
     float *x;
-    void *host;
-    size_t cap, last; /* host's bytes; the last record's */
-    int b;            /* the staging buffer room gave, -1: host */
+    size_t last; /* the last record's bytes */
+    int b;       /* the staging buffer room gave, -1: the cover's */
 } gpu_sink;
 
 static kvt_status gpu_room(void *user, size_t bytes, void **buf)
@@ -482,15 +481,7 @@ static kvt_status gpu_room(void *user, size_t bytes, void **buf)
         return KVT_OK;
     }
     k->b = -1;
-    if (bytes > k->cap) {
-        kvt_free(k->host);
-        k->cap = 0;
-        KVT_RETURN_IF(!(k->host = kvt_malloc(bytes ? bytes : 1)), KVT_ERR_NOMEM,
-                      "replay --device cuda: out of memory reading %s", k->cov->what);
-        k->cap = bytes;
-    }
-    *buf = k->host;
-    return KVT_OK;
+    return kvt_kv_cover_room(k->cov, bytes, buf);
 }
 
 static kvt_status gpu_put(void *user, const kvt_trace_piece *p, void *buf)
@@ -531,26 +522,19 @@ static kvt_status put_kv16(kvt_ctx_gpu *g, const kvt_layer_input *in, int kind, 
     kvt_kv_cover cov;
     KVT_FORWARD(kvt_kv_cover_begin(&cov, in, is_k ? "K" : "V"));
     kvt_status s = KVT_OK;
-    uint64_t end = 0; /* the input's pieces: back to back from byte 0, one upload */
-    for (size_t i = 0; i < n_pc && !s; i++) {
-        const kvt_trace_piece *p = &pc[i];
-        s = kvt_kv_cover_add(&cov, p, 0);
-        uint64_t e = p->offset + (uint64_t)(p->head_end - p->head_begin) *
-                                     (p->tok_end - p->tok_begin) * g->D * 2;
-        end = e > end ? e : end;
-    }
-    if (!s && end)
-        s = copy_up(g, g->ku, src, (size_t)end);
+    for (size_t i = 0; i < n_pc && !s; i++)
+        s = kvt_kv_cover_add(&cov, &pc[i], 0);
+    if (!s && cov.end) /* the input's pieces, back to back from byte 0: one upload */
+        s = copy_up(g, g->ku, src, (size_t)cov.end);
     for (size_t i = 0; i < n_pc && !s; i++)
         s = widen_piece(g, in->k16_dtype, &pc[i], (const uint8_t *)g->ku + pc[i].offset, *dst);
-    gpu_sink k = {g, &cov, in->k16_dtype, *dst, NULL, 0, 0, -1};
+    gpu_sink k = {g, &cov, in->k16_dtype, *dst, 0, -1};
     const kvt_trace_sink sink = {gpu_room, gpu_put, &k};
     if (!s && in->kv_rest) {
         uint64_t t0 = kvt_now_ns();
         s = in->kv_rest(in->kv_user, kind, n_pc, &sink);
         *read_ns += kvt_now_ns() - t0;
     }
-    kvt_free(k.host);
     kvt_status e = kvt_kv_cover_end(&cov, !s);
     return s ? s : e;
 }
