@@ -498,9 +498,16 @@ static int is_pinned(const void *ptr, size_t n)
     return in_blocks(&pinned, ptr, n);
 }
 
+/* CUEMU_NO_PINNED=1: no pinned memory to be had (a host whose locked-memory limit is spent),
+ * so that the callers' pageable fallbacks run */
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
 {
     (void)flags;
+    const char *e = getenv("CUEMU_NO_PINNED");
+    if (e && *e == '1') {
+        *p = NULL;
+        return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
+    }
     *p = malloc(n ? n : 1);
     if (!*p || add_block(&pinned, *p, n) != 0) {
         free(*p);

@@ -7,7 +7,9 @@
 # tokens) replays to the same metrics as the same trace in one record per tensor, whether every
 # record streams (the driver starts at once), every record is read ahead (CUEMU_INIT_MS: the
 # driver takes 1.5 s to start, the profile must say nothing streamed), or the streams run
-# deferred (CUEMU_DEFER=1: a staging buffer refilled before its copy ran would corrupt K or V).
+# deferred (CUEMU_DEFER=1: a staging buffer refilled before its copy ran would corrupt K or V),
+# or no pinned memory can be had (CUEMU_NO_PINNED=1: the records go through a host buffer and
+# pageable copies).
 set -u
 BIN=${KVT_BIN:?}
 PY=${KVT_PYTHON:-/usr/bin/python3}
@@ -35,6 +37,8 @@ CUEMU_DEFER=1 $BIN replay "$TMP/split.kvt" "${SET[@]}" -o "$TMP/defer.json" >/de
 # (in at least one of the two runs, so that a busy machine's scheduling cannot fail the test)
 cat "$TMP/e1" "$TMP/e3" | grep -q "^profile: gpu: K and V as stored: .*, [1-9][0-9.]* [KM]iB decompressed" ||
     { grep "K and V" "$TMP/e1" "$TMP/e3"; fail "with the GPU ready, no record streamed"; }
+CUEMU_NO_PINNED=1 $BIN replay "$TMP/split.kvt" "${SET[@]}" -o "$TMP/pageable.json" >/dev/null \
+    2>"$TMP/e4" || { cat "$TMP/e4"; fail "replay without pinned memory"; }
 "$PY" - "$TMP" <<'PYEOF' || fail "the metrics differ"
 import json, sys
 d = sys.argv[1]
@@ -45,9 +49,10 @@ def body(name):
         t.pop(k)
     return r["aggregate"], t
 want = body("whole")
-for name in ("stream", "ahead", "defer"):
+for name in ("stream", "ahead", "defer", "pageable"):
     if body(name) != want:
         print("%s: metrics differ from the trace in one record per tensor" % name)
         sys.exit(1)
-print("split trace (records streamed, read ahead, deferred streams): the whole trace's metrics")
+print("split trace (records streamed, read ahead, deferred streams, no pinned memory): the "
+      "whole trace's metrics")
 PYEOF
