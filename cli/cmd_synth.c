@@ -31,8 +31,9 @@ static void help(void)
            "  --layers N         only the shape's first N layers (their records are those\n"
            "                     of the whole trace; default: all)\n"
            "  --level N          zstd level (default 3)\n"
-           "  --record-bytes N   split each tensor into records of at most N bytes (K/M/G\n"
-           "                     suffixes; default 4M, as a capture writes them)\n"
+           "  --record-bytes N   split each tensor into records of at most N bytes, or one\n"
+           "                     token row of a head when that is larger (K/M/G suffixes;\n"
+           "                     default 4M, as a capture writes them)\n"
            "  --threads N        generator and compression threads (default: CPU count)\n"
            "  --force            overwrite FILE\n"
            "  -o, --output FILE  output trace\n\nshapes:\n",
