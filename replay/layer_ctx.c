@@ -33,9 +33,14 @@ static kvt_status alloc_lazy(void **p, size_t n, size_t elem, bool gpu)
 }
 #define ALLOC_LAZY(ptr, n) alloc_lazy((void **)&(ptr), (size_t)(n), sizeof(*(ptr)), gpu)
 
-kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const char *what)
+kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, int kind,
+                              const kvt_trace_piece **pc, size_t *n_pc)
 {
-    c->in = in, c->what = what, c->covered = 0, c->n = (size_t)in->Hkv * in->T, c->end = 0;
+    const bool is_k = kind == KVT_KIND_K;
+    *pc = is_k ? in->k_pieces : in->v_pieces;
+    *n_pc = is_k ? in->n_k_pieces : in->n_v_pieces;
+    c->in = in, c->what = is_k ? "K" : "V", c->covered = 0, c->n = (size_t)in->Hkv * in->T,
+    c->end = 0;
     c->buf = NULL, c->cap = 0;
     c->seen = kvt_calloc(c->n ? c->n : 1, 1);
     return c->seen ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "layer context: out of memory");
@@ -135,11 +140,10 @@ static kvt_status widen_16(const kvt_layer_ctx *c, int kind, const uint16_t *src
     const kvt_layer_input *in = c->in;
     if (!kvt_kv_stored(in))
         return kvt_convert_to_f32(in->k16_dtype, src, x, (size_t)c->Hkv * c->T * c->D);
-    const bool is_k = kind == KVT_KIND_K;
-    const kvt_trace_piece *pc = is_k ? in->k_pieces : in->v_pieces;
-    const size_t n_pc = is_k ? in->n_k_pieces : in->n_v_pieces;
+    const kvt_trace_piece *pc;
+    size_t n_pc;
     kvt_kv_cover cov;
-    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, is_k ? "K" : "V"));
+    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, kind, &pc, &n_pc));
     kvt_status s = KVT_OK;
     for (size_t i = 0; i < n_pc && !s; i++)
         if (!(s = kvt_kv_cover_add(&cov, &pc[i], 0)))

@@ -190,7 +190,9 @@ typedef struct kvt_kv_cover {
     void *buf;    /* kvt_kv_cover_room's buffer, of cap bytes */
     size_t cap;
 } kvt_kv_cover;
-kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, const char *what);
+/** For K or V (kind) of in: its given pieces in *pc[*n_pc]. */
+kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, int kind,
+                              const kvt_trace_piece **pc, size_t *n_pc);
 /** Piece p (its bytes at p->offset of a tensor's [Hkv, T, D] 16-bit elements) added; `bytes`:
  *  the record's size as read, which must be the piece's (0: not read, not checked). */
 kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p, uint64_t bytes);

@@ -510,17 +510,16 @@ static kvt_status gpu_put(void *user, const kvt_trace_piece *p, void *buf)
 static kvt_status put_kv16(kvt_ctx_gpu *g, const kvt_layer_input *in, int kind, float **dst,
                            size_t n, uint64_t *read_ns)
 {
-    const bool is_k = kind == KVT_KIND_K;
-    const uint16_t *src = is_k ? in->k16 : in->v16;
+    const uint16_t *src = kind == KVT_KIND_K ? in->k16 : in->v16;
     KVT_FORWARD(dalloc(g, (void **)dst, n * sizeof(float)));
     if (!kvt_kv_stored(in)) {
         KVT_FORWARD(copy_up(g, g->ku, src, n * sizeof(uint16_t)));
         return kvt_widen_cuda(in->k16_dtype, (const uint16_t *)g->ku, n, *dst, (void *)g->st);
     }
-    const kvt_trace_piece *pc = is_k ? in->k_pieces : in->v_pieces;
-    const size_t n_pc = is_k ? in->n_k_pieces : in->n_v_pieces;
+    const kvt_trace_piece *pc;
+    size_t n_pc;
     kvt_kv_cover cov;
-    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, is_k ? "K" : "V"));
+    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, kind, &pc, &n_pc));
     kvt_status s = KVT_OK;
     for (size_t i = 0; i < n_pc && !s; i++)
         s = kvt_kv_cover_add(&cov, &pc[i], 0);
