@@ -13,7 +13,13 @@
  * then sees the memory as it was whenever the other stream has not been made to run first:
  * cross-stream races a real GPU shows only sometimes fail here in most orders of submission.
  * Copies from pageable host memory are staged at the call and copies into it complete before
- * the call returns, as CUDA does.
+ * the call returns, as CUDA does. An event's time is taken when its stream's work reaches it
+ * (deferred: when that work runs), and cudaEventElapsedTime of an event whose work has not run
+ * says not ready, as CUDA does.
+ *
+ * CUEMU_STATS=1: at exit, how many times the host waited (stream, event and device
+ * synchronizes, and copies into pageable memory, which wait for their stream), on stderr, so
+ * that a test can count a program's round trips.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -75,10 +81,21 @@ struct CUevent_st {
 };
 
 static pthread_mutex_t qmu; /* recursive: the queues; held while deferred work runs */
+static uint64_t n_sync_stream, n_sync_event, n_sync_device; /* CUEMU_STATS */
 static pthread_once_t q_once = PTHREAD_ONCE_INIT;
 static int g_defer;
 static struct CUstream_st *g_streams;
 static uint64_t g_next_sid = 1;
+
+static void print_stats(void)
+{
+    fprintf(stderr,
+            "cuemu: host waits: %llu stream synchronizes, %llu event synchronizes, %llu device "
+            "synchronizes\n",
+            (unsigned long long)__atomic_load_n(&n_sync_stream, __ATOMIC_RELAXED),
+            (unsigned long long)__atomic_load_n(&n_sync_event, __ATOMIC_RELAXED),
+            (unsigned long long)__atomic_load_n(&n_sync_device, __ATOMIC_RELAXED));
+}
 
 static void q_init(void)
 {
@@ -89,6 +106,15 @@ static void q_init(void)
     pthread_mutexattr_destroy(&a);
     const char *e = getenv("CUEMU_DEFER");
     g_defer = e && *e && strcmp(e, "0") != 0;
+    e = getenv("CUEMU_STATS");
+    if (e && *e && strcmp(e, "0") != 0)
+        atexit(print_stats);
+}
+
+/* a host wait, counted (CUEMU_STATS) */
+static void count_wait(uint64_t *n)
+{
+    __atomic_fetch_add(n, 1, __ATOMIC_RELAXED);
 }
 
 static int deferred(void)
@@ -301,6 +327,8 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d)
 
 cudaError_t cudaDeviceSynchronize(void)
 {
+    deferred();
+    count_wait(&n_sync_device);
     run_all(0);
     return cudaSuccess;
 }
@@ -678,6 +706,8 @@ cudaError_t cudaStreamDestroy(cudaStream_t s)
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
+    deferred();
+    count_wait(&n_sync_stream);
     if (!deferred())
         return cudaSuccess;
     if (!s) {
@@ -726,22 +756,47 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags)
 
 cudaError_t cudaEventDestroy(cudaEvent_t e)
 {
+    if (e)
+        event_complete(e); /* a queued stamp still points at it (CUDA allows the destroy) */
     free(e);
     return cudaSuccess;
 }
 
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
+static double now_ms(void)
 {
-    (void)s;
-    if (!e)
-        return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord");
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    e->t_ms = (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+/* deferred: an event's time, taken when its stream's work reaches it (unless recorded again) */
+typedef struct stamp_ctx {
+    cudaEvent_t e;
+    uint64_t sid, seq;
+} stamp_ctx;
+static void do_stamp(void *c)
+{
+    stamp_ctx *x = c;
+    if (x->e->sid == x->sid && x->e->seq == x->seq)
+        x->e->t_ms = now_ms();
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
+{
+    if (!e)
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord");
+    e->t_ms = now_ms();
     e->recorded = 1;
     e->sid = 0;
     if (deferred() && s) {
+        stamp_ctx *x = malloc(sizeof(*x));
+        if (!x)
+            return fail(cudaErrorMemoryAllocation, "cudaEventRecord");
         pthread_mutex_lock(&qmu);
+        x->e = e;
+        x->sid = s->id;
+        x->seq = s->n_enq + 1;               /* complete once the stamp has run */
+        cuemu_enqueue(s, do_stamp, x, free); /* (run at once when it cannot be queued) */
         e->sid = s->id;
         e->seq = s->n_enq;
         pthread_mutex_unlock(&qmu);
@@ -751,18 +806,24 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
     return cudaSuccess;
 }
 
+/* deferred: e's work has not run yet */
+static int event_pending(cudaEvent_t e)
+{
+    if (!deferred() || !e->sid)
+        return 0;
+    pthread_mutex_lock(&qmu);
+    struct CUstream_st *t = stream_by_id(e->sid);
+    int pending = t && t->n_done < e->seq;
+    pthread_mutex_unlock(&qmu);
+    return pending;
+}
+
 /* Deferred work not yet run is not ready (a slow GPU): the caller has to wait for it. */
 cudaError_t cudaEventQuery(cudaEvent_t e)
 {
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventQuery");
-    if (!deferred() || !e->sid)
-        return cudaSuccess;
-    pthread_mutex_lock(&qmu);
-    struct CUstream_st *t = stream_by_id(e->sid);
-    int pending = t && t->n_done < e->seq;
-    pthread_mutex_unlock(&qmu);
-    if (!pending)
+    if (!event_pending(e))
         return cudaSuccess;
     /* as the strictest CUDA runtimes: "not ready" is also the last error (PyTorch clears it
        after a query), so a caller must clear it before its next cudaGetLastError check */
@@ -775,6 +836,8 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e)
 {
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize");
+    deferred();
+    count_wait(&n_sync_event);
     event_complete(e);
     return cudaSuccess;
 }
@@ -785,6 +848,8 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
     if (!a->recorded || !b->recorded) /* as CUDA: an event never recorded has no time */
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
+    if (event_pending(a) || event_pending(b)) /* as CUDA: not yet reached, no time yet */
+        return fail(cudaErrorNotReady, "cudaEventElapsedTime");
     *ms = (float)(b->t_ms - a->t_ms);
     return cudaSuccess;
 }
