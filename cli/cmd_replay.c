@@ -260,9 +260,13 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
             k[KVT_GPU_SWEEP_REDUNDANCY] * 1e-9, k[KVT_GPU_SWEEP_SCORES] * 1e-9,
             k[KVT_GPU_SWEEP_RANK] * 1e-9);
     fprintf(stderr,
-            "profile: gpu sweep calls %llu, %.3f s inside them by the host clock (kernels: GPU "
-            "time by CUDA events, GB at least what each must move; copies: host clock)\n",
+            "profile: gpu sweep calls %llu, %.3f s inside them by the host clock (kernels and "
+            "copies above: GPU time by CUDA events, GB at least what each must move)\n",
             (unsigned long long)p->gpu_sweep_calls, p->gpu_sweep_wall_ns * 1e-9);
+    fprintf(stderr,
+            "profile: gpu: the host waited %llu times for the layers' streams (results, staging "
+            "buffers), %.3f s summed; the profile's timing adds no wait\n",
+            (unsigned long long)p->gpu_syncs, p->gpu_sync_ns * 1e-9);
     if (p->gpu_worker_bytes) {
         char per[32], fr[32], tot[32];
         fprintf(stderr,

@@ -238,14 +238,16 @@ typedef struct kvt_replay_profile {
     uint64_t measure_ns; /* policies, rankings and sweeps (with the GPU's window scores and
                             column sums, which policies ask for) */
     uint64_t n_layers;
-    /* --device cuda: copies by the host clock (waited for); kernels by CUDA events around each
-       call's kernels (the GPU's own time); bytes: at least what each must move */
+    /* --device cuda: kernels and copies by CUDA events around each call's kernels and each
+       copy (the GPU's own time, read once the stream has passed them: the profile adds no
+       wait); bytes: at least what each must move */
     uint64_t gpu_upload_ns, gpu_upload_bytes; /* host to device */
     uint64_t gpu_attn_ns, gpu_attn_bytes;     /* attention probabilities and outputs */
-    uint64_t gpu_norm_ns, gpu_norm_bytes;     /* key/value norms and unit keys */
-    uint64_t gpu_sweep_ns, gpu_sweep_bytes;   /* recall/error sweeps, coverage (cosine tables and
-                                                 bests), SnapKV window scores */
-    uint64_t gpu_sweep_calls;                 /* output sweeps and coverage-best calls */
+    uint64_t gpu_norm_ns, gpu_norm_bytes;   /* 16-bit K and V widened, their finite check, key/value
+                                               norms and unit keys */
+    uint64_t gpu_sweep_ns, gpu_sweep_bytes; /* recall/error sweeps, coverage (cosine tables and
+                                               bests), SnapKV window scores */
+    uint64_t gpu_sweep_calls;               /* output sweeps and coverage-best calls */
     uint64_t gpu_download_ns, gpu_download_bytes; /* device to host */
     /* FLOP the kernels must do, in double: they take logits and sums in f64, in the references'
        order, to agree with them bit for bit */
@@ -268,6 +270,9 @@ typedef struct kvt_replay_profile {
        was not ready for the layer, and bytes decompressed straight into pinned memory as the
        layer's context started (both in read_ns) */
     uint64_t kv_ahead_bytes, kv_streamed_bytes;
+    /* --device cuda: the times the host waited for a layer context's stream (its results, a
+       staging buffer free again), and the host clock inside those waits */
+    uint64_t gpu_syncs, gpu_sync_ns;
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {

@@ -7,12 +7,16 @@
  * pinned staging buffers (copy_up, download); downloads are waited for, so host arrays are
  * complete when a call returns (between kvt_ctx_gpu_defer on and off, the sweeps' only when
  * it is turned off). Several replay workers may each hold one at once. With a profile, the kernels
- * of each call are timed by CUDA events on the stream: the GPU's own time, without the launches,
- * the synchronisation and the host work around them (which the replay's host-side times show).
+ * and copies of each call are timed by CUDA events on the stream (the GPU's own time, without the
+ * launches and the host work around them, which the replay's host-side times show), read when
+ * the stream has passed them: the profile adds no wait of its own (unless more than CTX_TIMERS
+ * timings are in flight), so a profiled run makes the round trips an unprofiled one makes. The
+ * host's waits on the stream are counted and timed.
  */
 #include <cuda_runtime_api.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ctx_gpu.h"
@@ -23,6 +27,15 @@
 #define CTX_GPU_MAP 12
 #define CTX_STAGE   ((size_t)4 << 20) /* bytes of each pinned staging buffer */
 #define CTX_PEND    16                /* small downloads queued in stage[0] before a wait */
+#define CTX_TIMERS  128               /* event-timed kernels and copies in flight (profile) */
+
+/* what a timing is booked as: TM_SWEEP + a KVT_GPU_SWEEP_* kind for the sweep kernels */
+enum { TM_UPLOAD, TM_DOWNLOAD, TM_ATTN, TM_NORM, TM_COLSUM, TM_SWEEP };
+
+typedef struct ctx_timer {
+    cudaEvent_t ev[2]; /* recorded before and after the timed work */
+    int what;          /* TM_* */
+} ctx_timer;
 
 typedef struct ctx_pend {
     void *dst;       /* host destination */
@@ -72,10 +85,12 @@ struct kvt_ctx_gpu {
     size_t res_cap;           /* elements of rec and err (rmod: x KVT_NM) */
     ctx_map map[CTX_GPU_MAP];
     int n_map;
-    kvt_replay_profile *prof;      /* may be NULL */
-    cudaEvent_t ev[2];             /* kernel timing (with a profile only) */
-    uint64_t up_bytes, down_bytes; /* queued since the last sync */
-    uint64_t read_ns;              /* inside the input's kv_rest (kvt_ctx_gpu_read_ns) */
+    kvt_replay_profile *prof; /* may be NULL */
+    /* with a profile: the timings not yet read, a ring (tm_head, tm_n) of tm_cap slots (tests:
+       KVT_TEST_GPU_TIMERS), its first tm_made slots' events created */
+    ctx_timer tm[CTX_TIMERS];
+    int tm_cap, tm_head, tm_n, tm_made;
+    uint64_t read_ns; /* inside the input's kv_rest (kvt_ctx_gpu_read_ns) */
     /* Every copy goes through two pinned staging buffers (CTX_STAGE bytes each; NULL when
      * cudaHostAlloc failed: copies from and to the pageable arrays directly, as before): the
      * thread's (ts, stage_take), or the context's own when another context holds those. */
@@ -277,6 +292,124 @@ static void dfree(kvt_ctx_gpu *g, void *p)
         kvt_cuda_free_async(p, g->st);
 }
 
+/* A host wait for the stream's work, or for one event: counted and timed with a profile. */
+static kvt_status tm_poll(kvt_ctx_gpu *g, bool wait);
+static kvt_status wait_stream(kvt_ctx_gpu *g)
+{
+    const uint64_t t0 = g->prof ? kvt_now_ns() : 0;
+    GPU_OK(cudaStreamSynchronize(g->st));
+    if (!g->prof)
+        return KVT_OK;
+    PROF(g, gpu_sync_ns, kvt_now_ns() - t0);
+    PROF(g, gpu_syncs, 1);
+    return tm_poll(g, false); /* every timing is done now */
+}
+
+static kvt_status wait_event(kvt_ctx_gpu *g, cudaEvent_t e)
+{
+    const uint64_t t0 = g->prof ? kvt_now_ns() : 0;
+    GPU_OK(cudaEventSynchronize(e));
+    if (!g->prof)
+        return KVT_OK;
+    PROF(g, gpu_sync_ns, kvt_now_ns() - t0);
+    PROF(g, gpu_syncs, 1);
+    return KVT_OK;
+}
+
+/* Timing, with a profile only: tm_begin before a call's kernels or a copy, tm_end(what) after
+ * them record events on the stream around that work; their time is read and booked by
+ * tm_poll once the stream has passed them (a later call's tm_begin, a wait), so that timing
+ * waits for nothing. When the ring is full, tm_begin waits for the oldest. */
+static void tm_book(kvt_ctx_gpu *g, int what, uint64_t ns)
+{
+    switch (what) {
+    case TM_UPLOAD:
+        PROF(g, gpu_upload_ns, ns);
+        break;
+    case TM_DOWNLOAD:
+        PROF(g, gpu_download_ns, ns);
+        break;
+    case TM_ATTN:
+        PROF(g, gpu_attn_ns, ns);
+        break;
+    case TM_NORM:
+        PROF(g, gpu_norm_ns, ns);
+        break;
+    case TM_COLSUM:
+        PROF(g, gpu_colsum_ns, ns);
+        break;
+    default:
+        book_sweep(g, what - TM_SWEEP, ns);
+    }
+}
+
+/* the oldest timing (its work done) read, booked and dropped */
+static cudaError_t tm_pop(kvt_ctx_gpu *g)
+{
+    const ctx_timer *t = &g->tm[g->tm_head];
+    float ms = 0.0f;
+    cudaError_t e = cudaEventElapsedTime(&ms, t->ev[0], t->ev[1]);
+    if (e == cudaSuccess)
+        tm_book(g, t->what, (uint64_t)((double)ms * 1e6 + 0.5));
+    g->tm_head = (g->tm_head + 1) % g->tm_cap;
+    g->tm_n--;
+    return e;
+}
+
+/* book the timings the stream has passed, oldest first (wait: the oldest waited for first) */
+static kvt_status tm_poll(kvt_ctx_gpu *g, bool wait)
+{
+    while (g->tm_n > 0) {
+        ctx_timer *t = &g->tm[g->tm_head];
+        if (wait) {
+            KVT_FORWARD(wait_event(g, t->ev[1]));
+            wait = false;
+        } else {
+            cudaError_t e = cudaEventQuery(t->ev[1]);
+            if (e == cudaErrorNotReady) {
+                cudaGetLastError(); /* not an error: not there yet */
+                return KVT_OK;
+            }
+            GPU_OK(e);
+        }
+        GPU_OK(tm_pop(g));
+    }
+    return KVT_OK;
+}
+
+static kvt_status tm_begin(kvt_ctx_gpu *g)
+{
+    if (!g->prof)
+        return KVT_OK;
+    KVT_FORWARD(tm_poll(g, false));
+    if (g->tm_n == g->tm_cap)
+        KVT_FORWARD(tm_poll(g, true));
+    const int i = (g->tm_head + g->tm_n) % g->tm_cap; /* the slots are used in order */
+    if (i == g->tm_made) {
+        GPU_OK(cudaEventCreate(&g->tm[i].ev[0]));
+        cudaError_t e = cudaEventCreate(&g->tm[i].ev[1]);
+        if (e != cudaSuccess) {
+            cudaEventDestroy(g->tm[i].ev[0]);
+            return kvt_error_set(KVT_ERR_CUDA, "replay --device cuda: cudaEventCreate: %s",
+                                 cudaGetErrorString(e));
+        }
+        g->tm_made++;
+    }
+    GPU_OK(cudaEventRecord(g->tm[i].ev[0], g->st));
+    return KVT_OK;
+}
+
+static kvt_status tm_end(kvt_ctx_gpu *g, int what)
+{
+    if (!g->prof)
+        return KVT_OK;
+    ctx_timer *t = &g->tm[(g->tm_head + g->tm_n) % g->tm_cap];
+    GPU_OK(cudaEventRecord(t->ev[1], g->st));
+    t->what = what;
+    g->tm_n++;
+    return KVT_OK;
+}
+
 /* Copies go through pinned staging buffers: a copy from or to pageable memory is synchronous
  * and staged by the driver through its own buffers, shared by every thread of the process, so
  * that the replay's workers copied one at a time at a fraction of the link's speed (PCIe or
@@ -289,7 +422,7 @@ static kvt_status flush_down(kvt_ctx_gpu *g)
 {
     if (!g->n_pend && !g->unsynced)
         return KVT_OK;
-    GPU_OK(cudaStreamSynchronize(g->st));
+    KVT_FORWARD(wait_stream(g));
     for (int i = 0; i < g->n_pend; i++)
         memcpy(g->pend[i].dst, g->stage[0] + g->pend[i].off, g->pend[i].len);
     g->n_pend = 0, g->pend_end = 0, g->unsynced = false;
@@ -299,19 +432,22 @@ static kvt_status flush_down(kvt_ctx_gpu *g)
 /* host src [bytes] to device dst, on the stream; src may be reused when it returns */
 static kvt_status copy_up(kvt_ctx_gpu *g, void *dst, const void *src, size_t bytes)
 {
-    g->up_bytes += bytes;
+    PROF(g, gpu_upload_bytes, bytes);
     if (!g->stage[0]) {
+        KVT_FORWARD(tm_begin(g));
         GPU_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g->st));
-        return KVT_OK;
+        return tm_end(g, TM_UPLOAD);
     }
     KVT_FORWARD(flush_down(g));
     for (size_t off = 0; off < bytes; off += CTX_STAGE) {
         const size_t n = bytes - off < CTX_STAGE ? bytes - off : CTX_STAGE;
         const int b = g->up_next;
         g->up_next ^= 1;
-        GPU_OK(cudaEventSynchronize(g->sev[b])); /* its last transfer has read it */
+        KVT_FORWARD(wait_event(g, g->sev[b])); /* its last transfer has read it */
         memcpy(g->stage[b], (const char *)src + off, n);
+        KVT_FORWARD(tm_begin(g));
         GPU_OK(cudaMemcpyAsync((char *)dst + off, g->stage[b], n, cudaMemcpyHostToDevice, g->st));
+        KVT_FORWARD(tm_end(g, TM_UPLOAD));
         GPU_OK(cudaEventRecord(g->sev[b], g->st));
     }
     return KVT_OK;
@@ -324,14 +460,15 @@ static kvt_status upload(kvt_ctx_gpu *g, void **dst, const void *src, size_t byt
 }
 
 /* device src [bytes] to host dst: a small one is queued in stage[0] and lands in dst at the
- * next flush_down (sync_copies); a large one is done when this returns. */
+ * next flush_down; a large one is done when this returns. */
 static kvt_status download(kvt_ctx_gpu *g, void *dst, const void *src, size_t bytes)
 {
-    g->down_bytes += bytes;
+    PROF(g, gpu_download_bytes, bytes);
     if (!g->stage[0]) {
+        KVT_FORWARD(tm_begin(g));
         GPU_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g->st));
         g->unsynced = true;
-        return KVT_OK;
+        return tm_end(g, TM_DOWNLOAD);
     }
     if (bytes <= CTX_STAGE) {
         size_t off = (g->pend_end + 15) / 16 * 16;
@@ -339,10 +476,11 @@ static kvt_status download(kvt_ctx_gpu *g, void *dst, const void *src, size_t by
             KVT_FORWARD(flush_down(g));
             off = 0;
         }
+        KVT_FORWARD(tm_begin(g));
         GPU_OK(cudaMemcpyAsync(g->stage[0] + off, src, bytes, cudaMemcpyDeviceToHost, g->st));
         g->pend[g->n_pend++] = (ctx_pend){dst, off, bytes};
         g->pend_end = off + bytes;
-        return KVT_OK;
+        return tm_end(g, TM_DOWNLOAD);
     }
     KVT_FORWARD(flush_down(g));
     size_t prev = 0, prev_n = 0; /* the piece in flight before this one */
@@ -350,70 +488,19 @@ static kvt_status download(kvt_ctx_gpu *g, void *dst, const void *src, size_t by
     for (size_t off = 0, i = 0; off < bytes; off += CTX_STAGE, i++) {
         const size_t n = bytes - off < CTX_STAGE ? bytes - off : CTX_STAGE;
         const int b = (int)(i & 1);
+        KVT_FORWARD(tm_begin(g));
         GPU_OK(cudaMemcpyAsync(g->stage[b], (const char *)src + off, n, cudaMemcpyDeviceToHost,
                                g->st));
+        KVT_FORWARD(tm_end(g, TM_DOWNLOAD));
         GPU_OK(cudaEventRecord(g->sev[b], g->st));
         if (prev_n) { /* the previous piece, while this one is in flight */
-            GPU_OK(cudaEventSynchronize(g->sev[pb]));
+            KVT_FORWARD(wait_event(g, g->sev[pb]));
             memcpy((char *)dst + prev, g->stage[pb], prev_n);
         }
         prev = off, prev_n = n, pb = b;
     }
-    GPU_OK(cudaEventSynchronize(g->sev[pb]));
+    KVT_FORWARD(wait_event(g, g->sev[pb]));
     memcpy((char *)dst + prev, g->stage[pb], prev_n);
-    return KVT_OK;
-}
-
-/* Book the time since t0 (and the queued copies' bytes) as uploads or downloads; returns the
- * new time. Downloads are waited for (the host reads them next). Uploads need no wait (copy_up
- * has read its source when it returns, and the kernels that use it follow on the stream): only
- * a profile waits for them, to time them. */
-static kvt_status sync_copies(kvt_ctx_gpu *g, bool up, uint64_t *t0)
-{
-    if (up && !g->prof) {
-        g->up_bytes = 0;
-        return KVT_OK;
-    }
-    if (up)
-        GPU_OK(cudaStreamSynchronize(g->st));
-    else
-        KVT_FORWARD(flush_down(g));
-    uint64_t t = kvt_now_ns();
-    if (up) {
-        PROF(g, gpu_upload_ns, t - *t0);
-        PROF(g, gpu_upload_bytes, g->up_bytes);
-        g->up_bytes = 0;
-    } else {
-        PROF(g, gpu_download_ns, t - *t0);
-        PROF(g, gpu_download_bytes, g->down_bytes);
-        g->down_bytes = 0;
-    }
-    *t0 = t;
-    return KVT_OK;
-}
-
-/* Kernel timing, with a profile only: kern_begin before the kernels of a call, kern_end after
- * them waits for the stream, sets *t to the host clock after that and adds their GPU time (by
- * the events) to *ns. Without a profile nothing waits: the downloads that follow are ordered
- * after the kernels on the stream, and their wait reports a kernel's fault. */
-static kvt_status kern_begin(kvt_ctx_gpu *g)
-{
-    if (g->prof)
-        GPU_OK(cudaEventRecord(g->ev[0], g->st));
-    return KVT_OK;
-}
-
-static kvt_status kern_end(kvt_ctx_gpu *g, uint64_t *ns, uint64_t *t)
-{
-    if (!g->prof)
-        return KVT_OK;
-    GPU_OK(cudaEventRecord(g->ev[1], g->st));
-    GPU_OK(cudaStreamSynchronize(g->st));
-    if (t) /* NULL: the caller has no later copy to time from here */
-        *t = kvt_now_ns();
-    float ms = 0.0f;
-    GPU_OK(cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]));
-    *ns += (uint64_t)((double)ms * 1e6 + 0.5);
     return KVT_OK;
 }
 
@@ -430,15 +517,23 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
     if (g->st) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
             dfree(g, bufs[i]);
-        cudaStreamSynchronize(g->st);
+        /* the last timings booked; quietly: the error being reported may be the caller's */
+        const uint64_t t0 = g->prof ? kvt_now_ns() : 0;
+        if (cudaStreamSynchronize(g->st) == cudaSuccess && g->prof) {
+            PROF(g, gpu_sync_ns, kvt_now_ns() - t0);
+            PROF(g, gpu_syncs, 1);
+            while (g->tm_n > 0)
+                tm_pop(g);
+        }
+        cudaGetLastError();
         cudaStreamDestroy(g->st);
     }
-    for (int i = 0; i < 2; i++) {
-        if (g->ev[i])
-            cudaEventDestroy(g->ev[i]);
+    for (int i = 0; i < g->tm_made; i++)
+        for (int j = 0; j < 2; j++)
+            cudaEventDestroy(g->tm[i].ev[j]);
+    for (int i = 0; i < 2; i++)
         if (g->sev[i])
             cudaEventDestroy(g->sev[i]);
-    }
     stage_give(g);
     kvt_free(g->order_h);
     kvt_free(g);
@@ -449,9 +544,13 @@ static kvt_status widen_piece(kvt_ctx_gpu *g, kvt_dtype dt, const kvt_trace_piec
                               const uint8_t *src, float *x)
 {
     const size_t T = (size_t)g->T, D = (size_t)g->D;
-    return kvt_widen_stored_cuda(dt, p->planes, src, (int)(p->head_end - p->head_begin),
-                                 (int)(p->tok_end - p->tok_begin), g->D, T * D,
-                                 x + ((size_t)p->head_begin * T + p->tok_begin) * D, (void *)g->st);
+    const size_t n = (size_t)(p->head_end - p->head_begin) * (p->tok_end - p->tok_begin) * D;
+    KVT_FORWARD(tm_begin(g));
+    KVT_FORWARD(kvt_widen_stored_cuda(
+        dt, p->planes, src, (int)(p->head_end - p->head_begin), (int)(p->tok_end - p->tok_begin),
+        g->D, T * D, x + ((size_t)p->head_begin * T + p->tok_begin) * D, (void *)g->st));
+    PROF(g, gpu_norm_bytes, n * (sizeof(uint16_t) + sizeof(float)));
+    return tm_end(g, TM_NORM);
 }
 
 /* The records kv_rest reads, on their way to the device: each decompressed into a pinned
@@ -476,7 +575,7 @@ static kvt_status gpu_room(void *user, size_t bytes, void **buf)
         KVT_FORWARD(flush_down(g)); /* stage[0] may hold queued downloads */
         k->b = g->up_next;
         g->up_next ^= 1;
-        GPU_OK(cudaEventSynchronize(g->sev[k->b])); /* its last transfer has read it */
+        KVT_FORWARD(wait_event(g, g->sev[k->b])); /* its last transfer has read it */
         *buf = g->stage[k->b];
         return KVT_OK;
     }
@@ -494,8 +593,10 @@ static kvt_status gpu_put(void *user, const kvt_trace_piece *p, void *buf)
     if (k->b < 0) {
         KVT_FORWARD(copy_up(g, d, buf, k->last));
     } else {
-        g->up_bytes += k->last;
+        PROF(g, gpu_upload_bytes, k->last);
+        KVT_FORWARD(tm_begin(g));
         GPU_OK(cudaMemcpyAsync(d, buf, k->last, cudaMemcpyHostToDevice, g->st));
+        KVT_FORWARD(tm_end(g, TM_UPLOAD));
         GPU_OK(cudaEventRecord(g->sev[k->b], g->st));
     }
     return widen_piece(g, k->dt, p, d, k->x);
@@ -514,7 +615,10 @@ static kvt_status put_kv16(kvt_ctx_gpu *g, const kvt_layer_input *in, int kind, 
     KVT_FORWARD(dalloc(g, (void **)dst, n * sizeof(float)));
     if (!kvt_kv_stored(in)) {
         KVT_FORWARD(copy_up(g, g->ku, src, n * sizeof(uint16_t)));
-        return kvt_widen_cuda(in->k16_dtype, (const uint16_t *)g->ku, n, *dst, (void *)g->st);
+        KVT_FORWARD(tm_begin(g));
+        KVT_FORWARD(kvt_widen_cuda(in->k16_dtype, (const uint16_t *)g->ku, n, *dst, (void *)g->st));
+        PROF(g, gpu_norm_bytes, n * (sizeof(uint16_t) + sizeof(float)));
+        return tm_end(g, TM_NORM);
     }
     const kvt_trace_piece *pc;
     size_t n_pc;
@@ -544,18 +648,13 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     const size_t rows = (size_t)g->rows, Hq = (size_t)g->Hq, Hkv = (size_t)g->Hkv;
     GPU_OK(cudaSetDevice(0));
     GPU_OK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking));
-    if (g->prof)
-        for (int i = 0; i < 2; i++)
-            GPU_OK(cudaEventCreate(&g->ev[i]));
     for (int i = 0; i < 2; i++)
         GPU_OK(cudaEventCreateWithFlags(&g->sev[i], cudaEventDisableTiming));
     stage_take(g); /* without pinned memory: copies from and to the pageable arrays directly */
-    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(dalloc(g, (void **)&g->ku, kv * sizeof(float)));
     if (in->k16 || kvt_kv_stored(in)) {
         KVT_FORWARD(put_kv16(g, in, KVT_KIND_K, &g->k, kv, &g->read_ns));
         KVT_FORWARD(put_kv16(g, in, KVT_KIND_V, &g->v, kv, &g->read_ns));
-        t0 += g->read_ns; /* the uploads' time: without the reading they overlapped */
     } else {
         KVT_FORWARD(upload(g, (void **)&g->k, in->k, kv * sizeof(float)));
         KVT_FORWARD(upload(g, (void **)&g->v, in->v, kv * sizeof(float)));
@@ -583,8 +682,7 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     KVT_FORWARD(dalloc(g, (void **)&g->norm, 2 * Hkv * T * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->mean, Hkv * D * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->inv, kvt_unit_rows_cuda_work(g->T, g->D) * sizeof(double)));
-    KVT_FORWARD(dalloc(g, (void **)&g->order, T * sizeof(int32_t)));
-    return sync_copies(g, true, &t0);
+    return dalloc(g, (void **)&g->order, T * sizeof(int32_t));
 }
 
 kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_replay_profile *prof,
@@ -594,6 +692,8 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
     kvt_ctx_gpu *g = kvt_calloc(1, sizeof(*g));
     KVT_RETURN_IF(!g, KVT_ERR_NOMEM, "out of memory");
     g->prof = prof;
+    const char *e = getenv("KVT_TEST_GPU_TIMERS");
+    g->tm_cap = e && atoi(e) >= 1 && atoi(e) <= CTX_TIMERS ? atoi(e) : CTX_TIMERS;
     g->T = in->T, g->D = in->D, g->Hq = in->Hq, g->Hkv = in->Hkv, g->Wt = in->W, g->Gd = Gd;
     g->rows = rows > 0 ? rows : 1;
     g->extra = Gd > 0 && in->k_decode && in->v_decode;
@@ -616,15 +716,13 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
     KVT_RETURN_IF(!g, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
     const size_t n = (size_t)g->Hkv * g->T * g->D;
     unsigned long long *d = (unsigned long long *)g->lse, h[2]; /* lse: rows >= 2 doubles */
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kvt_first_nonfinite_cuda(g->k, n, d, (void *)g->st));
     KVT_FORWARD(kvt_first_nonfinite_cuda(g->v, n, d + 1, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
-    PROF(g, gpu_norm_ns, ns); /* booked with the norms: K and V read once more */
+    KVT_FORWARD(tm_end(g, TM_NORM)); /* booked with the norms: K and V read once more */
     PROF(g, gpu_norm_bytes, 2 * n * sizeof(float));
     KVT_FORWARD(download(g, h, d, sizeof(h)));
-    KVT_FORWARD(sync_copies(g, false, &t1));
+    KVT_FORWARD(flush_down(g));
     *bad_k = (size_t)h[0], *bad_v = (size_t)h[1];
     return KVT_OK;
 }
@@ -641,8 +739,7 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_v
     float *dpr = decode ? g->prd : g->prw;
     double *dout = decode ? g->ad : g->aw;
     bool extra = decode && g->extra;
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kern_nomem(kvt_attn_probs_batch_cuda(
         q, n_q, g->D, g->k, g->T, n_vis, extra ? g->kd : NULL, extra ? g->Gd : 0,
         extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL, g->lse, g->Hkv, (void *)g->st)));
@@ -652,10 +749,9 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_v
     double *dmass = !decode && g->mod ? g->mm : NULL;
     KVT_FORWARD(kvt_row_mass_cuda(dpr, (int)rows, g->T, T, dmass ? g->mod : NULL, drs, dmass,
                                   (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(tm_end(g, TM_ATTN));
     /* at least: Q, K, V read once, P written and read back, the outputs written */
     size_t nx = extra ? (size_t)g->Gd : 0;
-    PROF(g, gpu_attn_ns, ns);
     PROF(g, gpu_attn_bytes,
          Hkv * ((nq * D + 2 * (T + nx) * D + 2 * nq * (T + nx)) * sizeof(float) +
                 nq * (D + 1) * sizeof(double)));
@@ -667,7 +763,7 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_v
     KVT_FORWARD(download(g, rowsum, drs, rows * sizeof(double)));
     if (dmass && mass)
         KVT_FORWARD(download(g, mass, dmass, rows * KVT_NM * sizeof(double)));
-    return sync_copies(g, false, &t1);
+    return flush_down(g);
 }
 
 kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, double *knorm, double *vnorm, double *kmean)
@@ -675,22 +771,20 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, double *knorm, double *vnorm, doubl
     KVT_RETURN_IF(!g, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
     const size_t T = (size_t)g->T, D = (size_t)g->D, Hkv = (size_t)g->Hkv;
     double *kn = g->norm, *vn = g->norm + Hkv * T;
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     /* every KV head's rows at once: the norms are per row */
     KVT_FORWARD(kvt_row_norms_cuda(g->k, (int)(Hkv * T), g->D, kn, (void *)g->st));
     KVT_FORWARD(kvt_row_norms_cuda(g->v, (int)(Hkv * T), g->D, vn, (void *)g->st));
     for (size_t h = 0; h < Hkv; h++) /* unit keys and their mean, one head at a time */
         KVT_FORWARD(kvt_unit_rows_cuda(g->k + h * T * D, g->T, g->D, g->ku + h * T * D,
                                        g->mean + h * D, g->inv, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(tm_end(g, TM_NORM));
     /* at least: K and V read for the norms, K read and the unit keys written */
-    PROF(g, gpu_norm_ns, ns);
     PROF(g, gpu_norm_bytes, Hkv * (4 * T * D * sizeof(float) + (3 * T + D) * sizeof(double)));
     KVT_FORWARD(download(g, knorm, kn, Hkv * T * sizeof(double)));
     KVT_FORWARD(download(g, vnorm, vn, Hkv * T * sizeof(double)));
     KVT_FORWARD(download(g, kmean, g->mean, Hkv * D * sizeof(double)));
-    return sync_copies(g, false, &t1);
+    return flush_down(g);
 }
 
 kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host)
@@ -705,9 +799,8 @@ kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host)
                                             : (size_t)g->Hkv * T * g->D;
     if (!src || !n)
         return KVT_OK;
-    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(download(g, host, src, n * sizeof(float)));
-    return sync_copies(g, false, &t0);
+    return flush_down(g);
 }
 
 static void add_map(kvt_ctx_gpu *g, const void *h, void *d, size_t bytes)
@@ -721,12 +814,10 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     KVT_RETURN_IF(!g || !c, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
     const size_t T = (size_t)g->T, D = (size_t)g->D, Hq = (size_t)g->Hq;
     const size_t nw = Hq * g->Wt, nd = Hq * g->Gd;
-    uint64_t t0 = kvt_now_ns();
     if (c->has_extra) {
         KVT_FORWARD(upload(g, (void **)&g->pe, c->pd_extra, nd * sizeof(double)));
         KVT_FORWARD(upload(g, (void **)&g->oe, c->od_extra, nd * D * sizeof(double)));
     }
-    KVT_FORWARD(sync_copies(g, true, &t0));
     g->n_map = 0;
     add_map(g, c->prw, g->prw, nw * T * sizeof(float));
     add_map(g, c->aw, g->aw, nw * D * sizeof(double));
@@ -768,10 +859,9 @@ static kvt_status put_order(kvt_ctx_gpu *g, const int32_t *order)
         return KVT_OK;
     if (!g->order_h && !(g->order_h = kvt_malloc(bytes)))
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(copy_up(g, g->order, order, bytes));
     memcpy(g->order_h, order, bytes);
-    return sync_copies(g, true, &t0);
+    return KVT_OK;
 }
 
 /* The device copy of a host pointer into one of the context's arrays (NULL stays NULL). */
@@ -819,19 +909,17 @@ static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const floa
     }
     KVT_FORWARD(put_order(g, order));
     KVT_FORWARD(need_work(g, n_q, n_cut, 0));
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kvt_sweep_output_cuda_ws(n_q, T, D, dp, stride_p, dv, da, stride_a, dpe, stride_e,
                                          doe, drf, g->order, cuts, n_cut, dmod, dmm, stride_m,
                                          g->rec, g->err, mod ? g->rmod : NULL, g->work, g->work_cap,
                                          (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(tm_end(g, TM_SWEEP + KVT_GPU_SWEEP_OUTPUT));
     /* at least: the walked tokens' probabilities (every token's when the row masses are not
      * given), V rows and ranks read once, each query's full output read, the results written;
      * FLOP: a product and a sum per walked token, query and dimension, 9 per query, dimension
      * and cut for the error */
     const uint64_t walk = (uint64_t)kvt_sweep_walk(cuts, n_cut, T);
-    book_sweep(g, KVT_GPU_SWEEP_OUTPUT, ns);
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes,
          ((n_q + (uint64_t)D + 1) * walk + (r_full ? 0 : (uint64_t)n_q * T)) * sizeof(float) +
@@ -843,7 +931,7 @@ static kvt_status sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const floa
         KVT_FORWARD(download(g, recall_mod, g->rmod, n * KVT_NM * sizeof(double)));
     /* deferred: the copies are queued in stream order, before any later kernel reuses the
        device buffers, and each has its own part of the staging buffer */
-    return g->defer ? KVT_OK : sync_copies(g, false, &t1);
+    return g->defer ? KVT_OK : flush_down(g);
 }
 
 kvt_status kvt_ctx_gpu_sweep_output(kvt_ctx_gpu *g, int n_q, int T, int D, const float *p,
@@ -869,10 +957,9 @@ kvt_status kvt_ctx_gpu_defer(kvt_ctx_gpu *g, bool on)
     g->defer = on;
     if (on)
         return KVT_OK;
-    /* the wait: the queued kernels (unless a profile waited for them) and copies, booked as
-       downloads and as the sweeps' host time */
-    uint64_t t0 = kvt_now_ns(), t1 = t0;
-    kvt_status s = sync_copies(g, false, &t1);
+    /* the wait for the queued kernels and copies, booked as the sweeps' host time */
+    uint64_t t0 = kvt_now_ns();
+    kvt_status s = flush_down(g);
     PROF(g, gpu_sweep_wall_ns, kvt_now_ns() - t0);
     return s;
 }
@@ -889,17 +976,13 @@ kvt_status kvt_ctx_gpu_cosines(kvt_ctx_gpu *g, int group, const int32_t *probe, 
         KVT_FORWARD(dalloc(g, (void **)&g->probe, (size_t)n_probe * sizeof(int32_t)));
         g->n_probe = n_probe;
     }
-    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(copy_up(g, g->probe, probe, (size_t)n_probe * sizeof(int32_t)));
-    KVT_FORWARD(sync_copies(g, true, &t0));
-    uint64_t ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kvt_cosine_table_cuda(g->ku + (size_t)group * T * D, g->T, g->D, g->probe, n_probe,
                                       g->ct, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, NULL));
+    KVT_FORWARD(tm_end(g, TM_SWEEP + KVT_GPU_SWEEP_COVERAGE));
     /* at least: the unit keys read, the table written; a product and a sum per key, probe and
      * dimension (booked with the sweeps) */
-    book_sweep(g, KVT_GPU_SWEEP_COVERAGE, ns);
     PROF(g, gpu_sweep_bytes, (T * D + T * (size_t)n_probe) * sizeof(float));
     PROF(g, gpu_sweep_flop, 2 * (uint64_t)T * n_probe * D);
     return KVT_OK;
@@ -928,23 +1011,20 @@ static kvt_status set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order, con
     }
     KVT_FORWARD(put_order(g, order));
     KVT_FORWARD(need_work(g, 0, n_cut, best ? g->n_probe : 0));
-    uint64_t t1 = 0, ns_c = 0, ns_r = 0; /* coverage, redundancy: timed apart */
-    if (best) {
-        KVT_FORWARD(kern_begin(g));
+    if (best) { /* coverage and redundancy timed apart */
+        KVT_FORWARD(tm_begin(g));
         KVT_FORWARD(kvt_coverage_best_cuda_ws(g->ct, g->T, g->n_probe, g->order, cuts, n_cut,
                                               g->best, g->work, g->work_cap, (void *)g->st));
-        KVT_FORWARD(kern_end(g, &ns_c, &t1));
+        KVT_FORWARD(tm_end(g, TM_SWEEP + KVT_GPU_SWEEP_COVERAGE));
     }
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kvt_sweep_redundancy_cuda_ws(g->ku + (size_t)group * T * D, g->T, g->D, g->order,
                                              cuts, n_cut, g->rk, g->work, g->work_cap,
                                              (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns_r, &t1));
+    KVT_FORWARD(tm_end(g, TM_SWEEP + KVT_GPU_SWEEP_REDUNDANCY));
     /* at least: the kept rows of the table (up to the last cut) and their indices read, best
      * written; the kept unit keys read; a sum per kept key and dimension */
     const uint64_t last = (uint64_t)cuts[n_cut - 1];
-    book_sweep(g, KVT_GPU_SWEEP_COVERAGE, ns_c);
-    book_sweep(g, KVT_GPU_SWEEP_REDUNDANCY, ns_r);
     PROF(g, gpu_sweep_calls, 1);
     PROF(g, gpu_sweep_bytes,
          (last * ((best ? g->n_probe : 0) + 1 + D) + n) * sizeof(float) + n_cut * sizeof(double));
@@ -952,7 +1032,7 @@ static kvt_status set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order, con
     if (best)
         KVT_FORWARD(download(g, best, g->best, n * sizeof(float)));
     KVT_FORWARD(download(g, rk, g->rk, (size_t)n_cut * sizeof(double)));
-    return g->defer ? KVT_OK : sync_copies(g, false, &t1);
+    return g->defer ? KVT_OK : flush_down(g);
 }
 
 kvt_status kvt_ctx_gpu_set_sweep(kvt_ctx_gpu *g, int group, const int32_t *order,
@@ -986,16 +1066,14 @@ kvt_status kvt_ctx_gpu_window_scores(kvt_ctx_gpu *g, int W, int kernel, kvt_pool
                   "replay --device cuda: bad window scores call (W=%d)", W);
     const size_t P = (size_t)(g->T - W), H = (size_t)(per_query ? g->Hq : g->Hkv);
     KVT_FORWARD(need_scores(g));
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kvt_window_scores_cuda(g->prw, g->Hq, g->Hkv, g->Wt, W, g->T, kernel, pool, reduce,
                                        per_query, g->sc_work, g->sc, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(tm_end(g, TM_SWEEP + KVT_GPU_SWEEP_SCORES));
     /* at least: the last W window rows of every query head read, the scores written */
-    book_sweep(g, KVT_GPU_SWEEP_SCORES, ns);
     PROF(g, gpu_sweep_bytes, (size_t)g->Hq * W * P * sizeof(float) + H * P * sizeof(double));
     KVT_FORWARD(download(g, out, g->sc, H * P * sizeof(double)));
-    return sync_copies(g, false, &t1);
+    return flush_down(g);
 }
 
 kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, double *out)
@@ -1004,16 +1082,14 @@ kvt_status kvt_ctx_gpu_decode_scores(kvt_ctx_gpu *g, bool per_query, int P, doub
                   "replay --device cuda: bad decode scores call (P=%d)", P);
     const int per = per_query ? 1 : g->Hq / g->Hkv, H = per_query ? g->Hq : g->Hkv;
     KVT_FORWARD(need_scores(g));
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kvt_col_mean_cuda(g->prd, H, per * g->Gd, g->T, P, g->sc, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(tm_end(g, TM_SWEEP + KVT_GPU_SWEEP_SCORES));
     /* at least: the decode probabilities of the prefix read, the scores written */
-    book_sweep(g, KVT_GPU_SWEEP_SCORES, ns);
     PROF(g, gpu_sweep_bytes,
          (size_t)g->Hq * g->Gd * P * sizeof(float) + (size_t)H * P * sizeof(double));
     KVT_FORWARD(download(g, out, g->sc, (size_t)H * P * sizeof(double)));
-    return sync_copies(g, false, &t1);
+    return flush_down(g);
 }
 
 kvt_status kvt_ctx_gpu_rank(kvt_ctx_gpu *g, const double *score, int H, int P, int32_t *order)
@@ -1028,19 +1104,15 @@ kvt_status kvt_ctx_gpu_rank(kvt_ctx_gpu *g, const double *score, int H, int P, i
         KVT_FORWARD(dalloc(g, (void **)&g->rorder, n * sizeof(int32_t)));
         g->rank_cap = n;
     }
-    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(copy_up(g, g->rscore, score, n * sizeof(double)));
-    KVT_FORWARD(sync_copies(g, true, &t0));
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(kvt_rank_desc_segmented_cuda(g->rscore, H, P, g->rorder, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(tm_end(g, TM_SWEEP + KVT_GPU_SWEEP_RANK));
     /* at least: the scores read, the keys and indices written and read once per 8-bit pass
      * (8 passes of 64-bit keys), the permutations written */
-    book_sweep(g, KVT_GPU_SWEEP_RANK, ns);
     PROF(g, gpu_sweep_bytes, n * (sizeof(double) + 8 * 2 * (8 + 4) + 4));
     KVT_FORWARD(download(g, order, g->rorder, n * sizeof(int32_t)));
-    return sync_copies(g, false, &t1);
+    return flush_down(g);
 }
 
 kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double scale, double *out)
@@ -1053,20 +1125,16 @@ kvt_status kvt_ctx_gpu_colsum_head(kvt_ctx_gpu *g, int h, const float *q, double
         KVT_FORWARD(dalloc(g, (void **)&g->cs, T * sizeof(double)));
         KVT_FORWARD(dalloc(g, (void **)&g->cs_work, 2 * T * sizeof(double)));
     }
-    uint64_t t0 = kvt_now_ns();
     KVT_FORWARD(copy_up(g, g->qa, q, T * D * sizeof(float)));
-    KVT_FORWARD(sync_copies(g, true, &t0));
     const float *K = g->k + (size_t)(h / (g->Hq / g->Hkv)) * T * D;
-    uint64_t t1 = 0, ns = 0;
-    KVT_FORWARD(kern_begin(g));
+    KVT_FORWARD(tm_begin(g));
     KVT_FORWARD(
         kvt_attn_colsum_cuda(g->qa, K, g->T, g->D, scale, g->cs_work, g->cs, (void *)g->st));
-    KVT_FORWARD(kern_end(g, &ns, &t1));
+    KVT_FORWARD(tm_end(g, TM_COLSUM));
     /* at least: the head's queries and keys read, the sums written; the logits of the causal
      * triangle, computed in both passes (row stats, column sums), 2 flop per dimension */
-    PROF(g, gpu_colsum_ns, ns);
     PROF(g, gpu_colsum_bytes, 2 * T * D * sizeof(float) + T * sizeof(double));
     PROF(g, gpu_colsum_flop, (uint64_t)T * (T + 1) / 2 * 4 * D);
     KVT_FORWARD(download(g, out, g->cs, T * sizeof(double)));
-    return sync_copies(g, false, &t1);
+    return flush_down(g);
 }
