@@ -24,6 +24,7 @@ Exit 77 (not run) without NumPy or torch. Run with /usr/bin/python3; KVT_LIB, KV
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,13 @@ def main():
             if r.returncode != 0 or not os.path.exists(summary):
                 print(r.stdout[-3000:], r.stderr[-3000:])
                 print("FAILED: bench/run_gpu.sh (dry, on the CPU) exited %d" % r.returncode)
+                sys.exit(1)
+            # the ratio is timed on runs without --profile, the profiled one listed apart
+            md = open(summary).read()
+            if not re.search(r"median of 3 runs without --profile: [0-9.]+, [0-9.]+, [0-9.]+ s; "
+                             r"the run with --profile: [0-9.]+ s", md):
+                print(md)
+                print("FAILED: run_gpu.sh's summary does not time runs without --profile")
                 sys.exit(1)
             print("run_gpu.sh: %s" % r.stdout.strip().splitlines()[-1])
             session(tmp, e)
