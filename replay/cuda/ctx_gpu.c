@@ -15,6 +15,7 @@
  */
 #include <cuda_runtime_api.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -320,27 +321,18 @@ static kvt_status wait_event(kvt_ctx_gpu *g, cudaEvent_t e)
  * them record events on the stream around that work; their time is read and booked by
  * tm_poll once the stream has passed them (a later call's tm_begin, a wait), so that timing
  * waits for nothing. When the ring is full, tm_begin waits for the oldest. */
+#define TM_AT(f) offsetof(kvt_replay_profile, f)
 static void tm_book(kvt_ctx_gpu *g, int what, uint64_t ns)
 {
-    switch (what) {
-    case TM_UPLOAD:
-        PROF(g, gpu_upload_ns, ns);
-        break;
-    case TM_DOWNLOAD:
-        PROF(g, gpu_download_ns, ns);
-        break;
-    case TM_ATTN:
-        PROF(g, gpu_attn_ns, ns);
-        break;
-    case TM_NORM:
-        PROF(g, gpu_norm_ns, ns);
-        break;
-    case TM_COLSUM:
-        PROF(g, gpu_colsum_ns, ns);
-        break;
-    default:
+    static const size_t at[TM_SWEEP] = {[TM_UPLOAD] = TM_AT(gpu_upload_ns),
+                                        [TM_DOWNLOAD] = TM_AT(gpu_download_ns),
+                                        [TM_ATTN] = TM_AT(gpu_attn_ns),
+                                        [TM_NORM] = TM_AT(gpu_norm_ns),
+                                        [TM_COLSUM] = TM_AT(gpu_colsum_ns)};
+    if (what >= TM_SWEEP)
         book_sweep(g, what - TM_SWEEP, ns);
-    }
+    else /* (only with a profile) */
+        kvt_prof_add(g->prof, (uint64_t *)((char *)g->prof + at[what]), ns);
 }
 
 /* the oldest timing (its work done) read, booked and dropped */

@@ -50,6 +50,11 @@ if [ "$MODE" = cuda ]; then
         || fail "--profile does not split the sweep kernels by kind"
     grep -q "^profile: gpu: device released in [0-9.]* s (" "$TMP/err" \
         || fail "the GPU was not released while the results were written"
+    # the copies and the host's waits timed without waiting for the events (ctx_gpu.c's tm_*)
+    awk '/^profile: gpu upload \(host to device\)/ && $(NF - 1) > 0 { ok = 1 } END { exit !ok }' \
+        "$TMP/err" || fail "--profile booked no time to the uploads"
+    grep -q "^profile: gpu: the host waited [1-9][0-9]* times" "$TMP/err" \
+        || fail "--profile does not count the host's waits"
     FIRST=(env KVT_KERNELS=ref)
 fi
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/dev/null 2>&1 \
