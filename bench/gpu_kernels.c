@@ -8,9 +8,10 @@
  * For each case: the median over --reps calls of the GPU's time (CUDA events around the
  * call, on one stream) and of the host's (the call until its work is done), the bytes the
  * kernel must move at least and the f64 multiplies and adds it must make (the kernels take
- * their sums in double with separate multiply and add instructions, for bitwise agreement with
- * the references), and, given the ceilings (--read-gbs, --f64-gops: bench_gpu_peak and
- * run_gpu.sh measure them), the time against the larger bound. Each call as the replay makes
+ * their sums in double, rounded as the references round them: the products of f32 values as
+ * fused multiply-adds, each counted as two operations), and, given the ceilings (--read-gbs,
+ * --f64-gops: run_gpu.sh passes bench_gpu_peak's f64 FMA rate in G op/s), the time against the
+ * larger bound. Each call as the replay makes
  * it: the attention and norms of every KV head at once (one call per layer), the cosine table
  * per KV head, an output sweep per (ranking, query kind, KV head) over the Gs query heads of
  * one KV head, a redundancy sweep and coverage bests per (ranking, KV head).

@@ -1,11 +1,13 @@
 /* gpu_peak.cu - bench_gpu_peak: the device's scalar f64 ceilings, the compute roofline of the
- * replay's CUDA kernels. Those kernels take their logits and sums in double with separate
- * multiply and add instructions (the project builds CUDA with --fmad=false, so that they round
- * as the CPU references do), which the f64 matmul rate bench/run_gpu.sh measures with torch
- * (tensor cores) does not describe. This program measures, on device 0:
+ * replay's CUDA kernels. Those kernels take their logits and sums in double, rounded as the CPU
+ * references round them (the project builds CUDA with --fmad=false): their products of f32
+ * values as fused multiply-adds (kvt_cu_madd_f32: the same bits), the rest as separate
+ * multiplies and adds, which the f64 matmul rate bench/run_gpu.sh measures with torch (tensor
+ * cores) does not describe. This program measures, on device 0:
  *   fp64_muladd_Gops  separate f64 multiplies and adds (__dmul_rn, __dadd_rn) per second, in
- *                     billions: the ceiling of the replay kernels' arithmetic
- *   fp64_fma_TFLOPps  f64 fused multiply-adds, two FLOP each, for comparison
+ *                     billions
+ *   fp64_fma_TFLOPps  f64 fused multiply-adds, two FLOP each: the ceiling of the kernels'
+ *                     inner loops (dot products, sums of probability x value)
  * each the best of 3 timed launches of many threads, each with 8 independent chains (enough
  * to hide the pipeline's latency), plus the device name and SM count, as one JSON line on
  * stdout. usage: bench_gpu_peak [iterations, default 65536]

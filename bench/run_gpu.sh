@@ -401,12 +401,14 @@ fi
 KERN_BIN=$(dirname "$KVT")/bench_gpu_kernels
 [ -x "$KERN_BIN" ] || KERN_BIN=$BUILD/bench/bench_gpu_kernels
 if [ "$DEVICE" = cuda ] && [ -x "$KERN_BIN" ]; then
+    # the f64 ceiling: the FMA rate in G op/s (an FMA as two), as the kernels' products of f32
+    # values are fused multiply-adds (kvt_cu_madd_f32)
     read -r READ_GBS F64_GOPS < <("$PYTHON" -c 'import json, sys
 try:
     p = json.load(open(sys.argv[1]))
 except (OSError, ValueError):
     p = {}
-print(p.get("read_GBps") or 0, p.get("fp64_muladd_Gops") or 0)' "$WORK/peak.json")
+print(p.get("read_GBps") or 0, (p.get("fp64_fma_TFLOPps") or 0) * 1e3)' "$WORK/peak.json")
     step gpu_kernels 60 "$KERN_BIN" --tokens "$T" --probes "$PROBES" --read-gbs "$READ_GBS" \
         --f64-gops "$F64_GOPS" --json "$OUT/gpu_kernels.json"
 fi
@@ -545,7 +547,7 @@ def roofline(prof, peak):
         return rows
     bw = peak["read_GBps"]
     fl = peak.get("fp64_matmul_TFLOPps") or 0.0
-    alu = (peak.get("fp64_muladd_Gops") or 0.0) * 1e-3  # separate mul/add, T op/s
+    alu = peak.get("fp64_fma_TFLOPps") or 0.0  # scalar f64 FMA, 2 FLOP each
     sec = "1t" if any(k[0] == "1t" for k in prof) else "all"
     for (sc, what), d in sorted(prof.items()):
         if sc != sec or "kernels" not in what or d["s"] <= 0:
@@ -554,7 +556,7 @@ def roofline(prof, peak):
         t_fl = d.get("TFLOP", 0.0) / fl if fl > 0 else 0.0
         bound = max(t_mem, t_fl)
         # the same against the scalar f64 ceiling: how well the kernel uses the arithmetic it
-        # is made of (its FLOP are separate f64 multiplies and adds)
+        # is made of (its products of f32 values are fused multiply-adds, kvt_cu_madd_f32)
         t_alu = d.get("TFLOP", 0.0) / alu if alu > 0 else 0.0
         bound_alu = max(t_mem, t_alu)
         rows.append({"kernels": what, "run": "one worker" if sec == "1t" else "all workers",
@@ -641,15 +643,15 @@ if roof:
            "%.1f TFLOP/s (f32, TF32 off: %.1f); bound = the longer of bytes / read bandwidth "
            "and FLOP / f64 rate (the kernels compute in double, for bitwise agreement with the "
            "references; the matmul's f64 tensor cores make this a generous ceiling); kernel "
-           "time by CUDA events, %s. Last column: the same against separate f64 multiplies "
-           "and adds, the instructions the kernels are made of (bench_gpu_peak: %s G op/s; "
-           "f64 FMA %s TFLOP/s):" % (
+           "time by CUDA events, %s. Last column: the same against scalar f64 fused "
+           "multiply-adds, the instructions of the kernels' inner loops (bench_gpu_peak: f64 "
+           "FMA %s TFLOP/s; separate multiplies and adds %s G op/s):" % (
                peak["read_GBps"], peak["copy_GBps"], peak["fp64_matmul_TFLOPps"],
                peak["fp32_matmul_TFLOPps"], roof[0]["run"],
-               fmt(peak.get("fp64_muladd_Gops"), "%.0f"), fmt(peak.get("fp64_fma_TFLOPps"))),
+               fmt(peak.get("fp64_fma_TFLOPps")), fmt(peak.get("fp64_muladd_Gops"), "%.0f")),
            "",
            "| kernels | GPU s | GB at least | GB/s | TFLOP | bound s (by) | x roofline "
-           "| x scalar-f64 bound |",
+           "| x scalar-f64-FMA bound |",
            "|---|---|---|---|---|---|---|---|"]
     md += ["| %s | %.4f | %.3f | %.0f | %s | %.4f (%s) | **%s** | %s |" % (
         r["kernels"], r["s"], r["GB"], r["GBps"], fmt(r["TFLOP"], "%.3f"), r["bound_s"],
@@ -693,7 +695,7 @@ except OSError:
 if kl:
     md += ["", "Each kernel alone, one call of one query group or KV head at this T "
            "(bench_gpu_kernels; x bound: GPU time over the longer of bytes / read bandwidth and "
-           "f64 multiplies and adds / bench_gpu_peak's rate; host us: the call until its work "
+           "f64 operations / bench_gpu_peak's FMA rate; host us: the call until its work "
            "is done):", "", kl[0].lstrip("# "), ""] + kl[1:]
 md += ["", "Preparation (not timed against anything): build %s s, synth %s s, colsum %s s; "
        "whole script %s s." % (fmt(num(e["W_BUILD"])), fmt(num(e["W_SYNTH"])),

@@ -5,7 +5,8 @@
  * k, then of k2), one block each, compute their logits from query rows and keys staged in shared
  * memory (kvt_cu_tile_dots, cuda_util.cuh: a key is read from device memory once per tile of
  * rows), store them (double) and each row's max over the tile and sum of exp(z - that max). Logits
- * are dot products of f32 vectors summed in double in d order without fused multiply-adds:
+ * are dot products of f32 vectors summed in double in d order, each product and sum rounded as
+ * the reference rounds them (kvt_cu_madd_f32: a fused multiply-add, the same bits):
  * bitwise the reference's. Then one thread per row takes the max m over its tiles (exact in any
  * order) and adds its tiles' sums rescaled to m in tile order, and one thread per stored logit
  * writes its probability: only the summation of the exponentials differs from the reference's
@@ -174,7 +175,7 @@ static __global__ void output_part_k(const float *p, int n_q, int T, size_t stri
                 double pj = p_sh[r][c];
                 if (pj != 0.0)
                     for (int u = 0; u < PER; u++)
-                        acc[r][u] = __dadd_rn(acc[r][u], __dmul_rn(pj, x[u]));
+                        acc[r][u] = kvt_cu_madd_f32(acc[r][u], pj, x[u]); /* f32 values */
             }
         }
     }

@@ -22,7 +22,7 @@
  * token rows and probe rows are staged CT_DC dimensions at a time (coalesced reads along d,
  * padded rows), converted to double as they are staged (once, not at each of the 32 uses: f32
  * to f64 conversions run at a quarter of the f64 rate on sm_90), and each thread sums its 4 dot
- * products in double, d in order, without fused multiply-adds: bitwise kvt_cu_dot_f32 and the
+ * products in double, d in order (kvt_cu_madd_f32): bitwise kvt_cu_dot_f32 and the
  * reference. */
 static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *probe, int P,
                                 float *ct)
@@ -47,7 +47,7 @@ static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *pr
             for (int dd = 0; dd < dc; dd++) {
                 const double pv = sp[dd][tx];
                 for (int u = 0; u < 4; u++)
-                    acc[u] = __dadd_rn(acc[u], __dmul_rn(sk[dd][ty + 8 * u], pv));
+                    acc[u] = kvt_cu_madd_f32(acc[u], sk[dd][ty + 8 * u], pv); /* f32 values */
             }
         }
         for (int u = 0; u < 4; u++) {

@@ -55,19 +55,32 @@ cudaError_t kvt_cu_chunk_table(const int32_t *cuts, int n_cut, int n_fwd, int T,
 int kvt_cu_chunks_host(const int32_t *cuts, int n_cut, int n_fwd, int T, int chunk, int32_t *cs,
                        int32_t *ce, int32_t *cend, int *n_fwd_chunk);
 
+/* s + a b for a and b f32 values held in double, rounded as the CPU references round
+ * s + a * b (a product, then a sum), in one fused multiply-add instead of two instructions: the
+ * product of two f32 values is exact in double (24 + 24 significant bits, and its exponent
+ * within double's normal range, subnormal f32 operands included), so rounding it first changes
+ * nothing and the sum is rounded once either way, the sign of a zero sum included. Only for
+ * operands that are f32 values (the references' products of f32 data); elsewhere the fused
+ * and the separate forms differ. */
+static __device__ inline double kvt_cu_madd_f32(double s, double a, double b)
+{
+    return __fma_rn(a, b, s);
+}
+
 /* Dot product of two f32 vectors in double, d in order, each product and sum rounded as the
- * CPU references round them (no fused multiply-add). */
+ * CPU references round them (kvt_cu_madd_f32). */
 static __device__ inline double kvt_cu_dot_f32(const float *a, const float *b, int D)
 {
     double s = 0.0;
     for (int d = 0; d < D; d++)
-        s = __dadd_rn(s, __dmul_rn((double)a[d], (double)b[d]));
+        s = kvt_cu_madd_f32(s, (double)a[d], (double)b[d]);
     return s;
 }
 
 /* A 32 x 64 tile of logits for a block of 256 threads (ty = warp, tx = lane):
- * acc[u][c] = q row (r0 + 4 ty + u) . key (j0 + tx + 32 c), in double, d in order, without fused
- * multiply-adds (bitwise kvt_cu_dot_f32 / the references' kvt_dot_f32). Keys j < T come from k,
+ * acc[u][c] = q row (r0 + 4 ty + u) . key (j0 + tx + 32 c), in double, d in order, each product
+ * and sum rounded as the references' kvt_dot_f32 rounds them (kvt_cu_madd_f32: bitwise
+ * kvt_cu_dot_f32 and the references). Keys j < T come from k,
  * keys T <= j < n_all from k2[j - T]; rows >= n_q and keys >= n_all read as 0. The rows and keys
  * are staged in shared memory KVT_TILE_DC dimensions at a time, as doubles (converted once per
  * value, not once per product). Every thread of the block must call it (it synchronises). */
@@ -107,8 +120,8 @@ static __device__ inline void kvt_cu_tile_dots(const float *q, int n_q, int r0, 
             const double k0 = sm.k[dd][tx], k1 = sm.k[dd][tx + 32];
             for (int u = 0; u < 4; u++) {
                 const double x = sm.q[4 * ty + u][dd];
-                acc[u][0] = __dadd_rn(acc[u][0], __dmul_rn(x, k0));
-                acc[u][1] = __dadd_rn(acc[u][1], __dmul_rn(x, k1));
+                acc[u][0] = kvt_cu_madd_f32(acc[u][0], x, k0); /* f32 values */
+                acc[u][1] = kvt_cu_madd_f32(acc[u][1], x, k1);
             }
         }
     }

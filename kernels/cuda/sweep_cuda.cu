@@ -14,7 +14,8 @@
  * cut waits for the chain of the cuts before it, and records the cut as kvt_sweep_record does,
  * its sums over d as a tree over the block (sweep_rf_k first sums each query's row mass when
  * the caller does not give it). Products and sums use
- * the _rn intrinsics (no fused multiply-add). The sums are the reference's up to the order of
+ * the _rn intrinsics (no fused multiply-add but kvt_cu_madd_f32's, which rounds as the separate
+ * product and sum do: p times V, both f32 values). The sums are the reference's up to the order of
  * their additions (chunks, then chunks in order; d as a tree): within rounding, not bit for
  * bit; the test holds recall to 1e-10 and the error to 1e-7 relative.
  *
@@ -122,7 +123,7 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
                     if (pj == 0.0)
                         continue;
                     for (int kk = 0; kk < PER; kk++)
-                        acc[rr][kk] = __dadd_rn(acc[rr][kk], __dmul_rn(pj, (double)x[w][kk]));
+                        acc[rr][kk] = kvt_cu_madd_f32(acc[rr][kk], pj, (double)x[w][kk]);
                     if (!masses) /* warp-uniform */
                         continue;
                     r[rr] = __dadd_rn(r[rr], pj);

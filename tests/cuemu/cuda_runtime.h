@@ -291,5 +291,9 @@ static inline double __dmul_rn(double a, double b)
 {
     return a * b;
 }
+static inline double __fma_rn(double a, double b, double c)
+{
+    return fma(a, b, c);
+}
 
 #endif /* KVT_CUEMU_RUNTIME_H */
