@@ -51,7 +51,7 @@ static __device__ inline pr_args batch_of(pr_args a)
 
 /* The tile's logits (blockIdx.y: rows from a.row0, blockIdx.x: keys) into a.z, and each row's
  * max over the tile and sum of exp(z - that max). Thread (ty = warp, tx = lane) holds the logits
- * of rows 4 ty .. 4 ty + 3 and keys tx, tx + 32 of the tile. */
+ * of rows KVT_TILE_RPW ty .. KVT_TILE_RPW (ty + 1) - 1 and keys tx, tx + 32 of the tile. */
 static __global__ void probs_tile_k(pr_args a0)
 {
     __shared__ kvt_cu_tile_sm sm;
@@ -59,10 +59,11 @@ static __global__ void probs_tile_k(pr_args a0)
     const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     const int r0 = a.row0 + blockIdx.y * KVT_TILE_ROWS, j0 = blockIdx.x * KVT_TILE_KEYS,
               n_all = a.T + a.n2, r_end = a.row0 + a.n_rows;
-    double acc[4][2];
+    double acc[KVT_TILE_RPW][2];
     kvt_cu_tile_dots(a.q, r_end, r0, a.k, a.T, a.k2, n_all, j0, a.D, sm, acc);
-    for (int u = 0; u < 4; u++) {
-        const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
+#pragma unroll
+    for (int u = 0; u < KVT_TILE_RPW; u++) {
+        const int i = r0 + KVT_TILE_RPW * ty + u; /* the same row in the whole warp */
         double z[2];
         bool vis[2];
         for (int c = 0; c < 2; c++) {

@@ -77,36 +77,46 @@ static __device__ inline double kvt_cu_dot_f32(const float *a, const float *b, i
     return s;
 }
 
-/* A 32 x 64 tile of logits for a block of 256 threads (ty = warp, tx = lane):
- * acc[u][c] = q row (r0 + 4 ty + u) . key (j0 + tx + 32 c), in double, d in order, each product
- * and sum rounded as the references' kvt_dot_f32 rounds them (kvt_cu_madd_f32: bitwise
- * kvt_cu_dot_f32 and the references). Keys j < T come from k,
- * keys T <= j < n_all from k2[j - T]; rows >= n_q and keys >= n_all read as 0. The rows and keys
- * are staged in shared memory KVT_TILE_DC dimensions at a time, as doubles (converted once per
- * value, not once per product). Every thread of the block must call it (it synchronises). */
+/* A 32 x 64 tile of logits for a block of 128 threads (ty = warp, tx = lane):
+ * acc[u][c] = q row (r0 + KVT_TILE_RPW ty + u) . key (j0 + tx + 32 c), in double, d in order,
+ * each product and sum rounded as the references' kvt_dot_f32 rounds them (kvt_cu_madd_f32:
+ * bitwise kvt_cu_dot_f32 and the references). Keys j < T come from k, keys T <= j < n_all from
+ * k2[j - T]; rows >= n_q and keys >= n_all read as 0. The rows and keys are staged in shared
+ * memory KVT_TILE_DC dimensions at a time, as doubles (converted once per value, not once per
+ * product). Every thread of the block must call it (it synchronises).
+ * Shared-memory traffic bounds the loop, not the f64 units: a thread's 8 rows x 2 keys reuse
+ * each key value it loads 8 times, and a row's values come two dimensions per (broadcast)
+ * load; with 4 rows per thread and one dimension per load (before the fused multiply-adds of
+ * kvt_cu_madd_f32 halved the arithmetic) the loads took twice the f64 units' time. */
 #define KVT_TILE_ROWS    32
 #define KVT_TILE_KEYS    64
-#define KVT_TILE_DC      32
-#define KVT_TILE_THREADS 256
+#define KVT_TILE_DC      32 /* even: the rows' dimensions are read in pairs */
+#define KVT_TILE_THREADS 128
+#define KVT_TILE_RPW     (KVT_TILE_ROWS / (KVT_TILE_THREADS / 32)) /* rows per warp: 8 */
 
 struct kvt_cu_tile_sm {
-    double q[KVT_TILE_ROWS][KVT_TILE_DC + 1];
+    double2 q[KVT_TILE_ROWS][KVT_TILE_DC / 2]; /* [row][pair of dimensions] */
     double k[KVT_TILE_DC][KVT_TILE_KEYS + 1];
 };
 
 static __device__ inline void kvt_cu_tile_dots(const float *q, int n_q, int r0, const float *k,
                                                int T, const float *k2, int n_all, int j0, int D,
-                                               kvt_cu_tile_sm &sm, double acc[4][2])
+                                               kvt_cu_tile_sm &sm, double acc[KVT_TILE_RPW][2])
 {
     const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
-    for (int u = 0; u < 4; u++)
+#pragma unroll
+    for (int u = 0; u < KVT_TILE_RPW; u++)
         acc[u][0] = acc[u][1] = 0.0;
     for (int d0 = 0; d0 < D; d0 += KVT_TILE_DC) {
         const int dc = D - d0 < KVT_TILE_DC ? D - d0 : KVT_TILE_DC;
         __syncthreads(); /* the previous chunk is consumed */
         for (int e = tid; e < KVT_TILE_ROWS * KVT_TILE_DC; e += KVT_TILE_THREADS) {
             int r = e / KVT_TILE_DC, dd = e % KVT_TILE_DC;
-            sm.q[r][dd] = r0 + r < n_q && dd < dc ? (double)q[(size_t)(r0 + r) * D + d0 + dd] : 0.0;
+            double x = r0 + r < n_q && dd < dc ? (double)q[(size_t)(r0 + r) * D + d0 + dd] : 0.0;
+            if (dd & 1)
+                sm.q[r][dd >> 1].y = x;
+            else
+                sm.q[r][dd >> 1].x = x;
         }
         for (int e = tid; e < KVT_TILE_KEYS * KVT_TILE_DC; e += KVT_TILE_THREADS) {
             int c = e / KVT_TILE_DC, dd = e % KVT_TILE_DC, j = j0 + c;
@@ -116,12 +126,20 @@ static __device__ inline void kvt_cu_tile_dots(const float *q, int n_q, int r0, 
             sm.k[dd][c] = (double)x;
         }
         __syncthreads();
-        for (int dd = 0; dd < dc; dd++) { /* d order, as kvt_dot_f32 */
+        for (int dd = 0; dd < dc; dd += 2) { /* d order, as kvt_dot_f32; f32 values */
+            const bool two = dd + 1 < dc;    /* an odd chunk's last dimension alone */
             const double k0 = sm.k[dd][tx], k1 = sm.k[dd][tx + 32];
-            for (int u = 0; u < 4; u++) {
-                const double x = sm.q[4 * ty + u][dd];
-                acc[u][0] = kvt_cu_madd_f32(acc[u][0], x, k0); /* f32 values */
-                acc[u][1] = kvt_cu_madd_f32(acc[u][1], x, k1);
+            const double k2_0 = two ? sm.k[dd + 1][tx] : 0.0,
+                         k2_1 = two ? sm.k[dd + 1][tx + 32] : 0.0;
+#pragma unroll
+            for (int u = 0; u < KVT_TILE_RPW; u++) {
+                const double2 x = sm.q[KVT_TILE_RPW * ty + u][dd >> 1];
+                acc[u][0] = kvt_cu_madd_f32(acc[u][0], x.x, k0);
+                acc[u][1] = kvt_cu_madd_f32(acc[u][1], x.x, k1);
+                if (two) {
+                    acc[u][0] = kvt_cu_madd_f32(acc[u][0], x.y, k2_0);
+                    acc[u][1] = kvt_cu_madd_f32(acc[u][1], x.y, k2_1);
+                }
             }
         }
     }

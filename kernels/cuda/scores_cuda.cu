@@ -116,13 +116,15 @@ static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_stats_k(cs_args a)
     const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     const int r0 = (a.n_rt - 1 - (int)blockIdx.x) * KVT_TILE_ROWS;
     const int last = (r0 + KVT_TILE_ROWS < a.T ? r0 + KVT_TILE_ROWS : a.T) - 1; /* sees 0..last */
-    double m[4], s[4], acc[4][2];
-    for (int u = 0; u < 4; u++)
+    double m[KVT_TILE_RPW], s[KVT_TILE_RPW], acc[KVT_TILE_RPW][2];
+#pragma unroll
+    for (int u = 0; u < KVT_TILE_RPW; u++)
         m[u] = -INFINITY, s[u] = 0.0;
     for (int j0 = 0; j0 <= last; j0 += KVT_TILE_KEYS) {
         kvt_cu_tile_dots(a.q, a.T, r0, a.k, a.T, NULL, a.T, j0, a.D, sm, acc);
-        for (int u = 0; u < 4; u++) {
-            const int i = r0 + 4 * ty + u; /* the same row in the whole warp */
+#pragma unroll
+        for (int u = 0; u < KVT_TILE_RPW; u++) {
+            const int i = r0 + KVT_TILE_RPW * ty + u; /* the same row in the whole warp */
             double z[2], tm, ts;
             bool vis[2];
             for (int c = 0; c < 2; c++) {
@@ -143,8 +145,9 @@ static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_stats_k(cs_args a)
             }
         }
     }
-    for (int u = 0; u < 4; u++) {
-        const int i = r0 + 4 * ty + u;
+#pragma unroll
+    for (int u = 0; u < KVT_TILE_RPW; u++) {
+        const int i = r0 + KVT_TILE_RPW * ty + u;
         if (tx == 0 && i < a.T) {
             a.m[i] = m[u];
             a.s[i] = s[u];
@@ -158,17 +161,18 @@ static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_cols_k(cs_args a)
     __shared__ float p_sh[KVT_TILE_ROWS][KVT_TILE_KEYS + 1];
     const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
     const int j0 = (int)blockIdx.x * KVT_TILE_KEYS; /* the lowest keys, seen by most rows, first */
-    double col = 0.0, acc[4][2];                    /* col: key j0 + tid, for tid < 64 */
+    double col = 0.0, acc[KVT_TILE_RPW][2];         /* col: key j0 + tid, for tid < 64 */
     for (int r0 = j0 / KVT_TILE_ROWS * KVT_TILE_ROWS; r0 < a.T; r0 += KVT_TILE_ROWS) {
         kvt_cu_tile_dots(a.q, a.T, r0, a.k, a.T, NULL, a.T, j0, a.D, sm, acc);
-        for (int u = 0; u < 4; u++) {
-            const int i = r0 + 4 * ty + u;
+#pragma unroll
+        for (int u = 0; u < KVT_TILE_RPW; u++) {
+            const int i = r0 + KVT_TILE_RPW * ty + u;
             for (int c = 0; c < 2; c++) {
                 const int j = j0 + tx + 32 * c;
                 float p = 0.0f; /* probabilities are f32 (POLICIES.md 0.1.3), as the reference's */
                 if (i < a.T && j <= i)
                     p = (float)(exp(__dsub_rn(__dmul_rn(acc[u][c], a.scale), a.m[i])) / a.s[i]);
-                p_sh[4 * ty + u][tx + 32 * c] = p;
+                p_sh[KVT_TILE_RPW * ty + u][tx + 32 * c] = p;
             }
         }
         __syncthreads();

@@ -99,6 +99,9 @@ static inline double max(double a, double b)
 struct __attribute__((aligned(16))) float4 {
     float x, y, z, w;
 };
+struct __attribute__((aligned(16))) double2 {
+    double x, y;
+};
 
 /* the runtime's typed overloads (C++ only, as in CUDA's header) */
 template <typename T> static inline cudaError_t cudaMalloc(T **p, size_t n)

@@ -922,6 +922,11 @@ int main(void)
     test_colsum(1, 64, 111);
     test_colsum(300, 80, 112);
     test_colsum(1030, 128, 113);
+    /* the logits' tiles read a row's dimensions in pairs: an odd last chunk of D (37 = 32 + 5,
+       3), its last dimension alone */
+    test_attn(33, 500, 37, 4, 114);
+    test_attn(7, 90, 3, 0, 115);
+    test_colsum(200, 37, 116);
     KVT_EXPECT_STATUS(kvt_rank_desc_segmented_cuda(NULL, -1, 4, NULL, NULL), KVT_ERR_INVALID_ARG);
     return kvt_test_result("test_kernels_cuda");
 }
