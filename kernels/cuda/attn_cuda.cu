@@ -135,18 +135,20 @@ static __global__ void probs_rows_k(pr_args a0)
  * they are staged), then one thread per (query, d) adds the key blocks' sums in block order. Only
  * the grouping of the sum differs from the reference's single in-order chain (relative
  * differences of a few 1e-16). (Before, every thread kept 4 dimensions whatever D: at D = 128
- * three quarters of the products were of zeros.) */
+ * three quarters of the products were of zeros.) The staged probabilities are read two keys
+ * per (broadcast) load: one a key for each of the 8 rows took the shared memory twice the
+ * time of the fused multiply-adds they feed. */
 #define OUT_ROWS    8
 #define OUT_KEYS    1024
 #define OUT_THREADS 128
 #define OUT_PER     4  /* dimensions per thread at most: D <= 512 */
-#define OUT_CH      64 /* probabilities staged at a time */
+#define OUT_CH      64 /* probabilities staged at a time (even: read in pairs) */
 
 template <int PER>
 static __global__ void output_part_k(const float *p, int n_q, int T, size_t stride_p,
                                      const float *v, int D, double *part)
 {
-    __shared__ double p_sh[OUT_ROWS][OUT_CH];
+    __shared__ double2 p_sh[OUT_ROWS][OUT_CH / 2]; /* [row][pair of keys] */
     p += (size_t)blockIdx.z * n_q * stride_p, v += (size_t)blockIdx.z * T * D; /* the batch's */
     part += (size_t)blockIdx.z * gridDim.x * n_q * D;
     const int tid = threadIdx.x, q0 = blockIdx.y * OUT_ROWS, jb = blockIdx.x * OUT_KEYS;
@@ -161,22 +163,31 @@ static __global__ void output_part_k(const float *p, int n_q, int T, size_t stri
         __syncthreads(); /* the previous chunk is consumed */
         for (int e = tid; e < OUT_ROWS * OUT_CH; e += OUT_THREADS) {
             int r = e / OUT_CH, c = e % OUT_CH;
-            p_sh[r][c] =
+            double x =
                 q0 + r < n_q && c < n ? (double)p[(size_t)(q0 + r) * stride_p + j0 + c] : 0.0;
+            if (c & 1)
+                p_sh[r][c >> 1].y = x;
+            else
+                p_sh[r][c >> 1].x = x;
         }
         __syncthreads();
-        for (int c = 0; c < n; c++) { /* key order, skipping zeros, like the reference */
-            double x[PER];
+        for (int c = 0; c < n; c += 2) { /* key order, skipping zeros, like the reference */
+            const bool two = c + 1 < n;  /* an odd chunk's last key alone */
+            double x0[PER], x1[PER];
             for (int u = 0; u < PER; u++) {
                 int d = tid + u * OUT_THREADS;
-                x[u] = d < D ? (double)v[(size_t)(j0 + c) * D + d] : 0.0;
+                x0[u] = d < D ? (double)v[(size_t)(j0 + c) * D + d] : 0.0;
+                x1[u] = two && d < D ? (double)v[(size_t)(j0 + c + 1) * D + d] : 0.0;
             }
 #pragma unroll
             for (int r = 0; r < OUT_ROWS; r++) {
-                double pj = p_sh[r][c];
-                if (pj != 0.0)
+                const double2 pj = p_sh[r][c >> 1]; /* f32 values */
+                if (pj.x != 0.0)
                     for (int u = 0; u < PER; u++)
-                        acc[r][u] = kvt_cu_madd_f32(acc[r][u], pj, x[u]); /* f32 values */
+                        acc[r][u] = kvt_cu_madd_f32(acc[r][u], pj.x, x0[u]);
+                if (pj.y != 0.0) /* 0 past the chunk's end */
+                    for (int u = 0; u < PER; u++)
+                        acc[r][u] = kvt_cu_madd_f32(acc[r][u], pj.y, x1[u]);
             }
         }
     }
