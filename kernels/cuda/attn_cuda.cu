@@ -60,7 +60,7 @@ static __global__ void probs_tile_k(pr_args a0)
     const int r0 = a.row0 + blockIdx.y * KVT_TILE_ROWS, j0 = blockIdx.x * KVT_TILE_KEYS,
               n_all = a.T + a.n2, r_end = a.row0 + a.n_rows;
     double acc[KVT_TILE_RPW][2];
-    kvt_cu_tile_dots(a.q, r_end, r0, a.k, a.T, a.k2, n_all, j0, a.D, sm, acc);
+    kvt_cu_tile_dots(a.q, r_end, r0, a.k, NULL, a.T, a.k2, n_all, j0, a.D, sm, acc);
 #pragma unroll
     for (int u = 0; u < KVT_TILE_RPW; u++) {
         const int i = r0 + KVT_TILE_RPW * ty + u; /* the same row in the whole warp */

@@ -1,8 +1,9 @@
 /* coverage_cuda.cu - coverage on probe keys: the cosine table (kvt_cosine_table_ref: dot
  * products of f32 unit keys summed in double, rounded to f32), and each probe's running best
  * cosine in ranking order up to every cut (the running part of kvt_sweep_coverage_ref, with
- * the reference's comparison, so the bests are bitwise the reference's). The table: tiles of
- * 32 tokens x 32 probes staged in shared memory (cosine_k), bitwise the reference's. The bests:
+ * the reference's comparison, so the bests are bitwise the reference's). The table: the
+ * logits' tiles of 32 tokens x 64 probes staged in shared memory (cosine_k), bitwise the
+ * reference's. The bests:
  * the ranked positions of each cut are cut into chunks of KVT_CB_CHUNK (256), one block per (32
  * probes, chunk) reduces its chunk on 8 token lanes, and one thread per probe then runs the
  * prefix over chunks up to every cut (cb_better keeps the reduction bitwise the reference's
@@ -14,46 +15,29 @@
 #include "../ref/sweep_cuts.h"
 #include "cuda_util.cuh"
 
-#define CT_TILE    32  /* tokens and probes per block */
-#define CT_DC      32  /* dimensions staged in shared memory at a time */
-#define CT_THREADS 256 /* lane tx: probe tx of the tile; warp ty: tokens ty, ty + 8, ... */
-
-/* One block per (32 probes, 32-token tiles blockIdx.y, blockIdx.y + gridDim.y, ...): the tile's
- * token rows and probe rows are staged CT_DC dimensions at a time (coalesced reads along d,
- * padded rows), converted to double as they are staged (once, not at each of the 32 uses: f32
- * to f64 conversions run at a quarter of the f64 rate on sm_90), and each thread sums its 4 dot
- * products in double, d in order (kvt_cu_madd_f32): bitwise kvt_cu_dot_f32 and the
- * reference. */
-static __global__ void cosine_k(const float *ku, int T, int D, const int32_t *probe, int P,
-                                float *ct)
+/* One block per (KVT_TILE_KEYS probes, KVT_TILE_ROWS-token tiles blockIdx.y, blockIdx.y +
+ * gridDim.y, ...): the logits' tile (kvt_cu_tile_dots, cuda_util.cuh) with the tokens' unit keys
+ * as its rows and the probes' as its keys (read through probe[]), so each dot product is summed
+ * in double, d in order (kvt_cu_madd_f32): bitwise kvt_cu_dot_f32 and the reference, rounded
+ * to f32. (Its own 32 x 32 tile read, per dimension, a probe value and four broadcast token
+ * values for 4 fused multiply-adds: shared memory three times the f64 units' time. The table
+ * is the replay's largest f64 product, T x probes x D per KV head.) */
+static __global__ void __launch_bounds__(KVT_TILE_THREADS)
+    cosine_k(const float *ku, int T, int D, const int32_t *probe, int P, float *ct)
 {
-    __shared__ double sk[CT_DC][CT_TILE + 1]; /* [d][token of the tile] */
-    __shared__ double sp[CT_DC][CT_TILE + 1]; /* [d][probe of the tile] */
-    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32, p0 = blockIdx.x * CT_TILE;
-    const int i = p0 + tx;
-    for (size_t t0 = (size_t)blockIdx.y * CT_TILE; t0 < (size_t)T;
-         t0 += (size_t)gridDim.y * CT_TILE) {
-        double acc[4] = {0.0, 0.0, 0.0, 0.0};
-        for (int d0 = 0; d0 < D; d0 += CT_DC) {
-            const int dc = D - d0 < CT_DC ? D - d0 : CT_DC;
-            __syncthreads(); /* the previous chunk is consumed */
-            for (int r = ty; r < CT_TILE; r += CT_THREADS / 32) {
-                const size_t t = t0 + r;
-                const int pi = p0 + r;
-                sk[tx][r] = tx < dc && t < (size_t)T ? (double)ku[t * D + d0 + tx] : 0.0;
-                sp[tx][r] = tx < dc && pi < P ? (double)ku[(size_t)probe[pi] * D + d0 + tx] : 0.0;
+    __shared__ kvt_cu_tile_sm sm;
+    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32, j0 = blockIdx.x * KVT_TILE_KEYS;
+    double acc[KVT_TILE_RPW][2];
+    for (int r0 = blockIdx.y * KVT_TILE_ROWS; r0 < T; r0 += gridDim.y * KVT_TILE_ROWS) {
+        kvt_cu_tile_dots(ku, T, r0, ku, probe, P, NULL, P, j0, D, sm, acc);
+#pragma unroll
+        for (int u = 0; u < KVT_TILE_RPW; u++) {
+            const size_t t = (size_t)r0 + KVT_TILE_RPW * ty + u;
+            for (int c = 0; c < 2; c++) {
+                const int i = j0 + tx + 32 * c;
+                if (t < (size_t)T && i < P)
+                    ct[t * P + i] = (float)acc[u][c];
             }
-            __syncthreads();
-            for (int dd = 0; dd < dc; dd++) {
-                const double pv = sp[dd][tx];
-                for (int u = 0; u < 4; u++)
-                    acc[u] = kvt_cu_madd_f32(acc[u], sk[dd][ty + 8 * u], pv); /* f32 values */
-            }
-        }
-        for (int u = 0; u < 4; u++) {
-            const size_t t = t0 + ty + 8 * u;
-            if (t < (size_t)T && i < P)
-                ct[t * P + i] = (float)acc[u];
         }
     }
 }
@@ -136,9 +120,9 @@ extern "C" kvt_status kvt_cosine_table_cuda(const float *ku, int T, int D, const
                   "cosine_table_cuda: bad shape T=%d D=%d n_probe=%d", T, D, n_probe);
     if (T == 0 || n_probe == 0)
         return KVT_OK;
-    const unsigned n_tiles = kvt_cu_blocks((size_t)T, CT_TILE);
-    dim3 grid(kvt_cu_blocks((size_t)n_probe, CT_TILE), n_tiles < 65535 ? n_tiles : 65535);
-    cosine_k<<<grid, CT_THREADS, 0, kvt_cu_stream(stream)>>>(ku, T, D, probe, n_probe, ct);
+    const unsigned n_tiles = kvt_cu_blocks((size_t)T, KVT_TILE_ROWS);
+    dim3 grid(kvt_cu_blocks((size_t)n_probe, KVT_TILE_KEYS), n_tiles < 65535 ? n_tiles : 65535);
+    cosine_k<<<grid, KVT_TILE_THREADS, 0, kvt_cu_stream(stream)>>>(ku, T, D, probe, n_probe, ct);
     KVT_CU_LAUNCHED();
     return KVT_OK;
 }

@@ -80,8 +80,9 @@ static __device__ inline double kvt_cu_dot_f32(const float *a, const float *b, i
 /* A 32 x 64 tile of logits for a block of 128 threads (ty = warp, tx = lane):
  * acc[u][c] = q row (r0 + KVT_TILE_RPW ty + u) . key (j0 + tx + 32 c), in double, d in order,
  * each product and sum rounded as the references' kvt_dot_f32 rounds them (kvt_cu_madd_f32:
- * bitwise kvt_cu_dot_f32 and the references). Keys j < T come from k, keys T <= j < n_all from
- * k2[j - T]; rows >= n_q and keys >= n_all read as 0. The rows and keys are staged in shared
+ * bitwise kvt_cu_dot_f32 and the references). Keys j < T come from k (row kidx[j] of it when
+ * kidx is not NULL), keys T <= j < n_all from k2[j - T]; rows >= n_q and keys >= n_all read as
+ * 0. The rows and keys are staged in shared
  * memory KVT_TILE_DC dimensions at a time, as doubles (converted once per value, not once per
  * product). Every thread of the block must call it (it synchronises).
  * Shared-memory traffic bounds the loop, not the f64 units: a thread's 8 rows x 2 keys reuse
@@ -100,8 +101,9 @@ struct kvt_cu_tile_sm {
 };
 
 static __device__ inline void kvt_cu_tile_dots(const float *q, int n_q, int r0, const float *k,
-                                               int T, const float *k2, int n_all, int j0, int D,
-                                               kvt_cu_tile_sm &sm, double acc[KVT_TILE_RPW][2])
+                                               const int32_t *kidx, int T, const float *k2,
+                                               int n_all, int j0, int D, kvt_cu_tile_sm &sm,
+                                               double acc[KVT_TILE_RPW][2])
 {
     const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
 #pragma unroll
@@ -122,7 +124,8 @@ static __device__ inline void kvt_cu_tile_dots(const float *q, int n_q, int r0, 
             int c = e / KVT_TILE_DC, dd = e % KVT_TILE_DC, j = j0 + c;
             float x = 0.0f;
             if (dd < dc && j < n_all)
-                x = j < T ? k[(size_t)j * D + d0 + dd] : k2[(size_t)(j - T) * D + d0 + dd];
+                x = j < T ? k[(size_t)(kidx ? kidx[j] : j) * D + d0 + dd]
+                          : k2[(size_t)(j - T) * D + d0 + dd];
             sm.k[dd][c] = (double)x;
         }
         __syncthreads();

@@ -121,7 +121,7 @@ static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_stats_k(cs_args a)
     for (int u = 0; u < KVT_TILE_RPW; u++)
         m[u] = -INFINITY, s[u] = 0.0;
     for (int j0 = 0; j0 <= last; j0 += KVT_TILE_KEYS) {
-        kvt_cu_tile_dots(a.q, a.T, r0, a.k, a.T, NULL, a.T, j0, a.D, sm, acc);
+        kvt_cu_tile_dots(a.q, a.T, r0, a.k, NULL, a.T, NULL, a.T, j0, a.D, sm, acc);
 #pragma unroll
         for (int u = 0; u < KVT_TILE_RPW; u++) {
             const int i = r0 + KVT_TILE_RPW * ty + u; /* the same row in the whole warp */
@@ -163,7 +163,7 @@ static __global__ void __launch_bounds__(KVT_TILE_THREADS) cs_cols_k(cs_args a)
     const int j0 = (int)blockIdx.x * KVT_TILE_KEYS; /* the lowest keys, seen by most rows, first */
     double col = 0.0, acc[KVT_TILE_RPW][2];         /* col: key j0 + tid, for tid < 64 */
     for (int r0 = j0 / KVT_TILE_ROWS * KVT_TILE_ROWS; r0 < a.T; r0 += KVT_TILE_ROWS) {
-        kvt_cu_tile_dots(a.q, a.T, r0, a.k, a.T, NULL, a.T, j0, a.D, sm, acc);
+        kvt_cu_tile_dots(a.q, a.T, r0, a.k, NULL, a.T, NULL, a.T, j0, a.D, sm, acc);
 #pragma unroll
         for (int u = 0; u < KVT_TILE_RPW; u++) {
             const int i = r0 + KVT_TILE_RPW * ty + u;
