@@ -72,8 +72,8 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
 {
     constexpr int SW_UNROLL = SW_LOADS / PER; /* V rows loaded ahead */
     __shared__ int32_t j_sh[SW_THREADS];
-    __shared__ double p_sh[SW_ROWS][SW_THREADS];
-    __shared__ uint8_t m_sh[SW_THREADS];
+    __shared__ double2 p_sh[SW_ROWS][SW_THREADS / 2];       /* [row][pair of positions] */
+    __shared__ uint8_t m_sh[SW_THREADS], nz_sh[SW_THREADS]; /* nz: some row's weight is not 0 */
     const int q0 = blockIdx.x * SW_ROWS, k = blockIdx.y, tid = threadIdx.x, D = a.D;
     const int nr = a.n_q - q0 < SW_ROWS ? a.n_q - q0 : SW_ROWS; /* rows of this block */
     const bool masses = tid < 32; /* the first warp sums the masses (thread 0 stores them) */
@@ -92,21 +92,26 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
         __syncthreads(); /* the previous piece has been read */
         if (tid < m_ch) {
             int32_t j = a.order[lo + u0 + tid];
+            bool nz = false;
             j_sh[tid] = j;
 #pragma unroll
-            for (int rr = 0; rr < SW_ROWS; rr++) /* rows past the end: weight 0 */
-                p_sh[rr][tid] = rr < nr ? (double)a.p[(size_t)(q0 + rr) * a.stride_p + j] : 0.0;
+            for (int rr = 0; rr < SW_ROWS; rr++) { /* rows past the end: weight 0 */
+                const double x = rr < nr ? (double)a.p[(size_t)(q0 + rr) * a.stride_p + j] : 0.0;
+                nz = nz || x != 0.0;
+                if (tid & 1)
+                    p_sh[rr][tid >> 1].y = x;
+                else
+                    p_sh[rr][tid >> 1].x = x;
+            }
             m_sh[tid] = a.mod ? a.mod[j] : 0;
+            nz_sh[tid] = nz;
         }
         __syncthreads();
         for (int u = 0; u < m_ch; u += SW_UNROLL) {
             float x[SW_UNROLL][PER];
 #pragma unroll
             for (int w = 0; w < SW_UNROLL; w++) { /* loads first: rows in flight */
-                bool any = false;
-#pragma unroll
-                for (int rr = 0; rr < SW_ROWS; rr++)
-                    any = any || (u + w < m_ch && p_sh[rr][u + w] != 0.0);
+                const bool any = u + w < m_ch && nz_sh[u + w];
 #pragma unroll
                 for (int kk = 0; kk < PER; kk++) {
                     int d = tid + kk * SW_THREADS;
@@ -114,25 +119,29 @@ template <int PER> static __global__ void sweep_part_k(sweep_args a)
                 }
             }
 #pragma unroll
-            for (int w = 0; w < SW_UNROLL; w++) { /* then in order */
+            for (int w = 0; w < SW_UNROLL; w += 2) { /* then in order, two positions per load */
                 if (u + w >= m_ch)
                     break;
 #pragma unroll
                 for (int rr = 0; rr < SW_ROWS; rr++) {
-                    double pj = p_sh[rr][u + w];
-                    if (pj == 0.0)
-                        continue;
-                    for (int kk = 0; kk < PER; kk++)
-                        acc[rr][kk] = kvt_cu_madd_f32(acc[rr][kk], pj, (double)x[w][kk]);
-                    if (!masses) /* warp-uniform */
-                        continue;
-                    r[rr] = __dadd_rn(r[rr], pj);
-                    if (a.mod) { /* compile-time indices keep rm in registers */
-                        const int m = m_sh[u + w] < NM ? m_sh[u + w] : NM - 1;
+                    const double2 pp = p_sh[rr][(u + w) >> 1];
 #pragma unroll
-                        for (int mm = 0; mm < NM; mm++)
-                            if (mm == m)
-                                rm[rr][mm] = __dadd_rn(rm[rr][mm], pj);
+                    for (int h = 0; h < 2; h++) { /* position u + w, then u + w + 1 */
+                        const double pj = h ? pp.y : pp.x;
+                        if ((h && u + w + 1 >= m_ch) || pj == 0.0)
+                            continue;
+                        for (int kk = 0; kk < PER; kk++)
+                            acc[rr][kk] = kvt_cu_madd_f32(acc[rr][kk], pj, (double)x[w + h][kk]);
+                        if (!masses) /* warp-uniform */
+                            continue;
+                        r[rr] = __dadd_rn(r[rr], pj);
+                        if (a.mod) { /* compile-time indices keep rm in registers */
+                            const int m = m_sh[u + w + h] < NM ? m_sh[u + w + h] : NM - 1;
+#pragma unroll
+                            for (int mm = 0; mm < NM; mm++)
+                                if (mm == m)
+                                    rm[rr][mm] = __dadd_rn(rm[rr][mm], pj);
+                        }
                     }
                 }
             }
