@@ -82,13 +82,12 @@ static __device__ inline double kvt_cu_dot_f32(const float *a, const float *b, i
  * each product and sum rounded as the references' kvt_dot_f32 rounds them (kvt_cu_madd_f32:
  * bitwise kvt_cu_dot_f32 and the references). Keys j < T come from k (row kidx[j] of it when
  * kidx is not NULL), keys T <= j < n_all from k2[j - T]; rows >= n_q and keys >= n_all read as
- * 0. The rows and keys are staged in shared
- * memory KVT_TILE_DC dimensions at a time, as doubles (converted once per value, not once per
- * product). Every thread of the block must call it (it synchronises).
- * Shared-memory traffic bounds the loop, not the f64 units: a thread's 8 rows x 2 keys reuse
- * each key value it loads 8 times, and a row's values come two dimensions per (broadcast)
- * load; with 4 rows per thread and one dimension per load (before the fused multiply-adds of
- * kvt_cu_madd_f32 halved the arithmetic) the loads took twice the f64 units' time. */
+ * 0. The rows and keys are staged in shared memory KVT_TILE_DC dimensions at a time, as doubles
+ * (converted once per value, not once per product). Every thread of the block must call it (it
+ * synchronises). A thread's 8 rows x 2 keys use each key value it loads 8 times, and a row's
+ * values come two dimensions per (broadcast) load, so that the shared memory keeps up with the
+ * f64 units (an SM serves one 128-byte wavefront a cycle): with 4 rows per thread and one
+ * dimension per load the loads took twice the fused multiply-adds' time. */
 #define KVT_TILE_ROWS    32
 #define KVT_TILE_KEYS    64
 #define KVT_TILE_DC      32 /* even: the rows' dimensions are read in pairs */
