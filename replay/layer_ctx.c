@@ -33,12 +33,8 @@ static kvt_status alloc_lazy(void **p, size_t n, size_t elem, bool gpu)
 }
 #define ALLOC_LAZY(ptr, n) alloc_lazy((void **)&(ptr), (size_t)(n), sizeof(*(ptr)), gpu)
 
-kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, int kind,
-                              const kvt_trace_piece **pc, size_t *n_pc)
+static kvt_status cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, bool is_k)
 {
-    const bool is_k = kind == KVT_KIND_K;
-    *pc = is_k ? in->k_pieces : in->v_pieces;
-    *n_pc = is_k ? in->n_k_pieces : in->n_v_pieces;
     c->in = in, c->what = is_k ? "K" : "V", c->covered = 0, c->n = (size_t)in->Hkv * in->T,
     c->end = 0;
     c->buf = NULL, c->cap = 0;
@@ -89,7 +85,8 @@ kvt_status kvt_kv_cover_room(kvt_kv_cover *c, size_t bytes, void **buf)
     return KVT_OK;
 }
 
-kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok)
+/* every row covered (when ok); frees the tracker either way */
+static kvt_status cover_end(kvt_kv_cover *c, bool ok)
 {
     kvt_free(c->seen);
     kvt_free(c->buf);
@@ -98,6 +95,29 @@ kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok)
                   "layer %d: %s pieces cover %zu of %zu rows", c->in->layer, c->what, c->covered,
                   c->n);
     return KVT_OK;
+}
+
+kvt_status kvt_kv_cover_run(kvt_kv_cover *c, const kvt_layer_input *in, int kind,
+                            kvt_status (*given)(void *user, const kvt_trace_piece *pc, size_t n_pc),
+                            void *user, const kvt_trace_sink *sink, uint64_t *rest_ns)
+{
+    const bool is_k = kind == KVT_KIND_K;
+    const kvt_trace_piece *pc = is_k ? in->k_pieces : in->v_pieces;
+    const size_t n_pc = is_k ? in->n_k_pieces : in->n_v_pieces;
+    KVT_FORWARD(cover_begin(c, in, is_k));
+    kvt_status s = KVT_OK;
+    for (size_t i = 0; i < n_pc && !s; i++)
+        s = kvt_kv_cover_add(c, &pc[i], 0);
+    if (!s)
+        s = given(user, pc, n_pc);
+    if (!s && in->kv_rest) {
+        const uint64_t t0 = rest_ns ? kvt_now_ns() : 0;
+        s = in->kv_rest(in->kv_user, kind, n_pc, sink);
+        if (rest_ns)
+            *rest_ns += kvt_now_ns() - t0;
+    }
+    kvt_status e = cover_end(c, !s);
+    return s ? s : e;
 }
 
 /* piece p's elements (src: as stored) widened into x [Hkv, T, D] */
@@ -111,13 +131,23 @@ static kvt_status widen_piece(const kvt_layer_ctx *c, const kvt_trace_piece *p, 
                                 x + ((size_t)p->head_begin * T + p->tok_begin) * D);
 }
 
-/* kv_rest's records on the host: each into the cover's buffer, then widened into x */
+/* K or V on the host: the input's pieces widened from src, kv_rest's records each into the
+ * cover's buffer, then widened into x */
 typedef struct host_sink {
     const kvt_layer_ctx *c;
     kvt_kv_cover *cov;
+    const uint8_t *src;
     float *x;
     size_t last; /* the last record's bytes */
 } host_sink;
+
+static kvt_status host_given(void *user, const kvt_trace_piece *pc, size_t n_pc)
+{
+    host_sink *h = user;
+    for (size_t i = 0; i < n_pc; i++)
+        KVT_FORWARD(widen_piece(h->c, &pc[i], h->src + pc[i].offset, h->x));
+    return KVT_OK;
+}
 
 static kvt_status host_room(void *user, size_t bytes, void **buf)
 {
@@ -140,20 +170,10 @@ static kvt_status widen_16(const kvt_layer_ctx *c, int kind, const uint16_t *src
     const kvt_layer_input *in = c->in;
     if (!kvt_kv_stored(in))
         return kvt_convert_to_f32(in->k16_dtype, src, x, (size_t)c->Hkv * c->T * c->D);
-    const kvt_trace_piece *pc;
-    size_t n_pc;
     kvt_kv_cover cov;
-    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, kind, &pc, &n_pc));
-    kvt_status s = KVT_OK;
-    for (size_t i = 0; i < n_pc && !s; i++)
-        if (!(s = kvt_kv_cover_add(&cov, &pc[i], 0)))
-            s = widen_piece(c, &pc[i], (const uint8_t *)src + pc[i].offset, x);
-    host_sink h = {c, &cov, x, 0};
+    host_sink h = {c, &cov, (const uint8_t *)src, x, 0};
     const kvt_trace_sink sink = {host_room, host_put, &h};
-    if (!s && in->kv_rest)
-        s = in->kv_rest(in->kv_user, kind, n_pc, &sink);
-    kvt_status e = kvt_kv_cover_end(&cov, !s);
-    return s ? s : e;
+    return kvt_kv_cover_run(&cov, in, kind, host_given, &h, &sink, NULL);
 }
 
 /* K and V widened from the input's 16-bit arrays (or pieces) into kv_own */

@@ -190,17 +190,19 @@ typedef struct kvt_kv_cover {
     void *buf;    /* kvt_kv_cover_room's buffer, of cap bytes */
     size_t cap;
 } kvt_kv_cover;
-/** For K or V (kind) of in: its given pieces in *pc[*n_pc]. */
-kvt_status kvt_kv_cover_begin(kvt_kv_cover *c, const kvt_layer_input *in, int kind,
-                              const kvt_trace_piece **pc, size_t *n_pc);
+/** K or V (kind) of in as stored, tracked by c (which `sink` adds the records it gets to): the
+ *  input's given pieces added, then given(user, pc, n_pc) puts them where they go, then the
+ *  records kv_rest reads go through sink (*rest_ns += the time inside kv_rest; may be NULL),
+ *  and c is ended: every row covered once. */
+kvt_status kvt_kv_cover_run(kvt_kv_cover *c, const kvt_layer_input *in, int kind,
+                            kvt_status (*given)(void *user, const kvt_trace_piece *pc, size_t n_pc),
+                            void *user, const kvt_trace_sink *sink, uint64_t *rest_ns);
 /** Piece p (its bytes at p->offset of a tensor's [Hkv, T, D] 16-bit elements) added; `bytes`:
  *  the record's size as read, which must be the piece's (0: not read, not checked). */
 kvt_status kvt_kv_cover_add(kvt_kv_cover *c, const kvt_trace_piece *p, uint64_t bytes);
 /** *buf = host room for a record of `bytes` read for this tensor (one buffer, grown; freed by
  *  kvt_kv_cover_end). */
 kvt_status kvt_kv_cover_room(kvt_kv_cover *c, size_t bytes, void **buf);
-/** Every row covered; frees the tracker either way (ok: false just frees it). */
-kvt_status kvt_kv_cover_end(kvt_kv_cover *c, bool ok);
 /** The layer's K and V come as stored pieces (kvt_layer_input.k_pieces, kv_rest). */
 static inline bool kvt_kv_stored(const kvt_layer_input *in)
 {

@@ -552,11 +552,24 @@ static kvt_status widen_piece(kvt_ctx_gpu *g, kvt_dtype dt, const kvt_trace_piec
 typedef struct gpu_sink {
     kvt_ctx_gpu *g;
     kvt_kv_cover *cov;
+    const uint16_t *src; /* the input's pieces, back to back from byte 0 */
     kvt_dtype dt;
     float *x;
     size_t last; /* the last record's bytes */
     int b;       /* the staging buffer room gave, -1: the cover's */
 } gpu_sink;
+
+/* the input's pieces: one upload into the unit keys' buffer, each widened from there */
+static kvt_status gpu_given(void *user, const kvt_trace_piece *pc, size_t n_pc)
+{
+    gpu_sink *k = user;
+    kvt_ctx_gpu *g = k->g;
+    if (k->cov->end)
+        KVT_FORWARD(copy_up(g, g->ku, k->src, (size_t)k->cov->end));
+    for (size_t i = 0; i < n_pc; i++)
+        KVT_FORWARD(widen_piece(g, k->dt, &pc[i], (const uint8_t *)g->ku + pc[i].offset, k->x));
+    return KVT_OK;
+}
 
 static kvt_status gpu_room(void *user, size_t bytes, void **buf)
 {
@@ -612,26 +625,10 @@ static kvt_status put_kv16(kvt_ctx_gpu *g, const kvt_layer_input *in, int kind, 
         PROF(g, gpu_norm_bytes, n * (sizeof(uint16_t) + sizeof(float)));
         return tm_end(g, TM_NORM);
     }
-    const kvt_trace_piece *pc;
-    size_t n_pc;
     kvt_kv_cover cov;
-    KVT_FORWARD(kvt_kv_cover_begin(&cov, in, kind, &pc, &n_pc));
-    kvt_status s = KVT_OK;
-    for (size_t i = 0; i < n_pc && !s; i++)
-        s = kvt_kv_cover_add(&cov, &pc[i], 0);
-    if (!s && cov.end) /* the input's pieces, back to back from byte 0: one upload */
-        s = copy_up(g, g->ku, src, (size_t)cov.end);
-    for (size_t i = 0; i < n_pc && !s; i++)
-        s = widen_piece(g, in->k16_dtype, &pc[i], (const uint8_t *)g->ku + pc[i].offset, *dst);
-    gpu_sink k = {g, &cov, in->k16_dtype, *dst, 0, -1};
+    gpu_sink k = {g, &cov, src, in->k16_dtype, *dst, 0, -1};
     const kvt_trace_sink sink = {gpu_room, gpu_put, &k};
-    if (!s && in->kv_rest) {
-        uint64_t t0 = kvt_now_ns();
-        s = in->kv_rest(in->kv_user, kind, n_pc, &sink);
-        *read_ns += kvt_now_ns() - t0;
-    }
-    kvt_status e = kvt_kv_cover_end(&cov, !s);
-    return s ? s : e;
+    return kvt_kv_cover_run(&cov, in, kind, gpu_given, &k, &sink, read_ns);
 }
 
 static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
