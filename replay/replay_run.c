@@ -435,6 +435,9 @@ static void *worker(void *arg)
     kvt_free(cs);
     kvt_free(m);
     kvt_alloc_cache_end();
+    kvt_ctx_gpu_thread_end(); /* its pinned staging, now: freed at the thread's exit, the
+                                 CUDA call ran other workers' queued kernels on cuemu with this
+                                 thread's state half gone (a crash, 1 run in 12) */
     return NULL;
 }
 

@@ -111,8 +111,10 @@ struct kvt_ctx_gpu {
 /* A thread's pinned staging buffers, kept from one of its layer contexts to the next: pinning
  * memory is slow, and cudaFreeHost may wait for the whole device (CUDA allows its freeing
  * calls to synchronize), which at every layer's end made a worker wait for every other
- * worker's queued work. A second context alive on the same thread pins a pair of its own. The
- * thread's exit frees them (the key's destructor). */
+ * worker's queued work. A second context alive on the same thread pins a pair of its own. A
+ * replay worker frees them when it is done (kvt_ctx_gpu_thread_end), while the thread is whole;
+ * another thread's exit frees them (the key's destructor, a CUDA call during the thread's
+ * teardown: the fallback). */
 typedef struct thread_stage {
     char *p[2];
     bool busy;    /* a context of this thread holds them */
@@ -149,6 +151,16 @@ static void thread_stage_free(void *v)
 static void stage_key_make(void)
 {
     stage_key_ok = pthread_key_create(&stage_key, thread_stage_free) == 0;
+}
+
+void kvt_ctx_gpu_thread_end(void)
+{
+    pthread_once(&stage_once, stage_key_make);
+    thread_stage *t = stage_key_ok ? pthread_getspecific(stage_key) : NULL;
+    if (!t || t->busy) /* a context still holds them: the thread's exit frees them */
+        return;
+    pthread_setspecific(stage_key, NULL);
+    thread_stage_free(t);
 }
 
 /* g->stage: the thread's pair when no other context holds it, else a pair of g's own */

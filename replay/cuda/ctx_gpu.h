@@ -31,6 +31,9 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
 int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
 /** cudaDeviceReset of device 0 (kvt_replay_release_device); KVT_OK without CUDA. */
 kvt_status kvt_ctx_gpu_release(void);
+/** The calling thread is done with layer contexts: its pinned staging buffers freed now, while
+ *  the thread is whole, rather than by its exit's destructor. Nothing without CUDA. */
+void kvt_ctx_gpu_thread_end(void);
 
 /** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0; K and V
  *  given in 16 bits (in->k16, in->v16, or as stored: in->k_pieces, in->kv_rest) are uploaded

@@ -23,6 +23,10 @@ kvt_status kvt_ctx_gpu_release(void)
     return KVT_OK;
 }
 
+void kvt_ctx_gpu_thread_end(void)
+{
+}
+
 int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
 {
     (void)free_bytes, (void)total_bytes;

@@ -123,6 +123,8 @@ int cuemu_is_device(const void *p, size_t n);
 /* Record a launch or runtime error (returned by the next cudaGetLastError) and say so on
  * stderr; used by the device side. */
 void cuemu_set_error(cudaError_t e, const char *what);
+/* nonzero once the calling thread's exit has torn down its block scheduler (cuemu_device.cpp) */
+int cuemu_thread_gone(void);
 
 #ifdef __cplusplus
 }

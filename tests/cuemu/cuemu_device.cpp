@@ -53,6 +53,17 @@ struct Block {
 
 thread_local Block *g_blk;
 
+/* set when the thread's exit starts destroying its block scheduler (C++ thread-locals, gone
+   before the thread's pthread key destructors run): work run on the thread after that (a
+   free's deferred kernels) would use it destroyed */
+thread_local bool g_gone;
+struct GoneMark {
+    ~GoneMark()
+    {
+        g_gone = true;
+    }
+};
+
 thread_local uint64_t g_launches;
 
 void trampoline()
@@ -117,6 +128,8 @@ uint64_t *warp_slots()
 void run_block(unsigned n, void (*fn)(void *), void *arg)
 {
     static thread_local Block blk;
+    static thread_local GoneMark gone_mark; /* destroyed just before blk */
+    (void)gone_mark;
     Block *b = &blk;
     Block *prev = g_blk;
     g_blk = b;
@@ -206,3 +219,8 @@ void run_block(unsigned n, void (*fn)(void *), void *arg)
 }
 
 } // namespace cuemu
+
+extern "C" int cuemu_thread_gone(void)
+{
+    return cuemu::g_gone;
+}

@@ -429,8 +429,20 @@ cudaError_t cudaMalloc(void **p, size_t n)
 
 static cudaError_t free_block(void *p);
 
+/* A free from a thread-exit destructor (a pthread key's) on a thread that ran kernels: the
+ * deferred work it runs would use the thread's scheduler destroyed, and CUDA itself does not
+ * promise such calls work either: said, and the process stopped. */
+static void exit_check(const char *what)
+{
+    if (cuemu_thread_gone()) {
+        fprintf(stderr, "cuemu: %s during its thread's exit (a thread-exit destructor?)\n", what);
+        abort();
+    }
+}
+
 cudaError_t cudaFree(void *p)
 {
+    exit_check("cudaFree");
     run_all(0); /* cudaFree waits for the device */
     return free_block(p);
 }
@@ -552,6 +564,7 @@ cudaError_t cudaMallocHost(void **p, size_t n)
 
 cudaError_t cudaFreeHost(void *p)
 {
+    exit_check("cudaFreeHost");
     run_all(0); /* as cudaFree */
     remove_block(&pinned, p);
     free(p);
