@@ -5,7 +5,10 @@
  * exact permutations and bitwise bests where the reference's arithmetic is reproduced, f32
  * ulp-level tolerances where only the summation order differs, guard words after every device
  * output left untouched, no NaN where the reference has none, and bad arguments refused.
- * Label gpu: exits 77 ("not run") without a CUDA device.
+ * Label gpu: exits 77 ("not run") without a CUDA device. KVT_KERNELS_MAX_T=N skips the cases
+ * longer than N tokens (rows, for the norms and rankings) and says how many: compute-sanitizer's
+ * racecheck runs the whole test in about 100 s on an H200, the short cases hold every block
+ * layout and partial tile.
  */
 #include <cuda_runtime_api.h>
 
@@ -13,7 +16,18 @@
 #include "kvt_kernels_cuda.h"
 
 #define N_GUARD 16
-#define GUARD   0xA5u /* byte pattern of the guard words */
+
+static int max_t;   /* KVT_KERNELS_MAX_T: cases longer than this are skipped (0: none) */
+static int skipped; /* how many */
+
+static bool too_long(int T)
+{
+    if (max_t <= 0 || T <= max_t)
+        return false;
+    skipped++;
+    return true;
+}
+#define GUARD 0xA5u /* byte pattern of the guard words */
 
 static void *to_dev(const void *h, size_t bytes)
 {
@@ -77,6 +91,8 @@ static int cmp32(const char *what, const float *a, const float *b, size_t n)
 
 static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     kt_attn in;
@@ -169,6 +185,8 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
  * (a launch per batch, 32 rows of logits at a time) the same bits and the same report */
 static void test_attn_batch(int n_q, int T, int D, int n2, int nb, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     const size_t nqd = (size_t)n_q * D, nkd = (size_t)T * D, n2d = (size_t)n2 * D;
@@ -252,6 +270,8 @@ static void test_attn_batch(int n_q, int T, int D, int n2, int nb, uint64_t seed
 static void test_sweep_rf(int n_q, int T, int D, bool with_mod, bool extra, bool rfull,
                           uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     kt_sweep S;
@@ -325,6 +345,8 @@ static void test_sweep(int n_q, int T, int D, bool with_mod, bool extra, uint64_
 /* window scores from the references' pieces, every pooling and reduction */
 static void test_scores(int Hq, int Hkv, int Wt, int W, int T, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     size_t np = (size_t)Hq * Wt * T;
@@ -381,6 +403,8 @@ static void test_scores(int Hq, int Hkv, int Wt, int W, int T, uint64_t seed)
 
 static void test_colsum(int T, int D, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     float *q = malloc((size_t)T * D * 4), *k = malloc((size_t)T * D * 4);
@@ -414,6 +438,8 @@ static void test_colsum(int T, int D, uint64_t seed)
 
 static void test_norms(int n, int D, uint64_t seed)
 {
+    if (too_long(n))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     size_t nx = (size_t)n * D;
@@ -444,6 +470,8 @@ static void test_norms(int n, int D, uint64_t seed)
 
 static void test_rank(int n_seg, int n, int kind, uint64_t seed)
 {
+    if (too_long(n))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     size_t tot = (size_t)n_seg * n;
@@ -484,6 +512,8 @@ static float *unit_keys(kvt_rng *r, int T, int D)
 
 static void test_coverage(int T, int D, int n_probe, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     size_t nk = (size_t)T * D;
@@ -580,6 +610,8 @@ static void test_coverage(int T, int D, int n_probe, uint64_t seed)
  * last) against sums in key order; a padded stride; rows of zeros */
 static void test_row_mass(int n, int T, bool with_mod, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     const int NM = KVT_N_MODALITIES;
@@ -636,6 +668,8 @@ static void test_row_mass(int n, int T, bool with_mod, uint64_t seed)
  * coverage bests and the redundancy agree with the references as with a few cuts. */
 static void test_many_cuts(int T, int n_cut, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     const int n_q = 3, D = 64, P = 16;
@@ -704,6 +738,8 @@ static void test_many_cuts(int T, int n_cut, uint64_t seed)
  * 0, 1 and T, chunks of 128 ranked rows and a partial last one */
 static void test_redundancy(int T, int D, uint64_t seed)
 {
+    if (too_long(T))
+        return;
     kvt_rng r;
     kvt_rng_seed(&r, seed);
     size_t nk = (size_t)T * D;
@@ -858,6 +894,8 @@ int main(void)
         printf("test_kernels_cuda: %s: not run\n", why);
         return 77;
     }
+    const char *e = getenv("KVT_KERNELS_MAX_T");
+    max_t = e ? atoi(e) : 0;
     const int Ds[] = {64, 80, 128};
     /* the output sweep keeps 1, 2 or 4 dimensions per thread by D: the other two */
     test_sweep(9, 600, 200, true, true, 61);
@@ -928,5 +966,8 @@ int main(void)
     test_attn(7, 90, 3, 0, 115);
     test_colsum(200, 37, 116);
     KVT_EXPECT_STATUS(kvt_rank_desc_segmented_cuda(NULL, -1, 4, NULL, NULL), KVT_ERR_INVALID_ARG);
+    if (skipped)
+        printf("test_kernels_cuda: %d cases longer than KVT_KERNELS_MAX_T=%d tokens skipped\n",
+               skipped, max_t);
     return kvt_test_result("test_kernels_cuda");
 }
