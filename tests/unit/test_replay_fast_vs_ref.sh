@@ -14,7 +14,8 @@
 # must agree within 1e-3, and at most 1% of them may differ by more than 1e-9. A third trace
 # has Q_all and no stored column sums, so that h2o's sums are computed by the replay (and
 # expected-attention and noncausal-attention, which read Q_all, run); a fourth has a prompt of
-# 4300 tokens, so that the rankings with --device cuda run on the GPU. The synthetic traces
+# 4300 tokens, so that the rankings with --device cuda run on the GPU; a fifth has one layer of
+# Qwen2-VL-7B's shape (28 query heads on 4 KV heads: groups of 7; D = 128). The synthetic traces
 # store K and V in bf16 (the Q_all one in f16), which --device cuda uploads as stored and widens
 # on the GPU; the policies that read K or V on the host (quest, lagkv, the merging ones, the
 # Q_all ones) then get them widened on the host. The vision-language trace is also written in
@@ -65,12 +66,15 @@ $BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off --
 # a prompt long enough (over 4096 ranked tokens) for the GPU's rankings (kvt_ctx_gpu_rank)
 $BIN synth --shape tiny --tokens 4300 --decode 4 --seed 9 -o "$TMP/long.kvt" >/dev/null 2>&1 \
     || fail "synth long"
+# a real model's head layout: odd query groups, the kernels' D = 128 paths
+$BIN synth --shape qwen2-vl-7b --layers 1 --tokens 200 --decode 4 --seed 12 -o "$TMP/qvl.kvt" \
+    >/dev/null 2>&1 || fail "synth qwen2-vl-7b"
 # SparseMM's per-head scores for the sample (5 layers x 8 query heads) and vl (2 x 4)
 "$PY" -c 'import json, sys
 for path, L, H in (("stories260K", 5, 8), ("vl", 2, 4)):
     json.dump([[((l * 7 + h * 3) % 11) / 10 for h in range(H)] for l in range(L)],
               open(sys.argv[1] + "/scores_" + path + ".json", "w"))' "$TMP" || fail "scores"
-for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt"; do
+for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt"; do
     name=$(basename "$tr" .kvt)
     # every policy: the defaults, and those that need more than K, V and the window queries
     SET=(--policies "all,h2o,oracle,quest,lagkv,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json"
@@ -80,6 +84,7 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt"; do
     [ "$name" = long ] &&
         SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
             --threads 2 --seed 7)
+    [ "$name" = qvl ] && SET=(--policies all,h2o,oracle,quest --budgets 16,64,50% --threads 2 --seed 7)
     DEV=()
     [ "$MODE" = cuda ] && DEV=(--device cuda)
     "${FIRST[@]}" $BIN replay "$tr" "${SET[@]}" "${DEV[@]}" -o "$TMP/$name.fast.json" >/dev/null \
