@@ -190,6 +190,10 @@ static kvt_status widen_kv(kvt_layer_ctx *c)
 
 kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what)
 {
+    KVT_RETURN_IF(c->selecting && (what & ~c->selecting->host_reads), KVT_ERR_STATE,
+                  "%s: internal error: reads context arrays 0x%x on the host that its definition "
+                  "does not declare (host_reads 0x%x)",
+                  c->selecting->name, what, c->selecting->host_reads);
     if (what & c->on_device & KVT_CTX_KV) {
         KVT_FORWARD(widen_kv(c));
         c->on_device &= ~KVT_CTX_KV;
@@ -224,7 +228,7 @@ kvt_status kvt_ctx_decode_means(kvt_layer_ctx *c, bool per_query, int P, double 
                   "decode means: no decode queries, or P=%d", P);
     if (c->gpu) /* kvt_col_mean_cuda: bitwise kvt_col_mean_ref */
         return kvt_ctx_gpu_decode_scores(c->gpu, per_query, P, out);
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD));
+    /* without the GPU, prd is on the host */
     const int per = per_query ? 1 : c->Gs, H = per_query ? c->Hq : c->Hkv, R = per * c->Gd;
     for (int h = 0; h < H; h++)
         kvt_col_mean_ref(c->prd + (size_t)h * R * c->T, R, c->T, P, out + (size_t)h * P);

@@ -66,6 +66,10 @@ struct kvt_policy_def {
     const char *summary;
     const char *keys; /* accepted option keys, comma-separated */
     unsigned flags;   /* KVT_POLICY_* */
+    /* KVT_CTX_* arrays select reads on the host (kvt_ctx_fetch): with --device cuda they are
+       copied from the GPU (or K and V widened) for it, which the host memory estimate counts
+       (kvt_replay_worker_bytes); a fetch of any other array while it selects is an error */
+    unsigned host_reads;
     void (*defaults)(kvt_policy_opts *o);
     /* optional: validate option combinations, load files into p->state */
     kvt_status (*init)(kvt_policy *p);
@@ -132,10 +136,11 @@ struct kvt_layer_ctx {
     double *colsum;        /* [Hq, T] H2O column sums, lazily (kvt_ctx_colsum) */
     kvt_score_entry cache[KVT_SCORE_CACHE];
     int n_cache;
-    struct kvt_ctx_gpu *gpu;  /* replay --device cuda: device copies for the output sweeps */
-    unsigned on_device;       /* KVT_CTX_* arrays only on the GPU so far (kvt_ctx_fetch) */
-    kvt_replay_profile *prof; /* may be NULL */
-    uint64_t read_ns;         /* building it read K and V from the trace (kv_rest) this long */
+    struct kvt_ctx_gpu *gpu;         /* replay --device cuda: device copies for the output sweeps */
+    unsigned on_device;              /* KVT_CTX_* arrays only on the GPU so far (kvt_ctx_fetch) */
+    const kvt_policy_def *selecting; /* the policy whose select runs (run_select), or NULL */
+    kvt_replay_profile *prof;        /* may be NULL */
+    uint64_t read_ns; /* building it read K and V from the trace (kv_rest) this long */
     /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
      * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
     const double *budget_frac;
@@ -161,7 +166,8 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 /** With the GPU, the window and decode probabilities (prw, prd) and the unit keys (ku) stay on
  *  the device: a host reader of any of them first calls kvt_ctx_fetch with their bits, which
  *  copies those not yet on the host (a no-op on the CPU). So do the readers of K or V (k, v)
- *  when the input's are 16-bit: KVT_CTX_KV widens them on the host. */
+ *  when the input's are 16-bit: KVT_CTX_KV widens them on the host. A policy may fetch only
+ *  what its definition's host_reads declares, on either device: KVT_ERR_STATE otherwise. */
 #define KVT_CTX_PRW 1u
 #define KVT_CTX_PRD 2u
 #define KVT_CTX_KU  4u

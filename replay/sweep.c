@@ -802,7 +802,9 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
 {
     memset(sel, 0, sizeof(*sel));
     uint64_t t0 = kvt_now_ns();
+    c->selecting = p->def; /* kvt_ctx_fetch holds it to its host_reads */
     kvt_status st = p->def->select(c, p, B, n_b, sel);
+    c->selecting = NULL;
     KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
     sel->gpu = NULL; /* only while selecting */
     if (st) {

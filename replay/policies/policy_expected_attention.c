@@ -294,6 +294,7 @@ out:
 
 const kvt_policy_def kvt_policy_def_expected_attention = {
     .name = "expected-attention",
+    .host_reads = KVT_CTX_KV,
     .summary = "kvpress ExpectedAttention: attention expected from the queries' mean and "
                "covariance at future positions, times ||v||",
     .keys = "window,heads,sinks,future,cov,vnorm,epsilon",

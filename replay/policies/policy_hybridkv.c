@@ -275,6 +275,7 @@ static void d_hybrid(kvt_policy_opts *o)
 
 const kvt_policy_def kvt_policy_def_hybridkv_like = {
     .name = "hybridkv-like",
+    .host_reads = KVT_CTX_PRW | KVT_CTX_KV,
     .summary = "HybridKV-like [inferred]: static heads text-prior, dynamic heads chunk retrieval",
     .keys = "window,kernel,pool,heads,theta,tau,split,chunk,chunk_score,floor",
     .flags = KVT_POLICY_PER_STEP | KVT_POLICY_LIKE | KVT_POLICY_WINDOW_QUERY,

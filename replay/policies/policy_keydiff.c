@@ -38,6 +38,7 @@ static kvt_status sel_keydiff(kvt_layer_ctx *c, const kvt_policy *p, const int *
 
 const kvt_policy_def kvt_policy_def_keydiff = {
     .name = "keydiff",
+    .host_reads = KVT_CTX_KU,
     .summary = "KeyDiff: keys least similar to the mean key",
     .keys = "window,heads",
     .defaults = d_keydiff,

@@ -131,6 +131,7 @@ out:
 
 const kvt_policy_def kvt_policy_def_lagkv = {
     .name = "lagkv",
+    .host_reads = KVT_CTX_KV,
     .summary = "kvpress LagKV: each partition scored against the next by its keys' and values' "
                "spread",
     .keys = "heads,sinks,lag,cross",

@@ -357,6 +357,7 @@ out_free:
 
 const kvt_policy_def kvt_policy_def_lightkv_like = {
     .name = "lightkv-like",
+    .host_reads = KVT_CTX_PRW | KVT_CTX_KV,
     .summary = "LightKV-like [inferred]: merges vision K/V guided by text queries",
     .keys = "window,heads,merge_window",
     .flags = KVT_POLICY_MERGED | KVT_POLICY_LIKE | KVT_POLICY_WINDOW_QUERY,

@@ -198,6 +198,7 @@ static kvt_status sel_mix_smm(kvt_layer_ctx *c, const kvt_policy *p, const int *
 
 const kvt_policy_def kvt_policy_def_mixkv_snapkv = {
     .name = "mixkv-snapkv",
+    .host_reads = KVT_CTX_KU,
     .summary = "MixKV on SnapKV: importance x diversity, uniform budget",
     .flags = KVT_POLICY_WINDOW_QUERY,
     .keys = "window,kernel,pool,reduce,heads,rtable",
@@ -208,6 +209,7 @@ const kvt_policy_def kvt_policy_def_mixkv_snapkv = {
 
 const kvt_policy_def kvt_policy_def_mixkv_pyramidkv = {
     .name = "mixkv-pyramidkv",
+    .host_reads = KVT_CTX_KU,
     .summary = "MixKV on PyramidKV: importance x diversity, pyramid layer budgets",
     .flags = KVT_POLICY_WINDOW_QUERY,
     .keys = "window,kernel,pool,reduce,heads,rtable,beta,fallback",
@@ -218,6 +220,7 @@ const kvt_policy_def kvt_policy_def_mixkv_pyramidkv = {
 
 const kvt_policy_def kvt_policy_def_mixkv_adakv = {
     .name = "mixkv-adakv",
+    .host_reads = KVT_CTX_KU,
     .summary = "MixKV on AdaKV: allocation from attention, ranking by the mixture",
     .flags = KVT_POLICY_WINDOW_QUERY,
     .keys = "window,kernel,pool,reduce,heads,rtable,alpha,normalize,alloc,skip",
@@ -228,6 +231,7 @@ const kvt_policy_def kvt_policy_def_mixkv_adakv = {
 
 const kvt_policy_def kvt_policy_def_mixkv_sparsemm = {
     .name = "mixkv-sparsemm",
+    .host_reads = KVT_CTX_KU,
     .summary = "MixKV on SparseMM: head budgets from offline head scores (scores=FILE), "
                "ranking by the mixture",
     .flags = KVT_POLICY_WINDOW_QUERY,

@@ -90,6 +90,7 @@ out:
 
 const kvt_policy_def kvt_policy_def_noncausal_attention = {
     .name = "noncausal-attention",
+    .host_reads = KVT_CTX_KV,
     .summary = "kvpress NonCausalAttn (Compactor): attention inside chunks of the prompt, no "
                "causal mask, times ||v||",
     .keys = "window,heads,chunk",

@@ -96,6 +96,7 @@ out_free:
 
 const kvt_policy_def kvt_policy_def_quest = {
     .name = "quest",
+    .host_reads = KVT_CTX_KV,
     .summary = "Quest: per-decode-step page retrieval by key bounds",
     .keys = "page,dense_layers,group,heads",
     .flags = KVT_POLICY_PER_STEP | KVT_POLICY_NEEDS_DECODE,

@@ -29,6 +29,7 @@ static kvt_status sel_tova(kvt_layer_ctx *c, const kvt_policy *p, const int *B, 
 
 const kvt_policy_def kvt_policy_def_tova = {
     .name = "tova",
+    .host_reads = KVT_CTX_PRW,
     .summary = "TOVA: last query's attention, layer-wise (one set per layer)",
     .keys = "heads",
     .select = sel_tova,
