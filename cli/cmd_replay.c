@@ -85,14 +85,15 @@ static void help(void)
  * largest over the traces) with a note saying so. A warning when the threads chosen may not
  * fit (the system would kill the replay). *wb receives the estimate (0 if unknown). */
 static int plan_threads(const char *cmd, const char *const *traces, size_t n_traces,
-                        kvt_policy *const *pols, size_t n_pol, int probes, int threads,
-                        uint64_t mem_limit, const kvt_cli_mpi *mpi, uint64_t *wb)
+                        kvt_policy *const *pols, size_t n_pol, int probes, kvt_device device,
+                        int threads, uint64_t mem_limit, const kvt_cli_mpi *mpi, uint64_t *wb)
 {
     int max_layers = 0, n_l;
     *wb = 0;
     for (size_t t = 0; t < n_traces; t++) { /* a bad trace fails later, with its own message */
         uint64_t b;
-        if (kvt_replay_worker_bytes(traces[t], pols, n_pol, probes, &b) == KVT_OK && b > *wb)
+        if (kvt_replay_worker_bytes(traces[t], pols, n_pol, probes, device, &b) == KVT_OK &&
+            b > *wb)
             *wb = b;
         if (kvt_replay_trace_shape(traces[t], &n_l, NULL) == KVT_OK && n_l > max_layers)
             max_layers = n_l;
@@ -802,8 +803,8 @@ int kvt_cmd_replay(int argc, char **argv)
         shard_i = mpi.rank;
         shard_n = mpi.size;
     }
-    threads = plan_threads(cmd, (const char *const *)traces, n_traces, pols, n_pol, probes, threads,
-                           mem_limit, &mpi, &worker_bytes);
+    threads = plan_threads(cmd, (const char *const *)traces, n_traces, pols, n_pol, probes, device,
+                           threads, mem_limit, &mpi, &worker_bytes);
     res->seed = seed;
     res->coverage_probes = probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : probes;
     res->n_threads = threads > 0 ? threads : kvt_cpu_count();

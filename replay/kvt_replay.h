@@ -390,14 +390,17 @@ kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens
  *  refuses a bad one before the first trace runs. */
 kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol);
 
-/** Estimated peak memory, in bytes, of one replay worker on one layer of `path` with these
- *  policies (`coverage_probes` as in kvt_replay_opts: negative = the default): the arrays of
- *  the layer context (K, V and unit keys in f32, the window and decode attention
- *  probabilities), the probe cosine table, rankings and policy scratch, modelled per prompt
- *  token and fitted on measured peaks (bench/RESULTS.md), on the high side by 15-25%. The
- *  replay's memory is about this times its worker threads. */
+/** Estimated peak host memory, in bytes, of one replay worker on one layer of `path` with
+ *  these policies (`coverage_probes` as in kvt_replay_opts: negative = the default) on
+ *  `device`: the arrays of the layer context (K, V and unit keys in f32, the window and decode
+ *  attention probabilities), the probe cosine table, rankings and policy scratch, modelled per
+ *  prompt token and fitted on measured peaks (bench/RESULTS.md), on the high side by 15-25%.
+ *  With KVT_DEVICE_CUDA the context's arrays stay on the GPU but for those the policies read
+ *  on the host (kvt_policy_def's host_reads), and K and V are held as stored (for bf16 traces
+ *  a quarter to 70% of the CPU's estimate); KVT_DEVICE_AUTO counts as the CPU. The replay's
+ *  memory is about this times its worker threads (with CUDA, plus the runtime's own). */
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
-                                   int coverage_probes, uint64_t *bytes);
+                                   int coverage_probes, kvt_device device, uint64_t *bytes);
 /** Worker threads for a replay of `n_layers` layers: `requested` when > 0; else `cores` (<= 0:
  *  the CPU count), lowered to what `memory` bytes hold at `worker_bytes` each (memory 0:
  *  unknown, no limit), at least 1. Never more than n_layers when it is >= 1. */

@@ -542,11 +542,36 @@ static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *p
  * llama3-8b, llama2-7b and qwen2-vl-7b shapes at T = 4K and 16K (bench/RESULTS.md, 2026-12-02):
  * f32 K, V and unit keys; f32 window and decode probabilities and one KV group's transposed
  * copy; key/value norms; the probe cosine table; per policy its ranking and scores; lightkv's
- * merged copies and the per-step policies' scratch; 1.5 KB of smaller per-token arrays */
+ * merged copies and the per-step policies' scratch; 1.5 KB of smaller per-token arrays.
+ * With the GPU (gpu_es: the bytes of a stored K or V element, 0 without) the host holds K and
+ * V as stored (all of them when read ahead while the GPU is not ready) and, of the context's
+ * large arrays, only those a policy reads on the host (its host_reads; a merged set's metrics
+ * read them all): the rest stays on the device, the cosine table too. */
+/* with the GPU, the bytes of a stored K or V element as the host holds it: 16-bit ones as
+ * stored, any other read as f32 */
+static int gpu_kv_es(kvt_dtype kdt)
+{
+    return kdt == KVT_DTYPE_BF16 || kdt == KVT_DTYPE_F16 ? 2 : 4;
+}
+
 static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int probes,
-                                     kvt_policy *const *pols, size_t n_pol)
+                                     kvt_policy *const *pols, size_t n_pol, int gpu_es)
 {
     double b = 12.0 * Hkv * D + 4.0 * (Hq + Hq / Hkv) * (W + G) + 16.0 * Hkv + 4.0 * probes + 1536;
+    if (gpu_es) {
+        unsigned reads = 0;
+        for (size_t p = 0; p < n_pol; p++)
+            reads |= kvt_policy_flags(pols[p]) & KVT_POLICY_MERGED ? ~0u : pols[p]->def->host_reads;
+        b = 2.0 * gpu_es * Hkv * D + 16.0 * Hkv + 1536;
+        if ((reads & KVT_CTX_KV) && gpu_es < 4) /* widened on the host; f32 ones are as read */
+            b += 8.0 * Hkv * D;
+        if (reads & KVT_CTX_KU)
+            b += 4.0 * Hkv * D;
+        if (reads & KVT_CTX_PRW)
+            b += 4.0 * Hq * W;
+        if (reads & KVT_CTX_PRD)
+            b += 4.0 * Hq * G;
+    }
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
         b += 8.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
@@ -563,16 +588,17 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
 }
 
 static uint64_t worker_bytes(int T, int Hq, int Hkv, int D, int W, int G, int probes,
-                             kvt_policy *const *pols, size_t n_pol)
+                             kvt_policy *const *pols, size_t n_pol, int gpu_es)
 {
     if (probes > T)
         probes = T;
-    double per = worker_bytes_per_token(Hq, Hkv, D, W, G, probes, pols, n_pol);
-    return (uint64_t)(1.15 * per * T) + (UINT64_C(16) << 20);
+    double per = worker_bytes_per_token(Hq, Hkv, D, W, G, probes, pols, n_pol, gpu_es);
+    /* with the GPU also the two pinned buffers K and V stream through (ctx_gpu.c's CTX_STAGE) */
+    return (uint64_t)(1.15 * per * T) + (UINT64_C(16) << 20) + (gpu_es ? UINT64_C(8) << 20 : 0);
 }
 
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
-                                   int coverage_probes, uint64_t *bytes)
+                                   int coverage_probes, kvt_device device, uint64_t *bytes)
 {
     *bytes = 0;
     kvt_trace_reader *rd;
@@ -583,6 +609,9 @@ kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, si
     int D = jint(model, "head_dim"), T = jint(hdr, "n_tokens");
     cJSON_Delete(hdr);
     uint32_t h, w = 0, g = 0, d;
+    kvt_dtype kdt = KVT_DTYPE_F32;
+    if (!has_kind(rd, 0, KVT_KIND_K, NULL, NULL, NULL, &kdt))
+        kdt = KVT_DTYPE_F32;
     if (!has_kind(rd, 0, KVT_KIND_Q_WINDOW, &h, &w, &d, NULL))
         w = 0;
     if (!has_kind(rd, 0, KVT_KIND_Q_DECODE, &h, &g, &d, NULL))
@@ -592,7 +621,7 @@ kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, si
                   "%s: the header lacks the model's shape or n_tokens", path);
     *bytes = worker_bytes(T, Hq, Hkv, D, (int)w, (int)g,
                           coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : coverage_probes, pols,
-                          n_pol);
+                          n_pol, device == KVT_DEVICE_CUDA ? gpu_kv_es(kdt) : 0);
     return KVT_OK;
 }
 
@@ -1072,8 +1101,9 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     int n_th = o->n_threads;
     if (n_th <= 0) { /* as many as the cores, and as the memory holds */
         int n_probe_all = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
-        uint64_t wb = worker_bytes(sh.T, sh.Hq, sh.Hkv, sh.D, sh.W, sh.has_qd ? sh.G : 0,
-                                   n_probe_all, pols, n_pol);
+        uint64_t wb =
+            worker_bytes(sh.T, sh.Hq, sh.Hkv, sh.D, sh.W, sh.has_qd ? sh.G : 0, n_probe_all, pols,
+                         n_pol, o->device == KVT_DEVICE_CUDA ? gpu_kv_es(sh.kdt) : 0);
         n_th = kvt_replay_threads(0, 0, sh.n_sel, wb,
                                   o->memory_limit ? o->memory_limit : kvt_mem_available());
     }

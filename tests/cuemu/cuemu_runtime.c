@@ -42,6 +42,7 @@ typedef struct blk_list {
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* the block lists */
 static blk_list blocks;                                /* device memory (cudaMalloc) */
 static size_t dev_used;                                /* bytes of blocks (under mu) */
+static size_t dev_peak;                                /* its largest value (CUEMU_STATS) */
 
 /* the device's memory: CUEMU_MEM_BYTES (a GPU that small: cudaMalloc past it fails), else 80
  * GiB that are never enforced */
@@ -95,6 +96,12 @@ static void print_stats(void)
             (unsigned long long)__atomic_load_n(&n_sync_stream, __ATOMIC_RELAXED),
             (unsigned long long)__atomic_load_n(&n_sync_event, __ATOMIC_RELAXED),
             (unsigned long long)__atomic_load_n(&n_sync_device, __ATOMIC_RELAXED));
+    pthread_mutex_lock(&mu);
+    size_t peak = dev_peak;
+    pthread_mutex_unlock(&mu);
+    /* device memory is host memory here: a process's peak RSS less this is its host memory */
+    fprintf(stderr, "cuemu: device memory peak %llu bytes (cudaMalloc)\n",
+            (unsigned long long)peak);
 }
 
 static void q_init(void)
@@ -411,6 +418,8 @@ cudaError_t cudaMalloc(void **p, size_t n)
     int room = !enforced || (dev_used <= total && n <= total - dev_used);
     if (room)
         dev_used += n; /* reserved now, so that two threads cannot both take the last bytes */
+    if (room && dev_used > dev_peak)
+        dev_peak = dev_used;
     pthread_mutex_unlock(&mu);
     if (!room)
         return fail(cudaErrorMemoryAllocation, "cudaMalloc: out of memory (CUEMU_MEM_BYTES)");

@@ -6,7 +6,14 @@
 #      context takes) and --threads 2, the profile says 1 of the 2 threads at a time and the
 #      results equal those of an unlimited GPU (a second context at once would not fit);
 #   2. with room for less than one layer: one clear line naming GPU memory, exit 1, no results,
-#      and only one layer tried (the worker waiting for the GPU stops at the error).
+#      and only one layer tried (the worker waiting for the GPU stops at the error);
+#   3. the host memory estimate per worker (kvt_replay_worker_bytes with the GPU, which plans
+#      --threads) against the host's peak (peak RSS less cuemu's device memory, which is host
+#      memory here): at least the peak less 8 MiB (the estimate's fixed spare covers about what
+#      the process holds besides its worker, to a few MiB), at most 1.6x the peak, with K and V
+#      read ahead while the driver starts, and with the policies that read the context on the
+#      host (leaving their arrays out of the estimate, or counting K and V in f32, fails it);
+#   4. a layer whose attention kernels need a large workspace (below).
 # Needs KVT_BIN (kvtrace_cuemu, the CUDA code on the CPU stand-in).
 set -uo pipefail
 BIN=${KVT_BIN:?KVT_BIN: the kvtrace_cuemu binary}
@@ -63,7 +70,34 @@ n_oom=$(grep -c '^cuemu: cudaMalloc: out of memory' "$TMP/small.err")
 [ "$n_oom" = 1 ] || { cat "$TMP/small.err"; fail "$n_oom layers ran out of GPU memory, not 1"; }
 echo "ok: $(cat "$TMP/small.msg")"
 
-# 3. a layer whose attention kernels need a large workspace of their own (one KV head of
+# 3. the host memory estimate: one worker, so the estimate printed is the worker's
+host_check() { # NAME POLICIES [ENV...]
+    local name=$1 pols=$2
+    shift 2
+    env CUEMU_STATS=1 "$@" "$BIN" replay "$TMP/t.kvt" --device cuda --policies "$pols" \
+        --budgets 64,10% --threads 1 --profile --force -o "$TMP/$name.json" >/dev/null \
+        2>"$TMP/$name.err" || { cat "$TMP/$name.err"; fail "host memory run $name"; }
+    local line dev
+    line=$(grep '^profile: memory: peak RSS .* MiB; estimated .* MiB = 1 worker thread' \
+        "$TMP/$name.err") || { cat "$TMP/$name.err"; fail "$name: no memory line in MiB"; }
+    dev=$(sed -n 's/^cuemu: device memory peak \([0-9]*\) bytes.*/\1/p' "$TMP/$name.err")
+    [ -n "$dev" ] || fail "$name: cuemu printed no device peak"
+    set -- $line # profile: memory: peak RSS 140.2 MiB; estimated 50.2 MiB = 1 worker thread ...
+    awk -v n="$name" -v r="$5" -v e="$8" -v d="$dev" 'BEGIN {
+        h = r - d / 1048576
+        printf "%s: host peak %.1f MiB (RSS %.1f less the device %.1f), estimated %.1f MiB\n",
+            n, h, r, d / 1048576, e
+        exit !(h <= e + 8 && e <= 1.6 * h) }' || fail "$name: the estimate is off"
+}
+# K and V read ahead into host memory (as stored) while the driver starts
+host_check ahead snapkv,knorm,adakv CUEMU_INIT_MS=3000
+grep -q "profile: gpu: K and V as stored: [1-9][0-9.]* MiB read ahead" "$TMP/ahead.err" ||
+    { grep "as stored" "$TMP/ahead.err"; fail "nothing read ahead"; }
+# the host readers: tova (probabilities), lightkv-like (everything, merged), quest (K and V)
+host_check readers tova,lightkv-like,quest,snapkv
+echo "ok: the host memory estimate with the GPU"
+
+# 4. a layer whose attention kernels need a large workspace of their own (one KV head of
 #    D=256 for 8 query heads, a 512-query window: the probabilities' stored logits 33 MiB, the
 #    outputs' partial sums 16 MiB): the estimate covers it (room for the estimate less its
 #    spare suffices), and when that workspace is what no longer fits, the same clear line
