@@ -397,7 +397,7 @@ kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, siz
  *  prompt token and fitted on measured peaks (bench/RESULTS.md), on the high side by 15-25%.
  *  With KVT_DEVICE_CUDA the context's arrays stay on the GPU but for those the policies read
  *  on the host (kvt_policy_def's host_reads), and K and V are held as stored (for bf16 traces
- *  a quarter to 70% of the CPU's estimate); KVT_DEVICE_AUTO counts as the CPU. The replay's
+ *  30% to 70% of the CPU's estimate); KVT_DEVICE_AUTO counts as the CPU. The replay's
  *  memory is about this times its worker threads (with CUDA, plus the runtime's own). */
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
                                    int coverage_probes, kvt_device device, uint64_t *bytes);
