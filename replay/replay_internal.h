@@ -136,11 +136,13 @@ struct kvt_layer_ctx {
     double *colsum;        /* [Hq, T] H2O column sums, lazily (kvt_ctx_colsum) */
     kvt_score_entry cache[KVT_SCORE_CACHE];
     int n_cache;
-    struct kvt_ctx_gpu *gpu;         /* replay --device cuda: device copies for the output sweeps */
-    unsigned on_device;              /* KVT_CTX_* arrays only on the GPU so far (kvt_ctx_fetch) */
-    const kvt_policy_def *selecting; /* the policy whose select runs (run_select), or NULL */
-    kvt_replay_profile *prof;        /* may be NULL */
-    uint64_t read_ns; /* building it read K and V from the trace (kv_rest) this long */
+    struct kvt_ctx_gpu *gpu;  /* replay --device cuda: device copies for the output sweeps */
+    unsigned on_device;       /* KVT_CTX_* arrays only on the GPU so far (kvt_ctx_fetch) */
+    kvt_replay_profile *prof; /* may be NULL */
+    uint64_t read_ns;         /* building it read K and V from the trace (kv_rest) this long */
+    /* the policy whose select runs (run_select), or NULL: kvt_ctx_fetch holds it to its
+       host_reads */
+    const kvt_policy_def *selecting;
     /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
      * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
     const double *budget_frac;

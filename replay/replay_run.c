@@ -538,6 +538,13 @@ static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *p
     return KVT_OK;
 }
 
+/* with the GPU, the bytes of a stored K or V element as the host holds it: 16-bit ones as
+ * stored, any other read as f32 */
+static int gpu_kv_es(kvt_dtype kdt)
+{
+    return kdt == KVT_DTYPE_BF16 || kdt == KVT_DTYPE_F16 ? 2 : 4;
+}
+
 /* bytes per prompt token one worker holds (see kvt_replay_worker_bytes), fitted on the
  * llama3-8b, llama2-7b and qwen2-vl-7b shapes at T = 4K and 16K (bench/RESULTS.md, 2026-12-02):
  * f32 K, V and unit keys; f32 window and decode probabilities and one KV group's transposed
@@ -547,18 +554,13 @@ static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *p
  * V as stored (all of them when read ahead while the GPU is not ready) and, of the context's
  * large arrays, only those a policy reads on the host (its host_reads; a merged set's metrics
  * read them all): the rest stays on the device, the cosine table too. */
-/* with the GPU, the bytes of a stored K or V element as the host holds it: 16-bit ones as
- * stored, any other read as f32 */
-static int gpu_kv_es(kvt_dtype kdt)
-{
-    return kdt == KVT_DTYPE_BF16 || kdt == KVT_DTYPE_F16 ? 2 : 4;
-}
-
 static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int probes,
                                      kvt_policy *const *pols, size_t n_pol, int gpu_es)
 {
-    double b = 12.0 * Hkv * D + 4.0 * (Hq + Hq / Hkv) * (W + G) + 16.0 * Hkv + 4.0 * probes + 1536;
-    if (gpu_es) {
+    double b;
+    if (!gpu_es) {
+        b = 12.0 * Hkv * D + 4.0 * (Hq + Hq / Hkv) * (W + G) + 16.0 * Hkv + 4.0 * probes + 1536;
+    } else {
         unsigned reads = 0;
         for (size_t p = 0; p < n_pol; p++)
             reads |= kvt_policy_flags(pols[p]) & KVT_POLICY_MERGED ? ~0u : pols[p]->def->host_reads;
