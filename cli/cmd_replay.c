@@ -223,13 +223,14 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
     struct rusage ru;
     if (!getrusage(RUSAGE_SELF, &ru)) {
         char peak[32], each[32], total[32];
-        fprintf(stderr,
-                "profile: memory: peak RSS %s; estimated %s = %d worker thread%s x %s per "
-                "worker\n",
-                kvt_cli_bytes_text((double)ru.ru_maxrss * 1024.0, peak, sizeof(peak)),
-                wb ? kvt_cli_bytes_text((double)wb * threads, total, sizeof(total)) : "?", threads,
-                threads == 1 ? "" : "s",
-                wb ? kvt_cli_bytes_text((double)wb, each, sizeof(each)) : "?");
+        fprintf(
+            stderr,
+            "profile: memory: peak RSS %s; estimated %s = %d worker thread%s x %s per "
+            "worker%s\n",
+            kvt_cli_bytes_text((double)ru.ru_maxrss * 1024.0, peak, sizeof(peak)),
+            wb ? kvt_cli_bytes_text((double)wb * threads, total, sizeof(total)) : "?", threads,
+            threads == 1 ? "" : "s", wb ? kvt_cli_bytes_text((double)wb, each, sizeof(each)) : "?",
+            device == KVT_DEVICE_CUDA ? " (host memory; the CUDA runtime's own is not in it)" : "");
     }
     if (device != KVT_DEVICE_CUDA)
         return;

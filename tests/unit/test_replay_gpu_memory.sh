@@ -78,7 +78,7 @@ host_check() { # NAME POLICIES [ENV...]
         --budgets 64,10% --threads 1 --profile --force -o "$TMP/$name.json" >/dev/null \
         2>"$TMP/$name.err" || { cat "$TMP/$name.err"; fail "host memory run $name"; }
     local line dev
-    line=$(grep '^profile: memory: peak RSS .* MiB; estimated .* MiB = 1 worker thread' \
+    line=$(grep "^profile: memory: peak RSS .* MiB; estimated .* MiB = 1 worker thread x .* per worker (host memory; the CUDA runtime's own is not in it)$" \
         "$TMP/$name.err") || { cat "$TMP/$name.err"; fail "$name: no memory line in MiB"; }
     dev=$(sed -n 's/^cuemu: device memory peak \([0-9]*\) bytes.*/\1/p' "$TMP/$name.err")
     [ -n "$dev" ] || fail "$name: cuemu printed no device peak"
