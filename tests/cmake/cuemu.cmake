@@ -80,6 +80,15 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
                              ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
     endforeach()
 
+    # the stand-in's several devices (CUEMU_DEVICES) keep CUDA's rules (the multi-GPU replay's
+    # test relies on them)
+    add_executable(test_cuemu_devices ${KVT_TEST_DIR}/unit/test_cuemu_devices.c ${KVT_CUEMU_OBJS})
+    kvt_target_defaults(test_cuemu_devices)
+    target_link_libraries(test_cuemu_devices PRIVATE ${KVT_CUEMU_LIBS} Threads::Threads)
+    set_target_properties(test_cuemu_devices PROPERTIES LINKER_LANGUAGE CXX)
+    add_test(NAME test_cuemu_devices COMMAND test_cuemu_devices)
+    set_tests_properties(test_cuemu_devices PROPERTIES LABELS "cpu" TIMEOUT 60)
+
     # bench_gpu_kernels on the stand-in, small: every case runs (its times mean nothing here)
     add_executable(bench_gpu_kernels_cuemu ${PROJECT_SOURCE_DIR}/bench/gpu_kernels.c
                    ${KVT_CUEMU_OBJS})

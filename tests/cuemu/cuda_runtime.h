@@ -146,12 +146,12 @@ uint64_t *warp_slots(); /* 32 exchange slots of the current thread's warp */
 /* run fn(i) for each of the block's nthreads fibers, with g_cur set */
 void run_block(unsigned nthreads, void (*fn)(void *), void *arg);
 
-template <typename T> static inline void check_ptr(const T &, bool &)
+template <typename T> static inline void check_ptr(const T &, int, bool &)
 {
 }
-template <typename T> static inline void check_ptr(T *const &p, bool &ok)
+template <typename T> static inline void check_ptr(T *const &p, int dev, bool &ok)
 {
-    if (!cuemu_is_device((const void *)p, 1))
+    if (!cuemu_is_device_on((const void *)p, 1, dev))
         ok = false;
 }
 
@@ -163,10 +163,13 @@ struct Launch {
     {
         std::tuple<typename std::decay<P>::type...> args(std::forward<A>(a)...);
         bool ok = true;
-        std::apply([&](const auto &...x) { (check_ptr(x, ok), ...); }, args);
+        const int dev = cuemu_launch_device(stream);
+        if (dev < 0)
+            return;
+        std::apply([&](const auto &...x) { (check_ptr(x, dev, ok), ...); }, args);
         if (!ok) {
             cuemu_set_error(cudaErrorIllegalAddress, "kernel launch with a pointer argument "
-                                                     "outside device memory");
+                                                     "outside its device's memory");
             return;
         }
         if (block.x * block.y * block.z == 0 || block.x * block.y * block.z > 1024 || grid.x == 0 ||

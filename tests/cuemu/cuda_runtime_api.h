@@ -120,6 +120,11 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
 void cuemu_enqueue(cudaStream_t s, void (*fn)(void *), void *ctx, void (*del)(void *));
 /* whether [p, p + n) lies in one live cudaMalloc block (1), or p is NULL (1). */
 int cuemu_is_device(const void *p, size_t n);
+/* the same, of device dev's memory */
+int cuemu_is_device_on(const void *p, size_t n, int dev);
+/* the device a kernel launched on s runs on (counted), or -1 with the error recorded when s
+ * belongs to another device than the calling thread's current one */
+int cuemu_launch_device(cudaStream_t s);
 /* Record a launch or runtime error (returned by the next cudaGetLastError) and say so on
  * stderr; used by the device side. */
 void cuemu_set_error(cudaError_t e, const char *what);

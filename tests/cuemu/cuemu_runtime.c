@@ -1,7 +1,14 @@
-/* cuemu_runtime.c - the runtime half of cuemu (cuda_runtime_api.h): one device, device memory
- * tracked so that copies in the wrong direction and host pointers handed to kernels are
- * reported as the errors a GPU would give (an illegal address). Thread-safe (replay workers
- * call it from several threads).
+/* cuemu_runtime.c - the runtime half of cuemu (cuda_runtime_api.h): one device (CUEMU_DEVICES=N:
+ * N of them), device memory tracked so that copies in the wrong direction and host pointers
+ * handed to kernels are reported as the errors a GPU would give (an illegal address). Thread-safe
+ * (replay workers call it from several threads).
+ *
+ * Several devices keep CUDA's rules: the current device is the calling thread's own
+ * (cudaSetDevice); memory, streams and events belong to the device current when they were made
+ * (cudaMallocAsync: its stream's); a kernel launched on a stream of another device than the
+ * current one fails (invalid resource handle), as does a kernel given memory of another device
+ * (an illegal address: no peer access here), and an event recorded on another device's stream;
+ * cudaMemGetInfo and cudaDeviceReset are the current device's.
  *
  * By default everything runs when it is enqueued. With CUEMU_DEFER=1 the work of a created
  * stream (kernels, async copies and memsets, frees) waits in the stream's queue and runs only
@@ -33,6 +40,7 @@
 typedef struct blk {
     uintptr_t p;
     size_t n;
+    int dev; /* device memory: its device */
 } blk;
 typedef struct blk_list {
     blk *b;
@@ -41,15 +49,32 @@ typedef struct blk_list {
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* the block lists */
 static blk_list blocks;                                /* device memory (cudaMalloc) */
-static size_t dev_used;                                /* bytes of blocks (under mu) */
-static size_t dev_peak;                                /* its largest value (CUEMU_STATS) */
+#define MAX_DEV 8
+static size_t dev_used[MAX_DEV];       /* bytes of blocks per device (under mu) */
+static size_t all_used, all_peak;      /* every device's, and its largest value (CUEMU_STATS) */
+static size_t dev_peak[MAX_DEV];       /* each device's largest dev_used */
+static uint64_t dev_launches[MAX_DEV]; /* kernels launched per device (CUEMU_STATS) */
 
-/* the device's memory: CUEMU_MEM_BYTES (a GPU that small: cudaMalloc past it fails), else 80
- * GiB that are never enforced */
-static size_t dev_total(int *enforced)
+/* CUEMU_DEVICES=N: how many devices (1 to 8; 1 without it) */
+static int n_devices(void)
+{
+    const char *e = getenv("CUEMU_DEVICES");
+    long v = e && *e ? strtol(e, NULL, 10) : 1;
+    return v < 1 ? 1 : v > MAX_DEV ? MAX_DEV : (int)v;
+}
+
+/* device d's memory: CUEMU_MEM_BYTES (a GPU that small: cudaMalloc past it fails; a list
+ * "A,B,...": device d the d-th, the last for the devices after it), else 80 GiB that are never
+ * enforced */
+static size_t dev_total(int d, int *enforced)
 {
     const char *e = getenv("CUEMU_MEM_BYTES");
-    unsigned long long v = e && *e ? strtoull(e, NULL, 10) : 0;
+    unsigned long long v = 0;
+    for (int i = 0; e && *e && i <= d; i++) {
+        char *end;
+        v = strtoull(e, &end, 10);
+        e = *end == ',' ? end + 1 : NULL;
+    }
     if (enforced)
         *enforced = v > 0;
     return v > 0 ? (size_t)v : (size_t)80 << 30;
@@ -68,6 +93,7 @@ typedef struct op {
 
 struct CUstream_st {
     unsigned flags;
+    int dev;         /* the device current when it was created */
     uint64_t id;     /* > 0; streams are looked up by id (a queued wait may outlive one) */
     op *head, *tail; /* queued work, oldest first (deferred mode) */
     uint64_t n_enq, n_done;
@@ -75,6 +101,7 @@ struct CUstream_st {
 };
 struct CUevent_st {
     unsigned flags;
+    int dev; /* the device current when it was created */
     int recorded;
     double t_ms;  /* host clock when recorded */
     uint64_t sid; /* deferred: the stream recorded on (0: complete), and its work count then */
@@ -97,11 +124,16 @@ static void print_stats(void)
             (unsigned long long)__atomic_load_n(&n_sync_event, __ATOMIC_RELAXED),
             (unsigned long long)__atomic_load_n(&n_sync_device, __ATOMIC_RELAXED));
     pthread_mutex_lock(&mu);
-    size_t peak = dev_peak;
+    size_t peak = all_peak, each[MAX_DEV];
+    memcpy(each, dev_peak, sizeof(each));
     pthread_mutex_unlock(&mu);
     /* device memory is host memory here: a process's peak RSS less this is its host memory */
     fprintf(stderr, "cuemu: device memory peak %llu bytes (cudaMalloc)\n",
             (unsigned long long)peak);
+    for (int d = 0; n_devices() > 1 && d < n_devices(); d++)
+        fprintf(stderr, "cuemu: device %d: memory peak %llu bytes, %llu kernel launches\n", d,
+                (unsigned long long)each[d],
+                (unsigned long long)__atomic_load_n(&dev_launches[d], __ATOMIC_RELAXED));
 }
 
 static void q_init(void)
@@ -293,7 +325,7 @@ cudaError_t cudaGetDeviceCount(int *n)
     unsigned long ms = e && *e ? strtoul(e, NULL, 10) : 0;
     if (ms)
         nanosleep(&(struct timespec){(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L}, NULL);
-    *n = 1;
+    *n = n_devices();
     return cudaSuccess;
 }
 
@@ -311,7 +343,7 @@ cudaError_t cudaGetDevice(int *d)
 
 cudaError_t cudaSetDevice(int d)
 {
-    if (d != 0)
+    if (d < 0 || d >= n_devices())
         return fail(cudaErrorInvalidDevice, "cudaSetDevice");
     cur_device = d;
     return cudaSuccess;
@@ -319,7 +351,7 @@ cudaError_t cudaSetDevice(int d)
 
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d)
 {
-    if (d != 0)
+    if (d < 0 || d >= n_devices())
         return fail(cudaErrorInvalidDevice, "cudaGetDeviceProperties");
     memset(p, 0, sizeof(*p));
     snprintf(p->name, sizeof(p->name), "cuemu (CPU emulation)");
@@ -340,35 +372,48 @@ cudaError_t cudaDeviceSynchronize(void)
     return cudaSuccess;
 }
 
-/* everything queued done, then every device allocation freed (streams and events stay: the
- * replay destroys its own before it releases the device) */
+/* everything queued done, then every allocation of the current device freed (streams and
+ * events stay: the replay destroys its own before it releases the device) */
 cudaError_t cudaDeviceReset(void)
 {
     run_all(0);
     pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < blocks.n; i++)
-        free((void *)blocks.b[i].p);
-    blocks.n = 0, dev_used = 0;
+    for (size_t i = 0; i < blocks.n;)
+        if (blocks.b[i].dev == cur_device) {
+            free((void *)blocks.b[i].p);
+            all_used -= blocks.b[i].n;
+            blocks.b[i] = blocks.b[--blocks.n];
+        } else {
+            i++;
+        }
+    dev_used[cur_device] = 0;
     pthread_mutex_unlock(&mu);
     return cudaSuccess;
 }
 
 /* ---- device memory ---- */
 
+/* the device of the block of l that [ptr, ptr + n) lies in (0 for pinned memory), or -1 */
+static int block_dev(const blk_list *l, const void *ptr, size_t n)
+{
+    uintptr_t p = (uintptr_t)ptr;
+    int dev = -1;
+    pthread_mutex_lock(&mu);
+    for (size_t i = 0; i < l->n && dev < 0; i++)
+        if (p >= l->b[i].p && p - l->b[i].p <= l->b[i].n && n <= l->b[i].n - (p - l->b[i].p))
+            dev = l->b[i].dev;
+    pthread_mutex_unlock(&mu);
+    return dev;
+}
+
 /* whether [ptr, ptr + n) lies in one block of l */
 static int in_blocks(const blk_list *l, const void *ptr, size_t n)
 {
-    uintptr_t p = (uintptr_t)ptr;
-    int ok = 0;
-    pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < l->n && !ok; i++)
-        ok = p >= l->b[i].p && p - l->b[i].p <= l->b[i].n && n <= l->b[i].n - (p - l->b[i].p);
-    pthread_mutex_unlock(&mu);
-    return ok;
+    return block_dev(l, ptr, n) >= 0;
 }
 
-/* add [p, p + n) to l: 0, or -1 out of memory */
-static int add_block(blk_list *l, void *p, size_t n)
+/* add [p, p + n) of device dev to l: 0, or -1 out of memory */
+static int add_block(blk_list *l, void *p, size_t n, int dev)
 {
     pthread_mutex_lock(&mu);
     if (l->n == l->cap) {
@@ -383,6 +428,7 @@ static int add_block(blk_list *l, void *p, size_t n)
     }
     l->b[l->n].p = (uintptr_t)p;
     l->b[l->n].n = n;
+    l->b[l->n].dev = dev;
     l->n++;
     pthread_mutex_unlock(&mu);
     return 0;
@@ -396,7 +442,7 @@ static int remove_block(blk_list *l, const void *p)
     for (size_t i = 0; i < l->n && !found; i++)
         if (l->b[i].p == (uintptr_t)p) {
             if (l == &blocks)
-                dev_used -= l->b[i].n;
+                dev_used[l->b[i].dev] -= l->b[i].n, all_used -= l->b[i].n;
             l->b[i] = l->b[--l->n];
             found = 1;
         }
@@ -409,31 +455,56 @@ int cuemu_is_device(const void *ptr, size_t n)
     return !ptr || in_blocks(&blocks, ptr, n);
 }
 
-cudaError_t cudaMalloc(void **p, size_t n)
+int cuemu_is_device_on(const void *ptr, size_t n, int dev)
+{
+    return !ptr || block_dev(&blocks, ptr, n) == dev;
+}
+
+int cuemu_launch_device(cudaStream_t s)
+{
+    int d = s ? s->dev : cur_device;
+    if (d != cur_device) {
+        cuemu_set_error(cudaErrorInvalidResourceHandle,
+                        "kernel launch on a stream of another device than the current one");
+        return -1;
+    }
+    __atomic_fetch_add(&dev_launches[d], 1, __ATOMIC_RELAXED);
+    return d;
+}
+
+/* n bytes of device d's memory */
+static cudaError_t malloc_on(void **p, size_t n, int d)
 {
     *p = NULL;
     int enforced;
-    size_t total = dev_total(&enforced);
+    size_t total = dev_total(d, &enforced);
     pthread_mutex_lock(&mu);
-    int room = !enforced || (dev_used <= total && n <= total - dev_used);
-    if (room)
-        dev_used += n; /* reserved now, so that two threads cannot both take the last bytes */
-    if (room && dev_used > dev_peak)
-        dev_peak = dev_used;
+    int room = !enforced || (dev_used[d] <= total && n <= total - dev_used[d]);
+    if (room) /* reserved now, so that two threads cannot both take the last bytes */
+        dev_used[d] += n, all_used += n;
+    if (room && dev_used[d] > dev_peak[d])
+        dev_peak[d] = dev_used[d];
+    if (room && all_used > all_peak)
+        all_peak = all_used;
     pthread_mutex_unlock(&mu);
     if (!room)
         return fail(cudaErrorMemoryAllocation, "cudaMalloc: out of memory (CUEMU_MEM_BYTES)");
     void *m = malloc(n ? n : 1);
-    if (!m || add_block(&blocks, m, n) != 0) {
+    if (!m || add_block(&blocks, m, n, d) != 0) {
         free(m);
         pthread_mutex_lock(&mu);
-        dev_used -= n;
+        dev_used[d] -= n, all_used -= n;
         pthread_mutex_unlock(&mu);
         return fail(cudaErrorMemoryAllocation, "cudaMalloc");
     }
     memset(m, 0xff, n); /* a GPU's fresh memory is not zero: NaN for floats here */
     *p = m;
     return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void **p, size_t n)
+{
+    return malloc_on(p, n, cur_device);
 }
 
 static cudaError_t free_block(void *p);
@@ -469,9 +540,9 @@ static cudaError_t free_block(void *p)
 
 cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b)
 {
-    size_t total = dev_total(NULL);
+    size_t total = dev_total(cur_device, NULL);
     pthread_mutex_lock(&mu);
-    size_t used = dev_used;
+    size_t used = dev_used[cur_device];
     pthread_mutex_unlock(&mu);
     *free_b = used < total ? total - used : 0;
     *total_b = total;
@@ -486,7 +557,7 @@ static int no_pools(void)
 
 cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d)
 {
-    if (d != 0)
+    if (d < 0 || d >= n_devices())
         return fail(cudaErrorInvalidDevice, "cudaDeviceGetAttribute");
     if (a != cudaDevAttrMemoryPoolsSupported)
         return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute");
@@ -494,32 +565,32 @@ cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d)
     return cudaSuccess;
 }
 
+/* from the pool of the stream's device */
 cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s)
 {
-    (void)s;
     if (no_pools())
         return fail(cudaErrorNotSupported, "cudaMallocAsync without memory pools");
-    return cudaMalloc(p, n);
+    return malloc_on(p, n, s ? s->dev : cur_device);
 }
 
 static struct CUmemPoolHandle_st {
     int unused;
-} default_pool;
+} default_pool[MAX_DEV];
 
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t *pool, int d)
 {
-    if (d != 0)
+    if (d < 0 || d >= n_devices())
         return fail(cudaErrorInvalidDevice, "cudaDeviceGetDefaultMemPool");
     if (no_pools())
         return fail(cudaErrorNotSupported, "cudaDeviceGetDefaultMemPool without memory pools");
-    *pool = &default_pool;
+    *pool = &default_pool[d];
     return cudaSuccess;
 }
 
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr a, void *v)
 {
-    if (pool != &default_pool || !v || a < cudaMemPoolReuseFollowEventDependencies ||
-        a > cudaMemPoolAttrReleaseThreshold)
+    if (pool < &default_pool[0] || pool >= &default_pool[n_devices()] || !v ||
+        a < cudaMemPoolReuseFollowEventDependencies || a > cudaMemPoolAttrReleaseThreshold)
         return fail(cudaErrorInvalidValue, "cudaMemPoolSetAttribute");
     return cudaSuccess;
 }
@@ -558,7 +629,7 @@ cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
         return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
     }
     *p = malloc(n ? n : 1);
-    if (!*p || add_block(&pinned, *p, n) != 0) {
+    if (!*p || add_block(&pinned, *p, n, 0) != 0) {
         free(*p);
         *p = NULL;
         return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
@@ -700,6 +771,7 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags)
     if (!*s)
         return fail(cudaErrorMemoryAllocation, "cudaStreamCreate");
     (*s)->flags = flags;
+    (*s)->dev = cur_device;
     deferred();
     pthread_mutex_lock(&qmu);
     (*s)->id = g_next_sid++;
@@ -773,6 +845,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags)
     if (!*e)
         return fail(cudaErrorMemoryAllocation, "cudaEventCreate");
     (*e)->flags = flags;
+    (*e)->dev = cur_device;
     return cudaSuccess;
 }
 
@@ -807,6 +880,9 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 {
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord");
+    if (e->dev != (s ? s->dev : cur_device)) /* as CUDA */
+        return fail(cudaErrorInvalidResourceHandle,
+                    "cudaEventRecord of an event on a stream of another device");
     e->t_ms = now_ms();
     e->recorded = 1;
     e->sid = 0;
