@@ -25,7 +25,7 @@ static void help(void)
            "                      [--window W] [--threads N] [--memory-limit SIZE] [--seed S]\n"
            "                      [--per-query-head]\n"
            "                      [--coverage-probes N] [--export-selection FILE] [--force]\n"
-           "                      [--shard I/N] [--device cpu|cuda|auto] [--profile]\n\n"
+           "                      [--shard I/N] [--device cpu|cuda[:LIST]|auto] [--profile]\n\n"
            "Replay KV-cache compression policies offline on captured traces and measure every\n"
            "budget at once: attention recall, output error on window and held-out decode\n"
            "queries, key coverage (all and dropped keys), head redundancy, overlap of the\n"
@@ -52,9 +52,10 @@ static void help(void)
            "                    default: what the machine has available; under MPI shared\n"
            "                    by the processes on one machine)\n"
            "  --device D        where each layer's attention, outputs, norms, unit keys and\n"
-           "                    recall/error/coverage sweeps run: cpu (default), cuda (GPU 0;\n"
-           "                    policies, rankings and redundancy stay on the host), or auto\n"
-           "                    (cuda when a GPU is usable)\n"
+           "                    recall/error/coverage sweeps run: cpu (default), cuda (every\n"
+           "                    visible GPU, each layer on one; the policies' logic stays on\n"
+           "                    the host), cuda:LIST (those GPUs: cuda:1, cuda:0,2, cuda:0-3),\n"
+           "                    or auto (cuda when a GPU is usable)\n"
            "  --profile         print where the time went on stderr: reading the trace, layer\n"
            "                    contexts, policies and sweeps, the CPU's dense-product kernels,\n"
            "                    the peak memory against the estimate per worker thread;\n"
@@ -270,15 +271,51 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
             "buffers), %.3f s summed; the profile's timing adds no wait\n",
             (unsigned long long)p->gpu_syncs, p->gpu_sync_ns * 1e-9);
     if (p->gpu_worker_bytes) {
-        char per[32], fr[32], tot[32];
+        char per[32], fr[32], tot[32], devs[256] = "", lay[512] = "";
+        size_t nd = 0, nl = 0;
+        for (int d = 0; d < KVT_MAX_CUDA_DEVICES; d++) {
+            if (p->gpu_devices >> d & 1 && nd < sizeof(devs))
+                nd += (size_t)snprintf(devs + nd, sizeof(devs) - nd, "%s%d", nd ? "," : "", d);
+            if (p->gpu_device_layers[d] && nl < sizeof(lay))
+                nl += (size_t)snprintf(lay + nl, sizeof(lay) - nl, "%s%llu on %d", nl ? ", " : "",
+                                       (unsigned long long)p->gpu_device_layers[d], d);
+        }
+        const bool several = p->gpu_devices & (p->gpu_devices - 1);
         fprintf(stderr,
-                "profile: gpu memory: about %s per worker's layer, %s free of %s at the start: "
-                "%llu of the %llu worker thread%s on the GPU at a time\n",
+                "profile: gpu memory: about %s per worker's layer, %s free of %s at the start on "
+                "device%s %s: %llu of the %llu worker thread%s on the GPU%s at a time\n",
                 kvt_cli_bytes_text((double)p->gpu_worker_bytes, per, sizeof(per)),
                 kvt_cli_bytes_text((double)p->gpu_mem_free, fr, sizeof(fr)),
-                kvt_cli_bytes_text((double)p->gpu_mem_total, tot, sizeof(tot)),
-                (unsigned long long)p->gpu_slots, (unsigned long long)p->gpu_threads,
-                p->gpu_threads == 1 ? "" : "s");
+                kvt_cli_bytes_text((double)p->gpu_mem_total, tot, sizeof(tot)), several ? "s" : "",
+                devs, (unsigned long long)p->gpu_slots, (unsigned long long)p->gpu_threads,
+                p->gpu_threads == 1 ? "" : "s", several ? "s" : "");
+        if (several)
+            fprintf(stderr, "profile: gpu layers by device: %s\n", lay);
+    }
+}
+
+/* "0,2", "1-3", "5": CUDA device numbers and ranges into *mask (bit d: device d) */
+static bool parse_cuda_list(const char *v, uint64_t *mask)
+{
+    *mask = 0;
+    for (;;) {
+        char *end;
+        long a = strtol(v, &end, 10), b = a;
+        if (end == v || a < 0 || a >= KVT_MAX_CUDA_DEVICES)
+            return false;
+        if (*end == '-') {
+            v = end + 1;
+            b = strtol(v, &end, 10);
+            if (end == v || b < a || b >= KVT_MAX_CUDA_DEVICES)
+                return false;
+        }
+        for (long d = a; d <= b; d++)
+            *mask |= UINT64_C(1) << d;
+        if (!*end)
+            return true;
+        if (*end != ',')
+            return false;
+        v = end + 1;
     }
 }
 
@@ -586,6 +623,7 @@ int kvt_cmd_replay(int argc, char **argv)
         notes = stderr;
     bool force = false, per_query = false;
     kvt_device device = KVT_DEVICE_CPU;
+    uint64_t cuda_devices = 0; /* --device cuda:LIST; 0: every visible GPU */
     bool profile = false;
     kvt_replay_profile prof;
     memset(&prof, 0, sizeof(prof));
@@ -660,8 +698,11 @@ int kvt_cmd_replay(int argc, char **argv)
                 device = KVT_DEVICE_CUDA;
             else if (!strcmp(v, "auto"))
                 device = KVT_DEVICE_AUTO;
+            else if (!strncmp(v, "cuda:", 5) && parse_cuda_list(v + 5, &cuda_devices))
+                device = KVT_DEVICE_CUDA;
             else {
-                kvt_cli_fail(cmd, "--device %s: expected cpu, cuda or auto", v);
+                kvt_cli_fail(cmd, "--device %s: expected cpu, cuda, cuda:LIST (cuda:0,2) or auto",
+                             v);
                 rc = 2; /* usage */
                 goto out_free;
             }
@@ -838,6 +879,7 @@ int kvt_cmd_replay(int argc, char **argv)
                              .progress = progress_cb,
                              .progress_user = &pr,
                              .device = device,
+                             .cuda_devices = cuda_devices,
                              .profile = profile ? &prof : NULL};
         if (sw) {
             o.sink = kvt_selection_writer_sink;

@@ -159,6 +159,7 @@ typedef struct kvt_layer_input {
     const int32_t *positions;  /* [n_pos_rows, T] prompt position ids, or NULL (0..T-1) */
     int n_pos_rows;            /* rows of positions: 1, or 3 with M-RoPE */
     const kvt_rope_info *rope; /* or NULL: not known */
+    int cuda_device;           /* with KVT_DEVICE_CUDA: the CUDA device the layer runs on (0..) */
 } kvt_layer_input;
 
 /** Metrics of one (policy, budget, layer, head); NaN = not applicable (written as null).
@@ -194,19 +195,23 @@ typedef kvt_status (*kvt_selection_sink)(void *user, int layer, const kvt_select
                                          size_t n_recs);
 
 /** Where the layer context (attention probabilities and outputs, norms, unit keys) and the
- *  recall/output-error, coverage and redundancy sweeps run: on the host, or on CUDA device 0
+ *  recall/output-error, coverage and redundancy sweeps run: on the host, or on CUDA devices
  *  with the kernels of kernels/cuda (which also rank long prompts' scores; the policies' own
- *  logic runs on the host either way). AUTO: CUDA when a device is usable, else the host.
+ *  logic runs on the host either way). kvt_replay_trace with CUDA spreads the workers' layers
+ *  over the devices of kvt_replay_opts.cuda_devices (every visible one by default), each layer
+ *  on one device. AUTO: CUDA when a device is usable, else the host.
  *  kvt_replay_trace with CUDA checks for a device itself, while its workers read their first
  *  layers (KVT_ERR_NO_CUDA, "no usable CUDA device (...)", without one). */
 typedef enum kvt_device { KVT_DEVICE_CPU = 0, KVT_DEVICE_CUDA = 1, KVT_DEVICE_AUTO = 2 } kvt_device;
+#define KVT_MAX_CUDA_DEVICES 64 /* kvt_replay_opts.cuda_devices' bits */
 
 /** Resolve a requested device: AUTO becomes CUDA or CPU (why[cap] says why not CUDA); CUDA
  *  without a usable device (or without CUDA in the build) is KVT_ERR_NO_CUDA with the reason. */
 kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why, size_t cap);
 
 /** For a program done with the GPU (after its last CUDA replay): releases what the process holds
- *  on CUDA device 0 (cudaDeviceReset: device memory, streams, the context), which CUDA would
+ *  on the CUDA devices its replays used (cudaDeviceReset of each: device memory, streams, the
+ *  context), which CUDA would
  *  otherwise do at exit (0.13-0.19 s after a replay on an H200). Called on a thread while the
  *  program writes its results, the teardown overlaps them. Nothing may use the device in this
  *  process during or after the call: other libraries' CUDA state on it (a framework's tensors)
@@ -257,9 +262,11 @@ typedef struct kvt_replay_profile {
     uint64_t gpu_colsum_ns, gpu_colsum_bytes; /* h2o column sums from Q_all */
     uint64_t gpu_colsum_flop; /* Q.K over the causal half, twice (row stats, then sums) */
     /* --device cuda's memory plan (set by each trace's replay, not added): the device memory
-       one worker's layer may hold, device 0's free and total memory at the start, and the
-       workers allowed on the GPU at once of the worker threads */
+       one worker's layer may hold, the free and total memory at the start of the devices the
+       workers use (summed), the workers allowed on those devices at once (summed) of the
+       worker threads, and which devices those are (bit d: CUDA device d) */
     uint64_t gpu_worker_bytes, gpu_mem_free, gpu_mem_total, gpu_slots, gpu_threads;
+    uint64_t gpu_devices;
     uint64_t select_ns;         /* of measure_ns: the policies' selections (rankings and cuts) */
     uint64_t gpu_sweep_wall_ns; /* of measure_ns: host clock inside the GPU's sweep, coverage and
                                    redundancy calls (uploads, kernels, waits, downloads) */
@@ -273,6 +280,7 @@ typedef struct kvt_replay_profile {
     /* --device cuda: the times the host waited for a layer context's stream (its results, a
        staging buffer free again), and the host clock inside those waits */
     uint64_t gpu_syncs, gpu_sync_ns;
+    uint64_t gpu_device_layers[KVT_MAX_CUDA_DEVICES]; /* --device cuda: layers run on device d */
 } kvt_replay_profile;
 
 typedef struct kvt_replay_opts {
@@ -292,6 +300,11 @@ typedef struct kvt_replay_opts {
     const uint8_t *layer_mask;
     size_t layer_mask_len; /* entries of layer_mask; must equal the trace's n_layers */
     kvt_device device;     /* KVT_DEVICE_CPU (default), _CUDA or _AUTO (resolved at the start) */
+    /* with CUDA: bit d = CUDA device d may run layers (a device whose free memory holds no
+       layer is left out unless none does); 0 = every visible device. At most as many devices
+       as worker threads are used (the first of them), so one worker creates one context. A
+       device that is not there: KVT_ERR_NO_CUDA, "CUDA device d: ..." */
+    uint64_t cuda_devices;
     kvt_replay_profile *profile; /* may be NULL; when given, times are ADDED to it */
 } kvt_replay_opts;
 

@@ -111,9 +111,11 @@ typedef struct run_shared {
     bool rope_known;
     pthread_mutex_t mu;
     int next_layer, done, n_sel; /* n_sel: layers to replay (layer_mask) */
-    /* --device cuda: at most gpu_slots workers hold a layer on the GPU at once (what its free
-       memory holds); 0 = no limit. gpu_plan: the workers wait for gpu_planned (gpu_plan_run) */
-    int gpu_slots, gpu_busy, n_threads;
+    /* --device cuda: the devices the workers use, gpu_dev[0..n_gpu), each with at most
+       gpu_slots[i] workers holding a layer on it at once (what its free memory holds) and
+       gpu_busy[i] holding one. gpu_plan: the workers wait for gpu_planned (gpu_plan_run) */
+    int n_gpu, gpu_dev[KVT_MAX_CUDA_DEVICES], gpu_slots[KVT_MAX_CUDA_DEVICES];
+    int gpu_busy[KVT_MAX_CUDA_DEVICES], n_threads;
     bool gpu_plan, gpu_planned;
     uint64_t gpu_bytes; /* device memory of one worker's layer */
     pthread_cond_t gpu_cv;
@@ -169,12 +171,24 @@ static kvt_status have_buf(void **buf, size_t bytes)
     return KVT_OK;
 }
 
-/* Whether a worker would get the GPU now (the plan made, a slot free) or must stop (an
- * error): then it stops reading K and V ahead into host memory (kv_pre). */
+/* The planned device with a free slot that holds the fewest layers (the first of those), or -1
+ * (sh->mu held) */
+static int gpu_pick(const run_shared *sh)
+{
+    int best = -1;
+    for (int i = 0; sh->gpu_planned && i < sh->n_gpu; i++)
+        if (sh->gpu_busy[i] < sh->gpu_slots[i] &&
+            (best < 0 || sh->gpu_busy[i] < sh->gpu_busy[best]))
+            best = i;
+    return best;
+}
+
+/* Whether a worker would get a GPU now (the plan made, a slot free) or must stop (an error):
+ * then it stops reading K and V ahead into host memory (kv_pre). */
 static bool gpu_ready(run_shared *sh)
 {
     pthread_mutex_lock(&sh->mu);
-    bool r = sh->err || (sh->gpu_planned && (sh->gpu_slots <= 0 || sh->gpu_busy < sh->gpu_slots));
+    bool r = sh->err || gpu_pick(sh) >= 0;
     pthread_mutex_unlock(&sh->mu);
     return r;
 }
@@ -376,15 +390,17 @@ static void *worker(void *arg)
             in.q_all_head = load_q_all_head;
             in.q_all_user = &qal;
         }
-        if (sh->gpu_plan) { /* wait for room on the GPU; after an error, stop */
+        int gi = -1;        /* --device cuda: the slot's device, gpu_dev[gi] */
+        if (sh->gpu_plan) { /* wait for room on a GPU; after an error, stop */
             uint64_t t_wait = kvt_now_ns();
             pthread_mutex_lock(&sh->mu);
-            while ((!sh->gpu_planned || (sh->gpu_slots > 0 && sh->gpu_busy >= sh->gpu_slots)) &&
-                   !sh->err)
+            while (!sh->err && (gi = gpu_pick(sh)) < 0)
                 pthread_cond_wait(&sh->gpu_cv, &sh->mu);
             bool stop = sh->err != KVT_OK;
-            if (!stop)
-                sh->gpu_busy++;
+            if (!stop) {
+                sh->gpu_busy[gi]++;
+                in.cuda_device = sh->gpu_dev[gi];
+            }
             pthread_mutex_unlock(&sh->mu);
             KVT_PROF_ADD(sh->o->profile, gpu_wait_ns, kvt_now_ns() - t_wait);
             if (stop)
@@ -400,8 +416,10 @@ static void *worker(void *arg)
         }
         if (sh->gpu_plan) { /* an error is recorded before the slot is free, so that the
                                workers waiting for it stop instead of running their layers */
+            if (!st)
+                KVT_PROF_ADD(sh->o->profile, gpu_device_layers[in.cuda_device], 1);
             pthread_mutex_lock(&sh->mu);
-            sh->gpu_busy--;
+            sh->gpu_busy[gi]--;
             if (st && !sh->err) {
                 sh->err = st;
                 snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
@@ -651,46 +669,107 @@ const char *kvt_device_name(kvt_device d)
     return d == KVT_DEVICE_CUDA ? "cuda" : d == KVT_DEVICE_AUTO ? "auto" : "cpu";
 }
 
-/* --device cuda: whether a device is there at all (the CUDA driver's start, about 0.1 s on an
- * H200), then how many workers may hold a layer on the GPU at once, from device 0's free
- * memory (asking creates the process's CUDA context, a few hundred milliseconds on a large
- * GPU). This runs on its own thread while the workers read their first layers, which they do
- * before they wait for a slot; without a device the workers stop there, with the error. */
-static void *gpu_plan_run(void *arg)
+/* the plan failed (st, with its message): the workers stop */
+static void *gpu_plan_fail(run_shared *sh, kvt_status st)
 {
-    run_shared *sh = arg;
-    uint64_t fr = 0, tot = 0, t0 = kvt_now_ns();
-    int slots = 0;
-    char why[160] = "";
-    if (kvt_ctx_gpu_devices(why, sizeof(why)) <= 0) {
-        pthread_mutex_lock(&sh->mu);
-        if (!sh->err) {
-            sh->err = kvt_error_set(KVT_ERR_NO_CUDA, "no usable CUDA device (%s)", why);
-            snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
-        }
-        sh->gpu_planned = true;
-        pthread_cond_broadcast(&sh->gpu_cv);
-        pthread_mutex_unlock(&sh->mu);
-        return NULL;
-    }
-    if (sh->gpu_bytes && kvt_ctx_gpu_mem(&fr, &tot) == 0) {
-        uint64_t fit = fr / sh->gpu_bytes; /* other processes' memory is already out of fr */
-        slots = fit < 1 ? 1 : fit < (uint64_t)sh->n_threads ? (int)fit : sh->n_threads;
-        kvt_replay_profile *pr = sh->o->profile;
-        if (pr) { /* set, not added: this thread alone writes them */
-            pr->gpu_worker_bytes = sh->gpu_bytes;
-            pr->gpu_mem_free = fr;
-            pr->gpu_mem_total = tot;
-            pr->gpu_slots = (uint64_t)slots;
-            pr->gpu_threads = (uint64_t)sh->n_threads;
-        }
-    }
-    KVT_PROF_ADD(sh->o->profile, gpu_plan_ns, kvt_now_ns() - t0);
     pthread_mutex_lock(&sh->mu);
-    sh->gpu_slots = slots;
+    if (!sh->err) {
+        sh->err = st;
+        snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
+    }
     sh->gpu_planned = true;
     pthread_cond_broadcast(&sh->gpu_cv);
     pthread_mutex_unlock(&sh->mu);
+    return NULL;
+}
+
+/* One device's free and total memory, asked on a thread of its own (ok: known) */
+typedef struct gpu_mem_ask {
+    int dev;
+    bool ok;
+    uint64_t fr, tot;
+} gpu_mem_ask;
+
+static void *gpu_mem_run(void *arg)
+{
+    gpu_mem_ask *a = arg;
+    a->ok = kvt_ctx_gpu_mem(a->dev, &a->fr, &a->tot) == 0;
+    return NULL;
+}
+
+/* --device cuda: whether a device is there at all (the CUDA driver's start, about 0.1 s on an
+ * H200), then how many workers may hold a layer on each device at once, from its free memory
+ * (asking creates the process's CUDA context on it, a few hundred milliseconds on a large GPU:
+ * one thread per device asks). The devices: those of o->cuda_devices (every visible one by
+ * default), at most one per worker thread; those whose free memory holds no layer are left out
+ * unless none does (then the one with the most free memory takes one worker, whose layer gives
+ * the clear out-of-memory error). This runs on its own thread while the workers read their
+ * first layers, which they do before they wait for a slot; without a device the workers stop
+ * there, with the error. */
+static void *gpu_plan_run(void *arg)
+{
+    run_shared *sh = arg;
+    const uint64_t t0 = kvt_now_ns();
+    char why[160] = "";
+    const int n_vis = kvt_ctx_gpu_devices(why, sizeof(why));
+    if (n_vis <= 0)
+        return gpu_plan_fail(sh, kvt_error_set(KVT_ERR_NO_CUDA, "no usable CUDA device (%s)", why));
+    const int n_dev = n_vis < KVT_MAX_CUDA_DEVICES ? n_vis : KVT_MAX_CUDA_DEVICES;
+    const uint64_t vis = n_dev == 64 ? ~UINT64_C(0) : (UINT64_C(1) << n_dev) - 1;
+    const uint64_t want = sh->o->cuda_devices ? sh->o->cuda_devices : vis;
+    if (want & ~vis)
+        return gpu_plan_fail(sh, kvt_error_set(KVT_ERR_NO_CUDA,
+                                               "CUDA device %d: not there (%d visible: 0-%d)",
+                                               __builtin_ctzll(want & ~vis), n_vis, n_vis - 1));
+    gpu_mem_ask ask[KVT_MAX_CUDA_DEVICES];
+    pthread_t th[KVT_MAX_CUDA_DEVICES];
+    bool started[KVT_MAX_CUDA_DEVICES] = {false};
+    int n = 0;
+    for (int d = 0; d < n_dev && n < sh->n_threads; d++)
+        if (want >> d & 1)
+            ask[n++] = (gpu_mem_ask){d, false, 0, 0};
+    for (int i = 0; i < n && n > 1; i++)
+        started[i] = !pthread_create(&th[i], NULL, gpu_mem_run, &ask[i]);
+    for (int i = 0; i < n; i++)
+        if (!started[i])
+            gpu_mem_run(&ask[i]);
+    for (int i = 0; i < n; i++)
+        if (started[i])
+            pthread_join(th[i], NULL);
+    int slots[KVT_MAX_CUDA_DEVICES], best = 0, fits = 0;
+    for (int i = 0; i < n; i++) { /* other processes' memory is already out of fr */
+        uint64_t fit = ask[i].ok && sh->gpu_bytes ? ask[i].fr / sh->gpu_bytes : UINT64_MAX;
+        slots[i] = fit < (uint64_t)sh->n_threads ? (int)fit : sh->n_threads;
+        fits += slots[i] > 0;
+        if (ask[i].fr > ask[best].fr)
+            best = i;
+    }
+    if (!fits)
+        slots[best] = 1;
+    kvt_replay_profile *pr = sh->o->profile;
+    uint64_t fr = 0, tot = 0, n_slots = 0, mask = 0;
+    pthread_mutex_lock(&sh->mu);
+    sh->n_gpu = 0;
+    for (int i = 0; i < n; i++)
+        if (slots[i] > 0) {
+            sh->gpu_dev[sh->n_gpu] = ask[i].dev;
+            sh->gpu_slots[sh->n_gpu] = slots[i];
+            sh->gpu_busy[sh->n_gpu++] = 0;
+            fr += ask[i].fr, tot += ask[i].tot, n_slots += (uint64_t)slots[i];
+            mask |= UINT64_C(1) << ask[i].dev;
+        }
+    sh->gpu_planned = true;
+    pthread_cond_broadcast(&sh->gpu_cv);
+    pthread_mutex_unlock(&sh->mu);
+    if (pr) { /* set, not added: this thread alone writes them */
+        pr->gpu_worker_bytes = sh->gpu_bytes;
+        pr->gpu_mem_free = fr;
+        pr->gpu_mem_total = tot;
+        pr->gpu_slots = n_slots < (uint64_t)sh->n_threads ? n_slots : (uint64_t)sh->n_threads;
+        pr->gpu_threads = (uint64_t)sh->n_threads;
+        pr->gpu_devices = mask;
+    }
+    KVT_PROF_ADD(pr, gpu_plan_ns, kvt_now_ns() - t0);
     return NULL;
 }
 

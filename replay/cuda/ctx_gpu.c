@@ -51,6 +51,7 @@ typedef struct ctx_map {
 
 struct kvt_ctx_gpu {
     cudaStream_t st;
+    int dev; /* its CUDA device (the input's cuda_device) */
     int T, D, Hq, Hkv, Wt, Gd, rows;
     bool extra;
     float *k, *v, *qw, *qd, *kd; /* the layer's inputs (decode values: their outputs come from
@@ -121,6 +122,7 @@ typedef struct thread_stage {
     unsigned gen; /* stage_gen when pinned */
 } thread_stage;
 static unsigned stage_gen; /* kvt_ctx_gpu_release's resets so far: older pairs are gone */
+static uint64_t devs_used; /* bit d: device d has a context of this process (release resets it) */
 static pthread_key_t stage_key;
 static pthread_once_t stage_once = PTHREAD_ONCE_INIT;
 static bool stage_key_ok;
@@ -129,7 +131,8 @@ static bool stage_key_ok;
 static bool pin_pair(char *p[2])
 {
     for (int i = 0; i < 2; i++)
-        if (cudaHostAlloc((void **)&p[i], CTX_STAGE, cudaHostAllocDefault) != cudaSuccess) {
+        /* portable: a worker's next layer may run on another device */
+        if (cudaHostAlloc((void **)&p[i], CTX_STAGE, cudaHostAllocPortable) != cudaSuccess) {
             cudaGetLastError();
             if (i)
                 cudaFreeHost(p[0]);
@@ -249,10 +252,21 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
 
-int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
+/* dev the calling thread's current device, its context marked for kvt_ctx_gpu_release */
+static cudaError_t use_device(int dev)
+{
+    if (dev < 0 || dev >= 64)
+        return cudaErrorInvalidDevice;
+    cudaError_t e = cudaSetDevice(dev);
+    if (e == cudaSuccess)
+        __atomic_fetch_or(&devs_used, UINT64_C(1) << dev, __ATOMIC_RELAXED);
+    return e;
+}
+
+int kvt_ctx_gpu_mem(int dev, uint64_t *free_bytes, uint64_t *total_bytes)
 {
     size_t f = 0, t = 0;
-    if (cudaSetDevice(0) != cudaSuccess || cudaMemGetInfo(&f, &t) != cudaSuccess) {
+    if (use_device(dev) != cudaSuccess || cudaMemGetInfo(&f, &t) != cudaSuccess) {
         cudaGetLastError();
         return -1;
     }
@@ -263,8 +277,12 @@ int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
 kvt_status kvt_ctx_gpu_release(void)
 {
     __atomic_fetch_add(&stage_gen, 1, __ATOMIC_RELAXED); /* the reset unpins every pair */
-    GPU_OK(cudaSetDevice(0));
-    GPU_OK(cudaDeviceReset());
+    const uint64_t used = __atomic_exchange_n(&devs_used, 0, __ATOMIC_RELAXED);
+    for (int d = 0; d < 64; d++)
+        if (used >> d & 1) {
+            GPU_OK(cudaSetDevice(d));
+            GPU_OK(cudaDeviceReset());
+        }
     return KVT_OK;
 }
 
@@ -519,6 +537,7 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
                     g->work,   g->sc,    g->sc_work, g->qa,   g->cs, g->cs_work, g->rk,
                     g->rscore, g->rorder};
     if (g->st) {
+        cudaSetDevice(g->dev); /* as at its start (the thread's current device since then) */
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
             dfree(g, bufs[i]);
         /* the last timings booked; quietly: the error being reported may be the caller's */
@@ -647,7 +666,7 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
 {
     const size_t T = (size_t)g->T, D = (size_t)g->D, kv = (size_t)g->Hkv * T * D;
     const size_t rows = (size_t)g->rows, Hq = (size_t)g->Hq, Hkv = (size_t)g->Hkv;
-    GPU_OK(cudaSetDevice(0));
+    GPU_OK(use_device(g->dev));
     GPU_OK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking));
     for (int i = 0; i < 2; i++)
         GPU_OK(cudaEventCreateWithFlags(&g->sev[i], cudaEventDisableTiming));
@@ -696,6 +715,7 @@ kvt_status kvt_ctx_gpu_begin(const kvt_layer_input *in, int Gd, int rows, kvt_re
     const char *e = getenv("KVT_TEST_GPU_TIMERS");
     g->tm_cap = e && atoi(e) >= 1 && atoi(e) <= CTX_TIMERS ? atoi(e) : CTX_TIMERS;
     g->T = in->T, g->D = in->D, g->Hq = in->Hq, g->Hkv = in->Hkv, g->Wt = in->W, g->Gd = Gd;
+    g->dev = in->cuda_device;
     g->rows = rows > 0 ? rows : 1;
     g->extra = Gd > 0 && in->k_decode && in->v_decode;
     kvt_status s = begin(in, g);

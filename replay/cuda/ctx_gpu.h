@@ -27,15 +27,18 @@ int kvt_ctx_gpu_devices(char *why, size_t cap);
  *  the GPU at once. 0 without CUDA. */
 uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd, bool extra,
                                   int n_probe, int n_cut);
-/** Device 0's free and total memory (cudaMemGetInfo): 0, or -1 (nothing written). */
-int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes);
-/** cudaDeviceReset of device 0 (kvt_replay_release_device); KVT_OK without CUDA. */
+/** CUDA device dev's free and total memory (cudaMemGetInfo; dev becomes the calling thread's
+ *  current device, its context created): 0, or -1 (nothing written). */
+int kvt_ctx_gpu_mem(int dev, uint64_t *free_bytes, uint64_t *total_bytes);
+/** cudaDeviceReset of every device this process made a context on here (kvt_ctx_gpu_mem,
+ *  kvt_ctx_gpu_begin; kvt_replay_release_device); KVT_OK without CUDA. */
 kvt_status kvt_ctx_gpu_release(void);
 /** The calling thread is done with layer contexts: its pinned staging buffers freed now, while
  *  the thread is whole, rather than by its exit's destructor. Nothing without CUDA. */
 void kvt_ctx_gpu_thread_end(void);
 
-/** Upload the layer (K, V, Q_window, and the decode tensors when present) to device 0; K and V
+/** Upload the layer (K, V, Q_window, and the decode tensors when present) to CUDA device
+ *  in->cuda_device (the calling thread's current device from then on); K and V
  *  given in 16 bits (in->k16, in->v16, or as stored: in->k_pieces, in->kv_rest) are uploaded
  *  so and widened to f32 there.
  *  rows: the most query rows of one group (Gs * max(Wt, Gd)). prof (may be NULL) receives the

@@ -27,9 +27,9 @@ void kvt_ctx_gpu_thread_end(void)
 {
 }
 
-int kvt_ctx_gpu_mem(uint64_t *free_bytes, uint64_t *total_bytes)
+int kvt_ctx_gpu_mem(int dev, uint64_t *free_bytes, uint64_t *total_bytes)
 {
-    (void)free_bytes, (void)total_bytes;
+    (void)dev, (void)free_bytes, (void)total_bytes;
     return -1;
 }
 

@@ -161,6 +161,11 @@ cmp '${nop}/pools.json' '${nop}/nopools.json' && cmp '${nop}/pools.json' '${nop}
     set_tests_properties(test_replay_gpu_profile_cuemu PROPERTIES LABELS "cpu;noasan"
         TIMEOUT 600 ENVIRONMENT
         "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>;KVT_PYTHON=${KVT_SYS_PYTHON}")
+    # replay --device cuda on several GPUs: the layers spread over them, the same results
+    add_test(NAME test_replay_multi_gpu_cuemu
+             COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_multi_gpu.sh)
+    set_tests_properties(test_replay_multi_gpu_cuemu PROPERTIES LABELS "cpu;noasan"
+        TIMEOUT 600 ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>")
     # replay --device cuda on a GPU with little memory: workers take turns, or a clear error
     add_test(NAME test_replay_gpu_memory_cuemu
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_memory.sh)

@@ -41,7 +41,7 @@ KVT_PROGRESS=1 $BIN replay "$TMP/t.kvt" "$TMP/w8.kvt" --policies streamingllm,sn
 # --device: a bad name is one clear line; cpu is recorded; auto runs (on the GPU if there is
 # one, else on the CPU with a note); cuda without a usable GPU says why
 $BIN replay "$TMP/t.kvt" --policies snapkv --device gpu -o "$TMP/x.json" 2>"$TMP/err" && fail "dev"
-[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "expected cpu, cuda or auto" "$TMP/err" || fail "dev msg"
+[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "expected cpu, cuda, cuda:LIST (cuda:0,2) or auto" "$TMP/err" || fail "dev msg"
 grep -Eq '"device":[[:space:]]*"cpu"' "$TMP/r.json" || fail "device recorded"
 $BIN replay "$TMP/t.kvt" --policies snapkv --device auto -o "$TMP/a.json" >/dev/null 2>"$TMP/err" ||
     fail "--device auto"
