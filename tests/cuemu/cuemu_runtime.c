@@ -24,6 +24,15 @@
  * (deferred: when that work runs), and cudaEventElapsedTime of an event whose work has not run
  * says not ready, as CUDA does.
  *
+ * CUEMU_FAIL_LAUNCH=N: the N-th kernel launch of the process (counted from 1) faults, as a kernel
+ * with an illegal access does on a GPU: it does not run, nor does any later work on its device,
+ * and the fault shows, as on a GPU, at the next call that waits for the device (a stream, event
+ * or device synchronize, an event query, a synchronous copy, cudaFree); from then on the error
+ * is sticky: every call that uses that device returns "unspecified launch failure"
+ * (cudaGetLastError too, without clearing it), frees and destroys still free, until
+ * cudaDeviceReset on it. Nothing is printed, so that a test sees only the program's own
+ * messages.
+ *
  * CUEMU_STATS=1: at exit, how many times the host waited (stream, event and device
  * synchronizes, and copies into pageable memory, which wait for their stream), on stderr, so
  * that a test can count a program's round trips.
@@ -54,6 +63,24 @@ static size_t dev_used[MAX_DEV];       /* bytes of blocks per device (under mu) 
 static size_t all_used, all_peak;      /* every device's, and its largest value (CUEMU_STATS) */
 static size_t dev_peak[MAX_DEV];       /* each device's largest dev_used */
 static uint64_t dev_launches[MAX_DEV]; /* kernels launched per device (CUEMU_STATS) */
+static uint64_t all_launches;          /* every device's (CUEMU_FAIL_LAUNCH) */
+static int broken[MAX_DEV];            /* a launch faulted there: 1 not yet seen, 2 seen (sticky) */
+
+/* the sticky error of device d's context (cudaSuccess unless a fault there has been seen) */
+static cudaError_t sticky(int d)
+{
+    return __atomic_load_n(&broken[d], __ATOMIC_RELAXED) == 2 ? cudaErrorLaunchFailure
+                                                              : cudaSuccess;
+}
+
+/* a wait for device d: a fault there is seen now (sticky from then on) */
+static cudaError_t observe(int d)
+{
+    if (!__atomic_load_n(&broken[d], __ATOMIC_RELAXED))
+        return cudaSuccess;
+    __atomic_store_n(&broken[d], 2, __ATOMIC_RELAXED);
+    return cudaErrorLaunchFailure;
+}
 
 /* CUEMU_DEVICES=N: how many devices (1 to 8; 1 without it) */
 static int n_devices(void)
@@ -130,6 +157,8 @@ static void print_stats(void)
     /* device memory is host memory here: a process's peak RSS less this is its host memory */
     fprintf(stderr, "cuemu: device memory peak %llu bytes (cudaMalloc)\n",
             (unsigned long long)peak);
+    fprintf(stderr, "cuemu: kernel launches %llu\n",
+            (unsigned long long)__atomic_load_n(&all_launches, __ATOMIC_RELAXED));
     for (int d = 0; n_devices() > 1 && d < n_devices(); d++)
         fprintf(stderr, "cuemu: device %d: memory peak %llu bytes, %llu kernel launches\n", d,
                 (unsigned long long)each[d],
@@ -309,12 +338,12 @@ cudaError_t cudaGetLastError(void)
 {
     cudaError_t e = last_error;
     last_error = cudaSuccess;
-    return e;
+    return sticky(cur_device) ? sticky(cur_device) : e;
 }
 
 cudaError_t cudaPeekAtLastError(void)
 {
-    return last_error;
+    return sticky(cur_device) ? sticky(cur_device) : last_error;
 }
 
 /* CUEMU_INIT_MS=N: the driver takes N ms to start (a GPU's first call), so that a caller's
@@ -369,7 +398,7 @@ cudaError_t cudaDeviceSynchronize(void)
     deferred();
     count_wait(&n_sync_device);
     run_all(0);
-    return cudaSuccess;
+    return observe(cur_device);
 }
 
 /* everything queued done, then every allocation of the current device freed (streams and
@@ -388,6 +417,7 @@ cudaError_t cudaDeviceReset(void)
         }
     dev_used[cur_device] = 0;
     pthread_mutex_unlock(&mu);
+    __atomic_store_n(&broken[cur_device], 0, __ATOMIC_RELAXED);
     return cudaSuccess;
 }
 
@@ -468,6 +498,14 @@ int cuemu_launch_device(cudaStream_t s)
                         "kernel launch on a stream of another device than the current one");
         return -1;
     }
+    if (__atomic_load_n(&broken[d], __ATOMIC_RELAXED))
+        return -1; /* the context is gone: nothing runs (the error: sticky once seen) */
+    const char *e = getenv("CUEMU_FAIL_LAUNCH");
+    uint64_t n = __atomic_add_fetch(&all_launches, 1, __ATOMIC_RELAXED);
+    if (e && *e && strtoull(e, NULL, 10) == n) {
+        __atomic_store_n(&broken[d], 1, __ATOMIC_RELAXED);
+        return -1;
+    }
     __atomic_fetch_add(&dev_launches[d], 1, __ATOMIC_RELAXED);
     return d;
 }
@@ -476,6 +514,8 @@ int cuemu_launch_device(cudaStream_t s)
 static cudaError_t malloc_on(void **p, size_t n, int d)
 {
     *p = NULL;
+    if (sticky(d))
+        return sticky(d);
     int enforced;
     size_t total = dev_total(d, &enforced);
     pthread_mutex_lock(&mu);
@@ -524,7 +564,8 @@ cudaError_t cudaFree(void *p)
 {
     exit_check("cudaFree");
     run_all(0); /* cudaFree waits for the device */
-    return free_block(p);
+    cudaError_t e = free_block(p);
+    return observe(cur_device) ? sticky(cur_device) : e;
 }
 
 static cudaError_t free_block(void *p)
@@ -540,6 +581,8 @@ static cudaError_t free_block(void *p)
 
 cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b)
 {
+    if (sticky(cur_device))
+        return sticky(cur_device);
     size_t total = dev_total(cur_device, NULL);
     pthread_mutex_lock(&mu);
     size_t used = dev_used[cur_device];
@@ -610,7 +653,7 @@ cudaError_t cudaFreeAsync(void *p, cudaStream_t s)
         return fail(cudaErrorInvalidDevicePointer,
                     "cudaFreeAsync of a pointer not from cudaMalloc");
     cuemu_enqueue(s, do_free, p, NULL);
-    return cudaSuccess;
+    return sticky(s ? s->dev : cur_device);
 }
 
 static int is_pinned(const void *ptr, size_t n)
@@ -623,6 +666,10 @@ static int is_pinned(const void *ptr, size_t n)
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
 {
     (void)flags;
+    if (sticky(cur_device)) {
+        *p = NULL;
+        return sticky(cur_device);
+    }
     const char *e = getenv("CUEMU_NO_PINNED");
     if (e && *e == '1') {
         *p = NULL;
@@ -665,7 +712,8 @@ static cudaError_t copy_check(void *dst, const void *src, size_t n, cudaMemcpyKi
     return cudaSuccess;
 }
 
-cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k)
+/* a copy done now (cudaMemcpy, or an async one that need not wait) */
+static cudaError_t copy_now(void *dst, const void *src, size_t n, cudaMemcpyKind k)
 {
     if (n == 0)
         return cudaSuccess;
@@ -676,6 +724,13 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k)
     run_all(1); /* the legacy default stream waits for the blocking streams */
     memmove(dst, src, n);
     return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k)
+{
+    if (observe(cur_device))
+        return sticky(cur_device);
+    return copy_now(dst, src, n, k);
 }
 
 typedef struct copy_ctx {
@@ -704,8 +759,14 @@ static void del_copy(void *c)
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind k, cudaStream_t s)
 {
+    const int sdev = s ? s->dev : cur_device;
+    if (sticky(sdev))
+        return sticky(sdev);
+    /* a copy into pageable memory waits for its stream: a fault shows */
+    if (n && !cuemu_is_device(dst, n) && !is_pinned(dst, n) && observe(sdev))
+        return sticky(sdev);
     if (!deferred() || !s || n == 0)
-        return cudaMemcpy(dst, src, n, k);
+        return copy_now(dst, src, n, k);
     int dd, sd;
     cudaError_t e = copy_check(dst, src, n, k, &dd, &sd);
     if (e != cudaSuccess)
@@ -735,6 +796,8 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind
 
 cudaError_t cudaMemset(void *p, int v, size_t n)
 {
+    if (sticky(cur_device))
+        return sticky(cur_device);
     if (!cuemu_is_device(p, n))
         return fail(cudaErrorInvalidValue, "cudaMemset of memory that is not a device block");
     run_all(1);
@@ -744,6 +807,8 @@ cudaError_t cudaMemset(void *p, int v, size_t n)
 
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s)
 {
+    if (sticky(s ? s->dev : cur_device))
+        return sticky(s ? s->dev : cur_device);
     if (!deferred() || !s)
         return cudaMemset(p, v, n);
     if (!cuemu_is_device(p, n))
@@ -767,6 +832,10 @@ cudaError_t cudaStreamCreate(cudaStream_t *s)
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags)
 {
+    if (sticky(cur_device)) {
+        *s = NULL;
+        return sticky(cur_device);
+    }
     *s = calloc(1, sizeof(**s));
     if (!*s)
         return fail(cudaErrorMemoryAllocation, "cudaStreamCreate");
@@ -794,24 +863,26 @@ cudaError_t cudaStreamDestroy(cudaStream_t s)
             break;
         }
     pthread_mutex_unlock(&qmu);
+    cudaError_t e = sticky(s->dev);
     free(s);
-    return cudaSuccess;
+    return e;
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
     deferred();
     count_wait(&n_sync_stream);
+    const cudaError_t e = observe(s ? s->dev : cur_device);
     if (!deferred())
-        return cudaSuccess;
+        return e;
     if (!s) {
         run_all(1);
-        return cudaSuccess;
+        return e;
     }
     pthread_mutex_lock(&qmu);
     run_stream(s, s->n_enq);
     pthread_mutex_unlock(&qmu);
-    return cudaSuccess;
+    return e;
 }
 
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags)
@@ -819,6 +890,8 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags)
     (void)flags;
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent");
+    if (sticky(s ? s->dev : cur_device))
+        return sticky(s ? s->dev : cur_device);
     if (!deferred() || !e->sid)
         return cudaSuccess;
     if (!s) {
@@ -841,6 +914,10 @@ cudaError_t cudaEventCreate(cudaEvent_t *e)
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags)
 {
+    if (sticky(cur_device)) {
+        *e = NULL;
+        return sticky(cur_device);
+    }
     *e = calloc(1, sizeof(**e));
     if (!*e)
         return fail(cudaErrorMemoryAllocation, "cudaEventCreate");
@@ -883,6 +960,8 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
     if (e->dev != (s ? s->dev : cur_device)) /* as CUDA */
         return fail(cudaErrorInvalidResourceHandle,
                     "cudaEventRecord of an event on a stream of another device");
+    if (sticky(e->dev))
+        return sticky(e->dev);
     e->t_ms = now_ms();
     e->recorded = 1;
     e->sid = 0;
@@ -921,6 +1000,8 @@ cudaError_t cudaEventQuery(cudaEvent_t e)
 {
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventQuery");
+    if (observe(e->dev))
+        return sticky(e->dev);
     if (!event_pending(e))
         return cudaSuccess;
     /* as the strictest CUDA runtimes: "not ready" is also the last error (PyTorch clears it
@@ -937,13 +1018,15 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e)
     deferred();
     count_wait(&n_sync_event);
     event_complete(e);
-    return cudaSuccess;
+    return observe(e->dev);
 }
 
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b)
 {
     if (!a || !b || (a->flags & cudaEventDisableTiming) || (b->flags & cudaEventDisableTiming))
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
+    if (sticky(a->dev))
+        return sticky(a->dev);
     if (!a->recorded || !b->recorded) /* as CUDA: an event never recorded has no time */
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
     if (event_pending(a) || event_pending(b)) /* as CUDA: not yet reached, no time yet */
