@@ -408,11 +408,15 @@ static void *worker(void *arg)
         }
         st = kvt_replay_layer_metrics_frac(&in, sh->pols, sh->n_pol, sh->btok, sh->bfrac, sh->n_b,
                                            sh->o, m, sh->res->r_all + (size_t)l * Hkv);
-        if (st) {
-            char pre[32];
-            snprintf(pre, sizeof(pre), "layer %d: ", l);
-            if (strncmp(kvt_error_msg(), pre, strlen(pre))) /* not already said */
-                kvt_error_set(st, "%s%s", pre, kvt_error_msg());
+        if (st) { /* "layer L: ", and the device of a CUDA error */
+            char pre[64];
+            const int n = snprintf(pre, sizeof(pre), "layer %d: ", l);
+            const char *msg = kvt_error_msg();
+            if (!strncmp(msg, pre, (size_t)n))
+                msg += n; /* already said */
+            if (st == KVT_ERR_CUDA && gi >= 0)
+                snprintf(pre + n, sizeof(pre) - (size_t)n, "CUDA device %d: ", in.cuda_device);
+            kvt_error_set(st, "%s%s", pre, msg);
         }
         if (sh->gpu_plan) { /* an error is recorded before the slot is free, so that the
                                workers waiting for it stop instead of running their layers */

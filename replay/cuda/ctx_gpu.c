@@ -208,13 +208,14 @@ static void book_sweep(kvt_ctx_gpu *g, int kind, uint64_t ns)
     PROF(g, gpu_sweep_kind_ns[kind], ns);
 }
 
-#define GPU_OK(call)                                                                               \
+#define GPU_OK_AS(call, what)                                                                      \
     do {                                                                                           \
         cudaError_t e_ = (call);                                                                   \
         if (e_ != cudaSuccess)                                                                     \
-            return kvt_error_set(KVT_ERR_CUDA, "replay --device cuda: %s: %s", #call,              \
+            return kvt_error_set(KVT_ERR_CUDA, "replay --device cuda: %s: %s", what,               \
                                  cudaGetErrorString(e_));                                          \
     } while (0)
+#define GPU_OK(call) GPU_OK_AS(call, #call)
 
 int kvt_ctx_gpu_devices(char *why, size_t cap)
 {
@@ -313,7 +314,7 @@ static kvt_status dalloc(kvt_ctx_gpu *g, void **p, size_t bytes)
                              "%.1f MiB free of %.1f MiB): fewer --threads, or --device cpu",
                              bytes / 1048576.0, f / 1048576.0, t / 1048576.0);
     }
-    GPU_OK(e);
+    GPU_OK_AS(e, "cudaMallocAsync");
     return KVT_OK;
 }
 
@@ -392,7 +393,7 @@ static kvt_status tm_poll(kvt_ctx_gpu *g, bool wait)
                 cudaGetLastError(); /* not an error: not there yet */
                 return KVT_OK;
             }
-            GPU_OK(e);
+            GPU_OK_AS(e, "cudaEventQuery");
         }
         GPU_OK(tm_pop(g));
     }

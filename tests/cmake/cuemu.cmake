@@ -166,6 +166,11 @@ cmp '${nop}/pools.json' '${nop}/nopools.json' && cmp '${nop}/pools.json' '${nop}
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_multi_gpu.sh)
     set_tests_properties(test_replay_multi_gpu_cuemu PROPERTIES LABELS "cpu;noasan"
         TIMEOUT 600 ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>")
+    # replay --device cuda when a kernel faults: one clear line, exit 1, nothing written
+    add_test(NAME test_replay_gpu_faults_cuemu
+             COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_faults.sh)
+    set_tests_properties(test_replay_gpu_faults_cuemu PROPERTIES LABELS "cpu;noasan"
+        TIMEOUT 900 ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>")
     # replay --device cuda on a GPU with little memory: workers take turns, or a clear error
     add_test(NAME test_replay_gpu_memory_cuemu
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_memory.sh)
