@@ -24,7 +24,8 @@
  * (deferred: when that work runs), and cudaEventElapsedTime of an event whose work has not run
  * says not ready, as CUDA does.
  *
- * CUEMU_FAIL_LAUNCH=N: the N-th kernel launch of the process (counted from 1) faults, as a kernel
+ * CUEMU_FAIL_LAUNCH=N: the N-th kernel launch of the process (counted from 1; a test that sets
+ * the variable later: from then on) faults, as a kernel
  * with an illegal access does on a GPU: it does not run, nor does any later work on its device,
  * and the fault shows, as on a GPU, at the next call that waits for the device (a stream, event
  * or device synchronize, an event query, a synchronous copy, cudaFree); from then on the error
@@ -71,6 +72,28 @@ static cudaError_t sticky(int d)
 {
     return __atomic_load_n(&broken[d], __ATOMIC_RELAXED) == 2 ? cudaErrorLaunchFailure
                                                               : cudaSuccess;
+}
+
+/* Whether the launch being made is the one CUEMU_FAIL_LAUNCH names: the N-th since the
+ * variable took its current value (at the start, or set by a test between its steps); every
+ * launch counted (all_launches) */
+static int fault_now(void)
+{
+    static pthread_mutex_t fmu = PTHREAD_MUTEX_INITIALIZER;
+    static char seen[32];     /* the value the count started from */
+    static uint64_t base = 0; /* all_launches then */
+    pthread_mutex_lock(&fmu);
+    const uint64_t n = __atomic_add_fetch(&all_launches, 1, __ATOMIC_RELAXED);
+    const char *e = getenv("CUEMU_FAIL_LAUNCH");
+    if (!e)
+        e = "";
+    if (strncmp(e, seen, sizeof(seen) - 1)) {
+        snprintf(seen, sizeof(seen), "%s", e);
+        base = n - 1;
+    }
+    const unsigned long long want = *e ? strtoull(e, NULL, 10) : 0;
+    pthread_mutex_unlock(&fmu);
+    return want > 0 && n - base == want;
 }
 
 /* a wait for device d: a fault there is seen now (sticky from then on) */
@@ -500,9 +523,7 @@ int cuemu_launch_device(cudaStream_t s)
     }
     if (__atomic_load_n(&broken[d], __ATOMIC_RELAXED))
         return -1; /* the context is gone: nothing runs (the error: sticky once seen) */
-    const char *e = getenv("CUEMU_FAIL_LAUNCH");
-    uint64_t n = __atomic_add_fetch(&all_launches, 1, __ATOMIC_RELAXED);
-    if (e && *e && strtoull(e, NULL, 10) == n) {
+    if (fault_now()) {
         __atomic_store_n(&broken[d], 1, __ATOMIC_RELAXED);
         return -1;
     }

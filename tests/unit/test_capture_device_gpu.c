@@ -475,6 +475,114 @@ static void write_failure(void)
     }
 }
 
+/* Records of the tensors of trace a (layers 0..NL-1) that differ from the same rectangle of
+ * trace b (each record's decoded elements as stored); *n: a's records compared. */
+static int records_differ(const char *a, const char *b, int *n)
+{
+    kvt_trace_reader *ra, *rb;
+    KVT_CHECK(kvt_trace_reader_open(a, &ra));
+    KVT_CHECK(kvt_trace_reader_open(b, &rb));
+    int bad = 0;
+    *n = 0;
+    for (size_t i = 0; i < kvt_trace_reader_n_records(ra); i++) {
+        kvt_record_info ri;
+        KVT_CHECK(kvt_trace_reader_record(ra, i, &ri));
+        if (ri.layer < 0)
+            continue; /* tables and metadata */
+        uint32_t h, t, d;
+        kvt_dtype dt;
+        KVT_CHECK(kvt_trace_reader_shape(rb, ri.layer, ri.kind, &h, &t, &d, &dt));
+        const size_t es = kvt_dtype_size(ri.dtype), nh = ri.head_end - ri.head_begin;
+        const size_t nt = ri.tok_end - ri.tok_begin, row = nt * ri.dim * es;
+        uint8_t *x = malloc(nh * row), *y = malloc((size_t)h * t * d * es);
+        KVT_CHECK(kvt_trace_reader_read_record(ra, i, x, nh * row));
+        KVT_CHECK(kvt_trace_reader_read(rb, ri.layer, ri.kind, 0, h, KVT_DTYPE_INVALID, y,
+                                        (size_t)h * t * d * es));
+        bool same = dt == ri.dtype && d == ri.dim && ri.head_end <= h && ri.tok_end <= t;
+        for (size_t j = 0; same && j < nh; j++)
+            same = !memcmp(x + j * row,
+                           y + (((ri.head_begin + j) * (size_t)t + ri.tok_begin) * d) * es, row);
+        bad += !same;
+        (*n)++;
+        free(x);
+        free(y);
+    }
+    kvt_trace_reader_close(ra);
+    kvt_trace_reader_close(rb);
+    return bad;
+}
+
+/* A kernel that faults during the capture (the capture's own, or the engine's: the same to a
+ * sticky error), at every kernel launch of a session in turn: the session's calls and its close
+ * return an error (KVT_ERR_CUDA) without hanging, and the file keeps every complete record,
+ * readable, each holding what the engine submitted (none written from work the fault stopped:
+ * compared with a capture without a fault). Only on cuemu, whose CUEMU_FAIL_LAUNCH makes the N-th
+ * launch from its setting fault; the device is reset after each (which a real GPU's fault needs
+ * too). */
+static void gpu_fault(void)
+{
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess || strncmp(prop.name, "cuemu", 5)) {
+        printf("device capture, GPU fault: not run (cuemu only)\n");
+        return;
+    }
+    char p[256], clean[256], k[32];
+    kvt_test_tmp(p, sizeof(p), "dev_fault.kvt");
+    kvt_test_tmp(clean, sizeof(clean), "dev_fault_clean.kvt");
+    int faults = 0, recovered = 0, n = 0;
+    for (;; n++) { /* n = 0: no fault, the reference */
+        engine en;
+        for (int l = 0; l < NL; l++) {
+            et_make(&en.k[l], 700 + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
+            et_make(&en.v[l], 701 + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
+            et_make(&en.q[l], 702 + 10 * l, KVT_DTYPE_BF16, HQ, TT, false);
+        }
+        cudaStream_t st;
+        CU_OK(cudaStreamCreate(&st));
+        unlink(p);
+        snprintf(k, sizeof(k), "%d", n);
+        setenv("CUEMU_FAIL_LAUNCH", k, 1);
+        kvt_status r = capture_dev_status(n ? p : clean, &en, st);
+        unsetenv("CUEMU_FAIL_LAUNCH");
+        cudaStreamDestroy(st);
+        cudaDeviceReset(); /* the broken context gone, the engine's memory with it */
+        cudaGetLastError();
+        for (int l = 0; l < NL; l++) {
+            free(en.k[l].host);
+            free(en.v[l].host);
+            free(en.q[l].host);
+        }
+        if (n == 0)
+            KVT_CHECK(r);
+        if (n == 0)
+            continue;
+        if (r == KVT_OK)
+            break; /* n is past the session's launches: no fault */
+        faults++;
+        KVT_EXPECT_MSG(r == KVT_ERR_CUDA, "launch %d: got %s (%s)", n, kvt_status_str(r),
+                       kvt_error_msg());
+        if (access(p, F_OK) != 0)
+            continue;
+        kvt_verify_report rep;
+        KVT_CHECK(kvt_trace_verify(p, &rep));
+        KVT_EXPECT_MSG(rep.header_ok && rep.n_records_bad == 0, "launch %d: %zu bad records", n,
+                       rep.n_records_bad);
+        recovered += rep.n_records_ok > 0;
+        kvt_verify_report_free(&rep);
+        int compared = 0, bad = records_differ(p, clean, &compared);
+        KVT_EXPECT_MSG(bad == 0,
+                       "launch %d: %d of %d records differ from the capture without a "
+                       "fault",
+                       n, bad, compared);
+    }
+    printf("device capture, GPU fault: at each of %d launches an error, %d partial traces with "
+           "records, each as without the fault\n",
+           faults, recovered);
+    KVT_EXPECT(faults > 3 && recovered > 0);
+    unlink(p);
+    unlink(clean);
+}
+
 /* A device view on a device that does not exist is refused before anything is queued. */
 static void bad_device(void)
 {
@@ -533,5 +641,6 @@ int main(void)
     CU_OK(cudaFree(g_delay));
     bad_device();
     write_failure();
+    gpu_fault(); /* last: it resets the device */
     return kvt_test_result("test_capture_device_gpu");
 }
