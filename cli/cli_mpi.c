@@ -78,6 +78,7 @@ int kvt_cli_mpi_begin(kvt_cli_mpi *m, const char *cmd)
     if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) ==
         MPI_SUCCESS) {
         MPI_Comm_size(node, &m->local_size);
+        MPI_Comm_rank(node, &m->local_rank);
         MPI_Comm_free(&node);
     }
     if (m->size > 1)

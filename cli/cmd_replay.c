@@ -880,6 +880,9 @@ int kvt_cmd_replay(int argc, char **argv)
                              .progress_user = &pr,
                              .device = device,
                              .cuda_devices = cuda_devices,
+                             /* an MPI launch's processes on this node share its GPUs */
+                             .cuda_share_index = mpi.local_rank,
+                             .cuda_share_count = mpi.local_size,
                              .profile = profile ? &prof : NULL};
         if (sw) {
             o.sink = kvt_selection_writer_sink;

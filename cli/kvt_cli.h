@@ -38,6 +38,7 @@ void kvt_cli_hold_errors(char *buf, size_t cap);
 typedef struct kvt_cli_mpi {
     int rank, size;   /* 0 and 1 unless launched with more processes */
     int local_size;   /* processes of the launch on this node (1 outside one) */
+    int local_rank;   /* this one's rank among them (0 outside a launch) */
     bool initialized; /* MPI_Init was called; kvt_cli_mpi_end finalizes */
     int agreed;       /* kvt_cli_mpi_agree calls made so far */
     bool failed;      /* one of them combined a failure (and said why) */

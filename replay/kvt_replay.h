@@ -305,6 +305,11 @@ typedef struct kvt_replay_opts {
        as worker threads are used (the first of them), so one worker creates one context. A
        device that is not there: KVT_ERR_NO_CUDA, "CUDA device d: ..." */
     uint64_t cuda_devices;
+    /* with CUDA and cuda_devices 0: processes sharing this machine's GPUs (an MPI launch's on
+       one node), this one being cuda_share_index of cuda_share_count: it takes the visible
+       devices d with d % count == index, or, with fewer devices than processes, device
+       index % devices. count <= 1: every visible device */
+    int cuda_share_index, cuda_share_count;
     kvt_replay_profile *profile; /* may be NULL; when given, times are ADDED to it */
 } kvt_replay_opts;
 

@@ -720,7 +720,13 @@ static void *gpu_plan_run(void *arg)
         return gpu_plan_fail(sh, kvt_error_set(KVT_ERR_NO_CUDA, "no usable CUDA device (%s)", why));
     const int n_dev = n_vis < KVT_MAX_CUDA_DEVICES ? n_vis : KVT_MAX_CUDA_DEVICES;
     const uint64_t vis = n_dev == 64 ? ~UINT64_C(0) : (UINT64_C(1) << n_dev) - 1;
-    const uint64_t want = sh->o->cuda_devices ? sh->o->cuda_devices : vis;
+    const int share = sh->o->cuda_share_count, me = sh->o->cuda_share_index;
+    uint64_t want = sh->o->cuda_devices ? sh->o->cuda_devices : vis;
+    if (!sh->o->cuda_devices && share > 1 && me >= 0 && me < share) { /* this process's share */
+        want = n_dev < share ? UINT64_C(1) << (me % n_dev) : 0;
+        for (int d = me; n_dev >= share && d < n_dev; d += share)
+            want |= UINT64_C(1) << d;
+    }
     if (want & ~vis)
         return gpu_plan_fail(sh, kvt_error_set(KVT_ERR_NO_CUDA,
                                                "CUDA device %d: not there (%d visible: 0-%d)",

@@ -123,6 +123,10 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     target_link_libraries(kvtrace_cuemu PRIVATE ${KVT_CUEMU_LIBS} PkgConfig::PNG PkgConfig::CAIRO
                                                 PkgConfig::FONTCONFIG)
     set_target_properties(kvtrace_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    if(KVT_HAVE_MPI) # as the kvtrace command: an MPI launch's processes share the GPUs
+        target_link_libraries(kvtrace_cuemu PRIVATE MPI::MPI_C)
+        target_compile_definitions(kvtrace_cuemu PRIVATE KVT_HAVE_MPI=1)
+    endif()
     add_test(NAME test_replay_device_cuemu
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fast_vs_ref.sh cuda)
     set_tests_properties(test_replay_device_cuemu PROPERTIES LABELS "cpu;noasan"

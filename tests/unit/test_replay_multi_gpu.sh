@@ -7,7 +7,9 @@
 #      one device's, also with deferred streams;
 #   2. --device cuda:1 uses device 1 only (device 0: no kernel, no memory), the same results;
 #   3. a device whose free memory holds no layer is left out (all layers on the other);
-#   4. a device that is not there, and a malformed list: one clear line, no results.
+#   4. a device that is not there, and a malformed list: one clear line, no results;
+#   5. an MPI launch of 2 processes on the machine (when the binary has MPI): each process takes
+#      its own device (process 0 device 0, process 1 device 1), the same results.
 # Needs KVT_BIN (kvtrace_cuemu, the CUDA code on the CPU stand-in).
 set -uo pipefail
 BIN=${KVT_BIN:?KVT_BIN: the kvtrace_cuemu binary}
@@ -89,3 +91,25 @@ for bad in cuda: cuda:x cuda:1, cuda:2-1 cuda:64 cuda:-1; do
         "$TMP/bad.err" || { cat "$TMP/bad.err"; fail "--device $bad: exit $rc"; }
 done
 echo "ok: a missing device and malformed lists are one clear line each"
+
+# 5. an MPI launch: the processes on a machine share its GPUs, one device each here
+if "$BIN" --version | grep -q "built without MPI"; then
+    echo "SKIP (5): this kvtrace_cuemu was built without MPI"
+    exit 0
+fi
+MPIEXEC=$(command -v mpiexec || command -v mpirun) || { echo "SKIP (5): no mpiexec"; exit 0; }
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+export PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe # the same for Open MPI 5
+CUEMU_DEVICES=2 CUEMU_STATS=1 timeout 300 "$MPIEXEC" -n 2 -x CUEMU_DEVICES -x CUEMU_STATS \
+    "$BIN" "${ARGS[@]}" --device cuda -o "$TMP/mpi.json" >/dev/null 2>"$TMP/mpi.err" ||
+    { cat "$TMP/mpi.err"; fail "mpiexec -n 2"; }
+cmp -s "$TMP/one.json" "$TMP/mpi.json" || fail "mpiexec -n 2: results differ"
+# each process prints its own per-device lines: one used device 0 only, the other device 1
+for d in 0 1; do
+    busy=$(grep -c "^cuemu: device $d: memory peak [0-9]* bytes, [1-9][0-9]* kernel launches$" "$TMP/mpi.err")
+    idle=$(grep -c "^cuemu: device $d: memory peak 0 bytes, 0 kernel launches$" "$TMP/mpi.err")
+    [ "$busy" -eq 1 ] && [ "$idle" -eq 1 ] ||
+        { cat "$TMP/mpi.err"; fail "mpiexec -n 2: device $d used by $busy processes"; }
+done
+echo "ok: an MPI launch's 2 processes take one device each"
