@@ -1,12 +1,12 @@
 /* cuemu_device.cpp - the block scheduler of cuemu (cuda_runtime.h): the threads of a block are
  * fibers, each run until it finishes or reaches a barrier (__syncthreads: every live thread of
  * the block; a warp barrier: every live thread of its warp). Each round runs the runnable
- * fibers in a pseudo-random order (seeded per launch and block, so a run is reproducible), so
- * that two threads touching the same shared memory between barriers (a race) give different
- * results from run to run and a missing barrier shows up. A round in which nobody can run
- * while some wait is a barrier divergence: reported as a launch failure, the block abandoned.
- * A fiber is entered once with setcontext and then switched with _setjmp/_longjmp, which,
- * unlike swapcontext, makes no system call.
+ * fibers in a pseudo-random order (seeded per launch and block, and by CUEMU_SEED, so a run is
+ * reproducible), so that two threads touching the same shared memory between barriers (a race)
+ * give different results from run to run and a missing barrier shows up. A round in which nobody
+ * can run while some wait is a barrier divergence: reported as a launch failure, the block
+ * abandoned. A fiber is entered once with setcontext and then switched with _setjmp/_longjmp,
+ * which, unlike swapcontext, makes no system call.
  */
 #include <setjmp.h>
 #include <stdio.h>
@@ -149,7 +149,14 @@ void run_block(unsigned n, void (*fn)(void *), void *arg)
     b->slots.assign(((n + 31) / 32) * 32, 0);
     dim3 bd = g_block_dim;
     b->order.resize(n);
-    uint64_t rng = mix(++g_launches * 0x100000001b3ull + g_block_idx.x + 7 * g_block_idx.y);
+    /* CUEMU_SEED=S (default 0): another order for every launch, so that runs with several
+       seeds try more interleavings of a block's threads between barriers */
+    static const uint64_t seed = [] {
+        const char *e = getenv("CUEMU_SEED");
+        return e && *e ? strtoull(e, NULL, 10) : 0ull;
+    }();
+    uint64_t rng = mix(++g_launches * 0x100000001b3ull + g_block_idx.x + 7 * g_block_idx.y +
+                       seed * 0x9e3779b97f4a7c15ull);
     for (unsigned i = 0; i < n; i++) {
         Fiber &fb = b->f[i];
         fb.started = false;
