@@ -293,13 +293,15 @@ static kvt_status kern_nomem(kvt_status st)
     if (st != KVT_ERR_NOMEM)
         return st;
     size_t f = 0, t = 0;
+    int dev = 0;
     cudaMemGetInfo(&f, &t);
+    cudaGetDevice(&dev);
     char msg[256];
     snprintf(msg, sizeof(msg), "%s", kvt_error_msg());
     return kvt_error_set(KVT_ERR_NOMEM,
-                         "replay --device cuda: %s (%.1f MiB free of %.1f MiB): fewer --threads, "
-                         "or --device cpu",
-                         msg, f / 1048576.0, t / 1048576.0);
+                         "replay --device cuda: %s (%.1f MiB free of %.1f MiB on device %d): fewer "
+                         "--threads, or --device cpu",
+                         msg, f / 1048576.0, t / 1048576.0, dev);
 }
 
 static kvt_status dalloc(kvt_ctx_gpu *g, void **p, size_t bytes)
@@ -311,8 +313,9 @@ static kvt_status dalloc(kvt_ctx_gpu *g, void **p, size_t bytes)
         cudaMemGetInfo(&f, &t);
         return kvt_error_set(KVT_ERR_NOMEM,
                              "replay --device cuda: out of GPU memory (%.1f MiB more for a layer; "
-                             "%.1f MiB free of %.1f MiB): fewer --threads, or --device cpu",
-                             bytes / 1048576.0, f / 1048576.0, t / 1048576.0);
+                             "%.1f MiB free of %.1f MiB on device %d): fewer --threads, or "
+                             "--device cpu",
+                             bytes / 1048576.0, f / 1048576.0, t / 1048576.0, g->dev);
     }
     GPU_OK_AS(e, "cudaMallocAsync");
     return KVT_OK;

@@ -61,7 +61,7 @@ rc=$?
 [ "$rc" = 1 ] || { cat "$TMP/small.err"; fail "exit $rc with too little GPU memory"; }
 grep -v '^cuemu: ' "$TMP/small.err" >"$TMP/small.msg" # the stand-in's own notes aside
 [ "$(wc -l <"$TMP/small.msg")" = 1 ] || { cat "$TMP/small.err"; fail "not one line"; }
-grep -q "replay --device cuda: out of GPU memory (.* MiB more for a layer; .* MiB free of .* MiB): fewer --threads, or --device cpu" \
+grep -q "replay --device cuda: out of GPU memory (.* MiB more for a layer; .* MiB free of .* MiB on device 0): fewer --threads, or --device cpu" \
     "$TMP/small.msg" || { cat "$TMP/small.err"; fail "message"; }
 [ ! -e "$TMP/small.json" ] || fail "results written despite the error"
 # the second worker, waiting for the GPU, stops at the first's error instead of running its
@@ -142,6 +142,6 @@ CUEMU_MEM_BYTES=$((40 * 1048576)) "$BIN" "${MARGS[@]}" -o "$TMP/mqa_small.json" 
 rc=$?
 grep -v '^cuemu: ' "$TMP/mqa_small.err" >"$TMP/mqa_small.msg"
 [ "$rc" = 1 ] && [ "$(wc -l <"$TMP/mqa_small.msg")" = 1 ] &&
-    grep -q "replay --device cuda: attn_\(probs\|output\)_cuda: out of GPU memory for .* MiB of workspace (.* MiB free of .* MiB): fewer --threads, or --device cpu" \
+    grep -q "replay --device cuda: attn_\(probs\|output\)_cuda: out of GPU memory for .* MiB of workspace (.* MiB free of .* MiB on device 0): fewer --threads, or --device cpu" \
         "$TMP/mqa_small.msg" || { cat "$TMP/mqa_small.err"; fail "MQA: exit $rc, message"; }
 echo "ok: $(cat "$TMP/mqa_small.msg")"
