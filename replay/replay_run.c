@@ -729,8 +729,9 @@ static void *gpu_plan_run(void *arg)
     }
     if (want & ~vis)
         return gpu_plan_fail(sh, kvt_error_set(KVT_ERR_NO_CUDA,
-                                               "CUDA device %d: not there (%d visible: 0-%d)",
-                                               __builtin_ctzll(want & ~vis), n_vis, n_vis - 1));
+                                               "CUDA device %d: not there (%d visible: %s%d)",
+                                               __builtin_ctzll(want & ~vis), n_vis,
+                                               n_vis > 1 ? "0-" : "", n_vis - 1));
     gpu_mem_ask ask[KVT_MAX_CUDA_DEVICES];
     pthread_t th[KVT_MAX_CUDA_DEVICES];
     bool started[KVT_MAX_CUDA_DEVICES] = {false};

@@ -24,6 +24,7 @@
 # With the argument `cuda` (test_replay_device_gpu, label gpu) the first replay is
 # `--device cuda` with the reference kernels on the host (KVT_KERNELS=ref), so the layer
 # context from the CUDA kernels is held to the same bounds against the all-reference replay;
+# `--device cuda:0` gives the same results and `cuda:63` (not there) one line naming it;
 # without a usable GPU that test is "not run".
 set -u
 MODE=${1:-fast}
@@ -56,6 +57,16 @@ if [ "$MODE" = cuda ]; then
         "$TMP/err" || fail "--profile booked no time to the uploads"
     grep -q "^profile: gpu: the host waited [1-9][0-9]* times" "$TMP/err" \
         || fail "--profile does not count the host's waits"
+    grep -q "^profile: gpu memory: .* on device 0: " "$TMP/err" || fail "--profile names no device"
+    # a device chosen by number: device 0 gives the same results; one that is not there is one
+    # line naming it
+    $BIN replay "$SAMPLE" --policies full --budgets 16 --device cuda:0 -o "$TMP/probe0.json" \
+        >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "--device cuda:0"; }
+    cmp -s "$TMP/probe.json" "$TMP/probe0.json" || fail "--device cuda:0 differs from cuda"
+    $BIN replay "$SAMPLE" --policies full --budgets 16 --device cuda:63 -o "$TMP/x.json" \
+        >/dev/null 2>"$TMP/err" && fail "--device cuda:63 ran"
+    [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "CUDA device 63: not there ([0-9]* visible: " \
+        "$TMP/err" || { cat "$TMP/err"; fail "--device cuda:63: the message"; }
     FIRST=(env KVT_KERNELS=ref)
 fi
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/dev/null 2>&1 \
