@@ -143,6 +143,16 @@ typedef struct engine {
 
 enum { ONE, THREE, ROT };
 
+/* the prompt tensors only (K, V, Q in bf16, [H, T, D]), from seed */
+static void prompt_engine(engine *en, uint64_t seed)
+{
+    for (int l = 0; l < NL; l++) {
+        et_make(&en->k[l], seed + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
+        et_make(&en->v[l], seed + 1 + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
+        et_make(&en->q[l], seed + 2 + 10 * l, KVT_DTYPE_BF16, HQ, TT, false);
+    }
+}
+
 /* The stream of a submission: what (0 K, 1 V, 2 queries), r = layer + part (prompt) or decode
  * chunk + layer. */
 static cudaStream_t pick(const cudaStream_t *S, int mode, int what, int r)
@@ -416,17 +426,28 @@ static kvt_status capture_dev_status(const char *path, engine *en, cudaStream_t 
     return r != KVT_OK ? r : c;
 }
 
+/* A trace a failure cut short (at: where, for the messages): when the file is there, it
+ * verifies without a bad record. 1 when it holds records. */
+static int partial_ok(const char *p, const char *what, long at)
+{
+    if (access(p, F_OK) != 0)
+        return 0;
+    kvt_verify_report rep;
+    KVT_CHECK(kvt_trace_verify(p, &rep));
+    KVT_EXPECT_MSG(rep.header_ok && rep.n_records_bad == 0, "%s %ld: %zu bad records", what, at,
+                   rep.n_records_bad);
+    const int has = rep.n_records_ok > 0;
+    kvt_verify_report_free(&rep);
+    return has;
+}
+
 /* A full disk (RLIMIT_FSIZE) at many offsets while the device ring's slots are lent to the
  * compression threads: an error comes back, nothing hangs or leaks (every lent slot is handed
  * back before the ring is freed), and the file keeps every complete record, readable. */
 static void write_failure(void)
 {
     engine en;
-    for (int l = 0; l < NL; l++) {
-        et_make(&en.k[l], 900 + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
-        et_make(&en.v[l], 901 + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
-        et_make(&en.q[l], 902 + 10 * l, KVT_DTYPE_BF16, HQ, TT, false);
-    }
+    prompt_engine(&en, 900);
     cudaStream_t st;
     CU_OK(cudaStreamCreate(&st));
     char p[256];
@@ -454,14 +475,7 @@ static void write_failure(void)
         cases++;
         KVT_EXPECT_MSG(r == KVT_ERR_IO, "limit %ld: got %s (%s)", lim, kvt_status_str(r),
                        kvt_error_msg());
-        if (access(p, F_OK) != 0)
-            continue; /* the header did not fit */
-        kvt_verify_report rep;
-        KVT_CHECK(kvt_trace_verify(p, &rep));
-        KVT_EXPECT_MSG(rep.header_ok && rep.n_records_bad == 0, "limit %ld: %zu bad records", lim,
-                       rep.n_records_bad);
-        recovered += rep.n_records_ok > 0;
-        kvt_verify_report_free(&rep);
+        recovered += partial_ok(p, "limit", lim); /* no file: the header did not fit */
     }
     printf("device capture, disk full: %d limits tried, %d partial traces with records\n", cases,
            recovered);
@@ -532,11 +546,7 @@ static void gpu_fault(void)
     int faults = 0, recovered = 0, n = 0;
     for (;; n++) { /* n = 0: no fault, the reference */
         engine en;
-        for (int l = 0; l < NL; l++) {
-            et_make(&en.k[l], 700 + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
-            et_make(&en.v[l], 701 + 10 * l, KVT_DTYPE_BF16, HKV, TT, false);
-            et_make(&en.q[l], 702 + 10 * l, KVT_DTYPE_BF16, HQ, TT, false);
-        }
+        prompt_engine(&en, 700);
         cudaStream_t st;
         CU_OK(cudaStreamCreate(&st));
         unlink(p);
@@ -561,14 +571,9 @@ static void gpu_fault(void)
         faults++;
         KVT_EXPECT_MSG(r == KVT_ERR_CUDA, "launch %d: got %s (%s)", n, kvt_status_str(r),
                        kvt_error_msg());
+        recovered += partial_ok(p, "launch", n);
         if (access(p, F_OK) != 0)
             continue;
-        kvt_verify_report rep;
-        KVT_CHECK(kvt_trace_verify(p, &rep));
-        KVT_EXPECT_MSG(rep.header_ok && rep.n_records_bad == 0, "launch %d: %zu bad records", n,
-                       rep.n_records_bad);
-        recovered += rep.n_records_ok > 0;
-        kvt_verify_report_free(&rep);
         int compared = 0, bad = records_differ(p, clean, &compared);
         KVT_EXPECT_MSG(bad == 0,
                        "launch %d: %d of %d records differ from the capture without a "

@@ -42,11 +42,8 @@ if $BIN --version | grep -q "built without MPI"; then
     exit 0
 fi
 
-MPIEXEC=$(command -v mpiexec || command -v mpirun) || { echo "SKIP: no mpiexec"; exit 77; }
-# Open MPI refuses root and more processes than cores unless told (ignored by MPICH)
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
-export PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe # the same for Open MPI 5
+. "$(dirname "$0")/mpi_env.sh" # MPIEXEC, Open MPI's settings for root and oversubscription
+[ -n "$MPIEXEC" ] || { echo "SKIP: no mpiexec"; exit 77; }
 no_temps() { ! compgen -G "$TMP/*.tmp.*" >/dev/null || fail "$1: a temporary file was left"; }
 run() { # run N ARGS...: mpiexec -n N kvtrace replay ARGS (stdout, stderr to files)
     local n=$1

@@ -97,10 +97,8 @@ if "$BIN" --version | grep -q "built without MPI"; then
     echo "SKIP (5): this kvtrace_cuemu was built without MPI"
     exit 0
 fi
-MPIEXEC=$(command -v mpiexec || command -v mpirun) || { echo "SKIP (5): no mpiexec"; exit 0; }
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
-export PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe # the same for Open MPI 5
+. "$(dirname "$0")/mpi_env.sh" # MPIEXEC, Open MPI's settings for root and oversubscription
+[ -n "$MPIEXEC" ] || { echo "SKIP (5): no mpiexec"; exit 0; }
 CUEMU_DEVICES=2 CUEMU_STATS=1 timeout 300 "$MPIEXEC" -n 2 -x CUEMU_DEVICES -x CUEMU_STATS \
     "$BIN" "${ARGS[@]}" --device cuda -o "$TMP/mpi.json" >/dev/null 2>"$TMP/mpi.err" ||
     { cat "$TMP/mpi.err"; fail "mpiexec -n 2"; }
