@@ -211,11 +211,11 @@ kvt_status kvt_replay_resolve_device(kvt_device want, kvt_device *got, char *why
 
 /** For a program done with the GPU (after its last CUDA replay): releases what the process holds
  *  on the CUDA devices its replays used (cudaDeviceReset of each: device memory, streams, the
- *  context), which CUDA would
- *  otherwise do at exit (0.13-0.19 s after a replay on an H200). Called on a thread while the
- *  program writes its results, the teardown overlaps them. Nothing may use the device in this
- *  process during or after the call: other libraries' CUDA state on it (a framework's tensors)
- *  is lost too. KVT_OK without CUDA in the build (nothing to release). */
+ *  context), which CUDA would otherwise do at exit (0.13-0.19 s after a replay on an H200).
+ *  Called on a thread while the program writes its results, the teardown overlaps them.
+ *  Nothing may use those devices in this process during or after the call: other libraries'
+ *  CUDA state on them (a framework's tensors) is lost too. KVT_OK without CUDA in the build
+ *  (nothing to release). */
 kvt_status kvt_replay_release_device(void);
 /** "cpu", "cuda" or "auto". */
 const char *kvt_device_name(kvt_device d);
