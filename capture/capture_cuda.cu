@@ -615,6 +615,22 @@ extern "C" kvt_status kvt_capdev_gather(kvt_capdev *d, const kvt_capdev_view *v,
     return launch_gather(v, 0, v->n_h, t0, nt, &dd);
 }
 
+extern "C" kvt_status kvt_capdev_copy_to_host(int device, void *stream, const void *src,
+                                              size_t bytes, void *dst)
+{
+    KVT_RETURN_IF(!src || !dst, KVT_ERR_INVALID_ARG, "capture: null argument");
+    cd_device_scope scope(device); /* the producer's stream belongs to its device */
+    KVT_RETURN_IF(!scope.ok, KVT_ERR_CUDA, "capture: cannot select CUDA device %d", device);
+    cudaStream_t st = kvt_cu_stream(stream);
+    cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(st);
+    KVT_RETURN_IF(e != cudaSuccess, KVT_ERR_CUDA,
+                  "capture: copying a tensor of CUDA device %d to the host: %s", device,
+                  cudaGetErrorString(e));
+    return KVT_OK;
+}
+
 extern "C" kvt_status kvt_capdev_mem_alloc(kvt_capdev *d, size_t bytes, bool zero, void *stream,
                                            void **out)
 {

@@ -48,6 +48,13 @@ kvt_status kvt_capdev_gather(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0
     return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
 }
 
+kvt_status kvt_capdev_copy_to_host(int device, void *stream, const void *src, size_t bytes,
+                                   void *dst)
+{
+    (void)device, (void)stream, (void)src, (void)bytes, (void)dst;
+    return kvt_error_set(KVT_ERR_NO_CUDA, "capture: built without CUDA");
+}
+
 kvt_status kvt_capdev_mem_alloc(kvt_capdev *d, size_t bytes, bool zero, void *stream, void **out)
 {
     (void)d, (void)bytes, (void)zero, (void)stream;

@@ -77,6 +77,11 @@ kvt_status kvt_capdev_gather(kvt_capdev *d, const kvt_capdev_view *v, int64_t t0
 /** Device memory owned by the session (counted in stats.device_bytes). Zeroed on `stream`
  *  when zero is set. Freed by kvt_capdev_mem_free or at kvt_capdev_free. */
 kvt_status kvt_capdev_mem_alloc(kvt_capdev *d, size_t bytes, bool zero, void *stream, void **out);
+/** bytes at src (memory of CUDA device `device`) into host memory dst, after the work queued on
+ *  stream (the producer's, on that device) is done: a view on another device than the
+ *  session's, captured from the host. */
+kvt_status kvt_capdev_copy_to_host(int device, void *stream, const void *src, size_t bytes,
+                                   void *dst);
 void kvt_capdev_mem_free(kvt_capdev *d, void *p);
 
 /** A point in a stream's work: what was enqueued on it before kvt_capdev_mark_at, for other

@@ -60,10 +60,12 @@ struct kvt_capture_session {
     size_t scratch_cap;
     float *qf; /* f32 queries for column sums */
     size_t qf_cap;
-    float *row;      /* [T] one softmax row */
-    kvt_capdev *dev; /* device side, created by the first device view */
-    int dev_device;  /* its CUDA ordinal */
-    float *dq_f32;   /* device f32 queries for the GPU column sums */
+    float *row;        /* [T] one softmax row */
+    kvt_capdev *dev;   /* device side, created by the first device view */
+    int dev_device;    /* its CUDA ordinal */
+    uint8_t *other[3]; /* views on other devices, copied to the host (need_dev) */
+    size_t other_cap[3];
+    float *dq_f32; /* device f32 queries for the GPU column sums */
     size_t dq_f32_cap;
     kvt_capdev_mark *cs_last;      /* after the last column sums (any layer's): they read dq_f32 and
                                       the sums' workspace */
@@ -260,9 +262,12 @@ static kvt_status dev_after(kvt_capture_session *s, const kvt_capdev_mark *m, vo
     return dev_fail(s, kvt_capdev_after(s->dev, m, stream));
 }
 
-/* Check a view before anything of a submission is queued: a device view needs the device side
- * (created by the first one, on its device) and the session's device. */
-static kvt_status need_dev(kvt_capture_session *s, const hview *v, const char *what)
+/* Before anything of a submission is queued: a device view needs the device side (created by
+ * the first one, on its device). A view on another device (a model split over several GPUs:
+ * the layers on the GPUs after the first) is copied to host memory (the session's staging
+ * buffer `slot`, 0-2) once the work queued on its stream is done, and captured from there as a
+ * host view: slower (the copy waits for the engine), the same records. */
+static kvt_status need_dev(kvt_capture_session *s, hview *v, int slot)
 {
     if (!v->dev)
         return KVT_OK;
@@ -271,10 +276,26 @@ static kvt_status need_dev(kvt_capture_session *s, const hview *v, const char *w
         s->dev_device = v->device;
         return KVT_OK;
     }
-    KVT_RETURN_IF(v->device != s->dev_device, KVT_ERR_UNSUPPORTED,
-                  "%s: a tensor on CUDA device %d, but this session captures from device %d (one "
-                  "device per session)",
-                  what, v->device, s->dev_device);
+    if (v->device == s->dev_device)
+        return KVT_OK;
+    const int64_t ext[3] = {v->n_h - 1, v->n_t - 1, v->n_d - 1}, st[3] = {v->s_h, v->s_t, v->s_d};
+    int64_t lo = 0, hi = 0; /* the elements reached, as offsets from element [0, 0, 0] */
+    for (int i = 0; i < 3; i++) {
+        if (st[i] < 0)
+            lo += st[i] * ext[i];
+        else
+            hi += st[i] * ext[i];
+    }
+    const size_t bytes = (size_t)(hi - lo + 1) * v->es; /* check_view: no overflow */
+    KVT_FORWARD(grow((void **)&s->other[slot], &s->other_cap[slot], bytes));
+    KVT_FORWARD(
+        dev_fail(s, kvt_capdev_copy_to_host(v->device, v->stream, v->data + lo * (int64_t)v->es,
+                                            bytes, s->other[slot])));
+    v->data = s->other[slot] - lo * (int64_t)v->es;
+    v->dev = false;
+    v->device = -1;
+    v->stream = NULL;
+    s->stats.other_device_bytes += bytes;
     return KVT_OK;
 }
 
@@ -517,6 +538,8 @@ static void session_free(kvt_capture_session *s)
     kvt_free(s->layers);
     kvt_free(s->dec_tok);
     kvt_free(s->scratch);
+    for (int i = 0; i < 3; i++)
+        kvt_free(s->other[i]);
     kvt_free(s->qf);
     kvt_free(s->row);
     kvt_free(s->name);
@@ -660,8 +683,8 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
     KVT_RETURN_IF(n > T - tok_begin, KVT_ERR_INVALID_ARG,
                   "submit_kv: layer %d: tokens [%u, %u) go past n_tokens %u", layer, tok_begin,
                   tok_begin + n, T);
-    KVT_FORWARD(need_dev(s, &hk, "submit_kv: K"));
-    KVT_FORWARD(need_dev(s, &hv, "submit_kv: V"));
+    KVT_FORWARD(need_dev(s, &hk, 0));
+    KVT_FORWARD(need_dev(s, &hv, 1));
     KVT_RETURN_IF(s->opts.with_colsum && tok_begin > 0 && ls->kv_dev != hk.dev, KVT_ERR_STATE,
                   "submit_kv: layer %d: with column sums, a layer's keys must all be host or all "
                   "device tensors",
@@ -786,7 +809,7 @@ kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_
                   "submit_queries: layer %d: tokens [%u, %u) go past n_tokens %u", layer, tok_begin,
                   tok_begin + n, T);
     uint32_t tok_end = tok_begin + n;
-    KVT_FORWARD(need_dev(s, &hq, "submit_queries: Q"));
+    KVT_FORWARD(need_dev(s, &hq, 0));
     if (s->opts.with_colsum) {
         KVT_RETURN_IF(ls->kv_done < tok_end, KVT_ERR_STATE,
                       "submit_queries: layer %d: queries up to token %u need its keys first "
@@ -961,13 +984,13 @@ kvt_status kvt_capture_submit_decode(kvt_capture_session *s, int layer, uint32_t
     KVT_RETURN_IF(hk.dev != hq.dev || hv.dev != hq.dev, KVT_ERR_INVALID_ARG,
                   "submit_decode: layer %d: Q, K and V must all be host or all device tensors",
                   layer);
+    KVT_FORWARD(need_dev(s, &hq, 0)); /* (views on another device become host views) */
+    KVT_FORWARD(need_dev(s, &hk, 1));
+    KVT_FORWARD(need_dev(s, &hv, 2));
     int mem = hq.dev ? 2 : 1;
     KVT_RETURN_IF(ls->dec_mem && ls->dec_mem != mem, KVT_ERR_STATE,
                   "submit_decode: layer %d: decode steps from %s tensors after %s ones", layer,
                   hq.dev ? "device" : "host", hq.dev ? "host" : "device");
-    KVT_FORWARD(need_dev(s, &hq, "submit_decode: Q"));
-    KVT_FORWARD(need_dev(s, &hk, "submit_decode: K"));
-    KVT_FORWARD(need_dev(s, &hv, "submit_decode: V"));
     if (hq.dev && !ls->ddq) {
         size_t row = (size_t)D * s->es * C;
         KVT_FORWARD(
@@ -1132,6 +1155,8 @@ static kvt_status close_records(kvt_capture_session *s, bool *complete, char *ga
                     cJSON_AddNumberToObject(dv, "pinned_bytes", (double)s->stats.pinned_bytes);
                     cJSON_AddNumberToObject(dv, "ring_slots", s->stats.device_slots);
                     cJSON_AddNumberToObject(dv, "peak_slots_in_flight", s->stats.device_peak_slots);
+                    cJSON_AddNumberToObject(dv, "other_device_bytes",
+                                            (double)s->stats.other_device_bytes);
                 }
             }
         }

@@ -126,6 +126,9 @@ struct kvt_capture_stats {
     uint64_t pinned_bytes;      /* pinned host memory held by the capture */
     uint32_t device_peak_slots; /* most ring slots in flight at once */
     uint32_t device_slots;      /* ring slots */
+    /* device views on another GPU than the session's first (a model split over GPUs): bytes
+       copied to host memory and captured from there */
+    uint64_t other_device_bytes;
 };
 
 /** A capture session. Not thread-safe: the engine serialises its calls (the writer behind it
@@ -172,12 +175,15 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
  * (one slot per trace record), copied to pinned host memory on a side stream, and handed to the
  * writer once copied; the call does not wait for the GPU unless every slot is in flight
  * (stats.device_stall_ns), except at a layer's last query range with column sums (the sums are
- * copied to the host) and at each decode chunk's flush (the chunk is copied to the host). One CUDA
- * device per session (the first device view's). Column sums run on the GPU (keys kept as f32 on the
- * device until the layer's queries are complete; a layer's keys and queries must then both be
- * device or both host views). Decode steps are gathered into device chunks and copied at each
- * chunk's flush. A CUDA failure is sticky like a write error. Errors: KVT_ERR_NO_CUDA (built
- * without CUDA, no device), KVT_ERR_CUDA, KVT_ERR_UNSUPPORTED (a second device). */
+ * copied to the host) and at each decode chunk's flush (the chunk is copied to the host). The
+ * session's ring is on the first device view's CUDA device; a view on another device (a model
+ * split over several GPUs: the layers on the others) is copied to host memory once the work
+ * queued on its stream is done, and captured from there as a host view: the same records, but
+ * the call waits for that GPU (stats.other_device_bytes counts them). Column sums run on the GPU
+ * (keys kept as f32 on the device until the layer's queries are complete; a layer's keys and
+ * queries must then both be device or both host views). Decode steps are gathered into device
+ * chunks and copied at each chunk's flush. A CUDA failure is sticky like a write error. Errors:
+ * KVT_ERR_NO_CUDA (built without CUDA, no device), KVT_ERR_CUDA. */
 
 /** Prompt queries of one layer for tokens [tok_begin, tok_begin + n), view [(1,) Hq, n, D].
  *  The session keeps those in the last W positions as Q_window, stores them all as Q_all if

@@ -181,6 +181,7 @@ class CaptureStats(ctypes.Structure):
         ("pinned_bytes", ctypes.c_uint64),
         ("device_peak_slots", ctypes.c_uint32),
         ("device_slots", ctypes.c_uint32),
+        ("other_device_bytes", ctypes.c_uint64),
     ]
 
 

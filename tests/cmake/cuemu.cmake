@@ -77,7 +77,7 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
         endif()
         set_tests_properties(${tn}_cuemu PROPERTIES LABELS "${labels}" SKIP_RETURN_CODE 77
                              TIMEOUT 600
-                             ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
+                             ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096;CUEMU_DEVICES=2")
     endforeach()
 
     # the stand-in's several devices (CUEMU_DEVICES) keep CUDA's rules (the multi-GPU replay's
@@ -108,7 +108,7 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     add_test(NAME test_capture_device_cuemu_defer COMMAND test_capture_device_cuemu)
     set_tests_properties(test_capture_device_cuemu_defer PROPERTIES LABELS "cpu;threads"
         SKIP_RETURN_CODE 77 TIMEOUT 600
-        ENVIRONMENT "CUEMU_DEFER=1;KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096")
+        ENVIRONMENT "CUEMU_DEFER=1;KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096;CUEMU_DEVICES=2")
 
     # the same kernels on a GPU without memory pools (the plain-allocation fallback)
     # the kernels' tests once more with other orders of each block's threads (CUEMU_SEED): a

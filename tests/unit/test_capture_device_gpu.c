@@ -65,6 +65,7 @@ typedef struct etensor {
     kvt_dtype dt;
     int64_t h, t;
     bool token_major;
+    int device; /* the CUDA device current when it was made */
 } etensor;
 
 static void et_make(etensor *e, uint64_t seed, kvt_dtype dt, int64_t h, int64_t t, bool tm)
@@ -85,6 +86,7 @@ static void et_make(etensor *e, uint64_t seed, kvt_dtype dt, int64_t h, int64_t 
             memcpy((char *)e->host + 2 * i, &b, 2);
         }
     }
+    CU_OK(cudaGetDevice(&e->device));
     CU_OK(cudaMalloc(&e->dev, e->bytes));
     CU_OK(cudaMemcpy(e->dev, e->host, e->bytes, cudaMemcpyHostToDevice));
 }
@@ -115,7 +117,7 @@ static struct kvt_tensor_view et_view(const etensor *e, int64_t t0, int64_t nt, 
     v.stride[2] = stt;
     v.stride[3] = 1;
     v.mem = dev ? KVT_MEM_CUDA : KVT_MEM_HOST;
-    v.device_idx = 0;
+    v.device_idx = dev ? e->device : 0;
     v.stream = dev ? (void *)st : NULL;
     return v;
 }
@@ -141,7 +143,8 @@ typedef struct engine {
     etensor dq[NL], dk[NL], dv[NL]; /* decode: [H, G] */
 } engine;
 
-enum { ONE, THREE, ROT };
+/* SPLIT: layer l's tensors on device l and its stream there (a model split over two GPUs) */
+enum { ONE, THREE, ROT, SPLIT };
 
 /* the prompt tensors only (K, V, Q in bf16, [H, T, D]), from seed */
 static void prompt_engine(engine *en, uint64_t seed)
@@ -155,9 +158,12 @@ static void prompt_engine(engine *en, uint64_t seed)
 
 /* The stream of a submission: what (0 K, 1 V, 2 queries), r = layer + part (prompt) or decode
  * chunk + layer. */
-static cudaStream_t pick(const cudaStream_t *S, int mode, int what, int r)
+static cudaStream_t pick(const cudaStream_t *S, int mode, int what, int r, int layer)
 {
-    return mode == ONE ? S[0] : mode == THREE ? S[what] : S[(r + what) % 4];
+    return mode == SPLIT   ? S[layer]
+           : mode == ONE   ? S[0]
+           : mode == THREE ? S[what]
+                           : S[(r + what) % 4];
 }
 
 static bool g_reserve; /* device captures reserve their ring ahead (kvt_capture_reserve_device) */
@@ -197,10 +203,13 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
        submission on another of four streams (parts of one layer, layers, decode chunks), so
        that every buffer a stream fills is read or refilled from another one */
     cudaStream_t S[4];
-    int n_st = mode == ONE ? 1 : mode == THREE ? 3 : 4;
-    for (int i = 0; i < n_st; i++)
+    int n_st = mode == ONE ? 1 : mode == THREE ? 3 : mode == SPLIT ? NL : 4;
+    for (int i = 0; i < n_st; i++) {
+        CU_OK(cudaSetDevice(mode == SPLIT ? i : 0));
         CU_OK(cudaStreamCreate(&S[i]));
-    bool delays = mode != ONE && dev;
+    }
+    CU_OK(cudaSetDevice(0));
+    bool delays = mode != ONE && mode != SPLIT && dev;
     kvt_capture_session *s;
     if (dev && g_reserve) {
         KVT_CHECK(kvt_capture_reserve_device(0, o.device_ring_bytes, o.writer.max_record_bytes));
@@ -212,7 +221,7 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         int64_t cut = 61;
         for (int part = 0; part < 2; part++) {
             int64_t t0 = part ? cut : 0, nt = part ? TT - cut : cut;
-            cudaStream_t sk = pick(S, mode, 0, l + part), sv = pick(S, mode, 1, l + part);
+            cudaStream_t sk = pick(S, mode, 0, l + part, l), sv = pick(S, mode, 1, l + part, l);
             if (delays)
                 delay(sk);
             struct kvt_tensor_view kv = et_view(&en->k[l], t0, nt, dev, sk);
@@ -221,22 +230,23 @@ static void capture(const char *path, engine *en, bool dev, kvt_dtype stored, ui
         }
         for (int part = 0; part < 2; part++) {
             int64_t t0 = part ? 100 : 0, nt = part ? TT - 100 : 100;
-            struct kvt_tensor_view qv = et_view(&en->q[l], t0, nt, dev, pick(S, mode, 2, l + part));
+            struct kvt_tensor_view qv =
+                et_view(&en->q[l], t0, nt, dev, pick(S, mode, 2, l + part, l));
             KVT_CHECK(kvt_capture_submit_queries(s, l, (uint32_t)t0, &qv));
         }
     }
     if (dev && mode != ROT) /* (ROT: a tensor's parts went on several streams) */
         for (int l = 0; l < NL; l++) {
-            clobber(&en->k[l], pick(S, mode, 0, 0));
-            clobber(&en->v[l], pick(S, mode, 1, 0));
-            clobber(&en->q[l], pick(S, mode, 2, 0));
+            clobber(&en->k[l], pick(S, mode, 0, 0, l));
+            clobber(&en->v[l], pick(S, mode, 1, 0, l));
+            clobber(&en->q[l], pick(S, mode, 2, 0, l));
         }
     for (int64_t g = 0; g < GG; g += 10) {
         int64_t n = GG - g < 10 ? GG - g : 10;
         for (int l = 0; l < NL; l++) {
             int r = (int)(g / 10) + l;
-            cudaStream_t sq = pick(S, mode, 2, r), sk = pick(S, mode, 0, r),
-                         sv = pick(S, mode, 1, r);
+            cudaStream_t sq = pick(S, mode, 2, r, l), sk = pick(S, mode, 0, r, l),
+                         sv = pick(S, mode, 1, r, l);
             if (delays) {
                 delay(sk);
                 delay(sv);
@@ -326,6 +336,7 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
     engine en;
     uint64_t seed = (uint64_t)engine_dt * 101 + (uint64_t)stored * 7 + token_major;
     for (int l = 0; l < NL; l++) {
+        CU_OK(cudaSetDevice(mode == SPLIT ? l : 0));
         et_make(&en.k[l], seed + 10 * l + 1, engine_dt, HKV, TT, token_major);
         et_make(&en.v[l], seed + 10 * l + 2, engine_dt, HKV, TT, token_major);
         et_make(&en.q[l], seed + 10 * l + 3, engine_dt, HQ, TT, token_major);
@@ -333,17 +344,21 @@ static void run_case(kvt_dtype engine_dt, kvt_dtype stored, bool token_major, ui
         et_make(&en.dk[l], seed + 10 * l + 5, engine_dt, HKV, GG, token_major);
         et_make(&en.dv[l], seed + 10 * l + 6, engine_dt, HKV, GG, token_major);
     }
+    CU_OK(cudaSetDevice(0));
     char pa[256], pb[256], what[128];
     snprintf(what, sizeof(what), "%s->%s %s ring %llu%s", kvt_dtype_name(engine_dt),
              kvt_dtype_name(stored), token_major ? "[T,H,D]" : "[H,T,D]", (unsigned long long)ring,
-             mode == THREE ? ", K/V/Q on three streams"
-             : mode == ROT ? ", streams rotated"
-                           : "");
+             mode == THREE   ? ", K/V/Q on three streams"
+             : mode == ROT   ? ", streams rotated"
+             : mode == SPLIT ? ", layers on two devices"
+                             : "");
     struct kvt_capture_stats sh, sd;
     capture(kvt_test_tmp(pa, sizeof(pa), "host.kvt"), &en, false, stored, ring, mode, &sh);
     capture(kvt_test_tmp(pb, sizeof(pb), "dev.kvt"), &en, true, stored, ring, mode, &sd);
     KVT_EXPECT_EQ_U64(sd.bytes_submitted, sh.bytes_submitted);
     KVT_EXPECT(sd.device_d2h_bytes > 0 && sd.device_slots >= 2);
+    /* split: the second device's layer went through host memory, nothing else did */
+    KVT_EXPECT((sd.other_device_bytes > 0) == (mode == SPLIT) && sh.other_device_bytes == 0);
     KVT_EXPECT(sd.device_peak_slots <= sd.device_slots);
     /* pinned: four host slots per device slot (lent to the writer until compressed) */
     KVT_EXPECT_EQ_U64(sd.pinned_bytes, 4ull * sd.device_slots * 6000);
@@ -644,6 +659,10 @@ int main(void)
     run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0, THREE);
     g_reserve = false;
     CU_OK(cudaFree(g_delay));
+    if (n >= 2) /* a model split over two GPUs: the second's layers captured through the host */
+        run_case(KVT_DTYPE_BF16, KVT_DTYPE_BF16, true, 0, SPLIT);
+    else
+        printf("layers on two devices: not run (%d CUDA device)\n", n);
     bad_device();
     write_failure();
     gpu_fault(); /* last: it resets the device */
