@@ -179,11 +179,13 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
  * session's ring is on the first device view's CUDA device; a view on another device (a model
  * split over several GPUs: the layers on the others) is copied to host memory once the work
  * queued on its stream is done, and captured from there as a host view: the same records, but
- * the call waits for that GPU (stats.other_device_bytes counts them). Column sums run on the GPU
- * (keys kept as f32 on the device until the layer's queries are complete; a layer's keys and
- * queries must then both be device or both host views). Decode steps are gathered into device
- * chunks and copied at each chunk's flush. A CUDA failure is sticky like a write error. Errors:
- * KVT_ERR_NO_CUDA (built without CUDA, no device), KVT_ERR_CUDA. */
+ * the call waits for that GPU (stats.other_device_bytes counts them), and with column sums those
+ * layers' sums are computed on the CPU (slow at long prompts: with_q_all and the replay's sums
+ * are the alternative). Column sums run on the GPU (keys kept as f32 on the device until the
+ * layer's queries are complete; a layer's keys and queries must then both be device or both
+ * host views). Decode steps are gathered into device chunks and copied at each chunk's flush.
+ * A CUDA failure is sticky like a write error. Errors: KVT_ERR_NO_CUDA (built without CUDA, no
+ * device), KVT_ERR_CUDA. */
 
 /** Prompt queries of one layer for tokens [tok_begin, tok_begin + n), view [(1,) Hq, n, D].
  *  The session keeps those in the last W positions as Q_window, stores them all as Q_all if
