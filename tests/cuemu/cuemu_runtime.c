@@ -25,11 +25,11 @@
  * says not ready, as CUDA does.
  *
  * CUEMU_FAIL_LAUNCH=N: the N-th kernel launch of the process (counted from 1; a test that sets
- * the variable later: from then on) faults, as a kernel
- * with an illegal access does on a GPU: it does not run, nor does any later work on its device,
- * and the fault shows, as on a GPU, at the next call that waits for the device (a stream, event
- * or device synchronize, an event query, a synchronous copy, cudaFree); from then on the error
- * is sticky: every call that uses that device returns "unspecified launch failure"
+ * the variable later: from then on) faults, as a kernel with an illegal access does on a GPU:
+ * it does not run, nor does any later work on its device, and the fault shows, as on a GPU, at
+ * the next call that waits for the device (a stream, event or device synchronize, an event
+ * query, a synchronous copy or one into pageable memory, cudaFree); from then on the error is
+ * sticky: every call that uses that device returns "unspecified launch failure"
  * (cudaGetLastError too, without clearing it), frees and destroys still free, until
  * cudaDeviceReset on it. Nothing is printed, so that a test sees only the program's own
  * messages.
