@@ -177,6 +177,10 @@ static void print_device(const cJSON *meta)
            tl_num(dv, "cuda_device"), tl_num(dv, "d2h_bytes") / 1e6, tl_num(dv, "ring_slots"),
            tl_num(dv, "peak_slots_in_flight"), tl_num(dv, "stall_ns") / 1e6,
            tl_num(dv, "device_bytes") / 1e6, tl_num(dv, "pinned_bytes") / 1e6);
+    if (tl_num(dv, "other_device_bytes") > 0) /* a model split over GPUs */
+        printf("           %.2f MB from tensors on other GPUs, copied to the host and captured "
+               "from there\n",
+               tl_num(dv, "other_device_bytes") / 1e6);
 }
 
 int kvt_cmd_info(int argc, char **argv)

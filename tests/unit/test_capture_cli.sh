@@ -83,12 +83,15 @@ src = kvtrace.open(sys.argv[1])
 w = kvtrace.TraceWriter(sys.argv[2], src.header)
 w.append_json({"capture_stats": {"complete": True, "device": {
     "cuda_device": 0, "d2h_bytes": 1048576, "stall_ns": 2500000, "device_bytes": 272629760,
-    "pinned_bytes": 268435456, "ring_slots": 64, "peak_slots_in_flight": 7}}})
+    "pinned_bytes": 268435456, "ring_slots": 64, "peak_slots_in_flight": 7,
+    "other_device_bytes": 3000000}}})
 w.finish()
 EOF2
 then
     check "info shows a device capture's ring" \
         "$BIN info $TMP/dev.kvt | grep -q '^device     CUDA device 0: 1.05 MB copied through 64 ring slots (at most 7 in flight), 2.500 ms waiting for a slot; 272.6 MB device and 268.4 MB pinned memory'"
+    check "info shows the bytes a split model's other GPUs sent through the host" \
+        "$BIN info $TMP/dev.kvt | grep -q '^           3.00 MB from tensors on other GPUs, copied to the host and captured from there$'"
 else
     cat "$TMP/py.out"
     echo "FAILED: a copy of the sample with a device capture's statistics, written through" \
