@@ -158,6 +158,20 @@ struct CUevent_st {
     uint64_t seq;
 };
 
+/* the device a stream's work runs on (NULL: the legacy default stream of the current one) */
+static int stream_dev(cudaStream_t s)
+{
+    return s ? s->dev : cur_device;
+}
+
+/* a call on device d returns its sticky error (a fault seen there) */
+#define RETURN_IF_STICKY(d)                                                                        \
+    do {                                                                                           \
+        const cudaError_t se_ = sticky(d);                                                         \
+        if (se_ != cudaSuccess)                                                                    \
+            return se_;                                                                            \
+    } while (0)
+
 static pthread_mutex_t qmu; /* recursive: the queues; held while deferred work runs */
 static uint64_t n_sync_stream, n_sync_event, n_sync_device; /* CUEMU_STATS */
 static pthread_once_t q_once = PTHREAD_ONCE_INIT;
@@ -515,7 +529,7 @@ int cuemu_is_device_on(const void *ptr, size_t n, int dev)
 
 int cuemu_launch_device(cudaStream_t s)
 {
-    int d = s ? s->dev : cur_device;
+    int d = stream_dev(s);
     if (d != cur_device) {
         cuemu_set_error(cudaErrorInvalidResourceHandle,
                         "kernel launch on a stream of another device than the current one");
@@ -535,8 +549,7 @@ int cuemu_launch_device(cudaStream_t s)
 static cudaError_t malloc_on(void **p, size_t n, int d)
 {
     *p = NULL;
-    if (sticky(d))
-        return sticky(d);
+    RETURN_IF_STICKY(d);
     int enforced;
     size_t total = dev_total(d, &enforced);
     pthread_mutex_lock(&mu);
@@ -602,8 +615,7 @@ static cudaError_t free_block(void *p)
 
 cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b)
 {
-    if (sticky(cur_device))
-        return sticky(cur_device);
+    RETURN_IF_STICKY(cur_device);
     size_t total = dev_total(cur_device, NULL);
     pthread_mutex_lock(&mu);
     size_t used = dev_used[cur_device];
@@ -634,7 +646,7 @@ cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s)
 {
     if (no_pools())
         return fail(cudaErrorNotSupported, "cudaMallocAsync without memory pools");
-    return malloc_on(p, n, s ? s->dev : cur_device);
+    return malloc_on(p, n, stream_dev(s));
 }
 
 static struct CUmemPoolHandle_st {
@@ -674,7 +686,7 @@ cudaError_t cudaFreeAsync(void *p, cudaStream_t s)
         return fail(cudaErrorInvalidDevicePointer,
                     "cudaFreeAsync of a pointer not from cudaMalloc");
     cuemu_enqueue(s, do_free, p, NULL);
-    return sticky(s ? s->dev : cur_device);
+    return sticky(stream_dev(s));
 }
 
 static int is_pinned(const void *ptr, size_t n)
@@ -780,9 +792,8 @@ static void del_copy(void *c)
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind k, cudaStream_t s)
 {
-    const int sdev = s ? s->dev : cur_device;
-    if (sticky(sdev))
-        return sticky(sdev);
+    const int sdev = stream_dev(s);
+    RETURN_IF_STICKY(sdev);
     /* a copy into pageable memory waits for its stream: a fault shows */
     if (n && !cuemu_is_device(dst, n) && !is_pinned(dst, n) && observe(sdev))
         return sticky(sdev);
@@ -817,8 +828,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind
 
 cudaError_t cudaMemset(void *p, int v, size_t n)
 {
-    if (sticky(cur_device))
-        return sticky(cur_device);
+    RETURN_IF_STICKY(cur_device);
     if (!cuemu_is_device(p, n))
         return fail(cudaErrorInvalidValue, "cudaMemset of memory that is not a device block");
     run_all(1);
@@ -828,8 +838,7 @@ cudaError_t cudaMemset(void *p, int v, size_t n)
 
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s)
 {
-    if (sticky(s ? s->dev : cur_device))
-        return sticky(s ? s->dev : cur_device);
+    RETURN_IF_STICKY(stream_dev(s));
     if (!deferred() || !s)
         return cudaMemset(p, v, n);
     if (!cuemu_is_device(p, n))
@@ -893,7 +902,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
     deferred();
     count_wait(&n_sync_stream);
-    const cudaError_t e = observe(s ? s->dev : cur_device);
+    const cudaError_t e = observe(stream_dev(s));
     if (!deferred())
         return e;
     if (!s) {
@@ -911,8 +920,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags)
     (void)flags;
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent");
-    if (sticky(s ? s->dev : cur_device))
-        return sticky(s ? s->dev : cur_device);
+    RETURN_IF_STICKY(stream_dev(s));
     if (!deferred() || !e->sid)
         return cudaSuccess;
     if (!s) {
@@ -978,11 +986,10 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 {
     if (!e)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord");
-    if (e->dev != (s ? s->dev : cur_device)) /* as CUDA */
+    if (e->dev != stream_dev(s)) /* as CUDA */
         return fail(cudaErrorInvalidResourceHandle,
                     "cudaEventRecord of an event on a stream of another device");
-    if (sticky(e->dev))
-        return sticky(e->dev);
+    RETURN_IF_STICKY(e->dev);
     e->t_ms = now_ms();
     e->recorded = 1;
     e->sid = 0;
@@ -1046,8 +1053,7 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b)
 {
     if (!a || !b || (a->flags & cudaEventDisableTiming) || (b->flags & cudaEventDisableTiming))
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
-    if (sticky(a->dev))
-        return sticky(a->dev);
+    RETURN_IF_STICKY(a->dev);
     if (!a->recorded || !b->recorded) /* as CUDA: an event never recorded has no time */
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
     if (event_pending(a) || event_pending(b)) /* as CUDA: not yet reached, no time yet */
