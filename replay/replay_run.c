@@ -171,6 +171,15 @@ static kvt_status have_buf(void **buf, size_t bytes)
     return KVT_OK;
 }
 
+/* The replay's first error, st, kept with its message (sh->mu held; later ones are dropped) */
+static void keep_err(run_shared *sh, kvt_status st)
+{
+    if (st && !sh->err) {
+        sh->err = st;
+        snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
+    }
+}
+
 /* The planned device with a free slot that holds the fewest layers (the first of those), or -1
  * (sh->mu held) */
 static int gpu_pick(const run_shared *sh)
@@ -314,8 +323,7 @@ static void *worker(void *arg)
     for (;;) {
         pthread_mutex_lock(&sh->mu);
         if (st && !sh->err) {
-            sh->err = st;
-            snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
+            keep_err(sh, st);
             pthread_cond_broadcast(&sh->gpu_cv); /* workers waiting for the GPU stop */
         }
         int l = sh->err ? -1 : sh->next_layer++;
@@ -424,10 +432,7 @@ static void *worker(void *arg)
                 KVT_PROF_ADD(sh->o->profile, gpu_device_layers[in.cuda_device], 1);
             pthread_mutex_lock(&sh->mu);
             sh->gpu_busy[gi]--;
-            if (st && !sh->err) {
-                sh->err = st;
-                snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
-            }
+            keep_err(sh, st);
             pthread_cond_broadcast(&sh->gpu_cv);
             pthread_mutex_unlock(&sh->mu);
         }
@@ -677,14 +682,28 @@ const char *kvt_device_name(kvt_device d)
 static void *gpu_plan_fail(run_shared *sh, kvt_status st)
 {
     pthread_mutex_lock(&sh->mu);
-    if (!sh->err) {
-        sh->err = st;
-        snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
-    }
+    keep_err(sh, st);
     sh->gpu_planned = true;
     pthread_cond_broadcast(&sh->gpu_cv);
     pthread_mutex_unlock(&sh->mu);
     return NULL;
+}
+
+/* The devices (bit d: device d) o asks for of n_dev visible: its cuda_devices, else this
+ * process's share of them (cuda_share_*), else all */
+static uint64_t wanted_devices(const kvt_replay_opts *o, int n_dev)
+{
+    if (o->cuda_devices)
+        return o->cuda_devices;
+    int k = o->cuda_share_count, me = o->cuda_share_index;
+    if (k <= 1 || me < 0 || me >= k)
+        k = 1, me = 0; /* not shared: every device */
+    if (n_dev < k)
+        return UINT64_C(1) << (me % n_dev);
+    uint64_t want = 0;
+    for (int d = me; d < n_dev; d += k)
+        want |= UINT64_C(1) << d;
+    return want;
 }
 
 /* One device's free and total memory, asked on a thread of its own (ok: known) */
@@ -720,13 +739,7 @@ static void *gpu_plan_run(void *arg)
         return gpu_plan_fail(sh, kvt_error_set(KVT_ERR_NO_CUDA, "no usable CUDA device (%s)", why));
     const int n_dev = n_vis < KVT_MAX_CUDA_DEVICES ? n_vis : KVT_MAX_CUDA_DEVICES;
     const uint64_t vis = n_dev == 64 ? ~UINT64_C(0) : (UINT64_C(1) << n_dev) - 1;
-    const int share = sh->o->cuda_share_count, me = sh->o->cuda_share_index;
-    uint64_t want = sh->o->cuda_devices ? sh->o->cuda_devices : vis;
-    if (!sh->o->cuda_devices && share > 1 && me >= 0 && me < share) { /* this process's share */
-        want = n_dev < share ? UINT64_C(1) << (me % n_dev) : 0;
-        for (int d = me; n_dev >= share && d < n_dev; d += share)
-            want |= UINT64_C(1) << d;
-    }
+    const uint64_t want = wanted_devices(sh->o, n_dev);
     if (want & ~vis)
         return gpu_plan_fail(sh, kvt_error_set(KVT_ERR_NO_CUDA,
                                                "CUDA device %d: not there (%d visible: %s%d)",
