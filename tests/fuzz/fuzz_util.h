@@ -62,4 +62,35 @@ static inline char *kvt_fuzz_cstr(const uint8_t *data, size_t size)
     return s;
 }
 
+/* An input read as a program, a byte at a time (zeros once it is used up): the structured
+ * targets (fuzz_trace_records, fuzz_capture_calls) draw every choice from it. */
+typedef struct kvt_fuzz_src {
+    const uint8_t *p;
+    size_t n;
+} kvt_fuzz_src;
+
+static inline unsigned kvt_fuzz_take(kvt_fuzz_src *s)
+{
+    if (!s->n)
+        return 0;
+    s->n--;
+    return *s->p++;
+}
+
+/* xorshift64 from *state: the next value, uniform in [-2, 2) */
+static inline float kvt_fuzz_rnd(uint64_t *state)
+{
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return (float)((double)(*state >> 11) / 9007199254740992.0 * 4.0 - 2.0);
+}
+
+/* A file of this process for a target that writes one: $TMPDIR (or /tmp)/kvt_fuzz_NAME_PID.kvt */
+static inline void kvt_fuzz_scratch_path(char *path, size_t cap, const char *name)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(path, cap, "%s/kvt_fuzz_%s_%d.kvt", tmp && *tmp ? tmp : "/tmp", name, (int)getpid());
+}
+
 #endif /* KVT_FUZZ_UTIL_H */
