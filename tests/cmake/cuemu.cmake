@@ -80,6 +80,21 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
                              ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096;CUEMU_DEVICES=2")
     endforeach()
 
+    # the capture API's contract under any order of calls (tests/fuzz/fuzz_capture_calls.c) with
+    # device views where the input says so, over the target's corpus; streams deferred too
+    add_executable(fuzz_capture_calls_cuemu ${KVT_TEST_DIR}/fuzz/fuzz_capture_calls.c
+                   ${KVT_TEST_DIR}/fuzz/fuzz_driver.c ${KVT_CUEMU_OBJS})
+    kvt_target_defaults(fuzz_capture_calls_cuemu)
+    target_compile_definitions(fuzz_capture_calls_cuemu PRIVATE KVT_FUZZ_CUDA)
+    target_link_libraries(fuzz_capture_calls_cuemu PRIVATE ${KVT_CUEMU_LIBS})
+    set_target_properties(fuzz_capture_calls_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    foreach(defer 0 1)
+        add_test(NAME fuzz_capture_calls_cuemu_defer${defer} COMMAND fuzz_capture_calls_cuemu
+                 ${KVT_TEST_DIR}/fuzz/corpus/capture_calls)
+        set_tests_properties(fuzz_capture_calls_cuemu_defer${defer} PROPERTIES
+                             LABELS "cpu;threads" TIMEOUT 600 ENVIRONMENT "CUEMU_DEFER=${defer}")
+    endforeach()
+
     # the stand-in's several devices (CUEMU_DEVICES) keep CUDA's rules (the multi-GPU replay's
     # test relies on them)
     add_executable(test_cuemu_devices ${KVT_TEST_DIR}/unit/test_cuemu_devices.c ${KVT_CUEMU_OBJS})
