@@ -26,6 +26,7 @@ kvt_add_fuzz(trace_read LIBS kvt_traces EXTRA_INPUTS ${KVT_TEST_DIR}/golden)
 kvt_add_fuzz(trace_header LIBS kvt_replay kvt_traces INCLUDES ${KVT_SOURCE_ROOT}/traces
              DEFINES KVT_FUZZ_BODY_TRACE="${KVT_TEST_DIR}/golden/v1_small.kvt")
 kvt_add_fuzz(results_read LIBS kvt_analysis)
+kvt_add_fuzz(results_merge LIBS kvt_analysis)
 kvt_add_fuzz(policy_list LIBS kvt_replay)
 kvt_add_fuzz(budgets LIBS kvt_replay)
 kvt_add_fuzz(selection_read LIBS kvt_analysis)
