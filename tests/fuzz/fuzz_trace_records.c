@@ -58,10 +58,11 @@ static uint64_t g_rng;
 enum fault {
     F_NONE,
     F_GAP,       /* one record left out */
-    F_TOK_PAST,  /* the last record one token longer */
-    F_HEAD_PAST, /* the last record one head more */
-    F_DIM,       /* one record of dim + 1 (the writer refuses it: a gap) */
-    F_DTYPE,     /* one record of another dtype (refused likewise) */
+    F_TOK_PAST,  /* one token more than the shape (in the last records along tokens) */
+    F_HEAD_PAST, /* one head more than the shape (in the last records along heads) */
+    F_DIM,       /* one record of dim + 1 (the writer refuses whichever of the tensor's records
+                    disagrees with its first: a gap, or a tensor of that dim) */
+    F_DTYPE,     /* one record of another dtype (likewise) */
     F_MISSING,   /* the tensor not written */
     F_TWICE,     /* the tensor written again (refused: overlaps) */
     F_NAN,       /* a NaN in it */
@@ -349,8 +350,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     kvt_fuzz_src s = {data, size};
     shape sh;
-    if (!write_trace(&s, &sh))
+    if (!write_trace(&s, &sh)) {
+        unlink(g_path);
         return 0;
+    }
     kvt_verify_report rep;
     if (kvt_trace_verify(g_path, &rep) == KVT_OK)
         kvt_verify_report_free(&rep);
