@@ -5,6 +5,8 @@
 #ifndef KVT_REPLAY_INTERNAL_H
 #define KVT_REPLAY_INTERNAL_H
 
+#include <math.h>
+
 #include "kvt_replay.h"
 
 #define KVT_NM KVT_N_MODALITIES
@@ -228,6 +230,21 @@ static inline int kvt_ctx_heads(const kvt_layer_ctx *c, bool per_query)
 static inline int kvt_ctx_kv_of(const kvt_layer_ctx *c, bool per_query, int h)
 {
     return per_query ? h / c->Gs : h;
+}
+
+/* The norm of KV head g's mean unit key as the diversity scores (keydiff, MixKV's KeyDiff term)
+ * use it, or 0 when it is at most 1e-9: keys that cancel out leave a mean whose direction is the
+ * sums' rounding, which the CPU's and the GPU's sums settle differently (analysis/RESULTS.md);
+ * it is taken as zero, and every such score ties. */
+#define KVT_MEAN_KEY_EPS 1e-9
+static inline double kvt_ctx_mean_key_norm(const kvt_layer_ctx *c, int g)
+{
+    const double *m = c->kmean + (size_t)g * c->D;
+    double s = 0.0;
+    for (int e = 0; e < c->D; e++)
+        s += m[e] * m[e];
+    s = sqrt(s);
+    return s > KVT_MEAN_KEY_EPS ? s : 0.0;
 }
 
 /** SnapKV window scores (POLICIES §0.1): mean over the last W window queries, GQA reduction

@@ -18,11 +18,7 @@ static kvt_status sel_keydiff(kvt_layer_ctx *c, const kvt_policy *p, const int *
     double *cosm = kvt_malloc((size_t)c->Hkv * T * sizeof(double));
     KVT_RETURN_IF(!cosm, KVT_ERR_NOMEM, "keydiff: out of memory");
     for (int g = 0; g < c->Hkv; g++) {
-        const double *m = c->kmean + (size_t)g * D;
-        double nm = 0.0;
-        for (int e = 0; e < D; e++)
-            nm += m[e] * m[e];
-        nm = sqrt(nm);
+        const double *m = c->kmean + (size_t)g * D, nm = kvt_ctx_mean_key_norm(c, g);
         for (int j = 0; j < T; j++) {
             const float *k = c->ku + ((size_t)g * T + j) * D;
             double d = 0.0;

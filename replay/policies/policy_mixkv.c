@@ -98,10 +98,11 @@ static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double 
         /* KeyDiff: delta = -<unit key, mean unit key over all T>, min-max (+1e-8) over P */
         const double *m = c->kmean + (size_t)g * D;
         const float *ku = c->ku + (size_t)g * T * D;
+        const bool m0 = kvt_ctx_mean_key_norm(c, g) == 0.0; /* no direction: every delta 0 */
         mn = INFINITY, mx = -INFINITY, mu = 0.0;
         for (int j = 0; j < P; j++) {
             double d = 0.0;
-            for (int e = 0; e < D; e++)
+            for (int e = 0; e < D && !m0; e++)
                 d += (double)ku[(size_t)j * D + e] * m[e];
             dv[j] = -d;
             mn = dv[j] < mn ? dv[j] : mn;

@@ -343,6 +343,13 @@ def adakv_caps(pooled, b, alpha=0.2, normalize=True, layer=0, skip=0, margin=Non
 # --------------------------------------------------------------------------------------------
 # MixKV §4.1
 # --------------------------------------------------------------------------------------------
+def mean_key(kh):
+    """The mean unit key the diversity scores use: zero when its norm is at most 1e-9 (keys
+    that cancel out: its direction is rounding, analysis/RESULTS.md), so every score ties."""
+    m = kh.mean(axis=0)
+    return m if np.linalg.norm(m) > 1e-9 else np.zeros_like(m)
+
+
 def mixkv_composite(p, Kg, Vg, W, clamp_r=True):
     """c[j] over the prefix for one head: p pooled attention [|P|], Kg/Vg the KV head's keys and
     values [N, D]. Returns (c, r)."""
@@ -361,7 +368,7 @@ def mixkv_composite(p, Kg, Vg, W, clamp_r=True):
     vprime = uh * mp / ((uh.mean() if nP else 0.0) + 1e-8)
     # diversity: KeyDiff, unit-key mean over ALL N keys
     kh = unit_rows(Kg)
-    m = kh.mean(axis=0)
+    m = mean_key(kh)
     delta = -(kh[:nP] @ m)
     if nP > 0:
         dh = (delta - delta.min()) / (delta.max() - delta.min() + 1e-8)
@@ -563,7 +570,7 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
                 full = np.linalg.norm(ctx.V[g], axis=1)
             elif name == "keydiff":
                 kh = unit_rows(ctx.K[g])
-                full = -(kh @ kh.mean(axis=0))
+                full = -(kh @ mean_key(kh))
             else:
                 if ctx.Pd is None:
                     raise ValueError("oracle needs decode queries")

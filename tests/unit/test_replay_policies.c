@@ -275,6 +275,21 @@ static void test_positions_and_norms(void)
     s = tl_select(&in, "keydiff", B + 2, 1);
     EXPECT_KEPT(s, 0, 0, -1, "0,3");
     kvt_layer_selection_free(s);
+
+    /* keys that cancel out (D = 1, each key's negative to an f32 ulp; fuzz_trace_records found
+     * such a head, where the CPU and the GPU kept different sets): the mean unit key is zero
+     * but for the sums' rounding (here 7e-18 on the CPU, which ranked every negative key
+     * first), so it counts as zero and keydiff's scores tie: the lower indices */
+    const float kc[16] = {1.7787472f,   1.27351642f,  -0.153476298f, -1.77874744f,
+                          1.10558116f,  0.948594809f, -1.10558128f,  -0.134706736f,
+                          1.29151905f,  -1.27351642f, 1.31802881f,   -1.31802893f,
+                          -1.29151893f, 0.134706721f, -0.948594689f, 0.153476298f};
+    const float vc[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    kvt_layer_input ic = layer1d(16, 1, 1, 1, kc, vc, q);
+    const int B5[] = {5};
+    s = tl_select(&ic, "keydiff", B5, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,4");
+    kvt_layer_selection_free(s);
 }
 
 static void test_tova_h2o_oracle(void)
