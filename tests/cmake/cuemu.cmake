@@ -88,6 +88,17 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     target_compile_definitions(fuzz_capture_calls_cuemu PRIVATE KVT_FUZZ_CUDA)
     target_link_libraries(fuzz_capture_calls_cuemu PRIVATE ${KVT_CUEMU_LIBS})
     set_target_properties(fuzz_capture_calls_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    # and the trace-records target: the whole replay with --device cuda against the CPU's on
+    # traces whose records do not fit together
+    add_executable(fuzz_trace_records_cuemu ${KVT_TEST_DIR}/fuzz/fuzz_trace_records.c
+                   ${KVT_TEST_DIR}/fuzz/fuzz_driver.c ${KVT_CUEMU_OBJS})
+    kvt_target_defaults(fuzz_trace_records_cuemu)
+    target_compile_definitions(fuzz_trace_records_cuemu PRIVATE KVT_FUZZ_CUDA)
+    target_link_libraries(fuzz_trace_records_cuemu PRIVATE ${KVT_CUEMU_LIBS})
+    set_target_properties(fuzz_trace_records_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    add_test(NAME fuzz_trace_records_cuemu COMMAND fuzz_trace_records_cuemu
+             ${KVT_TEST_DIR}/fuzz/corpus/trace_records)
+    set_tests_properties(fuzz_trace_records_cuemu PROPERTIES LABELS "cpu;noasan" TIMEOUT 600)
     foreach(defer 0 1)
         add_test(NAME fuzz_capture_calls_cuemu_defer${defer} COMMAND fuzz_capture_calls_cuemu
                  ${KVT_TEST_DIR}/fuzz/corpus/capture_calls)

@@ -16,6 +16,7 @@
  */
 #define _GNU_SOURCE
 #include <math.h>
+#include <stddef.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -346,6 +347,66 @@ out:
     kvt_trace_reader_close(r);
 }
 
+#ifdef KVT_FUZZ_CUDA
+/* Built on cuemu (the ctest fuzz_trace_records_cuemu): the whole replay with --device cuda
+ * must fail where the CPU's fails and agree with it otherwise, within the bounds
+ * test_replay_fast_vs_ref.sh documents between the CPU's fast kernels and the references (which
+ * the CUDA kernels follow): coverage from f32 cosine tables within 1e-6, output errors within
+ * 1e-3 (an f32 ulp of a probability, amplified by a small ||o||), every other metric within
+ * 1e-9; NaN where NaN. */
+static bool near(double a, double b, double tol)
+{
+    if (isnan(a) || isnan(b))
+        return isnan(a) && isnan(b);
+    const double m = fabs(a) > fabs(b) ? fabs(a) : fabs(b);
+    return fabs(a - b) <= tol * (m > 1.0 ? m : 1.0);
+}
+
+/* the bound of the metric at byte offset off of kvt_head_metrics */
+static double bound(size_t off)
+{
+    const size_t cm = offsetof(kvt_head_metrics, coverage_mod);
+    if (off == offsetof(kvt_head_metrics, err_window) ||
+        off == offsetof(kvt_head_metrics, err_decode))
+        return 1e-3;
+    if (off == offsetof(kvt_head_metrics, coverage) ||
+        off == offsetof(kvt_head_metrics, coverage_radius) ||
+        off == offsetof(kvt_head_metrics, coverage_dropped) ||
+        (off >= cm && off < cm + sizeof(((kvt_head_metrics *)0)->coverage_mod)))
+        return 1e-6;
+    return 1e-9;
+}
+
+static void same_on_device(int pi, kvt_status st_cpu, const kvt_trace_result *cpu)
+{
+    kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 4, .device = KVT_DEVICE_CUDA};
+    kvt_trace_result *gpu = NULL;
+    char e_cpu[300];
+    snprintf(e_cpu, sizeof(e_cpu), "%s", st_cpu ? kvt_error_msg() : "ok");
+    const kvt_status st =
+        kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &gpu);
+    bool same = !st == !st_cpu;
+    if (same && !st) {
+        const size_t n = cpu->n_policies * cpu->n_budgets * (size_t)cpu->n_layers *
+                         (size_t)cpu->n_q_heads * (sizeof(kvt_head_metrics) / sizeof(double));
+        const double *a = (const double *)cpu->m, *b = (const double *)gpu->m;
+        const size_t per = sizeof(kvt_head_metrics) / sizeof(double);
+        for (size_t i = 0; i < n && same; i++)
+            same = near(a[i], b[i], bound(i % per * sizeof(double)));
+        for (int i = 0; i < cpu->n_layers * cpu->n_kv_heads && same; i++)
+            same = near(cpu->r_all[i], gpu->r_all[i], 1e-9);
+    }
+    if (!same) {
+        fprintf(stderr,
+                "fuzz_trace_records: the replay on the CPU (%s) and with --device cuda "
+                "(%s) disagree\n",
+                e_cpu, st ? kvt_error_msg() : "ok");
+        abort();
+    }
+    kvt_trace_result_free(gpu);
+}
+#endif
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     kvt_fuzz_src s = {data, size};
@@ -362,8 +423,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 4};
         kvt_trace_result *res;
         const int pi = sh.G > 0;
-        if (kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &res) ==
-            KVT_OK)
+        const kvt_status st =
+            kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &res);
+#ifdef KVT_FUZZ_CUDA
+        same_on_device(pi, st, st ? NULL : res);
+#endif
+        if (st == KVT_OK)
             kvt_trace_result_free(res);
     }
     differential(&sh);
