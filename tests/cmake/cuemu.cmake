@@ -80,22 +80,18 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
                              ENVIRONMENT "KVT_COLSUM_BENCH_T=0;KVT_TEST_DELAY_BYTES=4096;CUEMU_DEVICES=2")
     endforeach()
 
-    # the capture API's contract under any order of calls (tests/fuzz/fuzz_capture_calls.c) with
-    # device views where the input says so, over the target's corpus; streams deferred too
-    add_executable(fuzz_capture_calls_cuemu ${KVT_TEST_DIR}/fuzz/fuzz_capture_calls.c
-                   ${KVT_TEST_DIR}/fuzz/fuzz_driver.c ${KVT_CUEMU_OBJS})
-    kvt_target_defaults(fuzz_capture_calls_cuemu)
-    target_compile_definitions(fuzz_capture_calls_cuemu PRIVATE KVT_FUZZ_CUDA)
-    target_link_libraries(fuzz_capture_calls_cuemu PRIVATE ${KVT_CUEMU_LIBS})
-    set_target_properties(fuzz_capture_calls_cuemu PROPERTIES LINKER_LANGUAGE CXX)
-    # and the trace-records target: the whole replay with --device cuda against the CPU's on
+    # two fuzz targets again, with device code (KVT_FUZZ_CUDA), over their corpora: the capture
+    # API's contract under any order of calls with device views where the input says so
+    # (streams deferred too), and the whole replay with --device cuda against the CPU's on
     # traces whose records do not fit together
-    add_executable(fuzz_trace_records_cuemu ${KVT_TEST_DIR}/fuzz/fuzz_trace_records.c
-                   ${KVT_TEST_DIR}/fuzz/fuzz_driver.c ${KVT_CUEMU_OBJS})
-    kvt_target_defaults(fuzz_trace_records_cuemu)
-    target_compile_definitions(fuzz_trace_records_cuemu PRIVATE KVT_FUZZ_CUDA)
-    target_link_libraries(fuzz_trace_records_cuemu PRIVATE ${KVT_CUEMU_LIBS})
-    set_target_properties(fuzz_trace_records_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    foreach(f capture_calls trace_records)
+        add_executable(fuzz_${f}_cuemu ${KVT_TEST_DIR}/fuzz/fuzz_${f}.c
+                       ${KVT_TEST_DIR}/fuzz/fuzz_driver.c ${KVT_CUEMU_OBJS})
+        kvt_target_defaults(fuzz_${f}_cuemu)
+        target_compile_definitions(fuzz_${f}_cuemu PRIVATE KVT_FUZZ_CUDA)
+        target_link_libraries(fuzz_${f}_cuemu PRIVATE ${KVT_CUEMU_LIBS})
+        set_target_properties(fuzz_${f}_cuemu PROPERTIES LINKER_LANGUAGE CXX)
+    endforeach()
     add_test(NAME fuzz_trace_records_cuemu COMMAND fuzz_trace_records_cuemu
              ${KVT_TEST_DIR}/fuzz/corpus/trace_records)
     set_tests_properties(fuzz_trace_records_cuemu PROPERTIES LABELS "cpu;noasan" TIMEOUT 600)
