@@ -103,9 +103,10 @@ typedef struct hview {
     size_t es;
     int64_t n_h, n_t, n_d;
     int64_t s_h, s_t, s_d;
-    bool dev;     /* KVT_MEM_CUDA */
-    int device;   /* CUDA ordinal */
-    void *stream; /* producer stream */
+    int64_t lo, hi; /* the elements the view reaches: offsets lo..hi from element [0, 0, 0] */
+    bool dev;       /* KVT_MEM_CUDA */
+    int device;     /* CUDA ordinal */
+    void *stream;   /* producer stream */
 } hview;
 
 static kvt_status check_view(const struct kvt_tensor_view *v, const char *what, int64_t want_h,
@@ -144,6 +145,7 @@ static kvt_status check_view(const struct kvt_tensor_view *v, const char *what, 
     int64_t ext[3] = {out->n_h - 1, out->n_t - 1, out->n_d - 1};
     int64_t st[3] = {out->s_h, out->s_t, out->s_d};
     int64_t span = 0;
+    out->lo = out->hi = 0;
     for (int i = 0; i < 3; i++) {
         int64_t p;
         int64_t sa = st[i] < 0 ? -st[i] : st[i];
@@ -151,6 +153,10 @@ static kvt_status check_view(const struct kvt_tensor_view *v, const char *what, 
                           __builtin_add_overflow(span, p, &span) ||
                           __builtin_mul_overflow(span, (int64_t)out->es, &p),
                       KVT_ERR_INVALID_ARG, "%s: strides overflow", what);
+        if (st[i] < 0) /* |lo| + hi = span: no overflow either */
+            out->lo += st[i] * ext[i];
+        else
+            out->hi += st[i] * ext[i];
     }
     return KVT_OK;
 }
@@ -278,15 +284,8 @@ static kvt_status need_dev(kvt_capture_session *s, hview *v, int slot)
     }
     if (v->device == s->dev_device)
         return KVT_OK;
-    const int64_t ext[3] = {v->n_h - 1, v->n_t - 1, v->n_d - 1}, st[3] = {v->s_h, v->s_t, v->s_d};
-    int64_t lo = 0, hi = 0; /* the elements reached, as offsets from element [0, 0, 0] */
-    for (int i = 0; i < 3; i++) {
-        if (st[i] < 0)
-            lo += st[i] * ext[i];
-        else
-            hi += st[i] * ext[i];
-    }
-    const size_t bytes = (size_t)(hi - lo + 1) * v->es; /* check_view: no overflow */
+    const int64_t lo = v->lo;
+    const size_t bytes = (size_t)(v->hi - lo + 1) * v->es; /* check_view: no overflow */
     KVT_FORWARD(grow((void **)&s->other[slot], &s->other_cap[slot], bytes));
     KVT_FORWARD(
         dev_fail(s, kvt_capdev_copy_to_host(v->device, v->stream, v->data + lo * (int64_t)v->es,
