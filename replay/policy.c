@@ -510,12 +510,17 @@ kvt_status kvt_policy_list_parse(const char *list, const kvt_policy_globals *g, 
     for (size_t i = 1; i < n_specs; i++) { /* "scores=a,b.npy": a path cut at its comma */
         const char *last = strrchr(specs[i - 1], ','), *c = strchr(specs[i - 1], ':');
         last = last ? last + 1 : c ? c + 1 : specs[i - 1];
-        if (!strchr(specs[i], ':') && !strncmp(last, "scores=", 7) && strpbrk(specs[i], "./") &&
+        const char *eq = strchr(last, '=');
+        char key[32] = "";
+        if (eq && (size_t)(eq - last) < sizeof(key))
+            memcpy(key, last, (size_t)(eq - last));
+        const opt_desc *od = find_opt(key);
+        if (!strchr(specs[i], ':') && od && od->kind == O_STR && strpbrk(specs[i], "./") &&
             !kvt_policy_def_find(specs[i])) { /* a path's rest */
             st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                               "'%s' after '%s' is not a policy: a scores= path may not contain a "
+                               "'%s' after '%s' is not a policy: a %s= path may not contain a "
                                "comma (options are comma-separated)",
-                               specs[i], specs[i - 1]);
+                               specs[i], specs[i - 1], key);
             goto out_free;
         }
     }

@@ -865,6 +865,11 @@ static void test_parse(void)
                       KVT_ERR_INVALID_ARG);
     KVT_CHECK(kvt_policy_list_parse("quest:group=sum,snapkv:reduce=mean", NULL, &ps, &n));
     kvt_policy_list_free(ps, n);
+    /* a path cut at a comma is named as such, for every option that takes a path */
+    KVT_EXPECT_STATUS(kvt_policy_list_parse("mixkv-snapkv:rtable=/tmp/a,b.json", NULL, &ps, &n),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "a rtable= path may not contain a comma"), "%s",
+                   kvt_error_msg());
     /* label=NAME, accepted by every policy: the label, not an option; labels are unique */
     KVT_CHECK(
         kvt_policy_list_parse("snapkv:kernel=7,label=k7,knorm:label=norms,snapkv", NULL, &ps, &n));
