@@ -77,6 +77,8 @@ static const opt_desc opts_table[] = {
      "score file: SparseMM/HeadKV head scores (JSON), external token scores (.npy, or a directory "
      "of NAME.npy per trace NAME.kvt)"},
     {"rtable", O_STR, OFF(rtable), 0, 0, "MixKV offline redundancy table (JSON)"},
+    {"filters", O_STR, OFF(filters), 0, 0,
+     "qfilter: Q-filters (.npy [layers, KV heads, head dim], kvpress's q_filters)"},
     {"page", O_INT, OFF(page), 1, 1e6, "Quest page size"},
     {"dense_layers", O_INT, OFF(dense_layers), 0, 1e6, "Quest: first layers left dense"},
     {"group", O_REDUCE, OFF(group), KVT_REDUCE_MAX, KVT_REDUCE_SUM, "Quest GQA page score max|sum"},
@@ -339,6 +341,7 @@ void kvt_policy_free(kvt_policy *p)
         p->def->fini(p);
     kvt_free(p->o.scores);
     kvt_free(p->o.rtable);
+    kvt_free(p->o.filters);
     kvt_free(p->label);
     kvt_free(p);
 }

@@ -29,6 +29,7 @@ typedef struct kvt_policy_opts {
     double ratio;           /* SparseMM min ratio */
     char *scores;           /* SparseMM head-score JSON file (owned) */
     char *rtable;           /* MixKV offline redundancy table JSON (owned); NULL = online r */
+    char *filters;          /* qfilter: Q-filters .npy [L, Hkv, D] (owned); NULL = calibrated */
     int page;               /* Quest page size P */
     int dense_layers;       /* Quest: layers < dense_layers keep everything */
     kvt_reduce group;       /* Quest: GQA page-score aggregation max | sum */
@@ -328,6 +329,11 @@ kvt_status kvt_adakv_alloc_sorted(const double *sorted, int H, int P, int b, int
  *  computed from the per-head prefix scores alloc_s [H', T-W]; short prompts keep all. */
 kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const double *alloc_s,
                             const int *B, int n_b, kvt_layer_selection *sel);
+
+/** The unit eigenvector x [n] of the largest eigenvalue of the symmetric a [n, n] (row-major,
+ *  destroyed): Householder tridiagonalisation, bisection on Sturm counts, inverse iteration
+ *  (qfilter's calibration). An all-zero a gives e_0. w: scratch [n * n + 8 n]. */
+void kvt_sym_top_eigvec(double *a, int n, double *x, double *w);
 
 /** Score policies (knorm, vnorm, keydiff): rank the prefix [0, T-W) of each head by
  *  sign * x[g][j] (x is a per-KV-head array [Hkv, T]), window W = p->o.window, uniform counts. */

@@ -40,10 +40,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
     kvt_fuzz_scratch_path(g_path, sizeof(g_path), "records");
-    /* policies that read K and V on the host (knorm, keydiff, mixkv's diversity), the window's
-       attention (snapkv, adakv), positions alone (streamingllm), and the decode queries */
+    /* policies that read K and V on the host (knorm, keydiff, mixkv's diversity, qfilter, which
+       also calibrates on the window queries), the window's attention (snapkv, adakv), positions
+       alone (streamingllm), and the decode queries */
     const char *set[2] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
-                          "mixkv-snapkv:window=1",
+                          "mixkv-snapkv:window=1,qfilter",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "oracle,quest:page=2,dense_layers=0"};
     for (int i = 0; i < 2; i++)

@@ -4,7 +4,7 @@
  * (3a/3b, normalize, ties) and its sums, SparseMM's static caps, MixKV cross-checks
  * (r = 1 is KeyDiff, r = 0 with flat value norms is SnapKV), MixKV on SparseMM (a composite
  * worked by hand; SparseMM's counts, mixkv-snapkv's ranking), ChunkKV's whole chunks, Quest
- * pages, oracle, merging.
+ * pages, oracle, merging, qfilter's calibration and its eigenvector solver.
  * Keys are 1-D (D = 1, scale 1) where possible so the logits are the key values.
  */
 #include "replay_test_util.h"
@@ -845,6 +845,131 @@ static void test_like_policies(void)
     tl_free(&t);
 }
 
+/* kvt_sym_top_eigvec: the residual of the pair it returns, and that no other direction has a
+ * larger Rayleigh quotient, on random and awkward symmetric matrices */
+static void check_top_eig(const double *a0, int n, const char *what)
+{
+    double *a = malloc((size_t)n * n * sizeof(double)), *x = malloc((size_t)n * sizeof(double));
+    double *w = malloc(((size_t)n * n + 8 * (size_t)n) * sizeof(double));
+    double *y = malloc((size_t)n * sizeof(double));
+    memcpy(a, a0, (size_t)n * n * sizeof(double));
+    kvt_sym_top_eigvec(a, n, x, w);
+    double nx = 0, lam = 0, anorm = 0, res = 0;
+    for (int i = 0; i < n; i++) {
+        nx += x[i] * x[i];
+        y[i] = 0;
+        for (int j = 0; j < n; j++) {
+            y[i] += a0[(size_t)i * n + j] * x[j];
+            anorm = fmax(anorm, fabs(a0[(size_t)i * n + j]));
+        }
+        lam += x[i] * y[i];
+    }
+    for (int i = 0; i < n; i++)
+        res = fmax(res, fabs(y[i] - lam * x[i]));
+    KVT_EXPECT_MSG(fabs(nx - 1) < 1e-12, "%s: |x|^2 = %.17g", what, nx);
+    KVT_EXPECT_MSG(res <= 1e-12 * n * fmax(anorm, 1e-300), "%s: residual %g (|a| %g)", what, res,
+                   anorm);
+    kvt_rng r;
+    kvt_rng_seed(&r, 99);
+    for (int t = 0; t < 200; t++) { /* random directions, and the axes */
+        double num = 0, den = 0;
+        for (int i = 0; i < n; i++)
+            y[i] = t < n ? i == t : kvt_rng_normal(&r);
+        for (int i = 0; i < n; i++) {
+            den += y[i] * y[i];
+            for (int j = 0; j < n; j++)
+                num += y[i] * a0[(size_t)i * n + j] * y[j];
+        }
+        KVT_EXPECT_MSG(num / den <= lam + 1e-12 * n * anorm,
+                       "%s: a direction's quotient %.17g "
+                       "above the eigenvalue %.17g",
+                       what, num / den, lam);
+    }
+    free(a), free(x), free(w), free(y);
+}
+
+static void test_qfilter(void)
+{
+    kvt_rng r;
+    kvt_rng_seed(&r, 5);
+    const int ns[] = {1, 2, 3, 5, 8, 64, 128};
+    double *a = malloc(128 * 128 * sizeof(double)), *q = malloc(300 * 128 * sizeof(double));
+    for (size_t t = 0; t < sizeof(ns) / sizeof(ns[0]); t++) {
+        const int n = ns[t];
+        char what[64];
+        for (int i = 0; i < n; i++) /* random symmetric */
+            for (int j = 0; j <= i; j++)
+                a[i * n + j] = a[j * n + i] = kvt_rng_normal(&r);
+        snprintf(what, sizeof(what), "random %d", n);
+        check_top_eig(a, n, what);
+        for (int i = 0; i < 300 * n; i++) /* q^T q of 300 anisotropic rows, as calibration */
+            q[i] = kvt_rng_normal(&r) * (i % n == 1 ? 5.0 : 1.0) - (i % n == 0 ? 2.0 : 0.0);
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) {
+                double c = 0;
+                for (int k = 0; k < 300; k++)
+                    c += q[k * n + i] * q[k * n + j];
+                a[i * n + j] = c;
+            }
+        snprintf(what, sizeof(what), "gram %d", n);
+        check_top_eig(a, n, what);
+        for (int i = 0; i < n * n; i++) /* negative definite diagonal: the least negative */
+            a[i] = i % (n + 1) ? 0.0 : -1.0 - (i / (n + 1)) % 3;
+        snprintf(what, sizeof(what), "negative diagonal %d", n);
+        check_top_eig(a, n, what);
+        for (int i = 0; i < n * n; i++) /* repeated top eigenvalue: any vector of its space */
+            a[i] = i % (n + 1) ? 0.0 : 2.0;
+        snprintf(what, sizeof(what), "identity %d", n);
+        check_top_eig(a, n, what);
+        for (int i = 0; i < n * n; i++) /* distinct diagonal, the largest last */
+            a[i] = i % (n + 1) ? 0.0 : i / (n + 1);
+        snprintf(what, sizeof(what), "increasing diagonal %d", n);
+        check_top_eig(a, n, what);
+        for (int i = 0; i < n; i++) /* sparse: the tridiagonal form splits into blocks */
+            for (int j = 0; j <= i; j++)
+                a[i * n + j] = a[j * n + i] = kvt_rng_uniform(&r) < 0.8 ? 0.0 : kvt_rng_normal(&r);
+        snprintf(what, sizeof(what), "sparse %d", n);
+        check_top_eig(a, n, what);
+        memset(a, 0, (size_t)n * n * sizeof(double)); /* zero */
+        snprintf(what, sizeof(what), "zero %d", n);
+        check_top_eig(a, n, what);
+    }
+    /* columns with nothing below the diagonal (no reflection) and a block that has */
+    const double blk[16] = {1, 0, 0, 0, 0, 3, 0, 2, 0, 0, 0, 0, 0, 2, 0, 3};
+    check_top_eig(blk, 4, "block");
+    free(a);
+    free(q);
+
+    /* D = 2, two query heads over one KV head, two window queries each. heads=kv: the queries
+     * (-3,0) (-1,0) (0,2) (0,1) give sum q q^T = diag(10, 5), f = +-(1,0); the projections sum
+     * to -4 with (1,0), so f = (1,0) and token j scores -k_j.x: 3 (2), 1 (1), 2 (0), 4 (-1),
+     * 0 (-3). heads=query: head 1 alone has diag(0, 5), f = (0,-1) (its projections on (0,1)
+     * sum to 3 > 0), scores k_j.y: 1 (5), 4 (1), 0 and 2 (0, ties to the earlier), 3 (-9). */
+    const float k[10] = {3, 0, -1, 5, 0, 0, -2, -9, 1, 1}, v[10] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    const float qw[8] = {-3, 0, -1, 0, 0, 2, 0, 1};
+    kvt_layer_input in = tl_layer(5, 2, 2, 1, 2, k, v, qw);
+    const int B[] = {2, 3, 4};
+    kvt_layer_selection *s = tl_select(&in, "qfilter", B, 3);
+    EXPECT_KEPT(s, 0, 0, -1, "1,3");
+    EXPECT_KEPT(s, 1, 0, -1, "1,2,3");
+    EXPECT_KEPT(s, 2, 0, -1, "1,2,3,4");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "qfilter:window=1", B, 1); /* token 4 first, then 3 */
+    EXPECT_KEPT(s, 0, 0, -1, "3,4");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "qfilter:heads=query", B, 3);
+    EXPECT_KEPT(s, 0, 0, -1, "1,3");
+    EXPECT_KEPT(s, 0, 1, -1, "1,4");
+    EXPECT_KEPT(s, 2, 1, -1, "0,1,2,4");
+    kvt_layer_selection_free(s);
+    /* every query zero: f = 0, all scores tie, the earliest tokens */
+    const float qz[8] = {0};
+    in.q_window = qz;
+    s = tl_select(&in, "qfilter", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1");
+    kvt_layer_selection_free(s);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -939,7 +1064,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 27);
+    KVT_EXPECT(kvt_policy_registry_size() == 28);
 }
 
 int main(void)
@@ -956,6 +1081,7 @@ int main(void)
     test_mixkv_sparsemm();
     test_quest();
     test_like_policies();
+    test_qfilter();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }

@@ -1,0 +1,147 @@
+#!/usr/bin/python3
+"""test_qfilter.py - `kvtrace replay --policy qfilter` against NumPy, written from kvpress's
+QFilterPress.score (kvpress/presses/qfilter_press.py @00a150c: score = -<f, k> per KV head) and
+the calibration kvtrace documents (analysis/RESULTS.md): f = the top eigenvector of the sum of
+q q^T over the window queries of the head's query heads (numpy.linalg.eigh), oriented so that
+the queries' projections on it sum to at most zero. kvpress then keeps the top n_kept; the check
+breaks ties toward the earlier token, as kvtrace documents, and computes in float64.
+
+Traces: a llama2.c capture (T = 150, MHA, D = 8) and a llama3-8b-shaped synthetic one (bf16,
+GQA 4, D = 128); filters given as a file ([L, Hkv, D], and [L, Hq, D] with heads=query) and
+calibrated, with and without a window. A trace whose one head's queries are zero (f = 0: ties,
+the earliest tokens) and the refusals (a file of another shape, NaN in it, an option qfilter
+does not take) are checked too. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without
+NumPy, the CLI or the library.
+"""
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_test import (ROOT, check, compare_kept, copy_trace, finish,  # noqa: E402
+                      need_library, replay_export, run)  # (exits 77 without NumPy or the CLI)
+import numpy as np  # noqa: E402
+
+kvtrace = need_library()
+
+
+def calibrated(Q):
+    """The filter of the queries Q [n, D] (float64)."""
+    w, vec = np.linalg.eigh(Q.T @ Q)
+    if not np.any(Q):
+        return np.zeros(Q.shape[1])
+    f = vec[:, -1]
+    s = (Q @ f).sum()
+    big = int(np.argmax(np.abs(f)))
+    if s > 0 or (s == 0 and f[big] > 0):
+        f = -f
+    return f
+
+
+def compare(name, path, spec, budgets, work, filters=None, window=0):
+    exp = replay_export(path, spec, budgets, work)
+    recs = exp["records"]
+    per_query = exp["policies"][0]["granularity"] == "query_head"
+    with kvtrace.open(path) as t:
+        T = t.header["n_tokens"]
+        m = t.header["model"]
+        G = m["n_q_heads"] // m["n_kv_heads"]
+        cache = {}
+
+        def order_of(r):
+            layer, h = r["layer"], r["head"]
+            if layer not in cache:
+                cache.clear()
+                cache[layer] = (t.read("K", layer, dtype="float32").astype(np.float64),
+                                t.read("Q_window", layer, dtype="float32").astype(np.float64))
+            K, Qw = cache[layer]
+            g = h // G if per_query else h
+            if filters is not None:
+                f = filters[layer, h if filters.shape[1] != K.shape[0] else g]
+            else:
+                rows = Qw[h:h + 1] if per_query else Qw[g * G:(g + 1) * G]
+                f = calibrated(rows.reshape(-1, rows.shape[-1]))
+            s = -(K[g] @ f.astype(np.float64))
+            P = T - min(window, T)
+            prefix = sorted(range(P), key=lambda j: (-s[j], j))
+            return list(range(T - 1, P - 1, -1)) + prefix
+        compare_kept(name, spec, recs, order_of)
+
+
+def refused(args, want, what):
+    r = run(*args, ok=False)
+    check(r.returncode != 0 and want in r.stderr,
+          "%s: exit %d, stderr %r (want %r)" % (what, r.returncode, r.stderr, want))
+
+
+def main():
+    rng = np.random.default_rng(7)
+    with tempfile.TemporaryDirectory() as work:
+        a = os.path.join(work, "a.kvt")
+        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+            "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)
+        s = os.path.join(work, "s.kvt")
+        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "-o", s)
+        with kvtrace.open(a) as t:
+            m = t.header["model"]
+            La, Hqa, Hkva, Da = m["n_layers"], m["n_q_heads"], m["n_kv_heads"], m["head_dim"]
+        with kvtrace.open(s) as t:
+            m = t.header["model"]
+            Ls, Hqs, Hkvs, Ds = 2, m["n_q_heads"], m["n_kv_heads"], m["head_dim"]
+
+        for spec, w in (("qfilter", 0), ("qfilter:window=4", 4), ("qfilter:heads=query", 0)):
+            compare("llama2c", a, spec, "1,3,10,40,50%,200", work, window=w)
+            compare("llama3-8b", s, spec, "8,60,50%", work, window=w)
+
+        fa = rng.standard_normal((La, Hkva, Da)).astype(np.float32)
+        pa = os.path.join(work, "fa.npy")
+        np.save(pa, fa)
+        compare("llama2c file", a, "qfilter:filters=" + pa, "1,3,10,40,50%", work, filters=fa)
+        fs = rng.standard_normal((Ls, Hkvs, Ds)).astype(np.float32)
+        ps = os.path.join(work, "fs.npy")
+        np.save(ps, fs)
+        compare("llama3-8b file", s, "qfilter:filters=" + ps, "8,60,50%", work, filters=fs)
+        compare("llama3-8b file", s, "qfilter:heads=query,filters=" + ps, "8,60", work,
+                filters=fs)
+        fq = rng.standard_normal((Ls, Hqs, Ds))  # float64, per query head
+        pq = os.path.join(work, "fq.npy")
+        np.save(pq, fq)
+        compare("llama3-8b query file", s, "qfilter:heads=query,filters=" + pq, "8,60,50%",
+                work, filters=fq)
+
+        # KV head 1's window queries all zero: f = 0, every score ties, the earliest are kept
+        Ga = Hqa // Hkva
+
+        def zero(kind, layer, x):
+            if kind == "Q_window" and layer == 1:
+                x[Ga:2 * Ga] = 0.0
+        z = copy_trace(a, os.path.join(work, "z.kvt"), edit=zero)
+        exp = replay_export(z, "qfilter", "5,10", work)
+        got = [r["kept"] for r in exp["records"] if r["layer"] == 1 and r["head"] == 1]
+        check(got == [list(range(5)), list(range(10))], "zero queries: kept %s" % got)
+        compare("zero queries", z, "qfilter", "5,10,50%", work)
+
+        out = os.path.join(work, "x.json")
+        base = ("replay", s, "--budgets", "8", "-o", out, "--force", "--policy")
+        refused(base + ("qfilter:filters=" + pq,), "this trace has 2 layers and 8 KV heads",
+                "query-head filters with heads=kv")
+        np.save(os.path.join(work, "bad_d.npy"), np.zeros((Ls, Hkvs, Ds // 2)))
+        refused(base + ("qfilter:filters=" + os.path.join(work, "bad_d.npy"),),
+                "filters of 64 dimensions; this trace's heads have 128", "head dim")
+        bad = fs.copy()
+        bad[1, 3, 5] = np.nan
+        np.save(os.path.join(work, "nan.npy"), bad)
+        refused(base + ("qfilter:filters=" + os.path.join(work, "nan.npy"),),
+                "nan at layer 1, head 3, dim 5", "NaN filter")
+        np.save(os.path.join(work, "two.npy"), np.zeros((Ls, Hkvs)))
+        refused(base + ("qfilter:filters=" + os.path.join(work, "two.npy"),),
+                "has 2 dimensions; expected 3", "2-D filters")
+        refused(base + ("qfilter:filters=" + os.path.join(work, "none.npy"),), "qfilter: ",
+                "missing file")
+        refused(base + ("qfilter:kernel=5",), "unknown option 'kernel'", "an option it lacks")
+    finish("test_qfilter")
+
+
+if __name__ == "__main__":
+    main()
