@@ -29,6 +29,8 @@ const kvt_policy_def *kvt_policy_def_find(const char *name)
 }
 
 /* ---- options ---- */
+static const char *const leverage_names[4] = {"key", "value", "kv_avg", "kv_product"};
+
 static const char *reduce_name(kvt_reduce r)
 {
     return r == KVT_REDUCE_MAX ? "max" : r == KVT_REDUCE_SUM ? "sum" : "mean";
@@ -45,7 +47,8 @@ typedef enum {
     O_STR,
     O_U64,
     O_TAU,
-    O_ALIGN
+    O_ALIGN,
+    O_LEVERAGE
 } okind;
 typedef struct opt_desc {
     const char *key;
@@ -71,7 +74,8 @@ static const opt_desc opts_table[] = {
      "external: AdaKV's head-adaptive budgets from the scores 0|1"},
     {"beta", O_DBL, OFF(beta), 1e-9, 1e9, "PyramidKV beta; HeadKV head_beta (>= 1)"},
     {"fallback", O_BOOL, OFF(fallback), 0, 0, "PyramidKV uniform fallback when N < 2(B-W)"},
-    {"sinks", O_INT, OFF(sinks), 0, 1e9, "sink tokens (streamingllm, expected-attention, lagkv)"},
+    {"sinks", O_INT, OFF(sinks), 0, 1e9,
+     "sink tokens (streamingllm, expected-attention, lagkv, cur)"},
     {"ratio", O_DBL, OFF(ratio), 0, 1, "SparseMM minimum share of b per head"},
     {"scores", O_STR, OFF(scores), 0, 0,
      "score file: SparseMM/HeadKV head scores (JSON), external token scores (.npy, or a directory "
@@ -103,6 +107,8 @@ static const opt_desc opts_table[] = {
     {"epsilon", O_DBL, OFF(epsilon), 0, 1e9, "expected-attention: added to scores before ||v||"},
     {"lag", O_INT, OFF(lag), 2, 1e6, "lagkv: partition size"},
     {"cross", O_BOOL, OFF(cross), 0, 0, "lagkv: compare scores across partitions, not ranks 0|1"},
+    {"leverage", O_LEVERAGE, OFF(leverage), 0, 0, "cur: key|value|kv_avg|kv_product"},
+    {"local", O_INT, OFF(local), 0, 1e6, "cur: block of the norms' normalisation (0: none)"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
@@ -289,6 +295,15 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: align=%s: expected prefix or kvpress",
                                  d->name, val);
         return KVT_OK;
+    case O_LEVERAGE:
+        for (int i = 0; i < 4; i++)
+            if (!strcmp(val, leverage_names[i])) {
+                p->o.leverage = (kvt_leverage)i;
+                return KVT_OK;
+            }
+        return kvt_error_set(KVT_ERR_INVALID_ARG,
+                             "%s: leverage=%s: expected key, value, kv_avg or kv_product", d->name,
+                             val);
     case O_ALLOC:
         if (!strcmp(val, "a") || !strcmp(val, "3a"))
             p->o.alloc = 'a';
@@ -631,6 +646,9 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         break;
     case O_ALIGN:
         snprintf(buf, cap, "%s%s%s", q, o->chunk_kvpress ? "kvpress" : "prefix", q);
+        break;
+    case O_LEVERAGE:
+        snprintf(buf, cap, "%s%s%s", q, leverage_names[o->leverage & 3], q);
         break;
     case O_STR: {
         const char *s = *(char *const *)(base + od->off);

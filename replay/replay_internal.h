@@ -12,6 +12,14 @@
 #define KVT_NM KVT_N_MODALITIES
 
 /* ---- options: one block for every policy; each definition lists the keys it accepts ---- */
+/* cur: what a token's leverage is made of */
+typedef enum kvt_leverage {
+    KVT_LEVERAGE_KEY,
+    KVT_LEVERAGE_VALUE,
+    KVT_LEVERAGE_KV_AVG,
+    KVT_LEVERAGE_KV_PRODUCT
+} kvt_leverage;
+
 typedef struct kvt_policy_opts {
     int window;             /* observation window W (protected recent tokens for score policies) */
     int kernel;             /* pooling kernel (odd) */
@@ -48,6 +56,8 @@ typedef struct kvt_policy_opts {
     double epsilon;         /* expected-attention: added to the scores before ||v|| */
     int lag;                /* lagkv: partition size */
     bool cross;             /* lagkv: scores compared across partitions (not ranks) */
+    kvt_leverage leverage;  /* cur: key | value | kv_avg | kv_product */
+    int local;              /* cur: local block of the norms' normalisation; 0 = none */
     uint64_t seed;          /* random */
 } kvt_policy_opts;
 

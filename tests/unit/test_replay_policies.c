@@ -4,7 +4,7 @@
  * (3a/3b, normalize, ties) and its sums, SparseMM's static caps, MixKV cross-checks
  * (r = 1 is KeyDiff, r = 0 with flat value norms is SnapKV), MixKV on SparseMM (a composite
  * worked by hand; SparseMM's counts, mixkv-snapkv's ranking), ChunkKV's whole chunks, Quest
- * pages, oracle, merging, qfilter's calibration and its eigenvector solver.
+ * pages, oracle, merging, qfilter's calibration and its eigenvector solver, cur's blocks.
  * Keys are 1-D (D = 1, scale 1) where possible so the logits are the key values.
  */
 #include "replay_test_util.h"
@@ -970,6 +970,32 @@ static void test_qfilter(void)
     kvt_layer_selection_free(s);
 }
 
+/* cur on D = 1: k = 1 2 1 1 3 0, v = 1: k2 = 1 4 1 1 9 0. Blocks of 2 (local=2) make k2
+ * .2 .8 .5 .5 1 0 and v2 .5 everywhere; kv_product .1 .4 .25 .25 .5 0 (over 1.5); sinks=1 puts
+ * token 0 first at 1: ranking 0, 4, 1, then 2 and 3 tied (the earlier first), 5. key alone with
+ * local=2 and no sinks: 4, 1, 2, 3, 0, 5; with local=0 (the plain norms): 4, 1, 0, 2, 3, 5. */
+static void test_cur(void)
+{
+    const float k[6] = {1, 2, 1, 1, 3, 0}, v[6] = {1, 1, 1, 1, 1, 1}, q[1] = {1};
+    kvt_layer_input in = layer1d(6, 1, 1, 1, k, v, q);
+    const int B[] = {3, 4};
+    kvt_layer_selection *s = tl_select(&in, "cur:local=2,sinks=1", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,4");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,2,4");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "cur:local=2,sinks=0,leverage=key", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "1,2,4");
+    EXPECT_KEPT(s, 1, 0, -1, "1,2,3,4");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "cur:local=0,sinks=0,leverage=key", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,4");
+    kvt_layer_selection_free(s);
+    /* leverage=value: every v2 ties (.5 in blocks of 2); the sinks, then the earliest */
+    s = tl_select(&in, "cur:local=2,leverage=value,sinks=2", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,2");
+    kvt_layer_selection_free(s);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1064,7 +1090,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 28);
+    KVT_EXPECT(kvt_policy_registry_size() == 29);
 }
 
 int main(void)
@@ -1082,6 +1108,7 @@ int main(void)
     test_quest();
     test_like_policies();
     test_qfilter();
+    test_cur();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
