@@ -1,6 +1,7 @@
 /* npy.c - read a NumPy .npy file of floats (np.save's format, versions 1.0 to 3.0): the magic
  * "\x93NUMPY", a version, a header length, a Python dict literal with 'descr', 'fortran_order'
- * and 'shape', then the array's bytes. Used by the external policy (scores=FILE.npy). Only
+ * and 'shape', then the array's bytes. Used by the external policy (scores=FILE.npy) and
+ * qfilter's filters (filters=FILE.npy). Only
  * what np.save writes for a C-ordered little-endian float16/32/64 array is accepted; anything
  * else is one clear error.
  */
@@ -212,4 +213,36 @@ void kvt_npy_free(kvt_npy *a)
 {
     kvt_free(a->data);
     memset(a, 0, sizeof(*a));
+}
+
+kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, const char *hint,
+                        kvt_npy **out)
+{
+    *out = NULL;
+    kvt_npy *a = kvt_calloc(1, sizeof(*a));
+    KVT_RETURN_IF(!a, KVT_ERR_NOMEM, "out of memory");
+    kvt_status st = kvt_read_npy(path, a);
+    if (st == KVT_OK && a->ndim != 3)
+        st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s has %d dimensions; expected 3: %s", path,
+                           a->ndim, dims);
+    if (st) {
+        kvt_npy_destroy(a);
+        return kvt_error_set(st, "%s: %s%s", policy, kvt_error_msg(), hint);
+    }
+    *out = a;
+    return KVT_OK;
+}
+
+void kvt_npy_destroy(kvt_npy *a)
+{
+    if (a) {
+        kvt_npy_free(a);
+        kvt_free(a);
+    }
+}
+
+void kvt_policy_fini_npy(kvt_policy *p)
+{
+    kvt_npy_destroy(p->state);
+    p->state = NULL;
 }

@@ -404,5 +404,13 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out);
 /** Element i as a double. */
 double kvt_npy_at(const kvt_npy *a, size_t i);
 void kvt_npy_free(kvt_npy *a);
+/** A new array read from PATH (kvt_read_npy), which must have 3 dimensions (`dims` names them
+ *  in the error); an error reads "POLICY: what went wrong" followed by `hint`. */
+kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, const char *hint,
+                        kvt_npy **out);
+/** kvt_npy_free, and the array's own memory (a may be NULL). */
+void kvt_npy_destroy(kvt_npy *a);
+/** A policy's fini for a state that is a kvt_npy (external's scores, qfilter's filters). */
+void kvt_policy_fini_npy(kvt_policy *p);
 
 #endif /* KVT_REPLAY_INTERNAL_H */

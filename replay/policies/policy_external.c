@@ -19,27 +19,10 @@ static void d_external(kvt_policy_opts *o)
     o->window = 0;
 }
 
-/* FILE into a new array; the error says "external: " once, whatever the reader said */
+/* FILE into a new array */
 static kvt_status load_scores(const char *path, const char *hint, kvt_npy **out)
 {
-    *out = NULL;
-    kvt_npy *a = kvt_calloc(1, sizeof(*a));
-    KVT_RETURN_IF(!a, KVT_ERR_NOMEM, "out of memory");
-    kvt_status st = kvt_read_npy(path, a);
-    if (st == KVT_OK && a->ndim != 3)
-        st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                           "external: %s has %d dimensions; expected 3: [layers, heads, tokens]",
-                           path, a->ndim);
-    if (st) {
-        char msg[768];
-        snprintf(msg, sizeof(msg), "%s%s", kvt_error_msg(), hint);
-        kvt_npy_free(a);
-        kvt_free(a);
-        return strncmp(msg, "external: ", 10) ? kvt_error_set(st, "external: %s", msg)
-                                              : kvt_error_set(st, "%s", msg);
-    }
-    *out = a;
-    return KVT_OK;
+    return kvt_npy_load("external", path, "[layers, heads, tokens]", hint, out);
 }
 
 static kvt_status init_external(kvt_policy *p)
@@ -55,15 +38,6 @@ static kvt_status init_external(kvt_policy *p)
     p->state = a;
     p->one_trace = true;
     return KVT_OK;
-}
-
-static void fini_external(kvt_policy *p)
-{
-    if (p->state) {
-        kvt_npy_free(p->state);
-        kvt_free(p->state);
-        p->state = NULL;
-    }
 }
 
 /* The file's shape against the trace's, and every score a number (the window's too) */
@@ -125,8 +99,7 @@ static kvt_status bind_external(const kvt_policy *p, const char *path, int L, in
     KVT_FORWARD(load_scores(file, " (scores=DIR holds one NAME.npy per trace NAME.kvt)", &a));
     kvt_status st = check_scores(p, a, file, L, Hq, Hkv, T);
     if (st) {
-        kvt_npy_free(a);
-        kvt_free(a);
+        kvt_npy_destroy(a);
         return st;
     }
     *state = a;
@@ -135,8 +108,7 @@ static kvt_status bind_external(const kvt_policy *p, const char *path, int L, in
 
 static void unbind_external(void *state)
 {
-    kvt_npy_free(state);
-    kvt_free(state);
+    kvt_npy_destroy(state);
 }
 
 static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
@@ -177,7 +149,7 @@ const kvt_policy_def kvt_policy_def_external = {
     .keys = "window,heads,scores,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_external,
     .init = init_external,
-    .fini = fini_external,
+    .fini = kvt_policy_fini_npy,
     .bind = bind_external,
     .unbind = unbind_external,
     .trace_file = trace_file_external,

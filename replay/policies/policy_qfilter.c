@@ -190,37 +190,21 @@ static kvt_status init_qfilter(kvt_policy *p)
 {
     if (!p->o.filters)
         return KVT_OK; /* calibrated on each trace */
-    kvt_npy *a = kvt_calloc(1, sizeof(*a));
-    KVT_RETURN_IF(!a, KVT_ERR_NOMEM, "out of memory");
-    kvt_status st = kvt_read_npy(p->o.filters, a);
-    if (st == KVT_OK && a->ndim != 3)
-        st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                           "qfilter: %s has %d dimensions; expected 3: [layers, KV heads, head "
-                           "dim] (kvpress's q_filters)",
-                           p->o.filters, a->ndim);
-    else if (st)
-        st = kvt_error_set(st, "qfilter: %s", kvt_error_msg());
+    kvt_npy *a;
+    KVT_FORWARD(kvt_npy_load("qfilter", p->o.filters,
+                             "[layers, KV heads, head dim] (kvpress's q_filters)", "", &a));
+    kvt_status st = KVT_OK;
     for (size_t i = 0; st == KVT_OK && i < a->n; i++)
         if (!isfinite(kvt_npy_at(a, i)))
             st = kvt_error_set(KVT_ERR_NAN, "qfilter: %s: %g at layer %d, head %d, dim %d",
                                p->o.filters, kvt_npy_at(a, i), (int)(i / a->shape[2] / a->shape[1]),
                                (int)(i / a->shape[2] % a->shape[1]), (int)(i % a->shape[2]));
     if (st) {
-        kvt_npy_free(a);
-        kvt_free(a);
+        kvt_npy_destroy(a);
         return st;
     }
     p->state = a;
     return KVT_OK;
-}
-
-static void fini_qfilter(kvt_policy *p)
-{
-    if (p->state) {
-        kvt_npy_free(p->state);
-        kvt_free(p->state);
-        p->state = NULL;
-    }
 }
 
 /* The file's layers and heads (the KV heads, or the query heads with heads=query) against a
@@ -327,7 +311,7 @@ const kvt_policy_def kvt_policy_def_qfilter = {
     .keys = "window,heads,filters",
     .defaults = d_qfilter,
     .init = init_qfilter,
-    .fini = fini_qfilter,
+    .fini = kvt_policy_fini_npy,
     .bind = bind_qfilter,
     .select = sel_qfilter,
 };
