@@ -101,6 +101,37 @@ def compare_kept(name, spec, recs, order_of):
     check(recs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(recs)))
 
 
+def compare_scores(name, path, spec, budgets, work, layer_scores, window=0, nan_first=False):
+    """The kept sets of a replay of SPEC against a ranking of NumPy scores: layer_scores(t,
+    layer, per_query) gives the layer's [T] scores per KV head, or per selection head (per query
+    head with heads=query); each head's ranking is its last `window` tokens (the most recent
+    first), then the rest by score descending, ties to the earlier token, NaN last (first with
+    nan_first, as torch.topk)."""
+    exp = replay_export(path, spec, budgets, work)
+    recs = exp["records"]
+    per_query = exp["policies"][0]["granularity"] == "query_head"
+    with need_library().open(path) as t:
+        T = t.header["n_tokens"]
+        m = t.header["model"]
+        G = m["n_q_heads"] // m["n_kv_heads"] if per_query else 1
+        P = T - min(window, T)
+        cache = {}
+
+        def order_of(r):
+            layer = r["layer"]
+            if layer not in cache:
+                cache.clear()
+                cache[layer] = layer_scores(t, layer, per_query)
+            heads = cache[layer]
+            s = heads[r["head"] if len(heads) == m["n_q_heads"] and per_query else
+                      r["head"] // G]
+            nan = -1 if nan_first else 1
+            return list(range(T - 1, P - 1, -1)) + sorted(
+                range(P), key=lambda j: (nan if s[j] != s[j] else 0, -s[j] if s[j] == s[j] else 0,
+                                         j))
+        compare_kept(name, spec, recs, order_of)
+
+
 def copy_trace(src, dst, header=None, edit=None, kinds=("K", "V", "Q_window", "Q_all")):
     """A copy of the trace at src written to dst: its token tables, and each layer's `kinds` it
     holds as f32 (edit(kind, layer, array) may change them in place), under `header` (default:

@@ -18,7 +18,7 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, check, compare_kept, copy_trace, finish,  # noqa: E402
+from cli_test import (ROOT, check, compare_scores, copy_trace, finish,  # noqa: E402
                       need_library, replay_export, run)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
@@ -44,26 +44,11 @@ def cur_scores(K, V, sinks, leverage, local):
 
 
 def compare(name, path, spec, budgets, work, sinks=4, leverage="kv_product", local=16):
-    exp = replay_export(path, spec, budgets, work)
-    recs = exp["records"]
-    per_query = exp["policies"][0]["granularity"] == "query_head"
-    with kvtrace.open(path) as t:
-        T = t.header["n_tokens"]
-        m = t.header["model"]
-        G = m["n_q_heads"] // m["n_kv_heads"] if per_query else 1
-        cache = {}
-
-        def order_of(r):
-            layer = r["layer"]
-            if layer not in cache:
-                K = t.read("K", layer, dtype="float32").astype(np.float64)
-                V = t.read("V", layer, dtype="float32").astype(np.float64)
-                cache.clear()
-                cache[layer] = [cur_scores(K[g], V[g], sinks, leverage, local)
-                                for g in range(K.shape[0])]
-            s = cache[layer][r["head"] // G]
-            return sorted(range(T), key=lambda j: (-np.inf if np.isnan(s[j]) else -s[j], j))
-        compare_kept(name, spec, recs, order_of)
+    def layer_scores(t, layer, per_query):
+        K = t.read("K", layer, dtype="float32").astype(np.float64)
+        V = t.read("V", layer, dtype="float32").astype(np.float64)
+        return [cur_scores(K[g], V[g], sinks, leverage, local) for g in range(K.shape[0])]
+    compare_scores(name, path, spec, budgets, work, layer_scores, nan_first=True)
 
 
 def main():

@@ -20,8 +20,8 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, compare_kept, copy_trace, finish, need_library,  # noqa: E402
-                      replay_export, run)  # (exits 77 without NumPy or the CLI)
+from cli_test import (ROOT, compare_scores, copy_trace, finish,  # noqa: E402
+                      need_library, run)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -65,26 +65,11 @@ def lag_scores(K, V, sinks, lag, cross):
 
 
 def compare(name, path, spec, sinks, lag, cross, budgets, work):
-    exp = replay_export(path, spec, budgets, work)
-    recs = exp["records"]
-    per_query = exp["policies"][0]["granularity"] == "query_head"
-    with kvtrace.open(path) as t:
-        T = t.header["n_tokens"]
-        m = t.header["model"]
-        group = m["n_q_heads"] // m["n_kv_heads"] if per_query else 1
-        cache = {}
-
-        def order_of(r):
-            layer = r["layer"]
-            if layer not in cache:
-                K = t.read("K", layer, dtype="float32").astype(np.float64)
-                V = t.read("V", layer, dtype="float32").astype(np.float64)
-                cache.clear()
-                cache[layer] = [lag_scores(K[h], V[h], sinks, lag, cross)
-                                for h in range(K.shape[0])]
-            s = cache[layer][r["head"] // group]
-            return sorted(range(T), key=lambda j: (-s[j] if not np.isnan(s[j]) else np.inf, j))
-        compare_kept(name, spec, recs, order_of)
+    def layer_scores(t, layer, per_query):
+        K = t.read("K", layer, dtype="float32").astype(np.float64)
+        V = t.read("V", layer, dtype="float32").astype(np.float64)
+        return [lag_scores(K[g], V[g], sinks, lag, cross) for g in range(K.shape[0])]
+    compare_scores(name, path, spec, budgets, work, layer_scores)
 
 
 def main():

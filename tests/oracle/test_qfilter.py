@@ -19,7 +19,7 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, check, compare_kept, copy_trace, finish,  # noqa: E402
+from cli_test import (ROOT, check, compare_scores, copy_trace, finish,  # noqa: E402
                       need_library, replay_export, run)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
@@ -40,33 +40,23 @@ def calibrated(Q):
 
 
 def compare(name, path, spec, budgets, work, filters=None, window=0):
-    exp = replay_export(path, spec, budgets, work)
-    recs = exp["records"]
-    per_query = exp["policies"][0]["granularity"] == "query_head"
-    with kvtrace.open(path) as t:
-        T = t.header["n_tokens"]
-        m = t.header["model"]
-        G = m["n_q_heads"] // m["n_kv_heads"]
-        cache = {}
-
-        def order_of(r):
-            layer, h = r["layer"], r["head"]
-            if layer not in cache:
-                cache.clear()
-                cache[layer] = (t.read("K", layer, dtype="float32").astype(np.float64),
-                                t.read("Q_window", layer, dtype="float32").astype(np.float64))
-            K, Qw = cache[layer]
+    def layer_scores(t, layer, per_query):
+        """per selection head: -K[g] @ f"""
+        K = t.read("K", layer, dtype="float32").astype(np.float64)
+        Qw = t.read("Q_window", layer, dtype="float32").astype(np.float64)
+        Hkv = K.shape[0]
+        G = Qw.shape[0] // Hkv
+        out = []
+        for h in range(Qw.shape[0] if per_query else Hkv):
             g = h // G if per_query else h
             if filters is not None:
-                f = filters[layer, h if filters.shape[1] != K.shape[0] else g]
+                f = filters[layer, h if filters.shape[1] != Hkv else g]
             else:
                 rows = Qw[h:h + 1] if per_query else Qw[g * G:(g + 1) * G]
                 f = calibrated(rows.reshape(-1, rows.shape[-1]))
-            s = -(K[g] @ f.astype(np.float64))
-            P = T - min(window, T)
-            prefix = sorted(range(P), key=lambda j: (-s[j], j))
-            return list(range(T - 1, P - 1, -1)) + prefix
-        compare_kept(name, spec, recs, order_of)
+            out.append(-(K[g] @ f.astype(np.float64)))
+        return out
+    compare_scores(name, path, spec, budgets, work, layer_scores, window=window)
 
 
 def refused(args, want, what):
