@@ -101,6 +101,18 @@ def compare_kept(name, spec, recs, order_of):
     check(recs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(recs)))
 
 
+def score_traces(work):
+    """The two traces of the score policies' oracles, written in WORK: a llama2.c capture of
+    stories260K (T = 150, MHA, D = 8, window 8, 2 decode steps) and a llama3-8b-shaped synthetic
+    trace (2 layers, T = 300, bf16, GQA 4, D = 128). Returns their paths."""
+    a = os.path.join(work, "a.kvt")
+    run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+        "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)
+    s = os.path.join(work, "s.kvt")
+    run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "-o", s)
+    return a, s
+
+
 def compare_scores(name, path, spec, budgets, work, layer_scores, window=0, nan_first=False):
     """The kept sets of a replay of SPEC against a ranking of NumPy scores: layer_scores(t,
     layer, per_query) gives the layer's [T] scores per KV head, or per selection head (per query

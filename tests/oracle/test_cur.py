@@ -18,8 +18,8 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, check, compare_scores, copy_trace, finish,  # noqa: E402
-                      need_library, replay_export, run)  # (exits 77 without NumPy or the CLI)
+from cli_test import (check, compare_scores, copy_trace, finish, need_library,  # noqa: E402
+                      replay_export, run, score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -53,11 +53,7 @@ def compare(name, path, spec, budgets, work, sinks=4, leverage="kv_product", loc
 
 def main():
     with tempfile.TemporaryDirectory() as work:
-        a = os.path.join(work, "a.kvt")
-        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
-            "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)
-        s = os.path.join(work, "s.kvt")
-        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "-o", s)
+        a, s = score_traces(work)
         cases = [("cur", {}), ("cur:leverage=key", {"leverage": "key"}),
                  ("cur:leverage=value,sinks=0", {"leverage": "value", "sinks": 0}),
                  ("cur:leverage=kv_avg,local=7", {"leverage": "kv_avg", "local": 7}),

@@ -20,8 +20,8 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, compare_scores, copy_trace, finish,  # noqa: E402
-                      need_library, run)  # (exits 77 without NumPy or the CLI)
+from cli_test import (compare_scores, copy_trace, finish, need_library,  # noqa: E402
+                      score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -74,11 +74,7 @@ def compare(name, path, spec, sinks, lag, cross, budgets, work):
 
 def main():
     with tempfile.TemporaryDirectory() as work:
-        a = os.path.join(work, "a.kvt")
-        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
-            "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)
-        s = os.path.join(work, "s.kvt")
-        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "-o", s)
+        a, s = score_traces(work)
         cases = [("lagkv:lag=16", 4, 16, False), ("lagkv:lag=8,sinks=2", 2, 8, False),
                  ("lagkv:lag=16,cross=1", 4, 16, True), ("lagkv:lag=80", 4, 80, False),
                  ("lagkv:lag=8,heads=query", 4, 8, False)]

@@ -19,8 +19,8 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, check, compare_scores, copy_trace, finish,  # noqa: E402
-                      need_library, replay_export, run)  # (exits 77 without NumPy or the CLI)
+from cli_test import (check, compare_scores, copy_trace, finish, need_library,  # noqa: E402
+                      replay_export, run, score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -68,11 +68,7 @@ def refused(args, want, what):
 def main():
     rng = np.random.default_rng(7)
     with tempfile.TemporaryDirectory() as work:
-        a = os.path.join(work, "a.kvt")
-        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
-            "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)
-        s = os.path.join(work, "s.kvt")
-        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "-o", s)
+        a, s = score_traces(work)
         with kvtrace.open(a) as t:
             m = t.header["model"]
             La, Hqa, Hkva, Da = m["n_layers"], m["n_q_heads"], m["n_kv_heads"], m["head_dim"]
