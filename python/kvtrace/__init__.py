@@ -14,6 +14,8 @@
     with kvtrace.read_selection("sel.bin") as sel:   # replay --export-selection
         idx = sel.kept("snapkv", "64", layer=0, head=1)    # kept token indices
 
+    np.save("f.npy", kvtrace.qfilters(["a.kvt", "b.kvt"]))   # replay qfilter:filters=f.npy
+
 Errors from the C library raise kvtrace.TraceError with its message. The library is found
 through $KVT_LIB first (see _lib.py for the full search order). Importing kvtrace imports
 neither torch nor transformers (kvtrace.capture imports them when called).
@@ -23,6 +25,7 @@ from ._lib import KINDS, MODALITIES, lib_path, has_capture
 from ._trace import Trace, TraceWriter, open, verify, bf16_to_f32, f32_to_bf16
 from ._capture import CaptureSession, tensor_view
 from ._selection import Selection, read_selection
+from ._qfilter import qfilters
 from .hf import capture  # torch and transformers are imported when capture() is called
 
 __version__ = "0.1.0"
@@ -36,4 +39,5 @@ def library_version():
 
 __all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "capture", "open", "verify",
            "bf16_to_f32", "f32_to_bf16", "tensor_view", "KINDS", "MODALITIES", "lib_path",
-           "has_capture", "library_version", "__version__", "Selection", "read_selection"]
+           "has_capture", "library_version", "__version__", "Selection", "read_selection",
+           "qfilters"]

@@ -103,8 +103,8 @@ def compare_kept(name, spec, recs, order_of):
 
 def score_traces(work):
     """The two traces of the score policies' oracles, written in WORK: a llama2.c capture of
-    stories260K (T = 150, MHA, D = 8, window 8, 2 decode steps) and a llama3-8b-shaped synthetic
-    trace (2 layers, T = 300, bf16, GQA 4, D = 128). Returns their paths."""
+    stories260K (T = 150, 8 query heads on 4 KV heads, D = 8, window 8, 2 decode steps) and a
+    llama3-8b-shaped synthetic trace (2 layers, T = 300, bf16, GQA 4, D = 128). Their paths."""
     a = os.path.join(work, "a.kvt")
     run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
         "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)

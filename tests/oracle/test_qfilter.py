@@ -6,12 +6,14 @@ q q^T over the window queries of the head's query heads (numpy.linalg.eigh), ori
 the queries' projections on it sum to at most zero. kvpress then keeps the top n_kept; the check
 breaks ties toward the earlier token, as kvtrace documents, and computes in float64.
 
-Traces: a llama2.c capture (T = 150, MHA, D = 8) and a llama3-8b-shaped synthetic one (bf16,
+Traces: a llama2.c capture (T = 150, GQA 2, D = 8) and a llama3-8b-shaped synthetic one (bf16,
 GQA 4, D = 128); filters given as a file ([L, Hkv, D], and [L, Hq, D] with heads=query) and
 calibrated, with and without a window. A trace whose one head's queries are zero (f = 0: ties,
 the earliest tokens) and the refusals (a file of another shape, NaN in it, an option qfilter
-does not take) are checked too. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without
-NumPy, the CLI or the library.
+does not take) are checked too. kvtrace.qfilters (the Python calibration over one or more
+traces, window queries or Q_all) must give the calibration's kept sets on one trace, and match
+NumPy on the stacked queries of two traces and on Q_all. Environment: KVT_BIN, KVT_LIB,
+KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
 """
 import os
 import sys
@@ -19,8 +21,9 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (check, compare_scores, copy_trace, finish, need_library,  # noqa: E402
-                      replay_export, run, score_traces)  # (exits 77 without NumPy or the CLI)
+# (cli_test exits 77 without NumPy or the CLI)
+from cli_test import (ROOT, check, compare_scores, copy_trace, finish,  # noqa: E402
+                      need_library, replay_export, run, score_traces)
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -107,6 +110,56 @@ def main():
         got = [r["kept"] for r in exp["records"] if r["layer"] == 1 and r["head"] == 1]
         check(got == [list(range(5)), list(range(10))], "zero queries: kept %s" % got)
         compare("zero queries", z, "qfilter", "5,10,50%", work)
+
+        # kvtrace.qfilters: one trace's window queries give the calibration's filters (the
+        # same kept sets from the file as calibrated); several traces, a corpus, and Q_all
+        def kept(path, spec, budgets):
+            exp = replay_export(path, spec, budgets, work)
+            return [(r["layer"], r["head"], r["budget_tokens"], sorted(r["kept"]))
+                    for r in exp["records"]]
+        for trace, Hq_, heads, bud in ((a, Hqa, "kv", "1,3,10,40,50%"),
+                                       (s, Hqs, "kv", "8,60,50%"),
+                                       (s, Hqs, "query", "8,60")):
+            f = kvtrace.qfilters(trace, heads=heads)
+            check(f.shape[1] == (Hq_ if heads == "query" else
+                                 (Hkva if trace == a else Hkvs)), "qfilters shape %s" % (f.shape,))
+            pf = os.path.join(work, "own.npy")
+            np.save(pf, f)
+            hq = ",heads=query" if heads == "query" else ""
+            got, want = kept(trace, "qfilter:filters=" + pf + hq, bud), kept(trace, "qfilter" + hq,
+                                                                              bud)
+            check(got == want, "qfilters(%s, heads=%s): %d of %d sets differ from the calibrated"
+                  % (os.path.basename(trace), heads, sum(x != y for x, y in zip(got, want)),
+                     len(want)))
+        b = os.path.join(work, "b.kvt")  # another prompt, with Q_all
+        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+            "--tokens", "120", "--seed", "9", "--decode", "2", "--window", "16", "--q-all",
+            "-o", b)
+        with kvtrace.open(a) as ta, kvtrace.open(b) as tb:
+            G = Hqa // Hkva
+            for queries, kind in (("window", "Q_window"), ("all", "Q_all")):
+                paths = [a, b] if queries == "window" else [b]
+                f = kvtrace.qfilters(paths, queries=queries)
+                err = 0.0
+                for layer in range(La):
+                    qs = [t.read(kind, layer, dtype="float32").astype(np.float64)
+                          for t in ((ta, tb) if queries == "window" else (tb,))]
+                    for g in range(Hkva):
+                        rows = np.concatenate([q[g * G:(g + 1) * G].reshape(-1, Da) for q in qs])
+                        err = max(err, np.abs(f[layer, g] - calibrated(rows)).max())
+                check(err < 1e-9, "qfilters(%s, queries=%s): %.3g from NumPy on the stacked "
+                      "queries" % (len(paths), queries, err))
+                pf = os.path.join(work, "corpus.npy")
+                np.save(pf, f)
+                compare("corpus filters", a, "qfilter:filters=" + pf, "1,3,10,40", work, filters=f)
+        for bad, want in ((lambda: kvtrace.qfilters([a, s]), "the first trace has"),
+                          (lambda: kvtrace.qfilters(a, queries="all"), "no Q_all for layer 0"),
+                          (lambda: kvtrace.qfilters(a, heads="group"), "heads must be")):
+            try:
+                bad()
+                check(False, "qfilters: no error (want %r)" % want)
+            except ValueError as e:
+                check(want in str(e), "qfilters: %s (want %r)" % (e, want))
 
         out = os.path.join(work, "x.json")
         base = ("replay", s, "--budgets", "8", "-o", out, "--force", "--policy")
