@@ -340,9 +340,10 @@ kvt_status kvt_adakv_alloc_sorted(const double *sorted, int H, int P, int b, int
 kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const double *alloc_s,
                             const int *B, int n_b, kvt_layer_selection *sel);
 
-/** The unit eigenvector x [n] of the largest eigenvalue of the symmetric a [n, n] (row-major,
- *  destroyed): Householder tridiagonalisation, bisection on Sturm counts, inverse iteration
- *  (qfilter's calibration). An all-zero a gives e_0. w: scratch [n * n + 8 n]. */
+/** The unit eigenvector x [n] of the largest eigenvalue of the symmetric a [n, n] (row-major;
+ *  only its lower triangle is read, and destroyed): Householder tridiagonalisation, bisection
+ *  on Sturm counts, inverse iteration (qfilter's calibration). An all-zero a gives e_0.
+ *  w: scratch [n * n + 8 n]. */
 void kvt_sym_top_eigvec(double *a, int n, double *x, double *w);
 
 /** Score policies (knorm, vnorm, keydiff): rank the prefix [0, T-W) of each head by

@@ -98,8 +98,9 @@ void kvt_sym_top_eigvec(double *a, int n, double *x, double *w)
 {
     double *hv = w, *d = w + (size_t)n * n, *e = d + n, *p = e + n, *lu = p + n;
     double anorm = 0.0;
-    for (size_t i = 0; i < (size_t)n * n; i++)
-        anorm = fmax(anorm, fabs(a[i]));
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j <= i; j++)
+            anorm = fmax(anorm, fabs(a[(size_t)i * n + j]));
     if (anorm == 0.0 || n == 1) { /* any unit vector; the first */
         for (int i = 0; i < n; i++)
             x[i] = i == 0;
@@ -126,18 +127,25 @@ void kvt_sym_top_eigvec(double *a, int n, double *x, double *w)
         un = sqrt(un);
         for (int i = k + 1; i < n; i++)
             u[i] /= un;
-        double kk = 0.0; /* p = S u, q = p - (u^T p) u, S -= 2 (u q^T + q u^T) */
+        /* p = S u, q = p - (u^T p) u, S -= 2 (u q^T + q u^T), on S's lower triangle */
+        for (int i = k + 1; i < n; i++)
+            p[i] = 0.0;
         for (int i = k + 1; i < n; i++) {
-            double s = 0.0;
-            for (int j = k + 1; j < n; j++)
-                s += a[(size_t)i * n + j] * u[j];
-            p[i] = s;
-            kk += u[i] * s;
+            const double *ai = a + (size_t)i * n;
+            double s = ai[i] * u[i];
+            for (int j = k + 1; j < i; j++) {
+                s += ai[j] * u[j];
+                p[j] += ai[j] * u[i];
+            }
+            p[i] += s;
         }
+        double kk = 0.0;
+        for (int i = k + 1; i < n; i++)
+            kk += u[i] * p[i];
         for (int i = k + 1; i < n; i++)
             p[i] -= kk * u[i];
         for (int i = k + 1; i < n; i++)
-            for (int j = k + 1; j < n; j++)
+            for (int j = k + 1; j <= i; j++)
                 a[(size_t)i * n + j] -= 2.0 * (u[i] * p[j] + p[i] * u[j]);
     }
     d[n - 2] = a[(size_t)(n - 2) * n + n - 2];
@@ -239,10 +247,7 @@ static void calibrate(const kvt_layer_ctx *c, bool per_query, int h, double *f, 
             for (int j = 0; j <= i; j++)
                 cov[(size_t)i * D + j] += qi * q[r * D + j];
         }
-    for (int i = 0; i < D; i++)
-        for (int j = 0; j < i; j++)
-            cov[(size_t)j * D + i] = cov[(size_t)i * D + j];
-    bool zero = true;
+    bool zero = true; /* (the upper triangle stays 0: the solver reads the lower) */
     for (size_t i = 0; i < (size_t)D * D && zero; i++)
         zero = cov[i] == 0.0;
     if (zero) {
