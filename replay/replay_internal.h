@@ -346,7 +346,7 @@ kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const do
  *  w: scratch [n * n + 8 n]. */
 void kvt_sym_top_eigvec(double *a, int n, double *x, double *w);
 
-/** Score policies (knorm, vnorm, keydiff): rank the prefix [0, T-W) of each head by
+/** Score policies (knorm, vnorm, keydiff, cur): rank the prefix [0, T-W) of each head by
  *  sign * x[g][j] (x is a per-KV-head array [Hkv, T]), window W = p->o.window, uniform counts. */
 kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const double *x, double sign,
                                 const int *B, int n_b, kvt_layer_selection *sel);

@@ -47,6 +47,7 @@ def qfilters(paths, queries="window", heads="kv"):
                 shape = s
                 L, Hq, Hkv, D = s
                 H = Hq if heads == "query" else Hkv
+                G = Hq // Hkv
                 cov = np.zeros((L, H, D, D))
                 qsum = np.zeros((L, H, D))
             elif s != shape:
@@ -58,7 +59,6 @@ def qfilters(paths, queries="window", heads="kv"):
                         p, kind, layer, " (capture with --q-all or with_q_all=True)"
                         if kind == "Q_all" else ""))
                 q = t.read(kind, layer, dtype="float32").astype(np.float64)  # [Hq, n, D]
-                G = Hq // Hkv
                 for h in range(H):
                     rows = (q[h] if heads == "query" else q[h * G:(h + 1) * G]).reshape(-1, D)
                     cov[layer, h] += rows.T @ rows

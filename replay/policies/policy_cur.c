@@ -43,16 +43,14 @@ static kvt_status sel_cur(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
                           kvt_layer_selection *sel)
 {
     const kvt_policy_opts *o = &p->o;
-    const int T = c->T, D = c->D, H = kvt_ctx_heads(c, o->per_query);
+    const int T = c->T, D = c->D;
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
-    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, 0, n_b, true));
-    double *sc = kvt_malloc(((size_t)H * T + 2 * (size_t)T + 1) * sizeof(double));
-    KVT_RETURN_IF(!sc, KVT_ERR_NOMEM, "cur: out of memory");
-    double *k2 = sc + (size_t)H * T, *v2 = k2 + T;
-    for (int h = 0; h < H; h++) {
-        const int g = kvt_ctx_kv_of(c, o->per_query, h);
+    double *x = kvt_malloc(((size_t)c->Hkv * T + 2 * (size_t)T + 1) * sizeof(double));
+    KVT_RETURN_IF(!x, KVT_ERR_NOMEM, "cur: out of memory");
+    double *k2 = x + (size_t)c->Hkv * T, *v2 = k2 + T;
+    for (int g = 0; g < c->Hkv; g++) { /* per KV head; heads=query takes its KV head's */
         const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
-        double *s = sc + (size_t)h * T, sum = 0.0;
+        double *s = x + (size_t)g * T, sum = 0.0;
         for (int j = 0; j < T; j++) {
             double a = 0.0, b = 0.0;
             for (int e = 0; e < D; e++) {
@@ -87,9 +85,8 @@ static kvt_status sel_cur(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
             s[j] = isnan(s[j]) ? INFINITY : s[j];
         }
     }
-    kvt_status st = kvt_sel_rank_window_all(sel, sc, 0);
-    kvt_counts_uniform(sel, B, n_b);
-    kvt_free(sc);
+    kvt_status st = kvt_rank_by_kv_array(c, p, x, 1.0, B, n_b, sel); /* window 0 */
+    kvt_free(x);
     return st;
 }
 
