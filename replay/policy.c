@@ -71,7 +71,7 @@ static const opt_desc opts_table[] = {
     {"alloc", O_ALLOC, OFF(alloc), 0, 0, "AdaKV allocation a (3a, repo) | b (3b, paper)"},
     {"skip", O_INT, OFF(skip), 0, 1e6, "AdaKV: layers below skip get the uniform budget"},
     {"adaptive", O_BOOL, OFF(adaptive), 0, 0,
-     "external: AdaKV's head-adaptive budgets from the scores 0|1"},
+     "AdaKV's head-adaptive budgets from the policy's scores 0|1"},
     {"beta", O_DBL, OFF(beta), 1e-9, 1e9, "PyramidKV beta; HeadKV head_beta (>= 1)"},
     {"fallback", O_BOOL, OFF(fallback), 0, 0, "PyramidKV uniform fallback when N < 2(B-W)"},
     {"sinks", O_INT, OFF(sinks), 0, 1e9,

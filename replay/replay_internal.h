@@ -30,7 +30,7 @@ typedef struct kvt_policy_opts {
     bool normalize;         /* AdaKV 3a normalize */
     char alloc;             /* AdaKV allocation 'a' (3a, repo) or 'b' (3b, paper/kvpress) */
     int skip;               /* AdaKV: layers < skip get the uniform budget */
-    bool adaptive;          /* external: AdaKV's head-adaptive budgets from its scores */
+    bool adaptive;          /* score policies: AdaKV's head-adaptive budgets from their scores */
     double beta;            /* PyramidKV beta */
     bool fallback;          /* PyramidKV KVCache-Factory fallback: N < 2*base -> uniform */
     int sinks;              /* StreamingLLM sinks */
@@ -339,6 +339,14 @@ kvt_status kvt_adakv_alloc_sorted(const double *sorted, int H, int P, int b, int
  *  computed from the per-head prefix scores alloc_s [H', T-W]; short prompts keep all. */
 kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const double *alloc_s,
                             const int *B, int n_b, kvt_layer_selection *sel);
+
+/** The counts of a score policy's selection from its prefix scores s [H', T-W] (each head's
+ *  ranking already in sel): the uniform budget, or with adaptive=1 AdaKV's head budgets (alpha,
+ *  normalize, alloc, skip; POLICIES §3). alloc=b, kvpress's AdaKVPress over the press, takes
+ *  any scores but NaN; alloc=a shares the budget by the scores' mass and refuses a score that
+ *  is negative or infinite. */
+kvt_status kvt_sel_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
+                          const int *B, int n_b, kvt_layer_selection *sel);
 
 /** The unit eigenvector x [n] of the largest eigenvalue of the symmetric a [n, n] (row-major;
  *  only its lower triangle is read, and destroyed): Householder tridiagonalisation, bisection

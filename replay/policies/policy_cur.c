@@ -20,6 +20,7 @@
 
 static void d_cur(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
     o->sinks = 4;
     o->leverage = KVT_LEVERAGE_KV_PRODUCT;
@@ -95,7 +96,7 @@ const kvt_policy_def kvt_policy_def_cur = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress CURPress (CurDKV): leverage from squared key and value norms, "
                "normalised in local blocks",
-    .keys = "heads,sinks,leverage,local",
+    .keys = "heads,sinks,leverage,local,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_cur,
     .select = sel_cur,
 };

@@ -25,6 +25,7 @@
 
 static void d_ea(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
     o->sinks = 4;
     o->n_future = 512;
@@ -275,8 +276,8 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
                                     : o->use_vnorm ? (a[j] + o->epsilon) * vn[j]
                                                    : a[j];
     }
-    st = kvt_sel_rank_window_all(sel, sc, W);
-    kvt_counts_uniform(sel, B, n_b);
+    if (!(st = kvt_sel_rank_window_all(sel, sc, W)))
+        st = kvt_sel_counts(c, p, sc, W, B, n_b, sel);
 out:
     kvt_free(acc);
     kvt_free(ph);
@@ -297,7 +298,7 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress ExpectedAttention: attention expected from the queries' mean and "
                "covariance at future positions, times ||v||",
-    .keys = "window,heads,sinks,future,cov,vnorm,epsilon",
+    .keys = "window,heads,sinks,future,cov,vnorm,epsilon,adaptive,alpha,normalize,alloc,skip",
     .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_NEEDS_ROPE,
     .defaults = d_ea,
     .select = sel_ea,

@@ -54,7 +54,8 @@ static kvt_status check_scores(const kvt_policy *p, const kvt_npy *a, const char
     for (size_t i = 0; i < a->n; i++) {
         double v = kvt_npy_at(a, i);
         int l = (int)(i / ((size_t)H * T)), h = (int)(i / T % H), j = (int)(i % T);
-        if (!isnan(v) && (!p->o.adaptive || j >= P || (v >= 0 && v < INFINITY)))
+        if (!isnan(v) &&
+            (!p->o.adaptive || p->o.alloc != 'a' || j >= P || (v >= 0 && v < INFINITY)))
             continue;
         if (isnan(v))
             return kvt_error_set(KVT_ERR_NAN,
@@ -62,8 +63,9 @@ static kvt_status check_scores(const kvt_policy *p, const kvt_npy *a, const char
                                  h, j);
         return kvt_error_set(KVT_ERR_INVALID_ARG,
                              "external: %s: score %g at layer %d, head %d, token %d: adaptive=1 "
-                             "shares the budget by the scores' mass, so they must be finite and "
-                             ">= 0",
+                             "with alloc=a shares the budget by the scores' mass, so they must "
+                             "be finite and >= 0 (alloc=b, kvpress's AdaKVPress, takes any "
+                             "scores)",
                              file, v, l, h, j);
     }
     return KVT_OK;
@@ -131,12 +133,8 @@ static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int 
         for (int j = 0; j < P; j++)
             s[(size_t)h * P + j] = kvt_npy_at(a, base + (size_t)h * T + j);
     kvt_status st = kvt_sel_rank_window_all(sel, s, W);
-    if (st == KVT_OK && p->o.adaptive) { /* AdaKV's allocation, from these scores */
-        kvt_policy_opts o = p->o;
-        o.window = W;
-        st = kvt_adakv_counts(c, &o, s, B, n_b, sel);
-    } else if (st == KVT_OK)
-        kvt_counts_uniform(sel, B, n_b);
+    if (!st) /* with adaptive=1, AdaKV's allocation from these scores */
+        st = kvt_sel_counts(c, p, s, W, B, n_b, sel);
     kvt_free(s);
     return st;
 }

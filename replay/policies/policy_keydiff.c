@@ -7,6 +7,7 @@
 
 static void d_keydiff(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
 }
 
@@ -36,7 +37,7 @@ const kvt_policy_def kvt_policy_def_keydiff = {
     .name = "keydiff",
     .host_reads = KVT_CTX_KU,
     .summary = "KeyDiff: keys least similar to the mean key",
-    .keys = "window,heads",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_keydiff,
     .select = sel_keydiff,
 };

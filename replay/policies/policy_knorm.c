@@ -4,6 +4,7 @@
 
 static void d_knorm(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
 }
 
@@ -20,8 +21,9 @@ kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const dou
             s[(size_t)h * P + j] = sign * x[(size_t)g * T + j];
     }
     kvt_status st = kvt_sel_rank_window_all(sel, s, W);
+    if (!st)
+        st = kvt_sel_counts(c, p, s, W, B, n_b, sel);
     kvt_free(s);
-    kvt_counts_uniform(sel, B, n_b);
     return st;
 }
 
@@ -34,7 +36,7 @@ static kvt_status sel_knorm(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
 const kvt_policy_def kvt_policy_def_knorm = {
     .name = "knorm",
     .summary = "KNorm: smallest key L2 norms",
-    .keys = "window,heads",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_knorm,
     .select = sel_knorm,
 };

@@ -19,6 +19,7 @@
 
 static void d_lag(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
     o->sinks = 4;
     o->lag = 128;
@@ -115,8 +116,8 @@ static kvt_status sel_lag(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
                 s[t0 + t] = !o->cross ? vs[t] / lag : isnan(ks[t]) ? INFINITY : ks[t];
         }
     }
-    st = kvt_sel_rank_window_all(sel, sc, 0);
-    kvt_counts_uniform(sel, B, n_b);
+    if (!(st = kvt_sel_rank_window_all(sel, sc, 0)))
+        st = kvt_sel_counts(c, p, sc, 0, B, n_b, sel);
 out:
     kvt_free(sc);
     kvt_free(ks);
@@ -134,7 +135,7 @@ const kvt_policy_def kvt_policy_def_lagkv = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress LagKV: each partition scored against the next by its keys' and values' "
                "spread",
-    .keys = "heads,sinks,lag,cross",
+    .keys = "heads,sinks,lag,cross,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_lag,
     .select = sel_lag,
 };

@@ -16,6 +16,7 @@
 
 static void d_nca(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
     o->chunk = 256;
 }
@@ -78,8 +79,8 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
             sc[(size_t)h * P + j] = m / 3.0;
         }
     }
-    st = kvt_sel_rank_window_all(sel, sc, W);
-    kvt_counts_uniform(sel, B, n_b);
+    if (!(st = kvt_sel_rank_window_all(sel, sc, W)))
+        st = kvt_sel_counts(c, p, sc, W, B, n_b, sel);
 out:
     kvt_free(acc);
     kvt_free(sc);
@@ -93,7 +94,7 @@ const kvt_policy_def kvt_policy_def_noncausal_attention = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress NonCausalAttn (Compactor): attention inside chunks of the prompt, no "
                "causal mask, times ||v||",
-    .keys = "window,heads,chunk",
+    .keys = "window,heads,chunk,adaptive,alpha,normalize,alloc,skip",
     .flags = KVT_POLICY_NEEDS_QALL,
     .defaults = d_nca,
     .select = sel_nca,

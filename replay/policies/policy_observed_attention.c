@@ -9,6 +9,7 @@
 
 static void d_oa(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
 }
 
@@ -22,7 +23,7 @@ const kvt_policy_def kvt_policy_def_observed_attention = {
     .name = "observed-attention",
     .summary = "kvpress ObservedAttention: attention received from every prompt query, per "
                "query that sees the key",
-    .keys = "window,heads",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip",
     .flags = KVT_POLICY_NEEDS_COLSUM,
     .defaults = d_oa,
     .select = sel_oa,

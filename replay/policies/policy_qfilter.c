@@ -22,6 +22,7 @@
 
 static void d_qfilter(kvt_policy_opts *o)
 {
+    o->alloc = 'b'; /* adaptive=1: kvpress's AdaKVPress over the press */
     o->window = 0;
 }
 
@@ -303,8 +304,9 @@ static kvt_status sel_qfilter(kvt_layer_ctx *c, const kvt_policy *p, const int *
         }
     }
     kvt_status st = kvt_sel_rank_window_all(sel, s, W);
+    if (!st)
+        st = kvt_sel_counts(c, p, s, W, B, n_b, sel);
     kvt_free(s);
-    kvt_counts_uniform(sel, B, n_b);
     return st;
 }
 
@@ -313,7 +315,7 @@ const kvt_policy_def kvt_policy_def_qfilter = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress QFilterPress: keys scored -<f, k> against each KV head's Q-filter f "
                "(filters=FILE.npy [layers, KV heads, D], or calibrated on the window queries)",
-    .keys = "window,heads,filters",
+    .keys = "window,heads,filters,adaptive,alpha,normalize,alloc,skip",
     .defaults = d_qfilter,
     .init = init_qfilter,
     .fini = kvt_policy_fini_npy,

@@ -25,6 +25,8 @@
 #   test_qfilter                 qfilter against NumPy: kvpress's QFilterPress score with given
 #                                filters, and the calibration on the window queries (eigh)
 #   test_cur                     cur against NumPy written from kvpress's CURPress.score
+#   test_adaptive                adaptive=1 on the kvpress score policies against NumPy written
+#                                from kvpress's AdaKVPress over each press's scores
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -34,7 +36,7 @@ if(KVT_SYS_PYTHON)
               test_python_hf_reserve test_python_selection
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
               test_expected_attention_synth test_lagkv test_noncausal_attention
-              test_qfilter test_cur)
+              test_qfilter test_cur test_adaptive)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

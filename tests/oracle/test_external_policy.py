@@ -201,7 +201,8 @@ with tempfile.TemporaryDirectory() as tmp:
     bad("huge.npy", huge, "is too large")
     bad("text.npy", lambda p: open(p, "w").write("1 2 3\n"), "is not a NumPy .npy file")
     bad("negative_adaptive.npy", lambda p: np.save(p, s.astype(np.float32)),
-        "adaptive=1 shares the budget by the scores' mass, so they must be finite and >= 0",
+        "adaptive=1 with alloc=a shares the budget by the scores' mass, so they must be finite "
+        "and >= 0",
         ",adaptive=1")
     # ... but the window's tokens are kept whatever their score: any sign there is fine
     negw = np.abs(s).astype(np.float32)

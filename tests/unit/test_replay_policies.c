@@ -996,6 +996,39 @@ static void test_cur(void)
     kvt_layer_selection_free(s);
 }
 
+/* adaptive=1 (kvpress's AdaKVPress over the press) on knorm, D = 1, two KV heads: keys 1 2 3 4 5
+ * and .1 .2 .3 9 9 score -|k|. B = 2, alpha .2: n_safe = 0, and the layer's top 4 are head 1's
+ * -.1 -.2 -.3 and head 0's -1: one token for head 0, three for head 1 (B = 3: the top 6 add
+ * head 0's -2 and -3). alpha = 1 forces n_safe = 2 each. window=1, B = 3: the last token, and
+ * the top 4 of the prefixes [0, 4) shared as at B = 2. Keys 1 2 3 4 5 and 1 3 3 4 5 at B = 2:
+ * -1, -1, -2, then head 0's -3 before head 1's (ties to the lower head). */
+static void test_adaptive_scores(void)
+{
+    const float k[10] = {1, 2, 3, 4, 5, 0.1f, 0.2f, 0.3f, 9, 9}, v[10] = {0}, q[2] = {1, 1};
+    kvt_layer_input in = layer1d(5, 1, 2, 2, k, v, q);
+    const int B[] = {2, 3};
+    kvt_layer_selection *s = tl_select(&in, "knorm:adaptive=1", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0");
+    EXPECT_KEPT(s, 0, 1, -1, "0,1,2");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,2");
+    EXPECT_KEPT(s, 1, 1, -1, "0,1,2");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "knorm:adaptive=1,alpha=1", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1");
+    EXPECT_KEPT(s, 0, 1, -1, "0,1");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "knorm:adaptive=1,window=1", B + 1, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,4");
+    EXPECT_KEPT(s, 0, 1, -1, "0,1,2,4");
+    kvt_layer_selection_free(s);
+    const float kt[10] = {1, 2, 3, 4, 5, 1, 3, 3, 4, 5};
+    in.k = kt;
+    s = tl_select(&in, "knorm:adaptive=1", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,2");
+    EXPECT_KEPT(s, 0, 1, -1, "0");
+    kvt_layer_selection_free(s);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1109,6 +1142,7 @@ int main(void)
     test_like_policies();
     test_qfilter();
     test_cur();
+    test_adaptive_scores();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
