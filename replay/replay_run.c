@@ -120,6 +120,7 @@ typedef struct run_shared {
     uint64_t gpu_bytes; /* device memory of one worker's layer */
     pthread_cond_t gpu_cv;
     kvt_status err;
+    int err_layer; /* the layer err came from (-1: none, e.g. the GPU plan) */
     char err_msg[512];
     char rope_why[200]; /* why rope_known is false */
 } run_shared;
@@ -171,11 +172,16 @@ static kvt_status have_buf(void **buf, size_t bytes)
     return KVT_OK;
 }
 
-/* The replay's first error, st, kept with its message (sh->mu held; later ones are dropped) */
-static void keep_err(run_shared *sh, kvt_status st)
+/* The replay's error st of layer `layer` (-1: of none), kept with its message when it is the
+ * first or comes from an earlier layer than the one kept (sh->mu held). The workers take the
+ * layers in order and stop taking them at an error, but finish (or wait on the GPU for) those
+ * they hold that come before it: the error kept is the earliest layer's, as one thread would
+ * report it, whatever the threads' timing. */
+static void keep_err(run_shared *sh, kvt_status st, int layer)
 {
-    if (st && !sh->err) {
+    if (st && (!sh->err || layer < sh->err_layer)) {
         sh->err = st;
+        sh->err_layer = layer;
         snprintf(sh->err_msg, sizeof(sh->err_msg), "%s", kvt_error_msg());
     }
 }
@@ -317,16 +323,17 @@ static void *worker(void *arg)
     const bool stream_qa = (sh->need_colsum && !sh->has_colsum && sh->has_qall) || sh->need_qall;
     kvt_head_metrics *m = kvt_malloc(sh->n_pol * sh->n_b * (size_t)Hq * sizeof(*m));
     kvt_status st = KVT_OK;
+    int l = -1; /* the layer st is about */
     if (!qw || !m || (sh->has_qd && !qd) || (sh->has_kvd && (!kd || !vd)) ||
         (sh->need_colsum && sh->has_colsum && !cs))
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory for one layer's tensors");
     for (;;) {
         pthread_mutex_lock(&sh->mu);
-        if (st && !sh->err) {
-            keep_err(sh, st);
-            pthread_cond_broadcast(&sh->gpu_cv); /* workers waiting for the GPU stop */
+        if (st) {
+            keep_err(sh, st, l);
+            pthread_cond_broadcast(&sh->gpu_cv); /* later layers waiting for the GPU stop */
         }
-        int l = sh->err ? -1 : sh->next_layer++;
+        l = sh->err ? -1 : sh->next_layer++;
         pthread_mutex_unlock(&sh->mu);
         if (l < 0 || l >= sh->L)
             break;
@@ -399,12 +406,12 @@ static void *worker(void *arg)
             in.q_all_user = &qal;
         }
         int gi = -1;        /* --device cuda: the slot's device, gpu_dev[gi] */
-        if (sh->gpu_plan) { /* wait for room on a GPU; after an error, stop */
+        if (sh->gpu_plan) { /* wait for room on a GPU; after an error of an earlier layer, stop */
             uint64_t t_wait = kvt_now_ns();
             pthread_mutex_lock(&sh->mu);
-            while (!sh->err && (gi = gpu_pick(sh)) < 0)
+            while (!(sh->err && sh->err_layer < l) && (gi = gpu_pick(sh)) < 0)
                 pthread_cond_wait(&sh->gpu_cv, &sh->mu);
-            bool stop = sh->err != KVT_OK;
+            bool stop = sh->err && sh->err_layer < l;
             if (!stop) {
                 sh->gpu_busy[gi]++;
                 in.cuda_device = sh->gpu_dev[gi];
@@ -432,7 +439,7 @@ static void *worker(void *arg)
                 KVT_PROF_ADD(sh->o->profile, gpu_device_layers[in.cuda_device], 1);
             pthread_mutex_lock(&sh->mu);
             sh->gpu_busy[gi]--;
-            keep_err(sh, st);
+            keep_err(sh, st, l);
             pthread_cond_broadcast(&sh->gpu_cv);
             pthread_mutex_unlock(&sh->mu);
         }
@@ -682,7 +689,7 @@ const char *kvt_device_name(kvt_device d)
 static void *gpu_plan_fail(run_shared *sh, kvt_status st)
 {
     pthread_mutex_lock(&sh->mu);
-    keep_err(sh, st);
+    keep_err(sh, st, -1);
     sh->gpu_planned = true;
     pthread_cond_broadcast(&sh->gpu_cv);
     pthread_mutex_unlock(&sh->mu);

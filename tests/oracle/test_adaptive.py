@@ -17,7 +17,8 @@ Sinks score +inf here, as in kvtrace (kvpress pads them with the layer's maximum
 Also checked: alloc=a (the AdaKV-repo rule, replay_oracle.adakv_caps) on cur's non-negative
 scores, and its refusal of knorm's negative ones; skip; window (kvtrace's extension: the last W
 tokens first, n_safe - W prefix tokens forced); heads=query; external's negative scores with
-alloc=b. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the
+alloc=b; and that a replay whose every layer fails names layer 0 whatever its threads' timing.
+Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the
 library.
 """
 import math
@@ -204,8 +205,18 @@ def main():
                   "%s: exit %d, %r" % (spec, r.returncode, r.stderr))
         refused("knorm:adaptive=1,alloc=a",
                 "adaptive=1 with alloc=a shares the budget by the scores' mass")
-        # (the layer named is the first to fail: the replay's threads race for it)
-        refused("expected-attention:adaptive=1,alloc=a", ", head 0, token 0: adaptive=1 with")
+        # every layer fails, late (after its context): 4 threads race, and the error must name
+        # layer 0 every time, as one thread would (before the fix: 2 runs in 8)
+        s4 = os.path.join(work, "s4.kvt")
+        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "4", "--q-all",
+            "-o", s4)
+        for _ in range(6):
+            r = run("replay", s4, "--policy", "expected-attention:adaptive=1,alloc=a",
+                    "--budgets", "10", "--threads", "4", "-o", os.path.join(work, "x.json"),
+                    "--force", ok=False)
+            check(r.returncode == 1 and "layer 0: policy" in r.stderr and
+                  "score inf at layer 0, head 0, token 0" in r.stderr,
+                  "every layer refused, 4 threads: %r" % r.stderr)
         refused("tova:adaptive=1", "adaptive")
 
         # external: negative scores with alloc=b are kvpress's AdaKVPress over them

@@ -7,7 +7,9 @@
  * of the case (the table in main, also in tests/RELIABILITY.md): a refusal whose line names
  * the problem, or success. When replay succeeds, results.json holds no bare nan/inf and the
  * report's HTML text (outside scripts) shows no "nan"/"inf" word.
- * Cases: clean control, NaN / Inf in K, V, Q_window, Q_decode and attn_colsum, all-zero keys,
+ * Cases: clean control, NaN / Inf in K, V, Q_window, Q_decode and attn_colsum, NaN in K of
+ * every layer (replayed 8 more times with 4 threads: the error must name layer 0, the first, as
+ * one thread would, whichever layer a thread fails first), all-zero keys,
  * Hq not a multiple of Hkv, a stored window longer than T, T smaller than the policies'
  * window, T = 1, zero layers. KVT_KEEP=1 keeps the temporary directory.
  */
@@ -27,6 +29,7 @@ typedef struct shape {
 enum mutation {
     MUT_NONE,
     MUT_NAN_K,
+    MUT_NAN_K_ALL, /* NaN in K of every layer */
     MUT_INF_V,
     MUT_NAN_QWIN,
     MUT_INF_QDEC,
@@ -83,8 +86,8 @@ static void write_trace(const char *path, shape sh, enum mutation m)
     float nan = nanf(""), inf = INFINITY;
     for (int l = 0; l < sh.L && s == KVT_OK; l++) {
         bool last = l == sh.L - 1;
-        s = put(w, KVT_KIND_K, l, sh.Hkv, sh.T, sh.D, last && m == MUT_NAN_K, nan,
-                m == MUT_ZERO_KEYS);
+        s = put(w, KVT_KIND_K, l, sh.Hkv, sh.T, sh.D,
+                (last && m == MUT_NAN_K) || m == MUT_NAN_K_ALL, nan, m == MUT_ZERO_KEYS);
         if (s == KVT_OK)
             s = put(w, KVT_KIND_V, l, sh.Hkv, sh.T, sh.D, last && m == MUT_INF_V, inf, false);
         if (s == KVT_OK)
@@ -326,7 +329,8 @@ int main(void)
         KVT_EXPECT(!json_has_nonfinite("{\"inferred\": null, \"x\": 1e-05}"));
     }
     const shape base = {.L = 2, .Hq = 4, .Hkv = 2, .D = 8, .T = 64, .W = 32, .G = 4};
-    shape hq6 = base, wbig = base, tsmall = base, t1 = base, l0 = base;
+    shape hq6 = base, wbig = base, tsmall = base, t1 = base, l0 = base, l6 = base;
+    l6.L = 6;
     hq6.Hq = 6; /* Hkv = 2 divides 6, so Hkv = 4 */
     hq6.Hkv = 4;
     wbig.T = 20; /* stored window of 32 queries over 20 tokens */
@@ -336,6 +340,7 @@ int main(void)
     const hcase cases[] = {
         {"clean", base, MUT_NONE, ok, ok, ok, true},
         {"nan_k", base, MUT_NAN_K, ok, ok, {1, "is not finite"}, false},
+        {"nan_k_all_layers", l6, MUT_NAN_K_ALL, ok, ok, {1, "layer 0: K element"}, false},
         {"inf_v", base, MUT_INF_V, ok, ok, {1, "is not finite"}, false},
         {"nan_qwindow", base, MUT_NAN_QWIN, ok, ok, {1, "is not finite"}, false},
         {"inf_qdecode", base, MUT_INF_QDEC, ok, ok, {1, "is not finite"}, false},
@@ -384,6 +389,12 @@ int main(void)
             printf("  (replay expectation skipped: known bug, see tests/RELIABILITY.md)\n");
         if (rc == 0)
             check_results(c->name, out, rep, skip_replay);
+        for (int r = 0; c->m == MUT_NAN_K_ALL && r < 8; r++) { /* whatever the threads' timing */
+            snprintf(args, sizeof(args),
+                     "replay %s --policies snapkv,knorm --budgets 8 --threads 4 %s -o %s/t4.json",
+                     trace, extra, dir);
+            check_cmd(c->name, "replay_t4", args, (expect){1, "layer 0: K element"});
+        }
         if (c->m == MUT_NAN_COLSUM) { /* only H2O reads the column sums */
             snprintf(args, sizeof(args), "replay %s --policies h2o --budgets 8 %s -o %s/h2o.json",
                      trace, extra, dir);
