@@ -174,9 +174,10 @@ static kvt_status have_buf(void **buf, size_t bytes)
 
 /* The replay's error st of layer `layer` (-1: of none), kept with its message when it is the
  * first or comes from an earlier layer than the one kept (sh->mu held). The workers take the
- * layers in order and stop taking them at an error, but finish (or wait on the GPU for) those
- * they hold that come before it: the error kept is the earliest layer's, as one thread would
- * report it, whatever the threads' timing. */
+ * layers in order and stop taking them at an error, but finish those they hold: the error kept
+ * is the earliest layer's, as one thread would report it, whatever the threads' timing. With
+ * --device cuda a layer still waiting for a GPU slot stops at any error instead: the error is
+ * then the earliest of the layers that reached the GPU or failed before it. */
 static void keep_err(run_shared *sh, kvt_status st, int layer)
 {
     if (st && (!sh->err || layer < sh->err_layer)) {
@@ -406,12 +407,13 @@ static void *worker(void *arg)
             in.q_all_user = &qal;
         }
         int gi = -1;        /* --device cuda: the slot's device, gpu_dev[gi] */
-        if (sh->gpu_plan) { /* wait for room on a GPU; after an error of an earlier layer, stop */
+        if (sh->gpu_plan) { /* wait for room on a GPU; after any error, stop (a layer that
+                               waits would most likely run into the same wall: GPU memory) */
             uint64_t t_wait = kvt_now_ns();
             pthread_mutex_lock(&sh->mu);
-            while (!(sh->err && sh->err_layer < l) && (gi = gpu_pick(sh)) < 0)
+            while (!sh->err && (gi = gpu_pick(sh)) < 0)
                 pthread_cond_wait(&sh->gpu_cv, &sh->mu);
-            bool stop = sh->err && sh->err_layer < l;
+            bool stop = sh->err != KVT_OK;
             if (!stop) {
                 sh->gpu_busy[gi]++;
                 in.cuda_device = sh->gpu_dev[gi];
