@@ -51,6 +51,9 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_WINDOW_QUERY 0x20u /* ranks by the window queries: window >= 1 (snapkv, ...) */
 #define KVT_POLICY_NEEDS_QALL   0x40u /* needs Q_all (expected-attention, noncausal-attention) */
 #define KVT_POLICY_NEEDS_ROPE   0x80u /* needs the header's model.rope (expected-attention) */
+#define KVT_POLICY_PER_BUDGET                                                                      \
+    0x100u /* its kept sets are not nested across budgets: a ranking                               \
+              per budget (keydiff-block) */
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {

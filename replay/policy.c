@@ -109,6 +109,7 @@ static const opt_desc opts_table[] = {
     {"cross", O_BOOL, OFF(cross), 0, 0, "lagkv: compare scores across partitions, not ranks 0|1"},
     {"leverage", O_LEVERAGE, OFF(leverage), 0, 0, "cur: key|value|kv_avg|kv_product"},
     {"local", O_INT, OFF(local), 0, 1e6, "cur: block of the norms' normalisation (0: none)"},
+    {"block", O_INT, OFF(block), 1, 1e6, "keydiff-block: tokens per block"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 

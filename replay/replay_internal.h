@@ -58,6 +58,7 @@ typedef struct kvt_policy_opts {
     bool cross;             /* lagkv: scores compared across partitions (not ranks) */
     kvt_leverage leverage;  /* cur: key | value | kv_avg | kv_product */
     int local;              /* cur: local block of the norms' normalisation; 0 = none */
+    int block;              /* keydiff-block: tokens per block (BlockPress's block_size) */
     uint64_t seed;          /* random */
 } kvt_policy_opts;
 
@@ -289,6 +290,9 @@ struct kvt_layer_selection {
     int n_heads, per_query, window, n_budgets, T, D, n_steps;
     bool has_fixed;
     int32_t *order;          /* [H', T] fixed ranking: a permutation of 0..T-1 */
+    int32_t *border;         /* [n_b, H', T] a ranking per budget (KVT_POLICY_PER_BUDGET: kept
+                                sets not nested across budgets), or NULL: order serves them all
+                                (kvt_sel_ranking) */
     int32_t *count;          /* [n_b, H'] entries kept from the top of the ranking */
     uint8_t *step_head;      /* [H'] 1 if the head re-selects per decode step */
     int32_t *step_order;     /* [H', n_steps, T] */
@@ -302,6 +306,15 @@ kvt_status kvt_sel_init(kvt_layer_selection *s, const kvt_layer_ctx *c, bool per
                         int n_b, bool fixed);
 kvt_status kvt_sel_init_steps(kvt_layer_selection *s, int n_steps);
 kvt_status kvt_sel_init_merged(kvt_layer_selection *s);
+/** A ranking per budget (border), after kvt_sel_init with fixed: budget b keeps the first
+ *  count[b][h] of its own ranking. */
+kvt_status kvt_sel_init_per_budget(kvt_layer_selection *s);
+/** Head h's ranking at budget b: its own with per-budget rankings, else the shared one. */
+static inline const int32_t *kvt_sel_ranking(const kvt_layer_selection *s, int b, int h)
+{
+    return s->border ? s->border + ((size_t)b * s->n_heads + (size_t)h) * s->T
+                     : s->order + (size_t)h * s->T;
+}
 void kvt_sel_clear(kvt_layer_selection *s);
 
 /** order = the window (most recent first: T-1, T-2, ..., T-W) then the prefix P = [0, T-W)

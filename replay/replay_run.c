@@ -585,7 +585,8 @@ static int gpu_kv_es(kvt_dtype kdt)
  * llama3-8b, llama2-7b and qwen2-vl-7b shapes at T = 4K and 16K (bench/RESULTS.md, 2026-12-02):
  * f32 K, V and unit keys; f32 window and decode probabilities and one KV group's transposed
  * copy; key/value norms; the probe cosine table; per policy its ranking and scores; lightkv's
- * merged copies and the per-step policies' scratch; 1.5 KB of smaller per-token arrays.
+ * merged copies, the per-step policies' scratch and the per-budget policies' rankings (as if
+ * for 8 budgets: this does not know their count); 1.5 KB of smaller per-token arrays.
  * With the GPU (gpu_es: the bytes of a stored K or V element, 0 without) the host holds K and
  * V as stored (all of them when read ahead while the GPU is not ready) and, of the context's
  * large arrays, only those a policy reads on the host (its host_reads; a merged set's metrics
@@ -617,6 +618,8 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
             b += 3584;
         if (f & KVT_POLICY_PER_STEP)
             b += 1024 + 96.0 * Hkv;
+        if (f & KVT_POLICY_PER_BUDGET) /* a ranking per budget: counted for 8 budgets */
+            b += 32.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
         if (f & KVT_POLICY_NEEDS_ROPE) /* expected-attention: f64 queries, keys, K S', angles */
             b += 36.0 * D + 16.0 * Hq;
         else if (f & KVT_POLICY_NEEDS_QALL) /* one head's queries, scores */

@@ -50,6 +50,11 @@ kvt_status kvt_sel_init_steps(kvt_layer_selection *s, int n_steps)
     return st;
 }
 
+kvt_status kvt_sel_init_per_budget(kvt_layer_selection *s)
+{
+    return zalloc((void **)&s->border, (size_t)s->n_budgets * s->n_heads * s->T, sizeof(int32_t));
+}
+
 kvt_status kvt_sel_init_merged(kvt_layer_selection *s)
 {
     return zalloc((void **)&s->merged, (size_t)s->n_budgets * s->n_heads, sizeof(kvt_merged_set));
@@ -60,6 +65,7 @@ void kvt_sel_clear(kvt_layer_selection *s)
     if (!s)
         return;
     kvt_free(s->order);
+    kvt_free(s->border);
     kvt_free(s->count);
     kvt_free(s->step_head);
     kvt_free(s->step_order);
@@ -182,7 +188,7 @@ kvt_status kvt_layer_selection_kept(const kvt_layer_selection *s, size_t budget,
     } else if (step < 0) {
         KVT_RETURN_IF(!s->has_fixed, KVT_ERR_NOT_FOUND,
                       "selection: this policy has no prompt-time set (per decode step only)");
-        src = s->order + (size_t)head * s->T;
+        src = kvt_sel_ranking(s, (int)budget, head);
         cnt = (size_t)s->count[budget * (size_t)s->n_heads + (size_t)head];
     } else {
         KVT_RETURN_IF(step >= s->n_steps || !s->step_head || !s->step_head[head], KVT_ERR_NOT_FOUND,

@@ -790,11 +790,41 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
     return KVT_OK;
 }
 
+/* measure_head of a selection with a ranking per budget (border): each budget measured alone,
+ * as a one-budget selection of its own ranking (the oracle's counts of that budget too) */
+static kvt_status measure_per_budget(const kvt_layer_ctx *c, scratch *s,
+                                     const kvt_layer_selection *sel, int h,
+                                     const kvt_layer_selection *orc, kvt_head_metrics *m,
+                                     size_t mstride)
+{
+    const int n_b = s->n_b, H = sel->n_heads;
+    kvt_status st = KVT_OK;
+    for (int b = 0; b < n_b && !st; b++) {
+        kvt_layer_selection one = *sel, oone;
+        one.border = NULL;
+        one.order = sel->border + (size_t)b * H * sel->T;
+        one.count = sel->count + (size_t)b * H;
+        one.n_budgets = 1;
+        if (orc) {
+            oone = *orc;
+            oone.count = orc->count + (size_t)b * H;
+            oone.n_budgets = 1;
+        }
+        const kvt_layer_selection *ms = &one;
+        kvt_head_metrics *mb = m + (size_t)b * mstride;
+        s->n_b = 1;
+        st = measure_head(c, s, &ms, 1, h, orc ? &oone : NULL, &mb, mstride);
+        s->n_b = n_b;
+    }
+    return st;
+}
+
 /* head h of sel can share its sweeps with another selection of the same ranking and window
- * (coverage is over the window's prefix): one fixed ranking, no per-step rankings, not merged */
+ * (coverage is over the window's prefix): one fixed ranking for every budget, no per-step
+ * rankings, not merged */
 static bool shareable(const kvt_layer_selection *sel, int h)
 {
-    return !sel->merged && sel->has_fixed && !(sel->step_head && sel->step_head[h]);
+    return !sel->merged && !sel->border && sel->has_fixed && !(sel->step_head && sel->step_head[h]);
 }
 
 static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
@@ -891,7 +921,7 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                         const kvt_merged_set *m = &s->merged[(size_t)b * s->n_heads + h];
                         src = m->idx, n = (size_t)m->n;
                     } else if (x < 0 && s->has_fixed) {
-                        src = s->order + (size_t)h * c->T;
+                        src = kvt_sel_ranking(s, b, h);
                         n = (size_t)s->count[(size_t)b * s->n_heads + h];
                     } else if (x >= 0 && s->step_head && s->step_head[h]) {
                         src = s->step_order + ((size_t)h * s->n_steps + x) * c->T;
@@ -930,7 +960,7 @@ static const int32_t *kept_set(const kvt_layer_selection *sel, int b, int h, int
         return sel->step_order + ((size_t)h * sel->n_steps + (size_t)x) * sel->T;
     }
     *n = sel->count[bh];
-    return sel->order + (size_t)h * sel->T;
+    return kvt_sel_ranking(sel, b, h);
 }
 
 /* head_overlap (RESULTS.md) of every head and budget of one policy: the mean over the layer's
@@ -1114,6 +1144,11 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                     continue;
                 if (sel->merged) {
                     if ((st = measure_merged(&c, &s, sel, h, oc, m, (size_t)c.Hq)))
+                        goto out_free;
+                    continue;
+                }
+                if (sel->border) {
+                    if ((st = measure_per_budget(&c, &s, sel, h, oc, m, (size_t)c.Hq)))
                         goto out_free;
                     continue;
                 }

@@ -1029,6 +1029,25 @@ static void test_adaptive_scores(void)
     kvt_layer_selection_free(s);
 }
 
+/* keydiff-block on D = 2, keys (1,0) (1,0) (0,1) (1,0). B = 1, one block: candidates 0..3, mean
+ * unit key (.75, .25): token 2 is the least like it. B = 1, block=1: two candidates at a time,
+ * always equally like their mean (a tie): token 0 stays. B = 2: token 2, then 0, 1, 3 tie: 0. */
+static void test_keydiff_block(void)
+{
+    const float k[8] = {1, 0, 1, 0, 0, 1, 1, 0}, v[8] = {0}, q[2] = {1, 1};
+    kvt_layer_input in = tl_layer(4, 2, 1, 1, 1, k, v, q);
+    const int B[] = {1, 2, 4};
+    kvt_layer_selection *s = tl_select(&in, "keydiff-block", B, 3);
+    EXPECT_KEPT(s, 0, 0, -1, "2");
+    EXPECT_KEPT(s, 1, 0, -1, "0,2");
+    EXPECT_KEPT(s, 2, 0, -1, "0,1,2,3");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "keydiff-block:block=1", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0");
+    EXPECT_KEPT(s, 1, 0, -1, "0,2");
+    kvt_layer_selection_free(s);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1123,7 +1142,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 29);
+    KVT_EXPECT(kvt_policy_registry_size() == 30);
 }
 
 int main(void)
@@ -1143,6 +1162,7 @@ int main(void)
     test_qfilter();
     test_cur();
     test_adaptive_scores();
+    test_keydiff_block();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
