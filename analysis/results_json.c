@@ -315,6 +315,7 @@ static kvt_status print_results(const kvt_results *r, char **out)
         cJSON_AddBoolToObject(o, "per_step", (p->flags & KVT_POLICY_PER_STEP) != 0);
         cJSON_AddBoolToObject(o, "merged", (p->flags & KVT_POLICY_MERGED) != 0);
         cJSON_AddBoolToObject(o, "inferred", (p->flags & KVT_POLICY_LIKE) != 0);
+        cJSON_AddBoolToObject(o, "per_budget", (p->flags & KVT_POLICY_PER_BUDGET) != 0);
         cJSON_AddItemToArray(pl, o);
     }
     cJSON *bl = cJSON_AddArrayToObject(set, "budgets");
@@ -798,7 +799,8 @@ kvt_status kvt_results_parse(const char *txt, size_t len, const char *path, kvt_
         p->options_json = o ? cJSON_PrintUnformatted(o) : kvt_strdup("{}");
         p->flags = (cJSON_IsTrue(item(x, "per_step")) ? KVT_POLICY_PER_STEP : 0) |
                    (cJSON_IsTrue(item(x, "merged")) ? KVT_POLICY_MERGED : 0) |
-                   (cJSON_IsTrue(item(x, "inferred")) ? KVT_POLICY_LIKE : 0);
+                   (cJSON_IsTrue(item(x, "inferred")) ? KVT_POLICY_LIKE : 0) |
+                   (cJSON_IsTrue(item(x, "per_budget")) ? KVT_POLICY_PER_BUDGET : 0);
         if (!p->label || !p->name || !p->options_json) {
             st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
             goto out_free;

@@ -43,17 +43,15 @@ int kvt_budget_tokens(const kvt_budget *b, int n_tokens);
 typedef struct kvt_policy kvt_policy;
 
 /* kvt_policy_flags() bits */
-#define KVT_POLICY_PER_STEP     0x1u  /* re-selects at every decode step (quest, hybridkv-like) */
-#define KVT_POLICY_MERGED       0x2u  /* keeps merged K/V, not a subset (lightkv-like) */
-#define KVT_POLICY_LIKE         0x4u  /* an offline emulation with no public reference ("-like") */
-#define KVT_POLICY_NEEDS_DECODE 0x8u  /* needs Q_decode (oracle, quest) */
-#define KVT_POLICY_NEEDS_COLSUM 0x10u /* needs attn_colsum or Q_all (h2o) */
-#define KVT_POLICY_WINDOW_QUERY 0x20u /* ranks by the window queries: window >= 1 (snapkv, ...) */
-#define KVT_POLICY_NEEDS_QALL   0x40u /* needs Q_all (expected-attention, noncausal-attention) */
-#define KVT_POLICY_NEEDS_ROPE   0x80u /* needs the header's model.rope (expected-attention) */
-#define KVT_POLICY_PER_BUDGET                                                                      \
-    0x100u /* its kept sets are not nested across budgets: a ranking                               \
-              per budget (keydiff-block) */
+#define KVT_POLICY_PER_STEP     0x1u   /* re-selects at every decode step (quest, hybridkv-like) */
+#define KVT_POLICY_MERGED       0x2u   /* keeps merged K/V, not a subset (lightkv-like) */
+#define KVT_POLICY_LIKE         0x4u   /* an offline emulation with no public reference ("-like") */
+#define KVT_POLICY_NEEDS_DECODE 0x8u   /* needs Q_decode (oracle, quest) */
+#define KVT_POLICY_NEEDS_COLSUM 0x10u  /* needs attn_colsum or Q_all (h2o) */
+#define KVT_POLICY_WINDOW_QUERY 0x20u  /* ranks by the window queries: window >= 1 (snapkv, ...) */
+#define KVT_POLICY_NEEDS_QALL   0x40u  /* needs Q_all (expected-attention, noncausal-attention) */
+#define KVT_POLICY_NEEDS_ROPE   0x80u  /* needs the header's model.rope (expected-attention) */
+#define KVT_POLICY_PER_BUDGET   0x100u /* a ranking per budget: sets not nested (keydiff-block) */
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {
