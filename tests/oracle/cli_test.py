@@ -101,15 +101,18 @@ def compare_kept(name, spec, recs, order_of):
     check(recs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(recs)))
 
 
-def score_traces(work):
+def score_traces(work, q_all=False, layers=2):
     """The two traces of the score policies' oracles, written in WORK: a llama2.c capture of
     stories260K (T = 150, 8 query heads on 4 KV heads, D = 8, window 8, 2 decode steps) and a
-    llama3-8b-shaped synthetic trace (2 layers, T = 300, bf16, GQA 4, D = 128). Their paths."""
+    llama3-8b-shaped synthetic trace (`layers` layers, T = 300, bf16, GQA 4, D = 128), both with
+    every prompt query (Q_all) when q_all. Their paths."""
+    qa = ["--q-all"] if q_all else []
     a = os.path.join(work, "a.kvt")
     run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
-        "--tokens", "150", "--decode", "2", "--window", "8", "-o", a)
+        "--tokens", "150", "--decode", "2", "--window", "8", *qa, "-o", a)
     s = os.path.join(work, "s.kvt")
-    run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "-o", s)
+    run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", str(layers), *qa,
+        "-o", s)
     return a, s
 
 

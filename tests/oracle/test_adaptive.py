@@ -28,8 +28,8 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, check, finish, need_library, replay_export,  # noqa: E402
-                      run)  # (exits 77 without NumPy or the CLI)
+from cli_test import (check, finish, need_library, replay_export,  # noqa: E402
+                      run, score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -154,12 +154,7 @@ def compare(name, path, spec, budgets, work, score, per_query=False, alpha=0.2, 
 
 def main():
     with tempfile.TemporaryDirectory() as work:
-        a = os.path.join(work, "a.kvt")
-        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
-            "--tokens", "150", "--decode", "2", "--window", "8", "--q-all", "-o", a)
-        s = os.path.join(work, "s.kvt")
-        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "2", "--q-all",
-            "-o", s)
+        a, s = score_traces(work, q_all=True)
         rng = np.random.default_rng(5)
         with kvtrace.open(a) as t:
             m = t.header["model"]

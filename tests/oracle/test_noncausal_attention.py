@@ -21,7 +21,7 @@ import tempfile
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import (ROOT, check, compare_kept, finish, need_library,  # noqa: E402
-                      replay_export, run)  # (exits 77 without NumPy or the CLI)
+                      replay_export, run, score_traces)  # (77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -71,12 +71,7 @@ def compare(name, path, spec, chunk, per_query, window, budgets, work):
 
 def main():
     with tempfile.TemporaryDirectory() as work:
-        a = os.path.join(work, "a.kvt")
-        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
-            "--tokens", "150", "--decode", "2", "--window", "8", "--q-all", "-o", a)
-        s = os.path.join(work, "s.kvt")
-        run("synth", "--shape", "llama3-8b", "--tokens", "300", "--layers", "1", "--q-all",
-            "-o", s)
+        a, s = score_traces(work, q_all=True, layers=1)
         for spec, chunk, pq, w in (("noncausal-attention:chunk=64", 64, False, 0),
                                    ("noncausal-attention:chunk=50", 50, False, 0),
                                    ("noncausal-attention", 256, False, 0),
