@@ -110,6 +110,10 @@ static const opt_desc opts_table[] = {
     {"leverage", O_LEVERAGE, OFF(leverage), 0, 0, "cur: key|value|kv_avg|kv_product"},
     {"local", O_INT, OFF(local), 0, 1e6, "cur: block of the norms' normalisation (0: none)"},
     {"block", O_INT, OFF(block), 1, 1e6, "keydiff-block: tokens per block"},
+    {"critical", O_STR, OFF(critical), 0, 0,
+     "CriticalKV: .npy [layers, KV heads, tokens] of ||W_o v||_1 (kvtrace.critical_norms)"},
+    {"first", O_DBL, OFF(first), 0, 1, "CriticalKV: first_stage_ratio"},
+    {"ceps", O_DBL, OFF(ceps), 0, 1e9, "CriticalKV: epsilon added to the scores"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
@@ -347,6 +351,8 @@ static void base_defaults(kvt_policy_opts *o)
     o->chunk_score = KVT_REDUCE_SUM;
     o->floor_frac = 0.2;
     o->merge_window = 64;
+    o->first = 0.5;
+    o->ceps = 1e-4;
 }
 
 void kvt_policy_free(kvt_policy *p)
@@ -358,6 +364,8 @@ void kvt_policy_free(kvt_policy *p)
     kvt_free(p->o.scores);
     kvt_free(p->o.rtable);
     kvt_free(p->o.filters);
+    kvt_free(p->o.critical);
+    kvt_npy_destroy(p->crit);
     kvt_free(p->label);
     kvt_free(p);
 }
@@ -448,6 +456,19 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
     }
     if (d->init && (st = d->init(p)))
         goto out_fail;
+    if (p->o.critical) { /* CriticalKV's ||W_o v|| of one trace */
+        if ((p->o.adaptive || d == &kvt_policy_def_adakv) && p->o.alloc != 'b') {
+            st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                               "%s: critical= with AdaKV's budgets replays kvpress's "
+                               "CriticalAdaKVPress, whose allocation is alloc=b",
+                               d->name);
+            goto out_fail;
+        }
+        if ((st = kvt_npy_load(d->name, p->o.critical, "[layers, KV heads, tokens]",
+                               " (critical=: kvtrace.critical_norms)", &p->crit)))
+            goto out_fail;
+        p->one_trace = true;
+    }
     kvt_free(opts);
     *out = p;
     return KVT_OK;
@@ -587,7 +608,8 @@ const char *kvt_policy_label(const kvt_policy *p)
 
 unsigned kvt_policy_flags(const kvt_policy *p)
 {
-    return p->def->flags;
+    const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
+    return p->def->flags | (p->crit && ada ? KVT_POLICY_PER_BUDGET : 0);
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)

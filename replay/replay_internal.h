@@ -59,7 +59,10 @@ typedef struct kvt_policy_opts {
     kvt_leverage leverage;  /* cur: key | value | kv_avg | kv_product */
     int local;              /* cur: local block of the norms' normalisation; 0 = none */
     int block;              /* keydiff-block: tokens per block (BlockPress's block_size) */
-    uint64_t seed;          /* random */
+    char *critical; /* CriticalKV: per-token ||W_o v||_1 .npy [L, H', T] (owned); NULL = off */
+    double first;   /* CriticalKV: first_stage_ratio */
+    double ceps;    /* CriticalKV: epsilon added to the scores before the product */
+    uint64_t seed;  /* random */
 } kvt_policy_opts;
 
 typedef struct kvt_layer_ctx kvt_layer_ctx;
@@ -69,8 +72,9 @@ struct kvt_policy {
     const kvt_policy_def *def;
     kvt_policy_opts o;
     char *label;
-    void *state;    /* loaded files, owned (def->fini frees) */
-    bool one_trace; /* its files describe one trace (kvt_policy_one_trace) */
+    void *state;          /* loaded files, owned (def->fini frees) */
+    struct kvt_npy *crit; /* critical=FILE's array, owned, or NULL */
+    bool one_trace;       /* its files describe one trace (kvt_policy_one_trace) */
 };
 
 /** A policy: one file in replay/policies/ exports one of these, and policies/policy_list.h
@@ -360,6 +364,13 @@ kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const do
  *  is negative or infinite. */
 kvt_status kvt_sel_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
                           const int *B, int n_b, kvt_layer_selection *sel);
+
+/** A score policy's ranking and counts from its prefix scores s [H', T-W], window W: without
+ *  critical=, each head ranked by s (kvt_sel_rank_window_all) and kvt_sel_counts; with it,
+ *  kvpress's CriticalKVPress (uniform counts, one ranking) or, with adaptive=1 (and for adakv),
+ *  CriticalAdaKVPress (AdaKV's counts, alloc=b, and a ranking per budget) over s (critical.c). */
+kvt_status kvt_sel_rank_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
+                               const int *B, int n_b, kvt_layer_selection *sel);
 
 /** The unit eigenvector x [n] of the largest eigenvalue of the symmetric a [n, n] (row-major;
  *  only its lower triangle is read, and destroyed): Householder tridiagonalisation, bisection

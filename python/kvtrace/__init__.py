@@ -15,6 +15,7 @@
         idx = sel.kept("snapkv", "64", layer=0, head=1)    # kept token indices
 
     np.save("f.npy", kvtrace.qfilters(["a.kvt", "b.kvt"]))   # replay qfilter:filters=f.npy
+    np.save("w.npy", kvtrace.critical_norms("a.kvt", o_proj))   # replay snapkv:critical=w.npy
 
 Errors from the C library raise kvtrace.TraceError with its message. The library is found
 through $KVT_LIB first (see _lib.py for the full search order). Importing kvtrace imports
@@ -26,6 +27,7 @@ from ._trace import Trace, TraceWriter, open, verify, bf16_to_f32, f32_to_bf16
 from ._capture import CaptureSession, tensor_view
 from ._selection import Selection, read_selection
 from ._qfilter import qfilters
+from ._critical import critical_norms
 from .hf import capture  # torch and transformers are imported when capture() is called
 
 __version__ = "0.1.0"
@@ -40,4 +42,4 @@ def library_version():
 __all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "capture", "open", "verify",
            "bf16_to_f32", "f32_to_bf16", "tensor_view", "KINDS", "MODALITIES", "lib_path",
            "has_capture", "library_version", "__version__", "Selection", "read_selection",
-           "qfilters"]
+           "qfilters", "critical_norms"]

@@ -276,8 +276,7 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
                                     : o->use_vnorm ? (a[j] + o->epsilon) * vn[j]
                                                    : a[j];
     }
-    if (!(st = kvt_sel_rank_window_all(sel, sc, W)))
-        st = kvt_sel_counts(c, p, sc, W, B, n_b, sel);
+    st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
 out:
     kvt_free(acc);
     kvt_free(ph);
@@ -298,7 +297,8 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress ExpectedAttention: attention expected from the queries' mean and "
                "covariance at future positions, times ||v||",
-    .keys = "window,heads,sinks,future,cov,vnorm,epsilon,adaptive,alpha,normalize,alloc,skip",
+    .keys = "window,heads,sinks,future,cov,vnorm,epsilon,adaptive,alpha,normalize,alloc,skip,"
+            "critical,first,ceps",
     .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_NEEDS_ROPE,
     .defaults = d_ea,
     .select = sel_ea,

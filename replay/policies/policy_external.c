@@ -132,9 +132,7 @@ static kvt_status sel_external(kvt_layer_ctx *c, const kvt_policy *p, const int 
     for (int h = 0; h < H; h++)
         for (int j = 0; j < P; j++)
             s[(size_t)h * P + j] = kvt_npy_at(a, base + (size_t)h * T + j);
-    kvt_status st = kvt_sel_rank_window_all(sel, s, W);
-    if (!st) /* with adaptive=1, AdaKV's allocation from these scores */
-        st = kvt_sel_counts(c, p, s, W, B, n_b, sel);
+    kvt_status st = kvt_sel_rank_counts(c, p, s, W, B, n_b, sel);
     kvt_free(s);
     return st;
 }
@@ -144,7 +142,7 @@ const kvt_policy_def kvt_policy_def_external = {
     .summary = "your own per-token scores: keeps each head's highest (scores=FILE.npy, "
                "[layers, heads, tokens], or scores=DIR of NAME.npy per trace NAME.kvt; "
                "adaptive=1: AdaKV's head budgets from them)",
-    .keys = "window,heads,scores,adaptive,alpha,normalize,alloc,skip",
+    .keys = "window,heads,scores,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_external,
     .init = init_external,
     .fini = kvt_policy_fini_npy,

@@ -23,8 +23,7 @@ kvt_status kvt_rank_by_colsum(kvt_layer_ctx *c, const kvt_policy *p, kvt_reduce 
             a[(size_t)h * P + j] = cs[(size_t)h * T + j] / (per_viewer ? (double)(T - j) : 1.0);
     if (!o->per_query && (st = kvt_gqa_reduce_ref(a, Hq, c->Hkv, P, reduce, r)))
         goto out_free;
-    if (!(st = kvt_sel_rank_window_all(sel, o->per_query ? a : r, W)))
-        st = kvt_sel_counts(c, p, o->per_query ? a : r, W, B, n_b, sel);
+    st = kvt_sel_rank_counts(c, p, o->per_query ? a : r, W, B, n_b, sel);
 out_free:
     kvt_free(a);
     kvt_free(r);

@@ -37,7 +37,7 @@ const kvt_policy_def kvt_policy_def_keydiff = {
     .name = "keydiff",
     .host_reads = KVT_CTX_KU,
     .summary = "KeyDiff: keys least similar to the mean key",
-    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_keydiff,
     .select = sel_keydiff,
 };

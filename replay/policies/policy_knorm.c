@@ -20,9 +20,7 @@ kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const dou
         for (int j = 0; j < P; j++)
             s[(size_t)h * P + j] = sign * x[(size_t)g * T + j];
     }
-    kvt_status st = kvt_sel_rank_window_all(sel, s, W);
-    if (!st)
-        st = kvt_sel_counts(c, p, s, W, B, n_b, sel);
+    kvt_status st = kvt_sel_rank_counts(c, p, s, W, B, n_b, sel);
     kvt_free(s);
     return st;
 }
@@ -36,7 +34,7 @@ static kvt_status sel_knorm(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
 const kvt_policy_def kvt_policy_def_knorm = {
     .name = "knorm",
     .summary = "KNorm: smallest key L2 norms",
-    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_knorm,
     .select = sel_knorm,
 };

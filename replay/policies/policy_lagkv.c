@@ -116,8 +116,7 @@ static kvt_status sel_lag(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
                 s[t0 + t] = !o->cross ? vs[t] / lag : isnan(ks[t]) ? INFINITY : ks[t];
         }
     }
-    if (!(st = kvt_sel_rank_window_all(sel, sc, 0)))
-        st = kvt_sel_counts(c, p, sc, 0, B, n_b, sel);
+    st = kvt_sel_rank_counts(c, p, sc, 0, B, n_b, sel);
 out:
     kvt_free(sc);
     kvt_free(ks);
@@ -135,7 +134,7 @@ const kvt_policy_def kvt_policy_def_lagkv = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress LagKV: each partition scored against the next by its keys' and values' "
                "spread",
-    .keys = "heads,sinks,lag,cross,adaptive,alpha,normalize,alloc,skip",
+    .keys = "heads,sinks,lag,cross,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_lag,
     .select = sel_lag,
 };

@@ -79,8 +79,7 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
             sc[(size_t)h * P + j] = m / 3.0;
         }
     }
-    if (!(st = kvt_sel_rank_window_all(sel, sc, W)))
-        st = kvt_sel_counts(c, p, sc, W, B, n_b, sel);
+    st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
 out:
     kvt_free(acc);
     kvt_free(sc);
@@ -94,7 +93,7 @@ const kvt_policy_def kvt_policy_def_noncausal_attention = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress NonCausalAttn (Compactor): attention inside chunks of the prompt, no "
                "causal mask, times ||v||",
-    .keys = "window,heads,chunk,adaptive,alpha,normalize,alloc,skip",
+    .keys = "window,heads,chunk,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .flags = KVT_POLICY_NEEDS_QALL,
     .defaults = d_nca,
     .select = sel_nca,

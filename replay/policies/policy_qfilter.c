@@ -303,9 +303,7 @@ static kvt_status sel_qfilter(kvt_layer_ctx *c, const kvt_policy *p, const int *
             s[(size_t)h * P + j] = -dot;
         }
     }
-    kvt_status st = kvt_sel_rank_window_all(sel, s, W);
-    if (!st)
-        st = kvt_sel_counts(c, p, s, W, B, n_b, sel);
+    kvt_status st = kvt_sel_rank_counts(c, p, s, W, B, n_b, sel);
     kvt_free(s);
     return st;
 }
@@ -315,7 +313,7 @@ const kvt_policy_def kvt_policy_def_qfilter = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress QFilterPress: keys scored -<f, k> against each KV head's Q-filter f "
                "(filters=FILE.npy [layers, KV heads, D], or calibrated on the window queries)",
-    .keys = "window,heads,filters,adaptive,alpha,normalize,alloc,skip",
+    .keys = "window,heads,filters,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_qfilter,
     .init = init_qfilter,
     .fini = kvt_policy_fini_npy,

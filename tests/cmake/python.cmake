@@ -27,6 +27,9 @@
 #   test_cur                     cur against NumPy written from kvpress's CURPress.score
 #   test_adaptive                adaptive=1 on the kvpress score policies against NumPy written
 #                                from kvpress's AdaKVPress over each press's scores
+#   test_critical                critical= (CriticalKV, CriticalAdaKV) against NumPy written from
+#                                kvpress's criticalkv_press.py; kvtrace.critical_norms against
+#                                its vwl1norm
 #   test_keydiff_block           keydiff-block against NumPy written from kvpress's
 #                                BlockPress(KeyDiffPress), and its per-budget sets' metrics
 #                                against external's on the same sets
@@ -39,7 +42,7 @@ if(KVT_SYS_PYTHON)
               test_python_hf_reserve test_python_selection
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
               test_expected_attention_synth test_lagkv test_noncausal_attention
-              test_qfilter test_cur test_adaptive test_keydiff_block)
+              test_qfilter test_cur test_adaptive test_keydiff_block test_critical)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -1048,6 +1048,52 @@ static void test_keydiff_block(void)
     kvt_layer_selection_free(s);
 }
 
+/* np.save of a float64 array [1, 1, n] (format 1.0: the header padded to 64 bytes) */
+static void write_npy_1x1(const char *path, const double *x, int n)
+{
+    char hdr[128];
+    int len = snprintf(hdr, sizeof(hdr),
+                       "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, %d), }", n);
+    while ((10 + len + 1) % 64)
+        hdr[len++] = ' ';
+    hdr[len++] = '\n';
+    FILE *f = fopen(path, "wb");
+    fwrite("\x93NUMPY\x01\x00", 1, 8, f);
+    fputc(len & 255, f);
+    fputc(len >> 8, f);
+    fwrite(hdr, 1, (size_t)len, f);
+    fwrite(x, sizeof(double), (size_t)n, f);
+    fclose(f);
+}
+
+/* critical= on knorm, D = 1: keys 1..6 score -1..-6 (s ranks 0..5); norms w = 6 5 4 3 2 .1 make
+ * (s + 1e-4) w rank 5, 0, 1, 4, 2, 3. B keeps floor(B/2) by s, the rest by the product among the
+ * others: B = 1: {5}; 2: {0} + {5}; 3: {0} + {5, 1}; 4: {0, 1} + {5, 4} (1 moves from the second
+ * stage to the first, and the second takes 4). first=1: the plain knorm sets. */
+static void test_critical(void)
+{
+    const float k[6] = {1, 2, 3, 4, 5, 6}, v[6] = {0}, q[1] = {1};
+    const double w[6] = {6, 5, 4, 3, 2, 0.1};
+    char path[256], spec[400];
+    kvt_test_tmp(path, sizeof(path), "crit.npy");
+    write_npy_1x1(path, w, 6);
+    kvt_layer_input in = layer1d(6, 1, 1, 1, k, v, q);
+    const int B[] = {1, 2, 3, 4};
+    snprintf(spec, sizeof(spec), "knorm:critical=%s", path);
+    kvt_layer_selection *s = tl_select(&in, spec, B, 4);
+    EXPECT_KEPT(s, 0, 0, -1, "5");
+    EXPECT_KEPT(s, 1, 0, -1, "0,5");
+    EXPECT_KEPT(s, 2, 0, -1, "0,1,5");
+    EXPECT_KEPT(s, 3, 0, -1, "0,1,4,5");
+    kvt_layer_selection_free(s);
+    snprintf(spec, sizeof(spec), "knorm:first=1,critical=%s", path);
+    s = tl_select(&in, spec, B, 4);
+    EXPECT_KEPT(s, 0, 0, -1, "0");
+    EXPECT_KEPT(s, 3, 0, -1, "0,1,2,3");
+    kvt_layer_selection_free(s);
+    remove(path);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1163,6 +1209,7 @@ int main(void)
     test_cur();
     test_adaptive_scores();
     test_keydiff_block();
+    test_critical();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }

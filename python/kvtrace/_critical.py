@@ -1,0 +1,50 @@
+"""critical_norms(): CriticalKV's ||W_o v||_1 per token of a trace, for
+`kvtrace replay --policy snapkv:critical=FILE.npy` (and adakv, expected-attention, knorm, ...).
+
+kvpress's CriticalKVPress and CriticalAdaKVPress (criticalkv_press.py, `vwl1norm`) weight a
+press's scores by how much each value can move the attention output: for query head h and token
+j, the L1 norm of v_j (of h's KV head) times h's slice of the output projection,
+W_o[:, h*D:(h+1)*D]^T, averaged over the query heads of each KV head. The trace holds V; the
+output projection comes from the model: pass each layer's o_proj weight as torch stores it
+([hidden, n_q_heads * head_dim]; e.g. `[l.self_attn.o_proj.weight.float().cpu().numpy() for l
+in model.model.layers]`). NumPy in float64: about 2 T * Hq * D * hidden operations per layer
+(a 7B model at T = 8192: minutes per layer on a CPU; the same lines in torch on a GPU take
+seconds).
+"""
+import numpy as np
+
+from ._trace import open as _open
+
+
+def critical_norms(path, o_proj, heads="kv"):
+    """Norms [layers, KV heads (or query heads), prompt tokens] as float64 for the trace at
+    `path`; o_proj: one [hidden, n_q_heads * head_dim] array per layer (a list, or one array
+    [layers, hidden, n_q_heads * head_dim]).
+
+    heads: "kv" (the mean over each KV head's query heads: kvpress's layout) or "query" (one row
+    per query head, for a policy replayed with heads=query).
+    Save the result with np.save and replay with `critical=FILE.npy`: it describes this trace
+    (its V), not the model."""
+    if heads not in ("kv", "query"):
+        raise ValueError("heads must be 'kv' or 'query', got %r" % (heads,))
+    with _open(path) as t:
+        m = t.header["model"]
+        L, Hq, Hkv, D = m["n_layers"], m["n_q_heads"], m["n_kv_heads"], m["head_dim"]
+        T = t.header["n_tokens"]
+        if len(o_proj) != L:
+            raise ValueError("o_proj has %d layers; the trace has %d" % (len(o_proj), L))
+        G = Hq // Hkv
+        out = np.zeros((L, Hkv if heads == "kv" else Hq, T))
+        for layer in range(L):
+            W = np.asarray(o_proj[layer], dtype=np.float64)
+            if W.ndim != 2 or W.shape[1] != Hq * D:
+                raise ValueError("o_proj[%d] has shape %s; expected [hidden, %d] (n_q_heads * "
+                                 "head_dim)" % (layer, W.shape, Hq * D))
+            V = t.read("V", layer, dtype="float32").astype(np.float64)  # [Hkv, T, D]
+            for h in range(Hq):
+                n = np.abs(V[h // G] @ W[:, h * D:(h + 1) * D].T).sum(axis=-1)  # [T]
+                if heads == "query":
+                    out[layer, h] = n
+                else:
+                    out[layer, h // G] += n / G
+        return out
