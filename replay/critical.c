@@ -163,10 +163,6 @@ kvt_status kvt_sel_rank_counts(kvt_layer_ctx *c, const kvt_policy *p, const doub
             ada_order(&w, P, cp < 0 ? 0 : kp, cp < 0 ? 0 : cp, order + (T - P));
         }
     }
-    /* with a ranking per budget, the shared one (unused by the metrics) is the last budget's */
-    if (!st && ada && n_b > 0)
-        memcpy(sel->order, sel->border + (size_t)(n_b - 1) * H * T,
-               (size_t)H * T * sizeof(int32_t));
     kvt_free(w.sig);
     kvt_free(w.rho);
     kvt_free(w.wk);

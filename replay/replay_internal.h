@@ -311,7 +311,8 @@ kvt_status kvt_sel_init(kvt_layer_selection *s, const kvt_layer_ctx *c, bool per
 kvt_status kvt_sel_init_steps(kvt_layer_selection *s, int n_steps);
 kvt_status kvt_sel_init_merged(kvt_layer_selection *s);
 /** A ranking per budget (border), after kvt_sel_init with fixed: budget b keeps the first
- *  count[b][h] of its own ranking. */
+ *  count[b][h] of its own ranking. The policy fills border; after it selects, order (which no
+ *  metric reads then) is set to the last budget's rankings. */
 kvt_status kvt_sel_init_per_budget(kvt_layer_selection *s);
 /** Head h's ranking at budget b: its own with per-budget rankings, else the shared one. */
 static inline const int32_t *kvt_sel_ranking(const kvt_layer_selection *s, int b, int h)

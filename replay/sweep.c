@@ -849,6 +849,9 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                 return kvt_error_set(KVT_ERR_STATE, "%s: internal error: count %d outside 0..%d",
                                      p->def->name, sel->count[i], c->T);
             }
+    if (sel->border && n_b > 0) /* the shared ranking (no metric reads it): the last budget's */
+        memcpy(sel->order, sel->border + (size_t)(n_b - 1) * sel->n_heads * sel->T,
+               (size_t)sel->n_heads * sel->T * sizeof(int32_t));
     return KVT_OK;
 }
 

@@ -119,10 +119,6 @@ static kvt_status sel_kdb(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
             }
         }
     }
-    /* the shared ranking (unused by the metrics): the largest budget's */
-    if (!st && n_b > 0)
-        memcpy(sel->order, sel->border + (size_t)(n_b - 1) * H * T,
-               (size_t)H * T * sizeof(int32_t));
     kvt_free(w.kept);
     kvt_free(w.cand);
     kvt_free(w.ord);
