@@ -469,8 +469,9 @@ int kvt_cli_policy_files_ok(const char *cmd, kvt_policy *const *pols, size_t n_p
     for (size_t p = 0; p < n_pol; p++) {
         if (n_traces > 1 && kvt_policy_one_trace(pols[p])) {
             kvt_cli_fail(cmd,
-                         "%s: a scores file describes one trace, and %zu are given: give "
-                         "scores=DIR, a directory with one NAME.npy per trace NAME.kvt",
+                         "%s: a scores or critical= file describes one trace, and %zu are "
+                         "given: give a directory instead (scores=DIR, critical=DIR) with one "
+                         "NAME.npy per trace NAME.kvt",
                          kvt_policy_label(pols[p]), n_traces);
             return 2;
         }

@@ -107,8 +107,8 @@ char *kvt_cli_append_list(char *list, const char *item);
  *  errors printed. */
 int kvt_cli_append_policies(const char *cmd, char **list, const char *v);
 
-/** The policies' per-trace files against the traces of one replay: a scores file that
- *  describes one trace given several, or two traces that would read one scores=DIR file.
+/** The policies' per-trace files against the traces of one replay: a scores= or critical=
+ *  file that describes one trace given several, or two traces that would read one DIR file.
  *  Returns 0, or 2 (a usage error) after printing it. */
 int kvt_cli_policy_files_ok(const char *cmd, kvt_policy *const *pols, size_t n_pol,
                             const char *const *traces, size_t n_traces);

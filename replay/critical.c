@@ -2,7 +2,8 @@
  * criticalkv_press.py @0603dec; CriticalKV, arXiv 2502.03805) over a score policy's scores
  * (`critical=FILE.npy`), and the ranking-and-counts step every score policy ends with.
  *
- * FILE holds w [L, H', T]: for each layer, head and prompt token the L1 norm of the value
+ * FILE holds w [L, H', T] (critical=DIR: DIR/NAME.npy for each trace NAME.kvt, read when the
+ * trace is replayed, replay_run.c): for each layer, head and prompt token the L1 norm of the value
  * projected by the head's slice of the output projection, ||v_j W_o[h]||_1, averaged over the
  * query heads of a KV head (kvpress's vwl1norm; kvtrace.critical_norms computes it from a
  * trace's V and the model's o_proj weights). H' is the KV heads, or with heads=query the query
@@ -32,17 +33,15 @@ typedef struct crit_work {
     uint8_t *mark;           /* [P] 1: in the first stage, 2: in the second */
 } crit_work;
 
-/* the shape of p->crit against the layer's trace: its rows are the KV heads or, with
- * heads=query, the query heads */
-static kvt_status check_crit(const kvt_layer_ctx *c, const kvt_policy *p)
+kvt_status kvt_critical_check(const kvt_policy *p, const kvt_npy *a, const char *file, int L,
+                              int Hq, int Hkv, int T)
 {
-    const kvt_npy *a = p->crit;
-    const bool rows = a->shape[1] == c->Hkv || (p->o.per_query && a->shape[1] == c->Hq);
-    KVT_RETURN_IF(a->shape[0] != c->n_layers || !rows || a->shape[2] != c->T, KVT_ERR_INVALID_ARG,
+    const bool rows = a->shape[1] == Hkv || (p->o.per_query && a->shape[1] == Hq);
+    KVT_RETURN_IF(a->shape[0] != L || !rows || a->shape[2] != T, KVT_ERR_INVALID_ARG,
                   "%s: critical=%s has shape (%d, %d, %d); this trace needs (%d, %d, %d): "
                   "layers, KV heads%s, prompt tokens (one file per trace)",
-                  p->def->name, p->o.critical, a->shape[0], a->shape[1], a->shape[2], c->n_layers,
-                  c->Hkv, c->T, p->o.per_query ? " (or query heads)" : "");
+                  p->def->name, file, a->shape[0], a->shape[1], a->shape[2], L, Hkv, T,
+                  p->o.per_query ? " (or query heads)" : "");
     return KVT_OK;
 }
 
@@ -121,11 +120,15 @@ static void ada_order(const crit_work *w, int P, int kp, int c, int32_t *out)
 kvt_status kvt_sel_rank_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
                                const int *B, int n_b, kvt_layer_selection *sel)
 {
-    if (!p->crit) {
+    if (!p->o.critical) {
         KVT_FORWARD(kvt_sel_rank_window_all(sel, s, W));
         return kvt_sel_counts(c, p, s, W, B, n_b, sel);
     }
-    KVT_FORWARD(check_crit(c, p));
+    KVT_RETURN_IF(!p->crit, KVT_ERR_INVALID_ARG,
+                  "%s: critical=%s is a directory of per-trace files, read by a trace replay "
+                  "(kvt_replay_trace); give a layer replay its FILE.npy",
+                  p->def->name, p->o.critical);
+    KVT_FORWARD(kvt_critical_check(p, p->crit, p->o.critical, c->n_layers, c->Hq, c->Hkv, c->T));
     const int T = c->T, P = T - W, H = sel->n_heads;
     const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
     kvt_status st = KVT_OK;

@@ -241,6 +241,23 @@ void kvt_npy_destroy(kvt_npy *a)
     }
 }
 
+bool kvt_trace_npy_path(const char *dir, const char *trace, char *buf, size_t cap)
+{
+    const char *base = strrchr(trace, '/') ? strrchr(trace, '/') + 1 : trace;
+    size_t n = strlen(base);
+    if (n > 4 && !strcmp(base + n - 4, ".kvt"))
+        n -= 4;
+    int len = snprintf(buf, cap, "%s%s%.*s.npy", dir,
+                       dir[0] && dir[strlen(dir) - 1] == '/' ? "" : "/", (int)n, base);
+    return len >= 0 && (size_t)len < cap;
+}
+
+bool kvt_is_dir(const char *path)
+{
+    struct stat sb;
+    return path && stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
 void kvt_policy_fini_npy(kvt_policy *p)
 {
     kvt_npy_destroy(p->state);

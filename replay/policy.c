@@ -464,10 +464,12 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                                d->name);
             goto out_fail;
         }
-        if ((st = kvt_npy_load(d->name, p->o.critical, "[layers, KV heads, tokens]",
-                               " (critical=: kvtrace.critical_norms)", &p->crit)))
-            goto out_fail;
-        p->one_trace = true;
+        if (!kvt_is_dir(p->o.critical)) { /* a directory: one NAME.npy per trace (bind) */
+            if ((st = kvt_npy_load(d->name, p->o.critical, "[layers, KV heads, tokens]",
+                                   " (critical=: kvtrace.critical_norms)", &p->crit)))
+                goto out_fail;
+            p->one_trace = true;
+        }
     }
     kvt_free(opts);
     *out = p;
@@ -624,7 +626,9 @@ bool kvt_policy_one_trace(const kvt_policy *p)
 
 bool kvt_policy_trace_file(const kvt_policy *p, const char *trace, char *buf, size_t cap)
 {
-    return p->def->trace_file && p->def->trace_file(p, trace, buf, cap);
+    if (p->def->trace_file && p->def->trace_file(p, trace, buf, cap))
+        return true;
+    return p->o.critical && !p->crit && kvt_trace_npy_path(p->o.critical, trace, buf, cap);
 }
 
 /* "key=value" of one option into buf; quoted = JSON form */

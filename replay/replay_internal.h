@@ -446,5 +446,14 @@ kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, 
 void kvt_npy_destroy(kvt_npy *a);
 /** A policy's fini for a state that is a kvt_npy (external's scores, qfilter's filters). */
 void kvt_policy_fini_npy(kvt_policy *p);
+/** DIR/NAME.npy for the trace NAME.kvt (or a trace named NAME) at path `trace`, into buf[cap];
+ *  false when it does not fit (external's scores=DIR, critical=DIR). */
+bool kvt_trace_npy_path(const char *dir, const char *trace, char *buf, size_t cap);
+/** Whether path names a directory. */
+bool kvt_is_dir(const char *path);
+/** critical=: the array a (read from `file`) against a trace of L layers, Hq query and Hkv KV
+ *  heads and T tokens (rows: KV heads, or query heads with heads=query): one line otherwise. */
+kvt_status kvt_critical_check(const kvt_policy *p, const kvt_npy *a, const char *file, int L,
+                              int Hq, int Hkv, int T);
 
 #endif /* KVT_REPLAY_INTERNAL_H */

@@ -528,6 +528,7 @@ typedef struct bound_pols {
     kvt_policy **p;   /* [n] what the workers replay: pols[i], or &copy[i] */
     kvt_policy *copy; /* [n] */
     void **state;     /* [n] per-trace state of copy[i], or NULL */
+    kvt_npy **crit;   /* [n] critical=DIR: the trace's own file (copy[i].crit), or NULL */
     size_t n;
 } bound_pols;
 
@@ -536,6 +537,9 @@ static void unbind_policies(bound_pols *b)
     for (size_t i = 0; b->state && i < b->n; i++)
         if (b->state[i])
             b->p[i]->def->unbind(b->state[i]);
+    for (size_t i = 0; b->crit && i < b->n; i++)
+        kvt_npy_destroy(b->crit[i]);
+    kvt_free(b->crit);
     kvt_free(b->p);
     kvt_free(b->copy);
     kvt_free(b->state);
@@ -549,25 +553,41 @@ static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *p
     b->p = kvt_calloc(n, sizeof(*b->p));
     b->copy = kvt_calloc(n, sizeof(*b->copy));
     b->state = kvt_calloc(n, sizeof(*b->state));
+    b->crit = kvt_calloc(n, sizeof(*b->crit));
     b->n = n;
-    if (!b->p || !b->copy || !b->state) {
+    if (!b->p || !b->copy || !b->state || !b->crit) {
         unbind_policies(b);
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     }
     for (size_t i = 0; i < n; i++) {
+        const kvt_policy *p = pols[i];
         b->p[i] = pols[i];
-        if (!pols[i]->def->bind)
-            continue;
         void *state = NULL;
-        kvt_status st = pols[i]->def->bind(pols[i], path, L, Hq, Hkv, T, &state);
+        kvt_status st = p->def->bind ? p->def->bind(p, path, L, Hq, Hkv, T, &state) : KVT_OK;
+        if (!st && p->o.critical) { /* critical=FILE checked; critical=DIR: the trace's file */
+            char file[4096];
+            if (p->crit)
+                st = kvt_critical_check(p, p->crit, p->o.critical, L, Hq, Hkv, T);
+            else if (!kvt_trace_npy_path(p->o.critical, path, file, sizeof(file)))
+                st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: critical= file name too long",
+                                   p->def->name);
+            else if (!(st = kvt_npy_load(p->def->name, file, "[layers, KV heads, tokens]",
+                                         " (critical=DIR: one NAME.npy per trace NAME.kvt)",
+                                         &b->crit[i])))
+                st = kvt_critical_check(p, b->crit[i], file, L, Hq, Hkv, T);
+        }
         if (st) {
+            if (state)
+                p->def->unbind(state);
             unbind_policies(b);
             return kvt_error_set(st, "%s: %s", path, kvt_error_msg());
         }
-        if (state) {
+        if (state || b->crit[i]) {
             b->copy[i] = *pols[i];
-            b->copy[i].state = state;
-            b->state[i] = state;
+            if (state)
+                b->copy[i].state = b->state[i] = state;
+            if (b->crit[i])
+                b->copy[i].crit = b->crit[i];
             b->p[i] = &b->copy[i];
         }
     }

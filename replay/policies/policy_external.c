@@ -77,14 +77,7 @@ static bool trace_file_external(const kvt_policy *p, const char *path, char *buf
 {
     if (p->one_trace || !p->o.scores)
         return false;
-    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    size_t n = strlen(base);
-    if (n > 4 && !strcmp(base + n - 4, ".kvt"))
-        n -= 4;
-    const char *d = p->o.scores;
-    int len = snprintf(buf, cap, "%s%s%.*s.npy", d, d[0] && d[strlen(d) - 1] == '/' ? "" : "/",
-                       (int)n, base);
-    return len >= 0 && (size_t)len < cap;
+    return kvt_trace_npy_path(p->o.scores, path, buf, cap);
 }
 
 /* before the trace's first layer: scores=FILE is checked against it; scores=DIR gives the

@@ -22,16 +22,19 @@ direct transcription of vwl1norm.
 
 Also: the sets of CriticalAdaKV are not all nested across budgets (a ranking per budget), a
 file of another shape or with a negative norm is refused in one line, and adaptive=1 with
-alloc=a is refused. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the
+alloc=a is refused; critical=DIR (one NAME.npy per trace) over two traces gives each trace the
+sets of its own replay, a file for one trace given two is refused, and a trace without its file
+in DIR is refused before any work. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the
 CLI or the library.
 """
+import json
 import os
 import sys
 import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (check, finish, need_library, replay_export,  # noqa: E402
+from cli_test import (ROOT, check, finish, need_library, replay_export,  # noqa: E402
                       run, score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 
@@ -204,6 +207,43 @@ def main():
         refused("knorm:critical=" + fn, "norm -1 at layer 1, head 2, token 7")
         refused("knorm:adaptive=1,alloc=a,critical=" + fa, "whose allocation is alloc=b", 2)
         refused("knorm:critical=" + os.path.join(work, "missing.npy"), "missing.npy")
+
+        # critical=DIR: one NAME.npy per trace NAME.kvt, for a replay of several traces; the
+        # sets equal each trace's own replay with its file
+        b = os.path.join(work, "b.kvt")
+        run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+            "--tokens", "120", "--decode", "2", "--window", "8", "-o", b)
+        fb, _ = norms(b)
+        d = os.path.join(work, "crit")
+        os.mkdir(d)
+        os.link(fa, os.path.join(d, "a.npy"))
+        os.link(fb, os.path.join(d, "b.npy"))
+        spec = "adakv:window=8,alloc=b,critical="
+        sel = os.path.join(work, "both.json")
+        run("replay", a, b, "--policy", spec + d, "--budgets", "10,40", "--export-selection",
+            sel, "-o", os.path.join(work, "both_r.json"), "--force")
+        with open(sel) as f:
+            both = json.load(f)["records"]
+        n_same = 0
+        for ti, (path, fp) in enumerate(((a, fa), (b, fb))):
+            one = replay_export(path, spec + fp, "10,40", work)["records"]
+            key = lambda r: (r["layer"], r["head"], r["budget_tokens"])  # noqa: E731
+            mine = {key(r): r["kept"] for r in both if r["trace"] == ti}
+            same = len(one) == len(mine) and all(mine.get(key(r)) == r["kept"] for r in one)
+            n_same += same
+            check(same, "critical=DIR: trace %d's sets differ from its own replay" % ti)
+        print("critical=DIR over 2 traces: %d of 2 traces' sets equal their own replays" % n_same)
+        r = run("replay", a, b, "--policy", "snapkv:window=8,critical=" + fa, "-o",
+                os.path.join(work, "x.json"), "--force", ok=False)
+        check(r.returncode == 2 and "file describes one trace, and 2 are given" in r.stderr,
+              "critical=FILE with 2 traces: %d %r" % (r.returncode, r.stderr))
+        os.remove(os.path.join(d, "b.npy"))
+        r = run("replay", a, b, "--policy", spec + d, "-o", os.path.join(work, "x.json"),
+                "--force", ok=False)
+        check(r.returncode != 0 and "b.npy" in r.stderr and
+              len(r.stderr.strip().splitlines()) == 1 and
+              not os.path.exists(os.path.join(work, "x.json")),
+              "critical=DIR without b.npy: %d %r" % (r.returncode, r.stderr))
     finish("test_critical")
 
 

@@ -230,7 +230,7 @@ with tempfile.TemporaryDirectory() as tmp:
     # one scores file describes one trace: several traces are refused before any work
     r = run("replay", tr, tr2, "--policy", "external:scores=%s" % f32, "-o",
             os.path.join(tmp, "x.json"))
-    check(r.returncode == 2 and "a scores file describes one trace, and 2 are given" in r.stderr
+    check(r.returncode == 2 and "file describes one trace, and 2 are given" in r.stderr
           and "scores=DIR" in r.stderr and len(r.stderr.strip().splitlines()) == 1,
           "two traces: %d %r" % (r.returncode, r.stderr))
 
