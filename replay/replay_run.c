@@ -176,8 +176,15 @@ static kvt_status have_buf(void **buf, size_t bytes)
  * first or comes from an earlier layer than the one kept (sh->mu held). The workers take the
  * layers in order and stop taking them at an error, but finish those they hold: the error kept
  * is the earliest layer's, as one thread would report it, whatever the threads' timing. With
- * --device cuda a layer still waiting for a GPU slot stops at any error instead: the error is
- * then the earliest of the layers that reached the GPU or failed before it. */
+ * --device cuda a layer still waiting for a GPU slot also stops at a device error (out of GPU
+ * memory, a CUDA error) of a later layer (gpu_wall): it would run into the same wall, and the
+ * error is then the earliest of the layers that reached the GPU. */
+static bool gpu_wall(const run_shared *sh, int layer)
+{
+    return sh->err &&
+           (sh->err_layer < layer || sh->err == KVT_ERR_NOMEM || sh->err == KVT_ERR_CUDA);
+}
+
 static void keep_err(run_shared *sh, kvt_status st, int layer)
 {
     if (st && (!sh->err || layer < sh->err_layer)) {
@@ -407,13 +414,13 @@ static void *worker(void *arg)
             in.q_all_user = &qal;
         }
         int gi = -1;        /* --device cuda: the slot's device, gpu_dev[gi] */
-        if (sh->gpu_plan) { /* wait for room on a GPU; after any error, stop (a layer that
-                               waits would most likely run into the same wall: GPU memory) */
+        if (sh->gpu_plan) { /* wait for room on a GPU; stop at an earlier layer's error or a
+                               device error (gpu_wall) */
             uint64_t t_wait = kvt_now_ns();
             pthread_mutex_lock(&sh->mu);
-            while (!sh->err && (gi = gpu_pick(sh)) < 0)
+            while (!gpu_wall(sh, l) && (gi = gpu_pick(sh)) < 0)
                 pthread_cond_wait(&sh->gpu_cv, &sh->mu);
-            bool stop = sh->err != KVT_OK;
+            bool stop = gpu_wall(sh, l);
             if (!stop) {
                 sh->gpu_busy[gi]++;
                 in.cuda_device = sh->gpu_dev[gi];
