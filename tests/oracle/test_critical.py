@@ -147,6 +147,14 @@ def main():
                 o_proj = [rng.standard_normal((hidden, Hq * D)) / np.sqrt(Hq * D)
                           for _ in range(L)]
                 w = kvtrace.critical_norms(path, o_proj, heads=heads)
+                try:  # the torch path (float32), on the CPU here
+                    import torch
+                    wt = kvtrace.critical_norms(path, [torch.from_numpy(x) for x in o_proj],
+                                                heads=heads, device="cpu")
+                    err = np.abs(wt - w).max() / np.abs(w).max()
+                    check(err < 1e-5, "critical_norms device='cpu': %.3g from NumPy's" % err)
+                except ImportError:
+                    print("(no torch: the device path is not checked)")
                 if heads == "kv":  # the helper against vwl1norm, every layer
                     for layer in range(L):
                         V = t.read("V", layer, dtype="float32").astype(np.float64)
