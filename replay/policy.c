@@ -611,7 +611,7 @@ const char *kvt_policy_label(const kvt_policy *p)
 unsigned kvt_policy_flags(const kvt_policy *p)
 {
     const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
-    return p->def->flags | (p->crit && ada ? KVT_POLICY_PER_BUDGET : 0);
+    return p->def->flags | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0);
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)

@@ -12,7 +12,7 @@ static kvt_status sel_snapkv(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     KVT_FORWARD(
         kvt_ctx_window_scores(c, o->window, o->kernel, o->pool, o->reduce, o->per_query, &s));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window, n_b, true));
-    if (p->crit) /* CriticalKV over the SnapKV scores */
+    if (p->o.critical) /* CriticalKV over the SnapKV scores */
         return kvt_sel_rank_counts(c, p, s, o->window, B, n_b, sel);
     KVT_FORWARD(kvt_ctx_rank_window_all(c, sel, s, o->window));
     kvt_counts_uniform(sel, B, n_b);

@@ -232,6 +232,9 @@ def main():
             sel, "-o", os.path.join(work, "both_r.json"), "--force")
         with open(sel) as f:
             both = json.load(f)["records"]
+        with open(os.path.join(work, "both_r.json")) as f:  # CriticalAdaKV: a set per budget
+            pol = json.load(f)["settings"]["policies"][0]
+        check(pol["per_budget"] is True, "critical=DIR: per_budget %r" % pol["per_budget"])
         n_same = 0
         for ti, (path, fp) in enumerate(((a, fa), (b, fb))):
             one = replay_export(path, spec + fp, "10,40", work)["records"]
