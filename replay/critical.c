@@ -117,12 +117,42 @@ static void ada_order(const crit_work *w, int P, int kp, int c, int32_t *out)
             out[n++] = w->sig[i];
 }
 
+/* the counts of a score policy's selection from its prefix scores s [H', T-W] (each head's
+ * ranking already in sel): the uniform budget, or with adaptive=1 AdaKV's head budgets (alpha,
+ * normalize, alloc, skip; POLICIES §3). alloc=b, kvpress's AdaKVPress over the press, takes any
+ * scores but NaN; alloc=a shares the budget by the scores' mass and refuses a score that is
+ * negative or infinite. */
+static kvt_status sel_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
+                             const int *B, int n_b, kvt_layer_selection *sel)
+{
+    if (!p->o.adaptive) {
+        kvt_counts_uniform(sel, B, n_b);
+        return KVT_OK;
+    }
+    const int H = sel->n_heads, P = c->T - W;
+    for (size_t i = 0; i < (size_t)H * P; i++) {
+        const double v = s[i];
+        const int h = (int)(i / P), j = (int)(i % P);
+        KVT_RETURN_IF(isnan(v), KVT_ERR_NAN,
+                      "%s: adaptive=1: NaN score at layer %d, head %d, token %d", p->def->name,
+                      c->layer, h, j);
+        KVT_RETURN_IF(p->o.alloc == 'a' && !(v >= 0 && v < INFINITY), KVT_ERR_INVALID_ARG,
+                      "%s: score %g at layer %d, head %d, token %d: adaptive=1 with alloc=a "
+                      "shares the budget by the scores' mass, so they must be finite and >= 0 "
+                      "(alloc=b, kvpress's AdaKVPress, takes any scores)",
+                      p->def->name, v, c->layer, h, j);
+    }
+    kvt_policy_opts o = p->o;
+    o.window = W;
+    return kvt_adakv_counts(c, &o, s, B, n_b, sel);
+}
+
 kvt_status kvt_sel_rank_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
                                const int *B, int n_b, kvt_layer_selection *sel)
 {
     if (!p->o.critical) {
         KVT_FORWARD(kvt_sel_rank_window_all(sel, s, W));
-        return kvt_sel_counts(c, p, s, W, B, n_b, sel);
+        return sel_counts(c, p, s, W, B, n_b, sel);
     }
     KVT_RETURN_IF(!p->crit, KVT_ERR_INVALID_ARG,
                   "%s: critical=%s is a directory of per-trace files, read by a trace replay "

@@ -358,16 +358,9 @@ kvt_status kvt_adakv_alloc_sorted(const double *sorted, int H, int P, int b, int
 kvt_status kvt_adakv_counts(kvt_layer_ctx *c, const kvt_policy_opts *o, const double *alloc_s,
                             const int *B, int n_b, kvt_layer_selection *sel);
 
-/** The counts of a score policy's selection from its prefix scores s [H', T-W] (each head's
- *  ranking already in sel): the uniform budget, or with adaptive=1 AdaKV's head budgets (alpha,
- *  normalize, alloc, skip; POLICIES §3). alloc=b, kvpress's AdaKVPress over the press, takes
- *  any scores but NaN; alloc=a shares the budget by the scores' mass and refuses a score that
- *  is negative or infinite. */
-kvt_status kvt_sel_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
-                          const int *B, int n_b, kvt_layer_selection *sel);
-
 /** A score policy's ranking and counts from its prefix scores s [H', T-W], window W: without
- *  critical=, each head ranked by s (kvt_sel_rank_window_all) and kvt_sel_counts; with it,
+ *  critical=, each head ranked by s (kvt_sel_rank_window_all) with the uniform budget or, with
+ *  adaptive=1, AdaKV's counts from s (alloc=a refuses negative or infinite scores); with it,
  *  kvpress's CriticalKVPress (uniform counts, one ranking) or, with adaptive=1 (and for adakv),
  *  CriticalAdaKVPress (AdaKV's counts, alloc=b, and a ranking per budget) over s (critical.c). */
 kvt_status kvt_sel_rank_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,

@@ -2,7 +2,6 @@
  * budget is shared between heads. alloc=a (default): the AdaKV-repo allocation used by MixKV
  * and KVCache-Factory (normalize=1, alpha=0.2); alloc=b: the paper/kvpress exact form. The
  * per-head ranking is computed once; only the per-head cut differs per budget. */
-#include <math.h>
 #include <stdlib.h>
 
 #include "../replay_internal.h"
@@ -48,31 +47,6 @@ out_free:
     kvt_free(caps);
     kvt_free(sorted);
     return st;
-}
-
-kvt_status kvt_sel_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
-                          const int *B, int n_b, kvt_layer_selection *sel)
-{
-    if (!p->o.adaptive) {
-        kvt_counts_uniform(sel, B, n_b);
-        return KVT_OK;
-    }
-    const int H = sel->n_heads, P = c->T - W;
-    for (size_t i = 0; i < (size_t)H * P; i++) {
-        const double v = s[i];
-        const int h = (int)(i / P), j = (int)(i % P);
-        KVT_RETURN_IF(isnan(v), KVT_ERR_NAN,
-                      "%s: adaptive=1: NaN score at layer %d, head %d, token %d", p->def->name,
-                      c->layer, h, j);
-        KVT_RETURN_IF(p->o.alloc == 'a' && !(v >= 0 && v < INFINITY), KVT_ERR_INVALID_ARG,
-                      "%s: score %g at layer %d, head %d, token %d: adaptive=1 with alloc=a "
-                      "shares the budget by the scores' mass, so they must be finite and >= 0 "
-                      "(alloc=b, kvpress's AdaKVPress, takes any scores)",
-                      p->def->name, v, c->layer, h, j);
-    }
-    kvt_policy_opts o = p->o;
-    o.window = W;
-    return kvt_adakv_counts(c, &o, s, B, n_b, sel);
 }
 
 static kvt_status sel_adakv(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
