@@ -1,6 +1,7 @@
 /* alloc.c - budget allocation shared by several policies: the AdaKV head-wise allocation
  * (POLICIES §3a repo form and §3b paper/kvpress form), the PyramidKV layer schedule (§2) and
- * the reader of per-(layer, head) JSON tables (SparseMM head scores, MixKV offline r).
+ * the reader of per-(layer, head) tables, JSON or text (SparseMM and DuoAttention head scores,
+ * MixKV offline r).
  */
 #include <errno.h>
 #include <math.h>
@@ -187,6 +188,90 @@ static int head_key(const char *s, int *l, int *h)
     return !s[n] || !strcmp(s + n, "-key") ? 1 : !strcmp(s + n, "-value") ? 0 : -1;
 }
 
+/* A text table (DuoAttention's full_attention_heads.tsv, np.savetxt): a row of numbers per
+ * line, separated by tabs, blanks or commas; every row as long as the first; blank lines and
+ * lines starting with '#' skipped. NaN, inf or anything but a plain number is refused. */
+static kvt_status read_text_table(const char *path, char *txt, int *n_layers, int *n_heads,
+                                  double **out)
+{
+    int L = 0, H = 0, cap = 0;
+    double *tab = NULL;
+    kvt_status st = KVT_OK;
+    char *line = txt;
+    for (int ln = 1; line && *line; ln++) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = '\0';
+        char *c = line;
+        while (*c == ' ' || *c == '\t' || *c == '\r')
+            c++;
+        if (*c && *c != '#') {
+            int h = 0;
+            while (*c) {
+                char *e;
+                errno = 0;
+                double x = strtod(c, &e);
+                if (e == c || errno == ERANGE || !isfinite(x) ||
+                    !(*e == '\0' || *e == ' ' || *e == '\t' || *e == ',' || *e == '\r')) {
+                    st = kvt_error_set(KVT_ERR_CORRUPT,
+                                       "%s line %d: expected numbers separated by tabs, blanks "
+                                       "or commas (or a JSON table)",
+                                       path, ln);
+                    goto out;
+                }
+                if (L == 0) {
+                    if (h >= cap) {
+                        cap = cap ? 2 * cap : 16;
+                        double *t2 = kvt_realloc(tab, (size_t)cap * sizeof(double));
+                        if (!t2) {
+                            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+                            goto out;
+                        }
+                        tab = t2;
+                    }
+                } else if (h >= H) {
+                    st = kvt_error_set(KVT_ERR_CORRUPT,
+                                       "%s line %d: more than the first row's %d "
+                                       "numbers",
+                                       path, ln, H);
+                    goto out;
+                }
+                tab[(size_t)L * H + h++] = x;
+                c = e;
+                while (*c == ' ' || *c == '\t' || *c == ',' || *c == '\r')
+                    c++;
+            }
+            if (L == 0) {
+                H = h;
+                cap = 0; /* from here on the table grows a row at a time */
+            } else if (h != H) {
+                st = kvt_error_set(KVT_ERR_CORRUPT, "%s line %d: %d numbers; the first row has %d",
+                                   path, ln, h, H);
+                goto out;
+            }
+            L++;
+            double *t2 = kvt_realloc(tab, ((size_t)L + 1) * H * sizeof(double));
+            if (!t2) {
+                st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+                goto out;
+            }
+            tab = t2;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    if (L == 0 || H == 0) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "%s: empty head table", path);
+        goto out;
+    }
+    *n_layers = L;
+    *n_heads = H;
+    *out = tab;
+    tab = NULL;
+out:
+    kvt_free(tab);
+    return st;
+}
+
 /* a table of per-(layer, head) numbers is a few KiB; refuse anything absurd */
 #define KVT_HEAD_TABLE_MAX_BYTES (64 << 20)
 
@@ -217,6 +302,11 @@ kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, do
     size_t got = fread(txt, 1, (size_t)len, f);
     fclose(f);
     txt[got] = '\0';
+    const char *first = txt + strspn(txt, " \t\r\n");
+    if (*first != '{' && *first != '[') {
+        st = read_text_table(path, txt, n_layers, n_heads, out);
+        goto out_free;
+    }
     root = cJSON_Parse(txt);
     if (!root) {
         st = kvt_error_set(KVT_ERR_CORRUPT, "%s is not valid JSON", path);

@@ -391,9 +391,12 @@ int kvt_pyramid_layer_budget(int B, int W, int T, int L, int l, double beta, boo
  *  included (policy_pyramidkv.c, align=kvpress), in [0, T]. */
 int kvt_pyramid_kvpress_count(double ratio, int W, int T, int L, int l, double beta);
 
-/** Read a JSON file of per-(layer, head) numbers: an object with keys "L-H" or "L-H-key"
- *  whose values are numbers or arrays of numbers (averaged), or an array of arrays [L][H].
- *  *out [L*H] (missing = NaN). Caller frees with kvt_free. */
+/** Read a file of per-(layer, head) numbers: a JSON object with keys "L-H" or "L-H-key" whose
+ *  values are numbers or arrays of numbers (averaged), a JSON array of arrays [L][H], or (a
+ *  file not starting with '{' or '[') a text table, a row per layer of finite numbers
+ *  separated by tabs, blanks or commas, '#' lines and blank lines skipped, every row as long
+ *  as the first (DuoAttention's full_attention_heads.tsv). *out [L*H] (missing = NaN). Caller
+ *  frees with kvt_free. */
 kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, double **out);
 
 /** Offline per-(layer, head) scores of SparseMM and HeadKV (scores=FILE) [n_layers, n_heads]:

@@ -535,9 +535,9 @@ static void test_sparsemm_and_mixkv(void)
      * caps round(s*8*4+2) = 6, 6, 10, 18 -> clamped to the prefix 18: kept 8, 8, 12, 20. */
     tl_random(&t, 3, 20, 4, 4, 2, 2, 0, false);
     t.in.n_layers = 1, t.in.layer = 0;
-    const char *tabs[2] = {"[[1, 1, 2, 4]]", "[[2, 6]]"};
+    const char *tabs[4] = {"[[1, 1, 2, 4]]", "[[2, 6]]", "1\t1\t2\t4\n", " 2, 6\r\n\n"};
     const int B1[] = {12};
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 4; i++) { /* JSON, and the same tables as text */
         write_file(path, tabs[i]);
         snprintf(spec, sizeof(spec), "sparsemm:window=2,ratio=0.25,scores=%s", path);
         kvt_layer_selection *s = tl_select(&t.in, spec, B1, 1);
