@@ -75,11 +75,16 @@ static const opt_desc opts_table[] = {
     {"beta", O_DBL, OFF(beta), 1e-9, 1e9, "PyramidKV beta; HeadKV head_beta (>= 1)"},
     {"fallback", O_BOOL, OFF(fallback), 0, 0, "PyramidKV uniform fallback when N < 2(B-W)"},
     {"sinks", O_INT, OFF(sinks), 0, 1e9,
-     "sink tokens (streamingllm, expected-attention, lagkv, cur)"},
+     "sink tokens (streamingllm, expected-attention, lagkv, cur, duo-attention, simlayerkv)"},
+    {"recent", O_INT, OFF(recent), 0, 1e9, "duo-attention: recent tokens of a streaming head"},
+    {"threshold", O_DBL, OFF(threshold), 0, 1,
+     "simlayerkv: a layer is lazy when its last queries' attention to the kept tokens is above"},
+    {"last", O_INT, OFF(last), 1, 1e6, "simlayerkv: the last window queries that judge a layer"},
     {"ratio", O_DBL, OFF(ratio), 0, 1, "SparseMM minimum share of b per head"},
     {"scores", O_STR, OFF(scores), 0, 0,
-     "score file: SparseMM/HeadKV head scores (JSON), external token scores (.npy, or a directory "
-     "of NAME.npy per trace NAME.kvt)"},
+     "score file: SparseMM/HeadKV/DuoAttention head scores (JSON or a text table; "
+     "duo-attention also .npy), external token scores (.npy, or a directory of NAME.npy per "
+     "trace NAME.kvt)"},
     {"rtable", O_STR, OFF(rtable), 0, 0, "MixKV offline redundancy table (JSON)"},
     {"filters", O_STR, OFF(filters), 0, 0,
      "qfilter: Q-filters (.npy [layers, KV heads, head dim], kvpress's q_filters)"},
@@ -353,6 +358,9 @@ static void base_defaults(kvt_policy_opts *o)
     o->merge_window = 64;
     o->first = 0.5;
     o->ceps = 1e-4;
+    o->recent = 256;
+    o->threshold = 0.9;
+    o->last = 1;
 }
 
 void kvt_policy_free(kvt_policy *p)

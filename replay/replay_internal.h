@@ -34,6 +34,9 @@ typedef struct kvt_policy_opts {
     double beta;            /* PyramidKV beta */
     bool fallback;          /* PyramidKV KVCache-Factory fallback: N < 2*base -> uniform */
     int sinks;              /* StreamingLLM sinks */
+    int recent;             /* duo-attention: recent tokens a streaming head keeps */
+    double threshold;       /* simlayerkv: lazy_threshold */
+    int last;               /* simlayerkv: n_last, the last queries that judge a layer */
     double ratio;           /* SparseMM min ratio */
     char *scores;           /* SparseMM head-score JSON file (owned) */
     char *rtable;           /* MixKV offline redundancy table JSON (owned); NULL = online r */
@@ -338,6 +341,9 @@ kvt_status kvt_ctx_rank_window_all(kvt_layer_ctx *c, kvt_layer_selection *s, con
 void kvt_chunk_order(const double *cs, int n_chunks, int C, int P, int W, int T, int32_t *ord,
                      int32_t *work, int32_t *cord);
 int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P);
+/** Every head's ranking (order, after kvt_sel_init with fixed) StreamingLLM's: the first
+ *  `sinks` tokens, then the rest from the most recent backwards. */
+void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks);
 /** count[b][h] = min(T, B_b) for every head (uniform budgets, window included). */
 void kvt_counts_uniform(kvt_layer_selection *s, const int *budgets, int n_b);
 /** Round half to even (torch.round, Python round). */

@@ -126,6 +126,18 @@ int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P)
     return cnt;
 }
 
+void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks)
+{
+    const int T = s->T, S = sinks < T ? sinks : T;
+    for (int h = 0; h < s->n_heads; h++) {
+        int32_t *ord = s->order + (size_t)h * T;
+        for (int i = 0; i < S; i++)
+            ord[i] = i;
+        for (int i = 0; i < T - S; i++)
+            ord[S + i] = T - 1 - i;
+    }
+}
+
 void kvt_counts_uniform(kvt_layer_selection *s, const int *budgets, int n_b)
 {
     for (int b = 0; b < n_b; b++)

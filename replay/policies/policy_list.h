@@ -6,6 +6,8 @@
 KVT_POLICY(full)
 KVT_POLICY(random)
 KVT_POLICY(streamingllm)
+KVT_POLICY(duo_attention)
+KVT_POLICY(simlayerkv)
 KVT_POLICY(h2o)
 KVT_POLICY(observed_attention)
 KVT_POLICY(tova)

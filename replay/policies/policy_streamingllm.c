@@ -6,15 +6,8 @@
 static kvt_status sel_streaming(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                                 kvt_layer_selection *sel)
 {
-    int T = c->T, S = p->o.sinks < T ? p->o.sinks : T;
     KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, 0, n_b, true));
-    for (int h = 0; h < sel->n_heads; h++) {
-        int32_t *ord = sel->order + (size_t)h * T;
-        for (int i = 0; i < S; i++)
-            ord[i] = i;
-        for (int i = 0; i < T - S; i++)
-            ord[S + i] = T - 1 - i;
-    }
+    kvt_sel_streaming_order(sel, p->o.sinks);
     kvt_counts_uniform(sel, B, n_b);
     return KVT_OK;
 }

@@ -33,6 +33,9 @@
 #   test_keydiff_block           keydiff-block against NumPy written from kvpress's
 #                                BlockPress(KeyDiffPress), and its per-budget sets' metrics
 #                                against external's on the same sets
+#   test_duo_simlayer            duo-attention and simlayerkv against NumPy written from
+#                                kvpress's DuoAttentionPress (at its head_compression_ratio's
+#                                budgets) and SimLayerKVPress
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -42,7 +45,8 @@ if(KVT_SYS_PYTHON)
               test_python_hf_reserve test_python_selection
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
               test_expected_attention_synth test_lagkv test_noncausal_attention
-              test_qfilter test_cur test_adaptive test_keydiff_block test_critical)
+              test_qfilter test_cur test_adaptive test_keydiff_block test_critical
+              test_duo_simlayer)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -107,7 +107,8 @@ int main(void)
                         "keydiff,mixkv-snapkv,mixkv-pyramidkv,mixkv-adakv,h2o,oracle,quest,"
                         "hybridkv-like,lightkv-like,snapkv:heads=query,adakv:alloc=b,chunkkv,"
                         "lightkv-like:heads=query,qfilter,qfilter:heads=query,cur,"
-                        "cur:local=0,leverage=kv_avg,knorm:adaptive=1,keydiff-block:block=8";
+                        "cur:local=0,leverage=kv_avg,knorm:adaptive=1,keydiff-block:block=8,"
+                        "simlayerkv:threshold=0.2";
     layer_job lj = {.budgets = {4, 36, 50, 70}};
     tl_random(&lj.t, 5, T, D, Hq, Hkv, W, G, true);
     float *cs = calloc((size_t)Hq * T, sizeof(float));

@@ -1048,12 +1048,13 @@ static void test_keydiff_block(void)
     kvt_layer_selection_free(s);
 }
 
-/* np.save of a float64 array [1, 1, n] (format 1.0: the header padded to 64 bytes) */
-static void write_npy_1x1(const char *path, const double *x, int n)
+/* np.save of n float64 of the given shape, e.g. "(1, 1, 6)" (format 1.0: the header padded
+ * to 64 bytes) */
+static void write_npy(const char *path, const char *shape, const double *x, int n)
 {
     char hdr[128];
-    int len = snprintf(hdr, sizeof(hdr),
-                       "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, %d), }", n);
+    int len = snprintf(hdr, sizeof(hdr), "{'descr': '<f8', 'fortran_order': False, 'shape': %s, }",
+                       shape);
     while ((10 + len + 1) % 64)
         hdr[len++] = ' ';
     hdr[len++] = '\n';
@@ -1076,7 +1077,7 @@ static void test_critical(void)
     const double w[6] = {6, 5, 4, 3, 2, 0.1};
     char path[256], spec[400];
     kvt_test_tmp(path, sizeof(path), "crit.npy");
-    write_npy_1x1(path, w, 6);
+    write_npy(path, "(1, 1, 6)", w, 6);
     kvt_layer_input in = layer1d(6, 1, 1, 1, k, v, q);
     const int B[] = {1, 2, 3, 4};
     snprintf(spec, sizeof(spec), "knorm:critical=%s", path);
@@ -1092,6 +1093,104 @@ static void test_critical(void)
     EXPECT_KEPT(s, 3, 0, -1, "0,1,2,3");
     kvt_layer_selection_free(s);
     remove(path);
+}
+
+/* duo-attention, 2 layers x 2 KV heads, T = 20, sinks 2 + recent 3: a streaming head keeps
+ * {0, 1, 17, 18, 19}. The table 0.5 0 / 1.7 -0.2 clips to 0.5 0 / 1 0, so the heads stream
+ * in the order (0,1), (1,1) (tied at 0: the lower layer first; unclipped, (1,1) would be first),
+ * (0,0), (1,0). N = 4 heads, span = 20 - 5:
+ * B = 17 streams ceil(4*3/15) = 1 head, B = 16 ceil(16/15) = 2, B = 10 ceil(40/15) = 3, B = 4
+ * all 4 (each keeping 5, over the budget), B = 20 none. The same table as JSON and as .npy;
+ * heads=query gives each query head its KV head's set. */
+static void test_duo_attention(void)
+{
+    char path[256], spec[400];
+    const char *stream = "0,1,17,18,19", *all = "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19";
+    const int B[] = {17, 16, 10, 4, 20};
+    /* want[b][layer][head]: 1 if that head streams */
+    const int want[5][2][2] = {
+        {{0, 1}, {0, 0}}, {{0, 1}, {0, 1}}, {{1, 1}, {0, 1}}, {{1, 1}, {1, 1}}, {{0, 0}, {0, 0}}};
+    const double npy[4] = {0.5, 0, 1.7, -0.2};
+    test_layer t;
+    tl_random(&t, 5, 20, 2, 4, 2, 2, 0, false);
+    t.in.n_layers = 2;
+    for (int form = 0; form < 4; form++) {
+        kvt_test_tmp(path, sizeof(path), form == 2 ? "duo.npy" : "duo.tsv");
+        if (form == 2)
+            write_npy(path, "(2, 2)", npy, 4);
+        else
+            write_file(path,
+                       form == 1 ? "[[0.5, 0], [1.7, -0.2]]" : "# gates\n0.5\t0\n\n1.7 -2e-1\n");
+        snprintf(spec, sizeof(spec), "duo-attention:sinks=2,recent=3,scores=%s%s", path,
+                 form == 3 ? ",heads=query" : "");
+        for (int l = 0; l < 2; l++) {
+            t.in.layer = l;
+            kvt_layer_selection *s = tl_select(&t.in, spec, B, 5);
+            for (int b = 0; b < 5; b++)
+                for (int h = 0; h < (form == 3 ? 4 : 2); h++)
+                    EXPECT_KEPT(s, b, h, -1, want[b][l][form == 3 ? h / 2 : h] ? stream : all);
+            kvt_layer_selection_free(s);
+        }
+    }
+    /* a prompt no longer than sinks + recent is kept whole at every budget */
+    snprintf(spec, sizeof(spec), "duo-attention:sinks=5,recent=15,scores=%s", path);
+    kvt_layer_selection *s = tl_select(&t.in, spec, B, 5);
+    for (int b = 0; b < 5; b++)
+        EXPECT_KEPT(s, b, 0, -1, all);
+    kvt_layer_selection_free(s);
+    /* refused: no file; a table of another shape (at select); a missing score; bad text */
+    kvt_policy *p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("duo-attention", NULL, &p), KVT_ERR_INVALID_ARG);
+    write_file(path, "0.5 0.1 0.2\n0.3 0.4 0.6\n");
+    snprintf(spec, sizeof(spec), "duo-attention:scores=%s", path);
+    p = mk(spec);
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&t.in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    kvt_policy_free(p);
+    write_file(path, "{\"0-0\": 1, \"0-1\": 1, \"1-0\": 1}");
+    KVT_EXPECT_STATUS(kvt_policy_create(spec, NULL, &p), KVT_ERR_INVALID_ARG);
+    const char *texts[] = {"0.5 0.1\n0.3\n", "0.5 nan\n0.1 0.2\n", "0.5 0.1x\n", "\n#\n"};
+    for (int i = 0; i < 4; i++) {
+        write_file(path, texts[i]);
+        KVT_EXPECT_STATUS(kvt_policy_create(spec, NULL, &p), KVT_ERR_CORRUPT);
+    }
+    remove(path);
+    tl_free(&t);
+}
+
+/* simlayerkv, D = 1, scale 1, one head: the last query's logits are the keys. Keys 10 at
+ * tokens 0 and 7 (e^10 each), 0 elsewhere; T = 12, the last column (11) left out of the score.
+ * B = 5, sinks 2, last 1: n_recent = 4, columns 0, 1 and 7..10 hold (2e^10 + 4) / (2e^10 + 10)
+ * > 0.9: lazy, keeps {0, 1} and the last 3 (not 7). With the 10 at token 4 instead: (e^10 + 5) /
+ * (2e^10 + 10) = 0.5: not lazy (all 12), lazy at threshold=0.4. B = 9: n_recent = 8 scores
+ * columns 3..10, which hold token 4 (lazy), and keeps the last 7 (5..11), kvpress's offset.
+ * B = 10: T <= B + 2: all. */
+static void test_simlayerkv(void)
+{
+    float k[12] = {10, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 0};
+    const float v[12] = {0}, q[2] = {1, 1};
+    kvt_layer_input in = layer1d(12, 2, 1, 1, k, v, q);
+    const int B[] = {5, 9, 10};
+    const char *all = "0,1,2,3,4,5,6,7,8,9,10,11";
+    kvt_layer_selection *s = tl_select(&in, "simlayerkv:sinks=2", B, 3);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,9,10,11");
+    EXPECT_KEPT(s, 2, 0, -1, all);
+    kvt_layer_selection_free(s);
+    k[7] = 0, k[4] = 10;
+    s = tl_select(&in, "simlayerkv:sinks=2", B, 3);
+    EXPECT_KEPT(s, 0, 0, -1, all);
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,5,6,7,8,9,10,11");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "simlayerkv:sinks=2,threshold=0.4", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,9,10,11");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "simlayerkv:sinks=2,threshold=1", B, 2);
+    EXPECT_KEPT(s, 1, 0, -1, all);
+    kvt_layer_selection_free(s);
+    kvt_policy *p = mk("simlayerkv:last=3"); /* the trace holds 2 window queries */
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    kvt_policy_free(p);
 }
 
 static void test_parse(void)
@@ -1188,7 +1287,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 30);
+    KVT_EXPECT(kvt_policy_registry_size() == 32);
 }
 
 int main(void)
@@ -1210,6 +1309,8 @@ int main(void)
     test_adaptive_scores();
     test_keydiff_block();
     test_critical();
+    test_duo_attention();
+    test_simlayerkv();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
