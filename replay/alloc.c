@@ -188,6 +188,19 @@ static int head_key(const char *s, int *l, int *h)
     return !s[n] || !strcmp(s + n, "-key") ? 1 : !strcmp(s + n, "-value") ? 0 : -1;
 }
 
+/* a table of per-(layer, head) numbers is a few KiB; refuse anything absurd: the file's size,
+ * and the layers x heads it holds (or its "layer-head" keys name) */
+#define KVT_HEAD_TABLE_MAX_BYTES   (64 << 20)
+#define KVT_HEAD_TABLE_MAX_ENTRIES (1 << 24)
+
+static kvt_status too_many(const char *path, long long L, long long H)
+{
+    return kvt_error_set(KVT_ERR_CORRUPT,
+                         "%s: %lld layers x %lld heads is more than a head table holds (%d "
+                         "entries)",
+                         path, L, H, KVT_HEAD_TABLE_MAX_ENTRIES);
+}
+
 /* A text table (DuoAttention's full_attention_heads.tsv, np.savetxt): a row of numbers per
  * line, separated by tabs, blanks or commas; every row as long as the first; blank lines and
  * lines starting with '#' skipped. NaN, inf or anything but a plain number is refused. */
@@ -220,6 +233,10 @@ static kvt_status read_text_table(const char *path, char *txt, int *n_layers, in
                     goto out;
                 }
                 if (L == 0) {
+                    if (h >= KVT_HEAD_TABLE_MAX_ENTRIES) {
+                        st = too_many(path, 1, (long long)h + 1);
+                        goto out;
+                    }
                     if (h >= cap) {
                         cap = cap ? 2 * cap : 16;
                         double *t2 = kvt_realloc(tab, (size_t)cap * sizeof(double));
@@ -250,6 +267,10 @@ static kvt_status read_text_table(const char *path, char *txt, int *n_layers, in
                 goto out;
             }
             L++;
+            if ((long long)(L + 1) * H > KVT_HEAD_TABLE_MAX_ENTRIES) {
+                st = too_many(path, L + 1, H);
+                goto out;
+            }
             double *t2 = kvt_realloc(tab, ((size_t)L + 1) * H * sizeof(double));
             if (!t2) {
                 st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
@@ -271,9 +292,6 @@ out:
     kvt_free(tab);
     return st;
 }
-
-/* a table of per-(layer, head) numbers is a few KiB; refuse anything absurd */
-#define KVT_HEAD_TABLE_MAX_BYTES (64 << 20)
 
 kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, double **out)
 {
@@ -346,6 +364,10 @@ kvt_status kvt_read_head_table(const char *path, int *n_layers, int *n_heads, do
     }
     if (L == 0 || H == 0) {
         st = kvt_error_set(KVT_ERR_CORRUPT, "%s: empty head table", path);
+        goto out_free;
+    }
+    if ((long long)L * H > KVT_HEAD_TABLE_MAX_ENTRIES) { /* keys "99999-99999": 80 GB of NaN */
+        st = too_many(path, L, H);
         goto out_free;
     }
     tab = kvt_malloc((size_t)L * H * sizeof(double));
