@@ -500,7 +500,7 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
  * that are gone or changed (`drop`, a short list: vision tokens only); only changed entries
  * need new logits: w_e = exp(q.k'_e*scale - lse). Extra (decode) keys as in the sweep. */
 static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_set *ms,
-                         const int32_t *cidx, int pos, const int32_t *drop, int n_drop,
+                         const int32_t *cidx, int pos, const int32_t *unch, int n_unch,
                          const float *q, const float *p, double lse, const double *a_full,
                          double pe, const double *oe)
 {
@@ -509,14 +509,15 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
     double r_full = 0.0;
     for (int j = 0; j < T; j++)
         r_full += p[j];
-    double r = r_full;
+    double r = 0.0; /* summed over what is kept, not the full sums less the dropped: no
+                       cancellation when the query sees little or nothing that is kept */
     for (int d = 0; d < D; d++)
-        s->acc[d] = a_full[d];
-    for (int i = 0; i < n_drop; i++) {
-        double pj = p[drop[i]];
-        r -= pj;
+        s->acc[d] = 0.0;
+    for (int i = 0; i < n_unch; i++) {
+        double pj = p[unch[i]];
+        r += pj;
         for (int d = 0; d < D; d++)
-            s->acc[d] -= pj * V[(size_t)drop[i] * D + d];
+            s->acc[d] += pj * V[(size_t)unch[i] * D + d];
     }
     for (int e = 0; e < ms->n_changed; e++) {
         if (cidx[e] > pos) /* after the query: not visible to it */
@@ -548,7 +549,7 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
  * decode queries, which see them all. *err_sum = sum of the n_q errors. */
 #define MB 256
 static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merged_set *ms,
-                                   const int32_t *cidx, int wt, const int32_t *drop, int n_drop,
+                                   const int32_t *cidx, int wt, const int32_t *unch, int n_unch,
                                    int n_q, const float *q, const float *p, const double *lse,
                                    const double *a_full, const double *pe, const double *oe,
                                    double *err_sum)
@@ -566,27 +567,28 @@ static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merg
         double sum = 0.0;
         for (int j = 0; j < T; j++)
             sum += pq[j];
-        rf[i] = r[i] = sum;
-        memcpy(acc + i * D, a_full + i * D, (size_t)D * sizeof(double));
+        rf[i] = sum;
+        r[i] = 0.0;
     }
+    memset(acc, 0, nq * D * sizeof(double));
     for (size_t i = 0; i < nq * D; i++)
         qd[i] = q[i];
-    /* minus the dropped tokens */
-    for (int b0 = 0; b0 < n_drop; b0 += MB) {
-        int nb = n_drop - b0 < MB ? n_drop - b0 : MB;
+    /* the unchanged kept tokens (summed, not the full sums less the dropped: merged_err) */
+    for (int b0 = 0; b0 < n_unch; b0 += MB) {
+        int nb = n_unch - b0 < MB ? n_unch - b0 : MB;
         for (int u = 0; u < nb; u++)
             for (int d = 0; d < D; d++)
-                vg[(size_t)u * D + d] = V[(size_t)drop[b0 + u] * D + d];
+                vg[(size_t)u * D + d] = V[(size_t)unch[b0 + u] * D + d];
         for (size_t i = 0; i < nq; i++) {
             double sum = 0.0;
             for (int u = 0; u < nb; u++) {
-                double pj = p[i * T + drop[b0 + u]];
+                double pj = p[i * T + unch[b0 + u]];
                 pg[i * nb + u] = pj;
                 sum += pj;
             }
-            r[i] -= sum;
+            r[i] += sum;
         }
-        kvt_gemm_f64(false, n_q, D, nb, -1.0, pg, nb, vg, D, 1.0, acc, D);
+        kvt_gemm_f64(false, n_q, D, nb, 1.0, pg, nb, vg, D, 1.0, acc, D);
     }
     /* plus the changed entries: w = exp(q.k' * scale - lse) */
     for (int b0 = 0; b0 < ms->n_changed; b0 += MB) {
@@ -657,17 +659,14 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         kvt_head_metrics *hm = m + (size_t)b * mstride;
         set_nan(hm);
         hm->n_keep = ms->n;
-        /* drop = original tokens not kept unchanged (posO-free scratch: s->cuts is too small,
-         * use the z buffer's memory as int32) */
-        int32_t *drop = (int32_t *)s->z, n_drop = 0;
-        uint8_t *keep = s->keep;
+        /* unch = the original tokens kept unchanged, ascending (posO-free scratch: s->cuts is
+         * too small, use the z buffer's memory as int32) */
+        int32_t *unch = (int32_t *)s->z, n_unch = 0;
+        uint8_t *keep = s->keep; /* 1 for those, for coverage_dropped below */
         memset(keep, 0, (size_t)T);
         for (int e = 0; e < ms->n; e++)
             if (!ms->changed[e])
-                keep[ms->idx[e]] = 1;
-        for (int j = 0; j < T; j++)
-            if (!keep[j])
-                drop[n_drop++] = j;
+                keep[ms->idx[e]] = 1, unch[n_unch++] = ms->idx[e];
         for (int e2 = 0, ce = 0; e2 < ms->n; e2++)
             if (ms->changed[e2])
                 cidx[ce++] = ms->idx[e2];
@@ -675,14 +674,14 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         kvt_status st = KVT_OK;
         if (!kvt_kernels_ref_only()) {
             size_t q0 = (size_t)hq0 * Wt;
-            st = merged_errs_fast(c, g, ms, cidx, Wt, drop, n_drop, nh * Wt,
+            st = merged_errs_fast(c, g, ms, cidx, Wt, unch, n_unch, nh * Wt,
                                   c->in->q_window + q0 * D, c->prw + q0 * T, c->lsew + q0,
                                   c->aw + q0 * D, NULL, NULL, &e);
         } else
             for (int u = 0; u < nh; u++)
                 for (int i = 0; i < Wt; i++) {
                     size_t qi = (size_t)(hq0 + u) * Wt + i;
-                    e += merged_err(c, s, ms, cidx, T - Wt + i, drop, n_drop,
+                    e += merged_err(c, s, ms, cidx, T - Wt + i, unch, n_unch,
                                     c->in->q_window + qi * D, c->prw + qi * T, c->lsew[qi],
                                     c->aw + qi * D, 0.0, NULL);
                 }
@@ -691,7 +690,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             e = 0.0;
             if (!kvt_kernels_ref_only()) {
                 size_t q0 = (size_t)hq0 * Gd;
-                st = merged_errs_fast(c, g, ms, cidx, 0, drop, n_drop, nh * Gd,
+                st = merged_errs_fast(c, g, ms, cidx, 0, unch, n_unch, nh * Gd,
                                       c->in->q_decode + q0 * D, c->prd + q0 * T, c->lsed + q0,
                                       c->ad + q0 * D, c->has_extra ? c->pd_extra + q0 : NULL,
                                       c->has_extra ? c->od_extra + q0 * D : NULL, &e);
@@ -699,7 +698,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
                 for (int u = 0; u < nh; u++)
                     for (int i = 0; i < Gd; i++) {
                         size_t qi = (size_t)(hq0 + u) * Gd + i;
-                        e += merged_err(c, s, ms, cidx, T, drop, n_drop, c->in->q_decode + qi * D,
+                        e += merged_err(c, s, ms, cidx, T, unch, n_unch, c->in->q_decode + qi * D,
                                         c->prd + qi * T, c->lsed[qi], c->ad + qi * D,
                                         c->has_extra ? c->pd_extra[qi] : 0.0,
                                         c->has_extra ? c->od_extra + qi * D : NULL);
