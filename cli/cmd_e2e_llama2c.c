@@ -52,7 +52,7 @@ static void help(void)
            "aggregate, and each trace's own are listed too.\n\n"
            "  --model FILE      the llama2.c checkpoint the trace was captured from\n"
            "  --policies LIST   as for replay, 'all' too (default %s);\n"
-           "                    merged policies (lightkv-like) keep no subset: not run\n"
+           "                    merged policies (lightkv-like, merge=) keep no subset: not run\n"
            "  --budgets LIST    as for replay (default %s)\n"
            "  --window W        window= of every policy that ranks by window queries\n"
            "                    whose spec sets none (as replay --window; not h2o, random)\n"

@@ -48,7 +48,8 @@ typedef enum {
     O_U64,
     O_TAU,
     O_ALIGN,
-    O_LEVERAGE
+    O_LEVERAGE,
+    O_MERGE
 } okind;
 typedef struct opt_desc {
     const char *key;
@@ -113,6 +114,9 @@ static const opt_desc opts_table[] = {
     {"lag", O_INT, OFF(lag), 2, 1e6, "lagkv: partition size"},
     {"cross", O_BOOL, OFF(cross), 0, 0, "lagkv: compare scores across partitions, not ranks 0|1"},
     {"leverage", O_LEVERAGE, OFF(leverage), 0, 0, "cur: key|value|kv_avg|kv_product"},
+    {"merge", O_MERGE, OFF(merge), 0, 0,
+     "none|pivot|weighted: merge each dropped token into the kept entry with the most similar "
+     "key (KVCache-Factory's --merge, LOOK-M)"},
     {"local", O_INT, OFF(local), 0, 1e6, "cur: block of the norms' normalisation (0: none)"},
     {"block", O_INT, OFF(block), 1, 1e6, "keydiff-block: tokens per block"},
     {"critical", O_STR, OFF(critical), 0, 0,
@@ -304,6 +308,17 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
         else
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: align=%s: expected prefix or kvpress",
                                  d->name, val);
+        return KVT_OK;
+    case O_MERGE:
+        if (!strcmp(val, "none"))
+            p->o.merge = 0;
+        else if (!strcmp(val, "pivot"))
+            p->o.merge = 'p';
+        else if (!strcmp(val, "weighted"))
+            p->o.merge = 'w';
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "%s: merge=%s: expected none, pivot or weighted", d->name, val);
         return KVT_OK;
     case O_LEVERAGE:
         for (int i = 0; i < 4; i++)
@@ -619,7 +634,8 @@ const char *kvt_policy_label(const kvt_policy *p)
 unsigned kvt_policy_flags(const kvt_policy *p)
 {
     const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
-    return p->def->flags | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0);
+    return p->def->flags | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0) |
+           (p->o.merge ? KVT_POLICY_MERGED : 0);
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)
@@ -684,6 +700,13 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         break;
     case O_LEVERAGE:
         snprintf(buf, cap, "%s%s%s", q, leverage_names[o->leverage & 3], q);
+        break;
+    case O_MERGE:
+        snprintf(buf, cap, "%s%s%s", q,
+                 o->merge == 'p'   ? "pivot"
+                 : o->merge == 'w' ? "weighted"
+                                   : "none",
+                 q);
         break;
     case O_STR: {
         const char *s = *(char *const *)(base + od->off);

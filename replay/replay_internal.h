@@ -37,6 +37,7 @@ typedef struct kvt_policy_opts {
     int recent;             /* duo-attention: recent tokens a streaming head keeps */
     double threshold;       /* simlayerkv: lazy_threshold */
     int last;               /* simlayerkv: n_last, the last queries that judge a layer */
+    char merge;             /* merge=: 0 (none), 'p' (pivot) or 'w' (weighted): merge.c */
     double ratio;           /* SparseMM min ratio */
     char *scores;           /* SparseMM head-score JSON file (owned) */
     char *rtable;           /* MixKV offline redundancy table JSON (owned); NULL = online r */
@@ -341,6 +342,10 @@ kvt_status kvt_ctx_rank_window_all(kvt_layer_ctx *c, kvt_layer_selection *s, con
 void kvt_chunk_order(const double *cs, int n_chunks, int C, int P, int W, int T, int32_t *ord,
                      int32_t *work, int32_t *cord);
 int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P);
+/** merge=pivot|weighted (merge.c, KVCache-Factory's merge_kv): turn a fixed selection into
+ *  merged sets, each dropped token merged into the kept entry with the most similar key
+ *  (mode 'p' or 'w'). Reads K and V on the host (kvt_ctx_fetch). */
+kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel);
 /** Every head's ranking (order, after kvt_sel_init with fixed) StreamingLLM's: the first
  *  `sinks` tokens, then the rest from the most recent backwards. */
 void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks);

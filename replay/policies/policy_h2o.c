@@ -39,7 +39,7 @@ static kvt_status sel_h2o(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
 const kvt_policy_def kvt_policy_def_h2o = {
     .name = "h2o",
     .summary = "H2O: accumulated attention of all prompt queries (one shot)",
-    .keys = "window,reduce,heads",
+    .keys = "window,reduce,heads,merge",
     .flags = KVT_POLICY_NEEDS_COLSUM,
     .select = sel_h2o,
 };

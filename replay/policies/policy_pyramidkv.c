@@ -63,6 +63,6 @@ const kvt_policy_def kvt_policy_def_pyramidkv = {
     .name = "pyramidkv",
     .summary = "PyramidKV: SnapKV ranking, pyramid layer budgets",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,beta,fallback,align",
+    .keys = "window,kernel,pool,reduce,heads,beta,fallback,align,merge",
     .select = sel_pyramid,
 };

@@ -23,6 +23,6 @@ const kvt_policy_def kvt_policy_def_snapkv = {
     .name = "snapkv",
     .summary = "SnapKV: pooled window attention, uniform budget",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,critical,first,ceps",
+    .keys = "window,kernel,pool,reduce,heads,critical,first,ceps,merge",
     .select = sel_snapkv,
 };

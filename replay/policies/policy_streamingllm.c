@@ -15,6 +15,6 @@ static kvt_status sel_streaming(kvt_layer_ctx *c, const kvt_policy *p, const int
 const kvt_policy_def kvt_policy_def_streamingllm = {
     .name = "streamingllm",
     .summary = "attention sinks + most recent tokens",
-    .keys = "sinks,heads",
+    .keys = "sinks,heads,merge",
     .select = sel_streaming,
 };

@@ -1193,6 +1193,51 @@ static void test_simlayerkv(void)
     kvt_policy_free(p);
 }
 
+/* merge= (KVCache-Factory's merge_kv), D = 2: streamingllm sinks=1 keeps {0, 3} at B = 2 and
+ * {0, 2, 3} at B = 3. Keys k0 (1, 0), k1 (1, .1), k2 (.1, 1), k3 (0, 1): token 1 is nearest
+ * k0, token 2 nearest k3. Values v_j = (j, 10 j). pivot, B = 2: k0' = (1.5 k0 + .5 k1) / 2 =
+ * (1, .025), v0' = (.25, 2.5); k3' = (.025, 1), v3' = (2.75, 27.5). B = 3: only entry 0
+ * changes. weighted, B = 2: w = (cos(k1, k0) + 1) / 2, k0' = (k0 + w k1) / (1 + w). */
+static void test_merge(void)
+{
+    const float k[8] = {1, 0, 1, 0.1f, 0.1f, 1, 0, 1}, v[8] = {0, 0, 1, 10, 2, 20, 3, 30};
+    const float q[2] = {1, 1};
+    kvt_layer_input in = tl_layer(4, 2, 1, 1, 1, k, v, q);
+    const int B[] = {2, 3, 4};
+    kvt_layer_selection *s = tl_select(&in, "streamingllm:sinks=1,merge=pivot", B, 3);
+    KVT_EXPECT(s->merged != NULL);
+    EXPECT_KEPT(s, 0, 0, -1, "0,3");
+    EXPECT_KEPT(s, 1, 0, -1, "0,2,3");
+    const kvt_merged_set *m = &s->merged[0];
+    KVT_EXPECT(m->n == 2 && m->n_changed == 2 && m->changed[0] && m->changed[1]);
+    const float want[2][4] = {{1, 0.025f, 0.25f, 2.5f}, {0.025f, 1, 2.75f, 27.5f}};
+    for (int e = 0; e < 2; e++)
+        for (int d = 0; d < 2; d++)
+            KVT_EXPECT_MSG(fabsf(m->k[e * 2 + d] - want[e][d]) < 1e-6f &&
+                               fabsf(m->v[e * 2 + d] - want[e][2 + d]) < 1e-5f,
+                           "pivot entry %d dim %d: k %g v %g", e, d, m->k[e * 2 + d],
+                           m->v[e * 2 + d]);
+    m = &s->merged[1];
+    KVT_EXPECT(m->n == 3 && m->n_changed == 1 && m->changed[0] && !m->changed[1] &&
+               !m->changed[2] && fabsf(m->k[1] - 0.025f) < 1e-6f);
+    KVT_EXPECT(s->merged[2].n == 4 && s->merged[2].n_changed == 0); /* B = T: nothing dropped */
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "streamingllm:sinks=1,merge=weighted", B, 1);
+    m = &s->merged[0];
+    double w = (1.0 / sqrt(1.01) + 1.0) / 2.0;
+    KVT_EXPECT_MSG(m->n_changed == 2 && fabsf(m->k[0] - 1.0f) < 1e-6f &&
+                       fabs(m->k[1] - 0.1 * w / (1 + w)) < 1e-6 &&
+                       fabs(m->v[1] - 10 * w / (1 + w)) < 1e-5,
+                   "weighted: k0' (%g, %g), v0' (%g, %g)", m->k[0], m->k[1], m->v[0], m->v[1]);
+    kvt_layer_selection_free(s);
+    kvt_policy *p = NULL; /* only the policies KVCache-Factory merges, and known modes */
+    KVT_EXPECT_STATUS(kvt_policy_create("knorm:merge=pivot", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("snapkv:merge=average", NULL, &p), KVT_ERR_INVALID_ARG);
+    p = mk("snapkv:merge=weighted");
+    KVT_EXPECT(kvt_policy_flags(p) & KVT_POLICY_MERGED);
+    kvt_policy_free(p);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1311,6 +1356,7 @@ int main(void)
     test_critical();
     test_duo_attention();
     test_simlayerkv();
+    test_merge();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }

@@ -1,0 +1,173 @@
+/* merge.c - merge=pivot|weighted on a fixed selection: KVCache-Factory's merge_kv (its
+ * --merge option, the merges of LOOK-M, arXiv 2406.18139), pyramidkv/pyramidkv_utils.py. Every
+ * token a head drops goes into the kept entry whose key is most like its own (cosine of keys
+ * normalised as F.normalize, eps 1e-6; ties to the lower token index), keys and values alike:
+ *   pivot:    x'_r = (x_r + sum_j (x_j + x_r) / 2) / (1 + n_r)   (scatter_reduce "mean")
+ *   weighted: x'_r = (x_r + sum_j w_j x_j) / (1 + sum_j w_j),  w_j = max((cos_j + 1) / 2, 1e-6)
+ * over the n_r dropped tokens j whose nearest kept entry is r. The similarities are one product
+ * of the dropped unit keys by the kept ones per (head, budget), in double (kvt_gemm_f64), in
+ * blocks of dropped rows. The kept sets stay the policy's; the selection gains merged sets
+ * (kvt_merged_set) that the metrics read instead (analysis/RESULTS.md, merged policies). */
+#include <math.h>
+#include <string.h>
+
+#include "kvt_kernels.h"
+#include "replay_internal.h"
+
+#define MERGE_ROWS 256 /* dropped rows per product block */
+
+/* unit keys of KV head g in double, k / max(||k||, 1e-6) */
+static void unit_keys(const kvt_layer_ctx *c, int g, double *u)
+{
+    const int T = c->T, D = c->D;
+    const float *k = c->k + (size_t)g * T * D;
+    for (int j = 0; j < T; j++) {
+        double n2 = 0.0;
+        for (int d = 0; d < D; d++)
+            n2 += (double)k[(size_t)j * D + d] * k[(size_t)j * D + d];
+        double n = sqrt(n2), inv = 1.0 / (n > 1e-6 ? n : 1e-6);
+        for (int d = 0; d < D; d++)
+            u[(size_t)j * D + d] = k[(size_t)j * D + d] * inv;
+    }
+}
+
+typedef struct merge_work {
+    double *ukept, *sim, *acc_k, *acc_v, *wsum; /* [n, D], [ROWS, n], [n, D] x 2, [n] */
+    int32_t *kept, *drop, *target;              /* [T] */
+    double *best;                               /* [T] each dropped token's similarity */
+    uint8_t *in;                                /* [T] */
+} merge_work;
+
+/* the merged set of one (head, budget): kept tokens `rank[0..cnt)` of KV head g */
+static kvt_status merge_one(const kvt_layer_ctx *c, const double *u, int g, char mode,
+                            const int32_t *rank, int cnt, merge_work *w, kvt_merged_set *out)
+{
+    const int T = c->T, D = c->D;
+    const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
+    memset(w->in, 0, (size_t)T);
+    for (int i = 0; i < cnt; i++)
+        w->in[rank[i]] = 1;
+    int n = 0, nd = 0;
+    for (int j = 0; j < T; j++) {
+        if (w->in[j])
+            w->kept[n++] = j;
+        else
+            w->drop[nd++] = j;
+    }
+    out->n = n;
+    out->idx = kvt_malloc(((size_t)n + 1) * sizeof(int32_t));
+    out->changed = kvt_calloc((size_t)n + 1, 1);
+    KVT_RETURN_IF(!out->idx || !out->changed, KVT_ERR_NOMEM, "merge: out of memory");
+    memcpy(out->idx, w->kept, (size_t)n * sizeof(int32_t));
+    if (n == 0 || nd == 0)
+        return KVT_OK; /* nothing to merge into, or nothing dropped */
+    for (int e = 0; e < n; e++)
+        memcpy(w->ukept + (size_t)e * D, u + (size_t)w->kept[e] * D, (size_t)D * sizeof(double));
+    /* each dropped token's nearest kept entry */
+    double *ud = w->acc_k; /* MERGE_ROWS dropped unit keys (acc_k is free until the sums) */
+    for (int r0 = 0; r0 < nd; r0 += MERGE_ROWS) {
+        int m = nd - r0 < MERGE_ROWS ? nd - r0 : MERGE_ROWS;
+        for (int i = 0; i < m; i++)
+            memcpy(ud + (size_t)i * D, u + (size_t)w->drop[r0 + i] * D, (size_t)D * sizeof(double));
+        kvt_gemm_f64(true, m, n, D, 1.0, ud, D, w->ukept, D, 0.0, w->sim, n);
+        for (int i = 0; i < m; i++) {
+            const double *row = w->sim + (size_t)i * n;
+            int best = 0;
+            for (int e = 1; e < n; e++)
+                if (row[e] > row[best]) /* strict: ties keep the lower token */
+                    best = e;
+            w->target[r0 + i] = best;
+            w->best[r0 + i] = row[best];
+        }
+    }
+    /* the sums, in double, in dropped-token order */
+    memset(w->acc_k, 0, (size_t)n * D * sizeof(double));
+    memset(w->acc_v, 0, (size_t)n * D * sizeof(double));
+    memset(w->wsum, 0, (size_t)n * sizeof(double));
+    for (int i = 0; i < nd; i++) {
+        int e = w->target[i], j = w->drop[i];
+        double wt = mode == 'w' ? fmax((w->best[i] + 1.0) / 2.0, 1e-6) : 1.0;
+        for (int d = 0; d < D; d++) {
+            w->acc_k[(size_t)e * D + d] += wt * K[(size_t)j * D + d];
+            w->acc_v[(size_t)e * D + d] += wt * V[(size_t)j * D + d];
+        }
+        w->wsum[e] += wt;
+    }
+    int n_chg = 0;
+    for (int e = 0; e < n; e++)
+        n_chg += w->wsum[e] > 0;
+    out->n_changed = n_chg;
+    out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    KVT_RETURN_IF(!out->k || !out->v, KVT_ERR_NOMEM, "merge: out of memory");
+    for (int e = 0, ce = 0; e < n; e++) {
+        if (!(w->wsum[e] > 0))
+            continue;
+        out->changed[e] = 1;
+        int r = w->kept[e];
+        double s = w->wsum[e]; /* pivot: n_r, weighted: sum of w_j */
+        for (int d = 0; d < D; d++) {
+            double xk = K[(size_t)r * D + d], xv = V[(size_t)r * D + d];
+            double mk, mv;
+            if (mode == 'w')
+                mk = (xk + w->acc_k[(size_t)e * D + d]) / (1.0 + s),
+                mv = (xv + w->acc_v[(size_t)e * D + d]) / (1.0 + s);
+            else /* each source's (x_j + x_r) / 2, averaged with x_r */
+                mk = (xk + 0.5 * (w->acc_k[(size_t)e * D + d] + s * xk)) / (1.0 + s),
+                mv = (xv + 0.5 * (w->acc_v[(size_t)e * D + d] + s * xv)) / (1.0 + s);
+            out->k[(size_t)ce * D + d] = (float)mk;
+            out->v[(size_t)ce * D + d] = (float)mv;
+        }
+        ce++;
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel)
+{
+    KVT_RETURN_IF(!sel->has_fixed || sel->step_head || sel->merged, KVT_ERR_STATE,
+                  "merge: internal error: not a fixed selection");
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    KVT_FORWARD(kvt_sel_init_merged(sel));
+    const int T = c->T, D = c->D, H = sel->n_heads, nb = sel->n_budgets;
+    kvt_status st = KVT_OK;
+    merge_work w = {0};
+    double *u = kvt_malloc(((size_t)T * D + 1) * sizeof(double));
+    w.ukept = kvt_malloc(((size_t)T * D + 1) * sizeof(double));
+    w.sim = kvt_malloc(((size_t)MERGE_ROWS * T + 1) * sizeof(double));
+    w.acc_k = kvt_malloc(((size_t)(T > MERGE_ROWS ? T : MERGE_ROWS) * D + 1) * sizeof(double));
+    w.acc_v = kvt_malloc(((size_t)T * D + 1) * sizeof(double));
+    w.wsum = kvt_malloc(((size_t)T + 1) * sizeof(double));
+    w.best = kvt_malloc(((size_t)T + 1) * sizeof(double));
+    w.kept = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
+    w.drop = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
+    w.target = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
+    w.in = kvt_malloc((size_t)T + 1);
+    if (!u || !w.ukept || !w.sim || !w.acc_k || !w.acc_v || !w.wsum || !w.best || !w.kept ||
+        !w.drop || !w.target || !w.in) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "merge: out of memory");
+        goto out;
+    }
+    int have = -1; /* the KV head whose unit keys u holds */
+    for (int h = 0; h < H && !st; h++) {
+        int g = kvt_ctx_kv_of(c, sel->per_query, h);
+        if (g != have)
+            unit_keys(c, g, u), have = g;
+        for (int b = 0; b < nb && !st; b++)
+            st = merge_one(c, u, g, mode, kvt_sel_ranking(sel, b, h), sel->count[(size_t)b * H + h],
+                           &w, &sel->merged[(size_t)b * H + h]);
+    }
+out:
+    kvt_free(u);
+    kvt_free(w.ukept);
+    kvt_free(w.sim);
+    kvt_free(w.acc_k);
+    kvt_free(w.acc_v);
+    kvt_free(w.wsum);
+    kvt_free(w.best);
+    kvt_free(w.kept);
+    kvt_free(w.drop);
+    kvt_free(w.target);
+    kvt_free(w.in);
+    return st;
+}

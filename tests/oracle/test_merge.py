@@ -1,0 +1,191 @@
+#!/usr/bin/python3
+"""test_merge.py - merge=pivot|weighted against NumPy written from KVCache-Factory's merge_kv
+(pyramidkv/pyramidkv_utils.py, the version with kv_head mode): the tokens a head drops are
+matched to the kept entry with the largest cosine of keys (F.normalize, eps 1e-6; the first
+maximum), then
+    pivot:    scatter_reduce("mean", include_self) of (dropped + target) / 2 into the target
+    weighted: (target + sum w_j dropped_j) / (1 + sum w_j), w_j = max((cos_j + 1) / 2, 1e-6)
+for keys and values alike. The check takes each head's kept set from the replay's selection
+export (which must equal the same policy's without merge=), merges in float64, and computes the
+output error of every window query (causal: an entry is seen by the queries at or after its
+token) and every decode query (which also sees the decode keys 0..s, unmerged), averaged per
+head as analysis/RESULTS.md says; each must match the replay's err_window and err_decode grids.
+
+Traces: a llama2.c capture (T = 150, 8 query heads on 4 KV heads, D = 8, 2 decode steps with
+their keys) and a llama3-8b-shaped synthetic one (T = 300, GQA 4, D = 128). Environment:
+KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_test import (check, finish, need_library, run,  # noqa: E402
+                      score_traces)  # (exits 77 without NumPy or the CLI)
+import numpy as np  # noqa: E402
+
+kvtrace = need_library()
+
+
+def normalize(x):
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-6)
+
+
+def merge_kv(K, V, kept, mode):
+    """KVCF's merge_kv for one head: K, V [T, D] float64, kept ascending token indices. The
+    merged (keys, values) of the kept entries, in that order."""
+    T = K.shape[0]
+    drop = np.setdiff1d(np.arange(T), kept)
+    rk, rv = K[kept].copy(), V[kept].copy()
+    if len(drop) == 0 or len(kept) == 0:
+        return rk, rv
+    sim = normalize(K[drop]) @ normalize(K[kept]).T
+    tgt = sim.argmax(axis=1)  # the first maximum
+    best = sim[np.arange(len(drop)), tgt]
+    if mode == "pivot":
+        # scatter_reduce(mean, include_self): (self + sum of sources) / (1 + count), the sources
+        # (dropped + target) / 2 taken against the targets before the update
+        sk, sv = rk.copy(), rv.copy()
+        cnt = np.ones(len(kept))
+        for j, t in zip(drop, tgt):
+            sk[t] += (K[j] + rk[t]) / 2
+            sv[t] += (V[j] + rv[t]) / 2
+            cnt[t] += 1
+        return sk / cnt[:, None], sv / cnt[:, None]
+    w = np.maximum((best + 1.0) / 2.0, 1e-6)
+    ak, av, ws = np.zeros_like(rk), np.zeros_like(rv), np.zeros(len(kept))
+    for j, t, wj in zip(drop, tgt, w):
+        ak[t] += wj * K[j]
+        av[t] += wj * V[j]
+        ws[t] += wj
+    return (rk + ak) / (1 + ws)[:, None], (rv + av) / (1 + ws)[:, None]
+
+
+def out_err(q, scale, keys, vals, ks, vs, xk=None, xv=None):
+    """||o_S - o|| / ||o|| of one query: o over (keys, vals), o_S over (ks, vs); both also see
+    the extra (decode) keys xk, xv."""
+    if xk is not None and len(xk):
+        keys, vals = np.vstack([keys, xk]), np.vstack([vals, xv])
+        ks, vs = np.vstack([ks, xk]), np.vstack([vs, xv])
+    z = keys @ q * scale
+    p = np.exp(z - z.max())
+    o = p @ vals / p.sum()
+    if len(ks) == 0:
+        return 1.0
+    zs = ks @ q * scale
+    ps = np.exp(zs - zs.max())
+    os_ = ps @ vs / ps.sum()
+    return float(np.linalg.norm(os_ - o) / np.linalg.norm(o))
+
+
+def check_trace(name, path, specs, budgets, work):
+    sel = os.path.join(work, "sel.json")
+    res = os.path.join(work, "r.json")
+    run("replay", path, "--policies", ",".join(specs), "--budgets", budgets,
+        "--export-selection", sel, "-o", res, "--force")
+    exp = json.load(open(sel))
+    r = json.load(open(res))
+    labels = [p["label"] for p in exp["policies"]]
+    kept = {}  # (label, layer, head, budget_tokens) -> kept list
+    for rec in exp["records"]:
+        kept[(labels[rec["policy"]], rec["layer"], rec["head"], rec["budget_tokens"])] = rec["kept"]
+    tr = r["traces"][0]
+    with kvtrace.open(path) as t:
+        m = t.header["model"]
+        T, D = t.header["n_tokens"], m["head_dim"]
+        Hq, Hkv, L = m["n_q_heads"], m["n_kv_heads"], m["n_layers"]
+        scale = m.get("attn_scale") or 1 / math.sqrt(D)
+        layers = {}
+        for l in range(L):
+            rd = {k: t.read(k, l, dtype="float32").astype(np.float64)
+                  for k in ("K", "V", "Q_window")}
+            for k in ("Q_decode", "K_decode", "V_decode"):
+                try:
+                    rd[k] = t.read(k, l, dtype="float32").astype(np.float64)
+                except Exception:
+                    rd[k] = None
+            layers[l] = rd
+    for spec in specs:
+        if "merge=" not in spec:
+            continue
+        base = spec.split(":")[0] + ":" + ",".join(
+            o for o in spec.split(":")[1].split(",") if not o.startswith("merge="))
+        base = base.rstrip(":")
+        pi = labels.index(spec)
+        runs = [x for x in tr["runs"] if x["policy"] == pi]
+        bad_sets = bad_err = n_err = n_sets = 0
+        worst = 0.0
+        for run_ in runs:
+            B = run_["budget_tokens"]
+            per_q = run_["granularity"] == "query_head"
+            G = Hq // Hkv
+            for l in range(L):
+                x = layers[l]
+                Wt = x["Q_window"].shape[1]
+                for h in range(run_["n_heads"]):
+                    ks = kept[(spec, l, h, B)]
+                    n_sets += 1
+                    if ks != kept[(base, l, h, B)]:
+                        bad_sets += 1
+                    g = h // G if per_q else h
+                    mk, mv = merge_kv(x["K"][g], x["V"][g], np.array(ks, dtype=int),
+                                      spec.split("merge=")[1].split(",")[0])
+                    idx = np.array(ks, dtype=int)
+                    qh = [h] if per_q else range(g * G, (g + 1) * G)
+                    ew = []
+                    for hq in qh:
+                        for i in range(Wt):
+                            pos = T - Wt + i
+                            vis = idx <= pos
+                            ew.append(out_err(x["Q_window"][hq, i], scale, x["K"][g, :pos + 1],
+                                              x["V"][g, :pos + 1], mk[vis], mv[vis]))
+                    ed = []
+                    if x["Q_decode"] is not None:
+                        for hq in qh:
+                            for s in range(x["Q_decode"].shape[1]):
+                                xk = x["K_decode"][g, :s + 1] if x["K_decode"] is not None else None
+                                xv = x["V_decode"][g, :s + 1] if x["V_decode"] is not None else None
+                                ed.append(out_err(x["Q_decode"][hq, s], scale, x["K"][g],
+                                                  x["V"][g], mk, mv, xk, xv))
+                    for key, want in (("err_window", np.mean(ew)),
+                                      ("err_decode", np.mean(ed) if ed else None)):
+                        got = run_["metrics"][key][l][h]
+                        if want is None:
+                            continue
+                        n_err += 1
+                        d = abs(got - want)
+                        worst = max(worst, d)
+                        if not d <= 2e-5 * max(1.0, abs(want)):
+                            bad_err += 1
+                            if bad_err <= 3:
+                                print("  %s %s B %d layer %d head %d %s: replay %.8f, check %.8f"
+                                      % (name, spec, B, l, h, key, got, want))
+                    if run_["metrics"]["recall_window"][l][h] is not None:
+                        bad_err += 1  # recall is not defined for merged entries
+        print("%s %s: %d errors compared (worst |diff| %.2e), %d differ; %d of %d kept sets "
+              "differ from %s's" % (name, spec, n_err, worst, bad_err, bad_sets, n_sets, base))
+        check(n_err > 0 and bad_err == 0 and bad_sets == 0, "%s %s" % (name, spec))
+
+
+def main():
+    with tempfile.TemporaryDirectory() as work:
+        a, s = score_traces(work, q_all=True)
+        check_trace("llama2c", a, ["snapkv:window=8", "snapkv:window=8,merge=pivot",
+                                   "snapkv:window=8,merge=weighted",
+                                   "snapkv:window=8,heads=query",
+                                   "snapkv:window=8,heads=query,merge=pivot",
+                                   "pyramidkv:window=8", "pyramidkv:window=8,merge=weighted",
+                                   "streamingllm",
+                                   "streamingllm:merge=pivot", "h2o:window=8",
+                                   "h2o:window=8,merge=weighted"], "3,20,64,50%,150", work)
+        check_trace("llama3-8b", s, ["snapkv", "snapkv:merge=weighted", "snapkv:merge=pivot", "h2o",
+                                     "h2o:merge=pivot"], "16,40,100,200", work)
+    finish("test_merge")
+
+
+if __name__ == "__main__":
+    main()
