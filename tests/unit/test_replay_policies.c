@@ -1238,6 +1238,33 @@ static void test_merge(void)
     kvt_policy_free(p);
 }
 
+/* finch, D = 1: window queries q = 1 (position 4) and -1 (position 5) over keys 1, -1, 0, 0, 0,
+ * -.3165. P0 = (.447, .060, .164, .164, .164), P1 = (.049, .364, .134, .134, .134, .184).
+ * SnapKV's mean ranks token 0 (.248) above token 1 (.212); FINCH weighs query i by T - W + i
+ * = 4 and 5: token 0 1.017, token 1 1.032, so B = 3 keeps {1} and the window (weights 5 and 6,
+ * one off, would keep token 0: 1.265 against 1.244); normalize=0 is SnapKV's. */
+static void test_finch(void)
+{
+    const float k[6] = {1, -1, 0, 0, 0, -0.3165f}, v[6] = {0}, q[2] = {1, -1};
+    kvt_layer_input in = layer1d(6, 2, 1, 1, k, v, q);
+    const int B[] = {3, 4, 1};
+    kvt_layer_selection *s = tl_select(&in, "finch:window=2", B, 3);
+    EXPECT_KEPT(s, 0, 0, -1, "1,4,5");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,4,5");
+    EXPECT_KEPT(s, 2, 0, -1, "5"); /* B < W: the most recent */
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "finch:window=2,normalize=0", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,4,5");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "snapkv:window=2,kernel=1", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,4,5");
+    kvt_layer_selection_free(s);
+    kvt_policy *p = mk("finch:window=3"); /* the trace holds 2 window queries */
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    kvt_policy_free(p);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1332,7 +1359,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 32);
+    KVT_EXPECT(kvt_policy_registry_size() == 33);
 }
 
 int main(void)
@@ -1357,6 +1384,7 @@ int main(void)
     test_duo_attention();
     test_simlayerkv();
     test_merge();
+    test_finch();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
