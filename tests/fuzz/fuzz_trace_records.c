@@ -43,11 +43,14 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     /* policies that read K and V on the host (knorm, keydiff, mixkv's diversity, qfilter, which
        also calibrates on the window queries), the window's attention (snapkv, adakv), positions
        alone (streamingllm), the decode queries, AdaKV's shares of knorm's scores, and
-       keydiff-block's ranking per budget */
+       keydiff-block's ranking per budget, merge= (merged sets from K and V read on the host),
+       simlayerkv (the window probabilities read on the host) */
     const char *set[2] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
-                          "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3",
+                          "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
+                          "snapkv:window=1,merge=pivot",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
-                          "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1"};
+                          "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
+                          "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3"};
     for (int i = 0; i < 2; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
