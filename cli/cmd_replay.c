@@ -43,7 +43,7 @@ static void help(void)
            "                    (64,128) and/or percentages of the prompt (10%%,20%%);\n"
            "                    default 64,128,256,512\n"
            "  --window W        observation window of every policy that ranks by window\n"
-           "                    queries (snapkv, finch, chunkkv, pyramidkv, adakv, mixkv-*,\n"
+           "                    queries (snapkv, finch, cam, chunkkv, pyramidkv, adakv, mixkv-*,\n"
            "                    sparsemm, headkv, hybridkv-like, lightkv-like) whose spec sets\n"
            "                    no window=\n"
            "                    (default: each policy's own, 32; a trace keeps W queries)\n"

@@ -82,7 +82,10 @@ static const opt_desc opts_table[] = {
     {"threshold", O_DBL, OFF(threshold), 0, 1,
      "simlayerkv: a layer is lazy when its last queries' attention to the kept tokens is above"},
     {"last", O_INT, OFF(last), 1, 1e6, "simlayerkv: the last window queries that judge a layer"},
-    {"ratio", O_DBL, OFF(ratio), 0, 1, "SparseMM minimum share of b per head"},
+    {"ratio", O_DBL, OFF(ratio), 0, 1,
+     "SparseMM minimum share of b per head; cam: start_budget_ratio"},
+    {"expected", O_BOOL, OFF(expected), 0, 0,
+     "cam: merge by each Bernoulli draw's expectation, not the draw 0|1"},
     {"scores", O_STR, OFF(scores), 0, 0,
      "score file: SparseMM/HeadKV/DuoAttention head scores (JSON or a text table; "
      "duo-attention also .npy), external token scores (.npy, or a directory of NAME.npy per "

@@ -38,6 +38,7 @@ typedef struct kvt_policy_opts {
     double threshold;       /* simlayerkv: lazy_threshold */
     int last;               /* simlayerkv: n_last, the last queries that judge a layer */
     char merge;             /* merge=: 0 (none), 'p' (pivot) or 'w' (weighted): merge.c */
+    bool expected;          /* cam: each Bernoulli draw replaced by its expectation */
     double ratio;           /* SparseMM min ratio */
     char *scores;           /* SparseMM head-score JSON file (owned) */
     char *rtable;           /* MixKV offline redundancy table JSON (owned); NULL = online r */

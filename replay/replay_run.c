@@ -643,8 +643,9 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
         b += 8.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
         if (f & KVT_POLICY_MERGED)
             b += 3584;
-        if (pols[p]->o.merge) { /* merged sets of up to T/2 changed entries per head and budget
-                                   (counted for 8 budgets), and merge.c's work arrays */
+        if (pols[p]->o.merge || pols[p]->def == &kvt_policy_def_cam) {
+            /* merged sets of up to T/2 changed entries per head and budget (counted for 8
+               budgets), and merge.c's or cam's work arrays */
             int hh = kvt_policy_per_query_head(pols[p]) ? Hq : Hkv;
             b += 32.0 * hh * D + 40.0 * hh + 2048 + 32.0 * D;
         }

@@ -299,7 +299,7 @@ typedef struct hcase {
     "full,random:window=1,streamingllm,h2o:window=1,tova,snapkv:window=1,pyramidkv:window=1,"      \
     "adakv:window=1,knorm,vnorm,keydiff,mixkv-snapkv:window=1,mixkv-pyramidkv:window=1,"           \
     "mixkv-adakv:window=1,oracle,quest,hybridkv-like:window=1,lightkv-like:window=1,"              \
-    "chunkkv:window=1,simlayerkv:threshold=0.5,snapkv:window=1,merge=pivot"
+    "chunkkv:window=1,simlayerkv:threshold=0.5,snapkv:window=1,merge=pivot,cam:window=1"
 
 int main(void)
 {

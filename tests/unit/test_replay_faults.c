@@ -108,7 +108,7 @@ int main(void)
                         "hybridkv-like,lightkv-like,snapkv:heads=query,adakv:alloc=b,chunkkv,"
                         "lightkv-like:heads=query,qfilter,qfilter:heads=query,cur,"
                         "cur:local=0,leverage=kv_avg,knorm:adaptive=1,keydiff-block:block=8,"
-                        "simlayerkv:threshold=0.2,snapkv:merge=pivot,h2o:merge=weighted";
+                        "simlayerkv:threshold=0.2,snapkv:merge=pivot,h2o:merge=weighted,cam";
     layer_job lj = {.budgets = {4, 36, 50, 70}};
     tl_random(&lj.t, 5, T, D, Hq, Hkv, W, G, true);
     float *cs = calloc((size_t)Hq * T, sizeof(float));

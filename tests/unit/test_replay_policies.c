@@ -1265,6 +1265,38 @@ static void test_finch(void)
     kvt_policy_free(p);
 }
 
+/* cam, D = 1, every key 1 and both window queries 0: query 0 (position 4) spreads 1/5 over
+ * tokens 0..4, query 1 1/6 over all six, so a = (.183, .183, .183, .183, .183, .083). ratio=0
+ * (start 0), W = 2: every p_t = a_t / max(a[t], a[t+1]) = 1 for t = 0..3, so the draws and
+ * their expectation agree and v = 1..6 becomes 1, 2.5, 4.75, 7.625, 11.1875, 9.8125 (each v_t,
+ * as merged, adds v_t / 2 to the next two). B = 3 keeps the window and token 0 (ties), B = 6
+ * all, merged; B = 7 > T all, unchanged. */
+static void test_cam(void)
+{
+    const float k[6] = {1, 1, 1, 1, 1, 1}, v[6] = {1, 2, 3, 4, 5, 6}, q[2] = {0, 0};
+    kvt_layer_input in = layer1d(6, 2, 1, 1, k, v, q);
+    const int B[] = {3, 6, 7};
+    const double want[6] = {1, 2.5, 4.75, 7.625, 11.1875, 9.8125};
+    for (int e = 0; e < 2; e++) {
+        kvt_layer_selection *s =
+            tl_select(&in, e ? "cam:window=2,ratio=0,expected=1" : "cam:window=2,ratio=0", B, 3);
+        EXPECT_KEPT(s, 0, 0, -1, "0,4,5");
+        const kvt_merged_set *m = &s->merged[0];
+        KVT_EXPECT(m->n == 3 && m->n_changed == 2 && !m->changed[0] &&
+                   fabsf(m->v[0] - 11.1875f) < 1e-5f && fabsf(m->v[1] - 9.8125f) < 1e-5f);
+        m = &s->merged[1];
+        KVT_EXPECT(m->n == 6 && m->n_changed == 5);
+        for (int j = 1; j < 6; j++)
+            KVT_EXPECT_MSG(fabs(m->v[j - 1] - want[j]) < 1e-5, "B = 6 token %d: %g, want %g", j,
+                           m->v[j - 1], want[j]);
+        KVT_EXPECT(s->merged[2].n == 6 && s->merged[2].n_changed == 0);
+        kvt_layer_selection_free(s);
+    }
+    kvt_layer_selection *s = tl_select(&in, "cam:window=2,ratio=1", B, 2); /* start = T */
+    KVT_EXPECT(s->merged[1].n == 6 && s->merged[1].n_changed == 0);
+    kvt_layer_selection_free(s);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1359,7 +1391,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 33);
+    KVT_EXPECT(kvt_policy_registry_size() == 34);
 }
 
 int main(void)
@@ -1385,6 +1417,7 @@ int main(void)
     test_simlayerkv();
     test_merge();
     test_finch();
+    test_cam();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
