@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import check, finish, need_library, run, score_traces  # noqa: E402
 import numpy as np  # noqa: E402
 from replay_oracle import window_probs  # noqa: E402
-from test_merge import out_err  # noqa: E402
+from test_merge import ErrTally, merged_errors, read_layers  # noqa: E402
 
 kvtrace = need_library()
 M64 = (1 << 64) - 1
@@ -83,51 +83,29 @@ def check_trace(name, path, W, heads, seed, expected, budgets, work):
             for x in exp["records"]}
     with kvtrace.open(path) as t:
         m = t.header["model"]
-        T, D, Hq, Hkv, L = (t.header["n_tokens"], m["head_dim"], m["n_q_heads"], m["n_kv_heads"],
-                            m["n_layers"])
-        scale = m.get("attn_scale") or 1 / math.sqrt(D)
-        G = Hq // Hkv
-        n = bad = bad_sets = 0
-        worst = 0.0
-        for l in range(L):
-            rd = {k: t.read(k, l, dtype="float32").astype(np.float64)
-                  for k in ("K", "V", "Q_window", "Q_decode", "K_decode", "V_decode")}
-            Pw = window_probs(rd["K"], rd["Q_window"], scale)[:, -W:, :]  # [Hq, W, T]
-            H = Hq if heads == "query" else Hkv
-            for h in range(H):
-                g = h // G if heads == "query" else h
-                P = Pw[h] if heads == "query" else Pw[g * G:(g + 1) * G].mean(axis=0)
-                a = P.mean(axis=0)
-                vm = cam_values(a, rd["V"][g], W, l, h, int(seed), expected)
-                qh = [h] if heads == "query" else range(g * G, (g + 1) * G)
-                for run_ in (x for x in r["traces"][0]["runs"] if x["policy"] == 0):
-                    B = run_["budget_tokens"]
-                    ks = kept[(0, l, h, B)]
-                    bad_sets += ks != kept[(1, l, h, B)]
-                    idx = np.array(ks, dtype=int)
-                    mv = vm[idx] if B <= T else rd["V"][g][idx]
-                    mk = rd["K"][g][idx]
-                    Wt = rd["Q_window"].shape[1]
-                    ew = [out_err(rd["Q_window"][hq, i], scale, rd["K"][g, :T - Wt + i + 1],
-                                  rd["V"][g, :T - Wt + i + 1], mk[idx <= T - Wt + i],
-                                  mv[idx <= T - Wt + i])
-                          for hq in qh for i in range(Wt)]
-                    ed = [out_err(rd["Q_decode"][hq, s_], scale, rd["K"][g], rd["V"][g], mk, mv,
-                                  rd["K_decode"][g, :s_ + 1], rd["V_decode"][g, :s_ + 1])
-                          for hq in qh for s_ in range(rd["Q_decode"].shape[1])]
-                    for key, want in (("err_window", np.mean(ew)), ("err_decode", np.mean(ed))):
-                        got = run_["metrics"][key][l][h]
-                        d = abs(got - want)
-                        n += 1
-                        worst = max(worst, d)
-                        if not d <= 2e-5 * max(1.0, abs(want)):
-                            bad += 1
-                            if bad <= 3:
-                                print("  %s %s B %d layer %d head %d %s: replay %.8f, check %.8f"
-                                      % (name, spec, B, l, h, key, got, want))
-    print("%s %s --seed %s: %d errors compared (worst |diff| %.2e), %d differ; %d kept sets "
-          "differ from %s's" % (name, spec, seed, n, worst, bad, bad_sets, base))
-    check(n > 0 and bad == 0 and bad_sets == 0, "%s %s" % (name, spec))
+        T, Hq, Hkv = t.header["n_tokens"], m["n_q_heads"], m["n_kv_heads"]
+        scale = m.get("attn_scale") or 1 / math.sqrt(m["head_dim"])
+        layers = read_layers(t)
+    G = Hq // Hkv
+    tally = ErrTally(name, spec)
+    bad_sets = 0
+    for l, x in enumerate(layers):
+        Pw = window_probs(x["K"], x["Q_window"], scale)[:, -W:, :]  # [Hq, W, T]
+        for h in range(Hq if heads == "query" else Hkv):
+            g = h // G if heads == "query" else h
+            P = Pw[h] if heads == "query" else Pw[g * G:(g + 1) * G].mean(axis=0)
+            vm = cam_values(P.mean(axis=0), x["V"][g], W, l, h, int(seed), expected)
+            qh = [h] if heads == "query" else range(g * G, (g + 1) * G)
+            for run_ in (r_ for r_ in r["traces"][0]["runs"] if r_["policy"] == 0):
+                B = run_["budget_tokens"]
+                ks = kept[(0, l, h, B)]
+                bad_sets += ks != kept[(1, l, h, B)]
+                idx = np.array(ks, dtype=int)
+                mv = vm[idx] if B <= T else x["V"][g][idx]
+                tally.add(run_, l, h, merged_errors(x, g, qh, idx, x["K"][g][idx], mv, scale))
+    print("%s %s --seed %s: %s; %d kept sets differ from %s's" % (
+        name, spec, seed, tally.summary(), bad_sets, base))
+    check(tally.n > 0 and tally.bad == 0 and bad_sets == 0, "%s %s" % (name, spec))
 
 
 def main():

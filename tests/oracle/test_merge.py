@@ -82,6 +82,69 @@ def out_err(q, scale, keys, vals, ks, vs, xk=None, xv=None):
     return float(np.linalg.norm(os_ - o) / np.linalg.norm(o))
 
 
+def read_layers(t):
+    """Every layer's K, V, Q_window (and Q_decode, K_decode, V_decode or None) in float64."""
+    layers = []
+    for l in range(t.header["model"]["n_layers"]):
+        rd = {k: t.read(k, l, dtype="float32").astype(np.float64) for k in ("K", "V", "Q_window")}
+        for k in ("Q_decode", "K_decode", "V_decode"):
+            try:
+                rd[k] = t.read(k, l, dtype="float32").astype(np.float64)
+            except Exception:
+                rd[k] = None
+        layers.append(rd)
+    return layers
+
+
+def merged_errors(x, g, qh, idx, mk, mv, scale):
+    """The mean output errors of query heads qh over KV head g's merged entries (token indices
+    idx, keys mk, values mv): every window query, seeing the entries up to its position, and
+    every decode query, seeing them all and the decode keys 0..s (None without decode queries).
+    x: a layer of read_layers."""
+    T = x["K"].shape[1]
+    Wt = x["Q_window"].shape[1]
+    ew = [out_err(x["Q_window"][hq, i], scale, x["K"][g, :T - Wt + i + 1],
+                  x["V"][g, :T - Wt + i + 1], mk[idx <= T - Wt + i], mv[idx <= T - Wt + i])
+          for hq in qh for i in range(Wt)]
+    if x["Q_decode"] is None:
+        return np.mean(ew), None
+    dk = [None if x["K_decode"] is None else x["K_decode"][g, :s + 1]
+          for s in range(x["Q_decode"].shape[1])]
+    dv = [None if x["V_decode"] is None else x["V_decode"][g, :s + 1]
+          for s in range(x["Q_decode"].shape[1])]
+    ed = [out_err(x["Q_decode"][hq, s], scale, x["K"][g], x["V"][g], mk, mv, dk[s], dv[s])
+          for hq in qh for s in range(x["Q_decode"].shape[1])]
+    return np.mean(ew), np.mean(ed)
+
+
+class ErrTally:
+    """The replay's err_window / err_decode against the check's, within 2e-5 (relative above
+    1); counts, the worst difference, and the first three that differ printed."""
+
+    def __init__(self, name, spec):
+        self.name, self.spec = name, spec
+        self.n = self.bad = 0
+        self.worst = 0.0
+
+    def add(self, run_, l, h, errs):
+        for key, want in zip(("err_window", "err_decode"), errs):
+            if want is None:
+                continue
+            got = run_["metrics"][key][l][h]
+            d = abs(got - want)
+            self.n += 1
+            self.worst = max(self.worst, d)
+            if not d <= 2e-5 * max(1.0, abs(want)):
+                self.bad += 1
+                if self.bad <= 3:
+                    print("  %s %s B %d layer %d head %d %s: replay %.8f, check %.8f" % (
+                        self.name, self.spec, run_["budget_tokens"], l, h, key, got, want))
+
+    def summary(self):
+        return "%d errors compared (worst |diff| %.2e), %d differ" % (self.n, self.worst,
+                                                                      self.bad)
+
+
 def check_trace(name, path, specs, budgets, work):
     sel = os.path.join(work, "sel.json")
     res = os.path.join(work, "r.json")
@@ -96,19 +159,9 @@ def check_trace(name, path, specs, budgets, work):
     tr = r["traces"][0]
     with kvtrace.open(path) as t:
         m = t.header["model"]
-        T, D = t.header["n_tokens"], m["head_dim"]
         Hq, Hkv, L = m["n_q_heads"], m["n_kv_heads"], m["n_layers"]
-        scale = m.get("attn_scale") or 1 / math.sqrt(D)
-        layers = {}
-        for l in range(L):
-            rd = {k: t.read(k, l, dtype="float32").astype(np.float64)
-                  for k in ("K", "V", "Q_window")}
-            for k in ("Q_decode", "K_decode", "V_decode"):
-                try:
-                    rd[k] = t.read(k, l, dtype="float32").astype(np.float64)
-                except Exception:
-                    rd[k] = None
-            layers[l] = rd
+        scale = m.get("attn_scale") or 1 / math.sqrt(m["head_dim"])
+        layers = read_layers(t)
     for spec in specs:
         if "merge=" not in spec:
             continue
@@ -117,58 +170,31 @@ def check_trace(name, path, specs, budgets, work):
         base = base.rstrip(":")
         pi = labels.index(spec)
         runs = [x for x in tr["runs"] if x["policy"] == pi]
-        bad_sets = bad_err = n_err = n_sets = 0
-        worst = 0.0
+        bad_sets = n_sets = bad_recall = 0
+        tally = ErrTally(name, spec)
         for run_ in runs:
             B = run_["budget_tokens"]
             per_q = run_["granularity"] == "query_head"
             G = Hq // Hkv
             for l in range(L):
                 x = layers[l]
-                Wt = x["Q_window"].shape[1]
                 for h in range(run_["n_heads"]):
                     ks = kept[(spec, l, h, B)]
                     n_sets += 1
                     if ks != kept[(base, l, h, B)]:
                         bad_sets += 1
                     g = h // G if per_q else h
-                    mk, mv = merge_kv(x["K"][g], x["V"][g], np.array(ks, dtype=int),
-                                      spec.split("merge=")[1].split(",")[0])
                     idx = np.array(ks, dtype=int)
+                    mk, mv = merge_kv(x["K"][g], x["V"][g], idx,
+                                      spec.split("merge=")[1].split(",")[0])
                     qh = [h] if per_q else range(g * G, (g + 1) * G)
-                    ew = []
-                    for hq in qh:
-                        for i in range(Wt):
-                            pos = T - Wt + i
-                            vis = idx <= pos
-                            ew.append(out_err(x["Q_window"][hq, i], scale, x["K"][g, :pos + 1],
-                                              x["V"][g, :pos + 1], mk[vis], mv[vis]))
-                    ed = []
-                    if x["Q_decode"] is not None:
-                        for hq in qh:
-                            for s in range(x["Q_decode"].shape[1]):
-                                xk = x["K_decode"][g, :s + 1] if x["K_decode"] is not None else None
-                                xv = x["V_decode"][g, :s + 1] if x["V_decode"] is not None else None
-                                ed.append(out_err(x["Q_decode"][hq, s], scale, x["K"][g],
-                                                  x["V"][g], mk, mv, xk, xv))
-                    for key, want in (("err_window", np.mean(ew)),
-                                      ("err_decode", np.mean(ed) if ed else None)):
-                        got = run_["metrics"][key][l][h]
-                        if want is None:
-                            continue
-                        n_err += 1
-                        d = abs(got - want)
-                        worst = max(worst, d)
-                        if not d <= 2e-5 * max(1.0, abs(want)):
-                            bad_err += 1
-                            if bad_err <= 3:
-                                print("  %s %s B %d layer %d head %d %s: replay %.8f, check %.8f"
-                                      % (name, spec, B, l, h, key, got, want))
+                    tally.add(run_, l, h, merged_errors(x, g, qh, idx, mk, mv, scale))
                     if run_["metrics"]["recall_window"][l][h] is not None:
-                        bad_err += 1  # recall is not defined for merged entries
-        print("%s %s: %d errors compared (worst |diff| %.2e), %d differ; %d of %d kept sets "
-              "differ from %s's" % (name, spec, n_err, worst, bad_err, bad_sets, n_sets, base))
-        check(n_err > 0 and bad_err == 0 and bad_sets == 0, "%s %s" % (name, spec))
+                        bad_recall += 1  # recall is not defined for merged entries
+        print("%s %s: %s; %d recalls not null; %d of %d kept sets differ from %s's" % (
+            name, spec, tally.summary(), bad_recall, bad_sets, n_sets, base))
+        check(tally.n > 0 and tally.bad == 0 and bad_recall == 0 and bad_sets == 0,
+              "%s %s" % (name, spec))
 
 
 def main():
