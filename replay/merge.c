@@ -54,13 +54,11 @@ static kvt_status merge_one(const kvt_layer_ctx *c, const double *u, int g, char
         else
             w->drop[nd++] = j;
     }
-    out->n = n;
-    out->idx = kvt_malloc(((size_t)n + 1) * sizeof(int32_t));
-    out->changed = kvt_calloc((size_t)n + 1, 1);
-    KVT_RETURN_IF(!out->idx || !out->changed, KVT_ERR_NOMEM, "merge: out of memory");
-    memcpy(out->idx, w->kept, (size_t)n * sizeof(int32_t));
-    if (n == 0 || nd == 0)
-        return KVT_OK; /* nothing to merge into, or nothing dropped */
+    if (n == 0 || nd == 0) { /* nothing to merge into, or nothing dropped */
+        KVT_FORWARD(kvt_merged_alloc(out, n, 0, D));
+        memcpy(out->idx, w->kept, (size_t)n * sizeof(int32_t));
+        return KVT_OK;
+    }
     for (int e = 0; e < n; e++)
         memcpy(w->ukept + (size_t)e * D, u + (size_t)w->kept[e] * D, (size_t)D * sizeof(double));
     /* each dropped token's nearest kept entry */
@@ -96,10 +94,8 @@ static kvt_status merge_one(const kvt_layer_ctx *c, const double *u, int g, char
     int n_chg = 0;
     for (int e = 0; e < n; e++)
         n_chg += w->wsum[e] > 0;
-    out->n_changed = n_chg;
-    out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-    KVT_RETURN_IF(!out->k || !out->v, KVT_ERR_NOMEM, "merge: out of memory");
+    KVT_FORWARD(kvt_merged_alloc(out, n, n_chg, D));
+    memcpy(out->idx, w->kept, (size_t)n * sizeof(int32_t));
     for (int e = 0, ce = 0; e < n; e++) {
         if (!(w->wsum[e] > 0))
             continue;

@@ -315,6 +315,9 @@ kvt_status kvt_sel_init(kvt_layer_selection *s, const kvt_layer_ctx *c, bool per
                         int n_b, bool fixed);
 kvt_status kvt_sel_init_steps(kvt_layer_selection *s, int n_steps);
 kvt_status kvt_sel_init_merged(kvt_layer_selection *s);
+/** A merged set's arrays (freed by kvt_sel_clear) for n entries, n_chg of them changed (K/V
+ *  rows of D), changed[] zeroed; n and n_changed set. */
+kvt_status kvt_merged_alloc(kvt_merged_set *out, int n, int n_chg, int D);
 /** A ranking per budget (border), after kvt_sel_init with fixed: budget b keeps the first
  *  count[b][h] of its own ranking. The policy fills border; after it selects, order (which no
  *  metric reads then) is set to the last budget's rankings. */

@@ -126,6 +126,19 @@ int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P)
     return cnt;
 }
 
+kvt_status kvt_merged_alloc(kvt_merged_set *out, int n, int n_chg, int D)
+{
+    out->n = n;
+    out->n_changed = n_chg;
+    out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    out->idx = kvt_malloc((size_t)n * sizeof(int32_t) + 1);
+    out->changed = kvt_calloc((size_t)n + 1, 1);
+    KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
+                  "selection: out of memory (merged set)");
+    return KVT_OK;
+}
+
 void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks)
 {
     const int T = s->T, S = sinks < T ? sinks : T;

@@ -496,9 +496,10 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
 
 /* output error of one query at position pos against a merged set: it sees the entries whose
  * token index (cidx[e] for changed entry e) is <= pos. Entries that are original tokens keep
- * their original probability p_j, so the kept sums start from the full sums minus the tokens
- * that are gone or changed (`drop`, a short list: vision tokens only); only changed entries
- * need new logits: w_e = exp(q.k'_e*scale - lse). Extra (decode) keys as in the sweep. */
+ * their original probability p_j, summed over those kept unchanged (`unch`; the full sums
+ * less the others would be rounding noise for a query that sees little that is kept); only
+ * changed entries need new logits: w_e = exp(q.k'_e*scale - lse). Extra (decode) keys as in
+ * the sweep. */
 static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_set *ms,
                          const int32_t *cidx, int pos, const int32_t *unch, int n_unch,
                          const float *q, const float *p, double lse, const double *a_full,
@@ -543,8 +544,8 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
 }
 
 /* Fast path of merged_err for n_q consecutive queries (rows of q, p, lse, a_full; pe/oe per
- * query or NULL): the dropped tokens' sums and the changed entries' weights and sums are dense
- * products over blocks of MB entries. wt > 0: the queries are window queries, wt per query
+ * query or NULL): the unchanged kept tokens' sums and the changed entries' weights and sums are
+ * dense products over blocks of MB entries. wt > 0: the queries are window queries, wt per query
  * head, row i at position T - wt + i % wt, seeing the changed entries up to it; wt = 0:
  * decode queries, which see them all. *err_sum = sum of the n_q errors. */
 #define MB 256

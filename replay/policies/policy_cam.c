@@ -114,15 +114,8 @@ static kvt_status sel_cam(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
             for (int j = 0; j < T; j++)
                 if (in[j])
                     n++, n_chg += merged && touched[j];
-            ms->n = n, ms->n_changed = n_chg;
-            ms->idx = kvt_malloc(((size_t)n + 1) * sizeof(int32_t));
-            ms->changed = kvt_calloc((size_t)n + 1, 1);
-            ms->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-            ms->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-            if (!ms->idx || !ms->changed || !ms->k || !ms->v) {
-                st = kvt_error_set(KVT_ERR_NOMEM, "cam: out of memory");
+            if ((st = kvt_merged_alloc(ms, n, n_chg, D)))
                 break;
-            }
             for (int j = 0, e = 0, ce = 0; j < T; j++) {
                 if (!in[j])
                     continue;

@@ -142,20 +142,6 @@ static int round_apply(merge_buf *mb, merge_state *st, int n, int D, int take)
     return m;
 }
 
-/* a merged set's arrays for n entries, n_chg of them changed (K/V rows of D) */
-static kvt_status merged_alloc(kvt_merged_set *out, int n, int n_chg, int D)
-{
-    out->n = n;
-    out->n_changed = n_chg;
-    out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-    out->idx = kvt_malloc((size_t)n * sizeof(int32_t) + 1);
-    out->changed = kvt_calloc((size_t)n + 1, 1);
-    KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
-                  "lightkv: out of memory");
-    return KVT_OK;
-}
-
 /* the merged set: non-vision tokens unchanged + the n vision entries of st, by token index.
  * Only the changed entries (merge targets) carry their own K/V; the others are token idx's. */
 static kvt_status emit(const kvt_layer_ctx *c, int P, const merge_state *st, int n, int n_vis,
@@ -166,7 +152,7 @@ static kvt_status emit(const kvt_layer_ctx *c, int P, const merge_state *st, int
     int n_out = T - n_vis + n, n_chg = 0;
     for (int i = 0; i < n; i++)
         n_chg += st->chg[i] != 0;
-    KVT_FORWARD(merged_alloc(out, n_out, n_chg, D));
+    KVT_FORWARD(kvt_merged_alloc(out, n_out, n_chg, D));
     int vi = 0, o_i = 0, ci = 0;
     for (int j = 0; j < T; j++) {
         bool vis = j < P && mod && (mod[j] == 1 || mod[j] == 2);
@@ -254,7 +240,7 @@ static kvt_status merge_head(const kvt_layer_ctx *c, int g, const double *wt, co
 /* out = a copy of src (heads=query: the query heads of one KV head merge alike) */
 static kvt_status merged_copy(const kvt_merged_set *src, int D, kvt_merged_set *out)
 {
-    KVT_FORWARD(merged_alloc(out, src->n, src->n_changed, D));
+    KVT_FORWARD(kvt_merged_alloc(out, src->n, src->n_changed, D));
     memcpy(out->k, src->k, (size_t)src->n_changed * D * sizeof(float));
     memcpy(out->v, src->v, (size_t)src->n_changed * D * sizeof(float));
     memcpy(out->idx, src->idx, (size_t)src->n * sizeof(int32_t));
