@@ -86,7 +86,7 @@ static inline unsigned char *kvt_test_slurp(const char *path, size_t *n)
         return NULL;
     long len = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
     rewind(f);
-    unsigned char *b = len >= 0 ? malloc((size_t)len + 1) : NULL;
+    unsigned char *b = len >= 0 ? (unsigned char *)malloc((size_t)len + 1) : NULL;
     size_t got = b ? fread(b, 1, (size_t)len, f) : 0;
     fclose(f);
     if (b)

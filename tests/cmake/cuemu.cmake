@@ -111,6 +111,21 @@ if(CMAKE_CXX_COMPILER AND KVT_SYS_PYTHON AND NOT KVT_FUZZ)
     add_test(NAME test_cuemu_devices COMMAND test_cuemu_devices)
     set_tests_properties(test_cuemu_devices PROPERTIES LABELS "cpu" TIMEOUT 60)
 
+    # the stand-in's block scheduler: shuffled orders that expose a missing barrier, shuffles,
+    # a barrier divergence and the launches after it
+    set(sched_cpp ${CMAKE_CURRENT_BINARY_DIR}/cuemu/test_cuemu_sched.cpp)
+    add_custom_command(OUTPUT ${sched_cpp}
+                       COMMAND ${KVT_SYS_PYTHON} ${KVT_CUEMU_DIR}/cuemu_pp.py
+                               ${KVT_CUEMU_DIR}/test_cuemu_sched.cu ${sched_cpp}
+                       DEPENDS ${KVT_CUEMU_DIR}/test_cuemu_sched.cu ${KVT_CUEMU_DIR}/cuemu_pp.py
+                       COMMENT "cuemu: tests/cuemu/test_cuemu_sched.cu" VERBATIM)
+    add_executable(test_cuemu_sched ${sched_cpp} ${KVT_CUEMU_OBJS})
+    kvt_target_defaults(test_cuemu_sched)
+    target_compile_options(test_cuemu_sched PRIVATE -std=c++17)
+    target_link_libraries(test_cuemu_sched PRIVATE ${KVT_CUEMU_LIBS})
+    add_test(NAME test_cuemu_sched COMMAND test_cuemu_sched)
+    set_tests_properties(test_cuemu_sched PROPERTIES LABELS "cpu" TIMEOUT 60)
+
     # bench_gpu_kernels on the stand-in, small: every case runs (its times mean nothing here)
     add_executable(bench_gpu_kernels_cuemu ${PROJECT_SOURCE_DIR}/bench/gpu_kernels.c
                    ${KVT_CUEMU_OBJS})
