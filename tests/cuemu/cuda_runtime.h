@@ -134,6 +134,7 @@ namespace cuemu
 
 struct ThreadState {
     dim3 tid;
+    unsigned shuffles; /* how many it made: which of its warp's two sets of slots is next */
 };
 extern thread_local dim3 g_block_idx, g_block_dim, g_grid_dim;
 extern thread_local ThreadState *g_cur;
@@ -142,7 +143,7 @@ extern thread_local ThreadState *g_cur;
 void block_barrier();
 void warp_barrier();
 unsigned lane_id();
-uint64_t *warp_slots(); /* 32 exchange slots of the current thread's warp */
+uint64_t *warp_slots(); /* the next shuffle's 32 exchange slots of the thread's warp */
 /* run fn(i) for each of the block's nthreads fibers, with g_cur set */
 void run_block(unsigned nthreads, void (*fn)(void *), void *arg);
 
@@ -226,7 +227,9 @@ template <typename T> static inline T shfl_index(T v, unsigned src)
     T out = v;
     if (src < 32)
         memcpy(&out, &slot[src], sizeof(T));
-    warp_barrier(); /* nobody overwrites a slot before every lane has read */
+    /* no barrier after the read: the next shuffle writes the other set of slots, and the one
+       after it writes these only once every lane has passed the next one's barrier, and so
+       has read */
     return out;
 }
 

@@ -2,8 +2,9 @@
  * rely on it for: the threads of a block run in a shuffled order, a fresh one after each
  * barrier and in each block, so that a read of shared memory another thread writes without a
  * barrier in between gets the old value for some threads and the new one for others (a missing
- * __syncthreads fails a test) while with the barrier every thread reads the new one; warp
- * shuffles exchange the lanes' values; a barrier divergence fails the launch, and the launches
+ * __syncthreads fails a test) while with the barrier every thread reads the new one; five warp
+ * shuffles in a row exchange the lanes' values (each with one barrier, the exchange slots used
+ * in turn: one set for all fails it); a barrier divergence fails the launch, and the launches
  * after it (on the fibers' stacks it left in the middle of a kernel) run correctly; blocks of 32
  * to 1024 threads one after another, each thread on its own stack. Only on cuemu (the shuffle
  * is the stand-in's, not a GPU's).
