@@ -755,7 +755,7 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         goto out_free; /* a usage error (2), said */
     rc = 1;
     for (size_t t = 0; t < n_traces; t++)
-        if ((st = kvt_replay_check_trace(traces[t], pols, n_pol))) {
+        if ((st = kvt_replay_check_trace(traces[t], pols, n_pol, budgets, n_b))) {
             kvt_cli_fail_status(cmd, st, traces[t]);
             goto out_free;
         }

@@ -822,19 +822,19 @@ int kvt_cmd_replay(int argc, char **argv)
     }
     if ((rc = kvt_cli_policy_files_ok(cmd, pols, n_pol, (const char *const *)traces, n_traces)))
         goto out_free; /* a usage error (2), said */
-    rc = 1;
-    /* every trace against the policies (windows, decode queries, column sums, external's
-       scores=DIR files) before the first trace is replayed */
-    for (size_t t = 0; t < n_traces; t++)
-        if ((st = kvt_replay_check_trace(traces[t], pols, n_pol))) {
-            kvt_cli_fail_status(cmd, st, traces[t]);
-            goto out_free;
-        }
     if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : "64,128,256,512", &budgets, &n_b))) {
         kvt_cli_fail_status(cmd, st, "--budgets");
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
         goto out_free;
     }
+    rc = 1;
+    /* every trace against the policies at these budgets (windows, decode queries, column sums,
+       external's scores=DIR files) before the first trace is replayed */
+    for (size_t t = 0; t < n_traces; t++)
+        if ((st = kvt_replay_check_trace(traces[t], pols, n_pol, budgets, n_b))) {
+            kvt_cli_fail_status(cmd, st, traces[t]);
+            goto out_free;
+        }
     if ((st = kvt_results_create(pols, n_pol, budgets, n_b, &res))) {
         kvt_cli_fail_status(cmd, st, "results");
         goto out_free;

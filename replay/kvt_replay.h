@@ -402,12 +402,14 @@ void kvt_trace_result_free(kvt_trace_result *r);
  *  may be NULL. */
 kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens);
 
-/** Everything kvt_replay_trace checks of the trace at `path` and these policies before its
- *  first layer, without reading a layer's tensors: the header against layer 0's records; the
- *  stored window queries, decode queries and column sums the policies need; the policies'
- *  own files for this trace (external's scores: shape and values). A replay of many traces
- *  refuses a bad one before the first trace runs. */
-kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol);
+/** Everything kvt_replay_trace checks of the trace at `path` and these policies at these
+ *  budgets before its first layer, without reading a layer's tensors: the header against
+ *  layer 0's records; the stored window queries (unless every budget is above the prompt's
+ *  length, which keeps it whole), decode queries and column sums the policies need; the
+ *  policies' own files for this trace (external's scores: shape and values). A replay of many
+ *  traces refuses a bad one before the first trace runs. */
+kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                  const kvt_budget *budgets, size_t n_budgets);
 
 /** Estimated peak host memory, in bytes, of one replay worker on one layer of `path` with
  *  these policies (`coverage_probes` as in kvt_replay_opts: negative = the default) on

@@ -954,12 +954,24 @@ static void parse_rope(const cJSON *hdr, run_shared *sh)
     sh->rope_known = true;
 }
 
+/* every budget above the prompt's T tokens: the short-prompt rule keeps the whole prompt,
+ * whatever the policy (run_select), which then needs none of the trace's window queries */
+static bool short_prompt(const kvt_budget *budgets, size_t n_budgets, int T)
+{
+    for (size_t b = 0; b < n_budgets; b++)
+        if (kvt_budget_tokens(&budgets[b], T) <= T)
+            return false;
+    return n_budgets > 0;
+}
+
 /* Open the trace at path into sh (reader, shape, tensors present; *hdr_out its parsed header,
  * both for the caller to free, also on failure), check the header against layer 0's records
- * and these policies against what the trace holds (stored window queries, decode queries,
- * column sums): every check that needs no layer's tensors */
+ * and these policies against what the trace holds (stored window queries unless the budgets
+ * keep the whole prompt, decode queries, column sums): every check that needs no layer's
+ * tensors */
 static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t n_pol,
-                               run_shared *sh, cJSON **hdr_out)
+                               const kvt_budget *budgets, size_t n_budgets, run_shared *sh,
+                               cJSON **hdr_out)
 {
     kvt_status st;
     KVT_FORWARD(kvt_trace_reader_open(path, &sh->rd));
@@ -1055,7 +1067,8 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
     sh->has_qall = has_kind(sh->rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
-        KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W,
+        KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W &&
+                          !short_prompt(budgets, n_budgets, sh->T),
                       KVT_ERR_INVALID_ARG,
                       "%s: policy %s: window=%d needs %d stored window queries; the trace has %d "
                       "(lower window=, or --window for every such policy, or capture a larger "
@@ -1120,13 +1133,14 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
     return KVT_OK;
 }
 
-kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol)
+kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                  const kvt_budget *budgets, size_t n_budgets)
 {
     run_shared sh;
     memset(&sh, 0, sizeof(sh));
     cJSON *hdr = NULL;
     bound_pols b;
-    kvt_status st = open_checked(path, pols, n_pol, &sh, &hdr);
+    kvt_status st = open_checked(path, pols, n_pol, budgets, n_budgets, &sh, &hdr);
     if (!st && !(st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, &b)))
         unbind_policies(&b);
     cJSON_Delete(hdr);
@@ -1160,7 +1174,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     double *bfrac = NULL;
     pthread_t *th = NULL;
     bound_pols bound = {0};
-    if ((st = open_checked(path, pols, n_pol, &sh, &hdr)))
+    if ((st = open_checked(path, pols, n_pol, budgets, n_budgets, &sh, &hdr)))
         goto out_free;
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
     if ((st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, &bound)))

@@ -831,9 +831,16 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                              kvt_layer_selection *sel)
 {
     memset(sel, 0, sizeof(*sel));
+    /* the short-prompt rule (POLICIES §0.1.8): a prompt shorter than every budget is kept
+       whole, whatever the policy, which reads nothing of it (its window may be longer than
+       the prompt) */
+    bool short_prompt = n_b > 0;
+    for (int b = 0; b < n_b; b++)
+        short_prompt = short_prompt && B[b] > c->T;
+    const kvt_policy_def *def = short_prompt ? &kvt_policy_def_full : p->def;
     uint64_t t0 = kvt_now_ns();
-    c->selecting = p->def; /* kvt_ctx_fetch holds it to its host_reads */
-    kvt_status st = p->def->select(c, p, B, n_b, sel);
+    c->selecting = def; /* kvt_ctx_fetch holds it to its host_reads */
+    kvt_status st = def->select(c, p, B, n_b, sel);
     c->selecting = NULL;
     KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
     sel->gpu = NULL; /* only while selecting */

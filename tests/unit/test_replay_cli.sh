@@ -30,11 +30,12 @@ grep -q "exists" "$TMP/err" || fail "exists message"
 $BIN replay "$TMP/t.kvt" --policies snapkv:window=64 -o "$TMP/x.json" 2>"$TMP/err" && fail "w"
 grep -q "window=64 needs 64 stored window queries; the trace has 32" "$TMP/err" || fail "w msg"
 # ... in the second of two traces: refused before the first trace is replayed (no progress
-# line for it: the error is the only line), naming the trace
+# line for it: the error is the only line), naming the trace (a budget of 32 of its 60 tokens:
+# above them all, the short-prompt rule keeps it whole without a window, below)
 $BIN capture-llama2c --model "$MODEL" --tokens 60 --decode 0 --window 8 -o "$TMP/w8.kvt" >/dev/null 2>&1 ||
     fail "capture w8"
 KVT_PROGRESS=1 $BIN replay "$TMP/t.kvt" "$TMP/w8.kvt" --policies streamingllm,snapkv \
-    -o "$TMP/x.json" 2>"$TMP/err" && fail "w8"
+    --budgets 32,64 -o "$TMP/x.json" 2>"$TMP/err" && fail "w8"
 [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "w8.kvt: policy snapkv: window=32 needs 32 stored window queries; the trace has 8" "$TMP/err" ||
     { cat "$TMP/err"; fail "w8 msg"; }
 [ ! -e "$TMP/x.json" ] || fail "w8 wrote results"
@@ -109,6 +110,19 @@ $BIN replay "$TMP/tiny.kvt" --policies snapkv --budgets 64,100% -o "$TMP/bn2.jso
     2>"$TMP/err" || fail "whole-prompt budgets run"
 grep -q "every budget keeps the whole prompt (T=64): nothing is compressed" "$TMP/err" ||
     fail "whole-prompt note: $(cat "$TMP/err")"
+# a prompt shorter than the window policies' window of 32 (T=20, 20 window queries stored):
+# budgets above T keep it whole with every default policy, the window unused (the short-prompt
+# rule); a budget inside the prompt needs the window, and says so in one line
+$BIN synth --shape tiny --tokens 20 -o "$TMP/t20.kvt" >/dev/null 2>&1 || fail "synth T=20"
+$BIN replay "$TMP/t20.kvt" --budgets 32,64 -o "$TMP/t20.json" >"$TMP/out" 2>"$TMP/err" ||
+    fail "short prompt: $(cat "$TMP/err")"
+awk '$2 == 32 || $2 == 64 { n++; if ($3 != "100.0%" || $4 != "1.0000") bad++ }
+     END { exit !(n >= 20 && !bad) }' "$TMP/out" || fail "short prompt not kept whole: $(cat "$TMP/out")"
+$BIN replay "$TMP/t20.kvt" --policies snapkv --budgets 8,64 -o "$TMP/t20b.json" >/dev/null \
+    2>"$TMP/err" && fail "a budget inside a prompt shorter than the window was replayed"
+[ "$(wc -l <"$TMP/err")" = 1 ] && [ ! -e "$TMP/t20b.json" ] &&
+    grep -q "policy snapkv: window=32 needs 32 stored window queries; the trace has 20" "$TMP/err" ||
+    fail "short prompt, budget inside it: $(cat "$TMP/err")"
 # a trace path that is not UTF-8 cannot be named in results.json (JSON is UTF-8: a raw 0xFF
 # byte makes the file unreadable to other parsers): refused before any work, one line; a
 # UTF-8 name works

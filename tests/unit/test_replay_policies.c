@@ -52,6 +52,26 @@ static void test_snapkv(void)
     kvt_layer_selection *bad = NULL;
     KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
     kvt_policy_free(p);
+    /* ... unless every budget is above the prompt (the short-prompt rule): kept whole by every
+       window policy, which reads none of its window */
+    const char *wide[] = {"snapkv:window=4",
+                          "pyramidkv:window=4",
+                          "adakv:window=4",
+                          "mixkv-snapkv:window=4",
+                          "chunkkv:window=4",
+                          "cam:window=4",
+                          "snapkv:window=4,merge=pivot",
+                          "h2o:window=4"};
+    const int Bover[] = {9, 64};
+    for (size_t i = 0; i < sizeof(wide) / sizeof(wide[0]); i++) {
+        s = tl_select(&in, wide[i], Bover, 2);
+        for (int b = 0; b < 2; b++) {
+            const char *got = tl_kept_str(s, (size_t)b, 0, -1);
+            KVT_EXPECT_MSG(!strcmp(got, "0,1,2,3,4,5,6,7"), "%s at B=%d: kept {%s}", wide[i],
+                           Bover[b], got);
+        }
+        kvt_layer_selection_free(s);
+    }
     KVT_EXPECT_STATUS(kvt_policy_create("snapkv:kernel=4", NULL, &p), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_policy_create("snapkv:alpha=0.1", NULL, &p), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_policy_create("nosuch", NULL, &p), KVT_ERR_INVALID_ARG);
