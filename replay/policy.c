@@ -30,6 +30,8 @@ const kvt_policy_def *kvt_policy_def_find(const char *name)
 
 /* ---- options ---- */
 static const char *const leverage_names[4] = {"key", "value", "kv_avg", "kv_product"};
+static const char *const method_names[6] = {"headwise", "attn",  "keydiff",
+                                            "vnorm",    "knorm", "mixkv"};
 
 static const char *reduce_name(kvt_reduce r)
 {
@@ -49,6 +51,7 @@ typedef enum {
     O_TAU,
     O_ALIGN,
     O_LEVERAGE,
+    O_METHOD,
     O_MERGE
 } okind;
 typedef struct opt_desc {
@@ -118,6 +121,9 @@ static const opt_desc opts_table[] = {
     {"lag", O_INT, OFF(lag), 2, 1e6, "lagkv: partition size"},
     {"cross", O_BOOL, OFF(cross), 0, 0, "lagkv: compare scores across partitions, not ranks 0|1"},
     {"leverage", O_LEVERAGE, OFF(leverage), 0, 0, "cur: key|value|kv_avg|kv_product"},
+    {"method", O_METHOD, OFF(method), 0, 0,
+     "mixkv: headwise (r d' + (1-r)(p + v')) | attn (p) | keydiff (d') | vnorm (p + v') | "
+     "knorm (p + k') | mixkv (0.33 (d' + p + v')): MixKV's SELECT_METHOD ablations"},
     {"merge", O_MERGE, OFF(merge), 0, 0,
      "none|pivot|weighted: merge each dropped token into the kept entry with the most similar "
      "key (KVCache-Factory's --merge, LOOK-M)"},
@@ -333,6 +339,15 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
         return kvt_error_set(KVT_ERR_INVALID_ARG,
                              "%s: leverage=%s: expected key, value, kv_avg or kv_product", d->name,
                              val);
+    case O_METHOD:
+        for (int i = 0; i < 6; i++)
+            if (!strcmp(val, method_names[i])) {
+                p->o.method = (kvt_mix_method)i;
+                return KVT_OK;
+            }
+        return kvt_error_set(
+            KVT_ERR_INVALID_ARG,
+            "%s: method=%s: expected headwise, attn, keydiff, vnorm, knorm or mixkv", d->name, val);
     case O_ALLOC:
         if (!strcmp(val, "a") || !strcmp(val, "3a"))
             p->o.alloc = 'a';
@@ -704,6 +719,9 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         break;
     case O_LEVERAGE:
         snprintf(buf, cap, "%s%s%s", q, leverage_names[o->leverage & 3], q);
+        break;
+    case O_METHOD:
+        snprintf(buf, cap, "%s%s%s", q, method_names[o->method % 6], q);
         break;
     case O_MERGE:
         snprintf(buf, cap, "%s%s%s", q,

@@ -20,6 +20,16 @@ typedef enum kvt_leverage {
     KVT_LEVERAGE_KV_PRODUCT
 } kvt_leverage;
 
+/* mixkv-*: the score a head ranks its prefix by (MixKV's SELECT_METHOD ablations, §4.4) */
+typedef enum kvt_mix_method {
+    KVT_MIX_HEADWISE, /* r d' + (1 - r)(p + v'): the method */
+    KVT_MIX_ATTN,     /* p */
+    KVT_MIX_KEYDIFF,  /* d' */
+    KVT_MIX_VNORM,    /* p + v' */
+    KVT_MIX_KNORM,    /* p + k' (k': v' of the negative key norms) */
+    KVT_MIX_FIXED     /* 0.33 (d' + p + v'): no head-wise adaptation */
+} kvt_mix_method;
+
 typedef struct kvt_policy_opts {
     int window;             /* observation window W (protected recent tokens for score policies) */
     int kernel;             /* pooling kernel (odd) */
@@ -62,6 +72,7 @@ typedef struct kvt_policy_opts {
     int lag;                /* lagkv: partition size */
     bool cross;             /* lagkv: scores compared across partitions (not ranks) */
     kvt_leverage leverage;  /* cur: key | value | kv_avg | kv_product */
+    kvt_mix_method method;  /* mixkv-*: headwise | attn | keydiff | vnorm | knorm | mixkv */
     int local;              /* cur: local block of the norms' normalisation; 0 = none */
     int block;              /* keydiff-block: tokens per block (BlockPress's block_size) */
     char *critical; /* CriticalKV: per-token ||W_o v||_1 .npy [L, H', T] (owned); NULL = off */

@@ -2,7 +2,9 @@
  * (POLICIES §4): rank by c = r*d' + (1-r)*(p + v') where p is the SnapKV score, v' the min-max
  * VNorm and d' the min-max KeyDiff diversity, both rescaled to mean(p), and r the head
  * redundancy (online from this prompt's keys by default, clamped to [0,1]; rtable=FILE for an
- * offline table keyed "layer-kvhead[-key]"). The budget allocation is the base method's (§4.3):
+ * offline table keyed "layer-kvhead[-key]"). method= gives MixKV's ablations instead (§4.4):
+ * attn p, keydiff d', vnorm p + v', knorm p + k' (k': v' of the negative key norms), mixkv
+ * 0.33 (d' + p + v'). The budget allocation is the base method's (§4.3):
  * AdaKV allocates from pure attention p, SparseMM from its offline head scores (scores=FILE,
  * the caps of policy_sparsemm.c), and each head keeps its top-cap by c. One file for the four
  * variants: they share all. */
@@ -58,6 +60,25 @@ static void mix_fini(kvt_policy *p)
     p->state = NULL;
 }
 
+/* u [P] min-max scaled over P (no epsilon: a flat u gives 0), then rescaled to mean mean_p,
+ * into out: MixKV's v' (and k', of the negative key norms) */
+static void minmax_to_mean(const double *u, int P, double sign, double mean_p, double *out)
+{
+    double mn = INFINITY, mx = -INFINITY, mu = 0.0;
+    for (int j = 0; j < P; j++) {
+        const double x = sign * u[j];
+        mn = x < mn ? x : mn;
+        mx = x > mx ? x : mx;
+    }
+    for (int j = 0; j < P; j++) {
+        out[j] = mx > mn ? (sign * u[j] - mn) / (mx - mn) : 0.0;
+        mu += out[j];
+    }
+    mu /= P;
+    for (int j = 0; j < P; j++)
+        out[j] = out[j] * mean_p / (mu + 1e-8);
+}
+
 /* composite score c [H', P] from pooled attention s [H', P] */
 static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double *s, double *out)
 {
@@ -81,25 +102,16 @@ static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double 
         for (int j = 0; j < P; j++)
             mean_p += ph[j];
         mean_p /= P;
-        /* VNorm: min-max over P (no epsilon in the reference; a flat head gives 0) */
-        const double *u = c->vnorm + (size_t)g * T;
-        double mn = INFINITY, mx = -INFINITY, mu = 0.0;
-        for (int j = 0; j < P; j++) {
-            mn = u[j] < mn ? u[j] : mn;
-            mx = u[j] > mx ? u[j] : mx;
-        }
-        for (int j = 0; j < P; j++) {
-            vn[j] = mx > mn ? (u[j] - mn) / (mx - mn) : 0.0;
-            mu += vn[j];
-        }
-        mu /= P;
-        for (int j = 0; j < P; j++)
-            vn[j] = vn[j] * mean_p / (mu + 1e-8);
+        /* VNorm (or, method=knorm, the negative key norms): min-max over P */
+        if (o->method == KVT_MIX_KNORM)
+            minmax_to_mean(c->knorm + (size_t)g * T, P, -1.0, mean_p, vn);
+        else
+            minmax_to_mean(c->vnorm + (size_t)g * T, P, 1.0, mean_p, vn);
         /* KeyDiff: delta = -<unit key, mean unit key over all T>, min-max (+1e-8) over P */
         const double *m = c->kmean + (size_t)g * D;
         const float *ku = c->ku + (size_t)g * T * D;
         const bool m0 = kvt_ctx_mean_key_norm(c, g) == 0.0; /* no direction: every delta 0 */
-        mn = INFINITY, mx = -INFINITY, mu = 0.0;
+        double mn = INFINITY, mx = -INFINITY, mu = 0.0;
         for (int j = 0; j < P; j++) {
             double d = 0.0;
             for (int e = 0; e < D && !m0; e++)
@@ -130,7 +142,23 @@ static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double 
         }
         double *oh = out + (size_t)h * P;
         for (int j = 0; j < P; j++)
-            oh[j] = r * dv[j] + (1.0 - r) * (ph[j] + vn[j]);
+            switch (o->method) {
+            case KVT_MIX_ATTN:
+                oh[j] = ph[j];
+                break;
+            case KVT_MIX_KEYDIFF:
+                oh[j] = dv[j];
+                break;
+            case KVT_MIX_VNORM:
+            case KVT_MIX_KNORM: /* vn holds k' */
+                oh[j] = ph[j] + vn[j];
+                break;
+            case KVT_MIX_FIXED: /* MixKV's constant, not 1/3 */
+                oh[j] = 0.33 * (dv[j] + ph[j] + vn[j]);
+                break;
+            default:
+                oh[j] = r * dv[j] + (1.0 - r) * (ph[j] + vn[j]);
+            }
     }
 out_free:
     kvt_free(vn);
@@ -202,7 +230,7 @@ const kvt_policy_def kvt_policy_def_mixkv_snapkv = {
     .host_reads = KVT_CTX_KU,
     .summary = "MixKV on SnapKV: importance x diversity, uniform budget",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,rtable",
+    .keys = "window,kernel,pool,reduce,heads,rtable,method",
     .init = mix_init,
     .fini = mix_fini,
     .select = sel_mix_snap,
@@ -213,7 +241,7 @@ const kvt_policy_def kvt_policy_def_mixkv_pyramidkv = {
     .host_reads = KVT_CTX_KU,
     .summary = "MixKV on PyramidKV: importance x diversity, pyramid layer budgets",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,rtable,beta,fallback",
+    .keys = "window,kernel,pool,reduce,heads,rtable,method,beta,fallback",
     .init = mix_init,
     .fini = mix_fini,
     .select = sel_mix_pyr,
@@ -224,7 +252,7 @@ const kvt_policy_def kvt_policy_def_mixkv_adakv = {
     .host_reads = KVT_CTX_KU,
     .summary = "MixKV on AdaKV: allocation from attention, ranking by the mixture",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,rtable,alpha,normalize,alloc,skip",
+    .keys = "window,kernel,pool,reduce,heads,rtable,method,alpha,normalize,alloc,skip",
     .init = mix_init,
     .fini = mix_fini,
     .select = sel_mix_ada,
@@ -236,7 +264,7 @@ const kvt_policy_def kvt_policy_def_mixkv_sparsemm = {
     .summary = "MixKV on SparseMM: head budgets from offline head scores (scores=FILE), "
                "ranking by the mixture",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,rtable,ratio,scores",
+    .keys = "window,kernel,pool,reduce,heads,rtable,method,ratio,scores",
     .init = mix_init,
     .fini = mix_fini,
     .select = sel_mix_smm,

@@ -84,6 +84,9 @@ def policy_specs(W, has_decode, has_colsum, scores=None):
              s("adakv", "heads=query"),
              s("mixkv-snapkv"), s("mixkv-pyramidkv"), s("mixkv-adakv"),
              s("mixkv-snapkv", "heads=query"), s("mixkv-adakv", "kernel=7"),
+             s("mixkv-snapkv", "method=attn"), s("mixkv-snapkv", "method=keydiff"),
+             s("mixkv-pyramidkv", "method=vnorm"), s("mixkv-adakv", "method=knorm"),
+             s("mixkv-snapkv", "method=mixkv", "heads=query"),
              "knorm", "vnorm", "keydiff", "keydiff:window=8"]
     if has_colsum:
         specs += [s("h2o"), s("h2o", "heads=query")]

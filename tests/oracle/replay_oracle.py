@@ -82,10 +82,10 @@ POLICIES = {
     "knorm": {"window": 0, "heads": "kv"},
     "vnorm": {"window": 0, "heads": "kv"},
     "keydiff": {"window": 0, "heads": "kv"},
-    "mixkv-snapkv": dict(_SNAP, clamp_r=1),
-    "mixkv-pyramidkv": dict(_SNAP, beta=20, fallback=0, clamp_r=1),
-    "mixkv-adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0, clamp_r=1),
-    "mixkv-sparsemm": dict(_SNAP, ratio=0.1, scores="", clamp_r=1),
+    "mixkv-snapkv": dict(_SNAP, clamp_r=1, method="headwise"),
+    "mixkv-pyramidkv": dict(_SNAP, beta=20, fallback=0, clamp_r=1, method="headwise"),
+    "mixkv-adakv": dict(_SNAP, alpha=0.2, normalize=1, skip=0, clamp_r=1, method="headwise"),
+    "mixkv-sparsemm": dict(_SNAP, ratio=0.1, scores="", clamp_r=1, method="headwise"),
     "oracle": {"window": 0, "heads": "kv"},
     "sparsemm": dict(_SNAP, ratio=0.1, scores=""),
     "headkv": {"window": 32, "kernel": 7, "pool": "max", "reduce": "mean", "heads": "query",
@@ -350,9 +350,9 @@ def mean_key(kh):
     return m if np.linalg.norm(m) > 1e-9 else np.zeros_like(m)
 
 
-def mixkv_composite(p, Kg, Vg, W, clamp_r=True):
+def mixkv_composite(p, Kg, Vg, W, clamp_r=True, method="headwise"):
     """c[j] over the prefix for one head: p pooled attention [|P|], Kg/Vg the KV head's keys and
-    values [N, D]. Returns (c, r)."""
+    values [N, D]; method: MixKV's SELECT_METHOD (§4.4). Returns (c, r)."""
     p = np.asarray(p, dtype=np.float64)
     Kg = np.asarray(Kg, dtype=np.float64)
     Vg = np.asarray(Vg, dtype=np.float64)
@@ -360,7 +360,8 @@ def mixkv_composite(p, Kg, Vg, W, clamp_r=True):
     nP = N - W
     mp = p.mean() if nP > 0 else 0.0
     # intrinsic importance: VNorm, min-max over P (flat -> 0), mean-matched to mean(p)
-    u = np.linalg.norm(Vg[:nP], axis=1)
+    # (method knorm: the same of the negative key norms, k' of §4.4)
+    u = -np.linalg.norm(Kg[:nP], axis=1) if method == "knorm" else np.linalg.norm(Vg[:nP], axis=1)
     if nP > 0 and u.max() > u.min():
         uh = (u - u.min()) / (u.max() - u.min())
     else:
@@ -378,7 +379,8 @@ def mixkv_composite(p, Kg, Vg, W, clamp_r=True):
     r = (N * float(m @ m) - 1.0) / (N - 1.0) if N > 1 else 0.0
     if clamp_r:
         r = min(1.0, max(0.0, r))
-    c = r * dprime + (1.0 - r) * (p + vprime)
+    c = {"attn": p, "keydiff": dprime, "vnorm": p + vprime, "knorm": p + vprime,
+         "mixkv": 0.33 * (dprime + p + vprime)}.get(method, r * dprime + (1.0 - r) * (p + vprime))
     return c, r
 
 
@@ -626,7 +628,7 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
         chunk_take = [min(C, nP - starts[i]) for i in ranked]
     if name.startswith("mixkv-"):
         sc = np.stack([mixkv_composite(pooled[hh], ctx.K[heads_kv[hh]], ctx.V[heads_kv[hh]], W,
-                                       bool(o["clamp_r"]))[0] for hh in range(H)]) \
+                                       bool(o["clamp_r"]), o["method"])[0] for hh in range(H)]) \
             if N - W > 0 else pooled
     orders = [window_first_order(sc[hh], N, W) for hh in range(H)]
     info["scores"] = [_win_scores(sc[hh], N, W) for hh in range(H)]
