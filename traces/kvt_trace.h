@@ -287,9 +287,9 @@ uint64_t kvt_trace_reader_bytes_read(const kvt_trace_reader *r);
 /* Verification                                                                          */
 /* ------------------------------------------------------------------------------------- */
 typedef struct kvt_verify_problem {
-    uint64_t file_offset;
-    int32_t seq; /* record number if known, else -1 */
-    int kind;    /* record kind if known, else 0 */
+    uint64_t file_offset; /* where in the file; 0 where it has no place (something missing) */
+    int32_t seq;          /* record number if known, else -1 */
+    int kind;             /* record kind if known, else 0 */
     int32_t layer;
     char what[200];
 } kvt_verify_problem;

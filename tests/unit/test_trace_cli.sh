@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# test_trace_cli.sh - the info/verify commands on a good, a truncated and a damaged trace,
-# --help and bad-input exits, info's layer counts and decode steps, and `zstd -d` decoding a
-# .kvt file (interoperability).
+# test_trace_cli.sh - the info/verify commands (verify --json too) on a good, a truncated and a
+# damaged trace, --help and bad-input exits, info's layer counts and decode steps, and `zstd -d`
+# decoding a .kvt file (interoperability).
 set -u
 BIN=${KVT_BIN:?}
 TMP=$(mktemp -d)
@@ -65,6 +65,25 @@ check "info --json on a truncated trace: 0 of 64 decode steps, from the records"
     "$BIN info --json $TMP/cut.kvt | tr -d ' \t\n' | grep -q '\"decode_steps\":{\"planned\":64,\"captured\":0,\"captured_from\":\"records\",\"stopped_early\":true}'"
 printf 'garbage garbage garbage garbage' > "$TMP/g.kvt"
 check "verify on garbage exits 2" "$BIN verify $TMP/g.kvt >/dev/null 2>&1; [ \$? -eq 2 ]"
+
+# verify --json: the same report as one object, the same exit status
+check "verify --json on a good trace: exit 0, intact, 40 of 40 records, no problems" \
+    "$BIN verify --json $TMP/t.kvt | tr -d ' \t\n' | grep -q '^{\"path\":\"$TMP/t.kvt\",\"intact\":true,\"header_ok\":true,\"index_ok\":true,\"trailer_ok\":true,\"records_ok\":40,\"records_bad\":0,\"records_expected\":40,\"tail_bytes_lost\":0,\"problems\":\[\]}$'"
+$BIN verify --json $TMP/cut.kvt >$TMP/cut.json
+check "verify --json on a truncated trace: exit 1" "[ \$? -eq 1 ]"
+tr -d ' \t\n' <$TMP/cut.json >$TMP/cut1.json
+check "verify --json on a truncated trace: not intact, no index, bytes lost, layer 4 missing (no offset)" \
+    "grep -q '\"intact\":false,\"header_ok\":true,\"index_ok\":false,\"trailer_ok\":false,' $TMP/cut1.json &&
+     grep -q '\"records_expected\":null,\"tail_bytes_lost\":[1-9]' $TMP/cut1.json &&
+     grep -q '{\"offset\":null,\"record\":null,\"kind\":\"K\",\"layer\":4,\"what\":\"layer4:K,VandQ_windowmissing\"}' $TMP/cut1.json"
+cp "$TMP/t.kvt" "$TMP/flip.kvt" # one byte of layer 3's K payload changed
+printf '\252' | dd of="$TMP/flip.kvt" bs=1 seek=$(($(stat -c %s "$TMP/t.kvt") / 2)) conv=notrunc 2>/dev/null
+check "verify --json on a damaged record: exit 1, its offset, number, kind and layer" \
+    "$BIN verify --json $TMP/flip.kvt >$TMP/flip.json; [ \$? -eq 1 ] && tr -d ' \t\n' <$TMP/flip.json |
+     grep -q '\"records_ok\":39,\"records_bad\":1,.*\"problems\":\[{\"offset\":[1-9][0-9]*,\"record\":15,\"kind\":\"K\",\"layer\":3,\"what\":\"record15(layer3K):payloadchecksummismatch\"}\]}$'"
+check "verify --json on garbage: exit 2, one line on stderr, nothing on stdout" \
+    "$BIN verify --json $TMP/g.kvt >$TMP/g.out 2>$TMP/g.err; [ \$? -eq 2 ] && [ ! -s $TMP/g.out ] && [ \$(wc -l <$TMP/g.err) -eq 1 ]"
+check "verify --quiet --json: a usage error" "$BIN verify --quiet --json $TMP/t.kvt >/dev/null 2>&1; [ \$? -eq 2 ]"
 
 if command -v zstd >/dev/null; then
     check "zstd -t accepts a .kvt file" "zstd -q -t $TMP/t.kvt"
