@@ -10,8 +10,8 @@
  *           descending sigma; a head holds at most the prefix P, its excess is shared again
  *           among the other static heads, and what none can hold goes to the dynamic heads),
  *           the rest uniform to dynamic heads, rounded down to chunks of C;
- *   static heads keep the window, then text prefix tokens by pooled a, then the others by
- *           pooled a (text-prior pruning);
+ *   static heads keep the window, then text prefix tokens by a, then the others by pooled a
+ *           (text-prior pruning);
  *   dynamic heads keep the window plus whole chunks: for the prompt-time set (window-query
  *           metrics and set metrics) chunks ranked by the sum (chunk_score) of a; at each
  *           decode step re-selected by the max logit q.k of the group's decode queries in the
@@ -103,12 +103,14 @@ static kvt_status sel_hybrid(kvt_layer_ctx *c, const kvt_policy *p, const int *B
         if (is_static[h]) {
             if (P > 0 && (st = kvt_pool1d_ref(a + (size_t)h * P, P, o->kernel, o->pool, pooled)))
                 goto out_free;
-            /* text first: shift text scores above every non-text score (scores are >= 0) */
+            /* text first, by the unpooled a; the others by the pooled a (POLICIES §9 step 6):
+               text scores shifted above every other score (scores are >= 0) */
+            const double *ah = a + (size_t)h * P;
             double top = 0.0;
             for (int j = 0; j < P; j++)
                 top = pooled[j] > top ? pooled[j] : top;
             for (int j = 0; j < P; j++)
-                tmp[j] = (!mod || mod[j] == 0) ? pooled[j] + top + 1.0 : pooled[j];
+                tmp[j] = (!mod || mod[j] == 0) ? ah[j] + top + 1.0 : pooled[j];
             if ((st = kvt_rank_window(tmp, T, W, o_h)))
                 goto out_free;
         } else {

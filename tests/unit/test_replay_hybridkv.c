@@ -1,7 +1,8 @@
 /* test_replay_hybridkv.c - hybridkv-like (POLICIES §9) on tiny hand-worked layers: k_theta and
  * the static/dynamic split (median, tau, theta), the top-down allocation (split r, the static
  * floor and sigma shares with their leftovers, dynamic caps in whole chunks, odd remainders),
- * text-prior static heads (text first, vision by pooled attention, text window queries only),
+ * text-prior static heads (text first by unpooled attention, vision by pooled attention, text
+ * window queries only),
  * dynamic heads' chunks by sum or max and their per-decode-step re-selection (reference and fast
  * kernels), GQA, short prompts, B < W and refused options.
  * Keys are 1-D (D = 1, scale 1), so a logit is q * k. A "big" key (20) takes all of a query's
@@ -222,6 +223,18 @@ static void test_static(void)
     EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,5,8,9,12,13");
     EXPECT_KEPT(s, 1, 0, -1, "1,2,12,13");
     kvt_layer_selection_free(s);
+    /* text beyond the cap ranks by the unpooled a (POLICIES §9 step 6), only the vision tokens
+     * by the pooled one: T=10, W=2, text 0..3 (keys 2 0 1 0), image 4..7 (6 0 0 0). b=2 keeps
+     * text 0 (e^2) and 2 (e^1); pooled (kernel 3) it would be 3 (e^6 next door) and 1 */
+    {
+        float k3[10] = {2, 0, 1, 0, 6, 0, 0, 0, 0, 0}, q3[2] = {1, 1};
+        uint8_t mod3[10] = {0, 0, 0, 0, 1, 1, 1, 1, 0, 0};
+        kvt_layer_input in3 = lay(10, 2, 0, 1, 1, k3, q3, NULL, mod3);
+        const int B4[] = {4};
+        s = tl_select(&in3, "hybridkv-like:window=2,kernel=3", B4, 1);
+        EXPECT_KEPT(s, 0, 0, -1, "0,2,8,9");
+        kvt_layer_selection_free(s);
+    }
     /* no modality table: everything is text, a plain ranking by a: 9, 1 = 5 (tie: lower first),
      * 2, 0 = 8, 10 */
     in.modality = NULL;
