@@ -127,8 +127,9 @@ static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double 
         mu /= P;
         for (int j = 0; j < P; j++)
             dv[j] = dv[j] * mean_p / (mu + 1e-8);
-        double r;
-        if (ms && ms->r) {
+        const bool headwise = o->method == KVT_MIX_HEADWISE; /* the only one weighing by r */
+        double r = 0.0;
+        if (headwise && ms && ms->r) {
             if (c->layer >= ms->L || g >= ms->H || isnan(ms->r[(size_t)c->layer * ms->H + g])) {
                 st = kvt_error_set(KVT_ERR_NOT_FOUND,
                                    "%s: rtable %s has no entry for layer %d KV head %d",
@@ -136,7 +137,7 @@ static kvt_status composite(kvt_layer_ctx *c, const kvt_policy *p, const double 
                 goto out_free;
             }
             r = ms->r[(size_t)c->layer * ms->H + g];
-        } else {
+        } else if (headwise) {
             r = c->r_all[g];
             r = isnan(r) ? 0.0 : (r < 0.0 ? 0.0 : (r > 1.0 ? 1.0 : r));
         }

@@ -684,6 +684,29 @@ static void test_mixkv_sparsemm(void)
         EXPECT_KEPT(s, 0, 0, -1, want_r[l]);
         kvt_layer_selection_free(s);
     }
+    /* method= (MixKV's ablations) with mixkv-snapkv at B = 5 (b = 3): attn by p
+       (0 5 2: snapkv's set), vnorm by p + v' (0 1 2), keydiff by d' (1 4 tie exactly, then
+       the zeros: 0), mixkv by d' + p + v' = [.396 .758 .272 .126 .673 .211] (1 4 0), knorm
+       by p + k', k' = minmax(-|k|) to mean(p) = [0 .148 .148 .221 .221 .074]:
+       [.349 .165 .276 .299 .250 .285] (0 3 5). On layer 1 (layer 0's tensors) with an
+       rtable of layer 0 only: a method without r does not read it */
+    static const struct {
+        const char *method, *want;
+    } mcases[] = {{"attn", "0,2,5,6,7"},  {"vnorm", "0,1,2,6,7"}, {"keydiff", "0,1,4,6,7"},
+                  {"mixkv", "0,1,4,6,7"}, {"knorm", "0,3,5,6,7"}, {"headwise", "0,1,4,6,7"}};
+    write_file(rpath, "[[0.5]]");
+    in.layer = 1;
+    for (size_t i = 0; i < sizeof(mcases) / sizeof(mcases[0]); i++) {
+        snprintf(spec, sizeof(spec), "mixkv-snapkv:window=2,kernel=1,method=%s%s%s",
+                 mcases[i].method, strcmp(mcases[i].method, "headwise") ? ",rtable=" : "",
+                 strcmp(mcases[i].method, "headwise") ? rpath : "");
+        kvt_layer_selection *s = tl_select(&in, spec, B, 1);
+        const char *got = tl_kept_str(s, 0, 0, -1);
+        KVT_EXPECT_MSG(!strcmp(got, mcases[i].want), "method=%s: kept {%s}, want {%s}",
+                       mcases[i].method, got, mcases[i].want);
+        kvt_layer_selection_free(s);
+    }
+    in.layer = 0;
 
     /* GQA (Hq 4, Hkv 2), the hand-worked table of test_sparsemm_and_mixkv: query-head scores
        1 1 2 4, ratio .25, B = 12: kept 8 and 16 (heads=query: 8 8 12 20). The counts are
