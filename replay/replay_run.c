@@ -1065,10 +1065,10 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
             l_cut = l;
     sh->has_colsum = has_kind(sh->rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
     sh->has_qall = has_kind(sh->rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
+    const bool whole = short_prompt(budgets, n_budgets, sh->T);
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
-        KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W &&
-                          !short_prompt(budgets, n_budgets, sh->T),
+        KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W && !whole,
                       KVT_ERR_INVALID_ARG,
                       "%s: policy %s: window=%d needs %d stored window queries; the trace has %d "
                       "(lower window=, or --window for every such policy, or capture a larger "
