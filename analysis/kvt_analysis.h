@@ -61,7 +61,8 @@ kvt_status kvt_results_set_shard(kvt_results *r, int index, int count, const int
  *  shard). Checks first that the parts have the same settings (policies, budgets, seed,
  *  coverage probes, heads, traces, shard count), that each shard index appears once and each
  *  (trace, layer) unit exactly once; on failure nothing is modified. Per-head metrics and
- *  r_all are copied unit by unit; every aggregate is recomputed from them when written.
+ *  r_all (also by modality) are copied unit by unit; every aggregate is recomputed from them
+ *  when written.
  * @param names [n] file names for messages (may be NULL).
  * @return KVT_OK, KVT_ERR_INVALID_ARG (a message naming the mismatch), KVT_ERR_NOMEM. */
 kvt_status kvt_results_merge(kvt_results *const *parts, const char *const *names, size_t n);
@@ -90,11 +91,13 @@ typedef struct kvt_run_summary {
     double coverage_dropped, head_overlap;
     double recall_window_mod[KVT_N_MODALITIES];
     double coverage_mod[KVT_N_MODALITIES];
-    double kept_mod[KVT_N_MODALITIES];  /* kept entries of each modality, summed */
-    double total_mod[KVT_N_MODALITIES]; /* entries of each modality in the full cache, summed */
-    double kept_entries;                /* sum over layers and heads of n_keep */
-    double full_entries;                /* L * Hkv * T: entries of the uncompressed cache */
-    double kept_bytes;                  /* kept_entries * D * 2 (K and V) * element bytes */
+    double r_kept_mod[KVT_N_MODALITIES]; /* mean head redundancy of each modality's kept keys */
+    double r_all_mod[KVT_N_MODALITIES];  /* mean head redundancy of each modality's keys */
+    double kept_mod[KVT_N_MODALITIES];   /* kept entries of each modality, summed */
+    double total_mod[KVT_N_MODALITIES];  /* entries of each modality in the full cache, summed */
+    double kept_entries;                 /* sum over layers and heads of n_keep */
+    double full_entries;                 /* L * Hkv * T: entries of the uncompressed cache */
+    double kept_bytes;                   /* kept_entries * D * 2 (K and V) * element bytes */
     double full_bytes;
     double compression_ratio; /* full_bytes / kept_bytes */
     double kept_fraction;     /* kept_entries / full_entries */

@@ -45,6 +45,7 @@ static const metric_desc mod_metrics[] = {
     {"n_keep", HM(n_keep_mod), false, 0, -1},
     {"recall_window", HM(recall_window_mod), false, 0, 1 + 1e-6},
     {"coverage", HM(coverage_mod), false, -1 - 1e-6, 1 + 1e-6},
+    {"r_kept", HM(r_kept_mod), true, -1 - 1e-6, 1 + 1e-6},
 };
 #define N_METRICS     (sizeof(metrics) / sizeof(metrics[0]))
 #define N_MOD_METRICS (sizeof(mod_metrics) / sizeof(mod_metrics[0]))
@@ -107,6 +108,8 @@ static cJSON *summary_json(const kvt_run_summary *s, bool has_mod)
             add_num(m, "full_entries", s->total_mod[k]);
             add_num(m, "recall_window", s->recall_window_mod[k]);
             add_num(m, "coverage", s->coverage_mod[k]);
+            add_num(m, "r_kept", s->r_kept_mod[k]);
+            add_num(m, "r_all", s->r_all_mod[k]);
         }
     } else
         cJSON_AddNullToObject(o, "by_modality");
@@ -270,6 +273,21 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
             cJSON_AddItemToArray(row, num(t->r_all[(size_t)l * t->n_kv_heads + g]));
         cJSON_AddItemToArray(ra, row);
     }
+    if (t->has_modality) {
+        cJSON *rm = cJSON_AddObjectToObject(o, "r_all_by_modality");
+        for (int k = 0; k < KVT_N_MODALITIES; k++) {
+            cJSON *a = cJSON_AddArrayToObject(rm, mod_names[k]);
+            for (int l = 0; l < t->n_layers; l++) {
+                cJSON *row = cJSON_CreateArray();
+                for (int g = 0; g < t->n_kv_heads; g++)
+                    cJSON_AddItemToArray(
+                        row,
+                        num(t->r_all_mod[((size_t)l * t->n_kv_heads + g) * KVT_N_MODALITIES + k]));
+                cJSON_AddItemToArray(a, row);
+            }
+        }
+    } else
+        cJSON_AddNullToObject(o, "r_all_by_modality");
     cJSON *runs = cJSON_AddArrayToObject(o, "runs");
     const size_t n_runs = t->n_policies * t->n_budgets;
     cJSON **rj = kvt_calloc(n_runs ? n_runs : 1, sizeof(*rj));
@@ -537,6 +555,19 @@ static kvt_status check_trace(const kvt_results *r, const cJSON *tj, size_t idx,
     KVT_RETURN_IF(ra && !cJSON_IsNull(ra) && !grid_shape_ok(ra, L, Hkv), KVT_ERR_CORRUPT,
                   "results: trace %zu (%s): r_all is not [%d][%d] (n_layers x n_kv_heads)", idx,
                   name, L, Hkv);
+    const cJSON *rm = item(tj, "r_all_by_modality");
+    for (int k = 0; cJSON_IsObject(rm) && k < KVT_N_MODALITIES; k++) {
+        const cJSON *g = item(rm, mod_names[k]);
+        KVT_RETURN_IF(g && !grid_shape_ok(g, L, Hkv), KVT_ERR_CORRUPT,
+                      "results: trace %zu (%s): r_all_by_modality.%s is not [%d][%d] (n_layers x "
+                      "n_kv_heads)",
+                      idx, name, mod_names[k], L, Hkv);
+        KVT_RETURN_IF(g && !grid_values_ok(g, -1 - 1e-6, 1 + 1e-6, why, sizeof(why)),
+                      KVT_ERR_CORRUPT,
+                      "results: trace %zu (%s): r_all_by_modality.%s%s: not null or a number in "
+                      "[-1, 1]",
+                      idx, name, mod_names[k], why);
+    }
     const cJSON *run;
     cJSON_ArrayForEach(run, item(tj, "runs"))
     {
@@ -628,6 +659,20 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
         {
             const cJSON *x;
             cJSON_ArrayForEach(x, row) t->r_all[i++] = get_num(x);
+        }
+    }
+    const cJSON *rm = item(tj, "r_all_by_modality"); /* absent in older files: NaN */
+    for (int k = 0; cJSON_IsObject(rm) && k < KVT_N_MODALITIES; k++) {
+        size_t i = 0; /* [L][Hkv]: checked by check_trace */
+        const cJSON *row;
+        cJSON_ArrayForEach(row, item(rm, mod_names[k]))
+        {
+            const cJSON *x;
+            cJSON_ArrayForEach(x, row)
+            {
+                t->r_all_mod[i * KVT_N_MODALITIES + (size_t)k] = get_num(x);
+                i++;
+            }
         }
     }
     for (size_t p = 0; p < r->n_policies; p++) {

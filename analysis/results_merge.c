@@ -1,7 +1,7 @@
 /* results_merge.c - `kvtrace merge`: combines the partial results of `replay --shard i/n` into
  * the result of one unsharded run. Checks the parts first (same settings, every shard and every
- * (trace, layer) unit exactly once), then copies per-head metrics and r_all unit by unit into
- * the first part; every aggregate is recomputed from those by the writer.
+ * (trace, layer) unit exactly once), then copies per-head metrics, r_all and r_all by modality
+ * unit by unit into the first part; every aggregate is recomputed from those by the writer.
  */
 #include <stdio.h>
 #include <string.h>
@@ -174,6 +174,9 @@ kvt_status kvt_results_merge(kvt_results *const *parts, const char *const *names
                            (size_t)d->n_q_heads * sizeof(kvt_head_metrics));
             memcpy(d->r_all + (size_t)l * d->n_kv_heads, s->r_all + (size_t)l * d->n_kv_heads,
                    (size_t)d->n_kv_heads * sizeof(double));
+            memcpy(d->r_all_mod + (size_t)l * d->n_kv_heads * KVT_N_MODALITIES,
+                   s->r_all_mod + (size_t)l * d->n_kv_heads * KVT_N_MODALITIES,
+                   (size_t)d->n_kv_heads * KVT_N_MODALITIES * sizeof(double));
         }
     }
     kvt_free(dst->units);

@@ -123,11 +123,15 @@ kvt_status kvt_summarize_trace(const kvt_trace_result *t, size_t pol, size_t bud
     int l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? t->n_layers : layer + 1;
     int H = t->policy_heads[pol];
     acc nk = {0}, rw = {0}, ew = {0}, rd = {0}, ed = {0}, cv = {0}, cr = {0}, rk = {0}, ra = {0},
-        ov = {0}, cd = {0}, ho = {0}, rwm[KVT_N_MODALITIES] = {{0}}, cvm[KVT_N_MODALITIES] = {{0}};
+        ov = {0}, cd = {0}, ho = {0}, rwm[KVT_N_MODALITIES] = {{0}}, cvm[KVT_N_MODALITIES] = {{0}},
+        rkm[KVT_N_MODALITIES] = {{0}}, ram[KVT_N_MODALITIES] = {{0}};
     double kept = 0.0, km[KVT_N_MODALITIES] = {0};
     for (int l = l0; l < l1; l++) {
-        for (int g = 0; g < t->n_kv_heads; g++)
+        for (int g = 0; g < t->n_kv_heads; g++) {
             add(&ra, t->r_all[(size_t)l * t->n_kv_heads + g]);
+            for (int k = 0; k < KVT_N_MODALITIES; k++)
+                add(&ram[k], t->r_all_mod[((size_t)l * t->n_kv_heads + g) * KVT_N_MODALITIES + k]);
+        }
         for (int h = 0; h < H; h++) {
             const kvt_head_metrics *m = kvt_trace_result_at(t, pol, bud, l, h);
             add(&nk, m->n_keep);
@@ -146,6 +150,7 @@ kvt_status kvt_summarize_trace(const kvt_trace_result *t, size_t pol, size_t bud
             for (int k = 0; k < KVT_N_MODALITIES; k++) {
                 add(&rwm[k], m->recall_window_mod[k]);
                 add(&cvm[k], m->coverage_mod[k]);
+                add(&rkm[k], m->r_kept_mod[k]);
                 if (!isnan(m->n_keep_mod[k]))
                     km[k] += m->n_keep_mod[k];
             }
@@ -167,6 +172,8 @@ kvt_status kvt_summarize_trace(const kvt_trace_result *t, size_t pol, size_t bud
     for (int k = 0; k < KVT_N_MODALITIES; k++) {
         out->recall_window_mod[k] = mean(&rwm[k]);
         out->coverage_mod[k] = mean(&cvm[k]);
+        out->r_kept_mod[k] = mean(&rkm[k]);
+        out->r_all_mod[k] = mean(&ram[k]);
         out->kept_mod[k] = t->has_modality ? km[k] : NAN;
         out->total_mod[k] =
             t->has_modality ? (double)t->modality_counts[k] * nl * t->n_kv_heads : NAN;
@@ -186,7 +193,7 @@ kvt_status kvt_summarize_results(const kvt_results *r, size_t pol, size_t bud, k
     memset(out, 0, sizeof(*out));
     KVT_RETURN_IF(r->n_traces == 0, KVT_ERR_INVALID_ARG, "summary: no trace");
     enum { NV = 11 }; /* per-trace means averaged over traces */
-    acc a[NV + 2 * KVT_N_MODALITIES];
+    acc a[NV + 4 * KVT_N_MODALITIES];
     memset(a, 0, sizeof(a));
     double kept_mod[KVT_N_MODALITIES] = {0}, tot_mod[KVT_N_MODALITIES] = {0};
     bool any_mod = false;
@@ -202,6 +209,8 @@ kvt_status kvt_summarize_results(const kvt_results *r, size_t pol, size_t bud, k
         for (int k = 0; k < KVT_N_MODALITIES; k++) {
             add(&a[NV + k], s.recall_window_mod[k]);
             add(&a[NV + KVT_N_MODALITIES + k], s.coverage_mod[k]);
+            add(&a[NV + 2 * KVT_N_MODALITIES + k], s.r_kept_mod[k]);
+            add(&a[NV + 3 * KVT_N_MODALITIES + k], s.r_all_mod[k]);
             if (!isnan(s.kept_mod[k])) {
                 any_mod = true;
                 kept_mod[k] += s.kept_mod[k];
@@ -228,6 +237,8 @@ kvt_status kvt_summarize_results(const kvt_results *r, size_t pol, size_t bud, k
     for (int k = 0; k < KVT_N_MODALITIES; k++) {
         out->recall_window_mod[k] = mean(&a[NV + k]);
         out->coverage_mod[k] = mean(&a[NV + KVT_N_MODALITIES + k]);
+        out->r_kept_mod[k] = mean(&a[NV + 2 * KVT_N_MODALITIES + k]);
+        out->r_all_mod[k] = mean(&a[NV + 3 * KVT_N_MODALITIES + k]);
         out->kept_mod[k] = any_mod ? kept_mod[k] : NAN;
         out->total_mod[k] = any_mod ? tot_mod[k] : NAN;
     }

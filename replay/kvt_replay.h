@@ -180,6 +180,7 @@ typedef struct kvt_head_metrics {
     double n_keep_mod[KVT_N_MODALITIES];
     double recall_window_mod[KVT_N_MODALITIES];
     double coverage_mod[KVT_N_MODALITIES];
+    double r_kept_mod[KVT_N_MODALITIES]; /* head redundancy of the kept keys of each modality */
 } kvt_head_metrics;
 
 /** One exported kept set (analysis/RESULTS.md "Selection export"). */
@@ -380,6 +381,8 @@ typedef struct kvt_trace_result {
     char **budget_texts; /* [n_budgets] */
     int *budget_tokens;  /* [n_budgets] */
     double *r_all;       /* [L, Hkv] redundancy of all keys */
+    double *r_all_mod;   /* [L, Hkv, NM] redundancy of all keys of each modality (NaN without
+                            a modality table, or under two keys of it) */
     kvt_head_metrics *m; /* [n_policies, n_budgets, L, Hq] */
 } kvt_trace_result;
 

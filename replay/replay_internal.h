@@ -184,12 +184,13 @@ struct kvt_layer_ctx {
 
 /** kvt_replay_layer_metrics with each budget's fraction of T (kvt_layer_ctx.budget_frac; may
  *  be NULL), as kvt_replay_trace knows it from the budgets as written; r_all (may be NULL)
- *  receives the layer's head redundancy [Hkv] from the context's mean unit keys. */
+ *  receives the layer's head redundancy [Hkv] from the context's mean unit keys, and r_all_mod
+ *  (may be NULL) that of each modality's keys [Hkv, NM] (NaN without a modality table). */
 kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *const *pols,
                                          size_t n_pol, const int *budget_tokens,
                                          const double *budget_frac, size_t n_budgets,
                                          const kvt_replay_opts *o, kvt_head_metrics *out,
-                                         double *r_all);
+                                         double *r_all, double *r_all_mod);
 
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
 /** kvt_ctx_build with the attention probabilities and outputs, norms and unit keys computed on

@@ -39,14 +39,18 @@ kvt_status kvt_trace_result_create(int n_layers, int n_q_heads, int n_kv_heads, 
     r->budget_texts = kvt_calloc(n_budgets, sizeof(char *));
     r->budget_tokens = kvt_calloc(n_budgets, sizeof(int));
     r->r_all = kvt_malloc((size_t)n_layers * n_kv_heads * sizeof(double));
+    r->r_all_mod = kvt_malloc((size_t)n_layers * n_kv_heads * KVT_N_MODALITIES * sizeof(double));
     r->m = kvt_malloc(n_m * sizeof(kvt_head_metrics));
     if (!r->policy_labels || !r->policy_names || !r->policy_flags || !r->policy_heads ||
-        !r->policy_window || !r->budget_texts || !r->budget_tokens || !r->r_all || !r->m) {
+        !r->policy_window || !r->budget_texts || !r->budget_tokens || !r->r_all || !r->r_all_mod ||
+        !r->m) {
         kvt_trace_result_free(r);
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory (trace result)");
     }
     for (size_t i = 0; i < (size_t)n_layers * n_kv_heads; i++)
         r->r_all[i] = NAN;
+    for (size_t i = 0; i < (size_t)n_layers * n_kv_heads * KVT_N_MODALITIES; i++)
+        r->r_all_mod[i] = NAN;
     for (size_t i = 0; i < n_m; i++) {
         double *d = (double *)&r->m[i];
         for (size_t k = 0; k < sizeof(r->m[0]) / sizeof(double); k++)
@@ -78,6 +82,7 @@ void kvt_trace_result_free(kvt_trace_result *r)
     kvt_free(r->budget_texts);
     kvt_free(r->budget_tokens);
     kvt_free(r->r_all);
+    kvt_free(r->r_all_mod);
     kvt_free(r->m);
     kvt_free(r);
 }
@@ -431,7 +436,8 @@ static void *worker(void *arg)
                 break;
         }
         st = kvt_replay_layer_metrics_frac(&in, sh->pols, sh->n_pol, sh->btok, sh->bfrac, sh->n_b,
-                                           sh->o, m, sh->res->r_all + (size_t)l * Hkv);
+                                           sh->o, m, sh->res->r_all + (size_t)l * Hkv,
+                                           sh->res->r_all_mod + (size_t)l * Hkv * KVT_NM);
         if (st) { /* "layer L: ", and the device of a CUDA error */
             char pre[64];
             const int n = snprintf(pre, sizeof(pre), "layer %d: ", l);

@@ -42,6 +42,14 @@ typedef struct scratch {
     double *brmod;         /* [n_v, NM] */
     float *pwt, *pdt;      /* the current KV head's window / decode probabilities token-major:
                               [T, Gs*Wt] and [T, Gs*Gd] (fast path only, else NULL) */
+    /* redundancy by modality (mod_cuts, mod_sweep): */
+    int n_mods;            /* modalities present in the prompt */
+    int mod_count[KVT_NM]; /* the prompt's tokens of each */
+    int32_t *mord;         /* [T] a ranking filtered to one modality, then the others */
+    int32_t *mcuts;        /* [NM, n_v] each modality's cuts */
+    int *mmap;             /* [NM, n_v] index into them of the ranking's cut, -1: NaN */
+    double *mrk;           /* [NM, n_v] r at each modality's cuts */
+    double *msum;          /* [NM, D] merged sets: sum of each modality's unit keys */
 } scratch;
 
 static void scratch_free(scratch *s)
@@ -81,6 +89,11 @@ static void scratch_free(scratch *s)
     kvt_free(s->brmod);
     kvt_free(s->pwt);
     kvt_free(s->pdt);
+    kvt_free(s->mord);
+    kvt_free(s->mcuts);
+    kvt_free(s->mmap);
+    kvt_free(s->mrk);
+    kvt_free(s->msum);
     memset(s, 0, sizeof(*s));
 }
 
@@ -128,6 +141,21 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     s->brec = kvt_malloc(nb * sizeof(double));
     s->berr = kvt_malloc(nb * sizeof(double));
     s->brmod = kvt_malloc(nb * KVT_NM * sizeof(double));
+    for (int t = 0; c->in->modality && t < c->T; t++)
+        s->mod_count[c->in->modality[t] % KVT_NM]++;
+    for (int k = 0; k < KVT_NM; k++)
+        s->n_mods += s->mod_count[k] > 0;
+    if (s->n_mods > 1) { /* with one modality its r is the whole set's */
+        s->mord = kvt_malloc(T * sizeof(int32_t));
+        s->mcuts = kvt_malloc(nb * KVT_NM * sizeof(int32_t));
+        s->mmap = kvt_malloc(nb * KVT_NM * sizeof(int));
+        s->mrk = kvt_malloc(nb * KVT_NM * sizeof(double));
+        s->msum = kvt_malloc(D * KVT_NM * sizeof(double));
+        if (!s->mord || !s->mcuts || !s->mmap || !s->mrk || !s->msum) {
+            scratch_free(s);
+            return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
+        }
+    }
     if (!kvt_kernels_ref_only() && !c->gpu) { /* the device sweeps do not read them */
         s->pwt = kvt_malloc(T * (size_t)c->Gs * c->Wt * sizeof(float) + 1);
         s->pdt = kvt_malloc(T * (size_t)c->Gs * c->Gd * sizeof(float) + 1);
@@ -294,6 +322,51 @@ static int probes_in_prefix(const scratch *s, int T, int W)
     return n;
 }
 
+/* Head redundancy by modality (DESIGN §4: r on all keys and on the kept set, per modality):
+ * modality k's kept keys at the ranking's cuts [n_cut] are the first of its own tokens in the
+ * ranking. s->mord = order [T] filtered to k's tokens, then the others' (a whole order, as the
+ * sweeps read); row k of mcuts gets how many of k's tokens each cut holds (ascending, without
+ * repeats), mmap which of them each cut is, -1 under two (r is NaN). Returns their count. */
+static int mod_cuts(const kvt_layer_ctx *c, scratch *s, const int32_t *order, const int32_t *cuts,
+                    int n_cut, int k)
+{
+    const uint8_t *mod = c->in->modality;
+    const int T = c->T;
+    int32_t *mc = s->mcuts + (size_t)k * s->n_v;
+    int *mm = s->mmap + (size_t)k * s->n_v;
+    int n = 0, have = 0, ci = 0;
+    for (int t = 0; t <= T; t++) {
+        for (; ci < n_cut && cuts[ci] == t; ci++) {
+            if (have < 2)
+                mm[ci] = -1;
+            else if (n > 0 && mc[n - 1] == have)
+                mm[ci] = n - 1;
+            else
+                mc[n] = have, mm[ci] = n++;
+        }
+        if (t < T && mod[order[t]] % KVT_NM == k)
+            s->mord[have++] = order[t];
+    }
+    for (int t = 0; t < T; t++)
+        if (mod[order[t]] % KVT_NM != k)
+            s->mord[have++] = order[t];
+    return n;
+}
+
+/* the redundancy sweep of s->mord at row k's n cuts into row k of mrk: on the GPU queued with
+ * the head's other sweeps when they are deferred (mord is staged before the call returns) */
+static kvt_status mod_sweep(const kvt_layer_ctx *c, scratch *s, int g, int k, int n)
+{
+    const int32_t *mc = s->mcuts + (size_t)k * s->n_v;
+    double *rk = s->mrk + (size_t)k * s->n_v;
+    if (n == 0)
+        return KVT_OK;
+    if (c->gpu)
+        return kvt_ctx_gpu_set_sweep(c->gpu, g, s->mord, mc, n, NULL, rk);
+    return kvt_sweep_redundancy(c->ku + (size_t)g * c->T * c->D, c->T, c->D, s->mord, mc, n,
+                                s->rwork, rk);
+}
+
 /* set metrics of one ranking at budgets [n_b]: coverage, radius, by modality, r_kept, kept by
  * modality, oracle overlap. Coverage is over the probes of the prefix of window W. Results are
  * ADDED to the metric slots m[b] times `wgt` (for averaging over decode steps). oord/ocnt [n_b]:
@@ -313,14 +386,20 @@ static kvt_status set_launch(const kvt_layer_ctx *c, scratch *s, int g, int W, c
             s->probe_pos[i] = s->posT[s->probe[i]];
     }
     if (c->gpu) /* each probe's best per cut and the redundancy on the GPU */
-        return kvt_ctx_gpu_set_sweep(c->gpu, g, order, s->cuts, n_cut,
-                                     s->n_probe > 0 ? s->cbest : NULL, s->rk);
-    if (s->n_probe > 0)
-        KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, n_eval, order, s->cuts, n_cut,
-                                       s->probe_mod, s->probe_pos, s->cwork, s->cov, s->rad,
-                                       s->cmod, s->cdrop));
-    return kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut, s->rwork,
-                                s->rk);
+        KVT_FORWARD(kvt_ctx_gpu_set_sweep(c->gpu, g, order, s->cuts, n_cut,
+                                          s->n_probe > 0 ? s->cbest : NULL, s->rk));
+    else {
+        if (s->n_probe > 0)
+            KVT_FORWARD(kvt_sweep_coverage(s->ct, T, s->n_probe, n_eval, order, s->cuts, n_cut,
+                                           s->probe_mod, s->probe_pos, s->cwork, s->cov, s->rad,
+                                           s->cmod, s->cdrop));
+        KVT_FORWARD(kvt_sweep_redundancy(c->ku + (size_t)g * T * D, T, D, order, s->cuts, n_cut,
+                                         s->rwork, s->rk));
+    }
+    for (int k = 0; k < KVT_NM && s->n_mods > 1; k++)
+        if (s->mod_count[k] > 0)
+            KVT_FORWARD(mod_sweep(c, s, g, k, mod_cuts(c, s, order, s->cuts, n_cut, k)));
+    return KVT_OK;
 }
 
 static void set_finish(const kvt_layer_ctx *c, scratch *s, int W, const int32_t *order,
@@ -352,6 +431,16 @@ static void set_finish(const kvt_layer_ctx *c, scratch *s, int W, const int32_t 
                 hm->coverage_mod[k] += wgt * s->cmod[(size_t)ci * KVT_NM + k];
         }
         hm->r_kept += wgt * s->rk[ci];
+        for (int k = 0; k < KVT_NM && mod; k++) {
+            double r = NAN; /* no keys of k */
+            if (s->n_mods < 2 && s->mod_count[k] > 0)
+                r = s->rk[ci];
+            else if (s->n_mods > 1 && s->mod_count[k] > 0) {
+                const int mi = s->mmap[(size_t)k * s->n_v + ci];
+                r = mi < 0 ? NAN : s->mrk[(size_t)k * s->n_v + mi];
+            }
+            hm->r_kept_mod[k] += wgt * r;
+        }
         if (mod) {
             double cm[KVT_NM] = {0};
             for (int t = 0; t < n; t++)
@@ -388,6 +477,7 @@ static void zero_set_fields(kvt_head_metrics *hm, bool cov, bool mod, bool oracl
     for (int k = 0; k < KVT_NM; k++) {
         hm->coverage_mod[k] = cov && mod ? 0.0 : NAN;
         hm->n_keep_mod[k] = mod ? 0.0 : NAN;
+        hm->r_kept_mod[k] = mod ? 0.0 : NAN;
     }
 }
 
@@ -714,8 +804,11 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         /* unit merged keys, their redundancy, coverage of the probes (unchanged entries from
          * the cosine table, changed ones directly) */
         double *mean = s->rwork, *u = s->acc;
+        int nk[KVT_NM] = {0}; /* entries of each modality (the token each stands at) */
         for (int d = 0; d < D; d++)
             mean[d] = 0.0;
+        if (s->msum)
+            memset(s->msum, 0, (size_t)KVT_NM * D * sizeof(double));
         for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
             const float *row =
                 ms->changed[e2] ? ms->k + (size_t)ce * D : c->k + ((size_t)g * T + ms->idx[e2]) * D;
@@ -723,11 +816,21 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             ce += ms->changed[e2] != 0;
             for (int d = 0; d < D; d++)
                 mean[d] += u[d];
+            if (s->msum) {
+                const int k = mod[ms->idx[e2]] % KVT_NM;
+                nk[k]++;
+                for (int d = 0; d < D; d++)
+                    s->msum[(size_t)k * D + d] += u[d];
+            }
         }
         if (ms->n > 0)
             for (int d = 0; d < D; d++)
                 mean[d] /= ms->n;
         hm->r_kept = kvt_redundancy_ref(mean, D, ms->n);
+        for (int k = 0; k < KVT_NM && mod; k++) /* one modality: its r is the whole set's */
+            hm->r_kept_mod[k] = !s->mod_count[k] ? NAN
+                                : s->msum ? kvt_redundancy_of_sum(s->msum + (size_t)k * D, D, nk[k])
+                                          : hm->r_kept;
         if (s->n_probe > 0 && ms->n > 0) {
             double sum = 0.0, rad = -INFINITY, sm[KVT_NM] = {0}, sd = 0.0;
             int cm[KVT_NM] = {0}, nd = 0;
@@ -1039,19 +1142,48 @@ static kvt_status head_overlaps(const kvt_layer_selection *sel, int n_b, kvt_hea
     return KVT_OK;
 }
 
+/* r_all_mod [Hkv, NM]: the redundancy of each modality's keys, all T of them (as r_all); NaN
+ * without a modality table. With one modality its r is r_all; else a sweep of the prompt's
+ * order filtered to the modality, with one cut at its count (mod_cuts). */
+static kvt_status r_all_by_mod(const kvt_layer_ctx *c, scratch *s, double *r_all_mod)
+{
+    for (int g = 0; g < c->Hkv; g++)
+        for (int k = 0; k < KVT_NM; k++) {
+            double *r = &r_all_mod[(size_t)g * KVT_NM + k];
+            *r = NAN;
+            if (c->in->modality && s->n_mods < 2 && s->mod_count[k] > 0)
+                *r = c->r_all[g];
+        }
+    if (s->n_mods < 2)
+        return KVT_OK;
+    for (int t = 0; t < c->T; t++) /* the prompt's order */
+        s->posT[t] = t;
+    const int32_t all = c->T;
+    for (int g = 0; g < c->Hkv; g++)
+        for (int k = 0; k < KVT_NM; k++) {
+            if (!s->mod_count[k])
+                continue;
+            const int n = mod_cuts(c, s, s->posT, &all, 1, k);
+            KVT_FORWARD(mod_sweep(c, s, g, k, n)); /* not deferred: waited for */
+            if (n)
+                r_all_mod[(size_t)g * KVT_NM + k] = s->mrk[(size_t)k * s->n_v];
+        }
+    return KVT_OK;
+}
+
 kvt_status kvt_replay_layer_metrics(const kvt_layer_input *in, kvt_policy *const *pols,
                                     size_t n_pol, const int *budget_tokens, size_t n_budgets,
                                     const kvt_replay_opts *o, kvt_head_metrics *out)
 {
     return kvt_replay_layer_metrics_frac(in, pols, n_pol, budget_tokens, NULL, n_budgets, o, out,
-                                         NULL);
+                                         NULL, NULL);
 }
 
 kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *const *pols,
                                          size_t n_pol, const int *budget_tokens,
                                          const double *budget_frac, size_t n_budgets,
                                          const kvt_replay_opts *o, kvt_head_metrics *out,
-                                         double *r_all)
+                                         double *r_all, double *r_all_mod)
 {
     kvt_replay_opts def = {0};
     def.coverage_probes = -1;
@@ -1195,6 +1327,8 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
         st = export_layer(&c, sels, n_pol, n_b, o);
     if (!st && r_all) /* the context's head redundancy, from its mean unit keys */
         memcpy(r_all, c.r_all, (size_t)c.Hkv * sizeof(double));
+    if (!st && r_all_mod)
+        st = r_all_by_mod(&c, &s, r_all_mod);
 out_free:
     if (sels)
         for (size_t p = 0; p < n_pol; p++)

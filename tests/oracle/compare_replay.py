@@ -18,8 +18,8 @@ Traces (written into a temporary folder):
 For every (trace, policy, budget, layer, head) it checks that kvtrace keeps the same token
 indices as the oracle (read from --export-selection) and that n_keep, recall_window,
 err_window, recall_decode, err_decode, coverage, coverage_radius, coverage_dropped, r_kept,
-r_all, oracle_overlap (kv-head runs), head_overlap and by_modality (n_keep, recall_window,
-coverage) agree to 1e-5 (relative to max(1, |value|)); null must match null, and null
+r_all, oracle_overlap (kv-head runs), head_overlap, by_modality (n_keep, recall_window,
+coverage, r_kept) and r_all_by_modality agree to 1e-5 (relative to max(1, |value|)); null must match null, and null
 against a number is a mismatch. A metric field missing from results.json is one failure per
 run. A differing set is accepted as a documented tie only when the oracle's score gap at
 the selection boundary (or at AdaKV's global top-k boundary) is below 1e-6 relative; its
@@ -326,7 +326,7 @@ def compare(tag, trace, specs, budgets, kvt_bin, outdir, verbose):
                 elif bm is not None:
                     om = oh["by_modality"]
                     for cname, oname in (("n_keep", "n_keep"), ("recall_window", "recall"),
-                                         ("coverage", "coverage")):
+                                         ("coverage", "coverage"), ("r_kept", "r_kept")):
                         for mname, ov2 in om[oname].items():
                             cv = bm[cname][mname][l][h]
                             if not close(cv, ov2):
@@ -334,6 +334,12 @@ def compare(tag, trace, specs, budgets, kvt_bin, outdir, verbose):
                                              % (where, cname, mname, cv, ov2))
                 hk = h if run["granularity"] == "kv_head" else h // (
                     tr["n_q_heads"] // tr["n_kv_heads"])
+                if bm is not None:
+                    for mname, ov2 in oh["by_modality"]["r_all"].items():
+                        cv = tr["r_all_by_modality"][mname][l][hk]
+                        if not close(cv, ov2):
+                            fails.append("%s: r_all_by_modality.%s kvtrace %r oracle %r"
+                                         % (where, mname, cv, ov2))
                 if not close(tr["r_all"][l][hk], oh["r_all"]):
                     fails.append("%s: r_all kvtrace %r oracle %r" % (where, tr["r_all"][l][hk],
                                                                       oh["r_all"]))

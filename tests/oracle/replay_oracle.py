@@ -31,7 +31,8 @@ What it implements (POLICIES.md section in brackets):
     kept; null when no probe is dropped or nothing is kept), head redundancy r on all keys and
     on the kept set, head_overlap (mean Jaccard index of the head's kept set with each other
     head's set of the same layer, policy and budget, at the policy's granularity; null with a
-    single head); with a modality table, per modality: kept count, window recall and coverage.
+    single head); with a modality table, per modality: kept count, window recall, coverage and
+    head redundancy of the kept keys and of all keys.
 
 Conventions (where the spec leaves room; the same as analysis/RESULTS.md documents):
   * Budget B = entries kept per head, window included: b = B − W prefix tokens are selected.
@@ -48,7 +49,8 @@ Output JSON: {"settings": {...}, "trace": {...}, "policies": {label: {"budgets":
   {"budget_tokens": B, "layers": [{"heads": [{"kept": [...], "n_keep", "recall",
   "recall_decode", "err_window", "err_decode", "coverage", "coverage_radius",
   "coverage_dropped", "r_all", "r_kept", "head_overlap", "by_modality" (with a modality
-  table: {"n_keep"|"recall"|"coverage": {"text", "image", "video", "other"}})}, ...]}, ...]}}}}}
+  table: {"n_keep"|"recall"|"coverage"|"r_kept"|"r_all": {"text", "image", "video",
+  "other"}})}, ...]}, ...]}}}}}
   (null where not applicable).
 """
 import argparse
@@ -498,20 +500,23 @@ class LayerInputs:
             "r_kept": head_redundancy(self.K[g][S]),
         }
         if self.modality is not None:
-            out["by_modality"] = self._by_modality(qheads, S, best, pidx)
+            out["by_modality"] = self._by_modality(qheads, g, S, best, pidx)
         return out
 
-    def _by_modality(self, qheads, S, best, pidx):
+    def _by_modality(self, qheads, g, S, best, pidx):
         """Per modality m: kept count; window recall = kept mass on m / full mass on m,
         averaged over the (query head, window query) pairs that put mass on m; coverage =
-        mean best cosine over the probe keys of m."""
+        mean best cosine over the probe keys of m; head redundancy of the kept keys of m
+        (r_kept) and of all keys of m (r_all), None under two keys."""
         mod = self.modality
         inS = np.zeros(self.N, bool)
         inS[S] = True
-        res = {"n_keep": {}, "recall": {}, "coverage": {}}
+        res = {"n_keep": {}, "recall": {}, "coverage": {}, "r_kept": {}, "r_all": {}}
         for code, name in enumerate(MODALITY_NAMES):
             on = mod == code
             res["n_keep"][name] = int((inS & on).sum())
+            res["r_kept"][name] = head_redundancy(self.K[g][inS & on])
+            res["r_all"][name] = head_redundancy(self.K[g][on])
             ratios = []
             for h in qheads:
                 full = self.Pw[h][:, on].sum(axis=1)

@@ -370,6 +370,22 @@ class Metrics(unittest.TestCase):
         m = c.metrics([0], 0, np.array([0]), 2)
         self.assertAlmostEqual(m["coverage"], 0.5)
 
+    def test_redundancy_by_modality(self):
+        # text e1, 2e1, e1 + e2; image e2, -e2, 3e2: text all three sum to (2 + 1/sqrt2,
+        # 1/sqrt2), ||.||^2 = 5 + 2 sqrt2, r = ((5 + 2 sqrt2)/3 - 1)/2; image e2 and -e2: -1
+        K = np.array([[1.0, 0], [2.0, 0], [1, 1], [0, 1], [0, -1], [0, 3]])
+        c = layer(K, None, np.ones((1, 1, 2)), modality=np.array([0, 0, 0, 1, 1, 1]))
+        m = c.metrics([0], 0, np.array([0, 1, 2, 3, 4]), 256)["by_modality"]
+        r_text = ((5 + 2 * np.sqrt(2)) / 3 - 1) / 2
+        self.assertAlmostEqual(m["r_kept"]["text"], r_text)
+        self.assertAlmostEqual(m["r_kept"]["image"], -1.0)
+        self.assertIsNone(m["r_kept"]["video"])
+        self.assertAlmostEqual(m["r_all"]["text"], r_text)
+        self.assertAlmostEqual(m["r_all"]["image"], -1 / 3)  # e2, -e2, e2
+        m = c.metrics([0], 0, np.array([0, 3]), 256)["by_modality"]  # one key of each
+        self.assertIsNone(m["r_kept"]["text"])
+        self.assertIsNone(m["r_kept"]["image"])
+
     def test_kv_head_metrics_average_the_group(self):
         rng = np.random.default_rng(9)
         c = layer(rng.standard_normal((1, 10, 3)), rng.standard_normal((1, 10, 3)),

@@ -103,6 +103,16 @@ static void test_claimed_dimensions(const char *path)
     write_claim(path, 2, 2, 2, 2, g22, "[[0.1, 0.2]]", "");
     KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "r_all is not [2][2]"), "message: %s", kvt_error_msg());
+    write_claim(path, 2, 2, 2, 2, g22, "null, \"r_all_by_modality\": {\"image\": [[0.1, 0.2]]}",
+                "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "r_all_by_modality.image is not [2][2]"), "message: %s",
+                   kvt_error_msg());
+    write_claim(path, 2, 2, 2, 2, g22,
+                "null, \"r_all_by_modality\": {\"text\": [[0.1, 0.2], [0.3, 7]]}", "");
+    KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT); /* r > 1 */
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "r_all_by_modality.text"), "message: %s",
+                   kvt_error_msg());
     write_claim(path, 2, 2, 2, 2, g22, "null",
                 ", \"by_modality\": {\"n_keep\": {\"text\": [[1, 2, 3], [4, 5, 6]]}}");
     KVT_EXPECT_STATUS(kvt_results_read(path, &r), KVT_ERR_CORRUPT);
@@ -131,6 +141,8 @@ static void test_claimed_dimensions(const char *path)
                    m3->oracle_overlap == 0.25 && isnan(t->r_all[3]));
         /* the metrics added within version 1 are absent here (an older file): null */
         KVT_EXPECT(isnan(m0->coverage_dropped) && isnan(m3->head_overlap));
+        for (int k = 0; k < KVT_N_MODALITIES; k++)
+            KVT_EXPECT(isnan(m0->r_kept_mod[k]) && isnan(t->r_all_mod[k]));
         kvt_results_free(r);
         r = NULL;
     }
@@ -313,10 +325,17 @@ int main(void)
         KVT_EXPECT_MSG(diffs == 0, "%d values differ after the round trip", diffs);
         for (int l = 0; l < L * Hkv; l++)
             KVT_EXPECT(same(a->r_all[l], b->r_all[l]));
+        /* redundancy by modality: a text-and-image prompt has both, read back bit for bit */
+        for (int i = 0; i < L * Hkv * KVT_N_MODALITIES; i++)
+            KVT_EXPECT(same(a->r_all_mod[i], b->r_all_mod[i]) &&
+                       isnan(a->r_all_mod[i]) == (i % KVT_N_MODALITIES > 1));
         kvt_run_summary s1, s2;
         KVT_CHECK(kvt_summarize_results(res, 0, 0, &s1));
         KVT_CHECK(kvt_summarize_results(back, 0, 0, &s2));
         KVT_EXPECT(s1.recall_window == s2.recall_window && s1.kept_bytes == s2.kept_bytes);
+        KVT_EXPECT(s1.r_all_mod[1] == s2.r_all_mod[1] && !isnan(s1.r_all_mod[1]) &&
+                   s1.r_kept_mod[0] == s2.r_kept_mod[0] && !isnan(s1.r_kept_mod[0]) &&
+                   isnan(s1.r_kept_mod[2]));
         /* definitions: snapkv at B=12 keeps 12 per KV head everywhere */
         KVT_EXPECT(s1.kept_entries == 12.0 * L * Hkv && s1.full_entries == (double)L * Hkv * T);
         KVT_EXPECT_NEAR(s1.compression_ratio, T / 12.0, 1e-12);

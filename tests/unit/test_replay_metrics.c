@@ -109,6 +109,48 @@ static void brute_window(const test_layer *t, int g, const int32_t *kept, size_t
     *err = se / (Gs * W);
 }
 
+/* head redundancy r (MixKV) of n keys [n, D] given by row pointers: NaN under two */
+static double brute_r(const float *const *rows, int n, int D)
+{
+    if (n < 2)
+        return NAN;
+    double s[64] = {0}, s2 = 0;
+    for (int i = 0; i < n; i++) {
+        double nn = 0;
+        for (int d = 0; d < D; d++)
+            nn += (double)rows[i][d] * rows[i][d];
+        for (int d = 0; d < D; d++)
+            s[d] += rows[i][d] / sqrt(nn);
+    }
+    for (int d = 0; d < D; d++)
+        s2 += s[d] * s[d];
+    return (s2 / n - 1.0) / (n - 1);
+}
+
+/* r_kept by modality of KV head g's kept set idx [n] (token indices), or of a merged set when
+ * ms is given (its changed entries' own keys): each modality's keys alone, by brute force,
+ * against got [NM] (NaN where the modality has under two kept keys or none in the prompt) */
+static void check_r_mod(const kvt_layer_input *in, int g, const int32_t *idx, size_t n,
+                        const kvt_merged_set *ms, const double *got, const char *what)
+{
+    const int T = in->T, D = in->D;
+    for (int k = 0; k < KVT_N_MODALITIES; k++) {
+        const float *rows[512];
+        int nk = 0;
+        for (size_t e = 0, ce = 0; e < (ms ? (size_t)ms->n : n); e++) {
+            const int32_t j = ms ? ms->idx[e] : idx[e];
+            const bool chg = ms && ms->changed[e];
+            if (in->modality[j] == k)
+                rows[nk++] = chg ? ms->k + ce * D : in->k + ((size_t)g * T + j) * D;
+            ce += chg;
+        }
+        const double want = brute_r(rows, nk, D);
+        KVT_EXPECT_MSG((isnan(want) && isnan(got[k])) || fabs(got[k] - want) <= 1e-6,
+                       "%s: r_kept of modality %d (%d keys) %.17g, brute %.17g", what, k, nk,
+                       got[k], want);
+    }
+}
+
 /* The set metrics of a per-step head (quest; hybridkv-like's dynamic heads, which also have a
  * prompt-time set) are the mean over its decode-step sets: the oracle overlap and the image
  * tokens kept, by brute force from the exported sets. m: the policy's metrics, [b * stride +
@@ -128,9 +170,18 @@ static int check_step_means(const kvt_layer_input *in, kvt_policy *pol, kvt_poli
             int32_t o[512], k[512];
             size_t no, nk;
             KVT_CHECK(kvt_layer_selection_kept(os, (size_t)b, h, -1, o, 512, &no));
-            double ov = 0.0, img = 0.0;
+            double ov = 0.0, img = 0.0, rm[KVT_N_MODALITIES] = {0};
             for (int st = 0; st < G; st++) {
                 KVT_CHECK(kvt_layer_selection_kept(sel, (size_t)b, h, st, k, 512, &nk));
+                const int g = h / (kvt_layer_selection_n_heads(sel) / in->Hkv);
+                for (int mk = 0; mk < KVT_N_MODALITIES; mk++) {
+                    const float *rows[512];
+                    int nr = 0;
+                    for (size_t i = 0; i < nk; i++)
+                        if (in->modality[k[i]] == mk)
+                            rows[nr++] = in->k + ((size_t)g * in->T + k[i]) * in->D;
+                    rm[mk] += brute_r(rows, nr, in->D) / G;
+                }
                 int hit = 0;
                 for (size_t i = 0; i < nk; i++) {
                     img += (in->modality[k[i]] == 1) / (double)G;
@@ -144,6 +195,11 @@ static int check_step_means(const kvt_layer_input *in, kvt_policy *pol, kvt_poli
                            b, h, x->oracle_overlap, ov);
             KVT_EXPECT_MSG(fabs(x->n_keep_mod[1] - img) <= 1e-9, "b=%d h=%d image %.17g, %.17g", b,
                            h, x->n_keep_mod[1], img);
+            for (int mk = 0; mk < KVT_N_MODALITIES; mk++) /* NaN if a step has under two */
+                KVT_EXPECT_MSG((isnan(rm[mk]) && isnan(x->r_kept_mod[mk])) ||
+                                   fabs(x->r_kept_mod[mk] - rm[mk]) <= 1e-6,
+                               "b=%d h=%d r_kept of modality %d %.17g, %.17g", b, h, mk,
+                               x->r_kept_mod[mk], rm[mk]);
         }
     }
     kvt_layer_selection_free(sel);
@@ -365,6 +421,67 @@ static void test_coverage_prefix(void)
     tl_free(&t);
 }
 
+/* Head redundancy by modality, worked by hand (DESIGN §4; r = (||sum of unit keys||^2 / n - 1)
+ * / (n - 1)). T = 8, D = 2, text tokens 0..3 with keys e1, 2e1, e1, e1+e2; image tokens 4..7
+ * with keys e2, -e2, 3e2, -2e2. Text: all four sum to (3 + 1/sqrt2, 1/sqrt2), r = (2 + sqrt2)/4;
+ * {0, 3}: r = sqrt2/2. Image: any two of opposite sign give -1, the four -1/3, {5, 6, 7} -1/3.
+ * streamingllm:sinks=1 keeps {0} and the most recent B - 1. */
+static void test_redundancy_by_modality(void)
+{
+    enum { T = 8, D = 2, NB = 4 };
+    test_layer t;
+    tl_random(&t, 3, T, D, 1, 1, 2, 0, true);
+    const float keys[T][D] = {{1, 0}, {2, 0}, {1, 0}, {1, 1}, {0, 1}, {0, -1}, {0, 3}, {0, -2}};
+    memcpy(t.k, keys, sizeof(keys));
+    for (int j = 0; j < T; j++)
+        t.mod[j] = j >= 4;
+    kvt_policy *p[2] = {NULL, NULL};
+    KVT_CHECK(kvt_policy_create("full", NULL, &p[0]));
+    KVT_CHECK(kvt_policy_create("streamingllm:sinks=1", NULL, &p[1]));
+    const int B[NB] = {3, 4, 6, 8};
+    kvt_head_metrics m[2 * NB];
+    double r_all, r_all_mod[KVT_N_MODALITIES];
+    kvt_replay_opts o = {.coverage_probes = -1};
+    KVT_EXPECT_STATUS(
+        kvt_replay_layer_metrics_frac(&t.in, p, 2, B, NULL, NB, &o, m, &r_all, r_all_mod), KVT_OK);
+    const double r_text = (2 + sqrt(2)) / 4, r_img = -1.0 / 3;
+    /* the full cache, and r on all keys */
+    KVT_EXPECT_NEAR(m[0].r_kept_mod[0], r_text, 1e-7);
+    KVT_EXPECT_NEAR(m[0].r_kept_mod[1], r_img, 1e-7);
+    KVT_EXPECT(isnan(m[0].r_kept_mod[2]) && isnan(m[0].r_kept_mod[3]));
+    KVT_EXPECT_NEAR(r_all_mod[0], r_text, 1e-7);
+    KVT_EXPECT_NEAR(r_all_mod[1], r_img, 1e-7);
+    KVT_EXPECT(isnan(r_all_mod[2]) && isnan(r_all_mod[3]));
+    KVT_EXPECT_NEAR(r_all, (2 + 3 * sqrt(2)) / 56, 1e-7); /* all eight: the image keys cancel */
+    /* streamingllm: B=3 {0, 6, 7}; B=4 {0, 5, 6, 7}; B=6 {0, 3..7}; B=8 everything */
+    const kvt_head_metrics *s = &m[NB];
+    const double want[NB][2] = {{NAN, -1.0}, {NAN, r_img}, {sqrt(2) / 2, r_img}, {r_text, r_img}};
+    for (int b = 0; b < NB; b++)
+        for (int k = 0; k < 2; k++)
+            KVT_EXPECT_MSG(isnan(want[b][k]) ? isnan(s[b].r_kept_mod[k])
+                                             : fabs(s[b].r_kept_mod[k] - want[b][k]) < 1e-7,
+                           "B=%d modality %d: r %.17g, want %.17g", B[b], k, s[b].r_kept_mod[k],
+                           want[b][k]);
+    /* one modality: its r is the whole set's (the same number), the others NaN */
+    memset(t.mod, 0, T);
+    KVT_EXPECT_STATUS(
+        kvt_replay_layer_metrics_frac(&t.in, p, 2, B, NULL, NB, &o, m, &r_all, r_all_mod), KVT_OK);
+    KVT_EXPECT(r_all_mod[0] == r_all && isnan(r_all_mod[1]));
+    for (int i = 0; i < 2 * NB; i++)
+        KVT_EXPECT(m[i].r_kept_mod[0] == m[i].r_kept && isnan(m[i].r_kept_mod[1]) &&
+                   isnan(m[i].r_kept_mod[2]));
+    /* no modality table: NaN */
+    t.in.modality = NULL;
+    KVT_EXPECT_STATUS(
+        kvt_replay_layer_metrics_frac(&t.in, p, 2, B, NULL, NB, &o, m, &r_all, r_all_mod), KVT_OK);
+    for (int k = 0; k < KVT_N_MODALITIES; k++)
+        KVT_EXPECT(isnan(r_all_mod[k]) && isnan(m[0].r_kept_mod[k]) && isnan(m[NB].r_kept_mod[k]));
+    KVT_EXPECT(!isnan(r_all) && !isnan(m[0].r_kept));
+    kvt_policy_free(p[0]);
+    kvt_policy_free(p[1]);
+    tl_free(&t);
+}
+
 static void test_layer_metrics(bool per_query)
 {
     enum { T = 120, D = 16, Hq = 4, Hkv = 2, W = 8, G = 5, NB = 5 };
@@ -473,6 +590,34 @@ static void test_layer_metrics(bool per_query)
         }
     }
     kvt_layer_selection_free(hs);
+    /* r_kept by modality of every policy's fixed and merged sets, by brute force (per-step
+     * heads: test_step_set_means); a text-and-image prompt, so each is its own sweep */
+    int n_sets = 0;
+    for (int p = 0; p < NPOL; p++) {
+        kvt_layer_selection *sel;
+        KVT_CHECK(kvt_replay_layer_select(&t.in, pols[p], B, NB, &sel));
+        for (int b = 0; b < NB; b++)
+            for (int h = 0; h < H; h++) {
+                const int g = per_query ? h / 2 : h;
+                char what[96];
+                snprintf(what, sizeof(what), "%s B=%d h=%d", specs[p], B[b], h);
+                if (sel->merged) {
+                    check_r_mod(&t.in, g, NULL, 0, &sel->merged[(size_t)b * H + h],
+                                M(p, b, h)->r_kept_mod, what);
+                    n_sets++;
+                    continue;
+                }
+                if (kvt_layer_selection_head_per_step(sel, h))
+                    continue;
+                int32_t kept[T];
+                size_t n;
+                KVT_CHECK(kvt_layer_selection_kept(sel, (size_t)b, h, -1, kept, T, &n));
+                check_r_mod(&t.in, g, kept, n, NULL, M(p, b, h)->r_kept_mod, what);
+                n_sets++;
+            }
+        kvt_layer_selection_free(sel);
+    }
+    KVT_EXPECT_MSG(n_sets >= (NPOL - 2) * NB * H, "%d sets checked", n_sets);
     for (size_t i = (size_t)H; i < Hq; i++) /* unused head slots stay NaN */
         KVT_EXPECT(isnan(M(P_SNAP, 0, i)->n_keep));
     /* a policy's metrics do not depend on the other policies of the run, although policies
@@ -764,6 +909,7 @@ int main(void)
     test_merged_causal();
     test_step_coverage_dropped();
     test_coverage_prefix();
+    test_redundancy_by_modality();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }

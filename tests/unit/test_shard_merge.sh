@@ -33,6 +33,26 @@ for i in $(seq 0 $((n - 1))); do
 done
 $BIN merge "$TMP"/s*.json -o "$TMP/merged12.json" 2>/dev/null || fail "merge of $n"
 cmp "$TMP/full.json" "$TMP/merged12.json" || fail "12-way merge != unsharded"
+# a text-and-image trace: its metrics and head redundancy by modality merge exactly too
+$BIN synth --shape tiny-vl --tokens 64 --layers 2 -o "$TMP/vl.kvt" >/dev/null 2>&1 ||
+    fail "synth tiny-vl"
+VSET=(--policies snapkv,mixkv-snapkv,lightkv-like --budgets 24,40 --threads 2)
+$BIN replay "$TMP/vl.kvt" "${VSET[@]}" -o "$TMP/vfull.json" >/dev/null 2>&1 || fail "vl replay"
+grep -q '"r_all_by_modality":[[:space:]]*{' "$TMP/vfull.json" || fail "no r_all_by_modality"
+PY=${KVT_PYTHON:-}
+if [ -n "$PY" ] && [ -x "$PY" ]; then
+    "$PY" -c 'import json,sys; t=json.load(open(sys.argv[1]))["traces"][0]
+r=t["r_all_by_modality"]
+k=[x for run in t["runs"] for row in run["by_modality"]["r_kept"]["image"] for x in row]
+sys.exit(not (all(x is not None for m in ("text", "image") for row in r[m] for x in row) and
+              any(x is not None for x in k)))' "$TMP/vfull.json" || fail "vl: r by modality missing"
+fi
+for i in 0 1; do
+    $BIN replay "$TMP/vl.kvt" "${VSET[@]}" --shard $i/2 -o "$TMP/v$i.json" >/dev/null 2>&1 ||
+        fail "vl replay --shard $i/2"
+done
+$BIN merge "$TMP/v1.json" "$TMP/v0.json" -o "$TMP/vmerged.json" 2>/dev/null || fail "vl merge"
+cmp "$TMP/vfull.json" "$TMP/vmerged.json" || fail "vl: merged != unsharded"
 # refusals, one clear line each, and no output written
 P=("$TMP/part0.json" "$TMP/part1.json" "$TMP/part2.json")
 $BIN merge "${P[@]}" -o "$TMP/x.json" 2>"$TMP/err" && fail "merged 3 of 4 parts"
