@@ -630,7 +630,54 @@ static kvt_status put_heatmaps(FILE *f, const kvt_results *r, const report_plan 
     return KVT_OK;
 }
 
-static kvt_status put_modality(FILE *f, const report_plan *pl, bool chartjs)
+/* one cell of the redundancy-by-modality table: r to 3 decimals, or a dash for null */
+static void put_r_cell(FILE *f, double v)
+{
+    if (isnan(v))
+        fputs("<td>&ndash;</td>", f);
+    else
+        fprintf(f, "<td>%.3f</td>", v);
+}
+
+/* head redundancy by modality (DESIGN §4): of all the keys of each modality, then of those each
+ * policy keeps at each budget (the aggregate over traces) */
+static kvt_status put_modality_redundancy(FILE *f, const kvt_results *r, const report_plan *pl)
+{
+    fputs("<h3 id=\"modality-redundancy\">Head redundancy by modality</h3>\n<p>MixKV head "
+          "redundancy r of the keys of each modality: of all of them, then of those each policy "
+          "keeps at each budget (the mean over traces, layers and heads; a dash: under two such "
+          "keys). A lower kept r than the policy it builds on means more diverse keys kept.</p>\n"
+          "<table id=\"table-mod-redundancy\"><tr><th>policy</th><th>budget</th>",
+          f);
+    for (int m = 0; m < KVT_N_MODALITIES; m++)
+        if (pl->mod[m])
+            fprintf(f, "<th>%s</th>", mod_names[m]);
+    fputs("</tr>\n", f);
+    kvt_run_summary s;
+    KVT_FORWARD(kvt_summarize_results(r, 0, 0, &s));
+    fputs("<tr id=\"mod-r-all\"><th colspan=\"2\">all keys</th>", f);
+    for (int m = 0; m < KVT_N_MODALITIES; m++)
+        if (pl->mod[m])
+            put_r_cell(f, s.r_all_mod[m]);
+    fputs("</tr>\n", f);
+    for (size_t p = 0; p < r->n_policies; p++)
+        for (size_t b = 0; b < r->n_budgets; b++) {
+            KVT_FORWARD(kvt_summarize_results(r, p, b, &s));
+            fputs("<tr><td>", f);
+            put_escaped(f, r->policies[p].label);
+            fputs("</td><td>", f);
+            put_escaped(f, r->budgets[b].text);
+            fputs("</td>", f);
+            for (int m = 0; m < KVT_N_MODALITIES; m++)
+                if (pl->mod[m])
+                    put_r_cell(f, s.r_kept_mod[m]);
+            fputs("</tr>\n", f);
+        }
+    fputs("</table>\n", f);
+    return KVT_OK;
+}
+
+static kvt_status put_modality(FILE *f, const kvt_results *r, const report_plan *pl, bool chartjs)
 {
     char file[64], id[64], alt[96];
     fputs("<h2 id=\"modality\">Modality retention</h2>\n", f);
@@ -654,7 +701,7 @@ static kvt_status put_modality(FILE *f, const report_plan *pl, bool chartjs)
         KVT_FORWARD(put_chart(f, chartjs, id, pl->dir, file, alt));
         fprintf(f, "<figcaption>Share of %s tokens kept.</figcaption></figure>\n", mod_names[m]);
     }
-    return KVT_OK;
+    return put_modality_redundancy(f, r, pl);
 }
 
 /* how the allocating policies split their budget over the heads of each layer */
@@ -1104,7 +1151,7 @@ static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl,
     KVT_FORWARD(put_curves(f, r, pl, chartjs));
     KVT_FORWARD(put_redundancy(f, r, pl->dir));
     KVT_FORWARD(put_heatmaps(f, r, pl));
-    KVT_FORWARD(put_modality(f, pl, chartjs));
+    KVT_FORWARD(put_modality(f, r, pl, chartjs));
     KVT_FORWARD(put_alloc(f, r, pl, chartjs));
     if (pl->e2e)
         KVT_FORWARD(put_e2e(f, r, pl));

@@ -106,7 +106,15 @@ static void add_alloc_and_modality(kvt_results *r)
                         m->n_keep_mod[k] = 0.0;
                     m->n_keep_mod[0] = p == P_FULL ? 60 : 0.7 * m->n_keep;
                     m->n_keep_mod[1] = p == P_FULL ? 40 : 0.3 * m->n_keep;
+                    /* redundancy of the kept keys: text 0.25; image 0.375 and 0.625 by layer
+                       (mean 0.5), none for tova at 10 */
+                    m->r_kept_mod[0] = 0.25;
+                    m->r_kept_mod[1] = p == P_TOVA && b == 0 ? NAN : l == 0 ? 0.375 : 0.625;
                 }
+    for (int i = 0; i < L * H; i++) { /* of all keys: text 0.125, image 0.75 / 0.85 by layer */
+        t->r_all_mod[i * KVT_N_MODALITIES + 0] = 0.125;
+        t->r_all_mod[i * KVT_N_MODALITIES + 1] = i < H ? 0.75 : 0.85;
+    }
 }
 
 static void check_data_helpers(const kvt_results *r)
@@ -228,6 +236,15 @@ static void check_page(const char *html)
     KVT_EXPECT(strstr(html, "the budget of the recommended setting") != NULL);
     KVT_EXPECT(strstr(html, "id=\"chart-mod-image\"") != NULL);
     KVT_EXPECT(strstr(html, "id=\"chart-mod-text\"") != NULL);
+    /* head redundancy by modality: text and image columns (no video tokens) */
+    KVT_EXPECT(strstr(html, "<table id=\"table-mod-redundancy\"><tr><th>policy</th><th>budget"
+                            "</th><th>text</th><th>image</th></tr>") != NULL);
+    KVT_EXPECT(strstr(html, "<tr id=\"mod-r-all\"><th colspan=\"2\">all keys</th><td>0.125</td>"
+                            "<td>0.800</td></tr>") != NULL);
+    KVT_EXPECT(strstr(html, "<tr><td>snapkv</td><td>10</td><td>0.250</td><td>0.500</td></tr>") !=
+               NULL);
+    KVT_EXPECT(strstr(html, "<tr><td>tova</td><td>10</td><td>0.250</td><td>&ndash;</td></tr>") !=
+               NULL);
     KVT_EXPECT(strstr(html, "id=\"chart-alloc-1\"") != NULL); /* tova */
     KVT_EXPECT(strstr(html, "id=\"chart-alloc-2\"") == NULL); /* snapkv keeps the budget */
     KVT_EXPECT(strstr(html, "<div id=\"alloc-heatmaps\">") != NULL);
