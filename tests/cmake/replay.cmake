@@ -15,6 +15,9 @@ kvt_add_test(test_analysis_results SOURCES unit/test_analysis_results.c LIBS kvt
              PkgConfig::CJSON LABELS cpu)
 kvt_add_script_test(test_replay_cli COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_cli.sh
                     LABELS cpu)
+# fastv's ranking from layer K-1, made per trace (column sums, Q_all, the last queries).
+kvt_add_script_test(test_replay_fastv COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_fastv.sh
+                    LABELS cpu)
 # The fast CPU kernels (kernels/cpu/) against the references, and a whole replay both ways.
 kvt_add_test(test_kernels_cpu SOURCES unit/test_kernels_cpu.c LIBS kvt_replay LABELS cpu)
 kvt_add_script_test(test_replay_fast_vs_ref

@@ -63,10 +63,11 @@ METRICS = [("recall_window", "recall"), ("err_window", "err_window"),
            ("coverage_dropped", "coverage_dropped"), ("r_kept", "r_kept")]
 
 
-def policy_specs(W, has_decode, has_colsum, scores=None):
+def policy_specs(W, has_decode, has_colsum, scores=None, visual=False):
     """Policy specs for a trace whose stored window is W (policies use window=W unless it is
     32, the default). Every option the oracle knows is exercised at least once. scores: a
-    head-score table (JSON) for sparsemm, headkv and mixkv-sparsemm."""
+    head-score table (JSON) for sparsemm, headkv and mixkv-sparsemm; visual: the trace has
+    image or video tokens (fastv)."""
     w = "" if W == 32 else "window=%d" % W
 
     def s(name, *opts):
@@ -92,6 +93,10 @@ def policy_specs(W, has_decode, has_colsum, scores=None):
         specs += [s("h2o"), s("h2o", "heads=query")]
     if has_decode:
         specs += ["oracle"]
+    if visual:  # pruned from layer 1 (ranked by layer 0), and the default K = 2
+        specs += ["fastv", "fastv:last=1,dense_layers=1", "fastv:last=5,heads=query,dense_layers=1"]
+        if has_colsum:
+            specs += ["fastv:dense_layers=1"]
     if scores:
         f = "scores=" + scores
         specs += [s("sparsemm", f), s("sparsemm", "ratio=0.25", "heads=query", f),
@@ -421,9 +426,11 @@ def main():
                 T = t.shape("K", 0)[1]
                 m = t.header["model"]
                 L, Hq = int(m["n_layers"]), int(m["n_q_heads"])
+                mods = t.tokens.get("modality") if hasattr(t.tokens, "get") else None
+                visual = mods is not None and bool(np.isin(np.asarray(mods), (1, 2)).any())
             scores = os.path.join(outdir, tag + "_heads.json")
             write_head_scores(scores, L, Hq, len(tag) * 7 + L)
-            specs = policy_specs(W, dec, cs, scores)
+            specs = policy_specs(W, dec, cs, scores, visual)
             # below the window, just above it, mid, two fractions (20%: where kvpress's float
             # chunk count rounds down, chunkkv align=kvpress), one where N < 2(B−W) (the
             # KVCache-Factory pyramid fallback differs), B = T (keeps everything, whatever the

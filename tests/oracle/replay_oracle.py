@@ -92,6 +92,7 @@ POLICIES = {
     "sparsemm": dict(_SNAP, ratio=0.1, scores=""),
     "headkv": {"window": 32, "kernel": 7, "pool": "max", "reduce": "mean", "heads": "query",
                "beta": 1.01, "scores": ""},
+    "fastv": {"heads": "kv", "dense_layers": 2, "last": 0},
 }
 NEEDS = {"h2o": "colsum", "oracle": "decode"}
 MODALITY_NAMES = ("text", "image", "video", "other")
@@ -556,6 +557,12 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
 
     if name == "full":
         return [np.arange(N)] * H, [N] * H
+    if name == "fastv":
+        # layers below K whole; later ones the trace-wide ranking (fastv_order)
+        if layer < int(o["dense_layers"]):
+            return [np.arange(N)] * H, [N] * H
+        order = ctx.fastv_orders[(int(o["dense_layers"]), int(o["last"]))]
+        return [order] * H, uniform(N if short else B)
     if name == "streamingllm":
         s = min(int(o["sinks"]), N)
         order = np.concatenate([np.arange(s), np.arange(N - 1, s - 1, -1)])
@@ -749,7 +756,7 @@ def cov_window(name, o):
     (tova's is its last token; streamingllm, full and quest have none)."""
     if name == "tova":
         return 1
-    if name in ("streamingllm", "full", "quest", "lagkv"):
+    if name in ("streamingllm", "full", "quest", "lagkv", "fastv"):
         return 0
     return int(o.get("window", 0))
 
@@ -817,6 +824,23 @@ def _import_kvtrace():
     return kvtrace
 
 
+def fastv_order(ctx, n_last):
+    """FastV's ranking from layer K-1's inputs ctx: the non-visual tokens (text, other) most
+    recent first, then the image and video tokens by the attention they receive, averaged over
+    the query heads: summed over every prompt query (the column sums; n_last = 0) or over the
+    last n_last prompt (window) queries; ties to the lower index."""
+    if n_last == 0:
+        if ctx.colsum is None:
+            raise ValueError("fastv needs attn_colsum (or last=N)")
+        score = ctx.colsum.mean(axis=0)
+    else:
+        score = ctx.Pw[:, -n_last:, :].mean(axis=(0, 1))
+    vis = np.isin(ctx.modality, (1, 2))
+    text = np.where(~vis)[0][::-1]
+    vidx = np.where(vis)[0]
+    return np.concatenate([text, vidx[stable_desc_order(score[vidx])]]).astype(np.int64)
+
+
 def load_layer(t, layer, scale=None):
     """LayerInputs of one layer of an open kvtrace.Trace (float32 -> float64)."""
     def rd(kind):
@@ -849,8 +873,14 @@ def replay_trace(path, policies=None, budgets=(64, 128, 256, 512), layers=None,
                       "layers": layer_ids}}
         for label, name, o in pols:
             out["policies"][label] = {"name": name, "options": o, "budgets": {}}
+        fastv = {}  # (K, last) -> the ranking of layers >= K, from layer K - 1
+        for _, name, o in pols:
+            key = (int(o.get("dense_layers", 0)), int(o.get("last", 0)))
+            if name == "fastv" and key not in fastv and 1 <= key[0] < L:
+                fastv[key] = fastv_order(load_layer(t, key[0] - 1, scale), key[1])
         for layer in layer_ids:
             ctx = load_layer(t, layer, scale)
+            ctx.fastv_orders = fastv
             res = replay_layer(None, None, None, policies=pols, budgets=budgets, layer=layer,
                                n_layers=L, coverage_probes=coverage_probes, ctx=ctx,
                                debug=debug)

@@ -482,6 +482,93 @@ static void test_redundancy_by_modality(void)
     tl_free(&t);
 }
 
+/* ---- fastv, worked by hand ---- */
+typedef struct fv_sets {
+    int32_t idx[2][3][8]; /* [layer][budget] kept indices of head 0 */
+    size_t n[2][3];
+} fv_sets;
+
+static kvt_status fv_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+{
+    fv_sets *s = user;
+    for (size_t i = 0; i < n; i++)
+        if (recs[i].head == 0 && recs[i].step < 0 && layer < 2 && recs[i].budget < 3 &&
+            recs[i].n <= 8) {
+            memcpy(s->idx[layer][recs[i].budget], recs[i].idx, recs[i].n * sizeof(int32_t));
+            s->n[layer][recs[i].budget] = recs[i].n;
+        }
+    return KVT_OK;
+}
+
+/* fastv:dense_layers=1,last=1 on 2 layers, T = 8, image tokens 2..5. Layer 0's last query
+ * (1, 0) against keys (a_j, 0), a = {0.5, -1, 0, 3, 1, 2, 4, 0}: the image tokens rank 3, 5,
+ * 4, 2; the text tokens go first, most recent first: 7, 6, 1, 0. Layer 1 keeps the first B of
+ * 7 6 1 0 3 5 4 2; layer 0 keeps all 8. Without column sums or Q_all the default (every query)
+ * is refused by name, and a layer replay of layer 1 is refused (it needs layer 0). */
+static void test_fastv(void)
+{
+    enum { L = 2, T = 8, D = 2, W = 1, G = 2 };
+    test_layer layers[L];
+    for (int l = 0; l < L; l++) {
+        tl_random(&layers[l], 40 + (uint64_t)l, T, D, 1, 1, W, G, true);
+        layers[l].in.layer = l;
+        layers[l].in.n_layers = L;
+    }
+    const float a[T] = {0.5f, -1, 0, 3, 1, 2, 4, 0};
+    for (int j = 0; j < T; j++) {
+        layers[0].k[j * D] = a[j];
+        layers[0].k[j * D + 1] = 0;
+        layers[0].mod[j] = j >= 2 && j <= 5;
+    }
+    layers[0].qw[0] = 1, layers[0].qw[1] = 0;
+    char path[256];
+    kvt_test_tmp(path, sizeof(path), "fastv.kvt");
+    tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    kvt_policy *p[2] = {NULL, NULL};
+    KVT_CHECK(kvt_policy_create("fastv:dense_layers=1,last=1", NULL, &p[0]));
+    KVT_CHECK(kvt_policy_create("fastv:dense_layers=1", NULL, &p[1]));
+    kvt_budget *bud;
+    size_t nb;
+    KVT_CHECK(kvt_budgets_parse("3,5,6", &bud, &nb));
+    fv_sets s;
+    memset(&s, 0, sizeof(s));
+    kvt_replay_opts o = {.n_threads = 1, .coverage_probes = -1, .sink = fv_sink, .sink_user = &s};
+    kvt_trace_result *res = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, p, 1, bud, nb, &o, &res), KVT_OK);
+    const int32_t want[3][6] = {{1, 6, 7}, {0, 1, 3, 6, 7}, {0, 1, 3, 5, 6, 7}};
+    const size_t wn[3] = {3, 5, 6};
+    for (int b = 0; b < 3; b++) {
+        KVT_EXPECT_MSG(s.n[0][b] == T, "layer 0 budget %d keeps %zu", b, s.n[0][b]);
+        KVT_EXPECT_MSG(s.n[1][b] == wn[b] && !memcmp(s.idx[1][b], want[b], wn[b] * 4),
+                       "layer 1 budget %d: %zu kept", b, s.n[1][b]);
+        if (res)
+            KVT_EXPECT(kvt_trace_result_at(res, 0, (size_t)b, 1, 0)->n_keep == (double)wn[b] &&
+                       kvt_trace_result_at(res, 0, (size_t)b, 0, 0)->n_keep == T);
+    }
+    kvt_trace_result_free(res);
+    res = NULL;
+    o.sink = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, &p[1], 1, bud, nb, &o, &res), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "layer 0 has no attention column sums and no Q_all"),
+                   "message: %s", kvt_error_msg());
+    kvt_head_metrics m[3];
+    const int B[3] = {3, 5, 6};
+    KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&layers[0].in, p, 1, B, 3, &o, m), KVT_OK);
+    KVT_EXPECT(m[0].n_keep == T);
+    KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&layers[1].in, p, 1, B, 3, &o, m),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "replay the whole trace"), "message: %s",
+                   kvt_error_msg());
+    kvt_policy *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("fastv:dense_layers=0", NULL, &bad), KVT_ERR_INVALID_ARG);
+    kvt_free(bud);
+    kvt_policy_free(p[0]);
+    kvt_policy_free(p[1]);
+    for (int l = 0; l < L; l++)
+        tl_free(&layers[l]);
+    remove(path);
+}
+
 static void test_layer_metrics(bool per_query)
 {
     enum { T = 120, D = 16, Hq = 4, Hkv = 2, W = 8, G = 5, NB = 5 };
@@ -910,6 +997,7 @@ int main(void)
     test_step_coverage_dropped();
     test_coverage_prefix();
     test_redundancy_by_modality();
+    test_fastv();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }

@@ -1434,7 +1434,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 34);
+    KVT_EXPECT(kvt_policy_registry_size() == 35);
 }
 
 int main(void)
