@@ -104,9 +104,13 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
                                       "last prompt query, as FastV's code does)",
                              l);
     const int D = (int)dim, nq = (int)nt;
-    KVT_RETURN_IF(
-        nh != (uint32_t)Hq || (n_last ? nq < n_last || nq > T : nq != T), KVT_ERR_INVALID_ARG,
-        "fastv: last=%d: layer %d stores %u queries per head (of %d heads)", n_last, l, nt, Hq);
+    KVT_RETURN_IF(n_last && (nh != (uint32_t)Hq || nq < n_last || nq > T), KVT_ERR_INVALID_ARG,
+                  "fastv: layer %d's window queries are [%u heads, %u queries]; last=%d needs %d "
+                  "heads and %d to %d queries",
+                  l, nh, nt, n_last, Hq, n_last, T);
+    KVT_RETURN_IF(!n_last && (nh != (uint32_t)Hq || nq != T), KVT_ERR_CORRUPT,
+                  "fastv: layer %d's Q_all is [%u heads, %u queries], not [%d, %d]", l, nh, nt, Hq,
+                  T);
     KVT_RETURN_IF(kvt_trace_reader_shape(r, l, KVT_KIND_K, &nh, &nt, &dim, &dt) ||
                       nh != (uint32_t)Hkv || nt != (uint32_t)T || dim != (uint32_t)D,
                   KVT_ERR_CORRUPT, "fastv: layer %d's K is not [%d, %d, %d] as its queries", l, Hkv,

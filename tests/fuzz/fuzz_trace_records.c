@@ -31,8 +31,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
-static kvt_policy **g_pols[2]; /* without and with decode queries */
-static size_t g_n_pol[2];
+static kvt_policy **g_pols[3]; /* without and with decode queries; fastv (modality table) */
+static size_t g_n_pol[3];
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
 
@@ -45,13 +45,16 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        alone (streamingllm), the decode queries, AdaKV's shares of knorm's scores, and
        keydiff-block's ranking per budget, merge= (merged sets from K and V read on the host),
        simlayerkv (the window probabilities read on the host) */
-    const char *set[2] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
+    /* and, on a trace with a modality table, fastv: its ranking read from layer 0 by the policy
+       itself (the window queries' last row and K; the column sums or Q_all) before the replay */
+    const char *set[3] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
                           "snapkv:window=1,merge=pivot",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
-                          "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3"};
-    for (int i = 0; i < 2; i++)
+                          "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
+                          "fastv:dense_layers=1,last=1,fastv:dense_layers=1"};
+    for (int i = 0; i < 3; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
@@ -435,6 +438,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 #endif
         if (st == KVT_OK)
             kvt_trace_result_free(res);
+        if (sh.modality) {
+            const kvt_status sf =
+                kvt_replay_trace(g_path, g_pols[2], g_n_pol[2], g_budgets, g_n_budgets, &o, &res);
+#ifdef KVT_FUZZ_CUDA
+            same_on_device(2, sf, sf ? NULL : res);
+#endif
+            if (sf == KVT_OK)
+                kvt_trace_result_free(res);
+        }
     }
     differential(&sh);
     kvt_error_clear();
