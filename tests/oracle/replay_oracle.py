@@ -23,6 +23,12 @@ What it implements (POLICIES.md section in brackets):
     kvpress's own rule (SnapKVPress pads the window with the largest score of any head, then
     ChunkKVPress cuts all N tokens into chunks and keeps max(1, int(n_chunks·(1−ratio)))
     of them, ratio = 1 − B/N);
+  * fastv [§11]: layers below dense_layers=K whole, later ones the first B of one ranking
+    made from layer K−1 (fastv_order): non-visual tokens most recent first, then image/video
+    tokens by the attention they receive (column sums averaged over the query heads, or with
+    last=N the mean window probabilities of the last N queries). Written in the same session
+    as the C policy, from the same reading of §11 and FastV's code: it checks the arithmetic
+    and the layer bookkeeping, not the reading;
   * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
     renormalised over the kept set) on all stored window queries and on decode queries (which
     also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
