@@ -353,8 +353,9 @@ static int mod_cuts(const kvt_layer_ctx *c, scratch *s, const int32_t *order, co
     return n;
 }
 
-/* the redundancy sweep of s->mord at row k's n cuts into row k of mrk: on the GPU queued with
- * the head's other sweeps when they are deferred (mord is staged before the call returns) */
+/* the redundancy sweep of s->mord at row k's n cuts into row k of mrk. On the GPU the upload of
+ * mord first waits for the downloads queued before it (ctx_gpu.c's copy_up): one round trip
+ * per modality, where the head's other sweeps share one */
 static kvt_status mod_sweep(const kvt_layer_ctx *c, scratch *s, int g, int k, int n)
 {
     const int32_t *mc = s->mcuts + (size_t)k * s->n_v;

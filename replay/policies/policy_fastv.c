@@ -81,8 +81,9 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
 {
     uint32_t nh, nt, dim;
     kvt_dtype dt;
-    float *cs = NULL, *q = NULL, *k = NULL;
+    float *cs = NULL, *q = NULL, *k = NULL, *pr = NULL;
     double *work = NULL, *acc = NULL;
+    int *n_vis = NULL;
     kvt_status st = KVT_OK;
     memset(score, 0, (size_t)T * sizeof(double));
     if (!n_last && !kvt_trace_reader_shape(r, l, KVT_KIND_ATTN_COLSUM, &nh, &nt, &dim, &dt)) {
@@ -121,10 +122,14 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
     const double scale = trace_scale(r, D);
     work = kvt_malloc(((size_t)T + 1) * sizeof(double));
     acc = kvt_malloc((size_t)T * sizeof(double));
-    if (!work || !acc) {
+    pr = kvt_malloc((size_t)n_last * T * sizeof(float) + 1);
+    n_vis = kvt_malloc((size_t)n_last * sizeof(int) + 1);
+    if (!work || !acc || !pr || !n_vis) {
         st = kvt_error_set(KVT_ERR_NOMEM, "fastv: out of memory");
         goto out;
     }
+    for (int i = 0; i < n_last; i++) /* the last n_last prompt queries see keys 0..their position */
+        n_vis[i] = T - n_last + i + 1;
     for (int h = 0; h < Hq; h++) {
         const float *kh = k + (size_t)(h / (Hq / Hkv)) * T * D;
         if (!n_last) { /* the column sums from every prompt query */
@@ -134,24 +139,17 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
                 score[j] += acc[j] / Hq;
             continue;
         }
-        for (int i = nq - n_last; i < nq; i++) { /* query i at position T - nq + i */
-            const float *qi = q + ((size_t)h * nq + i) * D;
-            const int pos = T - nq + i;
-            double mx = -INFINITY, z = 0.0;
-            for (int j = 0; j <= pos; j++) {
-                double d = 0.0;
-                for (int e = 0; e < D; e++)
-                    d += (double)qi[e] * kh[(size_t)j * D + e];
-                acc[j] = d * scale;
-                mx = acc[j] > mx ? acc[j] : mx;
-            }
-            for (int j = 0; j <= pos; j++)
-                z += (acc[j] = exp(acc[j] - mx));
-            for (int j = 0; j <= pos; j++)
-                score[j] += acc[j] / z / Hq;
-        }
+        /* the last n_last window queries' probabilities, as the replay computes window rows */
+        if ((st = kvt_attn_probs(q + ((size_t)h * nq + nq - n_last) * D, n_last, D, kh, T, n_vis,
+                                 NULL, 0, NULL, scale, pr, NULL, NULL, work)))
+            goto out;
+        for (int i = 0; i < n_last; i++)
+            for (int j = 0; j < n_vis[i]; j++)
+                score[j] += pr[(size_t)i * T + j] / Hq;
     }
 out:
+    kvt_free(pr);
+    kvt_free(n_vis);
     kvt_free(q);
     kvt_free(k);
     kvt_free(work);

@@ -426,8 +426,8 @@ def main():
                 T = t.shape("K", 0)[1]
                 m = t.header["model"]
                 L, Hq = int(m["n_layers"]), int(m["n_q_heads"])
-                mods = t.tokens.get("modality") if hasattr(t.tokens, "get") else None
-                visual = mods is not None and bool(np.isin(np.asarray(mods), (1, 2)).any())
+                mods = t.tokens["modality"]
+                visual = mods is not None and bool(np.isin(mods, (1, 2)).any())
             scores = os.path.join(outdir, tag + "_heads.json")
             write_head_scores(scores, L, Hq, len(tag) * 7 + L)
             specs = policy_specs(W, dec, cs, scores, visual)
