@@ -105,6 +105,9 @@ static const opt_desc opts_table[] = {
     {"theta", O_DBL, OFF(theta), 1e-9, 1, "HybridKV-like attention mass threshold"},
     {"tau", O_TAU, OFF(tau), 0, 1, "HybridKV-like static threshold or median"},
     {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
+    {"recent_share", O_DBL, OFF(recent_share), 0, 1,
+     "lookm: share of the budget kept as the most recent tokens (LOOK-M's recent_ratio over "
+     "hh_ratio + recent_ratio)"},
     {"chunk", O_INT, OFF(chunk), 1, 1e6,
      "chunk size (chunkkv, hybridkv-like, noncausal-attention)"},
     {"align", O_ALIGN, OFF(chunk_kvpress), 0, 0,

@@ -59,6 +59,7 @@ typedef struct kvt_policy_opts {
     double theta;           /* HybridKV-like sparsity mass threshold */
     double tau;             /* HybridKV-like static threshold on k_theta/|P|; NaN = median split */
     double split;           /* HybridKV-like share r of the budget for static heads */
+    double recent_share;    /* lookm: share of the budget kept as the most recent tokens */
     int chunk;              /* ChunkKV, HybridKV-like chunk size C */
     bool chunk_kvpress;     /* align=kvpress: ChunkKV's chunks of the whole sequence, PyramidKV's
                                layer counts, as kvpress computes them */

@@ -46,14 +46,16 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        keydiff-block's ranking per budget, merge= (merged sets from K and V read on the host),
        simlayerkv (the window probabilities read on the host) */
     /* and, on a trace with a modality table, fastv: its ranking read from layer 0 by the policy
-       itself (the window queries' last row and K; the column sums or Q_all) before the replay */
+       itself (the window queries' last row and K; the column sums or Q_all) before the replay;
+       lookm's text prior (the column sums, a ranking per budget, merged and not) */
     const char *set[3] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
                           "snapkv:window=1,merge=pivot",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
                           "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
-                          "fastv:dense_layers=1,last=1,fastv:dense_layers=1"};
+                          "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
+                          "lookm:merge=none,heads=query"};
     for (int i = 0; i < 3; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();

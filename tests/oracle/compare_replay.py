@@ -90,7 +90,9 @@ def policy_specs(W, has_decode, has_colsum, scores=None, visual=False):
              s("mixkv-snapkv", "method=mixkv", "heads=query"),
              "knorm", "vnorm", "keydiff", "keydiff:window=8"]
     if has_colsum:
-        specs += [s("h2o"), s("h2o", "heads=query")]
+        specs += [s("h2o"), s("h2o", "heads=query"), "lookm:merge=none",
+                  "lookm:merge=none,recent_share=0.25,heads=query",
+                  "lookm:merge=none,recent_share=0,reduce=max"]
     if has_decode:
         specs += ["oracle"]
     if visual:  # pruned from layer 1 (ranked by layer 0), and the default K = 2

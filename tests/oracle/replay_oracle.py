@@ -29,6 +29,11 @@ What it implements (POLICIES.md section in brackets):
     last=N the mean window probabilities of the last N queries). Written in the same session
     as the C policy, from the same reading of §11 and FastV's code: it checks the arithmetic
     and the layer bookkeeping, not the reading;
+  * lookm [§11, LOOK-M's text prior; merge=none only: test_merge.py checks the merges]: at
+    budget B the R = floor(recent_share·min(B, N)) most recent tokens, then, of the tokens
+    before them, the text (non-visual) ones by their column sums (GQA-reduced), then the
+    image/video ones by theirs. Also written in the same session as the C policy, from the
+    same reading of LOOK-M's code;
   * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
     renormalised over the kept set) on all stored window queries and on decode queries (which
     also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
@@ -99,8 +104,9 @@ POLICIES = {
     "headkv": {"window": 32, "kernel": 7, "pool": "max", "reduce": "mean", "heads": "query",
                "beta": 1.01, "scores": ""},
     "fastv": {"heads": "kv", "dense_layers": 2, "last": 0},
+    "lookm": {"reduce": "mean", "heads": "kv", "recent_share": 0.5, "merge": "pivot"},
 }
-NEEDS = {"h2o": "colsum", "oracle": "decode"}
+NEEDS = {"h2o": "colsum", "lookm": "colsum", "oracle": "decode"}
 MODALITY_NAMES = ("text", "image", "video", "other")
 DEFAULT_POLICIES = ["full", "streamingllm", "snapkv", "pyramidkv", "adakv", "mixkv-snapkv",
                     "mixkv-pyramidkv", "mixkv-adakv"]
@@ -569,6 +575,26 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
             return [np.arange(N)] * H, [N] * H
         order = ctx.fastv_orders[(int(o["dense_layers"]), int(o["last"]))]
         return [order] * H, uniform(N if short else B)
+    if name == "lookm":
+        if str(o.get("merge", "pivot")) != "none":
+            raise ValueError("lookm: the oracle does not merge (give merge=none)")
+        if ctx.colsum is None:
+            raise ValueError("lookm needs attn_colsum")
+        sc = ctx.colsum if query else reduce_heads(ctx.colsum, ctx.Hkv, o["reduce"])
+        Bc = min(B, N)
+        R = int(math.floor(float(o["recent_share"]) * Bc))
+        vis = (np.isin(ctx.modality[:N - R], (1, 2)) if ctx.modality is not None
+               else np.zeros(N - R, dtype=bool))
+        before = np.arange(N - R)
+        orders, scores = [], []
+        for hh in range(H):
+            sp = sc[hh][:N - R]
+            orders.append(np.concatenate([
+                np.arange(N - 1, N - R - 1, -1), before[~vis][stable_desc_order(sp[~vis])],
+                before[vis][stable_desc_order(sp[vis])]]).astype(np.int64))
+            scores.append(np.concatenate([sp, np.full(R, np.inf)]))
+        info["scores"] = scores
+        return orders, uniform(Bc)
     if name == "streamingllm":
         s = min(int(o["sinks"]), N)
         order = np.concatenate([np.arange(s), np.arange(N - 1, s - 1, -1)])
@@ -762,7 +788,7 @@ def cov_window(name, o):
     (tova's is its last token; streamingllm, full and quest have none)."""
     if name == "tova":
         return 1
-    if name in ("streamingllm", "full", "quest", "lagkv", "fastv"):
+    if name in ("streamingllm", "full", "quest", "lagkv", "fastv", "lookm"):
         return 0
     return int(o.get("window", 0))
 

@@ -11,8 +11,11 @@ output error of every window query (causal: an entry is seen by the queries at o
 token) and every decode query (which also sees the decode keys 0..s, unmerged), averaged per
 head as analysis/RESULTS.md says; each must match the replay's err_window and err_decode grids.
 
+lookm merges by default (merge=pivot, LOOK-M's); its kept sets must equal lookm:merge=none's.
+
 Traces: a llama2.c capture (T = 150, 8 query heads on 4 KV heads, D = 8, 2 decode steps with
-their keys) and a llama3-8b-shaped synthetic one (T = 300, GQA 4, D = 128). Environment:
+their keys), a llama3-8b-shaped synthetic one (T = 300, GQA 4, D = 128) and, for lookm's text
+prior, a tiny-vl one (T = 300, an image between text). Environment:
 KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
 """
 import json
@@ -80,6 +83,16 @@ def out_err(q, scale, keys, vals, ks, vs, xk=None, xv=None):
     ps = np.exp(zs - zs.max())
     os_ = ps @ vs / ps.sum()
     return float(np.linalg.norm(os_ - o) / np.linalg.norm(o))
+
+
+DEFAULT_MERGE = {"lookm": "pivot"}  # policies that merge unless told merge=none
+
+
+def merge_mode(spec):
+    """The merge a spec replays: its merge= option, or its policy's default."""
+    if "merge=" in spec:
+        return spec.split("merge=")[1].split(",")[0]
+    return DEFAULT_MERGE.get(spec.split(":")[0], "none")
 
 
 def read_layers(t):
@@ -163,11 +176,14 @@ def check_trace(name, path, specs, budgets, work):
         scale = m.get("attn_scale") or 1 / math.sqrt(m["head_dim"])
         layers = read_layers(t)
     for spec in specs:
-        if "merge=" not in spec:
+        mode = merge_mode(spec)
+        if mode == "none":
             continue
-        base = spec.split(":")[0] + ":" + ",".join(
-            o for o in spec.split(":")[1].split(",") if not o.startswith("merge="))
-        base = base.rstrip(":")
+        pname, _, opts = spec.partition(":")
+        rest = [o for o in opts.split(",") if o and not o.startswith("merge=")]
+        if pname in DEFAULT_MERGE:  # a policy that merges by default: its base says merge=none
+            rest.append("merge=none")
+        base = pname + (":" + ",".join(rest) if rest else "")
         pi = labels.index(spec)
         runs = [x for x in tr["runs"] if x["policy"] == pi]
         bad_sets = n_sets = bad_recall = 0
@@ -185,8 +201,7 @@ def check_trace(name, path, specs, budgets, work):
                         bad_sets += 1
                     g = h // G if per_q else h
                     idx = np.array(ks, dtype=int)
-                    mk, mv = merge_kv(x["K"][g], x["V"][g], idx,
-                                      spec.split("merge=")[1].split(",")[0])
+                    mk, mv = merge_kv(x["K"][g], x["V"][g], idx, mode)
                     qh = [h] if per_q else range(g * G, (g + 1) * G)
                     tally.add(run_, l, h, merged_errors(x, g, qh, idx, mk, mv, scale))
                     if run_["metrics"]["recall_window"][l][h] is not None:
@@ -207,9 +222,16 @@ def main():
                                    "pyramidkv:window=8", "pyramidkv:window=8,merge=weighted",
                                    "streamingllm",
                                    "streamingllm:merge=pivot", "h2o:window=8",
-                                   "h2o:window=8,merge=weighted"], "3,20,64,50%,150", work)
+                                   "h2o:window=8,merge=weighted", "lookm", "lookm:merge=none",
+                                   "lookm:recent_share=0.25,heads=query,merge=weighted",
+                                   "lookm:recent_share=0.25,heads=query,merge=none"],
+                    "3,20,64,50%,150", work)
         check_trace("llama3-8b", s, ["snapkv", "snapkv:merge=weighted", "snapkv:merge=pivot", "h2o",
                                      "h2o:merge=pivot"], "16,40,100,200", work)
+        # LOOK-M's own setting: an image between text, its text prior and pivot merge
+        vl = os.path.join(work, "vl.kvt")
+        run("synth", "--shape", "tiny-vl", "--tokens", "300", "--colsum", "on", "-o", vl)
+        check_trace("tiny-vl", vl, ["lookm", "lookm:merge=none"], "16,60,20%,150", work)
     finish("test_merge")
 
 

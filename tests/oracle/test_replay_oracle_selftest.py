@@ -313,6 +313,24 @@ class OtherPolicies(unittest.TestCase):
         self.assertEqual(kept(c, "h2o:window=2,heads=query", 4), [[1, 4, 6, 7], [2, 4, 6, 7]])
         self.assertEqual(kept(c, "h2o:window=2,reduce=max", 3), [[1, 6, 7]])
 
+    def test_lookm(self):
+        # test_replay_policies.c's case: group means 5, 1, 3, 3, 4.5, 4.5, 1, 1, tokens 2..5
+        # image; the text prior ranks 0, 1, 6, 7, then 4, 5, 2, 3; floor(B/2) recent tokens
+        cs = np.array([[5, 1, 3, 3, 0, 0, 2, 1], [5, 1, 3, 3, 9, 9, 0, 1]], float)
+        mod = np.array([0, 0, 1, 1, 1, 1, 0, 0])
+        c = layer(np.zeros((1, 8, 1)), None, np.ones((2, 1, 1)), colsum=cs, modality=mod)
+        for B, want in ((2, [0, 7]), (4, [0, 1, 6, 7]), (5, [0, 1, 4, 6, 7]),
+                        (7, [0, 1, 2, 4, 5, 6, 7]), (8, list(range(8)))):
+            self.assertEqual(kept(c, "lookm:merge=none", B), [want])
+        self.assertEqual(kept(c, "lookm:merge=none,recent_share=0", 2), [[0, 1]])
+        self.assertEqual(kept(c, "lookm:merge=none,recent_share=1", 4), [[4, 5, 6, 7]])
+        self.assertEqual(kept(c, "lookm:merge=none,recent_share=0,heads=query", 3),
+                         [[0, 1, 6], [0, 1, 7]])
+        c = layer(np.zeros((1, 8, 1)), None, np.ones((2, 1, 1)), colsum=cs)
+        self.assertEqual(kept(c, "lookm:merge=none", 4), [[0, 4, 6, 7]])  # all text: H2O
+        with self.assertRaises(ValueError):  # the oracle does not merge
+            kept(c, "lookm", 4)
+
     def test_full(self):
         c = ctx8()
         self.assertEqual(kept(c, "full", 3), [list(range(8))])

@@ -299,7 +299,7 @@ typedef struct hcase {
     "full,random:window=1,streamingllm,h2o:window=1,tova,snapkv:window=1,pyramidkv:window=1,"      \
     "adakv:window=1,knorm,vnorm,keydiff,mixkv-snapkv:window=1,mixkv-pyramidkv:window=1,"           \
     "mixkv-adakv:window=1,oracle,quest,hybridkv-like:window=1,lightkv-like:window=1,"              \
-    "chunkkv:window=1,simlayerkv:threshold=0.5,snapkv:window=1,merge=pivot,cam:window=1"
+    "chunkkv:window=1,simlayerkv:threshold=0.5,snapkv:window=1,merge=pivot,cam:window=1,lookm"
 
 int main(void)
 {
@@ -396,10 +396,14 @@ int main(void)
                      trace, extra, dir);
             check_cmd(c->name, "replay_t4", args, (expect){1, "layer 0: K element"});
         }
-        if (c->m == MUT_NAN_COLSUM) { /* only H2O reads the column sums */
+        if (c->m == MUT_NAN_COLSUM) { /* only H2O and LOOK-M read the column sums */
             snprintf(args, sizeof(args), "replay %s --policies h2o --budgets 8 %s -o %s/h2o.json",
                      trace, extra, dir);
             check_cmd(c->name, "replay_h2o", args, (expect){1, "is not finite"});
+            snprintf(args, sizeof(args),
+                     "replay %s --policies lookm --budgets 8 %s -o %s/lookm.json", trace, extra,
+                     dir);
+            check_cmd(c->name, "replay_lookm", args, (expect){1, "is not finite"});
         }
         if (!c->small_window)
             continue;

@@ -1340,6 +1340,66 @@ static void test_cam(void)
     kvt_layer_selection_free(s);
 }
 
+/* lookm (LOOK-M's text prior), D = 1, 2 query heads on 1 KV head, column sums given; tokens 2..5
+ * are image tokens. Group mean scores 5, 1, 3, 3, 4.5, 4.5, 1, 1: the text-prior ranking is the
+ * text 0, 1, 6, 7 (ties to the lower index), then the images 4, 5, 2, 3. Budget B keeps the
+ * floor(B/2) most recent tokens and the first B - R of that ranking before them. */
+static void test_lookm(void)
+{
+    const float k[8] = {1, 0, 2, -1, 3, 0, 1, 2}, v[8] = {0};
+    const float q[2] = {1, 1};
+    const float cs[16] = {5, 1, 3, 3, 0, 0, 2, 1, /* head 1 */ 5, 1, 3, 3, 9, 9, 0, 1};
+    const uint8_t mod[8] = {0, 0, 1, 1, 1, 1, 0, 0};
+    kvt_layer_input in = layer1d(8, 1, 2, 1, k, v, q);
+    in.attn_colsum = cs;
+    in.modality = mod;
+    const int B[] = {2, 4, 5, 7, 8};
+    kvt_layer_selection *s = tl_select(&in, "lookm:merge=none", B, 5);
+    EXPECT_KEPT(s, 0, 0, -1, "0,7");                    /* R = 1 */
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,6,7");                /* R = 2: 7, 6, then text 0, 1 */
+    EXPECT_KEPT(s, 2, 0, -1, "0,1,4,6,7");              /* then the best image token */
+    EXPECT_KEPT(s, 3, 0, -1, "0,1,2,4,5,6,7");          /* R = 3: 5 is recent; then 4, 2 */
+    EXPECT_KEPT(s, 4, 0, -1, "0,1,2,3,4,5,6,7");        /* B = T */
+    KVT_EXPECT(s->merged == NULL && s->border != NULL); /* a ranking per budget */
+    kvt_layer_selection_free(s);
+    /* the default merges (LOOK-M's pivot merge) over the same kept sets */
+    s = tl_select(&in, "lookm", B, 5);
+    KVT_EXPECT(s->merged != NULL && s->merged[1].n == 4);
+    EXPECT_KEPT(s, 2, 0, -1, "0,1,4,6,7");
+    kvt_layer_selection_free(s);
+    /* no recent part: the ranking alone; all recent: the last B */
+    s = tl_select(&in, "lookm:merge=none,recent_share=0", B, 3);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1");
+    EXPECT_KEPT(s, 2, 0, -1, "0,1,4,6,7");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "lookm:merge=none,recent_share=1", B, 3);
+    EXPECT_KEPT(s, 1, 0, -1, "4,5,6,7");
+    kvt_layer_selection_free(s);
+    /* per query head, no recent part, B = 3: head 0's text scores 5, 1, 2, 1 keep 0, 6, 1;
+       head 1's 5, 1, 0, 1 keep 0, 1, 7 (1 and 7 tie: the lower index) */
+    const int B3[] = {3};
+    s = tl_select(&in, "lookm:merge=none,recent_share=0,heads=query", B3, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,6");
+    EXPECT_KEPT(s, 0, 1, -1, "0,1,7");
+    kvt_layer_selection_free(s);
+    /* without a modality table every token is text: H2O's order 0, 4, 5, 2, 3, 1, 6, 7 */
+    in.modality = NULL;
+    s = tl_select(&in, "lookm:merge=none", B, 2);
+    EXPECT_KEPT(s, 1, 0, -1, "0,4,6,7");
+    kvt_layer_selection_free(s);
+    /* no column sums and no Q_all: refused, saying what to capture */
+    in.attn_colsum = NULL;
+    kvt_policy *p = mk("lookm");
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(strstr(kvt_error_msg(), "attn_colsum") && strstr(kvt_error_msg(), "Q_all"));
+    kvt_policy_free(p);
+    p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("lookm:recent_share=1.5", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("lookm:window=8", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(p == NULL);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1434,7 +1494,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 35);
+    KVT_EXPECT(kvt_policy_registry_size() == 36);
 }
 
 int main(void)
@@ -1461,6 +1521,7 @@ int main(void)
     test_merge();
     test_finch();
     test_cam();
+    test_lookm();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
