@@ -1281,6 +1281,78 @@ static void test_merge(void)
     kvt_policy_free(p);
 }
 
+/* merged sets a and b hold the same entries and (within 1e-6) the same merged K and V */
+static void expect_same_merged(const kvt_merged_set *a, const kvt_merged_set *b, int D,
+                               const char *what, int budget, int head)
+{
+    bool same = a->n == b->n && a->n_changed == b->n_changed &&
+                !memcmp(a->idx, b->idx, (size_t)a->n * sizeof(int32_t)) &&
+                !memcmp(a->changed, b->changed, (size_t)a->n);
+    for (int i = 0; same && i < a->n_changed * D; i++)
+        same = fabsf(a->k[i] - b->k[i]) <= 1e-6f * (1 + fabsf(b->k[i])) &&
+               fabsf(a->v[i] - b->v[i]) <= 1e-6f * (1 + fabsf(b->v[i]));
+    KVT_EXPECT_MSG(same, "%s budget %d head %d: merged with the other budgets differs from alone",
+                   what, budget, head);
+}
+
+/* merge.c carries each dropped token's nearest kept token from one budget to the next (in
+ * increasing kept count) when the kept sets are nested, and starts afresh when they are not:
+ * either way each budget's merged set must be the one merged from that budget alone. A random
+ * layer (T = 60, D = 8, 4 query heads on 2 KV heads): snapkv's nested sets with the budgets
+ * out of order (and one past T), per query head; keydiff-block's sets, which are not nested,
+ * merged directly. */
+static void test_merge_budgets(void)
+{
+    enum { T = 60, D = 8, NB = 6 };
+    test_layer t;
+    tl_random(&t, 91, T, D, 4, 2, 4, 0, false);
+    const int B[NB] = {40, 9, 20, 5, 70, 21};
+    const char *spec[2] = {"snapkv:window=4,merge=pivot",
+                           "snapkv:window=4,merge=weighted,heads=query"};
+    for (int p = 0; p < 2; p++) {
+        kvt_layer_selection *all = tl_select(&t.in, spec[p], B, NB);
+        for (int b = 0; b < NB; b++) {
+            kvt_layer_selection *one = tl_select(&t.in, spec[p], &B[b], 1);
+            for (int h = 0; h < all->n_heads; h++)
+                expect_same_merged(&all->merged[(size_t)b * all->n_heads + h], &one->merged[h], D,
+                                   spec[p], B[b], h);
+            kvt_layer_selection_free(one);
+        }
+        kvt_layer_selection_free(all);
+    }
+    kvt_layer_ctx c;
+    KVT_CHECK(kvt_ctx_build(&t.in, &c));
+    kvt_layer_selection *all = tl_select(&t.in, "keydiff-block:block=7", B, NB);
+    /* not nested: a larger budget drops some token a smaller one keeps (else the fresh start
+       would not run) */
+    int not_nested = 0;
+    for (int b = 0; b < NB; b++)
+        for (int b2 = 0; b2 < NB; b2++) {
+            if (B[b] >= B[b2] || B[b2] >= T)
+                continue;
+            char in[T] = {0};
+            const int32_t *r2 = kvt_sel_ranking(all, b2, 0);
+            for (int i = 0; i < all->count[b2 * all->n_heads]; i++)
+                in[r2[i]] = 1;
+            const int32_t *r = kvt_sel_ranking(all, b, 0);
+            for (int i = 0; i < all->count[b * all->n_heads]; i++)
+                not_nested += !in[r[i]];
+        }
+    KVT_EXPECT_MSG(not_nested > 0, "keydiff-block's sets are nested here");
+    KVT_CHECK(kvt_sel_merge(&c, 'w', all));
+    for (int b = 0; b < NB; b++) {
+        kvt_layer_selection *one = tl_select(&t.in, "keydiff-block:block=7", &B[b], 1);
+        KVT_CHECK(kvt_sel_merge(&c, 'w', one));
+        for (int h = 0; h < all->n_heads; h++)
+            expect_same_merged(&all->merged[(size_t)b * all->n_heads + h], &one->merged[h], D,
+                               "keydiff-block", B[b], h);
+        kvt_layer_selection_free(one);
+    }
+    kvt_layer_selection_free(all);
+    kvt_ctx_free(&c);
+    tl_free(&t);
+}
+
 /* finch, D = 1: window queries q = 1 (position 4) and -1 (position 5) over keys 1, -1, 0, 0, 0,
  * -.3165. P0 = (.447, .060, .164, .164, .164), P1 = (.049, .364, .134, .134, .134, .184).
  * SnapKV's mean ranks token 0 (.248) above token 1 (.212); FINCH weighs query i by T - W + i
@@ -1519,6 +1591,7 @@ int main(void)
     test_duo_attention();
     test_simlayerkv();
     test_merge();
+    test_merge_budgets();
     test_finch();
     test_cam();
     test_lookm();
