@@ -723,6 +723,23 @@ static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merg
 }
 #undef MB
 
+/* The fast path of a merged set's coverage: the cosines of m entries' unit keys ek [m, D] with the
+ * first ne probes' pk [ne, D] as one product (cs [m, ne]), each rounded to f32 as the plain loop
+ * rounds its sums, into every probe's best so far. */
+#define COV_ROWS 128
+static void cov_block(const double *ek, int m, const double *pk, int ne, int D, double *cs,
+                      float *bestv)
+{
+    if (ne <= 0)
+        return;
+    kvt_gemm_f64(true, m, ne, D, 1.0, ek, D, pk, D, 0.0, cs, ne);
+    for (int r = 0; r < m; r++)
+        for (int i = 0; i < ne; i++) {
+            float xf = (float)cs[(size_t)r * ne + i];
+            bestv[i] = xf > bestv[i] ? xf : bestv[i];
+        }
+}
+
 static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_layer_selection *sel,
                                  int h, const kvt_layer_selection *orc, kvt_head_metrics *m,
                                  size_t mstride)
@@ -738,11 +755,24 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             max_chg = sel->merged[(size_t)b * H + h].n_changed;
     float *cu = kvt_malloc(((size_t)max_chg * D + 1) * sizeof(float));   /* unit changed keys */
     int32_t *cidx = kvt_malloc(((size_t)max_chg + 1) * sizeof(int32_t)); /* their tokens */
-    if (!cu || !cidx) {
+    /* the fast path's coverage: the probes' unit keys and blocks of entries' in double, and
+       their cosines */
+    const bool dense = !kvt_kernels_ref_only() && s->n_probe > 0;
+    const size_t npk = dense ? (size_t)s->n_probe : 0;
+    double *pk =
+        dense
+            ? kvt_malloc((npk * D + (size_t)COV_ROWS * D + (size_t)COV_ROWS * npk) * sizeof(double))
+            : NULL;
+    if (!cu || !cidx || (dense && !pk)) {
         kvt_free(cu);
         kvt_free(cidx);
+        kvt_free(pk);
         return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (merged keys)");
     }
+    double *ek = pk ? pk + npk * D : NULL, *cs = pk ? ek + (size_t)COV_ROWS * D : NULL;
+    for (size_t i = 0; i < npk; i++)
+        for (int d = 0; d < D; d++)
+            pk[i * D + d] = c->ku[((size_t)g * T + s->probe[i]) * D + d];
     if (orc)
         for (int t = 0; t < T; t++)
             s->posO[orc->order[(size_t)h * T + t]] = t;
@@ -800,6 +830,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         if (st) {
             kvt_free(cu);
             kvt_free(cidx);
+            kvt_free(pk);
             return st;
         }
         /* unit merged keys, their redundancy, coverage of the probes (unchanged entries from
@@ -841,6 +872,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             const int np = s->n_probe, ne = probes_in_prefix(s, T, sel->window);
             for (int i = 0; i < ne; i++)
                 bestv[i] = -INFINITY;
+            int nrow = 0; /* entries in ek waiting for their product (fast path) */
             for (int e2 = 0, ce = 0; e2 < ms->n; e2++) {
                 if (!ms->changed[e2] && s->ct) {
                     const float *row = s->ct + (size_t)ms->idx[e2] * np;
@@ -850,6 +882,15 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
                 }
                 const float *ke = ms->changed[e2] ? cu + (size_t)ce++ * D
                                                   : c->ku + ((size_t)g * T + ms->idx[e2]) * D;
+                if (dense) { /* a block of entries by the probes, as one product */
+                    for (int d = 0; d < D; d++)
+                        ek[(size_t)nrow * D + d] = ke[d];
+                    if (++nrow == COV_ROWS) {
+                        cov_block(ek, nrow, pk, ne, D, cs, bestv);
+                        nrow = 0;
+                    }
+                    continue;
+                }
                 for (int i = 0; i < ne; i++) {
                     const float *kp = c->ku + ((size_t)g * T + s->probe[i]) * D;
                     double x = 0.0;
@@ -859,6 +900,8 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
                     bestv[i] = xf > bestv[i] ? xf : bestv[i];
                 }
             }
+            if (nrow > 0)
+                cov_block(ek, nrow, pk, ne, D, cs, bestv);
             for (int i = 0; i < ne; i++) {
                 double best = bestv[i];
                 sum += best;
@@ -891,6 +934,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
     }
     kvt_free(cu);
     kvt_free(cidx);
+    kvt_free(pk);
     return KVT_OK;
 }
 
