@@ -105,6 +105,10 @@ static const opt_desc opts_table[] = {
     {"theta", O_DBL, OFF(theta), 1e-9, 1, "HybridKV-like attention mass threshold"},
     {"tau", O_TAU, OFF(tau), 0, 1, "HybridKV-like static threshold or median"},
     {"split", O_DBL, OFF(split), 0, 1, "HybridKV-like static share r of the budget"},
+    {"tau1", O_DBL, OFF(tau1), 1e-3, 1e3, "cake: the layer preference's entropy exponent 1/tau1"},
+    {"tau2", O_DBL, OFF(tau2), 1e-3, 1e3, "cake: the layer preference's variance exponent 1/tau2"},
+    {"gamma", O_DBL, OFF(gamma), 0, 1e9,
+     "cake: the token score's weight of the window attention's variance"},
     {"recent_share", O_DBL, OFF(recent_share), 0, 1,
      "lookm: share of the budget kept as the most recent tokens (LOOK-M's recent_ratio over "
      "hh_ratio + recent_ratio)"},

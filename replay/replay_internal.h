@@ -60,6 +60,8 @@ typedef struct kvt_policy_opts {
     double tau;             /* HybridKV-like static threshold on k_theta/|P|; NaN = median split */
     double split;           /* HybridKV-like share r of the budget for static heads */
     double recent_share;    /* lookm: share of the budget kept as the most recent tokens */
+    double tau1, tau2;      /* cake: the preference's entropy and variance exponents 1/tau */
+    double gamma;           /* cake: weight of the window attention's variance in the score */
     int chunk;              /* ChunkKV, HybridKV-like chunk size C */
     bool chunk_kvpress;     /* align=kvpress: ChunkKV's chunks of the whole sequence, PyramidKV's
                                layer counts, as kvpress computes them */
@@ -411,6 +413,20 @@ kvt_status kvt_rank_by_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const dou
  *  counts. */
 kvt_status kvt_rank_by_colsum(kvt_layer_ctx *c, const kvt_policy *p, kvt_reduce reduce,
                               bool per_viewer, const int *B, int n_b, kvt_layer_selection *sel);
+
+/** CAKE's entries per layer at budget B (window W included) from the layers' preferences
+ *  pref[L] (policy_cake.c): (B - W) * L prefix tokens split by the preferences, truncated, CAKE's
+ *  adjust_budgets, clamped to [0, T - W]; B <= W keeps the last B, T <= B + W all T. */
+#define KVT_MAX_LAYERS_CAKE 4096
+kvt_status kvt_cake_counts(const double *pref, int L, int T, int W, int B, int *counts);
+
+/* ---- reads of the bind hooks that open the trace (bind_read.c) ---- */
+/** The trace header's model.attn_scale, or 1/sqrt(D), as the replay takes it. */
+double kvt_bind_trace_scale(kvt_trace_reader *r, int D);
+/** Every head of (layer l, kind), n elements, as f32 into *out (kvt_malloc'ed; the caller frees);
+ *  an allocation failure names the policy. */
+kvt_status kvt_bind_read_f32(kvt_trace_reader *r, int l, int kind, uint32_t heads, size_t n,
+                             const char *policy, float **out);
 
 /** PyramidKV: selected prefix tokens at layer l for budget B (POLICIES §2). Returns -1 when
  *  the prompt is short (no compression). */

@@ -16,8 +16,6 @@
 #include <math.h>
 #include <string.h>
 
-#include <cjson/cJSON.h>
-
 #include "../replay_internal.h"
 #include "kvt_trace.h"
 
@@ -47,33 +45,6 @@ static void unbind_fastv(void *state)
     kvt_free(s);
 }
 
-/* the header's model.attn_scale, or 1/sqrt(D) (as the replay takes it) */
-static double trace_scale(kvt_trace_reader *r, int D)
-{
-    cJSON *h = cJSON_Parse(kvt_trace_reader_header_json(r));
-    const cJSON *as = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(h, "model"),
-                                                       "attn_scale");
-    double s = cJSON_IsNumber(as) && as->valuedouble > 0 ? as->valuedouble : 1.0 / sqrt((double)D);
-    cJSON_Delete(h);
-    return s;
-}
-
-/* every head of (layer l, kind), n elements, as f32 into *out (kvt_malloc'ed) */
-static kvt_status read_f32(kvt_trace_reader *r, int l, int kind, uint32_t heads, size_t n,
-                           float **out)
-{
-    float *x = kvt_malloc(n * sizeof(float) + 1);
-    KVT_RETURN_IF(!x, KVT_ERR_NOMEM, "fastv: out of memory");
-    kvt_status st =
-        kvt_trace_reader_read(r, l, kind, 0, heads, KVT_DTYPE_F32, x, n * sizeof(float));
-    if (st) {
-        kvt_free(x);
-        return st;
-    }
-    *out = x;
-    return KVT_OK;
-}
-
 /* score[T]: the attention each token receives at layer l, summed over the prompt queries (all,
  * or the last n of the stored window), averaged over the query heads */
 static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int T, int n_last,
@@ -89,7 +60,8 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
     if (!n_last && !kvt_trace_reader_shape(r, l, KVT_KIND_ATTN_COLSUM, &nh, &nt, &dim, &dt)) {
         KVT_RETURN_IF(nh != (uint32_t)Hq || nt != (uint32_t)T || dim != 1, KVT_ERR_CORRUPT,
                       "fastv: layer %d's column sums are [%u, %u], not [%d, %d]", l, nh, nt, Hq, T);
-        KVT_FORWARD(read_f32(r, l, KVT_KIND_ATTN_COLSUM, (uint32_t)Hq, (size_t)Hq * T, &cs));
+        KVT_FORWARD(kvt_bind_read_f32(r, l, KVT_KIND_ATTN_COLSUM, (uint32_t)Hq, (size_t)Hq * T,
+                                      "fastv", &cs));
         for (int h = 0; h < Hq; h++)
             for (int j = 0; j < T; j++)
                 score[j] += cs[(size_t)h * T + j] / Hq;
@@ -116,10 +88,10 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
                       nh != (uint32_t)Hkv || nt != (uint32_t)T || dim != (uint32_t)D,
                   KVT_ERR_CORRUPT, "fastv: layer %d's K is not [%d, %d, %d] as its queries", l, Hkv,
                   T, D);
-    if ((st = read_f32(r, l, qkind, (uint32_t)Hq, (size_t)Hq * nq * D, &q)) ||
-        (st = read_f32(r, l, KVT_KIND_K, (uint32_t)Hkv, (size_t)Hkv * T * D, &k)))
+    if ((st = kvt_bind_read_f32(r, l, qkind, (uint32_t)Hq, (size_t)Hq * nq * D, "fastv", &q)) ||
+        (st = kvt_bind_read_f32(r, l, KVT_KIND_K, (uint32_t)Hkv, (size_t)Hkv * T * D, "fastv", &k)))
         goto out;
-    const double scale = trace_scale(r, D);
+    const double scale = kvt_bind_trace_scale(r, D);
     work = kvt_malloc(((size_t)T + 1) * sizeof(double));
     acc = kvt_malloc((size_t)T * sizeof(double));
     pr = kvt_malloc((size_t)n_last * T * sizeof(float) + 1);

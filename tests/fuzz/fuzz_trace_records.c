@@ -31,8 +31,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
-static kvt_policy **g_pols[3]; /* without and with decode queries; fastv (modality table) */
-static size_t g_n_pol[3];
+static kvt_policy **g_pols[4]; /* without and with decode queries; fastv (modality table); cake */
+static size_t g_n_pol[4];
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
 
@@ -47,16 +47,18 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        simlayerkv (the window probabilities read on the host) */
     /* and, on a trace with a modality table, fastv: its ranking read from layer 0 by the policy
        itself (the window queries' last row and K; the column sums or Q_all) before the replay;
-       lookm's text prior (the column sums, a ranking per budget, merged and not) */
-    const char *set[3] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
+       lookm's text prior (the column sums, a ranking per budget, merged and not); and on every
+       trace cake, whose bind reads every layer's window queries and keys for the layer budgets */
+    const char *set[4] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
                           "snapkv:window=1,merge=pivot",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
                           "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
                           "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
-                          "lookm:merge=none,heads=query"};
-    for (int i = 0; i < 3; i++)
+                          "lookm:merge=none,heads=query",
+                          "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50"};
+    for (int i = 0; i < 4; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
@@ -417,6 +419,20 @@ static void same_on_device(int pi, kvt_status st_cpu, const kvt_trace_result *cp
 }
 #endif
 
+/* the whole replay of policy set pi (with cuemu also on the device, which must agree) */
+static void replay_set(int pi)
+{
+    kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 4};
+    kvt_trace_result *res = NULL;
+    const kvt_status st =
+        kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &res);
+#ifdef KVT_FUZZ_CUDA
+    same_on_device(pi, st, st ? NULL : res);
+#endif
+    if (st == KVT_OK)
+        kvt_trace_result_free(res);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     kvt_fuzz_src s = {data, size};
@@ -430,25 +446,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         kvt_verify_report_free(&rep);
     int n_layers, n_tokens;
     if (kvt_replay_trace_shape(g_path, &n_layers, &n_tokens) == KVT_OK) {
-        kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 4};
-        kvt_trace_result *res;
-        const int pi = sh.G > 0;
-        const kvt_status st =
-            kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &res);
-#ifdef KVT_FUZZ_CUDA
-        same_on_device(pi, st, st ? NULL : res);
-#endif
-        if (st == KVT_OK)
-            kvt_trace_result_free(res);
-        if (sh.modality) {
-            const kvt_status sf =
-                kvt_replay_trace(g_path, g_pols[2], g_n_pol[2], g_budgets, g_n_budgets, &o, &res);
-#ifdef KVT_FUZZ_CUDA
-            same_on_device(2, sf, sf ? NULL : res);
-#endif
-            if (sf == KVT_OK)
-                kvt_trace_result_free(res);
-        }
+        replay_set(sh.G > 0);
+        if (sh.modality)
+            replay_set(2);
+        replay_set(3);
     }
     differential(&sh);
     kvt_error_clear();

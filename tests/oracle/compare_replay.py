@@ -88,7 +88,8 @@ def policy_specs(W, has_decode, has_colsum, scores=None, visual=False):
              s("mixkv-snapkv", "method=attn"), s("mixkv-snapkv", "method=keydiff"),
              s("mixkv-pyramidkv", "method=vnorm"), s("mixkv-adakv", "method=knorm"),
              s("mixkv-snapkv", "method=mixkv", "heads=query"),
-             "knorm", "vnorm", "keydiff", "keydiff:window=8"]
+             "knorm", "vnorm", "keydiff", "keydiff:window=8",
+             s("cake"), s("cake", "heads=query", "tau1=1.6", "tau2=0.4", "gamma=50")]
     if has_colsum:
         specs += [s("h2o"), s("h2o", "heads=query"), "lookm:merge=none",
                   "lookm:merge=none,recent_share=0.25,heads=query",

@@ -34,6 +34,13 @@ What it implements (POLICIES.md section in brackets):
     before them, the text (non-visual) ones by their column sums (GQA-reduced), then the
     image/video ones by theirs. Also written in the same session as the C policy, from the
     same reading of LOOK-M's code;
+  * cake [§11, CAKE's released code]: layer preferences H^(1/tau1)·V^(1/tau2) from every
+    layer's last W window probabilities over the prefix (cake_prefs: entropy with +1e-10 in the
+    log; the unbiased variance over the window queries, summed), the layers' prefix budgets
+    (B−W)·L split by them and passed through CAKE's adjust_budgets (cake_counts, then clamped
+    to [0, N−W]); tokens by the average-pooled (k = 5) mean + gamma·variance of the window
+    probabilities, group mean; N <= B + W keeps all, B <= W the last B. Written in the same
+    session as the C policy from the same reading of the code;
   * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
     renormalised over the kept set) on all stored window queries and on decode queries (which
     also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
@@ -105,6 +112,7 @@ POLICIES = {
                "beta": 1.01, "scores": ""},
     "fastv": {"heads": "kv", "dense_layers": 2, "last": 0},
     "lookm": {"reduce": "mean", "heads": "kv", "recent_share": 0.5, "merge": "pivot"},
+    "cake": {"window": 32, "heads": "kv", "tau1": 1.0, "tau2": 1.0, "gamma": 200.0},
 }
 NEEDS = {"h2o": "colsum", "lookm": "colsum", "oracle": "decode"}
 MODALITY_NAMES = ("text", "image", "video", "other")
@@ -575,6 +583,22 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
             return [np.arange(N)] * H, [N] * H
         order = ctx.fastv_orders[(int(o["dense_layers"]), int(o["last"]))]
         return [order] * H, uniform(N if short else B)
+    if name == "cake":
+        W = min(W, N)
+        if W > ctx.Wt:
+            raise ValueError("cake: window %d > stored window %d" % (W, ctx.Wt))
+        pw = ctx.Pw[:, ctx.Wt - W:, :N - W]
+        a = pw.mean(axis=1) + float(o["gamma"]) * (pw.var(axis=1, ddof=1) if W > 1 else 0)
+        red = a if query else reduce_heads(a, ctx.Hkv, "mean")
+        sc = pool1d(red, 5, "avg")
+        orders = [window_first_order(sc[hh], N, W) for hh in range(H)]
+        info["scores"] = [_win_scores(sc[hh], N, W) for hh in range(H)]
+        if B <= W:
+            return orders, uniform(B)
+        if N <= B + W:
+            return orders, [N] * H
+        prefs = ctx.cake_prefs[(W, float(o["tau1"]), float(o["tau2"]))]
+        return orders, [W + cake_counts(prefs, B - W, N - W)[layer]] * H
     if name == "lookm":
         if str(o.get("merge", "pivot")) != "none":
             raise ValueError("lookm: the oracle does not merge (give merge=none)")
@@ -873,6 +897,45 @@ def fastv_order(ctx, n_last):
     return np.concatenate([text, vidx[stable_desc_order(score[vidx])]]).astype(np.int64)
 
 
+def cake_pref(ctx, W, tau1, tau2):
+    """CAKE's preference of one layer: entropy^(1/tau1) · variance^(1/tau2) of the last W window
+    probabilities over the prefix, summed over query heads (and window queries, for the
+    entropy)."""
+    pw = ctx.Pw[:, ctx.Wt - W:, :ctx.N - W]
+    ent = float(-(pw * np.log(pw + 1e-10)).sum())
+    var = float(pw.var(axis=1, ddof=1).sum())
+    return ent ** (1.0 / tau1) * var ** (1.0 / tau2)
+
+
+def cake_counts(prefs, b, P):
+    """Every layer's prefix budget: the total b·L split by the preferences, truncated, then
+    cake/utils.py adjust_budgets (excess above P shared by the layers below P; then the total
+    restored on the layers below P, or taken from those above 1), clamped to [0, P]."""
+    L = len(prefs)
+    total = b * L
+    s = sum(prefs)
+    f = [p / s * total for p in prefs] if s > 0 and math.isfinite(s) else [total / L] * L
+    bl = np.array([int(x) for x in f], dtype=np.int64)
+    excess = np.maximum(bl - P, 0)
+    bl = np.minimum(bl, P)
+    ex = int(excess.sum())
+    if ex > 0:
+        ok = bl < P
+        n = int(ok.sum())
+        if n > 0:
+            bl[ok] += ex // n
+            bl[np.where(ok)[0][:ex % n]] += 1
+    diff = total - int(bl.sum())
+    if diff != 0:
+        ok = bl < P if diff > 0 else bl > 1
+        n = int(ok.sum())
+        if n > 0:
+            sign = 1 if diff > 0 else -1
+            bl[ok] += sign * (abs(diff) // n)
+            bl[np.where(ok)[0][:abs(diff) % n]] += sign
+    return [int(min(max(x, 0), P)) for x in bl]
+
+
 def load_layer(t, layer, scale=None):
     """LayerInputs of one layer of an open kvtrace.Trace (float32 -> float64)."""
     def rd(kind):
@@ -910,9 +973,17 @@ def replay_trace(path, policies=None, budgets=(64, 128, 256, 512), layers=None,
             key = (int(o.get("dense_layers", 0)), int(o.get("last", 0)))
             if name == "fastv" and key not in fastv and 1 <= key[0] < L:
                 fastv[key] = fastv_order(load_layer(t, key[0] - 1, scale), key[1])
+        cake = {}  # (W, tau1, tau2) -> every layer's preference
+        for _, name, o in pols:
+            if name == "cake":
+                key = (int(o["window"]), float(o["tau1"]), float(o["tau2"]))
+                if key not in cake and key[0] < N:
+                    cake[key] = [cake_pref(load_layer(t, l, scale), key[0], key[1], key[2])
+                                 for l in range(L)]
         for layer in layer_ids:
             ctx = load_layer(t, layer, scale)
             ctx.fastv_orders = fastv
+            ctx.cake_prefs = cake
             res = replay_layer(None, None, None, policies=pols, budgets=budgets, layer=layer,
                                n_layers=L, coverage_probes=coverage_probes, ctx=ctx,
                                debug=debug)

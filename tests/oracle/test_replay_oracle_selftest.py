@@ -331,6 +331,12 @@ class OtherPolicies(unittest.TestCase):
         with self.assertRaises(ValueError):  # the oracle does not merge
             kept(c, "lookm", 4)
 
+    def test_cake_counts(self):
+        # test_replay_policies.c's hand-worked budgets: prefix 90, (60 - 10) x L to split
+        self.assertEqual(O.cake_counts([1, 1, 1, 7], 50, 90), [37, 37, 36, 90])
+        self.assertEqual(O.cake_counts([1, 2, 4], 50, 90), [22, 43, 85])
+        self.assertEqual(O.cake_counts([0, 0, 0], 50, 90), [50, 50, 50])
+
     def test_full(self):
         c = ctx8()
         self.assertEqual(kept(c, "full", 3), [list(range(8))])

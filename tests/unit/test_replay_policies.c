@@ -1472,6 +1472,44 @@ static void test_lookm(void)
     KVT_EXPECT(p == NULL);
 }
 
+/* cake's layer budgets (kvt_cake_counts), worked by hand from cake/utils.py adjust_budgets:
+ * T = 100, W = 10 (prefix 90), B = 60: (60 - 10) x L prefix tokens split by the preferences. */
+static void test_cake(void)
+{
+    int n[4];
+    /* 1, 1, 1, 7 of 200: 20, 20, 20, 140; 50 above 90 go to the first three, 16 each and the
+       remainder 2 one each to the first two: 37, 37, 36, 90 */
+    const double p1[4] = {1, 1, 1, 7};
+    KVT_CHECK(kvt_cake_counts(p1, 4, 100, 10, 60, n));
+    KVT_EXPECT_MSG(n[0] == 47 && n[1] == 47 && n[2] == 46 && n[3] == 100, "%d %d %d %d", n[0], n[1],
+                   n[2], n[3]);
+    /* 1, 2, 4 of 150: 21.4, 42.9, 85.7 truncated to 21, 42, 85 (148); the 2 left go one each to
+       the first two layers below 90 */
+    const double p2[3] = {1, 2, 4};
+    KVT_CHECK(kvt_cake_counts(p2, 3, 100, 10, 60, n));
+    KVT_EXPECT_MSG(n[0] == 32 && n[1] == 53 && n[2] == 95, "%d %d %d", n[0], n[1], n[2]);
+    const double p0[3] = {0, 0, 0}; /* no preference: alike */
+    KVT_CHECK(kvt_cake_counts(p0, 3, 100, 10, 60, n));
+    KVT_EXPECT(n[0] == 60 && n[1] == 60 && n[2] == 60);
+    KVT_CHECK(kvt_cake_counts(p2, 3, 100, 10, 8, n)); /* B <= W: the last B */
+    KVT_EXPECT(n[0] == 8 && n[1] == 8 && n[2] == 8);
+    KVT_CHECK(kvt_cake_counts(p2, 3, 100, 10, 90, n)); /* T <= B + W: all of it */
+    KVT_EXPECT(n[0] == 100 && n[1] == 100 && n[2] == 100);
+    KVT_EXPECT_STATUS(kvt_cake_counts(p2, 0, 100, 10, 60, n), KVT_ERR_INVALID_ARG);
+    /* the budgets need every layer: one layer alone is refused; window=1 has no variance */
+    const float k[6] = {1, 0, 2, -1, 3, 0}, v[6] = {0}, q[2] = {1, 1};
+    kvt_layer_input in = layer1d(6, 2, 1, 1, k, v, q);
+    kvt_policy *p = mk("cake:window=2");
+    kvt_layer_selection *bad = NULL;
+    const int B[1] = {3};
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "replay the whole trace"), "%s", kvt_error_msg());
+    kvt_policy_free(p);
+    p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("cake:window=1", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("cake:tau1=0", NULL, &p), KVT_ERR_INVALID_ARG);
+}
+
 static void test_parse(void)
 {
     kvt_policy **ps = NULL;
@@ -1566,7 +1604,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 36);
+    KVT_EXPECT(kvt_policy_registry_size() == 37);
 }
 
 int main(void)
@@ -1595,6 +1633,7 @@ int main(void)
     test_finch();
     test_cam();
     test_lookm();
+    test_cake();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
