@@ -15,14 +15,13 @@
  *   truncated, then CAKE's adjust_budgets (a budget above |P| gives its excess equally to the
  *   layers below |P|, the remainder one each to the first of them; then the total is made
  *   (B - W) * L again, adding to the layers below |P| or taking from those above 1, equally and
- *   the remainder from the first), clamped to [0, |P|] (the code's topk takes at most |P|; it
- *   would fail on a negative budget, which its last step can produce);
+ *   the remainder from the first), clamped to [0, |P|] (the code's topk takes at most |P|);
  * - a head keeps the b_l prefix tokens of largest mean_i A + gamma * var_i A, average-pooled
  *   (kernel 5, zero padding, divisor 5), the group's mean under heads=kv (ties: lower index).
  * A prompt of at most B + W tokens is kept whole (CAKE's own condition); B <= W keeps the last B
- * (every window policy's rule). tau1 = tau2 = 1 and gamma = 200 are pred_cake.py's defaults
- * (its model2tau.json has tuned pairs per model and cache size: e.g. Llama-3.1-8B at 1024:
- * tau1=1.6, tau2=0.4).
+ * (every window policy's rule; the code's budgets would be negative there, and its topk fail).
+ * tau1 = tau2 = 1 and gamma = 200 are pred_cake.py's defaults (its model2tau.json has tuned
+ * pairs per model and cache size: e.g. Llama-3.1-8B at 1024: tau1=1.6, tau2=0.4).
  *
  * The budgets need every layer's preference, so the policy's bind reads each layer's window
  * queries and keys before any layer is replayed; a single-layer replay is refused.

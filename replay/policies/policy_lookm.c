@@ -10,9 +10,10 @@
  * of the tokens before them, the best B - R: the non-visual (text) tokens first, by score, then
  * the image and video tokens, by score (ties to the lower index). LOOK-M's default
  * hh_ratio = recent_ratio = 0.1 is B = 20% of the prompt with recent_share=0.5 (the default).
- * The recent part grows with the budget, so the kept sets are not nested: a ranking per budget
- * (KVT_POLICY_PER_BUDGET). Without a modality table every token counts as text (H2O with a
- * recent window of recent_share * B).
+ * The recent part grows with the budget, so each budget has a ranking of its own
+ * (KVT_POLICY_PER_BUDGET), though a kept set still contains every smaller budget's (B - R never
+ * falls as B grows; merge.c uses that). Without a modality table every token counts as text
+ * (H2O with a recent window of recent_share * B).
  *
  * merge=pivot (the default) is LOOK-M's pivot merge, merge.c's (each dropped token averaged into
  * the kept entry with the most similar key, keys and values alike); merge=none is its

@@ -35,7 +35,7 @@ What it implements (POLICIES.md section in brackets):
     image/video ones by theirs. Also written in the same session as the C policy, from the
     same reading of LOOK-M's code;
   * cake [§11, CAKE's released code]: layer preferences H^(1/tau1)·V^(1/tau2) from every
-    layer's last W window probabilities over the prefix (cake_prefs: entropy with +1e-10 in the
+    layer's last W window probabilities over the prefix (cake_pref: entropy with +1e-10 in the
     log; the unbiased variance over the window queries, summed), the layers' prefix budgets
     (B−W)·L split by them and passed through CAKE's adjust_budgets (cake_counts, then clamped
     to [0, N−W]); tokens by the average-pooled (k = 5) mean + gamma·variance of the window
