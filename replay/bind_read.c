@@ -1,5 +1,7 @@
 /* bind_read.c - reads for the policies whose bind hook opens the trace before its layers are
  * replayed (fastv: layer K-1's attention; cake: every layer's window attention). */
+#include <string.h>
+
 #include <cjson/cJSON.h>
 
 #include "replay_internal.h"
@@ -26,5 +28,34 @@ kvt_status kvt_bind_read_f32(kvt_trace_reader *r, int l, int kind, uint32_t head
         return st;
     }
     *out = x;
+    return KVT_OK;
+}
+
+kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
+                            const char *policy, kvt_bind_qk *out)
+{
+    uint32_t nh, nt, dim;
+    kvt_dtype dt;
+    memset(out, 0, sizeof(*out));
+    KVT_RETURN_IF(kvt_trace_reader_shape(r, l, qkind, &nh, &nt, &dim, &dt), KVT_ERR_NOT_FOUND,
+                  "%s: layer %d has no %s", policy, l, kvt_kind_name(qkind));
+    KVT_RETURN_IF(nh != (uint32_t)Hq || nt < 1 || nt > (uint32_t)T, KVT_ERR_CORRUPT,
+                  "%s: layer %d's %s is [%u heads, %u queries], not [%d, 1 to %d]", policy, l,
+                  kvt_kind_name(qkind), nh, nt, Hq, T);
+    const int D = (int)dim, nq = (int)nt;
+    KVT_RETURN_IF(kvt_trace_reader_shape(r, l, KVT_KIND_K, &nh, &nt, &dim, &dt) ||
+                      nh != (uint32_t)Hkv || nt != (uint32_t)T || dim != (uint32_t)D,
+                  KVT_ERR_CORRUPT, "%s: layer %d's K is not [%d, %d, %d] as its queries", policy, l,
+                  Hkv, T, D);
+    kvt_status st =
+        kvt_bind_read_f32(r, l, qkind, (uint32_t)Hq, (size_t)Hq * nq * D, policy, &out->q);
+    if (!st && (st = kvt_bind_read_f32(r, l, KVT_KIND_K, (uint32_t)Hkv, (size_t)Hkv * T * D, policy,
+                                       &out->k))) {
+        kvt_free(out->q);
+        out->q = NULL;
+    }
+    if (st)
+        return st;
+    out->nq = nq, out->D = D, out->scale = kvt_bind_trace_scale(r, D);
     return KVT_OK;
 }

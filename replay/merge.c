@@ -38,15 +38,15 @@ static void unit_keys(const kvt_layer_ctx *c, int g, double *u)
 
 typedef struct merge_work {
     double *ukept, *sim, *acc_k, *acc_v, *wsum; /* [n, D], [ROWS, n], [n, D] x 2, [n] */
-    int32_t *kept, *drop, *target;              /* [T] */
-    double *best;                               /* [T] each dropped token's similarity */
+    int32_t *kept, *drop;                       /* [T] */
     uint8_t *in, *prev_in;                      /* [T] kept now, kept at the previous budget */
     int32_t *fresh, *pos, *near_t;              /* [T] */
     double *near_v;                             /* [T] */
 } merge_work;
 
 /* From the kept tokens w->kept[0..n) (ascending), the dropped ones w->drop[0..nd) and each dropped
- * token's entry w->target[i] with its similarity w->best[i]: the merged set of KV head g. */
+ * token's nearest kept token near_t with its similarity near_v (entry pos[near_t]): the merged
+ * set of KV head g. */
 static kvt_status merge_sums(const kvt_layer_ctx *c, int g, char mode, merge_work *w, int n, int nd,
                              kvt_merged_set *out)
 {
@@ -57,8 +57,8 @@ static kvt_status merge_sums(const kvt_layer_ctx *c, int g, char mode, merge_wor
     memset(w->acc_v, 0, (size_t)n * D * sizeof(double));
     memset(w->wsum, 0, (size_t)n * sizeof(double));
     for (int i = 0; i < nd; i++) {
-        int e = w->target[i], j = w->drop[i];
-        double wt = mode == 'w' ? fmax((w->best[i] + 1.0) / 2.0, 1e-6) : 1.0;
+        const int j = w->drop[i], e = w->pos[w->near_t[j]];
+        double wt = mode == 'w' ? fmax((w->near_v[j] + 1.0) / 2.0, 1e-6) : 1.0;
         for (int d = 0; d < D; d++) {
             w->acc_k[(size_t)e * D + d] += wt * K[(size_t)j * D + d];
             w->acc_v[(size_t)e * D + d] += wt * V[(size_t)j * D + d];
@@ -151,10 +151,6 @@ static kvt_status merge_step(const kvt_layer_ctx *c, const double *u, int g, cha
             w->near_t[j] = bt, w->near_v[j] = bv;
         }
     }
-    for (int i = 0; i < nd; i++) {
-        w->target[i] = w->pos[w->near_t[w->drop[i]]];
-        w->best[i] = w->near_v[w->drop[i]];
-    }
     return merge_sums(c, g, mode, w, n, nd, out);
 }
 
@@ -185,10 +181,8 @@ kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel)
     w.acc_k = kvt_malloc(((size_t)(T > MERGE_ROWS ? T : MERGE_ROWS) * D + 1) * sizeof(double));
     w.acc_v = kvt_malloc(((size_t)T * D + 1) * sizeof(double));
     w.wsum = kvt_malloc(((size_t)T + 1) * sizeof(double));
-    w.best = kvt_malloc(((size_t)T + 1) * sizeof(double));
     w.kept = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
     w.drop = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
-    w.target = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
     w.in = kvt_malloc((size_t)T + 1);
     w.prev_in = kvt_malloc((size_t)T + 1);
     w.fresh = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
@@ -196,9 +190,8 @@ kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel)
     w.near_t = kvt_malloc(((size_t)T + 1) * sizeof(int32_t));
     w.near_v = kvt_malloc(((size_t)T + 1) * sizeof(double));
     by_count *ord = kvt_malloc(((size_t)nb + 1) * sizeof(by_count));
-    if (!u || !w.ukept || !w.sim || !w.acc_k || !w.acc_v || !w.wsum || !w.best || !w.kept ||
-        !w.drop || !w.target || !w.in || !w.prev_in || !w.fresh || !w.pos || !w.near_t ||
-        !w.near_v || !ord) {
+    if (!u || !w.ukept || !w.sim || !w.acc_k || !w.acc_v || !w.wsum || !w.kept || !w.drop ||
+        !w.in || !w.prev_in || !w.fresh || !w.pos || !w.near_t || !w.near_v || !ord) {
         st = kvt_error_set(KVT_ERR_NOMEM, "merge: out of memory");
         goto out;
     }
@@ -226,10 +219,8 @@ out:
     kvt_free(w.acc_k);
     kvt_free(w.acc_v);
     kvt_free(w.wsum);
-    kvt_free(w.best);
     kvt_free(w.kept);
     kvt_free(w.drop);
-    kvt_free(w.target);
     kvt_free(w.in);
     kvt_free(w.prev_in);
     kvt_free(w.fresh);

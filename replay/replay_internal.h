@@ -427,6 +427,16 @@ double kvt_bind_trace_scale(kvt_trace_reader *r, int D);
  *  an allocation failure names the policy. */
 kvt_status kvt_bind_read_f32(kvt_trace_reader *r, int l, int kind, uint32_t heads, size_t n,
                              const char *policy, float **out);
+/** Layer l's queries of kind qkind (window queries or Q_all) and its keys, in f32. */
+typedef struct kvt_bind_qk {
+    float *q, *k; /* [Hq, nq, D], [Hkv, T, D] (kvt_malloc'ed; the caller frees) */
+    int nq, D;
+    double scale; /* kvt_bind_trace_scale */
+} kvt_bind_qk;
+/** Read them, the queries checked to be [Hq, 1..T, D] and K [Hkv, T, D] (KVT_ERR_NOT_FOUND when
+ *  the layer has no such queries, KVT_ERR_CORRUPT for another shape; errors name the policy). */
+kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
+                            const char *policy, kvt_bind_qk *out);
 
 /** PyramidKV: selected prefix tokens at layer l for budget B (POLICIES §2). Returns -1 when
  *  the prompt is short (no compression). */

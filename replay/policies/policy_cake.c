@@ -65,31 +65,22 @@ static void unbind_cake(void *state)
 static kvt_status layer_pref(kvt_trace_reader *r, int l, int Hq, int Hkv, int T, int W, double *H,
                              double *V)
 {
-    uint32_t nh, nt, dim;
-    kvt_dtype dt;
-    float *q = NULL, *k = NULL, *pr = NULL;
+    float *pr = NULL;
     double *work = NULL;
     int *n_vis = NULL;
+    kvt_bind_qk x;
+    KVT_FORWARD(kvt_bind_read_qk(r, l, KVT_KIND_Q_WINDOW, Hq, Hkv, T, "cake", &x));
+    const int D = x.D, Wt = x.nq;
+    const float *q = x.q, *k = x.k;
+    const double scale = x.scale;
     kvt_status st = KVT_OK;
-    KVT_RETURN_IF(kvt_trace_reader_shape(r, l, KVT_KIND_Q_WINDOW, &nh, &nt, &dim, &dt),
-                  KVT_ERR_NOT_FOUND, "cake: layer %d has no window queries", l);
-    const int D = (int)dim, Wt = (int)nt;
-    KVT_RETURN_IF(nh != (uint32_t)Hq || Wt > T, KVT_ERR_CORRUPT,
-                  "cake: layer %d's window queries are [%u heads, %u queries], not [%d, <= %d]", l,
-                  nh, nt, Hq, T);
-    KVT_RETURN_IF(Wt < W, KVT_ERR_INVALID_ARG,
-                  "cake: window=%d but layer %d stores %d window queries (give window=%d or "
-                  "less)",
-                  W, l, Wt, Wt);
-    KVT_RETURN_IF(kvt_trace_reader_shape(r, l, KVT_KIND_K, &nh, &nt, &dim, &dt) ||
-                      nh != (uint32_t)Hkv || nt != (uint32_t)T || dim != (uint32_t)D,
-                  KVT_ERR_CORRUPT, "cake: layer %d's K is not [%d, %d, %d] as its queries", l, Hkv,
-                  T, D);
-    if ((st = kvt_bind_read_f32(r, l, KVT_KIND_Q_WINDOW, (uint32_t)Hq, (size_t)Hq * Wt * D, "cake",
-                                &q)) ||
-        (st = kvt_bind_read_f32(r, l, KVT_KIND_K, (uint32_t)Hkv, (size_t)Hkv * T * D, "cake", &k)))
+    if (Wt < W) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "cake: window=%d but layer %d stores %d window queries (give window=%d "
+                           "or less)",
+                           W, l, Wt, Wt);
         goto out;
-    const double scale = kvt_bind_trace_scale(r, D);
+    }
     const int P = T - W;
     work = kvt_malloc(((size_t)T + 1) * sizeof(double));
     pr = kvt_malloc((size_t)W * T * sizeof(float) + 1);
@@ -123,8 +114,8 @@ static kvt_status layer_pref(kvt_trace_reader *r, int l, int Hq, int Hkv, int T,
     }
     *H = h, *V = v;
 out:
-    kvt_free(q);
-    kvt_free(k);
+    kvt_free(x.q);
+    kvt_free(x.k);
     kvt_free(pr);
     kvt_free(work);
     kvt_free(n_vis);

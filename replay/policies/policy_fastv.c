@@ -52,7 +52,7 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
 {
     uint32_t nh, nt, dim;
     kvt_dtype dt;
-    float *cs = NULL, *q = NULL, *k = NULL, *pr = NULL;
+    float *cs = NULL, *pr = NULL;
     double *work = NULL, *acc = NULL;
     int *n_vis = NULL;
     kvt_status st = KVT_OK;
@@ -69,29 +69,27 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
         return KVT_OK;
     }
     const int qkind = n_last ? KVT_KIND_Q_WINDOW : KVT_KIND_Q_ALL;
-    if (kvt_trace_reader_shape(r, l, qkind, &nh, &nt, &dim, &dt))
-        return kvt_error_set(KVT_ERR_NOT_FOUND,
-                             n_last ? "fastv: layer %d has no window queries"
-                                    : "fastv: layer %d has no attention column sums and no Q_all "
-                                      "(capture with --colsum or --q-all; or last=1 ranks by the "
-                                      "last prompt query, as FastV's code does)",
-                             l);
-    const int D = (int)dim, nq = (int)nt;
-    KVT_RETURN_IF(n_last && (nh != (uint32_t)Hq || nq < n_last || nq > T), KVT_ERR_INVALID_ARG,
-                  "fastv: layer %d's window queries are [%u heads, %u queries]; last=%d needs %d "
-                  "heads and %d to %d queries",
-                  l, nh, nt, n_last, Hq, n_last, T);
-    KVT_RETURN_IF(!n_last && (nh != (uint32_t)Hq || nq != T), KVT_ERR_CORRUPT,
-                  "fastv: layer %d's Q_all is [%u heads, %u queries], not [%d, %d]", l, nh, nt, Hq,
-                  T);
-    KVT_RETURN_IF(kvt_trace_reader_shape(r, l, KVT_KIND_K, &nh, &nt, &dim, &dt) ||
-                      nh != (uint32_t)Hkv || nt != (uint32_t)T || dim != (uint32_t)D,
-                  KVT_ERR_CORRUPT, "fastv: layer %d's K is not [%d, %d, %d] as its queries", l, Hkv,
-                  T, D);
-    if ((st = kvt_bind_read_f32(r, l, qkind, (uint32_t)Hq, (size_t)Hq * nq * D, "fastv", &q)) ||
-        (st = kvt_bind_read_f32(r, l, KVT_KIND_K, (uint32_t)Hkv, (size_t)Hkv * T * D, "fastv", &k)))
+    KVT_RETURN_IF(
+        !n_last && kvt_trace_reader_shape(r, l, qkind, &nh, &nt, &dim, &dt), KVT_ERR_NOT_FOUND,
+        "fastv: layer %d has no attention column sums and no Q_all (capture with --colsum "
+        "or --q-all; or last=1 ranks by the last prompt query, as FastV's code does)",
+        l);
+    kvt_bind_qk x;
+    KVT_FORWARD(kvt_bind_read_qk(r, l, qkind, Hq, Hkv, T, "fastv", &x));
+    const int D = x.D, nq = x.nq;
+    const float *q = x.q, *k = x.k;
+    const double scale = x.scale;
+    if (n_last && nq < n_last) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "fastv: layer %d stores %d window queries; last=%d needs %d or more", l,
+                           nq, n_last, n_last);
         goto out;
-    const double scale = kvt_bind_trace_scale(r, D);
+    }
+    if (!n_last && nq != T) {
+        st = kvt_error_set(KVT_ERR_CORRUPT, "fastv: layer %d's Q_all has %d queries, not %d", l, nq,
+                           T);
+        goto out;
+    }
     work = kvt_malloc(((size_t)T + 1) * sizeof(double));
     acc = kvt_malloc((size_t)T * sizeof(double));
     pr = kvt_malloc((size_t)n_last * T * sizeof(float) + 1);
@@ -122,8 +120,8 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
 out:
     kvt_free(pr);
     kvt_free(n_vis);
-    kvt_free(q);
-    kvt_free(k);
+    kvt_free(x.q);
+    kvt_free(x.k);
     kvt_free(work);
     kvt_free(acc);
     return st;
