@@ -550,9 +550,9 @@ kvt_status kvt_ctx_colsum(kvt_layer_ctx *c, const double **out)
     const kvt_layer_input *in = c->in;
     const int T = c->T, D = c->D, Hq = c->Hq;
     KVT_RETURN_IF(!in->attn_colsum && !in->q_all && !in->q_all_head, KVT_ERR_NOT_FOUND,
-                  "h2o needs attention column sums: the trace has neither attn_colsum nor Q_all "
+                  "%s needs attention column sums: the trace has neither attn_colsum nor Q_all "
                   "for layer %d (capture with column sums or all queries)",
-                  c->layer);
+                  c->selecting ? c->selecting->name : "h2o", c->layer);
     kvt_status s = ALLOC(c->colsum, (size_t)Hq * T);
     if (s)
         return s;

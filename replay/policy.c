@@ -136,7 +136,7 @@ static const opt_desc opts_table[] = {
      "knorm (p + k') | mixkv (0.33 (d' + p + v')): MixKV's SELECT_METHOD ablations"},
     {"merge", O_MERGE, OFF(merge), 0, 0,
      "none|pivot|weighted: merge each dropped token into the kept entry with the most similar "
-     "key (KVCache-Factory's --merge, LOOK-M)"},
+     "key (KVCache-Factory's --merge, LOOK-M); elastic-cache: also position, its own merge"},
     {"local", O_INT, OFF(local), 0, 1e6, "cur: block of the norms' normalisation (0: none)"},
     {"block", O_INT, OFF(block), 1, 1e6, "keydiff-block: tokens per block"},
     {"critical", O_STR, OFF(critical), 0, 0,
@@ -336,9 +336,14 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
             p->o.merge = 'p';
         else if (!strcmp(val, "weighted"))
             p->o.merge = 'w';
+        else if (!strcmp(val, "position") && d == &kvt_policy_def_elastic_cache)
+            p->o.merge = 'e'; /* Elastic Cache's own, made by its select (not merge.c) */
         else
-            return kvt_error_set(KVT_ERR_INVALID_ARG,
-                                 "%s: merge=%s: expected none, pivot or weighted", d->name, val);
+            return kvt_error_set(
+                KVT_ERR_INVALID_ARG, "%s: merge=%s: expected none, pivot%s", d->name, val,
+                d == &kvt_policy_def_elastic_cache ? ", weighted or position"
+                : !strcmp(val, "position") ? " or weighted (position is elastic-cache's own merge)"
+                                           : " or weighted");
         return KVT_OK;
     case O_LEVERAGE:
         for (int i = 0; i < 4; i++)
@@ -737,6 +742,7 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         snprintf(buf, cap, "%s%s%s", q,
                  o->merge == 'p'   ? "pivot"
                  : o->merge == 'w' ? "weighted"
+                 : o->merge == 'e' ? "position"
                                    : "none",
                  q);
         break;

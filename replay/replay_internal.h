@@ -47,7 +47,8 @@ typedef struct kvt_policy_opts {
     int recent;             /* duo-attention: recent tokens a streaming head keeps */
     double threshold;       /* simlayerkv: lazy_threshold */
     int last;               /* simlayerkv: n_last, the last queries that judge a layer */
-    char merge;             /* merge=: 0 (none), 'p' (pivot) or 'w' (weighted): merge.c */
+    char merge;             /* merge=: 0 (none), 'p' (pivot) or 'w' (weighted): merge.c; 'e'
+                               (position): elastic-cache's own */
     bool expected;          /* cam: each Bernoulli draw replaced by its expectation */
     double ratio;           /* SparseMM min ratio */
     char *scores;           /* SparseMM head-score JSON file (owned) */

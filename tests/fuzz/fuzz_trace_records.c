@@ -31,7 +31,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
-static kvt_policy **g_pols[4]; /* without and with decode queries; fastv (modality table); cake */
+static kvt_policy *
+    *g_pols[4]; /* without and with decode queries; fastv (modality table); cake, elastic-cache */
 static size_t g_n_pol[4];
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
@@ -48,7 +49,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     /* and, on a trace with a modality table, fastv: its ranking read from layer 0 by the policy
        itself (the window queries' last row and K; the column sums or Q_all) before the replay;
        lookm's text prior (the column sums, a ranking per budget, merged and not); and on every
-       trace cake, whose bind reads every layer's window queries and keys for the layer budgets */
+       trace cake, whose bind reads every layer's window queries and keys for the layer budgets,
+       and elastic-cache (the column sums; merged into anchors by position) */
     const char *set[4] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
                           "snapkv:window=1,merge=pivot",
@@ -57,7 +59,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                           "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
                           "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
                           "lookm:merge=none,heads=query",
-                          "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50"};
+                          "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
+                          "elastic-cache:sinks=1,elastic-cache:heads=query"};
     for (int i = 0; i < 4; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();

@@ -12,6 +12,7 @@ token) and every decode query (which also sees the decode keys 0..s, unmerged), 
 head as analysis/RESULTS.md says; each must match the replay's err_window and err_decode grids.
 
 lookm merges by default (merge=pivot, LOOK-M's); its kept sets must equal lookm:merge=none's.
+elastic-cache:merge=weighted (its anchors merged by key instead of by position) likewise.
 
 Traces: a llama2.c capture (T = 150, 8 query heads on 4 KV heads, D = 8, 2 decode steps with
 their keys), a llama3-8b-shaped synthetic one (T = 300, GQA 4, D = 128) and, for lookm's text
@@ -59,6 +60,8 @@ def merge_kv(K, V, kept, mode):
             sv[t] += (V[j] + rv[t]) / 2
             cnt[t] += 1
         return sk / cnt[:, None], sv / cnt[:, None]
+    if mode != "weighted":
+        raise ValueError("merge_kv: no merge %r here" % mode)
     w = np.maximum((best + 1.0) / 2.0, 1e-6)
     ak, av, ws = np.zeros_like(rk), np.zeros_like(rv), np.zeros(len(kept))
     for j, t, wj in zip(drop, tgt, w):
@@ -85,7 +88,8 @@ def out_err(q, scale, keys, vals, ks, vs, xk=None, xv=None):
     return float(np.linalg.norm(os_ - o) / np.linalg.norm(o))
 
 
-DEFAULT_MERGE = {"lookm": "pivot"}  # policies that merge unless told merge=none
+# policies that merge unless told merge=none (elastic-cache's own merge: test_elastic_cache.py)
+DEFAULT_MERGE = {"lookm": "pivot", "elastic-cache": "position"}
 
 
 def merge_mode(spec):
@@ -224,7 +228,8 @@ def main():
                                    "streamingllm:merge=pivot", "h2o:window=8",
                                    "h2o:window=8,merge=weighted", "lookm", "lookm:merge=none",
                                    "lookm:recent_share=0.25,heads=query,merge=weighted",
-                                   "lookm:recent_share=0.25,heads=query,merge=none"],
+                                   "lookm:recent_share=0.25,heads=query,merge=none",
+                                   "elastic-cache:merge=none", "elastic-cache:merge=weighted"],
                     "3,20,64,50%,150", work)
         check_trace("llama3-8b", s, ["snapkv", "snapkv:merge=weighted", "snapkv:merge=pivot", "h2o",
                                      "h2o:merge=pivot"], "16,40,100,200", work)

@@ -299,7 +299,8 @@ typedef struct hcase {
     "full,random:window=1,streamingllm,h2o:window=1,tova,snapkv:window=1,pyramidkv:window=1,"      \
     "adakv:window=1,knorm,vnorm,keydiff,mixkv-snapkv:window=1,mixkv-pyramidkv:window=1,"           \
     "mixkv-adakv:window=1,oracle,quest,hybridkv-like:window=1,lightkv-like:window=1,"              \
-    "chunkkv:window=1,simlayerkv:threshold=0.5,snapkv:window=1,merge=pivot,cam:window=1,lookm"
+    "chunkkv:window=1,simlayerkv:threshold=0.5,snapkv:window=1,merge=pivot,cam:window=1,lookm,"    \
+    "elastic-cache"
 
 int main(void)
 {
@@ -396,7 +397,7 @@ int main(void)
                      trace, extra, dir);
             check_cmd(c->name, "replay_t4", args, (expect){1, "layer 0: K element"});
         }
-        if (c->m == MUT_NAN_COLSUM) { /* only H2O and LOOK-M read the column sums */
+        if (c->m == MUT_NAN_COLSUM) { /* only H2O, LOOK-M and Elastic Cache read the column sums */
             snprintf(args, sizeof(args), "replay %s --policies h2o --budgets 8 %s -o %s/h2o.json",
                      trace, extra, dir);
             check_cmd(c->name, "replay_h2o", args, (expect){1, "is not finite"});
@@ -404,6 +405,10 @@ int main(void)
                      "replay %s --policies lookm --budgets 8 %s -o %s/lookm.json", trace, extra,
                      dir);
             check_cmd(c->name, "replay_lookm", args, (expect){1, "is not finite"});
+            snprintf(args, sizeof(args),
+                     "replay %s --policies elastic-cache --budgets 8 %s -o %s/elastic.json", trace,
+                     extra, dir);
+            check_cmd(c->name, "replay_elastic", args, (expect){1, "is not finite"});
         }
         if (!c->small_window)
             continue;

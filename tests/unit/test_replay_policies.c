@@ -1472,6 +1472,83 @@ static void test_lookm(void)
     KVT_EXPECT(p == NULL);
 }
 
+/* elastic-cache (Elastic Cache), D = 1, 2 query heads on 1 KV head, column sums given, k_j = j,
+ * v_j = 10 j, sinks=2. The heads' mean scores of the tokens between the sinks and the last,
+ * 2..8: 1, 5, 2, 2, 0, 4, 3; the ranking is 9, the sinks 0, 1, then 3, 7, 8, 4, 5, 2, 6. */
+static void test_elastic_cache(void)
+{
+    const float k[10] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+    const float v[10] = {0, 10, 20, 30, 40, 50, 60, 70, 80, 90}, q[2] = {1, 1};
+    const float cs[20] = {9, 9, 1, 6, 2, 3, 0, 4, 2, 1, /* head 1 */ 9, 9, 1, 4, 2, 1, 0, 4, 4, 1};
+    kvt_layer_input in = layer1d(10, 1, 2, 1, k, v, q);
+    in.attn_colsum = cs;
+    const int B[] = {2, 3, 4, 6, 10};
+    kvt_layer_selection *s = tl_select(&in, "elastic-cache:sinks=2", B, 5);
+    KVT_EXPECT(s->merged != NULL && kvt_layer_selection_n_heads(s) == 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,9"); /* no anchor: the rest is evicted */
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,9");
+    EXPECT_KEPT(s, 2, 0, -1, "0,1,3,9");     /* 2, 4..8 all merge into anchor 3 */
+    EXPECT_KEPT(s, 3, 0, -1, "0,1,3,7,8,9"); /* 2, 4, 5 into 3 (5: a tie, the earlier); 6 into 7 */
+    EXPECT_KEPT(s, 4, 0, -1, "0,1,2,3,4,5,6,7,8,9");
+    KVT_EXPECT(s->merged[0].n == 2 && s->merged[0].n_changed == 0);
+    KVT_EXPECT(s->merged[1].n == 3 && s->merged[1].n_changed == 0);
+    const kvt_merged_set *m = &s->merged[2];
+    KVT_EXPECT(m->n == 4 && m->n_changed == 1 && m->changed[2] && m->idx[2] == 3);
+    KVT_EXPECT_MSG(fabsf(m->k[0] - 5.0f) < 1e-6f && fabsf(m->v[0] - 50.0f) < 1e-5f,
+                   "B = 4: anchor 3 merged to k %g v %g, want 5 and 50", m->k[0], m->v[0]);
+    m = &s->merged[3];
+    KVT_EXPECT(m->n == 6 && m->n_changed == 2 && m->changed[2] && m->changed[3] && !m->changed[4] &&
+               !m->changed[0] && !m->changed[5]);
+    KVT_EXPECT_MSG(fabsf(m->k[0] - 3.5f) < 1e-6f && fabsf(m->v[0] - 35.0f) < 1e-5f &&
+                       fabsf(m->k[1] - 6.5f) < 1e-6f && fabsf(m->v[1] - 65.0f) < 1e-5f,
+                   "B = 6: anchors 3, 7 merged to (%g, %g), (%g, %g)", m->k[0], m->v[0], m->k[1],
+                   m->v[1]);
+    KVT_EXPECT(s->merged[4].n == 10 && s->merged[4].n_changed == 0);
+    kvt_layer_selection_free(s);
+    /* one set per layer: per query head, each head keeps the same */
+    s = tl_select(&in, "elastic-cache:sinks=2,heads=query", B, 4);
+    KVT_EXPECT(kvt_layer_selection_n_heads(s) == 2);
+    EXPECT_KEPT(s, 3, 0, -1, "0,1,3,7,8,9");
+    EXPECT_KEPT(s, 3, 1, -1, "0,1,3,7,8,9");
+    KVT_EXPECT(s->merged[3 * 2 + 1].n_changed == 2 &&
+               fabsf(s->merged[3 * 2 + 1].k[1] - 6.5f) < 1e-6f);
+    kvt_layer_selection_free(s);
+    /* no sinks: 0 and 1 (score 9) are the anchors at B = 3, and 2..8 merge into 1 */
+    s = tl_select(&in, "elastic-cache:sinks=0", B + 1, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,9");
+    KVT_EXPECT(s->merged[0].n_changed == 1 && s->merged[0].changed[1] &&
+               fabsf(s->merged[0].k[0] - 4.5f) < 1e-6f && fabsf(s->merged[0].v[0] - 45.0f) < 1e-5f);
+    kvt_layer_selection_free(s);
+    /* the default sinks (4) */
+    s = tl_select(&in, "elastic-cache", B + 3, 1);
+    /* the sinks 0..3 take no merges: 4, 5, 6 and 8 all go to the one anchor, 7 */
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,7,9");
+    KVT_EXPECT(s->merged[0].n_changed == 1 && s->merged[0].changed[4] &&
+               fabsf(s->merged[0].k[0] - 6.0f) < 1e-6f);
+    kvt_layer_selection_free(s);
+    /* merge=none: the same anchors, not merged (the ablation); merge=position is the default */
+    s = tl_select(&in, "elastic-cache:sinks=2,merge=none", B, 5);
+    KVT_EXPECT(s->merged == NULL);
+    EXPECT_KEPT(s, 3, 0, -1, "0,1,3,7,8,9");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "elastic-cache:sinks=2,merge=position", B, 5);
+    KVT_EXPECT(s->merged != NULL && s->merged[3].n_changed == 2);
+    kvt_layer_selection_free(s);
+    /* no column sums and no Q_all: refused, saying what to capture */
+    in.attn_colsum = NULL;
+    kvt_policy *p = mk("elastic-cache");
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(strstr(kvt_error_msg(), "attn_colsum") && strstr(kvt_error_msg(), "Q_all"));
+    kvt_policy_free(p);
+    p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("elastic-cache:window=8", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("elastic-cache:sinks=-1", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("snapkv:merge=position", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "elastic-cache's own merge"));
+    KVT_EXPECT(p == NULL);
+}
+
 /* cake's layer budgets (kvt_cake_counts), worked by hand from cake/utils.py adjust_budgets:
  * T = 100, W = 10 (prefix 90), B = 60: (60 - 10) x L prefix tokens split by the preferences. */
 static void test_cake(void)
@@ -1604,7 +1681,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 37);
+    KVT_EXPECT(kvt_policy_registry_size() == 38);
 }
 
 int main(void)
@@ -1633,6 +1710,7 @@ int main(void)
     test_finch();
     test_cam();
     test_lookm();
+    test_elastic_cache();
     test_cake();
     test_parse();
     return kvt_test_result("test_replay_policies");
