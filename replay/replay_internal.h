@@ -439,6 +439,14 @@ typedef struct kvt_bind_qk {
 kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
                             const char *policy, kvt_bind_qk *out);
 
+/** kvpress's NonCausalAttnPress scores (policy_noncausal_attention.c) of the tokens [s0, s1) as
+ *  if they were the whole prompt: chunks of C from s0, every query of a chunk over every key of
+ *  it (unscaled, no mask), summed over the chunk's queries, averaged over a KV head's query heads
+ *  (per_query: each its own), times ||v||, averaged over 3 tokens (zeros outside [s0, s1)).
+ *  out [H', s1 - s0]; reads Q_all (errors name the policy). */
+kvt_status kvt_nca_scores(kvt_layer_ctx *c, const char *policy, bool per_query, int C, int s0,
+                          int s1, double *out);
+
 /** PyramidKV: selected prefix tokens at layer l for budget B (POLICIES §2). Returns -1 when
  *  the prompt is short (no compression). */
 int kvt_pyramid_layer_budget(int B, int W, int T, int L, int l, double beta, bool fallback);

@@ -12,6 +12,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "kvt_kernels.h"
 #include "../replay_internal.h"
 
 static void d_nca(kvt_policy_opts *o)
@@ -21,70 +22,87 @@ static void d_nca(kvt_policy_opts *o)
     o->chunk = 256;
 }
 
-static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
-                          kvt_layer_selection *sel)
+kvt_status kvt_nca_scores(kvt_layer_ctx *c, const char *policy, bool per_query, int C, int s0,
+                          int s1, double *out)
 {
     const kvt_layer_input *in = c->in;
-    const kvt_policy_opts *o = &p->o;
-    const int T = c->T, D = c->D, Hq = c->Hq, Gs = c->Gs, C = o->chunk;
-    const int W = o->window < T ? o->window : T, P = T - W, H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(kvt_ctx_check_q_all(c, "noncausal-attention"));
+    const int T = c->T, D = c->D, Hq = c->Hq, Gs = c->Gs, n_s = s1 - s0;
+    const int H = kvt_ctx_heads(c, per_query);
+    KVT_FORWARD(kvt_ctx_check_q_all(c, policy));
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
-    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
-    double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
-    double *sc = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
-    double *z = kvt_malloc(((size_t)C + 1) * sizeof(double));
+    const int Cm = C < n_s ? C : (n_s > 0 ? n_s : 1); /* the largest chunk */
+    double *acc = kvt_calloc((size_t)H * n_s + 1, sizeof(double));
+    double *z = kvt_malloc(((size_t)Cm * Cm + 1) * sizeof(double)); /* a chunk's logits */
+    double *qc = kvt_malloc(((size_t)Cm * D + 1) * sizeof(double));
+    double *kc = kvt_malloc(((size_t)Cm * D + 1) * sizeof(double));
     float *qh = in->q_all ? NULL : kvt_malloc(((size_t)T * D + 1) * sizeof(float));
     kvt_status st = KVT_OK;
-    if (!acc || !sc || !z || (!in->q_all && !qh)) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "noncausal-attention: out of memory");
+    if (!acc || !z || !qc || !kc || (!in->q_all && !qh)) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", policy);
         goto out;
     }
-    for (int h = 0; h < Hq; h++) {
+    for (int h = 0; h < Hq && n_s > 0; h++) {
         const float *q;
-        if ((st = kvt_ctx_q_all_head(c, "noncausal-attention", h, qh, &q)))
+        if ((st = kvt_ctx_q_all_head(c, policy, h, qh, &q)))
             goto out;
         const int g = h / Gs;
         const float *k = c->k + (size_t)g * T * D;
-        double *a = acc + (size_t)(o->per_query ? h : g) * T, w = o->per_query ? 1.0 : 1.0 / Gs;
-        for (int c0 = 0; c0 < T; c0 += C) {
-            const int n = T - c0 < C ? T - c0 : C;
+        double *a = acc + (size_t)(per_query ? h : g) * n_s, w = per_query ? 1.0 : 1.0 / Gs;
+        for (int c0 = s0; c0 < s1; c0 += C) {
+            const int n = s1 - c0 < C ? s1 - c0 : C;
+            for (size_t i = 0; i < (size_t)n * D; i++) { /* the chunk's queries and keys */
+                qc[i] = q[(size_t)c0 * D + i];
+                kc[i] = k[(size_t)c0 * D + i];
+            }
+            kvt_gemm_f64(true, n, n, D, 1.0, qc, D, kc, D, 0.0, z, n); /* unscaled logits */
             for (int i = 0; i < n; i++) { /* query c0 + i over the chunk's keys */
-                const float *qi = q + (size_t)(c0 + i) * D;
-                double top = -INFINITY, sum = 0;
-                for (int j = 0; j < n; j++) {
-                    const float *kj = k + (size_t)(c0 + j) * D;
-                    double dot = 0;
-                    for (int d = 0; d < D; d++)
-                        dot += (double)qi[d] * kj[d];
-                    z[j] = dot;
-                    top = dot > top ? dot : top;
-                }
+                double *zi = z + (size_t)i * n, top = -INFINITY, sum = 0;
                 for (int j = 0; j < n; j++)
-                    sum += z[j] = exp(z[j] - top);
+                    top = zi[j] > top ? zi[j] : top;
                 for (int j = 0; j < n; j++)
-                    a[c0 + j] += w * z[j] / sum;
+                    sum += zi[j] = exp(zi[j] - top);
+                for (int j = 0; j < n; j++)
+                    a[c0 - s0 + j] += w * zi[j] / sum;
             }
         }
     }
     for (int h = 0; h < H; h++) { /* times ||v||, then a mean over 3 tokens (zeros outside) */
-        const double *a = acc + (size_t)h * T,
-                     *vn = c->vnorm + (size_t)kvt_ctx_kv_of(c, o->per_query, h) * T;
-        for (int j = 0; j < P; j++) {
+        const double *a = acc + (size_t)h * n_s,
+                     *vn = c->vnorm + (size_t)kvt_ctx_kv_of(c, per_query, h) * T + s0;
+        for (int j = 0; j < n_s; j++) {
             double m = a[j] * vn[j];
             if (j > 0)
                 m += a[j - 1] * vn[j - 1];
-            if (j + 1 < T)
+            if (j + 1 < n_s)
                 m += a[j + 1] * vn[j + 1];
-            sc[(size_t)h * P + j] = m / 3.0;
+            out[(size_t)h * n_s + j] = m / 3.0;
         }
     }
-    st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
 out:
     kvt_free(acc);
-    kvt_free(sc);
     kvt_free(z);
+    kvt_free(qc);
+    kvt_free(kc);
     kvt_free(qh);
+    return st;
+}
+
+static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                          kvt_layer_selection *sel)
+{
+    const kvt_policy_opts *o = &p->o;
+    const int T = c->T, W = o->window < T ? o->window : T, P = T - W;
+    const int H = kvt_ctx_heads(c, o->per_query);
+    KVT_FORWARD(kvt_ctx_check_q_all(c, "noncausal-attention"));
+    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
+    double *sc = kvt_malloc(((size_t)H * T + 1) * sizeof(double));
+    KVT_RETURN_IF(!sc, KVT_ERR_NOMEM, "noncausal-attention: out of memory");
+    kvt_status st = kvt_nca_scores(c, "noncausal-attention", o->per_query, o->chunk, 0, T, sc);
+    for (int h = 0; h < H && !st; h++) /* the prefix's scores, packed [H', P] */
+        memmove(sc + (size_t)h * P, sc + (size_t)h * T, (size_t)P * sizeof(double));
+    if (!st)
+        st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
+    kvt_free(sc);
     return st;
 }
 
