@@ -49,6 +49,7 @@ typedef enum {
     O_STR,
     O_U64,
     O_TAU,
+    O_BLEND, /* compactor blend: a number >= 0, or "ratio" (NaN) */
     O_ALIGN,
     O_LEVERAGE,
     O_METHOD,
@@ -81,7 +82,12 @@ static const opt_desc opts_table[] = {
     {"fallback", O_BOOL, OFF(fallback), 0, 0, "PyramidKV uniform fallback when N < 2(B-W)"},
     {"sinks", O_INT, OFF(sinks), 0, 1e9,
      "sink tokens (streamingllm, expected-attention, lagkv, cur, duo-attention, simlayerkv)"},
-    {"recent", O_INT, OFF(recent), 0, 1e9, "duo-attention: recent tokens of a streaming head"},
+    {"recent", O_INT, OFF(recent), 0, 1e9,
+     "duo-attention: recent tokens of a streaming head; compactor: recent tokens protected"},
+    {"sketch", O_INT, OFF(sketch), 0, 4096,
+     "leverage, compactor: columns of the Gaussian sketch of the keys (0: exact leverage)"},
+    {"blend", O_BLEND, OFF(blend), 0, 1e6,
+     "compactor: the leverage's weight (default: each budget's compression ratio 1 - B/T)"},
     {"threshold", O_DBL, OFF(threshold), 0, 1,
      "simlayerkv: a layer is lazy when its last queries' attention to the kept tokens is above"},
     {"last", O_INT, OFF(last), 1, 1e6,
@@ -260,6 +266,17 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
         if (!parse_dbl(val, &x) || x < 0 || x > 1)
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: tau=%s: expected median or [0,1]",
                                  d->name, val);
+        *(double *)(base + od->off) = x;
+        return KVT_OK;
+    case O_BLEND:
+        if (!strcmp(val, "ratio")) {
+            *(double *)(base + od->off) = NAN;
+            return KVT_OK;
+        }
+        if (!parse_dbl(val, &x) || x < 0 || x > 1e6)
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "%s: blend=%s: expected ratio or a number in [0, 1e6]", d->name,
+                                 val);
         *(double *)(base + od->off) = x;
         return KVT_OK;
     case O_U64: {
@@ -702,10 +719,11 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
     case O_DBL:
         kvt_fmt_double(*(const double *)(base + od->off), buf, cap);
         break;
-    case O_TAU: {
+    case O_TAU:
+    case O_BLEND: {
         double t = *(const double *)(base + od->off);
         if (isnan(t))
-            snprintf(buf, cap, "%smedian%s", q, q);
+            snprintf(buf, cap, "%s%s%s", q, od->kind == O_TAU ? "median" : "ratio", q);
         else
             kvt_fmt_double(t, buf, cap);
         break;

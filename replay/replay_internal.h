@@ -63,6 +63,8 @@ typedef struct kvt_policy_opts {
     double recent_share;    /* lookm: share of the budget kept as the most recent tokens */
     double tau1, tau2;      /* cake: the preference's entropy and variance exponents 1/tau */
     double gamma;           /* cake: weight of the window attention's variance in the score */
+    int sketch;             /* leverage, compactor: Gaussian sketch columns (0: exact) */
+    double blend;           /* compactor: weight of the leverage; NaN: the compression ratio */
     int chunk;              /* ChunkKV, HybridKV-like chunk size C */
     bool chunk_kvpress;     /* align=kvpress: ChunkKV's chunks of the whole sequence, PyramidKV's
                                layer counts, as kvpress computes them */
@@ -446,6 +448,39 @@ kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int H
  *  out [H', s1 - s0]; reads Q_all (errors name the policy). */
 kvt_status kvt_nca_scores(kvt_layer_ctx *c, const char *policy, bool per_query, int C, int s0,
                           int s1, double *out);
+
+/** Leverage scores (policy_leverage.c, kvpress's LeverageScorePress) of the tokens [s0, s1) of
+ *  every KV head among themselves: pre-RoPE keys centred on their mean, sketched by `sketch`
+ *  Gaussian columns (0: none), x (X^T X + eps I)^-1 x^T. out [Hkv, s1 - s0]; needs the trace's
+ *  RoPE (errors name the policy). */
+kvt_status kvt_leverage_scores(kvt_layer_ctx *c, const char *policy, int sketch, uint64_t seed,
+                               int s0, int s1, double *out);
+/** x <- (x - mean) / max(unbiased std, 1e-6) over its n elements (kvpress's z-normalisation). */
+void kvt_znorm(double *x, size_t n);
+
+/* ---- RoPE undone (rope.c): expected-attention's queries, leverage's and compactor's keys ---- */
+/** The trace's RoPE per rotation pair: pair i turns dimensions lo[i], hi[i] by the position of
+ *  row row[i] (the M-RoPE section) times freq[i]; cos and sin are scaled by a. */
+typedef struct kvt_rope_pairs {
+    bool on; /* false: no RoPE (model.rope type none): vectors are used as stored */
+    int half;
+    double a; /* attention_scaling */
+    int *lo, *hi, *row;
+    double *freq;
+} kvt_rope_pairs;
+/** From the layer input's model.rope; errors (no RoPE known, pairs unknown, an M-RoPE trace
+ *  without its sections or positions) name the policy. kvt_rope_pairs_free releases. */
+kvt_status kvt_rope_pairs_init(const kvt_layer_ctx *c, const char *policy, kvt_rope_pairs *r);
+void kvt_rope_pairs_free(kvt_rope_pairs *r);
+/** Token t's position in row `row` (t itself without a positions table). */
+int32_t kvt_rope_pos(const kvt_layer_input *in, int row, int t);
+/** cs [(t1 - t0), half, 2]: cos and sin of each pair's angle at tokens t0..t1-1 (KVT_ERR_NAN,
+ *  naming the policy, for an angle or a scaling that is not finite). */
+kvt_status kvt_rope_angles(const kvt_rope_pairs *r, const kvt_layer_input *in, int t0, int t1,
+                           const char *policy, double *cs);
+/** y [D] = the pre-RoPE vector of the post-RoPE x [D] at a token whose angles are cs [half, 2]
+ *  (HF's x cos + rotate_half(x) sin, divided by attention_scaling, undone). */
+void kvt_rope_undo(const kvt_rope_pairs *r, const double *cs, const float *x, int D, double *y);
 
 /** PyramidKV: selected prefix tokens at layer l for budget B (POLICIES §2). Returns -1 when
  *  the prompt is short (no compression). */

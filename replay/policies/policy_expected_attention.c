@@ -34,72 +34,33 @@ static void d_ea(kvt_policy_opts *o)
     o->epsilon = 0.0;
 }
 
-/* The layer's RoPE: frequencies, the pairs' dimensions and position rows, and the mean rotation
- * over the future positions. */
+/* The layer's RoPE (rope.c: the pairs; off, the queries are used as stored) and the mean
+ * rotation over the future positions. */
 typedef struct ea_rope {
-    bool on; /* false: no RoPE (model.rope type none): queries are used as stored */
-    int half;
-    double a;        /* attention_scaling */
-    int *lo, *hi;    /* [half] the two dimensions of pair i */
-    int *row;        /* [half] the position row of pair i (M-RoPE section), else 0 */
-    double *freq;    /* [half] */
+    kvt_rope_pairs p;
     double *cb, *sb; /* [half] a * mean cos, a * mean sin over the future positions */
 } ea_rope;
 
 static void ea_rope_free(ea_rope *r)
 {
-    kvt_free(r->lo);
-    kvt_free(r->hi);
-    kvt_free(r->row);
-    kvt_free(r->freq);
+    kvt_rope_pairs_free(&r->p);
     kvt_free(r->cb);
     kvt_free(r->sb);
-}
-
-static int32_t pos_of(const kvt_layer_input *in, int row, int t)
-{
-    if (!in->positions)
-        return t;
-    return in->positions[(size_t)(row < in->n_pos_rows ? row : 0) * in->T + t];
 }
 
 static kvt_status ea_rope_init(const kvt_layer_ctx *c, int n_future, ea_rope *r)
 {
     const kvt_layer_input *in = c->in;
     const kvt_rope_info *ri = in->rope;
-    const int D = c->D, T = c->T, half = D / 2;
+    const int T = c->T;
     memset(r, 0, sizeof(*r));
-    KVT_RETURN_IF(!ri, KVT_ERR_NOT_FOUND,
-                  "expected-attention: the trace's RoPE (model.rope) is not known");
-    if (ri->type == 0)
+    KVT_FORWARD(kvt_rope_pairs_init(c, "expected-attention", &r->p));
+    if (!r->p.on)
         return KVT_OK;
-    KVT_RETURN_IF(ri->type != 1 && ri->type != 2, KVT_ERR_INVALID_ARG,
-                  "expected-attention: unknown RoPE type %d", ri->type);
-    KVT_RETURN_IF(ri->pairs != 1 && ri->pairs != 2, KVT_ERR_NOT_FOUND,
-                  "expected-attention: the trace does not say which dimensions RoPE pairs "
-                  "(model.rope.pairs): capture it with this version of kvtrace");
-    KVT_RETURN_IF(D % 2, KVT_ERR_INVALID_ARG, "expected-attention: RoPE with an odd head_dim %d",
-                  D);
-    KVT_RETURN_IF(!ri->inv_freq && !(ri->theta > 0 && isfinite(ri->theta)), KVT_ERR_NOT_FOUND,
-                  "expected-attention: the trace's model.rope has neither inv_freq nor a theta");
-    const int *ms = ri->mrope_section;
-    if (ri->type == 2)
-        KVT_RETURN_IF(ms[0] < 0 || ms[1] < 0 || ms[2] < 0 || ms[0] + ms[1] + ms[2] != half ||
-                          in->n_pos_rows != 3 || !in->positions,
-                      KVT_ERR_NOT_FOUND,
-                      "expected-attention: an M-RoPE trace needs model.rope.mrope_section "
-                      "(summing to head_dim/2 = %d) and 3 rows of positions",
-                      half);
-    r->on = true;
-    r->half = half;
-    r->a = ri->attention_scaling > 0 ? ri->attention_scaling : 1.0;
-    r->lo = kvt_malloc((size_t)half * sizeof(int));
-    r->hi = kvt_malloc((size_t)half * sizeof(int));
-    r->row = kvt_malloc((size_t)half * sizeof(int));
-    r->freq = kvt_malloc((size_t)half * sizeof(double));
+    const int half = r->p.half;
     r->cb = kvt_malloc((size_t)half * sizeof(double));
     r->sb = kvt_malloc((size_t)half * sizeof(double));
-    if (!r->lo || !r->hi || !r->row || !r->freq || !r->cb || !r->sb) {
+    if (!r->cb || !r->sb) {
         ea_rope_free(r);
         return kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
     }
@@ -109,28 +70,24 @@ static kvt_status ea_rope_init(const kvt_layer_ctx *c, int n_future, ea_rope *r)
         int32_t m = INT32_MIN;
         for (int k = 0; k < 3; k++)
             for (int t = 0; t < T; t++)
-                m = pos_of(in, k, t) > m ? pos_of(in, k, t) : m;
+                m = kvt_rope_pos(in, k, t) > m ? kvt_rope_pos(in, k, t) : m;
         p0 = (double)m + 1.0;
     }
     for (int i = 0; i < half; i++) {
-        r->lo[i] = ri->pairs == 2 ? 2 * i : i;
-        r->hi[i] = ri->pairs == 2 ? 2 * i + 1 : i + half;
-        r->row[i] = ri->type == 2 ? (i < ms[0] ? 0 : i < ms[0] + ms[1] ? 1 : 2) : 0;
-        r->freq[i] = ri->inv_freq ? ri->inv_freq[i] : pow(ri->theta, -2.0 * i / (double)D);
         double sc = 0, ss = 0;
         for (int f = 0; f < n_future; f++) {
-            double ang = (p0 + f) * r->freq[i];
+            double ang = (p0 + f) * r->p.freq[i];
             sc += cos(ang);
             ss += sin(ang);
         }
-        r->cb[i] = r->a * sc / n_future;
-        r->sb[i] = r->a * ss / n_future;
+        r->cb[i] = r->p.a * sc / n_future;
+        r->sb[i] = r->p.a * ss / n_future;
         if (!isfinite(r->cb[i]) || !isfinite(r->sb[i])) {
             ea_rope_free(r);
             return kvt_error_set(KVT_ERR_NAN,
                                  "expected-attention: the header's model.rope gives pair %d a "
                                  "rotation that is not finite (inv_freq %g, attention_scaling %g)",
-                                 i, ri->inv_freq ? ri->inv_freq[i] : -1.0, r->a);
+                                 i, ri->inv_freq ? ri->inv_freq[i] : -1.0, r->p.a);
         }
     }
     return KVT_OK;
@@ -140,8 +97,8 @@ static kvt_status ea_rope_init(const kvt_layer_ctx *c, int n_future, ea_rope *r)
  * sb hi, sb lo + cb hi), the rotation of HF's q * cos + rotate_half(q) * sin */
 static void ea_rotate(const ea_rope *r, double *x, size_t st)
 {
-    for (int i = 0; i < r->half; i++) {
-        double *l = x + (size_t)r->lo[i] * st, *h = x + (size_t)r->hi[i] * st, a = *l, b = *h;
+    for (int i = 0; i < r->p.half; i++) {
+        double *l = x + (size_t)r->p.lo[i] * st, *h = x + (size_t)r->p.hi[i] * st, a = *l, b = *h;
         *l = r->cb[i] * a - r->sb[i] * b;
         *h = r->sb[i] * a + r->cb[i] * b;
     }
@@ -161,14 +118,7 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
     for (int t = S; t < T; t++) {
         const float *x = q + (size_t)t * D;
         double *y = X + (size_t)(t - S) * D;
-        for (int d = 0; d < D; d++)
-            y[d] = x[d];
-        const double *cs = r->on ? rot + (size_t)(t - S) * 2 * r->half : NULL;
-        for (int i = 0; r->on && i < r->half; i++) {
-            double co = cs[2 * i], sn = cs[2 * i + 1], a = x[r->lo[i]], b = x[r->hi[i]];
-            y[r->lo[i]] = (co * a + sn * b) / r->a;
-            y[r->hi[i]] = (co * b - sn * a) / r->a;
-        }
+        kvt_rope_undo(&r->p, r->p.on ? rot + (size_t)(t - S) * 2 * r->p.half : NULL, x, D, y);
         for (int d = 0; d < D; d++)
             mu[d] += y[d];
     }
@@ -179,7 +129,7 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
             for (int d = 0; d < D; d++)
                 X[(size_t)t * D + d] -= mu[d];
         kvt_gemm_f64_at(D, D, N, 1.0 / N, X, D, X, D, 0.0, cov, D);
-        if (r->on) {
+        if (r->p.on) {
             for (int j = 0; j < D; j++) /* columns: R S */
                 ea_rotate(r, cov + j, (size_t)D);
             for (int i = 0; i < D; i++) /* rows: (R S) R^T */
@@ -187,7 +137,7 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
         }
         kvt_gemm_f64(false, N, D, D, 1.0, Kd + (size_t)S * D, D, cov, D, 0.0, M, D); /* K S' */
     }
-    if (r->on)
+    if (r->p.on)
         ea_rotate(r, mu, 1);
     const double s = c->scale;
     double zmax = -INFINITY;
@@ -244,18 +194,14 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
     double *cov = kvt_malloc((size_t)D * D * sizeof(double)), *mu = kvt_malloc(D * sizeof(double));
     float *qh = in->q_all ? NULL : kvt_malloc(td * sizeof(float));
     /* cos and sin of every token's angle per pair, shared by the heads: [N, half, 2] */
-    double *rot = r.on ? kvt_malloc(((size_t)N * D + 1) * sizeof(double)) : NULL;
+    double *rot = r.p.on ? kvt_malloc(((size_t)N * D + 1) * sizeof(double)) : NULL;
     if (!acc || !ph || !sc || !X || !Kd || (o->use_cov && !M) || !cov || !mu ||
-        (!in->q_all && !qh) || (r.on && !rot)) {
+        (!in->q_all && !qh) || (r.p.on && !rot)) {
         st = kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
         goto out;
     }
-    for (int t = S; r.on && t < T; t++)
-        for (int i = 0; i < r.half; i++) {
-            double ang = (double)pos_of(in, r.row[i], t) * r.freq[i];
-            rot[((size_t)(t - S) * r.half + i) * 2] = cos(ang);
-            rot[((size_t)(t - S) * r.half + i) * 2 + 1] = sin(ang);
-        }
+    if (r.p.on && (st = kvt_rope_angles(&r.p, in, S, T, "expected-attention", rot)))
+        goto out;
     for (int g = 0; N > 0 && g < Hkv; g++) {
         const float *k = c->k + (size_t)g * T * D;
         for (size_t i = 0; i < (size_t)T * D; i++)

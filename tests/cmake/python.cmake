@@ -41,6 +41,8 @@
 #                                (with kvtrace's draws, and their expectation)
 #   test_elastic_cache           elastic-cache against NumPy written from Elastic Cache's
 #                                ElasticCache (kept sets, merged keys and values, errors)
+#   test_compactor               leverage and compactor against NumPy written from kvpress's
+#                                LeverageScorePress and CompactorPress
 #   test_merge                   merge=pivot|weighted: output errors against NumPy written from
 #                                KVCache-Factory's merge_kv
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
@@ -53,7 +55,8 @@ if(KVT_SYS_PYTHON)
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
               test_expected_attention_synth test_lagkv test_noncausal_attention
               test_qfilter test_cur test_adaptive test_keydiff_block test_critical
-              test_duo_simlayer test_merge test_finch test_cam test_elastic_cache)
+              test_duo_simlayer test_merge test_finch test_cam test_elastic_cache
+              test_compactor)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

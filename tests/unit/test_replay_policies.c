@@ -1549,6 +1549,83 @@ static void test_elastic_cache(void)
     KVT_EXPECT(p == NULL);
 }
 
+/* leverage and compactor, D = 1, one head, no RoPE: keys 0, 5, 0, 1, 2, 3, 9, 0. Leverage is the
+ * squared distance to the keys' mean (2.5) over their sum plus 1e-2, whatever the sketch: 6
+ * (6.5^2), then 0, 1, 2, 7 (2.5^2, tied: the earlier first), 3, then 4 and 5. */
+static void test_leverage_compactor(void)
+{
+    const float k[8] = {0, 5, 0, 1, 2, 3, 9, 0}, v[8] = {1, 1, 1, 1, 1, 1, 1, 1}, q[1] = {0};
+    const float qa[8] = {0};
+    const kvt_rope_info none = {.type = 0};
+    kvt_layer_input in = layer1d(8, 1, 1, 1, k, v, q);
+    in.rope = &none;
+    const int B[] = {1, 5, 6};
+    const char *lev[] = {"leverage", "leverage:sketch=0", "leverage:sketch=3,seed=9"};
+    for (int i = 0; i < 3; i++) {
+        kvt_layer_selection *s = tl_select(&in, lev[i], B, 3);
+        EXPECT_KEPT(s, 0, 0, -1, "6");
+        EXPECT_KEPT(s, 1, 0, -1, "0,1,2,6,7");
+        EXPECT_KEPT(s, 2, 0, -1, "0,1,2,3,6,7");
+        kvt_layer_selection_free(s);
+    }
+    /* compactor:sinks=1,recent=1: 0 and 7 protected; the middle 1..6 as a prompt of its own.
+       Every query is 0, so each middle key gets one chunk's worth of attention (1) times ||v||
+       = 1, pooled over 3 with zeros outside: 2/3 at 1 and 6, 1 inside. blend=0 ranks by that
+       alone (2, 3, 4, 5 tie, then 1, 6); a large blend by the middle keys' leverage: their mean
+       is 10/3, so 6, 2, 3, 1, 4, 5. */
+    in.q_all = qa;
+    const int C[] = {1, 2, 3, 4, 5};
+    kvt_layer_selection *s = tl_select(&in, "compactor:sinks=1,recent=1,blend=0", C, 5);
+    EXPECT_KEPT(s, 0, 0, -1, "0"); /* below the protected count: the earlier first */
+    EXPECT_KEPT(s, 1, 0, -1, "0,7");
+    EXPECT_KEPT(s, 2, 0, -1, "0,2,7");
+    EXPECT_KEPT(s, 4, 0, -1, "0,2,3,4,7");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "compactor:sinks=1,recent=1,blend=1000,sketch=0", C, 5);
+    EXPECT_KEPT(s, 2, 0, -1, "0,6,7");
+    EXPECT_KEPT(s, 3, 0, -1, "0,2,6,7");
+    EXPECT_KEPT(s, 4, 0, -1, "0,2,3,6,7");
+    kvt_layer_selection_free(s);
+    /* the default blend is each budget's 1 - B/T: the same sets as blend=0.625 at B = 3
+       (2 first: its leverage z 0.19 and attention z 0.65 beat 6's 1.93 and -1.29) and as
+       blend=0.375 at B = 5 */
+    s = tl_select(&in, "compactor:sinks=1,recent=1", C, 5);
+    KVT_EXPECT(s->border != NULL); /* a ranking per budget */
+    EXPECT_KEPT(s, 2, 0, -1, "0,2,7");
+    const char *fixed[] = {"compactor:sinks=1,recent=1,blend=0.625",
+                           "compactor:sinks=1,recent=1,blend=0.375"};
+    for (int i = 0; i < 2; i++) {
+        const int bi = i == 0 ? 2 : 4;
+        char want[64];
+        snprintf(want, sizeof(want), "%s", tl_kept_str(s, (size_t)bi, 0, -1));
+        kvt_layer_selection *f = tl_select(&in, fixed[i], C, 5);
+        const char *got = tl_kept_str(f, (size_t)bi, 0, -1);
+        KVT_EXPECT_MSG(!strcmp(got, want), "%s at B = %d: {%s}, default {%s}", fixed[i], C[bi], got,
+                       want);
+        kvt_layer_selection_free(f);
+    }
+    kvt_layer_selection_free(s);
+    /* refusals: compactor without Q_all, either without the trace's RoPE */
+    kvt_policy *p = mk("compactor");
+    kvt_layer_selection *bad = NULL;
+    in.q_all = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(strstr(kvt_error_msg(), "Q_all"));
+    kvt_policy_free(p);
+    in.rope = NULL;
+    p = mk("leverage");
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(strstr(kvt_error_msg(), "leverage") && strstr(kvt_error_msg(), "model.rope"));
+    kvt_policy_free(p);
+    p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("compactor:blend=-1", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("leverage:sketch=5000", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("compactor:window=4", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(p == NULL);
+    KVT_CHECK(kvt_policy_create("compactor:blend=ratio", NULL, &p));
+    kvt_policy_free(p);
+}
+
 /* cake's layer budgets (kvt_cake_counts), worked by hand from cake/utils.py adjust_budgets:
  * T = 100, W = 10 (prefix 90), B = 60: (60 - 10) x L prefix tokens split by the preferences. */
 static void test_cake(void)
@@ -1681,7 +1758,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 38);
+    KVT_EXPECT(kvt_policy_registry_size() == 40);
 }
 
 int main(void)
@@ -1711,6 +1788,7 @@ int main(void)
     test_cam();
     test_lookm();
     test_elastic_cache();
+    test_leverage_compactor();
     test_cake();
     test_parse();
     return kvt_test_result("test_replay_policies");
