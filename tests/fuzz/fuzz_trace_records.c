@@ -31,9 +31,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
-static kvt_policy *
-    *g_pols[4]; /* without and with decode queries; fastv (modality table); cake, elastic-cache */
-static size_t g_n_pol[4];
+/* without and with decode queries; fastv (modality table); cake, elastic-cache; leverage */
+static kvt_policy **g_pols[5];
+static size_t g_n_pol[5];
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
 
@@ -50,8 +50,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        itself (the window queries' last row and K; the column sums or Q_all) before the replay;
        lookm's text prior (the column sums, a ranking per budget, merged and not); and on every
        trace cake, whose bind reads every layer's window queries and keys for the layer budgets,
-       and elastic-cache (the column sums; merged into anchors by position) */
-    const char *set[4] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
+       and elastic-cache (the column sums; merged into anchors by position); and leverage (the
+       keys un-rotated with the header's RoPE, sketched and exact; an odd head_dim is refused) */
+    const char *set[5] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
                           "snapkv:window=1,merge=pivot",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
@@ -60,8 +61,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                           "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
                           "lookm:merge=none,heads=query",
                           "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
-                          "elastic-cache:sinks=1,elastic-cache:heads=query"};
-    for (int i = 0; i < 4; i++)
+                          "elastic-cache:sinks=1,elastic-cache:heads=query",
+                          "leverage:sketch=3,leverage:sketch=0,heads=query,adaptive=1"};
+    for (int i = 0; i < 5; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
@@ -204,7 +206,8 @@ static bool write_trace(kvt_fuzz_src *s, shape *sh)
     snprintf(hdr, sizeof(hdr),
              "{\"format\":\"kvtrace\",\"created_by\":\"fuzz_trace_records\","
              "\"model\":{\"name\":\"fuzz\",\"arch\":\"llama\",\"n_layers\":%d,\"n_q_heads\":%d,"
-             "\"n_kv_heads\":%d,\"head_dim\":%d,\"rope\":{\"type\":\"default\",\"theta\":10000}},"
+             "\"n_kv_heads\":%d,\"head_dim\":%d,\"rope\":{\"type\":\"default\",\"theta\":10000,"
+             "\"pairs\":\"half\"}},"
              "\"kv_dtype\":\"%s\",\"n_tokens\":%d,\"window\":%d,\"n_decode\":%d}",
              hv[0], hv[1], hv[2], hv[3], kvt_dtype_name(sh->dt), hv[4], hv[5], hv[6]);
     kvt_writer_opts o = {.force = true, .level = 1, .no_shuffle = fl & 16};
@@ -453,6 +456,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (sh.modality)
             replay_set(2);
         replay_set(3);
+        replay_set(4);
     }
     differential(&sh);
     kvt_error_clear();

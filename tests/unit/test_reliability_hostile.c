@@ -74,7 +74,8 @@ static void write_trace(const char *path, shape sh, enum mutation m)
     snprintf(hdr, sizeof(hdr),
              "{\"format\":\"kvtrace\",\"created_by\":\"test_reliability_hostile\","
              "\"model\":{\"name\":\"hostile\",\"arch\":\"llama\",\"n_layers\":%d,\"n_q_heads\":%d,"
-             "\"n_kv_heads\":%d,\"head_dim\":%d,%s\"rope\":{\"type\":\"default\",\"theta\":10000}},"
+             "\"n_kv_heads\":%d,\"head_dim\":%d,%s\"rope\":{\"type\":\"default\",\"theta\":10000,"
+             "\"pairs\":\"half\"}},"
              "\"kv_dtype\":\"f32\",\"n_tokens\":%d,\"window\":%d,\"n_decode\":%d}",
              sh.L, sh.Hq, sh.Hkv, sh.D, m == MUT_BAD_SCALE ? "\"attn_scale\":-1," : "", sh.T, sh.W,
              sh.G);
@@ -294,13 +295,14 @@ typedef struct hcase {
     bool small_window; /* also replay every policy with window=1 */
 } hcase;
 
-/* every policy that needs no extra input file, with window=1 where it has a window */
+/* every policy that needs no extra input file and no Q_all, with window=1 where it has a
+   window */
 #define WINDOW1_POLICIES                                                                           \
     "full,random:window=1,streamingllm,h2o:window=1,tova,snapkv:window=1,pyramidkv:window=1,"      \
     "adakv:window=1,knorm,vnorm,keydiff,mixkv-snapkv:window=1,mixkv-pyramidkv:window=1,"           \
     "mixkv-adakv:window=1,oracle,quest,hybridkv-like:window=1,lightkv-like:window=1,"              \
     "chunkkv:window=1,simlayerkv:threshold=0.5,snapkv:window=1,merge=pivot,cam:window=1,lookm,"    \
-    "elastic-cache"
+    "elastic-cache,leverage,leverage:sketch=0"
 
 int main(void)
 {
