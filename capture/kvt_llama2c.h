@@ -73,6 +73,11 @@ kvt_status kvt_llama2c_state_set_mask(kvt_llama2c_state *st, const uint8_t *keep
  *  that several continuations of one prompt can be run from its cache.
  * @return KVT_OK; KVT_ERR_INVALID_ARG (pos beyond the positions run). */
 kvt_status kvt_llama2c_state_rewind(kvt_llama2c_state *st, uint32_t pos);
+/** Overwrite the cached key and value of KV head kv_head at position pos < positions run, in
+ *  layer `layer` (k, v [D]): a merged cache's entry. A rewind keeps rows before its position.
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (a layer, head or position out of range). */
+kvt_status kvt_llama2c_state_write_kv(kvt_llama2c_state *st, int layer, uint32_t pos, int kv_head,
+                                      const float *k, const float *v);
 /** Layer l's key cache, post-RoPE, row-major [S, Hkv, D] (rows < n_pos are valid). Owned by
  *  the state. */
 const float *kvt_llama2c_state_keys(const kvt_llama2c_state *st, int layer);

@@ -362,6 +362,23 @@ kvt_status kvt_llama2c_state_rewind(kvt_llama2c_state *st, uint32_t pos)
     return KVT_OK;
 }
 
+kvt_status kvt_llama2c_state_write_kv(kvt_llama2c_state *st, int layer, uint32_t pos, int kv_head,
+                                      const float *k, const float *v)
+{
+    KVT_RETURN_IF(!st || !k || !v, KVT_ERR_INVALID_ARG, "null argument");
+    const kvt_llama2c_config *c = &st->m->cfg;
+    const int hd = c->head_dim;
+    KVT_RETURN_IF(layer < 0 || layer >= c->n_layers || kv_head < 0 || kv_head >= c->n_kv_heads ||
+                      pos >= st->n_pos,
+                  KVT_ERR_INVALID_ARG, "write_kv: layer %d, KV head %d, position %u out of range",
+                  layer, kv_head, pos);
+    const size_t off = ((size_t)layer * (size_t)c->seq_len + pos) * (size_t)c->kv_dim +
+                       (size_t)kv_head * (size_t)hd;
+    memcpy(st->key_cache + off, k, (size_t)hd * sizeof(float));
+    memcpy(st->value_cache + off, v, (size_t)hd * sizeof(float));
+    return KVT_OK;
+}
+
 const float *kvt_llama2c_state_keys(const kvt_llama2c_state *st, int layer)
 {
     const kvt_llama2c_config *c = &st->m->cfg;

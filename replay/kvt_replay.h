@@ -189,6 +189,10 @@ typedef struct kvt_selection_rec {
     int step;           /* -1: the set kept for the prompt; >= 0: decode step (per-step) */
     const int32_t *idx; /* kept token indices, ascending; valid during the sink call */
     size_t n;
+    /* a merged set's entries (KVT_POLICY_MERGED; NULL otherwise): changed [n] is 1 where entry
+       idx[e] holds merged K and V, which k and v [n_changed, D] give in entry order */
+    const uint8_t *changed;
+    const float *k, *v;
 } kvt_selection_rec;
 
 /** Receives all kept sets of one layer at once (called from worker threads, possibly out of

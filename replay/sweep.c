@@ -1085,8 +1085,9 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                 for (int x = -1; x < s->n_steps || x == -1; x++) {
                     const int32_t *src;
                     size_t n;
-                    if (x < 0 && s->merged) {
-                        const kvt_merged_set *m = &s->merged[(size_t)b * s->n_heads + h];
+                    const kvt_merged_set *m = NULL;
+                    if (x < 0 && s->merged) { /* idx ascending: its entries stay in order */
+                        m = &s->merged[(size_t)b * s->n_heads + h];
                         src = m->idx, n = (size_t)m->n;
                     } else if (x < 0 && s->has_fixed) {
                         src = kvt_sel_ranking(s, b, h);
@@ -1104,7 +1105,10 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                                                     .head = h,
                                                     .step = x,
                                                     .idx = pool + off,
-                                                    .n = n};
+                                                    .n = n,
+                                                    .changed = m ? m->changed : NULL,
+                                                    .k = m ? m->k : NULL,
+                                                    .v = m ? m->v : NULL};
                     off += n;
                 }
     }

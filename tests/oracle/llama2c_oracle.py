@@ -87,10 +87,12 @@ def rope(t, pos, hs):
     return out
 
 
-def forward(m, ids, n_prompt, keep=None):
+def forward(m, ids, n_prompt, keep=None, merged=None):
     """keep: a compressed cache (kvtrace e2e-llama2c): bool [S, L, Hq, n_prompt]; query row
     i >= n_prompt attends, among the prompt's keys, only to those keep[min(i - n_prompt, S - 1)]
-    marks (S = 1: one set for every row; S = the decode steps: a set per step)."""
+    marks (S = 1: one set for every row; S = the decode steps: a set per step).
+    merged: (flag bool [L, Hkv, n_prompt], mk, mv [L, Hkv, n_prompt, D]) a merged cache: the
+    rows i >= n_prompt see, at the flagged prompt entries, those keys and values instead."""
     N = len(ids)
     L, Hq, Hkv, D = m["L"], m["Hq"], m["Hkv"], m["D"]
     pos = np.arange(N, dtype=np.float64)
@@ -109,6 +111,15 @@ def forward(m, ids, n_prompt, keep=None):
         kr = np.repeat(k, Hq // Hkv, axis=1)  # query head h uses KV head h // (Hq/Hkv)
         vr = np.repeat(v, Hq // Hkv, axis=1)
         sc = np.einsum("ihd,jhd->hij", q, kr) / np.sqrt(D)  # [Hq, N, N]
+        vr2 = vr
+        if merged is not None:  # the later rows' view of the prompt's entries
+            k2, v2 = k.copy(), v.copy()
+            fl = merged[0][l].T  # [n_prompt, Hkv]
+            k2[:n_prompt][fl] = merged[1][l].transpose(1, 0, 2)[fl]
+            v2[:n_prompt][fl] = merged[2][l].transpose(1, 0, 2)[fl]
+            kr2 = np.repeat(k2, Hq // Hkv, axis=1)
+            vr2 = np.repeat(v2, Hq // Hkv, axis=1)
+            sc[:, n_prompt:, :] = np.einsum("ihd,jhd->hij", q[n_prompt:], kr2) / np.sqrt(D)
         sc[:, future] = -np.inf
         if keep is not None:
             for i in range(n_prompt, N):
@@ -118,7 +129,10 @@ def forward(m, ids, n_prompt, keep=None):
         p = np.exp(sc)
         p /= p.sum(axis=-1, keepdims=True)
         colsum[l] = p[:, :n_prompt, :n_prompt].sum(axis=1)
-        att = np.einsum("hij,jhd->ihd", p, vr).reshape(N, Hq * D)
+        att = np.einsum("hij,jhd->ihd", p, vr)
+        if merged is not None:
+            att[n_prompt:] = np.einsum("hij,jhd->ihd", p[:, n_prompt:], vr2)
+        att = att.reshape(N, Hq * D)
         x = x + att @ m["wo"][l].T
         xb = rmsnorm(x, m["rms_ffn"][l])
         h1 = xb @ m["w1"][l].T

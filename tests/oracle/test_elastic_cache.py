@@ -58,10 +58,20 @@ def elastic(score, K, V, B, sinks):
     ranked = cand[np.argsort(-score[S:T - 1], kind="stable")]
     order = [T - 1] + list(range(S)) + list(ranked)
     idx = np.array(sorted(order[:B]), dtype=int)
+    mk, mv = elastic_merge(K, V, idx, sinks)
+    return idx, mk, mv
+
+
+def elastic_merge(K, V, idx, sinks):
+    """The keys and values of the kept tokens idx (ascending) after Elastic Cache's merge: each
+    other token into the anchor (a kept token between the sinks and the last) nearest in
+    position, the earlier on a tie, as the mean with the anchor."""
+    T = K.shape[0]
+    S = min(sinks, T - 1)
     anchors = np.array([j for j in idx if S <= j < T - 1], dtype=int)
     mk, mv = K[idx].copy(), V[idx].copy()
     if len(anchors) == 0:
-        return idx, mk, mv
+        return mk, mv
     cnt = np.ones(len(idx))
     pos = {j: e for e, j in enumerate(idx)}
     for j in np.setdiff1d(np.arange(T), idx):
@@ -69,7 +79,7 @@ def elastic(score, K, V, B, sinks):
         mk[pos[a]] += K[j]
         mv[pos[a]] += V[j]
         cnt[pos[a]] += 1
-    return idx, mk / cnt[:, None], mv / cnt[:, None]
+    return mk / cnt[:, None], mv / cnt[:, None]
 
 
 def check_trace(name, path, spec, sinks, budgets, work, merge=True):

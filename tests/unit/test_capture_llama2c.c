@@ -373,6 +373,36 @@ static void check_mask(const char *model_path)
     KVT_CHECK(kvt_llama2c_state_set_mask(b, NULL, 0));
     KVT_CHECK(kvt_llama2c_forward(b, ids[T], &lg));
     KVT_EXPECT(!memcmp(lg, ref, (size_t)V * sizeof(float)));
+    /* a merged cache's entry: written over one prompt row of one KV head, it changes the
+       continuation; the row written back, the run is the reference again, bit for bit */
+    const int D = c->head_dim;
+    const float *k0 = kvt_llama2c_state_keys(b, 1), *v0 = kvt_llama2c_state_values(b, 1);
+    float *save = malloc(2 * (size_t)D * sizeof(float)),
+          *other = malloc(2 * (size_t)D * sizeof(float));
+    memcpy(save, k0 + (size_t)3 * kv, (size_t)D * sizeof(float));
+    memcpy(save + D, v0 + (size_t)3 * kv, (size_t)D * sizeof(float));
+    memcpy(other, k0 + (size_t)(T - 1) * kv, (size_t)D * sizeof(float)); /* token T-1's */
+    memcpy(other + D, v0 + (size_t)(T - 1) * kv, (size_t)D * sizeof(float));
+    KVT_CHECK(kvt_llama2c_state_rewind(b, T));
+    KVT_CHECK(kvt_llama2c_state_write_kv(b, 1, 3, 0, other, other + D));
+    KVT_EXPECT(
+        !memcmp(kvt_llama2c_state_keys(b, 1) + (size_t)3 * kv, other, (size_t)D * sizeof(float)));
+    KVT_CHECK(kvt_llama2c_forward(b, ids[T], &lg));
+    diff = 0;
+    for (int v = 0; v < V; v++)
+        diff = fmax(diff, fabs(lg[v] - ref[v]));
+    KVT_EXPECT_MSG(diff > 0, "a merged entry left the logits as they were");
+    KVT_CHECK(kvt_llama2c_state_rewind(b, T));
+    KVT_CHECK(kvt_llama2c_state_write_kv(b, 1, 3, 0, save, save + D));
+    KVT_CHECK(kvt_llama2c_forward(b, ids[T], &lg));
+    KVT_EXPECT(!memcmp(lg, ref, (size_t)V * sizeof(float)));
+    KVT_EXPECT_STATUS(kvt_llama2c_state_write_kv(b, 1, T + 1, 0, save, save + D),
+                      KVT_ERR_INVALID_ARG); /* beyond the positions run */
+    KVT_EXPECT_STATUS(kvt_llama2c_state_write_kv(b, L, 0, 0, save, save + D), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_llama2c_state_write_kv(b, 0, 0, c->n_kv_heads, save, save + D),
+                      KVT_ERR_INVALID_ARG);
+    free(save);
+    free(other);
     KVT_EXPECT_STATUS(kvt_llama2c_state_rewind(b, T + 2), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_llama2c_state_set_mask(b, NULL, 4), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_llama2c_state_set_mask(b, all, (uint32_t)c->seq_len + 1),
