@@ -655,7 +655,7 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
 out:
     for (size_t i = 0; mk.keep && i < n_pol * n_b; i++)
         kvt_free(mk.keep[i]);
-    for (size_t i = 0; mk.mflag && i < n_pol * n_b; i++)
+    for (size_t i = 0; mk.mflag && mk.mk && mk.mv && i < n_pol * n_b; i++)
         kvt_free(mk.mflag[i]), kvt_free(mk.mk[i]), kvt_free(mk.mv[i]);
     kvt_free(mk.keep);
     kvt_free(mk.mflag);
