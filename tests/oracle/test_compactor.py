@@ -30,7 +30,7 @@ from cli_test import (check, compare_kept, finish, need_library,  # noqa: E402
                       replay_export, score_traces)  # (77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 from test_cam import M64, Rng  # noqa: E402
-from test_expected_attention_synth import rope_matrices  # noqa: E402
+from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
 from test_noncausal_attention import scores as nca_scores  # noqa: E402
 
 kvtrace = need_library()
@@ -48,21 +48,10 @@ def znorm(x):
 def pre_rope_keys(t, K):
     """[Hkv, T, D] the keys with each token's RoPE undone."""
     m = t.header["model"]
-    ro, T, D = m["rope"], t.header["n_tokens"], m["head_dim"]
-    if ro["type"] == "none":
+    if m["rope"]["type"] == "none":
         return K.copy()
-    half = D // 2
-    a = ro.get("attention_scaling", 1.0)
-    freq = (np.array(ro["inv_freq"]) if "inv_freq" in ro
-            else ro["theta"] ** (-2.0 * np.arange(half) / D))
-    pos = np.asarray(t.tokens["positions"], dtype=np.float64).reshape(-1, T)
-    if ro["type"] == "mrope":
-        sec = ro["mrope_section"]
-        row_of = [0] * sec[0] + [1] * sec[1] + [2] * sec[2]
-    else:
-        row_of = [0] * half
-    rows = pos.T if pos.shape[0] == 3 else np.repeat(pos.T, 3, axis=1)
-    R = rope_matrices(rows, D, freq, ro["pairs"], a, row_of)
+    freq, pairs, a, row_of, rows, _ = trace_rope(t)
+    R = rope_matrices(rows, m["head_dim"], freq, pairs, a, row_of)
     return np.stack([np.linalg.solve(R, K[g][:, :, None])[:, :, 0] for g in range(K.shape[0])])
 
 

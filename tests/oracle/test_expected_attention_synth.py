@@ -49,29 +49,38 @@ def rope_matrices(rows, D, freq, pairs, a, row_of):
     return R
 
 
+def trace_rope(t):
+    """The header's RoPE of an open trace: (freq [D/2], pairs, attention_scaling, the position
+    row of each pair, each token's position rows [T, 3], the largest position)."""
+    m, T = t.header["model"], t.header["n_tokens"]
+    ro, D = m["rope"], m["head_dim"]
+    half = D // 2
+    a = ro.get("attention_scaling", 1.0)
+    freq = (np.array(ro["inv_freq"]) if "inv_freq" in ro
+            else ro["theta"] ** (-2.0 * np.arange(half) / D))
+    pos = np.asarray(t.tokens["positions"], dtype=np.float64).reshape(-1, T)
+    if ro["type"] == "mrope":
+        sec = ro["mrope_section"]
+        row_of = [0] * sec[0] + [1] * sec[1] + [2] * sec[2]
+    else:
+        row_of = [0] * half
+    rows = pos.T if pos.shape[0] == 3 else np.repeat(pos.T, 3, axis=1)  # [T, 3]
+    return freq, ro["pairs"], a, row_of, rows, pos.max()
+
+
 def scores(path, sinks=4, future=512, cov=True, vnorm=True, epsilon=0.0, per_query=False):
     """{layer: [H, T]} the check's scores (inf for the sinks)."""
     with kvtrace.open(path) as t:
         h = t.header
         m, T = h["model"], h["n_tokens"]
-        ro = m["rope"]
         Hq, Hkv, D = m["n_q_heads"], m["n_kv_heads"], m["head_dim"]
-        half, Gs = D // 2, Hq // Hkv
+        Gs = Hq // Hkv
         s = m.get("attn_scale", 1 / np.sqrt(D))
-        a = ro.get("attention_scaling", 1.0)
-        freq = (np.array(ro["inv_freq"]) if "inv_freq" in ro
-                else ro["theta"] ** (-2.0 * np.arange(half) / D))
-        pos = np.asarray(t.tokens["positions"], dtype=np.float64).reshape(-1, T)
-        if ro["type"] == "mrope":
-            sec = ro["mrope_section"]
-            row_of = [0] * sec[0] + [1] * sec[1] + [2] * sec[2]
-            p0 = pos.max() + 1
-        else:
-            row_of, p0 = [0] * half, T
+        freq, pairs, a, row_of, rows, pmax = trace_rope(t)
+        p0 = pmax + 1 if m["rope"]["type"] == "mrope" else T
         fut = np.repeat((p0 + np.arange(future, dtype=np.float64))[:, None], 3, axis=1)
-        Rbar = rope_matrices(fut, D, freq, ro["pairs"], a, row_of).mean(axis=0)
-        rows = pos.T if pos.shape[0] == 3 else np.repeat(pos.T, 3, axis=1)  # [T, 3]
-        Rt = rope_matrices(rows, D, freq, ro["pairs"], a, row_of)
+        Rbar = rope_matrices(fut, D, freq, pairs, a, row_of).mean(axis=0)
+        Rt = rope_matrices(rows, D, freq, pairs, a, row_of)
         S = min(sinks, T)
         out = {}
         for layer in t.layers():
