@@ -73,11 +73,14 @@ kvt_status kvt_llama2c_state_set_mask(kvt_llama2c_state *st, const uint8_t *keep
  *  that several continuations of one prompt can be run from its cache.
  * @return KVT_OK; KVT_ERR_INVALID_ARG (pos beyond the positions run). */
 kvt_status kvt_llama2c_state_rewind(kvt_llama2c_state *st, uint32_t pos);
-/** Overwrite the cached key and value of KV head kv_head at position pos < positions run, in
- *  layer `layer` (k, v [D]): a merged cache's entry. A rewind keeps rows before its position.
- * @return KVT_OK; KVT_ERR_INVALID_ARG (a layer, head or position out of range). */
-kvt_status kvt_llama2c_state_write_kv(kvt_llama2c_state *st, int layer, uint32_t pos, int kv_head,
-                                      const float *k, const float *v);
+/** A merged cache, with the mask (kvt_llama2c_state_set_mask) over the same n_masked positions:
+ *  from now on a position p >= n_masked attends, in layer l and query head h, to the key and
+ *  value mk, mv [((l * Hq + h) * n_masked + t) * D ...] in place of position t's cached ones
+ *  wherever flag[(l * Hq + h) * n_masked + t] is nonzero (an entry the policy merged, as query
+ *  head h sees it). Borrowed like the mask, until changed or cleared (flag NULL, n_masked 0).
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (n_masked > seq_len, or a NULL array with n_masked > 0). */
+kvt_status kvt_llama2c_state_set_merged(kvt_llama2c_state *st, const uint8_t *flag, const float *mk,
+                                        const float *mv, uint32_t n_masked);
 /** Layer l's key cache, post-RoPE, row-major [S, Hkv, D] (rows < n_pos are valid). Owned by
  *  the state. */
 const float *kvt_llama2c_state_keys(const kvt_llama2c_state *st, int layer);

@@ -48,6 +48,9 @@ struct kvt_llama2c_state {
     float *rope_sin;
     const uint8_t *keep; /* [L, Hq, n_masked] borrowed (kvt_llama2c_state_set_mask), or NULL */
     uint32_t n_masked;
+    const uint8_t *mflag; /* [L, Hq, n_merged] merged entries (kvt_llama2c_state_set_merged) */
+    const float *mk, *mv; /* [L, Hq, n_merged, D] their keys and values */
+    uint32_t n_merged;
 };
 
 /* ---- loading ---- */
@@ -362,20 +365,16 @@ kvt_status kvt_llama2c_state_rewind(kvt_llama2c_state *st, uint32_t pos)
     return KVT_OK;
 }
 
-kvt_status kvt_llama2c_state_write_kv(kvt_llama2c_state *st, int layer, uint32_t pos, int kv_head,
-                                      const float *k, const float *v)
+kvt_status kvt_llama2c_state_set_merged(kvt_llama2c_state *st, const uint8_t *flag, const float *mk,
+                                        const float *mv, uint32_t n_masked)
 {
-    KVT_RETURN_IF(!st || !k || !v, KVT_ERR_INVALID_ARG, "null argument");
-    const kvt_llama2c_config *c = &st->m->cfg;
-    const int hd = c->head_dim;
-    KVT_RETURN_IF(layer < 0 || layer >= c->n_layers || kv_head < 0 || kv_head >= c->n_kv_heads ||
-                      pos >= st->n_pos,
-                  KVT_ERR_INVALID_ARG, "write_kv: layer %d, KV head %d, position %u out of range",
-                  layer, kv_head, pos);
-    const size_t off = ((size_t)layer * (size_t)c->seq_len + pos) * (size_t)c->kv_dim +
-                       (size_t)kv_head * (size_t)hd;
-    memcpy(st->key_cache + off, k, (size_t)hd * sizeof(float));
-    memcpy(st->value_cache + off, v, (size_t)hd * sizeof(float));
+    KVT_RETURN_IF(!st || ((!flag || !mk || !mv) && n_masked), KVT_ERR_INVALID_ARG, "null argument");
+    KVT_RETURN_IF(n_masked > (uint32_t)st->m->cfg.seq_len, KVT_ERR_INVALID_ARG,
+                  "merged entries of %u positions for a context of %d", n_masked,
+                  st->m->cfg.seq_len);
+    st->mflag = n_masked ? flag : NULL;
+    st->mk = mk, st->mv = mv;
+    st->n_merged = n_masked;
     return KVT_OK;
 }
 
@@ -490,16 +489,23 @@ kvt_status kvt_llama2c_forward(kvt_llama2c_state *st, int32_t token, const float
         const uint8_t *keep = st->keep && pos >= st->n_masked
                                   ? st->keep + lo * (size_t)c->n_heads * st->n_masked
                                   : NULL;
+        /* a merged one: those entries' keys and values replaced, as each query head sees them */
+        const size_t nmg = st->n_merged;
+        const uint8_t *merged =
+            st->mflag && pos >= nmg ? st->mflag + lo * (size_t)c->n_heads * nmg : NULL;
         for (int h = 0; h < c->n_heads; h++) {
             const float *qh = st->q + (size_t)h * (size_t)hs;
             size_t koff = (size_t)(h / kv_mul) * (size_t)hs;
             const uint8_t *kh = keep ? keep + (size_t)h * st->n_masked : NULL;
+            const uint8_t *mh = merged ? merged + (size_t)h * nmg : NULL;
+            const size_t mrow = (lo * (size_t)c->n_heads + (size_t)h) * nmg; /* row of (l, h, 0) */
             for (size_t t = 0; t <= pos; t++) {
                 if (kh && t < st->n_masked && !kh[t]) {
                     st->att[t] = -INFINITY; /* dropped: no weight after the softmax */
                     continue;
                 }
-                const float *kt = kc + t * (size_t)kv_dim + koff;
+                const float *kt = mh && t < nmg && mh[t] ? st->mk + (mrow + t) * (size_t)hs
+                                                         : kc + t * (size_t)kv_dim + koff;
                 float score = 0.0f;
                 for (int i = 0; i < hs; i++)
                     score += qh[i] * kt[i];
@@ -509,7 +515,8 @@ kvt_status kvt_llama2c_forward(kvt_llama2c_state *st, int32_t token, const float
             float *xbh = st->xb + (size_t)h * (size_t)hs;
             memset(xbh, 0, (size_t)hs * sizeof(float));
             for (size_t t = 0; t <= pos; t++) {
-                const float *vt = vc + t * (size_t)kv_dim + koff;
+                const float *vt = mh && t < nmg && mh[t] ? st->mv + (mrow + t) * (size_t)hs
+                                                         : vc + t * (size_t)kv_dim + koff;
                 float a = st->att[t];
                 for (int i = 0; i < hs; i++)
                     xbh[i] += a * vt[i];

@@ -53,8 +53,7 @@ static void help(void)
            "  --model FILE      the llama2.c checkpoint the trace was captured from\n"
            "  --policies LIST   as for replay, 'all' too (default %s);\n"
            "                    a merged policy (lookm, elastic-cache, cam, lightkv-like,\n"
-           "                    merge=) runs with its merged keys and values in the cache;\n"
-           "                    one merged per query head (heads=query) cannot: not run\n"
+           "                    merge=) runs with its merged keys and values in the cache\n"
            "  --budgets LIST    as for replay (default %s)\n"
            "  --window W        window= of every policy that ranks by window queries\n"
            "                    whose spec sets none (as replay --window; not h2o, random)\n"
@@ -72,36 +71,31 @@ typedef struct masks {
     int L, Hq, Hkv, T, G, D;
     size_t n_pol, n_b;
     kvt_policy *const *pols;
-    uint8_t **keep;   /* [n_pol * n_b]: [L, Hq, T], or [G, L, Hq, T] for a per-step policy; NULL
-                         for one not run (merged per query head) */
-    uint8_t **mflag;  /* [n_pol * n_b]: merged (per KV head) only: [L, Hkv, T] 1 where the
-                         cache's entry is merged, or NULL */
-    float **mk, **mv; /* [n_pol * n_b]: with mflag: [L, Hkv, T, D] the merged keys and values */
+    uint8_t **keep;   /* [n_pol * n_b]: [L, Hq, T], or [G, L, Hq, T] for a per-step policy */
+    uint8_t **mflag;  /* [n_pol * n_b]: a merged policy's [L, Hq, T], 1 where the entry query
+                         head h sees is merged; NULL for the others */
+    float **mk, **mv; /* [n_pol * n_b]: with mflag: [L, Hq, T, D] the merged keys and values */
     kvt_selection_writer *sw; /* --export-selection, fed the same records */
 } masks;
 
-/* whether the engine can run a policy's kept sets: a subset (a mask), or entries merged per
-   KV head (a mask, and the merged rows written into the cache); not merged per query head */
-static bool runnable(const kvt_policy *p)
-{
-    return !(kvt_policy_flags(p) & KVT_POLICY_MERGED) || !kvt_policy_per_query_head(p);
-}
-
-/* a merged record's entries into the cache rows of its (policy, budget) */
-static kvt_status put_merged(const masks *m, int layer, const kvt_selection_rec *r)
+/* a merged record's entries, as each query head of its selection head sees them */
+static void put_merged(const masks *m, int layer, const kvt_selection_rec *r)
 {
     const size_t pb = (size_t)r->policy * m->n_b + (size_t)r->budget;
-    const size_t base = ((size_t)layer * m->Hkv + (size_t)r->head) * m->T;
-    for (size_t e = 0, ce = 0; e < r->n; e++) {
-        if (!r->changed[e])
-            continue;
-        const size_t t = (size_t)r->idx[e];
-        m->mflag[pb][base + t] = 1;
-        memcpy(m->mk[pb] + (base + t) * m->D, r->k + ce * m->D, (size_t)m->D * sizeof(float));
-        memcpy(m->mv[pb] + (base + t) * m->D, r->v + ce * m->D, (size_t)m->D * sizeof(float));
-        ce++;
+    const bool per_q = kvt_policy_per_query_head(m->pols[r->policy]);
+    const int group = m->Hq / m->Hkv, h0 = per_q ? r->head : r->head * group;
+    for (int h = h0; h < h0 + (per_q ? 1 : group); h++) {
+        const size_t base = ((size_t)layer * m->Hq + (size_t)h) * m->T;
+        for (size_t e = 0, ce = 0; e < r->n; e++) {
+            if (!r->changed[e])
+                continue;
+            const size_t t = (size_t)r->idx[e];
+            m->mflag[pb][base + t] = 1;
+            memcpy(m->mk[pb] + (base + t) * m->D, r->k + ce * m->D, (size_t)m->D * sizeof(float));
+            memcpy(m->mv[pb] + (base + t) * m->D, r->v + ce * m->D, (size_t)m->D * sizeof(float));
+            ce++;
+        }
     }
-    return KVT_OK;
 }
 
 /* the mask rows of record r at decode step `step` (-1: a fixed set's, at every step) */
@@ -140,9 +134,9 @@ static kvt_status collect(void *user, int layer, const kvt_selection_rec *recs, 
         const kvt_selection_rec *r = &recs[i];
         const size_t pb = (size_t)r->policy * m->n_b + (size_t)r->budget;
         if (!m->keep[pb] || r->step >= m->G)
-            continue; /* merged per query head: not run */
-        if (r->changed && m->mflag[pb] && (st = put_merged(m, layer, r)))
-            break;
+            continue;
+        if (r->changed && m->mflag[pb])
+            put_merged(m, layer, r);
         if (!(kvt_policy_flags(m->pols[r->policy]) & KVT_POLICY_PER_STEP))
             st = put_rows(m, layer, r, 0);
         else if (r->step >= 0)
@@ -254,33 +248,11 @@ typedef struct decode_job {
     kvt_progress *pr;
     pthread_mutex_t mu;
     size_t next, done, n_runs;
-    bool any_merged; /* a setting writes merged entries into the prompt's rows */
     kvt_status err;
     char msg[512];
 } decode_job;
 
-/* A merged setting's entries written into the prompt's cache rows (orig NULL), or the prompt's
- * own rows written back over them (orig: the state's rows as the prompt left them) */
-static kvt_status write_merged(const masks *mk, size_t i, kvt_llama2c_state *s, const float *orig_k,
-                               const float *orig_v, int kv_dim)
-{
-    const int T = mk->T, D = mk->D;
-    for (int l = 0; l < mk->L; l++)
-        for (int g = 0; g < mk->Hkv; g++)
-            for (int t = 0; t < T; t++) {
-                const size_t f = ((size_t)l * mk->Hkv + (size_t)g) * T + (size_t)t;
-                if (!mk->mflag[i][f])
-                    continue;
-                const size_t o = ((size_t)l * T + (size_t)t) * kv_dim + (size_t)g * D;
-                KVT_FORWARD(kvt_llama2c_state_write_kv(s, l, (uint32_t)t, g,
-                                                       orig_k ? orig_k + o : mk->mk[i] + f * D,
-                                                       orig_v ? orig_v + o : mk->mv[i] + f * D));
-            }
-    return KVT_OK;
-}
-
-static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c,
-                             const float *orig_k, const float *orig_v)
+static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c)
 {
     const masks *mk = j->mk;
     const uint8_t *keep = mk->keep[i];
@@ -289,14 +261,13 @@ static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, doub
     const bool per_step = kvt_policy_flags(mk->pols[i / mk->n_b]) & KVT_POLICY_PER_STEP;
     const size_t plane = (size_t)mk->L * mk->Hq * T;
     KVT_FORWARD(kvt_llama2c_state_rewind(s, (uint32_t)T));
-    if (mk->mflag[i])
-        KVT_FORWARD(write_merged(mk, i, s, NULL, NULL, 0));
-    kvt_status st = KVT_OK;
-    for (uint32_t g = 0; g < j->G && !st; g++) {
+    /* a merged policy's entries in place of the prompt's (a policy that merges none: cleared) */
+    KVT_FORWARD(kvt_llama2c_state_set_merged(s, mk->mflag[i], mk->mk[i], mk->mv[i],
+                                             mk->mflag[i] ? (uint32_t)T : 0));
+    for (uint32_t g = 0; g < j->G; g++) {
         const float *lg;
-        if ((st = kvt_llama2c_state_set_mask(s, keep + (per_step ? g * plane : 0), (uint32_t)T)) ||
-            (st = kvt_llama2c_forward(s, j->ids[T + g], &lg)))
-            break;
+        KVT_FORWARD(kvt_llama2c_state_set_mask(s, keep + (per_step ? g * plane : 0), (uint32_t)T));
+        KVT_FORWARD(kvt_llama2c_forward(s, j->ids[T + g], &lg));
         const double *lp_f = j->lp_full + (size_t)g * V;
         log_softmax(lg, V, lp_c);
         double kl = 0.0;
@@ -310,12 +281,6 @@ static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, doub
         r->top1 += kvt_llama2c_argmax(lg, V) == ref;
         r->nll += -lp_c[ref];
     }
-    /* the prompt's own rows back, for the worker's next setting */
-    if (mk->mflag[i]) {
-        kvt_status rs = write_merged(mk, i, s, orig_k, orig_v, mk->Hkv * mk->D);
-        st = st ? st : rs;
-    }
-    KVT_FORWARD(st);
     r->kl_mean /= j->G, r->top1 /= j->G, r->nll /= j->G;
     r->applied = true;
     return KVT_OK;
@@ -331,22 +296,6 @@ static void *decode_worker(void *arg)
     const float *lg;
     for (int i = 0; !st && i < j->T; i++)
         st = kvt_llama2c_forward(s, j->ids[i], &lg);
-    /* a merged setting writes into the prompt's rows: keep them to write back */
-    const masks *mk = j->mk;
-    const size_t kvd = (size_t)mk->Hkv * mk->D, rows = (size_t)mk->L * (size_t)j->T;
-    float *orig_k = NULL, *orig_v = NULL;
-    if (!st && j->any_merged) {
-        orig_k = kvt_malloc(rows * kvd * sizeof(float) + 1);
-        orig_v = kvt_malloc(rows * kvd * sizeof(float) + 1);
-        if (!orig_k || !orig_v)
-            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory (the prompt's cache rows)");
-        for (int l = 0; !st && l < mk->L; l++) {
-            memcpy(orig_k + (size_t)l * j->T * kvd, kvt_llama2c_state_keys(s, l),
-                   (size_t)j->T * kvd * sizeof(float));
-            memcpy(orig_v + (size_t)l * j->T * kvd, kvt_llama2c_state_values(s, l),
-                   (size_t)j->T * kvd * sizeof(float));
-        }
-    }
     for (;;) {
         pthread_mutex_lock(&j->mu);
         if (st && !j->err) {
@@ -358,8 +307,8 @@ static void *decode_worker(void *arg)
         if (i >= j->mk->n_pol * j->mk->n_b)
             break;
         if (!j->mk->keep[i])
-            continue; /* merged per query head: not run */
-        st = decode_one(j, s, i, lp_c, orig_k, orig_v);
+            continue; /* not run */
+        st = decode_one(j, s, i, lp_c);
         if (!st) {
             pthread_mutex_lock(&j->mu);
             kvt_progress_update(j->pr, ++j->done, j->n_runs);
@@ -368,8 +317,6 @@ static void *decode_worker(void *arg)
     }
     kvt_llama2c_state_free(s);
     kvt_free(lp_c);
-    kvt_free(orig_k);
-    kvt_free(orig_v);
     return NULL;
 }
 
@@ -570,7 +517,6 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
     mk.mv = kvt_calloc(n_pol * n_b, sizeof(float *));
     et->runs = kvt_calloc(n_pol * n_b, sizeof(e2e_run));
     kvt_status st = KVT_OK;
-    bool any_merged = false;
     if (!btok || !mk.keep || !mk.mflag || !mk.mk || !mk.mv || !et->runs) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out;
@@ -578,10 +524,10 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
     size_t n_runs = 0;
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
-        for (size_t b = 0; b < n_b && runnable(pols[p]); b++, n_runs++) {
+        for (size_t b = 0; b < n_b; b++, n_runs++) {
             const size_t i = p * n_b + b,
                          n = (size_t)L * Hq * T * ((f & KVT_POLICY_PER_STEP) ? G : 1);
-            const size_t nm = (size_t)L * mk.Hkv * T;
+            const size_t nm = (size_t)L * Hq * T;
             et->runs[i].kl_steps = kvt_malloc((size_t)G * sizeof(double));
             if (!(mk.keep[i] = kvt_calloc(n, 1)) || !et->runs[i].kl_steps ||
                 ((f & KVT_POLICY_MERGED) &&
@@ -591,7 +537,6 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
                 st = kvt_error_set(KVT_ERR_NOMEM, "out of memory (kept-set masks)");
                 goto out;
             }
-            any_merged |= (f & KVT_POLICY_MERGED) != 0;
         }
     }
     for (size_t b = 0; b < n_b; b++)
@@ -632,8 +577,7 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
                      .mk = &mk,
                      .runs = et->runs,
                      .pr = pr,
-                     .n_runs = n_runs,
-                     .any_merged = any_merged};
+                     .n_runs = n_runs};
     int n_th = threads > 0 ? threads : kvt_cpu_count();
     n_th = n_th < (int)n_runs ? n_th : (int)n_runs;
     n_th = n_th < 64 ? n_th : 64;
@@ -835,17 +779,6 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
         goto out_free;
     }
-    size_t n_subset = 0; /* policies whose kept sets the engine can run */
-    for (size_t p = 0; p < n_pol; p++)
-        n_subset += runnable(pols[p]);
-    if (!n_subset) {
-        kvt_cli_fail(cmd,
-                     "--policies: every policy given merges per query head (heads=query), which "
-                     "the engine's cache, one key and value per KV head, cannot hold: nothing to "
-                     "run (add snapkv, adakv, ...)");
-        rc = 2;
-        goto out_free;
-    }
     if ((st = kvt_budgets_parse(budgets_arg ? budgets_arg : DEFAULT_BUDGETS, &budgets, &n_b))) {
         kvt_cli_fail_status(cmd, st, "--budgets");
         rc = st == KVT_ERR_INVALID_ARG ? 2 : 1;
@@ -932,9 +865,7 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
             cJSON_AddItemToObject(o, "kept_fraction", num(sm.kept_fraction));
             cJSON_AddBoolToObject(o, "applied", applied);
             if (!applied)
-                cJSON_AddStringToObject(o, "why",
-                                        "merged per query head: the engine's cache holds one "
-                                        "key and value per KV head");
+                cJSON_AddStringToObject(o, "why", "the engine did not run this setting");
             cJSON_AddItemToObject(o, "kl_mean", num(kl));
             cJSON_AddItemToObject(o, "kl_max", num(kl_max));
             cJSON_AddItemToObject(o, "top1_agreement", num(top1));

@@ -1112,8 +1112,8 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
                     kvt_report_num(100.0 * x->top1, h, sizeof(h)),
                     kvt_report_num(x->nll, a, sizeof(a)));
         else
-            fputs("<td colspan=\"4\">not run: a policy merged per query head, which the engine's "
-                  "cache (one key and value per KV head) cannot hold</td></tr>\n",
+            fputs("<td colspan=\"4\">not run (an e2e.json of a kvtrace before 2026-12-06, which "
+                  "did not run merged policies)</td></tr>\n",
                   f);
     }
     fputs("</table>\n", f);

@@ -91,8 +91,8 @@ def forward(m, ids, n_prompt, keep=None, merged=None):
     """keep: a compressed cache (kvtrace e2e-llama2c): bool [S, L, Hq, n_prompt]; query row
     i >= n_prompt attends, among the prompt's keys, only to those keep[min(i - n_prompt, S - 1)]
     marks (S = 1: one set for every row; S = the decode steps: a set per step).
-    merged: (flag bool [L, Hkv, n_prompt], mk, mv [L, Hkv, n_prompt, D]) a merged cache: the
-    rows i >= n_prompt see, at the flagged prompt entries, those keys and values instead."""
+    merged: (flag bool [L, Hq, n_prompt], mk, mv [L, Hq, n_prompt, D]) a merged cache: the rows
+    i >= n_prompt see, through query head h, those keys and values at its flagged entries."""
     N = len(ids)
     L, Hq, Hkv, D = m["L"], m["Hq"], m["Hkv"], m["D"]
     pos = np.arange(N, dtype=np.float64)
@@ -112,13 +112,11 @@ def forward(m, ids, n_prompt, keep=None, merged=None):
         vr = np.repeat(v, Hq // Hkv, axis=1)
         sc = np.einsum("ihd,jhd->hij", q, kr) / np.sqrt(D)  # [Hq, N, N]
         vr2 = vr
-        if merged is not None:  # the later rows' view of the prompt's entries
-            k2, v2 = k.copy(), v.copy()
-            fl = merged[0][l].T  # [n_prompt, Hkv]
-            k2[:n_prompt][fl] = merged[1][l].transpose(1, 0, 2)[fl]
-            v2[:n_prompt][fl] = merged[2][l].transpose(1, 0, 2)[fl]
-            kr2 = np.repeat(k2, Hq // Hkv, axis=1)
-            vr2 = np.repeat(v2, Hq // Hkv, axis=1)
+        if merged is not None:  # the later rows' view of the prompt's entries, per query head
+            kr2, vr2 = kr.copy(), vr.copy()
+            fl = merged[0][l].T  # [n_prompt, Hq]
+            kr2[:n_prompt][fl] = merged[1][l].transpose(1, 0, 2)[fl]
+            vr2[:n_prompt][fl] = merged[2][l].transpose(1, 0, 2)[fl]
             sc[:, n_prompt:, :] = np.einsum("ihd,jhd->hij", q[n_prompt:], kr2) / np.sqrt(D)
         sc[:, future] = -np.inf
         if keep is not None:

@@ -373,36 +373,34 @@ static void check_mask(const char *model_path)
     KVT_CHECK(kvt_llama2c_state_set_mask(b, NULL, 0));
     KVT_CHECK(kvt_llama2c_forward(b, ids[T], &lg));
     KVT_EXPECT(!memcmp(lg, ref, (size_t)V * sizeof(float)));
-    /* a merged cache's entry: written over one prompt row of one KV head, it changes the
-       continuation; the row written back, the run is the reference again, bit for bit */
+    /* a merged cache: query head 0 of layer 1 sees token T-1's key and value at token 3; the
+       continuation changes, and with the merged entries cleared it is the reference again,
+       bit for bit (the cache itself was not touched) */
     const int D = c->head_dim;
-    const float *k0 = kvt_llama2c_state_keys(b, 1), *v0 = kvt_llama2c_state_values(b, 1);
-    float *save = malloc(2 * (size_t)D * sizeof(float)),
-          *other = malloc(2 * (size_t)D * sizeof(float));
-    memcpy(save, k0 + (size_t)3 * kv, (size_t)D * sizeof(float));
-    memcpy(save + D, v0 + (size_t)3 * kv, (size_t)D * sizeof(float));
-    memcpy(other, k0 + (size_t)(T - 1) * kv, (size_t)D * sizeof(float)); /* token T-1's */
-    memcpy(other + D, v0 + (size_t)(T - 1) * kv, (size_t)D * sizeof(float));
+    uint8_t *flag = calloc((size_t)L * Hq * T, 1);
+    float *mk = calloc((size_t)L * Hq * T * D, sizeof(float));
+    float *mv = calloc((size_t)L * Hq * T * D, sizeof(float));
+    const size_t e = ((size_t)1 * Hq + 0) * T + 3; /* (layer 1, head 0, token 3) */
+    flag[e] = 1;
+    memcpy(mk + e * D, kvt_llama2c_state_keys(b, 1) + (size_t)(T - 1) * kv, (size_t)D * 4);
+    memcpy(mv + e * D, kvt_llama2c_state_values(b, 1) + (size_t)(T - 1) * kv, (size_t)D * 4);
     KVT_CHECK(kvt_llama2c_state_rewind(b, T));
-    KVT_CHECK(kvt_llama2c_state_write_kv(b, 1, 3, 0, other, other + D));
-    KVT_EXPECT(
-        !memcmp(kvt_llama2c_state_keys(b, 1) + (size_t)3 * kv, other, (size_t)D * sizeof(float)));
+    KVT_CHECK(kvt_llama2c_state_set_merged(b, flag, mk, mv, T));
     KVT_CHECK(kvt_llama2c_forward(b, ids[T], &lg));
     diff = 0;
     for (int v = 0; v < V; v++)
         diff = fmax(diff, fabs(lg[v] - ref[v]));
     KVT_EXPECT_MSG(diff > 0, "a merged entry left the logits as they were");
     KVT_CHECK(kvt_llama2c_state_rewind(b, T));
-    KVT_CHECK(kvt_llama2c_state_write_kv(b, 1, 3, 0, save, save + D));
+    KVT_CHECK(kvt_llama2c_state_set_merged(b, NULL, NULL, NULL, 0));
     KVT_CHECK(kvt_llama2c_forward(b, ids[T], &lg));
     KVT_EXPECT(!memcmp(lg, ref, (size_t)V * sizeof(float)));
-    KVT_EXPECT_STATUS(kvt_llama2c_state_write_kv(b, 1, T + 1, 0, save, save + D),
-                      KVT_ERR_INVALID_ARG); /* beyond the positions run */
-    KVT_EXPECT_STATUS(kvt_llama2c_state_write_kv(b, L, 0, 0, save, save + D), KVT_ERR_INVALID_ARG);
-    KVT_EXPECT_STATUS(kvt_llama2c_state_write_kv(b, 0, 0, c->n_kv_heads, save, save + D),
+    KVT_EXPECT_STATUS(kvt_llama2c_state_set_merged(b, NULL, mk, mv, T), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_llama2c_state_set_merged(b, flag, mk, mv, (uint32_t)c->seq_len + 1),
                       KVT_ERR_INVALID_ARG);
-    free(save);
-    free(other);
+    free(flag);
+    free(mk);
+    free(mv);
     KVT_EXPECT_STATUS(kvt_llama2c_state_rewind(b, T + 2), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_llama2c_state_set_mask(b, NULL, 4), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_llama2c_state_set_mask(b, all, (uint32_t)c->seq_len + 1),
