@@ -15,6 +15,8 @@
 #include "kvt_kernels.h"
 #include "../replay_internal.h"
 
+#define LEV_ROWS 512 /* rows per product of the leverage */
+
 /* L (lower, [k, k]) with L L^T = A + eps I, A symmetric [k, k]: false when not positive */
 static bool cholesky(const double *A, int k, double eps, double *L)
 {
@@ -48,9 +50,11 @@ kvt_status kvt_leverage_scores(kvt_layer_ctx *c, const char *policy, int sketch,
     double *phi = sketch > 0 ? kvt_malloc(((size_t)D * k + 1) * sizeof(double)) : NULL;
     double *G = kvt_malloc(((size_t)k * k + 1) * sizeof(double));
     double *L = kvt_calloc((size_t)k * k + 1, sizeof(double));
-    double *mu = kvt_malloc(((size_t)D + 1) * sizeof(double)), *z = kvt_malloc((size_t)k * 8 + 8);
+    double *Li = kvt_malloc(((size_t)k * k + 1) * sizeof(double));
+    double *mu = kvt_malloc(((size_t)D + 1) * sizeof(double));
+    double *z = kvt_malloc(((size_t)LEV_ROWS * k + 1) * sizeof(double));
     kvt_status st = KVT_OK;
-    if ((r.on && !cs) || !Y || !X || (sketch > 0 && !phi) || !G || !L || !mu || !z) {
+    if ((r.on && !cs) || !Y || !X || (sketch > 0 && !phi) || !G || !L || !Li || !mu || !z) {
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", policy);
         goto out;
     }
@@ -96,17 +100,25 @@ kvt_status kvt_leverage_scores(kvt_layer_ctx *c, const char *policy, int sketch,
                                policy, c->layer, g, eps);
             goto out;
         }
-        for (int t = 0; t < n; t++) { /* ||L^-1 x||^2 by forward substitution */
-            const double *x = X + (size_t)t * k;
-            double s = 0;
-            for (int i = 0; i < k; i++) {
-                double v = x[i];
-                for (int m = 0; m < i; m++)
-                    v -= L[(size_t)i * k + m] * z[m];
-                z[i] = v / L[(size_t)i * k + i];
-                s += z[i] * z[i];
+        /* Li = L^-1 (lower), column by column by forward substitution; then each row's
+           ||L^-1 x||^2 = ||x Li^T||^2, a product per block of rows */
+        memset(Li, 0, (size_t)k * k * sizeof(double));
+        for (int col = 0; col < k; col++)
+            for (int i = col; i < k; i++) {
+                double v = i == col ? 1.0 : 0.0;
+                for (int m = col; m < i; m++)
+                    v -= L[(size_t)i * k + m] * Li[(size_t)m * k + col];
+                Li[(size_t)i * k + col] = v / L[(size_t)i * k + i];
             }
-            out[(size_t)g * n + t] = s > 0 ? s : 0.0;
+        for (int t0 = 0; t0 < n; t0 += LEV_ROWS) {
+            const int m = n - t0 < LEV_ROWS ? n - t0 : LEV_ROWS;
+            kvt_gemm_f64(true, m, k, k, 1.0, X + (size_t)t0 * k, k, Li, k, 0.0, z, k);
+            for (int t = 0; t < m; t++) {
+                double s = 0;
+                for (int i = 0; i < k; i++)
+                    s += z[(size_t)t * k + i] * z[(size_t)t * k + i];
+                out[(size_t)g * n + t0 + t] = s > 0 ? s : 0.0;
+            }
         }
     }
 out:
@@ -117,6 +129,7 @@ out:
     kvt_free(phi);
     kvt_free(G);
     kvt_free(L);
+    kvt_free(Li);
     kvt_free(mu);
     kvt_free(z);
     kvt_rope_pairs_free(&r);
