@@ -89,15 +89,15 @@ kvt_status kvt_leverage_scores(kvt_layer_ctx *c, const char *policy, int sketch,
             for (int j = 0; j < i; j++)
                 G[(size_t)i * k + j] = G[(size_t)j * k + i] =
                     0.5 * (G[(size_t)i * k + j] + G[(size_t)j * k + i]);
-        double eps = 1e-2;
+        double eps = 1e-2, tried = eps;
         bool ok = false;
-        for (int tr = 0; tr < 5 && !(ok = cholesky(G, k, eps, L)); tr++)
+        for (int tr = 0; tr < 5 && !(ok = cholesky(G, k, tried = eps, L)); tr++)
             eps = fmax(1e-8, eps == 0.0 ? 1e-2 : 10.0 * eps);
         if (!ok) {
             st = kvt_error_set(KVT_ERR_NAN,
                                "%s: layer %d KV head %d: the keys' Gram matrix is not positive "
                                "definite even with %g added (keys not finite or out of range)",
-                               policy, c->layer, g, eps);
+                               policy, c->layer, g, tried);
             goto out;
         }
         /* Li = L^-1 (lower), column by column by forward substitution; then each row's
