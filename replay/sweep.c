@@ -1007,8 +1007,8 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     if (sel->border && n_b > 0) /* the shared ranking (no metric reads it): the last budget's */
         memcpy(sel->order, sel->border + (size_t)(n_b - 1) * sel->n_heads * sel->T,
                (size_t)sel->n_heads * sel->T * sizeof(int32_t));
-    if (p->o.merge && p->o.merge != 'e') { /* merge=: the kept sets become merged ones (merge.c;
-                                                elastic-cache merges by position itself) */
+    if (p->o.merge && !sel->merged) { /* merge=: the kept sets become merged ones (merge.c),
+                                         unless the policy made its own (elastic-cache's) */
         t0 = kvt_now_ns();
         st = kvt_sel_merge(c, p->o.merge, sel);
         KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);

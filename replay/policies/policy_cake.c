@@ -61,6 +61,21 @@ static void unbind_cake(void *state)
     kvt_free(s);
 }
 
+/* mean and sum of squared deviations over the W rows (stride T) of column x[0] (the unbiased
+ * variance is ss / (W - 1)) */
+static void col_mean_ss(const float *x, int W, int T, double *mean, double *ss_out)
+{
+    double m = 0.0, ss = 0.0;
+    for (int i = 0; i < W; i++)
+        m += x[(size_t)i * T];
+    m /= W;
+    for (int i = 0; i < W; i++) {
+        const double d = x[(size_t)i * T] - m;
+        ss += d * d;
+    }
+    *mean = m, *ss_out = ss;
+}
+
 /* layer l's entropy H and variance V of the last W window queries' attention to the prefix */
 static kvt_status layer_pref(kvt_trace_reader *r, int l, int Hq, int Hkv, int T, int W, double *H,
                              double *V)
@@ -98,17 +113,12 @@ static kvt_status layer_pref(kvt_trace_reader *r, int l, int Hq, int Hkv, int T,
                                  NULL, scale, pr, NULL, NULL, work)))
             goto out;
         for (int j = 0; j < P; j++) { /* every window query sees the whole prefix */
-            double m = 0.0, ss = 0.0;
             for (int i = 0; i < W; i++) {
                 const double a = pr[(size_t)i * T + j];
                 h -= a * log(a + 1e-10);
-                m += a;
             }
-            m /= W;
-            for (int i = 0; i < W; i++) {
-                const double d = pr[(size_t)i * T + j] - m;
-                ss += d * d;
-            }
+            double m, ss;
+            col_mean_ss(pr + j, W, T, &m, &ss);
             v += ss / (W - 1);
         }
     }
@@ -251,14 +261,8 @@ static kvt_status sel_cake(kvt_layer_ctx *c, const kvt_policy *p, const int *B, 
             const int hq = o->per_query ? h : h * c->Gs + u;
             const float *rows = c->prw + ((size_t)hq * c->Wt + (c->Wt - W)) * T;
             for (int j = 0; j < P; j++) {
-                double m = 0.0, ss = 0.0;
-                for (int i = 0; i < W; i++)
-                    m += rows[(size_t)i * T + j];
-                m /= W;
-                for (int i = 0; i < W; i++) {
-                    const double d = rows[(size_t)i * T + j] - m;
-                    ss += d * d;
-                }
+                double m, ss;
+                col_mean_ss(rows + j, W, T, &m, &ss);
                 raw[(size_t)h * P + j] += (m + o->gamma * ss / (W - 1)) / per;
             }
         }
