@@ -27,6 +27,7 @@ typedef struct layer_state {
     uint32_t q_done;      /* one past the last query token submitted */
     float *k_f32;         /* [Hkv, T, D] engine keys, kept while column sums are pending */
     double *colsum;       /* [Hq, T] accumulator */
+    bool kvzip_done;      /* its kvzip_score record was written */
     uint32_t dec_done;    /* decode steps submitted */
     uint32_t dec_flushed; /* decode steps written */
     uint8_t *dq;          /* [Hq, chunk, D] stored dtype */
@@ -776,6 +777,25 @@ static kvt_status finish_colsum(kvt_capture_session *s, int layer)
     ls->colsum = NULL;
     kvt_free(ls->k_f32);
     ls->k_f32 = NULL;
+    return KVT_OK;
+}
+
+kvt_status kvt_capture_submit_kvzip(kvt_capture_session *s, int layer, const float *score)
+{
+    KVT_FORWARD(check_common(s, layer, "submit_kvzip"));
+    KVT_RETURN_IF(!score, KVT_ERR_INVALID_ARG, "submit_kvzip: layer %d: null scores", layer);
+    layer_state *ls = &s->layers[layer];
+    KVT_RETURN_IF(ls->kvzip_done, KVT_ERR_STATE, "submit_kvzip: layer %d: scores given twice",
+                  layer);
+    const uint32_t T = s->opts.n_tokens;
+    const size_t n = (size_t)s->model.n_kv_heads * T;
+    for (size_t i = 0; i < n; i++) /* an attention probability: NaN or above 1 is a bug */
+        KVT_RETURN_IF(!(score[i] >= 0.0f && score[i] <= 1.0f), KVT_ERR_INVALID_ARG,
+                      "submit_kvzip: layer %d, KV head %zu, token %zu: score %g is not in [0, 1]",
+                      layer, i / T, i % T, (double)score[i]);
+    KVT_FORWARD(emit(s, KVT_KIND_KVZIP_SCORE, layer, (uint32_t)s->model.n_kv_heads, 0, T, 1,
+                     KVT_DTYPE_F32, score));
+    ls->kvzip_done = true;
     return KVT_OK;
 }
 

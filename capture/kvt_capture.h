@@ -199,6 +199,13 @@ kvt_status kvt_capture_submit_kv(kvt_capture_session *s, int layer, uint32_t tok
 kvt_status kvt_capture_submit_queries(kvt_capture_session *s, int layer, uint32_t tok_begin,
                                       const struct kvt_tensor_view *q);
 
+/** KVzip's scores of one layer (the kvzip_score record, traces/FORMAT.md): host f32
+ *  [Hkv, T] row-major, for each prompt key the largest attention it received in the engine's
+ *  context-reconstruction pass. Once per layer, at any time before close; copied.
+ * @return as kvt_capture_submit_kv; KVT_ERR_INVALID_ARG (a score not in [0, 1], NaN included);
+ *         KVT_ERR_STATE (the layer's scores given twice). */
+kvt_status kvt_capture_submit_kvzip(kvt_capture_session *s, int layer, const float *score);
+
 /** One or more decode steps of one layer: steps [step, step + n) where n is the views' T
  *  extent; q is [(1,) Hq, n, D], k and v [(1,) Hkv, n, D]. Allowed once every layer's prompt
  *  K, V and queries are complete; per layer, steps arrive in order. Steps are buffered per

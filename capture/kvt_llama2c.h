@@ -90,6 +90,36 @@ const float *kvt_llama2c_state_values(const kvt_llama2c_state *st, int layer);
  *  the last position's. */
 const float *kvt_llama2c_state_queries(const kvt_llama2c_state *st, int layer);
 
+/* KVzip (arXiv 2505.23416, as kvpress's KVzipPress scores): n_sink, the previous chunk's tail
+ * repeated before a chunk, the largest chunk */
+#define KVT_KVZIP_SINKS     4
+#define KVT_KVZIP_TAIL      8
+#define KVT_KVZIP_MAX_CHUNK 2048
+
+/** The chunk size of KVzip's reconstruction pass over T prompt tokens with n_instr instruction
+ *  tokens: `want` (0: the largest that fits, at most KVT_KVZIP_MAX_CHUNK: the whole prompt if
+ *  it fits as one chunk) checked to fit the model's context, since a chunk's repeat rows run at
+ *  positions T, T + 1, ... (the instruction, the previous chunk's last KVT_KVZIP_TAIL tokens
+ *  for every chunk but the first, the chunk).
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (no room after the prompt, or `want` too large: the
+ *         message says the largest that fits). */
+kvt_status kvt_llama2c_kvzip_chunk(const kvt_llama2c_config *c, uint32_t T, uint32_t n_instr,
+                                   uint32_t want, uint32_t *chunk);
+
+/** KVzip's context-reconstruction scores of a state that has run exactly the T prompt tokens
+ *  `prompt` (created with keep_queries). For each chunk [a, b) of `chunk` tokens, the repeat
+ *  input (instruction `instr`, the previous chunk's last KVT_KVZIP_TAIL tokens but for the first
+ *  chunk, the chunk's tokens) runs at positions T.. with the whole prompt in view; then, per
+ *  layer and KV head, every repeat query of the head's group attends (softmax, 1/sqrt(D)) to the
+ *  keys [0, min(KVT_KVZIP_SINKS, a)), [a, b) and the repeat keys up to its own, and token j of
+ *  the chunk scores the largest probability it gets. The repeat rows are then forgotten (the
+ *  state is back at T, so decoding goes on as without the pass).
+ * @param score [L, Hkv, T] out.
+ * @return KVT_OK; KVT_ERR_INVALID_ARG (state not at T, no queries kept, a token outside the
+ *         vocabulary, a chunk that does not fit: kvt_llama2c_kvzip_chunk); KVT_ERR_NOMEM. */
+kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint32_t T,
+                             const int32_t *instr, uint32_t n_instr, uint32_t chunk, float *score);
+
 /** Index of the largest logit (the first one on ties). */
 int32_t kvt_llama2c_argmax(const float *logits, int n);
 /** Sample from softmax(logits / temperature) with `rng`; temperature <= 0 is argmax. */
@@ -110,9 +140,13 @@ struct kvt_llama2c_capture_opts {
     uint32_t window;           /* W */
     bool with_colsum;
     bool with_q_all;
-    kvt_dtype kv_dtype;     /* stored dtype (KVT_DTYPE_INVALID = f32) */
-    const char *model_name; /* NULL: the checkpoint's file name without ".bin" */
-    uint32_t decode_chunk;  /* decode steps per record (0 = the capture default, 64) */
+    kvt_dtype kv_dtype;         /* stored dtype (KVT_DTYPE_INVALID = f32) */
+    const char *model_name;     /* NULL: the checkpoint's file name without ".bin" */
+    uint32_t decode_chunk;      /* decode steps per record (0 = the capture default, 64) */
+    bool with_kvzip;            /* KVzip's reconstruction pass after the prompt: kvzip_score */
+    uint32_t kvzip_chunk;       /* its chunk size (0: kvt_llama2c_kvzip_chunk's largest) */
+    const int32_t *kvzip_instr; /* its instruction tokens [kvzip_n_instr] (may be NULL) */
+    uint32_t kvzip_n_instr;
     kvt_writer_opts writer;
     /* Asked before each position is run (prompt positions 0..T-1, then decode positions
      * T..T+G-1); returning false stops the run there (res->interrupted): in the decode steps,

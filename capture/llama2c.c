@@ -646,6 +646,130 @@ out:
     return st;
 }
 
+/* ---- KVzip's context-reconstruction pass ---- */
+
+/* the most repeat rows a chunk of C tokens runs: the instruction, the previous chunk's tail
+ * (every chunk but the first), the chunk */
+static int64_t kvzip_rows(uint32_t T, uint32_t n_instr, int64_t C)
+{
+    if (C >= T)
+        return (int64_t)n_instr + T;
+    const int64_t tail = C < KVT_KVZIP_TAIL ? C : KVT_KVZIP_TAIL, later = T - C < C ? T - C : C;
+    return (int64_t)n_instr + (C > tail + later ? C : tail + later);
+}
+
+kvt_status kvt_llama2c_kvzip_chunk(const kvt_llama2c_config *c, uint32_t T, uint32_t n_instr,
+                                   uint32_t want, uint32_t *chunk)
+{
+    KVT_RETURN_IF(!c || !chunk || T < 1, KVT_ERR_INVALID_ARG, "kvzip: bad arguments");
+    const int64_t room = (int64_t)c->seq_len - T; /* positions after the prompt */
+    int64_t fit = T < KVT_KVZIP_MAX_CHUNK ? T : KVT_KVZIP_MAX_CHUNK;
+    while (fit >= 1 && kvzip_rows(T, n_instr, fit) > room)
+        fit--;
+    KVT_RETURN_IF(fit < 1, KVT_ERR_INVALID_ARG,
+                  "kvzip: the reconstruction pass repeats the prompt after it, and %u prompt "
+                  "tokens leave %lld of the model's %d positions for %u instruction tokens and "
+                  "2 or more repeated ones (a shorter prompt, or a shorter instruction)",
+                  T, (long long)(room > 0 ? room : 0), c->seq_len, n_instr);
+    if (want == 0) {
+        *chunk = (uint32_t)fit;
+        return KVT_OK;
+    }
+    KVT_RETURN_IF(kvzip_rows(T, n_instr, want) > room, KVT_ERR_INVALID_ARG,
+                  "kvzip: chunk %u does not fit: a chunk's repeat rows (%u instruction, up to %d "
+                  "of the previous chunk, the chunk) run after the %u prompt tokens, %lld rows "
+                  "where the model's %d positions leave %lld; the largest chunk that fits is %lld",
+                  want, n_instr, KVT_KVZIP_TAIL, T, (long long)kvzip_rows(T, n_instr, want),
+                  c->seq_len, (long long)room, (long long)fit);
+    *chunk = want;
+    return KVT_OK;
+}
+
+/* one chunk's scores: the repeat rows [T, T + q) have run; tokens [a, b) of the prompt */
+static void kvzip_chunk_scores(const kvt_llama2c_state *st, uint32_t T, uint32_t q, uint32_t a,
+                               uint32_t b, double *logit, float *score)
+{
+    const kvt_llama2c_config *c = &st->m->cfg;
+    const int D = c->head_dim, Gs = c->n_heads / c->n_kv_heads;
+    const uint32_t sink = a < KVT_KVZIP_SINKS ? a : KVT_KVZIP_SINKS, n_ctx = b - a;
+    const double scale = 1.0 / sqrt((double)D);
+    for (int l = 0; l < c->n_layers; l++) {
+        const float *K = kvt_llama2c_state_keys(st, l), *Q = kvt_llama2c_state_queries(st, l);
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            float *out = score + ((size_t)l * c->n_kv_heads + g) * T;
+            for (uint32_t j = a; j < b; j++)
+                out[j] = 0.0f;
+            for (int u = 0; u < Gs; u++) {
+                const int h = g * Gs + u;
+                for (uint32_t r = 0; r < q; r++) {
+                    const float *qv = Q + (size_t)(T + r) * c->dim + (size_t)h * D;
+                    /* the key set: sinks, the chunk, the repeat rows up to r */
+                    const uint32_t n = sink + n_ctx + r + 1;
+                    double mx = -INFINITY, sum = 0.0;
+                    for (uint32_t i = 0; i < n; i++) {
+                        const uint32_t t = i < sink           ? i
+                                           : i < sink + n_ctx ? a + i - sink
+                                                              : T + i - sink - n_ctx;
+                        const float *kv = K + (size_t)t * c->kv_dim + (size_t)g * D;
+                        double d = 0.0;
+                        for (int e = 0; e < D; e++)
+                            d += (double)qv[e] * kv[e];
+                        logit[i] = d * scale;
+                        if (logit[i] > mx)
+                            mx = logit[i];
+                    }
+                    for (uint32_t i = 0; i < n; i++)
+                        sum += logit[i] = exp(logit[i] - mx);
+                    for (uint32_t i = 0; i < n_ctx; i++) {
+                        const float p = (float)(logit[sink + i] / sum);
+                        if (p > out[a + i])
+                            out[a + i] = p;
+                    }
+                }
+            }
+        }
+    }
+}
+
+kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint32_t T,
+                             const int32_t *instr, uint32_t n_instr, uint32_t chunk, float *score)
+{
+    KVT_RETURN_IF(!st || !prompt || !score || (n_instr && !instr) || chunk < 1, KVT_ERR_INVALID_ARG,
+                  "kvzip: bad arguments");
+    KVT_RETURN_IF(!st->keep_queries || st->n_pos != T, KVT_ERR_INVALID_ARG,
+                  "kvzip: the state must keep its queries and have run exactly the %u prompt "
+                  "tokens (it ran %u)",
+                  T, st->n_pos);
+    const kvt_llama2c_config *c = &st->m->cfg;
+    uint32_t fit;
+    KVT_FORWARD(kvt_llama2c_kvzip_chunk(c, T, n_instr, chunk, &fit));
+    for (uint32_t i = 0; i < n_instr; i++)
+        KVT_RETURN_IF(instr[i] < 0 || instr[i] >= c->vocab_size, KVT_ERR_INVALID_ARG,
+                      "kvzip: instruction token %u is %d, outside the vocabulary [0, %d)", i,
+                      (int)instr[i], c->vocab_size);
+    double *logit = kvt_malloc(((size_t)c->seq_len + 1) * sizeof(double));
+    KVT_RETURN_IF(!logit, KVT_ERR_NOMEM, "kvzip: out of memory");
+    kvt_status s = KVT_OK;
+    const float *lg;
+    for (uint32_t a = 0; a < T && !s; a += chunk) {
+        const uint32_t b = T - a < chunk ? T : a + chunk;
+        const uint32_t tail = a ? (chunk < KVT_KVZIP_TAIL ? chunk : KVT_KVZIP_TAIL) : 0;
+        for (uint32_t i = 0; i < n_instr && !s; i++)
+            s = kvt_llama2c_forward(st, instr[i], &lg);
+        for (uint32_t i = a - tail; i < a && !s; i++)
+            s = kvt_llama2c_forward(st, prompt[i], &lg);
+        for (uint32_t i = a; i < b && !s; i++)
+            s = kvt_llama2c_forward(st, prompt[i], &lg);
+        if (!s)
+            kvzip_chunk_scores(st, T, n_instr + tail + (b - a), a, b, logit, score);
+        kvt_status r = kvt_llama2c_state_rewind(st, T);
+        if (!s)
+            s = r;
+    }
+    kvt_free(logit);
+    return s;
+}
+
 /* ---- capture ---- */
 
 static void model_name_from_path(const char *path, char *out, size_t cap)
@@ -726,7 +850,7 @@ static kvt_status close_and_discard(kvt_capture_session *cap, struct kvt_capture
 }
 
 static kvt_status capture_json(const char *model_path, const struct kvt_llama2c_capture_opts *o,
-                               char *buf, size_t cap)
+                               uint32_t kvzip_chunk, char *buf, size_t cap)
 {
     char file[256];
     model_name_from_path(model_path, file, sizeof(file));
@@ -746,6 +870,15 @@ static kvt_status capture_json(const char *model_path, const struct kvt_llama2c_
                      file, KVT_LLAMA2C_BOS, (unsigned long long)o->seed,
                      (double)(o->temperature > 0.0f ? o->temperature : 0.0f));
     KVT_RETURN_IF(n < 0 || (size_t)n >= cap, KVT_ERR_INVALID_ARG, "capture metadata too long");
+    if (o->with_kvzip) { /* how the kvzip_score records were made */
+        n--;             /* over the closing brace */
+        int k = snprintf(buf + n, cap - (size_t)n,
+                         ",\"kvzip\":{\"chunk\":%u,\"n_sink\":%d,\"tail\":%d,"
+                         "\"instruction_ids\":%u}}",
+                         kvzip_chunk, KVT_KVZIP_SINKS, KVT_KVZIP_TAIL, o->kvzip_n_instr);
+        KVT_RETURN_IF(k < 0 || (size_t)k >= cap - (size_t)n, KVT_ERR_INVALID_ARG,
+                      "capture metadata too long");
+    }
     return KVT_OK;
 }
 
@@ -788,6 +921,18 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
             }
         }
     }
+    uint32_t kvzip_chunk = 0;
+    if (o->with_kvzip &&
+        (s = kvt_llama2c_kvzip_chunk(c, T, o->kvzip_n_instr, o->kvzip_chunk, &kvzip_chunk)))
+        goto out_free_model;
+    for (uint32_t i = 0; o->with_kvzip && i < o->kvzip_n_instr; i++) {
+        if (o->kvzip_instr[i] < 0 || (uint32_t)o->kvzip_instr[i] >= V) {
+            s = kvt_error_set(KVT_ERR_INVALID_ARG,
+                              "kvzip instruction token %u is %d, outside the vocabulary [0, %u)", i,
+                              (int)o->kvzip_instr[i], V);
+            goto out_free_model;
+        }
+    }
     tokens = kvt_calloc((size_t)T + G + 1, sizeof(int32_t));
     if (want_logits)
         all_logits = kvt_calloc(((size_t)T + G) * V, sizeof(float));
@@ -804,7 +949,7 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
         snprintf(name, sizeof(name), "%s", o->model_name);
     else
         model_name_from_path(model_path, name, sizeof(name));
-    s = capture_json(model_path, o, cj, sizeof(cj));
+    s = capture_json(model_path, o, kvzip_chunk, cj, sizeof(cj));
     if (s != KVT_OK)
         goto out_free_state;
     struct kvt_capture_model cm = {
@@ -881,6 +1026,16 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
 
     /* greedy decode: step g feeds the argmax of the previous logits at position T + g */
     tokens[T] = kvt_llama2c_argmax(logits, (int)V);
+    if (o->with_kvzip) { /* before decoding, which the pass leaves as it was */
+        float *kz = kvt_malloc((size_t)c->n_layers * c->n_kv_heads * T * sizeof(float));
+        s = kz ? kvt_llama2c_kvzip(st, tokens, T, o->kvzip_instr, o->kvzip_n_instr, kvzip_chunk, kz)
+               : kvt_error_set(KVT_ERR_NOMEM, "out of memory (kvzip scores)");
+        for (int l = 0; l < c->n_layers && !s; l++)
+            s = kvt_capture_submit_kvzip(cap, l, kz + (size_t)l * c->n_kv_heads * T);
+        kvt_free(kz);
+        if (s != KVT_OK)
+            goto out_close;
+    }
     for (uint32_t g = 0; g < G; g++) {
         if (o->keep_going && !o->keep_going(o->keep_going_user, T + g)) {
             stopped = true;

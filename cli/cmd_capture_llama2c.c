@@ -132,6 +132,14 @@ static void help(void)
            "  --window W         last prompt queries stored as Q_window\n"
            "  --colsum           also store H2O's causal attention column sums\n"
            "  --q-all            also store every prompt query (Q_all)\n"
+           "  --kvzip            also store KVzip's scores (kvzip_score, for the kvzip\n"
+           "                     policy): after the prompt, the model repeats it chunk by\n"
+           "                     chunk; a key's score is the largest attention it gets\n"
+           "  --kvzip-chunk N    chunk size of that pass (default: the largest that fits the\n"
+           "                     context, at most 2048; every chunk but the first is preceded\n"
+           "                     by the last 8 tokens of the one before)\n"
+           "  --kvzip-prompt-ids FILE  token ids of the instruction before each chunk\n"
+           "                     (default none: llama2.c checkpoints have no tokenizer here)\n"
            "  --dtype D          stored dtype of K, V and queries: f32 (default), bf16, f16\n"
            "  --seed S           prompt sampling seed (default 1)\n"
            "  --temperature X    prompt sampling temperature (default 1; 0 = greedy)\n"
@@ -166,19 +174,25 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         help();
         return 0;
     }
-    const char *model = NULL, *ids_path = NULL, *out = NULL, *val;
+    const char *model = NULL, *ids_path = NULL, *out = NULL, *val, *kz_path = NULL;
     int n_tokens = -1, n_decode = -1, window = -1, threads = 0, level = 3, chunk = 0;
+    int kz_chunk = 0;
     uint64_t seed = 1;
     double temperature = 1.0;
     const char *sampling = NULL; /* --seed or --temperature given: they shape a sampled prompt */
     kvt_dtype dtype = KVT_DTYPE_F32;
-    bool colsum = false, q_all = false, force = false;
+    bool colsum = false, q_all = false, force = false, kvzip = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--colsum")) {
             colsum = true;
         } else if (!strcmp(a, "--q-all")) {
             q_all = true;
+        } else if (!strcmp(a, "--kvzip")) {
+            kvzip = true;
+        } else if (!strcmp(a, "--kvzip-prompt-ids")) {
+            if (!take(argc, argv, &i, &kz_path))
+                return 2;
         } else if (!strcmp(a, "--force")) {
             force = true;
         } else if (!strcmp(a, "--model")) {
@@ -192,7 +206,7 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
                 return 2;
         } else if (!strcmp(a, "--tokens") || !strcmp(a, "--decode") || !strcmp(a, "--window") ||
                    !strcmp(a, "--threads") || !strcmp(a, "--level") ||
-                   !strcmp(a, "--decode-chunk")) {
+                   !strcmp(a, "--decode-chunk") || !strcmp(a, "--kvzip-chunk")) {
             if (!take(argc, argv, &i, &val))
                 return 2;
             int *dst = !strcmp(a, "--tokens")         ? &n_tokens
@@ -200,11 +214,13 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
                        : !strcmp(a, "--window")       ? &window
                        : !strcmp(a, "--level")        ? &level
                        : !strcmp(a, "--decode-chunk") ? &chunk
+                       : !strcmp(a, "--kvzip-chunk")  ? &kz_chunk
                                                       : &threads;
-            int lo =
-                !strcmp(a, "--tokens") || !strcmp(a, "--window") || !strcmp(a, "--decode-chunk") ? 1
-                : !strcmp(a, "--level") ? -7
-                                        : 0;
+            int lo = !strcmp(a, "--tokens") || !strcmp(a, "--window") ||
+                             !strcmp(a, "--decode-chunk") || !strcmp(a, "--kvzip-chunk")
+                         ? 1
+                     : !strcmp(a, "--level") ? -7
+                                             : 0;
             int hi = !strcmp(a, "--threads") ? 256 : !strcmp(a, "--level") ? 22 : 1 << 20;
             if (!kvt_cli_parse_int(val, lo, hi, dst))
                 return kvt_cli_fail(CMD, "%s: '%s' is not an integer in [%d, %d]", a, val, lo, hi),
@@ -246,6 +262,10 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         return kvt_cli_fail(CMD, "--decode G is required (0 for no decode steps)"), 2;
     if (window < 0)
         return kvt_cli_fail(CMD, "--window W is required"), 2;
+    if (!kvzip && (kz_chunk || kz_path))
+        return kvt_cli_fail(CMD, "%s is an option of --kvzip, which is not given",
+                            kz_chunk ? "--kvzip-chunk" : "--kvzip-prompt-ids"),
+               2;
     /* combinations the command line alone rules out are usage errors too; those that depend
      * on an input (the model's context, the prompt file's length) are found by the capture */
     if (n_tokens > 0 && window > n_tokens)
@@ -256,22 +276,25 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
                2;
     /* never overwrite an input, even with --force (the writer refuses an existing TRACE
      * without --force itself) */
-    const char *inputs[2] = {model, ids_path};
-    if (!kvt_cli_output_ok(CMD, out, true, inputs, 2))
+    const char *inputs[3] = {model, ids_path, kz_path};
+    if (!kvt_cli_output_ok(CMD, out, true, inputs, 3))
         return 1;
 
-    int32_t *ids = NULL;
-    uint32_t n_ids = 0;
-    if (ids_path) {
+    int32_t *ids = NULL, *kz_ids = NULL;
+    uint32_t n_ids = 0, n_kz = 0;
+    if (ids_path || kz_path) {
         kvt_llama2c_model *m;
         kvt_status s = kvt_llama2c_model_open(model, &m);
         if (s != KVT_OK)
             return kvt_cli_fail_status(CMD, s, "loading the model");
         int vocab = kvt_llama2c_model_config(m)->vocab_size;
         kvt_llama2c_model_close(m);
-        s = kvt_llama2c_read_ids(ids_path, vocab, &ids, &n_ids);
-        if (s != KVT_OK)
+        if (ids_path && (s = kvt_llama2c_read_ids(ids_path, vocab, &ids, &n_ids)))
             return kvt_cli_fail_status(CMD, s, "reading the prompt ids");
+        if (kz_path && (s = kvt_llama2c_read_ids(kz_path, vocab, &kz_ids, &n_kz))) {
+            kvt_free(ids);
+            return kvt_cli_fail_status(CMD, s, "reading the kvzip instruction ids");
+        }
     }
     struct kvt_llama2c_capture_opts o = {
         .prompt_ids = ids,
@@ -284,6 +307,10 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
         .with_q_all = q_all,
         .kv_dtype = dtype,
         .decode_chunk = (uint32_t)chunk,
+        .with_kvzip = kvzip,
+        .kvzip_chunk = (uint32_t)kz_chunk,
+        .kvzip_instr = kz_ids,
+        .kvzip_n_instr = n_kz,
         .writer = {.level = level, .n_threads = threads, .force = force},
     };
     const char *delay_env = getenv("KVT_CAPTURE_STEP_DELAY_US");
@@ -303,6 +330,7 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
     kvt_status s = kvt_llama2c_capture(model, &o, out, &res, false);
     restore_signals();
     kvt_free(ids);
+    kvt_free(kz_ids);
     if (hooks.quiet)
         kvt_log_set_hook(NULL, NULL);
     if (s != KVT_OK)

@@ -18,7 +18,7 @@ extern "C" {
 /* Format identity. Bump KVT_FORMAT_MAJOR on any layout-breaking change (readers reject an
  * unknown major) and KVT_FORMAT_MINOR when adding kinds/filters (readers skip unknown kinds). */
 #define KVT_FORMAT_MAJOR      1
-#define KVT_FORMAT_MINOR      0
+#define KVT_FORMAT_MINOR      1
 #define KVT_FILE_MAGIC        0x5254564Bu /* "KVTR" as bytes on disk */
 #define KVT_REC_MAGIC         0x4352564Bu /* "KVRC" */
 #define KVT_END_MAGIC         0x4554564Bu /* "KVTE" */
@@ -40,6 +40,7 @@ typedef enum kvt_kind {
     KVT_KIND_V_DECODE = 6,    /* [Hkv, G, D] */
     KVT_KIND_ATTN_COLSUM = 7, /* [Hq, T, 1] f32: sum over prompt queries of causal attention */
     KVT_KIND_Q_ALL = 8,       /* [Hq, T, D] every prompt query */
+    KVT_KIND_KVZIP_SCORE = 9, /* [Hkv, T, 1] f32: KVzip's context-reconstruction score */
     KVT_KIND_TOKEN_IDS = 16,  /* [1, T, 1] i32, layer -1 */
     KVT_KIND_MODALITY = 17,   /* [1, T, 1] u8 (kvt_modality), layer -1 */
     KVT_KIND_POSITIONS = 18,  /* [P, T, 1] i32, P = 1 or 3 (M-RoPE t/h/w), layer -1 */

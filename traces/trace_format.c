@@ -23,6 +23,7 @@ static const struct {
     {KVT_KIND_V_DECODE, "V_decode"},
     {KVT_KIND_ATTN_COLSUM, "attn_colsum"},
     {KVT_KIND_Q_ALL, "Q_all"},
+    {KVT_KIND_KVZIP_SCORE, "kvzip_score"},
     {KVT_KIND_TOKEN_IDS, "token_ids"},
     {KVT_KIND_MODALITY, "modality"},
     {KVT_KIND_POSITIONS, "positions"},

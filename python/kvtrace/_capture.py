@@ -387,6 +387,7 @@ class CaptureSession(_NoCopy):
         self._h = h
         self._replacing.after(L.kvt_capture_file(h))
         self.n_layers = model.n_layers
+        self.n_kv_heads = model.n_kv_heads
         self.n_tokens = n_tokens
         self._tl_stream = (0, 0)  # CUPTI's (context id, stream id) of the capture's copies
         self.timeline_reason = None
@@ -530,6 +531,20 @@ class CaptureSession(_NoCopy):
             call(_lib.lib().kvt_capture_submit_decode, self._handle(), layer, step,
                  ctypes.byref(qv), ctypes.byref(kv), ctypes.byref(vv))
         del qk, kk, vk
+
+    def submit_kvzip(self, layer, scores):
+        """KVzip's scores of `layer` (the kvzip_score record, traces/FORMAT.md): [Hkv, T] (or
+        [Hkv, T, 1]), each key's largest attention in the engine's context-reconstruction pass,
+        in [0, 1]; once per layer."""
+        layer = int_arg(layer, "layer", C_INT)
+        a = np.ascontiguousarray(_host_array(scores), dtype=np.float32)
+        want = (self.n_kv_heads, self.n_tokens)
+        if a.shape not in (want, want + (1,)):
+            raise ValueError("scores: shape %s, not [%d, %d] (KV heads, tokens)"
+                             % ((a.shape,) + want))
+        with self._lock:
+            call(_lib.lib().kvt_capture_submit_kvzip, self._handle(), layer,
+                 a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
 
     def submit_decode_token(self, step, token_id):
         step = int_arg(step, "step", C_UINT32)

@@ -39,7 +39,7 @@ DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 
 KINDS = {
     "K": 1, "V": 2, "Q_window": 3, "Q_decode": 4, "K_decode": 5, "V_decode": 6,
-    "attn_colsum": 7, "Q_all": 8, "token_ids": 16, "modality": 17, "positions": 18,
+    "attn_colsum": 7, "Q_all": 8, "kvzip_score": 9, "token_ids": 16, "modality": 17, "positions": 18,
     "decode_token_ids": 19, "token_text": 20, "meta_json": 32,
 }
 KIND_NAMES = {v: k for k, v in KINDS.items()}
@@ -258,6 +258,7 @@ _CAPTURE_PROTOS = {
     "kvt_capture_submit_decode": (_int, [_vp, _int, _u32, _P(TensorView), _P(TensorView),
                                          _P(TensorView)]),
     "kvt_capture_submit_decode_token": (_int, [_vp, _u32, _i32]),
+    "kvt_capture_submit_kvzip": (_int, [_vp, _int, _P(ctypes.c_float)]),
     "kvt_capture_get_stats": (None, [_vp, _P(CaptureStats)]),
     "kvt_capture_close": (_int, [_vp, _P(CaptureStats)]),
     "kvt_capture_file": (_cp, [_vp]),

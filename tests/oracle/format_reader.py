@@ -50,7 +50,7 @@ INDEX_MAGIC = 0x5849564B  # "KVIX"
 END_MAGIC = 0x4554564B    # "KVTE"
 
 VERSION_MAJOR = 1   # the major version this reader implements
-VERSION_MINOR = 0   # the minor version it knows (newer minors: unknown kinds are skipped)
+VERSION_MINOR = 1   # the minor version it knows (newer minors: unknown kinds are skipped)
 
 MAX_JSON_BYTES = 64 << 20          # File_Header_Frame: Json_Bytes is at most 64 MiB
 RECORD_FRAME_BYTES = 96            # Record_Header_Frame: 8-byte frame header + 88 bytes
@@ -60,16 +60,16 @@ TRAILER_BYTES = 32
 MAX_DIM = 1 << 20
 MIN_COMP_BYTES, MAX_COMP_BYTES = 9, 1 << 48
 
-# Kinds (FORMAT.md: Kinds). Codes 1..8 are tensors of a layer, 16.. tables and metadata.
+# Kinds (FORMAT.md: Kinds). Codes 1..9 are tensors of a layer, 16.. tables and metadata.
 KINDS = {
     1: "K", 2: "V", 3: "Q_window", 4: "Q_decode", 5: "K_decode", 6: "V_decode",
-    7: "attn_colsum", 8: "Q_all",
+    7: "attn_colsum", 8: "Q_all", 9: "kvzip_score",
     16: "token_ids", 17: "modality", 18: "positions", 19: "decode_token_ids",
     20: "token_text", 32: "meta_json",
 }
 KIND_CODES = {name: code for code, name in KINDS.items()}
 LAYER_KINDS = {"K", "V", "Q_window", "Q_decode", "K_decode", "V_decode", "attn_colsum",
-               "Q_all"}
+               "Q_all", "kvzip_score"}
 TABLE_KINDS = {"token_ids", "modality", "positions", "decode_token_ids", "token_text"}
 
 # Dtypes (FORMAT.md: Dtypes): code -> (name, size in bytes, NumPy dtype of the stored value).

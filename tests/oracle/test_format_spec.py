@@ -18,8 +18,8 @@ that they agree:
 Traces: traces/samples/stories260K.kvt (f32, a real capture), tests/golden/v1_small.kvt,
 `kvtrace synth` tiny and tiny-vl (M-RoPE positions) in bf16, f16 and f32 with and without
 Q_all, llama3-8b-shaped synth whose K/V/Q_all are split along heads, a capture-llama2c trace
-with 4-step decode chunks (decode tensors split along tokens), a trace written through
-kvtrace.TraceWriter (a head larger than 4 MiB split along tokens, token_text split along
+with 4-step decode chunks (decode tensors split along tokens) and kvzip_score, a trace written
+through kvtrace.TraceWriter (a head larger than 4 MiB split along tokens, token_text split along
 tokens, two meta_json records, mixed dtypes); copies cut short in a record's payload, in a
 record header, at a record boundary, in the index and in the trailer (the reader's scan must
 recover exactly the complete records); copies with one payload byte or one record-header
@@ -286,6 +286,7 @@ KIND_SPEC = {
     "Q_window": (FLOAT, "Hq", "W", "D"), "Q_decode": (FLOAT, "Hq", "G", "D"),
     "K_decode": (FLOAT, "Hkv", "G", "D"), "V_decode": (FLOAT, "Hkv", "G", "D"),
     "attn_colsum": ({"f32"}, "Hq", "T", 1), "Q_all": (FLOAT, "Hq", "T", "D"),
+    "kvzip_score": ({"f32"}, "Hkv", "T", 1),
     "token_ids": ({"i32"}, 1, "T", 1), "modality": ({"u8"}, 1, "T", 1),
     "positions": ({"i32"}, "P", "T", 1), "decode_token_ids": ({"i32"}, 1, "G", 1),
     "token_text": ({"u8"}, 1, None, 1), "meta_json": ({"u8"}, 1, None, 1),
@@ -300,7 +301,9 @@ def conformance(rep, name, path, ours):
     about the writer's policy (when it splits records) are printed as notes, not failures."""
     h = ours.header
     model = h.get("model", {})
-    rep.equal(ours.version, (1, 0), name, "Version_Major.Version_Minor")
+    # 1.1 from the writer now; 1.0 in files written before kind 9 (tests/golden/v1_small.kvt)
+    rep.check(ours.version in ((1, 0), (1, fr.VERSION_MINOR)), name,
+              "Version_Major.Version_Minor %s" % (ours.version,))
     rep.equal(ours.file_flags, 0, name, "File_Header_Frame Flags (reserved)")
     if "format_version" in h:
         rep.equal(tuple(h["format_version"]), ours.version, name,
@@ -395,7 +398,7 @@ def make_writer_trace(work):
     path = os.path.join(work, "writer.kvt")
     rng = np.random.default_rng(7)
     T, D = 36000, 32
-    header = {"format": "kvtrace", "format_version": [1, 0], "created_by": "test_format_spec",
+    header = {"format": "kvtrace", "format_version": [1, 1], "created_by": "test_format_spec",
               "endianness": "little",
               # an escape sequence in a string: info's text must not pass it to the terminal
               "model": {"name": "format-spec\x1b[31m\u009b", "arch": "llama", "n_layers": 1,
@@ -570,8 +573,8 @@ def crafted_cases(rep, work, name, path):
     rc, out = cli("verify", dst)
     rep.check(rc == 2 and "version" in out, cname, "kvtrace verify: exit %d, %r" % (rc, out))
 
-    compare(rep, "%s Version_Minor 1" % name,
-            patched(path, os.path.join(work, "minor1.kvt"), version=(1, 1)),
+    compare(rep, "%s Version_Minor 2" % name,
+            patched(path, os.path.join(work, "minor2.kvt"), version=(1, 2)),
             expect_complete=True)
     ours = compare(rep, "%s record %d of unknown Kind 40" % (name, victim),
                    patched(path, os.path.join(work, "kind40.kvt"), record=victim,
@@ -656,7 +659,7 @@ def main():
                 traces.append((name, path))
         cap = os.path.join(work, "capture.kvt")
         rc, out = cli("capture-llama2c", "--model", MODEL, "--tokens", "80", "--decode", "9",
-                      "--decode-chunk", "4", "--window", "8", "-o", cap, "--force")
+                      "--decode-chunk", "4", "--window", "8", "--kvzip", "-o", cap, "--force")
         if rep.check(rc == 0, "capture-llama2c", "exited %d: %s" % (rc, out)):
             traces.append(("capture-llama2c decode chunks of 4", cap))
         wt = make_writer_trace(work)

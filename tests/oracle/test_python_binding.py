@@ -158,7 +158,7 @@ class RoundTrip(unittest.TestCase):
     def test_header_and_records(self):
         with kvtrace.open(self.path) as t:
             self.assertEqual(t.header, HEADER)
-            self.assertEqual(t.version, (1, 0))
+            self.assertEqual(t.version, (1, 1))
             self.assertFalse(t.recovered)
             self.assertEqual(t.recovery_note, "")
             recs = t.records
@@ -489,6 +489,17 @@ class Capture(CaptureCase):
                 s.submit_queries(l, 0, Q[l][:, :12])
                 s.submit_queries(l, 12, Q[l][:, 12:])
             self.assertEqual(s.stats()["n_submits"], 5 + 2 * L)
+            # KVzip's scores: [Hkv, T] or [Hkv, T, 1]; a wrong shape or a value above 1 refused
+            kz = rng.random((L, Hkv, T)).astype(np.float32)
+            with self.assertRaises(ValueError):
+                s.submit_kvzip(0, kz[0][:, :-1])
+            bad = kz[0].copy()
+            bad[1, 2] = 1.5
+            with self.assertRaises(kvtrace.TraceError) as e:
+                s.submit_kvzip(0, bad)
+            self.assertIn("KV head 1, token 2", str(e.exception))
+            for l in range(L):
+                s.submit_kvzip(l, kz[l] if l % 2 else kz[l][:, :, None])
             for step in range(G):
                 for l in range(L):
                     sl = slice(step, step + 1)
@@ -507,6 +518,7 @@ class Capture(CaptureCase):
                 np.testing.assert_array_equal(t.read("Q_decode", l), dq[l])
                 np.testing.assert_array_equal(t.read("K_decode", l), dk[l])
                 np.testing.assert_array_equal(t.read("V_decode", l), dv[l])
+                np.testing.assert_array_equal(t.read("kvzip_score", l)[:, :, 0], kz[l])
                 # column sums: sum over queries i >= j of the causal softmax, in NumPy
                 cs = t.read("attn_colsum", l)[:, :, 0]
                 want = np.zeros((Hq, T))

@@ -413,6 +413,94 @@ static void check_mask(const char *model_path)
     kvt_llama2c_model_close(m);
 }
 
+/* KVzip's reconstruction pass: chunk sizes that fit the context (stories260K: seq_len 512),
+ * worked by hand; the pass leaves the state as it was, so the decode steps after it are bit for
+ * bit those without it; every score is a probability (tests/oracle/test_kvzip.py checks their
+ * values against NumPy). */
+static void check_kvzip(const char *model_path)
+{
+    enum { T = 200, G = 4 };
+    kvt_llama2c_model *m = NULL;
+    kvt_llama2c_state *a = NULL, *b = NULL, *nq = NULL;
+    KVT_CHECK(kvt_llama2c_model_open(model_path, &m));
+    const kvt_llama2c_config *c = kvt_llama2c_model_config(m);
+    KVT_EXPECT(c->seq_len == 512);
+    uint32_t ch = 0;
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 448, 0, 0, &ch)); /* 64 positions left: tail 8 + 56 */
+    KVT_EXPECT_EQ_U64(ch, 56);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 448, 3, 0, &ch)); /* 3 of them for the instruction */
+    KVT_EXPECT_EQ_U64(ch, 53);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 100, 0, 0, &ch)); /* 412 left: one chunk, no tail */
+    KVT_EXPECT_EQ_U64(ch, 100);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 256, 0, 0, &ch)); /* exactly one chunk's room */
+    KVT_EXPECT_EQ_U64(ch, 256);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 257, 0, 0, &ch)); /* 255 left: 255, then 8 + 2 */
+    KVT_EXPECT_EQ_U64(ch, 255);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 300, 3, 0, &ch)); /* 212 left: 3 + 209, 3 + 8 + 91 */
+    KVT_EXPECT_EQ_U64(ch, 209);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 300, 0, 205, &ch)); /* 205, then 8 + 95 */
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip_chunk(c, 300, 0, 213, &ch), KVT_ERR_INVALID_ARG);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 100, 0, 600, &ch)); /* larger than T: one chunk */
+    KVT_EXPECT_EQ_U64(ch, 600);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 448, 0, 56, &ch));
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip_chunk(c, 448, 0, 57, &ch), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "largest chunk that fits is 56") != NULL, "%s",
+                   kvt_error_msg());
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 500, 0, 0, &ch)); /* 12 left: 6 + a 6-token tail */
+    KVT_EXPECT_EQ_U64(ch, 6);
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip_chunk(c, 500, 0, 7, &ch), KVT_ERR_INVALID_ARG);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 497, 0, 0, &ch)); /* 15 left: 7 + 7 */
+    KVT_EXPECT_EQ_U64(ch, 7);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 496, 0, 0, &ch)); /* 16 left: 8 + 8 */
+    KVT_EXPECT_EQ_U64(ch, 8);
+    KVT_CHECK(kvt_llama2c_kvzip_chunk(c, 510, 0, 0, &ch)); /* 2 left: 1 + 1 */
+    KVT_EXPECT_EQ_U64(ch, 1);
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip_chunk(c, 511, 0, 0, &ch), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "a shorter prompt") != NULL);
+
+    const int V = c->vocab_size, L = c->n_layers, Hkv = c->n_kv_heads;
+    KVT_CHECK(kvt_llama2c_state_create(m, true, &a));
+    KVT_CHECK(kvt_llama2c_state_create(m, true, &b));
+    KVT_CHECK(kvt_llama2c_state_create(m, false, &nq));
+    int32_t ids[T + G];
+    for (int i = 0; i < T + G; i++)
+        ids[i] = i == 0 ? KVT_LLAMA2C_BOS : (int32_t)(2 + (i * 37) % (V - 2));
+    const float *lg;
+    for (int i = 0; i < T; i++) {
+        KVT_CHECK(kvt_llama2c_forward(a, ids[i], &lg));
+        KVT_CHECK(kvt_llama2c_forward(b, ids[i], &lg));
+        KVT_CHECK(kvt_llama2c_forward(nq, ids[i], &lg));
+    }
+    float *sc = malloc((size_t)L * Hkv * T * sizeof(float));
+    const int32_t instr[2] = {5, 9}, bad_instr[1] = {V};
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip(nq, ids, T, NULL, 0, 64, sc), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip(b, ids, T - 1, NULL, 0, 64, sc), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip(b, ids, T, bad_instr, 1, 64, sc), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_llama2c_kvzip(b, ids, T, NULL, 0, 0, sc), KVT_ERR_INVALID_ARG);
+    for (size_t i = 0; i < (size_t)L * Hkv * T; i++)
+        sc[i] = -1.0f;
+    KVT_CHECK(kvt_llama2c_kvzip(b, ids, T, instr, 2, 64, sc)); /* chunks 64, 64, 64, 8 */
+    KVT_EXPECT_EQ_U64(kvt_llama2c_state_n_pos(b), T);
+    int bad = 0;
+    for (size_t i = 0; i < (size_t)L * Hkv * T; i++)
+        bad += !(sc[i] >= 0.0f && sc[i] <= 1.0f);
+    KVT_EXPECT_MSG(bad == 0, "%d scores are not probabilities (or were not written)", bad);
+    for (int g = 0; g < G; g++) {
+        KVT_CHECK(kvt_llama2c_forward(a, ids[T + g], &lg));
+        float *ref = malloc((size_t)V * sizeof(float));
+        memcpy(ref, lg, (size_t)V * sizeof(float));
+        KVT_CHECK(kvt_llama2c_forward(b, ids[T + g], &lg));
+        KVT_EXPECT_MSG(!memcmp(lg, ref, (size_t)V * sizeof(float)),
+                       "decode step %d after the kvzip pass differs", g);
+        free(ref);
+    }
+    free(sc);
+    kvt_llama2c_state_free(a);
+    kvt_llama2c_state_free(b);
+    kvt_llama2c_state_free(nq);
+    kvt_llama2c_model_close(m);
+}
+
 int main(void)
 {
     const char *python = getenv("KVT_PYTHON");
@@ -424,6 +512,7 @@ int main(void)
     char model[512];
     snprintf(model, sizeof(model), "%s/models/stories260K.bin", root ? root : ".");
     check_mask(model);
+    check_kvzip(model);
     kvt_test_tmp(tmpdir, sizeof(tmpdir), "llama2c");
     mkdir(tmpdir, 0755);
 

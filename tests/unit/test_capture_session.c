@@ -435,6 +435,56 @@ static void test_open_errors(void)
     KVT_EXPECT_STATUS(kvt_capture_close(NULL, NULL), KVT_OK);
 }
 
+/* kvt_capture_submit_kvzip: a layer's [Hkv, T] scores as one kvzip_score record, read back
+ * bit for bit; a score that is not a probability (NaN, negative, above 1), null scores, a layer
+ * out of range or given twice are refused, and the session goes on. */
+static void test_kvzip_scores(void)
+{
+    struct kvt_capture_model m = test_model();
+    struct kvt_capture_opts o = test_opts();
+    kvt_capture_session *s = NULL;
+    unlink(path);
+    KVT_CHECK(kvt_capture_open(path, &m, &o, &s));
+    static float sc[NL][HKV * TT];
+    for (int l = 0; l < NL; l++)
+        for (int i = 0; i < HKV * TT; i++)
+            sc[l][i] = (val(KVT_KIND_KVZIP_SCORE, l, i / TT, i % TT, 0) + 2.0f) / 4.0f;
+    sc[0][0] = 0.0f, sc[0][1] = 1.0f; /* the ends are allowed */
+    KVT_CHECK(kvt_capture_submit_kvzip(s, 0, sc[0]));
+    KVT_EXPECT_STATUS(kvt_capture_submit_kvzip(s, 0, sc[0]), KVT_ERR_STATE);
+    KVT_EXPECT(strstr(kvt_error_msg(), "twice") != NULL);
+    const float bad[3] = {NAN, -1e-7f, 1.0001f};
+    for (int b = 0; b < 3; b++) {
+        const float keep = sc[1][TT + 3];
+        sc[1][TT + 3] = bad[b]; /* KV head 1, token 3 */
+        KVT_EXPECT_STATUS(kvt_capture_submit_kvzip(s, 1, sc[1]), KVT_ERR_INVALID_ARG);
+        KVT_EXPECT_MSG(strstr(kvt_error_msg(), "KV head 1, token 3") != NULL, "%s",
+                       kvt_error_msg());
+        sc[1][TT + 3] = keep;
+    }
+    KVT_EXPECT_STATUS(kvt_capture_submit_kvzip(s, 1, NULL), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_capture_submit_kvzip(s, NL, sc[1]), KVT_ERR_INVALID_ARG);
+    KVT_CHECK(kvt_capture_submit_kvzip(s, 1, sc[1]));
+    KVT_CHECK(kvt_capture_submit_kvzip(s, 2, sc[2]));
+    /* the prompt is not complete: the close says so, and the records are kept */
+    KVT_EXPECT_STATUS(kvt_capture_close(s, NULL), KVT_ERR_STATE);
+    kvt_trace_reader *r = NULL;
+    KVT_CHECK(kvt_trace_reader_open(path, &r));
+    float got[HKV * TT];
+    for (int l = 0; r && l < NL; l++) {
+        uint32_t h, t, d;
+        kvt_dtype dt;
+        KVT_CHECK(kvt_trace_reader_shape(r, l, KVT_KIND_KVZIP_SCORE, &h, &t, &d, &dt));
+        KVT_EXPECT(h == HKV && t == TT && d == 1 && dt == KVT_DTYPE_F32);
+        KVT_CHECK(kvt_trace_reader_read(r, l, KVT_KIND_KVZIP_SCORE, 0, HKV, KVT_DTYPE_F32, got,
+                                        sizeof(got)));
+        KVT_EXPECT_MSG(!memcmp(got, sc[l], sizeof(got)), "layer %d's scores differ", l);
+    }
+    kvt_trace_reader_close(r);
+    KVT_EXPECT(!strcmp(kvt_kind_name(KVT_KIND_KVZIP_SCORE), "kvzip_score"));
+    KVT_EXPECT(kvt_kind_from_name("kvzip_score") == KVT_KIND_KVZIP_SCORE);
+}
+
 /* test_model() with half pairs, the frequencies f and this attention_scaling */
 static struct kvt_capture_model rope_model(const double *f, double scaling)
 {
@@ -917,6 +967,7 @@ int main(void)
     kvt_test_tmp(path, sizeof(path), "capture.kvt");
     kvt_test_tmp(path2, sizeof(path2), "capture2.kvt");
     test_open_errors();
+    test_kvzip_scores();
     test_theta_and_scale();
     test_writer_ranges();
     test_rope_details();
