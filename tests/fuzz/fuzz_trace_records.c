@@ -31,9 +31,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
-/* without and with decode queries; fastv (modality table); cake, elastic-cache; leverage */
-static kvt_policy **g_pols[5];
-static size_t g_n_pol[5];
+/* without and with decode queries; fastv (modality table); cake, elastic-cache; leverage;
+   kvzip (kvzip_score records) */
+static kvt_policy **g_pols[6];
+static size_t g_n_pol[6];
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
 
@@ -51,8 +52,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        lookm's text prior (the column sums, a ranking per budget, merged and not); and on every
        trace cake, whose bind reads every layer's window queries and keys for the layer budgets,
        and elastic-cache (the column sums; merged into anchors by position); and leverage (the
-       keys un-rotated with the header's RoPE, sketched and exact; an odd head_dim is refused) */
-    const char *set[5] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
+       keys un-rotated with the header's RoPE, sketched and exact; an odd head_dim is refused);
+       and, on a trace with kvzip_score records, kvzip, whose bind reads every layer's scores
+       (a NaN or a score above 1 is refused) */
+    const char *set[6] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
                           "snapkv:window=1,merge=pivot",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
@@ -62,8 +65,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                           "lookm:merge=none,heads=query",
                           "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
                           "elastic-cache:sinks=1,elastic-cache:heads=query",
-                          "leverage:sketch=3,leverage:sketch=0,heads=query,adaptive=1"};
-    for (int i = 0; i < 5; i++)
+                          "leverage:sketch=3,leverage:sketch=0,heads=query,adaptive=1",
+                          "kvzip,kvzip:layerwise=1,sinks=0"};
+    for (int i = 0; i < 6; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
@@ -125,7 +129,9 @@ static void put_tensor(kvt_fuzz_src *s, kvt_trace_writer *w, int layer, int kind
                 (size_t)(in.head_end - in.head_begin) * (in.tok_end - in.tok_begin) * in.dim;
             for (size_t e = 0; e < cnt; e++)
                 f32[e] = kind == KVT_KIND_ATTN_COLSUM ? fabsf(kvt_fuzz_rnd(&g_rng)) * (float)n
-                                                      : kvt_fuzz_rnd(&g_rng);
+                         : kind == KVT_KIND_KVZIP_SCORE /* a probability, 1 at times */
+                             ? fminf(fabsf(kvt_fuzz_rnd(&g_rng)), 1.0f)
+                             : kvt_fuzz_rnd(&g_rng);
             if (k == victim && (fault == F_NAN || fault == F_INF))
                 f32[cnt / 2] = fault == F_NAN ? nanf("") : -INFINITY;
             const size_t ees = kvt_dtype_size(in.dtype);
@@ -180,7 +186,7 @@ static void put_table(kvt_fuzz_src *s, kvt_trace_writer *w, int kind, int rows, 
 typedef struct shape {
     int L, Hq, Hkv, D, T, W, G;
     kvt_dtype dt;
-    bool colsum, decode_kv, modality, positions;
+    bool colsum, decode_kv, modality, positions, kvzip;
     unsigned ahead_k, ahead_v; /* layer 0's K and V records read ahead (modulo their count) */
 } shape;
 
@@ -198,6 +204,7 @@ static bool write_trace(kvt_fuzz_src *s, shape *sh)
     sh->ahead_k = kvt_fuzz_take(s), sh->ahead_v = kvt_fuzz_take(s);
     const unsigned fl = kvt_fuzz_take(s), lie = kvt_fuzz_take(s);
     sh->colsum = fl & 1, sh->decode_kv = fl & 2, sh->modality = fl & 4, sh->positions = fl & 8;
+    sh->kvzip = fl & 32;
     /* the header, one of its fields off by one when the input says so */
     int hv[7] = {sh->L, sh->Hq, sh->Hkv, sh->D, sh->T, sh->W, sh->G};
     if (lie >= 200)
@@ -226,6 +233,8 @@ static bool write_trace(kvt_fuzz_src *s, shape *sh)
         }
         if (sh->colsum)
             put_tensor(s, w, l, KVT_KIND_ATTN_COLSUM, sh->Hq, sh->T, 1, KVT_DTYPE_F32);
+        if (sh->kvzip)
+            put_tensor(s, w, l, KVT_KIND_KVZIP_SCORE, sh->Hkv, sh->T, 1, KVT_DTYPE_F32);
     }
     put_table(s, w, KVT_KIND_TOKEN_IDS, 1, sh->T, KVT_DTYPE_I32);
     if (sh->modality)
@@ -457,6 +466,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             replay_set(2);
         replay_set(3);
         replay_set(4);
+        if (sh.kvzip)
+            replay_set(5);
     }
     differential(&sh);
     kvt_error_clear();

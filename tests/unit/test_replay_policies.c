@@ -1662,6 +1662,15 @@ static void test_cake(void)
     p = NULL;
     KVT_EXPECT_STATUS(kvt_policy_create("cake:window=1", NULL, &p), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_policy_create("cake:tau1=0", NULL, &p), KVT_ERR_INVALID_ARG);
+    /* kvzip's threshold is over every layer's scores, which only the trace has: one layer alone
+       is refused too (its kept sets: tests/oracle/test_kvzip_hand.py, test_kvzip.py) */
+    p = mk("kvzip");
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "replay the whole trace"), "%s", kvt_error_msg());
+    kvt_policy_free(p);
+    p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("kvzip:window=2", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_policy_create("kvzip:layerwise=2", NULL, &p), KVT_ERR_INVALID_ARG);
 }
 
 static void test_parse(void)
@@ -1758,7 +1767,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 40);
+    KVT_EXPECT(kvt_policy_registry_size() == 41);
 }
 
 int main(void)
