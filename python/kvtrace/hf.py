@@ -443,7 +443,7 @@ class Capture(object):
 
     def __init__(self, model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
                  with_q_all=False, timeline=False, level=1, n_threads=0, force=False,
-                 name=None):
+                 name=None, kvzip=None):
         try:
             import torch
         except ImportError as e:
@@ -574,6 +574,13 @@ class Capture(object):
         self.name = str(self.name).encode("utf-8", "surrogateescape" if _escapes_only(
             str(self.name)) else "replace").decode("utf-8", "replace")
 
+        self._kvzip = None
+        if kvzip is not None:  # [L, Hkv, T] from kvzip_scores(); T is checked at the prompt
+            self._kvzip = np.ascontiguousarray(_host_array(kvzip), dtype=np.float32)
+            if self._kvzip.ndim != 3 or self._kvzip.shape[:2] != (n_layers, self.n_kv_heads):
+                raise _fail("kvzip: shape %s, not [%d layers, %d KV heads, T tokens] (the "
+                            "scores of kvtrace.hf.kvzip_scores)"
+                            % (self._kvzip.shape, n_layers, self.n_kv_heads), _ERR_INVALID)
         self._model = model
         self._text_model = _find_text_model(model, set(self._layer_of))
         self._attn = attn
@@ -770,8 +777,17 @@ class Capture(object):
                 raise _fail("nothing was captured: no forward pass of the model's text layers "
                             "ran inside the with-block", _ERR_STATE)
             return False
+        err = None
+        if self._kvzip is not None and et is None:
+            try:  # refused (a score outside [0, 1]): the trace is closed without them
+                for layer in range(self.n_layers):
+                    s.submit_kvzip(layer, self._kvzip[layer])
+            except TraceError as e:
+                err = e
         try:
             self.stats = s.close()
+            if err is not None:
+                raise err
         except TraceError:
             if et is None:
                 raise
@@ -931,6 +947,9 @@ class Capture(object):
                                                       self.n_kv_heads, self.head_dim),
                         _ERR_INVALID)
         W = min(self.window_requested, T)
+        if self._kvzip is not None and self._kvzip.shape[2] != T:
+            raise _fail("kvzip: scores of %d tokens, but the prompt has %d: score the prompt "
+                        "the model runs here" % (self._kvzip.shape[2], T), _ERR_INVALID)
         model_kv = _kv_dtype_of(query)  # refused here, before the session opens
         kv_dtype = self.kv_dtype if self.kv_dtype is not None else model_kv
         scaling = kwargs.get("scaling", None)
@@ -994,7 +1013,8 @@ class Capture(object):
 
 
 def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=False,
-            with_q_all=False, timeline=False, level=1, n_threads=0, force=False, name=None):
+            with_q_all=False, timeline=False, level=1, n_threads=0, force=False, name=None,
+            kvzip=None):
     """Record the KV cache of a transformers model into a .kvt trace while it runs:
 
         with kvtrace.capture(model, "out.kvt", window=32, decode=64):
@@ -1024,6 +1044,8 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
                  with a complete prompt; otherwise the old file is unchanged, the new trace
                  stays in a temporary file next to it (.partial_path, and a RuntimeWarning).
     name:        the model name in the header.
+    kvzip:       KVzip's scores of the prompt, [L, Hkv, T] from kvzip_scores(model, ids):
+                 stored as the kvzip_score records the replay's `kvzip` policy reads.
 
     Returns a Capture (a context manager): .path, .session, .stats (after the block). The
     session opens at the first forward call (T = its token count) and closes when the block
@@ -1033,4 +1055,146 @@ def capture(model, path, *, window=32, decode=64, kv_dtype=None, with_colsum=Fal
     directory) and the model's dtype are checked here, before the model runs."""
     return Capture(model, path, window=window, decode=decode, kv_dtype=kv_dtype,
                    with_colsum=with_colsum, with_q_all=with_q_all, timeline=timeline,
-                   level=level, n_threads=n_threads, force=force, name=name)
+                   level=level, n_threads=n_threads, force=force, name=name, kvzip=kvzip)
+
+
+# ------------------------------------------------------------------------------------------
+# KVzip's context-reconstruction scores
+# ------------------------------------------------------------------------------------------
+
+KVZIP_FIRST = "\n\nRepeat the previous context exactly."
+KVZIP_LATER = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
+def kvzip_prompts(tokenizer):
+    """kvpress's KVzipPress prompts from a tokenizer: (prefix_length, first, later, suffix),
+    the chat template's tokens before the context, the instruction ids before the first chunk
+    and before the others, and the ids that end the user turn (\"\\n\" without a template)."""
+    def enc(text):
+        return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        prefix, suffix = "", "\n"
+    else:
+        dummy = "dummy context"
+        sep = "\n" + "#" * len(dummy)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": dummy + sep}],
+                                             add_generation_prompt=True, tokenize=False,
+                                             enable_thinking=False)
+        context, suffix = text.split(sep)
+        prefix = context.split(dummy)[0]
+    return len(enc(prefix)), enc(KVZIP_FIRST), enc(KVZIP_LATER), enc(suffix)
+
+
+def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=None,
+                 first_ids=None, later_ids=None, suffix_ids=None, n_sink=4, tail=8):
+    """KVzip's (arXiv 2505.23416) context-reconstruction scores of a prompt, as NVIDIA
+    kvpress's KVzipPress computes them: [L, Hkv, T] float32, for kvtrace.capture(...,
+    kvzip=scores), which stores them for the replay's `kvzip` policy.
+
+        s = kvtrace.hf.kvzip_scores(model, ids, tokenizer=tok)
+        with kvtrace.capture(model, "out.kvt", kvzip=s):
+            model.generate(ids, max_new_tokens=65, do_sample=False)
+
+    The model runs the prompt, then, chunk by chunk of `chunk` tokens from prefix_length on,
+    a repeat input after it (an instruction, for every chunk but the first the previous
+    chunk's last `tail` tokens, the suffix, the chunk) whose queries attend, per KV head's
+    group, to the first min(n_sink, chunk start) keys, the chunk and the repeat keys up to
+    their own; a key's score is the largest probability it gets. The cache is cut back to the
+    prompt after each chunk. Tokens before prefix_length keep kvpress's initial score: 1 for
+    the first n_sink, else 0. With `tokenizer`, the instructions, suffix and prefix length are
+    kvpress's (kvzip_prompts); without, prefix_length 0 and no instruction or suffix unless
+    given as token ids (first_ids, later_ids defaulting to first_ids, suffix_ids). Scores are
+    computed in float32 from the attention's own tensors (kvpress keeps them in the model's
+    dtype). Costs about two to three prefills, as kvpress's. Same model support as capture();
+    batch size 1."""
+    import torch
+    cap = Capture(model, os.devnull)  # the model checks and the attention registry; no file
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise _fail("kvzip_scores: input_ids of shape %s: one sequence (batch size 1)"
+                    % (tuple(ids.shape),), _ERR_INVALID)
+    T = int(ids.shape[1])
+    chunk = _int_option(chunk, "chunk", C_INT, 1)
+    n_sink = _int_option(n_sink, "n_sink", C_INT, 0)
+    tail = _int_option(tail, "tail", C_INT, 0)
+    if tokenizer is not None:
+        tp, tf, tl, ts = kvzip_prompts(tokenizer)
+        prefix_length = tp if prefix_length is None else prefix_length
+        first_ids = tf if first_ids is None else first_ids
+        later_ids = tl if later_ids is None else later_ids
+        suffix_ids = ts if suffix_ids is None else suffix_ids
+    prefix_length = _int_option(prefix_length or 0, "prefix_length", C_INT, 0, T - 1)
+    first_ids = [int(i) for i in (first_ids or [])]
+    later_ids = first_ids if later_ids is None else [int(i) for i in later_ids]
+    suffix_ids = [int(i) for i in (suffix_ids or [])]
+    L, Hkv, G = cap.n_layers, cap.n_kv_heads, cap.n_q_heads // cap.n_kv_heads
+    scores = np.zeros((L, Hkv, T), np.float32)
+    scores[:, :, :n_sink] = 1.0  # kvpress's start; the chunks overwrite from prefix_length on
+    run = {"start": 0, "end": 0, "calls": 0}
+    layer_of, orig = cap._layer_of, cap._slot[cap.attn_implementation]
+
+    @functools.wraps(orig)
+    def kvzip_attention(module, *args, **kwargs):
+        layer = layer_of.get(id(module))
+        if layer is not None and run["end"] > run["start"]:
+            qkv = list(args[:2])
+            for n in ("query", "key")[len(qkv):]:
+                qkv.append(kwargs.get(n))
+            q, k = qkv[0][0].float(), qkv[1][0].float()  # [Hq, q, D], [Hkv, T + q, D]
+            nq, D = q.shape[-2], q.shape[-1]
+            a, b = run["start"], run["end"]
+            sink = min(n_sink, a)
+            keys = torch.cat([k[:, :sink], k[:, a:b], k[:, k.shape[1] - nq:]], dim=1)
+            z = q.reshape(Hkv, G, nq, D) @ keys.transpose(-1, -2)[:, None] / (D ** 0.5)
+            future = torch.triu(torch.ones(nq, nq, dtype=torch.bool, device=z.device), 1)
+            z[..., sink + b - a:] = z[..., sink + b - a:].masked_fill(future, float("-inf"))
+            p = torch.softmax(z, dim=-1)[..., sink:sink + b - a]
+            scores[layer, :, a:b] = p.amax(dim=(1, 2)).cpu().numpy()
+            run["calls"] += 1
+        return orig(module, *args, **kwargs)
+
+    slot, impl = cap._slot, cap.attn_implementation
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=ids.to(dev), use_cache=True)
+        cache = out.past_key_values
+        if cache is None:
+            raise _fail("kvzip_scores: the model returned no KV cache (use_cache)", _ERR_STATE)
+        prev = []
+        slot[impl] = kvzip_attention
+        try:
+            for i, a in enumerate(range(prefix_length, T, chunk)):
+                b = min(a + chunk, T)
+                ctx = [int(t) for t in ids[0, a:b]]
+                lead = first_ids if i == 0 else later_ids + prev[max(len(prev) - tail, 0):]
+                rep = torch.tensor([lead + suffix_ids + ctx], dtype=ids.dtype, device=dev)
+                run.update(start=a, end=b, calls=0)
+                model(input_ids=rep, past_key_values=cache, use_cache=True)
+                if run["calls"] != L:
+                    raise _fail("kvzip_scores: %d of %d text attention layers called the "
+                                "registry entry %r" % (run["calls"], L, impl))
+                _crop_cache(cache, T)
+                prev = ctx
+        finally:
+            run.update(start=0, end=0)
+            if slot.get(impl) is kvzip_attention:
+                slot[impl] = orig
+    return scores
+
+
+def _crop_cache(cache, T):
+    """Forget a dynamic cache's entries from token T on (the repeat rows)."""
+    if hasattr(cache, "crop"):
+        cache.crop(T)
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for lay in layers:
+            lay.keys, lay.values = lay.keys[..., :T, :], lay.values[..., :T, :]
+        return
+    for lst in (cache.key_cache, cache.value_cache):  # transformers before 4.54
+        for i, x in enumerate(lst):
+            lst[i] = x[..., :T, :]

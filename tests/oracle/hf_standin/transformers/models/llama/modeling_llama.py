@@ -170,11 +170,12 @@ class LlamaPreTrainedModel(PreTrainedModel):
 
 
 def _attention_mask_4d(config, attention_mask, n_q, n_k, dtype, device):
-    """None for sdpa without padding (causality by the is_causal flag), else an additive
-    [B, 1, n_q, n_k] mask: query i (absolute position n_k - n_q + i) sees keys <= its position
-    that are not padding."""
+    """None for sdpa without padding when the queries are all the keys or one (causality by the
+    is_causal flag, as transformers skips the mask then), else an additive [B, 1, n_q, n_k]
+    mask: query i (absolute position n_k - n_q + i) sees keys <= its position that are not
+    padding (several queries after a cache: the flag's top-left alignment would be wrong)."""
     has_padding = attention_mask is not None and bool((attention_mask == 0).any())
-    if config._attn_implementation != "eager" and not has_padding:
+    if config._attn_implementation != "eager" and not has_padding and n_q in (1, n_k):
         return None
     q_pos = torch.arange(n_k - n_q, n_k, device=device)[:, None]
     k_pos = torch.arange(n_k, device=device)[None, :]
