@@ -1,9 +1,11 @@
 #!/usr/bin/python3
 """test_e2e_llama2c.py - `kvtrace e2e-llama2c` against an independent NumPy implementation.
 
-A trace is captured from stories260K (real weights) by `kvtrace capture-llama2c`, then
-`kvtrace e2e-llama2c` replays policies of each kind (KV heads, query heads, head-adaptive,
-per decode step, merged) and reruns the decode steps with their kept sets. Checked:
+A trace is captured from stories260K (real weights) by `kvtrace capture-llama2c` (with KVzip's
+scores), then `kvtrace e2e-llama2c` replays policies of each kind (KV heads, query heads,
+head-adaptive, per decode step, merged, and kvzip's sets shared unevenly over layers and heads,
+kvzip:sinks=0 at 4 tokens with heads that keep no prompt key) and reruns the decode steps with
+their kept sets. Checked:
 
   * the kept sets it applied (--export-selection, read with kvtrace.read_selection) drive the
     NumPy float64 forward of tests/oracle/llama2c_oracle.py with the same masks (query rows
@@ -81,7 +83,8 @@ def spearman(x, y):
 SPECS = ["streamingllm:sinks=4", "snapkv:window=16", "snapkv:window=16,heads=query,label=sq",
          "adakv:window=16", "h2o:window=8", "quest:page=8", "hybridkv-like:window=16",
          "lightkv-like:window=16", "snapkv:window=16,merge=pivot,label=sp",
-         "elastic-cache", "h2o:window=8,merge=weighted,heads=query,label=hq"]
+         "elastic-cache", "h2o:window=8,merge=weighted,heads=query,label=hq", "kvzip",
+         "kvzip:sinks=0,label=kz0"]
 # the merged policies whose keys and values the check merges itself (test_merge, Elastic Cache)
 MERGES = {"sp": lambda K, V, idx: merge_kv(K, V, idx, "pivot"),
           "elastic-cache": lambda K, V, idx: elastic_merge(K, V, idx, 4),
@@ -90,9 +93,9 @@ T, G = 96, 12
 with tempfile.TemporaryDirectory() as tmp:
     tr = os.path.join(tmp, "t.kvt")
     run("capture-llama2c", "--model", MODEL, "--tokens", str(T), "--decode", str(G), "--window",
-        "16", "--colsum", "-o", tr)
+        "16", "--colsum", "--kvzip", "-o", tr)
     out, sel_path = os.path.join(tmp, "e2e.json"), os.path.join(tmp, "sel.bin")
-    budgets = "8,24,48,200"
+    budgets = "4,8,24,48,200"
     r = run("e2e-llama2c", tr, "--model", MODEL, "--policies", ",".join(SPECS), "--budgets",
             budgets, "--threads", "2", "--export-selection", sel_path, "-o", out)
     e2e = json.load(open(out))
@@ -108,7 +111,12 @@ with tempfile.TemporaryDirectory() as tmp:
           t0.get("n_decode") == G and t0.get("trace_key_error", 1) < 1e-2,
           "header %s" % {k: e2e[k] for k in e2e if k != "runs"})
     runs = {(x["policy"], x["budget"]): x for x in e2e["runs"]}
-    check(len(runs) == len(SPECS) * 4, "%d runs" % len(runs))
+    check(len(runs) == len(SPECS) * 5, "%d runs" % len(runs))
+    with kvtrace.read_selection(sel_path) as sel:  # kz0 at 4 tokens: heads that keep nothing
+        kz0 = [i for i, p in enumerate(sel.policies) if p["label"] == "kz0"][0]
+        n_empty = sum(len(sel.kept(kz0, "4", layer=l, head=h)) == 0
+                      for l in range(5) for h in range(4))
+    check(n_empty > 0, "kvzip:sinks=0 at 4 tokens: %d heads keep no prompt key" % n_empty)
 
     m = llama2c_oracle.load(MODEL)
     with kvtrace.open(tr) as t:

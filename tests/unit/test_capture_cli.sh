@@ -52,6 +52,18 @@ check "--window > --tokens: exit 2 before the model is read" \
     "$C --model $TMP/none.bin --tokens 10 --decode 5 --window 40 -o $TMP/a.kvt 2>/dev/null; [ \$? -eq 2 ]"
 check "--window = --tokens is fine" \
     "$C --model $MODEL --tokens 10 --decode 2 --window 10 -o $TMP/w.kvt >/dev/null && rm -f $TMP/w.kvt"
+# KVzip's pass: its options without --kvzip are usage errors; a prompt that leaves no room for
+# the repeat rows, a chunk that does not fit, or an instruction id outside the vocabulary is
+# refused in one line before anything is written
+check "--kvzip-chunk without --kvzip: exit 2, one line" \
+    "one_line $C --model $MODEL --tokens 10 --decode 1 --window 2 --kvzip-chunk 4 -o $TMP/a.kvt && $C --model $MODEL --tokens 10 --decode 1 --window 2 --kvzip-chunk 4 -o $TMP/a.kvt 2>&1 | grep -q 'option of --kvzip'"
+check "--kvzip with no room after the prompt: exit 1, one line" \
+    "one_line $C --model $MODEL --tokens 511 --decode 0 --window 2 --kvzip -o $TMP/a.kvt && $C --model $MODEL --tokens 511 --decode 0 --window 2 --kvzip -o $TMP/a.kvt 2>&1 | grep -q 'a shorter prompt'"
+check "--kvzip-chunk too large: exit 1 naming the largest that fits" \
+    "$C --model $MODEL --tokens 448 --decode 0 --window 2 --kvzip --kvzip-chunk 57 -o $TMP/a.kvt 2>&1 | grep -q 'largest chunk that fits is 56'"
+echo 5 600 > "$TMP/instr.txt"
+check "--kvzip-prompt-ids outside the vocabulary: exit 1" \
+    "$C --model $MODEL --tokens 10 --decode 0 --window 2 --kvzip --kvzip-prompt-ids $TMP/instr.txt -o $TMP/a.kvt 2>/dev/null; [ \$? -eq 1 ]"
 check "nothing left behind after a rejected run" "[ ! -e $TMP/a.kvt ]"
 
 check "capture from BOS" \

@@ -22,7 +22,9 @@
 # expected-attention, noncausal-attention and compactor, which read Q_all, run, and leverage,
 # which un-rotates the keys); a fourth has a prompt of
 # 4300 tokens, so that the rankings with --device cuda run on the GPU; a fifth has one layer of
-# Qwen2-VL-7B's shape (28 query heads on 4 KV heads: groups of 7; D = 128). The synthetic traces
+# Qwen2-VL-7B's shape (28 query heads on 4 KV heads: groups of 7; D = 128); a sixth is a
+# stories260K capture with KVzip's scores, whose kvzip sets are shared unevenly over layers and
+# heads (some heads keep no prompt key at 4 tokens with sinks=0). The synthetic traces
 # store K and V in bf16 (the Q_all one in f16), which --device cuda uploads as stored and widens
 # on the GPU; the policies that read K or V on the host (quest, lagkv, qfilter, cur, the merging
 # ones, the Q_all ones) then get them widened on the host. The vision-language trace is also written in
@@ -87,12 +89,14 @@ $BIN synth --shape tiny --tokens 4300 --decode 4 --seed 9 -o "$TMP/long.kvt" >/d
 # a real model's head layout: odd query groups, the kernels' D = 128 paths
 $BIN synth --shape qwen2-vl-7b --layers 1 --tokens 200 --decode 4 --seed 12 -o "$TMP/qvl.kvt" \
     >/dev/null 2>&1 || fail "synth qwen2-vl-7b"
+$BIN capture-llama2c --model "$ROOT/models/stories260K.bin" --tokens 300 --decode 4 --window 8 \
+    --kvzip -o "$TMP/kz.kvt" >/dev/null 2>&1 || fail "capture --kvzip"
 # SparseMM's per-head scores for the sample (5 layers x 8 query heads) and vl (2 x 4)
 "$PY" -c 'import json, sys
 for path, L, H in (("stories260K", 5, 8), ("vl", 2, 4)):
     json.dump([[((l * 7 + h * 3) % 11) / 10 for h in range(H)] for l in range(L)],
               open(sys.argv[1] + "/scores_" + path + ".json", "w"))' "$TMP" || fail "scores"
-for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt"; do
+for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt" "$TMP/kz.kvt"; do
     name=$(basename "$tr" .kvt)
     # every policy: the defaults, and those that need more than K, V and the window queries
     SET=(--policies "all,h2o,oracle,quest,lagkv,qfilter,qfilter:heads=query,cur,knorm:adaptive=1,cur:adaptive=1,keydiff-block:block=32,simlayerkv:threshold=0.3,snapkv:merge=weighted,finch,cam,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json,fastv:dense_layers=1,fastv:dense_layers=1,last=2,lookm,lookm:merge=none,heads=query,recent_share=0.25,cake,cake:heads=query,gamma=0,elastic-cache,elastic-cache:heads=query,sinks=1"
@@ -103,6 +107,8 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt"; 
         SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
             --threads 2 --seed 7)
     [ "$name" = qvl ] && SET=(--policies all,h2o,oracle,quest --budgets 16,64,50% --threads 2 --seed 7)
+    [ "$name" = kz ] && SET=(--policies kvzip,kvzip:layerwise=1,sinks=0,snapkv:window=8
+        --budgets 4,16,64,50% --threads 2 --seed 7)
     DEV=()
     [ "$MODE" = cuda ] && DEV=(--device cuda)
     "${FIRST[@]}" $BIN replay "$tr" "${SET[@]}" "${DEV[@]}" -o "$TMP/$name.fast.json" >/dev/null \
