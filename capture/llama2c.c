@@ -747,7 +747,8 @@ kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint3
         KVT_RETURN_IF(instr[i] < 0 || instr[i] >= c->vocab_size, KVT_ERR_INVALID_ARG,
                       "kvzip: instruction token %u is %d, outside the vocabulary [0, %d)", i,
                       (int)instr[i], c->vocab_size);
-    double *logit = kvt_malloc(((size_t)c->seq_len + 1) * sizeof(double));
+    /* a chunk's key set: the sinks, the chunk and the repeat rows, at most seq_len */
+    double *logit = kvt_malloc(((size_t)c->seq_len + KVT_KVZIP_SINKS + 1) * sizeof(double));
     KVT_RETURN_IF(!logit, KVT_ERR_NOMEM, "kvzip: out of memory");
     kvt_status s = KVT_OK;
     const float *lg;
