@@ -89,6 +89,8 @@ static const opt_desc opts_table[] = {
      "leverage, compactor: columns of the Gaussian sketch of the keys (0: exact leverage)"},
     {"layerwise", O_BOOL, OFF(layerwise), 0, 0,
      "kvzip: every layer prunes the same share, not a threshold over all layers' scores 0|1"},
+    {"uniform", O_BOOL, OFF(uniform), 0, 0,
+     "kvzip: every KV head keeps its B best scores (KVzip's pair-uniform level) 0|1"},
     {"blend", O_BLEND, OFF(blend), 0, 1e6,
      "compactor: the leverage's weight (default: each budget's compression ratio 1 - B/T)"},
     {"threshold", O_DBL, OFF(threshold), 0, 1,

@@ -65,6 +65,7 @@ typedef struct kvt_policy_opts {
     double gamma;           /* cake: weight of the window attention's variance in the score */
     int sketch;             /* leverage, compactor: Gaussian sketch columns (0: exact) */
     bool layerwise;         /* kvzip: every layer prunes the same share (no global threshold) */
+    bool uniform;           /* kvzip: every head keeps its B best (KVzip's pair-uniform level) */
     double blend;           /* compactor: weight of the leverage; NaN: the compression ratio */
     int chunk;              /* ChunkKV, HybridKV-like chunk size C */
     bool chunk_kvpress;     /* align=kvpress: ChunkKV's chunks of the whole sequence, PyramidKV's

@@ -11,6 +11,8 @@
  *   threshold is the one at index max(int(N r) - 1, 0); layer l prunes its n_l scores at or
  *   below it (so the layers share the pruning unevenly, and ties at the threshold all go);
  * - layerwise=1: every layer prunes n_l = int(Hkv T r);
+ * - uniform=1 (the released code's `pair-uniform` level, snu-mllab/KVzip attention/score.py):
+ *   every KV head keeps its B best scores, as any score policy at budget B (ties: lower token);
  * - layer l keeps its Hkv T - n_l largest scores, its heads flattened (heads share the layer's
  *   budget unevenly, a head may keep none): ties kept by lower head, then lower token. KVzip has
  *   no safeguard floor. B >= T keeps everything (kvpress compresses only with r > 0).
@@ -31,13 +33,21 @@
 typedef struct kvzip_state {
     int L, Hkv, T;
     float *s;      /* [L, Hkv, T] the scores, sinks at 1 */
-    float *sorted; /* [L * Hkv * T] ascending (layerwise=0), or NULL */
+    float *sorted; /* [L * Hkv * T] ascending (the global threshold), or NULL */
 } kvzip_state;
 
 static void d_kvzip(kvt_policy_opts *o)
 {
     o->window = 0;
     o->sinks = 4;
+}
+
+static kvt_status init_kvzip(kvt_policy *p)
+{
+    KVT_RETURN_IF(p->o.uniform && p->o.layerwise, KVT_ERR_INVALID_ARG,
+                  "kvzip: uniform=1 gives every head the budget, layerwise=1 shares a layer's "
+                  "between its heads: give one of them");
+    return KVT_OK;
 }
 
 static void unbind_kvzip(void *state)
@@ -66,7 +76,7 @@ static kvt_status bind_kvzip(const kvt_policy *p, const char *path, int L, int H
     kvt_trace_reader *r = NULL;
     kvt_status st = KVT_OK;
     if (!s || !(s->s = kvt_malloc(N * sizeof(float) + 1)) ||
-        (!p->o.layerwise && !(s->sorted = kvt_malloc(N * sizeof(float) + 1)))) {
+        (!p->o.layerwise && !p->o.uniform && !(s->sorted = kvt_malloc(N * sizeof(float) + 1)))) {
         st = kvt_error_set(KVT_ERR_NOMEM, "kvzip: out of memory (%zu scores)", N);
         goto out;
     }
@@ -169,6 +179,11 @@ static kvt_status sel_kvzip(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                 cnt[h] = T;
             continue;
         }
+        if (p->o.uniform) { /* each head its own B best */
+            for (int h = 0; h < H; h++)
+                cnt[h] = B[b];
+            continue;
+        }
         const double f = c->budget_frac ? c->budget_frac[b] : (double)B[b] / T;
         int64_t keep = (int64_t)per - kvzip_pruned(s, c->layer, p->o.layerwise, 1.0 - f);
         memset(cnt, 0, (size_t)H * sizeof(int32_t));
@@ -186,8 +201,9 @@ const kvt_policy_def kvt_policy_def_kvzip = {
     .name = "kvzip",
     .summary = "KVzip: the attention each key gets while the model repeats the prompt "
                "(kvzip_score, captured); one threshold over every layer's heads",
-    .keys = "sinks,layerwise",
+    .keys = "sinks,layerwise,uniform",
     .defaults = d_kvzip,
+    .init = init_kvzip,
     .bind = bind_kvzip,
     .unbind = unbind_kvzip,
     .select = sel_kvzip,

@@ -23,7 +23,8 @@ every layer prunes int(Hkv T ratio) entries, else n = max(int(L Hkv T ratio) - 1
 scores sorted ascending is the threshold and layer l prunes its entries <= it; a layer keeps its
 Hkv T - n_l largest entries over (head, token), ties to the smaller flat index h T + j. A head's
 kept set (possibly empty: kept []) is its tokens among those. Checked on a one-chunk capture
-(T = 150) with sinks 4, 0, 10 and layerwise, a capture with 40-token chunks and an instruction,
+(T = 150) with sinks 4, 0, 10, layerwise and uniform (each head its B best: the released
+KVzip's pair-uniform level), a capture with 40-token chunks and an instruction,
 and a T = 300 capture with an instruction, whose default chunk leaves two chunks. A replay of
 kvzip on a trace without kvzip_score is refused with a line naming it.
 
@@ -98,12 +99,16 @@ def kvzip_scores(model, x, instr, C, n_sink=N_SINK):
     return out
 
 
-def kvzip_kept(S, f, sinks=4, layerwise=False):
+def kvzip_kept(S, f, sinks=4, layerwise=False, B=None):
     """Per layer, per KV head, the kept token indices (ascending) of scores S [L, Hkv, T] at
-    budget fraction f < 1 (KVzipPress.compress_post with compression_ratio 1 - f)."""
+    budget fraction f < 1 (KVzipPress.compress_post with compression_ratio 1 - f); with
+    layerwise "uniform" (the released KVzip's pair-uniform level) each head's B best."""
     L, H, T = S.shape
     s = S.astype(np.float64)  # f32 values, exactly
     s[:, :, :sinks] = 1.0
+    if layerwise == "uniform":
+        return [[sorted(int(j) for j in np.lexsort((np.arange(T), -s[l, g]))[:B])
+                 for g in range(H)] for l in range(L)]
     ratio = 1.0 - f
     if layerwise:
         pruned = [int(H * T * ratio)] * L
@@ -240,7 +245,7 @@ def check_selection(name, path, spec, sinks, layerwise, budgets, scores, work):
             want = [[list(range(T))] * H] * L
         else:
             f = float(text[:-1]) / 100 if text.endswith("%") else B / T
-            want = kvzip_kept(scores, f, sinks, layerwise)
+            want = kvzip_kept(scores, f, sinks, layerwise, B)
         for layer in range(L):
             for g in range(H):
                 n_sets += 1
@@ -307,6 +312,7 @@ def main():
             check_selection("T150", a, "kvzip:sinks=0", 0, False, budgets, sa, work)
             check_selection("T150", a, "kvzip:sinks=10", 10, False, budgets, sa, work)
             check_selection("T150", a, "kvzip:sinks=10,layerwise=1", 10, True, budgets, sa, work)
+            check_selection("T150", a, "kvzip:uniform=1", 4, "uniform", budgets, sa, work)
         if sb is not None:
             check_selection("T150-chunk40", b, "kvzip", 4, False, budgets, sb, work)
             check_selection("T150-chunk40", b, "kvzip:layerwise=1", 4, True, "3,12.5%,40,90", sb,

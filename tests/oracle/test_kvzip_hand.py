@@ -19,9 +19,12 @@ N = 24 scores. Worked by hand from kvpress's KVzipPress.compress_post:
   {0, 1, 5}, {0, 2, 4}.
 - sinks=0, B = 1 (r = 5/6): n = int(24 * 5/6) - 1 = 19, the threshold .7 (the 20th smallest);
   layer 0 keeps .9 and .8: {0}, {1}; layer 1 keeps only .9: {5} and an empty head 1.
+- sinks=0, uniform=1 (the released KVzip's pair-uniform level), B = 2: each head its 2 best:
+  {0, 2}, {1, 4}, {0, 5} (.9 and the first .7), {2, 4}.
 - B = 6 = T keeps everything.
 Refused, each with one line naming the cause: a trace without kvzip_score, a kvzip_score that
-is not a probability (NaN), and kvzip with an option it does not take (window=).
+is not a probability (NaN), kvzip with an option it does not take (window=), and uniform=1 with
+layerwise=1.
 Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
 """
 import json
@@ -50,6 +53,8 @@ CASES = [  # spec, budget, {(layer, head): kept}
     ("kvzip:sinks=1", "3", {(0, 0): [0, 2], (0, 1): [0, 1, 4, 5], (1, 0): [0, 1, 5],
                             (1, 1): [0, 2, 4]}),
     ("kvzip:sinks=0", "1", {(0, 0): [0], (0, 1): [1], (1, 0): [5], (1, 1): []}),
+    ("kvzip:sinks=0,uniform=1", "2", {(0, 0): [0, 2], (0, 1): [1, 4], (1, 0): [0, 5],
+                                      (1, 1): [2, 4]}),
     ("kvzip", "6", {(l, h): list(range(6)) for l in range(2) for h in range(2)}),
 ]
 
@@ -102,6 +107,8 @@ def main():
                 "layer 1, KV head 0, token 2: kvzip_score nan")
         refused(["replay", tr, "--policies", "kvzip:window=2", "--budgets", "3", "-o", res,
                  "--force"], "window")
+        refused(["replay", tr, "--policies", "kvzip:uniform=1,layerwise=1", "--budgets", "3",
+                 "-o", res, "--force"], "give one of them")
     finish("test_kvzip_hand")
 
 
