@@ -1,11 +1,11 @@
 /* fuzz_capture_calls.c - libFuzzer entry point for the capture API as an engine drives it: the
  * input is a program of calls (kvt_capture_submit_kv, _submit_queries, _submit_decode,
- * _submit_decode_token, _set_tokens, in any order, for any layer, token range and step) on a
- * small model, each with host views in one of several memory layouts (row-major, token-major
- * with a batch axis, a reversed axis, padded rows, a broadcast head axis) and dtypes (f32, bf16,
- * f16), or a view that is wrong (a head or dim too many, a batch of 2, an integer dtype, no
- * data). The entry point keeps its own account of what the session accepted, computed from the
- * logical values and not from the view's memory, and after kvt_capture_close checks the
+ * _submit_decode_token, _set_tokens, _submit_kvzip, in any order, for any layer, token range and
+ * step) on a small model, each with host views in one of several memory layouts (row-major,
+ * token-major with a batch axis, a reversed axis, padded rows, a broadcast head axis) and dtypes
+ * (f32, bf16, f16), or a view that is wrong (a head or dim too many, a batch of 2, an integer
+ * dtype, no data). The entry point keeps its own account of what the session accepted, computed
+ * from the logical values and not from the view's memory, and after kvt_capture_close checks the
  * capture's contract:
  *  - an accepted prompt range starts where that layer's last one ended and stays inside the
  *    prompt; an accepted decode step is the layer's next one;
@@ -13,9 +13,10 @@
  *    KVT_ERR_STATE), and then the trace verifies without a problem;
  *  - the trace holds, for every layer, exactly the K and V tokens, window queries (and all
  *    queries, with_q_all) and decode steps accepted, each element the submitted value
- *    rounded to the trace's dtype;
+ *    rounded to the trace's dtype; KVzip's scores, accepted once per layer and only when every
+ *    one is in [0, 1], bit for bit;
  *  - a complete capture replays (snapkv, knorm, streamingllm; h2o with column sums or Q_all;
- *    the oracle with decode steps).
+ *    the oracle with decode steps; kvzip when every layer has its scores).
  * A breach aborts. Runs over the checked-in corpus as the ctest fuzz_capture_calls_regression
  * through fuzz_driver.c.
  */
@@ -48,9 +49,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 #define MAX_OPS 48
 
 static char g_path[256];
-static kvt_policy **g_pols[4]; /* replays of a complete capture: + h2o (column sums or Q_all),
-                                  + oracle (decode steps) */
-static size_t g_n_pol[4];
+static kvt_policy **g_pols[5]; /* replays of a complete capture: + h2o (column sums or Q_all),
+                                  + oracle (decode steps); kvzip (every layer's scores) */
+static size_t g_n_pol[5];
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
 
@@ -88,11 +89,12 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
     kvt_fuzz_scratch_path(g_path, sizeof(g_path), "capture");
-    static const char *set[4] = {"snapkv:window=1,knorm,streamingllm:sinks=1",
+    static const char *set[5] = {"snapkv:window=1,knorm,streamingllm:sinks=1",
                                  "snapkv:window=1,knorm,streamingllm:sinks=1,h2o:window=1",
                                  "snapkv:window=1,knorm,streamingllm:sinks=1,oracle",
-                                 "snapkv:window=1,knorm,streamingllm:sinks=1,h2o:window=1,oracle"};
-    for (int i = 0; i < 4; i++)
+                                 "snapkv:window=1,knorm,streamingllm:sinks=1,h2o:window=1,oracle",
+                                 "kvzip,kvzip:layerwise=1,sinks=0,kvzip:uniform=1"};
+    for (int i = 0; i < 5; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
     if (kvt_budgets_parse("1,50%", &g_budgets, &g_n_budgets))
@@ -113,6 +115,8 @@ typedef struct layer_acc {
     float qw[MAX_H * MAX_T * MAX_D];                          /* [Hq, W, D] */
     float qa[MAX_H * MAX_T * MAX_D];                          /* [Hq, T, D] (with_q_all) */
     float qd[MAX_H * MAX_G * MAX_D], kd[MAX_H * MAX_G * MAX_D], vd[MAX_H * MAX_G * MAX_D];
+    bool kz_done;
+    float kz[MAX_H * MAX_T]; /* [Hkv, T] KVzip's scores */
 } layer_acc;
 
 typedef struct model_st {
@@ -330,6 +334,30 @@ static void op_decode(kvt_fuzz_src *s, kvt_capture_session *ses, model_st *m)
     free(bq), free(bk), free(bv);
 }
 
+/* KVzip's scores of one layer (or one past the last), each a probability, or one of them NaN,
+ * negative or above 1: accepted exactly when the layer is real, has none yet and every score
+ * is in [0, 1] */
+static void op_kvzip(kvt_fuzz_src *s, kvt_capture_session *ses, model_st *m)
+{
+    const int l = (int)(kvt_fuzz_take(s) % (unsigned)(m->L + 1));
+    const unsigned fault = kvt_fuzz_take(s) % 8;
+    float x[MAX_H * MAX_T];
+    const size_t n = (size_t)m->Hkv * m->T;
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)kvt_fuzz_take(s) / 255.0f;
+    static const float bad[3] = {NAN, -1e-30f, 1.0000001f};
+    if (fault < 3)
+        x[kvt_fuzz_take(s) % n] = bad[fault];
+    const kvt_status st = kvt_capture_submit_kvzip(ses, l, x);
+    const bool ok = l < m->L && !m->ly[l].kz_done && fault >= 3;
+    if ((st == KVT_OK) != ok)
+        fail(ok ? "valid KVzip scores were refused" : "KVzip scores were accepted wrongly");
+    if (ok) {
+        m->ly[l].kz_done = true;
+        memcpy(m->ly[l].kz, x, n * sizeof(float));
+    }
+}
+
 static void op_tables(kvt_fuzz_src *s, kvt_capture_session *ses, model_st *m)
 {
     const unsigned b = kvt_fuzz_take(s);
@@ -431,8 +459,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             kvt_capture_submit_decode_token(ses, kvt_fuzz_take(&s) % (m.G + 2),
                                             (int32_t)kvt_fuzz_take(&s));
             break;
-        case 6:
-            op_tables(&s, ses, &m);
+        case 6: /* the tables, or a quarter of the time KVzip's scores */
+            if (s.n && (s.p[0] & 0xC0) == 0xC0)
+                op_kvzip(&s, ses, &m);
+            else
+                op_tables(&s, ses, &m);
             break;
         case 7: /* the rest of the prompt, in order, clean */
             op_kv(&s, ses, &m, true);
@@ -479,6 +510,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         expect_tensor(r, l, KVT_KIND_Q_DECODE, m.Hq, a->d_done, G, m.D, m.st, a->qd);
         expect_tensor(r, l, KVT_KIND_K_DECODE, m.Hkv, a->d_done, G, m.D, m.st, a->kd);
         expect_tensor(r, l, KVT_KIND_V_DECODE, m.Hkv, a->d_done, G, m.D, m.st, a->vd);
+        expect_tensor(r, l, KVT_KIND_KVZIP_SCORE, m.Hkv, a->kz_done ? m.T : 0, T, 1, KVT_DTYPE_F32,
+                      a->kz);
     }
     kvt_trace_reader_close(r);
     if (complete) { /* what a capture finished whole must replay */
@@ -493,6 +526,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fail("a complete capture does not replay");
         }
         kvt_trace_result_free(res);
+        bool kz = true;
+        for (int l = 0; l < m.L; l++)
+            kz &= m.ly[l].kz_done;
+        if (kz &&
+            kvt_replay_trace(g_path, g_pols[4], g_n_pol[4], g_budgets, g_n_budgets, &ro, &res)) {
+            fprintf(stderr, "fuzz_capture_calls: kvzip replay: %s\n", kvt_error_msg());
+            fail("a complete capture with every layer's KVzip scores does not replay kvzip");
+        }
+        if (kz)
+            kvt_trace_result_free(res);
     }
     kvt_error_clear();
     unlink(g_path);
