@@ -21,9 +21,11 @@ ones with channels reordered by hf_channel_order.
     make_llama_config carries a non-default theta (500000) into the model's RoPE buffers: with
     the real transformers where it imports (the GPU machine), else (with torch) with the test
     stand-in tests/oracle/hf_standin in both its styles, transformers 4.x's config convention
-    (rope_theta attribute; a rope_parameters keyword ignored) and 5.x's (rope_parameters).
+    (rope_theta attribute; a rope_parameters keyword ignored) and 5.x's (rope_parameters);
+  * KVzip's scores of the sample's prompt from kvtrace.hf.kvzip_scores on the converted model
+    equal capture-llama2c --kvzip's (the C engine) within 1e-4 (chunks of 56).
 
-Environment: KVT_SOURCE_ROOT, KVT_LIB. Exit 77 ("SKIP: ...") without NumPy or the library.
+Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN. Exit 77 ("SKIP: ...") without NumPy or the library.
 """
 import os
 import sys
@@ -200,6 +202,37 @@ def check_torch_model(torch, transformers, ck, cfg, ids, logits_h):
           "attn %s)" % (tag, getattr(c, "_attn_implementation", None)), ok, detail)
 
 
+def check_kvzip(ck, prompt, T):
+    """KVzip's scores two ways: capture-llama2c --kvzip (the C engine, llama.c's channel order)
+    and kvtrace.hf.kvzip_scores on the converted model (HF's order, the attention registry),
+    over the sample's prompt in chunks of 56 with the previous chunk's last 8 tokens and no
+    instruction: the same within f32 rounding (attention is invariant to the channel order)."""
+    import subprocess
+    import torch
+    from kvtrace import hf
+    import kvtrace
+    bin_ = os.environ.get("KVT_BIN")
+    if not bin_:
+        print("note: KVT_BIN not set: KVzip's scores not compared across engines")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = os.path.join(tmp, "kz.kvt")
+        ids_path = os.path.join(tmp, "ids.txt")
+        with open(ids_path, "w") as f:
+            f.write(" ".join(str(int(t)) for t in prompt))
+        subprocess.run([bin_, "capture-llama2c", "--model", MODEL, "--prompt-ids", ids_path,
+                        "--decode", "0", "--window", "8", "--kvzip", "--kvzip-chunk", "56",
+                        "-o", tr], check=True, capture_output=True)
+        with kvtrace.open(tr) as t:
+            c = np.stack([t.read("kvzip_score", l)[:, :, 0] for l in range(ck.n_layers)])
+    model = llama2c_hf.to_torch_model(ck, "float32", "cpu")
+    s = hf.kvzip_scores(model, torch.as_tensor(prompt[None, :]), chunk=56)
+    e = float(np.abs(s - c).max())
+    check("KVzip scores: kvtrace.hf.kvzip_scores on the converted model == capture-llama2c "
+          "--kvzip (%d scores, T = %d, 8 chunks)" % (c.size, T), s.shape == c.shape and e <= 1e-4,
+          "largest difference %.3g" % e)
+
+
 def main():
     lib = os.environ.get("KVT_LIB")
     if not lib or not os.path.exists(lib):  # library not built / not named: not run
@@ -306,6 +339,7 @@ def main():
             if style is not None:
                 transformers.set_standin_style(style)
             check_torch_model(torch, transformers, ck, cfg, ids, logits_h)
+        check_kvzip(ck, prompt, T)
 
     n_fail = RESULTS.count(False)
     print("%d passed, %d failed" % (RESULTS.count(True), n_fail))
