@@ -125,6 +125,9 @@ static const opt_desc opts_table[] = {
      "hh_ratio + recent_ratio)"},
     {"chunk", O_INT, OFF(chunk), 1, 1e6,
      "chunk size (chunkkv, hybridkv-like, noncausal-attention)"},
+    {"reuse", O_INT, OFF(reuse), 1, 1e6,
+     "chunkkv: layer-wise index reuse, each group of this many layers keeps the chunks its first "
+     "layer selects (1: none)"},
     {"align", O_ALIGN, OFF(chunk_kvpress), 0, 0,
      "prefix (chunkkv: the window apart, B-W in chunks; pyramidkv: the schedule on B-W, window "
      "on top) | kvpress (ChunkKVPress: the whole sequence, max(1, int(n_chunks*(1-ratio))) "
@@ -424,6 +427,7 @@ static void base_defaults(kvt_policy_opts *o)
     o->tau = NAN;
     o->split = 0.5;
     o->chunk = 16;
+    o->reuse = 1;
     o->chunk_score = KVT_REDUCE_SUM;
     o->floor_frac = 0.2;
     o->merge_window = 64;

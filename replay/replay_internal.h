@@ -68,6 +68,7 @@ typedef struct kvt_policy_opts {
     bool uniform;           /* kvzip: every head keeps its B best (KVzip's pair-uniform level) */
     double blend;           /* compactor: weight of the leverage; NaN: the compression ratio */
     int chunk;              /* ChunkKV, HybridKV-like chunk size C */
+    int reuse;              /* ChunkKV: layers per group that share its first layer's chunks */
     bool chunk_kvpress;     /* align=kvpress: ChunkKV's chunks of the whole sequence, PyramidKV's
                                layer counts, as kvpress computes them */
     kvt_reduce chunk_score; /* HybridKV-like chunk score: sum | max */

@@ -5,8 +5,12 @@
  * scores it; the layer keeps the window plus the floor((B-W)/chunk) best chunks, whole, the
  * same chunks for every head (ties: lower chunk). A short last chunk among them keeps fewer
  * than B tokens; the results record the count kept. Defaults: chunk 10 (the paper's), W=32,
- * kernel 5, avgpool, GQA mean. Not emulated: the paper's layer-wise index reuse (each layer
- * selects its own chunks here).
+ * kernel 5, avgpool, GQA mean.
+ * reuse=N: the paper's layer-wise index reuse. The layers form groups of N from layer 0, and every
+ * layer of a group keeps the chunks the group's first layer selects (its window scores, its
+ * ranking, its counts), measured with its own queries, keys and values. The first layers' window
+ * scores are computed by the policy's bind from the trace (the same kernels as a layer's own on
+ * the CPU), so a replay of one layer alone is refused.
  * align=kvpress: kvpress's own accounting instead. The whole sequence [0, T) is cut into chunks
  * from token 0, the window's tokens scoring the largest prefix score of any head (SnapKVPress
  * pads the window with it), and the layer keeps ChunkKVPress's max(1, int(n_chunks*(1-ratio)))
@@ -16,6 +20,118 @@
 #include <string.h>
 
 #include "../replay_internal.h"
+#include "kvt_trace.h"
+
+typedef struct chunkkv_state {
+    int L, T, H, P;
+    double **s; /* [ceil(L / reuse)] each group's first layer's window scores [H, P] */
+} chunkkv_state;
+
+static void unbind_chunkkv(void *state)
+{
+    chunkkv_state *s = state;
+    for (int g = 0; s && s->s && g < s->L; g++)
+        kvt_free(s->s[g]);
+    if (s)
+        kvt_free(s->s);
+    kvt_free(s);
+}
+
+/* layer l's window scores [H, P] as kvt_ctx_window_scores computes them on the CPU: each KV
+ * group's window queries at once (kvt_attn_probs), the mean over the last W, the GQA reduction,
+ * the pooling */
+static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int T,
+                               const kvt_policy_opts *o, double *s)
+{
+    kvt_bind_qk x;
+    KVT_FORWARD(kvt_bind_read_qk(r, l, KVT_KIND_Q_WINDOW, Hq, Hkv, T, "chunkkv", &x));
+    const int D = x.D, Wt = x.nq, Gs = Hq / Hkv, W = o->window < T ? o->window : T, P = T - W;
+    const int nqw = Gs * Wt, H = o->per_query ? Hq : Hkv;
+    float *pr = NULL;
+    double *work = NULL, *lse = NULL, *a = NULL, *red = NULL;
+    int *vis = NULL;
+    kvt_status st = KVT_OK;
+    if (Wt < W) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "chunkkv: window=%d but layer %d stores %d window queries (give "
+                           "window=%d or less)",
+                           W, l, Wt, Wt);
+        goto out;
+    }
+    pr = kvt_malloc((size_t)nqw * T * sizeof(float) + 1);
+    work = kvt_malloc(((size_t)T + 1) * sizeof(double));
+    lse = kvt_malloc((size_t)nqw * sizeof(double) + 1);
+    vis = kvt_malloc((size_t)nqw * sizeof(int) + 1);
+    a = kvt_malloc((size_t)Hq * P * sizeof(double) + 1);
+    red = kvt_malloc((size_t)H * P * sizeof(double) + 1);
+    if (!pr || !work || !lse || !vis || !a || !red) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "chunkkv: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < nqw; i++) /* query i of the window sits at T - Wt + i */
+        vis[i] = T - Wt + i % Wt + 1;
+    for (int g = 0; g < Hkv && !st && P > 0; g++) {
+        if ((st = kvt_attn_probs(x.q + (size_t)g * nqw * D, nqw, D, x.k + (size_t)g * T * D, T, vis,
+                                 NULL, 0, NULL, x.scale, pr, NULL, lse, work)))
+            break;
+        for (int u = 0; u < Gs; u++)
+            kvt_col_mean_ref(pr + ((size_t)u * Wt + (Wt - W)) * T, W, T, P,
+                             a + (size_t)(g * Gs + u) * P);
+    }
+    if (st || P <= 0)
+        goto out;
+    if (o->per_query)
+        memcpy(red, a, (size_t)Hq * P * sizeof(double));
+    else if ((st = kvt_gqa_reduce_ref(a, Hq, Hkv, P, o->reduce, red)))
+        goto out;
+    for (int h = 0; h < H && !st; h++)
+        st = kvt_pool1d_ref(red + (size_t)h * P, P, o->kernel, o->pool, s + (size_t)h * P);
+out:
+    kvt_free(x.q);
+    kvt_free(x.k);
+    kvt_free(pr);
+    kvt_free(work);
+    kvt_free(lse);
+    kvt_free(vis);
+    kvt_free(a);
+    kvt_free(red);
+    return st;
+}
+
+/* reuse > 1: before the trace's first layer, every group's first layer's window scores */
+static kvt_status bind_chunkkv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
+                               void **state)
+{
+    const kvt_policy_opts *o = &p->o;
+    if (o->reuse <= 1)
+        return KVT_OK;
+    const int W = o->window < T ? o->window : T, P = T - W, H = o->per_query ? Hq : Hkv;
+    const int n_g = (L + o->reuse - 1) / o->reuse;
+    chunkkv_state *s = kvt_calloc(1, sizeof(*s));
+    kvt_trace_reader *r = NULL;
+    kvt_status st = KVT_OK;
+    if (!s || !(s->s = kvt_calloc((size_t)n_g + 1, sizeof(double *)))) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "chunkkv: out of memory");
+        goto out;
+    }
+    s->L = n_g, s->T = T, s->H = H, s->P = P;
+    if ((st = kvt_trace_reader_open(path, &r)))
+        goto out;
+    for (int g = 0; g < n_g && !st; g++) {
+        if (!(s->s[g] = kvt_malloc((size_t)H * (P > 0 ? P : 1) * sizeof(double))))
+            st = kvt_error_set(KVT_ERR_NOMEM, "chunkkv: out of memory");
+        else
+            st = layer_scores(r, g * o->reuse, Hq, Hkv, T, o, s->s[g]);
+    }
+out:
+    if (r)
+        kvt_trace_reader_close(r);
+    if (st)
+        unbind_chunkkv(s);
+    else
+        *state = s;
+    return st;
+}
 
 static kvt_status sel_chunkkv(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                               kvt_layer_selection *sel)
@@ -23,8 +139,19 @@ static kvt_status sel_chunkkv(kvt_layer_ctx *c, const kvt_policy *p, const int *
     const kvt_policy_opts *o = &p->o;
     const double *s;
     KVT_FORWARD(kvt_ctx_check_window(c, "chunkkv", o->window));
-    KVT_FORWARD(
-        kvt_ctx_window_scores(c, o->window, o->kernel, o->pool, o->reduce, o->per_query, &s));
+    if (o->reuse > 1) { /* the group's first layer's scores */
+        const chunkkv_state *cs = p->state;
+        KVT_RETURN_IF(!cs, KVT_ERR_INVALID_ARG,
+                      "chunkkv: reuse=%d takes a layer's chunks from the first layer of its group: "
+                      "replay the whole trace (kvtrace replay), not one layer",
+                      o->reuse);
+        KVT_RETURN_IF(cs->T != c->T || cs->H != kvt_ctx_heads(c, o->per_query) ||
+                          c->layer / o->reuse >= cs->L,
+                      KVT_ERR_STATE, "chunkkv: bound to another trace's shape");
+        s = cs->s[c->layer / o->reuse];
+    } else
+        KVT_FORWARD(
+            kvt_ctx_window_scores(c, o->window, o->kernel, o->pool, o->reduce, o->per_query, &s));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window, n_b, true));
     const int T = c->T, W = o->window < T ? o->window : T, P = T - W, C = o->chunk;
     const bool kvp = o->chunk_kvpress;
@@ -88,7 +215,9 @@ const kvt_policy_def kvt_policy_def_chunkkv = {
     .name = "chunkkv",
     .summary = "ChunkKV: whole chunks of the prefix by their SnapKV score, one set per layer",
     .flags = KVT_POLICY_WINDOW_QUERY,
-    .keys = "window,kernel,pool,reduce,heads,chunk,align",
+    .keys = "window,kernel,pool,reduce,heads,chunk,align,reuse",
     .defaults = d_chunkkv,
+    .bind = bind_chunkkv,
+    .unbind = unbind_chunkkv,
     .select = sel_chunkkv,
 };

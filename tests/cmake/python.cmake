@@ -48,6 +48,7 @@
 #   test_kvzip                   capture-llama2c --kvzip's scores and the kvzip policy's kept
 #                                sets against NumPy written from kvpress's KVzipPress
 #   test_kvzip_hand              kvzip's kept sets on scores worked by hand, and its refusals
+#   test_chunkkv_reuse           chunkkv:reuse=N keeps each group's first layer's chunks
 #   test_merge                   merge=pivot|weighted: output errors against NumPy written from
 #                                KVCache-Factory's merge_kv
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
@@ -61,7 +62,7 @@ if(KVT_SYS_PYTHON)
               test_expected_attention_synth test_lagkv test_noncausal_attention
               test_qfilter test_cur test_adaptive test_keydiff_block test_critical
               test_duo_simlayer test_merge test_finch test_cam test_elastic_cache
-              test_compactor test_kvzip test_kvzip_hand)
+              test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -31,8 +31,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
-/* without and with decode queries; fastv (modality table); cake, elastic-cache; leverage;
-   kvzip (kvzip_score records) */
+/* without and with decode queries; fastv (modality table); cake, elastic-cache, chunkkv reuse;
+   leverage; kvzip (kvzip_score records) */
 static kvt_policy **g_pols[6];
 static size_t g_n_pol[6];
 static kvt_budget *g_budgets;
@@ -51,7 +51,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        itself (the window queries' last row and K; the column sums or Q_all) before the replay;
        lookm's text prior (the column sums, a ranking per budget, merged and not); and on every
        trace cake, whose bind reads every layer's window queries and keys for the layer budgets,
-       and elastic-cache (the column sums; merged into anchors by position); and leverage (the
+       and elastic-cache (the column sums; merged into anchors by position), and chunkkv with
+       reuse=2 (its bind computes each layer pair's first window scores); and leverage (the
        keys un-rotated with the header's RoPE, sketched and exact; an odd head_dim is refused);
        and, on a trace with kvzip_score records, kvzip, whose bind reads every layer's scores
        (a NaN or a score above 1 is refused) */
@@ -64,7 +65,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                           "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
                           "lookm:merge=none,heads=query",
                           "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
-                          "elastic-cache:sinks=1,elastic-cache:heads=query",
+                          "elastic-cache:sinks=1,elastic-cache:heads=query,"
+                          "chunkkv:window=1,chunk=2,reuse=2",
                           "leverage:sketch=3,leverage:sketch=0,heads=query,adaptive=1",
                           "kvzip,kvzip:layerwise=1,sinks=0"};
     for (int i = 0; i < 6; i++)

@@ -1671,6 +1671,19 @@ static void test_cake(void)
     p = NULL;
     KVT_EXPECT_STATUS(kvt_policy_create("kvzip:window=2", NULL, &p), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_policy_create("kvzip:layerwise=2", NULL, &p), KVT_ERR_INVALID_ARG);
+    /* chunkkv:reuse=N takes a layer's chunks from its group's first layer: one layer alone is
+       refused (its kept sets: tests/oracle/test_chunkkv_reuse.py); reuse=1 runs alone */
+    p = mk("chunkkv:window=2,chunk=2,reuse=2");
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "replay the whole trace"), "%s", kvt_error_msg());
+    kvt_policy_free(p);
+    p = mk("chunkkv:window=2,chunk=2,reuse=1");
+    KVT_CHECK(kvt_replay_layer_select(&in, p, B, 1, &bad));
+    kvt_layer_selection_free(bad);
+    bad = NULL;
+    kvt_policy_free(p);
+    p = NULL;
+    KVT_EXPECT_STATUS(kvt_policy_create("chunkkv:reuse=0", NULL, &p), KVT_ERR_INVALID_ARG);
 }
 
 static void test_parse(void)
