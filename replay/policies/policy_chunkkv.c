@@ -23,14 +23,14 @@
 #include "kvt_trace.h"
 
 typedef struct chunkkv_state {
-    int L, T, H, P;
-    double **s; /* [ceil(L / reuse)] each group's first layer's window scores [H, P] */
+    int n_g, T, H;
+    double **s; /* [n_g = ceil(L / reuse)] each group's first layer's window scores [H, P] */
 } chunkkv_state;
 
 static void unbind_chunkkv(void *state)
 {
     chunkkv_state *s = state;
-    for (int g = 0; s && s->s && g < s->L; g++)
+    for (int g = 0; s && s->s && g < s->n_g; g++)
         kvt_free(s->s[g]);
     if (s)
         kvt_free(s->s);
@@ -114,7 +114,7 @@ static kvt_status bind_chunkkv(const kvt_policy *p, const char *path, int L, int
         st = kvt_error_set(KVT_ERR_NOMEM, "chunkkv: out of memory");
         goto out;
     }
-    s->L = n_g, s->T = T, s->H = H, s->P = P;
+    s->n_g = n_g, s->T = T, s->H = H;
     if ((st = kvt_trace_reader_open(path, &r)))
         goto out;
     for (int g = 0; g < n_g && !st; g++) {
@@ -146,7 +146,7 @@ static kvt_status sel_chunkkv(kvt_layer_ctx *c, const kvt_policy *p, const int *
                       "replay the whole trace (kvtrace replay), not one layer",
                       o->reuse);
         KVT_RETURN_IF(cs->T != c->T || cs->H != kvt_ctx_heads(c, o->per_query) ||
-                          c->layer / o->reuse >= cs->L,
+                          c->layer / o->reuse >= cs->n_g,
                       KVT_ERR_STATE, "chunkkv: bound to another trace's shape");
         s = cs->s[c->layer / o->reuse];
     } else
