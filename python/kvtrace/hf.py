@@ -575,7 +575,10 @@ class Capture(object):
             str(self.name)) else "replace").decode("utf-8", "replace")
 
         self._kvzip = None
+        self._kvzip_info = None
         if kvzip is not None:  # [L, Hkv, T] from kvzip_scores(); T is checked at the prompt
+            info = getattr(kvzip, "kvzip_info", None)  # how kvzip_scores made them
+            self._kvzip_info = dict(info) if isinstance(info, dict) else None
             self._kvzip = np.ascontiguousarray(_host_array(kvzip), dtype=np.float32)
             if self._kvzip.ndim != 3 or self._kvzip.shape[:2] != (n_layers, self.n_kv_heads):
                 raise _fail("kvzip: shape %s, not [%d layers, %d KV heads, T tokens] (the "
@@ -965,6 +968,8 @@ class Capture(object):
                      "device": str(query.device), "model_dtype": str(query.dtype)})
         if self.mrope_section is not None:
             info["mrope_section"] = self.mrope_section
+        if self._kvzip is not None:
+            info["kvzip"] = self._kvzip_info or {"source": "given"}
 
         # token tables, from the pre-hooks of this forward call
         ids_np = self._prompt_ids
@@ -1086,6 +1091,15 @@ def kvzip_prompts(tokenizer):
     return len(enc(prefix)), enc(KVZIP_FIRST), enc(KVZIP_LATER), enc(suffix)
 
 
+class KVzipScores(np.ndarray):
+    """kvzip_scores' result: a float32 array [L, Hkv, T] with .kvzip_info, how it was made
+    (chunk, n_sink, tail, prefix_length and the instruction and suffix lengths), which
+    capture(..., kvzip=) records in the trace's header as capture.kvzip."""
+
+    def __array_finalize__(self, obj):
+        self.kvzip_info = getattr(obj, "kvzip_info", None)
+
+
 def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=None,
                  first_ids=None, later_ids=None, suffix_ids=None, n_sink=4, tail=8):
     """KVzip's (arXiv 2505.23416) context-reconstruction scores of a prompt, as NVIDIA
@@ -1107,7 +1121,7 @@ def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=
     given as token ids (first_ids, later_ids defaulting to first_ids, suffix_ids). Scores are
     computed in float32 from the attention's own tensors (kvpress keeps them in the model's
     dtype). Costs about two to three prefills, as kvpress's. Same model support as capture();
-    batch size 1."""
+    batch size 1. Returns a KVzipScores (an ndarray) whose .kvzip_info says how it was made."""
     import torch
     cap = Capture(model, os.devnull)  # the model checks and the attention registry; no file
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids)
@@ -1182,7 +1196,12 @@ def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=
             run.update(start=0, end=0)
             if slot.get(impl) is kvzip_attention:
                 slot[impl] = orig
-    return scores
+    out = scores.view(KVzipScores)
+    out.kvzip_info = {"source": "kvtrace.hf.kvzip_scores", "chunk": chunk, "n_sink": n_sink,
+                      "tail": tail, "prefix_length": prefix_length,
+                      "first_instruction_ids": len(first_ids),
+                      "later_instruction_ids": len(later_ids), "suffix_ids": len(suffix_ids)}
+    return out
 
 
 def _crop_cache(cache, T):

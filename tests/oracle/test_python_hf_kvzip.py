@@ -16,7 +16,7 @@ heads, head dim 8; the real transformers when it imports, else the test stand-in
   * kvzip_prompts builds kvpress's prompts from a tokenizer's chat template (and "\\n" without
     one), and kvzip_scores uses them;
   * kvtrace.capture(model, path, kvzip=scores) stores them as the kvzip_score records, bit for
-    bit, with the rest of the trace as without; a wrong shape or a prompt of another length
+    bit, with the rest of the trace as without, and how they were made as capture.kvzip; a wrong shape or a prompt of another length
     is refused with a message saying so; `kvtrace replay --policies kvzip` runs on the trace.
 Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN. Exit 0 pass, 1 fail, 77 not run (no NumPy or
 torch for this interpreter)."""
@@ -135,6 +135,19 @@ def main():
             same = all(np.array_equal(t.read(k, layer), t0.read(k, layer))
                        for layer in range(hc.L) for k in ("K", "V", "Q_window", "Q_decode"))
             check(same, "the rest of the trace is as without kvzip=")
+            want = {"source": "kvtrace.hf.kvzip_scores", "chunk": CHUNK, "n_sink": N_SINK,
+                    "tail": TAIL, "prefix_length": PREFIX, "first_instruction_ids": 2,
+                    "later_instruction_ids": 1, "suffix_ids": 2}
+            got_info = t.header["capture"].get("kvzip")
+            check(got_info == want, "the header's capture.kvzip says how they were made: %s"
+                  % got_info)
+            check("kvzip" not in t0.header["capture"], "no capture.kvzip without kvzip=")
+        given = os.path.join(tmp, "given.kvt")  # a plain array: its origin is not known
+        with kvtrace.capture(model, given, window=4, decode=3, kvzip=np.array(s)):
+            hc.generate(model, ids)
+        with kvtrace.open(given) as t:
+            check(t.header["capture"].get("kvzip") == {"source": "given"},
+                  "a plain array's capture.kvzip: %s" % t.header["capture"].get("kvzip"))
         expect_error(lambda: kvtrace.capture(model, plain, kvzip=s[:, :1], force=True),
                      ["kvzip", "KV heads"], "kvzip= of the wrong shape")
 
