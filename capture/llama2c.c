@@ -648,6 +648,16 @@ out:
 
 /* ---- KVzip's context-reconstruction pass ---- */
 
+/* every id of a token list inside the vocabulary; `what` names the list in the message */
+static kvt_status check_ids(const int32_t *ids, uint32_t n, int vocab, const char *what)
+{
+    for (uint32_t i = 0; i < n; i++)
+        KVT_RETURN_IF(ids[i] < 0 || ids[i] >= vocab, KVT_ERR_INVALID_ARG,
+                      "%s token %u is %d, outside the vocabulary [0, %d)", what, i, (int)ids[i],
+                      vocab);
+    return KVT_OK;
+}
+
 /* the most repeat rows a chunk of C tokens runs: the instruction, the previous chunk's tail
  * (every chunk but the first), the chunk */
 static int64_t kvzip_rows(uint32_t T, uint32_t n_instr, int64_t C)
@@ -743,10 +753,7 @@ kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint3
     const kvt_llama2c_config *c = &st->m->cfg;
     uint32_t fit;
     KVT_FORWARD(kvt_llama2c_kvzip_chunk(c, T, n_instr, chunk, &fit));
-    for (uint32_t i = 0; i < n_instr; i++)
-        KVT_RETURN_IF(instr[i] < 0 || instr[i] >= c->vocab_size, KVT_ERR_INVALID_ARG,
-                      "kvzip: instruction token %u is %d, outside the vocabulary [0, %d)", i,
-                      (int)instr[i], c->vocab_size);
+    KVT_FORWARD(check_ids(instr, n_instr, c->vocab_size, "kvzip instruction"));
     /* a chunk's key set: the sinks, the chunk and the repeat rows, at most seq_len */
     double *logit = kvt_malloc(((size_t)c->seq_len + KVT_KVZIP_SINKS + 1) * sizeof(double));
     KVT_RETURN_IF(!logit, KVT_ERR_NOMEM, "kvzip: out of memory");
@@ -912,28 +919,13 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
                           o->window, T);
         goto out_free_model;
     }
-    if (o->prompt_ids) {
-        for (uint32_t i = 0; i < T; i++) {
-            if (o->prompt_ids[i] < 0 || (uint32_t)o->prompt_ids[i] >= V) {
-                s = kvt_error_set(KVT_ERR_INVALID_ARG,
-                                  "prompt token %u is %d, outside the vocabulary [0, %u)", i,
-                                  (int)o->prompt_ids[i], V);
-                goto out_free_model;
-            }
-        }
-    }
-    uint32_t kvzip_chunk = 0;
-    if (o->with_kvzip &&
-        (s = kvt_llama2c_kvzip_chunk(c, T, o->kvzip_n_instr, o->kvzip_chunk, &kvzip_chunk)))
+    if (o->prompt_ids && (s = check_ids(o->prompt_ids, T, c->vocab_size, "prompt")))
         goto out_free_model;
-    for (uint32_t i = 0; o->with_kvzip && i < o->kvzip_n_instr; i++) {
-        if (o->kvzip_instr[i] < 0 || (uint32_t)o->kvzip_instr[i] >= V) {
-            s = kvt_error_set(KVT_ERR_INVALID_ARG,
-                              "kvzip instruction token %u is %d, outside the vocabulary [0, %u)", i,
-                              (int)o->kvzip_instr[i], V);
-            goto out_free_model;
-        }
-    }
+    uint32_t kvzip_chunk = 0; /* the pass's options, checked before anything is written */
+    if (o->with_kvzip &&
+        ((s = kvt_llama2c_kvzip_chunk(c, T, o->kvzip_n_instr, o->kvzip_chunk, &kvzip_chunk)) ||
+         (s = check_ids(o->kvzip_instr, o->kvzip_n_instr, c->vocab_size, "kvzip instruction"))))
+        goto out_free_model;
     tokens = kvt_calloc((size_t)T + G + 1, sizeof(int32_t));
     if (want_logits)
         all_logits = kvt_calloc(((size_t)T + G) * V, sizeof(float));

@@ -133,7 +133,7 @@ static kvt_status collect(void *user, int layer, const kvt_selection_rec *recs, 
     for (size_t i = 0; i < n && !st; i++) {
         const kvt_selection_rec *r = &recs[i];
         const size_t pb = (size_t)r->policy * m->n_b + (size_t)r->budget;
-        if (!m->keep[pb] || r->step >= m->G)
+        if (r->step >= m->G)
             continue;
         if (r->changed && m->mflag[pb])
             put_merged(m, layer, r);
@@ -306,8 +306,6 @@ static void *decode_worker(void *arg)
         pthread_mutex_unlock(&j->mu);
         if (i >= j->mk->n_pol * j->mk->n_b)
             break;
-        if (!j->mk->keep[i])
-            continue; /* not run */
         st = decode_one(j, s, i, lp_c);
         if (!st) {
             pthread_mutex_lock(&j->mu);

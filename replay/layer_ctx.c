@@ -489,6 +489,30 @@ kvt_status kvt_ctx_check_window(const kvt_layer_ctx *c, const char *policy, int 
     return KVT_OK;
 }
 
+kvt_status kvt_window_scores_from_probs(const float *prw, int Hq, int Hkv, int Wt, int T, int W,
+                                        int kernel, kvt_pool pool, kvt_reduce reduce,
+                                        bool per_query, double *s)
+{
+    const int P = T - W, H = per_query ? Hq : Hkv;
+    double *a = NULL, *red = NULL;
+    kvt_status st;
+    if ((st = ALLOC(a, (size_t)Hq * P)) || (st = ALLOC(red, (size_t)H * P)))
+        goto out;
+    /* a_h[j] = (1/W) sum over the last W window queries of Pr[i, j], j in P (§0.1.4) */
+    for (int h = 0; h < Hq; h++)
+        kvt_col_mean_ref(prw + ((size_t)h * Wt + (Wt - W)) * T, W, T, P, a + (size_t)h * P);
+    if (per_query)
+        memcpy(red, a, (size_t)Hq * P * sizeof(double));
+    else if ((st = kvt_gqa_reduce_ref(a, Hq, Hkv, P, reduce, red)))
+        goto out;
+    for (int h = 0; h < H && !st; h++)
+        st = kvt_pool1d_ref(red + (size_t)h * P, P, kernel, pool, s + (size_t)h * P);
+out:
+    kvt_free(a);
+    kvt_free(red);
+    return st;
+}
+
 kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool pool,
                                  kvt_reduce reduce, bool per_query, const double **out)
 {
@@ -501,28 +525,17 @@ kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool p
             return KVT_OK;
         }
     }
-    const int T = c->T, P = T - W, Hq = c->Hq, H = kvt_ctx_heads(c, per_query);
-    double *a = NULL, *red = NULL, *s = NULL;
+    const int T = c->T, P = T - W, H = kvt_ctx_heads(c, per_query);
+    double *s = NULL;
     kvt_status st;
     if ((st = ALLOC(s, (size_t)H * (P > 0 ? P : 1))))
         goto out_free;
     if (P > 0 && c->gpu) { /* the same, from the device's probabilities */
         if ((st = kvt_ctx_gpu_window_scores(c->gpu, W, kernel, pool, reduce, per_query, s)))
             goto out_free;
-    } else if (P > 0) {
-        if ((st = ALLOC(a, (size_t)Hq * P)) || (st = ALLOC(red, (size_t)H * P)))
-            goto out_free;
-        /* a_h[j] = (1/W) sum over the last W window queries of Pr[i, j], j in P (§0.1.4) */
-        for (int h = 0; h < Hq; h++)
-            kvt_col_mean_ref(c->prw + ((size_t)h * c->Wt + (c->Wt - W)) * T, W, T, P,
-                             a + (size_t)h * P);
-        if (per_query)
-            memcpy(red, a, (size_t)Hq * P * sizeof(double));
-        else if ((st = kvt_gqa_reduce_ref(a, Hq, c->Hkv, P, reduce, red)))
-            goto out_free;
-        for (int h = 0; h < H; h++)
-            if ((st = kvt_pool1d_ref(red + (size_t)h * P, P, kernel, pool, s + (size_t)h * P)))
-                goto out_free;
+    } else if (P > 0 && (st = kvt_window_scores_from_probs(c->prw, c->Hq, c->Hkv, c->Wt, T, W,
+                                                           kernel, pool, reduce, per_query, s))) {
+        goto out_free;
     }
     if (c->n_cache == KVT_SCORE_CACHE) { /* evict the oldest */
         kvt_free(c->cache[0].s);
@@ -535,8 +548,6 @@ kvt_status kvt_ctx_window_scores(kvt_layer_ctx *c, int W, int kernel, kvt_pool p
     *out = s;
     s = NULL;
 out_free:
-    kvt_free(a);
-    kvt_free(red);
     kvt_free(s);
     return st;
 }

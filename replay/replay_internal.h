@@ -289,6 +289,12 @@ static inline double kvt_ctx_mean_key_norm(const kvt_layer_ctx *c, int g)
     return s > KVT_MEAN_KEY_EPS ? s : 0.0;
 }
 
+/** SnapKV's window scores [H', P] (P = T - W > 0) from window probabilities prw [Hq, Wt, T]:
+ *  the mean over the last W window queries, the GQA reduction (unless per_query), the pooling;
+ *  what kvt_ctx_window_scores computes on the CPU (chunkkv's reuse= computes them at bind). */
+kvt_status kvt_window_scores_from_probs(const float *prw, int Hq, int Hkv, int Wt, int T, int W,
+                                        int kernel, kvt_pool pool, kvt_reduce reduce,
+                                        bool per_query, double *s);
 /** SnapKV window scores (POLICIES §0.1): mean over the last W window queries, GQA reduction
  *  (KV granularity) then pooling over the prefix P = [0, T-W). kernel 1 = no pooling.
  *  *out is [H', P] (row stride P), owned by the context. W must be 1..Wt. */

@@ -38,17 +38,17 @@ static void unbind_chunkkv(void *state)
 }
 
 /* layer l's window scores [H, P] as kvt_ctx_window_scores computes them on the CPU: each KV
- * group's window queries at once (kvt_attn_probs), the mean over the last W, the GQA reduction,
- * the pooling */
+ * group's window queries at once (kvt_attn_probs, as the layer context does), then
+ * kvt_window_scores_from_probs */
 static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int T,
                                const kvt_policy_opts *o, double *s)
 {
     kvt_bind_qk x;
     KVT_FORWARD(kvt_bind_read_qk(r, l, KVT_KIND_Q_WINDOW, Hq, Hkv, T, "chunkkv", &x));
-    const int D = x.D, Wt = x.nq, Gs = Hq / Hkv, W = o->window < T ? o->window : T, P = T - W;
-    const int nqw = Gs * Wt, H = o->per_query ? Hq : Hkv;
+    const int D = x.D, Wt = x.nq, W = o->window < T ? o->window : T, P = T - W;
+    const int nqw = Hq / Hkv * Wt; /* a KV group's window queries */
     float *pr = NULL;
-    double *work = NULL, *lse = NULL, *a = NULL, *red = NULL;
+    double *work = NULL, *lse = NULL;
     int *vis = NULL;
     kvt_status st = KVT_OK;
     if (Wt < W) {
@@ -58,34 +58,24 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
                            W, l, Wt, Wt);
         goto out;
     }
-    pr = kvt_malloc((size_t)nqw * T * sizeof(float) + 1);
+    if (P <= 0)
+        goto out;
+    pr = kvt_malloc((size_t)Hq * Wt * T * sizeof(float)); /* [Hq, Wt, T] */
     work = kvt_malloc(((size_t)T + 1) * sizeof(double));
-    lse = kvt_malloc((size_t)nqw * sizeof(double) + 1);
-    vis = kvt_malloc((size_t)nqw * sizeof(int) + 1);
-    a = kvt_malloc((size_t)Hq * P * sizeof(double) + 1);
-    red = kvt_malloc((size_t)H * P * sizeof(double) + 1);
-    if (!pr || !work || !lse || !vis || !a || !red) {
+    lse = kvt_malloc((size_t)nqw * sizeof(double));
+    vis = kvt_malloc((size_t)nqw * sizeof(int));
+    if (!pr || !work || !lse || !vis) {
         st = kvt_error_set(KVT_ERR_NOMEM, "chunkkv: out of memory");
         goto out;
     }
     for (int i = 0; i < nqw; i++) /* query i of the window sits at T - Wt + i */
         vis[i] = T - Wt + i % Wt + 1;
-    for (int g = 0; g < Hkv && !st && P > 0; g++) {
-        if ((st = kvt_attn_probs(x.q + (size_t)g * nqw * D, nqw, D, x.k + (size_t)g * T * D, T, vis,
-                                 NULL, 0, NULL, x.scale, pr, NULL, lse, work)))
-            break;
-        for (int u = 0; u < Gs; u++)
-            kvt_col_mean_ref(pr + ((size_t)u * Wt + (Wt - W)) * T, W, T, P,
-                             a + (size_t)(g * Gs + u) * P);
-    }
-    if (st || P <= 0)
-        goto out;
-    if (o->per_query)
-        memcpy(red, a, (size_t)Hq * P * sizeof(double));
-    else if ((st = kvt_gqa_reduce_ref(a, Hq, Hkv, P, o->reduce, red)))
-        goto out;
-    for (int h = 0; h < H && !st; h++)
-        st = kvt_pool1d_ref(red + (size_t)h * P, P, o->kernel, o->pool, s + (size_t)h * P);
+    for (int g = 0; g < Hkv && !st; g++)
+        st = kvt_attn_probs(x.q + (size_t)g * nqw * D, nqw, D, x.k + (size_t)g * T * D, T, vis,
+                            NULL, 0, NULL, x.scale, pr + (size_t)g * nqw * T, NULL, lse, work);
+    if (!st)
+        st = kvt_window_scores_from_probs(pr, Hq, Hkv, Wt, T, W, o->kernel, o->pool, o->reduce,
+                                          o->per_query, s);
 out:
     kvt_free(x.q);
     kvt_free(x.k);
@@ -93,8 +83,6 @@ out:
     kvt_free(work);
     kvt_free(lse);
     kvt_free(vis);
-    kvt_free(a);
-    kvt_free(red);
     return st;
 }
 

@@ -157,31 +157,32 @@ static kvt_status sel_kvzip(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                   s->L, s->Hkv, s->T, c->n_layers, H, T);
     KVT_FORWARD(kvt_sel_init(sel, c, false, 0, n_b, true));
     const size_t per = (size_t)H * T;
+    const bool shared = !p->o.uniform; /* the layer's heads share its entries */
     const float *x = s->s + (size_t)c->layer * per;
     double *sc = kvt_malloc(per * sizeof(double));
-    int32_t *ord = kvt_malloc(per * sizeof(int32_t)), *work = kvt_malloc(per * sizeof(int32_t));
+    int32_t *ord = NULL, *work = NULL;
     kvt_status st = KVT_OK;
-    if (!sc || !ord || !work) {
+    if (shared) {
+        ord = kvt_malloc(per * sizeof(int32_t));
+        work = kvt_malloc(per * sizeof(int32_t));
+    }
+    if (!sc || (shared && (!ord || !work))) {
         st = kvt_error_set(KVT_ERR_NOMEM, "kvzip: out of memory");
         goto out;
     }
     for (size_t i = 0; i < per; i++)
         sc[i] = x[i];
-    /* each head's ranking, and the layer's over its heads flattened: the same order within a
-     * head (score descending, lower token first), so a head's share of the layer's top entries
-     * is the top of its own ranking */
-    if ((st = kvt_sel_rank_window_all(sel, sc, 0)) || (st = kvt_rank_desc(sc, (int)per, ord, work)))
+    /* each head's ranking, and (shared) the layer's over its heads flattened: the same order
+     * within a head (score descending, lower token first), so a head's share of the layer's top
+     * entries is the top of its own ranking */
+    if ((st = kvt_sel_rank_window_all(sel, sc, 0)) ||
+        (shared && (st = kvt_rank_desc(sc, (int)per, ord, work))))
         goto out;
     for (int b = 0; b < n_b; b++) {
         int32_t *cnt = sel->count + (size_t)b * H;
-        if (B[b] >= T) {
+        if (B[b] >= T || !shared) { /* the whole prompt, or (uniform) each head its B best */
             for (int h = 0; h < H; h++)
-                cnt[h] = T;
-            continue;
-        }
-        if (p->o.uniform) { /* each head its own B best */
-            for (int h = 0; h < H; h++)
-                cnt[h] = B[b];
+                cnt[h] = B[b] < T ? B[b] : T;
             continue;
         }
         const double f = c->budget_frac ? c->budget_frac[b] : (double)B[b] / T;

@@ -29,7 +29,6 @@ Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI o
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -79,7 +78,7 @@ def make_trace(src, dst, scores):
 
 
 def refused(args, want):
-    p = subprocess.run([os.environ["KVT_BIN"]] + args, capture_output=True, text=True)
+    p = run(*args, ok=False)
     lines = p.stderr.strip().splitlines()
     check(p.returncode != 0 and len(lines) == 1 and want in p.stderr,
           "refused with %r: exit %d, %r" % (want, p.returncode, p.stderr))
