@@ -49,6 +49,10 @@
 #                                sets against NumPy written from kvpress's KVzipPress
 #   test_kvzip_hand              kvzip's kept sets on scores worked by hand, and its refusals
 #   test_chunkkv_reuse           chunkkv:reuse=N keeps each group's first layer's chunks
+#   test_h2o_greedy              h2o-greedy's kept sets against NumPy written from H2O's greedy
+#                                eviction (POLICIES §6) on stories260K captures with Q_all
+#   test_h2o_greedy_hand         h2o-greedy's kept sets on attention worked by hand, and its
+#                                refusals
 #   test_merge                   merge=pivot|weighted: output errors against NumPy written from
 #                                KVCache-Factory's merge_kv
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
@@ -62,7 +66,8 @@ if(KVT_SYS_PYTHON)
               test_expected_attention_synth test_lagkv test_noncausal_attention
               test_qfilter test_cur test_adaptive test_keydiff_block test_critical
               test_duo_simlayer test_merge test_finch test_cam test_elastic_cache
-              test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse)
+              test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
+              test_h2o_greedy test_h2o_greedy_hand)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -32,9 +32,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
 /* without and with decode queries; fastv (modality table); cake, elastic-cache, chunkkv reuse;
-   leverage; kvzip (kvzip_score records) */
-static kvt_policy **g_pols[6];
-static size_t g_n_pol[6];
+   leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records) */
+static kvt_policy **g_pols[7];
+static size_t g_n_pol[7];
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
 
@@ -55,8 +55,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        reuse=2 (its bind computes each layer pair's first window scores); and leverage (the
        keys un-rotated with the header's RoPE, sketched and exact; an odd head_dim is refused);
        and, on a trace with kvzip_score records, kvzip, whose bind reads every layer's scores
-       (a NaN or a score above 1 is refused) */
-    const char *set[6] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
+       (a NaN or a score above 1 is refused); and, on a trace with Q_all, h2o-greedy (the
+       attention rows from Q_all and K read on the host, a ranking per budget; window=0 lets
+       the newest token leave) beside h2o's column sums computed from Q_all */
+    const char *set[7] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
                           "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
                           "snapkv:window=1,merge=pivot",
                           "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
@@ -68,8 +70,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                           "elastic-cache:sinks=1,elastic-cache:heads=query,"
                           "chunkkv:window=1,chunk=2,reuse=2",
                           "leverage:sketch=3,leverage:sketch=0,heads=query,adaptive=1",
-                          "kvzip,kvzip:layerwise=1,sinks=0"};
-    for (int i = 0; i < 6; i++)
+                          "kvzip,kvzip:layerwise=1,sinks=0",
+                          "h2o-greedy:window=1,h2o-greedy:heads=query,reduce=max,window=0,"
+                          "h2o:window=1"};
+    for (int i = 0; i < 7; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
@@ -188,7 +192,7 @@ static void put_table(kvt_fuzz_src *s, kvt_trace_writer *w, int kind, int rows, 
 typedef struct shape {
     int L, Hq, Hkv, D, T, W, G;
     kvt_dtype dt;
-    bool colsum, decode_kv, modality, positions, kvzip;
+    bool colsum, decode_kv, modality, positions, kvzip, q_all;
     unsigned ahead_k, ahead_v; /* layer 0's K and V records read ahead (modulo their count) */
 } shape;
 
@@ -206,7 +210,7 @@ static bool write_trace(kvt_fuzz_src *s, shape *sh)
     sh->ahead_k = kvt_fuzz_take(s), sh->ahead_v = kvt_fuzz_take(s);
     const unsigned fl = kvt_fuzz_take(s), lie = kvt_fuzz_take(s);
     sh->colsum = fl & 1, sh->decode_kv = fl & 2, sh->modality = fl & 4, sh->positions = fl & 8;
-    sh->kvzip = fl & 32;
+    sh->kvzip = fl & 32, sh->q_all = fl & 64;
     /* the header, one of its fields off by one when the input says so */
     int hv[7] = {sh->L, sh->Hq, sh->Hkv, sh->D, sh->T, sh->W, sh->G};
     if (lie >= 200)
@@ -237,6 +241,8 @@ static bool write_trace(kvt_fuzz_src *s, shape *sh)
             put_tensor(s, w, l, KVT_KIND_ATTN_COLSUM, sh->Hq, sh->T, 1, KVT_DTYPE_F32);
         if (sh->kvzip)
             put_tensor(s, w, l, KVT_KIND_KVZIP_SCORE, sh->Hkv, sh->T, 1, KVT_DTYPE_F32);
+        if (sh->q_all)
+            put_tensor(s, w, l, KVT_KIND_Q_ALL, sh->Hq, sh->T, sh->D, sh->dt);
     }
     put_table(s, w, KVT_KIND_TOKEN_IDS, 1, sh->T, KVT_DTYPE_I32);
     if (sh->modality)
@@ -470,6 +476,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         replay_set(4);
         if (sh.kvzip)
             replay_set(5);
+        if (sh.q_all)
+            replay_set(6);
     }
     differential(&sh);
     kvt_error_clear();

@@ -20,7 +20,8 @@
 # amplifies that (seen: 4.5e-5 on an error of 1.1 for knorm on the sample trace). So errors
 # must agree within 1e-3, and at most 1% of them may differ by more than 1e-9. A third trace
 # has Q_all and no stored column sums, so that h2o's sums are computed by the replay (and
-# expected-attention, noncausal-attention and compactor, which read Q_all, run, and leverage,
+# h2o-greedy, expected-attention, noncausal-attention and compactor, which read Q_all, run, and
+# leverage,
 # which un-rotates the keys); a fourth has a prompt of
 # 4300 tokens, so that the rankings with --device cuda run on the GPU; a fifth has one layer of
 # Qwen2-VL-7B's shape (28 query heads on 4 KV heads: groups of 7; D = 128); a sixth is a
@@ -103,7 +104,7 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt" "
     SET=(--policies "all,h2o,oracle,quest,lagkv,qfilter,qfilter:heads=query,cur,knorm:adaptive=1,cur:adaptive=1,keydiff-block:block=32,simlayerkv:threshold=0.3,snapkv:merge=weighted,finch,cam,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json,fastv:dense_layers=1,fastv:dense_layers=1,last=2,lookm,lookm:merge=none,heads=query,recent_share=0.25,cake,cake:heads=query,gamma=0,elastic-cache,elastic-cache:heads=query,sinks=1,chunkkv:reuse=2"
         --budgets 16,64,300,50% --threads 2 --seed 7)
     [ "$name" = qa ] &&
-        SET=(--policies h2o,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5 --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
+        SET=(--policies h2o,h2o-greedy,h2o-greedy:heads=query,reduce=max,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5 --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
     [ "$name" = long ] &&
         SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
             --threads 2 --seed 7)

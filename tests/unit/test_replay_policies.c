@@ -1780,7 +1780,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 41);
+    KVT_EXPECT(kvt_policy_registry_size() == 42);
 }
 
 int main(void)

@@ -1,0 +1,186 @@
+/* policy_h2o_greedy.c - `h2o-greedy` (POLICIES §6, the original H2O's eviction): the prompt
+ * streamed through a cache of B entries (window included), one token per step, as H2O's
+ * Algorithm 1 and its repository's simulation (FMInference/H2O, h2o_hf/utils_lm_eval/
+ * modify_llama.py, local_heavy_hitter_mask) evict: token t joins the cache, query t's causal
+ * attention (softmax over keys 0..t, as that simulation takes it, f32 probabilities) adds to the
+ * score of every cached token, then, once the cache holds more than B, the cached token with the
+ * lowest score among those at least W steps old leaves it for good (ties: the later token).
+ * A cached token's score is therefore its column sum over the rows seen so far, and an evicted
+ * token's would-be final sum does not bring it back: the kept sets differ from h2o's one-shot
+ * top-(B - W) of the final sums, and from budget to budget (a ranking per budget).
+ * GQA: a KV head's cache ranks by the reduction (reduce=mean|max|sum) of its query heads'
+ * scores; heads=query gives every query head its own cache. B >= T keeps everything, B <= W the
+ * last B tokens. Needs every prompt query (Q_all); O(T^2 D) per query head, like h2o from Q_all,
+ * plus O(T B) per head and budget for the evictions. */
+#include <math.h>
+#include <string.h>
+
+#include "kvt_kernels.h"
+#include "../replay_internal.h"
+
+#define ROWS 16 /* query rows whose probabilities are computed at once */
+
+typedef struct hg_budget {
+    int B;        /* the cache's capacity (window included) */
+    int n;        /* tokens cached */
+    int32_t *mem; /* [B + 1] the cached tokens, in no order */
+    int32_t *ev;  /* [T] the evicted tokens, in eviction order */
+    int n_ev;
+} hg_budget;
+
+/* the selection head's score of token j: its query heads' partial column sums reduced as
+ * kvt_gqa_reduce_ref reduces them */
+static double hg_score(const double *acc, int nh, int T, kvt_reduce r, int j)
+{
+    double s = r == KVT_REDUCE_MAX ? -INFINITY : 0.0;
+    for (int u = 0; u < nh; u++) {
+        double x = acc[(size_t)u * T + j];
+        s = r == KVT_REDUCE_MAX ? (x > s ? x : s) : s + x;
+    }
+    return r == KVT_REDUCE_MEAN ? s / nh : s;
+}
+
+/* step t of one budget's cache: token t joins; over capacity, the lowest-scoring token at
+   least W steps old (j <= t - W) leaves, ties to the later token */
+static void hg_step(hg_budget *hb, const double *acc, int nh, int T, kvt_reduce r, int W, int t)
+{
+    hb->mem[hb->n++] = t;
+    if (hb->n <= hb->B)
+        return;
+    int at = -1, u = -1;
+    double lo = INFINITY;
+    for (int i = 0; i < hb->n; i++) {
+        const int j = hb->mem[i];
+        if (j > t - W)
+            continue;
+        const double s = hg_score(acc, nh, T, r, j);
+        if (at < 0 || s < lo || (s == lo && j > u)) {
+            at = i, u = j, lo = s;
+        }
+    }
+    /* at >= 0: the cache holds B + 1 > W + 1 tokens, at most W of them from the last W steps */
+    hb->ev[hb->n_ev++] = u;
+    hb->mem[at] = hb->mem[--hb->n];
+}
+
+/* budget b's ranking of one head: the window (T-1, ..., T-W), the kept prefix ascending, the
+   evicted from the last evicted back; without a simulation (B <= W or B >= T) the window then
+   the prefix ascending */
+static void hg_ranking(const hg_budget *hb, bool simulated, int T, int W, uint8_t *kept, int32_t *r)
+{
+    int k = 0;
+    for (int j = T - 1; j >= T - W; j--)
+        r[k++] = j;
+    if (!simulated) {
+        for (int j = 0; j < T - W; j++)
+            r[k++] = j;
+        return;
+    }
+    memset(kept, 0, (size_t)T);
+    for (int i = 0; i < hb->n; i++)
+        kept[hb->mem[i]] = 1;
+    for (int j = 0; j < T - W; j++)
+        if (kept[j])
+            r[k++] = j;
+    for (int i = hb->n_ev - 1; i >= 0; i--)
+        if (hb->ev[i] < T - W) /* always: a token leaves at least W steps old */
+            r[k++] = hb->ev[i];
+}
+
+static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                                 kvt_layer_selection *sel)
+{
+    const char *name = p->def->name;
+    KVT_FORWARD(kvt_ctx_check_q_all(c, name));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    const bool pq = p->o.per_query;
+    const int T = c->T, D = c->D, Gs = c->Gs, H = kvt_ctx_heads(c, pq), nh = pq ? 1 : Gs;
+    const int W = p->o.window < T ? p->o.window : T;
+    KVT_FORWARD(kvt_sel_init(sel, c, pq, W, n_b, true));
+    KVT_FORWARD(kvt_sel_init_per_budget(sel));
+    kvt_counts_uniform(sel, B, n_b);
+
+    const bool own_q = !c->in->q_all; /* Q_all loaded head by head */
+    double *acc = kvt_malloc(((size_t)nh * T + 1) * sizeof(double));
+    double *work = kvt_malloc(((size_t)T + 1) * sizeof(double));
+    float *pr = kvt_malloc(((size_t)nh * ROWS * T + 1) * sizeof(float));
+    float *qbuf = own_q ? kvt_malloc(((size_t)nh * T * D + 1) * sizeof(float)) : NULL;
+    const float **q = kvt_calloc((size_t)nh + 1, sizeof(*q));
+    hg_budget *hb = kvt_calloc((size_t)n_b + 1, sizeof(*hb));
+    uint8_t *kept = kvt_malloc((size_t)T + 1);
+    int nvis[ROWS];
+    kvt_status st = KVT_OK;
+    if (!acc || !work || !pr || (own_q && !qbuf) || !q || !hb || !kept) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", name);
+        goto out;
+    }
+    for (int b = 0; b < n_b; b++) {
+        hb[b].B = B[b];
+        if (W < B[b] && B[b] < T &&
+            (!(hb[b].mem = kvt_malloc(((size_t)B[b] + 2) * sizeof(int32_t))) ||
+             !(hb[b].ev = kvt_malloc(((size_t)T + 1) * sizeof(int32_t))))) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", name);
+            goto out;
+        }
+    }
+    for (int s = 0; s < H && !st; s++) {
+        const int h0 = pq ? s : s * Gs, g = kvt_ctx_kv_of(c, pq, s);
+        const float *k = c->k + (size_t)g * T * D;
+        bool any = false;
+        for (int b = 0; b < n_b; b++) {
+            hb[b].n = hb[b].n_ev = 0;
+            any |= hb[b].mem != NULL;
+        }
+        for (int u = 0; u < nh && any && !st; u++)
+            st = kvt_ctx_q_all_head(c, name, h0 + u, qbuf ? qbuf + (size_t)u * T * D : NULL, &q[u]);
+        memset(acc, 0, (size_t)nh * T * sizeof(double));
+        for (int t0 = 0; t0 < T && any && !st; t0 += ROWS) {
+            const int nr = T - t0 < ROWS ? T - t0 : ROWS, nk = t0 + nr;
+            for (int i = 0; i < nr; i++)
+                nvis[i] = t0 + i + 1;
+            /* rows t0 .. t0+nr-1 of each query head over the keys they see, [nr, nk] */
+            for (int u = 0; u < nh && !st; u++)
+                st = kvt_attn_probs(q[u] + (size_t)t0 * D, nr, D, k, nk, nvis, NULL, 0, NULL,
+                                    c->scale, pr + (size_t)u * ROWS * T, NULL, NULL, work);
+            for (int i = 0; i < nr && !st; i++) {
+                const int t = t0 + i;
+                for (int u = 0; u < nh; u++) { /* every token's score takes row t */
+                    const float *row = pr + (size_t)u * ROWS * T + (size_t)i * nk;
+                    double *a = acc + (size_t)u * T;
+                    for (int j = 0; j <= t; j++)
+                        a[j] += (double)row[j];
+                }
+                for (int b = 0; b < n_b; b++)
+                    if (hb[b].mem)
+                        hg_step(&hb[b], acc, nh, T, p->o.reduce, W, t);
+            }
+        }
+        for (int b = 0; b < n_b && !st; b++)
+            hg_ranking(&hb[b], hb[b].mem != NULL, T, W, kept,
+                       sel->border + ((size_t)b * H + s) * T);
+    }
+out:
+    for (int b = 0; hb && b < n_b; b++) {
+        kvt_free(hb[b].mem);
+        kvt_free(hb[b].ev);
+    }
+    kvt_free(hb);
+    kvt_free(acc);
+    kvt_free(work);
+    kvt_free(pr);
+    kvt_free(qbuf);
+    kvt_free(q);
+    kvt_free(kept);
+    return st;
+}
+
+const kvt_policy_def kvt_policy_def_h2o_greedy = {
+    .name = "h2o-greedy",
+    .summary = "H2O's greedy eviction over the prompt: every query's attention accumulates on the "
+               "cached tokens, the lowest non-recent one leaves once the cache holds more than B "
+               "(a set per budget)",
+    .keys = "window,reduce,heads",
+    .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_PER_BUDGET,
+    .host_reads = KVT_CTX_KV,
+    .select = sel_h2o_greedy,
+};
