@@ -504,6 +504,19 @@ static kvt_status build_header(const kvt_capture_session *s, const char *capture
             st = kvt_error_set(KVT_ERR_INVALID_ARG, "capture_json is not a JSON object");
             goto out;
         }
+        /* the session's own record of how it captured is not the caller's to restate */
+        static const char *const own[] = {"api",          "with_colsum", "with_q_all",
+                                          "decode_chunk", "zstd_level",  "byteplane"};
+        for (const cJSON *it = extra->child; it; it = it->next)
+            for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
+                if (it->string && !strcmp(it->string, own[i])) {
+                    st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                                       "capture_json: \"%s\" is the session's own record of "
+                                       "the capture (set by its options): name your key "
+                                       "otherwise",
+                                       own[i]);
+                    goto out;
+                }
         while (ca && extra->child) {
             cJSON *it = cJSON_DetachItemViaPointer(extra, extra->child);
             cJSON_DeleteItemFromObjectCaseSensitive(ca, it->string);

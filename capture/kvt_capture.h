@@ -103,7 +103,9 @@ struct kvt_capture_opts {
     uint32_t decode_chunk;      /* decode steps per record (0 = 64, capped at n_decode) */
     bool with_colsum;           /* compute attn_colsum [Hq,T] from all prompt queries (causal) */
     bool with_q_all;            /* also store every prompt query as Q_all [Hq,T,D] */
-    const char *capture_json;   /* optional JSON object merged into the header's "capture" */
+    const char *capture_json;   /* optional JSON object merged into the header's "capture";
+                                   its keys may not be the session's own (api, with_colsum,
+                                   with_q_all, decode_chunk, zstd_level, byteplane) */
     kvt_writer_opts writer;     /* compression level, threads, memory bound, force */
     uint64_t device_ring_bytes; /* device views: device ring in slots of
                                    writer.max_record_bytes (0 = 256 MiB), and four times as much

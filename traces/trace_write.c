@@ -502,6 +502,14 @@ static kvt_status validate_info(const kvt_record_info *in)
                   in->dim);
     KVT_RETURN_IF(in->dim > KVT_MAX_DIM, KVT_ERR_INVALID_ARG, "dim %u too large", in->dim);
     KVT_RETURN_IF(in->layer < -1, KVT_ERR_INVALID_ARG, "layer %d is invalid", (int)in->layer);
+    /* the tables (kinds 16 and up) are [1, n, 1], positions [P, T, 1] with P = 1 or 3 */
+    const uint32_t h_max = in->kind == KVT_KIND_POSITIONS ? 3 : 1;
+    KVT_RETURN_IF(in->kind >= KVT_KIND_TOKEN_IDS && (in->head_end > h_max || in->dim != 1),
+                  KVT_ERR_INVALID_ARG,
+                  "%s block of rows [%u,%u) and dim %u: the table is [%s, n, 1] "
+                  "(traces/FORMAT.md)",
+                  kvt_kind_name(in->kind), in->head_begin, in->head_end, in->dim,
+                  h_max == 3 ? "1 or 3" : "1");
     return KVT_OK;
 }
 

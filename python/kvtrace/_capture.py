@@ -252,6 +252,16 @@ def _mrope_section(section, head_dim, rope_code):
     return out
 
 
+def _flag(value, name):
+    """A yes/no option: a bool, a NumPy bool or the integers 0 and 1; anything else (the
+    string "no", say, which Python would take as true) raises TypeError."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise TypeError("%s must be True or False, got %r" % (name, value))
+
+
 class CaptureSession(_NoCopy):
     """A capture session writing one .kvt trace (kvt_capture_open ... kvt_capture_close).
 
@@ -283,7 +293,11 @@ class CaptureSession(_NoCopy):
     NUL, kv_dtype is f32/bf16/f16 (torch dtypes accepted; not None: the stored dtype is fixed
     at open), rope is "none", "default", "mrope" or its code, rope_theta and attn_scale are
     finite numbers > 0 or 0 (rope_theta 0: not known, written as 0; attn_scale 0:
-    1/sqrt(head_dim)), capture_stream is an integer handle or has one in .cuda_stream.
+    1/sqrt(head_dim)), capture_stream is an integer handle or has one in .cuda_stream,
+    with_colsum, with_q_all, no_shuffle, force and timeline are True or False (or 0, 1).
+    capture: a dict (or JSON object text) merged into the header's "capture" object; its keys
+    may not restate the session's own record there (api, with_colsum, with_q_all,
+    decode_chunk, zstd_level, byteplane: TraceError), which the options set.
 
     Optional RoPE details, recorded in the header's model.rope (traces/FORMAT.md) when given
     (a replay policy that works on pre-RoPE queries, expected-attention, needs rope_pairs):
@@ -316,6 +330,9 @@ class CaptureSession(_NoCopy):
                  mrope_section=None):
         self._h = None
         self._tl = None
+        with_colsum, with_q_all, no_shuffle, force, timeline = (_flag(v, n) for v, n in (
+            (with_colsum, "with_colsum"), (with_q_all, "with_q_all"), (no_shuffle, "no_shuffle"),
+            (force, "force"), (timeline, "timeline")))
         L = _lib.lib()
         if not _lib.has_capture():
             raise TraceError(-13, "%s was built without the capture API" % _lib.lib_path())
@@ -459,7 +476,9 @@ class CaptureSession(_NoCopy):
         """Per-token tables: token_ids [T] int (each fits int32), modality [T] (ints 0..3 or
         names "text", "image", "video", "other"), positions [T] or [P, T] int32 (P = 1, or 3
         for rope="mrope"). Each may be None. T is the session's n_tokens: a table of another
-        length is refused (ValueError naming it), as is a value that does not fit."""
+        length is refused (ValueError naming it), as is a value that does not fit. One call
+        per session gives them all (a second raises TraceError: the tables are written
+        once)."""
         L = _lib.lib()
         T = self.n_tokens
         ids = mod = pos = None

@@ -6,15 +6,30 @@ press's scores by how much each value can move the attention output: for query h
 j, the L1 norm of v_j (of h's KV head) times h's slice of the output projection,
 W_o[:, h*D:(h+1)*D]^T, averaged over the query heads of each KV head. The trace holds V; the
 output projection comes from the model: pass each layer's o_proj weight as torch stores it
-([hidden, n_q_heads * head_dim]; e.g. `[l.self_attn.o_proj.weight.float().cpu().numpy() for l
-in model.model.layers]`). In NumPy (float64) this is about 2 T * Hq * D * hidden operations per
+([hidden, n_q_heads * head_dim]; e.g. `[l.self_attn.o_proj.weight for l in
+model.model.layers]`: a Parameter, bf16 or on a GPU, is detached and widened here). In NumPy (float64) this is about 2 T * Hq * D * hidden operations per
 layer: minutes per layer of a 7B model at T = 8192 on a CPU. device="cuda" computes it with
 torch on the GPU instead (float32: the norms agree with NumPy's to about 1e-6 relative), in
 seconds.
 """
 import numpy as np
 
-from ._trace import open as _open
+from ._trace import model_shape, open as _open
+
+
+def _weight(w, device):
+    """One layer's o_proj weight as the computation takes it: a torch tensor (a Parameter that
+    requires grad, bf16, on a GPU) detached, and for NumPy (device None) widened to float and
+    copied to the host; anything else through np.asarray (float64 for NumPy)."""
+    if hasattr(w, "detach") and hasattr(w, "dtype") and "torch" in type(w).__module__:
+        w = w.detach()
+        if device is not None:
+            return w
+        w = w.cpu()
+        if not w.is_floating_point() or w.element_size() < 4:  # bf16, f16: exactly to f32
+            w = w.float()
+        return np.asarray(w.numpy(), np.float64)
+    return np.asarray(w, np.float32 if device is not None else np.float64)
 
 
 def _torch_norms(V, W, Hq, D, G, device):
@@ -41,15 +56,13 @@ def critical_norms(path, o_proj, heads="kv", device=None):
     if heads not in ("kv", "query"):
         raise ValueError("heads must be 'kv' or 'query', got %r" % (heads,))
     with _open(path) as t:
-        m = t.header["model"]
-        L, Hq, Hkv, D = m["n_layers"], m["n_q_heads"], m["n_kv_heads"], m["head_dim"]
-        T = t.header["n_tokens"]
+        L, Hq, Hkv, D, T = model_shape(t.header, path, "critical_norms")
         if len(o_proj) != L:
             raise ValueError("o_proj has %d layers; the trace has %d" % (len(o_proj), L))
         G = Hq // Hkv
         out = np.zeros((L, Hkv if heads == "kv" else Hq, T))
         for layer in range(L):
-            W = o_proj[layer] if device is not None else np.asarray(o_proj[layer], np.float64)
+            W = _weight(o_proj[layer], device)
             if len(W.shape) != 2 or W.shape[1] != Hq * D:
                 raise ValueError("o_proj[%d] has shape %s; expected [hidden, %d] (n_q_heads * "
                                  "head_dim)" % (layer, tuple(W.shape), Hq * D))

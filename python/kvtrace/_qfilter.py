@@ -12,7 +12,7 @@ queries. With one trace and queries="window" the filters are that calibration's,
 """
 import numpy as np
 
-from ._trace import open as _open
+from ._trace import model_shape, open as _open
 
 
 def _orient(f, qsum):
@@ -41,8 +41,7 @@ def qfilters(paths, queries="window", heads="kv"):
     shape = cov = None
     for p in paths:
         with _open(p) as t:
-            m = t.header["model"]
-            s = (m["n_layers"], m["n_q_heads"], m["n_kv_heads"], m["head_dim"])
+            s = model_shape(t.header, p, "qfilters")[:4]
             if shape is None:
                 shape = s
                 L, Hq, Hkv, D = s

@@ -377,6 +377,28 @@ def dtype_code(dt):
     return m[d.name]
 
 
+def model_shape(header, path, what):
+    """(n_layers, n_q_heads, n_kv_heads, head_dim, n_tokens) of a trace's header, each a
+    positive integer with n_q_heads a multiple of n_kv_heads; ValueError naming `what` and the
+    field otherwise (a trace written by TraceWriter may hold any JSON object as its header)."""
+    m = header.get("model") if isinstance(header, dict) else None
+    if not isinstance(m, dict):
+        raise ValueError("%s: %s: the trace's header has no \"model\" object (n_layers, "
+                         "n_q_heads, n_kv_heads, head_dim)" % (what, path))
+    vals = []
+    for src, key in ((m, "n_layers"), (m, "n_q_heads"), (m, "n_kv_heads"), (m, "head_dim"),
+                     (header, "n_tokens")):
+        v = src.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError("%s: %s: the header's %s%s is %r, not a positive integer"
+                             % (what, path, "" if src is header else "model.", key, v))
+        vals.append(v)
+    if vals[1] % vals[2]:
+        raise ValueError("%s: %s: n_q_heads %d is not a multiple of n_kv_heads %d"
+                         % (what, path, vals[1], vals[2]))
+    return tuple(vals)
+
+
 def _u16_bits(x):
     """x as native uint16 bit patterns when it holds 16-bit integers (uint16 or int16, either
     byte order: a '>u2' array's values are the patterns), else None."""
@@ -563,9 +585,10 @@ class Trace(_NoCopy):
             yield self._handle()
 
     def __repr__(self):
-        m = self.header.get("model", {}) if isinstance(self.header, dict) else {}
+        h = self.header if isinstance(self.header, dict) else {}
+        m = h.get("model") if isinstance(h.get("model"), dict) else {}
         return "<kvtrace.Trace %r model=%r L=%s T=%s>" % (
-            self.path, m.get("name"), m.get("n_layers"), self.header.get("n_tokens"))
+            self.path, m.get("name"), m.get("n_layers"), h.get("n_tokens"))
 
     # ---- file facts ----
     @property
@@ -667,13 +690,16 @@ class Trace(_NoCopy):
         kind:  name or code ("K", "V", "Q_window", "Q_decode", "attn_colsum", "token_ids"...).
         layer: required for per-layer kinds; tables (layer -1) need none.
         heads: None (all), an int (that head; the head axis is dropped), a (begin, end)
-               tuple, a range/slice, or a list of head numbers. Head numbers are integers
-               (Python, NumPy, 0-d integer tensors); a float (2.0 included) or a bool (a mask
-               is not a head list: np.flatnonzero(mask) is) raises TypeError naming heads.
+               tuple, a range/slice, or a list of head numbers (in any order, repeats
+               allowed; a negative one counts from the end, as an int does). Head numbers are
+               integers (Python, NumPy, 0-d integer tensors); a float (2.0 included) or a bool
+               (a mask is not a head list: np.flatnonzero(mask) is) raises TypeError naming
+               heads.
         dtype: None = the stored dtype (f16 -> float16, bf16 -> uint16 bit patterns,
                f32 -> float32, i32 -> int32, u8 -> uint8); "float32" (or "f32", np.float32)
                converts (float kinds in the C library, exactly).
-        Only the records that intersect the heads are read."""
+        Only the records that intersect the heads are read: a list's heads in runs of
+        consecutive numbers, so a head it does not name may be missing from the trace."""
         c = kind_code(kind)
         lay = self._layer_arg(c, layer)
         nh, nt, dim, stored = self._shape_c(c, lay)
@@ -705,11 +731,12 @@ class Trace(_NoCopy):
                 sel = [head_number(x) for x in it]
             if not sel:
                 raise ValueError("empty head selection")
-            if any(not 0 <= x < nh for x in sel):
+            if any(not -nh <= x < nh for x in sel):
                 raise IndexError("head out of range [0, %d): %r" % (nh, sel))
+            sel = [x + nh if x < 0 else x for x in sel]
             hb, he = min(sel), max(sel) + 1
             if sel != list(range(hb, he)):
-                index = [x - hb for x in sel]
+                index = sel
         if not (0 <= hb < he <= nh):
             raise IndexError("heads [%d, %d) out of range [0, %d)" % (hb, he, nh))
         want_f32 = dtype is not None and dtype_code(dtype) == _lib.DTYPE_F32
@@ -720,14 +747,27 @@ class Trace(_NoCopy):
         npdt = np.dtype("<f4") if as_code else _NP_OF_CODE.get(stored)
         if npdt is None:
             raise TraceError(-13, "unknown stored dtype code %d" % stored)
-        out = np.empty((he - hb, nt, dim), dtype=npdt)
+        runs = [[hb, he]]
+        if index is not None:  # the named heads' runs of consecutive numbers, read apart
+            runs = []
+            for x in sorted(set(index)):
+                if runs and runs[-1][1] == x:
+                    runs[-1][1] = x + 1
+                else:
+                    runs.append([x, x + 1])
+        parts = []
         with self._use() as h:
-            call(_lib.lib().kvt_trace_reader_read, h, lay, c, hb, he, as_code,
-                 out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+            for rb, re_ in runs:
+                out = np.empty((re_ - rb, nt, dim), dtype=npdt)
+                call(_lib.lib().kvt_trace_reader_read, h, lay, c, rb, re_, as_code,
+                     out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+                parts.append(out)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if want_f32 and not as_code:
             out = out.astype(np.float32)
         if index is not None:
-            out = out[index]
+            pos = {x: i for i, x in enumerate(sorted(set(index)))}
+            out = out[[pos[x] for x in index]]
         if squeeze:
             out = out[0]
         return out
@@ -891,9 +931,11 @@ class TraceWriter(_NoCopy):
         positions, decode_token_ids: i32; modality, token_text, meta_json: u8) from any
         integer or bool array, so torch.arange's int64 works. Float64 (a list of floats, say)
         is not narrowed silently: pass dtype="f32" (or "f16", "bf16") to round it, or convert
-        it. "bf16" stores bf16 (uint16 and int16 arrays are taken as bit patterns, float
-        arrays are rounded to nearest even). The per-layer kinds are f16, bf16 or f32
-        (attn_colsum: f32 only).
+        it. "bf16" stores bf16 (float arrays are rounded to nearest even). For the per-layer
+        kinds a uint16 or int16 array holds bf16 bit patterns, as Trace.read returns a bf16
+        tensor and CaptureSession takes one: stored as bf16 by default, and widened exactly
+        before a dtype="f32" or "f16" conversion (never taken as the integers 16256, ...).
+        The per-layer kinds are f16, bf16 or f32 (attn_colsum: f32 only).
         Checked against FORMAT.md: integer tables must fit their dtype (an int64 token id
         that does not fit i32 is refused, not wrapped), float data is not truncated into an
         integer dtype, modality holds 0..3 (text, image, video, other), and a meta_json record
@@ -915,6 +957,8 @@ class TraceWriter(_NoCopy):
         head_begin = int_arg(head_begin, "head_begin", C_UINT32)
         tok_begin = int_arg(tok_begin, "tok_begin", C_UINT32)
         a, bits = host_array(data)
+        if not bits and c not in _lib.TABLE_KINDS and _u16_bits(a) is not None:
+            a, bits = _u16_bits(a), True  # bf16 bit patterns (Trace.read's bf16, see above)
         if a.dtype.kind not in "biuf":
             raise ValueError("append: %s data of dtype %s: kvtrace stores numbers (f16, bf16, "
                              "f32, i32, u8)" % (kname, a.dtype))

@@ -1131,6 +1131,9 @@ def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=
         raise _fail("kvzip_scores: input_ids of shape %s: one sequence (batch size 1)"
                     % (tuple(ids.shape),), _ERR_INVALID)
     T = int(ids.shape[1])
+    if T < 1:
+        raise _fail("kvzip_scores: input_ids holds no token: the prompt to score is empty",
+                    _ERR_INVALID)
     chunk = _int_option(chunk, "chunk", C_INT, 1)
     n_sink = _int_option(n_sink, "n_sink", C_INT, 0)
     tail = _int_option(tail, "tail", C_INT, 0)

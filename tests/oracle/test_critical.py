@@ -153,6 +153,17 @@ def main():
                                                 heads=heads, device="cpu")
                     err = np.abs(wt - w).max() / np.abs(w).max()
                     check(err < 1e-5, "critical_norms device='cpu': %.3g from NumPy's" % err)
+                    # the model's parameters as they are (requires_grad; bf16): were torch's
+                    # "Can't call numpy() on Tensor that requires grad" / "unsupported
+                    # ScalarType BFloat16" with device=None
+                    params = [torch.nn.Parameter(torch.from_numpy(x)) for x in o_proj]
+                    wp = kvtrace.critical_norms(path, params, heads=heads)
+                    check(np.array_equal(wp, w), "critical_norms of Parameters: not NumPy's")
+                    bf = [p.detach().to(torch.bfloat16).requires_grad_() for p in params]
+                    wb = kvtrace.critical_norms(path, bf, heads=heads)
+                    want = kvtrace.critical_norms(path, [b.detach().float().numpy() for b in bf],
+                                                  heads=heads)
+                    check(np.array_equal(wb, want), "critical_norms of bf16 Parameters")
                 except ImportError:
                     print("(no torch: the device path is not checked)")
                 if heads == "kv":  # the helper against vwl1norm, every layer

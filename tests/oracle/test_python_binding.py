@@ -30,7 +30,10 @@
     -1, a table with a layer, modality 4, a meta_json record that is not JSON), read-only
     Trace.tokens and fresh records that raise after close, CaptureSession's final stats
     after its with block and an idempotent close, and messages in Python terms (force=True,
-    NumPy values and NaN in a header, an unknown kind code).
+    NumPy values and NaN in a header, an unknown kind code); a third (QAFindings3): bf16 bit
+    patterns appended as f32/f16 values, token tables of the wrong shape refused, a header
+    without a model object, capture options that are not booleans, capture= keys that
+    restate the session's own record, and read(heads=LIST) reading only the named heads.
 
 Environment: KVT_LIB (libkvtrace.so), KVT_SOURCE_ROOT (repository). Exit 77 without NumPy or
 the library.
@@ -1651,6 +1654,115 @@ class QAFindings2(CaptureCase):
         L.kvt_trace_writer_free(h)
         with kvtrace.open(path) as t:
             self.assertEqual(t.header["model"]["name"], "caf\udce9")
+
+
+class QAFindings3(CaptureCase):
+    """A third QA pass (2026-12-06): each case failed before its fix."""
+
+    def test_bf16_bits_rewritten_as_float(self):
+        # Trace.read gives a bf16 tensor as uint16 bit patterns; appending them again with
+        # dtype="f32" or "f16" stored the integers 16256, 49152, ... (and dtype None refused
+        # them, suggesting dtype="f32"): they are bf16 bits for a per-layer kind
+        src, dst = os.path.join(self.dir, "b.kvt"), os.path.join(self.dir, "c.kvt")
+        vals = np.array([[[1.0, -2.0, 0.5, 3.0]]], np.float32)
+        with kvtrace.TraceWriter(src, {"format": "kvtrace"}) as w:
+            w.append("K", vals, layer=0, dtype="bf16")
+        with kvtrace.open(src) as t:
+            bits = t.read("K", 0)
+        self.assertEqual(bits.dtype, np.uint16)
+        for dt, stored in ((None, "bf16"), ("bf16", "bf16"), ("f32", "f32"), ("f16", "f16")):
+            with kvtrace.TraceWriter(dst, {"format": "kvtrace"}, force=True) as w:
+                w.append("K", bits, layer=0, dtype=dt)
+                w.append("V", bits.view(np.int16), layer=0, dtype=dt)
+            with kvtrace.open(dst) as t:
+                for kind in ("K", "V"):
+                    self.assertEqual(t.stored_dtype(kind, 0), stored)
+                    np.testing.assert_array_equal(t.read(kind, 0, dtype="float32"), vals)
+        # a table of 16-bit integers is still integers
+        with kvtrace.TraceWriter(dst, {"format": "kvtrace"}, force=True) as w:
+            w.append("token_ids", np.array([16256, 3], np.uint16))
+        with kvtrace.open(dst) as t:
+            np.testing.assert_array_equal(t.tokens["token_ids"], [16256, 3])
+
+    def test_token_table_shape_refused(self):
+        # a [T, 1] or [B, T] token table was written, and Trace.tokens returned its first row
+        p = os.path.join(self.dir, "t.kvt")
+        with kvtrace.TraceWriter(p, {"format": "kvtrace"}) as w:
+            for kind, bad in (("token_ids", np.arange(5).reshape(5, 1)),
+                              ("decode_token_ids", np.arange(6).reshape(2, 3)),
+                              ("positions", np.zeros((4, 5), np.int32) + np.arange(5)),
+                              ("modality", np.zeros((1, 5, 2), np.uint8))):
+                with self.assertRaises(kvtrace.TraceError) as e:
+                    w.append(kind, bad)
+                self.assertIn("traces/FORMAT.md", str(e.exception))
+                self.assertIn(kind, str(e.exception))
+            w.append("positions", np.stack([np.arange(5)] * 3).astype(np.int32))  # M-RoPE
+            w.append("token_ids", np.arange(5)[None])
+        with kvtrace.open(p) as t:
+            np.testing.assert_array_equal(t.tokens["token_ids"], np.arange(5))
+            self.assertEqual(t.tokens["positions"].shape, (3, 5))
+
+    def test_header_without_model(self):
+        # qfilters and critical_norms raised TypeError/KeyError from inside the package, and
+        # repr(Trace) AttributeError, on a trace whose header has no "model" object
+        for i, hdr in enumerate(({"format": "kvtrace", "model": "llama"},
+                                 {"format": "kvtrace"},
+                                 {"format": "kvtrace", "n_tokens": 3,
+                                  "model": {"n_layers": 1, "n_q_heads": 3, "n_kv_heads": 2,
+                                            "head_dim": 4}})):
+            p = os.path.join(self.dir, "h%d.kvt" % i)
+            with kvtrace.TraceWriter(p, hdr) as w:
+                w.append("V", np.ones((1, 3, 4), np.float32), layer=0)
+            with kvtrace.open(p) as t:
+                self.assertIn("kvtrace.Trace", repr(t))
+            for call, what in ((lambda: kvtrace.qfilters([p]), "qfilters"),
+                               (lambda: kvtrace.critical_norms(p, [np.ones((4, 12))]),
+                                "critical_norms")):
+                with self.assertRaises(ValueError) as e:
+                    call()
+                self.assertIn(what, str(e.exception))
+                self.assertIn("model" if i < 2 else "multiple", str(e.exception))
+
+    def test_read_head_list(self):
+        # heads=[0, 2] read the whole range 0..2 (a trace without head 1 failed), and
+        # heads=[-1] raised IndexError though heads=-1 counts from the end
+        p = os.path.join(self.dir, "heads.kvt")
+        x = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+        with kvtrace.TraceWriter(p, {"format": "kvtrace"}) as w:
+            w.append("K", x[0:1], layer=0)
+            w.append("K", x[2:4], layer=0, head_begin=2)
+        with kvtrace.open(p) as t:
+            np.testing.assert_array_equal(t.read("K", 0, heads=[0, 2]), x[[0, 2]])
+            np.testing.assert_array_equal(t.read("K", 0, heads=[3, 0, 3, -1]), x[[3, 0, 3, 3]])
+            np.testing.assert_array_equal(t.read("K", 0, heads=[-2], dtype="float32"), x[[2]])
+            with self.assertRaises(kvtrace.TraceError):
+                t.read("K", 0, heads=[0, 1])  # head 1 is missing
+            with self.assertRaises(IndexError):
+                t.read("K", 0, heads=[-5])
+
+    def test_capture_options_checked(self):
+        # with_q_all="no" captured Q_all (any truthy value), and capture={"with_colsum": True}
+        # made the header claim column sums the trace does not have
+        kw = dict(n_layers=1, n_q_heads=1, n_kv_heads=1, head_dim=4, n_tokens=3, window=1)
+        p = os.path.join(self.dir, "o.kvt")
+        for name in ("with_q_all", "with_colsum", "force", "no_shuffle", "timeline"):
+            with self.assertRaises(TypeError) as e:
+                kvtrace.CaptureSession(p, **dict(kw, **{name: "no"}))
+            self.assertIn(name, str(e.exception))
+        for key in ("with_colsum", "api", "zstd_level"):
+            with self.assertRaises(kvtrace.TraceError) as e:
+                kvtrace.CaptureSession(p, capture={key: True}, **kw)
+            self.assertIn('"%s"' % key, str(e.exception))
+        self.assertFalse(os.path.exists(p))
+        x = np.ones((1, 3, 4), np.float32)
+        with kvtrace.CaptureSession(p, capture={"note": "mine"}, with_q_all=np.bool_(True),
+                                    with_colsum=0, **kw) as s:
+            s.submit_kv(0, 0, x, x)
+            s.submit_queries(0, 0, x)
+        with kvtrace.open(p) as t:
+            c = t.header["capture"]
+            self.assertEqual((c["note"], c["with_q_all"], c["with_colsum"]), ("mine", True, False))
+            self.assertTrue(t.has("Q_all", 0))
 
 
 class Lookup(unittest.TestCase):

@@ -107,6 +107,9 @@ def main():
     expect_error(lambda: hf.kvzip_scores(model, ids, chunk=CHUNK, first_ids=[hc.VOCAB + 5]),
                  [], "an instruction id outside the vocabulary", exc=Exception)
     check(hc.registry()["sdpa"] is orig, "the registry is restored after a failed chunk")
+    # an empty prompt is named as such (was: "prefix_length = 0 is out of range [0, -1]")
+    expect_error(lambda: hf.kvzip_scores(model, ids[:, :0]), ["the prompt to score is empty"],
+                 "an empty prompt")
 
     # kvpress's prompts from a tokenizer
     tok = FakeTokenizer(True)

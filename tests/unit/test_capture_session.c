@@ -77,8 +77,7 @@ static struct kvt_capture_opts test_opts(void)
                                  .decode_chunk = CHUNK,
                                  .with_colsum = true,
                                  .with_q_all = true,
-                                 .capture_json =
-                                     "{\"note\":\"unit\",\"with_q_all\":\"overridden\"}",
+                                 .capture_json = "{\"note\":\"unit\"}",
                                  .writer = {.force = true}};
     return o;
 }
@@ -290,7 +289,7 @@ static void check_contents(const char *p, double *colsum_err)
     const cJSON *cap = cJSON_GetObjectItemCaseSensitive(h, "capture");
     const cJSON *mo = cJSON_GetObjectItemCaseSensitive(h, "model");
     KVT_EXPECT(cJSON_IsString(cJSON_GetObjectItemCaseSensitive(cap, "note")));
-    KVT_EXPECT(cJSON_IsString(cJSON_GetObjectItemCaseSensitive(cap, "with_q_all")));
+    KVT_EXPECT(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cap, "with_q_all")));
     KVT_EXPECT(cJSON_GetObjectItemCaseSensitive(mo, "n_kv_heads")->valueint == HKV);
     KVT_EXPECT(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(h, "gpu")));
     KVT_EXPECT(!strcmp(cJSON_GetObjectItemCaseSensitive(h, "kv_dtype")->valuestring, "f32"));
@@ -411,6 +410,11 @@ static void test_open_errors(void)
     o = test_opts();
     o.capture_json = "[1]";
     KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    /* a key that would restate (and contradict) the session's own record of the capture */
+    o.capture_json = "{\"note\":\"unit\",\"with_q_all\":false}";
+    KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "\"with_q_all\" is the session's own") != NULL);
+    KVT_EXPECT(s == NULL);
     o = test_opts();
     m.n_kv_heads = 3;
     KVT_EXPECT_STATUS(kvt_capture_open(path, &m, &o, &s), KVT_ERR_INVALID_ARG);
