@@ -149,8 +149,10 @@ struct kvt_llama2c_capture_opts {
     uint32_t kvzip_n_instr;
     kvt_writer_opts writer;
     /* Asked before each position is run (prompt positions 0..T-1, then decode positions
-     * T..T+G-1); returning false stops the run there (res->interrupted): in the decode steps,
-     * the trace is closed cleanly with the prompt and the steps run so far; inside the
+     * T..T+G-1) and, with_kvzip, before each chunk of the pass (position T); returning false
+     * stops the run there (res->interrupted): in the decode steps, the trace is closed cleanly
+     * with the prompt and the steps run so far; in the kvzip pass, with the prompt alone (no
+     * kvzip_score, no decode step); inside the
      * prompt, where nothing replayable was captured yet, the file is removed (see
      * kvt_llama2c_capture). NULL runs to the end. A signal handler that sets a flag and a
      * callback that reads it give a clean Ctrl-C. */
@@ -167,6 +169,7 @@ struct kvt_llama2c_capture_result {
     uint32_t n_prompt_run; /* prompt positions run (T unless interrupted during the prompt;
                             * the prompt's records are written only once all T have run, so
                             * n_prompt_run < T means no trace was kept) */
+    bool kvzip_stopped;    /* interrupted in the kvzip pass: the trace holds no kvzip_score */
 };
 
 /** Run a checkpoint over a prompt (given, or generated from BOS with the seed) and G greedy

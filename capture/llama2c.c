@@ -741,9 +741,13 @@ static void kvzip_chunk_scores(const kvt_llama2c_state *st, uint32_t T, uint32_t
     }
 }
 
-kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint32_t T,
-                             const int32_t *instr, uint32_t n_instr, uint32_t chunk, float *score)
+/* kvt_llama2c_kvzip, asking keep_going (may be NULL) before each chunk: false stops the pass
+   there (*stopped; the state rewound to T, the scores incomplete) */
+static kvt_status kvzip_pass(kvt_llama2c_state *st, const int32_t *prompt, uint32_t T,
+                             const int32_t *instr, uint32_t n_instr, uint32_t chunk, float *score,
+                             bool (*keep_going)(void *, uint32_t), void *user, bool *stopped)
 {
+    *stopped = false;
     KVT_RETURN_IF(!st || !prompt || !score || (n_instr && !instr) || chunk < 1, KVT_ERR_INVALID_ARG,
                   "kvzip: bad arguments");
     KVT_RETURN_IF(!st->keep_queries || st->n_pos != T, KVT_ERR_INVALID_ARG,
@@ -760,6 +764,10 @@ kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint3
     kvt_status s = KVT_OK;
     const float *lg;
     for (uint32_t a = 0; a < T && !s; a += chunk) {
+        if (keep_going && !keep_going(user, T)) { /* positions T.. run the repeat input */
+            *stopped = true;
+            break;
+        }
         const uint32_t b = T - a < chunk ? T : a + chunk;
         const uint32_t tail = a ? (chunk < KVT_KVZIP_TAIL ? chunk : KVT_KVZIP_TAIL) : 0;
         for (uint32_t i = 0; i < n_instr && !s; i++)
@@ -776,6 +784,13 @@ kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint3
     }
     kvt_free(logit);
     return s;
+}
+
+kvt_status kvt_llama2c_kvzip(kvt_llama2c_state *st, const int32_t *prompt, uint32_t T,
+                             const int32_t *instr, uint32_t n_instr, uint32_t chunk, float *score)
+{
+    bool stopped;
+    return kvzip_pass(st, prompt, T, instr, n_instr, chunk, score, NULL, NULL, &stopped);
 }
 
 /* ---- capture ---- */
@@ -1021,13 +1036,18 @@ kvt_status kvt_llama2c_capture(const char *model_path, const struct kvt_llama2c_
     tokens[T] = kvt_llama2c_argmax(logits, (int)V);
     if (o->with_kvzip) { /* before decoding, which the pass leaves as it was */
         float *kz = kvt_malloc((size_t)c->n_layers * c->n_kv_heads * T * sizeof(float));
-        s = kz ? kvt_llama2c_kvzip(st, tokens, T, o->kvzip_instr, o->kvzip_n_instr, kvzip_chunk, kz)
+        s = kz ? kvzip_pass(st, tokens, T, o->kvzip_instr, o->kvzip_n_instr, kvzip_chunk, kz,
+                            o->keep_going, o->keep_going_user, &stopped)
                : kvt_error_set(KVT_ERR_NOMEM, "out of memory (kvzip scores)");
-        for (int l = 0; l < c->n_layers && !s; l++)
+        for (int l = 0; l < c->n_layers && !s && !stopped; l++)
             s = kvt_capture_submit_kvzip(cap, l, kz + (size_t)l * c->n_kv_heads * T);
         kvt_free(kz);
         if (s != KVT_OK)
             goto out_close;
+        if (stopped && res) /* the prompt alone: no scores, no decode step */
+            res->kvzip_stopped = true;
+        if (stopped)
+            G = 0;
     }
     for (uint32_t g = 0; g < G; g++) {
         if (o->keep_going && !o->keep_going(o->keep_going_user, T + g)) {

@@ -153,7 +153,8 @@ static void help(void)
            "and prompt plus decode must fit the model's context (seq_len, 512 for\n"
            "stories260K). Ctrl-C (SIGINT) or SIGTERM stops the run at the next token (exit 130\n"
            "or 143): in the decode steps the trace is closed with the prompt and the steps run\n"
-           "so far (kvtrace info shows both counts); inside the prompt nothing is captured, so\n"
+           "so far (kvtrace info shows both counts), in the --kvzip pass (at its next chunk)\n"
+           "with the prompt alone; inside the prompt nothing is captured, so\n"
            "no trace is kept (with --force, TRACE stays as it was). A trace cut short by a\n"
            "crash or kill is recovered by kvtrace verify.\n");
 }
@@ -345,6 +346,12 @@ int kvt_cmd_capture_llama2c(int argc, char **argv)
                     "%s%s\n",
                     CMD, sig == SIGTERM ? "SIGTERM" : "SIGINT", res.n_prompt_run, o.n_prompt,
                     replacing ? out : "no trace written", replacing ? " is unchanged" : "");
+        else if (res.kvzip_stopped)
+            fprintf(stderr,
+                    "kvtrace %s: interrupted (%s) in the kvzip pass: %s closed with the prompt "
+                    "alone (no kvzip scores, no decode step), %llu records\n",
+                    CMD, sig == SIGTERM ? "SIGTERM" : "SIGINT", out,
+                    (unsigned long long)st->writer.n_records);
         else
             fprintf(stderr,
                     "kvtrace %s: interrupted (%s) after %u of %u decode steps: %s closed with "

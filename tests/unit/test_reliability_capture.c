@@ -15,7 +15,8 @@
  *   (inside the prompt, at its end, in the decode steps, never) gives KVT_OK and the counts of
  *   what ran; in the decode steps a finished trace whose `kvtrace info` shows the steps it
  *   holds against those planned; inside the prompt no file (with force over an existing
- *   trace, that trace unchanged and no temporary file left).
+ *   trace, that trace unchanged and no temporary file left); at each chunk of the kvzip pass a
+ *   finished trace with the prompt alone (no kvzip_score, no decode step).
  * Runs the kvtrace binary named by KVT_BIN on models/stories260K.bin; exit 77 without them.
  */
 #include <errno.h>
@@ -482,6 +483,65 @@ static void library_keep_going(void)
            sizeof(stops) / sizeof(stops[0]));
 }
 
+/* keep_going for the kvzip pass: false at the n-th question about position pos (the pass asks
+ * at T before each chunk, then decode step 0 asks at T too) */
+typedef struct nth_stop {
+    uint32_t pos;
+    int nth, seen;
+} nth_stop;
+static bool stop_nth(void *user, uint32_t pos)
+{
+    nth_stop *s = user;
+    return pos != s->pos || ++s->seen != s->nth;
+}
+
+/* Interrupted in the kvzip pass (T = 16 in chunks of 4: it asks 4 times): a finished trace with
+ * the prompt alone (no kvzip_score, no decode step), res.kvzip_stopped; after the pass (the
+ * 5th question, decode step 0's) the scores are there and no step; never, everything. */
+static void library_keep_going_kvzip(void)
+{
+    const uint32_t T = 16, G = 6;
+    for (int nth = 1; nth <= 6; nth++) {
+        unlink(path);
+        nth_stop stop = {.pos = T, .nth = nth};
+        struct kvt_llama2c_capture_opts o = {.n_prompt = T,
+                                             .seed = 3,
+                                             .temperature = 1.0f,
+                                             .n_decode = G,
+                                             .window = 4,
+                                             .with_kvzip = true,
+                                             .kvzip_chunk = 4,
+                                             .writer = {.force = true},
+                                             .keep_going = stop_nth,
+                                             .keep_going_user = &stop};
+        struct kvt_llama2c_capture_result res;
+        KVT_EXPECT_STATUS(kvt_llama2c_capture(model, &o, path, &res, false), KVT_OK);
+        const bool in_pass = nth <= 4;
+        KVT_EXPECT_MSG(res.interrupted == (nth <= 5), "kvzip stop %d: interrupted %d", nth,
+                       (int)res.interrupted);
+        KVT_EXPECT_MSG(res.kvzip_stopped == in_pass, "kvzip stop %d: kvzip_stopped %d", nth,
+                       (int)res.kvzip_stopped);
+        KVT_EXPECT_EQ_U64(res.stats.n_decode, nth <= 5 ? 0 : G);
+        kvt_trace_reader *r = NULL;
+        KVT_EXPECT_STATUS(kvt_trace_reader_open(path, &r), KVT_OK);
+        if (r) {
+            uint32_t nh, nt, d;
+            kvt_dtype dt;
+            KVT_EXPECT(!kvt_trace_reader_recovered(r));
+            KVT_EXPECT_STATUS(kvt_trace_reader_shape(r, 0, KVT_KIND_K, &nh, &nt, &d, &dt), KVT_OK);
+            KVT_EXPECT_MSG(kvt_trace_reader_shape(r, 0, KVT_KIND_KVZIP_SCORE, &nh, &nt, &d, &dt) ==
+                               (in_pass ? KVT_ERR_NOT_FOUND : KVT_OK),
+                           "kvzip stop %d: kvzip_score %s", nth, in_pass ? "stored" : "missing");
+            KVT_EXPECT_MSG(kvt_trace_reader_shape(r, 0, KVT_KIND_Q_DECODE, &nh, &nt, &d, &dt) ==
+                               (nth <= 5 ? KVT_ERR_NOT_FOUND : KVT_OK),
+                           "kvzip stop %d: decode steps", nth);
+            kvt_trace_reader_close(r);
+        }
+        kvt_free(res.tokens);
+    }
+    printf("library: keep_going stopped the kvzip pass at 4 chunks, after it, and not at all\n");
+}
+
 int main(void)
 {
     bin = getenv("KVT_BIN");
@@ -499,6 +559,7 @@ int main(void)
     kvt_test_tmp(path, sizeof(path), "rel_cut.kvt");
     kvt_test_tmp(errf, sizeof(errf), "rel_err.txt");
     library_keep_going();
+    library_keep_going_kvzip();
     int ws = run_capture(ref_path, 0, 0, 0, "0", -1);
     if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0) {
         fprintf(stderr, "the reference capture failed\n");
