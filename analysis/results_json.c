@@ -866,6 +866,14 @@ kvt_status kvt_results_parse(const char *txt, size_t len, const char *path, kvt_
         snprintf(b->text, sizeof(b->text), "%s", cJSON_IsString(tx) ? tx->valuestring : "");
         b->is_fraction = cJSON_IsString(k) && !strcmp(k->valuestring, "fraction");
         b->value = get_num(item(x, "value"));
+        if (!cJSON_IsString(k) || (!b->is_fraction && strcmp(k->valuestring, "tokens")) ||
+            !(b->value > 0) || !isfinite(b->value)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "%s: settings.budgets[%d] (%s): \"kind\" must be \"tokens\" or "
+                               "\"fraction\" and \"value\" a number above 0",
+                               path, i - 1, b->text);
+            goto out_free;
+        }
     }
     r->seed = get_u64(item(set, "seed"), 0x1p64);
     r->coverage_probes = get_int(set, "coverage_probes", -1);

@@ -223,7 +223,8 @@ int kvt_cmd_report(int argc, char **argv)
        says why it has no recommendation */
     const bool given = tg.have_max || tg.have_min || tg.metric;
     if ((st = kvt_report_write_e2e(res, dir, given ? &tg.o : NULL, e2e))) {
-        kvt_cli_fail_status(cmd, st, dir);
+        /* writing the directory failed, or the results cannot answer: name the one at fault */
+        kvt_cli_fail_status(cmd, st, st == KVT_ERR_IO || st == KVT_ERR_NOMEM ? dir : path);
         goto out_free;
     }
     printf("report: %s/index.html\n", dir);

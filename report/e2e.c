@@ -209,16 +209,6 @@ static size_t policy_numbers(const kvt_e2e *e, size_t *idx)
 }
 
 /* a filled circle (or square) of colour col at (x, y) */
-static void marker(cairo_t *cr, double x, double y, const double *col, bool square)
-{
-    cairo_set_source_rgb(cr, col[0], col[1], col[2]);
-    if (square)
-        cairo_rectangle(cr, x - 3.5, y - 3.5, 7, 7);
-    else
-        cairo_arc(cr, x, y, 4, 0, 2 * M_PI);
-    cairo_fill(cr);
-}
-
 kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, int height)
 {
     KVT_RETURN_IF(width < 200 || height < 150, KVT_ERR_INVALID_ARG, "plot: too small");
@@ -233,9 +223,18 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
             ymax = fmax(ymax, e->runs[i].kl_mean);
             n_pts++;
         }
+    const double ml = 70, mr = 190, mt = 40, mb = 55;
+    size_t n_leg = 0; /* the policies with a point: every one in the legend */
+    for (size_t k = 0; k < n_pol; k++) {
+        bool any = false;
+        for (size_t i = 0; i < e->n_runs && !any; i++)
+            any = pol[i] == k && e->runs[i].applied && isfinite(e->runs[i].err_decode) &&
+                  isfinite(e->runs[i].kl_mean);
+        n_leg += any;
+    }
+    height = kvt_report_legend_height(height, mt, n_leg);
     cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
     cairo_t *cr = cairo_create(s);
-    const double ml = 70, mr = 190, mt = 40, mb = 55;
     const double pw = width - ml - mr, ph = height - mt - mb;
     double x0, x1, xs, y0, y1, ys;
     int xd, yd;
@@ -251,7 +250,11 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
              "end to end: %zu settings, Spearman's rho (err_decode vs KL) = %s", n_pts,
              kvt_report_num(e->rho_err_decode, lab, sizeof(lab)));
     cairo_move_to(cr, ml, mt - 15);
-    cairo_show_text(cr, title);
+    {
+        char fit[512];
+        kvt_report_fit_text(cr, title, width - ml - 10, fit, sizeof(fit));
+        cairo_show_text(cr, fit);
+    }
     cairo_set_font_size(cr, 11);
     const int nxt = (int)lround(x1 / xs), nyt = (int)lround(y1 / ys);
     for (int i = 0; i <= nyt; i++) {
@@ -288,9 +291,8 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
     cairo_show_text(cr, yt);
     cairo_restore(cr);
     size_t li = 0;
-    for (size_t k = 0; k < n_pol; k++) {
+    for (size_t k = 0; k < n_pol; k++) { /* colour and marker shape per policy */
         const double *col = kvt_report_palette(k);
-        const bool square = (k / kvt_report_palette_size()) % 2; /* past the palette: squares */
         const char *label = NULL;
         for (size_t i = 0; i < e->n_runs; i++) {
             const kvt_e2e_run *x = &e->runs[i];
@@ -298,15 +300,19 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
                 continue;
             double px = ml + fmin(x->err_decode, x1) / x1 * pw;
             double py = mt + ph - fmin(x->kl_mean, y1) / y1 * ph;
-            marker(cr, px, py, col, square);
+            cairo_set_source_rgb(cr, col[0], col[1], col[2]);
+            kvt_report_marker(cr, k, px, py, 4);
             label = x->policy;
         }
-        if (label && mt + 10 + 16 * li <= mt + ph) { /* the marker, then the label */
-            marker(cr, ml + pw + 20, mt + 10 + 16 * li, col, square);
+        if (label) { /* the marker, then the label; a policy with no point gets no line */
+            char fit[512];
+            cairo_set_source_rgb(cr, col[0], col[1], col[2]);
+            kvt_report_marker(cr, k, ml + pw + 20, mt + 10 + 16 * li, 4);
             cairo_set_source_rgb(cr, 0, 0, 0);
+            kvt_report_fit_text(cr, label, mr - 45, fit, sizeof(fit));
             cairo_move_to(cr, ml + pw + 35, mt + 14 + 16 * li);
-            cairo_show_text(cr, label);
-            li++; /* a policy with no point (not run) gets no legend line */
+            cairo_show_text(cr, fit);
+            li++;
         }
     }
     cairo_destroy(cr);

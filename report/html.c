@@ -533,6 +533,17 @@ static kvt_status put_curves(FILE *f, const kvt_results *r, const report_plan *p
           "(it reads the future decode queries)."
           "</p>\n",
           f);
+    bool none = true;
+    for (size_t i = 0; i < N_FIGS; i++)
+        none &= !pl->drawn[i];
+    if (none) { /* say why the section is empty */
+        fputs("<p class=\"note\" id=\"curves-none\">Nothing to plot: no policy but the full "
+              "cache has a measured value (the results hold only <code>full</code>, or every "
+              "metric of the others is null). Replay the policies to compare with "
+              "<code>kvtrace replay --policies</code>.</p>\n",
+              f);
+        return KVT_OK;
+    }
     if (chartjs)
         fputs("<p>Hover a point for its policy, budget and value; click a legend entry to hide "
               "a line.</p>\n",
@@ -661,7 +672,8 @@ static kvt_status put_modality_redundancy(FILE *f, const kvt_results *r, const r
             put_r_cell(f, s.r_all_mod[m]);
     fputs("</tr>\n", f);
     for (size_t p = 0; p < r->n_policies; p++)
-        for (size_t b = 0; b < r->n_budgets; b++) {
+        for (size_t bi = 0; bi < r->n_budgets; bi++) { /* smallest budget first */
+            const size_t b = pl->order[bi];
             KVT_FORWARD(kvt_summarize_results(r, p, b, &s));
             fputs("<tr><td>", f);
             put_escaped(f, r->policies[p].label);
@@ -689,7 +701,8 @@ static kvt_status put_modality(FILE *f, const kvt_results *r, const report_plan 
     }
     fputs("<p>Share of the tokens of each modality that each policy keeps at each budget (kept "
           "entries over the entries of that modality in the full cache, summed over traces, "
-          "layers and heads).</p>\n",
+          "layers and heads; a policy that selects per query head has a set per query head, "
+          "so its full cache counts query heads).</p>\n",
           f);
     for (int m = 0; m < KVT_N_MODALITIES; m++) {
         if (!pl->mod[m])

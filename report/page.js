@@ -134,6 +134,7 @@
         cells.push({td: td, l: l, h: h, i: i});
       });
       var bar = el('div', 'cbar-slot');
+      bar.dataset.heads = headName(a.policy); /* one colour scale per kind of head */
       fig.insertBefore(bar, fig.lastChild); /* between the caption and the table */
       grid.appendChild(fig);
       tables.push({a: a, H: H, cells: cells, bar: bar});
@@ -170,10 +171,15 @@
     sel.addEventListener('change', paint);
     paint();
   }
-  function dataset(label, color, data, dashed) {
+  // series k: colour k % 10, and past the palette a dash pattern and point shape of its own
+  // (as the PNGs draw them), so that 50 lines differ; a reference (full, oracle) dashed
+  var dashes = [[], [2, 3], [9, 3, 2, 3], [14, 4], [9, 3, 2, 3, 2, 3]];
+  var points = ['circle', 'rect', 'triangle', 'rectRot', 'crossRot'];
+  function dataset(label, k, data, dashed) {
+    var color = palette[k % palette.length], g = Math.floor(k / palette.length) % 5;
     return {label: label, data: data, borderColor: color, backgroundColor: color,
-            borderDash: dashed ? [6, 4] : [], showLine: true, pointRadius: 3, borderWidth: 2,
-            fill: false, spanGaps: false};
+            borderDash: dashed ? [6, 4] : dashes[g], pointStyle: points[g], showLine: true,
+            pointRadius: 3, borderWidth: 2, fill: false, spanGaps: false};
   }
   function axis(text, extra) {
     var a = extra || {};
@@ -222,7 +228,7 @@
           pts.sort(function (u, v) { return u.x - v.x; });
         }
         if (pts.length)
-          ds.push(dataset(pol.label, palette[p % palette.length], pts, pol.ref));
+          ds.push(dataset(pol.label, p, pts, pol.ref));
       });
       chart('chart-' + c.metric, 'scatter', {datasets: ds},
             c.metric + ' against budget: ' + D.model,
@@ -246,9 +252,8 @@
     if (!D.modality) return;
     D.modality.names.forEach(function (name, m) {
       var ds = D.policies.map(function (pol, p) {  // budgets smallest first (D.order)
-        var color = palette[p % palette.length];
         var share = D.order.map(function (b) { return D.modality.share[m][p][b]; });
-        return dataset(pol.label, color, share, pol.ref);
+        return dataset(pol.label, p, share, pol.ref);
       });
       var labels = D.order.map(function (b) { return D.budgets[b]; });
       chart('chart-mod-' + name, 'line', {labels: labels, datasets: ds},
@@ -266,7 +271,7 @@
     D.alloc.forEach(function (a) {
       var ds = D.order.map(function (b) {
         var bt = D.budgets[b];
-        return dataset('budget ' + bt, palette[b % palette.length], a.keep[b], false);
+        return dataset('budget ' + bt, b, a.keep[b], false);
       });
       chart('chart-alloc-' + a.policy, 'line', {labels: layers, datasets: ds},
             'kept entries per head by layer: ' + D.policies[a.policy].label,

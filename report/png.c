@@ -22,20 +22,99 @@ const double *kvt_report_palette(size_t k)
     return palette[k % N_PALETTE];
 }
 
-size_t kvt_report_palette_size(void)
+void kvt_report_series_style(cairo_t *cr, size_t k, bool ref)
 {
-    return N_PALETTE;
+    static const double dots[] = {2, 3}, dash_dot[] = {9, 3, 2, 3}, long_dash[] = {14, 4},
+                        dash_dots[] = {9, 3, 2, 3, 2, 3}, dashed[] = {6, 4};
+    static const double *const pat[] = {NULL, dots, dash_dot, long_dash, dash_dots};
+    static const int n_pat[] = {0, 2, 4, 2, 6};
+    const double *col = palette[k % N_PALETTE];
+    const size_t g = (k / N_PALETTE) % 5;
+    cairo_set_source_rgb(cr, col[0], col[1], col[2]);
+    if (ref)
+        cairo_set_dash(cr, dashed, 2, 0);
+    else
+        cairo_set_dash(cr, pat[g], n_pat[g], 0);
 }
 
-void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label)
+void kvt_report_marker(cairo_t *cr, size_t k, double x, double y, double r)
 {
+    switch ((k / N_PALETTE) % 5) {
+    case 0:
+        cairo_new_sub_path(cr);
+        cairo_arc(cr, x, y, r, 0, 2 * M_PI);
+        break;
+    case 1:
+        cairo_rectangle(cr, x - r, y - r, 2 * r, 2 * r);
+        break;
+    case 2: /* triangle up */
+        cairo_move_to(cr, x, y - 1.3 * r);
+        cairo_line_to(cr, x + 1.2 * r, y + 0.8 * r);
+        cairo_line_to(cr, x - 1.2 * r, y + 0.8 * r);
+        cairo_close_path(cr);
+        break;
+    case 3: /* diamond */
+        cairo_move_to(cr, x, y - 1.4 * r);
+        cairo_line_to(cr, x + 1.4 * r, y);
+        cairo_line_to(cr, x, y + 1.4 * r);
+        cairo_line_to(cr, x - 1.4 * r, y);
+        cairo_close_path(cr);
+        break;
+    default: /* triangle down */
+        cairo_move_to(cr, x, y + 1.3 * r);
+        cairo_line_to(cr, x + 1.2 * r, y - 0.8 * r);
+        cairo_line_to(cr, x - 1.2 * r, y - 0.8 * r);
+        cairo_close_path(cr);
+        break;
+    }
+    cairo_fill(cr);
+}
+
+void kvt_report_fit_text(cairo_t *cr, const char *text, double max_w, char *buf, size_t cap)
+{
+    char src[1024]; /* valid UTF-8 for cairo: a byte that is not (a label cut by a caller's
+                       snprintf, a Latin-1 file name) becomes '?' */
+    snprintf(src, sizeof(src), "%s", text);
+    kvt_utf8_sanitize(src);
+    cairo_text_extents_t te;
+    size_t n = strlen(src);
+    snprintf(buf, cap, "%s", src);
+    cairo_text_extents(cr, buf, &te);
+    if (te.x_advance <= max_w && n < cap)
+        return;
+    while (n > 0) { /* drop whole UTF-8 characters until the text and "..." fit */
+        do
+            n--;
+        while (n > 0 && ((unsigned char)src[n] & 0xC0) == 0x80);
+        if (n + 4 > cap)
+            continue;
+        snprintf(buf, cap, "%.*s\xe2\x80\xa6", (int)n, src);
+        cairo_text_extents(cr, buf, &te);
+        if (te.x_advance <= max_w)
+            return;
+    }
+    snprintf(buf, cap, "\xe2\x80\xa6");
+}
+
+void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label, size_t k,
+                             double max_w)
+{
+    char fit[512];
     cairo_move_to(cr, x, y);
-    cairo_line_to(cr, x + 20, y);
+    cairo_line_to(cr, x + 22, y);
     cairo_stroke(cr);
     cairo_set_dash(cr, NULL, 0, 0);
+    kvt_report_marker(cr, k, x + 11, y, 3);
     cairo_set_source_rgb(cr, 0, 0, 0);
-    cairo_move_to(cr, x + 25, y + 4);
-    cairo_show_text(cr, label);
+    kvt_report_fit_text(cr, label, max_w - 27, fit, sizeof(fit));
+    cairo_move_to(cr, x + 27, y + 4);
+    cairo_show_text(cr, fit);
+}
+
+int kvt_report_legend_height(int height, double top, size_t n_entries)
+{
+    const double need = top + 10 + 16.0 * (double)n_entries + 10;
+    return need > height ? (int)ceil(need) : height;
 }
 
 void kvt_report_nice_axis(double lo, double hi, int max_ticks, double *axis_lo, double *axis_hi,
@@ -130,20 +209,33 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     int ydec;
     kvt_report_nice_axis(fmin(0.0, y0), fmax(1.0, y1), 8, &y0, &y1, &ystep, &ydec);
     const int n_yt = (int)lround((y1 - y0) / ystep);
+    const double ml = 70, mr = 190, mt = 40, mb = 55; /* margins: legend on the right */
+    size_t n_leg = 0; /* the policies with a line: every one in the legend, however many */
+    for (size_t p = 0; p < rec->n_policies; p++) {
+        const kvt_rec_curve *c = &rec->curves[p];
+        bool any = !strcmp(r->policies[p].name, "full") && !isnan(c->value[0]);
+        for (size_t b = 0; b < rec->n_budgets && !any; b++)
+            any = !isnan(c->n_keep[b]) && !isnan(c->value[b]) && c->n_keep[b] > 0;
+        n_leg += any;
+    }
+    height = kvt_report_legend_height(height, mt, n_leg);
     cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
     cairo_t *cr = cairo_create(s);
-    const double ml = 70, mr = 190, mt = 40, mb = 55; /* margins: legend on the right */
     const double pw = width - ml - mr, ph = height - mt - mb;
     cairo_set_source_rgb(cr, 1, 1, 1);
     cairo_paint(cr);
     cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
     cairo_set_font_size(cr, 13);
     cairo_set_source_rgb(cr, 0, 0, 0);
-    char title[160];
+    char title[1024];
     snprintf(title, sizeof(title), "%s against budget (%s)", kvt_rec_metric_name(metric),
              r->n_traces ? r->traces[0]->model_name : "");
     cairo_move_to(cr, ml, mt - 15);
-    cairo_show_text(cr, title);
+    { /* cut to the figure's width, "..." at the cut */
+        char fit[512];
+        kvt_report_fit_text(cr, title, width - ml - 10, fit, sizeof(fit));
+        cairo_show_text(cr, fit);
+    }
     /* grid, axes and ticks: powers of two across, round values up */
     cairo_set_font_size(cr, 11);
     char lab[32];
@@ -191,14 +283,8 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     }
     for (size_t p = 0; p < rec->n_policies; p++) {
         const kvt_rec_curve *c = &rec->curves[p];
-        const double *col = palette[p % N_PALETTE];
         bool started = false, any = false, full = !strcmp(r->policies[p].name, "full");
-        double dash[] = {6, 4}, dot[] = {2, 3};
-        cairo_set_source_rgb(cr, col[0], col[1], col[2]);
-        if (full || !strcmp(r->policies[p].name, "oracle"))
-            cairo_set_dash(cr, dash, 2, 0);
-        else if (p >= N_PALETTE) /* colours repeat: tell the lines apart by dots */
-            cairo_set_dash(cr, dot, 2, 0);
+        kvt_report_series_style(cr, p, full || !strcmp(r->policies[p].name, "oracle"));
         if (full && !isnan(c->value[0])) { /* the full cache: a horizontal reference */
             double py = mt + ph - (c->value[0] - y0) / (y1 - y0) * ph;
             cairo_move_to(cr, ml, py);
@@ -220,20 +306,19 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
             started = any = true;
         }
         cairo_stroke(cr);
-        for (size_t b = 0; b < rec->n_budgets && !full; b++) { /* a dot per measured budget */
+        for (size_t b = 0; b < rec->n_budgets && !full; b++) { /* a marker per budget */
             double x = c->n_keep[b], y = c->value[b];
             if (isnan(x) || isnan(y) || x <= 0)
                 continue;
-            cairo_new_sub_path(cr);
-            cairo_arc(cr, ml + (log2(x) - lx0) / (lx1 - lx0) * pw,
-                      mt + ph - (y - y0) / (y1 - y0) * ph, 2.5, 0, 2 * M_PI);
-            cairo_fill(cr);
+            kvt_report_marker(cr, p, ml + (log2(x) - lx0) / (lx1 - lx0) * pw,
+                              mt + ph - (y - y0) / (y1 - y0) * ph, 2.5);
         }
         if (!any) {
             cairo_set_dash(cr, NULL, 0, 0);
             continue;
         }
-        kvt_report_legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, r->policies[p].label);
+        kvt_report_legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, r->policies[p].label, p,
+                                mr - 15);
     }
     kvt_free(ix);
     cairo_destroy(cr);
@@ -329,7 +414,11 @@ static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, doubl
     cairo_restore(cr);
     cairo_set_font_size(cr, 13);
     cairo_move_to(cr, ml, mt - 15);
-    cairo_show_text(cr, title);
+    { /* cut to the figure's width, "..." at the cut */
+        char fit[512];
+        kvt_report_fit_text(cr, title, width - ml - 10, fit, sizeof(fit));
+        cairo_show_text(cr, fit);
+    }
     cairo_destroy(cr);
     return kvt_report_save_png(s, path);
 }
@@ -360,8 +449,8 @@ kvt_status kvt_report_plot_head_keep(const kvt_results *r, size_t pol, size_t bu
                 vmax = v > vmax ? v : vmax;
             }
     }
-    char title[240];
-    snprintf(title, sizeof(title), "kept entries per layer and head: %.60s at budget %s (%.40s)",
+    char title[1024];
+    snprintf(title, sizeof(title), "kept entries per layer and head: %s at budget %s (%s)",
              r->policies[pol].label, r->budgets[bud].text, t->model_name);
     kvt_status st =
         vmax > 0 ? draw_heatmap(grid, L, H, vmax, title,
@@ -384,7 +473,7 @@ kvt_status kvt_report_plot_redundancy(const kvt_results *r, const char *path, in
     for (int l = 0; l < L; l++)
         for (int h = 0; h < H; h++)
             grid[(size_t)l * H + h] = kvt_report_redundancy(r, l, h);
-    char title[200];
+    char title[1024];
     snprintf(title, sizeof(title), "head redundancy r of all keys (%s)", t->model_name);
     kvt_status st = draw_heatmap(grid, L, H, 1.0, title, "KV head", path, width, height);
     kvt_free(grid);
@@ -408,8 +497,8 @@ kvt_status kvt_report_plot_head_metric(const kvt_results *r, size_t pol, size_t 
     for (int l = 0; l < L; l++)
         for (int h = 0; h < H; h++)
             grid[(size_t)l * H + h] = kvt_report_head_value(r, pol, bud, metric, l, h);
-    char title[240];
-    snprintf(title, sizeof(title), "%s per layer and head: %.60s at budget %s (%.40s)",
+    char title[1024];
+    snprintf(title, sizeof(title), "%s per layer and head: %s at budget %s (%s)",
              kvt_rec_metric_name(metric), r->policies[pol].label, r->budgets[bud].text,
              t->model_name);
     kvt_status st =
@@ -435,9 +524,17 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
 {
     KVT_RETURN_IF(width < 200 || height < 150 || fg->n_x < 1, KVT_ERR_INVALID_ARG,
                   "plot: too small or empty");
+    const double ml = 70, mr = 190, mt = 40, mb = 55;
+    size_t n_leg = 0; /* the series with a point: every one in the legend */
+    for (size_t k = 0; k < fg->n_series; k++) {
+        bool any = false;
+        for (size_t i = 0; i < fg->n_x && !any; i++)
+            any = !isnan(fg->y[k * fg->n_x + i]);
+        n_leg += any;
+    }
+    height = kvt_report_legend_height(height, mt, n_leg);
     cairo_surface_t *s = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
     cairo_t *cr = cairo_create(s);
-    const double ml = 70, mr = 190, mt = 40, mb = 55;
     const double pw = width - ml - mr, ph = height - mt - mb;
     double y_lo, y_max, ystep; /* round ticks from 0 (kvt_report_nice_axis) */
     int ydec;
@@ -451,7 +548,11 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
     cairo_set_source_rgb(cr, 0, 0, 0);
     cairo_set_font_size(cr, 13);
     cairo_move_to(cr, ml, mt - 15);
-    cairo_show_text(cr, fg->title);
+    { /* cut to the figure's width, "..." at the cut */
+        char fit[512];
+        kvt_report_fit_text(cr, fg->title, width - ml - 10, fit, sizeof(fit));
+        cairo_show_text(cr, fit);
+    }
     cairo_set_font_size(cr, 11);
     char lab[32];
     for (int i = 0; i <= n_yt; i++) /* grid first, under the axes and lines */
@@ -495,14 +596,9 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
     cairo_set_line_width(cr, 2);
     int li = 0;
     for (size_t k = 0; k < fg->n_series; k++) {
-        const double *col = palette[k % N_PALETTE], *y = fg->y + k * fg->n_x;
-        double dash[] = {6, 4}, dot[] = {2, 3};
+        const double *y = fg->y + k * fg->n_x;
         bool started = false, any = false;
-        cairo_set_source_rgb(cr, col[0], col[1], col[2]);
-        if (fg->dashed && fg->dashed[k])
-            cairo_set_dash(cr, dash, 2, 0);
-        else if (k >= N_PALETTE)
-            cairo_set_dash(cr, dot, 2, 0);
+        kvt_report_series_style(cr, k, fg->dashed && fg->dashed[k]);
         for (size_t i = 0; i < fg->n_x; i++) {
             double px = ml + (i + 0.5) * slot, py = mt + ph - fmin(y[i], y_max) / y_max * ph;
             if (isnan(y[i])) {
@@ -513,16 +609,19 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
                 cairo_move_to(cr, px, py);
             else
                 cairo_line_to(cr, px, py);
-            cairo_rectangle(cr, px - 2, py - 2, 4, 4); /* a marker per point */
-            cairo_move_to(cr, px, py);
             started = any = true;
         }
         cairo_stroke(cr);
-        if (!any || mt + 10 + 16 * li > mt + ph) {
+        for (size_t i = 0; i < fg->n_x; i++) /* a marker per point */
+            if (!isnan(y[i]))
+                kvt_report_marker(cr, k, ml + (i + 0.5) * slot,
+                                  mt + ph - fmin(y[i], y_max) / y_max * ph, 2.5);
+        if (!any) {
             cairo_set_dash(cr, NULL, 0, 0);
             continue;
         }
-        kvt_report_legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, fg->series_labels[k]);
+        kvt_report_legend_entry(cr, ml + pw + 10, mt + 10 + 16 * li++, fg->series_labels[k], k,
+                                mr - 15);
     }
     cairo_destroy(cr);
     return kvt_report_save_png(s, path);
@@ -558,8 +657,8 @@ kvt_status kvt_report_plot_modality(const kvt_results *r, int m, const char *pat
         for (size_t b = 0; b < B; b++)
             y[p * B + b] = kvt_report_modality_share(r, p, order[b], m);
     }
-    char title[200];
-    snprintf(title, sizeof(title), "share of %s tokens kept, per policy and budget (%.60s)",
+    char title[1024];
+    snprintf(title, sizeof(title), "share of %s tokens kept, per policy and budget (%s)",
              mod_names[m], r->traces[0]->model_name);
     line_fig fg = {title,
                    "budget (tokens per head and layer, smallest first)",
@@ -617,8 +716,8 @@ kvt_status kvt_report_plot_layer_keep(const kvt_results *r, size_t pol, const ch
                 y_max = fmax(y_max, v);
         }
     }
-    char title[200];
-    snprintf(title, sizeof(title), "kept entries per head by layer: %.60s, one line per budget",
+    char title[1024];
+    snprintf(title, sizeof(title), "kept entries per head by layer: %s, one line per budget",
              r->policies[pol].label);
     line_fig fg = {title, "layer", "mean kept entries per head", (size_t)L, B, x_labels, labels, y,
                    NULL,  y_max};

@@ -164,12 +164,22 @@ size_t kvt_report_heat_budget(const kvt_results *r, const kvt_recommend_opts *ta
 
 double kvt_report_modality_share(const kvt_results *r, size_t pol, size_t bud, int m)
 {
-    kvt_run_summary s;
-    if (m < 0 || m >= KVT_N_MODALITIES || kvt_summarize_results(r, pol, bud, &s))
+    /* kept entries over (selection heads x layers x the modality's tokens), summed over the
+       traces: a heads=query policy's G sets per KV head (its stored copies, which kept_entries
+       counts) are G heads here, so the share stays that of the tokens a head keeps */
+    double kept = 0.0, total = 0.0;
+    if (m < 0 || m >= KVT_N_MODALITIES || pol >= r->n_policies || bud >= r->n_budgets)
         return NAN;
-    if (isnan(s.total_mod[m]) || s.total_mod[m] <= 0)
-        return NAN;
-    return s.kept_mod[m] / s.total_mod[m];
+    for (size_t i = 0; i < r->n_traces; i++) {
+        const kvt_trace_result *t = r->traces[i];
+        kvt_run_summary s;
+        if (!t->has_modality || kvt_summarize_trace(t, pol, bud, -1, &s) || isnan(s.kept_mod[m]))
+            continue;
+        const double g = t->n_kv_heads > 0 ? (double)t->policy_heads[pol] / t->n_kv_heads : 1.0;
+        kept += s.kept_mod[m];
+        total += s.total_mod[m] * g;
+    }
+    return total > 0 ? kept / total : NAN;
 }
 
 double kvt_report_modality_tokens(const kvt_results *r, int m)

@@ -38,11 +38,22 @@ static inline bool kvt_rec_compresses(const kvt_recommendation *rec, size_t p, s
 /* ---- drawing helpers shared by the PNG figures (png.c) ---- */
 /** Colour k of the figures' palette (cycles), as {r, g, b} in [0, 1]. */
 const double *kvt_report_palette(size_t k);
-/** How many colours the palette has before it cycles. */
-size_t kvt_report_palette_size(void);
-/** One legend line at (x, y): a short stroke in the current colour and dash, then the label in
- *  black; leaves the dash off. */
-void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label);
+/** Series k's line: colour k % 10, and a dash pattern by k / 10 (solid, dots, dash-dot, long
+ *  dashes, dash-dot-dot) so that 50 series differ; ref (full, oracle): dashed 6-4. */
+void kvt_report_series_style(cairo_t *cr, size_t k, bool ref);
+/** Series k's marker at (x, y), filled in the current colour: a circle, square, triangle,
+ *  diamond or downward triangle by k / 10. */
+void kvt_report_marker(cairo_t *cr, size_t k, double x, double y, double r);
+/** text into buf, cut (whole UTF-8 characters, "..." at the cut) to max_w pixels at the
+ *  current font. */
+void kvt_report_fit_text(cairo_t *cr, const char *text, double max_w, char *buf, size_t cap);
+/** A legend row at (x, y): series k's line (current dash) and marker, then its label cut to
+ *  fit max_w pixels. */
+void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label, size_t k,
+                             double max_w);
+/** The figure's height, grown from height when its legend of n_entries rows (16 px from top +
+ *  10) would not fit: a legend is never cut. */
+int kvt_report_legend_height(int height, double top, size_t n_entries);
 /** Write surface s to path as a PNG and destroy it; KVT_ERR_IO names the file and errno. */
 kvt_status kvt_report_save_png(cairo_surface_t *s, const char *path);
 /** A light grey grid line from (x0, y0) to (x1, y1); leaves the source black and the width 1. */

@@ -147,4 +147,51 @@ $BIN recommend "$TMP/gqaq.json" --max-error 100 >"$TMP/rq.txt" || fail "recommen
 grep -q "^recommended: per-q at budget 16 (16 tokens per query head per layer)" "$TMP/rq.txt" &&
     grep -q "^per head (rows = layers, columns = query heads):" "$TMP/rq.txt" ||
     { cat "$TMP/rq.txt"; fail "recommend does not say query heads"; }
+# a review's findings (2026-12-06), each failed before its fix:
+# - the modality share of a heads=query policy was its G copies over the KV heads' cache (above
+#   1, drawn as 1): it is the share of the modality's tokens a head keeps, at most 1
+$BIN synth --shape tiny-vl --tokens 300 --window 8 --decode 4 -o "$TMP/vlq.kvt" >/dev/null 2>&1 ||
+    fail "synth vlq"
+$BIN replay "$TMP/vlq.kvt" --policies full,snapkv:window=8,snapkv:window=8,heads=query \
+    --budgets 240,64,160 -o "$TMP/vlq.json" >/dev/null 2>&1 || fail "replay vlq"
+$BIN report "$TMP/vlq.json" -o "$TMP/vlqrep" >/dev/null 2>&1 || fail "vlq report"
+"${KVT_PYTHON:-/usr/bin/python3}" - "$TMP/vlqrep/index.html" <<'PYEOF' || fail "modality share"
+import json, re, sys
+html = open(sys.argv[1]).read()
+d = json.loads(re.search(r'<script type="application/json" id="kvt-data">(.*?)</script>', html,
+                         re.S).group(1))
+share = d["modality"]["share"]  # [modality][policy][budget]
+for m in share:
+    for row in m:
+        assert all(x is None or 0 <= x <= 1 for x in row), share
+# the budgets of the redundancy-by-modality table smallest first (were in --budgets order)
+rows = re.findall(r"<tr><td>snapkv:window=8</td><td>([0-9]+)</td>", html)
+assert rows == ["64", "160", "240"], rows
+PYEOF
+# - with 43 policies the PNG legends were cut after 31 entries: the figure grows to hold them
+#   (40 policies here: 40 legend rows of 16 px below the 40 px title band, 540 px before)
+pols=full
+for k in 1 3 5 7 9 11 13; do pols=$pols,snapkv:window=8,kernel=$k; done
+for s in 1 2 3 4 5 6 7 8 9 10 11 12; do pols=$pols,random:seed=$s; done
+for s in 1 2 3 4 5 6 7 8; do pols=$pols,streamingllm:sinks=$s; done
+pols=$pols,knorm,vnorm,keydiff,tova,adakv:window=8,pyramidkv:window=8,chunkkv:window=8
+pols=$pols,mixkv-snapkv:window=8,cake:window=8,lagkv,cur,leverage,label=a-very-very-long-label-for-leverage-to-cut
+$BIN replay "$TMP/gqa.kvt" --policies "$pols" --budgets 16,32 -o "$TMP/many.json" >/dev/null \
+    2>"$TMP/err" || { cat "$TMP/err"; fail "replay 43"; }
+$BIN report "$TMP/many.json" -o "$TMP/manyrep" >/dev/null 2>&1 || fail "report 43"
+h=$(od -An -tu1 -j 20 -N 4 "$TMP/manyrep/err_window.png" | awk '{print $1*16777216+$2*65536+$3*256+$4}')
+[ "$h" -ge $((40 + 20 + 16 * 40)) ] || fail "err_window.png is $h px high: its legend is cut"
+# - a results file of `full` alone: the empty quality section says why
+$BIN replay "$TMP/gqa.kvt" --policies full --budgets 16 -o "$TMP/full.json" >/dev/null 2>&1 ||
+    fail "replay full"
+$BIN report "$TMP/full.json" -o "$TMP/fullrep" >/dev/null 2>&1 || fail "report full"
+grep -q 'id="curves-none"' "$TMP/fullrep/index.html" || fail "no note for nothing to plot"
+# - a budget of an unknown kind was taken silently; an input problem was named by the output
+"${KVT_PYTHON:-/usr/bin/python3}" -c '
+import json, sys
+d = json.load(open(sys.argv[1])); d["settings"]["budgets"][0]["kind"] = "bogus"
+json.dump(d, open(sys.argv[2], "w"))' "$TMP/full.json" "$TMP/bogus.json" || fail "bogus"
+$BIN report "$TMP/bogus.json" -o "$TMP/bogusrep" 2>"$TMP/err" >/dev/null && fail "bogus kind"
+grep -q "bogus.json: settings.budgets\[0\] (16): \"kind\" must be" "$TMP/err" ||
+    fail "bogus kind: $(cat "$TMP/err")"
 echo "test_report_html_cli: ok"
