@@ -44,6 +44,15 @@ def run(*args, ok=True):
     return r
 
 
+def refused(args, want, rc=None):
+    """kvtrace ARGS... must fail (exit rc, or any non-zero exit) with one line on stderr that
+    holds `want`."""
+    r = run(*args, ok=False)
+    lines = r.stderr.strip().splitlines()
+    check((r.returncode != 0 if rc is None else r.returncode == rc) and len(lines) == 1 and
+          want in r.stderr, "refused with %r: exit %d, %r" % (want, r.returncode, r.stderr))
+
+
 def raises(exc, fn, want, what):
     """fn() must raise exc with `want` in its message; returns the exception."""
     try:

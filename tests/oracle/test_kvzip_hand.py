@@ -33,7 +33,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import check, finish, need_library, run  # noqa: E402
+from cli_test import check, finish, need_library, refused, run  # noqa: E402
 import numpy as np  # noqa: E402
 
 kvtrace = need_library()
@@ -75,13 +75,6 @@ def make_trace(src, dst, scores):
                 if scores is not None:
                     w.append("kvzip_score", scores[l][:, :, None].copy(), layer=l)
     return dst
-
-
-def refused(args, want):
-    p = run(*args, ok=False)
-    lines = p.stderr.strip().splitlines()
-    check(p.returncode != 0 and len(lines) == 1 and want in p.stderr,
-          "refused with %r: exit %d, %r" % (want, p.returncode, p.stderr))
 
 
 def main():
