@@ -661,6 +661,12 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
             b += 32.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
         if (f & KVT_POLICY_NEEDS_ROPE) /* expected-attention: f64 queries, keys, K S', angles */
             b += 36.0 * D + 16.0 * Hq;
+        else if (pols[p]->def == &kvt_policy_def_h2o_greedy)
+            /* a KV head's query heads at once: queries, 32 attention rows, partial sums; and
+               the dense product's blocks */
+            b += (kvt_policy_per_query_head(pols[p]) ? 1.0 : (double)Hq / Hkv) *
+                     (4.0 * D + 4.0 * 32 + 8.0) +
+                 8.0 * 32;
         else if (f & KVT_POLICY_NEEDS_QALL) /* one head's queries, scores */
             b += 4.0 * D + 16.0 * Hq;
     }

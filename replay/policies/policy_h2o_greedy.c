@@ -18,7 +18,7 @@
 #include "kvt_kernels.h"
 #include "../replay_internal.h"
 
-#define ROWS 16 /* query rows whose probabilities are computed at once */
+#define ROWS 32 /* query rows whose probabilities are computed at once */
 
 typedef struct hg_budget {
     int B;        /* the cache's capacity (window included) */
