@@ -250,11 +250,7 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
              "end to end: %zu settings, Spearman's rho (err_decode vs KL) = %s", n_pts,
              kvt_report_num(e->rho_err_decode, lab, sizeof(lab)));
     cairo_move_to(cr, ml, mt - 15);
-    {
-        char fit[512];
-        kvt_report_fit_text(cr, title, width - ml - 10, fit, sizeof(fit));
-        cairo_show_text(cr, fit);
-    }
+    kvt_report_show_fit(cr, title, width - ml - 10);
     cairo_set_font_size(cr, 11);
     const int nxt = (int)lround(x1 / xs), nyt = (int)lround(y1 / ys);
     for (int i = 0; i <= nyt; i++) {
@@ -305,13 +301,11 @@ kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, in
             label = x->policy;
         }
         if (label) { /* the marker, then the label; a policy with no point gets no line */
-            char fit[512];
             cairo_set_source_rgb(cr, col[0], col[1], col[2]);
             kvt_report_marker(cr, k, ml + pw + 20, mt + 10 + 16 * li, 4);
             cairo_set_source_rgb(cr, 0, 0, 0);
-            kvt_report_fit_text(cr, label, mr - 45, fit, sizeof(fit));
             cairo_move_to(cr, ml + pw + 35, mt + 14 + 16 * li);
-            cairo_show_text(cr, fit);
+            kvt_report_show_fit(cr, label, mr - 45);
             li++;
         }
     }

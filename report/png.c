@@ -96,19 +96,24 @@ void kvt_report_fit_text(cairo_t *cr, const char *text, double max_w, char *buf,
     snprintf(buf, cap, "\xe2\x80\xa6");
 }
 
+void kvt_report_show_fit(cairo_t *cr, const char *text, double max_w)
+{
+    char fit[512];
+    kvt_report_fit_text(cr, text, max_w, fit, sizeof(fit));
+    cairo_show_text(cr, fit);
+}
+
 void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label, size_t k,
                              double max_w)
 {
-    char fit[512];
     cairo_move_to(cr, x, y);
     cairo_line_to(cr, x + 22, y);
     cairo_stroke(cr);
     cairo_set_dash(cr, NULL, 0, 0);
     kvt_report_marker(cr, k, x + 11, y, 3);
     cairo_set_source_rgb(cr, 0, 0, 0);
-    kvt_report_fit_text(cr, label, max_w - 27, fit, sizeof(fit));
     cairo_move_to(cr, x + 27, y + 4);
-    cairo_show_text(cr, fit);
+    kvt_report_show_fit(cr, label, max_w - 27);
 }
 
 int kvt_report_legend_height(int height, double top, size_t n_entries)
@@ -231,11 +236,7 @@ kvt_status kvt_report_plot_metric(const kvt_results *r, kvt_rec_metric metric, c
     snprintf(title, sizeof(title), "%s against budget (%s)", kvt_rec_metric_name(metric),
              r->n_traces ? r->traces[0]->model_name : "");
     cairo_move_to(cr, ml, mt - 15);
-    { /* cut to the figure's width, "..." at the cut */
-        char fit[512];
-        kvt_report_fit_text(cr, title, width - ml - 10, fit, sizeof(fit));
-        cairo_show_text(cr, fit);
-    }
+    kvt_report_show_fit(cr, title, width - ml - 10); /* "..." where it is cut */
     /* grid, axes and ticks: powers of two across, round values up */
     cairo_set_font_size(cr, 11);
     char lab[32];
@@ -414,11 +415,7 @@ static kvt_status draw_heatmap(const double *grid, int n_rows, int n_cols, doubl
     cairo_restore(cr);
     cairo_set_font_size(cr, 13);
     cairo_move_to(cr, ml, mt - 15);
-    { /* cut to the figure's width, "..." at the cut */
-        char fit[512];
-        kvt_report_fit_text(cr, title, width - ml - 10, fit, sizeof(fit));
-        cairo_show_text(cr, fit);
-    }
+    kvt_report_show_fit(cr, title, width - ml - 10); /* "..." where it is cut */
     cairo_destroy(cr);
     return kvt_report_save_png(s, path);
 }
@@ -548,11 +545,7 @@ static kvt_status draw_lines(const line_fig *fg, const char *path, int width, in
     cairo_set_source_rgb(cr, 0, 0, 0);
     cairo_set_font_size(cr, 13);
     cairo_move_to(cr, ml, mt - 15);
-    { /* cut to the figure's width, "..." at the cut */
-        char fit[512];
-        kvt_report_fit_text(cr, fg->title, width - ml - 10, fit, sizeof(fit));
-        cairo_show_text(cr, fit);
-    }
+    kvt_report_show_fit(cr, fg->title, width - ml - 10); /* "..." where it is cut */
     cairo_set_font_size(cr, 11);
     char lab[32];
     for (int i = 0; i <= n_yt; i++) /* grid first, under the axes and lines */

@@ -47,6 +47,8 @@ void kvt_report_marker(cairo_t *cr, size_t k, double x, double y, double r);
 /** text into buf, cut (whole UTF-8 characters, "..." at the cut) to max_w pixels at the
  *  current font. */
 void kvt_report_fit_text(cairo_t *cr, const char *text, double max_w, char *buf, size_t cap);
+/** kvt_report_fit_text's text shown at the current point. */
+void kvt_report_show_fit(cairo_t *cr, const char *text, double max_w);
 /** A legend row at (x, y): series k's line (current dash) and marker, then its label cut to
  *  fit max_w pixels. */
 void kvt_report_legend_entry(cairo_t *cr, double x, double y, const char *label, size_t k,
