@@ -48,7 +48,7 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
     const int D = x.D, Wt = x.nq, W = o->window < T ? o->window : T, P = T - W;
     const int nqw = Hq / Hkv * Wt; /* a KV group's window queries */
     float *pr = NULL;
-    double *work = NULL, *lse = NULL;
+    double *work = NULL;
     int *vis = NULL;
     kvt_status st = KVT_OK;
     if (Wt < W) {
@@ -62,9 +62,8 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
         goto out;
     pr = kvt_malloc((size_t)Hq * Wt * T * sizeof(float)); /* [Hq, Wt, T] */
     work = kvt_malloc(((size_t)T + 1) * sizeof(double));
-    lse = kvt_malloc((size_t)nqw * sizeof(double));
     vis = kvt_malloc((size_t)nqw * sizeof(int));
-    if (!pr || !work || !lse || !vis) {
+    if (!pr || !work || !vis) {
         st = kvt_error_set(KVT_ERR_NOMEM, "chunkkv: out of memory");
         goto out;
     }
@@ -72,7 +71,7 @@ static kvt_status layer_scores(kvt_trace_reader *r, int l, int Hq, int Hkv, int 
         vis[i] = T - Wt + i % Wt + 1;
     for (int g = 0; g < Hkv && !st; g++)
         st = kvt_attn_probs(x.q + (size_t)g * nqw * D, nqw, D, x.k + (size_t)g * T * D, T, vis,
-                            NULL, 0, NULL, x.scale, pr + (size_t)g * nqw * T, NULL, lse, work);
+                            NULL, 0, NULL, x.scale, pr + (size_t)g * nqw * T, NULL, NULL, work);
     if (!st)
         st = kvt_window_scores_from_probs(pr, Hq, Hkv, Wt, T, W, o->kernel, o->pool, o->reduce,
                                           o->per_query, s);
@@ -81,7 +80,6 @@ out:
     kvt_free(x.k);
     kvt_free(pr);
     kvt_free(work);
-    kvt_free(lse);
     kvt_free(vis);
     return st;
 }

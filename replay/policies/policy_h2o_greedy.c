@@ -64,14 +64,14 @@ static void hg_step(hg_budget *hb, const double *acc, int nh, int T, kvt_reduce 
 }
 
 /* budget b's ranking of one head: the window (T-1, ..., T-W), the kept prefix ascending, the
-   evicted from the last evicted back; without a simulation (B <= W or B >= T) the window then
-   the prefix ascending */
-static void hg_ranking(const hg_budget *hb, bool simulated, int T, int W, uint8_t *kept, int32_t *r)
+   evicted from the last evicted back; without a simulation (B <= W or B >= T: no cache) the
+   window then the prefix ascending */
+static void hg_ranking(const hg_budget *hb, int T, int W, uint8_t *kept, int32_t *r)
 {
     int k = 0;
     for (int j = T - 1; j >= T - W; j--)
         r[k++] = j;
-    if (!simulated) {
+    if (!hb->mem) {
         for (int j = 0; j < T - W; j++)
             r[k++] = j;
         return;
@@ -114,6 +114,7 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", name);
         goto out;
     }
+    bool any = false; /* a budget to simulate (W < B < T): the attention rows are needed */
     for (int b = 0; b < n_b; b++) {
         hb[b].B = B[b];
         if (W < B[b] && B[b] < T &&
@@ -122,15 +123,13 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
             st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", name);
             goto out;
         }
+        any |= hb[b].mem != NULL;
     }
     for (int s = 0; s < H && !st; s++) {
         const int h0 = pq ? s : s * Gs, g = kvt_ctx_kv_of(c, pq, s);
         const float *k = c->k + (size_t)g * T * D;
-        bool any = false;
-        for (int b = 0; b < n_b; b++) {
+        for (int b = 0; b < n_b; b++)
             hb[b].n = hb[b].n_ev = 0;
-            any |= hb[b].mem != NULL;
-        }
         for (int u = 0; u < nh && any && !st; u++)
             st = kvt_ctx_q_all_head(c, name, h0 + u, qbuf ? qbuf + (size_t)u * T * D : NULL, &q[u]);
         memset(acc, 0, (size_t)nh * T * sizeof(double));
@@ -156,8 +155,7 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
             }
         }
         for (int b = 0; b < n_b && !st; b++)
-            hg_ranking(&hb[b], hb[b].mem != NULL, T, W, kept,
-                       sel->border + ((size_t)b * H + s) * T);
+            hg_ranking(&hb[b], T, W, kept, sel->border + ((size_t)b * H + s) * T);
     }
 out:
     for (int b = 0; hb && b < n_b; b++) {
