@@ -235,6 +235,7 @@ _PROTOS = {
     "kvt_trace_reader_open": (_int, [_cp, _P(_vp)]),
     "kvt_trace_reader_close": (None, [_vp]),
     "kvt_trace_reader_header_json": (_cp, [_vp]),
+    "kvt_trace_reader_fingerprint": (None, [_vp, ctypes.c_char_p]),
     "kvt_trace_reader_version": (None, [_vp, _P(_int), _P(_int)]),
     "kvt_trace_reader_recovered": (ctypes.c_bool, [_vp]),
     "kvt_trace_reader_recovery_note": (_cp, [_vp]),

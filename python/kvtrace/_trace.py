@@ -619,6 +619,16 @@ class Trace(_NoCopy):
         with self._use() as h:
             return int(_lib.lib().kvt_trace_reader_bytes_read(h))
 
+    @property
+    def fingerprint(self):
+        """16 lowercase hex digits naming what the trace holds (its header and every record's
+        payload checksum; kvt_trace_reader_fingerprint): results.json's traces[t].fingerprint,
+        equal for copies of one capture, different for another prompt or capture."""
+        buf = ctypes.create_string_buffer(17)
+        with self._use() as h:
+            _lib.lib().kvt_trace_reader_fingerprint(h, buf)
+        return buf.value.decode("ascii")
+
     def _record_list(self):
         """The cached record dicts (not to be changed); TraceError once closed."""
         with self._use() as h:

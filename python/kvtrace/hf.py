@@ -32,6 +32,9 @@ which recomputes the whole sequence at every step), and an attention implementat
 registry: a model loaded with attn_implementation="eager" must be loaded with "sdpa" (or
 "flash_attention_2") instead.
 
+kvtrace.hf.e2e(model, "results.json", "sel.bin", "e2e.json") is the end-to-end check of a
+replay's proxies on the model (the kept sets as attention masks; _hf_e2e.py).
+
 The plain functions token_modality, mrope_positions and rope_positions hold the table
 logic; they take tensors or arrays and return NumPy arrays. Importing this module imports
 neither torch nor transformers.
@@ -1220,3 +1223,6 @@ def _crop_cache(cache, T):
     for lst in (cache.key_cache, cache.value_cache):  # transformers before 4.54
         for i, x in enumerate(lst):
             lst[i] = x[..., :T, :]
+
+
+from ._hf_e2e import e2e  # noqa: E402  (it uses this module's Capture and _crop_cache)

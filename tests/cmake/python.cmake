@@ -11,6 +11,8 @@
 #                                needs torch (Debian's python3-torch)
 #   test_python_hf_kvzip         kvtrace.hf.kvzip_scores against NumPy from uncached forwards,
 #                                and capture(kvzip=)
+#   test_python_hf_e2e           kvtrace.hf.e2e (the end-to-end check on a HF model) on the HF
+#                                stories260K against kvtrace e2e-llama2c on the C engine
 #   test_llama2c_hf_convert      stories260K as a HF Llama (python/kvtrace/llama2c_hf.py): the
 #                                RoPE channel order, an independent NumPy forward in HF's
 #                                convention against the llama2.c oracle and the C trace
@@ -61,7 +63,8 @@
 #                                do not rot between sessions that have a GPU
 if(KVT_SYS_PYTHON)
     foreach(t test_python_binding test_python_capture_llama2c test_python_hf_capture
-              test_python_hf_kvzip test_python_hf_reserve test_python_selection
+              test_python_hf_kvzip test_python_hf_reserve test_python_hf_e2e
+              test_python_selection
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
               test_expected_attention_synth test_lagkv test_noncausal_attention
               test_qfilter test_cur test_adaptive test_keydiff_block test_critical

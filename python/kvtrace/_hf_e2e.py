@@ -1,0 +1,487 @@
+"""kvtrace.hf.e2e: the end-to-end check of a replay's proxies on a transformers model, as
+`kvtrace e2e-llama2c` does it on the built-in llama2.c engine (analysis/RESULTS.md,
+"End-to-end check"; the same e2e.json, which `kvtrace report RESULTS --e2e e2e.json` plots).
+
+    kvtrace replay run.kvt --policies snapkv,h2o --budgets 64,128 -o results.json \\
+        --export-selection sel.bin
+    d = kvtrace.hf.e2e(model, "results.json", "sel.bin", "e2e.json")
+    d["spearman"]["err_decode_vs_kl"]
+
+The replay's kept sets (the selection export) mask the model's attention: for each trace, the
+prompt runs uncompressed, then the trace's decode steps run again, fed the same tokens
+(teacher forcing, all G in one forward call after the prompt's cache), once with the whole
+cache (the reference) and once per (policy, budget) with query head h of layer l attending
+only to the prompt tokens its set kept and to the decode tokens up to its own. The mask is
+handed to the model's own attention function (the registry entry, wrapped as capture() wraps
+it), so the model computes exactly as it would; the reference goes through the same masked
+path, so a setting that keeps everything has a KL of exactly 0.
+"""
+import functools
+import json
+import math
+import os
+
+import numpy as np
+
+from . import _lib
+from ._errors import TraceError
+from ._selection import Selection
+from ._trace import Trace, path_arg
+
+E2E_VERSION = 1
+KEY_TOLERANCE = 1e-2  # layer 0's keys against the trace's, over their scale (bf16: 2^-9)
+
+_ERR_IO = -1
+_ERR_CORRUPT = -3
+_ERR_INVALID = -7
+_ERR_STATE = -9
+_ERR_UNSUPPORTED = -13
+
+_MERGED_WHY = ("a merged policy: the selection export holds its representatives' token "
+               "indices, not the merged keys and values (kvtrace e2e-llama2c runs merged "
+               "policies on the built-in engine)")
+
+
+def _fail(msg, status=_ERR_INVALID):
+    return TraceError(status, "kvtrace.hf.e2e: " + msg)
+
+
+def _num(x):
+    """A finite float, else None (JSON null), as e2e-llama2c writes NaN and Inf."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _dec12(x):
+    return float("%.12f" % x)
+
+
+def _ranks(x):
+    """Average ranks (1-based); values equal to 12 decimal places tie (e2e-llama2c's rule)."""
+    q = [_dec12(v) for v in x]
+    return [sum(b < a for b in q) + (sum(b == a for b in q) + 1) / 2.0 for a in q]
+
+
+def spearman(x, y):
+    """Spearman's rho of two equal-length sequences: Pearson's correlation of their average
+    ranks; None below three values or when either side is constant."""
+    n = len(x)
+    if n < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx = sum(r / n for r in rx)
+    my = sum(r / n for r in ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    if sxx > 0 and syy > 0:
+        return sxy / math.sqrt(sxx * syy)
+    return None
+
+
+def _load_results(path):
+    try:
+        with open(path, "rb") as f:
+            res = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise _fail("cannot read %s: %s" % (path, e.strerror or e), _ERR_IO) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _fail("%s is not a results.json (not valid JSON: %s)" % (path, e),
+                    _ERR_CORRUPT) from None
+    ok = isinstance(res, dict) and res.get("results_version") == 1
+    st = res.get("settings") if ok else None
+    ok = ok and isinstance(st, dict) and isinstance(st.get("policies"), list) and \
+        isinstance(st.get("budgets"), list) and isinstance(res.get("traces"), list) and \
+        len(res["traces"]) > 0 and st["policies"] and st["budgets"]
+    if not ok:
+        raise _fail("%s is not a results.json of kvtrace replay (results_version 1 with "
+                    "settings, traces)" % path, _ERR_CORRUPT)
+    if res.get("shard") is not None:
+        raise _fail("%s is one part of a sharded replay (replay --shard): merge the parts "
+                    "with kvtrace merge first" % path)
+    n_runs = len(st["policies"]) * len(st["budgets"])
+    agg = res.get("aggregate")
+    for t, tr in enumerate(res["traces"]):
+        runs = tr.get("runs") if isinstance(tr, dict) else None
+        if not isinstance(runs, list) or len(runs) != n_runs or not isinstance(
+                tr.get("path"), str) or not isinstance(tr.get("n_tokens"), int):
+            raise _fail("%s: traces[%d] lacks its path, n_tokens or one run per (policy, "
+                        "budget)" % (path, t), _ERR_CORRUPT)
+    if not isinstance(agg, list) or len(agg) != n_runs:
+        raise _fail("%s has no aggregate of one entry per (policy, budget)" % path,
+                    _ERR_CORRUPT)
+    return res
+
+
+def _summary(run, key):
+    s = run.get("summary") if isinstance(run, dict) else None
+    return s.get(key) if isinstance(s, dict) else None
+
+
+def _same_replay(res, sel, rpath):
+    st = res["settings"]
+    labels = [p.get("label") for p in st["policies"]]
+    budgets = [b.get("text") for b in st["budgets"]]
+    paths = [t["path"] for t in res["traces"]]
+    if sel.shard is not None:
+        raise _fail("%s is one part of a sharded replay's selection export: merge the parts "
+                    "with kvtrace merge first" % sel.path)
+    for what, a, b in (("policies", [p["label"] for p in sel.policies], labels),
+                       ("budgets", sel.budgets, budgets), ("traces", sel.traces, paths)):
+        if a != b:
+            raise _fail("%s and %s are not from one replay: the export's %s are %s, the "
+                        "results' %s" % (sel.path, rpath, what, a, b))
+
+
+def _write_atomic(path, text, force):
+    if os.path.exists(path) and not force:
+        raise _fail("%s exists (pass force=True to overwrite it)" % path, _ERR_IO)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise _fail("%s exists and is not a regular file: refusing to replace it" % path,
+                    _ERR_IO)
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise _fail("cannot write %s: %s" % (path, e.strerror or e), _ERR_IO) from None
+
+
+class _Run(object):
+    """What one (policy, budget) did on one trace."""
+
+    def __init__(self, applied, kl_steps=None, top1=None, nll=None):
+        self.applied = applied
+        self.kl_steps = kl_steps  # [G] float
+        self.kl_mean = sum(kl_steps) / len(kl_steps) if applied else None
+        self.kl_max = max(kl_steps) if applied else None
+        self.top1, self.nll = top1, nll
+
+
+def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
+        force=False):
+    """The end-to-end check of a replay's proxies on a transformers model: e2e.json as
+    `kvtrace e2e-llama2c` writes it (analysis/RESULTS.md, "End-to-end check").
+
+    results: the results.json of `kvtrace replay` and selection: its `--export-selection`
+    file (a path or an open kvtrace.Selection), both from one replay of traces captured from
+    this model with decode steps (kvtrace.capture(..., decode=G)). traces: the trace paths
+    to use in place of the results' (moved files; each must have the fingerprint the results
+    name). prompt_inputs: per trace, a dict of keyword arguments for the prompt's forward call
+    in place of input_ids alone (a vision-language prompt's pixel_values and image_grid_thw,
+    with its input_ids, which must be the trace's token ids). out: where to write e2e.json
+    (force=True to overwrite it); None writes nothing.
+
+    For each trace the prompt runs uncompressed, then its decode steps again, fed the trace's
+    decode tokens, once with the whole cache and once per (policy, budget) with every layer's
+    and head's attention masked to the prompt tokens its kept set holds (a per-step policy's
+    set of that step) and the decode tokens; the next-token distributions give the KL
+    divergence from the uncompressed run, top-1 agreement and the reference token's log-loss.
+    Merged policies (lookm, elastic-cache, cam, lightkv-like, merge=) are listed with applied
+    false: the export holds no merged keys and values. Needs attn_implementation="sdpa" (the
+    mask is handed to the model's attention function), batch size 1, a dynamic cache that
+    holds every token (no sliding-window cache). Returns the e2e.json contents as a dict."""
+    import torch
+
+    from . import hf
+
+    rpath = os.fsdecode(path_arg(results)[0])
+    res = _load_results(rpath)
+    own_sel = not isinstance(selection, Selection)
+    sel = Selection(selection) if own_sel else selection
+    opened = []
+    try:
+        _same_replay(res, sel, rpath)
+        st = res["settings"]
+        n_pol, n_b = len(st["policies"]), len(st["budgets"])
+        rtr = res["traces"]
+        paths = [t["path"] for t in rtr] if traces is None else [
+            os.fsdecode(path_arg(p)[0]) for p in traces]
+        if len(paths) != len(rtr):
+            raise _fail("%d traces given, the results hold %d" % (len(paths), len(rtr)))
+        if prompt_inputs is not None and len(prompt_inputs) != len(paths):
+            raise _fail("prompt_inputs holds %d entries, one per trace (%d) is needed"
+                        % (len(prompt_inputs), len(paths)))
+        for p in [out] if out is not None else []:
+            p = os.fsdecode(path_arg(p)[0])
+            for other in [rpath, sel.path] + paths:
+                if os.path.exists(p) and os.path.exists(other) and os.path.samefile(p, other):
+                    raise _fail("out %s is an input (%s)" % (p, other))
+        cap = hf.Capture(model, os.devnull)  # the model checks and the attention registry
+        if cap.attn_implementation != "sdpa":
+            raise _fail("the model uses attn_implementation=%r, which takes no per-head 4-D "
+                        "attention mask: load it with attn_implementation=\"sdpa\""
+                        % (cap.attn_implementation,), _ERR_UNSUPPORTED)
+        L, Hq, Hkv, D = cap.n_layers, cap.n_q_heads, cap.n_kv_heads, cap.head_dim
+        group = Hq // Hkv
+        dev = next(model.parameters()).device
+        trs = []
+        for t, p in enumerate(paths):
+            if traces is None and not os.path.exists(p):
+                raise _fail("%s (traces[%d] of %s) does not exist: the results name the trace as "
+                            "replay was given it; pass traces=[...] with its path from here"
+                            % (p, t, rpath), _ERR_IO)
+            tr = Trace(p)
+            opened.append(tr)
+            trs.append(tr)
+            fp = rtr[t].get("fingerprint")
+            if isinstance(fp, str) and tr.fingerprint != fp:
+                raise _fail("%s is not the trace %s was replayed on as traces[%d] (fingerprint "
+                            "%s, the results' %s)" % (p, rpath, t, tr.fingerprint, fp))
+            m = tr.header.get("model") if isinstance(tr.header.get("model"), dict) else {}
+            got = tuple(m.get(k) for k in ("n_layers", "n_q_heads", "n_kv_heads", "head_dim"))
+            if got != (L, Hq, Hkv, D):
+                raise _fail("%s is another model (L=%s Hq=%s Hkv=%s D=%s) than this one (L=%d "
+                            "Hq=%d Hkv=%d D=%d): give the model the trace was captured from"
+                            % ((p,) + got + (L, Hq, Hkv, D)))
+
+        state = {"mode": None, "calls": 0, "k0": None, "T": 0, "mask": None, "err": None}
+        layer_of, slot, impl = cap._layer_of, cap._slot, cap.attn_implementation
+        orig = slot[impl]
+
+        def combine(am, keep, q, k):
+            T, nq, nk = state["T"], q.shape[-2], k.shape[-2]
+            if nk != T + nq:
+                raise _fail("a layer attends to %d keys, not the prompt's %d and the %d decode "
+                            "tokens: a cache that does not hold every token (sliding window) "
+                            "cannot be masked" % (nk, T, nq), _ERR_UNSUPPORTED)
+            allowed = torch.ones((Hq, nq, nk), dtype=torch.bool, device=q.device)
+            allowed[:, :, :T] = keep.to(q.device)
+            allowed[:, :, T:] = torch.ones(nq, nq, dtype=torch.bool, device=q.device).tril()
+            allowed = allowed[None]
+            if am is None:
+                return allowed
+            am = am[..., :nk]
+            if am.dtype == torch.bool:
+                return am & allowed
+            return torch.where(allowed, am, torch.full((), torch.finfo(am.dtype).min,
+                                                       dtype=am.dtype, device=am.device))
+
+        @functools.wraps(orig)
+        def e2e_attention(module, *args, **kwargs):
+            layer = layer_of.get(id(module))
+            if layer is not None and state["mode"] is not None:
+                args = list(args)
+                qk = args[:2] + [kwargs.get(n) for n in ("query", "key")[len(args[:2]):]]
+                if state["mode"] == "prompt":
+                    if layer == 0:
+                        state["k0"] = qk[1][0].detach().float().cpu().numpy()
+                else:
+                    pos = 3 if len(args) > 3 else None
+                    am = args[3] if pos else kwargs.get("attention_mask")
+                    am = combine(am, state["mask"](layer), qk[0], qk[1])
+                    if pos:
+                        args[3] = am
+                    else:
+                        kwargs["attention_mask"] = am
+                state["calls"] += 1
+            return orig(module, *args, **kwargs)
+
+        def forward(what, **kw):
+            state["calls"] = 0
+            o = model(use_cache=True, **kw)
+            if state["calls"] != L:
+                raise _fail("%s: %d of %d text attention layers called the registry entry %r"
+                            % (what, state["calls"], L, impl), _ERR_STATE)
+            return o
+
+        per_trace = []
+        slot[impl] = e2e_attention
+        try:
+            with torch.no_grad():
+                for t, tr in enumerate(trs):
+                    per_trace.append(_run_trace(
+                        torch, model, cap, tr, rtr[t], t, sel, st, state, forward,
+                        None if prompt_inputs is None else prompt_inputs[t], dev, group))
+        finally:
+            state["mode"] = None
+            if slot.get(impl) is e2e_attention:
+                slot[impl] = orig
+        doc = _document(res, per_trace, cap, paths, n_pol, n_b, model)
+    finally:
+        for tr in opened:
+            tr.close()
+        if own_sel:
+            sel.close()
+    if out is not None:
+        _write_atomic(os.fsdecode(path_arg(out)[0]), json.dumps(doc, indent="\t") + "\n",
+                      force)
+    return doc
+
+
+def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev, group):
+    """One trace: the uncompressed prompt, the reference decode and every setting's."""
+    from . import hf
+    path = tr.path if isinstance(tr.path, str) else os.fsdecode(tr.path)
+    T = int(tr.header.get("n_tokens", -1))
+    tok = tr.tokens
+    ids, dec = tok["token_ids"], tok["decode_token_ids"]
+    if ids is None or len(ids) != T:
+        raise _fail("%s has no token_ids table of its %d prompt tokens" % (path, T))
+    G = int(rt.get("n_decode") or 0)
+    if G == 0 and tr.has("Q_decode", 0):  # cut short: no proxies, layer 0's steps rerun
+        G = int(tr.shape("Q_decode", 0)[1])
+    if dec is not None:
+        G = min(G, len(dec))
+    if G < 1:
+        raise _fail("%s has no decode steps: the end-to-end check reruns them (capture with "
+                    "decode=G)" % path, _ERR_STATE)
+    V = int(getattr(model.config, "vocab_size", 0) or 0) or None
+    allids = np.concatenate([ids, dec[:G]]).astype(np.int64)
+    if V is not None and (allids.min() < 0 or allids.max() >= V):
+        bad = int(np.nonzero((allids < 0) | (allids >= V))[0][0])
+        raise _fail("%s: token id %d at position %d is outside the model's vocabulary of %d"
+                    % (path, int(allids[bad]), bad, V))
+    kw = dict(extra) if extra is not None else {}
+    if "input_ids" in kw:
+        given = np.asarray(kw["input_ids"].detach().cpu() if hasattr(kw["input_ids"], "detach")
+                           else kw["input_ids"]).reshape(-1)
+        if given.shape != ids.shape or not np.array_equal(given, ids):
+            raise _fail("prompt_inputs[%d]'s input_ids are not %s's %d prompt tokens"
+                        % (t, path, T))
+    kw["input_ids"] = torch.as_tensor(ids.astype(np.int64))[None].to(dev)
+    state.update(mode="prompt", T=T, k0=None)
+    o = forward("the prompt of " + path, **kw)
+    cache = o.past_key_values
+    if cache is None:
+        raise _fail("the model returned no KV cache (use_cache)", _ERR_STATE)
+    k0 = state["k0"]
+    kref = tr.read("K", layer=0, dtype="float32")
+    if k0 is None or k0.shape != kref.shape:
+        raise _fail("%s: layer 0's keys [%s] are not the model's %s" % (
+            path, ",".join(map(str, kref.shape)), None if k0 is None else list(k0.shape)))
+    kscale = float(np.abs(k0).max())
+    kerr = float(np.abs(kref.astype(np.float64) - k0).max())
+    kerr = kerr / kscale if kscale > 0 else kerr
+    if not kerr <= KEY_TOLERANCE:
+        raise _fail("%s was not captured from this model over its own tokens: layer 0's keys "
+                    "differ by %.3g of their scale" % (path, kerr))
+    dec_t = torch.as_tensor(dec[:G].astype(np.int64))[None].to(dev)
+    Hq = cap.n_q_heads
+
+    def decode(mask):
+        state.update(mode="decode", mask=mask)
+        try:
+            lg = forward("the decode steps of " + path, input_ids=dec_t,
+                         past_key_values=cache).logits[0, -G:]
+        finally:
+            state["mode"] = None
+            hf._crop_cache(cache, T)
+        return lg.float()
+
+    everything = torch.ones((Hq, 1, T), dtype=torch.bool)
+    ref_logits = decode(lambda layer: everything)
+    lp_ref = torch.log_softmax(ref_logits.double(), dim=-1)
+    ref = ref_logits.argmax(dim=-1)
+    steps = torch.arange(G, device=ref.device)
+    nll_full = float((-lp_ref[steps, ref]).sum()) / G
+    p_ref = lp_ref.exp()
+    runs = []
+    for p, pol in enumerate(st["policies"]):
+        merged = bool(pol.get("merged"))
+        per_step = bool(pol.get("per_step"))
+        qheads = sel.policies[p]["query_heads"]
+        for b in range(len(st["budgets"])):
+            if merged:
+                runs.append(_Run(False))
+                continue
+
+            def mask(layer, p=p, b=b, per_step=per_step, qheads=qheads):
+                if per_step:
+                    m = np.stack([sel.mask(p, b, layer, T, trace=t, step=g) for g in range(G)],
+                                 axis=1)
+                else:
+                    m = sel.mask(p, b, layer, T, trace=t)[:, None]
+                if not qheads:
+                    m = np.repeat(m, group, axis=0)
+                return torch.from_numpy(m)
+
+            lg = decode(mask)
+            lp = torch.log_softmax(lg.double(), dim=-1)
+            kl = (p_ref * (lp_ref - lp)).sum(dim=-1).clamp(min=0.0)
+            top1 = float((lg.argmax(dim=-1) == ref).sum()) / G
+            nll = float((-lp[steps, ref]).sum()) / G
+            runs.append(_Run(True, [float(x) for x in kl.cpu()], top1, nll))
+    return {"path": path, "fingerprint": tr.fingerprint, "T": T, "G": G, "kerr": kerr,
+            "nll_full": nll_full, "runs": runs, "rt": rt}
+
+
+def _document(res, per_trace, cap, paths, n_pol, n_b, model):
+    """e2e.json's contents, field for field as e2e-llama2c writes them."""
+    st = res["settings"]
+    n_tr = len(per_trace)
+    tv = cap.info.get("transformers_version")
+    doc = {"e2e_version": E2E_VERSION,
+           "generator": "kvtrace " + _lib.lib().kvt_version_string().decode(),
+           "model": cap.name,
+           "vocab_size": int(getattr(model.config, "vocab_size", 0) or 0),
+           "engine": {"name": "transformers", "version": tv,
+                      "attn_implementation": cap.attn_implementation,
+                      "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                      "device": str(next(model.parameters()).device)},
+           "traces": [], "runs": []}
+    for et, path in zip(per_trace, paths):
+        doc["traces"].append({"path": path, "fingerprint": et["fingerprint"],
+                              "n_prompt": et["T"], "n_decode": et["G"],
+                              "trace_key_error": _num(et["kerr"]),
+                              "nll_uncompressed": _num(et["nll_full"])})
+    e_x, e_kl, r_x, r_kl = [], [], [], []
+    for p in range(n_pol):
+        pol = st["policies"][p]
+        for b in range(n_b):
+            i = p * n_b + b
+            agg = res["aggregate"][i]
+            rs = [et["runs"][i] for et in per_trace]
+            applied = rs[0].applied
+            if applied and n_tr == 1:
+                kl, kl_max, top1, nll = rs[0].kl_mean, rs[0].kl_max, rs[0].top1, rs[0].nll
+            elif applied:
+                kl = sum(r.kl_mean / n_tr for r in rs)
+                top1 = sum(r.top1 / n_tr for r in rs)
+                nll = sum(r.nll / n_tr for r in rs)
+                kl_max = max(r.kl_max for r in rs)
+            else:
+                kl = kl_max = top1 = nll = None
+            run0 = per_trace[0]["rt"]["runs"][i]
+            o = {"policy": pol.get("label"), "name": pol.get("name"),
+                 "budget": st["budgets"][b].get("text"),
+                 "budget_tokens": run0.get("budget_tokens"),
+                 "kept_fraction": _num(_summary(agg, "kept_fraction")),
+                 "applied": applied}
+            if not applied:
+                o["why"] = _MERGED_WHY
+            o.update({"kl_mean": _num(kl), "kl_max": _num(kl_max),
+                      "top1_agreement": _num(top1), "nll_mean": _num(nll),
+                      "proxy": {k: _num(_summary(agg, k)) for k in (
+                          "err_decode", "recall_decode", "err_window", "recall_window")},
+                      "per_trace": []})
+            for et, r in zip(per_trace, rs):
+                tr_run = et["rt"]["runs"][i]
+                o["per_trace"].append({
+                    "budget_tokens": tr_run.get("budget_tokens"),
+                    "kl_mean": _num(r.kl_mean), "kl_max": _num(r.kl_max),
+                    "top1_agreement": _num(r.top1), "nll_mean": _num(r.nll),
+                    "kl_steps": [_num(x) for x in r.kl_steps] if r.applied else [],
+                    "proxy": {k: _num(_summary(tr_run, k)) for k in ("err_decode",
+                                                                     "recall_decode")}})
+            doc["runs"].append(o)
+            ed, rd = o["proxy"]["err_decode"], o["proxy"]["recall_decode"]
+            if applied and ed is not None:
+                e_x.append(ed)
+                e_kl.append(kl)
+            if applied and rd is not None:
+                r_x.append(1.0 - rd)
+                r_kl.append(kl)
+    doc["spearman"] = {"err_decode_vs_kl": _num(spearman(e_x, e_kl)),
+                       "missed_recall_decode_vs_kl": _num(spearman(r_x, r_kl)),
+                       "n_settings": len(e_x)}
+    return doc

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""test_python_hf_e2e.py - kvtrace.hf.e2e, the end-to-end check of a replay's proxies on a
+transformers model, against `kvtrace e2e-llama2c` on the built-in C engine.
+
+stories260K runs in both: as a llama2.c checkpoint in the C engine, and converted to a HF
+LlamaForCausalLM (python/kvtrace/llama2c_hf.py; the real transformers when it imports, else
+the stand-in in tests/oracle/hf_standin). HF's keys hold the llama2.c channels reordered
+(hf_channel_order), so each C-engine trace is copied with its K and query channels reordered
+that way (the HF model's own keys, which hf.e2e compares with the trace's): every policy's
+kept sets on the copy are checked to be the original's, record for record. Then:
+  * the bundled trace (T = 448, 64 decode steps; 12 policies with per-step, per-query-head
+    and merged ones, 3 budgets): every setting's KL (mean, max, each step), top-1 agreement
+    and log-loss equal e2e-llama2c's within float32 rounding (two engines, two summation
+    orders), the proxies, kept fractions and budget tokens exactly; `full` has KL exactly 0
+    and top-1 1; merged policies are listed, not applied, with why; Spearman's rho is that of
+    an independent NumPy rank correlation over the applied settings; `kvtrace report --e2e`
+    plots the file;
+  * two traces (the bundled one and a bf16 capture of another prompt): the runs' means, the
+    largest KL and each trace's own measures equal e2e-llama2c's on the originals; the same
+    with a model that hands its attention no mask (the stand-in's mask builder replaced), so
+    that hf.e2e's mask alone, decode causality included, masks it;
+  * refusals, each one message, with the attention registry restored after: a selection
+    export of another replay, a trace moved since the replay (then given with traces=, the
+    same runs), a trace that is not the one replayed (fingerprint), a trace of
+    another model's shape, a trace captured from another model (its keys), a trace without
+    decode steps, a sharded part, an existing out without force, out naming an input, an
+    attention implementation other than sdpa, prompt_inputs of other tokens.
+Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN. Exit 0 pass, 1 fail, 77 not run (no NumPy,
+torch or the CLI)."""
+import json
+import os
+import sys
+import tempfile
+
+from cli_test import ROOT, check, finish, need_library, raises, run
+
+import numpy as np
+
+try:
+    import torch
+except ImportError:
+    print("SKIP: torch is not installed for " + sys.executable)
+    sys.exit(77)
+try:
+    import transformers  # noqa: F401
+    STANDIN = False
+except ImportError:
+    sys.path.insert(0, os.path.join(ROOT, "tests", "oracle", "hf_standin"))
+    STANDIN = True
+
+kvtrace = need_library()
+from kvtrace import hf, llama2c_hf  # noqa: E402
+
+MODEL = os.path.join(ROOT, "models", "stories260K.bin")
+SAMPLE = os.path.join(ROOT, "traces", "samples", "stories260K.kvt")
+POLICIES = ("full,streamingllm,snapkv,pyramidkv,adakv,knorm,h2o,random,quest,hybridkv-like,"
+            "snapkv:heads=query,label=snapkv-q,lookm")
+BUDGETS = "48,96,25%"
+CHANNEL_KINDS = ("K", "Q_window", "Q_decode", "K_decode", "Q_all")
+
+
+def hf_order_copy(src, dst):
+    """src with its K and query channels in HF's order (and the header saying rotate_half)."""
+    with kvtrace.open(src) as t:
+        hdr = json.loads(json.dumps(t.header))
+        order = llama2c_hf.hf_channel_order(hdr["model"]["head_dim"])
+        hdr["model"]["rope"]["pairs"] = "half"
+        with kvtrace.TraceWriter(dst, hdr) as w:
+            for i, r in enumerate(t.records):
+                x = t.read_record(i)
+                if r["kind"] in CHANNEL_KINDS:
+                    x = np.ascontiguousarray(x[..., order])
+                at = {} if r["layer"] < 0 else {"layer": r["layer"]}
+                w.append(r["kind"], x, head_begin=r["head_begin"], tok_begin=r["tok_begin"], **at)
+    return dst
+
+
+def same_selections(a, b, what):
+    with kvtrace.read_selection(a) as x, kvtrace.read_selection(b) as y:
+        ra, rb = list(x.records()), list(y.records())
+    key = ("trace", "policy", "budget", "layer", "head", "step")
+    bad = sum(1 for p, q in zip(ra, rb) if any(p[k] != q[k] for k in key) or
+              not np.array_equal(p["kept"], q["kept"]))
+    check(len(ra) == len(rb) and len(ra) > 0 and bad == 0,
+          "%s: the HF-order copy's kept sets are the original's (%d/%d records, %d differ)"
+          % (what, len(ra), len(rb), bad))
+
+
+def close(a, b, rel=2e-4, abs_=2e-6):
+    return a is not None and b is not None and abs(a - b) <= abs_ + rel * abs(b)
+
+
+def same(p, q):
+    """Two proxy dicts equal to 1e-12 (null where the other is null)."""
+    return p.keys() == q.keys() and all(
+        (p[k] is None) == (q[k] is None) and (p[k] is None or close(p[k], q[k], 1e-12, 1e-15))
+        for k in p)
+
+
+def from_results(d, res):
+    """hf.e2e's proxies, kept fractions and budget tokens are the results.json's, exactly."""
+    with open(res) as f:
+        r = json.load(f)
+    ok = len(d["runs"]) == len(r["aggregate"])
+    for run_, agg in zip(d["runs"], r["aggregate"]):
+        s = agg["summary"]
+        ok = ok and run_["kept_fraction"] == s["kept_fraction"] and all(
+            run_["proxy"][k] == s.get(k) for k in run_["proxy"])
+        for t, pt in enumerate(run_["per_trace"]):
+            tr = r["traces"][t]["runs"][d["runs"].index(run_)]
+            ok = ok and pt["budget_tokens"] == tr["budget_tokens"] and all(
+                pt["proxy"][k] == tr["summary"].get(k) for k in pt["proxy"])
+    return ok
+
+
+def compare_run(h, c, what):
+    """One e2e.json run of hf.e2e against e2e-llama2c's."""
+    ok = (h["policy"], h["name"], h["budget"], h["budget_tokens"]) == (
+        c["policy"], c["name"], c["budget"], c["budget_tokens"])
+    # the replays of two traces, whose channels differ in order: the proxies agree to the
+    # last bits (a merged policy's merged keys are summed in another order)
+    ok = ok and same(h["proxy"], c["proxy"]) and h["kept_fraction"] == c["kept_fraction"]
+    if not h["applied"]:
+        return check(ok and c["applied"] and h["kl_mean"] is None and "merged" in h["why"],
+                     "%s %s %s: not applied, with why, proxies as e2e-llama2c's" % (
+                         what, h["policy"], h["budget"]))
+    ok = ok and close(h["kl_mean"], c["kl_mean"]) and close(h["kl_max"], c["kl_max"])
+    ok = ok and h["top1_agreement"] == c["top1_agreement"] and close(h["nll_mean"],
+                                                                     c["nll_mean"])
+    for hp, cp in zip(h["per_trace"], c["per_trace"]):
+        ok = ok and same(hp["proxy"], cp["proxy"]) and hp["budget_tokens"] == cp["budget_tokens"]
+        ok = ok and len(hp["kl_steps"]) == len(cp["kl_steps"]) and all(
+            close(x, y, 1e-3, 1e-5) for x, y in zip(hp["kl_steps"], cp["kl_steps"]))
+        ok = ok and close(hp["kl_mean"], cp["kl_mean"]) and hp["top1_agreement"] == \
+            cp["top1_agreement"]
+    return check(ok, "%s %s %s: KL %s against e2e-llama2c's %s, top-1 %s / %s" % (
+        what, h["policy"], h["budget"], h["kl_mean"], c["kl_mean"], h["top1_agreement"],
+        c["top1_agreement"]))
+
+
+def rho_numpy(x, y):
+    """Spearman's rho written apart: average ranks by sorting, Pearson with NumPy."""
+    def ranks(a):
+        a = np.round(np.asarray(a, float), 12)
+        order = np.argsort(a, kind="stable")
+        r = np.empty(len(a))
+        i = 0
+        while i < len(a):
+            j = i
+            while j + 1 < len(a) and a[order[j + 1]] == a[order[i]]:
+                j += 1
+            r[order[i:j + 1]] = (i + j) / 2.0 + 1
+            i = j + 1
+        return r
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def registry_entry():
+    from transformers import modeling_utils
+    return modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="kvt_hf_e2e_")
+    model = llama2c_hf.to_torch_model(MODEL, "float32", "cpu")
+    sdpa = registry_entry()
+
+    # ---- one trace: the bundled capture ----
+    hfk = hf_order_copy(SAMPLE, os.path.join(work, "hf.kvt"))
+    res, sel = os.path.join(work, "res.json"), os.path.join(work, "sel.bin")
+    run("replay", hfk, "--policies", POLICIES, "--budgets", BUDGETS, "-o", res,
+        "--export-selection", sel)
+    run("replay", SAMPLE, "--policies", POLICIES, "--budgets", BUDGETS, "-o",
+        os.path.join(work, "c_res.json"), "--export-selection", os.path.join(work, "c_sel.bin"))
+    same_selections(os.path.join(work, "c_sel.bin"), sel, "bundled trace")
+    c_e2e = os.path.join(work, "c_e2e.json")
+    run("e2e-llama2c", SAMPLE, "--model", MODEL, "--policies", POLICIES, "--budgets", BUDGETS,
+        "-o", c_e2e)
+    out = os.path.join(work, "e2e.json")
+    d = hf.e2e(model, res, sel, out)
+    with open(out) as f:
+        check(json.load(f) == d, "e2e.json holds the dict returned")
+    with open(c_e2e) as f:
+        c = json.load(f)
+    check(registry_entry() is sdpa, "the attention registry is restored after the run")
+    check(from_results(d, res), "proxies, kept fractions and budget tokens: results.json's")
+    check(len(d["runs"]) == len(c["runs"]) == 36, "36 runs (12 policies x 3 budgets)")
+    for h, cr in zip(d["runs"], c["runs"]):
+        compare_run(h, cr, "one trace")
+    t0, c0 = d["traces"][0], c["traces"][0]
+    with kvtrace.open(hfk) as t:
+        fp = t.fingerprint
+    with open(res) as f:
+        check(json.load(f)["traces"][0]["fingerprint"] == fp == t0["fingerprint"],
+              "the trace's fingerprint is results.json's and e2e.json's")
+    check((t0["n_prompt"], t0["n_decode"]) == (448, 64) and t0["trace_key_error"] < 1e-5 and
+          close(t0["nll_uncompressed"], c0["nll_uncompressed"]),
+          "trace facts: T 448, G 64, key error %.3g, reference log-loss %s / %s" % (
+              t0["trace_key_error"], t0["nll_uncompressed"], c0["nll_uncompressed"]))
+    full = [r for r in d["runs"] if r["name"] == "full"]
+    check(all(r["kl_mean"] == 0 and r["kl_max"] == 0 and r["top1_agreement"] == 1 and
+              set(r["per_trace"][0]["kl_steps"]) == {0} for r in full),
+          "full: KL exactly 0 at every step, top-1 exactly 1")
+    applied = [r for r in d["runs"] if r["applied"] and r["proxy"]["err_decode"] is not None]
+    rho = rho_numpy([r["proxy"]["err_decode"] for r in applied],
+                    [r["kl_mean"] for r in applied])
+    rho_r = rho_numpy([1 - r["proxy"]["recall_decode"] for r in applied
+                       if r["proxy"]["recall_decode"] is not None],
+                      [r["kl_mean"] for r in applied if r["proxy"]["recall_decode"] is not None])
+    sp = d["spearman"]
+    check(sp["n_settings"] == 33 and abs(sp["err_decode_vs_kl"] - rho) < 1e-12 and
+          abs(sp["missed_recall_decode_vs_kl"] - rho_r) < 1e-12 and rho > 0.8,
+          "Spearman's rho over the 33 applied settings: %s / %s (NumPy %s / %s)" % (
+              sp["err_decode_vs_kl"], sp["missed_recall_decode_vs_kl"], rho, rho_r))
+    check(d["engine"]["name"] == "transformers" and d["engine"]["attn_implementation"] == "sdpa"
+          and d["model"] and d["vocab_size"] == 512, "engine, model and vocabulary named")
+    rep = os.path.join(work, "report")
+    r = run("report", res, "--e2e", out, "-o", rep, ok=False)
+    check(r.returncode == 0 and os.path.exists(os.path.join(rep, "e2e.png")),
+          "kvtrace report --e2e plots hf.e2e's file: %s" % r.stderr.strip()[-300:])
+
+    # ---- two traces: a bf16 capture of another prompt beside the bundled one ----
+    second = os.path.join(work, "second.kvt")
+    run("capture-llama2c", "--model", MODEL, "--tokens", "160", "--decode", "20", "--window",
+        "32", "--seed", "5", "--dtype", "bf16", "-o", second)
+    hf2 = hf_order_copy(second, os.path.join(work, "hf2.kvt"))
+    pol2, bud2 = "streamingllm,snapkv,quest,snapkv:heads=query,label=sq", "32,25%"
+    res2, sel2 = os.path.join(work, "res2.json"), os.path.join(work, "sel2.bin")
+    run("replay", hfk, hf2, "--policies", pol2, "--budgets", bud2, "-o", res2,
+        "--export-selection", sel2)
+    run("replay", SAMPLE, second, "--policies", pol2, "--budgets", bud2, "-o",
+        os.path.join(work, "c_res2.json"), "--export-selection",
+        os.path.join(work, "c_sel2.bin"))
+    same_selections(os.path.join(work, "c_sel2.bin"), sel2, "two traces")
+    c2 = os.path.join(work, "c_e2e2.json")
+    run("e2e-llama2c", SAMPLE, second, "--model", MODEL, "--policies", pol2, "--budgets", bud2,
+        "-o", c2)
+    with open(c2) as f:
+        cc = json.load(f)
+    d2 = hf.e2e(model, res2, sel2)
+    check(not os.path.exists(os.path.join(work, "None")), "out=None writes nothing")
+    check([t["n_decode"] for t in d2["traces"]] == [64, 20] and
+          d2["traces"][1]["trace_key_error"] < 2 ** -8,
+          "two traces: 64 and 20 decode steps, the bf16 trace's key error %.3g" %
+          d2["traces"][1]["trace_key_error"])
+    check(from_results(d2, res2), "two traces: proxies and budget tokens as results.json's")
+    for h, cr in zip(d2["runs"], cc["runs"]):
+        compare_run(h, cr, "two traces")
+    check(len(d2["runs"]) == 8 and close(d2["spearman"]["err_decode_vs_kl"],
+                                         cc["spearman"]["err_decode_vs_kl"], 1e-9, 1e-9),
+          "two traces: 8 runs, rho %s (e2e-llama2c %s)" % (d2["spearman"]["err_decode_vs_kl"],
+                                                          cc["spearman"]["err_decode_vs_kl"]))
+
+    if STANDIN:  # a model that hands attention no mask of its own: hf.e2e's alone, causal too
+        from transformers.models.llama import modeling_llama
+        saved = modeling_llama._attention_mask_4d
+        modeling_llama._attention_mask_4d = lambda *a, **k: None
+        try:
+            d5 = hf.e2e(model, res2, sel2)
+        finally:
+            modeling_llama._attention_mask_4d = saved
+        check(all(close(a["kl_mean"], b["kl_mean"], 1e-6, 1e-9) and
+                  a["top1_agreement"] == b["top1_agreement"]
+                  for a, b in zip(d5["runs"], d2["runs"])),
+              "no mask from the model: the same runs as with its causal mask")
+
+    # ---- refusals ----
+    def refused(want, what, *args, **kw):
+        raises(kvtrace.TraceError, lambda: hf.e2e(*args, **kw), want, what)
+        check(registry_entry() is sdpa, "%s: the registry is restored" % what)
+
+    refused("are not from one replay", "a selection of another replay", model, res, sel2)
+    refused("is not the trace", "a trace that is not the one replayed", model, res, sel,
+            traces=[hf2])
+    refused("traces given", "a trace list of another length", model, res, sel,
+            traces=[hfk, hf2])
+    moved = os.path.join(work, "moved")
+    os.mkdir(moved)
+    os.rename(hfk, os.path.join(moved, "hf.kvt"))
+    refused("pass traces=[...]", "a trace moved since the replay", model, res, sel)
+    dm = hf.e2e(model, res, sel, traces=[os.path.join(moved, "hf.kvt")])
+    check(dm["runs"] == d["runs"] and dm["traces"][0]["path"].startswith(moved),
+          "traces= names the moved trace: the same runs, its path")
+    os.rename(os.path.join(moved, "hf.kvt"), hfk)
+    # the original C-engine trace: llama2.c channel order, so not this model's keys
+    refused("not captured from this model", "keys of another model", model,
+            os.path.join(work, "c_res.json"), os.path.join(work, "c_sel.bin"))
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(3)
+    other = LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")).eval()
+    refused("is another model", "a model of another shape", other, res, sel)
+    nodec = os.path.join(work, "nodec.kvt")
+    with kvtrace.open(hfk) as t:
+        with kvtrace.TraceWriter(nodec, t.header) as w:
+            w.append("token_ids", t.read("token_ids"))
+            for layer in t.layers():
+                for kind in ("K", "V", "Q_window"):
+                    w.append(kind, t.read(kind, layer), layer=layer)
+    res3, sel3 = os.path.join(work, "res3.json"), os.path.join(work, "sel3.bin")
+    run("replay", nodec, "--policies", "snapkv", "--budgets", "64", "-o", res3,
+        "--export-selection", sel3)
+    refused("has no decode steps", "a trace without decode steps", model, res3, sel3)
+    part, psel = os.path.join(work, "part.json"), os.path.join(work, "part.bin")
+    run("replay", hfk, "--policies", "snapkv", "--budgets", "64", "--shard", "0/2", "-o", part,
+        "--export-selection", psel)
+    refused("sharded replay", "a sharded part", model, part, psel)
+    refused("exists (pass force=True", "an existing out", model, res, sel, out)
+    refused("is an input", "out naming the results", model, res, sel, res, force=True)
+    with open(res) as f:
+        check(json.load(f)["results_version"] == 1, "the results are left as they were")
+    ids = kvtrace.open(hfk).tokens["token_ids"].astype(np.int64)
+    bad = torch.as_tensor(ids[::-1].copy())[None]
+    refused("are not", "prompt_inputs of other tokens", model, res, sel,
+            prompt_inputs=[{"input_ids": bad}])
+    d4 = hf.e2e(model, res2, sel2, prompt_inputs=[
+        {"input_ids": torch.as_tensor(ids)[None]}, None])
+    check(d4["runs"] == d2["runs"], "prompt_inputs of the trace's own tokens: the same runs")
+    from transformers import modeling_utils
+    reg = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    had = "flash_attention_2" in reg
+    if not had:  # the stand-in registers sdpa only: a stand-in entry under the name
+        reg["flash_attention_2"] = sdpa
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        refused("attn_implementation=\"sdpa\"", "flash attention", model, res, sel)
+    finally:
+        model.config._attn_implementation = "sdpa"
+        if not had:
+            del reg["flash_attention_2"]
+    finish("test_python_hf_e2e")
+
+
+if __name__ == "__main__":
+    main()
