@@ -21,7 +21,8 @@
 #             replay kernels, CUPTI timeline, replay --device cuda against the references
 #   replay    the replay benchmark of issue #7 (bench/run_gpu.sh; T=32768, 16 layers)
 #   hf        HF transformers capture: the binding's test against the real library, stories260K
-#             as an HF Llama vs the C engine's trace, a random Qwen2-VL with an image
+#             as an HF Llama vs the C engine's trace, a random Qwen2-VL with an image; and
+#             kvtrace.hf.e2e on the GPU against e2e-llama2c (hf_e2e_test)
 #   overhead  Llama-3-8B-shaped prefill with and without capture (bench/capture_overhead.py)
 #   sanitize  compute-sanitizer memcheck on the capture and replay kernels' tests, racecheck on
 #             the column sums
@@ -281,8 +282,10 @@ for step in $STEPS; do
             run hf_binding_test 90 env KVT_REQUIRE_CUDA_CAPTURE=1 "$PY" \
                 tests/oracle/test_python_hf_capture.py
             run hf_gpu_check 150 "$PY" scripts/gpu_hf_check.py
+            run hf_e2e_test 120 env KVT_TEST_DEVICE=cuda "$PY" tests/oracle/test_python_hf_e2e.py
         else
             no_bundle hf_binding_test
+            no_bundle hf_e2e_test
             no_bundle hf_gpu_check
         fi
         ;;

@@ -25,7 +25,8 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     another model's shape, a trace captured from another model (its keys), a trace without
     decode steps, a sharded part, an existing out without force, out naming an input, an
     attention implementation other than sdpa, prompt_inputs of other tokens.
-Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN. Exit 0 pass, 1 fail, 77 not run (no NumPy,
+Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN; KVT_TEST_DEVICE (default cpu; the GPU
+session's scripts/gpu_session.sh runs it with cuda and the real transformers). Exit 0 pass, 1 fail, 77 not run (no NumPy,
 torch or the CLI)."""
 import json
 import os
@@ -162,7 +163,11 @@ def registry_entry():
 
 def main():
     work = tempfile.mkdtemp(prefix="kvt_hf_e2e_")
-    model = llama2c_hf.to_torch_model(MODEL, "float32", "cpu")
+    device = os.environ.get("KVT_TEST_DEVICE") or "cpu"  # cuda in the GPU session
+    if device != "cpu" and not torch.cuda.is_available():
+        print("SKIP: KVT_TEST_DEVICE=%s, and torch sees no GPU" % device)
+        sys.exit(77)
+    model = llama2c_hf.to_torch_model(MODEL, "float32", device)
     sdpa = registry_entry()
 
     # ---- one trace: the bundled capture ----
