@@ -22,12 +22,14 @@ void kvt_e2e_free(kvt_e2e *e)
     for (size_t i = 0; e->runs && i < e->n_runs; i++) {
         kvt_free(e->runs[i].policy);
         kvt_free(e->runs[i].budget);
+        kvt_free(e->runs[i].why);
     }
     kvt_free(e->runs);
     for (size_t i = 0; e->traces && i < e->n_traces; i++)
         kvt_free(e->traces[i].path);
     kvt_free(e->traces);
     kvt_free(e->model);
+    kvt_free(e->engine);
     kvt_free(e);
 }
 
@@ -67,6 +69,36 @@ static char *str_dup(const cJSON *o, const char *key)
     return cJSON_IsString(x) ? kvt_strdup(x->valuestring) : NULL;
 }
 
+/* root's optional engine object (kvtrace.hf.e2e) as one line of text into *out (NULL when
+ * absent): its name and version, attention implementation, dtype and device, those it has */
+static kvt_status read_engine(const cJSON *root, const char *path, char **out)
+{
+    *out = NULL;
+    const cJSON *en = cJSON_GetObjectItemCaseSensitive(root, "engine");
+    if (!en)
+        return KVT_OK;
+    static const char *const keys[] = {"name", "version", "attn_implementation", "dtype", "device"};
+    const cJSON *v[5];
+    size_t n = 1;
+    for (int k = 0; k < 5; k++) {
+        v[k] = cJSON_IsObject(en) ? cJSON_GetObjectItemCaseSensitive(en, keys[k]) : NULL;
+        KVT_RETURN_IF(!cJSON_IsObject(en) || (v[k] && !cJSON_IsString(v[k])), KVT_ERR_CORRUPT,
+                      "%s: engine is not an object of strings (name, version, "
+                      "attn_implementation, dtype, device)",
+                      path);
+        n += v[k] ? strlen(v[k]->valuestring) + 4 : 0;
+    }
+    char *s = kvt_calloc(n, 1);
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "out of memory");
+    for (int k = 0; k < 5; k++) /* "name version, attn, dtype on device" */
+        if (v[k] && v[k]->valuestring[0]) {
+            const char *sep = !s[0] ? "" : k == 1 ? " " : k == 4 ? " on " : ", ";
+            strcat(strcat(s, sep), v[k]->valuestring);
+        }
+    *out = s;
+    return KVT_OK;
+}
+
 kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e **out)
 {
     *out = NULL;
@@ -102,6 +134,8 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
                            path);
         goto out_free;
     }
+    if ((st = read_engine(root, path, &e->engine)))
+        goto out_free;
     e->n_traces = (size_t)cJSON_GetArraySize(trs);
     if (e->n_traces == 0 || !(e->traces = kvt_calloc(e->n_traces, sizeof(*e->traces)))) {
         st = e->n_traces ? kvt_error_set(KVT_ERR_NOMEM, "out of memory")
@@ -165,6 +199,15 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
             goto out_free;
         }
         x->applied = cJSON_IsTrue(ap);
+        const cJSON *why = cJSON_GetObjectItemCaseSensitive(o, "why");
+        if (why && !cJSON_IsString(why)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: runs[%zu].why is not a string", path, i);
+            goto out_free;
+        }
+        if (why && !(x->why = kvt_strdup(why->valuestring))) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
         if (x->applied &&
             !(x->kl_mean >= 0 && x->kl_max >= x->kl_mean && x->top1 >= 0 && x->top1 <= 1)) {
             st = kvt_error_set(KVT_ERR_CORRUPT,

@@ -1071,7 +1071,13 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
     const kvt_e2e *e = pl->e2e;
     char a[32], b[32], c[32], d[32], g[32], h[32];
     fputs("<h2 id=\"e2e\">End to end: do the proxies predict the model's output?</h2>\n<p>", f);
-    fputs("<code>kvtrace e2e-llama2c</code> reran the decode steps of ", f);
+    if (e->engine) { /* kvtrace.hf.e2e on a transformers model */
+        fputs("<code>kvtrace.hf.e2e</code> (", f);
+        put_escaped(f, e->engine);
+        fputs(") reran the decode steps of ", f);
+    } else {
+        fputs("<code>kvtrace e2e-llama2c</code> reran the decode steps of ", f);
+    }
     for (size_t t = 0; t < e->n_traces; t++) {
         fputs(t ? (t + 1 == e->n_traces ? " and " : ", ") : "", f);
         put_escaped(f, e->traces[t].path);
@@ -1124,7 +1130,14 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
                     kvt_report_num(x->kl_max, g, sizeof(g)),
                     kvt_report_num(100.0 * x->top1, h, sizeof(h)),
                     kvt_report_num(x->nll, a, sizeof(a)));
-        else
+        else if (e->engine) { /* kvtrace.hf.e2e: merged policies are not run, the file says why */
+            fputs("<td colspan=\"4\" class=\"e2e-why\">not run", f);
+            if (x->why) {
+                fputs(": ", f);
+                put_escaped(f, x->why);
+            }
+            fputs("</td></tr>\n", f);
+        } else
             fputs("<td colspan=\"4\">not run (an e2e.json of a kvtrace before 2026-12-06, which "
                   "did not run merged policies)</td></tr>\n",
                   f);

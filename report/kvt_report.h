@@ -268,6 +268,7 @@ typedef struct kvt_e2e_run {
     char *policy, *budget; /* label and budget text */
     int budget_tokens;     /* the budget in tokens on the trace (>= 1) */
     bool applied;          /* false: a merged policy, not run (every measure NaN) */
+    char *why;             /* why it was not run, as the file says (NULL: it says nothing) */
     double kept_fraction, kl_mean, kl_max, top1, nll;
     double err_decode, recall_decode; /* the replay's proxies */
 } kvt_e2e_run;
@@ -280,7 +281,10 @@ typedef struct kvt_e2e_trace {
 } kvt_e2e_trace;
 
 typedef struct kvt_e2e {
-    char *model; /* path as the command was given it */
+    char *model;  /* path as the command was given it (kvtrace.hf.e2e: the model's name) */
+    char *engine; /* what ran the model: "transformers 4.56.0, sdpa, bfloat16, cuda:0" from the
+                     file's engine object (kvtrace.hf.e2e); NULL: the built-in llama2.c engine
+                     (kvtrace e2e-llama2c writes none) */
     size_t n_traces;
     kvt_e2e_trace *traces;
     size_t n_runs;

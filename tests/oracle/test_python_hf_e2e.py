@@ -14,7 +14,8 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     orders), the proxies, kept fractions and budget tokens exactly; `full` has KL exactly 0
     and top-1 1; merged policies are listed, not applied, with why; Spearman's rho is that of
     an independent NumPy rank correlation over the applied settings; `kvtrace report --e2e`
-    plots the file;
+    plots the file, names the engine that ran it and says why the merged settings did not
+    run, and refuses an engine or a why of the wrong type;
   * two traces (the bundled one and a bf16 capture of another prompt): the runs' means, the
     largest KL and each trace's own measures equal e2e-llama2c's on the originals; the same
     with a model that hands its attention no mask (the stand-in's mask builder replaced), so
@@ -223,6 +224,27 @@ def main():
     r = run("report", res, "--e2e", out, "-o", rep, ok=False)
     check(r.returncode == 0 and os.path.exists(os.path.join(rep, "e2e.png")),
           "kvtrace report --e2e plots hf.e2e's file: %s" % r.stderr.strip()[-300:])
+    page = open(os.path.join(rep, "index.html")).read() if r.returncode == 0 else ""
+    intro = "<code>kvtrace.hf.e2e</code> (transformers %s, sdpa, float32 on %s)" % (
+        d["engine"]["version"], d["engine"]["device"])
+    why = '<td colspan="4" class="e2e-why">not run: a merged policy: the selection export'
+    check(intro in page and page.count(why) == 3,
+          "the report names the engine (%r) and says why lookm's 3 settings did not run"
+          % intro)
+    for name, doc, want in (
+            ("engine.json", dict(d, engine="transformers"), "engine is not an object"),
+            ("engine2.json", dict(d, engine=dict(d["engine"], dtype=16)),
+             "engine is not an object of strings"),
+            ("why.json", dict(d, runs=[dict(d["runs"][-1], why=1)]), "runs[0].why is not a "
+             "string")):
+        bp = os.path.join(work, name)
+        with open(bp, "w") as f:
+            json.dump(doc, f)
+        rd = os.path.join(work, "rep_" + name)
+        r = run("report", res, "--e2e", bp, "-o", rd, ok=False)
+        check(r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and
+              want in r.stderr and not os.path.exists(rd + "/index.html"),
+              "report --e2e %s refused: exit %d %r" % (name, r.returncode, r.stderr))
 
     # ---- two traces: a bf16 capture of another prompt beside the bundled one ----
     second = os.path.join(work, "second.kvt")
