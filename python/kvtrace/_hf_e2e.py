@@ -349,6 +349,8 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
             raise _fail("prompt_inputs[%d]'s input_ids are not %s's %d prompt tokens"
                         % (t, path, T))
     kw["input_ids"] = torch.as_tensor(ids.astype(np.int64))[None].to(dev)
+    for k, v in hf._last_logits_only(model).items():  # the prompt's logits are not read
+        kw.setdefault(k, v)
     state.update(mode="prompt", T=T, k0=None)
     o = forward("the prompt of " + path, **kw)
     cache = o.past_key_values

@@ -1178,8 +1178,9 @@ def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=
 
     slot, impl = cap._slot, cap.attn_implementation
     dev = next(model.parameters()).device
+    last = _last_logits_only(model)  # no pass here reads the logits
     with torch.no_grad():
-        out = model(input_ids=ids.to(dev), use_cache=True)
+        out = model(input_ids=ids.to(dev), use_cache=True, **last)
         cache = out.past_key_values
         if cache is None:
             raise _fail("kvzip_scores: the model returned no KV cache (use_cache)", _ERR_STATE)
@@ -1192,7 +1193,7 @@ def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=
                 lead = first_ids if i == 0 else later_ids + prev[max(len(prev) - tail, 0):]
                 rep = torch.tensor([lead + suffix_ids + ctx], dtype=ids.dtype, device=dev)
                 run.update(start=a, end=b, calls=0)
-                model(input_ids=rep, past_key_values=cache, use_cache=True)
+                model(input_ids=rep, past_key_values=cache, use_cache=True, **last)
                 if run["calls"] != L:
                     raise _fail("kvzip_scores: %d of %d text attention layers called the "
                                 "registry entry %r" % (run["calls"], L, impl))
@@ -1208,6 +1209,21 @@ def kvzip_scores(model, input_ids, *, tokenizer=None, chunk=2048, prefix_length=
                       "first_instruction_ids": len(first_ids),
                       "later_instruction_ids": len(later_ids), "suffix_ids": len(suffix_ids)}
     return out
+
+
+def _last_logits_only(model):
+    """Keyword arguments that make a causal LM's forward compute the logits of the last
+    position alone (logits_to_keep=1, num_logits_to_keep=1 before transformers 4.50), where
+    its forward takes one: a prompt's [T, vocab] float32 logits are gigabytes at long T (16 GiB
+    for 32K tokens of a 128K vocabulary). {} where it takes neither."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
 
 
 def _crop_cache(cache, T):

@@ -20,6 +20,8 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     largest KL and each trace's own measures equal e2e-llama2c's on the originals; the same
     with a model that hands its attention no mask (the stand-in's mask builder replaced), so
     that hf.e2e's mask alone, decode causality included, masks it;
+  * the prompt's forward call computes the last position's logits only (logits_to_keep=1),
+    as do kvzip_scores' calls; the decode steps' call all G;
   * refusals, each one message, with the attention registry restored after: a selection
     export of another replay, a trace moved since the replay (then given with traces=, the
     same runs), a trace that is not the one replayed (fingerprint), a trace of
@@ -277,6 +279,31 @@ def main():
                                          cc["spearman"]["err_decode_vs_kl"], 1e-9, 1e-9),
           "two traces: 8 runs, rho %s (e2e-llama2c %s)" % (d2["spearman"]["err_decode_vs_kl"],
                                                           cc["spearman"]["err_decode_vs_kl"]))
+
+    # the prompt's forward computes the last position's logits only (a long prompt's [T, V]
+    # logits are gigabytes); the decode steps' forward all G; kvzip_scores' passes the last
+    import functools
+    seen = []
+    plain = model.forward
+
+    @functools.wraps(plain)
+    def recording(*a, **kw):
+        seen.append((kw["input_ids"].shape[1], kw.get("logits_to_keep")))
+        return plain(*a, **kw)
+
+    model.forward = recording
+    try:
+        hf.e2e(model, res2, sel2)
+        n_pro = len(seen)
+        hf.kvzip_scores(model, kvtrace.open(hf2).tokens["token_ids"][None].astype(np.int64),
+                        chunk=64)
+    finally:
+        del model.forward
+    want = [(448, 1)] + [(64, None)] * 9 + [(160, 1)] + [(20, None)] * 9
+    check(seen[:n_pro] == want and len(seen) == n_pro + 4 and
+          all(k == 1 for _, k in seen[n_pro:]),
+          "logits_to_keep=1 for the prompts and kvzip's passes, all logits for the decode "
+          "steps: %s" % seen)
 
     if STANDIN:  # a model that hands attention no mask of its own: hf.e2e's alone, causal too
         from transformers.models.llama import modeling_llama
