@@ -138,7 +138,8 @@ static int by_tensor(const void *a, const void *b)
 /* What traces/FORMAT.md asks of a tensor's records as a whole (another writer may not have
  * kept to it; kvtrace's refuses it at append): one dtype and dim, no overlap (checked exactly,
  * kvt_records_overlap), and (in a finished trace) no rows missing from [0, max Head_End) x
- * [0, max Tok_End), found by area once there is no overlap. Records of a kind this version
+ * [0, max Tok_End), found by area once there is no overlap; a token table of the shape a table
+ * has ([1, n, 1]; positions [1 or 3, T, 1]). Records of a kind this version
  * does not know are skipped, as a reader skips them; meta_json records overlap by design. */
 static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished,
                                 kvt_verify_report *rep, size_t *cap)
@@ -202,6 +203,15 @@ static kvt_status check_tensors(const kvt_rec_hdr *recs, size_t n, bool finished
                             "%s: its records leave %llu of its %u heads x %u token rows "
                             "uncovered (unreadable)",
                             name, (unsigned long long)(want - covered), H, T);
+        /* a token table (kinds 16 and up) is [1, n, 1], positions [1 or 3, T, 1]: kvtrace's
+           writer refuses other blocks, another writer's are named here */
+        const uint32_t rows_max = f->kind == KVT_KIND_POSITIONS ? 3 : 1;
+        if (s == KVT_OK && !mixed && f->kind >= KVT_KIND_TOKEN_IDS && (H > rows_max || f->dim != 1))
+            s = add_problem(rep, cap, f->file_offset, -1, f->kind, f->layer,
+                            "%s: a table of %u rows and dim %u, not [%s, n, 1] "
+                            "(traces/FORMAT.md): readers refuse it or take its first row and "
+                            "column",
+                            name, H, f->dim, rows_max == 3 ? "1 or 3" : "1");
     }
     kvt_free(k);
     kvt_free(g);
