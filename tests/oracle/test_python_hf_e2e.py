@@ -26,7 +26,8 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     export of another replay, a trace moved since the replay (then given with traces=, the
     same runs), a trace that is not the one replayed (fingerprint), a trace of
     another model's shape, a trace captured from another model (its keys), a trace without
-    decode steps, a sharded part, an existing out without force, out naming an input, an
+    decode steps, a sharded part, an existing out without force, out naming an input, a full
+    disk (the old out kept, no temporary file left), an
     attention implementation other than sdpa, prompt_inputs of other tokens.
 Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN; KVT_TEST_DEVICE (default cpu; the GPU
 session's scripts/gpu_session.sh runs it with cuda and the real transformers). Exit 0 pass, 1 fail, 77 not run (no NumPy,
@@ -363,6 +364,22 @@ def main():
     refused("sharded replay", "a sharded part", model, part, psel)
     refused("exists (pass force=True", "an existing out", model, res, sel, out)
     refused("is an input", "out naming the results", model, res, sel, res, force=True)
+    # a full disk (here RLIMIT_FSIZE: write() fails with EFBIG): one message naming the file,
+    # the old e2e.json left as it was, no temporary file left beside it
+    import resource
+    import signal
+    before = open(out, "rb").read()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+    try:
+        refused("cannot write " + out, "a full disk", model, res, sel, out, force=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    check(open(out, "rb").read() == before and
+          not [f for f in os.listdir(work) if f.startswith("e2e.json.tmp")],
+          "a full disk: e2e.json as it was, no temporary file left")
     with open(res) as f:
         check(json.load(f)["results_version"] == 1, "the results are left as they were")
     ids = kvtrace.open(hfk).tokens["token_ids"].astype(np.int64)
