@@ -3,6 +3,7 @@
  * policy's knee budget, and per-layer / per-head budgets. Thin: the logic is in report/
  * (kvt_recommend). Exit 0: recommended; 3: no setting meets the target; 1: error; 2: usage.
  */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -32,10 +33,42 @@ static void say_not_met(const char *cmd, const kvt_recommendation *rec)
                 mn, rel, rec->target);
 }
 
+/* recommend --e2e: the cheapest setting whose measured mean KL is at most max_kl */
+static int recommend_e2e(const char *cmd, const char *path, double max_kl, bool json)
+{
+    kvt_e2e *e = NULL;
+    kvt_e2e_choice *c = NULL;
+    kvt_status st;
+    int rc = 1;
+    if ((st = kvt_e2e_read(path, &e)) || (st = kvt_recommend_e2e(e, max_kl, &c))) {
+        kvt_cli_fail_status(cmd, st, path);
+        goto out;
+    }
+    st = json ? kvt_e2e_choice_write_json(c, e, stdout) : kvt_e2e_choice_print(c, e, stdout);
+    if (st) {
+        kvt_cli_fail_status(cmd, st, "stdout");
+        goto out;
+    }
+    fflush(stdout);
+    rc = 0;
+    if (!c->found) { /* a documented outcome (exit 3), one line without "error:" */
+        fprintf(stderr,
+                "kvtrace %s: no setting meets the target: mean KL <= %g nats in %s (%zu "
+                "candidate setting%s)\n",
+                cmd, max_kl, path, c->n_candidates, c->n_candidates == 1 ? "" : "s");
+        rc = EXIT_NOT_MET;
+    }
+out:
+    kvt_e2e_choice_free(c);
+    kvt_e2e_free(e);
+    return rc;
+}
+
 static void help(void)
 {
     printf("usage: kvtrace recommend RESULTS [--max-error E | --min-recall R] [--metric NAME]\n"
-           "                         [--json]\n\n"
+           "                         [--json]\n"
+           "       kvtrace recommend --e2e E2E.json [--max-kl K] [--json]\n\n"
            "Read a results.json (kvtrace replay) and print the cheapest (policy, budget) whose\n"
            "aggregate quality meets the target (cost = kept KV entries), the knee budget of\n"
            "each policy's curve, and the smallest measured budget meeting the target on each\n"
@@ -50,12 +83,21 @@ static void help(void)
            "                  default: the decode metric when decode queries were measured,\n"
            "                  else the window one\n"
            "  --json          print one JSON object instead of text\n\n"
+           "With --e2e, from the end-to-end check instead (kvtrace e2e-llama2c or\n"
+           "kvtrace.hf.e2e, which ran the model with each setting's kept sets): the cheapest\n"
+           "applied setting (smallest kept share of the KV cache) whose measured mean\n"
+           "next-token KL divergence from the uncompressed run is at most K, and each\n"
+           "policy's cheapest budget meeting it. No RESULTS: the e2e.json holds the settings.\n\n"
+           "  --e2e FILE      an e2e.json\n"
+           "  --max-kl K      mean KL (nats) must be <= K (default 0.1)\n\n"
            "exit status: 0 recommended, 3 no setting meets the target, 1 error, 2 usage\n");
 }
 
 int kvt_cmd_recommend(int argc, char **argv)
 {
-    const char *cmd = "recommend", *path = NULL;
+    const char *cmd = "recommend", *path = NULL, *e2e_path = NULL;
+    double max_kl = 0.1;
+    bool have_kl = false;
     kvt_cli_target tg;
     bool json = false;
     kvt_results *res = NULL;
@@ -76,6 +118,19 @@ int kvt_cmd_recommend(int argc, char **argv)
             continue;
         if (!strcmp(a, "--json")) {
             json = true;
+        } else if (!strcmp(a, "--e2e") || !strcmp(a, "--max-kl")) {
+            if (i + 1 >= argc) {
+                kvt_cli_fail(cmd, "%s needs a value", a);
+                return 2;
+            }
+            const char *v = argv[++i];
+            if (a[2] == 'e')
+                e2e_path = v;
+            else if (!kvt_cli_parse_double(v, &max_kl) || !isfinite(max_kl) || max_kl < 0) {
+                kvt_cli_fail(cmd, "--max-kl %s: expected a finite number >= 0 (nats)", v);
+                return 2;
+            } else
+                have_kl = true;
         } else if (a[0] == '-' && a[1]) {
             kvt_cli_fail(cmd, "unknown option %s (see kvtrace recommend --help)", a);
             return 2;
@@ -84,6 +139,19 @@ int kvt_cmd_recommend(int argc, char **argv)
             return 2;
         } else
             path = a;
+    }
+    if (e2e_path || have_kl) {
+        const char *why = !e2e_path ? "--max-kl needs --e2e E2E.json (the measured KL)"
+                          : path    ? "--e2e recommends from the e2e.json alone: give no RESULTS"
+                          : tg.have_max || tg.have_min || tg.metric
+                              ? "--e2e recommends by the measured KL (--max-kl K), not by "
+                                "--max-error, --min-recall or --metric"
+                              : NULL;
+        if (why) {
+            kvt_cli_fail(cmd, "%s", why);
+            return 2;
+        }
+        return recommend_e2e(cmd, e2e_path, max_kl, json);
     }
     if (!path) {
         kvt_cli_fail(cmd, "no results file (usage: kvtrace recommend RESULTS [--max-error E])");

@@ -23,6 +23,7 @@ void kvt_e2e_free(kvt_e2e *e)
         kvt_free(e->runs[i].policy);
         kvt_free(e->runs[i].budget);
         kvt_free(e->runs[i].why);
+        kvt_free(e->runs[i].name);
     }
     kvt_free(e->runs);
     for (size_t i = 0; e->traces && i < e->n_traces; i++)
@@ -199,6 +200,15 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
             goto out_free;
         }
         x->applied = cJSON_IsTrue(ap);
+        const cJSON *nm = cJSON_GetObjectItemCaseSensitive(o, "name");
+        if (nm && !cJSON_IsString(nm)) {
+            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: runs[%zu].name is not a string", path, i);
+            goto out_free;
+        }
+        if (nm && !(x->name = kvt_strdup(nm->valuestring))) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            goto out_free;
+        }
         const cJSON *why = cJSON_GetObjectItemCaseSensitive(o, "why");
         if (why && !cJSON_IsString(why)) {
             st = kvt_error_set(KVT_ERR_CORRUPT, "%s: runs[%zu].why is not a string", path, i);

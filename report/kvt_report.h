@@ -266,6 +266,7 @@ kvt_status kvt_report_write(const kvt_results *r, const char *dir,
 /** One (policy, budget) of an e2e.json; NaN where the file has null. */
 typedef struct kvt_e2e_run {
     char *policy, *budget; /* label and budget text */
+    char *name;            /* registry name ("snapkv"); NULL where the file has none */
     int budget_tokens;     /* the budget in tokens on the trace (>= 1) */
     bool applied;          /* false: a merged policy, not run (every measure NaN) */
     char *why;             /* why it was not run, as the file says (NULL: it says nothing) */
@@ -306,6 +307,36 @@ void kvt_e2e_free(kvt_e2e *e);
  *  file, however spelt, as seen from the current directory).
  *  @return its index in r->traces, or -1 when r holds none. */
 long kvt_e2e_find_trace(const kvt_e2e *e, size_t k, const kvt_results *r);
+/** `kvtrace recommend --e2e`: the cheapest setting whose measured mean next-token KL is at most
+ *  a target, from an e2e.json alone (cost: its kept_fraction, the share of the KV cache's
+ *  entries kept, the same denominator for every setting of one check). */
+typedef struct kvt_e2e_choice {
+    double max_kl; /* the target: kl_mean <= max_kl */
+    bool found;    /* a candidate meets it */
+    long best;     /* index into e->runs of the recommendation (found), else -1 */
+    long nearest;  /* when not found: the candidate of the smallest kl_mean, else -1 */
+    size_t n_candidates;
+    size_t n_policies; /* the runs' policy labels in first-appearance order */
+    const char **policy;
+    bool *candidate_policy; /* [n_policies] false for the references full and oracle */
+    long *cheapest;         /* [n_policies] its cheapest run meeting the target, or -1 */
+    long *lowest;           /* [n_policies] its candidate run of the smallest kl_mean (ties: the
+                               cheaper), or -1 */
+} kvt_e2e_choice;
+/** Choose. Candidates: applied runs with a finite kl_mean and a kept_fraction below 1, of any
+ *  policy but the references full and oracle (by registry name, else label). The cheapest is
+ *  the smallest kept_fraction; ties go to the smaller kl_mean, then to the earlier run.
+ *  @param out free with kvt_e2e_choice_free. @return KVT_OK (also when nothing meets the
+ *  target: found false), KVT_ERR_INVALID_ARG (max_kl not >= 0), KVT_ERR_NOMEM. */
+kvt_status kvt_recommend_e2e(const kvt_e2e *e, double max_kl, kvt_e2e_choice **out);
+void kvt_e2e_choice_free(kvt_e2e_choice *c);
+/** The choice as text (the setting, its KL, top-1 agreement, kept share, the proxies there, the
+ *  engine and traces it was measured on, the cheapest budget of each policy).
+ *  @return KVT_OK or KVT_ERR_IO. */
+kvt_status kvt_e2e_choice_print(const kvt_e2e_choice *c, const kvt_e2e *e, FILE *f);
+/** The same as one JSON object (analysis/RESULTS.md, "recommend --e2e --json").
+ *  @return KVT_OK, KVT_ERR_NOMEM, KVT_ERR_IO. */
+kvt_status kvt_e2e_choice_write_json(const kvt_e2e_choice *c, const kvt_e2e *e, FILE *f);
 /** PNG scatter: each applied setting's proxy err_decode (x) against its mean next-token KL
  *  (y), one colour per policy, Spearman's rho in the title. */
 kvt_status kvt_report_plot_e2e(const kvt_e2e *e, const char *path, int width, int height);

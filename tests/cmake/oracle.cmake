@@ -13,9 +13,11 @@
 #                                kept sets, knorm's metrics from -|k|, bad files
 #   test_e2e_llama2c             kvtrace e2e-llama2c: the decode rerun with each policy's kept
 #                                sets against llama2c_oracle.py's masked float64 forward
+#   test_recommend_e2e           kvtrace recommend --e2e: the cheapest setting of a measured KL
+#                                on a hand-made e2e.json and against the rule on a real one
 if(KVT_SYS_PYTHON)
     foreach(t test_replay_oracle_selftest test_peer_torch test_format_spec test_external_policy
-              test_e2e_llama2c test_replay_cut_decode)
+              test_e2e_llama2c test_replay_cut_decode test_recommend_e2e)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)
