@@ -211,11 +211,15 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
         if prompt_inputs is not None and len(prompt_inputs) != len(paths):
             raise _fail("prompt_inputs holds %d entries, one per trace (%d) is needed"
                         % (len(prompt_inputs), len(paths)))
-        for p in [out] if out is not None else []:
+        for p in [out] if out is not None else []:  # refused before the model runs
             p = os.fsdecode(path_arg(p)[0])
             for other in [rpath, sel.path] + paths:
                 if os.path.exists(p) and os.path.exists(other) and os.path.samefile(p, other):
                     raise _fail("out %s is an input (%s)" % (p, other))
+            if os.path.exists(p) and not force:
+                raise _fail("%s exists (pass force=True to overwrite it)" % p, _ERR_IO)
+            if not os.path.isdir(os.path.dirname(os.path.abspath(p))):
+                raise _fail("cannot write %s: its directory does not exist" % p, _ERR_IO)
         cap = hf.Capture(model, os.devnull)  # the model checks and the attention registry
         if cap.attn_implementation != "sdpa":
             raise _fail("the model uses attn_implementation=%r, which takes no per-head 4-D "
@@ -244,7 +248,7 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
                             "Hq=%d Hkv=%d D=%d): give the model the trace was captured from"
                             % ((p,) + got + (L, Hq, Hkv, D)))
 
-        state = {"mode": None, "calls": 0, "k0": None, "T": 0, "mask": None, "err": None}
+        state = {"mode": None, "calls": 0, "k0": None, "T": 0, "mask": None}
         layer_of, slot, impl = cap._layer_of, cap._slot, cap.attn_implementation
         orig = slot[impl]
 
@@ -335,6 +339,10 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
     if G < 1:
         raise _fail("%s has no decode steps: the end-to-end check reruns them (capture with "
                     "decode=G)" % path, _ERR_STATE)
+    if dec is None:
+        raise _fail("%s has no decode_token_ids table: the end-to-end check feeds the decode "
+                    "steps the tokens they were captured with (kvtrace.capture records them)"
+                    % path, _ERR_STATE)
     V = int(getattr(model.config, "vocab_size", 0) or 0) or None
     allids = np.concatenate([ids, dec[:G]]).astype(np.int64)
     if V is not None and (allids.min() < 0 or allids.max() >= V):
@@ -378,6 +386,11 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
         finally:
             state["mode"] = None
             hf._crop_cache(cache, T)
+        bad = ~torch.isfinite(lg)
+        if bool(bad.any()):
+            g = int(bad.any(dim=-1).nonzero()[0, 0])
+            raise _fail("%s: the model's logits at decode step %d are not finite (NaN or Inf): "
+                        "no KL can be measured" % (path, g), _ERR_STATE)
         return lg.float()
 
     everything = torch.ones((Hq, 1, T), dtype=torch.bool)

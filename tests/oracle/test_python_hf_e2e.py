@@ -26,8 +26,9 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     export of another replay, a trace moved since the replay (then given with traces=, the
     same runs), a trace that is not the one replayed (fingerprint), a trace of
     another model's shape, a trace captured from another model (its keys), a trace without
-    decode steps, a sharded part, an existing out without force, out naming an input, a full
-    disk (the old out kept, no temporary file left), an
+    decode steps or without their token ids, a sharded part, an existing out without force (before the model runs), out
+    naming an input, out in a missing directory, a full disk (the old out kept, no temporary
+    file left), logits that are not finite (a NaN weight), an
     attention implementation other than sdpa, prompt_inputs of other tokens.
 Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN; KVT_TEST_DEVICE (default cpu; the GPU
 session's scripts/gpu_session.sh runs it with cuda and the real transformers). Exit 0 pass, 1 fail, 77 not run (no NumPy,
@@ -64,14 +65,17 @@ BUDGETS = "48,96,25%"
 CHANNEL_KINDS = ("K", "Q_window", "Q_decode", "K_decode", "Q_all")
 
 
-def hf_order_copy(src, dst):
-    """src with its K and query channels in HF's order (and the header saying rotate_half)."""
+def hf_order_copy(src, dst, drop=()):
+    """src with its K and query channels in HF's order (and the header saying rotate_half),
+    without the record kinds in `drop`."""
     with kvtrace.open(src) as t:
         hdr = json.loads(json.dumps(t.header))
         order = llama2c_hf.hf_channel_order(hdr["model"]["head_dim"])
         hdr["model"]["rope"]["pairs"] = "half"
         with kvtrace.TraceWriter(dst, hdr) as w:
             for i, r in enumerate(t.records):
+                if r["kind"] in drop:
+                    continue
                 x = t.read_record(i)
                 if r["kind"] in CHANNEL_KINDS:
                     x = np.ascontiguousarray(x[..., order])
@@ -358,6 +362,11 @@ def main():
     run("replay", nodec, "--policies", "snapkv", "--budgets", "64", "-o", res3,
         "--export-selection", sel3)
     refused("has no decode steps", "a trace without decode steps", model, res3, sel3)
+    noids = hf_order_copy(SAMPLE, os.path.join(work, "noids.kvt"), drop=("decode_token_ids",))
+    run("replay", noids, "--policies", "snapkv", "--budgets", "64", "-o", res3,
+        "--export-selection", sel3, "--force")
+    refused("has no decode_token_ids table", "decode steps without their tokens", model, res3,
+            sel3)
     part, psel = os.path.join(work, "part.json"), os.path.join(work, "part.bin")
     run("replay", hfk, "--policies", "snapkv", "--budgets", "64", "--shard", "0/2", "-o", part,
         "--export-selection", psel)
@@ -389,6 +398,18 @@ def main():
     d4 = hf.e2e(model, res2, sel2, prompt_inputs=[
         {"input_ids": torch.as_tensor(ids)[None]}, None])
     check(d4["runs"] == d2["runs"], "prompt_inputs of the trace's own tokens: the same runs")
+    with torch.no_grad():  # a NaN in the weights: one message, not a KL of NaN in the file
+        w = model.lm_head.weight
+        saved_w = w[3, 0].item()
+        w[3, 0] = float("nan")
+    try:
+        refused("are not finite (NaN or Inf)", "NaN logits", model, res2, sel2)
+    finally:
+        with torch.no_grad():
+            w[3, 0] = saved_w
+    nodir = os.path.join(work, "no", "such", "dir", "e2e.json")
+    refused("its directory does not exist", "out in a missing directory", model, res2, sel2,
+            nodir)
     from transformers import modeling_utils
     reg = modeling_utils.ALL_ATTENTION_FUNCTIONS
     had = "flash_attention_2" in reg
