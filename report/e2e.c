@@ -70,6 +70,17 @@ static char *str_dup(const cJSON *o, const char *key)
     return cJSON_IsString(x) ? kvt_strdup(x->valuestring) : NULL;
 }
 
+/* runs[i]'s optional string o[key] into *out (NULL when absent) */
+static kvt_status opt_string(const cJSON *o, const char *key, const char *path, size_t i,
+                             char **out)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, key);
+    KVT_RETURN_IF(x && !cJSON_IsString(x), KVT_ERR_CORRUPT, "%s: runs[%zu].%s is not a string",
+                  path, i, key);
+    KVT_RETURN_IF(x && !(*out = kvt_strdup(x->valuestring)), KVT_ERR_NOMEM, "out of memory");
+    return KVT_OK;
+}
+
 /* root's optional engine object (kvtrace.hf.e2e) as one line of text into *out (NULL when
  * absent): its name and version, attention implementation, dtype and device, those it has */
 static kvt_status read_engine(const cJSON *root, const char *path, char **out)
@@ -200,24 +211,9 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
             goto out_free;
         }
         x->applied = cJSON_IsTrue(ap);
-        const cJSON *nm = cJSON_GetObjectItemCaseSensitive(o, "name");
-        if (nm && !cJSON_IsString(nm)) {
-            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: runs[%zu].name is not a string", path, i);
+        if ((st = opt_string(o, "name", path, i, &x->name)) ||
+            (st = opt_string(o, "why", path, i, &x->why)))
             goto out_free;
-        }
-        if (nm && !(x->name = kvt_strdup(nm->valuestring))) {
-            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-            goto out_free;
-        }
-        const cJSON *why = cJSON_GetObjectItemCaseSensitive(o, "why");
-        if (why && !cJSON_IsString(why)) {
-            st = kvt_error_set(KVT_ERR_CORRUPT, "%s: runs[%zu].why is not a string", path, i);
-            goto out_free;
-        }
-        if (why && !(x->why = kvt_strdup(why->valuestring))) {
-            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-            goto out_free;
-        }
         if (x->applied &&
             !(x->kl_mean >= 0 && x->kl_max >= x->kl_mean && x->top1 >= 0 && x->top1 <= 1)) {
             st = kvt_error_set(KVT_ERR_CORRUPT,
