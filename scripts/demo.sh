@@ -3,7 +3,7 @@
 # capture a real trace from the bundled stories260K model (llama2.c checkpoint, CPU, with
 # KVzip's reconstruction scores), verify it, show what it holds, replay every policy at a range
 # of budgets (results.json), print the recommended settings, check the proxies end to end
-# (e2e.json) and write the HTML/PNG report.
+# (e2e.json), recommend from the measured KL too, and write the HTML/PNG report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh build
@@ -26,6 +26,8 @@ echo "== end to end: the 64 decode steps rerun with each setting's kept sets (KL
 $BIN e2e-llama2c out/stories260K.kvt --model models/stories260K.bin \
     --policies all,h2o,expected-attention,kvzip \
     --budgets 48,96,192 --force -o out/e2e.json
+echo "== recommend by the model's own output: cheapest setting with mean next-token KL <= 1" >&2
+$BIN recommend --e2e out/e2e.json --max-kl 1 || true
 echo "== report" >&2
 rm -rf out/report
 $BIN report out/results.json --max-error 0.5 --e2e out/e2e.json --force -o out/report
