@@ -28,7 +28,7 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     another model's shape, a trace captured from another model (its keys), a trace without
     decode steps or without their token ids, a sharded part, an existing out without force (before the model runs), out
     naming an input, out in a missing directory, a full disk (the old out kept, no temporary
-    file left), logits that are not finite (a NaN weight), an
+    file left), logits that are not finite (a NaN weight), a cache that lost a token, an
     attention implementation other than sdpa, prompt_inputs of other tokens.
 Environment: KVT_SOURCE_ROOT, KVT_LIB, KVT_BIN; KVT_TEST_DEVICE (default cpu; the GPU
 session's scripts/gpu_session.sh runs it with cuda and the real transformers). Exit 0 pass, 1 fail, 77 not run (no NumPy,
@@ -407,6 +407,13 @@ def main():
     finally:
         with torch.no_grad():
             w[3, 0] = saved_w
+    crop = hf._crop_cache  # a cache that lost a token (as a sliding window drops them)
+    hf._crop_cache = lambda cache, T: crop(cache, T - 1)
+    try:
+        refused("cannot be masked", "a cache that does not hold every token", model, res2,
+                sel2)
+    finally:
+        hf._crop_cache = crop
     nodir = os.path.join(work, "no", "such", "dir", "e2e.json")
     refused("its directory does not exist", "out in a missing directory", model, res2, sel2,
             nodir)
