@@ -272,6 +272,10 @@ def main():
     with open(c2) as f:
         cc = json.load(f)
     d2 = hf.e2e(model, res2, sel2)
+    with kvtrace.read_selection(sel2) as open_sel:  # an open Selection: used, left open
+        d2s = hf.e2e(model, res2, open_sel)
+        check(d2s["runs"] == d2["runs"] and open_sel.kept(0, 0, 0, 0).size == 32,
+              "an open Selection gives the same runs and stays open")
     check(not os.path.exists(os.path.join(work, "None")), "out=None writes nothing")
     check([t["n_decode"] for t in d2["traces"]] == [64, 20] and
           d2["traces"][1]["trace_key_error"] < 2 ** -8,
