@@ -1,7 +1,9 @@
 /* cmd_recommend.c - `kvtrace recommend RESULTS [--max-error E | --min-recall R] [--metric NAME]
  * [--json]`: the cheapest (policy, budget) of a results.json meeting a quality target, each
- * policy's knee budget, and per-layer / per-head budgets. Thin: the logic is in report/
- * (kvt_recommend). Exit 0: recommended; 3: no setting meets the target; 1: error; 2: usage.
+ * policy's knee budget, and per-layer / per-head budgets; or `kvtrace recommend --e2e E2E.json
+ * [--max-kl K]`: the cheapest setting of an end-to-end check whose measured mean KL is <= K.
+ * Thin: the logic is in report/ (kvt_recommend, kvt_recommend_e2e). Exit 0: recommended; 3: no
+ * setting meets the target; 1: error; 2: usage.
  */
 #include <math.h>
 #include <stdio.h>
