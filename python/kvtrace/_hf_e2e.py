@@ -343,7 +343,8 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
         raise _fail("%s has no decode_token_ids table: the end-to-end check feeds the decode "
                     "steps the tokens they were captured with (kvtrace.capture records them)"
                     % path, _ERR_STATE)
-    V = int(getattr(model.config, "vocab_size", 0) or 0) or None
+    # a VL model may keep it in its text config only (LLaVA in newer transformers)
+    V = int(hf._cfg_get(model.config, "vocab_size") or 0) or None
     allids = np.concatenate([ids, dec[:G]]).astype(np.int64)
     if V is not None and (allids.min() < 0 or allids.max() >= V):
         bad = int(np.nonzero((allids < 0) | (allids >= V))[0][0])
@@ -427,6 +428,7 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
             nll = float((-lp[steps, ref]).sum()) / G
             runs.append(_Run(True, [float(x) for x in kl.cpu()], top1, nll))
     return {"path": path, "fingerprint": tr.fingerprint, "T": T, "G": G, "kerr": kerr,
+            "vocab": int(ref_logits.shape[-1]),
             "nll_full": nll_full, "runs": runs, "rt": rt}
 
 
@@ -438,7 +440,7 @@ def _document(res, per_trace, cap, paths, n_pol, n_b, model):
     doc = {"e2e_version": E2E_VERSION,
            "generator": "kvtrace " + _lib.lib().kvt_version_string().decode(),
            "model": cap.name,
-           "vocab_size": int(getattr(model.config, "vocab_size", 0) or 0),
+           "vocab_size": per_trace[0]["vocab"],  # the logits' own width
            "engine": {"name": "transformers", "version": tv,
                       "attn_implementation": cap.attn_implementation,
                       "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

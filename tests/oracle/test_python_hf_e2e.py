@@ -272,6 +272,14 @@ def main():
     with open(c2) as f:
         cc = json.load(f)
     d2 = hf.e2e(model, res2, sel2)
+    vocab = model.config.vocab_size  # a config without it (a VL model's top level)
+    del model.config.vocab_size
+    try:
+        d2v = hf.e2e(model, res2, sel2)
+    finally:
+        model.config.vocab_size = vocab
+    check(d2v["runs"] == d2["runs"] and d2v["vocab_size"] == d2["vocab_size"] == 512,
+          "a config without vocab_size: the same runs, the logits' width as vocab_size")
     with kvtrace.read_selection(sel2) as open_sel:  # an open Selection: used, left open
         d2s = hf.e2e(model, res2, open_sel)
         check(d2s["runs"] == d2["runs"] and open_sel.kept(0, 0, 0, 0).size == 32,
