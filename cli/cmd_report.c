@@ -2,6 +2,7 @@
  * offline from file://) and a PNG of every figure. Thin: the drawing and the page are in
  * report/ (kvt_report_write).
  */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -47,7 +48,8 @@ static void help(void)
            "                          [alloc_<NN>_<policy>.png], and their kept entries\n"
            "                          per layer and head, heatmaps at a budget picked\n"
            "                          with a menu [alloc_heads_<NN>_<policy>.png]\n"
-           "  end to end              with --e2e (kvtrace e2e-llama2c): each setting's\n"
+           "  end to end              with --e2e (kvtrace e2e-llama2c, kvtrace.hf.e2e):\n"
+           "                          each setting's\n"
            "                          proxy err_decode against the model's next-token KL,\n"
            "                          Spearman's rho, a table of every setting [e2e.png]\n"
            "<NN> is the policy's index (two digits), <policy> its label made file-safe.\n\n"
@@ -63,7 +65,10 @@ static void help(void)
            "  --max-error E     target: output error <= E (default 0.1)\n"
            "  --min-recall R    target: attention recall (or coverage) >= R\n"
            "  --metric NAME     the target's metric, as kvtrace recommend --metric\n"
-           "  --e2e FILE        add the end-to-end check of kvtrace e2e-llama2c (e2e.json)\n"
+           "  --e2e FILE        add the end-to-end check of kvtrace e2e-llama2c or\n"
+           "                    kvtrace.hf.e2e (e2e.json)\n"
+           "  --max-kl K        with --e2e: also name the cheapest setting whose measured\n"
+           "                    mean KL is <= K nats (as kvtrace recommend --e2e)\n"
            "  --force           replace an existing report in DIR\n",
            kvt_report_chartjs_path());
 }
@@ -128,6 +133,7 @@ static bool report_output_ok(const char *cmd, const char *const *inputs, size_t 
 int kvt_cmd_report(int argc, char **argv)
 {
     const char *cmd = "report", *path = NULL, *dir = NULL, *e2e_path = NULL;
+    double max_kl = NAN; /* --max-kl */
     kvt_e2e *e2e = NULL;
     bool force = false;
     kvt_cli_target tg;
@@ -158,6 +164,16 @@ int kvt_cmd_report(int argc, char **argv)
                 return 2;
             }
             e2e_path = argv[++i];
+        } else if (!strcmp(a, "--max-kl")) {
+            if (i + 1 >= argc) {
+                kvt_cli_fail(cmd, "%s needs a value", a);
+                return 2;
+            }
+            const char *v = argv[++i];
+            if (!kvt_cli_parse_double(v, &max_kl) || !isfinite(max_kl) || max_kl < 0) {
+                kvt_cli_fail(cmd, "--max-kl %s: expected a finite number >= 0 (nats)", v);
+                return 2;
+            }
         } else if (!strcmp(a, "--force")) {
             force = true;
         } else if (a[0] == '-' && a[1]) {
@@ -171,6 +187,10 @@ int kvt_cmd_report(int argc, char **argv)
     }
     if (!path || !dir) {
         kvt_cli_fail(cmd, "usage: kvtrace report RESULTS -o DIR");
+        return 2;
+    }
+    if (!isnan(max_kl) && !e2e_path) {
+        kvt_cli_fail(cmd, "--max-kl needs --e2e E2E.json (the measured KL)");
         return 2;
     }
     if (!*dir) {
@@ -198,6 +218,7 @@ int kvt_cmd_report(int argc, char **argv)
             kvt_cli_fail_status(cmd, st, e2e_path);
             goto out_free;
         }
+        e2e->max_kl = max_kl;
         for (size_t k = 0; k < e2e->n_traces; k++) {
             const kvt_e2e_trace *x = &e2e->traces[k];
             if (kvt_e2e_find_trace(e2e, k, res) >= 0) /* a trace of these results */

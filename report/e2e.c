@@ -146,6 +146,7 @@ kvt_status kvt_e2e_parse(const char *txt, size_t len, const char *path, kvt_e2e 
                            path);
         goto out_free;
     }
+    e->max_kl = NAN;
     if ((st = read_engine(root, path, &e->engine)))
         goto out_free;
     e->n_traces = (size_t)cJSON_GetArraySize(trs);

@@ -1064,6 +1064,40 @@ static void e2e_order(const kvt_e2e *e, size_t *ix)
     }
 }
 
+/* report --max-kl: the cheapest setting whose measured mean KL is at most the target */
+static kvt_status put_e2e_choice(FILE *f, const kvt_e2e *e)
+{
+    kvt_e2e_choice *c;
+    KVT_FORWARD(kvt_recommend_e2e(e, e->max_kl, &c));
+    char a[32], b[32], d[32], g[32];
+    fprintf(f, "<p id=\"e2e-recommend\"%s>By the model's own output: ",
+            c->found ? "" : " class=\"note\"");
+    const long k = c->found ? c->best : c->nearest;
+    if (k >= 0) {
+        const kvt_e2e_run *x = &e->runs[k];
+        fprintf(f,
+                c->found ? "the cheapest setting of mean KL at most %s nats is <b>"
+                         : "no setting has a mean KL at most %s nats; the nearest is <b>",
+                kvt_report_num(e->max_kl, a, sizeof(a)));
+        put_escaped(f, x->policy);
+        fputs(" at ", f);
+        put_escaped(f, x->budget);
+        fprintf(f,
+                "</b>: mean KL %s, top-1 agreement %s%%, keeping %s%% of the KV cache (%sx "
+                "smaller)",
+                kvt_report_num(x->kl_mean, a, sizeof(a)),
+                kvt_report_num(100.0 * x->top1, b, sizeof(b)),
+                kvt_report_num(100.0 * x->kept_fraction, d, sizeof(d)),
+                kvt_report_num(1.0 / x->kept_fraction, g, sizeof(g)));
+    } else {
+        fprintf(f, "no setting that compresses the cache has a measured mean KL (target %s nats)",
+                kvt_report_num(e->max_kl, a, sizeof(a)));
+    }
+    fputs(" (<code>kvtrace recommend --e2e</code>).</p>\n", f);
+    kvt_e2e_choice_free(c);
+    return KVT_OK;
+}
+
 /* the end-to-end check (kvtrace e2e-llama2c): the scatter, the rank correlations and a table
  * of every setting, its proxies beside what it did to the model's output */
 static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
@@ -1100,6 +1134,8 @@ static kvt_status put_e2e(FILE *f, const kvt_results *r, const report_plan *pl)
           "decode queries against the model's mean next-token KL divergence from the "
           "uncompressed run.</figcaption></figure>\n",
           f);
+    if (isfinite(e->max_kl)) /* report --max-kl: the answer of the model's own output */
+        KVT_FORWARD(put_e2e_choice(f, e));
     bool ours = true; /* is every trace of the check one of these results'? */
     for (size_t k = 0; k < e->n_traces && ours; k++)
         ours = kvt_e2e_find_trace(e, k, r) >= 0;

@@ -291,6 +291,8 @@ typedef struct kvt_e2e {
     size_t n_runs;
     kvt_e2e_run *runs;
     double rho_err_decode, rho_missed_recall; /* Spearman's rho against kl_mean (NaN: null) */
+    double max_kl; /* not from the file: the report's --max-kl target (NaN, as read: none);
+                      the section then names kvt_recommend_e2e's answer */
 } kvt_e2e;
 
 /** Read an e2e.json (e2e_version 1), every field checked before use.

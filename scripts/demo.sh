@@ -30,5 +30,5 @@ echo "== recommend by the model's own output: cheapest setting with mean next-to
 $BIN recommend --e2e out/e2e.json --max-kl 1 || true
 echo "== report" >&2
 rm -rf out/report
-$BIN report out/results.json --max-error 0.5 --e2e out/e2e.json --force -o out/report
+$BIN report out/results.json --max-error 0.5 --e2e out/e2e.json --max-kl 1 --force -o out/report
 echo "demo: trace out/stories260K.kvt, results out/results.json, report $(pwd)/out/report/index.html" >&2

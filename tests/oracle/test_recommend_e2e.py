@@ -10,6 +10,8 @@ whose measured mean next-token KL is at most K, from an end-to-end check's e2e.j
     and JSON agree;
   * a real e2e.json (kvtrace e2e-llama2c on the bundled trace, 36 settings) at 12 targets
     against the same rule written here in Python;
+  * report --e2e --max-kl K: the section names the same setting (or the nearest), none
+    without --max-kl; --max-kl without --e2e or below 0 refused;
   * refusals, exit 2 with one line: --max-kl without --e2e, --e2e with RESULTS or with
     --max-error, a KL target that is negative or not a number; exit 1 for a damaged file.
 Environment: KVT_SOURCE_ROOT, KVT_BIN. Exit 0 pass, 1 fail, 77 not run."""
@@ -21,6 +23,9 @@ from cli_test import ROOT, check, finish, run
 
 MODEL = os.path.join(ROOT, "models", "stories260K.bin")
 SAMPLE = os.path.join(ROOT, "traces", "samples", "stories260K.kvt")
+POLICIES = ("full,streamingllm,snapkv,pyramidkv,adakv,knorm,h2o,random,quest,hybridkv-like,"
+            "lookm,snapkv:heads=query,label=sq")
+BUDGETS = "48,96,25%"
 
 
 def setting(policy, budget, kept, kl, name=None, applied=True, tokens=16):
@@ -138,9 +143,8 @@ def main():
 
     # a real e2e.json against the rule, at targets between its KLs
     real = os.path.join(work, "real.json")
-    run("e2e-llama2c", SAMPLE, "--model", MODEL, "--policies",
-        "full,streamingllm,snapkv,pyramidkv,adakv,knorm,h2o,random,quest,hybridkv-like,lookm,"
-        "snapkv:heads=query,label=sq", "--budgets", "48,96,25%", "-o", real)
+    run("e2e-llama2c", SAMPLE, "--model", MODEL, "--policies", POLICIES, "--budgets",
+        BUDGETS, "-o", real)
     with open(real) as f:
         runs = json.load(f)["runs"]
     kls = sorted({x["kl_mean"] for x in runs if x["applied"]})
@@ -159,6 +163,31 @@ def main():
                         want["budget"]))
     check(len(targets) >= 10 and not bad, "the real file at %d targets: %s" % (len(targets),
                                                                                bad))
+
+    # report --max-kl: the e2e section names recommend --e2e's answer (or the nearest)
+    res = os.path.join(work, "res.json")
+    run("replay", SAMPLE, "--policies", POLICIES, "--budgets", BUDGETS, "-o", res)
+    for k, cls in (("1", ""), ("0", ' class="note"'), (None, None)):
+        rd = os.path.join(work, "rep_%s" % k)
+        r = run("report", res, "--e2e", real, "-o", rd, *(["--max-kl", k] if k else []))
+        page = open(os.path.join(rd, "index.html")).read()
+        if k is None:
+            check('id="e2e-recommend"' not in page, "report without --max-kl: no KL answer")
+            continue
+        j = json.loads(rec(real, "--max-kl", k, "--json").stdout)
+        x = j["recommendation"] or j["nearest"]
+        want = '<p id="e2e-recommend"%s>By the model\'s own output: %s <b>%s at %s</b>' % (
+            cls, "the cheapest setting of mean KL at most 1 nats is" if j["found"] else
+            "no setting has a mean KL at most 0 nats; the nearest is", x["label"], x["budget"])
+        check(want in page, "report --max-kl %s names recommend --e2e's %s at %s" % (
+            k, x["label"], x["budget"]))
+    for args, want in ((["--max-kl", "1"], "--max-kl needs --e2e"),
+                       (["--e2e", real, "--max-kl", "-1"], "expected a finite number >= 0")):
+        rd = os.path.join(work, "rep_bad")
+        r = run("report", res, "-o", rd, *args, ok=False)
+        check(r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and
+              want in r.stderr and not os.path.exists(rd),
+              "report %s: exit %d %r" % (" ".join(args), r.returncode, r.stderr))
 
     # refusals: one line each
     for args, want, code in (
