@@ -10,6 +10,13 @@
 #include "kvt_common.h"
 #include "kvt_replay.h"
 
+struct cJSON;
+/** x as a raw cJSON number that reads back bit-exact (the shortest of %.15g/%.16g/%.17g that
+ *  round-trips, kvt_fmt_double; cJSON's own printer accepts a 1-ulp difference), or null for
+ *  NaN and +-Inf; NULL when out of memory. How results.json, e2e.json and `recommend --e2e
+ *  --json` write their numbers. */
+struct cJSON *kvt_json_number(double x);
+
 #ifdef __cplusplus
 extern "C" {
 #endif

@@ -50,9 +50,7 @@ static const metric_desc mod_metrics[] = {
 #define N_METRICS     (sizeof(metrics) / sizeof(metrics[0]))
 #define N_MOD_METRICS (sizeof(mod_metrics) / sizeof(mod_metrics[0]))
 
-/* a number that reads back bit-exact: the shortest of %.15g/%.16g/%.17g that round-trips
- * (cJSON's own printer accepts a 1-ulp difference) */
-static cJSON *num(double x)
+cJSON *kvt_json_number(double x)
 {
     if (isnan(x) || isinf(x))
         return cJSON_CreateNull();
@@ -76,7 +74,7 @@ static uint64_t get_u64(const cJSON *x, double max)
 
 static void add_num(cJSON *o, const char *k, double x)
 {
-    cJSON_AddItemToObject(o, k, num(x));
+    cJSON_AddItemToObject(o, k, kvt_json_number(x));
 }
 
 static cJSON *summary_json(const kvt_run_summary *s, bool has_mod)
@@ -124,7 +122,7 @@ static cJSON *grid(const kvt_trace_result *t, size_t p, size_t b, int H, size_t 
         for (int h = 0; h < H; h++) {
             const char *m = (const char *)kvt_trace_result_at(t, p, b, l, h);
             const double *x = (const double *)(m + off);
-            cJSON_AddItemToArray(row, num(mod < 0 ? x[0] : x[mod]));
+            cJSON_AddItemToArray(row, kvt_json_number(mod < 0 ? x[0] : x[mod]));
         }
         cJSON_AddItemToArray(a, row);
     }
@@ -185,7 +183,8 @@ static cJSON *run_json(const kvt_trace_result *t, size_t p, size_t b)
     for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
         cJSON *arr = cJSON_AddArrayToObject(pl, f[k].n);
         for (int l = 0; l < t->n_layers; l++)
-            cJSON_AddItemToArray(arr, num(*(const double *)((const char *)&ls[l] + f[k].off)));
+            cJSON_AddItemToArray(
+                arr, kvt_json_number(*(const double *)((const char *)&ls[l] + f[k].off)));
     }
     kvt_free(ls);
     kvt_run_summary s;
@@ -270,7 +269,7 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
     for (int l = 0; l < t->n_layers; l++) {
         cJSON *row = cJSON_CreateArray();
         for (int g = 0; g < t->n_kv_heads; g++)
-            cJSON_AddItemToArray(row, num(t->r_all[(size_t)l * t->n_kv_heads + g]));
+            cJSON_AddItemToArray(row, kvt_json_number(t->r_all[(size_t)l * t->n_kv_heads + g]));
         cJSON_AddItemToArray(ra, row);
     }
     if (t->has_modality) {
@@ -282,7 +281,8 @@ static cJSON *trace_json(const kvt_results *r, const kvt_trace_result *t)
                 for (int g = 0; g < t->n_kv_heads; g++)
                     cJSON_AddItemToArray(
                         row,
-                        num(t->r_all_mod[((size_t)l * t->n_kv_heads + g) * KVT_N_MODALITIES + k]));
+                        kvt_json_number(
+                            t->r_all_mod[((size_t)l * t->n_kv_heads + g) * KVT_N_MODALITIES + k]));
                 cJSON_AddItemToArray(a, row);
             }
         }

@@ -226,16 +226,6 @@ static double spearman(const double *x, const double *y, int n)
     return rho;
 }
 
-/* v as the shortest text that reads back as v (as results.json), null for NaN or Inf */
-static cJSON *num(double v)
-{
-    if (!isfinite(v))
-        return cJSON_CreateNull();
-    char b[40];
-    kvt_fmt_double(v, b, sizeof(b));
-    return cJSON_CreateRaw(b);
-}
-
 /* the compressed runs, on a pool of threads: each worker runs the prompt into its own state,
  * then takes (policy, budget) settings in turn: rewind to the end of the prompt, mask, decode
  * the same tokens */
@@ -835,8 +825,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
             cJSON_AddStringToObject(o, "fingerprint", res->traces[t]->fingerprint);
         cJSON_AddNumberToObject(o, "n_prompt", ets[t].T);
         cJSON_AddNumberToObject(o, "n_decode", ets[t].G);
-        cJSON_AddItemToObject(o, "trace_key_error", num(ets[t].kerr));
-        cJSON_AddItemToObject(o, "nll_uncompressed", num(ets[t].nll_full));
+        cJSON_AddItemToObject(o, "trace_key_error", kvt_json_number(ets[t].kerr));
+        cJSON_AddItemToObject(o, "nll_uncompressed", kvt_json_number(ets[t].nll_full));
         cJSON_AddItemToArray(jt, o);
     }
     cJSON *jruns = cJSON_AddArrayToObject(root, "runs");
@@ -863,19 +853,19 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
             cJSON_AddStringToObject(o, "name", kvt_policy_name(pols[p]));
             cJSON_AddStringToObject(o, "budget", budgets[b].text);
             cJSON_AddNumberToObject(o, "budget_tokens", kvt_budget_tokens(&budgets[b], ets[0].T));
-            cJSON_AddItemToObject(o, "kept_fraction", num(sm.kept_fraction));
+            cJSON_AddItemToObject(o, "kept_fraction", kvt_json_number(sm.kept_fraction));
             cJSON_AddBoolToObject(o, "applied", applied);
             if (!applied)
                 cJSON_AddStringToObject(o, "why", "the engine did not run this setting");
-            cJSON_AddItemToObject(o, "kl_mean", num(kl));
-            cJSON_AddItemToObject(o, "kl_max", num(kl_max));
-            cJSON_AddItemToObject(o, "top1_agreement", num(top1));
-            cJSON_AddItemToObject(o, "nll_mean", num(nll));
+            cJSON_AddItemToObject(o, "kl_mean", kvt_json_number(kl));
+            cJSON_AddItemToObject(o, "kl_max", kvt_json_number(kl_max));
+            cJSON_AddItemToObject(o, "top1_agreement", kvt_json_number(top1));
+            cJSON_AddItemToObject(o, "nll_mean", kvt_json_number(nll));
             cJSON *pj = cJSON_AddObjectToObject(o, "proxy");
-            cJSON_AddItemToObject(pj, "err_decode", num(sm.err_decode));
-            cJSON_AddItemToObject(pj, "recall_decode", num(sm.recall_decode));
-            cJSON_AddItemToObject(pj, "err_window", num(sm.err_window));
-            cJSON_AddItemToObject(pj, "recall_window", num(sm.recall_window));
+            cJSON_AddItemToObject(pj, "err_decode", kvt_json_number(sm.err_decode));
+            cJSON_AddItemToObject(pj, "recall_decode", kvt_json_number(sm.recall_decode));
+            cJSON_AddItemToObject(pj, "err_window", kvt_json_number(sm.err_window));
+            cJSON_AddItemToObject(pj, "recall_window", kvt_json_number(sm.recall_window));
             cJSON *pt = cJSON_AddArrayToObject(o, "per_trace");
             for (size_t t = 0; t < n_traces; t++) {
                 const e2e_run *x = &ets[t].runs[i];
@@ -885,16 +875,17 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
                 cJSON *q = cJSON_CreateObject();
                 cJSON_AddNumberToObject(q, "budget_tokens",
                                         kvt_budget_tokens(&budgets[b], ets[t].T));
-                cJSON_AddItemToObject(q, "kl_mean", num(applied ? x->kl_mean : NAN));
-                cJSON_AddItemToObject(q, "kl_max", num(applied ? x->kl_max : NAN));
-                cJSON_AddItemToObject(q, "top1_agreement", num(applied ? x->top1 : NAN));
-                cJSON_AddItemToObject(q, "nll_mean", num(applied ? x->nll : NAN));
+                cJSON_AddItemToObject(q, "kl_mean", kvt_json_number(applied ? x->kl_mean : NAN));
+                cJSON_AddItemToObject(q, "kl_max", kvt_json_number(applied ? x->kl_max : NAN));
+                cJSON_AddItemToObject(q, "top1_agreement",
+                                      kvt_json_number(applied ? x->top1 : NAN));
+                cJSON_AddItemToObject(q, "nll_mean", kvt_json_number(applied ? x->nll : NAN));
                 cJSON *ks = cJSON_AddArrayToObject(q, "kl_steps");
                 for (uint32_t g = 0; applied && g < ets[t].G; g++)
-                    cJSON_AddItemToArray(ks, num(x->kl_steps[g]));
+                    cJSON_AddItemToArray(ks, kvt_json_number(x->kl_steps[g]));
                 cJSON *qp = cJSON_AddObjectToObject(q, "proxy");
-                cJSON_AddItemToObject(qp, "err_decode", num(ts.err_decode));
-                cJSON_AddItemToObject(qp, "recall_decode", num(ts.recall_decode));
+                cJSON_AddItemToObject(qp, "err_decode", kvt_json_number(ts.err_decode));
+                cJSON_AddItemToObject(qp, "recall_decode", kvt_json_number(ts.recall_decode));
                 cJSON_AddItemToArray(pt, q);
             }
             cJSON_AddItemToArray(jruns, o);
@@ -916,8 +907,8 @@ int kvt_cmd_e2e_llama2c(int argc, char **argv)
         }
     double rho_err = spearman(e_x, e_kl, n_err), rho_rec = spearman(r_x, r_kl, n_rec);
     cJSON *sp = cJSON_AddObjectToObject(root, "spearman");
-    cJSON_AddItemToObject(sp, "err_decode_vs_kl", num(rho_err));
-    cJSON_AddItemToObject(sp, "missed_recall_decode_vs_kl", num(rho_rec));
+    cJSON_AddItemToObject(sp, "err_decode_vs_kl", kvt_json_number(rho_err));
+    cJSON_AddItemToObject(sp, "missed_recall_decode_vs_kl", kvt_json_number(rho_rec));
     cJSON_AddNumberToObject(sp, "n_settings", n_err);
     if (!(txt = cJSON_Print(root))) {
         kvt_cli_fail(cmd, "out of memory");

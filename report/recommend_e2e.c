@@ -179,16 +179,6 @@ kvt_status kvt_e2e_choice_print(const kvt_e2e_choice *c, const kvt_e2e *e, FILE 
     return ferror(f) ? kvt_error_set(KVT_ERR_IO, "recommend: write failed") : KVT_OK;
 }
 
-/* x as the shortest text that reads back as x, null for NaN or Inf */
-static cJSON *jnum(double x)
-{
-    if (!isfinite(x))
-        return cJSON_CreateNull();
-    char b[40];
-    kvt_fmt_double(x, b, sizeof(b));
-    return cJSON_CreateRaw(b);
-}
-
 static cJSON *setting_json(const kvt_e2e_run *x)
 {
     cJSON *o = cJSON_CreateObject();
@@ -199,28 +189,26 @@ static cJSON *setting_json(const kvt_e2e_run *x)
         cJSON_AddStringToObject(o, "name", x->name);
     cJSON_AddStringToObject(o, "budget", x->budget);
     cJSON_AddNumberToObject(o, "budget_tokens", x->budget_tokens);
-    cJSON_AddItemToObject(o, "kl_mean", jnum(x->kl_mean));
-    cJSON_AddItemToObject(o, "kl_max", jnum(x->kl_max));
-    cJSON_AddItemToObject(o, "top1_agreement", jnum(x->top1));
-    cJSON_AddItemToObject(o, "nll_mean", jnum(x->nll));
-    cJSON_AddItemToObject(o, "kept_fraction", jnum(x->kept_fraction));
-    cJSON_AddItemToObject(o, "compression_ratio", jnum(1.0 / x->kept_fraction));
+    cJSON_AddItemToObject(o, "kl_mean", kvt_json_number(x->kl_mean));
+    cJSON_AddItemToObject(o, "kl_max", kvt_json_number(x->kl_max));
+    cJSON_AddItemToObject(o, "top1_agreement", kvt_json_number(x->top1));
+    cJSON_AddItemToObject(o, "nll_mean", kvt_json_number(x->nll));
+    cJSON_AddItemToObject(o, "kept_fraction", kvt_json_number(x->kept_fraction));
+    cJSON_AddItemToObject(o, "compression_ratio", kvt_json_number(1.0 / x->kept_fraction));
     cJSON *p = cJSON_AddObjectToObject(o, "proxy");
-    cJSON_AddItemToObject(p, "err_decode", jnum(x->err_decode));
-    cJSON_AddItemToObject(p, "recall_decode", jnum(x->recall_decode));
+    cJSON_AddItemToObject(p, "err_decode", kvt_json_number(x->err_decode));
+    cJSON_AddItemToObject(p, "recall_decode", kvt_json_number(x->recall_decode));
     return o;
 }
 
 kvt_status kvt_e2e_choice_write_json(const kvt_e2e_choice *c, const kvt_e2e *e, FILE *f)
 {
-    kvt_status st = KVT_OK;
-    char *text = NULL;
     cJSON *root = cJSON_CreateObject();
     if (!root)
-        goto out_nomem;
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     cJSON_AddStringToObject(root, "metric", "kl_mean");
     cJSON_AddStringToObject(root, "target_kind", "max");
-    cJSON_AddItemToObject(root, "target", jnum(c->max_kl));
+    cJSON_AddItemToObject(root, "target", kvt_json_number(c->max_kl));
     cJSON_AddStringToObject(root, "source", "e2e");
     cJSON_AddStringToObject(root, "model", e->model);
     if (e->engine)
@@ -235,10 +223,11 @@ kvt_status kvt_e2e_choice_write_json(const kvt_e2e_choice *c, const kvt_e2e *e, 
     if (c->nearest >= 0)
         cJSON_AddItemToObject(root, "nearest", setting_json(&e->runs[c->nearest]));
     cJSON *pol = cJSON_AddArrayToObject(root, "policies");
-    for (size_t p = 0; pol && p < c->n_policies; p++) {
+    bool ok = pol != NULL;
+    for (size_t p = 0; ok && p < c->n_policies; p++) {
         cJSON *o = cJSON_CreateObject();
-        if (!o)
-            goto out_nomem;
+        if (!(ok = o != NULL))
+            break;
         cJSON_AddItemToArray(pol, o);
         cJSON_AddStringToObject(o, "label", c->policy[p]);
         cJSON_AddBoolToObject(o, "candidate", c->candidate_policy[p]);
@@ -249,15 +238,8 @@ kvt_status kvt_e2e_choice_write_json(const kvt_e2e_choice *c, const kvt_e2e *e, 
                               c->lowest[p] >= 0 ? setting_json(&e->runs[c->lowest[p]])
                                                 : cJSON_CreateNull());
     }
-    if (!pol || !(text = cJSON_Print(root)))
-        goto out_nomem;
-    if (fprintf(f, "%s\n", text) < 0 || ferror(f))
-        st = kvt_error_set(KVT_ERR_IO, "recommend: write failed");
-out_free:
-    cJSON_free(text);
+    kvt_status st =
+        ok ? kvt_report_print_json(root, f) : kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     cJSON_Delete(root);
     return st;
-out_nomem:
-    st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-    goto out_free;
 }

@@ -325,11 +325,21 @@ static bool scope_json(const kvt_recommendation *rec, const kvt_results *r, cJSO
     return true;
 }
 
+kvt_status kvt_report_print_json(const cJSON *root, FILE *f)
+{
+    char *text = cJSON_Print(root);
+    KVT_RETURN_IF(!text, KVT_ERR_NOMEM, "out of memory");
+    kvt_status st = fprintf(f, "%s\n", text) < 0 || ferror(f)
+                        ? kvt_error_set(KVT_ERR_IO, "recommend: write failed")
+                        : KVT_OK;
+    cJSON_free(text);
+    return st;
+}
+
 kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kvt_results *r,
                                          FILE *f)
 {
     kvt_status st = KVT_OK;
-    char *text = NULL;
     cJSON *root = cJSON_CreateObject(), *pols = cJSON_CreateArray();
     if (!root || !pols) {
         cJSON_Delete(pols);
@@ -405,13 +415,8 @@ kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kv
         for (size_t b = 0; b < rec->n_budgets; b++)
             cJSON_AddItemToArray(v, num_json(c->value[b]));
     }
-    text = cJSON_Print(root);
-    if (!text)
-        goto out_nomem;
-    if (fprintf(f, "%s\n", text) < 0 || ferror(f))
-        st = kvt_error_set(KVT_ERR_IO, "recommend: write failed");
+    st = kvt_report_print_json(root, f);
 out_free:
-    cJSON_free(text);
     cJSON_Delete(root);
     return st;
 out_nomem:

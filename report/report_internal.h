@@ -6,6 +6,7 @@
 #define KVT_REPORT_INTERNAL_H
 
 #include <cairo.h>
+#include <cjson/cJSON.h>
 
 #include "kvt_report.h"
 
@@ -22,6 +23,9 @@ extern const char *const kvt_report_page_js[];
 /** The value of metric m in a run summary / in one head's metrics (NaN for AUTO). */
 double kvt_rec_summary_value(const kvt_run_summary *s, kvt_rec_metric m);
 double kvt_rec_head_value(const kvt_head_metrics *h, kvt_rec_metric m);
+/** root as indented JSON and a newline on f (recommend --json, recommend --e2e --json); root
+ *  stays the caller's. @return KVT_OK, KVT_ERR_NOMEM, KVT_ERR_IO ("recommend: write failed"). */
+kvt_status kvt_report_print_json(const cJSON *root, FILE *f);
 /** x as %.4g into buf, or "-" for NaN; returns buf. */
 const char *kvt_report_num(double x, char *buf, size_t cap);
 /** A recommended setting keeping at least this share of the cache "barely compresses": the
