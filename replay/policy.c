@@ -94,10 +94,12 @@ static const opt_desc opts_table[] = {
     {"blend", O_BLEND, OFF(blend), 0, 1e6,
      "compactor: the leverage's weight (default: each budget's compression ratio 1 - B/T)"},
     {"threshold", O_DBL, OFF(threshold), 0, 1,
-     "simlayerkv: a layer is lazy when its last queries' attention to the kept tokens is above"},
+     "simlayerkv: a layer is lazy when its last queries' attention to the kept tokens is above; "
+     "vl-cache: an attention score below this share of its row's largest is sparse"},
     {"last", O_INT, OFF(last), 1, 1e6,
      "simlayerkv: the last window queries that judge a layer; fastv: rank by the last N prompt "
-     "queries (default: every prompt query)"},
+     "queries (default: every prompt query); vl-cache: the last N post-vision queries (default: "
+     "all)"},
     {"ratio", O_DBL, OFF(ratio), 0, 1,
      "SparseMM minimum share of b per head; cam: start_budget_ratio"},
     {"expected", O_BOOL, OFF(expected), 0, 0,

@@ -431,6 +431,11 @@ kvt_status kvt_rank_by_colsum(kvt_layer_ctx *c, const kvt_policy *p, kvt_reduce 
  *  adjust_budgets, clamped to [0, T - W]; B <= W keeps the last B, T <= B + W all T. */
 #define KVT_MAX_LAYERS_CAKE 4096
 kvt_status kvt_cake_counts(const double *pref, int L, int T, int W, int B, int *counts);
+/** vl-cache's token counts [L] at budget B from each layer's density (0, 1] of its post-vision
+ *  attention (policy_vl_cache.c): clamp(lambda d_l, 1, T) summing to L B, rounded down, the
+ *  tokens left one each to the largest remainders (ties within 1e-9: the lower layer); B >= T
+ *  keeps all T. */
+kvt_status kvt_vlcache_counts(const double *density, int L, int T, int B, int *counts);
 
 /* ---- reads of the bind hooks that open the trace (bind_read.c) ---- */
 /** The trace header's model.attn_scale, or 1/sqrt(D), as the replay takes it. */

@@ -31,8 +31,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char g_path[256];
-/* without and with decode queries; fastv (modality table); cake, elastic-cache, chunkkv reuse;
-   leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records) */
+/* without and with decode queries; fastv, vl-cache (modality table); cake, elastic-cache, chunkkv
+   reuse; leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records) */
 static kvt_policy **g_pols[7];
 static size_t g_n_pol[7];
 static kvt_budget *g_budgets;
@@ -49,7 +49,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        simlayerkv (the window probabilities read on the host) */
     /* and, on a trace with a modality table, fastv: its ranking read from layer 0 by the policy
        itself (the window queries' last row and K; the column sums or Q_all) before the replay;
-       lookm's text prior (the column sums, a ranking per budget, merged and not); and on every
+       lookm's text prior (the column sums, a ranking per budget, merged and not); vl-cache,
+       whose bind reads every layer's last window query and keys after the last visual token
+       (a trace without one, or ending with one, is refused); and on every
        trace cake, whose bind reads every layer's window queries and keys for the layer budgets,
        and elastic-cache (the column sums; merged into anchors by position), and chunkkv with
        reuse=2 (its bind computes each layer pair's first window scores); and leverage (the
@@ -65,7 +67,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                           "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
                           "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
                           "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
-                          "lookm:merge=none,heads=query",
+                          "lookm:merge=none,heads=query,vl-cache:last=1,"
+                          "vl-cache:last=1,heads=query,window=1,threshold=0.2",
                           "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
                           "elastic-cache:sinks=1,elastic-cache:heads=query,"
                           "chunkkv:window=1,chunk=2,reuse=2",

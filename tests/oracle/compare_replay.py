@@ -13,7 +13,8 @@ Traces (written into a temporary folder):
                column sums, bf16 storage (CaptureSession);
   * the bundled real trace traces/samples/stories260K.kvt (llama2.c, GQA 8/4);
   * `kvtrace synth` traces when that command exists: `tiny` (GQA 4/2, bf16, decode, column
-    sums), `tiny-vl` (M-RoPE, 60% image, f16, window 16), a short f32 `tiny` (no decode).
+    sums), `tiny-vl` (M-RoPE, 60% image, f16, window 16, Q_all), a short f32 `tiny` (no
+    decode).
 
 For every (trace, policy, budget, layer, head) it checks that kvtrace keeps the same token
 indices as the oracle (read from --export-selection) and that n_keep, recall_window,
@@ -63,11 +64,12 @@ METRICS = [("recall_window", "recall"), ("err_window", "err_window"),
            ("coverage_dropped", "coverage_dropped"), ("r_kept", "r_kept")]
 
 
-def policy_specs(W, has_decode, has_colsum, scores=None, visual=False):
+def policy_specs(W, has_decode, has_colsum, scores=None, visual=False, has_qall=False):
     """Policy specs for a trace whose stored window is W (policies use window=W unless it is
     32, the default). Every option the oracle knows is exercised at least once. scores: a
     head-score table (JSON) for sparsemm, headkv and mixkv-sparsemm; visual: the trace has
-    image or video tokens (fastv)."""
+    image or video tokens (fastv, vl-cache); has_qall: it stores every prompt query (vl-cache
+    over more post-vision queries than the window holds)."""
     w = "" if W == 32 else "window=%d" % W
 
     def s(name, *opts):
@@ -100,6 +102,12 @@ def policy_specs(W, has_decode, has_colsum, scores=None, visual=False):
         specs += ["fastv", "fastv:last=1,dense_layers=1", "fastv:last=5,heads=query,dense_layers=1"]
         if has_colsum:
             specs += ["fastv:dense_layers=1"]
+        # the last W post-vision queries from the window; a few from it, heads=query, a
+        # higher threshold and a protected window; no threshold: every layer alike
+        specs += ["vl-cache:last=%d" % W, "vl-cache:last=5,heads=query,threshold=0.05,window=4",
+                  "vl-cache:last=3,reduce=max,threshold=0"]
+        if has_qall:  # every post-vision query, from Q_all
+            specs += ["vl-cache", "vl-cache:heads=query,threshold=0.002"]
     if scores:
         f = "scores=" + scores
         specs += [s("sparsemm", f), s("sparsemm", "ratio=0.25", "heads=query", f),
@@ -363,12 +371,13 @@ def has_command(kvt_bin, name):
 def synth_traces(kvt_bin, outdir):
     """Traces from `kvtrace synth` (traces/SYNTH.md): the GQA shape `tiny` (Hq 4, Hkv 2) in
     bf16 with decode steps and column sums, `tiny-vl` (M-RoPE, image tokens) in f16 with a
-    16-query window, and a short f32 `tiny` without decode or column sums."""
+    16-query window and every prompt query (Q_all), and a short f32 `tiny` without decode or
+    column sums."""
     if not has_command(kvt_bin, "synth"):
         return []
     runs = [("synth-tiny", ["--shape", "tiny", "--tokens", "256", "--seed", "11"]),
             ("synth-tiny-vl", ["--shape", "tiny-vl", "--tokens", "300", "--window", "16",
-                               "--dtype", "f16", "--seed", "12"]),
+                               "--dtype", "f16", "--seed", "12", "--q-all"]),
             ("synth-tiny-f32", ["--shape", "tiny", "--tokens", "90", "--decode", "0",
                                 "--dtype", "f32", "--colsum", "off", "--seed", "13"])]
     out = []
@@ -431,9 +440,10 @@ def main():
                 L, Hq = int(m["n_layers"]), int(m["n_q_heads"])
                 mods = t.tokens["modality"]
                 visual = mods is not None and bool(np.isin(mods, (1, 2)).any())
+                qall = t.has("Q_all", 0)
             scores = os.path.join(outdir, tag + "_heads.json")
             write_head_scores(scores, L, Hq, len(tag) * 7 + L)
-            specs = policy_specs(W, dec, cs, scores, visual)
+            specs = policy_specs(W, dec, cs, scores, visual, qall)
             # below the window, just above it, mid, two fractions (20%: where kvpress's float
             # chunk count rounds down, chunkkv align=kvpress), one where N < 2(B−W) (the
             # KVCache-Factory pyramid fallback differs), B = T (keeps everything, whatever the

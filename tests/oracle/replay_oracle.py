@@ -41,6 +41,14 @@ What it implements (POLICIES.md section in brackets):
     to [0, N−W]); tokens by the average-pooled (k = 5) mean + gamma·variance of the window
     probabilities, group mean; N <= B + W keeps all, B <= W the last B. Written in the same
     session as the C policy from the same reading of the code;
+  * vl-cache [§11, VL-Cache]: the post-vision queries (every prompt token after the last
+    image/video token, or the last N of them with last=N; the window queries when they hold
+    them, else Q_all) attend causally over the keys; a layer's density is the share of those
+    attention entries at or above threshold·(the row's largest), and the layers keep
+    clip(λ·density, 1, N) tokens summing to L·B (λ by bisection), rounded down with the rest
+    to the largest remainders (within 1e-9: the lower layer); a token's score is the attention
+    the post-vision queries give it (summed; group-reduced by reduce=), the last `window`
+    tokens first. Written in the same session as the C policy from the same reading of §11;
   * metrics [§12, DESIGN §4]: attention recall and relative output error ‖o_S−o‖/‖o‖ (o_S
     renormalised over the kept set) on all stored window queries and on decode queries (which
     also see the decode keys 0..s when the trace has K_decode/V_decode; those are never
@@ -113,6 +121,7 @@ POLICIES = {
     "fastv": {"heads": "kv", "dense_layers": 2, "last": 0},
     "lookm": {"reduce": "mean", "heads": "kv", "recent_share": 0.5, "merge": "pivot"},
     "cake": {"window": 32, "heads": "kv", "tau1": 1.0, "tau2": 1.0, "gamma": 200.0},
+    "vl-cache": {"window": 0, "heads": "kv", "reduce": "mean", "threshold": 0.01, "last": 0},
 }
 NEEDS = {"h2o": "colsum", "lookm": "colsum", "oracle": "decode"}
 MODALITY_NAMES = ("text", "image", "video", "other")
@@ -415,9 +424,9 @@ class LayerInputs:
     [Hq,Gd,D], Kd/Vd [Hkv,Gd,D] (decode keys/values), colsum [Hq,N]."""
 
     def __init__(self, K, V, Qw, Qd=None, Kd=None, Vd=None, colsum=None, scale=None,
-                 modality=None):
+                 modality=None, Qall=None):
         f = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
-        self.K, self.V, self.Qw = f(K), f(V), f(Qw)
+        self.K, self.V, self.Qw, self.Qall = f(K), f(V), f(Qw), f(Qall)
         self.Qd, self.Kd, self.Vd, self.colsum = f(Qd), f(Kd), f(Vd), f(colsum)
         self.Hkv, self.N, self.D = self.K.shape
         self.Hq, self.Wt = self.Qw.shape[:2]
@@ -599,6 +608,13 @@ def _orders_and_counts_impl(name, o, ctx, B, layer, n_layers, info, frac):
             return orders, [N] * H
         prefs = ctx.cake_prefs[(W, float(o["tau1"]), float(o["tau2"]))]
         return orders, [W + cake_counts(prefs, B - W, N - W)[layer]] * H
+    if name == "vl-cache":
+        dens, scores = ctx.vlcache[_vlcache_key(o)]
+        sc = scores[layer]
+        W = min(W, N)
+        orders = [window_first_order(sc[hh][:N - W], N, W) for hh in range(H)]
+        info["scores"] = [_win_scores(sc[hh][:N - W], N, W) for hh in range(H)]
+        return orders, [vlcache_counts(dens, N, B)[layer]] * H
     if name == "lookm":
         if str(o.get("merge", "pivot")) != "none":
             raise ValueError("lookm: the oracle does not merge (give merge=none)")
@@ -936,6 +952,67 @@ def cake_counts(prefs, b, P):
     return [int(min(max(x, 0), P)) for x in bl]
 
 
+def _vlcache_key(o):
+    return (o.get("heads", "kv"), o["reduce"], float(o["threshold"]), int(o["last"]))
+
+
+def vlcache_layer(ctx, o):
+    """One layer's (density, scores [H', N]) for vl-cache: the attention of the post-vision
+    queries (after the last image/video token; the last `last` of them when last > 0)."""
+    N = ctx.N
+    vis = np.where(np.isin(ctx.modality, (1, 2)))[0]
+    if len(vis) == 0 or vis[-1] == N - 1:
+        raise ValueError("vl-cache: no post-vision query")
+    n = N - 1 - int(vis[-1])
+    if int(o["last"]) > 0:
+        n = min(n, int(o["last"]))
+    Q = ctx.Qw if ctx.Wt >= n else ctx.Qall
+    if Q is None:
+        raise ValueError("vl-cache: %d post-vision queries need Q_all" % n)
+    pos = np.arange(N - n, N)
+    z = np.einsum("hid,hjd->hij", Q[:, Q.shape[1] - n:, :], ctx.K[ctx.gi]) * ctx.scale
+    seen = np.arange(N)[None, :] <= pos[:, None]                   # [n, N]
+    z = np.where(seen[None], z, -np.inf)
+    top = z.max(axis=2, keepdims=True)
+    thr = float(o["threshold"])
+    rel = np.where(seen[None], z - top, 0.0)
+    sparse = (rel < math.log(thr)) & seen[None] if thr > 0 else np.zeros(z.shape, bool)
+    density = 1.0 - sparse.sum() / float(ctx.Hq * seen.sum())
+    e = np.exp(z - top)
+    a = (e / e.sum(axis=2, keepdims=True)).sum(axis=1)             # [Hq, N]
+    red = a if o.get("heads", "kv") == "query" else reduce_heads(a, ctx.Hkv, o["reduce"])
+    return density, red
+
+
+def vlcache_counts(dens, N, B):
+    """Each layer's kept tokens: clip(lam·d, 1, N) summing to L·B (lam by bisection), rounded
+    down, the rest one each to the largest remainders (within 1e-9: the lower layer)."""
+    d = np.asarray(dens, dtype=np.float64)
+    L = len(d)
+    if B >= N:
+        return [N] * L
+    lo, hi = 0.0, N / d.min()
+    for _ in range(300):
+        mid = 0.5 * (lo + hi)
+        if np.clip(mid * d, 1, N).sum() < B * L:
+            lo = mid
+        else:
+            hi = mid
+    x = hi * d
+    held = (x <= 1) | (x >= N)
+    c = np.clip(np.floor(x), 1, N).astype(np.int64)
+    rem = np.where(held, -1.0, x - np.floor(x))
+    for _ in range(B * L - int(c.sum())):
+        cand = [l for l in range(L) if c[l] < N]
+        best = cand[0]
+        for l in cand[1:]:
+            if rem[l] > rem[best] + 1e-9:
+                best = l
+        c[best] += 1
+        rem[best] = -2.0
+    return [int(v) for v in c]
+
+
 def load_layer(t, layer, scale=None):
     """LayerInputs of one layer of an open kvtrace.Trace (float32 -> float64)."""
     def rd(kind):
@@ -945,7 +1022,7 @@ def load_layer(t, layer, scale=None):
     if colsum is not None:
         colsum = colsum[:, :, 0]
     return LayerInputs(rd("K"), rd("V"), rd("Q_window"), rd("Q_decode"), rd("K_decode"),
-                       rd("V_decode"), colsum, scale, t.tokens["modality"])
+                       rd("V_decode"), colsum, scale, t.tokens["modality"], rd("Q_all"))
 
 
 def replay_trace(path, policies=None, budgets=(64, 128, 256, 512), layers=None,
@@ -980,10 +1057,16 @@ def replay_trace(path, policies=None, budgets=(64, 128, 256, 512), layers=None,
                 if key not in cake and key[0] < N:
                     cake[key] = [cake_pref(load_layer(t, l, scale), key[0], key[1], key[2])
                                  for l in range(L)]
+        vlc = {}  # _vlcache_key -> (every layer's density, every layer's scores)
+        for _, name, o in pols:
+            if name == "vl-cache" and _vlcache_key(o) not in vlc:
+                per = [vlcache_layer(load_layer(t, l, scale), o) for l in range(L)]
+                vlc[_vlcache_key(o)] = ([x[0] for x in per], [x[1] for x in per])
         for layer in layer_ids:
             ctx = load_layer(t, layer, scale)
             ctx.fastv_orders = fastv
             ctx.cake_prefs = cake
+            ctx.vlcache = vlc
             res = replay_layer(None, None, None, policies=pols, budgets=budgets, layer=layer,
                                n_layers=L, coverage_probes=coverage_probes, ctx=ctx,
                                debug=debug)

@@ -337,6 +337,31 @@ class OtherPolicies(unittest.TestCase):
         self.assertEqual(O.cake_counts([1, 2, 4], 50, 90), [22, 43, 85])
         self.assertEqual(O.cake_counts([0, 0, 0], 50, 90), [50, 50, 50])
 
+    def test_vlcache_counts(self):
+        # test_replay_policies.c's hand-worked layer budgets
+        self.assertEqual(O.vlcache_counts([0.5, 0.25, 0.25], 100, 40), [60, 30, 30])
+        self.assertEqual(O.vlcache_counts([0.9, 0.05, 0.05], 100, 60), [100, 40, 40])
+        self.assertEqual(O.vlcache_counts([1, 1, 0.001], 100, 10), [15, 14, 1])
+        self.assertEqual(O.vlcache_counts([9 / 21, 13 / 21], 8, 6), [5, 7])
+        self.assertEqual(O.vlcache_counts([9 / 21, 13 / 21], 8, 8), [8, 8])
+        self.assertEqual(O.vlcache_counts([9 / 21, 13 / 21], 8, 1), [1, 1])
+
+    def test_vlcache_hand(self):
+        # test_replay_metrics.c's trace: T = 8, image 2..4, post-vision queries 5, 6, 7 (1, 0)
+        mod = [0, 0, 1, 1, 1, 0, 0, 0]
+        ctxs = []
+        for a in ([8, 0, 8, 0, 0, 8, 0, 0], [8, 8, 8, 8, 0, 0, 0, 8]):
+            K = np.array([[[x, 0.0] for x in a]])
+            ctxs.append(O.LayerInputs(K, np.ones((1, 8, 2)), np.tile([1.0, 0.0], (1, 3, 1)),
+                                      modality=mod))
+        o = O.parse_policy("vl-cache")[2]
+        per = [O.vlcache_layer(c, o) for c in ctxs]
+        self.assertAlmostEqual(per[0][0], 9 / 21, places=12)
+        self.assertAlmostEqual(per[1][0], 13 / 21, places=12)
+        self.assertEqual(list(O.stable_desc_order(per[0][1][0])), [0, 2, 5, 1, 3, 4, 6, 7])
+        self.assertEqual(list(O.stable_desc_order(per[1][1][0])), [0, 1, 2, 3, 7, 4, 5, 6])
+        self.assertEqual(O.vlcache_counts([per[0][0], per[1][0]], 8, 3), [2, 4])
+
     def test_full(self):
         c = ctx8()
         self.assertEqual(kept(c, "full", 3), [list(range(8))])

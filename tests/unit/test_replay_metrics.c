@@ -987,6 +987,146 @@ static void test_kv16_input(void)
     free(m32), free(m16), free(k16), free(v16);
 }
 
+/* ---- vl-cache, worked by hand ---- */
+typedef struct vc_sets {
+    char kept[2][8][64]; /* [layer][budget] head 0's kept set as "0,2,5" */
+} vc_sets;
+
+static kvt_status vc_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+{
+    vc_sets *s = user;
+    for (size_t i = 0; i < n; i++)
+        if (recs[i].head == 0 && recs[i].step < 0 && layer < 2 && recs[i].budget < 8) {
+            char *o = s->kept[layer][recs[i].budget];
+            size_t len = 0;
+            for (size_t e = 0; e < recs[i].n && len + 12 < 64; e++)
+                len += (size_t)snprintf(o + len, 64 - len, "%s%d", e ? "," : "", recs[i].idx[e]);
+        }
+    return KVT_OK;
+}
+
+/* replay spec on the trace at path and compare head 0's kept sets of layers 0 and 1 */
+static void vc_expect(const char *path, const char *spec, const char *budgets,
+                      const char *const want[][2])
+{
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    kvt_budget *bud;
+    size_t nb;
+    KVT_CHECK(kvt_budgets_parse(budgets, &bud, &nb));
+    vc_sets s;
+    memset(&s, 0, sizeof(s));
+    kvt_replay_opts o = {.n_threads = 1, .coverage_probes = -1, .sink = vc_sink, .sink_user = &s};
+    kvt_trace_result *res = NULL;
+    kvt_status st = kvt_replay_trace(path, &p, 1, bud, nb, &o, &res);
+    KVT_EXPECT_MSG(st == KVT_OK, "%s: %s", spec, kvt_error_msg());
+    for (size_t b = 0; b < nb && !st; b++)
+        for (int l = 0; l < 2; l++)
+            KVT_EXPECT_MSG(!strcmp(s.kept[l][b], want[b][l]), "%s B=%s layer %d: {%s}, want {%s}",
+                           spec, bud[b].text, l, s.kept[l][b], want[b][l]);
+    kvt_trace_result_free(res);
+    kvt_free(bud);
+    kvt_policy_free(p);
+}
+
+/* vl-cache on 2 layers, T = 8, one head, image tokens 2..4: the post-vision queries are
+ * tokens 5, 6, 7, the three window queries, each (1, 0) against keys (a_j, 0) with the scale
+ * 1/sqrt(2); a_j is 8 or 0, so a 0 is exp(-8/sqrt(2)) = 0.0035 of a row's largest: sparse
+ * under 1%.
+ * Layer 0, a = {8, 0, 8, 0, 0, 8, 0, 0}: rows 5, 6, 7 have 3 dense entries of 6, 7, 8: density
+ * 9/21. Scores: the 8s that every row sees (0, 2, 5) tie, then the 0s every row sees (1, 3,
+ * 4), then 6 (two rows), then 7: the ranking 0 2 5 1 3 4 6 7.
+ * Layer 1, a = {8, 8, 8, 8, 0, 0, 0, 8}: 4, 4, 5 dense: 13/21. The ranking 0 1 2 3, then 7
+ * (e^c / Z_7, about 0.2), then 4 5 (about 0.002), then 6.
+ * Budgets: L B in proportion 9 : 13. B=2: 1.64, 2.36 -> 1, 2 and the token left to layer 0
+ * (0.64 > 0.36): 2, 2. B=3: 2.45, 3.55 -> 2, 4. B=4: 3.27, 4.73 -> 3, 5. B=6: 4.91, 7.09 ->
+ * 5, 7. B=7: 5.73, 8.27 -> 6, 8 (layer 1 held at T = 8). B=8 keeps everything. */
+static void test_vl_cache(void)
+{
+    enum { L = 2, T = 8, D = 2, W = 3, G = 2 };
+    test_layer layers[L];
+    const float a[L][T] = {{8, 0, 8, 0, 0, 8, 0, 0}, {8, 8, 8, 8, 0, 0, 0, 8}};
+    for (int l = 0; l < L; l++) {
+        tl_random(&layers[l], 60 + (uint64_t)l, T, D, 1, 1, W, G, true);
+        layers[l].in.layer = l;
+        layers[l].in.n_layers = L;
+        for (int j = 0; j < T; j++) {
+            layers[l].k[j * D] = a[l][j];
+            layers[l].k[j * D + 1] = 0;
+            layers[l].mod[j] = j >= 2 && j <= 4;
+        }
+        for (int i = 0; i < W; i++)
+            layers[l].qw[i * D] = 1, layers[l].qw[i * D + 1] = 0;
+    }
+    char path[256];
+    kvt_test_tmp(path, sizeof(path), "vl_cache.kvt");
+    tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    const char *const want[][2] = {{"0,2", "0,1"},
+                                   {"0,2", "0,1,2,3"},
+                                   {"0,2,5", "0,1,2,3,7"},
+                                   {"0,1,2,3,5", "0,1,2,3,4,5,7"},
+                                   {"0,1,2,3,4,5", "0,1,2,3,4,5,6,7"},
+                                   {"0,1,2,3,4,5,6,7", "0,1,2,3,4,5,6,7"}};
+    vc_expect(path, "vl-cache", "2,3,4,6,7,8", want);
+    vc_expect(path, "vl-cache:heads=query", "2,3,4,6,7,8", want);
+    /* window=1: token 7 first, then the ranking; B=4 keeps 3 and 5 */
+    const char *const want_w[][2] = {{"0,2,7", "0,1,2,3,7"}};
+    vc_expect(path, "vl-cache:window=1", "4", want_w);
+    /* last=1: row 7 alone, 3/8 and 5/8 dense: B=4 keeps 3 and 5; the 8s tie, then the 0s */
+    const char *const want_l[][2] = {{"0,2,5", "0,1,2,3,7"}};
+    vc_expect(path, "vl-cache:last=1", "4", want_l);
+    /* threshold=0: nothing is sparse, every layer keeps B */
+    const char *const want_t[][2] = {{"0,2,5", "0,1,2"}};
+    vc_expect(path, "vl-cache:threshold=0", "3", want_t);
+    /* one layer alone is refused: its budget needs every layer */
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create("vl-cache", NULL, &p));
+    kvt_replay_opts o = {.n_threads = 1, .coverage_probes = -1};
+    kvt_head_metrics m[1];
+    const int B1[1] = {4};
+    KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&layers[0].in, &p, 1, B1, 1, &o, m),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "replay the whole trace"), "message: %s",
+                   kvt_error_msg());
+    kvt_budget *bud;
+    size_t nb;
+    KVT_CHECK(kvt_budgets_parse("4", &bud, &nb));
+    kvt_trace_result *res = NULL;
+    /* a NaN key: named, nothing kept */
+    layers[1].k[3 * D + 1] = NAN;
+    tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_NAN);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "layer 1 query head 0: the logit of token 5's query on "
+                                           "key 3 is not finite"),
+                   "message: %s", kvt_error_msg());
+    layers[1].k[3 * D + 1] = 0;
+    /* four post-vision queries (image 2..3) but three stored, no Q_all: last=3 is named */
+    for (int l = 0; l < L; l++)
+        layers[l].mod[4] = 0;
+    tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "4 post-vision queries") &&
+                       strstr(kvt_error_msg(), "--q-all") && strstr(kvt_error_msg(), "last=3"),
+                   "message: %s", kvt_error_msg());
+    /* no visual token; a prompt that ends with one */
+    memset(layers[0].mod, 0, T);
+    tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "no image or video tokens"), "message: %s",
+                   kvt_error_msg());
+    layers[0].mod[T - 1] = KVT_MOD_VIDEO;
+    tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "ends with an image or video token (7)"), "message: %s",
+                   kvt_error_msg());
+    KVT_EXPECT(res == NULL);
+    kvt_free(bud);
+    kvt_policy_free(p);
+    for (int l = 0; l < L; l++)
+        tl_free(&layers[l]);
+    remove(path);
+}
+
 int main(void)
 {
     test_kv16_input();
@@ -998,6 +1138,7 @@ int main(void)
     test_coverage_prefix();
     test_redundancy_by_modality();
     test_fastv();
+    test_vl_cache();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }

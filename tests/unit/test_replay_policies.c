@@ -1626,6 +1626,36 @@ static void test_leverage_compactor(void)
     kvt_policy_free(p);
 }
 
+/* vl-cache's layer budgets (kvt_vlcache_counts), worked by hand: L x B tokens in proportion to
+ * the densities, each layer held to [1, T], the rest to the largest remainders. */
+static void test_vlcache_counts(void)
+{
+    int n[3];
+    const double d1[3] = {0.5, 0.25, 0.25}; /* 120 as 60, 30, 30 */
+    KVT_CHECK(kvt_vlcache_counts(d1, 3, 100, 40, n));
+    KVT_EXPECT_MSG(n[0] == 60 && n[1] == 30 && n[2] == 30, "%d %d %d", n[0], n[1], n[2]);
+    /* 180 as 162, 9, 9: the first held at 100, its 62 shared by the others alike: 40 each */
+    const double d2[3] = {0.9, 0.05, 0.05};
+    KVT_CHECK(kvt_vlcache_counts(d2, 3, 100, 60, n));
+    KVT_EXPECT_MSG(n[0] == 100 && n[1] == 40 && n[2] == 40, "%d %d %d", n[0], n[1], n[2]);
+    /* 30 as 14.99, 14.99, 0.015: the last held at 1, 29 left as 14.5 and 14.5; the token the
+       two halves leave goes to the lower layer */
+    const double d3[3] = {1, 1, 0.001};
+    KVT_CHECK(kvt_vlcache_counts(d3, 3, 100, 10, n));
+    KVT_EXPECT_MSG(n[0] == 15 && n[1] == 14 && n[2] == 1, "%d %d %d", n[0], n[1], n[2]);
+    /* 2 x 6 as 12/22 (9 and 13): 4.91, 7.09: 4 and 7, the last token to the larger remainder */
+    const double d4[2] = {9.0 / 21, 13.0 / 21};
+    KVT_CHECK(kvt_vlcache_counts(d4, 2, 8, 6, n));
+    KVT_EXPECT_MSG(n[0] == 5 && n[1] == 7, "%d %d", n[0], n[1]);
+    KVT_CHECK(kvt_vlcache_counts(d4, 2, 8, 8, n)); /* B >= T: everything */
+    KVT_EXPECT(n[0] == 8 && n[1] == 8);
+    KVT_CHECK(kvt_vlcache_counts(d4, 2, 8, 1, n)); /* every layer at least one token */
+    KVT_EXPECT(n[0] == 1 && n[1] == 1);
+    const double bad[2] = {0.5, 0};
+    KVT_EXPECT_STATUS(kvt_vlcache_counts(bad, 2, 8, 4, n), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_vlcache_counts(d4, 0, 8, 4, n), KVT_ERR_INVALID_ARG);
+}
+
 /* cake's layer budgets (kvt_cake_counts), worked by hand from cake/utils.py adjust_budgets:
  * T = 100, W = 10 (prefix 90), B = 60: (60 - 10) x L prefix tokens split by the preferences. */
 static void test_cake(void)
@@ -1780,7 +1810,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 42);
+    KVT_EXPECT(kvt_policy_registry_size() == 43);
 }
 
 int main(void)
@@ -1812,6 +1842,7 @@ int main(void)
     test_elastic_cache();
     test_leverage_compactor();
     test_cake();
+    test_vlcache_counts();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
