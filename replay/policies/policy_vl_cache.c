@@ -28,14 +28,17 @@
  * single-layer replay is refused.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "kvt_kernels.h"
 #include "../replay_internal.h"
 #include "kvt_trace.h"
 
-#define VLC_BLOCK 64   /* post-vision queries per dense product */
-#define VLC_TIE   1e-9 /* remainders closer than this tie (the lower layer first) */
+#define VLC_BLOCK       128 /* post-vision queries per dense product */
+#define VLC_MAX_THREADS 256
+#define VLC_TIE         1e-9 /* remainders closer than this tie (the lower layer first) */
 
 typedef struct vlc_state {
     int L, T, H;
@@ -61,7 +64,7 @@ static void unbind_vlc(void *state)
 }
 
 /* One layer's density and its heads' scores [H', T]: the last `used` of the nq queries of
- * kind qkind (positions T - used .. T - 1), one query head at a time. */
+ * kind qkind (positions T - used .. T - 1), one KV head's keys and one query head at a time. */
 static kvt_status layer_post(kvt_trace_reader *r, int l, int qkind, int nq, int Hq, int Hkv, int T,
                              int D, int used, const kvt_policy_opts *o, double *density,
                              float *score)
@@ -69,25 +72,28 @@ static kvt_status layer_post(kvt_trace_reader *r, int l, int qkind, int nq, int 
     const int Gs = Hq / Hkv, H = o->per_query ? Hq : Hkv;
     const double scale = kvt_bind_trace_scale(r, D);
     const double lthr = o->threshold > 0 ? log(o->threshold) : -INFINITY;
-    float *k = NULL, *q = kvt_malloc((size_t)nq * D * sizeof(float) + 1);
+    float *k = kvt_malloc((size_t)T * D * sizeof(float) + 1);
+    float *q = kvt_malloc((size_t)nq * D * sizeof(float) + 1);
     double *kd = kvt_malloc((size_t)T * D * sizeof(double) + 1);
     double *qd = kvt_malloc((size_t)VLC_BLOCK * D * sizeof(double) + 1);
     double *z = kvt_malloc((size_t)VLC_BLOCK * T * sizeof(double) + 1);
     double *acc = kvt_calloc((size_t)Hq * T + 1, sizeof(double));
     double *red = kvt_malloc((size_t)H * T * sizeof(double) + 1);
     kvt_status st = KVT_OK;
-    if (!q || !kd || !qd || !z || !acc || !red) {
+    if (!k || !q || !kd || !qd || !z || !acc || !red) {
         st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
         goto out;
     }
-    if ((st = kvt_bind_read_f32(r, l, KVT_KIND_K, (uint32_t)Hkv, (size_t)Hkv * T * D, "vl-cache",
-                                &k)))
-        goto out;
     double n_sparse = 0.0, n_all = 0.0;
     for (int h = 0; h < Hq; h++) {
-        if (h % Gs == 0) /* the KV head's keys in double */
+        if (h % Gs == 0) { /* the KV head's keys, in double */
+            const uint32_t g = (uint32_t)(h / Gs);
+            if ((st = kvt_trace_reader_read(r, l, KVT_KIND_K, g, g + 1, KVT_DTYPE_F32, k,
+                                            (size_t)T * D * sizeof(float))))
+                goto out;
             for (size_t e = 0; e < (size_t)T * D; e++)
-                kd[e] = k[(size_t)(h / Gs) * T * D + e];
+                kd[e] = k[e];
+        }
         if ((st = kvt_trace_reader_read(r, l, qkind, (uint32_t)h, (uint32_t)h + 1, KVT_DTYPE_F32, q,
                                         (size_t)nq * D * sizeof(float))))
             goto out;
@@ -100,23 +106,22 @@ static kvt_status layer_post(kvt_trace_reader *r, int l, int qkind, int nq, int 
             kvt_gemm_f64(true, n, T, D, scale, qd, D, kd, D, 0.0, z, T);
             for (int i = 0; i < n; i++) {
                 const int t = T - used + i0 + i; /* this query sees keys 0..t */
-                double *zi = z + (size_t)i * T, top = -INFINITY, sum = 0.0;
-                for (int j = 0; j <= t; j++) {
-                    if (!isfinite(zi[j])) {
-                        st = kvt_error_set(KVT_ERR_NAN,
-                                           "vl-cache: layer %d query head %d: the logit of "
-                                           "token %d's query on key %d is not finite",
-                                           l, h, t, j);
-                        goto out;
-                    }
-                    top = zi[j] > top ? zi[j] : top;
+                double *zi = z + (size_t)i * T, top;
+                const int bad = kvt_max_finite_cpu(zi, t + 1, &top);
+                if (bad >= 0) {
+                    st = kvt_error_set(KVT_ERR_NAN,
+                                       "vl-cache: layer %d query head %d: the logit of token "
+                                       "%d's query on key %d is not finite",
+                                       l, h, t, bad);
+                    goto out;
                 }
-                for (int j = 0; j <= t; j++) {
-                    n_sparse += zi[j] - top < lthr;
-                    sum += zi[j] = exp(zi[j] - top);
-                }
+                int sparse = 0;
                 for (int j = 0; j <= t; j++)
-                    a[j] += zi[j] / sum;
+                    sparse += zi[j] - top < lthr;
+                n_sparse += sparse;
+                const double inv = 1.0 / kvt_exp_shift_sum_cpu(zi, t + 1, top);
+                for (int j = 0; j <= t; j++)
+                    a[j] += zi[j] * inv;
                 n_all += t + 1;
             }
         }
@@ -139,6 +144,67 @@ out:
     return st;
 }
 
+/* the layers shared out among threads (bind runs before the replay's workers start) */
+typedef struct vlc_work {
+    kvt_trace_reader *r;
+    const kvt_policy_opts *o;
+    vlc_state *s;
+    const int *nq; /* [L] stored queries of each layer */
+    int qkind, Hq, Hkv, D, used;
+    int next; /* the next layer to take (atomic) */
+    int stop; /* a layer failed (atomic) */
+} vlc_work;
+
+typedef struct vlc_thread {
+    vlc_work *w;
+    int layer; /* the layer that failed, or -1 */
+    kvt_status st;
+    char msg[512];
+} vlc_thread;
+
+static void *vlc_run(void *arg)
+{
+    vlc_thread *th = arg;
+    vlc_work *w = th->w;
+    const int L = w->s->L, T = w->s->T;
+    for (;;) {
+        const int l = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
+        if (l >= L || __atomic_load_n(&w->stop, __ATOMIC_RELAXED))
+            break;
+        kvt_status st = layer_post(w->r, l, w->qkind, w->nq[l], w->Hq, w->Hkv, T, w->D, w->used,
+                                   w->o, &w->s->density[l], w->s->score + (size_t)l * w->s->H * T);
+        if (st) { /* the message is this thread's: kept for the caller */
+            th->layer = l, th->st = st;
+            snprintf(th->msg, sizeof(th->msg), "%s", kvt_error_msg());
+            __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+            break;
+        }
+    }
+    return NULL;
+}
+
+/* every layer through n_th threads (the calling one among them); the lowest failed layer's
+ * error, as one thread would have met it first */
+static kvt_status vlc_layers(vlc_work *w, int n_th)
+{
+    vlc_thread th[VLC_MAX_THREADS];
+    pthread_t tid[VLC_MAX_THREADS];
+    bool started[VLC_MAX_THREADS] = {false};
+    for (int i = 0; i < n_th; i++)
+        th[i] = (vlc_thread){.w = w, .layer = -1};
+    for (int i = 1; i < n_th; i++)
+        started[i] = !pthread_create(&tid[i], NULL, vlc_run, &th[i]);
+    vlc_run(&th[0]);
+    for (int i = 1; i < n_th; i++)
+        if (started[i])
+            pthread_join(tid[i], NULL);
+    int worst = -1;
+    for (int i = 0; i < n_th; i++)
+        if (th[i].layer >= 0 && (worst < 0 || th[i].layer < th[worst].layer))
+            worst = i;
+    return worst < 0 ? KVT_OK : kvt_error_set(th[worst].st, "%s", th[worst].msg);
+}
+
 /* before the trace's first layer: every layer's density and scores */
 static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
                            void **state)
@@ -146,6 +212,7 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
     kvt_trace_reader *r = NULL;
     uint8_t *mod = kvt_malloc((size_t)T + 1);
     vlc_state *s = kvt_calloc(1, sizeof(*s));
+    int *nq = NULL, D = 0;
     kvt_status st = KVT_OK;
     if (!mod || !s) {
         st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
@@ -203,26 +270,50 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
                            L, s->H, T);
         goto out;
     }
-    for (int l = 0; l < L && !st; l++) {
+    if (!(nq = kvt_malloc((size_t)L * sizeof(int) + 1))) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
+        goto out;
+    }
+    for (int l = 0; l < L; l++) {
         if (kvt_trace_reader_shape(r, l, qkind, &nh, &nt, &qdim, &dt) ||
             kvt_trace_reader_shape(r, l, KVT_KIND_K, &kh, &kt, &kdim, &dt) || nh != (uint32_t)Hq ||
             nt < (uint32_t)used || (qkind == KVT_KIND_Q_ALL && nt != (uint32_t)T) ||
-            kh != (uint32_t)Hkv || kt != (uint32_t)T || kdim != qdim) {
+            kh != (uint32_t)Hkv || kt != (uint32_t)T || kdim != qdim ||
+            (l > 0 && qdim != (uint32_t)D)) {
             st = kvt_error_set(KVT_ERR_CORRUPT,
                                "vl-cache: layer %d has no %s [%d heads, %s%d queries, D] and K "
-                               "[%d, %d, D]",
+                               "[%d, %d, D] of the same D as layer 0's",
                                l, kvt_kind_name(qkind), Hq,
                                qkind == KVT_KIND_Q_ALL ? "" : "at least ",
                                qkind == KVT_KIND_Q_ALL ? T : used, Hkv, T);
-            break;
+            goto out;
         }
-        st = layer_post(r, l, qkind, (int)nt, Hq, Hkv, T, (int)qdim, used, &p->o, &s->density[l],
-                        s->score + (size_t)l * s->H * T);
+        nq[l] = (int)nt, D = (int)qdim;
     }
+    /* threads up to the cores and the layers, each holding one layer's work arrays */
+    const uint64_t per = ((uint64_t)T * D * 12 + (uint64_t)VLC_BLOCK * T * 8 +
+                          (uint64_t)(Hq + s->H) * T * 8 + (uint64_t)nq[0] * D * 4);
+    const uint64_t avail = kvt_mem_available();
+    int n_th = kvt_cpu_count();
+    n_th = n_th < L ? n_th : L;
+    n_th = n_th < VLC_MAX_THREADS ? n_th : VLC_MAX_THREADS;
+    if (avail && (uint64_t)n_th * per > avail / 2)
+        n_th = (int)(avail / 2 / per);
+    vlc_work w = {.r = r,
+                  .o = &p->o,
+                  .s = s,
+                  .nq = nq,
+                  .qkind = qkind,
+                  .Hq = Hq,
+                  .Hkv = Hkv,
+                  .D = D,
+                  .used = used};
+    st = vlc_layers(&w, n_th > 1 ? n_th : 1);
 out:
     if (r)
         kvt_trace_reader_close(r);
     kvt_free(mod);
+    kvt_free(nq);
     if (st)
         unbind_vlc(s);
     else
