@@ -207,6 +207,10 @@ void kvt_dot_rows_ref(const float *q, const float *k, int n, int D, double scale
  *  running kernels: call before a replay. */
 void kvt_kernels_use_ref(bool ref_only);
 bool kvt_kernels_ref_only(void);
+/** Set OpenBLAS's thread count to n and return the one before (1 without OpenBLAS). The
+ *  kernels set it to 1 on first use, for the whole process: a caller that shares the process's
+ *  BLAS with another library (Python's torch) sets it back when it is done. */
+int kvt_blas_threads_set(int n);
 /** "openblas" or "blocked-c": what the fast CPU variants use for dense products. */
 const char *kvt_kernels_cpu_backend(void);
 /** The kernel set OpenBLAS should use on this CPU when it fell back to its generic Prescott

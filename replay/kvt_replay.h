@@ -442,6 +442,23 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
                             const kvt_budget *budgets, size_t n_budgets, const kvt_replay_opts *o,
                             kvt_trace_result **out);
 
+/** One kept set as kvt_replay_sets hands it on (a flat form for foreign-function callers such
+ *  as Python's ctypes): policy and budget indices, layer, head (a query head when query_head,
+ *  else a KV head), step (-1: the prompt's set), its n entries idx ascending and, for a merged
+ *  set, changed [n] (1 where the entry holds merged K and V) and k, v [n_changed, D] in entry
+ *  order (NULL, and n_changed 0, otherwise). The arrays are valid during the call. Return 0 to
+ *  go on, anything else to stop the replay (KVT_ERR_STATE). */
+typedef int (*kvt_sets_fn)(void *user, int policy, int budget, int layer, int head, int query_head,
+                           int step, int n, const int32_t *idx, const uint8_t *changed,
+                           int n_changed, int D, const float *k, const float *v);
+
+/** Replay the policies (a --policies list) at the budgets (a --budgets list) on the trace at
+ *  path with the random policies' seed, on one thread and without coverage, and hand every
+ *  kept set to fn, layer by layer in order: what `kvtrace replay --export-selection` writes,
+ *  with a merged policy's keys and values too (kvtrace.hf.e2e reads them). */
+kvt_status kvt_replay_sets(const char *path, const char *policies, const char *budgets,
+                           uint64_t seed, kvt_sets_fn fn, void *user);
+
 #ifdef __cplusplus
 }
 #endif

@@ -51,6 +51,20 @@ bool kvt_kernels_ref_only(void)
     return g_ref_only > 0;
 }
 
+int kvt_blas_threads_set(int n)
+{
+#ifdef KVT_HAVE_BLAS
+    const int prev = openblas_get_num_threads(); /* before init_once makes it 1 */
+    pthread_once(&g_once, init_once);
+    openblas_set_num_threads(n > 0 ? n : 1);
+    return prev;
+#else
+    (void)n;
+    pthread_once(&g_once, init_once);
+    return 1;
+#endif
+}
+
 const char *kvt_kernels_cpu_backend(void)
 {
 #ifdef KVT_HAVE_BLAS

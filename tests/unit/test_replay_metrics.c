@@ -7,6 +7,7 @@
 #include <pthread.h>
 
 #include "replay_internal.h" /* the merged K/V of a lightkv-like selection */
+#include "kvt_kernels.h"
 #include "replay_test_util.h"
 
 #define NPOL 16
@@ -1127,6 +1128,117 @@ static void test_vl_cache(void)
     remove(path);
 }
 
+/* ---- kvt_replay_sets: the kept sets a foreign caller gets, merged K/V included ---- */
+typedef struct rs_seen {
+    int n_calls, n_merged, stop_at;
+    char first[8][256]; /* policy 0, layer 0, budget 0, heads 0..7: "idx:changed" */
+    double ksum;        /* sum of the merged keys handed over */
+} rs_seen;
+
+static int rs_fn(void *user, int policy, int budget, int layer, int head, int query_head, int step,
+                 int n, const int32_t *idx, const uint8_t *changed, int n_changed, int D,
+                 const float *k, const float *v)
+{
+    rs_seen *s = user;
+    (void)query_head, (void)v;
+    if (++s->n_calls == s->stop_at)
+        return 1;
+    if (changed)
+        s->n_merged++;
+    for (int i = 0; changed && i < n_changed * D; i++)
+        s->ksum += k[i];
+    if (policy == 0 && layer == 0 && budget == 0 && step < 0 && head < 8) {
+        size_t len = 0;
+        for (int e = 0; e < n && len + 16 < 256; e++)
+            len += (size_t)snprintf(s->first[head] + len, 256 - len, "%d:%d,", idx[e],
+                                    changed ? changed[e] : 9);
+    }
+    return 0;
+}
+
+typedef struct rs_sink_seen {
+    char first[8][256];
+    double ksum;
+} rs_sink_seen;
+
+static kvt_status rs_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+{
+    rs_sink_seen *s = user;
+    for (size_t i = 0; i < n; i++) {
+        const kvt_selection_rec *r = &recs[i];
+        int n_chg = 0;
+        for (size_t e = 0; r->changed && e < r->n; e++)
+            n_chg += r->changed[e];
+        for (int e = 0; r->changed && e < n_chg * 4; e++)
+            s->ksum += r->k[e];
+        if (r->policy == 0 && layer == 0 && r->budget == 0 && r->step < 0 && r->head < 8) {
+            size_t len = 0;
+            for (size_t e = 0; e < r->n && len + 16 < 256; e++)
+                len += (size_t)snprintf(s->first[r->head] + len, 256 - len, "%d:%d,", r->idx[e],
+                                        r->changed ? r->changed[e] : 9);
+        }
+    }
+    return KVT_OK;
+}
+
+/* The same sets, merged keys and all, as the replay's own sink gets; a policy list's error and
+ * a caller that stops are errors with one message; the BLAS thread count is handed back. */
+static void test_replay_sets(void)
+{
+    enum { L = 2, T = 24, D = 4, Hq = 4, Hkv = 2, W = 4, G = 2 };
+    test_layer layers[L];
+    for (int l = 0; l < L; l++) {
+        tl_random(&layers[l], 80 + (uint64_t)l, T, D, Hq, Hkv, W, G, true);
+        layers[l].in.layer = l;
+        layers[l].in.n_layers = L;
+    }
+    char path[256];
+    kvt_test_tmp(path, sizeof(path), "replay_sets.kvt");
+    tl_write_trace(path, L, T, D, Hq, Hkv, W, G, layers);
+    const char *pols = "snapkv:window=2,merge=pivot,heads=query,snapkv:window=2";
+    rs_seen s;
+    memset(&s, 0, sizeof(s));
+    KVT_EXPECT_STATUS(kvt_replay_sets(path, pols, "8,12", 0, rs_fn, &s), KVT_OK);
+    /* 2 policies x 2 budgets x 2 layers: 4 query heads + 2 KV heads each */
+    KVT_EXPECT_MSG(s.n_calls == 2 * 2 * (4 + 2) && s.n_merged == 2 * 2 * 4, "%d calls, %d merged",
+                   s.n_calls, s.n_merged);
+    kvt_policy **p = NULL;
+    size_t np = 0, nb = 0;
+    kvt_budget *bud = NULL;
+    KVT_CHECK(kvt_policy_list_parse(pols, NULL, &p, &np));
+    KVT_CHECK(kvt_budgets_parse("8,12", &bud, &nb));
+    rs_sink_seen w;
+    memset(&w, 0, sizeof(w));
+    kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 0, .sink = rs_sink, .sink_user = &w};
+    kvt_trace_result *res = NULL;
+    KVT_CHECK(kvt_replay_trace(path, p, np, bud, nb, &o, &res));
+    for (int h = 0; h < 8; h++)
+        KVT_EXPECT_MSG(!strcmp(s.first[h], w.first[h]), "head %d: {%s}, the sink's {%s}", h,
+                       s.first[h], w.first[h]);
+    KVT_EXPECT_MSG(s.ksum == w.ksum && s.ksum != 0, "merged keys %.17g, the sink's %.17g", s.ksum,
+                   w.ksum);
+    KVT_EXPECT(strstr(s.first[0], ":1,") != NULL); /* a merged entry among head 0's */
+    kvt_trace_result_free(res);
+    kvt_policy_list_free(p, np);
+    kvt_free(bud);
+    memset(&s, 0, sizeof(s));
+    s.stop_at = 3;
+    KVT_EXPECT_STATUS(kvt_replay_sets(path, pols, "8,12", 0, rs_fn, &s), KVT_ERR_STATE);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "the caller stopped the replay at layer 0"), "%s",
+                   kvt_error_msg());
+    KVT_EXPECT_STATUS(kvt_replay_sets(path, "nope", "8", 0, rs_fn, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_replay_sets(path, "snapkv", "0", 0, rs_fn, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_replay_sets(path, "snapkv", "8", 0, NULL, &s), KVT_ERR_INVALID_ARG);
+    /* the thread count a caller set is its own again after */
+    const int before = kvt_blas_threads_set(2);
+    KVT_EXPECT_STATUS(kvt_replay_sets(path, "snapkv:window=2", "8", 0, rs_fn, &s), KVT_OK);
+    KVT_EXPECT(kvt_blas_threads_set(before) ==
+               (strcmp(kvt_kernels_cpu_backend(), "openblas") ? 1 : 2));
+    for (int l = 0; l < L; l++)
+        tl_free(&layers[l]);
+    remove(path);
+}
+
 int main(void)
 {
     test_kv16_input();
@@ -1139,6 +1251,7 @@ int main(void)
     test_redundancy_by_modality();
     test_fastv();
     test_vl_cache();
+    test_replay_sets();
     test_trace_driver();
     return kvt_test_result("test_replay_metrics");
 }
