@@ -37,9 +37,33 @@ _ERR_INVALID = -7
 _ERR_STATE = -9
 _ERR_UNSUPPORTED = -13
 
-_MERGED_WHY = ("a merged policy: the selection export holds its representatives' token "
-               "indices, not the merged keys and values (kvtrace e2e-llama2c runs merged "
-               "policies on the built-in engine)")
+
+def _spec(pol):
+    """The spec of a results.json policy from its effective options (what the replay ran), or
+    None when an option cannot be written in a spec (a value holding ',')."""
+    parts = []
+    for k, v in (pol.get("options") or {}).items():
+        if v is None:
+            continue
+        v = ("1" if v else "0") if isinstance(v, bool) else repr(v) if isinstance(v, float) \
+            else str(v)
+        if "," in v:
+            return None
+        parts.append("%s=%s" % (k, v))
+    return pol["name"] + (":" + ",".join(parts) if parts else "")
+
+
+class _Groups1:
+    """The attention module as the registry function sees it, with num_key_value_groups 1: the
+    keys and values it is handed are already one per query head (merged ones substituted)."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self.__dict__["_module"] = module
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_module"], name)
 
 
 def _fail(msg, status=_ERR_INVALID):
@@ -159,8 +183,8 @@ def _write_atomic(path, text, force):
 class _Run(object):
     """What one (policy, budget) did on one trace."""
 
-    def __init__(self, applied, kl_steps=None, top1=None, nll=None):
-        self.applied = applied
+    def __init__(self, applied, kl_steps=None, top1=None, nll=None, why=None):
+        self.applied, self.why = applied, why
         self.kl_steps = kl_steps  # [G] float
         self.kl_mean = sum(kl_steps) / len(kl_steps) if applied else None
         self.kl_max = max(kl_steps) if applied else None
@@ -186,8 +210,11 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
     and head's attention masked to the prompt tokens its kept set holds (a per-step policy's
     set of that step) and the decode tokens; the next-token distributions give the KL
     divergence from the uncompressed run, top-1 agreement and the reference token's log-loss.
-    Merged policies (lookm, elastic-cache, cam, lightkv-like, merge=) are listed with applied
-    false: the export holds no merged keys and values. Needs attn_implementation="sdpa" (the
+    A merged policy (lookm, elastic-cache, cam, lightkv-like, merge=) is replayed again here
+    (kvt_replay_sets, from its effective options in the results), its kept sets checked
+    against the export's, and its merged keys and values handed to the attention in place of
+    the cached ones of the entries they replace, per query head (heads=query too); the cache
+    itself is left as it is. Needs attn_implementation="sdpa" (the
     mask is handed to the model's attention function), batch size 1, a dynamic cache that
     holds every token (no sliding-window cache). Returns the e2e.json contents as a dict."""
     import torch
@@ -248,7 +275,7 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
                             "Hq=%d Hkv=%d D=%d): give the model the trace was captured from"
                             % ((p,) + got + (L, Hq, Hkv, D)))
 
-        state = {"mode": None, "calls": 0, "k0": None, "T": 0, "mask": None}
+        state = {"mode": None, "calls": 0, "k0": None, "T": 0, "mask": None, "merge": None}
         layer_of, slot, impl = cap._layer_of, cap._slot, cap.attn_implementation
         orig = slot[impl]
 
@@ -270,6 +297,15 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
             return torch.where(allowed, am, torch.full((), torch.finfo(am.dtype).min,
                                                        dtype=am.dtype, device=am.device))
 
+        def substitute(x, sub, which):
+            """x [B, Hkv, S, D] repeated to [B, Hq, S, D], then each query head's merged
+            entries (sub[h] = (positions, keys, values)) written over their prompt rows."""
+            x = x.repeat_interleave(group, dim=1)
+            for h, (pos, kv) in enumerate(sub):
+                if pos is not None:
+                    x[:, h, pos.to(x.device)] = kv[which].to(device=x.device, dtype=x.dtype)
+            return x
+
         @functools.wraps(orig)
         def e2e_attention(module, *args, **kwargs):
             layer = layer_of.get(id(module))
@@ -287,6 +323,16 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
                         args[3] = am
                     else:
                         kwargs["attention_mask"] = am
+                    sub = state["merge"](layer) if state["merge"] is not None else None
+                    if sub is not None:  # one key and value per query head, merged ones in
+                        for i, name in ((1, "key"), (2, "value")):
+                            x = args[i] if len(args) > i else kwargs[name]
+                            x = substitute(x, sub, i - 1)
+                            if len(args) > i:
+                                args[i] = x
+                            else:
+                                kwargs[name] = x
+                        module = _Groups1(module)
                 state["calls"] += 1
             return orig(module, *args, **kwargs)
 
@@ -377,15 +423,15 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
         raise _fail("%s was not captured from this model over its own tokens: layer 0's keys "
                     "differ by %.3g of their scale" % (path, kerr))
     dec_t = torch.as_tensor(dec[:G].astype(np.int64))[None].to(dev)
-    Hq = cap.n_q_heads
+    Hq, L_ = cap.n_q_heads, cap.n_layers
 
-    def decode(mask):
-        state.update(mode="decode", mask=mask)
+    def decode(mask, merge=None):
+        state.update(mode="decode", mask=mask, merge=merge)
         try:
             lg = forward("the decode steps of " + path, input_ids=dec_t,
                          past_key_values=cache).logits[0, -G:]
         finally:
-            state["mode"] = None
+            state.update(mode=None, merge=None)
             hf._crop_cache(cache, T)
         bad = ~torch.isfinite(lg)
         if bool(bad.any()):
@@ -402,14 +448,22 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
     nll_full = float((-lp_ref[steps, ref]).sum()) / G
     p_ref = lp_ref.exp()
     runs = []
+    budgets = ",".join(b.get("text") for b in st["budgets"])
     for p, pol in enumerate(st["policies"]):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
         qheads = sel.policies[p]["query_heads"]
-        for b in range(len(st["budgets"])):
-            if merged:
-                runs.append(_Run(False))
+        sets = None
+        if merged:
+            spec = _spec(pol)
+            if spec is None:
+                why = ("an option of the merged policy %s cannot be written in a spec to "
+                       "replay it again here for its merged keys and values" % pol.get("label"))
+                runs += [_Run(False, why=why) for _ in st["budgets"]]
                 continue
+            sets = _merged_sets(tr, path, spec, budgets, st.get("seed", 0), sel, p, t, T, L_,
+                                pol.get("label"))
+        for b in range(len(st["budgets"])):
 
             def mask(layer, p=p, b=b, per_step=per_step, qheads=qheads):
                 if per_step:
@@ -421,7 +475,12 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
                     m = np.repeat(m, group, axis=0)
                 return torch.from_numpy(m)
 
-            lg = decode(mask)
+            merge = None
+            if sets is not None:
+                def merge(layer, b=b, qheads=qheads):
+                    return _substitution(torch, sets, b, layer, Hq, group, qheads)
+
+            lg = decode(mask, merge)
             lp = torch.log_softmax(lg.double(), dim=-1)
             kl = (p_ref * (lp_ref - lp)).sum(dim=-1).clamp(min=0.0)
             top1 = float((lg.argmax(dim=-1) == ref).sum()) / G
@@ -430,6 +489,52 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
     return {"path": path, "fingerprint": tr.fingerprint, "T": T, "G": G, "kerr": kerr,
             "vocab": int(ref_logits.shape[-1]),
             "nll_full": nll_full, "runs": runs, "rt": rt}
+
+
+def _merged_sets(tr, path, spec, budgets, seed, sel, p, t, T, L, label):
+    """A merged policy's kept sets with their merged keys and values, replayed again on the
+    trace (kvt_replay_sets), each checked against the export's set of the same (budget,
+    layer, head): {(budget, layer, head): KeptSet}."""
+    from ._replay_sets import replay_sets
+    try:
+        got = replay_sets(path, spec, budgets, int(seed or 0))
+    except TraceError as e:
+        raise _fail("%s: replaying the merged policy %s again for its merged keys and values "
+                    "failed: %s" % (path, label, e), e.status)
+    sets = {}
+    for (_, b, layer, head, step), ks in got.items():
+        if step >= 0:
+            raise _fail("%s: the merged policy %s keeps a set per decode step, which this "
+                        "check does not apply" % (path, label), _ERR_UNSUPPORTED)
+        sets[(b, layer, head)] = ks
+    for (b, layer, head), ks in sets.items():
+        want = sel.mask(p, b, layer, T, trace=t)[head]
+        mine = np.zeros(T, dtype=bool)
+        mine[ks.idx] = True
+        if not np.array_equal(mine, want):
+            raise _fail("%s: the merged policy %s replayed again here keeps another set than "
+                        "the export at budget %d, layer %d, head %d (a file its options name "
+                        "changed, or another build of kvtrace?)" % (path, label, b, layer, head),
+                        _ERR_STATE)
+    pairs, n_b = len({(b, la) for b, la, _ in sets}), len(budgets.split(","))
+    if pairs != n_b * L:
+        raise _fail("%s: the merged policy %s replayed again here gave sets of %d (budget, "
+                    "layer) pairs, not %d" % (path, label, pairs, n_b * L), _ERR_STATE)
+    return sets
+
+
+def _substitution(torch, sets, b, layer, Hq, group, qheads):
+    """Per query head (positions, (keys, values)) of its merged entries at budget b in the
+    layer, or None when no head has one."""
+    sub, any_ = [(None, None)] * Hq, False
+    for h in range(Hq):
+        ks = sets.get((b, layer, h if qheads else h // group))
+        if ks is None or ks.changed is None or not ks.changed.any():
+            continue
+        pos = torch.from_numpy(ks.idx[ks.changed].astype(np.int64))
+        sub[h] = (pos, (torch.from_numpy(ks.k), torch.from_numpy(ks.v)))
+        any_ = True
+    return sub if any_ else None
 
 
 def _document(res, per_trace, cap, paths, n_pol, n_b, model):
@@ -475,7 +580,7 @@ def _document(res, per_trace, cap, paths, n_pol, n_b, model):
                  "kept_fraction": _num(_summary(agg, "kept_fraction")),
                  "applied": applied}
             if not applied:
-                o["why"] = _MERGED_WHY
+                o["why"] = rs[0].why
             o.update({"kl_mean": _num(kl), "kl_max": _num(kl_max),
                       "top1_agreement": _num(top1), "nll_mean": _num(nll),
                       "proxy": {k: _num(_summary(agg, k)) for k in (
