@@ -17,6 +17,8 @@
     np.save("f.npy", kvtrace.qfilters(["a.kvt", "b.kvt"]))   # replay qfilter:filters=f.npy
     np.save("w.npy", kvtrace.critical_norms("a.kvt", o_proj))   # replay snapkv:critical=w.npy
 
+    sets = kvtrace.replay_sets("a.kvt", "lookm", "64,10%")     # kept sets, merged K/V too
+
 Errors from the C library raise kvtrace.TraceError with its message. The library is found
 through $KVT_LIB first (see _lib.py for the full search order). Importing kvtrace imports
 neither torch nor transformers (kvtrace.capture imports them when called).
@@ -28,6 +30,7 @@ from ._capture import CaptureSession, tensor_view
 from ._selection import Selection, read_selection
 from ._qfilter import qfilters
 from ._critical import critical_norms
+from ._replay_sets import KeptSet, replay_sets
 from .hf import capture  # torch and transformers are imported when capture() is called
 
 __version__ = "0.1.0"
@@ -42,4 +45,4 @@ def library_version():
 __all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "capture", "open", "verify",
            "bf16_to_f32", "f32_to_bf16", "tensor_view", "KINDS", "MODALITIES", "lib_path",
            "has_capture", "library_version", "__version__", "Selection", "read_selection",
-           "qfilters", "critical_norms"]
+           "qfilters", "critical_norms", "replay_sets", "KeptSet"]

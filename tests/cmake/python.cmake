@@ -6,6 +6,8 @@
 #                                against the C engine's sample trace
 #   test_python_selection        kvtrace.read_selection: a replay's exported kept sets (binary
 #                                and JSON) against the JSON file read by the json module
+#   test_python_replay_sets      kvtrace.replay_sets: every kept set of the export, and a merged
+#                                policy's keys and values against merge_kv written in NumPy
 #   test_python_hf_capture       kvtrace.capture on a HF transformers model (the real library
 #                                when installed, else the stand-in in tests/oracle/hf_standin);
 #                                needs torch (Debian's python3-torch)
@@ -64,7 +66,7 @@
 if(KVT_SYS_PYTHON)
     foreach(t test_python_binding test_python_capture_llama2c test_python_hf_capture
               test_python_hf_kvzip test_python_hf_reserve test_python_hf_e2e
-              test_python_selection
+              test_python_selection test_python_replay_sets
               test_llama2c_hf_convert test_gpu_scripts_dry test_expected_attention
               test_expected_attention_synth test_lagkv test_noncausal_attention
               test_qfilter test_cur test_adaptive test_keydiff_block test_critical
