@@ -255,9 +255,10 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
             st = kvt_error_set(KVT_ERR_NOT_FOUND,
                                "vl-cache: the %d post-vision queries (after the last image or "
                                "video token, %d) are more than the %u window queries the trace "
-                               "stores, and it has no Q_all: capture with --q-all (kvtrace."
-                               "capture(..., with_q_all=True)), or give last=%u",
-                               used, last_vis, nw, nw > 0 ? nw : 1);
+                               "stores, and it has no Q_all: capture a window of %d or more "
+                               "(--window, kvtrace.capture(..., window=%d)) or every query "
+                               "(--q-all, with_q_all=True), or give last=%u",
+                               used, last_vis, nw, used, used, nw > 0 ? nw : 1);
             goto out;
         }
     }
