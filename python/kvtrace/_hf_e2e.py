@@ -461,7 +461,7 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
                        "replay it again here for its merged keys and values" % pol.get("label"))
                 runs += [_Run(False, why=why) for _ in st["budgets"]]
                 continue
-            sets = _merged_sets(tr, path, spec, budgets, st.get("seed", 0), sel, p, t, T, L_,
+            sets = _merged_sets(path, spec, budgets, st.get("seed", 0), sel, p, t, T, L_,
                                 pol.get("label"))
         for b in range(len(st["budgets"])):
 
@@ -491,7 +491,7 @@ def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev
             "nll_full": nll_full, "runs": runs, "rt": rt}
 
 
-def _merged_sets(tr, path, spec, budgets, seed, sel, p, t, T, L, label):
+def _merged_sets(path, spec, budgets, seed, sel, p, t, T, L, label):
     """A merged policy's kept sets with their merged keys and values, replayed again on the
     trace (kvt_replay_sets), each checked against the export's set of the same (budget,
     layer, head): {(budget, layer, head): KeptSet}."""

@@ -25,7 +25,8 @@
  * The budgets need every layer's attention, so bind reads each layer's queries and keys before
  * any layer is replayed (the stored window queries when they hold the post-vision queries,
  * else Q_all, one head at a time) and keeps each layer's scores, L x H' x T floats; a
- * single-layer replay is refused.
+ * single-layer replay is refused. The layers are shared out among a thread per core (the
+ * replay's workers have not started yet), and an error is the lowest failed layer's.
  */
 #include <math.h>
 #include <pthread.h>
@@ -37,7 +38,7 @@
 #include "kvt_trace.h"
 
 #define VLC_BLOCK       128 /* post-vision queries per dense product */
-#define VLC_MAX_THREADS 256
+#define VLC_MAX_THREADS 64
 #define VLC_TIE         1e-9 /* remainders closer than this tie (the lower layer first) */
 
 typedef struct vlc_state {
