@@ -22,6 +22,9 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     largest KL and each trace's own measures equal e2e-llama2c's on the originals; the same
     with a model that hands its attention no mask (the stand-in's mask builder replaced), so
     that hf.e2e's mask alone, decode causality included, masks it;
+  * a vision-language prompt end to end: kvtrace.capture of the HF model with its config
+    naming one token id the image token (64 of them in the prompt, 48 text tokens after),
+    vl-cache replayed on it (unlike layer counts) and run by hf.e2e;
   * the prompt's forward call computes the last position's logits only (logits_to_keep=1),
     as do kvzip_scores' calls; the decode steps' call all G;
   * refusals, each one message, with the attention registry restored after: a selection
@@ -296,6 +299,36 @@ def main():
                                          cc["spearman"]["err_decode_vs_kl"], 1e-9, 1e-9),
           "two traces: 8 runs, rho %s (e2e-llama2c %s)" % (d2["spearman"]["err_decode_vs_kl"],
                                                           cc["spearman"]["err_decode_vs_kl"]))
+
+    # ---- a vision-language prompt through the whole pipeline: kvtrace.capture records the
+    # tokens the config names image tokens as such, vl-cache replays it, hf.e2e runs it ----
+    vl = os.path.join(work, "vl.kvt")
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(8, 512, (1, 120), generator=g)
+    ids[0, 8:72] = 5  # 64 "image" tokens, 48 text tokens after them
+    model.config.image_token_id = 5
+    try:
+        with kvtrace.capture(model, vl, window=48, decode=12):
+            model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                           max_new_tokens=13, do_sample=False)
+    finally:
+        del model.config.image_token_id
+    res3, sel3 = os.path.join(work, "vl_res.json"), os.path.join(work, "vl_sel.bin")
+    run("replay", vl, "--policies", "full,snapkv,vl-cache,vl-cache:last=16", "--budgets",
+        "24,48", "-o", res3, "--export-selection", sel3)
+    with open(res3) as f:
+        r3 = json.load(f)
+    tr3 = r3["traces"][0]
+    vlc = [x for x in tr3["runs"] if x["label"] == "vl-cache"]
+    check(tr3["modality_counts"]["image"] == 64 and
+          all(len(set(x["per_layer"]["n_keep"])) > 1 for x in vlc),
+          "vision-language capture: 64 image tokens; vl-cache's layers keep unlike counts: %s"
+          % [x["per_layer"]["n_keep"] for x in vlc])
+    d3 = hf.e2e(model, res3, sel3)
+    kl3 = {(x["policy"], x["budget"]): x["kl_mean"] for x in d3["runs"]}
+    check(all(x["applied"] for x in d3["runs"]) and kl3[("full", "24")] == 0 and
+          all(v is not None and v > 0 for k, v in kl3.items() if k[0] != "full"),
+          "vision-language capture: hf.e2e runs vl-cache end to end: %s" % kl3)
 
     # the prompt's forward computes the last position's logits only (a long prompt's [T, V]
     # logits are gigabytes); the decode steps' forward all G; kvzip_scores' passes the last
