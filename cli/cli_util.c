@@ -241,6 +241,17 @@ bool kvt_cli_parse_double(const char *s, double *out)
     return true;
 }
 
+bool kvt_cli_parse_max_kl(const char *cmd, const char *v, double *out)
+{
+    double x;
+    if (!kvt_cli_parse_double(v, &x) || !isfinite(x) || x < 0) {
+        kvt_cli_fail(cmd, "--max-kl %s: expected a finite number >= 0 (nats)", v);
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
 bool kvt_cli_wants_help(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {

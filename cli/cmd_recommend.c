@@ -128,10 +128,9 @@ int kvt_cmd_recommend(int argc, char **argv)
             const char *v = argv[++i];
             if (a[2] == 'e')
                 e2e_path = v;
-            else if (!kvt_cli_parse_double(v, &max_kl) || !isfinite(max_kl) || max_kl < 0) {
-                kvt_cli_fail(cmd, "--max-kl %s: expected a finite number >= 0 (nats)", v);
+            else if (!kvt_cli_parse_max_kl(cmd, v, &max_kl))
                 return 2;
-            } else
+            else
                 have_kl = true;
         } else if (a[0] == '-' && a[1]) {
             kvt_cli_fail(cmd, "unknown option %s (see kvtrace recommend --help)", a);

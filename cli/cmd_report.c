@@ -169,11 +169,8 @@ int kvt_cmd_report(int argc, char **argv)
                 kvt_cli_fail(cmd, "%s needs a value", a);
                 return 2;
             }
-            const char *v = argv[++i];
-            if (!kvt_cli_parse_double(v, &max_kl) || !isfinite(max_kl) || max_kl < 0) {
-                kvt_cli_fail(cmd, "--max-kl %s: expected a finite number >= 0 (nats)", v);
+            if (!kvt_cli_parse_max_kl(cmd, argv[++i], &max_kl))
                 return 2;
-            }
         } else if (!strcmp(a, "--force")) {
             force = true;
         } else if (a[0] == '-' && a[1]) {

@@ -146,6 +146,9 @@ bool kvt_cli_parse_int(const char *s, int lo, int hi, int *out);
  *  else (hex, exponents, blanks, 0). */
 bool kvt_cli_parse_size(const char *s, uint64_t *out);
 bool kvt_cli_parse_double(const char *s, double *out);
+/** --max-kl's value (recommend --e2e, report --e2e): a finite number >= 0 into *out, else false
+ *  with the one-line error of command cmd printed. */
+bool kvt_cli_parse_max_kl(const char *cmd, const char *v, double *out);
 
 /** Check an output path before any work: it must be given, its directory must exist and be
  *  writable, it must not exist unless `force`, an existing one must be a regular file (a
