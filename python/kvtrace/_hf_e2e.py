@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import types
 
 import numpy as np
 
@@ -344,14 +345,16 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
                             % (what, state["calls"], L, impl), _ERR_STATE)
             return o
 
+        # what every trace's run shares
+        run = types.SimpleNamespace(torch=torch, model=model, cap=cap, sel=sel, st=st,
+                                    state=state, forward=forward, dev=dev, group=group)
         per_trace = []
         slot[impl] = e2e_attention
         try:
             with torch.no_grad():
                 for t, tr in enumerate(trs):
                     per_trace.append(_run_trace(
-                        torch, model, cap, tr, rtr[t], t, sel, st, state, forward,
-                        None if prompt_inputs is None else prompt_inputs[t], dev, group))
+                        run, tr, rtr[t], t, None if prompt_inputs is None else prompt_inputs[t]))
         finally:
             state["mode"] = None
             if slot.get(impl) is e2e_attention:
@@ -368,9 +371,12 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
     return doc
 
 
-def _run_trace(torch, model, cap, tr, rt, t, sel, st, state, forward, extra, dev, group):
-    """One trace: the uncompressed prompt, the reference decode and every setting's."""
+def _run_trace(run, tr, rt, t, extra):
+    """One trace (index t, results' entry rt, prompt_inputs entry extra): the uncompressed
+    prompt, the reference decode and every setting's. run holds what the traces share."""
     from . import hf
+    torch, model, cap, sel, st = run.torch, run.model, run.cap, run.sel, run.st
+    state, forward, dev, group = run.state, run.forward, run.dev, run.group
     path = tr.path if isinstance(tr.path, str) else os.fsdecode(tr.path)
     T = int(tr.header.get("n_tokens", -1))
     tok = tr.tokens
