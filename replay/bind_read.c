@@ -31,12 +31,11 @@ kvt_status kvt_bind_read_f32(kvt_trace_reader *r, int l, int kind, uint32_t head
     return KVT_OK;
 }
 
-kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
-                            const char *policy, kvt_bind_qk *out)
+kvt_status kvt_bind_check_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
+                             const char *policy, int *nq_out, int *D_out)
 {
     uint32_t nh, nt, dim;
     kvt_dtype dt;
-    memset(out, 0, sizeof(*out));
     KVT_RETURN_IF(kvt_trace_reader_shape(r, l, qkind, &nh, &nt, &dim, &dt), KVT_ERR_NOT_FOUND,
                   "%s: layer %d has no %s", policy, l, kvt_kind_name(qkind));
     KVT_RETURN_IF(nh != (uint32_t)Hq || nt < 1 || nt > (uint32_t)T, KVT_ERR_CORRUPT,
@@ -47,6 +46,19 @@ kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int H
                       nh != (uint32_t)Hkv || nt != (uint32_t)T || dim != (uint32_t)D,
                   KVT_ERR_CORRUPT, "%s: layer %d's K is not [%d, %d, %d] as its queries", policy, l,
                   Hkv, T, D);
+    if (nq_out)
+        *nq_out = nq;
+    if (D_out)
+        *D_out = D;
+    return KVT_OK;
+}
+
+kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
+                            const char *policy, kvt_bind_qk *out)
+{
+    int D, nq;
+    memset(out, 0, sizeof(*out));
+    KVT_FORWARD(kvt_bind_check_qk(r, l, qkind, Hq, Hkv, T, policy, &nq, &D));
     kvt_status st =
         kvt_bind_read_f32(r, l, qkind, (uint32_t)Hq, (size_t)Hq * nq * D, policy, &out->q);
     if (!st && (st = kvt_bind_read_f32(r, l, KVT_KIND_K, (uint32_t)Hkv, (size_t)Hkv * T * D, policy,

@@ -410,11 +410,12 @@ void kvt_trace_result_free(kvt_trace_result *r);
 kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens);
 
 /** Everything kvt_replay_trace checks of the trace at `path` and these policies at these
- *  budgets before its first layer, without reading a layer's tensors: the header against
- *  layer 0's records; the stored window queries (unless every budget is above the prompt's
- *  length, which keeps it whole), decode queries and column sums the policies need; the
- *  policies' own files for this trace (external's scores: shape and values). A replay of many
- *  traces refuses a bad one before the first trace runs. */
+ *  budgets before its first layer: the header against layer 0's records; the stored window
+ *  queries (unless every budget is above the prompt's length, which keeps it whole), decode
+ *  queries and column sums the policies need; the policies' own files for this trace
+ *  (external's scores: shape and values) and what their binds refuse (cake's and vl-cache's
+ *  from the shapes alone, without computing over the tensors; fastv, chunkkv reuse= and kvzip
+ *  run theirs). A replay of many traces refuses a bad one before the first trace runs. */
 kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
                                   const kvt_budget *budgets, size_t n_budgets);
 

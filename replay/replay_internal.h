@@ -124,6 +124,12 @@ struct kvt_policy_def {
     kvt_status (*bind)(const kvt_policy *p, const char *path, int n_layers, int n_q_heads,
                        int n_kv_heads, int n_tokens, void **state);
     void (*unbind)(void *state);
+    /* optional, for a policy whose bind computes over the trace's tensors: what
+       kvt_replay_check_trace runs in its place, every refusal of bind that the header and the
+       records' shapes decide, without reading or computing over the tensors (a multi-trace
+       replay checks every trace first; bind then runs once, for the replay) */
+    kvt_status (*check)(const kvt_policy *p, const char *path, int n_layers, int n_q_heads,
+                        int n_kv_heads, int n_tokens);
     /* optional: into buf[cap] the file that describes the trace at `path` for this policy
        (external's scores=DIR/NAME.npy); false when the policy has none per trace */
     bool (*trace_file)(const kvt_policy *p, const char *path, char *buf, size_t cap);
@@ -454,6 +460,10 @@ typedef struct kvt_bind_qk {
  *  the layer has no such queries, KVT_ERR_CORRUPT for another shape; errors name the policy). */
 kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
                             const char *policy, kvt_bind_qk *out);
+/** kvt_bind_read_qk's checks of the shapes alone, without reading: *nq and *D (may be NULL)
+ *  receive the stored queries and head dim. */
+kvt_status kvt_bind_check_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
+                             const char *policy, int *nq, int *D);
 
 /** kvpress's NonCausalAttnPress scores (policy_noncausal_attention.c) of the tokens [s0, s1) as
  *  if they were the whole prompt: chunks of C from s0, every query of a chunk over every key of

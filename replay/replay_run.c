@@ -559,8 +559,10 @@ static void unbind_policies(bound_pols *b)
     memset(b, 0, sizeof(*b));
 }
 
+/* every policy's bind for the trace at path; check_only (kvt_replay_check_trace): a policy's
+ * check in place of its bind when it has one, which computes nothing */
 static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *path, int L, int Hq,
-                                int Hkv, int T, bound_pols *b)
+                                int Hkv, int T, bool check_only, bound_pols *b)
 {
     memset(b, 0, sizeof(*b));
     b->p = kvt_calloc(n, sizeof(*b->p));
@@ -576,7 +578,9 @@ static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *p
         const kvt_policy *p = pols[i];
         b->p[i] = pols[i];
         void *state = NULL;
-        kvt_status st = p->def->bind ? p->def->bind(p, path, L, Hq, Hkv, T, &state) : KVT_OK;
+        kvt_status st = check_only && p->def->check ? p->def->check(p, path, L, Hq, Hkv, T)
+                        : p->def->bind              ? p->def->bind(p, path, L, Hq, Hkv, T, &state)
+                                                    : KVT_OK;
         if (!st && p->o.critical) { /* critical=FILE checked; critical=DIR: the trace's file */
             char file[4096];
             if (p->crit)
@@ -1153,7 +1157,7 @@ kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, siz
     cJSON *hdr = NULL;
     bound_pols b;
     kvt_status st = open_checked(path, pols, n_pol, budgets, n_budgets, &sh, &hdr);
-    if (!st && !(st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, &b)))
+    if (!st && !(st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, true, &b)))
         unbind_policies(&b);
     cJSON_Delete(hdr);
     kvt_trace_reader_close(sh.rd);
@@ -1189,7 +1193,7 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     if ((st = open_checked(path, pols, n_pol, budgets, n_budgets, &sh, &hdr)))
         goto out_free;
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
-    if ((st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, &bound)))
+    if ((st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, false, &bound)))
         goto out_free;
     if ((st = kvt_trace_result_create(sh.L, sh.Hq, sh.Hkv, n_pol, n_budgets, &res)))
         goto out_free;

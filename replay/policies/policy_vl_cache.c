@@ -206,21 +206,21 @@ static kvt_status vlc_layers(vlc_work *w, int n_th)
     return worst < 0 ? KVT_OK : kvt_error_set(th[worst].st, "%s", th[worst].msg);
 }
 
-/* before the trace's first layer: every layer's density and scores */
-static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
-                           void **state)
+/* what the trace's header and record shapes say of a replay: the post-vision queries used,
+ * where they are stored (window queries or Q_all), each layer's stored count nq [L]
+ * (kvt_malloc'ed) and the head dim; every refusal they decide */
+typedef struct vlc_plan {
+    int used, qkind, D;
+    int *nq;
+} vlc_plan;
+
+static kvt_status vlc_plan_make(const kvt_policy *p, kvt_trace_reader *r, int L, int Hq, int Hkv,
+                                int T, vlc_plan *pl)
 {
-    kvt_trace_reader *r = NULL;
+    memset(pl, 0, sizeof(*pl));
     uint8_t *mod = kvt_malloc((size_t)T + 1);
-    vlc_state *s = kvt_calloc(1, sizeof(*s));
-    int *nq = NULL, D = 0;
+    KVT_RETURN_IF(!mod, KVT_ERR_NOMEM, "vl-cache: out of memory");
     kvt_status st = KVT_OK;
-    if (!mod || !s) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
-        goto out;
-    }
-    if ((st = kvt_trace_reader_open(path, &r)))
-        goto out;
     if (kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod, (size_t)T)) {
         st = kvt_error_set(KVT_ERR_NOT_FOUND, "vl-cache: the trace has no modality table (which "
                                               "tokens are visual), so no post-vision queries");
@@ -246,7 +246,7 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
     const int n_post = T - 1 - last_vis;
     const int used = p->o.last > 0 && p->o.last < n_post ? p->o.last : n_post;
     /* the stored window queries when they hold them, else Q_all */
-    uint32_t nh, nt, qdim, kh, kt, kdim;
+    uint32_t nh, nt, qdim;
     kvt_dtype dt;
     int qkind = KVT_KIND_Q_WINDOW;
     const uint32_t nw = kvt_trace_reader_shape(r, 0, qkind, &nh, &nt, &qdim, &dt) ? 0 : nt;
@@ -263,6 +263,57 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
             goto out;
         }
     }
+    if (!(pl->nq = kvt_malloc((size_t)L * sizeof(int) + 1))) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
+        goto out;
+    }
+    for (int l = 0; l < L && !st; l++) {
+        int nq, D;
+        if ((st = kvt_bind_check_qk(r, l, qkind, Hq, Hkv, T, "vl-cache", &nq, &D)))
+            break;
+        if (nq < used || (qkind == KVT_KIND_Q_ALL && nq != T) || (l > 0 && D != pl->D))
+            st = kvt_error_set(
+                KVT_ERR_CORRUPT, "vl-cache: layer %d stores %d %s of dim %d, not %s%d of dim %d", l,
+                nq, kvt_kind_name(qkind), D, qkind == KVT_KIND_Q_ALL ? "" : "at least ",
+                qkind == KVT_KIND_Q_ALL ? T : used, l > 0 ? pl->D : D);
+        pl->nq[l] = nq, pl->D = D;
+    }
+    pl->used = used, pl->qkind = qkind;
+out:
+    kvt_free(mod);
+    if (st) {
+        kvt_free(pl->nq);
+        pl->nq = NULL;
+    }
+    return st;
+}
+
+/* kvt_replay_check_trace: the refusals of bind that the header and shapes decide */
+static kvt_status check_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T)
+{
+    kvt_trace_reader *r = NULL;
+    vlc_plan pl;
+    KVT_FORWARD(kvt_trace_reader_open(path, &r));
+    kvt_status st = vlc_plan_make(p, r, L, Hq, Hkv, T, &pl);
+    kvt_free(pl.nq);
+    kvt_trace_reader_close(r);
+    return st;
+}
+
+/* before the trace's first layer: every layer's density and scores */
+static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
+                           void **state)
+{
+    kvt_trace_reader *r = NULL;
+    vlc_state *s = kvt_calloc(1, sizeof(*s));
+    vlc_plan pl = {0};
+    kvt_status st = KVT_OK;
+    if (!s) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
+        goto out;
+    }
+    if ((st = kvt_trace_reader_open(path, &r)) || (st = vlc_plan_make(p, r, L, Hq, Hkv, T, &pl)))
+        goto out;
     s->L = L, s->T = T, s->H = p->o.per_query ? Hq : Hkv;
     s->density = kvt_malloc((size_t)L * sizeof(double) + 1);
     s->score = kvt_malloc((size_t)L * s->H * T * sizeof(float) + 1);
@@ -272,29 +323,10 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
                            L, s->H, T);
         goto out;
     }
-    if (!(nq = kvt_malloc((size_t)L * sizeof(int) + 1))) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
-        goto out;
-    }
-    for (int l = 0; l < L; l++) {
-        if (kvt_trace_reader_shape(r, l, qkind, &nh, &nt, &qdim, &dt) ||
-            kvt_trace_reader_shape(r, l, KVT_KIND_K, &kh, &kt, &kdim, &dt) || nh != (uint32_t)Hq ||
-            nt < (uint32_t)used || (qkind == KVT_KIND_Q_ALL && nt != (uint32_t)T) ||
-            kh != (uint32_t)Hkv || kt != (uint32_t)T || kdim != qdim ||
-            (l > 0 && qdim != (uint32_t)D)) {
-            st = kvt_error_set(KVT_ERR_CORRUPT,
-                               "vl-cache: layer %d has no %s [%d heads, %s%d queries, D] and K "
-                               "[%d, %d, D] of the same D as layer 0's",
-                               l, kvt_kind_name(qkind), Hq,
-                               qkind == KVT_KIND_Q_ALL ? "" : "at least ",
-                               qkind == KVT_KIND_Q_ALL ? T : used, Hkv, T);
-            goto out;
-        }
-        nq[l] = (int)nt, D = (int)qdim;
-    }
     /* threads up to the cores and the layers, each holding one layer's work arrays */
+    const int D = pl.D;
     const uint64_t per = ((uint64_t)T * D * 12 + (uint64_t)VLC_BLOCK * T * 8 +
-                          (uint64_t)(Hq + s->H) * T * 8 + (uint64_t)nq[0] * D * 4);
+                          (uint64_t)(Hq + s->H) * T * 8 + (uint64_t)pl.nq[0] * D * 4);
     const uint64_t avail = kvt_mem_available();
     int n_th = kvt_cpu_count();
     n_th = n_th < L ? n_th : L;
@@ -304,18 +336,17 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
     vlc_work w = {.r = r,
                   .o = &p->o,
                   .s = s,
-                  .nq = nq,
-                  .qkind = qkind,
+                  .nq = pl.nq,
+                  .qkind = pl.qkind,
                   .Hq = Hq,
                   .Hkv = Hkv,
                   .D = D,
-                  .used = used};
+                  .used = pl.used};
     st = vlc_layers(&w, n_th > 1 ? n_th : 1);
 out:
     if (r)
         kvt_trace_reader_close(r);
-    kvt_free(mod);
-    kvt_free(nq);
+    kvt_free(pl.nq);
     if (st)
         unbind_vlc(s);
     else
@@ -435,6 +466,7 @@ const kvt_policy_def kvt_policy_def_vl_cache = {
     .keys = "window,heads,reduce,threshold,last",
     .defaults = d_vlc,
     .bind = bind_vlc,
+    .check = check_vlc,
     .unbind = unbind_vlc,
     .select = sel_vlc,
 };

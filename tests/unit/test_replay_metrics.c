@@ -1093,9 +1093,12 @@ static void test_vl_cache(void)
     size_t nb;
     KVT_CHECK(kvt_budgets_parse("4", &bud, &nb));
     kvt_trace_result *res = NULL;
-    /* a NaN key: named, nothing kept */
+    KVT_EXPECT_STATUS(kvt_replay_check_trace(path, &p, 1, bud, nb), KVT_OK);
+    /* a NaN key: named, nothing kept; the check before a replay reads no tensor, so the
+       replay finds it */
     layers[1].k[3 * D + 1] = NAN;
     tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_check_trace(path, &p, 1, bud, nb), KVT_OK);
     KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_NAN);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "layer 1 query head 0: the logit of token 5's query on "
                                            "key 3 is not finite"),
@@ -1105,6 +1108,7 @@ static void test_vl_cache(void)
     for (int l = 0; l < L; l++)
         layers[l].mod[4] = 0;
     tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_check_trace(path, &p, 1, bud, nb), KVT_ERR_NOT_FOUND);
     KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_NOT_FOUND);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "4 post-vision queries") &&
                        strstr(kvt_error_msg(), "--q-all") && strstr(kvt_error_msg(), "last=3"),
@@ -1112,11 +1116,15 @@ static void test_vl_cache(void)
     /* no visual token; a prompt that ends with one */
     memset(layers[0].mod, 0, T);
     tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_check_trace(path, &p, 1, bud, nb), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "no image or video tokens"), "message: %s",
                    kvt_error_msg());
     layers[0].mod[T - 1] = KVT_MOD_VIDEO;
     tl_write_trace(path, L, T, D, 1, 1, W, G, layers);
+    KVT_EXPECT_STATUS(kvt_replay_check_trace(path, &p, 1, bud, nb), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "ends with an image or video token (7)"), "check: %s",
+                   kvt_error_msg());
     KVT_EXPECT_STATUS(kvt_replay_trace(path, &p, 1, bud, nb, &o, &res), KVT_ERR_INVALID_ARG);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "ends with an image or video token (7)"), "message: %s",
                    kvt_error_msg());
