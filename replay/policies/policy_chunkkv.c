@@ -85,6 +85,31 @@ out:
 }
 
 /* reuse > 1: before the trace's first layer, every group's first layer's window scores */
+/* kvt_replay_check_trace: bind's refusals that the shapes decide (each group's first layer's
+ * window queries and keys, enough of them), without computing its scores */
+static kvt_status check_chunkkv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv,
+                                int T)
+{
+    const kvt_policy_opts *o = &p->o;
+    if (o->reuse <= 1)
+        return KVT_OK;
+    const int W = o->window < T ? o->window : T;
+    kvt_trace_reader *r = NULL;
+    KVT_FORWARD(kvt_trace_reader_open(path, &r));
+    kvt_status st = KVT_OK;
+    for (int l = 0; l < L && !st; l += o->reuse) {
+        int nq;
+        if (!(st = kvt_bind_check_qk(r, l, KVT_KIND_Q_WINDOW, Hq, Hkv, T, "chunkkv", &nq, NULL)) &&
+            nq < W)
+            st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                               "chunkkv: window=%d but layer %d stores %d window queries (give "
+                               "window=%d or less)",
+                               W, l, nq, nq);
+    }
+    kvt_trace_reader_close(r);
+    return st;
+}
+
 static kvt_status bind_chunkkv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
                                void **state)
 {
@@ -204,6 +229,7 @@ const kvt_policy_def kvt_policy_def_chunkkv = {
     .keys = "window,kernel,pool,reduce,heads,chunk,align,reuse",
     .defaults = d_chunkkv,
     .bind = bind_chunkkv,
+    .check = check_chunkkv,
     .unbind = unbind_chunkkv,
     .select = sel_chunkkv,
 };

@@ -127,6 +127,61 @@ out:
     return st;
 }
 
+/* kvt_replay_check_trace: bind's refusals that the modality table and layer K-1's shapes
+ * decide, without computing the ranking */
+static kvt_status check_fastv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T)
+{
+    const int K = p->o.dense_layers, n_last = p->o.last, l = K - 1;
+    if (K >= L) /* no layer is pruned */
+        return KVT_OK;
+    kvt_trace_reader *r = NULL;
+    uint8_t *mod = kvt_malloc((size_t)T + 1);
+    kvt_status st = KVT_OK;
+    uint32_t nh, nt, dim;
+    kvt_dtype dt;
+    int nq;
+    if (!mod)
+        return kvt_error_set(KVT_ERR_NOMEM, "fastv: out of memory");
+    if ((st = kvt_trace_reader_open(path, &r)))
+        goto out;
+    if (kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod, (size_t)T)) {
+        st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                           "fastv: the trace has no modality table (which tokens are visual)");
+        goto out;
+    }
+    if (!n_last && !kvt_trace_reader_shape(r, l, KVT_KIND_ATTN_COLSUM, &nh, &nt, &dim, &dt)) {
+        if (nh != (uint32_t)Hq || nt != (uint32_t)T || dim != 1)
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "fastv: layer %d's column sums are [%u, %u], not "
+                               "[%d, %d]",
+                               l, nh, nt, Hq, T);
+        goto out;
+    }
+    const int qkind = n_last ? KVT_KIND_Q_WINDOW : KVT_KIND_Q_ALL;
+    if (!n_last && kvt_trace_reader_shape(r, l, qkind, &nh, &nt, &dim, &dt)) {
+        st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                           "fastv: layer %d has no attention column sums and no Q_all (capture "
+                           "with --colsum or --q-all; or last=1 ranks by the last prompt query, "
+                           "as FastV's code does)",
+                           l);
+        goto out;
+    }
+    if ((st = kvt_bind_check_qk(r, l, qkind, Hq, Hkv, T, "fastv", &nq, NULL)))
+        goto out;
+    if (n_last && nq < n_last)
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "fastv: layer %d stores %d window queries; last=%d needs %d or more", l,
+                           nq, n_last, n_last);
+    else if (!n_last && nq != T)
+        st = kvt_error_set(KVT_ERR_CORRUPT, "fastv: layer %d's Q_all has %d queries, not %d", l, nq,
+                           T);
+out:
+    if (r)
+        kvt_trace_reader_close(r);
+    kvt_free(mod);
+    return st;
+}
+
 /* before the trace's first layer: layer K-1's ranking of the visual tokens */
 static kvt_status bind_fastv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
                              void **state)
@@ -213,6 +268,7 @@ const kvt_policy_def kvt_policy_def_fastv = {
     .defaults = d_fastv,
     .init = init_fastv,
     .bind = bind_fastv,
+    .check = check_fastv,
     .unbind = unbind_fastv,
     .select = sel_fastv,
 };

@@ -552,6 +552,11 @@ static void test_fastv(void)
     KVT_EXPECT_STATUS(kvt_replay_trace(path, &p[1], 1, bud, nb, &o, &res), KVT_ERR_NOT_FOUND);
     KVT_EXPECT_MSG(strstr(kvt_error_msg(), "layer 0 has no attention column sums and no Q_all"),
                    "message: %s", kvt_error_msg());
+    /* the check before a replay refuses it the same way, and passes last=1, computing nothing */
+    KVT_EXPECT_STATUS(kvt_replay_check_trace(path, &p[1], 1, bud, nb), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT_MSG(strstr(kvt_error_msg(), "layer 0 has no attention column sums and no Q_all"),
+                   "check: %s", kvt_error_msg());
+    KVT_EXPECT_STATUS(kvt_replay_check_trace(path, &p[0], 1, bud, nb), KVT_OK);
     kvt_head_metrics m[3];
     const int B[3] = {3, 5, 6};
     KVT_EXPECT_STATUS(kvt_replay_layer_metrics(&layers[0].in, p, 1, B, 3, &o, m), KVT_OK);
