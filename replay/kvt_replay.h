@@ -415,8 +415,8 @@ kvt_status kvt_replay_trace_shape(const char *path, int *n_layers, int *n_tokens
  *  queries and column sums the policies need; the policies' own files for this trace
  *  (external's scores: shape and values) and what their binds refuse (cake's, vl-cache's,
  *  fastv's and chunkkv reuse='s from the modality table and the shapes alone, without
- *  computing over the tensors; kvzip's reads its scores). A replay of many traces refuses a bad one
- * before the first trace runs. */
+ *  computing over the tensors; kvzip's reads its scores). A replay of many traces refuses a
+ *  bad one before the first trace runs. */
 kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, size_t n_pol,
                                   const kvt_budget *budgets, size_t n_budgets);
 
