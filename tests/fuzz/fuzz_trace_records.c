@@ -445,13 +445,23 @@ static void same_on_device(int pi, kvt_status st_cpu, const kvt_trace_result *cp
 }
 #endif
 
-/* the whole replay of policy set pi (with cuemu also on the device, which must agree) */
+/* the whole replay of policy set pi (with cuemu also on the device, which must agree); the
+ * check a replay of many traces makes first (kvt_replay_check_trace, the policies' check hooks
+ * in place of their binds) must not refuse a trace the replay accepts */
 static void replay_set(int pi)
 {
     kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 4};
     kvt_trace_result *res = NULL;
+    const kvt_status chk =
+        kvt_replay_check_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets);
+    char e_chk[300];
+    snprintf(e_chk, sizeof(e_chk), "%s", chk ? kvt_error_msg() : "ok");
     const kvt_status st =
         kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &res);
+    if (chk && !st) {
+        fprintf(stderr, "the check refused a trace the replay of set %d accepts: %s\n", pi, e_chk);
+        abort();
+    }
 #ifdef KVT_FUZZ_CUDA
     same_on_device(pi, st, st ? NULL : res);
 #endif
