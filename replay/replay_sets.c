@@ -1,7 +1,6 @@
 /* replay_sets.c - kvt_replay_sets: a replay whose only output is every kept set, merged keys
  * and values included, handed to a plain callback (for callers over a foreign-function
  * interface, which cannot build kvt_replay_opts or read kvt_selection_rec). */
-#include <string.h>
 
 #include "kvt_kernels.h"
 #include "replay_internal.h"

@@ -2,6 +2,7 @@
 (kvt_replay_sets, replay/kvt_replay.h): what kvtrace.hf.e2e needs of a merged policy, whose
 selection export holds its representatives but not the keys and values merged into them."""
 import ctypes
+import os
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def replay_sets(trace, policies, budgets, seed=0):
             return 1
 
     cb = _SETS_FN(take)
-    path = trace.encode() if isinstance(trace, str) else bytes(trace)
+    path = os.fsencode(trace)  # str, bytes or a path object
     try:
         _errors.call(fn, path, policies.encode(), budgets.encode(), int(seed), cb, None)
     except _errors.TraceError:

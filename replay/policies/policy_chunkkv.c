@@ -84,7 +84,6 @@ out:
     return st;
 }
 
-/* reuse > 1: before the trace's first layer, every group's first layer's window scores */
 /* kvt_replay_check_trace: bind's refusals that the shapes decide (each group's first layer's
  * window queries and keys, enough of them), without computing its scores */
 static kvt_status check_chunkkv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv,
@@ -110,6 +109,7 @@ static kvt_status check_chunkkv(const kvt_policy *p, const char *path, int L, in
     return st;
 }
 
+/* reuse > 1: before the trace's first layer, every group's first layer's window scores */
 static kvt_status bind_chunkkv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
                                void **state)
 {
