@@ -460,6 +460,9 @@ typedef struct kvt_bind_qk {
  *  the layer has no such queries, KVT_ERR_CORRUPT for another shape; errors name the policy). */
 kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
                             const char *policy, kvt_bind_qk *out);
+/** In a bind hook: the threads the replay was given (kvt_replay_opts.n_threads; 0: every core),
+ *  which a bind that computes on threads of its own keeps to. */
+int kvt_bind_threads(void);
 /** kvt_bind_read_qk's checks of the shapes alone, without reading: *nq and *D (may be NULL)
  *  receive the stored queries and head dim. */
 kvt_status kvt_bind_check_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,

@@ -559,6 +559,14 @@ static void unbind_policies(bound_pols *b)
     memset(b, 0, sizeof(*b));
 }
 
+/* the replay's n_threads while its policies bind (kvt_bind_threads), per calling thread */
+static _Thread_local int tl_bind_threads;
+
+int kvt_bind_threads(void)
+{
+    return tl_bind_threads;
+}
+
 /* every policy's bind for the trace at path; check_only (kvt_replay_check_trace): a policy's
  * check in place of its bind when it has one, which computes nothing */
 static kvt_status bind_policies(kvt_policy *const *pols, size_t n, const char *path, int L, int Hq,
@@ -1193,7 +1201,10 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     if ((st = open_checked(path, pols, n_pol, budgets, n_budgets, &sh, &hdr)))
         goto out_free;
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(hdr, "model");
-    if ((st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, false, &bound)))
+    tl_bind_threads = o->n_threads;
+    st = bind_policies(pols, n_pol, path, sh.L, sh.Hq, sh.Hkv, sh.T, false, &bound);
+    tl_bind_threads = 0;
+    if (st)
         goto out_free;
     if ((st = kvt_trace_result_create(sh.L, sh.Hq, sh.Hkv, n_pol, n_budgets, &res)))
         goto out_free;

@@ -25,8 +25,9 @@
  * The budgets need every layer's attention, so bind reads each layer's queries and keys before
  * any layer is replayed (the stored window queries when they hold the post-vision queries,
  * else Q_all, one head at a time) and keeps each layer's scores, L x H' x T floats; a
- * single-layer replay is refused. The layers are shared out among a thread per core (the
- * replay's workers have not started yet), and an error is the lowest failed layer's.
+ * single-layer replay is refused. The layers are shared out among the replay's threads (a
+ * thread per core by default; its workers have not started yet), and an error is the lowest
+ * failed layer's.
  */
 #include <math.h>
 #include <pthread.h>
@@ -328,7 +329,7 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
     const uint64_t per = ((uint64_t)T * D * 12 + (uint64_t)VLC_BLOCK * T * 8 +
                           (uint64_t)(Hq + s->H) * T * 8 + (uint64_t)pl.nq[0] * D * 4);
     const uint64_t avail = kvt_mem_available();
-    int n_th = kvt_cpu_count();
+    int n_th = kvt_bind_threads() > 0 ? kvt_bind_threads() : kvt_cpu_count();
     n_th = n_th < L ? n_th : L;
     n_th = n_th < VLC_MAX_THREADS ? n_th : VLC_MAX_THREADS;
     if (avail && (uint64_t)n_th * per > avail / 2)
