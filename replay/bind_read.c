@@ -53,6 +53,25 @@ kvt_status kvt_bind_check_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int 
     return KVT_OK;
 }
 
+kvt_status kvt_bind_check_windows(const char *path, const char *policy, int L, int step, int Hq,
+                                  int Hkv, int T, int W)
+{
+    kvt_trace_reader *r = NULL;
+    KVT_FORWARD(kvt_trace_reader_open(path, &r));
+    kvt_status st = KVT_OK;
+    for (int l = 0; l < L && !st; l += step) {
+        int nq;
+        if (!(st = kvt_bind_check_qk(r, l, KVT_KIND_Q_WINDOW, Hq, Hkv, T, policy, &nq, NULL)) &&
+            nq < W)
+            st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                               "%s: window=%d but layer %d stores %d window queries (give "
+                               "window=%d or less)",
+                               policy, W, l, nq, nq);
+    }
+    kvt_trace_reader_close(r);
+    return st;
+}
+
 kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
                             const char *policy, kvt_bind_qk *out)
 {

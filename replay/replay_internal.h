@@ -467,6 +467,10 @@ int kvt_bind_threads(void);
  *  receive the stored queries and head dim. */
 kvt_status kvt_bind_check_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
                              const char *policy, int *nq, int *D);
+/** The check hooks of cake and chunkkv: layers 0, step, 2 step... of the trace at path have
+ *  window queries and keys (kvt_bind_check_qk) and at least W window queries. */
+kvt_status kvt_bind_check_windows(const char *path, const char *policy, int L, int step, int Hq,
+                                  int Hkv, int T, int W);
 
 /** kvpress's NonCausalAttnPress scores (policy_noncausal_attention.c) of the tokens [s0, s1) as
  *  if they were the whole prompt: chunks of C from s0, every query of a chunk over every key of

@@ -137,22 +137,7 @@ out:
 static kvt_status check_cake(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T)
 {
     const int W = p->o.window;
-    if (T <= W)
-        return KVT_OK;
-    kvt_trace_reader *r = NULL;
-    KVT_FORWARD(kvt_trace_reader_open(path, &r));
-    kvt_status st = KVT_OK;
-    for (int l = 0; l < L && !st; l++) {
-        int nq;
-        if (!(st = kvt_bind_check_qk(r, l, KVT_KIND_Q_WINDOW, Hq, Hkv, T, "cake", &nq, NULL)) &&
-            nq < W)
-            st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                               "cake: window=%d but layer %d stores %d window queries (give "
-                               "window=%d or less)",
-                               W, l, nq, nq);
-    }
-    kvt_trace_reader_close(r);
-    return st;
+    return T <= W ? KVT_OK : kvt_bind_check_windows(path, "cake", L, 1, Hq, Hkv, T, W);
 }
 
 /* before the trace's first layer: every layer's preference */

@@ -90,23 +90,9 @@ static kvt_status check_chunkkv(const kvt_policy *p, const char *path, int L, in
                                 int T)
 {
     const kvt_policy_opts *o = &p->o;
-    if (o->reuse <= 1)
-        return KVT_OK;
     const int W = o->window < T ? o->window : T;
-    kvt_trace_reader *r = NULL;
-    KVT_FORWARD(kvt_trace_reader_open(path, &r));
-    kvt_status st = KVT_OK;
-    for (int l = 0; l < L && !st; l += o->reuse) {
-        int nq;
-        if (!(st = kvt_bind_check_qk(r, l, KVT_KIND_Q_WINDOW, Hq, Hkv, T, "chunkkv", &nq, NULL)) &&
-            nq < W)
-            st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                               "chunkkv: window=%d but layer %d stores %d window queries (give "
-                               "window=%d or less)",
-                               W, l, nq, nq);
-    }
-    kvt_trace_reader_close(r);
-    return st;
+    return o->reuse <= 1 ? KVT_OK
+                         : kvt_bind_check_windows(path, "chunkkv", L, o->reuse, Hq, Hkv, T, W);
 }
 
 /* reuse > 1: before the trace's first layer, every group's first layer's window scores */
