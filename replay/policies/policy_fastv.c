@@ -127,6 +127,15 @@ out:
     return st;
 }
 
+/* the trace's modality table [T] into mod, or its refusal */
+static kvt_status read_modality(kvt_trace_reader *r, int T, uint8_t *mod)
+{
+    KVT_RETURN_IF(
+        kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod, (size_t)T),
+        KVT_ERR_NOT_FOUND, "fastv: the trace has no modality table (which tokens are visual)");
+    return KVT_OK;
+}
+
 /* kvt_replay_check_trace: bind's refusals that the modality table and layer K-1's shapes
  * decide, without computing the ranking */
 static kvt_status check_fastv(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T)
@@ -144,11 +153,8 @@ static kvt_status check_fastv(const kvt_policy *p, const char *path, int L, int 
         return kvt_error_set(KVT_ERR_NOMEM, "fastv: out of memory");
     if ((st = kvt_trace_reader_open(path, &r)))
         goto out;
-    if (kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod, (size_t)T)) {
-        st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                           "fastv: the trace has no modality table (which tokens are visual)");
+    if ((st = read_modality(r, T, mod)))
         goto out;
-    }
     if (!n_last && !kvt_trace_reader_shape(r, l, KVT_KIND_ATTN_COLSUM, &nh, &nt, &dim, &dt)) {
         if (nh != (uint32_t)Hq || nt != (uint32_t)T || dim != 1)
             st = kvt_error_set(KVT_ERR_CORRUPT,
@@ -204,11 +210,8 @@ static kvt_status bind_fastv(const kvt_policy *p, const char *path, int L, int H
     s->T = T;
     if ((st = kvt_trace_reader_open(path, &r)))
         goto out;
-    if (kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod, (size_t)T)) {
-        st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                           "fastv: the trace has no modality table (which tokens are visual)");
+    if ((st = read_modality(r, T, mod)))
         goto out;
-    }
     if ((st = layer_scores(r, K - 1, Hq, Hkv, T, p->o.last, score)))
         goto out;
     int n = 0, nv = 0;
