@@ -513,8 +513,11 @@ def _merged_sets(path, spec, budgets, seed, sel, p, t, T, L, label):
             raise _fail("%s: the merged policy %s keeps a set per decode step, which this "
                         "check does not apply" % (path, label), _ERR_UNSUPPORTED)
         sets[(b, layer, head)] = ks
+    masks = {}  # (budget, layer): the export's [heads, T], read once for all its heads
     for (b, layer, head), ks in sets.items():
-        want = sel.mask(p, b, layer, T, trace=t)[head]
+        if (b, layer) not in masks:
+            masks[(b, layer)] = sel.mask(p, b, layer, T, trace=t)
+        want = masks[(b, layer)][head]
         mine = np.zeros(T, dtype=bool)
         mine[ks.idx] = True
         if not np.array_equal(mine, want):

@@ -65,14 +65,30 @@ static void unbind_vlc(void *state)
     kvt_free(s);
 }
 
-/* One layer's density and its heads' scores [H', T]: the last `used` of the nq queries of
- * kind qkind (positions T - used .. T - 1), one KV head's keys and one query head at a time. */
-static kvt_status layer_post(kvt_trace_reader *r, int l, int qkind, int nq, int Hq, int Hkv, int T,
-                             int D, int used, const kvt_policy_opts *o, double *density,
-                             float *score)
+/* the layers shared out among threads (bind runs before the replay's workers start) */
+typedef struct vlc_work {
+    kvt_trace_reader *r;
+    const kvt_policy_opts *o;
+    vlc_state *s;
+    const int *nq; /* [L] stored queries of each layer */
+    int qkind, Hq, Hkv, D, used;
+    double scale; /* the softmax scale (the header's, or 1/sqrt(D)) */
+    int next;     /* the next layer to take (atomic) */
+    int stop;     /* a layer failed (atomic) */
+} vlc_work;
+
+/* Layer l's density and its heads' scores [H', T] into w->s: the last `used` of its nq
+ * stored queries (positions T - used .. T - 1), one KV head's keys and one query head at a
+ * time. */
+static kvt_status layer_post(const vlc_work *w, int l)
 {
-    const int Gs = Hq / Hkv, H = o->per_query ? Hq : Hkv;
-    const double scale = kvt_bind_trace_scale(r, D);
+    kvt_trace_reader *r = w->r;
+    const kvt_policy_opts *o = w->o;
+    const int qkind = w->qkind, nq = w->nq[l], Hq = w->Hq, Hkv = w->Hkv, T = w->s->T, D = w->D;
+    const int used = w->used, Gs = Hq / Hkv, H = o->per_query ? Hq : Hkv;
+    const double scale = w->scale;
+    double *density = &w->s->density[l];
+    float *score = w->s->score + (size_t)l * w->s->H * T;
     const double lthr = o->threshold > 0 ? log(o->threshold) : -INFINITY;
     float *k = kvt_malloc((size_t)T * D * sizeof(float) + 1);
     float *q = kvt_malloc((size_t)nq * D * sizeof(float) + 1);
@@ -146,17 +162,6 @@ out:
     return st;
 }
 
-/* the layers shared out among threads (bind runs before the replay's workers start) */
-typedef struct vlc_work {
-    kvt_trace_reader *r;
-    const kvt_policy_opts *o;
-    vlc_state *s;
-    const int *nq; /* [L] stored queries of each layer */
-    int qkind, Hq, Hkv, D, used;
-    int next; /* the next layer to take (atomic) */
-    int stop; /* a layer failed (atomic) */
-} vlc_work;
-
 typedef struct vlc_thread {
     vlc_work *w;
     int layer; /* the layer that failed, or -1 */
@@ -168,13 +173,12 @@ static void *vlc_run(void *arg)
 {
     vlc_thread *th = arg;
     vlc_work *w = th->w;
-    const int L = w->s->L, T = w->s->T;
+    const int L = w->s->L;
     for (;;) {
         const int l = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
         if (l >= L || __atomic_load_n(&w->stop, __ATOMIC_RELAXED))
             break;
-        kvt_status st = layer_post(w->r, l, w->qkind, w->nq[l], w->Hq, w->Hkv, T, w->D, w->used,
-                                   w->o, &w->s->density[l], w->s->score + (size_t)l * w->s->H * T);
+        kvt_status st = layer_post(w, l);
         if (st) { /* the message is this thread's: kept for the caller */
             th->layer = l, th->st = st;
             snprintf(th->msg, sizeof(th->msg), "%s", kvt_error_msg());
@@ -342,7 +346,8 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
                   .Hq = Hq,
                   .Hkv = Hkv,
                   .D = D,
-                  .used = pl.used};
+                  .used = pl.used,
+                  .scale = kvt_bind_trace_scale(r, D)};
     st = vlc_layers(&w, n_th > 1 ? n_th : 1);
 out:
     if (r)
