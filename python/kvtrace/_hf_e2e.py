@@ -193,7 +193,7 @@ class _Run(object):
 
 
 def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
-        force=False):
+        force=False, max_merged_bytes=1 << 30):
     """The end-to-end check of a replay's proxies on a transformers model: e2e.json as
     `kvtrace e2e-llama2c` writes it (analysis/RESULTS.md, "End-to-end check").
 
@@ -215,13 +215,21 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
     (kvt_replay_sets, from its effective options in the results), its kept sets checked
     against the export's, and its merged keys and values handed to the attention in place of
     the cached ones of the entries they replace, per query head (heads=query too); the cache
-    itself is left as it is. Needs attn_implementation="sdpa" (the
+    itself is left as it is. max_merged_bytes bounds the host memory those sets take: the
+    budgets are replayed together while their sets' estimate (every layer's and head's kept
+    entries with merged keys and values, as if all were merged) stays under it, else in
+    groups of consecutive budgets, a budget over it alone (the same sets, more replays).
+    Needs attn_implementation="sdpa" (the
     mask is handed to the model's attention function), batch size 1, a dynamic cache that
     holds every token (no sliding-window cache). Returns the e2e.json contents as a dict."""
     import torch
 
     from . import hf
 
+    if isinstance(max_merged_bytes, bool) or not isinstance(max_merged_bytes, int) or \
+            max_merged_bytes < 1:
+        raise _fail("max_merged_bytes=%r: a positive number of bytes is needed"
+                    % (max_merged_bytes,))
     rpath = os.fsdecode(path_arg(results)[0])
     res = _load_results(rpath)
     own_sel = not isinstance(selection, Selection)
@@ -347,7 +355,8 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
 
         # what every trace's run shares
         run = types.SimpleNamespace(torch=torch, model=model, cap=cap, sel=sel, st=st,
-                                    state=state, forward=forward, dev=dev, group=group)
+                                    state=state, forward=forward, dev=dev, group=group,
+                                    max_merged_bytes=max_merged_bytes)
         per_trace = []
         slot[impl] = e2e_attention
         try:
@@ -454,12 +463,11 @@ def _run_trace(run, tr, rt, t, extra):
     nll_full = float((-lp_ref[steps, ref]).sum()) / G
     p_ref = lp_ref.exp()
     runs = []
-    budgets = ",".join(b.get("text") for b in st["budgets"])
     for p, pol in enumerate(st["policies"]):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
         qheads = sel.policies[p]["query_heads"]
-        sets = None
+        groups = [range(len(st["budgets"]))]
         if merged:
             spec = _spec(pol)
             if spec is None:
@@ -467,43 +475,79 @@ def _run_trace(run, tr, rt, t, extra):
                        "replay it again here for its merged keys and values" % pol.get("label"))
                 runs += [_Run(False, why=why) for _ in st["budgets"]]
                 continue
-            sets = _merged_sets(path, spec, budgets, st.get("seed", 0), sel, p, t, T, L_,
-                                pol.get("label"))
-        for b in range(len(st["budgets"])):
-
-            def mask(layer, p=p, b=b, per_step=per_step, qheads=qheads):
-                if per_step:
-                    m = np.stack([sel.mask(p, b, layer, T, trace=t, step=g) for g in range(G)],
-                                 axis=1)
-                else:
-                    m = sel.mask(p, b, layer, T, trace=t)[:, None]
-                if not qheads:
-                    m = np.repeat(m, group, axis=0)
-                return torch.from_numpy(m)
-
-            merge = None
-            if sets is not None:
-                def merge(layer, b=b, qheads=qheads):
-                    return _substitution(torch, sets, b, layer, Hq, group, qheads)
-
-            lg = decode(mask, merge)
-            lp = torch.log_softmax(lg.double(), dim=-1)
-            kl = (p_ref * (lp_ref - lp)).sum(dim=-1).clamp(min=0.0)
-            top1 = float((lg.argmax(dim=-1) == ref).sum()) / G
-            nll = float((-lp[steps, ref]).sum()) / G
-            runs.append(_Run(True, [float(x) for x in kl.cpu()], top1, nll))
+            groups = _budget_groups(st["budgets"], T, L_, Hq if qheads else Hq // group,
+                                    cap.head_dim, run.max_merged_bytes)
+        for grp in groups:
+            sets = None
+            if merged:
+                sets = _merged_sets(path, spec, st["budgets"], grp, st.get("seed", 0), sel, p,
+                                    t, T, L_, pol.get("label"))
+            runs += _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, qheads,
+                                 (p_ref, lp_ref, ref, steps))
     return {"path": path, "fingerprint": tr.fingerprint, "T": T, "G": G, "kerr": kerr,
             "vocab": int(ref_logits.shape[-1]),
             "nll_full": nll_full, "runs": runs, "rt": rt}
 
 
-def _merged_sets(path, spec, budgets, seed, sel, p, t, T, L, label):
-    """A merged policy's kept sets with their merged keys and values, replayed again on the
-    trace (kvt_replay_sets), each checked against the export's set of the same (budget,
-    layer, head): {(budget, layer, head): KeptSet}."""
+def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, qheads, refs):
+    """Policy p's decode at each budget of grp (indices into the settings' budgets), with its
+    merged sets where sets is not None: a _Run each."""
+    torch, group, Hq = run.torch, run.group, run.cap.n_q_heads
+    p_ref, lp_ref, ref, steps = refs
+    runs = []
+    for b in grp:
+        def mask(layer, b=b):
+            if per_step:
+                m = np.stack([sel.mask(p, b, layer, T, trace=t, step=g) for g in range(G)],
+                             axis=1)
+            else:
+                m = sel.mask(p, b, layer, T, trace=t)[:, None]
+            if not qheads:
+                m = np.repeat(m, group, axis=0)
+            return torch.from_numpy(m)
+
+        merge = None
+        if sets is not None:
+            def merge(layer, b=b):
+                return _substitution(torch, sets, b, layer, Hq, group, qheads)
+
+        lg = decode(mask, merge)
+        lp = torch.log_softmax(lg.double(), dim=-1)
+        kl = (p_ref * (lp_ref - lp)).sum(dim=-1).clamp(min=0.0)
+        top1 = float((lg.argmax(dim=-1) == ref).sum()) / G
+        nll = float((-lp[steps, ref]).sum()) / G
+        runs.append(_Run(True, [float(x) for x in kl.cpu()], top1, nll))
+    return runs
+
+
+def _budget_groups(budgets, T, L, H, D, cap_bytes):
+    """The settings' budgets as groups of consecutive indices whose merged sets, as
+    _merged_sets holds them, take at most cap_bytes together by estimate (L layers x H
+    selection heads of n kept entries each: the index, the changed flag, merged keys and
+    values for every entry, and the object); a budget over it is a group alone."""
+    groups, cur, used = [], [], 0
+    for b, bud in enumerate(budgets):
+        v = float(bud.get("value") or 0)
+        n = math.ceil(v * T) if bud.get("kind") == "fraction" else int(v)
+        n = max(0, min(T, n))
+        est = L * H * (n * (4 + 1 + 8 * D) + 512)
+        if cur and used + est > cap_bytes:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(b)
+        used += est
+    return groups + [cur] if cur else groups
+
+
+def _merged_sets(path, spec, budgets, grp, seed, sel, p, t, T, L, label):
+    """A merged policy's kept sets at the budgets grp (indices into the settings' budgets)
+    with their merged keys and values, replayed again on the trace (kvt_replay_sets), each
+    checked against the export's set of the same (budget, layer, head):
+    {(budget, layer, head): KeptSet}, budget an index into the settings' budgets."""
     from ._replay_sets import replay_sets
+    texts = ",".join(budgets[b].get("text") for b in grp)
     try:
-        got = replay_sets(path, spec, budgets, int(seed or 0))
+        got = replay_sets(path, spec, texts, int(seed or 0))
     except TraceError as e:
         raise _fail("%s: replaying the merged policy %s again for its merged keys and values "
                     "failed: %s" % (path, label, e), e.status)
@@ -512,7 +556,7 @@ def _merged_sets(path, spec, budgets, seed, sel, p, t, T, L, label):
         if step >= 0:
             raise _fail("%s: the merged policy %s keeps a set per decode step, which this "
                         "check does not apply" % (path, label), _ERR_UNSUPPORTED)
-        sets[(b, layer, head)] = ks
+        sets[(grp[b], layer, head)] = ks
     masks = {}  # (budget, layer): the export's [heads, T], read once for all its heads
     for (b, layer, head), ks in sets.items():
         if (b, layer) not in masks:
@@ -525,7 +569,7 @@ def _merged_sets(path, spec, budgets, seed, sel, p, t, T, L, label):
                         "the export at budget %d, layer %d, head %d (a file its options name "
                         "changed, or another build of kvtrace?)" % (path, label, b, layer, head),
                         _ERR_STATE)
-    pairs, n_b = len({(b, la) for b, la, _ in sets}), len(budgets.split(","))
+    pairs, n_b = len({(b, la) for b, la, _ in sets}), len(grp)
     if pairs != n_b * L:
         raise _fail("%s: the merged policy %s replayed again here gave sets of %d (budget, "
                     "layer) pairs, not %d" % (path, label, pairs, n_b * L), _ERR_STATE)

@@ -391,6 +391,31 @@ def main():
                 "a merged policy's sets replayed here unlike the export's", model, res, sel)
     finally:
         _replay_sets.replay_sets = plain_sets
+    # max_merged_bytes: a merged policy's budgets replayed together under the bound (the
+    # default here), each alone over it; the same runs either way
+    calls = []
+
+    def counting(path, spec, budgets, seed=0):
+        calls.append((spec, budgets))
+        return plain_sets(path, spec, budgets, seed)
+
+    _replay_sets.replay_sets = counting
+    try:
+        d1 = hf.e2e(model, res, sel)
+        together, calls[:] = list(calls), []
+        dg = hf.e2e(model, res, sel, max_merged_bytes=1)
+    finally:
+        _replay_sets.replay_sets = plain_sets
+    merged = ["lookm", "elastic-cache", "cam", "snapkv"]  # specs: the effective options
+    check(d1["runs"] == dg["runs"] == d["runs"] and
+          [b for _, b in together] == [BUDGETS] * 4 and
+          [s.split(":")[0] for s, _ in together] == merged and
+          [b for _, b in calls] == BUDGETS.split(",") * 4,
+          "max_merged_bytes=1 replays each budget alone (%s; together: %s), the same runs"
+          % (calls, together))
+    for bad in (0, -5, True, 1.5, "1"):
+        refused("max_merged_bytes=%r: a positive number of bytes" % (bad,),
+                "max_merged_bytes=%r" % (bad,), model, res, sel, max_merged_bytes=bad)
     refused("is not the trace", "a trace that is not the one replayed", model, res, sel,
             traces=[hf2])
     refused("traces given", "a trace list of another length", model, res, sel,
