@@ -10,6 +10,7 @@ Import it first:
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,11 +67,14 @@ def raises(exc, fn, want, what):
     check(False, "%s: no %s" % (what, exc.__name__))
 
 
-def finish(name):
-    """Exit 1 with the count of failures, else print NAME: ok."""
+def finish(name, work=None):
+    """Exit 1 with the count of failures, else print NAME: ok. work: the test's own temporary
+    directory, removed when nothing failed (kept, and named, when something did)."""
     if failures:
-        print("%d failure(s)" % len(failures))
+        print("%d failure(s)%s" % (len(failures), "; its files are in %s" % work if work else ""))
         sys.exit(1)
+    if work:
+        shutil.rmtree(work, ignore_errors=True)
     print("%s: ok" % name)
 
 

@@ -516,7 +516,7 @@ def main():
         model.config._attn_implementation = "sdpa"
         if not had:
             del reg["flash_attention_2"]
-    finish("test_python_hf_e2e")
+    finish("test_python_hf_e2e", work)
 
 
 if __name__ == "__main__":

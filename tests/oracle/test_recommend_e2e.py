@@ -208,7 +208,7 @@ def main():
     r = rec(dmg)
     check(r.returncode == 1 and "runs[0].name is not a string" in r.stderr and r.stdout == "",
           "a damaged e2e.json: exit %d %r" % (r.returncode, r.stderr))
-    finish("test_recommend_e2e")
+    finish("test_recommend_e2e", work)
 
 
 if __name__ == "__main__":

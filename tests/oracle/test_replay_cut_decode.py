@@ -93,4 +93,4 @@ said = "layer %d lacks the decode steps' keys or values" % (L - 1)
 check(r.returncode == 0 and said in r.stderr, "cut before layer %d's V_decode: exit %d, %r" %
       (L - 1, r.returncode, r.stderr))
 print("ok: a layer without decode values is named")
-finish("test_replay_cut_decode")
+finish("test_replay_cut_decode", tmp)
