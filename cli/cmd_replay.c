@@ -486,7 +486,12 @@ static void list_policies(void)
                (a.flags & KVT_POLICY_NEEDS_QALL) ? " [needs Q_all]" : "", "", a.options);
     }
     printf("\nEvery policy also takes label=NAME: the name results, tables and reports show\n"
-           "(default: the spec as given), e.g. external:scores=s.npy,label=mine.\n");
+           "(default: the spec as given), e.g. external:scores=s.npy,label=mine.\n"
+           "Every policy that keeps a fixed set of prompt tokens (not cam, lightkv-like,\n"
+           "merge=, quest or hybridkv-like) also takes think=R: ThinK's key channel pruning,\n"
+           "the floor(R*D) channels of least query-weighted key energy zeroed in the kept keys\n"
+           "before the last think_recent tokens (32), scored by the last think_window window\n"
+           "queries (32), e.g. snapkv:think=0.4 (analysis/RESULTS.md, think=R).\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

@@ -159,6 +159,13 @@ static const opt_desc opts_table[] = {
      "CriticalKV: .npy [layers, KV heads, tokens] of ||W_o v||_1 (kvtrace.critical_norms)"},
     {"first", O_DBL, OFF(first), 0, 1, "CriticalKV: first_stage_ratio"},
     {"ceps", O_DBL, OFF(ceps), 0, 1e9, "CriticalKV: epsilon added to the scores"},
+    /* every policy whose kept set is a plain, fixed one (think_ok) */
+    {"think", O_DBL, OFF(think), 0, 1,
+     "ThinK: share of key channels zeroed in the kept keys, by query-weighted energy (0: off)"},
+    {"think_window", O_INT, OFF(think_window), 1, 1e6,
+     "think: the last window queries that score the channels"},
+    {"think_recent", O_INT, OFF(think_recent), 0, 1e9,
+     "think: the last prompt tokens whose keys keep every channel"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
@@ -174,6 +181,18 @@ static bool key_accepted(const kvt_policy_def *d, const char *key)
         k = e ? e + 1 : NULL;
     }
     return false;
+}
+
+/* think=, think_window=, think_recent=: taken by every policy that keeps a fixed set of plain
+ * entries (not one that merges them by definition, or selects per decode step) */
+static bool is_think_key(const char *key)
+{
+    return !strcmp(key, "think") || !strcmp(key, "think_window") || !strcmp(key, "think_recent");
+}
+
+static bool think_ok(const kvt_policy_def *d)
+{
+    return !(d->flags & (KVT_POLICY_MERGED | KVT_POLICY_PER_STEP));
 }
 
 static const opt_desc *find_opt(const char *key)
@@ -248,9 +267,13 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
 {
     const kvt_policy_def *d = p->def;
     const opt_desc *od = find_opt(key);
-    if (!od || !key_accepted(d, key))
-        return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: unknown option '%s' (accepted: %s)", d->name,
-                             key, d->keys[0] ? d->keys : "none");
+    if (!od || !(key_accepted(d, key) || (is_think_key(key) && think_ok(d))))
+        return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: unknown option '%s' (accepted: %s%s%s)",
+                             d->name, key, d->keys[0] || !think_ok(d) ? d->keys : "",
+                             d->keys[0] && think_ok(d) ? "," : "",
+                             think_ok(d)  ? "think,think_window,think_recent"
+                             : d->keys[0] ? ""
+                                          : "none");
     char *base = (char *)&p->o;
     double x;
     switch (od->kind) {
@@ -433,6 +456,8 @@ static void base_defaults(kvt_policy_opts *o)
     o->chunk_score = KVT_REDUCE_SUM;
     o->floor_frac = 0.2;
     o->merge_window = 64;
+    o->think_window = 32;
+    o->think_recent = 32;
     o->first = 0.5;
     o->ceps = 1e-4;
     o->recent = 256;
@@ -494,6 +519,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
         p->o.window = g->window; /* the spec's window= still wins */
     kvt_status st = KVT_OK;
     char *opts = NULL;
+    const char *think_extra = NULL; /* think_window= or think_recent= given */
     p->label = kvt_strdup(spec);
     if (!p->label) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
@@ -531,7 +557,25 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
             }
             if ((st = set_opt(p, tok, eq + 1)))
                 goto out_fail;
+            if (!think_extra && (!strcmp(tok, "think_window") || !strcmp(tok, "think_recent")))
+                think_extra = !strcmp(tok, "think_window") ? "think_window" : "think_recent";
         }
+    }
+    if (p->o.think > 0 && p->o.merge) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: think= prunes the key channels of a set of prompt tokens, and "
+                           "merge=%s merges entries into them (give merge=none)",
+                           d->name,
+                           p->o.merge == 'p'   ? "pivot"
+                           : p->o.merge == 'w' ? "weighted"
+                                               : "position");
+        goto out_fail;
+    }
+    if (!(p->o.think > 0) && think_extra) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: %s= is an option of think=, which is off (give think=R, R > 0)",
+                           d->name, think_extra);
+        goto out_fail;
     }
     if ((d->flags & KVT_POLICY_WINDOW_QUERY) && p->o.window < 1) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG,
@@ -697,7 +741,7 @@ unsigned kvt_policy_flags(const kvt_policy *p)
 {
     const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
     return p->def->flags | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0) |
-           (p->o.merge ? KVT_POLICY_MERGED : 0);
+           (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0);
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)
@@ -806,7 +850,8 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     len += (size_t)snprintf(out, cap, "%s", json ? "{" : "");
     bool first = true;
     for (size_t i = 0; i < N_OPTS; i++) {
-        if (!key_accepted(d, opts_table[i].key))
+        if (!key_accepted(d, opts_table[i].key) &&
+            !(is_think_key(opts_table[i].key) && o->think > 0))
             continue;
         char val[1200];
         opt_value(o, &opts_table[i], json, val, sizeof(val));

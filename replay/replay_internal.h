@@ -84,10 +84,13 @@ typedef struct kvt_policy_opts {
     kvt_mix_method method;  /* mixkv-*: headwise | attn | keydiff | vnorm | knorm | mixkv */
     int local;              /* cur: local block of the norms' normalisation; 0 = none */
     int block;              /* keydiff-block: tokens per block (BlockPress's block_size) */
-    char *critical; /* CriticalKV: per-token ||W_o v||_1 .npy [L, H', T] (owned); NULL = off */
-    double first;   /* CriticalKV: first_stage_ratio */
-    double ceps;    /* CriticalKV: epsilon added to the scores before the product */
-    uint64_t seed;  /* random */
+    char *critical;   /* CriticalKV: per-token ||W_o v||_1 .npy [L, H', T] (owned); NULL = off */
+    double first;     /* CriticalKV: first_stage_ratio */
+    double ceps;      /* CriticalKV: epsilon added to the scores before the product */
+    uint64_t seed;    /* random */
+    double think;     /* think=: ThinK's share of key channels zeroed (think.c); 0 = off */
+    int think_window; /* think: the last window queries that score the channels */
+    int think_recent; /* think: the last prompt tokens whose keys are not pruned */
 } kvt_policy_opts;
 
 typedef struct kvt_layer_ctx kvt_layer_ctx;
@@ -383,6 +386,10 @@ int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P)
  *  merged sets, each dropped token merged into the kept entry with the most similar key
  *  (mode 'p' or 'w'). Reads K and V on the host (kvt_ctx_fetch). */
 kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel);
+/** think=R (think.c, ThinK's key channel pruning): turn a fixed selection into merged sets
+ *  whose entries before the last think_recent tokens have the floor(D*R) channels of least
+ *  query-weighted key energy zeroed. Reads K and V on the host (kvt_ctx_fetch). */
+kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_selection *sel);
 /** Every head's ranking (order, after kvt_sel_init with fixed) StreamingLLM's: the first
  *  `sinks` tokens, then the rest from the most recent backwards. */
 void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks);

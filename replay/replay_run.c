@@ -661,7 +661,7 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
         b += 8.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
         if (f & KVT_POLICY_MERGED)
             b += 3584;
-        if (pols[p]->o.merge || pols[p]->def == &kvt_policy_def_cam) {
+        if (pols[p]->o.merge || pols[p]->o.think > 0 || pols[p]->def == &kvt_policy_def_cam) {
             /* merged sets of up to T/2 changed entries per head and budget (counted for 8
                budgets), and merge.c's or cam's work arrays */
             int hh = kvt_policy_per_query_head(pols[p]) ? Hq : Hkv;
@@ -1098,6 +1098,11 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                       "(lower window=, or --window for every such policy, or capture a larger "
                       "window)",
                       path, kvt_policy_label(pols[p]), pols[p]->o.window, pols[p]->o.window, sh->W);
+        KVT_RETURN_IF(pols[p]->o.think > 0 && pols[p]->o.think_window > sh->W, KVT_ERR_INVALID_ARG,
+                      "%s: policy %s: think_window=%d needs %d stored window queries; the trace "
+                      "has %d (lower think_window=, or capture a larger window)",
+                      path, kvt_policy_label(pols[p]), pols[p]->o.think_window,
+                      pols[p]->o.think_window, sh->W);
         if ((f & KVT_POLICY_NEEDS_DECODE) && !sh->has_qd) {
             if (l_noq > 0) /* some layers have them: a trace cut short, not one without them */
                 st = kvt_error_set(

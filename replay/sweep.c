@@ -1017,6 +1017,15 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
             return kvt_error_set(st, "%s: %s", p->def->name, kvt_error_msg());
         }
     }
+    if (p->o.think > 0) { /* think=: the kept keys' channels pruned (think.c) */
+        t0 = kvt_now_ns();
+        st = kvt_sel_think(c, &p->o, sel);
+        KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
+        if (st) {
+            kvt_sel_clear(sel);
+            return kvt_error_set(st, "%s: %s", p->def->name, kvt_error_msg());
+        }
+    }
     return KVT_OK;
 }
 

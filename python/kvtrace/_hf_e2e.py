@@ -211,7 +211,7 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
     and head's attention masked to the prompt tokens its kept set holds (a per-step policy's
     set of that step) and the decode tokens; the next-token distributions give the KL
     divergence from the uncompressed run, top-1 agreement and the reference token's log-loss.
-    A merged policy (lookm, elastic-cache, cam, lightkv-like, merge=) is replayed again here
+    A merged policy (lookm, elastic-cache, cam, lightkv-like, merge=, think=) is replayed again here
     (kvt_replay_sets, from its effective options in the results), its kept sets checked
     against the export's, and its merged keys and values handed to the attention in place of
     the cached ones of the entries they replace, per query head (heads=query too); the cache

@@ -59,23 +59,25 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        and, on a trace with kvzip_score records, kvzip, whose bind reads every layer's scores
        (a NaN or a score above 1 is refused); and, on a trace with Q_all, h2o-greedy (the
        attention rows from Q_all and K read on the host, a ranking per budget; window=0 lets
-       the newest token leave) beside h2o's column sums computed from Q_all */
-    const char *set[7] = {"snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
-                          "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
-                          "snapkv:window=1,merge=pivot",
-                          "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
-                          "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
-                          "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
-                          "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
-                          "lookm:merge=none,heads=query,vl-cache:last=1,"
-                          "vl-cache:last=1,heads=query,window=1,threshold=0.2",
-                          "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
-                          "elastic-cache:sinks=1,elastic-cache:heads=query,"
-                          "chunkkv:window=1,chunk=2,reuse=2",
-                          "leverage:sketch=3,leverage:sketch=0,heads=query,adaptive=1",
-                          "kvzip,kvzip:layerwise=1,sinks=0",
-                          "h2o-greedy:window=1,h2o-greedy:heads=query,reduce=max,window=0,"
-                          "h2o:window=1"};
+       the newest token leave) beside h2o's column sums computed from Q_all; the first set has
+       knorm with think= (its kept keys' channels pruned by the window query) */
+    const char *set[7] = {
+        "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
+        "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
+        "snapkv:window=1,merge=pivot,knorm:think=0.5,think_window=1,think_recent=1",
+        "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
+        "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
+        "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
+        "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
+        "lookm:merge=none,heads=query,vl-cache:last=1,"
+        "vl-cache:last=1,heads=query,window=1,threshold=0.2",
+        "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
+        "elastic-cache:sinks=1,elastic-cache:heads=query,"
+        "chunkkv:window=1,chunk=2,reuse=2",
+        "leverage:sketch=3,leverage:sketch=0,heads=query,adaptive=1",
+        "kvzip,kvzip:layerwise=1,sinks=0",
+        "h2o-greedy:window=1,h2o-greedy:heads=query,reduce=max,window=0,"
+        "h2o:window=1"};
     for (int i = 0; i < 7; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();

@@ -8,8 +8,9 @@ the stand-in in tests/oracle/hf_standin). HF's keys hold the llama2.c channels r
 (hf_channel_order), so each C-engine trace is copied with its K and query channels reordered
 that way (the HF model's own keys, which hf.e2e compares with the trace's): every policy's
 kept sets on the copy are checked to be the original's, record for record. Then:
-  * the bundled trace (T = 448, 64 decode steps; 15 policies with per-step, per-query-head
-    and merged ones (lookm, elastic-cache, cam, snapkv:merge=weighted per query head), 3
+  * the bundled trace (T = 448, 64 decode steps; 16 policies with per-step, per-query-head
+    and merged ones (lookm, elastic-cache, cam, snapkv:merge=weighted per query head,
+    h2o:think=0.25 with its pruned key channels), 3
     budgets): every setting's KL (mean, max, each step), top-1 agreement and log-loss equal
     e2e-llama2c's within float32 rounding (two engines, two summation orders), the proxies,
     kept fractions and budget tokens exactly; `full` has KL exactly 0 and top-1 1; the merged
@@ -66,7 +67,7 @@ MODEL = os.path.join(ROOT, "models", "stories260K.bin")
 SAMPLE = os.path.join(ROOT, "traces", "samples", "stories260K.kvt")
 POLICIES = ("full,streamingllm,snapkv,pyramidkv,adakv,knorm,h2o,random,quest,hybridkv-like,"
             "snapkv:heads=query,label=snapkv-q,lookm,elastic-cache,cam,"
-            "snapkv:merge=weighted,heads=query,label=snapkv-wq")
+            "snapkv:merge=weighted,heads=query,label=snapkv-wq,h2o:think=0.25,label=h2o-think")
 BUDGETS = "48,96,25%"
 CHANNEL_KINDS = ("K", "Q_window", "Q_decode", "K_decode", "Q_all")
 
@@ -200,7 +201,7 @@ def main():
         c = json.load(f)
     check(registry_entry() is sdpa, "the attention registry is restored after the run")
     check(from_results(d, res), "proxies, kept fractions and budget tokens: results.json's")
-    check(len(d["runs"]) == len(c["runs"]) == 45, "45 runs (15 policies x 3 budgets)")
+    check(len(d["runs"]) == len(c["runs"]) == 48, "48 runs (16 policies x 3 budgets)")
     for h, cr in zip(d["runs"], c["runs"]):
         compare_run(h, cr, "one trace")
     t0, c0 = d["traces"][0], c["traces"][0]
@@ -224,9 +225,9 @@ def main():
                        if r["proxy"]["recall_decode"] is not None],
                       [r["kl_mean"] for r in applied if r["proxy"]["recall_decode"] is not None])
     sp = d["spearman"]
-    check(sp["n_settings"] == 45 and abs(sp["err_decode_vs_kl"] - rho) < 1e-12 and
+    check(sp["n_settings"] == 48 and abs(sp["err_decode_vs_kl"] - rho) < 1e-12 and
           abs(sp["missed_recall_decode_vs_kl"] - rho_r) < 1e-12 and rho > 0.8,
-          "Spearman's rho over the 45 settings: %s / %s (NumPy %s / %s)" % (
+          "Spearman's rho over the 48 settings: %s / %s (NumPy %s / %s)" % (
               sp["err_decode_vs_kl"], sp["missed_recall_decode_vs_kl"], rho, rho_r))
     check(d["engine"]["name"] == "transformers" and d["engine"]["attn_implementation"] == "sdpa"
           and d["model"] and d["vocab_size"] == 512, "engine, model and vocabulary named")
@@ -406,11 +407,11 @@ def main():
         dg = hf.e2e(model, res, sel, max_merged_bytes=1)
     finally:
         _replay_sets.replay_sets = plain_sets
-    merged = ["lookm", "elastic-cache", "cam", "snapkv"]  # specs: the effective options
+    merged = ["lookm", "elastic-cache", "cam", "snapkv", "h2o"]  # specs: effective options
     check(d1["runs"] == dg["runs"] == d["runs"] and
-          [b for _, b in together] == [BUDGETS] * 4 and
+          [b for _, b in together] == [BUDGETS] * 5 and
           [s.split(":")[0] for s, _ in together] == merged and
-          [b for _, b in calls] == BUDGETS.split(",") * 4,
+          [b for _, b in calls] == BUDGETS.split(",") * 5,
           "max_merged_bytes=1 replays each budget alone (%s; together: %s), the same runs"
           % (calls, together))
     for bad in (0, -5, True, 1.5, "1"):

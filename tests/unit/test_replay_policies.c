@@ -1281,6 +1281,88 @@ static void test_merge(void)
     kvt_policy_free(p);
 }
 
+/* think=R (think.c) worked by hand. T = 4, D = 4, 2 query heads on 1 KV head, 2 window queries;
+ * keys k0 (1,2,0,1), k1 (1,0,3,1), k2 (2,1,1,0), k3 (0,1,1,2), values v_j = (j,j,j,j); window
+ * queries, head 0: (1,1,1,1), (2,0,1,1); head 1: (0,1,1,1), (1,1,0,1). streamingllm:sinks=1
+ * keeps {0, 3} at B = 2 and every token at B = 4.
+ * heads=kv: q_c = mean of q_c^2 over both heads' queries = (1.5, .75, .75, 1).
+ *   B = 2: k_c over k0, k3 = (.5, 2.5, .5, 2.5), scores (.75, 1.875, .375, 2.5): channels 2 and
+ *   0 pruned (think=0.5: 2 of 4); token 0 before the last think_recent=1 token: k0' (0,2,0,1),
+ *   token 3 as it is.
+ *   B = 4: k_c = (1.5, 1.5, 2.75, 1.5), scores (2.25, 1.125, 2.0625, 1.5): channels 1 and 3;
+ *   tokens 0..2 changed.
+ * heads=query, think=0.25 (1 channel), think_recent=0, B = 2: head 0's q_c = (2.5, .5, 1, 1),
+ *   scores (1.25, 1.25, .5, 2.5): channel 2; head 1's q_c = (.5, 1, .5, 1), scores (.25, 2.5,
+ *   .25, 2.5): channels 0 and 2 tie, the lower (0) is pruned. Both tokens change. */
+static void test_think(void)
+{
+    const float k[16] = {1, 2, 0, 1, 1, 0, 3, 1, 2, 1, 1, 0, 0, 1, 1, 2};
+    const float v[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+    const float q[16] = {1, 1, 1, 1, 2, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1};
+    kvt_layer_input in = tl_layer(4, 4, 2, 1, 2, k, v, q);
+    const int B[] = {2, 4};
+    kvt_layer_selection *s =
+        tl_select(&in, "streamingllm:sinks=1,think=0.5,think_window=2,think_recent=1", B, 2);
+    KVT_EXPECT(s->merged != NULL);
+    EXPECT_KEPT(s, 0, 0, -1, "0,3");
+    const kvt_merged_set *m = &s->merged[0];
+    const float k0[4] = {0, 2, 0, 1};
+    KVT_EXPECT(m->n == 2 && m->n_changed == 1 && m->changed[0] && !m->changed[1] &&
+               m->idx[0] == 0 && m->idx[1] == 3 && !memcmp(m->k, k0, sizeof(k0)) &&
+               !memcmp(m->v, v, 4 * sizeof(float)));
+    m = &s->merged[1];
+    const float kall[12] = {1, 0, 0, 0, 1, 0, 3, 0, 2, 0, 1, 0};
+    KVT_EXPECT_MSG(m->n == 4 && m->n_changed == 3 && m->changed[2] && !m->changed[3] &&
+                       !memcmp(m->k, kall, sizeof(kall)) && !memcmp(m->v, v, 12 * sizeof(float)),
+                   "B = 4: %d entries, %d changed, k0' (%g, %g, %g, %g)", m->n, m->n_changed,
+                   m->k[0], m->k[1], m->k[2], m->k[3]);
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "streamingllm:sinks=1,heads=query,think=0.25,think_window=2,think_recent=0",
+                  B, 1);
+    const float h0[8] = {1, 2, 0, 1, 0, 1, 0, 2}, h1[8] = {0, 2, 0, 1, 0, 1, 1, 2};
+    KVT_EXPECT(s->n_heads == 2 && s->merged[0].n_changed == 2 && s->merged[1].n_changed == 2 &&
+               !memcmp(s->merged[0].k, h0, sizeof(h0)) && !memcmp(s->merged[1].k, h1, sizeof(h1)));
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "streamingllm:sinks=1,think=0.2,think_window=2", B,
+                  1); /* floor(0.8): none */
+    KVT_EXPECT(s->merged && s->merged[0].n == 2 && s->merged[0].n_changed == 0);
+    kvt_layer_selection_free(s);
+    /* more window queries than stored: refused */
+    kvt_policy *p = mk("streamingllm:think=0.5,think_window=3");
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 1, &bad), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(bad == NULL && strstr(kvt_error_msg(), "think_window=3 needs 3 stored window"));
+    KVT_EXPECT(kvt_policy_flags(p) & KVT_POLICY_MERGED);
+    char *o = kvt_policy_options_json(p);
+    KVT_EXPECT_MSG(o && strstr(o, "\"think\": 0.5, \"think_window\": 3, \"think_recent\": 32"),
+                   "options %s", o ? o : "(null)");
+    free(o);
+    kvt_policy_free(p);
+    p = mk("snapkv:think=0"); /* off: a plain policy, and its options say nothing of it */
+    o = kvt_policy_options_json(p);
+    KVT_EXPECT(!(kvt_policy_flags(p) & KVT_POLICY_MERGED) && o && !strstr(o, "think"));
+    free(o);
+    kvt_policy_free(p);
+    const char *refused[] = {"snapkv:think=0.4,merge=pivot",
+                             "lookm:think=0.4",
+                             "elastic-cache:think=0.4",
+                             "quest:think=0.4",
+                             "lightkv-like:think=0.4",
+                             "cam:think=0.4",
+                             "snapkv:think=1.5",
+                             "snapkv:think=-0.1",
+                             "snapkv:think_window=8",
+                             "snapkv:think=0.4,think_window=0"};
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        p = NULL;
+        KVT_EXPECT_MSG(kvt_policy_create(refused[i], NULL, &p) == KVT_ERR_INVALID_ARG && !p,
+                       "%s accepted", refused[i]);
+    }
+    p = mk("lookm:think=0.4,merge=none"); /* lookm's plain sets */
+    KVT_EXPECT(kvt_policy_flags(p) & KVT_POLICY_MERGED);
+    kvt_policy_free(p);
+}
+
 /* merged sets a and b hold the same entries and (within 1e-6) the same merged K and V */
 static void expect_same_merged(const kvt_merged_set *a, const kvt_merged_set *b, int D,
                                const char *what, int budget, int head)
@@ -1836,6 +1918,7 @@ int main(void)
     test_simlayerkv();
     test_merge();
     test_merge_budgets();
+    test_think();
     test_finch();
     test_cam();
     test_lookm();
