@@ -90,3 +90,89 @@ kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int H
     out->nq = nq, out->D = D, out->scale = kvt_bind_trace_scale(r, D);
     return KVT_OK;
 }
+
+kvt_status kvt_post_vision_plan(kvt_trace_reader *r, const char *policy, int last, int L, int Hq,
+                                int Hkv, int T, kvt_post_vision *pl)
+{
+    memset(pl, 0, sizeof(*pl));
+    uint8_t *mod = kvt_malloc((size_t)T + 1);
+    KVT_RETURN_IF(!mod, KVT_ERR_NOMEM, "%s: out of memory", policy);
+    kvt_status st = KVT_OK;
+    if (kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod, (size_t)T)) {
+        st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                           "%s: the trace has no modality table (which tokens are visual), so "
+                           "no post-vision queries",
+                           policy);
+        goto out;
+    }
+    int last_vis = -1;
+    for (int j = 0; j < T; j++)
+        if (mod[j] == KVT_MOD_IMAGE || mod[j] == KVT_MOD_VIDEO)
+            last_vis = j;
+    if (last_vis < 0) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: the trace has no image or video tokens, so no post-vision "
+                           "queries (snapkv ranks by the last prompt queries instead)",
+                           policy);
+        goto out;
+    }
+    if (last_vis == T - 1) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: the prompt ends with an image or video token (%d), so no "
+                           "post-vision query follows it",
+                           policy, last_vis);
+        goto out;
+    }
+    const int n_post = T - 1 - last_vis;
+    const int used = last > 0 && last < n_post ? last : n_post;
+    /* the stored window queries when they hold them, else Q_all */
+    uint32_t nh, nt, qdim;
+    kvt_dtype dt;
+    int qkind = KVT_KIND_Q_WINDOW;
+    const uint32_t nw = kvt_trace_reader_shape(r, 0, qkind, &nh, &nt, &qdim, &dt) ? 0 : nt;
+    if (nw < (uint32_t)used) {
+        qkind = KVT_KIND_Q_ALL;
+        if (kvt_trace_reader_shape(r, 0, qkind, &nh, &nt, &qdim, &dt)) {
+            st = kvt_error_set(KVT_ERR_NOT_FOUND,
+                               "%s: the %d post-vision queries (after the last image or "
+                               "video token, %d) are more than the %u window queries the trace "
+                               "stores, and it has no Q_all: capture a window of %d or more "
+                               "(--window, kvtrace.capture(..., window=%d)) or every query "
+                               "(--q-all, with_q_all=True), or give last=%u",
+                               policy, used, last_vis, nw, used, used, nw > 0 ? nw : 1);
+            goto out;
+        }
+    }
+    if (!(pl->nq = kvt_malloc((size_t)L * sizeof(int) + 1))) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", policy);
+        goto out;
+    }
+    for (int l = 0; l < L && !st; l++) {
+        int nq, D;
+        if ((st = kvt_bind_check_qk(r, l, qkind, Hq, Hkv, T, policy, &nq, &D)))
+            break;
+        if (nq < used || (qkind == KVT_KIND_Q_ALL && nq != T) || (l > 0 && D != pl->D))
+            st = kvt_error_set(
+                KVT_ERR_CORRUPT, "%s: layer %d stores %d %s of dim %d, not %s%d of dim %d", policy,
+                l, nq, kvt_kind_name(qkind), D, qkind == KVT_KIND_Q_ALL ? "" : "at least ",
+                qkind == KVT_KIND_Q_ALL ? T : used, l > 0 ? pl->D : D);
+        pl->nq[l] = nq, pl->D = D;
+    }
+    pl->used = used, pl->qkind = qkind, pl->last_vis = last_vis;
+out:
+    if (st) {
+        kvt_free(mod);
+        kvt_free(pl->nq);
+        pl->nq = NULL;
+    } else
+        pl->mod = mod;
+    return st;
+}
+
+void kvt_post_vision_free(kvt_post_vision *pl)
+{
+    kvt_free(pl->nq);
+    kvt_free(pl->mod);
+    pl->nq = NULL;
+    pl->mod = NULL;
+}

@@ -449,6 +449,11 @@ kvt_status kvt_cake_counts(const double *pref, int L, int T, int W, int B, int *
  *  tokens left one each to the largest remainders (ties within 1e-9: the lower layer); B >= T
  *  keeps all T. */
 kvt_status kvt_vlcache_counts(const double *density, int L, int T, int B, int *counts);
+/** aircache-like's layer weights [L] (policy_aircache.c) from each layer's strength and
+ *  skewness: each divided by its mean over the layers (the skewness shifted up by its minimum
+ *  when that is negative; a mean of 0 gives 1), their mean, over the largest; a weight of 0
+ *  becomes 1e-12 (the layer keeps one visual token). */
+void kvt_aircache_weights(const double *strength, const double *skew, int L, double *weight);
 
 /* ---- reads of the bind hooks that open the trace (bind_read.c) ---- */
 /** The trace header's model.attn_scale, or 1/sqrt(D), as the replay takes it. */
@@ -474,6 +479,22 @@ int kvt_bind_threads(void);
  *  receive the stored queries and head dim. */
 kvt_status kvt_bind_check_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,
                              const char *policy, int *nq, int *D);
+/** What a trace's modality table and record shapes say of the post-vision queries a policy
+ *  ranks by (vl-cache, aircache-like): the prompt after its last image or video token, or the
+ *  last `last` of those tokens (last > 0). Every refusal they decide, its message naming the
+ *  policy: no modality table, no visual token, a prompt ending with one, too few stored
+ *  queries and no Q_all, another layer's shapes. */
+typedef struct kvt_post_vision {
+    int used;     /* post-vision queries used: positions T - used .. T - 1 */
+    int last_vis; /* the last image or video token */
+    int qkind;    /* where they are read: KVT_KIND_Q_WINDOW (the last nq stored) or Q_ALL */
+    int D;
+    int *nq;      /* [L] each layer's stored queries of qkind */
+    uint8_t *mod; /* [T] the modality table, as stored */
+} kvt_post_vision;
+kvt_status kvt_post_vision_plan(kvt_trace_reader *r, const char *policy, int last, int L, int Hq,
+                                int Hkv, int T, kvt_post_vision *pl);
+void kvt_post_vision_free(kvt_post_vision *pl);
 /** The check hooks of cake and chunkkv: layers 0, step, 2 step... of the trace at path have
  *  window queries and keys (kvt_bind_check_qk) and at least W window queries. */
 kvt_status kvt_bind_check_windows(const char *path, const char *policy, int L, int step, int Hq,

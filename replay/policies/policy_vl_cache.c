@@ -211,96 +211,14 @@ static kvt_status vlc_layers(vlc_work *w, int n_th)
     return worst < 0 ? KVT_OK : kvt_error_set(th[worst].st, "%s", th[worst].msg);
 }
 
-/* what the trace's header and record shapes say of a replay: the post-vision queries used,
- * where they are stored (window queries or Q_all), each layer's stored count nq [L]
- * (kvt_malloc'ed) and the head dim; every refusal they decide */
-typedef struct vlc_plan {
-    int used, qkind, D;
-    int *nq;
-} vlc_plan;
-
-static kvt_status vlc_plan_make(const kvt_policy *p, kvt_trace_reader *r, int L, int Hq, int Hkv,
-                                int T, vlc_plan *pl)
-{
-    memset(pl, 0, sizeof(*pl));
-    uint8_t *mod = kvt_malloc((size_t)T + 1);
-    KVT_RETURN_IF(!mod, KVT_ERR_NOMEM, "vl-cache: out of memory");
-    kvt_status st = KVT_OK;
-    if (kvt_trace_reader_read(r, -1, KVT_KIND_MODALITY, 0, 1, KVT_DTYPE_INVALID, mod, (size_t)T)) {
-        st = kvt_error_set(KVT_ERR_NOT_FOUND, "vl-cache: the trace has no modality table (which "
-                                              "tokens are visual), so no post-vision queries");
-        goto out;
-    }
-    int last_vis = -1;
-    for (int j = 0; j < T; j++)
-        if (mod[j] == KVT_MOD_IMAGE || mod[j] == KVT_MOD_VIDEO)
-            last_vis = j;
-    if (last_vis < 0) {
-        st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                           "vl-cache: the trace has no image or video tokens, so no post-vision "
-                           "queries (snapkv ranks by the last prompt queries instead)");
-        goto out;
-    }
-    if (last_vis == T - 1) {
-        st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                           "vl-cache: the prompt ends with an image or video token (%d), so no "
-                           "post-vision query follows it",
-                           last_vis);
-        goto out;
-    }
-    const int n_post = T - 1 - last_vis;
-    const int used = p->o.last > 0 && p->o.last < n_post ? p->o.last : n_post;
-    /* the stored window queries when they hold them, else Q_all */
-    uint32_t nh, nt, qdim;
-    kvt_dtype dt;
-    int qkind = KVT_KIND_Q_WINDOW;
-    const uint32_t nw = kvt_trace_reader_shape(r, 0, qkind, &nh, &nt, &qdim, &dt) ? 0 : nt;
-    if (nw < (uint32_t)used) {
-        qkind = KVT_KIND_Q_ALL;
-        if (kvt_trace_reader_shape(r, 0, qkind, &nh, &nt, &qdim, &dt)) {
-            st = kvt_error_set(KVT_ERR_NOT_FOUND,
-                               "vl-cache: the %d post-vision queries (after the last image or "
-                               "video token, %d) are more than the %u window queries the trace "
-                               "stores, and it has no Q_all: capture a window of %d or more "
-                               "(--window, kvtrace.capture(..., window=%d)) or every query "
-                               "(--q-all, with_q_all=True), or give last=%u",
-                               used, last_vis, nw, used, used, nw > 0 ? nw : 1);
-            goto out;
-        }
-    }
-    if (!(pl->nq = kvt_malloc((size_t)L * sizeof(int) + 1))) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
-        goto out;
-    }
-    for (int l = 0; l < L && !st; l++) {
-        int nq, D;
-        if ((st = kvt_bind_check_qk(r, l, qkind, Hq, Hkv, T, "vl-cache", &nq, &D)))
-            break;
-        if (nq < used || (qkind == KVT_KIND_Q_ALL && nq != T) || (l > 0 && D != pl->D))
-            st = kvt_error_set(
-                KVT_ERR_CORRUPT, "vl-cache: layer %d stores %d %s of dim %d, not %s%d of dim %d", l,
-                nq, kvt_kind_name(qkind), D, qkind == KVT_KIND_Q_ALL ? "" : "at least ",
-                qkind == KVT_KIND_Q_ALL ? T : used, l > 0 ? pl->D : D);
-        pl->nq[l] = nq, pl->D = D;
-    }
-    pl->used = used, pl->qkind = qkind;
-out:
-    kvt_free(mod);
-    if (st) {
-        kvt_free(pl->nq);
-        pl->nq = NULL;
-    }
-    return st;
-}
-
 /* kvt_replay_check_trace: the refusals of bind that the header and shapes decide */
 static kvt_status check_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T)
 {
     kvt_trace_reader *r = NULL;
-    vlc_plan pl;
+    kvt_post_vision pl;
     KVT_FORWARD(kvt_trace_reader_open(path, &r));
-    kvt_status st = vlc_plan_make(p, r, L, Hq, Hkv, T, &pl);
-    kvt_free(pl.nq);
+    kvt_status st = kvt_post_vision_plan(r, "vl-cache", p->o.last, L, Hq, Hkv, T, &pl);
+    kvt_post_vision_free(&pl);
     kvt_trace_reader_close(r);
     return st;
 }
@@ -311,13 +229,14 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
 {
     kvt_trace_reader *r = NULL;
     vlc_state *s = kvt_calloc(1, sizeof(*s));
-    vlc_plan pl = {0};
+    kvt_post_vision pl = {0};
     kvt_status st = KVT_OK;
     if (!s) {
         st = kvt_error_set(KVT_ERR_NOMEM, "vl-cache: out of memory");
         goto out;
     }
-    if ((st = kvt_trace_reader_open(path, &r)) || (st = vlc_plan_make(p, r, L, Hq, Hkv, T, &pl)))
+    if ((st = kvt_trace_reader_open(path, &r)) ||
+        (st = kvt_post_vision_plan(r, "vl-cache", p->o.last, L, Hq, Hkv, T, &pl)))
         goto out;
     s->L = L, s->T = T, s->H = p->o.per_query ? Hq : Hkv;
     s->density = kvt_malloc((size_t)L * sizeof(double) + 1);
@@ -352,7 +271,7 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
 out:
     if (r)
         kvt_trace_reader_close(r);
-    kvt_free(pl.nq);
+    kvt_post_vision_free(&pl);
     if (st)
         unbind_vlc(s);
     else

@@ -59,6 +59,8 @@
 #                                refusals
 #   test_merge                   merge=pivot|weighted: output errors against NumPy written from
 #                                KVCache-Factory's merge_kv
+#   test_aircache                aircache-like's kept sets against NumPy written from the
+#                                method as analysis/RESULTS.md states it, and refusals
 #   test_think                   think=R (ThinK's key channel pruning): pruned keys and output
 #                                errors against NumPy written from KVCache-Factory's
 #                                key_pruner_query_driven and kvpress's ThinKPress, and refusals
@@ -75,7 +77,7 @@ if(KVT_SYS_PYTHON)
               test_qfilter test_cur test_adaptive test_keydiff_block test_critical
               test_duo_simlayer test_merge test_finch test_cam test_elastic_cache
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
-              test_h2o_greedy test_h2o_greedy_hand test_think)
+              test_h2o_greedy test_h2o_greedy_hand test_think test_aircache)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

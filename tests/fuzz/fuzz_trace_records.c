@@ -51,7 +51,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        itself (the window queries' last row and K; the column sums or Q_all) before the replay;
        lookm's text prior (the column sums, a ranking per budget, merged and not); vl-cache,
        whose bind reads every layer's last window query and keys after the last visual token
-       (a trace without one, or ending with one, is refused); and on every
+       (a trace without one, or ending with one, is refused), and aircache-like, whose bind reads
+       the same and ranks the visual tokens by the elite instruction tokens; and on every
        trace cake, whose bind reads every layer's window queries and keys for the layer budgets,
        and elastic-cache (the column sums; merged into anchors by position), and chunkkv with
        reuse=2 (its bind computes each layer pair's first window scores); and leverage (the
@@ -70,7 +71,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3",
         "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
         "lookm:merge=none,heads=query,vl-cache:last=1,"
-        "vl-cache:last=1,heads=query,window=1,threshold=0.2",
+        "vl-cache:last=1,heads=query,window=1,threshold=0.2,aircache-like:last=1,"
+        "aircache-like:last=2,heads=query,threshold=0",
         "cake:window=2,cake:window=2,heads=query,tau1=1.6,tau2=0.4,gamma=50,"
         "elastic-cache:sinks=1,elastic-cache:heads=query,"
         "chunkkv:window=1,chunk=2,reuse=2",

@@ -9,8 +9,8 @@
 # ranking per budget; cake, its layer budgets from every layer's window attention;
 # elastic-cache, merged into anchors by position; chunkkv:reuse=2, each layer pair keeping its
 # first layer's chunks; vl-cache on the vision-language trace, its layer budgets and scores
-# from every layer's post-vision attention; snapkv and h2o with think=, their kept keys'
-# channels pruned on the host)
+# from every layer's post-vision attention, and aircache-like, from its elite instruction
+# tokens' attention; snapkv and h2o with think=, their kept keys' channels pruned on the host)
 # at several budgets, on the bundled real trace and on a synthetic
 # vision-language trace long enough for several 256-key blocks. Kept counts and every metric
 # but the output error and coverage must agree within 1e-9. Coverage comes from an f32 cosine
@@ -105,7 +105,7 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt" "
     # every policy: the defaults, and those that need more than K, V and the window queries
     SET=(--policies "all,h2o,oracle,quest,lagkv,qfilter,qfilter:heads=query,cur,knorm:adaptive=1,cur:adaptive=1,keydiff-block:block=32,simlayerkv:threshold=0.3,snapkv:merge=weighted,finch,cam,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json,fastv:dense_layers=1,fastv:dense_layers=1,last=2,lookm,lookm:merge=none,heads=query,recent_share=0.25,cake,cake:heads=query,gamma=0,elastic-cache,elastic-cache:heads=query,sinks=1,chunkkv:reuse=2,snapkv:think=0.4,think_window=8"
         --budgets 16,64,300,50% --threads 2 --seed 7)
-    [ "$name" = vl ] && SET[1]+=",vl-cache:last=16,vl-cache:last=4,heads=query,window=2"
+    [ "$name" = vl ] && SET[1]+=",vl-cache:last=16,vl-cache:last=4,heads=query,window=2,aircache-like:last=16,aircache-like:last=8,heads=query,threshold=0.5"
     [ "$name" = qa ] &&
         SET=(--policies h2o,h2o-greedy,h2o-greedy:heads=query,reduce=max,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5,h2o:think=0.3,heads=query,think_window=8,think_recent=0 --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
     [ "$name" = long ] &&
@@ -163,7 +163,7 @@ done
 # metrics as the trace in one record per tensor, exactly
 $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 --record-bytes 2k \
     -o "$TMP/vl_split.kvt" >/dev/null 2>&1 || fail "synth split"
-SET=(--policies "all,h2o,oracle,quest,lagkv,qfilter,qfilter:heads=query,cur,knorm:adaptive=1,cur:adaptive=1,keydiff-block:block=32,simlayerkv:threshold=0.3,snapkv:merge=weighted,finch,cam,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_vl.json,headkv:scores=$TMP/scores_vl.json,mixkv-sparsemm:scores=$TMP/scores_vl.json,fastv:dense_layers=1,fastv:dense_layers=1,last=2,lookm,lookm:merge=none,heads=query,recent_share=0.25,cake,cake:heads=query,gamma=0,elastic-cache,elastic-cache:heads=query,sinks=1,chunkkv:reuse=2,snapkv:think=0.4,think_window=8,vl-cache:last=16,vl-cache:last=4,heads=query,window=2"
+SET=(--policies "all,h2o,oracle,quest,lagkv,qfilter,qfilter:heads=query,cur,knorm:adaptive=1,cur:adaptive=1,keydiff-block:block=32,simlayerkv:threshold=0.3,snapkv:merge=weighted,finch,cam,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_vl.json,headkv:scores=$TMP/scores_vl.json,mixkv-sparsemm:scores=$TMP/scores_vl.json,fastv:dense_layers=1,fastv:dense_layers=1,last=2,lookm,lookm:merge=none,heads=query,recent_share=0.25,cake,cake:heads=query,gamma=0,elastic-cache,elastic-cache:heads=query,sinks=1,chunkkv:reuse=2,snapkv:think=0.4,think_window=8,vl-cache:last=16,vl-cache:last=4,heads=query,window=2,aircache-like:last=16,aircache-like:last=8,heads=query,threshold=0.5"
     --budgets 16,64,300,50% --threads 2 --seed 7)
 "${FIRST[@]}" $BIN replay "$TMP/vl_split.kvt" "${SET[@]}" "${DEV[@]}" -o "$TMP/vl_split.json" \
     >/dev/null 2>"$TMP/err" || { cat "$TMP/err"; fail "$MODE replay of the split trace"; }
