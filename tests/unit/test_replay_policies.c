@@ -1738,6 +1738,30 @@ static void test_vlcache_counts(void)
     KVT_EXPECT_STATUS(kvt_vlcache_counts(d4, 0, 8, 4, n), KVT_ERR_INVALID_ARG);
 }
 
+/* aircache-like's layer weights (kvt_aircache_weights), worked by hand. Strengths 1, 2, 3 over
+ * their mean 2: .5, 1, 1.5; skewnesses -1, 0, 2 shifted up by 1 to 0, 1, 3, over their mean 4/3:
+ * 0, .75, 2.25; the means .25, .875, 1.875, over the largest: 2/15, 7/15, 1. */
+static void test_aircache_weights(void)
+{
+    double w[3];
+    const double st[3] = {1, 2, 3}, sk[3] = {-1, 0, 2};
+    kvt_aircache_weights(st, sk, 3, w);
+    KVT_EXPECT_MSG(fabs(w[0] - 2.0 / 15) < 1e-15 && fabs(w[1] - 7.0 / 15) < 1e-15 && w[2] == 1.0,
+                   "%.17g %.17g %.17g", w[0], w[1], w[2]);
+    /* no skewness above the shift (all equal, negative): that term is 1 for each layer */
+    const double flat[3] = {-2, -2, -2};
+    kvt_aircache_weights(st, flat, 3, w); /* (.5+1)/2, (1+1)/2, (1.5+1)/2 over 1.25 */
+    KVT_EXPECT_MSG(fabs(w[0] - 0.6) < 1e-15 && fabs(w[1] - 0.8) < 1e-15 && w[2] == 1.0,
+                   "%.17g %.17g %.17g", w[0], w[1], w[2]);
+    /* a layer with neither strength nor skewness keeps a weight of 1e-12 (one token) */
+    const double st0[2] = {0, 1}, sk0[2] = {0, 1};
+    kvt_aircache_weights(st0, sk0, 2, w);
+    KVT_EXPECT_MSG(w[0] == 1e-12 && w[1] == 1.0, "%.17g %.17g", w[0], w[1]);
+    int n[2];
+    KVT_CHECK(kvt_vlcache_counts(w, 2, 50, 10, n)); /* 20 visual tokens: 1 and 19 */
+    KVT_EXPECT_MSG(n[0] == 1 && n[1] == 19, "%d %d", n[0], n[1]);
+}
+
 /* cake's layer budgets (kvt_cake_counts), worked by hand from cake/utils.py adjust_budgets:
  * T = 100, W = 10 (prefix 90), B = 60: (60 - 10) x L prefix tokens split by the preferences. */
 static void test_cake(void)
@@ -1892,7 +1916,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 43);
+    KVT_EXPECT(kvt_policy_registry_size() == 44);
 }
 
 int main(void)
@@ -1926,6 +1950,7 @@ int main(void)
     test_leverage_compactor();
     test_cake();
     test_vlcache_counts();
+    test_aircache_weights();
     test_parse();
     return kvt_test_result("test_replay_policies");
 }
