@@ -267,13 +267,12 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
 {
     const kvt_policy_def *d = p->def;
     const opt_desc *od = find_opt(key);
-    if (!od || !(key_accepted(d, key) || (is_think_key(key) && think_ok(d))))
+    if (!od || !(key_accepted(d, key) || (is_think_key(key) && think_ok(d)))) {
+        const char *more = think_ok(d) ? "think,think_window,think_recent" : "";
         return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: unknown option '%s' (accepted: %s%s%s)",
-                             d->name, key, d->keys[0] || !think_ok(d) ? d->keys : "",
-                             d->keys[0] && think_ok(d) ? "," : "",
-                             think_ok(d)  ? "think,think_window,think_recent"
-                             : d->keys[0] ? ""
-                                          : "none");
+                             d->name, key, d->keys, d->keys[0] && more[0] ? "," : "",
+                             d->keys[0] || more[0] ? more : "none");
+    }
     char *base = (char *)&p->o;
     double x;
     switch (od->kind) {

@@ -162,17 +162,26 @@ class ErrTally:
                                                                       self.bad)
 
 
-def check_trace(name, path, specs, budgets, work):
+def replay_kept(path, specs, budgets, work):
+    """Replay SPECS on the trace with a JSON selection export: (the policies' labels, {(label,
+    layer, head, budget_tokens): kept list}, results.json as a dict)."""
     sel = os.path.join(work, "sel.json")
     res = os.path.join(work, "r.json")
     run("replay", path, "--policies", ",".join(specs), "--budgets", budgets,
         "--export-selection", sel, "-o", res, "--force")
-    exp = json.load(open(sel))
-    r = json.load(open(res))
+    with open(sel) as f:
+        exp = json.load(f)
+    with open(res) as f:
+        r = json.load(f)
     labels = [p["label"] for p in exp["policies"]]
-    kept = {}  # (label, layer, head, budget_tokens) -> kept list
+    kept = {}
     for rec in exp["records"]:
         kept[(labels[rec["policy"]], rec["layer"], rec["head"], rec["budget_tokens"])] = rec["kept"]
+    return labels, kept, r
+
+
+def check_trace(name, path, specs, budgets, work):
+    labels, kept, r = replay_kept(path, specs, budgets, work)
     tr = r["traces"][0]
     with kvtrace.open(path) as t:
         m = t.header["model"]

@@ -15,19 +15,17 @@ Traces (cli_test.score_traces): a llama2.c capture (T = 150, 8 query heads on 4 
 window 8, 2 decode steps) and a llama3-8b-shaped synthetic one (T = 300, GQA 4, D = 128).
 Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
 """
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (BIN, check, finish, need_library, run,  # noqa: E402
+from cli_test import (check, finish, need_library, refused,  # noqa: E402
                       score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
-from test_merge import ErrTally, merged_errors, read_layers  # noqa: E402
+from test_merge import ErrTally, merged_errors, read_layers, replay_kept  # noqa: E402
 
 kvtrace = need_library()
 from kvtrace import _replay_sets  # noqa: E402
@@ -67,17 +65,8 @@ def think_keys(x, g, qh, idx, ratio, window, recent):
 
 
 def check_trace(name, path, specs, budgets, work):
-    sel = os.path.join(work, "sel.json")
-    res = os.path.join(work, "r.json")
     bases = sorted({base_of(s) for s in specs} - set(specs))
-    run("replay", path, "--policies", ",".join(specs + bases), "--budgets", budgets,
-        "--export-selection", sel, "-o", res, "--force")
-    exp = json.load(open(sel))
-    r = json.load(open(res))
-    labels = [p["label"] for p in exp["policies"]]
-    kept = {}  # (label, layer, head, budget_tokens) -> kept list
-    for rec in exp["records"]:
-        kept[(labels[rec["policy"]], rec["layer"], rec["head"], rec["budget_tokens"])] = rec["kept"]
+    labels, kept, r = replay_kept(path, specs + bases, budgets, work)
     tr = r["traces"][0]
     with kvtrace.open(path) as t:
         m = t.header["model"]
@@ -135,13 +124,6 @@ def check_trace(name, path, specs, budgets, work):
     return T
 
 
-def refused(args, want, what):
-    p = subprocess.run([BIN] + args, capture_output=True, text=True)
-    err = p.stderr.strip().splitlines()
-    check(p.returncode != 0 and len(err) == 1 and want in err[0],
-          "%s: refused (%s)" % (what, err[0] if err else "rc %d, no message" % p.returncode))
-
-
 def main():
     with tempfile.TemporaryDirectory() as work:
         a, s = score_traces(work, q_all=True)
@@ -159,25 +141,21 @@ def main():
             "snapkv:think=0.1,think_window=16"], "16,40,100,200", work)
         refused(["replay", a, "--policies", "snapkv:think=0.4,merge=pivot", "--budgets", "20",
                  "-o", os.path.join(work, "x.json")],
-                "think= prunes the key channels of a set of prompt tokens, and merge=pivot",
-                "think= with merge=pivot")
+                "think= prunes the key channels of a set of prompt tokens, and merge=pivot")
         refused(["replay", a, "--policies", "lookm:think=0.4", "--budgets", "20", "-o",
-                 os.path.join(work, "x.json")], "merge=pivot merges entries", "think= on lookm")
+                 os.path.join(work, "x.json")], "merge=pivot merges entries")
         refused(["replay", a, "--policies", "snapkv:window=8,think_recent=4", "--budgets", "20",
                  "-o", os.path.join(work, "x.json")],
-                "think_recent= is an option of think=, which is off", "think_recent= alone")
+                "think_recent= is an option of think=, which is off")
         refused(["replay", a, "--policies", "quest:think=0.4", "--budgets", "20", "-o",
-                 os.path.join(work, "x.json")], "quest: unknown option 'think'",
-                "think= on a per-step policy")
+                 os.path.join(work, "x.json")], "quest: unknown option 'think'")
         refused(["replay", a, "--policies", "lightkv-like:think=0.4", "--budgets", "20", "-o",
-                 os.path.join(work, "x.json")], "lightkv-like: unknown option 'think'",
-                "think= on a policy that merges by definition")
+                 os.path.join(work, "x.json")], "lightkv-like: unknown option 'think'")
         refused(["replay", a, "--policies", "snapkv:window=8,think=1.5", "--budgets", "20",
-                 "-o", os.path.join(work, "x.json")], "think=1.5", "think=1.5")
+                 "-o", os.path.join(work, "x.json")], "think=1.5")
         refused(["replay", a, "--policies", "snapkv:window=8,think=0.4", "--budgets", "20",
                  "-o", os.path.join(work, "x.json")],
-                "think_window=32 needs 32 stored window queries; the trace has 8",
-                "think_window over the stored window")
+                "think_window=32 needs 32 stored window queries; the trace has 8")
     finish("test_think")
 
 
