@@ -343,6 +343,9 @@ struct kvt_layer_selection {
     int32_t *step_order;     /* [H', n_steps, T] */
     int32_t *step_count;     /* [n_b, H', n_steps] */
     kvt_merged_set *merged;  /* [n_b, H'] (merged policies only) */
+    double pruned_share;     /* the share of a changed entry's memory not stored (think=: its key's
+                                zeroed channels, p / (2 D)); 0 for merges. n_keep counts a changed
+                                entry as 1 - pruned_share */
     struct kvt_ctx_gpu *gpu; /* the layer context's GPU while the policy selects (rankings there);
                                 NULL after run_select */
 };

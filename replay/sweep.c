@@ -780,7 +780,7 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
         const kvt_merged_set *ms = &sel->merged[(size_t)b * H + h];
         kvt_head_metrics *hm = m + (size_t)b * mstride;
         set_nan(hm);
-        hm->n_keep = ms->n;
+        hm->n_keep = ms->n - ms->n_changed * sel->pruned_share;
         /* unch = the original tokens kept unchanged, ascending (posO-free scratch: s->cuts is
          * too small, use the z buffer's memory as int32) */
         int32_t *unch = (int32_t *)s->z, n_unch = 0;
@@ -923,7 +923,8 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             for (int k = 0; k < KVT_NM; k++)
                 hm->n_keep_mod[k] = 0.0;
             for (int e2 = 0; e2 < ms->n; e2++)
-                hm->n_keep_mod[mod[ms->idx[e2]] % KVT_NM] += 1.0;
+                hm->n_keep_mod[mod[ms->idx[e2]] % KVT_NM] +=
+                    ms->changed[e2] ? 1.0 - sel->pruned_share : 1.0;
         }
         if (orc) {
             int no = orc->count[(size_t)b * H + h], hit = 0;

@@ -82,6 +82,7 @@ kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_s
     const int lim = o->think_recent < T ? T - o->think_recent : 0; /* pruned: idx < lim */
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init_merged(sel));
+    sel->pruned_share = (double)n_prune / (2.0 * D); /* of an entry's K and V */
     kvt_status st = KVT_OK;
     double *qn = kvt_malloc(((size_t)D + 1) * sizeof(double));
     double *kn = kvt_malloc(((size_t)D + 1) * sizeof(double));

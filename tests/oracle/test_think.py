@@ -8,7 +8,8 @@ are zeroed in the keys of the kept entries before the last think_recent tokens.
 For each spec: the kept sets equal the same policy's without think= (selection export); through
 kvtrace.replay_sets, every entry's changed flag is idx < T - think_recent and its key is the
 NumPy-pruned key bit for bit (channels whose scores lie within 1e-9 of the cut are counted as
-ties and not judged), its value the token's own; and every head's err_window / err_decode equal
+ties and not judged), its value the token's own; n_keep counts a pruned entry as 1 - p/(2D)
+(the memory it takes); and every head's err_window / err_decode equal
 the output errors over those entries (test_merge.merged_errors). Then the refusals.
 
 Traces (cli_test.score_traces): a llama2.c capture (T = 150, 8 query heads on 4 KV heads, D = 8,
@@ -83,7 +84,7 @@ def check_trace(name, path, specs, budgets, work):
         runs = [x for x in tr["runs"] if x["policy"] == pi]
         check(r["settings"]["policies"][pi]["merged"], "%s %s: merged in results.json"
               % (name, spec))
-        bad_sets = bad_keys = n_sets = ties = not_null = 0
+        bad_sets = bad_keys = n_sets = ties = not_null = bad_nkeep = 0
         tally = ErrTally(name, spec)
         for b, run_ in enumerate(runs):
             B = run_["budget_tokens"]
@@ -116,11 +117,17 @@ def check_trace(name, path, specs, budgets, work):
                                                         scale))
                     if run_["metrics"]["recall_window"][l][h] is not None:
                         not_null += 1
+                    # the memory kept: a pruned entry counts 1 - p/(2D)
+                    D = keys.shape[1]
+                    share = int(math.floor(D * ratio)) / (2.0 * D)
+                    if run_["metrics"]["n_keep"][l][h] != len(idx) - int(changed.sum()) * share:
+                        bad_nkeep += 1
         print("%s %s: %d sets, %d differ from %s's, %d with other entries; %d tied channels; "
-              "%s; %d recalls not null" % (name, spec, n_sets, bad_sets, base_of(spec), bad_keys,
-                                           ties, tally.summary(), not_null))
+              "%s; %d recalls not null; %d n_keep not the memory kept" % (
+                  name, spec, n_sets, bad_sets, base_of(spec), bad_keys, ties, tally.summary(),
+                  not_null, bad_nkeep))
         check(n_sets > 0 and bad_sets == 0 and bad_keys == 0 and tally.n > 0 and tally.bad == 0
-              and not_null == 0, "%s %s" % (name, spec))
+              and not_null == 0 and bad_nkeep == 0, "%s %s" % (name, spec))
     return T
 
 
