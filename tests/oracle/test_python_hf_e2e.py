@@ -315,21 +315,27 @@ def main():
     finally:
         del model.config.image_token_id
     res3, sel3 = os.path.join(work, "vl_res.json"), os.path.join(work, "vl_sel.bin")
-    run("replay", vl, "--policies", "full,snapkv,vl-cache,vl-cache:last=16", "--budgets",
-        "24,48", "-o", res3, "--export-selection", sel3)
+    run("replay", vl, "--policies", "full,snapkv,vl-cache,vl-cache:last=16,aircache-like",
+        "--budgets", "24,48,80", "-o", res3, "--export-selection", sel3)
     with open(res3) as f:
         r3 = json.load(f)
     tr3 = r3["traces"][0]
     vlc = [x for x in tr3["runs"] if x["label"] == "vl-cache"]
+    aic = [x["per_layer"]["n_keep"] for x in tr3["runs"] if x["label"] == "aircache-like"]
     check(tr3["modality_counts"]["image"] == 64 and
           all(len(set(x["per_layer"]["n_keep"])) > 1 for x in vlc),
           "vision-language capture: 64 image tokens; vl-cache's layers keep unlike counts: %s"
           % [x["per_layer"]["n_keep"] for x in vlc])
+    # aircache-like keeps the 56 text tokens (the last B of them below that), and at 80 its
+    # layers share 24 x 5 image tokens unevenly
+    check(aic[0] == [24] * 5 and aic[1] == [48] * 5 and sum(aic[2]) == 80 * 5 and
+          len(set(aic[2])) > 1 and min(aic[2]) > 56,
+          "vision-language capture: aircache-like's layer counts %s" % aic)
     d3 = hf.e2e(model, res3, sel3)
     kl3 = {(x["policy"], x["budget"]): x["kl_mean"] for x in d3["runs"]}
     check(all(x["applied"] for x in d3["runs"]) and kl3[("full", "24")] == 0 and
           all(v is not None and v > 0 for k, v in kl3.items() if k[0] != "full"),
-          "vision-language capture: hf.e2e runs vl-cache end to end: %s" % kl3)
+          "vision-language capture: hf.e2e runs vl-cache and aircache-like end to end: %s" % kl3)
 
     # the prompt's forward computes the last position's logits only (a long prompt's [T, V]
     # logits are gigabytes); the decode steps' forward all G; kvzip_scores' passes the last
