@@ -282,6 +282,62 @@ static void put_trace_meta(FILE *f, const kvt_trace_result *t)
     fputs("</pre></details></td></tr>\n", f);
 }
 
+/* the Policies table: each policy's effective options (from its options JSON, key=value) and
+ * what its flags mean for reading the figures */
+static void put_policies(FILE *f, const kvt_results *r)
+{
+    fputs("<h2 id=\"policies\">Policies</h2>\n<table><tr><th>label</th><th>policy</th>"
+          "<th>effective options</th><th>notes</th></tr>\n",
+          f);
+    for (size_t p = 0; p < r->n_policies; p++) {
+        const kvt_results_policy *rp = &r->policies[p];
+        fputs("<tr><td>", f);
+        put_escaped(f, rp->label);
+        fputs("</td><td>", f);
+        put_escaped(f, rp->name);
+        fputs("</td><td>", f);
+        cJSON *o = rp->options_json ? cJSON_Parse(rp->options_json) : NULL;
+        const cJSON *it;
+        bool first = true;
+        cJSON_ArrayForEach(it, o)
+        {
+            char num[64];
+            if (cJSON_IsNumber(it))
+                kvt_fmt_double(it->valuedouble, num, sizeof(num));
+            const char *v = cJSON_IsString(it)   ? it->valuestring
+                            : cJSON_IsTrue(it)   ? "1"
+                            : cJSON_IsFalse(it)  ? "0"
+                            : cJSON_IsNumber(it) ? num
+                                                 : "none";
+            fputs(first ? "" : ", ", f);
+            put_escaped(f, it->string);
+            fputc('=', f);
+            put_escaped(f, v);
+            first = false;
+        }
+        cJSON_Delete(o);
+        fputs("</td><td>", f);
+        static const struct {
+            unsigned flag;
+            const char *text;
+        } notes[] = {
+            {KVT_POLICY_LIKE, "inferred: an emulation of a method without public code (its "
+                              "inferred parts: analysis/RESULTS.md)"},
+            {KVT_POLICY_MERGED, "merged or pruned entries (the errors and coverage are on their "
+                                "keys and values; recall is not measured)"},
+            {KVT_POLICY_PER_STEP, "selects again at every decode step"},
+            {KVT_POLICY_PER_BUDGET, "kept sets not nested across budgets"}};
+        const char *sep = "";
+        for (size_t k = 0; k < sizeof(notes) / sizeof(notes[0]); k++)
+            if (rp->flags & notes[k].flag) {
+                fprintf(f, "%s%s", sep, notes[k].text);
+                sep = "; ";
+            }
+        fputs("</td></tr>\n", f);
+    }
+    fputs("</table>\n", f);
+}
+
 static const kvt_rec_metric figs[] = {KVT_REC_METRIC_ERR_DECODE,  KVT_REC_METRIC_RECALL_DECODE,
                                       KVT_REC_METRIC_ERR_WINDOW,  KVT_REC_METRIC_RECALL_WINDOW,
                                       KVT_REC_METRIC_COVERAGE,    KVT_REC_METRIC_COVERAGE_DROPPED,
@@ -1209,6 +1265,7 @@ static kvt_status put_body(FILE *f, const kvt_results *r, const report_plan *pl,
     for (size_t i = 0; i < r->n_traces; i++)
         put_trace_meta(f, r->traces[i]);
     fputs("</table>\n", f);
+    put_policies(f, r);
     put_recommendation(f, r, pl->rec, pl->rec_why_not, pl->order);
     KVT_FORWARD(put_curves(f, r, pl, chartjs));
     KVT_FORWARD(put_redundancy(f, r, pl->dir));
