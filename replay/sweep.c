@@ -1008,19 +1008,13 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     if (sel->border && n_b > 0) /* the shared ranking (no metric reads it): the last budget's */
         memcpy(sel->order, sel->border + (size_t)(n_b - 1) * sel->n_heads * sel->T,
                (size_t)sel->n_heads * sel->T * sizeof(int32_t));
-    if (p->o.merge && !sel->merged) { /* merge=: the kept sets become merged ones (merge.c),
-                                         unless the policy made its own (elastic-cache's) */
+    /* the kept sets become merged ones: merge= (merge.c; unless the policy made its own, as
+       elastic-cache's), or think= with its kept keys' channels pruned (think.c); a policy
+       takes one or the other (kvt_policy_create) */
+    const bool merge = p->o.merge && !sel->merged, think = p->o.think > 0;
+    if (merge || think) {
         t0 = kvt_now_ns();
-        st = kvt_sel_merge(c, p->o.merge, sel);
-        KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
-        if (st) {
-            kvt_sel_clear(sel);
-            return kvt_error_set(st, "%s: %s", p->def->name, kvt_error_msg());
-        }
-    }
-    if (p->o.think > 0) { /* think=: the kept keys' channels pruned (think.c) */
-        t0 = kvt_now_ns();
-        st = kvt_sel_think(c, &p->o, sel);
+        st = merge ? kvt_sel_merge(c, p->o.merge, sel) : kvt_sel_think(c, &p->o, sel);
         KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
         if (st) {
             kvt_sel_clear(sel);

@@ -175,8 +175,8 @@ static kvt_status layer_aic(aic_work *w, int l)
                                l, h);
             goto out;
         }
-        for (int j = 0; j < T; j++)
-            a[j] = s->vis[j] ? a[j] / n_el : 0.0;
+        for (int i = 0; i < n_keys0; i++) /* (only visual keys were added to) */
+            a[keys[i]] /= n_el;
     }
     if (w->o->per_query)
         memcpy(red, acc, (size_t)Hq * T * sizeof(double));

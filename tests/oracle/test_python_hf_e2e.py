@@ -25,7 +25,8 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     that hf.e2e's mask alone, decode causality included, masks it;
   * a vision-language prompt end to end: kvtrace.capture of the HF model with its config
     naming one token id the image token (64 of them in the prompt, 48 text tokens after),
-    vl-cache replayed on it (unlike layer counts) and run by hf.e2e;
+    vl-cache replayed on it (unlike layer counts) and aircache-like (the text kept, the image
+    tokens shared unevenly at 80), both run by hf.e2e;
   * the prompt's forward call computes the last position's logits only (logits_to_keep=1),
     as do kvzip_scores' calls; the decode steps' call all G;
   * refusals, each one message, with the attention registry restored after: a selection
