@@ -143,8 +143,12 @@ static cJSON *run_json(const kvt_trace_result *t, size_t p, size_t b)
     cJSON_AddNumberToObject(run, "window", t->policy_window[p]);
     cJSON_AddStringToObject(run, "granularity", H == t->n_kv_heads ? "kv_head" : "query_head");
     cJSON_AddNumberToObject(run, "n_heads", H);
-    cJSON_AddBoolToObject(run, "short_prompt", t->n_tokens < B);
-    cJSON_AddBoolToObject(run, "budget_below_window", B < t->policy_window[p]);
+    /* with layer_weights=, the layers' budgets differ: the smallest decides both flags */
+    const int mb = t->min_budget[p * t->n_budgets + b];
+    if (mb != B)
+        cJSON_AddNumberToObject(run, "layer_budget_min", mb);
+    cJSON_AddBoolToObject(run, "short_prompt", t->n_tokens < mb);
+    cJSON_AddBoolToObject(run, "budget_below_window", mb < t->policy_window[p]);
     cJSON *mj = cJSON_AddObjectToObject(run, "metrics");
     for (size_t k = 0; k < N_METRICS; k++)
         cJSON_AddItemToObject(mj, metrics[k].name, grid(t, p, b, H, metrics[k].off, -1));
@@ -728,6 +732,7 @@ static kvt_status read_trace(const kvt_results *r, const cJSON *tj, size_t idx, 
         t->policy_heads[p] = H;
         t->policy_window[p] = get_int(run, "window", 0);
         t->budget_tokens[b] = B;
+        t->min_budget[(size_t)p * r->n_budgets + (size_t)b] = get_int(run, "layer_budget_min", B);
         const cJSON *mj = item(run, "metrics");
         for (size_t k = 0; k < N_METRICS; k++)
             if (!(metrics[k].optional && !item(mj, metrics[k].name)) &&

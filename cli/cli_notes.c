@@ -61,13 +61,23 @@ void kvt_cli_decode_note(FILE *f, const char *cmd, const char *path, const kvt_t
                 cmd, path, max_g);
 }
 
+/* whether every policy keeps the whole prompt in every layer at budget b (with layer_weights=,
+ * a layer's budget may be below the budget) */
+static bool keeps_all(const kvt_trace_result *tr, size_t b)
+{
+    for (size_t p = 0; p < tr->n_policies; p++)
+        if (tr->min_budget[p * tr->n_budgets + b] < tr->n_tokens)
+            return false;
+    return true;
+}
+
 void kvt_cli_budget_notes(FILE *f, const char *cmd, const char *path, const kvt_trace_result *tr)
 {
     char below[512] = "";
     size_t n_all = 0, lb = 0;
     int n_below_pol = 0, wmax = 0, T = tr->n_tokens;
     for (size_t b = 0; b < tr->n_budgets; b++)
-        n_all += tr->budget_tokens[b] >= T;
+        n_all += keeps_all(tr, b);
     for (size_t b = 0; b < tr->n_budgets; b++) {
         int B = tr->budget_tokens[b];
         int n = 0;
@@ -82,8 +92,8 @@ void kvt_cli_budget_notes(FILE *f, const char *cmd, const char *path, const kvt_
             n_below_pol = n > n_below_pol ? n : n_below_pol;
         }
         for (size_t c = 0; c < b && n_all < tr->n_budgets; c++)
-            if (tr->budget_tokens[c] == B || (B >= T && tr->budget_tokens[c] >= T)) {
-                if (B < T)
+            if (tr->budget_tokens[c] == B || (keeps_all(tr, b) && keeps_all(tr, c))) {
+                if (!keeps_all(tr, b))
                     fprintf(f,
                             "kvtrace %s: warning: %s: budgets %s and %s are both %d tokens: "
                             "their rows repeat\n",

@@ -84,7 +84,11 @@ static void help(void)
            "                  recall_decode | coverage | coverage_dropped (with --min-recall);\n"
            "                  default: the decode metric when decode queries were measured,\n"
            "                  else the window one\n"
-           "  --json          print one JSON object instead of text\n\n"
+           "  --json          print one JSON object instead of text\n"
+           "  --write-allocation FILE\n"
+           "                  also write the layer allocation to FILE as a layer_weights= file:\n"
+           "                  replay or check it end to end with POLICY:layer_weights=FILE at\n"
+           "                  the budget FILE names (its mean), where each layer keeps its own\n\n"
            "With --e2e, from the end-to-end check instead (kvtrace e2e-llama2c or\n"
            "kvtrace.hf.e2e, which ran the model with each setting's kept sets): the cheapest\n"
            "applied setting (smallest kept share of the KV cache) whose measured mean\n"
@@ -97,7 +101,7 @@ static void help(void)
 
 int kvt_cmd_recommend(int argc, char **argv)
 {
-    const char *cmd = "recommend", *path = NULL, *e2e_path = NULL;
+    const char *cmd = "recommend", *path = NULL, *e2e_path = NULL, *alloc_path = NULL;
     double max_kl = 0.1;
     bool have_kl = false;
     kvt_cli_target tg;
@@ -120,6 +124,12 @@ int kvt_cmd_recommend(int argc, char **argv)
             continue;
         if (!strcmp(a, "--json")) {
             json = true;
+        } else if (!strcmp(a, "--write-allocation")) {
+            if (i + 1 >= argc) {
+                kvt_cli_fail(cmd, "%s needs a value", a);
+                return 2;
+            }
+            alloc_path = argv[++i];
         } else if (!strcmp(a, "--e2e") || !strcmp(a, "--max-kl")) {
             if (i + 1 >= argc) {
                 kvt_cli_fail(cmd, "%s needs a value", a);
@@ -148,6 +158,9 @@ int kvt_cmd_recommend(int argc, char **argv)
                               ? "--e2e recommends by the measured KL (--max-kl K), not by "
                                 "--max-error, --min-recall or --metric"
                               : NULL;
+        if (!why && alloc_path)
+            why = "--write-allocation writes the layer allocation of a results.json; --e2e "
+                  "has none";
         if (why) {
             kvt_cli_fail(cmd, "%s", why);
             return 2;
@@ -177,8 +190,21 @@ int kvt_cmd_recommend(int argc, char **argv)
     fflush(stdout);
     if (!rec->found) {
         say_not_met(cmd, rec);
+        if (alloc_path)
+            fprintf(stderr, "kvtrace %s: %s not written: no allocation meets the target\n", cmd,
+                    alloc_path);
         rc = EXIT_NOT_MET;
         goto out_free;
+    }
+    if (alloc_path) {
+        char mean[32];
+        if ((st = kvt_recommendation_write_allocation(rec, res, alloc_path, mean, sizeof(mean)))) {
+            kvt_cli_fail_status(cmd, st, alloc_path);
+            goto out_free;
+        }
+        if (!json) /* stdout stays one JSON object with --json */
+            printf("layer allocation written to %s (replay it at the budget %s)\n", alloc_path,
+                   mean);
     }
     rc = 0;
 out_free:

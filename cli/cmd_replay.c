@@ -491,7 +491,13 @@ static void list_policies(void)
            "merge=, quest or hybridkv-like) also takes think=R: ThinK's key channel pruning,\n"
            "the floor(R*D) channels of least query-weighted key energy zeroed in the kept keys\n"
            "before the last think_recent tokens (32), scored by the last think_window window\n"
-           "queries (32), e.g. snapkv:think=0.4 (analysis/RESULTS.md, think=R).\n");
+           "queries (32), e.g. snapkv:think=0.4 (analysis/RESULTS.md, think=R).\n"
+           "Every policy that gives each layer the same budget (not pyramidkv, mixkv-pyramidkv,\n"
+           "cake, vl-cache, aircache-like, kvzip, duo-attention, simlayerkv, sparsemm,\n"
+           "mixkv-sparsemm, headkv, fastv or full) also takes layer_weights=FILE: one weight\n"
+           "> 0 per layer (text or .npy), layer l keeping B*w_l/mean(w) at budget B, e.g.\n"
+           "adakv:layer_weights=alloc.txt from kvtrace recommend --write-allocation\n"
+           "(analysis/RESULTS.md, layer_weights=).\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

@@ -52,6 +52,9 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_NEEDS_QALL   0x40u  /* needs Q_all (expected-attention, noncausal-attention) */
 #define KVT_POLICY_NEEDS_ROPE   0x80u  /* needs the header's model.rope (expected-attention) */
 #define KVT_POLICY_PER_BUDGET   0x100u /* a ranking per budget: sets not nested (keydiff-block) */
+#define KVT_POLICY_LAYER_BUDGETS                                                                   \
+    0x200u /* gives each layer its own budget (pyramidkv, cake, ...):                              \
+              takes no layer_weights= */
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {
@@ -384,6 +387,8 @@ typedef struct kvt_trace_result {
     int *policy_window;  /* [n_policies] observation window W the policy used */
     char **budget_texts; /* [n_budgets] */
     int *budget_tokens;  /* [n_budgets] */
+    int *min_budget;     /* [n_policies, n_budgets] the smallest budget of a layer of the run:
+                            budget_tokens, or with layer_weights= the smallest layer's */
     double *r_all;       /* [L, Hkv] redundancy of all keys */
     double *r_all_mod;   /* [L, Hkv, NM] redundancy of all keys of each modality (NaN without
                             a modality table, or under two keys of it) */

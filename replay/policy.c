@@ -166,6 +166,10 @@ static const opt_desc opts_table[] = {
      "think: the last window queries that score the channels"},
     {"think_recent", O_INT, OFF(think_recent), 0, 1e9,
      "think: the last prompt tokens whose keys keep every channel"},
+    /* every policy that takes one budget for every layer (lw_ok) */
+    {"layer_weights", O_STR, OFF(layer_weights), 0, 0,
+     "each layer's share of the budget: one weight > 0 per layer (text or .npy); layer l keeps "
+     "B * w_l / mean(w)"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
@@ -193,6 +197,13 @@ static bool is_think_key(const char *key)
 static bool think_ok(const kvt_policy_def *d)
 {
     return !(d->flags & (KVT_POLICY_MERGED | KVT_POLICY_PER_STEP));
+}
+
+/* layer_weights=: taken by every policy that gives each layer the same budget (not one that
+ * shares the budget out over the layers itself, nor full) */
+static bool lw_ok(const kvt_policy_def *d)
+{
+    return !(d->flags & KVT_POLICY_LAYER_BUDGETS);
 }
 
 static const opt_desc *find_opt(const char *key)
@@ -267,8 +278,19 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
 {
     const kvt_policy_def *d = p->def;
     const opt_desc *od = find_opt(key);
-    if (!od || !(key_accepted(d, key) || (is_think_key(key) && think_ok(d)))) {
-        const char *more = think_ok(d) ? "think,think_window,think_recent" : "";
+    if (!od || !(key_accepted(d, key) || (is_think_key(key) && think_ok(d)) ||
+                 (!strcmp(key, "layer_weights") && lw_ok(d)))) {
+        char more[96];
+        snprintf(more, sizeof(more), "%s%s%s", think_ok(d) ? "think,think_window,think_recent" : "",
+                 think_ok(d) && lw_ok(d) ? "," : "", lw_ok(d) ? "layer_weights" : "");
+        if (!strcmp(key, "layer_weights"))
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "%s: layer_weights= is for a policy that gives every layer the "
+                                 "same budget; %s %s",
+                                 d->name, d->name,
+                                 d == &kvt_policy_def_full ? "keeps every token of every layer"
+                                                           : "shares the budget out over the "
+                                                             "layers itself");
         return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: unknown option '%s' (accepted: %s%s%s)",
                              d->name, key, d->keys, d->keys[0] && more[0] ? "," : "",
                              d->keys[0] || more[0] ? more : "none");
@@ -474,6 +496,8 @@ void kvt_policy_free(kvt_policy *p)
     kvt_free(p->o.rtable);
     kvt_free(p->o.filters);
     kvt_free(p->o.critical);
+    kvt_free(p->o.layer_weights);
+    kvt_free(p->layer_w);
     kvt_npy_destroy(p->crit);
     kvt_free(p->label);
     kvt_free(p);
@@ -583,6 +607,9 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
         goto out_fail;
     }
     if (d->init && (st = d->init(p)))
+        goto out_fail;
+    if (p->o.layer_weights &&
+        (st = kvt_layer_weights_read(d->name, p->o.layer_weights, &p->layer_w, &p->n_layer_w)))
         goto out_fail;
     if (p->o.critical) { /* CriticalKV's ||W_o v|| of one trace */
         if ((p->o.adaptive || d == &kvt_policy_def_adakv) && p->o.alloc != 'b') {
@@ -850,7 +877,8 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     bool first = true;
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) &&
-            !(is_think_key(opts_table[i].key) && o->think > 0))
+            !(is_think_key(opts_table[i].key) && o->think > 0) &&
+            !(!strcmp(opts_table[i].key, "layer_weights") && o->layer_weights))
             continue;
         char val[1200];
         opt_value(o, &opts_table[i], json, val, sizeof(val));

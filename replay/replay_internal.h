@@ -84,13 +84,15 @@ typedef struct kvt_policy_opts {
     kvt_mix_method method;  /* mixkv-*: headwise | attn | keydiff | vnorm | knorm | mixkv */
     int local;              /* cur: local block of the norms' normalisation; 0 = none */
     int block;              /* keydiff-block: tokens per block (BlockPress's block_size) */
-    char *critical;   /* CriticalKV: per-token ||W_o v||_1 .npy [L, H', T] (owned); NULL = off */
-    double first;     /* CriticalKV: first_stage_ratio */
-    double ceps;      /* CriticalKV: epsilon added to the scores before the product */
-    uint64_t seed;    /* random */
-    double think;     /* think=: ThinK's share of key channels zeroed (think.c); 0 = off */
-    int think_window; /* think: the last window queries that score the channels */
-    int think_recent; /* think: the last prompt tokens whose keys are not pruned */
+    char *critical;      /* CriticalKV: per-token ||W_o v||_1 .npy [L, H', T] (owned); NULL = off */
+    double first;        /* CriticalKV: first_stage_ratio */
+    double ceps;         /* CriticalKV: epsilon added to the scores before the product */
+    uint64_t seed;       /* random */
+    double think;        /* think=: ThinK's share of key channels zeroed (think.c); 0 = off */
+    int think_window;    /* think: the last window queries that score the channels */
+    int think_recent;    /* think: the last prompt tokens whose keys are not pruned */
+    char *layer_weights; /* layer_weights=FILE (owned): each layer's share of the budget
+                            (layer_weights.c); NULL = every layer the budget */
 } kvt_policy_opts;
 
 typedef struct kvt_layer_ctx kvt_layer_ctx;
@@ -103,6 +105,8 @@ struct kvt_policy {
     void *state;          /* loaded files, owned (def->fini frees) */
     struct kvt_npy *crit; /* critical=FILE's array, owned, or NULL */
     bool one_trace;       /* its files describe one trace (kvt_policy_one_trace) */
+    double *layer_w;      /* [n_layer_w] layer_weights=FILE's weights (owned), or NULL */
+    int n_layer_w;
 };
 
 /** A policy: one file in replay/policies/ exports one of these, and policies/policy_list.h
@@ -393,6 +397,16 @@ kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel);
  *  whose entries before the last think_recent tokens have the floor(D*R) channels of least
  *  query-weighted key energy zeroed. Reads K and V on the host (kvt_ctx_fetch). */
 kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_selection *sel);
+
+/** layer_weights=FILE's weights (layer_weights.c): a .npy of one dimension, or text numbers
+ *  separated by blanks, commas or newlines (a JSON array too; '#' comments), each finite and
+ *  > 0. *w [*n] (kvt_free). Errors name the policy and the file. */
+kvt_status kvt_layer_weights_read(const char *policy, const char *path, double **w, int *n);
+/** Layer `layer`'s budgets under p's layer weights (p->layer_w set, layer < p->n_layer_w):
+ *  Bl[b] = max(1, floor(B[b] * w_l / mean(w) + 0.5)); fl[b] = frac[b] * w_l / mean(w) when fl
+ *  is not NULL (frac then not NULL). */
+void kvt_layer_budgets(const kvt_policy *p, int layer, const int *B, const double *frac, int n_b,
+                       int *Bl, double *fl);
 /** Every head's ranking (order, after kvt_sel_init with fixed) StreamingLLM's: the first
  *  `sinks` tokens, then the rest from the most recent backwards. */
 void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks);

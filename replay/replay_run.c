@@ -38,12 +38,13 @@ kvt_status kvt_trace_result_create(int n_layers, int n_q_heads, int n_kv_heads, 
     r->policy_window = kvt_calloc(n_policies, sizeof(int));
     r->budget_texts = kvt_calloc(n_budgets, sizeof(char *));
     r->budget_tokens = kvt_calloc(n_budgets, sizeof(int));
+    r->min_budget = kvt_calloc(n_policies * n_budgets, sizeof(int));
     r->r_all = kvt_malloc((size_t)n_layers * n_kv_heads * sizeof(double));
     r->r_all_mod = kvt_malloc((size_t)n_layers * n_kv_heads * KVT_N_MODALITIES * sizeof(double));
     r->m = kvt_malloc(n_m * sizeof(kvt_head_metrics));
     if (!r->policy_labels || !r->policy_names || !r->policy_flags || !r->policy_heads ||
-        !r->policy_window || !r->budget_texts || !r->budget_tokens || !r->r_all || !r->r_all_mod ||
-        !r->m) {
+        !r->policy_window || !r->budget_texts || !r->budget_tokens || !r->min_budget || !r->r_all ||
+        !r->r_all_mod || !r->m) {
         kvt_trace_result_free(r);
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory (trace result)");
     }
@@ -81,6 +82,7 @@ void kvt_trace_result_free(kvt_trace_result *r)
     kvt_free(r->policy_window);
     kvt_free(r->budget_texts);
     kvt_free(r->budget_tokens);
+    kvt_free(r->min_budget);
     kvt_free(r->r_all);
     kvt_free(r->r_all_mod);
     kvt_free(r->m);
@@ -1089,9 +1091,20 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
             l_cut = l;
     sh->has_colsum = has_kind(sh->rd, 0, KVT_KIND_ATTN_COLSUM, NULL, NULL, NULL, NULL);
     sh->has_qall = has_kind(sh->rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
-    const bool whole = short_prompt(budgets, n_budgets, sh->T);
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
+        KVT_RETURN_IF(pols[p]->layer_w && pols[p]->n_layer_w != sh->L, KVT_ERR_INVALID_ARG,
+                      "%s: policy %s: layer_weights=%s has %d weights; the trace has %d layers "
+                      "(one weight per layer)",
+                      path, kvt_policy_label(pols[p]), pols[p]->o.layer_weights, pols[p]->n_layer_w,
+                      sh->L);
+        bool whole = short_prompt(budgets, n_budgets, sh->T);
+        for (int l = 0; whole && pols[p]->layer_w && l < sh->L; l++) /* each layer's budgets */
+            for (size_t b = 0; whole && b < n_budgets; b++) {
+                int B = kvt_budget_tokens(&budgets[b], sh->T), Bl;
+                kvt_layer_budgets(pols[p], l, &B, NULL, 1, &Bl, NULL);
+                whole = Bl > sh->T;
+            }
         KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W && !whole,
                       KVT_ERR_INVALID_ARG,
                       "%s: policy %s: window=%d needs %d stored window queries; the trace has %d "
@@ -1251,6 +1264,15 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
         if (!res->budget_texts[b]) {
             st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
             goto out_free;
+        }
+        for (size_t p = 0; p < n_pol; p++) { /* each run's smallest layer budget */
+            int *mb = &res->min_budget[p * n_budgets + b];
+            *mb = btok[b];
+            for (int l = 0; pols[p]->layer_w && l < sh.L; l++) {
+                int Bl;
+                kvt_layer_budgets(pols[p], l, &btok[b], NULL, 1, &Bl, NULL);
+                *mb = l == 0 || Bl < *mb ? Bl : *mb;
+            }
         }
     }
     uint32_t h, t, d;

@@ -980,6 +980,27 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
                              kvt_layer_selection *sel)
 {
     memset(sel, 0, sizeof(*sel));
+    /* layer_weights=: the policy selects at this layer's own budgets (layer_weights.c) */
+    int *Bl = NULL;
+    double *fl = NULL;
+    const double *frac = c->budget_frac;
+    if (p->layer_w) {
+        KVT_RETURN_IF(p->n_layer_w != c->n_layers || c->layer < 0 || c->layer >= c->n_layers,
+                      KVT_ERR_INVALID_ARG,
+                      "%s: layer_weights=%s has %d weights; the trace has %d layers (one weight "
+                      "per layer)",
+                      p->def->name, p->o.layer_weights, p->n_layer_w, c->n_layers);
+        Bl = kvt_malloc((size_t)(n_b > 0 ? n_b : 1) * sizeof(int));
+        fl = frac ? kvt_malloc((size_t)(n_b > 0 ? n_b : 1) * sizeof(double)) : NULL;
+        if (!Bl || (frac && !fl)) {
+            kvt_free(Bl);
+            kvt_free(fl);
+            return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+        }
+        kvt_layer_budgets(p, c->layer, B, frac, n_b, Bl, fl);
+        B = Bl;
+        c->budget_frac = fl;
+    }
     /* the short-prompt rule (POLICIES §0.1.8): a prompt shorter than every budget is kept
        whole, whatever the policy, which reads nothing of it (its window may be longer than
        the prompt) */
@@ -991,6 +1012,9 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     c->selecting = def; /* kvt_ctx_fetch holds it to its host_reads */
     kvt_status st = def->select(c, p, B, n_b, sel);
     c->selecting = NULL;
+    c->budget_frac = frac;
+    kvt_free(Bl);
+    kvt_free(fl);
     KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
     sel->gpu = NULL; /* only while selecting */
     if (st) {
@@ -1264,6 +1288,10 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
     memset(orc, 0, sizeof(orc));
     kvt_layer_selection *sels = kvt_calloc(n_pol, sizeof(*sels));
     kvt_policy *oracle_pol[2] = {NULL, NULL};
+    /* [n_pol] the oracle at the budgets of a policy with layer_weights= (else unused), and
+       each policy's oracle: orcp[] or orc_lw[p] */
+    kvt_layer_selection *orc_lw = NULL;
+    const kvt_layer_selection **orc_of = NULL;
     const kvt_layer_selection **grp_sel = NULL;
     kvt_head_metrics **grp_m = NULL;
     uint8_t *done = NULL;
@@ -1279,7 +1307,9 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
     grp_sel = kvt_malloc(n_pol * sizeof(*grp_sel));
     grp_m = kvt_malloc(n_pol * sizeof(*grp_m));
     done = kvt_malloc(n_pol * (size_t)c.Gs + 1);
-    if (!grp_sel || !grp_m || !done) {
+    orc_lw = kvt_calloc(n_pol, sizeof(*orc_lw));
+    orc_of = kvt_calloc(n_pol, sizeof(*orc_of));
+    if (!grp_sel || !grp_m || !done || !orc_lw || !orc_of) {
         st = kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory");
         goto out_free;
     }
@@ -1306,7 +1336,7 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                 goto out_free;
             /* the run's own oracle at the same settings (window, granularity) is this one */
             for (size_t p = 0; p < n_pol && !orcp[gq]; p++)
-                if (pols[p]->def == oracle_pol[gq]->def &&
+                if (pols[p]->def == oracle_pol[gq]->def && !pols[p]->layer_w &&
                     pols[p]->o.window == oracle_pol[gq]->o.window && sels[p].per_query == gq)
                     orcp[gq] = &sels[p];
             if (!orcp[gq]) {
@@ -1315,6 +1345,19 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                 orcp[gq] = &orc[gq];
             }
         }
+    /* the oracle_overlap of a policy with layer_weights=: against the oracle at the same
+       budgets of this layer */
+    for (size_t p = 0; p < n_pol; p++) {
+        orc_of[p] = orcp[sels[p].per_query];
+        if (!orc_of[p] || !pols[p]->layer_w)
+            continue;
+        kvt_policy olw = *oracle_pol[sels[p].per_query];
+        olw.layer_w = pols[p]->layer_w, olw.n_layer_w = pols[p]->n_layer_w;
+        olw.o.layer_weights = pols[p]->o.layer_weights;
+        if ((st = run_select(&c, &olw, budget_tokens, n_b, &orc_lw[p])))
+            goto out_free;
+        orc_of[p] = &orc_lw[p];
+    }
     for (size_t p = 0; p < n_pol; p++) /* the merged sets' metrics read the context on the host */
         if (sels[p].merged &&
             (st = kvt_ctx_fetch(&c, KVT_CTX_PRW | KVT_CTX_PRD | KVT_CTX_KU | KVT_CTX_KV)))
@@ -1341,7 +1384,7 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
         }
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];
-            const kvt_layer_selection *oc = orcp[sel->per_query];
+            const kvt_layer_selection *oc = orc_of[p];
             int h0 = sel->per_query ? g * c.Gs : g, h1 = sel->per_query ? h0 + c.Gs : g + 1;
             for (int h = h0; h < h1; h++) {
                 kvt_head_metrics *m = out + (p * n_budgets) * (size_t)c.Hq + (size_t)h;
@@ -1362,7 +1405,7 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                 grp_sel[0] = sel, grp_m[0] = m;
                 for (size_t p2 = p + 1; p2 < n_pol && shareable(sel, h); p2++)
                     if (sels[p2].per_query == sel->per_query && sels[p2].window == sel->window &&
-                        shareable(&sels[p2], h) &&
+                        orc_of[p2] == oc && shareable(&sels[p2], h) &&
                         memcmp(sels[p2].order + (size_t)h * c.T, sel->order + (size_t)h * c.T,
                                (size_t)c.T * sizeof(int32_t)) == 0) {
                         done[p2 * (size_t)c.Gs + (size_t)(h - h0)] = 1;
@@ -1388,6 +1431,11 @@ out_free:
         for (size_t p = 0; p < n_pol; p++)
             kvt_sel_clear(&sels[p]);
     kvt_free(sels);
+    if (orc_lw)
+        for (size_t p = 0; p < n_pol; p++)
+            kvt_sel_clear(&orc_lw[p]);
+    kvt_free(orc_lw);
+    kvt_free(orc_of);
     kvt_free(grp_sel);
     kvt_free(grp_m);
     kvt_free(done);

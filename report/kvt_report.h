@@ -153,6 +153,16 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
  *  @return KVT_OK, KVT_ERR_NOMEM, KVT_ERR_IO. */
 kvt_status kvt_recommendation_write_json(const kvt_recommendation *rec, const kvt_results *r,
                                          FILE *f);
+/** Write the layer allocation (layer_alloc) to `path` atomically as a layer_weights= file
+ *  (RESULTS.md "layer_weights="): '#' lines naming the policy, the target and the budget at
+ *  which a replay with policy:layer_weights=path gives each layer its allocated budget (the
+ *  allocation's mean), then one weight per layer: the allocated budget in tokens when it keeps
+ *  the same tokens on every trace, else the budget's share of the prompt. budget[cap] (may be
+ *  NULL) gets that mean as a budget text ("144", "27.5%"). @return KVT_OK; KVT_ERR_INVALID_ARG when
+ * there is no allocation (no recommendation, or no layer allocation meets the target); KVT_ERR_IO,
+ * KVT_ERR_NOMEM. */
+kvt_status kvt_recommendation_write_allocation(const kvt_recommendation *rec, const kvt_results *r,
+                                               const char *path, char *budget, size_t cap);
 
 /* ---- report: figures and the HTML page ---- */
 

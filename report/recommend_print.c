@@ -423,3 +423,65 @@ out_nomem:
     st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     goto out_free;
 }
+
+kvt_status kvt_recommendation_write_allocation(const kvt_recommendation *rec, const kvt_results *r,
+                                               const char *path, char *budget, size_t cap_b)
+{
+    KVT_RETURN_IF(!rec->found || rec->n_layers < 1, KVT_ERR_INVALID_ARG,
+                  "no layer allocation to write: nothing meets the target");
+    bool tokens = true;
+    for (int l = 0; l < rec->n_layers; l++) {
+        KVT_RETURN_IF(rec->layer_alloc[l] < 0, KVT_ERR_INVALID_ARG,
+                      "no layer allocation to write: none meets the target");
+        tokens = tokens && same_tokens(r, (size_t)rec->layer_alloc[l]);
+    }
+    /* a weight per layer: its budget's tokens, or (traces of different lengths) its share */
+    size_t cap = 1024 + (size_t)rec->n_layers * 32, len = 0;
+    char *txt = kvt_malloc(cap);
+    KVT_RETURN_IF(!txt, KVT_ERR_NOMEM, "out of memory");
+    double sum = 0;
+    for (int l = 0; l < rec->n_layers; l++) {
+        const size_t b = (size_t)rec->layer_alloc[l];
+        sum += tokens ? kvt_report_kept_tokens(r->traces[0], b) : r->budgets[b].value;
+    }
+    const double mean = sum / rec->n_layers;
+    /* the label is the spec as given, unless label=NAME named it */
+    const char *label = r->policies[rec->policy].label, *name = r->policies[rec->policy].name;
+    const size_t nl = strlen(name);
+    const bool spec = !strncmp(label, name, nl) && (label[nl] == '\0' || label[nl] == ':');
+    char m[32], how[200];
+    if (spec)
+        snprintf(how, sizeof(how), "%s%slayer_weights=FILE", label, strchr(label, ':') ? "," : ":");
+    else
+        snprintf(how, sizeof(how), "the spec labelled %s with layer_weights=FILE", label);
+    if (tokens)
+        snprintf(m, sizeof(m), "%.10g", mean);
+    else
+        snprintf(m, sizeof(m), "%.10g%%", 100.0 * mean);
+    len += (size_t)snprintf(
+        txt + len, cap - len,
+        "# kvtrace recommend: the layer allocation of %s whose mean over layers meets %s %s "
+        "%g\n# one weight per layer (%s); a replay of %s at the budget %s\n"
+        "# (their mean) gives each layer this budget%s; compare it with the uniform policy at\n"
+        "# that budget, in the same replay and end to end: the allocation was picked from the\n"
+        "# measured budgets only\n",
+        label, kvt_rec_metric_name(rec->metric), rec->target_is_max ? "<=" : ">=", rec->target,
+        tokens ? "its budget in tokens" : "its budget's share of the prompt", how, m,
+        tokens && mean != floor(mean) ? " (a whole number of tokens near it: within about a "
+                                        "token of it)"
+                                      : "");
+    for (int l = 0; l < rec->n_layers && len < cap; l++) {
+        const size_t b = (size_t)rec->layer_alloc[l];
+        if (tokens)
+            len += (size_t)snprintf(txt + len, cap - len, "%d\n",
+                                    kvt_report_kept_tokens(r->traces[0], b));
+        else
+            len += (size_t)snprintf(txt + len, cap - len, "%.17g\n", r->budgets[b].value);
+    }
+    kvt_status st = len < cap ? kvt_write_file_atomic(path, txt, len ? len - 1 : 0)
+                              : kvt_error_set(KVT_ERR_NOMEM, "allocation text too long");
+    kvt_free(txt);
+    if (!st && budget)
+        snprintf(budget, cap_b, "%s", m);
+    return st;
+}

@@ -373,7 +373,7 @@ const kvt_policy_def kvt_policy_def_aircache_like = {
                "threshold=0.9 of its max), layer budgets by that attention's strength and "
                "skewness",
     .keys = "heads,reduce,threshold,last",
-    .flags = KVT_POLICY_LIKE,
+    .flags = KVT_POLICY_LIKE | KVT_POLICY_LAYER_BUDGETS,
     .defaults = d_aic,
     .bind = bind_aic,
     .check = check_aic,

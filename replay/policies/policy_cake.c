@@ -297,7 +297,7 @@ const kvt_policy_def kvt_policy_def_cake = {
     .name = "cake",
     .summary = "CAKE: layer budgets by each layer's window-attention entropy^(1/tau1) x "
                "variance^(1/tau2); tokens by pooled mean + gamma x variance of that attention",
-    .flags = KVT_POLICY_WINDOW_QUERY,
+    .flags = KVT_POLICY_WINDOW_QUERY | KVT_POLICY_LAYER_BUDGETS,
     .host_reads = KVT_CTX_PRW,
     .keys = "window,heads,tau1,tau2,gamma",
     .defaults = d_cake,

@@ -142,6 +142,7 @@ const kvt_policy_def kvt_policy_def_duo_attention = {
     .name = "duo-attention",
     .summary = "DuoAttention (kvpress DuoAttentionPress): streaming heads (the lowest of "
                "scores=FILE) keep sinks + recent, the others all; B sets how many stream",
+    .flags = KVT_POLICY_LAYER_BUDGETS,
     .keys = "heads,sinks,recent,scores",
     .defaults = d_duo,
     .init = duo_init,

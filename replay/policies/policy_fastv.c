@@ -267,6 +267,7 @@ const kvt_policy_def kvt_policy_def_fastv = {
     .summary = "FastV: layers below dense_layers=K (2) whole; later layers keep the non-visual "
                "tokens, then the image/video tokens layer K-1's attention ranks highest (summed "
                "over every prompt query, or the last N with last=N; FastV's code: last=1)",
+    .flags = KVT_POLICY_LAYER_BUDGETS,
     .keys = "heads,dense_layers,last",
     .defaults = d_fastv,
     .init = init_fastv,

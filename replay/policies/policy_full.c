@@ -17,6 +17,7 @@ static kvt_status sel_full(kvt_layer_ctx *c, const kvt_policy *p, const int *B, 
 const kvt_policy_def kvt_policy_def_full = {
     .name = "full",
     .summary = "keep everything (reference)",
+    .flags = KVT_POLICY_LAYER_BUDGETS,
     .keys = "heads",
     .select = sel_full,
 };

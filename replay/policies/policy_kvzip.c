@@ -202,6 +202,7 @@ const kvt_policy_def kvt_policy_def_kvzip = {
     .name = "kvzip",
     .summary = "KVzip: the attention each key gets while the model repeats the prompt "
                "(kvzip_score, captured); one threshold over every layer's heads",
+    .flags = KVT_POLICY_LAYER_BUDGETS,
     .keys = "sinks,layerwise,uniform",
     .defaults = d_kvzip,
     .init = init_kvzip,

@@ -241,7 +241,7 @@ const kvt_policy_def kvt_policy_def_mixkv_pyramidkv = {
     .name = "mixkv-pyramidkv",
     .host_reads = KVT_CTX_KU,
     .summary = "MixKV on PyramidKV: importance x diversity, pyramid layer budgets",
-    .flags = KVT_POLICY_WINDOW_QUERY,
+    .flags = KVT_POLICY_WINDOW_QUERY | KVT_POLICY_LAYER_BUDGETS,
     .keys = "window,kernel,pool,reduce,heads,rtable,method,beta,fallback",
     .init = mix_init,
     .fini = mix_fini,
@@ -264,7 +264,7 @@ const kvt_policy_def kvt_policy_def_mixkv_sparsemm = {
     .host_reads = KVT_CTX_KU,
     .summary = "MixKV on SparseMM: head budgets from offline head scores (scores=FILE), "
                "ranking by the mixture",
-    .flags = KVT_POLICY_WINDOW_QUERY,
+    .flags = KVT_POLICY_WINDOW_QUERY | KVT_POLICY_LAYER_BUDGETS,
     .keys = "window,kernel,pool,reduce,heads,rtable,method,ratio,scores",
     .init = mix_init,
     .fini = mix_fini,

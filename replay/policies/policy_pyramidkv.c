@@ -62,7 +62,7 @@ static kvt_status sel_pyramid(kvt_layer_ctx *c, const kvt_policy *p, const int *
 const kvt_policy_def kvt_policy_def_pyramidkv = {
     .name = "pyramidkv",
     .summary = "PyramidKV: SnapKV ranking, pyramid layer budgets",
-    .flags = KVT_POLICY_WINDOW_QUERY,
+    .flags = KVT_POLICY_WINDOW_QUERY | KVT_POLICY_LAYER_BUDGETS,
     .keys = "window,kernel,pool,reduce,heads,beta,fallback,align,merge",
     .select = sel_pyramid,
 };

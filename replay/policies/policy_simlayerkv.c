@@ -61,6 +61,7 @@ const kvt_policy_def kvt_policy_def_simlayerkv = {
     .name = "simlayerkv",
     .summary = "SimLayerKV (kvpress SimLayerKVPress): lazy layers keep sinks + recent, the "
                "others all (threshold: Llama3 0.9, Llama2 0.65, Mistral 0.8, Qwen 0.85)",
+    .flags = KVT_POLICY_LAYER_BUDGETS,
     .host_reads = KVT_CTX_PRW,
     .keys = "heads,sinks,threshold,last",
     .select = sel_simlayer,

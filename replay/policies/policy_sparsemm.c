@@ -135,7 +135,7 @@ const kvt_policy_def kvt_policy_def_headkv = {
     .name = "headkv",
     .summary = "HeadKV: static head budgets from offline retrieval-reasoning head scores "
                "(scores=FILE)",
-    .flags = KVT_POLICY_WINDOW_QUERY,
+    .flags = KVT_POLICY_WINDOW_QUERY | KVT_POLICY_LAYER_BUDGETS,
     .keys = "window,kernel,pool,reduce,heads,beta,scores",
     .defaults = d_headkv,
     .init = smm_init,
@@ -146,7 +146,7 @@ const kvt_policy_def kvt_policy_def_headkv = {
 const kvt_policy_def kvt_policy_def_sparsemm = {
     .name = "sparsemm",
     .summary = "SparseMM: static head budgets from offline head scores (scores=FILE)",
-    .flags = KVT_POLICY_WINDOW_QUERY,
+    .flags = KVT_POLICY_WINDOW_QUERY | KVT_POLICY_LAYER_BUDGETS,
     .keys = "window,kernel,pool,reduce,heads,ratio,scores",
     .init = smm_init,
     .fini = smm_fini,

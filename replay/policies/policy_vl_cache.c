@@ -388,6 +388,7 @@ const kvt_policy_def kvt_policy_def_vl_cache = {
     .summary = "VL-Cache: layer budgets by the density of the post-vision attention (the prompt "
                "after its last image/video token; threshold=0.01 of a row's max is sparse), "
                "tokens by the post-vision attention they receive (last=N: the last N queries)",
+    .flags = KVT_POLICY_LAYER_BUDGETS,
     .keys = "window,heads,reduce,threshold,last",
     .defaults = d_vlc,
     .bind = bind_vlc,

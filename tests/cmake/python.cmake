@@ -64,6 +64,10 @@
 #   test_think                   think=R (ThinK's key channel pruning): pruned keys and output
 #                                errors against NumPy written from KVCache-Factory's
 #                                key_pruner_query_driven and kvpress's ThinKPress, and refusals
+#   test_layer_weights           layer_weights=FILE: each layer of a policy with weights equals
+#                                the plain policy at its own budget (every metric and kept set),
+#                                the rounding in exact arithmetic, recommend --write-allocation
+#                                replayed, e2e-llama2c, and the refusals
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -77,7 +81,8 @@ if(KVT_SYS_PYTHON)
               test_qfilter test_cur test_adaptive test_keydiff_block test_critical
               test_duo_simlayer test_merge test_finch test_cam test_elastic_cache
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
-              test_h2o_greedy test_h2o_greedy_hand test_think test_aircache)
+              test_h2o_greedy test_h2o_greedy_hand test_think test_aircache
+              test_layer_weights)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

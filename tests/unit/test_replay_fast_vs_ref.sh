@@ -10,7 +10,8 @@
 # elastic-cache, merged into anchors by position; chunkkv:reuse=2, each layer pair keeping its
 # first layer's chunks; vl-cache on the vision-language trace, its layer budgets and scores
 # from every layer's post-vision attention, and aircache-like, from its elite instruction
-# tokens' attention; snapkv and h2o with think=, their kept keys' channels pruned on the host)
+# tokens' attention; snapkv and h2o with think=, their kept keys' channels pruned on the host;
+# adakv and h2o with layer_weights= on the sample, each layer at its own budgets)
 # at several budgets, on the bundled real trace and on a synthetic
 # vision-language trace long enough for several 256-key blocks. Kept counts and every metric
 # but the output error and coverage must agree within 1e-9. Coverage comes from an f32 cosine
@@ -105,6 +106,9 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt" "
     # every policy: the defaults, and those that need more than K, V and the window queries
     SET=(--policies "all,h2o,oracle,quest,lagkv,qfilter,qfilter:heads=query,cur,knorm:adaptive=1,cur:adaptive=1,keydiff-block:block=32,simlayerkv:threshold=0.3,snapkv:merge=weighted,finch,cam,hybridkv-like,lightkv-like,sparsemm:scores=$TMP/scores_$name.json,headkv:scores=$TMP/scores_$name.json,mixkv-sparsemm:scores=$TMP/scores_$name.json,fastv:dense_layers=1,fastv:dense_layers=1,last=2,lookm,lookm:merge=none,heads=query,recent_share=0.25,cake,cake:heads=query,gamma=0,elastic-cache,elastic-cache:heads=query,sinks=1,chunkkv:reuse=2,snapkv:think=0.4,think_window=8"
         --budgets 16,64,300,50% --threads 2 --seed 7)
+    # layer_weights= (each layer's own budget; the oracle at those budgets) on the 5 layers
+    [ "$name" = stories260K ] && printf '1 2 4 4 4\n' >"$TMP/lw5.txt" &&
+        SET[1]+=",adakv:layer_weights=$TMP/lw5.txt,h2o:layer_weights=$TMP/lw5.txt,heads=query"
     [ "$name" = vl ] && SET[1]+=",vl-cache:last=16,vl-cache:last=4,heads=query,window=2,aircache-like:last=16,aircache-like:last=8,heads=query,threshold=0.5"
     [ "$name" = qa ] &&
         SET=(--policies h2o,h2o-greedy,h2o-greedy:heads=query,reduce=max,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5,h2o:think=0.3,heads=query,think_window=8,think_recent=0 --budgets 8,16,32,64,128,50% --threads 2 --seed 7)

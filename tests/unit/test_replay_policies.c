@@ -1919,6 +1919,75 @@ static void test_parse(void)
     KVT_EXPECT(kvt_policy_registry_size() == 44);
 }
 
+/* layer_weights=FILE (layer_weights.c): a text file of 70 weights (the reader grows past its
+ * first 64), B_l = max(1, floor(B * w_l * L / sum(w) + 0.5)) by hand, a JSON array on a
+ * one-layer-per-call replay, and the refusals. */
+static void test_layer_weights(void)
+{
+    char path[512], spec[600], text[1024] = "# 70 layers\n";
+    for (int i = 0; i < 69; i++)
+        strcat(text, i % 2 ? "1,\n" : "1 ");
+    strcat(text, "8 # the last\n");
+    kvt_test_tmp(path, sizeof(path), "lw70.txt");
+    write_file(path, text);
+    snprintf(spec, sizeof(spec), "streamingllm:layer_weights=%s", path);
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    KVT_EXPECT(p->n_layer_w == 70 && p->layer_w[0] == 1 && p->layer_w[68] == 1 &&
+               p->layer_w[69] == 8);
+    const int B[] = {1, 11, 77};
+    const double f[] = {0.5, 0.5, 0.5};
+    int Bl[3];
+    double fl[3];
+    /* sum 77, L 70: the last layer's w L / sum = 560/77 = 7.27: 7.27 -> 7, 80 -> 80, 560 */
+    kvt_layer_budgets(p, 69, B, f, 3, Bl, fl);
+    KVT_EXPECT_MSG(Bl[0] == 7 && Bl[1] == 80 && Bl[2] == 560, "%d %d %d", Bl[0], Bl[1], Bl[2]);
+    KVT_EXPECT_NEAR(fl[0], 0.5 * 560 / 77, 1e-15);
+    /* the others' 70/77 = 0.909: 0.909 -> 1, 10 -> 10, 70 -> 70 */
+    kvt_layer_budgets(p, 0, B, NULL, 3, Bl, NULL);
+    KVT_EXPECT_MSG(Bl[0] == 1 && Bl[1] == 10 && Bl[2] == 70, "%d %d %d", Bl[0], Bl[1], Bl[2]);
+    kvt_policy_free(p);
+
+    /* weights [2, 1, 1]: at B = 2 layer 0 keeps floor(2*2*3/4 + 0.5) = floor(3.5) = 3 (half up),
+       layer 1 floor(1.5 + 0.5) = 2; streamingllm:sinks=1 then keeps 0,2,3 and 0,3 */
+    kvt_test_tmp(path, sizeof(path), "lw3.json");
+    write_file(path, "[2, 1, 1]\n");
+    const float k[16] = {1, 2, 0, 1, 1, 0, 3, 1, 2, 1, 1, 0, 0, 1, 1, 2};
+    const float q[16] = {1, 1, 1, 1, 2, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1};
+    kvt_layer_input in = tl_layer(4, 4, 2, 1, 2, k, k, q);
+    in.n_layers = 3;
+    const int B2[] = {2};
+    snprintf(spec, sizeof(spec), "streamingllm:sinks=1,layer_weights=%s", path);
+    kvt_layer_selection *s = tl_select(&in, spec, B2, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,2,3");
+    kvt_layer_selection_free(s);
+    in.layer = 1;
+    s = tl_select(&in, spec, B2, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,3");
+    kvt_layer_selection_free(s);
+    in.n_layers = 2; /* three weights, two layers */
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B2, 1, &s), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "has 3 weights; the trace has 2 layers"));
+    kvt_policy_free(p);
+    /* refusals when the policy is created */
+    const struct {
+        const char *text, *want;
+    } bad[] = {{"1 0 1", "weight 1 is 0"},
+               {"1 -1", "weight 1 is -1"},
+               {"[1, x]", "'x' is not a number"},
+               {"# none\n", "no weights"}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        write_file(path, bad[i].text);
+        KVT_EXPECT_STATUS(kvt_policy_create(spec, NULL, &p), KVT_ERR_INVALID_ARG);
+        KVT_EXPECT_MSG(strstr(kvt_error_msg(), bad[i].want), "%s: %s", bad[i].text,
+                       kvt_error_msg());
+    }
+    snprintf(spec, sizeof(spec), "pyramidkv:layer_weights=%s", path);
+    KVT_EXPECT_STATUS(kvt_policy_create(spec, NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "shares the budget out over the layers itself"));
+}
+
 int main(void)
 {
     test_snapkv();
@@ -1943,6 +2012,7 @@ int main(void)
     test_merge();
     test_merge_budgets();
     test_think();
+    test_layer_weights();
     test_finch();
     test_cam();
     test_lookm();
