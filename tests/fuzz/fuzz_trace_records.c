@@ -30,11 +30,16 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
-static char g_path[256];
+static char g_path[256], g_lw[256];
 /* without and with decode queries; fastv, vl-cache (modality table); cake, elastic-cache, chunkkv
-   reuse; leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records) */
-static kvt_policy **g_pols[7];
-static size_t g_n_pol[7];
+   reuse; leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records); layer_weights= */
+static kvt_policy **g_pols[8];
+static size_t g_n_pol[8];
+
+static void remove_lw(void)
+{
+    unlink(g_lw);
+}
 static kvt_budget *g_budgets;
 static size_t g_n_budgets;
 
@@ -61,7 +66,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        (a NaN or a score above 1 is refused); and, on a trace with Q_all, h2o-greedy (the
        attention rows from Q_all and K read on the host, a ranking per budget; window=0 lets
        the newest token leave) beside h2o's column sums computed from Q_all; the first set has
-       knorm with think= (its kept keys' channels pruned by the window query) */
+       knorm with think= (its kept keys' channels pruned by the window query); and, on a trace
+       with decode queries, policies with layer_weights= of two layers (each layer its own
+       budgets, the oracle at them; a one-layer trace refused before any layer) */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -83,6 +90,20 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     for (int i = 0; i < 7; i++)
         if (kvt_policy_list_parse(set[i], NULL, &g_pols[i], &g_n_pol[i]))
             abort();
+    /* layer_weights= of two layers (a trace of one is refused before any layer): each layer's
+       own budgets, the oracle at them, merged sets by think= */
+    kvt_fuzz_scratch_path(g_lw, sizeof(g_lw), "layer_weights");
+    FILE *f = fopen(g_lw, "w");
+    if (!f || fputs("1 3\n", f) < 0 || fclose(f))
+        abort();
+    atexit(remove_lw);
+    char lw[4 * sizeof(g_lw) + 256];
+    snprintf(lw, sizeof(lw),
+             "snapkv:window=1,layer_weights=%s,streamingllm:sinks=1,heads=query,layer_weights=%s,"
+             "knorm:think=0.5,think_window=1,layer_weights=%s,oracle:layer_weights=%s",
+             g_lw, g_lw, g_lw, g_lw);
+    if (kvt_policy_list_parse(lw, NULL, &g_pols[7], &g_n_pol[7]))
+        abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
         abort();
     return 0;
@@ -495,6 +516,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             replay_set(5);
         if (sh.q_all)
             replay_set(6);
+        if (sh.G > 0)
+            replay_set(7);
     }
     differential(&sh);
     kvt_error_clear();
