@@ -52,9 +52,8 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_NEEDS_QALL   0x40u  /* needs Q_all (expected-attention, noncausal-attention) */
 #define KVT_POLICY_NEEDS_ROPE   0x80u  /* needs the header's model.rope (expected-attention) */
 #define KVT_POLICY_PER_BUDGET   0x100u /* a ranking per budget: sets not nested (keydiff-block) */
-#define KVT_POLICY_LAYER_BUDGETS                                                                   \
-    0x200u /* gives each layer its own budget (pyramidkv, cake, ...):                              \
-              takes no layer_weights= */
+/* gives each layer its own budget (pyramidkv, cake, ...): takes no layer_weights= */
+#define KVT_POLICY_LAYER_BUDGETS 0x200u
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {

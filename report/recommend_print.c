@@ -147,6 +147,35 @@ static void print_none(const kvt_recommendation *rec, const kvt_results *r, FILE
     fputc('\n', f);
 }
 
+/* an allocation of unequal measured budgets against the uniform budget at its mean, which
+ * costs about the same: when no measured budget keeps that many tokens, say how to compare
+ * them (picked from a coarse grid, such an allocation can lose to it; analysis/RESULTS.md,
+ * layer_weights=) */
+static void alloc_note(const kvt_recommendation *rec, const kvt_results *r, FILE *f)
+{
+    bool mixed = false, tokens = rec->layer_alloc[0] >= 0;
+    double sum = 0;
+    for (int l = 0; l < rec->n_layers && tokens; l++) {
+        const int b = rec->layer_alloc[l];
+        tokens = b >= 0 && same_tokens(r, (size_t)b) && !rec->budget_keeps_all[b];
+        if (tokens) {
+            sum += kvt_report_kept_tokens(r->traces[0], (size_t)b);
+            mixed |= b != rec->layer_alloc[0];
+        }
+    }
+    if (!tokens || !mixed)
+        return;
+    const int mean = (int)floor(sum / rec->n_layers + 0.5);
+    for (size_t b = 0; b < rec->n_budgets; b++)
+        if (same_tokens(r, b) && kvt_report_kept_tokens(r->traces[0], b) == mean)
+            return;
+    fprintf(f,
+            "\n  (a uniform %d tokens, its mean, costs about the same and was not measured: "
+            "compare %s at %d with its layer_weights= replay (recommend --write-allocation) "
+            "before using it)",
+            mean, r->policies[rec->policy].label, mean);
+}
+
 kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_results *r, FILE *f)
 {
     const char *mn = kvt_rec_metric_name(rec->metric);
@@ -195,6 +224,7 @@ kvt_status kvt_recommendation_print(const kvt_recommendation *rec, const kvt_res
                    "where it helps most):\n ");
         for (int l = 0; l < rec->n_layers; l++)
             fprintf(f, " L%d:%s", l, btext(rec, r, rec->layer_alloc[l]));
+        alloc_note(rec, r, f);
         fprintf(f, "\nentries");
         if (r->n_traces > 1)
             fprintf(f, " summed over the %zu traces", r->n_traces);

@@ -16,7 +16,8 @@ a share f of the prompt gives the policies that read it the share f * w_l * L / 
 4. A .npy of the weights gives the same results as the text file; equal weights give exactly
    the plain policy's results.
 5. kvtrace recommend --write-allocation: a replay of the written file at the budget it names
-   keeps each layer's allocated budget, and costs the entries recommend counted.
+   keeps each layer's allocated budget, and costs the entries recommend counted; recommend's
+   text says when the uniform budget at the allocation's mean was not measured.
 6. kvtrace e2e-llama2c runs a policy with layer_weights=: equal weights give the plain
    policy's KL bit for bit, unequal ones another.
 7. The refusals: one clear line each.
@@ -220,6 +221,26 @@ if mean == int(mean):
         weights, label, mean, kept))
 else:
     check(False, "the allocation's mean %g is not whole on this trace" % mean)
+
+# the text says when the uniform budget at the allocation's mean was not measured, and not when
+# it was (the allocation changes with the budgets measured)
+notes = []
+for name, budgets in (("rec", "48,96,192"), ("rec2", "48,96,144,192"), ("rec3", "48,96,134,192")):
+    if name != "rec":
+        replay(["snapkv", "adakv"], budgets, name)
+    t = run("recommend", os.path.join(work, name + ".json"), "--max-error", "0.5").stdout
+    js = json.loads(run("recommend", os.path.join(work, name + ".json"), "--max-error", "0.5",
+                        "--json").stdout)["recommendation"]
+    al = js["layer_alloc_tokens"]
+    mean = int(math.floor(sum(al) / len(al) + 0.5))
+    want = len(set(al)) > 1 and str(mean) not in budgets.split(",")
+    note = "(a uniform %d tokens, its mean, costs about the same and was not measured" % mean
+    check((note in t) == want and (want or "was not measured" not in t),
+          "budgets %s, allocation %r: note %r expected %s in %r" % (budgets, al, note, want, t))
+    notes.append((budgets, al, want))
+check(notes[0][2] and not all(x[2] for x in notes),
+      "the note both ways: %r" % notes)
+print("recommend's note on the allocation's unmeasured mean: %r" % notes)
 
 # ---- 6. e2e-llama2c ----
 cap = os.path.join(work, "cap.kvt")
