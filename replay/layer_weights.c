@@ -126,16 +126,23 @@ kvt_status kvt_layer_weights_read(const char *policy, const char *path, double *
 void kvt_layer_budgets(const kvt_policy *p, int layer, const int *B, const double *frac, int n_b,
                        int *Bl, double *fl)
 {
-    double sum = 0;
-    for (int i = 0; i < p->n_layer_w; i++)
+    double sum = 0, top = 0, div = 1; /* weights near DBL_MAX: divided by the largest */
+    for (int i = 0; i < p->n_layer_w; i++) {
         sum += p->layer_w[i];
+        top = p->layer_w[i] > top ? p->layer_w[i] : top;
+    }
+    if (!isfinite(sum)) {
+        div = top, sum = 0;
+        for (int i = 0; i < p->n_layer_w; i++)
+            sum += p->layer_w[i] / div;
+    }
     /* x * w_l / mean(w) as (x * w_l * L) / sum: one rounding after exact products when the
        weights are integers (a recommend --write-allocation file), so such a layer gets exactly
        its share */
-    const double wn = p->layer_w[layer] * p->n_layer_w;
+    const double wn = p->layer_w[layer] / div * p->n_layer_w;
     for (int b = 0; b < n_b; b++) {
         double x = floor((double)B[b] * wn / sum + 0.5);
-        Bl[b] = x < 1 ? 1 : x > 1e9 ? 1000000000 : (int)x;
+        Bl[b] = !(x >= 1) ? 1 : x > 1e9 ? 1000000000 : (int)x;
         if (fl)
             fl[b] = frac[b] * wn / sum;
     }

@@ -3,7 +3,10 @@
  * DuoAttention's full_attention_heads.tsv) and for duo-attention's init over it (clipping and
  * the model-wide ranking of the heads). The input is fed through a memfd. A table that reads
  * has at least one layer and head; duo-attention must take exactly the tables that read with
- * no missing score. Runs over the checked-in corpus as the ctest fuzz_head_table_regression.
+ * no missing score. The same bytes are then a layer_weights= file (replay/layer_weights.c):
+ * taken, they hold at least one weight, each finite and > 0, and every layer's budget at
+ * 1 and 2^20 tokens is >= 1 and never below the one at 1. Runs over the checked-in corpus as
+ * the ctest fuzz_head_table_regression.
  */
 #define _GNU_SOURCE /* memfd_create */
 #include <math.h>
@@ -36,6 +39,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     kvt_status st = kvt_policy_create(spec, NULL, &p);
     if ((st == KVT_OK) != whole && st != KVT_ERR_NOMEM)
         abort(); /* the policy takes what the reader reads whole, and nothing else */
+    kvt_policy_free(p);
+    kvt_error_clear();
+    snprintf(spec, sizeof(spec), "snapkv:layer_weights=%s", path);
+    p = NULL;
+    if (kvt_policy_create(spec, NULL, &p) == KVT_OK) {
+        if (!p->layer_w || p->n_layer_w < 1)
+            abort();
+        const int B[2] = {1, 1 << 20};
+        for (int l = 0; l < p->n_layer_w; l++) {
+            int Bl[2];
+            if (!isfinite(p->layer_w[l]) || !(p->layer_w[l] > 0))
+                abort();
+            kvt_layer_budgets(p, l, B, NULL, 2, Bl, NULL);
+            if (Bl[0] < 1 || Bl[1] < Bl[0])
+                abort();
+        }
+    }
     kvt_policy_free(p);
     kvt_error_clear();
     close(fd);
