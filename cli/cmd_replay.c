@@ -497,7 +497,11 @@ static void list_policies(void)
            "mixkv-sparsemm, headkv, fastv or full) also takes layer_weights=FILE: one weight\n"
            "> 0 per layer (text or .npy), layer l keeping B*w_l/mean(w) at budget B, e.g.\n"
            "adakv:layer_weights=alloc.txt from kvtrace recommend --write-allocation\n"
-           "(analysis/RESULTS.md, layer_weights=).\n");
+           "(analysis/RESULTS.md, layer_weights=).\n"
+           "Those policies but cam, lightkv-like, elastic-cache, quest and hybridkv-like also\n"
+           "take chunk_length=N: each chunk of N prompt tokens keeps max(1, int(len*f)) of its\n"
+           "tokens at a budget of share f, the ones the policy ranks highest (kvpress's\n"
+           "FinchPress chunk_length), e.g. finch:window=16,chunk_length=1024.\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

@@ -170,6 +170,10 @@ static const opt_desc opts_table[] = {
     {"layer_weights", O_STR, OFF(layer_weights), 0, 0,
      "each layer's share of the budget: one weight > 0 per layer (text or .npy); layer l keeps "
      "B * w_l / mean(w)"},
+    /* every policy that keeps a plain set of prompt tokens (chunk_ok) */
+    {"chunk_length", O_INT, OFF(chunk_length), 1, 1e9,
+     "the budget shared over chunks of this many tokens, each keeping its share of them by the "
+     "policy's ranking (FinchPress's chunk_length; 0: off)"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
@@ -204,6 +208,15 @@ static bool think_ok(const kvt_policy_def *d)
 static bool lw_ok(const kvt_policy_def *d)
 {
     return !(d->flags & KVT_POLICY_LAYER_BUDGETS);
+}
+
+/* chunk_length=: taken by every policy that keeps a plain set of prompt tokens ranked by it
+ * (not one that merges by definition, selects per decode step, shares the budget over the
+ * layers itself, or keeps everything) */
+static bool chunk_ok(const kvt_policy_def *d)
+{
+    return !(d->flags & (KVT_POLICY_MERGED | KVT_POLICY_PER_STEP | KVT_POLICY_LAYER_BUDGETS)) &&
+           d != &kvt_policy_def_elastic_cache;
 }
 
 static const opt_desc *find_opt(const char *key)
@@ -279,10 +292,13 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
     const kvt_policy_def *d = p->def;
     const opt_desc *od = find_opt(key);
     if (!od || !(key_accepted(d, key) || (is_think_key(key) && think_ok(d)) ||
-                 (!strcmp(key, "layer_weights") && lw_ok(d)))) {
-        char more[96];
-        snprintf(more, sizeof(more), "%s%s%s", think_ok(d) ? "think,think_window,think_recent" : "",
-                 think_ok(d) && lw_ok(d) ? "," : "", lw_ok(d) ? "layer_weights" : "");
+                 (!strcmp(key, "layer_weights") && lw_ok(d)) ||
+                 (!strcmp(key, "chunk_length") && chunk_ok(d)))) {
+        char more[128];
+        snprintf(more, sizeof(more), "%s%s%s%s",
+                 think_ok(d) ? "think,think_window,think_recent" : "",
+                 think_ok(d) && lw_ok(d) ? "," : "", lw_ok(d) ? "layer_weights" : "",
+                 chunk_ok(d) ? ",chunk_length" : "");
         if (!strcmp(key, "layer_weights"))
             return kvt_error_set(KVT_ERR_INVALID_ARG,
                                  "%s: layer_weights= is for a policy that gives every layer the "
@@ -878,7 +894,8 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) &&
             !(is_think_key(opts_table[i].key) && o->think > 0) &&
-            !(!strcmp(opts_table[i].key, "layer_weights") && o->layer_weights))
+            !(!strcmp(opts_table[i].key, "layer_weights") && o->layer_weights) &&
+            !(!strcmp(opts_table[i].key, "chunk_length") && o->chunk_length > 0))
             continue;
         char val[1200];
         opt_value(o, &opts_table[i], json, val, sizeof(val));

@@ -93,6 +93,8 @@ typedef struct kvt_policy_opts {
     int think_recent;    /* think: the last prompt tokens whose keys are not pruned */
     char *layer_weights; /* layer_weights=FILE (owned): each layer's share of the budget
                             (layer_weights.c); NULL = every layer the budget */
+    int chunk_length;    /* chunk_length=N: the budget shared over chunks of N tokens
+                            (chunk_length.c); 0 = off */
 } kvt_policy_opts;
 
 typedef struct kvt_layer_ctx kvt_layer_ctx;
@@ -398,6 +400,13 @@ kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel);
  *  query-weighted key energy zeroed. Reads K and V on the host (kvt_ctx_fetch). */
 kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_selection *sel);
 
+/** chunk_length=C (chunk_length.c) on sel, a plain kept set at budgets B[n_b] (shares frac, or
+ *  B/T when NULL): each chunk of C tokens from token 0 keeps max(1, int(len * f)) of its
+ *  tokens (all when f >= 1) in the order of the policy's ranking (each budget's own with
+ *  per-budget rankings); every head's count is their sum. Refused (naming `policy`) for merged
+ *  or per-step sets. */
+kvt_status kvt_sel_chunk(const kvt_layer_ctx *c, const char *policy, int C, const int *B,
+                         const double *frac, int n_b, kvt_layer_selection *sel);
 /** layer_weights=FILE's weights (layer_weights.c): a .npy of one dimension, or text numbers
  *  separated by blanks, commas or newlines (a JSON array too; '#' comments), each finite and
  *  > 0. *w [*n] (kvt_free). Errors name the policy and the file. */

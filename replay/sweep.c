@@ -1012,11 +1012,15 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     c->selecting = def; /* kvt_ctx_fetch holds it to its host_reads */
     kvt_status st = def->select(c, p, B, n_b, sel);
     c->selecting = NULL;
+    sel->gpu = NULL; /* only while selecting */
+    /* chunk_length=: the budget shared over the prompt's chunks (chunk_length.c), at this
+       layer's budgets; not for a prompt kept whole */
+    if (!st && p->o.chunk_length > 0 && !short_prompt)
+        st = kvt_sel_chunk(c, p->def->name, p->o.chunk_length, B, c->budget_frac, n_b, sel);
     c->budget_frac = frac;
     kvt_free(Bl);
     kvt_free(fl);
     KVT_PROF_ADD(c->prof, select_ns, kvt_now_ns() - t0);
-    sel->gpu = NULL; /* only while selecting */
     if (st) {
         kvt_sel_clear(sel);
         return st;

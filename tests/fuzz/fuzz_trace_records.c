@@ -68,7 +68,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        the newest token leave) beside h2o's column sums computed from Q_all; the first set has
        knorm with think= (its kept keys' channels pruned by the window query); and, on a trace
        with decode queries, policies with layer_weights= of two layers (each layer its own
-       budgets, the oracle at them; a one-layer trace refused before any layer) */
+       budgets, the oracle at them; a one-layer trace refused before any layer) and with
+       chunk_length= (the budget shared over chunks of the prompt) */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -100,7 +101,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     char lw[4 * sizeof(g_lw) + 256];
     snprintf(lw, sizeof(lw),
              "snapkv:window=1,layer_weights=%s,streamingllm:sinks=1,heads=query,layer_weights=%s,"
-             "knorm:think=0.5,think_window=1,layer_weights=%s,oracle:layer_weights=%s",
+             "knorm:think=0.5,think_window=1,layer_weights=%s,oracle:layer_weights=%s,"
+             "snapkv:window=1,chunk_length=3,keydiff-block:block=3,chunk_length=2",
              g_lw, g_lw, g_lw, g_lw);
     if (kvt_policy_list_parse(lw, NULL, &g_pols[7], &g_n_pol[7]))
         abort();

@@ -1988,6 +1988,36 @@ static void test_layer_weights(void)
     KVT_EXPECT(strstr(kvt_error_msg(), "shares the budget out over the layers itself"));
 }
 
+/* chunk_length=C (chunk_length.c) by hand. T = 4, one KV head, keys with squared norms 6, 11,
+ * 6, 6: knorm ranks 0, 2, 3, 1 (ties to the earlier token). chunk_length=2 cuts [0, 1], [2, 3]:
+ * at B = 1 (f = 0.25) each chunk keeps max(1, int(0.5)) = 1, token 0 and token 2, where the
+ * plain policy keeps token 0 alone; at B = 2 (f = 0.5) the same; at B = 3 (f = 0.75) int(1.5)
+ * = 1 again; at B = 4 everything. keydiff-block (a ranking per budget) keeps 1 per chunk too. */
+static void test_chunk_length(void)
+{
+    const float k[16] = {1, 2, 0, 1, 1, 0, 3, 1, 2, 1, 1, 0, 0, 1, 1, 2};
+    const float q[16] = {1, 1, 1, 1, 2, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1};
+    kvt_layer_input in = tl_layer(4, 4, 2, 1, 2, k, k, q);
+    const int B[] = {1, 2, 3, 4};
+    kvt_layer_selection *s = tl_select(&in, "knorm", B, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "knorm:chunk_length=2", B, 4);
+    EXPECT_KEPT(s, 0, 0, -1, "0,2");
+    EXPECT_KEPT(s, 1, 0, -1, "0,2");
+    EXPECT_KEPT(s, 2, 0, -1, "0,2");
+    EXPECT_KEPT(s, 3, 0, -1, "0,1,2,3");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "keydiff-block:block=2,chunk_length=2", B, 3);
+    KVT_EXPECT(s->border && s->count[0] == 2 && s->count[1] == 2 && s->count[2] == 2);
+    for (int b = 0; b < 3; b++) {
+        const int32_t *r = kvt_sel_ranking(s, b, 0);
+        KVT_EXPECT_MSG((r[0] < 2) != (r[1] < 2), "budget %d: %d and %d in one chunk", b, r[0],
+                       r[1]);
+    }
+    kvt_layer_selection_free(s);
+}
+
 int main(void)
 {
     test_snapkv();
@@ -2013,6 +2043,7 @@ int main(void)
     test_merge_budgets();
     test_think();
     test_layer_weights();
+    test_chunk_length();
     test_finch();
     test_cam();
     test_lookm();
