@@ -315,7 +315,6 @@ static void put_policies(FILE *f, const kvt_results *r)
             put_escaped(f, v);
             first = false;
         }
-        cJSON_Delete(o);
         fputs("</td><td>", f);
         static const struct {
             unsigned flag;
@@ -333,6 +332,19 @@ static void put_policies(FILE *f, const kvt_results *r)
                 fprintf(f, "%s%s", sep, notes[k].text);
                 sep = "; ";
             }
+        /* the generic options that change what a budget means */
+        if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(o, "layer_weights"))) {
+            fprintf(f,
+                    "%seach layer its own budget (layer_weights=): a budget is the mean over "
+                    "layers, the per-layer figures show each layer's",
+                    sep);
+            sep = "; ";
+        }
+        const cJSON *cl = cJSON_GetObjectItemCaseSensitive(o, "chunk_length");
+        if (cJSON_IsNumber(cl))
+            fprintf(f, "%sthe budget shared over chunks of %d prompt tokens (chunk_length=)", sep,
+                    cl->valueint);
+        cJSON_Delete(o);
         fputs("</td></tr>\n", f);
     }
     fputs("</table>\n", f);
