@@ -35,18 +35,13 @@ static void group(const int32_t *r, int T, int C, int nc, int32_t *by, int *star
         by[fill[r[i] / C]++] = r[i];
 }
 
-static int cmp_by_frac(const void *a, const void *b, void *fr)
-{
-    const double *f = fr;
-    const int x = *(const int *)a, y = *(const int *)b;
-    return f[x] < f[y] ? -1 : f[x] > f[y] ? 1 : (x > y) - (x < y);
-}
-
-/* insertion sort of idx[n] by f (few budgets) */
+/* idx[n] ordered by f (ties: the lower index), an insertion sort (few budgets) */
 static void sort_by_frac(int *idx, int n, const double *f)
 {
     for (int i = 1; i < n; i++)
-        for (int j = i; j > 0 && cmp_by_frac(&idx[j - 1], &idx[j], (void *)f) > 0; j--) {
+        for (int j = i; j > 0 && (f[idx[j - 1]] > f[idx[j]] ||
+                                  (f[idx[j - 1]] == f[idx[j]] && idx[j - 1] > idx[j]));
+             j--) {
             int t = idx[j];
             idx[j] = idx[j - 1];
             idx[j - 1] = t;
