@@ -147,6 +147,19 @@ static void print_none(const kvt_recommendation *rec, const kvt_results *r, FILE
     fputc('\n', f);
 }
 
+/* whether the registered policy `name` takes layer_weights= (it does not share the budget over
+ * the layers itself) */
+static bool takes_layer_weights(const char *name)
+{
+    for (size_t i = 0; i < kvt_policy_registry_size(); i++) {
+        kvt_policy_about a;
+        kvt_policy_registry_get(i, &a);
+        if (!strcmp(a.name, name))
+            return !(a.flags & KVT_POLICY_LAYER_BUDGETS);
+    }
+    return false;
+}
+
 /* an allocation of unequal measured budgets against the uniform budget at its mean, which
  * costs about the same: when no measured budget keeps that many tokens, say how to compare
  * them (picked from a coarse grid, such an allocation can lose to it; analysis/RESULTS.md,
@@ -163,7 +176,7 @@ static void alloc_note(const kvt_recommendation *rec, const kvt_results *r, FILE
             mixed |= b != rec->layer_alloc[0];
         }
     }
-    if (!tokens || !mixed)
+    if (!tokens || !mixed || !takes_layer_weights(r->policies[rec->policy].name))
         return;
     const int mean = (int)floor(sum / rec->n_layers + 0.5);
     for (size_t b = 0; b < rec->n_budgets; b++)
@@ -480,7 +493,12 @@ kvt_status kvt_recommendation_write_allocation(const kvt_recommendation *rec, co
     const size_t nl = strlen(name);
     const bool spec = !strncmp(label, name, nl) && (label[nl] == '\0' || label[nl] == ':');
     char m[32], how[200];
-    if (spec)
+    if (!takes_layer_weights(name))
+        snprintf(how, sizeof(how),
+                 "another policy with layer_weights=FILE (%s shares its budget over the layers "
+                 "itself)",
+                 name);
+    else if (spec)
         snprintf(how, sizeof(how), "%s%slayer_weights=FILE", label, strchr(label, ':') ? "," : ":");
     else
         snprintf(how, sizeof(how), "the spec labelled %s with layer_weights=FILE", label);

@@ -240,6 +240,15 @@ for name, budgets in (("rec", "48,96,192"), ("rec2", "48,96,144,192"), ("rec3", 
     notes.append((budgets, al, want))
 check(notes[0][2] and not all(x[2] for x in notes),
       "the note both ways: %r" % notes)
+# a policy that shares its budget over the layers itself takes no layer_weights=: no note, and
+# the file says to give it to another policy
+replay(["pyramidkv"], "48,96,192", "recpy")
+t = run("recommend", os.path.join(work, "recpy.json"), "--max-error", "0.5",
+        "--write-allocation", os.path.join(work, "py.txt")).stdout
+with open(os.path.join(work, "py.txt")) as f:
+    py = f.read()
+check("was not measured" not in t and "another policy with layer_weights=FILE (pyramidkv shares "
+      "its budget over the layers itself)" in py, "pyramidkv's allocation: %r, %r" % (t, py))
 print("recommend's note on the allocation's unmeasured mean: %r" % notes)
 
 # ---- 6. e2e-llama2c ----
