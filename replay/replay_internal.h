@@ -332,7 +332,8 @@ typedef struct kvt_merged_set {
     int n;            /* kept entries */
     int n_changed;    /* entries whose K/V differ from their token's (merge targets) */
     float *k, *v;     /* [n_changed, D] K/V of the changed entries, in entry order; an unchanged
-                         entry's K/V are token idx's rows of the layer input (not copied) */
+                         entry's K/V are token idx's rows of the layer input (not copied). v is
+                         NULL when the changed entries keep their tokens' values (think=) */
     int32_t *idx;     /* [n] representative token index, ascending */
     uint8_t *changed; /* [n] 1 if the entry's K/V differ from token idx's (a merge target) */
 } kvt_merged_set;
@@ -363,6 +364,8 @@ kvt_status kvt_sel_init_merged(kvt_layer_selection *s);
 /** A merged set's arrays (freed by kvt_sel_clear) for n entries, n_chg of them changed (K/V
  *  rows of D), changed[] zeroed; n and n_changed set. */
 kvt_status kvt_merged_alloc(kvt_merged_set *out, int n, int n_chg, int D);
+/** kvt_merged_alloc without v (NULL): the changed entries keep their tokens' values. */
+kvt_status kvt_merged_alloc_keys(kvt_merged_set *out, int n, int n_chg, int D);
 /** A ranking per budget (border), after kvt_sel_init with fixed: budget b keeps the first
  *  count[b][h] of its own ranking. The policy fills border; after it selects, order (which no
  *  metric reads then) is set to the last budget's rankings. */

@@ -126,17 +126,27 @@ int kvt_chunk_count(const int32_t *cord, int n_take, int n_chunks, int C, int P)
     return cnt;
 }
 
-kvt_status kvt_merged_alloc(kvt_merged_set *out, int n, int n_chg, int D)
+static kvt_status merged_alloc(kvt_merged_set *out, int n, int n_chg, int D, bool values)
 {
     out->n = n;
     out->n_changed = n_chg;
     out->k = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
-    out->v = kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float));
+    out->v = values ? kvt_malloc(((size_t)n_chg * D + 1) * sizeof(float)) : NULL;
     out->idx = kvt_malloc((size_t)n * sizeof(int32_t) + 1);
     out->changed = kvt_calloc((size_t)n + 1, 1);
-    KVT_RETURN_IF(!out->k || !out->v || !out->idx || !out->changed, KVT_ERR_NOMEM,
+    KVT_RETURN_IF(!out->k || (values && !out->v) || !out->idx || !out->changed, KVT_ERR_NOMEM,
                   "selection: out of memory (merged set)");
     return KVT_OK;
+}
+
+kvt_status kvt_merged_alloc(kvt_merged_set *out, int n, int n_chg, int D)
+{
+    return merged_alloc(out, n, n_chg, D, true);
+}
+
+kvt_status kvt_merged_alloc_keys(kvt_merged_set *out, int n, int n_chg, int D)
+{
+    return merged_alloc(out, n, n_chg, D, false);
 }
 
 void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks)

@@ -619,8 +619,9 @@ static double merged_err(const kvt_layer_ctx *c, scratch *s, const kvt_merged_se
             z += (double)q[d] * ms->k[(size_t)e * D + d];
         double w = exp(z * c->scale - lse);
         r += w;
+        const float *ve = ms->v ? ms->v + (size_t)e * D : V + (size_t)cidx[e] * D;
         for (int d = 0; d < D; d++)
-            s->acc[d] += w * ms->v[(size_t)e * D + d];
+            s->acc[d] += w * ve[d];
     }
     double kept = r + pe, total = r_full + pe, num = 0.0, den = 0.0;
     if (!(kept > 0.0))
@@ -687,7 +688,8 @@ static kvt_status merged_errs_fast(const kvt_layer_ctx *c, int g, const kvt_merg
         int nb = ms->n_changed - b0 < MB ? ms->n_changed - b0 : MB;
         for (size_t i = 0; i < (size_t)nb * D; i++) {
             kg[i] = ms->k[(size_t)b0 * D + i];
-            vg[i] = ms->v[(size_t)b0 * D + i];
+            vg[i] = ms->v ? ms->v[(size_t)b0 * D + i]
+                          : V[(size_t)cidx[b0 + (int)(i / (size_t)D)] * D + i % (size_t)D];
         }
         kvt_gemm_f64(true, n_q, nb, D, c->scale, qd, D, kg, D, 0.0, pg, nb);
         for (size_t i = 0; i < nq; i++) {
@@ -1084,13 +1086,16 @@ static int cmp_i32(const void *a, const void *b)
 static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels, size_t n_pol,
                                int n_b, const kvt_replay_opts *o)
 {
-    size_t n_recs = 0, n_idx = 0;
+    size_t n_recs = 0, n_idx = 0, n_val = 0;
     for (size_t p = 0; p < n_pol; p++) {
         const kvt_layer_selection *s = &sels[p];
         for (int b = 0; b < n_b; b++)
             for (int h = 0; h < s->n_heads; h++) {
                 if (s->merged) {
-                    n_recs++, n_idx += (size_t)s->merged[(size_t)b * s->n_heads + h].n;
+                    const kvt_merged_set *m = &s->merged[(size_t)b * s->n_heads + h];
+                    n_recs++, n_idx += (size_t)m->n;
+                    if (!m->v) /* the changed entries' values, their tokens' (think=) */
+                        n_val += (size_t)m->n_changed * c->D;
                     continue;
                 }
                 if (s->has_fixed)
@@ -1104,12 +1109,14 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
     }
     kvt_selection_rec *recs = kvt_malloc((n_recs + 1) * sizeof(*recs));
     int32_t *pool = kvt_malloc((n_idx + 1) * sizeof(int32_t));
-    if (!recs || !pool) {
+    float *vpool = kvt_malloc((n_val + 1) * sizeof(float));
+    if (!recs || !pool || !vpool) {
         kvt_free(recs);
         kvt_free(pool);
+        kvt_free(vpool);
         return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
     }
-    size_t r = 0, off = 0;
+    size_t r = 0, off = 0, voff = 0;
     for (size_t p = 0; p < n_pol; p++) {
         const kvt_layer_selection *s = &sels[p];
         for (int b = 0; b < n_b; b++)
@@ -1131,6 +1138,18 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                         continue;
                     memcpy(pool + off, src, n * sizeof(int32_t));
                     qsort(pool + off, n, sizeof(int32_t), cmp_i32);
+                    const float *mv = m ? m->v : NULL;
+                    if (m && !mv) { /* the changed entries keep their tokens' values */
+                        const float *V =
+                            c->v + (size_t)kvt_ctx_kv_of(c, s->per_query, h) * c->T * c->D;
+                        float *dst = vpool + voff;
+                        for (int e = 0, ce = 0; e < m->n; e++)
+                            if (m->changed[e])
+                                memcpy(dst + (size_t)ce++ * c->D, V + (size_t)m->idx[e] * c->D,
+                                       (size_t)c->D * sizeof(float));
+                        mv = dst;
+                        voff += (size_t)m->n_changed * c->D;
+                    }
                     recs[r++] = (kvt_selection_rec){.policy = (int)p,
                                                     .budget = b,
                                                     .layer = c->layer,
@@ -1140,13 +1159,14 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                                                     .n = n,
                                                     .changed = m ? m->changed : NULL,
                                                     .k = m ? m->k : NULL,
-                                                    .v = m ? m->v : NULL};
+                                                    .v = mv};
                     off += n;
                 }
     }
     kvt_status st = o->sink(o->sink_user, c->layer, recs, r);
     kvt_free(recs);
     kvt_free(pool);
+    kvt_free(vpool);
     return st;
 }
 

@@ -50,11 +50,11 @@ static kvt_status pruned_set(const kvt_layer_ctx *c, int g, const int32_t *kept,
                              const uint8_t *pruned, bool any, kvt_merged_set *out)
 {
     const int T = c->T, D = c->D;
-    const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
+    const float *K = c->k + (size_t)g * T * D;
     int n_chg = 0;
     for (int e = 0; any && e < n; e++)
         n_chg += kept[e] < lim;
-    KVT_FORWARD(kvt_merged_alloc(out, n, n_chg, D));
+    KVT_FORWARD(kvt_merged_alloc_keys(out, n, n_chg, D)); /* values: the tokens' own */
     memcpy(out->idx, kept, (size_t)n * sizeof(int32_t));
     for (int e = 0, ce = 0; e < n && ce < n_chg; e++) {
         if (kept[e] >= lim)
@@ -64,7 +64,6 @@ static kvt_status pruned_set(const kvt_layer_ctx *c, int g, const int32_t *kept,
         float *ko = out->k + (size_t)ce * D;
         for (int d = 0; d < D; d++)
             ko[d] = pruned[d] ? 0.0f : k[d];
-        memcpy(out->v + (size_t)ce * D, V + (size_t)kept[e] * D, (size_t)D * sizeof(float));
         ce++;
     }
     return KVT_OK;

@@ -1309,11 +1309,11 @@ static void test_think(void)
     const float k0[4] = {0, 2, 0, 1};
     KVT_EXPECT(m->n == 2 && m->n_changed == 1 && m->changed[0] && !m->changed[1] &&
                m->idx[0] == 0 && m->idx[1] == 3 && !memcmp(m->k, k0, sizeof(k0)) &&
-               !memcmp(m->v, v, 4 * sizeof(float)));
+               !m->v /* the values are the tokens' own */);
     m = &s->merged[1];
     const float kall[12] = {1, 0, 0, 0, 1, 0, 3, 0, 2, 0, 1, 0};
     KVT_EXPECT_MSG(m->n == 4 && m->n_changed == 3 && m->changed[2] && !m->changed[3] &&
-                       !memcmp(m->k, kall, sizeof(kall)) && !memcmp(m->v, v, 12 * sizeof(float)),
+                       !memcmp(m->k, kall, sizeof(kall)) && !m->v,
                    "B = 4: %d entries, %d changed, k0' (%g, %g, %g, %g)", m->n, m->n_changed,
                    m->k[0], m->k[1], m->k[2], m->k[3]);
     kvt_layer_selection_free(s);
