@@ -1,5 +1,7 @@
 /* bind_read.c - reads for the policies whose bind hook opens the trace before its layers are
  * replayed (fastv: layer K-1's attention; cake: every layer's window attention). */
+#include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <cjson/cJSON.h>
@@ -175,4 +177,70 @@ void kvt_post_vision_free(kvt_post_vision *pl)
     kvt_free(pl->mod);
     pl->nq = NULL;
     pl->mod = NULL;
+}
+
+/* ---- kvt_bind_each_layer ---- */
+#define BIND_MAX_THREADS 64
+
+typedef struct bind_layers {
+    int L;
+    kvt_status (*fn)(void *arg, int l);
+    void *arg;
+    int next; /* the next layer to take (atomic) */
+    int stop; /* a layer failed (atomic) */
+} bind_layers;
+
+typedef struct bind_thread {
+    bind_layers *w;
+    int layer; /* the layer that failed, or -1 */
+    kvt_status st;
+    char msg[512];
+} bind_thread;
+
+static void *bind_run(void *arg)
+{
+    bind_thread *th = arg;
+    bind_layers *w = th->w;
+    for (;;) {
+        const int l = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
+        if (l >= w->L || __atomic_load_n(&w->stop, __ATOMIC_RELAXED))
+            break;
+        kvt_status st = w->fn(w->arg, l);
+        if (st) { /* the message is this thread's: kept for the caller */
+            th->layer = l, th->st = st;
+            snprintf(th->msg, sizeof(th->msg), "%s", kvt_error_msg());
+            __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+            break;
+        }
+    }
+    return NULL;
+}
+
+kvt_status kvt_bind_each_layer(int L, uint64_t per_thread, kvt_status (*fn)(void *arg, int l),
+                               void *arg)
+{
+    int n_th = kvt_bind_threads() > 0 ? kvt_bind_threads() : kvt_cpu_count();
+    n_th = n_th < L ? n_th : L;
+    n_th = n_th < BIND_MAX_THREADS ? n_th : BIND_MAX_THREADS;
+    const uint64_t avail = kvt_mem_available();
+    if (per_thread && avail && (uint64_t)n_th * per_thread > avail / 2)
+        n_th = (int)(avail / 2 / per_thread);
+    n_th = n_th > 1 ? n_th : 1;
+    bind_layers w = {.L = L, .fn = fn, .arg = arg};
+    bind_thread th[BIND_MAX_THREADS];
+    pthread_t tid[BIND_MAX_THREADS];
+    bool started[BIND_MAX_THREADS] = {false};
+    for (int i = 0; i < n_th; i++)
+        th[i] = (bind_thread){.w = &w, .layer = -1};
+    for (int i = 1; i < n_th; i++)
+        started[i] = !pthread_create(&tid[i], NULL, bind_run, &th[i]);
+    bind_run(&th[0]);
+    for (int i = 1; i < n_th; i++)
+        if (started[i])
+            pthread_join(tid[i], NULL);
+    int worst = -1;
+    for (int i = 0; i < n_th; i++)
+        if (th[i].layer >= 0 && (worst < 0 || th[i].layer < th[worst].layer))
+            worst = i;
+    return worst < 0 ? KVT_OK : kvt_error_set(th[worst].st, "%s", th[worst].msg);
 }

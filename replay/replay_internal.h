@@ -504,6 +504,14 @@ kvt_status kvt_bind_read_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int H
 /** In a bind hook: the threads the replay was given (kvt_replay_opts.n_threads; 0: every core),
  *  which a bind that computes on threads of its own keeps to. */
 int kvt_bind_threads(void);
+/** In a bind hook: fn(arg, l) for every layer l in [0, L), shared out among the replay's
+ *  threads (kvt_bind_threads, every core when 0), no more than L, 64, and, when per_thread
+ *  bytes are given, what half the available memory holds; the calling thread is one of them.
+ *  fn must touch only layer l's part of what arg points to (a trace reader read from several
+ *  threads included). Returns the error of the lowest layer that failed, as one thread would
+ *  have met it first (the layers after a failure may be left undone). */
+kvt_status kvt_bind_each_layer(int L, uint64_t per_thread, kvt_status (*fn)(void *arg, int l),
+                               void *arg);
 /** kvt_bind_read_qk's checks of the shapes alone, without reading: *nq and *D (may be NULL)
  *  receive the stored queries and head dim. */
 kvt_status kvt_bind_check_qk(kvt_trace_reader *r, int l, int qkind, int Hq, int Hkv, int T,

@@ -27,7 +27,8 @@
  * The budgets need every layer's statistics, so bind reads each layer's keys and queries (the
  * stored window queries when they hold the instruction, else Q_all, one head at a time) before
  * any layer is replayed and keeps each layer's importances, L x H' x T floats; a single-layer
- * replay is refused.
+ * replay is refused. The layers are shared out among the replay's threads
+ * (kvt_bind_each_layer), and an error is the lowest failed layer's.
  */
 #include <math.h>
 #include <string.h>
@@ -220,6 +221,12 @@ out:
     return st;
 }
 
+/* kvt_bind_each_layer's call of layer l (each writes its own scores, strength and skewness) */
+static kvt_status aic_layer(void *arg, int l)
+{
+    return layer_aic(arg, l);
+}
+
 /* each layer's weight over the largest, from the strengths and skewnesses [L] */
 void kvt_aircache_weights(const double *strength, const double *skew, int L, double *weight)
 {
@@ -293,8 +300,10 @@ static kvt_status bind_aic(const kvt_policy *p, const char *path, int L, int Hq,
                   .scale = kvt_bind_trace_scale(r, pl.D),
                   .strength = strength,
                   .skew = skew};
-    for (int l = 0; l < L && !st; l++)
-        st = layer_aic(&w, l);
+    /* the layers on the replay's threads, each holding one layer's work arrays */
+    const uint64_t per = (uint64_t)T * pl.D * 12 + (uint64_t)(Hq + s->H) * T * 8 +
+                         (uint64_t)T * 16 + (uint64_t)pl.nq[0] * pl.D * 4;
+    st = kvt_bind_each_layer(L, per, aic_layer, &w);
     if (!st)
         kvt_aircache_weights(strength, skew, L, s->weight);
 out:

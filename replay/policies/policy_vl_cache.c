@@ -25,12 +25,11 @@
  * The budgets need every layer's attention, so bind reads each layer's queries and keys before
  * any layer is replayed (the stored window queries when they hold the post-vision queries,
  * else Q_all, one head at a time) and keeps each layer's scores, L x H' x T floats; a
- * single-layer replay is refused. The layers are shared out among the replay's threads (a
- * thread per core by default; its workers have not started yet), and an error is the lowest
- * failed layer's.
+ * single-layer replay is refused. The layers are shared out among the replay's threads
+ * (kvt_bind_each_layer: a thread per core by default; its workers have not started yet), and
+ * an error is the lowest failed layer's.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -38,9 +37,8 @@
 #include "../replay_internal.h"
 #include "kvt_trace.h"
 
-#define VLC_BLOCK       128 /* post-vision queries per dense product */
-#define VLC_MAX_THREADS 64
-#define VLC_TIE         1e-9 /* remainders closer than this tie (the lower layer first) */
+#define VLC_BLOCK 128  /* post-vision queries per dense product */
+#define VLC_TIE   1e-9 /* remainders closer than this tie (the lower layer first) */
 
 typedef struct vlc_state {
     int L, T, H;
@@ -73,8 +71,6 @@ typedef struct vlc_work {
     const int *nq; /* [L] stored queries of each layer */
     int qkind, Hq, Hkv, D, used;
     double scale; /* the softmax scale (the header's, or 1/sqrt(D)) */
-    int next;     /* the next layer to take (atomic) */
-    int stop;     /* a layer failed (atomic) */
 } vlc_work;
 
 /* Layer l's density and its heads' scores [H', T] into w->s: the last `used` of its nq
@@ -162,53 +158,10 @@ out:
     return st;
 }
 
-typedef struct vlc_thread {
-    vlc_work *w;
-    int layer; /* the layer that failed, or -1 */
-    kvt_status st;
-    char msg[512];
-} vlc_thread;
-
-static void *vlc_run(void *arg)
+/* kvt_bind_each_layer's call of layer l */
+static kvt_status vlc_layer(void *arg, int l)
 {
-    vlc_thread *th = arg;
-    vlc_work *w = th->w;
-    const int L = w->s->L;
-    for (;;) {
-        const int l = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
-        if (l >= L || __atomic_load_n(&w->stop, __ATOMIC_RELAXED))
-            break;
-        kvt_status st = layer_post(w, l);
-        if (st) { /* the message is this thread's: kept for the caller */
-            th->layer = l, th->st = st;
-            snprintf(th->msg, sizeof(th->msg), "%s", kvt_error_msg());
-            __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
-            break;
-        }
-    }
-    return NULL;
-}
-
-/* every layer through n_th threads (the calling one among them); the lowest failed layer's
- * error, as one thread would have met it first */
-static kvt_status vlc_layers(vlc_work *w, int n_th)
-{
-    vlc_thread th[VLC_MAX_THREADS];
-    pthread_t tid[VLC_MAX_THREADS];
-    bool started[VLC_MAX_THREADS] = {false};
-    for (int i = 0; i < n_th; i++)
-        th[i] = (vlc_thread){.w = w, .layer = -1};
-    for (int i = 1; i < n_th; i++)
-        started[i] = !pthread_create(&tid[i], NULL, vlc_run, &th[i]);
-    vlc_run(&th[0]);
-    for (int i = 1; i < n_th; i++)
-        if (started[i])
-            pthread_join(tid[i], NULL);
-    int worst = -1;
-    for (int i = 0; i < n_th; i++)
-        if (th[i].layer >= 0 && (worst < 0 || th[i].layer < th[worst].layer))
-            worst = i;
-    return worst < 0 ? KVT_OK : kvt_error_set(th[worst].st, "%s", th[worst].msg);
+    return layer_post(arg, l);
 }
 
 /* kvt_replay_check_trace: the refusals of bind that the header and shapes decide */
@@ -247,16 +200,10 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
                            L, s->H, T);
         goto out;
     }
-    /* threads up to the cores and the layers, each holding one layer's work arrays */
+    /* the layers on the replay's threads, each holding one layer's work arrays */
     const int D = pl.D;
     const uint64_t per = ((uint64_t)T * D * 12 + (uint64_t)VLC_BLOCK * T * 8 +
                           (uint64_t)(Hq + s->H) * T * 8 + (uint64_t)pl.nq[0] * D * 4);
-    const uint64_t avail = kvt_mem_available();
-    int n_th = kvt_bind_threads() > 0 ? kvt_bind_threads() : kvt_cpu_count();
-    n_th = n_th < L ? n_th : L;
-    n_th = n_th < VLC_MAX_THREADS ? n_th : VLC_MAX_THREADS;
-    if (avail && (uint64_t)n_th * per > avail / 2)
-        n_th = (int)(avail / 2 / per);
     vlc_work w = {.r = r,
                   .o = &p->o,
                   .s = s,
@@ -267,7 +214,7 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
                   .D = D,
                   .used = pl.used,
                   .scale = kvt_bind_trace_scale(r, D)};
-    st = vlc_layers(&w, n_th > 1 ? n_th : 1);
+    st = kvt_bind_each_layer(L, per, vlc_layer, &w);
 out:
     if (r)
         kvt_trace_reader_close(r);
