@@ -1011,28 +1011,52 @@ static kvt_status vc_sink(void *user, int layer, const kvt_selection_rec *recs, 
     return KVT_OK;
 }
 
+/* replay spec on the trace at path on n_threads (its bind's too) into *s: head 0's kept sets */
+static kvt_status vc_run(const char *path, const char *spec, const char *budgets, int n_threads,
+                         vc_sets *s, kvt_budget **bud, size_t *nb)
+{
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
+    KVT_CHECK(kvt_budgets_parse(budgets, bud, nb));
+    memset(s, 0, sizeof(*s));
+    kvt_replay_opts o = {
+        .n_threads = n_threads, .coverage_probes = -1, .sink = vc_sink, .sink_user = s};
+    kvt_trace_result *res = NULL;
+    kvt_status st = kvt_replay_trace(path, &p, 1, *bud, *nb, &o, &res);
+    KVT_EXPECT_MSG(st == KVT_OK, "%s: %s", spec, kvt_error_msg());
+    kvt_trace_result_free(res);
+    kvt_policy_free(p);
+    return st;
+}
+
 /* replay spec on the trace at path and compare head 0's kept sets of layers 0 and 1 */
 static void vc_expect(const char *path, const char *spec, const char *budgets,
                       const char *const want[][2])
 {
-    kvt_policy *p = NULL;
-    KVT_CHECK(kvt_policy_create(spec, NULL, &p));
     kvt_budget *bud;
     size_t nb;
-    KVT_CHECK(kvt_budgets_parse(budgets, &bud, &nb));
     vc_sets s;
-    memset(&s, 0, sizeof(s));
-    kvt_replay_opts o = {.n_threads = 1, .coverage_probes = -1, .sink = vc_sink, .sink_user = &s};
-    kvt_trace_result *res = NULL;
-    kvt_status st = kvt_replay_trace(path, &p, 1, bud, nb, &o, &res);
-    KVT_EXPECT_MSG(st == KVT_OK, "%s: %s", spec, kvt_error_msg());
+    kvt_status st = vc_run(path, spec, budgets, 1, &s, &bud, &nb);
     for (size_t b = 0; b < nb && !st; b++)
         for (int l = 0; l < 2; l++)
             KVT_EXPECT_MSG(!strcmp(s.kept[l][b], want[b][l]), "%s B=%s layer %d: {%s}, want {%s}",
                            spec, bud[b].text, l, s.kept[l][b], want[b][l]);
-    kvt_trace_result_free(res);
     kvt_free(bud);
-    kvt_policy_free(p);
+}
+
+/* the bind's layers on two threads (kvt_bind_each_layer; ThreadSanitizer runs this test): the
+   same kept sets as on one */
+static void vc_same_threads(const char *path, const char *spec, const char *budgets)
+{
+    kvt_budget *b1, *b2;
+    size_t n1, n2;
+    vc_sets s1, s2;
+    const kvt_status st1 = vc_run(path, spec, budgets, 1, &s1, &b1, &n1);
+    const kvt_status st2 = vc_run(path, spec, budgets, 2, &s2, &b2, &n2);
+    KVT_EXPECT_MSG(st1 || st2 || (s1.kept[1][0][0] && !memcmp(&s1, &s2, sizeof(s1))),
+                   "%s: other sets on two threads", spec);
+    kvt_free(b1);
+    kvt_free(b2);
 }
 
 /* vl-cache on 2 layers, T = 8, one head, image tokens 2..4: the post-vision queries are
@@ -1084,6 +1108,9 @@ static void test_vl_cache(void)
     /* threshold=0: nothing is sparse, every layer keeps B */
     const char *const want_t[][2] = {{"0,2,5", "0,1,2"}};
     vc_expect(path, "vl-cache:threshold=0", "3", want_t);
+    vc_same_threads(path, "vl-cache", "2,3,4,6,7,8");
+    vc_same_threads(path, "aircache-like", "2,3,4,6,7,8");
+    vc_same_threads(path, "aircache-like:heads=query,threshold=0", "2,4,7");
     /* one layer alone is refused: its budget needs every layer */
     kvt_policy *p = NULL;
     KVT_CHECK(kvt_policy_create("vl-cache", NULL, &p));
