@@ -179,6 +179,18 @@ void kvt_post_vision_free(kvt_post_vision *pl)
     pl->mod = NULL;
 }
 
+kvt_status kvt_post_vision_check(const kvt_policy *p, const char *path, int L, int Hq, int Hkv,
+                                 int T)
+{
+    kvt_trace_reader *r = NULL;
+    kvt_post_vision pl;
+    KVT_FORWARD(kvt_trace_reader_open(path, &r));
+    kvt_status st = kvt_post_vision_plan(r, p->def->name, p->o.last, L, Hq, Hkv, T, &pl);
+    kvt_post_vision_free(&pl);
+    kvt_trace_reader_close(r);
+    return st;
+}
+
 /* ---- kvt_bind_each_layer ---- */
 #define BIND_MAX_THREADS 64
 

@@ -76,10 +76,9 @@ static kvt_status parse_text(const char *policy, const char *path, const char *s
     return KVT_OK;
 }
 
-kvt_status kvt_layer_weights_read(const char *policy, const char *path, double **w_out, int *n_out)
+kvt_status kvt_layer_weights_read(const char *policy, const char *path, kvt_layer_weights *lw)
 {
-    *w_out = NULL;
-    *n_out = 0;
+    memset(lw, 0, sizeof(*lw));
     double *w = NULL;
     int n = 0, cap = 0;
     kvt_status st = KVT_OK;
@@ -118,32 +117,43 @@ kvt_status kvt_layer_weights_read(const char *policy, const char *path, double *
         kvt_free(w);
         return st;
     }
-    *w_out = w;
-    *n_out = n;
-    return KVT_OK;
-}
-
-void kvt_layer_budgets(const kvt_policy *p, int layer, const int *B, const double *frac, int n_b,
-                       int *Bl, double *fl)
-{
-    double sum = 0, top = 0, div = 1; /* weights near DBL_MAX: divided by the largest */
-    for (int i = 0; i < p->n_layer_w; i++) {
-        sum += p->layer_w[i];
-        top = p->layer_w[i] > top ? p->layer_w[i] : top;
+    /* the sum the budgets divide by, once: weights near DBL_MAX divided by the largest */
+    double sum = 0, top = 0, div = 1;
+    for (int i = 0; i < n; i++) {
+        sum += w[i];
+        top = w[i] > top ? w[i] : top;
     }
     if (!isfinite(sum)) {
         div = top, sum = 0;
-        for (int i = 0; i < p->n_layer_w; i++)
-            sum += p->layer_w[i] / div;
+        for (int i = 0; i < n; i++)
+            sum += w[i] / div;
     }
+    *lw = (kvt_layer_weights){.w = w, .n = n, .div = div, .sum = sum};
+    return KVT_OK;
+}
+
+void kvt_layer_budgets(const kvt_layer_weights *lw, int layer, const int *B, const double *frac,
+                       int n_b, int *Bl, double *fl)
+{
     /* x * w_l / mean(w) as (x * w_l * L) / sum: one rounding after exact products when the
        weights are integers (a recommend --write-allocation file), so such a layer gets exactly
        its share */
-    const double wn = p->layer_w[layer] / div * p->n_layer_w;
+    const double wn = lw->w[layer] / lw->div * lw->n;
     for (int b = 0; b < n_b; b++) {
-        double x = floor((double)B[b] * wn / sum + 0.5);
+        double x = floor((double)B[b] * wn / lw->sum + 0.5);
         Bl[b] = !(x >= 1) ? 1 : x > 1e9 ? 1000000000 : (int)x;
         if (fl)
-            fl[b] = frac[b] * wn / sum;
+            fl[b] = frac[b] * wn / lw->sum;
     }
+}
+
+int kvt_layer_budget_min(const kvt_layer_weights *lw, int B)
+{
+    int m = B;
+    for (int l = 0; lw->w && l < lw->n; l++) {
+        int Bl;
+        kvt_layer_budgets(lw, l, &B, NULL, 1, &Bl, NULL);
+        m = l == 0 || Bl < m ? Bl : m;
+    }
+    return m;
 }

@@ -55,6 +55,10 @@ typedef enum {
     O_METHOD,
     O_MERGE
 } okind;
+/* the generic options' groups (opt_group): taken by every policy of a kind (group_ok) besides
+   its own keys, and listed in its options only when set (group_set); G_OWN: a policy's own,
+   taken when its keys name it */
+enum { G_OWN, G_THINK, G_LAYERS, G_CHUNK };
 typedef struct opt_desc {
     const char *key;
     okind kind;
@@ -159,18 +163,15 @@ static const opt_desc opts_table[] = {
      "CriticalKV: .npy [layers, KV heads, tokens] of ||W_o v||_1 (kvtrace.critical_norms)"},
     {"first", O_DBL, OFF(first), 0, 1, "CriticalKV: first_stage_ratio"},
     {"ceps", O_DBL, OFF(ceps), 0, 1e9, "CriticalKV: epsilon added to the scores"},
-    /* every policy whose kept set is a plain, fixed one (think_ok) */
     {"think", O_DBL, OFF(think), 0, 1,
      "ThinK: share of key channels zeroed in the kept keys, by query-weighted energy (0: off)"},
     {"think_window", O_INT, OFF(think_window), 1, 1e6,
      "think: the last window queries that score the channels"},
     {"think_recent", O_INT, OFF(think_recent), 0, 1e9,
      "think: the last prompt tokens whose keys keep every channel"},
-    /* every policy that takes one budget for every layer (lw_ok) */
     {"layer_weights", O_STR, OFF(layer_weights), 0, 0,
      "each layer's share of the budget: one weight > 0 per layer (text or .npy); layer l keeps "
      "B * w_l / mean(w)"},
-    /* every policy that keeps a plain set of prompt tokens (chunk_ok) */
     {"chunk_length", O_INT, OFF(chunk_length), 1, 1e9,
      "the budget shared over chunks of this many tokens, each keeping its share of them by the "
      "policy's ranking (FinchPress's chunk_length; 0: off)"},
@@ -191,32 +192,50 @@ static bool key_accepted(const kvt_policy_def *d, const char *key)
     return false;
 }
 
-/* think=, think_window=, think_recent=: taken by every policy that keeps a fixed set of plain
- * entries (not one that merges them by definition, or selects per decode step) */
-static bool is_think_key(const char *key)
+static int opt_group(const opt_desc *od)
 {
-    return !strcmp(key, "think") || !strcmp(key, "think_window") || !strcmp(key, "think_recent");
+    const char *k = od->key;
+    return !strcmp(k, "think") || !strcmp(k, "think_window") || !strcmp(k, "think_recent") ? G_THINK
+           : !strcmp(k, "layer_weights") ? G_LAYERS
+           : !strcmp(k, "chunk_length")  ? G_CHUNK
+                                         : G_OWN;
 }
 
-static bool think_ok(const kvt_policy_def *d)
+/* whether policy d takes the generic options of group g:
+ * think=, think_window=, think_recent=: every policy that keeps a fixed set of plain entries
+ *   (not one that merges them by definition, or selects per decode step);
+ * layer_weights=: every policy that gives each layer the same budget (not one that shares the
+ *   budget out over the layers itself, nor full);
+ * chunk_length=: every policy that keeps a plain set of prompt tokens ranked by it (not one that
+ *   merges by definition, selects per decode step, shares the budget over the layers itself,
+ *   or keeps everything) */
+static bool group_ok(const kvt_policy_def *d, int g)
 {
-    return !(d->flags & (KVT_POLICY_MERGED | KVT_POLICY_PER_STEP));
+    const unsigned merged_or_step = KVT_POLICY_MERGED | KVT_POLICY_PER_STEP;
+    switch (g) {
+    case G_THINK:
+        return !(d->flags & merged_or_step);
+    case G_LAYERS:
+        return !(d->flags & KVT_POLICY_LAYER_BUDGETS);
+    case G_CHUNK:
+        return !(d->flags & (merged_or_step | KVT_POLICY_LAYER_BUDGETS)) &&
+               d != &kvt_policy_def_elastic_cache;
+    }
+    return false;
 }
 
-/* layer_weights=: taken by every policy that gives each layer the same budget (not one that
- * shares the budget out over the layers itself, nor full) */
-static bool lw_ok(const kvt_policy_def *d)
+/* whether the options o set group g (then listed in the policy's options) */
+static bool group_set(const kvt_policy_opts *o, int g)
 {
-    return !(d->flags & KVT_POLICY_LAYER_BUDGETS);
+    return g == G_THINK    ? o->think > 0
+           : g == G_LAYERS ? o->layer_weights != NULL
+           : g == G_CHUNK  ? o->chunk_length > 0
+                           : false;
 }
 
-/* chunk_length=: taken by every policy that keeps a plain set of prompt tokens ranked by it
- * (not one that merges by definition, selects per decode step, shares the budget over the
- * layers itself, or keeps everything) */
-static bool chunk_ok(const kvt_policy_def *d)
+static bool opt_accepted(const kvt_policy_def *d, const opt_desc *od)
 {
-    return !(d->flags & (KVT_POLICY_MERGED | KVT_POLICY_PER_STEP | KVT_POLICY_LAYER_BUDGETS)) &&
-           d != &kvt_policy_def_elastic_cache;
+    return key_accepted(d, od->key) || group_ok(d, opt_group(od));
 }
 
 static const opt_desc *find_opt(const char *key)
@@ -291,15 +310,13 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
 {
     const kvt_policy_def *d = p->def;
     const opt_desc *od = find_opt(key);
-    if (!od || !(key_accepted(d, key) || (is_think_key(key) && think_ok(d)) ||
-                 (!strcmp(key, "layer_weights") && lw_ok(d)) ||
-                 (!strcmp(key, "chunk_length") && chunk_ok(d)))) {
-        char more[128];
-        snprintf(more, sizeof(more), "%s%s%s%s",
-                 think_ok(d) ? "think,think_window,think_recent" : "",
-                 think_ok(d) && lw_ok(d) ? "," : "", lw_ok(d) ? "layer_weights" : "",
-                 chunk_ok(d) ? ",chunk_length" : "");
-        if (!strcmp(key, "layer_weights"))
+    if (!od || !opt_accepted(d, od)) {
+        char more[128] = ""; /* the generic options d takes */
+        for (size_t i = 0; i < N_OPTS; i++)
+            if (group_ok(d, opt_group(&opts_table[i])))
+                snprintf(more + strlen(more), sizeof(more) - strlen(more), "%s%s",
+                         more[0] ? "," : "", opts_table[i].key);
+        if (od && opt_group(od) == G_LAYERS)
             return kvt_error_set(KVT_ERR_INVALID_ARG,
                                  "%s: layer_weights= is for a policy that gives every layer the "
                                  "same budget; %s %s",
@@ -513,7 +530,7 @@ void kvt_policy_free(kvt_policy *p)
     kvt_free(p->o.filters);
     kvt_free(p->o.critical);
     kvt_free(p->o.layer_weights);
-    kvt_free(p->layer_w);
+    kvt_free(p->lw.w);
     kvt_npy_destroy(p->crit);
     kvt_free(p->label);
     kvt_free(p);
@@ -624,8 +641,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
     }
     if (d->init && (st = d->init(p)))
         goto out_fail;
-    if (p->o.layer_weights &&
-        (st = kvt_layer_weights_read(d->name, p->o.layer_weights, &p->layer_w, &p->n_layer_w)))
+    if (p->o.layer_weights && (st = kvt_layer_weights_read(d->name, p->o.layer_weights, &p->lw)))
         goto out_fail;
     if (p->o.critical) { /* CriticalKV's ||W_o v|| of one trace */
         if ((p->o.adaptive || d == &kvt_policy_def_adakv) && p->o.alloc != 'b') {
@@ -892,10 +908,7 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     len += (size_t)snprintf(out, cap, "%s", json ? "{" : "");
     bool first = true;
     for (size_t i = 0; i < N_OPTS; i++) {
-        if (!key_accepted(d, opts_table[i].key) &&
-            !(is_think_key(opts_table[i].key) && o->think > 0) &&
-            !(!strcmp(opts_table[i].key, "layer_weights") && o->layer_weights) &&
-            !(!strcmp(opts_table[i].key, "chunk_length") && o->chunk_length > 0))
+        if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
             continue;
         char val[1200];
         opt_value(o, &opts_table[i], json, val, sizeof(val));

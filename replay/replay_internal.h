@@ -100,6 +100,16 @@ typedef struct kvt_policy_opts {
 typedef struct kvt_layer_ctx kvt_layer_ctx;
 typedef struct kvt_policy_def kvt_policy_def;
 
+/** layer_weights=FILE's weights, and what every layer's budget is computed from
+ *  (layer_weights.c). */
+typedef struct kvt_layer_weights {
+    double *w; /* [n] each > 0 (owned), or NULL: every layer the budget */
+    int n;
+    double div; /* the weights are taken divided by this (their largest when their sum
+                   overflows, else 1) */
+    double sum; /* the sum of w / div */
+} kvt_layer_weights;
+
 struct kvt_policy {
     const kvt_policy_def *def;
     kvt_policy_opts o;
@@ -107,8 +117,7 @@ struct kvt_policy {
     void *state;          /* loaded files, owned (def->fini frees) */
     struct kvt_npy *crit; /* critical=FILE's array, owned, or NULL */
     bool one_trace;       /* its files describe one trace (kvt_policy_one_trace) */
-    double *layer_w;      /* [n_layer_w] layer_weights=FILE's weights (owned), or NULL */
-    int n_layer_w;
+    kvt_layer_weights lw; /* layer_weights=FILE's (lw.w NULL without) */
 };
 
 /** A policy: one file in replay/policies/ exports one of these, and policies/policy_list.h
@@ -410,15 +419,17 @@ kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_s
  *  or per-step sets. */
 kvt_status kvt_sel_chunk(const kvt_layer_ctx *c, const char *policy, int C, const int *B,
                          const double *frac, int n_b, kvt_layer_selection *sel);
-/** layer_weights=FILE's weights (layer_weights.c): a .npy of one dimension, or text numbers
- *  separated by blanks, commas or newlines (a JSON array too; '#' comments), each finite and
- *  > 0. *w [*n] (kvt_free). Errors name the policy and the file. */
-kvt_status kvt_layer_weights_read(const char *policy, const char *path, double **w, int *n);
-/** Layer `layer`'s budgets under p's layer weights (p->layer_w set, layer < p->n_layer_w):
- *  Bl[b] = max(1, floor(B[b] * w_l / mean(w) + 0.5)); fl[b] = frac[b] * w_l / mean(w) when fl
- *  is not NULL (frac then not NULL). */
-void kvt_layer_budgets(const kvt_policy *p, int layer, const int *B, const double *frac, int n_b,
-                       int *Bl, double *fl);
+/** layer_weights=FILE's weights into *lw (layer_weights.c): a .npy of one dimension, or text
+ *  numbers separated by blanks, commas or newlines (a JSON array too; '#' comments), each
+ *  finite and > 0. lw->w is the caller's to kvt_free. Errors name the policy and the file. */
+kvt_status kvt_layer_weights_read(const char *policy, const char *path, kvt_layer_weights *lw);
+/** Layer `layer`'s budgets under the weights lw (layer < lw->n): Bl[b] = max(1, floor(B[b] *
+ *  w_l / mean(w) + 0.5)); fl[b] = frac[b] * w_l / mean(w) when fl is not NULL (frac then not
+ *  NULL). */
+void kvt_layer_budgets(const kvt_layer_weights *lw, int layer, const int *B, const double *frac,
+                       int n_b, int *Bl, double *fl);
+/** The smallest layer's budget at budget B under lw (B itself without weights, lw->w NULL). */
+int kvt_layer_budget_min(const kvt_layer_weights *lw, int B);
 /** Every head's ranking (order, after kvt_sel_init with fixed) StreamingLLM's: the first
  *  `sinks` tokens, then the rest from the most recent backwards. */
 void kvt_sel_streaming_order(kvt_layer_selection *s, int sinks);
@@ -532,6 +543,10 @@ typedef struct kvt_post_vision {
 kvt_status kvt_post_vision_plan(kvt_trace_reader *r, const char *policy, int last, int L, int Hq,
                                 int Hkv, int T, kvt_post_vision *pl);
 void kvt_post_vision_free(kvt_post_vision *pl);
+/** The check hook of vl-cache and aircache-like: kvt_post_vision_plan's refusals for the trace
+ *  at path (the policy's last=), without reading a tensor. */
+kvt_status kvt_post_vision_check(const kvt_policy *p, const char *path, int L, int Hq, int Hkv,
+                                 int T);
 /** The check hooks of cake and chunkkv: layers 0, step, 2 step... of the trace at path have
  *  window queries and keys (kvt_bind_check_qk) and at least W window queries. */
 kvt_status kvt_bind_check_windows(const char *path, const char *policy, int L, int step, int Hq,

@@ -980,16 +980,6 @@ static void parse_rope(const cJSON *hdr, run_shared *sh)
     sh->rope_known = true;
 }
 
-/* every budget above the prompt's T tokens: the short-prompt rule keeps the whole prompt,
- * whatever the policy (run_select), which then needs none of the trace's window queries */
-static bool short_prompt(const kvt_budget *budgets, size_t n_budgets, int T)
-{
-    for (size_t b = 0; b < n_budgets; b++)
-        if (kvt_budget_tokens(&budgets[b], T) <= T)
-            return false;
-    return n_budgets > 0;
-}
-
 /* Open the trace at path into sh (reader, shape, tensors present; *hdr_out its parsed header,
  * both for the caller to free, also on failure), check the header against layer 0's records
  * and these policies against what the trace holds (stored window queries unless the budgets
@@ -1093,18 +1083,18 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
     sh->has_qall = has_kind(sh->rd, 0, KVT_KIND_Q_ALL, NULL, NULL, NULL, NULL);
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
-        KVT_RETURN_IF(pols[p]->layer_w && pols[p]->n_layer_w != sh->L, KVT_ERR_INVALID_ARG,
+        KVT_RETURN_IF(pols[p]->lw.w && pols[p]->lw.n != sh->L, KVT_ERR_INVALID_ARG,
                       "%s: policy %s: layer_weights=%s has %d weights; the trace has %d layers "
                       "(one weight per layer)",
-                      path, kvt_policy_label(pols[p]), pols[p]->o.layer_weights, pols[p]->n_layer_w,
+                      path, kvt_policy_label(pols[p]), pols[p]->o.layer_weights, pols[p]->lw.n,
                       sh->L);
-        bool whole = short_prompt(budgets, n_budgets, sh->T);
-        for (int l = 0; whole && pols[p]->layer_w && l < sh->L; l++) /* each layer's budgets */
-            for (size_t b = 0; whole && b < n_budgets; b++) {
-                int B = kvt_budget_tokens(&budgets[b], sh->T), Bl;
-                kvt_layer_budgets(pols[p], l, &B, NULL, 1, &Bl, NULL);
-                whole = Bl > sh->T;
-            }
+        /* every layer's every budget above the prompt's T tokens: the short-prompt rule keeps
+           the whole prompt, whatever the policy (run_select), which then needs none of the
+           trace's window queries */
+        bool whole = n_budgets > 0;
+        for (size_t b = 0; whole && b < n_budgets; b++)
+            whole =
+                kvt_layer_budget_min(&pols[p]->lw, kvt_budget_tokens(&budgets[b], sh->T)) > sh->T;
         KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W && !whole,
                       KVT_ERR_INVALID_ARG,
                       "%s: policy %s: window=%d needs %d stored window queries; the trace has %d "
@@ -1265,15 +1255,8 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
             st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
             goto out_free;
         }
-        for (size_t p = 0; p < n_pol; p++) { /* each run's smallest layer budget */
-            int *mb = &res->min_budget[p * n_budgets + b];
-            *mb = btok[b];
-            for (int l = 0; pols[p]->layer_w && l < sh.L; l++) {
-                int Bl;
-                kvt_layer_budgets(pols[p], l, &btok[b], NULL, 1, &Bl, NULL);
-                *mb = l == 0 || Bl < *mb ? Bl : *mb;
-            }
-        }
+        for (size_t p = 0; p < n_pol; p++) /* each run's smallest layer budget */
+            res->min_budget[p * n_budgets + b] = kvt_layer_budget_min(&pols[p]->lw, btok[b]);
     }
     uint32_t h, t, d;
     if (has_kind(sh.rd, -1, KVT_KIND_MODALITY, &h, &t, &d, NULL) && (int)t == sh.T) {

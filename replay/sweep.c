@@ -986,12 +986,12 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     int *Bl = NULL;
     double *fl = NULL;
     const double *frac = c->budget_frac;
-    if (p->layer_w) {
-        KVT_RETURN_IF(p->n_layer_w != c->n_layers || c->layer < 0 || c->layer >= c->n_layers,
+    if (p->lw.w) {
+        KVT_RETURN_IF(p->lw.n != c->n_layers || c->layer < 0 || c->layer >= c->n_layers,
                       KVT_ERR_INVALID_ARG,
                       "%s: layer_weights=%s has %d weights; the trace has %d layers (one weight "
                       "per layer)",
-                      p->def->name, p->o.layer_weights, p->n_layer_w, c->n_layers);
+                      p->def->name, p->o.layer_weights, p->lw.n, c->n_layers);
         Bl = kvt_malloc((size_t)(n_b > 0 ? n_b : 1) * sizeof(int));
         fl = frac ? kvt_malloc((size_t)(n_b > 0 ? n_b : 1) * sizeof(double)) : NULL;
         if (!Bl || (frac && !fl)) {
@@ -999,7 +999,7 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
             kvt_free(fl);
             return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         }
-        kvt_layer_budgets(p, c->layer, B, frac, n_b, Bl, fl);
+        kvt_layer_budgets(&p->lw, c->layer, B, frac, n_b, Bl, fl);
         B = Bl;
         c->budget_frac = fl;
     }
@@ -1360,7 +1360,7 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                 goto out_free;
             /* the run's own oracle at the same settings (window, granularity) is this one */
             for (size_t p = 0; p < n_pol && !orcp[gq]; p++)
-                if (pols[p]->def == oracle_pol[gq]->def && !pols[p]->layer_w &&
+                if (pols[p]->def == oracle_pol[gq]->def && !pols[p]->lw.w &&
                     pols[p]->o.window == oracle_pol[gq]->o.window && sels[p].per_query == gq)
                     orcp[gq] = &sels[p];
             if (!orcp[gq]) {
@@ -1373,11 +1373,10 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
        budgets of this layer */
     for (size_t p = 0; p < n_pol; p++) {
         orc_of[p] = orcp[sels[p].per_query];
-        if (!orc_of[p] || !pols[p]->layer_w)
+        if (!orc_of[p] || !pols[p]->lw.w)
             continue;
         kvt_policy olw = *oracle_pol[sels[p].per_query];
-        olw.layer_w = pols[p]->layer_w, olw.n_layer_w = pols[p]->n_layer_w;
-        olw.o.layer_weights = pols[p]->o.layer_weights;
+        olw.lw = pols[p]->lw, olw.o.layer_weights = pols[p]->o.layer_weights;
         if ((st = run_select(&c, &olw, budget_tokens, n_b, &orc_lw[p])))
             goto out_free;
         orc_of[p] = &orc_lw[p];

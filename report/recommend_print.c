@@ -160,25 +160,45 @@ static bool takes_layer_weights(const char *name)
     return false;
 }
 
+/* whether every layer's allocated budget keeps the same tokens on every trace (and one meets
+ * the target on every layer) */
+static bool alloc_in_tokens(const kvt_recommendation *rec, const kvt_results *r)
+{
+    for (int l = 0; l < rec->n_layers; l++)
+        if (rec->layer_alloc[l] < 0 || !same_tokens(r, (size_t)rec->layer_alloc[l]))
+            return false;
+    return rec->n_layers > 0;
+}
+
+/* layer l's allocated budget as a weight: its tokens, or its share of the prompt */
+static double alloc_weight(const kvt_recommendation *rec, const kvt_results *r, int l, bool tokens)
+{
+    const size_t b = (size_t)rec->layer_alloc[l];
+    return tokens ? kvt_report_kept_tokens(r->traces[0], b) : r->budgets[b].value;
+}
+
+static double alloc_mean(const kvt_recommendation *rec, const kvt_results *r, bool tokens)
+{
+    double sum = 0;
+    for (int l = 0; l < rec->n_layers; l++)
+        sum += alloc_weight(rec, r, l, tokens);
+    return sum / rec->n_layers;
+}
+
 /* an allocation of unequal measured budgets against the uniform budget at its mean, which
  * costs about the same: when no measured budget keeps that many tokens, say how to compare
  * them (picked from a coarse grid, such an allocation can lose to it; analysis/RESULTS.md,
  * layer_weights=) */
 static void alloc_note(const kvt_recommendation *rec, const kvt_results *r, FILE *f)
 {
-    bool mixed = false, tokens = rec->layer_alloc[0] >= 0;
-    double sum = 0;
+    bool mixed = false, tokens = alloc_in_tokens(rec, r);
     for (int l = 0; l < rec->n_layers && tokens; l++) {
-        const int b = rec->layer_alloc[l];
-        tokens = b >= 0 && same_tokens(r, (size_t)b) && !rec->budget_keeps_all[b];
-        if (tokens) {
-            sum += kvt_report_kept_tokens(r->traces[0], (size_t)b);
-            mixed |= b != rec->layer_alloc[0];
-        }
+        tokens = !rec->budget_keeps_all[rec->layer_alloc[l]];
+        mixed |= rec->layer_alloc[l] != rec->layer_alloc[0];
     }
     if (!tokens || !mixed || !takes_layer_weights(r->policies[rec->policy].name))
         return;
-    const int mean = (int)floor(sum / rec->n_layers + 0.5);
+    const int mean = (int)floor(alloc_mean(rec, r, true) + 0.5);
     for (size_t b = 0; b < rec->n_budgets; b++)
         if (same_tokens(r, b) && kvt_report_kept_tokens(r->traces[0], b) == mean)
             return;
@@ -472,22 +492,15 @@ kvt_status kvt_recommendation_write_allocation(const kvt_recommendation *rec, co
 {
     KVT_RETURN_IF(!rec->found || rec->n_layers < 1, KVT_ERR_INVALID_ARG,
                   "no layer allocation to write: nothing meets the target");
-    bool tokens = true;
-    for (int l = 0; l < rec->n_layers; l++) {
+    for (int l = 0; l < rec->n_layers; l++)
         KVT_RETURN_IF(rec->layer_alloc[l] < 0, KVT_ERR_INVALID_ARG,
                       "no layer allocation to write: none meets the target");
-        tokens = tokens && same_tokens(r, (size_t)rec->layer_alloc[l]);
-    }
     /* a weight per layer: its budget's tokens, or (traces of different lengths) its share */
+    const bool tokens = alloc_in_tokens(rec, r);
     size_t cap = 1024 + (size_t)rec->n_layers * 32, len = 0;
     char *txt = kvt_malloc(cap);
     KVT_RETURN_IF(!txt, KVT_ERR_NOMEM, "out of memory");
-    double sum = 0;
-    for (int l = 0; l < rec->n_layers; l++) {
-        const size_t b = (size_t)rec->layer_alloc[l];
-        sum += tokens ? kvt_report_kept_tokens(r->traces[0], b) : r->budgets[b].value;
-    }
-    const double mean = sum / rec->n_layers;
+    const double mean = alloc_mean(rec, r, tokens);
     /* the label is the spec as given, unless label=NAME named it */
     const char *label = r->policies[rec->policy].label, *name = r->policies[rec->policy].name;
     const size_t nl = strlen(name);
@@ -518,14 +531,9 @@ kvt_status kvt_recommendation_write_allocation(const kvt_recommendation *rec, co
         tokens && mean != floor(mean) ? " (a whole number of tokens near it: within about a "
                                         "token of it)"
                                       : "");
-    for (int l = 0; l < rec->n_layers && len < cap; l++) {
-        const size_t b = (size_t)rec->layer_alloc[l];
-        if (tokens)
-            len += (size_t)snprintf(txt + len, cap - len, "%d\n",
-                                    kvt_report_kept_tokens(r->traces[0], b));
-        else
-            len += (size_t)snprintf(txt + len, cap - len, "%.17g\n", r->budgets[b].value);
-    }
+    for (int l = 0; l < rec->n_layers && len < cap; l++)
+        len += (size_t)snprintf(txt + len, cap - len, tokens ? "%.0f\n" : "%.17g\n",
+                                alloc_weight(rec, r, l, tokens));
     kvt_status st = len < cap ? kvt_write_file_atomic(path, txt, len ? len - 1 : 0)
                               : kvt_error_set(KVT_ERR_NOMEM, "allocation text too long");
     kvt_free(txt);

@@ -246,17 +246,6 @@ void kvt_aircache_weights(const double *strength, const double *skew, int L, dou
         weight[l] = top > 0 && weight[l] > 0 ? weight[l] / top : top > 0 ? 1e-12 : 1.0;
 }
 
-static kvt_status check_aic(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T)
-{
-    kvt_trace_reader *r = NULL;
-    kvt_post_vision pl;
-    KVT_FORWARD(kvt_trace_reader_open(path, &r));
-    kvt_status st = kvt_post_vision_plan(r, "aircache-like", p->o.last, L, Hq, Hkv, T, &pl);
-    kvt_post_vision_free(&pl);
-    kvt_trace_reader_close(r);
-    return st;
-}
-
 /* before the trace's first layer: every layer's importances and weight */
 static kvt_status bind_aic(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
                            void **state)
@@ -385,7 +374,7 @@ const kvt_policy_def kvt_policy_def_aircache_like = {
     .flags = KVT_POLICY_LIKE | KVT_POLICY_LAYER_BUDGETS,
     .defaults = d_aic,
     .bind = bind_aic,
-    .check = check_aic,
+    .check = kvt_post_vision_check,
     .unbind = unbind_aic,
     .select = sel_aic,
 };

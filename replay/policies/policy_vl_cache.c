@@ -164,18 +164,6 @@ static kvt_status vlc_layer(void *arg, int l)
     return layer_post(arg, l);
 }
 
-/* kvt_replay_check_trace: the refusals of bind that the header and shapes decide */
-static kvt_status check_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T)
-{
-    kvt_trace_reader *r = NULL;
-    kvt_post_vision pl;
-    KVT_FORWARD(kvt_trace_reader_open(path, &r));
-    kvt_status st = kvt_post_vision_plan(r, "vl-cache", p->o.last, L, Hq, Hkv, T, &pl);
-    kvt_post_vision_free(&pl);
-    kvt_trace_reader_close(r);
-    return st;
-}
-
 /* before the trace's first layer: every layer's density and scores */
 static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
                            void **state)
@@ -339,7 +327,7 @@ const kvt_policy_def kvt_policy_def_vl_cache = {
     .keys = "window,heads,reduce,threshold,last",
     .defaults = d_vlc,
     .bind = bind_vlc,
-    .check = check_vlc,
+    .check = kvt_post_vision_check,
     .unbind = unbind_vlc,
     .select = sel_vlc,
 };

@@ -44,14 +44,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     snprintf(spec, sizeof(spec), "snapkv:layer_weights=%s", path);
     p = NULL;
     if (kvt_policy_create(spec, NULL, &p) == KVT_OK) {
-        if (!p->layer_w || p->n_layer_w < 1)
+        if (!p->lw.w || p->lw.n < 1)
             abort();
         const int B[2] = {1, 1 << 20};
-        for (int l = 0; l < p->n_layer_w; l++) {
+        for (int l = 0; l < p->lw.n; l++) {
             int Bl[2];
-            if (!isfinite(p->layer_w[l]) || !(p->layer_w[l] > 0))
+            if (!isfinite(p->lw.w[l]) || !(p->lw.w[l] > 0))
                 abort();
-            kvt_layer_budgets(p, l, B, NULL, 2, Bl, NULL);
+            kvt_layer_budgets(&p->lw, l, B, NULL, 2, Bl, NULL);
             if (Bl[0] < 1 || Bl[1] < Bl[0])
                 abort();
         }

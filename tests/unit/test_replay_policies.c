@@ -1933,18 +1933,17 @@ static void test_layer_weights(void)
     snprintf(spec, sizeof(spec), "streamingllm:layer_weights=%s", path);
     kvt_policy *p = NULL;
     KVT_CHECK(kvt_policy_create(spec, NULL, &p));
-    KVT_EXPECT(p->n_layer_w == 70 && p->layer_w[0] == 1 && p->layer_w[68] == 1 &&
-               p->layer_w[69] == 8);
+    KVT_EXPECT(p->lw.n == 70 && p->lw.w[0] == 1 && p->lw.w[68] == 1 && p->lw.w[69] == 8);
     const int B[] = {1, 11, 77};
     const double f[] = {0.5, 0.5, 0.5};
     int Bl[3];
     double fl[3];
     /* sum 77, L 70: the last layer's w L / sum = 560/77 = 7.27: 7.27 -> 7, 80 -> 80, 560 */
-    kvt_layer_budgets(p, 69, B, f, 3, Bl, fl);
+    kvt_layer_budgets(&p->lw, 69, B, f, 3, Bl, fl);
     KVT_EXPECT_MSG(Bl[0] == 7 && Bl[1] == 80 && Bl[2] == 560, "%d %d %d", Bl[0], Bl[1], Bl[2]);
     KVT_EXPECT_NEAR(fl[0], 0.5 * 560 / 77, 1e-15);
     /* the others' 70/77 = 0.909: 0.909 -> 1, 10 -> 10, 70 -> 70 */
-    kvt_layer_budgets(p, 0, B, NULL, 3, Bl, NULL);
+    kvt_layer_budgets(&p->lw, 0, B, NULL, 3, Bl, NULL);
     KVT_EXPECT_MSG(Bl[0] == 1 && Bl[1] == 10 && Bl[2] == 70, "%d %d %d", Bl[0], Bl[1], Bl[2]);
     kvt_policy_free(p);
 
