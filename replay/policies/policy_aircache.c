@@ -108,10 +108,12 @@ static bool elite_row(const double *qe, const double *K, int D, double scale, co
     return true;
 }
 
-/* layer l: every query head's importance of the visual tokens, the selection heads' scores into
+/* layer l (arg: the aic_work; a call of kvt_bind_each_layer, which touches only layer l's
+ * part): every query head's importance of the visual tokens, the selection heads' scores into
  * s->score, the layer's strength and skewness */
-static kvt_status layer_aic(aic_work *w, int l)
+static kvt_status layer_aic(void *arg, int l)
 {
+    aic_work *w = arg;
     const kvt_post_vision *pl = w->pl;
     aic_state *s = w->s;
     const int T = s->T, D = w->D, Hq = w->Hq, Hkv = w->Hkv, Gs = Hq / Hkv, H = s->H;
@@ -221,12 +223,6 @@ out:
     return st;
 }
 
-/* kvt_bind_each_layer's call of layer l (each writes its own scores, strength and skewness) */
-static kvt_status aic_layer(void *arg, int l)
-{
-    return layer_aic(arg, l);
-}
-
 /* each layer's weight over the largest, from the strengths and skewnesses [L] */
 void kvt_aircache_weights(const double *strength, const double *skew, int L, double *weight)
 {
@@ -292,7 +288,7 @@ static kvt_status bind_aic(const kvt_policy *p, const char *path, int L, int Hq,
     /* the layers on the replay's threads, each holding one layer's work arrays */
     const uint64_t per = (uint64_t)T * pl.D * 12 + (uint64_t)(Hq + s->H) * T * 8 +
                          (uint64_t)T * 16 + (uint64_t)pl.nq[0] * pl.D * 4;
-    st = kvt_bind_each_layer(L, per, aic_layer, &w);
+    st = kvt_bind_each_layer(L, per, layer_aic, &w);
     if (!st)
         kvt_aircache_weights(strength, skew, L, s->weight);
 out:

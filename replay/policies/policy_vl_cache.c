@@ -73,11 +73,12 @@ typedef struct vlc_work {
     double scale; /* the softmax scale (the header's, or 1/sqrt(D)) */
 } vlc_work;
 
-/* Layer l's density and its heads' scores [H', T] into w->s: the last `used` of its nq
- * stored queries (positions T - used .. T - 1), one KV head's keys and one query head at a
- * time. */
-static kvt_status layer_post(const vlc_work *w, int l)
+/* Layer l's density and its heads' scores [H', T] into w->s (arg: the vlc_work; a call of
+ * kvt_bind_each_layer): the last `used` of its nq stored queries (positions T - used .. T - 1),
+ * one KV head's keys and one query head at a time. */
+static kvt_status layer_post(void *arg, int l)
 {
+    const vlc_work *w = arg;
     kvt_trace_reader *r = w->r;
     const kvt_policy_opts *o = w->o;
     const int qkind = w->qkind, nq = w->nq[l], Hq = w->Hq, Hkv = w->Hkv, T = w->s->T, D = w->D;
@@ -158,12 +159,6 @@ out:
     return st;
 }
 
-/* kvt_bind_each_layer's call of layer l */
-static kvt_status vlc_layer(void *arg, int l)
-{
-    return layer_post(arg, l);
-}
-
 /* before the trace's first layer: every layer's density and scores */
 static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
                            void **state)
@@ -202,7 +197,7 @@ static kvt_status bind_vlc(const kvt_policy *p, const char *path, int L, int Hq,
                   .D = D,
                   .used = pl.used,
                   .scale = kvt_bind_trace_scale(r, D)};
-    st = kvt_bind_each_layer(L, per, vlc_layer, &w);
+    st = kvt_bind_each_layer(L, per, layer_post, &w);
 out:
     if (r)
         kvt_trace_reader_close(r);
