@@ -4,10 +4,16 @@
  * (all of them when f >= 1), the ones the policy ranks highest. This is kvpress's FinchPress
  * with chunk_length (one ranking of the whole prompt, a top-k per chunk), and its ChunkPress
  * over a press whose score of a token depends on that token alone (KnormPress; QFilterPress
- * with given filters): ChunkPress scores each chunk as a prompt of its own, which other
- * scores see differently. The policy's ranking is kept within each chunk; its own head
- * budgets are replaced by the chunks' (every head keeps the same count). Nested budgets stay
- * nested, so one ranking serves them all; a policy with a ranking per budget keeps one. */
+ * with given filters). The policy's ranking is kept within each chunk; its own head budgets
+ * are replaced by the chunks' (every head keeps the same count). Nested budgets stay nested,
+ * so one ranking serves them all; a policy with a ranking per budget keeps one.
+ * ChunkPress over other presses scores each chunk as a prompt of its own: chunk_scores=own
+ * (kvt_sel_chunk_own) ranks each chunk with the policy's chunk_rank instead; snapkv's and
+ * tova's read the chunk's last queries from Q_all (kvt_chunk_window_mass), at their own
+ * positions, or with chunk_scores=kvpress turned to the positions of the prompt's last
+ * tokens, as kvpress's SnapKVPress.compute_window_attention rotates them (the layer's
+ * position embeddings, cos[:, -window_size:], are the whole prompt's). */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -119,5 +125,153 @@ out:
     kvt_free(ob);
     kvt_free(taken);
     kvt_free(f);
+    return st;
+}
+
+/* ---- chunk_scores=own|kvpress: each chunk ranked as a prompt of its own ---- */
+
+kvt_status kvt_sel_chunk_own(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                             kvt_layer_selection *sel)
+{
+    KVT_FORWARD(p->def->chunk_rank(c, p, p->o.chunk_length, n_b, sel));
+    kvt_counts_uniform(sel, B, n_b); /* kvt_sel_chunk sets each chunk's share */
+    return KVT_OK;
+}
+
+/* chunk [a, a + n) of local ranking loc [n] (indices 0..n-1) into head h's order */
+static void put_chunk(kvt_layer_selection *sel, int h, int a, int n, const int32_t *loc)
+{
+    int32_t *o = sel->order + (size_t)h * sel->T + a;
+    for (int i = 0; i < n; i++)
+        o[i] = a + loc[i];
+}
+
+kvt_status kvt_chunk_rank_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const double *x,
+                                   double sign, int C, int n_b, kvt_layer_selection *sel)
+{
+    const int T = c->T;
+    const int Cn = C < T ? C : T;
+    KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, p->o.window < T ? p->o.window : T, n_b, true));
+    double *s = kvt_malloc((size_t)Cn * sizeof(double));
+    int32_t *loc = kvt_malloc((size_t)Cn * sizeof(int32_t));
+    kvt_status st =
+        s && loc ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
+    for (int h = 0; h < sel->n_heads && !st; h++) {
+        const double *xg = x + (size_t)kvt_ctx_kv_of(c, p->o.per_query, h) * T;
+        for (int a = 0; a < T && !st; a += C) {
+            const int n = T - a < C ? T - a : C, W = p->o.window < n ? p->o.window : n;
+            for (int j = 0; j < n - W; j++)
+                s[j] = sign * xg[a + j];
+            if (!(st = kvt_rank_window(s, n, W, loc)))
+                put_chunk(sel, h, a, n, loc);
+        }
+    }
+    kvt_free(s);
+    kvt_free(loc);
+    return st;
+}
+
+/* the chunk's window queries of query head h (rows t0 .. t0 + W - 1 of its Q_all q [T, D]) into
+ * qw [W, D]; kvpress: each turned by the header's RoPE from its own position to that of token
+ * T - W + i, as kvpress's SnapKVPress rotates a chunk's last queries with the prompt's last
+ * positions */
+static kvt_status chunk_queries(const kvt_layer_ctx *c, const char *policy, const kvt_rope_pairs *r,
+                                const float *q, int t0, int W, float *qw)
+{
+    const int T = c->T, D = c->D;
+    memcpy(qw, q + (size_t)t0 * D, (size_t)W * D * sizeof(float));
+    if (!r || !r->on || t0 + W == T)
+        return KVT_OK;
+    for (int i = 0; i < W; i++) {
+        float *y = qw + (size_t)i * D;
+        for (int k = 0; k < r->half; k++) {
+            const int32_t from = kvt_rope_pos(c->in, r->row[k], t0 + i);
+            const int32_t to = kvt_rope_pos(c->in, r->row[k], T - W + i);
+            const double ang = ((double)to - (double)from) * r->freq[k];
+            const double co = cos(ang), sn = sin(ang);
+            KVT_RETURN_IF(!isfinite(co) || !isfinite(sn), KVT_ERR_NAN,
+                          "%s: the header's model.rope turns pair %d of token %d by an angle that "
+                          "is not finite (frequency %g)",
+                          policy, k, t0 + i, r->freq[k]);
+            const double u = y[r->lo[k]], v = y[r->hi[k]];
+            y[r->lo[k]] = (float)(co * u - sn * v);
+            y[r->hi[k]] = (float)(co * v + sn * u);
+        }
+    }
+    return KVT_OK;
+}
+
+int kvt_chunk_min_len(const kvt_policy *p, const char **what)
+{
+    *what = "window";
+    if (!p->o.chunk_scores || !p->def->chunk_rank)
+        return 0;
+    if (p->def->flags & KVT_POLICY_WINDOW_QUERY) /* snapkv: its last W queries */
+        return p->o.window;
+    if (p->def == &kvt_policy_def_streamingllm) { /* StreamingLLMPress asserts q_len > n_sink */
+        *what = "sinks";
+        return p->o.sinks;
+    }
+    return p->def->chunk_queries ? 1 : 0; /* tova: the last query */
+}
+
+kvt_status kvt_chunk_window_check(const char *who, int C, int W, const char *what, int T)
+{
+    const int last = T - (T - 1) / C * C; /* the last chunk's tokens */
+    KVT_RETURN_IF(C <= W && C < T, KVT_ERR_INVALID_ARG,
+                  "%s: chunk_length=%d: scoring each chunk on its own needs chunks longer than "
+                  "%s=%d (kvpress fails on such chunks too)",
+                  who, C, what, W);
+    KVT_RETURN_IF(last <= W, KVT_ERR_INVALID_ARG,
+                  "%s: chunk_length=%d leaves a last chunk of %d token%s, and scoring it on its "
+                  "own needs more than %s=%d (kvpress fails on such a chunk too): "
+                  "choose a chunk_length that leaves more, or a smaller %s",
+                  who, C, last, last == 1 ? "" : "s", what, W, what);
+    return KVT_OK;
+}
+
+kvt_status kvt_chunk_window_mass(kvt_layer_ctx *c, const char *policy, int C, int W, bool kvpress,
+                                 double *a)
+{
+    const int T = c->T, D = c->D, Cn = C < T ? C : T, nc = (T + C - 1) / C;
+    KVT_FORWARD(kvt_chunk_window_check(policy, C, W, "window", T));
+    KVT_FORWARD(kvt_ctx_check_q_all(c, policy));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    kvt_rope_pairs r;
+    memset(&r, 0, sizeof(r));
+    if (kvpress && nc > 1)
+        KVT_FORWARD(kvt_rope_pairs_init(c, policy, &r));
+    float *qbuf = c->in->q_all ? NULL : kvt_malloc((size_t)T * D * sizeof(float));
+    float *qw = kvt_malloc((size_t)W * D * sizeof(float));
+    float *pr = kvt_malloc((size_t)W * Cn * sizeof(float));
+    double *work = kvt_malloc((size_t)Cn * sizeof(double));
+    int *vis = kvt_malloc((size_t)W * sizeof(int));
+    kvt_status st = KVT_OK;
+    if ((!c->in->q_all && !qbuf) || !qw || !pr || !work || !vis) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", policy);
+        goto out;
+    }
+    for (int h = 0; h < c->Hq && !st; h++) {
+        const float *q;
+        if ((st = kvt_ctx_q_all_head(c, policy, h, qbuf, &q)))
+            break;
+        const float *K = c->k + (size_t)(h / c->Gs) * T * D;
+        for (int a0 = 0; a0 < T && !st; a0 += C) {
+            const int n = T - a0 < C ? T - a0 : C;
+            for (int i = 0; i < W; i++) /* query i sits at chunk position n - W + i */
+                vis[i] = n - W + i + 1;
+            if (!(st = chunk_queries(c, policy, kvpress ? &r : NULL, q, a0 + n - W, W, qw)) &&
+                !(st = kvt_attn_probs(qw, W, D, K + (size_t)a0 * D, n, vis, NULL, 0, NULL, c->scale,
+                                      pr, NULL, NULL, work)))
+                kvt_col_mean_ref(pr, W, n, n - W, a + (size_t)h * T + a0);
+        }
+    }
+out:
+    kvt_rope_pairs_free(&r);
+    kvt_free(qbuf);
+    kvt_free(qw);
+    kvt_free(pr);
+    kvt_free(work);
+    kvt_free(vis);
     return st;
 }

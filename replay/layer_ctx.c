@@ -190,10 +190,10 @@ static kvt_status widen_kv(kvt_layer_ctx *c)
 
 kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what)
 {
-    KVT_RETURN_IF(c->selecting && (what & ~c->selecting->host_reads), KVT_ERR_STATE,
+    KVT_RETURN_IF(c->selecting && (what & ~c->selecting_reads), KVT_ERR_STATE,
                   "%s: internal error: reads context arrays 0x%x on the host that its definition "
                   "does not declare (host_reads 0x%x)",
-                  c->selecting->name, what, c->selecting->host_reads);
+                  c->selecting->name, what, c->selecting_reads);
     if (what & c->on_device & KVT_CTX_KV) {
         KVT_FORWARD(widen_kv(c));
         c->on_device &= ~KVT_CTX_KV;

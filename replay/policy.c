@@ -53,7 +53,8 @@ typedef enum {
     O_ALIGN,
     O_LEVERAGE,
     O_METHOD,
-    O_MERGE
+    O_MERGE,
+    O_CHUNK_SCORES
 } okind;
 /* the generic options' groups (opt_group): taken by every policy of a kind (group_ok) besides
    its own keys, and listed in its options only when set (group_set); G_OWN: a policy's own,
@@ -175,6 +176,10 @@ static const opt_desc opts_table[] = {
     {"chunk_length", O_INT, OFF(chunk_length), 1, 1e9,
      "the budget shared over chunks of this many tokens, each keeping its share of them by the "
      "policy's ranking (FinchPress's chunk_length; 0: off)"},
+    {"chunk_scores", O_CHUNK_SCORES, OFF(chunk_scores), 0, 0,
+     "with chunk_length: prompt (one ranking of the whole prompt) | own (each chunk scored as a "
+     "prompt of its own: kvpress's ChunkPress; snapkv, tova: from the chunk's last queries) | "
+     "kvpress (own, those queries turned to the prompt's last positions as kvpress does)"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
@@ -196,9 +201,9 @@ static int opt_group(const opt_desc *od)
 {
     const char *k = od->key;
     return !strcmp(k, "think") || !strcmp(k, "think_window") || !strcmp(k, "think_recent") ? G_THINK
-           : !strcmp(k, "layer_weights") ? G_LAYERS
-           : !strcmp(k, "chunk_length")  ? G_CHUNK
-                                         : G_OWN;
+           : !strcmp(k, "layer_weights")                              ? G_LAYERS
+           : !strcmp(k, "chunk_length") || !strcmp(k, "chunk_scores") ? G_CHUNK
+                                                                      : G_OWN;
 }
 
 /* whether policy d takes the generic options of group g:
@@ -424,6 +429,18 @@ static kvt_status set_opt(kvt_policy *p, const char *key, const char *val)
             return kvt_error_set(KVT_ERR_INVALID_ARG, "%s: heads=%s: expected kv or query", d->name,
                                  val);
         return KVT_OK;
+    case O_CHUNK_SCORES:
+        if (!strcmp(val, "prompt"))
+            p->o.chunk_scores = KVT_CHUNK_PROMPT;
+        else if (!strcmp(val, "own"))
+            p->o.chunk_scores = KVT_CHUNK_OWN;
+        else if (!strcmp(val, "kvpress"))
+            p->o.chunk_scores = KVT_CHUNK_KVPRESS;
+        else
+            return kvt_error_set(KVT_ERR_INVALID_ARG,
+                                 "%s: chunk_scores=%s: expected prompt, own or kvpress", d->name,
+                                 val);
+        return KVT_OK;
     case O_ALIGN:
         if (!strcmp(val, "prefix"))
             p->o.chunk_kvpress = false;
@@ -633,6 +650,29 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                            d->name, think_extra);
         goto out_fail;
     }
+    if (p->o.chunk_scores && !p->o.chunk_length) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: chunk_scores= is an option of chunk_length=, which is off (give "
+                           "chunk_length=N)",
+                           d->name);
+        goto out_fail;
+    }
+    if (p->o.chunk_scores && !d->chunk_rank) {
+        st =
+            kvt_error_set(KVT_ERR_INVALID_ARG,
+                          "%s: chunk_scores=%s: each chunk scored as a prompt of its own is "
+                          "replayed for snapkv, tova, keydiff, streamingllm, knorm and vnorm; give "
+                          "chunk_scores=prompt",
+                          d->name, p->o.chunk_scores == KVT_CHUNK_OWN ? "own" : "kvpress");
+        goto out_fail;
+    }
+    if (p->o.chunk_scores && p->o.critical) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: chunk_scores= scores each chunk on its own, and critical= "
+                           "weighs the scores of the whole prompt (give one of them)",
+                           d->name);
+        goto out_fail;
+    }
     if ((d->flags & KVT_POLICY_WINDOW_QUERY) && p->o.window < 1) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG,
                            "%s: window=%d: it ranks by the window queries, so window >= 1", d->name,
@@ -798,8 +838,17 @@ const char *kvt_policy_label(const kvt_policy *p)
 unsigned kvt_policy_flags(const kvt_policy *p)
 {
     const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
+    /* chunk_scores=own|kvpress from each chunk's last queries: Q_all (kvpress: and RoPE) */
+    const bool chunk_q = p->o.chunk_scores && p->def->chunk_rank && p->def->chunk_queries;
     return p->def->flags | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0) |
-           (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0);
+           (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0) |
+           (chunk_q ? KVT_POLICY_NEEDS_QALL : 0) |
+           (chunk_q && p->o.chunk_scores == KVT_CHUNK_KVPRESS ? KVT_POLICY_NEEDS_ROPE : 0);
+}
+
+unsigned kvt_policy_host_reads(const kvt_policy *p)
+{
+    return p->def->host_reads | (p->o.chunk_scores && p->def->chunk_rank ? p->def->chunk_reads : 0);
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)
@@ -862,6 +911,13 @@ static void opt_value(const kvt_policy_opts *o, const opt_desc *od, bool json, c
         break;
     case O_ALIGN:
         snprintf(buf, cap, "%s%s%s", q, o->chunk_kvpress ? "kvpress" : "prefix", q);
+        break;
+    case O_CHUNK_SCORES:
+        snprintf(buf, cap, "%s%s%s", q,
+                 o->chunk_scores == KVT_CHUNK_OWN       ? "own"
+                 : o->chunk_scores == KVT_CHUNK_KVPRESS ? "kvpress"
+                                                        : "prompt",
+                 q);
         break;
     case O_LEVERAGE:
         snprintf(buf, cap, "%s%s%s", q, leverage_names[o->leverage & 3], q);

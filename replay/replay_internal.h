@@ -95,7 +95,13 @@ typedef struct kvt_policy_opts {
                             (layer_weights.c); NULL = every layer the budget */
     int chunk_length;    /* chunk_length=N: the budget shared over chunks of N tokens
                             (chunk_length.c); 0 = off */
+    int chunk_scores;    /* with chunk_length: KVT_CHUNK_PROMPT (one ranking of the whole prompt),
+                            KVT_CHUNK_OWN (each chunk scored as a prompt of its own, its queries
+                            at their positions) or KVT_CHUNK_KVPRESS (the same, its window queries
+                            turned to the prompt's last positions, as kvpress's ChunkPress) */
 } kvt_policy_opts;
+
+enum { KVT_CHUNK_PROMPT, KVT_CHUNK_OWN, KVT_CHUNK_KVPRESS };
 
 typedef struct kvt_layer_ctx kvt_layer_ctx;
 typedef struct kvt_policy_def kvt_policy_def;
@@ -154,7 +160,21 @@ struct kvt_policy_def {
     /* fill sel (allocated with the kvt_sel_* helpers) for budgets [n_b] (tokens) */
     kvt_status (*select)(kvt_layer_ctx *c, const kvt_policy *p, const int *budgets, int n_b,
                          kvt_layer_selection *sel);
+    /* optional, chunk_scores=own|kvpress (chunk_length.c): sel initialised (fixed, n_b budgets)
+       with each chunk [a, a + n) of C tokens from token 0 ranked as the policy ranks a prompt
+       of those n tokens alone: sel->order holds, per selection head, each chunk's tokens
+       (absolute indices) in that ranking, the chunks one after another; the counts are set
+       after it. chunk_reads: the KVT_CTX_* arrays it reads on the host besides host_reads;
+       chunk_queries: it reads each chunk's last queries (Q_all; kvpress: and model.rope) */
+    kvt_status (*chunk_rank)(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                             kvt_layer_selection *sel);
+    unsigned chunk_reads;
+    bool chunk_queries;
 };
+
+/** The KVT_CTX_* arrays policy p reads on the host: its definition's host_reads, and its
+ *  chunk_reads with chunk_scores=own|kvpress. */
+unsigned kvt_policy_host_reads(const kvt_policy *p);
 
 #define KVT_POLICY(name) extern const kvt_policy_def kvt_policy_def_##name;
 #include "policies/policy_list.h"
@@ -207,9 +227,10 @@ struct kvt_layer_ctx {
     unsigned on_device;       /* KVT_CTX_* arrays only on the GPU so far (kvt_ctx_fetch) */
     kvt_replay_profile *prof; /* may be NULL */
     uint64_t read_ns;         /* building it read K and V from the trace (kv_rest) this long */
-    /* the policy whose select runs (run_select), or NULL: kvt_ctx_fetch holds it to its
-       host_reads */
+    /* the policy whose select runs (run_select), or NULL: kvt_ctx_fetch holds it to
+       selecting_reads (kvt_policy_host_reads) */
     const kvt_policy_def *selecting;
+    unsigned selecting_reads;
     /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
      * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
     const double *budget_frac;
@@ -419,6 +440,32 @@ kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_s
  *  or per-step sets. */
 kvt_status kvt_sel_chunk(const kvt_layer_ctx *c, const char *policy, int C, const int *B,
                          const double *frac, int n_b, kvt_layer_selection *sel);
+/** chunk_scores=own|kvpress (chunk_length.c): sel from p's chunk_rank, each chunk of
+ *  chunk_length tokens ranked as a prompt of its own, with uniform counts (kvt_sel_chunk then
+ *  shares the budget over the chunks). */
+kvt_status kvt_sel_chunk_own(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                             kvt_layer_selection *sel);
+/** chunk_rank of a score per KV head and token (knorm, vnorm; keydiff's chunk-local scores):
+ *  each chunk [a, a + n) of C tokens ranked by sign * x[g][j], its last min(window, n) tokens
+ *  first (newest first), then the rest by score descending (ties: the lower index). */
+kvt_status kvt_chunk_rank_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const double *x,
+                                   double sign, int C, int n_b, kvt_layer_selection *sel);
+/** Each chunk's window attention (chunk_scores=own|kvpress on snapkv, tova): for every query
+ *  head h and chunk [a, a + n) of C tokens from token 0 (each n > W, else KVT_ERR_INVALID_ARG
+ *  naming policy), a[h][a + j] (j < n - W) = the mean over the chunk's last W queries (Q_all
+ *  rows a + n - W ...; kvpress: turned to the positions of tokens T - W ... by the header's
+ *  RoPE) of their attention to token a + j, softmax over the chunk's keys they see. a is
+ *  [Hq, T]; its entries at each chunk's window are left as they are. */
+kvt_status kvt_chunk_window_mass(kvt_layer_ctx *c, const char *policy, int C, int W, bool kvpress,
+                                 double *a);
+/** The tokens each chunk must exceed for p with chunk_scores=own|kvpress, as kvpress's press
+ *  needs (snapkv: its window; tova: its last query, 1; streamingllm: its sinks), or 0; *what
+ *  names the option ("window", "sinks"). */
+int kvt_chunk_min_len(const kvt_policy *p, const char **what);
+/** Chunks of C tokens of a T-token prompt, each scored as a prompt of its own, must each hold
+ *  more than W (the option `what`): KVT_ERR_INVALID_ARG, its message after "who: ", when one
+ *  does not. */
+kvt_status kvt_chunk_window_check(const char *who, int C, int W, const char *what, int T);
 /** layer_weights=FILE's weights into *lw (layer_weights.c): a .npy of one dimension, or text
  *  numbers separated by blanks, commas or newlines (a JSON array too; '#' comments), each
  *  finite and > 0. lw->w is the caller's to kvt_free. Errors name the policy and the file. */

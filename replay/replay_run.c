@@ -647,7 +647,8 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
     } else {
         unsigned reads = 0;
         for (size_t p = 0; p < n_pol; p++)
-            reads |= kvt_policy_flags(pols[p]) & KVT_POLICY_MERGED ? ~0u : pols[p]->def->host_reads;
+            reads |= kvt_policy_flags(pols[p]) & KVT_POLICY_MERGED ? ~0u
+                                                                   : kvt_policy_host_reads(pols[p]);
         b = 2.0 * gpu_es * Hkv * D + 16.0 * Hkv + 1536;
         if ((reads & KVT_CTX_KV) && gpu_es < 4) /* widened on the host; f32 ones are as read */
             b += 8.0 * Hkv * D;
@@ -1095,12 +1096,22 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
         for (size_t b = 0; whole && b < n_budgets; b++)
             whole =
                 kvt_layer_budget_min(&pols[p]->lw, kvt_budget_tokens(&budgets[b], sh->T)) > sh->T;
-        KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W && !whole,
+        /* (chunk_scores=own|kvpress reads each chunk's last queries from Q_all instead) */
+        const char *cw_what;
+        const int cw = kvt_chunk_min_len(pols[p], &cw_what);
+        const bool own_q = cw > 0 && pols[p]->def->chunk_queries;
+        KVT_RETURN_IF((f & KVT_POLICY_WINDOW_QUERY) && pols[p]->o.window > sh->W && !whole &&
+                          !own_q,
                       KVT_ERR_INVALID_ARG,
                       "%s: policy %s: window=%d needs %d stored window queries; the trace has %d "
                       "(lower window=, or --window for every such policy, or capture a larger "
                       "window)",
                       path, kvt_policy_label(pols[p]), pols[p]->o.window, pols[p]->o.window, sh->W);
+        if (cw > 0 && !whole) { /* chunk_scores=own|kvpress: every chunk longer than its window */
+            char who[512];
+            snprintf(who, sizeof(who), "%s: policy %s", path, kvt_policy_label(pols[p]));
+            KVT_FORWARD(kvt_chunk_window_check(who, pols[p]->o.chunk_length, cw, cw_what, sh->T));
+        }
         KVT_RETURN_IF(pols[p]->o.think > 0 && pols[p]->o.think_window > sh->W, KVT_ERR_INVALID_ARG,
                       "%s: policy %s: think_window=%d needs %d stored window queries; the trace "
                       "has %d (lower think_window=, or capture a larger window)",

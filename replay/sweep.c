@@ -1011,8 +1011,11 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
         short_prompt = short_prompt && B[b] > c->T;
     const kvt_policy_def *def = short_prompt ? &kvt_policy_def_full : p->def;
     uint64_t t0 = kvt_now_ns();
-    c->selecting = def; /* kvt_ctx_fetch holds it to its host_reads */
-    kvt_status st = def->select(c, p, B, n_b, sel);
+    /* chunk_scores=own|kvpress: each chunk ranked on its own (chunk_length.c) */
+    const bool own = p->o.chunk_scores && !short_prompt;
+    c->selecting = def; /* kvt_ctx_fetch holds it to its host reads */
+    c->selecting_reads = short_prompt ? def->host_reads : kvt_policy_host_reads(p);
+    kvt_status st = own ? kvt_sel_chunk_own(c, p, B, n_b, sel) : def->select(c, p, B, n_b, sel);
     c->selecting = NULL;
     sel->gpu = NULL; /* only while selecting */
     /* chunk_length=: the budget shared over the prompt's chunks (chunk_length.c), at this

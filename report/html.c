@@ -341,9 +341,13 @@ static void put_policies(FILE *f, const kvt_results *r)
             sep = "; ";
         }
         const cJSON *cl = cJSON_GetObjectItemCaseSensitive(o, "chunk_length");
+        const cJSON *cs = cJSON_GetObjectItemCaseSensitive(o, "chunk_scores");
         if (cJSON_IsNumber(cl))
-            fprintf(f, "%sthe budget shared over chunks of %d prompt tokens (chunk_length=)", sep,
-                    cl->valueint);
+            fprintf(f, "%sthe budget shared over chunks of %d prompt tokens (chunk_length=)%s", sep,
+                    cl->valueint,
+                    cJSON_IsString(cs) && strcmp(cs->valuestring, "prompt")
+                        ? ", each chunk scored as a prompt of its own (chunk_scores=)"
+                        : "");
         cJSON_Delete(o);
         fputs("</td></tr>\n", f);
     }

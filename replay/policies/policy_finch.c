@@ -5,8 +5,9 @@
  * score_j = mean over the window queries i = 0..W-1 of c_i * P[i, j] over the prefix
  * j < T - W, with c_i = T - W + i (kvpress's normalize_scores, the keys the query sees less one)
  * or 1 (normalize=0); GQA mean (heads=kv); no pooling. The window first, then the prefix by score,
- * ties to the lower index. kvpress's chunk_length (a top-k per chunk) is not replayed, nor its
- * key re-rotation, which moves the kept keys' positions, not the set. */
+ * ties to the lower index. kvpress's chunk_length (a top-k per chunk) is the generic
+ * chunk_length= (chunk_length.c); its key re-rotation, which moves the kept keys' positions,
+ * not the set, is not replayed. */
 #include "../replay_internal.h"
 
 static kvt_status sel_finch(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,

@@ -33,6 +33,49 @@ static kvt_status sel_keydiff(kvt_layer_ctx *c, const kvt_policy *p, const int *
     return st;
 }
 
+/* chunk_scores=own|kvpress: kvpress's ChunkPress(KeyDiffPress): each chunk's keys scored
+ * against the chunk's own mean unit key */
+static kvt_status chunk_keydiff(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                                kvt_layer_selection *sel)
+{
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KU));
+    const int T = c->T, D = c->D;
+    double *cosm = kvt_malloc((size_t)c->Hkv * T * sizeof(double));
+    double *m = kvt_malloc((size_t)D * sizeof(double));
+    kvt_status st = KVT_OK;
+    if (!cosm || !m) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "keydiff: out of memory");
+        goto out;
+    }
+    for (int g = 0; g < c->Hkv; g++)
+        for (int a = 0; a < T; a += C) {
+            const int n = T - a < C ? T - a : C;
+            const float *ku = c->ku + ((size_t)g * T + a) * D;
+            for (int e = 0; e < D; e++)
+                m[e] = 0.0;
+            for (int j = 0; j < n; j++)
+                for (int e = 0; e < D; e++)
+                    m[e] += ku[(size_t)j * D + e];
+            double nm = 0.0;
+            for (int e = 0; e < D; e++) {
+                m[e] /= n;
+                nm += m[e] * m[e];
+            }
+            nm = sqrt(nm) > KVT_MEAN_KEY_EPS ? sqrt(nm) : 0.0;
+            for (int j = 0; j < n; j++) {
+                double d = 0.0;
+                for (int e = 0; e < D; e++)
+                    d += (double)ku[(size_t)j * D + e] * m[e];
+                cosm[(size_t)g * T + a + j] = nm > 0.0 ? d / nm : 0.0;
+            }
+        }
+    st = kvt_chunk_rank_kv_array(c, p, cosm, -1.0, C, n_b, sel);
+out:
+    kvt_free(cosm);
+    kvt_free(m);
+    return st;
+}
+
 const kvt_policy_def kvt_policy_def_keydiff = {
     .name = "keydiff",
     .host_reads = KVT_CTX_KU,
@@ -40,4 +83,5 @@ const kvt_policy_def kvt_policy_def_keydiff = {
     .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_keydiff,
     .select = sel_keydiff,
+    .chunk_rank = chunk_keydiff,
 };

@@ -31,10 +31,19 @@ static kvt_status sel_knorm(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     return kvt_rank_by_kv_array(c, p, c->knorm, -1.0, B, n_b, sel);
 }
 
+/* chunk_scores=own|kvpress: a key's norm is its own, so each chunk keeps the same order as in
+ * the prompt's ranking; only window= differs (each chunk's last tokens) */
+static kvt_status chunk_knorm(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                              kvt_layer_selection *sel)
+{
+    return kvt_chunk_rank_kv_array(c, p, c->knorm, -1.0, C, n_b, sel);
+}
+
 const kvt_policy_def kvt_policy_def_knorm = {
     .name = "knorm",
     .summary = "KNorm: smallest key L2 norms",
     .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_knorm,
     .select = sel_knorm,
+    .chunk_rank = chunk_knorm,
 };

@@ -12,9 +12,32 @@ static kvt_status sel_streaming(kvt_layer_ctx *c, const kvt_policy *p, const int
     return KVT_OK;
 }
 
+/* chunk_scores=own|kvpress: kvpress's ChunkPress(StreamingLLMPress): each chunk keeps its own
+ * first `sinks` tokens, then its most recent */
+static kvt_status chunk_streaming(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                                  kvt_layer_selection *sel)
+{
+    const int T = c->T, S = p->o.sinks;
+    KVT_FORWARD(kvt_chunk_window_check("streamingllm", C, S, "sinks", T));
+    KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, 0, n_b, true));
+    for (int h = 0; h < sel->n_heads; h++) {
+        int32_t *o = sel->order + (size_t)h * T;
+        for (int a = 0; a < T; a += C) {
+            const int n = T - a < C ? T - a : C;
+            int k = a;
+            for (int i = 0; i < S; i++)
+                o[k++] = a + i;
+            for (int i = n - 1; i >= S; i--)
+                o[k++] = a + i;
+        }
+    }
+    return KVT_OK;
+}
+
 const kvt_policy_def kvt_policy_def_streamingllm = {
     .name = "streamingllm",
     .summary = "attention sinks + most recent tokens",
     .keys = "sinks,heads,merge",
     .select = sel_streaming,
+    .chunk_rank = chunk_streaming,
 };

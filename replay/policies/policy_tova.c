@@ -27,10 +27,46 @@ static kvt_status sel_tova(kvt_layer_ctx *c, const kvt_policy *p, const int *B, 
     return st;
 }
 
+/* chunk_scores=own|kvpress: kvpress's ChunkPress(TOVAPress): each chunk's last query's
+ * attention to the chunk, the mean over every query head, the chunk's last token first */
+static kvt_status chunk_tova(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                             kvt_layer_selection *sel)
+{
+    const int T = c->T, Hq = c->Hq, Cn = C < T ? C : T;
+    KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, 1, n_b, true));
+    double *a = kvt_calloc((size_t)Hq * T, sizeof(double));
+    double *s = kvt_malloc((size_t)Cn * sizeof(double));
+    int32_t *loc = kvt_malloc((size_t)Cn * sizeof(int32_t));
+    kvt_status st = a && s && loc ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "tova: out of memory");
+    if (!st)
+        st = kvt_chunk_window_mass(c, "tova", C, 1, p->o.chunk_scores == KVT_CHUNK_KVPRESS, a);
+    for (int a0 = 0; a0 < T && !st; a0 += C) {
+        const int n = T - a0 < C ? T - a0 : C;
+        for (int j = 0; j < n - 1; j++) {
+            double x = 0.0;
+            for (int h = 0; h < Hq; h++)
+                x += a[(size_t)h * T + a0 + j];
+            s[j] = x / Hq;
+        }
+        if ((st = kvt_rank_window(s, n, 1, loc)))
+            break;
+        for (int h = 0; h < sel->n_heads; h++)
+            for (int i = 0; i < n; i++)
+                sel->order[(size_t)h * T + a0 + i] = a0 + loc[i];
+    }
+    kvt_free(a);
+    kvt_free(s);
+    kvt_free(loc);
+    return st;
+}
+
 const kvt_policy_def kvt_policy_def_tova = {
     .name = "tova",
     .host_reads = KVT_CTX_PRW,
     .summary = "TOVA: last query's attention, layer-wise (one set per layer)",
     .keys = "heads",
     .select = sel_tova,
+    .chunk_rank = chunk_tova,
+    .chunk_reads = KVT_CTX_KV,
+    .chunk_queries = true,
 };

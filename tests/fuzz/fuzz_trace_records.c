@@ -33,8 +33,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 static char g_path[256], g_lw[256];
 /* without and with decode queries; fastv, vl-cache (modality table); cake, elastic-cache, chunkkv
    reuse; leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records); layer_weights= */
-static kvt_policy **g_pols[8];
-static size_t g_n_pol[8];
+static kvt_policy **g_pols[9];
+static size_t g_n_pol[9];
 
 static void remove_lw(void)
 {
@@ -69,7 +69,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        knorm with think= (its kept keys' channels pruned by the window query); and, on a trace
        with decode queries, policies with layer_weights= of two layers (each layer its own
        budgets, the oracle at them; a one-layer trace refused before any layer) and with
-       chunk_length= (the budget shared over chunks of the prompt) */
+       chunk_length= (the budget shared over chunks of the prompt); and, on a trace with Q_all,
+       chunk_scores= (each chunk scored on its own from its last queries, turned by the
+       header's RoPE; refused before any layer where a chunk holds no more than the window) */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -105,6 +107,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
              "snapkv:window=1,chunk_length=3,keydiff-block:block=3,chunk_length=2",
              g_lw, g_lw, g_lw, g_lw);
     if (kvt_policy_list_parse(lw, NULL, &g_pols[7], &g_n_pol[7]))
+        abort();
+    if (kvt_policy_list_parse("snapkv:window=1,chunk_length=3,chunk_scores=kvpress,"
+                              "tova:chunk_length=4,chunk_scores=own,heads=query,"
+                              "keydiff:chunk_length=2,chunk_scores=own,window=1",
+                              NULL, &g_pols[8], &g_n_pol[8]))
         abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
         abort();
@@ -516,8 +523,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         replay_set(4);
         if (sh.kvzip)
             replay_set(5);
-        if (sh.q_all)
+        if (sh.q_all) {
             replay_set(6);
+            replay_set(8);
+        }
         if (sh.G > 0)
             replay_set(7);
     }

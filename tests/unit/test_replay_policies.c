@@ -2017,6 +2017,41 @@ static void test_chunk_length(void)
     kvt_layer_selection_free(s);
 }
 
+/* chunk_scores=own by hand: keydiff over T = 6 keys (1,0), (1,0), (0,1) | (0,1), (0,1), (1,0),
+ * chunk_length=3, B = 3 (f = 0.5: int(1.5) = 1 per chunk). The prompt's mean unit key is
+ * (1/2, 1/2), every key equally like it: the ties keep the earlier token, 0 and 3. Each
+ * chunk's own mean is (2/3, 1/3) and (1/3, 2/3): the least like it are tokens 2 and 5. */
+static void test_chunk_scores(void)
+{
+    const float k[12] = {1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 1, 0};
+    const float q[2] = {1, 1};
+    kvt_layer_input in = tl_layer(6, 2, 1, 1, 1, k, k, q);
+    const int B[] = {3, 6};
+    kvt_layer_selection *s = tl_select(&in, "keydiff:chunk_length=3", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "0,3");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,2,3,4,5");
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "keydiff:chunk_length=3,chunk_scores=own", B, 2);
+    EXPECT_KEPT(s, 0, 0, -1, "2,5");
+    EXPECT_KEPT(s, 1, 0, -1, "0,1,2,3,4,5");
+    kvt_layer_selection_free(s);
+    /* window=1 keeps each chunk's last token first: 2 and 5 again, then at B = 4 (int(2) = 2
+       per chunk) the next of each chunk's own ranking, 0 and 5's chunk's 3 */
+    const int B4[] = {4};
+    s = tl_select(&in, "keydiff:chunk_length=3,chunk_scores=own,window=1", B4, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "0,2,3,5");
+    kvt_layer_selection_free(s);
+    /* snapkv reads each chunk's last queries: Q_all, which this input lacks */
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create("snapkv:window=1,chunk_length=3,chunk_scores=own", NULL, &p));
+    kvt_layer_selection *x = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B, 2, &x), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(x == NULL && strstr(kvt_error_msg(), "Q_all"));
+    kvt_policy_free(p);
+    KVT_EXPECT_STATUS(kvt_policy_create("knorm:chunk_scores=own", NULL, &p), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(strstr(kvt_error_msg(), "is an option of chunk_length="));
+}
+
 int main(void)
 {
     test_snapkv();
@@ -2043,6 +2078,7 @@ int main(void)
     test_think();
     test_layer_weights();
     test_chunk_length();
+    test_chunk_scores();
     test_finch();
     test_cam();
     test_lookm();

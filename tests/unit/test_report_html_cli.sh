@@ -127,13 +127,13 @@ grep -q '^64|snapkv|[0-9.]*|25.0%|-$' "$TMP/vlrows" ||
 # the Policies table: each policy's effective options, and what its flags mean for the figures
 printf '1 3\n' >"$TMP/lw2.txt"
 $BIN replay "$TMP/vl.kvt" \
-    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt" \
+    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own" \
     --budgets 120,200 --threads 1 -o "$TMP/pol.json" >/dev/null 2>"$TMP/err" ||
     { cat "$TMP/err"; fail "replay policies"; }
 $BIN report "$TMP/pol.json" -o "$TMP/polrep" >/dev/null 2>&1 || fail "report policies"
 sed -n '/id="policies"/,/<\/table>/p' "$TMP/polrep/index.html" | grep '^<tr><td>' |
     sed 's/<\/td><td>/|/g; s/<[^>]*>//g' >"$TMP/polrows"
-[ "$(wc -l <"$TMP/polrows")" = 5 ] || fail "Policies table: $(cat "$TMP/polrows")"
+[ "$(wc -l <"$TMP/polrows")" = 6 ] || fail "Policies table: $(cat "$TMP/polrows")"
 grep -q '^snapkv:think=0.25|snapkv|window=32, .*, think=0.25, think_window=32, think_recent=32|merged or pruned entries' \
     "$TMP/polrows" || fail "Policies row of snapkv:think: $(cat "$TMP/polrows")"
 grep -q '^aircache-like:last=16|aircache-like|reduce=mean, heads=kv, threshold=0.9, last=16|inferred: ' \
@@ -142,8 +142,10 @@ grep -q '^quest|quest|.*|selects again at every decode step$' "$TMP/polrows" ||
     fail "Policies row of quest: $(cat "$TMP/polrows")"
 grep -q '^lookm|lookm|.*merge=pivot|merged or pruned entries .*; kept sets not nested across budgets$' \
     "$TMP/polrows" || fail "Policies row of lookm: $(cat "$TMP/polrows")"
-grep -q '^knorm:chunk_length=64,layer_weights=.*|knorm|.*layer_weights=.*lw2.txt, chunk_length=64|each layer its own budget (layer_weights=): .*; the budget shared over chunks of 64 prompt tokens (chunk_length=)$' \
+grep -q '^knorm:chunk_length=64,layer_weights=.*|knorm|.*layer_weights=.*lw2.txt, chunk_length=64, chunk_scores=prompt|each layer its own budget (layer_weights=): .*; the budget shared over chunks of 64 prompt tokens (chunk_length=)$' \
     "$TMP/polrows" || fail "Policies row of knorm with layer_weights and chunk_length: $(cat "$TMP/polrows")"
+grep -q '^keydiff:chunk_length=64,chunk_scores=own|keydiff|.*, chunk_length=64, chunk_scores=own|the budget shared over chunks of 64 prompt tokens (chunk_length=), each chunk scored as a prompt of its own (chunk_scores=)$' \
+    "$TMP/polrows" || fail "Policies row of keydiff with chunk_scores: $(cat "$TMP/polrows")"
 # the quality charts' cost axis is the KV cache kept: a heads=query policy keeps its budget per
 # query head, so G (query heads per KV head) times the entries of the same budget per KV head
 $BIN synth --shape tiny --tokens 96 --window 8 --decode 4 -o "$TMP/gqa.kvt" >/dev/null 2>&1 ||
