@@ -485,28 +485,27 @@ static void list_policies(void)
                (a.flags & KVT_POLICY_NEEDS_COLSUM) ? " [needs attn_colsum or Q_all]" : "",
                (a.flags & KVT_POLICY_NEEDS_QALL) ? " [needs Q_all]" : "", "", a.options);
     }
-    printf(
-        "\nEvery policy also takes label=NAME: the name results, tables and reports show\n"
-        "(default: the spec as given), e.g. external:scores=s.npy,label=mine.\n"
-        "Every policy that keeps a fixed set of prompt tokens (not cam, lightkv-like,\n"
-        "merge=, quest or hybridkv-like) also takes think=R: ThinK's key channel pruning,\n"
-        "the floor(R*D) channels of least query-weighted key energy zeroed in the kept keys\n"
-        "before the last think_recent tokens (32), scored by the last think_window window\n"
-        "queries (32), e.g. snapkv:think=0.4 (analysis/RESULTS.md, think=R).\n"
-        "Every policy that gives each layer the same budget (not pyramidkv, mixkv-pyramidkv,\n"
-        "cake, vl-cache, aircache-like, kvzip, duo-attention, simlayerkv, sparsemm,\n"
-        "mixkv-sparsemm, headkv, fastv or full) also takes layer_weights=FILE: one weight\n"
-        "> 0 per layer (text or .npy), layer l keeping B*w_l/mean(w) at budget B, e.g.\n"
-        "adakv:layer_weights=alloc.txt from kvtrace recommend --write-allocation\n"
-        "(analysis/RESULTS.md, layer_weights=).\n"
-        "Those policies but cam, lightkv-like, elastic-cache, quest and hybridkv-like also\n"
-        "take chunk_length=N: each chunk of N prompt tokens keeps max(1, int(len*f)) of its\n"
-        "tokens at a budget of share f, the ones the policy ranks highest (kvpress's\n"
-        "FinchPress chunk_length), e.g. finch:window=16,chunk_length=1024. With\n"
-        "chunk_scores=own, snapkv, tova, keydiff, streamingllm, knorm and vnorm score each chunk "
-        "as a\n"
-        "prompt of its own (snapkv and tova from its last queries: Q_all); chunk_scores=kvpress\n"
-        "also turns those queries to the prompt's last positions, as kvpress's ChunkPress.\n");
+    printf("\nEvery policy also takes label=NAME: the name results, tables and reports show\n"
+           "(default: the spec as given), e.g. external:scores=s.npy,label=mine.\n"
+           "Every policy that keeps a fixed set of prompt tokens (not cam, lightkv-like,\n"
+           "merge=, quest or hybridkv-like) also takes think=R: ThinK's key channel pruning,\n"
+           "the floor(R*D) channels of least query-weighted key energy zeroed in the kept keys\n"
+           "before the last think_recent tokens (32), scored by the last think_window window\n"
+           "queries (32), e.g. snapkv:think=0.4 (analysis/RESULTS.md, think=R).\n"
+           "Every policy that gives each layer the same budget (not pyramidkv, mixkv-pyramidkv,\n"
+           "cake, vl-cache, aircache-like, kvzip, duo-attention, simlayerkv, sparsemm,\n"
+           "mixkv-sparsemm, headkv, fastv or full) also takes layer_weights=FILE: one weight\n"
+           "> 0 per layer (text or .npy), layer l keeping B*w_l/mean(w) at budget B, e.g.\n"
+           "adakv:layer_weights=alloc.txt from kvtrace recommend --write-allocation\n"
+           "(analysis/RESULTS.md, layer_weights=).\n"
+           "Those policies but cam, lightkv-like, elastic-cache, quest and hybridkv-like also\n"
+           "take chunk_length=N: each chunk of N prompt tokens keeps max(1, int(len*f)) of its\n"
+           "tokens at a budget of share f, the ones the policy ranks highest (kvpress's\n"
+           "FinchPress chunk_length), e.g. finch:window=16,chunk_length=1024. With\n"
+           "chunk_scores=own, snapkv, tova, keydiff, expected-attention, streamingllm, knorm\n"
+           "and vnorm score each chunk as a prompt of its own (snapkv, tova, expected-attention\n"
+           "from its queries: Q_all); chunk_scores=kvpress turns those queries, or the future\n"
+           "positions, as kvpress's ChunkPress does.\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

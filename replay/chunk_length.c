@@ -208,7 +208,8 @@ int kvt_chunk_min_len(const kvt_policy *p, const char **what)
         return 0;
     if (p->def->flags & KVT_POLICY_WINDOW_QUERY) /* snapkv: its last W queries */
         return p->o.window;
-    if (p->def == &kvt_policy_def_streamingllm) { /* StreamingLLMPress asserts q_len > n_sink */
+    if (p->def == &kvt_policy_def_streamingllm || p->def == &kvt_policy_def_expected_attention) {
+        /* StreamingLLMPress and ExpectedAttentionPress assert the chunk exceeds n_sink */
         *what = "sinks";
         return p->o.sinks;
     }

@@ -459,7 +459,8 @@ kvt_status kvt_chunk_rank_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const 
 kvt_status kvt_chunk_window_mass(kvt_layer_ctx *c, const char *policy, int C, int W, bool kvpress,
                                  double *a);
 /** The tokens each chunk must exceed for p with chunk_scores=own|kvpress, as kvpress's press
- *  needs (snapkv: its window; tova: its last query, 1; streamingllm: its sinks), or 0; *what
+ *  needs (snapkv: its window; tova: its last query, 1; streamingllm, expected-attention: their
+ *  sinks), or 0; *what
  *  names the option ("window", "sinks"). */
 int kvt_chunk_min_len(const kvt_policy *p, const char **what);
 /** Chunks of C tokens of a T-token prompt, each scored as a prompt of its own, must each hold

@@ -17,7 +17,10 @@
  * for a q_proj without bias; with one (Qwen2) kvpress's mu leaves the bias out and ours keeps it.
  * The future positions follow the trace's convention (FORMAT.md): T, T+1, ... (kvpress's
  * arange(q_len, q_len + n_future_positions)), and max + 1, ... on all three rows with M-RoPE.
- * window=W (default 0, not in kvpress) also keeps the last W tokens first. */
+ * window=W (default 0, not in kvpress) also keeps the last W tokens first.
+ * chunk_scores=own|kvpress (with chunk_length=) scores each chunk from its own queries, turned
+ * to the positions after it, or, as kvpress's ChunkPress(ExpectedAttentionPress) computes on a
+ * chunk's hidden states, to the chunk's length and on (ea_chunks). */
 #include <math.h>
 #include <string.h>
 
@@ -46,13 +49,27 @@ static void ea_rope_free(ea_rope *r)
     kvt_rope_pairs_free(&r->p);
     kvt_free(r->cb);
     kvt_free(r->sb);
+    memset(r, 0, sizeof(*r)); /* freed again harmlessly (ea_chunks frees every chunk's) */
 }
 
-static kvt_status ea_rope_init(const kvt_layer_ctx *c, int n_future, ea_rope *r)
+/* the first future position of a prompt, or a chunk, of tokens [a0, a0 + n): a0 + n with 1-D
+ * RoPE, the largest of their positions + 1 with M-RoPE (the trace's convention) */
+static double ea_future_start(const kvt_layer_ctx *c, int a0, int n)
 {
     const kvt_layer_input *in = c->in;
-    const kvt_rope_info *ri = in->rope;
-    const int T = c->T;
+    if (!in->rope || in->rope->type != 2)
+        return (double)a0 + n;
+    int32_t m = INT32_MIN;
+    for (int k = 0; k < 3; k++)
+        for (int t = a0; t < a0 + n; t++)
+            m = kvt_rope_pos(in, k, t) > m ? kvt_rope_pos(in, k, t) : m;
+    return (double)m + 1.0;
+}
+
+/* the RoPE pairs and the mean rotation over the future positions p0, p0 + 1, ... */
+static kvt_status ea_rope_init(const kvt_layer_ctx *c, int n_future, double p0, ea_rope *r)
+{
+    const kvt_rope_info *ri = c->in->rope;
     memset(r, 0, sizeof(*r));
     KVT_FORWARD(kvt_rope_pairs_init(c, "expected-attention", &r->p));
     if (!r->p.on)
@@ -63,15 +80,6 @@ static kvt_status ea_rope_init(const kvt_layer_ctx *c, int n_future, ea_rope *r)
     if (!r->cb || !r->sb) {
         ea_rope_free(r);
         return kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
-    }
-    /* the first future position: T with 1-D RoPE, the largest prompt position + 1 with M-RoPE */
-    double p0 = T;
-    if (ri->type == 2) {
-        int32_t m = INT32_MIN;
-        for (int k = 0; k < 3; k++)
-            for (int t = 0; t < T; t++)
-                m = kvt_rope_pos(in, k, t) > m ? kvt_rope_pos(in, k, t) : m;
-        p0 = (double)m + 1.0;
     }
     for (int i = 0; i < half; i++) {
         double sc = 0, ss = 0;
@@ -104,21 +112,24 @@ static void ea_rotate(const ea_rope *r, double *x, size_t st)
     }
 }
 
-/* Expected-attention probabilities p[j] (j in [S, T); p[j < S] untouched) of query head h. */
+/* Expected-attention probabilities p[j] (j in [a0 + S, a0 + n); the rest untouched) of query
+ * head h (its Q_all q [T, D]) over the prompt, or chunk, of tokens [a0, a0 + n): its queries'
+ * statistics, its keys (Kd [T, D]) past its first S (the sinks). X and M hold n rows; rot the
+ * angles of every token. */
 static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *r,
-                          const double *rot, int h, float *qh, double *X, const double *Kd,
-                          double *M, double *cov, double *mu, double *p_out)
+                          const double *rot, int h, int a0, int n, const float *q, double *X,
+                          const double *Kd, double *M, double *cov, double *mu, double *p_out)
 {
     const kvt_policy_opts *o = &p->o;
-    const int T = c->T, D = c->D, S = o->sinks < T ? o->sinks : T, N = T - S;
-    const float *q;
-    KVT_FORWARD(kvt_ctx_q_all_head(c, "expected-attention", h, qh, &q));
-    /* the pre-RoPE queries of tokens S..T-1 and their mean */
+    const int D = c->D, S = o->sinks < n ? o->sinks : n, N = n - S, half = r->p.half;
+    q += (size_t)a0 * D;
+    Kd += (size_t)a0 * D;
+    /* the pre-RoPE queries of tokens S..n-1 and their mean */
     memset(mu, 0, (size_t)D * sizeof(double));
-    for (int t = S; t < T; t++) {
+    for (int t = S; t < n; t++) {
         const float *x = q + (size_t)t * D;
         double *y = X + (size_t)(t - S) * D;
-        kvt_rope_undo(&r->p, r->p.on ? rot + (size_t)(t - S) * 2 * r->p.half : NULL, x, D, y);
+        kvt_rope_undo(&r->p, r->p.on ? rot + (size_t)(a0 + t) * 2 * half : NULL, x, D, y);
         for (int d = 0; d < D; d++)
             mu[d] += y[d];
     }
@@ -140,8 +151,8 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
     if (r->p.on)
         ea_rotate(r, mu, 1);
     const double s = c->scale;
-    double zmax = -INFINITY;
-    for (int j = S; j < T; j++) {
+    double zmax = -INFINITY, *pz = p_out + a0;
+    for (int j = S; j < n; j++) {
         const double *k = Kd + (size_t)j * D;
         double z = 0, zq = 0;
         for (int d = 0; d < D; d++)
@@ -151,82 +162,75 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
             for (int d = 0; d < D; d++)
                 zq += m[d] * k[d];
         }
-        p_out[j] = s * z + 0.5 * s * s * zq;
-        zmax = p_out[j] > zmax ? p_out[j] : zmax;
+        pz[j] = s * z + 0.5 * s * s * zq;
+        zmax = pz[j] > zmax ? pz[j] : zmax;
     }
     double sum = 0;
-    for (int j = S; j < T; j++)
-        sum += p_out[j] = exp(p_out[j] - zmax);
-    for (int j = S; j < T; j++) {
-        p_out[j] /= sum;
-        KVT_RETURN_IF(!isfinite(p_out[j]), KVT_ERR_NAN,
+    for (int j = S; j < n; j++)
+        sum += pz[j] = exp(pz[j] - zmax);
+    for (int j = S; j < n; j++) {
+        pz[j] /= sum;
+        KVT_RETURN_IF(!isfinite(pz[j]), KVT_ERR_NAN,
                       "expected-attention: query head %d: the expected attention to token %d is "
                       "not finite (the header's model.rope frequencies or attention_scaling, or "
                       "the queries, are out of range)",
-                      h, j);
+                      h, a0 + j);
     }
     return KVT_OK;
 }
 
-static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
-                         kvt_layer_selection *sel)
+/* acc [H', T]: at the tokens [a0 + S, a0 + n) of each chunk [a0, a0 + n) of C tokens from
+ * token 0 (C >= T: the prompt), the expected attention (GQA mean, or per query head) from the
+ * chunk's queries' statistics, turned to the future positions after it (kvpress: n, n + 1,
+ * ..., kvpress's arange(q_len, ...) of a chunk scored on its own) */
+static kvt_status ea_chunks(kvt_layer_ctx *c, const kvt_policy *p, int C, bool kvpress, double *acc)
 {
     const kvt_layer_input *in = c->in;
     const kvt_policy_opts *o = &p->o;
-    const int T = c->T, D = c->D, Hkv = c->Hkv, Gs = c->Gs;
-    const int W = o->window < T ? o->window : T, P = T - W, S = o->sinks < T ? o->sinks : T;
-    const int N = T - S, H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
-    ea_rope r;
-    KVT_FORWARD(ea_rope_init(c, o->n_future, &r));
-    kvt_status st = kvt_sel_init(sel, c, o->per_query, W, n_b, true);
-    if (st) {
-        ea_rope_free(&r);
-        return st;
-    }
+    const int T = c->T, D = c->D, Gs = c->Gs, Cn = C < T ? C : T, nc = (T + C - 1) / C;
     size_t td = (size_t)T * D + 1;
-    double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
+    ea_rope *r = kvt_calloc((size_t)nc, sizeof(ea_rope));
+    KVT_RETURN_IF(!r, KVT_ERR_NOMEM, "expected-attention: out of memory");
+    kvt_status st = KVT_OK;
+    for (int ch = 0; ch < nc && !st; ch++) {
+        const int a0 = ch * C, n = T - a0 < C ? T - a0 : C;
+        st = ea_rope_init(c, o->n_future, kvpress ? n : ea_future_start(c, a0, n), &r[ch]);
+    }
     double *ph = kvt_malloc(((size_t)T + 1) * sizeof(double));
-    double *sc = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
-    double *X = kvt_malloc(td * sizeof(double)), *Kd = kvt_malloc(td * sizeof(double));
-    double *M = o->use_cov ? kvt_malloc(td * sizeof(double)) : NULL;
+    double *X = kvt_malloc(((size_t)Cn * D + 1) * sizeof(double));
+    double *Kd = kvt_malloc(td * sizeof(double));
+    double *M = o->use_cov ? kvt_malloc(((size_t)Cn * D + 1) * sizeof(double)) : NULL;
     double *cov = kvt_malloc((size_t)D * D * sizeof(double)), *mu = kvt_malloc(D * sizeof(double));
     float *qh = in->q_all ? NULL : kvt_malloc(td * sizeof(float));
-    /* cos and sin of every token's angle per pair, shared by the heads: [N, half, 2] */
-    double *rot = r.p.on ? kvt_malloc(((size_t)N * D + 1) * sizeof(double)) : NULL;
-    if (!acc || !ph || !sc || !X || !Kd || (o->use_cov && !M) || !cov || !mu ||
-        (!in->q_all && !qh) || (r.p.on && !rot)) {
+    /* cos and sin of every token's angle per pair, shared by the heads: [T, half, 2] */
+    double *rot = r[0].p.on ? kvt_malloc(td * sizeof(double)) : NULL;
+    if (!st && (!ph || !X || !Kd || (o->use_cov && !M) || !cov || !mu || (!in->q_all && !qh) ||
+                (r[0].p.on && !rot)))
         st = kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
-        goto out;
-    }
-    if (r.p.on && (st = kvt_rope_angles(&r.p, in, S, T, "expected-attention", rot)))
-        goto out;
-    for (int g = 0; N > 0 && g < Hkv; g++) {
+    if (!st && r[0].p.on)
+        st = kvt_rope_angles(&r[0].p, in, 0, T, "expected-attention", rot);
+    for (int g = 0; !st && g < c->Hkv; g++) {
         const float *k = c->k + (size_t)g * T * D;
         for (size_t i = 0; i < (size_t)T * D; i++)
             Kd[i] = k[i];
-        for (int h = g * Gs; h < (g + 1) * Gs; h++) {
-            if ((st = ea_head(c, p, &r, rot, h, qh, X, Kd, M, cov, mu, ph)))
-                goto out;
+        for (int h = g * Gs; !st && h < (g + 1) * Gs; h++) {
+            const float *q;
+            if ((st = kvt_ctx_q_all_head(c, "expected-attention", h, qh, &q)))
+                break;
             double *a = acc + (size_t)(o->per_query ? h : g) * T, w = o->per_query ? 1.0 : 1.0 / Gs;
-            for (int j = S; j < T; j++)
-                a[j] += w * ph[j];
+            for (int ch = 0; !st && ch < nc; ch++) {
+                const int a0 = ch * C, n = T - a0 < C ? T - a0 : C;
+                const int S = o->sinks < n ? o->sinks : n;
+                if (S < n && !(st = ea_head(c, p, &r[ch], rot, h, a0, n, q, X, Kd, M, cov, mu, ph)))
+                    for (int j = a0 + S; j < a0 + n; j++)
+                        a[j] += w * ph[j];
+            }
         }
     }
-    for (int h = 0; h < H; h++) {
-        const double *a = acc + (size_t)h * T,
-                     *vn = c->vnorm + (size_t)kvt_ctx_kv_of(c, o->per_query, h) * T;
-        for (int j = 0; j < P; j++)
-            sc[(size_t)h * P + j] = j < S          ? INFINITY
-                                    : o->use_vnorm ? (a[j] + o->epsilon) * vn[j]
-                                                   : a[j];
-    }
-    st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
-out:
-    kvt_free(acc);
+    for (int ch = 0; ch < nc; ch++)
+        ea_rope_free(&r[ch]);
+    kvt_free(r);
     kvt_free(ph);
-    kvt_free(sc);
     kvt_free(X);
     kvt_free(Kd);
     kvt_free(M);
@@ -234,7 +238,83 @@ out:
     kvt_free(mu);
     kvt_free(qh);
     kvt_free(rot);
-    ea_rope_free(&r);
+    return st;
+}
+
+/* head h's score of token a0 + j of the prompt, or chunk, [a0, a0 + n): the sinks first */
+static double ea_score(const kvt_layer_ctx *c, const kvt_policy *p, const double *acc, int h,
+                       int a0, int n, int j)
+{
+    const kvt_policy_opts *o = &p->o;
+    const int S = o->sinks < n ? o->sinks : n, t = a0 + j;
+    const double a = acc[(size_t)h * c->T + t];
+    return j < S ? INFINITY
+           : o->use_vnorm
+               ? (a + o->epsilon) * c->vnorm[(size_t)kvt_ctx_kv_of(c, o->per_query, h) * c->T + t]
+               : a;
+}
+
+static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                         kvt_layer_selection *sel)
+{
+    const kvt_policy_opts *o = &p->o;
+    const int T = c->T, W = o->window < T ? o->window : T, P = T - W;
+    const int H = kvt_ctx_heads(c, o->per_query);
+    KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
+    double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
+    double *sc = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
+    kvt_status st = KVT_OK;
+    if (!acc || !sc)
+        st = kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
+    if (!st)
+        st = ea_chunks(c, p, T, false, acc);
+    for (int h = 0; !st && h < H; h++)
+        for (int j = 0; j < P; j++)
+            sc[(size_t)h * P + j] = ea_score(c, p, acc, h, 0, T, j);
+    if (!st)
+        st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
+    kvt_free(acc);
+    kvt_free(sc);
+    return st;
+}
+
+/* chunk_scores=own|kvpress: kvpress's ChunkPress(ExpectedAttentionPress): each chunk's own
+ * queries' statistics (its first `sinks` left out), turned to the positions after it (own) or,
+ * as kvpress's arange(q_len, q_len + n_future_positions) of the chunk, to n, n + 1, ... (n the
+ * chunk's length), over its own keys past its sinks; each chunk's sinks first, then its last
+ * window= tokens */
+static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                           kvt_layer_selection *sel)
+{
+    const kvt_policy_opts *o = &p->o;
+    const int T = c->T, Cn = C < T ? C : T, H = kvt_ctx_heads(c, o->per_query);
+    KVT_FORWARD(kvt_chunk_window_check("expected-attention", C, o->sinks, "sinks", T));
+    KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window < T ? o->window : T, n_b, true));
+    double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
+    double *s = kvt_malloc((size_t)Cn * sizeof(double));
+    int32_t *loc = kvt_malloc((size_t)Cn * sizeof(int32_t));
+    kvt_status st = KVT_OK;
+    if (!acc || !s || !loc)
+        st = kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
+    if (!st)
+        st = ea_chunks(c, p, C, o->chunk_scores == KVT_CHUNK_KVPRESS, acc);
+    for (int a0 = 0; !st && a0 < T; a0 += C) {
+        const int n = T - a0 < C ? T - a0 : C, W = o->window < n ? o->window : n;
+        for (int h = 0; !st && h < H; h++) {
+            for (int j = 0; j < n - W; j++)
+                s[j] = ea_score(c, p, acc, h, a0, n, j);
+            if (!(st = kvt_rank_window(s, n, W, loc)))
+                for (int i = 0; i < n; i++)
+                    sel->order[(size_t)h * T + a0 + i] = a0 + loc[i];
+        }
+    }
+    kvt_free(acc);
+    kvt_free(s);
+    kvt_free(loc);
     return st;
 }
 
@@ -248,4 +328,5 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_NEEDS_ROPE,
     .defaults = d_ea,
     .select = sel_ea,
+    .chunk_rank = chunk_ea,
 };

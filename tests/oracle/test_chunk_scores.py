@@ -21,6 +21,11 @@ max(1, int(len * (1 - r))) of its scores. The presses' scores, written from thei
   keeps each chunk's last W tokens first).
 - StreamingLLMPress (streaming_llm_press.py @08a43bf): each chunk's first n_sink tokens and its
   most recent ones.
+- ExpectedAttentionPress (expected_attention_press.py @08a43bf): the mean and covariance of the
+  chunk's pre-RoPE queries past its sinks, turned by the mean rotation over the future
+  positions q_len, q_len + 1, ... with q_len the chunk's length (chunk_scores=kvpress; own:
+  the positions after the chunk), the softmax of the expected logits over the chunk's keys
+  past its sinks, the GQA mean, times ||v||.
 
 The share 1 - r is the budget's written share, or B/T. Ties break toward the earlier token, the
 window first (newest first), as kvtrace documents. Every exported kept set must equal the
@@ -84,6 +89,7 @@ class Layer:
         self.G = self.Hq // self.Hkv
         self.scale = m.get("attn_scale") or 1 / math.sqrt(self.D)
         self.rope = trace_rope(t) if turn else None
+        self.t, self.layer = t, layer
 
     def queries(self, a, n, W):
         """[Hq, W, D]: the chunk's last W queries; kvpress: at the prompt's last W positions."""
@@ -160,6 +166,44 @@ def streaming_kept(T, C, S, f):
         ones = [j for j in range(n) if not S <= j < S + pruned]
         s |= set(a + j for j in ones[:chunk_keep(n, f)])
     return s
+
+
+def ea_orders(L, C, kvpress, per_query, sinks=4, future=512, cov=True, W=0):
+    """ChunkPress(ExpectedAttentionPress): each chunk's pre-RoPE queries past its sinks (the
+    trace's Q_all un-rotated), their mean and covariance turned by the mean RoPE rotation over
+    the future positions (kvpress: arange(q_len, q_len + n_future) of the chunk, q_len its
+    length; own: the positions after the chunk), over the chunk's keys past its sinks, softmax,
+    the GQA mean, times ||v||; the sinks first."""
+    freq, pairs, sc, row_of, rows, _ = trace_rope(L.t)
+    mrope = L.t.header["model"]["rope"]["type"] == "mrope"
+    V = L.t.read("V", L.layer, dtype="float32").astype(np.float64)
+    Rt = rope_matrices(rows, L.D, freq, pairs, sc, row_of)
+    out = {}
+    for a, n in chunks(L.T, C):
+        S = min(sinks, n)
+        p0 = n if kvpress else (rows[a:a + n].max() + 1 if mrope else a + n)
+        fut = np.repeat((p0 + np.arange(future, dtype=np.float64))[:, None], 3, axis=1)
+        Rbar = rope_matrices(fut, L.D, freq, pairs, sc, row_of).mean(axis=0)
+        acc = np.zeros((L.Hq if per_query else L.Hkv, n))
+        for hq in range(L.Hq):
+            g = hq // L.G
+            pre = np.linalg.solve(Rt[a + S:a + n], L.Q[hq, a + S:a + n][:, :, None])[:, :, 0]
+            mu = pre.mean(0)
+            Sig = (pre - mu).T @ (pre - mu) / pre.shape[0]
+            k = L.K[g, a + S:a + n]
+            z = L.scale * k @ (Rbar @ mu)
+            if cov:
+                z = z + 0.5 * L.scale ** 2 * np.einsum("ni,ij,nj->n", k, Rbar @ Sig @ Rbar.T, k)
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            acc[hq if per_query else g, S:] += p if per_query else p / L.G
+        hs = []
+        for h in range(acc.shape[0]):
+            s = acc[h] * np.linalg.norm(V[h // L.G if per_query else h, a:a + n], axis=-1)
+            s[:S] = np.inf
+            hs.append(rank(s[:n - min(W, n)], n, min(W, n)))
+        out[a] = hs
+    return out
 
 
 def kept(orders, T, C, head, f):
@@ -241,6 +285,23 @@ def main():
             for mode in ("own", "kvpress"):
                 compare(name, path, "%s,chunk_scores=%s" % (spec, mode), budgets, C, fn, work,
                         False)
+    # expected-attention: each chunk's queries' statistics at the positions after it (own) or
+    # at n, n + 1, ... (kvpress)
+    for path, name, budgets, cases in (
+            (a, "llama2c", "10%,25%,50%,40", [
+                ("expected-attention:chunk_length=40", 40, {}),
+                ("expected-attention:chunk_length=64,heads=query,future=3,sinks=2", 64,
+                 {"per_query": True, "future": 3, "sinks": 2}),
+                ("expected-attention:chunk_length=50,cov=0,window=3", 50,
+                 {"cov": False, "W": 3})]),
+            (s, "llama3-8b", "10%,64", [("expected-attention:chunk_length=128", 128, {})]),
+            (vl, "tiny-vl", "10%,30%", [("expected-attention:chunk_length=50", 50, {})])):
+        for spec, C, kw in cases:
+            per_query = kw.pop("per_query", False)
+            for mode in ("own", "kvpress"):
+                compare(name, path, "%s,chunk_scores=%s" % (spec, mode), budgets, C,
+                        lambda L, m=mode, pq=per_query, kw=kw: ea_orders(
+                            L, C, m == "kvpress", pq, **kw), work, False)
     # streamingllm: each chunk its own sinks and most recent tokens
     for spec, C, S in (("streamingllm:chunk_length=40", 40, 4),
                        ("streamingllm:chunk_length=32,sinks=2,heads=query", 32, 2)):
@@ -263,7 +324,8 @@ def main():
             "chunk_length=N)")
     refused(R + ["h2o:chunk_length=32,chunk_scores=own"],
             "h2o: chunk_scores=own: each chunk scored as a prompt of its own is replayed for "
-            "snapkv, tova, keydiff, streamingllm, knorm and vnorm; give chunk_scores=prompt")
+            "snapkv, tova, keydiff, expected-attention, streamingllm, knorm and vnorm; give "
+            "chunk_scores=prompt")
     refused(R + ["snapkv:chunk_length=32,chunk_scores=chunk"],
             "snapkv: chunk_scores=chunk: expected prompt, own or kvpress")
     refused(R + ["snapkv:window=8,chunk_length=8,chunk_scores=own"],
