@@ -117,6 +117,41 @@ void kvt_cli_budget_notes(FILE *f, const char *cmd, const char *path, const kvt_
                 "observation window above the budget (up to %d tokens): each keeps only the "
                 "window's last B tokens there, so they tie\n",
                 cmd, path, strchr(below, ',') ? "s" : "", below, n_below_pol, wmax);
+    /* chunk_length=: each chunk keeps at least one token, so a budget under one token per
+       chunk keeps more than it names */
+    for (size_t p = 0; p < tr->n_policies; p++) {
+        if (!(tr->policy_flags[p] & KVT_POLICY_CHUNKED))
+            continue;
+        char over[256] = "";
+        size_t lo = 0;
+        double first = 0.0;
+        for (size_t b = 0; b < tr->n_budgets; b++) {
+            const int B = tr->budget_tokens[b];
+            double sum = 0.0;
+            int n = 0;
+            for (int l = 0; B < T && l < tr->n_layers; l++)
+                for (int h = 0; h < tr->policy_heads[p]; h++) {
+                    const double k = kvt_trace_result_at(tr, p, b, l, h)->n_keep;
+                    if (k == k) { /* not NaN */
+                        sum += k;
+                        n++;
+                    }
+                }
+            if (n == 0 || sum / n <= 1.01 * B + 0.5 || lo >= sizeof(over))
+                continue;
+            if (!lo)
+                first = sum / n;
+            lo += (size_t)snprintf(over + lo, sizeof(over) - lo, "%s%s", lo ? ", " : "",
+                                   tr->budget_texts[b]);
+        }
+        if (lo)
+            fprintf(f,
+                    "kvtrace %s: warning: %s: %s keeps more than the budget at %s (%.1f "
+                    "entries per head at the first): each chunk of chunk_length= keeps at least "
+                    "one token, as kvpress's max(1, ...) does, so those rows cost more than "
+                    "their budget\n",
+                    cmd, path, tr->policy_labels[p], over, first);
+    }
     for (size_t p = 0; p < tr->n_policies && n_all < tr->n_budgets; p++)
         if (tr->policy_window[p] >= T)
             fprintf(f,

@@ -54,6 +54,8 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_PER_BUDGET   0x100u /* a ranking per budget: sets not nested (keydiff-block) */
 /* gives each layer its own budget (pyramidkv, cake, ...): takes no layer_weights= */
 #define KVT_POLICY_LAYER_BUDGETS 0x200u
+/* chunk_length=: the budget shared over chunks of the prompt, each keeping at least a token */
+#define KVT_POLICY_CHUNKED 0x400u
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {

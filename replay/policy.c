@@ -843,6 +843,7 @@ unsigned kvt_policy_flags(const kvt_policy *p)
     return p->def->flags | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0) |
            (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0) |
            (chunk_q ? KVT_POLICY_NEEDS_QALL : 0) |
+           (p->o.chunk_length > 0 ? KVT_POLICY_CHUNKED : 0) |
            (chunk_q && p->o.chunk_scores == KVT_CHUNK_KVPRESS ? KVT_POLICY_NEEDS_ROPE : 0);
 }
 

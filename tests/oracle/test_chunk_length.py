@@ -136,6 +136,18 @@ def main():
         bad += per != [chunk_keep(50, f)] * 3
     check(exp["records"] and bad == 0, "keydiff-block with chunk_length: %d sets off" % bad)
 
+    # a budget under a token per chunk keeps a token per chunk: the replay says so (19 chunks
+    # of 8 tokens, 5 of 32; 2 of 75 keep 2 at B = 2 and 3 at 3, 75 at 50%)
+    r = run("replay", a, "--policies", "knorm:chunk_length=8,snapkv:chunk_length=32,window=4,"
+            "knorm:chunk_length=75", "--budgets", "2,3,50%", "-o", os.path.join(work, "n.json"),
+            "--force")
+    notes = [x for x in r.stderr.splitlines() if "keeps more than the budget" in x]
+    want = ["knorm:chunk_length=8 keeps more than the budget at 2, 3 (19.0 entries per head at "
+            "the first): each chunk of chunk_length= keeps at least one token",
+            "snapkv:chunk_length=32,window=4 keeps more than the budget at 2, 3 (5.0 entries"]
+    check(len(notes) == 2 and all(w in n for w, n in zip(want, notes)),
+          "chunk floor notes: %r" % r.stderr)
+
     T = ["replay", a, "--budgets", "20", "-o", os.path.join(work, "x.json"), "--force",
          "--policies"]
     refused(T + ["pyramidkv:chunk_length=16"], "unknown option 'chunk_length'")
