@@ -502,8 +502,9 @@ static void list_policies(void)
            "take chunk_length=N: each chunk of N prompt tokens keeps max(1, int(len*f)) of its\n"
            "tokens at a budget of share f, the ones the policy ranks highest (kvpress's\n"
            "FinchPress chunk_length), e.g. finch:window=16,chunk_length=1024. With\n"
-           "chunk_scores=own, snapkv, tova, keydiff, expected-attention, streamingllm, knorm\n"
-           "and vnorm score each chunk as a prompt of its own (snapkv, tova, expected-attention\n"
+           "chunk_scores=own, snapkv, tova, keydiff, expected-attention, leverage, streamingllm,\n"
+           "knorm and vnorm score each chunk as a prompt of its own (snapkv, tova, "
+           "expected-attention\n"
            "from its queries: Q_all); chunk_scores=kvpress turns those queries, or the future\n"
            "positions, as kvpress's ChunkPress does.\n");
 }

@@ -183,6 +183,32 @@ static kvt_status sel_lev(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     return st;
 }
 
+/* chunk_scores=own|kvpress: kvpress's ChunkPress(LeverageScorePress): each key's leverage
+ * among its chunk's keys alone (centred on the chunk's mean). A chunk's sketch is drawn from
+ * the same seed as the prompt's (kvpress draws a new one per call) */
+static kvt_status chunk_lev(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                            kvt_layer_selection *sel)
+{
+    const int T = c->T, Hkv = c->Hkv, Cn = C < T ? C : T;
+    double *l = kvt_malloc(((size_t)Hkv * T + 1) * sizeof(double));
+    double *lc = kvt_malloc(((size_t)Hkv * Cn + 1) * sizeof(double));
+    kvt_status st = KVT_OK;
+    if (!l || !lc)
+        st = kvt_error_set(KVT_ERR_NOMEM, "leverage: out of memory");
+    for (int a = 0; !st && a < T; a += C) {
+        const int n = T - a < C ? T - a : C;
+        if ((st = kvt_leverage_scores(c, "leverage", p->o.sketch, p->o.seed, a, a + n, lc)))
+            break;
+        for (int g = 0; g < Hkv; g++)
+            memcpy(l + (size_t)g * T + a, lc + (size_t)g * n, (size_t)n * sizeof(double));
+    }
+    if (!st)
+        st = kvt_chunk_rank_kv_array(c, p, l, 1.0, C, n_b, sel);
+    kvt_free(l);
+    kvt_free(lc);
+    return st;
+}
+
 const kvt_policy_def kvt_policy_def_leverage = {
     .name = "leverage",
     .host_reads = KVT_CTX_KV,
@@ -192,4 +218,5 @@ const kvt_policy_def kvt_policy_def_leverage = {
     .flags = KVT_POLICY_NEEDS_ROPE,
     .defaults = d_lev,
     .select = sel_lev,
+    .chunk_rank = chunk_lev,
 };

@@ -26,6 +26,8 @@ max(1, int(len * (1 - r))) of its scores. The presses' scores, written from thei
   positions q_len, q_len + 1, ... with q_len the chunk's length (chunk_scores=kvpress; own:
   the positions after the chunk), the softmax of the expected logits over the chunk's keys
   past its sinks, the GQA mean, times ||v||.
+- LeverageScorePress (leverage_press.py @b82e7b2): each pre-RoPE key's leverage among its
+  chunk's keys (test_compactor's check on the chunk's rows; the sketch's draws are kvtrace's).
 
 The share 1 - r is the budget's written share, or B/T. Ties break toward the earlier token, the
 window first (newest first), as kvtrace documents. Every exported kept set must equal the
@@ -47,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import (ROOT, check, finish, need_library, refused, replay_export, run,  # noqa: E402
                       score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
+from test_compactor import leverage, pre_rope_keys  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
 
 kvtrace = need_library()
@@ -206,6 +209,20 @@ def ea_orders(L, C, kvpress, per_query, sinks=4, future=512, cov=True, W=0):
     return out
 
 
+def leverage_orders(L, C, per_query, sketch, seed, W=0):
+    """ChunkPress(LeverageScorePress): each pre-RoPE key's leverage among its chunk's keys (the
+    check of test_compactor on the chunk's rows; kvtrace draws each chunk's sketch from the
+    same seed)."""
+    pre = pre_rope_keys(L.t, L.K)
+    out = {}
+    for a, n in chunks(L.T, C):
+        lev = leverage(pre[:, a:a + n], L.layer, sketch, seed)
+        w = min(W, n)
+        hs = [rank(x[:n - w], n, w) for x in lev]
+        out[a] = [hs[h // L.G] for h in range(L.Hq)] if per_query else hs
+    return out
+
+
 def kept(orders, T, C, head, f):
     s = set()
     for a, n in chunks(T, C):
@@ -302,6 +319,17 @@ def main():
                 compare(name, path, "%s,chunk_scores=%s" % (spec, mode), budgets, C,
                         lambda L, m=mode, pq=per_query, kw=kw: ea_orders(
                             L, C, m == "kvpress", pq, **kw), work, False)
+    # leverage: each key's leverage among its chunk's pre-RoPE keys
+    for path, name, budgets in ((a, "llama2c", "10%,25%,40"), (s, "llama3-8b", "10%,64")):
+        for spec, C, kw in (
+                ("leverage:sketch=0,chunk_length=40", 40, {"sketch": 0, "seed": 0}),
+                ("leverage:sketch=3,seed=5,chunk_length=64,heads=query", 64,
+                 {"sketch": 3, "seed": 5, "per_query": True}),
+                ("leverage:sketch=0,chunk_length=50,window=2", 50,
+                 {"sketch": 0, "seed": 0, "W": 2})):
+            pq = kw.pop("per_query", False)
+            compare(name, path, spec + ",chunk_scores=own", budgets, C,
+                    lambda L, pq=pq, kw=kw, C=C: leverage_orders(L, C, pq, **kw), work, False)
     # streamingllm: each chunk its own sinks and most recent tokens
     for spec, C, S in (("streamingllm:chunk_length=40", 40, 4),
                        ("streamingllm:chunk_length=32,sinks=2,heads=query", 32, 2)):
@@ -324,8 +352,8 @@ def main():
             "chunk_length=N)")
     refused(R + ["h2o:chunk_length=32,chunk_scores=own"],
             "h2o: chunk_scores=own: each chunk scored as a prompt of its own is replayed for "
-            "snapkv, tova, keydiff, expected-attention, streamingllm, knorm and vnorm; give "
-            "chunk_scores=prompt")
+            "snapkv, tova, keydiff, expected-attention, leverage, streamingllm, knorm and vnorm; "
+            "give chunk_scores=prompt")
     refused(R + ["snapkv:chunk_length=32,chunk_scores=chunk"],
             "snapkv: chunk_scores=chunk: expected prompt, own or kvpress")
     refused(R + ["snapkv:window=8,chunk_length=8,chunk_scores=own"],
