@@ -138,8 +138,7 @@ kvt_status kvt_sel_chunk_own(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     return KVT_OK;
 }
 
-/* chunk [a, a + n) of local ranking loc [n] (indices 0..n-1) into head h's order */
-static void put_chunk(kvt_layer_selection *sel, int h, int a, int n, const int32_t *loc)
+void kvt_sel_put_chunk(kvt_layer_selection *sel, int h, int a, int n, const int32_t *loc)
 {
     int32_t *o = sel->order + (size_t)h * sel->T + a;
     for (int i = 0; i < n; i++)
@@ -163,7 +162,7 @@ kvt_status kvt_chunk_rank_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const 
             for (int j = 0; j < n - W; j++)
                 s[j] = sign * xg[a + j];
             if (!(st = kvt_rank_window(s, n, W, loc)))
-                put_chunk(sel, h, a, n, loc);
+                kvt_sel_put_chunk(sel, h, a, n, loc);
         }
     }
     kvt_free(s);

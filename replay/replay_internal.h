@@ -445,6 +445,9 @@ kvt_status kvt_sel_chunk(const kvt_layer_ctx *c, const char *policy, int C, cons
  *  shares the budget over the chunks). */
 kvt_status kvt_sel_chunk_own(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel);
+/** Chunk [a, a + n)'s ranking loc [n] (indices 0..n-1 of the chunk) into head h's order
+ *  (chunk_rank). */
+void kvt_sel_put_chunk(kvt_layer_selection *sel, int h, int a, int n, const int32_t *loc);
 /** chunk_rank of a score per KV head and token (knorm, vnorm; keydiff's chunk-local scores):
  *  each chunk [a, a + n) of C tokens ranked by sign * x[g][j], its last min(window, n) tokens
  *  first (newest first), then the rest by score descending (ties: the lower index). */

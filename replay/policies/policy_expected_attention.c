@@ -308,8 +308,7 @@ static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b
             for (int j = 0; j < n - W; j++)
                 s[j] = ea_score(c, p, acc, h, a0, n, j);
             if (!(st = kvt_rank_window(s, n, W, loc)))
-                for (int i = 0; i < n; i++)
-                    sel->order[(size_t)h * T + a0 + i] = a0 + loc[i];
+                kvt_sel_put_chunk(sel, h, a0, n, loc);
         }
     }
     kvt_free(acc);

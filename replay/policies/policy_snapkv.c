@@ -52,8 +52,7 @@ static kvt_status chunk_snapkv(kvt_layer_ctx *c, const kvt_policy *p, int C, int
         for (int h = 0; h < sel->n_heads && !st; h++)
             if (!(st = kvt_pool1d_ref(r + (size_t)h * P, P, o->kernel, o->pool, s)) &&
                 !(st = kvt_rank_window(s, n, W, loc)))
-                for (int i = 0; i < n; i++)
-                    sel->order[(size_t)h * T + a0 + i] = a0 + loc[i];
+                kvt_sel_put_chunk(sel, h, a0, n, loc);
     }
     kvt_free(a);
     kvt_free(ac);

@@ -51,8 +51,7 @@ static kvt_status chunk_tova(kvt_layer_ctx *c, const kvt_policy *p, int C, int n
         if ((st = kvt_rank_window(s, n, 1, loc)))
             break;
         for (int h = 0; h < sel->n_heads; h++)
-            for (int i = 0; i < n; i++)
-                sel->order[(size_t)h * T + a0 + i] = a0 + loc[i];
+            kvt_sel_put_chunk(sel, h, a0, n, loc);
     }
     kvt_free(a);
     kvt_free(s);

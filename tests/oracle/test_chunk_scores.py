@@ -49,21 +49,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import (ROOT, check, finish, need_library, refused, replay_export, run,  # noqa: E402
                       score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
+from test_chunk_length import chunk_keep, share  # noqa: E402
 from test_compactor import leverage, pre_rope_keys  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
 
 kvtrace = need_library()
-
-
-def share(budget, T):
-    return float(budget[:-1]) / 100.0 if budget.endswith("%") else int(budget) / T
-
-
-def chunk_keep(n, f):
-    if f >= 1.0:
-        return n
-    x = n * f
-    return min(n, int(x) if x >= 1.0 else 1)
 
 
 def chunks(T, C):
