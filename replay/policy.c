@@ -661,8 +661,8 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
         st = kvt_error_set(
             KVT_ERR_INVALID_ARG,
             "%s: chunk_scores=%s: each chunk scored as a prompt of its own is "
-            "replayed for snapkv, tova, keydiff, expected-attention, leverage, streamingllm, "
-            "knorm and vnorm; give chunk_scores=prompt",
+            "replayed for snapkv, tova, keydiff, expected-attention, leverage, lagkv, "
+            "streamingllm, knorm and vnorm; give chunk_scores=prompt",
             d->name, p->o.chunk_scores == KVT_CHUNK_OWN ? "own" : "kvpress");
         goto out_fail;
     }

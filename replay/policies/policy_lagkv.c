@@ -71,61 +71,112 @@ static void ascending_ranks(const double *s, int n, int32_t *order, int32_t *wor
         rank[order[i]] = i;
 }
 
+/* LagKV's scratch: a partition's scores, ranks and the references' extremes */
+typedef struct lag_work {
+    double *ks, *vs, *neg, *mn, *mx;
+    int32_t *ord, *wk;
+} lag_work;
+
+static void lag_work_free(lag_work *w)
+{
+    kvt_free(w->ks);
+    kvt_free(w->vs);
+    kvt_free(w->neg);
+    kvt_free(w->mn);
+    kvt_free(w->mx);
+    kvt_free(w->ord);
+    kvt_free(w->wk);
+}
+
+static kvt_status lag_work_init(lag_work *w, int lag, int D)
+{
+    w->ks = kvt_malloc(((size_t)lag + 1) * sizeof(double));
+    w->vs = kvt_malloc(((size_t)lag + 1) * sizeof(double));
+    w->neg = kvt_malloc(((size_t)lag + 1) * sizeof(double));
+    w->mn = kvt_malloc(((size_t)D + 1) * sizeof(double));
+    w->mx = kvt_malloc(((size_t)D + 1) * sizeof(double));
+    w->ord = kvt_malloc(((size_t)lag + 1) * sizeof(int32_t));
+    w->wk = kvt_malloc(((size_t)lag + 1) * sizeof(int32_t));
+    if (w->ks && w->vs && w->neg && w->mn && w->mx && w->ord && w->wk)
+        return KVT_OK;
+    lag_work_free(w);
+    return kvt_error_set(KVT_ERR_NOMEM, "lagkv: out of memory");
+}
+
+/* s [n]: LagKV's scores of the tokens [a0, a0 + n) of KV head g scored as a prompt of their
+ * own (the whole prompt, or a chunk of it) */
+static void lag_scores(const kvt_layer_ctx *c, const kvt_policy_opts *o, int g, int a0, int n,
+                       lag_work *w, double *s)
+{
+    const int D = c->D, S = o->sinks < n ? o->sinks : n, lag = o->lag;
+    for (int j = 0; j < n; j++)
+        s[j] = 1.0;                     /* sinks and tail */
+    if ((long)n < (long)S + 2L * lag) { /* not compressed: sinks, then the most recent */
+        for (int j = S; j < n; j++)
+            s[j] = (double)(j - S) / (n - S);
+        return;
+    }
+    const int n_part = (n - S) / lag; /* whole partitions; the last is the tail's start */
+    const float *K = c->k + ((size_t)g * c->T + a0) * D, *V = c->v + ((size_t)g * c->T + a0) * D;
+    for (int i = 0; i + 1 < n_part; i++) {
+        size_t t0 = (size_t)S + (size_t)i * lag;
+        lag_states_score(K + t0 * D, K + (t0 + lag) * D, lag, D, w->mn, w->mx, w->ks);
+        lag_states_score(V + t0 * D, V + (t0 + lag) * D, lag, D, w->mn, w->mx, w->vs);
+        for (int t = 0; t < lag; t++)
+            w->ks[t] = (w->ks[t] + w->vs[t]) / 2;
+        if (!o->cross)
+            ascending_ranks(w->ks, lag, w->ord, w->wk, w->neg, w->vs); /* vs <- ranks */
+        for (int t = 0; t < lag; t++) /* cross=1: a NaN score first, as torch.topk keeps it */
+            s[t0 + t] = !o->cross ? w->vs[t] / lag : isnan(w->ks[t]) ? INFINITY : w->ks[t];
+    }
+}
+
 static kvt_status sel_lag(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                           kvt_layer_selection *sel)
 {
     const kvt_policy_opts *o = &p->o;
-    const int T = c->T, D = c->D, S = o->sinks < T ? o->sinks : T, lag = o->lag;
-    const int H = kvt_ctx_heads(c, o->per_query);
+    const int T = c->T, H = kvt_ctx_heads(c, o->per_query);
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, 0, n_b, true));
+    lag_work w;
+    KVT_FORWARD(lag_work_init(&w, o->lag, c->D));
     double *sc = kvt_malloc(((size_t)H * T + 1) * sizeof(double));
-    double *ks = kvt_malloc(((size_t)lag + 1) * sizeof(double));
-    double *vs = kvt_malloc(((size_t)lag + 1) * sizeof(double));
-    double *neg = kvt_malloc(((size_t)lag + 1) * sizeof(double));
-    double *mn = kvt_malloc(((size_t)D + 1) * sizeof(double));
-    double *mx = kvt_malloc(((size_t)D + 1) * sizeof(double));
-    int32_t *ord = kvt_malloc(((size_t)lag + 1) * sizeof(int32_t));
-    int32_t *wk = kvt_malloc(((size_t)lag + 1) * sizeof(int32_t));
     kvt_status st = KVT_OK;
-    if (!sc || !ks || !vs || !neg || !mn || !mx || !ord || !wk) {
+    if (!sc) {
         st = kvt_error_set(KVT_ERR_NOMEM, "lagkv: out of memory");
         goto out;
     }
-    for (int h = 0; h < H; h++) {
-        double *s = sc + (size_t)h * T;
-        int g = kvt_ctx_kv_of(c, o->per_query, h);
-        for (int j = 0; j < T; j++)
-            s[j] = 1.0;                     /* sinks and tail */
-        if ((long)T < (long)S + 2L * lag) { /* not compressed: sinks, then the most recent */
-            for (int j = S; j < T; j++)
-                s[j] = (double)(j - S) / (T - S);
-            continue;
-        }
-        const int n_part = (T - S) / lag; /* whole partitions; the last is the tail's start */
-        const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
-        for (int i = 0; i + 1 < n_part; i++) {
-            size_t t0 = (size_t)S + (size_t)i * lag;
-            lag_states_score(K + t0 * D, K + (t0 + lag) * D, lag, D, mn, mx, ks);
-            lag_states_score(V + t0 * D, V + (t0 + lag) * D, lag, D, mn, mx, vs);
-            for (int t = 0; t < lag; t++)
-                ks[t] = (ks[t] + vs[t]) / 2;
-            if (!o->cross)
-                ascending_ranks(ks, lag, ord, wk, neg, vs); /* vs <- ranks */
-            for (int t = 0; t < lag; t++) /* cross=1: a NaN score first, as torch.topk keeps it */
-                s[t0 + t] = !o->cross ? vs[t] / lag : isnan(ks[t]) ? INFINITY : ks[t];
-        }
-    }
+    for (int h = 0; h < H; h++)
+        lag_scores(c, o, kvt_ctx_kv_of(c, o->per_query, h), 0, T, &w, sc + (size_t)h * T);
     st = kvt_sel_rank_counts(c, p, sc, 0, B, n_b, sel);
 out:
     kvt_free(sc);
-    kvt_free(ks);
-    kvt_free(vs);
-    kvt_free(neg);
-    kvt_free(mn);
-    kvt_free(mx);
-    kvt_free(ord);
-    kvt_free(wk);
+    lag_work_free(&w);
+    return st;
+}
+
+/* chunk_scores=own|kvpress: kvpress's ChunkPress(LagKVPress): each chunk's own sinks,
+ * partitions and tail */
+static kvt_status chunk_lag(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                            kvt_layer_selection *sel)
+{
+    const int T = c->T, Hkv = c->Hkv;
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    lag_work w;
+    KVT_FORWARD(lag_work_init(&w, p->o.lag, c->D));
+    double *sc = kvt_malloc(((size_t)Hkv * T + 1) * sizeof(double));
+    kvt_status st = KVT_OK;
+    if (!sc) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "lagkv: out of memory");
+        goto out;
+    }
+    for (int g = 0; g < Hkv; g++)
+        for (int a = 0; a < T; a += C)
+            lag_scores(c, &p->o, g, a, T - a < C ? T - a : C, &w, sc + (size_t)g * T + a);
+    st = kvt_chunk_rank_kv_array(c, p, sc, 1.0, C, n_b, sel);
+out:
+    kvt_free(sc);
+    lag_work_free(&w);
     return st;
 }
 
@@ -137,4 +188,5 @@ const kvt_policy_def kvt_policy_def_lagkv = {
     .keys = "heads,sinks,lag,cross,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_lag,
     .select = sel_lag,
+    .chunk_rank = chunk_lag,
 };

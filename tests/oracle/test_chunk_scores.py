@@ -28,6 +28,8 @@ max(1, int(len * (1 - r))) of its scores. The presses' scores, written from thei
   past its sinks, the GQA mean, times ||v||.
 - LeverageScorePress (leverage_press.py @b82e7b2): each pre-RoPE key's leverage among its
   chunk's keys (test_compactor's check on the chunk's rows; the sketch's draws are kvtrace's).
+- LagKVPress (lagkv_press.py @08a43bf): each chunk's own sinks, partitions and tail
+  (test_lagkv's check on the chunk's rows).
 
 The share 1 - r is the budget's written share, or B/T. Ties break toward the earlier token, the
 window first (newest first), as kvtrace documents. Every exported kept set must equal the
@@ -52,6 +54,7 @@ import numpy as np  # noqa: E402
 from test_chunk_length import chunk_keep, share  # noqa: E402
 from test_compactor import leverage, pre_rope_keys  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
+from test_lagkv import lag_scores  # noqa: E402
 
 kvtrace = need_library()
 
@@ -213,6 +216,18 @@ def leverage_orders(L, C, per_query, sketch, seed, W=0):
     return out
 
 
+def lagkv_orders(L, C, per_query, sinks=4, lag=128, cross=False):
+    """ChunkPress(LagKVPress): each chunk's own sinks, partitions and tail (test_lagkv's check
+    on the chunk's rows)."""
+    V = L.t.read("V", L.layer, dtype="float32").astype(np.float64)
+    out = {}
+    for a, n in chunks(L.T, C):
+        hs = [rank(lag_scores(L.K[g, a:a + n], V[g, a:a + n], sinks, lag, cross), n, 0)
+              for g in range(L.Hkv)]
+        out[a] = [hs[h // L.G] for h in range(L.Hq)] if per_query else hs
+    return out
+
+
 def kept(orders, T, C, head, f):
     s = set()
     for a, n in chunks(T, C):
@@ -320,6 +335,17 @@ def main():
             pq = kw.pop("per_query", False)
             compare(name, path, spec + ",chunk_scores=own", budgets, C,
                     lambda L, pq=pq, kw=kw, C=C: leverage_orders(L, C, pq, **kw), work, False)
+    # lagkv: each chunk its own sinks, partitions and tail (a chunk of 20 under sinks + 2 lag:
+    # its sinks, then its most recent)
+    for path, name, budgets in ((a, "llama2c", "10%,25%,40"), (s, "llama3-8b", "10%,64")):
+        for spec, C, kw in (
+                ("lagkv:lag=8,chunk_length=40", 40, {"lag": 8}),
+                ("lagkv:lag=4,sinks=2,cross=1,heads=query,chunk_length=64", 64,
+                 {"lag": 4, "sinks": 2, "cross": True, "per_query": True}),
+                ("lagkv:lag=16,chunk_length=50", 50, {"lag": 16})):
+            pq = kw.pop("per_query", False)
+            compare(name, path, spec + ",chunk_scores=own", budgets, C,
+                    lambda L, pq=pq, kw=kw, C=C: lagkv_orders(L, C, pq, **kw), work, False)
     # streamingllm: each chunk its own sinks and most recent tokens
     for spec, C, S in (("streamingllm:chunk_length=40", 40, 4),
                        ("streamingllm:chunk_length=32,sinks=2,heads=query", 32, 2)):
@@ -342,8 +368,8 @@ def main():
             "chunk_length=N)")
     refused(R + ["h2o:chunk_length=32,chunk_scores=own"],
             "h2o: chunk_scores=own: each chunk scored as a prompt of its own is replayed for "
-            "snapkv, tova, keydiff, expected-attention, leverage, streamingllm, knorm and vnorm; "
-            "give chunk_scores=prompt")
+            "snapkv, tova, keydiff, expected-attention, leverage, lagkv, streamingllm, knorm and "
+            "vnorm; give chunk_scores=prompt")
     refused(R + ["snapkv:chunk_length=32,chunk_scores=chunk"],
             "snapkv: chunk_scores=chunk: expected prompt, own or kvpress")
     refused(R + ["snapkv:window=8,chunk_length=8,chunk_scores=own"],
