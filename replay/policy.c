@@ -661,7 +661,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
         st = kvt_error_set(
             KVT_ERR_INVALID_ARG,
             "%s: chunk_scores=%s: each chunk scored as a prompt of its own is "
-            "replayed for snapkv, tova, keydiff, expected-attention, leverage, lagkv, "
+            "replayed for snapkv, tova, keydiff, expected-attention, leverage, lagkv, cur, "
             "streamingllm, knorm and vnorm; give chunk_scores=prompt",
             d->name, p->o.chunk_scores == KVT_CHUNK_OWN ? "own" : "kvpress");
         goto out_fail;

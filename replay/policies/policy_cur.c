@@ -40,53 +40,86 @@ static void local_norm(double *x, int T, int w)
     }
 }
 
+/* s [n]: CURPress's scores of the tokens [a0, a0 + n) of KV head g scored as a prompt of
+ * their own (the whole prompt, or a chunk of it); k2, v2 [n] scratch */
+static void cur_scores(const kvt_layer_ctx *c, const kvt_policy_opts *o, int g, int a0, int n,
+                       double *k2, double *v2, double *s)
+{
+    const int D = c->D;
+    const float *K = c->k + ((size_t)g * c->T + a0) * D, *V = c->v + ((size_t)g * c->T + a0) * D;
+    double sum = 0.0;
+    for (int j = 0; j < n; j++) {
+        double a = 0.0, b = 0.0;
+        for (int e = 0; e < D; e++) {
+            a += (double)K[(size_t)j * D + e] * K[(size_t)j * D + e];
+            b += (double)V[(size_t)j * D + e] * V[(size_t)j * D + e];
+        }
+        k2[j] = a, v2[j] = b;
+    }
+    if (o->local > 0) {
+        local_norm(k2, n, o->local);
+        local_norm(v2, n, o->local);
+    }
+    for (int j = 0; j < n; j++) {
+        switch (o->leverage) {
+        case KVT_LEVERAGE_KEY:
+            s[j] = k2[j];
+            break;
+        case KVT_LEVERAGE_VALUE:
+            s[j] = v2[j];
+            break;
+        case KVT_LEVERAGE_KV_AVG:
+            s[j] = (k2[j] + v2[j]) / 2;
+            break;
+        default:
+            s[j] = k2[j] * v2[j];
+            break;
+        }
+        sum += s[j];
+    }
+    for (int j = 0; j < n; j++) { /* NaN first, as torch.topk */
+        s[j] = j < o->sinks ? 1.0 : s[j] / sum;
+        s[j] = isnan(s[j]) ? INFINITY : s[j];
+    }
+}
+
+/* x [Hkv, T]: every KV head's scores, each chunk of C tokens (C >= T: the prompt) scored on
+ * its own */
+static kvt_status cur_chunks(kvt_layer_ctx *c, const kvt_policy_opts *o, int C, double *x)
+{
+    const int T = c->T, Cn = C < T ? C : T;
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    double *k2 = kvt_malloc((2 * (size_t)Cn + 1) * sizeof(double));
+    KVT_RETURN_IF(!k2, KVT_ERR_NOMEM, "cur: out of memory");
+    for (int g = 0; g < c->Hkv; g++) /* per KV head; heads=query takes its KV head's */
+        for (int a = 0; a < T; a += C)
+            cur_scores(c, o, g, a, T - a < C ? T - a : C, k2, k2 + Cn, x + (size_t)g * T + a);
+    kvt_free(k2);
+    return KVT_OK;
+}
+
 static kvt_status sel_cur(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                           kvt_layer_selection *sel)
 {
-    const kvt_policy_opts *o = &p->o;
-    const int T = c->T, D = c->D;
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
-    double *x = kvt_malloc(((size_t)c->Hkv * T + 2 * (size_t)T + 1) * sizeof(double));
+    double *x = kvt_malloc(((size_t)c->Hkv * c->T + 1) * sizeof(double));
     KVT_RETURN_IF(!x, KVT_ERR_NOMEM, "cur: out of memory");
-    double *k2 = x + (size_t)c->Hkv * T, *v2 = k2 + T;
-    for (int g = 0; g < c->Hkv; g++) { /* per KV head; heads=query takes its KV head's */
-        const float *K = c->k + (size_t)g * T * D, *V = c->v + (size_t)g * T * D;
-        double *s = x + (size_t)g * T, sum = 0.0;
-        for (int j = 0; j < T; j++) {
-            double a = 0.0, b = 0.0;
-            for (int e = 0; e < D; e++) {
-                a += (double)K[(size_t)j * D + e] * K[(size_t)j * D + e];
-                b += (double)V[(size_t)j * D + e] * V[(size_t)j * D + e];
-            }
-            k2[j] = a, v2[j] = b;
-        }
-        if (o->local > 0) {
-            local_norm(k2, T, o->local);
-            local_norm(v2, T, o->local);
-        }
-        for (int j = 0; j < T; j++) {
-            switch (o->leverage) {
-            case KVT_LEVERAGE_KEY:
-                s[j] = k2[j];
-                break;
-            case KVT_LEVERAGE_VALUE:
-                s[j] = v2[j];
-                break;
-            case KVT_LEVERAGE_KV_AVG:
-                s[j] = (k2[j] + v2[j]) / 2;
-                break;
-            default:
-                s[j] = k2[j] * v2[j];
-                break;
-            }
-            sum += s[j];
-        }
-        for (int j = 0; j < T; j++) { /* NaN first, as torch.topk */
-            s[j] = j < o->sinks ? 1.0 : s[j] / sum;
-            s[j] = isnan(s[j]) ? INFINITY : s[j];
-        }
-    }
-    kvt_status st = kvt_rank_by_kv_array(c, p, x, 1.0, B, n_b, sel); /* window 0 */
+    kvt_status st = cur_chunks(c, &p->o, c->T, x);
+    if (!st)
+        st = kvt_rank_by_kv_array(c, p, x, 1.0, B, n_b, sel); /* window 0 */
+    kvt_free(x);
+    return st;
+}
+
+/* chunk_scores=own|kvpress: kvpress's ChunkPress(CURPress): each chunk's own blocks, sum and
+ * sinks */
+static kvt_status chunk_cur(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+                            kvt_layer_selection *sel)
+{
+    double *x = kvt_malloc(((size_t)c->Hkv * c->T + 1) * sizeof(double));
+    KVT_RETURN_IF(!x, KVT_ERR_NOMEM, "cur: out of memory");
+    kvt_status st = cur_chunks(c, &p->o, p->o.chunk_length, x);
+    if (!st)
+        st = kvt_chunk_rank_kv_array(c, p, x, 1.0, C, n_b, sel);
     kvt_free(x);
     return st;
 }
@@ -99,4 +132,5 @@ const kvt_policy_def kvt_policy_def_cur = {
     .keys = "heads,sinks,leverage,local,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
     .defaults = d_cur,
     .select = sel_cur,
+    .chunk_rank = chunk_cur,
 };

@@ -30,6 +30,8 @@ max(1, int(len * (1 - r))) of its scores. The presses' scores, written from thei
   chunk's keys (test_compactor's check on the chunk's rows; the sketch's draws are kvtrace's).
 - LagKVPress (lagkv_press.py @08a43bf): each chunk's own sinks, partitions and tail
   (test_lagkv's check on the chunk's rows).
+- CURPress (cur_press.py @a0b8d34): each chunk's own norm blocks, sum and sinks (test_cur's
+  check on the chunk's rows).
 
 The share 1 - r is the budget's written share, or B/T. Ties break toward the earlier token, the
 window first (newest first), as kvtrace documents. Every exported kept set must equal the
@@ -53,6 +55,7 @@ from cli_test import (ROOT, check, finish, need_library, refused, replay_export,
 import numpy as np  # noqa: E402
 from test_chunk_length import chunk_keep, share  # noqa: E402
 from test_compactor import leverage, pre_rope_keys  # noqa: E402
+from test_cur import cur_scores  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
 from test_lagkv import lag_scores  # noqa: E402
 
@@ -228,6 +231,20 @@ def lagkv_orders(L, C, per_query, sinks=4, lag=128, cross=False):
     return out
 
 
+def cur_orders(L, C, per_query, sinks=4, lev="kv_product", local=16):
+    """ChunkPress(CURPress): each chunk's own norm blocks, sum and sinks (test_cur's check on
+    the chunk's rows; a NaN score ranks first, as torch.topk's)."""
+    V = L.t.read("V", L.layer, dtype="float32").astype(np.float64)
+    out = {}
+    for a, n in chunks(L.T, C):
+        hs = []
+        for g in range(L.Hkv):
+            s = cur_scores(L.K[g, a:a + n], V[g, a:a + n], sinks, lev, local)
+            hs.append(rank(np.where(np.isnan(s), np.inf, s), n, 0))
+        out[a] = [hs[h // L.G] for h in range(L.Hq)] if per_query else hs
+    return out
+
+
 def kept(orders, T, C, head, f):
     s = set()
     for a, n in chunks(T, C):
@@ -346,6 +363,16 @@ def main():
             pq = kw.pop("per_query", False)
             compare(name, path, spec + ",chunk_scores=own", budgets, C,
                     lambda L, pq=pq, kw=kw, C=C: lagkv_orders(L, C, pq, **kw), work, False)
+    # cur: each chunk its own blocks of `local` tokens (from the chunk's start), sum and sinks
+    for path, name, budgets in ((a, "llama2c", "10%,25%,40"), (s, "llama3-8b", "10%,64")):
+        for spec, C, kw in (
+                ("cur:chunk_length=40", 40, {}),
+                ("cur:leverage=kv_avg,local=6,sinks=2,heads=query,chunk_length=64", 64,
+                 {"lev": "kv_avg", "local": 6, "sinks": 2, "per_query": True}),
+                ("cur:leverage=key,local=0,chunk_length=50", 50, {"lev": "key", "local": 0})):
+            pq = kw.pop("per_query", False)
+            compare(name, path, spec + ",chunk_scores=own", budgets, C,
+                    lambda L, pq=pq, kw=kw, C=C: cur_orders(L, C, pq, **kw), work, False)
     # streamingllm: each chunk its own sinks and most recent tokens
     for spec, C, S in (("streamingllm:chunk_length=40", 40, 4),
                        ("streamingllm:chunk_length=32,sinks=2,heads=query", 32, 2)):
@@ -368,8 +395,8 @@ def main():
             "chunk_length=N)")
     refused(R + ["h2o:chunk_length=32,chunk_scores=own"],
             "h2o: chunk_scores=own: each chunk scored as a prompt of its own is replayed for "
-            "snapkv, tova, keydiff, expected-attention, leverage, lagkv, streamingllm, knorm and "
-            "vnorm; give chunk_scores=prompt")
+            "snapkv, tova, keydiff, expected-attention, leverage, lagkv, cur, streamingllm, knorm "
+            "and vnorm; give chunk_scores=prompt")
     refused(R + ["snapkv:chunk_length=32,chunk_scores=chunk"],
             "snapkv: chunk_scores=chunk: expected prompt, own or kvpress")
     refused(R + ["snapkv:window=8,chunk_length=8,chunk_scores=own"],
