@@ -33,8 +33,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 static char g_path[256], g_lw[256];
 /* without and with decode queries; fastv, vl-cache (modality table); cake, elastic-cache, chunkkv
    reuse; leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records); layer_weights= */
-static kvt_policy **g_pols[9];
-static size_t g_n_pol[9];
+static kvt_policy **g_pols[10];
+static size_t g_n_pol[10];
 
 static void remove_lw(void)
 {
@@ -71,7 +71,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        budgets, the oracle at them; a one-layer trace refused before any layer) and with
        chunk_length= (the budget shared over chunks of the prompt); and, on a trace with Q_all,
        chunk_scores= (each chunk scored on its own from its last queries, turned by the
-       header's RoPE; refused before any layer where a chunk holds no more than the window) */
+       header's RoPE; refused before any layer where a chunk holds no more than the window),
+       and expected-attention, streamingllm, lagkv, cur and leverage with chunk_scores= */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -112,6 +113,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                               "tova:chunk_length=4,chunk_scores=own,heads=query,"
                               "keydiff:chunk_length=2,chunk_scores=own,window=1",
                               NULL, &g_pols[8], &g_n_pol[8]))
+        abort();
+    if (kvt_policy_list_parse("expected-attention:sinks=1,chunk_length=5,chunk_scores=kvpress,"
+                              "streamingllm:sinks=1,chunk_length=5,chunk_scores=own,"
+                              "lagkv:sinks=1,lag=2,chunk_length=6,chunk_scores=own,"
+                              "cur:local=2,sinks=1,chunk_length=4,chunk_scores=own,"
+                              "leverage:sketch=0,chunk_length=5,chunk_scores=own,heads=query",
+                              NULL, &g_pols[9], &g_n_pol[9]))
         abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
         abort();
@@ -526,6 +534,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (sh.q_all) {
             replay_set(6);
             replay_set(8);
+            replay_set(9);
         }
         if (sh.G > 0)
             replay_set(7);
