@@ -58,11 +58,26 @@ def expected(scores, T, W, C, f):
     return kept
 
 
+def check_sets(name, spec, budgets, pairs):
+    """Each (export record, the check's kept set) pair must agree; prints the first 3 that
+    differ."""
+    bad = 0
+    for r, want in pairs:
+        if want != set(r["kept"]):
+            bad += 1
+            if bad <= 3:
+                print("  %s %s layer %d head %d B %d: check %s, replay %s" % (
+                    name, spec, r["layer"], r["head"], r["budget_tokens"],
+                    sorted(want - set(r["kept"])), sorted(set(r["kept"]) - want)))
+    print("%s %s at %s: %d sets, %d differ" % (name, spec, budgets, len(pairs), bad))
+    check(pairs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(pairs)))
+
+
 def compare(name, path, spec, budgets, C, W, fn, work, normalize=True):
     exp = replay_export(path, spec, budgets, work)
     per_query = exp["policies"][0]["granularity"] == "query_head"
     texts = budgets.split(",")
-    bad = n = 0
+    pairs = []
     with kvtrace.open(path) as t:
         T = t.header["n_tokens"]
         m = t.header["model"]
@@ -80,16 +95,8 @@ def compare(name, path, spec, budgets, C, W, fn, work, normalize=True):
             heads = cache[layer]
             s = heads[r["head"] if len(heads) == m["n_q_heads"] and per_query else r["head"] // G]
             f = tok[r["budget_tokens"]]
-            want = expected(s, T, min(W, T), C, f)
-            n += 1
-            if want != set(r["kept"]):
-                bad += 1
-                if bad <= 3:
-                    print("  %s %s layer %d head %d B %d: check %s, replay %s" % (
-                        name, spec, layer, r["head"], r["budget_tokens"],
-                        sorted(want - set(r["kept"])), sorted(set(r["kept"]) - want)))
-    print("%s %s at %s: %d sets, %d differ" % (name, spec, budgets, n, bad))
-    check(n > 0 and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, n))
+            pairs.append((r, expected(s, T, min(W, T), C, f)))
+    check_sets(name, spec, budgets, pairs)
 
 
 def main():

@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import (ROOT, check, finish, need_library, refused, replay_export, run,  # noqa: E402
                       score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
-from test_chunk_length import chunk_keep, share  # noqa: E402
+from test_chunk_length import check_sets, chunk_keep, share  # noqa: E402
 from test_compactor import leverage, pre_rope_keys  # noqa: E402
 from test_cur import cur_scores  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
@@ -255,8 +255,7 @@ def kept(orders, T, C, head, f):
 def compare(name, path, spec, budgets, C, orders_of, work, turn):
     """Every exported kept set of SPEC against the check; the check's sets by layer."""
     exp = replay_export(path, spec, budgets, work)
-    bad = n = 0
-    sets = {}
+    pairs, sets = [], {}
     with kvtrace.open(path) as t:
         T = t.header["n_tokens"]
         frac = {}
@@ -271,15 +270,8 @@ def compare(name, path, spec, budgets, C, orders_of, work, turn):
                 cache[layer] = orders_of(Layer(t, layer, turn))
             want = kept(cache[layer], T, C, r["head"], frac[r["budget_tokens"]])
             sets[(layer, r["head"], r["budget_tokens"])] = want
-            n += 1
-            if want != set(r["kept"]):
-                bad += 1
-                if bad <= 3:
-                    print("  %s %s layer %d head %d B %d: check %s, replay %s" % (
-                        name, spec, layer, r["head"], r["budget_tokens"],
-                        sorted(want - set(r["kept"])), sorted(set(r["kept"]) - want)))
-    print("%s %s at %s: %d sets, %d differ" % (name, spec, budgets, n, bad))
-    check(n > 0 and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, n))
+            pairs.append((r, want))
+    check_sets(name, spec, budgets, pairs)
     return sets
 
 
