@@ -4,6 +4,7 @@
  * stream and print it once their results are written, so a run that fails says one line, its
  * error.
  */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -132,7 +133,7 @@ void kvt_cli_budget_notes(FILE *f, const char *cmd, const char *path, const kvt_
             for (int l = 0; B < T && l < tr->n_layers; l++)
                 for (int h = 0; h < tr->policy_heads[p]; h++) {
                     const double k = kvt_trace_result_at(tr, p, b, l, h)->n_keep;
-                    if (k == k) { /* not NaN */
+                    if (!isnan(k)) {
                         sum += k;
                         n++;
                     }

@@ -179,7 +179,8 @@ static const opt_desc opts_table[] = {
     {"chunk_scores", O_CHUNK_SCORES, OFF(chunk_scores), 0, 0,
      "with chunk_length: prompt (one ranking of the whole prompt) | own (each chunk scored as a "
      "prompt of its own: kvpress's ChunkPress; snapkv, tova: from the chunk's last queries) | "
-     "kvpress (own, those queries turned to the prompt's last positions as kvpress does)"},
+     "kvpress (own, with kvpress's positions: snapkv's and tova's queries turned to the "
+     "prompt's last, expected-attention's future from the chunk's length)"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
