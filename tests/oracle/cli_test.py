@@ -98,20 +98,27 @@ def replay_export(path, spec, budgets, work):
         return json.load(f)
 
 
-def compare_kept(name, spec, recs, order_of):
-    """Each export record's kept set against the first budget_tokens of order_of(r), a ranking
-    of the trace's tokens; prints the first 3 that differ and checks that none does."""
+def check_sets(name, spec, pairs, budgets=None):
+    """Each (export record, the check's kept set) pair must agree: prints the first 3 that
+    differ and checks that none does (and that there is one)."""
     bad = 0
-    for r in recs:
-        want = set(order_of(r)[:r["budget_tokens"]])
+    for r, want in pairs:
         if want != set(r["kept"]):
             bad += 1
             if bad <= 3:
                 print("  %s %s layer %d head %d B %d: check %s, replay %s" % (
                     name, spec, r["layer"], r["head"], r["budget_tokens"],
                     sorted(want - set(r["kept"])), sorted(set(r["kept"]) - want)))
-    print("%s %s: %d sets, %d differ" % (name, spec, len(recs), bad))
-    check(recs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(recs)))
+    print("%s %s%s: %d sets, %d differ" % (name, spec, " at " + budgets if budgets else "",
+                                          len(pairs), bad))
+    check(len(pairs) > 0 and bad == 0,
+          "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(pairs)))
+
+
+def compare_kept(name, spec, recs, order_of):
+    """Each export record's kept set against the first budget_tokens of order_of(r), a ranking
+    of the trace's tokens (check_sets)."""
+    check_sets(name, spec, [(r, set(order_of(r)[:r["budget_tokens"]])) for r in recs])
 
 
 def score_traces(work, q_all=False, layers=2):

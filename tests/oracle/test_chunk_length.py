@@ -23,8 +23,8 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (check, finish, need_library, refused, replay_export, run,  # noqa: E402
-                      score_traces)  # (exits 77 without NumPy or the CLI)
+from cli_test import (check, check_sets, finish, need_library, refused,  # noqa: E402
+                      replay_export, run, score_traces)  # (exits 77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 from test_finch import finch_scores  # noqa: E402
 
@@ -58,21 +58,6 @@ def expected(scores, T, W, C, f):
     return kept
 
 
-def check_sets(name, spec, budgets, pairs):
-    """Each (export record, the check's kept set) pair must agree; prints the first 3 that
-    differ."""
-    bad = 0
-    for r, want in pairs:
-        if want != set(r["kept"]):
-            bad += 1
-            if bad <= 3:
-                print("  %s %s layer %d head %d B %d: check %s, replay %s" % (
-                    name, spec, r["layer"], r["head"], r["budget_tokens"],
-                    sorted(want - set(r["kept"])), sorted(set(r["kept"]) - want)))
-    print("%s %s at %s: %d sets, %d differ" % (name, spec, budgets, len(pairs), bad))
-    check(pairs and bad == 0, "%s %s: %d of %d kept sets differ" % (name, spec, bad, len(pairs)))
-
-
 def compare(name, path, spec, budgets, C, W, fn, work, normalize=True):
     exp = replay_export(path, spec, budgets, work)
     per_query = exp["policies"][0]["granularity"] == "query_head"
@@ -96,7 +81,7 @@ def compare(name, path, spec, budgets, C, W, fn, work, normalize=True):
             s = heads[r["head"] if len(heads) == m["n_q_heads"] and per_query else r["head"] // G]
             f = tok[r["budget_tokens"]]
             pairs.append((r, expected(s, T, min(W, T), C, f)))
-    check_sets(name, spec, budgets, pairs)
+    check_sets(name, spec, pairs, budgets)
 
 
 def main():

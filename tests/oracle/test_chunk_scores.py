@@ -50,10 +50,10 @@ import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_test import (ROOT, check, finish, need_library, refused, replay_export, run,  # noqa: E402
-                      score_traces)  # (exits 77 without NumPy or the CLI)
+from cli_test import (ROOT, check, check_sets, finish, need_library,  # noqa: E402
+                      refused, replay_export, run, score_traces)  # (77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
-from test_chunk_length import check_sets, chunk_keep, share  # noqa: E402
+from test_chunk_length import chunk_keep, share  # noqa: E402
 from test_compactor import leverage, pre_rope_keys  # noqa: E402
 from test_cur import cur_scores  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
@@ -271,7 +271,7 @@ def compare(name, path, spec, budgets, C, orders_of, work, turn):
             want = kept(cache[layer], T, C, r["head"], frac[r["budget_tokens"]])
             sets[(layer, r["head"], r["budget_tokens"])] = want
             pairs.append((r, want))
-    check_sets(name, spec, budgets, pairs)
+    check_sets(name, spec, pairs, budgets)
     return sets
 
 
