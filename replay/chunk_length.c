@@ -133,6 +133,10 @@ out:
 kvt_status kvt_sel_chunk_own(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
+    const char *what;
+    const int m = kvt_chunk_min_len(p, &what); /* (the trace's check refuses it first) */
+    if (m > 0)
+        KVT_FORWARD(kvt_chunk_window_check(p->def->name, p->o.chunk_length, m, what, c->T));
     KVT_FORWARD(p->def->chunk_rank(c, p, p->o.chunk_length, n_b, sel));
     kvt_counts_uniform(sel, B, n_b); /* kvt_sel_chunk sets each chunk's share */
     return KVT_OK;
@@ -202,17 +206,9 @@ static kvt_status chunk_queries(const kvt_layer_ctx *c, const char *policy, cons
 
 int kvt_chunk_min_len(const kvt_policy *p, const char **what)
 {
-    *what = "window";
-    if (!p->o.chunk_scores || !p->def->chunk_rank)
-        return 0;
-    if (p->def->flags & KVT_POLICY_WINDOW_QUERY) /* snapkv: its last W queries */
-        return p->o.window;
-    if (p->def == &kvt_policy_def_streamingllm || p->def == &kvt_policy_def_expected_attention) {
-        /* StreamingLLMPress and ExpectedAttentionPress assert the chunk exceeds n_sink */
-        *what = "sinks";
-        return p->o.sinks;
-    }
-    return p->def->chunk_queries ? 1 : 0; /* tova: the last query */
+    const char m = p->o.chunk_scores && p->def->chunk_rank ? p->def->chunk_min : 0;
+    *what = m == 's' ? "sinks" : "window";
+    return m == 'w' ? p->o.window : m == 's' ? p->o.sinks : m == '1' ? 1 : 0;
 }
 
 kvt_status kvt_chunk_window_check(const char *who, int C, int W, const char *what, int T)
@@ -234,7 +230,6 @@ kvt_status kvt_chunk_window_mass(kvt_layer_ctx *c, const char *policy, int C, in
                                  double *a)
 {
     const int T = c->T, D = c->D, Cn = C < T ? C : T, nc = (T + C - 1) / C;
-    KVT_FORWARD(kvt_chunk_window_check(policy, C, W, "window", T));
     KVT_FORWARD(kvt_ctx_check_q_all(c, policy));
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     kvt_rope_pairs r;

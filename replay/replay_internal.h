@@ -165,11 +165,14 @@ struct kvt_policy_def {
        of those n tokens alone: sel->order holds, per selection head, each chunk's tokens
        (absolute indices) in that ranking, the chunks one after another; the counts are set
        after it. chunk_reads: the KVT_CTX_* arrays it reads on the host besides host_reads;
-       chunk_queries: it reads each chunk's last queries (Q_all; kvpress: and model.rope) */
+       chunk_queries: it reads each chunk's last queries (Q_all; kvpress: and model.rope);
+       chunk_min: what every chunk must hold more tokens than, as kvpress's press needs
+       (kvt_chunk_min_len): 'w' window=, 's' sinks=, '1' one token, 0 nothing */
     kvt_status (*chunk_rank)(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
                              kvt_layer_selection *sel);
     unsigned chunk_reads;
     bool chunk_queries;
+    char chunk_min;
 };
 
 /** The KVT_CTX_* arrays policy p reads on the host: its definition's host_reads, and its
@@ -454,17 +457,16 @@ void kvt_sel_put_chunk(kvt_layer_selection *sel, int h, int a, int n, const int3
 kvt_status kvt_chunk_rank_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const double *x,
                                    double sign, int C, int n_b, kvt_layer_selection *sel);
 /** Each chunk's window attention (chunk_scores=own|kvpress on snapkv, tova): for every query
- *  head h and chunk [a, a + n) of C tokens from token 0 (each n > W, else KVT_ERR_INVALID_ARG
- *  naming policy), a[h][a + j] (j < n - W) = the mean over the chunk's last W queries (Q_all
+ *  head h and chunk [a, a + n) of C tokens from token 0 (each n > W: kvt_sel_chunk_own checks
+ *  it), a[h][a + j] (j < n - W) = the mean over the chunk's last W queries (Q_all
  *  rows a + n - W ...; kvpress: turned to the positions of tokens T - W ... by the header's
  *  RoPE) of their attention to token a + j, softmax over the chunk's keys they see. a is
  *  [Hq, T]; its entries at each chunk's window are left as they are. */
 kvt_status kvt_chunk_window_mass(kvt_layer_ctx *c, const char *policy, int C, int W, bool kvpress,
                                  double *a);
 /** The tokens each chunk must exceed for p with chunk_scores=own|kvpress, as kvpress's press
- *  needs (snapkv: its window; tova: its last query, 1; streamingllm, expected-attention: their
- *  sinks), or 0; *what
- *  names the option ("window", "sinks"). */
+ *  needs (its definition's chunk_min: snapkv its window; tova its last query, 1; streamingllm,
+ *  expected-attention their sinks), or 0; *what names the option ("window", "sinks"). */
 int kvt_chunk_min_len(const kvt_policy *p, const char **what);
 /** Chunks of C tokens of a T-token prompt, each scored as a prompt of its own, must each hold
  *  more than W (the option `what`): KVT_ERR_INVALID_ARG, its message after "who: ", when one

@@ -290,7 +290,6 @@ static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b
 {
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, Cn = C < T ? C : T, H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(kvt_chunk_window_check("expected-attention", C, o->sinks, "sinks", T));
     KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window < T ? o->window : T, n_b, true));
@@ -328,4 +327,5 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .defaults = d_ea,
     .select = sel_ea,
     .chunk_rank = chunk_ea,
+    .chunk_min = 's', /* ExpectedAttentionPress asserts the chunk exceeds n_sink */
 };

@@ -71,4 +71,5 @@ const kvt_policy_def kvt_policy_def_snapkv = {
     .chunk_rank = chunk_snapkv,
     .chunk_reads = KVT_CTX_KV,
     .chunk_queries = true,
+    .chunk_min = 'w', /* SnapKVPress asserts q_len > window_size */
 };

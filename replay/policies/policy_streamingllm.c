@@ -18,7 +18,6 @@ static kvt_status chunk_streaming(kvt_layer_ctx *c, const kvt_policy *p, int C, 
                                   kvt_layer_selection *sel)
 {
     const int T = c->T, S = p->o.sinks;
-    KVT_FORWARD(kvt_chunk_window_check("streamingllm", C, S, "sinks", T));
     KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, 0, n_b, true));
     for (int h = 0; h < sel->n_heads; h++) {
         int32_t *o = sel->order + (size_t)h * T;
@@ -40,4 +39,5 @@ const kvt_policy_def kvt_policy_def_streamingllm = {
     .keys = "sinks,heads,merge",
     .select = sel_streaming,
     .chunk_rank = chunk_streaming,
+    .chunk_min = 's', /* StreamingLLMPress asserts the chunk exceeds n_sink */
 };

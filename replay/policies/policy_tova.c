@@ -68,4 +68,5 @@ const kvt_policy_def kvt_policy_def_tova = {
     .chunk_rank = chunk_tova,
     .chunk_reads = KVT_CTX_KV,
     .chunk_queries = true,
+    .chunk_min = '1', /* TOVAPress takes the maximum of no scores on a one-token chunk */
 };

@@ -40,6 +40,13 @@ def share(budget, T):
     return float(budget[:-1]) / 100.0 if budget.endswith("%") else int(budget) / T
 
 
+def shares_by_tokens(budgets, T):
+    """{tokens: share}: each budget of the list as the export names it (by its tokens, a share
+    rounded half up) and the share it was written as (B/T for tokens)."""
+    return {(int(math.floor(share(b, T) * T + 0.5)) if b.endswith("%") else int(b)): share(b, T)
+            for b in budgets.split(",")}
+
+
 def chunk_keep(n, f):
     if f >= 1.0:
         return n
@@ -61,16 +68,12 @@ def expected(scores, T, W, C, f):
 def compare(name, path, spec, budgets, C, W, fn, work, normalize=True):
     exp = replay_export(path, spec, budgets, work)
     per_query = exp["policies"][0]["granularity"] == "query_head"
-    texts = budgets.split(",")
     pairs = []
     with kvtrace.open(path) as t:
         T = t.header["n_tokens"]
         m = t.header["model"]
         G = m["n_q_heads"] // m["n_kv_heads"] if per_query else 1
-        tok = {}
-        for b in texts:  # the export names each budget by its tokens
-            B = int(math.floor(share(b, T) * T + 0.5)) if b.endswith("%") else int(b)
-            tok[B] = share(b, T)
+        tok = shares_by_tokens(budgets, T)
         cache = {}
         for r in exp["records"]:
             layer = r["layer"]

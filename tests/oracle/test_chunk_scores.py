@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import (ROOT, check, check_sets, finish, need_library,  # noqa: E402
                       refused, replay_export, run, score_traces)  # (77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
-from test_chunk_length import chunk_keep, share  # noqa: E402
+from test_chunk_length import chunk_keep, shares_by_tokens  # noqa: E402
 from test_compactor import leverage, pre_rope_keys  # noqa: E402
 from test_cur import cur_scores  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
@@ -258,10 +258,7 @@ def compare(name, path, spec, budgets, C, orders_of, work, turn):
     pairs, sets = [], {}
     with kvtrace.open(path) as t:
         T = t.header["n_tokens"]
-        frac = {}
-        for b in budgets.split(","):  # the export names each budget by its tokens
-            B = int(math.floor(share(b, T) * T + 0.5)) if b.endswith("%") else int(b)
-            frac[B] = share(b, T)
+        frac = shares_by_tokens(budgets, T)
         cache = {}
         for r in exp["records"]:
             layer = r["layer"]
@@ -368,12 +365,12 @@ def main():
     # streamingllm: each chunk its own sinks and most recent tokens
     for spec, C, S in (("streamingllm:chunk_length=40", 40, 4),
                        ("streamingllm:chunk_length=32,sinks=2,heads=query", 32, 2)):
-        exp = replay_export(a, spec + ",chunk_scores=own", "10%,25%,37%,50%,40", work)
-        bad = sum(set(r["kept"]) != streaming_kept(150, C, S, share(
-            {15: "10%", 38: "25%", 56: "37%", 75: "50%", 40: "40"}[r["budget_tokens"]], 150))
-            for r in exp["records"])
-        print("llama2c %s,chunk_scores=own: %d sets, %d differ" % (spec, len(exp["records"]), bad))
-        check(exp["records"] and bad == 0, "%s: %d sets differ" % (spec, bad))
+        budgets = "10%,25%,37%,50%,40"
+        frac = shares_by_tokens(budgets, 150)
+        exp = replay_export(a, spec + ",chunk_scores=own", budgets, work)
+        check_sets("llama2c", spec + ",chunk_scores=own", [
+            (r, streaming_kept(150, C, S, frac[r["budget_tokens"]])) for r in exp["records"]],
+            budgets)
     # knorm without a window: chunk_scores=own is the whole prompt's ranking
     one = replay_export(a, "knorm:chunk_length=32", "10%,40", work)["records"]
     two = replay_export(a, "knorm:chunk_length=32,chunk_scores=own", "10%,40", work)["records"]
