@@ -502,10 +502,11 @@ static void list_policies(void)
            "take chunk_length=N: each chunk of N prompt tokens keeps max(1, int(len*f)) of its\n"
            "tokens at a budget of share f, the ones the policy ranks highest (kvpress's\n"
            "FinchPress chunk_length), e.g. finch:window=16,chunk_length=1024. With\n"
-           "chunk_scores=own, snapkv, tova, keydiff, expected-attention, leverage, lagkv, cur,\n"
-           "streamingllm, knorm and vnorm score each chunk as a prompt of its own (snapkv,\n"
-           "tova, expected-attention from its queries: Q_all); chunk_scores=kvpress turns\n"
-           "those queries, or the future positions, as kvpress's ChunkPress does.\n");
+           "chunk_scores=own, snapkv, tova, keydiff, expected-attention, leverage, compactor,\n"
+           "lagkv, cur, streamingllm, knorm and vnorm score each chunk as a prompt of its own\n"
+           "(snapkv, tova, expected-attention, compactor from its queries: Q_all);\n"
+           "chunk_scores=kvpress turns those queries, or the future positions, as kvpress's\n"
+           "ChunkPress does.\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

@@ -137,7 +137,7 @@ kvt_status kvt_sel_chunk_own(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     const int m = kvt_chunk_min_len(p, &what); /* (the trace's check refuses it first) */
     if (m > 0)
         KVT_FORWARD(kvt_chunk_window_check(p->def->name, p->o.chunk_length, m, what, c->T));
-    KVT_FORWARD(p->def->chunk_rank(c, p, p->o.chunk_length, n_b, sel));
+    KVT_FORWARD(p->def->chunk_rank(c, p, p->o.chunk_length, B, n_b, sel));
     kvt_counts_uniform(sel, B, n_b); /* kvt_sel_chunk sets each chunk's share */
     return KVT_OK;
 }
@@ -174,28 +174,31 @@ kvt_status kvt_chunk_rank_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const 
     return st;
 }
 
-/* the chunk's window queries of query head h (rows t0 .. t0 + W - 1 of its Q_all q [T, D]) into
- * qw [W, D]; kvpress: each turned by the header's RoPE from its own position to that of token
- * T - W + i, as kvpress's SnapKVPress rotates a chunk's last queries with the prompt's last
- * positions */
-static kvt_status chunk_queries(const kvt_layer_ctx *c, const char *policy, const kvt_rope_pairs *r,
-                                const float *q, int t0, int W, float *qw)
+kvt_status kvt_chunk_turn_queries(const kvt_layer_ctx *c, const char *policy,
+                                  const kvt_rope_pairs *r, const float *q, int t0, int n, int to,
+                                  float *qn)
 {
-    const int T = c->T, D = c->D;
-    memcpy(qw, q + (size_t)t0 * D, (size_t)W * D * sizeof(float));
-    if (!r || !r->on || t0 + W == T)
+    const int D = c->D;
+    memcpy(qn, q + (size_t)t0 * D, (size_t)n * D * sizeof(float));
+    if (!r || !r->on || to == t0)
         return KVT_OK;
-    for (int i = 0; i < W; i++) {
-        float *y = qw + (size_t)i * D;
-        for (int k = 0; k < r->half; k++) {
-            const int32_t from = kvt_rope_pos(c->in, r->row[k], t0 + i);
-            const int32_t to = kvt_rope_pos(c->in, r->row[k], T - W + i);
-            const double ang = ((double)to - (double)from) * r->freq[k];
-            const double co = cos(ang), sn = sin(ang);
+    for (int k = 0; k < r->half; k++) { /* pair by pair: a run of equal turns shares its cos */
+        int64_t last = INT64_MIN;
+        double co = 1.0, sn = 0.0;
+        for (int i = 0; i < n; i++) {
+            const int64_t d = (int64_t)kvt_rope_pos(c->in, r->row[k], to + i) -
+                              kvt_rope_pos(c->in, r->row[k], t0 + i);
+            if (d != last) {
+                const double ang = (double)d * r->freq[k];
+                co = cos(ang);
+                sn = sin(ang);
+                last = d;
+            }
             KVT_RETURN_IF(!isfinite(co) || !isfinite(sn), KVT_ERR_NAN,
                           "%s: the header's model.rope turns pair %d of token %d by an angle that "
                           "is not finite (frequency %g)",
                           policy, k, t0 + i, r->freq[k]);
+            float *y = qn + (size_t)i * D;
             const double u = y[r->lo[k]], v = y[r->hi[k]];
             y[r->lo[k]] = (float)(co * u - sn * v);
             y[r->hi[k]] = (float)(co * v + sn * u);
@@ -207,8 +210,12 @@ static kvt_status chunk_queries(const kvt_layer_ctx *c, const char *policy, cons
 int kvt_chunk_min_len(const kvt_policy *p, const char **what)
 {
     const char m = p->o.chunk_scores && p->def->chunk_rank ? p->def->chunk_min : 0;
-    *what = m == 's' ? "sinks" : "window";
-    return m == 'w' ? p->o.window : m == 's' ? p->o.sinks : m == '1' ? 1 : 0;
+    *what = m == 's' ? "sinks" : m == 'p' ? "sinks+recent" : "window";
+    return m == 'w'   ? p->o.window
+           : m == 's' ? p->o.sinks
+           : m == 'p' ? p->o.sinks + p->o.recent
+           : m == '1' ? 1
+                      : 0;
 }
 
 kvt_status kvt_chunk_window_check(const char *who, int C, int W, const char *what, int T)
@@ -255,7 +262,8 @@ kvt_status kvt_chunk_window_mass(kvt_layer_ctx *c, const char *policy, int C, in
             const int n = T - a0 < C ? T - a0 : C;
             for (int i = 0; i < W; i++) /* query i sits at chunk position n - W + i */
                 vis[i] = n - W + i + 1;
-            if (!(st = chunk_queries(c, policy, kvpress ? &r : NULL, q, a0 + n - W, W, qw)) &&
+            if (!(st = kvt_chunk_turn_queries(c, policy, kvpress ? &r : NULL, q, a0 + n - W, W,
+                                              T - W, qw)) &&
                 !(st = kvt_attn_probs(qw, W, D, K + (size_t)a0 * D, n, vis, NULL, 0, NULL, c->scale,
                                       pr, NULL, NULL, work)))
                 kvt_col_mean_ref(pr, W, n, n - W, a + (size_t)h * T + a0);

@@ -180,7 +180,8 @@ static const opt_desc opts_table[] = {
      "with chunk_length: prompt (one ranking of the whole prompt) | own (each chunk scored as a "
      "prompt of its own: kvpress's ChunkPress; snapkv, tova: from the chunk's last queries) | "
      "kvpress (own, with kvpress's positions: snapkv's and tova's queries turned to the "
-     "prompt's last, expected-attention's future from the chunk's length)"},
+     "prompt's last, compactor's by the tokens after the chunk, expected-attention's future "
+     "from the chunk's length)"},
 };
 #define N_OPTS (sizeof(opts_table) / sizeof(opts_table[0]))
 
@@ -662,8 +663,8 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
         st = kvt_error_set(
             KVT_ERR_INVALID_ARG,
             "%s: chunk_scores=%s: each chunk scored as a prompt of its own is "
-            "replayed for snapkv, tova, keydiff, expected-attention, leverage, lagkv, cur, "
-            "streamingllm, knorm and vnorm; give chunk_scores=prompt",
+            "replayed for snapkv, tova, keydiff, expected-attention, leverage, compactor, "
+            "lagkv, cur, streamingllm, knorm and vnorm; give chunk_scores=prompt",
             d->name, p->o.chunk_scores == KVT_CHUNK_OWN ? "own" : "kvpress");
         goto out_fail;
     }

@@ -167,8 +167,10 @@ struct kvt_policy_def {
        after it. chunk_reads: the KVT_CTX_* arrays it reads on the host besides host_reads;
        chunk_queries: it reads each chunk's last queries (Q_all; kvpress: and model.rope);
        chunk_min: what every chunk must hold more tokens than, as kvpress's press needs
-       (kvt_chunk_min_len): 'w' window=, 's' sinks=, '1' one token, 0 nothing */
-    kvt_status (*chunk_rank)(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+       (kvt_chunk_min_len): 'w' window=, 's' sinks=, '1' one token, 'p' sinks= plus recent=,
+       0 nothing. A policy with a ranking per budget (KVT_POLICY_PER_BUDGET) fills
+       sel->border instead, each budget's (B, as select's) chunk by chunk. */
+    kvt_status (*chunk_rank)(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                              kvt_layer_selection *sel);
     unsigned chunk_reads;
     bool chunk_queries;
@@ -464,9 +466,18 @@ kvt_status kvt_chunk_rank_kv_array(kvt_layer_ctx *c, const kvt_policy *p, const 
  *  [Hq, T]; its entries at each chunk's window are left as they are. */
 kvt_status kvt_chunk_window_mass(kvt_layer_ctx *c, const char *policy, int C, int W, bool kvpress,
                                  double *a);
+struct kvt_rope_pairs; /* (below, with rope.c) */
+/** qn [n, D] = rows t0 .. t0 + n - 1 of a query head's Q_all q [T, D]; with r (on), each turned
+ *  by the header's RoPE from its own position to that of token to + i, as kvpress rotates a
+ *  chunk's queries with the whole prompt's position embeddings (KVT_ERR_NAN, naming the
+ *  policy, for an angle that is not finite). */
+kvt_status kvt_chunk_turn_queries(const kvt_layer_ctx *c, const char *policy,
+                                  const struct kvt_rope_pairs *r, const float *q, int t0, int n,
+                                  int to, float *qn);
 /** The tokens each chunk must exceed for p with chunk_scores=own|kvpress, as kvpress's press
  *  needs (its definition's chunk_min: snapkv its window; tova its last query, 1; streamingllm,
- *  expected-attention their sinks), or 0; *what names the option ("window", "sinks"). */
+ *  expected-attention their sinks; compactor its sinks and recent tokens), or 0; *what names
+ *  the option ("window", "sinks", "sinks+recent"). */
 int kvt_chunk_min_len(const kvt_policy *p, const char **what);
 /** Chunks of C tokens of a T-token prompt, each scored as a prompt of its own, must each hold
  *  more than W (the option `what`): KVT_ERR_INVALID_ARG, its message after "who: ", when one
@@ -605,13 +616,21 @@ kvt_status kvt_post_vision_check(const kvt_policy *p, const char *path, int L, i
 kvt_status kvt_bind_check_windows(const char *path, const char *policy, int L, int step, int Hq,
                                   int Hkv, int T, int W);
 
-/** kvpress's NonCausalAttnPress scores (policy_noncausal_attention.c) of the tokens [s0, s1) as
- *  if they were the whole prompt: chunks of C from s0, every query of a chunk over every key of
- *  it (unscaled, no mask), summed over the chunk's queries, averaged over a KV head's query heads
+/** A range of tokens that kvt_nca_scores scores as a prompt of its own: [s0, s1); with a
+ *  rotation, query s0 + i is first turned to the position of token to + i
+ *  (kvt_chunk_turn_queries); out [H', s1 - s0]. */
+typedef struct kvt_nca_range {
+    int s0, s1, to;
+    double *out;
+} kvt_nca_range;
+/** kvpress's NonCausalAttnPress scores (policy_noncausal_attention.c) of each range rg[n_r] as
+ *  if it were the whole prompt: tiles of C from s0, every query of a tile over every key of it
+ *  (unscaled, no mask), summed over the tile's queries, averaged over a KV head's query heads
  *  (per_query: each its own), times ||v||, averaged over 3 tokens (zeros outside [s0, s1)).
- *  out [H', s1 - s0]; reads Q_all (errors name the policy). */
-kvt_status kvt_nca_scores(kvt_layer_ctx *c, const char *policy, bool per_query, int C, int s0,
-                          int s1, double *out);
+ *  Each query head's Q_all is read once for every range; r (not NULL) turns the queries as
+ *  each range's `to` says. Errors name the policy. */
+kvt_status kvt_nca_scores(kvt_layer_ctx *c, const char *policy, bool per_query, int C,
+                          const kvt_nca_range *rg, int n_r, const struct kvt_rope_pairs *r);
 
 /** Leverage scores (policy_leverage.c, kvpress's LeverageScorePress) of the tokens [s0, s1) of
  *  every KV head among themselves: pre-RoPE keys centred on their mean, sketched by `sketch`

@@ -112,7 +112,7 @@ static kvt_status sel_cur(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
 
 /* chunk_scores=own|kvpress: kvpress's ChunkPress(CURPress): each chunk's own blocks, sum and
  * sinks */
-static kvt_status chunk_cur(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_cur(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
     double *x = kvt_malloc(((size_t)c->Hkv * c->T + 1) * sizeof(double));

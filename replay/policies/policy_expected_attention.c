@@ -285,7 +285,7 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
  * as kvpress's arange(q_len, q_len + n_future_positions) of the chunk, to n, n + 1, ... (n the
  * chunk's length), over its own keys past its sinks; each chunk's sinks first, then its last
  * window= tokens */
-static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                            kvt_layer_selection *sel)
 {
     const kvt_policy_opts *o = &p->o;

@@ -35,7 +35,7 @@ static kvt_status sel_keydiff(kvt_layer_ctx *c, const kvt_policy *p, const int *
 
 /* chunk_scores=own|kvpress: kvpress's ChunkPress(KeyDiffPress): each chunk's keys scored
  * against the chunk's own mean unit key */
-static kvt_status chunk_keydiff(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_keydiff(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                                 kvt_layer_selection *sel)
 {
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KU));

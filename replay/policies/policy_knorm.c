@@ -33,7 +33,7 @@ static kvt_status sel_knorm(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
 
 /* chunk_scores=own|kvpress: a key's norm is its own, so each chunk keeps the same order as in
  * the prompt's ranking; only window= differs (each chunk's last tokens) */
-static kvt_status chunk_knorm(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_knorm(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                               kvt_layer_selection *sel)
 {
     return kvt_chunk_rank_kv_array(c, p, c->knorm, -1.0, C, n_b, sel);

@@ -157,7 +157,7 @@ out:
 
 /* chunk_scores=own|kvpress: kvpress's ChunkPress(LagKVPress): each chunk's own sinks,
  * partitions and tail */
-static kvt_status chunk_lag(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_lag(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
     const int T = c->T, Hkv = c->Hkv;

@@ -186,7 +186,7 @@ static kvt_status sel_lev(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
 /* chunk_scores=own|kvpress: kvpress's ChunkPress(LeverageScorePress): each key's leverage
  * among its chunk's keys alone (centred on the chunk's mean). A chunk's sketch is drawn from
  * the same seed as the prompt's (kvpress draws a new one per call) */
-static kvt_status chunk_lev(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_lev(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
     const int T = c->T, Hkv = c->Hkv, Cn = C < T ? C : T;

@@ -22,60 +22,80 @@ static void d_nca(kvt_policy_opts *o)
     o->chunk = 256;
 }
 
-kvt_status kvt_nca_scores(kvt_layer_ctx *c, const char *policy, bool per_query, int C, int s0,
-                          int s1, double *out)
+kvt_status kvt_nca_scores(kvt_layer_ctx *c, const char *policy, bool per_query, int C,
+                          const kvt_nca_range *rg, int n_r, const kvt_rope_pairs *r)
 {
     const kvt_layer_input *in = c->in;
-    const int T = c->T, D = c->D, Hq = c->Hq, Gs = c->Gs, n_s = s1 - s0;
+    const int T = c->T, D = c->D, Hq = c->Hq, Gs = c->Gs;
     const int H = kvt_ctx_heads(c, per_query);
     KVT_FORWARD(kvt_ctx_check_q_all(c, policy));
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
-    const int Cm = C < n_s ? C : (n_s > 0 ? n_s : 1); /* the largest chunk */
-    double *acc = kvt_calloc((size_t)H * n_s + 1, sizeof(double));
-    double *z = kvt_malloc(((size_t)Cm * Cm + 1) * sizeof(double)); /* a chunk's logits */
+    size_t n_all = 0; /* every range's tokens */
+    int Cm = 1;       /* the largest tile */
+    for (int i = 0; i < n_r; i++) {
+        const int n_s = rg[i].s1 - rg[i].s0, tile = C < n_s ? C : n_s;
+        n_all += (size_t)n_s;
+        Cm = tile > Cm ? tile : Cm;
+    }
+    double *acc = kvt_calloc((size_t)H * n_all + 1, sizeof(double)); /* range by range */
+    double *z = kvt_malloc(((size_t)Cm * Cm + 1) * sizeof(double));  /* a tile's logits */
     double *qc = kvt_malloc(((size_t)Cm * D + 1) * sizeof(double));
     double *kc = kvt_malloc(((size_t)Cm * D + 1) * sizeof(double));
     float *qh = in->q_all ? NULL : kvt_malloc(((size_t)T * D + 1) * sizeof(float));
+    float *qt = r ? kvt_malloc(((size_t)Cm * D + 1) * sizeof(float)) : NULL; /* turned */
     kvt_status st = KVT_OK;
-    if (!acc || !z || !qc || !kc || (!in->q_all && !qh)) {
+    if (!acc || !z || !qc || !kc || (!in->q_all && !qh) || (r && !qt)) {
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", policy);
         goto out;
     }
-    for (int h = 0; h < Hq && n_s > 0; h++) {
+    for (int h = 0; h < Hq && n_all > 0; h++) { /* each query head's Q_all read once */
         const float *q;
         if ((st = kvt_ctx_q_all_head(c, policy, h, qh, &q)))
             goto out;
         const int g = h / Gs;
         const float *k = c->k + (size_t)g * T * D;
-        double *a = acc + (size_t)(per_query ? h : g) * n_s, w = per_query ? 1.0 : 1.0 / Gs;
-        for (int c0 = s0; c0 < s1; c0 += C) {
-            const int n = s1 - c0 < C ? s1 - c0 : C;
-            for (size_t i = 0; i < (size_t)n * D; i++) { /* the chunk's queries and keys */
-                qc[i] = q[(size_t)c0 * D + i];
-                kc[i] = k[(size_t)c0 * D + i];
-            }
-            kvt_gemm_f64(true, n, n, D, 1.0, qc, D, kc, D, 0.0, z, n); /* unscaled logits */
-            for (int i = 0; i < n; i++) { /* query c0 + i over the chunk's keys */
-                double *zi = z + (size_t)i * n, top = -INFINITY, sum = 0;
-                for (int j = 0; j < n; j++)
-                    top = zi[j] > top ? zi[j] : top;
-                for (int j = 0; j < n; j++)
-                    sum += zi[j] = exp(zi[j] - top);
-                for (int j = 0; j < n; j++)
-                    a[c0 - s0 + j] += w * zi[j] / sum;
+        const double w = per_query ? 1.0 : 1.0 / Gs;
+        double *ar = acc; /* this range's [H', s1 - s0] */
+        for (int i = 0; i < n_r; ar += (size_t)H * (rg[i].s1 - rg[i].s0), i++) {
+            const int s0 = rg[i].s0, s1 = rg[i].s1;
+            double *a = ar + (size_t)(per_query ? h : g) * (s1 - s0);
+            for (int c0 = s0; c0 < s1; c0 += C) {
+                const int n = s1 - c0 < C ? s1 - c0 : C;
+                const float *qs = q + (size_t)c0 * D;
+                if (r &&
+                    (st = kvt_chunk_turn_queries(c, policy, r, q, c0, n, rg[i].to + (c0 - s0), qt)))
+                    goto out;
+                for (size_t x = 0; x < (size_t)n * D; x++) { /* the tile's queries and keys */
+                    qc[x] = r ? qt[x] : qs[x];
+                    kc[x] = k[(size_t)c0 * D + x];
+                }
+                kvt_gemm_f64(true, n, n, D, 1.0, qc, D, kc, D, 0.0, z, n); /* unscaled logits */
+                for (int y = 0; y < n; y++) { /* query c0 + y over the tile's keys */
+                    double *zy = z + (size_t)y * n, top = -INFINITY, sum = 0;
+                    for (int j = 0; j < n; j++)
+                        top = zy[j] > top ? zy[j] : top;
+                    for (int j = 0; j < n; j++)
+                        sum += zy[j] = exp(zy[j] - top);
+                    for (int j = 0; j < n; j++)
+                        a[c0 - s0 + j] += w * zy[j] / sum;
+                }
             }
         }
     }
-    for (int h = 0; h < H; h++) { /* times ||v||, then a mean over 3 tokens (zeros outside) */
-        const double *a = acc + (size_t)h * n_s,
-                     *vn = c->vnorm + (size_t)kvt_ctx_kv_of(c, per_query, h) * T + s0;
-        for (int j = 0; j < n_s; j++) {
-            double m = a[j] * vn[j];
-            if (j > 0)
-                m += a[j - 1] * vn[j - 1];
-            if (j + 1 < n_s)
-                m += a[j + 1] * vn[j + 1];
-            out[(size_t)h * n_s + j] = m / 3.0;
+    const double *ar = acc;
+    for (int i = 0; i < n_r; ar += (size_t)H * (rg[i].s1 - rg[i].s0), i++) {
+        const int s0 = rg[i].s0, n_s = rg[i].s1 - s0;
+        for (int h = 0; h < H; h++) { /* times ||v||, then a mean over 3 tokens (zeros outside) */
+            const double *a = ar + (size_t)h * n_s,
+                         *vn = c->vnorm + (size_t)kvt_ctx_kv_of(c, per_query, h) * T + s0;
+            for (int j = 0; j < n_s; j++) {
+                double m = a[j] * vn[j];
+                if (j > 0)
+                    m += a[j - 1] * vn[j - 1];
+                if (j + 1 < n_s)
+                    m += a[j + 1] * vn[j + 1];
+                rg[i].out[(size_t)h * n_s + j] = m / 3.0;
+            }
         }
     }
 out:
@@ -84,6 +104,7 @@ out:
     kvt_free(qc);
     kvt_free(kc);
     kvt_free(qh);
+    kvt_free(qt);
     return st;
 }
 
@@ -97,7 +118,8 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
     double *sc = kvt_malloc(((size_t)H * T + 1) * sizeof(double));
     KVT_RETURN_IF(!sc, KVT_ERR_NOMEM, "noncausal-attention: out of memory");
-    kvt_status st = kvt_nca_scores(c, "noncausal-attention", o->per_query, o->chunk, 0, T, sc);
+    const kvt_nca_range rg = {0, T, 0, sc};
+    kvt_status st = kvt_nca_scores(c, "noncausal-attention", o->per_query, o->chunk, &rg, 1, NULL);
     for (int h = 0; h < H && !st; h++) /* the prefix's scores, packed [H', P] */
         memmove(sc + (size_t)h * P, sc + (size_t)h * T, (size_t)P * sizeof(double));
     if (!st)

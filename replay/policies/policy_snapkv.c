@@ -24,7 +24,7 @@ static kvt_status sel_snapkv(kvt_layer_ctx *c, const kvt_policy *p, const int *B
 /* chunk_scores=own|kvpress: kvpress's ChunkPress(SnapKVPress): each chunk's window attention
  * from its own last W queries, then the same mean, GQA reduction and pooling within the chunk,
  * its window first */
-static kvt_status chunk_snapkv(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_snapkv(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                                kvt_layer_selection *sel)
 {
     const kvt_policy_opts *o = &p->o;

@@ -14,8 +14,8 @@ static kvt_status sel_streaming(kvt_layer_ctx *c, const kvt_policy *p, const int
 
 /* chunk_scores=own|kvpress: kvpress's ChunkPress(StreamingLLMPress): each chunk keeps its own
  * first `sinks` tokens, then its most recent */
-static kvt_status chunk_streaming(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
-                                  kvt_layer_selection *sel)
+static kvt_status chunk_streaming(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B,
+                                  int n_b, kvt_layer_selection *sel)
 {
     const int T = c->T, S = p->o.sinks;
     KVT_FORWARD(kvt_sel_init(sel, c, p->o.per_query, 0, n_b, true));

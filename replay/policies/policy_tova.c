@@ -29,7 +29,7 @@ static kvt_status sel_tova(kvt_layer_ctx *c, const kvt_policy *p, const int *B, 
 
 /* chunk_scores=own|kvpress: kvpress's ChunkPress(TOVAPress): each chunk's last query's
  * attention to the chunk, the mean over every query head, the chunk's last token first */
-static kvt_status chunk_tova(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_tova(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                              kvt_layer_selection *sel)
 {
     const int T = c->T, Hq = c->Hq, Cn = C < T ? C : T;

@@ -14,7 +14,7 @@ static kvt_status sel_vnorm(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
 }
 
 /* chunk_scores=own|kvpress: as knorm's (the norm is the token's own) */
-static kvt_status chunk_vnorm(kvt_layer_ctx *c, const kvt_policy *p, int C, int n_b,
+static kvt_status chunk_vnorm(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                               kvt_layer_selection *sel)
 {
     return kvt_chunk_rank_kv_array(c, p, c->vnorm, 1.0, C, n_b, sel);

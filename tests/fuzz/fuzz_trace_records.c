@@ -72,7 +72,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        chunk_length= (the budget shared over chunks of the prompt); and, on a trace with Q_all,
        chunk_scores= (each chunk scored on its own from its last queries, turned by the
        header's RoPE; refused before any layer where a chunk holds no more than the window),
-       and expected-attention, streamingllm, lagkv, cur and leverage with chunk_scores= */
+       and expected-attention, streamingllm, lagkv, cur, leverage and compactor with
+       chunk_scores= */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -118,7 +119,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                               "streamingllm:sinks=1,chunk_length=5,chunk_scores=own,"
                               "lagkv:sinks=1,lag=2,chunk_length=6,chunk_scores=own,"
                               "cur:local=2,sinks=1,chunk_length=4,chunk_scores=own,"
-                              "leverage:sketch=0,chunk_length=5,chunk_scores=own,heads=query",
+                              "leverage:sketch=0,chunk_length=5,chunk_scores=own,heads=query,"
+                              "compactor:sinks=1,recent=1,chunk=2,chunk_length=5,"
+                              "chunk_scores=kvpress",
                               NULL, &g_pols[9], &g_n_pol[9]))
         abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))

@@ -54,10 +54,11 @@ from cli_test import (ROOT, check, check_sets, finish, need_library,  # noqa: E4
                       refused, replay_export, run, score_traces)  # (77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 from test_chunk_length import chunk_keep, shares_by_tokens  # noqa: E402
-from test_compactor import leverage, pre_rope_keys  # noqa: E402
+from test_compactor import leverage, pre_rope_keys, znorm  # noqa: E402
 from test_cur import cur_scores  # noqa: E402
 from test_expected_attention_synth import rope_matrices, trace_rope  # noqa: E402
 from test_lagkv import lag_scores  # noqa: E402
+from test_noncausal_attention import scores as nca_scores  # noqa: E402
 
 kvtrace = need_library()
 
@@ -90,16 +91,21 @@ class Layer:
         self.rope = trace_rope(t) if turn else None
         self.t, self.layer = t, layer
 
-    def queries(self, a, n, W):
-        """[Hq, W, D]: the chunk's last W queries; kvpress: at the prompt's last W positions."""
-        q = self.Q[:, a + n - W:a + n]
-        if self.rope is None or a + n == self.T:
+    def turned(self, t0, m, to):
+        """[Hq, m, D]: the queries of tokens t0 .. t0 + m - 1; kvpress (self.rope): at the
+        positions of tokens to .. to + m - 1."""
+        q = self.Q[:, t0:t0 + m]
+        if self.rope is None or to == t0:
             return q
         freq, pairs, sc, row_of, rows, _ = self.rope
-        src = rope_matrices(rows[a + n - W:a + n], self.D, freq, pairs, sc, row_of)
-        dst = rope_matrices(rows[self.T - W:], self.D, freq, pairs, sc, row_of)
+        src = rope_matrices(rows[t0:t0 + m], self.D, freq, pairs, sc, row_of)
+        dst = rope_matrices(rows[to:to + m], self.D, freq, pairs, sc, row_of)
         raw = np.linalg.solve(src[None], q[..., None])[..., 0]  # pre-RoPE
         return np.einsum("wde,hwe->hwd", dst, raw)
+
+    def queries(self, a, n, W):
+        """[Hq, W, D]: the chunk's last W queries; kvpress: at the prompt's last W positions."""
+        return self.turned(a + n - W, W, self.T - W)
 
     def window_attn(self, a, n, W):
         """[Hq, n - W]: the mean over the chunk's last W queries of their attention to the
@@ -245,6 +251,39 @@ def cur_orders(L, C, per_query, sinks=4, lev="kv_product", local=16):
     return out
 
 
+def compactor_orders(L, C, per_query, sinks=8, recent=4, chunk=256, sketch=48, seed=0,
+                     blend=None):
+    """ChunkPress(CompactorPress): each chunk its own first `sinks` and last `recent` tokens
+    protected, and between them blend * z(leverage) + z(non-causal attention) of that middle
+    (test_compactor's check on its rows; kvpress, L.rope: the middle's queries at the positions
+    of tokens T - n + sinks ..., the slice of the whole prompt's position embeddings that
+    CompactorPress passes on). blend is 1 - f at share f: a function of f."""
+    pre = pre_rope_keys(L.t, L.K)
+    V = L.t.read("V", L.layer, dtype="float32").astype(np.float64)
+    parts = {}
+    for a, n in chunks(L.T, C):
+        left = min(sinks, n)
+        right = min(recent, n - left)
+        s0, s1 = a + left, a + n - right
+        lev = znorm(leverage(pre[:, s0:s1], L.layer, sketch, seed))
+        q = L.turned(s0, s1 - s0, L.T - n + left)
+        att = nca_scores(q, L.K[:, s0:s1], V[:, s0:s1], chunk, per_query)
+        parts[a] = (n, left, right, lev, att)
+
+    def at(f):
+        bl = 1.0 - f if blend is None else blend
+        out = {}
+        for a, (n, left, right, lev, att) in parts.items():
+            hs = []
+            for h in range(att.shape[0]):
+                s = np.full(n, np.inf)
+                s[left:n - right] = bl * lev[h // L.G if per_query else h] + att[h]
+                hs.append(sorted(range(n), key=lambda j: (-s[j], j)))
+            out[a] = hs
+        return out
+    return at
+
+
 def kept(orders, T, C, head, f):
     s = set()
     for a, n in chunks(T, C):
@@ -265,7 +304,9 @@ def compare(name, path, spec, budgets, C, orders_of, work, turn):
             if layer not in cache:
                 cache.clear()
                 cache[layer] = orders_of(Layer(t, layer, turn))
-            want = kept(cache[layer], T, C, r["head"], frac[r["budget_tokens"]])
+            f = frac[r["budget_tokens"]]
+            o = cache[layer]  # (a function of the share for a ranking per budget)
+            want = kept(o(f) if callable(o) else o, T, C, r["head"], f)
             sets[(layer, r["head"], r["budget_tokens"])] = want
             pairs.append((r, want))
     check_sets(name, spec, pairs, budgets)
@@ -341,6 +382,27 @@ def main():
             pq = kw.pop("per_query", False)
             compare(name, path, spec + ",chunk_scores=own", budgets, C,
                     lambda L, pq=pq, kw=kw, C=C: leverage_orders(L, C, pq, **kw), work, False)
+    # compactor: each chunk its own protected tokens, leverage and non-causal attention, one
+    # ranking per budget (blend = the compression ratio); kvpress turns the middle's queries
+    for path, name, budgets, cases in (
+            (a, "llama2c", "10%,25%,37%,40", [
+                ("compactor:chunk_length=40", 40, {}),
+                ("compactor:chunk_length=64,heads=query,sketch=0,chunk=16", 64,
+                 {"per_query": True, "sketch": 0, "chunk": 16})]),
+            (s, "llama3-8b", "10%,30%,64", [
+                ("compactor:chunk_length=100,blend=0.5,sinks=2,recent=8,seed=3,sketch=8", 100,
+                 {"blend": 0.5, "sinks": 2, "recent": 8, "seed": 3, "sketch": 8})]),
+            (vl, "tiny-vl", "10%,30%,24", [("compactor:chunk_length=50", 50, {})])):
+        for spec, C, kw in cases:
+            pq = kw.pop("per_query", False)
+            sets = [compare(name, path, "%s,chunk_scores=%s" % (spec, mode), budgets, C,
+                            lambda L, pq=pq, kw=kw, C=C: compactor_orders(L, C, pq, **kw), work,
+                            mode == "kvpress") for mode in ("own", "kvpress")]
+            differ = sum(sets[0][k] != sets[1][k] for k in sets[0])
+            print("  %s %s: the rotation changes %d of %d sets" % (name, spec, differ,
+                                                                    len(sets[0])))
+            check(differ > 0,
+                  "%s %s: own and kvpress keep the same sets" % (name, spec))
     # lagkv: each chunk its own sinks, partitions and tail (a chunk of 20 under sinks + 2 lag:
     # its sinks, then its most recent)
     for path, name, budgets in ((a, "llama2c", "10%,25%,40"), (s, "llama3-8b", "10%,64")):
@@ -384,8 +446,8 @@ def main():
             "chunk_length=N)")
     refused(R + ["h2o:chunk_length=32,chunk_scores=own"],
             "h2o: chunk_scores=own: each chunk scored as a prompt of its own is replayed for "
-            "snapkv, tova, keydiff, expected-attention, leverage, lagkv, cur, streamingllm, knorm "
-            "and vnorm; give chunk_scores=prompt")
+            "snapkv, tova, keydiff, expected-attention, leverage, compactor, lagkv, cur, "
+            "streamingllm, knorm and vnorm; give chunk_scores=prompt")
     refused(R + ["snapkv:chunk_length=32,chunk_scores=chunk"],
             "snapkv: chunk_scores=chunk: expected prompt, own or kvpress")
     refused(R + ["snapkv:window=8,chunk_length=8,chunk_scores=own"],
@@ -402,6 +464,12 @@ def main():
             "chunk_length=32 leaves a last chunk of 22 tokens, and scoring it on its own needs "
             "more than sinks=22 (kvpress fails on such a chunk too): choose a chunk_length that "
             "leaves more, or a smaller sinks")
+    refused(R + ["compactor:chunk_length=12,chunk_scores=kvpress"],
+            "chunk_scores=kvpress: chunk_length=12: scoring each chunk on its own needs chunks "
+            "longer than sinks+recent=12 (kvpress fails on such chunks too)")
+    refused(R + ["compactor:chunk_length=46,sinks=6,recent=6,chunk_scores=own"],
+            "chunk_length=46 leaves a last chunk of 12 tokens, and scoring it on its own needs "
+            "more than sinks+recent=12")
     crit = os.path.join(work, "crit.npy")
     np.save(crit, np.ones((5, 4, 150), dtype=np.float32))
     refused(R + ["keydiff:chunk_length=32,chunk_scores=own,critical=" + crit],
