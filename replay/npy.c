@@ -206,7 +206,7 @@ double kvt_npy_at(const kvt_npy *a, size_t i)
     }
     uint16_t h;
     memcpy(&h, b, 2);
-    return kvt_f16_to_f32(h);
+    return a->bf16 ? kvt_bf16_to_f32(h) : kvt_f16_to_f32(h);
 }
 
 void kvt_npy_free(kvt_npy *a)
@@ -215,22 +215,39 @@ void kvt_npy_free(kvt_npy *a)
     memset(a, 0, sizeof(*a));
 }
 
-kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, const char *hint,
-                        kvt_npy **out)
+kvt_status kvt_array_load(const char *policy, const char *path, const char *tensor, int ndim,
+                          const char *dims, const char *hint, kvt_npy **out)
 {
     *out = NULL;
     kvt_npy *a = kvt_calloc(1, sizeof(*a));
     KVT_RETURN_IF(!a, KVT_ERR_NOMEM, "out of memory");
-    kvt_status st = kvt_read_npy(path, a);
-    if (st == KVT_OK && a->ndim != 3)
-        st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s has %d dimensions; expected 3: %s", path,
-                           a->ndim, dims);
+    char file[4096];
+    const char *from = path;
+    kvt_status st = KVT_OK;
+    if (tensor && kvt_is_dir(path)) { /* a hub checkpoint's folder */
+        int n = snprintf(file, sizeof(file), "%s/model.safetensors", path);
+        if (n < 0 || (size_t)n >= sizeof(file))
+            st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: path too long", path);
+        from = file;
+    }
+    if (!st)
+        st = tensor && kvt_is_safetensors(from) ? kvt_read_safetensors(from, tensor, a)
+                                                : kvt_read_npy(from, a);
+    if (st == KVT_OK && a->ndim != ndim)
+        st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s has %d dimensions; expected %d: %s", from,
+                           a->ndim, ndim, dims);
     if (st) {
         kvt_npy_destroy(a);
         return kvt_error_set(st, "%s: %s%s", policy, kvt_error_msg(), hint);
     }
     *out = a;
     return KVT_OK;
+}
+
+kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, const char *hint,
+                        kvt_npy **out)
+{
+    return kvt_array_load(policy, path, NULL, 3, dims, hint, out);
 }
 
 void kvt_npy_destroy(kvt_npy *a)

@@ -115,7 +115,12 @@ static const opt_desc opts_table[] = {
      "trace NAME.kvt)"},
     {"rtable", O_STR, OFF(rtable), 0, 0, "MixKV offline redundancy table (JSON)"},
     {"filters", O_STR, OFF(filters), 0, 0,
-     "qfilter: Q-filters (.npy [layers, KV heads, head dim], kvpress's q_filters)"},
+     "qfilter: Q-filters (.npy [layers, KV heads, head dim], or a safetensors file or hub "
+     "checkpoint folder with kvpress's q_filters)"},
+    {"stats", O_STR, OFF(stats), 0, 0,
+     "expected-attention: the queries' mean and covariance from a calibration set (a "
+     "safetensors file or hub checkpoint folder with kvpress's ExpectedAttentionStats "
+     "query_mean [layers, query heads, D], query_cov [.., D, D]) instead of the prompt's"},
     {"page", O_INT, OFF(page), 1, 1e6, "Quest page size"},
     {"dense_layers", O_INT, OFF(dense_layers), 0, 1e6,
      "Quest: first layers left dense; fastv: K, the layers before the pruning"},
@@ -547,6 +552,7 @@ void kvt_policy_free(kvt_policy *p)
     kvt_free(p->o.scores);
     kvt_free(p->o.rtable);
     kvt_free(p->o.filters);
+    kvt_free(p->o.stats);
     kvt_free(p->o.critical);
     kvt_free(p->o.layer_weights);
     kvt_free(p->lw.w);
@@ -842,7 +848,9 @@ unsigned kvt_policy_flags(const kvt_policy *p)
     const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
     /* chunk_scores=own|kvpress from each chunk's last queries: Q_all (kvpress: and RoPE) */
     const bool chunk_q = p->o.chunk_scores && p->def->chunk_rank && p->def->chunk_queries;
-    return p->def->flags | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0) |
+    /* stats=: expected-attention's statistics from a file, not from Q_all */
+    const unsigned base = p->o.stats ? p->def->flags & ~KVT_POLICY_NEEDS_QALL : p->def->flags;
+    return base | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0) |
            (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0) |
            (chunk_q ? KVT_POLICY_NEEDS_QALL : 0) |
            (p->o.chunk_length > 0 ? KVT_POLICY_CHUNKED : 0) |
@@ -968,6 +976,10 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     bool first = true;
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
+            continue;
+        /* stats= (added after expected-attention's results existed) only when given, so that
+           those results still merge with new ones */
+        if (!strcmp(opts_table[i].key, "stats") && !o->stats)
             continue;
         char val[1200];
         opt_value(o, &opts_table[i], json, val, sizeof(val));

@@ -53,7 +53,11 @@ typedef struct kvt_policy_opts {
     double ratio;           /* SparseMM min ratio */
     char *scores;           /* SparseMM head-score JSON file (owned) */
     char *rtable;           /* MixKV offline redundancy table JSON (owned); NULL = online r */
-    char *filters;          /* qfilter: Q-filters .npy [L, Hkv, D] (owned); NULL = calibrated */
+    char *filters;          /* qfilter: Q-filters .npy [L, Hkv, D] or a safetensors file or
+                               folder holding q_filters (owned); NULL = calibrated */
+    char *stats;            /* expected-attention: the queries' statistics, a safetensors file
+                               or folder holding query_mean, query_cov (owned); NULL = the
+                               prompt's */
     int page;               /* Quest page size P */
     int dense_layers;       /* Quest: layers < dense_layers keep everything */
     kvt_reduce group;       /* Quest: GQA page-score aggregation max | sum */
@@ -704,7 +708,8 @@ kvt_status kvt_head_score_counts(const kvt_layer_ctx *c, const kvt_policy *p,
 #define KVT_NPY_MAX_DIMS 8
 typedef struct kvt_npy {
     int ndim, shape[KVT_NPY_MAX_DIMS];
-    int elem;   /* bytes per element: 2 (float16), 4 (float32) or 8 (float64) */
+    int elem;   /* bytes per element: 2 (float16, or bfloat16), 4 (float32) or 8 (float64) */
+    bool bf16;  /* 2-byte elements are bfloat16 (a safetensors BF16 tensor) */
     size_t n;   /* elements */
     void *data; /* n * elem bytes */
 } kvt_npy;
@@ -715,10 +720,21 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out);
 /** Element i as a double. */
 double kvt_npy_at(const kvt_npy *a, size_t i);
 void kvt_npy_free(kvt_npy *a);
+/** Tensor `name` of the safetensors file PATH (safetensors.c; F64, F32, F16 or BF16).
+ *  KVT_ERR_IO (cannot open), KVT_ERR_CORRUPT (not safetensors, cut short, offsets off the
+ *  shape), KVT_ERR_NOT_FOUND (no such tensor: the message lists those it holds),
+ *  KVT_ERR_UNSUPPORTED (another dtype). kvt_npy_free releases. */
+kvt_status kvt_read_safetensors(const char *path, const char *name, kvt_npy *out);
+/** PATH is a regular file that starts as a safetensors file does (a header length, then '{'). */
+bool kvt_is_safetensors(const char *path);
 /** A new array read from PATH (kvt_read_npy), which must have 3 dimensions (`dims` names them
  *  in the error); an error reads "POLICY: what went wrong" followed by `hint`. */
 kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, const char *hint,
                         kvt_npy **out);
+/** As kvt_npy_load, with `ndim` dimensions, from a .npy file or, when PATH is a safetensors
+ *  file or a directory holding model.safetensors (a hub checkpoint), its tensor `tensor`. */
+kvt_status kvt_array_load(const char *policy, const char *path, const char *tensor, int ndim,
+                          const char *dims, const char *hint, kvt_npy **out);
 /** kvt_npy_free, and the array's own memory (a may be NULL). */
 void kvt_npy_destroy(kvt_npy *a);
 /** A policy's fini for a state that is a kvt_npy (external's scores, qfilter's filters). */

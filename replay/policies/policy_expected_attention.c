@@ -20,11 +20,86 @@
  * window=W (default 0, not in kvpress) also keeps the last W tokens first.
  * chunk_scores=own|kvpress (with chunk_length=) scores each chunk from its own queries, turned
  * to the positions after it, or, as kvpress's ChunkPress(ExpectedAttentionPress) computes on a
- * chunk's hidden states, to the chunk's length and on (ea_chunks). */
+ * chunk's hidden states, to the chunk's length and on (ea_chunks).
+ *
+ * stats=FILE is kvpress's ExpectedAttentionStatsPress (expected_attention_with_stats.py
+ * @00a150c): mu and S of each query head are not the prompt's but a calibration set's, read
+ * from the safetensors file (or hub checkpoint folder) of its ExpectedAttentionStats:
+ * query_mean [layers, query heads, D] and query_cov [layers, query heads, D, D], the pre-RoPE
+ * queries' mean and covariance, used as they are; the rest as above (Q_all is not needed). */
 #include <math.h>
 #include <string.h>
 
 #include "../replay_internal.h"
+
+/* stats=FILE's arrays (p->state) */
+typedef struct ea_stats {
+    kvt_npy *mu, *cov; /* [L, Hq, D], [L, Hq, D, D] */
+} ea_stats;
+
+static void fini_ea(kvt_policy *p)
+{
+    ea_stats *s = p->state;
+    if (s) {
+        kvt_npy_destroy(s->mu);
+        kvt_npy_destroy(s->cov);
+        kvt_free(s);
+    }
+    p->state = NULL;
+}
+
+/* stats=FILE read once: both tensors, of matching shapes, every value finite */
+static kvt_status init_ea(kvt_policy *p)
+{
+    const char *f = p->o.stats;
+    if (!f)
+        return KVT_OK;
+    char model[4096];
+    int len = snprintf(model, sizeof(model), "%s/model.safetensors", f);
+    KVT_RETURN_IF(
+        !kvt_is_safetensors(f) &&
+            !(kvt_is_dir(f) && len > 0 && (size_t)len < sizeof(model) && kvt_is_safetensors(model)),
+        KVT_ERR_INVALID_ARG,
+        "expected-attention: stats=%s is not a safetensors file, nor a folder holding "
+        "model.safetensors (kvpress's ExpectedAttentionStats, as saved on the hub)",
+        f);
+    ea_stats *s = kvt_calloc(1, sizeof(*s));
+    KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "expected-attention: out of memory");
+    p->state = s;
+    KVT_FORWARD(kvt_array_load("expected-attention", f, "query_mean", 3,
+                               "[layers, query heads, head dim] (query_mean)", "", &s->mu));
+    KVT_FORWARD(kvt_array_load("expected-attention", f, "query_cov", 4,
+                               "[layers, query heads, head dim, head dim] (query_cov)", "",
+                               &s->cov));
+    const int *m = s->mu->shape, *c = s->cov->shape;
+    KVT_RETURN_IF(c[0] != m[0] || c[1] != m[1] || c[2] != m[2] || c[3] != m[2], KVT_ERR_INVALID_ARG,
+                  "expected-attention: stats=%s: query_mean has shape (%d, %d, %d) and query_cov "
+                  "(%d, %d, %d, %d); expected (L, H, D) and (L, H, D, D)",
+                  f, m[0], m[1], m[2], c[0], c[1], c[2], c[3]);
+    for (int k = 0; k < 2; k++) {
+        const kvt_npy *a = k ? s->cov : s->mu;
+        for (size_t i = 0; i < a->n; i++)
+            KVT_RETURN_IF(!isfinite(kvt_npy_at(a, i)), KVT_ERR_NAN,
+                          "expected-attention: stats=%s: %s element %zu (layer %zu) is %g", f,
+                          k ? "query_cov" : "query_mean", i, i / (a->n / (size_t)m[0]),
+                          kvt_npy_at(a, i));
+    }
+    return KVT_OK;
+}
+
+/* the statistics' layers and query heads against a trace's, before its first layer (their
+ * head dimension: when a layer is replayed) */
+static kvt_status bind_ea(const kvt_policy *p, const char *path, int L, int Hq, int Hkv, int T,
+                          void **state)
+{
+    (void)path, (void)Hkv, (void)T, (void)state;
+    const ea_stats *s = p->state;
+    KVT_RETURN_IF(s && (s->mu->shape[0] != L || s->mu->shape[1] != Hq), KVT_ERR_INVALID_ARG,
+                  "expected-attention: stats=%s has %d layers and %d query heads; this trace has "
+                  "%d and %d (statistics of another model?)",
+                  p->o.stats, s->mu->shape[0], s->mu->shape[1], L, Hq);
+    return KVT_OK;
+}
 
 static void d_ea(kvt_policy_opts *o)
 {
@@ -122,24 +197,34 @@ static kvt_status ea_head(kvt_layer_ctx *c, const kvt_policy *p, const ea_rope *
 {
     const kvt_policy_opts *o = &p->o;
     const int D = c->D, S = o->sinks < n ? o->sinks : n, N = n - S, half = r->p.half;
-    q += (size_t)a0 * D;
+    const ea_stats *fs = p->state;
     Kd += (size_t)a0 * D;
-    /* the pre-RoPE queries of tokens S..n-1 and their mean */
-    memset(mu, 0, (size_t)D * sizeof(double));
-    for (int t = S; t < n; t++) {
-        const float *x = q + (size_t)t * D;
-        double *y = X + (size_t)(t - S) * D;
-        kvt_rope_undo(&r->p, r->p.on ? rot + (size_t)(a0 + t) * 2 * half : NULL, x, D, y);
+    if (fs) { /* stats=: the calibration set's, as they are */
+        const size_t at = (size_t)c->layer * c->Hq + h;
         for (int d = 0; d < D; d++)
-            mu[d] += y[d];
-    }
-    for (int d = 0; d < D; d++)
-        mu[d] /= N;
-    if (o->use_cov) { /* S = (1/N) Xc^T Xc, then R S R^T */
-        for (int t = 0; t < N; t++)
+            mu[d] = kvt_npy_at(fs->mu, at * D + d);
+        for (size_t i = 0; o->use_cov && i < (size_t)D * D; i++)
+            cov[i] = kvt_npy_at(fs->cov, at * D * D + i);
+    } else { /* the pre-RoPE queries of tokens S..n-1 and their mean */
+        q += (size_t)a0 * D;
+        memset(mu, 0, (size_t)D * sizeof(double));
+        for (int t = S; t < n; t++) {
+            const float *x = q + (size_t)t * D;
+            double *y = X + (size_t)(t - S) * D;
+            kvt_rope_undo(&r->p, r->p.on ? rot + (size_t)(a0 + t) * 2 * half : NULL, x, D, y);
             for (int d = 0; d < D; d++)
-                X[(size_t)t * D + d] -= mu[d];
-        kvt_gemm_f64_at(D, D, N, 1.0 / N, X, D, X, D, 0.0, cov, D);
+                mu[d] += y[d];
+        }
+        for (int d = 0; d < D; d++)
+            mu[d] /= N;
+    }
+    if (o->use_cov) { /* S = (1/N) Xc^T Xc (or the file's), then R S R^T */
+        if (!fs) {
+            for (int t = 0; t < N; t++)
+                for (int d = 0; d < D; d++)
+                    X[(size_t)t * D + d] -= mu[d];
+            kvt_gemm_f64_at(D, D, N, 1.0 / N, X, D, X, D, 0.0, cov, D);
+        }
         if (r->p.on) {
             for (int j = 0; j < D; j++) /* columns: R S */
                 ea_rotate(r, cov + j, (size_t)D);
@@ -201,21 +286,22 @@ static kvt_status ea_chunks(kvt_layer_ctx *c, const kvt_policy *p, int C, bool k
     double *Kd = kvt_malloc(td * sizeof(double));
     double *M = o->use_cov ? kvt_malloc(((size_t)Cn * D + 1) * sizeof(double)) : NULL;
     double *cov = kvt_malloc((size_t)D * D * sizeof(double)), *mu = kvt_malloc(D * sizeof(double));
-    float *qh = in->q_all ? NULL : kvt_malloc(td * sizeof(float));
+    const bool qs = !p->state; /* the statistics from the queries (not stats=) */
+    float *qh = in->q_all || !qs ? NULL : kvt_malloc(td * sizeof(float));
     /* cos and sin of every token's angle per pair, shared by the heads: [T, half, 2] */
-    double *rot = r[0].p.on ? kvt_malloc(td * sizeof(double)) : NULL;
-    if (!st && (!ph || !X || !Kd || (o->use_cov && !M) || !cov || !mu || (!in->q_all && !qh) ||
-                (r[0].p.on && !rot)))
+    double *rot = r[0].p.on && qs ? kvt_malloc(td * sizeof(double)) : NULL;
+    if (!st && (!ph || !X || !Kd || (o->use_cov && !M) || !cov || !mu ||
+                (!in->q_all && qs && !qh) || (r[0].p.on && qs && !rot)))
         st = kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
-    if (!st && r[0].p.on)
+    if (!st && r[0].p.on && qs)
         st = kvt_rope_angles(&r[0].p, in, 0, T, "expected-attention", rot);
     for (int g = 0; !st && g < c->Hkv; g++) {
         const float *k = c->k + (size_t)g * T * D;
         for (size_t i = 0; i < (size_t)T * D; i++)
             Kd[i] = k[i];
         for (int h = g * Gs; !st && h < (g + 1) * Gs; h++) {
-            const float *q;
-            if ((st = kvt_ctx_q_all_head(c, "expected-attention", h, qh, &q)))
+            const float *q = NULL;
+            if (qs && (st = kvt_ctx_q_all_head(c, "expected-attention", h, qh, &q)))
                 break;
             double *a = acc + (size_t)(o->per_query ? h : g) * T, w = o->per_query ? 1.0 : 1.0 / Gs;
             for (int ch = 0; !st && ch < nc; ch++) {
@@ -241,6 +327,20 @@ static kvt_status ea_chunks(kvt_layer_ctx *c, const kvt_policy *p, int C, bool k
     return st;
 }
 
+/* the layer's queries (Q_all), or stats=FILE's statistics of this trace's shape */
+static kvt_status ea_check(kvt_layer_ctx *c, const kvt_policy *p)
+{
+    const ea_stats *s = p->state;
+    if (!s)
+        return kvt_ctx_check_q_all(c, "expected-attention");
+    KVT_FORWARD(bind_ea(p, NULL, c->n_layers, c->Hq, c->Hkv, c->T, NULL));
+    KVT_RETURN_IF(s->mu->shape[2] != c->D, KVT_ERR_INVALID_ARG,
+                  "expected-attention: stats=%s has statistics of %d dimensions; this trace's "
+                  "heads have %d",
+                  p->o.stats, s->mu->shape[2], c->D);
+    return KVT_OK;
+}
+
 /* head h's score of token a0 + j of the prompt, or chunk, [a0, a0 + n): the sinks first */
 static double ea_score(const kvt_layer_ctx *c, const kvt_policy *p, const double *acc, int h,
                        int a0, int n, int j)
@@ -260,7 +360,7 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, W = o->window < T ? o->window : T, P = T - W;
     const int H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
+    KVT_FORWARD(ea_check(c, p));
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
     double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
@@ -290,7 +390,7 @@ static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, const i
 {
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, Cn = C < T ? C : T, H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(kvt_ctx_check_q_all(c, "expected-attention"));
+    KVT_FORWARD(ea_check(c, p));
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, o->window < T ? o->window : T, n_b, true));
     double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
@@ -321,10 +421,13 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress ExpectedAttention: attention expected from the queries' mean and "
                "covariance at future positions, times ||v||",
-    .keys = "window,heads,sinks,future,cov,vnorm,epsilon,adaptive,alpha,normalize,alloc,skip,"
-            "critical,first,ceps",
+    .keys = "window,heads,sinks,future,cov,vnorm,epsilon,stats,adaptive,alpha,normalize,alloc,"
+            "skip,critical,first,ceps",
     .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_NEEDS_ROPE,
     .defaults = d_ea,
+    .init = init_ea,
+    .fini = fini_ea,
+    .bind = bind_ea,
     .select = sel_ea,
     .chunk_rank = chunk_ea,
     .chunk_min = 's', /* ExpectedAttentionPress asserts the chunk exceeds n_sink */

@@ -200,8 +200,8 @@ static kvt_status init_qfilter(kvt_policy *p)
     if (!p->o.filters)
         return KVT_OK; /* calibrated on each trace */
     kvt_npy *a;
-    KVT_FORWARD(kvt_npy_load("qfilter", p->o.filters,
-                             "[layers, KV heads, head dim] (kvpress's q_filters)", "", &a));
+    KVT_FORWARD(kvt_array_load("qfilter", p->o.filters, "q_filters", 3,
+                               "[layers, KV heads, head dim] (kvpress's q_filters)", "", &a));
     kvt_status st = KVT_OK;
     for (size_t i = 0; st == KVT_OK && i < a->n; i++)
         if (!isfinite(kvt_npy_at(a, i)))

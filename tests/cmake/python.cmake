@@ -72,9 +72,14 @@
 #                                (chunk_length) and ChunkPress(KnormPress), with layer_weights=
 #                                and a ranking per budget, and refusals
 #   test_chunk_scores            chunk_scores=own|kvpress against NumPy written from kvpress's
-#                                ChunkPress over SnapKVPress, TOVAPress, KeyDiffPress and
-#                                KnormPress (the kvpress rotation of the chunks' queries), and
-#                                refusals
+#                                ChunkPress over SnapKVPress, TOVAPress, KeyDiffPress,
+#                                ExpectedAttentionPress, CompactorPress and the other presses
+#                                with chunk_rank (the kvpress rotation of the chunks' queries),
+#                                and refusals
+#   test_ea_stats                expected-attention:stats=FILE (kvpress's
+#                                ExpectedAttentionStatsPress) against NumPy, the safetensors
+#                                reader (f64/f32/f16/bf16, a hub folder; qfilter's q_filters),
+#                                and malformed files refused
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -89,7 +94,7 @@ if(KVT_SYS_PYTHON)
               test_duo_simlayer test_merge test_finch test_cam test_elastic_cache
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
               test_h2o_greedy test_h2o_greedy_hand test_think test_aircache
-              test_layer_weights test_chunk_length test_chunk_scores)
+              test_layer_weights test_chunk_length test_chunk_scores test_ea_stats)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)
