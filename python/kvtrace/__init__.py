@@ -16,6 +16,9 @@
 
     np.save("f.npy", kvtrace.qfilters(["a.kvt", "b.kvt"]))   # replay qfilter:filters=f.npy
     np.save("w.npy", kvtrace.critical_norms("a.kvt", o_proj))   # replay snapkv:critical=w.npy
+    mu, cov = kvtrace.ea_stats(["a.kvt", "b.kvt"])                 # calibration traces' queries
+    kvtrace.save_safetensors("s.safetensors", {"query_mean": mu, "query_cov": cov})
+    #                                              replay expected-attention:stats=s.safetensors
 
     sets = kvtrace.replay_sets("a.kvt", "lookm", "64,10%")     # kept sets, merged K/V too
 
@@ -30,6 +33,7 @@ from ._capture import CaptureSession, tensor_view
 from ._selection import Selection, read_selection
 from ._qfilter import qfilters
 from ._critical import critical_norms
+from ._ea_stats import ea_stats, save_safetensors
 from ._replay_sets import KeptSet, replay_sets
 from .hf import capture  # torch and transformers are imported when capture() is called
 
@@ -45,4 +49,5 @@ def library_version():
 __all__ = ["TraceError", "Trace", "TraceWriter", "CaptureSession", "capture", "open", "verify",
            "bf16_to_f32", "f32_to_bf16", "tensor_view", "KINDS", "MODALITIES", "lib_path",
            "has_capture", "library_version", "__version__", "Selection", "read_selection",
-           "qfilters", "critical_norms", "replay_sets", "KeptSet"]
+           "qfilters", "critical_norms", "ea_stats", "save_safetensors", "replay_sets",
+           "KeptSet"]

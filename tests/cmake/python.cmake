@@ -79,7 +79,8 @@
 #   test_ea_stats                expected-attention:stats=FILE (kvpress's
 #                                ExpectedAttentionStatsPress) against NumPy, the safetensors
 #                                reader (f64/f32/f16/bf16, a hub folder; qfilter's q_filters),
-#                                and malformed files refused
+#                                kvtrace.ea_stats against a full-matrix RoPE undo, and malformed
+#                                files refused
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they

@@ -15,7 +15,9 @@ head), times ||v||, sinks first; kept sets must equal the check's top-B but for 
 (within 1e-6 of the cut, at most 2 per run).
 
 Also: statistics written from the trace's own pre-RoPE queries (float64, 1/N) give the kept sets
-of the plain policy; a trace without Q_all replays with stats= (and is refused without it); a
+of the plain policy; kvtrace.ea_stats (the package's calibration over traces' Q_all, its own
+RoPE undo) equals this check's full-matrix undo over one and over two traces (1-D RoPE,
+interleaved and half pairs, M-RoPE), and its save_safetensors file replays; a trace without Q_all replays with stats= (and is refused without it); a
 hub checkpoint's folder is read through its model.safetensors; qfilter's q_filters from a
 safetensors file keeps the sets of the same filters as .npy; and malformed files are refused in
 one line. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the
@@ -82,21 +84,35 @@ def random_stats(rng, L, Hq, D):
     return mu, np.einsum("lhij,lhkj->lhik", A, A)  # symmetric, positive semi-definite
 
 
-def own_stats(t, sinks=4):
-    """The trace's own pre-RoPE queries past the sinks: mean and covariance (1/N) per layer and
-    query head."""
-    m, T = t.header["model"], t.header["n_tokens"]
+def pre_queries(t, sinks=4):
+    """[layer][Hq, N, D]: the trace's pre-RoPE queries past the sinks (each token's full RoPE
+    matrix solved)."""
+    m = t.header["model"]
     freq, pairs, a, row_of, rows, _ = trace_rope(t)
     Rt = rope_matrices(rows, m["head_dim"], freq, pairs, a, row_of)
-    mus, covs = [], []
+    out = []
     for layer in t.layers():
         Q = t.read("Q_all", layer, dtype="float32").astype(np.float64)
-        pre = np.linalg.solve(Rt[sinks:][None], Q[:, sinks:, :, None])[..., 0]  # [Hq, N, D]
+        out.append(np.linalg.solve(Rt[sinks:][None], Q[:, sinks:, :, None])[..., 0])
+    return out
+
+
+def own_stats(t, sinks=4, ddof=0, more=()):
+    """Mean and covariance (over N - ddof) per layer and query head of the pre-RoPE queries
+    past the sinks of t and of the open traces `more`, together."""
+    parts = [pre_queries(x, sinks) for x in (t,) + tuple(more)]
+    mus, covs = [], []
+    for layer in range(len(parts[0])):
+        pre = np.concatenate([p[layer] for p in parts], axis=1)  # [Hq, N, D]
         mu = pre.mean(axis=1)
         x = pre - mu[:, None]
         mus.append(mu)
-        covs.append(np.einsum("hni,hnj->hij", x, x) / pre.shape[1])
+        covs.append(np.einsum("hni,hnj->hij", x, x) / (pre.shape[1] - ddof))
     return np.stack(mus), np.stack(covs)
+
+
+def close(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
 def scores(t, mu, cov, sinks=4, future=512, use_cov=True, per_query=False, C=None,
@@ -241,6 +257,43 @@ def main():
         v = write_safetensors(f, [("query_mean", "F16", mu), ("query_cov", "F16", cov)])
         compare("tiny-vl", vl, "expected-attention:stats=" + f, "10%,30%,24", work,
                 scores(t, v["query_mean"], v["query_cov"]))
+
+    # kvtrace.ea_stats against the check's own undo: one trace, two traces, M-RoPE, interleaved
+    s2 = os.path.join(work, "s2.kvt")
+    run("synth", "--shape", "llama3-8b", "--tokens", "200", "--layers", "2", "--q-all",
+        "--seed", "5", "-o", s2)
+    a = os.path.join(work, "a.kvt")  # llama2.c: interleaved pairs
+    run("capture-llama2c", "--model", os.path.join(os.environ["KVT_SOURCE_ROOT"], "models",
+                                                   "stories260K.bin"),
+        "--tokens", "60", "--decode", "0", "--window", "8", "--q-all", "-o", a)
+    for name, paths, sinks in (("llama3-8b", [s], 4), ("llama3-8b x2", [s, s2], 4),
+                               ("tiny-vl", [vl], 4), ("llama2c", [a], 0)):
+        mu, cov = kvtrace.ea_stats(paths, sinks=sinks)
+        ts = [kvtrace.open(p) for p in paths]
+        try:
+            wm, wc = own_stats(ts[0], sinks, ddof=1, more=tuple(ts[1:]))
+        finally:
+            for x in ts:
+                x.close()
+        em, ec = close(mu, wm), close(cov, wc)
+        print("kvtrace.ea_stats %s: mean within %.1e, covariance within %.1e" % (name, em, ec))
+        check(mu.shape == wm.shape and cov.shape == wc.shape and em < 1e-10 and ec < 1e-10,
+              "kvtrace.ea_stats %s differs from the check (%.2g, %.2g)" % (name, em, ec))
+    mu, cov = kvtrace.ea_stats([s, s2])
+    cal = os.path.join(work, "cal.safetensors")
+    kvtrace.save_safetensors(cal, {"query_mean": mu, "query_cov": cov},
+                             metadata={"producer": "kvtrace.ea_stats", "sinks": 4})
+    with kvtrace.open(s) as t:
+        v = {k: x.astype(np.float32).astype(np.float64) for k, x in (("m", mu), ("c", cov))}
+        compare("llama3-8b", s, "expected-attention:stats=" + cal, "10%,64", work,
+                scores(t, v["m"], v["c"]))
+    for bad_args, want in ((([nq],), "no Q_all for layer 0"), (([s, vl],), "the first trace has"),
+                           (([s],), "sinks must be an integer >= 0")):
+        try:
+            kvtrace.ea_stats(*bad_args, **({"sinks": -1} if "sinks" in want else {}))
+            check(False, "kvtrace.ea_stats did not refuse: " + want)
+        except ValueError as e:
+            check(want in str(e), "kvtrace.ea_stats: %r lacks %r" % (str(e), want))
 
     # qfilter: q_filters from a safetensors file keeps the .npy filters' sets
     filt = rng.normal(0, 1, (2, 8, 128)).astype(np.float32)
