@@ -13,7 +13,8 @@
 # tokens' attention; snapkv and h2o with think=, their kept keys' channels pruned on the host;
 # adakv and h2o with layer_weights= on the sample, each layer at its own budgets; snapkv and
 # keydiff-block with chunk_length=; snapkv, tova, keydiff, expected-attention, leverage,
-# compactor and streamingllm with chunk_scores=, each chunk scored on its own on the host)
+# compactor and streamingllm with chunk_scores=, each chunk scored on its own on the host;
+# expected-attention with stats=)
 # at several budgets, on the bundled real trace and on a synthetic
 # vision-language trace long enough for several 256-key blocks. Kept counts and every metric
 # but the output error and coverage must agree within 1e-9. Coverage comes from an f32 cosine
@@ -90,6 +91,16 @@ $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/d
 # h2o from Q_all (no stored column sums): the replay computes the sums itself
 $BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off --dtype f16 \
     -o "$TMP/qa.kvt" >/dev/null 2>&1 || fail "synth q-all"
+# expected-attention:stats= (kvpress's ExpectedAttentionStatsPress): statistics calibrated on
+# that trace by kvtrace.ea_stats (where the interpreter has NumPy)
+STATS=""
+if "$PY" -c "import numpy" 2>/dev/null; then
+    PYTHONPATH="$ROOT/python" "$PY" -c 'import sys, kvtrace
+mu, cov = kvtrace.ea_stats(sys.argv[1])
+kvtrace.save_safetensors(sys.argv[2], {"query_mean": mu, "query_cov": cov})' \
+        "$TMP/qa.kvt" "$TMP/st.safetensors" || fail "kvtrace.ea_stats"
+    STATS=",expected-attention:stats=$TMP/st.safetensors,expected-attention:stats=$TMP/st.safetensors,heads=query,chunk_length=64,chunk_scores=kvpress"
+fi
 # a prompt long enough (over 4096 ranked tokens) for the GPU's rankings (kvt_ctx_gpu_rank)
 $BIN synth --shape tiny --tokens 4300 --decode 4 --seed 9 -o "$TMP/long.kvt" >/dev/null 2>&1 \
     || fail "synth long"
@@ -113,7 +124,7 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt" "
         SET[1]+=",adakv:layer_weights=$TMP/lw5.txt,h2o:layer_weights=$TMP/lw5.txt,heads=query,snapkv:chunk_length=64,keydiff-block:block=32,chunk_length=100"
     [ "$name" = vl ] && SET[1]+=",vl-cache:last=16,vl-cache:last=4,heads=query,window=2,aircache-like:last=16,aircache-like:last=8,heads=query,threshold=0.5"
     [ "$name" = qa ] &&
-        SET=(--policies h2o,h2o-greedy,h2o-greedy:heads=query,reduce=max,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5,h2o:think=0.3,heads=query,think_window=8,think_recent=0,snapkv:window=8,chunk_length=64,chunk_scores=kvpress,tova:chunk_length=100,chunk_scores=own,keydiff:chunk_length=50,chunk_scores=own,heads=query,expected-attention:chunk_length=64,chunk_scores=kvpress,leverage:sketch=0,chunk_length=64,chunk_scores=own,streamingllm:chunk_length=64,chunk_scores=own,compactor:chunk_length=80,chunk_scores=kvpress,sketch=8 --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
+        SET=(--policies h2o,h2o-greedy,h2o-greedy:heads=query,reduce=max,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5,h2o:think=0.3,heads=query,think_window=8,think_recent=0,snapkv:window=8,chunk_length=64,chunk_scores=kvpress,tova:chunk_length=100,chunk_scores=own,keydiff:chunk_length=50,chunk_scores=own,heads=query,expected-attention:chunk_length=64,chunk_scores=kvpress,leverage:sketch=0,chunk_length=64,chunk_scores=own,streamingllm:chunk_length=64,chunk_scores=own,compactor:chunk_length=80,chunk_scores=kvpress,sketch=8$STATS --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
     [ "$name" = long ] &&
         SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
             --threads 2 --seed 7)
