@@ -340,6 +340,12 @@ static void put_policies(FILE *f, const kvt_results *r)
                     sep);
             sep = "; ";
         }
+        if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(o, "stats"))) {
+            fprintf(f,
+                    "%sthe queries' statistics from a calibration set (stats=), not the prompt's",
+                    sep);
+            sep = "; ";
+        }
         const cJSON *cl = cJSON_GetObjectItemCaseSensitive(o, "chunk_length");
         const cJSON *cs = cJSON_GetObjectItemCaseSensitive(o, "chunk_scores");
         if (cJSON_IsNumber(cl))

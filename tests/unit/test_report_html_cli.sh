@@ -126,14 +126,28 @@ grep -q '^64|snapkv|[0-9.]*|25.0%|-$' "$TMP/vlrows" ||
     fail "best-per-budget at 64 on a VL trace: $(cat "$TMP/vlrows")"
 # the Policies table: each policy's effective options, and what its flags mean for the figures
 printf '1 3\n' >"$TMP/lw2.txt"
+# expected-attention:stats=: a safetensors file of the tiny-vl shape (2 layers, 4 query heads,
+# D 16): zero means, identity covariances
+"${KVT_PYTHON:-/usr/bin/python3}" - "$TMP/st.safetensors" <<'PYEOF' || fail "stats file"
+import json, struct, sys
+L, H, D = 2, 4, 16
+mean = [0.0] * (L * H * D)
+cov = [1.0 if i == j else 0.0 for _ in range(L * H) for i in range(D) for j in range(D)]
+m, c = struct.pack("<%df" % len(mean), *mean), struct.pack("<%df" % len(cov), *cov)
+hdr = json.dumps({"query_mean": {"dtype": "F32", "shape": [L, H, D],
+                                 "data_offsets": [0, len(m)]},
+                  "query_cov": {"dtype": "F32", "shape": [L, H, D, D],
+                                "data_offsets": [len(m), len(m) + len(c)]}}).encode()
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(hdr)) + hdr + m + c)
+PYEOF
 $BIN replay "$TMP/vl.kvt" \
-    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own" \
+    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own,expected-attention:stats=$TMP/st.safetensors" \
     --budgets 120,200 --threads 1 -o "$TMP/pol.json" >/dev/null 2>"$TMP/err" ||
     { cat "$TMP/err"; fail "replay policies"; }
 $BIN report "$TMP/pol.json" -o "$TMP/polrep" >/dev/null 2>&1 || fail "report policies"
 sed -n '/id="policies"/,/<\/table>/p' "$TMP/polrep/index.html" | grep '^<tr><td>' |
     sed 's/<\/td><td>/|/g; s/<[^>]*>//g' >"$TMP/polrows"
-[ "$(wc -l <"$TMP/polrows")" = 6 ] || fail "Policies table: $(cat "$TMP/polrows")"
+[ "$(wc -l <"$TMP/polrows")" = 7 ] || fail "Policies table: $(cat "$TMP/polrows")"
 grep -q '^snapkv:think=0.25|snapkv|window=32, .*, think=0.25, think_window=32, think_recent=32|merged or pruned entries' \
     "$TMP/polrows" || fail "Policies row of snapkv:think: $(cat "$TMP/polrows")"
 grep -q '^aircache-like:last=16|aircache-like|reduce=mean, heads=kv, threshold=0.9, last=16|inferred: ' \
@@ -146,6 +160,8 @@ grep -q '^knorm:chunk_length=64,layer_weights=.*|knorm|.*layer_weights=.*lw2.txt
     "$TMP/polrows" || fail "Policies row of knorm with layer_weights and chunk_length: $(cat "$TMP/polrows")"
 grep -q '^keydiff:chunk_length=64,chunk_scores=own|keydiff|.*, chunk_length=64, chunk_scores=own|the budget shared over chunks of 64 prompt tokens (chunk_length=), each chunk scored as a prompt of its own (chunk_scores=)$' \
     "$TMP/polrows" || fail "Policies row of keydiff with chunk_scores: $(cat "$TMP/polrows")"
+grep -q '^expected-attention:stats=.*|expected-attention|.*, stats=.*st.safetensors, .*|the queries.* statistics from a calibration set (stats=), not the prompt.*s$' \
+    "$TMP/polrows" || fail "Policies row of expected-attention with stats: $(cat "$TMP/polrows")"
 # the quality charts' cost axis is the KV cache kept: a heads=query policy keeps its budget per
 # query head, so G (query heads per KV head) times the entries of the same budget per KV head
 $BIN synth --shape tiny --tokens 96 --window 8 --decode 4 -o "$TMP/gqa.kvt" >/dev/null 2>&1 ||
