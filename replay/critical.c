@@ -147,9 +147,72 @@ static kvt_status sel_counts(kvt_layer_ctx *c, const kvt_policy *p, const double
     return kvt_adakv_counts(c, &o, s, B, n_b, sel);
 }
 
+/* dms=: kvpress's DMSPress over the policy's scores s [H', P] (P = T - W): the last dms_window
+ * tokens are kept, and of the tokens before them those scoring >= the threshold; the budget caps
+ * each head's count. The ranking is the policy's window, then the rest of the DMS window
+ * (oldest first), then the earlier tokens by score, so the count c_h of a head keeps exactly
+ * that set, and min(B, c_h) its top B */
+static kvt_status sel_dms(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
+                          const int *B, int n_b, kvt_layer_selection *sel)
+{
+    const int T = c->T, P = T - W, H = sel->n_heads;
+    const int Wd = p->o.dms_window < T ? p->o.dms_window : T, Pd = T - (Wd > W ? Wd : W);
+    double *x = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
+    KVT_RETURN_IF(!x, KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
+    kvt_status st = KVT_OK;
+    int *keep = kvt_malloc(((size_t)H + 1) * sizeof(int));
+    if (!keep)
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
+    for (int h = 0; h < H && !st; h++) {
+        const double *sh = s + (size_t)h * P;
+        double *xh = x + (size_t)h * P;
+        keep[h] = T - Pd; /* the DMS window (and the policy's) */
+        for (int j = 0; j < P && !st; j++) {
+            if (isnan(sh[j]))
+                st = kvt_error_set(KVT_ERR_NAN,
+                                   "%s: dms=: NaN score at layer %d, head %d, token %d "
+                                   "(DMSPress would keep it)",
+                                   p->def->name, c->layer, h, j);
+            xh[j] = j < Pd ? sh[j] : INFINITY;
+            keep[h] += j < Pd && sh[j] >= p->o.dms;
+        }
+    }
+    if (!st)
+        st = kvt_sel_rank_window_all(sel, x, W);
+    int32_t *tmp = st ? NULL : kvt_malloc(((size_t)P + 1) * sizeof(int32_t));
+    if (!st && !tmp)
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
+    for (int h = 0; h < H && !st && Pd < P; h++) { /* the DMS window right after the policy's,
+                                                      before other protected tokens (sinks) */
+        int32_t *o = sel->order + (size_t)h * T + W;
+        int k = 0;
+        for (int i = 0; i < P; i++)
+            if (o[i] >= Pd)
+                tmp[k++] = o[i];
+        for (int i = 0; i < P; i++)
+            if (o[i] < Pd)
+                tmp[k++] = o[i];
+        memcpy(o, tmp, (size_t)P * sizeof(int32_t));
+    }
+    kvt_free(tmp);
+    if (!st) {
+        kvt_counts_uniform(sel, B, n_b);
+        for (int b = 0; b < n_b; b++)
+            for (int h = 0; h < H; h++) {
+                int *n = &sel->count[(size_t)b * H + h];
+                *n = *n < keep[h] ? *n : keep[h];
+            }
+    }
+    kvt_free(x);
+    kvt_free(keep);
+    return st;
+}
+
 kvt_status kvt_sel_rank_counts(kvt_layer_ctx *c, const kvt_policy *p, const double *s, int W,
                                const int *B, int n_b, kvt_layer_selection *sel)
 {
+    if (!isnan(p->o.dms))
+        return sel_dms(c, p, s, W, B, n_b, sel);
     if (!p->o.critical) {
         KVT_FORWARD(kvt_sel_rank_window_all(sel, s, W));
         return sel_counts(c, p, s, W, B, n_b, sel);

@@ -167,6 +167,11 @@ static const opt_desc opts_table[] = {
     {"block", O_INT, OFF(block), 1, 1e6, "keydiff-block: tokens per block"},
     {"critical", O_STR, OFF(critical), 0, 0,
      "CriticalKV: .npy [layers, KV heads, tokens] of ||W_o v||_1 (kvtrace.critical_norms)"},
+    {"dms", O_DBL, OFF(dms), -1e300, 1e300,
+     "DMSPress: keep the tokens scoring >= this threshold, and the last dms_window tokens "
+     "(at most the budget; --budgets 100% is kvpress's DMSPress)"},
+    {"dms_window", O_INT, OFF(dms_window), 0, 1e9,
+     "DMSPress: sliding_window_size, the last tokens no threshold evicts"},
     {"first", O_DBL, OFF(first), 0, 1, "CriticalKV: first_stage_ratio"},
     {"ceps", O_DBL, OFF(ceps), 0, 1e9, "CriticalKV: epsilon added to the scores"},
     {"think", O_DBL, OFF(think), 0, 1,
@@ -538,6 +543,8 @@ static void base_defaults(kvt_policy_opts *o)
     o->think_recent = 32;
     o->first = 0.5;
     o->ceps = 1e-4;
+    o->dms = NAN;
+    o->dms_window = 128;
     o->recent = 256;
     o->threshold = 0.9;
     o->last = 1;
@@ -601,6 +608,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
     kvt_status st = KVT_OK;
     char *opts = NULL;
     const char *think_extra = NULL; /* think_window= or think_recent= given */
+    bool dms_window = false;        /* dms_window= given */
     p->label = kvt_strdup(spec);
     if (!p->label) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
@@ -640,6 +648,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                 goto out_fail;
             if (!think_extra && (!strcmp(tok, "think_window") || !strcmp(tok, "think_recent")))
                 think_extra = !strcmp(tok, "think_window") ? "think_window" : "think_recent";
+            dms_window = dms_window || !strcmp(tok, "dms_window");
         }
     }
     if (p->o.think > 0 && p->o.merge) {
@@ -672,6 +681,22 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
             "replayed for snapkv, tova, keydiff, expected-attention, leverage, compactor, "
             "lagkv, cur, streamingllm, knorm and vnorm; give chunk_scores=prompt",
             d->name, p->o.chunk_scores == KVT_CHUNK_OWN ? "own" : "kvpress");
+        goto out_fail;
+    }
+    if (isnan(p->o.dms) && dms_window) {
+        st = kvt_error_set(
+            KVT_ERR_INVALID_ARG,
+            "%s: dms_window= is an option of dms=, which is off (give dms=THRESHOLD)", d->name);
+        goto out_fail;
+    }
+    if (!isnan(p->o.dms) && (p->o.adaptive || p->o.critical || p->o.chunk_length)) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: dms= keeps each head's tokens above a threshold, and %s= shares "
+                           "the budget its own way (give one of them)",
+                           d->name,
+                           p->o.adaptive   ? "adaptive"
+                           : p->o.critical ? "critical"
+                                           : "chunk_length");
         goto out_fail;
     }
     if (p->o.chunk_scores && p->o.critical) {
@@ -977,9 +1002,10 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
             continue;
-        /* stats= (added after expected-attention's results existed) only when given, so that
-           those results still merge with new ones */
-        if (!strcmp(opts_table[i].key, "stats") && !o->stats)
+        /* stats= and dms= (added after those policies' results existed) only when given, so
+           that those results still merge with new ones */
+        if ((!strcmp(opts_table[i].key, "stats") && !o->stats) ||
+            (!strncmp(opts_table[i].key, "dms", 3) && isnan(o->dms)))
             continue;
         char val[1200];
         opt_value(o, &opts_table[i], json, val, sizeof(val));

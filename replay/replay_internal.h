@@ -55,6 +55,10 @@ typedef struct kvt_policy_opts {
     char *rtable;           /* MixKV offline redundancy table JSON (owned); NULL = online r */
     char *filters;          /* qfilter: Q-filters .npy [L, Hkv, D] or a safetensors file or
                                folder holding q_filters (owned); NULL = calibrated */
+    double dms;             /* dms=: kvpress's DMSPress threshold (scores below it evicted
+                               outside the last dms_window tokens; the budget caps the rest);
+                               NaN = off */
+    int dms_window;         /* dms=: DMSPress's sliding_window_size */
     char *stats;            /* expected-attention: the queries' statistics, a safetensors file
                                or folder holding query_mean, query_cov (owned); NULL = the
                                prompt's */

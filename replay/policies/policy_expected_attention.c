@@ -422,7 +422,7 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .summary = "kvpress ExpectedAttention: attention expected from the queries' mean and "
                "covariance at future positions, times ||v||",
     .keys = "window,heads,sinks,future,cov,vnorm,epsilon,stats,adaptive,alpha,normalize,alloc,"
-            "skip,critical,first,ceps",
+            "skip,critical,first,ceps,dms,dms_window",
     .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_NEEDS_ROPE,
     .defaults = d_ea,
     .init = init_ea,

@@ -135,7 +135,8 @@ const kvt_policy_def kvt_policy_def_external = {
     .summary = "your own per-token scores: keeps each head's highest (scores=FILE.npy, "
                "[layers, heads, tokens], or scores=DIR of NAME.npy per trace NAME.kvt; "
                "adaptive=1: AdaKV's head budgets from them)",
-    .keys = "window,heads,scores,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "window,heads,scores,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,"
+            "dms_window",
     .defaults = d_external,
     .init = init_external,
     .fini = kvt_policy_fini_npy,

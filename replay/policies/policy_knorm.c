@@ -42,7 +42,7 @@ static kvt_status chunk_knorm(kvt_layer_ctx *c, const kvt_policy *p, int C, cons
 const kvt_policy_def kvt_policy_def_knorm = {
     .name = "knorm",
     .summary = "KNorm: smallest key L2 norms",
-    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,dms_window",
     .defaults = d_knorm,
     .select = sel_knorm,
     .chunk_rank = chunk_knorm,

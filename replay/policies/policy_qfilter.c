@@ -313,7 +313,8 @@ const kvt_policy_def kvt_policy_def_qfilter = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress QFilterPress: keys scored -<f, k> against each KV head's Q-filter f "
                "(filters=FILE.npy [layers, KV heads, D], or calibrated on the window queries)",
-    .keys = "window,heads,filters,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "window,heads,filters,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,"
+            "dms_window",
     .defaults = d_qfilter,
     .init = init_qfilter,
     .fini = kvt_policy_fini_npy,

@@ -81,6 +81,9 @@
 #                                reader (f64/f32/f16/bf16, a hub folder; qfilter's q_filters),
 #                                kvtrace.ea_stats against a full-matrix RoPE undo, and malformed
 #                                files refused
+#   test_dms                     dms=THRESHOLD (kvpress's DMSPress at prefill) over knorm,
+#                                keydiff, qfilter, expected-attention and external against NumPy,
+#                                capped at the budget, and refusals
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -95,7 +98,8 @@ if(KVT_SYS_PYTHON)
               test_duo_simlayer test_merge test_finch test_cam test_elastic_cache
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
               test_h2o_greedy test_h2o_greedy_hand test_think test_aircache
-              test_layer_weights test_chunk_length test_chunk_scores test_ea_stats)
+              test_layer_weights test_chunk_length test_chunk_scores test_ea_stats
+              test_dms)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)
