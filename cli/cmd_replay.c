@@ -509,7 +509,7 @@ static void list_policies(void)
            "ChunkPress does. knorm, keydiff, qfilter, expected-attention and external take\n"
            "dms=THRESHOLD: kvpress's DMSPress, each head keeping the last dms_window (128)\n"
            "tokens and the earlier ones scoring at least the threshold, at most the budget\n"
-           "(--budgets 100%: DMSPress itself).\n");
+           "(--budgets 100%%: DMSPress itself).\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)
