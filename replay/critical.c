@@ -168,7 +168,7 @@ static kvt_status sel_dms(kvt_layer_ctx *c, const kvt_policy *p, const double *s
         double *xh = x + (size_t)h * P;
         keep[h] = T - Pd; /* the DMS window (and the policy's) */
         for (int j = 0; j < P && !st; j++) {
-            if (isnan(sh[j]))
+            if (j < Pd && isnan(sh[j])) /* (the DMS window's scores are not looked at) */
                 st = kvt_error_set(KVT_ERR_NAN,
                                    "%s: dms=: NaN score at layer %d, head %d, token %d "
                                    "(DMSPress would keep it)",
