@@ -37,19 +37,30 @@ static const char *dict_value(const char *hdr, const char *key)
     return p;
 }
 
+kvt_status kvt_fopen_sized(const char *path, FILE **f, uint64_t *size)
+{
+    *f = kvt_fopen_regular(path);
+    KVT_RETURN_IF(!*f, KVT_ERR_IO, "%s", kvt_open_error(path));
+    struct stat sb;
+    if (fstat(fileno(*f), &sb) != 0) {
+        kvt_status st = kvt_error_set(KVT_ERR_IO, "%s: %s", path, strerror(errno));
+        fclose(*f);
+        *f = NULL;
+        return st;
+    }
+    *size = (uint64_t)sb.st_size;
+    return KVT_OK;
+}
+
 kvt_status kvt_read_npy(const char *path, kvt_npy *out)
 {
     memset(out, 0, sizeof(*out));
     kvt_status st = KVT_OK;
     char *hdr = NULL;
-    FILE *f = kvt_fopen_regular(path);
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
-    struct stat sb;
+    FILE *f;
+    uint64_t size;
+    KVT_FORWARD(kvt_fopen_sized(path, &f, &size));
     unsigned char pre[12];
-    if (fstat(fileno(f), &sb) != 0) {
-        st = kvt_error_set(KVT_ERR_IO, "%s: %s", path, strerror(errno));
-        goto out;
-    }
     if (fread(pre, 1, 10, f) != 10 || memcmp(pre, "\x93NUMPY", 6) != 0) {
         st = kvt_error_set(KVT_ERR_CORRUPT, "%s is not a NumPy .npy file (np.save writes one)",
                            path);
@@ -74,7 +85,7 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out)
                            path, major, pre[7]);
         goto out;
     }
-    if (hlen > NPY_MAX_HEADER || (uint64_t)off + hlen > (uint64_t)sb.st_size) {
+    if (hlen > NPY_MAX_HEADER || (uint64_t)off + hlen > size) {
         st = kvt_error_set(KVT_ERR_CORRUPT, "%s: the .npy header is cut short or too long", path);
         goto out;
     }
@@ -162,7 +173,7 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out)
             goto out;
         }
     }
-    uint64_t bytes, have = (uint64_t)sb.st_size - (uint64_t)off - hlen;
+    uint64_t bytes, have = size - (uint64_t)off - hlen;
     if (__builtin_mul_overflow(n, (uint64_t)out->elem, &bytes) || bytes > SIZE_MAX) {
         st = kvt_error_set(KVT_ERR_CORRUPT, "%s: shape %.*s is too large", path, shape_len, shape);
         goto out;

@@ -724,6 +724,9 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out);
 /** Element i as a double. */
 double kvt_npy_at(const kvt_npy *a, size_t i);
 void kvt_npy_free(kvt_npy *a);
+/** PATH opened for reading (kvt_fopen_regular) into *f, its size in bytes into *size;
+ *  KVT_ERR_IO with the message otherwise (*f NULL). */
+kvt_status kvt_fopen_sized(const char *path, FILE **f, uint64_t *size);
 /** Tensor `name` of the safetensors file PATH (safetensors.c; F64, F32, F16 or BF16).
  *  KVT_ERR_IO (cannot open), KVT_ERR_CORRUPT (not safetensors, cut short, offsets off the
  *  shape), KVT_ERR_NOT_FOUND (no such tensor: the message lists those it holds),

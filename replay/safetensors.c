@@ -64,14 +64,10 @@ kvt_status kvt_read_safetensors(const char *path, const char *name, kvt_npy *out
     kvt_status st = KVT_OK;
     char *hdr = NULL;
     cJSON *root = NULL;
-    FILE *f = kvt_fopen_regular(path);
-    KVT_RETURN_IF(!f, KVT_ERR_IO, "%s", kvt_open_error(path));
-    struct stat sb;
+    FILE *f;
+    uint64_t size;
+    KVT_FORWARD(kvt_fopen_sized(path, &f, &size));
     unsigned char pre[8];
-    if (fstat(fileno(f), &sb) != 0) {
-        st = kvt_error_set(KVT_ERR_IO, "%s: %s", path, strerror(errno));
-        goto out;
-    }
     if (fread(pre, 1, 8, f) != 8) {
         st = kvt_error_set(KVT_ERR_CORRUPT, "%s is not a safetensors file (shorter than 8 bytes)",
                            path);
@@ -80,7 +76,6 @@ kvt_status kvt_read_safetensors(const char *path, const char *name, kvt_npy *out
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
         hlen = hlen << 8 | pre[i];
-    const uint64_t size = (uint64_t)sb.st_size;
     if (hlen < 2 || hlen > ST_MAX_HEADER || hlen > size - 8) {
         st = kvt_error_set(KVT_ERR_CORRUPT,
                            "%s is not a safetensors file, or is cut short (header length %llu, "
