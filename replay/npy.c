@@ -52,6 +52,17 @@ kvt_status kvt_fopen_sized(const char *path, FILE **f, uint64_t *size)
     return KVT_OK;
 }
 
+kvt_status kvt_npy_read_data(kvt_npy *out, uint64_t n, uint64_t bytes, FILE *f, const char *path)
+{
+    out->n = (size_t)n;
+    out->data = kvt_malloc(bytes ? (size_t)bytes : 1);
+    KVT_RETURN_IF(!out->data, KVT_ERR_NOMEM, "out of memory reading %s (%llu bytes)", path,
+                  (unsigned long long)bytes);
+    KVT_RETURN_IF(fread(out->data, 1, (size_t)bytes, f) != bytes, KVT_ERR_IO, "%s: read failed",
+                  path);
+    return KVT_OK;
+}
+
 kvt_status kvt_read_npy(const char *path, kvt_npy *out)
 {
     memset(out, 0, sizeof(*out));
@@ -185,15 +196,7 @@ kvt_status kvt_read_npy(const char *path, kvt_npy *out)
                            have < bytes ? " (cut short?)" : "");
         goto out;
     }
-    out->n = (size_t)n;
-    out->data = kvt_malloc(bytes ? (size_t)bytes : 1);
-    if (!out->data) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s (%llu bytes)", path,
-                           (unsigned long long)bytes);
-        goto out;
-    }
-    if (fread(out->data, 1, (size_t)bytes, f) != bytes)
-        st = kvt_error_set(KVT_ERR_IO, "%s: read failed", path);
+    st = kvt_npy_read_data(out, n, bytes, f, path);
 out:
     kvt_free(hdr);
     fclose(f);

@@ -727,6 +727,9 @@ void kvt_npy_free(kvt_npy *a);
 /** PATH opened for reading (kvt_fopen_regular) into *f, its size in bytes into *size;
  *  KVT_ERR_IO with the message otherwise (*f NULL). */
 kvt_status kvt_fopen_sized(const char *path, FILE **f, uint64_t *size);
+/** out's n elements (bytes bytes) read from f's position into new memory (out->data, out->n);
+ *  KVT_ERR_NOMEM or KVT_ERR_IO naming PATH otherwise. */
+kvt_status kvt_npy_read_data(kvt_npy *out, uint64_t n, uint64_t bytes, FILE *f, const char *path);
 /** Tensor `name` of the safetensors file PATH (safetensors.c; F64, F32, F16 or BF16).
  *  KVT_ERR_IO (cannot open), KVT_ERR_CORRUPT (not safetensors, cut short, offsets off the
  *  shape), KVT_ERR_NOT_FOUND (no such tensor: the message lists those it holds),

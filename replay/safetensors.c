@@ -151,16 +151,10 @@ kvt_status kvt_read_safetensors(const char *path, const char *name, kvt_npy *out
                            path, name, d);
         goto out;
     }
-    out->n = (size_t)n;
-    out->data = kvt_malloc(bytes ? (size_t)bytes : 1);
-    if (!out->data) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory reading %s (%llu bytes)", path,
-                           (unsigned long long)bytes);
-        goto out;
-    }
-    if (fseeko(f, (off_t)(8 + hlen + b0), SEEK_SET) != 0 ||
-        fread(out->data, 1, (size_t)bytes, f) != bytes)
+    if (fseeko(f, (off_t)(8 + hlen + b0), SEEK_SET) != 0)
         st = kvt_error_set(KVT_ERR_IO, "%s: read failed", path);
+    else
+        st = kvt_npy_read_data(out, n, bytes, f, path);
 out:
     cJSON_Delete(root);
     kvt_free(hdr);
