@@ -7,10 +7,8 @@
  * the named tensor's bytes are read.
  */
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "replay_internal.h"
 
