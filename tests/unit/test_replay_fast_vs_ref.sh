@@ -91,16 +91,26 @@ $BIN synth --shape tiny-vl --tokens 700 --decode 8 --seed 3 -o "$TMP/vl.kvt" >/d
 # h2o from Q_all (no stored column sums): the replay computes the sums itself
 $BIN synth --shape tiny --tokens 300 --decode 4 --seed 5 --q-all --colsum off --dtype f16 \
     -o "$TMP/qa.kvt" >/dev/null 2>&1 || fail "synth q-all"
-# expected-attention:stats= (kvpress's ExpectedAttentionStatsPress): statistics calibrated on
-# that trace by kvtrace.ea_stats (where the interpreter has NumPy)
-STATS=""
-if "$PY" -c "import numpy" 2>/dev/null; then
-    PYTHONPATH="$ROOT/python" "$PY" -c 'import sys, kvtrace
-mu, cov = kvtrace.ea_stats(sys.argv[1])
-kvtrace.save_safetensors(sys.argv[2], {"query_mean": mu, "query_cov": cov})' \
-        "$TMP/qa.kvt" "$TMP/st.safetensors" || fail "kvtrace.ea_stats"
-    STATS=",expected-attention:stats=$TMP/st.safetensors,expected-attention:stats=$TMP/st.safetensors,heads=query,chunk_length=64,chunk_scores=kvpress"
-fi
+# expected-attention:stats= (kvpress's ExpectedAttentionStatsPress): statistics of that trace's
+# shape written by plain Python (no library in the interpreter: under ASan it cannot load one)
+read -r SL SH SD < <($BIN info "$TMP/qa.kvt" |
+    sed -n 's/^shape *L=\([0-9]*\) Hq=\([0-9]*\) Hkv=[0-9]* *D=\([0-9]*\).*/\1 \2 \3/p')
+"$PY" - "$TMP/st.safetensors" "$SL" "$SH" "$SD" <<'PYEOF' || fail "stats file"
+import json, random, struct, sys
+L, H, D = map(int, sys.argv[2:5])
+rnd = random.Random(7)
+mean = [rnd.gauss(0, 1) for _ in range(L * H * D)]
+cov = []
+for _ in range(L * H):  # A A^T / D: symmetric, positive semi-definite
+    A = [[rnd.gauss(0, 1) for _ in range(D)] for _ in range(D)]
+    cov += [sum(A[i][k] * A[j][k] for k in range(D)) / D for i in range(D) for j in range(D)]
+m, c = struct.pack("<%dd" % len(mean), *mean), struct.pack("<%dd" % len(cov), *cov)
+hdr = json.dumps({"query_mean": {"dtype": "F64", "shape": [L, H, D], "data_offsets": [0, len(m)]},
+                  "query_cov": {"dtype": "F64", "shape": [L, H, D, D],
+                                "data_offsets": [len(m), len(m) + len(c)]}}).encode()
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(hdr)) + hdr + m + c)
+PYEOF
+STATS=",expected-attention:stats=$TMP/st.safetensors,expected-attention:stats=$TMP/st.safetensors,heads=query,chunk_length=64,chunk_scores=kvpress"
 # a prompt long enough (over 4096 ranked tokens) for the GPU's rankings (kvt_ctx_gpu_rank)
 $BIN synth --shape tiny --tokens 4300 --decode 4 --seed 9 -o "$TMP/long.kvt" >/dev/null 2>&1 \
     || fail "synth long"
