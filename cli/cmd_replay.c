@@ -506,8 +506,9 @@ static void list_policies(void)
            "lagkv, cur, streamingllm, knorm and vnorm score each chunk as a prompt of its own\n"
            "(snapkv, tova, expected-attention, compactor from its queries: Q_all);\n"
            "chunk_scores=kvpress turns those queries, or the future positions, as kvpress's\n"
-           "ChunkPress does. knorm, keydiff, qfilter, expected-attention and external take\n"
-           "dms=THRESHOLD: kvpress's DMSPress, each head keeping the last dms_window (128)\n"
+           "ChunkPress does. knorm, keydiff, qfilter, expected-attention, snapkv, lagkv, cur,\n"
+           "leverage, noncausal-attention and external take dms=THRESHOLD: kvpress's\n"
+           "DMSPress, each head keeping the last dms_window (128)\n"
            "tokens and the earlier ones scoring at least the threshold, at most the budget\n"
            "(--budgets 100%%: DMSPress itself).\n");
 }

@@ -129,7 +129,8 @@ const kvt_policy_def kvt_policy_def_cur = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress CURPress (CurDKV): leverage from squared key and value norms, "
                "normalised in local blocks",
-    .keys = "heads,sinks,leverage,local,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "heads,sinks,leverage,local,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,"
+            "dms,dms_window",
     .defaults = d_cur,
     .select = sel_cur,
     .chunk_rank = chunk_cur,

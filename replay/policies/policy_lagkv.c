@@ -185,7 +185,8 @@ const kvt_policy_def kvt_policy_def_lagkv = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress LagKV: each partition scored against the next by its keys' and values' "
                "spread",
-    .keys = "heads,sinks,lag,cross,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "heads,sinks,lag,cross,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,"
+            "dms_window",
     .defaults = d_lag,
     .select = sel_lag,
     .chunk_rank = chunk_lag,

@@ -214,7 +214,8 @@ const kvt_policy_def kvt_policy_def_leverage = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress LeverageScorePress (Compactor): each pre-RoPE key's statistical leverage "
                "among its KV head's keys, through a Gaussian sketch",
-    .keys = "window,heads,sketch,seed,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "window,heads,sketch,seed,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,"
+            "dms,dms_window",
     .flags = KVT_POLICY_NEEDS_ROPE,
     .defaults = d_lev,
     .select = sel_lev,

@@ -120,6 +120,9 @@ static kvt_status sel_nca(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     KVT_RETURN_IF(!sc, KVT_ERR_NOMEM, "noncausal-attention: out of memory");
     const kvt_nca_range rg = {0, T, 0, sc};
     kvt_status st = kvt_nca_scores(c, "noncausal-attention", o->per_query, o->chunk, &rg, 1, NULL);
+    if (!st && !isnan(o->dms)) /* kvpress's z-scores, which a DMS threshold reads (a ranking,
+                                  AdaKV's alloc=b and CriticalKV's orders do not change) */
+        kvt_znorm(sc, (size_t)H * T);
     for (int h = 0; h < H && !st; h++) /* the prefix's scores, packed [H', P] */
         memmove(sc + (size_t)h * P, sc + (size_t)h * T, (size_t)P * sizeof(double));
     if (!st)
@@ -133,7 +136,8 @@ const kvt_policy_def kvt_policy_def_noncausal_attention = {
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress NonCausalAttn (Compactor): attention inside chunks of the prompt, no "
                "causal mask, times ||v||",
-    .keys = "window,heads,chunk,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "window,heads,chunk,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,"
+            "dms_window",
     .flags = KVT_POLICY_NEEDS_QALL,
     .defaults = d_nca,
     .select = sel_nca,

@@ -1,10 +1,13 @@
 #!/usr/bin/python3
 """test_dms.py - dms=THRESHOLD (kvpress's DMSPress, dms_press.py @36385e2, at prefill: the
 tokens before the last sliding_window_size whose press score is below the threshold are
-evicted, per KV head) over knorm, keydiff, qfilter, expected-attention and external, against
-NumPy written from DMSPress over KnormPress (-||k||), KeyDiffPress (-cos(k, the mean unit key)),
-QFilterPress (-<f, k>), ExpectedAttentionPress (test_expected_attention_synth's scores, the
-sinks kept) and given scores.
+evicted, per KV head) over knorm, keydiff, qfilter, expected-attention, external, snapkv,
+lagkv, cur, leverage and noncausal-attention, against NumPy written from DMSPress over
+KnormPress (-||k||), KeyDiffPress (-cos(k, the mean unit key)), QFilterPress (-<f, k>),
+ExpectedAttentionPress (test_expected_attention_synth's scores, the sinks kept), given scores,
+SnapKVPress (the window queries' mean attention, avg-pooled, GQA mean), LagKVPress and
+CURPress (test_lagkv's and test_cur's scores), LeverageScorePress (exact, z-scored) and
+NonCausalAttnPress (test_noncausal_attention's z-scores).
 
 At a budget of the whole prompt (100%) the kept set must be DMSPress's: the last
 max(dms_window, window) tokens and every earlier token scoring >= the threshold. Below, kvtrace
@@ -25,7 +28,12 @@ from cli_test import (check, check_sets, finish, need_library, refused,  # noqa:
                       replay_export, run, score_traces)  # (77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
 from test_chunk_length import shares_by_tokens  # noqa: E402
+from test_chunk_scores import Layer, avg_pool  # noqa: E402
+from test_compactor import leverage, pre_rope_keys, znorm  # noqa: E402
+from test_cur import cur_scores  # noqa: E402
 from test_expected_attention_synth import scores as ea_scores  # noqa: E402
+from test_lagkv import lag_scores  # noqa: E402
+from test_noncausal_attention import scores as nca_scores  # noqa: E402
 
 kvtrace = need_library()
 
@@ -43,6 +51,34 @@ def kv_scores(t, kind, filters=None):
             out[layer] = -np.einsum("gtd,gd->gt", ku, m) / np.linalg.norm(m, axis=-1)[:, None]
         else:
             out[layer] = -np.einsum("gtd,gd->gt", K, filters[layer])
+    return out
+
+
+def more_scores(t, kind, W=8, kernel=5):
+    """{layer: [Hkv, T]} kvpress's SnapKVPress (window W, the prefix's; the rest 0), LagKVPress
+    (lag 8), CURPress, LeverageScorePress (exact) or NonCausalAttnPress scores."""
+    out = {}
+    T = t.header["n_tokens"]
+    for layer in t.layers():
+        K = t.read("K", layer, dtype="float32").astype(np.float64)
+        V = t.read("V", layer, dtype="float32").astype(np.float64)
+        Hkv = K.shape[0]
+        if kind == "snapkv":
+            L = Layer(t, layer, False)
+            pooled = np.array([avg_pool(x, kernel) for x in L.window_attn(0, T, W)])
+            x = np.zeros((Hkv, T))
+            x[:, :T - W] = pooled.reshape(Hkv, L.G, T - W).mean(axis=1)
+        elif kind == "lagkv":
+            x = np.array([lag_scores(K[g], V[g], 4, 8, False) for g in range(Hkv)])
+        elif kind == "cur":
+            x = np.array([cur_scores(K[g], V[g], 4, "kv_product", 16) for g in range(Hkv)])
+            x = np.where(np.isnan(x), np.inf, x)
+        elif kind == "leverage":
+            x = znorm(leverage(pre_rope_keys(t, K), layer, 0, 0))
+        else:
+            Q = t.read("Q_all", layer, dtype="float32").astype(np.float64)
+            x = nca_scores(Q, K, V, 256, False)
+        out[layer] = x
     return out
 
 
@@ -120,6 +156,15 @@ def main():
             tau = threshold(sc, 0, 100)
             compare(name, path, "external:scores=%s,dms=%.17g,dms_window=100" % (epath, tau),
                     budgets, work, sc, 0, 100, tau)
+            for kind, spec, W in (("snapkv", "snapkv:window=8,kernel=5,dms_window=24", 8),
+                                  ("lagkv", "lagkv:lag=8,dms_window=32", 0),
+                                  ("cur", "cur", 0), ("leverage", "leverage:sketch=0", 0),
+                                  ("noncausal-attention", "noncausal-attention", 0)):
+                sc = more_scores(t, kind)
+                Wd = 24 if kind == "snapkv" else 32 if kind == "lagkv" else 128
+                tau = threshold(sc, W, Wd)
+                compare(name, path, "%s,dms=%.17g" % (spec, tau) if ":" in spec else
+                        "%s:dms=%.17g" % (spec, tau), budgets, work, sc, W, Wd, tau)
         if name == "llama3-8b":  # expected-attention (1-D RoPE, half pairs, synth)
             sc, _ = ea_scores(path)
             tau = threshold(sc, 0, 64)
@@ -143,7 +188,7 @@ def main():
             "knorm: dms= keeps each head's tokens above a threshold, and adaptive= shares the "
             "budget its own way (give one of them)")
     refused(R + ["knorm:dms=-1,chunk_length=32"], "and chunk_length= shares the budget")
-    refused(R + ["snapkv:dms=0.1"], "snapkv: unknown option 'dms'")
+    refused(R + ["streamingllm:dms=0.1"], "streamingllm: unknown option 'dms'")
     refused(R + ["knorm:dms=nan"], "knorm: dms=nan: expected a number")
     finish("test_dms", work)
 
