@@ -238,11 +238,11 @@ kvt_status kvt_array_load(const char *policy, const char *path, const char *tens
     char file[4096];
     const char *from = path;
     kvt_status st = KVT_OK;
-    if (tensor && kvt_is_dir(path)) { /* a hub checkpoint's folder */
-        int n = snprintf(file, sizeof(file), "%s/model.safetensors", path);
-        if (n < 0 || (size_t)n >= sizeof(file))
+    if (tensor) {
+        if (kvt_safetensors_file(path, file, sizeof(file)))
+            from = file;
+        else
             st = kvt_error_set(KVT_ERR_INVALID_ARG, "%s: path too long", path);
-        from = file;
     }
     if (!st)
         st = tensor && kvt_is_safetensors(from) ? kvt_read_safetensors(from, tensor, a)
@@ -256,6 +256,13 @@ kvt_status kvt_array_load(const char *policy, const char *path, const char *tens
     }
     *out = a;
     return KVT_OK;
+}
+
+bool kvt_safetensors_file(const char *path, char *buf, size_t cap)
+{
+    int n = kvt_is_dir(path) ? snprintf(buf, cap, "%s/model.safetensors", path) /* hub folder */
+                             : snprintf(buf, cap, "%s", path);
+    return n >= 0 && (size_t)n < cap;
 }
 
 kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, const char *hint,

@@ -737,6 +737,9 @@ kvt_status kvt_npy_read_data(kvt_npy *out, uint64_t n, uint64_t bytes, FILE *f, 
 kvt_status kvt_read_safetensors(const char *path, const char *name, kvt_npy *out);
 /** PATH is a regular file that starts as a safetensors file does (a header length, then '{'). */
 bool kvt_is_safetensors(const char *path);
+/** Into buf[cap] the file a safetensors PATH names: PATH/model.safetensors for a folder (a hub
+ *  checkpoint as downloaded), else PATH; false when it does not fit. */
+bool kvt_safetensors_file(const char *path, char *buf, size_t cap);
 /** A new array read from PATH (kvt_read_npy), which must have 3 dimensions (`dims` names them
  *  in the error); an error reads "POLICY: what went wrong" followed by `hint`. */
 kvt_status kvt_npy_load(const char *policy, const char *path, const char *dims, const char *hint,

@@ -54,15 +54,12 @@ static kvt_status init_ea(kvt_policy *p)
     const char *f = p->o.stats;
     if (!f)
         return KVT_OK;
-    char model[4096];
-    int len = snprintf(model, sizeof(model), "%s/model.safetensors", f);
-    KVT_RETURN_IF(
-        !kvt_is_safetensors(f) &&
-            !(kvt_is_dir(f) && len > 0 && (size_t)len < sizeof(model) && kvt_is_safetensors(model)),
-        KVT_ERR_INVALID_ARG,
-        "expected-attention: stats=%s is not a safetensors file, nor a folder holding "
-        "model.safetensors (kvpress's ExpectedAttentionStats, as saved on the hub)",
-        f);
+    char file[4096];
+    KVT_RETURN_IF(!kvt_safetensors_file(f, file, sizeof(file)) || !kvt_is_safetensors(file),
+                  KVT_ERR_INVALID_ARG,
+                  "expected-attention: stats=%s is not a safetensors file, nor a folder holding "
+                  "model.safetensors (kvpress's ExpectedAttentionStats, as saved on the hub)",
+                  f);
     ea_stats *s = kvt_calloc(1, sizeof(*s));
     KVT_RETURN_IF(!s, KVT_ERR_NOMEM, "expected-attention: out of memory");
     p->state = s;

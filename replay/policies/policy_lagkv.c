@@ -131,27 +131,30 @@ static void lag_scores(const kvt_layer_ctx *c, const kvt_policy_opts *o, int g, 
     }
 }
 
+/* sc [Hkv, T]: each KV head's LagKV scores of every chunk of C tokens from token 0 scored as a
+ * prompt of its own (C >= T: the whole prompt) */
+static kvt_status lag_chunks(kvt_layer_ctx *c, const kvt_policy_opts *o, int C, double *sc)
+{
+    const int T = c->T;
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    lag_work w;
+    KVT_FORWARD(lag_work_init(&w, o->lag, c->D));
+    for (int g = 0; g < c->Hkv; g++) /* per KV head; heads=query takes its KV head's */
+        for (int a = 0; a < T; a += C)
+            lag_scores(c, o, g, a, T - a < C ? T - a : C, &w, sc + (size_t)g * T + a);
+    lag_work_free(&w);
+    return KVT_OK;
+}
+
 static kvt_status sel_lag(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                           kvt_layer_selection *sel)
 {
-    const kvt_policy_opts *o = &p->o;
-    const int T = c->T, H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
-    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, 0, n_b, true));
-    lag_work w;
-    KVT_FORWARD(lag_work_init(&w, o->lag, c->D));
-    double *sc = kvt_malloc(((size_t)H * T + 1) * sizeof(double));
-    kvt_status st = KVT_OK;
-    if (!sc) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "lagkv: out of memory");
-        goto out;
-    }
-    for (int h = 0; h < H; h++)
-        lag_scores(c, o, kvt_ctx_kv_of(c, o->per_query, h), 0, T, &w, sc + (size_t)h * T);
-    st = kvt_sel_rank_counts(c, p, sc, 0, B, n_b, sel);
-out:
+    double *sc = kvt_malloc(((size_t)c->Hkv * c->T + 1) * sizeof(double));
+    KVT_RETURN_IF(!sc, KVT_ERR_NOMEM, "lagkv: out of memory");
+    kvt_status st = lag_chunks(c, &p->o, c->T, sc);
+    if (!st)
+        st = kvt_rank_by_kv_array(c, p, sc, 1.0, B, n_b, sel); /* window 0 */
     kvt_free(sc);
-    lag_work_free(&w);
     return st;
 }
 
@@ -160,23 +163,12 @@ out:
 static kvt_status chunk_lag(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
-    const int T = c->T, Hkv = c->Hkv;
-    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
-    lag_work w;
-    KVT_FORWARD(lag_work_init(&w, p->o.lag, c->D));
-    double *sc = kvt_malloc(((size_t)Hkv * T + 1) * sizeof(double));
-    kvt_status st = KVT_OK;
-    if (!sc) {
-        st = kvt_error_set(KVT_ERR_NOMEM, "lagkv: out of memory");
-        goto out;
-    }
-    for (int g = 0; g < Hkv; g++)
-        for (int a = 0; a < T; a += C)
-            lag_scores(c, &p->o, g, a, T - a < C ? T - a : C, &w, sc + (size_t)g * T + a);
-    st = kvt_chunk_rank_kv_array(c, p, sc, 1.0, C, n_b, sel);
-out:
+    double *sc = kvt_malloc(((size_t)c->Hkv * c->T + 1) * sizeof(double));
+    KVT_RETURN_IF(!sc, KVT_ERR_NOMEM, "lagkv: out of memory");
+    kvt_status st = lag_chunks(c, &p->o, C, sc);
+    if (!st)
+        st = kvt_chunk_rank_kv_array(c, p, sc, 1.0, C, n_b, sel);
     kvt_free(sc);
-    lag_work_free(&w);
     return st;
 }
 

@@ -160,26 +160,14 @@ static void d_lev(kvt_policy_opts *o)
 static kvt_status sel_lev(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                           kvt_layer_selection *sel)
 {
-    const kvt_policy_opts *o = &p->o;
-    const int T = c->T, W = o->window < T ? o->window : T, P = T - W, Hkv = c->Hkv;
-    const int H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
-    double *l = kvt_malloc(((size_t)Hkv * T + 1) * sizeof(double));
-    double *sc = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
-    kvt_status st = KVT_OK;
-    if (!l || !sc)
-        st = kvt_error_set(KVT_ERR_NOMEM, "leverage: out of memory");
-    if (!st)
-        st = kvt_leverage_scores(c, "leverage", o->sketch, o->seed, 0, T, l);
+    double *l = kvt_malloc(((size_t)c->Hkv * c->T + 1) * sizeof(double));
+    KVT_RETURN_IF(!l, KVT_ERR_NOMEM, "leverage: out of memory");
+    kvt_status st = kvt_leverage_scores(c, "leverage", p->o.sketch, p->o.seed, 0, c->T, l);
     if (!st) {
-        kvt_znorm(l, (size_t)Hkv * T);
-        for (int h = 0; h < H; h++)
-            memcpy(sc + (size_t)h * P, l + (size_t)kvt_ctx_kv_of(c, o->per_query, h) * T,
-                   (size_t)P * sizeof(double));
-        st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
+        kvt_znorm(l, (size_t)c->Hkv * c->T);
+        st = kvt_rank_by_kv_array(c, p, l, 1.0, B, n_b, sel);
     }
     kvt_free(l);
-    kvt_free(sc);
     return st;
 }
 
