@@ -44,7 +44,8 @@ static void help(void)
            "budget (as `kvtrace replay`), then the model runs the trace's\n"
            "G decode steps again, fed the same tokens, with every layer and head attending\n"
            "only to the prompt tokens the policy kept (and to the decode tokens; a per-step\n"
-           "policy's set of that step). Per (policy, budget): the mean and largest KL\n"
+           "policy's set of that step; a decoding= policy's cache of that step, decode\n"
+           "tokens too). Per (policy, budget): the mean and largest KL\n"
            "divergence of the next-token distribution from the uncompressed run (nats),\n"
            "top-1 agreement, the reference token's mean log-loss, beside the replay's\n"
            "proxies; and Spearman's rho between each proxy and the KL over all settings.\n"
@@ -75,7 +76,8 @@ typedef struct masks {
     int L, Hq, Hkv, T, G, D;
     size_t n_pol, n_b;
     kvt_policy *const *pols;
-    uint8_t **keep;   /* [n_pol * n_b]: [L, Hq, T], or [G, L, Hq, T] for a per-step policy */
+    uint8_t **keep;   /* [n_pol * n_b]: [L, Hq, T], or [G, L, Hq, T] for a per-step policy
+                         ([G, L, Hq, T + G] for one that evicts decode tokens: row_width) */
     uint8_t **mflag;  /* [n_pol * n_b]: a merged policy's [L, Hq, T], 1 where the entry query
                          head h sees is merged; NULL for the others */
     float **mk, **mv; /* [n_pol * n_b]: with mflag: [L, Hq, T, D] the merged keys and values */
@@ -102,20 +104,28 @@ static void put_merged(const masks *m, int layer, const kvt_selection_rec *r)
     }
 }
 
+/* a mask row's positions: the prompt's T, or T + G for a policy whose caches hold decode
+   tokens (decoding=: step s's row holds the entries, prompt and decode tokens, it sees) */
+static int row_width(const masks *m, size_t policy)
+{
+    return (kvt_policy_flags(m->pols[policy]) & KVT_POLICY_DECODE_EVICT) ? m->T + m->G : m->T;
+}
+
 /* the mask rows of record r at decode step `step` (-1: a fixed set's, at every step) */
 static kvt_status put_rows(const masks *m, int layer, const kvt_selection_rec *r, int step)
 {
     const bool per_q = kvt_policy_per_query_head(m->pols[r->policy]);
-    const int group = m->Hq / m->Hkv;
+    const int group = m->Hq / m->Hkv, rw = row_width(m, (size_t)r->policy);
     const int h0 = per_q ? r->head : r->head * group, nh = per_q ? 1 : group;
     uint8_t *row = m->keep[(size_t)r->policy * m->n_b + (size_t)r->budget] +
-                   (step > 0 ? (size_t)step * m->L * m->Hq * m->T : 0) +
-                   ((size_t)layer * m->Hq + (size_t)h0) * m->T;
+                   (step > 0 ? (size_t)step * m->L * m->Hq * rw : 0) +
+                   ((size_t)layer * m->Hq + (size_t)h0) * rw;
     for (size_t j = 0; j < r->n; j++) {
-        KVT_RETURN_IF(r->idx[j] < 0 || r->idx[j] >= m->T, KVT_ERR_STATE,
-                      "layer %d: kept index %d outside the prompt", layer, (int)r->idx[j]);
+        KVT_RETURN_IF(r->idx[j] < 0 || r->idx[j] >= rw, KVT_ERR_STATE,
+                      "layer %d: kept index %d outside the %s", layer, (int)r->idx[j],
+                      rw > m->T ? "prompt and decode tokens" : "prompt");
         for (int h = 0; h < nh; h++)
-            row[(size_t)h * m->T + (size_t)r->idx[j]] = 1;
+            row[(size_t)h * rw + (size_t)r->idx[j]] = 1;
     }
     return KVT_OK;
 }
@@ -246,21 +256,29 @@ typedef struct decode_job {
     char msg[512];
 } decode_job;
 
-static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c)
+static kvt_status decode_steps(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c,
+                               const uint8_t *keep, bool per_step, int rw, size_t plane,
+                               uint8_t *cut)
 {
     const masks *mk = j->mk;
-    const uint8_t *keep = mk->keep[i];
     e2e_run *r = &j->runs[i];
     const int T = j->T, V = j->V;
-    const bool per_step = kvt_policy_flags(mk->pols[i / mk->n_b]) & KVT_POLICY_PER_STEP;
-    const size_t plane = (size_t)mk->L * mk->Hq * T;
+    const size_t rows = (size_t)mk->L * mk->Hq;
     KVT_FORWARD(kvt_llama2c_state_rewind(s, (uint32_t)T));
     /* a merged policy's entries in place of the prompt's (a policy that merges none: cleared) */
     KVT_FORWARD(kvt_llama2c_state_set_merged(s, mk->mflag[i], mk->mk[i], mk->mv[i],
                                              mk->mflag[i] ? (uint32_t)T : 0));
     for (uint32_t g = 0; g < j->G; g++) {
         const float *lg;
-        KVT_FORWARD(kvt_llama2c_state_set_mask(s, keep + (per_step ? g * plane : 0), (uint32_t)T));
+        const uint8_t *km = keep + (per_step ? g * plane : 0);
+        uint32_t n_masked = (uint32_t)T;
+        if (cut) { /* the positions before step g's token: it always sees itself */
+            n_masked = (uint32_t)T + g;
+            for (size_t x = 0; x < rows; x++)
+                memcpy(cut + x * n_masked, km + x * (size_t)rw, n_masked);
+            km = cut;
+        }
+        KVT_FORWARD(kvt_llama2c_state_set_mask(s, km, n_masked));
         KVT_FORWARD(kvt_llama2c_forward(s, j->ids[T + g], &lg));
         const double *lp_f = j->lp_full + (size_t)g * V;
         log_softmax(lg, V, lp_c);
@@ -278,6 +296,22 @@ static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, doub
     r->kl_mean /= j->G, r->top1 /= j->G, r->nll /= j->G;
     r->applied = true;
     return KVT_OK;
+}
+
+static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c)
+{
+    const masks *mk = j->mk;
+    const uint8_t *keep = mk->keep[i];
+    const int T = j->T;
+    const bool per_step = kvt_policy_flags(mk->pols[i / mk->n_b]) & KVT_POLICY_PER_STEP;
+    const int rw = row_width(mk, i / mk->n_b);
+    const size_t rows = (size_t)mk->L * mk->Hq, plane = rows * rw;
+    /* decoding=: step g's rows cut to the T + g positions before its own token */
+    uint8_t *cut = rw > T ? kvt_malloc(plane) : NULL;
+    KVT_RETURN_IF(rw > T && !cut, KVT_ERR_NOMEM, "out of memory (decode masks)");
+    kvt_status st = decode_steps(j, s, i, lp_c, keep, per_step, rw, plane, cut);
+    kvt_free(cut);
+    return st;
 }
 
 static void *decode_worker(void *arg)
@@ -517,8 +551,8 @@ static kvt_status trace_run(const kvt_llama2c_model *model, e2e_trace *et, size_
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);
         for (size_t b = 0; b < n_b; b++, n_runs++) {
-            const size_t i = p * n_b + b,
-                         n = (size_t)L * Hq * T * ((f & KVT_POLICY_PER_STEP) ? G : 1);
+            const size_t i = p * n_b + b, n = (size_t)L * Hq * (size_t)row_width(&mk, p) *
+                                              ((f & KVT_POLICY_PER_STEP) ? G : 1);
             const size_t nm = (size_t)L * Hq * T;
             et->runs[i].kl_steps = kvt_malloc((size_t)G * sizeof(double));
             if (!(mk.keep[i] = kvt_calloc(n, 1)) || !et->runs[i].kl_steps ||

@@ -510,7 +510,10 @@ static void list_policies(void)
            "leverage, noncausal-attention and external take dms=THRESHOLD: kvpress's\n"
            "DMSPress, each head keeping the last dms_window (128)\n"
            "tokens and the earlier ones scoring at least the threshold, at most the budget\n"
-           "(--budgets 100%%: DMSPress itself).\n");
+           "(--budgets 100%%: DMSPress itself). knorm, keydiff and qfilter take\n"
+           "decoding=N: kvpress's DecodingPress, the cache (decode tokens too) compressed\n"
+           "back to the budget every N decode steps (prefill=1: the prompt to the budget\n"
+           "first); the trace needs K_decode and V_decode.\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

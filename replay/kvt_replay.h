@@ -56,6 +56,8 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_LAYER_BUDGETS 0x200u
 /* chunk_length=: the budget shared over chunks of the prompt, each keeping at least a token */
 #define KVT_POLICY_CHUNKED 0x400u
+/* decoding=: its per-step sets hold decode tokens too (indices T + s), some evicted */
+#define KVT_POLICY_DECODE_EVICT 0x800u
 
 /** Global defaults that a policy spec may override. */
 typedef struct kvt_policy_globals {
@@ -342,14 +344,16 @@ kvt_status kvt_replay_layer_select(const kvt_layer_input *in, const kvt_policy *
 void kvt_layer_selection_free(kvt_layer_selection *s);
 /** Heads of the selection: Hkv, or Hq with heads=query. */
 int kvt_layer_selection_n_heads(const kvt_layer_selection *s);
-/** Decode steps with per-step sets (0 for fixed-set policies). */
+/** Decode steps with per-step sets (0 for fixed-set policies; a decoding= policy's caches: the
+ *  decode steps). */
 int kvt_layer_selection_n_steps(const kvt_layer_selection *s);
 /** true if the prompt-time (fixed) set exists (false for quest). */
 bool kvt_layer_selection_has_fixed(const kvt_layer_selection *s);
-/** true if head `head` re-selects per decode step. */
+/** true if head `head` re-selects per decode step (or, with decoding=, has a cache per step). */
 bool kvt_layer_selection_head_per_step(const kvt_layer_selection *s, int head);
 /** Kept token indices (ascending) of (budget, head), step -1 for the fixed set. For merged
- *  policies, the representative (destination) index of each kept entry.
+ *  policies, the representative (destination) index of each kept entry. With decoding=, step
+ *  s's cache: prompt tokens and decode tokens (T + s' for step s').
  * @param idx out, capacity cap; @param n receives the count (also when cap is too small,
  *        then KVT_ERR_INVALID_ARG). */
 kvt_status kvt_layer_selection_kept(const kvt_layer_selection *s, size_t budget, int head, int step,

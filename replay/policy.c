@@ -172,6 +172,13 @@ static const opt_desc opts_table[] = {
      "(at most the budget; --budgets 100% is kvpress's DMSPress)"},
     {"dms_window", O_INT, OFF(dms_window), 0, 1e9,
      "DMSPress: sliding_window_size, the last tokens no threshold evicts"},
+    {"decoding", O_INT, OFF(decoding), 1, 1e9,
+     "DecodingPress: every N decode steps the cache, prompt and decode tokens, is compressed "
+     "back to the budget by the policy's scores (the prompt kept whole at prefill; needs "
+     "K_decode and V_decode)"},
+    {"prefill", O_BOOL, OFF(decode_prefill), 0, 0,
+     "decoding: also compress the prompt to the budget at prefill 0|1 (PrefillDecodingPress "
+     "with the same press)"},
     {"first", O_DBL, OFF(first), 0, 1, "CriticalKV: first_stage_ratio"},
     {"ceps", O_DBL, OFF(ceps), 0, 1e9, "CriticalKV: epsilon added to the scores"},
     {"think", O_DBL, OFF(think), 0, 1,
@@ -609,6 +616,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
     char *opts = NULL;
     const char *think_extra = NULL; /* think_window= or think_recent= given */
     bool dms_window = false;        /* dms_window= given */
+    bool prefill = false;           /* prefill= given */
     p->label = kvt_strdup(spec);
     if (!p->label) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
@@ -649,6 +657,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
             if (!think_extra && (!strcmp(tok, "think_window") || !strcmp(tok, "think_recent")))
                 think_extra = !strcmp(tok, "think_window") ? "think_window" : "think_recent";
             dms_window = dms_window || !strcmp(tok, "dms_window");
+            prefill = prefill || !strcmp(tok, "prefill");
         }
     }
     if (p->o.think > 0 && p->o.merge) {
@@ -698,6 +707,30 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                            : p->o.critical ? "critical"
                                            : "chunk_length");
         goto out_fail;
+    }
+    if (!p->o.decoding && prefill) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: prefill= is an option of decoding=, which is off (give "
+                           "decoding=N)",
+                           d->name);
+        goto out_fail;
+    }
+    if (p->o.decoding) {
+        const char *other = p->o.adaptive        ? "adaptive"
+                            : p->o.critical      ? "critical"
+                            : !isnan(p->o.dms)   ? "dms"
+                            : p->o.chunk_length  ? "chunk_length"
+                            : p->o.layer_weights ? "layer_weights"
+                            : p->o.window > 0    ? "window"
+                                                 : NULL;
+        if (other) {
+            st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                               "%s: decoding= scores every cache entry alike and keeps the same "
+                               "budget in every layer and head, as kvpress's DecodingPress; "
+                               "%s= is not replayed with it",
+                               d->name, other);
+            goto out_fail;
+        }
     }
     if (p->o.chunk_scores && p->o.critical) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG,
@@ -879,12 +912,17 @@ unsigned kvt_policy_flags(const kvt_policy *p)
            (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0) |
            (chunk_q ? KVT_POLICY_NEEDS_QALL : 0) |
            (p->o.chunk_length > 0 ? KVT_POLICY_CHUNKED : 0) |
+           (p->o.decoding > 0
+                ? KVT_POLICY_PER_STEP | KVT_POLICY_NEEDS_DECODE | KVT_POLICY_DECODE_EVICT
+                : 0) |
            (chunk_q && p->o.chunk_scores == KVT_CHUNK_KVPRESS ? KVT_POLICY_NEEDS_ROPE : 0);
 }
 
 unsigned kvt_policy_host_reads(const kvt_policy *p)
 {
-    return p->def->host_reads | (p->o.chunk_scores && p->def->chunk_rank ? p->def->chunk_reads : 0);
+    return p->def->host_reads |
+           (p->o.chunk_scores && p->def->chunk_rank ? p->def->chunk_reads : 0) |
+           (p->o.decoding > 0 ? KVT_CTX_KV | KVT_CTX_PRD : 0); /* decoding.c's caches */
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)
@@ -1002,10 +1040,12 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
             continue;
-        /* stats= and dms= (added after those policies' results existed) only when given, so
-           that those results still merge with new ones */
+        /* stats=, dms= and decoding= (added after those policies' results existed) only when
+           given, so that those results still merge with new ones */
         if ((!strcmp(opts_table[i].key, "stats") && !o->stats) ||
-            (!strncmp(opts_table[i].key, "dms", 3) && isnan(o->dms)))
+            (!strncmp(opts_table[i].key, "dms", 3) && isnan(o->dms)) ||
+            ((!strcmp(opts_table[i].key, "decoding") || !strcmp(opts_table[i].key, "prefill")) &&
+             !o->decoding))
             continue;
         char val[1200];
         opt_value(o, &opts_table[i], json, val, sizeof(val));

@@ -103,6 +103,11 @@ typedef struct kvt_policy_opts {
                             (layer_weights.c); NULL = every layer the budget */
     int chunk_length;    /* chunk_length=N: the budget shared over chunks of N tokens
                             (chunk_length.c); 0 = off */
+    int decoding;        /* decoding=N: kvpress's DecodingPress, every N decode steps the cache
+                            (prompt and decode tokens) compressed back to the budget by the
+                            policy's scores (decoding.c); 0 = off */
+    bool decode_prefill; /* prefill=1 (with decoding=): the prompt compressed to the budget at
+                            prefill first (PrefillDecodingPress with the same press) */
     int chunk_scores;    /* with chunk_length: KVT_CHUNK_PROMPT (one ranking of the whole prompt),
                             KVT_CHUNK_OWN (each chunk scored as a prompt of its own, its queries
                             at their positions) or KVT_CHUNK_KVPRESS (the same, its window queries
@@ -180,13 +185,20 @@ struct kvt_policy_def {
        sel->border instead, each budget's (B, as select's) chunk by chunk. */
     kvt_status (*chunk_rank)(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                              kvt_layer_selection *sel);
+    /* optional, decoding= (decoding.c): out [n] the scores (higher kept) of the n cache entries
+       whose keys k[i] [D] (prompt or decode keys, post-RoPE) selection head h holds, as the
+       policy scores a prompt's keys; the whole cache is given, for scores relative to it
+       (keydiff's mean key). work: 2 D doubles. */
+    kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
+                               int n, double *out, double *work);
     unsigned chunk_reads;
     bool chunk_queries;
     char chunk_min;
 };
 
-/** The KVT_CTX_* arrays policy p reads on the host: its definition's host_reads, and its
- *  chunk_reads with chunk_scores=own|kvpress. */
+/** The KVT_CTX_* arrays policy p reads on the host: its definition's host_reads, its
+ *  chunk_reads with chunk_scores=own|kvpress, and K, V and the decode probabilities with
+ *  decoding= (its caches, decoding.c). */
 unsigned kvt_policy_host_reads(const kvt_policy *p);
 
 #define KVT_POLICY(name) extern const kvt_policy_def kvt_policy_def_##name;
@@ -384,15 +396,18 @@ typedef struct kvt_merged_set {
 struct kvt_layer_selection {
     int n_heads, per_query, window, n_budgets, T, D, n_steps;
     bool has_fixed;
-    int32_t *order;          /* [H', T] fixed ranking: a permutation of 0..T-1 */
-    int32_t *border;         /* [n_b, H', T] a ranking per budget (KVT_POLICY_PER_BUDGET: kept
-                                sets not nested across budgets), or NULL: order serves them all
-                                (kvt_sel_ranking) */
-    int32_t *count;          /* [n_b, H'] entries kept from the top of the ranking */
-    uint8_t *step_head;      /* [H'] 1 if the head re-selects per decode step */
-    int32_t *step_order;     /* [H', n_steps, T] */
-    int32_t *step_count;     /* [n_b, H', n_steps] */
-    kvt_merged_set *merged;  /* [n_b, H'] (merged policies only) */
+    int32_t *order;            /* [H', T] fixed ranking: a permutation of 0..T-1 */
+    int32_t *border;           /* [n_b, H', T] a ranking per budget (KVT_POLICY_PER_BUDGET: kept
+                                  sets not nested across budgets), or NULL: order serves them all
+                                  (kvt_sel_ranking) */
+    int32_t *count;            /* [n_b, H'] entries kept from the top of the ranking */
+    uint8_t *step_head;        /* [H'] 1 if the head re-selects per decode step */
+    int32_t *step_order;       /* [H', n_steps, T] */
+    int32_t *step_count;       /* [n_b, H', n_steps] */
+    kvt_merged_set *merged;    /* [n_b, H'] (merged policies only) */
+    struct kvt_dec_cache *dec; /* decoding=: [n_b, H'] each cache through the decode steps
+                                  (decoding.c), or NULL */
+    int dec_steps;             /* with dec: the decode steps simulated (Gd) */
     double pruned_share;     /* the share of a changed entry's memory not stored (think=: its key's
                                 zeroed channels, p / (2 D)); 0 for merges. n_keep counts a changed
                                 entry as 1 - pruned_share */
@@ -445,6 +460,27 @@ kvt_status kvt_sel_merge(kvt_layer_ctx *c, char mode, kvt_layer_selection *sel);
  *  whose entries before the last think_recent tokens have the floor(D*R) channels of least
  *  query-weighted key energy zeroed. Reads K and V on the host (kvt_ctx_fetch). */
 kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_selection *sel);
+
+/** decoding=N (decoding.c, kvpress's DecodingPress): one (budget, head)'s cache through the
+ *  decode steps. Step s's token joins the cache, its query attends to the cache, and after
+ *  every N-th step a cache of more than B entries keeps the B the policy scores highest
+ *  (cache_scores; ties to the earlier token). */
+typedef struct kvt_dec_cache {
+    int32_t *last; /* [T + G] the last decode step whose query sees entry e: prompt token e < T
+                      (-1: not kept at prefill), decode token e - T; G - 1 if never evicted */
+} kvt_dec_cache;
+/** Simulate sel's caches at budgets B[n_b] from its prompt-time sets (the whole prompt unless
+ *  prefill=1, which keeps the policy's sets). Needs K_decode and V_decode. */
+kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                            kvt_layer_selection *sel);
+/** The entries step s's query sees in (budget b, head h)'s cache, ascending, into out
+ *  [T + s + 1] (NULL: only counted); returns their count. */
+int kvt_dec_visible(const kvt_layer_selection *sel, int b, int h, int s, int32_t *out);
+/** recall_decode, err_decode and n_keep of every (budget, head) of a decoding= selection,
+ *  over its caches (m [b * stride + h], as the sweeps fill them). */
+kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt_head_metrics *m,
+                           size_t stride);
+void kvt_dec_free(kvt_layer_selection *sel);
 
 /** chunk_length=C (chunk_length.c) on sel, a plain kept set at budgets B[n_b] (shares frac, or
  *  B/T when NULL): each chunk of C tokens from token 0 keeps max(1, int(len * f)) of its

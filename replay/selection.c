@@ -78,6 +78,7 @@ void kvt_sel_clear(kvt_layer_selection *s)
             kvt_free(s->merged[i].changed);
         }
     kvt_free(s->merged);
+    kvt_dec_free(s);
     memset(s, 0, sizeof(*s));
 }
 
@@ -189,7 +190,7 @@ int kvt_layer_selection_n_heads(const kvt_layer_selection *s)
 
 int kvt_layer_selection_n_steps(const kvt_layer_selection *s)
 {
-    return s->n_steps;
+    return s->dec ? s->dec_steps : s->n_steps;
 }
 
 bool kvt_layer_selection_has_fixed(const kvt_layer_selection *s)
@@ -199,7 +200,7 @@ bool kvt_layer_selection_has_fixed(const kvt_layer_selection *s)
 
 bool kvt_layer_selection_head_per_step(const kvt_layer_selection *s, int head)
 {
-    return s->step_head && head >= 0 && head < s->n_heads && s->step_head[head];
+    return head >= 0 && head < s->n_heads && (s->dec || (s->step_head && s->step_head[head]));
 }
 
 static int cmp_i32(const void *a, const void *b)
@@ -225,6 +226,13 @@ kvt_status kvt_layer_selection_kept(const kvt_layer_selection *s, size_t budget,
                       "selection: this policy has no prompt-time set (per decode step only)");
         src = kvt_sel_ranking(s, (int)budget, head);
         cnt = (size_t)s->count[budget * (size_t)s->n_heads + (size_t)head];
+    } else if (s->dec) { /* decoding=: the cache step `step`'s query sees (ascending) */
+        KVT_RETURN_IF(step >= s->dec_steps, KVT_ERR_NOT_FOUND,
+                      "selection: no decode step %d (the trace has %d)", step, s->dec_steps);
+        *n = (size_t)kvt_dec_visible(s, (int)budget, head, step, NULL);
+        KVT_RETURN_IF(cap < *n, KVT_ERR_INVALID_ARG, "selection: capacity %zu < %zu", cap, *n);
+        kvt_dec_visible(s, (int)budget, head, step, idx);
+        return KVT_OK;
     } else {
         KVT_RETURN_IF(step >= s->n_steps || !s->step_head || !s->step_head[head], KVT_ERR_NOT_FOUND,
                       "selection: head %d has no per-step set %d", head, step);

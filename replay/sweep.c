@@ -1022,6 +1022,9 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
        layer's budgets; not for a prompt kept whole */
     if (!st && p->o.chunk_length > 0 && !short_prompt)
         st = kvt_sel_chunk(c, p->def->name, p->o.chunk_length, B, c->budget_frac, n_b, sel);
+    /* decoding=: the caches through the decode steps (decoding.c) */
+    if (!st && p->o.decoding > 0)
+        st = kvt_sel_decoding(c, p, B, n_b, sel);
     c->budget_frac = frac;
     kvt_free(Bl);
     kvt_free(fl);
@@ -1103,6 +1106,8 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                 }
                 if (s->has_fixed)
                     n_recs++, n_idx += (size_t)s->count[(size_t)b * s->n_heads + h];
+                for (int x = 0; s->dec && x < s->dec_steps; x++)
+                    n_recs++, n_idx += (size_t)kvt_dec_visible(s, b, h, x, NULL);
                 if (s->step_head && s->step_head[h])
                     for (int x = 0; x < s->n_steps; x++)
                         n_recs++,
@@ -1122,13 +1127,17 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
     size_t r = 0, off = 0, voff = 0;
     for (size_t p = 0; p < n_pol; p++) {
         const kvt_layer_selection *s = &sels[p];
+        const int n_x = s->dec ? s->dec_steps : s->n_steps;
         for (int b = 0; b < n_b; b++)
             for (int h = 0; h < s->n_heads; h++)
-                for (int x = -1; x < s->n_steps || x == -1; x++) {
+                for (int x = -1; x < n_x || x == -1; x++) {
                     const int32_t *src;
                     size_t n;
                     const kvt_merged_set *m = NULL;
-                    if (x < 0 && s->merged) { /* idx ascending: its entries stay in order */
+                    if (x >= 0 && s->dec) { /* decoding=: the cache step x's query sees */
+                        n = (size_t)kvt_dec_visible(s, b, h, x, pool + off);
+                        src = pool + off;
+                    } else if (x < 0 && s->merged) { /* idx ascending: its entries stay in order */
                         m = &s->merged[(size_t)b * s->n_heads + h];
                         src = m->idx, n = (size_t)m->n;
                     } else if (x < 0 && s->has_fixed) {
@@ -1139,8 +1148,10 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                         n = (size_t)s->step_count[((size_t)b * s->n_heads + h) * s->n_steps + x];
                     } else
                         continue;
-                    memcpy(pool + off, src, n * sizeof(int32_t));
-                    qsort(pool + off, n, sizeof(int32_t), cmp_i32);
+                    if (src != pool + off) {
+                        memcpy(pool + off, src, n * sizeof(int32_t));
+                        qsort(pool + off, n, sizeof(int32_t), cmp_i32);
+                    }
                     const float *mv = m ? m->v : NULL;
                     if (m && !mv) { /* the changed entries keep their tokens' values */
                         const float *V =
@@ -1443,6 +1454,10 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
             }
         }
     }
+    for (size_t p = 0; p < n_pol; p++) /* decoding=: the decode metrics of its caches */
+        if (sels[p].dec && (st = kvt_dec_metrics(&c, &sels[p], out + (p * n_budgets) * (size_t)c.Hq,
+                                                 (size_t)c.Hq)))
+            goto out_free;
     for (size_t p = 0; p < n_pol; p++)
         if ((st = head_overlaps(&sels[p], n_b, out + (p * n_budgets) * (size_t)c.Hq, (size_t)c.Hq)))
             goto out_free;

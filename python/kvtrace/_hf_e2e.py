@@ -209,7 +209,8 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
     For each trace the prompt runs uncompressed, then its decode steps again, fed the trace's
     decode tokens, once with the whole cache and once per (policy, budget) with every layer's
     and head's attention masked to the prompt tokens its kept set holds (a per-step policy's
-    set of that step) and the decode tokens; the next-token distributions give the KL
+    set of that step) and the decode tokens (a decoding= policy's: its cache at that step);
+    the next-token distributions give the KL
     divergence from the uncompressed run, top-1 agreement and the reference token's log-loss.
     A merged policy (lookm, elastic-cache, cam, lightkv-like, merge=, think=) is replayed again here
     (kvt_replay_sets, from its effective options in the results), its kept sets checked
@@ -294,9 +295,12 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
                 raise _fail("a layer attends to %d keys, not the prompt's %d and the %d decode "
                             "tokens: a cache that does not hold every token (sliding window) "
                             "cannot be masked" % (nk, T, nq), _ERR_UNSUPPORTED)
+            keep = keep.to(q.device)
             allowed = torch.ones((Hq, nq, nk), dtype=torch.bool, device=q.device)
-            allowed[:, :, :T] = keep.to(q.device)
+            allowed[:, :, :T] = keep[..., :T]
             allowed[:, :, T:] = torch.ones(nq, nq, dtype=torch.bool, device=q.device).tril()
+            if keep.shape[-1] > T:  # decoding=: each step's cache holds some decode tokens
+                allowed[:, :, T:] &= keep[..., T:T + nq]
             allowed = allowed[None]
             if am is None:
                 return allowed
@@ -466,6 +470,8 @@ def _run_trace(run, tr, rt, t, extra):
     for p, pol in enumerate(st["policies"]):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
+        if per_step and (pol.get("options") or {}).get("decoding"):
+            per_step = "decoding"  # its step sets hold decode tokens too (T + s)
         qheads = sel.policies[p]["query_heads"]
         groups = [range(len(st["budgets"]))]
         if merged:
@@ -498,7 +504,8 @@ def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, qheads, refs
     for b in grp:
         def mask(layer, b=b):
             if per_step:
-                m = np.stack([sel.mask(p, b, layer, T, trace=t, step=g) for g in range(G)],
+                n = T + G if per_step == "decoding" else T
+                m = np.stack([sel.mask(p, b, layer, n, trace=t, step=g) for g in range(G)],
                              axis=1)
             else:
                 m = sel.mask(p, b, layer, T, trace=t)[:, None]

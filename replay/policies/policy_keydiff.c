@@ -76,12 +76,53 @@ out:
     return st;
 }
 
+/* decoding=: -cos(k, m) with m the mean unit key of the cache's entries, as the prompt's
+ * scores (kvt_unit_rows_ref: the mean of the unit keys in double, each cosine from the unit key
+ * rounded to f32) */
+static kvt_status cache_keydiff(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
+                                int n, double *out, double *work)
+{
+    (void)p, (void)h;
+    const int D = c->D;
+    double *m = work, *u = work + D;
+    for (int e = 0; e < D; e++)
+        m[e] = 0.0;
+    for (int i = 0; i < n; i++) {
+        double s = 0.0;
+        for (int e = 0; e < D; e++)
+            s += (double)k[i][e] * (double)k[i][e];
+        const double inv = 1.0 / (sqrt(s) > 1e-12 ? sqrt(s) : 1e-12);
+        for (int e = 0; e < D; e++)
+            m[e] += (double)k[i][e] * inv;
+    }
+    double nm = 0.0;
+    for (int e = 0; e < D; e++) {
+        m[e] /= n;
+        nm += m[e] * m[e];
+    }
+    nm = sqrt(nm) > KVT_MEAN_KEY_EPS ? sqrt(nm) : 0.0;
+    for (int i = 0; i < n; i++) {
+        double s = 0.0, d = 0.0;
+        for (int e = 0; e < D; e++)
+            s += (double)k[i][e] * (double)k[i][e];
+        const double inv = 1.0 / (sqrt(s) > 1e-12 ? sqrt(s) : 1e-12);
+        for (int e = 0; e < D; e++) {
+            u[e] = (float)((double)k[i][e] * inv);
+            d += u[e] * m[e];
+        }
+        out[i] = nm > 0.0 ? -d / nm : 0.0;
+    }
+    return KVT_OK;
+}
+
 const kvt_policy_def kvt_policy_def_keydiff = {
     .name = "keydiff",
     .host_reads = KVT_CTX_KU,
     .summary = "KeyDiff: keys least similar to the mean key",
-    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,dms_window",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,dms_window,"
+            "decoding,prefill",
     .defaults = d_keydiff,
     .select = sel_keydiff,
     .chunk_rank = chunk_keydiff,
+    .cache_scores = cache_keydiff,
 };

@@ -1,5 +1,7 @@
 /* policy_knorm.c - `knorm` (POLICIES §8): keep the keys with the smallest L2 norm, per KV head.
  * No window protection by default (kvpress, KVCache-Factory); window=W protects the last W. */
+#include <math.h>
+
 #include "../replay_internal.h"
 
 static void d_knorm(kvt_policy_opts *o)
@@ -39,11 +41,27 @@ static kvt_status chunk_knorm(kvt_layer_ctx *c, const kvt_policy *p, int C, cons
     return kvt_chunk_rank_kv_array(c, p, c->knorm, -1.0, C, n_b, sel);
 }
 
+/* decoding=: -||k|| of every cache entry (kvt_row_norms_ref's sum) */
+static kvt_status cache_knorm(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
+                              int n, double *out, double *work)
+{
+    (void)p, (void)h, (void)work;
+    for (int i = 0; i < n; i++) {
+        double s = 0.0;
+        for (int e = 0; e < c->D; e++)
+            s += (double)k[i][e] * (double)k[i][e];
+        out[i] = -sqrt(s);
+    }
+    return KVT_OK;
+}
+
 const kvt_policy_def kvt_policy_def_knorm = {
     .name = "knorm",
     .summary = "KNorm: smallest key L2 norms",
-    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,dms_window",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,dms_window,"
+            "decoding,prefill",
     .defaults = d_knorm,
     .select = sel_knorm,
     .chunk_rank = chunk_knorm,
+    .cache_scores = cache_knorm,
 };

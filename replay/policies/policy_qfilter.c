@@ -268,6 +268,22 @@ static void calibrate(const kvt_layer_ctx *c, bool per_query, int h, double *f, 
             f[e] = -f[e];
 }
 
+/* f [D]: selection head h's filter, the file's row (the query head's with Hq rows, else its KV
+ * head's) or calibrated (cov, w: scratch of D*D and 8*D + D*D doubles) */
+static void head_filter(const kvt_layer_ctx *c, const kvt_policy *p, int h, double *f, double *cov,
+                        double *w)
+{
+    const kvt_npy *a = p->state;
+    const int D = c->D, g = kvt_ctx_kv_of(c, p->o.per_query, h);
+    if (a) {
+        const int fh = a->shape[1] == c->Hkv ? g : h;
+        const size_t base = ((size_t)c->layer * a->shape[1] + fh) * D;
+        for (int e = 0; e < D; e++)
+            f[e] = kvt_npy_at(a, base + e);
+    } else
+        calibrate(c, p->o.per_query, h, f, cov, w);
+}
+
 static kvt_status sel_qfilter(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                               kvt_layer_selection *sel)
 {
@@ -288,13 +304,7 @@ static kvt_status sel_qfilter(kvt_layer_ctx *c, const kvt_policy *p, const int *
     double *f = s + n_s, *cov = f + D, *w = cov + (size_t)D * D;
     for (int h = 0; h < H; h++) {
         const int g = kvt_ctx_kv_of(c, p->o.per_query, h);
-        if (a) { /* the file's row: the query head's with Hq rows, else its KV head's */
-            const int fh = a->shape[1] == c->Hkv ? g : h;
-            const size_t base = ((size_t)c->layer * a->shape[1] + fh) * D;
-            for (int e = 0; e < D; e++)
-                f[e] = kvt_npy_at(a, base + e);
-        } else
-            calibrate(c, p->o.per_query, h, f, cov, w);
+        head_filter(c, p, h, f, cov, w);
         for (int j = 0; j < P; j++) {
             const float *k = c->k + ((size_t)g * T + j) * D;
             double dot = 0.0;
@@ -308,16 +318,36 @@ static kvt_status sel_qfilter(kvt_layer_ctx *c, const kvt_policy *p, const int *
     return st;
 }
 
+/* decoding=: -<f, k> of every cache entry, f the head's filter as the prompt's scores use */
+static kvt_status cache_qfilter(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
+                                int n, double *out, double *work)
+{
+    (void)work;
+    const int D = c->D;
+    double *f = kvt_malloc(((size_t)2 * D * D + 9 * (size_t)D) * sizeof(double));
+    KVT_RETURN_IF(!f, KVT_ERR_NOMEM, "qfilter: out of memory");
+    head_filter(c, p, h, f, f + D, f + D + (size_t)D * D);
+    for (int i = 0; i < n; i++) {
+        double dot = 0.0;
+        for (int e = 0; e < D; e++)
+            dot += f[e] * k[i][e];
+        out[i] = -dot;
+    }
+    kvt_free(f);
+    return KVT_OK;
+}
+
 const kvt_policy_def kvt_policy_def_qfilter = {
     .name = "qfilter",
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress QFilterPress: keys scored -<f, k> against each KV head's Q-filter f "
                "(filters=FILE.npy [layers, KV heads, D], or calibrated on the window queries)",
     .keys = "window,heads,filters,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,"
-            "dms_window",
+            "dms_window,decoding,prefill",
     .defaults = d_qfilter,
     .init = init_qfilter,
     .fini = kvt_policy_fini_npy,
     .bind = bind_qfilter,
     .select = sel_qfilter,
+    .cache_scores = cache_qfilter,
 };

@@ -84,6 +84,10 @@
 #   test_dms                     dms=THRESHOLD (kvpress's DMSPress at prefill) over knorm,
 #                                keydiff, qfilter, expected-attention and external against NumPy,
 #                                capped at the budget, and refusals
+#   test_decoding                decoding=N (kvpress's DecodingPress; prefill=1:
+#                                PrefillDecodingPress) over knorm, keydiff and qfilter: each
+#                                step's cache and the decode metrics against NumPy, hand-worked
+#                                ties, and refusals
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -99,7 +103,7 @@ if(KVT_SYS_PYTHON)
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
               test_h2o_greedy test_h2o_greedy_hand test_think test_aircache
               test_layer_weights test_chunk_length test_chunk_scores test_ea_stats
-              test_dms)
+              test_dms test_decoding)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

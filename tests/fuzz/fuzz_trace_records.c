@@ -33,8 +33,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 static char g_path[256], g_lw[256];
 /* without and with decode queries; fastv, vl-cache (modality table); cake, elastic-cache, chunkkv
    reuse; leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records); layer_weights= */
-static kvt_policy **g_pols[10];
-static size_t g_n_pol[10];
+static kvt_policy **g_pols[11];
+static size_t g_n_pol[11];
 
 static void remove_lw(void)
 {
@@ -74,7 +74,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        chunk_scores= (each chunk scored on its own from its last queries, turned by the
        header's RoPE; refused before any layer where a chunk holds no more than the window),
        and expected-attention, streamingllm, lagkv, cur, leverage and compactor with
-       chunk_scores= */
+       chunk_scores=; and, on a trace with decode queries, knorm, keydiff and qfilter with
+       decoding= (caches of prompt and decode tokens through the decode steps; a trace
+       without K_decode and V_decode refused before any layer) */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -125,6 +127,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                               "compactor:sinks=1,recent=1,chunk=2,chunk_length=5,"
                               "chunk_scores=kvpress",
                               NULL, &g_pols[9], &g_n_pol[9]))
+        abort();
+    if (kvt_policy_list_parse("knorm:decoding=1,keydiff:decoding=2,prefill=1,heads=query,"
+                              "qfilter:decoding=1,prefill=1",
+                              NULL, &g_pols[10], &g_n_pol[10]))
         abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
         abort();
@@ -541,8 +547,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             replay_set(8);
             replay_set(9);
         }
-        if (sh.G > 0)
+        if (sh.G > 0) {
             replay_set(7);
+            replay_set(10);
+        }
     }
     differential(&sh);
     kvt_error_clear();

@@ -779,6 +779,64 @@ static void test_mixkv_sparsemm(void)
     tl_free(&t);
 }
 
+/* decoding=N (kvpress's DecodingPress) through the selection API: keys [norm, 0] of norms
+ * 3 1 2 1 5 4 (prompt) and 1 6 2 1 (decode steps), knorm:decoding=2 at B = 2. The cache is
+ * the whole prompt; after steps 1 and 3 it keeps the 2 smallest norms, ties to the earlier
+ * token: after step 1 tokens 1, 3 and 6 (norm 1) tie, 1 and 3 stay; after step 3 1, 3 and 9
+ * tie again. Step s sees the cache before the compression that follows it. */
+static void test_decoding(void)
+{
+    const float k[12] = {3, 0, 1, 0, 2, 0, 1, 0, 5, 0, 4, 0}, v[12] = {0};
+    const float kd[8] = {1, 0, 6, 0, 2, 0, 1, 0}, vd[8] = {0};
+    const float qw[2] = {1, 0}, qd[8] = {1, 0, 0, 1, 1, 1, 0, 1};
+    kvt_layer_input in = {.layer = 0,
+                          .n_layers = 1,
+                          .T = 6,
+                          .D = 2,
+                          .Hq = 1,
+                          .Hkv = 1,
+                          .W = 1,
+                          .G = 4,
+                          .k = k,
+                          .v = v,
+                          .q_window = qw,
+                          .q_decode = qd,
+                          .k_decode = kd,
+                          .v_decode = vd};
+    const int B[] = {2, 20};
+    kvt_layer_selection *s = tl_select(&in, "knorm:decoding=2", B, 2);
+    KVT_EXPECT(kvt_layer_selection_has_fixed(s) && kvt_layer_selection_n_steps(s) == 4 &&
+               kvt_layer_selection_head_per_step(s, 0));
+    EXPECT_KEPT(s, 0, 0, -1, "0,1,2,3,4,5"); /* the prompt whole at prefill */
+    EXPECT_KEPT(s, 0, 0, 0, "0,1,2,3,4,5,6");
+    EXPECT_KEPT(s, 0, 0, 1, "0,1,2,3,4,5,6,7");
+    EXPECT_KEPT(s, 0, 0, 2, "1,3,8");
+    EXPECT_KEPT(s, 0, 0, 3, "1,3,8,9");
+    EXPECT_KEPT(s, 1, 0, 3, "0,1,2,3,4,5,6,7,8,9"); /* B = 20: nothing evicted */
+    kvt_layer_selection_free(s);
+    /* prefill=1 at B = 3: the prompt's 3 smallest norms (1, 3, then 2), then after step 1 the
+       cache 1 2 3 6 7 keeps 1 3 6, after step 3 (1 3 6 8 9: four norms of 1) 1 3 6 */
+    const int B3[] = {3};
+    s = tl_select(&in, "knorm:decoding=2,prefill=1", B3, 1);
+    EXPECT_KEPT(s, 0, 0, -1, "1,2,3");
+    EXPECT_KEPT(s, 0, 0, 1, "1,2,3,6,7");
+    EXPECT_KEPT(s, 0, 0, 2, "1,3,6,8");
+    EXPECT_KEPT(s, 0, 0, 3, "1,3,6,8,9");
+    int32_t idx[16];
+    size_t n = 0;
+    KVT_EXPECT_STATUS(kvt_layer_selection_kept(s, 0, 0, 4, idx, 16, &n), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT_STATUS(kvt_layer_selection_kept(s, 0, 0, 3, idx, 2, &n), KVT_ERR_INVALID_ARG);
+    KVT_EXPECT(n == 5);
+    kvt_layer_selection_free(s);
+    /* without the decode steps' keys the caches cannot be followed */
+    in.k_decode = in.v_decode = NULL;
+    kvt_policy *p = NULL;
+    KVT_CHECK(kvt_policy_create("knorm:decoding=2", NULL, &p));
+    kvt_layer_selection *bad = NULL;
+    KVT_EXPECT_STATUS(kvt_replay_layer_select(&in, p, B3, 1, &bad), KVT_ERR_NOT_FOUND);
+    kvt_policy_free(p);
+}
+
 static void test_quest(void)
 {
     /* pages of 2: page 0 = [1,0],[0,1]; page 1 = [-1,0],[0,-1]; page 2 = [2,2],[0,0] */
@@ -2065,6 +2123,7 @@ int main(void)
     test_sparsemm_and_mixkv();
     test_mixkv_sparsemm();
     test_quest();
+    test_decoding();
     test_like_policies();
     test_qfilter();
     test_cur();

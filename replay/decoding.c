@@ -1,0 +1,246 @@
+/* decoding.c - decoding=N: kvpress's DecodingPress (presses/generation/decoding_press.py) over
+ * a policy whose scores are its keys' own (knorm, keydiff, qfilter). The cache starts as the
+ * prompt-time set (the whole prompt; with prefill=1 the policy's set at the budget, as
+ * PrefillDecodingPress with the same press at prefill). Decode step s's token joins it, step
+ * s's query attends to it, and after every N-th step (DecodingPress's forward hook, after the
+ * attention) a cache of more than B entries keeps the B that the policy scores highest over
+ * the whole cache, prompt and decode tokens alike (ScorerPress.compress at the ratio that keeps
+ * exactly B; ties to the earlier token, where torch.topk leaves them unspecified). A cache of
+ * at most B entries is left as it is (ratio 0).
+ *
+ * The decode metrics follow the caches: step s is measured on the entries its query sees,
+ * from the full softmax's probabilities (the context's over the prompt keys, exp(q.k*scale -
+ * lse) over the decode keys), as RESULTS.md defines recall and output error. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replay_internal.h"
+
+void kvt_dec_free(kvt_layer_selection *sel)
+{
+    if (!sel->dec)
+        return;
+    for (int i = 0; i < sel->n_budgets * sel->n_heads; i++)
+        kvt_free(sel->dec[i].last);
+    kvt_free(sel->dec);
+    sel->dec = NULL;
+}
+
+/* sort keys for the top B: score descending, ties to the earlier entry */
+typedef struct dec_item {
+    double s;
+    int32_t e;
+} dec_item;
+
+static int cmp_item(const void *a, const void *b)
+{
+    const dec_item *x = a, *y = b;
+    if (x->s != y->s)
+        return x->s > y->s ? -1 : 1;
+    return (x->e > y->e) - (x->e < y->e);
+}
+
+/* the key of cache entry e of KV head g: a prompt key (e < T) or decode key e - T */
+static const float *entry_key(const kvt_layer_ctx *c, int g, int32_t e)
+{
+    return e < c->T ? c->k + ((size_t)g * c->T + (size_t)e) * c->D
+                    : c->in->k_decode + ((size_t)g * c->Gd + (size_t)(e - c->T)) * c->D;
+}
+
+/* one (budget, head)'s cache from the prompt-time set `start` [n0]: dc->last[e]
+   the last step whose query sees entry e (prompt token e < T, decode token e - T) */
+static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
+                           const int32_t *start, int n0, kvt_dec_cache *dc, int32_t *cache,
+                           dec_item *it, const float **kp, double *sc, double *work)
+{
+    const int T = c->T, G = c->Gd, N = p->o.decoding, g = kvt_ctx_kv_of(c, p->o.per_query, h);
+    int n = n0, since = 0;
+    dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
+    KVT_RETURN_IF(!dc->last, KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
+    for (int e = 0; e < T + G; e++)
+        dc->last[e] = e < T ? -1 : G - 1; /* a prompt token not kept at prefill: never seen */
+    for (int i = 0; i < n0; i++)
+        dc->last[start[i]] = G - 1;
+    memcpy(cache, start, (size_t)n0 * sizeof(int32_t));
+    for (int s = 0; s < G; s++) {
+        cache[n++] = T + s;
+        if (++since < N)
+            continue;
+        since = 0;
+        if (n <= B)
+            continue; /* DecodingPress's ratio 0: nothing evicted */
+        for (int i = 0; i < n; i++)
+            kp[i] = entry_key(c, g, cache[i]);
+        KVT_FORWARD(p->def->cache_scores(c, p, h, kp, n, sc, work));
+        for (int i = 0; i < n; i++) {
+            KVT_RETURN_IF(isnan(sc[i]), KVT_ERR_NAN,
+                          "%s: decoding=: NaN score of %s token %d at layer %d, head %d",
+                          p->def->name, cache[i] < T ? "prompt" : "decode",
+                          cache[i] < T ? cache[i] : cache[i] - T, c->layer, h);
+            it[i] = (dec_item){sc[i], cache[i]};
+        }
+        qsort(it, (size_t)n, sizeof(*it), cmp_item);
+        for (int i = B; i < n; i++) /* evicted after step s's attention */
+            dc->last[it[i].e] = s;
+        for (int i = 0; i < B; i++)
+            cache[i] = it[i].e;
+        n = B;
+    }
+    return KVT_OK;
+}
+
+kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                            kvt_layer_selection *sel)
+{
+    const int T = c->T, G = c->Gd, H = sel->n_heads;
+    KVT_RETURN_IF(!sel->has_fixed || sel->merged || sel->step_head, KVT_ERR_STATE,
+                  "%s: decoding=: internal error: not a plain kept set", p->def->name);
+    KVT_RETURN_IF(G > 0 && !c->has_extra, KVT_ERR_NOT_FOUND,
+                  "%s: decoding= evicts decode tokens too, so it needs their keys and values "
+                  "(K_decode, V_decode), which layer %d does not have",
+                  p->def->name, c->layer);
+    if (!p->o.decode_prefill) /* DecodingPress alone: the prompt whole at prefill */
+        for (int i = 0; i < n_b * H; i++)
+            sel->count[i] = T;
+    sel->dec_steps = G;
+    sel->dec = kvt_calloc((size_t)n_b * H + 1, sizeof(kvt_dec_cache));
+    KVT_RETURN_IF(!sel->dec, KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
+    if (G == 0)
+        return KVT_OK;
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    const size_t nmax = (size_t)T + (size_t)G + 1;
+    int32_t *cache = kvt_malloc(nmax * sizeof(int32_t));
+    dec_item *it = kvt_malloc(nmax * sizeof(dec_item));
+    const float **kp = kvt_malloc(nmax * sizeof(float *));
+    double *sc = kvt_malloc(nmax * sizeof(double)),
+           *work = kvt_malloc(2 * (size_t)c->D * sizeof(double));
+    kvt_status st = KVT_OK;
+    if (!cache || !it || !kp || !sc || !work)
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
+    for (int b = 0; b < n_b && !st; b++)
+        for (int h = 0; h < H && !st; h++) {
+            const int n0 = sel->count[(size_t)b * H + h];
+            st = simulate(c, p, h, B[b], kvt_sel_ranking(sel, b, h), n0,
+                          &sel->dec[(size_t)b * H + h], cache, it, kp, sc, work);
+        }
+    kvt_free(cache);
+    kvt_free(it);
+    kvt_free(kp);
+    kvt_free(sc);
+    kvt_free(work);
+    return st;
+}
+
+int kvt_dec_visible(const kvt_layer_selection *sel, int b, int h, int s, int32_t *out)
+{
+    const int T = sel->T;
+    const int32_t *last = sel->dec[(size_t)b * sel->n_heads + h].last;
+    int n = 0;
+    for (int e = 0; e <= T + s; e++)
+        if (last[e] >= s) { /* (a decode token after step s is not born yet) */
+            if (out)
+                out[n] = e;
+            n++;
+        }
+    return n;
+}
+
+kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt_head_metrics *m,
+                           size_t stride)
+{
+    const int T = c->T, D = c->D, G = sel->dec_steps, H = sel->n_heads, n_b = sel->n_budgets;
+    if (G == 0)
+        return KVT_OK;
+    KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD | KVT_CTX_KV));
+    const size_t nmax = (size_t)T + (size_t)G + 1;
+    int32_t *vis = kvt_malloc(nmax * sizeof(int32_t)), *comp = kvt_malloc(nmax * sizeof(int32_t));
+    double *pdec = kvt_malloc(((size_t)G + 1) * sizeof(double));
+    double *o = kvt_malloc(3 * (size_t)D * sizeof(double)), *oS = o + D, *tmp = oS + D;
+    kvt_status st = KVT_OK;
+    if (!vis || !comp || !pdec || !o)
+        st = kvt_error_set(KVT_ERR_NOMEM, "decoding=: out of memory (metrics)");
+    for (int b = 0; b < n_b && !st; b++)
+        for (int h = 0; h < H; h++) {
+            const int g = kvt_ctx_kv_of(c, sel->per_query, h);
+            const int u0 = sel->per_query ? h : g * c->Gs, nu = sel->per_query ? 1 : c->Gs;
+            const float *V = c->v + (size_t)g * T * D;
+            const float *Kd = c->in->k_decode + (size_t)g * G * D;
+            const float *Vd = c->in->v_decode + (size_t)g * G * D;
+            double rec = 0.0, err = 0.0, kept = 0.0;
+            for (int s = 0; s < G; s++) {
+                const int n = kvt_dec_visible(sel, b, h, s, vis);
+                int np = 0;
+                while (np < n && vis[np] < T)
+                    np++;
+                kept += np;
+                /* more than half the prompt seen: its part summed as the whole prompt's (ad,
+                   rsd) less the tokens not seen (comp, ascending) */
+                const bool less = np > T / 2;
+                int nc = 0;
+                for (int j = 0, i = 0; less && j < T; j++) {
+                    if (i < np && vis[i] == j)
+                        i++;
+                    else
+                        comp[nc++] = j;
+                }
+                for (int u = u0; u < u0 + nu; u++) {
+                    const size_t r = (size_t)u * c->Gd + (size_t)s;
+                    const float *q = c->in->q_decode + r * D, *pr = c->prd + r * T;
+                    /* the full output: the prompt's part (ad) and the decode keys' */
+                    double Z = c->rsd[r];
+                    for (int e = 0; e < D; e++)
+                        o[e] = c->ad[r * D + e];
+                    for (int d = 0; d <= s; d++) {
+                        double z = 0.0;
+                        for (int e = 0; e < D; e++)
+                            z += (double)q[e] * Kd[(size_t)d * D + e];
+                        pdec[d] = exp(z * c->scale - c->lsed[r]);
+                        Z += pdec[d];
+                        for (int e = 0; e < D; e++)
+                            o[e] += pdec[d] * Vd[(size_t)d * D + e];
+                    }
+                    double mass = 0.0;
+                    memset(oS, 0, (size_t)D * sizeof(double));
+                    if (less) {
+                        mass = c->rsd[r];
+                        for (int e = 0; e < D; e++)
+                            oS[e] = c->ad[r * D + e];
+                        for (int i = 0; i < nc; i++) {
+                            const double pj = pr[comp[i]];
+                            const float *v = V + (size_t)comp[i] * D;
+                            mass -= pj;
+                            for (int e = 0; e < D; e++)
+                                oS[e] -= pj * v[e];
+                        }
+                    }
+                    for (int i = less ? np : 0; i < n; i++) {
+                        const int j = vis[i];
+                        const double pj = j < T ? (double)pr[j] : pdec[j - T];
+                        const float *v = j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D;
+                        mass += pj;
+                        for (int e = 0; e < D; e++)
+                            oS[e] += pj * v[e];
+                    }
+                    double dn = 0.0, on = 0.0;
+                    for (int e = 0; e < D; e++) {
+                        const double oe = o[e] / Z;
+                        tmp[e] = mass > 0.0 ? oS[e] / mass - oe : -oe;
+                        dn += tmp[e] * tmp[e];
+                        on += oe * oe;
+                    }
+                    rec += Z > 0.0 ? mass / Z : 0.0;
+                    err += mass > 0.0 ? (on > 0.0 ? sqrt(dn / on) : 0.0) : 1.0;
+                }
+            }
+            kvt_head_metrics *hm = &m[(size_t)b * stride + (size_t)h];
+            hm->recall_decode = rec / ((double)G * nu);
+            hm->err_decode = err / ((double)G * nu);
+            hm->n_keep = kept / G;
+        }
+    kvt_free(vis);
+    kvt_free(comp);
+    kvt_free(pdec);
+    kvt_free(o);
+    return st;
+}

@@ -1,0 +1,294 @@
+#!/usr/bin/python3
+"""test_decoding.py - decoding=N (kvpress's DecodingPress, presses/generation/decoding_press.py
+@173dd74, over KnormPress, KeyDiffPress and QFilterPress) and prefill=1 (PrefillDecodingPress
+with the same press at prefill), against NumPy written from the press:
+
+- the cache starts as the whole prompt (prefill=1: the press's top B prompt tokens);
+- decode step s's token joins it and step s's query attends to it;
+- after every N-th step (the forward hook runs after the attention) a cache of more than B
+  entries keeps the B the press scores highest over the whole cache, prompt and decode keys
+  alike (-||k||; -cos(k, the mean of the cache's unit keys); -<f, k>), ties to the earlier
+  token; a cache of at most B entries stays (DecodingPress's ratio 0).
+
+Checked: every exported per-step set (the cache step s's query sees: prompt tokens j < T and
+decode tokens T + s'), and recall_decode, err_decode and n_keep (the mean over the steps of the
+prompt tokens in that cache) of every layer and head against the full softmax in double (the
+trace's decode queries over the prompt keys and decode keys 0..s). A cache that never
+compresses within the trace's steps (decoding=1000) with prefill=1 must measure what the plain
+policy measures, and a budget above T + G the full cache. Then the refusals, and results.json
+listing decoding= and prefill= only when given.
+Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
+"""
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_test import (ROOT, check, check_sets, copy_trace, finish, need_library,  # noqa: E402
+                      refused, run)  # (77 without NumPy or the CLI)
+import numpy as np  # noqa: E402
+
+kvtrace = need_library()
+
+
+def cache_scores(kind, keys, f=None):
+    """The press's scores [n] of the cache's keys [n, D] (double)."""
+    if kind == "knorm":
+        return -np.linalg.norm(keys, axis=-1)
+    if kind == "keydiff":
+        ku = keys / np.maximum(np.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
+        m = ku.mean(axis=0)
+        nm = np.linalg.norm(m)
+        return -(ku @ m) / nm if nm > 1e-9 else np.zeros(len(keys))
+    return -(keys @ f)
+
+
+def top(scores, ent, B):
+    """The B entries of ent scoring highest, ties to the earlier entry, ascending."""
+    order = sorted(range(len(ent)), key=lambda i: (-scores[i], ent[i]))
+    return sorted(ent[i] for i in order[:B])
+
+
+def caches(kind, K, Kd, B, N, prefill, f=None):
+    """[G] the entries (ascending) decode query s sees, for one head's keys K [T, D] and decode
+    keys Kd [G, D]."""
+    T, G = len(K), len(Kd)
+    allk = np.concatenate([K, Kd])
+    cache = top(cache_scores(kind, K, f), list(range(T)), B) if prefill else list(range(T))
+    seen, since = [], 0
+    for s in range(G):
+        cache = cache + [T + s]
+        seen.append(list(cache))
+        since += 1
+        if since < N:
+            continue
+        since = 0
+        if len(cache) > B:
+            cache = top(cache_scores(kind, allk[cache], f), cache, B)
+    return seen
+
+
+def measures(Qd, K, V, Kd, Vd, scale, seen):
+    """recall, err, kept prompt tokens of one query head's decode steps on the caches seen."""
+    T, G = len(K), len(Qd)
+    rec = err = kept = 0.0
+    for s in range(G):
+        keys = np.concatenate([K, Kd[:s + 1]])
+        vals = np.concatenate([V, Vd[:s + 1]])
+        z = keys @ Qd[s] * scale
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        o = p @ vals
+        S = np.array(seen[s])
+        mass = p[S].sum()
+        rec += mass
+        err += np.linalg.norm(p[S] @ vals[S] / mass - o) / np.linalg.norm(o) if mass > 0 else 1.0
+        kept += np.sum(S < T)
+    return rec / G, err / G, kept / G
+
+
+def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filters=None):
+    spec = "%s:decoding=%d%s%s%s" % (kind, N, ",prefill=1" if prefill else "",
+                                    ",heads=query" if per_query else "",
+                                    ",filters=" + filters if filters else "")
+    sel, res = os.path.join(work, "sel.json"), os.path.join(work, "r.json")
+    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
+        "-o", res, "--force")
+    with open(sel) as fh:
+        recs = json.load(fh)["records"]
+    with open(res) as fh:
+        runs = json.load(fh)["traces"][0]["runs"]
+    filt = np.load(filters).astype(np.float64) if filters else None
+    pairs, worst, n_steps = [], 0.0, 0
+    with kvtrace.open(path) as t:
+        m = t.header["model"]
+        Hq, Hkv = m["n_q_heads"], m["n_kv_heads"]
+        grp = Hq // Hkv
+        scale = m.get("attn_scale") or 1 / np.sqrt(m["head_dim"])
+        for layer in t.layers():
+            rd = {k: t.read(k, layer, dtype="float32").astype(np.float64)
+                  for k in ("K", "V", "K_decode", "V_decode", "Q_decode")}
+            H = Hq if per_query else Hkv
+            for run_ in runs:
+                B = run_["budget_tokens"]
+                for h in range(H):
+                    g = h // grp if per_query else h
+                    f = None
+                    if filt is not None:
+                        f = filt[layer, h if filt.shape[1] == Hq else g]
+                    seen = caches(kind, rd["K"][g], rd["K_decode"][g], B, N, prefill, f)
+                    for r in recs:
+                        if (r["layer"], r["head"], r["budget"]) == (layer, h, run_["budget"]) \
+                                and r["step"] >= 0:
+                            pairs.append((r, set(seen[r["step"]])))
+                            n_steps += 1
+                    us = [h] if per_query else range(g * grp, (g + 1) * grp)
+                    got = [measures(rd["Q_decode"][u], rd["K"][g], rd["V"][g],
+                                    rd["K_decode"][g], rd["V_decode"][g], scale, seen)
+                           for u in us]
+                    want = np.mean(got, axis=0)
+                    mm = run_["metrics"]
+                    have = (mm["recall_decode"][layer][h], mm["err_decode"][layer][h],
+                            mm["n_keep"][layer][h])
+                    worst = max(worst, *(abs(a - b) for a, b in zip(have[:2], want[:2])))
+                    check(abs(have[2] - want[2]) < 1e-9,
+                          "%s %s layer %d head %d B %d: n_keep %r, check %r"
+                          % (name, spec, layer, h, B, have[2], want[2]))
+    check_sets(name, spec, pairs, budgets)
+    print("%s %s: %d step sets; recall/err_decode within %.2e of the check"
+          % (name, spec, n_steps, worst))
+    check(worst < 2e-5, "%s %s: decode metrics %.3g from the check" % (name, spec, worst))
+    return runs
+
+
+# by hand: T = 6 prompt keys and 4 decode keys of norms PN and DN (one KV head), knorm
+PN, DN = [3, 1, 2, 1, 5, 4], [1, 6, 2, 1]
+HAND = [  # (spec, budget, {step: kept}); compressions after steps 1 and 3 (decoding=2)
+    # at step 1 norms 1 (tokens 1, 3, 6) tie for B = 2: the earlier two stay; at step 3 again
+    ("knorm:decoding=2", "2", {-1: list(range(6)), 0: list(range(7)), 1: list(range(8)),
+                               2: [1, 3, 8], 3: [1, 3, 8, 9]}),
+    # prefill=1: the prompt's 3 smallest norms, then at step 3 four norms of 1 tie for 3
+    ("knorm:decoding=2,prefill=1", "3", {-1: [1, 2, 3], 0: [1, 2, 3, 6], 1: [1, 2, 3, 6, 7],
+                                         2: [1, 3, 6, 8], 3: [1, 3, 6, 8, 9]}),
+    # decoding=4: one compression, after the last step; B = 7 leaves step 3's cache whole
+    ("knorm:decoding=4", "7", {-1: list(range(6)), 0: list(range(7)), 1: list(range(8)),
+                               2: list(range(9)), 3: list(range(10))}),
+]
+
+
+def hand_trace(work):
+    """A stories260K capture's tables (T = 6, 4 decode steps) with one layer of one KV head
+    and two query heads, D = 2: keys [norm, 0] of norms PN and DN, other tensors random."""
+    src = os.path.join(work, "hsrc.kvt")
+    run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+        "--tokens", "6", "--decode", "4", "--window", "2", "-o", src)
+    rng = np.random.default_rng(1)
+    f32 = np.float32
+    k = np.zeros((1, 6, 2), f32)
+    k[0, :, 0] = PN
+    kd = np.zeros((1, 4, 2), f32)
+    kd[0, :, 0] = DN
+    dst = os.path.join(work, "hand.kvt")
+    with kvtrace.open(src) as t:
+        h = json.loads(json.dumps(t.header))
+        h["model"].update(n_layers=1, n_kv_heads=1, n_q_heads=2, head_dim=2)
+        h["model"].pop("attn_scale", None)
+        with kvtrace.TraceWriter(dst, h, force=True) as w:
+            for kind in ("positions", "modality", "token_ids", "decode_token_ids"):
+                if t.has(kind):
+                    w.append(kind, t.read(kind))
+            w.append("K", k, layer=0)
+            w.append("V", rng.normal(size=(1, 6, 2)).astype(f32), layer=0)
+            w.append("Q_window", rng.normal(size=(2, 2, 2)).astype(f32), layer=0)
+            w.append("Q_decode", rng.normal(size=(2, 4, 2)).astype(f32), layer=0)
+            w.append("K_decode", kd, layer=0)
+            w.append("V_decode", rng.normal(size=(1, 4, 2)).astype(f32), layer=0)
+    return dst
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="kvt_decoding_")
+    hand = hand_trace(work)
+    sel, res = os.path.join(work, "sel.json"), os.path.join(work, "r.json")
+    for spec, budget, want in HAND:
+        run("replay", hand, "--policies", spec, "--budgets", budget, "--export-selection", sel,
+            "-o", res, "--force")
+        with open(sel) as fh:
+            got = {r["step"]: r["kept"] for r in json.load(fh)["records"]}
+        check(got == want, "by hand: %s at %s: kept %s, want %s" % (spec, budget, got, want))
+    a = os.path.join(work, "a.kvt")  # stories260K: T = 150, Hq 8 on Hkv 4, D = 8
+    run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+        "--tokens", "150", "--decode", "40", "--window", "8", "-o", a)
+    s = os.path.join(work, "s.kvt")  # llama3-8b-shaped: GQA 4, D = 128, bf16
+    run("synth", "--shape", "llama3-8b", "--tokens", "200", "--layers", "2", "--decode", "24",
+        "-o", s)
+    rng = np.random.default_rng(5)
+    for path, name, budgets in ((a, "llama2c", "48,100,160"), (s, "llama3-8b", "40,150")):
+        with kvtrace.open(path) as t:
+            m = t.header["model"]
+            L = len(list(t.layers()))
+        compare(name, path, work, "knorm", 8, False, budgets)
+        compare(name, path, work, "knorm", 5, True, budgets, per_query=True)
+        compare(name, path, work, "keydiff", 6, False, budgets)
+        compare(name, path, work, "keydiff", 1, True, budgets)
+        fpath = os.path.join(work, "f_%s.npy" % name)
+        np.save(fpath, rng.normal(0, 1, (L, m["n_kv_heads"], m["head_dim"])))
+        compare(name, path, work, "qfilter", 4, False, budgets, filters=fpath)
+
+    # never compressing within the steps: the plain policy's decode metrics; above T + G: all
+    r = os.path.join(work, "o.json")
+    run("replay", a, "--policies", "keydiff,keydiff:decoding=1000,prefill=1,keydiff:decoding=3",
+        "--budgets", "48,100,191", "-o", r, "--force")
+    with open(r) as fh:
+        doc = json.load(fh)
+    runs = doc["traces"][0]["runs"]
+    pol = doc["settings"]["policies"]
+    nb = 3
+    for b in range(nb):
+        p0, p1, p2 = runs[b], runs[nb + b], runs[2 * nb + b]
+        for k in ("recall_decode", "err_decode", "n_keep", "recall_window", "coverage"):
+            x, y = np.array(p0["metrics"][k]), np.array(p1["metrics"][k])
+            check(np.allclose(x, y, rtol=0, atol=1e-6),
+                  "decoding=1000,prefill=1 B %d: %s %s, plain %s" % (p0["budget_tokens"], k,
+                                                                     y.ravel()[:3], x.ravel()[:3]))
+        # without prefill=1 the prompt-time set is the whole prompt: the window metrics' own
+        check(np.allclose(p2["metrics"]["err_window"], 0, atol=1e-9) and
+              np.allclose(p2["metrics"]["recall_window"], 1, atol=1e-6),
+              "decoding=3 B %d: window metrics %r %r" % (p2["budget_tokens"],
+                                                         p2["metrics"]["err_window"][0],
+                                                         p2["metrics"]["recall_window"][0]))
+    last = runs[2 * nb + 2]["metrics"]  # B = 191 = T + G + 1: nothing is ever evicted
+    check(np.allclose(last["recall_decode"], 1, atol=1e-6) and
+          np.allclose(last["err_decode"], 0, atol=1e-6) and np.allclose(last["n_keep"], 150),
+          "decoding=3 at B = 191: %r %r" % (last["recall_decode"][0], last["err_decode"][0]))
+    check("decoding" not in pol[0]["options"] and "prefill" not in pol[0]["options"] and
+          pol[1]["options"].get("decoding") == 1000 and pol[1]["options"].get("prefill") is True
+          and pol[2]["options"].get("prefill") is False and pol[2]["per_step"] and
+          not pol[0]["per_step"], "results.json options: %r" % [p["options"] for p in pol])
+
+    # end to end (e2e-llama2c): the model's decode attends to each step's cache
+    e = os.path.join(work, "e.json")
+    run("e2e-llama2c", a, "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+        "--policies", "knorm,knorm:decoding=1000,prefill=1,knorm:decoding=8", "--budgets",
+        "48,191", "-o", e, "--force")
+    with open(e) as fh:
+        er = {(x["policy"], x["budget"]): x for x in json.load(fh)["runs"]}
+    kl = {k: x["per_trace"][0]["kl_steps"] for k, x in er.items()}
+    check(kl[("knorm:decoding=1000,prefill=1", "48")] == kl[("knorm", "48")] and
+          max(kl[("knorm", "48")]) > 0,
+          "e2e: decoding=1000,prefill=1 at 48: KL %r, knorm's %r"
+          % (kl[("knorm:decoding=1000,prefill=1", "48")][:3], kl[("knorm", "48")][:3]))
+    k8 = kl[("knorm:decoding=8", "48")]  # steps 0..7 see every token; 8 on the compressed
+    check(max(k8[:8]) == 0 and min(k8[8:]) > 0 and max(kl[("knorm:decoding=8", "191")]) == 0,
+          "e2e: knorm:decoding=8: KL per step %r (at 191: %r)"
+          % (k8[:10], max(kl[("knorm:decoding=8", "191")])))
+
+    R = ["replay", a, "--budgets", "20", "-o", os.path.join(work, "x.json"), "--force",
+         "--policies"]
+    refused(R + ["knorm:prefill=1"],
+            "knorm: prefill= is an option of decoding=, which is off (give decoding=N)")
+    for opt in ("adaptive=1", "dms=-1", "window=4", "chunk_length=32"):
+        refused(R + ["knorm:decoding=4," + opt],
+                "knorm: decoding= scores every cache entry alike and keeps the same budget in "
+                "every layer and head, as kvpress's DecodingPress; %s= is not replayed with it"
+                % opt.split("=")[0])
+    refused(R + ["snapkv:decoding=4"], "snapkv: unknown option 'decoding'")
+    refused(R + ["knorm:decoding=0"], "knorm: decoding=0")
+    nod = copy_trace(a, os.path.join(work, "nod.kvt"), kinds=("K", "V", "Q_window", "Q_decode"))
+    refused(["replay", nod, "--budgets", "20", "-o", os.path.join(work, "y.json"), "--force",
+             "--policies", "knorm:decoding=4"],
+            "policy knorm:decoding=4 evicts decode tokens too (decoding=), so it needs their "
+            "keys and values (K_decode, V_decode) in every layer")
+    b = os.path.join(work, "b.kvt")
+    run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
+        "--tokens", "60", "--decode", "0", "--window", "8", "-o", b)
+    refused(["replay", b, "--budgets", "20", "-o", os.path.join(work, "z.json"), "--force",
+             "--policies", "knorm:decoding=4"],
+            "policy knorm:decoding=4 needs decode queries (Q_decode)")
+    finish("test_decoding", work)
+
+
+if __name__ == "__main__":
+    main()
