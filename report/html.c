@@ -327,8 +327,11 @@ static void put_policies(FILE *f, const kvt_results *r)
             {KVT_POLICY_PER_STEP, "selects again at every decode step"},
             {KVT_POLICY_PER_BUDGET, "kept sets not nested across budgets"}};
         const char *sep = "";
+        /* decoding=N: its per-step sets are caches compressed every N steps (said below) */
+        const cJSON *dec = cJSON_GetObjectItemCaseSensitive(o, "decoding");
         for (size_t k = 0; k < sizeof(notes) / sizeof(notes[0]); k++)
-            if (rp->flags & notes[k].flag) {
+            if ((rp->flags & notes[k].flag) &&
+                !(notes[k].flag == KVT_POLICY_PER_STEP && cJSON_IsNumber(dec))) {
                 fprintf(f, "%s%s", sep, notes[k].text);
                 sep = "; ";
             }
@@ -344,6 +347,17 @@ static void put_policies(FILE *f, const kvt_results *r)
             fprintf(f,
                     "%sthe queries' statistics from a calibration set (stats=), not the prompt's",
                     sep);
+            sep = "; ";
+        }
+        if (cJSON_IsNumber(dec)) {
+            fprintf(f,
+                    "%sthe cache, decode tokens too, compressed back to the budget every %d "
+                    "decode steps (decoding=), %s at prefill; the decode metrics and kept "
+                    "entries follow it",
+                    sep, dec->valueint,
+                    cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "prefill"))
+                        ? "and the prompt to the budget"
+                        : "the prompt kept whole");
             sep = "; ";
         }
         const cJSON *cl = cJSON_GetObjectItemCaseSensitive(o, "chunk_length");
