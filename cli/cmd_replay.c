@@ -510,7 +510,8 @@ static void list_policies(void)
            "leverage, noncausal-attention and external take dms=THRESHOLD: kvpress's\n"
            "DMSPress, each head keeping the last dms_window (128)\n"
            "tokens and the earlier ones scoring at least the threshold, at most the budget\n"
-           "(--budgets 100%%: DMSPress itself). knorm, keydiff and qfilter take\n"
+           "(--budgets 100%%: DMSPress itself; knorm and qfilter with dms_decoding=1 also\n"
+           "evict decode tokens as they leave that window). knorm, keydiff and qfilter take\n"
            "decoding=N: kvpress's DecodingPress, the cache (decode tokens too) compressed\n"
            "back to the budget every N decode steps (prefill=1: the prompt to the budget\n"
            "first); the trace needs K_decode and V_decode.\n");

@@ -90,6 +90,38 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
     return KVT_OK;
 }
 
+/* dms_decoding=1: kvpress's DMSPress(decoding=True) from its prefill set `start` [n0] (dms=,
+   capped at the budget): each token's score is the press's of its key alone (knorm, qfilter),
+   and after step s's attention the token T + s - dms_window leaves the sliding window, evicted
+   if it is still cached and scores below the threshold */
+static kvt_status simulate_dms(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *start,
+                               int n0, kvt_dec_cache *dc, const float **kp, double *sc,
+                               double *work)
+{
+    const int T = c->T, G = c->Gd, g = kvt_ctx_kv_of(c, p->o.per_query, h);
+    dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
+    KVT_RETURN_IF(!dc->last, KVT_ERR_NOMEM, "%s: dms_decoding=: out of memory", p->def->name);
+    for (int e = 0; e < T + G; e++) {
+        dc->last[e] = e < T ? -1 : G - 1;
+        kp[e] = entry_key(c, g, e);
+    }
+    for (int i = 0; i < n0; i++)
+        dc->last[start[i]] = G - 1;
+    KVT_FORWARD(p->def->cache_scores(c, p, h, kp, T + G, sc, work));
+    for (int s = 0; s < G; s++) {
+        const int e = T + s - p->o.dms_window;
+        if (e < 0 || dc->last[e] < s)
+            continue; /* none leaves yet, or it was not kept at prefill */
+        KVT_RETURN_IF(isnan(sc[e]), KVT_ERR_NAN,
+                      "%s: dms_decoding=: NaN score of %s token %d at layer %d, head %d "
+                      "(DMSPress would keep it)",
+                      p->def->name, e < T ? "prompt" : "decode", e < T ? e : e - T, c->layer, h);
+        if (sc[e] < p->o.dms)
+            dc->last[e] = s;
+    }
+    return KVT_OK;
+}
+
 kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel)
 {
@@ -100,7 +132,7 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                   "%s: decoding= evicts decode tokens too, so it needs their keys and values "
                   "(K_decode, V_decode), which layer %d does not have",
                   p->def->name, c->layer);
-    if (!p->o.decode_prefill) /* DecodingPress alone: the prompt whole at prefill */
+    if (p->o.decoding > 0 && !p->o.decode_prefill) /* DecodingPress alone: the prompt whole */
         for (int i = 0; i < n_b * H; i++)
             sel->count[i] = T;
     sel->dec_steps = G;
@@ -121,8 +153,11 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     for (int b = 0; b < n_b && !st; b++)
         for (int h = 0; h < H && !st; h++) {
             const int n0 = sel->count[(size_t)b * H + h];
-            st = simulate(c, p, h, B[b], kvt_sel_ranking(sel, b, h), n0,
-                          &sel->dec[(size_t)b * H + h], cache, it, kp, sc, work);
+            kvt_dec_cache *dc = &sel->dec[(size_t)b * H + h];
+            st = p->o.dms_decoding
+                     ? simulate_dms(c, p, h, kvt_sel_ranking(sel, b, h), n0, dc, kp, sc, work)
+                     : simulate(c, p, h, B[b], kvt_sel_ranking(sel, b, h), n0, dc, cache, it, kp,
+                                sc, work);
         }
     kvt_free(cache);
     kvt_free(it);

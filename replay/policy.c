@@ -172,6 +172,9 @@ static const opt_desc opts_table[] = {
      "(at most the budget; --budgets 100% is kvpress's DMSPress)"},
     {"dms_window", O_INT, OFF(dms_window), 0, 1e9,
      "DMSPress: sliding_window_size, the last tokens no threshold evicts"},
+    {"dms_decoding", O_BOOL, OFF(dms_decoding), 0, 0,
+     "DMSPress(decoding=True) 0|1: while decoding, each token that leaves the last dms_window "
+     "is evicted if it scores below dms= (needs K_decode and V_decode)"},
     {"decoding", O_INT, OFF(decoding), 1, 1e9,
      "DecodingPress: every N decode steps the cache, prompt and decode tokens, is compressed "
      "back to the budget by the policy's scores (the prompt kept whole at prefill; needs "
@@ -615,7 +618,7 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
     kvt_status st = KVT_OK;
     char *opts = NULL;
     const char *think_extra = NULL; /* think_window= or think_recent= given */
-    bool dms_window = false;        /* dms_window= given */
+    const char *dms_extra = NULL;   /* dms_window= or dms_decoding= given */
     bool prefill = false;           /* prefill= given */
     p->label = kvt_strdup(spec);
     if (!p->label) {
@@ -656,7 +659,8 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                 goto out_fail;
             if (!think_extra && (!strcmp(tok, "think_window") || !strcmp(tok, "think_recent")))
                 think_extra = !strcmp(tok, "think_window") ? "think_window" : "think_recent";
-            dms_window = dms_window || !strcmp(tok, "dms_window");
+            if (!dms_extra && (!strcmp(tok, "dms_window") || !strcmp(tok, "dms_decoding")))
+                dms_extra = !strcmp(tok, "dms_window") ? "dms_window" : "dms_decoding";
             prefill = prefill || !strcmp(tok, "prefill");
         }
     }
@@ -692,10 +696,10 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
             d->name, p->o.chunk_scores == KVT_CHUNK_OWN ? "own" : "kvpress");
         goto out_fail;
     }
-    if (isnan(p->o.dms) && dms_window) {
-        st = kvt_error_set(
-            KVT_ERR_INVALID_ARG,
-            "%s: dms_window= is an option of dms=, which is off (give dms=THRESHOLD)", d->name);
+    if (isnan(p->o.dms) && dms_extra) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: %s= is an option of dms=, which is off (give dms=THRESHOLD)",
+                           d->name, dms_extra);
         goto out_fail;
     }
     if (!isnan(p->o.dms) && (p->o.adaptive || p->o.critical || p->o.chunk_length)) {
@@ -912,7 +916,7 @@ unsigned kvt_policy_flags(const kvt_policy *p)
            (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0) |
            (chunk_q ? KVT_POLICY_NEEDS_QALL : 0) |
            (p->o.chunk_length > 0 ? KVT_POLICY_CHUNKED : 0) |
-           (p->o.decoding > 0
+           (p->o.decoding > 0 || p->o.dms_decoding
                 ? KVT_POLICY_PER_STEP | KVT_POLICY_NEEDS_DECODE | KVT_POLICY_DECODE_EVICT
                 : 0) |
            (chunk_q && p->o.chunk_scores == KVT_CHUNK_KVPRESS ? KVT_POLICY_NEEDS_ROPE : 0);
@@ -922,7 +926,8 @@ unsigned kvt_policy_host_reads(const kvt_policy *p)
 {
     return p->def->host_reads |
            (p->o.chunk_scores && p->def->chunk_rank ? p->def->chunk_reads : 0) |
-           (p->o.decoding > 0 ? KVT_CTX_KV | KVT_CTX_PRD : 0); /* decoding.c's caches */
+           (p->o.decoding > 0 || p->o.dms_decoding ? KVT_CTX_KV | KVT_CTX_PRD
+                                                   : 0); /* decoding.c's caches */
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)
@@ -1040,10 +1045,11 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
             continue;
-        /* stats=, dms= and decoding= (added after those policies' results existed) only when
-           given, so that those results still merge with new ones */
+        /* stats=, dms=, dms_decoding= and decoding= (added after those policies' results
+           existed) only when given, so that those results still merge with new ones */
         if ((!strcmp(opts_table[i].key, "stats") && !o->stats) ||
             (!strncmp(opts_table[i].key, "dms", 3) && isnan(o->dms)) ||
+            (!strcmp(opts_table[i].key, "dms_decoding") && !o->dms_decoding) ||
             ((!strcmp(opts_table[i].key, "decoding") || !strcmp(opts_table[i].key, "prefill")) &&
              !o->decoding))
             continue;

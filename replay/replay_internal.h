@@ -59,6 +59,8 @@ typedef struct kvt_policy_opts {
                                outside the last dms_window tokens; the budget caps the rest);
                                NaN = off */
     int dms_window;         /* dms=: DMSPress's sliding_window_size */
+    bool dms_decoding;      /* dms_decoding=1: DMSPress(decoding=True), decode tokens evicted by
+                               the threshold too as they leave the window (decoding.c) */
     char *stats;            /* expected-attention: the queries' statistics, a safetensors file
                                or folder holding query_mean, query_cov (owned); NULL = the
                                prompt's */

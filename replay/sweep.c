@@ -1022,8 +1022,8 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
        layer's budgets; not for a prompt kept whole */
     if (!st && p->o.chunk_length > 0 && !short_prompt)
         st = kvt_sel_chunk(c, p->def->name, p->o.chunk_length, B, c->budget_frac, n_b, sel);
-    /* decoding=: the caches through the decode steps (decoding.c) */
-    if (!st && p->o.decoding > 0)
+    /* decoding= or dms_decoding=1: the caches through the decode steps (decoding.c) */
+    if (!st && (p->o.decoding > 0 || p->o.dms_decoding))
         st = kvt_sel_decoding(c, p, B, n_b, sel);
     c->budget_frac = frac;
     kvt_free(Bl);

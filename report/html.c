@@ -327,11 +327,13 @@ static void put_policies(FILE *f, const kvt_results *r)
             {KVT_POLICY_PER_STEP, "selects again at every decode step"},
             {KVT_POLICY_PER_BUDGET, "kept sets not nested across budgets"}};
         const char *sep = "";
-        /* decoding=N: its per-step sets are caches compressed every N steps (said below) */
+        /* decoding=N, dms_decoding=1: its per-step sets are caches that evict decode tokens
+           (said below) */
         const cJSON *dec = cJSON_GetObjectItemCaseSensitive(o, "decoding");
+        const bool dms_dec = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "dms_decoding"));
         for (size_t k = 0; k < sizeof(notes) / sizeof(notes[0]); k++)
             if ((rp->flags & notes[k].flag) &&
-                !(notes[k].flag == KVT_POLICY_PER_STEP && cJSON_IsNumber(dec))) {
+                !(notes[k].flag == KVT_POLICY_PER_STEP && (cJSON_IsNumber(dec) || dms_dec))) {
                 fprintf(f, "%s%s", sep, notes[k].text);
                 sep = "; ";
             }
@@ -358,6 +360,14 @@ static void put_policies(FILE *f, const kvt_results *r)
                     cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "prefill"))
                         ? "and the prompt to the budget"
                         : "the prompt kept whole");
+            sep = "; ";
+        }
+        if (dms_dec) {
+            fprintf(f,
+                    "%sdecode tokens too evicted by the threshold as they leave the last "
+                    "dms_window tokens (dms_decoding=1); the decode metrics and kept entries "
+                    "follow the cache",
+                    sep);
             sep = "; ";
         }
         const cJSON *cl = cJSON_GetObjectItemCaseSensitive(o, "chunk_length");

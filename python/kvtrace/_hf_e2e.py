@@ -470,7 +470,8 @@ def _run_trace(run, tr, rt, t, extra):
     for p, pol in enumerate(st["policies"]):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
-        if per_step and (pol.get("options") or {}).get("decoding"):
+        opts = pol.get("options") or {}
+        if per_step and (opts.get("decoding") or opts.get("dms_decoding")):
             per_step = "decoding"  # its step sets hold decode tokens too (T + s)
         qheads = sel.policies[p]["query_heads"]
         groups = [range(len(st["budgets"]))]

@@ -59,7 +59,7 @@ const kvt_policy_def kvt_policy_def_knorm = {
     .name = "knorm",
     .summary = "KNorm: smallest key L2 norms",
     .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,dms_window,"
-            "decoding,prefill",
+            "dms_decoding,decoding,prefill",
     .defaults = d_knorm,
     .select = sel_knorm,
     .chunk_rank = chunk_knorm,

@@ -343,7 +343,7 @@ const kvt_policy_def kvt_policy_def_qfilter = {
     .summary = "kvpress QFilterPress: keys scored -<f, k> against each KV head's Q-filter f "
                "(filters=FILE.npy [layers, KV heads, D], or calibrated on the window queries)",
     .keys = "window,heads,filters,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,"
-            "dms_window,decoding,prefill",
+            "dms_window,dms_decoding,decoding,prefill",
     .defaults = d_qfilter,
     .init = init_qfilter,
     .fini = kvt_policy_fini_npy,

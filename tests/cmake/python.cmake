@@ -85,9 +85,10 @@
 #                                keydiff, qfilter, expected-attention and external against NumPy,
 #                                capped at the budget, and refusals
 #   test_decoding                decoding=N (kvpress's DecodingPress; prefill=1:
-#                                PrefillDecodingPress) over knorm, keydiff and qfilter: each
-#                                step's cache and the decode metrics against NumPy, hand-worked
-#                                ties, and refusals
+#                                PrefillDecodingPress) over knorm, keydiff and qfilter, and
+#                                dms_decoding=1 (DMSPress(decoding=True)) over knorm and
+#                                qfilter: each step's cache and the decode metrics against
+#                                NumPy, hand-worked ties, and refusals
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they

@@ -17,6 +17,11 @@ trace's decode queries over the prompt keys and decode keys 0..s). A cache that 
 compresses within the trace's steps (decoding=1000) with prefill=1 must measure what the plain
 policy measures, and a budget above T + G the full cache. Then the refusals, and results.json
 listing decoding= and prefill= only when given.
+
+dms_decoding=1 (kvpress's DMSPress with decoding=True, dms_press.py @36385e2, over KnormPress
+and QFilterPress): the prefill set is dms='s (capped at the budget); after each decode step s
+the token at T + s - dms_window leaves the sliding window and is evicted if it is still cached
+and its key's own score is below the threshold. The same checks, and a hand-worked cache.
 Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
 """
 import json
@@ -29,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import (ROOT, check, check_sets, copy_trace, finish, need_library,  # noqa: E402
                       refused, run)  # (77 without NumPy or the CLI)
 import numpy as np  # noqa: E402
+from test_dms import dms_kept, threshold  # noqa: E402
 
 kvtrace = need_library()
 
@@ -89,10 +95,33 @@ def measures(Qd, K, V, Kd, Vd, scale, seen):
     return rec / G, err / G, kept / G
 
 
-def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filters=None):
-    spec = "%s:decoding=%d%s%s%s" % (kind, N, ",prefill=1" if prefill else "",
-                                    ",heads=query" if per_query else "",
-                                    ",filters=" + filters if filters else "")
+def dms_caches(sc, T, G, W, Wd, tau, B):
+    """DMSPress(decoding=True): [G] the entries decode query s sees, for one head's scores sc
+    [T + G] of each key alone: the prefill set (dms=, capped at B), then after each step s
+    the token T + s - Wd leaves the window, evicted if still cached and scoring below tau."""
+    start, _ = dms_kept(sc[:T], T, W, Wd, tau, B)
+    last = {e: G - 1 for e in start}
+    last.update({T + d: G - 1 for d in range(G)})
+    seen = []
+    for s in range(G):
+        seen.append([e for e in range(T + s + 1) if last.get(e, -1) >= s])
+        e = T + s - Wd
+        if e >= 0 and last.get(e, -1) >= s and sc[e] < tau:
+            last[e] = s
+            EVICTED[0] += 1
+    return seen
+
+
+EVICTED = [0]  # tokens dms_caches evicted while decoding
+
+
+def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filters=None,
+            dms=None):
+    """decoding=N (prefill=1), or with dms=(tau, Wd) dms=tau,dms_decoding=1,dms_window=Wd."""
+    spec = "%s:%s%s%s%s" % (kind, "decoding=%d" % N if dms is None else
+                            "dms=%.17g,dms_decoding=1,dms_window=%d" % dms,
+                            ",prefill=1" if prefill else "", ",heads=query" if per_query else "",
+                            ",filters=" + filters if filters else "")
     sel, res = os.path.join(work, "sel.json"), os.path.join(work, "r.json")
     run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
         "-o", res, "--force")
@@ -118,7 +147,13 @@ def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filter
                     f = None
                     if filt is not None:
                         f = filt[layer, h if filt.shape[1] == Hq else g]
-                    seen = caches(kind, rd["K"][g], rd["K_decode"][g], B, N, prefill, f)
+                    if dms is None:
+                        seen = caches(kind, rd["K"][g], rd["K_decode"][g], B, N, prefill, f)
+                    else:
+                        allk = np.concatenate([rd["K"][g], rd["K_decode"][g]])
+                        T, G = len(rd["K"][g]), len(rd["K_decode"][g])
+                        seen = dms_caches(cache_scores(kind, allk, f), T, G, 0, dms[1],
+                                          dms[0], min(B, T))
                     for r in recs:
                         if (r["layer"], r["head"], r["budget"]) == (layer, h, run_["budget"]) \
                                 and r["step"] >= 0:
@@ -155,6 +190,11 @@ HAND = [  # (spec, budget, {step: kept}); compressions after steps 1 and 3 (deco
     # decoding=4: one compression, after the last step; B = 7 leaves step 3's cache whole
     ("knorm:decoding=4", "7", {-1: list(range(6)), 0: list(range(7)), 1: list(range(8)),
                                2: list(range(9)), 3: list(range(10))}),
+    # DMS, threshold -2.5 (norms <= 2.5 stay), window 2: token 0 evicted at prefill; after
+    # steps 0, 1, 2, 3 tokens 4 (norm 5), 5 (4), 6 (decode, 1: stays), 7 (6) leave the window
+    ("knorm:dms=-2.5,dms_decoding=1,dms_window=2", "100%",
+     {-1: [1, 2, 3, 4, 5], 0: [1, 2, 3, 4, 5, 6], 1: [1, 2, 3, 5, 6, 7], 2: [1, 2, 3, 6, 7, 8],
+      3: [1, 2, 3, 6, 7, 8, 9]}),
 ]
 
 
@@ -188,6 +228,11 @@ def hand_trace(work):
     return dst
 
 
+def kvtrace_k(path, layer):
+    with kvtrace.open(path) as t:
+        return t.read("K", layer, dtype="float32").astype(np.float64)
+
+
 def main():
     work = tempfile.mkdtemp(prefix="kvt_decoding_")
     hand = hand_trace(work)
@@ -216,6 +261,21 @@ def main():
         fpath = os.path.join(work, "f_%s.npy" % name)
         np.save(fpath, rng.normal(0, 1, (L, m["n_kv_heads"], m["head_dim"])))
         compare(name, path, work, "qfilter", 4, False, budgets, filters=fpath)
+        # dms_decoding=1: DMSPress(decoding=True), thresholds between two prompt scores
+        with kvtrace.open(path) as t:
+            kn = {layer: -np.linalg.norm(t.read("K", layer, dtype="float32").astype(np.float64),
+                                         axis=-1) for layer in t.layers()}
+        for Wd, pq in ((128, False), (8, True), (0, False)):
+            tau = threshold(kn, 0, Wd)
+            compare(name, path, work, "knorm", 0, False, "100%,20," + budgets, per_query=pq,
+                    dms=(tau, Wd))
+        filt = np.load(fpath)
+        qs = {layer: -np.einsum("gtd,gd->gt", t_k, filt[layer]) for layer, t_k in
+              ((layer, kvtrace_k(path, layer)) for layer in range(L))}
+        compare(name, path, work, "qfilter", 0, False, "100%," + budgets, filters=fpath,
+                dms=(threshold(qs, 0, 16), 16))
+    check(EVICTED[0] > 1000, "dms_decoding: %d tokens evicted while decoding" % EVICTED[0])
+    print("dms_decoding: %d tokens evicted while decoding over the checks" % EVICTED[0])
 
     # never compressing within the steps: the plain policy's decode metrics; above T + G: all
     r = os.path.join(work, "o.json")
@@ -275,12 +335,19 @@ def main():
                 "every layer and head, as kvpress's DecodingPress; %s= is not replayed with it"
                 % opt.split("=")[0])
     refused(R + ["snapkv:decoding=4"], "snapkv: unknown option 'decoding'")
+    refused(R + ["knorm:dms_decoding=1"],
+            "knorm: dms_decoding= is an option of dms=, which is off (give dms=THRESHOLD)")
+    refused(R + ["keydiff:dms=-1,dms_decoding=1"], "keydiff: unknown option 'dms_decoding'")
+    refused(R + ["knorm:dms=-1,dms_decoding=1,decoding=4"], "dms= is not replayed with it")
     refused(R + ["knorm:decoding=0"], "knorm: decoding=0")
     nod = copy_trace(a, os.path.join(work, "nod.kvt"), kinds=("K", "V", "Q_window", "Q_decode"))
     refused(["replay", nod, "--budgets", "20", "-o", os.path.join(work, "y.json"), "--force",
              "--policies", "knorm:decoding=4"],
             "policy knorm:decoding=4 evicts decode tokens too (decoding=), so it needs their "
             "keys and values (K_decode, V_decode) in every layer")
+    refused(["replay", nod, "--budgets", "20", "-o", os.path.join(work, "y.json"), "--force",
+             "--policies", "qfilter:dms=0,dms_decoding=1"],
+            "evicts decode tokens too (dms_decoding=1), so it needs their keys and values")
     b = os.path.join(work, "b.kvt")
     run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
         "--tokens", "60", "--decode", "0", "--window", "8", "-o", b)

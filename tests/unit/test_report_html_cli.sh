@@ -141,13 +141,13 @@ hdr = json.dumps({"query_mean": {"dtype": "F32", "shape": [L, H, D],
 open(sys.argv[1], "wb").write(struct.pack("<Q", len(hdr)) + hdr + m + c)
 PYEOF
 $BIN replay "$TMP/vl.kvt" \
-    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own,expected-attention:stats=$TMP/st.safetensors,knorm:decoding=4,prefill=1" \
+    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own,expected-attention:stats=$TMP/st.safetensors,knorm:decoding=4,prefill=1,knorm:dms=-4,dms_decoding=1,dms_window=8" \
     --budgets 120,200 --threads 1 -o "$TMP/pol.json" >/dev/null 2>"$TMP/err" ||
     { cat "$TMP/err"; fail "replay policies"; }
 $BIN report "$TMP/pol.json" -o "$TMP/polrep" >/dev/null 2>&1 || fail "report policies"
 sed -n '/id="policies"/,/<\/table>/p' "$TMP/polrep/index.html" | grep '^<tr><td>' |
     sed 's/<\/td><td>/|/g; s/<[^>]*>//g' >"$TMP/polrows"
-[ "$(wc -l <"$TMP/polrows")" = 8 ] || fail "Policies table: $(cat "$TMP/polrows")"
+[ "$(wc -l <"$TMP/polrows")" = 9 ] || fail "Policies table: $(cat "$TMP/polrows")"
 grep -q '^snapkv:think=0.25|snapkv|window=32, .*, think=0.25, think_window=32, think_recent=32|merged or pruned entries' \
     "$TMP/polrows" || fail "Policies row of snapkv:think: $(cat "$TMP/polrows")"
 grep -q '^aircache-like:last=16|aircache-like|reduce=mean, heads=kv, threshold=0.9, last=16|inferred: ' \
@@ -164,6 +164,8 @@ grep -q '^expected-attention:stats=.*|expected-attention|.*, stats=.*st.safetens
     "$TMP/polrows" || fail "Policies row of expected-attention with stats: $(cat "$TMP/polrows")"
 grep -q '^knorm:decoding=4,prefill=1|knorm|.*, decoding=4, prefill=1, .*|the cache, decode tokens too, compressed back to the budget every 4 decode steps (decoding=), and the prompt to the budget at prefill; the decode metrics and kept entries follow it$' \
     "$TMP/polrows" || fail "Policies row of knorm with decoding: $(cat "$TMP/polrows")"
+grep -q '^knorm:dms=-4,dms_decoding=1,dms_window=8|knorm|.*, dms=-4, dms_window=8, dms_decoding=1, .*|decode tokens too evicted by the threshold as they leave the last dms_window tokens (dms_decoding=1); the decode metrics and kept entries follow the cache$' \
+    "$TMP/polrows" || fail "Policies row of knorm with dms_decoding: $(cat "$TMP/polrows")"
 # the quality charts' cost axis is the KV cache kept: a heads=query policy keeps its budget per
 # query head, so G (query heads per KV head) times the entries of the same budget per KV head
 $BIN synth --shape tiny --tokens 96 --window 8 --decode 4 -o "$TMP/gqa.kvt" >/dev/null 2>&1 ||
