@@ -44,8 +44,8 @@ static void help(void)
            "budget (as `kvtrace replay`), then the model runs the trace's\n"
            "G decode steps again, fed the same tokens, with every layer and head attending\n"
            "only to the prompt tokens the policy kept (and to the decode tokens; a per-step\n"
-           "policy's set of that step; a decoding= policy's cache of that step, decode\n"
-           "tokens too). Per (policy, budget): the mean and largest KL\n"
+           "policy's set of that step; a decoding= or dms_decoding=1 policy's cache of that\n"
+           "step, decode tokens too). Per (policy, budget): the mean and largest KL\n"
            "divergence of the next-token distribution from the uncompressed run (nats),\n"
            "top-1 agreement, the reference token's mean log-loss, beside the replay's\n"
            "proxies; and Spearman's rho between each proxy and the KL over all settings.\n"
@@ -105,7 +105,8 @@ static void put_merged(const masks *m, int layer, const kvt_selection_rec *r)
 }
 
 /* a mask row's positions: the prompt's T, or T + G for a policy whose caches hold decode
-   tokens (decoding=: step s's row holds the entries, prompt and decode tokens, it sees) */
+   tokens (decoding=, dms_decoding=1: step s's row holds the entries, prompt and decode tokens,
+   it sees) */
 static int row_width(const masks *m, size_t policy)
 {
     return (kvt_policy_flags(m->pols[policy]) & KVT_POLICY_DECODE_EVICT) ? m->T + m->G : m->T;
@@ -306,7 +307,7 @@ static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, doub
     const bool per_step = kvt_policy_flags(mk->pols[i / mk->n_b]) & KVT_POLICY_PER_STEP;
     const int rw = row_width(mk, i / mk->n_b);
     const size_t rows = (size_t)mk->L * mk->Hq, plane = rows * rw;
-    /* decoding=: step g's rows cut to the T + g positions before its own token */
+    /* decoding=, dms_decoding=1: step g's rows cut to the T + g positions before its token */
     uint8_t *cut = rw > T ? kvt_malloc(plane) : NULL;
     KVT_RETURN_IF(rw > T && !cut, KVT_ERR_NOMEM, "out of memory (decode masks)");
     kvt_status st = decode_steps(j, s, i, lp_c, keep, per_step, rw, plane, cut);

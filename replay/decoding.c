@@ -1,5 +1,7 @@
-/* decoding.c - decoding=N: kvpress's DecodingPress (presses/generation/decoding_press.py) over
- * a policy whose scores are its keys' own (knorm, keydiff, qfilter). The cache starts as the
+/* decoding.c - the caches of the policies that evict decode tokens too.
+ *
+ * decoding=N: kvpress's DecodingPress (presses/generation/decoding_press.py) over a policy
+ * whose scores are its keys' own (knorm, keydiff, qfilter). The cache starts as the
  * prompt-time set (the whole prompt; with prefill=1 the policy's set at the budget, as
  * PrefillDecodingPress with the same press at prefill). Decode step s's token joins it, step
  * s's query attends to it, and after every N-th step (DecodingPress's forward hook, after the
@@ -8,9 +10,14 @@
  * exactly B; ties to the earlier token, where torch.topk leaves them unspecified). A cache of
  * at most B entries is left as it is (ratio 0).
  *
- * The decode metrics follow the caches: step s is measured on the entries its query sees,
- * from the full softmax's probabilities (the context's over the prompt keys, exp(q.k*scale -
- * lse) over the decode keys), as RESULTS.md defines recall and output error. */
+ * dms_decoding=1: kvpress's DMSPress with decoding=True (dms_press.py) over knorm and qfilter
+ * (simulate_dms): from the dms= set, the token leaving the sliding window after each step goes
+ * if it scores below the threshold.
+ *
+ * A cache is held as each entry's last visible step. The decode metrics follow the caches: step s
+ * is measured on the entries its query sees, from the full softmax's probabilities (the context's
+ * over the prompt keys, exp(q.k*scale - lse) over the decode keys), as RESULTS.md defines recall
+ * and output error. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -129,9 +136,9 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     KVT_RETURN_IF(!sel->has_fixed || sel->merged || sel->step_head, KVT_ERR_STATE,
                   "%s: decoding=: internal error: not a plain kept set", p->def->name);
     KVT_RETURN_IF(G > 0 && !c->has_extra, KVT_ERR_NOT_FOUND,
-                  "%s: decoding= evicts decode tokens too, so it needs their keys and values "
+                  "%s: %s evicts decode tokens too, so it needs their keys and values "
                   "(K_decode, V_decode), which layer %d does not have",
-                  p->def->name, c->layer);
+                  p->def->name, p->o.decoding > 0 ? "decoding=" : "dms_decoding=1", c->layer);
     if (p->o.decoding > 0 && !p->o.decode_prefill) /* DecodingPress alone: the prompt whole */
         for (int i = 0; i < n_b * H; i++)
             sel->count[i] = T;

@@ -187,9 +187,9 @@ struct kvt_policy_def {
        sel->border instead, each budget's (B, as select's) chunk by chunk. */
     kvt_status (*chunk_rank)(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                              kvt_layer_selection *sel);
-    /* optional, decoding= (decoding.c): out [n] the scores (higher kept) of the n cache entries
-       whose keys k[i] [D] (prompt or decode keys, post-RoPE) selection head h holds, as the
-       policy scores a prompt's keys; the whole cache is given, for scores relative to it
+    /* optional, decoding= and dms_decoding= (decoding.c): out [n] the scores (higher kept) of the n
+       cache entries whose keys k[i] [D] (prompt or decode keys, post-RoPE) selection head h holds,
+       as the policy scores a prompt's keys; the whole cache is given, for scores relative to it
        (keydiff's mean key). work: 2 D doubles. */
     kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
                                int n, double *out, double *work);
@@ -407,8 +407,8 @@ struct kvt_layer_selection {
     int32_t *step_order;       /* [H', n_steps, T] */
     int32_t *step_count;       /* [n_b, H', n_steps] */
     kvt_merged_set *merged;    /* [n_b, H'] (merged policies only) */
-    struct kvt_dec_cache *dec; /* decoding=: [n_b, H'] each cache through the decode steps
-                                  (decoding.c), or NULL */
+    struct kvt_dec_cache *dec; /* decoding=, dms_decoding=1: [n_b, H'] each cache through the
+                                  decode steps (decoding.c), or NULL */
     int dec_steps;             /* with dec: the decode steps simulated (Gd) */
     double pruned_share;     /* the share of a changed entry's memory not stored (think=: its key's
                                 zeroed channels, p / (2 D)); 0 for merges. n_keep counts a changed
@@ -466,13 +466,15 @@ kvt_status kvt_sel_think(kvt_layer_ctx *c, const kvt_policy_opts *o, kvt_layer_s
 /** decoding=N (decoding.c, kvpress's DecodingPress): one (budget, head)'s cache through the
  *  decode steps. Step s's token joins the cache, its query attends to the cache, and after
  *  every N-th step a cache of more than B entries keeps the B the policy scores highest
- *  (cache_scores; ties to the earlier token). */
+ *  (cache_scores; ties to the earlier token). dms_decoding=1 (DMSPress(decoding=True)): after
+ *  each step the token leaving the sliding window goes if it scores below dms=. */
 typedef struct kvt_dec_cache {
     int32_t *last; /* [T + G] the last decode step whose query sees entry e: prompt token e < T
                       (-1: not kept at prefill), decode token e - T; G - 1 if never evicted */
 } kvt_dec_cache;
-/** Simulate sel's caches at budgets B[n_b] from its prompt-time sets (the whole prompt unless
- *  prefill=1, which keeps the policy's sets). Needs K_decode and V_decode. */
+/** Simulate sel's caches at budgets B[n_b] from its prompt-time sets (decoding=: the whole
+ *  prompt unless prefill=1, which keeps the policy's sets; dms_decoding=1: the dms= sets).
+ *  Needs K_decode and V_decode. */
 kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel);
 /** The entries step s's query sees in (budget b, head h)'s cache, ascending, into out
