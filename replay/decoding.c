@@ -161,6 +161,19 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
         for (int h = 0; h < H && !st; h++) {
             const int n0 = sel->count[(size_t)b * H + h];
             kvt_dec_cache *dc = &sel->dec[(size_t)b * H + h];
+            /* heads=query over scores of the KV head's keys alone: a query head starting from
+               its group's first head's set has that head's cache */
+            const int h0 = p->o.per_query ? h - h % c->Gs : h;
+            if (h0 < h && p->def->cache_scores_kv && sel->count[(size_t)b * H + h0] == n0 &&
+                !memcmp(kvt_sel_ranking(sel, b, h0), kvt_sel_ranking(sel, b, h),
+                        (size_t)n0 * sizeof(int32_t))) {
+                const int32_t *src = sel->dec[(size_t)b * H + h0].last;
+                if (!(dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t))))
+                    st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
+                else
+                    memcpy(dc->last, src, ((size_t)T + G) * sizeof(int32_t));
+                continue;
+            }
             st = p->o.dms_decoding
                      ? simulate_dms(c, p, h, kvt_sel_ranking(sel, b, h), n0, dc, kp, sc, work)
                      : simulate(c, p, h, B[b], kvt_sel_ranking(sel, b, h), n0, dc, cache, it, kp,

@@ -125,4 +125,5 @@ const kvt_policy_def kvt_policy_def_keydiff = {
     .select = sel_keydiff,
     .chunk_rank = chunk_keydiff,
     .cache_scores = cache_keydiff,
+    .cache_scores_kv = true,
 };

@@ -64,4 +64,5 @@ const kvt_policy_def kvt_policy_def_knorm = {
     .select = sel_knorm,
     .chunk_rank = chunk_knorm,
     .cache_scores = cache_knorm,
+    .cache_scores_kv = true,
 };
