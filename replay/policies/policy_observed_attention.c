@@ -23,7 +23,7 @@ const kvt_policy_def kvt_policy_def_observed_attention = {
     .name = "observed-attention",
     .summary = "kvpress ObservedAttention: attention received from every prompt query, per "
                "query that sees the key",
-    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps",
+    .keys = "window,heads,adaptive,alpha,normalize,alloc,skip,critical,first,ceps,dms,dms_window",
     .flags = KVT_POLICY_NEEDS_COLSUM,
     .defaults = d_oa,
     .select = sel_oa,

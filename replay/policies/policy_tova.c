@@ -1,6 +1,9 @@
 /* policy_tova.c - `tova` (POLICIES §8): score[j] = attention of the last prompt query to j,
  * averaged over every query head of the layer; one set for all heads of the layer; the last
  * token is always kept (recorded window 1). */
+#include <math.h>
+#include <string.h>
+
 #include "../replay_internal.h"
 
 static kvt_status sel_tova(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
@@ -18,6 +21,18 @@ static kvt_status sel_tova(kvt_layer_ctx *c, const kvt_policy *p, const int *B, 
     }
     for (int j = 0; j < P; j++)
         s[j] /= Hq;
+    if (!isnan(p->o.dms)) { /* DMSPress over TOVAPress: the same scores for every head */
+        const int H = sel->n_heads;
+        double *sh = kvt_malloc(((size_t)H * P + 1) * sizeof(double));
+        kvt_status st = sh ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "tova: out of memory");
+        for (int h = 0; h < H && !st; h++)
+            memcpy(sh + (size_t)h * P, s, (size_t)P * sizeof(double));
+        if (!st)
+            st = kvt_sel_rank_counts(c, p, sh, 1, B, n_b, sel);
+        kvt_free(sh);
+        kvt_free(s);
+        return st;
+    }
     kvt_status st = kvt_rank_window(s, T, 1, sel->order);
     for (int h = 1; h < sel->n_heads && !st; h++)
         for (int t = 0; t < T; t++)
@@ -63,7 +78,7 @@ const kvt_policy_def kvt_policy_def_tova = {
     .name = "tova",
     .host_reads = KVT_CTX_PRW,
     .summary = "TOVA: last query's attention, layer-wise (one set per layer)",
-    .keys = "heads",
+    .keys = "heads,dms,dms_window",
     .select = sel_tova,
     .chunk_rank = chunk_tova,
     .chunk_reads = KVT_CTX_KV,

@@ -52,7 +52,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        alone (streamingllm), the decode queries, AdaKV's shares of knorm's scores, and
        keydiff-block's ranking per budget, merge= (merged sets from K and V read on the host),
        simlayerkv (the window probabilities read on the host), dms= (DMSPress's threshold,
-       each head's count of its own) */
+       each head's count of its own; tova's one score for every head) */
     /* and, on a trace with a modality table, fastv: its ranking read from layer 0 by the policy
        itself (the window queries' last row and K; the column sums or Q_all) before the replay;
        lookm's text prior (the column sums, a ranking per budget, merged and not); vl-cache,
@@ -84,7 +84,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "oracle,quest:page=2,dense_layers=0,knorm:adaptive=1,"
         "streamingllm:sinks=1,merge=weighted,simlayerkv:threshold=0.3,"
-        "knorm:dms=-1,dms_window=2,keydiff:dms=-0.5,heads=query,dms_window=0",
+        "knorm:dms=-1,dms_window=2,keydiff:dms=-0.5,heads=query,dms_window=0,"
+        "tova:dms=0.1,dms_window=1",
         "fastv:dense_layers=1,last=1,fastv:dense_layers=1,lookm,"
         "lookm:merge=none,heads=query,vl-cache:last=1,"
         "vl-cache:last=1,heads=query,window=1,threshold=0.2,aircache-like:last=1,"

@@ -2,12 +2,14 @@
 """test_dms.py - dms=THRESHOLD (kvpress's DMSPress, dms_press.py @36385e2, at prefill: the
 tokens before the last sliding_window_size whose press score is below the threshold are
 evicted, per KV head) over knorm, keydiff, qfilter, expected-attention, external, snapkv,
-lagkv, cur, leverage and noncausal-attention, against NumPy written from DMSPress over
-KnormPress (-||k||), KeyDiffPress (-cos(k, the mean unit key)), QFilterPress (-<f, k>),
-ExpectedAttentionPress (test_expected_attention_synth's scores, the sinks kept), given scores,
-SnapKVPress (the window queries' mean attention, avg-pooled, GQA mean), LagKVPress and
-CURPress (test_lagkv's and test_cur's scores), LeverageScorePress (exact, z-scored) and
-NonCausalAttnPress (test_noncausal_attention's z-scores).
+lagkv, cur, leverage, noncausal-attention, tova and observed-attention, against NumPy written
+from DMSPress over KnormPress (-||k||), KeyDiffPress (-cos(k, the mean unit key)), QFilterPress
+(-<f, k>), ExpectedAttentionPress (test_expected_attention_synth's scores, the sinks kept),
+given scores, SnapKVPress (the window queries' mean attention, avg-pooled, GQA mean),
+LagKVPress and CURPress (test_lagkv's and test_cur's scores), LeverageScorePress (exact,
+z-scored), NonCausalAttnPress (test_noncausal_attention's z-scores), TOVAPress (the last
+query's attention, the mean over every query head; its own token kept) and
+ObservedAttentionPress (test_adaptive's column sums over the queries that see each key).
 
 At a budget of the whole prompt (100%) the kept set must be DMSPress's: the last
 max(dms_window, window) tokens and every earlier token scoring >= the threshold. Below, kvtrace
@@ -30,6 +32,7 @@ import numpy as np  # noqa: E402
 from test_chunk_length import shares_by_tokens  # noqa: E402
 from test_chunk_scores import Layer, avg_pool  # noqa: E402
 from test_compactor import leverage, pre_rope_keys, znorm  # noqa: E402
+from test_adaptive import observed  # noqa: E402
 from test_cur import cur_scores  # noqa: E402
 from test_expected_attention_synth import scores as ea_scores  # noqa: E402
 from test_lagkv import lag_scores  # noqa: E402
@@ -56,7 +59,8 @@ def kv_scores(t, kind, filters=None):
 
 def more_scores(t, kind, W=8, kernel=5):
     """{layer: [Hkv, T]} kvpress's SnapKVPress (window W, the prefix's; the rest 0), LagKVPress
-    (lag 8), CURPress, LeverageScorePress (exact) or NonCausalAttnPress scores."""
+    (lag 8), CURPress, LeverageScorePress (exact), NonCausalAttnPress, TOVAPress or
+    ObservedAttentionPress scores."""
     out = {}
     T = t.header["n_tokens"]
     for layer in t.layers():
@@ -75,6 +79,16 @@ def more_scores(t, kind, W=8, kernel=5):
             x = np.where(np.isnan(x), np.inf, x)
         elif kind == "leverage":
             x = znorm(leverage(pre_rope_keys(t, K), layer, 0, 0))
+        elif kind == "tova":  # the last query's full softmax, every query head's mean
+            Qw = t.read("Q_window", layer, dtype="float32").astype(np.float64)[:, -1]
+            G = Qw.shape[0] // Hkv
+            scale = t.header["model"].get("attn_scale") or 1 / np.sqrt(K.shape[-1])
+            z = np.einsum("hd,htd->ht", Qw, np.repeat(K, G, axis=0)) * scale
+            p = np.exp(z - z.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            x = np.repeat(p.mean(axis=0)[None], Hkv, axis=0)
+        elif kind == "observed-attention":
+            x = observed(t, layer, None)
         else:
             Q = t.read("Q_all", layer, dtype="float32").astype(np.float64)
             x = nca_scores(Q, K, V, 256, False)
@@ -159,9 +173,12 @@ def main():
             for kind, spec, W in (("snapkv", "snapkv:window=8,kernel=5,dms_window=24", 8),
                                   ("lagkv", "lagkv:lag=8,dms_window=32", 0),
                                   ("cur", "cur", 0), ("leverage", "leverage:sketch=0", 0),
-                                  ("noncausal-attention", "noncausal-attention", 0)):
+                                  ("noncausal-attention", "noncausal-attention", 0),
+                                  ("tova", "tova:dms_window=16", 1),
+                                  ("observed-attention", "observed-attention:dms_window=40", 0)):
                 sc = more_scores(t, kind)
-                Wd = 24 if kind == "snapkv" else 32 if kind == "lagkv" else 128
+                Wd = {"snapkv": 24, "lagkv": 32, "tova": 16, "observed-attention": 40}.get(kind,
+                                                                                      128)
                 tau = threshold(sc, W, Wd)
                 compare(name, path, "%s,dms=%.17g" % (spec, tau) if ":" in spec else
                         "%s:dms=%.17g" % (spec, tau), budgets, work, sc, W, Wd, tau)
