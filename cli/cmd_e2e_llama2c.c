@@ -257,19 +257,23 @@ typedef struct decode_job {
     char msg[512];
 } decode_job;
 
-static kvt_status decode_steps(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c,
-                               const uint8_t *keep, bool per_step, int rw, size_t plane,
-                               uint8_t *cut)
+static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c)
 {
     const masks *mk = j->mk;
+    const uint8_t *keep = mk->keep[i];
     e2e_run *r = &j->runs[i];
-    const int T = j->T, V = j->V;
-    const size_t rows = (size_t)mk->L * mk->Hq;
-    KVT_FORWARD(kvt_llama2c_state_rewind(s, (uint32_t)T));
+    const int T = j->T, V = j->V, rw = row_width(mk, i / mk->n_b);
+    const bool per_step = kvt_policy_flags(mk->pols[i / mk->n_b]) & KVT_POLICY_PER_STEP;
+    const size_t rows = (size_t)mk->L * mk->Hq, plane = rows * rw;
+    /* decoding=, dms_decoding=1: step g's rows cut to the T + g positions before its token */
+    uint8_t *cut = rw > T ? kvt_malloc(plane) : NULL;
+    KVT_RETURN_IF(rw > T && !cut, KVT_ERR_NOMEM, "out of memory (decode masks)");
+    kvt_status st = kvt_llama2c_state_rewind(s, (uint32_t)T);
     /* a merged policy's entries in place of the prompt's (a policy that merges none: cleared) */
-    KVT_FORWARD(kvt_llama2c_state_set_merged(s, mk->mflag[i], mk->mk[i], mk->mv[i],
-                                             mk->mflag[i] ? (uint32_t)T : 0));
-    for (uint32_t g = 0; g < j->G; g++) {
+    if (!st)
+        st = kvt_llama2c_state_set_merged(s, mk->mflag[i], mk->mk[i], mk->mv[i],
+                                          mk->mflag[i] ? (uint32_t)T : 0);
+    for (uint32_t g = 0; g < j->G && !st; g++) {
         const float *lg;
         const uint8_t *km = keep + (per_step ? g * plane : 0);
         uint32_t n_masked = (uint32_t)T;
@@ -279,8 +283,9 @@ static kvt_status decode_steps(decode_job *j, kvt_llama2c_state *s, size_t i, do
                 memcpy(cut + x * n_masked, km + x * (size_t)rw, n_masked);
             km = cut;
         }
-        KVT_FORWARD(kvt_llama2c_state_set_mask(s, km, n_masked));
-        KVT_FORWARD(kvt_llama2c_forward(s, j->ids[T + g], &lg));
+        if ((st = kvt_llama2c_state_set_mask(s, km, n_masked)) ||
+            (st = kvt_llama2c_forward(s, j->ids[T + g], &lg)))
+            break;
         const double *lp_f = j->lp_full + (size_t)g * V;
         log_softmax(lg, V, lp_c);
         double kl = 0.0;
@@ -294,25 +299,12 @@ static kvt_status decode_steps(decode_job *j, kvt_llama2c_state *s, size_t i, do
         r->top1 += kvt_llama2c_argmax(lg, V) == ref;
         r->nll += -lp_c[ref];
     }
+    kvt_free(cut);
+    if (st)
+        return st;
     r->kl_mean /= j->G, r->top1 /= j->G, r->nll /= j->G;
     r->applied = true;
     return KVT_OK;
-}
-
-static kvt_status decode_one(decode_job *j, kvt_llama2c_state *s, size_t i, double *lp_c)
-{
-    const masks *mk = j->mk;
-    const uint8_t *keep = mk->keep[i];
-    const int T = j->T;
-    const bool per_step = kvt_policy_flags(mk->pols[i / mk->n_b]) & KVT_POLICY_PER_STEP;
-    const int rw = row_width(mk, i / mk->n_b);
-    const size_t rows = (size_t)mk->L * mk->Hq, plane = rows * rw;
-    /* decoding=, dms_decoding=1: step g's rows cut to the T + g positions before its token */
-    uint8_t *cut = rw > T ? kvt_malloc(plane) : NULL;
-    KVT_RETURN_IF(rw > T && !cut, KVT_ERR_NOMEM, "out of memory (decode masks)");
-    kvt_status st = decode_steps(j, s, i, lp_c, keep, per_step, rw, plane, cut);
-    kvt_free(cut);
-    return st;
 }
 
 static void *decode_worker(void *arg)

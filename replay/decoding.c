@@ -55,20 +55,31 @@ static const float *entry_key(const kvt_layer_ctx *c, int g, int32_t e)
                     : c->in->k_decode + ((size_t)g * c->Gd + (size_t)(e - c->T)) * c->D;
 }
 
-/* one (budget, head)'s cache from the prompt-time set `start` [n0]: dc->last[e]
-   the last step whose query sees entry e (prompt token e < T, decode token e - T) */
-static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
-                           const int32_t *start, int n0, kvt_dec_cache *dc, int32_t *cache,
-                           dec_item *it, const float **kp, double *sc, double *work)
+/* dc->last for a cache that holds the prompt-time set `start` [n0] and every decode token */
+static kvt_status init_last(const kvt_layer_ctx *c, const kvt_policy *p, const int32_t *start,
+                            int n0, kvt_dec_cache *dc)
 {
-    const int T = c->T, G = c->Gd, N = p->o.decoding, g = kvt_ctx_kv_of(c, p->o.per_query, h);
-    int n = n0, since = 0;
+    const int T = c->T, G = c->Gd;
     dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
-    KVT_RETURN_IF(!dc->last, KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
+    KVT_RETURN_IF(!dc->last, KVT_ERR_NOMEM, "%s: out of memory (decode caches)", p->def->name);
     for (int e = 0; e < T + G; e++)
         dc->last[e] = e < T ? -1 : G - 1; /* a prompt token not kept at prefill: never seen */
     for (int i = 0; i < n0; i++)
         dc->last[start[i]] = G - 1;
+    return KVT_OK;
+}
+
+/* one (budget, head)'s cache from the prompt-time set `start` [n0]: dc->last[e] the last step
+   whose query sees entry e (prompt token e < T, decode token e - T). key_sc [T + G]: every
+   entry's score when the press scores each key alone, else NULL: the cache is scored at each
+   compression (keydiff's mean key) */
+static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
+                           const int32_t *start, int n0, const double *key_sc, kvt_dec_cache *dc,
+                           int32_t *cache, dec_item *it, const float **kp, double *sc, double *work)
+{
+    const int T = c->T, G = c->Gd, N = p->o.decoding, g = kvt_ctx_kv_of(c, p->o.per_query, h);
+    int n = n0, since = 0;
+    KVT_FORWARD(init_last(c, p, start, n0, dc));
     memcpy(cache, start, (size_t)n0 * sizeof(int32_t));
     for (int s = 0; s < G; s++) {
         cache[n++] = T + s;
@@ -77,15 +88,18 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
         since = 0;
         if (n <= B)
             continue; /* DecodingPress's ratio 0: nothing evicted */
-        for (int i = 0; i < n; i++)
-            kp[i] = entry_key(c, g, cache[i]);
-        KVT_FORWARD(p->def->cache_scores(c, p, h, kp, n, sc, work));
+        if (!key_sc) {
+            for (int i = 0; i < n; i++)
+                kp[i] = entry_key(c, g, cache[i]);
+            KVT_FORWARD(p->def->cache_scores(c, p, h, kp, n, sc, work));
+        }
         for (int i = 0; i < n; i++) {
-            KVT_RETURN_IF(isnan(sc[i]), KVT_ERR_NAN,
+            const double x = key_sc ? key_sc[cache[i]] : sc[i];
+            KVT_RETURN_IF(isnan(x), KVT_ERR_NAN,
                           "%s: decoding=: NaN score of %s token %d at layer %d, head %d",
                           p->def->name, cache[i] < T ? "prompt" : "decode",
                           cache[i] < T ? cache[i] : cache[i] - T, c->layer, h);
-            it[i] = (dec_item){sc[i], cache[i]};
+            it[i] = (dec_item){x, cache[i]};
         }
         qsort(it, (size_t)n, sizeof(*it), cmp_item);
         for (int i = B; i < n; i++) /* evicted after step s's attention */
@@ -98,32 +112,23 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
 }
 
 /* dms_decoding=1: kvpress's DMSPress(decoding=True) from its prefill set `start` [n0] (dms=,
-   capped at the budget): each token's score is the press's of its key alone (knorm, qfilter),
-   and after step s's attention the token T + s - dms_window leaves the sliding window, evicted
-   if it is still cached and scores below the threshold */
+   capped at the budget): each token's score key_sc[e] is the press's of its key alone (knorm,
+   qfilter), and after step s's attention the token T + s - dms_window leaves the sliding
+   window, evicted if it is still cached and scores below the threshold */
 static kvt_status simulate_dms(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *start,
-                               int n0, kvt_dec_cache *dc, const float **kp, double *sc,
-                               double *work)
+                               int n0, const double *key_sc, kvt_dec_cache *dc)
 {
-    const int T = c->T, G = c->Gd, g = kvt_ctx_kv_of(c, p->o.per_query, h);
-    dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
-    KVT_RETURN_IF(!dc->last, KVT_ERR_NOMEM, "%s: dms_decoding=: out of memory", p->def->name);
-    for (int e = 0; e < T + G; e++) {
-        dc->last[e] = e < T ? -1 : G - 1;
-        kp[e] = entry_key(c, g, e);
-    }
-    for (int i = 0; i < n0; i++)
-        dc->last[start[i]] = G - 1;
-    KVT_FORWARD(p->def->cache_scores(c, p, h, kp, T + G, sc, work));
+    const int T = c->T, G = c->Gd;
+    KVT_FORWARD(init_last(c, p, start, n0, dc));
     for (int s = 0; s < G; s++) {
         const int e = T + s - p->o.dms_window;
         if (e < 0 || dc->last[e] < s)
             continue; /* none leaves yet, or it was not kept at prefill */
-        KVT_RETURN_IF(isnan(sc[e]), KVT_ERR_NAN,
+        KVT_RETURN_IF(isnan(key_sc[e]), KVT_ERR_NAN,
                       "%s: dms_decoding=: NaN score of %s token %d at layer %d, head %d "
                       "(DMSPress would keep it)",
                       p->def->name, e < T ? "prompt" : "decode", e < T ? e : e - T, c->layer, h);
-        if (sc[e] < p->o.dms)
+        if (key_sc[e] < p->o.dms)
             dc->last[e] = s;
     }
     return KVT_OK;
@@ -148,25 +153,39 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     if (G == 0)
         return KVT_OK;
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
+    /* a press that scores each key alone (knorm, qfilter; dms_decoding's presses): every
+       entry's score once per head, [H, T + G], for all budgets and compressions */
+    const bool per_key = p->def->cache_scores_per_key;
+    KVT_RETURN_IF(p->o.dms_decoding && !per_key, KVT_ERR_STATE,
+                  "%s: dms_decoding=: internal error: the press scores keys with the cache",
+                  p->def->name);
     const size_t nmax = (size_t)T + (size_t)G + 1;
     int32_t *cache = kvt_malloc(nmax * sizeof(int32_t));
     dec_item *it = kvt_malloc(nmax * sizeof(dec_item));
     const float **kp = kvt_malloc(nmax * sizeof(float *));
     double *sc = kvt_malloc(nmax * sizeof(double)),
            *work = kvt_malloc(2 * (size_t)c->D * sizeof(double));
+    double *key_sc = per_key ? kvt_malloc((size_t)H * (T + G) * sizeof(double) + 1) : NULL;
     kvt_status st = KVT_OK;
-    if (!cache || !it || !kp || !sc || !work)
+    if (!cache || !it || !kp || !sc || !work || (per_key && !key_sc))
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
+    for (int h = 0; h < H && per_key && !st; h++) {
+        const int g = kvt_ctx_kv_of(c, p->o.per_query, h);
+        for (int e = 0; e < T + G; e++)
+            kp[e] = entry_key(c, g, e);
+        st = p->def->cache_scores(c, p, h, kp, T + G, key_sc + (size_t)h * (T + G), work);
+    }
     for (int b = 0; b < n_b && !st; b++)
         for (int h = 0; h < H && !st; h++) {
             const int n0 = sel->count[(size_t)b * H + h];
+            const int32_t *start = kvt_sel_ranking(sel, b, h);
             kvt_dec_cache *dc = &sel->dec[(size_t)b * H + h];
+            const double *ks = per_key ? key_sc + (size_t)h * (T + G) : NULL;
             /* heads=query over scores of the KV head's keys alone: a query head starting from
                its group's first head's set has that head's cache */
             const int h0 = p->o.per_query ? h - h % c->Gs : h;
             if (h0 < h && p->def->cache_scores_kv && sel->count[(size_t)b * H + h0] == n0 &&
-                !memcmp(kvt_sel_ranking(sel, b, h0), kvt_sel_ranking(sel, b, h),
-                        (size_t)n0 * sizeof(int32_t))) {
+                !memcmp(kvt_sel_ranking(sel, b, h0), start, (size_t)n0 * sizeof(int32_t))) {
                 const int32_t *src = sel->dec[(size_t)b * H + h0].last;
                 if (!(dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t))))
                     st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
@@ -175,15 +194,15 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                 continue;
             }
             st = p->o.dms_decoding
-                     ? simulate_dms(c, p, h, kvt_sel_ranking(sel, b, h), n0, dc, kp, sc, work)
-                     : simulate(c, p, h, B[b], kvt_sel_ranking(sel, b, h), n0, dc, cache, it, kp,
-                                sc, work);
+                     ? simulate_dms(c, p, h, start, n0, ks, dc)
+                     : simulate(c, p, h, B[b], start, n0, ks, dc, cache, it, kp, sc, work);
         }
     kvt_free(cache);
     kvt_free(it);
     kvt_free(kp);
     kvt_free(sc);
     kvt_free(work);
+    kvt_free(key_sc);
     return st;
 }
 

@@ -193,7 +193,11 @@ struct kvt_policy_def {
        (keydiff's mean key). work: 2 D doubles. */
     kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
                                int n, double *out, double *work);
-    bool cache_scores_kv; /* cache_scores reads the keys alone, not the head h (knorm, keydiff) */
+    bool cache_scores_kv;      /* cache_scores reads the keys alone, not the head h (knorm,
+                                  keydiff) */
+    bool cache_scores_per_key; /* a key's score does not depend on the rest of the cache
+                                  (knorm, qfilter): scored once for every compression; needed
+                                  by dms_decoding= */
     unsigned chunk_reads;
     bool chunk_queries;
     char chunk_min;

@@ -522,8 +522,9 @@ static kvt_status measure_head(const kvt_layer_ctx *c, scratch *s,
     if (sel->has_fixed) {
         const int32_t *ord = sel->order + (size_t)h * T;
         /* the window, decode and set sweeps of the head's ranking (the same counts, so the same
-           cuts), queued together on the GPU and waited for once */
-        const bool dec = Gd > 0 && !step, set = !(Gd > 0 && step);
+           cuts), queued together on the GPU and waited for once; a decoding= cache's decode
+           metrics are its own (kvt_dec_metrics), so it is never shared */
+        const bool dec = Gd > 0 && !step && !sel->dec, set = !(Gd > 0 && step);
         qs_job jw, jd;
         int set_cuts = 0;
         if (c->gpu)
@@ -972,10 +973,11 @@ static kvt_status measure_per_budget(const kvt_layer_ctx *c, scratch *s,
 
 /* head h of sel can share its sweeps with another selection of the same ranking and window
  * (coverage is over the window's prefix): one fixed ranking for every budget, no per-step
- * rankings, not merged */
+ * rankings or decode-time caches, not merged */
 static bool shareable(const kvt_layer_selection *sel, int h)
 {
-    return !sel->merged && !sel->border && sel->has_fixed && !(sel->step_head && sel->step_head[h]);
+    return !sel->merged && !sel->border && !sel->dec && sel->has_fixed &&
+           !(sel->step_head && sel->step_head[h]);
 }
 
 static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,

@@ -471,8 +471,8 @@ def _run_trace(run, tr, rt, t, extra):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
         opts = pol.get("options") or {}
-        if per_step and (opts.get("decoding") or opts.get("dms_decoding")):
-            per_step = "decoding"  # its step sets hold decode tokens too (T + s)
+        # a decoding= or dms_decoding=1 policy's step sets hold decode tokens too (T + s)
+        width = T + G if per_step and (opts.get("decoding") or opts.get("dms_decoding")) else T
         qheads = sel.policies[p]["query_heads"]
         groups = [range(len(st["budgets"]))]
         if merged:
@@ -489,14 +489,14 @@ def _run_trace(run, tr, rt, t, extra):
             if merged:
                 sets = _merged_sets(path, spec, st["budgets"], grp, st.get("seed", 0), sel, p,
                                     t, T, L_, pol.get("label"))
-            runs += _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, qheads,
+            runs += _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, width, qheads,
                                  (p_ref, lp_ref, ref, steps))
     return {"path": path, "fingerprint": tr.fingerprint, "T": T, "G": G, "kerr": kerr,
             "vocab": int(ref_logits.shape[-1]),
             "nll_full": nll_full, "runs": runs, "rt": rt}
 
 
-def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, qheads, refs):
+def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, width, qheads, refs):
     """Policy p's decode at each budget of grp (indices into the settings' budgets), with its
     merged sets where sets is not None: a _Run each."""
     torch, group, Hq = run.torch, run.group, run.cap.n_q_heads
@@ -504,9 +504,8 @@ def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, qheads, refs
     runs = []
     for b in grp:
         def mask(layer, b=b):
-            if per_step:
-                n = T + G if per_step == "decoding" else T
-                m = np.stack([sel.mask(p, b, layer, n, trace=t, step=g) for g in range(G)],
+            if per_step:  # each step's set: width T, or T + G with decode tokens in it
+                m = np.stack([sel.mask(p, b, layer, width, trace=t, step=g) for g in range(G)],
                              axis=1)
             else:
                 m = sel.mask(p, b, layer, T, trace=t)[:, None]

@@ -65,4 +65,5 @@ const kvt_policy_def kvt_policy_def_knorm = {
     .chunk_rank = chunk_knorm,
     .cache_scores = cache_knorm,
     .cache_scores_kv = true,
+    .cache_scores_per_key = true,
 };

@@ -350,4 +350,5 @@ const kvt_policy_def kvt_policy_def_qfilter = {
     .bind = bind_qfilter,
     .select = sel_qfilter,
     .cache_scores = cache_qfilter,
+    .cache_scores_per_key = true,
 };
