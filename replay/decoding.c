@@ -1,7 +1,9 @@
 /* decoding.c - the caches of the policies that evict decode tokens too.
  *
  * decoding=N: kvpress's DecodingPress (presses/generation/decoding_press.py) over a policy
- * whose scores are its keys' own (knorm, keydiff, qfilter). The cache starts as the
+ * whose scores are its keys' own (knorm, keydiff, qfilter; simulate), or the attention of the
+ * newest token's query, averaged over the layer's query heads (tova; simulate_steps, one cache
+ * per layer, as TOVAPress's scores are the layer's). The cache starts as the
  * prompt-time set (the whole prompt; with prefill=1 the policy's set at the budget, as
  * PrefillDecodingPress with the same press at prefill). Decode step s's token joins it, step
  * s's query attends to it, and after every N-th step (DecodingPress's forward hook, after the
@@ -69,6 +71,32 @@ static kvt_status init_last(const kvt_layer_ctx *c, const kvt_policy *p, const i
     return KVT_OK;
 }
 
+/* the compression after step s's attention of a cache [n > B] whose entries score sc [n]: the B
+   scoring highest (ties to the earlier token) stay, in cache[0..B) in that order; the others'
+   last visible step is s. h names the head in an error (-1: the layer's cache). */
+static kvt_status compress(const kvt_layer_ctx *c, const kvt_policy *p, int h, int s, int B,
+                           const double *sc, int32_t *cache, int n, dec_item *it, kvt_dec_cache *dc)
+{
+    const int T = c->T;
+    for (int i = 0; i < n; i++) {
+        const char *kind = cache[i] < T ? "prompt" : "decode";
+        const int tok = cache[i] < T ? cache[i] : cache[i] - T;
+        KVT_RETURN_IF(isnan(sc[i]) && h < 0, KVT_ERR_NAN,
+                      "%s: decoding=: NaN score of %s token %d at layer %d", p->def->name, kind,
+                      tok, c->layer);
+        KVT_RETURN_IF(isnan(sc[i]), KVT_ERR_NAN,
+                      "%s: decoding=: NaN score of %s token %d at layer %d, head %d", p->def->name,
+                      kind, tok, c->layer, h);
+        it[i] = (dec_item){sc[i], cache[i]};
+    }
+    qsort(it, (size_t)n, sizeof(*it), cmp_item);
+    for (int i = B; i < n; i++) /* evicted after step s's attention */
+        dc->last[it[i].e] = s;
+    for (int i = 0; i < B; i++)
+        cache[i] = it[i].e;
+    return KVT_OK;
+}
+
 /* one (budget, head)'s cache from the prompt-time set `start` [n0]: dc->last[e] the last step
    whose query sees entry e (prompt token e < T, decode token e - T). key_sc [T + G]: every
    entry's score when the press scores each key alone, else NULL: the cache is scored at each
@@ -93,22 +121,78 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
                 kp[i] = entry_key(c, g, cache[i]);
             KVT_FORWARD(p->def->cache_scores(c, p, h, kp, n, sc, work));
         }
-        for (int i = 0; i < n; i++) {
-            const double x = key_sc ? key_sc[cache[i]] : sc[i];
-            KVT_RETURN_IF(isnan(x), KVT_ERR_NAN,
-                          "%s: decoding=: NaN score of %s token %d at layer %d, head %d",
-                          p->def->name, cache[i] < T ? "prompt" : "decode",
-                          cache[i] < T ? cache[i] : cache[i] - T, c->layer, h);
-            it[i] = (dec_item){x, cache[i]};
-        }
-        qsort(it, (size_t)n, sizeof(*it), cmp_item);
-        for (int i = B; i < n; i++) /* evicted after step s's attention */
-            dc->last[it[i].e] = s;
-        for (int i = 0; i < B; i++)
-            cache[i] = it[i].e;
+        if (key_sc)
+            for (int i = 0; i < n; i++)
+                sc[i] = key_sc[cache[i]];
+        KVT_FORWARD(compress(c, p, h, s, B, sc, cache, n, it, dc));
         n = B;
     }
     return KVT_OK;
+}
+
+/* decoding= over a policy scoring by step s's queries (step_scores: tova): every budget's cache,
+   one per layer (the policy's set is the same in every head), stepped together, so that each
+   query head's logit of step s is computed once for the entries any cache holds; the caches go
+   to sel->dec's head 0 of each budget */
+static kvt_status simulate_steps(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
+                                 kvt_layer_selection *sel)
+{
+    const int T = c->T, G = c->Gd, N = p->o.decoding, Hq = c->Hq, D = c->D, H = sel->n_heads;
+    const size_t nmax = (size_t)T + (size_t)G + 1;
+    int32_t *caches = kvt_malloc((size_t)n_b * nmax * sizeof(int32_t));
+    int32_t *stamp = kvt_malloc(nmax * sizeof(int32_t)); /* the step whose logits z holds */
+    int *n = kvt_malloc(((size_t)n_b + 1) * sizeof(int));
+    double *z = kvt_malloc((size_t)Hq * nmax * sizeof(double)),
+           *sc = kvt_malloc(nmax * sizeof(double));
+    dec_item *it = kvt_malloc(nmax * sizeof(dec_item));
+    kvt_status st = KVT_OK;
+    if (!caches || !stamp || !n || !z || !sc || !it)
+        st = kvt_error_set(KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
+    for (int b = 0; b < n_b && !st; b++) {
+        n[b] = sel->count[(size_t)b * H];
+        memcpy(caches + (size_t)b * nmax, kvt_sel_ranking(sel, b, 0),
+               (size_t)n[b] * sizeof(int32_t));
+        st = init_last(c, p, caches + (size_t)b * nmax, n[b], &sel->dec[(size_t)b * H]);
+    }
+    for (size_t e = 0; e < nmax && !st; e++)
+        stamp[e] = -1;
+    for (int s = 0, since = 0; s < G && !st; s++) {
+        for (int b = 0; b < n_b; b++)
+            caches[(size_t)b * nmax + n[b]++] = T + s;
+        if (++since < N)
+            continue;
+        since = 0;
+        for (int b = 0; b < n_b && !st; b++) {
+            int32_t *cache = caches + (size_t)b * nmax;
+            if (n[b] <= B[b])
+                continue; /* DecodingPress's ratio 0: nothing evicted */
+            for (int i = 0; i < n[b]; i++) {
+                const int32_t e = cache[i];
+                if (stamp[e] == s)
+                    continue;
+                stamp[e] = s;
+                for (int u = 0; u < Hq; u++) {
+                    const float *q = c->in->q_decode + ((size_t)u * G + (size_t)s) * D;
+                    const float *k = entry_key(c, u / c->Gs, e);
+                    double x = 0.0;
+                    for (int d = 0; d < D; d++)
+                        x += (double)q[d] * k[d];
+                    z[(size_t)u * nmax + (size_t)e] = x * c->scale;
+                }
+            }
+            st = p->def->step_scores(c, p, s, z, nmax, cache, n[b], sc);
+            if (!st)
+                st = compress(c, p, -1, s, B[b], sc, cache, n[b], it, &sel->dec[(size_t)b * H]);
+            n[b] = B[b];
+        }
+    }
+    kvt_free(caches);
+    kvt_free(stamp);
+    kvt_free(n);
+    kvt_free(z);
+    kvt_free(sc);
+    kvt_free(it);
+    return st;
 }
 
 /* dms_decoding=1: kvpress's DMSPress(decoding=True) from its prefill set `start` [n0] (dms=,
@@ -175,6 +259,8 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
             kp[e] = entry_key(c, g, e);
         st = p->def->cache_scores(c, p, h, kp, T + G, key_sc + (size_t)h * (T + G), work);
     }
+    if (p->def->step_scores && !st) /* one cache per layer, each head a copy of head 0's */
+        st = simulate_steps(c, p, B, n_b, sel);
     for (int b = 0; b < n_b && !st; b++)
         for (int h = 0; h < H && !st; h++) {
             const int n0 = sel->count[(size_t)b * H + h];
@@ -182,20 +268,30 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
             kvt_dec_cache *dc = &sel->dec[(size_t)b * H + h];
             const double *ks = per_key ? key_sc + (size_t)h * (T + G) : NULL;
             /* heads=query over scores of the KV head's keys alone: a query head starting from
-               its group's first head's set has that head's cache */
-            const int h0 = p->o.per_query ? h - h % c->Gs : h;
-            if (h0 < h && p->def->cache_scores_kv && sel->count[(size_t)b * H + h0] == n0 &&
-                !memcmp(kvt_sel_ranking(sel, b, h0), start, (size_t)n0 * sizeof(int32_t))) {
+               its group's first head's set has that head's cache; a layer's cache
+               (simulate_steps) is head 0's in every head */
+            const bool layer = p->def->step_scores != NULL;
+            if (layer && h == 0)
+                continue;
+            const int h0 = layer ? 0 : p->o.per_query ? h - h % c->Gs : h;
+            const bool same =
+                h0 < h && sel->count[(size_t)b * H + h0] == n0 &&
+                !memcmp(kvt_sel_ranking(sel, b, h0), start, (size_t)n0 * sizeof(int32_t));
+            if (layer && !same)
+                st = kvt_error_set(KVT_ERR_STATE,
+                                   "%s: decoding=: internal error: head %d's set is not the "
+                                   "layer's",
+                                   p->def->name, h);
+            else if (same && (layer || p->def->cache_scores_kv)) {
                 const int32_t *src = sel->dec[(size_t)b * H + h0].last;
                 if (!(dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t))))
                     st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
                 else
                     memcpy(dc->last, src, ((size_t)T + G) * sizeof(int32_t));
-                continue;
-            }
-            st = p->o.dms_decoding
-                     ? simulate_dms(c, p, h, start, n0, ks, dc)
-                     : simulate(c, p, h, B[b], start, n0, ks, dc, cache, it, kp, sc, work);
+            } else
+                st = p->o.dms_decoding
+                         ? simulate_dms(c, p, h, start, n0, ks, dc)
+                         : simulate(c, p, h, B[b], start, n0, ks, dc, cache, it, kp, sc, work);
         }
     kvt_free(cache);
     kvt_free(it);

@@ -720,13 +720,13 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
         goto out_fail;
     }
     if (p->o.decoding) {
-        const char *other = p->o.adaptive        ? "adaptive"
-                            : p->o.critical      ? "critical"
-                            : !isnan(p->o.dms)   ? "dms"
-                            : p->o.chunk_length  ? "chunk_length"
-                            : p->o.layer_weights ? "layer_weights"
-                            : p->o.window > 0    ? "window"
-                                                 : NULL;
+        const char *other = p->o.adaptive                                  ? "adaptive"
+                            : p->o.critical                                ? "critical"
+                            : !isnan(p->o.dms)                             ? "dms"
+                            : p->o.chunk_length                            ? "chunk_length"
+                            : p->o.layer_weights                           ? "layer_weights"
+                            : p->o.window > 0 && key_accepted(d, "window") ? "window"
+                                                                           : NULL;
         if (other) {
             st = kvt_error_set(KVT_ERR_INVALID_ARG,
                                "%s: decoding= scores every cache entry alike and keeps the same "

@@ -193,6 +193,12 @@ struct kvt_policy_def {
        (keydiff's mean key). work: 2 D doubles. */
     kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
                                int n, double *out, double *work);
+    /* optional, decoding= (decoding.c) over a policy scoring by the decode queries, one cache per
+       layer (tova): out [n] the scores (higher kept) of the entries cache [n] after step s's
+       attention, from z: query head u's logit (q.k times the scale) of step s's query and entry
+       e's key at z[u * zs + e], for every entry of the cache */
+    kvt_status (*step_scores)(kvt_layer_ctx *c, const kvt_policy *p, int s, const double *z,
+                              size_t zs, const int32_t *cache, int n, double *out);
     bool cache_scores_kv;      /* cache_scores reads the keys alone, not the head h (knorm,
                                   keydiff) */
     bool cache_scores_per_key; /* a key's score does not depend on the rest of the cache

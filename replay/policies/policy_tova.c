@@ -74,14 +74,41 @@ static kvt_status chunk_tova(kvt_layer_ctx *c, const kvt_policy *p, int C, const
     return st;
 }
 
+/* decoding=N: DecodingPress(TOVAPress) (decoding.c's simulate_steps). TOVAPress reads the last
+ * buffered hidden state, step s's token, at its own position: step s's query attends to the
+ * cache; each entry's softmax probability over the cache, the mean over every query head; the
+ * newest token (step s's) first (kvpress pads it with the maximum). With N = 1 and prefill=1
+ * this is TOVA's own eviction: one token leaves per step once the cache is full. */
+static kvt_status step_tova(kvt_layer_ctx *c, const kvt_policy *p, int s, const double *z,
+                            size_t zs, const int32_t *cache, int n, double *out)
+{
+    (void)p;
+    for (int i = 0; i < n; i++)
+        out[i] = 0.0;
+    for (int u = 0; u < c->Hq; u++) {
+        const double *zu = z + (size_t)u * zs;
+        double m = -INFINITY, den = 0.0;
+        for (int i = 0; i < n; i++)
+            m = zu[cache[i]] > m || isnan(zu[cache[i]]) ? zu[cache[i]] : m;
+        for (int i = 0; i < n; i++)
+            den += exp(zu[cache[i]] - m);
+        for (int i = 0; i < n; i++)
+            out[i] += exp(zu[cache[i]] - m) / den;
+    }
+    for (int i = 0; i < n; i++)
+        out[i] = cache[i] == c->T + s ? INFINITY : out[i] / c->Hq;
+    return KVT_OK;
+}
+
 const kvt_policy_def kvt_policy_def_tova = {
     .name = "tova",
     .host_reads = KVT_CTX_PRW,
     .summary = "TOVA: last query's attention, layer-wise (one set per layer)",
-    .keys = "heads,dms,dms_window",
+    .keys = "heads,dms,dms_window,decoding,prefill",
     .select = sel_tova,
     .chunk_rank = chunk_tova,
     .chunk_reads = KVT_CTX_KV,
     .chunk_queries = true,
     .chunk_min = '1', /* TOVAPress takes the maximum of no scores on a one-token chunk */
+    .step_scores = step_tova,
 };

@@ -74,7 +74,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        chunk_scores= (each chunk scored on its own from its last queries, turned by the
        header's RoPE; refused before any layer where a chunk holds no more than the window),
        and expected-attention, streamingllm, lagkv, cur, leverage and compactor with
-       chunk_scores=; and, on a trace with decode queries, knorm, keydiff and qfilter with
+       chunk_scores=; and, on a trace with decode queries, knorm, keydiff, qfilter and tova with
        decoding= and knorm with dms_decoding=1 (caches of prompt and decode tokens through the
        decode steps; a trace without K_decode and V_decode refused before any layer) */
     const char *set[7] = {
@@ -130,7 +130,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                               NULL, &g_pols[9], &g_n_pol[9]))
         abort();
     if (kvt_policy_list_parse("knorm:decoding=1,keydiff:decoding=2,prefill=1,heads=query,"
-                              "qfilter:decoding=1,prefill=1,"
+                              "qfilter:decoding=1,prefill=1,tova:decoding=1,prefill=1,"
+                              "tova:decoding=2,heads=query,"
                               "knorm:dms=-1,dms_decoding=1,dms_window=1",
                               NULL, &g_pols[10], &g_n_pol[10]))
         abort();

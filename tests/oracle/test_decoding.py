@@ -18,6 +18,14 @@ compresses within the trace's steps (decoding=1000) with prefill=1 must measure 
 policy measures, and a budget above T + G the full cache. Then the refusals, and results.json
 listing decoding= and prefill= only when given.
 
+decoding=N over TOVAPress (tova): TOVAPress reads the last buffered hidden state, step s's
+token at its own position, so after step s's attention each cache entry scores its softmax
+probability under step s's query over the cache (prompt and decode keys alike), the mean over
+every query head of the layer; the newest token is kept first (kvpress pads it with the
+maximum); one cache per layer (all KV heads gather the same indices). prefill=1 starts from
+TOVAPress's prompt set: the last prompt query's attention over the prompt. With N = 1 and
+prefill=1 this is TOVA's own eviction (arXiv 2401.06104): one token leaves per step.
+
 dms_decoding=1 (kvpress's DMSPress with decoding=True, dms_press.py @36385e2, over KnormPress
 and QFilterPress): the prefill set is dms='s (capped at the budget); after each decode step s
 the token at T + s - dms_window leaves the sliding window and is evicted if it is still cached
@@ -115,6 +123,91 @@ def dms_caches(sc, T, G, W, Wd, tau, B):
 EVICTED = [0]  # tokens dms_caches evicted while decoding
 
 
+def softmax_rows(z):
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def tova_caches(Qw, Qd, K, Kd, scale, B, N, prefill):
+    """DecodingPress(TOVAPress): [G] the entries (ascending) decode query s sees in the layer's
+    cache, from the window queries Qw [Hq, W, D], decode queries Qd [Hq, G, D] and the KV heads'
+    keys K [Hkv, T, D] and decode keys Kd [Hkv, G, D] (double)."""
+    Hq, Hkv, T, G = len(Qd), len(K), K.shape[1], Kd.shape[1]
+    grp = Hq // Hkv
+    allk = np.concatenate([K, Kd], axis=1)
+    if prefill:  # TOVAPress at prefill: the last prompt query over the prompt, head mean
+        p = np.mean([softmax_rows(K[u // grp] @ Qw[u, -1] * scale) for u in range(Hq)], axis=0)
+        p[T - 1] = np.inf
+        cache = top(p, list(range(T)), B)
+    else:
+        cache = list(range(T))
+    seen, since = [], 0
+    for s in range(G):
+        cache = cache + [T + s]
+        seen.append(sorted(cache))
+        since += 1
+        if since < N:
+            continue
+        since = 0
+        if len(cache) > B:
+            sc = np.mean([softmax_rows(allk[u // grp][cache] @ Qd[u, s] * scale)
+                          for u in range(Hq)], axis=0)
+            sc[cache.index(T + s)] = np.inf
+            cache = top(sc, cache, B)
+    return seen
+
+
+def compare_tova(name, path, work, N, prefill, budgets, per_query=False):
+    """tova:decoding=N (prefill=1): every exported step set and the decode metrics."""
+    spec = "tova:decoding=%d%s%s" % (N, ",prefill=1" if prefill else "",
+                                     ",heads=query" if per_query else "")
+    sel, res = os.path.join(work, "sel.json"), os.path.join(work, "r.json")
+    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
+        "-o", res, "--force")
+    with open(sel) as fh:
+        recs = json.load(fh)["records"]
+    with open(res) as fh:
+        runs = json.load(fh)["traces"][0]["runs"]
+    pairs, worst, evicted = [], 0.0, 0
+    with kvtrace.open(path) as t:
+        m = t.header["model"]
+        Hq, Hkv = m["n_q_heads"], m["n_kv_heads"]
+        grp = Hq // Hkv
+        scale = m.get("attn_scale") or 1 / np.sqrt(m["head_dim"])
+        for layer in t.layers():
+            rd = {k: t.read(k, layer, dtype="float32").astype(np.float64)
+                  for k in ("K", "V", "K_decode", "V_decode", "Q_decode", "Q_window")}
+            T = rd["K"].shape[1]
+            for run_ in runs:
+                B = run_["budget_tokens"]
+                seen = tova_caches(rd["Q_window"], rd["Q_decode"], rd["K"], rd["K_decode"],
+                                   scale, B, N, prefill)
+                evicted += sum(len(seen[s]) + 1 - len(seen[s + 1])
+                               for s in range(len(seen) - 1))
+                for r in recs:
+                    if (r["layer"], r["budget"]) == (layer, run_["budget"]) and r["step"] >= 0:
+                        pairs.append((r, set(seen[r["step"]])))
+                for h in range(Hq if per_query else Hkv):
+                    g = h // grp if per_query else h
+                    us = [h] if per_query else range(g * grp, (g + 1) * grp)
+                    want = np.mean([measures(rd["Q_decode"][u], rd["K"][g], rd["V"][g],
+                                             rd["K_decode"][g], rd["V_decode"][g], scale, seen)
+                                    for u in us], axis=0)
+                    mm = run_["metrics"]
+                    have = (mm["recall_decode"][layer][h], mm["err_decode"][layer][h],
+                            mm["n_keep"][layer][h])
+                    worst = max(worst, *(abs(a - b) for a, b in zip(have[:2], want[:2])))
+                    check(abs(have[2] - want[2]) < 1e-9,
+                          "%s %s layer %d head %d B %d: n_keep %r, check %r"
+                          % (name, spec, layer, h, B, have[2], want[2]))
+                check(all(len(x) <= max(B, T) + N for x in seen), "tova cache sizes")
+    check_sets(name, spec, pairs, budgets)
+    print("%s %s: %d step sets, %d tokens evicted while decoding; recall/err_decode within "
+          "%.2e of the check" % (name, spec, len(pairs), evicted, worst))
+    check(worst < 2e-5, "%s %s: decode metrics %.3g from the check" % (name, spec, worst))
+    return evicted
+
+
 def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filters=None,
             dms=None):
     """decoding=N (prefill=1), or with dms=(tau, Wd) dms=tau,dms_decoding=1,dms_window=Wd."""
@@ -198,19 +291,34 @@ HAND = [  # (spec, budget, {step: kept}); compressions after steps 1 and 3 (deco
 ]
 
 
-def hand_trace(work):
+# tova by hand: every query [1, 0], so each probability is monotone in the key's first
+# component (PN, DN) in both heads, the newest token first
+HAND_TOVA = [
+    # step 1 (8 entries): 7 first, then 4 (5), 5 (4), 0 (3), 2 (2), and of 1, 3, 6 (all 1) the
+    # earliest
+    ("tova:decoding=2", "6", {-1: list(range(6)), 0: list(range(7)), 1: list(range(8)),
+                              2: [0, 1, 2, 4, 5, 7, 8], 3: [0, 1, 2, 4, 5, 7, 8, 9]}),
+    # prefill=1: TOVAPress's prompt set, 5 (last) then 4, 0; then one token leaves per step:
+    # 0 (3) after step 0, 6 (1) after step 1, 5 (4) after step 2
+    ("tova:decoding=1,prefill=1", "3", {-1: [0, 4, 5], 0: [0, 4, 5, 6], 1: [4, 5, 6, 7],
+                                        2: [4, 5, 7, 8], 3: [4, 7, 8, 9]}),
+]
+
+
+def hand_trace(work, fixed_q=False):
     """A stories260K capture's tables (T = 6, 4 decode steps) with one layer of one KV head
-    and two query heads, D = 2: keys [norm, 0] of norms PN and DN, other tensors random."""
+    and two query heads, D = 2: keys [norm, 0] of norms PN and DN, other tensors random (with
+    fixed_q every query [1, 0])."""
     src = os.path.join(work, "hsrc.kvt")
     run("capture-llama2c", "--model", os.path.join(ROOT, "models", "stories260K.bin"),
-        "--tokens", "6", "--decode", "4", "--window", "2", "-o", src)
+        "--tokens", "6", "--decode", "4", "--window", "2", "-o", src, "--force")
     rng = np.random.default_rng(1)
     f32 = np.float32
     k = np.zeros((1, 6, 2), f32)
     k[0, :, 0] = PN
     kd = np.zeros((1, 4, 2), f32)
     kd[0, :, 0] = DN
-    dst = os.path.join(work, "hand.kvt")
+    dst = os.path.join(work, "hand%s.kvt" % ("q" if fixed_q else ""))
     with kvtrace.open(src) as t:
         h = json.loads(json.dumps(t.header))
         h["model"].update(n_layers=1, n_kv_heads=1, n_q_heads=2, head_dim=2)
@@ -221,8 +329,11 @@ def hand_trace(work):
                     w.append(kind, t.read(kind))
             w.append("K", k, layer=0)
             w.append("V", rng.normal(size=(1, 6, 2)).astype(f32), layer=0)
-            w.append("Q_window", rng.normal(size=(2, 2, 2)).astype(f32), layer=0)
-            w.append("Q_decode", rng.normal(size=(2, 4, 2)).astype(f32), layer=0)
+            qw, qd = rng.normal(size=(2, 2, 2)), rng.normal(size=(2, 4, 2))
+            if fixed_q:
+                qw, qd = np.tile([1.0, 0.0], (2, 2, 1)), np.tile([1.0, 0.0], (2, 4, 1))
+            w.append("Q_window", qw.astype(f32), layer=0)
+            w.append("Q_decode", qd.astype(f32), layer=0)
             w.append("K_decode", kd, layer=0)
             w.append("V_decode", rng.normal(size=(1, 4, 2)).astype(f32), layer=0)
     return dst
@@ -237,8 +348,9 @@ def main():
     work = tempfile.mkdtemp(prefix="kvt_decoding_")
     hand = hand_trace(work)
     sel, res = os.path.join(work, "sel.json"), os.path.join(work, "r.json")
-    for spec, budget, want in HAND:
-        run("replay", hand, "--policies", spec, "--budgets", budget, "--export-selection", sel,
+    handq = hand_trace(work, fixed_q=True)
+    for spec, budget, want in HAND + HAND_TOVA:
+        run("replay", handq if spec.startswith("tova") else hand, "--policies", spec, "--budgets", budget, "--export-selection", sel,
             "-o", res, "--force")
         with open(sel) as fh:
             got = {r["step"]: r["kept"] for r in json.load(fh)["records"]}
@@ -274,6 +386,11 @@ def main():
               ((layer, kvtrace_k(path, layer)) for layer in range(L))}
         compare(name, path, work, "qfilter", 0, False, "100%," + budgets, filters=fpath,
                 dms=(threshold(qs, 0, 16), 16))
+        # tova: DecodingPress(TOVAPress), TOVA's own eviction with N = 1 and prefill=1
+        ev = compare_tova(name, path, work, 1, True, budgets)
+        ev += compare_tova(name, path, work, 4, False, budgets)
+        ev += compare_tova(name, path, work, 3, True, budgets, per_query=True)
+        check(ev > 500, "%s tova: %d tokens evicted while decoding" % (name, ev))
     check(EVICTED[0] > 1000, "dms_decoding: %d tokens evicted while decoding" % EVICTED[0])
     print("dms_decoding: %d tokens evicted while decoding over the checks" % EVICTED[0])
 
@@ -335,6 +452,8 @@ def main():
                 "every layer and head, as kvpress's DecodingPress; %s= is not replayed with it"
                 % opt.split("=")[0])
     refused(R + ["snapkv:decoding=4"], "snapkv: unknown option 'decoding'")
+    refused(R + ["tova:decoding=4,dms=0"], "tova: decoding= scores every cache entry alike")
+    refused(R + ["tova:dms=0,dms_decoding=1"], "tova: unknown option 'dms_decoding'")
     refused(R + ["knorm:dms_decoding=1"],
             "knorm: dms_decoding= is an option of dms=, which is off (give dms=THRESHOLD)")
     refused(R + ["keydiff:dms=-1,dms_decoding=1"], "keydiff: unknown option 'dms_decoding'")
