@@ -512,10 +512,11 @@ static void list_policies(void)
            "DMSPress, each head keeping the last dms_window (128)\n"
            "tokens and the earlier ones scoring at least the threshold, at most the budget\n"
            "(--budgets 100%%: DMSPress itself; knorm and qfilter with dms_decoding=1 also\n"
-           "evict decode tokens as they leave that window). knorm, keydiff and qfilter take\n"
-           "decoding=N: kvpress's DecodingPress, the cache (decode tokens too) compressed\n"
-           "back to the budget every N decode steps (prefill=1: the prompt to the budget\n"
-           "first); the trace needs K_decode and V_decode.\n");
+           "evict decode tokens as they leave that window). knorm, keydiff, qfilter and\n"
+           "tova take decoding=N: kvpress's DecodingPress, the cache (decode tokens too)\n"
+           "compressed back to the budget every N decode steps (prefill=1: the prompt to the\n"
+           "budget first; tova:decoding=1,prefill=1 is TOVA's own eviction); the trace needs\n"
+           "K_decode and V_decode.\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)
