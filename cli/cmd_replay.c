@@ -516,7 +516,8 @@ static void list_policies(void)
            "tova take decoding=N: kvpress's DecodingPress, the cache (decode tokens too)\n"
            "compressed back to the budget every N decode steps (prefill=1: the prompt to the\n"
            "budget first; tova:decoding=1,prefill=1 is TOVA's own eviction); the trace needs\n"
-           "K_decode and V_decode.\n");
+           "K_decode and V_decode. h2o-greedy:decode=1 goes on evicting through the decode\n"
+           "steps, as H2O does while generating (also needs K_decode and V_decode).\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

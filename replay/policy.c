@@ -179,6 +179,9 @@ static const opt_desc opts_table[] = {
      "DecodingPress: every N decode steps the cache, prompt and decode tokens, is compressed "
      "back to the budget by the policy's scores (the prompt kept whole at prefill; needs "
      "K_decode and V_decode)"},
+    {"decode", O_BOOL, OFF(greedy_decode), 0, 0,
+     "h2o-greedy 0|1: the eviction goes on through the decode steps, each step's query adding "
+     "to the scores (H2O while generating; needs K_decode and V_decode)"},
     {"prefill", O_BOOL, OFF(decode_prefill), 0, 0,
      "decoding: also compress the prompt to the budget at prefill 0|1 (PrefillDecodingPress "
      "with the same press)"},
@@ -712,6 +715,13 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                                            : "chunk_length");
         goto out_fail;
     }
+    if (p->o.greedy_decode && p->o.chunk_length) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: decode=1 goes on evicting from the whole prompt's cache, and "
+                           "chunk_length= shares the budget over chunks (give one of them)",
+                           d->name);
+        goto out_fail;
+    }
     if (!p->o.decoding && prefill) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG,
                            "%s: prefill= is an option of decoding=, which is off (give "
@@ -916,7 +926,7 @@ unsigned kvt_policy_flags(const kvt_policy *p)
            (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0) |
            (chunk_q ? KVT_POLICY_NEEDS_QALL : 0) |
            (p->o.chunk_length > 0 ? KVT_POLICY_CHUNKED : 0) |
-           (p->o.decoding > 0 || p->o.dms_decoding
+           (kvt_policy_decode_evict(p)
                 ? KVT_POLICY_PER_STEP | KVT_POLICY_NEEDS_DECODE | KVT_POLICY_DECODE_EVICT
                 : 0) |
            (chunk_q && p->o.chunk_scores == KVT_CHUNK_KVPRESS ? KVT_POLICY_NEEDS_ROPE : 0);
@@ -926,8 +936,21 @@ unsigned kvt_policy_host_reads(const kvt_policy *p)
 {
     return p->def->host_reads |
            (p->o.chunk_scores && p->def->chunk_rank ? p->def->chunk_reads : 0) |
-           (p->o.decoding > 0 || p->o.dms_decoding ? KVT_CTX_KV | KVT_CTX_PRD
-                                                   : 0); /* decoding.c's caches */
+           (kvt_policy_decode_evict(p) ? KVT_CTX_KV | KVT_CTX_PRD
+                                       : 0); /* the caches' decode metrics (decoding.c) */
+}
+
+bool kvt_policy_decode_evict(const kvt_policy *p)
+{
+    return p->o.decoding > 0 || p->o.dms_decoding || p->o.greedy_decode;
+}
+
+const char *kvt_policy_decode_option(const kvt_policy *p)
+{
+    return p->o.decoding > 0    ? "decoding="
+           : p->o.dms_decoding  ? "dms_decoding=1"
+           : p->o.greedy_decode ? "decode=1"
+                                : NULL;
 }
 
 bool kvt_policy_per_query_head(const kvt_policy *p)
@@ -1045,11 +1068,12 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
             continue;
-        /* stats=, dms=, dms_decoding= and decoding= (added after those policies' results
+        /* stats=, dms=, dms_decoding=, decoding= and decode= (added after those policies' results
            existed) only when given, so that those results still merge with new ones */
         if ((!strcmp(opts_table[i].key, "stats") && !o->stats) ||
             (!strncmp(opts_table[i].key, "dms", 3) && isnan(o->dms)) ||
             (!strcmp(opts_table[i].key, "dms_decoding") && !o->dms_decoding) ||
+            (!strcmp(opts_table[i].key, "decode") && !o->greedy_decode) ||
             ((!strcmp(opts_table[i].key, "decoding") || !strcmp(opts_table[i].key, "prefill")) &&
              !o->decoding))
             continue;

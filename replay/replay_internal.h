@@ -110,6 +110,8 @@ typedef struct kvt_policy_opts {
                             policy's scores (decoding.c); 0 = off */
     bool decode_prefill; /* prefill=1 (with decoding=): the prompt compressed to the budget at
                             prefill first (PrefillDecodingPress with the same press) */
+    bool greedy_decode;  /* h2o-greedy decode=1: its eviction goes on through the decode steps
+                            (H2O while generating; policy_h2o_greedy.c) */
     int chunk_scores;    /* with chunk_length: KVT_CHUNK_PROMPT (one ranking of the whole prompt),
                             KVT_CHUNK_OWN (each chunk scored as a prompt of its own, its queries
                             at their positions) or KVT_CHUNK_KVPRESS (the same, its window queries
@@ -213,6 +215,10 @@ struct kvt_policy_def {
  *  chunk_reads with chunk_scores=own|kvpress, and K, V and the decode probabilities with
  *  decoding= (its caches, decoding.c). */
 unsigned kvt_policy_host_reads(const kvt_policy *p);
+/** Whether p's caches evict decode tokens too (decoding=, dms_decoding=1, h2o-greedy's
+ *  decode=1): its selections hold a cache per decode step (sel->dec), and the option named. */
+bool kvt_policy_decode_evict(const kvt_policy *p);
+const char *kvt_policy_decode_option(const kvt_policy *p);
 
 #define KVT_POLICY(name) extern const kvt_policy_def kvt_policy_def_##name;
 #include "policies/policy_list.h"

@@ -674,8 +674,8 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
             b += 1024 + 96.0 * Hkv;
         if (f & KVT_POLICY_PER_BUDGET) /* a ranking per budget: counted for 8 budgets */
             b += 32.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
-        if (pols[p]->o.decoding > 0 || pols[p]->o.dms_decoding) /* each cache's entries' last
-                                                                  steps: for 8 budgets */
+        if (kvt_policy_decode_evict(pols[p])) /* each cache's entries' last steps: for 8
+                                                 budgets */
             b += 32.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
         if (f & KVT_POLICY_NEEDS_ROPE) /* expected-attention: f64 queries, keys, K S', angles */
             b += 36.0 * D + 16.0 * Hq;
@@ -1151,8 +1151,7 @@ static kvt_status open_checked(const char *path, kvt_policy *const *pols, size_t
                       "policy %s evicts decode tokens too (%s), so it needs their keys and "
                       "values (K_decode, V_decode) in every layer, which %s does not have; "
                       "capture decode keys or drop the policy",
-                      kvt_policy_label(pols[p]),
-                      pols[p]->o.decoding > 0 ? "decoding=" : "dms_decoding=1", path);
+                      kvt_policy_label(pols[p]), kvt_policy_decode_option(pols[p]), path);
         if (f & KVT_POLICY_NEEDS_QALL) {
             sh->need_qall = true;
             if (!sh->has_qall) {

@@ -1008,7 +1008,7 @@ static kvt_status run_select(kvt_layer_ctx *c, const kvt_policy *p, const int *B
     /* the short-prompt rule (POLICIES §0.1.8): a prompt shorter than every budget is kept
        whole, whatever the policy, which reads nothing of it (its window may be longer than
        the prompt) */
-    bool short_prompt = n_b > 0;
+    bool short_prompt = n_b > 0 && !p->o.greedy_decode; /* (decode tokens fill its cache) */
     for (int b = 0; b < n_b; b++)
         short_prompt = short_prompt && B[b] > c->T;
     const kvt_policy_def *def = short_prompt ? &kvt_policy_def_full : p->def;

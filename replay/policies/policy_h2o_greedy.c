@@ -11,7 +11,13 @@
  * GQA: a KV head's cache ranks by the reduction (reduce=mean|max|sum) of its query heads'
  * scores; heads=query gives every query head its own cache. B >= T keeps everything, B <= W the
  * last B tokens. Needs every prompt query (Q_all); O(T^2 D) per query head, like h2o from Q_all,
- * plus O(T B) per head and budget for the evictions. */
+ * plus O(T B) per head and budget for the evictions.
+ * decode=1 (H2O while generating, its Algorithm 1 over the decode steps): the same eviction goes
+ * on from each budget's prompt-time cache: decode step d's token T + d joins, the step's query
+ * rows (the full softmax over keys 0 .. T + d, f32 probabilities as the prompt's) add to every
+ * token's score, and over capacity the lowest-scoring token at least W steps old leaves, or,
+ * with none that old (B <= W), the oldest: a cache per budget and head through the steps
+ * (sel->dec, measured and exported as decoding='s). */
 #include <math.h>
 #include <string.h>
 
@@ -22,9 +28,10 @@
 
 typedef struct hg_budget {
     int B;        /* the cache's capacity (window included) */
+    bool sim;     /* simulated over the prompt (W < B < T) */
     int n;        /* tokens cached */
     int32_t *mem; /* [B + 1] the cached tokens, in no order */
-    int32_t *ev;  /* [T] the evicted tokens, in eviction order */
+    int32_t *ev;  /* [T] the evicted tokens, in eviction order (decode=1: [T + G]) */
     int n_ev;
 } hg_budget;
 
@@ -41,7 +48,8 @@ static double hg_score(const double *acc, int nh, int T, kvt_reduce r, int j)
 }
 
 /* step t of one budget's cache: token t joins; over capacity, the lowest-scoring token at
-   least W steps old (j <= t - W) leaves, ties to the later token */
+   least W steps old (j <= t - W) leaves, ties to the later token; with none that old (only
+   while decoding, B <= W) the oldest. acc: [nh, T] (decode=1: T + G) */
 static void hg_step(hg_budget *hb, const double *acc, int nh, int T, kvt_reduce r, int W, int t)
 {
     hb->mem[hb->n++] = t;
@@ -58,7 +66,14 @@ static void hg_step(hg_budget *hb, const double *acc, int nh, int T, kvt_reduce 
             at = i, u = j, lo = s;
         }
     }
-    /* at >= 0: the cache holds B + 1 > W + 1 tokens, at most W of them from the last W steps */
+    /* at >= 0 with B > W: the cache holds B + 1 > W + 1 tokens, at most W from the last W
+       steps */
+    for (int i = 0; at < 0 && i < hb->n; i++)
+        if (i == 0 || hb->mem[i] < u)
+            u = hb->mem[i];
+    for (int i = 0; at < 0; i++)
+        if (hb->mem[i] == u)
+            at = i;
     hb->ev[hb->n_ev++] = u;
     hb->mem[at] = hb->mem[--hb->n];
 }
@@ -71,7 +86,7 @@ static void hg_ranking(const hg_budget *hb, int T, int W, uint8_t *kept, int32_t
     int k = 0;
     for (int j = T - 1; j >= T - W; j--)
         r[k++] = j;
-    if (!hb->mem) {
+    if (!hb->sim) {
         for (int j = 0; j < T - W; j++)
             r[k++] = j;
         return;
@@ -87,6 +102,60 @@ static void hg_ranking(const hg_budget *hb, int T, int W, uint8_t *kept, int32_t
             r[k++] = hb->ev[i];
 }
 
+/* decode=1: selection head s (query heads h0 .. h0 + nh - 1 on KV head g) through the decode
+   steps from each budget's prompt-time set (its ranking's first count entries): acc [nh, T + G]
+   holds the prompt rows' sums; sel->dec[b, s] gets each cache's last visible steps */
+static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_selection *sel,
+                            hg_budget *hb, int n_b, int s, int h0, int nh, int g, double *acc)
+{
+    const int T = c->T, G = c->Gd, D = c->D, H = sel->n_heads;
+    const int W = p->o.window < T ? p->o.window : T;
+    const size_t as = (size_t)T + G;
+    for (int b = 0; b < n_b; b++) {
+        kvt_dec_cache *dc = &sel->dec[(size_t)b * H + s];
+        dc->last = kvt_malloc(as * sizeof(int32_t));
+        KVT_RETURN_IF(!dc->last, KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
+        for (size_t e = 0; e < as; e++)
+            dc->last[e] = e < (size_t)T ? -1 : G - 1;
+        const int n0 = sel->count[(size_t)b * H + s];
+        const int32_t *r = sel->border + ((size_t)b * H + s) * T;
+        hb[b].n = n0;
+        hb[b].n_ev = 0;
+        for (int i = 0; i < n0; i++) {
+            hb[b].mem[i] = r[i];
+            dc->last[r[i]] = G - 1;
+        }
+    }
+    const float *Kd = c->in->k_decode + (size_t)g * G * D;
+    for (int d = 0; d < G; d++) {
+        for (int u = 0; u < nh; u++) { /* step d's row of query head h0 + u over keys 0..T+d */
+            const size_t row = (size_t)(h0 + u) * G + (size_t)d;
+            const float *pr = c->prd + row * T, *q = c->in->q_decode + row * D;
+            double *a = acc + (size_t)u * as;
+            for (int j = 0; j < T; j++)
+                a[j] += (double)pr[j];
+            for (int e = 0; e <= d; e++) {
+                double z = 0.0;
+                for (int x = 0; x < D; x++)
+                    z += (double)q[x] * Kd[(size_t)e * D + x];
+                const double pe = exp(z * c->scale - c->lsed[row]);
+                KVT_RETURN_IF(isnan(pe), KVT_ERR_NAN,
+                              "%s: decode=1: NaN attention of decode step %d at layer %d, query "
+                              "head %d",
+                              p->def->name, d, c->layer, h0 + u);
+                a[T + e] += (double)(float)pe;
+            }
+        }
+        for (int b = 0; b < n_b; b++) {
+            const int n_ev = hb[b].n_ev;
+            hg_step(&hb[b], acc, nh, (int)as, p->o.reduce, W, T + d);
+            if (hb[b].n_ev > n_ev) /* evicted after step d's attention */
+                sel->dec[(size_t)b * H + s].last[hb[b].ev[n_ev]] = d;
+        }
+    }
+    return KVT_OK;
+}
+
 static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                                  kvt_layer_selection *sel)
 {
@@ -99,9 +168,24 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
     KVT_FORWARD(kvt_sel_init(sel, c, pq, W, n_b, true));
     KVT_FORWARD(kvt_sel_init_per_budget(sel));
     kvt_counts_uniform(sel, B, n_b);
+    /* decode=1: the caches go on through the decode steps (hg_decode), the scores of decode
+       tokens too: acc [nh, T + G] */
+    const int G = p->o.greedy_decode ? c->Gd : 0;
+    const size_t as = (size_t)T + G;
+    if (p->o.greedy_decode) {
+        KVT_RETURN_IF(G > 0 && !c->has_extra, KVT_ERR_NOT_FOUND,
+                      "%s: decode=1 evicts decode tokens too, so it needs their keys and values "
+                      "(K_decode, V_decode), which layer %d does not have",
+                      name, c->layer);
+        sel->dec_steps = G;
+        sel->dec = kvt_calloc((size_t)n_b * H + 1, sizeof(kvt_dec_cache));
+        KVT_RETURN_IF(!sel->dec, KVT_ERR_NOMEM, "%s: out of memory", name);
+        if (G > 0)
+            KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD));
+    }
 
     const bool own_q = !c->in->q_all; /* Q_all loaded head by head */
-    double *acc = kvt_malloc(((size_t)nh * T + 1) * sizeof(double));
+    double *acc = kvt_malloc(((size_t)nh * as + 1) * sizeof(double));
     double *work = kvt_malloc(((size_t)T + 1) * sizeof(double));
     float *pr = kvt_malloc(((size_t)nh * ROWS * T + 1) * sizeof(float));
     float *qbuf = own_q ? kvt_malloc(((size_t)nh * T * D + 1) * sizeof(float)) : NULL;
@@ -114,16 +198,18 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", name);
         goto out;
     }
-    bool any = false; /* a budget to simulate (W < B < T): the attention rows are needed */
+    /* a budget to simulate (W < B < T), or decode steps: the attention rows are needed */
+    bool any = G > 0;
     for (int b = 0; b < n_b; b++) {
         hb[b].B = B[b];
-        if (W < B[b] && B[b] < T &&
-            (!(hb[b].mem = kvt_malloc(((size_t)B[b] + 2) * sizeof(int32_t))) ||
-             !(hb[b].ev = kvt_malloc(((size_t)T + 1) * sizeof(int32_t))))) {
+        hb[b].sim = W < B[b] && B[b] < T;
+        const size_t cap = (size_t)B[b] < as ? (size_t)B[b] : as; /* the most it holds */
+        if ((hb[b].sim || G > 0) && (!(hb[b].mem = kvt_malloc((cap + 2) * sizeof(int32_t))) ||
+                                     !(hb[b].ev = kvt_malloc((as + 1) * sizeof(int32_t))))) {
             st = kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", name);
             goto out;
         }
-        any |= hb[b].mem != NULL;
+        any |= hb[b].sim;
     }
     for (int s = 0; s < H && !st; s++) {
         const int h0 = pq ? s : s * Gs, g = kvt_ctx_kv_of(c, pq, s);
@@ -132,7 +218,7 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
             hb[b].n = hb[b].n_ev = 0;
         for (int u = 0; u < nh && any && !st; u++)
             st = kvt_ctx_q_all_head(c, name, h0 + u, qbuf ? qbuf + (size_t)u * T * D : NULL, &q[u]);
-        memset(acc, 0, (size_t)nh * T * sizeof(double));
+        memset(acc, 0, (size_t)nh * as * sizeof(double));
         for (int t0 = 0; t0 < T && any && !st; t0 += ROWS) {
             const int nr = T - t0 < ROWS ? T - t0 : ROWS, nk = t0 + nr;
             for (int i = 0; i < nr; i++)
@@ -145,17 +231,19 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
                 const int t = t0 + i;
                 for (int u = 0; u < nh; u++) { /* every token's score takes row t */
                     const float *row = pr + (size_t)u * ROWS * T + (size_t)i * nk;
-                    double *a = acc + (size_t)u * T;
+                    double *a = acc + (size_t)u * as;
                     for (int j = 0; j <= t; j++)
                         a[j] += (double)row[j];
                 }
                 for (int b = 0; b < n_b; b++)
-                    if (hb[b].mem)
-                        hg_step(&hb[b], acc, nh, T, p->o.reduce, W, t);
+                    if (hb[b].sim)
+                        hg_step(&hb[b], acc, nh, (int)as, p->o.reduce, W, t);
             }
         }
         for (int b = 0; b < n_b && !st; b++)
             hg_ranking(&hb[b], T, W, kept, sel->border + ((size_t)b * H + s) * T);
+        if (!st && G > 0)
+            st = hg_decode(c, p, sel, hb, n_b, s, h0, nh, g, acc);
     }
 out:
     for (int b = 0; hb && b < n_b; b++) {
@@ -177,7 +265,7 @@ const kvt_policy_def kvt_policy_def_h2o_greedy = {
     .summary = "H2O's greedy eviction over the prompt: every query's attention accumulates on the "
                "cached tokens, the lowest non-recent one leaves once the cache holds more than B "
                "(a set per budget)",
-    .keys = "window,reduce,heads",
+    .keys = "window,reduce,heads,decode",
     .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_PER_BUDGET,
     .host_reads = KVT_CTX_KV,
     .select = sel_h2o_greedy,

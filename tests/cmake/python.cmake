@@ -104,7 +104,7 @@ if(KVT_SYS_PYTHON)
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
               test_h2o_greedy test_h2o_greedy_hand test_think test_aircache
               test_layer_weights test_chunk_length test_chunk_scores test_ea_stats
-              test_dms test_decoding)
+              test_dms test_decoding test_h2o_greedy_decode)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)
