@@ -454,6 +454,12 @@ def main():
     refused(R + ["snapkv:decoding=4"], "snapkv: unknown option 'decoding'")
     refused(R + ["tova:decoding=4,dms=0"], "tova: decoding= scores every cache entry alike")
     refused(R + ["tova:dms=0,dms_decoding=1"], "tova: unknown option 'dms_decoding'")
+    for spec, opt in (("knorm:decoding=2", "decoding="), ("tova:decoding=1,prefill=1", "decoding="),
+                      ("qfilter:dms=0,dms_decoding=1", "dms_decoding=1")):
+        refused(R + [spec + ",think=0.5"],
+                "%s: think= prunes the key channels of the prompt-time set, and %s keeps caches "
+                "of whole keys through the decode steps (give one of them)"
+                % (spec.split(":")[0], opt))
     refused(R + ["knorm:dms_decoding=1"],
             "knorm: dms_decoding= is an option of dms=, which is off (give dms=THRESHOLD)")
     refused(R + ["keydiff:dms=-1,dms_decoding=1"], "keydiff: unknown option 'dms_decoding'")

@@ -192,6 +192,9 @@ def main():
             "h2o-greedy: decode=1 goes on evicting from the whole prompt's cache, and "
             "chunk_length= shares the budget over chunks (give one of them)")
     refused(R + ["h2o:decode=1"], "h2o: unknown option 'decode'")
+    refused(R + ["h2o-greedy:decode=1,think=0.5"],
+            "h2o-greedy: think= prunes the key channels of the prompt-time set, and decode=1 "
+            "keeps caches of whole keys through the decode steps (give one of them)")
     nod = copy_trace(a, os.path.join(work, "nod.kvt"),
                      kinds=("K", "V", "Q_window", "Q_decode", "Q_all"))
     refused(["replay", nod, "--budgets", "20", "-o", os.path.join(work, "y.json"), "--force",
