@@ -515,9 +515,10 @@ static void list_policies(void)
            "evict decode tokens as they leave that window). knorm, keydiff, qfilter and\n"
            "tova take decoding=N: kvpress's DecodingPress, the cache (decode tokens too)\n"
            "compressed back to the budget every N decode steps (prefill=1: the prompt to the\n"
-           "budget first; tova:decoding=1,prefill=1 is TOVA's own eviction); the trace needs\n"
-           "K_decode and V_decode. h2o-greedy:decode=1 goes on evicting through the decode\n"
-           "steps, as H2O does while generating (also needs K_decode and V_decode).\n");
+           "budget first; tova:decoding=1,prefill=1 is TOVA's own eviction); streamingllm\n"
+           "takes it as StreamingLLM's rolling cache (sinks and the most recent); the trace\n"
+           "needs K_decode and V_decode. h2o-greedy:decode=1 goes on evicting through the\n"
+           "decode steps, as H2O does while generating (also needs K_decode and V_decode).\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

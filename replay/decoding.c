@@ -119,7 +119,7 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
         if (!key_sc) {
             for (int i = 0; i < n; i++)
                 kp[i] = entry_key(c, g, cache[i]);
-            KVT_FORWARD(p->def->cache_scores(c, p, h, kp, n, sc, work));
+            KVT_FORWARD(p->def->cache_scores(c, p, h, cache, kp, n, sc, work));
         }
         if (key_sc)
             for (int i = 0; i < n; i++)
@@ -255,9 +255,11 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
     for (int h = 0; h < H && per_key && !st; h++) {
         const int g = kvt_ctx_kv_of(c, p->o.per_query, h);
-        for (int e = 0; e < T + G; e++)
+        for (int e = 0; e < T + G; e++) {
+            cache[e] = e;
             kp[e] = entry_key(c, g, e);
-        st = p->def->cache_scores(c, p, h, kp, T + G, key_sc + (size_t)h * (T + G), work);
+        }
+        st = p->def->cache_scores(c, p, h, cache, kp, T + G, key_sc + (size_t)h * (T + G), work);
     }
     if (p->def->step_scores && !st) /* one cache per layer, each head a copy of head 0's */
         st = simulate_steps(c, p, B, n_b, sel);

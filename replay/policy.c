@@ -685,6 +685,14 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                            d->name, kvt_policy_decode_option(p));
         goto out_fail;
     }
+    if (p->o.merge && kvt_policy_decode_evict(p)) {
+        st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                           "%s: merge= merges dropped tokens into the prompt-time set, and %s "
+                           "keeps caches of whole entries through the decode steps (give one of "
+                           "them)",
+                           d->name, kvt_policy_decode_option(p));
+        goto out_fail;
+    }
     if (!(p->o.think > 0) && think_extra) {
         st = kvt_error_set(KVT_ERR_INVALID_ARG,
                            "%s: %s= is an option of think=, which is off (give think=R, R > 0)",

@@ -190,11 +190,11 @@ struct kvt_policy_def {
     kvt_status (*chunk_rank)(kvt_layer_ctx *c, const kvt_policy *p, int C, const int *B, int n_b,
                              kvt_layer_selection *sel);
     /* optional, decoding= and dms_decoding= (decoding.c): out [n] the scores (higher kept) of the n
-       cache entries whose keys k[i] [D] (prompt or decode keys, post-RoPE) selection head h holds,
-       as the policy scores a prompt's keys; the whole cache is given, for scores relative to it
-       (keydiff's mean key). work: 2 D doubles. */
-    kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, const float *const *k,
-                               int n, double *out, double *work);
+       cache entries ent[i] (prompt token e < T, decode token e - T) whose keys k[i] [D]
+       (post-RoPE) selection head h holds, as the policy scores a prompt's keys; the whole cache
+       is given, for scores relative to it (keydiff's mean key). work: 2 D doubles. */
+    kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
+                               const float *const *k, int n, double *out, double *work);
     /* optional, decoding= (decoding.c) over a policy scoring by the decode queries, one cache per
        layer (tova): out [n] the scores (higher kept) of the entries cache [n] after step s's
        attention, from z: query head u's logit (q.k times the scale) of step s's query and entry
@@ -202,10 +202,10 @@ struct kvt_policy_def {
     kvt_status (*step_scores)(kvt_layer_ctx *c, const kvt_policy *p, int s, const double *z,
                               size_t zs, const int32_t *cache, int n, double *out);
     bool cache_scores_kv;      /* cache_scores reads the keys alone, not the head h (knorm,
-                                  keydiff) */
+                                  keydiff, streamingllm) */
     bool cache_scores_per_key; /* a key's score does not depend on the rest of the cache
-                                  (knorm, qfilter): scored once for every compression; needed
-                                  by dms_decoding= */
+                                  (knorm, qfilter, streamingllm): scored once for every
+                                  compression; needed by dms_decoding= */
     unsigned chunk_reads;
     bool chunk_queries;
     char chunk_min;

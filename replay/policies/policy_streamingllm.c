@@ -1,6 +1,8 @@
 /* policy_streamingllm.c - `streamingllm` (POLICIES §7): the first `sinks` tokens (default 4)
  * plus the most recent B - sinks. Positions only; the same for every head and layer. The
  * ranking is sinks first, then the tokens from the most recent backwards. */
+#include <math.h>
+
 #include "../replay_internal.h"
 
 static kvt_status sel_streaming(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
@@ -33,11 +35,26 @@ static kvt_status chunk_streaming(kvt_layer_ctx *c, const kvt_policy *p, int C, 
     return KVT_OK;
 }
 
+/* decoding=N: StreamingLLM's rolling cache (StartRecentKVCache, as its eval_long_ppl trims it
+ * after each token's forward): a compression keeps the sinks (+inf) and then the most recent
+ * entries, scored by their position */
+static kvt_status cache_streaming(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
+                                  const float *const *k, int n, double *out, double *work)
+{
+    (void)c, (void)h, (void)k, (void)work;
+    for (int i = 0; i < n; i++)
+        out[i] = ent[i] < p->o.sinks ? INFINITY : (double)ent[i];
+    return KVT_OK;
+}
+
 const kvt_policy_def kvt_policy_def_streamingllm = {
     .name = "streamingllm",
     .summary = "attention sinks + most recent tokens",
-    .keys = "sinks,heads,merge",
+    .keys = "sinks,heads,merge,decoding,prefill",
     .select = sel_streaming,
     .chunk_rank = chunk_streaming,
     .chunk_min = 's', /* StreamingLLMPress asserts the chunk exceeds n_sink */
+    .cache_scores = cache_streaming,
+    .cache_scores_kv = true,
+    .cache_scores_per_key = true,
 };

@@ -86,7 +86,7 @@
 #                                capped at the budget, and refusals
 #   test_decoding                decoding=N (kvpress's DecodingPress; prefill=1:
 #                                PrefillDecodingPress) over knorm, keydiff, qfilter and tova,
-#                                and dms_decoding=1 (DMSPress(decoding=True)) over knorm and
+#                                streamingllm's rolling cache, and dms_decoding=1 (DMSPress(decoding=True)) over knorm and
 #                                qfilter: each step's cache and the decode metrics against
 #                                NumPy, hand-worked ties, and refusals
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,

@@ -74,10 +74,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        chunk_scores= (each chunk scored on its own from its last queries, turned by the
        header's RoPE; refused before any layer where a chunk holds no more than the window),
        and expected-attention, streamingllm, lagkv, cur, leverage and compactor with
-       chunk_scores=; and, on a trace with decode queries, knorm, keydiff, qfilter and tova with
-       decoding=, knorm with dms_decoding=1 and h2o-greedy with decode=1 (caches of prompt and
-       decode tokens through the decode steps; a trace without K_decode and V_decode, or
-       without Q_all for h2o-greedy, refused before any layer) */
+       chunk_scores=; and, on a trace with decode queries, knorm, keydiff, qfilter, tova and
+       streamingllm with decoding=, knorm with dms_decoding=1 and h2o-greedy with decode=1 (caches
+       of prompt and decode tokens through the decode steps; a trace without K_decode and V_decode,
+       or without Q_all for h2o-greedy, refused before any layer) */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -133,6 +133,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     if (kvt_policy_list_parse("knorm:decoding=1,keydiff:decoding=2,prefill=1,heads=query,"
                               "qfilter:decoding=1,prefill=1,tova:decoding=1,prefill=1,"
                               "tova:decoding=2,heads=query,h2o-greedy:window=1,decode=1,"
+                              "streamingllm:sinks=1,decoding=1,prefill=1,"
                               "knorm:dms=-1,dms_decoding=1,dms_window=1",
                               NULL, &g_pols[10], &g_n_pol[10]))
         abort();

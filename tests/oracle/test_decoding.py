@@ -47,8 +47,10 @@ from test_dms import dms_kept, threshold  # noqa: E402
 kvtrace = need_library()
 
 
-def cache_scores(kind, keys, f=None):
-    """The press's scores [n] of the cache's keys [n, D] (double)."""
+def cache_scores(kind, keys, f=None, ent=None):
+    """The press's scores [n] of the cache's keys [n, D] (double), entries ent [n]."""
+    if kind == "streamingllm":  # the sinks (4), then the most recent
+        return np.array([np.inf if e < 4 else e for e in ent], dtype=float)
     if kind == "knorm":
         return -np.linalg.norm(keys, axis=-1)
     if kind == "keydiff":
@@ -70,7 +72,8 @@ def caches(kind, K, Kd, B, N, prefill, f=None):
     keys Kd [G, D]."""
     T, G = len(K), len(Kd)
     allk = np.concatenate([K, Kd])
-    cache = top(cache_scores(kind, K, f), list(range(T)), B) if prefill else list(range(T))
+    cache = (top(cache_scores(kind, K, f, range(T)), list(range(T)), B) if prefill
+             else list(range(T)))
     seen, since = [], 0
     for s in range(G):
         cache = cache + [T + s]
@@ -80,7 +83,7 @@ def caches(kind, K, Kd, B, N, prefill, f=None):
             continue
         since = 0
         if len(cache) > B:
-            cache = top(cache_scores(kind, allk[cache], f), cache, B)
+            cache = top(cache_scores(kind, allk[cache], f, cache), cache, B)
     return seen
 
 
@@ -155,6 +158,30 @@ def tova_caches(Qw, Qd, K, Kd, scale, B, N, prefill):
             sc[cache.index(T + s)] = np.inf
             cache = top(sc, cache, B)
     return seen
+
+
+def rolling(name, path, work, budgets):
+    """streamingllm:decoding=1,prefill=1 against StreamingLLM's StartRecentKVCache in closed
+    form: step s's query sees the 4 sinks and tokens T + s - (B - 4) .. T + s (the cache
+    trimmed to the sinks and the last B - 4 after each step's forward, plus step s's token)."""
+    sel = os.path.join(work, "sel.json")
+    run("replay", path, "--policy", "streamingllm:decoding=1,prefill=1", "--budgets", budgets,
+        "--export-selection", sel, "-o", os.path.join(work, "r.json"), "--force")
+    with open(sel) as fh:
+        recs = json.load(fh)["records"]
+    with kvtrace.open(path) as t:
+        T = t.header["n_tokens"]
+    n = 0
+    for r in recs:
+        B, s = r["budget_tokens"], r["step"]
+        if s < 0:
+            want = sorted(set(range(min(4, B))) | set(range(max(T - (B - 4), 0), T)))
+        else:
+            want = sorted(set(range(4)) | set(range(max(T + s - (B - 4), 0), T + s + 1)))
+        check(r["kept"] == want, "%s rolling cache B %d step %d: %s, want %s"
+              % (name, B, s, r["kept"][:8], want[:8]))
+        n += 1
+    print("%s streamingllm:decoding=1,prefill=1: %d sets are StartRecentKVCache's" % (name, n))
 
 
 def compare_tova(name, path, work, N, prefill, budgets, per_query=False):
@@ -386,6 +413,10 @@ def main():
               ((layer, kvtrace_k(path, layer)) for layer in range(L))}
         compare(name, path, work, "qfilter", 0, False, "100%," + budgets, filters=fpath,
                 dms=(threshold(qs, 0, 16), 16))
+        # streamingllm: StreamingLLM's rolling cache (trimmed every N steps)
+        compare(name, path, work, "streamingllm", 1, True, budgets)
+        compare(name, path, work, "streamingllm", 5, False, budgets, per_query=True)
+        rolling(name, path, work, budgets)
         # tova: DecodingPress(TOVAPress), TOVA's own eviction with N = 1 and prefill=1
         ev = compare_tova(name, path, work, 1, True, budgets)
         ev += compare_tova(name, path, work, 4, False, budgets)
@@ -454,6 +485,9 @@ def main():
     refused(R + ["snapkv:decoding=4"], "snapkv: unknown option 'decoding'")
     refused(R + ["tova:decoding=4,dms=0"], "tova: decoding= scores every cache entry alike")
     refused(R + ["tova:dms=0,dms_decoding=1"], "tova: unknown option 'dms_decoding'")
+    refused(R + ["streamingllm:decoding=2,merge=pivot"],
+            "streamingllm: merge= merges dropped tokens into the prompt-time set, and decoding= "
+            "keeps caches of whole entries through the decode steps (give one of them)")
     for spec, opt in (("knorm:decoding=2", "decoding="), ("tova:decoding=1,prefill=1", "decoding="),
                       ("qfilter:dms=0,dms_decoding=1", "dms_decoding=1")):
         refused(R + [spec + ",think=0.5"],
