@@ -327,13 +327,14 @@ static void put_policies(FILE *f, const kvt_results *r)
             {KVT_POLICY_PER_STEP, "selects again at every decode step"},
             {KVT_POLICY_PER_BUDGET, "kept sets not nested across budgets"}};
         const char *sep = "";
-        /* decoding=N, dms_decoding=1: its per-step sets are caches that evict decode tokens
-           (said below) */
+        /* decoding=N, dms_decoding=1, h2o-greedy's decode=1: its per-step sets are caches that
+           evict decode tokens (said below) */
         const cJSON *dec = cJSON_GetObjectItemCaseSensitive(o, "decoding");
         const bool dms_dec = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "dms_decoding"));
+        const bool g_dec = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "decode"));
         for (size_t k = 0; k < sizeof(notes) / sizeof(notes[0]); k++)
-            if ((rp->flags & notes[k].flag) &&
-                !(notes[k].flag == KVT_POLICY_PER_STEP && (cJSON_IsNumber(dec) || dms_dec))) {
+            if ((rp->flags & notes[k].flag) && !(notes[k].flag == KVT_POLICY_PER_STEP &&
+                                                 (cJSON_IsNumber(dec) || dms_dec || g_dec))) {
                 fprintf(f, "%s%s", sep, notes[k].text);
                 sep = "; ";
             }
@@ -367,6 +368,13 @@ static void put_policies(FILE *f, const kvt_results *r)
                     "%sdecode tokens too evicted by the threshold as they leave the last "
                     "dms_window tokens (dms_decoding=1); the decode metrics and kept entries "
                     "follow the cache",
+                    sep);
+            sep = "; ";
+        }
+        if (g_dec) {
+            fprintf(f,
+                    "%sthe eviction going on through the decode steps, decode tokens too "
+                    "(decode=1); the decode metrics and kept entries follow the cache",
                     sep);
             sep = "; ";
         }

@@ -114,7 +114,7 @@ grep -o 'Not measured, so not drawn: [^.]*' "$TMP/lkrep/index.html" | grep -q sn
 # on an image-heavy trace lightkv-like keeps every text token, far more than the budget: the
 # best-per-budget table ranks the settings within their budget and names it beside, with what
 # it keeps, rather than crowning it at every budget
-$BIN synth --shape tiny-vl --tokens 256 -o "$TMP/vl.kvt" >/dev/null 2>&1 || fail "synth vl"
+$BIN synth --shape tiny-vl --tokens 256 --q-all -o "$TMP/vl.kvt" >/dev/null 2>&1 || fail "synth vl"
 $BIN replay "$TMP/vl.kvt" --policies snapkv,lightkv-like,streamingllm --budgets 16,64 \
     --threads 1 -o "$TMP/vl.json" >/dev/null 2>&1 || fail "replay vl"
 $BIN report "$TMP/vl.json" -o "$TMP/vlrep" >/dev/null 2>&1 || fail "report vl"
@@ -141,13 +141,13 @@ hdr = json.dumps({"query_mean": {"dtype": "F32", "shape": [L, H, D],
 open(sys.argv[1], "wb").write(struct.pack("<Q", len(hdr)) + hdr + m + c)
 PYEOF
 $BIN replay "$TMP/vl.kvt" \
-    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own,expected-attention:stats=$TMP/st.safetensors,knorm:decoding=4,prefill=1,knorm:dms=-4,dms_decoding=1,dms_window=8" \
+    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own,expected-attention:stats=$TMP/st.safetensors,knorm:decoding=4,prefill=1,knorm:dms=-4,dms_decoding=1,dms_window=8,h2o-greedy:decode=1" \
     --budgets 120,200 --threads 1 -o "$TMP/pol.json" >/dev/null 2>"$TMP/err" ||
     { cat "$TMP/err"; fail "replay policies"; }
 $BIN report "$TMP/pol.json" -o "$TMP/polrep" >/dev/null 2>&1 || fail "report policies"
 sed -n '/id="policies"/,/<\/table>/p' "$TMP/polrep/index.html" | grep '^<tr><td>' |
     sed 's/<\/td><td>/|/g; s/<[^>]*>//g' >"$TMP/polrows"
-[ "$(wc -l <"$TMP/polrows")" = 9 ] || fail "Policies table: $(cat "$TMP/polrows")"
+[ "$(wc -l <"$TMP/polrows")" = 10 ] || fail "Policies table: $(cat "$TMP/polrows")"
 grep -q '^snapkv:think=0.25|snapkv|window=32, .*, think=0.25, think_window=32, think_recent=32|merged or pruned entries' \
     "$TMP/polrows" || fail "Policies row of snapkv:think: $(cat "$TMP/polrows")"
 grep -q '^aircache-like:last=16|aircache-like|reduce=mean, heads=kv, threshold=0.9, last=16|inferred: ' \
@@ -166,6 +166,8 @@ grep -q '^knorm:decoding=4,prefill=1|knorm|.*, decoding=4, prefill=1, .*|the cac
     "$TMP/polrows" || fail "Policies row of knorm with decoding: $(cat "$TMP/polrows")"
 grep -q '^knorm:dms=-4,dms_decoding=1,dms_window=8|knorm|.*, dms=-4, dms_window=8, dms_decoding=1, .*|decode tokens too evicted by the threshold as they leave the last dms_window tokens (dms_decoding=1); the decode metrics and kept entries follow the cache$' \
     "$TMP/polrows" || fail "Policies row of knorm with dms_decoding: $(cat "$TMP/polrows")"
+grep -q '^h2o-greedy:decode=1|h2o-greedy|window=32, reduce=mean, heads=kv, decode=1|kept sets not nested across budgets; the eviction going on through the decode steps, decode tokens too (decode=1); the decode metrics and kept entries follow the cache$' \
+    "$TMP/polrows" || fail "Policies row of h2o-greedy with decode: $(cat "$TMP/polrows")"
 # the quality charts' cost axis is the KV cache kept: a heads=query policy keeps its budget per
 # query head, so G (query heads per KV head) times the entries of the same budget per KV head
 $BIN synth --shape tiny --tokens 96 --window 8 --decode 4 -o "$TMP/gqa.kvt" >/dev/null 2>&1 ||
