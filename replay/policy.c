@@ -677,20 +677,15 @@ kvt_status kvt_policy_create(const char *spec, const kvt_policy_globals *g, kvt_
                                                : "position");
         goto out_fail;
     }
-    if (p->o.think > 0 && kvt_policy_decode_evict(p)) {
+    if ((p->o.think > 0 || p->o.merge) && kvt_policy_decode_evict(p)) {
+        const bool think = p->o.think > 0;
         st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                           "%s: think= prunes the key channels of the prompt-time set, and %s "
-                           "keeps caches of whole keys through the decode steps (give one of "
-                           "them)",
-                           d->name, kvt_policy_decode_option(p));
-        goto out_fail;
-    }
-    if (p->o.merge && kvt_policy_decode_evict(p)) {
-        st = kvt_error_set(KVT_ERR_INVALID_ARG,
-                           "%s: merge= merges dropped tokens into the prompt-time set, and %s "
-                           "keeps caches of whole entries through the decode steps (give one of "
-                           "them)",
-                           d->name, kvt_policy_decode_option(p));
+                           "%s: %s the prompt-time set, and %s keeps caches of whole %s through "
+                           "the decode steps (give one of them)",
+                           d->name,
+                           think ? "think= prunes the key channels of"
+                                 : "merge= merges dropped tokens into",
+                           kvt_policy_decode_option(p), think ? "keys" : "entries");
         goto out_fail;
     }
     if (!(p->o.think > 0) && think_extra) {

@@ -67,6 +67,23 @@ def top(scores, ent, B):
     return sorted(ent[i] for i in order[:B])
 
 
+def decode_steps(cache, T, G, B, N, score):
+    """DecodingPress from the prompt-time set `cache`: [G] the entries (ascending) decode query
+    s sees; after every N-th step a cache of more than B keeps the B that score(cache, s)
+    ranks highest."""
+    seen, since = [], 0
+    for s in range(G):
+        cache = cache + [T + s]
+        seen.append(sorted(cache))
+        since += 1
+        if since < N:
+            continue
+        since = 0
+        if len(cache) > B:
+            cache = top(score(cache, s), cache, B)
+    return seen
+
+
 def caches(kind, K, Kd, B, N, prefill, f=None):
     """[G] the entries (ascending) decode query s sees, for one head's keys K [T, D] and decode
     keys Kd [G, D]."""
@@ -74,17 +91,8 @@ def caches(kind, K, Kd, B, N, prefill, f=None):
     allk = np.concatenate([K, Kd])
     cache = (top(cache_scores(kind, K, f, range(T)), list(range(T)), B) if prefill
              else list(range(T)))
-    seen, since = [], 0
-    for s in range(G):
-        cache = cache + [T + s]
-        seen.append(list(cache))
-        since += 1
-        if since < N:
-            continue
-        since = 0
-        if len(cache) > B:
-            cache = top(cache_scores(kind, allk[cache], f, cache), cache, B)
-    return seen
+    return decode_steps(cache, T, G, B, N,
+                        lambda c, s: cache_scores(kind, allk[c], f, c))
 
 
 def measures(Qd, K, V, Kd, Vd, scale, seen):
@@ -144,20 +152,13 @@ def tova_caches(Qw, Qd, K, Kd, scale, B, N, prefill):
         cache = top(p, list(range(T)), B)
     else:
         cache = list(range(T))
-    seen, since = [], 0
-    for s in range(G):
-        cache = cache + [T + s]
-        seen.append(sorted(cache))
-        since += 1
-        if since < N:
-            continue
-        since = 0
-        if len(cache) > B:
-            sc = np.mean([softmax_rows(allk[u // grp][cache] @ Qd[u, s] * scale)
-                          for u in range(Hq)], axis=0)
-            sc[cache.index(T + s)] = np.inf
-            cache = top(sc, cache, B)
-    return seen
+
+    def score(c, s):  # step s's query over the cache, the head mean; its own token first
+        sc = np.mean([softmax_rows(allk[u // grp][c] @ Qd[u, s] * scale) for u in range(Hq)],
+                     axis=0)
+        sc[c.index(T + s)] = np.inf
+        return sc
+    return decode_steps(cache, T, G, B, N, score)
 
 
 def rolling(name, path, work, budgets):
