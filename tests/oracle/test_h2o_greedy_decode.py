@@ -32,25 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_test import (ROOT, check, copy_trace, finish, need_library,  # noqa: E402
                       refused, run)
 import numpy as np  # noqa: E402
-from test_h2o_greedy import NEAR, head_scores, parse_spec  # noqa: E402
+from test_h2o_greedy import NEAR, head_scores, layer_probs, parse_spec  # noqa: E402
 
 MODEL = os.path.join(ROOT, "models", "stories260K.bin")
-
-
-def stream_probs(Qa, Qd, K, Kd, scale):
-    """[Hq, T + G, T + G] float32: row i's causal softmax over keys 0..i (float64, rounded)."""
-    Q = np.concatenate([Qa, Qd], axis=1)
-    Hq, N, _ = Q.shape
-    G = Hq // K.shape[0]
-    keys = np.concatenate([K, Kd], axis=1)
-    future = np.triu(np.ones((N, N), dtype=bool), 1)
-    P = np.empty((Hq, N, N), np.float32)
-    for h in range(Hq):
-        z = (Q[h] @ keys[h // G].T) * scale
-        z[future] = -np.inf
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        P[h] = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
-    return P
 
 
 def simulate(S, T, B, W):
@@ -113,8 +97,11 @@ def check_trace(name, path, specs, budgets, work, kvtrace):
             rd = {k: t.read(k, layer=layer, dtype="float32").astype(np.float64)
                   for k in ("Q_all", "Q_decode", "K", "K_decode")}
             G = rd["K_decode"].shape[1]
-            A = np.cumsum(stream_probs(rd["Q_all"], rd["Q_decode"], rd["K"], rd["K_decode"],
-                                       scale).astype(np.float64), axis=1)
+            # the stream's rows [Hq, T + G, T + G]: each causal softmax (float64, rounded to
+            # float32), then the cumulative column sums
+            P = layer_probs(np.concatenate([rd["Q_all"], rd["Q_decode"]], axis=1),
+                            np.concatenate([rd["K"], rd["K_decode"]], axis=1), scale)
+            A = np.cumsum(P.astype(np.float64), axis=1)
             for pi, spec in enumerate(specs):
                 if "decode=1" not in spec:
                     continue
