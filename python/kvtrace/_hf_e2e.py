@@ -471,8 +471,10 @@ def _run_trace(run, tr, rt, t, extra):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
         opts = pol.get("options") or {}
-        # a decoding= or dms_decoding=1 policy's step sets hold decode tokens too (T + s)
-        width = T + G if per_step and (opts.get("decoding") or opts.get("dms_decoding")) else T
+        # a decoding=, dms_decoding=1 or h2o-greedy decode=1 policy's step sets hold decode
+        # tokens too (T + s)
+        evicts = opts.get("decoding") or opts.get("dms_decoding") or opts.get("decode")
+        width = T + G if per_step and evicts else T
         qheads = sel.policies[p]["query_heads"]
         groups = [range(len(st["budgets"]))]
         if merged:

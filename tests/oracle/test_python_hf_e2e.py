@@ -26,6 +26,9 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     largest KL and each trace's own measures equal e2e-llama2c's on the originals; the same
     with a model that hands its attention no mask (the stand-in's mask builder replaced), so
     that hf.e2e's mask alone, decode causality included, masks it;
+  * h2o-greedy with decode=1 (its caches evict decode tokens; a capture with Q_all), per KV
+    and per query head: the same step sets on the channel-reordered copy, and every run as
+    e2e-llama2c's;
   * a vision-language prompt end to end: kvtrace.capture of the HF model with its config
     naming one token id the image token (64 of them in the prompt, 48 text tokens after),
     vl-cache replayed on it (unlike layer counts) and aircache-like (the text kept, the image
@@ -312,6 +315,34 @@ def main():
                                          cc["spearman"]["err_decode_vs_kl"], 1e-9, 1e-9),
           "two traces: 8 runs, rho %s (e2e-llama2c %s)" % (d2["spearman"]["err_decode_vs_kl"],
                                                           cc["spearman"]["err_decode_vs_kl"]))
+
+    # ---- h2o-greedy:decode=1 (H2O's eviction through the decode steps, from Q_all): its
+    # caches hold decode tokens, masked by hf.e2e as by e2e-llama2c ----
+    qa = os.path.join(work, "qa.kvt")
+    run("capture-llama2c", "--model", MODEL, "--tokens", "160", "--decode", "20", "--window",
+        "32", "--seed", "6", "--q-all", "-o", qa)
+    hfq = hf_order_copy(qa, os.path.join(work, "hfq.kvt"))
+    pol4 = "h2o-greedy,h2o-greedy:decode=1,h2o-greedy:decode=1,heads=query,window=8"
+    bud4 = "16,48,25%"
+    res4, sel4 = os.path.join(work, "res4.json"), os.path.join(work, "sel4.bin")
+    run("replay", hfq, "--policies", pol4, "--budgets", bud4, "-o", res4, "--export-selection",
+        sel4)
+    run("replay", qa, "--policies", pol4, "--budgets", bud4, "-o",
+        os.path.join(work, "c_res4.json"), "--export-selection",
+        os.path.join(work, "c_sel4.bin"))
+    same_selections(os.path.join(work, "c_sel4.bin"), sel4, "h2o-greedy:decode=1")
+    c4 = os.path.join(work, "c_e2e4.json")
+    run("e2e-llama2c", qa, "--model", MODEL, "--policies", pol4, "--budgets", bud4, "-o", c4)
+    with open(c4) as f:
+        cc4 = json.load(f)
+    d4 = hf.e2e(model, res4, sel4)
+    check(len(d4["runs"]) == len(cc4["runs"]) == 9, "h2o-greedy:decode=1: 9 runs")
+    for h, cr in zip(d4["runs"], cc4["runs"]):
+        compare_run(h, cr, "h2o-greedy:decode=1")
+    kl16 = {r["policy"]: r["kl_mean"] for r in d4["runs"] if r["budget"] == "16"}
+    check(kl16["h2o-greedy"] != kl16["h2o-greedy:decode=1"],
+          "h2o-greedy:decode=1 at 16: KL %r, without decode=1 %r" % (
+              kl16["h2o-greedy:decode=1"], kl16["h2o-greedy"]))
 
     # ---- a vision-language prompt through the whole pipeline: kvtrace.capture records the
     # tokens the config names image tokens as such, vl-cache replays it, hf.e2e runs it ----
