@@ -56,8 +56,8 @@ typedef struct kvt_policy kvt_policy;
 #define KVT_POLICY_LAYER_BUDGETS 0x200u
 /* chunk_length=: the budget shared over chunks of the prompt, each keeping at least a token */
 #define KVT_POLICY_CHUNKED 0x400u
-/* decoding=, dms_decoding=1: its per-step sets hold decode tokens too (indices T + s), some
-   evicted */
+/* decoding=, dms_decoding=1, h2o-greedy's decode=1: its per-step sets hold decode tokens too
+   (indices T + s), some evicted */
 #define KVT_POLICY_DECODE_EVICT 0x800u
 
 /** Global defaults that a policy spec may override. */

@@ -226,7 +226,7 @@ kvt_status kvt_layer_selection_kept(const kvt_layer_selection *s, size_t budget,
                       "selection: this policy has no prompt-time set (per decode step only)");
         src = kvt_sel_ranking(s, (int)budget, head);
         cnt = (size_t)s->count[budget * (size_t)s->n_heads + (size_t)head];
-    } else if (s->dec) { /* decoding=, dms_decoding=1: the cache step `step`'s query sees */
+    } else if (s->dec) { /* decode-time caches: the cache step `step`'s query sees */
         KVT_RETURN_IF(step >= s->dec_steps, KVT_ERR_NOT_FOUND,
                       "selection: no decode step %d (the trace has %d)", step, s->dec_steps);
         *n = (size_t)kvt_dec_visible(s, (int)budget, head, step, NULL);

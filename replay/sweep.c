@@ -1136,7 +1136,7 @@ static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels
                     const int32_t *src;
                     size_t n;
                     const kvt_merged_set *m = NULL;
-                    if (x >= 0 && s->dec) { /* decoding=, dms_decoding=1: step x's cache */
+                    if (x >= 0 && s->dec) { /* decode-time caches: step x's cache */
                         n = (size_t)kvt_dec_visible(s, b, h, x, pool + off);
                         src = pool + off;
                     } else if (x < 0 && s->merged) { /* idx ascending: its entries stay in order */
@@ -1456,7 +1456,7 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
             }
         }
     }
-    for (size_t p = 0; p < n_pol; p++) /* decoding=, dms_decoding=1: decode metrics */
+    for (size_t p = 0; p < n_pol; p++) /* decode-time caches: decode metrics */
         if (sels[p].dec && (st = kvt_dec_metrics(&c, &sels[p], out + (p * n_budgets) * (size_t)c.Hq,
                                                  (size_t)c.Hq)))
             goto out_free;
