@@ -36,3 +36,6 @@ kvt_add_script_test(test_blas_core COMMAND bash ${KVT_TEST_DIR}/unit/test_blas_c
 # Worker threads planned for the memory at hand (kvt_replay_worker_bytes, --memory-limit).
 kvt_add_script_test(test_replay_memory COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_memory.sh
                     LABELS cpu noasan)
+# bench/decode_caches.sh (the decode-time caches against prefill only) on a small trace.
+kvt_add_script_test(test_bench_decode_caches
+                    COMMAND bash ${KVT_TEST_DIR}/unit/test_bench_decode_caches.sh LABELS cpu)

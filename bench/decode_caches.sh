@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# decode_caches.sh - the cost of the decode-time caches (decoding=, h2o-greedy's decode=1)
+# against the same policies at prefill only, on one synthetic trace:
+# each pair replayed in one run of this script (best of REPS), the ratio printed, so that the
+# figures in analysis/RESULTS.md can be measured again on any machine.
+#
+# usage: bench/decode_caches.sh      (from the repository root; builds nothing)
+# environment (defaults in brackets):
+#   BUILD [build]  the build folder holding bin/kvtrace (KVT: the CLI itself, else that one)
+#   WORK [/tmp/kvt_decode_caches]  the trace and the results
+#   SHAPE [qwen2-vl-7b]  T [8192]  G [128]  LAYERS [2]  the synthetic trace (with Q_all when
+#             h2o-greedy is among the pairs)
+#   BUDGETS [1%,5%,10%,20%,30%,50%]  THREADS [1]  REPS [1]
+#   PAIRS  space-separated "PREFILL|DECODE" spec pairs (default: knorm and tova with
+#          decoding=1,prefill=1 and decoding=8, streamingllm with decoding=1,prefill=1,
+#          qfilter with decoding=8)
+#   Q_ALL [0]  1: also h2o-greedy against h2o-greedy:decode=1 (needs Q_all: O(T^2 D) per
+#          query head, slow at long T)
+# Prints one line per pair: both times in seconds and the ratio decode / prefill; writes
+# $WORK/summary.txt. Exit 0, or 1 when a replay fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BUILD=${BUILD:-build}
+WORK=${WORK:-/tmp/kvt_decode_caches}
+SHAPE=${SHAPE:-qwen2-vl-7b}
+T=${T:-8192}
+G=${G:-128}
+LAYERS=${LAYERS:-2}
+BUDGETS=${BUDGETS:-1%,5%,10%,20%,30%,50%}
+THREADS=${THREADS:-1}
+REPS=${REPS:-1}
+Q_ALL=${Q_ALL:-0}
+PAIRS=${PAIRS:-"knorm|knorm:decoding=1,prefill=1 knorm|knorm:decoding=8 \
+tova|tova:decoding=1,prefill=1 tova|tova:decoding=8 \
+streamingllm|streamingllm:decoding=1,prefill=1 qfilter|qfilter:decoding=8"}
+if [ "$Q_ALL" = 1 ]; then PAIRS="$PAIRS h2o-greedy|h2o-greedy:decode=1"; fi
+KVT=${KVT:-$BUILD/bin/kvtrace}
+[ -x "$KVT" ] || { echo "decode_caches: $KVT is missing; build first" >&2; exit 1; }
+mkdir -p "$WORK"
+
+extra=() qtag=""
+if [ "$Q_ALL" = 1 ]; then
+    extra=(--q-all) qtag=_qall
+fi
+TRACE=$WORK/${SHAPE}_T${T}_G${G}_L${LAYERS}$qtag.kvt
+if [ ! -s "$TRACE" ]; then
+    "$KVT" synth --shape "$SHAPE" --tokens "$T" --layers "$LAYERS" --decode "$G" --seed 1 \
+        "${extra[@]}" --force -o "$TRACE" >/dev/null
+fi
+
+now() { date +%s.%N; }
+best() { # best wall time of REPS replays of one spec, in seconds
+    local spec=$1 b="" t0 t
+    for _ in $(seq "$REPS"); do
+        t0=$(now)
+        "$KVT" replay "$TRACE" --policy "$spec" --budgets "$BUDGETS" --threads "$THREADS" \
+            --force -o "$WORK/r.json" >/dev/null 2>"$WORK/err" ||
+            { echo "decode_caches: replay $spec failed: $(cat "$WORK/err")" >&2; exit 1; }
+        t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+        if [ -z "$b" ] || awk -v x="$t" -v y="$b" 'BEGIN { exit !(x < y) }'; then b=$t; fi
+    done
+    echo "$b"
+}
+
+{
+    echo "decode-time caches: $SHAPE, T=$T, G=$G, $LAYERS layers, budgets $BUDGETS," \
+         "$THREADS thread(s), best of $REPS; $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores," \
+         "git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    for pair in $PAIRS; do
+        pre=${pair%%|*} dec=${pair#*|}
+        a=$(best "$pre")
+        b=$(best "$dec")
+        awk -v p="$pre" -v d="$dec" -v a="$a" -v b="$b" \
+            'BEGIN { printf "%-28s %7.2f s   %-44s %7.2f s   x%.2f\n", p, a, d, b, b / a }'
+    done
+} | tee "$WORK/summary.txt"

@@ -1,0 +1,22 @@
+#!/bin/bash
+# test_bench_decode_caches.sh - bench/decode_caches.sh runs on a small trace: one line per
+# prefill/decode-time pair (h2o-greedy's with Q_ALL=1), each with both times and their ratio,
+# and summary.txt the same; a pair whose replay fails stops it with exit 1 and the error.
+set -u
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+B="$KVT_SOURCE_ROOT/bench/decode_caches.sh"
+KVT="$KVT_BIN" T=200 G=6 LAYERS=1 SHAPE=tiny Q_ALL=1 WORK="$TMP" bash "$B" >"$TMP/out" 2>&1 ||
+    fail "decode_caches.sh: $(cat "$TMP/out")"
+[ "$(wc -l <"$TMP/out")" = 8 ] || fail "8 lines: $(cat "$TMP/out")"
+grep -q '^decode-time caches: tiny, T=200, G=6, 1 layers, ' "$TMP/out" || fail "header"
+n=$(grep -cE '^[a-z0-9-]+ +[0-9.]+ s +[a-z0-9-]+:(decoding=[0-9]+(,prefill=1)?|decode=1) +[0-9.]+ s +x[0-9.]+$' "$TMP/out")
+[ "$n" = 7 ] || fail "7 pair lines, $n: $(cat "$TMP/out")"
+grep -q '^h2o-greedy .* h2o-greedy:decode=1 ' "$TMP/out" || fail "h2o-greedy pair"
+cmp -s "$TMP/out" "$TMP/summary.txt" || fail "summary.txt differs from the output"
+KVT="$KVT_BIN" T=200 G=6 LAYERS=1 SHAPE=tiny WORK="$TMP" PAIRS="knorm|knorm:decoding=0" \
+    bash "$B" >"$TMP/out2" 2>&1 && fail "a failing replay exits 0"
+grep -q 'decode_caches: replay knorm:decoding=0 failed: .*decoding=0' "$TMP/out2" ||
+    fail "the failing replay's error: $(cat "$TMP/out2")"
+echo "bench/decode_caches.sh: ok"
