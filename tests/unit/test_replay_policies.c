@@ -837,6 +837,54 @@ static void test_decoding(void)
     kvt_policy_free(p);
 }
 
+/* decoding= over tova and streamingllm through the selection API: two KV heads (one query head
+ * each), head 0's keys [a, 0] with a = 3 1 2 1 5 4 (prompt) and 1 6 2 1 (decode), head 1's all
+ * zero; every query [1, 0]. tova's scores are the layer's (the mean over both heads: head 0's
+ * softmax grows with a, head 1's is uniform), so both heads hold one cache, the newest token
+ * first: at prefill 5, then 4 (5) and 0 (3); then one token leaves per step: 0 (3) after step
+ * 0, 6 (1) after step 1, 5 (4) after step 2. streamingllm:sinks=1 keeps token 0 and the most
+ * recent: step s sees 0 and tokens T + s - 2 .. T + s. */
+static void test_decoding_layer(void)
+{
+    const float k[24] = {3, 0, 1, 0, 2, 0, 1, 0, 5, 0, 4, 0}, v[24] = {0};
+    const float kd[16] = {1, 0, 6, 0, 2, 0, 1, 0}, vd[16] = {0};
+    const float qw[4] = {1, 0, 1, 0};
+    const float qd[16] = {1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0};
+    kvt_layer_input in = {.layer = 0,
+                          .n_layers = 1,
+                          .T = 6,
+                          .D = 2,
+                          .Hq = 2,
+                          .Hkv = 2,
+                          .W = 1,
+                          .G = 4,
+                          .k = k,
+                          .v = v,
+                          .q_window = qw,
+                          .q_decode = qd,
+                          .k_decode = kd,
+                          .v_decode = vd};
+    const int B3[] = {3};
+    kvt_layer_selection *s = tl_select(&in, "tova:decoding=1,prefill=1", B3, 1);
+    KVT_EXPECT(kvt_layer_selection_n_steps(s) == 4);
+    for (int h = 0; h < 2; h++) {
+        EXPECT_KEPT(s, 0, h, -1, "0,4,5");
+        EXPECT_KEPT(s, 0, h, 0, "0,4,5,6");
+        EXPECT_KEPT(s, 0, h, 1, "4,5,6,7");
+        EXPECT_KEPT(s, 0, h, 2, "4,5,7,8");
+        EXPECT_KEPT(s, 0, h, 3, "4,7,8,9");
+    }
+    kvt_layer_selection_free(s);
+    s = tl_select(&in, "streamingllm:sinks=1,decoding=1,prefill=1", B3, 1);
+    for (int h = 0; h < 2; h++) {
+        EXPECT_KEPT(s, 0, h, -1, "0,4,5");
+        EXPECT_KEPT(s, 0, h, 0, "0,4,5,6");
+        EXPECT_KEPT(s, 0, h, 1, "0,5,6,7");
+        EXPECT_KEPT(s, 0, h, 3, "0,7,8,9");
+    }
+    kvt_layer_selection_free(s);
+}
+
 static void test_quest(void)
 {
     /* pages of 2: page 0 = [1,0],[0,1]; page 1 = [-1,0],[0,-1]; page 2 = [2,2],[0,0] */
@@ -2124,6 +2172,7 @@ int main(void)
     test_mixkv_sparsemm();
     test_quest();
     test_decoding();
+    test_decoding_layer();
     test_like_policies();
     test_qfilter();
     test_cur();
