@@ -186,9 +186,31 @@ def rolling(name, path, work, budgets):
 
 
 def compare_tova(name, path, work, N, prefill, budgets, per_query=False):
-    """tova:decoding=N (prefill=1): every exported step set and the decode metrics."""
+    """tova:decoding=N (prefill=1): every exported step set (each head the layer's cache) and
+    the decode metrics; returns the tokens the caches evicted while decoding."""
     spec = "tova:decoding=%d%s%s" % (N, ",prefill=1" if prefill else "",
                                      ",heads=query" if per_query else "")
+    memo, evicted = {}, [0]
+
+    def seen_of(rd, layer, B, h, g, scale):
+        if (layer, B) not in memo:
+            seen = tova_caches(rd["Q_window"], rd["Q_decode"], rd["K"], rd["K_decode"],
+                               scale, B, N, prefill)
+            evicted[0] += sum(len(seen[s]) + 1 - len(seen[s + 1]) for s in range(len(seen) - 1))
+            check(all(len(x) <= max(B, rd["K"].shape[1]) + N for x in seen), "tova cache sizes")
+            memo[(layer, B)] = seen
+        return memo[(layer, B)]
+    check_caches(name, path, work, spec, budgets, per_query, seen_of)
+    print("%s %s: %d tokens evicted while decoding" % (name, spec, evicted[0]))
+    return evicted[0]
+
+
+
+def check_caches(name, path, work, spec, budgets, per_query, seen_of):
+    """Replay spec with --export-selection; every exported step set against seen_of(rd, layer,
+    B, h, g, scale)[step] (rd: the layer's tensors in double, B the budget's tokens, h the
+    selection head on KV head g, scale the softmax's), and recall_decode, err_decode and n_keep of every layer and head
+    against measures() over those caches. Returns results.json's runs."""
     sel, res = os.path.join(work, "sel.json"), os.path.join(work, "r.json")
     run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
         "-o", res, "--force")
@@ -196,7 +218,7 @@ def compare_tova(name, path, work, N, prefill, budgets, per_query=False):
         recs = json.load(fh)["records"]
     with open(res) as fh:
         runs = json.load(fh)["traces"][0]["runs"]
-    pairs, worst, evicted = [], 0.0, 0
+    pairs, worst = [], 0.0
     with kvtrace.open(path) as t:
         m = t.header["model"]
         Hq, Hkv = m["n_q_heads"], m["n_kv_heads"]
@@ -205,81 +227,15 @@ def compare_tova(name, path, work, N, prefill, budgets, per_query=False):
         for layer in t.layers():
             rd = {k: t.read(k, layer, dtype="float32").astype(np.float64)
                   for k in ("K", "V", "K_decode", "V_decode", "Q_decode", "Q_window")}
-            T = rd["K"].shape[1]
             for run_ in runs:
                 B = run_["budget_tokens"]
-                seen = tova_caches(rd["Q_window"], rd["Q_decode"], rd["K"], rd["K_decode"],
-                                   scale, B, N, prefill)
-                evicted += sum(len(seen[s]) + 1 - len(seen[s + 1])
-                               for s in range(len(seen) - 1))
-                for r in recs:
-                    if (r["layer"], r["budget"]) == (layer, run_["budget"]) and r["step"] >= 0:
-                        pairs.append((r, set(seen[r["step"]])))
                 for h in range(Hq if per_query else Hkv):
                     g = h // grp if per_query else h
-                    us = [h] if per_query else range(g * grp, (g + 1) * grp)
-                    want = np.mean([measures(rd["Q_decode"][u], rd["K"][g], rd["V"][g],
-                                             rd["K_decode"][g], rd["V_decode"][g], scale, seen)
-                                    for u in us], axis=0)
-                    mm = run_["metrics"]
-                    have = (mm["recall_decode"][layer][h], mm["err_decode"][layer][h],
-                            mm["n_keep"][layer][h])
-                    worst = max(worst, *(abs(a - b) for a, b in zip(have[:2], want[:2])))
-                    check(abs(have[2] - want[2]) < 1e-9,
-                          "%s %s layer %d head %d B %d: n_keep %r, check %r"
-                          % (name, spec, layer, h, B, have[2], want[2]))
-                check(all(len(x) <= max(B, T) + N for x in seen), "tova cache sizes")
-    check_sets(name, spec, pairs, budgets)
-    print("%s %s: %d step sets, %d tokens evicted while decoding; recall/err_decode within "
-          "%.2e of the check" % (name, spec, len(pairs), evicted, worst))
-    check(worst < 2e-5, "%s %s: decode metrics %.3g from the check" % (name, spec, worst))
-    return evicted
-
-
-def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filters=None,
-            dms=None):
-    """decoding=N (prefill=1), or with dms=(tau, Wd) dms=tau,dms_decoding=1,dms_window=Wd."""
-    spec = "%s:%s%s%s%s" % (kind, "decoding=%d" % N if dms is None else
-                            "dms=%.17g,dms_decoding=1,dms_window=%d" % dms,
-                            ",prefill=1" if prefill else "", ",heads=query" if per_query else "",
-                            ",filters=" + filters if filters else "")
-    sel, res = os.path.join(work, "sel.json"), os.path.join(work, "r.json")
-    run("replay", path, "--policy", spec, "--budgets", budgets, "--export-selection", sel,
-        "-o", res, "--force")
-    with open(sel) as fh:
-        recs = json.load(fh)["records"]
-    with open(res) as fh:
-        runs = json.load(fh)["traces"][0]["runs"]
-    filt = np.load(filters).astype(np.float64) if filters else None
-    pairs, worst, n_steps = [], 0.0, 0
-    with kvtrace.open(path) as t:
-        m = t.header["model"]
-        Hq, Hkv = m["n_q_heads"], m["n_kv_heads"]
-        grp = Hq // Hkv
-        scale = m.get("attn_scale") or 1 / np.sqrt(m["head_dim"])
-        for layer in t.layers():
-            rd = {k: t.read(k, layer, dtype="float32").astype(np.float64)
-                  for k in ("K", "V", "K_decode", "V_decode", "Q_decode")}
-            H = Hq if per_query else Hkv
-            for run_ in runs:
-                B = run_["budget_tokens"]
-                for h in range(H):
-                    g = h // grp if per_query else h
-                    f = None
-                    if filt is not None:
-                        f = filt[layer, h if filt.shape[1] == Hq else g]
-                    if dms is None:
-                        seen = caches(kind, rd["K"][g], rd["K_decode"][g], B, N, prefill, f)
-                    else:
-                        allk = np.concatenate([rd["K"][g], rd["K_decode"][g]])
-                        T, G = len(rd["K"][g]), len(rd["K_decode"][g])
-                        seen = dms_caches(cache_scores(kind, allk, f), T, G, 0, dms[1],
-                                          dms[0], min(B, T))
+                    seen = seen_of(rd, layer, B, h, g, scale)
                     for r in recs:
                         if (r["layer"], r["head"], r["budget"]) == (layer, h, run_["budget"]) \
                                 and r["step"] >= 0:
                             pairs.append((r, set(seen[r["step"]])))
-                            n_steps += 1
                     us = [h] if per_query else range(g * grp, (g + 1) * grp)
                     got = [measures(rd["Q_decode"][u], rd["K"][g], rd["V"][g],
                                     rd["K_decode"][g], rd["V_decode"][g], scale, seen)
@@ -294,9 +250,30 @@ def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filter
                           % (name, spec, layer, h, B, have[2], want[2]))
     check_sets(name, spec, pairs, budgets)
     print("%s %s: %d step sets; recall/err_decode within %.2e of the check"
-          % (name, spec, n_steps, worst))
+          % (name, spec, len(pairs), worst))
     check(worst < 2e-5, "%s %s: decode metrics %.3g from the check" % (name, spec, worst))
     return runs
+
+
+def compare(name, path, work, kind, N, prefill, budgets, per_query=False, filters=None,
+            dms=None):
+    """decoding=N (prefill=1), or with dms=(tau, Wd) dms=tau,dms_decoding=1,dms_window=Wd."""
+    spec = "%s:%s%s%s%s" % (kind, "decoding=%d" % N if dms is None else
+                            "dms=%.17g,dms_decoding=1,dms_window=%d" % dms,
+                            ",prefill=1" if prefill else "", ",heads=query" if per_query else "",
+                            ",filters=" + filters if filters else "")
+    filt = np.load(filters).astype(np.float64) if filters else None
+
+    def seen_of(rd, layer, B, h, g, scale):
+        f = None
+        if filt is not None:
+            f = filt[layer, h if filt.shape[1] == rd["Q_decode"].shape[0] else g]
+        if dms is None:
+            return caches(kind, rd["K"][g], rd["K_decode"][g], B, N, prefill, f)
+        allk = np.concatenate([rd["K"][g], rd["K_decode"][g]])
+        T, G = len(rd["K"][g]), len(rd["K_decode"][g])
+        return dms_caches(cache_scores(kind, allk, f), T, G, 0, dms[1], dms[0], min(B, T))
+    return check_caches(name, path, work, spec, budgets, per_query, seen_of)
 
 
 # by hand: T = 6 prompt keys and 4 decode keys of norms PN and DN (one KV head), knorm
