@@ -325,27 +325,55 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
     if (G == 0)
         return KVT_OK;
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD | KVT_CTX_KV));
+    const int NU = sel->per_query ? 1 : c->Gs; /* the query heads measured per selection head */
     const size_t nmax = (size_t)T + (size_t)G + 1;
     int32_t *vis = kvt_malloc(nmax * sizeof(int32_t)), *comp = kvt_malloc(nmax * sizeof(int32_t));
-    double *pdec = kvt_malloc(((size_t)G + 1) * sizeof(double));
-    double *o = kvt_malloc(3 * (size_t)D * sizeof(double)), *oS = o + D, *tmp = oS + D;
+    /* per query head of the group: step s's decode probabilities [G + 1], the full output and
+       its mass (o, Z), the cache's (oS, mass) */
+    double *pdec = kvt_malloc((size_t)NU * ((size_t)G + 1) * sizeof(double));
+    double *o =
+        kvt_malloc((3 * (size_t)NU * D + 3 * (size_t)NU + 3 * (size_t)n_b) * sizeof(double));
     kvt_status st = KVT_OK;
-    if (!vis || !comp || !pdec || !o)
+    if (!vis || !comp || !pdec || !o) {
         st = kvt_error_set(KVT_ERR_NOMEM, "decoding=: out of memory (metrics)");
-    for (int b = 0; b < n_b && !st; b++)
-        for (int h = 0; h < H; h++) {
-            const int g = kvt_ctx_kv_of(c, sel->per_query, h);
-            const int u0 = sel->per_query ? h : g * c->Gs, nu = sel->per_query ? 1 : c->Gs;
-            const float *V = c->v + (size_t)g * T * D;
-            const float *Kd = c->in->k_decode + (size_t)g * G * D;
-            const float *Vd = c->in->v_decode + (size_t)g * G * D;
-            double rec = 0.0, err = 0.0, kept = 0.0;
-            for (int s = 0; s < G; s++) {
+        goto out;
+    }
+    double *oS = o + (size_t)NU * D, *tmp = oS + (size_t)NU * D, *Z = tmp + (size_t)NU * D;
+    double *mass = Z + NU, *rec = mass + NU, *err = rec + n_b, *kept = err + n_b;
+    for (int h = 0; h < H; h++) {
+        const int g = kvt_ctx_kv_of(c, sel->per_query, h);
+        const int u0 = sel->per_query ? h : g * c->Gs, nu = NU;
+        const float *V = c->v + (size_t)g * T * D;
+        const float *Kd = c->in->k_decode + (size_t)g * G * D;
+        const float *Vd = c->in->v_decode + (size_t)g * G * D;
+        for (int b = 0; b < n_b; b++)
+            rec[b] = err[b] = kept[b] = 0.0;
+        for (int s = 0; s < G; s++) {
+            /* the full output of each query head at step s: the prompt's part (ad) and the
+               decode keys' (the same for every budget) */
+            for (int x = 0; x < nu; x++) {
+                const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
+                const float *q = c->in->q_decode + r * D;
+                double *px = pdec + (size_t)x * (G + 1), *ox = o + (size_t)x * D;
+                Z[x] = c->rsd[r];
+                for (int e = 0; e < D; e++)
+                    ox[e] = c->ad[r * D + e];
+                for (int d = 0; d <= s; d++) {
+                    double z = 0.0;
+                    for (int e = 0; e < D; e++)
+                        z += (double)q[e] * Kd[(size_t)d * D + e];
+                    px[d] = exp(z * c->scale - c->lsed[r]);
+                    Z[x] += px[d];
+                    for (int e = 0; e < D; e++)
+                        ox[e] += px[d] * Vd[(size_t)d * D + e];
+                }
+            }
+            for (int b = 0; b < n_b; b++) {
                 const int n = kvt_dec_visible(sel, b, h, s, vis);
                 int np = 0;
                 while (np < n && vis[np] < T)
                     np++;
-                kept += np;
+                kept[b] += np;
                 /* more than half the prompt seen: its part summed as the whole prompt's (ad,
                    rsd) less the tokens not seen (comp, ascending) */
                 const bool less = np > T / 2;
@@ -356,60 +384,61 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                     else
                         comp[nc++] = j;
                 }
-                for (int u = u0; u < u0 + nu; u++) {
-                    const size_t r = (size_t)u * c->Gd + (size_t)s;
-                    const float *q = c->in->q_decode + r * D, *pr = c->prd + r * T;
-                    /* the full output: the prompt's part (ad) and the decode keys' */
-                    double Z = c->rsd[r];
+                /* each entry's value row read once for the group's query heads (each head's
+                   sums in the same order as alone) */
+                for (int x = 0; x < nu; x++) {
+                    const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
+                    double *sx = oS + (size_t)x * D;
+                    mass[x] = less ? c->rsd[r] : 0.0;
                     for (int e = 0; e < D; e++)
-                        o[e] = c->ad[r * D + e];
-                    for (int d = 0; d <= s; d++) {
-                        double z = 0.0;
+                        sx[e] = less ? c->ad[r * D + e] : 0.0;
+                }
+                for (int i = 0; i < nc; i++) {
+                    const float *v = V + (size_t)comp[i] * D;
+                    for (int x = 0; x < nu; x++) {
+                        const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
+                        const double pj = c->prd[r * T + (size_t)comp[i]];
+                        double *sx = oS + (size_t)x * D;
+                        mass[x] -= pj;
                         for (int e = 0; e < D; e++)
-                            z += (double)q[e] * Kd[(size_t)d * D + e];
-                        pdec[d] = exp(z * c->scale - c->lsed[r]);
-                        Z += pdec[d];
-                        for (int e = 0; e < D; e++)
-                            o[e] += pdec[d] * Vd[(size_t)d * D + e];
+                            sx[e] -= pj * v[e];
                     }
-                    double mass = 0.0;
-                    memset(oS, 0, (size_t)D * sizeof(double));
-                    if (less) {
-                        mass = c->rsd[r];
+                }
+                for (int i = less ? np : 0; i < n; i++) {
+                    const int j = vis[i];
+                    const float *v = j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D;
+                    for (int x = 0; x < nu; x++) {
+                        const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
+                        const double pj = j < T ? (double)c->prd[r * T + (size_t)j]
+                                                : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
+                        double *sx = oS + (size_t)x * D;
+                        mass[x] += pj;
                         for (int e = 0; e < D; e++)
-                            oS[e] = c->ad[r * D + e];
-                        for (int i = 0; i < nc; i++) {
-                            const double pj = pr[comp[i]];
-                            const float *v = V + (size_t)comp[i] * D;
-                            mass -= pj;
-                            for (int e = 0; e < D; e++)
-                                oS[e] -= pj * v[e];
-                        }
+                            sx[e] += pj * v[e];
                     }
-                    for (int i = less ? np : 0; i < n; i++) {
-                        const int j = vis[i];
-                        const double pj = j < T ? (double)pr[j] : pdec[j - T];
-                        const float *v = j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D;
-                        mass += pj;
-                        for (int e = 0; e < D; e++)
-                            oS[e] += pj * v[e];
-                    }
+                }
+                for (int x = 0; x < nu; x++) {
+                    const double *ox = o + (size_t)x * D, *sx = oS + (size_t)x * D;
                     double dn = 0.0, on = 0.0;
                     for (int e = 0; e < D; e++) {
-                        const double oe = o[e] / Z;
-                        tmp[e] = mass > 0.0 ? oS[e] / mass - oe : -oe;
+                        const double oe = ox[e] / Z[x];
+                        tmp[e] = mass[x] > 0.0 ? sx[e] / mass[x] - oe : -oe;
                         dn += tmp[e] * tmp[e];
                         on += oe * oe;
                     }
-                    rec += Z > 0.0 ? mass / Z : 0.0;
-                    err += mass > 0.0 ? (on > 0.0 ? sqrt(dn / on) : 0.0) : 1.0;
+                    rec[b] += Z[x] > 0.0 ? mass[x] / Z[x] : 0.0;
+                    err[b] += mass[x] > 0.0 ? (on > 0.0 ? sqrt(dn / on) : 0.0) : 1.0;
                 }
             }
-            kvt_head_metrics *hm = &m[(size_t)b * stride + (size_t)h];
-            hm->recall_decode = rec / ((double)G * nu);
-            hm->err_decode = err / ((double)G * nu);
-            hm->n_keep = kept / G;
         }
+        for (int b = 0; b < n_b; b++) {
+            kvt_head_metrics *hm = &m[(size_t)b * stride + (size_t)h];
+            hm->recall_decode = rec[b] / ((double)G * nu);
+            hm->err_decode = err[b] / ((double)G * nu);
+            hm->n_keep = kept[b] / G;
+        }
+    }
+out:
     kvt_free(vis);
     kvt_free(comp);
     kvt_free(pdec);
