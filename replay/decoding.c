@@ -57,9 +57,21 @@ static const float *entry_key(const kvt_layer_ctx *c, int g, int32_t e)
                     : c->in->k_decode + ((size_t)g * c->Gd + (size_t)(e - c->T)) * c->D;
 }
 
-/* dc->last for a cache that holds the prompt-time set `start` [n0] and every decode token */
-static kvt_status init_last(const kvt_layer_ctx *c, const kvt_policy *p, const int32_t *start,
-                            int n0, kvt_dec_cache *dc)
+kvt_status kvt_dec_begin(const kvt_layer_ctx *c, const kvt_policy *p, int n_b,
+                         kvt_layer_selection *sel)
+{
+    KVT_RETURN_IF(c->Gd > 0 && !c->has_extra, KVT_ERR_NOT_FOUND,
+                  "%s: %s evicts decode tokens too, so it needs their keys and values "
+                  "(K_decode, V_decode), which layer %d does not have",
+                  p->def->name, kvt_policy_decode_option(p), c->layer);
+    sel->dec_steps = c->Gd;
+    sel->dec = kvt_calloc((size_t)n_b * sel->n_heads + 1, sizeof(kvt_dec_cache));
+    KVT_RETURN_IF(!sel->dec, KVT_ERR_NOMEM, "%s: out of memory (decode caches)", p->def->name);
+    return KVT_OK;
+}
+
+kvt_status kvt_dec_init(const kvt_layer_ctx *c, const kvt_policy *p, const int32_t *start, int n0,
+                        kvt_dec_cache *dc)
 {
     const int T = c->T, G = c->Gd;
     dc->last = kvt_malloc(((size_t)T + G) * sizeof(int32_t));
@@ -107,7 +119,7 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
 {
     const int T = c->T, G = c->Gd, N = p->o.decoding, g = kvt_ctx_kv_of(c, p->o.per_query, h);
     int n = n0, since = 0;
-    KVT_FORWARD(init_last(c, p, start, n0, dc));
+    KVT_FORWARD(kvt_dec_init(c, p, start, n0, dc));
     memcpy(cache, start, (size_t)n0 * sizeof(int32_t));
     for (int s = 0; s < G; s++) {
         cache[n++] = T + s;
@@ -116,14 +128,14 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
         since = 0;
         if (n <= B)
             continue; /* DecodingPress's ratio 0: nothing evicted */
-        if (!key_sc) {
+        if (key_sc)
+            for (int i = 0; i < n; i++)
+                sc[i] = key_sc[cache[i]];
+        else {
             for (int i = 0; i < n; i++)
                 kp[i] = entry_key(c, g, cache[i]);
             KVT_FORWARD(p->def->cache_scores(c, p, h, cache, kp, n, sc, work));
         }
-        if (key_sc)
-            for (int i = 0; i < n; i++)
-                sc[i] = key_sc[cache[i]];
         KVT_FORWARD(compress(c, p, h, s, B, sc, cache, n, it, dc));
         n = B;
     }
@@ -152,7 +164,7 @@ static kvt_status simulate_steps(kvt_layer_ctx *c, const kvt_policy *p, const in
         n[b] = sel->count[(size_t)b * H];
         memcpy(caches + (size_t)b * nmax, kvt_sel_ranking(sel, b, 0),
                (size_t)n[b] * sizeof(int32_t));
-        st = init_last(c, p, caches + (size_t)b * nmax, n[b], &sel->dec[(size_t)b * H]);
+        st = kvt_dec_init(c, p, caches + (size_t)b * nmax, n[b], &sel->dec[(size_t)b * H]);
     }
     for (size_t e = 0; e < nmax && !st; e++)
         stamp[e] = -1;
@@ -203,7 +215,7 @@ static kvt_status simulate_dms(kvt_layer_ctx *c, const kvt_policy *p, int h, con
                                int n0, const double *key_sc, kvt_dec_cache *dc)
 {
     const int T = c->T, G = c->Gd;
-    KVT_FORWARD(init_last(c, p, start, n0, dc));
+    KVT_FORWARD(kvt_dec_init(c, p, start, n0, dc));
     for (int s = 0; s < G; s++) {
         const int e = T + s - p->o.dms_window;
         if (e < 0 || dc->last[e] < s)
@@ -224,16 +236,10 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
     const int T = c->T, G = c->Gd, H = sel->n_heads;
     KVT_RETURN_IF(!sel->has_fixed || sel->merged || sel->step_head, KVT_ERR_STATE,
                   "%s: decoding=: internal error: not a plain kept set", p->def->name);
-    KVT_RETURN_IF(G > 0 && !c->has_extra, KVT_ERR_NOT_FOUND,
-                  "%s: %s evicts decode tokens too, so it needs their keys and values "
-                  "(K_decode, V_decode), which layer %d does not have",
-                  p->def->name, p->o.decoding > 0 ? "decoding=" : "dms_decoding=1", c->layer);
+    KVT_FORWARD(kvt_dec_begin(c, p, n_b, sel));
     if (p->o.decoding > 0 && !p->o.decode_prefill) /* DecodingPress alone: the prompt whole */
         for (int i = 0; i < n_b * H; i++)
             sel->count[i] = T;
-    sel->dec_steps = G;
-    sel->dec = kvt_calloc((size_t)n_b * H + 1, sizeof(kvt_dec_cache));
-    KVT_RETURN_IF(!sel->dec, KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
     if (G == 0)
         return KVT_OK;
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
@@ -318,6 +324,20 @@ int kvt_dec_visible(const kvt_layer_selection *sel, int b, int h, int s, int32_t
     return n;
 }
 
+void kvt_dec_probs(const kvt_layer_ctx *c, int u, int s, double *out)
+{
+    const int D = c->D, G = c->Gd;
+    const size_t r = (size_t)u * G + (size_t)s;
+    const float *q = c->in->q_decode + r * D;
+    const float *Kd = c->in->k_decode + (size_t)(u / c->Gs) * G * D;
+    for (int d = 0; d <= s; d++) {
+        double z = 0.0;
+        for (int e = 0; e < D; e++)
+            z += (double)q[e] * Kd[(size_t)d * D + e];
+        out[d] = exp(z * c->scale - c->lsed[r]);
+    }
+}
+
 kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt_head_metrics *m,
                            size_t stride)
 {
@@ -344,7 +364,6 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
         const int g = kvt_ctx_kv_of(c, sel->per_query, h);
         const int u0 = sel->per_query ? h : g * c->Gs, nu = NU;
         const float *V = c->v + (size_t)g * T * D;
-        const float *Kd = c->in->k_decode + (size_t)g * G * D;
         const float *Vd = c->in->v_decode + (size_t)g * G * D;
         for (int b = 0; b < n_b; b++)
             rec[b] = err[b] = kept[b] = 0.0;
@@ -353,16 +372,12 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                decode keys' (the same for every budget) */
             for (int x = 0; x < nu; x++) {
                 const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                const float *q = c->in->q_decode + r * D;
                 double *px = pdec + (size_t)x * (G + 1), *ox = o + (size_t)x * D;
                 Z[x] = c->rsd[r];
                 for (int e = 0; e < D; e++)
                     ox[e] = c->ad[r * D + e];
+                kvt_dec_probs(c, u0 + x, s, px);
                 for (int d = 0; d <= s; d++) {
-                    double z = 0.0;
-                    for (int e = 0; e < D; e++)
-                        z += (double)q[e] * Kd[(size_t)d * D + e];
-                    px[d] = exp(z * c->scale - c->lsed[r]);
                     Z[x] += px[d];
                     for (int e = 0; e < D; e++)
                         ox[e] += px[d] * Vd[(size_t)d * D + e];

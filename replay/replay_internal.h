@@ -489,6 +489,16 @@ typedef struct kvt_dec_cache {
     int32_t *last; /* [T + G] the last decode step whose query sees entry e: prompt token e < T
                       (-1: not kept at prefill), decode token e - T; G - 1 if never evicted */
 } kvt_dec_cache;
+/** A selection's decode-time caches begin: refused (naming p's option) on a layer without the
+ *  decode steps' keys and values; sel->dec [n_b, heads] allocated, empty. */
+kvt_status kvt_dec_begin(const kvt_layer_ctx *c, const kvt_policy *p, int n_b,
+                         kvt_layer_selection *sel);
+/** dc->last for a cache holding the prompt-time set `start` [n0] and every decode token. */
+kvt_status kvt_dec_init(const kvt_layer_ctx *c, const kvt_policy *p, const int32_t *start, int n0,
+                        kvt_dec_cache *dc);
+/** out [s + 1]: query head u's probabilities at decode step s over the decode keys 0..s, under
+ *  the full softmax (exp(q.k * scale - lse), the lse over the prompt and those keys). */
+void kvt_dec_probs(const kvt_layer_ctx *c, int u, int s, double *out);
 /** Simulate sel's caches at budgets B[n_b] from its prompt-time sets (decoding=: the whole
  *  prompt unless prefill=1, which keeps the policy's sets; dms_decoding=1: the dms= sets).
  *  Needs K_decode and V_decode. */

@@ -470,11 +470,12 @@ def _run_trace(run, tr, rt, t, extra):
     for p, pol in enumerate(st["policies"]):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
-        opts = pol.get("options") or {}
-        # a decoding=, dms_decoding=1 or h2o-greedy decode=1 policy's step sets hold decode
-        # tokens too (T + s)
-        evicts = opts.get("decoding") or opts.get("dms_decoding") or opts.get("decode")
-        width = T + G if per_step and evicts else T
+        # a policy whose caches evict decode tokens too (decoding=, dms_decoding=1, h2o-greedy
+        # decode=1): its step sets hold decode tokens (T + s; step 0's holds its own token T)
+        width = T
+        if per_step and G > 0 and not merged:
+            k0 = sel.kept(p, 0, 0, 0, trace=t, step=0)
+            width = T + G if k0.size and k0[-1] >= T else T
         qheads = sel.policies[p]["query_heads"]
         groups = [range(len(st["budgets"]))]
         if merged:

@@ -102,48 +102,41 @@ static void hg_ranking(const hg_budget *hb, int T, int W, uint8_t *kept, int32_t
             r[k++] = hb->ev[i];
 }
 
-/* decode=1: selection head s (query heads h0 .. h0 + nh - 1 on KV head g) through the decode
+/* decode=1: selection head s (query heads h0 .. h0 + nh - 1) through the decode
    steps from each budget's prompt-time set (its ranking's first count entries): acc [nh, T + G]
    holds the prompt rows' sums; sel->dec[b, s] gets each cache's last visible steps */
 static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_selection *sel,
-                            hg_budget *hb, int n_b, int s, int h0, int nh, int g, double *acc)
+                            hg_budget *hb, int n_b, int s, int h0, int nh, double *acc)
 {
-    const int T = c->T, G = c->Gd, D = c->D, H = sel->n_heads;
+    const int T = c->T, G = c->Gd, H = sel->n_heads;
     const int W = p->o.window < T ? p->o.window : T;
     const size_t as = (size_t)T + G;
     for (int b = 0; b < n_b; b++) {
-        kvt_dec_cache *dc = &sel->dec[(size_t)b * H + s];
-        dc->last = kvt_malloc(as * sizeof(int32_t));
-        KVT_RETURN_IF(!dc->last, KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
-        for (size_t e = 0; e < as; e++)
-            dc->last[e] = e < (size_t)T ? -1 : G - 1;
         const int n0 = sel->count[(size_t)b * H + s];
         const int32_t *r = sel->border + ((size_t)b * H + s) * T;
+        KVT_FORWARD(kvt_dec_init(c, p, r, n0, &sel->dec[(size_t)b * H + s]));
         hb[b].n = n0;
         hb[b].n_ev = 0;
-        for (int i = 0; i < n0; i++) {
-            hb[b].mem[i] = r[i];
-            dc->last[r[i]] = G - 1;
-        }
+        memcpy(hb[b].mem, r, (size_t)n0 * sizeof(int32_t));
     }
-    const float *Kd = c->in->k_decode + (size_t)g * G * D;
+    double *pe = kvt_malloc(((size_t)G + 1) * sizeof(double));
+    KVT_RETURN_IF(!pe, KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
     for (int d = 0; d < G; d++) {
         for (int u = 0; u < nh; u++) { /* step d's row of query head h0 + u over keys 0..T+d */
-            const size_t row = (size_t)(h0 + u) * G + (size_t)d;
-            const float *pr = c->prd + row * T, *q = c->in->q_decode + row * D;
+            const float *pr = c->prd + ((size_t)(h0 + u) * G + (size_t)d) * T;
             double *a = acc + (size_t)u * as;
             for (int j = 0; j < T; j++)
                 a[j] += (double)pr[j];
+            kvt_dec_probs(c, h0 + u, d, pe);
             for (int e = 0; e <= d; e++) {
-                double z = 0.0;
-                for (int x = 0; x < D; x++)
-                    z += (double)q[x] * Kd[(size_t)e * D + x];
-                const double pe = exp(z * c->scale - c->lsed[row]);
-                KVT_RETURN_IF(isnan(pe), KVT_ERR_NAN,
-                              "%s: decode=1: NaN attention of decode step %d at layer %d, query "
-                              "head %d",
-                              p->def->name, d, c->layer, h0 + u);
-                a[T + e] += (double)(float)pe;
+                if (isnan(pe[e])) {
+                    kvt_free(pe);
+                    return kvt_error_set(KVT_ERR_NAN,
+                                         "%s: decode=1: NaN attention of decode step %d at layer "
+                                         "%d, query head %d",
+                                         p->def->name, d, c->layer, h0 + u);
+                }
+                a[T + e] += (double)(float)pe[e];
             }
         }
         for (int b = 0; b < n_b; b++) {
@@ -153,6 +146,7 @@ static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_sel
                 sel->dec[(size_t)b * H + s].last[hb[b].ev[n_ev]] = d;
         }
     }
+    kvt_free(pe);
     return KVT_OK;
 }
 
@@ -173,13 +167,7 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
     const int G = p->o.greedy_decode ? c->Gd : 0;
     const size_t as = (size_t)T + G;
     if (p->o.greedy_decode) {
-        KVT_RETURN_IF(G > 0 && !c->has_extra, KVT_ERR_NOT_FOUND,
-                      "%s: decode=1 evicts decode tokens too, so it needs their keys and values "
-                      "(K_decode, V_decode), which layer %d does not have",
-                      name, c->layer);
-        sel->dec_steps = G;
-        sel->dec = kvt_calloc((size_t)n_b * H + 1, sizeof(kvt_dec_cache));
-        KVT_RETURN_IF(!sel->dec, KVT_ERR_NOMEM, "%s: out of memory", name);
+        KVT_FORWARD(kvt_dec_begin(c, p, n_b, sel));
         if (G > 0)
             KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD));
     }
@@ -243,7 +231,7 @@ static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const in
         for (int b = 0; b < n_b && !st; b++)
             hg_ranking(&hb[b], T, W, kept, sel->border + ((size_t)b * H + s) * T);
         if (!st && G > 0)
-            st = hg_decode(c, p, sel, hb, n_b, s, h0, nh, g, acc);
+            st = hg_decode(c, p, sel, hb, n_b, s, h0, nh, acc);
     }
 out:
     for (int b = 0; hb && b < n_b; b++) {

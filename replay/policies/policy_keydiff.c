@@ -82,8 +82,7 @@ out:
 static kvt_status cache_keydiff(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
                                 const float *const *k, int n, double *out, double *work)
 {
-    (void)ent;
-    (void)p, (void)h;
+    (void)ent, (void)p, (void)h;
     const int D = c->D;
     double *m = work, *u = work + D;
     for (int e = 0; e < D; e++)

@@ -45,8 +45,7 @@ static kvt_status chunk_knorm(kvt_layer_ctx *c, const kvt_policy *p, int C, cons
 static kvt_status cache_knorm(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
                               const float *const *k, int n, double *out, double *work)
 {
-    (void)ent;
-    (void)p, (void)h, (void)work;
+    (void)ent, (void)p, (void)h, (void)work;
     for (int i = 0; i < n; i++) {
         double s = 0.0;
         for (int e = 0; e < c->D; e++)
