@@ -21,8 +21,10 @@ struct cJSON *kvt_json_number(double x);
 extern "C" {
 #endif
 
-#define KVT_RESULTS_VERSION   1 /* results.json "results_version"; bump on incompatible change */
-#define KVT_SELECTION_VERSION 2 /* selection export version (1: no end record) */
+#define KVT_RESULTS_VERSION 1 /* results.json "results_version"; bump on incompatible change */
+/* selection export version (1: no end record; 3: an export with a per-step policy, whose binary
+ * layout may hold a step's set as its changes from the step before) */
+#define KVT_SELECTION_VERSION 3
 
 typedef struct kvt_results_policy {
     char *label;        /* the spec as given, unique in a run */
@@ -200,6 +202,9 @@ typedef struct kvt_selection kvt_selection;
 #define KVT_SELECTION_FLAG_STEP   0x1u /* record is a per-decode-step set (step >= 0) */
 #define KVT_SELECTION_FLAG_MERGED 0x2u /* indices are merged representatives (lightkv-like) */
 #define KVT_SELECTION_FLAG_QHEAD  0x4u /* head is a query head (else a KV head) */
+/* in the binary file only (version 3): the record holds its step's changes from the step
+ * before; the reader gives every record whole, without this flag */
+#define KVT_SELECTION_FLAG_DELTA 0x8u
 
 /** A policy as the export's header records it. */
 typedef struct kvt_selection_policy {
@@ -240,7 +245,8 @@ typedef struct kvt_selection_record {
 
 /** Read a selection export written by kvt_selection_writer_close, binary or JSON (detected
  *  from the content: a JSON file starts with '{'). Every count, length and index is checked
- *  against the file before use, and memory stays proportional to the file size.
+ *  against the file before use. Delta records (version 3) are expanded: every record's idx
+ *  is its whole set, and memory is the file plus those sets.
  * @param out caller frees with kvt_selection_free.
  * @return KVT_OK, KVT_ERR_IO (cannot read, not a regular file), KVT_ERR_CORRUPT (the message
  *  names what is wrong and the byte offset or record), KVT_ERR_VERSION (newer export),

@@ -28,6 +28,7 @@
 #define SEL_FLAG_STEP   0x1u
 #define SEL_FLAG_MERGED 0x2u
 #define SEL_FLAG_QHEAD  0x4u
+#define SEL_FLAG_DELTA  0x8u /* binary, version 3: the changes from the previous step's set */
 
 typedef struct buf {
     char *p;
@@ -48,6 +49,7 @@ struct kvt_selection_writer {
     size_t n_traces, n_traces_done;
     uint64_t n_records; /* written so far (the binary end record holds the count) */
     bool json;
+    int version; /* 3 with a per-step policy (delta records in the binary layout), else 2 */
     bool first_json_rec;
     pthread_mutex_t mu;
     kvt_status err;
@@ -138,9 +140,13 @@ static kvt_status writer_new(const char *path, const kvt_selection_policy *pd, s
         kvt_selection_writer_close(w);
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     }
-    for (size_t i = 0; i < n_pol; i++)
+    w->version = 2; /* what readers before delta records read, where nothing needs more */
+    for (size_t i = 0; i < n_pol; i++) {
         w->pflags[i] = (pd[i].per_step ? SEL_FLAG_STEP : 0) | (pd[i].merged ? SEL_FLAG_MERGED : 0) |
                        (pd[i].query_heads ? SEL_FLAG_QHEAD : 0);
+        if (pd[i].per_step)
+            w->version = KVT_SELECTION_VERSION;
+    }
     *out = w;
     return KVT_OK;
 }
@@ -184,7 +190,7 @@ static kvt_status open_file(const char *path, bool force, const kvt_selection_po
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_fail;
     }
-    cJSON_AddNumberToObject(h, "selection_version", KVT_SELECTION_VERSION);
+    cJSON_AddNumberToObject(h, "selection_version", w->version);
     char gen[64];
     snprintf(gen, sizeof(gen), "kvtrace %s", kvt_version_string());
     cJSON_AddStringToObject(h, "generator", gen);
@@ -243,7 +249,7 @@ static kvt_status open_file(const char *path, bool force, const kvt_selection_po
     } else {
         unsigned char fix[16];
         memcpy(fix, SEL_MAGIC, 8);
-        put_u32(fix + 8, KVT_SELECTION_VERSION);
+        put_u32(fix + 8, (uint32_t)w->version);
         put_u32(fix + 12, (uint32_t)strlen(hdr));
         ok = fwrite(fix, 1, 16, w->f) == 16 && fwrite(hdr, 1, strlen(hdr), w->f) == strlen(hdr);
     }
@@ -344,7 +350,61 @@ kvt_status kvt_selection_writer_begin_trace(kvt_selection_writer *w, int trace_i
     return KVT_OK;
 }
 
-static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r)
+static bool put_indices(buf *b, const int32_t *idx, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned char x[4];
+        put_u32(x, (uint32_t)idx[i]);
+        if (!buf_put(b, x, 4))
+            return false;
+    }
+    return true;
+}
+
+/* The indices of a[0..na) not in b[0..nb) (both ascending) into out (NULL: count only) */
+static size_t set_minus(const int32_t *a, size_t na, const int32_t *b, size_t nb, int32_t *out)
+{
+    size_t k = 0;
+    for (size_t i = 0, j = 0; i < na; i++) {
+        while (j < nb && b[j] < a[i])
+            j++;
+        if (j == nb || b[j] != a[i]) {
+            if (out)
+                out[k] = a[i];
+            k++;
+        }
+    }
+    return k;
+}
+
+/* Step record r as a delta record against prev, the step before it of the same (policy,
+ * budget, layer, head), when that is fewer indices: its removed tokens, then its added ones.
+ * *done false: write r whole. */
+static bool encode_delta(buf *b, unsigned char *h, const kvt_selection_rec *r,
+                         const kvt_selection_rec *prev, bool *done)
+{
+    *done = false;
+    size_t n_rm = set_minus(prev->idx, prev->n, r->idx, r->n, NULL),
+           n_add = set_minus(r->idx, r->n, prev->idx, prev->n, NULL);
+    if (n_rm + n_add >= r->n)
+        return true;
+    int32_t *d = kvt_malloc((n_rm + n_add ? n_rm + n_add : 1) * sizeof(int32_t));
+    if (!d)
+        return false;
+    set_minus(prev->idx, prev->n, r->idx, r->n, d);
+    set_minus(r->idx, r->n, prev->idx, prev->n, d + n_rm);
+    put_u16(h + 10, (uint32_t)(SEL_FLAG_DELTA | (h[10] | (unsigned)h[11] << 8)));
+    put_u32(h + 28, (uint32_t)(n_rm + n_add));
+    put_u32(h + 32, (uint32_t)n_rm);
+    bool ok = buf_put(b, h, SEL_REC_BYTES) && put_indices(b, d, n_rm + n_add);
+    kvt_free(d);
+    *done = true;
+    return ok;
+}
+
+/* Encode r; prev is the record before it in the layer (NULL for the first) */
+static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r,
+                   const kvt_selection_rec *prev)
 {
     unsigned flags = w->pflags[r->policy] & (SEL_FLAG_MERGED | SEL_FLAG_QHEAD);
     if (r->step >= 0)
@@ -371,15 +431,16 @@ static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r)
     put_u32(h + 24, (uint32_t)w->btok[r->budget]);
     put_u32(h + 28, (uint32_t)r->n);
     put_u32(h + 32, 0); /* reserved */
-    if (!buf_put(b, h, sizeof(h)))
-        return false;
-    for (size_t i = 0; i < r->n; i++) {
-        unsigned char x[4];
-        put_u32(x, (uint32_t)r->idx[i]);
-        if (!buf_put(b, x, 4))
+    if (w->version >= 3 && r->step >= 0 && prev && prev->policy == r->policy &&
+        prev->budget == r->budget && prev->layer == r->layer && prev->head == r->head &&
+        prev->step == r->step - 1) {
+        bool done;
+        if (!encode_delta(b, h, r, prev, &done))
             return false;
+        if (done)
+            return true;
     }
-    return true;
+    return buf_put(b, h, sizeof(h)) && put_indices(b, r->idx, r->n);
 }
 
 static kvt_status deliver(kvt_selection_writer *w, int layer, const buf *b);
@@ -395,7 +456,7 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
     for (size_t i = 0; ok && i < n_recs; i++) {
         if (w->json && i > 0)
             ok = buf_put(&b, ",\n", 2);
-        ok = ok && encode(w, &b, &recs[i]);
+        ok = ok && encode(w, &b, &recs[i], i ? &recs[i - 1] : NULL);
     }
     if (!ok) {
         kvt_free(b.p);

@@ -3,8 +3,9 @@
  * kvt_selection with the header, every record in file order and a sorted index for lookups by
  * (trace, policy, budget, layer, head, step). This is what a user's engine loads. Every length,
  * count, index and offset is checked against the file before use, so a truncated or damaged
- * file gives KVT_ERR_CORRUPT naming what is wrong and where; memory stays proportional to the
- * file size.
+ * file gives KVT_ERR_CORRUPT naming what is wrong and where. A delta record (version 3: a decode
+ * step's set as its changes from the step before) is expanded to the step's whole set, so memory
+ * is the file's size plus those sets.
  */
 #include <errno.h>
 #include <limits.h>
@@ -12,19 +13,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
 #include "kvt_analysis.h"
 
-#define SEL_MAGIC      "KVTSEL\0\1"
-#define SEL_REC_MAGIC  0x4C45534Bu /* "KSEL" */
-#define SEL_END_MAGIC  0x444E454Bu /* "KEND" */
-#define SEL_END_BYTES  16u
-#define SEL_FIX_BYTES  16u
-#define SEL_REC_BYTES  36u
-#define SEL_MAX_LIST   65535u /* u16 indices in the records */
-#define SEL_KNOWN_FLAG 0x7u
+#define SEL_MAGIC     "KVTSEL\0\1"
+#define SEL_REC_MAGIC 0x4C45534Bu /* "KSEL" */
+#define SEL_END_MAGIC 0x444E454Bu /* "KEND" */
+#define SEL_END_BYTES 16u
+#define SEL_FIX_BYTES 16u
+#define SEL_REC_BYTES 36u
+#define SEL_MAX_LIST  65535u /* u16 indices in the records */
 
 /* A record's lookup key, kept next to its number so that qsort needs no outside state. */
 typedef struct sel_key {
@@ -297,12 +298,83 @@ static kvt_status alloc_records(kvt_selection *s, size_t n_rec, size_t n_idx)
     return KVT_OK;
 }
 
+/* Index k of the raw list at p; above 2^31-1 reads as -1, which check_raw refuses */
+static int32_t raw_idx(const unsigned char *p, size_t k)
+{
+    uint32_t x = rd32(p + 4 * k);
+    return x > INT32_MAX ? -1 : (int32_t)x;
+}
+
+static kvt_status check_raw(const unsigned char *p, size_t n, const char *path, const char *where,
+                            const char *what)
+{
+    for (size_t i = 0; i < n; i++) {
+        int32_t x = raw_idx(p, i);
+        KVT_RETURN_IF(x < 0, KVT_ERR_CORRUPT, "%s: %s: %s index %zu is above 2^31-1", path, where,
+                      what, i);
+        KVT_RETURN_IF(i > 0 && x <= raw_idx(p, i - 1), KVT_ERR_CORRUPT,
+                      "%s: %s: %s indices not ascending at %zu (%d after %d)", path, where, what, i,
+                      x, raw_idx(p, i - 1));
+    }
+    return KVT_OK;
+}
+
+/* Delta record r (its n_rm removed then its added indices at p) applied to prev, the record
+ * before it, into dst (room for the first pass's count: prev->n - n_rm + n_add): prev's set
+ * without the removed tokens, with the added ones, ascending. */
+static kvt_status apply_delta(const kvt_selection_record *prev, kvt_selection_record *r,
+                              const unsigned char *p, size_t n_rm, size_t n_add, int32_t *dst,
+                              const char *path, const char *where)
+{
+    KVT_RETURN_IF(prev->trace != r->trace || prev->policy != r->policy ||
+                      prev->budget != r->budget || prev->layer != r->layer ||
+                      prev->head != r->head || prev->step != r->step - 1,
+                  KVT_ERR_CORRUPT,
+                  "%s: %s: a delta record of step %d, but the record before it is not step %d of "
+                  "the same policy, budget, layer and head",
+                  path, where, r->step, r->step - 1);
+    KVT_FORWARD(check_raw(p, n_rm, path, where, "removed"));
+    KVT_FORWARD(check_raw(p + 4 * n_rm, n_add, path, where, "added"));
+    const unsigned char *add = p + 4 * n_rm;
+    size_t a = 0, rm = 0, ad = 0, k = 0, cap = prev->n - n_rm + n_add; /* n_rm <= prev->n */
+    while (a < prev->n || ad < n_add) {
+        bool take_add = ad < n_add && (a == prev->n || raw_idx(add, ad) < prev->idx[a]);
+        bool drop = !take_add && rm < n_rm && raw_idx(p, rm) == prev->idx[a];
+        /* more entries than the count: a removed token was not found */
+        KVT_RETURN_IF(!drop && k == cap, KVT_ERR_CORRUPT,
+                      "%s: %s: removes a token which step %d's set does not hold", path, where,
+                      prev->step);
+        if (take_add) {
+            dst[k++] = raw_idx(add, ad++);
+            continue;
+        }
+        KVT_RETURN_IF(ad < n_add && raw_idx(add, ad) == prev->idx[a], KVT_ERR_CORRUPT,
+                      "%s: %s: adds token %d, which step %d's set holds", path, where, prev->idx[a],
+                      prev->step);
+        KVT_RETURN_IF(rm < n_rm && raw_idx(p, rm) < prev->idx[a], KVT_ERR_CORRUPT,
+                      "%s: %s: removes token %d, which step %d's set does not hold", path, where,
+                      raw_idx(p, rm), prev->step);
+        if (drop)
+            rm++, a++;
+        else
+            dst[k++] = prev->idx[a++];
+    }
+    KVT_RETURN_IF(rm < n_rm, KVT_ERR_CORRUPT,
+                  "%s: %s: removes token %d, which step %d's set does not hold", path, where,
+                  raw_idx(p, rm), prev->step);
+    r->idx = dst;
+    r->n = k;
+    return KVT_OK;
+}
+
 /* The records of the binary layout from byte `off` to the end: a first pass checks every
- * record's framing against the file size and counts, a second copies and checks fields. */
+ * record's framing against the file size and counts the indices (a delta record's as its
+ * expanded set: the previous record's count less the removed, plus the added), a second
+ * copies, expands and checks fields. */
 static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, size_t size,
                                       size_t off, uint32_t version, const char *path)
 {
-    size_t n_rec = 0, n_idx = 0;
+    size_t n_rec = 0, n_idx = 0, n_prev = 0;
     bool ended = false;
     for (size_t o = off; o < size; n_rec++) {
         if (version >= 2 && size - o >= 4 && rd32(b + o) == SEL_END_MAGIC) {
@@ -329,12 +401,33 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
         KVT_RETURN_IF(cnt > left, KVT_ERR_CORRUPT,
                       "%s: record %zu at byte %zu is truncated: n = %zu indices, %zu bytes left",
                       path, n_rec, o, cnt, size - o - SEL_REC_BYTES);
-        n_idx += cnt;
+        size_t n_set = cnt;
+        if (version >= 3 && (rd16(b + o + 10) & KVT_SELECTION_FLAG_DELTA)) {
+            size_t n_rm = rd32(b + o + 32);
+            KVT_RETURN_IF(n_rec == 0 || n_rm > cnt || n_rm > n_prev, KVT_ERR_CORRUPT,
+                          "%s: record %zu at byte %zu: a delta record removing %zu of its %zu "
+                          "indices from a set of %zu",
+                          path, n_rec, o, n_rm, cnt, n_rec ? n_prev : 0);
+            n_set = n_prev - n_rm + (cnt - n_rm);
+        }
+        KVT_RETURN_IF(n_set > SIZE_MAX / 8 - n_idx, KVT_ERR_NOMEM,
+                      "%s: record %zu at byte %zu: the sets add up to more indices than memory "
+                      "can hold",
+                      path, n_rec, o);
+        n_idx += n_set;
+        n_prev = n_set;
         o += SEL_REC_BYTES + 4 * cnt;
     }
     KVT_RETURN_IF(version >= 2 && !ended, KVT_ERR_CORRUPT,
                   "%s: no end record after record %zu (byte %zu): the file was cut short", path,
                   n_rec, size);
+    /* delta records expand: refuse before allocating what this machine cannot hold */
+    double need = 4.0 * (double)n_idx + 80.0 * (double)n_rec,
+           mem = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    KVT_RETURN_IF(mem > 0 && need > mem, KVT_ERR_NOMEM,
+                  "%s: its %zu kept sets expand to %.1f GiB, more than this machine's memory "
+                  "(%.1f GiB)",
+                  path, n_rec, need / 1073741824.0, mem / 1073741824.0);
     KVT_FORWARD(alloc_records(s, n_rec, n_idx));
     int32_t *dst = s->idx;
     size_t o = off;
@@ -355,16 +448,24 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
         r->head = (int)head;
         r->step = (int)(int32_t)rd32(p + 20);
         r->budget_tokens = (int)btok;
-        r->n = rd32(p + 28);
+        size_t cnt = rd32(p + 28);
+        bool delta = version >= 3 && r->step >= 0 && (r->flags & KVT_SELECTION_FLAG_DELTA);
+        if (delta)
+            r->flags &= ~KVT_SELECTION_FLAG_DELTA; /* the record is given whole */
         KVT_FORWARD(check_record(s, r, path, where));
-        for (size_t k = 0; k < r->n; k++) {
-            uint32_t x = rd32(p + SEL_REC_BYTES + 4 * k);
-            dst[k] = x > INT32_MAX ? -1 : (int32_t)x;
+        if (delta) {
+            size_t n_rm = rd32(p + 32);
+            KVT_FORWARD(apply_delta(&s->recs[i - 1], r, p + SEL_REC_BYTES, n_rm, cnt - n_rm, dst,
+                                    path, where));
+        } else {
+            for (size_t k = 0; k < cnt; k++)
+                dst[k] = raw_idx(p + SEL_REC_BYTES, k);
+            KVT_FORWARD(check_indices(dst, cnt, path, where));
+            r->idx = dst;
+            r->n = cnt;
         }
-        KVT_FORWARD(check_indices(dst, r->n, path, where));
-        r->idx = dst;
         dst += r->n;
-        o += SEL_REC_BYTES + 4 * r->n;
+        o += SEL_REC_BYTES + 4 * cnt;
     }
     return KVT_OK;
 }

@@ -13,7 +13,10 @@ settings: binary and JSON. Checked:
     decode steps;
   * errors: an unknown label or budget (ValueError listing the export's), a set the export
     lacks (TraceError naming it and the shape), a file cut short or missing (TraceError with
-    the reader's message), use after close; no copies; threads reading across close().
+    the reader's message), use after close; no copies; threads reading across close();
+  * the binary file's delta records (a decode-time cache, knorm:decoding=1,prefill=1): analysis/
+    RESULTS.md's NumPy reader, run as printed there, gives every set the JSON file holds, and
+    the file is smaller than the same records written whole.
 
 Environment (tests/cmake/python.cmake): KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without
 NumPy or the CLI.
@@ -30,9 +33,10 @@ import kvtrace  # noqa: E402
 
 
 SPECS = ["snapkv:window=8", "snapkv:window=8,heads=query,label=snapq", "adakv:window=8",
-         "quest:page=4", "lightkv-like:window=8", "hybridkv-like:window=8,label=hyb"]
+         "quest:page=4", "lightkv-like:window=8", "hybridkv-like:window=8,label=hyb",
+         "knorm:decoding=1,prefill=1"]
 LABELS = ["snapkv:window=8", "snapq", "adakv:window=8", "quest:page=4", "lightkv-like:window=8",
-          "hyb"]
+          "hyb", "knorm:decoding=1,prefill=1"]
 
 with tempfile.TemporaryDirectory() as tmp:
     tr = [os.path.join(tmp, "a.kvt"), os.path.join(tmp, "b.kvt")]
@@ -62,8 +66,8 @@ with tempfile.TemporaryDirectory() as tmp:
                   sel.policies[1]["query_heads"] and not sel.policies[0]["query_heads"],
                   "%s: granularity %s" % (name, sel.policies))
             check([p["per_step"] for p in sel.policies] ==
-                  [False, False, False, True, False, True]
-                  and [p["merged"] for p in sel.policies] == [False] * 4 + [True, False],
+                  [False, False, False, True, False, True, True]
+                  and [p["merged"] for p in sel.policies] == [False] * 4 + [True, False, False],
                   "%s: per_step/merged %s" % (name, sel.policies))
             check(sel.budgets == ["4", "16", "50%"] and sel.traces == tr and
                   len(sel) == len(recs) and sel.shard is None and sel.version ==
@@ -195,6 +199,38 @@ with tempfile.TemporaryDirectory() as tmp:
     check(len(outcomes) == 4 and set(outcomes) <= {"closed", "done"},
           "threads and close: %s" % outcomes)
     print("ok: 4 threads reading across close(): %s" % sorted(outcomes))
+
+    # the binary layout's delta records, decoded by RESULTS.md's NumPy reader as printed
+    doc = open(os.path.join(os.environ["KVT_SOURCE_ROOT"], "analysis", "RESULTS.md")).read()
+    code = doc.split("Reading it with NumPy:")[1].split("```python\n")[1].split("```")[0]
+    env = {}
+    with open(os.path.join(tmp, "s.bin"), "rb") as f_in:  # the name the snippet opens
+        open(os.path.join(tmp, "sel.bin"), "wb").write(f_in.read())
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        exec(compile(code, "RESULTS.md", "exec"), env)
+    finally:
+        os.chdir(cwd)
+    sets, raw = env["sets"], env["raw"]
+    off = 16 + int.from_bytes(raw[12:16], "little")
+    n_delta, n_evict, whole = 0, 0, off + 16
+    while off < len(raw) - 16:
+        n_delta += raw[off + 10] & 8 != 0
+        n_evict += raw[off + 10] & 8 != 0 and raw[off + 32:off + 36] != bytes(4)
+        off += 36 + 4 * int.from_bytes(raw[off + 28:off + 32], "little")
+    same = len(sets) == len(recs) and all(
+        sets[(r["trace"], r["policy"], r["budget"], r["layer"], r["head"], r["step"])].tolist()
+        == sorted(r["kept"]) for r in recs)
+    whole += sum(36 + 4 * len(r["kept"]) for r in recs)
+    knorm_steps = sum(1 for r in recs if r["policy"] == 6 and r["step"] >= 0)
+    check(same and n_delta >= knorm_steps // 2 and n_evict > 0 and len(raw) < whole and
+          env["hdr"]["selection_version"] == 3, "RESULTS.md's reader: %d sets, same %s, %d delta "
+          "records (%d removing tokens), %d bytes (whole: %d)" %
+          (len(sets), same, n_delta, n_evict, len(raw), whole))
+    print("ok: RESULTS.md's NumPy reader: %d sets equal the JSON export's; %d delta records "
+          "(%d removing tokens; %d knorm steps); %d bytes against %d written whole" %
+          (len(sets), n_delta, n_evict, knorm_steps, len(raw), whole))
 
     # damaged and missing files: the C reader's checked message
     raw = open(os.path.join(tmp, "s.bin"), "rb").read()

@@ -11,9 +11,10 @@
 #include "replay_test_util.h"
 
 enum { L = 3, T = 48, D = 8, Hq = 4, Hkv = 2, W = 8, G = 3 };
-#define NPOL 5
-static const char *specs[NPOL] = {"snapkv:window=8", "adakv:window=8,heads=query", "quest",
-                                  "oracle", "lightkv-like:window=8"};
+#define NPOL 6
+static const char *specs[NPOL] = {
+    "snapkv:window=8", "adakv:window=8,heads=query", "quest",
+    "oracle",          "lightkv-like:window=8",      "tova:decoding=1,prefill=1"};
 
 static bool same(double a, double b)
 {
@@ -375,10 +376,12 @@ int main(void)
     KVT_EXPECT_STATUS(kvt_results_read(rpath, &back), KVT_ERR_VERSION);
     test_claimed_dimensions(rpath);
 
-    /* the binary export: every record equals the in-memory selection */
+    /* the binary export: every record equals the in-memory selection. quest's steps make it
+     * version 3: a step's record may hold its removed, then its added tokens against the
+     * step before (flag 8; the reserved u32 counts the removed), applied here by hand */
     size_t n = 0;
     unsigned char *raw = kvt_test_slurp(bpath, &n);
-    KVT_EXPECT(raw && n > 16 && !memcmp(raw, "KVTSEL\0\1", 8) && rd32(raw + 8) == 2);
+    KVT_EXPECT(raw && n > 16 && !memcmp(raw, "KVTSEL\0\1", 8) && rd32(raw + 8) == 3);
     size_t off = 16 + rd32(raw + 12);
     cJSON *hdr = cJSON_ParseWithLength((const char *)raw + 16, rd32(raw + 12));
     KVT_EXPECT(hdr && cJSON_GetArraySize(cJSON_GetObjectItem(hdr, "policies")) == NPOL);
@@ -388,7 +391,9 @@ int main(void)
     for (int l = 0; l < L; l++)
         for (int p = 0; p < NPOL; p++)
             KVT_CHECK(kvt_replay_layer_select(&layers[l].in, pols[p], bt, 3, &sel[l][p]));
-    int n_rec = 0, bad = 0, last_layer = 0;
+    int n_rec = 0, bad = 0, last_layer = 0, n_delta = 0, n_evict = 0;
+    int32_t prev[T + G], cur[T + G]; /* the set before (a step's sets hold decode tokens too) */
+    size_t n_prev = 0;
     while (off + 36 <= n && rd32(raw + off) != 0x444E454Bu) { /* records, then "KEND" */
         const unsigned char *r = raw + off;
         KVT_EXPECT(rd32(r) == 0x4C45534Bu);
@@ -399,20 +404,50 @@ int main(void)
         last_layer = layer;
         KVT_EXPECT(((flags & 1) != 0) == (step >= 0));
         KVT_EXPECT(((flags & 4) != 0) == (pol == 1));
-        int32_t want[T];
+        size_t nc = 0;
+        if (flags & 8) { /* prev without the removed, with the added: a membership table */
+            uint32_t n_rm = rd32(r + 32);
+            bool in[T + G] = {false};
+            for (size_t i = 0; i < n_prev; i++)
+                in[prev[i]] = true;
+            for (uint32_t i = 0; i < cnt && n_rm <= cnt; i++) {
+                uint32_t x = rd32(r + 36 + 4 * i);
+                KVT_EXPECT(x < T + G && in[x] == (i < n_rm)); /* removes held, adds new */
+                if (x < T + G)
+                    in[x] = i >= n_rm;
+            }
+            for (int x = 0; x < T + G; x++)
+                if (in[x])
+                    cur[nc++] = x;
+            KVT_EXPECT(step >= 0 && n_rm <= cnt);
+            n_evict += n_rm > 0;
+            KVT_EXPECT(cnt < nc); /* written as a delta only when that is smaller */
+            n_delta++;
+        } else {
+            for (uint32_t i = 0; i < cnt && i < T + G; i++)
+                cur[nc++] = (int32_t)rd32(r + 36 + 4 * i);
+            KVT_EXPECT(cnt <= T + G);
+        }
+        int32_t want[T + G];
         size_t nw = 0;
-        KVT_CHECK(kvt_layer_selection_kept(sel[layer][pol], (size_t)b, head, step, want, T, &nw));
-        bad += nw != cnt;
-        for (uint32_t i = 0; i < cnt && nw == cnt; i++)
-            bad += (int32_t)rd32(r + 36 + 4 * i) != want[i];
+        KVT_CHECK(
+            kvt_layer_selection_kept(sel[layer][pol], (size_t)b, head, step, want, T + G, &nw));
+        bad += nw != nc || memcmp(want, cur, nc * sizeof(int32_t));
+        memcpy(prev, cur, nc * sizeof(int32_t));
+        n_prev = nc;
         off += 36 + 4 * (size_t)cnt;
         n_rec++;
     }
     KVT_EXPECT(off + 16 == n && rd32(raw + off) == 0x444E454Bu &&
                rd32(raw + off + 8) == (uint32_t)n_rec);
-    /* per layer: snapkv 3x2, adakv 3x4, quest 3x2x3 steps, oracle 3x2, lightkv 3x2 */
-    KVT_EXPECT_MSG(n_rec == L * (6 + 12 + 18 + 6 + 6), "%d records", n_rec);
+    /* per layer: snapkv 3x2, adakv 3x4, quest 3x2x3 steps, oracle 3x2, lightkv 3x2, tova
+     * 3x2x(1 + 3) */
+    KVT_EXPECT_MSG(n_rec == L * (6 + 12 + 18 + 6 + 6 + 24), "%d records", n_rec);
     KVT_EXPECT(bad == 0);
+    KVT_EXPECT_MSG(n_delta > 0 && n_evict > 0, "%d delta records, %d removing tokens", n_delta,
+                   n_evict);
+    printf("binary export: %d records, %d of them deltas, %d of those removing tokens\n", n_rec,
+           n_delta, n_evict);
     free(raw);
     /* the JSON export parses and holds the same number of records */
     raw = kvt_test_slurp(jpath, &n);

@@ -1,18 +1,20 @@
 /* test_selection_read.c - the selection export reader (analysis/selection_read.c): a replay with
- * a fixed-set, a per-query-head, a per-step (quest) and a merged (lightkv-like) policy is
- * exported through the writer sink in both layouts, read back, and every set is compared with
- * kvt_replay_layer_select's; the binary file cut at every byte and the JSON one at many bytes
- * gives KVT_ERR_CORRUPT (or OK where the cut leaves a complete file); chosen and random byte
- * flips give an error or a valid file, never a crash.
+ * a fixed-set, a per-query-head, a per-step (quest), a merged (lightkv-like) and a decode-time
+ * cache (tova:decoding=1,prefill=1) policy is exported through the writer sink in both layouts,
+ * read back, and every set is compared with kvt_replay_layer_select's; the binary file (version
+ * 3, with delta step records) cut at every byte and the JSON one at many bytes gives
+ * KVT_ERR_CORRUPT (or OK where the cut leaves a complete file); chosen damage to the delta
+ * records is named; chosen and random byte flips give an error or a valid file, never a crash.
+ * A version-2 export (no per-step policy) and a version-1 copy of it still read.
  */
 #include "kvt_analysis.h"
 #include "replay_test_util.h"
 
 enum { L = 3, T = 48, D = 8, Hq = 4, Hkv = 2, W = 8, G = 3 };
-#define NPOL 4
+#define NPOL 5
 #define NB   3
 static const char *specs[NPOL] = {"snapkv:window=8", "adakv:window=8,heads=query", "quest",
-                                  "lightkv-like:window=8"};
+                                  "lightkv-like:window=8", "tova:decoding=1,prefill=1"};
 
 static void spit(const char *path, const unsigned char *b, size_t n)
 {
@@ -35,12 +37,15 @@ static void put32(unsigned char *p, uint32_t x)
     p[3] = (unsigned char)(x >> 24);
 }
 
+static char last_msg[512]; /* read_bytes' error message */
+
 /* Read b[0..n) from path; walk every record (the fuzz target's walk). */
 static kvt_status read_bytes(const char *path, const unsigned char *b, size_t n, size_t *n_rec)
 {
     spit(path, b, n);
     kvt_selection *s = NULL;
     kvt_status st = kvt_selection_read(path, &s);
+    snprintf(last_msg, sizeof(last_msg), "%s", st ? kvt_error_msg() : "");
     *n_rec = 0;
     if (st == KVT_OK) {
         const kvt_selection_header *h = kvt_selection_get_header(s);
@@ -71,6 +76,7 @@ static void compare(const kvt_selection *s, kvt_layer_selection *sel[L][NPOL], c
     KVT_EXPECT(h->n_budgets == NB && !strcmp(h->budgets[1], "25%"));
     KVT_EXPECT(h->policies[1].query_heads && !h->policies[0].query_heads);
     KVT_EXPECT(h->policies[2].per_step && !h->policies[2].merged && h->policies[3].merged);
+    KVT_EXPECT(h->policies[4].per_step && !h->policies[0].per_step);
     size_t matched = 0;
     int bad = 0;
     for (int l = 0; l < L; l++)
@@ -92,10 +98,10 @@ static void compare(const kvt_selection *s, kvt_layer_selection *sel[L][NPOL], c
                             bad += st != KVT_ERR_NOT_FOUND;
                             continue;
                         }
-                        int32_t want[T];
+                        int32_t want[T + G]; /* a decode-time cache holds decode tokens */
                         size_t nw = 0;
                         KVT_CHECK(
-                            kvt_layer_selection_kept(ls, (size_t)b, head, step, want, T, &nw));
+                            kvt_layer_selection_kept(ls, (size_t)b, head, step, want, T + G, &nw));
                         if (st != KVT_OK || n_got != nw || memcmp(got, want, nw * sizeof(*want))) {
                             if (bad++ < 5)
                                 fprintf(stderr, "%s: l%d p%d b%d h%d s%d: %s, %zu vs %zu\n", what,
@@ -108,8 +114,8 @@ static void compare(const kvt_selection *s, kvt_layer_selection *sel[L][NPOL], c
     KVT_EXPECT_MSG(bad == 0, "%s: %d sets differ", what, bad);
     KVT_EXPECT_MSG(matched == h->n_records, "%s: %zu sets matched, %zu records", what, matched,
                    h->n_records);
-    /* per layer: snapkv 3x2, adakv 3x4, quest 3x2x3 steps, lightkv 3x2 */
-    KVT_EXPECT_EQ_U64(h->n_records, L * (6 + 12 + 18 + 6));
+    /* per layer: snapkv 3x2, adakv 3x4, quest 3x2x3 steps, lightkv 3x2, tova 3x2x(1 + 3) */
+    KVT_EXPECT_EQ_U64(h->n_records, L * (6 + 12 + 18 + 6 + 24));
     const int32_t *idx;
     size_t n;
     KVT_EXPECT_STATUS(kvt_selection_find(s, 0, 0, 0, L, 0, -1, &idx, &n), KVT_ERR_NOT_FOUND);
@@ -128,11 +134,12 @@ int main(void)
         layers[l].in.layer = l;
         layers[l].in.n_layers = L;
     }
-    char tpath[256], bpath[256], jpath[256], xpath[256];
+    char tpath[256], bpath[256], jpath[256], xpath[256], v2path[256];
     kvt_test_tmp(tpath, sizeof(tpath), "a.kvt");
     kvt_test_tmp(bpath, sizeof(bpath), "sel.bin");
     kvt_test_tmp(jpath, sizeof(jpath), "sel.json");
     kvt_test_tmp(xpath, sizeof(xpath), "sel_cut.bin");
+    kvt_test_tmp(v2path, sizeof(v2path), "sel_v2.bin");
     tl_write_trace(tpath, L, T, D, Hq, Hkv, W, G, layers);
 
     kvt_policy *pols[NPOL];
@@ -143,17 +150,20 @@ int main(void)
     KVT_CHECK(kvt_budgets_parse("12,25%,100", &bud, &nb));
     const char *tp[1] = {tpath};
     int btok[NB] = {12, 12, 100};
-    const char *paths[2] = {bpath, jpath};
-    for (int k = 0; k < 2; k++) { /* binary with 3 threads (out-of-order layers), then JSON */
+    const char *paths[3] = {bpath, jpath, v2path};
+    kvt_policy *fixed[3] = {pols[0], pols[1], pols[3]}; /* no per-step policy: version 2 */
+    for (int k = 0; k < 3; k++) { /* binary with 3 threads (out-of-order layers), then JSON */
+        kvt_policy **pp = k == 2 ? fixed : pols;
+        size_t np = k == 2 ? 3 : NPOL;
         kvt_selection_writer *w;
-        KVT_CHECK(kvt_selection_writer_open(paths[k], true, pols, NPOL, bud, nb, tp, 1, &w));
+        KVT_CHECK(kvt_selection_writer_open(paths[k], true, pp, np, bud, nb, tp, 1, &w));
         KVT_CHECK(kvt_selection_writer_begin_trace(w, 0, L, btok));
         kvt_replay_opts o = {.n_threads = k ? 1 : 3,
                              .coverage_probes = -1,
                              .sink = kvt_selection_writer_sink,
                              .sink_user = w};
         kvt_trace_result *tr = NULL;
-        KVT_CHECK(kvt_replay_trace(tpath, pols, NPOL, bud, nb, &o, &tr));
+        KVT_CHECK(kvt_replay_trace(tpath, pp, np, bud, nb, &o, &tr));
         kvt_trace_result_free(tr);
         KVT_CHECK(kvt_selection_writer_end_trace(w));
         KVT_CHECK(kvt_selection_writer_close(w));
@@ -189,14 +199,28 @@ int main(void)
     KVT_CHECK(raw && rawj ? KVT_OK : KVT_ERR_IO);
     size_t n_rec_all = sb ? kvt_selection_get_header(sb)->n_records : 0;
     size_t *bound = calloc(n_rec_all + 1, sizeof(size_t));
-    size_t off = 16 + (raw[12] | (size_t)raw[13] << 8), n_bound = 0;
+    size_t off = 16 + (raw[12] | (size_t)raw[13] << 8), n_bound = 0, full_bytes = off + 16;
+    size_t n_delta = 0, d1 = 0, d1_rec = 0; /* a delta of one removed and one added token */
     bound[n_bound++] = off;
     for (size_t i = 0; sb && i < n_rec_all; i++) {
-        off += 36 + 4 * kvt_selection_record_at(sb, i)->n;
+        const kvt_selection_record *r = kvt_selection_record_at(sb, i);
+        unsigned flags = raw[off + 10];
+        KVT_EXPECT(r->flags == (flags & 7u)); /* the reader gives the set whole, unflagged */
+        if (flags & 8u) {
+            n_delta++;
+            if (!d1 && rd32le(raw + off + 28) == 2 && rd32le(raw + off + 32) == 1)
+                d1 = off, d1_rec = i;
+        }
+        full_bytes += 36 + 4 * r->n;
+        off += 36 + 4 * (size_t)rd32le(raw + off + 28);
         bound[n_bound++] = off;
     }
     KVT_EXPECT(off + 16 == n && rd32le(raw + off) == 0x444E454Bu &&
                rd32le(raw + off + 8) == n_rec_all && rd32le(raw + off + 12) == 0);
+    KVT_EXPECT(rd32le(raw + 8) == 3 && d1 > 0); /* tova's steps: one in, one out */
+    printf("binary export: %zu bytes, %zu with every set whole; %zu of %zu records deltas\n", n,
+           full_bytes, n_delta, n_rec_all);
+    KVT_EXPECT(n < full_bytes);
 
     /* truncation at every byte (binary): only the whole file reads, even a cut exactly at a
      * record boundary is caught (no end record) */
@@ -210,16 +234,28 @@ int main(void)
                     kvt_status_str(st), nr, kvt_status_str(want));
     }
     KVT_EXPECT_MSG(bad_cut == 0, "%d binary cuts read wrong", bad_cut);
-    /* version 1 files (no end record) still read, with version 1's limit: a cut at a record
+    /* an export without a per-step policy is version 2 (older readers read it); a version-1
+     * copy of it (no end record) still reads, with version 1's limit: a cut at a record
      * boundary reads as a shorter export */
     {
-        size_t n1 = n - 16;
+        size_t n2 = 0;
+        unsigned char *v2 = kvt_test_slurp(v2path, &n2);
+        KVT_CHECK(v2 && n2 > 32 ? KVT_OK : KVT_ERR_IO);
+        KVT_EXPECT(rd32le(v2 + 8) == 2);
+        size_t n1 = n2 - 16;
         unsigned char *v1 = malloc(n1);
-        memcpy(v1, raw, n1);
+        memcpy(v1, v2, n1);
         put32(v1 + 8, 1);
+        size_t *bound2 = calloc(n_rec_all + 1, sizeof(size_t)), n_bound2 = 0; /* its records' */
+        for (size_t o = 16 + rd32le(v2 + 12); o <= n1 && n_bound2 <= n_rec_all; n_bound2++) {
+            bound2[n_bound2] = o;
+            o += o + 36 <= n1 ? 36 + 4 * (size_t)rd32le(v2 + o + 28) : n1;
+        }
+        KVT_EXPECT(n_bound2 == L * (6 + 12 + 6) + 1);
+        free(v2);
         const char *key = "\"selection_version\":2";
         size_t at = 0;
-        for (size_t i = 16; !at && i + 21 <= bound[0]; i++)
+        for (size_t i = 16; !at && i + 21 <= bound2[0]; i++)
             if (!memcmp(v1 + i, key, 21))
                 at = i + 20;
         KVT_EXPECT(at > 0);
@@ -230,9 +266,9 @@ int main(void)
         for (size_t len = 0; len <= n1; len++) {
             size_t nr;
             kvt_status st = read_bytes(xpath, v1, len, &nr);
-            while (b_i < n_bound && bound[b_i] < len)
+            while (b_i < n_bound2 && bound2[b_i] < len)
                 b_i++;
-            bool complete = b_i < n_bound && bound[b_i] == len;
+            bool complete = b_i < n_bound2 && bound2[b_i] == len;
             kvt_status want = complete ? KVT_OK : KVT_ERR_CORRUPT;
             if ((st != want || (complete && nr != b_i)) && bad_cut++ < 5)
                 fprintf(stderr, "v1 cut at %zu: %s (%zu records), want %s\n", len,
@@ -240,6 +276,7 @@ int main(void)
         }
         KVT_EXPECT_MSG(bad_cut == 0, "%d version-1 cuts read wrong", bad_cut);
         free(v1);
+        free(bound2);
     }
     /* truncation of the JSON layout: every 7th byte and the last 64 */
     bad_cut = 0;
@@ -265,8 +302,9 @@ int main(void)
     } cases[] = {
         {0, 'X', 1, KVT_ERR_CORRUPT},                /* magic */
         {7, 2, 1, KVT_ERR_VERSION},                  /* another major layout */
-        {8, 3, 4, KVT_ERR_VERSION},                  /* newer version */
-        {8, 1, 4, KVT_ERR_CORRUPT},                  /* version 1 file, header says 2 */
+        {8, 4, 4, KVT_ERR_VERSION},                  /* newer version */
+        {8, 1, 4, KVT_ERR_CORRUPT},                  /* version 1 file, header says 3 */
+        {8, 2, 4, KVT_ERR_CORRUPT},                  /* version 2 file, header says 3 */
         {n - 8, 7, 4, KVT_ERR_CORRUPT},              /* end record miscounts */
         {n - 16, 0x444E454Cu, 4, KVT_ERR_CORRUPT},   /* end record magic */
         {8, 0, 4, KVT_ERR_CORRUPT},                  /* version 0 */
@@ -300,6 +338,51 @@ int main(void)
         KVT_EXPECT_MSG(st == cases[c].want, "case %zu (byte %zu): got %s (%s)", c, cases[c].at,
                        kvt_status_str(st), kvt_error_msg());
     }
+    /* damage to a delta record (tova at 12 tokens: one removed, one added): each named */
+    const kvt_selection_record *dp = sb && d1_rec ? kvt_selection_record_at(sb, d1_rec - 1) : NULL;
+    uint32_t removed = rd32le(raw + d1 + 36), held = 0;
+    for (size_t i = 0; dp && i < dp->n && held == removed; i++)
+        held = (uint32_t)dp->idx[i];
+    KVT_EXPECT(dp && held != removed);
+    struct {
+        size_t at;
+        uint32_t val;
+        const char *msg;
+    } dcases[] = {
+        {d1 + 32, 3, "a delta record removing 3 of its 2 indices"},
+        {d1 + 36, 0x7FFFFFFFu, "which step"}, /* removes a token not held */
+        {d1 + 40, held, "which step"},        /* adds a token held */
+        {d1 + 20, rd32le(raw + d1 + 20) + 1, "a delta record of step"},  /* not after its step */
+        {d1 + 16, rd32le(raw + d1 + 16) ^ 1u, "a delta record of step"}, /* another head's */
+        {d1 + 36, 0x80000000u, "removed index 0 is above 2^31-1"},
+        {bound[1] + 10, 8, "flags 0x8"},  /* a delta flag on a prompt-time set */
+        {r0 + 10, 8, "record 0 at byte"}, /* the first record a delta */
+    };
+    for (size_t c = 0; c < sizeof(dcases) / sizeof(dcases[0]); c++) {
+        memcpy(m, raw, n);
+        put32(m + dcases[c].at, dcases[c].val);
+        if (dcases[c].at == bound[1] + 10 || dcases[c].at == r0 + 10)
+            m[dcases[c].at + 2] = raw[dcases[c].at + 2],
+                             m[dcases[c].at + 3] = raw[dcases[c].at + 3];
+        kvt_status st = read_bytes(xpath, m, n, &nr);
+        KVT_EXPECT_MSG(st == KVT_ERR_CORRUPT && strstr(last_msg, dcases[c].msg),
+                       "delta case %zu (byte %zu): got %s (%s)", c, dcases[c].at,
+                       kvt_status_str(st), last_msg);
+    }
+    {
+        size_t n2 = 0; /* a delta flag in a version-2 file */
+        unsigned char *v2 = kvt_test_slurp(v2path, &n2);
+        size_t o1 =
+            v2 ? 16 + rd32le(v2 + 12) + 36 + 4 * (size_t)rd32le(v2 + 16 + rd32le(v2 + 12) + 28) : 0;
+        KVT_EXPECT(v2 && o1 + 36 < n2);
+        if (v2 && o1 + 36 < n2) {
+            v2[o1 + 10] |= 8;
+            kvt_status st = read_bytes(xpath, v2, n2, &nr);
+            KVT_EXPECT_MSG(st == KVT_ERR_CORRUPT && strstr(last_msg, "flags 0x8"),
+                           "delta flag in version 2: %s (%s)", kvt_status_str(st), last_msg);
+        }
+        free(v2);
+    }
     memcpy(m, raw, n); /* bytes after the end record */
     memset(m + n, 0, 5);
     KVT_EXPECT_STATUS(read_bytes(xpath, m, n + 5, &nr), KVT_ERR_CORRUPT);
@@ -327,6 +410,46 @@ int main(void)
     KVT_EXPECT(outcomes[1] > 0);
 
     free(m);
+
+    /* delta records that expand beyond any machine's memory: one set of 2^20 tokens, then 2^20
+     * steps that keep it (36 bytes each, 4 MiB whole: 4 TiB in all) is refused before anything
+     * is allocated for the sets */
+    {
+        size_t hl = rd32le(raw + 12), nset = (size_t)1 << 20, nsteps = (size_t)1 << 20;
+        size_t nbomb = 16 + hl + 36 + 4 * nset + 36 * nsteps + 16;
+        unsigned char *bomb = calloc(nbomb, 1), *q = bomb + 16 + hl;
+        KVT_CHECK(bomb ? KVT_OK : KVT_ERR_NOMEM);
+        memcpy(bomb, raw, 16 + hl);
+        for (size_t st = 0; st <= nsteps; st++) { /* step -1 whole, then steps 0.. as deltas */
+            put32(q, 0x4C45534Bu);
+            q[6] = 4; /* tova */
+            q[10] = st ? 9 : 0;
+            put32(q + 20, (uint32_t)((int)st - 1));
+            put32(q + 24, 12);
+            put32(q + 28, st ? 0 : (uint32_t)nset);
+            q += 36;
+            for (size_t k = 0; !st && k < nset; k++, q += 4)
+                put32(q, (uint32_t)k);
+        }
+        put32(q, 0x444E454Bu);
+        put32(q + 8, (uint32_t)(nsteps + 1));
+        kvt_status st = read_bytes(xpath, bomb, nbomb, &nr);
+        KVT_EXPECT_MSG(st == KVT_ERR_NOMEM && strstr(last_msg, "more than this machine's memory"),
+                       "4 TiB of delta sets: %s (%s)", kvt_status_str(st), last_msg);
+        /* the same with 16 steps reads: each step is the whole set */
+        size_t nsmall = 16 + hl + 36 + 4 * nset + 36 * 16;
+        memcpy(bomb + nsmall, q, 16);
+        put32(bomb + nsmall + 8, 17);
+        kvt_selection *sm = NULL;
+        spit(xpath, bomb, nsmall + 16);
+        KVT_EXPECT_STATUS(kvt_selection_read(xpath, &sm), KVT_OK);
+        const int32_t *idx = NULL;
+        size_t cnt = 0;
+        KVT_EXPECT(sm && kvt_selection_find(sm, 0, 4, 0, 0, 0, 15, &idx, &cnt) == KVT_OK &&
+                   cnt == nset && idx[0] == 0 && idx[nset - 1] == (int32_t)nset - 1);
+        kvt_selection_free(sm);
+        free(bomb);
+    }
     free(bound);
     free(raw);
     free(rawj);

@@ -135,8 +135,9 @@ for bad in 4/4 -1/4 1 a/b 0/0; do
 done
 # --export-selection with --shard: each shard exports its layers; merge of the 4 parts (any
 # order) is the unsharded export byte for byte, binary and JSON (with quest's per-step and
-# lightkv-like's merged sets)
-SEL=(--policies snapkv,adakv,quest,lightkv-like --budgets 16,40 --threads 2)
+# lightkv-like's merged sets, and TOVA's decode-time cache: delta records in the binary)
+SEL=(--policies snapkv,adakv,quest,lightkv-like --policy tova:decoding=1,prefill=1
+     --budgets 16,40 --threads 2)
 $BIN replay "${TR[@]}" "${SEL[@]}" -o "$TMP/sf.json" --export-selection "$TMP/sf.bin" \
     >/dev/null 2>&1 || fail "unsharded replay with an export"
 $BIN replay "${TR[@]}" "${SEL[@]}" -o "$TMP/sfj.json" --export-selection "$TMP/sf.sel.json" \
@@ -158,8 +159,8 @@ grep -q "every shard 0..3 is needed once" "$TMP/err" || fail "missing export par
 $BIN merge "$TMP/sp0.bin" "$TMP/sp1.bin" "$TMP/sp2.bin" "$TMP/sf.bin" -o "$TMP/z.bin" \
     2>"$TMP/err" && fail "a whole export as a part"
 grep -q "is a whole selection export" "$TMP/err" || fail "whole export message"
-$BIN replay "${TR[@]}" --policies snapkv,adakv,quest,lightkv-like --budgets 16,48 --threads 2 \
-    --shard 3/4 -o "$TMP/sq.json" --export-selection "$TMP/sq.bin" >/dev/null 2>&1 || fail "sq"
+$BIN replay "${TR[@]}" --policies snapkv,adakv,quest,lightkv-like \
+    --policy tova:decoding=1,prefill=1 --budgets 16,48 --threads 2 --shard 3/4 -o "$TMP/sq.json" --export-selection "$TMP/sq.bin" >/dev/null 2>&1 || fail "sq"
 $BIN merge "$TMP/sp0.bin" "$TMP/sp1.bin" "$TMP/sp2.bin" "$TMP/sq.bin" -o "$TMP/z.bin" \
     2>"$TMP/err" && fail "export parts of other budgets"
 grep -q "different budgets (budget 1: 40 vs 48)" "$TMP/err" || fail "export budgets message"
