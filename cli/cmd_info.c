@@ -1,7 +1,10 @@
 /* cmd_info.c - `kvtrace info TRACE [--json]`: model and shape, tensors present with raw and
  * compressed bytes and the ratio per kind, modality counts, capture metadata, the decode steps
  * captured against those planned, and anything missing or damaged (recovered traces say what
- * the recovery found).
+ * the recovery found). `kvtrace info SEL` of a selection export (replay --export-selection)
+ * describes it: layout, version, size against every set written whole, traces, budgets, and
+ * per policy its sets' granularity, shape, records and mean kept per budget. A results.json
+ * is named as such, with the commands that read it.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,12 +12,13 @@
 
 #include <cjson/cJSON.h>
 
+#include "kvt_analysis.h"
 #include "kvt_cli.h"
 #include "kvt_trace.h"
 
 static void help(void)
 {
-    printf("usage: kvtrace info TRACE [--json]\n\n"
+    printf("usage: kvtrace info TRACE|SELECTION [--json]\n\n"
            "Show a trace's model and shape, the tensors it holds (layers, shape, dtype, raw and\n"
            "compressed bytes, ratio per kind), token modality counts, capture metadata, and\n"
            "whether the trace is complete. --json prints the same as one JSON object.\n\n"
@@ -26,7 +30,13 @@ static void help(void)
            "\"planned\", \"captured\" (from the capture's meta_json capture_stats.n_decode, or\n"
            "else the fewest Q_decode steps of any layer: \"captured_from\") and \"stopped_early\"\n"
            "(captured < planned); \"complete\" means the file was finished (index and trailer),\n"
-           "not recovered by scanning.\n");
+           "not recovered by scanning.\n\n"
+           "Given a selection export (kvtrace replay --export-selection, binary or JSON), it\n"
+           "shows its layout and version, its size against every set written whole (a\n"
+           "decode-time cache's steps are stored as their changes), the traces and budgets, and\n"
+           "per policy: its sets (KV or query heads, per step, merged), layers, heads, decode\n"
+           "steps, records and the mean kept per set at each budget (--json: the same, with\n"
+           "\"kind\": \"selection_export\").\n");
 }
 
 typedef struct kind_sum {
@@ -183,6 +193,189 @@ static void print_device(const cJSON *meta)
                tl_num(dv, "other_device_bytes") / 1e6);
 }
 
+/* ---- a selection export (replay --export-selection), and other kvtrace outputs ---- */
+
+/* What the file at path is, from its first bytes: 1 a selection export, 2 a results.json, 0
+ * anything else (a trace, or the trace reader's error). *hlen: a binary export's header_len. */
+static int sniff(const char *path, uint32_t *hlen)
+{
+    char b[4097];
+    *hlen = 0;
+    FILE *f = kvt_fopen_regular(path);
+    if (!f)
+        return 0;
+    size_t n = fread(b, 1, sizeof(b) - 1, f);
+    fclose(f);
+    b[n] = '\0';
+    if (n >= 16 && !memcmp(b, "KVTSEL", 6)) {
+        const unsigned char *u = (const unsigned char *)b + 12;
+        *hlen = (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 | (uint32_t)u[3] << 24;
+        return 1;
+    }
+    size_t i = 0;
+    while (i < n && strchr(" \t\r\n", b[i]))
+        i++;
+    if (i == n || b[i] != '{' || strlen(b) != n) /* JSON text, without NUL bytes */
+        return 0;
+    return strstr(b, "\"selection_version\"") ? 1 : strstr(b, "\"results_version\"") ? 2 : 0;
+}
+
+typedef struct pol_sum {
+    int layers, heads, steps;
+    size_t records;
+    double *kept; /* [n_budgets] summed set sizes, then the mean */
+    size_t *n;    /* [n_budgets] sets */
+} pol_sum;
+
+static int info_selection(const char *path, bool json, uint32_t hlen)
+{
+    kvt_selection *sel = NULL;
+    kvt_status st = kvt_selection_read(path, &sel);
+    if (st)
+        return kvt_cli_fail_status("info", st, path);
+    const kvt_selection_header *h = kvt_selection_get_header(sel);
+    size_t np = h->n_policies, nb = h->n_budgets;
+    int rc = 1;
+    cJSON *out = NULL;
+    pol_sum *ps = kvt_calloc(np ? np : 1, sizeof(*ps));
+    size_t npb = np * nb > 0 ? np * nb : 1;
+    double *kept = kvt_calloc(npb, sizeof(double));
+    size_t *cnt = kvt_calloc(npb, sizeof(size_t));
+    if (!ps || !kept || !cnt) {
+        kvt_cli_fail("info", "out of memory");
+        goto out;
+    }
+    double whole = 16.0 + hlen + 16.0; /* the binary layout with every set written whole */
+    for (size_t i = 0; i < h->n_records; i++) {
+        const kvt_selection_record *r = kvt_selection_record_at(sel, i);
+        ps[r->policy].records++;
+        kept[(size_t)r->policy * nb + (size_t)r->budget] += (double)r->n;
+        cnt[(size_t)r->policy * nb + (size_t)r->budget]++;
+        whole += 36.0 + 4.0 * (double)r->n;
+    }
+    for (size_t p = 0; p < np; p++) {
+        ps[p].kept = kept + p * nb;
+        ps[p].n = cnt + p * nb;
+        for (size_t t = 0; t < h->n_traces; t++) { /* the largest over the traces */
+            int nl, nh, ns;
+            kvt_selection_shape(sel, (int)t, (int)p, &nl, &nh, &ns);
+            ps[p].layers = nl > ps[p].layers ? nl : ps[p].layers;
+            ps[p].heads = nh > ps[p].heads ? nh : ps[p].heads;
+            ps[p].steps = ns > ps[p].steps ? ns : ps[p].steps;
+        }
+    }
+    FILE *f = kvt_fopen_regular(path);
+    double fbytes = 0;
+    if (f && fseek(f, 0, SEEK_END) == 0)
+        fbytes = (double)ftell(f);
+    if (f)
+        fclose(f);
+
+    if (json) {
+        out = cJSON_CreateObject();
+        if (!out) {
+            kvt_cli_fail("info", "out of memory");
+            goto out;
+        }
+        cJSON_AddStringToObject(out, "kind", "selection_export");
+        cJSON_AddStringToObject(out, "path", path);
+        cJSON_AddStringToObject(out, "layout", h->json ? "json" : "binary");
+        cJSON_AddNumberToObject(out, "selection_version", h->selection_version);
+        cJSON_AddStringToObject(out, "generator", h->generator);
+        cJSON_AddNumberToObject(out, "file_bytes", fbytes);
+        if (!h->json)
+            cJSON_AddNumberToObject(out, "whole_bytes", whole);
+        cJSON *tl = cJSON_AddArrayToObject(out, "traces");
+        for (size_t t = 0; t < h->n_traces; t++)
+            cJSON_AddItemToArray(tl, cJSON_CreateString(h->traces[t]));
+        cJSON *bl = cJSON_AddArrayToObject(out, "budgets");
+        for (size_t b = 0; b < nb; b++)
+            cJSON_AddItemToArray(bl, cJSON_CreateString(h->budgets[b]));
+        if (h->shard_count) {
+            cJSON *sh = cJSON_AddObjectToObject(out, "shard");
+            cJSON_AddNumberToObject(sh, "index", h->shard_index);
+            cJSON_AddNumberToObject(sh, "count", h->shard_count);
+        }
+        cJSON_AddNumberToObject(out, "records", (double)h->n_records);
+        cJSON *pl = cJSON_AddArrayToObject(out, "policies");
+        for (size_t p = 0; p < np; p++) {
+            const kvt_selection_policy *d = &h->policies[p];
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddItemToArray(pl, o);
+            cJSON_AddStringToObject(o, "label", d->label);
+            cJSON_AddStringToObject(o, "name", d->name);
+            cJSON_AddStringToObject(o, "granularity", d->query_heads ? "query_head" : "kv_head");
+            cJSON_AddBoolToObject(o, "per_step", d->per_step);
+            cJSON_AddBoolToObject(o, "merged", d->merged);
+            cJSON_AddNumberToObject(o, "layers", ps[p].layers);
+            cJSON_AddNumberToObject(o, "heads", ps[p].heads);
+            cJSON_AddNumberToObject(o, "steps", ps[p].steps);
+            cJSON_AddNumberToObject(o, "records", (double)ps[p].records);
+            cJSON *mk = cJSON_AddArrayToObject(o, "mean_kept");
+            for (size_t b = 0; b < nb; b++)
+                cJSON_AddItemToArray(
+                    mk, ps[p].n[b] ? cJSON_CreateNumber(ps[p].kept[b] / (double)ps[p].n[b])
+                                   : cJSON_CreateNull());
+        }
+        char *js = cJSON_Print(out);
+        if (!js) {
+            kvt_cli_fail("info", "out of memory");
+            goto out;
+        }
+        kvt_utf8_sanitize(js);
+        printf("%s\n", js);
+        cJSON_free(js);
+        rc = 0;
+        goto out;
+    }
+    char a[24], b[24];
+    printf("selection  %s (%s, version %d, %s", path, h->json ? "JSON" : "binary",
+           h->selection_version, kvt_cli_bytes_text(fbytes, a, sizeof(a)));
+    if (!h->json && whole > fbytes * 1.001)
+        printf("; every set whole: %s, %.1fx", kvt_cli_bytes_text(whole, b, sizeof(b)),
+               whole / fbytes);
+    printf(")\n");
+    if (h->shard_count)
+        printf("part       shard %d of %d (kvtrace merge joins the parts)\n", h->shard_index,
+               h->shard_count);
+    printf("generator  %s\n", h->generator);
+    for (size_t t = 0; t < h->n_traces; t++)
+        printf("%-10s %s\n", t ? "" : "traces", h->traces[t]);
+    printf("budgets   ");
+    for (size_t i = 0; i < nb; i++)
+        printf("%s %s", i ? "," : "", h->budgets[i]);
+    printf("\nrecords    %zu\n\n", h->n_records);
+    int wl = 6; /* the policy column: the longest label */
+    for (size_t p = 0; p < np; p++)
+        wl = (int)strlen(h->policies[p].label) > wl ? (int)strlen(h->policies[p].label) : wl;
+    printf("%-*s  %-27s %6s %6s %6s %9s\n", wl, "policy", "sets", "layers", "heads", "steps",
+           "records");
+    for (size_t p = 0; p < np; p++) {
+        const kvt_selection_policy *d = &h->policies[p];
+        char kind[48];
+        snprintf(kind, sizeof(kind), "%s%s%s", d->query_heads ? "query heads" : "KV heads",
+                 d->per_step ? ", per step" : "", d->merged ? ", merged" : "");
+        printf("%-*s  %-27s %6d %6d %6d %9zu\n", wl, d->label, kind, ps[p].layers, ps[p].heads,
+               ps[p].steps, ps[p].records);
+        printf("  mean kept:");
+        for (size_t i = 0; i < nb; i++) {
+            if (ps[p].n[i])
+                printf(" %s %.1f", h->budgets[i], ps[p].kept[i] / (double)ps[p].n[i]);
+            else
+                printf(" %s -", h->budgets[i]);
+            printf(i + 1 < nb ? "," : "\n");
+        }
+    }
+    rc = 0;
+out:
+    cJSON_Delete(out);
+    kvt_free(ps);
+    kvt_free(kept);
+    kvt_free(cnt);
+    kvt_selection_free(sel);
+    return rc;
+}
+
 int kvt_cmd_info(int argc, char **argv)
 {
     const char *path = NULL;
@@ -207,6 +400,16 @@ int kvt_cmd_info(int argc, char **argv)
 
     if (json && !kvt_cli_json_text_ok("info", "the path", path))
         return 1;
+    uint32_t hlen;
+    int what = sniff(path, &hlen);
+    if (what == 1)
+        return info_selection(path, json, hlen);
+    if (what == 2)
+        return kvt_cli_fail("info",
+                            "%s is a results.json (kvtrace replay -o), not a trace: 'kvtrace "
+                            "report %s' and 'kvtrace recommend %s' read it",
+                            path, path, path),
+               1;
     kvt_trace_reader *r;
     kvt_status s = kvt_trace_reader_open(path, &r);
     if (s != KVT_OK)

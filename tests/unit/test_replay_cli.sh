@@ -23,6 +23,36 @@ $BIN replay "$TMP/t.kvt" --policies all,h2o,oracle,quest,hybridkv-like \
 grep -Eq '"results_version":[[:space:]]*1,' "$TMP/r.json" || fail "results_version"
 grep -q "mixkv-snapkv" "$TMP/out" || fail "summary table"
 [ "$(head -c 6 "$TMP/sel.bin")" = "KVTSEL" ] || fail "selection magic"
+# info of the export: layout, version (3: quest's per-step sets), its size against every set
+# written whole, and per policy its sets, shape and mean kept per budget (T = 120: 24, 48, 30)
+$BIN info "$TMP/sel.bin" >"$TMP/out" 2>"$TMP/err" || { cat "$TMP/err"; fail "info of an export"; }
+grep -q "^selection  $TMP/sel.bin (binary, version 3, .*; every set whole: .*x)$" "$TMP/out" ||
+    { cat "$TMP/out"; fail "info: the export's line"; }
+grep -q "^budgets    24, 48, 25%$" "$TMP/out" && grep -q "^records    1380$" "$TMP/out" ||
+    fail "info: budgets, records"
+grep -Eq "^quest +KV heads, per step +5 +4 +4 +240$" "$TMP/out" || fail "info: quest's row"
+grep -A1 "^snapkv " "$TMP/out" | grep -q "^  mean kept: 24 24.0, 48 48.0, 25% 30.0$" ||
+    fail "info: snapkv's mean kept"
+$BIN info "$TMP/sel.bin" --json >"$TMP/si.json" || fail "info --json of an export"
+grep -Eq '"kind":[[:space:]]*"selection_export"' "$TMP/si.json" &&
+    grep -Eq '"mean_kept":[[:space:]]*\[24, 48, 30\]' "$TMP/si.json" || fail "info --json fields"
+# without a per-step policy the export is version 2, every set whole: its size is the sum
+$BIN replay "$TMP/t.kvt" --policies snapkv,adakv --budgets 24 --export-selection "$TMP/s2.bin" \
+    -o "$TMP/r2.json" >/dev/null 2>&1 || fail "replay for a version-2 export"
+$BIN info "$TMP/s2.bin" --json >"$TMP/s2.json" || fail "info --json, version 2"
+grep -Eq '"selection_version":[[:space:]]*2,' "$TMP/s2.json" &&
+    grep -Eq "\"file_bytes\":[[:space:]]*$(stat -c %s "$TMP/s2.bin")," "$TMP/s2.json" &&
+    grep -Eq "\"whole_bytes\":[[:space:]]*$(stat -c %s "$TMP/s2.bin")," "$TMP/s2.json" ||
+    { cat "$TMP/s2.json"; fail "info: a version-2 export's bytes"; }
+# an export cut short: the reader's one line
+head -c 3000 "$TMP/sel.bin" >"$TMP/cut.bin"
+$BIN info "$TMP/cut.bin" >/dev/null 2>"$TMP/err" && fail "info of a cut export"
+[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "cut.bin: record .* is truncated" "$TMP/err" ||
+    { cat "$TMP/err"; fail "info: cut export message"; }
+# a results.json is named, with the commands that read it
+$BIN info "$TMP/r.json" >/dev/null 2>"$TMP/err" && fail "info of a results.json"
+[ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "is a results.json (kvtrace replay -o), not a trace" "$TMP/err" ||
+    { cat "$TMP/err"; fail "info: results.json message"; }
 # existing output without --force
 $BIN replay "$TMP/t.kvt" --policies snapkv -o "$TMP/r.json" 2>"$TMP/err" && fail "overwrote"
 grep -q "exists" "$TMP/err" || fail "exists message"
