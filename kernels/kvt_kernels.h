@@ -308,6 +308,22 @@ void kvt_unit_rows_cpu(const float *x, int n, int D, float *ku, double *mean);
 void kvt_row_norms(const float *x, int n, int D, double *out);
 void kvt_unit_rows(const float *x, int n, int D, float *ku, double *mean);
 
+/** s[x][e] += p[x] * v[e] for x < nu, e < D (s [nu, D] row-major, double; v [D] f32): one
+ *  value row into nu query heads' output sums, each weighted by its probability. The fast
+ *  variant is bitwise the reference (element-wise, no fused multiply-add). */
+void kvt_accum_rows_ref(double *s, int nu, int D, const double *p, const float *v);
+void kvt_accum_rows_cpu(double *s, int nu, int D, const double *p, const float *v);
+void kvt_accum_rows(double *s, int nu, int D, const double *p, const float *v);
+/** out[j * n_q + u] = sum over d = 0..D-1, in that order from 0.0, of
+ *  (double)qt[d * n_q + u] * k[j][d]: n_q queries (qt: transposed, [D, n_q]) against n_k f32
+ *  keys (k: n_k row pointers), each dot product in double. The fast variant sums four keys
+ *  and four queries at a time, bitwise the reference. */
+void kvt_dot_queries_ref(const float *qt, int n_q, int D, const float *const *k, int n_k,
+                         double *out);
+void kvt_dot_queries_cpu(const float *qt, int n_q, int D, const float *const *k, int n_k,
+                         double *out);
+void kvt_dot_queries(const float *qt, int n_q, int D, const float *const *k, int n_k, double *out);
+
 /** kvt_sweep_coverage_ref and kvt_sweep_redundancy_ref vectorised over probes / dimensions;
  *  bitwise the same results. Then their dispatchers. */
 kvt_status kvt_sweep_coverage_cpu(const float *ct, int T, int n_probe, int n_eval,

@@ -155,10 +155,14 @@ static kvt_status simulate_steps(kvt_layer_ctx *c, const kvt_policy *p, const in
     int32_t *stamp = kvt_malloc(nmax * sizeof(int32_t)); /* the step whose logits z holds */
     int *n = kvt_malloc(((size_t)n_b + 1) * sizeof(int));
     double *z = kvt_malloc((size_t)Hq * nmax * sizeof(double)),
-           *sc = kvt_malloc(nmax * sizeof(double));
+           *sc = kvt_malloc(nmax * sizeof(double)),
+           *zg = kvt_malloc(nmax * (size_t)c->Gs * sizeof(double));
+    float *qt = kvt_malloc((size_t)Hq * D * sizeof(float)); /* step s's queries, [g][D][Gs] */
+    const float **kp = kvt_malloc(nmax * sizeof(float *));
+    int32_t *todo = kvt_malloc(nmax * sizeof(int32_t)); /* entries without step s's logits */
     dec_item *it = kvt_malloc(nmax * sizeof(dec_item));
     kvt_status st = KVT_OK;
-    if (!caches || !stamp || !n || !z || !sc || !it)
+    if (!caches || !stamp || !n || !z || !sc || !zg || !qt || !kp || !todo || !it)
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
     for (int b = 0; b < n_b && !st; b++) {
         n[b] = sel->count[(size_t)b * H];
@@ -174,23 +178,31 @@ static kvt_status simulate_steps(kvt_layer_ctx *c, const kvt_policy *p, const in
         if (++since < N)
             continue;
         since = 0;
+        for (int u = 0; u < Hq; u++) { /* each group's queries transposed, for kvt_dot_queries */
+            const float *q = c->in->q_decode + ((size_t)u * G + (size_t)s) * D;
+            float *t = qt + (size_t)(u / c->Gs) * D * c->Gs + u % c->Gs;
+            for (int d = 0; d < D; d++)
+                t[(size_t)d * c->Gs] = q[d];
+        }
         for (int b = 0; b < n_b && !st; b++) {
             int32_t *cache = caches + (size_t)b * nmax;
             if (n[b] <= B[b])
                 continue; /* DecodingPress's ratio 0: nothing evicted */
+            int nt = 0;
             for (int i = 0; i < n[b]; i++) {
                 const int32_t e = cache[i];
-                if (stamp[e] == s)
-                    continue;
+                if (stamp[e] != s)
+                    todo[nt++] = e;
                 stamp[e] = s;
-                for (int u = 0; u < Hq; u++) {
-                    const float *q = c->in->q_decode + ((size_t)u * G + (size_t)s) * D;
-                    const float *k = entry_key(c, u / c->Gs, e);
-                    double x = 0.0;
-                    for (int d = 0; d < D; d++)
-                        x += (double)q[d] * k[d];
-                    z[(size_t)u * nmax + (size_t)e] = x * c->scale;
-                }
+            }
+            for (int g = 0; g < c->Hkv; g++) { /* each logit summed over d in order */
+                for (int i = 0; i < nt; i++)
+                    kp[i] = entry_key(c, g, todo[i]);
+                kvt_dot_queries(qt + (size_t)g * D * c->Gs, c->Gs, D, kp, nt, zg);
+                for (int i = 0; i < nt; i++)
+                    for (int x = 0; x < c->Gs; x++)
+                        z[(size_t)(g * c->Gs + x) * nmax + (size_t)todo[i]] =
+                            zg[(size_t)i * c->Gs + x] * c->scale;
             }
             st = p->def->step_scores(c, p, s, z, nmax, cache, n[b], sc);
             if (!st)
@@ -203,6 +215,10 @@ static kvt_status simulate_steps(kvt_layer_ctx *c, const kvt_policy *p, const in
     kvt_free(n);
     kvt_free(z);
     kvt_free(sc);
+    kvt_free(zg);
+    kvt_free(qt);
+    kvt_free(kp);
+    kvt_free(todo);
     kvt_free(it);
     return st;
 }
@@ -352,7 +368,7 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
        its mass (o, Z), the cache's (oS, mass) */
     double *pdec = kvt_malloc((size_t)NU * ((size_t)G + 1) * sizeof(double));
     double *o =
-        kvt_malloc((3 * (size_t)NU * D + 3 * (size_t)NU + 3 * (size_t)n_b) * sizeof(double));
+        kvt_malloc((3 * (size_t)NU * D + 4 * (size_t)NU + 3 * (size_t)n_b) * sizeof(double));
     kvt_status st = KVT_OK;
     if (!vis || !comp || !pdec || !o) {
         st = kvt_error_set(KVT_ERR_NOMEM, "decoding=: out of memory (metrics)");
@@ -360,6 +376,7 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
     }
     double *oS = o + (size_t)NU * D, *tmp = oS + (size_t)NU * D, *Z = tmp + (size_t)NU * D;
     double *mass = Z + NU, *rec = mass + NU, *err = rec + n_b, *kept = err + n_b;
+    double *pw = kept + n_b; /* [NU] one entry's weight in each query head's sum */
     for (int h = 0; h < H; h++) {
         const int g = kvt_ctx_kv_of(c, sel->per_query, h);
         const int u0 = sel->per_query ? h : g * c->Gs, nu = NU;
@@ -372,16 +389,18 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                decode keys' (the same for every budget) */
             for (int x = 0; x < nu; x++) {
                 const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                double *px = pdec + (size_t)x * (G + 1), *ox = o + (size_t)x * D;
+                double *ox = o + (size_t)x * D;
                 Z[x] = c->rsd[r];
                 for (int e = 0; e < D; e++)
                     ox[e] = c->ad[r * D + e];
-                kvt_dec_probs(c, u0 + x, s, px);
-                for (int d = 0; d <= s; d++) {
-                    Z[x] += px[d];
-                    for (int e = 0; e < D; e++)
-                        ox[e] += px[d] * Vd[(size_t)d * D + e];
+                kvt_dec_probs(c, u0 + x, s, pdec + (size_t)x * (G + 1));
+            }
+            for (int d = 0; d <= s; d++) { /* every head's sums over d in order, as alone */
+                for (int x = 0; x < nu; x++) {
+                    pw[x] = pdec[(size_t)x * (G + 1) + (size_t)d];
+                    Z[x] += pw[x];
                 }
+                kvt_accum_rows(o, nu, D, pw, Vd + (size_t)d * D);
             }
             for (int b = 0; b < n_b; b++) {
                 const int n = kvt_dec_visible(sel, b, h, s, vis);
@@ -408,29 +427,25 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                     for (int e = 0; e < D; e++)
                         sx[e] = less ? c->ad[r * D + e] : 0.0;
                 }
-                for (int i = 0; i < nc; i++) {
-                    const float *v = V + (size_t)comp[i] * D;
+                for (int i = 0; i < nc; i++) { /* s - p*v is s + (-p)*v, bit for bit */
                     for (int x = 0; x < nu; x++) {
                         const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
                         const double pj = c->prd[r * T + (size_t)comp[i]];
-                        double *sx = oS + (size_t)x * D;
                         mass[x] -= pj;
-                        for (int e = 0; e < D; e++)
-                            sx[e] -= pj * v[e];
+                        pw[x] = -pj;
                     }
+                    kvt_accum_rows(oS, nu, D, pw, V + (size_t)comp[i] * D);
                 }
                 for (int i = less ? np : 0; i < n; i++) {
                     const int j = vis[i];
-                    const float *v = j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D;
                     for (int x = 0; x < nu; x++) {
                         const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                        const double pj = j < T ? (double)c->prd[r * T + (size_t)j]
-                                                : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
-                        double *sx = oS + (size_t)x * D;
-                        mass[x] += pj;
-                        for (int e = 0; e < D; e++)
-                            sx[e] += pj * v[e];
+                        pw[x] = j < T ? (double)c->prd[r * T + (size_t)j]
+                                      : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
+                        mass[x] += pw[x];
                     }
+                    kvt_accum_rows(oS, nu, D, pw,
+                                   j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D);
                 }
                 for (int x = 0; x < nu; x++) {
                     const double *ox = o + (size_t)x * D, *sx = oS + (size_t)x * D;

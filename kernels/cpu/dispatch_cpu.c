@@ -89,3 +89,13 @@ kvt_status kvt_rank_desc(const double *score, int n, int32_t *order, int32_t *wo
     }
     return kvt_rank_desc_cpu(score, n, order, work);
 }
+
+void kvt_accum_rows(double *s, int nu, int D, const double *p, const float *v)
+{
+    (kvt_kernels_ref_only() ? kvt_accum_rows_ref : kvt_accum_rows_cpu)(s, nu, D, p, v);
+}
+
+void kvt_dot_queries(const float *qt, int n_q, int D, const float *const *k, int n_k, double *out)
+{
+    (kvt_kernels_ref_only() ? kvt_dot_queries_ref : kvt_dot_queries_cpu)(qt, n_q, D, k, n_k, out);
+}

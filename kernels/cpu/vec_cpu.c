@@ -250,3 +250,57 @@ KVT_CLONES kvt_status kvt_sweep_redundancy_cpu(const float *ku, int T, int D, co
     }
     return KVT_OK;
 }
+
+/* Each s[x][e] takes one product and one addition, as in the reference: bitwise its result
+ * (no contraction into a fused multiply-add: ISO C mode's default, -ffp-contract=off) */
+KVT_CLONES void kvt_accum_rows_cpu(double *s, int nu, int D, const double *p, const float *v)
+{
+    for (int x = 0; x < nu; x++) {
+        const double a = p[x];
+        double *sx = s + (size_t)x * D;
+#pragma omp simd
+        for (int e = 0; e < D; e++)
+            sx[e] += a * (double)v[e];
+    }
+}
+
+/* Four keys at a time, and for each four queries at a time: sixteen independent sums (the
+ * additions' latency bounds a single dot product), each over d in order from 0 as the
+ * reference's. The last keys of an incomplete group of four are computed twice, not stored. */
+KVT_CLONES void kvt_dot_queries_cpu(const float *qt, int n_q, int D, const float *const *k, int n_k,
+                                    double *out)
+{
+    for (int j0 = 0; j0 < n_k; j0 += 4) {
+        const int nk = n_k - j0 < 4 ? n_k - j0 : 4;
+        const float *k0 = k[j0], *k1 = k[j0 + (nk > 1)], *k2 = k[j0 + 2 * (nk > 2)],
+                    *k3 = k[j0 + 3 * (nk > 3)];
+        double *o = out + (size_t)j0 * n_q;
+        int u = 0;
+        for (; u + 4 <= n_q; u += 4) {
+            double a[4][4] = {{0.0}}; /* [key][query] */
+            for (int d = 0; d < D; d++) {
+                const float *q = qt + (size_t)d * n_q + u;
+                const double kd[4] = {k0[d], k1[d], k2[d], k3[d]};
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < 4; l++)
+                        a[j][l] += (double)q[l] * kd[j];
+            }
+            for (int j = 0; j < nk; j++)
+                for (int l = 0; l < 4; l++)
+                    o[(size_t)j * n_q + u + l] = a[j][l];
+        }
+        for (; u < n_q; u++) { /* a query left over: four keys' sums */
+            double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+            for (int d = 0; d < D; d++) {
+                const double qd = qt[(size_t)d * n_q + u];
+                a0 += qd * k0[d];
+                a1 += qd * k1[d];
+                a2 += qd * k2[d];
+                a3 += qd * k3[d];
+            }
+            const double a[4] = {a0, a1, a2, a3};
+            for (int j = 0; j < nk; j++)
+                o[(size_t)j * n_q + u] = a[j];
+        }
+    }
+}

@@ -81,3 +81,22 @@ void kvt_attn_output_ref(const float *p, int n_q, int T, size_t stride_p, const 
         }
     }
 }
+
+void kvt_accum_rows_ref(double *s, int nu, int D, const double *p, const float *v)
+{
+    for (int x = 0; x < nu; x++)
+        for (int e = 0; e < D; e++)
+            s[(size_t)x * D + e] += p[x] * (double)v[e];
+}
+
+void kvt_dot_queries_ref(const float *qt, int n_q, int D, const float *const *k, int n_k,
+                         double *out)
+{
+    for (int j = 0; j < n_k; j++)
+        for (int u = 0; u < n_q; u++) {
+            double z = 0.0;
+            for (int d = 0; d < D; d++)
+                z += (double)qt[(size_t)d * n_q + u] * (double)k[j][d];
+            out[(size_t)j * n_q + u] = z;
+        }
+}

@@ -351,6 +351,66 @@ static void test_switch(void)
                !strcmp(kvt_kernels_cpu_backend(), "blocked-c"));
 }
 
+/* kvt_accum_rows and kvt_dot_queries (the decode-time caches' metrics and scores): bitwise
+ * their references at awkward widths (1 to 28 query heads: blocks of four and every
+ * remainder; 1 to 9 keys: groups of four and every remainder; D = 1, 13, 64, 80, 128), guard
+ * words after each output; the dispatchers too */
+static void test_accum_dot(void)
+{
+    static const int nus[] = {1, 2, 3, 4, 5, 7, 8, 28}, Ds[] = {1, 13, 64, 80, 128};
+    static const int nks[] = {1, 2, 3, 4, 5, 9};
+    enum { NK_MAX = 9 };
+    kvt_rng r;
+    kvt_rng_seed(&r, 2207);
+    int bad = 0, n_cases = 0;
+    for (int a = 0; a < 8; a++)
+        for (int b = 0; b < 5; b++)
+            for (int c = 0; c < 6; c++) {
+                const int nu = nus[a], D = Ds[b], nk = nks[c];
+                float *v = tl_randn(&r, (size_t)D * NK_MAX, 3.0),
+                      *qt = tl_randn(&r, (size_t)D * nu, 2.0);
+                const float *kp[NK_MAX];
+                for (int j = 0; j < nk; j++) /* rows out of order, one twice */
+                    kp[j] = v + (size_t)((j * 5 + 2) % (nk > 1 ? nk - 1 : 1)) * D;
+                double *p = malloc(nu * sizeof(double));
+                const size_t ns = (size_t)nu * D, nz = (size_t)nu * nk;
+                double *s0 = malloc((ns + N_GUARD) * sizeof(double)),
+                       *s1 = malloc((ns + N_GUARD) * sizeof(double)),
+                       *s2 = malloc((ns + N_GUARD) * sizeof(double));
+                double *z0 = malloc((nz + N_GUARD) * sizeof(double)),
+                       *z1 = malloc((nz + N_GUARD) * sizeof(double)),
+                       *z2 = malloc((nz + N_GUARD) * sizeof(double));
+                for (int x = 0; x < nu; x++) /* probabilities over a wide range, some negated */
+                    p[x] = (x % 3 == 2 ? -1.0 : 1.0) * exp(-20.0 * kvt_rng_uniform(&r));
+                for (size_t i = 0; i < ns; i++)
+                    s0[i] = s1[i] = s2[i] = kvt_rng_normal(&r);
+                put_guard(s1 + ns);
+                put_guard(z1 + nz);
+                kvt_accum_rows_ref(s0, nu, D, p, v);
+                kvt_accum_rows_cpu(s1, nu, D, p, v);
+                kvt_kernels_use_ref(true);
+                kvt_accum_rows(s2, nu, D, p, v);
+                kvt_dot_queries(qt, nu, D, kp, nk, z2);
+                kvt_kernels_use_ref(false);
+                kvt_dot_queries_ref(qt, nu, D, kp, nk, z0);
+                kvt_dot_queries_cpu(qt, nu, D, kp, nk, z1);
+                bool ok =
+                    !memcmp(s0, s1, ns * sizeof(double)) && !memcmp(s0, s2, ns * sizeof(double)) &&
+                    !memcmp(z0, z1, nz * sizeof(double)) && !memcmp(z0, z2, nz * sizeof(double)) &&
+                    guard_ok(s1 + ns) && guard_ok(z1 + nz);
+                if (!ok && bad++ < 5)
+                    fprintf(stderr,
+                            "  accum_rows/dot_queries nu=%d D=%d keys=%d differ from the "
+                            "reference\n",
+                            nu, D, nk);
+                n_cases++;
+                free(v), free(qt), free(p), free(s0), free(s1), free(s2), free(z0), free(z1),
+                    free(z2);
+            }
+    n_mismatch += bad;
+    KVT_EXPECT_MSG(bad == 0, "%d of %d accum_rows/dot_queries cases differ", bad, n_cases);
+}
+
 /* the vectorised loops of vec_cpu.c (whichever clone this CPU runs) */
 static void test_vec(void)
 {
@@ -484,6 +544,7 @@ int main(void)
     test_gemm();
     test_rank();
     test_vec();
+    test_accum_dot();
     const int Ds[] = {64, 80, 128};
     for (int i = 0; i < 3; i++) {
         test_attn(1, 1, Ds[i], 0, 11 + i);     /* T = 1 */
