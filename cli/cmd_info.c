@@ -220,6 +220,14 @@ static int sniff(const char *path, uint32_t *hlen)
     return strstr(b, "\"selection_version\"") ? 1 : strstr(b, "\"results_version\"") ? 2 : 0;
 }
 
+/* A string of the export as printed: control characters made '?' (printable_text), in buf */
+static const char *shown(const char *s, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%s", s ? s : "");
+    printable_text(buf);
+    return buf;
+}
+
 typedef struct pol_sum {
     int layers, heads, steps;
     size_t records;
@@ -328,7 +336,7 @@ static int info_selection(const char *path, bool json, uint32_t hlen)
         rc = 0;
         goto out;
     }
-    char a[24], b[24];
+    char a[24], b[24], txt[4096];
     printf("selection  %s (%s, version %d, %s", path, h->json ? "JSON" : "binary",
            h->selection_version, kvt_cli_bytes_text(fbytes, a, sizeof(a)));
     if (!h->json && whole > fbytes * 1.001)
@@ -338,16 +346,18 @@ static int info_selection(const char *path, bool json, uint32_t hlen)
     if (h->shard_count)
         printf("part       shard %d of %d (kvtrace merge joins the parts)\n", h->shard_index,
                h->shard_count);
-    printf("generator  %s\n", h->generator);
+    printf("generator  %s\n", shown(h->generator, txt, sizeof(txt)));
     for (size_t t = 0; t < h->n_traces; t++)
-        printf("%-10s %s\n", t ? "" : "traces", h->traces[t]);
+        printf("%-10s %s\n", t ? "" : "traces", shown(h->traces[t], txt, sizeof(txt)));
     printf("budgets   ");
     for (size_t i = 0; i < nb; i++)
-        printf("%s %s", i ? "," : "", h->budgets[i]);
+        printf("%s %s", i ? "," : "", shown(h->budgets[i], txt, sizeof(txt)));
     printf("\nrecords    %zu\n\n", h->n_records);
-    int wl = 6; /* the policy column: the longest label */
-    for (size_t p = 0; p < np; p++)
-        wl = (int)strlen(h->policies[p].label) > wl ? (int)strlen(h->policies[p].label) : wl;
+    int wl = 6; /* the policy column: the longest label, up to 48 */
+    for (size_t p = 0; p < np; p++) {
+        size_t len = strlen(h->policies[p].label);
+        wl = len > 48 ? 48 : (int)len > wl ? (int)len : wl;
+    }
     printf("%-*s  %-27s %6s %6s %6s %9s\n", wl, "policy", "sets", "layers", "heads", "steps",
            "records");
     for (size_t p = 0; p < np; p++) {
@@ -355,14 +365,15 @@ static int info_selection(const char *path, bool json, uint32_t hlen)
         char kind[48];
         snprintf(kind, sizeof(kind), "%s%s%s", d->query_heads ? "query heads" : "KV heads",
                  d->per_step ? ", per step" : "", d->merged ? ", merged" : "");
-        printf("%-*s  %-27s %6d %6d %6d %9zu\n", wl, d->label, kind, ps[p].layers, ps[p].heads,
-               ps[p].steps, ps[p].records);
+        printf("%-*s  %-27s %6d %6d %6d %9zu\n", wl, shown(d->label, txt, sizeof(txt)), kind,
+               ps[p].layers, ps[p].heads, ps[p].steps, ps[p].records);
         printf("  mean kept:");
         for (size_t i = 0; i < nb; i++) {
+            shown(h->budgets[i], txt, sizeof(txt));
             if (ps[p].n[i])
-                printf(" %s %.1f", h->budgets[i], ps[p].kept[i] / (double)ps[p].n[i]);
+                printf(" %s %.1f", txt, ps[p].kept[i] / (double)ps[p].n[i]);
             else
-                printf(" %s -", h->budgets[i]);
+                printf(" %s -", txt);
             printf(i + 1 < nb ? "," : "\n");
         }
     }

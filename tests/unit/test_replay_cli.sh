@@ -44,6 +44,12 @@ grep -Eq '"selection_version":[[:space:]]*2,' "$TMP/s2.json" &&
     grep -Eq "\"file_bytes\":[[:space:]]*$(stat -c %s "$TMP/s2.bin")," "$TMP/s2.json" &&
     grep -Eq "\"whole_bytes\":[[:space:]]*$(stat -c %s "$TMP/s2.bin")," "$TMP/s2.json" ||
     { cat "$TMP/s2.json"; fail "info: a version-2 export's bytes"; }
+# the export's strings are printed without their control characters (a terminal escape in a
+# label, a trace path, a budget)
+printf '%s' '{"selection_version":2,"generator":"g\u0007","policies":[{"label":"x\u001b[2J","name":"snapkv","granularity":"kv_head","per_step":false,"merged":false}],"budgets":["4\u001b"],"traces":["t\u001b]0;"],"records":[]}' >"$TMP/esc.json"
+$BIN info "$TMP/esc.json" >"$TMP/out" 2>"$TMP/err" || { cat "$TMP/err"; fail "info of an export with escapes"; }
+grep -q "$(printf '\033')" "$TMP/out" && fail "info printed a terminal escape"
+grep -q "^x?\[2J " "$TMP/out" && grep -q "^traces     t?\]0;$" "$TMP/out" || { cat "$TMP/out"; fail "info: escapes shown as ?"; }
 # an export cut short: the reader's one line
 head -c 3000 "$TMP/sel.bin" >"$TMP/cut.bin"
 $BIN info "$TMP/cut.bin" >/dev/null 2>"$TMP/err" && fail "info of a cut export"
