@@ -16,8 +16,12 @@
 #          qfilter with decoding=8)
 #   Q_ALL [0]  1: also h2o-greedy against h2o-greedy:decode=1 (needs Q_all: O(T^2 D) per
 #          query head, slow at long T)
-# Prints one line per pair: both times in seconds and the ratio decode / prefill; writes
-# $WORK/summary.txt. Exit 0, or 1 when a replay fails.
+#   EXPORT [0]  1: also each decode-time spec's selection export (one more replay, untimed):
+#          its size against every set written whole (kvtrace info --json: file_bytes,
+#          whole_bytes), the saving of its delta records
+# Prints one line per pair: both times in seconds and the ratio decode / prefill (with
+# EXPORT=1 then "export: SPEC FILE MiB, whole WHOLE MiB, xRATIO"); writes $WORK/summary.txt.
+# Exit 0, or 1 when a replay fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +35,7 @@ BUDGETS=${BUDGETS:-1%,5%,10%,20%,30%,50%}
 THREADS=${THREADS:-1}
 REPS=${REPS:-1}
 Q_ALL=${Q_ALL:-0}
+EXPORT=${EXPORT:-0}
 PAIRS=${PAIRS:-"knorm|knorm:decoding=1,prefill=1 knorm|knorm:decoding=8 \
 tova|tova:decoding=1,prefill=1 tova|tova:decoding=8 \
 streamingllm|streamingllm:decoding=1,prefill=1 qfilter|qfilter:decoding=8"}
@@ -73,5 +78,17 @@ best() { # best wall time of REPS replays of one spec, in seconds
         b=$(best "$dec")
         awk -v p="$pre" -v d="$dec" -v a="$a" -v b="$b" \
             'BEGIN { printf "%-28s %7.2f s   %-44s %7.2f s   x%.2f\n", p, a, d, b, b / a }'
+        if [ "$EXPORT" = 1 ]; then
+            "$KVT" replay "$TRACE" --policy "$dec" --budgets "$BUDGETS" --threads "$THREADS" \
+                --force -o "$WORK/r.json" --export-selection "$WORK/sel.bin" >/dev/null \
+                2>"$WORK/err" ||
+                { echo "decode_caches: replay $dec failed: $(cat "$WORK/err")" >&2; exit 1; }
+            "$KVT" info "$WORK/sel.bin" --json >"$WORK/info.json" 2>"$WORK/err" ||
+                { echo "decode_caches: info: $(cat "$WORK/err")" >&2; exit 1; }
+            awk -v d="$dec" '/"file_bytes":/ { gsub(/[^0-9]/, "", $2); f = $2 }
+                 /"whole_bytes":/ { gsub(/[^0-9]/, "", $2); w = $2 }
+                 END { printf "export: %-44s %9.3f MiB, whole %9.3f MiB, x%.1f\n", d,
+                       f / 1048576, w / 1048576, w / f }' "$WORK/info.json"
+        fi
     done
 } | tee "$WORK/summary.txt"
