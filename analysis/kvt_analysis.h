@@ -22,8 +22,9 @@ extern "C" {
 #endif
 
 #define KVT_RESULTS_VERSION 1 /* results.json "results_version"; bump on incompatible change */
-/* selection export version (1: no end record; 3: an export with a per-step policy, whose binary
- * layout may hold a step's set as its changes from the step before) */
+/* selection export version (1: no end record; 3: an export with a per-step policy or two
+ * budgets, whose binary layout may hold a set as its changes from the step's or the budget's
+ * before) */
 #define KVT_SELECTION_VERSION 3
 
 typedef struct kvt_results_policy {
@@ -202,9 +203,11 @@ typedef struct kvt_selection kvt_selection;
 #define KVT_SELECTION_FLAG_STEP   0x1u /* record is a per-decode-step set (step >= 0) */
 #define KVT_SELECTION_FLAG_MERGED 0x2u /* indices are merged representatives (lightkv-like) */
 #define KVT_SELECTION_FLAG_QHEAD  0x4u /* head is a query head (else a KV head) */
-/* in the binary file only (version 3): the record holds its step's changes from the step
- * before; the reader gives every record whole, without this flag */
-#define KVT_SELECTION_FLAG_DELTA 0x8u
+/* in the binary file only (version 3): the record holds its set's changes from the set of
+ * the step before (DELTA) or of the budget before (BDELTA), same policy, layer and head; the
+ * reader gives every record whole, without these flags */
+#define KVT_SELECTION_FLAG_DELTA  0x8u
+#define KVT_SELECTION_FLAG_BDELTA 0x10u
 
 /** A policy as the export's header records it. */
 typedef struct kvt_selection_policy {

@@ -18,6 +18,7 @@
 #include <cjson/cJSON.h>
 
 #include "kvt_analysis.h"
+#include "sel_hash.h"
 
 #define SEL_MAGIC     "KVTSEL\0\1"
 #define SEL_REC_MAGIC 0x4C45534Bu /* "KSEL" */
@@ -28,7 +29,8 @@
 #define SEL_FLAG_STEP   0x1u
 #define SEL_FLAG_MERGED 0x2u
 #define SEL_FLAG_QHEAD  0x4u
-#define SEL_FLAG_DELTA  0x8u /* binary, version 3: the changes from the previous step's set */
+#define SEL_FLAG_DELTA  0x8u  /* binary, version 3: the changes from the step before's set */
+#define SEL_FLAG_BDELTA 0x10u /* binary, version 3: the changes from the budget before's set */
 
 typedef struct buf {
     char *p;
@@ -49,7 +51,7 @@ struct kvt_selection_writer {
     size_t n_traces, n_traces_done;
     uint64_t n_records; /* written so far (the binary end record holds the count) */
     bool json;
-    int version; /* 3 with a per-step policy (delta records in the binary layout), else 2 */
+    int version; /* 3 where delta records may be written (a per-step policy, or two budgets) */
     bool first_json_rec;
     pthread_mutex_t mu;
     kvt_status err;
@@ -140,7 +142,8 @@ static kvt_status writer_new(const char *path, const kvt_selection_policy *pd, s
         kvt_selection_writer_close(w);
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     }
-    w->version = 2; /* what readers before delta records read, where nothing needs more */
+    /* 2, what readers before delta records read, where no record can have a base */
+    w->version = n_budgets > 1 ? KVT_SELECTION_VERSION : 2;
     for (size_t i = 0; i < n_pol; i++) {
         w->pflags[i] = (pd[i].per_step ? SEL_FLAG_STEP : 0) | (pd[i].merged ? SEL_FLAG_MERGED : 0) |
                        (pd[i].query_heads ? SEL_FLAG_QHEAD : 0);
@@ -377,34 +380,41 @@ static size_t set_minus(const int32_t *a, size_t na, const int32_t *b, size_t nb
     return k;
 }
 
-/* Step record r as a delta record against prev, the step before it of the same (policy,
- * budget, layer, head), when that is fewer indices: its removed tokens, then its added ones.
- * *done false: write r whole. */
-static bool encode_delta(buf *b, unsigned char *h, const kvt_selection_rec *r,
-                         const kvt_selection_rec *prev, bool *done)
+/* The indices a delta record of r against base holds (removed and added), or SIZE_MAX
+ * without a base */
+static size_t delta_size(const kvt_selection_rec *r, const kvt_selection_rec *base)
 {
-    *done = false;
-    size_t n_rm = set_minus(prev->idx, prev->n, r->idx, r->n, NULL),
-           n_add = set_minus(r->idx, r->n, prev->idx, prev->n, NULL);
-    if (n_rm + n_add >= r->n)
-        return true;
+    if (!base)
+        return SIZE_MAX;
+    return set_minus(base->idx, base->n, r->idx, r->n, NULL) +
+           set_minus(r->idx, r->n, base->idx, base->n, NULL);
+}
+
+/* r as a delta record (flag) against base: its removed tokens, then its added ones */
+static bool encode_delta(buf *b, unsigned char *h, const kvt_selection_rec *r,
+                         const kvt_selection_rec *base, unsigned flag)
+{
+    size_t n_rm = set_minus(base->idx, base->n, r->idx, r->n, NULL),
+           n_add = set_minus(r->idx, r->n, base->idx, base->n, NULL);
     int32_t *d = kvt_malloc((n_rm + n_add ? n_rm + n_add : 1) * sizeof(int32_t));
     if (!d)
         return false;
-    set_minus(prev->idx, prev->n, r->idx, r->n, d);
-    set_minus(r->idx, r->n, prev->idx, prev->n, d + n_rm);
-    put_u16(h + 10, (uint32_t)(SEL_FLAG_DELTA | (h[10] | (unsigned)h[11] << 8)));
+    set_minus(base->idx, base->n, r->idx, r->n, d);
+    set_minus(r->idx, r->n, base->idx, base->n, d + n_rm);
+    put_u16(h + 10, (uint32_t)(flag | (h[10] | (unsigned)h[11] << 8)));
     put_u32(h + 28, (uint32_t)(n_rm + n_add));
     put_u32(h + 32, (uint32_t)n_rm);
     bool ok = buf_put(b, h, SEL_REC_BYTES) && put_indices(b, d, n_rm + n_add);
     kvt_free(d);
-    *done = true;
     return ok;
 }
 
-/* Encode r; prev is the record before it in the layer (NULL for the first) */
+/* Encode r; step_base and budget_base are the records of the step and of the budget before
+ * it (same policy, layer, head; NULL where there is none). The binary layout of version 3
+ * writes r as its changes from one of them where that is fewer indices than the whole set
+ * (the step's on a tie). */
 static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r,
-                   const kvt_selection_rec *prev)
+                   const kvt_selection_rec *step_base, const kvt_selection_rec *budget_base)
 {
     unsigned flags = w->pflags[r->policy] & (SEL_FLAG_MERGED | SEL_FLAG_QHEAD);
     if (r->step >= 0)
@@ -431,14 +441,12 @@ static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r,
     put_u32(h + 24, (uint32_t)w->btok[r->budget]);
     put_u32(h + 28, (uint32_t)r->n);
     put_u32(h + 32, 0); /* reserved */
-    if (w->version >= 3 && r->step >= 0 && prev && prev->policy == r->policy &&
-        prev->budget == r->budget && prev->layer == r->layer && prev->head == r->head &&
-        prev->step == r->step - 1) {
-        bool done;
-        if (!encode_delta(b, h, r, prev, &done))
-            return false;
-        if (done)
-            return true;
+    if (w->version >= 3) {
+        size_t ns = delta_size(r, step_base), nb = delta_size(r, budget_base);
+        if (ns < r->n && ns <= nb)
+            return encode_delta(b, h, r, step_base, SEL_FLAG_DELTA);
+        if (nb < r->n)
+            return encode_delta(b, h, r, budget_base, SEL_FLAG_BDELTA);
     }
     return buf_put(b, h, sizeof(h)) && put_indices(b, r->idx, r->n);
 }
@@ -452,12 +460,32 @@ kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selectio
     KVT_RETURN_IF(w->trace < 0 || layer < 0 || layer >= w->n_layers, KVT_ERR_STATE,
                   "selection export: layer %d outside the current trace", layer);
     buf b = {0};
-    bool ok = true;
+    sel_hash hs = {0}; /* the layer's records by key: each delta record's base is among them */
+    bool ok = w->json || sel_hash_init(&hs, n_recs);
+    for (size_t i = 0; ok && !w->json && i < n_recs; i++) {
+        const kvt_selection_rec *r = &recs[i];
+        sel_hash_put(&hs, (const int[6]){0, r->policy, r->budget, r->layer, r->head, r->step},
+                     (int64_t)i);
+    }
     for (size_t i = 0; ok && i < n_recs; i++) {
+        const kvt_selection_rec *r = &recs[i], *sb = NULL, *bb = NULL;
         if (w->json && i > 0)
             ok = buf_put(&b, ",\n", 2);
-        ok = ok && encode(w, &b, &recs[i], i ? &recs[i - 1] : NULL);
+        if (!w->json) { /* bases written before r only: the reader finds them as it goes */
+            int64_t js = r->step >= 0
+                             ? sel_hash_get(&hs, (const int[6]){0, r->policy, r->budget, r->layer,
+                                                                r->head, r->step - 1})
+                             : -1,
+                    jb = r->budget >= 1
+                             ? sel_hash_get(&hs, (const int[6]){0, r->policy, r->budget - 1,
+                                                                r->layer, r->head, r->step})
+                             : -1;
+            sb = js >= 0 && (size_t)js < i ? &recs[js] : NULL;
+            bb = jb >= 0 && (size_t)jb < i ? &recs[jb] : NULL;
+        }
+        ok = ok && encode(w, &b, r, sb, bb);
     }
+    sel_hash_free(&hs);
     if (!ok) {
         kvt_free(b.p);
         return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");

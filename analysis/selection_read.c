@@ -3,9 +3,9 @@
  * kvt_selection with the header, every record in file order and a sorted index for lookups by
  * (trace, policy, budget, layer, head, step). This is what a user's engine loads. Every length,
  * count, index and offset is checked against the file before use, so a truncated or damaged
- * file gives KVT_ERR_CORRUPT naming what is wrong and where. A delta record (version 3: a decode
- * step's set as its changes from the step before) is expanded to the step's whole set, so memory
- * is the file's size plus those sets.
+ * file gives KVT_ERR_CORRUPT naming what is wrong and where. A delta record (version 3: a set
+ * as its changes from the step's or the budget's before) is expanded to its whole set, so
+ * memory is the file's size plus those sets.
  */
 #include <errno.h>
 #include <limits.h>
@@ -18,6 +18,7 @@
 #include <cjson/cJSON.h>
 
 #include "kvt_analysis.h"
+#include "sel_hash.h"
 
 #define SEL_MAGIC     "KVTSEL\0\1"
 #define SEL_REC_MAGIC 0x4C45534Bu /* "KSEL" */
@@ -288,13 +289,19 @@ static kvt_status check_indices(const int32_t *idx, size_t n, const char *path, 
     return KVT_OK;
 }
 
-static kvt_status alloc_records(kvt_selection *s, size_t n_rec, size_t n_idx)
+static kvt_status alloc_records(kvt_selection *s, size_t n_rec)
 {
     s->recs = kvt_calloc(n_rec ? n_rec : 1, sizeof(*s->recs));
     s->order = kvt_calloc(n_rec ? n_rec : 1, sizeof(*s->order));
-    s->idx = kvt_calloc(n_idx ? n_idx : 1, sizeof(*s->idx));
-    KVT_RETURN_IF(!s->recs || !s->order || !s->idx, KVT_ERR_NOMEM, "out of memory");
+    KVT_RETURN_IF(!s->recs || !s->order, KVT_ERR_NOMEM, "out of memory");
     s->hdr.n_records = n_rec;
+    return KVT_OK;
+}
+
+static kvt_status alloc_indices(kvt_selection *s, size_t n_idx)
+{
+    s->idx = kvt_calloc(n_idx ? n_idx : 1, sizeof(*s->idx));
+    KVT_RETURN_IF(!s->idx, KVT_ERR_NOMEM, "out of memory");
     return KVT_OK;
 }
 
@@ -319,62 +326,64 @@ static kvt_status check_raw(const unsigned char *p, size_t n, const char *path, 
     return KVT_OK;
 }
 
-/* Delta record r (its n_rm removed then its added indices at p) applied to prev, the record
- * before it, into dst (room for the first pass's count: prev->n - n_rm + n_add): prev's set
- * without the removed tokens, with the added ones, ascending. */
-static kvt_status apply_delta(const kvt_selection_record *prev, kvt_selection_record *r,
+/* Delta record r (its n_rm removed then its added indices at p) applied to base, an earlier
+ * record (what: "step S" or "budget B", for messages), into dst (room for the first pass's
+ * count: base->n - n_rm + n_add): base's set without the removed tokens, with the added ones,
+ * ascending. */
+static kvt_status apply_delta(const kvt_selection_record *base, kvt_selection_record *r,
                               const unsigned char *p, size_t n_rm, size_t n_add, int32_t *dst,
-                              const char *path, const char *where)
+                              const char *path, const char *where, const char *what)
 {
-    KVT_RETURN_IF(prev->trace != r->trace || prev->policy != r->policy ||
-                      prev->budget != r->budget || prev->layer != r->layer ||
-                      prev->head != r->head || prev->step != r->step - 1,
-                  KVT_ERR_CORRUPT,
-                  "%s: %s: a delta record of step %d, but the record before it is not step %d of "
-                  "the same policy, budget, layer and head",
-                  path, where, r->step, r->step - 1);
     KVT_FORWARD(check_raw(p, n_rm, path, where, "removed"));
     KVT_FORWARD(check_raw(p + 4 * n_rm, n_add, path, where, "added"));
     const unsigned char *add = p + 4 * n_rm;
-    size_t a = 0, rm = 0, ad = 0, k = 0, cap = prev->n - n_rm + n_add; /* n_rm <= prev->n */
-    while (a < prev->n || ad < n_add) {
-        bool take_add = ad < n_add && (a == prev->n || raw_idx(add, ad) < prev->idx[a]);
-        bool drop = !take_add && rm < n_rm && raw_idx(p, rm) == prev->idx[a];
+    size_t a = 0, rm = 0, ad = 0, k = 0, cap = base->n - n_rm + n_add; /* n_rm <= base->n */
+    while (a < base->n || ad < n_add) {
+        bool take_add = ad < n_add && (a == base->n || raw_idx(add, ad) < base->idx[a]);
+        bool drop = !take_add && rm < n_rm && raw_idx(p, rm) == base->idx[a];
         /* more entries than the count: a removed token was not found */
         KVT_RETURN_IF(!drop && k == cap, KVT_ERR_CORRUPT,
-                      "%s: %s: removes a token which step %d's set does not hold", path, where,
-                      prev->step);
+                      "%s: %s: removes a token which %s's set does not hold", path, where, what);
         if (take_add) {
             dst[k++] = raw_idx(add, ad++);
             continue;
         }
-        KVT_RETURN_IF(ad < n_add && raw_idx(add, ad) == prev->idx[a], KVT_ERR_CORRUPT,
-                      "%s: %s: adds token %d, which step %d's set holds", path, where, prev->idx[a],
-                      prev->step);
-        KVT_RETURN_IF(rm < n_rm && raw_idx(p, rm) < prev->idx[a], KVT_ERR_CORRUPT,
-                      "%s: %s: removes token %d, which step %d's set does not hold", path, where,
-                      raw_idx(p, rm), prev->step);
+        KVT_RETURN_IF(ad < n_add && raw_idx(add, ad) == base->idx[a], KVT_ERR_CORRUPT,
+                      "%s: %s: adds token %d, which %s's set holds", path, where, base->idx[a],
+                      what);
+        KVT_RETURN_IF(rm < n_rm && raw_idx(p, rm) < base->idx[a], KVT_ERR_CORRUPT,
+                      "%s: %s: removes token %d, which %s's set does not hold", path, where,
+                      raw_idx(p, rm), what);
         if (drop)
             rm++, a++;
         else
-            dst[k++] = prev->idx[a++];
+            dst[k++] = base->idx[a++];
     }
     KVT_RETURN_IF(rm < n_rm, KVT_ERR_CORRUPT,
-                  "%s: %s: removes token %d, which step %d's set does not hold", path, where,
-                  raw_idx(p, rm), prev->step);
+                  "%s: %s: removes token %d, which %s's set does not hold", path, where,
+                  raw_idx(p, rm), what);
     r->idx = dst;
     r->n = k;
     return KVT_OK;
 }
 
-/* The records of the binary layout from byte `off` to the end: a first pass checks every
- * record's framing against the file size and counts the indices (a delta record's as its
- * expanded set: the previous record's count less the removed, plus the added), a second
- * copies, expands and checks fields. */
+/* A delta record's base: the record of the step (flag 8) or the budget (flag 16) before it,
+ * same trace, policy, layer and head, earlier in the file; -1 if there is none */
+static int64_t delta_base(const sel_hash *h, const kvt_selection_record *r, unsigned flag)
+{
+    const bool step = flag == KVT_SELECTION_FLAG_DELTA;
+    const int k[6] = {r->trace, r->policy, r->budget - !step, r->layer, r->head, r->step - step};
+    return sel_hash_get(h, k);
+}
+
+/* The records of the binary layout from byte `off` to the end, in three passes: the framing
+ * of every record against the file size (and the end record); then the fields, each checked,
+ * and each set's size (a delta record's: its base's less the removed, plus the added; the
+ * base found by key among the records before it); then the indices, copied or expanded. */
 static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, size_t size,
                                       size_t off, uint32_t version, const char *path)
 {
-    size_t n_rec = 0, n_idx = 0, n_prev = 0;
+    size_t n_rec = 0;
     bool ended = false;
     for (size_t o = off; o < size; n_rec++) {
         if (version >= 2 && size - o >= 4 && rd32(b + o) == SEL_END_MAGIC) {
@@ -401,38 +410,19 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
         KVT_RETURN_IF(cnt > left, KVT_ERR_CORRUPT,
                       "%s: record %zu at byte %zu is truncated: n = %zu indices, %zu bytes left",
                       path, n_rec, o, cnt, size - o - SEL_REC_BYTES);
-        size_t n_set = cnt;
-        if (version >= 3 && (rd16(b + o + 10) & KVT_SELECTION_FLAG_DELTA)) {
-            size_t n_rm = rd32(b + o + 32);
-            KVT_RETURN_IF(n_rec == 0 || n_rm > cnt || n_rm > n_prev, KVT_ERR_CORRUPT,
-                          "%s: record %zu at byte %zu: a delta record removing %zu of its %zu "
-                          "indices from a set of %zu",
-                          path, n_rec, o, n_rm, cnt, n_rec ? n_prev : 0);
-            n_set = n_prev - n_rm + (cnt - n_rm);
-        }
-        KVT_RETURN_IF(n_set > SIZE_MAX / 8 - n_idx, KVT_ERR_NOMEM,
-                      "%s: record %zu at byte %zu: the sets add up to more indices than memory "
-                      "can hold",
-                      path, n_rec, o);
-        n_idx += n_set;
-        n_prev = n_set;
         o += SEL_REC_BYTES + 4 * cnt;
     }
     KVT_RETURN_IF(version >= 2 && !ended, KVT_ERR_CORRUPT,
                   "%s: no end record after record %zu (byte %zu): the file was cut short", path,
                   n_rec, size);
-    /* delta records expand: refuse before allocating what this machine cannot hold */
-    double need = 4.0 * (double)n_idx + 80.0 * (double)n_rec,
-           mem = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    KVT_RETURN_IF(mem > 0 && need > mem, KVT_ERR_NOMEM,
-                  "%s: its %zu kept sets expand to %.1f GiB, more than this machine's memory "
-                  "(%.1f GiB)",
-                  path, n_rec, need / 1073741824.0, mem / 1073741824.0);
-    KVT_FORWARD(alloc_records(s, n_rec, n_idx));
-    int32_t *dst = s->idx;
-    size_t o = off;
+    KVT_FORWARD(alloc_records(s, n_rec));
+    int64_t *base = kvt_malloc((n_rec ? n_rec : 1) * sizeof(int64_t)); /* -1: a whole set */
+    sel_hash h = {0};
+    kvt_status st =
+        !base || !sel_hash_init(&h, n_rec) ? kvt_error_set(KVT_ERR_NOMEM, "out of memory") : KVT_OK;
+    size_t n_idx = 0, o = off;
     char where[64];
-    for (size_t i = 0; i < n_rec; i++) {
+    for (size_t i = 0; i < n_rec && !st; i++) {
         const unsigned char *p = b + o;
         kvt_selection_record *r = &s->recs[i];
         snprintf(where, sizeof(where), "record %zu at byte %zu", i, o);
@@ -441,33 +431,106 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
         r->budget = (int)rd16(p + 8);
         r->flags = rd16(p + 10);
         uint32_t layer = rd32(p + 12), head = rd32(p + 16), btok = rd32(p + 24);
-        KVT_RETURN_IF(layer > INT32_MAX || head > INT32_MAX || btok > INT32_MAX, KVT_ERR_CORRUPT,
-                      "%s: %s: layer %u, head %u or budget_tokens %u above 2^31-1", path, where,
-                      layer, head, btok);
+        if (layer > INT32_MAX || head > INT32_MAX || btok > INT32_MAX) {
+            st = kvt_error_set(KVT_ERR_CORRUPT,
+                               "%s: %s: layer %u, head %u or budget_tokens %u above 2^31-1", path,
+                               where, layer, head, btok);
+            break;
+        }
         r->layer = (int)layer;
         r->head = (int)head;
         r->step = (int)(int32_t)rd32(p + 20);
         r->budget_tokens = (int)btok;
-        size_t cnt = rd32(p + 28);
-        bool delta = version >= 3 && r->step >= 0 && (r->flags & KVT_SELECTION_FLAG_DELTA);
-        if (delta)
-            r->flags &= ~KVT_SELECTION_FLAG_DELTA; /* the record is given whole */
-        KVT_FORWARD(check_record(s, r, path, where));
+        const size_t cnt = rd32(p + 28);
+        /* a delta record: flag 8 (the step before) on a decode step, or 16 (the budget before)
+           on a budget after the first; the record is given whole, without the flag */
+        unsigned delta =
+            version >= 3 ? r->flags & (KVT_SELECTION_FLAG_DELTA | KVT_SELECTION_FLAG_BDELTA) : 0;
+        if ((delta == KVT_SELECTION_FLAG_DELTA && r->step >= 0) ||
+            (delta == KVT_SELECTION_FLAG_BDELTA && r->budget >= 1))
+            r->flags &= ~delta;
+        else
+            delta = 0; /* anything else is left in flags, for check_record to refuse */
+        if ((st = check_record(s, r, path, where)))
+            break;
+        size_t n_set = cnt;
+        base[i] = -1;
         if (delta) {
-            size_t n_rm = rd32(p + 32);
-            KVT_FORWARD(apply_delta(&s->recs[i - 1], r, p + SEL_REC_BYTES, n_rm, cnt - n_rm, dst,
-                                    path, where));
+            const size_t n_rm = rd32(p + 32);
+            const int64_t j = delta_base(&h, r, delta);
+            const bool by_step = delta == KVT_SELECTION_FLAG_DELTA;
+            if (j < 0) {
+                st = kvt_error_set(KVT_ERR_CORRUPT,
+                                   "%s: %s: a delta record of %s %d, but no record of %s %d of "
+                                   "the same policy, layer and head comes before it",
+                                   path, where, by_step ? "step" : "budget",
+                                   by_step ? r->step : r->budget, by_step ? "step" : "budget",
+                                   by_step ? r->step - 1 : r->budget - 1);
+                break;
+            }
+            const size_t n_base = s->recs[j].n; /* its expanded size, from this pass */
+            if (n_rm > cnt || n_rm > n_base) {
+                st = kvt_error_set(KVT_ERR_CORRUPT,
+                                   "%s: %s: a delta record removing %zu of its %zu indices from "
+                                   "a set of %zu",
+                                   path, where, n_rm, cnt, n_base);
+                break;
+            }
+            n_set = n_base - n_rm + (cnt - n_rm);
+            base[i] = j;
+        }
+        if (n_set > SIZE_MAX / 8 - n_idx) {
+            st = kvt_error_set(KVT_ERR_NOMEM,
+                               "%s: %s: the sets add up to more indices than memory can hold", path,
+                               where);
+            break;
+        }
+        r->n = n_set; /* the expanded size, until the indices are read */
+        n_idx += n_set;
+        sel_hash_put(&h, (const int[6]){r->trace, r->policy, r->budget, r->layer, r->head, r->step},
+                     (int64_t)i);
+        o += SEL_REC_BYTES + 4 * cnt;
+    }
+    sel_hash_free(&h);
+    /* delta records expand: refuse before allocating what this machine cannot hold */
+    double need = 4.0 * (double)n_idx,
+           mem = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (!st && mem > 0 && need + 80.0 * (double)n_rec > mem)
+        st = kvt_error_set(KVT_ERR_NOMEM,
+                           "%s: its %zu kept sets expand to %.1f GiB, more than this machine's "
+                           "memory (%.1f GiB)",
+                           path, n_rec, (need + 80.0 * (double)n_rec) / 1073741824.0,
+                           mem / 1073741824.0);
+    if (!st)
+        st = alloc_indices(s, n_idx);
+    int32_t *dst = s->idx;
+    o = off;
+    for (size_t i = 0; i < n_rec && !st; i++) {
+        const unsigned char *p = b + o;
+        kvt_selection_record *r = &s->recs[i];
+        snprintf(where, sizeof(where), "record %zu at byte %zu", i, o);
+        const size_t cnt = rd32(p + 28);
+        if (base[i] >= 0) {
+            const kvt_selection_record *bs = &s->recs[base[i]];
+            char what[48];
+            if (bs->step != r->step)
+                snprintf(what, sizeof(what), "step %d", bs->step);
+            else
+                snprintf(what, sizeof(what), "budget %d", bs->budget);
+            const size_t n_rm = rd32(p + 32);
+            st = apply_delta(bs, r, p + SEL_REC_BYTES, n_rm, cnt - n_rm, dst, path, where, what);
         } else {
             for (size_t k = 0; k < cnt; k++)
                 dst[k] = raw_idx(p + SEL_REC_BYTES, k);
-            KVT_FORWARD(check_indices(dst, cnt, path, where));
+            st = check_indices(dst, cnt, path, where);
             r->idx = dst;
             r->n = cnt;
         }
         dst += r->n;
         o += SEL_REC_BYTES + 4 * cnt;
     }
-    return KVT_OK;
+    kvt_free(base);
+    return st;
 }
 
 /* An integer field of a JSON record in [lo, INT32_MAX]. */
@@ -496,7 +559,8 @@ static kvt_status read_json_records(kvt_selection *s, const cJSON *root, const c
         for (const cJSON *x = k->child; x; x = x->next)
             n_idx++;
     }
-    KVT_FORWARD(alloc_records(s, n_rec, n_idx));
+    KVT_FORWARD(alloc_records(s, n_rec));
+    KVT_FORWARD(alloc_indices(s, n_idx));
     int32_t *dst = s->idx;
     size_t i = 0;
     char where[64];

@@ -32,11 +32,11 @@ static void help(void)
            "(captured < planned); \"complete\" means the file was finished (index and trailer),\n"
            "not recovered by scanning.\n\n"
            "Given a selection export (kvtrace replay --export-selection, binary or JSON), it\n"
-           "shows its layout and version, its size against every set written whole (a\n"
-           "decode-time cache's steps are stored as their changes), the traces and budgets, and\n"
-           "per policy: its sets (KV or query heads, per step, merged), layers, heads, decode\n"
-           "steps, records and the mean kept per set at each budget (--json: the same, with\n"
-           "\"kind\": \"selection_export\").\n");
+           "shows its layout and version, its size against every set written whole (a set is\n"
+           "stored as its changes from the step's or the budget's before where that is\n"
+           "smaller), the traces and budgets, and per policy: its sets (KV or query heads, per\n"
+           "step, merged), layers, heads, decode steps, records and the mean kept per set at\n"
+           "each budget (--json: the same, with \"kind\": \"selection_export\").\n");
 }
 
 typedef struct kind_sum {

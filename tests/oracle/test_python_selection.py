@@ -14,9 +14,10 @@ settings: binary and JSON. Checked:
   * errors: an unknown label or budget (ValueError listing the export's), a set the export
     lacks (TraceError naming it and the shape), a file cut short or missing (TraceError with
     the reader's message), use after close; no copies; threads reading across close();
-  * the binary file's delta records (a decode-time cache, knorm:decoding=1,prefill=1): analysis/
-    RESULTS.md's NumPy reader, run as printed there, gives every set the JSON file holds, and
-    the file is smaller than the same records written whole.
+  * the binary file's delta records (against the step before: a decode-time cache,
+    knorm:decoding=1,prefill=1; against the budget before: the larger budgets' sets):
+    analysis/RESULTS.md's NumPy reader, run as printed there, gives every set the JSON file
+    holds, and the file is smaller than the same records written whole.
 
 Environment (tests/cmake/python.cmake): KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT. Exit 77 without
 NumPy or the CLI.
@@ -214,9 +215,10 @@ with tempfile.TemporaryDirectory() as tmp:
         os.chdir(cwd)
     sets, raw = env["sets"], env["raw"]
     off = 16 + int.from_bytes(raw[12:16], "little")
-    n_delta, n_evict, whole = 0, 0, off + 16
+    n_delta, n_evict, n_bdelta, whole = 0, 0, 0, off + 16
     while off < len(raw) - 16:
         n_delta += raw[off + 10] & 8 != 0
+        n_bdelta += raw[off + 10] & 16 != 0
         n_evict += raw[off + 10] & 8 != 0 and raw[off + 32:off + 36] != bytes(4)
         off += 36 + 4 * int.from_bytes(raw[off + 28:off + 32], "little")
     same = len(sets) == len(recs) and all(
@@ -224,13 +226,13 @@ with tempfile.TemporaryDirectory() as tmp:
         == sorted(r["kept"]) for r in recs)
     whole += sum(36 + 4 * len(r["kept"]) for r in recs)
     knorm_steps = sum(1 for r in recs if r["policy"] == 6 and r["step"] >= 0)
-    check(same and n_delta >= knorm_steps // 2 and n_evict > 0 and len(raw) < whole and
-          env["hdr"]["selection_version"] == 3, "RESULTS.md's reader: %d sets, same %s, %d delta "
-          "records (%d removing tokens), %d bytes (whole: %d)" %
-          (len(sets), same, n_delta, n_evict, len(raw), whole))
-    print("ok: RESULTS.md's NumPy reader: %d sets equal the JSON export's; %d delta records "
-          "(%d removing tokens; %d knorm steps); %d bytes against %d written whole" %
-          (len(sets), n_delta, n_evict, knorm_steps, len(raw), whole))
+    check(same and n_delta >= knorm_steps // 2 and n_evict > 0 and n_bdelta > 0 and
+          len(raw) < whole and env["hdr"]["selection_version"] == 3, "RESULTS.md's reader: %d "
+          "sets, same %s, %d step deltas (%d removing tokens), %d budget deltas, %d bytes "
+          "(whole: %d)" % (len(sets), same, n_delta, n_evict, n_bdelta, len(raw), whole))
+    print("ok: RESULTS.md's NumPy reader: %d sets equal the JSON export's; %d step deltas "
+          "(%d removing tokens; %d knorm steps), %d budget deltas; %d bytes against %d written "
+          "whole" % (len(sets), n_delta, n_evict, knorm_steps, n_bdelta, len(raw), whole))
 
     # damaged and missing files: the C reader's checked message
     raw = open(os.path.join(tmp, "s.bin"), "rb").read()

@@ -392,8 +392,11 @@ int main(void)
         for (int p = 0; p < NPOL; p++)
             KVT_CHECK(kvt_replay_layer_select(&layers[l].in, pols[p], bt, 3, &sel[l][p]));
     int n_rec = 0, bad = 0, last_layer = 0, n_delta = 0, n_evict = 0;
-    int32_t prev[T + G], cur[T + G]; /* the set before (a step's sets hold decode tokens too) */
-    size_t n_prev = 0;
+    /* the layer's sets by (policy, budget, head, step + 1): a delta record's base (a step's
+       sets hold decode tokens too) */
+    static int32_t set[NPOL][3][Hq][G + 1][T + G];
+    static size_t n_set[NPOL][3][Hq][G + 1];
+    int n_bdelta = 0;
     while (off + 36 <= n && rd32(raw + off) != 0x444E454Bu) { /* records, then "KEND" */
         const unsigned char *r = raw + off;
         KVT_EXPECT(rd32(r) == 0x4C45534Bu);
@@ -404,9 +407,16 @@ int main(void)
         last_layer = layer;
         KVT_EXPECT(((flags & 1) != 0) == (step >= 0));
         KVT_EXPECT(((flags & 4) != 0) == (pol == 1));
+        KVT_CHECK(pol < NPOL && b < 3 && head < Hq && step + 1 <= G ? KVT_OK : KVT_ERR_CORRUPT);
+        int32_t *cur = set[pol][b][head][step + 1];
         size_t nc = 0;
-        if (flags & 8) { /* prev without the removed, with the added: a membership table */
+        if (flags & 24) { /* the base without the removed, with the added: a membership table */
             uint32_t n_rm = rd32(r + 32);
+            const bool by_step = flags & 8;
+            KVT_EXPECT((flags & 24) != 24 && (by_step ? step >= 0 : b >= 1));
+            const int bb = by_step ? b : b - 1, bs = by_step ? step - 1 : step;
+            const int32_t *prev = set[pol][bb < 0 ? 0 : bb][head][bs + 1 < 0 ? 0 : bs + 1];
+            const size_t n_prev = n_set[pol][bb < 0 ? 0 : bb][head][bs + 1 < 0 ? 0 : bs + 1];
             bool in[T + G] = {false};
             for (size_t i = 0; i < n_prev; i++)
                 in[prev[i]] = true;
@@ -419,10 +429,11 @@ int main(void)
             for (int x = 0; x < T + G; x++)
                 if (in[x])
                     cur[nc++] = x;
-            KVT_EXPECT(step >= 0 && n_rm <= cnt);
-            n_evict += n_rm > 0;
+            KVT_EXPECT(n_rm <= cnt);
+            n_evict += by_step && n_rm > 0;
             KVT_EXPECT(cnt < nc); /* written as a delta only when that is smaller */
-            n_delta++;
+            n_delta += by_step;
+            n_bdelta += !by_step;
         } else {
             for (uint32_t i = 0; i < cnt && i < T + G; i++)
                 cur[nc++] = (int32_t)rd32(r + 36 + 4 * i);
@@ -433,8 +444,7 @@ int main(void)
         KVT_CHECK(
             kvt_layer_selection_kept(sel[layer][pol], (size_t)b, head, step, want, T + G, &nw));
         bad += nw != nc || memcmp(want, cur, nc * sizeof(int32_t));
-        memcpy(prev, cur, nc * sizeof(int32_t));
-        n_prev = nc;
+        n_set[pol][b][head][step + 1] = nc;
         off += 36 + 4 * (size_t)cnt;
         n_rec++;
     }
@@ -444,10 +454,12 @@ int main(void)
      * 3x2x(1 + 3) */
     KVT_EXPECT_MSG(n_rec == L * (6 + 12 + 18 + 6 + 6 + 24), "%d records", n_rec);
     KVT_EXPECT(bad == 0);
-    KVT_EXPECT_MSG(n_delta > 0 && n_evict > 0, "%d delta records, %d removing tokens", n_delta,
-                   n_evict);
-    printf("binary export: %d records, %d of them deltas, %d of those removing tokens\n", n_rec,
-           n_delta, n_evict);
+    KVT_EXPECT_MSG(n_delta > 0 && n_evict > 0 && n_bdelta > 0,
+                   "%d step deltas, %d removing tokens; %d budget deltas", n_delta, n_evict,
+                   n_bdelta);
+    printf("binary export: %d records, %d of them step deltas (%d removing tokens), %d budget "
+           "deltas\n",
+           n_rec, n_delta, n_evict, n_bdelta);
     free(raw);
     /* the JSON export parses and holds the same number of records */
     raw = kvt_test_slurp(jpath, &n);

@@ -2,10 +2,11 @@
  * a fixed-set, a per-query-head, a per-step (quest), a merged (lightkv-like) and a decode-time
  * cache (tova:decoding=1,prefill=1) policy is exported through the writer sink in both layouts,
  * read back, and every set is compared with kvt_replay_layer_select's; the binary file (version
- * 3, with delta step records) cut at every byte and the JSON one at many bytes gives
- * KVT_ERR_CORRUPT (or OK where the cut leaves a complete file); chosen damage to the delta
- * records is named; chosen and random byte flips give an error or a valid file, never a crash.
- * A version-2 export (no per-step policy) and a version-1 copy of it still read.
+ * 3, with delta records against the step and the budget before) cut at every byte and the JSON
+ * one at many bytes gives KVT_ERR_CORRUPT (or OK where the cut leaves a complete file); chosen
+ * damage to the delta records is named; chosen and random byte flips give an error or a valid
+ * file, never a crash. A version-2 export (no per-step policy, one budget) and a version-1 copy
+ * of it still read.
  */
 #include "kvt_analysis.h"
 #include "replay_test_util.h"
@@ -151,19 +152,21 @@ int main(void)
     const char *tp[1] = {tpath};
     int btok[NB] = {12, 12, 100};
     const char *paths[3] = {bpath, jpath, v2path};
-    kvt_policy *fixed[3] = {pols[0], pols[1], pols[3]}; /* no per-step policy: version 2 */
+    /* no per-step policy and one budget: no record has a base, version 2 */
+    kvt_policy *fixed[3] = {pols[0], pols[1], pols[3]};
     for (int k = 0; k < 3; k++) { /* binary with 3 threads (out-of-order layers), then JSON */
         kvt_policy **pp = k == 2 ? fixed : pols;
         size_t np = k == 2 ? 3 : NPOL;
         kvt_selection_writer *w;
-        KVT_CHECK(kvt_selection_writer_open(paths[k], true, pp, np, bud, nb, tp, 1, &w));
+        const size_t nbk = k == 2 ? 1 : nb;
+        KVT_CHECK(kvt_selection_writer_open(paths[k], true, pp, np, bud, nbk, tp, 1, &w));
         KVT_CHECK(kvt_selection_writer_begin_trace(w, 0, L, btok));
         kvt_replay_opts o = {.n_threads = k ? 1 : 3,
                              .coverage_probes = -1,
                              .sink = kvt_selection_writer_sink,
                              .sink_user = w};
         kvt_trace_result *tr = NULL;
-        KVT_CHECK(kvt_replay_trace(tpath, pp, np, bud, nb, &o, &tr));
+        KVT_CHECK(kvt_replay_trace(tpath, pp, np, bud, nbk, &o, &tr));
         kvt_trace_result_free(tr);
         KVT_CHECK(kvt_selection_writer_end_trace(w));
         KVT_CHECK(kvt_selection_writer_close(w));
@@ -200,7 +203,8 @@ int main(void)
     size_t n_rec_all = sb ? kvt_selection_get_header(sb)->n_records : 0;
     size_t *bound = calloc(n_rec_all + 1, sizeof(size_t));
     size_t off = 16 + (raw[12] | (size_t)raw[13] << 8), n_bound = 0, full_bytes = off + 16;
-    size_t n_delta = 0, d1 = 0, d1_rec = 0; /* a delta of one removed and one added token */
+    size_t n_delta = 0, d1 = 0, d1_rec = 0;  /* a delta of one removed and one added token */
+    size_t n_bdelta = 0, bd = 0, bd_rec = 0; /* a budget delta adding tokens, none removed */
     bound[n_bound++] = off;
     for (size_t i = 0; sb && i < n_rec_all; i++) {
         const kvt_selection_record *r = kvt_selection_record_at(sb, i);
@@ -211,6 +215,11 @@ int main(void)
             if (!d1 && rd32le(raw + off + 28) == 2 && rd32le(raw + off + 32) == 1)
                 d1 = off, d1_rec = i;
         }
+        if (flags & 16u) {
+            n_bdelta++;
+            if (!bd && rd32le(raw + off + 28) >= 2 && rd32le(raw + off + 32) == 0)
+                bd = off, bd_rec = i;
+        }
         full_bytes += 36 + 4 * r->n;
         off += 36 + 4 * (size_t)rd32le(raw + off + 28);
         bound[n_bound++] = off;
@@ -218,8 +227,10 @@ int main(void)
     KVT_EXPECT(off + 16 == n && rd32le(raw + off) == 0x444E454Bu &&
                rd32le(raw + off + 8) == n_rec_all && rd32le(raw + off + 12) == 0);
     KVT_EXPECT(rd32le(raw + 8) == 3 && d1 > 0); /* tova's steps: one in, one out */
-    printf("binary export: %zu bytes, %zu with every set whole; %zu of %zu records deltas\n", n,
-           full_bytes, n_delta, n_rec_all);
+    KVT_EXPECT(bd > 0); /* a larger budget's set: the smaller one's and more */
+    printf("binary export: %zu bytes, %zu with every set whole; of %zu records, %zu step deltas "
+           "and %zu budget deltas\n",
+           n, full_bytes, n_rec_all, n_delta, n_bdelta);
     KVT_EXPECT(n < full_bytes);
 
     /* truncation at every byte (binary): only the whole file reads, even a cut exactly at a
@@ -251,7 +262,7 @@ int main(void)
             bound2[n_bound2] = o;
             o += o + 36 <= n1 ? 36 + 4 * (size_t)rd32le(v2 + o + 28) : n1;
         }
-        KVT_EXPECT(n_bound2 == L * (6 + 12 + 6) + 1);
+        KVT_EXPECT(n_bound2 == L * (2 + 4 + 2) + 1);
         free(v2);
         const char *key = "\"selection_version\":2";
         size_t at = 0;
@@ -344,11 +355,27 @@ int main(void)
     for (size_t i = 0; dp && i < dp->n && held == removed; i++)
         held = (uint32_t)dp->idx[i];
     KVT_EXPECT(dp && held != removed);
+    /* the budget delta's base (the budget before): a token it holds */
+    const kvt_selection_record *bdr = sb && bd ? kvt_selection_record_at(sb, bd_rec) : NULL;
+    const int32_t *bidx = NULL;
+    size_t bn = 0;
+    KVT_EXPECT(bdr &&
+               kvt_selection_find(sb, 0, bdr->policy, bdr->budget - 1, bdr->layer, bdr->head,
+                                  bdr->step, &bidx, &bn) == KVT_OK &&
+               bn > 0);
+    /* the base's last token, held, to stand last in the added list (above the one before) */
+    const uint32_t bcnt = bd ? rd32le(raw + bd + 28) : 0, bflags = bd ? rd32le(raw + bd + 10) : 0;
+    const uint32_t bheld = bn ? (uint32_t)bidx[bn - 1] : 0;
+    KVT_EXPECT(bd && bcnt >= 2 && bheld > rd32le(raw + bd + 36 + 4 * (bcnt - 2)));
     struct {
         size_t at;
         uint32_t val;
         const char *msg;
     } dcases[] = {
+        {bd + 36 + 4 * (bcnt - 1), bheld, "which budget"}, /* adds a token held */
+        {bd + 10, (bflags & 0xffffu) | 8u, "flags 0x1"},   /* both delta flags */
+        {bd + 32, bcnt + 1, "a delta record removing"},    /* removes more than held */
+        {bd + 8, (bflags << 16) | 0u, "flags 0x1"},        /* budget 0: no budget before it */
         {d1 + 32, 3, "a delta record removing 3 of its 2 indices"},
         {d1 + 36, 0x7FFFFFFFu, "which step"}, /* removes a token not held */
         {d1 + 40, held, "which step"},        /* adds a token held */
@@ -361,7 +388,7 @@ int main(void)
     for (size_t c = 0; c < sizeof(dcases) / sizeof(dcases[0]); c++) {
         memcpy(m, raw, n);
         put32(m + dcases[c].at, dcases[c].val);
-        if (dcases[c].at == bound[1] + 10 || dcases[c].at == r0 + 10)
+        if (dcases[c].at == bound[1] + 10 || dcases[c].at == r0 + 10 || dcases[c].at == bd + 10)
             m[dcases[c].at + 2] = raw[dcases[c].at + 2],
                              m[dcases[c].at + 3] = raw[dcases[c].at + 3];
         kvt_status st = read_bytes(xpath, m, n, &nr);
