@@ -503,3 +503,29 @@ int kvt_cli_policy_files_ok(const char *cmd, kvt_policy *const *pols, size_t n_p
     }
     return 0;
 }
+
+/* What the file at path is, from its first bytes (kvt_cli.h) */
+int kvt_cli_sniff(const char *path, uint32_t *hlen)
+{
+    char b[4097];
+    *hlen = 0;
+    FILE *f = kvt_fopen_regular(path);
+    if (!f)
+        return KVT_CLI_FILE_OTHER;
+    size_t n = fread(b, 1, sizeof(b) - 1, f);
+    fclose(f);
+    b[n] = '\0';
+    if (n >= 16 && !memcmp(b, "KVTSEL", 6)) {
+        const unsigned char *u = (const unsigned char *)b + 12;
+        *hlen = (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 | (uint32_t)u[3] << 24;
+        return KVT_CLI_FILE_SELECTION;
+    }
+    size_t i = 0;
+    while (i < n && strchr(" \t\r\n", b[i]))
+        i++;
+    if (i == n || b[i] != '{' || strlen(b) != n) /* JSON text, without NUL bytes */
+        return KVT_CLI_FILE_OTHER;
+    return strstr(b, "\"selection_version\"") ? KVT_CLI_FILE_SELECTION
+           : strstr(b, "\"results_version\"") ? KVT_CLI_FILE_RESULTS
+                                              : KVT_CLI_FILE_OTHER;
+}

@@ -195,31 +195,6 @@ static void print_device(const cJSON *meta)
 
 /* ---- a selection export (replay --export-selection), and other kvtrace outputs ---- */
 
-/* What the file at path is, from its first bytes: 1 a selection export, 2 a results.json, 0
- * anything else (a trace, or the trace reader's error). *hlen: a binary export's header_len. */
-static int sniff(const char *path, uint32_t *hlen)
-{
-    char b[4097];
-    *hlen = 0;
-    FILE *f = kvt_fopen_regular(path);
-    if (!f)
-        return 0;
-    size_t n = fread(b, 1, sizeof(b) - 1, f);
-    fclose(f);
-    b[n] = '\0';
-    if (n >= 16 && !memcmp(b, "KVTSEL", 6)) {
-        const unsigned char *u = (const unsigned char *)b + 12;
-        *hlen = (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 | (uint32_t)u[3] << 24;
-        return 1;
-    }
-    size_t i = 0;
-    while (i < n && strchr(" \t\r\n", b[i]))
-        i++;
-    if (i == n || b[i] != '{' || strlen(b) != n) /* JSON text, without NUL bytes */
-        return 0;
-    return strstr(b, "\"selection_version\"") ? 1 : strstr(b, "\"results_version\"") ? 2 : 0;
-}
-
 /* A string of the export as printed: control characters made '?' (printable_text), in buf */
 static const char *shown(const char *s, char *buf, size_t cap)
 {
@@ -412,10 +387,10 @@ int kvt_cmd_info(int argc, char **argv)
     if (json && !kvt_cli_json_text_ok("info", "the path", path))
         return 1;
     uint32_t hlen;
-    int what = sniff(path, &hlen);
-    if (what == 1)
+    int what = kvt_cli_sniff(path, &hlen);
+    if (what == KVT_CLI_FILE_SELECTION)
         return info_selection(path, json, hlen);
-    if (what == 2)
+    if (what == KVT_CLI_FILE_RESULTS)
         return kvt_cli_fail("info",
                             "%s is a results.json (kvtrace replay -o), not a trace: 'kvtrace "
                             "report %s' and 'kvtrace recommend %s' read it",

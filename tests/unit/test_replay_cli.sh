@@ -55,6 +55,24 @@ head -c 3000 "$TMP/sel.bin" >"$TMP/cut.bin"
 $BIN info "$TMP/cut.bin" >/dev/null 2>"$TMP/err" && fail "info of a cut export"
 [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "cut.bin: record .* is truncated" "$TMP/err" ||
     { cat "$TMP/err"; fail "info: cut export message"; }
+# verify of an export: read whole by the checked reader; damaged is exit 1 with the reader's
+# line, newer than this kvtrace exit 2
+$BIN verify "$TMP/sel.bin" >"$TMP/out" 2>&1 || fail "verify of an intact export"
+grep -q "^$TMP/sel.bin: OK (selection export, 1380 records, every one read and checked)$" "$TMP/out" ||
+    fail "verify: intact export line: $(cat "$TMP/out")"
+$BIN verify "$TMP/sel.bin" -q >"$TMP/out" 2>&1 && [ ! -s "$TMP/out" ] || fail "verify -q of an export"
+$BIN verify "$TMP/cut.bin" >"$TMP/out" 2>&1
+[ $? = 1 ] && grep -q "^$TMP/cut.bin: DAMAGED selection export: .*cut.bin: record .* is truncated" "$TMP/out" ||
+    fail "verify of a cut export: $(cat "$TMP/out")"
+$BIN verify "$TMP/cut.bin" --json >"$TMP/out" 2>&1
+[ $? = 1 ] && grep -Eq '"intact":[[:space:]]*false' "$TMP/out" &&
+    grep -Eq '"kind":[[:space:]]*"selection_export"' "$TMP/out" &&
+    grep -Eq '"problem":[[:space:]]*".*is truncated' "$TMP/out" || fail "verify --json of a cut export"
+{ head -c 8 "$TMP/sel.bin"; printf '\011\000\000\000'; tail -c +13 "$TMP/sel.bin"; } >"$TMP/v9.bin"
+$BIN verify "$TMP/v9.bin" >/dev/null 2>"$TMP/err"
+[ $? = 2 ] && grep -q "version 9 is newer" "$TMP/err" || fail "verify of a newer export: $(cat "$TMP/err")"
+$BIN verify "$TMP/r.json" >/dev/null 2>"$TMP/err"
+[ $? = 2 ] && grep -q "is a results.json" "$TMP/err" || fail "verify of a results.json"
 # a results.json is named, with the commands that read it
 $BIN info "$TMP/r.json" >/dev/null 2>"$TMP/err" && fail "info of a results.json"
 [ "$(wc -l <"$TMP/err")" -eq 1 ] && grep -q "is a results.json (kvtrace replay -o), not a trace" "$TMP/err" ||
