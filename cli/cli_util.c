@@ -505,7 +505,7 @@ int kvt_cli_policy_files_ok(const char *cmd, kvt_policy *const *pols, size_t n_p
 }
 
 /* What the file at path is, from its first bytes (kvt_cli.h) */
-int kvt_cli_sniff(const char *path, uint32_t *hlen)
+int kvt_cli_sniff(const char *cmd, const char *path, uint32_t *hlen)
 {
     char b[4097];
     *hlen = 0;
@@ -525,7 +525,13 @@ int kvt_cli_sniff(const char *path, uint32_t *hlen)
         i++;
     if (i == n || b[i] != '{' || strlen(b) != n) /* JSON text, without NUL bytes */
         return KVT_CLI_FILE_OTHER;
-    return strstr(b, "\"selection_version\"") ? KVT_CLI_FILE_SELECTION
-           : strstr(b, "\"results_version\"") ? KVT_CLI_FILE_RESULTS
-                                              : KVT_CLI_FILE_OTHER;
+    if (strstr(b, "\"selection_version\""))
+        return KVT_CLI_FILE_SELECTION;
+    if (!strstr(b, "\"results_version\""))
+        return KVT_CLI_FILE_OTHER;
+    kvt_cli_fail(cmd,
+                 "%s is a results.json (kvtrace replay -o), not a trace: 'kvtrace report %s' and "
+                 "'kvtrace recommend %s' read it",
+                 path, path, path);
+    return KVT_CLI_FILE_RESULTS;
 }

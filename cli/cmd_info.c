@@ -387,15 +387,11 @@ int kvt_cmd_info(int argc, char **argv)
     if (json && !kvt_cli_json_text_ok("info", "the path", path))
         return 1;
     uint32_t hlen;
-    int what = kvt_cli_sniff(path, &hlen);
+    int what = kvt_cli_sniff("info", path, &hlen);
     if (what == KVT_CLI_FILE_SELECTION)
         return info_selection(path, json, hlen);
     if (what == KVT_CLI_FILE_RESULTS)
-        return kvt_cli_fail("info",
-                            "%s is a results.json (kvtrace replay -o), not a trace: 'kvtrace "
-                            "report %s' and 'kvtrace recommend %s' read it",
-                            path, path, path),
-               1;
+        return 1; /* refused in one line by kvt_cli_sniff */
     kvt_trace_reader *r;
     kvt_status s = kvt_trace_reader_open(path, &r);
     if (s != KVT_OK)

@@ -164,15 +164,11 @@ int kvt_cmd_verify(int argc, char **argv)
     if (json && !kvt_cli_json_text_ok("verify", "the path", path))
         return 2;
     uint32_t hlen;
-    const int what = kvt_cli_sniff(path, &hlen);
+    const int what = kvt_cli_sniff("verify", path, &hlen);
     if (what == KVT_CLI_FILE_SELECTION)
         return verify_selection(path, quiet, json);
     if (what == KVT_CLI_FILE_RESULTS)
-        return kvt_cli_fail("verify",
-                            "%s is a results.json (kvtrace replay -o), not a trace: 'kvtrace "
-                            "report %s' and 'kvtrace recommend %s' read it",
-                            path, path, path),
-               2;
+        return 2; /* refused in one line by kvt_cli_sniff */
     kvt_verify_report rep;
     kvt_progress prog;
     kvt_progress_start(&prog, "verify");

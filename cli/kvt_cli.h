@@ -190,10 +190,11 @@ bool kvt_cli_same_path(const char *a, const char *b);
  *  prints sizes; returns buf. */
 const char *kvt_cli_bytes_text(double v, char *buf, size_t cap);
 /* What a file is, from its first bytes: a selection export (binary or JSON; *hlen: the binary
- * layout's header_len, else 0), a results.json, or anything else (a trace, or a file the
- * trace reader will name the trouble with) */
+ * layout's header_len, else 0), a results.json (then refused for cmd in one line on stderr,
+ * naming the commands that read it), or anything else (a trace, or a file the trace reader
+ * will name the trouble with) */
 enum { KVT_CLI_FILE_OTHER = 0, KVT_CLI_FILE_SELECTION = 1, KVT_CLI_FILE_RESULTS = 2 };
-int kvt_cli_sniff(const char *path, uint32_t *hlen);
+int kvt_cli_sniff(const char *cmd, const char *path, uint32_t *hlen);
 
 /** true if argv contains -h or --help (before any "--"). */
 bool kvt_cli_wants_help(int argc, char **argv);
