@@ -16,6 +16,8 @@
 #          qfilter with decoding=8)
 #   Q_ALL [0]  1: also h2o-greedy against h2o-greedy:decode=1 (needs Q_all: O(T^2 D) per
 #          query head, slow at long T)
+#   EA [0]  1: also expected-attention against expected-attention:decoding=8 and
+#          decoding=8,prefill=1 (the prefill press needs Q_all, which the trace then holds)
 #   EXPORT [0]  1: also each decode-time spec's selection export (one more replay, untimed):
 #          its size against every set written whole (kvtrace info --json: file_bytes,
 #          whole_bytes), the saving of its delta records
@@ -35,17 +37,22 @@ BUDGETS=${BUDGETS:-1%,5%,10%,20%,30%,50%}
 THREADS=${THREADS:-1}
 REPS=${REPS:-1}
 Q_ALL=${Q_ALL:-0}
+EA=${EA:-0}
 EXPORT=${EXPORT:-0}
 PAIRS=${PAIRS:-"knorm|knorm:decoding=1,prefill=1 knorm|knorm:decoding=8 \
 tova|tova:decoding=1,prefill=1 tova|tova:decoding=8 \
 streamingllm|streamingllm:decoding=1,prefill=1 qfilter|qfilter:decoding=8"}
 if [ "$Q_ALL" = 1 ]; then PAIRS="$PAIRS h2o-greedy|h2o-greedy:decode=1"; fi
+if [ "$EA" = 1 ]; then
+    PAIRS="$PAIRS expected-attention|expected-attention:decoding=8"
+    PAIRS="$PAIRS expected-attention|expected-attention:decoding=8,prefill=1"
+fi
 KVT=${KVT:-$BUILD/bin/kvtrace}
 [ -x "$KVT" ] || { echo "decode_caches: $KVT is missing; build first" >&2; exit 1; }
 mkdir -p "$WORK"
 
 extra=() qtag=""
-if [ "$Q_ALL" = 1 ]; then
+if [ "$Q_ALL" = 1 ] || [ "$EA" = 1 ]; then
     extra=(--q-all) qtag=_qall
 fi
 TRACE=$WORK/${SHAPE}_T${T}_G${G}_L${LAYERS}$qtag.kvt

@@ -1,9 +1,11 @@
 /* decoding.c - the caches of the policies that evict decode tokens too.
  *
  * decoding=N: kvpress's DecodingPress (presses/generation/decoding_press.py) over a policy
- * whose scores are its keys' own (knorm, keydiff, qfilter; simulate), or the attention of the
- * newest token's query, averaged over the layer's query heads (tova; simulate_steps, one cache
- * per layer, as TOVAPress's scores are the layer's). The cache starts as the
+ * whose scores are its keys' own (knorm, keydiff, qfilter; simulate), or those of the queries of
+ * the steps since the last compression (expected-attention: simulate, its statistics per
+ * compression from dec_begin's state), or the attention of the newest token's query, averaged
+ * over the layer's query heads (tova; simulate_steps, one cache per layer, as TOVAPress's scores
+ * are the layer's). The cache starts as the
  * prompt-time set (the whole prompt; with prefill=1 the policy's set at the budget, as
  * PrefillDecodingPress with the same press at prefill). Decode step s's token joins it, step
  * s's query attends to it, and after every N-th step (DecodingPress's forward hook, after the
@@ -134,7 +136,7 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
         else {
             for (int i = 0; i < n; i++)
                 kp[i] = entry_key(c, g, cache[i]);
-            KVT_FORWARD(p->def->cache_scores(c, p, h, cache, kp, n, sc, work));
+            KVT_FORWARD(p->def->cache_scores(c, p, h, s, cache, kp, n, sc, work));
         }
         KVT_FORWARD(compress(c, p, h, s, B, sc, cache, n, it, dc));
         n = B;
@@ -281,10 +283,13 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
             cache[e] = e;
             kp[e] = entry_key(c, g, e);
         }
-        st = p->def->cache_scores(c, p, h, cache, kp, T + G, key_sc + (size_t)h * (T + G), work);
+        st =
+            p->def->cache_scores(c, p, h, -1, cache, kp, T + G, key_sc + (size_t)h * (T + G), work);
     }
     if (p->def->step_scores && !st) /* one cache per layer, each head a copy of head 0's */
         st = simulate_steps(c, p, B, n_b, sel);
+    if (p->def->dec_begin && !st)
+        st = p->def->dec_begin(c, p);
     for (int b = 0; b < n_b && !st; b++)
         for (int h = 0; h < H && !st; h++) {
             const int n0 = sel->count[(size_t)b * H + h];
@@ -317,6 +322,8 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                          ? simulate_dms(c, p, h, start, n0, ks, dc)
                          : simulate(c, p, h, B[b], start, n0, ks, dc, cache, it, kp, sc, work);
         }
+    if (p->def->dec_end)
+        p->def->dec_end(c);
     kvt_free(cache);
     kvt_free(it);
     kvt_free(kp);

@@ -931,8 +931,10 @@ unsigned kvt_policy_flags(const kvt_policy *p)
     const bool ada = p->o.adaptive || p->def == &kvt_policy_def_adakv;
     /* chunk_scores=own|kvpress from each chunk's last queries: Q_all (kvpress: and RoPE) */
     const bool chunk_q = p->o.chunk_scores && p->def->chunk_rank && p->def->chunk_queries;
-    /* stats=: expected-attention's statistics from a file, not from Q_all */
-    const unsigned base = p->o.stats ? p->def->flags & ~KVT_POLICY_NEEDS_QALL : p->def->flags;
+    /* stats=: expected-attention's statistics from a file, not from Q_all; decoding= without
+       prefill=1 keeps the prompt whole and scores only the decode steps' caches */
+    const bool no_q_all = p->o.stats || (p->o.decoding > 0 && !p->o.decode_prefill);
+    const unsigned base = no_q_all ? p->def->flags & ~KVT_POLICY_NEEDS_QALL : p->def->flags;
     return base | (p->o.critical && ada ? KVT_POLICY_PER_BUDGET : 0) |
            (p->o.merge || p->o.think > 0 ? KVT_POLICY_MERGED : 0) |
            (chunk_q ? KVT_POLICY_NEEDS_QALL : 0) |

@@ -192,9 +192,18 @@ struct kvt_policy_def {
     /* optional, decoding= and dms_decoding= (decoding.c): out [n] the scores (higher kept) of the n
        cache entries ent[i] (prompt token e < T, decode token e - T) whose keys k[i] [D]
        (post-RoPE) selection head h holds, as the policy scores a prompt's keys; the whole cache
-       is given, for scores relative to it (keydiff's mean key). work: 2 D doubles. */
-    kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
-                               const float *const *k, int n, double *out, double *work);
+       is given, in its order (an entry kept by a compression in its rank, then the decode
+       tokens since), for scores relative to it (keydiff's mean key, expected-attention's sinks:
+       the cache's first entries). step: the decode step after whose attention the cache is
+       compressed (-1: every key scored once, cache_scores_per_key). work: 2 D doubles. */
+    kvt_status (*cache_scores)(kvt_layer_ctx *c, const kvt_policy *p, int h, int step,
+                               const int32_t *ent, const float *const *k, int n, double *out,
+                               double *work);
+    /* optional, decoding=: what cache_scores reads for every head and budget of a layer
+       (expected-attention: each compression's query statistics), computed once before the
+       layer's caches into c->dec_state and freed by dec_end after them */
+    kvt_status (*dec_begin)(kvt_layer_ctx *c, const kvt_policy *p);
+    void (*dec_end)(kvt_layer_ctx *c);
     /* optional, decoding= (decoding.c) over a policy scoring by the decode queries, one cache per
        layer (tova): out [n] the scores (higher kept) of the entries cache [n] after step s's
        attention, from z: query head u's logit (q.k times the scale) of step s's query and entry
@@ -278,6 +287,7 @@ struct kvt_layer_ctx {
     /* [n_budgets] each budget as the fraction of T it was written as (10% -> 0.1; 64 tokens ->
      * 64/T), or NULL (then B/T): kvpress-aligned policies take their ratio from it */
     const double *budget_frac;
+    void *dec_state; /* the selecting policy's dec_begin, while its decode caches are built */
 };
 
 /** kvt_replay_layer_metrics with each budget's fraction of T (kvt_layer_ctx.budget_frac; may

@@ -26,7 +26,10 @@
  * @00a150c): mu and S of each query head are not the prompt's but a calibration set's, read
  * from the safetensors file (or hub checkpoint folder) of its ExpectedAttentionStats:
  * query_mean [layers, query heads, D] and query_cov [layers, query heads, D, D], the pre-RoPE
- * queries' mean and covariance, used as they are; the rest as above (Q_all is not needed). */
+ * queries' mean and covariance, used as they are; the rest as above (Q_all is not needed).
+ *
+ * decoding=N is kvpress's DecodingPress over the press: the decode steps' caches (decoding.c),
+ * scored at each compression from the queries of the steps before it (cache_ea below). */
 #include <math.h>
 #include <string.h>
 
@@ -52,6 +55,13 @@ static void fini_ea(kvt_policy *p)
 static kvt_status init_ea(kvt_policy *p)
 {
     const char *f = p->o.stats;
+    /* DecodingPress hands the press N steps' hidden states, and it leaves out the first
+       `sinks` of them */
+    KVT_RETURN_IF(p->o.decoding > 0 && !f && p->o.decoding <= p->o.sinks, KVT_ERR_INVALID_ARG,
+                  "expected-attention: decoding=%d: the statistics are of the queries of the "
+                  "last N decode steps but their first sinks=%d (kvpress's DecodingPress and "
+                  "ExpectedAttentionPress), so N must exceed sinks",
+                  p->o.decoding, p->o.sinks);
     if (!f)
         return KVT_OK;
     char file[4096];
@@ -357,7 +367,11 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, W = o->window < T ? o->window : T, P = T - W;
     const int H = kvt_ctx_heads(c, o->per_query);
-    KVT_FORWARD(ea_check(c, p));
+    /* decoding= without prefill=1 keeps the prompt whole (decoding.c): no prompt statistics,
+       so no Q_all; the sinks first, then the prompt in order, as DecodingPress's cache */
+    const bool whole = o->decoding > 0 && !o->decode_prefill;
+    if (!whole || p->state)
+        KVT_FORWARD(ea_check(c, p));
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_KV));
     KVT_FORWARD(kvt_sel_init(sel, c, o->per_query, W, n_b, true));
     double *acc = kvt_calloc((size_t)H * T + 1, sizeof(double));
@@ -365,11 +379,12 @@ static kvt_status sel_ea(kvt_layer_ctx *c, const kvt_policy *p, const int *B, in
     kvt_status st = KVT_OK;
     if (!acc || !sc)
         st = kvt_error_set(KVT_ERR_NOMEM, "expected-attention: out of memory");
-    if (!st)
+    if (!st && !whole)
         st = ea_chunks(c, p, T, false, acc);
     for (int h = 0; !st && h < H; h++)
         for (int j = 0; j < P; j++)
-            sc[(size_t)h * P + j] = ea_score(c, p, acc, h, 0, T, j);
+            sc[(size_t)h * P + j] =
+                whole ? (j < o->sinks ? INFINITY : -(double)j) : ea_score(c, p, acc, h, 0, T, j);
     if (!st)
         st = kvt_sel_rank_counts(c, p, sc, W, B, n_b, sel);
     kvt_free(acc);
@@ -413,13 +428,220 @@ static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, const i
     return st;
 }
 
+/* decoding=N (decoding.c): kvpress's DecodingPress(ExpectedAttentionPress). DecodingPress
+ * hands the press the hidden states of the N decode steps since its last compression; the
+ * press leaves out their first `sinks`, so the statistics are the mean and covariance (1/m) of
+ * the pre-RoPE queries of the last m = N - sinks steps (Q_decode with RoPE undone at each step's
+ * position: T + s, or with M-RoPE the largest prompt position + 1 + s on all rows). kvpress
+ * turns them by the mean rotation over the positions q_len, q_len + 1, ... with q_len the
+ * hidden states' length, here N (not the cache's positions). The sinks are the cache's first
+ * `sinks` entries: kvpress pads them with the largest score + 1, and its top-k leaves the kept
+ * entries in score order, so they stay the prompt's first tokens (decoding.c keeps each cache in
+ * that order). With stats= the file's statistics, turned the same way, serve every compression
+ * (ExpectedAttentionStatsPress). The quadratic term from the m queries without forming S:
+ * k^T R S R^T k = (1/m) sum_i ((R (x_i - mu)) . k)^2. */
+typedef struct ea_dec {
+    ea_rope r;      /* the mean rotation over N, N + 1, ... */
+    double *ang;    /* [G, half, 2] cos and sin of each decode step's angles (RoPE on) */
+    double *vd;     /* [Hkv, G] ||v|| of the decode values */
+    double *mu, *y; /* [D], [m, D]: a query head's R mu and R (x_i - mu) at one compression */
+    double *st_mu, *st_cov; /* stats=: [Hq, D] R mu, [Hq, D, D] R S R^T */
+    double *acc, *z;        /* [T + G] */
+    int m;
+} ea_dec;
+
+static void ea_dec_end(kvt_layer_ctx *c)
+{
+    ea_dec *e = c->dec_state;
+    if (!e)
+        return;
+    ea_rope_free(&e->r);
+    kvt_free(e->ang);
+    kvt_free(e->vd);
+    kvt_free(e->mu);
+    kvt_free(e->y);
+    kvt_free(e->st_mu);
+    kvt_free(e->st_cov);
+    kvt_free(e->acc);
+    kvt_free(e->z);
+    kvt_free(e);
+    c->dec_state = NULL;
+}
+
+static kvt_status ea_dec_begin(kvt_layer_ctx *c, const kvt_policy *p)
+{
+    const kvt_policy_opts *o = &p->o;
+    const kvt_layer_input *in = c->in;
+    const int D = c->D, G = c->Gd, T = c->T, N = o->decoding;
+    const ea_stats *fs = p->state;
+    ea_dec *e = kvt_calloc(1, sizeof(*e));
+    KVT_RETURN_IF(!e, KVT_ERR_NOMEM, "expected-attention: out of memory");
+    c->dec_state = e;
+    if (fs)
+        KVT_FORWARD(ea_check(c, p));
+    KVT_FORWARD(ea_rope_init(c, o->n_future, (double)N, &e->r));
+    const int half = e->r.p.half;
+    e->m = fs ? 0 : N - o->sinks;
+    e->vd = kvt_malloc(((size_t)c->Hkv * G + 1) * sizeof(double));
+    e->mu = kvt_malloc((size_t)D * sizeof(double));
+    e->y = kvt_malloc(((size_t)e->m * D + 1) * sizeof(double));
+    e->acc = kvt_malloc(((size_t)T + G + 1) * sizeof(double));
+    e->z = kvt_malloc(((size_t)T + G + 1) * sizeof(double));
+    KVT_RETURN_IF(!e->vd || !e->mu || !e->y || !e->acc || !e->z, KVT_ERR_NOMEM,
+                  "expected-attention: out of memory");
+    for (int g = 0; g < c->Hkv; g++)
+        kvt_row_norms(in->v_decode + (size_t)g * G * D, G, D, e->vd + (size_t)g * G);
+    if (e->r.p.on && !fs) { /* each decode step's angles, at the position after the prompt */
+        const double base = ea_future_start(c, 0, T);
+        e->ang = kvt_malloc(((size_t)G * half + 1) * 2 * sizeof(double));
+        KVT_RETURN_IF(!e->ang, KVT_ERR_NOMEM, "expected-attention: out of memory");
+        for (int t = 0; t < G; t++)
+            for (int i = 0; i < half; i++) {
+                double *x = e->ang + ((size_t)t * half + i) * 2, a = (base + t) * e->r.p.freq[i];
+                x[0] = cos(a);
+                x[1] = sin(a);
+                KVT_RETURN_IF(!isfinite(x[0]) || !isfinite(x[1]), KVT_ERR_NAN,
+                              "expected-attention: the header's model.rope turns pair %d of "
+                              "decode step %d by an angle that is not finite (frequency %g)",
+                              i, t, e->r.p.freq[i]);
+            }
+    }
+    if (fs) { /* stats=: every compression's statistics, turned once */
+        e->st_mu = kvt_malloc((size_t)c->Hq * D * sizeof(double));
+        e->st_cov = o->use_cov ? kvt_malloc((size_t)c->Hq * D * D * sizeof(double)) : NULL;
+        KVT_RETURN_IF(!e->st_mu || (o->use_cov && !e->st_cov), KVT_ERR_NOMEM,
+                      "expected-attention: out of memory");
+        for (int u = 0; u < c->Hq; u++) {
+            const size_t at = (size_t)c->layer * c->Hq + u;
+            double *mu = e->st_mu + (size_t)u * D;
+            double *cov = o->use_cov ? e->st_cov + (size_t)u * D * D : NULL;
+            for (int d = 0; d < D; d++)
+                mu[d] = kvt_npy_at(fs->mu, at * D + d);
+            if (e->r.p.on)
+                ea_rotate(&e->r, mu, 1);
+            for (size_t i = 0; cov && i < (size_t)D * D; i++)
+                cov[i] = kvt_npy_at(fs->cov, at * D * D + i);
+            for (int j = 0; cov && e->r.p.on && j < D; j++) /* R S, then (R S) R^T */
+                ea_rotate(&e->r, cov + j, (size_t)D);
+            for (int i = 0; cov && e->r.p.on && i < D; i++)
+                ea_rotate(&e->r, cov + (size_t)i * D, 1);
+        }
+    }
+    return KVT_OK;
+}
+
+/* query head u's statistics of the compression after step s (the m steps before it, through
+ * s): e->mu = R mu and e->y = R (x_i - mu) */
+static kvt_status ea_dec_stats(const kvt_layer_ctx *c, const kvt_policy *p, ea_dec *e, int u, int s)
+{
+    const int D = c->D, G = c->Gd, m = e->m, half = e->r.p.half;
+    const float *q = c->in->q_decode + (size_t)u * G * D;
+    memset(e->mu, 0, (size_t)D * sizeof(double));
+    for (int i = 0; i < m; i++) {
+        const int t = s - m + 1 + i;
+        double *y = e->y + (size_t)i * D;
+        kvt_rope_undo(&e->r.p, e->r.p.on ? e->ang + (size_t)t * 2 * half : NULL, q + (size_t)t * D,
+                      D, y);
+        for (int d = 0; d < D; d++) {
+            KVT_RETURN_IF(!isfinite(y[d]), KVT_ERR_NAN,
+                          "%s: decoding=: query head %d's decode query of step %d is not finite "
+                          "(dimension %d) at layer %d",
+                          p->def->name, u, t, d, c->layer);
+            e->mu[d] += y[d];
+        }
+    }
+    for (int d = 0; d < D; d++)
+        e->mu[d] /= m;
+    for (int i = 0; i < m && p->o.use_cov; i++) {
+        double *y = e->y + (size_t)i * D;
+        for (int d = 0; d < D; d++)
+            y[d] -= e->mu[d];
+        if (e->r.p.on)
+            ea_rotate(&e->r, y, 1);
+    }
+    if (e->r.p.on)
+        ea_rotate(&e->r, e->mu, 1);
+    return KVT_OK;
+}
+
+/* the cache's scores after step s: its first `sinks` entries first (+inf), the rest by the
+ * expected attention of the m steps' queries (or stats=), the KV head's query heads' mean (or
+ * head h's own), times ||v|| */
+static kvt_status cache_ea(kvt_layer_ctx *c, const kvt_policy *p, int h, int s, const int32_t *ent,
+                           const float *const *k, int n, double *out, double *work)
+{
+    (void)work;
+    const kvt_policy_opts *o = &p->o;
+    ea_dec *e = c->dec_state;
+    const int D = c->D, T = c->T, S = o->sinks < n ? o->sinks : n;
+    const int g = kvt_ctx_kv_of(c, o->per_query, h);
+    const int u0 = o->per_query ? h : g * c->Gs, u1 = o->per_query ? h + 1 : (g + 1) * c->Gs;
+    const double sc = c->scale, w = 1.0 / (u1 - u0);
+    KVT_RETURN_IF(!e || s < 0, KVT_ERR_STATE,
+                  "expected-attention: decoding=: internal error: no decode statistics");
+    for (int j = 0; j < n; j++)
+        e->acc[j] = 0.0;
+    for (int u = u0; u < u1; u++) {
+        const double *mu = e->mu, *cov = NULL;
+        if (e->st_mu) {
+            mu = e->st_mu + (size_t)u * D;
+            cov = o->use_cov ? e->st_cov + (size_t)u * D * D : NULL;
+        } else
+            KVT_FORWARD(ea_dec_stats(c, p, e, u, s));
+        double zmax = -INFINITY;
+        for (int j = S; j < n; j++) {
+            const float *kj = k[j];
+            double z = 0.0, zq = 0.0;
+            for (int d = 0; d < D; d++)
+                z += mu[d] * kj[d];
+            if (cov)
+                for (int a = 0; a < D; a++) {
+                    double r = 0.0;
+                    for (int b = 0; b < D; b++)
+                        r += cov[(size_t)a * D + b] * kj[b];
+                    zq += kj[a] * r;
+                }
+            else if (o->use_cov) {
+                for (int i = 0; i < e->m; i++) {
+                    const double *y = e->y + (size_t)i * D;
+                    double r = 0.0;
+                    for (int d = 0; d < D; d++)
+                        r += y[d] * kj[d];
+                    zq += r * r;
+                }
+                zq /= e->m;
+            }
+            e->z[j] = sc * z + 0.5 * sc * sc * zq;
+            zmax = e->z[j] > zmax ? e->z[j] : zmax;
+        }
+        double sum = 0.0;
+        for (int j = S; j < n; j++)
+            sum += e->z[j] = exp(e->z[j] - zmax);
+        for (int j = S; j < n; j++) {
+            const double pj = e->z[j] / sum;
+            KVT_RETURN_IF(!isfinite(pj), KVT_ERR_NAN,
+                          "expected-attention: decoding=: query head %d: the expected attention "
+                          "to %s token %d after decode step %d is not finite at layer %d",
+                          u, ent[j] < T ? "prompt" : "decode", ent[j] < T ? ent[j] : ent[j] - T, s,
+                          c->layer);
+            e->acc[j] += w * pj;
+        }
+    }
+    for (int j = 0; j < n; j++) {
+        const double vn =
+            ent[j] < T ? c->vnorm[(size_t)g * T + ent[j]] : e->vd[(size_t)g * c->Gd + (ent[j] - T)];
+        out[j] = j < S ? INFINITY : o->use_vnorm ? (e->acc[j] + o->epsilon) * vn : e->acc[j];
+    }
+    return KVT_OK;
+}
+
 const kvt_policy_def kvt_policy_def_expected_attention = {
     .name = "expected-attention",
     .host_reads = KVT_CTX_KV,
     .summary = "kvpress ExpectedAttention: attention expected from the queries' mean and "
                "covariance at future positions, times ||v||",
     .keys = "window,heads,sinks,future,cov,vnorm,epsilon,stats,adaptive,alpha,normalize,alloc,"
-            "skip,critical,first,ceps,dms,dms_window",
+            "skip,critical,first,ceps,dms,dms_window,decoding,prefill",
     .flags = KVT_POLICY_NEEDS_QALL | KVT_POLICY_NEEDS_ROPE,
     .defaults = d_ea,
     .init = init_ea,
@@ -428,4 +650,7 @@ const kvt_policy_def kvt_policy_def_expected_attention = {
     .select = sel_ea,
     .chunk_rank = chunk_ea,
     .chunk_min = 's', /* ExpectedAttentionPress asserts the chunk exceeds n_sink */
+    .cache_scores = cache_ea,
+    .dec_begin = ea_dec_begin,
+    .dec_end = ea_dec_end,
 };

@@ -79,10 +79,11 @@ out:
 /* decoding=: -cos(k, m) with m the mean unit key of the cache's entries, as the prompt's
  * scores (kvt_unit_rows_ref: the mean of the unit keys in double, each cosine from the unit key
  * rounded to f32) */
-static kvt_status cache_keydiff(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
-                                const float *const *k, int n, double *out, double *work)
+static kvt_status cache_keydiff(kvt_layer_ctx *c, const kvt_policy *p, int h, int step,
+                                const int32_t *ent, const float *const *k, int n, double *out,
+                                double *work)
 {
-    (void)ent, (void)p, (void)h;
+    (void)ent, (void)p, (void)h, (void)step;
     const int D = c->D;
     double *m = work, *u = work + D;
     for (int e = 0; e < D; e++)

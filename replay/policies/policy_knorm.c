@@ -42,10 +42,11 @@ static kvt_status chunk_knorm(kvt_layer_ctx *c, const kvt_policy *p, int C, cons
 }
 
 /* decoding=: -||k|| of every cache entry (kvt_row_norms_ref's sum) */
-static kvt_status cache_knorm(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
-                              const float *const *k, int n, double *out, double *work)
+static kvt_status cache_knorm(kvt_layer_ctx *c, const kvt_policy *p, int h, int step,
+                              const int32_t *ent, const float *const *k, int n, double *out,
+                              double *work)
 {
-    (void)ent, (void)p, (void)h, (void)work;
+    (void)ent, (void)p, (void)h, (void)work, (void)step;
     for (int i = 0; i < n; i++) {
         double s = 0.0;
         for (int e = 0; e < c->D; e++)

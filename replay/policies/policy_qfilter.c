@@ -319,10 +319,11 @@ static kvt_status sel_qfilter(kvt_layer_ctx *c, const kvt_policy *p, const int *
 }
 
 /* decoding=: -<f, k> of every cache entry, f the head's filter as the prompt's scores use */
-static kvt_status cache_qfilter(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
-                                const float *const *k, int n, double *out, double *work)
+static kvt_status cache_qfilter(kvt_layer_ctx *c, const kvt_policy *p, int h, int step,
+                                const int32_t *ent, const float *const *k, int n, double *out,
+                                double *work)
 {
-    (void)ent, (void)work;
+    (void)ent, (void)work, (void)step;
     const int D = c->D;
     double *f = kvt_malloc(((size_t)2 * D * D + 9 * (size_t)D) * sizeof(double));
     KVT_RETURN_IF(!f, KVT_ERR_NOMEM, "qfilter: out of memory");

@@ -38,10 +38,11 @@ static kvt_status chunk_streaming(kvt_layer_ctx *c, const kvt_policy *p, int C, 
 /* decoding=N: StreamingLLM's rolling cache (StartRecentKVCache, as its eval_long_ppl trims it
  * after each token's forward): a compression keeps the sinks (+inf) and then the most recent
  * entries, scored by their position */
-static kvt_status cache_streaming(kvt_layer_ctx *c, const kvt_policy *p, int h, const int32_t *ent,
-                                  const float *const *k, int n, double *out, double *work)
+static kvt_status cache_streaming(kvt_layer_ctx *c, const kvt_policy *p, int h, int step,
+                                  const int32_t *ent, const float *const *k, int n, double *out,
+                                  double *work)
 {
-    (void)c, (void)h, (void)k, (void)work;
+    (void)c, (void)h, (void)k, (void)work, (void)step;
     for (int i = 0; i < n; i++)
         out[i] = ent[i] < p->o.sinks ? INFINITY : (double)ent[i];
     return KVT_OK;

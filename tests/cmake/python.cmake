@@ -89,6 +89,10 @@
 #                                streamingllm's rolling cache, and dms_decoding=1 (DMSPress(decoding=True)) over knorm and
 #                                qfilter: each step's cache and the decode metrics against
 #                                NumPy, hand-worked ties, and refusals
+#   test_decoding_ea             expected-attention:decoding=N (kvpress's DecodingPress over
+#                                ExpectedAttentionPress, and over its stats= press; prefill=1):
+#                                each step's cache and the decode metrics against NumPy on three
+#                                traces (M-RoPE among them), and refusals
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -104,7 +108,7 @@ if(KVT_SYS_PYTHON)
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
               test_h2o_greedy test_h2o_greedy_hand test_think test_aircache
               test_layer_weights test_chunk_length test_chunk_scores test_ea_stats
-              test_dms test_decoding test_h2o_greedy_decode)
+              test_dms test_decoding test_decoding_ea test_h2o_greedy_decode)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

@@ -1,8 +1,9 @@
 #!/bin/bash
 # test_bench_decode_caches.sh - bench/decode_caches.sh runs on a small trace: one line per
-# prefill/decode-time pair (h2o-greedy's with Q_ALL=1), each with both times and their ratio,
-# and summary.txt the same; with EXPORT=1 an export line after each pair, its size below the
-# whole sets'; a pair whose replay fails stops it with exit 1 and the error.
+# prefill/decode-time pair (h2o-greedy's with Q_ALL=1, expected-attention's with EA=1), each
+# with both times and their ratio, and summary.txt the same; with EXPORT=1 an export line after
+# each pair, its size below the whole sets'; a pair whose replay fails stops it with exit 1 and
+# the error.
 set -u
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -16,6 +17,11 @@ n=$(grep -cE '^[a-z0-9-]+ +[0-9.]+ s +[a-z0-9-]+:(decoding=[0-9]+(,prefill=1)?|d
 [ "$n" = 7 ] || fail "7 pair lines, $n: $(cat "$TMP/out")"
 grep -q '^h2o-greedy .* h2o-greedy:decode=1 ' "$TMP/out" || fail "h2o-greedy pair"
 cmp -s "$TMP/out" "$TMP/summary.txt" || fail "summary.txt differs from the output"
+KVT="$KVT_BIN" T=200 G=12 LAYERS=1 SHAPE=tiny EA=1 WORK="$TMP/ea" PAIRS="knorm|knorm:decoding=4" \
+    bash "$B" >"$TMP/out4" 2>&1 || fail "EA=1: $(cat "$TMP/out4")"
+[ "$(grep -c ' x[0-9.]*$' "$TMP/out4")" = 3 ] || fail "EA=1: 3 pair lines: $(cat "$TMP/out4")"
+grep -Eq '^expected-attention +[0-9.]+ s +expected-attention:decoding=8,prefill=1 ' "$TMP/out4" ||
+    fail "EA=1: the prefill=1 pair: $(cat "$TMP/out4")"
 KVT="$KVT_BIN" T=200 G=6 LAYERS=1 SHAPE=tiny EXPORT=1 WORK="$TMP" \
     PAIRS="tova|tova:decoding=1,prefill=1 knorm|knorm:decoding=4" bash "$B" >"$TMP/out3" 2>&1 ||
     fail "EXPORT=1: $(cat "$TMP/out3")"

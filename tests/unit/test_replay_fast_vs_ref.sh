@@ -14,8 +14,8 @@
 # adakv and h2o with layer_weights= on the sample, each layer at its own budgets; snapkv and
 # keydiff-block with chunk_length=; snapkv, tova, keydiff, expected-attention, leverage,
 # compactor and streamingllm with chunk_scores=, each chunk scored on its own on the host;
-# expected-attention with stats=; knorm, keydiff, qfilter, tova and streamingllm with
-# decoding=, knorm
+# expected-attention with stats=; knorm, keydiff, qfilter, tova, streamingllm and
+# expected-attention with decoding=, knorm
 # with dms_decoding=1 and h2o-greedy with decode=1, their caches measured through the decode
 # steps on the host)
 # at several budgets, on the bundled real trace and on a synthetic
@@ -137,7 +137,7 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt" "
         SET[1]+=",adakv:layer_weights=$TMP/lw5.txt,h2o:layer_weights=$TMP/lw5.txt,heads=query,snapkv:chunk_length=64,keydiff-block:block=32,chunk_length=100"
     [ "$name" = vl ] && SET[1]+=",vl-cache:last=16,vl-cache:last=4,heads=query,window=2,aircache-like:last=16,aircache-like:last=8,heads=query,threshold=0.5"
     [ "$name" = qa ] &&
-        SET=(--policies h2o,h2o-greedy,h2o-greedy:heads=query,reduce=max,h2o-greedy:decode=1,window=8,h2o-greedy:decode=1,heads=query,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5,h2o:think=0.3,heads=query,think_window=8,think_recent=0,snapkv:window=8,chunk_length=64,chunk_scores=kvpress,tova:chunk_length=100,chunk_scores=own,keydiff:chunk_length=50,chunk_scores=own,heads=query,expected-attention:chunk_length=64,chunk_scores=kvpress,leverage:sketch=0,chunk_length=64,chunk_scores=own,streamingllm:chunk_length=64,chunk_scores=own,compactor:chunk_length=80,chunk_scores=kvpress,sketch=8$STATS --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
+        SET=(--policies h2o,h2o-greedy,h2o-greedy:heads=query,reduce=max,h2o-greedy:decode=1,window=8,h2o-greedy:decode=1,heads=query,lookm,snapkv,full,expected-attention,noncausal-attention,expected-attention:adaptive=1,leverage,leverage:sketch=0,heads=query,compactor,compactor:heads=query,blend=0.5,h2o:think=0.3,heads=query,think_window=8,think_recent=0,snapkv:window=8,chunk_length=64,chunk_scores=kvpress,tova:chunk_length=100,chunk_scores=own,keydiff:chunk_length=50,chunk_scores=own,heads=query,expected-attention:chunk_length=64,chunk_scores=kvpress,leverage:sketch=0,chunk_length=64,chunk_scores=own,streamingllm:chunk_length=64,chunk_scores=own,compactor:chunk_length=80,chunk_scores=kvpress,sketch=8,expected-attention:decoding=3,sinks=2,prefill=1,expected-attention:decoding=2,sinks=1,heads=query$STATS --budgets 8,16,32,64,128,50% --threads 2 --seed 7)
     [ "$name" = long ] &&
         SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
             --threads 2 --seed 7)
