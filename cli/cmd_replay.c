@@ -512,13 +512,15 @@ static void list_policies(void)
            "DMSPress, each head keeping the last dms_window (128)\n"
            "tokens and the earlier ones scoring at least the threshold, at most the budget\n"
            "(--budgets 100%%: DMSPress itself; knorm and qfilter with dms_decoding=1 also\n"
-           "evict decode tokens as they leave that window). knorm, keydiff, qfilter and\n"
-           "tova take decoding=N: kvpress's DecodingPress, the cache (decode tokens too)\n"
-           "compressed back to the budget every N decode steps (prefill=1: the prompt to the\n"
-           "budget first; tova:decoding=1,prefill=1 is TOVA's own eviction); streamingllm\n"
-           "takes it as StreamingLLM's rolling cache (sinks and the most recent); the trace\n"
-           "needs K_decode and V_decode. h2o-greedy:decode=1 goes on evicting through the\n"
-           "decode steps, as H2O does while generating (also needs K_decode and V_decode).\n");
+           "evict decode tokens as they leave that window). knorm, keydiff, qfilter, tova\n"
+           "and expected-attention take decoding=N: kvpress's DecodingPress, the cache\n"
+           "(decode tokens too) compressed back to the budget every N decode steps\n"
+           "(prefill=1: the prompt to the budget first; tova:decoding=1,prefill=1 is TOVA's\n"
+           "own eviction); streamingllm takes it as StreamingLLM's rolling cache (sinks and\n"
+           "the most recent); the trace needs K_decode and V_decode. h2o-greedy:decode=1\n"
+           "goes on evicting through the decode steps, as H2O does while generating, and\n"
+           "rkv (R-KV) compresses whenever the length reaches a multiple of interval=128\n"
+           "(both also need K_decode and V_decode).\n");
 }
 
 static void progress_cb(void *user, uint64_t done, uint64_t total)

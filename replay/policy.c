@@ -181,7 +181,12 @@ static const opt_desc opts_table[] = {
      "K_decode and V_decode)"},
     {"decode", O_BOOL, OFF(greedy_decode), 0, 0,
      "h2o-greedy 0|1: the eviction goes on through the decode steps, each step's query adding "
-     "to the scores (H2O while generating; needs K_decode and V_decode)"},
+     "to the scores (H2O while generating); rkv 0|1: R-KV's compressions while decoding (on by "
+     "default); both need K_decode and V_decode"},
+    {"lambda", O_DBL, OFF(mix_lambda), 0, 1,
+     "rkv: the weight of the attention term against the redundancy term (mix_lambda)"},
+    {"interval", O_INT, OFF(interval), 1, 1e9,
+     "rkv: compress when the sequence reaches a multiple of this length (divide_length)"},
     {"prefill", O_BOOL, OFF(decode_prefill), 0, 0,
      "decoding: also compress the prompt to the budget at prefill 0|1 (PrefillDecodingPress "
      "with the same press)"},
@@ -1081,12 +1086,14 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
             continue;
-        /* stats=, dms=, dms_decoding=, decoding= and decode= (added after those policies' results
-           existed) only when given, so that those results still merge with new ones */
+        /* stats=, dms=, dms_decoding=, decoding= and h2o-greedy's decode= (added after those
+           policies' results existed) only when given, so that those results still merge with
+           new ones; rkv's decode= (on by default) always */
         if ((!strcmp(opts_table[i].key, "stats") && !o->stats) ||
             (!strncmp(opts_table[i].key, "dms", 3) && isnan(o->dms)) ||
             (!strcmp(opts_table[i].key, "dms_decoding") && !o->dms_decoding) ||
-            (!strcmp(opts_table[i].key, "decode") && !o->greedy_decode) ||
+            (!strcmp(opts_table[i].key, "decode") && !o->greedy_decode &&
+             d != &kvt_policy_def_rkv) ||
             ((!strcmp(opts_table[i].key, "decoding") || !strcmp(opts_table[i].key, "prefill")) &&
              !o->decoding))
             continue;

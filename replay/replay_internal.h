@@ -111,7 +111,10 @@ typedef struct kvt_policy_opts {
     bool decode_prefill; /* prefill=1 (with decoding=): the prompt compressed to the budget at
                             prefill first (PrefillDecodingPress with the same press) */
     bool greedy_decode;  /* h2o-greedy decode=1: its eviction goes on through the decode steps
-                            (H2O while generating; policy_h2o_greedy.c) */
+                            (H2O while generating; policy_h2o_greedy.c); rkv: its compressions
+                            while decoding (policy_rkv.c) */
+    double mix_lambda;   /* rkv: the attention term's weight (R-KV's mix_lambda) */
+    int interval;        /* rkv: a compression whenever the length reaches a multiple of it */
     int chunk_scores;    /* with chunk_length: KVT_CHUNK_PROMPT (one ranking of the whole prompt),
                             KVT_CHUNK_OWN (each chunk scored as a prompt of its own, its queries
                             at their positions) or KVT_CHUNK_KVPRESS (the same, its window queries

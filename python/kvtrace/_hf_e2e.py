@@ -471,7 +471,7 @@ def _run_trace(run, tr, rt, t, extra):
         merged = bool(pol.get("merged"))
         per_step = bool(pol.get("per_step"))
         # a policy whose caches evict decode tokens too (decoding=, dms_decoding=1, h2o-greedy
-        # decode=1): its step sets hold decode tokens (T + s; step 0's holds its own token T)
+        # decode=1, rkv): its step sets hold decode tokens (T + s; step 0's holds its own T)
         width = T
         if per_step and G > 0 and not merged:
             k0 = sel.kept(p, 0, 0, 0, trace=t, step=0)

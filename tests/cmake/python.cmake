@@ -93,6 +93,8 @@
 #                                ExpectedAttentionPress, and over its stats= press; prefill=1):
 #                                each step's cache and the decode metrics against NumPy on three
 #                                traces (M-RoPE among them), and refusals
+#   test_rkv                     rkv (R-KV): prompt-time sets, each step's cache and the decode
+#                                metrics against NumPy written from R-KV's HF code, and refusals
 #   test_gpu_scripts_dry         the GPU session's scripts (bench/capture_overhead.py,
 #                                scripts/gpu_hf_check.py, bench/run_gpu.sh,
 #                                scripts/gpu_session.sh) run their CPU dry runs, so that they
@@ -108,7 +110,8 @@ if(KVT_SYS_PYTHON)
               test_compactor test_kvzip test_kvzip_hand test_chunkkv_reuse
               test_h2o_greedy test_h2o_greedy_hand test_think test_aircache
               test_layer_weights test_chunk_length test_chunk_scores test_ea_stats
-              test_dms test_decoding test_decoding_ea test_h2o_greedy_decode)
+              test_dms test_decoding test_decoding_ea test_h2o_greedy_decode
+              test_rkv)
         kvt_add_script_test(${t}
                             COMMAND ${KVT_SYS_PYTHON} ${KVT_TEST_DIR}/oracle/${t}.py
                             LABELS cpu noasan)

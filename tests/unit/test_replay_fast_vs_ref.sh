@@ -15,7 +15,7 @@
 # keydiff-block with chunk_length=; snapkv, tova, keydiff, expected-attention, leverage,
 # compactor and streamingllm with chunk_scores=, each chunk scored on its own on the host;
 # expected-attention with stats=; knorm, keydiff, qfilter, tova, streamingllm and
-# expected-attention with decoding=, knorm
+# expected-attention with decoding=, rkv, knorm
 # with dms_decoding=1 and h2o-greedy with decode=1, their caches measured through the decode
 # steps on the host)
 # at several budgets, on the bundled real trace and on a synthetic
@@ -141,7 +141,7 @@ for tr in "$SAMPLE" "$TMP/vl.kvt" "$TMP/qa.kvt" "$TMP/long.kvt" "$TMP/qvl.kvt" "
     [ "$name" = long ] &&
         SET=(--policies snapkv,pyramidkv,adakv,knorm,streamingllm,oracle --budgets 64,512,10%
             --threads 2 --seed 7)
-    [ "$name" = qvl ] && SET=(--policies all,h2o,oracle,quest,knorm:decoding=2,keydiff:decoding=1,prefill=1,heads=query,qfilter:decoding=2,tova:decoding=1,prefill=1,tova:decoding=3,heads=query,streamingllm:decoding=1,prefill=1,knorm:dms=-17.9,dms_decoding=1,dms_window=2
+    [ "$name" = qvl ] && SET=(--policies all,h2o,oracle,quest,knorm:decoding=2,keydiff:decoding=1,prefill=1,heads=query,qfilter:decoding=2,tova:decoding=1,prefill=1,tova:decoding=3,heads=query,streamingllm:decoding=1,prefill=1,knorm:dms=-17.9,dms_decoding=1,dms_window=2,rkv:interval=2,rkv:interval=3,heads=query,reduce=mean
         --budgets 16,64,50% --threads 2 --seed 7)
     [ "$name" = kz ] && SET=(--policies kvzip,kvzip:layerwise=1,sinks=0,snapkv:window=8
         --budgets 4,16,64,50% --threads 2 --seed 7)
