@@ -26,7 +26,8 @@
  * summing the matrix, without keeping it; each row's last similar column is found by scanning
  * blocks of columns from the end (a block of rows at a time, by the f64 GEMM). heads=query gives
  * every query head its own cache from its own logits. decode=0 keeps the prompt-time compression
- * alone. */
+ * alone. lambda=1 is the repository's SnapKV (rkv/compression/snapkv.py: the same compression
+ * by the pooled attention alone). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -145,6 +146,11 @@ static void rkv_scores(const kvt_layer_ctx *c, const kvt_policy *p, int n, int n
         for (int t = j - hk < 0 ? 0 : j - hk; t <= j + hk && t < P; t++)
             m = w->a[t] > m ? w->a[t] : m;
         w->ap[j] = m / W;
+    }
+    if (o->mix_lambda == 1.0) { /* the attention alone (the repository's SnapKV): no redundancy */
+        for (int j = 0; j < P; j++)
+            w->sc[j] = w->ap[j];
+        return;
     }
     for (int e = 0; e < D; e++)
         w->sum[e] = 0.0;

@@ -20,8 +20,8 @@ The cache is kept in that order (pooling and the last similar column follow it);
 earlier token. Checked: every exported prompt-time set and step set, and the decode metrics
 (test_decoding.check_caches), on a stories260K capture, a llama3-8b-shaped bf16 trace and a
 qwen2-vl-7b-shaped trace, at budgets below and above the prompt, with the defaults and other
-options; decode=0; and the refusals. Environment: KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77
-without NumPy, the CLI or the library.
+options; decode=0; lambda=1 (the repository's SnapKV); and the refusals. Environment:
+KVT_BIN, KVT_LIB, KVT_SOURCE_ROOT; exit 77 without NumPy, the CLI or the library.
 """
 import json
 import os
@@ -154,6 +154,8 @@ def main():
     case("llama2c", a, work, "24,90", dict(interval=4, window=4, kernel=3, threshold=0.2))
     case("llama2c", a, work, "40,100", dict(interval=10, kernel=1, threshold=0.9))
     case("llama2c", a, work, "40,100", dict(interval=5, decode=False))
+    # lambda=1: the repository's SnapKV (its max-pooled scores tie in runs: earlier token first)
+    case("llama2c", a, work, "40,100", {"interval": 12, "lambda": 1.0})
     case("llama3-8b", b, work, "40,150,210", dict(interval=8))
     case("llama3-8b", b, work, "64", dict(interval=5, threshold=0.1))
     case("qwen2-vl-7b", c, work, "30,120,170", dict(interval=10))

@@ -2022,7 +2022,7 @@ static void test_parse(void)
                        kvt_error_msg());
         kvt_policy_free(p);
     }
-    KVT_EXPECT(kvt_policy_registry_size() == 44);
+    KVT_EXPECT(kvt_policy_registry_size() == 45);
 }
 
 /* layer_weights=FILE (layer_weights.c): a text file of 70 weights (the reader grows past its
