@@ -24,10 +24,11 @@
  * attends with the keys it had before compressing), so evicted entries are last seen at step s.
  * The column sums are taken as u_j . (sum_i u_i) less the zeroed entries, the same values as
  * summing the matrix, without keeping it; each row's last similar column is found by scanning
- * blocks of columns from the end (a block of rows at a time, by the f64 GEMM). heads=query gives
- * every query head its own cache from its own logits. decode=0 keeps the prompt-time compression
- * alone. lambda=1 is the repository's SnapKV (rkv/compression/snapkv.py: the same compression
- * by the pooled attention alone). */
+ * blocks of columns from the end (a block of rows at a time, by the f64 GEMM), and the window
+ * queries' logits come from one GEMM per compression. heads=query gives every query head its
+ * own cache from its own logits. decode=0 keeps the prompt-time compression alone. lambda=1 is
+ * the repository's SnapKV (rkv/compression/snapkv.py: the same compression by the pooled
+ * attention alone). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +61,7 @@ static kvt_status init_rkv(kvt_policy *p)
 typedef struct rkv_work {
     double *z, *a, *ap, *cs, *sc, *u, *sum; /* [cap] x 5, [cap, D], [D] */
     double *blk;                            /* [RKV_RB, RKV_CB] */
+    double *qm, *zq;                        /* [Gs * W, D], [Gs * W, cap] */
     int32_t *ord, *hit;                     /* [cap], [RKV_RB] */
     const float **k, **q;                   /* [cap] keys in cache order; [Gs * W] query rows */
 } rkv_work;
@@ -74,6 +76,8 @@ static void rkv_work_free(rkv_work *w)
     kvt_free(w->u);
     kvt_free(w->sum);
     kvt_free(w->blk);
+    kvt_free(w->qm);
+    kvt_free(w->zq);
     kvt_free(w->ord);
     kvt_free(w->hit);
     kvt_free(w->k);
@@ -93,12 +97,14 @@ static kvt_status rkv_work_alloc(const kvt_layer_ctx *c, const kvt_policy *p, si
     w->u = kvt_malloc((cap * D + 1) * sizeof(double));
     w->sum = kvt_malloc(D * sizeof(double));
     w->blk = kvt_malloc((size_t)RKV_RB * RKV_CB * sizeof(double));
+    w->qm = kvt_malloc(((size_t)c->Gs * p->o.window * D + 1) * sizeof(double));
+    w->zq = kvt_malloc(((size_t)c->Gs * p->o.window * cap + 1) * sizeof(double));
     w->ord = kvt_malloc((cap + 1) * sizeof(int32_t));
     w->hit = kvt_malloc(RKV_RB * sizeof(int32_t));
     w->k = kvt_malloc((cap + 1) * sizeof(*w->k));
     w->q = kvt_malloc(((size_t)c->Gs * p->o.window + 1) * sizeof(*w->q));
-    if (!w->z || !w->a || !w->ap || !w->cs || !w->sc || !w->u || !w->sum || !w->blk || !w->ord ||
-        !w->hit || !w->k || !w->q) {
+    if (!w->z || !w->a || !w->ap || !w->cs || !w->sc || !w->u || !w->sum || !w->blk || !w->qm ||
+        !w->zq || !w->ord || !w->hit || !w->k || !w->q) {
         rkv_work_free(w);
         return kvt_error_set(KVT_ERR_NOMEM, "rkv: out of memory");
     }
@@ -118,7 +124,15 @@ static const float *rkv_key(const kvt_layer_ctx *c, int g, int32_t e)
 static void rkv_scores(const kvt_layer_ctx *c, const kvt_policy *p, int n, int nq, rkv_work *w)
 {
     const kvt_policy_opts *o = &p->o;
-    const int W = o->window, P = n - W, D = c->D, hk = o->kernel / 2;
+    const int W = o->window, P = n - W, D = c->D, hk = o->kernel / 2, R = nq * W;
+    for (int j = 0; j < n; j++) /* the keys in double, in cache order */
+        for (int e = 0; e < D; e++)
+            w->u[(size_t)j * D + e] = (double)w->k[j][e];
+    for (int r = 0; r < R; r++) /* the query rows: head x's row i at x * W + i */
+        for (int e = 0; e < D; e++)
+            w->qm[(size_t)r * D + e] = (double)w->q[r][e];
+    /* every row's logits over the first P keys at once: zq [R, P] */
+    kvt_gemm_f64(true, R, P, D, c->scale, w->qm, D, w->u, D, 0.0, w->zq, P);
     for (int j = 0; j < P; j++)
         w->a[j] = 0.0;
     for (int i = 0; i < W; i++) { /* row i: softmax over the first P of the pooled logits */
@@ -126,11 +140,7 @@ static void rkv_scores(const kvt_layer_ctx *c, const kvt_policy *p, int n, int n
         for (int j = 0; j < P; j++) {
             double r = o->reduce == KVT_REDUCE_MAX ? -INFINITY : 0.0;
             for (int x = 0; x < nq; x++) {
-                const float *q = w->q[(size_t)x * W + i], *k = w->k[j];
-                double d = 0.0;
-                for (int e = 0; e < D; e++)
-                    d += (double)q[e] * (double)k[e];
-                d *= c->scale;
+                const double d = w->zq[((size_t)x * W + i) * P + j];
                 r = o->reduce == KVT_REDUCE_MAX ? (d > r ? d : r) : r + d;
             }
             w->z[j] = o->reduce == KVT_REDUCE_MAX ? r : r / nq;
@@ -154,14 +164,13 @@ static void rkv_scores(const kvt_layer_ctx *c, const kvt_policy *p, int n, int n
     }
     for (int e = 0; e < D; e++)
         w->sum[e] = 0.0;
-    for (int j = 0; j < n; j++) { /* unit keys and their sum */
-        const float *k = w->k[j];
+    for (int j = 0; j < n; j++) { /* unit keys (in place of the keys) and their sum */
         double *u = w->u + (size_t)j * D, s = 0.0;
         for (int e = 0; e < D; e++)
-            s += (double)k[e] * (double)k[e];
+            s += u[e] * u[e];
         const double inv = 1.0 / (sqrt(s) + 1e-8);
         for (int e = 0; e < D; e++) {
-            u[e] = (double)k[e] * inv;
+            u[e] *= inv;
             w->sum[e] += u[e];
         }
     }
