@@ -440,6 +440,8 @@ static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, const i
  * that order). With stats= the file's statistics, turned the same way, serve every compression
  * (ExpectedAttentionStatsPress). The quadratic term from the m queries without forming S:
  * k^T R S R^T k = (1/m) sum_i ((R (x_i - mu)) . k)^2. */
+#define EA_BLK 256 /* cache entries scored per GEMM */
+
 typedef struct ea_dec {
     ea_rope r;      /* the mean rotation over N, N + 1, ... */
     double *ang;    /* [G, half, 2] cos and sin of each decode step's angles (RoPE on) */
@@ -447,6 +449,9 @@ typedef struct ea_dec {
     double *mu, *y; /* [D], [m, D]: a query head's R mu and R (x_i - mu) at one compression */
     double *st_mu, *st_cov; /* stats=: [Hq, D] R mu, [Hq, D, D] R S R^T */
     double *acc, *z;        /* [T + G] */
+    double *kd;             /* [T + G, D] the cache's keys in cache order */
+    double *mm;             /* [1 + m, D] R mu, then the R (x_i - mu) */
+    double *zz;             /* [EA_BLK * (1 + max(m, D))] a block's products */
     int m;
 } ea_dec;
 
@@ -464,6 +469,9 @@ static void ea_dec_end(kvt_layer_ctx *c)
     kvt_free(e->st_cov);
     kvt_free(e->acc);
     kvt_free(e->z);
+    kvt_free(e->kd);
+    kvt_free(e->mm);
+    kvt_free(e->zz);
     kvt_free(e);
     c->dec_state = NULL;
 }
@@ -487,8 +495,11 @@ static kvt_status ea_dec_begin(kvt_layer_ctx *c, const kvt_policy *p)
     e->y = kvt_malloc(((size_t)e->m * D + 1) * sizeof(double));
     e->acc = kvt_malloc(((size_t)T + G + 1) * sizeof(double));
     e->z = kvt_malloc(((size_t)T + G + 1) * sizeof(double));
-    KVT_RETURN_IF(!e->vd || !e->mu || !e->y || !e->acc || !e->z, KVT_ERR_NOMEM,
-                  "expected-attention: out of memory");
+    e->kd = kvt_malloc(((size_t)T + G + 1) * D * sizeof(double));
+    e->mm = kvt_malloc(((size_t)e->m + 1) * D * sizeof(double));
+    e->zz = kvt_malloc((size_t)EA_BLK * (1 + (size_t)(e->m > D ? e->m : D)) * sizeof(double));
+    KVT_RETURN_IF(!e->vd || !e->mu || !e->y || !e->acc || !e->z || !e->kd || !e->mm || !e->zz,
+                  KVT_ERR_NOMEM, "expected-attention: out of memory");
     for (int g = 0; g < c->Hkv; g++)
         kvt_row_norms(in->v_decode + (size_t)g * G * D, G, D, e->vd + (size_t)g * G);
     if (e->r.p.on && !fs) { /* each decode step's angles, at the position after the prompt */
@@ -579,8 +590,11 @@ static kvt_status cache_ea(kvt_layer_ctx *c, const kvt_policy *p, int h, int s, 
     const double sc = c->scale, w = 1.0 / (u1 - u0);
     KVT_RETURN_IF(!e || s < 0, KVT_ERR_STATE,
                   "expected-attention: decoding=: internal error: no decode statistics");
-    for (int j = 0; j < n; j++)
+    for (int j = 0; j < n; j++) {
         e->acc[j] = 0.0;
+        for (int d = 0; d < D; d++) /* the cache's keys in double */
+            e->kd[(size_t)j * D + d] = (double)k[j][d];
+    }
     for (int u = u0; u < u1; u++) {
         const double *mu = e->mu, *cov = NULL;
         if (e->st_mu) {
@@ -588,31 +602,32 @@ static kvt_status cache_ea(kvt_layer_ctx *c, const kvt_policy *p, int h, int s, 
             cov = o->use_cov ? e->st_cov + (size_t)u * D * D : NULL;
         } else
             KVT_FORWARD(ea_dec_stats(c, p, e, u, s));
+        /* mu and the m turned queries as the rows of one matrix, against blocks of keys */
+        const int rows = !cov && o->use_cov ? 1 + e->m : 1;
+        memcpy(e->mm, mu, (size_t)D * sizeof(double));
+        if (rows > 1)
+            memcpy(e->mm + D, e->y, (size_t)e->m * D * sizeof(double));
         double zmax = -INFINITY;
-        for (int j = S; j < n; j++) {
-            const float *kj = k[j];
-            double z = 0.0, zq = 0.0;
-            for (int d = 0; d < D; d++)
-                z += mu[d] * kj[d];
-            if (cov)
-                for (int a = 0; a < D; a++) {
-                    double r = 0.0;
-                    for (int b = 0; b < D; b++)
-                        r += cov[(size_t)a * D + b] * kj[b];
-                    zq += kj[a] * r;
-                }
-            else if (o->use_cov) {
-                for (int i = 0; i < e->m; i++) {
-                    const double *y = e->y + (size_t)i * D;
-                    double r = 0.0;
+        for (int j0 = S; j0 < n; j0 += EA_BLK) {
+            const int nb = n - j0 < EA_BLK ? n - j0 : EA_BLK;
+            const double *kb = e->kd + (size_t)j0 * D;
+            kvt_gemm_f64(true, rows, nb, D, 1.0, e->mm, D, kb, D, 0.0, e->zz, nb);
+            if (cov) /* stats=: k^T S' k from (K S') k */
+                kvt_gemm_f64(false, nb, D, D, 1.0, kb, D, cov, D, 0.0, e->zz + nb, D);
+            for (int j = 0; j < nb; j++) {
+                double zq = 0.0;
+                if (cov)
                     for (int d = 0; d < D; d++)
-                        r += y[d] * kj[d];
-                    zq += r * r;
+                        zq += e->zz[nb + (size_t)j * D + d] * kb[(size_t)j * D + d];
+                else if (rows > 1) {
+                    for (int i = 1; i < rows; i++)
+                        zq += e->zz[(size_t)i * nb + j] * e->zz[(size_t)i * nb + j];
+                    zq /= e->m;
                 }
-                zq /= e->m;
+                const double z = sc * e->zz[j] + 0.5 * sc * sc * zq;
+                e->z[j0 + j] = z;
+                zmax = z > zmax ? z : zmax;
             }
-            e->z[j] = sc * z + 0.5 * sc * sc * zq;
-            zmax = e->z[j] > zmax ? e->z[j] : zmax;
         }
         double sum = 0.0;
         for (int j = S; j < n; j++)
