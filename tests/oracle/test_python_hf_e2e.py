@@ -8,12 +8,13 @@ the stand-in in tests/oracle/hf_standin). HF's keys hold the llama2.c channels r
 (hf_channel_order), so each C-engine trace is copied with its K and query channels reordered
 that way (the HF model's own keys, which hf.e2e compares with the trace's): every policy's
 kept sets on the copy are checked to be the original's, record for record. Then:
-  * the bundled trace (T = 448, 64 decode steps; 21 policies with per-step, per-query-head
+  * the bundled trace (T = 448, 64 decode steps; 23 policies with per-step, per-query-head
     and merged ones (lookm, elastic-cache, cam, snapkv:merge=weighted per query head,
     h2o:think=0.25 with its pruned key channels; adakv with layer_weights=; keydiff with each
-    chunk of chunk_length= scored on its own; knorm:decoding=16, knorm with dms_decoding=1
-    and tova:decoding=1,prefill=1 (TOVA's own eviction, one cache per layer), whose caches
-    evict decode tokens too), 3
+    chunk of chunk_length= scored on its own; knorm:decoding=16, knorm with dms_decoding=1,
+    tova:decoding=1,prefill=1 (TOVA's own eviction, one cache per layer),
+    expected-attention:decoding=8 and rkv:interval=16 (R-KV, compressing at 4 decode steps),
+    whose caches evict decode tokens too), 3
     budgets): every setting's KL (mean, max, each step), top-1 agreement and log-loss equal
     e2e-llama2c's within float32 rounding (two engines, two summation orders), the proxies,
     kept fractions and budget tokens exactly; `full` has KL exactly 0 and top-1 1; the merged
@@ -197,7 +198,9 @@ def main():
                        "keydiff:chunk_length=100,chunk_scores=own,label=keydiff-chunks,"
                        "knorm:decoding=16,label=knorm-dec,"
                        "knorm:dms=-3.2,dms_decoding=1,dms_window=16,label=knorm-dmsdec,"
-                       "tova:decoding=1,prefill=1,label=tova-dec" % lw)
+                       "tova:decoding=1,prefill=1,label=tova-dec,"
+                       "expected-attention:decoding=8,label=ea-dec,"
+                       "rkv:interval=16,label=rkv" % lw)
     hfk = hf_order_copy(SAMPLE, os.path.join(work, "hf.kvt"))
     res, sel = os.path.join(work, "res.json"), os.path.join(work, "sel.bin")
     run("replay", hfk, "--policies", pols, "--budgets", BUDGETS, "-o", res,
@@ -216,7 +219,7 @@ def main():
         c = json.load(f)
     check(registry_entry() is sdpa, "the attention registry is restored after the run")
     check(from_results(d, res), "proxies, kept fractions and budget tokens: results.json's")
-    check(len(d["runs"]) == len(c["runs"]) == 63, "63 runs (21 policies x 3 budgets)")
+    check(len(d["runs"]) == len(c["runs"]) == 69, "69 runs (23 policies x 3 budgets)")
     for h, cr in zip(d["runs"], c["runs"]):
         compare_run(h, cr, "one trace")
     t0, c0 = d["traces"][0], c["traces"][0]
@@ -240,9 +243,9 @@ def main():
                        if r["proxy"]["recall_decode"] is not None],
                       [r["kl_mean"] for r in applied if r["proxy"]["recall_decode"] is not None])
     sp = d["spearman"]
-    check(sp["n_settings"] == 63 and abs(sp["err_decode_vs_kl"] - rho) < 1e-12 and
+    check(sp["n_settings"] == 69 and abs(sp["err_decode_vs_kl"] - rho) < 1e-12 and
           abs(sp["missed_recall_decode_vs_kl"] - rho_r) < 1e-12 and rho > 0.8,
-          "Spearman's rho over the 63 settings: %s / %s (NumPy %s / %s)" % (
+          "Spearman's rho over the 69 settings: %s / %s (NumPy %s / %s)" % (
               sp["err_decode_vs_kl"], sp["missed_recall_decode_vs_kl"], rho, rho_r))
     check(d["engine"]["name"] == "transformers" and d["engine"]["attn_implementation"] == "sdpa"
           and d["model"] and d["vocab_size"] == 512, "engine, model and vocabulary named")
