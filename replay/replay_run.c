@@ -677,8 +677,14 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
         if (kvt_policy_decode_evict(pols[p])) /* each cache's entries' last steps: for 8
                                                  budgets */
             b += 32.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
-        if (f & KVT_POLICY_NEEDS_ROPE) /* expected-attention: f64 queries, keys, K S', angles */
+        if ((f & KVT_POLICY_NEEDS_ROPE) && pols[p]->o.decoding > 0 && !pols[p]->o.decode_prefill)
+            b += 8.0 * D + 32.0; /* expected-attention:decoding=: the cache's keys in f64 */
+        else if (f &
+                 KVT_POLICY_NEEDS_ROPE) /* expected-attention: f64 queries, keys, K S', angles */
             b += 36.0 * D + 16.0 * Hq;
+        else if (pols[p]->def == &kvt_policy_def_rkv)
+            /* the cache's keys in f64, the window rows' logits, five score arrays, the sort */
+            b += 8.0 * D + 8.0 * ((double)Hq / Hkv) * pols[p]->o.window + 80;
         else if (pols[p]->def == &kvt_policy_def_h2o_greedy)
             /* a KV head's query heads at once: queries, 32 attention rows, partial sums; and
                the dense product's blocks */

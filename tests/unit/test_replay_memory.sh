@@ -2,8 +2,10 @@
 # test_replay_memory.sh - the replay plans its worker threads for the memory it has: each worker
 # holds about one layer's arrays (kvt_replay_worker_bytes), so on a long prompt "all cores" can
 # need more memory than the machine has and the system kills the run. Checks: the estimate
-# against the measured peak on three model shapes and the heavy policies (at least the peak
-# less the ~10 MiB the process holds besides its worker, at most 1.6x the peak), the default --threads lowered to what --memory-limit holds with a note,
+# against the measured peak on three model shapes and the heavy policies, and on the
+# decode-time caches of rkv and expected-attention:decoding= (at least the peak less the ~10 MiB
+# the process holds besides its worker, at most 1.6x the peak), the default --threads lowered
+# to what --memory-limit holds with a note,
 # and the same results as --threads 1; a warning (still exit 0) when --threads N does not
 # fit; --memory-limit usage errors. Labelled noasan (ASan's own memory would skew the peaks).
 set -u
@@ -39,6 +41,7 @@ check_estimate llama3 llama3-8b 4096 all
 check_estimate llama2 llama2-7b 4096 all,quest
 check_estimate qwen2vl qwen2-vl-7b 4096 snapkv,lightkv-like,hybridkv-like,quest,adakv:heads=query
 check_estimate qwen2vl_snapkv qwen2-vl-7b 4096 snapkv
+check_estimate qwen2vl_decode qwen2-vl-7b 4096 rkv:interval=4,expected-attention:decoding=5
 
 # 2. the default --threads lowered to what --memory-limit holds, with a note; the same
 #    results as --threads 1 (but for the recorded thread count)
