@@ -327,8 +327,8 @@ static void put_policies(FILE *f, const kvt_results *r)
             {KVT_POLICY_PER_STEP, "selects again at every decode step"},
             {KVT_POLICY_PER_BUDGET, "kept sets not nested across budgets"}};
         const char *sep = "";
-        /* decoding=N, dms_decoding=1, h2o-greedy's decode=1: its per-step sets are caches that
-           evict decode tokens (said below) */
+        /* decoding=N, dms_decoding=1, h2o-greedy's and rkv's decode=1: its per-step sets are
+           caches that evict decode tokens (said below) */
         const cJSON *dec = cJSON_GetObjectItemCaseSensitive(o, "decoding");
         const bool dms_dec = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "dms_decoding"));
         const bool g_dec = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "decode"));
@@ -371,13 +371,20 @@ static void put_policies(FILE *f, const kvt_results *r)
                     sep);
             sep = "; ";
         }
-        if (g_dec) {
+        const cJSON *iv = cJSON_GetObjectItemCaseSensitive(o, "interval");
+        if (g_dec && cJSON_IsNumber(iv)) /* rkv */
+            fprintf(f,
+                    "%sthe cache, decode tokens too, compressed back to the budget whenever the "
+                    "sequence reaches a multiple of %d tokens (interval=), and the prompt at "
+                    "prefill once it holds the budget; the decode metrics and kept entries "
+                    "follow it",
+                    sep, iv->valueint);
+        else if (g_dec)
             fprintf(f,
                     "%sthe eviction going on through the decode steps, decode tokens too "
                     "(decode=1); the decode metrics and kept entries follow the cache",
                     sep);
-            sep = "; ";
-        }
+        sep = g_dec ? "; " : sep;
         const cJSON *cl = cJSON_GetObjectItemCaseSensitive(o, "chunk_length");
         const cJSON *cs = cJSON_GetObjectItemCaseSensitive(o, "chunk_scores");
         if (cJSON_IsNumber(cl))

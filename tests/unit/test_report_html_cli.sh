@@ -141,13 +141,13 @@ hdr = json.dumps({"query_mean": {"dtype": "F32", "shape": [L, H, D],
 open(sys.argv[1], "wb").write(struct.pack("<Q", len(hdr)) + hdr + m + c)
 PYEOF
 $BIN replay "$TMP/vl.kvt" \
-    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own,expected-attention:stats=$TMP/st.safetensors,knorm:decoding=4,prefill=1,knorm:dms=-4,dms_decoding=1,dms_window=8,h2o-greedy:decode=1" \
+    --policies "snapkv:think=0.25,aircache-like:last=16,quest,lookm,knorm:chunk_length=64,layer_weights=$TMP/lw2.txt,keydiff:chunk_length=64,chunk_scores=own,expected-attention:stats=$TMP/st.safetensors,knorm:decoding=4,prefill=1,knorm:dms=-4,dms_decoding=1,dms_window=8,h2o-greedy:decode=1,rkv:interval=2" \
     --budgets 120,200 --threads 1 -o "$TMP/pol.json" >/dev/null 2>"$TMP/err" ||
     { cat "$TMP/err"; fail "replay policies"; }
 $BIN report "$TMP/pol.json" -o "$TMP/polrep" >/dev/null 2>&1 || fail "report policies"
 sed -n '/id="policies"/,/<\/table>/p' "$TMP/polrep/index.html" | grep '^<tr><td>' |
     sed 's/<\/td><td>/|/g; s/<[^>]*>//g' >"$TMP/polrows"
-[ "$(wc -l <"$TMP/polrows")" = 10 ] || fail "Policies table: $(cat "$TMP/polrows")"
+[ "$(wc -l <"$TMP/polrows")" = 11 ] || fail "Policies table: $(cat "$TMP/polrows")"
 grep -q '^snapkv:think=0.25|snapkv|window=32, .*, think=0.25, think_window=32, think_recent=32|merged or pruned entries' \
     "$TMP/polrows" || fail "Policies row of snapkv:think: $(cat "$TMP/polrows")"
 grep -q '^aircache-like:last=16|aircache-like|reduce=mean, heads=kv, threshold=0.9, last=16|inferred: ' \
@@ -168,6 +168,8 @@ grep -q '^knorm:dms=-4,dms_decoding=1,dms_window=8|knorm|.*, dms=-4, dms_window=
     "$TMP/polrows" || fail "Policies row of knorm with dms_decoding: $(cat "$TMP/polrows")"
 grep -q '^h2o-greedy:decode=1|h2o-greedy|window=32, reduce=mean, heads=kv, decode=1|kept sets not nested across budgets; the eviction going on through the decode steps, decode tokens too (decode=1); the decode metrics and kept entries follow the cache$' \
     "$TMP/polrows" || fail "Policies row of h2o-greedy with decode: $(cat "$TMP/polrows")"
+grep -q '^rkv:interval=2|rkv|window=8, kernel=7, reduce=max, heads=kv, threshold=0.5, decode=1, lambda=0.1, interval=2|the cache, decode tokens too, compressed back to the budget whenever the sequence reaches a multiple of 2 tokens (interval=), and the prompt at prefill once it holds the budget; the decode metrics and kept entries follow it$' \
+    "$TMP/polrows" || fail "Policies row of rkv: $(cat "$TMP/polrows")"
 # the quality charts' cost axis is the KV cache kept: a heads=query policy keeps its budget per
 # query head, so G (query heads per KV head) times the entries of the same budget per KV head
 $BIN synth --shape tiny --tokens 96 --window 8 --decode 4 -o "$TMP/gqa.kvt" >/dev/null 2>&1 ||
