@@ -1,18 +1,17 @@
 /* decoding.c - the caches of the policies that evict decode tokens too.
  *
  * decoding=N: kvpress's DecodingPress (presses/generation/decoding_press.py) over a policy
- * whose scores are its keys' own (knorm, keydiff, qfilter; simulate), or those of the queries of
- * the steps since the last compression (expected-attention: simulate, its statistics per
- * compression from dec_begin's state), or the attention of the newest token's query, averaged
- * over the layer's query heads (tova; simulate_steps, one cache per layer, as TOVAPress's scores
- * are the layer's). The cache starts as the
- * prompt-time set (the whole prompt; with prefill=1 the policy's set at the budget, as
- * PrefillDecodingPress with the same press at prefill). Decode step s's token joins it, step
- * s's query attends to it, and after every N-th step (DecodingPress's forward hook, after the
- * attention) a cache of more than B entries keeps the B that the policy scores highest over
- * the whole cache, prompt and decode tokens alike (ScorerPress.compress at the ratio that keeps
- * exactly B; ties to the earlier token, where torch.topk leaves them unspecified). A cache of
- * at most B entries is left as it is (ratio 0).
+ * whose scores are its keys' own (knorm, keydiff, qfilter; simulate), or come from the queries
+ * of the steps since the last compression (expected-attention: simulate, with what every head's
+ * scores share prepared once by dec_begin), or the attention of the newest token's query,
+ * averaged over the layer's query heads (tova; simulate_steps, one cache per layer, as
+ * TOVAPress's scores are the layer's). The cache starts as the prompt-time set (the whole prompt;
+ * with prefill=1 the policy's set at the budget, as PrefillDecodingPress with the same press at
+ * prefill). Decode step s's token joins it, step s's query attends to it, and after every N-th step
+ * (DecodingPress's forward hook, after the attention) a cache of more than B entries keeps the B
+ * that the policy scores highest over the whole cache, prompt and decode tokens alike
+ * (ScorerPress.compress at the ratio that keeps exactly B; ties to the earlier token, where
+ * torch.topk leaves them unspecified). A cache of at most B entries is left as it is (ratio 0).
  *
  * dms_decoding=1: kvpress's DMSPress with decoding=True (dms_press.py) over knorm and qfilter
  * (simulate_dms): from the dms= set, the token leaving the sliding window after each step goes

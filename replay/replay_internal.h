@@ -203,8 +203,9 @@ struct kvt_policy_def {
                                const int32_t *ent, const float *const *k, int n, double *out,
                                double *work);
     /* optional, decoding=: what cache_scores reads for every head and budget of a layer
-       (expected-attention: each compression's query statistics), computed once before the
-       layer's caches into c->dec_state and freed by dec_end after them */
+       (expected-attention: the mean rotation, the decode steps' angles, the decode values'
+       norms, its scratch), computed once before the layer's caches into c->dec_state and
+       freed by dec_end after them */
     kvt_status (*dec_begin)(kvt_layer_ctx *c, const kvt_policy *p);
     void (*dec_end)(kvt_layer_ctx *c);
     /* optional, decoding= (decoding.c) over a policy scoring by the decode queries, one cache per

@@ -248,7 +248,7 @@ static void rkv_queries(const kvt_layer_ctx *c, const kvt_policy *p, int u0, int
 
 typedef struct rkv_item {
     double s;
-    int32_t e, pos;
+    int32_t e;
 } rkv_item;
 
 static int cmp_rkv(const void *a, const void *b)
@@ -286,7 +286,7 @@ static kvt_status rkv_decode(kvt_layer_ctx *c, const kvt_policy *p, int h, int B
                           "%d",
                           cache[i] < T ? "prompt" : "decode",
                           cache[i] < T ? cache[i] : cache[i] - T, s, c->layer, h);
-            it[i] = (rkv_item){w->sc[i], cache[i], i};
+            it[i] = (rkv_item){w->sc[i], cache[i]};
         }
         qsort(it, (size_t)(n - W), sizeof(*it), cmp_rkv);
         for (int i = B - W; i < n - W; i++) /* evicted in step s's forward, after its attention */
