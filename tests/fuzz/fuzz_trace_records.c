@@ -33,8 +33,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 static char g_path[256], g_lw[256];
 /* without and with decode queries; fastv, vl-cache (modality table); cake, elastic-cache, chunkkv
    reuse; leverage; kvzip (kvzip_score records); h2o-greedy (Q_all records); layer_weights= */
-static kvt_policy **g_pols[11];
-static size_t g_n_pol[11];
+static kvt_policy **g_pols[12];
+static size_t g_n_pol[12];
+/* set 11 (rkv, expected-attention:decoding=): budgets above rkv's window */
+static int *g_budgets11;
+static size_t g_n_budgets11;
 
 static void remove_lw(void)
 {
@@ -77,7 +80,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
        chunk_scores=; and, on a trace with decode queries, knorm, keydiff, qfilter, tova and
        streamingllm with decoding=, knorm with dms_decoding=1 and h2o-greedy with decode=1 (caches
        of prompt and decode tokens through the decode steps; a trace without K_decode and V_decode,
-       or without Q_all for h2o-greedy, refused before any layer) */
+       or without Q_all for h2o-greedy, refused before any layer), and rkv and
+       expected-attention with decoding= at budgets 2, 4 and 50% (above rkv's window) */
     const char *set[7] = {
         "snapkv:window=1,knorm,keydiff,streamingllm:sinks=1,adakv:window=1,"
         "mixkv-snapkv:window=1,qfilter,keydiff-block:block=3,"
@@ -136,6 +140,12 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                               "streamingllm:sinks=1,decoding=1,prefill=1,"
                               "knorm:dms=-1,dms_decoding=1,dms_window=1",
                               NULL, &g_pols[10], &g_n_pol[10]))
+        abort();
+    if (kvt_policy_list_parse("rkv:window=1,interval=2,rkv:window=1,interval=1,heads=query,"
+                              "reduce=mean,lambda=1,expected-attention:decoding=2,sinks=1,"
+                              "expected-attention:decoding=3,sinks=1,heads=query,cov=0",
+                              NULL, &g_pols[11], &g_n_pol[11]) ||
+        kvt_budgets_parse("2,4,50%", &g_budgets11, &g_n_budgets11))
         abort();
     if (kvt_budgets_parse("1,3,50%", &g_budgets, &g_n_budgets))
         abort();
@@ -480,7 +490,8 @@ static void same_on_device(int pi, kvt_status st_cpu, const kvt_trace_result *cp
     char e_cpu[300];
     snprintf(e_cpu, sizeof(e_cpu), "%s", st_cpu ? kvt_error_msg() : "ok");
     const kvt_status st =
-        kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &gpu);
+        kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], pi == 11 ? g_budgets11 : g_budgets,
+                         pi == 11 ? g_n_budgets11 : g_n_budgets, &o, &gpu);
     bool same = !st == !st_cpu;
     if (same && !st) {
         const size_t n = cpu->n_policies * cpu->n_budgets * (size_t)cpu->n_layers *
@@ -508,14 +519,16 @@ static void same_on_device(int pi, kvt_status st_cpu, const kvt_trace_result *cp
  * in place of their binds) must not refuse a trace the replay accepts */
 static void replay_set(int pi)
 {
+    const int *budgets = pi == 11 ? g_budgets11 : g_budgets;
+    const size_t n_budgets = pi == 11 ? g_n_budgets11 : g_n_budgets;
     kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 4};
     kvt_trace_result *res = NULL;
     const kvt_status chk =
-        kvt_replay_check_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets);
+        kvt_replay_check_trace(g_path, g_pols[pi], g_n_pol[pi], budgets, n_budgets);
     char e_chk[300];
     snprintf(e_chk, sizeof(e_chk), "%s", chk ? kvt_error_msg() : "ok");
     const kvt_status st =
-        kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], g_budgets, g_n_budgets, &o, &res);
+        kvt_replay_trace(g_path, g_pols[pi], g_n_pol[pi], budgets, n_budgets, &o, &res);
     if (chk && !st) {
         fprintf(stderr, "the check refused a trace the replay of set %d accepts: %s\n", pi, e_chk);
         abort();
@@ -555,6 +568,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (sh.G > 0) {
             replay_set(7);
             replay_set(10);
+            replay_set(11);
         }
     }
     differential(&sh);
