@@ -37,15 +37,9 @@ void kvt_dec_free(kvt_layer_selection *sel)
     sel->dec = NULL;
 }
 
-/* sort keys for the top B: score descending, ties to the earlier entry */
-typedef struct dec_item {
-    double s;
-    int32_t e;
-} dec_item;
-
-static int cmp_item(const void *a, const void *b)
+int kvt_dec_item_cmp(const void *a, const void *b)
 {
-    const dec_item *x = a, *y = b;
+    const kvt_dec_item *x = a, *y = b;
     if (x->s != y->s)
         return x->s > y->s ? -1 : 1;
     return (x->e > y->e) - (x->e < y->e);
@@ -88,7 +82,8 @@ kvt_status kvt_dec_init(const kvt_layer_ctx *c, const kvt_policy *p, const int32
    scoring highest (ties to the earlier token) stay, in cache[0..B) in that order; the others'
    last visible step is s. h names the head in an error (-1: the layer's cache). */
 static kvt_status compress(const kvt_layer_ctx *c, const kvt_policy *p, int h, int s, int B,
-                           const double *sc, int32_t *cache, int n, dec_item *it, kvt_dec_cache *dc)
+                           const double *sc, int32_t *cache, int n, kvt_dec_item *it,
+                           kvt_dec_cache *dc)
 {
     const int T = c->T;
     for (int i = 0; i < n; i++) {
@@ -100,9 +95,9 @@ static kvt_status compress(const kvt_layer_ctx *c, const kvt_policy *p, int h, i
         KVT_RETURN_IF(isnan(sc[i]), KVT_ERR_NAN,
                       "%s: decoding=: NaN score of %s token %d at layer %d, head %d", p->def->name,
                       kind, tok, c->layer, h);
-        it[i] = (dec_item){sc[i], cache[i]};
+        it[i] = (kvt_dec_item){sc[i], cache[i]};
     }
-    qsort(it, (size_t)n, sizeof(*it), cmp_item);
+    qsort(it, (size_t)n, sizeof(*it), kvt_dec_item_cmp);
     for (int i = B; i < n; i++) /* evicted after step s's attention */
         dc->last[it[i].e] = s;
     for (int i = 0; i < B; i++)
@@ -116,7 +111,8 @@ static kvt_status compress(const kvt_layer_ctx *c, const kvt_policy *p, int h, i
    compression (keydiff's mean key) */
 static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
                            const int32_t *start, int n0, const double *key_sc, kvt_dec_cache *dc,
-                           int32_t *cache, dec_item *it, const float **kp, double *sc, double *work)
+                           int32_t *cache, kvt_dec_item *it, const float **kp, double *sc,
+                           double *work)
 {
     const int T = c->T, G = c->Gd, N = p->o.decoding, g = kvt_ctx_kv_of(c, p->o.per_query, h);
     int n = n0, since = 0;
@@ -161,7 +157,7 @@ static kvt_status simulate_steps(kvt_layer_ctx *c, const kvt_policy *p, const in
     float *qt = kvt_malloc((size_t)Hq * D * sizeof(float)); /* step s's queries, [g][D][Gs] */
     const float **kp = kvt_malloc(nmax * sizeof(float *));
     int32_t *todo = kvt_malloc(nmax * sizeof(int32_t)); /* entries without step s's logits */
-    dec_item *it = kvt_malloc(nmax * sizeof(dec_item));
+    kvt_dec_item *it = kvt_malloc(nmax * sizeof(kvt_dec_item));
     kvt_status st = KVT_OK;
     if (!caches || !stamp || !n || !z || !sc || !zg || !qt || !kp || !todo || !it)
         st = kvt_error_set(KVT_ERR_NOMEM, "%s: decoding=: out of memory", p->def->name);
@@ -268,7 +264,7 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
                   p->def->name);
     const size_t nmax = (size_t)T + (size_t)G + 1;
     int32_t *cache = kvt_malloc(nmax * sizeof(int32_t));
-    dec_item *it = kvt_malloc(nmax * sizeof(dec_item));
+    kvt_dec_item *it = kvt_malloc(nmax * sizeof(kvt_dec_item));
     const float **kp = kvt_malloc(nmax * sizeof(float *));
     double *sc = kvt_malloc(nmax * sizeof(double)),
            *work = kvt_malloc(2 * (size_t)c->D * sizeof(double));

@@ -516,6 +516,13 @@ void kvt_dec_probs(const kvt_layer_ctx *c, int u, int s, double *out);
 /** Simulate sel's caches at budgets B[n_b] from its prompt-time sets (decoding=: the whole
  *  prompt unless prefill=1, which keeps the policy's sets; dms_decoding=1: the dms= sets).
  *  Needs K_decode and V_decode. */
+/** A cache entry e and its score s, for the top B of a decode-time cache: kvt_dec_item_cmp
+ *  sorts by score descending, ties to the earlier entry (torch.topk leaves them unspecified). */
+typedef struct kvt_dec_item {
+    double s;
+    int32_t e;
+} kvt_dec_item;
+int kvt_dec_item_cmp(const void *a, const void *b);
 kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel);
 /** The entries step s's query sees in (budget b, head h)'s cache, ascending, into out

@@ -246,24 +246,11 @@ static void rkv_queries(const kvt_layer_ctx *c, const kvt_policy *p, int u0, int
         }
 }
 
-typedef struct rkv_item {
-    double s;
-    int32_t e;
-} rkv_item;
-
-static int cmp_rkv(const void *a, const void *b)
-{
-    const rkv_item *x = a, *y = b;
-    if (x->s != y->s)
-        return x->s > y->s ? -1 : 1;
-    return (x->e > y->e) - (x->e < y->e);
-}
-
 /* one (budget, head)'s cache through the decode steps from the prompt-time cache start [n0] (in
  * R-KV's order), each compression's evictions last seen at its step */
 static kvt_status rkv_decode(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
                              const int32_t *start, int n0, kvt_dec_cache *dc, int32_t *cache,
-                             rkv_item *it, rkv_work *w)
+                             kvt_dec_item *it, rkv_work *w)
 {
     const kvt_policy_opts *o = &p->o;
     const int T = c->T, G = c->Gd, W = o->window;
@@ -286,9 +273,9 @@ static kvt_status rkv_decode(kvt_layer_ctx *c, const kvt_policy *p, int h, int B
                           "%d",
                           cache[i] < T ? "prompt" : "decode",
                           cache[i] < T ? cache[i] : cache[i] - T, s, c->layer, h);
-            it[i] = (rkv_item){w->sc[i], cache[i]};
+            it[i] = (kvt_dec_item){w->sc[i], cache[i]};
         }
-        qsort(it, (size_t)(n - W), sizeof(*it), cmp_rkv);
+        qsort(it, (size_t)(n - W), sizeof(*it), kvt_dec_item_cmp);
         for (int i = B - W; i < n - W; i++) /* evicted in step s's forward, after its attention */
             dc->last[it[i].e] = s;
         for (int i = 0; i < W; i++)
@@ -322,7 +309,7 @@ static kvt_status sel_rkv(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
     const size_t cap = (size_t)T + G + 1;
     double *sc = kvt_calloc((size_t)H * P + 1, sizeof(double));
     int32_t *cache = kvt_malloc(cap * sizeof(int32_t)), *start = kvt_malloc(cap * sizeof(int32_t));
-    rkv_item *it = kvt_malloc(cap * sizeof(rkv_item));
+    kvt_dec_item *it = kvt_malloc(cap * sizeof(kvt_dec_item));
     rkv_work w = {0};
     kvt_status st = KVT_OK;
     if (!sc || !cache || !start || !it)

@@ -36,7 +36,7 @@ static char g_path[256], g_lw[256];
 static kvt_policy **g_pols[12];
 static size_t g_n_pol[12];
 /* set 11 (rkv, expected-attention:decoding=): budgets above rkv's window */
-static int *g_budgets11;
+static kvt_budget *g_budgets11;
 static size_t g_n_budgets11;
 
 static void remove_lw(void)
@@ -519,7 +519,7 @@ static void same_on_device(int pi, kvt_status st_cpu, const kvt_trace_result *cp
  * in place of their binds) must not refuse a trace the replay accepts */
 static void replay_set(int pi)
 {
-    const int *budgets = pi == 11 ? g_budgets11 : g_budgets;
+    const kvt_budget *budgets = pi == 11 ? g_budgets11 : g_budgets;
     const size_t n_budgets = pi == 11 ? g_n_budgets11 : g_n_budgets;
     kvt_replay_opts o = {.n_threads = 1, .coverage_probes = 4};
     kvt_trace_result *res = NULL;
