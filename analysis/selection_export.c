@@ -380,22 +380,21 @@ static size_t set_minus(const int32_t *a, size_t na, const int32_t *b, size_t nb
     return k;
 }
 
-/* The indices a delta record of r against base holds (removed and added), or SIZE_MAX
- * without a base */
-static size_t delta_size(const kvt_selection_rec *r, const kvt_selection_rec *base)
+/* The indices a delta record of r against base holds (removed and added; *n_rm of them
+ * removed), or SIZE_MAX without a base */
+static size_t delta_size(const kvt_selection_rec *r, const kvt_selection_rec *base, size_t *n_rm)
 {
     if (!base)
         return SIZE_MAX;
-    return set_minus(base->idx, base->n, r->idx, r->n, NULL) +
-           set_minus(r->idx, r->n, base->idx, base->n, NULL);
+    *n_rm = set_minus(base->idx, base->n, r->idx, r->n, NULL);
+    return *n_rm + set_minus(r->idx, r->n, base->idx, base->n, NULL);
 }
 
-/* r as a delta record (flag) against base: its removed tokens, then its added ones */
+/* r as a delta record (flag) against base, of n_rm removed and n_add added tokens (delta_size):
+ * its removed tokens, then its added ones */
 static bool encode_delta(buf *b, unsigned char *h, const kvt_selection_rec *r,
-                         const kvt_selection_rec *base, unsigned flag)
+                         const kvt_selection_rec *base, unsigned flag, size_t n_rm, size_t n_add)
 {
-    size_t n_rm = set_minus(base->idx, base->n, r->idx, r->n, NULL),
-           n_add = set_minus(r->idx, r->n, base->idx, base->n, NULL);
     int32_t *d = kvt_malloc((n_rm + n_add ? n_rm + n_add : 1) * sizeof(int32_t));
     if (!d)
         return false;
@@ -442,11 +441,12 @@ static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r,
     put_u32(h + 28, (uint32_t)r->n);
     put_u32(h + 32, 0); /* reserved */
     if (w->version >= 3) {
-        size_t ns = delta_size(r, step_base), nb = delta_size(r, budget_base);
+        size_t rs = 0, rb = 0;
+        const size_t ns = delta_size(r, step_base, &rs), nb = delta_size(r, budget_base, &rb);
         if (ns < r->n && ns <= nb)
-            return encode_delta(b, h, r, step_base, SEL_FLAG_DELTA);
+            return encode_delta(b, h, r, step_base, SEL_FLAG_DELTA, rs, ns - rs);
         if (nb < r->n)
-            return encode_delta(b, h, r, budget_base, SEL_FLAG_BDELTA);
+            return encode_delta(b, h, r, budget_base, SEL_FLAG_BDELTA, rb, nb - rb);
     }
     return buf_put(b, h, sizeof(h)) && put_indices(b, r->idx, r->n);
 }

@@ -45,8 +45,7 @@ int kvt_dec_item_cmp(const void *a, const void *b)
     return (x->e > y->e) - (x->e < y->e);
 }
 
-/* the key of cache entry e of KV head g: a prompt key (e < T) or decode key e - T */
-static const float *entry_key(const kvt_layer_ctx *c, int g, int32_t e)
+const float *kvt_dec_entry_key(const kvt_layer_ctx *c, int g, int32_t e)
 {
     return e < c->T ? c->k + ((size_t)g * c->T + (size_t)e) * c->D
                     : c->in->k_decode + ((size_t)g * c->Gd + (size_t)(e - c->T)) * c->D;
@@ -130,7 +129,7 @@ static kvt_status simulate(kvt_layer_ctx *c, const kvt_policy *p, int h, int B,
                 sc[i] = key_sc[cache[i]];
         else {
             for (int i = 0; i < n; i++)
-                kp[i] = entry_key(c, g, cache[i]);
+                kp[i] = kvt_dec_entry_key(c, g, cache[i]);
             KVT_FORWARD(p->def->cache_scores(c, p, h, s, cache, kp, n, sc, work));
         }
         KVT_FORWARD(compress(c, p, h, s, B, sc, cache, n, it, dc));
@@ -194,7 +193,7 @@ static kvt_status simulate_steps(kvt_layer_ctx *c, const kvt_policy *p, const in
             }
             for (int g = 0; g < c->Hkv; g++) { /* each logit summed over d in order */
                 for (int i = 0; i < nt; i++)
-                    kp[i] = entry_key(c, g, todo[i]);
+                    kp[i] = kvt_dec_entry_key(c, g, todo[i]);
                 kvt_dot_queries(qt + (size_t)g * D * c->Gs, c->Gs, D, kp, nt, zg);
                 for (int i = 0; i < nt; i++)
                     for (int x = 0; x < c->Gs; x++)
@@ -276,7 +275,7 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
         const int g = kvt_ctx_kv_of(c, p->o.per_query, h);
         for (int e = 0; e < T + G; e++) {
             cache[e] = e;
-            kp[e] = entry_key(c, g, e);
+            kp[e] = kvt_dec_entry_key(c, g, e);
         }
         st =
             p->def->cache_scores(c, p, h, -1, cache, kp, T + G, key_sc + (size_t)h * (T + G), work);

@@ -1083,17 +1083,20 @@ static char *options_text(const kvt_policy_def *d, const kvt_policy_opts *o, boo
         return NULL;
     len += (size_t)snprintf(out, cap, "%s", json ? "{" : "");
     bool first = true;
+    kvt_policy_opts dflt; /* the policy's defaults: an option that is on by default is listed */
+    base_defaults(&dflt);
+    if (d->defaults)
+        d->defaults(&dflt);
     for (size_t i = 0; i < N_OPTS; i++) {
         if (!key_accepted(d, opts_table[i].key) && !group_set(o, opt_group(&opts_table[i])))
             continue;
-        /* stats=, dms=, dms_decoding=, decoding= and h2o-greedy's decode= (added after those
-           policies' results existed) only when given, so that those results still merge with
-           new ones; rkv's decode= (on by default) always */
+        /* stats=, dms=, dms_decoding=, decoding= and decode= (added after those policies'
+           results existed) only when given, so that those results still merge with new ones;
+           decode= always where the policy's default is on (rkv) */
         if ((!strcmp(opts_table[i].key, "stats") && !o->stats) ||
             (!strncmp(opts_table[i].key, "dms", 3) && isnan(o->dms)) ||
             (!strcmp(opts_table[i].key, "dms_decoding") && !o->dms_decoding) ||
-            (!strcmp(opts_table[i].key, "decode") && !o->greedy_decode &&
-             d != &kvt_policy_def_rkv) ||
+            (!strcmp(opts_table[i].key, "decode") && !o->greedy_decode && !dflt.greedy_decode) ||
             ((!strcmp(opts_table[i].key, "decoding") || !strcmp(opts_table[i].key, "prefill")) &&
              !o->decoding))
             continue;

@@ -523,6 +523,9 @@ typedef struct kvt_dec_item {
     int32_t e;
 } kvt_dec_item;
 int kvt_dec_item_cmp(const void *a, const void *b);
+/** The key [D] of cache entry e of KV head g: prompt token e < T (the context's K) or decode
+ *  token e - T (the input's K_decode). */
+const float *kvt_dec_entry_key(const kvt_layer_ctx *c, int g, int32_t e);
 kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel);
 /** The entries step s's query sees in (budget b, head h)'s cache, ascending, into out

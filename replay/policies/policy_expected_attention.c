@@ -443,15 +443,14 @@ static kvt_status chunk_ea(kvt_layer_ctx *c, const kvt_policy *p, int C, const i
 #define EA_BLK 256 /* cache entries scored per GEMM */
 
 typedef struct ea_dec {
-    ea_rope r;      /* the mean rotation over N, N + 1, ... */
-    double *ang;    /* [G, half, 2] cos and sin of each decode step's angles (RoPE on) */
-    double *vd;     /* [Hkv, G] ||v|| of the decode values */
-    double *mu, *y; /* [D], [m, D]: a query head's R mu and R (x_i - mu) at one compression */
+    ea_rope r;              /* the mean rotation over N, N + 1, ... */
+    double *ang;            /* [G, half, 2] cos and sin of each decode step's angles (RoPE on) */
+    double *vd;             /* [Hkv, G] ||v|| of the decode values */
     double *st_mu, *st_cov; /* stats=: [Hq, D] R mu, [Hq, D, D] R S R^T */
     double *acc, *z;        /* [T + G] */
     double *kd;             /* [T + G, D] the cache's keys in cache order */
-    double *mm;             /* [1 + m, D] R mu, then the R (x_i - mu) */
-    double *zz;             /* [EA_BLK * (1 + max(m, D))] a block's products */
+    double *mm; /* [1 + m, D] a query head's R mu, then its R (x_i - mu), at one compression */
+    double *zz; /* [EA_BLK * (1 + max(m, D))] a block's products */
     int m;
 } ea_dec;
 
@@ -463,8 +462,6 @@ static void ea_dec_end(kvt_layer_ctx *c)
     ea_rope_free(&e->r);
     kvt_free(e->ang);
     kvt_free(e->vd);
-    kvt_free(e->mu);
-    kvt_free(e->y);
     kvt_free(e->st_mu);
     kvt_free(e->st_cov);
     kvt_free(e->acc);
@@ -491,15 +488,13 @@ static kvt_status ea_dec_begin(kvt_layer_ctx *c, const kvt_policy *p)
     const int half = e->r.p.half;
     e->m = fs ? 0 : N - o->sinks;
     e->vd = kvt_malloc(((size_t)c->Hkv * G + 1) * sizeof(double));
-    e->mu = kvt_malloc((size_t)D * sizeof(double));
-    e->y = kvt_malloc(((size_t)e->m * D + 1) * sizeof(double));
     e->acc = kvt_malloc(((size_t)T + G + 1) * sizeof(double));
     e->z = kvt_malloc(((size_t)T + G + 1) * sizeof(double));
     e->kd = kvt_malloc(((size_t)T + G + 1) * D * sizeof(double));
     e->mm = kvt_malloc(((size_t)e->m + 1) * D * sizeof(double));
     e->zz = kvt_malloc((size_t)EA_BLK * (1 + (size_t)(e->m > D ? e->m : D)) * sizeof(double));
-    KVT_RETURN_IF(!e->vd || !e->mu || !e->y || !e->acc || !e->z || !e->kd || !e->mm || !e->zz,
-                  KVT_ERR_NOMEM, "expected-attention: out of memory");
+    KVT_RETURN_IF(!e->vd || !e->acc || !e->z || !e->kd || !e->mm || !e->zz, KVT_ERR_NOMEM,
+                  "expected-attention: out of memory");
     for (int g = 0; g < c->Hkv; g++)
         kvt_row_norms(in->v_decode + (size_t)g * G * D, G, D, e->vd + (size_t)g * G);
     if (e->r.p.on && !fs) { /* each decode step's angles, at the position after the prompt */
@@ -542,15 +537,16 @@ static kvt_status ea_dec_begin(kvt_layer_ctx *c, const kvt_policy *p)
 }
 
 /* query head u's statistics of the compression after step s (the m steps before it, through
- * s): e->mu = R mu and e->y = R (x_i - mu) */
+ * s) into e->mm: R mu, then the m rows R (x_i - mu) */
 static kvt_status ea_dec_stats(const kvt_layer_ctx *c, const kvt_policy *p, ea_dec *e, int u, int s)
 {
     const int D = c->D, G = c->Gd, m = e->m, half = e->r.p.half;
     const float *q = c->in->q_decode + (size_t)u * G * D;
-    memset(e->mu, 0, (size_t)D * sizeof(double));
+    double *mu = e->mm, *ys = e->mm + D;
+    memset(mu, 0, (size_t)D * sizeof(double));
     for (int i = 0; i < m; i++) {
         const int t = s - m + 1 + i;
-        double *y = e->y + (size_t)i * D;
+        double *y = ys + (size_t)i * D;
         kvt_rope_undo(&e->r.p, e->r.p.on ? e->ang + (size_t)t * 2 * half : NULL, q + (size_t)t * D,
                       D, y);
         for (int d = 0; d < D; d++) {
@@ -558,20 +554,20 @@ static kvt_status ea_dec_stats(const kvt_layer_ctx *c, const kvt_policy *p, ea_d
                           "%s: decoding=: query head %d's decode query of step %d is not finite "
                           "(dimension %d) at layer %d",
                           p->def->name, u, t, d, c->layer);
-            e->mu[d] += y[d];
+            mu[d] += y[d];
         }
     }
     for (int d = 0; d < D; d++)
-        e->mu[d] /= m;
+        mu[d] /= m;
     for (int i = 0; i < m && p->o.use_cov; i++) {
-        double *y = e->y + (size_t)i * D;
+        double *y = ys + (size_t)i * D;
         for (int d = 0; d < D; d++)
-            y[d] -= e->mu[d];
+            y[d] -= mu[d];
         if (e->r.p.on)
             ea_rotate(&e->r, y, 1);
     }
     if (e->r.p.on)
-        ea_rotate(&e->r, e->mu, 1);
+        ea_rotate(&e->r, mu, 1);
     return KVT_OK;
 }
 
@@ -596,22 +592,19 @@ static kvt_status cache_ea(kvt_layer_ctx *c, const kvt_policy *p, int h, int s, 
             e->kd[(size_t)j * D + d] = (double)k[j][d];
     }
     for (int u = u0; u < u1; u++) {
-        const double *mu = e->mu, *cov = NULL;
+        /* mu and the m turned queries, the rows of one matrix, against blocks of keys */
+        const double *mm = e->mm, *cov = NULL;
         if (e->st_mu) {
-            mu = e->st_mu + (size_t)u * D;
+            mm = e->st_mu + (size_t)u * D;
             cov = o->use_cov ? e->st_cov + (size_t)u * D * D : NULL;
         } else
             KVT_FORWARD(ea_dec_stats(c, p, e, u, s));
-        /* mu and the m turned queries as the rows of one matrix, against blocks of keys */
         const int rows = !cov && o->use_cov ? 1 + e->m : 1;
-        memcpy(e->mm, mu, (size_t)D * sizeof(double));
-        if (rows > 1)
-            memcpy(e->mm + D, e->y, (size_t)e->m * D * sizeof(double));
         double zmax = -INFINITY;
         for (int j0 = S; j0 < n; j0 += EA_BLK) {
             const int nb = n - j0 < EA_BLK ? n - j0 : EA_BLK;
             const double *kb = e->kd + (size_t)j0 * D;
-            kvt_gemm_f64(true, rows, nb, D, 1.0, e->mm, D, kb, D, 0.0, e->zz, nb);
+            kvt_gemm_f64(true, rows, nb, D, 1.0, mm, D, kb, D, 0.0, e->zz, nb);
             if (cov) /* stats=: k^T S' k from (K S') k */
                 kvt_gemm_f64(false, nb, D, D, 1.0, kb, D, cov, D, 0.0, e->zz + nb, D);
             for (int j = 0; j < nb; j++) {

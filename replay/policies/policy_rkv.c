@@ -63,7 +63,6 @@ typedef struct rkv_work {
     double *blk;                            /* [RKV_RB, RKV_CB] */
     double *qm, *zq;                        /* [Gs * W, D], [Gs * W, cap] */
     int32_t *ord, *hit;                     /* [cap], [RKV_RB] */
-    const float **k, **q;                   /* [cap] keys in cache order; [Gs * W] query rows */
 } rkv_work;
 
 static void rkv_work_free(rkv_work *w)
@@ -80,8 +79,6 @@ static void rkv_work_free(rkv_work *w)
     kvt_free(w->zq);
     kvt_free(w->ord);
     kvt_free(w->hit);
-    kvt_free(w->k);
-    kvt_free(w->q);
 }
 
 static kvt_status rkv_work_alloc(const kvt_layer_ctx *c, const kvt_policy *p, size_t cap,
@@ -101,36 +98,32 @@ static kvt_status rkv_work_alloc(const kvt_layer_ctx *c, const kvt_policy *p, si
     w->zq = kvt_malloc(((size_t)c->Gs * p->o.window * cap + 1) * sizeof(double));
     w->ord = kvt_malloc((cap + 1) * sizeof(int32_t));
     w->hit = kvt_malloc(RKV_RB * sizeof(int32_t));
-    w->k = kvt_malloc((cap + 1) * sizeof(*w->k));
-    w->q = kvt_malloc(((size_t)c->Gs * p->o.window + 1) * sizeof(*w->q));
     if (!w->z || !w->a || !w->ap || !w->cs || !w->sc || !w->u || !w->sum || !w->blk || !w->qm ||
-        !w->zq || !w->ord || !w->hit || !w->k || !w->q) {
+        !w->zq || !w->ord || !w->hit) {
         rkv_work_free(w);
         return kvt_error_set(KVT_ERR_NOMEM, "rkv: out of memory");
     }
     return KVT_OK;
 }
 
-/* the key of cache entry e of KV head g: prompt token e < T, or decode token e - T */
-static const float *rkv_key(const kvt_layer_ctx *c, int g, int32_t e)
+/* the keys of KV head g's cache entries ent [n] (NULL: the prompt's tokens 0..n-1), in
+ * double and in cache order, into w->u */
+static void rkv_keys(const kvt_layer_ctx *c, int g, const int32_t *ent, int n, rkv_work *w)
 {
-    return e < c->T ? c->k + ((size_t)g * c->T + (size_t)e) * c->D
-                    : c->in->k_decode + ((size_t)g * c->Gd + (size_t)(e - c->T)) * c->D;
+    for (int j = 0; j < n; j++) {
+        const float *k = kvt_dec_entry_key(c, g, ent ? ent[j] : j);
+        for (int e = 0; e < c->D; e++)
+            w->u[(size_t)j * c->D + e] = (double)k[e];
+    }
 }
 
 /* R1KV's scores w->sc [n - W] of the first n - W entries of a cache of n > W entries whose keys
- * are w->k [n] (cache order), under the query rows w->q [x * W + i] (nq query heads, the last W
- * queries in order) */
+ * are w->u [n, D] (rkv_keys), under the query rows w->qm [x * W + i, D] (rkv_queries: nq query
+ * heads, the last W queries in order) */
 static void rkv_scores(const kvt_layer_ctx *c, const kvt_policy *p, int n, int nq, rkv_work *w)
 {
     const kvt_policy_opts *o = &p->o;
     const int W = o->window, P = n - W, D = c->D, hk = o->kernel / 2, R = nq * W;
-    for (int j = 0; j < n; j++) /* the keys in double, in cache order */
-        for (int e = 0; e < D; e++)
-            w->u[(size_t)j * D + e] = (double)w->k[j][e];
-    for (int r = 0; r < R; r++) /* the query rows: head x's row i at x * W + i */
-        for (int e = 0; e < D; e++)
-            w->qm[(size_t)r * D + e] = (double)w->q[r][e];
     /* every row's logits over the first P keys at once: zq [R, P] */
     kvt_gemm_f64(true, R, P, D, c->scale, w->qm, D, w->u, D, 0.0, w->zq, P);
     for (int j = 0; j < P; j++)
@@ -231,7 +224,8 @@ static void rkv_scores(const kvt_layer_ctx *c, const kvt_policy *p, int n, int n
 }
 
 /* the query rows of the last W queries through decode step s (-1: the prompt's last W), of the
- * selection head's query heads u0 .. u0 + nq - 1, into w->q */
+ * selection head's query heads u0 .. u0 + nq - 1, in double into w->qm (head x's row i at
+ * x * W + i) */
 static void rkv_queries(const kvt_layer_ctx *c, const kvt_policy *p, int u0, int nq, int s,
                         rkv_work *w)
 {
@@ -240,9 +234,11 @@ static void rkv_queries(const kvt_layer_ctx *c, const kvt_policy *p, int u0, int
     for (int x = 0; x < nq; x++)
         for (int i = 0; i < W; i++) {
             const int t = s - (W - 1) + i; /* decode query t, or window query Wt + t */
-            w->q[(size_t)x * W + i] =
+            const float *q =
                 t >= 0 ? in->q_decode + (((size_t)(u0 + x)) * c->Gd + (size_t)t) * D
                        : in->q_window + (((size_t)(u0 + x)) * c->Wt + (size_t)(c->Wt + t)) * D;
+            for (int e = 0; e < D; e++)
+                w->qm[((size_t)x * W + i) * D + e] = (double)q[e];
         }
 }
 
@@ -263,8 +259,7 @@ static kvt_status rkv_decode(kvt_layer_ctx *c, const kvt_policy *p, int h, int B
         cache[n++] = T + s;
         if (((int64_t)T + s) % o->interval != 0 || n < B)
             continue;
-        for (int i = 0; i < n; i++)
-            w->k[i] = rkv_key(c, g, cache[i]);
+        rkv_keys(c, g, cache, n, w);
         rkv_queries(c, p, u0, nq, s, w);
         rkv_scores(c, p, n, nq, w);
         for (int i = 0; i < n - W; i++) {
@@ -318,8 +313,7 @@ static kvt_status sel_rkv(kvt_layer_ctx *c, const kvt_policy *p, const int *B, i
         st = rkv_work_alloc(c, p, cap, &w);
     for (int h = 0; h < H && !st && compress && P > 0; h++) { /* the prompt's scores */
         const int g = kvt_ctx_kv_of(c, pq, h);
-        for (int j = 0; j < T; j++)
-            w.k[j] = rkv_key(c, g, j);
+        rkv_keys(c, g, NULL, T, &w);
         rkv_queries(c, p, pq ? h : g * c->Gs, nq, -1, &w);
         rkv_scores(c, p, T, nq, &w);
         for (int j = 0; j < P && !st; j++) {
