@@ -248,8 +248,11 @@ typedef struct kvt_selection_record {
 
 /** Read a selection export written by kvt_selection_writer_close, binary or JSON (detected
  *  from the content: a JSON file starts with '{'). Every count, length and index is checked
- *  against the file before use. Delta records (version 3) are expanded: every record's idx
- *  is its whole set, and memory is the file plus those sets.
+ *  against the file before use; a delta record (version 3) is checked by applying it to its
+ *  base. Memory is the file, the whole records' sets and one set in every 32 links of a
+ *  chain of delta records: the others are expanded on access (kvt_selection_copy_set, or
+ *  kvt_selection_record_at and _find, which then hold the set until kvt_selection_free). The
+ *  accessors may be called from several threads.
  * @param out caller frees with kvt_selection_free.
  * @return KVT_OK, KVT_ERR_IO (cannot read, not a regular file), KVT_ERR_CORRUPT (the message
  *  names what is wrong and the byte offset or record), KVT_ERR_VERSION (newer export),
@@ -258,11 +261,27 @@ kvt_status kvt_selection_read(const char *path, kvt_selection **out);
 void kvt_selection_free(kvt_selection *s);
 /** The header; owned by s, valid until kvt_selection_free. */
 const kvt_selection_header *kvt_selection_get_header(const kvt_selection *s);
-/** Record i (0 <= i < n_records) in file order, or NULL; owned by s. */
+/** Record i (0 <= i < n_records) in file order with its whole set, or NULL (i out of range,
+ *  or no memory to expand a delta record's set); owned by s. A delta record's set stays
+ *  expanded until kvt_selection_free: to walk every record, use kvt_selection_record_info and
+ *  kvt_selection_copy_set, which hold nothing. */
 const kvt_selection_record *kvt_selection_record_at(const kvt_selection *s, size_t i);
+/** Record i's fields into *out without expanding its set: out->n is the set's size, out->idx
+ *  the set where s holds it whole, else NULL.
+ * @return KVT_OK or KVT_ERR_INVALID_ARG (no record i). */
+kvt_status kvt_selection_record_info(const kvt_selection *s, size_t i, kvt_selection_record *out);
+/** Record i's set, ascending, into dst[cap] (cap >= its n), expanded without being kept: a
+ *  walk in file order applies one delta a record.
+ * @return KVT_OK, KVT_ERR_INVALID_ARG (no record i, or cap too small), KVT_ERR_NOMEM. */
+kvt_status kvt_selection_copy_set(const kvt_selection *s, size_t i, int32_t *dst, size_t cap);
+/** The record number of (trace, policy, budget, layer, head, step) into *i.
+ * @return KVT_OK or KVT_ERR_NOT_FOUND (*i SIZE_MAX). */
+kvt_status kvt_selection_find_record(const kvt_selection *s, int trace, int policy, int budget,
+                                     int layer, int head, int step, size_t *i);
 /** The kept indices of (trace, policy, budget, layer, head, step); step -1 is the prompt-time
- *  set. *idx is owned by s, valid until kvt_selection_free.
- * @return KVT_OK or KVT_ERR_NOT_FOUND (no such record: *idx NULL, *n 0). */
+ *  set. *idx is owned by s, valid until kvt_selection_free (a delta record's set is expanded
+ *  and held from then on).
+ * @return KVT_OK, KVT_ERR_NOT_FOUND (no such record: *idx NULL, *n 0), KVT_ERR_NOMEM. */
 kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int budget, int layer,
                               int head, int step, const int32_t **idx, size_t *n);
 /** Shape of (trace, policy) as its records give it: layers (1 + largest layer), heads (1 +

@@ -4,6 +4,7 @@
  * layer, then the part's own order within the layer), through the same writer, so the bytes
  * are those of the unsharded export. The parts must come from one sharded replay: the same
  * policies, budgets and traces, each shard once, each unit's records in the part that owns it.
+ * Memory: the parts as the reader holds them, and one layer's sets expanded at a time.
  */
 #include <stdio.h>
 #include <string.h>
@@ -51,8 +52,9 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
     int *n_layers = NULL, *btok = NULL;
     uint64_t *trace_base = NULL; /* [n_traces] the unit number of each trace's layer 0 */
     kvt_selection_rec *recs = NULL;
+    int32_t *pool = NULL; /* the layer's sets, expanded */
     kvt_selection_writer *w = NULL;
-    size_t cap_recs = 0;
+    size_t cap_recs = 0, cap_pool = 0;
     if (!sel || !by_shard || !cur) {
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out;
@@ -110,7 +112,8 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
     for (size_t s = 0; s < n; s++) {
         const kvt_selection *p = by_shard[s];
         for (size_t i = 0; i < kvt_selection_get_header(p)->n_records; i++) {
-            const kvt_selection_record *r = kvt_selection_record_at(p, i);
+            kvt_selection_record rec, *r = &rec;
+            kvt_selection_record_info(p, i, r);
             if (r->layer + 1 > n_layers[r->trace])
                 n_layers[r->trace] = r->layer + 1;
             int *bt = &btok[(size_t)r->trace * nb + (size_t)r->budget];
@@ -144,7 +147,8 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
     for (size_t s = 0; s < n; s++) {
         const kvt_selection *p = by_shard[s];
         for (size_t i = 0; i < kvt_selection_get_header(p)->n_records; i++) {
-            const kvt_selection_record *r = kvt_selection_record_at(p, i);
+            kvt_selection_record rec, *r = &rec;
+            kvt_selection_record_info(p, i, r);
             if (!kvt_shard_owns(trace_base[r->trace] + (uint64_t)r->layer, (int)s, (int)n)) {
                 st = kvt_error_set(KVT_ERR_INVALID_ARG,
                                    "shard %zu/%zu holds layer %d of %s, which another shard "
@@ -164,11 +168,26 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
             while (s < (int)n && !kvt_shard_owns(base + (uint64_t)l, s, (int)n))
                 s++;
             const kvt_selection *p = by_shard[s];
-            size_t n_recs = 0, total = kvt_selection_get_header(p)->n_records;
+            size_t n_recs = 0, n_idx = 0, total = kvt_selection_get_header(p)->n_records;
             /* the owner's records of (t, l): contiguous, next in its file order */
             while (cur[s] + n_recs < total) {
-                const kvt_selection_record *r = kvt_selection_record_at(p, cur[s] + n_recs);
+                kvt_selection_record rec, *r = &rec;
+                kvt_selection_record_info(p, cur[s] + n_recs, r);
                 if ((size_t)r->trace != t || r->layer != l)
+                    break;
+                if (r->n > cap_pool - n_idx) {
+                    size_t nc = cap_pool ? 2 * cap_pool : 4096;
+                    while (nc - n_idx < r->n)
+                        nc *= 2;
+                    int32_t *g = kvt_realloc(pool, nc * sizeof(*pool));
+                    if (!g) {
+                        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+                        break;
+                    }
+                    pool = g;
+                    cap_pool = nc;
+                }
+                if ((st = kvt_selection_copy_set(p, cur[s] + n_recs, pool + n_idx, r->n)))
                     break;
                 if (n_recs == cap_recs) {
                     size_t nc = cap_recs ? 2 * cap_recs : 256;
@@ -185,9 +204,11 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
                                                      .layer = r->layer,
                                                      .head = r->head,
                                                      .step = r->step,
-                                                     .idx = r->idx,
                                                      .n = r->n};
+                n_idx += r->n;
             }
+            for (size_t i = 0, o = 0; i < n_recs; o += recs[i++].n) /* the pool is final */
+                recs[i].idx = pool + o;
             if (!st && !n_recs)
                 st = kvt_error_set(KVT_ERR_INVALID_ARG,
                                    "layer %d of %s is in no part (shard %d/%zu lacks it, "
@@ -221,5 +242,6 @@ out:
     kvt_free(trace_base);
     kvt_free(btok);
     kvt_free(recs);
+    kvt_free(pool);
     return st;
 }

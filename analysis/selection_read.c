@@ -4,11 +4,15 @@
  * (trace, policy, budget, layer, head, step). This is what a user's engine loads. Every length,
  * count, index and offset is checked against the file before use, so a truncated or damaged
  * file gives KVT_ERR_CORRUPT naming what is wrong and where. A delta record (version 3: a set
- * as its changes from the step's or the budget's before) is expanded to its whole set, so
- * memory is the file's size plus those sets.
+ * as its changes from the step's or the budget's before) is checked at open by applying it to
+ * its base, but kept as its changes in the file's bytes, which stay in memory: only the whole
+ * records and one set in every SEL_CHECKPOINT of a delta chain are held whole. The others are
+ * expanded on access, from the nearest set held whole or in a small cache of the last ones
+ * expanded (a walk in file order applies one delta a record).
  */
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +31,11 @@
 #define SEL_FIX_BYTES 16u
 #define SEL_REC_BYTES 36u
 #define SEL_MAX_LIST  65535u /* u16 indices in the records */
+/* a delta record this many links from its chain's whole record is held whole: expanding any
+ * record applies at most SEL_CHECKPOINT - 1 deltas, and the held sets are about 1/32 of them
+ * all */
+#define SEL_CHECKPOINT 32
+#define SEL_CACHE      4 /* sets last expanded by kvt_selection_copy_set, kept for the next */
 
 /* A record's lookup key, kept next to its number so that qsort needs no outside state. */
 typedef struct sel_key {
@@ -41,9 +50,26 @@ struct kvt_selection {
     kvt_selection_policy *pols; /* [n_policies]; label and name owned */
     char **budgets;             /* [n_budgets] */
     char **traces;              /* [n_traces] */
-    kvt_selection_record *recs; /* [n_records] in file order */
+    kvt_selection_record *recs; /* [n_records] in file order; idx NULL: a delta record's set,
+                                   not held (expanded on access) */
     sel_key *order;             /* [n_records] keys and record numbers, sorted */
-    int32_t *idx;               /* every record's indices, one block */
+    int32_t *idx;               /* the sets held whole, one block */
+    /* delta records (binary layout): the file's bytes, each record's offset and base */
+    unsigned char *file;
+    size_t *off;   /* [n_records] */
+    int64_t *base; /* [n_records] the record a delta record changes (the first before it
+                      with a change); -1: a whole record; -2 - j: the same set as record j */
+    size_t n_lazy; /* records whose set is not held: the accessors lock mu */
+    size_t max_n;  /* the largest set */
+    pthread_mutex_t mu;
+    int32_t *tmp[2]; /* [max_n] each: the sets between the held one and the one asked for */
+    struct {
+        size_t rec;   /* SIZE_MAX: empty */
+        int32_t *set; /* [max_n] */
+    } cache[SEL_CACHE];
+    unsigned cache_next;
+    int32_t **memo; /* sets expanded for kvt_selection_record_at and _find, held until free */
+    size_t n_memo, cap_memo;
 };
 
 static uint32_t rd32(const unsigned char *p)
@@ -76,6 +102,17 @@ void kvt_selection_free(kvt_selection *s)
     kvt_free(s->recs);
     kvt_free(s->order);
     kvt_free(s->idx);
+    kvt_free(s->file);
+    kvt_free(s->off);
+    kvt_free(s->base);
+    kvt_free(s->tmp[0]);
+    kvt_free(s->tmp[1]);
+    for (int c = 0; c < SEL_CACHE; c++)
+        kvt_free(s->cache[c].set);
+    for (size_t i = 0; i < s->n_memo; i++)
+        kvt_free(s->memo[i]);
+    kvt_free(s->memo);
+    pthread_mutex_destroy(&s->mu);
     kvt_free(s);
 }
 
@@ -326,21 +363,21 @@ static kvt_status check_raw(const unsigned char *p, size_t n, const char *path, 
     return KVT_OK;
 }
 
-/* Delta record r (its n_rm removed then its added indices at p) applied to base, an earlier
- * record (what: "step S" or "budget B", for messages), into dst (room for the first pass's
- * count: base->n - n_rm + n_add): base's set without the removed tokens, with the added ones,
+/* A delta record (its n_rm removed then its added indices at p) applied to its base's set
+ * bidx[bn], an earlier record's (what: "step S" or "budget B", for messages), into dst (room
+ * for bn - n_rm + n_add): the base's set without the removed tokens, with the added ones,
  * ascending. */
-static kvt_status apply_delta(const kvt_selection_record *base, kvt_selection_record *r,
-                              const unsigned char *p, size_t n_rm, size_t n_add, int32_t *dst,
-                              const char *path, const char *where, const char *what)
+static kvt_status apply_delta(const int32_t *bidx, size_t bn, const unsigned char *p, size_t n_rm,
+                              size_t n_add, int32_t *dst, const char *path, const char *where,
+                              const char *what)
 {
     KVT_FORWARD(check_raw(p, n_rm, path, where, "removed"));
     KVT_FORWARD(check_raw(p + 4 * n_rm, n_add, path, where, "added"));
     const unsigned char *add = p + 4 * n_rm;
-    size_t a = 0, rm = 0, ad = 0, k = 0, cap = base->n - n_rm + n_add; /* n_rm <= base->n */
-    while (a < base->n || ad < n_add) {
-        bool take_add = ad < n_add && (a == base->n || raw_idx(add, ad) < base->idx[a]);
-        bool drop = !take_add && rm < n_rm && raw_idx(p, rm) == base->idx[a];
+    size_t a = 0, rm = 0, ad = 0, k = 0, cap = bn - n_rm + n_add; /* n_rm <= bn */
+    while (a < bn || ad < n_add) {
+        bool take_add = ad < n_add && (a == bn || raw_idx(add, ad) < bidx[a]);
+        bool drop = !take_add && rm < n_rm && raw_idx(p, rm) == bidx[a];
         /* more entries than the count: a removed token was not found */
         KVT_RETURN_IF(!drop && k == cap, KVT_ERR_CORRUPT,
                       "%s: %s: removes a token which %s's set does not hold", path, where, what);
@@ -348,22 +385,19 @@ static kvt_status apply_delta(const kvt_selection_record *base, kvt_selection_re
             dst[k++] = raw_idx(add, ad++);
             continue;
         }
-        KVT_RETURN_IF(ad < n_add && raw_idx(add, ad) == base->idx[a], KVT_ERR_CORRUPT,
-                      "%s: %s: adds token %d, which %s's set holds", path, where, base->idx[a],
-                      what);
-        KVT_RETURN_IF(rm < n_rm && raw_idx(p, rm) < base->idx[a], KVT_ERR_CORRUPT,
+        KVT_RETURN_IF(ad < n_add && raw_idx(add, ad) == bidx[a], KVT_ERR_CORRUPT,
+                      "%s: %s: adds token %d, which %s's set holds", path, where, bidx[a], what);
+        KVT_RETURN_IF(rm < n_rm && raw_idx(p, rm) < bidx[a], KVT_ERR_CORRUPT,
                       "%s: %s: removes token %d, which %s's set does not hold", path, where,
                       raw_idx(p, rm), what);
         if (drop)
             rm++, a++;
         else
-            dst[k++] = base->idx[a++];
+            dst[k++] = bidx[a++];
     }
     KVT_RETURN_IF(rm < n_rm, KVT_ERR_CORRUPT,
                   "%s: %s: removes token %d, which %s's set does not hold", path, where,
                   raw_idx(p, rm), what);
-    r->idx = dst;
-    r->n = k;
     return KVT_OK;
 }
 
@@ -379,7 +413,9 @@ static int64_t delta_base(const sel_hash *h, const kvt_selection_record *r, unsi
 /* The records of the binary layout from byte `off` to the end, in three passes: the framing
  * of every record against the file size (and the end record); then the fields, each checked,
  * and each set's size (a delta record's: its base's less the removed, plus the added; the
- * base found by key among the records before it); then the indices, copied or expanded. */
+ * base found by key among the records before it); then the indices: a whole record's copied,
+ * a delta record's applied to its base's set (held whole, or live until its last delta record
+ * is read) and kept only every SEL_CHECKPOINT links of its chain. */
 static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, size_t size,
                                       size_t off, uint32_t version, const char *path)
 {
@@ -416,11 +452,17 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
                   "%s: no end record after record %zu (byte %zu): the file was cut short", path,
                   n_rec, size);
     KVT_FORWARD(alloc_records(s, n_rec));
-    int64_t *base = kvt_malloc((n_rec ? n_rec : 1) * sizeof(int64_t)); /* -1: a whole set */
+    const size_t n1 = n_rec ? n_rec : 1;
+    s->off = kvt_malloc(n1 * sizeof(size_t));
+    s->base = kvt_malloc(n1 * sizeof(int64_t));    /* -1: a set held whole */
+    uint8_t *depth = kvt_malloc(n1);               /* links from the chain's last set held whole */
+    size_t *kids = kvt_calloc(n1, sizeof(size_t)); /* delta records based on it, then left */
+    int32_t **live = kvt_calloc(n1, sizeof(int32_t *)); /* sets that later deltas still need */
     sel_hash h = {0};
-    kvt_status st =
-        !base || !sel_hash_init(&h, n_rec) ? kvt_error_set(KVT_ERR_NOMEM, "out of memory") : KVT_OK;
-    size_t n_idx = 0, o = off;
+    kvt_status st = !s->off || !s->base || !depth || !kids || !live || !sel_hash_init(&h, n_rec)
+                        ? kvt_error_set(KVT_ERR_NOMEM, "out of memory")
+                        : KVT_OK;
+    size_t n_idx = 0, n_all = 0, o = off;
     char where[64];
     for (size_t i = 0; i < n_rec && !st; i++) {
         const unsigned char *p = b + o;
@@ -454,7 +496,9 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
         if ((st = check_record(s, r, path, where)))
             break;
         size_t n_set = cnt;
-        base[i] = -1;
+        s->off[i] = o;
+        s->base[i] = -1;
+        depth[i] = 0;
         if (delta) {
             const size_t n_rm = rd32(p + 32);
             const int64_t j = delta_base(&h, r, delta);
@@ -477,59 +521,103 @@ static kvt_status read_binary_records(kvt_selection *s, const unsigned char *b, 
                 break;
             }
             n_set = n_base - n_rm + (cnt - n_rm);
-            base[i] = j;
+            const int64_t e = s->base[j] < -1 ? -2 - s->base[j] : j; /* j's set is e's */
+            if (cnt == 0) { /* no change: e's set, held if e's is; no link in its chain */
+                s->base[i] = -2 - e;
+                depth[i] = depth[e];
+            } else {
+                s->base[i] = e;
+                kids[e]++;
+                depth[i] = (uint8_t)((depth[e] + 1) % SEL_CHECKPOINT); /* 0: held whole */
+            }
         }
-        if (n_set > SIZE_MAX / 8 - n_idx) {
+        if (n_set > SIZE_MAX / 8 - n_all) {
             st = kvt_error_set(KVT_ERR_NOMEM,
                                "%s: %s: the sets add up to more indices than memory can hold", path,
                                where);
             break;
         }
-        r->n = n_set; /* the expanded size, until the indices are read */
-        n_idx += n_set;
+        r->n = n_set; /* the expanded size */
+        n_all += n_set;
+        if (depth[i] != 0)
+            s->n_lazy++;
+        else if (s->base[i] >= -1) /* a whole record, or a delta record held whole */
+            n_idx += n_set;
+        if (n_set > s->max_n)
+            s->max_n = n_set;
         sel_hash_put(&h, (const int[6]){r->trace, r->policy, r->budget, r->layer, r->head, r->step},
                      (int64_t)i);
         o += SEL_REC_BYTES + 4 * cnt;
     }
     sel_hash_free(&h);
-    /* delta records expand: refuse before allocating what this machine cannot hold */
-    double need = 4.0 * (double)n_idx,
+    /* refuse before allocating what this machine cannot hold: the sets held whole, the
+       records, and the file kept for the delta records */
+    double need = 4.0 * (double)n_idx + 96.0 * (double)n_rec + (s->n_lazy ? (double)size : 0),
            mem = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    if (!st && mem > 0 && need + 80.0 * (double)n_rec > mem)
+    if (!st && mem > 0 && need > mem)
         st = kvt_error_set(KVT_ERR_NOMEM,
-                           "%s: its %zu kept sets expand to %.1f GiB, more than this machine's "
-                           "memory (%.1f GiB)",
-                           path, n_rec, (need + 80.0 * (double)n_rec) / 1073741824.0,
+                           "%s: its %zu kept sets need %.1f GiB held in memory (%.1f GiB whole), "
+                           "more than this machine's memory (%.1f GiB)",
+                           path, n_rec, need / 1073741824.0,
+                           (4.0 * (double)n_all + 96.0 * (double)n_rec) / 1073741824.0,
                            mem / 1073741824.0);
     if (!st)
         st = alloc_indices(s, n_idx);
-    int32_t *dst = s->idx;
+    int32_t *dst = s->idx, *one = NULL; /* one: a set no later record needs, checked only */
+    if (!st && s->n_lazy && !(one = kvt_malloc((s->max_n ? s->max_n : 1) * sizeof(int32_t))))
+        st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     o = off;
     for (size_t i = 0; i < n_rec && !st; i++) {
         const unsigned char *p = b + o;
         kvt_selection_record *r = &s->recs[i];
         snprintf(where, sizeof(where), "record %zu at byte %zu", i, o);
         const size_t cnt = rd32(p + 28);
-        if (base[i] >= 0) {
-            const kvt_selection_record *bs = &s->recs[base[i]];
-            char what[48];
-            if (bs->step != r->step)
-                snprintf(what, sizeof(what), "step %d", bs->step);
-            else
-                snprintf(what, sizeof(what), "budget %d", bs->budget);
-            const size_t n_rm = rd32(p + 32);
-            st = apply_delta(bs, r, p + SEL_REC_BYTES, n_rm, cnt - n_rm, dst, path, where, what);
-        } else {
+        o += SEL_REC_BYTES + 4 * cnt;
+        if (s->base[i] < -1) { /* no change from its base: nothing to check */
+            if (depth[i] == 0)
+                r->idx = s->recs[-2 - s->base[i]].idx;
+            continue;
+        }
+        if (s->base[i] < 0) {
             for (size_t k = 0; k < cnt; k++)
                 dst[k] = raw_idx(p + SEL_REC_BYTES, k);
-            st = check_indices(dst, cnt, path, where);
+            if ((st = check_indices(dst, cnt, path, where)))
+                break;
             r->idx = dst;
-            r->n = cnt;
+            dst += cnt;
+            continue;
         }
-        dst += r->n;
-        o += SEL_REC_BYTES + 4 * cnt;
+        /* a delta record: applied to its base's set, which is held whole or live */
+        const size_t j = (size_t)s->base[i];
+        const kvt_selection_record *bs = &s->recs[j];
+        char what[48];
+        if (rd16(p + 10) & KVT_SELECTION_FLAG_DELTA)
+            snprintf(what, sizeof(what), "step %d", r->step - 1);
+        else
+            snprintf(what, sizeof(what), "budget %d", r->budget - 1);
+        int32_t *out = one;
+        if (depth[i] == 0)
+            out = dst, dst += r->n;
+        else if (kids[i] && !(out = live[i] = kvt_malloc((r->n ? r->n : 1) * sizeof(int32_t)))) {
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+            break;
+        }
+        const size_t n_rm = rd32(p + 32);
+        st = apply_delta(bs->idx ? bs->idx : live[j], bs->n, p + SEL_REC_BYTES, n_rm, cnt - n_rm,
+                         out, path, where, what);
+        if (depth[i] == 0)
+            r->idx = out;
+        if (--kids[j] == 0 && live[j]) { /* its last delta record: no longer needed */
+            kvt_free(live[j]);
+            live[j] = NULL;
+        }
     }
-    kvt_free(base);
+    for (size_t i = 0; live && i < n_rec; i++) /* what an error left */
+        kvt_free(live[i]);
+    kvt_free(one);
+    kvt_free(live);
+    kvt_free(kids);
+    kvt_free(depth);
     return st;
 }
 
@@ -684,12 +772,24 @@ kvt_status kvt_selection_read(const char *path, kvt_selection **out)
         st = kvt_error_set(KVT_ERR_NOMEM, "out of memory");
         goto out_free_buf;
     }
+    pthread_mutex_init(&s->mu, NULL);
+    for (int c = 0; c < SEL_CACHE; c++)
+        s->cache[c].rec = SIZE_MAX;
     st = size > 0 && b[0] == '{' ? parse_json(s, b, size, path) : parse_binary(s, b, size, path);
     if (st == KVT_OK)
         st = build_index(s, path);
     if (st != KVT_OK) {
         kvt_selection_free(s);
         goto out_free_buf;
+    }
+    if (s->n_lazy) { /* the delta records are expanded from the file's bytes */
+        s->file = b;
+        b = NULL;
+    } else { /* every set held whole */
+        kvt_free(s->off);
+        kvt_free(s->base);
+        s->off = NULL;
+        s->base = NULL;
     }
     *out = s;
 out_free_buf:
@@ -702,9 +802,175 @@ const kvt_selection_header *kvt_selection_get_header(const kvt_selection *s)
     return &s->hdr;
 }
 
+/* The first position in a[0..n) holding a value >= x */
+static size_t lower_bound(const int32_t *a, size_t n, int32_t x)
+{
+    size_t lo = 0;
+    while (n > 0) {
+        size_t half = n / 2;
+        if (a[lo + half] < x)
+            lo += half + 1, n -= half + 1;
+        else
+            n = half;
+    }
+    return lo;
+}
+
+/* apply_delta for a record checked at open: the runs of the base's set between the changes
+ * copied whole (a decode step's one token in and one out costs two copies) */
+static void apply_checked(const int32_t *b, size_t bn, const unsigned char *p, size_t n_rm,
+                          size_t n_add, int32_t *dst)
+{
+    const unsigned char *add = p + 4 * n_rm;
+    size_t a = 0, k = 0, rm = 0, ad = 0;
+    while (rm < n_rm || ad < n_add) {
+        const int32_t xr = rm < n_rm ? raw_idx(p, rm) : INT32_MAX,
+                      xa = ad < n_add ? raw_idx(add, ad) : INT32_MAX;
+        const bool is_rm = xr < xa; /* never equal: a removed token is held, an added one not */
+        const size_t pos = a + lower_bound(b + a, bn - a, is_rm ? xr : xa);
+        memcpy(dst + k, b + a, (pos - a) * sizeof(int32_t));
+        k += pos - a;
+        if (is_rm)
+            a = pos + 1, rm++;
+        else
+            a = pos, dst[k++] = xa, ad++;
+    }
+    memcpy(dst + k, b + a, (bn - a) * sizeof(int32_t));
+}
+
+/* The cache slot holding record i's set, or -1 */
+static int cache_find(const kvt_selection *s, size_t i)
+{
+    for (int c = 0; c < SEL_CACHE; c++)
+        if (s->cache[c].rec == i)
+            return c;
+    return -1;
+}
+
+/* Record i's set into dst (room for its n), s->mu held: from its set held whole or cached, or
+ * its chain's deltas applied from the nearest one that is (at most SEL_CHECKPOINT - 1 of them,
+ * through s->tmp); the result is cached for the next record, which is usually a delta of it */
+static kvt_status expand(kvt_selection *s, size_t i, int32_t *dst)
+{
+    if (s->base && s->base[i] < -1) /* no change from the record it names */
+        i = (size_t)(-2 - s->base[i]);
+    const kvt_selection_record *r = &s->recs[i];
+    int c = r->idx ? -1 : cache_find(s, i);
+    if (r->idx || c >= 0) {
+        memcpy(dst, r->idx ? r->idx : s->cache[c].set, r->n * sizeof(int32_t));
+        return KVT_OK;
+    }
+    for (int t = 0; t < 2; t++)
+        if (!s->tmp[t] && !(s->tmp[t] = kvt_malloc(s->max_n * sizeof(int32_t) + 4)))
+            return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    size_t chain[SEL_CHECKPOINT], m = 0, j = i;
+    for (; !s->recs[j].idx && (c = cache_find(s, j)) < 0; j = (size_t)s->base[j])
+        if (m == SEL_CHECKPOINT || s->base[j] < 0) /* cannot be: open checked every chain */
+            return kvt_error_set(KVT_ERR_CORRUPT, "selection: record %zu has no base", i);
+        else
+            chain[m++] = j;
+    const int32_t *src = s->recs[j].idx ? s->recs[j].idx : s->cache[c].set;
+    size_t n_src = s->recs[j].n;
+    int v = (int)(s->cache_next++ % SEL_CACHE); /* the slot the result goes to: not src's */
+    if (v == c)
+        v = (int)(s->cache_next++ % SEL_CACHE);
+    if (!s->cache[v].set && !(s->cache[v].set = kvt_malloc(s->max_n * sizeof(int32_t) + 4)))
+        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    s->cache[v].rec = SIZE_MAX;
+    while (m-- > 0) {
+        const size_t k = chain[m];
+        const unsigned char *p = s->file + s->off[k];
+        const size_t cnt = rd32(p + 28), n_rm = rd32(p + 32);
+        int32_t *out = m ? s->tmp[m & 1] : s->cache[v].set;
+        apply_checked(src, n_src, p + SEL_REC_BYTES, n_rm, cnt - n_rm, out);
+        src = out;
+        n_src = s->recs[k].n;
+    }
+    s->cache[v].rec = i;
+    memcpy(dst, src, r->n * sizeof(int32_t));
+    return KVT_OK;
+}
+
+/* Record i with its set held: a delta record's expanded and kept until kvt_selection_free */
+static kvt_status hold(kvt_selection *s, size_t i)
+{
+    if (!s->n_lazy)
+        return KVT_OK;
+    pthread_mutex_lock(&s->mu);
+    kvt_status st = KVT_OK;
+    kvt_selection_record *r = &s->recs[i], *a = r; /* a: the record whose set r's is */
+    if (s->base[i] < -1)
+        a = &s->recs[-2 - s->base[i]];
+    if (!a->idx) {
+        int32_t *set = NULL;
+        if (s->n_memo == s->cap_memo) {
+            size_t nc = s->cap_memo ? 2 * s->cap_memo : 64;
+            int32_t **g = kvt_realloc(s->memo, nc * sizeof(*g));
+            if (g)
+                s->memo = g, s->cap_memo = nc;
+        }
+        if (s->n_memo == s->cap_memo || !(set = kvt_malloc((r->n ? r->n : 1) * sizeof(int32_t))))
+            st = kvt_error_set(KVT_ERR_NOMEM, "out of memory expanding a kept set");
+        else if ((st = expand(s, i, set)) != KVT_OK)
+            kvt_free(set);
+        else
+            a->idx = s->memo[s->n_memo++] = set;
+    }
+    if (!st)
+        r->idx = a->idx;
+    pthread_mutex_unlock(&s->mu);
+    return st;
+}
+
 const kvt_selection_record *kvt_selection_record_at(const kvt_selection *s, size_t i)
 {
-    return i < s->hdr.n_records ? &s->recs[i] : NULL;
+    if (i >= s->hdr.n_records || hold((kvt_selection *)s, i) != KVT_OK)
+        return NULL;
+    return &s->recs[i];
+}
+
+kvt_status kvt_selection_record_info(const kvt_selection *s, size_t i, kvt_selection_record *out)
+{
+    KVT_RETURN_IF(i >= s->hdr.n_records, KVT_ERR_INVALID_ARG,
+                  "selection: no record %zu (the export has %zu)", i, s->hdr.n_records);
+    if (s->n_lazy)
+        pthread_mutex_lock((pthread_mutex_t *)&s->mu);
+    *out = s->recs[i];
+    if (s->n_lazy)
+        pthread_mutex_unlock((pthread_mutex_t *)&s->mu);
+    return KVT_OK;
+}
+
+kvt_status kvt_selection_copy_set(const kvt_selection *s, size_t i, int32_t *dst, size_t cap)
+{
+    KVT_RETURN_IF(i >= s->hdr.n_records, KVT_ERR_INVALID_ARG,
+                  "selection: no record %zu (the export has %zu)", i, s->hdr.n_records);
+    KVT_RETURN_IF(cap < s->recs[i].n, KVT_ERR_INVALID_ARG,
+                  "selection: record %zu holds %zu indices, room for %zu given", i, s->recs[i].n,
+                  cap);
+    kvt_selection *w = (kvt_selection *)s;
+    if (s->n_lazy)
+        pthread_mutex_lock(&w->mu);
+    kvt_status st = expand(w, i, dst);
+    if (s->n_lazy)
+        pthread_mutex_unlock(&w->mu);
+    return st;
+}
+
+kvt_status kvt_selection_find_record(const kvt_selection *s, int trace, int policy, int budget,
+                                     int layer, int head, int step, size_t *i)
+{
+    *i = SIZE_MAX;
+    const sel_key key = {{trace, policy, budget, layer, head, step}, 0};
+    const sel_key *hit = bsearch(&key, s->order, s->hdr.n_records, sizeof(*s->order), key_cmp);
+    if (hit) {
+        *i = hit->rec;
+        return KVT_OK;
+    }
+    return kvt_error_set(KVT_ERR_NOT_FOUND,
+                         "selection: no record for trace %d, policy %d, budget %d, layer %d, head "
+                         "%d, step %d",
+                         trace, policy, budget, layer, head, step);
 }
 
 kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int budget, int layer,
@@ -712,17 +978,12 @@ kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int
 {
     *idx = NULL;
     *n = 0;
-    const sel_key key = {{trace, policy, budget, layer, head, step}, 0};
-    const sel_key *hit = bsearch(&key, s->order, s->hdr.n_records, sizeof(*s->order), key_cmp);
-    if (hit) {
-        *idx = s->recs[hit->rec].idx;
-        *n = s->recs[hit->rec].n;
-        return KVT_OK;
-    }
-    return kvt_error_set(KVT_ERR_NOT_FOUND,
-                         "selection: no record for trace %d, policy %d, budget %d, layer %d, head "
-                         "%d, step %d",
-                         trace, policy, budget, layer, head, step);
+    size_t i;
+    KVT_FORWARD(kvt_selection_find_record(s, trace, policy, budget, layer, head, step, &i));
+    KVT_FORWARD(hold((kvt_selection *)s, i));
+    *idx = s->recs[i].idx;
+    *n = s->recs[i].n;
+    return KVT_OK;
 }
 
 kvt_status kvt_selection_shape(const kvt_selection *s, int trace, int policy, int *n_layers,

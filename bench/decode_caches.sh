@@ -20,9 +20,14 @@
 #          decoding=8,prefill=1 (the prefill press needs Q_all, which the trace then holds)
 #   EXPORT [0]  1: also each decode-time spec's selection export (one more replay, untimed):
 #          its size against every set written whole (kvtrace info --json: file_bytes,
-#          whole_bytes), the saving of its delta records
+#          whole_bytes), the saving of its delta records; then the reader's peak memory
+#          (maximum resident set) opening it (kvtrace info) and walking every set through
+#          kvtrace.read_selection's records() with its time (PY [/usr/bin/python3], which needs
+#          NumPy, else "-"; the package from KVT_PY [python], the library KVT_LIB
+#          [$BUILD/libkvtrace.so])
 # Prints one line per pair: both times in seconds and the ratio decode / prefill (with
-# EXPORT=1 then "export: SPEC FILE MiB, whole WHOLE MiB, xRATIO"); writes $WORK/summary.txt.
+# EXPORT=1 then "export: SPEC FILE MiB, whole WHOLE MiB, xRATIO" and "read: SPEC open N MiB
+# peak, walk S s N MiB peak"); writes $WORK/summary.txt.
 # Exit 0, or 1 when a replay fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +53,9 @@ if [ "$EA" = 1 ]; then
     PAIRS="$PAIRS expected-attention|expected-attention:decoding=8,prefill=1"
 fi
 KVT=${KVT:-$BUILD/bin/kvtrace}
+PY=${PY:-/usr/bin/python3}
+KVT_PY=${KVT_PY:-python}
+KVT_LIB=${KVT_LIB:-$BUILD/libkvtrace.so}
 [ -x "$KVT" ] || { echo "decode_caches: $KVT is missing; build first" >&2; exit 1; }
 mkdir -p "$WORK"
 
@@ -62,6 +70,18 @@ if [ ! -s "$TRACE" ]; then
 fi
 
 now() { date +%s.%N; }
+peak() { # run a command: "SECONDS PEAK_MIB" (its maximum resident set), or exit 1 if it fails
+    python3 -c '
+import os, subprocess, sys, time
+t = time.time()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, st, ru = os.wait4(p.pid, 0)
+print("%.3f %.1f" % (time.time() - t, ru.ru_maxrss / 1024.0))
+sys.exit(os.waitstatus_to_exitcode(st))' "$@"
+}
+WALK='import sys, kvtrace
+with kvtrace.read_selection(sys.argv[1]) as s:
+    print(sum(r["kept"].size for r in s.records()))'
 best() { # best wall time of REPS replays of one spec, in seconds
     local spec=$1 b="" t0 t
     for _ in $(seq "$REPS"); do
@@ -96,6 +116,17 @@ best() { # best wall time of REPS replays of one spec, in seconds
                  /"whole_bytes":/ { gsub(/[^0-9]/, "", $2); w = $2 }
                  END { printf "export: %-44s %9.3f MiB, whole %9.3f MiB, x%.1f\n", d,
                        f / 1048576, w / 1048576, w / f }' "$WORK/info.json"
+            open=$(peak "$KVT" info "$WORK/sel.bin" 2>"$WORK/err") ||
+                { echo "decode_caches: info: $(cat "$WORK/err")" >&2; exit 1; }
+            walk="-"
+            if "$PY" -c 'import numpy' 2>/dev/null; then
+                walk=$(PYTHONPATH="$KVT_PY" KVT_LIB="$KVT_LIB" peak "$PY" -c "$WALK" \
+                    "$WORK/sel.bin" 2>"$WORK/err") ||
+                    { echo "decode_caches: read_selection: $(cat "$WORK/err")" >&2; exit 1; }
+                walk=$(echo "$walk" | awk '{ printf "%.2f s %.1f MiB peak", $1, $2 }')
+            fi
+            echo "$open" | awk -v d="$dec" -v w="$walk" \
+                '{ printf "read: %-46s open %.1f MiB peak, walk %s\n", d, $2, w }'
         fi
     done
 } | tee "$WORK/summary.txt"

@@ -230,7 +230,8 @@ static int info_selection(const char *path, bool json, uint32_t hlen)
     }
     double whole = 16.0 + hlen + 16.0; /* the binary layout with every set written whole */
     for (size_t i = 0; i < h->n_records; i++) {
-        const kvt_selection_record *r = kvt_selection_record_at(sel, i);
+        kvt_selection_record rec, *r = &rec; /* its fields: the set is not needed */
+        kvt_selection_record_info(sel, i, r);
         ps[r->policy].records++;
         kept[(size_t)r->policy * nb + (size_t)r->budget] += (double)r->n;
         cnt[(size_t)r->policy * nb + (size_t)r->budget]++;

@@ -8,6 +8,10 @@ engine or studying them in NumPy.
         idx = sel.kept("snapkv", "64", layer=3, head=1)        # int32 [n], ascending
         m = sel.mask("snapkv", "64", layer=3, n_tokens=T)      # bool [heads, T]
         for r in sel.records(): ...                            # one dict per kept set
+
+Each set is copied out as it is asked for: a delta record (a decode step's set stored as its
+changes from the step before) is expanded then, and memory stays the file's and the sets the
+reader holds whole.
 """
 import contextlib
 import ctypes
@@ -52,10 +56,13 @@ _PROTOS = {
     "kvt_selection_read": (ctypes.c_int, [ctypes.c_char_p, _P(ctypes.c_void_p)]),
     "kvt_selection_free": (None, [ctypes.c_void_p]),
     "kvt_selection_get_header": (_P(_Header), [ctypes.c_void_p]),
-    "kvt_selection_record_at": (_P(_Record), [ctypes.c_void_p, ctypes.c_size_t]),
-    "kvt_selection_find": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                          _P(_P(ctypes.c_int32)), _P(ctypes.c_size_t)]),
+    "kvt_selection_record_info": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t,
+                                                 _P(_Record)]),
+    "kvt_selection_copy_set": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t,
+                                              _P(ctypes.c_int32), ctypes.c_size_t]),
+    "kvt_selection_find_record": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                 ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                 ctypes.c_int, _P(ctypes.c_size_t)]),
     "kvt_selection_shape": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                            _P(ctypes.c_int), _P(ctypes.c_int), _P(ctypes.c_int)]),
 }
@@ -192,7 +199,7 @@ class Selection(_NoCopy):
         per-step policy's set at that decode step (a head that does not re-select keeps its
         prompt-time set at every step). Raises TraceError if the export has no such set (its
         message names what was asked)."""
-        np = _np()
+        _np()  # before anything: a clear error without NumPy
         p, b, t = self._pbt(policy, budget, trace)
         # checked here: ctypes would wrap 2**32 + 1 to 1 and truncate 1.9 to 1
         layer = int_arg(_no_bool(layer, "layer"), "layer", C_INT, lo=0)
@@ -200,12 +207,12 @@ class Selection(_NoCopy):
         step = int_arg(_no_bool(step, "step"), "step", C_INT)
         if step < -1:
             raise ValueError("step %d: a decode step is >= 0, or -1 for the prompt's set" % step)
-        idx, n = _P(ctypes.c_int32)(), ctypes.c_size_t()
+        rec = ctypes.c_size_t()
         missing = None
         with self._use() as h:
             try:
-                call(_L().kvt_selection_find, h, t, p, b, layer, head, step,
-                     ctypes.byref(idx), ctypes.byref(n))
+                call(_L().kvt_selection_find_record, h, t, p, b, layer, head, step,
+                     ctypes.byref(rec))
             except TraceError as e:
                 if e.status != _ERR_NOT_FOUND:
                     raise
@@ -217,16 +224,14 @@ class Selection(_NoCopy):
                     # a head that does not re-select (hybridkv-like's static heads) keeps its
                     # prompt-time set at every step, as the replay measured it
                     try:
-                        call(_L().kvt_selection_find, h, t, p, b, layer, head, -1,
-                             ctypes.byref(idx), ctypes.byref(n))
+                        call(_L().kvt_selection_find_record, h, t, p, b, layer, head, -1,
+                             ctypes.byref(rec))
                         missing = None
                     except TraceError as e2:
                         if e2.status != _ERR_NOT_FOUND:
                             raise
             if missing is None:
-                if n.value == 0:
-                    return np.zeros(0, np.int32)
-                return np.ctypeslib.as_array(idx, shape=(n.value,)).copy()
+                return _copy_set(h, rec.value)[1]
         nl, nh, ns = self.shape(p, t)
         hint = ""
         if step < 0 and ns > 0:
@@ -256,20 +261,27 @@ class Selection(_NoCopy):
         """Every kept set in file order, as dicts: trace, policy, budget (indices), label,
         budget_text, layer, head, step (-1: the prompt's set), budget_tokens, query_head,
         merged, kept (int32 array, a copy)."""
-        np = _np()
-        L = _L()
         for i in range(self.n_records):
             with self._use() as h:  # closed (even between two records): raises
-                r = L.kvt_selection_record_at(h, i).contents
+                r, kept = _copy_set(h, i)
                 d = {"trace": r.trace, "policy": r.policy, "budget": r.budget,
                      "label": self.policies[r.policy]["label"],
                      "budget_text": self.budgets[r.budget], "layer": r.layer, "head": r.head,
                      "step": r.step, "budget_tokens": r.budget_tokens,
                      "query_head": bool(r.flags & _FLAG_QHEAD),
-                     "merged": bool(r.flags & _FLAG_MERGED),
-                     "kept": (np.ctypeslib.as_array(r.idx, shape=(r.n,)).copy() if r.n
-                              else np.zeros(0, np.int32))}
+                     "merged": bool(r.flags & _FLAG_MERGED), "kept": kept}
             yield d
+
+
+def _copy_set(h, i):
+    """Record i's fields (a _Record; its idx not to be used) and its set, a new int32 array:
+    expanded into the array, so the reader keeps nothing for it."""
+    np = _np()
+    r = _Record()
+    call(_L().kvt_selection_record_info, h, i, ctypes.byref(r))
+    kept = np.empty(r.n, np.int32)
+    call(_L().kvt_selection_copy_set, h, i, kept.ctypes.data_as(_P(ctypes.c_int32)), r.n)
+    return r, kept
 
 
 def _no_bool(value, name):

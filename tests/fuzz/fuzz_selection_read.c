@@ -1,12 +1,15 @@
 /* fuzz_selection_read.c - libFuzzer entry point for the selection export reader
  * (kvt_selection_read in analysis/selection_read.c), binary and JSON layouts: the input is fed
  * through a memfd, as the reader only takes a path; a file that reads is then walked record by
- * record through the accessors (kvt_selection_record_at, kvt_selection_find, which must find
- * each record's own set, and kvt_selection_shape), touching every kept index. Runs over the
+ * record through the accessors: kvt_selection_copy_set first (a delta record's set expanded
+ * from the file without being held), then kvt_selection_record_at, which must give the same
+ * set, kvt_selection_find, which must find each record's own set, kvt_selection_record_info
+ * and kvt_selection_shape, touching every kept index. Runs over the
  * checked-in corpus as the ctest fuzz_selection_read_regression through fuzz_driver.c.
  */
 #define _GNU_SOURCE /* memfd_create */
 #include <stdlib.h>
+#include <string.h>
 
 #include "fuzz_util.h"
 #include "kvt_analysis.h"
@@ -21,6 +24,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (kvt_selection_read(path, &s) == KVT_OK) {
         const kvt_selection_header *h = kvt_selection_get_header(s);
         size_t sum = 0;
+        for (size_t i = 0; i < h->n_records; i++) { /* copied in reverse: chains walked back */
+            const size_t k = h->n_records - 1 - i;
+            kvt_selection_record info;
+            if (kvt_selection_record_info(s, k, &info) != KVT_OK)
+                abort();
+            int32_t *buf = malloc((info.n ? info.n : 1) * sizeof(int32_t));
+            if (!buf || kvt_selection_copy_set(s, k, buf, info.n) != KVT_OK)
+                abort();
+            const kvt_selection_record *r = kvt_selection_record_at(s, k);
+            if (!r || r->n != info.n || memcmp(r->idx, buf, info.n * sizeof(int32_t)))
+                abort(); /* the copy and the held set agree */
+            free(buf);
+        }
         for (size_t i = 0; i < h->n_records; i++) {
             const kvt_selection_record *r = kvt_selection_record_at(s, i);
             const int32_t *idx;

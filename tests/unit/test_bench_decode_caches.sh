@@ -2,8 +2,8 @@
 # test_bench_decode_caches.sh - bench/decode_caches.sh runs on a small trace: one line per
 # prefill/decode-time pair (h2o-greedy's with Q_ALL=1, expected-attention's with EA=1), each
 # with both times and their ratio, and summary.txt the same; with EXPORT=1 an export line after
-# each pair, its size below the whole sets'; a pair whose replay fails stops it with exit 1 and
-# the error.
+# each pair, its size below the whole sets', and a read line (the reader's peak memory opening
+# it and walking every set); a pair whose replay fails stops it with exit 1 and the error.
 set -u
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -30,6 +30,8 @@ grep -A1 '^tova ' "$TMP/out3" | grep -Eq '^export: tova:decoding=1,prefill=1 +[0
     fail "tova's export line: $(cat "$TMP/out3")"
 awk '/^export: tova/ { r = substr($NF, 2); exit !(r > 1.5) }' "$TMP/out3" ||
     fail "tova's delta records save less than 1.5x: $(cat "$TMP/out3")"
+[ "$(grep -cE '^read: [a-z]+:decoding=[0-9,a-z=]+ +open [0-9.]+ MiB peak, walk [0-9.]+ s [0-9.]+ MiB peak$' "$TMP/out3")" = 2 ] ||
+    fail "2 read lines: $(cat "$TMP/out3")"
 KVT="$KVT_BIN" T=200 G=6 LAYERS=1 SHAPE=tiny WORK="$TMP" PAIRS="knorm|knorm:decoding=0" \
     bash "$B" >"$TMP/out2" 2>&1 && fail "a failing replay exits 0"
 grep -q 'decode_caches: replay knorm:decoding=0 failed: .*decoding=0' "$TMP/out2" ||

@@ -8,6 +8,8 @@
  * file, never a crash. A version-2 export (no per-step policy, one budget) and a version-1 copy
  * of it still read.
  */
+#include <pthread.h>
+
 #include "kvt_analysis.h"
 #include "replay_test_util.h"
 
@@ -125,6 +127,188 @@ static void compare(const kvt_selection *s, kvt_layer_selection *sel[L][NPOL], c
     const kvt_selection_record *r0 = kvt_selection_record_at(s, 0);
     KVT_EXPECT(r0 && r0->layer == 0 && r0->policy == 0 && r0->step == -1 && r0->n == 12 &&
                r0->budget_tokens == 12);
+}
+
+/* ---- delta chains held lazily: a hand-built file of tova (policy 4, per-step) records ---- */
+
+enum { LZ_N0 = 100, LZ_STEPS = 100, LZ_RECS = 2 * (LZ_STEPS + 1) };
+
+typedef struct lz_rec {
+    int budget, step, n;
+    int32_t set[LZ_N0];
+    bool held; /* the reader holds it whole: a whole record, every 32nd changing link of a
+                  chain, or no change from a held set */
+    int same;  /* the record whose set it is (no change), or -1 */
+} lz_rec;
+
+static unsigned char *lz_put(unsigned char *q, int budget, unsigned flags, int step, size_t cnt,
+                             size_t n_rm, const int32_t *pay)
+{
+    put32(q, 0x4C45534Bu);
+    q[6] = 4; /* tova */
+    q[8] = (unsigned char)budget;
+    q[10] = (unsigned char)flags;
+    put32(q + 20, (uint32_t)step);
+    put32(q + 24, 12);
+    put32(q + 28, (uint32_t)cnt);
+    put32(q + 32, (uint32_t)n_rm);
+    q += 36;
+    for (size_t k = 0; k < cnt; k++, q += 4)
+        put32(q, (uint32_t)pay[k]);
+    return q;
+}
+
+typedef struct lz_job {
+    const kvt_selection *s;
+    const lz_rec *want;
+    uint64_t seed;
+    int bad;
+} lz_job;
+
+static void *lz_thread(void *arg)
+{
+    lz_job *j = arg;
+    kvt_rng rng;
+    kvt_rng_seed(&rng, j->seed);
+    int32_t buf[LZ_N0];
+    for (int it = 0; it < 2000; it++) {
+        size_t i = (size_t)(kvt_rng_u64(&rng) % LZ_RECS);
+        if (kvt_selection_copy_set(j->s, i, buf, LZ_N0) != KVT_OK ||
+            memcmp(buf, j->want[i].set, (size_t)j->want[i].n * 4))
+            j->bad++;
+    }
+    return NULL;
+}
+
+/* Budget 0: a whole prompt set {200..299}, then 100 steps, step s removing the set's (7s mod
+ * 100)-th token and adding 199 - s (first in the set: a merge in place would overwrite what
+ * it still reads), but steps 35 and 9, 19, ... 99 unchanged. Budget 1: its prompt set the
+ * budget before's less token 200, and 100 unchanged steps. Checks which sets are held, that every
+ * way of reaching a set gives it (copy in file, reverse and random order, record_at, find, four
+ * threads at once), and the argument errors. */
+static void lazy_checks(const unsigned char *raw, const char *xpath)
+{
+    static lz_rec want[LZ_RECS];
+    size_t hl = rd32le(raw + 12), cap = 16 + hl + LZ_RECS * 36 + 2 * LZ_N0 * 4 + 16 + 4096;
+    unsigned char *b = calloc(cap, 1), *q = b + 16 + hl;
+    KVT_CHECK(b ? KVT_OK : KVT_ERR_NOMEM);
+    memcpy(b, raw, 16 + hl);
+    int r = 0, depth = 0;
+    lz_rec *w = &want[r];
+    *w = (lz_rec){0, -1, LZ_N0, {0}, true, -1};
+    for (int k = 0; k < LZ_N0; k++)
+        w->set[k] = 200 + k;
+    q = lz_put(q, 0, 0, -1, LZ_N0, 0, w->set);
+    for (int st = 0; st < LZ_STEPS; st++) {
+        const lz_rec *pv = &want[r];
+        w = &want[++r];
+        *w = *pv;
+        w->step = st;
+        if (st % 10 == 9 || st == 35) { /* unchanged */
+            w->same = pv->same >= 0 ? pv->same : r - 1;
+            q = lz_put(q, 0, 9, st, 0, 0, NULL);
+            continue;
+        }
+        const int x = st * 7 % LZ_N0; /* the set's x-th token leaves; 199 - st comes first */
+        int32_t pay[2] = {pv->set[x], 199 - st};
+        memmove(w->set + 1, w->set, (size_t)x * 4);
+        w->set[0] = 199 - st;
+        w->same = -1;
+        w->held = ++depth % 32 == 0;
+        q = lz_put(q, 0, 9, st, 2, 1, pay);
+    }
+    w = &want[++r]; /* budget 1, the prompt set: a budget delta */
+    *w = want[0];
+    w->budget = 1;
+    w->held = false;
+    w->n = LZ_N0 - 1;
+    memmove(w->set, w->set + 1, (LZ_N0 - 1) * 4);
+    const int32_t first = 200;
+    q = lz_put(q, 1, 0x10, -1, 1, 1, &first);
+    const int b1 = r;
+    for (int st = 0; st < LZ_STEPS; st++) {
+        w = &want[++r];
+        *w = want[b1];
+        w->step = st;
+        w->same = b1;
+        q = lz_put(q, 1, 9, st, 0, 0, NULL);
+    }
+    put32(q, 0x444E454Bu);
+    put32(q + 8, LZ_RECS);
+    q += 16;
+    spit(xpath, b, (size_t)(q - b));
+    free(b);
+    kvt_selection *s = NULL;
+    KVT_EXPECT_STATUS(kvt_selection_read(xpath, &s), KVT_OK);
+    if (!s)
+        return;
+    KVT_EXPECT(kvt_selection_get_header(s)->n_records == LZ_RECS);
+    int n_held = 0;
+    for (size_t i = 0; i < LZ_RECS; i++) { /* held exactly where the rule says */
+        kvt_selection_record info;
+        KVT_EXPECT_STATUS(kvt_selection_record_info(s, i, &info), KVT_OK);
+        const lz_rec *e = &want[i];
+        KVT_EXPECT_MSG(info.budget == e->budget && info.step == e->step && info.n == (size_t)e->n &&
+                           (info.idx != NULL) == e->held && info.flags == (e->step >= 0 ? 1u : 0u),
+                       "record %zu: budget %d step %d n %zu held %d, want %d %d %d %d", i,
+                       info.budget, info.step, info.n, info.idx != NULL, e->budget, e->step, e->n,
+                       e->held);
+        n_held += info.idx != NULL;
+        if (info.idx && e->same >= 0) { /* an unchanged held set is its base's, not a copy */
+            kvt_selection_record bi;
+            kvt_selection_record_info(s, (size_t)e->same, &bi);
+            KVT_EXPECT(bi.idx == info.idx);
+        }
+    }
+    /* budget 0's prompt set, steps 34 and 71 (its 32nd and 64th change) and step 35 (no
+       change from 34) */
+    KVT_EXPECT_MSG(n_held == 4, "%d sets held", n_held);
+    int32_t buf[LZ_N0 + 1];
+    for (int pass = 0; pass < 3; pass++) {
+        kvt_rng rng;
+        kvt_rng_seed(&rng, 77);
+        int bad = 0;
+        for (size_t k = 0; k < LZ_RECS; k++) {
+            size_t i = pass == 0   ? k
+                       : pass == 1 ? LZ_RECS - 1 - k
+                                   : (size_t)(kvt_rng_u64(&rng) % LZ_RECS);
+            buf[want[i].n] = -7; /* guard */
+            if (kvt_selection_copy_set(s, i, buf, (size_t)want[i].n) != KVT_OK ||
+                memcmp(buf, want[i].set, (size_t)want[i].n * 4) || buf[want[i].n] != -7)
+                bad++;
+        }
+        KVT_EXPECT_MSG(bad == 0, "copy pass %d: %d sets differ", pass, bad);
+    }
+    pthread_t th[4];
+    lz_job jobs[4];
+    for (int t = 0; t < 4; t++) {
+        jobs[t] = (lz_job){s, want, 100 + (uint64_t)t, 0};
+        KVT_EXPECT(pthread_create(&th[t], NULL, lz_thread, &jobs[t]) == 0);
+    }
+    for (int t = 0; t < 4; t++) {
+        pthread_join(th[t], NULL);
+        KVT_EXPECT_MSG(jobs[t].bad == 0, "thread %d: %d sets differ", t, jobs[t].bad);
+    }
+    KVT_EXPECT_STATUS(kvt_selection_copy_set(s, 5, buf, (size_t)want[5].n - 1),
+                      KVT_ERR_INVALID_ARG);
+    KVT_EXPECT_STATUS(kvt_selection_copy_set(s, LZ_RECS, buf, LZ_N0), KVT_ERR_INVALID_ARG);
+    kvt_selection_record info;
+    KVT_EXPECT_STATUS(kvt_selection_record_info(s, LZ_RECS, &info), KVT_ERR_INVALID_ARG);
+    /* record_at and find expand and hold: the same pointer after */
+    const kvt_selection_record *ra = kvt_selection_record_at(s, 57);
+    KVT_EXPECT(ra && ra->idx && ra->n == (size_t)want[57].n &&
+               !memcmp(ra->idx, want[57].set, (size_t)want[57].n * 4));
+    kvt_selection_record_info(s, 57, &info);
+    KVT_EXPECT(ra && info.idx == ra->idx);
+    const int32_t *fi = NULL;
+    size_t fn = 0, fr = 0;
+    KVT_EXPECT_STATUS(kvt_selection_find(s, 0, 4, 1, 0, 0, 40, &fi, &fn), KVT_OK);
+    KVT_EXPECT(fi && fn == (size_t)want[b1].n && !memcmp(fi, want[b1].set, fn * 4));
+    KVT_EXPECT_STATUS(kvt_selection_find_record(s, 0, 4, 1, 0, 0, 40, &fr), KVT_OK);
+    KVT_EXPECT(fr == (size_t)b1 + 41);
+    KVT_EXPECT_STATUS(kvt_selection_find_record(s, 0, 4, 2, 0, 0, 40, &fr), KVT_ERR_NOT_FOUND);
+    KVT_EXPECT(fr == SIZE_MAX);
+    kvt_selection_free(s);
 }
 
 int main(void)
@@ -438,9 +622,9 @@ int main(void)
 
     free(m);
 
-    /* delta records that expand beyond any machine's memory: one set of 2^20 tokens, then 2^20
-     * steps that keep it (36 bytes each, 4 MiB whole: 4 TiB in all) is refused before anything
-     * is allocated for the sets */
+    /* delta records that would expand to 4 TiB: one set of 2^20 tokens, then 2^20 steps that
+     * keep it (36 bytes each). Unchanged sets are the same set, held once: the file reads,
+     * and the last step's set is the first's memory */
     {
         size_t hl = rd32le(raw + 12), nset = (size_t)1 << 20, nsteps = (size_t)1 << 20;
         size_t nbomb = 16 + hl + 36 + 4 * nset + 36 * nsteps + 16;
@@ -460,23 +644,68 @@ int main(void)
         }
         put32(q, 0x444E454Bu);
         put32(q + 8, (uint32_t)(nsteps + 1));
+        spit(xpath, bomb, nbomb);
+        kvt_selection *sm = NULL;
+        KVT_EXPECT_STATUS(kvt_selection_read(xpath, &sm), KVT_OK);
+        const int32_t *idx = NULL, *idx0 = NULL;
+        size_t cnt = 0, cnt0 = 0;
+        KVT_EXPECT(sm &&
+                   kvt_selection_find(sm, 0, 4, 0, 0, 0, (int)nsteps - 1, &idx, &cnt) == KVT_OK &&
+                   kvt_selection_find(sm, 0, 4, 0, 0, 0, -1, &idx0, &cnt0) == KVT_OK &&
+                   cnt == nset && idx == idx0 && idx[0] == 0 && idx[nset - 1] == (int32_t)nset - 1);
+        kvt_selection_free(sm);
+        free(bomb);
+    }
+    /* 2 TiB held: one set of 2^24 tokens, then 2^20 steps that each change one token (44
+     * bytes each, 108 MiB in all): one set in every 32 steps is held whole, 2^15 sets of 64
+     * MiB. Refused before anything is allocated for the sets */
+    {
+        size_t hl = rd32le(raw + 12), nset = (size_t)1 << 24, nsteps = (size_t)1 << 20;
+        size_t nbomb = 16 + hl + 36 + 4 * nset + 44 * nsteps + 16;
+        unsigned char *bomb = calloc(nbomb, 1), *q = bomb + 16 + hl;
+        KVT_CHECK(bomb ? KVT_OK : KVT_ERR_NOMEM);
+        memcpy(bomb, raw, 16 + hl);
+        for (size_t st = 0; st <= nsteps; st++) { /* step s removes token s, adds 2^24 + s */
+            put32(q, 0x4C45534Bu);
+            q[6] = 4; /* tova */
+            q[10] = st ? 9 : 0;
+            put32(q + 20, (uint32_t)((int)st - 1));
+            put32(q + 24, 12);
+            put32(q + 28, st ? 2 : (uint32_t)nset);
+            put32(q + 32, st ? 1 : 0);
+            q += 36;
+            for (size_t k = 0; !st && k < nset; k++, q += 4)
+                put32(q, (uint32_t)k);
+            if (st) {
+                put32(q, (uint32_t)(st - 1));
+                put32(q + 4, (uint32_t)(nset + st - 1));
+                q += 8;
+            }
+        }
+        put32(q, 0x444E454Bu);
+        put32(q + 8, (uint32_t)(nsteps + 1));
         kvt_status st = read_bytes(xpath, bomb, nbomb, &nr);
         KVT_EXPECT_MSG(st == KVT_ERR_NOMEM && strstr(last_msg, "more than this machine's memory"),
-                       "4 TiB of delta sets: %s (%s)", kvt_status_str(st), last_msg);
-        /* the same with 16 steps reads: each step is the whole set */
-        size_t nsmall = 16 + hl + 36 + 4 * nset + 36 * 16;
+                       "2 TiB of held sets: %s (%s)", kvt_status_str(st), last_msg);
+        /* the same with 64 steps reads: steps 31 and 63 (the 32nd and 64th change) held */
+        size_t nsmall = 16 + hl + 36 + 4 * nset + 44 * 64;
         memcpy(bomb + nsmall, q, 16);
-        put32(bomb + nsmall + 8, 17);
+        put32(bomb + nsmall + 8, 65);
         kvt_selection *sm = NULL;
         spit(xpath, bomb, nsmall + 16);
         KVT_EXPECT_STATUS(kvt_selection_read(xpath, &sm), KVT_OK);
         const int32_t *idx = NULL;
         size_t cnt = 0;
-        KVT_EXPECT(sm && kvt_selection_find(sm, 0, 4, 0, 0, 0, 15, &idx, &cnt) == KVT_OK &&
-                   cnt == nset && idx[0] == 0 && idx[nset - 1] == (int32_t)nset - 1);
+        KVT_EXPECT(sm && kvt_selection_find(sm, 0, 4, 0, 0, 0, 63, &idx, &cnt) == KVT_OK &&
+                   cnt == nset && idx[0] == 64 && idx[nset - 1] == (int32_t)(nset + 63));
+        kvt_selection_record info;
+        KVT_EXPECT(sm && kvt_selection_record_info(sm, 32, &info) == KVT_OK && info.idx &&
+                   info.idx[0] == 32 && kvt_selection_record_info(sm, 31, &info) == KVT_OK &&
+                   !info.idx);
         kvt_selection_free(sm);
         free(bomb);
     }
+    lazy_checks(raw, xpath);
     free(bound);
     free(raw);
     free(rawj);
