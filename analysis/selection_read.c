@@ -7,8 +7,8 @@
  * as its changes from the step's or the budget's before) is checked at open by applying it to
  * its base, but kept as its changes in the file's bytes, which stay in memory: only the whole
  * records and one set in every SEL_CHECKPOINT of a delta chain are held whole. The others are
- * expanded on access, from the nearest set held whole or in a small cache of the last ones
- * expanded (a walk in file order applies one delta a record).
+ * expanded on access, from the nearest set held whole or from the chain's last set expanded
+ * (a walk in file order, or by step over every head, applies one delta a record).
  */
 #include <errno.h>
 #include <limits.h>
@@ -35,7 +35,19 @@
  * record applies at most SEL_CHECKPOINT - 1 deltas, and the held sets are about 1/32 of them
  * all */
 #define SEL_CHECKPOINT 32
-#define SEL_CACHE      4 /* sets last expanded by kvt_selection_copy_set, kept for the next */
+/* the last set expanded in each delta chain is kept for the chain's next (a walk by step
+ * over every head, as kvtrace.hf.e2e reads an export, comes back to each chain once a round);
+ * all dropped when they pass this many bytes */
+#define SEL_CACHE_BYTES ((size_t)64 << 20)
+
+/* A delta chain's last set expanded, under the chain's first record not held (a held set's
+ * step chain and budget chain are two chains) */
+typedef struct sel_cached {
+    size_t anc;    /* that record; SIZE_MAX: an empty slot */
+    size_t rec, n; /* the record whose set it holds, and its size */
+    size_t cap;
+    int32_t *set; /* [cap] */
+} sel_cached;
 
 /* A record's lookup key, kept next to its number so that qsort needs no outside state. */
 typedef struct sel_key {
@@ -63,11 +75,8 @@ struct kvt_selection {
     size_t max_n;  /* the largest set */
     pthread_mutex_t mu;
     int32_t *tmp[2]; /* [max_n] each: the sets between the held one and the one asked for */
-    struct {
-        size_t rec;   /* SIZE_MAX: empty */
-        int32_t *set; /* [max_n] */
-    } cache[SEL_CACHE];
-    unsigned cache_next;
+    struct sel_cached *cache; /* [cache_mask + 1] by the chain's held record, open addressing */
+    size_t cache_mask, cache_used, cache_bytes;
     int32_t **memo; /* sets expanded for kvt_selection_record_at and _find, held until free */
     size_t n_memo, cap_memo;
 };
@@ -107,8 +116,9 @@ void kvt_selection_free(kvt_selection *s)
     kvt_free(s->base);
     kvt_free(s->tmp[0]);
     kvt_free(s->tmp[1]);
-    for (int c = 0; c < SEL_CACHE; c++)
+    for (size_t c = 0; s->cache && c <= s->cache_mask; c++)
         kvt_free(s->cache[c].set);
+    kvt_free(s->cache);
     for (size_t i = 0; i < s->n_memo; i++)
         kvt_free(s->memo[i]);
     kvt_free(s->memo);
@@ -773,8 +783,6 @@ kvt_status kvt_selection_read(const char *path, kvt_selection **out)
         goto out_free_buf;
     }
     pthread_mutex_init(&s->mu, NULL);
-    for (int c = 0; c < SEL_CACHE; c++)
-        s->cache[c].rec = SIZE_MAX;
     st = size > 0 && b[0] == '{' ? parse_json(s, b, size, path) : parse_binary(s, b, size, path);
     if (st == KVT_OK)
         st = build_index(s, path);
@@ -838,56 +846,103 @@ static void apply_checked(const int32_t *b, size_t bn, const unsigned char *p, s
     memcpy(dst + k, b + a, (bn - a) * sizeof(int32_t));
 }
 
-/* The cache slot holding record i's set, or -1 */
-static int cache_find(const kvt_selection *s, size_t i)
+/* The cache slot of chain anc: its entry, or the empty slot where it would go */
+static sel_cached *cache_slot(const kvt_selection *s, size_t anc)
 {
-    for (int c = 0; c < SEL_CACHE; c++)
-        if (s->cache[c].rec == i)
-            return c;
-    return -1;
+    size_t c = (size_t)(((uint64_t)anc * 0x9E3779B97F4A7C15ull) >> 32) & s->cache_mask;
+    while (s->cache[c].anc != anc && s->cache[c].anc != SIZE_MAX)
+        c = (c + 1) & s->cache_mask;
+    return &s->cache[c];
 }
 
-/* Record i's set into dst (room for its n), s->mu held: from its set held whole or cached, or
- * its chain's deltas applied from the nearest one that is (at most SEL_CHECKPOINT - 1 of them,
- * through s->tmp); the result is cached for the next record, which is usually a delta of it */
+/* Keep record rec's set (n indices at src) as chain anc's last: the table grown at half full,
+ * every entry dropped first when they would pass SEL_CACHE_BYTES. Without memory nothing is
+ * kept (the cache is an optimisation). */
+static void cache_put(kvt_selection *s, size_t anc, size_t rec, const int32_t *src, size_t n)
+{
+    if (s->cache && s->cache_bytes + 4 * n > SEL_CACHE_BYTES) {
+        for (size_t c = 0; c <= s->cache_mask; c++) {
+            kvt_free(s->cache[c].set);
+            s->cache[c] = (sel_cached){.anc = SIZE_MAX};
+        }
+        s->cache_used = s->cache_bytes = 0;
+    }
+    if (!s->cache || 2 * (s->cache_used + 1) > s->cache_mask + 1) {
+        const size_t old = s->cache ? s->cache_mask + 1 : 0, cap = old ? 2 * old : 64;
+        sel_cached *t = kvt_malloc(cap * sizeof(*t)), *o = s->cache;
+        if (!t)
+            return;
+        for (size_t c = 0; c < cap; c++)
+            t[c] = (sel_cached){.anc = SIZE_MAX};
+        s->cache = t;
+        s->cache_mask = cap - 1;
+        for (size_t c = 0; c < old; c++)
+            if (o[c].anc != SIZE_MAX)
+                *cache_slot(s, o[c].anc) = o[c];
+        kvt_free(o);
+    }
+    sel_cached *e = cache_slot(s, anc);
+    if (e->cap < n || !e->set) {
+        int32_t *g = kvt_realloc(e->set, (n ? n : 1) * sizeof(int32_t));
+        if (!g)
+            return;
+        s->cache_bytes += 4 * ((n ? n : 1) - e->cap);
+        e->set = g;
+        e->cap = n ? n : 1;
+    }
+    if (e->anc == SIZE_MAX)
+        s->cache_used++;
+    e->anc = anc;
+    e->rec = rec;
+    e->n = n;
+    memcpy(e->set, src, n * sizeof(int32_t));
+}
+
+/* Record i's set into dst (room for its n), s->mu held: from its set held whole, or its
+ * chain's deltas applied (at most SEL_CHECKPOINT - 1 of them, through s->tmp) from the held
+ * set the chain starts from or, where it is one of i's bases, from the chain's last set
+ * expanded; the result becomes the chain's last */
 static kvt_status expand(kvt_selection *s, size_t i, int32_t *dst)
 {
     if (s->base && s->base[i] < -1) /* no change from the record it names */
         i = (size_t)(-2 - s->base[i]);
     const kvt_selection_record *r = &s->recs[i];
-    int c = r->idx ? -1 : cache_find(s, i);
-    if (r->idx || c >= 0) {
-        memcpy(dst, r->idx ? r->idx : s->cache[c].set, r->n * sizeof(int32_t));
+    if (r->idx) {
+        memcpy(dst, r->idx, r->n * sizeof(int32_t));
         return KVT_OK;
     }
-    for (int t = 0; t < 2; t++)
-        if (!s->tmp[t] && !(s->tmp[t] = kvt_malloc(s->max_n * sizeof(int32_t) + 4)))
-            return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     size_t chain[SEL_CHECKPOINT], m = 0, j = i;
-    for (; !s->recs[j].idx && (c = cache_find(s, j)) < 0; j = (size_t)s->base[j])
+    for (; !s->recs[j].idx; j = (size_t)s->base[j])
         if (m == SEL_CHECKPOINT || s->base[j] < 0) /* cannot be: open checked every chain */
             return kvt_error_set(KVT_ERR_CORRUPT, "selection: record %zu has no base", i);
         else
             chain[m++] = j;
-    const int32_t *src = s->recs[j].idx ? s->recs[j].idx : s->cache[c].set;
-    size_t n_src = s->recs[j].n;
-    int v = (int)(s->cache_next++ % SEL_CACHE); /* the slot the result goes to: not src's */
-    if (v == c)
-        v = (int)(s->cache_next++ % SEL_CACHE);
-    if (!s->cache[v].set && !(s->cache[v].set = kvt_malloc(s->max_n * sizeof(int32_t) + 4)))
-        return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
-    s->cache[v].rec = SIZE_MAX;
-    while (m-- > 0) {
-        const size_t k = chain[m];
+    const int32_t *src = s->recs[j].idx;
+    size_t n_src = s->recs[j].n, q = m; /* apply chain[q - 1] .. chain[0] */
+    const size_t top = chain[m - 1];    /* the chain's key: its first record not held */
+    const sel_cached *e = s->cache ? cache_slot(s, top) : NULL;
+    for (size_t t = 0; e && e->anc == top && t < m; t++)
+        if (chain[t] == e->rec) {
+            src = e->set, n_src = e->n, q = t;
+            break;
+        }
+    if (q == 0) { /* i's own set is the chain's last */
+        memcpy(dst, src, r->n * sizeof(int32_t));
+        return KVT_OK;
+    }
+    for (int t = 0; q > 1 && t < 2; t++)
+        if (!s->tmp[t] && !(s->tmp[t] = kvt_malloc(s->max_n * sizeof(int32_t) + 4)))
+            return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
+    while (q-- > 0) {
+        const size_t k = chain[q];
         const unsigned char *p = s->file + s->off[k];
         const size_t cnt = rd32(p + 28), n_rm = rd32(p + 32);
-        int32_t *out = m ? s->tmp[m & 1] : s->cache[v].set;
+        int32_t *out = q ? s->tmp[q & 1] : dst;
         apply_checked(src, n_src, p + SEL_REC_BYTES, n_rm, cnt - n_rm, out);
         src = out;
         n_src = s->recs[k].n;
     }
-    s->cache[v].rec = i;
-    memcpy(dst, src, r->n * sizeof(int32_t));
+    cache_put(s, top, i, dst, r->n);
     return KVT_OK;
 }
 

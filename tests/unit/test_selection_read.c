@@ -264,14 +264,17 @@ static void lazy_checks(const unsigned char *raw, const char *xpath)
        change from 34) */
     KVT_EXPECT_MSG(n_held == 4, "%d sets held", n_held);
     int32_t buf[LZ_N0 + 1];
-    for (int pass = 0; pass < 3; pass++) {
+    for (int pass = 0; pass < 4; pass++) { /* file, reverse, random order, then by step */
         kvt_rng rng;
         kvt_rng_seed(&rng, 77);
         int bad = 0;
         for (size_t k = 0; k < LZ_RECS; k++) {
             size_t i = pass == 0   ? k
                        : pass == 1 ? LZ_RECS - 1 - k
-                                   : (size_t)(kvt_rng_u64(&rng) % LZ_RECS);
+                       : pass == 2 ? (size_t)(kvt_rng_u64(&rng) % LZ_RECS)
+                                   : (k % 2) * (size_t)(b1 + 1) + k / 2 + (k % 2 == 0);
+            if (i >= LZ_RECS)
+                continue;
             buf[want[i].n] = -7; /* guard */
             if (kvt_selection_copy_set(s, i, buf, (size_t)want[i].n) != KVT_OK ||
                 memcmp(buf, want[i].set, (size_t)want[i].n * 4) || buf[want[i].n] != -7)
