@@ -286,6 +286,7 @@ kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int
                               int head, int step, const int32_t **idx, size_t *n);
 /** Shape of (trace, policy) as its records give it: layers (1 + largest layer), heads (1 +
  *  largest head) and decode steps (1 + largest step, 0 if none). All 0 if it has no record.
+ *  Computed at open: a lookup is a binary search.
  * @return KVT_OK or KVT_ERR_INVALID_ARG (trace or policy outside the header's lists). */
 kvt_status kvt_selection_shape(const kvt_selection *s, int trace, int policy, int *n_layers,
                                int *n_heads, int *n_steps);

@@ -49,6 +49,12 @@ typedef struct sel_cached {
     int32_t *set; /* [cap] */
 } sel_cached;
 
+/* The shape of the records of one (trace, policy), for kvt_selection_shape */
+typedef struct sel_shape {
+    int trace, policy;
+    int layers, heads, steps;
+} sel_shape;
+
 /* A record's lookup key, kept next to its number so that qsort needs no outside state. */
 typedef struct sel_key {
     int k[6]; /* trace, policy, budget, layer, head, step */
@@ -65,7 +71,9 @@ struct kvt_selection {
     kvt_selection_record *recs; /* [n_records] in file order; idx NULL: a delta record's set,
                                    not held (expanded on access) */
     sel_key *order;             /* [n_records] keys and record numbers, sorted */
-    int32_t *idx;               /* the sets held whole, one block */
+    struct sel_shape *shapes;   /* [n_shapes] each (trace, policy) with a record, in order */
+    size_t n_shapes;
+    int32_t *idx; /* the sets held whole, one block */
     /* delta records (binary layout): the file's bytes, each record's offset and base */
     unsigned char *file;
     size_t *off;   /* [n_records] */
@@ -110,6 +118,7 @@ void kvt_selection_free(kvt_selection *s)
     kvt_free(s->shard_settings);
     kvt_free(s->recs);
     kvt_free(s->order);
+    kvt_free(s->shapes);
     kvt_free(s->idx);
     kvt_free(s->file);
     kvt_free(s->off);
@@ -721,6 +730,24 @@ static kvt_status build_index(kvt_selection *s, const char *path)
                       path, a->rec < b->rec ? a->rec : b->rec, a->rec < b->rec ? b->rec : a->rec,
                       b->k[0], b->k[1], b->k[2], b->k[3], b->k[4], b->k[5]);
     }
+    /* the shape of each (trace, policy): the sort keeps its records together */
+    size_t n_sh = 0;
+    for (size_t i = 0; i < n; i++)
+        n_sh += i == 0 || memcmp(s->order[i].k, s->order[i - 1].k, 2 * sizeof(int)) != 0;
+    s->shapes = kvt_malloc((n_sh ? n_sh : 1) * sizeof(*s->shapes));
+    KVT_RETURN_IF(!s->shapes, KVT_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        const int *k = s->order[i].k;
+        if (i == 0 || memcmp(k, s->order[i - 1].k, 2 * sizeof(int)) != 0)
+            s->shapes[s->n_shapes++] = (sel_shape){k[0], k[1], 0, 0, 0};
+        sel_shape *h = &s->shapes[s->n_shapes - 1];
+        if (k[3] >= h->layers)
+            h->layers = k[3] + 1;
+        if (k[4] >= h->heads)
+            h->heads = k[4] + 1;
+        if (k[5] >= h->steps)
+            h->steps = k[5] + 1;
+    }
     return KVT_OK;
 }
 
@@ -1048,16 +1075,19 @@ kvt_status kvt_selection_shape(const kvt_selection *s, int trace, int policy, in
     KVT_RETURN_IF(trace < 0 || (size_t)trace >= s->hdr.n_traces || policy < 0 ||
                       (size_t)policy >= s->hdr.n_policies,
                   KVT_ERR_INVALID_ARG, "selection: no trace %d or policy %d", trace, policy);
-    for (size_t i = 0; i < s->hdr.n_records; i++) {
-        const kvt_selection_record *r = &s->recs[i];
-        if (r->trace != trace || r->policy != policy)
-            continue;
-        if (r->layer >= *n_layers)
-            *n_layers = r->layer + 1;
-        if (r->head >= *n_heads)
-            *n_heads = r->head + 1;
-        if (r->step >= *n_steps)
-            *n_steps = r->step + 1;
+    size_t lo = 0, hi = s->n_shapes; /* the first shape at or after (trace, policy) */
+    while (lo < hi) {
+        const size_t mid = lo + (hi - lo) / 2;
+        const sel_shape *h = &s->shapes[mid];
+        if (h->trace < trace || (h->trace == trace && h->policy < policy))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < s->n_shapes && s->shapes[lo].trace == trace && s->shapes[lo].policy == policy) {
+        *n_layers = s->shapes[lo].layers;
+        *n_heads = s->shapes[lo].heads;
+        *n_steps = s->shapes[lo].steps;
     }
     return KVT_OK;
 }

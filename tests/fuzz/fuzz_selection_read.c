@@ -4,7 +4,8 @@
  * record through the accessors: kvt_selection_copy_set first (a delta record's set expanded
  * from the file without being held), then kvt_selection_record_at, which must give the same
  * set, kvt_selection_find, which must find each record's own set, kvt_selection_record_info
- * and kvt_selection_shape, touching every kept index. Runs over the
+ * and kvt_selection_shape, which must give what a scan of the records gives, touching every
+ * kept index. Runs over the
  * checked-in corpus as the ctest fuzz_selection_read_regression through fuzz_driver.c.
  */
 #define _GNU_SOURCE /* memfd_create */
@@ -55,8 +56,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         for (size_t t = 0; t < h->n_traces && t < 8; t++)
             for (size_t p = 0; p < h->n_policies && p < 64; p++) {
-                int nl, nh, ns;
-                if (kvt_selection_shape(s, (int)t, (int)p, &nl, &nh, &ns) != KVT_OK)
+                int nl, nh, ns, el = 0, eh = 0, es = 0; /* e*: from a scan of the records */
+                for (size_t i = 0; i < h->n_records; i++) {
+                    kvt_selection_record r;
+                    kvt_selection_record_info(s, i, &r);
+                    if ((size_t)r.trace == t && (size_t)r.policy == p) {
+                        el = r.layer >= el ? r.layer + 1 : el;
+                        eh = r.head >= eh ? r.head + 1 : eh;
+                        es = r.step >= es ? r.step + 1 : es;
+                    }
+                }
+                if (kvt_selection_shape(s, (int)t, (int)p, &nl, &nh, &ns) != KVT_OK || nl != el ||
+                    nh != eh || ns != es)
                     abort();
             }
         const int32_t *idx;
