@@ -928,8 +928,8 @@ static void cache_put(kvt_selection *s, size_t anc, size_t rec, const int32_t *s
 /* Record i's set into dst (room for its n), s->mu held: from its set held whole, or its
  * chain's deltas applied (at most SEL_CHECKPOINT - 1 of them, through s->tmp) from the held
  * set the chain starts from or, where it is one of i's bases, from the chain's last set
- * expanded; the result becomes the chain's last */
-static kvt_status expand(kvt_selection *s, size_t i, int32_t *dst)
+ * expanded; with keep, the result becomes the chain's last (hold() keeps dst itself) */
+static kvt_status expand(kvt_selection *s, size_t i, int32_t *dst, bool keep)
 {
     if (s->base && s->base[i] < -1) /* no change from the record it names */
         i = (size_t)(-2 - s->base[i]);
@@ -969,7 +969,8 @@ static kvt_status expand(kvt_selection *s, size_t i, int32_t *dst)
         src = out;
         n_src = s->recs[k].n;
     }
-    cache_put(s, top, i, dst, r->n);
+    if (keep)
+        cache_put(s, top, i, dst, r->n);
     return KVT_OK;
 }
 
@@ -993,7 +994,7 @@ static kvt_status hold(kvt_selection *s, size_t i)
         }
         if (s->n_memo == s->cap_memo || !(set = kvt_malloc((r->n ? r->n : 1) * sizeof(int32_t))))
             st = kvt_error_set(KVT_ERR_NOMEM, "out of memory expanding a kept set");
-        else if ((st = expand(s, i, set)) != KVT_OK)
+        else if ((st = expand(s, i, set, false)) != KVT_OK)
             kvt_free(set);
         else
             a->idx = s->memo[s->n_memo++] = set;
@@ -1033,7 +1034,7 @@ kvt_status kvt_selection_copy_set(const kvt_selection *s, size_t i, int32_t *dst
     kvt_selection *w = (kvt_selection *)s;
     if (s->n_lazy)
         pthread_mutex_lock(&w->mu);
-    kvt_status st = expand(w, i, dst);
+    kvt_status st = expand(w, i, dst, true);
     if (s->n_lazy)
         pthread_mutex_unlock(&w->mu);
     return st;

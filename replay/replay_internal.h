@@ -513,9 +513,6 @@ kvt_status kvt_dec_init(const kvt_layer_ctx *c, const kvt_policy *p, const int32
 /** out [s + 1]: query head u's probabilities at decode step s over the decode keys 0..s, under
  *  the full softmax (exp(q.k * scale - lse), the lse over the prompt and those keys). */
 void kvt_dec_probs(const kvt_layer_ctx *c, int u, int s, double *out);
-/** Simulate sel's caches at budgets B[n_b] from its prompt-time sets (decoding=: the whole
- *  prompt unless prefill=1, which keeps the policy's sets; dms_decoding=1: the dms= sets).
- *  Needs K_decode and V_decode. */
 /** A cache entry e and its score s, for the top B of a decode-time cache: kvt_dec_item_cmp
  *  sorts by score descending, ties to the earlier entry (torch.topk leaves them unspecified). */
 typedef struct kvt_dec_item {
@@ -526,6 +523,9 @@ int kvt_dec_item_cmp(const void *a, const void *b);
 /** The key [D] of cache entry e of KV head g: prompt token e < T (the context's K) or decode
  *  token e - T (the input's K_decode). */
 const float *kvt_dec_entry_key(const kvt_layer_ctx *c, int g, int32_t e);
+/** Simulate sel's caches at budgets B[n_b] from its prompt-time sets (decoding=: the whole
+ *  prompt unless prefill=1, which keeps the policy's sets; dms_decoding=1: the dms= sets).
+ *  Needs K_decode and V_decode. */
 kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
                             kvt_layer_selection *sel);
 /** The entries step s's query sees in (budget b, head h)'s cache, ascending, into out

@@ -679,9 +679,8 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
             b += 32.0 * (kvt_policy_per_query_head(pols[p]) ? Hq : Hkv);
         if ((f & KVT_POLICY_NEEDS_ROPE) && pols[p]->o.decoding > 0 && !pols[p]->o.decode_prefill)
             b += 8.0 * D + 32.0; /* expected-attention:decoding=: the cache's keys in f64 */
-        else if (f &
-                 KVT_POLICY_NEEDS_ROPE) /* expected-attention: f64 queries, keys, K S', angles */
-            b += 36.0 * D + 16.0 * Hq;
+        else if (f & KVT_POLICY_NEEDS_ROPE)
+            b += 36.0 * D + 16.0 * Hq; /* expected-attention: f64 queries, keys, K S', angles */
         else if (pols[p]->def == &kvt_policy_def_rkv)
             /* the cache's keys in f64, the window rows' logits, five score arrays, the sort */
             b += 8.0 * D + 8.0 * ((double)Hq / Hkv) * pols[p]->o.window + 80;

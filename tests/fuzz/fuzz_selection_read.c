@@ -54,20 +54,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 !h->budgets[r->budget] || !h->traces[r->trace])
                 abort();
         }
+        int want[8][64][3] = {{{0}}}; /* the shapes of the first traces and policies, by a scan */
+        for (size_t i = 0; i < h->n_records; i++) {
+            kvt_selection_record r;
+            kvt_selection_record_info(s, i, &r);
+            if (r.trace < 8 && r.policy < 64) {
+                int *w = want[r.trace][r.policy];
+                w[0] = r.layer >= w[0] ? r.layer + 1 : w[0];
+                w[1] = r.head >= w[1] ? r.head + 1 : w[1];
+                w[2] = r.step >= w[2] ? r.step + 1 : w[2];
+            }
+        }
         for (size_t t = 0; t < h->n_traces && t < 8; t++)
             for (size_t p = 0; p < h->n_policies && p < 64; p++) {
-                int nl, nh, ns, el = 0, eh = 0, es = 0; /* e*: from a scan of the records */
-                for (size_t i = 0; i < h->n_records; i++) {
-                    kvt_selection_record r;
-                    kvt_selection_record_info(s, i, &r);
-                    if ((size_t)r.trace == t && (size_t)r.policy == p) {
-                        el = r.layer >= el ? r.layer + 1 : el;
-                        eh = r.head >= eh ? r.head + 1 : eh;
-                        es = r.step >= es ? r.step + 1 : es;
-                    }
-                }
-                if (kvt_selection_shape(s, (int)t, (int)p, &nl, &nh, &ns) != KVT_OK || nl != el ||
-                    nh != eh || ns != es)
+                int nl, nh, ns;
+                const int *w = want[t][p];
+                if (kvt_selection_shape(s, (int)t, (int)p, &nl, &nh, &ns) != KVT_OK || nl != w[0] ||
+                    nh != w[1] || ns != w[2])
                     abort();
             }
         const int32_t *idx;

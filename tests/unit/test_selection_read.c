@@ -154,6 +154,8 @@ typedef struct lz_rec {
     int same;  /* the record whose set it is (no change), or -1 */
 } lz_rec;
 
+/* A tova record at q: cnt indices pay (NULL: 0 .. cnt - 1), n_rm of them removed; the byte
+ * after it */
 static unsigned char *lz_put(unsigned char *q, int budget, unsigned flags, int step, size_t cnt,
                              size_t n_rm, const int32_t *pay)
 {
@@ -167,7 +169,7 @@ static unsigned char *lz_put(unsigned char *q, int budget, unsigned flags, int s
     put32(q + 32, (uint32_t)n_rm);
     q += 36;
     for (size_t k = 0; k < cnt; k++, q += 4)
-        put32(q, (uint32_t)pay[k]);
+        put32(q, pay ? (uint32_t)pay[k] : (uint32_t)k);
     return q;
 }
 
@@ -649,17 +651,8 @@ int main(void)
         unsigned char *bomb = calloc(nbomb, 1), *q = bomb + 16 + hl;
         KVT_CHECK(bomb ? KVT_OK : KVT_ERR_NOMEM);
         memcpy(bomb, raw, 16 + hl);
-        for (size_t st = 0; st <= nsteps; st++) { /* step -1 whole, then steps 0.. as deltas */
-            put32(q, 0x4C45534Bu);
-            q[6] = 4; /* tova */
-            q[10] = st ? 9 : 0;
-            put32(q + 20, (uint32_t)((int)st - 1));
-            put32(q + 24, 12);
-            put32(q + 28, st ? 0 : (uint32_t)nset);
-            q += 36;
-            for (size_t k = 0; !st && k < nset; k++, q += 4)
-                put32(q, (uint32_t)k);
-        }
+        for (size_t st = 0; st <= nsteps; st++) /* step -1 whole, then steps 0.. as deltas */
+            q = lz_put(q, 0, st ? 9 : 0, (int)st - 1, st ? 0 : nset, 0, NULL);
         put32(q, 0x444E454Bu);
         put32(q + 8, (uint32_t)(nsteps + 1));
         spit(xpath, bomb, nbomb);
@@ -684,21 +677,8 @@ int main(void)
         KVT_CHECK(bomb ? KVT_OK : KVT_ERR_NOMEM);
         memcpy(bomb, raw, 16 + hl);
         for (size_t st = 0; st <= nsteps; st++) { /* step s removes token s, adds 2^24 + s */
-            put32(q, 0x4C45534Bu);
-            q[6] = 4; /* tova */
-            q[10] = st ? 9 : 0;
-            put32(q + 20, (uint32_t)((int)st - 1));
-            put32(q + 24, 12);
-            put32(q + 28, st ? 2 : (uint32_t)nset);
-            put32(q + 32, st ? 1 : 0);
-            q += 36;
-            for (size_t k = 0; !st && k < nset; k++, q += 4)
-                put32(q, (uint32_t)k);
-            if (st) {
-                put32(q, (uint32_t)(st - 1));
-                put32(q + 4, (uint32_t)(nset + st - 1));
-                q += 8;
-            }
+            const int32_t pay[2] = {(int32_t)st - 1, (int32_t)(nset + st) - 1};
+            q = st ? lz_put(q, 0, 9, (int)st - 1, 2, 1, pay) : lz_put(q, 0, 0, -1, nset, 0, NULL);
         }
         put32(q, 0x444E454Bu);
         put32(q + 8, (uint32_t)(nsteps + 1));
