@@ -54,6 +54,18 @@ typedef enum kvt_pool {
 kvt_status kvt_attn_probs_ref(const float *q, int n_q, int D, const float *k, int T,
                               const int *n_vis, const float *k2, int n2, const int *n_vis2,
                               double scale, float *pr, float *pr2, double *lse, double *work);
+/** kvt_attn_probs_ref that also writes each query's softmax shift and normaliser to zs
+ *  [n_q, 2] (zmax, zsum over both blocks; lse = zmax + log(zsum)), or not when zs is NULL. */
+kvt_status kvt_attn_probs_zs_ref(const float *q, int n_q, int D, const float *k, int T,
+                                 const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                                 double scale, float *pr, float *pr2, double *lse, double *zs,
+                                 double *work);
+/** The block-1 probabilities pr [n_q, T] a kvt_attn_probs_zs_ref call wrote, bit for bit,
+ *  from the same q, k, n_vis and scale and its zs, without block 2 (whose logits cost
+ *  O(n2 D) a query). work [T] doubles. KVT_ERR_NAN for a logit that is not finite. */
+kvt_status kvt_attn_probs_again_ref(const float *q, int n_q, int D, const float *k, int T,
+                                    const int *n_vis, double scale, const double *zs, float *pr,
+                                    double *work);
 
 /** H2O column sums from every prompt query: colsum[j] = sum_{i>=j} softmax_causal(q_i K^T)[j]
  *  (query i sees keys 0..i). O(T^2 D).
@@ -264,6 +276,23 @@ kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, in
 kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T, const int *n_vis,
                           const float *k2, int n2, const int *n_vis2, double scale, float *pr,
                           float *pr2, double *lse, double *work);
+/** The zs variants of the fast path and the dispatchers (kvt_attn_probs_zs_ref). */
+kvt_status kvt_attn_probs_zs_cpu(const float *q, int n_q, int D, const float *k, int T,
+                                 const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                                 double scale, float *pr, float *pr2, double *lse, double *zs,
+                                 double *work);
+kvt_status kvt_attn_probs_zs(const float *q, int n_q, int D, const float *k, int T,
+                             const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                             double scale, float *pr, float *pr2, double *lse, double *zs,
+                             double *work);
+/** kvt_attn_probs_again_ref on the fast path, bit for bit what a kvt_attn_probs_zs_cpu call
+ *  wrote given the same n_q as well (its dense product's rows); then the dispatcher. */
+kvt_status kvt_attn_probs_again_cpu(const float *q, int n_q, int D, const float *k, int T,
+                                    const int *n_vis, double scale, const double *zs, float *pr,
+                                    double *work);
+kvt_status kvt_attn_probs_again(const float *q, int n_q, int D, const float *k, int T,
+                                const int *n_vis, double scale, const double *zs, float *pr,
+                                double *work);
 
 /** Workspace of kvt_sweep_output_cpu and of the dispatcher kvt_sweep_output (at least
  *  kvt_sweep_output_workspace_bytes). */

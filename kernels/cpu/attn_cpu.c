@@ -16,7 +16,7 @@
  * checks, messages and results up to summation order and the exponential's last ulp */
 static kvt_status fast_row(int i, const float *qi, int D, double *z1, int nv, int T,
                            const float *k2, double *z2, int nv2, int n2, double scale, float *pi,
-                           float *p2, double *lse)
+                           float *p2, double *lse, double *zs)
 {
     KVT_RETURN_IF(nv + nv2 == 0, KVT_ERR_INVALID_ARG, "attn_probs: query %d sees no key", i);
     double zmax;
@@ -40,12 +40,38 @@ static kvt_status fast_row(int i, const float *qi, int D, double *z1, int nv, in
             p2[j] = j < nv2 ? (float)(z2[j] / zsum) : 0.0f;
     if (lse)
         *lse = zmax + log(zsum);
+    if (zs)
+        zs[0] = zmax, zs[1] = zsum;
     return KVT_OK;
+}
+
+/* z [n_q, nv_max] = scale * q k^T over the first nv_max keys, in blocks of KB keys (qd
+ * [n_q, D], kd [KB, D] workspace) */
+static void logits(const float *q, int n_q, int D, const float *k, int nv_max, double scale,
+                   double *qd, double *kd, double *z)
+{
+    for (size_t i = 0; i < (size_t)n_q * D; i++)
+        qd[i] = q[i];
+    for (int j0 = 0; j0 < nv_max; j0 += KB) {
+        int nb = nv_max - j0 < KB ? nv_max - j0 : KB;
+        for (size_t i = 0; i < (size_t)nb * D; i++)
+            kd[i] = k[(size_t)j0 * D + i];
+        kvt_gemm_f64(true, n_q, nb, D, scale, qd, D, kd, D, 0.0, z + j0, nv_max);
+    }
 }
 
 kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, int T,
                               const int *n_vis, const float *k2, int n2, const int *n_vis2,
                               double scale, float *pr, float *pr2, double *lse, double *work)
+{
+    return kvt_attn_probs_zs_cpu(q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, NULL,
+                                 work);
+}
+
+kvt_status kvt_attn_probs_zs_cpu(const float *q, int n_q, int D, const float *k, int T,
+                                 const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                                 double scale, float *pr, float *pr2, double *lse, double *zs,
+                                 double *work)
 {
     KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0 || (k2 && n2 < 0), KVT_ERR_INVALID_ARG,
                   "attn_probs: bad shape n_q=%d D=%d T=%d n2=%d", n_q, D, T, n2);
@@ -66,20 +92,54 @@ kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, in
         goto out_free;
     }
     /* z [n_q, nv_max] = scale * q k^T over the visible prefix of the widest query */
-    for (size_t i = 0; i < (size_t)n_q * D; i++)
-        qd[i] = q[i];
-    for (int j0 = 0; j0 < nv_max; j0 += KB) {
-        int nb = nv_max - j0 < KB ? nv_max - j0 : KB;
-        for (size_t i = 0; i < (size_t)nb * D; i++)
-            kd[i] = k[(size_t)j0 * D + i];
-        kvt_gemm_f64(true, n_q, nb, D, scale, qd, D, kd, D, 0.0, z + j0, nv_max);
-    }
+    logits(q, n_q, D, k, nv_max, scale, qd, kd, z);
     double *z2 = work + T; /* (n2) logits of block 2 of the current query */
     for (int i = 0; i < n_q && !st; i++) {
         int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
-        st =
-            fast_row(i, q + (size_t)i * D, D, z + (size_t)i * nv_max, nv, T, k2, z2, nv2, n2, scale,
-                     pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL, lse ? lse + i : NULL);
+        st = fast_row(i, q + (size_t)i * D, D, z + (size_t)i * nv_max, nv, T, k2, z2, nv2, n2,
+                      scale, pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL,
+                      lse ? lse + i : NULL, zs ? zs + 2 * (size_t)i : NULL);
+    }
+out_free:
+    kvt_free(qd);
+    kvt_free(kd);
+    kvt_free(z);
+    return st;
+}
+
+kvt_status kvt_attn_probs_again_cpu(const float *q, int n_q, int D, const float *k, int T,
+                                    const int *n_vis, double scale, const double *zs, float *pr,
+                                    double *work)
+{
+    (void)work;
+    KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0, KVT_ERR_INVALID_ARG,
+                  "attn_probs: bad shape n_q=%d D=%d T=%d", n_q, D, T);
+    int nv_max = 0;
+    for (int i = 0; i < n_q; i++) {
+        int nv = kvt_clampi(n_vis[i], 0, T);
+        nv_max = nv > nv_max ? nv : nv_max;
+    }
+    kvt_status st = KVT_OK;
+    double *qd = kvt_malloc(((size_t)n_q * D + 1) * sizeof(double));
+    double *kd = kvt_malloc(((size_t)KB * D) * sizeof(double));
+    double *z = kvt_malloc(((size_t)n_q * nv_max + 1) * sizeof(double));
+    if (!qd || !kd || !z) {
+        st = kvt_error_set(KVT_ERR_NOMEM, "attn_probs: out of memory");
+        goto out_free;
+    }
+    logits(q, n_q, D, k, nv_max, scale, qd, kd, z); /* the first call's products */
+    for (int i = 0; i < n_q; i++) {                 /* fast_row's steps for block 1 */
+        const int nv = kvt_clampi(n_vis[i], 0, T);
+        double *z1 = z + (size_t)i * nv_max, zmax;
+        float *pi = pr + (size_t)i * T;
+        int bad = kvt_max_finite_cpu(z1, nv, &zmax);
+        if (bad >= 0) {
+            st = kvt_error_set(KVT_ERR_NAN, "attn_probs: logit (%d,%d) not finite", i, bad);
+            break;
+        }
+        (void)kvt_exp_shift_sum_cpu(z1, nv, zs[2 * (size_t)i]);
+        kvt_div_to_f32_cpu(z1, nv, zs[2 * (size_t)i + 1], pi);
+        memset(pi + nv, 0, (size_t)(T - nv) * sizeof(float));
     }
 out_free:
     kvt_free(qd);

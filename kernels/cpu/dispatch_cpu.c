@@ -23,6 +23,23 @@ kvt_status kvt_attn_probs(const float *q, int n_q, int D, const float *k, int T,
         q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, work);
 }
 
+kvt_status kvt_attn_probs_zs(const float *q, int n_q, int D, const float *k, int T,
+                             const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                             double scale, float *pr, float *pr2, double *lse, double *zs,
+                             double *work)
+{
+    return (kvt_kernels_ref_only() ? kvt_attn_probs_zs_ref : kvt_attn_probs_zs_cpu)(
+        q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, zs, work);
+}
+
+kvt_status kvt_attn_probs_again(const float *q, int n_q, int D, const float *k, int T,
+                                const int *n_vis, double scale, const double *zs, float *pr,
+                                double *work)
+{
+    return (kvt_kernels_ref_only() ? kvt_attn_probs_again_ref : kvt_attn_probs_again_cpu)(
+        q, n_q, D, k, T, n_vis, scale, zs, pr, work);
+}
+
 kvt_status kvt_attn_colsum(const float *q, const float *k, int T, int D, double scale, double *work,
                            double *colsum)
 {

@@ -19,6 +19,15 @@ kvt_status kvt_attn_probs_ref(const float *q, int n_q, int D, const float *k, in
                               const int *n_vis, const float *k2, int n2, const int *n_vis2,
                               double scale, float *pr, float *pr2, double *lse, double *work)
 {
+    return kvt_attn_probs_zs_ref(q, n_q, D, k, T, n_vis, k2, n2, n_vis2, scale, pr, pr2, lse, NULL,
+                                 work);
+}
+
+kvt_status kvt_attn_probs_zs_ref(const float *q, int n_q, int D, const float *k, int T,
+                                 const int *n_vis, const float *k2, int n2, const int *n_vis2,
+                                 double scale, float *pr, float *pr2, double *lse, double *zs,
+                                 double *work)
+{
     KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0 || (k2 && n2 < 0), KVT_ERR_INVALID_ARG,
                   "attn_probs: bad shape n_q=%d D=%d T=%d n2=%d", n_q, D, T, n2);
     KVT_RETURN_IF(k2 && !pr2, KVT_ERR_INVALID_ARG, "attn_probs: pr2 is NULL");
@@ -30,8 +39,20 @@ kvt_status kvt_attn_probs_ref(const float *q, int n_q, int D, const float *k, in
         int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
         KVT_FORWARD(kvt_attn_row(i, q + (size_t)i * D, D, k, z1, nv, T, k2, z2, nv2, n2, scale,
                                  pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL,
-                                 lse ? lse + i : NULL));
+                                 lse ? lse + i : NULL, zs ? zs + 2 * (size_t)i : NULL));
     }
+    return KVT_OK;
+}
+
+kvt_status kvt_attn_probs_again_ref(const float *q, int n_q, int D, const float *k, int T,
+                                    const int *n_vis, double scale, const double *zs, float *pr,
+                                    double *work)
+{
+    KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0, KVT_ERR_INVALID_ARG,
+                  "attn_probs: bad shape n_q=%d D=%d T=%d", n_q, D, T);
+    for (int i = 0; i < n_q; i++)
+        KVT_FORWARD(kvt_attn_row_again(i, q + (size_t)i * D, D, k, work, kvt_clampi(n_vis[i], 0, T),
+                                       T, scale, zs + 2 * (size_t)i, pr + (size_t)i * T));
     return KVT_OK;
 }
 

@@ -157,6 +157,27 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
     for (int i = 0; i < n_q; i++)
         for (int j = vis[i]; j < T; j++)
             KVT_EXPECT(pb[(size_t)i * T + j] == 0.0f);
+    /* the zs variants write what the plain calls do, and zs gives lse; the block-1
+       probabilities again from zs (block 2 not given) are the same bits, over stale memory */
+    float *pz = malloc((np + N_GUARD) * 4), *pg = malloc((np + N_GUARD) * 4);
+    float *qz = malloc((np2 + N_GUARD) * 4);
+    double *lz = malloc((size_t)n_q * 8), *zs = malloc((size_t)n_q * 16);
+    for (int ref = 0; ref < 2; ref++) {
+        KVT_CHECK((ref ? kvt_attn_probs_zs_ref : kvt_attn_probs_zs_cpu)(
+            q, n_q, D, k, T, vis, kk2, n2, vis2, scale, pz, n2 ? qz : NULL, lz, zs, work));
+        KVT_EXPECT(!memcmp(pz, ref ? pa : pb, np * 4) &&
+                   !memcmp(lz, ref ? la : lb, (size_t)n_q * 8));
+        KVT_EXPECT(!memcmp(qz, ref ? qa : qb, np2 * 4));
+        for (int i = 0; i < n_q; i++)
+            KVT_EXPECT(lz[i] == zs[2 * i] + log(zs[2 * i + 1]));
+        memset(pg, 0x7f, np * 4);
+        put_guard(pg + np);
+        KVT_CHECK((ref ? kvt_attn_probs_again_ref : kvt_attn_probs_again_cpu)(q, n_q, D, k, T, vis,
+                                                                              scale, zs, pg, work));
+        KVT_EXPECT_MSG(!memcmp(pg, pz, np * 4), "attn_probs_again%s n_q=%d T=%d D=%d n2=%d",
+                       ref ? "_ref" : "_cpu", n_q, T, D, n2);
+        KVT_EXPECT(guard_ok(pg + np));
+    }
 
     /* weighted value sums from the same probabilities */
     size_t no = (size_t)n_q * D;
@@ -175,8 +196,13 @@ static void test_attn(int n_q, int T, int D, int n2, uint64_t seed)
         KVT_EXPECT_STATUS(
             kvt_attn_probs_cpu(q, 1, D, k, T, &vis_all, NULL, 0, NULL, scale, pb, NULL, lb, work),
             KVT_ERR_NAN);
+        KVT_EXPECT_STATUS(kvt_attn_probs_again_cpu(q, 1, D, k, T, &vis_all, scale, zs, pg, work),
+                          KVT_ERR_NAN);
+        KVT_EXPECT_STATUS(kvt_attn_probs_again_ref(q, 1, D, k, T, &vis_all, scale, zs, pg, work),
+                          KVT_ERR_NAN);
     }
     kt_attn_free(&in);
+    free(pz), free(pg), free(qz), free(lz), free(zs);
     free(pa), free(pb), free(qa);
     free(qb), free(la), free(lb), free(work), free(oa), free(ob);
 }
