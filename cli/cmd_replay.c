@@ -23,7 +23,7 @@ static void help(void)
 {
     printf("usage: kvtrace replay TRACE... [--policies LIST] [--budgets LIST] -o results.json\n"
            "                      [--window W] [--threads N] [--memory-limit SIZE] [--seed S]\n"
-           "                      [--per-query-head]\n"
+           "                      [--per-query-head] [--decode-probs auto|all|group]\n"
            "                      [--coverage-probes N] [--export-selection FILE] [--force]\n"
            "                      [--shard I/N] [--device cpu|cuda[:LIST]|auto] [--profile]\n\n"
            "Replay KV-cache compression policies offline on captured traces and measure every\n"
@@ -52,7 +52,14 @@ static void help(void)
            "  --memory-limit SIZE  memory the default --threads plans for (512M, 40G;\n"
            "                    default: what the machine has available; under MPI shared\n"
            "                    by the processes on one machine)\n"
-           "  --device D        where each layer's attention, outputs, norms, unit keys and\n"
+           "  --decode-probs M  how a worker holds a layer's decode queries' attention over\n"
+           "                    the prompt (4 x query heads x decode steps x T bytes): all\n"
+           "                    (computed once), group (one KV head's query heads at a time,\n"
+           "                    computed again for each policy that reads them: less memory,\n"
+           "                    slower, the same results), auto (default: all, unless the\n"
+           "                    threads planned would then not fit in the memory)\n",
+           KVT_CLI_ALL_POLICIES);
+    printf("  --device D        where each layer's attention, outputs, norms, unit keys and\n"
            "                    recall/error/coverage sweeps run: cpu (default), cuda (every\n"
            "                    visible GPU, each layer on one; the policies' logic stays on\n"
            "                    the host), cuda:LIST (those GPUs: cuda:1, cuda:0,2, cuda:0-3),\n"
@@ -78,25 +85,32 @@ static void help(void)
            "shard R/N and rank 0 merges the parts into the one results.json a single process\n"
            "writes (and the selection export); --threads defaults to the cores of a node over its\n"
            "processes.%s\n",
-           KVT_CLI_ALL_POLICIES, KVT_DEFAULT_COVERAGE_PROBES,
+           KVT_DEFAULT_COVERAGE_PROBES,
            kvt_cli_mpi_library() ? "" : "\n(This kvtrace was built without MPI.)");
 }
 
 /* The worker threads: --threads N as given; else the cores (a node's cores shared by its
  * processes under MPI), lowered to what the memory holds at kvt_replay_worker_bytes each (the
  * largest over the traces) with a note saying so. A warning when the threads chosen may not
- * fit (the system would kill the replay). *wb receives the estimate (0 if unknown). */
+ * fit (the system would kill the replay). *wb receives the estimate (0 if unknown). *dp
+ * (--decode-probs) is resolved when it is KVT_DECODE_PROBS_AUTO, with a note when that holds
+ * the decode probabilities one KV group at a time. */
 static int plan_threads(const char *cmd, const char *const *traces, size_t n_traces,
                         kvt_policy *const *pols, size_t n_pol, int probes, kvt_device device,
-                        int threads, uint64_t mem_limit, const kvt_cli_mpi *mpi, uint64_t *wb)
+                        int threads, uint64_t mem_limit, const kvt_cli_mpi *mpi, uint64_t *wb,
+                        kvt_decode_probs *dp)
 {
     int max_layers = 0, n_l;
+    uint64_t wbm[2] = {0, 0}; /* all of the decode probabilities held, one group's */
     *wb = 0;
     for (size_t t = 0; t < n_traces; t++) { /* a bad trace fails later, with its own message */
         uint64_t b;
-        if (kvt_replay_worker_bytes(traces[t], pols, n_pol, probes, device, &b) == KVT_OK &&
-            b > *wb)
-            *wb = b;
+        for (int grp = 0; grp < 2; grp++)
+            if (kvt_replay_worker_bytes_for(traces[t], pols, n_pol, probes, device,
+                                            grp ? KVT_DECODE_PROBS_GROUP : KVT_DECODE_PROBS_ALL,
+                                            &b) == KVT_OK &&
+                b > wbm[grp])
+                wbm[grp] = b;
         if (kvt_replay_trace_shape(traces[t], &n_l, NULL) == KVT_OK && n_l > max_layers)
             max_layers = n_l;
         kvt_error_clear();
@@ -108,6 +122,21 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
         avail = 1; /* a limit below the processes: as small as it gets, not "unknown" */
     const char *what = mem_limit ? "--memory-limit" : "available";
     int want = threads ? threads : (kvt_cpu_count() / local > 1 ? kvt_cpu_count() / local : 1);
+    if (*dp == KVT_DECODE_PROBS_AUTO) {
+        *dp = kvt_replay_decode_probs_auto(threads, want, max_layers, wbm[0], wbm[1], avail);
+        if (*dp == KVT_DECODE_PROBS_GROUP && mpi->rank == 0) {
+            char all[32], grp[32], have[32];
+            fprintf(stderr,
+                    "kvtrace %s: each worker holds the decode queries' attention of one KV group "
+                    "at a time (about %s a worker, not %s; %s is %s): computed again for each "
+                    "policy that reads it, slower, the same results (--decode-probs all to "
+                    "hold it whole)\n",
+                    cmd, kvt_cli_bytes_text((double)wbm[1], grp, sizeof(grp)),
+                    kvt_cli_bytes_text((double)wbm[0], all, sizeof(all)), what,
+                    kvt_cli_bytes_text((double)avail, have, sizeof(have)));
+        }
+    }
+    *wb = wbm[*dp == KVT_DECODE_PROBS_GROUP];
     int n = kvt_replay_threads(threads, want, 0, *wb, avail); /* the library's rule */
     if (mpi->rank != 0 || !*wb || !avail)
         return n;
@@ -219,6 +248,12 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
                 "profile: gpu: device released in %.3f s%s (CUDA's teardown, on a thread while "
                 "the results were written)\n",
                 cmd_release.ns * 1e-9, cmd_release.st ? ", with an error" : "");
+    if (p->prd_group_layers)
+        fprintf(stderr,
+                "profile: decode probabilities held one KV group at a time in %llu layers: "
+                "%llu groups computed again, %.3f s (in policies+sweeps)\n",
+                (unsigned long long)p->prd_group_layers, (unsigned long long)p->prd_again,
+                p->prd_again_ns * 1e-9);
     char blas[160];
     kvt_kernels_cpu_describe(blas, sizeof(blas));
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);
@@ -643,6 +678,7 @@ int kvt_cmd_replay(int argc, char **argv)
     size_t n_traces = 0;
     int threads = 0, probes = -1, rc = 1, shard_i = 0, shard_n = 0, window = 0;
     uint64_t mem_limit = 0, worker_bytes = 0;
+    kvt_decode_probs decode_probs = KVT_DECODE_PROBS_AUTO;
     int *units = NULL; /* [n_units][2] (trace, layer) of this shard */
     int *shape = NULL; /* [n_traces][2] layers and tokens of each trace, when sharded */
     size_t n_units = 0, n_units_all = 0;
@@ -745,6 +781,17 @@ int kvt_cmd_replay(int argc, char **argv)
             NEED_VALUE();
             if (!kvt_cli_parse_int(v, 1, 4096, &threads)) {
                 kvt_cli_fail(cmd, "--threads %s: expected 1..4096", v);
+                rc = 2; /* usage */
+                goto out_free;
+            }
+        } else if (!strcmp(a, "--decode-probs")) {
+            NEED_VALUE();
+            if (!strcmp(v, "auto") || !strcmp(v, "all") || !strcmp(v, "group")) {
+                decode_probs = v[0] == 'g'   ? KVT_DECODE_PROBS_GROUP
+                               : v[1] == 'l' ? KVT_DECODE_PROBS_ALL
+                                             : KVT_DECODE_PROBS_AUTO;
+            } else {
+                kvt_cli_fail(cmd, "--decode-probs %s: expected auto, all or group", v);
                 rc = 2; /* usage */
                 goto out_free;
             }
@@ -881,7 +928,7 @@ int kvt_cmd_replay(int argc, char **argv)
         shard_n = mpi.size;
     }
     threads = plan_threads(cmd, (const char *const *)traces, n_traces, pols, n_pol, probes, device,
-                           threads, mem_limit, &mpi, &worker_bytes);
+                           threads, mem_limit, &mpi, &worker_bytes, &decode_probs);
     res->seed = seed;
     res->coverage_probes = probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : probes;
     res->n_threads = threads > 0 ? threads : kvt_cpu_count();
@@ -918,7 +965,8 @@ int kvt_cmd_replay(int argc, char **argv)
                              /* an MPI launch's processes on this node share its GPUs */
                              .cuda_share_index = mpi.local_rank,
                              .cuda_share_count = mpi.local_size,
-                             .profile = profile ? &prof : NULL};
+                             .profile = profile ? &prof : NULL,
+                             .decode_probs = decode_probs};
         if (sw) {
             o.sink = kvt_selection_writer_sink;
             o.sink_user = sw;

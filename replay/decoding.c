@@ -383,6 +383,8 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
         const int u0 = sel->per_query ? h : g * c->Gs, nu = NU;
         const float *V = c->v + (size_t)g * T * D;
         const float *Vd = c->in->v_decode + (size_t)g * G * D;
+        if ((st = kvt_ctx_prd_group(c, g)))
+            goto out;
         for (int b = 0; b < n_b; b++)
             rec[b] = err[b] = kept[b] = 0.0;
         for (int s = 0; s < G; s++) {
@@ -431,7 +433,7 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                 for (int i = 0; i < nc; i++) { /* s - p*v is s + (-p)*v, bit for bit */
                     for (int x = 0; x < nu; x++) {
                         const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                        const double pj = c->prd[r * T + (size_t)comp[i]];
+                        const double pj = kvt_ctx_prd_row(c, r)[comp[i]];
                         mass[x] -= pj;
                         pw[x] = -pj;
                     }
@@ -441,7 +443,7 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                     const int j = vis[i];
                     for (int x = 0; x < nu; x++) {
                         const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                        pw[x] = j < T ? (double)c->prd[r * T + (size_t)j]
+                        pw[x] = j < T ? (double)kvt_ctx_prd_row(c, r)[j]
                                       : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
                         mass[x] += pw[x];
                     }

@@ -294,7 +294,23 @@ typedef struct kvt_replay_profile {
        staging buffer free again), and the host clock inside those waits */
     uint64_t gpu_syncs, gpu_sync_ns;
     uint64_t gpu_device_layers[KVT_MAX_CUDA_DEVICES]; /* --device cuda: layers run on device d */
+    /* layers replayed with KVT_DECODE_PROBS_GROUP, the KV groups' decode probabilities they
+       computed again for a later reader, and the time that took (in measure_ns) */
+    uint64_t prd_group_layers, prd_again, prd_again_ns;
 } kvt_replay_profile;
+
+/** How a worker holds a layer's decode-query probabilities over the prompt keys, 4 Hq G T
+ *  bytes: a long generation's largest array (17 GiB for Llama-3-8B at T 8192, G 16384). */
+typedef enum kvt_decode_probs {
+    /* ALL, unless the worker threads would then not fit in the memory and GROUP holds less
+       (kvt_replay_decode_probs_auto) */
+    KVT_DECODE_PROBS_AUTO = 0,
+    KVT_DECODE_PROBS_ALL, /* all of them, computed once */
+    /* one KV group's at a time (1/Hkv of them; on the CPU only), computed again for each
+       reader that goes over the groups (the oracle, h2o-greedy:decode=1, the sweeps, each
+       decode-time cache's metrics): slower, the results bitwise the same */
+    KVT_DECODE_PROBS_GROUP,
+} kvt_decode_probs;
 
 typedef struct kvt_replay_opts {
     int n_threads;         /* worker threads over layers; 0 = all cores, as many as memory_limit
@@ -323,7 +339,8 @@ typedef struct kvt_replay_opts {
        devices d with d % count == index, or, with fewer devices than processes, device
        index % devices. count <= 1: every visible device */
     int cuda_share_index, cuda_share_count;
-    kvt_replay_profile *profile; /* may be NULL; when given, times are ADDED to it */
+    kvt_replay_profile *profile;   /* may be NULL; when given, times are ADDED to it */
+    kvt_decode_probs decode_probs; /* 0: KVT_DECODE_PROBS_AUTO */
 } kvt_replay_opts;
 
 /** Sharding (scale-out): the (trace, layer) units of a replay are numbered in order, traces in
@@ -442,6 +459,17 @@ kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, siz
  *  memory is about this times its worker threads (with CUDA, plus the runtime's own). */
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
                                    int coverage_probes, kvt_device device, uint64_t *bytes);
+/** kvt_replay_worker_bytes with the decode probabilities held as `mode` says (AUTO: ALL). */
+kvt_status kvt_replay_worker_bytes_for(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                       int coverage_probes, kvt_device device,
+                                       kvt_decode_probs mode, uint64_t *bytes);
+/** KVT_DECODE_PROBS_AUTO resolved: with a worker holding wb_all bytes (all of the decode
+ *  probabilities: kvt_replay_worker_bytes) or wb_group (one KV group's), GROUP when wb_group is
+ *  less and kvt_replay_threads(requested, cores, n_layers, ..., memory) plans more threads
+ *  with it, or plans threads that do not fit at wb_all; else ALL (also when memory is 0:
+ *  unknown). */
+kvt_decode_probs kvt_replay_decode_probs_auto(int requested, int cores, int n_layers,
+                                              uint64_t wb_all, uint64_t wb_group, uint64_t memory);
 /** Worker threads for a replay of `n_layers` layers: `requested` when > 0; else `cores` (<= 0:
  *  the CPU count), lowered to what `memory` bytes hold at `worker_bytes` each (memory 0:
  *  unknown, no limit), at least 1. Never more than n_layers when it is >= 1. */

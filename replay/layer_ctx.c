@@ -230,8 +230,10 @@ kvt_status kvt_ctx_decode_means(kvt_layer_ctx *c, bool per_query, int P, double 
         return kvt_ctx_gpu_decode_scores(c->gpu, per_query, P, out);
     /* without the GPU, prd is on the host */
     const int per = per_query ? 1 : c->Gs, H = per_query ? c->Hq : c->Hkv, R = per * c->Gd;
-    for (int h = 0; h < H; h++)
-        kvt_col_mean_ref(c->prd + (size_t)h * R * c->T, R, c->T, P, out + (size_t)h * P);
+    for (int h = 0; h < H; h++) {
+        KVT_FORWARD(kvt_ctx_prd_group(c, kvt_ctx_kv_of(c, per_query, h)));
+        kvt_col_mean_ref(kvt_ctx_prd_row(c, (size_t)h * R), R, c->T, P, out + (size_t)h * P);
+    }
     return KVT_OK;
 }
 
@@ -262,13 +264,60 @@ kvt_status kvt_ctx_q_all_head(const kvt_layer_ctx *c, const char *policy, int h,
     return KVT_OK;
 }
 
+/* KV group g's decode query rows [i0, i0 + n) (n <= prd_rb) into pr [n, T], their
+ * log-sum-exps and, with prd_one, softmax shifts and normalisers (dzs); the probabilities over
+ * decode keys into dpr2. Again (prd_one) the rows over the prompt only, in the same calls. */
+static kvt_status dec_rows(kvt_layer_ctx *c, int g, int i0, int n, float *pr, bool again)
+{
+    const int T = c->T, D = c->D, Gd = c->Gd;
+    const size_t q0 = (size_t)g * c->Gs * Gd + (size_t)i0;
+    const float *q = c->in->q_decode + q0 * D, *K = c->k + (size_t)g * T * D;
+    if (again)
+        return kvt_attn_probs_again(q, n, D, K, T, c->dvis, c->scale, c->dzs + 2 * q0, pr,
+                                    c->dwork);
+    const float *Kd = c->has_extra ? c->in->k_decode + (size_t)g * Gd * D : NULL;
+    return kvt_attn_probs_zs(q, n, D, K, T, c->dvis, Kd, Gd, c->dvis2 + i0, c->scale, pr, c->dpr2,
+                             c->lsed + q0, c->dzs ? c->dzs + 2 * q0 : NULL, c->dwork);
+}
+
+/* decode query row q's mass on the decode keys and its output over them, from its
+ * probabilities over them p2 [Gd] (its KV group's V_decode Vd) */
+static void dec_extra(kvt_layer_ctx *c, size_t q, const float *p2, const float *Vd)
+{
+    double pe = 0.0;
+    for (int e = 0; e < c->Gd; e++)
+        pe += p2[e];
+    c->pd_extra[q] = pe;
+    kvt_attn_output_ref(p2, 1, c->Gd, (size_t)c->Gd, Vd, c->D, c->od_extra + q * c->D,
+                        (size_t)c->D);
+}
+
+kvt_status kvt_ctx_prd_group(kvt_layer_ctx *c, int g)
+{
+    if (!c->prd_one || c->prd_g == g)
+        return KVT_OK;
+    KVT_RETURN_IF(g < 0 || g >= c->Hkv, KVT_ERR_INVALID_ARG, "layer %d: no KV head %d", c->layer,
+                  g);
+    const int nqd = c->Gs * c->Gd;
+    uint64_t t0 = kvt_now_ns();
+    c->prd_g = -1;
+    for (int i0 = 0; i0 < nqd; i0 += c->prd_rb) {
+        const int n = nqd - i0 < c->prd_rb ? nqd - i0 : c->prd_rb;
+        KVT_FORWARD(dec_rows(c, g, i0, n, c->prd + (size_t)i0 * c->T, true));
+    }
+    c->prd_g = g, c->prd_r0 = (size_t)g * nqd;
+    KVT_PROF_ADD(c->prof, prd_again_ns, kvt_now_ns() - t0);
+    KVT_PROF_ADD(c->prof, prd_again, 1);
+    return KVT_OK;
+}
+
 kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c)
 {
-    return kvt_ctx_build_on(in, c, false, NULL);
+    return kvt_ctx_build_on(in, c, false, KVT_DECODE_PROBS_ALL, NULL);
 }
 
 kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu,
-                            kvt_replay_profile *prof)
+                            kvt_decode_probs dp, kvt_replay_profile *prof)
 {
     memset(c, 0, sizeof(*c));
     KVT_RETURN_IF(!in || !in->q_window, KVT_ERR_INVALID_ARG, "layer context: Q_window is required");
@@ -373,47 +422,68 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 
     /* decode queries: step s sees every prompt key and decode keys 0..s */
     if (Gd > 0) {
-        if ((s = ALLOC_LAZY(c->prd, (size_t)Hq * Gd * T)) ||
+        /* on the host in blocks of rows: their logits (kvt_attn_probs_cpu's [rows, T] f64)
+           and dpr2 within 32 MiB; one KV group's rows at a time when all would be large */
+        const size_t row_bytes = 8 * ((size_t)T + (size_t)Gd);
+        c->prd_rb =
+            (size_t)nqd * row_bytes <= ((size_t)32 << 20)
+                ? nqd
+                : (int)(((size_t)32 << 20) / row_bytes > 0 ? ((size_t)32 << 20) / row_bytes : 1);
+        c->prd_one = !dev && dp == KVT_DECODE_PROBS_GROUP && Hkv > 1;
+        if (c->prd_one)
+            KVT_PROF_ADD(prof, prd_group_layers, 1);
+        c->prd_g = -1;
+        if ((s = ALLOC_LAZY(c->prd, (size_t)(c->prd_one ? nqd : Hq * Gd) * T)) ||
             (s = ALLOC(c->ad, (size_t)Hq * Gd * D)) || (s = ALLOC(c->lsed, (size_t)Hq * Gd)) ||
             (s = ALLOC(c->rsd, (size_t)Hq * Gd)))
             goto out_fail;
         if (c->has_extra &&
             ((s = ALLOC(c->pd_extra, (size_t)Hq * Gd)) ||
              (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D)) ||
-             (s = ALLOC(pr2, (size_t)(dev ? Hkv : 1) * nqd * Gd)))) /* the device's: all groups' */
+             (dev && (s = ALLOC(pr2, (size_t)Hkv * nqd * Gd))))) /* the device's: all groups' */
             goto out_fail;
-        for (int i = 0; i < nqd; i++) {
+        if (!dev && ((s = ALLOC(c->dvis, c->prd_rb)) || (s = ALLOC(c->dvis2, nqd)) ||
+                     (s = ALLOC(c->dwork, (size_t)T + Gd)) ||
+                     (c->prd_one && (s = ALLOC(c->dzs, (size_t)2 * Hq * Gd))) ||
+                     (c->has_extra && (s = ALLOC(c->dpr2, (size_t)c->prd_rb * Gd)))))
+            goto out_fail;
+        for (int i = 0; dev && i < nqd; i++) {
             vis[i] = T;
             vis2[i] = i % Gd + 1;
+        }
+        for (int i = 0; !dev && i < nqd; i++) {
+            if (i < c->prd_rb)
+                c->dvis[i] = T;
+            c->dvis2[i] = i % Gd + 1;
         }
         if (dev && (s = kvt_ctx_gpu_attn(dev, true, nqd, vis, vis2, c->scale, pr2, c->lsed, c->ad,
                                          c->rsd, NULL)))
             goto out_fail;
-        for (int g = 0; g < Hkv; g++) {
-            const float *Kd = c->has_extra ? in->k_decode + (size_t)g * Gd * D : NULL;
+        for (int g = 0; !dev && g < Hkv; g++) {
+            const float *V = c->v + (size_t)g * T * D;
             const float *Vd = c->has_extra ? in->v_decode + (size_t)g * Gd * D : NULL;
-            size_t q0 = (size_t)g * nqd;
-            float *pr = c->prd + q0 * T, *pr2g = dev && pr2 ? pr2 + q0 * Gd : pr2;
-            if (!dev &&
-                !(s = kvt_attn_probs(in->q_decode + q0 * D, nqd, D, c->k + (size_t)g * T * D, T,
-                                     vis, Kd, Gd, vis2, c->scale, pr, pr2, c->lsed + q0, work)))
-                s = kvt_attn_output(pr, nqd, T, T, c->v + (size_t)g * T * D, D, c->ad + q0 * D, D);
-            if (s)
-                goto out_fail;
-            for (int i = 0; i < nqd; i++) {
-                if (!dev)
-                    c->rsd[q0 + i] = kvt_sum_f32_cpu(pr + (size_t)i * T, (size_t)T);
-                if (c->has_extra) {
-                    const float *p2 = pr2g + (size_t)i * Gd;
-                    double pe = 0.0;
-                    for (int e = 0; e < Gd; e++)
-                        pe += p2[e];
-                    c->pd_extra[q0 + i] = pe;
-                    kvt_attn_output_ref(p2, 1, Gd, (size_t)Gd, Vd, D, c->od_extra + (q0 + i) * D,
-                                        (size_t)D);
+            float *pr = c->prd_one ? c->prd : c->prd + (size_t)g * nqd * T;
+            for (int i0 = 0; i0 < nqd; i0 += c->prd_rb) {
+                const int n = nqd - i0 < c->prd_rb ? nqd - i0 : c->prd_rb;
+                const size_t q0 = (size_t)g * nqd + (size_t)i0;
+                float *pb = pr + (size_t)i0 * T;
+                if ((s = dec_rows(c, g, i0, n, pb, false)) ||
+                    (s = kvt_attn_output(pb, n, T, T, V, D, c->ad + q0 * D, D)))
+                    goto out_fail;
+                for (int i = 0; i < n; i++) {
+                    c->rsd[q0 + i] = kvt_sum_f32_cpu(pb + (size_t)i * T, (size_t)T);
+                    if (c->has_extra)
+                        dec_extra(c, q0 + i, c->dpr2 + (size_t)i * Gd, Vd);
                 }
             }
+            if (c->prd_one)
+                c->prd_g = g, c->prd_r0 = (size_t)g * nqd;
         }
+        for (int g = 0; dev && c->has_extra && g < Hkv; g++) /* the device's decode-key rows */
+            for (int i = 0; i < nqd; i++) {
+                const size_t q = (size_t)g * nqd + (size_t)i;
+                dec_extra(c, q, pr2 + q * Gd, in->v_decode + (size_t)g * Gd * D);
+            }
     }
 
     /* per KV head: norms, unit keys, their mean over all T (window included, §4.1.3), r */
@@ -460,6 +530,11 @@ void kvt_ctx_free(kvt_layer_ctx *c)
     kvt_free(c->rsd);
     kvt_free(c->massw_mod);
     kvt_free(c->prd);
+    kvt_free(c->dvis);
+    kvt_free(c->dvis2);
+    kvt_free(c->dpr2);
+    kvt_free(c->dwork);
+    kvt_free(c->dzs);
     kvt_free(c->ad);
     kvt_free(c->pd_extra);
     kvt_free(c->od_extra);

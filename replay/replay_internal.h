@@ -5,6 +5,7 @@
 #ifndef KVT_REPLAY_INTERNAL_H
 #define KVT_REPLAY_INTERNAL_H
 
+#include <assert.h>
 #include <math.h>
 
 #include "kvt_replay.h"
@@ -266,12 +267,22 @@ struct kvt_layer_ctx {
     double *rsw;       /* [Hq, Wt] sum of each probability row (stored mass, ~1) */
     double *massw_mod; /* [Hq, Wt, NM] full mass per modality, or NULL */
     /* decode queries (held out) */
-    float *prd;       /* [Hq, Gd, T] probabilities over prompt keys */
-    double *ad;       /* [Hq, Gd, D] sum over prompt keys of p_j v_j */
-    double *pd_extra; /* [Hq, Gd] mass on decode keys 0..s (NULL without decode K/V) */
-    double *od_extra; /* [Hq, Gd, D] sum over decode keys of p v */
-    double *lsed;     /* [Hq, Gd] */
-    double *rsd;      /* [Hq, Gd] sum of each probability row over the prompt keys */
+    /* [Hq, Gd, T] probabilities over prompt keys; with prd_one only one KV group's rows
+     * [Gs, Gd, T] at a time: a reader calls kvt_ctx_prd_group, then kvt_ctx_prd_row */
+    float *prd;
+    bool prd_one;      /* prd holds one KV group's rows (kvt_ctx_prd_one) */
+    int prd_g;         /* with prd_one the group whose rows prd holds, or -1 */
+    size_t prd_r0;     /* the first query row (h * Gd + s) prd holds: 0, or prd_g * Gs * Gd */
+    int prd_rb;        /* decode rows per kvt_attn_probs call (bounds its logits and dpr2) */
+    int *dvis, *dvis2; /* [prd_rb] T; [Gs * Gd] i % Gd + 1: the rows' visible keys */
+    float *dpr2;       /* [prd_rb, Gd] the rows' probabilities over decode keys (has_extra) */
+    double *dwork;     /* [T + Gd] */
+    double *dzs;       /* with prd_one [Hq, Gd, 2] each row's softmax shift and normaliser */
+    double *ad;        /* [Hq, Gd, D] sum over prompt keys of p_j v_j */
+    double *pd_extra;  /* [Hq, Gd] mass on decode keys 0..s (NULL without decode K/V) */
+    double *od_extra;  /* [Hq, Gd, D] sum over decode keys of p v */
+    double *lsed;      /* [Hq, Gd] */
+    double *rsd;       /* [Hq, Gd] sum of each probability row over the prompt keys */
     /* per KV head */
     double *knorm, *vnorm; /* [Hkv, T] */
     float *ku;             /* [Hkv, T, D] unit keys */
@@ -308,9 +319,11 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
 /** kvt_ctx_build with the attention probabilities and outputs, norms and unit keys computed on
  *  the GPU (gpu true: replay --device cuda; KVT_ERR_NO_CUDA without CUDA), the rest on the
  *  host. The CUDA kernels follow the _ref kernels, so the context equals the one
- *  KVT_KERNELS=ref builds, within their documented tolerances. */
+ *  KVT_KERNELS=ref builds, within their documented tolerances. On the host and with dp
+ *  KVT_DECODE_PROBS_GROUP (and more than one KV head) it holds the decode probabilities one KV
+ *  group at a time (prd_one). */
 kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu,
-                            kvt_replay_profile *prof);
+                            kvt_decode_probs dp, kvt_replay_profile *prof);
 
 /** With the GPU, the window and decode probabilities (prw, prd) and the unit keys (ku) stay on
  *  the device: a host reader of any of them first calls kvt_ctx_fetch with their bits, which
@@ -322,6 +335,20 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 #define KVT_CTX_KU  4u
 #define KVT_CTX_KV  8u
 kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what);
+
+/** Make prd hold KV group g's decode probability rows (a no-op unless prd_one and another
+ *  group is held: then they are computed again, in the same calls as when the context was
+ *  built, so every reader gets the same bits as with all of them held). */
+kvt_status kvt_ctx_prd_group(kvt_layer_ctx *c, int g);
+
+/** Row r (query head h, step s: r = h * Gd + s) of the decode probabilities over the prompt
+ *  keys [T]; with prd_one, r lies in the group kvt_ctx_prd_group made held. */
+static inline const float *kvt_ctx_prd_row(const kvt_layer_ctx *c, size_t r)
+{
+    assert(!c->prd_one ||
+           (c->prd_g >= 0 && r >= c->prd_r0 && r - c->prd_r0 < (size_t)c->Gs * (size_t)c->Gd));
+    return c->prd + (r - c->prd_r0) * (size_t)c->T;
+}
 
 /** For each head (query heads with per_query, else KV heads) the mean over its query heads'
  *  decode probability rows (in head then step order) of each prompt key j < P: out [H', P]

@@ -639,11 +639,13 @@ static int gpu_kv_es(kvt_dtype kdt)
  * large arrays, only those a policy reads on the host (its host_reads; a merged set's metrics
  * read them all): the rest stays on the device, the cosine table too. */
 static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int probes,
-                                     kvt_policy *const *pols, size_t n_pol, int gpu_es)
+                                     kvt_policy *const *pols, size_t n_pol, int gpu_es, bool group)
 {
     double b;
-    if (!gpu_es) {
-        b = 12.0 * Hkv * D + 4.0 * (Hq + Hq / Hkv) * (W + G) + 16.0 * Hkv + 4.0 * probes + 1536;
+    const int Gs = Hq / Hkv;
+    if (!gpu_es) { /* group: the decode probabilities of one KV group (KVT_DECODE_PROBS_GROUP) */
+        b = 12.0 * Hkv * D + 4.0 * (Hq + Gs) * W + 4.0 * ((group ? Gs : Hq) + Gs) * G + 16.0 * Hkv +
+            4.0 * probes + 1536;
     } else {
         unsigned reads = 0;
         for (size_t p = 0; p < n_pol; p++)
@@ -697,17 +699,47 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
 }
 
 static uint64_t worker_bytes(int T, int Hq, int Hkv, int D, int W, int G, int probes,
-                             kvt_policy *const *pols, size_t n_pol, int gpu_es)
+                             kvt_policy *const *pols, size_t n_pol, int gpu_es, bool group)
 {
     if (probes > T)
         probes = T;
-    double per = worker_bytes_per_token(Hq, Hkv, D, W, G, probes, pols, n_pol, gpu_es);
+    double per = worker_bytes_per_token(Hq, Hkv, D, W, G, probes, pols, n_pol, gpu_es, group);
+    /* per decode query its full output and the decode keys' part (f64), its sums; on the CPU
+       the logits and decode-key probabilities of a block of decode rows (layer_ctx.c: 32 MiB
+       at most), and the output sweep's workspace and results over a KV group's decode queries
+       (D + 256 + 11 doubles a query, and more: 8 (D + 512) bytes fit the peaks of
+       llama3-8b-shaped layers at T 2048 with 4,096 and 8,192 decode steps) */
+    const double rows = (double)Hq * G, grp = (double)(Hq / Hkv) * G;
+    const double blk = 8.0 * grp * ((double)T + G);
+    double dec = rows * (16.0 * D + 40.0);
+    if (!gpu_es)
+        dec += (blk < 33554432.0 ? blk : 33554432.0) + 8.0 * grp * (D + 512.0);
     /* with the GPU also the two pinned buffers K and V stream through (ctx_gpu.c's CTX_STAGE) */
-    return (uint64_t)(1.15 * per * T) + (UINT64_C(16) << 20) + (gpu_es ? UINT64_C(8) << 20 : 0);
+    return (uint64_t)(1.15 * per * T + dec) + (UINT64_C(16) << 20) +
+           (gpu_es ? UINT64_C(8) << 20 : 0);
+}
+
+kvt_decode_probs kvt_replay_decode_probs_auto(int requested, int cores, int n_layers,
+                                              uint64_t wb_all, uint64_t wb_group, uint64_t memory)
+{
+    if (!memory || wb_group >= wb_all)
+        return KVT_DECODE_PROBS_ALL;
+    const int n_all = kvt_replay_threads(requested, cores, n_layers, wb_all, memory);
+    const int n_grp = kvt_replay_threads(requested, cores, n_layers, wb_group, memory);
+    return n_grp > n_all || (double)n_all * (double)wb_all > (double)memory ? KVT_DECODE_PROBS_GROUP
+                                                                            : KVT_DECODE_PROBS_ALL;
 }
 
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
                                    int coverage_probes, kvt_device device, uint64_t *bytes)
+{
+    return kvt_replay_worker_bytes_for(path, pols, n_pol, coverage_probes, device,
+                                       KVT_DECODE_PROBS_ALL, bytes);
+}
+
+kvt_status kvt_replay_worker_bytes_for(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                       int coverage_probes, kvt_device device,
+                                       kvt_decode_probs mode, uint64_t *bytes)
 {
     *bytes = 0;
     kvt_trace_reader *rd;
@@ -730,7 +762,8 @@ kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, si
                   "%s: the header lacks the model's shape or n_tokens", path);
     *bytes = worker_bytes(T, Hq, Hkv, D, (int)w, (int)g,
                           coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : coverage_probes, pols,
-                          n_pol, device == KVT_DEVICE_CUDA ? gpu_kv_es(kdt) : 0);
+                          n_pol, device == KVT_DEVICE_CUDA ? gpu_kv_es(kdt) : 0,
+                          mode == KVT_DECODE_PROBS_GROUP);
     return KVT_OK;
 }
 
@@ -1324,13 +1357,28 @@ kvt_status kvt_replay_trace(const char *path, kvt_policy *const *pols, size_t n_
     for (int l = 0; o->layer_mask && l < sh.L; l++)
         sh.n_sel -= !o->layer_mask[l];
     int n_th = o->n_threads;
-    if (n_th <= 0) { /* as many as the cores, and as the memory holds */
-        int n_probe_all = o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
-        uint64_t wb =
-            worker_bytes(sh.T, sh.Hq, sh.Hkv, sh.D, sh.W, sh.has_qd ? sh.G : 0, n_probe_all, pols,
-                         n_pol, o->device == KVT_DEVICE_CUDA ? gpu_kv_es(sh.kdt) : 0);
-        n_th = kvt_replay_threads(0, 0, sh.n_sel, wb,
-                                  o->memory_limit ? o->memory_limit : kvt_mem_available());
+    if (n_th <= 0 || o->decode_probs == KVT_DECODE_PROBS_AUTO) {
+        /* as many threads as the cores, and as the memory holds; the decode probabilities held
+           whole unless that many workers would not fit */
+        const int n_probe_all =
+            o->coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : o->coverage_probes;
+        const int es = o->device == KVT_DEVICE_CUDA ? gpu_kv_es(sh.kdt) : 0;
+        const uint64_t mem = o->memory_limit ? o->memory_limit : kvt_mem_available();
+        uint64_t wb[2];
+        for (int grp = 0; grp < 2; grp++)
+            wb[grp] = worker_bytes(sh.T, sh.Hq, sh.Hkv, sh.D, sh.W, sh.has_qd ? sh.G : 0,
+                                   n_probe_all, pols, n_pol, es, grp == 1);
+        kvt_decode_probs dp = o->decode_probs;
+        if (dp == KVT_DECODE_PROBS_AUTO) {
+            dp = kvt_replay_decode_probs_auto(o->n_threads, 0, sh.n_sel, wb[0], wb[1], mem);
+            if (o != &def)
+                def = *o;
+            def.decode_probs = dp;
+            o = &def;
+            sh.o = o;
+        }
+        if (n_th <= 0)
+            n_th = kvt_replay_threads(0, 0, sh.n_sel, wb[dp == KVT_DECODE_PROBS_GROUP], mem);
     }
     if (n_th > sh.L)
         n_th = sh.L;

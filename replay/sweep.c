@@ -244,7 +244,7 @@ static kvt_status query_launch(const kvt_layer_ctx *c, scratch *s, int kind, int
         }
     } else if (kind == Q_DECODE_ALL) {
         n_q = nh * Gd;
-        p = c->prd + (size_t)hq0 * Gd * T, sp = T;
+        p = kvt_ctx_prd_row(c, (size_t)hq0 * Gd), sp = T;
         a = c->ad + (size_t)hq0 * Gd * D, sa = D;
         rf = c->rsd + (size_t)hq0 * Gd;
         if (s->pdt)
@@ -253,7 +253,7 @@ static kvt_status query_launch(const kvt_layer_ctx *c, scratch *s, int kind, int
             pe = c->pd_extra + (size_t)hq0 * Gd, oe = c->od_extra + (size_t)hq0 * Gd * D;
     } else {
         n_q = nh;
-        p = c->prd + ((size_t)hq0 * Gd + step) * T, sp = (size_t)Gd * T;
+        p = kvt_ctx_prd_row(c, (size_t)hq0 * Gd + (size_t)step), sp = (size_t)Gd * T;
         a = c->ad + ((size_t)hq0 * Gd + step) * D, sa = (size_t)Gd * D;
         rf = c->rsd + (size_t)hq0 * Gd + step, se = Gd; /* the stride of pe and rf */
         if (c->has_extra) {
@@ -815,16 +815,17 @@ static kvt_status measure_merged(const kvt_layer_ctx *c, scratch *s, const kvt_l
             e = 0.0;
             if (!kvt_kernels_ref_only()) {
                 size_t q0 = (size_t)hq0 * Gd;
-                st = merged_errs_fast(c, g, ms, cidx, 0, unch, n_unch, nh * Gd,
-                                      c->in->q_decode + q0 * D, c->prd + q0 * T, c->lsed + q0,
-                                      c->ad + q0 * D, c->has_extra ? c->pd_extra + q0 : NULL,
-                                      c->has_extra ? c->od_extra + q0 * D : NULL, &e);
+                st =
+                    merged_errs_fast(c, g, ms, cidx, 0, unch, n_unch, nh * Gd,
+                                     c->in->q_decode + q0 * D, kvt_ctx_prd_row(c, q0), c->lsed + q0,
+                                     c->ad + q0 * D, c->has_extra ? c->pd_extra + q0 : NULL,
+                                     c->has_extra ? c->od_extra + q0 * D : NULL, &e);
             } else
                 for (int u = 0; u < nh; u++)
                     for (int i = 0; i < Gd; i++) {
                         size_t qi = (size_t)(hq0 + u) * Gd + i;
                         e += merged_err(c, s, ms, cidx, T, unch, n_unch, c->in->q_decode + qi * D,
-                                        c->prd + qi * T, c->lsed[qi], c->ad + qi * D,
+                                        kvt_ctx_prd_row(c, qi), c->lsed[qi], c->ad + qi * D,
                                         c->has_extra ? c->pd_extra[qi] : 0.0,
                                         c->has_extra ? c->od_extra + qi * D : NULL);
                     }
@@ -1316,7 +1317,8 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
     KVT_RETURN_IF(o->device == KVT_DEVICE_AUTO, KVT_ERR_INVALID_ARG,
                   "replay: resolve --device auto first (kvt_replay_resolve_device)");
     uint64_t t_ctx = kvt_now_ns();
-    KVT_FORWARD(kvt_ctx_build_on(in, &c, o->device == KVT_DEVICE_CUDA, o->profile));
+    KVT_FORWARD(
+        kvt_ctx_build_on(in, &c, o->device == KVT_DEVICE_CUDA, o->decode_probs, o->profile));
     c.budget_frac = budget_frac;
     uint64_t t_measure = kvt_now_ns();
     KVT_PROF_ADD(o->profile, context_ns, t_measure - t_ctx - c.read_ns);
@@ -1414,12 +1416,14 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
         if (st)
             goto out_free;
         memset(done, 0, n_pol * (size_t)c.Gs);
+        if (c.Gd > 0 && (st = kvt_ctx_prd_group(&c, g)))
+            goto out_free;
         if (s.pwt) { /* this KV head's probabilities token-major, for the sweeps */
             kvt_transpose_f32_cpu(c.prw + (size_t)g * c.Gs * c.Wt * c.T, c.Gs * c.Wt, c.T,
                                   (size_t)c.T, s.pwt, (size_t)c.Gs * c.Wt);
             if (c.Gd > 0)
-                kvt_transpose_f32_cpu(c.prd + (size_t)g * c.Gs * c.Gd * c.T, c.Gs * c.Gd, c.T,
-                                      (size_t)c.T, s.pdt, (size_t)c.Gs * c.Gd);
+                kvt_transpose_f32_cpu(kvt_ctx_prd_row(&c, (size_t)g * c.Gs * c.Gd), c.Gs * c.Gd,
+                                      c.T, (size_t)c.T, s.pdt, (size_t)c.Gs * c.Gd);
         }
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];

@@ -119,11 +119,12 @@ static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_sel
         hb[b].n_ev = 0;
         memcpy(hb[b].mem, r, (size_t)n0 * sizeof(int32_t));
     }
+    KVT_FORWARD(kvt_ctx_prd_group(c, h0 / c->Gs));
     double *pe = kvt_malloc(((size_t)G + 1) * sizeof(double));
     KVT_RETURN_IF(!pe, KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
     for (int d = 0; d < G; d++) {
         for (int u = 0; u < nh; u++) { /* step d's row of query head h0 + u over keys 0..T+d */
-            const float *pr = c->prd + ((size_t)(h0 + u) * G + (size_t)d) * T;
+            const float *pr = kvt_ctx_prd_row(c, (size_t)(h0 + u) * G + (size_t)d);
             double *a = acc + (size_t)u * as;
             for (int j = 0; j < T; j++)
                 a[j] += (double)pr[j];

@@ -36,6 +36,11 @@ kvt_add_script_test(test_blas_core COMMAND bash ${KVT_TEST_DIR}/unit/test_blas_c
 # Worker threads planned for the memory at hand (kvt_replay_worker_bytes, --memory-limit).
 kvt_add_script_test(test_replay_memory COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_memory.sh
                     LABELS cpu noasan)
+# --decode-probs group (one KV group's decode probabilities at a time) against all: the same
+# bytes for every reader of them; auto under --memory-limit. Under ASan too: kvt_ctx_prd_row
+# asserts that every row read lies in the group held.
+kvt_add_script_test(test_replay_decode_probs
+                    COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_decode_probs.sh LABELS cpu)
 # bench/decode_caches.sh (the decode-time caches against prefill only) on a small trace.
 # noasan: with EXPORT=1 the bench walks an export through kvtrace.read_selection (Python)
 kvt_add_script_test(test_bench_decode_caches

@@ -112,5 +112,18 @@ int main(void)
     KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 0, 64, 100, 50), 1);
     KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 0, 64, 100, 0), cores < 64 ? cores : 64); /* unknown */
     KVT_EXPECT_EQ_U64(kvt_replay_threads(0, 0, 1, 100, 1000000), 1);
+
+    /* kvt_replay_decode_probs_auto (requested, cores, layers, all, group, memory): by group
+       when that plans more threads, or when the threads planned do not fit holding all */
+    const kvt_decode_probs A = KVT_DECODE_PROBS_ALL, G = KVT_DECODE_PROBS_GROUP;
+    KVT_EXPECT(kvt_replay_decode_probs_auto(0, 4, 64, 100, 50, 250) == G);  /* 2 -> 4 threads */
+    KVT_EXPECT(kvt_replay_decode_probs_auto(0, 4, 64, 100, 50, 1000) == A); /* 4 fit */
+    KVT_EXPECT(kvt_replay_decode_probs_auto(0, 4, 64, 100, 90, 250) == A);  /* 2 either way */
+    KVT_EXPECT(kvt_replay_decode_probs_auto(0, 4, 64, 300, 200, 250) == G); /* 1 too big */
+    KVT_EXPECT(kvt_replay_decode_probs_auto(0, 8, 2, 100, 50, 250) == A);   /* 2 layers: 2 */
+    KVT_EXPECT(kvt_replay_decode_probs_auto(2, 4, 64, 100, 50, 150) == G);  /* --threads 2 */
+    KVT_EXPECT(kvt_replay_decode_probs_auto(1, 4, 64, 100, 50, 150) == A);
+    KVT_EXPECT(kvt_replay_decode_probs_auto(0, 4, 64, 100, 50, 0) == A);   /* unknown */
+    KVT_EXPECT(kvt_replay_decode_probs_auto(0, 4, 64, 100, 100, 50) == A); /* no saving */
     return kvt_test_result("test_common_memory");
 }

@@ -1489,6 +1489,66 @@ static void expect_same_merged(const kvt_merged_set *a, const kvt_merged_set *b,
  * layer (T = 60, D = 8, 4 query heads on 2 KV heads): snapkv's nested sets with the budgets
  * out of order (and one past T), per query head; keydiff-block's sets, which are not nested,
  * merged directly. */
+/* A context holding the decode probabilities one KV group at a time (KVT_DECODE_PROBS_GROUP)
+ * against one holding them all: the same decode outputs, log-sum-exps, row sums and decode-key
+ * parts from the build, and every group's rows, computed again in an order that goes back and
+ * forth, bit for bit; the oracle's decode means too. With big set, a group's rows take two
+ * kvt_attn_probs calls (their logits past 32 MiB). */
+static void check_decode_groups(uint64_t seed, int T, int D, int Hq, int Hkv, int W, int G,
+                                bool big)
+{
+    test_layer t;
+    tl_random(&t, seed, T, D, Hq, Hkv, W, G, true);
+    kvt_layer_ctx a, g;
+    KVT_CHECK(kvt_ctx_build_on(&t.in, &a, false, KVT_DECODE_PROBS_ALL, NULL));
+    KVT_CHECK(kvt_ctx_build_on(&t.in, &g, false, KVT_DECODE_PROBS_GROUP, NULL));
+    const int Gs = Hq / Hkv, nqd = Gs * G;
+    const size_t rows = (size_t)Hq * G;
+    KVT_EXPECT(!a.prd_one && g.prd_one == (Hkv > 1));
+    KVT_EXPECT_MSG(big ? g.prd_rb < nqd && g.prd_rb * 2 >= nqd : g.prd_rb == nqd,
+                   "T=%d G=%d: %d rows per call of %d", T, G, g.prd_rb, nqd);
+    KVT_EXPECT(!memcmp(a.ad, g.ad, rows * D * sizeof(double)));
+    KVT_EXPECT(!memcmp(a.lsed, g.lsed, rows * sizeof(double)));
+    KVT_EXPECT(!memcmp(a.rsd, g.rsd, rows * sizeof(double)));
+    KVT_EXPECT(!memcmp(a.pd_extra, g.pd_extra, rows * sizeof(double)));
+    KVT_EXPECT(!memcmp(a.od_extra, g.od_extra, rows * D * sizeof(double)));
+    KVT_EXPECT(!g.prd_one || g.prd_g == Hkv - 1); /* the build's last */
+    int order[16], n = 0;
+    order[n++] = 0, order[n++] = Hkv - 1, order[n++] = Hkv - 1;
+    for (int k = 0; k < Hkv && n < 16; k++)
+        order[n++] = k;
+    order[n++] = 0;
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        KVT_CHECK(kvt_ctx_prd_group(&g, order[i]));
+        for (size_t r = (size_t)order[i] * nqd; r < (size_t)(order[i] + 1) * nqd; r++)
+            bad += memcmp(kvt_ctx_prd_row(&g, r), kvt_ctx_prd_row(&a, r), (size_t)T * 4) != 0;
+    }
+    KVT_EXPECT_MSG(bad == 0, "%d decode rows differ", bad);
+    for (int pq = 0; pq < 2; pq++) {
+        const int H = pq ? Hq : Hkv, P = T - W;
+        double *ma = malloc((size_t)H * P * sizeof(double));
+        double *mg = malloc((size_t)H * P * sizeof(double));
+        KVT_CHECK(kvt_ctx_decode_means(&a, pq, P, ma));
+        KVT_CHECK(kvt_ctx_decode_means(&g, pq, P, mg));
+        KVT_EXPECT(!memcmp(ma, mg, (size_t)H * P * sizeof(double)));
+        free(ma);
+        free(mg);
+    }
+    KVT_EXPECT_STATUS(kvt_ctx_prd_group(&g, Hkv), Hkv > 1 ? KVT_ERR_INVALID_ARG : KVT_OK);
+    kvt_ctx_free(&a);
+    kvt_ctx_free(&g);
+    tl_free(&t);
+}
+
+static void test_decode_groups(void)
+{
+    check_decode_groups(11, 90, 16, 6, 3, 5, 7, false);    /* 3 groups of 2 */
+    check_decode_groups(12, 33, 8, 8, 8, 4, 3, false);     /* MHA: a group per head */
+    check_decode_groups(13, 40, 8, 4, 1, 4, 5, false);     /* one group: nothing to hold apart */
+    check_decode_groups(14, 5000, 16, 4, 2, 8, 400, true); /* 800 rows of 5400 f64 logits */
+}
+
 static void test_merge_budgets(void)
 {
     enum { T = 60, D = 8, NB = 6 };
@@ -2183,6 +2243,7 @@ int main(void)
     test_simlayerkv();
     test_merge();
     test_merge_budgets();
+    test_decode_groups();
     test_think();
     test_layer_weights();
     test_chunk_length();
