@@ -280,16 +280,13 @@ static kvt_status dec_rows(kvt_layer_ctx *c, int g, int i0, int n, float *pr, bo
                              c->lsed + q0, c->dzs ? c->dzs + 2 * q0 : NULL, c->dwork);
 }
 
-/* decode query row q's mass on the decode keys and its output over them, from its
- * probabilities over them p2 [Gd] (its KV group's V_decode Vd) */
-static void dec_extra(kvt_layer_ctx *c, size_t q, const float *p2, const float *Vd)
+/* decode query row q's mass on the decode keys from its probabilities over them p2 [Gd] */
+static void dec_mass(kvt_layer_ctx *c, size_t q, const float *p2)
 {
     double pe = 0.0;
     for (int e = 0; e < c->Gd; e++)
         pe += p2[e];
     c->pd_extra[q] = pe;
-    kvt_attn_output_ref(p2, 1, c->Gd, (size_t)c->Gd, Vd, c->D, c->od_extra + q * c->D,
-                        (size_t)c->D);
 }
 
 kvt_status kvt_ctx_prd_group(kvt_layer_ctx *c, int g)
@@ -422,9 +419,9 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
 
     /* decode queries: step s sees every prompt key and decode keys 0..s */
     if (Gd > 0) {
-        /* on the host in blocks of rows: their logits (kvt_attn_probs_cpu's [rows, T] f64)
+        /* on the host in blocks of rows: their logits (kvt_attn_probs_cpu's [rows, T + Gd] f64)
            and dpr2 within 32 MiB; one KV group's rows at a time when all would be large */
-        const size_t row_bytes = 8 * ((size_t)T + (size_t)Gd);
+        const size_t row_bytes = 8 * (size_t)T + 12 * (size_t)Gd;
         c->prd_rb =
             (size_t)nqd * row_bytes <= ((size_t)32 << 20)
                 ? nqd
@@ -467,13 +464,16 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
                 const int n = nqd - i0 < c->prd_rb ? nqd - i0 : c->prd_rb;
                 const size_t q0 = (size_t)g * nqd + (size_t)i0;
                 float *pb = pr + (size_t)i0 * T;
+                /* the outputs over both blocks as dense products (kvt_attn_output) */
                 if ((s = dec_rows(c, g, i0, n, pb, false)) ||
-                    (s = kvt_attn_output(pb, n, T, T, V, D, c->ad + q0 * D, D)))
+                    (s = kvt_attn_output(pb, n, T, T, V, D, c->ad + q0 * D, D)) ||
+                    (c->has_extra &&
+                     (s = kvt_attn_output(c->dpr2, n, Gd, Gd, Vd, D, c->od_extra + q0 * D, D))))
                     goto out_fail;
                 for (int i = 0; i < n; i++) {
                     c->rsd[q0 + i] = kvt_sum_f32_cpu(pb + (size_t)i * T, (size_t)T);
                     if (c->has_extra)
-                        dec_extra(c, q0 + i, c->dpr2 + (size_t)i * Gd, Vd);
+                        dec_mass(c, q0 + i, c->dpr2 + (size_t)i * Gd);
                 }
             }
             if (c->prd_one)
@@ -482,7 +482,10 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
         for (int g = 0; dev && c->has_extra && g < Hkv; g++) /* the device's decode-key rows */
             for (int i = 0; i < nqd; i++) {
                 const size_t q = (size_t)g * nqd + (size_t)i;
-                dec_extra(c, q, pr2 + q * Gd, in->v_decode + (size_t)g * Gd * D);
+                dec_mass(c, q, pr2 + q * Gd);
+                kvt_attn_output_ref(pr2 + q * Gd, 1, Gd, (size_t)Gd,
+                                    in->v_decode + (size_t)g * Gd * D, D, c->od_extra + q * D,
+                                    (size_t)D);
             }
     }
 

@@ -270,7 +270,7 @@ struct kvt_layer_ctx {
     /* [Hq, Gd, T] probabilities over prompt keys; with prd_one only one KV group's rows
      * [Gs, Gd, T] at a time: a reader calls kvt_ctx_prd_group, then kvt_ctx_prd_row */
     float *prd;
-    bool prd_one;      /* prd holds one KV group's rows (kvt_ctx_prd_one) */
+    bool prd_one;      /* prd holds one KV group's rows (KVT_DECODE_PROBS_GROUP) */
     int prd_g;         /* with prd_one the group whose rows prd holds, or -1 */
     size_t prd_r0;     /* the first query row (h * Gd + s) prd holds: 0, or prd_g * Gs * Gd */
     int prd_rb;        /* decode rows per kvt_attn_probs call (bounds its logits and dpr2) */

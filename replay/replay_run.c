@@ -710,7 +710,7 @@ static uint64_t worker_bytes(int T, int Hq, int Hkv, int D, int W, int G, int pr
        (D + 256 + 11 doubles a query, and more: 8 (D + 512) bytes fit the peaks of
        llama3-8b-shaped layers at T 2048 with 4,096 and 8,192 decode steps) */
     const double rows = (double)Hq * G, grp = (double)(Hq / Hkv) * G;
-    const double blk = 8.0 * grp * ((double)T + G);
+    const double blk = grp * (8.0 * T + 12.0 * G);
     double dec = rows * (16.0 * D + 40.0);
     if (!gpu_es)
         dec += (blk < 33554432.0 ? blk : 33554432.0) + 8.0 * grp * (D + 512.0);

@@ -12,18 +12,17 @@
 
 #define KB 256 /* keys per converted block: [KB, D] doubles stay in L2 */
 
-/* kvt_attn_row with the block-1 logits z1 handed in, through the vectorised loops: the same
- * checks, messages and results up to summation order and the exponential's last ulp */
-static kvt_status fast_row(int i, const float *qi, int D, double *z1, int nv, int T,
-                           const float *k2, double *z2, int nv2, int n2, double scale, float *pi,
-                           float *p2, double *lse, double *zs)
+/* kvt_attn_row with the logits of both blocks handed in (z1 [nv], z2 [nv2]: dense products),
+ * through the vectorised loops: the same checks, messages and results up to summation order
+ * and the exponential's last ulp */
+static kvt_status fast_row(int i, double *z1, int nv, int T, const float *k2, double *z2, int nv2,
+                           int n2, float *pi, float *p2, double *lse, double *zs)
 {
     KVT_RETURN_IF(nv + nv2 == 0, KVT_ERR_INVALID_ARG, "attn_probs: query %d sees no key", i);
     double zmax;
     int bad = kvt_max_finite_cpu(z1, nv, &zmax);
     KVT_RETURN_IF(bad >= 0, KVT_ERR_NAN, "attn_probs: logit (%d,%d) not finite", i, bad);
     for (int j = 0; j < nv2; j++) {
-        z2[j] = kvt_dot_f32(qi, k2 + (size_t)j * D, D) * scale;
         KVT_RETURN_IF(!isfinite(z2[j]), KVT_ERR_NAN, "attn_probs: logit (%d,k2 %d) not finite", i,
                       j);
         zmax = z2[j] > zmax ? z2[j] : zmax;
@@ -76,34 +75,40 @@ kvt_status kvt_attn_probs_zs_cpu(const float *q, int n_q, int D, const float *k,
     KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0 || (k2 && n2 < 0), KVT_ERR_INVALID_ARG,
                   "attn_probs: bad shape n_q=%d D=%d T=%d n2=%d", n_q, D, T, n2);
     KVT_RETURN_IF(k2 && !pr2, KVT_ERR_INVALID_ARG, "attn_probs: pr2 is NULL");
+    (void)work;
     if (!k2)
         n2 = 0;
-    int nv_max = 0;
+    int nv_max = 0, nv2_max = 0;
     for (int i = 0; i < n_q; i++) {
-        int nv = kvt_clampi(n_vis[i], 0, T);
+        int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
         nv_max = nv > nv_max ? nv : nv_max;
+        nv2_max = nv2 > nv2_max ? nv2 : nv2_max;
     }
     kvt_status st = KVT_OK;
     double *qd = kvt_malloc(((size_t)n_q * D + 1) * sizeof(double));
     double *kd = kvt_malloc(((size_t)KB * D) * sizeof(double));
     double *z = kvt_malloc(((size_t)n_q * nv_max + 1) * sizeof(double));
-    if (!qd || !kd || !z) {
+    double *z2 = kvt_malloc(((size_t)n_q * nv2_max + 1) * sizeof(double));
+    if (!qd || !kd || !z || !z2) {
         st = kvt_error_set(KVT_ERR_NOMEM, "attn_probs: out of memory");
         goto out_free;
     }
-    /* z [n_q, nv_max] = scale * q k^T over the visible prefix of the widest query */
+    /* z [n_q, nv_max] = scale * q k^T over the visible prefix of the widest query, and z2
+       [n_q, nv2_max] over block 2's */
     logits(q, n_q, D, k, nv_max, scale, qd, kd, z);
-    double *z2 = work + T; /* (n2) logits of block 2 of the current query */
+    if (nv2_max > 0)
+        logits(q, n_q, D, k2, nv2_max, scale, qd, kd, z2);
     for (int i = 0; i < n_q && !st; i++) {
         int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
-        st = fast_row(i, q + (size_t)i * D, D, z + (size_t)i * nv_max, nv, T, k2, z2, nv2, n2,
-                      scale, pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL,
-                      lse ? lse + i : NULL, zs ? zs + 2 * (size_t)i : NULL);
+        st = fast_row(i, z + (size_t)i * nv_max, nv, T, k2, z2 + (size_t)i * nv2_max, nv2, n2,
+                      pr + (size_t)i * T, k2 ? pr2 + (size_t)i * n2 : NULL, lse ? lse + i : NULL,
+                      zs ? zs + 2 * (size_t)i : NULL);
     }
 out_free:
     kvt_free(qd);
     kvt_free(kd);
     kvt_free(z);
+    kvt_free(z2);
     return st;
 }
 
