@@ -3,7 +3,8 @@
 # holds about one layer's arrays (kvt_replay_worker_bytes), so on a long prompt "all cores" can
 # need more memory than the machine has and the system kills the run. Checks: the estimate
 # against the measured peak on three model shapes and the heavy policies, and on the
-# decode-time caches of rkv and expected-attention:decoding= (at least the peak less the ~10 MiB
+# decode-time caches of rkv and expected-attention:decoding=, and on a long generation with its
+# decode probabilities held whole and by KV group (at least the peak less the ~10 MiB
 # the process holds besides its worker, at most 1.6x the peak), the default --threads lowered
 # to what --memory-limit holds with a note,
 # and the same results as --threads 1; a warning (still exit 0) when --threads N does not
@@ -18,12 +19,13 @@ mib() { awk -v v="$1" -v u="$2" 'BEGIN { m = u == "GiB" ? 1024 : u == "KiB" ? 1 
                                           printf "%.1f", v * m }'; }
 
 # 1. the estimate against the peak RSS of a one-worker replay (1 thread, 2 layers)
-check_estimate() { # NAME SHAPE TOKENS POLICIES
-    local name=$1 shape=$2 T=$3 pols=$4
-    [ -f "$TMP/$shape.kvt" ] || "$BIN" synth --shape "$shape" --tokens "$T" --layers 2 \
-        --colsum off --threads 2 -o "$TMP/$shape.kvt" >/dev/null 2>&1 || fail "synth $shape"
-    "$BIN" replay "$TMP/$shape.kvt" --policies "$pols" --budgets 64,256,10% --threads 1 \
-        --profile -o "$TMP/$name.json" >/dev/null 2>"$TMP/$name.err" ||
+check_estimate() { # NAME SHAPE TOKENS POLICIES [DECODE_STEPS DECODE_PROBS]
+    local name=$1 shape=$2 T=$3 pols=$4 G=${5:-16} dp=${6:-auto} tr
+    tr=$TMP/$shape$([ "$G" = 16 ] || echo "_G$G").kvt
+    [ -f "$tr" ] || "$BIN" synth --shape "$shape" --tokens "$T" --layers 2 --decode "$G" \
+        --colsum off --threads 2 -o "$tr" >/dev/null 2>&1 || fail "synth $shape"
+    "$BIN" replay "$tr" --policies "$pols" --budgets 64,256,10% --threads 1 \
+        --decode-probs "$dp" --profile -o "$TMP/$name.json" >/dev/null 2>"$TMP/$name.err" ||
         { cat "$TMP/$name.err"; fail "replay $name"; }
     local line
     line=$(grep '^profile: memory: peak RSS' "$TMP/$name.err") || fail "$name: no memory line"
@@ -42,6 +44,10 @@ check_estimate llama2 llama2-7b 4096 all,quest
 check_estimate qwen2vl qwen2-vl-7b 4096 snapkv,lightkv-like,hybridkv-like,quest,adakv:heads=query
 check_estimate qwen2vl_snapkv qwen2-vl-7b 4096 snapkv
 check_estimate qwen2vl_decode qwen2-vl-7b 4096 rkv:interval=4,expected-attention:decoding=5
+# a long generation (twice as many decode steps as prompt tokens), its decode probabilities
+# held whole and by KV group
+check_estimate llama3_long llama3-8b 768 snapkv,knorm:decoding=8 1536 all
+check_estimate llama3_long_group llama3-8b 768 snapkv,knorm:decoding=8 1536 group
 
 # 2. the default --threads lowered to what --memory-limit holds, with a note; the same
 #    results as --threads 1 (but for the recorded thread count)
