@@ -341,17 +341,21 @@ int kvt_dec_visible(const kvt_layer_selection *sel, int b, int h, int s, int32_t
     return n;
 }
 
-void kvt_dec_probs(const kvt_layer_ctx *c, int u, int s, double *out)
+void kvt_dec_probs_heads(const kvt_layer_ctx *c, int u0, int nu, int s, const float *const *kp,
+                         float *qt, double *z, double *out, size_t ostride)
 {
     const int D = c->D, G = c->Gd;
-    const size_t r = (size_t)u * G + (size_t)s;
-    const float *q = c->in->q_decode + r * D;
-    const float *Kd = c->in->k_decode + (size_t)(u / c->Gs) * G * D;
-    for (int d = 0; d <= s; d++) {
-        double z = 0.0;
+    for (int x = 0; x < nu; x++) {
+        const float *q = c->in->q_decode + ((size_t)(u0 + x) * G + (size_t)s) * D;
         for (int e = 0; e < D; e++)
-            z += (double)q[e] * Kd[(size_t)d * D + e];
-        out[d] = exp(z * c->scale - c->lsed[r]);
+            qt[(size_t)e * nu + x] = q[e];
+    }
+    kvt_dot_queries(qt, nu, D, kp, s + 1, z);
+    for (int x = 0; x < nu; x++) {
+        const double lse = c->lsed[(size_t)(u0 + x) * G + (size_t)s];
+        double *o = out + (size_t)x * ostride;
+        for (int d = 0; d <= s; d++)
+            o[d] = exp(z[(size_t)d * nu + x] * c->scale - lse);
     }
 }
 
@@ -370,8 +374,12 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
     double *pdec = kvt_malloc((size_t)NU * ((size_t)G + 1) * sizeof(double));
     double *o =
         kvt_malloc((3 * (size_t)NU * D + 4 * (size_t)NU + 3 * (size_t)n_b) * sizeof(double));
+    /* kvt_dec_probs_heads' key rows and workspace */
+    const float **kp = kvt_malloc(((size_t)G + 1) * sizeof(*kp));
+    float *qt = kvt_malloc((size_t)NU * D * sizeof(float));
+    double *zq = kvt_malloc((size_t)NU * ((size_t)G + 1) * sizeof(double));
     kvt_status st = KVT_OK;
-    if (!vis || !comp || !pdec || !o) {
+    if (!vis || !comp || !pdec || !o || !kp || !qt || !zq) {
         st = kvt_error_set(KVT_ERR_NOMEM, "decoding=: out of memory (metrics)");
         goto out;
     }
@@ -385,6 +393,8 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
         const float *Vd = c->in->v_decode + (size_t)g * G * D;
         if ((st = kvt_ctx_prd_group(c, g)))
             goto out;
+        for (int d = 0; d < G; d++)
+            kp[d] = c->in->k_decode + ((size_t)g * G + (size_t)d) * D;
         for (int b = 0; b < n_b; b++)
             rec[b] = err[b] = kept[b] = 0.0;
         for (int s = 0; s < G; s++) {
@@ -396,8 +406,8 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                 Z[x] = c->rsd[r];
                 for (int e = 0; e < D; e++)
                     ox[e] = c->ad[r * D + e];
-                kvt_dec_probs(c, u0 + x, s, pdec + (size_t)x * (G + 1));
             }
+            kvt_dec_probs_heads(c, u0, nu, s, kp, qt, zq, pdec, (size_t)G + 1);
             for (int d = 0; d <= s; d++) { /* every head's sums over d in order, as alone */
                 for (int x = 0; x < nu; x++) {
                     pw[x] = pdec[(size_t)x * (G + 1) + (size_t)d];
@@ -476,5 +486,8 @@ out:
     kvt_free(comp);
     kvt_free(pdec);
     kvt_free(o);
+    kvt_free(kp);
+    kvt_free(qt);
+    kvt_free(zq);
     return st;
 }

@@ -537,9 +537,13 @@ kvt_status kvt_dec_begin(const kvt_layer_ctx *c, const kvt_policy *p, int n_b,
 /** dc->last for a cache holding the prompt-time set `start` [n0] and every decode token. */
 kvt_status kvt_dec_init(const kvt_layer_ctx *c, const kvt_policy *p, const int32_t *start, int n0,
                         kvt_dec_cache *dc);
-/** out [s + 1]: query head u's probabilities at decode step s over the decode keys 0..s, under
- *  the full softmax (exp(q.k * scale - lse), the lse over the prompt and those keys). */
-void kvt_dec_probs(const kvt_layer_ctx *c, int u, int s, double *out);
+/** out [nu, ostride]: the probabilities of query heads u0 .. u0 + nu - 1 (one KV group's) at
+ *  decode step s over the decode keys 0..s, under the full softmax (exp(q.k * scale - lse),
+ *  the lse over the prompt and those keys), each logit summed over d in order
+ *  (kvt_dot_queries). kp [s + 1] the group's decode key rows; qt [D, nu] and z [(s + 1) nu]
+ *  workspace. */
+void kvt_dec_probs_heads(const kvt_layer_ctx *c, int u0, int nu, int s, const float *const *kp,
+                         float *qt, double *z, double *out, size_t ostride);
 /** A cache entry e and its score s, for the top B of a decode-time cache: kvt_dec_item_cmp
  *  sorts by score descending, ties to the earlier entry (torch.topk leaves them unspecified). */
 typedef struct kvt_dec_item {

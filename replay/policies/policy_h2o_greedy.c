@@ -120,26 +120,42 @@ static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_sel
         memcpy(hb[b].mem, r, (size_t)n0 * sizeof(int32_t));
     }
     KVT_FORWARD(kvt_ctx_prd_group(c, h0 / c->Gs));
-    double *pe = kvt_malloc(((size_t)G + 1) * sizeof(double));
-    KVT_RETURN_IF(!pe, KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
-    for (int d = 0; d < G; d++) {
-        for (int u = 0; u < nh; u++) { /* step d's row of query head h0 + u over keys 0..T+d */
+    /* [nh, G + 1] step d's decode-key probabilities of the heads, with kvt_dec_probs_heads' key
+       rows and workspace */
+    const int D = c->D;
+    double *pe = kvt_malloc((size_t)nh * ((size_t)G + 1) * sizeof(double));
+    double *z = kvt_malloc((size_t)nh * ((size_t)G + 1) * sizeof(double));
+    const float **kp = kvt_malloc(((size_t)G + 1) * sizeof(*kp));
+    float *qt = kvt_malloc((size_t)nh * D * sizeof(float));
+    if (!pe || !z || !kp || !qt) {
+        kvt_free(pe), kvt_free(z), kvt_free(kp), kvt_free(qt);
+        return kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
+    }
+    for (int d = 0; d < G; d++)
+        kp[d] = c->in->k_decode + ((size_t)(h0 / c->Gs) * G + (size_t)d) * D;
+    kvt_status st = KVT_OK;
+    for (int d = 0; d < G && !st; d++) {
+        kvt_dec_probs_heads(c, h0, nh, d, kp, qt, z, pe, (size_t)G + 1);
+        for (int u = 0; u < nh && !st; u++) { /* step d's row of query head h0 + u over keys
+                                                 0..T+d */
             const float *pr = kvt_ctx_prd_row(c, (size_t)(h0 + u) * G + (size_t)d);
+            const double *pu = pe + (size_t)u * ((size_t)G + 1);
             double *a = acc + (size_t)u * as;
             for (int j = 0; j < T; j++)
                 a[j] += (double)pr[j];
-            kvt_dec_probs(c, h0 + u, d, pe);
             for (int e = 0; e <= d; e++) {
-                if (isnan(pe[e])) {
-                    kvt_free(pe);
-                    return kvt_error_set(KVT_ERR_NAN,
-                                         "%s: decode=1: NaN attention of decode step %d at layer "
-                                         "%d, query head %d",
-                                         p->def->name, d, c->layer, h0 + u);
+                if (isnan(pu[e])) {
+                    st = kvt_error_set(KVT_ERR_NAN,
+                                       "%s: decode=1: NaN attention of decode step %d at layer "
+                                       "%d, query head %d",
+                                       p->def->name, d, c->layer, h0 + u);
+                    break;
                 }
-                a[T + e] += (double)(float)pe[e];
+                a[T + e] += (double)(float)pu[e];
             }
         }
+        if (st)
+            break;
         for (int b = 0; b < n_b; b++) {
             const int n_ev = hb[b].n_ev;
             hg_step(&hb[b], acc, nh, (int)as, p->o.reduce, W, T + d);
@@ -148,7 +164,10 @@ static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_sel
         }
     }
     kvt_free(pe);
-    return KVT_OK;
+    kvt_free(z);
+    kvt_free(kp);
+    kvt_free(qt);
+    return st;
 }
 
 static kvt_status sel_h2o_greedy(kvt_layer_ctx *c, const kvt_policy *p, const int *B, int n_b,
