@@ -269,7 +269,8 @@ kvt_status kvt_attn_output(const float *p, int n_q, int T, size_t stride_p, cons
                            double *out, size_t stride_out);
 
 /** kvt_attn_probs_ref computed with dense products (same arguments and results up to the
- *  summation order of the logits). Allocates its own blocks (KVT_ERR_NOMEM). */
+ *  summation order of the logits). Allocates its own blocks (KVT_ERR_NOMEM): both blocks'
+ *  logits in f64, [n_q, the widest visible prefix] each; `work` is not used. */
 kvt_status kvt_attn_probs_cpu(const float *q, int n_q, int D, const float *k, int T,
                               const int *n_vis, const float *k2, int n2, const int *n_vis2,
                               double scale, float *pr, float *pr2, double *lse, double *work);
