@@ -104,13 +104,11 @@ static int plan_threads(const char *cmd, const char *const *traces, size_t n_tra
     uint64_t wbm[2] = {0, 0}; /* all of the decode probabilities held, one group's */
     *wb = 0;
     for (size_t t = 0; t < n_traces; t++) { /* a bad trace fails later, with its own message */
-        uint64_t b;
-        for (int grp = 0; grp < 2; grp++)
-            if (kvt_replay_worker_bytes_for(traces[t], pols, n_pol, probes, device,
-                                            grp ? KVT_DECODE_PROBS_GROUP : KVT_DECODE_PROBS_ALL,
-                                            &b) == KVT_OK &&
-                b > wbm[grp])
-                wbm[grp] = b;
+        uint64_t b[2];
+        if (kvt_replay_worker_bytes_modes(traces[t], pols, n_pol, probes, device, &b[0], &b[1]) ==
+            KVT_OK)
+            for (int grp = 0; grp < 2; grp++)
+                wbm[grp] = b[grp] > wbm[grp] ? b[grp] : wbm[grp];
         if (kvt_replay_trace_shape(traces[t], &n_l, NULL) == KVT_OK && n_l > max_layers)
             max_layers = n_l;
         kvt_error_clear();
@@ -786,10 +784,12 @@ int kvt_cmd_replay(int argc, char **argv)
             }
         } else if (!strcmp(a, "--decode-probs")) {
             NEED_VALUE();
-            if (!strcmp(v, "auto") || !strcmp(v, "all") || !strcmp(v, "group")) {
-                decode_probs = v[0] == 'g'   ? KVT_DECODE_PROBS_GROUP
-                               : v[1] == 'l' ? KVT_DECODE_PROBS_ALL
-                                             : KVT_DECODE_PROBS_AUTO;
+            if (!strcmp(v, "auto")) {
+                decode_probs = KVT_DECODE_PROBS_AUTO;
+            } else if (!strcmp(v, "all")) {
+                decode_probs = KVT_DECODE_PROBS_ALL;
+            } else if (!strcmp(v, "group")) {
+                decode_probs = KVT_DECODE_PROBS_GROUP;
             } else {
                 kvt_cli_fail(cmd, "--decode-probs %s: expected auto, all or group", v);
                 rc = 2; /* usage */

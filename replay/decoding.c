@@ -374,12 +374,14 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
     double *pdec = kvt_malloc((size_t)NU * ((size_t)G + 1) * sizeof(double));
     double *o =
         kvt_malloc((3 * (size_t)NU * D + 4 * (size_t)NU + 3 * (size_t)n_b) * sizeof(double));
-    /* kvt_dec_probs_heads' key rows and workspace */
+    /* kvt_dec_probs_heads' key rows and workspace; step s's prompt probability row of each
+       query head */
     const float **kp = kvt_malloc(((size_t)G + 1) * sizeof(*kp));
+    const float **prow = kvt_malloc((size_t)NU * sizeof(*prow));
     float *qt = kvt_malloc((size_t)NU * D * sizeof(float));
     double *zq = kvt_malloc((size_t)NU * ((size_t)G + 1) * sizeof(double));
     kvt_status st = KVT_OK;
-    if (!vis || !comp || !pdec || !o || !kp || !qt || !zq) {
+    if (!vis || !comp || !pdec || !o || !kp || !prow || !qt || !zq) {
         st = kvt_error_set(KVT_ERR_NOMEM, "decoding=: out of memory (metrics)");
         goto out;
     }
@@ -406,6 +408,7 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                 Z[x] = c->rsd[r];
                 for (int e = 0; e < D; e++)
                     ox[e] = c->ad[r * D + e];
+                prow[x] = kvt_ctx_prd_row(c, r);
             }
             kvt_dec_probs_heads(c, u0, nu, s, kp, qt, zq, pdec, (size_t)G + 1);
             for (int d = 0; d <= s; d++) { /* every head's sums over d in order, as alone */
@@ -442,8 +445,7 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                 }
                 for (int i = 0; i < nc; i++) { /* s - p*v is s + (-p)*v, bit for bit */
                     for (int x = 0; x < nu; x++) {
-                        const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                        const double pj = kvt_ctx_prd_row(c, r)[comp[i]];
+                        const double pj = prow[x][comp[i]];
                         mass[x] -= pj;
                         pw[x] = -pj;
                     }
@@ -452,8 +454,7 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                 for (int i = less ? np : 0; i < n; i++) {
                     const int j = vis[i];
                     for (int x = 0; x < nu; x++) {
-                        const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                        pw[x] = j < T ? (double)kvt_ctx_prd_row(c, r)[j]
+                        pw[x] = j < T ? (double)prow[x][j]
                                       : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
                         mass[x] += pw[x];
                     }
@@ -487,6 +488,7 @@ out:
     kvt_free(pdec);
     kvt_free(o);
     kvt_free(kp);
+    kvt_free(prow);
     kvt_free(qt);
     kvt_free(zq);
     return st;

@@ -459,10 +459,11 @@ kvt_status kvt_replay_check_trace(const char *path, kvt_policy *const *pols, siz
  *  memory is about this times its worker threads (with CUDA, plus the runtime's own). */
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
                                    int coverage_probes, kvt_device device, uint64_t *bytes);
-/** kvt_replay_worker_bytes with the decode probabilities held as `mode` says (AUTO: ALL). */
-kvt_status kvt_replay_worker_bytes_for(const char *path, kvt_policy *const *pols, size_t n_pol,
-                                       int coverage_probes, kvt_device device,
-                                       kvt_decode_probs mode, uint64_t *bytes);
+/** kvt_replay_worker_bytes with the decode probabilities held whole (*all) and, when group is
+ *  not NULL, one KV group at a time (*group, KVT_DECODE_PROBS_GROUP): one header read. */
+kvt_status kvt_replay_worker_bytes_modes(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                         int coverage_probes, kvt_device device, uint64_t *all,
+                                         uint64_t *group);
 /** KVT_DECODE_PROBS_AUTO resolved: with a worker holding wb_all bytes (all of the decode
  *  probabilities: kvt_replay_worker_bytes) or wb_group (one KV group's), GROUP when wb_group is
  *  less and kvt_replay_threads(requested, cores, n_layers, ..., memory) plans more threads

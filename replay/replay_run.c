@@ -737,15 +737,16 @@ kvt_decode_probs kvt_replay_decode_probs_auto(int requested, int cores, int n_la
 kvt_status kvt_replay_worker_bytes(const char *path, kvt_policy *const *pols, size_t n_pol,
                                    int coverage_probes, kvt_device device, uint64_t *bytes)
 {
-    return kvt_replay_worker_bytes_for(path, pols, n_pol, coverage_probes, device,
-                                       KVT_DECODE_PROBS_ALL, bytes);
+    return kvt_replay_worker_bytes_modes(path, pols, n_pol, coverage_probes, device, bytes, NULL);
 }
 
-kvt_status kvt_replay_worker_bytes_for(const char *path, kvt_policy *const *pols, size_t n_pol,
-                                       int coverage_probes, kvt_device device,
-                                       kvt_decode_probs mode, uint64_t *bytes)
+kvt_status kvt_replay_worker_bytes_modes(const char *path, kvt_policy *const *pols, size_t n_pol,
+                                         int coverage_probes, kvt_device device, uint64_t *all,
+                                         uint64_t *group)
 {
-    *bytes = 0;
+    *all = 0;
+    if (group)
+        *group = 0;
     kvt_trace_reader *rd;
     KVT_FORWARD(kvt_trace_reader_open(path, &rd));
     cJSON *hdr = cJSON_Parse(kvt_trace_reader_header_json(rd));
@@ -764,10 +765,11 @@ kvt_status kvt_replay_worker_bytes_for(const char *path, kvt_policy *const *pols
     kvt_trace_reader_close(rd);
     KVT_RETURN_IF(Hq < 1 || Hkv < 1 || D < 1 || T < 1 || Hq % Hkv, KVT_ERR_CORRUPT,
                   "%s: the header lacks the model's shape or n_tokens", path);
-    *bytes = worker_bytes(T, Hq, Hkv, D, (int)w, (int)g,
-                          coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : coverage_probes, pols,
-                          n_pol, device == KVT_DEVICE_CUDA ? gpu_kv_es(kdt) : 0,
-                          mode == KVT_DECODE_PROBS_GROUP);
+    const int probes = coverage_probes < 0 ? KVT_DEFAULT_COVERAGE_PROBES : coverage_probes;
+    const int es = device == KVT_DEVICE_CUDA ? gpu_kv_es(kdt) : 0;
+    *all = worker_bytes(T, Hq, Hkv, D, (int)w, (int)g, probes, pols, n_pol, es, false);
+    if (group)
+        *group = worker_bytes(T, Hq, Hkv, D, (int)w, (int)g, probes, pols, n_pol, es, true);
     return KVT_OK;
 }
 

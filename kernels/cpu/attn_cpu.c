@@ -44,6 +44,17 @@ static kvt_status fast_row(int i, double *z1, int nv, int T, const float *k2, do
     return KVT_OK;
 }
 
+/* the widest visible prefix of n_q queries over n keys (n_vis clamped to 0..n) */
+static int widest(const int *n_vis, int n_q, int n)
+{
+    int w = 0;
+    for (int i = 0; i < n_q; i++) {
+        const int nv = kvt_clampi(n_vis[i], 0, n);
+        w = nv > w ? nv : w;
+    }
+    return w;
+}
+
 /* z [n_q, nv_max] = scale * q k^T over the first nv_max keys, in blocks of KB keys (qd
  * [n_q, D], kd [KB, D] workspace) */
 static void logits(const float *q, int n_q, int D, const float *k, int nv_max, double scale,
@@ -78,12 +89,7 @@ kvt_status kvt_attn_probs_zs_cpu(const float *q, int n_q, int D, const float *k,
     (void)work;
     if (!k2)
         n2 = 0;
-    int nv_max = 0, nv2_max = 0;
-    for (int i = 0; i < n_q; i++) {
-        int nv = kvt_clampi(n_vis[i], 0, T), nv2 = k2 ? kvt_clampi(n_vis2[i], 0, n2) : 0;
-        nv_max = nv > nv_max ? nv : nv_max;
-        nv2_max = nv2 > nv2_max ? nv2 : nv2_max;
-    }
+    const int nv_max = widest(n_vis, n_q, T), nv2_max = k2 ? widest(n_vis2, n_q, n2) : 0;
     kvt_status st = KVT_OK;
     double *qd = kvt_malloc(((size_t)n_q * D + 1) * sizeof(double));
     double *kd = kvt_malloc(((size_t)KB * D) * sizeof(double));
@@ -119,11 +125,7 @@ kvt_status kvt_attn_probs_again_cpu(const float *q, int n_q, int D, const float 
     (void)work;
     KVT_RETURN_IF(n_q < 0 || D <= 0 || T < 0, KVT_ERR_INVALID_ARG,
                   "attn_probs: bad shape n_q=%d D=%d T=%d", n_q, D, T);
-    int nv_max = 0;
-    for (int i = 0; i < n_q; i++) {
-        int nv = kvt_clampi(n_vis[i], 0, T);
-        nv_max = nv > nv_max ? nv : nv_max;
-    }
+    const int nv_max = widest(n_vis, n_q, T);
     kvt_status st = KVT_OK;
     double *qd = kvt_malloc(((size_t)n_q * D + 1) * sizeof(double));
     double *kd = kvt_malloc(((size_t)KB * D) * sizeof(double));

@@ -136,8 +136,8 @@ static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_sel
     kvt_status st = KVT_OK;
     for (int d = 0; d < G && !st; d++) {
         kvt_dec_probs_heads(c, h0, nh, d, kp, qt, z, pe, (size_t)G + 1);
-        for (int u = 0; u < nh && !st; u++) { /* step d's row of query head h0 + u over keys
-                                                 0..T+d */
+        /* step d's row of each query head h0 + u over keys 0..T+d */
+        for (int u = 0; u < nh && !st; u++) {
             const float *pr = kvt_ctx_prd_row(c, (size_t)(h0 + u) * G + (size_t)d);
             const double *pu = pe + (size_t)u * ((size_t)G + 1);
             double *a = acc + (size_t)u * as;
