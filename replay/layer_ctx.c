@@ -352,7 +352,6 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     kvt_status s;
     double *work = NULL;
     int *vis = NULL, *vis2 = NULL;
-    float *pr2 = NULL;
     kvt_ctx_gpu *dev = NULL;
 
     /* K and V (the large inputs) are checked on the GPU with --device cuda, once uploaded */
@@ -397,8 +396,8 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     for (int i = 0; i < nqw; i++)
         vis[i] = T - Wt + i % Wt + 1;
     /* every group at once on the device, with the row masses; the probabilities stay there */
-    if (dev && (s = kvt_ctx_gpu_attn(dev, false, nqw, vis, NULL, c->scale, NULL, c->lsew, c->aw,
-                                     c->rsw, c->massw_mod)))
+    if (dev && (s = kvt_ctx_gpu_attn(dev, false, nqw, vis, NULL, c->scale, c->lsew, c->aw, c->rsw,
+                                     c->massw_mod, NULL, NULL)))
         goto out_fail;
     for (int g = 0; !dev && g < Hkv; g++) {
         size_t q0 = (size_t)g * nqw; /* first window query of the group: (h = g*Gs, i = 0) */
@@ -434,10 +433,8 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
             (s = ALLOC(c->ad, (size_t)Hq * Gd * D)) || (s = ALLOC(c->lsed, (size_t)Hq * Gd)) ||
             (s = ALLOC(c->rsd, (size_t)Hq * Gd)))
             goto out_fail;
-        if (c->has_extra &&
-            ((s = ALLOC(c->pd_extra, (size_t)Hq * Gd)) ||
-             (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D)) ||
-             (dev && (s = ALLOC(pr2, (size_t)Hkv * nqd * Gd))))) /* the device's: all groups' */
+        if (c->has_extra && ((s = ALLOC(c->pd_extra, (size_t)Hq * Gd)) ||
+                             (s = ALLOC(c->od_extra, (size_t)Hq * Gd * D))))
             goto out_fail;
         if (!dev && ((s = ALLOC(c->dvis, c->prd_rb)) || (s = ALLOC(c->dvis2, nqd)) ||
                      (s = ALLOC(c->dwork, (size_t)T + Gd)) ||
@@ -453,8 +450,8 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
                 c->dvis[i] = T;
             c->dvis2[i] = i % Gd + 1;
         }
-        if (dev && (s = kvt_ctx_gpu_attn(dev, true, nqd, vis, vis2, c->scale, pr2, c->lsed, c->ad,
-                                         c->rsd, NULL)))
+        if (dev && (s = kvt_ctx_gpu_attn(dev, true, nqd, vis, vis2, c->scale, c->lsed, c->ad,
+                                         c->rsd, NULL, c->pd_extra, c->od_extra)))
             goto out_fail;
         for (int g = 0; !dev && g < Hkv; g++) {
             const float *V = c->v + (size_t)g * T * D;
@@ -479,14 +476,6 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
             if (c->prd_one)
                 c->prd_g = g, c->prd_r0 = (size_t)g * nqd;
         }
-        for (int g = 0; dev && c->has_extra && g < Hkv; g++) /* the device's decode-key rows */
-            for (int i = 0; i < nqd; i++) {
-                const size_t q = (size_t)g * nqd + (size_t)i;
-                dec_mass(c, q, pr2 + q * Gd);
-                kvt_attn_output_ref(pr2 + q * Gd, 1, Gd, (size_t)Gd,
-                                    in->v_decode + (size_t)g * Gd * D, D, c->od_extra + q * D,
-                                    (size_t)D);
-            }
     }
 
     /* per KV head: norms, unit keys, their mean over all T (window included, §4.1.3), r */
@@ -509,7 +498,6 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
     kvt_free(work);
     kvt_free(vis);
     kvt_free(vis2);
-    kvt_free(pr2);
     return KVT_OK;
 
 out_fail:
@@ -517,7 +505,6 @@ out_fail:
     kvt_free(work);
     kvt_free(vis);
     kvt_free(vis2);
-    kvt_free(pr2);
     kvt_ctx_free(c);
     return s;
 }

@@ -709,15 +709,12 @@ static uint64_t worker_bytes(int T, int Hq, int Hkv, int D, int W, int G, int pr
        the CPU the logits and decode-key probabilities of a block of decode rows (layer_ctx.c:
        32 MiB at most), and the output sweep's workspace and results over a KV group's decode
        queries (kvt_sweep_output_cpu: D + 256 + 11 doubles a query, and 5 per budget and
-       policy); with the GPU every decode query's probabilities over the decode keys, which
-       the host receives whole (f32, G per query) */
+       policy) */
     const double rows = (double)Hq * G, grp = (double)(Hq / Hkv) * G;
     const double blk = grp * (8.0 * T + 12.0 * G);
     double dec = rows * (16.0 * D + 40.0) + 8.0 * G * D * (Hq + 2.0 * Hkv);
     if (!gpu_es)
         dec += (blk < 33554432.0 ? blk : 33554432.0) + 8.0 * grp * (D + 320.0);
-    else
-        dec += 4.0 * rows * G;
     /* with the GPU also the two pinned buffers K and V stream through (ctx_gpu.c's CTX_STAGE) */
     return (uint64_t)(1.15 * per * T + dec) + (UINT64_C(16) << 20) +
            (gpu_es ? UINT64_C(8) << 20 : 0);

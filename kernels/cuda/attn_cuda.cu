@@ -392,14 +392,21 @@ extern "C" size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D, int n_
     if (n_q <= 0 || T < 0 || n2 < 0 || D <= 0 || n_batch < 1)
         return 0;
     const size_t n_all = (size_t)T + n2, n_kt = (n_all + KVT_TILE_KEYS - 1) / KVT_TILE_KEYS;
-    const size_t n_kb = ((size_t)T + OUT_KEYS - 1) / OUT_KEYS;
-    /* the batches one launch takes (as the two calls split them) */
+    /* the batches one launch takes (as the call splits them) */
     const size_t nbs = (size_t)sub_batches(KVT_TILE_ROWS * n_all * sizeof(double), n_batch);
-    const size_t nbo = (size_t)sub_batches(n_kb * n_q * D * sizeof(double), n_batch);
     const size_t zb = (size_t)zbuf_rows(n_q, (int)n_all, (int)nbs) * n_all * sizeof(double);
     return (size_t)n_q * 2 * sizeof(int) +
            nbs * ((n_kt + 1) * 2 * n_q * sizeof(double) + zb + sizeof(unsigned long long)) +
-           nbo * n_kb * n_q * D * sizeof(double);
+           kvt_attn_output_cuda_temp_bytes(n_q, T, D, n_batch);
+}
+
+extern "C" size_t kvt_attn_output_cuda_temp_bytes(int n_q, int T, int D, int n_batch)
+{
+    if (n_q <= 0 || T <= 0 || D <= 0 || n_batch < 1)
+        return 0;
+    /* a launch's key blocks' sums, for as many batches as the call gives one launch */
+    const size_t each = ((size_t)T + OUT_KEYS - 1) / OUT_KEYS * n_q * D * sizeof(double);
+    return (size_t)sub_batches(each, n_batch) * each;
 }
 
 extern "C" kvt_status kvt_attn_output_cuda(const float *p, int n_q, int T, size_t stride_p,

@@ -57,6 +57,9 @@ kvt_status kvt_attn_probs_batch_cuda(const float *q, int n_q, int D, const float
  *  counted: with memory pools the first's may not be released yet when the second's is taken.
  *  Out of GPU memory there is KVT_ERR_NOMEM. */
 size_t kvt_attn_cuda_temp_bytes(int n_q, int T, int n2, int D, int n_batch);
+/** Of those, kvt_attn_output_batch_cuda's alone (its key blocks' partial sums), for n_batch
+ *  batches of n_q rows over T keys. */
+size_t kvt_attn_output_cuda_temp_bytes(int n_q, int T, int D, int n_batch);
 
 /** Tests only: the size of kvt_attn_probs_cuda's logit buffer (the rows of logits it computes
  *  at a time, at least 32, 64 MiB by default; 0 restores the default). Any size gives the same

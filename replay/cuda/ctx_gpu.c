@@ -54,19 +54,19 @@ struct kvt_ctx_gpu {
     int dev; /* its CUDA device (the input's cuda_device) */
     int T, D, Hq, Hkv, Wt, Gd, rows;
     bool extra;
-    float *k, *v, *qw, *qd, *kd; /* the layer's inputs (decode values: their outputs come from
-                                    the host context) */
-    float *prw, *prd;            /* [Hq, Wt, T], [Hq, Gd, T] probabilities */
-    double *aw, *ad;             /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
-    float *pr2;                  /* [Hkv, rows, Gd] probabilities on decode keys (scratch) */
-    double *lse;                 /* [Hkv, rows] (scratch) */
-    float *ku;                   /* [Hkv, T, D] unit keys */
-    float *ct;                   /* [T, n_probe] cosine table of one KV head */
-    int32_t *probe;              /* [n_probe] */
-    float *best;                 /* [n_cut, n_probe] */
-    int n_probe;                 /* of the cosine table (0: none yet) */
-    size_t best_cap;             /* floats of best */
-    void *work;                  /* the sweep kernels' workspace */
+    float *k, *v, *qw, *qd; /* the layer's inputs */
+    float *kd, *vd;         /* decode keys and values (freed after the decode attention) */
+    float *prw, *prd;       /* [Hq, Wt, T], [Hq, Gd, T] probabilities */
+    double *aw, *ad;        /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
+    float *pr2;      /* [Hkv, rows, Gd] probabilities on decode keys (freed after their outputs) */
+    double *lse;     /* [Hkv, rows] (scratch) */
+    float *ku;       /* [Hkv, T, D] unit keys */
+    float *ct;       /* [T, n_probe] cosine table of one KV head */
+    int32_t *probe;  /* [n_probe] */
+    float *best;     /* [n_cut, n_probe] */
+    int n_probe;     /* of the cosine table (0: none yet) */
+    size_t best_cap; /* floats of best */
+    void *work;      /* the sweep kernels' workspace */
     size_t work_cap;
     double *sc, *sc_work;      /* window scores [H', P] and their workspace */
     float *qa;                 /* [T, D] one query head's prompt queries (H2O) */
@@ -75,7 +75,7 @@ struct kvt_ctx_gpu {
     double *norm, *mean, *inv; /* [2, Hkv, T] K's then V's, [Hkv, D], unit rows' (scratch) */
     double *rsw, *rsd, *mm;    /* [Hq, Wt], [Hq, Gd] row masses, [Hq, Wt, NM] by modality */
     uint8_t *mod;              /* [T] modality codes (NULL: none) */
-    double *pe, *oe;           /* uploaded by kvt_ctx_gpu_finish */
+    double *pe, *oe;           /* [Hq, Gd], [Hq, Gd, D] the decode keys' mass and outputs */
     int32_t *order;            /* [T] the ranking being swept */
     int32_t *order_h;          /* [T] host copy of what order holds (NULL: nothing yet) */
     double *rk;                /* [rk_cap] redundancy of each cut */
@@ -235,11 +235,11 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
     const double rows = (double)(Hq / Hkv) * (wt > gd ? wt : gd), nm = KVT_NM;
     double b = 3 * hkv * t * d * 4                        /* K, V, unit keys */
                + hq * (wt + gd) * (d * 4 + t * 4 + d * 8) /* queries, probabilities, outputs */
-               + (extra ? hkv * gd * d * 4 + hkv * rows * gd * 4 : 0) /* decode keys, probs */
-               + hkv * (rows * 8 + 2 * t * 8 + d * 8)                 /* lse, norms, means */
-               + t * (4 + 1)                                          /* order, modality */
+               + (extra ? 2 * hkv * gd * d * 4 + hkv * rows * gd * 4 : 0) /* decode K, V, probs */
+               + hkv * (rows * 8 + 2 * t * 8 + d * 8)                     /* lse, norms, means */
+               + t * (4 + 1)                                              /* order, modality */
                + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
-               + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* kvt_ctx_gpu_finish */
+               + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* masses; decode keys' part */
                + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
                + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) /* chunks */
                + (double)kvt_sweep_redundancy_cuda_work_bytes(T, D, (int)nb)        /* redundancy */
@@ -249,7 +249,9 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
                + t * d * 4 + 3 * t * 8    /* h2o's column sums from Q_all */
                + hq * t * (12 + 28)       /* rankings: scores, orders, the sort's own */
                + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D,
-                                                  Hkv); /* the attention kernels' own */
+                                                  Hkv) /* the attention kernels' own */
+               + (extra ? (double)kvt_attn_output_cuda_temp_bytes((int)rows, Gd, D, Hkv)
+                        : 0); /* and the decode keys' output's */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
 
@@ -534,12 +536,12 @@ void kvt_ctx_gpu_end(kvt_ctx_gpu *g)
 {
     if (!g)
         return;
-    void *bufs[] = {g->k,      g->v,     g->qw,      g->qd,   g->kd, g->prw,     g->prd,
-                    g->aw,     g->ad,    g->pr2,     g->lse,  g->ku, g->norm,    g->mean,
-                    g->inv,    g->rsw,   g->rsd,     g->pe,   g->oe, g->mm,      g->mod,
-                    g->order,  g->rec,   g->err,     g->rmod, g->ct, g->probe,   g->best,
-                    g->work,   g->sc,    g->sc_work, g->qa,   g->cs, g->cs_work, g->rk,
-                    g->rscore, g->rorder};
+    void *bufs[] = {g->k,    g->v,      g->qw,    g->qd,      g->kd,   g->vd, g->prw,
+                    g->prd,  g->aw,     g->ad,    g->pr2,     g->lse,  g->ku, g->norm,
+                    g->mean, g->inv,    g->rsw,   g->rsd,     g->pe,   g->oe, g->mm,
+                    g->mod,  g->order,  g->rec,   g->err,     g->rmod, g->ct, g->probe,
+                    g->best, g->work,   g->sc,    g->sc_work, g->qa,   g->cs, g->cs_work,
+                    g->rk,   g->rscore, g->rorder};
     if (g->st) {
         cudaSetDevice(g->dev); /* as at its start (the thread's current device since then) */
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
@@ -700,7 +702,10 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
     if (g->extra) {
         size_t n = (size_t)g->Hkv * g->Gd * D * sizeof(float);
         KVT_FORWARD(upload(g, (void **)&g->kd, in->k_decode, n));
+        KVT_FORWARD(upload(g, (void **)&g->vd, in->v_decode, n));
         KVT_FORWARD(dalloc(g, (void **)&g->pr2, Hkv * rows * (size_t)g->Gd * sizeof(float)));
+        KVT_FORWARD(dalloc(g, (void **)&g->pe, Hq * g->Gd * sizeof(double)));
+        KVT_FORWARD(dalloc(g, (void **)&g->oe, Hq * g->Gd * D * sizeof(double)));
     }
     KVT_FORWARD(dalloc(g, (void **)&g->lse, (Hkv * rows > 2 ? Hkv * rows : 2) * sizeof(double)));
     KVT_FORWARD(dalloc(g, (void **)&g->norm, 2 * Hkv * T * sizeof(double)));
@@ -753,11 +758,13 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
 }
 
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_vis,
-                            const int *n_vis2, double scale, float *pr2, double *lse, double *out,
-                            double *rowsum, double *mass)
+                            const int *n_vis2, double scale, double *lse, double *out,
+                            double *rowsum, double *mass, double *p_extra, double *o_extra)
 {
     KVT_RETURN_IF(!g || n_q < 1 || n_q > g->rows, KVT_ERR_INVALID_ARG,
                   "replay --device cuda: bad attention call (%d rows)", n_q);
+    KVT_RETURN_IF(decode && g->extra && !g->pr2, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: the decode attention was already computed");
     const size_t T = (size_t)g->T, D = (size_t)g->D, Hkv = (size_t)g->Hkv, nq = (size_t)n_q;
     const size_t rows = Hkv * nq; /* every group's, group after group */
     const float *q = decode ? g->qd : g->qw;
@@ -774,15 +781,25 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_v
     double *dmass = !decode && g->mod ? g->mm : NULL;
     KVT_FORWARD(kvt_row_mass_cuda(dpr, (int)rows, g->T, T, dmass ? g->mod : NULL, drs, dmass,
                                   (void *)g->st));
+    const size_t nx = extra ? (size_t)g->Gd : 0;
+    if (extra) { /* the decode keys' outputs and mass; their probabilities are then done with */
+        KVT_FORWARD(kern_nomem(kvt_attn_output_batch_cuda(g->pr2, n_q, g->Gd, nx, g->vd, g->D,
+                                                          g->oe, D, g->Hkv, (void *)g->st)));
+        KVT_FORWARD(
+            kvt_row_mass_cuda(g->pr2, (int)rows, g->Gd, nx, NULL, g->pe, NULL, (void *)g->st));
+        dfree(g, g->pr2), dfree(g, g->kd), dfree(g, g->vd);
+        g->pr2 = NULL, g->kd = NULL, g->vd = NULL;
+    }
     KVT_FORWARD(tm_end(g, TM_ATTN));
     /* at least: Q, K, V read once, P written and read back, the outputs written */
-    size_t nx = extra ? (size_t)g->Gd : 0;
     PROF(g, gpu_attn_bytes,
          Hkv * ((nq * D + 2 * (T + nx) * D + 2 * nq * (T + nx)) * sizeof(float) +
-                nq * (D + 1) * sizeof(double)));
+                nq * (D + 1) * (extra ? 2 : 1) * sizeof(double)));
     PROF(g, gpu_attn_flop, 4 * (uint64_t)rows * (T + nx) * D);
-    if (extra && pr2)
-        KVT_FORWARD(download(g, pr2, g->pr2, rows * g->Gd * sizeof(float)));
+    if (extra && p_extra && o_extra) {
+        KVT_FORWARD(download(g, p_extra, g->pe, rows * sizeof(double)));
+        KVT_FORWARD(download(g, o_extra, g->oe, rows * D * sizeof(double)));
+    }
     KVT_FORWARD(download(g, lse, g->lse, rows * sizeof(double)));
     KVT_FORWARD(download(g, out, dout, rows * D * sizeof(double)));
     KVT_FORWARD(download(g, rowsum, drs, rows * sizeof(double)));
@@ -839,10 +856,6 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     KVT_RETURN_IF(!g || !c, KVT_ERR_INVALID_ARG, "replay --device cuda: no context");
     const size_t T = (size_t)g->T, D = (size_t)g->D, Hq = (size_t)g->Hq;
     const size_t nw = Hq * g->Wt, nd = Hq * g->Gd;
-    if (c->has_extra) {
-        KVT_FORWARD(upload(g, (void **)&g->pe, c->pd_extra, nd * sizeof(double)));
-        KVT_FORWARD(upload(g, (void **)&g->oe, c->od_extra, nd * D * sizeof(double)));
-    }
     g->n_map = 0;
     add_map(g, c->prw, g->prw, nw * T * sizeof(float));
     add_map(g, c->aw, g->aw, nw * D * sizeof(double));

@@ -58,14 +58,18 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v);
  *  kvt_attn_output on the host for each group: window queries (decode false: the n_q Q_window
  *  rows of each group, keys 0..T-1 visible per n_vis) or decode queries (decode true: Q_decode
  *  rows, plus decode keys per n_vis2 when the layer has them); n_vis, n_vis2 [n_q] the same for
- *  every group. Host outputs, group after group (Hkv n_q rows): pr2 [rows, Gd] or NULL, lse
- *  [rows], out [rows, D] (double), rowsum [rows] (each probability row's sum over the prompt
- *  keys, kvt_row_mass_cuda) and, for window queries of a layer with modalities, mass [rows,
- *  KVT_NM] (else NULL). The probabilities stay on the device (kvt_ctx_gpu_fetch). A
- *  non-finite logit is reported for the first group that has one. */
+ *  every group. Host outputs, group after group (Hkv n_q rows): lse [rows], out [rows, D]
+ *  (double), rowsum [rows] (each probability row's sum over the prompt keys,
+ *  kvt_row_mass_cuda), for window queries of a layer with modalities mass [rows, KVT_NM] (else
+ *  NULL), and for decode queries with decode keys p_extra [rows] and o_extra [rows, D] (or
+ *  NULL): each row's probability mass on the decode keys and their part of its output
+ *  (kvt_row_mass_cuda and kvt_attn_output_batch_cuda on the device; the decode keys'
+ *  probabilities never leave it and are freed, so the decode call is made once). The
+ *  probabilities over the prompt stay on the device (kvt_ctx_gpu_fetch). A non-finite logit
+ *  is reported for the first group that has one. */
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_vis,
-                            const int *n_vis2, double scale, float *pr2, double *lse, double *out,
-                            double *rowsum, double *mass);
+                            const int *n_vis2, double scale, double *lse, double *out,
+                            double *rowsum, double *mass, double *p_extra, double *o_extra);
 
 /** Every KV head's knorm, vnorm [Hkv, T], kmean [Hkv, D] (host) in one round trip, as
  *  kvt_row_norms and kvt_unit_rows per head; the unit keys stay on the device
@@ -76,9 +80,8 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, double *knorm, double *vnorm, doubl
 typedef enum { KVT_GPU_PRW, KVT_GPU_PRD, KVT_GPU_KU } kvt_gpu_array;
 kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host);
 
-/** After the host context is complete: upload what the host computed (decode-key terms) and
- *  map the host context's arrays to their device copies, so that kvt_ctx_gpu_sweep_output can
- *  run on the host pointers the host sweep would use. */
+/** After the host context is complete: map the host context's arrays to their device copies, so
+ * that kvt_ctx_gpu_sweep_output can run on the host pointers the host sweep would use. */
 kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const struct kvt_layer_ctx *c);
 
 /** kvt_sweep_output_ref's contract on the GPU, given the HOST pointers the host sweep would

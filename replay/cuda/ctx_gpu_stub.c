@@ -54,11 +54,11 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
 }
 
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_vis,
-                            const int *n_vis2, double scale, float *pr2, double *lse, double *out,
-                            double *rowsum, double *mass)
+                            const int *n_vis2, double scale, double *lse, double *out,
+                            double *rowsum, double *mass, double *p_extra, double *o_extra)
 {
     (void)g, (void)decode, (void)n_q, (void)n_vis, (void)n_vis2, (void)scale;
-    (void)pr2, (void)lse, (void)out, (void)rowsum, (void)mass;
+    (void)lse, (void)out, (void)rowsum, (void)mass, (void)p_extra, (void)o_extra;
     return kvt_error_set(KVT_ERR_NO_CUDA, "replay: this kvtrace was built without CUDA");
 }
 
