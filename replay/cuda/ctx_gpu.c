@@ -26,9 +26,10 @@
 #include "../../kernels/ref/sweep_cuts.h"
 
 #define CTX_GPU_MAP 12
-#define CTX_STAGE   ((size_t)4 << 20) /* bytes of each pinned staging buffer */
-#define CTX_PEND    16                /* small downloads queued in stage[0] before a wait */
-#define CTX_TIMERS  128               /* event-timed kernels and copies in flight (profile) */
+#define CTX_STAGE   ((size_t)4 << 20)   /* bytes of each pinned staging buffer */
+#define CTX_PEND    16                  /* small downloads queued in stage[0] before a wait */
+#define CTX_DEC     ((size_t)256 << 20) /* bytes of decode-key probabilities held at once */
+#define CTX_TIMERS  128                 /* event-timed kernels and copies in flight (profile) */
 
 /* what a timing is booked as: TM_SWEEP + a KVT_GPU_SWEEP_* kind for the sweep kernels */
 enum { TM_UPLOAD, TM_DOWNLOAD, TM_ATTN, TM_NORM, TM_COLSUM, TM_SWEEP };
@@ -54,11 +55,14 @@ struct kvt_ctx_gpu {
     int dev; /* its CUDA device (the input's cuda_device) */
     int T, D, Hq, Hkv, Wt, Gd, rows;
     bool extra;
+    int dec_rb; /* decode rows of one KV group per call when the decode keys' probabilities of
+                   all groups exceed CTX_DEC, else 0: all groups' rows in one call */
     float *k, *v, *qw, *qd; /* the layer's inputs */
     float *kd, *vd;         /* decode keys and values (freed after the decode attention) */
     float *prw, *prd;       /* [Hq, Wt, T], [Hq, Gd, T] probabilities */
     double *aw, *ad;        /* [Hq, Wt, D], [Hq, Gd, D] full outputs */
-    float *pr2;      /* [Hkv, rows, Gd] probabilities on decode keys (freed after their outputs) */
+    float *pr2;      /* [Hkv, rows, Gd] probabilities on decode keys, or [dec_rb, Gd] (freed after
+                        their outputs) */
     double *lse;     /* [Hkv, rows] (scratch) */
     float *ku;       /* [Hkv, T, D] unit keys */
     float *ct;       /* [T, n_probe] cosine table of one KV head */
@@ -222,6 +226,23 @@ int kvt_ctx_gpu_devices(char *why, size_t cap)
     return kvt_cuda_devices(why, cap);
 }
 
+/* The decode rows of one KV group that one call of the decode attention takes when the
+ * probabilities over the decode keys of all groups' nqd rows ([Hkv, nqd, Gd] f32) would exceed
+ * CTX_DEC bytes (tests: KVT_TEST_GPU_DEC_BYTES), else 0: every group's rows in one call.
+ * Each row's bits are the same either way (kvt_attn_probs_batch_cuda). */
+static int dec_block_rows(int Hkv, int nqd, int Gd)
+{
+    size_t cap = CTX_DEC;
+    const char *e = getenv("KVT_TEST_GPU_DEC_BYTES");
+    if (e && atoll(e) > 0)
+        cap = (size_t)atoll(e);
+    const size_t row = (size_t)(Gd > 0 ? Gd : 1) * sizeof(float);
+    if ((size_t)Hkv * (size_t)nqd * row <= cap)
+        return 0;
+    const size_t n = cap / row;
+    return n < 1 ? 1 : n > (size_t)nqd ? nqd : (int)n;
+}
+
 /* Device memory is stream-ordered (cudaMallocAsync on the context's stream; plain cudaMalloc
  * on a GPU without memory pools, kvt_cuda_malloc_async): freeing it does
  * not synchronise the whole device, which would stall the other workers' kernels. */
@@ -233,25 +254,28 @@ uint64_t kvt_ctx_gpu_worker_bytes(int T, int D, int Hq, int Hkv, int Wt, int Gd,
     const double t = T, d = D, hq = Hq, hkv = Hkv, wt = Wt > 0 ? Wt : 0, gd = Gd > 0 ? Gd : 0;
     const double np = n_probe > 0 ? (n_probe < T ? n_probe : T) : 0, nb = n_cut > 0 ? n_cut : 1;
     const double rows = (double)(Hq / Hkv) * (wt > gd ? wt : gd), nm = KVT_NM;
-    double b = 3 * hkv * t * d * 4                        /* K, V, unit keys */
-               + hq * (wt + gd) * (d * 4 + t * 4 + d * 8) /* queries, probabilities, outputs */
-               + (extra ? 2 * hkv * gd * d * 4 + hkv * rows * gd * 4 : 0) /* decode K, V, probs */
-               + hkv * (rows * 8 + 2 * t * 8 + d * 8)                     /* lse, norms, means */
-               + t * (4 + 1)                                              /* order, modality */
-               + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
-               + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* masses; decode keys' part */
-               + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np) /* sweep workspace */
-               + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) /* chunks */
-               + (double)kvt_sweep_redundancy_cuda_work_bytes(T, D, (int)nb)        /* redundancy */
-               + rows * nb * 8 * (2 + nm) /* sweep results */
-               + np * (t + 1 + nb) * 4    /* cosine table, probes, bests */
-               + 2 * (hq + hkv) * t * 8   /* window scores, workspace */
-               + t * d * 4 + 3 * t * 8    /* h2o's column sums from Q_all */
-               + hq * t * (12 + 28)       /* rankings: scores, orders, the sort's own */
-               + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D,
-                                                  Hkv) /* the attention kernels' own */
-               + (extra ? (double)kvt_attn_output_cuda_temp_bytes((int)rows, Gd, D, Hkv)
-                        : 0); /* and the decode keys' output's */
+    const int nqd = Hq / Hkv * (Gd > 0 ? Gd : 0), rb = extra ? dec_block_rows(Hkv, nqd, Gd) : 0;
+    const double pr2 = rb ? (double)rb * gd * 4 : hkv * nqd * gd * 4; /* decode keys' probs */
+    double b =
+        3 * hkv * t * d * 4                              /* K, V, unit keys */
+        + hq * (wt + gd) * (d * 4 + t * 4 + d * 8)       /* queries, probabilities, outputs */
+        + (extra ? 2 * hkv * gd * d * 4 + pr2 : 0)       /* decode K, V, their probabilities */
+        + hkv * (rows * 8 + 2 * t * 8 + d * 8)           /* lse, norms, means */
+        + t * (4 + 1)                                    /* order, modality */
+        + (double)kvt_unit_rows_cuda_work(T, D) * 8      /* inverse norms, mean parts */
+        + hq * wt * 8 * (1 + nm) + hq * gd * 8 * (2 + d) /* masses; decode keys' part */
+        + (double)kvt_sweep_cuda_work_bytes(T, (int)nb, (int)np)             /* sweep workspace */
+        + (double)kvt_sweep_output_cuda_work_bytes((int)rows, T, D, (int)nb) /* chunks */
+        + (double)kvt_sweep_redundancy_cuda_work_bytes(T, D, (int)nb)        /* redundancy */
+        + rows * nb * 8 * (2 + nm)                                           /* sweep results */
+        + np * (t + 1 + nb) * 4  /* cosine table, probes, bests */
+        + 2 * (hq + hkv) * t * 8 /* window scores, workspace */
+        + t * d * 4 + 3 * t * 8  /* h2o's column sums from Q_all */
+        + hq * t * (12 + 28)     /* rankings: scores, orders, the sort's own */
+        + (double)kvt_attn_cuda_temp_bytes((int)rows, T, extra ? Gd : 0, D,
+                                           Hkv) /* the attention kernels' own */
+        + (extra ? (double)kvt_attn_output_cuda_temp_bytes(rb ? rb : (int)rows, Gd, D, rb ? 1 : Hkv)
+                 : 0); /* and the decode keys' output's */
     return (uint64_t)(1.05 * b) + (UINT64_C(16) << 20);
 }
 
@@ -703,7 +727,10 @@ static kvt_status begin(const kvt_layer_input *in, kvt_ctx_gpu *g)
         size_t n = (size_t)g->Hkv * g->Gd * D * sizeof(float);
         KVT_FORWARD(upload(g, (void **)&g->kd, in->k_decode, n));
         KVT_FORWARD(upload(g, (void **)&g->vd, in->v_decode, n));
-        KVT_FORWARD(dalloc(g, (void **)&g->pr2, Hkv * rows * (size_t)g->Gd * sizeof(float)));
+        const int nqd = g->Hq / g->Hkv * g->Gd;
+        g->dec_rb = dec_block_rows(g->Hkv, nqd, g->Gd);
+        const size_t n2 = g->dec_rb ? (size_t)g->dec_rb : Hkv * (size_t)nqd;
+        KVT_FORWARD(dalloc(g, (void **)&g->pr2, n2 * (size_t)g->Gd * sizeof(float)));
         KVT_FORWARD(dalloc(g, (void **)&g->pe, Hq * g->Gd * sizeof(double)));
         KVT_FORWARD(dalloc(g, (void **)&g->oe, Hq * g->Gd * D * sizeof(double)));
     }
@@ -757,6 +784,43 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v)
     return KVT_OK;
 }
 
+/* the decode keys' part of n_batch groups' n rows from their probabilities p2 [n_batch, n, Gd]:
+ * outputs oe [n_batch n, D] over vd [n_batch, Gd, D], masses pe [n_batch n] */
+static kvt_status dec_part(kvt_ctx_gpu *g, const float *p2, int n, const float *vd, double *oe,
+                           double *pe, int n_batch)
+{
+    const size_t Gd = (size_t)g->Gd;
+    KVT_FORWARD(kern_nomem(kvt_attn_output_batch_cuda(p2, n, g->Gd, Gd, vd, g->D, oe, (size_t)g->D,
+                                                      n_batch, (void *)g->st)));
+    return kvt_row_mass_cuda(p2, n * n_batch, g->Gd, Gd, NULL, pe, NULL, (void *)g->st);
+}
+
+/* the decode attention group by group in blocks of dec_rb rows, each block's probabilities over
+ * the decode keys (pr2) summed into their part before the next block reuses pr2 */
+static kvt_status dec_blocks(kvt_ctx_gpu *g, int n_q, const int *n_vis, const int *n_vis2,
+                             double scale)
+{
+    const size_t T = (size_t)g->T, D = (size_t)g->D, Gd = (size_t)g->Gd;
+    for (int h = 0; h < g->Hkv; h++)
+        for (int i0 = 0; i0 < n_q; i0 += g->dec_rb) {
+            const int n = n_q - i0 < g->dec_rb ? n_q - i0 : g->dec_rb;
+            const size_t r0 = (size_t)h * (size_t)n_q + (size_t)i0;
+            kvt_status s = kvt_attn_probs_batch_cuda(
+                g->qd + r0 * D, n, g->D, g->k + (size_t)h * T * D, g->T, n_vis + i0,
+                g->kd + (size_t)h * Gd * D, g->Gd, n_vis2 + i0, scale, g->prd + r0 * T, g->pr2,
+                g->lse + r0, 1, (void *)g->st);
+            if (s == KVT_ERR_NAN) { /* its row is the block's: say which block */
+                char msg[256];
+                snprintf(msg, sizeof(msg), "%s", kvt_error_msg());
+                return kvt_error_set(s, "%s (KV head %d, decode rows from %d)", msg, h, i0);
+            }
+            KVT_FORWARD(kern_nomem(s));
+            KVT_FORWARD(
+                dec_part(g, g->pr2, n, g->vd + (size_t)h * Gd * D, g->oe + r0 * D, g->pe + r0, 1));
+        }
+    return KVT_OK;
+}
+
 kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_vis,
                             const int *n_vis2, double scale, double *lse, double *out,
                             double *rowsum, double *mass, double *p_extra, double *o_extra)
@@ -771,22 +835,24 @@ kvt_status kvt_ctx_gpu_attn(kvt_ctx_gpu *g, bool decode, int n_q, const int *n_v
     float *dpr = decode ? g->prd : g->prw;
     double *dout = decode ? g->ad : g->aw;
     bool extra = decode && g->extra;
+    const size_t nx = extra ? (size_t)g->Gd : 0;
     KVT_FORWARD(tm_begin(g));
-    KVT_FORWARD(kern_nomem(kvt_attn_probs_batch_cuda(
-        q, n_q, g->D, g->k, g->T, n_vis, extra ? g->kd : NULL, extra ? g->Gd : 0,
-        extra ? n_vis2 : NULL, scale, dpr, extra ? g->pr2 : NULL, g->lse, g->Hkv, (void *)g->st)));
+    if (extra && g->dec_rb) /* a block of a group's rows at a time, their decode keys' part */
+        KVT_FORWARD(dec_blocks(g, n_q, n_vis, n_vis2, scale));
+    else
+        KVT_FORWARD(kern_nomem(
+            kvt_attn_probs_batch_cuda(q, n_q, g->D, g->k, g->T, n_vis, extra ? g->kd : NULL,
+                                      extra ? g->Gd : 0, extra ? n_vis2 : NULL, scale, dpr,
+                                      extra ? g->pr2 : NULL, g->lse, g->Hkv, (void *)g->st)));
     KVT_FORWARD(kern_nomem(
         kvt_attn_output_batch_cuda(dpr, n_q, g->T, T, g->v, g->D, dout, D, g->Hkv, (void *)g->st)));
     double *drs = decode ? g->rsd : g->rsw;
     double *dmass = !decode && g->mod ? g->mm : NULL;
     KVT_FORWARD(kvt_row_mass_cuda(dpr, (int)rows, g->T, T, dmass ? g->mod : NULL, drs, dmass,
                                   (void *)g->st));
-    const size_t nx = extra ? (size_t)g->Gd : 0;
-    if (extra) { /* the decode keys' outputs and mass; their probabilities are then done with */
-        KVT_FORWARD(kern_nomem(kvt_attn_output_batch_cuda(g->pr2, n_q, g->Gd, nx, g->vd, g->D,
-                                                          g->oe, D, g->Hkv, (void *)g->st)));
-        KVT_FORWARD(
-            kvt_row_mass_cuda(g->pr2, (int)rows, g->Gd, nx, NULL, g->pe, NULL, (void *)g->st));
+    if (extra && !g->dec_rb) /* the decode keys' outputs and mass */
+        KVT_FORWARD(dec_part(g, g->pr2, n_q, g->vd, g->oe, g->pe, g->Hkv));
+    if (extra) { /* their probabilities, keys and values are done with */
         dfree(g, g->pr2), dfree(g, g->kd), dfree(g, g->vd);
         g->pr2 = NULL, g->kd = NULL, g->vd = NULL;
     }

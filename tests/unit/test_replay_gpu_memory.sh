@@ -17,7 +17,10 @@
 #   5. a long generation (2048 decode steps with their keys): the decode keys' probabilities,
 #      4 x query heads x steps^2 bytes (64 MiB here), stay on the GPU, which sums their part
 #      of each decode query's output; the host estimate, which no longer counts them, still
-#      covers the host's peak, and the GPU's estimate covers the layer.
+#      covers the host's peak, and the GPU's estimate covers the layer. Above 256 MiB of them
+#      (here: KVT_TEST_GPU_DEC_BYTES=3000000, blocks of 366 of a KV group's 4096 rows) the GPU
+#      takes a KV group's decode rows in blocks: the same results byte for byte, at least
+#      32 MiB less device memory at its peak, and a GPU too small for them whole suffices.
 # Needs KVT_BIN (kvtrace_cuemu, the CUDA code on the CPU stand-in).
 set -uo pipefail
 BIN=${KVT_BIN:?KVT_BIN: the kvtrace_cuemu binary}
@@ -164,3 +167,23 @@ CUEMU_MEM_BYTES=$room "$BIN" replay "$TMP/long.kvt" --device cuda --policies sna
     2>"$TMP/long_room.err" || { cat "$TMP/long_room.err"; fail "long: room for $est MiB less 15"; }
 cmp -s "$TMP/long.json" "$TMP/long_room.json" || fail "long: results differ with less room"
 echo "ok: a long generation, GPU estimate $est MiB"
+dev_peak() { sed -n 's/^cuemu: device memory peak \([0-9]*\) bytes.*/\1/p' "$1"; }
+whole=$(dev_peak "$TMP/long.err")
+KVT_TEST_GPU_DEC_BYTES=3000000 CUEMU_STATS=1 "$BIN" replay "$TMP/long.kvt" --device cuda \
+    --policies snapkv,knorm:decoding=8 --budgets 64,10% --threads 1 --profile --force \
+    -o "$TMP/long_blk.json" >/dev/null 2>"$TMP/long_blk.err" ||
+    { cat "$TMP/long_blk.err"; fail "long: decode rows in blocks"; }
+cmp -s "$TMP/long.json" "$TMP/long_blk.json" || fail "long: results differ in blocks"
+blk=$(dev_peak "$TMP/long_blk.err")
+est=$(sed -n 's/^profile: gpu memory: about \([0-9.]*\) MiB per worker.*/\1/p' "$TMP/long_blk.err")
+room=$(awk -v e="$est" 'BEGIN { printf "%d", (e - 15) * 1048576 }')
+echo "long: device peak $whole bytes whole, $blk in blocks (estimate $est MiB)"
+[ -n "$whole" ] && [ -n "$blk" ] && [ "$blk" -lt $((whole - 32 * 1048576)) ] ||
+    fail "long: blocks did not lower the device peak"
+[ "$room" -lt "$whole" ] || fail "long: room $room is not below the whole run's peak $whole"
+KVT_TEST_GPU_DEC_BYTES=3000000 CUEMU_MEM_BYTES=$room "$BIN" replay "$TMP/long.kvt" \
+    --device cuda --policies snapkv,knorm:decoding=8 --budgets 64,10% --threads 1 --force \
+    -o "$TMP/long_blk_room.json" >/dev/null 2>"$TMP/long_blk_room.err" ||
+    { cat "$TMP/long_blk_room.err"; fail "long: blocks in room for $est MiB less 15"; }
+cmp -s "$TMP/long.json" "$TMP/long_blk_room.json" || fail "long: results differ in little room"
+echo "ok: decode rows in blocks: the same results in $((room / 1048576)) MiB of GPU"
