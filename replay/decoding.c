@@ -359,21 +359,28 @@ void kvt_dec_probs_heads(const kvt_layer_ctx *c, int u0, int nu, int s, const fl
     }
 }
 
-kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt_head_metrics *m,
-                           size_t stride)
+kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *const *sels,
+                           kvt_head_metrics *const *ms, int n_sel, size_t stride)
 {
-    const int T = c->T, D = c->D, G = sel->dec_steps, H = sel->n_heads, n_b = sel->n_budgets;
-    if (G == 0)
+    if (n_sel < 1 || sels[0]->dec_steps == 0)
         return KVT_OK;
+    const kvt_layer_selection *sel0 = sels[0];
+    const int T = c->T, D = c->D, G = sel0->dec_steps, H = sel0->n_heads;
+    int n_bs = 0; /* the budgets of all selections */
+    for (int k = 0; k < n_sel; k++) {
+        KVT_RETURN_IF(!sels[k]->per_query != !sel0->per_query || sels[k]->dec_steps != G,
+                      KVT_ERR_INVALID_ARG, "decoding=: metrics of unlike selections at once");
+        n_bs += sels[k]->n_budgets;
+    }
     KVT_FORWARD(kvt_ctx_fetch(c, KVT_CTX_PRD | KVT_CTX_KV));
-    const int NU = sel->per_query ? 1 : c->Gs; /* the query heads measured per selection head */
+    const int NU = sel0->per_query ? 1 : c->Gs; /* the query heads measured per selection head */
     const size_t nmax = (size_t)T + (size_t)G + 1;
     int32_t *vis = kvt_malloc(nmax * sizeof(int32_t)), *comp = kvt_malloc(nmax * sizeof(int32_t));
     /* per query head of the group: step s's decode probabilities [G + 1], the full output and
-       its mass (o, Z), the cache's (oS, mass) */
+       its mass (o, Z), the cache's (oS, mass); per budget of each selection rec, err, kept */
     double *pdec = kvt_malloc((size_t)NU * ((size_t)G + 1) * sizeof(double));
     double *o =
-        kvt_malloc((3 * (size_t)NU * D + 4 * (size_t)NU + 3 * (size_t)n_b) * sizeof(double));
+        kvt_malloc((3 * (size_t)NU * D + 4 * (size_t)NU + 3 * (size_t)n_bs) * sizeof(double));
     /* kvt_dec_probs_heads' key rows and workspace; step s's prompt probability row of each
        query head */
     const float **kp = kvt_malloc(((size_t)G + 1) * sizeof(*kp));
@@ -386,22 +393,22 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
         goto out;
     }
     double *oS = o + (size_t)NU * D, *tmp = oS + (size_t)NU * D, *Z = tmp + (size_t)NU * D;
-    double *mass = Z + NU, *rec = mass + NU, *err = rec + n_b, *kept = err + n_b;
-    double *pw = kept + n_b; /* [NU] one entry's weight in each query head's sum */
+    double *mass = Z + NU, *pw = mass + NU; /* pw [NU] one entry's weight in each head's sum */
+    double *rec_all = pw + NU, *err_all = rec_all + n_bs, *kept_all = err_all + n_bs;
     for (int h = 0; h < H; h++) {
-        const int g = kvt_ctx_kv_of(c, sel->per_query, h);
-        const int u0 = sel->per_query ? h : g * c->Gs, nu = NU;
+        const int g = kvt_ctx_kv_of(c, sel0->per_query, h);
+        const int u0 = sel0->per_query ? h : g * c->Gs, nu = NU;
         const float *V = c->v + (size_t)g * T * D;
         const float *Vd = c->in->v_decode + (size_t)g * G * D;
         if ((st = kvt_ctx_prd_group(c, g)))
             goto out;
         for (int d = 0; d < G; d++)
             kp[d] = c->in->k_decode + ((size_t)g * G + (size_t)d) * D;
-        for (int b = 0; b < n_b; b++)
-            rec[b] = err[b] = kept[b] = 0.0;
+        for (int b = 0; b < n_bs; b++)
+            rec_all[b] = err_all[b] = kept_all[b] = 0.0;
         for (int s = 0; s < G; s++) {
             /* the full output of each query head at step s: the prompt's part (ad) and the
-               decode keys' (the same for every budget) */
+               decode keys' (the same for every budget and selection) */
             for (int x = 0; x < nu; x++) {
                 const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
                 double *ox = o + (size_t)x * D;
@@ -418,69 +425,74 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt
                 }
                 kvt_accum_rows(o, nu, D, pw, Vd + (size_t)d * D);
             }
-            for (int b = 0; b < n_b; b++) {
-                const int n = kvt_dec_visible(sel, b, h, s, vis);
-                int np = 0;
-                while (np < n && vis[np] < T)
-                    np++;
-                kept[b] += np;
-                /* more than half the prompt seen: its part summed as the whole prompt's (ad,
-                   rsd) less the tokens not seen (comp, ascending) */
-                const bool less = np > T / 2;
-                int nc = 0;
-                for (int j = 0, i = 0; less && j < T; j++) {
-                    if (i < np && vis[i] == j)
-                        i++;
-                    else
-                        comp[nc++] = j;
-                }
-                /* each entry's value row read once for the group's query heads (each head's
-                   sums in the same order as alone) */
-                for (int x = 0; x < nu; x++) {
-                    const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                    double *sx = oS + (size_t)x * D;
-                    mass[x] = less ? c->rsd[r] : 0.0;
-                    for (int e = 0; e < D; e++)
-                        sx[e] = less ? c->ad[r * D + e] : 0.0;
-                }
-                for (int i = 0; i < nc; i++) { /* s - p*v is s + (-p)*v, bit for bit */
+            for (int k = 0, b0 = 0; k < n_sel; b0 += sels[k]->n_budgets, k++) {
+                const kvt_layer_selection *sel = sels[k];
+                double *rec = rec_all + b0, *err = err_all + b0, *kept = kept_all + b0;
+                for (int b = 0; b < sel->n_budgets; b++) {
+                    const int n = kvt_dec_visible(sel, b, h, s, vis);
+                    int np = 0;
+                    while (np < n && vis[np] < T)
+                        np++;
+                    kept[b] += np;
+                    /* more than half the prompt seen: its part summed as the whole prompt's
+                       (ad, rsd) less the tokens not seen (comp, ascending) */
+                    const bool less = np > T / 2;
+                    int nc = 0;
+                    for (int j = 0, i = 0; less && j < T; j++) {
+                        if (i < np && vis[i] == j)
+                            i++;
+                        else
+                            comp[nc++] = j;
+                    }
+                    /* each entry's value row read once for the group's query heads (each
+                       head's sums in the same order as alone) */
                     for (int x = 0; x < nu; x++) {
-                        const double pj = prow[x][comp[i]];
-                        mass[x] -= pj;
-                        pw[x] = -pj;
+                        const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
+                        double *sx = oS + (size_t)x * D;
+                        mass[x] = less ? c->rsd[r] : 0.0;
+                        for (int e = 0; e < D; e++)
+                            sx[e] = less ? c->ad[r * D + e] : 0.0;
                     }
-                    kvt_accum_rows(oS, nu, D, pw, V + (size_t)comp[i] * D);
-                }
-                for (int i = less ? np : 0; i < n; i++) {
-                    const int j = vis[i];
+                    for (int i = 0; i < nc; i++) { /* s - p*v is s + (-p)*v, bit for bit */
+                        for (int x = 0; x < nu; x++) {
+                            const double pj = prow[x][comp[i]];
+                            mass[x] -= pj;
+                            pw[x] = -pj;
+                        }
+                        kvt_accum_rows(oS, nu, D, pw, V + (size_t)comp[i] * D);
+                    }
+                    for (int i = less ? np : 0; i < n; i++) {
+                        const int j = vis[i];
+                        for (int x = 0; x < nu; x++) {
+                            pw[x] = j < T ? (double)prow[x][j]
+                                          : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
+                            mass[x] += pw[x];
+                        }
+                        kvt_accum_rows(oS, nu, D, pw,
+                                       j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D);
+                    }
                     for (int x = 0; x < nu; x++) {
-                        pw[x] = j < T ? (double)prow[x][j]
-                                      : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
-                        mass[x] += pw[x];
+                        const double *ox = o + (size_t)x * D, *sx = oS + (size_t)x * D;
+                        double dn = 0.0, on = 0.0;
+                        for (int e = 0; e < D; e++) {
+                            const double oe = ox[e] / Z[x];
+                            tmp[e] = mass[x] > 0.0 ? sx[e] / mass[x] - oe : -oe;
+                            dn += tmp[e] * tmp[e];
+                            on += oe * oe;
+                        }
+                        rec[b] += Z[x] > 0.0 ? mass[x] / Z[x] : 0.0;
+                        err[b] += mass[x] > 0.0 ? (on > 0.0 ? sqrt(dn / on) : 0.0) : 1.0;
                     }
-                    kvt_accum_rows(oS, nu, D, pw,
-                                   j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D);
-                }
-                for (int x = 0; x < nu; x++) {
-                    const double *ox = o + (size_t)x * D, *sx = oS + (size_t)x * D;
-                    double dn = 0.0, on = 0.0;
-                    for (int e = 0; e < D; e++) {
-                        const double oe = ox[e] / Z[x];
-                        tmp[e] = mass[x] > 0.0 ? sx[e] / mass[x] - oe : -oe;
-                        dn += tmp[e] * tmp[e];
-                        on += oe * oe;
-                    }
-                    rec[b] += Z[x] > 0.0 ? mass[x] / Z[x] : 0.0;
-                    err[b] += mass[x] > 0.0 ? (on > 0.0 ? sqrt(dn / on) : 0.0) : 1.0;
                 }
             }
         }
-        for (int b = 0; b < n_b; b++) {
-            kvt_head_metrics *hm = &m[(size_t)b * stride + (size_t)h];
-            hm->recall_decode = rec[b] / ((double)G * nu);
-            hm->err_decode = err[b] / ((double)G * nu);
-            hm->n_keep = kept[b] / G;
-        }
+        for (int k = 0, b0 = 0; k < n_sel; b0 += sels[k]->n_budgets, k++)
+            for (int b = 0; b < sels[k]->n_budgets; b++) {
+                kvt_head_metrics *hm = &ms[k][(size_t)b * stride + (size_t)h];
+                hm->recall_decode = rec_all[b0 + b] / ((double)G * nu);
+                hm->err_decode = err_all[b0 + b] / ((double)G * nu);
+                hm->n_keep = kept_all[b0 + b] / G;
+            }
     }
 out:
     kvt_free(vis);

@@ -562,10 +562,13 @@ kvt_status kvt_sel_decoding(kvt_layer_ctx *c, const kvt_policy *p, const int *B,
 /** The entries step s's query sees in (budget b, head h)'s cache, ascending, into out
  *  [T + s + 1] (NULL: only counted); returns their count. */
 int kvt_dec_visible(const kvt_layer_selection *sel, int b, int h, int s, int32_t *out);
-/** recall_decode, err_decode and n_keep of every (budget, head) of a decoding= selection,
- *  over its caches (m [b * stride + h], as the sweeps fill them). */
-kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *sel, kvt_head_metrics *m,
-                           size_t stride);
+/** recall_decode, err_decode and n_keep of every (budget, head) of n_sel decoding= selections
+ *  of one granularity (per_query alike), over their caches (ms[k] [b * stride + h], as the
+ *  sweeps fill them). Each step's full output and decode-key probabilities, the same for
+ *  every selection, are computed once for all; each selection's metrics are those it gets
+ *  alone, bit for bit. */
+kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *const *sels,
+                           kvt_head_metrics *const *ms, int n_sel, size_t stride);
 void kvt_dec_free(kvt_layer_selection *sel);
 
 /** chunk_length=C (chunk_length.c) on sel, a plain kept set at budgets B[n_b] (shares frac, or

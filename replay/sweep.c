@@ -1460,10 +1460,16 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
             }
         }
     }
-    for (size_t p = 0; p < n_pol; p++) /* decode-time caches: decode metrics */
-        if (sels[p].dec && (st = kvt_dec_metrics(&c, &sels[p], out + (p * n_budgets) * (size_t)c.Hq,
-                                                 (size_t)c.Hq)))
+    for (int pq = 0; pq < 2; pq++) { /* decode-time caches' metrics, each granularity's at once */
+        int n_dec = 0;
+        for (size_t p = 0; p < n_pol; p++)
+            if (sels[p].dec && (sels[p].per_query != 0) == pq) {
+                grp_sel[n_dec] = &sels[p];
+                grp_m[n_dec++] = out + (p * n_budgets) * (size_t)c.Hq;
+            }
+        if (n_dec && (st = kvt_dec_metrics(&c, grp_sel, grp_m, n_dec, (size_t)c.Hq)))
             goto out_free;
+    }
     for (size_t p = 0; p < n_pol; p++)
         if ((st = head_overlaps(&sels[p], n_b, out + (p * n_budgets) * (size_t)c.Hq, (size_t)c.Hq)))
             goto out_free;

@@ -12,7 +12,11 @@
 #      all);
 #   3. auto (the default) holds them whole when the threads fit, and by group when a worker
 #      holding them whole passes --memory-limit, with a note, and the same results;
-#   4. usage errors: one line, exit 2, no output.
+#   4. usage errors: one line, exit 2, no output;
+#   5. bench/decode_probs.sh on a small trace;
+#   6. the decode-time caches' metrics are computed for every cache of a granularity at once
+#      (each step's full output and decode-key probabilities shared): each cache alone gets
+#      the same numbers, bit for bit, as in the set.
 set -u
 BIN=${KVT_BIN:?}
 TMP=$(mktemp -d)
@@ -60,6 +64,28 @@ for kernels in fast ref; do
     done
 done
 echo "ok: --decode-probs group: the same results, export and table on $n replays"
+
+# 6. each decode-time cache alone: its runs' numbers are those of the set above (l3, group,
+#    the reference kernels: the last of the loop)
+DEC="knorm:decoding=2 tova:decoding=1,prefill=1 keydiff:decoding=1,prefill=1,heads=query"
+DEC+=" rkv:interval=3 rkv:interval=2,heads=query expected-attention:decoding=3,sinks=2,prefill=1"
+for spec in $DEC; do
+    KVT_KERNELS=ref "$BIN" replay "$TMP/l3.kvt" --policies "$spec" --budgets 12,32,50% \
+        --threads 2 --force -o "$TMP/alone.json" >/dev/null 2>"$TMP/alone.err" ||
+        { cat "$TMP/alone.err"; fail "$spec alone"; }
+    "${KVT_PYTHON:-/usr/bin/python3}" - "$TMP/alone.json" "$TMP/l3.group.json" "$spec" <<'PYEOF' ||
+import json, sys
+alone, both, spec = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3]
+a = [r for r in alone["traces"][0]["runs"] if r["label"] == spec]
+b = [r for r in both["traces"][0]["runs"] if r["label"] == spec]
+assert a and len(a) == len(b), (spec, len(a), len(b))
+for x, y in zip(a, b):
+    for k in ("metrics", "per_layer", "summary", "by_modality"):
+        assert json.dumps(x[k], sort_keys=True) == json.dumps(y[k], sort_keys=True), (spec, k)
+PYEOF
+        fail "$spec: its numbers alone differ from those in the set"
+done
+echo "ok: each decode-time cache alone gets the numbers it gets in the set"
 
 # 3. auto: whole when it fits, by group when one worker holding them whole does not
 est() { sed -n 's/^profile: memory: .*= 1 worker thread x \([0-9.]*\) MiB per worker.*/\1/p' "$1"; }
