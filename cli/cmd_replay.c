@@ -56,8 +56,10 @@ static void help(void)
            "                    the prompt (4 x query heads x decode steps x T bytes): all\n"
            "                    (computed once), group (one KV head's query heads at a time,\n"
            "                    computed again for each policy that reads them: less memory,\n"
-           "                    slower, the same results), auto (default: all, unless the\n"
-           "                    threads planned would then not fit in the memory)\n",
+           "                    slower, the same results; with --device cuda the GPU holds\n"
+           "                    them all and group copies one KV head's to the host for a\n"
+           "                    policy that reads them there), auto (default: all, unless\n"
+           "                    the threads planned would then not fit in the memory)\n",
            KVT_CLI_ALL_POLICIES);
     printf("  --device D        where each layer's attention, outputs, norms, unit keys and\n"
            "                    recall/error/coverage sweeps run: cpu (default), cuda (every\n"
@@ -252,6 +254,11 @@ static void print_profile(const kvt_replay_profile *p, kvt_device device, uint64
                 "%llu groups computed again, %.3f s (in policies+sweeps)\n",
                 (unsigned long long)p->prd_group_layers, (unsigned long long)p->prd_again,
                 p->prd_again_ns * 1e-9);
+    if (p->prd_copied)
+        fprintf(stderr,
+                "profile: decode probabilities held one KV group at a time: %llu groups copied "
+                "from the GPU for host readers, %.3f s (in policies+sweeps)\n",
+                (unsigned long long)p->prd_copied, p->prd_copied_ns * 1e-9);
     char blas[160];
     kvt_kernels_cpu_describe(blas, sizeof(blas));
     fprintf(stderr, "profile: CPU dense products: %s\n", blas);

@@ -295,8 +295,10 @@ typedef struct kvt_replay_profile {
     uint64_t gpu_syncs, gpu_sync_ns;
     uint64_t gpu_device_layers[KVT_MAX_CUDA_DEVICES]; /* --device cuda: layers run on device d */
     /* layers replayed with KVT_DECODE_PROBS_GROUP, the KV groups' decode probabilities they
-       computed again for a later reader, and the time that took (in measure_ns) */
-    uint64_t prd_group_layers, prd_again, prd_again_ns;
+       computed again for a later reader, and the time that took (in measure_ns); with
+       --device cuda the groups copied from the device for a host reader instead, and their
+       time */
+    uint64_t prd_group_layers, prd_again, prd_again_ns, prd_copied, prd_copied_ns;
 } kvt_replay_profile;
 
 /** How a worker holds a layer's decode-query probabilities over the prompt keys, 4 Hq G T

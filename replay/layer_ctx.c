@@ -205,6 +205,13 @@ kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what)
     for (size_t i = 0; i < sizeof(arr) / sizeof(arr[0]); i++) {
         if (!(what & c->on_device & arr[i].bit))
             continue;
+        if (arr[i].bit == KVT_CTX_PRD && c->prd_one) { /* the group held, and each one after */
+            const int g = c->prd_g;
+            c->on_device &= ~KVT_CTX_PRD, c->prd_g = -1;
+            if (g >= 0)
+                KVT_FORWARD(kvt_ctx_prd_group(c, g));
+            continue;
+        }
         void *host = arr[i].bit == KVT_CTX_PRW   ? (void *)c->prw
                      : arr[i].bit == KVT_CTX_PRD ? (void *)c->prd
                                                  : (void *)c->ku;
@@ -298,6 +305,19 @@ kvt_status kvt_ctx_prd_group(kvt_layer_ctx *c, int g)
     const int nqd = c->Gs * c->Gd;
     uint64_t t0 = kvt_now_ns();
     c->prd_g = -1;
+    if (c->gpu) { /* the device holds them all: map the group's rows, copied when read here */
+        const size_t r0 = (size_t)g * nqd;
+        kvt_ctx_gpu_map_prd(c->gpu, c->prd, r0, (size_t)nqd);
+        if (c->on_device & KVT_CTX_PRD) { /* no host reader yet: the sweeps read the device */
+            c->prd_g = g, c->prd_r0 = r0;
+            return KVT_OK;
+        }
+        KVT_FORWARD(kvt_ctx_gpu_fetch_prd_rows(c->gpu, r0, (size_t)nqd, c->prd));
+        c->prd_g = g, c->prd_r0 = r0;
+        KVT_PROF_ADD(c->prof, prd_copied_ns, kvt_now_ns() - t0);
+        KVT_PROF_ADD(c->prof, prd_copied, 1);
+        return KVT_OK;
+    }
     for (int i0 = 0; i0 < nqd; i0 += c->prd_rb) {
         const int n = nqd - i0 < c->prd_rb ? nqd - i0 : c->prd_rb;
         KVT_FORWARD(dec_rows(c, g, i0, n, c->prd + (size_t)i0 * c->T, true));
@@ -425,7 +445,8 @@ kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gp
             (size_t)nqd * row_bytes <= ((size_t)32 << 20)
                 ? nqd
                 : (int)(((size_t)32 << 20) / row_bytes > 0 ? ((size_t)32 << 20) / row_bytes : 1);
-        c->prd_one = !dev && dp == KVT_DECODE_PROBS_GROUP && Hkv > 1;
+        /* with the GPU the device holds them all; group: the host one group's when it reads */
+        c->prd_one = dp == KVT_DECODE_PROBS_GROUP && Hkv > 1;
         if (c->prd_one)
             KVT_PROF_ADD(prof, prd_group_layers, 1);
         c->prd_g = -1;

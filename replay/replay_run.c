@@ -658,8 +658,8 @@ static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int p
             b += 4.0 * Hkv * D;
         if (reads & KVT_CTX_PRW)
             b += 4.0 * Hq * W;
-        if (reads & KVT_CTX_PRD)
-            b += 4.0 * Hq * G;
+        if (reads & KVT_CTX_PRD) /* group: one KV group's rows, copied from the device */
+            b += 4.0 * (group ? Gs : Hq) * G;
     }
     for (size_t p = 0; p < n_pol; p++) {
         unsigned f = kvt_policy_flags(pols[p]);

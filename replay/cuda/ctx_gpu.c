@@ -911,10 +911,33 @@ kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host)
     return flush_down(g);
 }
 
+kvt_status kvt_ctx_gpu_fetch_prd_rows(kvt_ctx_gpu *g, size_t r0, size_t n, float *host)
+{
+    KVT_RETURN_IF(!g || !host || r0 + n > (size_t)g->Hq * (size_t)g->Gd, KVT_ERR_INVALID_ARG,
+                  "replay --device cuda: bad decode rows %zu + %zu", r0, n);
+    if (!g->prd || !n)
+        return KVT_OK;
+    KVT_FORWARD(download(g, host, g->prd + r0 * (size_t)g->T, n * (size_t)g->T * sizeof(float)));
+    return flush_down(g);
+}
+
 static void add_map(kvt_ctx_gpu *g, const void *h, void *d, size_t bytes)
 {
     if (h && d && g->n_map < CTX_GPU_MAP)
         g->map[g->n_map++] = (ctx_map){(const char *)h, (char *)d, bytes};
+}
+
+void kvt_ctx_gpu_map_prd(kvt_ctx_gpu *g, const float *host, size_t r0, size_t n)
+{
+    if (!g || !host || !g->prd)
+        return;
+    char *d = (char *)(g->prd + r0 * (size_t)g->T);
+    for (int i = 0; i < g->n_map; i++)
+        if (g->map[i].h == (const char *)host) {
+            g->map[i].d = d, g->map[i].bytes = n * (size_t)g->T * sizeof(float);
+            return;
+        }
+    add_map(g, host, d, n * (size_t)g->T * sizeof(float));
 }
 
 kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
@@ -927,7 +950,8 @@ kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const kvt_layer_ctx *c)
     add_map(g, c->aw, g->aw, nw * D * sizeof(double));
     add_map(g, c->rsw, g->rsw, nw * sizeof(double));
     add_map(g, c->massw_mod, g->mm, nw * KVT_NM * sizeof(double));
-    add_map(g, c->prd, g->prd, nd * T * sizeof(float));
+    /* with prd_one the host holds one KV group's rows: kvt_ctx_gpu_map_prd maps them */
+    add_map(g, c->prd, g->prd, (c->prd_one ? nd / g->Hkv : nd) * T * sizeof(float));
     add_map(g, c->ad, g->ad, nd * D * sizeof(double));
     add_map(g, c->rsd, g->rsd, nd * sizeof(double));
     add_map(g, c->pd_extra, g->pe, nd * sizeof(double));

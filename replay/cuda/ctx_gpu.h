@@ -80,6 +80,13 @@ kvt_status kvt_ctx_gpu_norms(kvt_ctx_gpu *g, double *knorm, double *vnorm, doubl
 typedef enum { KVT_GPU_PRW, KVT_GPU_PRD, KVT_GPU_KU } kvt_gpu_array;
 kvt_status kvt_ctx_gpu_fetch(kvt_ctx_gpu *g, kvt_gpu_array which, void *host);
 
+/** Decode probability rows r0 .. r0+n-1 of [Hq Gd, T] into host [n, T] (one KV group's with
+ *  --decode-probs group: kvt_ctx_prd_group). */
+kvt_status kvt_ctx_gpu_fetch_prd_rows(kvt_ctx_gpu *g, size_t r0, size_t n, float *host);
+/** Map the host buffer of one KV group's decode probability rows (prd with prd_one) to their
+ *  device rows r0 .. r0+n-1, for the sweeps given host pointers into it. */
+void kvt_ctx_gpu_map_prd(kvt_ctx_gpu *g, const float *host, size_t r0, size_t n);
+
 /** After the host context is complete: map the host context's arrays to their device copies, so
  * that kvt_ctx_gpu_sweep_output can run on the host pointers the host sweep would use. */
 kvt_status kvt_ctx_gpu_finish(kvt_ctx_gpu *g, const struct kvt_layer_ctx *c);

@@ -217,6 +217,12 @@ cmp '${nop}/pools.json' '${nop}/nopools.json' && cmp '${nop}/pools.json' '${nop}
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_faults.sh)
     set_tests_properties(test_replay_gpu_faults_cuemu PROPERTIES LABELS "cpu;noasan"
         TIMEOUT 900 ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>")
+    # --decode-probs group with --device cuda: the host copies one KV group's decode rows from
+    # the device at a time, the same bytes as all
+    add_test(NAME test_replay_decode_probs_cuemu
+             COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_decode_probs.sh cuda)
+    set_tests_properties(test_replay_decode_probs_cuemu PROPERTIES LABELS "cpu;noasan"
+        SKIP_RETURN_CODE 77 TIMEOUT 600 ENVIRONMENT "KVT_BIN=$<TARGET_FILE:kvtrace_cuemu>")
     # replay --device cuda on a GPU with little memory: workers take turns, or a clear error
     add_test(NAME test_replay_gpu_memory_cuemu
              COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_gpu_memory.sh)

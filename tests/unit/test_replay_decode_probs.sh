@@ -17,7 +17,12 @@
 #   6. the decode-time caches' metrics are computed for every cache of a granularity at once
 #      (each step's full output and decode-key probabilities shared): each cache alone gets
 #      the same numbers, bit for bit, as in the set.
+# With the argument `cuda` (KVT_BIN: a build with CUDA, kvtrace_cuemu in CI) only this instead:
+#   7. replay --device cuda, where the device holds every decode row and group has the host
+#      copy one KV group's rows from it when a host reader needs them: the bytes of all, on
+#      two traces, and the copies counted by --profile (nothing computed again).
 set -u
+MODE=${1:-cpu}
 BIN=${KVT_BIN:?}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -35,6 +40,31 @@ POL+=",h2o-greedy:decode=1,window=8,h2o-greedy:decode=1,heads=query,h2o-greedy"
 POL+=",knorm:decoding=2,tova:decoding=1,prefill=1,keydiff:decoding=1,prefill=1,heads=query"
 POL+=",rkv:interval=3,rkv:interval=2,heads=query,expected-attention:decoding=3,sinks=2,prefill=1"
 POL+=",quest,snapkv:merge=weighted,lookm,cam,snapkv:think=0.4,think_window=8"
+
+if [ "$MODE" = cuda ]; then # 7. the GPU's decode rows, one group at a time on the host
+    for t in tiny vl; do
+        for mode in all group; do
+            "$BIN" replay "$TMP/$t.kvt" --device cuda --policies "$POL" --budgets 12,32,50% \
+                --threads 2 --decode-probs $mode --profile --force -o "$TMP/$t.$mode.json" \
+                --export-selection "$TMP/$t.$mode.sel" >"$TMP/$t.$mode.out" \
+                2>"$TMP/$t.$mode.err" || { cat "$TMP/$t.$mode.err"; fail "cuda $t $mode"; }
+        done
+        grep -q "no usable CUDA device\|built without CUDA" "$TMP/$t.all.err" &&
+            { echo "SKIP: no GPU"; exit 77; }
+        for f in json sel out; do
+            cmp "$TMP/$t.all.$f" "$TMP/$t.group.$f" || fail "cuda $t: group changed the .$f"
+        done
+        grep -q "^profile: decode probabilities held one KV group at a time in 2 layers: 0 groups computed again" \
+            "$TMP/$t.group.err" || { grep "decode prob" "$TMP/$t.group.err"; fail "cuda $t: layers"; }
+        line=$(grep "^profile: decode probabilities held one KV group at a time: [0-9]* groups copied from the GPU for host readers" \
+            "$TMP/$t.group.err") || fail "cuda $t: no copies line"
+        set -- $line
+        [ "${11}" -ge 8 ] || fail "cuda $t: $line" # 2 layers x 2 groups x two readers at least
+        grep -q "copied from the GPU" "$TMP/$t.all.err" && fail "cuda $t: copies with all"
+        echo "ok: cuda $t: --decode-probs group the bytes of all; ${11} groups copied"
+    done
+    exit 0
+fi
 
 # 1. the same bytes either way
 n=0
