@@ -63,7 +63,8 @@ kvt_status kvt_ctx_gpu_check_kv(kvt_ctx_gpu *g, size_t *bad_k, size_t *bad_v);
  *  kvt_row_mass_cuda), for window queries of a layer with modalities mass [rows, KVT_NM] (else
  *  NULL), and for decode queries with decode keys p_extra [rows] and o_extra [rows, D] (or
  *  NULL): each row's probability mass on the decode keys and their part of its output
- *  (kvt_row_mass_cuda and kvt_attn_output_batch_cuda on the device; the decode keys'
+ *  (kvt_row_mass_cuda and kvt_attn_output_batch_cuda on the device, for a block of a KV
+ *  group's rows at a time when all groups' would exceed 256 MiB; the decode keys'
  *  probabilities never leave it and are freed, so the decode call is made once). The
  *  probabilities over the prompt stay on the device (kvt_ctx_gpu_fetch). A non-finite logit
  *  is reported for the first group that has one. */
