@@ -305,17 +305,15 @@ kvt_status kvt_ctx_prd_group(kvt_layer_ctx *c, int g)
     const int nqd = c->Gs * c->Gd;
     uint64_t t0 = kvt_now_ns();
     c->prd_g = -1;
-    if (c->gpu) { /* the device holds them all: map the group's rows, copied when read here */
+    if (c->gpu) { /* the device holds them all: the sweeps read the group's rows there */
         const size_t r0 = (size_t)g * nqd;
         kvt_ctx_gpu_map_prd(c->gpu, c->prd, r0, (size_t)nqd);
-        if (c->on_device & KVT_CTX_PRD) { /* no host reader yet: the sweeps read the device */
-            c->prd_g = g, c->prd_r0 = r0;
-            return KVT_OK;
+        if (!(c->on_device & KVT_CTX_PRD)) { /* a host reader fetched them: copy the group's */
+            KVT_FORWARD(kvt_ctx_gpu_fetch_prd_rows(c->gpu, r0, (size_t)nqd, c->prd));
+            KVT_PROF_ADD(c->prof, prd_copied_ns, kvt_now_ns() - t0);
+            KVT_PROF_ADD(c->prof, prd_copied, 1);
         }
-        KVT_FORWARD(kvt_ctx_gpu_fetch_prd_rows(c->gpu, r0, (size_t)nqd, c->prd));
         c->prd_g = g, c->prd_r0 = r0;
-        KVT_PROF_ADD(c->prof, prd_copied_ns, kvt_now_ns() - t0);
-        KVT_PROF_ADD(c->prof, prd_copied, 1);
         return KVT_OK;
     }
     for (int i0 = 0; i0 < nqd; i0 += c->prd_rb) {

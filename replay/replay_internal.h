@@ -319,9 +319,9 @@ kvt_status kvt_ctx_build(const kvt_layer_input *in, kvt_layer_ctx *c);
 /** kvt_ctx_build with the attention probabilities and outputs, norms and unit keys computed on
  *  the GPU (gpu true: replay --device cuda; KVT_ERR_NO_CUDA without CUDA), the rest on the
  *  host. The CUDA kernels follow the _ref kernels, so the context equals the one
- *  KVT_KERNELS=ref builds, within their documented tolerances. On the host and with dp
- *  KVT_DECODE_PROBS_GROUP (and more than one KV head) it holds the decode probabilities one KV
- *  group at a time (prd_one). */
+ *  KVT_KERNELS=ref builds, within their documented tolerances. With dp KVT_DECODE_PROBS_GROUP
+ *  (and more than one KV head) the host holds the decode probabilities one KV group at a time
+ *  (prd_one; with the GPU, which holds them all, once a host reader fetches them). */
 kvt_status kvt_ctx_build_on(const kvt_layer_input *in, kvt_layer_ctx *c, bool gpu,
                             kvt_decode_probs dp, kvt_replay_profile *prof);
 
@@ -338,7 +338,9 @@ kvt_status kvt_ctx_fetch(kvt_layer_ctx *c, unsigned what);
 
 /** Make prd hold KV group g's decode probability rows (a no-op unless prd_one and another
  *  group is held: then they are computed again, in the same calls as when the context was
- *  built, so every reader gets the same bits as with all of them held). */
+ *  built, so every reader gets the same bits as with all of them held; with the GPU, copied
+ *  from the device if a host reader has fetched KVT_CTX_PRD, else only mapped for the device
+ *  sweeps, which are given host pointers into prd). */
 kvt_status kvt_ctx_prd_group(kvt_layer_ctx *c, int g);
 
 /** Row r (query head h, step s: r = h * Gd + s) of the decode probabilities over the prompt
