@@ -14,6 +14,8 @@
 #             policy needs it: h2o-greedy)
 #   POLICIES [snapkv,oracle,knorm:decoding=8,tova:decoding=1,prefill=1]
 #   BUDGETS [64,256,10%]  THREADS [1]
+#   DEVICE [cpu]  replay --device: with cuda the GPU holds every decode row and group copies one
+#             KV group's to the host for a host reader (the group line then counts the copies)
 # Prints one line per mode ("all: ..." and "group: ...") and one "group/all:" line of ratios;
 # writes $WORK/summary.txt. Exit 0, or 1 when a replay fails or the results differ.
 set -euo pipefail
@@ -28,6 +30,7 @@ LAYERS=${LAYERS:-1}
 POLICIES=${POLICIES:-snapkv,oracle,knorm:decoding=8,tova:decoding=1,prefill=1}
 BUDGETS=${BUDGETS:-64,256,10%}
 THREADS=${THREADS:-1}
+DEVICE=${DEVICE:-cpu}
 KVT=${KVT:-$BUILD/bin/kvtrace}
 [ -x "$KVT" ] || { echo "decode_probs: $KVT is missing; build first" >&2; exit 1; }
 mkdir -p "$WORK"
@@ -40,32 +43,39 @@ if [ ! -s "$TRACE" ]; then
         "${extra[@]}" --force -o "$TRACE" >/dev/null
 fi
 
-run() { # MODE: "WALL_S PEAK_MIB ESTIMATE_MIB AGAIN AGAIN_S"
+run() { # MODE: "WALL_S PEAK_MIB ESTIMATE_MIB AGAIN AGAIN_S COPIED COPIED_S"
     local mode=$1
     "$KVT" replay "$TRACE" --policies "$POLICIES" --budgets "$BUDGETS" --threads "$THREADS" \
-        --decode-probs "$mode" --profile --force -o "$WORK/$mode.json" >/dev/null \
-        2>"$WORK/$mode.err" ||
+        --device "$DEVICE" --decode-probs "$mode" --profile --force -o "$WORK/$mode.json" \
+        >/dev/null 2>"$WORK/$mode.err" ||
         { echo "decode_probs: replay --decode-probs $mode failed: $(cat "$WORK/$mode.err")" >&2
           exit 1; }
     awk 'function mib(v, u) { return u ~ /^GiB/ ? v * 1024 : u ~ /^KiB/ ? v / 1024 : v }
          /^profile: wall / { w = $3 }
-         /^profile: memory: peak RSS/ { p = mib($5, $6); e = mib($(NF - 3), $(NF - 2)) }
-         /^profile: decode probabilities held one KV group/ { a = $(NF - 7); s = $(NF - 3) }
-         END { printf "%s %.1f %.1f %d %s\n", w, p, e, a, s == "" ? "0" : s }' \
+         /^profile: memory: peak RSS/ {
+             p = mib($5, $6)
+             for (i = 7; i < NF; i++) if ($i == "estimated") e = mib($(i + 1), $(i + 2)) }
+         /^profile: decode probabilities held one KV group at a time in / {
+             a = $(NF - 7); s = $(NF - 3) }
+         /^profile: decode probabilities held one KV group at a time: .* copied from the GPU/ {
+             c = $11; cs = $(NF - 3) }
+         END { printf "%s %.1f %.1f %d %s %d %s\n", w, p, e, a, s == "" ? "0" : s, c,
+                      cs == "" ? "0" : cs }' \
         "$WORK/$mode.err"
 }
 
 {
     echo "decode probabilities: $SHAPE, T=$T, G=$G, $LAYERS layer(s), $POLICIES," \
-         "budgets $BUDGETS, $THREADS thread(s); $(date -u '+%Y-%m-%d %H:%M UTC')," \
+         "--device $DEVICE, budgets $BUDGETS, $THREADS thread(s); $(date -u '+%Y-%m-%d %H:%M UTC')," \
          "$(nproc) cores, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    read -r wa pa ea _ _ <<<"$(run all)"
-    read -r wg pg eg ag sg <<<"$(run group)"
+    read -r wa pa ea _ _ _ _ <<<"$(run all)"
+    read -r wg pg eg ag sg cg csg <<<"$(run group)"
     cmp -s "$WORK/all.json" "$WORK/group.json" ||
         { echo "decode_probs: the results differ between all and group" >&2; exit 1; }
     printf 'all:   %8.2f s, peak RSS %8.1f MiB, estimated %8.1f MiB a worker\n' "$wa" "$pa" "$ea"
-    printf 'group: %8.2f s, peak RSS %8.1f MiB, estimated %8.1f MiB a worker; %d groups computed again in %.2f s\n' \
-        "$wg" "$pg" "$eg" "$ag" "$sg"
+    printf 'group: %8.2f s, peak RSS %8.1f MiB, estimated %8.1f MiB a worker; %d groups computed again in %.2f s%s\n' \
+        "$wg" "$pg" "$eg" "$ag" "$sg" \
+        "$([ "$DEVICE" = cpu ] || printf '; %d copied from the GPU in %.2f s' "$cg" "$csg")"
     awk -v wa="$wa" -v wg="$wg" -v pa="$pa" -v pg="$pg" \
         'BEGIN { printf "group/all: time x%.2f, peak memory x%.2f; the same results\n",
                  wg / wa, pg / pa }'

@@ -19,7 +19,10 @@
 # first) or single steps of a group by the name the summary gives them (e.g. hf_gpu_check):
 #   tests     the gpu-labelled tests from the bundle: capture device path, GPU column sums,
 #             replay kernels, CUPTI timeline, replay --device cuda against the references
-#   replay    the replay benchmark of issue #7 (bench/run_gpu.sh; T=32768, 16 layers)
+#   replay    the replay benchmark of issue #7 (bench/run_gpu.sh; T=32768, 16 layers); and,
+#             only when named, replay_long: a Llama-3-8B-shaped layer with 4,096 decode steps
+#             (bench/decode_probs.sh, --decode-probs all and group) with --device cuda, then
+#             the same on the CPU (LONG_T [2048], LONG_G [4096])
 #   hf        HF transformers capture: the binding's test against the real library, stories260K
 #             as an HF Llama vs the C engine's trace, a random Qwen2-VL with an image; and
 #             kvtrace.hf.e2e on the GPU against e2e-llama2c (hf_e2e_test)
@@ -75,7 +78,7 @@ for a in $STEPS; do
     case $a in
     tests | replay | hf | overhead | sanitize) g=$a WHOLE="$WHOLE$a " ;;
     test_* | gpu_check_nvcc) g=tests ONLY="$ONLY$a " ;;
-    replay_bench) g=replay ONLY="$ONLY$a " ;;
+    replay_bench | replay_long) g=replay ONLY="$ONLY$a " ;;
     hf_*) g=hf ONLY="$ONLY$a " ;;
     capture_overhead) g=overhead ONLY="$ONLY$a " ;;
     memcheck_* | racecheck_*) g=sanitize ONLY="$ONLY$a " ;;
@@ -298,9 +301,14 @@ for step in $STEPS; do
         ;;
     replay)
         if [ $bundle_ok = 1 ]; then
-            run replay_bench 270 bash bench/run_gpu.sh
+            wanted replay_bench && run replay_bench 270 bash bench/run_gpu.sh
+            [[ "$ONLY" == *" replay_long "* ]] && # named only: not part of the group
+                run replay_long 300 sh -c 'for d in cuda cpu; do KVT="$KVT_BIN" DEVICE=$d \
+                    WORK=/tmp/kvt_long_$d T=${LONG_T:-2048} G=${LONG_G:-4096} \
+                    bash bench/decode_probs.sh || exit 1; done'
         else
-            no_bundle replay_bench
+            wanted replay_bench && no_bundle replay_bench
+            [[ "$ONLY" == *" replay_long "* ]] && no_bundle replay_long
         fi
         ;;
     *) note "$step" "unknown step" ;;

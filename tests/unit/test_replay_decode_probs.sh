@@ -65,6 +65,13 @@ if [ "$MODE" = cuda ]; then # 7. the GPU's decode rows, one group at a time on t
         grep -q "copied from the GPU" "$TMP/$t.all.err" && fail "cuda $t: copies with all"
         echo "ok: cuda $t: --decode-probs group the bytes of all; ${11} groups copied"
     done
+    # bench/decode_probs.sh with the GPU: the group line counts the copies
+    KVT="$BIN" DEVICE=cuda WORK="$TMP/bench" T=256 G=24 POLICIES=oracle,knorm:decoding=2 \
+        bash "${KVT_SOURCE_ROOT:-$(dirname "$0")/../..}/bench/decode_probs.sh" \
+        >"$TMP/bench.out" 2>&1 || { cat "$TMP/bench.out"; fail "bench/decode_probs.sh cuda"; }
+    grep -Eq '^group: .* a worker; 0 groups computed again in [0-9.]+ s; [1-9][0-9]* copied from the GPU in [0-9.]+ s$' \
+        "$TMP/bench.out" || { cat "$TMP/bench.out"; fail "bench/decode_probs.sh cuda output"; }
+    echo "ok: bench/decode_probs.sh with the GPU"
     exit 0
 fi
 
