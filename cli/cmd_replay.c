@@ -791,12 +791,12 @@ int kvt_cmd_replay(int argc, char **argv)
             }
         } else if (!strcmp(a, "--decode-probs")) {
             NEED_VALUE();
-            if (!strcmp(v, "auto")) {
-                decode_probs = KVT_DECODE_PROBS_AUTO;
-            } else if (!strcmp(v, "all")) {
-                decode_probs = KVT_DECODE_PROBS_ALL;
-            } else if (!strcmp(v, "group")) {
-                decode_probs = KVT_DECODE_PROBS_GROUP;
+            static const char *const modes[] = {"auto", "all", "group"}; /* kvt_decode_probs */
+            int m = 0;
+            while (m < 3 && strcmp(v, modes[m]))
+                m++;
+            if (m < 3) {
+                decode_probs = (kvt_decode_probs)m;
             } else {
                 kvt_cli_fail(cmd, "--decode-probs %s: expected auto, all or group", v);
                 rc = 2; /* usage */

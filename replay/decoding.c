@@ -359,6 +359,80 @@ void kvt_dec_probs_heads(const kvt_layer_ctx *c, int u0, int nu, int s, const fl
     }
 }
 
+/* One decode step of one selection head as kvt_dec_metrics measures every cache at it: what is
+ * the same for every cache, and the workspace */
+typedef struct dec_step {
+    int s, u0, nu;                /* the step; the query heads measured: u0 .. u0 + nu - 1 */
+    const float *V, *Vd;          /* the KV head's prompt and decode values */
+    const float **prow;           /* [nu] each query head's probability row over the prompt */
+    const double *pdec;           /* [nu, G + 1] and over the decode keys 0..s */
+    const double *o, *Z;          /* [nu, D], [nu] the full outputs and their masses */
+    int32_t *vis, *comp;          /* [T + G + 1] each */
+    double *oS, *mass, *pw, *tmp; /* [nu, D], [nu], [nu], [D] */
+} dec_step;
+
+/* (budget b, head h)'s cache of sel at the step: its prompt entries added to *kept, each query
+ * head's recall and output error to *rec and *err */
+static void cache_step(const kvt_layer_ctx *c, const kvt_layer_selection *sel, int b, int h,
+                       const dec_step *t, double *rec, double *err, double *kept)
+{
+    const int T = c->T, D = c->D, G = sel->dec_steps, nu = t->nu;
+    int32_t *vis = t->vis, *comp = t->comp;
+    double *oS = t->oS, *mass = t->mass, *pw = t->pw, *tmp = t->tmp;
+    const int n = kvt_dec_visible(sel, b, h, t->s, vis);
+    int np = 0;
+    while (np < n && vis[np] < T)
+        np++;
+    *kept += np;
+    /* more than half the prompt seen: its part summed as the whole prompt's (ad, rsd) less the
+       tokens not seen (comp, ascending) */
+    const bool less = np > T / 2;
+    int nc = 0;
+    for (int j = 0, i = 0; less && j < T; j++) {
+        if (i < np && vis[i] == j)
+            i++;
+        else
+            comp[nc++] = j;
+    }
+    /* each entry's value row read once for the group's query heads (each head's sums in the
+       same order as alone) */
+    for (int x = 0; x < nu; x++) {
+        const size_t r = (size_t)(t->u0 + x) * c->Gd + (size_t)t->s;
+        double *sx = oS + (size_t)x * D;
+        mass[x] = less ? c->rsd[r] : 0.0;
+        for (int e = 0; e < D; e++)
+            sx[e] = less ? c->ad[r * D + e] : 0.0;
+    }
+    for (int i = 0; i < nc; i++) { /* s - p*v is s + (-p)*v, bit for bit */
+        for (int x = 0; x < nu; x++) {
+            const double pj = t->prow[x][comp[i]];
+            mass[x] -= pj;
+            pw[x] = -pj;
+        }
+        kvt_accum_rows(oS, nu, D, pw, t->V + (size_t)comp[i] * D);
+    }
+    for (int i = less ? np : 0; i < n; i++) {
+        const int j = vis[i];
+        for (int x = 0; x < nu; x++) {
+            pw[x] = j < T ? (double)t->prow[x][j] : t->pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
+            mass[x] += pw[x];
+        }
+        kvt_accum_rows(oS, nu, D, pw, j < T ? t->V + (size_t)j * D : t->Vd + (size_t)(j - T) * D);
+    }
+    for (int x = 0; x < nu; x++) {
+        const double *ox = t->o + (size_t)x * D, *sx = oS + (size_t)x * D, Z = t->Z[x];
+        double dn = 0.0, on = 0.0;
+        for (int e = 0; e < D; e++) {
+            const double oe = ox[e] / Z;
+            tmp[e] = mass[x] > 0.0 ? sx[e] / mass[x] - oe : -oe;
+            dn += tmp[e] * tmp[e];
+            on += oe * oe;
+        }
+        *rec += Z > 0.0 ? mass[x] / Z : 0.0;
+        *err += mass[x] > 0.0 ? (on > 0.0 ? sqrt(dn / on) : 0.0) : 1.0;
+    }
+}
+
 kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *const *sels,
                            kvt_head_metrics *const *ms, int n_sel, size_t stride)
 {
@@ -394,104 +468,59 @@ kvt_status kvt_dec_metrics(kvt_layer_ctx *c, const kvt_layer_selection *const *s
     }
     double *oS = o + (size_t)NU * D, *tmp = oS + (size_t)NU * D, *Z = tmp + (size_t)NU * D;
     double *mass = Z + NU, *pw = mass + NU; /* pw [NU] one entry's weight in each head's sum */
-    double *rec_all = pw + NU, *err_all = rec_all + n_bs, *kept_all = err_all + n_bs;
+    double *rec = pw + NU, *err = rec + n_bs, *kept = err + n_bs; /* [n_bs] each */
+    dec_step t = {.nu = NU,
+                  .prow = prow,
+                  .pdec = pdec,
+                  .o = o,
+                  .Z = Z,
+                  .vis = vis,
+                  .comp = comp,
+                  .oS = oS,
+                  .mass = mass,
+                  .pw = pw,
+                  .tmp = tmp};
     for (int h = 0; h < H; h++) {
         const int g = kvt_ctx_kv_of(c, sel0->per_query, h);
-        const int u0 = sel0->per_query ? h : g * c->Gs, nu = NU;
-        const float *V = c->v + (size_t)g * T * D;
-        const float *Vd = c->in->v_decode + (size_t)g * G * D;
+        t.u0 = sel0->per_query ? h : g * c->Gs;
+        t.V = c->v + (size_t)g * T * D;
+        t.Vd = c->in->v_decode + (size_t)g * G * D;
         if ((st = kvt_ctx_prd_group(c, g)))
             goto out;
         for (int d = 0; d < G; d++)
-            kp[d] = c->in->k_decode + ((size_t)g * G + (size_t)d) * D;
+            kp[d] = kvt_dec_entry_key(c, g, T + d);
         for (int b = 0; b < n_bs; b++)
-            rec_all[b] = err_all[b] = kept_all[b] = 0.0;
+            rec[b] = err[b] = kept[b] = 0.0;
         for (int s = 0; s < G; s++) {
             /* the full output of each query head at step s: the prompt's part (ad) and the
                decode keys' (the same for every budget and selection) */
-            for (int x = 0; x < nu; x++) {
-                const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
+            for (int x = 0; x < NU; x++) {
+                const size_t r = (size_t)(t.u0 + x) * c->Gd + (size_t)s;
                 double *ox = o + (size_t)x * D;
                 Z[x] = c->rsd[r];
                 for (int e = 0; e < D; e++)
                     ox[e] = c->ad[r * D + e];
                 prow[x] = kvt_ctx_prd_row(c, r);
             }
-            kvt_dec_probs_heads(c, u0, nu, s, kp, qt, zq, pdec, (size_t)G + 1);
+            kvt_dec_probs_heads(c, t.u0, NU, s, kp, qt, zq, pdec, (size_t)G + 1);
             for (int d = 0; d <= s; d++) { /* every head's sums over d in order, as alone */
-                for (int x = 0; x < nu; x++) {
+                for (int x = 0; x < NU; x++) {
                     pw[x] = pdec[(size_t)x * (G + 1) + (size_t)d];
                     Z[x] += pw[x];
                 }
-                kvt_accum_rows(o, nu, D, pw, Vd + (size_t)d * D);
+                kvt_accum_rows(o, NU, D, pw, t.Vd + (size_t)d * D);
             }
-            for (int k = 0, b0 = 0; k < n_sel; b0 += sels[k]->n_budgets, k++) {
-                const kvt_layer_selection *sel = sels[k];
-                double *rec = rec_all + b0, *err = err_all + b0, *kept = kept_all + b0;
-                for (int b = 0; b < sel->n_budgets; b++) {
-                    const int n = kvt_dec_visible(sel, b, h, s, vis);
-                    int np = 0;
-                    while (np < n && vis[np] < T)
-                        np++;
-                    kept[b] += np;
-                    /* more than half the prompt seen: its part summed as the whole prompt's
-                       (ad, rsd) less the tokens not seen (comp, ascending) */
-                    const bool less = np > T / 2;
-                    int nc = 0;
-                    for (int j = 0, i = 0; less && j < T; j++) {
-                        if (i < np && vis[i] == j)
-                            i++;
-                        else
-                            comp[nc++] = j;
-                    }
-                    /* each entry's value row read once for the group's query heads (each
-                       head's sums in the same order as alone) */
-                    for (int x = 0; x < nu; x++) {
-                        const size_t r = (size_t)(u0 + x) * c->Gd + (size_t)s;
-                        double *sx = oS + (size_t)x * D;
-                        mass[x] = less ? c->rsd[r] : 0.0;
-                        for (int e = 0; e < D; e++)
-                            sx[e] = less ? c->ad[r * D + e] : 0.0;
-                    }
-                    for (int i = 0; i < nc; i++) { /* s - p*v is s + (-p)*v, bit for bit */
-                        for (int x = 0; x < nu; x++) {
-                            const double pj = prow[x][comp[i]];
-                            mass[x] -= pj;
-                            pw[x] = -pj;
-                        }
-                        kvt_accum_rows(oS, nu, D, pw, V + (size_t)comp[i] * D);
-                    }
-                    for (int i = less ? np : 0; i < n; i++) {
-                        const int j = vis[i];
-                        for (int x = 0; x < nu; x++) {
-                            pw[x] = j < T ? (double)prow[x][j]
-                                          : pdec[(size_t)x * (G + 1) + (size_t)(j - T)];
-                            mass[x] += pw[x];
-                        }
-                        kvt_accum_rows(oS, nu, D, pw,
-                                       j < T ? V + (size_t)j * D : Vd + (size_t)(j - T) * D);
-                    }
-                    for (int x = 0; x < nu; x++) {
-                        const double *ox = o + (size_t)x * D, *sx = oS + (size_t)x * D;
-                        double dn = 0.0, on = 0.0;
-                        for (int e = 0; e < D; e++) {
-                            const double oe = ox[e] / Z[x];
-                            tmp[e] = mass[x] > 0.0 ? sx[e] / mass[x] - oe : -oe;
-                            dn += tmp[e] * tmp[e];
-                            on += oe * oe;
-                        }
-                        rec[b] += Z[x] > 0.0 ? mass[x] / Z[x] : 0.0;
-                        err[b] += mass[x] > 0.0 ? (on > 0.0 ? sqrt(dn / on) : 0.0) : 1.0;
-                    }
-                }
-            }
+            t.s = s;
+            for (int k = 0, b0 = 0; k < n_sel; b0 += sels[k]->n_budgets, k++)
+                for (int b = 0; b < sels[k]->n_budgets; b++)
+                    cache_step(c, sels[k], b, h, &t, &rec[b0 + b], &err[b0 + b], &kept[b0 + b]);
         }
         for (int k = 0, b0 = 0; k < n_sel; b0 += sels[k]->n_budgets, k++)
             for (int b = 0; b < sels[k]->n_budgets; b++) {
                 kvt_head_metrics *hm = &ms[k][(size_t)b * stride + (size_t)h];
-                hm->recall_decode = rec_all[b0 + b] / ((double)G * nu);
-                hm->err_decode = err_all[b0 + b] / ((double)G * nu);
-                hm->n_keep = kept_all[b0 + b] / G;
+                hm->recall_decode = rec[b0 + b] / ((double)G * NU);
+                hm->err_decode = err[b0 + b] / ((double)G * NU);
+                hm->n_keep = kept[b0 + b] / G;
             }
     }
 out:

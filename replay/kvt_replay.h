@@ -308,9 +308,10 @@ typedef enum kvt_decode_probs {
        (kvt_replay_decode_probs_auto) */
     KVT_DECODE_PROBS_AUTO = 0,
     KVT_DECODE_PROBS_ALL, /* all of them, computed once */
-    /* one KV group's at a time (1/Hkv of them; on the CPU only), computed again for each
-       reader that goes over the groups (the oracle, h2o-greedy:decode=1, the sweeps, each
-       decode-time cache's metrics): slower, the results bitwise the same */
+    /* one KV group's at a time (1/Hkv of them), computed again for each reader that goes
+       over the groups (the oracle, h2o-greedy:decode=1, the sweeps, each decode-time cache's
+       metrics): slower, the results bitwise the same; with the GPU, which holds them all, the
+       host's copy for the readers on the host, copied one group at a time */
     KVT_DECODE_PROBS_GROUP,
 } kvt_decode_probs;
 

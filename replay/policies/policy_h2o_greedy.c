@@ -132,7 +132,7 @@ static kvt_status hg_decode(kvt_layer_ctx *c, const kvt_policy *p, kvt_layer_sel
         return kvt_error_set(KVT_ERR_NOMEM, "%s: out of memory", p->def->name);
     }
     for (int d = 0; d < G; d++)
-        kp[d] = c->in->k_decode + ((size_t)(h0 / c->Gs) * G + (size_t)d) * D;
+        kp[d] = kvt_dec_entry_key(c, h0 / c->Gs, T + d);
     kvt_status st = KVT_OK;
     for (int d = 0; d < G && !st; d++) {
         kvt_dec_probs_heads(c, h0, nh, d, kp, qt, z, pe, (size_t)G + 1);
