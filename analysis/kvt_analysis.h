@@ -136,9 +136,13 @@ kvt_status kvt_selection_writer_open(const char *path, bool force, kvt_policy *c
  *  are then written in layer order whatever order the workers finish in. */
 kvt_status kvt_selection_writer_begin_trace(kvt_selection_writer *w, int trace_idx, int n_layers,
                                             const int *budget_tokens);
-/** A kvt_selection_sink: pass it with the writer as user pointer. Thread-safe. */
+/** A kvt_selection_sink: pass it with the writer as user pointer. Thread-safe. The records may
+ *  come in any order within a layer (the file's order is restored at its last call); each
+ *  record's delta base (the step or budget before it, same policy and head) is found in the
+ *  same call, or, for the step before, in an earlier call of the layer, as the replay's calls
+ *  give them. A whole layer in one call: last = true. */
 kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selection_rec *recs,
-                                     size_t n_recs);
+                                     size_t n_recs, bool last);
 /** Finish the trace (all its layers must have arrived). */
 kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w);
 /** kvt_selection_writer_open for the part of `replay --shard shard_index/shard_count`: the

@@ -1,7 +1,9 @@
 /* selection_export.c - `--export-selection FILE`: the kept token indices of every (trace,
  * policy, budget, layer, head[, decode step]) in a binary layout (default) or JSON (FILE ends
- * in .json), both specified in RESULTS.md. Worker threads deliver layers in any order; the
- * writer buffers them and writes in layer order, so the file is deterministic. The file is
+ * in .json), both specified in RESULTS.md. Worker threads deliver layers in any order, each in
+ * one or more calls (kvt_selection_sink): a layer's records are encoded as they come into one
+ * buffer per (policy, budget, head), joined in the file's order at its last call; the writer
+ * buffers the layers and writes them in layer order, so the file is deterministic. The file is
  * written under a temporary name (kvt_create_tmp_sibling, same directory) and renamed over FILE
  * only at close, once every trace has ended complete and every byte is on disk (fsync): a failed or
  * interrupted export leaves no partial file and any old FILE untouched.
@@ -11,6 +13,7 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -38,6 +41,22 @@ typedef struct buf {
     size_t n_recs; /* records encoded in p */
 } buf;
 
+/* The records of one (policy, budget, head) of a layer being built, encoded in step order */
+typedef struct seg {
+    int policy, budget, head;
+    buf b;
+    int32_t *last; /* binary version 3: the set of its latest step so far, a base for the step
+                      after it in a later call */
+    size_t last_n, last_cap;
+    int last_step; /* that step; meaningful once b holds a record */
+} seg;
+
+typedef struct layer_build { /* a layer whose records come in more than one call */
+    seg *segs;
+    size_t n, cap;
+    sel_hash by_key; /* segs by (policy, budget, head); room for cap */
+} layer_build;
+
 typedef struct kept_trace { /* blocks mode: the layers of one trace this process replayed */
     buf *blocks;            /* [n_layers] */
     bool *ready;            /* [n_layers] */
@@ -62,13 +81,15 @@ struct kvt_selection_writer {
     int *btok;    /* [n_b] */
     buf *pending; /* [n_layers] */
     bool *ready;
-    kept_trace *kept; /* [n_traces] in blocks mode (no file: layers are kept for the caller) */
+    layer_build *build; /* [n_layers]: the layers whose last call has not come */
+    kept_trace *kept;   /* [n_traces] in blocks mode (no file: layers are kept for the caller) */
 };
 
 static bool buf_put(buf *b, const void *src, size_t n)
 {
     if (b->n + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
+        /* small at first: a layer being built holds a buffer per policy, budget and head */
+        size_t cap = b->cap ? b->cap : 256;
         while (cap < b->n + n)
             cap *= 2;
         char *p = kvt_realloc(b->p, cap);
@@ -322,8 +343,28 @@ kvt_status kvt_selection_writer_open_like(const char *path, bool force,
                      h->n_traces, 0, 0, NULL, out);
 }
 
+static void build_free(layer_build *lb)
+{
+    for (size_t i = 0; i < lb->n; i++) {
+        kvt_free(lb->segs[i].b.p);
+        kvt_free(lb->segs[i].last);
+    }
+    kvt_free(lb->segs);
+    sel_hash_free(&lb->by_key);
+    memset(lb, 0, sizeof(*lb));
+}
+
+static void drop_builds(kvt_selection_writer *w)
+{
+    for (int l = 0; w->build && l < w->n_layers; l++)
+        build_free(&w->build[l]);
+    kvt_free(w->build);
+    w->build = NULL;
+}
+
 static void drop_pending(kvt_selection_writer *w)
 {
+    drop_builds(w);
     for (int l = 0; w->pending && l < w->n_layers; l++)
         kvt_free(w->pending[l].p);
     kvt_free(w->pending);
@@ -342,8 +383,14 @@ kvt_status kvt_selection_writer_begin_trace(kvt_selection_writer *w, int trace_i
         KVT_ERR_INVALID_ARG, "selection export: trace %d begun twice or unknown", trace_idx);
     w->pending = kvt_calloc((size_t)n_layers, sizeof(buf));
     w->ready = kvt_calloc((size_t)n_layers, sizeof(bool));
-    if (!w->pending || !w->ready) {
-        drop_pending(w);
+    w->build = kvt_calloc((size_t)n_layers, sizeof(layer_build));
+    if (!w->pending || !w->ready || !w->build) { /* (all zero: nothing in them to free) */
+        kvt_free(w->pending);
+        kvt_free(w->ready);
+        kvt_free(w->build);
+        w->pending = NULL;
+        w->ready = NULL;
+        w->build = NULL;
         return kvt_error_set(KVT_ERR_NOMEM, "out of memory");
     }
     w->trace = trace_idx;
@@ -453,45 +500,167 @@ static bool encode(kvt_selection_writer *w, buf *b, const kvt_selection_rec *r,
 
 static kvt_status deliver(kvt_selection_writer *w, int layer, const buf *b);
 
+/* The segment of r's (policy, budget, head) in lb, made where it is new; NULL when out of
+ * memory */
+static seg *seg_of(layer_build *lb, const kvt_selection_rec *r)
+{
+    const int k[6] = {0, r->policy, r->budget, 0, r->head, 0};
+    int64_t j = lb->n ? sel_hash_get(&lb->by_key, k) : -1;
+    if (j >= 0)
+        return &lb->segs[j];
+    if (lb->n == lb->cap) { /* grow the segments and the table with them */
+        const size_t cap = lb->cap ? 2 * lb->cap : 64;
+        seg *g = kvt_realloc(lb->segs, cap * sizeof(seg));
+        if (!g)
+            return NULL;
+        lb->segs = g;
+        sel_hash h;
+        if (!sel_hash_init(&h, cap))
+            return NULL;
+        for (size_t i = 0; i < lb->n; i++)
+            sel_hash_put(&h, (const int[6]){0, g[i].policy, g[i].budget, 0, g[i].head, 0},
+                         (int64_t)i);
+        sel_hash_free(&lb->by_key);
+        lb->by_key = h;
+        lb->cap = cap;
+    }
+    seg *sg = &lb->segs[lb->n];
+    memset(sg, 0, sizeof(*sg));
+    sg->policy = r->policy, sg->budget = r->budget, sg->head = r->head;
+    sel_hash_put(&lb->by_key, k, (int64_t)lb->n++);
+    return sg;
+}
+
+static int cmp_rec(const void *a, const void *b)
+{
+    const kvt_selection_rec *x = *(const kvt_selection_rec *const *)a,
+                            *y = *(const kvt_selection_rec *const *)b;
+    const int kx[4] = {x->policy, x->budget, x->head, x->step},
+              ky[4] = {y->policy, y->budget, y->head, y->step};
+    for (int i = 0; i < 4; i++)
+        if (kx[i] != ky[i])
+            return (kx[i] > ky[i]) - (kx[i] < ky[i]);
+    return (x > y) - (x < y); /* (one key twice: in the call's order) */
+}
+
+/* Encode one call's records into their segments of lb. A record's base is the record of the
+ * step before it (in the call, or the latest step of an earlier call) or of the budget before
+ * it (in the call); either comes before it in the file, which orders a layer by policy,
+ * budget, head and step. */
+static bool build_add(kvt_selection_writer *w, layer_build *lb, const kvt_selection_rec *recs,
+                      size_t n)
+{
+    const bool bases = !w->json && w->version >= 3;
+    const kvt_selection_rec **ord = kvt_malloc((n + 1) * sizeof(*ord));
+    sel_hash hs = {0}; /* the call's records by key: a budget base is among them */
+    bool ok = ord && (!bases || sel_hash_init(&hs, n));
+    for (size_t i = 0; ok && i < n; i++) {
+        ord[i] = &recs[i];
+        if (bases)
+            sel_hash_put(
+                &hs,
+                (const int[6]){0, recs[i].policy, recs[i].budget, 0, recs[i].head, recs[i].step},
+                (int64_t)i);
+    }
+    if (ok)
+        qsort(ord, n, sizeof(*ord), cmp_rec); /* each segment's records in a run, steps in order */
+    seg *sg = NULL;
+    for (size_t i = 0; ok && i < n; i++) {
+        const kvt_selection_rec *r = ord[i], *sb = NULL, *bb = NULL;
+        const bool first = !i || ord[i - 1]->policy != r->policy ||
+                           ord[i - 1]->budget != r->budget || ord[i - 1]->head != r->head;
+        if (first && !(sg = seg_of(lb, r))) {
+            ok = false;
+            break;
+        }
+        kvt_selection_rec carried = {.idx = sg->last, .n = sg->last_n};
+        if (bases && r->step >= 0 && !first && ord[i - 1]->step == r->step - 1)
+            sb = ord[i - 1];
+        else if (bases && r->step >= 0 && first && sg->b.n_recs && sg->last_step == r->step - 1)
+            sb = &carried;
+        const int64_t jb = bases && r->budget >= 1
+                               ? sel_hash_get(&hs, (const int[6]){0, r->policy, r->budget - 1, 0,
+                                                                  r->head, r->step})
+                               : -1;
+        bb = jb >= 0 ? &recs[jb] : NULL;
+        if (w->json && sg->b.n_recs)
+            ok = buf_put(&sg->b, ",\n", 2);
+        ok = ok && encode(w, &sg->b, r, sb, bb);
+        sg->b.n_recs++;
+        const bool end = i + 1 == n || ord[i + 1]->policy != r->policy ||
+                         ord[i + 1]->budget != r->budget || ord[i + 1]->head != r->head;
+        if (ok && bases && end) { /* the segment's latest set, for the next call's first step */
+            if (r->n > sg->last_cap) {
+                int32_t *g = kvt_realloc(sg->last, r->n * sizeof(int32_t));
+                ok = g != NULL;
+                if (g)
+                    sg->last = g, sg->last_cap = r->n;
+            }
+            if (ok && r->n)
+                memcpy(sg->last, r->idx, r->n * sizeof(int32_t));
+            sg->last_n = r->n;
+            sg->last_step = r->step;
+        }
+    }
+    sel_hash_free(&hs);
+    kvt_free(ord);
+    return ok;
+}
+
+static int cmp_seg(const void *a, const void *b)
+{
+    const seg *x = *(const seg *const *)a, *y = *(const seg *const *)b;
+    const int kx[3] = {x->policy, x->budget, x->head}, ky[3] = {y->policy, y->budget, y->head};
+    for (int i = 0; i < 3; i++)
+        if (kx[i] != ky[i])
+            return (kx[i] > ky[i]) - (kx[i] < ky[i]);
+    return 0;
+}
+
+/* lb's segments in file order into *out (its bytes and record count) */
+static bool build_join(const kvt_selection_writer *w, layer_build *lb, buf *out)
+{
+    memset(out, 0, sizeof(*out));
+    seg **ord = kvt_malloc((lb->n + 1) * sizeof(*ord));
+    size_t bytes = 0;
+    for (size_t i = 0; ord && i < lb->n; i++) {
+        ord[i] = &lb->segs[i];
+        bytes += lb->segs[i].b.n + 2;
+    }
+    bool ok = ord && (!bytes || (out->p = kvt_malloc(bytes)) != NULL);
+    if (ok) {
+        out->cap = bytes;
+        qsort(ord, lb->n, sizeof(*ord), cmp_seg);
+    }
+    for (size_t i = 0; ok && i < lb->n; i++) {
+        const buf *b = &ord[i]->b;
+        if (w->json && out->n_recs && b->n_recs)
+            ok = buf_put(out, ",\n", 2);
+        ok = ok && buf_put(out, b->p, b->n);
+        out->n_recs += b->n_recs;
+    }
+    kvt_free(ord);
+    if (!ok) {
+        kvt_free(out->p);
+        memset(out, 0, sizeof(*out));
+    }
+    return ok;
+}
+
 kvt_status kvt_selection_writer_sink(void *writer, int layer, const kvt_selection_rec *recs,
-                                     size_t n_recs)
+                                     size_t n_recs, bool last)
 {
     kvt_selection_writer *w = writer;
     KVT_RETURN_IF(w->trace < 0 || layer < 0 || layer >= w->n_layers, KVT_ERR_STATE,
                   "selection export: layer %d outside the current trace", layer);
-    buf b = {0};
-    sel_hash hs = {0}; /* the layer's records by key: each delta record's base is among them */
-    bool ok = w->json || sel_hash_init(&hs, n_recs);
-    for (size_t i = 0; ok && !w->json && i < n_recs; i++) {
-        const kvt_selection_rec *r = &recs[i];
-        sel_hash_put(&hs, (const int[6]){0, r->policy, r->budget, r->layer, r->head, r->step},
-                     (int64_t)i);
-    }
-    for (size_t i = 0; ok && i < n_recs; i++) {
-        const kvt_selection_rec *r = &recs[i], *sb = NULL, *bb = NULL;
-        if (w->json && i > 0)
-            ok = buf_put(&b, ",\n", 2);
-        if (!w->json) { /* bases written before r only: the reader finds them as it goes */
-            int64_t js = r->step >= 0
-                             ? sel_hash_get(&hs, (const int[6]){0, r->policy, r->budget, r->layer,
-                                                                r->head, r->step - 1})
-                             : -1,
-                    jb = r->budget >= 1
-                             ? sel_hash_get(&hs, (const int[6]){0, r->policy, r->budget - 1,
-                                                                r->layer, r->head, r->step})
-                             : -1;
-            sb = js >= 0 && (size_t)js < i ? &recs[js] : NULL;
-            bb = jb >= 0 && (size_t)jb < i ? &recs[jb] : NULL;
-        }
-        ok = ok && encode(w, &b, r, sb, bb);
-    }
-    sel_hash_free(&hs);
-    if (!ok) {
-        kvt_free(b.p);
+    layer_build *lb = &w->build[layer];
+    buf b;
+    const bool ok = build_add(w, lb, recs, n_recs) && (!last || build_join(w, lb, &b));
+    if (!ok || last)
+        build_free(lb);
+    if (!ok)
         return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
-    }
-    b.n_recs = n_recs;
-    return deliver(w, layer, &b);
+    return last ? deliver(w, layer, &b) : KVT_OK;
 }
 
 /* Take the encoded layer b (ownership too); a file writer writes every layer that is next in
@@ -581,6 +750,7 @@ kvt_status kvt_selection_writer_end_trace(kvt_selection_writer *w)
         k->blocks = w->pending;
         k->ready = w->ready;
         k->n_layers = w->n_layers;
+        drop_builds(w);
         w->pending = NULL;
         w->ready = NULL;
         w->trace = -1;

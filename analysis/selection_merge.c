@@ -215,7 +215,7 @@ kvt_status kvt_selection_merge(const char *const *paths, size_t n, const char *o
                                    "or its records are out of order)",
                                    l, h0->traces[t], s, n);
             if (!st)
-                st = kvt_selection_writer_sink(w, l, recs, n_recs);
+                st = kvt_selection_writer_sink(w, l, recs, n_recs, true);
             cur[s] += n_recs;
         }
         if (!st)

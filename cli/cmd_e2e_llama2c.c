@@ -132,10 +132,11 @@ static kvt_status put_rows(const masks *m, int layer, const kvt_selection_rec *r
     return KVT_OK;
 }
 
-/* A layer's kept sets into the masks. A per-step policy's head that re-selects at each step
- * has a set per step; one that does not (hybridkv-like's static heads) keeps its prompt-time
- * set at every step, as the replay measures it. */
-static kvt_status collect(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+/* A layer's kept sets into the masks (a call of them: a head's prompt-time set comes with its
+ * step 0, kvt_selection_sink). A per-step policy's head that re-selects at each step has a set
+ * per step; one that does not (hybridkv-like's static heads) keeps its prompt-time set at
+ * every step, as the replay measures it. */
+static kvt_status collect(void *user, int layer, const kvt_selection_rec *recs, size_t n, bool last)
 {
     masks *m = user;
     const size_t heads = (size_t)m->Hq;                          /* at most, for either head kind */
@@ -164,7 +165,7 @@ static kvt_status collect(void *user, int layer, const kvt_selection_rec *recs, 
     kvt_free(stepped);
     if (st)
         return st;
-    return m->sw ? kvt_selection_writer_sink(m->sw, layer, recs, n) : KVT_OK;
+    return m->sw ? kvt_selection_writer_sink(m->sw, layer, recs, n, last) : KVT_OK;
 }
 
 /* one (policy, budget): what the compressed run did to the next-token distribution */

@@ -202,10 +202,18 @@ typedef struct kvt_selection_rec {
     const float *k, *v;
 } kvt_selection_rec;
 
-/** Receives all kept sets of one layer at once (called from worker threads, possibly out of
- *  layer order; the callee serialises). Return non-OK to stop the replay. */
+/** Receives the kept sets of one layer, in one or more calls (called from worker threads,
+ *  possibly out of layer order, each layer's calls from one thread in turn; the callee
+ *  serialises layers). The layer's last call has last = true (it may hold no records). A call
+ *  holds whole steps of (policy, head) pairs: for each step it covers (-1, the prompt-time set,
+ *  comes with step 0 where the head has steps), every budget's record, budgets ascending; a
+ *  pair's steps come in ascending order over the calls. The replay hands over at most about
+ *  KVT_SELECTION_CHUNK indices a call (more only for one step's records), so a layer with many
+ *  decode-time caches is never held whole. Return non-OK to stop the replay. */
 typedef kvt_status (*kvt_selection_sink)(void *user, int layer, const kvt_selection_rec *recs,
-                                         size_t n_recs);
+                                         size_t n_recs, bool last);
+/** Indices (plus records and merged values' floats) the replay gathers for one sink call */
+#define KVT_SELECTION_CHUNK ((size_t)1 << 20)
 
 /** Where the layer context (attention probabilities and outputs, norms, unit keys) and the
  *  recall/output-error, coverage and redundancy sweeps run: on the host, or on CUDA devices
@@ -499,8 +507,10 @@ typedef int (*kvt_sets_fn)(void *user, int policy, int budget, int layer, int he
 
 /** Replay the policies (a --policies list) at the budgets (a --budgets list) on the trace at
  *  path with the random policies' seed, on one thread and without coverage, and hand every
- *  kept set to fn, layer by layer in order: what `kvtrace replay --export-selection` writes,
- *  with a merged policy's keys and values too (kvtrace.hf.e2e reads them). */
+ *  kept set to fn, layer by layer in order (within a layer in kvt_selection_sink's order: a
+ *  policy's heads in turn, each head's steps in order, a step's budgets together): what
+ *  `kvtrace replay --export-selection` writes, with a merged policy's keys and values too
+ *  (kvtrace.hf.e2e reads them). */
 kvt_status kvt_replay_sets(const char *path, const char *policies, const char *budgets,
                            uint64_t seed, kvt_sets_fn fn, void *user);
 

@@ -12,9 +12,11 @@ typedef struct sets_user {
     int D;
 } sets_user;
 
-static kvt_status sets_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+static kvt_status sets_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n,
+                            bool last)
 {
     sets_user *u = user;
+    (void)last;
     for (size_t i = 0; i < n; i++) {
         const kvt_selection_rec *r = &recs[i];
         int n_chg = 0;

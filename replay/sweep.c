@@ -1091,99 +1091,152 @@ static int cmp_i32(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* hand every kept set of the layer to the sink, sorted ascending */
+/* The kept sets gathered for one sink call, each as an exp_rec: its record with the offsets of
+ * its indices in pool and of its merged values in vpool, made pointers when the call is made
+ * (the pools move as they grow). */
+typedef struct exp_rec {
+    kvt_selection_rec r;
+    size_t at, vat; /* vat SIZE_MAX: r.v is the selection's own */
+} exp_rec;
+
+typedef struct exp_chunk {
+    exp_rec *er;
+    kvt_selection_rec *recs; /* [n] for the call */
+    size_t n, cap_er, cap_recs;
+    int32_t *pool;
+    size_t n_idx, cap_idx;
+    float *vpool;
+    size_t n_val, cap_val;
+} exp_chunk;
+
+/* Room for `need` elements of `elem` bytes in *p (capacity *cap) */
+static bool exp_room(void **p, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap)
+        return true;
+    size_t n = *cap ? *cap : 1024;
+    while (n < need)
+        n *= 2;
+    void *g = kvt_realloc(*p, n * elem);
+    if (!g)
+        return false;
+    *p = g;
+    *cap = n;
+    return true;
+}
+
+/* Append head h's sets of policy p at decode step x (-1: the prompt-time set), every budget's,
+ * ascending */
+static bool exp_step(exp_chunk *ch, const kvt_layer_ctx *c, const kvt_layer_selection *s, size_t p,
+                     int n_b, int h, int x)
+{
+    for (int b = 0; b < n_b; b++) {
+        const size_t bh = (size_t)b * s->n_heads + (size_t)h;
+        const int32_t *src = NULL;
+        size_t n = 0;
+        const kvt_merged_set *m = NULL;
+        if (x >= 0 && s->dec) /* decode-time caches: step x's cache, prompt and decode tokens */
+            n = (size_t)c->T + (size_t)x + 1; /* at most */
+        else if (x < 0 && s->merged) {        /* idx ascending: its entries stay in order */
+            m = &s->merged[bh];
+            src = m->idx, n = (size_t)m->n;
+        } else if (x < 0 && s->has_fixed) {
+            src = kvt_sel_ranking(s, b, h);
+            n = (size_t)s->count[bh];
+        } else if (x >= 0 && s->step_head && s->step_head[h]) {
+            src = s->step_order + ((size_t)h * s->n_steps + x) * c->T;
+            n = (size_t)s->step_count[bh * s->n_steps + x];
+        } else
+            continue;
+        const size_t n_val = m && !m->v ? (size_t)m->n_changed * c->D : 0;
+        if (!exp_room((void **)&ch->er, &ch->cap_er, ch->n + 1, sizeof(exp_rec)) ||
+            !exp_room((void **)&ch->pool, &ch->cap_idx, ch->n_idx + n, sizeof(int32_t)) ||
+            !exp_room((void **)&ch->vpool, &ch->cap_val, ch->n_val + n_val, sizeof(float)))
+            return false;
+        int32_t *dst = ch->pool + ch->n_idx;
+        if (!src) /* (ascending) */
+            n = (size_t)kvt_dec_visible(s, b, h, x, dst);
+        else if (n) {
+            memcpy(dst, src, n * sizeof(int32_t));
+            qsort(dst, n, sizeof(int32_t), cmp_i32);
+        }
+        exp_rec *e = &ch->er[ch->n++];
+        e->r = (kvt_selection_rec){.policy = (int)p,
+                                   .budget = b,
+                                   .layer = c->layer,
+                                   .head = h,
+                                   .step = x,
+                                   .n = n,
+                                   .changed = m ? m->changed : NULL,
+                                   .k = m ? m->k : NULL,
+                                   .v = m ? m->v : NULL};
+        e->at = ch->n_idx;
+        e->vat = SIZE_MAX;
+        ch->n_idx += n;
+        if (m && !m->v) { /* the changed entries keep their tokens' values */
+            const float *V = c->v + (size_t)kvt_ctx_kv_of(c, s->per_query, h) * c->T * c->D;
+            float *vd = ch->vpool + ch->n_val;
+            for (int i = 0, ci = 0; i < m->n; i++)
+                if (m->changed[i])
+                    memcpy(vd + (size_t)ci++ * c->D, V + (size_t)m->idx[i] * c->D,
+                           (size_t)c->D * sizeof(float));
+            e->vat = ch->n_val;
+            ch->n_val += n_val;
+        }
+    }
+    return true;
+}
+
+/* Hand the gathered sets to the sink (last: the layer's last call) and start over */
+static kvt_status exp_flush(exp_chunk *ch, const kvt_layer_ctx *c, const kvt_replay_opts *o,
+                            bool last)
+{
+    if (!exp_room((void **)&ch->recs, &ch->cap_recs, ch->n + 1, sizeof(kvt_selection_rec)))
+        return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
+    for (size_t i = 0; i < ch->n; i++) {
+        ch->recs[i] = ch->er[i].r;
+        ch->recs[i].idx = ch->pool + ch->er[i].at;
+        if (ch->er[i].vat != SIZE_MAX)
+            ch->recs[i].v = ch->vpool + ch->er[i].vat;
+    }
+    kvt_status st = o->sink(o->sink_user, c->layer, ch->recs, ch->n, last);
+    ch->n = ch->n_idx = ch->n_val = 0;
+    return st;
+}
+
+/* Hand every kept set of the layer to the sink, sorted ascending, in calls of about `chunk`
+ * indices, records and merged values (KVT_SELECTION_CHUNK; tests: KVT_TEST_EXPORT_CHUNK): a
+ * policy's heads in turn, each head's steps in order (its prompt-time set with its step 0),
+ * each step's budgets together (kvt_selection_sink). */
 static kvt_status export_layer(const kvt_layer_ctx *c, kvt_layer_selection *sels, size_t n_pol,
                                int n_b, const kvt_replay_opts *o)
 {
-    size_t n_recs = 0, n_idx = 0, n_val = 0;
-    for (size_t p = 0; p < n_pol; p++) {
-        const kvt_layer_selection *s = &sels[p];
-        for (int b = 0; b < n_b; b++)
-            for (int h = 0; h < s->n_heads; h++) {
-                if (s->merged) {
-                    const kvt_merged_set *m = &s->merged[(size_t)b * s->n_heads + h];
-                    n_recs++, n_idx += (size_t)m->n;
-                    if (!m->v) /* the changed entries' values, their tokens' (think=) */
-                        n_val += (size_t)m->n_changed * c->D;
-                    continue;
-                }
-                if (s->has_fixed)
-                    n_recs++, n_idx += (size_t)s->count[(size_t)b * s->n_heads + h];
-                for (int x = 0; s->dec && x < s->dec_steps; x++)
-                    n_recs++, n_idx += (size_t)kvt_dec_visible(s, b, h, x, NULL);
-                if (s->step_head && s->step_head[h])
-                    for (int x = 0; x < s->n_steps; x++)
-                        n_recs++,
-                            n_idx +=
-                            (size_t)s->step_count[((size_t)b * s->n_heads + h) * s->n_steps + x];
-            }
-    }
-    kvt_selection_rec *recs = kvt_malloc((n_recs + 1) * sizeof(*recs));
-    int32_t *pool = kvt_malloc((n_idx + 1) * sizeof(int32_t));
-    float *vpool = kvt_malloc((n_val + 1) * sizeof(float));
-    if (!recs || !pool || !vpool) {
-        kvt_free(recs);
-        kvt_free(pool);
-        kvt_free(vpool);
-        return kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
-    }
-    size_t r = 0, off = 0, voff = 0;
-    for (size_t p = 0; p < n_pol; p++) {
+    size_t chunk = KVT_SELECTION_CHUNK;
+    const char *e = getenv("KVT_TEST_EXPORT_CHUNK");
+    if (e && atoll(e) > 0)
+        chunk = (size_t)atoll(e);
+    exp_chunk ch = {0};
+    kvt_status st = exp_room((void **)&ch.pool, &ch.cap_idx, 1, sizeof(int32_t)) &&
+                            exp_room((void **)&ch.vpool, &ch.cap_val, 1, sizeof(float))
+                        ? KVT_OK
+                        : kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
+    for (size_t p = 0; p < n_pol && !st; p++) {
         const kvt_layer_selection *s = &sels[p];
         const int n_x = s->dec ? s->dec_steps : s->n_steps;
-        for (int b = 0; b < n_b; b++)
-            for (int h = 0; h < s->n_heads; h++)
-                for (int x = -1; x < n_x || x == -1; x++) {
-                    const int32_t *src;
-                    size_t n;
-                    const kvt_merged_set *m = NULL;
-                    if (x >= 0 && s->dec) { /* decode-time caches: step x's cache */
-                        n = (size_t)kvt_dec_visible(s, b, h, x, pool + off);
-                        src = pool + off;
-                    } else if (x < 0 && s->merged) { /* idx ascending: its entries stay in order */
-                        m = &s->merged[(size_t)b * s->n_heads + h];
-                        src = m->idx, n = (size_t)m->n;
-                    } else if (x < 0 && s->has_fixed) {
-                        src = kvt_sel_ranking(s, b, h);
-                        n = (size_t)s->count[(size_t)b * s->n_heads + h];
-                    } else if (x >= 0 && s->step_head && s->step_head[h]) {
-                        src = s->step_order + ((size_t)h * s->n_steps + x) * c->T;
-                        n = (size_t)s->step_count[((size_t)b * s->n_heads + h) * s->n_steps + x];
-                    } else
-                        continue;
-                    if (src != pool + off) {
-                        memcpy(pool + off, src, n * sizeof(int32_t));
-                        qsort(pool + off, n, sizeof(int32_t), cmp_i32);
-                    }
-                    const float *mv = m ? m->v : NULL;
-                    if (m && !mv) { /* the changed entries keep their tokens' values */
-                        const float *V =
-                            c->v + (size_t)kvt_ctx_kv_of(c, s->per_query, h) * c->T * c->D;
-                        float *dst = vpool + voff;
-                        for (int e = 0, ce = 0; e < m->n; e++)
-                            if (m->changed[e])
-                                memcpy(dst + (size_t)ce++ * c->D, V + (size_t)m->idx[e] * c->D,
-                                       (size_t)c->D * sizeof(float));
-                        mv = dst;
-                        voff += (size_t)m->n_changed * c->D;
-                    }
-                    recs[r++] = (kvt_selection_rec){.policy = (int)p,
-                                                    .budget = b,
-                                                    .layer = c->layer,
-                                                    .head = h,
-                                                    .step = x,
-                                                    .idx = pool + off,
-                                                    .n = n,
-                                                    .changed = m ? m->changed : NULL,
-                                                    .k = m ? m->k : NULL,
-                                                    .v = mv};
-                    off += n;
-                }
+        for (int h = 0; h < s->n_heads && !st; h++)
+            for (int x = -1; x < n_x && !st; x++) {
+                if (x != 0 && ch.n && ch.n_idx + ch.n + ch.n_val >= chunk)
+                    st = exp_flush(&ch, c, o, false);
+                if (!st && !exp_step(&ch, c, s, p, n_b, h, x))
+                    st = kvt_error_set(KVT_ERR_NOMEM, "selection export: out of memory");
+            }
     }
-    kvt_status st = o->sink(o->sink_user, c->layer, recs, r);
-    kvt_free(recs);
-    kvt_free(pool);
-    kvt_free(vpool);
+    if (!st)
+        st = exp_flush(&ch, c, o, true);
+    kvt_free(ch.er);
+    kvt_free(ch.recs);
+    kvt_free(ch.pool);
+    kvt_free(ch.vpool);
     return st;
 }
 

@@ -41,6 +41,10 @@ kvt_add_script_test(test_replay_memory COMMAND bash ${KVT_TEST_DIR}/unit/test_re
 # asserts that every row read lies in the group held.
 kvt_add_script_test(test_replay_decode_probs
                     COMMAND bash ${KVT_TEST_DIR}/unit/test_replay_decode_probs.sh LABELS cpu)
+# The selection export the same bytes whatever the calls the replay hands a layer in (one
+# index a call too), in both layouts, sharded and merged, and from e2e-llama2c.
+kvt_add_script_test(test_export_chunks COMMAND bash ${KVT_TEST_DIR}/unit/test_export_chunks.sh
+                    LABELS cpu)
 # bench/decode_caches.sh (the decode-time caches against prefill only) on a small trace.
 # noasan: with EXPORT=1 the bench walks an export through kvtrace.read_selection (Python)
 kvt_add_script_test(test_bench_decode_caches

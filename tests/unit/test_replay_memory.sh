@@ -7,7 +7,8 @@
 # decode probabilities held whole and by KV group (at least the peak less the ~10 MiB
 # the process holds besides its worker, at most 1.6x the peak), the default --threads lowered
 # to what --memory-limit holds with a note,
-# and the same results as --threads 1; a warning (still exit 0) when --threads N does not
+# and the same results as --threads 1; the selection export of the long generation raising the
+# peak by about its own bytes only; a warning (still exit 0) when --threads N does not
 # fit; --memory-limit usage errors. Labelled noasan (ASan's own memory would skew the peaks).
 set -u
 BIN=${KVT_BIN:?}
@@ -48,6 +49,21 @@ check_estimate qwen2vl_decode qwen2-vl-7b 4096 rkv:interval=4,expected-attention
 # held whole and by KV group
 check_estimate llama3_long llama3-8b 768 snapkv,knorm:decoding=8 1536 all
 check_estimate llama3_long_group llama3-8b 768 snapkv,knorm:decoding=8 1536 group
+# the same long generation with its selection export: the replay hands the export a layer's
+# sets in calls of at most about KVT_SELECTION_CHUNK indices (65536 here), so the peak grows by
+# about the export's own encoded bytes, not by every step's sets at once (+24 MiB before, when
+# a layer's sets were gathered whole: 8 heads x 1536 steps x 3 budgets)
+KVT_TEST_EXPORT_CHUNK=65536 "$BIN" replay "$TMP/llama3-8b_G1536.kvt" \
+    --policies snapkv,knorm:decoding=8 --budgets 64,256,10% --threads 1 --decode-probs all \
+    --profile -o "$TMP/llama3_long_export.json" --export-selection "$TMP/long.sel" >/dev/null \
+    2>"$TMP/llama3_long_export.err" || { cat "$TMP/llama3_long_export.err"; fail "export"; }
+peak_of() { set -- $(grep '^profile: memory: peak RSS' "$1"); mib "$5" "${6%;}"; }
+p0=$(peak_of "$TMP/llama3_long.err")
+p1=$(peak_of "$TMP/llama3_long_export.err")
+sel=$(awk -v b="$(stat -c %s "$TMP/long.sel")" 'BEGIN { printf "%.1f", b / 1048576 }')
+awk -v a="$p0" -v b="$p1" -v s="$sel" 'BEGIN { exit !(b <= a + s + 6) }' ||
+    fail "the export raised the peak RSS from $p0 to $p1 MiB (export $sel MiB)"
+echo "ok: export of a long generation: peak RSS $p0 -> $p1 MiB (export $sel MiB)"
 
 # 2. the default --threads lowered to what --memory-limit holds, with a note; the same
 #    results as --threads 1 (but for the recorded thread count)

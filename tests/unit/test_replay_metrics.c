@@ -489,8 +489,9 @@ typedef struct fv_sets {
     size_t n[2][3];
 } fv_sets;
 
-static kvt_status fv_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+static kvt_status fv_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n, bool last)
 {
+    (void)last;
     fv_sets *s = user;
     for (size_t i = 0; i < n; i++)
         if (recs[i].head == 0 && recs[i].step < 0 && layer < 2 && recs[i].budget < 3 &&
@@ -737,15 +738,15 @@ static void test_layer_metrics(bool per_query)
 /* ---- the trace driver ---- */
 typedef struct sink_state {
     pthread_mutex_t mu; /* the sink is called from worker threads; the callee serialises */
-    int n_calls;
+    int n_calls;        /* layers ended (last = true) */
     size_t n_recs;
 } sink_state;
 
-static kvt_status sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+static kvt_status sink(void *user, int layer, const kvt_selection_rec *recs, size_t n, bool last)
 {
     sink_state *s = user;
     pthread_mutex_lock(&s->mu);
-    s->n_calls++;
+    s->n_calls += last;
     s->n_recs += n;
     pthread_mutex_unlock(&s->mu);
     for (size_t i = 0; i < n; i++)
@@ -998,8 +999,9 @@ typedef struct vc_sets {
     char kept[2][8][64]; /* [layer][budget] head 0's kept set as "0,2,5" */
 } vc_sets;
 
-static kvt_status vc_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+static kvt_status vc_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n, bool last)
 {
+    (void)last;
     vc_sets *s = user;
     for (size_t i = 0; i < n; i++)
         if (recs[i].head == 0 && recs[i].step < 0 && layer < 2 && recs[i].budget < 8) {
@@ -1201,8 +1203,9 @@ typedef struct rs_sink_seen {
     double ksum;
 } rs_sink_seen;
 
-static kvt_status rs_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n)
+static kvt_status rs_sink(void *user, int layer, const kvt_selection_rec *recs, size_t n, bool last)
 {
+    (void)last;
     rs_sink_seen *s = user;
     for (size_t i = 0; i < n; i++) {
         const kvt_selection_rec *r = &recs[i];

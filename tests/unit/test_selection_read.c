@@ -6,7 +6,8 @@
  * one at many bytes gives KVT_ERR_CORRUPT (or OK where the cut leaves a complete file); chosen
  * damage to the delta records is named; chosen and random byte flips give an error or a valid
  * file, never a crash. A version-2 export (no per-step policy, one budget) and a version-1 copy
- * of it still read.
+ * of it still read. The writer given the records again in many calls a layer, in another
+ * order, writes the same bytes.
  */
 #include <pthread.h>
 
@@ -327,6 +328,82 @@ static void lazy_checks(const unsigned char *raw, const char *xpath)
     KVT_EXPECT_STATUS(kvt_selection_find_record(s, 0, 4, 2, 0, 0, 40, &fr), KVT_ERR_NOT_FOUND);
     KVT_EXPECT(fr == SIZE_MAX);
     kvt_selection_free(s);
+}
+
+/* One layer's records of s (whole sets) handed to w in calls as kvt_selection_sink allows:
+ * per_step 0 = the layer in one call, else each (policy, head)'s steps one a call (the prompt
+ * set with step 0), every budget of a step in its call; each call's records reversed */
+static kvt_status feed_layer(kvt_selection_writer *w, const kvt_selection *s, int layer,
+                             bool per_step)
+{
+    const size_t nr = kvt_selection_get_header(s)->n_records;
+    kvt_selection_rec *call = calloc(nr + 1, sizeof(*call));
+    uint8_t *sent = calloc(nr + 1, 1);
+    kvt_status st = call && sent ? KVT_OK : KVT_ERR_NOMEM;
+    for (size_t i = 0; !st && i < nr; i++) { /* i: the first record of a call not sent */
+        const kvt_selection_record *a = kvt_selection_record_at(s, i);
+        if (a->layer != layer || sent[i])
+            continue;
+        const int step = a->step < 0 ? 0 : a->step;
+        size_t n = 0;
+        for (size_t j = i; j < nr; j++) {
+            const kvt_selection_record *r = kvt_selection_record_at(s, j);
+            if (r->layer != layer || sent[j] ||
+                (per_step && (r->policy != a->policy || r->head != a->head ||
+                              (r->step < 0 ? 0 : r->step) != step)))
+                continue;
+            sent[j] = 1;
+            call[n++] = (kvt_selection_rec){.policy = r->policy,
+                                            .budget = r->budget,
+                                            .layer = r->layer,
+                                            .head = r->head,
+                                            .step = r->step,
+                                            .idx = r->idx,
+                                            .n = r->n};
+        }
+        for (size_t k = 0; k < n / 2; k++) {
+            kvt_selection_rec t = call[k];
+            call[k] = call[n - 1 - k];
+            call[n - 1 - k] = t;
+        }
+        st = kvt_selection_writer_sink(w, layer, call, n, false);
+    }
+    if (!st)
+        st = kvt_selection_writer_sink(w, layer, NULL, 0, true);
+    free(call);
+    free(sent);
+    return st;
+}
+
+/* The export written again from its records, in many calls a layer (kvt_selection_sink's
+ * contract; records in another order within a call, layers last to first): the same bytes in
+ * both layouts, so a step's delta record finds its base in an earlier call */
+static void writer_calls(const kvt_selection *sb, const unsigned char *raw, size_t n,
+                         const unsigned char *rawj, size_t nj, kvt_policy **pols,
+                         const kvt_budget *bud, size_t nb, const char *const *tp, const int *btok)
+{
+    char path[256];
+    for (int k = 0; k < 4; k++) {
+        const bool json = k & 1, per_step = k >= 2;
+        kvt_test_tmp(path, sizeof(path), json ? "sel_calls.json" : "sel_calls.bin");
+        kvt_selection_writer *w;
+        KVT_CHECK(kvt_selection_writer_open(path, true, pols, NPOL, bud, nb, tp, 1, &w));
+        KVT_CHECK(kvt_selection_writer_begin_trace(w, 0, L, btok));
+        for (int l = L - 1; l >= 0; l--)
+            KVT_EXPECT_STATUS(feed_layer(w, sb, l, per_step), KVT_OK);
+        KVT_CHECK(kvt_selection_writer_end_trace(w));
+        KVT_CHECK(kvt_selection_writer_close(w));
+        size_t got_n = 0;
+        unsigned char *got = kvt_test_slurp(path, &got_n);
+        const unsigned char *want = json ? rawj : raw;
+        const size_t want_n = json ? nj : n;
+        KVT_EXPECT_MSG(got && got_n == want_n && !memcmp(got, want, want_n),
+                       "%s written %s: %zu bytes, %s the replay's %zu", json ? "JSON" : "binary",
+                       per_step ? "a step a call" : "a layer a call", got_n,
+                       got && got_n == want_n ? "differing from" : "against", want_n);
+        free(got);
+        remove(path);
+    }
 }
 
 int main(void)
@@ -703,6 +780,8 @@ int main(void)
         kvt_selection_free(sm);
         free(bomb);
     }
+    if (sb)
+        writer_calls(sb, raw, n, rawj, nj, pols, bud, nb, tp, btok);
     lazy_checks(raw, xpath);
     free(bound);
     free(raw);
