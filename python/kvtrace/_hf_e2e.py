@@ -9,7 +9,8 @@
 
 The replay's kept sets (the selection export) mask the model's attention: for each trace, the
 prompt runs uncompressed, then the trace's decode steps run again, fed the same tokens
-(teacher forcing, all G in one forward call after the prompt's cache), once with the whole
+(teacher forcing, in forward calls of as many steps as max_decode_bytes holds after the
+prompt's cache: all G in one for a short generation), once with the whole
 cache (the reference) and once per (policy, budget) with query head h of layer l attending
 only to the prompt tokens its set kept and to the decode tokens up to its own. The mask is
 handed to the model's own attention function (the registry entry, wrapped as capture() wraps
@@ -193,7 +194,7 @@ class _Run(object):
 
 
 def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
-        force=False, max_merged_bytes=1 << 30):
+        force=False, max_merged_bytes=1 << 30, max_decode_bytes=1 << 30):
     """The end-to-end check of a replay's proxies on a transformers model: e2e.json as
     `kvtrace e2e-llama2c` writes it (analysis/RESULTS.md, "End-to-end check").
 
@@ -220,17 +221,23 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
     budgets are replayed together while their sets' estimate (every layer's and head's kept
     entries with merged keys and values, as if all were merged) stays under it, else in
     groups of consecutive budgets, a budget over it alone (the same sets, more replays).
-    Needs attn_implementation="sdpa" (the
+    max_decode_bytes bounds what one forward call of decode steps takes on the model's
+    device: the G steps run in calls of n steps (teacher forcing, the cache growing), n the
+    most (at least 1) whose estimate fits, n x (Hq x (T + G) x 13 bytes: the attention's mask,
+    as bools and floats, and its scores and weights in float32; + vocabulary x 32 bytes: the
+    logits and their log-probabilities, three of them in float64); the reference's logits are
+    kept whole (G x vocabulary float32). The measures are each step's, so only rounding
+    differs with n. Needs attn_implementation="sdpa" (the
     mask is handed to the model's attention function), batch size 1, a dynamic cache that
     holds every token (no sliding-window cache). Returns the e2e.json contents as a dict."""
     import torch
 
     from . import hf
 
-    if isinstance(max_merged_bytes, bool) or not isinstance(max_merged_bytes, int) or \
-            max_merged_bytes < 1:
-        raise _fail("max_merged_bytes=%r: a positive number of bytes is needed"
-                    % (max_merged_bytes,))
+    for name, v in (("max_merged_bytes", max_merged_bytes),
+                    ("max_decode_bytes", max_decode_bytes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _fail("%s=%r: a positive number of bytes is needed" % (name, v))
     rpath = os.fsdecode(path_arg(results)[0])
     res = _load_results(rpath)
     own_sel = not isinstance(selection, Selection)
@@ -285,22 +292,26 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
                             "Hq=%d Hkv=%d D=%d): give the model the trace was captured from"
                             % ((p,) + got + (L, Hq, Hkv, D)))
 
-        state = {"mode": None, "calls": 0, "k0": None, "T": 0, "mask": None, "merge": None}
+        state = {"mode": None, "calls": 0, "k0": None, "T": 0, "g0": 0, "mask": None,
+                 "merge": None}
         layer_of, slot, impl = cap._layer_of, cap._slot, cap.attn_implementation
         orig = slot[impl]
 
         def combine(am, keep, q, k):
-            T, nq, nk = state["T"], q.shape[-2], k.shape[-2]
-            if nk != T + nq:
+            """The mask of the decode steps g0.. (this call's nq queries) over the prompt and
+            the decode tokens so far, keep [Hq, nq or 1, T or T + G] the kept sets'."""
+            T, g0, nq, nk = state["T"], state["g0"], q.shape[-2], k.shape[-2]
+            if nk != T + g0 + nq:
                 raise _fail("a layer attends to %d keys, not the prompt's %d and the %d decode "
                             "tokens: a cache that does not hold every token (sliding window) "
-                            "cannot be masked" % (nk, T, nq), _ERR_UNSUPPORTED)
+                            "cannot be masked" % (nk, T, g0 + nq), _ERR_UNSUPPORTED)
             keep = keep.to(q.device)
             allowed = torch.ones((Hq, nq, nk), dtype=torch.bool, device=q.device)
             allowed[:, :, :T] = keep[..., :T]
-            allowed[:, :, T:] = torch.ones(nq, nq, dtype=torch.bool, device=q.device).tril()
+            allowed[:, :, T:] = torch.ones(nq, g0 + nq, dtype=torch.bool,
+                                           device=q.device).tril(diagonal=g0)
             if keep.shape[-1] > T:  # decoding=: each step's cache holds some decode tokens
-                allowed[:, :, T:] &= keep[..., T:T + nq]
+                allowed[:, :, T:] &= keep[..., T:T + g0 + nq]
             allowed = allowed[None]
             if am is None:
                 return allowed
@@ -360,7 +371,8 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
         # what every trace's run shares
         run = types.SimpleNamespace(torch=torch, model=model, cap=cap, sel=sel, st=st,
                                     state=state, forward=forward, dev=dev, group=group,
-                                    max_merged_bytes=max_merged_bytes)
+                                    max_merged_bytes=max_merged_bytes,
+                                    max_decode_bytes=max_decode_bytes)
         per_trace = []
         slot[impl] = e2e_attention
         try:
@@ -443,29 +455,45 @@ def _run_trace(run, tr, rt, t, extra):
                     "differ by %.3g of their scale" % (path, kerr))
     dec_t = torch.as_tensor(dec[:G].astype(np.int64))[None].to(dev)
     Hq, L_ = cap.n_q_heads, cap.n_layers
+    # steps per forward call: the mask (bools and floats), scores and weights, and logits
+    step_bytes = Hq * (T + G) * 13 + (V or 0) * 32
+    n_call = max(1, min(G, run.max_decode_bytes // step_bytes))
 
-    def decode(mask, merge=None):
-        state.update(mode="decode", mask=mask, merge=merge)
+    def decode(mask, merge, take):
+        """The decode steps with mask(layer, g0, n) (and merge) in calls of n_call steps;
+        take(g0, logits [n, V] float32) gets each call's logits."""
         try:
-            lg = forward("the decode steps of " + path, input_ids=dec_t,
-                         past_key_values=cache).logits[0, -G:]
+            for g0 in range(0, G, n_call):
+                n = min(n_call, G - g0)
+                state.update(mode="decode", g0=g0, merge=merge,
+                             mask=lambda layer, g0=g0, n=n: mask(layer, g0, n))
+                try:
+                    lg = forward("the decode steps of " + path, input_ids=dec_t[:, g0:g0 + n],
+                                 past_key_values=cache).logits[0, -n:]
+                finally:
+                    state.update(mode=None, merge=None, g0=0)
+                bad = ~torch.isfinite(lg)
+                if bool(bad.any()):
+                    g = g0 + int(bad.any(dim=-1).nonzero()[0, 0])
+                    raise _fail("%s: the model's logits at decode step %d are not finite (NaN "
+                                "or Inf): no KL can be measured" % (path, g), _ERR_STATE)
+                take(g0, lg.float())
         finally:
-            state.update(mode=None, merge=None)
             hf._crop_cache(cache, T)
-        bad = ~torch.isfinite(lg)
-        if bool(bad.any()):
-            g = int(bad.any(dim=-1).nonzero()[0, 0])
-            raise _fail("%s: the model's logits at decode step %d are not finite (NaN or Inf): "
-                        "no KL can be measured" % (path, g), _ERR_STATE)
-        return lg.float()
 
     everything = torch.ones((Hq, 1, T), dtype=torch.bool)
-    ref_logits = decode(lambda layer: everything)
-    lp_ref = torch.log_softmax(ref_logits.double(), dim=-1)
+    ref_parts = []
+    decode(lambda layer, g0, n: everything, None, lambda g0, lg: ref_parts.append(lg))
+    ref_logits = torch.cat(ref_parts) if len(ref_parts) > 1 else ref_parts[0]
+    ref_parts.clear()
     ref = ref_logits.argmax(dim=-1)
-    steps = torch.arange(G, device=ref.device)
-    nll_full = float((-lp_ref[steps, ref]).sum()) / G
-    p_ref = lp_ref.exp()
+    nll_full = 0.0
+    for g0 in range(0, G, n_call):  # (one call: the whole G at once, as the settings' are)
+        lp_ref = torch.log_softmax(ref_logits[g0:g0 + n_call].double(), dim=-1)
+        nll_full += float((-lp_ref[torch.arange(lp_ref.shape[0], device=ref.device),
+                                   ref[g0:g0 + n_call]]).sum())
+    nll_full /= G
+    del lp_ref
     runs = []
     for p, pol in enumerate(st["policies"]):
         merged = bool(pol.get("merged"))
@@ -493,7 +521,7 @@ def _run_trace(run, tr, rt, t, extra):
                 sets = _merged_sets(path, spec, st["budgets"], grp, st.get("seed", 0), sel, p,
                                     t, T, L_, pol.get("label"))
             runs += _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, width, qheads,
-                                 (p_ref, lp_ref, ref, steps))
+                                 (ref_logits, ref, n_call))
     return {"path": path, "fingerprint": tr.fingerprint, "T": T, "G": G, "kerr": kerr,
             "vocab": int(ref_logits.shape[-1]),
             "nll_full": nll_full, "runs": runs, "rt": rt}
@@ -501,15 +529,16 @@ def _run_trace(run, tr, rt, t, extra):
 
 def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, width, qheads, refs):
     """Policy p's decode at each budget of grp (indices into the settings' budgets), with its
-    merged sets where sets is not None: a _Run each."""
+    merged sets where sets is not None: a _Run each. refs: the reference's logits [G, V]
+    (float32), its tokens [G] and the steps per decode call."""
     torch, group, Hq = run.torch, run.group, run.cap.n_q_heads
-    p_ref, lp_ref, ref, steps = refs
+    ref_logits, ref, n_call = refs
     runs = []
     for b in grp:
-        def mask(layer, b=b):
+        def mask(layer, g0, n, b=b):
             if per_step:  # each step's set: width T, or T + G with decode tokens in it
-                m = np.stack([sel.mask(p, b, layer, width, trace=t, step=g) for g in range(G)],
-                             axis=1)
+                m = np.stack([sel.mask(p, b, layer, width, trace=t, step=g)
+                              for g in range(g0, g0 + n)], axis=1)
             else:
                 m = sel.mask(p, b, layer, T, trace=t)[:, None]
             if not qheads:
@@ -521,12 +550,21 @@ def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, width, qhead
             def merge(layer, b=b):
                 return _substitution(torch, sets, b, layer, Hq, group, qheads)
 
-        lg = decode(mask, merge)
-        lp = torch.log_softmax(lg.double(), dim=-1)
-        kl = (p_ref * (lp_ref - lp)).sum(dim=-1).clamp(min=0.0)
-        top1 = float((lg.argmax(dim=-1) == ref).sum()) / G
-        nll = float((-lp[steps, ref]).sum()) / G
-        runs.append(_Run(True, [float(x) for x in kl.cpu()], top1, nll))
+        kl_steps, hits, nll = [], 0, 0.0
+
+        def take(g0, lg):  # each step's KL from the reference, top-1 and log-loss
+            nonlocal hits, nll
+            n = lg.shape[0]
+            lp_ref = torch.log_softmax(ref_logits[g0:g0 + n].double(), dim=-1)
+            lp = torch.log_softmax(lg.double(), dim=-1)
+            kl = (lp_ref.exp() * (lp_ref - lp)).sum(dim=-1).clamp(min=0.0)
+            kl_steps.extend(float(x) for x in kl.cpu())
+            r = ref[g0:g0 + n]
+            hits += int((lg.argmax(dim=-1) == r).sum())
+            nll += float((-lp[torch.arange(n, device=lp.device), r]).sum())
+
+        decode(mask, merge, take)
+        runs.append(_Run(True, kl_steps, hits / G, nll / G))
     return runs
 
 

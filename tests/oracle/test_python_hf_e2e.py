@@ -36,6 +36,11 @@ kept sets on the copy are checked to be the original's, record for record. Then:
     tokens shared unevenly at 80), both run by hf.e2e;
   * the prompt's forward call computes the last position's logits only (logits_to_keep=1),
     as do kvzip_scores' calls; the decode steps' call all G;
+  * max_decode_bytes: the decode steps in calls of 5, 7 or 13 steps, or one (the calls' sizes
+    as the bound gives them, the cache growing between calls): the same runs within rounding
+    on both cases above (decode-time caches, per-step and merged policies among them), also
+    with a model that hands its attention no mask (hf.e2e's causal mask over the cache so
+    far); a bound that is not a positive integer refused;
   * refusals, each one message, with the attention registry restored after: a selection
     export of another replay, a trace moved since the replay (then given with traces=, the
     same runs), a trace that is not the one replayed (fingerprint), a trace of
@@ -236,6 +241,16 @@ def main():
     check(all(r["kl_mean"] == 0 and r["kl_max"] == 0 and r["top1_agreement"] == 1 and
               set(r["per_trace"][0]["kl_steps"]) == {0} for r in full),
           "full: KL exactly 0 at every step, top-1 exactly 1")
+    # the decode steps in calls of 5 (max_decode_bytes: 5 x (Hq x (T + G) x 13 + vocab x 32)),
+    # the caches that evict decode tokens (knorm:decoding=16, tova, rkv, ...) masked over the
+    # decode tokens so far: the same runs within rounding, full's KL still exactly 0
+    dc = hf.e2e(model, res, sel, max_decode_bytes=5 * (8 * 512 * 13 + 512 * 32))
+    check(all(close(a["kl_mean"], b["kl_mean"]) and
+              close(a["kl_max"], b["kl_max"]) and
+              a["top1_agreement"] == b["top1_agreement"] and a["applied"] == b["applied"]
+              for a, b in zip(dc["runs"], d["runs"])) and
+          all(r["kl_max"] == 0 for r in dc["runs"] if r["name"] == "full"),
+          "decode steps 5 a call: the same runs as all 64 in one")
     applied = [r for r in d["runs"] if r["applied"] and r["proxy"]["err_decode"] is not None]
     rho = rho_numpy([r["proxy"]["err_decode"] for r in applied],
                     [r["kl_mean"] for r in applied])
@@ -407,6 +422,34 @@ def main():
           all(k == 1 for _, k in seen[n_pro:]),
           "logits_to_keep=1 for the prompts and kvzip's passes, all logits for the decode "
           "steps: %s" % seen)
+    # max_decode_bytes: the decode steps in calls of n, the cache growing between them: a
+    # bound of 7 steps of the first trace (T + G = 512; 13 of the second's 180) and of one
+    # byte (a step a call); the same runs within rounding
+    step = lambda tg: 8 * tg * 13 + 512 * 32  # noqa: E731 - Hq x (T + G) x 13 + vocab x 32
+    d7 = {}
+    for bound in (7 * step(512), 1):
+        seen[:] = []
+        model.forward = recording
+        try:
+            d7[bound] = hf.e2e(model, res2, sel2, max_decode_bytes=bound)
+        finally:
+            del model.forward
+        n1, n2 = (7, 13) if bound > 1 else (1, 1)
+        want = ([(448, 1)] + ([(n1, None)] * (64 // n1) + [(64 % n1, None)] * (64 % n1 > 0)) * 9
+                + [(160, 1)] + ([(n2, None)] * (20 // n2) + [(20 % n2, None)] * (20 % n2 > 0))
+                * 9)
+        check(seen == want, "max_decode_bytes=%d: calls of %d and %d steps: %s"
+              % (bound, n1, n2, seen[:12]))
+        check(all(close(a["kl_mean"], b["kl_mean"]) and
+                  close(a["kl_max"], b["kl_max"]) and
+                  close(a["nll_mean"], b["nll_mean"]) and
+                  a["top1_agreement"] == b["top1_agreement"]
+                  for a, b in zip(d7[bound]["runs"], d2["runs"])) and
+              all(len(pa["kl_steps"]) == len(pb["kl_steps"]) and
+                  all(close(x, y, 1e-3, 1e-5) for x, y in zip(pa["kl_steps"], pb["kl_steps"]))
+                  for a, b in zip(d7[bound]["runs"], d2["runs"])
+                  for pa, pb in zip(a["per_trace"], b["per_trace"])),
+              "max_decode_bytes=%d: the same runs as all steps in one call" % bound)
 
     if STANDIN:  # a model that hands attention no mask of its own: hf.e2e's alone, causal too
         from transformers.models.llama import modeling_llama
@@ -414,12 +457,17 @@ def main():
         modeling_llama._attention_mask_4d = lambda *a, **k: None
         try:
             d5 = hf.e2e(model, res2, sel2)
+            d6 = hf.e2e(model, res2, sel2, max_decode_bytes=1)
         finally:
             modeling_llama._attention_mask_4d = saved
         check(all(close(a["kl_mean"], b["kl_mean"], 1e-6, 1e-9) and
                   a["top1_agreement"] == b["top1_agreement"]
                   for a, b in zip(d5["runs"], d2["runs"])),
               "no mask from the model: the same runs as with its causal mask")
+        check(all(close(a["kl_mean"], b["kl_mean"]) and
+                  a["top1_agreement"] == b["top1_agreement"]
+                  for a, b in zip(d6["runs"], d2["runs"])),
+              "no mask from the model, a step a call: hf.e2e's mask over the cache so far")
 
     # ---- refusals ----
     def refused(want, what, *args, **kw):
@@ -469,6 +517,8 @@ def main():
     for bad in (0, -5, True, 1.5, "1"):
         refused("max_merged_bytes=%r: a positive number of bytes" % (bad,),
                 "max_merged_bytes=%r" % (bad,), model, res, sel, max_merged_bytes=bad)
+        refused("max_decode_bytes=%r: a positive number of bytes" % (bad,),
+                "max_decode_bytes=%r" % (bad,), model, res, sel, max_decode_bytes=bad)
     refused("is not the trace", "a trace that is not the one replayed", model, res, sel,
             traces=[hf2])
     refused("traces given", "a trace list of another length", model, res, sel,
