@@ -631,21 +631,25 @@ static int gpu_kv_es(kvt_dtype kdt)
 /* bytes per prompt token one worker holds (see kvt_replay_worker_bytes), fitted on the
  * llama3-8b, llama2-7b and qwen2-vl-7b shapes at T = 4K and 16K (bench/RESULTS.md, 2026-12-02):
  * f32 K, V and unit keys; f32 window and decode probabilities and one KV group's transposed
- * copy; key/value norms; the probe cosine table; per policy its ranking and scores; lightkv's
- * merged copies, the per-step policies' scratch and the per-budget policies' rankings (as if
- * for 8 budgets: this does not know their count); 1.5 KB of smaller per-token arrays.
- * With the GPU (gpu_es: the bytes of a stored K or V element, 0 without) the host holds K and
- * V as stored (all of them when read ahead while the GPU is not ready) and, of the context's
- * large arrays, only those a policy reads on the host (its host_reads; a merged set's metrics
- * read them all): the rest stays on the device, the cosine table too. */
+ * copy (the decode ones' only where a policy is not a decode-time cache); key/value norms; the
+ * probe cosine table; per policy its ranking and scores; lightkv's merged copies, the per-step
+ * policies' scratch and the per-budget policies' rankings (as if for 8 budgets: this does not know
+ * their count); 1.5 KB of smaller per-token arrays. With the GPU (gpu_es: the bytes of a stored K
+ * or V element, 0 without) the host holds K and V as stored (all of them when read ahead while the
+ * GPU is not ready) and, of the context's large arrays, only those a policy reads on the host (its
+ * host_reads; a merged set's metrics read them all): the rest stays on the device, the cosine table
+ * too. */
 static double worker_bytes_per_token(int Hq, int Hkv, int D, int W, int G, int probes,
                                      kvt_policy *const *pols, size_t n_pol, int gpu_es, bool group)
 {
     double b;
     const int Gs = Hq / Hkv;
+    int dall = 0; /* Gs where a policy sweeps its set over all decode queries (sweep.c's pdt) */
+    for (size_t p = 0; p < n_pol; p++)
+        dall = kvt_policy_decode_evict(pols[p]) ? dall : Gs;
     if (!gpu_es) { /* group: the decode probabilities of one KV group (KVT_DECODE_PROBS_GROUP) */
-        b = 12.0 * Hkv * D + 4.0 * (Hq + Gs) * W + 4.0 * ((group ? Gs : Hq) + Gs) * G + 16.0 * Hkv +
-            4.0 * probes + 1536;
+        b = 12.0 * Hkv * D + 4.0 * (Hq + Gs) * W + 4.0 * ((group ? Gs : Hq) + dall) * G +
+            16.0 * Hkv + 4.0 * probes + 1536;
     } else {
         unsigned reads = 0;
         for (size_t p = 0; p < n_pol; p++)

@@ -41,7 +41,10 @@ typedef struct scratch {
     double *brec, *berr;   /* [n_v] */
     double *brmod;         /* [n_v, NM] */
     float *pwt, *pdt;      /* the current KV head's window / decode probabilities token-major:
-                              [T, Gs*Wt] and [T, Gs*Gd] (fast path only, else NULL) */
+                              [T, Gs*Wt] and [T, Gs*Gd] (fast path only, else NULL; pdt made
+                              by the first sweep over a head's decode queries that reads it) */
+    bool fast;             /* the fast path's token-major copies are used (pwt made) */
+    int pdt_g;             /* the KV head whose rows pdt holds, -1: none */
     /* redundancy by modality (mod_cuts, mod_sweep): */
     int n_mods;            /* modalities present in the prompt */
     int mod_count[KVT_NM]; /* the prompt's tokens of each */
@@ -100,6 +103,7 @@ static void scratch_free(scratch *s)
 static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int n_pol, int n_probe)
 {
     memset(s, 0, sizeof(*s));
+    s->pdt_g = -1;
     int nq = c->Gs * (c->Wt > c->Gd ? c->Wt : c->Gd);
     s->n_b = n_b;
     s->n_v = n_b * n_pol;
@@ -158,8 +162,8 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     }
     if (!kvt_kernels_ref_only() && !c->gpu) { /* the device sweeps do not read them */
         s->pwt = kvt_malloc(T * (size_t)c->Gs * c->Wt * sizeof(float) + 1);
-        s->pdt = kvt_malloc(T * (size_t)c->Gs * c->Gd * sizeof(float) + 1);
-        if (!s->pwt || !s->pdt) {
+        s->fast = true;
+        if (!s->pwt) {
             scratch_free(s);
             return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
         }
@@ -206,6 +210,22 @@ static int make_cuts(const int32_t *cnt, size_t stride, int n_b, int32_t *cuts, 
 
 enum { Q_WINDOW, Q_DECODE_ALL, Q_DECODE_STEP };
 
+/* s->pdt holding KV head g's decode probabilities token-major (the fast path's copy), made on
+ * the first sweep that reads it: none does for a layer whose policies are all decode-time
+ * caches (their decode metrics are kvt_dec_metrics'). NULL when out of memory. */
+static const float *decode_t(const kvt_layer_ctx *c, scratch *s, int g)
+{
+    const size_t n = (size_t)c->Gs * c->Gd;
+    if (!s->pdt && !(s->pdt = kvt_malloc((size_t)c->T * n * sizeof(float) + 1)))
+        return NULL;
+    if (s->pdt_g != g) {
+        kvt_transpose_f32_cpu(kvt_ctx_prd_row(c, (size_t)g * n), (int)n, c->T, (size_t)c->T, s->pdt,
+                              n);
+        s->pdt_g = g;
+    }
+    return s->pdt;
+}
+
 /* One output sweep launched (query_launch) and reduced to its means (query_reduce). With the
  * GPU a head's window, decode and set sweeps are queued together and their results waited for
  * once (kvt_ctx_gpu_defer); query_reduce reads s->map, which every sweep of the head computes
@@ -247,8 +267,11 @@ static kvt_status query_launch(const kvt_layer_ctx *c, scratch *s, int kind, int
         p = kvt_ctx_prd_row(c, (size_t)hq0 * Gd), sp = T;
         a = c->ad + (size_t)hq0 * Gd * D, sa = D;
         rf = c->rsd + (size_t)hq0 * Gd;
-        if (s->pdt)
-            pt = s->pdt + (size_t)hr * Gd, st = (size_t)c->Gs * Gd;
+        if (s->fast) {
+            const float *t = decode_t(c, s, hq0 / c->Gs);
+            KVT_RETURN_IF(!t, KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
+            pt = t + (size_t)hr * Gd, st = (size_t)c->Gs * Gd;
+        }
         if (c->has_extra)
             pe = c->pd_extra + (size_t)hq0 * Gd, oe = c->od_extra + (size_t)hq0 * Gd * D;
     } else {
@@ -1471,13 +1494,10 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
         memset(done, 0, n_pol * (size_t)c.Gs);
         if (c.Gd > 0 && (st = kvt_ctx_prd_group(&c, g)))
             goto out_free;
-        if (s.pwt) { /* this KV head's probabilities token-major, for the sweeps */
+        if (s.pwt) /* this KV head's window probabilities token-major, for the sweeps (its
+                      decode ones on their first sweep: decode_t) */
             kvt_transpose_f32_cpu(c.prw + (size_t)g * c.Gs * c.Wt * c.T, c.Gs * c.Wt, c.T,
                                   (size_t)c.T, s.pwt, (size_t)c.Gs * c.Wt);
-            if (c.Gd > 0)
-                kvt_transpose_f32_cpu(kvt_ctx_prd_row(&c, (size_t)g * c.Gs * c.Gd), c.Gs * c.Gd,
-                                      c.T, (size_t)c.T, s.pdt, (size_t)c.Gs * c.Gd);
-        }
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];
             const kvt_layer_selection *oc = orc_of[p];

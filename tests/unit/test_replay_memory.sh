@@ -49,6 +49,9 @@ check_estimate qwen2vl_decode qwen2-vl-7b 4096 rkv:interval=4,expected-attention
 # held whole and by KV group
 check_estimate llama3_long llama3-8b 768 snapkv,knorm:decoding=8 1536 all
 check_estimate llama3_long_group llama3-8b 768 snapkv,knorm:decoding=8 1536 group
+# decode-time caches only: no sweep over all decode queries, so no token-major copy of a KV
+# group's decode probabilities (made on first use) in the peak or the estimate
+check_estimate llama3_long_dec llama3-8b 768 knorm:decoding=8,tova:decoding=1,prefill=1 1536 all
 # the same long generation with its selection export: the replay hands the export a layer's
 # sets in calls of at most about KVT_SELECTION_CHUNK indices (65536 here), so the peak grows by
 # about the export's own encoded bytes, not by every step's sets at once (+24 MiB before, when
