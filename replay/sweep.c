@@ -44,6 +44,7 @@ typedef struct scratch {
                               [T, Gs*Wt] and [T, Gs*Gd] (fast path only, else NULL; pdt made
                               by the first sweep over a head's decode queries that reads it) */
     bool fast;             /* the fast path's token-major copies are used (pwt made) */
+    bool pdt_want;         /* the current KV head's decode sweeps read pdt (decode_wanted) */
     int pdt_g;             /* the KV head whose rows pdt holds, -1: none */
     /* redundancy by modality (mod_cuts, mod_sweep): */
     int n_mods;            /* modalities present in the prompt */
@@ -210,9 +211,43 @@ static int make_cuts(const int32_t *cnt, size_t stride, int n_b, int32_t *cuts, 
 
 enum { Q_WINDOW, Q_DECODE_ALL, Q_DECODE_STEP };
 
+/* Whether KV head g's sweeps over all its decode queries should read their probabilities
+ * token-major (pdt): a sweep gathers the probabilities of the tokens it walks, in ranking order
+ * up to its largest cut, for each query. From the rows (p) that is a scattered read per query
+ * and token; from the copy one contiguous run per token, but the copy costs a pass over all T
+ * tokens of the KV head's decode rows. So the copy is made where the sweeps walk, together,
+ * at least 2T tokens (each sweep its largest kept count; a query-head policy's sweep is one
+ * head's rows, 1/Gs of them). Either way the same bits (kvt_sweep_output_cpu).
+ * Measured (bench/RESULTS.md, 2026-12-08): llama3-8b shape, T 4096, G 1024, budgets up to 10%,
+ * 1 to 4 policies: the sweeps 0.7 s a layer faster without the copy; 14 policies with budgets
+ * up to 30%, 0.9 s faster with it. */
+static bool decode_wanted(const kvt_layer_ctx *c, const kvt_layer_selection *sels, size_t n_pol,
+                          int n_b, int g)
+{
+    double walk = 0.0;
+    for (size_t p = 0; p < n_pol; p++) {
+        const kvt_layer_selection *sel = &sels[p];
+        if (!sel->has_fixed || sel->dec || sel->merged)
+            continue; /* no sweep over all decode queries (query_launch's Q_DECODE_ALL) */
+        const int h0 = sel->per_query ? g * c->Gs : g, h1 = sel->per_query ? h0 + c->Gs : g + 1;
+        for (int h = h0; h < h1; h++) {
+            if (sel->step_head && sel->step_head[h])
+                continue;
+            int most = 0;
+            for (int b = 0; b < n_b; b++)
+                most = sel->count[(size_t)b * sel->n_heads + h] > most
+                           ? sel->count[(size_t)b * sel->n_heads + h]
+                           : most;
+            walk += sel->per_query ? (double)most / c->Gs : (double)most;
+        }
+    }
+    return walk >= 2.0 * c->T;
+}
+
 /* s->pdt holding KV head g's decode probabilities token-major (the fast path's copy), made on
- * the first sweep that reads it: none does for a layer whose policies are all decode-time
- * caches (their decode metrics are kvt_dec_metrics'). NULL when out of memory. */
+ * the first sweep that reads it (where decode_wanted): none does for a layer whose policies are
+ * all decode-time caches (their decode metrics are kvt_dec_metrics'). NULL when out of
+ * memory. */
 static const float *decode_t(const kvt_layer_ctx *c, scratch *s, int g)
 {
     const size_t n = (size_t)c->Gs * c->Gd;
@@ -267,7 +302,7 @@ static kvt_status query_launch(const kvt_layer_ctx *c, scratch *s, int kind, int
         p = kvt_ctx_prd_row(c, (size_t)hq0 * Gd), sp = T;
         a = c->ad + (size_t)hq0 * Gd * D, sa = D;
         rf = c->rsd + (size_t)hq0 * Gd;
-        if (s->fast) {
+        if (s->fast && s->pdt_want) {
             const float *t = decode_t(c, s, hq0 / c->Gs);
             KVT_RETURN_IF(!t, KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
             pt = t + (size_t)hr * Gd, st = (size_t)c->Gs * Gd;
@@ -1495,9 +1530,10 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
         if (c.Gd > 0 && (st = kvt_ctx_prd_group(&c, g)))
             goto out_free;
         if (s.pwt) /* this KV head's window probabilities token-major, for the sweeps (its
-                      decode ones on their first sweep: decode_t) */
+                      decode ones on their first sweep, where that pays: decode_t) */
             kvt_transpose_f32_cpu(c.prw + (size_t)g * c.Gs * c.Wt * c.T, c.Gs * c.Wt, c.T,
                                   (size_t)c.T, s.pwt, (size_t)c.Gs * c.Wt);
+        s.pdt_want = s.fast && c.Gd > 0 && decode_wanted(&c, sels, n_pol, n_b, g);
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];
             const kvt_layer_selection *oc = orc_of[p];
