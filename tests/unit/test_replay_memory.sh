@@ -4,7 +4,8 @@
 # need more memory than the machine has and the system kills the run. Checks: the estimate
 # against the measured peak on three model shapes and the heavy policies, and on the
 # decode-time caches of rkv and expected-attention:decoding=, and on a long generation with its
-# decode probabilities held whole and by KV group (at least the peak less the ~10 MiB
+# decode probabilities held whole and by KV group, and with decode-time caches only (no
+# token-major copy of the decode probabilities then) (at least the peak less the ~10 MiB
 # the process holds besides its worker, at most 1.6x the peak), the default --threads lowered
 # to what --memory-limit holds with a note,
 # and the same results as --threads 1; the selection export of the long generation raising the
