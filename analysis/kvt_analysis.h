@@ -294,6 +294,16 @@ kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int
  * @return KVT_OK or KVT_ERR_INVALID_ARG (trace or policy outside the header's lists). */
 kvt_status kvt_selection_shape(const kvt_selection *s, int trace, int policy, int *n_layers,
                                int *n_heads, int *n_steps);
+/** Every head's kept set of (trace, policy, budget, layer, step) as one mask: out[h * n_tokens
+ *  + j] is 1 where head h keeps token j, else 0, for the heads of kvt_selection_shape (out has
+ *  cap bytes, at least heads x n_tokens). At a decode step 0 <= step < the policy's steps, a
+ *  per-step policy's head without a set of its own there (one that does not re-select) keeps
+ *  its prompt-time set, as the replay measured it. One call for what a caller would otherwise
+ *  find, size and copy head by head (kvtrace.Selection.mask, kvtrace.hf.e2e's step masks).
+ * @return KVT_OK, KVT_ERR_NOT_FOUND (a head has no such set), KVT_ERR_INVALID_ARG (trace or
+ *         policy unknown, cap too small, a kept token at or beyond n_tokens), KVT_ERR_NOMEM. */
+kvt_status kvt_selection_mask(const kvt_selection *s, int trace, int policy, int budget, int layer,
+                              int step, size_t n_tokens, uint8_t *out, size_t cap);
 
 #ifdef __cplusplus
 }

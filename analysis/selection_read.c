@@ -1069,6 +1069,48 @@ kvt_status kvt_selection_find(const kvt_selection *s, int trace, int policy, int
     return KVT_OK;
 }
 
+kvt_status kvt_selection_mask(const kvt_selection *s, int trace, int policy, int budget, int layer,
+                              int step, size_t n_tokens, uint8_t *out, size_t cap)
+{
+    int nl, nh, ns;
+    KVT_FORWARD(kvt_selection_shape(s, trace, policy, &nl, &nh, &ns));
+    KVT_RETURN_IF(n_tokens && (size_t)nh > cap / n_tokens, KVT_ERR_INVALID_ARG,
+                  "selection: a mask of %d heads x %zu tokens, room for %zu bytes given", nh,
+                  n_tokens, cap);
+    if (nh && n_tokens)
+        memset(out, 0, (size_t)nh * n_tokens);
+    const bool per_step = s->hdr.policies[policy].per_step;
+    int32_t *set = NULL;
+    size_t room = 0;
+    kvt_status st = KVT_OK;
+    for (int h = 0; h < nh && !st; h++) {
+        size_t i;
+        st = kvt_selection_find_record(s, trace, policy, budget, layer, h, step, &i);
+        if (st == KVT_ERR_NOT_FOUND && per_step && step >= 0 && step < ns) /* a static head */
+            st = kvt_selection_find_record(s, trace, policy, budget, layer, h, -1, &i);
+        const size_t n = st ? 0 : s->recs[i].n;
+        if (!st && n > room) {
+            int32_t *g = kvt_realloc(set, n * sizeof(int32_t));
+            st = g ? KVT_OK : kvt_error_set(KVT_ERR_NOMEM, "selection: out of memory");
+            set = g ? g : set;
+            room = g ? n : room;
+        }
+        if (!st)
+            st = kvt_selection_copy_set(s, i, set, room);
+        for (size_t j = 0; !st && j < n; j++) {
+            if ((size_t)set[j] >= n_tokens) /* (ascending: the last is the largest) */
+                st = kvt_error_set(KVT_ERR_INVALID_ARG,
+                                   "selection: layer %d head %d keeps token %d, beyond "
+                                   "n_tokens=%zu",
+                                   layer, h, (int)set[j], n_tokens);
+            else
+                out[(size_t)h * n_tokens + (size_t)set[j]] = 1;
+        }
+    }
+    kvt_free(set);
+    return st;
+}
+
 kvt_status kvt_selection_shape(const kvt_selection *s, int trace, int policy, int *n_layers,
                                int *n_heads, int *n_steps)
 {

@@ -66,14 +66,23 @@ _PROTOS = {
     "kvt_selection_shape": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                            _P(ctypes.c_int), _P(ctypes.c_int), _P(ctypes.c_int)]),
 }
+# a library built before kvt_selection_mask: Selection.mask goes head by head
+_MASK_PROTO = {
+    "kvt_selection_mask": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_size_t, _P(ctypes.c_uint8), ctypes.c_size_t]),
+}
+_has_mask = None
 _declared = False
 
 
 def _L():
     global _declared
+    global _has_mask
     L = _lib.lib()
     if not _declared:
         _lib._declare(L, _PROTOS)
+        _has_mask = _lib._declare(L, _MASK_PROTO, required=False)
         _declared = True
     return L
 
@@ -249,6 +258,19 @@ class Selection(_NoCopy):
         nh = self.shape(policy, trace)[1]
         n_tokens = int_arg(_no_bool(n_tokens, "n_tokens"), "n_tokens", C_INT, lo=0)
         m = np.zeros((nh, n_tokens), bool)
+        L = _L()
+        if _has_mask and nh and n_tokens:  # every head in one library call
+            p, b, t = self._pbt(policy, budget, trace)
+            lay = int_arg(_no_bool(layer, "layer"), "layer", C_INT, lo=0)
+            stp = int_arg(_no_bool(step, "step"), "step", C_INT)
+            if stp >= -1:
+                try:
+                    with self._use() as h:
+                        call(L.kvt_selection_mask, h, t, p, b, lay, stp, n_tokens,
+                             m.ctypes.data_as(_P(ctypes.c_uint8)), m.nbytes)
+                    return m
+                except TraceError:  # head by head below, for the message that names it
+                    m[:] = False
         for h in range(nh):
             k = self.kept(policy, budget, layer, h, trace, step)
             if k.size and k[-1] >= n_tokens:

@@ -9,8 +9,9 @@ settings: binary and JSON. Checked:
   * every kept set read through kvtrace (binary and JSON) equals the JSON file parsed by the
     json module, looked up by label/text/path and by index; records() yields them all in the
     file's order with the same fields;
-  * mask() is the kept sets as a bool [heads, T]; shape() gives layers, KV or query heads,
-    decode steps;
+  * mask() is the kept sets as a bool [heads, T], in one library call the same masks and
+    errors as head by head for every policy, budget, layer and step; shape() gives layers,
+    KV or query heads, decode steps;
   * errors: an unknown label or budget (ValueError listing the export's), a set the export
     lacks (TraceError naming it and the shape), a file cut short or missing (TraceError with
     the reader's message), use after close; no copies; threads reading across close();
@@ -111,6 +112,42 @@ with tempfile.TemporaryDirectory() as tmp:
                     want[r["head"], r["kept"]] = True
             check(m.shape == (2, T[1]) and (m == want).all() and m.sum() > 0,
                   "%s: mask %s vs %s" % (name, m.sum(1), want.sum(1)))
+            # mask() takes every head in one library call (kvt_selection_mask, called here
+            # directly): the same masks as head by head through kept(), and an error where that
+            # raises, for every policy, budget, layer and step (static heads at a step, a
+            # decode-time cache's decode tokens); mask() itself as head by head
+            import ctypes
+            from kvtrace import _selection
+            n_cmp = n_err = bad = 0
+            for t_ in range(len(T)):
+                for p_ in range(len(sel.policies)):
+                    nl_, nh_, ns_ = sel.shape(p_, t_)
+                    for b_ in range(len(sel.budgets)):
+                        for l_ in range(nl_ + 1):  # (one layer beyond: a missing set)
+                            for st_ in [-1] + list(range(ns_)):
+                                n_tok = T[t_] + ns_
+                                cm = np.zeros((nh_, n_tok), np.uint8)
+                                with sel._use() as h:
+                                    cst = _selection._L().kvt_selection_mask(
+                                        h, t_, p_, b_, l_, st_, n_tok,
+                                        cm.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                        cm.nbytes)
+                                _selection._has_mask = False
+                                try:
+                                    pm = sel.mask(p_, b_, l_, n_tok, trace=t_, step=st_)
+                                except (kvtrace.TraceError, ValueError):
+                                    pm = None
+                                _selection._has_mask = True
+                                n_cmp += 1
+                                n_err += pm is None
+                                bad += (cst != 0) if pm is not None else (cst == 0)
+                                bad += pm is not None and not np.array_equal(cm.astype(bool), pm)
+                                if pm is not None and n_cmp % 7 == 0:  # the public path too
+                                    bad += not np.array_equal(
+                                        sel.mask(p_, b_, l_, n_tok, trace=t_, step=st_), pm)
+            check(n_cmp > 100 and n_err > 10 and bad == 0,
+                  "%s: mask() in one call vs head by head: %d of %d differ (%d errors)"
+                  % (name, bad, n_cmp, n_err))
             # hybridkv-like's static heads have no set per step: at a step, kept() gives the
             # prompt-time set they keep at every step (the replay's rule); beyond the steps,
             # nothing
