@@ -226,8 +226,9 @@ def e2e(model, results, selection, out=None, *, traces=None, prompt_inputs=None,
     most (at least 1) whose estimate fits, n x (Hq x (T + G) x 13 bytes: the attention's mask,
     as bools and floats, and its scores and weights in float32; + vocabulary x 32 bytes: the
     logits and their log-probabilities, three of them in float64); the reference's logits are
-    kept whole (G x vocabulary float32). The measures are each step's, so only rounding
-    differs with n. Needs attn_implementation="sdpa" (the
+    kept whole on the host (G x vocabulary float32), a call's copied to the device when a
+    setting's are compared with them. The measures are each step's, so only rounding differs
+    with n. Needs attn_implementation="sdpa" (the
     mask is handed to the model's attention function), batch size 1, a dynamic cache that
     holds every token (no sliding-window cache). Returns the e2e.json contents as a dict."""
     import torch
@@ -482,16 +483,21 @@ def _run_trace(run, tr, rt, t, extra):
             hf._crop_cache(cache, T)
 
     everything = torch.ones((Hq, 1, T), dtype=torch.bool)
-    ref_parts = []
-    decode(lambda layer, g0, n: everything, None, lambda g0, lg: ref_parts.append(lg))
+    ref_parts, lg_dev = [], []  # the reference's logits on the host; where the model gives them
+
+    def keep_ref(g0, lg):
+        ref_parts.append(lg.cpu())  # (only a call's go back to the device)
+        lg_dev[:] = [lg.device]
+
+    decode(lambda layer, g0, n: everything, None, keep_ref)
     ref_logits = torch.cat(ref_parts) if len(ref_parts) > 1 else ref_parts[0]
     ref_parts.clear()
     ref = ref_logits.argmax(dim=-1)
-    nll_full = 0.0
+    nll_full, d = 0.0, lg_dev[0]
     for g0 in range(0, G, n_call):  # (one call: the whole G at once, as the settings' are)
-        lp_ref = torch.log_softmax(ref_logits[g0:g0 + n_call].double(), dim=-1)
-        nll_full += float((-lp_ref[torch.arange(lp_ref.shape[0], device=ref.device),
-                                   ref[g0:g0 + n_call]]).sum())
+        lp_ref = torch.log_softmax(ref_logits[g0:g0 + n_call].to(d).double(), dim=-1)
+        nll_full += float((-lp_ref[torch.arange(lp_ref.shape[0], device=d),
+                                   ref[g0:g0 + n_call].to(d)]).sum())
     nll_full /= G
     del lp_ref
     runs = []
@@ -530,7 +536,7 @@ def _run_trace(run, tr, rt, t, extra):
 def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, width, qheads, refs):
     """Policy p's decode at each budget of grp (indices into the settings' budgets), with its
     merged sets where sets is not None: a _Run each. refs: the reference's logits [G, V]
-    (float32), its tokens [G] and the steps per decode call."""
+    (float32, on the host), its tokens [G] and the steps per decode call."""
     torch, group, Hq = run.torch, run.group, run.cap.n_q_heads
     ref_logits, ref, n_call = refs
     runs = []
@@ -555,11 +561,11 @@ def _run_budgets(run, decode, sel, p, grp, sets, t, T, G, per_step, width, qhead
         def take(g0, lg):  # each step's KL from the reference, top-1 and log-loss
             nonlocal hits, nll
             n = lg.shape[0]
-            lp_ref = torch.log_softmax(ref_logits[g0:g0 + n].double(), dim=-1)
+            lp_ref = torch.log_softmax(ref_logits[g0:g0 + n].to(lg.device).double(), dim=-1)
             lp = torch.log_softmax(lg.double(), dim=-1)
             kl = (lp_ref.exp() * (lp_ref - lp)).sum(dim=-1).clamp(min=0.0)
             kl_steps.extend(float(x) for x in kl.cpu())
-            r = ref[g0:g0 + n]
+            r = ref[g0:g0 + n].to(lg.device)
             hits += int((lg.argmax(dim=-1) == r).sum())
             nll += float((-lp[torch.arange(n, device=lp.device), r]).sum())
 
