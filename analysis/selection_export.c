@@ -531,16 +531,29 @@ static seg *seg_of(layer_build *lb, const kvt_selection_rec *r)
     return sg;
 }
 
+/* keys x and y of n ints in lexicographic order */
+static int cmp_keys(const int *x, const int *y, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (x[i] != y[i])
+            return (x[i] > y[i]) - (x[i] < y[i]);
+    return 0;
+}
+
+/* records in the file's order within a layer: policy, budget, head, step */
 static int cmp_rec(const void *a, const void *b)
 {
     const kvt_selection_rec *x = *(const kvt_selection_rec *const *)a,
                             *y = *(const kvt_selection_rec *const *)b;
-    const int kx[4] = {x->policy, x->budget, x->head, x->step},
-              ky[4] = {y->policy, y->budget, y->head, y->step};
-    for (int i = 0; i < 4; i++)
-        if (kx[i] != ky[i])
-            return (kx[i] > ky[i]) - (kx[i] < ky[i]);
-    return (x > y) - (x < y); /* (one key twice: in the call's order) */
+    const int c = cmp_keys((const int[4]){x->policy, x->budget, x->head, x->step},
+                           (const int[4]){y->policy, y->budget, y->head, y->step}, 4);
+    return c ? c : (x > y) - (x < y); /* (one key twice: in the call's order) */
+}
+
+/* x and y are records of one segment (policy, budget, head) */
+static bool same_seg(const kvt_selection_rec *x, const kvt_selection_rec *y)
+{
+    return x->policy == y->policy && x->budget == y->budget && x->head == y->head;
 }
 
 /* Encode one call's records into their segments of lb. A record's base is the record of the
@@ -567,8 +580,7 @@ static bool build_add(kvt_selection_writer *w, layer_build *lb, const kvt_select
     seg *sg = NULL;
     for (size_t i = 0; ok && i < n; i++) {
         const kvt_selection_rec *r = ord[i], *sb = NULL, *bb = NULL;
-        const bool first = !i || ord[i - 1]->policy != r->policy ||
-                           ord[i - 1]->budget != r->budget || ord[i - 1]->head != r->head;
+        const bool first = !i || !same_seg(ord[i - 1], r);
         if (first && !(sg = seg_of(lb, r))) {
             ok = false;
             break;
@@ -587,8 +599,7 @@ static bool build_add(kvt_selection_writer *w, layer_build *lb, const kvt_select
             ok = buf_put(&sg->b, ",\n", 2);
         ok = ok && encode(w, &sg->b, r, sb, bb);
         sg->b.n_recs++;
-        const bool end = i + 1 == n || ord[i + 1]->policy != r->policy ||
-                         ord[i + 1]->budget != r->budget || ord[i + 1]->head != r->head;
+        const bool end = i + 1 == n || !same_seg(ord[i + 1], r);
         if (ok && bases && end) { /* the segment's latest set, for the next call's first step */
             if (r->n > sg->last_cap) {
                 int32_t *g = kvt_realloc(sg->last, r->n * sizeof(int32_t));
@@ -610,11 +621,8 @@ static bool build_add(kvt_selection_writer *w, layer_build *lb, const kvt_select
 static int cmp_seg(const void *a, const void *b)
 {
     const seg *x = *(const seg *const *)a, *y = *(const seg *const *)b;
-    const int kx[3] = {x->policy, x->budget, x->head}, ky[3] = {y->policy, y->budget, y->head};
-    for (int i = 0; i < 3; i++)
-        if (kx[i] != ky[i])
-            return (kx[i] > ky[i]) - (kx[i] < ky[i]);
-    return 0;
+    return cmp_keys((const int[3]){x->policy, x->budget, x->head},
+                    (const int[3]){y->policy, y->budget, y->head}, 3);
 }
 
 /* lb's segments in file order into *out (its bytes and record count) */

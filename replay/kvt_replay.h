@@ -208,8 +208,9 @@ typedef struct kvt_selection_rec {
  *  holds whole steps of (policy, head) pairs: for each step it covers (-1, the prompt-time set,
  *  comes with step 0 where the head has steps), every budget's record, budgets ascending; a
  *  pair's steps come in ascending order over the calls. The replay hands over at most about
- *  KVT_SELECTION_CHUNK indices a call (more only for one step's records), so a layer with many
- *  decode-time caches is never held whole. Return non-OK to stop the replay. */
+ *  KVT_SELECTION_CHUNK indices a call (more only by the records of one step, two for a head's
+ *  prompt-time set and its step 0), so a layer with many decode-time caches is never held
+ *  whole. Return non-OK to stop the replay. */
 typedef kvt_status (*kvt_selection_sink)(void *user, int layer, const kvt_selection_rec *recs,
                                          size_t n_recs, bool last);
 /** Indices (plus records and merged values' floats) the replay gathers for one sink call */

@@ -43,7 +43,6 @@ typedef struct scratch {
     float *pwt, *pdt;      /* the current KV head's window / decode probabilities token-major:
                               [T, Gs*Wt] and [T, Gs*Gd] (fast path only, else NULL; pdt made
                               by the first sweep over a head's decode queries that reads it) */
-    bool fast;             /* the fast path's token-major copies are used (pwt made) */
     bool pdt_want;         /* the current KV head's decode sweeps read pdt (decode_wanted) */
     int pdt_g;             /* the KV head whose rows pdt holds, -1: none */
     /* redundancy by modality (mod_cuts, mod_sweep): */
@@ -163,7 +162,6 @@ static kvt_status scratch_init(scratch *s, const kvt_layer_ctx *c, int n_b, int 
     }
     if (!kvt_kernels_ref_only() && !c->gpu) { /* the device sweeps do not read them */
         s->pwt = kvt_malloc(T * (size_t)c->Gs * c->Wt * sizeof(float) + 1);
-        s->fast = true;
         if (!s->pwt) {
             scratch_free(s);
             return kvt_error_set(KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
@@ -234,10 +232,10 @@ static bool decode_wanted(const kvt_layer_ctx *c, const kvt_layer_selection *sel
             if (sel->step_head && sel->step_head[h])
                 continue;
             int most = 0;
-            for (int b = 0; b < n_b; b++)
-                most = sel->count[(size_t)b * sel->n_heads + h] > most
-                           ? sel->count[(size_t)b * sel->n_heads + h]
-                           : most;
+            for (int b = 0; b < n_b; b++) {
+                const int n = sel->count[(size_t)b * sel->n_heads + h];
+                most = n > most ? n : most;
+            }
             walk += sel->per_query ? (double)most / c->Gs : (double)most;
         }
     }
@@ -302,7 +300,7 @@ static kvt_status query_launch(const kvt_layer_ctx *c, scratch *s, int kind, int
         p = kvt_ctx_prd_row(c, (size_t)hq0 * Gd), sp = T;
         a = c->ad + (size_t)hq0 * Gd * D, sa = D;
         rf = c->rsd + (size_t)hq0 * Gd;
-        if (s->fast && s->pdt_want) {
+        if (s->pdt_want) {
             const float *t = decode_t(c, s, hq0 / c->Gs);
             KVT_RETURN_IF(!t, KVT_ERR_NOMEM, "replay: out of memory (layer scratch)");
             pt = t + (size_t)hr * Gd, st = (size_t)c->Gs * Gd;
@@ -1533,7 +1531,7 @@ kvt_status kvt_replay_layer_metrics_frac(const kvt_layer_input *in, kvt_policy *
                       decode ones on their first sweep, where that pays: decode_t) */
             kvt_transpose_f32_cpu(c.prw + (size_t)g * c.Gs * c.Wt * c.T, c.Gs * c.Wt, c.T,
                                   (size_t)c.T, s.pwt, (size_t)c.Gs * c.Wt);
-        s.pdt_want = s.fast && c.Gd > 0 && decode_wanted(&c, sels, n_pol, n_b, g);
+        s.pdt_want = s.pwt && c.Gd > 0 && decode_wanted(&c, sels, n_pol, n_b, g);
         for (size_t p = 0; p < n_pol; p++) {
             const kvt_layer_selection *sel = &sels[p];
             const kvt_layer_selection *oc = orc_of[p];

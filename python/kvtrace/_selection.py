@@ -210,12 +210,7 @@ class Selection(_NoCopy):
         message names what was asked)."""
         _np()  # before anything: a clear error without NumPy
         p, b, t = self._pbt(policy, budget, trace)
-        # checked here: ctypes would wrap 2**32 + 1 to 1 and truncate 1.9 to 1
-        layer = int_arg(_no_bool(layer, "layer"), "layer", C_INT, lo=0)
-        head = int_arg(_no_bool(head, "head"), "head", C_INT, lo=0)
-        step = int_arg(_no_bool(step, "step"), "step", C_INT)
-        if step < -1:
-            raise ValueError("step %d: a decode step is >= 0, or -1 for the prompt's set" % step)
+        layer, head, step = _layer_head_step(layer, head, step)
         rec = ctypes.c_size_t()
         missing = None
         with self._use() as h:
@@ -261,16 +256,14 @@ class Selection(_NoCopy):
         L = _L()
         if _has_mask and nh and n_tokens:  # every head in one library call
             p, b, t = self._pbt(policy, budget, trace)
-            lay = int_arg(_no_bool(layer, "layer"), "layer", C_INT, lo=0)
-            stp = int_arg(_no_bool(step, "step"), "step", C_INT)
-            if stp >= -1:
-                try:
-                    with self._use() as h:
-                        call(L.kvt_selection_mask, h, t, p, b, lay, stp, n_tokens,
-                             m.ctypes.data_as(_P(ctypes.c_uint8)), m.nbytes)
-                    return m
-                except TraceError:  # head by head below, for the message that names it
-                    m[:] = False
+            lay, _, stp = _layer_head_step(layer, 0, step)
+            try:
+                with self._use() as h:
+                    call(L.kvt_selection_mask, h, t, p, b, lay, stp, n_tokens,
+                         m.ctypes.data_as(_P(ctypes.c_uint8)), m.nbytes)
+                return m
+            except TraceError:  # head by head below, for the message that names it
+                m[:] = False
         for h in range(nh):
             k = self.kept(policy, budget, layer, h, trace, step)
             if k.size and k[-1] >= n_tokens:
@@ -293,6 +286,17 @@ class Selection(_NoCopy):
                      "query_head": bool(r.flags & _FLAG_QHEAD),
                      "merged": bool(r.flags & _FLAG_MERGED), "kept": kept}
             yield d
+
+
+def _layer_head_step(layer, head, step):
+    """layer, head and step checked as C ints (ctypes would wrap 2**32 + 1 to 1 and truncate
+    1.9 to 1), step >= -1."""
+    layer = int_arg(_no_bool(layer, "layer"), "layer", C_INT, lo=0)
+    head = int_arg(_no_bool(head, "head"), "head", C_INT, lo=0)
+    step = int_arg(_no_bool(step, "step"), "step", C_INT)
+    if step < -1:
+        raise ValueError("step %d: a decode step is >= 0, or -1 for the prompt's set" % step)
+    return layer, head, step
 
 
 def _copy_set(h, i):

@@ -44,7 +44,8 @@ for c in "1 1" "1 2" "37 2" "0 2"; do
         fail "results.json with $1 index(es) a call on $2 thread(s) differs"
     echo "ok: $1 index(es) a call (0: the default), $2 thread(s): the same bytes"
 done
-# every kind of record is there: step and budget delta records, merged and query-head sets
+# kvtrace info reads the export; every kind of record is there: step and budget delta
+# records, merged and query-head sets
 "$BIN" info "$TMP/whole.sel" --json >"$TMP/info.json" 2>&1 || fail "info: $(cat "$TMP/info.json")"
 if [ -x /usr/bin/python3 ]; then
     /usr/bin/python3 - "$TMP/whole.sel" <<'EOF' || fail "the export lacks a kind of record"
